@@ -1,0 +1,108 @@
+"""The analyzers' one data model: allocator events as columns, whatever file they came from.
+
+Every reader (run directory, Chrome trace, snapshot pickle) produces a `MemorySource`; attribution,
+timelines, reports, diagnosis and plots consume it and nothing else. Columns are numpy arrays so that a
+trace of ten million events costs a few hundred MB, not gigabytes of dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Category codes stored per event in `DeviceEvents.category`.
+OTHER, WEIGHTS, KV = 0, 1, 2
+CATEGORY_NAMES = ("other", "weights", "kv")
+
+# How an event's category was decided (`DeviceEvents.method`).
+METHOD_NONE, METHOD_KV_LOG, METHOD_STACK_RULE, METHOD_WEIGHTS_TABLE = 0, 1, 2, 3
+METHOD_NAMES = ("none", "kv_log", "stack_rule", "weights_table")
+
+
+@dataclass
+class DeviceEvents:
+    """All allocator events of one device, in time order.
+
+    `delta_bytes` is signed: positive for an allocation, negative for a free. `total_allocated` and
+    `total_reserved` are the allocator's own running figures where the source has them (else None).
+    `frame_id` indexes `MemorySource.frames` (-1: no stack). `category`, `layer`, `kv_kind` and `method`
+    are filled by attribution (layer -1 and kv_kind 0 when unknown; kv_kind 1 = K, 2 = V).
+    """
+
+    device: str
+    ts_us: np.ndarray  # int64 or float64, Unix-epoch microseconds where the source allows
+    addr: np.ndarray  # int64; -1 where the source has no address (old traces)
+    delta_bytes: np.ndarray  # int64
+    total_allocated: np.ndarray | None = None  # int64
+    total_reserved: np.ndarray | None = None  # int64
+    frame_id: np.ndarray | None = None  # int32
+    category: np.ndarray | None = None  # int8
+    layer: np.ndarray | None = None  # int16
+    kv_kind: np.ndarray | None = None  # int8
+    method: np.ndarray | None = None  # int8
+    capacity_bytes: int | None = None
+    baseline_bytes: int = 0  # bytes already allocated before the first event (snapshots)
+
+    def __len__(self) -> int:
+        return int(self.ts_us.shape[0])
+
+    @property
+    def alloc_events(self) -> int:
+        return int(np.count_nonzero(self.delta_bytes > 0))
+
+    @property
+    def free_events(self) -> int:
+        return int(np.count_nonzero(self.delta_bytes < 0))
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A point or span on the timeline: a step boundary, an eviction, an OOM."""
+
+    kind: str  # "step" | "eviction" | "oom" | "snapshot"
+    ts_us: float
+    label: str
+    device: str | None = None
+    end_us: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OomInfo:
+    """What the allocator said when it failed: the request and the device's state at that moment."""
+
+    device: str
+    ts_us: float | None
+    requested_bytes: int | None
+    device_free_bytes: int | None
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A reserved allocator segment at the snapshot's moment, for fragmentation figures."""
+
+    device: str
+    address: int
+    total_size: int
+    allocated_size: int
+    largest_free_block: int
+    segment_type: str = ""
+
+
+@dataclass
+class MemorySource:
+    """Everything a reader found in one input."""
+
+    kind: str  # "run" | "chrome_trace" | "snapshot"
+    path: str
+    devices: list[DeviceEvents] = field(default_factory=list)
+    frames: list[str] = field(default_factory=list)  # interned stack texts, innermost frame first
+    markers: list[Marker] = field(default_factory=list)
+    ooms: list[OomInfo] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,431 @@
+"""`kvtrace plan`: will this model, batch and context fit on this GPU? Pure arithmetic, no torch.
+
+`plan(request)` turns a `PlanRequest` into a frozen `PlanResult`; `to_json` and `format_text` render a
+result and compute nothing. The cache kinds follow transformers' cache classes, because those are what
+people run and what kvtrace records:
+
+- dynamic: `DynamicCache`. Grows by `torch.cat` every step. At the last step, for one layer's K (then V),
+  the old storage of context-1 tokens and the new one of context tokens are both live, so its peak exceeds
+  a static cache's by `batch * (context - 1) * kv_heads * head_dim * kv dtype bytes`
+  (`dynamic_realloc_peak_bytes`). Other layers are not concurrent: each cat frees its predecessor as soon
+  as the attribute is rebound, before the next one starts.
+- static: `StaticCache`. The whole `batch * context` is allocated on the first step and written in place:
+  the same final KV as dynamic, no growth peak, but all of it from the start (`kv_preallocated_bytes`).
+- sliding: a static-shaped window (`StaticSlidingWindowLayer`): holds min(context, window) tokens, all
+  allocated at the start, no growth peak.
+- quantized: `QuantizedCache` (quanto/HQQ backends), int4 or int8. `kv_bytes_per_token` stays the packed
+  data figure (int4: half a byte an element). Each group of `quant_group_size` elements also stores a
+  scale and a zero-point in the compute dtype (bf16 by default): for int4, group 64 and bf16 that is
+  4 bytes per 64 elements, +12.5% over the data, reported apart as `kv_scale_bytes_per_token`. Up to
+  `residual_length - 1` of the newest tokens sit unquantized in the compute dtype (`kv_residual_bytes`;
+  the worst case over prompt lengths). Every decode step dequantizes one layer's whole K and V and
+  concatenates them with the residual, so four full-precision tensors (the dequantized K and V, counted as
+  context-1 tokens, an upper bound since the residual is not dequantized, and the concatenated K and V of
+  context tokens) are live at once: that is this cache's `dynamic_realloc_peak_bytes`.
+
+A plan fits when weights + KV + reserve + growth peak <= GPU memory. The reserve stands for everything
+the planner cannot see (CUDA context, cuBLAS workspaces, activations, allocator fragmentation); its
+default of 10% of the GPU mirrors vLLM's `gpu_memory_utilization=0.9`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
+from typing import Any
+
+from analyzers.presets import DTYPE_BITS, ModelGeometry, dtype_bytes_for, weights_bytes
+from kvtrace.errors import KvtraceError
+
+__all__ = [
+    "CACHE_KINDS",
+    "DEFAULT_RESERVE_FRACTION",
+    "PlanRequest",
+    "PlanResult",
+    "Remedy",
+    "blocks",
+    "format_text",
+    "parse_size",
+    "plan",
+    "to_json",
+]
+
+CACHE_KINDS = ("dynamic", "static", "sliding", "quantized")
+QUANTIZED_KV_DTYPES = ("int4", "int8")
+FLOAT_DTYPES = ("bf16", "fp16", "fp32")
+DEFAULT_RESERVE_FRACTION = 0.1
+GIB = 2**30
+MIB = 2**20
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRequest:
+    """What to plan for. Invalid combinations raise KvtraceError when the request is built.
+
+    reserve_bytes / reserve_fraction: memory kept out of the plan; give at most one (neither: 10% of
+    the GPU). A larger reserve makes the answer safer and the batch smaller.
+    window: tokens a sliding cache keeps (default: the model's own `sliding_window`); only for "sliding".
+    quant_group_size / residual_length: QuantizedCache's `q_group_size` (64) and `residual_length` (128);
+    a smaller group means more scales, a longer residual more full-precision tokens.
+    compute_dtype: dtype of a quantized cache's scales and residual; default the weights dtype when it is
+    a float type, else bf16.
+    block_size: tokens per block when counting paged KV blocks (vLLM's default is 16).
+    """
+
+    geometry: ModelGeometry
+    weights_dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+    batch: int = 1
+    context: int = 8192
+    gpu_memory_bytes: int = 80 * GIB
+    reserve_bytes: int | None = None
+    reserve_fraction: float | None = None
+    cache: str = "dynamic"
+    window: int | None = None
+    quant_group_size: int = 64
+    residual_length: int = 128
+    compute_dtype: str | None = None
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        for label, dtype in (("weights", self.weights_dtype), ("KV", self.kv_dtype)):
+            if dtype not in DTYPE_BITS:
+                raise KvtraceError(f"unknown {label} dtype {dtype!r}; choose one of: {', '.join(DTYPE_BITS)}")
+        if self.compute_dtype is not None and self.compute_dtype not in FLOAT_DTYPES:
+            raise KvtraceError(f"compute dtype must be one of {', '.join(FLOAT_DTYPES)}")
+        if self.cache not in CACHE_KINDS:
+            raise KvtraceError(f"unknown cache {self.cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
+        for label, value in (("batch", self.batch), ("context", self.context),
+                             ("GPU memory", self.gpu_memory_bytes), ("block size", self.block_size),
+                             ("quantization group size", self.quant_group_size),
+                             ("residual length", self.residual_length)):
+            if value < 1:
+                raise KvtraceError(f"{label} must be at least 1, got {value}")
+        if self.reserve_bytes is not None and self.reserve_fraction is not None:
+            raise KvtraceError("give a reserve in bytes or as a fraction, not both")
+        if self.reserve_bytes is not None and self.reserve_bytes < 0:
+            raise KvtraceError(f"reserve cannot be negative, got {self.reserve_bytes}")
+        if self.reserve_fraction is not None and not 0 <= self.reserve_fraction < 1:
+            raise KvtraceError(f"reserve fraction must be in [0, 1), got {self.reserve_fraction}")
+        if self.cache == "quantized" and self.kv_dtype not in QUANTIZED_KV_DTYPES:
+            raise KvtraceError(f"a quantized cache stores int4 or int8, not {self.kv_dtype}")
+        if self.cache != "sliding" and self.window is not None:
+            raise KvtraceError("a window only applies to the sliding cache")
+        if self.cache == "sliding" and self.effective_window is None:
+            raise KvtraceError(f"{self.geometry.name} has no sliding window: give one for the sliding cache")
+        if self.window is not None and self.window < 1:
+            raise KvtraceError(f"window must be at least 1, got {self.window}")
+
+    @property
+    def effective_reserve_bytes(self) -> int:
+        if self.reserve_bytes is not None:
+            return self.reserve_bytes
+        fraction = DEFAULT_RESERVE_FRACTION if self.reserve_fraction is None else self.reserve_fraction
+        return math.floor(self.gpu_memory_bytes * fraction)
+
+    @property
+    def effective_window(self) -> int | None:
+        if self.cache != "sliding":
+            return None
+        return self.window if self.window is not None else self.geometry.sliding_window
+
+    @property
+    def effective_compute_dtype(self) -> str:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return self.weights_dtype if self.weights_dtype in FLOAT_DTYPES else "bf16"
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One change that would make a plan fit (or the best the change can do).
+
+    kind: "batch" | "context" | "quantized_kv" | "static_cache" | "sliding_window" | "weights". setting: the batch,
+    context or window to use (None for "weights"); peak_bytes and fits: the plan with that change.
+    """
+
+    kind: str
+    setting: int | None
+    peak_bytes: int
+    fits: bool
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """Every figure of a plan, in bytes. `max_context` is None when any context fits (sliding window)."""
+
+    request: PlanRequest
+    kv_bytes_per_token: int
+    kv_scale_bytes_per_token: int
+    kv_tokens: int
+    kv_bytes: int
+    kv_scale_bytes: int
+    kv_residual_bytes: int
+    kv_preallocated_bytes: int
+    weights_bytes: int
+    reserve_bytes: int
+    total_bytes: int
+    dynamic_realloc_peak_bytes: int
+    peak_bytes: int
+    headroom_bytes: int
+    fits: bool
+    max_batch: int
+    max_context: int | None
+    kv_budget_bytes: int
+    kv_blocks: int
+    remedies: tuple[Remedy, ...] = field(default=())
+
+
+def blocks(kv_budget_bytes: int, kv_bytes_per_token: int, block_size: int = 16) -> int:
+    """Whole paged-KV blocks of `block_size` tokens that fit in `kv_budget_bytes` (a paged allocator
+    such as vLLM's cannot use a partial block)."""
+    if kv_bytes_per_token < 1 or block_size < 1:
+        raise KvtraceError("KV bytes per token and block size must be positive")
+    return max(kv_budget_bytes, 0) // (kv_bytes_per_token * block_size)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    kv_tokens: int
+    kv_bytes: int
+    kv_scale_bytes: int
+    kv_residual_bytes: int
+    realloc_peak_bytes: int
+
+
+def _per_token(req: PlanRequest) -> tuple[int, int, int]:
+    """(packed KV data, quantization scales, full-precision KV) bytes per token, all layers, K and V."""
+    geom = req.geometry
+    elements = geom.num_layers * 2 * geom.num_kv_heads * geom.head_dim
+    data = dtype_bytes_for(req.kv_dtype, elements)
+    full = dtype_bytes_for(req.effective_compute_dtype, elements)
+    scales = 0
+    if req.cache == "quantized":
+        groups = geom.num_layers * 2 * math.ceil(geom.num_kv_heads * geom.head_dim / req.quant_group_size)
+        scales = groups * 2 * dtype_bytes_for(req.effective_compute_dtype, 1)  # scale + zero-point
+    return data, scales, full
+
+
+def _sizes(req: PlanRequest, batch: int, context: int) -> _Sizes:
+    data, scales, full = _per_token(req)
+    geom = req.geometry
+    one_layer_side = geom.num_kv_heads * geom.head_dim  # elements of one layer's K (or V) per token
+    window = req.effective_window
+    tokens = min(context, window) if window is not None else context
+    if req.cache == "quantized":
+        residual = min(req.residual_length - 1, context - 1)
+        quantized = context - residual
+        scale_bytes = batch * quantized * scales
+        residual_bytes = batch * residual * full
+        kv = batch * quantized * data + scale_bytes + residual_bytes
+        realloc = 2 * dtype_bytes_for(req.effective_compute_dtype, batch * one_layer_side * (2 * context - 1))
+        return _Sizes(tokens, kv, scale_bytes, residual_bytes, realloc)
+    realloc = 0
+    if req.cache == "dynamic":
+        realloc = dtype_bytes_for(req.kv_dtype, batch * one_layer_side * (context - 1))
+    return _Sizes(tokens, batch * tokens * data, 0, 0, realloc)
+
+
+def _peak(req: PlanRequest, batch: int, context: int) -> int:
+    sizes = _sizes(req, batch, context)
+    fixed = weights_bytes(req.geometry, req.weights_dtype) + req.effective_reserve_bytes
+    return fixed + sizes.kv_bytes + sizes.realloc_peak_bytes
+
+
+def _largest(fits: Callable[[int], bool], cap: int | None = None) -> int:
+    """Largest n >= 1 with fits(n), for a monotone predicate; 0 if even 1 fails. Doubling then bisection,
+    so the answer is exact without assuming the cost is linear (residuals and windows make it piecewise)."""
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while (cap is None or high <= cap) and fits(high):
+        low, high = high, high * 2
+    if cap is not None:
+        high = min(high, cap + 1)
+    while high - low > 1:  # invariant: fits(low), not fits(high) (or high is past the cap)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def _evaluate(req: PlanRequest) -> PlanResult:
+    data, scales, _ = _per_token(req)
+    sizes = _sizes(req, req.batch, req.context)
+    weights = weights_bytes(req.geometry, req.weights_dtype)
+    reserve = req.effective_reserve_bytes
+    total = weights + sizes.kv_bytes + reserve
+    peak = total + sizes.realloc_peak_bytes
+    gpu = req.gpu_memory_bytes
+
+    max_batch = _largest(lambda batch: _peak(req, batch, req.context) <= gpu)
+    window = req.effective_window
+    max_context: int | None
+    if window is not None and _peak(req, req.batch, window) <= gpu:
+        max_context = None  # the window caps the KV: every context costs what `window` tokens do
+    else:
+        max_context = _largest(lambda context: _peak(req, req.batch, context) <= gpu, cap=window)
+    budget = gpu - weights - reserve
+    return PlanResult(
+        request=req,
+        kv_bytes_per_token=data,
+        kv_scale_bytes_per_token=scales,
+        kv_tokens=sizes.kv_tokens,
+        kv_bytes=sizes.kv_bytes,
+        kv_scale_bytes=sizes.kv_scale_bytes,
+        kv_residual_bytes=sizes.kv_residual_bytes,
+        kv_preallocated_bytes=sizes.kv_bytes if req.cache in ("static", "sliding") else 0,
+        weights_bytes=weights,
+        reserve_bytes=reserve,
+        total_bytes=total,
+        dynamic_realloc_peak_bytes=sizes.realloc_peak_bytes,
+        peak_bytes=peak,
+        headroom_bytes=gpu - peak,
+        fits=peak <= gpu,
+        max_batch=max_batch,
+        max_context=max_context,
+        kv_budget_bytes=budget,
+        kv_blocks=blocks(budget, data + scales, req.block_size),
+    )
+
+
+def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
+    req = result.request
+    gpu = req.gpu_memory_bytes
+    if result.weights_bytes + result.reserve_bytes >= gpu:
+        return (Remedy("weights", None, result.weights_bytes + result.reserve_bytes, False),)
+    found: list[Remedy] = []
+    if 1 <= result.max_batch < req.batch:
+        found.append(Remedy("batch", result.max_batch, _peak(req, result.max_batch, req.context), True))
+    if result.max_context is not None and 1 <= result.max_context < req.context:
+        found.append(Remedy("context", result.max_context, _peak(req, req.batch, result.max_context), True))
+    if req.cache in ("dynamic", "static"):
+        quantized = replace(req, cache="quantized", kv_dtype="int4")
+        peak = _peak(quantized, req.batch, req.context)
+        found.append(Remedy("quantized_kv", None, peak, peak <= gpu))
+    if req.cache == "dynamic":
+        peak = _peak(replace(req, cache="static"), req.batch, req.context)
+        if peak <= gpu:  # only worth a line when dropping the growth peak is enough on its own
+            found.append(Remedy("static_cache", None, peak, True))
+    if req.cache in ("dynamic", "static") and req.context > 1:
+        def window_fits(window: int) -> bool:
+            return _peak(replace(req, cache="sliding", window=window), req.batch, req.context) <= gpu
+
+        window = _largest(window_fits, cap=req.context - 1)
+        if window >= 1:
+            peak = _peak(replace(req, cache="sliding", window=window), req.batch, req.context)
+            found.append(Remedy("sliding_window", window, peak, True))
+    return tuple(found)
+
+
+def plan(req: PlanRequest) -> PlanResult:
+    """Size weights and KV for `req`, decide whether it fits, and if not, what would make it fit."""
+    result = _evaluate(req)
+    return result if result.fits else replace(result, remedies=_remedies(result))
+
+
+# --- rendering: computes nothing -------------------------------------------------------------------
+
+
+def to_json(result: PlanResult) -> dict[str, Any]:
+    """A JSON-ready dict: every figure of the result, the request echoed (with its effective reserve and
+    window), and the remedies."""
+    req = result.request
+    request = {name: value for name, value in asdict(req).items() if name != "geometry"}
+    fraction = req.reserve_fraction
+    if fraction is None and req.reserve_bytes is None:
+        fraction = DEFAULT_RESERVE_FRACTION
+    request.update(geometry=asdict(req.geometry), reserve_bytes=req.effective_reserve_bytes,
+                   reserve_fraction=fraction,
+                   window=req.effective_window, compute_dtype=req.effective_compute_dtype)
+    figures = {name: value for name, value in asdict(result).items() if name not in ("request", "remedies")}
+    return {"request": request, **figures, "remedies": [asdict(remedy) for remedy in result.remedies]}
+
+
+def _size(num_bytes: int) -> str:
+    sign, magnitude = ("-", -num_bytes) if num_bytes < 0 else ("", num_bytes)
+    if magnitude >= GIB:
+        return f"{sign}{magnitude / GIB:.2f} GiB"
+    if magnitude >= MIB:
+        return f"{sign}{magnitude / MIB:.2f} MiB"
+    return f"{sign}{magnitude / 1024:.2f} KiB"
+
+
+def _sentence(fix: Remedy, req: PlanRequest) -> str:
+    outcome = "fits" if fix.fits else "still does not fit"
+    if fix.kind == "weights":
+        return (f"The weights and reserve alone need {_size(fix.peak_bytes)} of {_size(req.gpu_memory_bytes)}: "
+                "store the weights in a smaller dtype (fp8, int4) or shard the model across more GPUs.")
+    if fix.kind == "batch":
+        return f"Lower the batch to {fix.setting} (peak {_size(fix.peak_bytes)})."
+    if fix.kind == "context":
+        return f"Shorten the context to {fix.setting:,} tokens (peak {_size(fix.peak_bytes)})."
+    if fix.kind == "quantized_kv":
+        return (f"Quantize the KV cache to int4 (--cache quantized): the peak becomes {_size(fix.peak_bytes)}, "
+                f"which {outcome}.")
+    if fix.kind == "static_cache":
+        return (f"Preallocate a static cache (--cache static), which never copies itself to grow: the peak "
+                f"becomes {_size(fix.peak_bytes)}, which {outcome}.")
+    return (f"Keep only the last {fix.setting:,} tokens with a sliding-window cache (--cache sliding --window "
+            f"{fix.setting}); a model not trained with that window answers worse beyond it.")
+
+
+def format_text(result: PlanResult) -> str:
+    """A compact table for a terminal, then one sentence per remedy when the plan does not fit."""
+    req = result.request
+    cache = req.cache if req.effective_window is None else f"sliding ({req.effective_window:,}-token window)"
+    rows: list[tuple[str, str]] = [
+        ("KV per token", f"{_size(result.kv_bytes_per_token)} ({result.kv_bytes_per_token:,} B)"),
+    ]
+    if result.kv_scale_bytes_per_token:
+        rows.append(("  + scales per token", f"{result.kv_scale_bytes_per_token:,} B"))
+    rows += [
+        ("weights", _size(result.weights_bytes)),
+        ("KV cache", f"{_size(result.kv_bytes)} ({req.batch} x {result.kv_tokens:,} tokens)"),
+    ]
+    if result.dynamic_realloc_peak_bytes:
+        rows.append(("cache growth peak", _size(result.dynamic_realloc_peak_bytes)))
+    rows += [
+        ("reserve", _size(result.reserve_bytes)),
+        ("peak", f"{_size(result.peak_bytes)} of {_size(req.gpu_memory_bytes)}"),
+        ("headroom", _size(result.headroom_bytes)),
+        ("fits", "yes" if result.fits else "NO"),
+        (f"max batch @ {req.context:,}", f"{result.max_batch:,}"),
+        (f"max context @ batch {req.batch}",
+         "any" if result.max_context is None else f"{result.max_context:,}"),
+        (f"KV blocks of {req.block_size}", f"{result.kv_blocks:,}"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{req.geometry.name}: {req.weights_dtype} weights, {req.kv_dtype} KV, {cache} cache"]
+    lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    if result.remedies:
+        lines.append("To make it fit:")
+        lines += [f"  - {_sentence(fix, req)}" for fix in result.remedies]
+    return "\n".join(lines)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_PATTERN = re.compile(r"([0-9.eE+-]+)\s*([A-Za-z]*)")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "80GiB" (2**30), "80GB" (10**9), "1.5e9" or "12345"; fractions of a byte round down.
+
+    Bare K/M/G are refused: whether they mean 10**9 or 2**30 is a 7% difference at 80 GiB.
+    """
+    match = _SIZE_PATTERN.fullmatch(text.strip())
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise KvtraceError(f"cannot read size {text!r}: write e.g. 80GiB, 80GB, 1.5e9 or 12345")
+    try:
+        value = Decimal(match.group(1))
+    except InvalidOperation:
+        raise KvtraceError(f"cannot read size {text!r}: {match.group(1)!r} is not a number") from None
+    if not value.is_finite():
+        raise KvtraceError(f"cannot read size {text!r}")
+    if value < 0:
+        raise KvtraceError(f"size cannot be negative: {text!r}")
+    return int((value * _SIZE_UNITS[unit]).to_integral_value(rounding=ROUND_FLOOR))

@@ -1,0 +1,34 @@
+"""kvtrace: where an LLM's GPU memory goes during inference, and how much of it is the KV cache.
+
+Importing `kvtrace` is cheap: `record` and `track` load torch only when first used, so the format module
+(`kvtrace.format`) and the CLI stay light enough for the torch-free analyzers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["RecordOptions", "Recording", "__version__", "record", "track"]
+
+if TYPE_CHECKING:
+    from kvtrace.options import RecordOptions
+    from kvtrace.recorder import Recording, record, track
+
+_LAZY = {
+    "record": "kvtrace.recorder",
+    "track": "kvtrace.recorder",
+    "Recording": "kvtrace.recorder",
+    "RecordOptions": "kvtrace.options",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'kvtrace' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value

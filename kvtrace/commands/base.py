@@ -1,0 +1,22 @@
+"""Base class of CLI subcommands: each is a small class whose help is its docstring."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class Command:
+    """A subcommand. Subclasses set `name`, write a docstring (its first line is the short help),
+    add their flags in `add_arguments` and do the work in `run`, returning the exit status.
+
+    Raise `kvtrace.errors.KvtraceError` for anything the user can fix: the CLI prints it as one line.
+    Heavy imports (torch, plotly) belong inside `run`, so that `kvtrace --help` stays instant.
+    """
+
+    name: str = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add this command's flags."""
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError

@@ -1,0 +1,58 @@
+"""CUDA caching-allocator history and snapshot pickles (the files pytorch.org/memory_viz opens).
+
+On a CPU build `torch.cuda.memory._record_memory_history` raises, so `start()` checks first and returns
+the reason the snapshot is absent; the recorder writes it in the manifest and says it once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CudaSnapshots:
+    """Allocator history on while recording; snapshot dumps at exit and when an OOM happens."""
+
+    def __init__(self, folder: Path, max_entries: int) -> None:
+        self.folder = folder
+        self.max_entries = max_entries
+        self.active = False
+        self._oom_dumped: str | None = None
+        self._observer_attached = False
+
+    def start(self) -> dict[str, Any]:
+        if not torch.cuda.is_available():
+            return {"status": "absent", "reason": "CUDA is not available (snapshots are CUDA-only)"}
+        try:
+            torch.cuda.memory._record_memory_history(max_entries=self.max_entries, stacks="python")
+        except (AttributeError, RuntimeError) as exc:
+            return {"status": "absent", "reason": f"allocator history unavailable: {exc}"}
+        self.active = True
+        attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
+        if attach is not None:
+            # Dump at the moment of the OOM, while the tensors that filled memory are still alive.
+            attach(self._on_oom)
+            self._observer_attached = True
+        return {"status": "recording", "max_entries": self.max_entries}
+
+    def _on_oom(self, device: int, alloc: int, device_allocated: int, device_free: int) -> None:
+        if self.active and self._oom_dumped is None:
+            self._oom_dumped = self.dump("oom.pickle")
+
+    def dump(self, name: str) -> str | None:
+        """Write a snapshot pickle; returns its path relative to the run, or None when not recording."""
+        if not self.active:
+            return None
+        if name == "oom.pickle" and self._oom_dumped is not None:
+            return self._oom_dumped
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / name
+        torch.cuda.memory._dump_snapshot(str(target))
+        return f"{self.folder.name}/{name}"
+
+    def stop(self) -> None:
+        if self.active:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.active = False

@@ -1,0 +1,233 @@
+"""The run directory: its layout, its schema version, and the one reader everybody uses.
+
+Stdlib only, on purpose: the analyzers read runs on a laptop without torch, so this module must import
+nothing heavy. The recorder writes through `RunWriter`; everything else reads through `read_run`.
+See docs/format.md for every field.
+
+Layout of a run directory::
+
+    manifest.json         run metadata; rewritten atomically at start and at end
+    kv_events.jsonl       one KV event per line, appended and flushed every step
+    weights.jsonl         one parameter/buffer storage per line
+    memory_samples.jsonl  process/device memory, one sample per step
+    profiler/             torch.profiler Chrome trace(s) (tensorboard_trace_handler)
+    snapshots/            CUDA allocator snapshot pickles (exit.pickle, oom.pickle)
+
+Clock: every `t_ns` in kvtrace's own files is Unix-epoch nanoseconds (`time.time_ns()`), the clock the
+profiler's `baseTimeNanoseconds + ts` also lands on, so both line up without conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from kvtrace.errors import KvtraceError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+KV_EVENTS = "kv_events.jsonl"
+WEIGHTS = "weights.jsonl"
+MEMORY_SAMPLES = "memory_samples.jsonl"
+PROFILER_DIR = "profiler"
+SNAPSHOT_DIR = "snapshots"
+
+# The KV event vocabulary (docs/format.md explains each).
+EVENT_KINDS = (
+    "created",  # a storage appears for this layer/kind for the first time
+    "grown",  # replaced by a larger storage (torch.cat growth, reallocation)
+    "replaced",  # replaced by a storage of the same or smaller size inside the cache's own method
+    "written",  # same storage, written in place (static caches, preallocated custom caches)
+    "evicted",  # tokens removed: by a press/eviction library or any code rebinding keys/values
+    "cropped",  # Cache.crop (assisted decoding rollback)
+    "reset",  # Cache.reset
+    "reordered",  # beam search reorder / batch select / repeat
+    "offloaded",  # moved to CPU by an offloaded cache
+    "prefetched",  # moved back to the accelerator
+    "freed",  # the storage was released (no tensor refers to it any more)
+)
+
+
+@dataclass
+class KvEvent:
+    """One change in one KV storage. `addr`/`storage_bytes` describe the storage (the memory held), while
+    `shape`/`logical_bytes` describe the tensor the cache uses, which may be a view of a larger storage."""
+
+    seq: int
+    t_ns: int
+    step: int
+    phase: str  # "prefill" | "decode" | "" (outside a forward)
+    event: str
+    layer: int
+    kv: str  # "k" | "v"
+    part: str  # "data" (full precision), "qdata"/"qscale"/... (quantized parts), "buffer" (custom)
+    addr: int
+    storage_bytes: int
+    view_offset: int = 0
+    shape: list[int] = field(default_factory=list)
+    logical_bytes: int = 0
+    dtype: str = ""
+    device: str = ""
+    tokens: int = 0
+    evicted_tokens: int = 0
+    prev_addr: int = 0
+    cache: int = 0  # which cache object (several can live in one run)
+    source: str = "hf"  # "hf" | "module" | "track"
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class WeightRecord:
+    """A parameter or buffer storage, so analyzers can tell weights from the rest."""
+
+    name: str
+    addr: int
+    storage_bytes: int
+    dtype: str
+    device: str
+    shape: list[int]
+
+
+@dataclass
+class Run:
+    """A run directory read back: the manifest and every complete line of every log."""
+
+    path: Path
+    manifest: dict[str, Any]
+    kv_events: list[KvEvent]
+    weights: list[WeightRecord]
+    memory_samples: list[dict[str, Any]]
+    truncated: bool = False  # the last line of a log was cut (the process died mid-write)
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.get("ended", {}).get("status") in ("ok", "exception")
+
+    def profiler_traces(self) -> list[Path]:
+        folder = self.path / PROFILER_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.name.endswith((".pt.trace.json", ".pt.trace.json.gz")))
+
+    def snapshots(self) -> list[Path]:
+        folder = self.path / SNAPSHOT_DIR
+        return sorted(folder.glob("*.pickle")) if folder.is_dir() else []
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a manifest."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+class JsonlAppender:
+    """Append-only JSON-lines file. Lines are buffered and flushed by `flush()` (once per step), so a
+    killed process loses at most the current step and never leaves a partial line mid-file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._pending: list[str] = []
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._pending.append(json.dumps(record, separators=(",", ":")))
+
+    def flush(self) -> None:
+        if self._pending:
+            self._fh.write("\n".join(self._pending) + "\n")
+            self._pending.clear()
+        self._fh.flush()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self.flush()
+            self._fh.close()
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """Every complete line; a cut last line (killed writer) is dropped and reported, corrupt lines elsewhere
+    are an error naming the file and line."""
+    if not path.exists():
+        return [], False
+    records: list[dict[str, Any]] = []
+    truncated = False
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.read().split("\n")
+    last = len(lines) - 1
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno - 1 == last:
+                truncated = True
+                break
+            raise KvtraceError(f"{path}: line {lineno} is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise KvtraceError(f"{path}: line {lineno} is not a JSON object")
+        records.append(value)
+    return records, truncated
+
+
+def _event_from(record: dict[str, Any], path: Path) -> KvEvent:
+    known = KvEvent.__dataclass_fields__
+    try:
+        return KvEvent(**{k: v for k, v in record.items() if k in known})
+    except TypeError as exc:
+        raise KvtraceError(f"{path}: KV event missing fields ({exc})") from None
+
+
+def read_run(path: str | os.PathLike[str]) -> Run:
+    """Read a run directory written by any schema version up to ours.
+
+    A run that was interrupted (manifest still says "running", or a cut last line) is read up to its last
+    complete event; `Run.truncated` and the manifest's `ended` say so.
+    """
+    root = Path(path)
+    manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise KvtraceError(f"{root}: not a directory")
+    if not manifest_path.exists():
+        raise KvtraceError(f"{root}: not a kvtrace run directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KvtraceError(f"{manifest_path}: corrupt manifest ({exc.__class__.__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "kvtrace-run":
+        raise KvtraceError(f"{manifest_path}: not a kvtrace manifest")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version < 1:
+        raise KvtraceError(f"{manifest_path}: missing or invalid schema_version")
+    if version > SCHEMA_VERSION:
+        raise KvtraceError(
+            f"{manifest_path}: schema version {version} is newer than this kvtrace reads ({SCHEMA_VERSION}); "
+            "upgrade kvtrace"
+        )
+    raw_events, cut_events = _read_jsonl(root / KV_EVENTS)
+    events_path = root / KV_EVENTS
+    events = [_event_from(r, events_path) for r in raw_events]
+    raw_weights, cut_weights = _read_jsonl(root / WEIGHTS)
+    weights = [WeightRecord(**r) for r in raw_weights]
+    samples, cut_samples = _read_jsonl(root / MEMORY_SAMPLES)
+    return Run(
+        path=root,
+        manifest=manifest,
+        kv_events=events,
+        weights=weights,
+        memory_samples=samples,
+        truncated=cut_events or cut_weights or cut_samples,
+    )
+
+
+def is_run_dir(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / MANIFEST).is_file()

@@ -1,0 +1,101 @@
+"""Custom KV caches: tensors that a model keeps on its own modules, and tensors the user hands to `track()`.
+
+Meta's reference Llama 3 (`llama-models`) and many hand-written decoders preallocate `cache_k`/`cache_v`
+on each attention module and write into them in place. Such caches have no methods to wrap, so the
+recorder scans them at the end of every forward: a new tensor bound to the attribute is a new storage,
+a bumped version counter (`tensor._version`) is an in-place write.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvtrace.kv_tracker import KvTracker
+
+# Attribute names that hold a KV cache, mapped to K or V. Extend by passing `cache_attrs=` to `record()`.
+DEFAULT_CACHE_ATTRS: dict[str, str] = {
+    "cache_k": "k",
+    "cache_v": "v",
+    "k_cache": "k",
+    "v_cache": "v",
+    "key_cache": "k",
+    "value_cache": "v",
+}
+
+# Custom caches get cache ids from here up, HF caches count from 1.
+MODULE_CACHE_ID = 1000
+TRACK_CACHE_ID = 2000
+
+_LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclass
+class _Owner:
+    module: torch.nn.Module
+    attr: str
+    kv: str
+    layer: int
+
+
+def layer_from_name(name: str, fallback: int) -> int:
+    """`layers.3.attention` -> 3; modules without a number keep their discovery order."""
+    match = _LAYER_NUMBER.search(name)
+    return int(match.group(1)) if match else fallback
+
+
+class ModuleCaches:
+    """Finds cache tensors held as module attributes or buffers and reports their changes to the tracker."""
+
+    def __init__(self, tracker: KvTracker, cache_attrs: dict[str, str] | None = None) -> None:
+        self.tracker = tracker
+        self.cache_attrs = dict(DEFAULT_CACHE_ATTRS if cache_attrs is None else cache_attrs)
+        self.owners: list[_Owner] = []
+        self._tracked: list[tuple[torch.Tensor, int, str]] = []
+
+    def discover(self, model: torch.nn.Module) -> int:
+        """Find cache tensors on `model`'s modules; returns how many were found."""
+        order = 0
+        for name, module in model.named_modules():
+            found = False
+            for attr, kv in self.cache_attrs.items():
+                value = module._buffers.get(attr) if attr in module._buffers else module.__dict__.get(attr)
+                if isinstance(value, torch.Tensor):
+                    self.owners.append(_Owner(module, attr, kv, layer_from_name(name, order)))
+                    found = True
+            order += found
+        return len(self.owners)
+
+    def weight_exclusions(self) -> set[int]:
+        """Storage addresses that are caches, not weights (a cache registered as a buffer)."""
+        return {getattr(o.module, o.attr).untyped_storage().data_ptr() for o in self.owners}
+
+    def track(self, tensor: torch.Tensor, layer: int, kind: str) -> None:
+        if kind not in ("k", "v"):
+            raise ValueError(f"kind must be 'k' or 'v', not {kind!r}")
+        self._tracked.append((tensor, layer, kind))
+        self._observe_tracked(len(self._tracked) - 1, "track")
+
+    def _observe_tracked(self, index: int, cause: str) -> None:
+        tensor, layer, kind = self._tracked[index]
+        parts: dict[tuple[str, str], Any] = {(kind, "tracked"): tensor}
+        tokens = int(tensor.shape[-2]) if tensor.dim() >= 2 else int(tensor.numel())
+        self.tracker.observe(TRACK_CACHE_ID + index, layer, parts, cause, tokens, source="track")
+
+    def scan(self, cause: str = "track") -> None:
+        """Compare every known custom cache tensor with its last state. The first scan logs them as created."""
+        by_layer: dict[int, dict[tuple[str, str], Any]] = {}
+        for owner in self.owners:
+            tensor = getattr(owner.module, owner.attr, None)
+            by_layer.setdefault(owner.layer, {})[(owner.kv, "buffer")] = tensor
+        for layer, parts in by_layer.items():
+            capacity = 0
+            for value in parts.values():
+                if isinstance(value, torch.Tensor) and value.dim() >= 2:
+                    capacity = int(value.shape[1])  # Meta's layout: [batch, seq, kv_heads, head_dim]
+            self.tracker.observe(MODULE_CACHE_ID, layer, parts, cause, capacity, source="module")
+        for index in range(len(self._tracked)):
+            self._observe_tracked(index, cause)

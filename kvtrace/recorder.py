@@ -1,0 +1,415 @@
+"""`kvtrace.record()`: one context manager that captures a run into a run directory.
+
+While the block runs, an active `Recording` collects (KV tracker, cache hooks, profiler, NVTX, CUDA
+history); when it ends, every hook is undone in `finally`, every file is closed complete, and the manifest
+says how the run ended. The exception, if any, propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from kvtrace import format as fmt
+from kvtrace.cuda_snapshots import CudaSnapshots
+from kvtrace.errors import KvtraceError
+from kvtrace.geometry import model_geometry
+from kvtrace.hf_hooks import HfCacheHooks
+from kvtrace.kv_tracker import KvTracker
+from kvtrace.memory_samples import sample_memory
+from kvtrace.module_caches import ModuleCaches
+from kvtrace.options import RecordOptions
+
+_ACTIVE_LOCK = threading.Lock()
+_ACTIVE: Recording | None = None
+
+
+class RecordingError(KvtraceError):
+    """Misuse of the recorder (nested record(), track() outside record())."""
+
+
+class _Ranges:
+    """NVTX ranges and, while the profiler runs, `record_function` ranges of the same names."""
+
+    def __init__(self, use_nvtx: bool, use_record_function: bool) -> None:
+        self._nvtx: Any = None
+        if use_nvtx:
+            from kvtrace.nvtx_ranges import NvtxRanges
+
+            ranges = NvtxRanges("kvtrace")
+            self._nvtx = ranges if ranges.enabled else None
+        self._use_rf = use_record_function
+        self._stack: list[Any] = []
+
+    def push(self, name: str) -> None:
+        if self._nvtx is not None:
+            self._nvtx.push(name)
+        handle = torch.ops.profiler._record_function_enter_new(name, None) if self._use_rf else None
+        self._stack.append(handle)
+
+    def pop(self) -> None:
+        if not self._stack:
+            return
+        handle = self._stack.pop()
+        if handle is not None:
+            torch.ops.profiler._record_function_exit._RecordFunction(handle)
+        if self._nvtx is not None:
+            self._nvtx.pop()
+
+    def mark(self, name: str) -> None:
+        if self._nvtx is not None:
+            self._nvtx.mark(name)
+
+    def close_all(self) -> None:
+        """Balance what an exception left open."""
+        while self._stack:
+            self.pop()
+
+
+class Recording:
+    """The active recording. Created by `record()`; use it as a context manager."""
+
+    def __init__(self, out_dir: str | os.PathLike[str], model: Any = None, options: RecordOptions | None = None):
+        self.path = Path(out_dir)
+        self.model = model
+        self.options = options or RecordOptions()
+        self.notes: list[str] = []
+        self._clock = self.options.clock
+        self._events: fmt.JsonlAppender | None = None
+        self._samples: fmt.JsonlAppender | None = None
+        self._hook_handles: list[Any] = []
+        self._profiler: Any = None
+        self._ranges: _Ranges | None = None
+        self._hf: HfCacheHooks | None = None
+        self._modules: ModuleCaches | None = None
+        self._snapshots: CudaSnapshots | None = None
+        self._manifest: dict[str, Any] = {}
+        self._decode_index = 0
+        self._step_open = False
+        self.event_count = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def __enter__(self) -> Recording:
+        global _ACTIVE
+        with _ACTIVE_LOCK:
+            if _ACTIVE is not None:
+                raise RecordingError(
+                    f"kvtrace.record({str(self.path)!r}) inside the recording of {str(_ACTIVE.path)!r}: "
+                    "recordings cannot be nested or run concurrently"
+                )
+            _ACTIVE = self
+        try:
+            self._start()
+        except BaseException:
+            self._teardown()
+            with _ACTIVE_LOCK:
+                _ACTIVE = None
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        global _ACTIVE
+        try:
+            self._finish(exc)
+        finally:
+            with _ACTIVE_LOCK:
+                _ACTIVE = None
+
+    def _start(self) -> None:
+        manifest_path = self.path / fmt.MANIFEST
+        if manifest_path.exists() and not self.options.overwrite:
+            raise RecordingError(f"{self.path}: already holds a kvtrace run (pass overwrite=True to replace it)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name in (fmt.KV_EVENTS, fmt.WEIGHTS, fmt.MEMORY_SAMPLES):
+            (self.path / name).unlink(missing_ok=True)
+        self._manifest = self._initial_manifest()
+        fmt.write_json_atomic(manifest_path, self._manifest)
+        self._events = fmt.JsonlAppender(self.path / fmt.KV_EVENTS)
+        self._samples = fmt.JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
+        tracker = KvTracker(self._emit, self._clock)
+        self.tracker = tracker
+        self._ranges = _Ranges(self.options.nvtx, self.options.profiler)
+        if HfCacheHooks.available():
+            self._hf = HfCacheHooks(tracker, self._ranges.push, self._ranges.pop)
+            if self.model is None:
+                self._hf.on_first_layer = self._auto_step
+            self._hf.install()
+        self._modules = ModuleCaches(tracker, self.options.cache_attrs)
+        if self.model is not None:
+            self._modules.discover(self.model)
+            self._write_weights(self._modules.weight_exclusions())
+            self._hook_handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+            self._hook_handles.append(self.model.register_forward_hook(self._post_forward, always_call=True))
+        self._modules.scan("track")
+        self._snapshots = CudaSnapshots(self.path / fmt.SNAPSHOT_DIR, self.options.max_snapshot_entries)
+        if self.options.snapshots:
+            self._manifest["snapshots"] = self._snapshots.start()
+        else:
+            self._manifest["snapshots"] = {"status": "absent", "reason": "snapshots=False"}
+        if self._manifest["snapshots"]["status"] == "absent" and self.options.snapshots:
+            self.notes.append(f"snapshots: {self._manifest['snapshots']['reason']}")
+        if self.options.profiler:
+            self._profiler = self._make_profiler()
+            self._profiler.__enter__()
+        self._sample("start")
+        self._flush()
+
+    def _finish(self, exc: BaseException | None) -> None:
+        ended: dict[str, Any] = {"status": "ok"}
+        if exc is not None:
+            ended = {"status": "exception", "type": type(exc).__name__, "message": str(exc)[:2000]}
+            if isinstance(exc, KeyboardInterrupt):
+                ended["status"] = "interrupted"
+        try:
+            if self._ranges is not None:
+                self._ranges.close_all()
+            with contextlib.suppress(Exception):
+                if self._hf is not None:
+                    self._hf.scan_all()
+                if self._modules is not None:
+                    self._modules.scan("track")
+            if exc is not None and self._snapshots is not None and _is_oom(exc):
+                ended["oom_snapshot"] = self._snapshots.dump("oom.pickle")
+        finally:
+            self._teardown()
+        if self._snapshots is not None and self._snapshots.active:
+            self._manifest["snapshots"]["exit"] = self._snapshots.dump("exit.pickle")
+            self._snapshots.stop()
+        self._sample("end")
+        # Storages still held by the caller's cache stay alive; those the block dropped are logged as freed.
+        self.tracker.release_all()
+        gc.collect()
+        self.tracker.poll_frees()
+        self._flush()
+        for appender in (self._events, self._samples):
+            if appender is not None:
+                appender.close()
+        ended["t_ns"] = self._clock()
+        self._manifest["ended"] = ended
+        self._manifest["files"] = sorted(
+            str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file() and p.suffix != ".tmp"
+        )
+        self._manifest["kv_events"] = self.event_count
+        self._manifest["notes"] = self.notes
+        fmt.write_json_atomic(self.path / fmt.MANIFEST, self._manifest)
+
+    def _teardown(self) -> None:
+        """Undo every hook; safe to call twice and after a partial start."""
+        errors: list[BaseException] = []
+        if self._profiler is not None:
+            try:
+                self._profiler.__exit__(None, None, None)
+            except Exception as exc:  # the trace is lost, the run is not
+                errors.append(exc)
+                self.notes.append(f"profiler trace not written: {exc}")
+            self._profiler = None
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        if self._hf is not None:
+            self._hf.uninstall()
+        if self._snapshots is not None and self._snapshots.active and self._events is None:
+            self._snapshots.stop()
+
+    # -- steps -------------------------------------------------------------------------------------
+    def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        prefill = _is_prefill(args, kwargs)
+        self._begin_step(prefill)
+
+    def _post_forward(self, module: Any, args: Any, output: Any) -> None:
+        self._end_step()
+
+    def _auto_step(self, layer_tokens_before: int) -> None:
+        """Without a model to hook, a layer-0 update starts a step."""
+        if self._step_open:
+            self._end_step()
+        self._begin_step(layer_tokens_before == 0)
+
+    def _begin_step(self, prefill: bool) -> None:
+        tracker = self.tracker
+        if self._step_open:  # a nested forward (assistant model, etc.) keeps the outer step
+            return
+        tracker.step += 1
+        if prefill:
+            tracker.phase = "prefill"
+            self._decode_index = 0
+            name = "kvtrace/prefill"
+        else:
+            tracker.phase = "decode"
+            self._decode_index += 1
+            name = f"kvtrace/decode {self._decode_index}"
+        self._step_open = True
+        assert self._ranges is not None
+        self._ranges.push(name)
+
+    def _end_step(self) -> None:
+        if not self._step_open:
+            return
+        if self._hf is not None:
+            self._hf.scan_all()
+        if self._modules is not None and (self._modules.owners or self._modules._tracked):
+            self._modules.scan("track")
+        self.tracker.poll_frees()
+        assert self._ranges is not None
+        self._ranges.pop()
+        self._step_open = False
+        self._sample(self.tracker.phase)
+        self._flush()
+
+    # -- outputs -----------------------------------------------------------------------------------
+    def _emit(self, event: fmt.KvEvent) -> None:
+        assert self._events is not None
+        self._events.append(event.to_json())
+        self.event_count += 1
+        if event.event == "evicted" and self._ranges is not None:
+            self._ranges.mark(f"kvtrace/evict L{event.layer} {event.kv}")
+
+    def _flush(self) -> None:
+        if self._events is not None:
+            self._events.flush()
+        if self._samples is not None:
+            self._samples.flush()
+
+    def _sample(self, label: str) -> None:
+        if self._samples is None or self._samples._fh.closed:
+            return
+        record = sample_memory()
+        record.update(t_ns=self._clock(), step=self.tracker.step, phase=label)
+        self._samples.append(record)
+
+    def _write_weights(self, exclude: set[int]) -> None:
+        seen: set[int] = set()
+        with open(self.path / fmt.WEIGHTS, "w", encoding="utf-8") as fh:
+            import json
+
+            for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+                storage = tensor.untyped_storage()
+                addr = storage.data_ptr()
+                if addr in seen or addr in exclude or storage.nbytes() == 0:
+                    continue
+                seen.add(addr)
+                record = fmt.WeightRecord(
+                    name=name,
+                    addr=addr,
+                    storage_bytes=storage.nbytes(),
+                    dtype=str(tensor.dtype).removeprefix("torch."),
+                    device=str(tensor.device),
+                    shape=list(tensor.shape),
+                )
+                fh.write(json.dumps(record.__dict__, separators=(",", ":")) + "\n")
+
+    def _make_profiler(self) -> Any:
+        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        trace_dir = self.path / fmt.PROFILER_DIR
+        return profile(
+            activities=activities,
+            profile_memory=self.options.profile_memory,
+            record_shapes=self.options.record_shapes,
+            with_stack=self.options.with_stack,
+            on_trace_ready=tensorboard_trace_handler(str(trace_dir), use_gzip=self.options.gzip_trace),
+        )
+
+    def _initial_manifest(self) -> dict[str, Any]:
+        from kvtrace import __version__
+
+        try:
+            import transformers
+
+            transformers_version: str | None = transformers.__version__
+        except ImportError:
+            transformers_version = None
+        device: dict[str, Any] = {"type": "cpu", "name": platform.processor() or platform.machine()}
+        with contextlib.suppress(OSError, ValueError):
+            device["total_memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        model_device = _model_device(self.model)
+        if model_device is not None and model_device.type == "cuda":
+            props = torch.cuda.get_device_properties(model_device)
+            device = {"type": "cuda", "index": model_device.index or 0, "name": props.name,
+                      "total_memory_bytes": int(props.total_memory)}
+        anchor_ns = self._clock()
+        return {
+            "format": "kvtrace-run",
+            "schema_version": fmt.SCHEMA_VERSION,
+            "kvtrace_version": __version__,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers_version,
+            "python_version": sys.version.split()[0],
+            "platform": platform.platform(),
+            "pid": os.getpid(),
+            "device": device,
+            "model": model_geometry(self.model),
+            "clock": {
+                "kind": "unix_ns",
+                "anchor_unix_ns": anchor_ns,
+                "anchor_perf_counter_ns": time.perf_counter_ns(),
+                "profiler_alignment": "trace ts (us) + baseTimeNanoseconds/1000 = unix us = t_ns/1000",
+            },
+            "options": self.options.to_json(),
+            "started_ns": anchor_ns,
+            "ended": {"status": "running"},
+        }
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _model_device(model: Any) -> torch.device | None:
+    if model is None:
+        return None
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError, TypeError):
+        return None
+
+
+def _is_prefill(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Prefill when the cache passed in is empty (HF), or `start_pos == 0` (Meta's reference code)."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        with contextlib.suppress(Exception):
+            return int(cache.get_seq_length()) == 0
+    start_pos = kwargs.get("start_pos", args[1] if len(args) > 1 and isinstance(args[1], int) else None)
+    if isinstance(start_pos, int):
+        return start_pos == 0
+    if cache is None and "past_key_values" in kwargs:
+        return True
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    return isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and tokens.shape[-1] > 1
+
+
+def record(out_dir: str | os.PathLike[str], model: Any = None, **options: Any) -> Recording:
+    """Record a run into `out_dir`: `with kvtrace.record("runs/x", model=model): model.generate(...)`.
+
+    `options` are the fields of `RecordOptions` (profiler, with_stack, nvtx, snapshots, ...).
+    """
+    try:
+        opts = RecordOptions(**options)
+    except TypeError as exc:
+        raise RecordingError(f"record(): {exc}") from None
+    return Recording(out_dir, model=model, options=opts)
+
+
+def track(tensor: torch.Tensor, layer: int, kind: str) -> None:
+    """Follow a KV tensor that no known cache holds, inside an active `record()`."""
+    recording = _ACTIVE
+    if recording is None or recording._modules is None:
+        raise RecordingError("kvtrace.track() called outside a kvtrace.record() block")
+    recording._modules.track(tensor, layer, kind)
+    recording._flush()
