@@ -23,6 +23,9 @@ people run and what kvtrace records:
   context-1 tokens, an upper bound since the residual is not dequantized, and the concatenated K and V of
   context tokens) are live at once: that is this cache's `dynamic_realloc_peak_bytes`.
 
+fp8, int8 or int4 in a dynamic, static or sliding cache count the data alone: per-tensor scales, as in
+vLLM's fp8 KV cache, are a few bytes per layer.
+
 A plan fits when weights + KV + reserve + growth peak <= GPU memory. The reserve stands for everything
 the planner cannot see (CUDA context, cuBLAS workspaces, activations, allocator fragmentation); its
 default of 10% of the GPU mirrors vLLM's `gpu_memory_utilization=0.9`.
@@ -98,10 +101,14 @@ class PlanRequest:
             raise KvtraceError(f"compute dtype must be one of {', '.join(FLOAT_DTYPES)}")
         if self.cache not in CACHE_KINDS:
             raise KvtraceError(f"unknown cache {self.cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
-        for label, value in (("batch", self.batch), ("context", self.context),
-                             ("GPU memory", self.gpu_memory_bytes), ("block size", self.block_size),
-                             ("quantization group size", self.quant_group_size),
-                             ("residual length", self.residual_length)):
+        for label, value in (
+            ("batch", self.batch),
+            ("context", self.context),
+            ("GPU memory", self.gpu_memory_bytes),
+            ("block size", self.block_size),
+            ("quantization group size", self.quant_group_size),
+            ("residual length", self.residual_length),
+        ):
             if value < 1:
                 raise KvtraceError(f"{label} must be at least 1, got {value}")
         if self.reserve_bytes is not None and self.reserve_fraction is not None:
@@ -143,8 +150,9 @@ class PlanRequest:
 class Remedy:
     """One change that would make a plan fit (or the best the change can do).
 
-    kind: "batch" | "context" | "quantized_kv" | "static_cache" | "sliding_window" | "weights". setting: the batch,
-    context or window to use (None for "weights"); peak_bytes and fits: the plan with that change.
+    kind: "batch" | "context" | "quantized_kv" | "static_cache" | "sliding_window" | "weights".
+    setting: the batch, context or window to use (None otherwise); peak_bytes and fits: the plan with
+    that change.
     """
 
     kind: str
@@ -310,6 +318,7 @@ def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
         if peak <= gpu:  # only worth a line when dropping the growth peak is enough on its own
             found.append(Remedy("static_cache", None, peak, True))
     if req.cache in ("dynamic", "static") and req.context > 1:
+
         def window_fits(window: int) -> bool:
             return _peak(replace(req, cache="sliding", window=window), req.batch, req.context) <= gpu
 
@@ -337,9 +346,13 @@ def to_json(result: PlanResult) -> dict[str, Any]:
     fraction = req.reserve_fraction
     if fraction is None and req.reserve_bytes is None:
         fraction = DEFAULT_RESERVE_FRACTION
-    request.update(geometry=asdict(req.geometry), reserve_bytes=req.effective_reserve_bytes,
-                   reserve_fraction=fraction,
-                   window=req.effective_window, compute_dtype=req.effective_compute_dtype)
+    request.update(
+        geometry=asdict(req.geometry),
+        reserve_bytes=req.effective_reserve_bytes,
+        reserve_fraction=fraction,
+        window=req.effective_window,
+        compute_dtype=req.effective_compute_dtype,
+    )
     figures = {name: value for name, value in asdict(result).items() if name not in ("request", "remedies")}
     return {"request": request, **figures, "remedies": [asdict(remedy) for remedy in result.remedies]}
 
@@ -356,20 +369,28 @@ def _size(num_bytes: int) -> str:
 def _sentence(fix: Remedy, req: PlanRequest) -> str:
     outcome = "fits" if fix.fits else "still does not fit"
     if fix.kind == "weights":
-        return (f"The weights and reserve alone need {_size(fix.peak_bytes)} of {_size(req.gpu_memory_bytes)}: "
-                "store the weights in a smaller dtype (fp8, int4) or shard the model across more GPUs.")
+        return (
+            f"The weights and reserve alone need {_size(fix.peak_bytes)} of {_size(req.gpu_memory_bytes)}: "
+            "store the weights in a smaller dtype (fp8, int4) or shard the model across more GPUs."
+        )
     if fix.kind == "batch":
         return f"Lower the batch to {fix.setting} (peak {_size(fix.peak_bytes)})."
     if fix.kind == "context":
         return f"Shorten the context to {fix.setting:,} tokens (peak {_size(fix.peak_bytes)})."
     if fix.kind == "quantized_kv":
-        return (f"Quantize the KV cache to int4 (--cache quantized): the peak becomes {_size(fix.peak_bytes)}, "
-                f"which {outcome}.")
+        return (
+            f"Quantize the KV cache to int4 (--cache quantized): the peak becomes {_size(fix.peak_bytes)}, "
+            f"which {outcome}."
+        )
     if fix.kind == "static_cache":
-        return (f"Preallocate a static cache (--cache static), which never copies itself to grow: the peak "
-                f"becomes {_size(fix.peak_bytes)}, which {outcome}.")
-    return (f"Keep only the last {fix.setting:,} tokens with a sliding-window cache (--cache sliding --window "
-            f"{fix.setting}); a model not trained with that window answers worse beyond it.")
+        return (
+            f"Preallocate a static cache (--cache static), which never copies itself to grow: the peak "
+            f"becomes {_size(fix.peak_bytes)}, which {outcome}."
+        )
+    return (
+        f"Keep only the last {fix.setting:,} tokens with a sliding-window cache (--cache sliding --window "
+        f"{fix.setting}); a model not trained with that window answers worse beyond it."
+    )
 
 
 def format_text(result: PlanResult) -> str:
@@ -393,8 +414,10 @@ def format_text(result: PlanResult) -> str:
         ("headroom", _size(result.headroom_bytes)),
         ("fits", "yes" if result.fits else "NO"),
         (f"max batch @ {req.context:,}", f"{result.max_batch:,}"),
-        (f"max context @ batch {req.batch}",
-         "any" if result.max_context is None else f"{result.max_context:,}"),
+        (
+            f"max context @ batch {req.batch}",
+            "any" if result.max_context is None else f"{result.max_context:,}",
+        ),
         (f"KV blocks of {req.block_size}", f"{result.kv_blocks:,}"),
     ]
     width = max(len(label) for label, _ in rows)
@@ -406,8 +429,18 @@ def format_text(result: PlanResult) -> str:
     return "\n".join(lines)
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _SIZE_PATTERN = re.compile(r"([0-9.eE+-]+)\s*([A-Za-z]*)")
 
 

@@ -51,12 +51,21 @@ class ModelGeometry:
     sliding_window: int | None = None
 
 
-def _llama3(name: str, layers: int, heads: int, hidden: int, inter: int, *, head_dim: int = 128,
-            tied: bool = False) -> ModelGeometry:
+def _llama3(
+    name: str, layers: int, heads: int, hidden: int, inter: int, *, head_dim: int = 128, tied: bool = False
+) -> ModelGeometry:
     # Every Llama 3.x model has 8 KV heads (GQA) and the 128,256-token tokenizer.
-    return ModelGeometry(name=name, num_layers=layers, num_attention_heads=heads, num_kv_heads=8,
-                         head_dim=head_dim, hidden_size=hidden, intermediate_size=inter, vocab_size=128256,
-                         tie_word_embeddings=tied)
+    return ModelGeometry(
+        name=name,
+        num_layers=layers,
+        num_attention_heads=heads,
+        num_kv_heads=8,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        vocab_size=128256,
+        tie_word_embeddings=tied,
+    )
 
 
 # Values from each model's published config.json on the Hugging Face Hub (meta-llama/...). The 3.1 and 3.3
@@ -118,7 +127,13 @@ def weights_bytes(geom: ModelGeometry, dtype: str) -> int:
     return dtype_bytes_for(dtype, param_count(geom))
 
 
-_REQUIRED_FIELDS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size")
+_REQUIRED_FIELDS = (
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 def geometry_from_config(path: str | Path) -> ModelGeometry:

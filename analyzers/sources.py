@@ -9,21 +9,24 @@ name the file. Readers are imported lazily by `open_source` because they import 
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
+import json
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from kvtrace.errors import KvtraceError
 
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
 
-__all__ = ["ProgressFn", "open_input", "open_source", "sniff"]
+__all__ = ["JsonStream", "ProgressFn", "open_input", "open_source", "sniff"]
 
 ProgressFn = Callable[[int, int], None]
 """progress(bytes_done, bytes_total), both counted in bytes of the file as stored on disk."""
@@ -32,6 +35,12 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
 _BUFFER_BYTES = 1 << 20
 _PROGRESS_STEP = 4 << 20  # report at most every 4 MiB read: a callback per read would dominate
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_CHUNK_BYTES = 1 << 20
+_LOOKAHEAD = 64  # chars that must follow a decoded value, so a number cut by a chunk edge is not misread
+_MAX_VALUE_CHARS = 512 << 20
+_KINETO_OPEN = "{\n    "
+_KINETO_SEP = "\n  },\n  {"
 
 
 class _ProgressRaw(io.RawIOBase):
@@ -56,10 +65,26 @@ class _ProgressRaw(io.RawIOBase):
         count = self._inner.readinto(buffer)  # type: ignore[attr-defined]
         if self._progress is not None:
             done = self._disk.tell()
-            if count == 0 or done - self._last_reported >= _PROGRESS_STEP:
+            if done - self._last_reported >= _PROGRESS_STEP:
                 self._last_reported = done
-                self._progress(done if count else self._total, self._total)
+                self._progress(done, self._total)
         return int(count or 0)
+
+    def report_start(self) -> None:
+        if self._progress is not None:
+            self._progress(0, self._total)
+
+    def report_done(self) -> None:
+        if self._progress is not None:
+            self._progress(self._total, self._total)
+
+
+def _balanced(text: str, start: int, end: int) -> bool:
+    """Whether text[start:end] opens and closes as many braces and brackets (a cheap sanity check that a
+    run of elements found by layout really is whole elements; braces inside strings make it fail safe)."""
+    return text.count("{", start, end) == text.count("}", start, end) and text.count(
+        "[", start, end
+    ) == text.count("]", start, end)
 
 
 def _describe_read_error(exc: BaseException) -> str:
@@ -78,7 +103,9 @@ def _describe_read_error(exc: BaseException) -> str:
 
 
 @contextmanager
-def open_input(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> Iterator[io.BufferedReader]:
+def open_input(
+    path: str | os.PathLike[str], progress: ProgressFn | None = None
+) -> Iterator[io.BufferedReader]:
     """A buffered binary stream of the file's content, gunzipped if it starts with the gzip magic.
 
     Read errors raised inside the `with` body (gzip truncation or corruption, I/O errors) are re-raised as
@@ -94,13 +121,161 @@ def open_input(path: str | os.PathLike[str], progress: ProgressFn | None = None)
         magic = disk.read(2)
         disk.seek(0)
         inner: IO[bytes] = gzip.GzipFile(fileobj=disk, mode="rb") if magic == GZIP_MAGIC else disk
-        stream = io.BufferedReader(_ProgressRaw(inner, disk, total, progress), buffer_size=_BUFFER_BYTES)
+        raw = _ProgressRaw(inner, disk, total, progress)
+        raw.report_start()
         try:
-            yield stream
+            yield io.BufferedReader(raw, buffer_size=_BUFFER_BYTES)
         except (EOFError, OSError, zlib.error) as exc:
             raise KvtraceError(f"{name}: {_describe_read_error(exc)}") from exc
+        raw.report_done()
     finally:
         disk.close()
+
+
+class JsonStream:
+    """One JSON value at a time from a byte stream, holding only a window of the text.
+
+    Chrome traces reach gigabytes; `json.load` would hold every event as a dict. This walks arrays
+    element by element with `json.JSONDecoder.raw_decode` (C speed) over a sliding window, so memory
+    stays flat however long the array is. A value cut by the window's edge is retried after reading more;
+    a decode error anywhere else is corruption and is reported at once, without reading the rest.
+    """
+
+    def __init__(self, binary: IO[bytes], path: str) -> None:
+        self._binary = binary
+        self._path = path
+        self._utf8 = codecs.getincrementaldecoder("utf-8-sig")()
+        self._decoder = json.JSONDecoder()
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+
+    def error(self, what: str) -> KvtraceError:
+        return KvtraceError(f"{self._path}: {what}")
+
+    def _fill(self) -> None:
+        # Read at least as much as is pending, so one huge value costs O(n log n), not O(n^2).
+        want = max(_CHUNK_BYTES, len(self.buf) - self.pos)
+        data = self._binary.read(want)
+        try:
+            text = self._utf8.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            raise self.error(f"not UTF-8 text ({exc.reason})") from None
+        self.eof = not data
+        self.buf = self.buf[self.pos :] + text
+        self.pos = 0
+
+    def peek(self) -> str:
+        """The next non-whitespace character without consuming it; "" at the end of the input."""
+        while True:
+            self.pos = _WHITESPACE.match(self.buf, self.pos).end()  # type: ignore[union-attr]
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if self.eof:
+                return ""
+            self._fill()
+
+    def expect(self, allowed: str, where: str) -> str:
+        char = self.peek()
+        if not char:
+            raise self.error(f"truncated: the JSON ends inside {where}")
+        if char not in allowed:
+            raise self.error(f"corrupt JSON: {char!r} at {where}, expected one of {allowed!r}")
+        self.pos += 1
+        return char
+
+    def value(self, where: str) -> Any:
+        self.peek()
+        while True:
+            try:
+                obj, end = self._decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as exc:
+                cut = exc.pos >= len(self.buf) - _LOOKAHEAD or exc.msg.startswith("Unterminated string")
+                if self.eof or not cut:
+                    what = "truncated: the JSON ends" if self.eof and cut else f"corrupt JSON ({exc.msg})"
+                    raise self.error(f"{what} inside {where}") from None
+                if len(self.buf) - self.pos > _MAX_VALUE_CHARS:
+                    raise self.error(f"corrupt JSON: one value in {where} exceeds 512 MiB") from None
+                self._fill()
+                continue
+            if end > len(self.buf) - _LOOKAHEAD and not self.eof:
+                self._fill()
+                continue
+            self.pos = end
+            return obj
+
+    def each_element(
+        self, where: str, on_element: Callable[[Any], None], needles: tuple[str, ...] | None = None
+    ) -> int:
+        """Call `on_element` with each element of the array that starts here; return how many were
+        skipped undecoded.
+
+        With `needles`, runs of elements laid out the way Kineto writes events ("{\\n    " ... "\\n  }"
+        separated by ",\\n  ") that contain no needle and whose braces and brackets balance are skipped
+        undecoded, often a whole window at once: most events of a big trace are kernels and ops we do
+        not keep. Raw newlines cannot occur inside JSON strings, so that separator is always structure.
+        """
+        self.expect("[", where)
+        if self.peek() == "]":
+            self.pos += 1
+            return 0
+        skipped = 0
+        scan = self._decoder.scan_once
+        whitespace = _WHITESPACE.match
+        while True:
+            buf, pos = self.buf, self.pos
+            limit = len(buf) - _LOOKAHEAD
+            needle_at = -1  # nearest needle at or after pos (len(buf): none in this window)
+            next_needle = [-1] * len(needles or ())
+            bulk_from = pos  # after a failed bulk skip, skip one element at a time up to here
+            while True:  # fast path: whole elements well inside the window
+                pos = whitespace(buf, pos).end()  # type: ignore[union-attr]
+                if pos >= limit:
+                    break
+                if needles is not None and buf.startswith(_KINETO_OPEN, pos):
+                    if needle_at < pos:  # each needle's next position is cached: one pass per window
+                        for index, needle in enumerate(needles):
+                            if next_needle[index] < pos:
+                                found = buf.find(needle, pos)
+                                next_needle[index] = found if found >= 0 else len(buf)
+                        needle_at = min(next_needle)
+                    stop = min(needle_at, limit)
+                    last_sep = buf.rfind(_KINETO_SEP, pos, stop)
+                    if last_sep > pos and pos >= bulk_from and _balanced(buf, pos, last_sep + 4):
+                        skipped += buf.count(_KINETO_SEP, pos, last_sep + len(_KINETO_SEP))
+                        pos = last_sep + 5  # past "}," of the last skipped element
+                        continue
+                    if last_sep > pos:
+                        bulk_from = last_sep
+                        first_sep = buf.find(_KINETO_SEP, pos, stop)
+                        if _balanced(buf, pos, first_sep + 4):
+                            skipped += 1
+                            pos = first_sep + 5
+                            continue
+                try:
+                    obj, end = scan(buf, pos)
+                except (StopIteration, json.JSONDecodeError):
+                    break  # let the slow path decide: cut by the window's edge, or corrupt
+                after = whitespace(buf, end).end()  # type: ignore[union-attr]
+                if after >= limit:
+                    break
+                on_element(obj)
+                if buf[after] == "]":
+                    self.pos = after + 1
+                    return skipped
+                if buf[after] != ",":
+                    self.pos = after
+                    raise self.error(f"corrupt JSON: {buf[after]!r} in {where}, expected ',' or ']'")
+                pos = after + 1
+            self.pos = pos
+            # Slow path for the element at the window's edge: decode it with refills.
+            on_element(self.value(where))
+            if self.expect(",]", where) == "]":
+                return skipped
+
+    def end(self) -> None:
+        if self.peek():
+            raise self.error("corrupt JSON: extra data after the top-level value")
 
 
 def _head(path: str | os.PathLike[str], size: int = 1 << 16) -> bytes:

@@ -155,8 +155,6 @@ class KvTracker:
                     else:
                         kind = changed_kinds
                     prev_addr = old.addr if old is not None else 0
-                    if old is not None:
-                        self._retire(key, old)
                 ref = old.ref if old is not None and old.addr == addr else StorageWeakRef(tensor.untyped_storage())
                 self._slots[key] = _Slot(addr, nbytes, shape, version, id(tensor), ref)
                 self._emit(
@@ -179,6 +177,11 @@ class KvTracker:
                         source=source,
                     )
                 )
+                if old is not None and old.addr != addr:
+                    # After the new storage's event, so the log shows both alive (the real transient peak),
+                    # and before any later slot's event, which may reuse the freed address.
+                    self._retire(key, old)
+                    self.poll_frees()
         # Slots of this layer that vanished (reset, a quantized residual flushed to an empty tensor).
         for key in [k for k in self._slots if k[0] == cache_id and k[1] == layer and k not in seen]:
             old = self._slots.pop(key)

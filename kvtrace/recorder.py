@@ -44,10 +44,13 @@ class _Ranges:
     def __init__(self, use_nvtx: bool, use_record_function: bool) -> None:
         self._nvtx: Any = None
         if use_nvtx:
-            from kvtrace.nvtx_ranges import NvtxRanges
-
-            ranges = NvtxRanges("kvtrace")
-            self._nvtx = ranges if ranges.enabled else None
+            try:
+                from kvtrace.nvtx_ranges import NvtxRanges
+            except ImportError:
+                NvtxRanges = None  # noqa: N806
+            if NvtxRanges is not None:
+                ranges = NvtxRanges("kvtrace")
+                self._nvtx = ranges if ranges.enabled else None
         self._use_rf = use_record_function
         self._stack: list[Any] = []
 
@@ -188,7 +191,9 @@ class Recording:
             self._manifest["snapshots"]["exit"] = self._snapshots.dump("exit.pickle")
             self._snapshots.stop()
         self._sample("end")
-        # Storages still held by the caller's cache stay alive; those the block dropped are logged as freed.
+        # Storages still held by the caller's cache stay alive; those the block dropped are logged as freed,
+        # in phase "end", so that analyzers can tell the cache's final state from its teardown.
+        self.tracker.phase = "end"
         self.tracker.release_all()
         gc.collect()
         self.tracker.poll_frees()

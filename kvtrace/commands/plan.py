@@ -41,7 +41,9 @@ class PlanCommand(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         model = parser.add_mutually_exclusive_group(required=True)
         model.add_argument("--preset", metavar="NAME", help="built-in model, e.g. llama-3-8b, llama-3.1-70b")
-        model.add_argument("--config", metavar="PATH", help="a local Hugging Face config.json (or its folder)")
+        model.add_argument(
+            "--config", metavar="PATH", help="a local Hugging Face config.json (or its folder)"
+        )
         parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="weights dtype (default bf16)")
         parser.add_argument(
             "--kv-dtype",
@@ -68,7 +70,9 @@ class PlanCommand(Command):
             "--cache", default="dynamic", choices=CACHES, help="transformers cache kind (default dynamic)"
         )
         parser.add_argument("--window", type=int, help="tokens a sliding cache keeps (sliding only)")
-        parser.add_argument("--block-size", type=int, default=16, help="tokens per paged KV block (default 16)")
+        parser.add_argument(
+            "--block-size", type=int, default=16, help="tokens per paged KV block (default 16)"
+        )
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     def run(self, args: argparse.Namespace) -> int:

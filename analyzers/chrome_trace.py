@@ -1,0 +1,397 @@
+"""Read torch.profiler / Kineto Chrome traces and `export_memory_timeline` raw files, streaming.
+
+Chrome traces reach gigabytes, and `json.load` would hold every event as a dict. `JsonStream` walks the
+top-level object and the `traceEvents` array one element at a time (`json.JSONDecoder.raw_decode` over a
+sliding text window), so memory grows with the memory events we keep, never with the file.
+
+What we keep from a trace (kind "chrome_trace"):
+
+* ``[memory]`` instant events -> one `DeviceEvents` per device ("cpu", "cuda:0", ...), stably sorted by
+  time. ``Bytes`` is the signed delta; ``Addr`` (absent in pre-2022 traces -> -1), ``Total Allocated``
+  and ``Total Reserved`` (columns set only when every event of the device has them).
+  ``Device Type`` follows c10::DeviceType; HIP (6) is reported as "cuda" like PyTorch on ROCm does.
+* ``baseline_bytes``: with totals, the first event's ``Total Allocated - Bytes`` (memory held when
+  profiling began); without, the smallest baseline that keeps the running sum >= 0 (frees of memory
+  allocated before the profiler started are normal). allocated(t) = baseline + cumsum(delta); the peak
+  is its maximum, baseline included.
+* ``ProfilerStep#N`` and ``kvtrace/...`` ranges (ph X, or B/E pairs) -> ``Marker(kind="step")``; the
+  GPU-side copies (cat ``gpu_user_annotation``) are skipped so each step appears once.
+* Timestamps: ``ts`` in microseconds, integer or float. When the top level has ``baseTimeNanoseconds``
+  (newer Kineto writes ``ts`` relative to it; it may come after ``traceEvents``) we add it / 1000 so
+  every ``ts_us`` is Unix-epoch microseconds. int64 when all values are integral, else float64.
+* deviceProperties (``totalGlobalMem`` -> ``capacity_bytes`` of "cuda:<id>"; all of them also in
+  ``meta["device_capacity_bytes"]``), distributedInfo, schemaVersion, baseTimeNanoseconds -> ``meta``.
+  Only devices with memory events get a `DeviceEvents`: a trace without them has no devices.
+
+Memory timelines (kind "memory_timeline"): `export_memory_timeline_raw` writes a JSON list of
+``[ns_timestamp, action, bytes, category]`` (action 1 pre-existing with ts -1, 2 create, 3 version bump,
+4 destroy); pre-existing bytes become the baseline, each version bump's (-n, +n) pair is dropped (no
+memory moves), the rest are events. The coalesced `export_memory_timeline` form ``[times, sizes]`` is
+read as one event per change of the summed sizes. Neither records the device: it is "cuda:0" unless told.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from analyzers.model import DeviceEvents, Marker, MemorySource
+from analyzers.sources import JsonStream, ProgressFn, open_input
+from kvtrace.errors import KvtraceError
+
+__all__ = ["read_chrome_trace", "read_memory_timeline"]
+
+# c10::DeviceType by index. HIP (6) reads as "cuda", as PyTorch on ROCm names its devices.
+# Substrings of the events we keep; events without any are skipped undecoded (see JsonStream.each_element).
+_NEEDLES = ('"[memory]"', "ProfilerStep#", "kvtrace/", '"B"', '"E"')
+_DEVICE_TYPE_NAMES = (
+    "cpu cuda mkldnn opengl opencl ideep cuda fpga maia xla vulkan metal xpu mps meta hpu ve lazy ipu mtia"
+    " privateuseone"
+)
+_DEVICE_TYPES = dict(enumerate(_DEVICE_TYPE_NAMES.split()))
+_META_KEYS = (
+    "schemaVersion",
+    "deviceProperties",
+    "distributedInfo",
+    "baseTimeNanoseconds",
+    "displayTimeUnit",
+)
+
+
+def _walk_trace(stream: JsonStream, on_event: Callable[[Any], None]) -> tuple[dict[str, Any], int]:
+    """Feed the trace events we may keep to `on_event`; return the other top-level fields and how many
+    events were skipped undecoded."""
+    top: dict[str, Any] = {}
+    skipped = 0
+    first = stream.peek()
+    if first == "[":  # the Chrome "JSON array" form: a bare list of events
+        skipped = stream.each_element("the event array", on_event, _NEEDLES)
+    elif first == "{":
+        stream.pos += 1
+        if stream.peek() == "}":
+            stream.pos += 1
+        else:
+            while True:
+                key = stream.value("the top-level object")
+                if not isinstance(key, str):
+                    raise stream.error("corrupt JSON: a top-level key that is not a string")
+                stream.expect(":", "the top-level object")
+                if key == "traceEvents":
+                    skipped = stream.each_element("traceEvents", on_event, _NEEDLES)
+                else:
+                    top[key] = stream.value(f"top-level field {key!r}")
+                if stream.expect(",}", "the top-level object") == "}":
+                    break
+    elif not first:
+        raise stream.error("empty file")
+    else:
+        raise stream.error(f"not a Chrome trace: starts with {first!r}, expected a JSON object")
+    stream.end()
+    return top, skipped
+
+
+def _as_int(value: Any, default: int) -> int:
+    if isinstance(value, bool) or value is None:
+        return default
+    if isinstance(value, int):
+        return value
+    try:
+        return int(value, 0) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _device_name(device_type: Any, device_id: Any) -> str:
+    kind = _as_int(device_type, 0)
+    prefix = _DEVICE_TYPES.get(kind, f"device_type{kind}")
+    index = _as_int(device_id, -1)
+    return prefix if prefix == "cpu" or index < 0 else f"{prefix}:{index}"
+
+
+class _DeviceColumns:
+    """Growing columns for one device (compact `array`s, not lists of Python ints)."""
+
+    def __init__(self) -> None:
+        self.ts = array("d")
+        self.addr = array("q")
+        self.delta = array("q")
+        self.total_allocated = array("q")
+        self.total_reserved = array("q")
+        self.with_allocated = 0
+        self.with_reserved = 0
+
+    def add(self, ts: float, args: dict[str, Any]) -> None:
+        self.ts.append(ts)
+        self.addr.append(_as_int(args.get("Addr"), -1))
+        self.delta.append(_as_int(args.get("Bytes"), 0))
+        allocated, reserved = args.get("Total Allocated"), args.get("Total Reserved")
+        self.with_allocated += allocated is not None
+        self.with_reserved += reserved is not None
+        self.total_allocated.append(_as_int(allocated, -1))
+        self.total_reserved.append(_as_int(reserved, -1))
+
+
+class _TraceCollector:
+    """The per-event callback of `read_chrome_trace`: keeps memory events and step ranges only."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, _DeviceColumns] = {}
+        self.ranges: list[tuple[str, float, float, dict[str, Any]]] = []
+        self.open_ranges: dict[tuple[Any, Any], list[tuple[Any, float]]] = {}
+        self.all_integral = True
+        self.events = 0
+        self.skipped: Counter[str] = Counter()
+
+    def _ts(self, event: dict[str, Any]) -> float | None:
+        ts = event.get("ts")
+        if isinstance(ts, bool) or not isinstance(ts, int | float | str):
+            return None
+        if not isinstance(ts, int):
+            try:
+                ts = float(ts)
+            except ValueError:
+                return None
+            self.all_integral = self.all_integral and float(ts).is_integer()
+        return float(ts)
+
+    def __call__(self, event: Any) -> None:
+        self.events += 1
+        if not isinstance(event, dict):
+            self.skipped["not an object"] += 1
+            return
+        name, phase = event.get("name"), event.get("ph")
+        if name == "[memory]":
+            ts, args = self._ts(event), event.get("args")
+            if ts is None or not isinstance(args, dict):
+                self.skipped["[memory] without ts or args"] += 1
+                return
+            device = _device_name(args.get("Device Type"), args.get("Device Id"))
+            columns = self.devices.get(device)
+            if columns is None:
+                columns = self.devices[device] = _DeviceColumns()
+            columns.add(ts, args)
+        elif phase == "B" or phase == "E":
+            self._begin_end(event, phase)
+        elif phase == "X" and _is_step(name) and event.get("cat") != "gpu_user_annotation":
+            ts = self._ts(event)
+            if ts is not None:
+                dur = event.get("dur")
+                end = ts + float(dur) if isinstance(dur, int | float) and not isinstance(dur, bool) else ts
+                self.ranges.append((str(name), ts, end, _range_detail(event)))
+
+    def _begin_end(self, event: dict[str, Any], phase: str) -> None:
+        # Every B is stacked (an E closes the innermost open range of its thread, whatever its name).
+        ts = self._ts(event)
+        stack = self.open_ranges.setdefault((event.get("pid"), event.get("tid")), [])
+        if phase == "B":
+            stack.append((event.get("name"), ts if ts is not None else float("nan")))
+        elif stack:
+            name, start = stack.pop()
+            if _is_step(name) and ts is not None and event.get("cat") != "gpu_user_annotation":
+                self.ranges.append((str(name), start, ts, _range_detail(event)))
+
+
+def _is_step(name: Any) -> bool:
+    return isinstance(name, str) and (name.startswith("ProfilerStep#") or name.startswith("kvtrace/"))
+
+
+def _range_detail(event: dict[str, Any]) -> dict[str, Any]:
+    return {key: event[key] for key in ("cat", "pid", "tid") if key in event}
+
+
+def _timestamps(raw: np.ndarray, base_ns: Any, integral: bool) -> np.ndarray:
+    """Raw `ts` values -> Unix-epoch µs where `baseTimeNanoseconds` allows; exact for integers < 2**53."""
+    base_ns = base_ns if isinstance(base_ns, int) and not isinstance(base_ns, bool) else 0
+    if integral and base_ns % 1000 == 0:
+        return raw.astype(np.int64) + np.int64(base_ns // 1000)
+    return raw.astype(np.float64) + base_ns / 1000.0
+
+
+def _baseline(delta: np.ndarray, total_allocated: np.ndarray | None) -> int:
+    if delta.size == 0:
+        return 0
+    if total_allocated is not None:
+        return max(0, int(total_allocated[0] - delta[0]))
+    return max(0, -int(np.cumsum(delta).min()))
+
+
+def _capacities(device_properties: Any) -> dict[str, int]:
+    capacities: dict[str, int] = {}
+    for props in device_properties if isinstance(device_properties, list) else []:
+        if isinstance(props, dict) and isinstance(props.get("totalGlobalMem"), int):
+            capacities[f"cuda:{_as_int(props.get('id'), 0)}"] = int(props["totalGlobalMem"])
+    return capacities
+
+
+def _device_order(name: str) -> tuple[int, str, int]:
+    prefix, _, index = name.partition(":")
+    return (0 if prefix == "cpu" else 1, prefix, _as_int(index, -1))
+
+
+def read_chrome_trace(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
+    """A `MemorySource` (kind "chrome_trace") from a Kineto/torch.profiler trace, plain or gzipped.
+
+    A trace without memory events is valid: it yields no devices, or devices without events.
+    """
+    name = str(path)
+    collector = _TraceCollector()
+    with open_input(path, progress) as binary:
+        top, skipped = _walk_trace(JsonStream(binary, name), collector)
+    base_ns = top.get("baseTimeNanoseconds")
+    capacities = _capacities(top.get("deviceProperties"))
+    source = MemorySource(kind="chrome_trace", path=name)
+    for device in sorted(collector.devices, key=_device_order):
+        columns = collector.devices[device]
+        order = np.argsort(np.frombuffer(columns.ts, dtype=np.float64), kind="stable")
+        count = len(columns.ts)
+        delta = np.frombuffer(columns.delta, dtype=np.int64)[order]
+        allocated = np.frombuffer(columns.total_allocated, dtype=np.int64)[order]
+        reserved = np.frombuffer(columns.total_reserved, dtype=np.int64)[order]
+        full_allocated = allocated if count and columns.with_allocated == count else None
+        source.devices.append(
+            DeviceEvents(
+                device=device,
+                ts_us=_timestamps(
+                    np.frombuffer(columns.ts, dtype=np.float64)[order], base_ns, collector.all_integral
+                ),
+                addr=np.frombuffer(columns.addr, dtype=np.int64)[order],
+                delta_bytes=delta,
+                total_allocated=full_allocated,
+                total_reserved=reserved if count and columns.with_reserved == count else None,
+                capacity_bytes=capacities.get(device),
+                baseline_bytes=_baseline(delta, full_allocated),
+            )
+        )
+    offset = _timestamps(np.zeros(1), base_ns, collector.all_integral)[0]
+    for label, start, end, detail in sorted(collector.ranges, key=lambda r: r[1]):
+        source.markers.append(
+            Marker(
+                kind="step",
+                ts_us=float(start + offset),
+                label=label,
+                end_us=float(end + offset),
+                detail=detail,
+            )
+        )
+    source.meta.update({key: top[key] for key in _META_KEYS if key in top})
+    source.meta["format"] = "chrome_trace"
+    source.meta["top_level_keys"] = sorted(top)
+    source.meta["trace_events"] = collector.events + skipped
+    source.meta["device_capacity_bytes"] = capacities
+    if collector.skipped:
+        source.meta["skipped_events"] = dict(collector.skipped)
+    return source
+
+
+class _TimelineCollector:
+    """Streams `export_memory_timeline_raw` rows into columns; holds the first two elements back until
+    it knows whether the file is the raw form or the coalesced `[times, sizes]` form."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.head: list[Any] = []
+        self.ts_ns = array("q")
+        self.delta = array("q")
+        self.baseline = 0
+        self.bump_rows = 0
+        self.coalesced = False
+
+    def __call__(self, row: Any) -> None:
+        if len(self.head) < 2 and not self.ts_ns and not self.bump_rows and not self.baseline:
+            self.head.append(row)
+            if len(self.head) == 2 and not _is_coalesced(self.head):
+                self._flush_head()
+            return
+        self._raw_row(row)
+
+    def _flush_head(self) -> None:
+        head, self.head = self.head, []
+        for row in head:
+            self._raw_row(row)
+
+    def _raw_row(self, row: Any) -> None:
+        if not isinstance(row, list) or len(row) < 3:
+            raise KvtraceError(
+                f"{self.name}: memory timeline row {row!r:.60} is not [ts, action, bytes, ...]"
+            )
+        ts, action, numbytes = _as_int(row[0], -1), _as_int(row[1], 0), _as_int(row[2], 0)
+        if action == 1 or ts < 0:  # PREEXISTING: allocated before the profiler started
+            self.baseline += numbytes
+        elif action == 3:  # INCREMENT_VERSION: (-n, +n) at one instant, only the category changes
+            self.bump_rows += 1
+        else:
+            self.ts_ns.append(ts)
+            self.delta.append(numbytes)
+
+    def finish(self) -> str:
+        if _is_coalesced(self.head):
+            times, sizes = self.head
+            if len(times) != len(sizes):
+                raise KvtraceError(f"{self.name}: memory timeline [times, sizes] lists differ in length")
+            previous = 0
+            for index, (ts, row) in enumerate(zip(times, sizes, strict=True)):
+                total = sum(_as_int(v, 0) for v in row)
+                if index == 0:
+                    self.baseline = total
+                else:
+                    self.ts_ns.append(_as_int(ts, 0))
+                    self.delta.append(total - previous)
+                previous = total
+            return "coalesced"
+        self._flush_head()
+        return "raw"
+
+
+def _is_coalesced(head: list[Any]) -> bool:
+    return (
+        len(head) == 2
+        and all(isinstance(part, list) for part in head)
+        and bool(head[1])
+        and isinstance(head[1][0], list)
+    )
+
+
+def read_memory_timeline(
+    path: str | os.PathLike[str], progress: ProgressFn | None = None, device: str = "cuda:0"
+) -> MemorySource:
+    """A `MemorySource` (kind "memory_timeline") from torch.profiler `export_memory_timeline[_raw]` JSON.
+
+    The file does not say which device it describes, hence `device`.
+    """
+    name = str(path)
+    collector = _TimelineCollector(name)
+    with open_input(path, progress) as binary:
+        stream = JsonStream(binary, name)
+        first = stream.peek()
+        if first != "[":
+            raise stream.error("empty file" if not first else "not a memory timeline: expected a JSON list")
+        stream.each_element("the memory timeline", collector)
+        stream.end()
+    form = collector.finish()
+    ts_ns = np.frombuffer(collector.ts_ns, dtype=np.int64)
+    order = np.argsort(ts_ns, kind="stable")
+    ts_ns = ts_ns[order]
+    integral = bool(np.all(ts_ns % 1000 == 0))
+    source = MemorySource(kind="memory_timeline", path=name)
+    source.devices.append(
+        DeviceEvents(
+            device=device,
+            ts_us=ts_ns // 1000 if integral else ts_ns / 1000.0,
+            addr=np.full(len(ts_ns), -1, dtype=np.int64),
+            delta_bytes=np.frombuffer(collector.delta, dtype=np.int64)[order],
+            baseline_bytes=int(collector.baseline),
+        )
+    )
+    source.meta.update(
+        {
+            "format": f"memory_timeline_{form}",
+            "device_assumed": device,
+            "version_bumps": collector.bump_rows >> 1,
+        }
+    )
+    return source

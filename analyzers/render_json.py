@@ -1,0 +1,62 @@
+"""The report as JSON: the machine-readable output and the golden format of the tests (docs/report-json.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from analyzers.summary import Report
+
+JSON_VERSION = 1
+
+
+def report_to_json(report: Report) -> dict[str, Any]:
+    kv = report.kv
+    return {
+        "version": JSON_VERSION,
+        "source": {"kind": report.source_kind, "path": report.path},
+        "devices": [
+            {
+                "device": d.device,
+                "alloc_events": d.alloc_events,
+                "free_events": d.free_events,
+                "peak_allocated_bytes": d.peak_allocated_bytes,
+                "peak_time": d.peak_time,
+                "final_allocated_bytes": d.final_allocated_bytes,
+                "capacity_bytes": d.capacity_bytes,
+                "categories_at_peak": d.categories_at_peak,
+                "reserved_at_peak_bytes": d.reserved_at_peak,
+                "fragmentation_at_peak_bytes": d.fragmentation_at_peak_bytes,
+                "attributed_bytes_by_method": d.bytes_by_method,
+            }
+            for d in report.devices
+        ],
+        "peak_allocated_bytes": report.main_device.peak_allocated_bytes if report.main_device else 0,
+        "peak_time": report.main_device.peak_time if report.main_device else None,
+        "final_allocated_bytes": report.main_device.final_allocated_bytes if report.main_device else 0,
+        "categories_at_peak": report.main_device.categories_at_peak if report.main_device else {},
+        "kv": {
+            "peak_bytes": kv.peak_bytes,
+            "final_bytes": kv.final_bytes,
+            "allocated_bytes_total": kv.allocated_bytes_total,
+            "evicted_tokens": kv.evicted_tokens,
+            "measured_from": kv.measured_from,
+            "bytes_per_token_measured": kv.bytes_per_token_measured,
+            "bytes_per_token_expected": kv.bytes_per_token_expected,
+            "tokens_held": kv.tokens_held,
+            "batch": kv.batch,
+            "per_layer": [
+                {
+                    "layer": layer.layer,
+                    "k_bytes": layer.k_bytes,
+                    "v_bytes": layer.v_bytes,
+                    "evicted_tokens": layer.evicted_tokens,
+                    "tokens": layer.tokens,
+                }
+                for layer in kv.per_layer
+            ],
+        },
+        "geometry": report.geometry,
+        "steps": report.steps,
+        "oom": report.oom,
+        "notes": report.notes,
+    }

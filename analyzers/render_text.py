@@ -1,0 +1,63 @@
+"""The report as a terminal summary."""
+
+from __future__ import annotations
+
+from analyzers.summary import Report
+from analyzers.units import human_bytes
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:5.1f}%" if whole else "    -"
+
+
+def report_to_text(report: Report) -> str:
+    lines = [f"kvtrace report: {report.path} ({report.source_kind})"]
+    for note in report.notes:
+        lines.append(f"  note: {note}")
+    for dev in report.devices:
+        cap = f" of {human_bytes(dev.capacity_bytes)}" if dev.capacity_bytes else ""
+        lines.append(
+            f"  {dev.device}: peak {human_bytes(dev.peak_allocated_bytes)}{cap}, final "
+            f"{human_bytes(dev.final_allocated_bytes)}, {dev.alloc_events:,} allocs / {dev.free_events:,} frees"
+        )
+        if dev.alloc_events == 0 and dev.peak_allocated_bytes == 0:
+            continue
+        peak = dev.peak_allocated_bytes
+        for name in ("kv", "weights", "other"):
+            value = dev.categories_at_peak.get(name, 0)
+            lines.append(f"    at peak  {name:<8} {human_bytes(value):>12}  {_share(value, peak)}")
+        if dev.fragmentation_at_peak_bytes is not None:
+            lines.append(
+                f"    reserved {human_bytes(dev.reserved_at_peak)}: "
+                f"{human_bytes(dev.fragmentation_at_peak_bytes)} reserved but unallocated at the peak"
+            )
+        if dev.bytes_by_method:
+            methods = ", ".join(f"{k} {human_bytes(v)}" for k, v in dev.bytes_by_method.items())
+            lines.append(f"    attributed by: {methods}")
+    kv = report.kv
+    lines.append(f"  KV cache ({kv.measured_from}):")
+    lines.append(f"    final {human_bytes(kv.final_bytes)}, peak {human_bytes(kv.peak_bytes)} (with transient copies)")
+    if kv.final_bytes:
+        churn = kv.allocated_bytes_total / kv.final_bytes
+        lines.append(f"    allocated over the run {human_bytes(kv.allocated_bytes_total)} = {churn:.1f}x its final size")
+    if kv.bytes_per_token_measured is not None:
+        expected = kv.bytes_per_token_expected
+        lines.append(
+            f"    bytes per token: measured {kv.bytes_per_token_measured:,.1f} "
+            f"({kv.tokens_held} tokens x {kv.batch} rows), arithmetic {expected if expected is not None else '-':,}"
+        )
+    if kv.evicted_tokens:
+        lines.append(f"    evicted tokens: {kv.evicted_tokens:,}")
+    if kv.per_layer:
+        lines.append("    layer      K bytes      V bytes   tokens  evicted")
+        for layer in kv.per_layer:
+            lines.append(
+                f"    {layer.layer:>5} {layer.k_bytes:>12,} {layer.v_bytes:>12,} {layer.tokens:>8} {layer.evicted_tokens:>8}"
+            )
+    if report.oom:
+        oom = report.oom
+        lines.append(
+            f"  OOM on {oom['device']}: requested {human_bytes(oom['requested_bytes'])}, "
+            f"free {human_bytes(oom['device_free_bytes'])}  (see `kvtrace diagnose`)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Reads a kvtrace run directory into a `MemorySource`: the profiler's allocator events, the KV log, the
+weights table and the markers (steps, evictions, OOM), all on the Unix-epoch microsecond clock."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from analyzers.kv_log import analyze_kv_log
+from analyzers.model import DeviceEvents, Marker, MemorySource, OomInfo
+from analyzers.sources import ProgressFn
+from kvtrace.format import read_run
+
+
+def _kv_only_device(device: str, storages: list[tuple[int, int, int, int, int, str]]) -> DeviceEvents:
+    """Without a profiler trace (profiler=False), the KV log's own alloc/free pairs are the events."""
+    rows: list[tuple[float, int, int]] = []
+    for addr, nbytes, first_ns, last_ns, _layer, _kv in storages:
+        rows.append((first_ns / 1000.0, addr, nbytes))
+        if last_ns >= 0:
+            rows.append((last_ns / 1000.0, addr, -nbytes))
+    rows.sort(key=lambda r: r[0])
+    return DeviceEvents(
+        device=device,
+        ts_us=np.array([r[0] for r in rows], dtype=np.float64),
+        addr=np.array([r[1] for r in rows], dtype=np.int64),
+        delta_bytes=np.array([r[2] for r in rows], dtype=np.int64),
+    )
+
+
+def _normal_device(name: str) -> str:
+    return "cuda:0" if name == "cuda" else name
+
+
+def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
+    run = read_run(path)
+    kv = analyze_kv_log(run.kv_events)
+    source = MemorySource(kind="run", path=str(Path(path)))
+    traces = run.profiler_traces()
+    if traces:
+        from analyzers.chrome_trace import read_chrome_trace
+
+        trace = read_chrome_trace(traces[-1], progress=progress)
+        source.devices = trace.devices
+        source.frames = trace.frames
+        source.markers = [m for m in trace.markers if not m.label.startswith("kvtrace/kv_update")]
+        source.meta["trace"] = str(traces[-1])
+    else:
+        kv_devices = sorted({_normal_device(e.device) for e in run.kv_events if e.device}) or ["cpu"]
+        source.devices = [_kv_only_device(kv_devices[0], kv.storages)]
+        source.meta["events_from"] = "kv_log (the run has no profiler trace)"
+    weights_by_device: dict[str, int] = {}
+    for weight in run.weights:
+        device = _normal_device(weight.device)
+        weights_by_device[device] = weights_by_device.get(device, 0) + weight.storage_bytes
+    total_memory = run.manifest.get("device", {}).get("total_memory_bytes")
+    for device in source.devices:
+        # The trace counts from the profiler's start; weights were allocated before it.
+        device.baseline_bytes += weights_by_device.get(device.device, 0)
+        if device.capacity_bytes is None and total_memory and device.device.startswith(
+            run.manifest.get("device", {}).get("type", "?")
+        ):
+            device.capacity_bytes = int(total_memory)
+    if not any(m.kind == "step" for m in source.markers):
+        for step, start_ns in sorted(kv.step_start_ns.items()):
+            phase = kv.step_phase.get(step, "")
+            source.markers.append(Marker(kind="step", ts_us=start_ns / 1000.0, label=f"step {step} {phase}"))
+    for ev in kv.evictions:
+        source.markers.append(
+            Marker(
+                kind="eviction",
+                ts_us=ev.t_ns / 1000.0,
+                label=f"{ev.event} L{ev.layer}",
+                detail={"layer": ev.layer, "evicted_tokens": ev.evicted_tokens, "tokens": ev.tokens},
+            )
+        )
+    ended = run.manifest.get("ended", {})
+    message = str(ended.get("message", ""))
+    if ended.get("status") == "exception" and (
+        "OutOfMemory" in str(ended.get("type", "")) or "out of memory" in message.lower()
+    ):
+        device = run.manifest.get("device", {})
+        source.ooms.append(
+            OomInfo(
+                device="cuda:0" if device.get("type") == "cuda" else "cpu",
+                ts_us=ended.get("t_ns", 0) / 1000.0,
+                requested_bytes=None,
+                device_free_bytes=None,
+                message=message,
+            )
+        )
+        source.markers.append(Marker(kind="oom", ts_us=ended.get("t_ns", 0) / 1000.0, label="OOM"))
+    source.meta.update(
+        run=run,
+        kv=kv,
+        weights_by_device=weights_by_device,
+        manifest=run.manifest,
+        truncated=run.truncated,
+    )
+    return source

@@ -1,0 +1,259 @@
+"""Read CUDA caching-allocator snapshots (`torch.cuda.memory._dump_snapshot` pickles, torch 2.0 to 2.11+).
+
+A snapshot holds two things: the allocator's state at the moment of the dump (`segments`, each with its
+`blocks`) and a ring buffer of recent allocator actions per device (`device_traces`). We rebuild the
+allocated-bytes timeline the way PyTorch's memory_viz does (`process_alloc_data` in MemoryViz.js):
+
+* **alloc** is an ``alloc`` entry (+size); **free** is a ``free_completed`` entry (or the legacy /
+  elided ``free``). ``free_requested`` only marks a free that waits on other streams (record_stream):
+  the memory is still unusable until ``free_completed``, so that is when it leaves the timeline.
+* A free of an address that was allocated inside the trace removes exactly the bytes that alloc added.
+  A free with no matching alloc ("orphan") freed memory allocated before the ring buffer began: normal,
+  its size counts as live from the start.
+* Blocks still allocated at the dump (``active_allocated``, and ``active_pending_free`` alias
+  ``active_awaiting_free``, whose free has not completed) that no alloc in the trace explains were live
+  from the start too. ``baseline_bytes`` = orphan frees + those blocks, using the request size
+  (``requested_size``, else the 2.0 ``history[0].real_size``, else the block size), like memory_viz, so
+  the baseline is in the same unit as trace entries (which carry the requested size).
+  memory_viz leaves out pending-free blocks; we count them since their memory is still held.
+* allocated(t) = baseline_bytes + cumulative sum of delta_bytes; the peak is its maximum, baseline
+  included.
+
+Timestamps are ``time_us`` (Unix-epoch microseconds, torch >= 2.1-ish) when every entry of a device has
+one, else the entry's index in that device's trace (``meta["timestamps"]`` says which). Reserved bytes are
+rebuilt from the segments at the dump minus the net ``segment_alloc/map`` and ``segment_free/unmap`` of
+the trace, then replayed forward; `total_allocated` is left None because the snapshot has no
+allocator-reported running total. Stacks are interned as "file:line:name" lines, innermost first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from analyzers.model import DeviceEvents, Marker, MemorySource, OomInfo, Segment
+from analyzers.safe_pickle import load_pickle
+from analyzers.sources import ProgressFn
+from kvtrace.errors import KvtraceError
+
+__all__ = ["read_snapshot"]
+
+_FREE_ACTIONS = frozenset({"free_completed", "free"})
+_LIVE_STATES = frozenset({"active_allocated", "active_pending_free", "active_awaiting_free"})
+_SEGMENT_GROW = frozenset({"segment_alloc", "segment_map"})
+_SEGMENT_SHRINK = frozenset({"segment_free", "segment_unmap"})
+_KNOWN_KEYS = frozenset({"segments", "device_traces"})
+
+
+class _FrameTable:
+    """Interns stacks: one string per distinct stack, shared by every event allocated from it."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self._ids: dict[tuple[tuple[Any, Any, Any], ...], int] = {}
+
+    def intern(self, frames: Any) -> int:
+        if not frames or not isinstance(frames, list):
+            return -1
+        key = tuple((f.get("filename", "?"), f.get("line", 0), f.get("name", "?")) for f in frames)
+        frame_id = self._ids.get(key)
+        if frame_id is None:
+            frame_id = len(self.texts)
+            self._ids[key] = frame_id
+            self.texts.append("\n".join(f"{file}:{line}:{name}" for file, line, name in key))
+        return frame_id
+
+
+def _block_request_size(block: dict[str, Any]) -> int:
+    """Bytes the program asked for: what trace entries carry, so baseline and deltas share a unit."""
+    requested = block.get("requested_size")
+    if requested:
+        return int(requested)
+    history = block.get("history")
+    if history and isinstance(history[0], dict) and history[0].get("real_size"):
+        return int(history[0]["real_size"])
+    return int(block.get("size", 0))
+
+
+def _blocks_with_addresses(segment: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(address, block) pairs; torch 2.0 blocks have no address, they tile the segment in order."""
+    address = int(segment.get("address", 0))
+    pairs = []
+    for block in segment.get("blocks", []):
+        pairs.append((int(block.get("address", address)), block))
+        address = pairs[-1][0] + int(block.get("size", 0))
+    return pairs
+
+
+def _segment_record(device: str, segment: dict[str, Any]) -> Segment:
+    blocks = [block for _, block in _blocks_with_addresses(segment)]
+    allocated = segment.get("allocated_size")
+    if allocated is None:
+        allocated = sum(int(b.get("size", 0)) for b in blocks if b.get("state") in _LIVE_STATES)
+    free_sizes = [int(b.get("size", 0)) for b in blocks if b.get("state") == "inactive"]
+    return Segment(
+        device=device,
+        address=int(segment.get("address", 0)),
+        total_size=int(segment.get("total_size", 0)),
+        allocated_size=int(allocated),
+        largest_free_block=max(free_sizes, default=0),
+        segment_type=str(segment.get("segment_type", "")),
+    )
+
+
+def _replay_device(
+    device_index: int,
+    trace: list[dict[str, Any]],
+    segments: list[dict[str, Any]],
+    frames: _FrameTable,
+    source: MemorySource,
+) -> None:
+    """Turn one device's trace ring buffer plus its final block state into a `DeviceEvents`."""
+    device = f"cuda:{device_index}"
+    timed = bool(trace) and all("time_us" in entry for entry in trace)
+    reserved = sum(int(s.get("total_size", 0)) for s in segments)
+    for entry in trace:  # walk back from the dump to the reserved bytes when the ring buffer began
+        action = entry.get("action")
+        if action in _SEGMENT_GROW:
+            reserved -= int(entry.get("size", 0))
+        elif action in _SEGMENT_SHRINK:
+            reserved += int(entry.get("size", 0))
+
+    ts: list[int] = []
+    addrs: list[int] = []
+    deltas: list[int] = []
+    reserved_col: list[int] = []
+    frame_ids: list[int] = []
+    live: dict[int, int] = {}  # address -> bytes added by an alloc seen in the trace
+    orphan_bytes = orphan_count = 0
+    pending_ooms: list[tuple[int, dict[str, Any], int, int]] = []
+    actions: Counter[str] = Counter()
+    for index, entry in enumerate(trace):
+        action = str(entry.get("action"))
+        actions[action] += 1
+        when = int(entry["time_us"]) if timed else index
+        size = int(entry.get("size", 0))
+        if action == "alloc" or action in _FREE_ACTIONS:
+            address = int(entry.get("addr", -1))
+            if action == "alloc":
+                live[address] = size
+                delta = size
+            elif address in live:
+                delta = -live.pop(address)
+            else:
+                orphan_bytes += size
+                orphan_count += 1
+                delta = -size
+            ts.append(when)
+            addrs.append(address)
+            deltas.append(delta)
+            reserved_col.append(reserved)
+            frame_ids.append(frames.intern(entry.get("frames")))
+        elif action in _SEGMENT_GROW:
+            reserved += size
+        elif action in _SEGMENT_SHRINK:
+            reserved -= size
+        elif action == "oom":
+            pending_ooms.append((len(deltas), entry, reserved, when))
+            label = f"OOM requesting {size} bytes"
+            source.markers.append(Marker(kind="oom", ts_us=float(when), label=label, device=device))
+        elif action == "snapshot":
+            source.markers.append(Marker(kind="snapshot", ts_us=float(when), label="snapshot", device=device))
+
+    baseline = orphan_bytes
+    for segment in segments:
+        for address, block in _blocks_with_addresses(segment):
+            if block.get("state") in _LIVE_STATES and address not in live:
+                baseline += _block_request_size(block)
+
+    delta_arr = np.asarray(deltas, dtype=np.int64)
+    running = baseline + np.concatenate(([0], np.cumsum(delta_arr)))
+    for done, entry, reserved_then, when in pending_ooms:
+        free = entry.get("device_free", entry.get("addr"))
+        source.ooms.append(
+            OomInfo(
+                device=device,
+                ts_us=float(when),
+                requested_bytes=int(entry.get("size", 0)),
+                device_free_bytes=None if free is None else int(free),
+                allocated_bytes=int(running[done]),
+                reserved_bytes=int(reserved_then),
+            )
+        )
+    source.devices.append(
+        DeviceEvents(
+            device=device,
+            ts_us=np.asarray(ts, dtype=np.int64),
+            addr=np.asarray(addrs, dtype=np.int64),
+            delta_bytes=delta_arr,
+            total_reserved=np.asarray(reserved_col, dtype=np.int64),
+            frame_id=np.asarray(frame_ids, dtype=np.int32),
+            baseline_bytes=int(baseline),
+        )
+    )
+    source.meta["timestamps"][device] = "time_us" if timed else "event_index"
+    source.meta["trace_actions"][device] = dict(actions)
+    source.meta["orphan_frees"][device] = orphan_count
+
+
+def _value_counts(traces: list[list[dict[str, Any]]], key: str, boring: frozenset[str]) -> dict[str, int]:
+    """Distinct per-entry values of `key` (compile_context, user_metadata) worth showing, with counts."""
+    counts: Counter[str] = Counter()
+    for trace in traces:
+        for entry in trace:
+            value = entry.get(key)
+            if value is not None and str(value) not in boring:
+                counts[str(value)] += 1
+    return dict(counts)
+
+
+def read_snapshot(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
+    """A `MemorySource` (kind "snapshot") from a CUDA caching-allocator snapshot pickle.
+
+    One `DeviceEvents` ("cuda:N") per device that has segments or trace entries; `segments` describes
+    the allocator state at the dump, `ooms` and "oom"/"snapshot" markers come from the trace.
+    """
+    name = str(path)
+    data = load_pickle(path, progress)
+    if not isinstance(data, dict) or not isinstance(data.get("segments"), list):
+        raise KvtraceError(f"{name}: a pickle, but not a CUDA memory snapshot (no 'segments' list)")
+    traces = data.get("device_traces") or []
+    if not isinstance(traces, list) or not all(isinstance(t, list) for t in traces):
+        raise KvtraceError(f"{name}: a snapshot whose 'device_traces' is not a list of lists")
+    try:
+        segments_by_device: dict[int, list[dict[str, Any]]] = {}
+        for segment in data["segments"]:
+            segments_by_device.setdefault(int(segment.get("device", 0)), []).append(segment)
+        device_indices = sorted(set(segments_by_device) | {i for i, trace in enumerate(traces) if trace})
+        has_history = any("history" in b for s in data["segments"] for b in s.get("blocks", []))
+        source = MemorySource(kind="snapshot", path=name)
+        source.meta.update(
+            {
+                "format": "cuda_allocator_snapshot",
+                "layout": "history (torch 2.0)" if has_history else "frames",
+                "timestamps": {},
+                "trace_actions": {},
+                "orphan_frees": {},
+            }
+        )
+        for key, value in data.items():
+            if key not in _KNOWN_KEYS:
+                source.meta[key] = value
+        for key in ("compile_context", "user_metadata"):
+            counts = _value_counts(traces, key, frozenset({"", "N/A"}))
+            if counts:
+                source.meta.setdefault(key, counts)
+        frames = _FrameTable()
+        for index in device_indices:
+            trace = traces[index] if index < len(traces) else []
+            device_segments = segments_by_device.get(index, [])
+            _replay_device(index, trace, device_segments, frames, source)
+            source.segments.extend(_segment_record(f"cuda:{index}", s) for s in device_segments)
+        source.frames = frames.texts
+        source.markers.sort(key=lambda m: m.ts_us)
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        raise KvtraceError(f"{name}: malformed snapshot ({type(exc).__name__}: {exc})") from exc
+    return source

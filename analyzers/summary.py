@@ -1,0 +1,204 @@
+"""The report's figures, computed once from an attributed `MemorySource`; renderers only format them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
+from analyzers.timeline import DeviceTimeline, device_timeline
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "int8": 1}
+
+
+@dataclass
+class DeviceSummary:
+    device: str
+    alloc_events: int
+    free_events: int
+    peak_allocated_bytes: int
+    peak_time: float | None  # Unix-epoch µs where the source has a clock, else event index
+    final_allocated_bytes: int
+    capacity_bytes: int | None
+    categories_at_peak: dict[str, int]
+    reserved_at_peak: int | None
+    fragmentation_at_peak_bytes: int | None
+    bytes_by_method: dict[str, int]
+
+
+@dataclass
+class LayerSummary:
+    layer: int
+    k_bytes: int
+    v_bytes: int
+    evicted_tokens: int
+    tokens: int = 0
+
+
+@dataclass
+class KvSummary:
+    peak_bytes: int
+    final_bytes: int
+    allocated_bytes_total: int
+    evicted_tokens: int
+    per_layer: list[LayerSummary]
+    measured_from: str  # "kv_log" | "stack_rule" | "none"
+    bytes_per_token_measured: float | None = None
+    bytes_per_token_expected: int | None = None
+    tokens_held: int | None = None
+    batch: int | None = None
+
+
+@dataclass
+class Report:
+    source_kind: str
+    path: str
+    devices: list[DeviceSummary]
+    kv: KvSummary
+    geometry: dict[str, Any] | None
+    steps: int
+    markers: int
+    oom: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+    timelines: list[DeviceTimeline] = field(default_factory=list, repr=False)
+
+    @property
+    def main_device(self) -> DeviceSummary | None:
+        """The device with the highest peak (the one that runs out first)."""
+        return max(self.devices, key=lambda d: d.peak_allocated_bytes, default=None)
+
+
+def _device_summary(source: MemorySource, index: int, baseline_category: int) -> tuple[DeviceSummary, DeviceTimeline]:
+    dev = source.devices[index]
+    timeline = device_timeline(dev, baseline_category)
+    n = len(dev)
+    if n == 0:
+        peak_i = -1
+        peak = final = dev.baseline_bytes
+        at_peak = {"kv": 0, "weights": dev.baseline_bytes if baseline_category == WEIGHTS else 0}
+        at_peak["other"] = peak - at_peak["kv"] - at_peak["weights"]
+    else:
+        peak_i = int(np.argmax(timeline.allocated))
+        peak = int(timeline.allocated[peak_i])
+        final = int(timeline.allocated[-1])
+        at_peak = {name: int(series[peak_i]) for name, series in timeline.by_category.items()}
+    reserved_at_peak = int(timeline.reserved[peak_i]) if timeline.reserved is not None and peak_i >= 0 else None
+    by_method: dict[str, int] = {}
+    if dev.method is not None and n:
+        allocs = dev.delta_bytes > 0
+        for code, name in enumerate(METHOD_NAMES):
+            total = int(dev.delta_bytes[allocs & (dev.method == code)].sum())
+            if total:
+                by_method[name] = total
+    summary = DeviceSummary(
+        device=dev.device,
+        alloc_events=dev.alloc_events,
+        free_events=dev.free_events,
+        peak_allocated_bytes=peak,
+        peak_time=float(dev.ts_us[peak_i]) if peak_i >= 0 else None,
+        final_allocated_bytes=final,
+        capacity_bytes=dev.capacity_bytes,
+        categories_at_peak=at_peak,
+        reserved_at_peak=reserved_at_peak,
+        fragmentation_at_peak_bytes=(reserved_at_peak - peak) if reserved_at_peak is not None else None,
+        bytes_by_method=by_method,
+    )
+    return summary, timeline
+
+
+def _kv_from_log(source: MemorySource) -> KvSummary | None:
+    kv = source.meta.get("kv")
+    if kv is None:
+        return None
+    per_layer = [LayerSummary(f.layer, f.k_bytes, f.v_bytes, f.evicted_tokens, f.tokens) for f in kv.per_layer]
+    return KvSummary(
+        peak_bytes=kv.peak_bytes,
+        final_bytes=kv.final_bytes,
+        allocated_bytes_total=kv.allocated_bytes_total,
+        evicted_tokens=kv.evicted_tokens,
+        per_layer=per_layer,
+        measured_from="kv_log",
+    )
+
+
+def _kv_from_events(source: MemorySource, timelines: list[DeviceTimeline]) -> KvSummary:
+    """Without a KV log: what the stack rules attributed to KV."""
+    peak = final = total = 0
+    per_layer: dict[int, LayerSummary] = {}
+    for dev, timeline in zip(source.devices, timelines):
+        if dev.category is None or len(dev) == 0:
+            continue
+        kv_series = timeline.by_category["kv"]
+        peak = max(peak, int(kv_series.max()))
+        final += int(kv_series[-1])
+        kv_allocs = (dev.category == KV) & (dev.delta_bytes > 0)
+        total += int(dev.delta_bytes[kv_allocs].sum())
+    measured = "stack_rule" if total else "none"
+    return KvSummary(peak, final, total, 0, [per_layer[k] for k in sorted(per_layer)], measured)
+
+
+def _expected_bytes_per_token(geometry: dict[str, Any] | None, kv_dtype: str | None) -> int | None:
+    if not geometry or kv_dtype not in _DTYPE_BYTES:
+        return None
+    try:
+        return int(geometry["num_layers"]) * 2 * int(geometry["num_kv_heads"]) * int(geometry["head_dim"]) * (
+            _DTYPE_BYTES[kv_dtype]
+        )
+    except (KeyError, TypeError):
+        return None
+
+
+def summarize(source: MemorySource) -> Report:
+    """Figures of an attributed source (see analyzers.attribution.attribute)."""
+    baseline_category = WEIGHTS if source.kind == "run" else OTHER
+    devices: list[DeviceSummary] = []
+    timelines: list[DeviceTimeline] = []
+    for i in range(len(source.devices)):
+        summary, timeline = _device_summary(source, i, baseline_category)
+        devices.append(summary)
+        timelines.append(timeline)
+    kv = _kv_from_log(source) or _kv_from_events(source, timelines)
+    manifest = source.meta.get("manifest") or {}
+    geometry = manifest.get("model")
+    run = source.meta.get("run")
+    if run is not None and run.kv_events:
+        data_events = [e for e in run.kv_events if e.part == "data" and e.event != "freed" and e.shape]
+        if data_events:
+            last = data_events[-1]
+            kv.batch = last.shape[0]
+            kv.tokens_held = max((f.tokens for f in kv.per_layer), default=0)
+            kv.bytes_per_token_expected = _expected_bytes_per_token(geometry, last.dtype)
+            if kv.tokens_held and kv.batch:
+                kv.bytes_per_token_measured = kv.final_bytes / (kv.tokens_held * kv.batch)
+    steps = len(source.meta["kv"].step_start_ns) if source.meta.get("kv") is not None else sum(
+        1 for m in source.markers if m.kind == "step"
+    )
+    oom = None
+    if source.ooms:
+        first = source.ooms[0]
+        oom = {
+            "device": first.device,
+            "time": first.ts_us,
+            "requested_bytes": first.requested_bytes,
+            "device_free_bytes": first.device_free_bytes,
+            "message": first.message,
+        }
+    notes: list[str] = []
+    if source.meta.get("truncated"):
+        notes.append("the run was interrupted: figures cover the events written before it stopped")
+    if manifest and manifest.get("ended", {}).get("status") == "running":
+        notes.append("the run never finished (the process died): read up to its last flushed step")
+    return Report(
+        source_kind=source.kind,
+        path=source.path,
+        devices=devices,
+        kv=kv,
+        geometry=geometry,
+        steps=steps,
+        markers=len(source.markers),
+        oom=oom,
+        notes=notes,
+        timelines=timelines,
+    )

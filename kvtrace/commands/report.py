@@ -1,0 +1,92 @@
+"""Summarize a run directory, Chrome trace or CUDA snapshot; write the HTML timeline or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvtrace.commands.base import Command
+from kvtrace.errors import KvtraceError
+
+
+def progress_bar(label: str, quiet: bool):
+    """A tqdm bar on stderr for inputs over 20 MB; None (no bar) for small ones or when quiet."""
+    if quiet or not sys.stderr.isatty():
+        return None, None
+    from tqdm import tqdm
+
+    state: dict[str, object] = {}
+
+    def update(done: int, total: int) -> None:
+        if total < 20_000_000:
+            return
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr)
+        bar.update(done - bar.n)  # type: ignore[attr-defined]
+
+    def close() -> None:
+        bar = state.get("bar")
+        if bar is not None:
+            bar.close()  # type: ignore[attr-defined]
+
+    return update, close
+
+
+class ReportCommand(Command):
+    """Summarize a run directory, Chrome trace or CUDA snapshot; write the HTML timeline or JSON.
+
+    PATH is a kvtrace run directory, a torch.profiler Chrome trace (.json, .json.gz) or a CUDA allocator
+    snapshot pickle (torch.cuda.memory._dump_snapshot). Pickles are read without running any code.
+    Exit status: 0 on success, 2 for unreadable input or bad flags.
+    """
+
+    name = "report"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("path", help="run directory, Chrome trace or snapshot pickle")
+        parser.add_argument("-o", "--output", help="write a self-contained HTML timeline to this file")
+        parser.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from analyzers.render_json import report_to_json
+        from analyzers.render_text import report_to_text
+        from analyzers.report import build_report
+
+        path = Path(args.path)
+        if not path.exists():
+            raise KvtraceError(f"{path}: no such file or directory")
+        update, close = progress_bar(f"reading {path.name}", args.quiet)
+        try:
+            source, report = build_report(path, progress=update)
+        finally:
+            if close is not None:
+                close()
+        if args.json:
+            json.dump(report_to_json(report), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            print(report_to_text(report))
+        if args.output:
+            from analyzers.render_html import report_to_html
+
+            out = Path(args.output)
+            sections: list[str] = []
+            if report.oom is not None:
+                try:
+                    from analyzers.render_diagnosis import diagnosis_html_for
+                except ImportError:
+                    diagnosis_html_for = None  # type: ignore[assignment]
+                if diagnosis_html_for is not None:
+                    sections.append(diagnosis_html_for(source, report))
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(report_to_html(source, report, sections), encoding="utf-8")
+            except OSError as exc:
+                raise KvtraceError(f"{out}: cannot write ({exc.strerror})", exit_code=1) from None
+            if not args.json:
+                print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        return 0

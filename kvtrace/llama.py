@@ -1,0 +1,142 @@
+"""Llama 3 architecture models with random weights, and the caches kvtrace demonstrates.
+
+Memory behaviour does not depend on weight values, so a randomly initialised model of the published
+shape (GQA, llama3 RoPE scaling) shows exactly the KV-cache memory a trained one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CACHE_KINDS = ("dynamic", "static", "sliding", "static_sliding", "fp8", "quanto", "hqq", "offloaded")
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int = 128256  # the real Llama 3 tokenizer's vocabulary
+    tie_embeddings: bool = True
+
+
+SIZES: dict[str, ModelSize] = {
+    "tiny": ModelSize(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=8, num_kv_heads=2),
+    "small": ModelSize(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=2),
+    "llama-3.2-1b": ModelSize(2048, 8192, 16, 32, 8),
+    "llama-3-8b": ModelSize(4096, 14336, 32, 32, 8, tie_embeddings=False),
+}
+
+
+def llama3_config(size: ModelSize, sliding_window: int | None = None) -> Any:
+    from transformers import LlamaConfig
+
+    kwargs: dict[str, Any] = {}
+    if sliding_window is not None:
+        # Llama attention ignores the window; the cache honours it, which is all memory depends on.
+        kwargs.update(sliding_window=sliding_window, layer_types=["sliding_attention"] * size.num_layers)
+    return LlamaConfig(
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_kv_heads,
+        head_dim=size.hidden_size // size.num_heads,
+        vocab_size=size.vocab_size,
+        tie_word_embeddings=size.tie_embeddings,
+        max_position_embeddings=131072,  # above 8192, as llama3 RoPE scaling expects
+        rope_parameters=dict(LLAMA3_ROPE),
+        bos_token_id=128000,
+        eos_token_id=128001,
+        pad_token_id=128004,
+        **kwargs,
+    )
+
+
+def build_model(size: ModelSize | str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> Any:
+    """A Llama 3 architecture `LlamaForCausalLM` with random weights, in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    if isinstance(size, str):
+        size = SIZES[size]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(llama3_config(size)).to(dtype)
+    return model.eval()
+
+
+def make_cache(kind: str, model: Any, batch: int, max_len: int, window: int = 16) -> tuple[Any, dict[str, Any]]:
+    """(cache object or None, extra generate() kwargs) for a cache kind."""
+    from transformers import DynamicCache, QuantizedCache, StaticCache
+
+    config = model.config
+    if kind == "dynamic":
+        return None, {}
+    if kind == "static":
+        return None, {"cache_implementation": "static"}
+    if kind == "offloaded":
+        return None, {"cache_implementation": "offloaded"}
+    if kind in ("sliding", "static_sliding"):
+        sliding = llama3_config(_size_of(config), sliding_window=window)
+        if kind == "sliding":
+            return DynamicCache(config=sliding), {}
+        return StaticCache(config=sliding, max_cache_len=max_len), {}
+    if kind in ("fp8", "quanto", "hqq"):
+        return QuantizedCache(backend=kind, config=config), {}
+    raise ValueError(f"unknown cache kind {kind!r}; choose from {', '.join(CACHE_KINDS)}")
+
+
+def _size_of(config: Any) -> ModelSize:
+    return ModelSize(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        vocab_size=config.vocab_size,
+        tie_embeddings=config.tie_word_embeddings,
+    )
+
+
+def llama3_tokenizer() -> Any:
+    """The real Llama 3 tokenizer (tiktoken BPE file shipped by `llama-models`)."""
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    import llama_models
+
+    return Tokenizer(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model")
+
+
+DEFAULT_PROMPTS = (
+    "The key-value cache stores the attention keys and values of every token seen so far, so that",
+    "Out-of-memory errors at long context usually come from",
+    "A sliding window keeps only the most recent tokens of each layer, which",
+    "Grouped-query attention shares each key and value head among several query heads, and",
+)
+
+
+def encode_batch(tokenizer: Any, prompts: list[str], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded input ids and attention mask, as decoder-only generation expects."""
+    encoded = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        ids[row, width - len(tokens) :] = torch.tensor(tokens)
+        mask[row, width - len(tokens) :] = 1
+    return ids, mask

@@ -1,0 +1,474 @@
+"""The capacity planner: every expected figure is worked out here by hand, never read back from the code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analyzers.plan import PlanRequest, blocks, format_text, parse_size, plan, to_json
+from analyzers.presets import (
+    PRESETS,
+    ModelGeometry,
+    geometry_from_config,
+    get_preset,
+    param_count,
+    weights_bytes,
+)
+from kvtrace.commands.plan import PlanCommand
+from kvtrace.errors import KvtraceError
+
+GIB = 2**30
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# (layers, heads, kv_heads, head_dim, hidden, intermediate, tied) as published in each config.json.
+PUBLISHED = {
+    "llama-3-8b": (32, 32, 8, 128, 4096, 14336, False),
+    "llama-3-70b": (80, 64, 8, 128, 8192, 28672, False),
+    "llama-3.1-8b": (32, 32, 8, 128, 4096, 14336, False),
+    "llama-3.1-70b": (80, 64, 8, 128, 8192, 28672, False),
+    "llama-3.1-405b": (126, 128, 8, 128, 16384, 53248, False),
+    "llama-3.2-1b": (16, 32, 8, 64, 2048, 8192, True),
+    "llama-3.2-3b": (28, 24, 8, 128, 3072, 8192, True),
+    "llama-3.3-70b": (80, 64, 8, 128, 8192, 28672, False),
+}
+
+LLAMA_3_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
+}
+
+
+def llama_3_8b() -> ModelGeometry:
+    return get_preset("llama-3-8b")
+
+
+def request(**overrides: object) -> PlanRequest:
+    fields: dict[str, object] = {"geometry": llama_3_8b(), "reserve_bytes": 0}
+    fields.update(overrides)
+    return PlanRequest(**fields)  # type: ignore[arg-type]
+
+
+# --- presets -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_match_published_configs(name: str) -> None:
+    layers, heads, kv_heads, head_dim, hidden, inter, tied = PUBLISHED[name]
+    geom = PRESETS[name]
+    assert (geom.num_layers, geom.num_attention_heads, geom.num_kv_heads, geom.head_dim) == (
+        layers,
+        heads,
+        kv_heads,
+        head_dim,
+    )
+    assert (geom.hidden_size, geom.intermediate_size, geom.tie_word_embeddings) == (hidden, inter, tied)
+    assert geom.vocab_size == 128256 and geom.sliding_window is None
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_bf16_kv_bytes_per_token_of_every_preset(name: str) -> None:
+    layers, _, kv_heads, head_dim, *_ = PUBLISHED[name]
+    result = plan(request(geometry=PRESETS[name], context=1))
+    assert result.kv_bytes_per_token == layers * 2 * kv_heads * head_dim * 2
+
+
+def test_llama_3_8b_kv_per_token_and_paged_blocks() -> None:
+    # 32 layers x (K, V) x 8 KV heads x 128 dims x 2 bytes.
+    assert plan(request()).kv_bytes_per_token == 32 * 2 * 8 * 128 * 2 == 131_072
+    # 11.12 GiB of KV in blocks of 16 tokens: 11.12 * 2**30 / (131072 * 16) = 11.12 * 512 = 5693.44.
+    assert blocks(int(11.12 * GIB), 131_072, 16) == math.floor(11.12 * 2**30 / (131_072 * 16)) == 5693
+    # 5,691 blocks (a figure quoted for this model) is 11.1152 GiB of KV, which a 2-decimal log shows as
+    # 11.12 GiB: the displayed size is rounded, so blocks must be computed from bytes, not from the log line.
+    assert blocks(5691 * 131_072 * 16, 131_072, 16) == 5691
+    assert f"{5691 * 131_072 * 16 / GIB:.2f}" == "11.12"
+
+
+def test_result_kv_blocks_use_the_budget_after_weights_and_reserve() -> None:
+    result = plan(request(gpu_memory_bytes=40 * GIB, reserve_bytes=2 * GIB))
+    budget = 40 * GIB - 2 * GIB - 8_030_261_248 * 2
+    assert result.kv_budget_bytes == budget
+    assert result.kv_blocks == budget // (131_072 * 16)
+
+
+def independent_param_count(
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    hidden: int,
+    inter: int,
+    tied: bool,
+    vocab: int = 128256,
+) -> int:
+    per_layer = (
+        hidden * heads * head_dim  # q_proj
+        + 2 * hidden * kv_heads * head_dim  # k_proj, v_proj
+        + heads * head_dim * hidden  # o_proj
+        + 3 * hidden * inter  # gate, up, down
+        + 2 * hidden  # input and post-attention RMSNorm
+    )
+    return vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden
+
+
+@pytest.mark.parametrize(
+    ("name", "published"),
+    [
+        ("llama-3-8b", 8_030_261_248),
+        ("llama-3.1-8b", 8_030_261_248),
+        ("llama-3-70b", 70_553_706_496),
+        ("llama-3.2-1b", 1_235_814_400),
+        ("llama-3.2-3b", 3_212_749_824),
+        ("llama-3.1-405b", 405_853_388_800),
+    ],
+)
+def test_param_counts_match_published_figures(name: str, published: int) -> None:
+    assert independent_param_count(*PUBLISHED[name]) == published
+    assert param_count(PRESETS[name]) == published
+
+
+def test_weights_bytes_scale_with_dtype() -> None:
+    assert weights_bytes(llama_3_8b(), "bf16") == 8_030_261_248 * 2
+    assert weights_bytes(llama_3_8b(), "fp32") == 8_030_261_248 * 4
+    assert weights_bytes(llama_3_8b(), "fp8") == 8_030_261_248
+    assert weights_bytes(llama_3_8b(), "int4") == 8_030_261_248 // 2
+
+
+def test_unknown_preset_lists_choices() -> None:
+    with pytest.raises(KvtraceError, match="llama-3-8b"):
+        get_preset("llama-9-1t")
+
+
+# --- KV sizes by cache kind ----------------------------------------------------------------------------
+
+
+def test_dynamic_and_static_hold_the_same_kv_but_only_dynamic_has_a_growth_peak() -> None:
+    dynamic = plan(request(batch=4, context=1000, cache="dynamic"))
+    static = plan(request(batch=4, context=1000, cache="static"))
+    assert dynamic.kv_bytes == static.kv_bytes == 4 * 1000 * 131_072
+    # The last torch.cat keeps one layer's old K (999 tokens) alive next to the new one.
+    assert dynamic.dynamic_realloc_peak_bytes == 4 * 999 * 8 * 128 * 2
+    assert static.dynamic_realloc_peak_bytes == 0
+    assert static.kv_preallocated_bytes == static.kv_bytes and dynamic.kv_preallocated_bytes == 0
+    assert dynamic.peak_bytes - static.peak_bytes == 4 * 999 * 8 * 128 * 2
+
+
+def test_sliding_window_caps_the_tokens_held() -> None:
+    long = plan(request(batch=2, context=10_000, cache="sliding", window=4096))
+    short = plan(request(batch=2, context=1000, cache="sliding", window=4096))
+    assert long.kv_bytes == 2 * 4096 * 131_072
+    assert short.kv_bytes == 2 * 1000 * 131_072
+    assert long.dynamic_realloc_peak_bytes == 0
+    assert long.max_context is None  # the window caps the KV, so any context fits
+
+
+def test_sliding_window_defaults_to_the_models_own() -> None:
+    mistral_like = ModelGeometry("m", 32, 32, 8, 128, 4096, 14336, 32000, False, sliding_window=4096)
+    result = plan(request(geometry=mistral_like, context=32_768, cache="sliding"))
+    assert result.kv_bytes == 4096 * 32 * 2 * 8 * 128 * 2
+    with pytest.raises(KvtraceError, match="no sliding window"):
+        request(cache="sliding")
+    with pytest.raises(KvtraceError, match="window"):
+        request(cache="dynamic", window=128)
+
+
+def test_fp8_and_int4_kv_sizes() -> None:
+    assert plan(request(kv_dtype="fp8")).kv_bytes_per_token == 32 * 2 * 8 * 128 * 1
+    assert plan(request(kv_dtype="fp32")).kv_bytes_per_token == 32 * 2 * 8 * 128 * 4
+    assert plan(request(kv_dtype="int4")).kv_bytes_per_token == 32 * 2 * 8 * 128 // 2
+
+
+def test_quantized_cache_counts_scales_and_residual_apart() -> None:
+    result = plan(request(batch=3, context=1000, cache="quantized", kv_dtype="int4"))
+    data = 32 * 2 * 8 * 128 // 2  # packed int4
+    scales = 32 * 2 * (8 * 128 // 64) * 2 * 2  # groups of 64, scale + zero-point, bf16
+    full = 131_072  # residual tokens stay bf16
+    residual_tokens = 127  # transformers requantizes when the residual would reach 128
+    assert result.kv_bytes_per_token == data == 32_768
+    assert result.kv_scale_bytes_per_token == scales == 4096
+    assert result.kv_scale_bytes == 3 * (1000 - residual_tokens) * scales
+    assert result.kv_residual_bytes == 3 * residual_tokens * full
+    assert result.kv_bytes == 3 * ((1000 - residual_tokens) * (data + scales) + residual_tokens * full)
+    # One layer's K and V dequantized (999 tokens) and concatenated (1000 tokens), in bf16.
+    assert result.dynamic_realloc_peak_bytes == 2 * 3 * 8 * 128 * 2 * (999 + 1000)
+
+
+def test_quantized_cache_rejects_float_kv() -> None:
+    with pytest.raises(KvtraceError, match="int4 or int8"):
+        request(cache="quantized", kv_dtype="bf16")
+
+
+# --- fit, max_batch, max_context ----------------------------------------------------------------------
+
+
+def test_totals_and_headroom() -> None:
+    result = plan(
+        request(batch=8, context=8192, gpu_memory_bytes=80 * GIB, reserve_bytes=None, reserve_fraction=0.1)
+    )
+    weights = 8_030_261_248 * 2
+    kv = 8 * 8192 * 131_072
+    reserve = 8 * GIB
+    growth = 8 * 8191 * 8 * 128 * 2
+    assert (result.weights_bytes, result.kv_bytes, result.reserve_bytes) == (weights, kv, reserve)
+    assert result.total_bytes == weights + kv + reserve
+    assert result.peak_bytes == weights + kv + reserve + growth
+    assert result.headroom_bytes == 80 * GIB - (weights + kv + reserve + growth)
+    assert result.fits
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_max_batch_is_exact(cache: str) -> None:
+    gpu, context = 40 * GIB, 4096
+    weights = 8_030_261_248 * 2
+    growth_per_seq = (context - 1) * 8 * 128 * 2 if cache == "dynamic" else 0
+
+    def peak(batch: int) -> int:
+        return weights + batch * (context * 131_072 + growth_per_seq)
+
+    result = plan(request(batch=1, context=context, gpu_memory_bytes=gpu, cache=cache))
+    assert peak(result.max_batch) <= gpu < peak(result.max_batch + 1)
+    assert plan(request(batch=result.max_batch, context=context, gpu_memory_bytes=gpu, cache=cache)).fits
+    assert not plan(
+        request(batch=result.max_batch + 1, context=context, gpu_memory_bytes=gpu, cache=cache)
+    ).fits
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_max_context_is_exact(cache: str) -> None:
+    gpu, batch = 24 * GIB, 3
+    result = plan(request(batch=batch, context=1, gpu_memory_bytes=gpu, cache=cache))
+    best = result.max_context
+    assert best is not None
+    assert plan(request(batch=batch, context=best, gpu_memory_bytes=gpu, cache=cache)).fits
+    assert not plan(request(batch=batch, context=best + 1, gpu_memory_bytes=gpu, cache=cache)).fits
+    if cache == "static":  # linear: worked out by hand
+        assert best == (gpu - 8_030_261_248 * 2) // (batch * 131_072)
+
+
+def test_quantized_max_context_is_exact() -> None:
+    gpu = 20 * GIB
+    best = plan(
+        request(batch=4, context=1, gpu_memory_bytes=gpu, cache="quantized", kv_dtype="int4")
+    ).max_context
+    assert best is not None
+    assert plan(request(batch=4, context=best, gpu_memory_bytes=gpu, cache="quantized", kv_dtype="int4")).fits
+    next_one = request(batch=4, context=best + 1, gpu_memory_bytes=gpu, cache="quantized", kv_dtype="int4")
+    assert not plan(next_one).fits
+
+
+def test_weights_that_do_not_fit_give_zero_and_one_remedy() -> None:
+    result = plan(request(geometry=get_preset("llama-3-70b"), gpu_memory_bytes=80 * GIB))
+    assert not result.fits
+    assert (result.max_batch, result.max_context, result.kv_blocks) == (0, 0, 0)
+    assert [remedy.kind for remedy in result.remedies] == ["weights"]
+    assert "shard the model" in format_text(result)
+
+
+def test_remedies_when_kv_does_not_fit() -> None:
+    result = plan(
+        request(batch=64, context=8192, gpu_memory_bytes=80 * GIB, reserve_bytes=None, reserve_fraction=0.1)
+    )
+    assert not result.fits
+    kinds = {remedy.kind: remedy for remedy in result.remedies}
+    assert kinds["batch"].setting == result.max_batch and kinds["batch"].fits
+    assert kinds["context"].setting == result.max_context and kinds["context"].fits
+    assert kinds["quantized_kv"].fits
+    assert kinds["sliding_window"].fits
+    text = format_text(result)
+    assert "NO" in text
+    assert f"Lower the batch to {result.max_batch}" in text
+    assert "--cache quantized" in text and "--cache sliding" in text
+    assert plan(request()).remedies == ()
+
+
+def test_to_json_has_the_figures_and_echoes_the_request() -> None:
+    payload = to_json(plan(request(batch=2, context=100)))
+    json.dumps(payload)  # serialisable as is
+    for key in ("kv_bytes_per_token", "kv_bytes", "weights_bytes", "fits", "max_batch", "max_context"):
+        assert key in payload
+    assert payload["kv_bytes"] == 2 * 100 * 131_072
+    assert payload["request"]["geometry"]["name"] == "llama-3-8b"
+    assert payload["request"]["batch"] == 2 and payload["request"]["context"] == 100
+
+
+def test_format_text_shows_gib() -> None:
+    text = format_text(plan(request(batch=1, context=8192)))
+    assert "1.00 GiB" in text  # 8192 x 131,072 B of KV
+    assert "131,072 B" in text
+
+
+# --- config.json --------------------------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, config: object, name: str = "config.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def test_config_json_of_llama_3_8b_reads_as_the_preset(tmp_path: Path) -> None:
+    geom = geometry_from_config(write_config(tmp_path, LLAMA_3_8B_CONFIG))
+    preset = llama_3_8b()
+    assert geom.head_dim == 4096 // 32
+    assert (geom.num_layers, geom.num_kv_heads, geom.intermediate_size) == (32, 8, 14336)
+    assert param_count(geom) == param_count(preset) == 8_030_261_248
+    assert geometry_from_config(tmp_path) == geom  # the folder works too
+
+
+def test_config_defaults_and_text_config_nesting(tmp_path: Path) -> None:
+    config = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "vocab_size": 100,
+    }
+    geom = geometry_from_config(write_config(tmp_path, config))
+    assert (geom.num_kv_heads, geom.head_dim, geom.tie_word_embeddings) == (4, 16, False)
+
+    nested = {
+        "model_type": "llava",
+        "tie_word_embeddings": True,
+        "text_config": {**config, "num_key_value_heads": 2, "head_dim": 32},
+    }
+    geom = geometry_from_config(write_config(tmp_path, nested, "nested.json"))
+    assert (geom.num_layers, geom.num_kv_heads, geom.head_dim, geom.tie_word_embeddings) == (2, 2, 32, True)
+
+
+def test_config_sliding_window_only_when_enabled(tmp_path: Path) -> None:
+    base = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "vocab_size": 100,
+        "sliding_window": 4096,
+    }
+    assert geometry_from_config(write_config(tmp_path, base)).sliding_window == 4096
+    disabled = write_config(tmp_path, {**base, "use_sliding_window": False}, "qwen.json")
+    assert geometry_from_config(disabled).sliding_window is None
+
+
+def test_config_missing_num_hidden_layers(tmp_path: Path) -> None:
+    config = {key: value for key, value in LLAMA_3_8B_CONFIG.items() if key != "num_hidden_layers"}
+    path = write_config(tmp_path, config)
+    with pytest.raises(KvtraceError, match="missing field num_hidden_layers") as excinfo:
+        geometry_from_config(path)
+    assert str(excinfo.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"num_hidden_layers": "32"}'])
+def test_bad_config_names_the_file(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(KvtraceError, match=r"config\.json"):
+        geometry_from_config(path)
+
+
+def test_unreadable_config_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(KvtraceError, match=r"absent\.json"):
+        geometry_from_config(tmp_path / "absent.json")
+
+
+# --- parse_size ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("80GiB", 80 * 2**30),
+        ("80GB", 80 * 10**9),
+        ("1.5e9", 1_500_000_000),
+        ("12345", 12345),
+        ("512 MiB", 512 * 2**20),
+        ("11.12GiB", 1112 * 2**30 // 100),
+        ("0", 0),
+    ],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["-1", "-2GiB", "", "lots", "80G", "1.2.3GB", "nan", "inf", "GiB", "1e"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(KvtraceError):
+        parse_size(text)
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+
+def run_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    command = PlanCommand()
+    parser = argparse.ArgumentParser(prog="kvtrace plan", description=PlanCommand.__doc__)
+    command.add_arguments(parser)
+    status = command.run(parser.parse_args(argv))
+    return status, capsys.readouterr().out
+
+
+def test_command_json(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out = run_command(
+        ["--preset", "llama-3-8b", "--batch", "4", "--context", "2048", "--json"], capsys
+    )
+    payload = json.loads(out)
+    assert status == 0
+    assert payload["kv_bytes_per_token"] == 131_072
+    assert payload["kv_bytes"] == 4 * 2048 * 131_072
+    assert payload["weights_bytes"] == 8_030_261_248 * 2
+    assert payload["fits"] is True
+    assert payload["request"]["reserve_bytes"] == 8 * GIB  # default: 10% of 80 GiB
+    assert {"max_batch", "max_context"} <= payload.keys()
+
+
+def test_command_exit_1_when_it_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--preset", "llama-3-8b", "--gpu-memory", "24GB", "--reserve", "1GiB", "--context", "131072"]
+    status, out = run_command(argv, capsys)
+    assert status == 1
+    assert "To make it fit:" in out
+
+
+def test_command_quantized_defaults_to_int4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, LLAMA_3_8B_CONFIG)
+    status, out = run_command(["--config", str(config), "--cache", "quantized", "--json"], capsys)
+    assert status == 0
+    assert json.loads(out)["request"]["kv_dtype"] == "int4"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--preset", "gpt-5"],
+        ["--preset", "llama-3-8b", "--gpu-memory=-80GiB"],
+        ["--preset", "llama-3-8b", "--reserve", "-0.1"],
+        ["--preset", "llama-3-8b", "--batch", "-1"],
+        ["--preset", "llama-3-8b", "--cache", "sliding"],
+        ["--config", "/nonexistent/config.json"],
+    ],
+)
+def test_command_bad_input_is_a_kvtrace_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(KvtraceError) as excinfo:
+        run_command(argv, capsys)
+    assert excinfo.value.exit_code == 2
+
+
+def test_planner_never_imports_torch() -> None:
+    code = (
+        "import sys, analyzers.plan, analyzers.presets, kvtrace.commands.plan\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
