@@ -42,18 +42,36 @@ class Rule:
 
 
 RULES: list[Rule] = [
-    Rule(re.compile(r"cache_utils\.py:\d+:(update|lazy_initialization|_quantize)"), KV, "transformers cache update"),
-    Rule(re.compile(r"cache_utils\.py:\d+:(crop|reorder_cache|batch_select_indices|batch_repeat_interleave)"),
-         KV, "transformers cache reorder/crop"),
+    Rule(
+        re.compile(r"cache_utils\.py:\d+:(update|lazy_initialization|_quantize)"),
+        KV,
+        "transformers cache update",
+    ),
+    Rule(
+        re.compile(r"cache_utils\.py:\d+:(crop|reorder_cache|batch_select_indices|batch_repeat_interleave)"),
+        KV,
+        "transformers cache reorder/crop",
+    ),
     Rule(re.compile(r"\b(cache_k|k_cache|key_cache)\b"), KV, "cache_k-style attribute", "k"),
     Rule(re.compile(r"\b(cache_v|v_cache|value_cache)\b"), KV, "cache_v-style attribute", "v"),
     Rule(re.compile(r"kvpress"), KV, "kvpress compression"),
-    Rule(re.compile(r"(from_pretrained|load_state_dict|_load_pretrained_model|modeling_utils\.py:\d+:_?init_weights)"),
-         WEIGHTS, "model loading"),
-    Rule(re.compile(r"torch/nn/modules/module\.py:\d+:(_apply|to|cuda|half|bfloat16|float)\b"), WEIGHTS,
-         "module.to()/cuda()"),
-    Rule(re.compile(r"torch/nn/modules/(linear|sparse|normalization)\.py:\d+:(__init__|reset_parameters)"),
-         WEIGHTS, "parameter initialisation"),
+    Rule(
+        re.compile(
+            r"(from_pretrained|load_state_dict|_load_pretrained_model|modeling_utils\.py:\d+:_?init_weights)"
+        ),
+        WEIGHTS,
+        "model loading",
+    ),
+    Rule(
+        re.compile(r"torch/nn/modules/module\.py:\d+:(_apply|to|cuda|half|bfloat16|float)\b"),
+        WEIGHTS,
+        "module.to()/cuda()",
+    ),
+    Rule(
+        re.compile(r"torch/nn/modules/(linear|sparse|normalization)\.py:\d+:(__init__|reset_parameters)"),
+        WEIGHTS,
+        "parameter initialisation",
+    ),
 ]
 
 

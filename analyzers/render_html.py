@@ -23,9 +23,12 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
 
     kv = source.meta.get("kv")
     rows = 2 if kv is not None and kv.step_live else 1
-    titles = ["Memory by category over time"] + (["KV bytes per layer at the end of each step"] if rows == 2 else [])
-    fig = make_subplots(rows=rows, cols=1, subplot_titles=titles, vertical_spacing=0.12,
-                        row_heights=[0.65, 0.35][:rows])
+    titles = ["Memory by category over time"] + (
+        ["KV bytes per layer at the end of each step"] if rows == 2 else []
+    )
+    fig = make_subplots(
+        rows=rows, cols=1, subplot_titles=titles, vertical_spacing=0.12, row_heights=[0.65, 0.35][:rows]
+    )
     t0 = min((float(tl.ts_us[0]) for tl in report.timelines if len(tl.ts_us)), default=0.0)
     for tl in report.timelines:
         if len(tl.ts_us) == 0:
@@ -34,26 +37,67 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         x = (tl.ts_us[keep] - t0) / 1e6
         prefix = f"{tl.device} " if len(report.timelines) > 1 else ""
         for name in ("weights", "kv", "other"):
-            fig.add_trace(go.Scatter(x=x, y=tl.by_category[name][keep], name=f"{prefix}{name}", stackgroup=tl.device,
-                                     line={"width": 0.5, "color": _COLORS[name]}, hovertemplate="%{y:,} B"), 1, 1)
-        fig.add_trace(go.Scatter(x=x, y=tl.allocated[keep], name=f"{prefix}allocated",
-                                 line={"color": "black", "width": 1}), 1, 1)
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=tl.by_category[name][keep],
+                    name=f"{prefix}{name}",
+                    stackgroup=tl.device,
+                    line={"width": 0.5, "color": _COLORS[name]},
+                    hovertemplate="%{y:,} B",
+                ),
+                1,
+                1,
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=x, y=tl.allocated[keep], name=f"{prefix}allocated", line={"color": "black", "width": 1}
+            ),
+            1,
+            1,
+        )
         if tl.reserved is not None:
-            fig.add_trace(go.Scatter(x=x, y=tl.reserved[keep], name=f"{prefix}reserved",
-                                     line={"color": "orange", "dash": "dot"}), 1, 1)
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=tl.reserved[keep],
+                    name=f"{prefix}reserved",
+                    line={"color": "orange", "dash": "dot"},
+                ),
+                1,
+                1,
+            )
         if tl.capacity_bytes and tl.capacity_bytes < 4 * float(tl.allocated.max() or 1):
-            fig.add_hline(y=tl.capacity_bytes, line_dash="dash", line_color="red", annotation_text="capacity",
-                          row=1, col=1)
+            fig.add_hline(
+                y=tl.capacity_bytes,
+                line_dash="dash",
+                line_color="red",
+                annotation_text="capacity",
+                row=1,
+                col=1,
+            )
     peak_y = max((float(tl.allocated.max()) for tl in report.timelines if len(tl.allocated)), default=0.0)
-    for kind, symbol, color in (("step", "line-ns-open", "#2ca02c"), ("eviction", "triangle-down", "#9467bd"),
-                                ("oom", "x", "red")):
+    for kind, symbol, color in (
+        ("step", "line-ns-open", "#2ca02c"),
+        ("eviction", "triangle-down", "#9467bd"),
+        ("oom", "x", "red"),
+    ):
         marks = [m for m in source.markers if m.kind == kind]
         if not marks:
             continue
-        fig.add_trace(go.Scatter(
-            x=[(m.ts_us - t0) / 1e6 for m in marks], y=[peak_y * 1.04] * len(marks), mode="markers", name=kind,
-            marker={"symbol": symbol, "size": 10, "color": color}, text=[m.label for m in marks],
-            hovertemplate="%{text}<extra></extra>"), 1, 1)
+        fig.add_trace(
+            go.Scatter(
+                x=[(m.ts_us - t0) / 1e6 for m in marks],
+                y=[peak_y * 1.04] * len(marks),
+                mode="markers",
+                name=kind,
+                marker={"symbol": symbol, "size": 10, "color": color},
+                text=[m.label for m in marks],
+                hovertemplate="%{text}<extra></extra>",
+            ),
+            1,
+            1,
+        )
     fig.update_xaxes(title_text="seconds from first event", row=1, col=1)
     fig.update_yaxes(title_text="bytes", row=1, col=1)
     if rows == 2:
@@ -61,11 +105,25 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         layers = sorted({layer for live in kv.step_live.values() for layer in live})
         z = np.array([[kv.step_live[s].get(layer, 0) for s in steps] for layer in layers])
         labels = [f"{s} {kv.step_phase.get(s, '')}" for s in steps]
-        fig.add_trace(go.Heatmap(z=z, x=labels, y=[f"L{layer}" for layer in layers], colorscale="Reds",
-                                 colorbar={"title": "bytes", "len": 0.35, "y": 0.15}, name="KV per layer",
-                                 hovertemplate="step %{x}<br>%{y}: %{z:,} B<extra></extra>"), 2, 1)
-    fig.update_layout(height=900 if rows == 2 else 560, template="plotly_white", legend={"orientation": "h"},
-                      margin={"t": 60, "l": 70, "r": 30})
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=labels,
+                y=[f"L{layer}" for layer in layers],
+                colorscale="Reds",
+                colorbar={"title": "bytes", "len": 0.35, "y": 0.15},
+                name="KV per layer",
+                hovertemplate="step %{x}<br>%{y}: %{z:,} B<extra></extra>",
+            ),
+            2,
+            1,
+        )
+    fig.update_layout(
+        height=900 if rows == 2 else 560,
+        template="plotly_white",
+        legend={"orientation": "h"},
+        margin={"t": 60, "l": 70, "r": 30},
+    )
     return fig
 
 
@@ -77,14 +135,24 @@ def _summary_table(report: Report) -> str:
         for name, value in dev["categories_at_peak"].items():
             rows.append((f"&nbsp;&nbsp;{name} at peak", human_bytes(value)))
         if dev["fragmentation_at_peak_bytes"] is not None:
-            rows.append(("&nbsp;&nbsp;reserved but unallocated", human_bytes(dev["fragmentation_at_peak_bytes"])))
+            rows.append(
+                ("&nbsp;&nbsp;reserved but unallocated", human_bytes(dev["fragmentation_at_peak_bytes"]))
+            )
     kv = data["kv"]
-    rows += [("KV final", human_bytes(kv["final_bytes"])), ("KV peak (transient copies)", human_bytes(kv["peak_bytes"])),
-             ("KV allocated over the run", human_bytes(kv["allocated_bytes_total"])),
-             ("evicted tokens", f"{kv['evicted_tokens']:,}"), ("measured from", kv["measured_from"])]
+    rows += [
+        ("KV final", human_bytes(kv["final_bytes"])),
+        ("KV peak (transient copies)", human_bytes(kv["peak_bytes"])),
+        ("KV allocated over the run", human_bytes(kv["allocated_bytes_total"])),
+        ("evicted tokens", f"{kv['evicted_tokens']:,}"),
+        ("measured from", kv["measured_from"]),
+    ]
     if kv["bytes_per_token_measured"] is not None:
-        rows.append(("KV bytes/token measured vs arithmetic",
-                     f"{kv['bytes_per_token_measured']:,.1f} vs {kv['bytes_per_token_expected']}"))
+        rows.append(
+            (
+                "KV bytes/token measured vs arithmetic",
+                f"{kv['bytes_per_token_measured']:,.1f} vs {kv['bytes_per_token_expected']}",
+            )
+        )
     body = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<table class='summary'>{body}</table>"
 

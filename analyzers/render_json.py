@@ -1,4 +1,4 @@
-"""The report as JSON: the machine-readable output and the golden format of the tests (docs/report-json.md)."""
+"""The report as JSON: the machine-readable output, and the golden format of the tests."""
 
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ def report_to_text(report: Report) -> str:
         cap = f" of {human_bytes(dev.capacity_bytes)}" if dev.capacity_bytes else ""
         lines.append(
             f"  {dev.device}: peak {human_bytes(dev.peak_allocated_bytes)}{cap}, final "
-            f"{human_bytes(dev.final_allocated_bytes)}, {dev.alloc_events:,} allocs / {dev.free_events:,} frees"
+            f"{human_bytes(dev.final_allocated_bytes)}, "
+            f"{dev.alloc_events:,} allocs / {dev.free_events:,} frees"
         )
         if dev.alloc_events == 0 and dev.peak_allocated_bytes == 0:
             continue
@@ -36,15 +37,20 @@ def report_to_text(report: Report) -> str:
             lines.append(f"    attributed by: {methods}")
     kv = report.kv
     lines.append(f"  KV cache ({kv.measured_from}):")
-    lines.append(f"    final {human_bytes(kv.final_bytes)}, peak {human_bytes(kv.peak_bytes)} (with transient copies)")
+    lines.append(
+        f"    final {human_bytes(kv.final_bytes)}, peak {human_bytes(kv.peak_bytes)} (with transient copies)"
+    )
     if kv.final_bytes:
         churn = kv.allocated_bytes_total / kv.final_bytes
-        lines.append(f"    allocated over the run {human_bytes(kv.allocated_bytes_total)} = {churn:.1f}x its final size")
+        lines.append(
+            f"    allocated over the run {human_bytes(kv.allocated_bytes_total)} "
+            f"= {churn:.1f}x its final size"
+        )
     if kv.bytes_per_token_measured is not None:
-        expected = kv.bytes_per_token_expected
+        expected = "-" if kv.bytes_per_token_expected is None else f"{kv.bytes_per_token_expected:,}"
         lines.append(
             f"    bytes per token: measured {kv.bytes_per_token_measured:,.1f} "
-            f"({kv.tokens_held} tokens x {kv.batch} rows), arithmetic {expected if expected is not None else '-':,}"
+            f"({kv.tokens_held} tokens x {kv.batch} rows), arithmetic {expected}"
         )
     if kv.evicted_tokens:
         lines.append(f"    evicted tokens: {kv.evicted_tokens:,}")
@@ -52,7 +58,8 @@ def report_to_text(report: Report) -> str:
         lines.append("    layer      K bytes      V bytes   tokens  evicted")
         for layer in kv.per_layer:
             lines.append(
-                f"    {layer.layer:>5} {layer.k_bytes:>12,} {layer.v_bytes:>12,} {layer.tokens:>8} {layer.evicted_tokens:>8}"
+                f"    {layer.layer:>5} {layer.k_bytes:>12,} {layer.v_bytes:>12,} "
+                f"{layer.tokens:>8} {layer.evicted_tokens:>8}"
             )
     if report.oom:
         oom = report.oom

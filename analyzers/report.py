@@ -26,6 +26,8 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
     return attribute(source)
 
 
-def build_report(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> tuple[MemorySource, Report]:
+def build_report(
+    path: str | os.PathLike[str], progress: ProgressFn | None = None
+) -> tuple[MemorySource, Report]:
     source = load_source(path, progress=progress)
     return source, summarize(source)

@@ -59,8 +59,10 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     for device in source.devices:
         # The trace counts from the profiler's start; weights were allocated before it.
         device.baseline_bytes += weights_by_device.get(device.device, 0)
-        if device.capacity_bytes is None and total_memory and device.device.startswith(
-            run.manifest.get("device", {}).get("type", "?")
+        if (
+            device.capacity_bytes is None
+            and total_memory
+            and device.device.startswith(run.manifest.get("device", {}).get("type", "?"))
         ):
             device.capacity_bytes = int(total_memory)
     if not any(m.kind == "step" for m in source.markers):

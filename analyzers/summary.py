@@ -70,7 +70,9 @@ class Report:
         return max(self.devices, key=lambda d: d.peak_allocated_bytes, default=None)
 
 
-def _device_summary(source: MemorySource, index: int, baseline_category: int) -> tuple[DeviceSummary, DeviceTimeline]:
+def _device_summary(
+    source: MemorySource, index: int, baseline_category: int
+) -> tuple[DeviceSummary, DeviceTimeline]:
     dev = source.devices[index]
     timeline = device_timeline(dev, baseline_category)
     n = len(dev)
@@ -84,7 +86,9 @@ def _device_summary(source: MemorySource, index: int, baseline_category: int) ->
         peak = int(timeline.allocated[peak_i])
         final = int(timeline.allocated[-1])
         at_peak = {name: int(series[peak_i]) for name, series in timeline.by_category.items()}
-    reserved_at_peak = int(timeline.reserved[peak_i]) if timeline.reserved is not None and peak_i >= 0 else None
+    reserved_at_peak = (
+        int(timeline.reserved[peak_i]) if timeline.reserved is not None and peak_i >= 0 else None
+    )
     by_method: dict[str, int] = {}
     if dev.method is not None and n:
         allocs = dev.delta_bytes > 0
@@ -112,7 +116,9 @@ def _kv_from_log(source: MemorySource) -> KvSummary | None:
     kv = source.meta.get("kv")
     if kv is None:
         return None
-    per_layer = [LayerSummary(f.layer, f.k_bytes, f.v_bytes, f.evicted_tokens, f.tokens) for f in kv.per_layer]
+    per_layer = [
+        LayerSummary(f.layer, f.k_bytes, f.v_bytes, f.evicted_tokens, f.tokens) for f in kv.per_layer
+    ]
     return KvSummary(
         peak_bytes=kv.peak_bytes,
         final_bytes=kv.final_bytes,
@@ -127,7 +133,7 @@ def _kv_from_events(source: MemorySource, timelines: list[DeviceTimeline]) -> Kv
     """Without a KV log: what the stack rules attributed to KV."""
     peak = final = total = 0
     per_layer: dict[int, LayerSummary] = {}
-    for dev, timeline in zip(source.devices, timelines):
+    for dev, timeline in zip(source.devices, timelines, strict=True):
         if dev.category is None or len(dev) == 0:
             continue
         kv_series = timeline.by_category["kv"]
@@ -143,8 +149,12 @@ def _expected_bytes_per_token(geometry: dict[str, Any] | None, kv_dtype: str | N
     if not geometry or kv_dtype not in _DTYPE_BYTES:
         return None
     try:
-        return int(geometry["num_layers"]) * 2 * int(geometry["num_kv_heads"]) * int(geometry["head_dim"]) * (
-            _DTYPE_BYTES[kv_dtype]
+        return (
+            int(geometry["num_layers"])
+            * 2
+            * int(geometry["num_kv_heads"])
+            * int(geometry["head_dim"])
+            * (_DTYPE_BYTES[kv_dtype])
         )
     except (KeyError, TypeError):
         return None
@@ -172,8 +182,10 @@ def summarize(source: MemorySource) -> Report:
             kv.bytes_per_token_expected = _expected_bytes_per_token(geometry, last.dtype)
             if kv.tokens_held and kv.batch:
                 kv.bytes_per_token_measured = kv.final_bytes / (kv.tokens_held * kv.batch)
-    steps = len(source.meta["kv"].step_start_ns) if source.meta.get("kv") is not None else sum(
-        1 for m in source.markers if m.kind == "step"
+    steps = (
+        len(source.meta["kv"].step_start_ns)
+        if source.meta.get("kv") is not None
+        else sum(1 for m in source.markers if m.kind == "step")
     )
     oom = None
     if source.ooms:

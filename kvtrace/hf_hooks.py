@@ -9,6 +9,7 @@ methods on the `Cache` base class (subclasses that do not override them inherit 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections.abc import Callable
@@ -88,10 +89,8 @@ class HfCacheHooks:
         known = self._caches.get(key)
         if known is not cache:
             self._cache_ids[key] = len(self._cache_ids) + 1
-            try:
+            with contextlib.suppress(TypeError):
                 self._caches[key] = cache
-            except TypeError:
-                pass
         return self._cache_ids[key]
 
     def install(self) -> None:
@@ -120,7 +119,7 @@ class HfCacheHooks:
                 if hooks._pop is not None:
                     hooks._pop()
 
-        setattr(Cache, "update", update)
+        Cache.update = update
         for name, cause in _WRAPPED.items():
             original = Cache.__dict__.get(name)
             if original is None:

@@ -148,14 +148,18 @@ class KvTracker:
                 else:
                     if old is None:
                         kind = "created"
-                    elif cause == "update" and nbytes <= old.storage_bytes:
-                        kind = "replaced"
-                    elif cause == "scan" and tokens >= prev_tokens:
+                    elif (cause == "update" and nbytes <= old.storage_bytes) or (
+                        cause == "scan" and tokens >= prev_tokens
+                    ):
                         kind = "replaced"
                     else:
                         kind = changed_kinds
                     prev_addr = old.addr if old is not None else 0
-                ref = old.ref if old is not None and old.addr == addr else StorageWeakRef(tensor.untyped_storage())
+                ref = (
+                    old.ref
+                    if old is not None and old.addr == addr
+                    else StorageWeakRef(tensor.untyped_storage())
+                )
                 self._slots[key] = _Slot(addr, nbytes, shape, version, id(tensor), ref)
                 self._emit(
                     self._event(

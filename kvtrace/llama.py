@@ -68,7 +68,9 @@ def llama3_config(size: ModelSize, sliding_window: int | None = None) -> Any:
     )
 
 
-def build_model(size: ModelSize | str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> Any:
+def build_model(
+    size: ModelSize | str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+) -> Any:
     """A Llama 3 architecture `LlamaForCausalLM` with random weights, in eval mode."""
     from transformers import LlamaForCausalLM
 
@@ -80,7 +82,9 @@ def build_model(size: ModelSize | str, dtype: torch.dtype = torch.float32, devic
     return model.eval()
 
 
-def make_cache(kind: str, model: Any, batch: int, max_len: int, window: int = 16) -> tuple[Any, dict[str, Any]]:
+def make_cache(
+    kind: str, model: Any, batch: int, max_len: int, window: int = 16
+) -> tuple[Any, dict[str, Any]]:
     """(cache object or None, extra generate() kwargs) for a cache kind."""
     from transformers import DynamicCache, QuantizedCache, StaticCache
 
@@ -115,9 +119,8 @@ def _size_of(config: Any) -> ModelSize:
 
 def llama3_tokenizer() -> Any:
     """The real Llama 3 tokenizer (tiktoken BPE file shipped by `llama-models`)."""
-    from llama_models.llama3.tokenizer import Tokenizer
-
     import llama_models
+    from llama_models.llama3.tokenizer import Tokenizer
 
     return Tokenizer(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model")
 

@@ -86,7 +86,7 @@ class ModuleCaches:
         self.tracker.observe(TRACK_CACHE_ID + index, layer, parts, cause, tokens, source="track")
 
     def scan(self, cause: str = "track") -> None:
-        """Compare every known custom cache tensor with its last state. The first scan logs them as created."""
+        """Compare every custom cache tensor with its last state; the first scan logs them as created."""
         by_layer: dict[int, dict[tuple[str, str], Any]] = {}
         for owner in self.owners:
             tensor = getattr(owner.module, owner.attr, None)

@@ -47,7 +47,7 @@ class _Ranges:
             try:
                 from kvtrace.nvtx_ranges import NvtxRanges
             except ImportError:
-                NvtxRanges = None  # noqa: N806
+                NvtxRanges = None
             if NvtxRanges is not None:
                 ranges = NvtxRanges("kvtrace")
                 self._nvtx = ranges if ranges.enabled else None
@@ -82,7 +82,9 @@ class _Ranges:
 class Recording:
     """The active recording. Created by `record()`; use it as a context manager."""
 
-    def __init__(self, out_dir: str | os.PathLike[str], model: Any = None, options: RecordOptions | None = None):
+    def __init__(
+        self, out_dir: str | os.PathLike[str], model: Any = None, options: RecordOptions | None = None
+    ):
         self.path = Path(out_dir)
         self.model = model
         self.options = options or RecordOptions()
@@ -133,7 +135,9 @@ class Recording:
     def _start(self) -> None:
         manifest_path = self.path / fmt.MANIFEST
         if manifest_path.exists() and not self.options.overwrite:
-            raise RecordingError(f"{self.path}: already holds a kvtrace run (pass overwrite=True to replace it)")
+            raise RecordingError(
+                f"{self.path}: already holds a kvtrace run (pass overwrite=True to replace it)"
+            )
         self.path.mkdir(parents=True, exist_ok=True)
         for name in (fmt.KV_EVENTS, fmt.WEIGHTS, fmt.MEMORY_SAMPLES):
             (self.path / name).unlink(missing_ok=True)
@@ -153,7 +157,9 @@ class Recording:
         if self.model is not None:
             self._modules.discover(self.model)
             self._write_weights(self._modules.weight_exclusions())
-            self._hook_handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+            self._hook_handles.append(
+                self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+            )
             self._hook_handles.append(self.model.register_forward_hook(self._post_forward, always_call=True))
         self._modules.scan("track")
         self._snapshots = CudaSnapshots(self.path / fmt.SNAPSHOT_DIR, self.options.max_snapshot_entries)
@@ -345,8 +351,12 @@ class Recording:
         model_device = _model_device(self.model)
         if model_device is not None and model_device.type == "cuda":
             props = torch.cuda.get_device_properties(model_device)
-            device = {"type": "cuda", "index": model_device.index or 0, "name": props.name,
-                      "total_memory_bytes": int(props.total_memory)}
+            device = {
+                "type": "cuda",
+                "index": model_device.index or 0,
+                "name": props.name,
+                "total_memory_bytes": int(props.total_memory),
+            }
         anchor_ns = self._clock()
         return {
             "format": "kvtrace-run",

@@ -26,9 +26,13 @@ class DemoCommand(Command):
         from kvtrace.llama import CACHE_KINDS, SIZES
 
         parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-        parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model shape (default: tiny)")
+        parser.add_argument(
+            "--size", choices=sorted(SIZES), default="tiny", help="model shape (default: tiny)"
+        )
         parser.add_argument("--batch", type=int, default=2, help="sequences per batch (default: 2)")
-        parser.add_argument("--prompt", action="append", help="a prompt (repeat for several; default: built-in)")
+        parser.add_argument(
+            "--prompt", action="append", help="a prompt (repeat for several; default: built-in)"
+        )
         parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
         parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype")
         parser.add_argument("--cache", choices=CACHE_KINDS, default="dynamic", help="KV cache kind")
@@ -60,13 +64,18 @@ class DemoCommand(Command):
         if cache is not None:
             extra["past_key_values"] = cache
         out = Path(args.out)
-        print(f"kvtrace demo: Llama 3 '{args.size}' ({sum(p.numel() for p in model.parameters()):,} params, "
-              f"{args.dtype}), batch {args.batch}, prompt {input_ids.shape[1]} tokens, "
-              f"{args.new_tokens} new, {args.cache} cache")
+        print(
+            f"kvtrace demo: Llama 3 '{args.size}' ({sum(p.numel() for p in model.parameters()):,} params, "
+            f"{args.dtype}), batch {args.batch}, prompt {input_ids.shape[1]} tokens, "
+            f"{args.new_tokens} new, {args.cache} cache"
+        )
         started = time.perf_counter()
-        with torch.no_grad(), kvtrace.record(
-            out, model=model, profiler=not args.no_profiler, with_stack=args.with_stack, overwrite=True
-        ) as recording:
+        with (
+            torch.no_grad(),
+            kvtrace.record(
+                out, model=model, profiler=not args.no_profiler, with_stack=args.with_stack, overwrite=True
+            ) as recording,
+        ):
             generated = model.generate(
                 input_ids,
                 attention_mask=mask,
@@ -81,14 +90,18 @@ class DemoCommand(Command):
         new_tokens = (generated.shape[1] - input_ids.shape[1]) * generated.shape[0]
         for note in recording.notes:
             print(f"  note: {note}")
-        print(f"recorded {recording.event_count} KV events in {elapsed:.2f} s "
-              f"({new_tokens / elapsed:.1f} tokens/s) -> {out}/")
-        print(f"  sample output: {tokenizer.decode(generated[0, input_ids.shape[1]:].tolist())[:60]!r}")
+        print(
+            f"recorded {recording.event_count} KV events in {elapsed:.2f} s "
+            f"({new_tokens / elapsed:.1f} tokens/s) -> {out}/"
+        )
+        print(f"  sample output: {tokenizer.decode(generated[0, input_ids.shape[1] :].tolist())[:60]!r}")
         if args.no_report:
             return 0
         from kvtrace.commands.report import ReportCommand
 
         html = out / "timeline.html"
-        status = ReportCommand().run(argparse.Namespace(path=str(out), output=str(html), json=False, quiet=False))
+        status = ReportCommand().run(
+            argparse.Namespace(path=str(out), output=str(html), json=False, quiet=False)
+        )
         print(f"open: {html}   |   tensorboard --logdir {out}")
         return status
