@@ -120,7 +120,7 @@ def open_input(
         total = os.fstat(disk.fileno()).st_size
         magic = disk.read(2)
         disk.seek(0)
-        inner: IO[bytes] = gzip.GzipFile(fileobj=disk, mode="rb") if magic == GZIP_MAGIC else disk
+        inner: IO[bytes] = gzip.GzipFile(fileobj=disk, mode="rb") if magic == GZIP_MAGIC else disk  # type: ignore[assignment]
         raw = _ProgressRaw(inner, disk, total, progress)
         raw.report_start()
         try:
@@ -220,7 +220,7 @@ class JsonStream:
             self.pos += 1
             return 0
         skipped = 0
-        scan = self._decoder.scan_once
+        scan = self._decoder.scan_once  # type: ignore[attr-defined]
         whitespace = _WHITESPACE.match
         while True:
             buf, pos = self.buf, self.pos

@@ -15,6 +15,9 @@ _COMMANDS = (
     ("kvtrace.commands.demo", "DemoCommand"),
     ("kvtrace.commands.report", "ReportCommand"),
     ("kvtrace.commands.plan", "PlanCommand"),
+    ("kvtrace.commands.diagnose", "DiagnoseCommand"),
+    ("kvtrace.commands.compare", "CompareCommand"),
+    ("kvtrace.commands.sweep", "SweepCommand"),
 )
 
 

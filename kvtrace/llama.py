@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+# torch is imported inside the functions: the CLI reads SIZES and CACHE_KINDS to build --help.
 
 CACHE_KINDS = ("dynamic", "static", "sliding", "static_sliding", "fp8", "quanto", "hqq", "offloaded")
 
@@ -69,16 +69,17 @@ def llama3_config(size: ModelSize, sliding_window: int | None = None) -> Any:
 
 
 def build_model(
-    size: ModelSize | str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+    size: ModelSize | str, dtype: Any = None, device: str = "cpu", seed: int = 0
 ) -> Any:
     """A Llama 3 architecture `LlamaForCausalLM` with random weights, in eval mode."""
+    import torch
     from transformers import LlamaForCausalLM
 
     if isinstance(size, str):
         size = SIZES[size]
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(llama3_config(size)).to(dtype)
+        model = LlamaForCausalLM(llama3_config(size)).to(dtype or torch.float32)
     return model.eval()
 
 
@@ -133,8 +134,10 @@ DEFAULT_PROMPTS = (
 )
 
 
-def encode_batch(tokenizer: Any, prompts: list[str], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_batch(tokenizer: Any, prompts: list[str], pad_id: int) -> tuple[Any, Any]:
     """Left-padded input ids and attention mask, as decoder-only generation expects."""
+    import torch
+
     encoded = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)

@@ -1,0 +1,49 @@
+"""KV log replay on small hand-made logs: live bytes, transient peak, churn, evictions, final state."""
+
+from __future__ import annotations
+
+from analyzers.kv_log import analyze_kv_log
+from kvtrace.format import KvEvent
+
+
+def ev(seq: int, event: str, layer: int, kv: str, addr: int, nbytes: int, **kw: object) -> KvEvent:
+    fields = {"step": 1, "phase": "prefill", "part": "data", "tokens": 0, "shape": [2, 1, 1, 1]}
+    fields.update(kw)
+    return KvEvent(seq=seq, t_ns=seq * 1000, event=event, layer=layer, kv=kv, addr=addr, storage_bytes=nbytes,
+                   **fields)  # type: ignore[arg-type]
+
+
+def test_growth_shows_transient_copy_and_churn() -> None:
+    # GIVEN one layer's K growing 100 -> 200 bytes by reallocation, then teardown
+    events = [
+        ev(1, "created", 0, "k", 0xA, 100, tokens=1),
+        ev(2, "created", 0, "v", 0xB, 100, tokens=1),
+        ev(3, "grown", 0, "k", 0xC, 200, step=2, phase="decode", tokens=2),
+        ev(4, "freed", 0, "k", 0xA, 100, step=2, phase="decode"),
+        ev(5, "grown", 0, "v", 0xA, 200, step=2, phase="decode", tokens=2),  # address reused
+        ev(6, "freed", 0, "v", 0xB, 100, step=2, phase="decode"),
+        ev(7, "freed", 0, "k", 0xC, 200, phase="end"),
+        ev(8, "freed", 0, "v", 0xA, 200, phase="end"),
+    ]
+    # WHEN replayed
+    kv = analyze_kv_log(events)
+    # THEN the final state is the last step's, before teardown
+    assert kv.final_bytes == 400
+    assert kv.per_layer[0].k_bytes == 200 and kv.per_layer[0].v_bytes == 200
+    # the peak counts the old and new K together (100 + 100 + 200), then old V + new K + new V
+    assert kv.peak_bytes == 500
+    assert kv.allocated_bytes_total == 600
+    assert kv.step_live[2] == {0: 400}
+    assert kv.storages[3] == (0xA, 200, 5000, 8000, 0, "v")
+
+
+def test_evictions_count_once_per_row_on_k() -> None:
+    events = [
+        ev(1, "created", 0, "k", 0xA, 64, tokens=8, shape=[2, 1, 8, 4]),
+        ev(2, "evicted", 0, "k", 0xB, 32, tokens=4, evicted_tokens=4, shape=[2, 1, 4, 4]),
+        ev(3, "evicted", 0, "v", 0xC, 32, tokens=4, evicted_tokens=0, shape=[2, 1, 4, 4]),
+    ]
+    kv = analyze_kv_log(events)
+    assert kv.evicted_tokens == 4 * 2
+    assert kv.per_layer[0].evicted_tokens == 8
+    assert len(kv.evictions) == 1

@@ -1,0 +1,35 @@
+"""Downsampling keeps every peak exact, whatever the input size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analyzers.model import KV, WEIGHTS, DeviceEvents
+from analyzers.timeline import device_timeline, downsample_indices
+
+
+@pytest.mark.parametrize("n", [10, 4_001, 1_000_003])
+def test_downsample_keeps_extremes_per_bucket(n: int) -> None:
+    values = np.random.default_rng(n).integers(-(10**9), 10**9, n)
+    keep = downsample_indices(values, 4000)
+    assert keep.shape[0] <= 4004
+    assert values[keep].max() == values.max()
+    assert values[keep].min() == values.min()
+    assert np.all(np.diff(keep) > 0)
+
+
+def test_categories_and_baseline() -> None:
+    dev = DeviceEvents(
+        device="cpu",
+        ts_us=np.array([1.0, 2.0, 3.0, 4.0]),
+        addr=np.array([1, 2, 1, 3]),
+        delta_bytes=np.array([100, 50, -100, 7]),
+        category=np.array([KV, 0, KV, WEIGHTS], dtype=np.int8),
+        baseline_bytes=1000,
+    )
+    tl = device_timeline(dev, baseline_category=WEIGHTS)
+    assert tl.allocated.tolist() == [1100, 1150, 1050, 1057]
+    assert tl.by_category["kv"].tolist() == [100, 100, 0, 0]
+    assert tl.by_category["weights"].tolist() == [1000, 1000, 1000, 1007]
+    assert tl.by_category["other"].tolist() == [0, 50, 50, 50]
