@@ -47,6 +47,10 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         source.frames = trace.frames
         source.markers = [m for m in trace.markers if not m.label.startswith("kvtrace/kv_update")]
         source.meta["trace"] = str(traces[-1])
+        if run.manifest.get("options", {}).get("with_stack"):
+            from analyzers.trace_stacks import attach_python_stacks
+
+            source.meta["allocations_with_stack"] = attach_python_stacks(source, traces[-1])
     else:
         kv_devices = sorted({_normal_device(e.device) for e in run.kv_events if e.device}) or ["cpu"]
         source.devices = [_kv_only_device(kv_devices[0], kv.storages)]

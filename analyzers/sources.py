@@ -41,6 +41,8 @@ _LOOKAHEAD = 64  # chars that must follow a decoded value, so a number cut by a 
 _MAX_VALUE_CHARS = 512 << 20
 _KINETO_OPEN = "{\n    "
 _KINETO_SEP = "\n  },\n  {"
+_KINETO_CLOSE = "\n  }"
+_KINETO_NEXT = "\n  {"
 
 
 class _ProgressRaw(io.RawIOBase):
@@ -79,12 +81,16 @@ class _ProgressRaw(io.RawIOBase):
             self._progress(self._total, self._total)
 
 
-def _balanced(text: str, start: int, end: int) -> bool:
-    """Whether text[start:end] opens and closes as many braces and brackets (a cheap sanity check that a
-    run of elements found by layout really is whole elements; braces inside strings make it fail safe)."""
-    return text.count("{", start, end) == text.count("}", start, end) and text.count(
-        "[", start, end
-    ) == text.count("]", start, end)
+def _whole_events(text: str, start: int, end: int, count: int) -> bool:
+    """Whether text[start:end], found by layout, really is `count` whole Kineto-style events: one
+    closing brace at event indentation each, joined by separators only, braces and brackets balanced.
+    Braces inside strings or a lost comma make it fail safe (the events are then decoded)."""
+    return (
+        text.count(_KINETO_CLOSE, start, end) == count
+        and text.count(_KINETO_NEXT, start, end) == count - 1
+        and text.count("{", start, end) == text.count("}", start, end)
+        and text.count("[", start, end) == text.count("]", start, end)
+    )
 
 
 def _describe_read_error(exc: BaseException) -> str:
@@ -190,7 +196,10 @@ class JsonStream:
             try:
                 obj, end = self._decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as exc:
-                cut = exc.pos >= len(self.buf) - _LOOKAHEAD or exc.msg.startswith("Unterminated string")
+                # Near the window's end the value may just continue in the next chunk; at the end of
+                # the input, only an error at the very end (or an open string) means truncation.
+                edge = len(self.buf.rstrip()) if self.eof else len(self.buf) - _LOOKAHEAD
+                cut = exc.pos >= edge or exc.msg.startswith("Unterminated string")
                 if self.eof or not cut:
                     what = "truncated: the JSON ends" if self.eof and cut else f"corrupt JSON ({exc.msg})"
                     raise self.error(f"{what} inside {where}") from None
@@ -241,14 +250,16 @@ class JsonStream:
                         needle_at = min(next_needle)
                     stop = min(needle_at, limit)
                     last_sep = buf.rfind(_KINETO_SEP, pos, stop)
-                    if last_sep > pos and pos >= bulk_from and _balanced(buf, pos, last_sep + 4):
-                        skipped += buf.count(_KINETO_SEP, pos, last_sep + len(_KINETO_SEP))
-                        pos = last_sep + 5  # past "}," of the last skipped element
-                        continue
+                    if last_sep > pos and pos >= bulk_from:
+                        run = buf.count(_KINETO_SEP, pos, last_sep + len(_KINETO_SEP))
+                        if _whole_events(buf, pos, last_sep + 4, run):
+                            skipped += run
+                            pos = last_sep + 5  # past "}," of the last skipped element
+                            continue
                     if last_sep > pos:
                         bulk_from = last_sep
                         first_sep = buf.find(_KINETO_SEP, pos, stop)
-                        if _balanced(buf, pos, first_sep + 4):
+                        if _whole_events(buf, pos, first_sep + 4, 1):
                             skipped += 1
                             pos = first_sep + 5
                             continue

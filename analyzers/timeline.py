@@ -29,8 +29,12 @@ class DeviceTimeline:
 def device_timeline(dev: DeviceEvents, baseline_category: int = OTHER) -> DeviceTimeline:
     """`baseline_category`: what the bytes live before the first event are (weights, for kvtrace runs)."""
     delta = dev.delta_bytes.astype(np.int64)
-    if dev.total_allocated is not None and len(dev.total_allocated) == len(delta):
-        allocated = dev.total_allocated.astype(np.int64) + dev.baseline_bytes
+    implied = 0
+    if dev.total_allocated is not None and len(dev.total_allocated) == len(delta) and len(delta):
+        # The allocator's own running total already counts what was live before the first event; add only
+        # the part of the baseline it cannot know (weights loaded before a kvtrace profiler started).
+        implied = int(dev.total_allocated[0]) - int(delta[0])
+        allocated = dev.total_allocated.astype(np.int64) + (dev.baseline_bytes - implied)
     else:
         allocated = np.cumsum(delta) + dev.baseline_bytes
     category = dev.category if dev.category is not None else np.zeros(len(delta), dtype=np.int8)
@@ -38,7 +42,10 @@ def device_timeline(dev: DeviceEvents, baseline_category: int = OTHER) -> Device
     for code in (KV, WEIGHTS):
         series = np.cumsum(np.where(category == code, delta, 0))
         if code == baseline_category:
-            series = series + dev.baseline_bytes
+            # What the trace's own total counted before its first event stays "other": only the part
+            # the reader added (e.g. a run's weights table) belongs to the baseline category.
+            base = dev.baseline_bytes - implied if baseline_category != OTHER else dev.baseline_bytes
+            series = series + max(base, 0)
         by_category[CATEGORY_NAMES[code]] = series
     by_category["other"] = allocated - by_category["kv"] - by_category["weights"]
     reserved = None

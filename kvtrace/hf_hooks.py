@@ -49,8 +49,11 @@ def layer_tokens(layer: Any) -> int:
     if isinstance(keys, torch.Tensor) and keys.dim() >= 2:
         if getattr(layer, "max_cache_len", None) is not None and isinstance(cumulative, torch.Tensor):
             # Static layers: the storage is full length; what is held is the cumulative count, capped.
+            # A static sliding layer stops updating the tensor count once full; its int count is exact.
+            count = getattr(layer, "cumulative_length_int", None)
+            count = count if isinstance(count, int) else int(cumulative)
             window = getattr(layer, "sliding_window", None) or layer.max_cache_len
-            return min(int(cumulative), int(window))
+            return min(count, int(window))
         return int(keys.shape[-2])
     return 0
 

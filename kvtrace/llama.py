@@ -50,6 +50,13 @@ def llama3_config(size: ModelSize, sliding_window: int | None = None) -> Any:
     if sliding_window is not None:
         # Llama attention ignores the window; the cache honours it, which is all memory depends on.
         kwargs.update(sliding_window=sliding_window, layer_types=["sliding_attention"] * size.num_layers)
+    # The Llama 3 tokenizer's ids where the vocabulary is the real one; small test vocabularies use 0-2.
+    real_vocab = size.vocab_size >= 128256
+    special_ids = {
+        "bos_token_id": 128000 if real_vocab else 1,
+        "eos_token_id": 128001 if real_vocab else 2,
+        "pad_token_id": 128004 if real_vocab else 0,
+    }
     return LlamaConfig(
         hidden_size=size.hidden_size,
         intermediate_size=size.intermediate_size,
@@ -61,9 +68,7 @@ def llama3_config(size: ModelSize, sliding_window: int | None = None) -> Any:
         tie_word_embeddings=size.tie_embeddings,
         max_position_embeddings=131072,  # above 8192, as llama3 RoPE scaling expects
         rope_parameters=dict(LLAMA3_ROPE),
-        bos_token_id=128000,
-        eos_token_id=128001,
-        pad_token_id=128004,
+        **special_ids,
         **kwargs,
     )
 

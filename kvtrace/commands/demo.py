@@ -62,7 +62,7 @@ class DemoCommand(Command):
         max_len = input_ids.shape[1] + args.new_tokens
         cache, extra = make_cache(args.cache, model, args.batch * args.beams, max_len, window=args.window)
         if cache is not None:
-            extra["past_key_values"] = cache
+            extra["cache"] = cache
         out = Path(args.out)
         print(
             f"kvtrace demo: Llama 3 '{args.size}' ({sum(p.numel() for p in model.parameters()):,} params, "

@@ -1,0 +1,222 @@
+"""Runs side by side, and the sweep's table: the figures, then their JSON and one offline HTML page.
+
+`compare(pairs)` turns (source, report) pairs into a `Comparison`; the renderers below only format it.
+
+Definitions, so that the columns mean the same thing for every run:
+
+* churn = KV bytes allocated over the run / KV bytes held at the end (1.0: written in place, like a
+  static cache; a dynamic cache that grows by torch.cat every step reaches tens);
+* fragmentation = reserved - allocated at the peak (None where the input has no reserved figures, e.g.
+  CPU runs);
+* tokens/s = generated tokens / wall time, where generated tokens = KV-log steps x batch (each forward,
+  prefill included, yields one token per sequence) and wall time = manifest `ended.t_ns - started_ns`,
+  the whole `record()` block, recorder overhead included: compare runs recorded with the same options.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from analyzers.model import MemorySource
+from analyzers.summary import Report
+from analyzers.units import human_bytes
+
+__all__ = [
+    "Comparison",
+    "RunFigures",
+    "compare",
+    "comparison_to_html",
+    "comparison_to_json",
+    "run_figures",
+    "sweep_to_html",
+    "tokens_per_second",
+]
+
+JSON_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """One run's row, plus its KV timeline on the step axis (total KV bytes at the end of each step)."""
+
+    label: str
+    path: str
+    peak_bytes: int
+    kv_peak_bytes: int
+    kv_final_bytes: int
+    churn: float | None
+    fragmentation_bytes: int | None
+    tokens_per_second: float | None
+    evicted_tokens: int
+    steps: int
+    batch: int | None
+    step_axis: tuple[int, ...] = field(default=(), repr=False)
+    kv_by_step: tuple[int, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    runs: tuple[RunFigures, ...]
+
+
+def tokens_per_second(source: MemorySource, report: Report) -> float | None:
+    """Generated tokens / wall time of the recording (see the module docstring); None when unknown."""
+    manifest = source.meta.get("manifest") or {}
+    started, ended = manifest.get("started_ns"), (manifest.get("ended") or {}).get("t_ns")
+    if not started or not ended or ended <= started or not report.kv.batch or not report.steps:
+        return None
+    return report.steps * report.kv.batch / ((ended - started) / 1e9)
+
+
+def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
+    main = report.main_device
+    kv_log = source.meta.get("kv")
+    steps = tuple(sorted(kv_log.step_live)) if kv_log is not None else ()
+    kv_by_step = tuple(sum(kv_log.step_live[s].values()) for s in steps) if kv_log is not None else ()
+    kv = report.kv
+    return RunFigures(
+        label=label,
+        path=report.path,
+        peak_bytes=main.peak_allocated_bytes if main else 0,
+        kv_peak_bytes=kv.peak_bytes,
+        kv_final_bytes=kv.final_bytes,
+        churn=(kv.allocated_bytes_total / kv.final_bytes) if kv.final_bytes else None,
+        fragmentation_bytes=main.fragmentation_at_peak_bytes if main else None,
+        tokens_per_second=tokens_per_second(source, report),
+        evicted_tokens=kv.evicted_tokens,
+        steps=report.steps,
+        batch=kv.batch,
+        step_axis=steps,
+        kv_by_step=kv_by_step,
+    )
+
+
+def compare(pairs: list[tuple[MemorySource, Report]], labels: list[str] | None = None) -> Comparison:
+    names = labels or [source.path for source, _ in pairs]
+    return Comparison(tuple(run_figures(s, r, n) for (s, r), n in zip(pairs, names, strict=True)))
+
+
+def comparison_to_json(comparison: Comparison) -> dict[str, Any]:
+    runs = []
+    for run in comparison.runs:
+        row = asdict(run)
+        row["kv_by_step"] = dict(zip(row.pop("step_axis"), row["kv_by_step"], strict=True))
+        runs.append(row)
+    return {"version": JSON_VERSION, "runs": runs}
+
+
+def _fmt_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _fmt_churn(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+_COMPARE_ROWS = (
+    ("peak allocated", lambda r: human_bytes(r.peak_bytes)),
+    ("KV peak", lambda r: human_bytes(r.kv_peak_bytes)),
+    ("KV final", lambda r: human_bytes(r.kv_final_bytes)),
+    ("KV churn (allocated / final)", lambda r: _fmt_churn(r.churn)),
+    ("fragmentation at peak", lambda r: human_bytes(r.fragmentation_bytes)),
+    ("tokens/s (whole recording)", lambda r: _fmt_rate(r.tokens_per_second)),
+    ("evicted tokens", lambda r: f"{r.evicted_tokens:,}"),
+    ("steps x batch", lambda r: f"{r.steps} x {r.batch if r.batch is not None else '-'}"),
+)
+
+
+def comparison_to_text(comparison: Comparison) -> str:
+    width = max(len(name) for name, _ in _COMPARE_ROWS)
+    col = max(14, *(len(r.label) for r in comparison.runs))
+    lines = [" " * width + "  " + "  ".join(f"{r.label:>{col}}" for r in comparison.runs)]
+    for name, cell in _COMPARE_ROWS:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{cell(r):>{col}}" for r in comparison.runs))
+    return "\n".join(lines)
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:24px} table{border-collapse:collapse}"
+    "th,td{padding:3px 10px;border-bottom:1px solid #ddd} td{font-family:monospace;text-align:right}"
+    "th{text-align:left;font-weight:normal;color:#444} tr.over td{color:#b00}"
+)
+
+
+def _page(title: str, body: str) -> str:
+    from plotly.offline import get_plotlyjs
+
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<style>{_STYLE}</style><script type="text/javascript">{get_plotlyjs()}</script></head>'
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    )
+
+
+def comparison_to_html(comparison: Comparison) -> str:
+    """One self-contained page: the table and the runs' KV timelines overlaid on a shared step axis."""
+    import plotly.graph_objects as go
+
+    esc = html.escape
+    head = "".join(f"<th>{esc(r.label)}</th>" for r in comparison.runs)
+    body = "".join(
+        f"<tr><th>{esc(name)}</th>" + "".join(f"<td>{esc(cell(r))}</td>" for r in comparison.runs) + "</tr>"
+        for name, cell in _COMPARE_ROWS
+    )
+    fig = go.Figure()
+    for run in comparison.runs:
+        fig.add_trace(
+            go.Scatter(
+                x=list(run.step_axis),
+                y=list(run.kv_by_step),
+                mode="lines+markers",
+                name=run.label,
+                hovertemplate="step %{x}: %{y:,} B",
+            )
+        )
+    fig.update_layout(
+        title="KV bytes held at the end of each step",
+        xaxis_title="step (1 = prefill)",
+        yaxis_title="bytes",
+        template="plotly_white",
+        height=520,
+    )
+    plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-compare")
+    table = f"<table><tr><th></th>{head}</tr>{body}</table>"
+    return _page("kvtrace compare", table + plot)
+
+
+def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: str) -> str:
+    """The sweep's table and one plot: measured peak, KV final and tokens/s per grid point, per cache."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    esc = html.escape
+    columns = ("batch", "context", "cache", "status", "peak_bytes", "kv_final_bytes", "kv_peak_bytes")
+    header = "".join(f"<th>{c}</th>" for c in (*columns, "tokens_per_second", "fits_budget"))
+    lines = []
+    for row in rows:
+        cells = [
+            human_bytes(row[c]) if c.endswith("_bytes") and row[c] is not None else str(row[c])
+            for c in columns
+        ]
+        cells += [_fmt_rate(row["tokens_per_second"]), str(row["fits_budget"])]
+        over = " class='over'" if row["fits_budget"] is False or row["status"] != "ok" else ""
+        lines.append(f"<tr{over}>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("memory per point", "tokens/s per point"))
+    for cache in sorted({row["cache"] for row in rows}):
+        mine = [r for r in rows if r["cache"] == cache]
+        x = [f"b{r['batch']} c{r['context']}" for r in mine]
+        fig.add_trace(go.Scatter(x=x, y=[r["peak_bytes"] for r in mine], name=f"{cache} peak"), 1, 1)
+        kv_y = [r["kv_final_bytes"] for r in mine]
+        fig.add_trace(go.Scatter(x=x, y=kv_y, name=f"{cache} KV final", line={"dash": "dot"}), 1, 1)
+        fig.add_trace(go.Bar(x=x, y=[r["tokens_per_second"] for r in mine], name=f"{cache} tokens/s"), 1, 2)
+    if budget_bytes is not None:
+        fig.add_hline(
+            y=budget_bytes, line_dash="dash", line_color="red", annotation_text="budget", row=1, col=1
+        )
+    fig.update_yaxes(title_text="bytes", row=1, col=1)
+    fig.update_layout(template="plotly_white", height=520, legend={"orientation": "h"})
+    plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-sweep")
+    budget = f"<p>budget: {human_bytes(budget_bytes)}</p>" if budget_bytes is not None else ""
+    return _page(title, f"{budget}<table><tr>{header}</tr>{''.join(lines)}</table>{plot}")

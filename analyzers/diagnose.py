@@ -1,0 +1,436 @@
+"""Why did it run out of memory, and what would each usual remedy buy on THIS run? Pure, torch-free.
+
+`diagnose(source, report)` picks one moment: the first OOM (a snapshot's `oom` trace entry, a run's
+recorded OutOfMemoryError) or, without one, the peak of the device that peaks highest. At that moment it
+reads what was allocated, reserved and free, how fragmented the reserved segments were (largest free
+block vs the request), how much of the memory was KV cache and in which layers and step, and which stacks
+held the most live bytes. Then it prices each remedy in bytes with this run's own figures:
+
+* the shortfall a remedy must cover is `request - device_free` at an OOM (the allocator could not find
+  a fresh segment that big; the reserved-but-free space is treated as unusable, which is what the OOM
+  itself proves without expandable segments), or `peak - budget` when a budget is given;
+* KV scales linearly with batch and with the tokens held, so smaller batch, shorter context and a
+  sliding window are exact proportions of the KV at that moment (activations also shrink; we don't
+  count them, so the figures are lower bounds);
+* a static cache removes the dynamic cache's reallocation transient: KV peak - KV final, from the KV log;
+* quantized KV keeps 8 or 4 bits an element (int4 plus one bf16 scale and zero-point per 64 elements,
+  +12.5%, as transformers' QuantizedCache stores them);
+* offloading (transformers' OffloadedCache) keeps about two layers' KV on the device;
+* `expandable_segments:True` lets the allocator grow segments in place instead of stranding free blocks:
+  it recovers up to reserved - allocated.
+
+Where the input lacks what a figure needs (a bare snapshot has no KV geometry), the remedy says what is
+missing instead of inventing a number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from analyzers.model import MemorySource
+from analyzers.summary import Report
+from analyzers.units import human_bytes
+
+__all__ = ["Diagnosis", "Remedy", "StackShare", "diagnose"]
+
+_DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64, "float8_e4m3fn": 8, "int8": 8}
+_INT4_SCALE_OVERHEAD = 1.125  # int4 data + bf16 scale and zero-point per 64 elements
+_OFFLOAD_LAYERS_ON_DEVICE = 2  # the layer computing and the one being prefetched
+TOP_STACKS = 10
+_NO_STACK = "(no stack recorded: record with with_stack=True)"
+
+
+@dataclass(frozen=True)
+class StackShare:
+    """Live bytes at the moment that were allocated from one stack (innermost frame first)."""
+
+    stack: str
+    bytes: int
+    allocations: int
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One change, priced on this run. `saved_bytes` None: the input lacks what the figure needs
+    (`sentence` says what); `fits` None: there is no shortfall to compare with (no OOM, no budget)."""
+
+    kind: str
+    setting: int | None
+    saved_bytes: int | None
+    fits: bool | None
+    sentence: str
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The moment (OOM or peak) and what each remedy buys there."""
+
+    path: str
+    source_kind: str
+    device: str | None
+    event: str  # "oom" | "peak"
+    ts_us: float | None
+    requested_bytes: int | None
+    allocated_bytes: int | None
+    reserved_bytes: int | None
+    free_bytes: int | None  # device memory outside the allocator's reservation
+    capacity_bytes: int | None
+    reserved_unallocated_bytes: int | None
+    largest_free_block_bytes: int | None
+    fragmented: bool | None  # enough free bytes in total, but no block or segment large enough
+    shortfall_bytes: int | None
+    budget_bytes: int | None
+    kv_bytes: int | None
+    kv_share: float | None
+    kv_peak_bytes: int | None
+    kv_final_bytes: int | None
+    batch: int | None
+    tokens_held: int | None
+    step: int | None
+    step_phase: str | None
+    top_layers: tuple[tuple[int, int], ...]  # (layer, KV bytes) at that step, largest first
+    top_stacks: tuple[StackShare, ...]
+    remedies: tuple[Remedy, ...]
+    message: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _moment_index(ts_us: np.ndarray, when: float | None) -> int:
+    """Index of the last event at or before `when` (-1: before every event)."""
+    if len(ts_us) == 0:
+        return -1
+    if when is None:
+        return len(ts_us) - 1
+    return int(np.searchsorted(ts_us, when, side="right")) - 1
+
+
+def _live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[StackShare]:
+    """Group the allocations live after event `upto` by their stack text.
+
+    An allocation is live when no later event up to `upto` reuses its address (its free). Vectorised:
+    sort events by (address, index) so each event's successor at the same address is the next row.
+    """
+    dev = source.devices[dev_index]
+    if upto < 0:
+        return []
+    n = upto + 1
+    addr = dev.addr[:n]
+    order = np.lexsort((np.arange(n), addr))
+    same_next = np.zeros(n, dtype=bool)
+    same_next[order[:-1]] = addr[order[:-1]] == addr[order[1:]]
+    live = (dev.delta_bytes[:n] > 0) & ~same_next & (addr >= 0)
+    grouped: dict[str, list[int]] = {}
+    frame_ids = dev.frame_id if dev.frame_id is not None else np.full(len(dev), -1, dtype=np.int32)
+    for frame_id, nbytes in zip(
+        frame_ids[:n][live].tolist(), dev.delta_bytes[:n][live].tolist(), strict=True
+    ):
+        text = source.frames[frame_id] if 0 <= frame_id < len(source.frames) else _NO_STACK
+        entry = grouped.setdefault(text, [0, 0])
+        entry[0] += int(nbytes)
+        entry[1] += 1
+    return [StackShare(text, total, count) for text, (total, count) in grouped.items()]
+
+
+def _snapshot_block_stacks(path: str) -> list[StackShare]:
+    """Stacks of the blocks live at a snapshot's dump, read from the pickle itself.
+
+    The snapshot reader folds blocks allocated before the trace began into `baseline_bytes` without their
+    stacks; on a snapshot with an empty trace (torch 2.0 dumps) those blocks are everything.
+    """
+    from analyzers.safe_pickle import load_pickle
+
+    data = load_pickle(path)
+    grouped: dict[str, list[int]] = {}
+    for segment in data.get("segments", []) if isinstance(data, dict) else []:
+        for block in segment.get("blocks", []):
+            if block.get("state") not in ("active_allocated", "active_pending_free", "active_awaiting_free"):
+                continue
+            frames = block.get("frames")
+            if not frames and block.get("history"):
+                frames = block["history"][-1].get("frames")
+            text = "\n".join(f"{f.get('filename')}:{f.get('line')}:{f.get('name')}" for f in frames or [])
+            entry = grouped.setdefault(text or "(no stack recorded)", [0, 0])
+            entry[0] += int(block.get("requested_size") or block.get("size", 0))
+            entry[1] += 1
+    return [StackShare(text, total, count) for text, (total, count) in grouped.items()]
+
+
+def _kv_bits(source: MemorySource, report: Report) -> int | None:
+    run = source.meta.get("run")
+    dtype = None
+    if run is not None:
+        dtypes = [e.dtype for e in run.kv_events if e.part == "data" and e.dtype]
+        dtype = dtypes[-1] if dtypes else None
+    if dtype is None and report.geometry:
+        dtype = report.geometry.get("dtype")
+    return _DTYPE_BITS.get(str(dtype)) if dtype else None
+
+
+def _fits(saved: int | None, shortfall: int | None) -> bool | None:
+    if saved is None or shortfall is None:
+        return None
+    return saved >= shortfall
+
+
+_NO_KV = "cannot be computed: this input has no KV cache figures (record the run with kvtrace.record)"
+_NO_GEOMETRY = "cannot be computed: this input has no KV geometry (batch, tokens held; record with kvtrace)"
+
+
+def _remedies(d: dict[str, object], kv_bits: int | None, num_layers: int | None) -> list[Remedy]:
+    """Price every remedy at the moment described by `d` (the Diagnosis fields computed so far)."""
+    kv = d["kv_bytes"]
+    batch, tokens, need = d["batch"], d["tokens_held"], d["shortfall_bytes"]
+    assert kv is None or isinstance(kv, int)
+    assert batch is None or isinstance(batch, int)
+    assert tokens is None or isinstance(tokens, int)
+    assert need is None or isinstance(need, int)
+    out: list[Remedy] = []
+
+    if kv and batch:
+        per_seq = kv / batch
+        if need is None:
+            target = batch - 1
+            saved = round(per_seq) if target >= 1 else 0
+            text = f"Each sequence dropped from the batch of {batch} frees {human_bytes(per_seq)} of KV."
+        elif need <= 0:
+            target = math.floor(batch * (kv - need) / kv)
+            saved = 0
+            text = f"Batch {batch} already fits; the KV alone would leave room up to batch {target}."
+        else:
+            target = math.floor(batch * (kv - need) / kv)
+            saved = round(per_seq * (batch - max(target, 1)))
+            text = (
+                f"Batch {target} instead of {batch} frees {human_bytes(saved)} of KV, enough to fit."
+                if target >= 1
+                else f"Even batch 1 does not fit: the {human_bytes(kv)} of KV is not the whole problem."
+            )
+        out.append(Remedy("batch", target if target >= 1 else None, saved, _fits(saved, need), text))
+    else:
+        out.append(Remedy("batch", None, None, None, f"Smaller batch: {_NO_GEOMETRY}."))
+
+    if kv and tokens:
+        per_token = kv / tokens  # bytes per position across the whole batch and all layers
+        cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
+        context = tokens - min(cut, tokens)
+        saved = round(per_token * (tokens - max(context, 1)))
+        if context >= 1:
+            text = (
+                f"A context of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
+                f"({human_bytes(per_token)} per token across the batch)."
+            )
+            window = (
+                f"A sliding window of {context:,} tokens caps KV at {human_bytes(kv - saved)} however "
+                "long generation runs, at the cost of forgetting older tokens."
+            )
+        else:
+            text = f"No shorter context fits: all {tokens:,} tokens of KV are only {human_bytes(kv)}."
+            window = f"No sliding window fits: even dropping all {human_bytes(kv)} of KV is not enough."
+        out.append(Remedy("context", context or None, saved, _fits(saved, need), text))
+        out.append(Remedy("sliding_window", context or None, saved, _fits(saved, need), window))
+    else:
+        out.append(Remedy("context", None, None, None, f"Shorter context: {_NO_GEOMETRY}."))
+        out.append(Remedy("sliding_window", None, None, None, f"Sliding window: {_NO_GEOMETRY}."))
+
+    kv_peak, kv_final = d["kv_peak_bytes"], d["kv_final_bytes"]
+    if isinstance(kv_peak, int) and isinstance(kv_final, int) and kv_peak:
+        churn = max(kv_peak - kv_final, 0)
+        out.append(
+            Remedy(
+                "static_cache",
+                None,
+                churn,
+                _fits(churn, need),
+                f"A static cache (cache_implementation='static') writes in place, removing the "
+                f"{human_bytes(churn)} transient a dynamic cache's torch.cat copies add at its KV peak.",
+            )
+        )
+    else:
+        out.append(Remedy("static_cache", None, None, None, f"Static cache: {_NO_KV}."))
+
+    if kv and kv_bits:
+        fp8 = round(kv * (1 - 8 / kv_bits)) if kv_bits > 8 else 0
+        int4 = round(kv * (1 - 4 * _INT4_SCALE_OVERHEAD / kv_bits))
+        out.append(
+            Remedy(
+                "quantized_kv",
+                8,
+                fp8,
+                _fits(fp8, need),
+                f"An fp8 KV cache saves {human_bytes(fp8)} of the {human_bytes(kv)} held at {kv_bits} bits.",
+            )
+        )
+        out.append(
+            Remedy(
+                "quantized_kv",
+                4,
+                int4,
+                _fits(int4, need),
+                f"An int4 quantized cache (QuantizedCache, scales included) saves {human_bytes(int4)}.",
+            )
+        )
+    else:
+        why = _NO_KV if not kv else "cannot be computed: the KV dtype is not recorded"
+        out.append(Remedy("quantized_kv", None, None, None, f"Quantized KV: {why}."))
+
+    if kv and num_layers and num_layers > _OFFLOAD_LAYERS_ON_DEVICE:
+        saved = round(kv * (1 - _OFFLOAD_LAYERS_ON_DEVICE / num_layers))
+        out.append(
+            Remedy(
+                "offloading",
+                None,
+                saved,
+                _fits(saved, need),
+                f"Offloading the KV cache to CPU (cache_implementation='offloaded') keeps about "
+                f"{_OFFLOAD_LAYERS_ON_DEVICE} of {num_layers} layers on the device: {human_bytes(saved)} "
+                "less, paid in PCIe transfers every step.",
+            )
+        )
+    else:
+        out.append(Remedy("offloading", None, None, None, f"Offloading: {_NO_GEOMETRY}."))
+
+    frag = d["reserved_unallocated_bytes"]
+    if isinstance(frag, int):
+        out.append(
+            Remedy(
+                "expandable_segments",
+                None,
+                frag,
+                _fits(frag, need),
+                f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lets segments grow in place, recovering "
+                f"up to the {human_bytes(frag)} reserved but not allocated.",
+            )
+        )
+    else:
+        why = "cannot be computed: this input has no reserved-memory figures"
+        out.append(Remedy("expandable_segments", None, None, None, f"expandable_segments: {why}."))
+    # Remedies that close the gap first, then by bytes bought; unpriceable ones last.
+    return sorted(out, key=lambda r: (r.saved_bytes is None, not r.fits, -(r.saved_bytes or 0)))
+
+
+def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = None) -> Diagnosis:
+    """Diagnose the first OOM of an attributed source, or its peak; `budget_bytes` prices remedies
+    against a memory budget when there is no OOM."""
+    notes: list[str] = []
+    kv_log = source.meta.get("kv")
+    oom = source.ooms[0] if source.ooms else None
+    main = report.main_device
+    device = oom.device if oom is not None else (main.device if main else None)
+    dev_index = next((i for i, d in enumerate(source.devices) if d.device == device), None)
+    timeline = report.timelines[dev_index] if dev_index is not None and report.timelines else None
+    summary = next((d for d in report.devices if d.device == device), None)
+
+    if oom is not None:
+        event, when = "oom", oom.ts_us
+        index = _moment_index(timeline.ts_us, when) if timeline is not None else -1
+        if oom.requested_bytes is None and timeline is not None and index >= 0:
+            # A run's recorded exception has no request size; its last state is the moment.
+            when = float(timeline.ts_us[index])
+    else:
+        event = "peak"
+        index = int(np.argmax(timeline.allocated)) if timeline is not None and len(timeline.ts_us) else -1
+        when = float(timeline.ts_us[index]) if index >= 0 and timeline is not None else None
+
+    allocated = oom.allocated_bytes if oom is not None else None
+    reserved = oom.reserved_bytes if oom is not None else None
+    if allocated is None and timeline is not None:
+        peak = summary.peak_allocated_bytes if summary else None
+        allocated = int(timeline.allocated[index]) if index >= 0 else peak
+    if reserved is None and timeline is not None and timeline.reserved is not None and index >= 0:
+        reserved = int(timeline.reserved[index])
+    segments = [s for s in source.segments if s.device == device]
+    at_dump = timeline is None or index >= len(timeline.ts_us) - 1
+    if reserved is None and segments and at_dump:
+        reserved = sum(s.total_size for s in segments)
+    capacity = summary.capacity_bytes if summary else None
+    free = oom.device_free_bytes if oom is not None else None
+    if free is None and capacity is not None and reserved is not None and source.kind != "run":
+        free = capacity - reserved
+    largest_free = max((s.largest_free_block for s in segments), default=None) if at_dump else None
+    if segments and not at_dump:
+        notes.append("segments describe the dump, not this moment: no largest-free-block figure")
+    reserved_unallocated = reserved - allocated if reserved is not None and allocated is not None else None
+    requested = oom.requested_bytes if oom is not None else None
+    fragmented = None
+    if requested is not None and largest_free is not None and reserved_unallocated is not None:
+        total_free = reserved_unallocated + (free or 0)
+        fragmented = total_free >= requested > max(largest_free, free or 0)
+
+    shortfall = None
+    if requested is not None and free is not None:
+        shortfall = max(requested - free, 0)
+    elif budget_bytes is not None and allocated is not None:
+        shortfall = allocated - budget_bytes
+
+    kv_bytes: int | None = None
+    if timeline is not None and index >= 0 and report.kv.measured_from != "none":
+        kv_bytes = int(timeline.by_category["kv"][index])
+    kv_peak = report.kv.peak_bytes if kv_log is not None else None
+    kv_final = report.kv.final_bytes if kv_log is not None else None
+
+    step = phase = None
+    top_layers: tuple[tuple[int, int], ...] = ()
+    if kv_log is not None and kv_log.step_start_ns:
+        moment_ns = (when * 1000.0) if when is not None else float("inf")
+        started = [s for s, t in kv_log.step_start_ns.items() if t <= moment_ns]
+        step = max(started) if started else min(kv_log.step_start_ns)
+        phase = kv_log.step_phase.get(step)
+        live = kv_log.step_live.get(step, {})
+        top_layers = tuple(sorted(live.items(), key=lambda item: -item[1]))[:8]
+    elif when is not None:
+        steps = [m for m in source.markers if m.kind == "step" and m.ts_us <= when]
+        if steps:
+            step, phase = len(steps), steps[-1].label
+
+    stacks = _live_by_stack(source, dev_index, index) if dev_index is not None else []
+    baseline = source.devices[dev_index].baseline_bytes if dev_index is not None else 0
+    if source.kind == "snapshot" and at_dump:
+        stacks = _snapshot_block_stacks(source.path)  # every block live at the dump, with its stack
+    elif baseline:
+        label = "(weights and others, allocated before the trace began)"
+        stacks.append(StackShare(label, baseline, 0))
+    top = tuple(sorted(stacks, key=lambda s: -s.bytes)[:TOP_STACKS])
+
+    fields: dict[str, object] = {
+        "kv_bytes": kv_bytes,
+        "batch": report.kv.batch,
+        "tokens_held": report.kv.tokens_held,
+        "shortfall_bytes": shortfall,
+        "kv_peak_bytes": kv_peak,
+        "kv_final_bytes": kv_final,
+        "reserved_unallocated_bytes": reserved_unallocated,
+    }
+    layers = (report.geometry or {}).get("num_layers")
+    remedies = _remedies(fields, _kv_bits(source, report), layers if isinstance(layers, int) else None)
+    return Diagnosis(
+        path=source.path,
+        source_kind=source.kind,
+        device=device,
+        event=event,
+        ts_us=when,
+        requested_bytes=requested,
+        allocated_bytes=allocated,
+        reserved_bytes=reserved,
+        free_bytes=free,
+        capacity_bytes=capacity,
+        reserved_unallocated_bytes=reserved_unallocated,
+        largest_free_block_bytes=largest_free,
+        fragmented=fragmented,
+        shortfall_bytes=shortfall,
+        budget_bytes=budget_bytes,
+        kv_bytes=kv_bytes,
+        kv_share=(kv_bytes / allocated) if kv_bytes is not None and allocated else None,
+        kv_peak_bytes=kv_peak,
+        kv_final_bytes=kv_final,
+        batch=report.kv.batch,
+        tokens_held=report.kv.tokens_held,
+        step=step,
+        step_phase=phase,
+        top_layers=top_layers,
+        top_stacks=top,
+        remedies=tuple(remedies),
+        message=oom.message if oom is not None else None,
+        notes=tuple(notes),
+    )

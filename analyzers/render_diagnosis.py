@@ -1,0 +1,128 @@
+"""A `Diagnosis` as JSON, terminal text or an HTML section. Formatting only: every figure comes from
+`analyzers.diagnose`."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import asdict
+from typing import Any
+
+from analyzers.diagnose import Diagnosis, diagnose
+from analyzers.model import MemorySource
+from analyzers.summary import Report
+from analyzers.units import human_bytes
+
+__all__ = ["diagnosis_html_for", "diagnosis_to_html", "diagnosis_to_json", "diagnosis_to_text"]
+
+JSON_VERSION = 1
+
+
+def diagnosis_to_json(diagnosis: Diagnosis) -> dict[str, Any]:
+    data = asdict(diagnosis)
+    data["top_layers"] = [{"layer": layer, "kv_bytes": nbytes} for layer, nbytes in diagnosis.top_layers]
+    data["notes"] = list(diagnosis.notes)
+    return {"version": JSON_VERSION, **data}
+
+
+def _first_frames(stack: str, count: int = 3) -> str:
+    lines = stack.splitlines()
+    more = f" (+{len(lines) - count} frames)" if len(lines) > count else ""
+    return " <- ".join(lines[:count]) + more
+
+
+def _figure_rows(d: Diagnosis) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    if d.requested_bytes is not None:
+        rows.append(("request that failed", f"{human_bytes(d.requested_bytes)} ({d.requested_bytes:,} B)"))
+    rows += [
+        ("allocated", human_bytes(d.allocated_bytes)),
+        ("reserved", human_bytes(d.reserved_bytes)),
+        ("reserved but unallocated", human_bytes(d.reserved_unallocated_bytes)),
+        ("free on the device", human_bytes(d.free_bytes)),
+        ("largest free block in reserved segments", human_bytes(d.largest_free_block_bytes)),
+    ]
+    if d.fragmented is not None:
+        verdict = (
+            "yes: enough free bytes in total, no block large enough"
+            if d.fragmented
+            else "no: not enough free memory in total"
+        )
+        rows.append(("fragmentation caused it", verdict))
+    if d.shortfall_bytes is not None:
+        rows.append(("shortfall to cover", human_bytes(d.shortfall_bytes)))
+    if d.kv_bytes is not None:
+        share = f" ({d.kv_share:.1%} of allocated)" if d.kv_share is not None else ""
+        rows.append(("KV cache at this moment", human_bytes(d.kv_bytes) + share))
+    if d.kv_peak_bytes is not None:
+        rows.append(("KV peak / final", f"{human_bytes(d.kv_peak_bytes)} / {human_bytes(d.kv_final_bytes)}"))
+    if d.batch is not None:
+        rows.append(("batch x tokens held", f"{d.batch} x {d.tokens_held}"))
+    if d.step is not None:
+        rows.append(("step", f"{d.step} {d.step_phase or ''}".strip()))
+    if d.top_layers:
+        rows.append(("KV by layer", ", ".join(f"L{layer} {human_bytes(b)}" for layer, b in d.top_layers)))
+    return rows
+
+
+def _headline(d: Diagnosis) -> str:
+    where = d.device or "?"
+    if d.event == "oom":
+        what = f"out of memory on {where}"
+        if d.requested_bytes is not None:
+            what += f" requesting {human_bytes(d.requested_bytes)}"
+        return what + (f": {d.message}" if d.message else "")
+    return f"no OOM recorded; diagnosing the peak on {where} ({human_bytes(d.allocated_bytes)})"
+
+
+def _remedy_mark(fits: bool | None) -> str:
+    return {True: "fits", False: "not enough", None: ""}[fits]
+
+
+def diagnosis_to_text(d: Diagnosis) -> str:
+    lines = [f"kvtrace diagnose: {d.path} ({d.source_kind})", _headline(d), ""]
+    rows = _figure_rows(d)
+    width = max(len(label) for label, _ in rows)
+    lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    if d.top_stacks:
+        lines += ["", "top allocations by stack (live at this moment):"]
+        for share in d.top_stacks:
+            count = f" in {share.allocations}" if share.allocations else ""
+            lines.append(f"  {human_bytes(share.bytes):>12}{count:>8}  {_first_frames(share.stack)}")
+    lines += ["", "remedies, ranked by what they buy on this run:"]
+    for rank, remedy in enumerate(d.remedies, 1):
+        mark = _remedy_mark(remedy.fits)
+        lines.append(f"  {rank}. [{remedy.kind}{', ' + mark if mark else ''}] {remedy.sentence}")
+    lines += [f"note: {note}" for note in d.notes]
+    return "\n".join(lines)
+
+
+def diagnosis_to_html(d: Diagnosis) -> str:
+    """An HTML <section> for the report page (no script: it must not depend on plotly's)."""
+    esc = html.escape
+    figures = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _figure_rows(d))
+    stacks = "".join(
+        f"<tr><td>{esc(human_bytes(s.bytes))}</td><td>{s.allocations or ''}</td>"
+        f"<td><code>{esc(_first_frames(s.stack))}</code></td></tr>"
+        for s in d.top_stacks
+    )
+    remedies = "".join(
+        f"<li><b>{esc(r.kind)}</b> {esc(_remedy_mark(r.fits))}: {esc(r.sentence)}</li>" for r in d.remedies
+    )
+    notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in d.notes)
+    return (
+        "<section class='diagnosis' id='kvtrace-diagnosis'>"
+        f"<h2>Diagnosis</h2><p>{esc(_headline(d))}</p>"
+        f"<table class='summary'>{figures}</table>"
+        + (
+            f"<h3>Top allocations by stack</h3><table class='stacks'><tr><th>bytes</th><th>allocs</th>"
+            f"<th>stack (innermost first)</th></tr>{stacks}</table>"
+            if stacks
+            else ""
+        )
+        + f"<h3>Remedies, ranked</h3><ol>{remedies}</ol>{notes}</section>"
+    )
+
+
+def diagnosis_html_for(source: MemorySource, report: Report) -> str:
+    """The section `kvtrace report -o` adds when the input holds an OOM."""
+    return diagnosis_to_html(diagnose(source, report))

@@ -1,0 +1,57 @@
+"""`kvtrace compare`: runs side by side, with their KV timelines on a shared step axis."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvtrace.commands.base import Command
+from kvtrace.errors import KvtraceError
+
+
+class CompareCommand(Command):
+    """Compare runs side by side: peak, KV peak, churn, fragmentation, tokens/s, evicted tokens.
+
+    Each RUN is a kvtrace run directory (or any input `kvtrace report` reads; step-axis timelines and
+    tokens/s need a run directory). tokens/s = KV-log steps x batch / the recording's wall time, recorder
+    overhead included. Exit status: 0, or 2 for bad input.
+    """
+
+    name = "compare"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("runs", nargs="+", metavar="RUN", help="two or more run directories")
+        parser.add_argument("-o", "--output", help="write a self-contained HTML page (e.g. compare.html)")
+        parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from analyzers.compare import compare, comparison_to_html, comparison_to_json, comparison_to_text
+        from analyzers.report import build_report
+
+        if len(args.runs) < 2:
+            raise KvtraceError("give at least two runs to compare")
+        paths = [Path(p) for p in args.runs]
+        for path in paths:
+            if not path.exists():
+                raise KvtraceError(f"{path}: no such file or directory")
+        labels = [p.name or str(p) for p in paths]
+        if len(set(labels)) < len(labels):
+            labels = [str(p) for p in paths]
+        comparison = compare([build_report(p) for p in paths], labels)
+        if args.json:
+            json.dump(comparison_to_json(comparison), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            print(comparison_to_text(comparison))
+        if args.output:
+            out = Path(args.output)
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(comparison_to_html(comparison), encoding="utf-8")
+            except OSError as exc:
+                raise KvtraceError(f"{out}: cannot write ({exc.strerror})", exit_code=1) from None
+            if not args.json:
+                print(f"wrote {out}")
+        return 0

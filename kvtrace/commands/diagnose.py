@@ -1,0 +1,49 @@
+"""`kvtrace diagnose`: why a run ran out of memory, and what each remedy would buy on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvtrace.commands.base import Command
+from kvtrace.errors import KvtraceError
+
+
+class DiagnoseCommand(Command):
+    """Explain an OOM (or the peak) and price each remedy on this run.
+
+    PATH is a kvtrace run directory, a CUDA allocator snapshot pickle or a Chrome trace. Finds the OOM
+    (the snapshot's `oom` entry, the run's recorded exception) or, without one, the peak; prints the
+    failing request, allocated/reserved/free memory, fragmentation, the KV share by layer and step, the
+    top stacks, then remedies ranked by the bytes each frees here. Exit status: 0, or 2 for bad input.
+    """
+
+    name = "diagnose"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("path", help="run directory, snapshot pickle or Chrome trace")
+        parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+        parser.add_argument(
+            "--budget", help="price remedies against this memory budget when there is no OOM, e.g. 80GiB"
+        )
+
+    def run(self, args: argparse.Namespace) -> int:
+        from analyzers.diagnose import diagnose
+        from analyzers.plan import parse_size
+        from analyzers.render_diagnosis import diagnosis_to_json, diagnosis_to_text
+        from analyzers.report import build_report
+
+        path = Path(args.path)
+        if not path.exists():
+            raise KvtraceError(f"{path}: no such file or directory")
+        budget = parse_size(args.budget) if args.budget is not None else None
+        source, report = build_report(path)
+        diagnosis = diagnose(source, report, budget_bytes=budget)
+        if args.json:
+            json.dump(diagnosis_to_json(diagnosis), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            print(diagnosis_to_text(diagnosis))
+        return 0

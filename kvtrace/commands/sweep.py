@@ -1,0 +1,205 @@
+"""`kvtrace sweep`: measure a grid of batch x context x cache kind on a random-weights Llama 3 model."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvtrace.commands.base import Command
+from kvtrace.errors import KvtraceError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise KvtraceError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise KvtraceError(f"{flag} values must be at least 1, got {text!r}")
+    return values
+
+
+def _model_size(args: argparse.Namespace) -> tuple[str, Any]:
+    """(name, kvtrace.llama.ModelSize) from --size, --preset or --config."""
+    from kvtrace.llama import SIZES, ModelSize
+
+    if args.size is not None:
+        return args.size, SIZES[args.size]
+    from analyzers.presets import geometry_from_config, get_preset
+
+    geom = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
+    if geom.hidden_size != geom.head_dim * geom.num_attention_heads:
+        raise KvtraceError(f"{geom.name}: head_dim != hidden_size / heads; kvtrace.llama cannot build it")
+    size = ModelSize(
+        hidden_size=geom.hidden_size,
+        intermediate_size=geom.intermediate_size,
+        num_layers=geom.num_layers,
+        num_heads=geom.num_attention_heads,
+        num_kv_heads=geom.num_kv_heads,
+        vocab_size=geom.vocab_size,
+        tie_embeddings=geom.tie_word_embeddings,
+    )
+    return geom.name, size
+
+
+def _point_row(run_dir: Path, budget: int | None, status: str) -> dict[str, Any]:
+    """Measured figures of one recorded point (an OOM point is diagnosed too)."""
+    from analyzers.compare import tokens_per_second
+    from analyzers.report import build_report
+
+    source, report = build_report(run_dir)
+    main = report.main_device
+    peak = main.peak_allocated_bytes if main else 0
+    row: dict[str, Any] = {
+        "status": status,
+        "run": str(run_dir),
+        "peak_bytes": peak,
+        "kv_final_bytes": report.kv.final_bytes,
+        "kv_peak_bytes": report.kv.peak_bytes,
+        "tokens_per_second": tokens_per_second(source, report) if status == "ok" else None,
+        "fits_budget": None if budget is None else (status == "ok" and peak <= budget),
+    }
+    if status == "oom":
+        from analyzers.diagnose import diagnose
+        from analyzers.render_diagnosis import diagnosis_to_json
+
+        row["diagnosis"] = diagnosis_to_json(diagnose(source, report, budget_bytes=budget))
+    return row
+
+
+class SweepCommand(Command):
+    """Record a grid of batch x context x cache kind and tabulate measured peak, KV bytes and tokens/s.
+
+    Each point runs generate() on a random-weights Llama 3 model (--size, a --preset or a --config
+    shape) under kvtrace.record with the profiler on; context is the prompt length in random tokens.
+    Writes OUT/sweep.json (one row per point), OUT/sweep.html and each point's run directory under
+    OUT/runs/. With --budget, rows say whether the measured peak fits. On CUDA an OOM inside a point is
+    caught, recorded, diagnosed and the sweep goes on. Exit status: 0, or 2 for bad input.
+    """
+
+    name = "sweep"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from kvtrace.llama import CACHE_KINDS, SIZES
+
+        model = parser.add_mutually_exclusive_group()
+        model.add_argument("--size", choices=sorted(SIZES), help="kvtrace.llama model shape (default: tiny)")
+        model.add_argument("--preset", metavar="NAME", help="a planner preset shape, e.g. llama-3.2-1b")
+        model.add_argument("--config", metavar="PATH", help="shape from a local Hugging Face config.json")
+        parser.add_argument("--batch", default="1,2", help="comma-separated batch sizes (default 1,2)")
+        parser.add_argument(
+            "--context", default="32,64", help="comma-separated prompt lengths (default 32,64)"
+        )
+        parser.add_argument(
+            "--cache", default="dynamic,static", help=f"comma-separated, of {', '.join(CACHE_KINDS)}"
+        )
+        parser.add_argument(
+            "--new-tokens", type=int, default=8, help="tokens generated per point (default 8)"
+        )
+        parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype")
+        parser.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda when available)")
+        parser.add_argument("--budget", help="memory budget to mark, e.g. 80GiB")
+        parser.add_argument("--out", required=True, help="output directory")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from kvtrace.llama import CACHE_KINDS
+
+        batches = _int_list(args.batch, "--batch")
+        contexts = _int_list(args.context, "--context")
+        caches = [c.strip() for c in args.cache.split(",") if c.strip()]
+        unknown = [c for c in caches if c not in CACHE_KINDS]
+        if unknown or not caches:
+            raise KvtraceError(
+                f"unknown cache kind {unknown or args.cache!r}; choose from {', '.join(CACHE_KINDS)}"
+            )
+        if args.new_tokens < 1:
+            raise KvtraceError("--new-tokens must be at least 1")
+        budget = None
+        if args.budget is not None:
+            from analyzers.plan import parse_size
+
+            budget = parse_size(args.budget)
+        if args.size is None and args.preset is None and args.config is None:
+            args.size = "tiny"
+        model_name, size = _model_size(args)
+        out = Path(args.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KvtraceError(f"{out}: cannot create ({exc.strerror})") from None
+
+        import torch
+        from tqdm import tqdm
+
+        import kvtrace
+        from kvtrace.llama import build_model, make_cache
+
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        on_cuda = device.startswith("cuda") and torch.cuda.is_available()
+        model = build_model(size, dtype=getattr(torch, args.dtype), device=device)
+        pad_id = model.config.pad_token_id
+        rows: list[dict[str, Any]] = []
+        grid = list(itertools.product(batches, contexts, caches))
+        for batch, context, cache_kind in tqdm(grid, desc="sweep", unit="point", file=sys.stderr):
+            run_dir = out / "runs" / f"b{batch}_c{context}_{cache_kind}"
+            generator = torch.Generator().manual_seed(batch * 100_003 + context)
+            ids = torch.randint(0, 128_000, (batch, context), generator=generator).to(device)
+            cache, extra = make_cache(cache_kind, model, batch, context + args.new_tokens)
+            if cache is not None:
+                extra["past_key_values"] = cache
+            status = "ok"
+            try:
+                with torch.no_grad(), kvtrace.record(run_dir, model=model, overwrite=True):
+                    model.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=pad_id,
+                        **extra,
+                    )
+            except torch.OutOfMemoryError:
+                if not on_cuda:
+                    raise
+                status = "oom"  # the recorder wrote the exception and an OOM snapshot; go on
+            finally:
+                del cache, extra
+                gc.collect()
+                if on_cuda:
+                    torch.cuda.empty_cache()
+            row = {"batch": batch, "context": context, "cache": cache_kind}
+            row.update(_point_row(run_dir, budget, status))
+            rows.append(row)
+        self._write(out, rows, budget, model_name, args, device)
+        return 0
+
+    @staticmethod
+    def _write(
+        out: Path, rows: list[dict[str, Any]], budget: int | None, model_name: str, args: Any, device: str
+    ) -> None:
+        from analyzers.compare import sweep_to_html
+
+        summary = {
+            "version": 1,
+            "model": model_name,
+            "dtype": args.dtype,
+            "device": device,
+            "new_tokens": args.new_tokens,
+            "budget_bytes": budget,
+            "tokens_per_second": "KV-log steps x batch / recording wall time (profiler on)",
+            "rows": rows,
+        }
+        (out / "sweep.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        title = f"kvtrace sweep: {model_name} ({args.dtype}, {device}, {args.new_tokens} new tokens)"
+        (out / "sweep.html").write_text(sweep_to_html(rows, budget, title), encoding="utf-8")
+        print(f"wrote {out / 'sweep.json'} and {out / 'sweep.html'} ({len(rows)} points)")

@@ -1,0 +1,118 @@
+"""Fixtures of the recorder's integration tests: a tiny real Llama 3, a real left-padded batch, and a guard
+that every test leaves no hook behind (the recorder patches `Cache` methods and hooks the model)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+import transformers.cache_utils
+
+import kvtrace.recorder
+from kvtrace.llama import DEFAULT_PROMPTS, ModelSize, build_model, encode_batch, llama3_tokenizer
+
+# The methods the recorder may wrap, as transformers defines them, captured before any recording ran.
+_CACHE_METHODS = (
+    "update",
+    "crop",
+    "reset",
+    "reorder_cache",
+    "batch_select_indices",
+    "batch_repeat_interleave",
+    "offload",
+    "prefetch",
+)
+ORIGINAL_CACHE_METHODS = {
+    name: transformers.cache_utils.Cache.__dict__.get(name) for name in _CACHE_METHODS
+}
+
+# Small enough that a whole test file runs in seconds on two cores; the real Llama 3 vocabulary so that
+# the real tokenizer's ids index the embedding.
+TINY = ModelSize(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+PAD_ID = 128004  # <|finetune_right_pad_id|>, the pad id `build_model` configures
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens per row after left padding: what the cache holds after prefill."""
+        return int(self.input_ids.shape[1])
+
+
+@pytest.fixture(scope="session")
+def watched_models() -> list[torch.nn.Module]:
+    """Models whose modules the leak guard checks after every test; fixtures add theirs."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def tiny_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
+    model = build_model(TINY)
+    watched_models.append(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return llama3_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def prompt_batch(tokenizer) -> Batch:
+    """Two real prompts of different lengths, left-padded to the longer one."""
+    ids, mask = encode_batch(tokenizer, list(DEFAULT_PROMPTS[:2]), PAD_ID)
+    lengths = mask.sum(dim=1).tolist()
+    assert lengths[0] != lengths[1], "the batch must need padding to test left padding"
+    assert (ids[:, -1] != PAD_ID).all(), "padding must be on the left"
+    return Batch(ids, mask)
+
+
+def _hook_leaks(models: list[torch.nn.Module]) -> list[str]:
+    leaks: list[str] = []
+    for name, original in ORIGINAL_CACHE_METHODS.items():
+        current = transformers.cache_utils.Cache.__dict__.get(name)
+        if current is not original:
+            leaks.append(f"transformers Cache.{name} is still patched ({current!r})")
+    for model in models:
+        for module_name, module in model.named_modules():
+            for attr in (
+                "_forward_hooks",
+                "_forward_pre_hooks",
+                "_forward_hooks_with_kwargs",
+                "_forward_pre_hooks_with_kwargs",
+                "_forward_hooks_always_called",
+            ):
+                hooks = getattr(module, attr, None)
+                if hooks:
+                    leaks.append(f"{type(model).__name__}.{module_name or '<root>'}.{attr} = {dict(hooks)!r}")
+    if kvtrace.recorder._ACTIVE is not None:
+        leaks.append(f"kvtrace.recorder._ACTIVE is still {kvtrace.recorder._ACTIVE!r}")
+    return leaks
+
+
+@pytest.fixture(autouse=True)
+def no_hook_leaks(watched_models: list[torch.nn.Module]) -> Iterator[None]:
+    before = _hook_leaks(watched_models)
+    assert not before, f"hooks leaked before this test: {before}"
+    yield
+    leaks = _hook_leaks(watched_models)
+    # Put things right so that one leak fails one test, not every test after it.
+    for name, original in ORIGINAL_CACHE_METHODS.items():
+        if original is not None:
+            setattr(transformers.cache_utils.Cache, name, original)
+    for model in watched_models:
+        for module in model.modules():
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+    kvtrace.recorder._ACTIVE = None
+    assert not leaks, f"the test left hooks behind: {leaks}"

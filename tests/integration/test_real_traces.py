@@ -1,0 +1,259 @@
+"""Every file in shared/real_traces (written by others, on real GPUs) reads, and its figures are right.
+
+Each expected figure is computed here from the raw file with plain `json.load` or a separate restricted
+unpickler and simple loops, following the conventions documented in `analyzers/snapshot.py` and
+`analyzers/chrome_trace.py`; nothing is read back from the code under test.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from analyzers.sources import open_source as _open_source
+from kvtrace.errors import KvtraceError
+
+REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces"
+FILES = sorted(p for p in REAL.rglob("*") if p.is_file() and p.name != "README.md") if REAL.is_dir() else []
+pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"real traces folder {REAL} is absent")
+
+# Each real file is read once per session; several tests look at the same result.
+open_source = functools.lru_cache(maxsize=None)(_open_source)
+LIVE_STATES = ("active_allocated", "active_pending_free", "active_awaiting_free")
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """The test's own guard, independent of analyzers.safe_pickle."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing {module}.{name}")
+
+
+def _raw_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def _peak(baseline: int, deltas: list[int]) -> int:
+    level = peak = baseline
+    for delta in deltas:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def expected_snapshot(path: Path) -> dict[str, dict[str, int]]:
+    """alloc/free counts, baseline, peak and final bytes per device, by hand."""
+    data = _PlainUnpickler(io.BytesIO(_raw_bytes(path))).load()
+    traces = data["device_traces"]
+    devices = {seg["device"] for seg in data["segments"]} | {i for i, t in enumerate(traces) if t}
+    figures = {}
+    for dev in devices:
+        trace = traces[dev] if dev < len(traces) else []
+        live: dict[int, int] = {}
+        deltas = []
+        orphans = 0
+        for entry in trace:
+            if entry["action"] == "alloc":
+                live[entry["addr"]] = entry["size"]
+                deltas.append(entry["size"])
+            elif entry["action"] in ("free_completed", "free"):
+                if entry["addr"] in live:
+                    deltas.append(-live.pop(entry["addr"]))
+                else:
+                    orphans += entry["size"]
+                    deltas.append(-entry["size"])
+        unexplained = held_at_dump = 0
+        for seg in data["segments"]:
+            if seg["device"] != dev:
+                continue
+            address = seg["address"]
+            for block in seg["blocks"]:
+                address = block.get("address", address)
+                if block["state"] in LIVE_STATES:
+                    requested = block.get("requested_size") or block["history"][0]["real_size"]
+                    held_at_dump += requested
+                    if address not in live:
+                        unexplained += requested
+                address += block["size"]
+        baseline = orphans + unexplained
+        figures[f"cuda:{dev}"] = {
+            "allocs": sum(1 for e in trace if e["action"] == "alloc"),
+            "frees": sum(1 for e in trace if e["action"] in ("free_completed", "free")),
+            "baseline": baseline,
+            "peak": _peak(baseline, deltas),
+            "held_at_dump": held_at_dump,
+        }
+    return figures
+
+
+def expected_chrome(path: Path) -> tuple[dict[str, dict[str, int]], dict[str, Any]]:
+    trace = json.loads(_raw_bytes(path))
+    per_device: dict[str, list[dict[str, Any]]] = {}
+    for event in trace["traceEvents"]:
+        if event.get("name") == "[memory]":
+            args = event["args"]
+            name = "cpu" if args["Device Type"] == 0 else f"cuda:{args['Device Id']}"
+            per_device.setdefault(name, []).append(event)
+    figures = {}
+    for name, events in per_device.items():
+        events.sort(key=lambda e: e["ts"])  # stable
+        deltas = [e["args"]["Bytes"] for e in events]
+        if all("Total Allocated" in e["args"] for e in events):
+            baseline = max(0, events[0]["args"]["Total Allocated"] - deltas[0])
+        else:
+            level = lowest = 0
+            for delta in deltas:
+                level += delta
+                lowest = min(lowest, level)
+            baseline = -lowest
+        figures[name] = {
+            "allocs": sum(1 for d in deltas if d > 0),
+            "frees": sum(1 for d in deltas if d < 0),
+            "baseline": baseline,
+            "peak": _peak(baseline, deltas),
+        }
+    steps = [
+        e
+        for e in trace["traceEvents"]
+        if e.get("ph") == "X"
+        and str(e.get("name", "")).startswith("ProfilerStep#")
+        and e.get("cat") != "gpu_user_annotation"
+    ]
+    return figures, {"events": len(trace["traceEvents"]), "steps": len(steps)}
+
+
+def expected_timeline(path: Path) -> dict[str, int]:
+    rows = json.loads(_raw_bytes(path))
+    level = peak = 0
+    for row in rows:  # the file is in time order; a version bump's -n/+n pair never raises the peak
+        level += row[2]
+        peak = max(peak, level)
+    return {
+        "allocs": sum(1 for r in rows if r[1] == 2),
+        "frees": sum(1 for r in rows if r[1] == 4),
+        "baseline": sum(r[2] for r in rows if r[1] == 1),
+        "peak": peak,
+    }
+
+
+def measured(dev: Any) -> dict[str, int]:
+    running = dev.baseline_bytes + np.concatenate(([0], np.cumsum(dev.delta_bytes)))
+    return {
+        "allocs": dev.alloc_events,
+        "frees": dev.free_events,
+        "baseline": dev.baseline_bytes,
+        "peak": int(running.max()),
+    }
+
+
+def test_the_folder_holds_every_format_generation() -> None:
+    kinds = {open_source(p).kind for p in FILES}
+    assert kinds == {"snapshot", "chrome_trace", "memory_timeline"}
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_real_file_figures_match_the_raw_file(path: Path) -> None:
+    source = open_source(path)
+    assert source.path == str(path)
+
+    if source.kind == "snapshot":
+        expected = expected_snapshot(path)
+        assert {d.device for d in source.devices} == set(expected)
+        for dev in source.devices:
+            want = expected[dev.device]
+            assert measured(dev) == {k: want[k] for k in ("allocs", "frees", "baseline", "peak")}
+            # The replay must end where the dump says memory was: an invariant from the end state alone.
+            final = dev.baseline_bytes + int(dev.delta_bytes.sum())
+            assert final == want["held_at_dump"]
+            assert len(dev) == dev.alloc_events + dev.free_events
+        raw = _PlainUnpickler(io.BytesIO(_raw_bytes(path))).load()
+        assert len(source.segments) == len(raw["segments"])
+    elif source.kind == "chrome_trace":
+        expected, counts = expected_chrome(path)
+        assert {d.device: measured(d) for d in source.devices} == expected
+        assert source.meta["trace_events"] == counts["events"]
+        assert len(source.markers) == counts["steps"]
+        for dev in source.devices:
+            assert np.all(np.diff(dev.ts_us) >= 0)
+    else:
+        (dev,) = source.devices
+        assert measured(dev) == expected_timeline(path)
+
+
+def _copy_with(tmp_path: Path, original: Path, data: bytes) -> Path:
+    path = tmp_path / original.name
+    path.write_bytes(data)
+    return path
+
+
+def _require(name: str) -> Path:
+    matches = [p for p in FILES if p.name == name]
+    if not matches:
+        pytest.skip(f"{name} not in {REAL}")
+    return matches[0]
+
+
+@pytest.mark.parametrize(
+    "name", ["memory_snapshot.pickle", "worker0.1623143089861.pt.trace.json.gz", "memory_timeline.raw.gz"]
+)
+def test_truncated_copy_of_a_real_file(tmp_path: Path, name: str) -> None:
+    original = _require(name)
+    data = original.read_bytes()
+    path = _copy_with(tmp_path, original, data[: len(data) * 2 // 3])
+    with pytest.raises(KvtraceError, match="truncated") as caught:
+        open_source(path)
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_corrupt_copy_of_a_real_snapshot(tmp_path: Path) -> None:
+    original = _require("memory_snapshot.pickle")
+    data = bytearray(original.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = b"\xff" * 64
+    path = _copy_with(tmp_path, original, bytes(data))
+    with pytest.raises(KvtraceError) as caught:
+        open_source(path)
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_corrupt_gzip_stream_of_a_real_trace(tmp_path: Path) -> None:
+    original = _require("rank0.json.gz")
+    data = bytearray(original.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 32] = bytes(b ^ 0x5A for b in data[middle : middle + 32])
+    path = _copy_with(tmp_path, original, bytes(data))
+    with pytest.raises(KvtraceError) as caught:
+        open_source(path)
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        # a comma lost between two events in the middle of the file (events we would otherwise skip)
+        lambda text: (
+            text[: text.index("\n  },\n  {", len(text) // 2) + 4]
+            + text[text.index("\n  },\n  {", len(text) // 2) + 5 :]
+        ),
+        # garbage inside a [memory] event
+        lambda text: text.replace('"Bytes": ', '"Bytes": @@', 1),
+    ],
+    ids=["lost-comma", "garbage-in-memory-event"],
+)
+def test_corrupt_json_inside_a_real_trace(tmp_path: Path, damage: Any) -> None:
+    original = _require("worker0.1623143089861.pt.trace.json.gz")
+    text = damage(_raw_bytes(original).decode())
+    path = tmp_path / "worker0.json"
+    path.write_text(text)
+    with pytest.raises(KvtraceError, match="corrupt JSON") as caught:
+        open_source(path)
+    assert str(caught.value).startswith(f"{path}: ")

@@ -1,0 +1,177 @@
+"""The real analyzers on real recorded runs: KV figures per layer and per step equal the arithmetic, the
+KV-log join agrees with the stack rules, and the HTML renders in a real browser."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kvtrace
+from analyzers.attribution import RULES, _frame_categories
+from analyzers.model import KV, METHOD_KV_LOG
+from analyzers.report import build_report
+from kvtrace.cli import main
+from kvtrace.llama import ModelSize, build_model, make_cache
+
+KV_HEADS, HEAD_DIM, LAYERS, BATCH, PROMPT, NEW, WINDOW = 2, 16, 2, 2, 12, 5, 8
+SIZE = ModelSize(
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=LAYERS,
+    num_heads=4,
+    num_kv_heads=KV_HEADS,
+    vocab_size=1000,
+)
+
+
+def _record(out: Path, kind: str, **options: object) -> Path:
+    model = build_model(SIZE)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 1000, (BATCH, PROMPT))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on the first row
+    cache, extra = make_cache(kind, model, BATCH, PROMPT + NEW, window=WINDOW)
+    if cache is not None:
+        extra["cache"] = cache
+    with torch.no_grad(), kvtrace.record(out, model=model, **options):
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=0,
+            **extra,
+        )
+    return out
+
+
+def _expected_layer_bytes(kind: str, step: int) -> int:
+    """Storage bytes one layer holds (K + V) after forward number `step` (1 = prefill), from first principles."""
+    per_token_row = KV_HEADS * HEAD_DIM  # elements of one token of one row of K (or V)
+    held = PROMPT + step - 1
+    if kind == "dynamic":
+        return 2 * per_token_row * held * BATCH * 4
+    if kind == "static":
+        # generate() sizes a static cache for every token it will feed: the prompt and all new tokens but
+        # the last (never fed back), allocated in full at the first step.
+        return 2 * per_token_row * (PROMPT + NEW - 1) * BATCH * 4
+    if kind == "sliding":
+        # The layer keeps a view of the torch.cat result: the storage is the previous view (at most
+        # WINDOW-1 tokens) plus the step's new tokens; at prefill, the whole prompt.
+        tokens = PROMPT if step == 1 else min(WINDOW - 1, held - 1) + 1
+        return 2 * per_token_row * tokens * BATCH * 4
+    if kind == "fp8":
+        return 2 * (per_token_row * held * BATCH * 1 + 4)  # fp8 data + one float32 scale, for K and for V
+    raise AssertionError(kind)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {kind: _record(root / kind, kind) for kind in ("dynamic", "static", "sliding", "fp8")}
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static", "sliding", "fp8"])
+def test_report_kv_bytes_equal_arithmetic(runs: dict[str, Path], kind: str) -> None:
+    # GIVEN a recorded run WHEN `kvtrace report --json` reads it
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["report", str(runs[kind]), "--json", "-q"]) == 0
+    data = json.loads(out.getvalue())
+    # THEN the final per-layer K and V storage bytes are the arithmetic of the last step
+    last = _expected_layer_bytes(kind, NEW)
+    assert data["source"]["kind"] == "run"
+    assert [(layer["k_bytes"], layer["v_bytes"]) for layer in data["kv"]["per_layer"]] == [
+        (last // 2, last // 2)
+    ] * LAYERS
+    assert data["kv"]["final_bytes"] == LAYERS * last
+    # and at every step, every layer's live KV bytes equal the arithmetic
+    _, report = build_report(runs[kind])
+    kv_log = build_report(runs[kind])[0].meta["kv"]
+    assert sorted(kv_log.step_live) == list(range(1, NEW + 1))
+    for step, live in kv_log.step_live.items():
+        assert live == {layer: _expected_layer_bytes(kind, step) for layer in range(LAYERS)}, step
+    # the CPU peak covers weights + KV, and KV at the peak is at most the KV peak
+    cpu = data["devices"][0]
+    assert cpu["device"] == "cpu"
+    assert cpu["categories_at_peak"]["kv"] <= data["kv"]["peak_bytes"]
+    model = build_model(SIZE)
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    assert cpu["categories_at_peak"]["weights"] == sum(tensors.values())
+    assert report.kv.allocated_bytes_total >= report.kv.final_bytes
+
+
+def test_dynamic_churn_is_the_sum_of_every_growth(runs: dict[str, Path]) -> None:
+    _, report = build_report(runs["dynamic"])
+    expected = LAYERS * sum(_expected_layer_bytes("dynamic", step) for step in range(1, NEW + 1))
+    assert report.kv.allocated_bytes_total == expected
+    assert (
+        report.kv.bytes_per_token_measured
+        == report.kv.bytes_per_token_expected
+        == LAYERS * 2 * KV_HEADS * HEAD_DIM * 4
+    )
+
+
+def test_kv_log_join_and_stack_rules_agree(tmp_path: Path) -> None:
+    # GIVEN a run recorded with Python stacks
+    run = _record(tmp_path / "stacks", "dynamic", with_stack=True)
+    source, _ = build_report(run)
+    device = source.devices[0]
+    allocs = device.delta_bytes > 0
+    by_log = allocs & (device.method == METHOD_KV_LOG)
+    # WHEN the stack rules alone classify the same allocations
+    categories, _ = _frame_categories(source.frames, RULES)
+    has_stack = device.frame_id >= 0
+    by_rule = allocs & has_stack & (categories[np.maximum(device.frame_id, 0)] == KV)
+    # THEN both find every KV storage of the log, and the same ones
+    storages = len(source.meta["kv"].storages)
+    assert int(by_log.sum()) == storages == LAYERS * 2 * NEW
+    assert np.array_equal(by_log, by_rule)
+
+
+def test_every_kv_storage_joins_an_allocation(runs: dict[str, Path]) -> None:
+    source, _ = build_report(runs["dynamic"])
+    device = source.devices[0]
+    joined = int(((device.delta_bytes > 0) & (device.method == METHOD_KV_LOG)).sum())
+    assert joined == len(source.meta["kv"].storages)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_html_renders_in_headless_chromium(runs: dict[str, Path], tmp_path: Path) -> None:
+    html = tmp_path / "timeline.html"
+    with redirect_stdout(io.StringIO()):
+        assert main(["report", str(runs["sliding"]), "-o", str(html), "-q"]) == 0
+    assert "cdn" not in html.read_text(encoding="utf-8")[:2000].lower()
+    proc = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            html.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    console_errors = [
+        line for line in proc.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()
+    ]
+    assert console_errors == []
+    dom = proc.stdout
+    assert 'class="plot-container plotly"' in dom
+    assert dom.count('class="trace scatter') >= 4  # weights, kv, other, allocated
+    assert "heatmaplayer" in dom or 'class="hm"' in dom or "heatmap" in dom

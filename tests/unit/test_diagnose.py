@@ -1,0 +1,93 @@
+"""`diagnose` on real snapshots: every figure checked against arithmetic on the raw pickle."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from analyzers.diagnose import diagnose
+from analyzers.render_diagnosis import diagnosis_html_for, diagnosis_to_json, diagnosis_to_text
+from analyzers.report import build_report
+
+REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
+OOM_SNAPSHOT = REAL / "oom_snapshot.pickle"
+LIVE = ("active_allocated", "active_pending_free", "active_awaiting_free")
+
+pytestmark = pytest.mark.skipif(not OOM_SNAPSHOT.exists(), reason=f"{OOM_SNAPSHOT} not present")
+
+
+class _PlainData(pickle.Unpickler):
+    """The test's own restricted unpickler: plain data only, independent of the code under test."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing {module}.{name}")
+
+
+def _raw() -> dict[str, Any]:
+    with OOM_SNAPSHOT.open("rb") as stream:
+        return _PlainData(stream).load()
+
+
+def _expected(raw: dict[str, Any]) -> dict[str, int]:
+    blocks = [b for s in raw["segments"] for b in s["blocks"]]
+    return {
+        "allocated": sum(b.get("requested_size") or b["size"] for b in blocks if b["state"] in LIVE),
+        "reserved": sum(s["total_size"] for s in raw["segments"]),
+        "largest_free": max(b["size"] for b in blocks if b["state"] == "inactive"),
+    }
+
+
+def test_bare_snapshot_peak_figures_match_the_raw_file() -> None:
+    # GIVEN the real near-OOM snapshot (no oom entry) WHEN diagnosed
+    raw = _raw()
+    expected = _expected(raw)
+    source, report = build_report(OOM_SNAPSHOT)
+    d = diagnose(source, report)
+    # THEN the peak is diagnosed with the raw file's figures
+    assert d.event == "peak" and d.requested_bytes is None
+    assert d.allocated_bytes == expected["allocated"]
+    assert d.reserved_bytes == expected["reserved"]
+    assert d.largest_free_block_bytes == expected["largest_free"]
+    assert d.reserved_unallocated_bytes == expected["reserved"] - expected["allocated"]
+    # top stacks come from the blocks' own histories and sum to at most what is allocated
+    assert d.top_stacks and sum(s.bytes for s in d.top_stacks) <= expected["allocated"]
+    assert "flex_opt.py" in d.top_stacks[0].stack
+    # without KV geometry, remedies say what cannot be computed instead of inventing figures
+    by_kind = {r.kind: r for r in d.remedies}
+    assert by_kind["expandable_segments"].saved_bytes == expected["reserved"] - expected["allocated"]
+    for kind in ("batch", "context", "static_cache", "quantized_kv", "offloading", "sliding_window"):
+        assert by_kind[kind].saved_bytes is None and "cannot be computed" in by_kind[kind].sentence
+
+
+def test_snapshot_with_an_oom_entry(tmp_path: Path) -> None:
+    # GIVEN the real snapshot with an allocator `oom` entry appended to device 0's trace
+    raw = _raw()
+    request, device_free = 3 * 2**30 + 12_345, 1_234_567_890
+    raw["device_traces"][0].append(
+        {"action": "oom", "size": request, "device_free": device_free, "addr": 0, "stream": 0, "frames": []}
+    )
+    path = tmp_path / "with_oom.pickle"
+    path.write_bytes(pickle.dumps(raw, protocol=4))
+    expected = _expected(raw)
+    # WHEN diagnosed
+    source, report = build_report(path)
+    d = diagnose(source, report)
+    # THEN the OOM's figures are the raw file's
+    assert d.event == "oom"
+    assert d.requested_bytes == request
+    assert d.free_bytes == device_free
+    assert d.allocated_bytes == expected["allocated"]
+    assert d.reserved_bytes == expected["reserved"]
+    assert d.largest_free_block_bytes == expected["largest_free"]
+    assert d.shortfall_bytes == request - device_free
+    total_free = expected["reserved"] - expected["allocated"] + device_free
+    assert d.fragmented is (total_free >= request > max(expected["largest_free"], device_free))
+    # and every renderer shows them
+    as_json = diagnosis_to_json(d)
+    assert as_json["requested_bytes"] == request and as_json["free_bytes"] == device_free
+    assert "out of memory on cuda:0" in diagnosis_to_text(d)
+    section = diagnosis_html_for(source, report)
+    assert section.startswith("<section") and "Remedies" in section
