@@ -55,7 +55,7 @@ def _record(out: Path, kind: str, **options: object) -> Path:
 
 
 def _expected_layer_bytes(kind: str, step: int) -> int:
-    """Storage bytes one layer holds (K + V) after forward number `step` (1 = prefill), from first principles."""
+    """Storage bytes one layer holds (K + V) after forward `step` (1 = prefill), from first principles."""
     per_token_row = KV_HEADS * HEAD_DIM  # elements of one token of one row of K (or V)
     held = PROMPT + step - 1
     if kind == "dynamic":
