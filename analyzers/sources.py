@@ -223,6 +223,8 @@ class JsonStream:
         separated by ",\\n  ") that contain no needle and whose braces and brackets balance are skipped
         undecoded, often a whole window at once: most events of a big trace are kernels and ops we do
         not keep. Raw newlines cannot occur inside JSON strings, so that separator is always structure.
+        The price: damage inside an event we skip (garbage between its fields) goes unnoticed; a lost
+        separator, unbalanced braces, truncation and gzip CRC errors are still reported.
         """
         self.expect("[", where)
         if self.peek() == "]":

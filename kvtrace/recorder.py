@@ -44,13 +44,10 @@ class _Ranges:
     def __init__(self, use_nvtx: bool, use_record_function: bool) -> None:
         self._nvtx: Any = None
         if use_nvtx:
-            try:
-                from kvtrace.nvtx_ranges import NvtxRanges
-            except ImportError:
-                NvtxRanges = None
-            if NvtxRanges is not None:
-                ranges = NvtxRanges("kvtrace")
-                self._nvtx = ranges if ranges.enabled else None
+            from kvtrace.nvtx_ranges import NvtxRanges  # a no-op without the nvtx package or a tool
+
+            ranges = NvtxRanges("kvtrace")
+            self._nvtx = ranges if ranges.enabled else None
         self._use_rf = use_record_function
         self._stack: list[Any] = []
 

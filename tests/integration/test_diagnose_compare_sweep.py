@@ -70,11 +70,8 @@ def test_compare_two_runs(sweep_dir: Path, tmp_path: Path, capsys: pytest.Captur
     data = json.loads(capsys.readouterr().out)
     one, two = data["runs"]
     assert two["kv_final_bytes"] == 2 * one["kv_final_bytes"]
-    assert (
-        list(one["kv_by_step"]) == [str(s) for s in range(1, NEW_TOKENS + 1)]
-        or len(one["kv_by_step"]) == NEW_TOKENS
-    )
-    assert one["churn"] == pytest.approx(one["kv_peak_bytes"] and one["churn"])
+    # one KV point per step (prefill + NEW_TOKENS - 1 decodes); a dynamic cache reallocates as it grows
+    assert len(one["kv_by_step"]) == NEW_TOKENS and one["churn"] > 1
     _chromium_check(out)
 
 
@@ -91,12 +88,12 @@ def test_diagnose_a_cpu_run(sweep_dir: Path, capsys: pytest.CaptureFixture[str])
     "argv",
     [
         ["diagnose", "/nonexistent/run"],
-        ["diagnose", str(REAL / "oom_snapshot.pickle"), "--budget", "-5GiB"],
+        ["diagnose", str(REAL / "oom_snapshot.pickle"), "--budget=-5GiB"],
         ["compare", "/nonexistent/a", "/nonexistent/b"],
         ["sweep", "--preset", "llama-9-unknown", "--out", "/tmp/kvtrace-never"],
         ["sweep", "--batch", "-1", "--out", "/tmp/kvtrace-never"],
         ["sweep", "--cache", "bogus", "--out", "/tmp/kvtrace-never"],
-        ["sweep", "--budget", "-1GiB", "--out", "/tmp/kvtrace-never"],
+        ["sweep", "--budget=-1GiB", "--out", "/tmp/kvtrace-never"],
     ],
 )
 def test_bad_input_is_one_line_and_status_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,40 @@
+"""NVTX ranges of a real recording, seen by a real NVTX tool (an injection library built by the test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.nvtx_tool.harness import range_events, run_with_tool
+
+LAYERS, NEW = 3, 4
+
+SCRIPT = f"""
+import torch, kvtrace
+from kvtrace.llama import ModelSize, build_model
+model = build_model(ModelSize(hidden_size=64, intermediate_size=128, num_layers={LAYERS}, num_heads=4,
+                              num_kv_heads=2, vocab_size=1000))
+ids = torch.randint(3, 1000, (2, 9))
+with torch.no_grad(), kvtrace.record(RUN, model=model, profiler=False):
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens={NEW}, min_new_tokens={NEW},
+                   do_sample=False, pad_token_id=0)
+"""
+
+
+def test_nvtx_sees_prefill_every_decode_step_and_every_layer_update(tmp_path: Path) -> None:
+    # GIVEN generate() recorded in a process that has an NVTX tool attached
+    events = run_with_tool(f"RUN = {str(tmp_path / 'run')!r}\n" + SCRIPT, tmp_path)
+    ranges = range_events(events)
+    # THEN the kvtrace domain holds, in order: each step's range enclosing one update range per layer
+    expected: list[tuple[str, str, str]] = []
+    steps = ["kvtrace/prefill"] + [f"kvtrace/decode {i}" for i in range(1, NEW)]
+    for step in steps:
+        expected.append(("push", "kvtrace", step))
+        for layer in range(LAYERS):
+            expected += [("push", "kvtrace", f"kvtrace/kv_update L{layer}"), ("pop", "kvtrace", "")]
+        expected.append(("pop", "kvtrace", ""))
+    assert ranges == expected
+    depth = 0
+    for kind, _, _ in ranges:
+        depth += {"push": 1, "pop": -1}.get(kind, 0)
+        assert depth >= 0
+    assert depth == 0
