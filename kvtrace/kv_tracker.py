@@ -80,6 +80,15 @@ def iter_tensors(value: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
                     yield from iter_tensors(item, f"{prefix}.{key}")
 
 
+def _version_of(tensor: torch.Tensor) -> int:
+    """The in-place write counter; -1 for inference tensors (hqq quantizes under inference_mode), which
+    have none: their in-place writes go unseen, their replacement does not."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
 def storage_of(tensor: torch.Tensor) -> tuple[int, int]:
     """(address, bytes) of the storage behind `tensor`; (0, 0) for tensors without real memory."""
     try:
@@ -136,7 +145,7 @@ class KvTracker:
                 key = (cache_id, layer, kv, name)
                 seen.add(key)
                 shape = tuple(tensor.shape)
-                version = tensor._version
+                version = _version_of(tensor)
                 old = self._slots.get(key)
                 if old is not None and old.addr == addr:
                     if old.shape == shape and old.version == version and old.tensor_id == id(tensor):
