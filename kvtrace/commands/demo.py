@@ -101,7 +101,7 @@ class DemoCommand(Command):
 
         html = out / "timeline.html"
         status = ReportCommand().run(
-            argparse.Namespace(path=str(out), output=str(html), json=False, quiet=False)
+            argparse.Namespace(path=str(out), output=str(html), json=False, quiet=False, no_export=False)
         )
         print(f"open: {html}   |   tensorboard --logdir {out}")
         return status

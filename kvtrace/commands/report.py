@@ -50,6 +50,11 @@ class ReportCommand(Command):
         parser.add_argument("-o", "--output", help="write a self-contained HTML timeline to this file")
         parser.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        parser.add_argument(
+            "--no-export",
+            action="store_true",
+            help="for a run directory: do not write the KV counter trace and TensorBoard scalars into it",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         from analyzers.render_json import report_to_json
@@ -65,6 +70,8 @@ class ReportCommand(Command):
         finally:
             if close is not None:
                 close()
+        if source.kind == "run" and not getattr(args, "no_export", False):
+            self._export(path, source)
         if args.json:
             json.dump(report_to_json(report), sys.stdout, indent=2)
             sys.stdout.write("\n")
@@ -90,3 +97,16 @@ class ReportCommand(Command):
             if not args.json:
                 print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
         return 0
+
+    @staticmethod
+    def _export(path: Path, source: object) -> None:
+        from analyzers.export import write_counters, write_scalars
+
+        meta = source.meta  # type: ignore[attr-defined]
+        try:
+            write_counters(path, meta["kv"], meta.get("trace"), int(meta["manifest"].get("pid", 0)))
+            write_scalars(path, meta["kv"])
+        except OSError as exc:
+            raise KvtraceError(
+                f"{path}: cannot write the KV counters ({exc.strerror})", exit_code=1
+            ) from None

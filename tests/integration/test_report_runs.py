@@ -175,3 +175,22 @@ def test_html_renders_in_headless_chromium(runs: dict[str, Path], tmp_path: Path
     assert 'class="plot-container plotly"' in dom
     assert dom.count('class="trace scatter') >= 4  # weights, kv, other, allocated
     assert "heatmaplayer" in dom or 'class="hm"' in dom or "heatmap" in dom
+
+
+def test_report_exports_counter_track_and_tensorboard_scalars(runs: dict[str, Path]) -> None:
+    import gzip
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = runs["dynamic"]
+    with redirect_stdout(io.StringIO()):
+        assert main(["report", str(run), "-q"]) == 0
+    with gzip.open(run / "kv_counters.trace.json.gz", "rt") as fh:
+        trace = json.load(fh)
+    per_layer = [e["args"] for e in trace["traceEvents"] if e.get("name") == "KV bytes per layer"]
+    assert per_layer[-1] == {f"L{layer}": _expected_layer_bytes("dynamic", NEW) for layer in range(LAYERS)}
+    accumulator = EventAccumulator(str(run / "tb_scalars"))
+    accumulator.Reload()
+    totals = [(event.step, event.value) for event in accumulator.Scalars("kv/total_bytes")]
+    expected = [(step, float(LAYERS * _expected_layer_bytes("dynamic", step))) for step in range(1, NEW + 1)]
+    assert totals == expected
