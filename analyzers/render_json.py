@@ -44,6 +44,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "bytes_per_token_expected": kv.bytes_per_token_expected,
             "tokens_held": kv.tokens_held,
             "batch": kv.batch,
+            "evictions": kv.evictions,
             "per_layer": [
                 {
                     "layer": layer.layer,

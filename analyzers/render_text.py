@@ -52,8 +52,19 @@ def report_to_text(report: Report) -> str:
             f"    bytes per token: measured {kv.bytes_per_token_measured:,.1f} "
             f"({kv.tokens_held} tokens x {kv.batch} rows), arithmetic {expected}"
         )
-    if kv.evicted_tokens:
+    if kv.evicted_tokens or kv.evictions:
         lines.append(f"    evicted tokens: {kv.evicted_tokens:,}")
+    if kv.evictions:
+        ev = kv.evictions
+        lines.append(
+            f"    evictions: {ev['events']} (K and V), claimed {human_bytes(ev['claimed_bytes'])}, "
+            f"really released {human_bytes(ev['freed_bytes'])}"
+        )
+        reasons: dict[str, int] = {}
+        for item in ev["freed_nothing"]:
+            reasons[item["explanation"]] = reasons.get(item["explanation"], 0) + 1
+        for explanation, count in reasons.items():
+            lines.append(f"      {count} freed nothing: {explanation}")
     if kv.per_layer:
         lines.append("    layer      K bytes      V bytes   tokens  evicted")
         for layer in kv.per_layer:

@@ -49,6 +49,7 @@ class KvSummary:
     bytes_per_token_expected: int | None = None
     tokens_held: int | None = None
     batch: int | None = None
+    evictions: dict[str, Any] | None = None
 
 
 @dataclass
@@ -160,6 +161,35 @@ def _expected_bytes_per_token(geometry: dict[str, Any] | None, kv_dtype: str | N
         return None
 
 
+def _add_evictions(kv: KvSummary, events: list[Any]) -> None:
+    """Per-layer evicted tokens and what the evictions really released (analyzers.evictions)."""
+    from analyzers.evictions import REASONS, analyze_evictions
+
+    ev_summary = analyze_evictions(events)
+    per_layer_ev = ev_summary.per_layer()
+    for layer in kv.per_layer:
+        if layer.layer in per_layer_ev:
+            layer.evicted_tokens = per_layer_ev[layer.layer]["evicted_tokens"]
+    kv.evicted_tokens = sum(layer.evicted_tokens for layer in kv.per_layer)
+    kv.evictions = {
+        "events": len(ev_summary.evictions),
+        "claimed_bytes": ev_summary.claimed_bytes,
+        "freed_bytes": ev_summary.freed_bytes,
+        "per_layer": [{"layer": k, **v} for k, v in per_layer_ev.items()],
+        "freed_nothing": [
+            {
+                "step": e.step,
+                "layer": e.layer,
+                "kv": e.kv,
+                "claimed_bytes": e.claimed_bytes,
+                "reason": e.reason,
+                "explanation": REASONS[e.reason],
+            }
+            for e in ev_summary.freed_nothing
+        ],
+    }
+
+
 def summarize(source: MemorySource) -> Report:
     """Figures of an attributed source (see analyzers.attribution.attribute)."""
     baseline_category = WEIGHTS if source.kind == "run" else OTHER
@@ -182,6 +212,8 @@ def summarize(source: MemorySource) -> Report:
             kv.bytes_per_token_expected = _expected_bytes_per_token(geometry, last.dtype)
             if kv.tokens_held and kv.batch:
                 kv.bytes_per_token_measured = kv.final_bytes / (kv.tokens_held * kv.batch)
+    if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):
+        _add_evictions(kv, run.kv_events)
     steps = (
         len(source.meta["kv"].step_start_ns)
         if source.meta.get("kv") is not None

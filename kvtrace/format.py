@@ -47,6 +47,7 @@ EVENT_KINDS = (
     "reordered",  # beam search reorder / batch select / repeat
     "offloaded",  # moved to CPU by an offloaded cache
     "prefetched",  # moved back to the accelerator
+    "masked",  # tokens hidden in place (kvpress AdaKV): no storage change, nothing released
     "freed",  # the storage was released (no tensor refers to it any more)
 )
 

@@ -77,6 +77,7 @@ class HfCacheHooks:
         self._cache_ids: dict[int, int] = {}
         self.installed = False
         self.on_first_layer: Callable[[int], None] | None = None
+        self._seen_masks: dict[int, Any] = {}
 
     @staticmethod
     def available() -> bool:
@@ -162,19 +163,35 @@ class HfCacheHooks:
 
         return wrapper
 
-    def scan_cache(self, cache: Any, cause: str, only: set[int] | None = None) -> None:
+    def scan_cache(self, cache: Any, cause: str, only: set[int] | None = None, reason: str = "") -> None:
         cid = self.cache_id(cache)
         for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
             if only is not None and layer_idx not in only:
                 continue
             if not hasattr(layer, "keys") and cause != "reset":
                 continue
-            self.tracker.observe(cid, layer_idx, layer_parts(layer), cause, layer_tokens(layer))
+            parts = layer_parts(layer)
+            self.tracker.observe(cid, layer_idx, parts, cause, layer_tokens(layer), reason=reason)
 
     def scan_all(self) -> None:
         """Catch what changed outside the cache's methods (rebinding by eviction presses)."""
+        # With grad on, an autograd graph may keep a replaced storage alive: said on the eviction event.
+        reason = "grad_enabled" if torch.is_grad_enabled() else ""
         for cache in list(self._caches.values()):
-            self.scan_cache(cache, "scan")
+            self.scan_cache(cache, "scan", reason=reason)
+
+    def scan_masks(self, attention_modules: list[Any]) -> None:
+        """kvpress's head-wise presses (AdaKV) leave the cache whole and set `masked_key_indices` on the
+        attention module: tokens are hidden, no memory is released. Log each new mask once."""
+        for module in attention_modules:
+            mask = getattr(module, "masked_key_indices", None)
+            if mask is None or self._seen_masks.get(id(module)) is mask:
+                continue
+            self._seen_masks[id(module)] = mask  # kept here, not on the user's module
+            entries = int(mask[-1].numel()) if isinstance(mask, tuple) and mask else 0
+            layer_idx = int(getattr(module, "layer_idx", -1))
+            cid = next(iter(self._cache_ids.values()), 0)
+            self.tracker.masked(cid, layer_idx, entries, self.tracker.tokens(cid, layer_idx))
 
     def uninstall(self) -> None:
         if self._cache_cls is not None:

@@ -126,6 +126,7 @@ class KvTracker:
         cause: str,
         tokens: int,
         source: str = "hf",
+        reason: str = "",
     ) -> None:
         """Compare the current tensors of one layer with the last seen ones; emit what changed.
 
@@ -188,6 +189,7 @@ class KvTracker:
                         prev_addr=prev_addr,
                         cache=cache_id,
                         source=source,
+                        reason=reason if kind == "evicted" else "",
                     )
                 )
                 if old is not None and old.addr != addr:
@@ -216,6 +218,22 @@ class KvTracker:
                     )
                 )
         self.poll_frees()
+
+    def masked(self, cache_id: int, layer: int, masked_entries: int, tokens: int) -> None:
+        """Tokens hidden from attention in place (kvpress AdaKV's `masked_key_indices`): nothing is freed."""
+        self._emit(
+            self._event(
+                event="masked",
+                layer=layer,
+                kv="k",
+                part="data",
+                addr=0,
+                storage_bytes=0,
+                tokens=tokens,
+                cache=cache_id,
+                reason=f"masking without removal: {masked_entries} (row, head, token) entries masked",
+            )
+        )
 
     def _retire(self, key: tuple[int, int, str, str], old: _Slot) -> None:
         """Watch a storage that left its slot until the allocator releases it."""

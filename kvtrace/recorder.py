@@ -97,6 +97,7 @@ class Recording:
         self._snapshots: CudaSnapshots | None = None
         self._manifest: dict[str, Any] = {}
         self._decode_index = 0
+        self._attention_modules: list[Any] = []
         self._step_open = False
         self.event_count = 0
 
@@ -159,6 +160,9 @@ class Recording:
             )
             self._hook_handles.append(self.model.register_forward_hook(self._post_forward, always_call=True))
         self._modules.scan("track")
+        if self.model is not None:
+            # HF attention modules carry `layer_idx`; eviction libraries hang their masks on them.
+            self._attention_modules = [m for m in self.model.modules() if hasattr(m, "layer_idx")]
         self._snapshots = CudaSnapshots(self.path / fmt.SNAPSHOT_DIR, self.options.max_snapshot_entries)
         if self.options.snapshots:
             self._manifest["snapshots"] = self._snapshots.start()
@@ -267,6 +271,8 @@ class Recording:
             return
         if self._hf is not None:
             self._hf.scan_all()
+            if self._attention_modules:
+                self._hf.scan_masks(self._attention_modules)
         if self._modules is not None and (self._modules.owners or self._modules._tracked):
             self._modules.scan("track")
         self.tracker.poll_frees()
@@ -281,8 +287,10 @@ class Recording:
         assert self._events is not None
         self._events.append(event.to_json())
         self.event_count += 1
-        if event.event == "evicted" and self._ranges is not None:
-            self._ranges.mark(f"kvtrace/evict L{event.layer} {event.kv}")
+        if event.event in ("evicted", "masked") and self._ranges is not None:
+            name = f"kvtrace/evict L{event.layer} {event.kv}"
+            self._ranges.push(name)  # a range per eviction, as Nsight users expect; it spans the logging
+            self._ranges.pop()
 
     def _flush(self) -> None:
         if self._events is not None:

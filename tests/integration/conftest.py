@@ -24,9 +24,7 @@ _CACHE_METHODS = (
     "offload",
     "prefetch",
 )
-ORIGINAL_CACHE_METHODS = {
-    name: transformers.cache_utils.Cache.__dict__.get(name) for name in _CACHE_METHODS
-}
+ORIGINAL_CACHE_METHODS = {name: transformers.cache_utils.Cache.__dict__.get(name) for name in _CACHE_METHODS}
 
 # Small enough that a whole test file runs in seconds on two cores; the real Llama 3 vocabulary so that
 # the real tokenizer's ids index the embedding.
@@ -53,6 +51,11 @@ class Batch:
 def watched_models() -> list[torch.nn.Module]:
     """Models whose modules the leak guard checks after every test; fixtures add theirs."""
     return []
+
+
+@pytest.fixture(scope="session")
+def tiny_size() -> ModelSize:
+    return TINY
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ slot holds now.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ def kv_bytes(kv_heads: int, head_dim: int, tokens: int, rows: int, dtype_bytes: 
 def assert_well_ordered(events: Sequence[KvEvent]) -> None:
     """seq strictly increasing, time never going back, steps never going back, every free known."""
     assert events, "no KV events"
-    for before, after in zip(events, events[1:], strict=False):
+    for before, after in itertools.pairwise(events):
         assert after.seq > before.seq, f"seq not increasing: {before.seq} then {after.seq}"
         assert after.t_ns >= before.t_ns, f"t_ns went back between seq {before.seq} and {after.seq}"
         assert after.step >= before.step, f"step went back between seq {before.seq} and {after.seq}"

@@ -189,7 +189,7 @@ def test_fp8_quantized(tiny_model, prompt_batch, tmp_path):
     del cache
 
 
-@pytest.mark.parametrize("backend", ["quanto", "hqq"])
+@pytest.mark.parametrize("backend", [pytest.param("quanto", marks=pytest.mark.slow), "hqq"])
 def test_integer_quantized(tiny_model, prompt_batch, tmp_path, backend):
     pytest.importorskip("optimum.quanto" if backend == "quanto" else "hqq")
     rows, prompt_len = prompt_batch.rows, prompt_batch.prompt_len

@@ -1,0 +1,313 @@
+"""The KV Cache plugin's data: which kvtrace runs are under the log directory, and their figures as JSON.
+
+Kept apart from TensorBoard (no werkzeug, no tensorboard import) so the figures can be tested without a
+server, and so that everything here is the analyzers' own model: the summary is `report_to_json`, the
+timeline is `Report.timelines` cut down by `downsample_indices`, the heatmap is the KV log's `step_live`.
+Nothing is computed twice and nothing imports torch.
+
+A run is parsed once and kept while its files are unchanged: the cache key is (path, manifest mtime,
+kv_events.jsonl size), so a run still being recorded (the log grows every step, the manifest is rewritten
+at the end) is read again, and a finished one never is. A run that cannot be read becomes an error entry
+for that run alone; the store never raises for a run's content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvtrace.errors import KvtraceError
+from kvtrace.format import KV_EVENTS, MANIFEST, SCHEMA_VERSION
+
+__all__ = ["DEFAULT_MAX_POINTS", "DEFAULT_MAX_STEPS", "RunStore", "UnknownRun"]
+
+DEFAULT_MAX_POINTS = 5_000
+DEFAULT_MAX_STEPS = 1_000
+# Folders no run lives in; skipping them keeps a scan of a big log directory cheap.
+_SKIP_DIRS = frozenset({"profiler", "snapshots", "tb_scalars", "__pycache__", ".git", "node_modules"})
+_MARKER_KINDS = ("step", "eviction", "oom", "snapshot")
+
+
+class UnknownRun(LookupError):
+    """The requested run name is not a run directory under the log directory (a bad request, not a
+    broken run)."""
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """One parsed run, or why it could not be parsed."""
+
+    source: Any = None  # analyzers.model.MemorySource
+    report: Any = None  # analyzers.summary.Report
+    error: str | None = None
+
+
+def _cache_key(path: Path) -> tuple[str, int, int]:
+    manifest = path / MANIFEST
+    events = path / KV_EVENTS
+    mtime = manifest.stat().st_mtime_ns if manifest.exists() else -1
+    size = events.stat().st_size if events.exists() else -1
+    return (str(path), mtime, size)
+
+
+def _error_text(exc: BaseException) -> str:
+    """A KvtraceError already reads as one line for the user; anything else is a bug worth its type."""
+    if isinstance(exc, KvtraceError):
+        return str(exc)
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+def _manifest_info(path: Path) -> dict[str, Any]:
+    """What the run selector shows, from the manifest alone (cheap: no log is read), with the manifest's
+    own problems reported the way `read_run` would refuse it."""
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return {"error": f"{manifest_path}: corrupt manifest ({exc.__class__.__name__})"}
+    if not isinstance(manifest, dict) or manifest.get("format") != "kvtrace-run":
+        return {"error": f"{manifest_path}: not a kvtrace manifest"}
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version < 1:
+        return {"error": f"{manifest_path}: missing or invalid schema_version"}
+    if version > SCHEMA_VERSION:
+        return {"error": f"{manifest_path}: schema version {version} is newer than this kvtrace reads"}
+    device = manifest.get("device") if isinstance(manifest.get("device"), dict) else {}
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    ended = manifest.get("ended") if isinstance(manifest.get("ended"), dict) else {}
+    return {
+        "status": ended.get("status", "running"),
+        "device": device.get("type"),
+        "model": model.get("class"),
+        "num_layers": model.get("num_layers"),
+        "started_ns": manifest.get("started_ns"),
+        "error": None,
+    }
+
+
+def _rel_seconds(ts_us: Any, t0_us: float) -> list[float]:
+    """Seconds from the run's first event, rounded to the microsecond the clock has."""
+    return [round((float(t) - t0_us) / 1e6, 6) for t in ts_us]
+
+
+class RunStore:
+    """The kvtrace runs under one log directory, scanned on demand and parsed lazily, at most
+    `max_cached` at a time (a parsed run holds its event columns: tens of MB for a long one)."""
+
+    def __init__(self, logdir: str | os.PathLike[str] | None, max_cached: int = 8) -> None:
+        self.logdir = Path(logdir).expanduser().resolve() if logdir else None
+        self._max_cached = max_cached
+        self._cache: OrderedDict[tuple[str, int, int], _Loaded] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._path_locks: dict[str, threading.Lock] = {}
+
+    # -- discovery ---------------------------------------------------------------------------------
+    def scan(self) -> dict[str, Path]:
+        """Run name (path relative to the log directory, "." for the log directory itself) -> path.
+        Walked afresh on every call so that runs written after TensorBoard started appear."""
+        if self.logdir is None or not self.logdir.is_dir():
+            return {}
+        runs: dict[str, Path] = {}
+        for root, dirs, files in os.walk(self.logdir, followlinks=False):
+            if MANIFEST in files:
+                path = Path(root)
+                runs[path.relative_to(self.logdir).as_posix()] = path
+                dirs[:] = []  # a run's subfolders (profiler/, snapshots/) hold no further runs
+                continue
+            dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        return dict(sorted(runs.items()))
+
+    def has_runs(self) -> bool:
+        if self.logdir is None or not self.logdir.is_dir():
+            return False
+        for root, dirs, files in os.walk(self.logdir, followlinks=False):
+            if MANIFEST in files:
+                return True
+            dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")]
+        return False
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        """Every run with what the selector shows; a run whose manifest is unreadable, or whose last
+        parse failed, carries its error."""
+        rows = []
+        for name, path in self.scan().items():
+            row: dict[str, Any] = {"name": name, "path": str(path)}
+            try:
+                row.update(_manifest_info(path))
+                if row["error"] is None:
+                    with self._cache_lock:
+                        cached = self._cache.get(_cache_key(path))
+                    if cached is not None and cached.error is not None:
+                        row["error"] = cached.error
+            except Exception as exc:  # a run vanishing mid-scan is that run's problem only
+                row["error"] = _error_text(exc)
+            rows.append(row)
+        return rows
+
+    # -- parsing -----------------------------------------------------------------------------------
+    def _path_of(self, name: str) -> Path:
+        runs = self.scan()
+        if name not in runs:
+            raise UnknownRun(name)
+        return runs[name]
+
+    def load(self, name: str) -> _Loaded:
+        """The parsed run, from the cache while its files are unchanged. Never raises for a run's
+        content: a KvtraceError or any other failure becomes `_Loaded.error`."""
+        path = self._path_of(name)
+        with self._cache_lock:
+            lock = self._path_locks.setdefault(str(path), threading.Lock())
+        with lock:  # two panels asking for the same run at once parse it once
+            try:
+                key = _cache_key(path)
+            except OSError as exc:
+                return _Loaded(error=_error_text(exc))
+            with self._cache_lock:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    return self._cache[key]
+            try:
+                from analyzers.report import build_report
+
+                source, report = build_report(path)
+                loaded = _Loaded(source=source, report=report)
+            except Exception as exc:
+                if not isinstance(exc, KvtraceError):
+                    traceback.print_exc()
+                loaded = _Loaded(error=_error_text(exc))
+            with self._cache_lock:
+                for old in [k for k in self._cache if k[0] == key[0]]:
+                    del self._cache[old]  # an older version of this run
+                self._cache[key] = loaded
+                while len(self._cache) > self._max_cached:
+                    self._cache.popitem(last=False)
+            return loaded
+
+    # -- the endpoints' payloads -------------------------------------------------------------------
+    def summary(self, name: str) -> dict[str, Any]:
+        """Exactly `kvtrace report RUN --json`."""
+        loaded = self.load(name)
+        if loaded.error is not None:
+            return {"error": loaded.error}
+        from analyzers.render_json import report_to_json
+
+        return report_to_json(loaded.report)
+
+    def timeline(self, name: str, max_points: int = DEFAULT_MAX_POINTS) -> dict[str, Any]:
+        """Per device: live bytes by category (kv/weights/other), allocated and reserved, at most about
+        `max_points` points per series. The kept indices are the union of each series' own
+        peak-keeping downsample, so every series reaches exactly its full-resolution max and min."""
+        loaded = self.load(name)
+        if loaded.error is not None:
+            return {"error": loaded.error}
+        import numpy as np
+
+        from analyzers.timeline import downsample_indices
+
+        source, report = loaded.source, loaded.report
+        t0 = min((float(tl.ts_us[0]) for tl in report.timelines if len(tl.ts_us)), default=0.0)
+        devices = []
+        for tl in report.timelines:
+            series = {"allocated": tl.allocated, **tl.by_category}
+            if tl.reserved is not None:
+                series["reserved"] = tl.reserved
+            n = len(tl.ts_us)
+            if n:
+                keep = np.unique(np.concatenate([downsample_indices(s, max_points) for s in series.values()]))
+            else:
+                keep = np.arange(0)
+            peak_i = int(np.argmax(tl.allocated)) if n else -1
+            devices.append(
+                {
+                    "device": tl.device,
+                    "events": n,
+                    "points": len(keep),
+                    "t_s": _rel_seconds(tl.ts_us[keep], t0),
+                    "allocated": tl.allocated[keep].tolist(),
+                    "reserved": tl.reserved[keep].tolist() if tl.reserved is not None else None,
+                    "kv": tl.by_category["kv"][keep].tolist(),
+                    "weights": tl.by_category["weights"][keep].tolist(),
+                    "other": tl.by_category["other"][keep].tolist(),
+                    "capacity_bytes": tl.capacity_bytes,
+                    "peak_allocated_bytes": int(tl.allocated[peak_i]) if n else 0,
+                    "peak_t_s": _rel_seconds([tl.ts_us[peak_i]], t0)[0] if n else None,
+                }
+            )
+        markers = [
+            {
+                "kind": m.kind,
+                "t_s": _rel_seconds([m.ts_us], t0)[0],
+                "label": m.label,
+                "device": m.device,
+            }
+            for m in source.markers
+            if m.kind in _MARKER_KINDS
+        ]
+        return {"run": name, "t0_us": t0, "devices": devices, "markers": markers}
+
+    def layers(self, name: str, max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, Any]:
+        """KV bytes live per layer at the end of each step (the KV log's `step_live`), and the
+        evictions per step. Over `max_steps` steps, the steps kept are those `downsample_indices`
+        picks on the steps' total KV, so the heaviest step is always a column."""
+        loaded = self.load(name)
+        if loaded.error is not None:
+            return {"error": loaded.error}
+        kv = loaded.source.meta.get("kv")
+        if kv is None or not kv.step_live:
+            return {"run": name, "steps": [], "phases": [], "layers": [], "kv_bytes": [], "evictions": []}
+        import numpy as np
+
+        from analyzers.timeline import downsample_indices
+
+        all_steps = sorted(kv.step_live)
+        layer_ids = sorted({layer for live in kv.step_live.values() for layer in live})
+        totals = np.array([sum(kv.step_live[s].values()) for s in all_steps], dtype=np.int64)
+        steps = [all_steps[i] for i in downsample_indices(totals, max_steps)]
+        evictions = [
+            {
+                "step": ev.step,
+                "layer": ev.layer,
+                "event": ev.event,
+                "evicted_tokens": ev.evicted_tokens,
+                "tokens": ev.tokens,
+            }
+            for ev in kv.evictions
+        ]
+        return {
+            "run": name,
+            "steps_total": len(all_steps),
+            "steps": steps,
+            "phases": [kv.step_phase.get(s, "") for s in steps],
+            "layers": layer_ids,
+            "kv_bytes": [[int(kv.step_live[s].get(layer, 0)) for s in steps] for layer in layer_ids],
+            "evictions": evictions,
+        }
+
+    def diagnosis(self, name: str) -> dict[str, Any]:
+        """`kvtrace diagnose RUN --json` (and its HTML section) when the run ended in an OOM;
+        `diagnosis: null` otherwise (a peak diagnosis without a budget prices nothing to headline)."""
+        loaded = self.load(name)
+        if loaded.error is not None:
+            return {"error": loaded.error}
+        if loaded.report.oom is None:
+            return {"run": name, "oom": None, "diagnosis": None}
+        from analyzers.diagnose import diagnose
+        from analyzers.render_diagnosis import diagnosis_to_html, diagnosis_to_json
+
+        try:
+            result = diagnose(loaded.source, loaded.report)
+        except Exception as exc:  # the summary still stands without the remedies
+            return {"run": name, "oom": loaded.report.oom, "error": _error_text(exc)}
+        # The page shows the analyzers' own HTML section (escaped there), so the wording is the report's.
+        return {
+            "run": name,
+            "oom": loaded.report.oom,
+            "diagnosis": diagnosis_to_json(result),
+            "html": diagnosis_to_html(result),
+        }

@@ -1,0 +1,314 @@
+// kvtrace's "KV Cache" TensorBoard tab.
+//
+// TensorBoard imports this module inside its plugin iframe and calls render(); render() navigates the frame
+// to the plugin's own index.html (as the PyTorch Profiler plugin does), whose <script type="module"> loads
+// this file again and, finding #kvcache-app, starts the dashboard. Every URL here is relative to the
+// plugin's route (data/plugin/kvcache/), so nothing leaves the machine.
+//
+// The page only formats: every figure comes from the plugin's endpoints, which serve the analyzers' own
+// results (the summary is `kvtrace report --json`).
+
+export function render() {
+  if (!document.getElementById('kvcache-app')) {
+    document.location.href = 'index.html';
+  }
+}
+
+const COLORS = { weights: '#1f77b4', kv: '#d62728', other: '#7f7f7f' };
+const MARKERS = {
+  step: { symbol: 'line-ns-open', color: '#2ca02c' },
+  eviction: { symbol: 'triangle-down', color: '#9467bd' },
+  oom: { symbol: 'x', color: '#d00000' },
+  snapshot: { symbol: 'diamond-open', color: '#ff7f0e' },
+};
+const PLOT_CONFIG = { displaylogo: false, responsive: true, showLink: false, showSendToCloud: false };
+const MAX_DEFAULT_RUNS = 4;
+
+const state = { runs: [], selected: [], panels: new Map(), jsErrors: 0 };
+
+function humanBytes(n) {
+  if (n === null || n === undefined) return '–';
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = Math.abs(n);
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  const sign = n < 0 ? '-' : '';
+  return unit === 0 ? `${sign}${value} B` : `${sign}${value.toFixed(value >= 100 ? 0 : 2)} ${units[unit]}`;
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === 'class') node.className = value;
+    else if (key === 'text') node.textContent = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+// A run that cannot be read answers 200 with {"error": ...}; only a bad request is 4xx. Both are JSON.
+async function getJson(path) {
+  const response = await fetch(path, { cache: 'no-store' });
+  try {
+    return await response.json();
+  } catch (err) {
+    return { error: `${path}: HTTP ${response.status}, not JSON` };
+  }
+}
+
+function reportPageError(message) {
+  state.jsErrors += 1;
+  const box = document.getElementById('kvcache-page-errors');
+  if (box) box.textContent += `${message}\n`;
+  document.getElementById('kvcache-app')?.setAttribute('data-js-errors', String(state.jsErrors));
+}
+
+// -- run selector ----------------------------------------------------------------------------------------
+function initialSelection(runs) {
+  const wanted = new URLSearchParams(window.location.search).get('runs');
+  const names = runs.map((r) => r.name);
+  if (wanted) return wanted.split(',').filter((name) => names.includes(name));
+  return names.slice(0, MAX_DEFAULT_RUNS);
+}
+
+function drawSelector() {
+  const box = document.getElementById('kvcache-runs');
+  box.replaceChildren();
+  if (!state.runs.length) {
+    box.append(el('span', { class: 'loading', text: 'No kvtrace run directory under the log directory yet.' }));
+  }
+  for (const run of state.runs) {
+    const input = el('input', { type: 'checkbox', value: run.name });
+    input.checked = state.selected.includes(run.name);
+    input.addEventListener('change', () => {
+      state.selected = state.runs.map((r) => r.name).filter((name) =>
+        name === run.name ? input.checked : state.selected.includes(name));
+      drawPanels();
+    });
+    const title = run.error ? run.error : [run.model, run.device, run.status].filter(Boolean).join(' · ');
+    const label = el('label', { class: run.error ? 'broken' : '', title }, input, ` ${run.name}`);
+    box.append(label);
+  }
+}
+
+async function loadRuns() {
+  const listing = await getJson('runs');
+  document.getElementById('kvcache-logdir').textContent = listing.logdir || '';
+  const firstTime = state.runs.length === 0;
+  state.runs = listing.runs || [];
+  if (listing.error) reportPageError(listing.error);
+  const names = state.runs.map((r) => r.name);
+  state.selected = firstTime ? initialSelection(state.runs) : state.selected.filter((n) => names.includes(n));
+  drawSelector();
+}
+
+// -- one run's panel -----------------------------------------------------------------------------------
+function summaryTable(summary) {
+  const rows = [];
+  for (const dev of summary.devices) {
+    rows.push([`${dev.device} peak allocated`, humanBytes(dev.peak_allocated_bytes)]);
+    for (const [name, value] of Object.entries(dev.categories_at_peak)) rows.push([`  ${name} at peak`, humanBytes(value)]);
+    if (dev.fragmentation_at_peak_bytes !== null) {
+      rows.push(['  reserved but unallocated', humanBytes(dev.fragmentation_at_peak_bytes)]);
+    }
+  }
+  const kv = summary.kv;
+  rows.push(['KV final', humanBytes(kv.final_bytes)]);
+  rows.push(['KV peak (transient copies)', humanBytes(kv.peak_bytes)]);
+  rows.push(['KV allocated over the run', humanBytes(kv.allocated_bytes_total)]);
+  rows.push(['evicted tokens', kv.evicted_tokens.toLocaleString('en-US')]);
+  if (kv.tokens_held !== null) rows.push(['tokens held × batch', `${kv.tokens_held} × ${kv.batch}`]);
+  if (kv.bytes_per_token_measured !== null) {
+    rows.push(['KV bytes/token measured vs arithmetic',
+      `${kv.bytes_per_token_measured.toFixed(1)} vs ${kv.bytes_per_token_expected ?? '?'}`]);
+  }
+  rows.push(['steps', String(summary.steps)]);
+  rows.push(['measured from', kv.measured_from]);
+  const table = el('table', { class: 'summary' });
+  for (const [label, value] of rows) {
+    table.append(el('tr', {}, el('th', { text: label.replace(/^ {2}/, '\u00a0\u00a0') }), el('td', { text: value })));
+  }
+  return table;
+}
+
+function timelineTraces(timeline) {
+  const traces = [];
+  const several = timeline.devices.length > 1;
+  let top = 0;
+  for (const dev of timeline.devices) {
+    const prefix = several ? `${dev.device} ` : '';
+    for (const name of ['weights', 'kv', 'other']) {
+      traces.push({
+        type: 'scatter', mode: 'lines', x: dev.t_s, y: dev[name], name: `${prefix}${name}`,
+        stackgroup: dev.device, line: { width: 0.5, color: COLORS[name] }, hovertemplate: '%{y:,} B',
+      });
+    }
+    traces.push({
+      type: 'scatter', mode: 'lines', x: dev.t_s, y: dev.allocated, name: `${prefix}allocated`,
+      line: { width: 1, color: 'black' }, hovertemplate: '%{y:,} B',
+    });
+    top = Math.max(top, dev.peak_allocated_bytes);
+    if (dev.reserved) {
+      traces.push({
+        type: 'scatter', mode: 'lines', x: dev.t_s, y: dev.reserved, name: `${prefix}reserved`,
+        line: { color: 'orange', dash: 'dot' }, hovertemplate: '%{y:,} B',
+      });
+      top = Math.max(top, dev.reserved.reduce((a, b) => Math.max(a, b), 0));
+    }
+  }
+  for (const [kind, style] of Object.entries(MARKERS)) {
+    const marks = timeline.markers.filter((m) => m.kind === kind);
+    if (!marks.length) continue;
+    traces.push({
+      type: 'scatter', mode: 'markers', name: kind, x: marks.map((m) => m.t_s),
+      y: marks.map(() => top * 1.04), text: marks.map((m) => m.label),
+      marker: { symbol: style.symbol, size: 10, color: style.color }, hovertemplate: '%{text}<extra></extra>',
+    });
+  }
+  return { traces, top };
+}
+
+function timelineLayout(timeline, top) {
+  const shapes = [];
+  for (const dev of timeline.devices) {
+    if (dev.capacity_bytes && dev.capacity_bytes < 4 * Math.max(top, 1)) {
+      shapes.push({ type: 'line', xref: 'paper', x0: 0, x1: 1, y0: dev.capacity_bytes, y1: dev.capacity_bytes,
+        line: { color: 'red', dash: 'dash', width: 1 } });
+    }
+  }
+  return {
+    title: { text: 'Memory by category over time', font: { size: 13 } }, height: 380, shapes,
+    margin: { t: 36, l: 64, r: 16, b: 40 }, template: 'plotly_white', legend: { orientation: 'h', y: -0.18 },
+    xaxis: { title: { text: 'seconds from first event' } },
+    yaxis: { title: { text: 'bytes' }, tickformat: '~s', ticksuffix: 'B', rangemode: 'tozero' },
+  };
+}
+
+function heatmapFigure(layers) {
+  const x = layers.steps.map((step, i) => `${step} ${layers.phases[i]}`.trim());
+  const traces = [{
+    type: 'heatmap', z: layers.kv_bytes, x, y: layers.layers.map((l) => `L${l}`), colorscale: 'Reds',
+    colorbar: { title: { text: 'bytes' } }, hovertemplate: 'step %{x}<br>%{y}: %{z:,} B<extra></extra>',
+  }];
+  const shown = new Set(layers.steps);
+  const evictions = layers.evictions.filter((e) => shown.has(e.step));
+  if (evictions.length) {
+    const labelOf = new Map(layers.steps.map((s, i) => [s, x[i]]));
+    traces.push({
+      type: 'scatter', mode: 'markers', name: 'eviction', x: evictions.map((e) => labelOf.get(e.step)),
+      y: evictions.map((e) => `L${e.layer}`), text: evictions.map((e) => `${e.event}: ${e.evicted_tokens} tokens`),
+      marker: { symbol: 'triangle-down', color: '#9467bd', size: 8 }, hovertemplate: '%{text}<extra></extra>',
+      showlegend: false,
+    });
+  }
+  const subtitle = layers.steps.length < layers.steps_total ? ` (${layers.steps.length} of ${layers.steps_total} steps)` : '';
+  const layout = {
+    title: { text: `KV bytes per layer at the end of each step${subtitle}`, font: { size: 13 } },
+    height: Math.min(520, 140 + 18 * layers.layers.length), margin: { t: 36, l: 64, r: 16, b: 60 },
+    template: 'plotly_white', xaxis: { type: 'category', title: { text: 'step' } }, yaxis: { type: 'category' },
+  };
+  return { traces, layout };
+}
+
+async function fillPanel(panel, name) {
+  const q = encodeURIComponent(name);
+  const [summary, timeline, layers, diagnosis] = await Promise.all([
+    getJson(`summary?run=${q}`), getJson(`timeline?run=${q}`), getJson(`layers?run=${q}`), getJson(`diagnosis?run=${q}`),
+  ]);
+  const body = panel.querySelector('.panel-body');
+  body.replaceChildren();
+  const failed = [summary, timeline, layers].find((part) => part.error);
+  if (failed) {
+    panel.dataset.state = 'error';
+    body.append(el('div', { class: 'error-box', role: 'alert', text: failed.error }));
+    return;
+  }
+  for (const note of summary.notes) body.append(el('p', { class: 'note', text: note }));
+  if (diagnosis.html) {
+    const box = el('div', { class: 'diagnosis' });
+    box.innerHTML = diagnosis.html; // rendered and escaped by analyzers.render_diagnosis
+    body.append(box);
+  } else if (diagnosis.error) {
+    body.append(el('div', { class: 'error-box', text: `diagnosis: ${diagnosis.error}` }));
+  }
+  body.append(summaryTable(summary));
+  const timelineDiv = el('div', { class: 'plot timeline-plot' });
+  body.append(timelineDiv);
+  const { traces, top } = timelineTraces(timeline);
+  await Plotly.newPlot(timelineDiv, traces, timelineLayout(timeline, top), PLOT_CONFIG);
+  panel.dataset.top = String(top);
+  panel.dataset.points = String(timeline.devices.reduce((sum, d) => sum + d.points, 0));
+  if (layers.steps.length) {
+    const heatDiv = el('div', { class: 'plot heatmap-plot' });
+    body.append(heatDiv);
+    const figure = heatmapFigure(layers);
+    await Plotly.newPlot(heatDiv, figure.traces, figure.layout, PLOT_CONFIG);
+  }
+  panel.dataset.state = 'ok';
+}
+
+function applySameScale() {
+  const same = document.getElementById('kvcache-same-scale').checked;
+  const panels = [...document.querySelectorAll('.run-panel[data-state="ok"]')];
+  const top = Math.max(0, ...panels.map((p) => Number(p.dataset.top || 0)));
+  for (const panel of panels) {
+    const div = panel.querySelector('.timeline-plot');
+    if (!div) continue;
+    Plotly.relayout(div, same && top > 0 ? { 'yaxis.range': [0, top * 1.08] } : { 'yaxis.autorange': true });
+  }
+}
+
+async function drawPanels() {
+  const app = document.getElementById('kvcache-app');
+  const container = document.getElementById('kvcache-panels');
+  app.dataset.state = 'loading';
+  const runsByName = new Map(state.runs.map((r) => [r.name, r]));
+  const jobs = [];
+  container.replaceChildren();
+  for (const name of state.selected) {
+    const run = runsByName.get(name) || {};
+    const meta = [run.model, run.num_layers ? `${run.num_layers} layers` : '', run.device, run.status].filter(Boolean);
+    const panel = el('section', { class: 'run-panel', 'data-run': name, 'data-state': 'loading' },
+      el('h2', { text: name }), el('div', { class: 'meta', text: meta.join(' · ') }),
+      el('div', { class: 'panel-body' }, el('span', { class: 'loading', text: 'loading…' })));
+    container.append(panel);
+    if (run.error) {
+      // The manifest alone already says this run cannot be read: show why, ask the server nothing more.
+      panel.dataset.state = 'error';
+      panel.querySelector('.panel-body').replaceChildren(el('div', { class: 'error-box', role: 'alert', text: run.error }));
+      continue;
+    }
+    jobs.push(fillPanel(panel, name).catch((err) => {
+      panel.dataset.state = 'error';
+      panel.querySelector('.panel-body').replaceChildren(el('div', { class: 'error-box', text: String(err) }));
+    }));
+  }
+  await Promise.all(jobs);
+  applySameScale();
+  app.dataset.plots = String(document.querySelectorAll('.run-panel .plot-container').length);
+  app.dataset.state = 'ready';
+}
+
+async function main() {
+  window.addEventListener('error', (event) => reportPageError(event.message));
+  window.addEventListener('unhandledrejection', (event) => reportPageError(String(event.reason)));
+  document.getElementById('kvcache-same-scale').addEventListener('change', applySameScale);
+  document.getElementById('kvcache-refresh').addEventListener('click', async () => {
+    await loadRuns();
+    await drawPanels();
+  });
+  if (typeof Plotly === 'undefined') {
+    reportPageError('plotly.min.js did not load');
+    return;
+  }
+  await loadRuns();
+  await drawPanels();
+}
+
+if (document.getElementById('kvcache-app')) {
+  main().catch((err) => reportPageError(String(err)));
+}

@@ -1,0 +1,103 @@
+"""Meta's reference Llama 3 (`llama-models`): a custom cache, preallocated per attention module as
+`cache_k` / `cache_v` and written in place, found and followed by the recorder without any HF cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from kvlog_math import assert_well_ordered
+
+import kvtrace
+from kvtrace.format import read_run
+
+fairscale_init = pytest.importorskip("fairscale.nn.model_parallel.initialize")
+llama3_model = pytest.importorskip("llama_models.llama3.model")
+
+DIM, N_LAYERS, N_HEADS, N_KV_HEADS, VOCAB = 64, 2, 4, 2, 256
+MAX_BATCH, MAX_SEQ = 2, 32
+PROMPT_LEN, DECODE_STEPS = 6, 3
+
+
+@pytest.fixture
+def reference_model(tmp_path, watched_models) -> Iterator[torch.nn.Module]:
+    """The reference Transformer on one CPU process: model parallelism of size 1 over gloo."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
+    )
+    try:
+        fairscale_init.initialize_model_parallel(1)
+        try:
+            torch.manual_seed(0)
+            args = llama3_model.ModelArgs(
+                dim=DIM,
+                n_layers=N_LAYERS,
+                n_heads=N_HEADS,
+                n_kv_heads=N_KV_HEADS,
+                vocab_size=VOCAB,
+                max_batch_size=MAX_BATCH,
+                max_seq_len=MAX_SEQ,
+            )
+            model = llama3_model.Transformer(args).eval()
+            with torch.no_grad():  # the reference code leaves its weights uninitialised (torch.empty)
+                for param in model.parameters():
+                    param.normal_(0.0, 0.02)
+            watched_models.append(model)
+            yield model
+            watched_models.remove(model)
+        finally:
+            fairscale_init.destroy_model_parallel()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_reference_llama3_module_caches(reference_model, tmp_path):
+    model = reference_model
+    head_dim = DIM // N_HEADS
+    cache_bytes = MAX_BATCH * MAX_SEQ * N_KV_HEADS * head_dim * 4  # float32, allocated at full length
+    cache_addrs = {
+        (layer, kv): getattr(block.attention, f"cache_{kv}").untyped_storage().data_ptr()
+        for layer, block in enumerate(model.layers)
+        for kv in ("k", "v")
+    }
+    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
+
+    # WHEN a prefill and a few decode steps run, the way llama_models' generation loop calls the model
+    with kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        model(tokens[:, :PROMPT_LEN], 0)
+        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+            model(tokens[:, pos : pos + 1], pos)
+
+    run = read_run(tmp_path / "run")
+    assert run.manifest["ended"]["status"] == "ok"
+    geometry = run.manifest["model"]
+    assert (geometry["num_layers"], geometry["num_kv_heads"], geometry["head_dim"]) == (
+        N_LAYERS,
+        N_KV_HEADS,
+        head_dim,
+    )
+    assert_well_ordered(run.kv_events)
+    module_events = [e for e in run.kv_events if e.source == "module"]
+    assert module_events == run.kv_events, "only the module caches hold KV here"
+
+    # THEN every layer's cache_k and cache_v is one storage of the arithmetic size and shape ...
+    storages = {(e.layer, e.kv): e.addr for e in module_events}
+    assert storages == cache_addrs
+    assert len(set(storages.values())) == 2 * N_LAYERS
+    for event in module_events:
+        assert event.storage_bytes == cache_bytes, event
+        assert event.shape == [MAX_BATCH, MAX_SEQ, N_KV_HEADS, head_dim], event
+
+    # ... created once, then written in place at every step: prefill, then decode.
+    steps = range(1, 1 + 1 + DECODE_STEPS)
+    for layer, kv in cache_addrs:
+        events = [e for e in module_events if (e.layer, e.kv) == (layer, kv) and e.event != "freed"]
+        assert events[0].event == "created"
+        written = [e for e in events if e.event == "written"]
+        assert [e.step for e in written] == list(steps), (layer, kv, events)
+        assert [e.phase for e in written] == ["prefill"] + ["decode"] * DECODE_STEPS
+        assert len(events) == 1 + len(written)
+
+    # The caches are KV, not weights.
+    assert not {w.addr for w in run.weights} & set(cache_addrs.values())

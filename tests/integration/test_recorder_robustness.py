@@ -1,0 +1,245 @@
+"""The recorder when things go wrong: exceptions, Ctrl-C, SIGKILL, misuse, and caches it has never seen."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from kvlog_math import assert_well_ordered, kv_bytes, replay_live_bytes
+
+import kvtrace
+from kvtrace.format import KV_EVENTS, MANIFEST, read_run
+from kvtrace.recorder import RecordingError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FAIL_AT_FORWARD = 3  # the decode forward in which the failure strikes
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _jsonl_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def _generate_failing(model: Any, batch: Any, out_dir: Path, error: BaseException) -> None:
+    """Generate under record(), raising `error` from the last decoder layer of forward FAIL_AT_FORWARD:
+    after that forward's KV updates, before its step ends."""
+    calls = 0
+
+    def fail(module: Any, args: Any, output: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == FAIL_AT_FORWARD:
+            raise error
+
+    handle = model.model.layers[-1].register_forward_hook(fail)
+    try:
+        with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
+            model.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                max_new_tokens=8,
+                min_new_tokens=8,
+                do_sample=False,
+            )
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(Boom("layer 1 exploded"), "exception"), (KeyboardInterrupt("stop it"), "interrupted")],
+    ids=["exception", "keyboard-interrupt"],
+)
+def test_exception_in_block_propagates_and_closes_the_run(tiny_model, prompt_batch, tmp_path, error, status):
+    out_dir = tmp_path / "run"
+    # WHEN the block raises in the middle of a forward
+    with pytest.raises(type(error)) as raised:
+        _generate_failing(tiny_model, prompt_batch, out_dir, error)
+
+    # THEN the very same exception object comes out (hooks removed: checked by the autouse fixture) ...
+    assert raised.value is error
+    # ... the manifest says how the run ended ...
+    run = read_run(out_dir)
+    ended = run.manifest["ended"]
+    assert ended["status"] == status
+    assert ended["type"] == type(error).__name__
+    assert ended["message"] == str(error)
+    # ... and every event written is read back, complete, up to the failing step.
+    assert not run.truncated
+    assert len(run.kv_events) == _jsonl_lines(out_dir / KV_EVENTS) == run.manifest["kv_events"]
+    assert_well_ordered(run.kv_events)
+    assert {e.step for e in run.kv_events} == set(range(1, FAIL_AT_FORWARD + 1))
+    # Forward 3 updated both layers before failing: its storages are in the log.
+    step3 = {(e.layer, e.kv) for e in run.kv_events if e.step == FAIL_AT_FORWARD and e.event == "grown"}
+    assert step3 == {(0, "k"), (0, "v"), (1, "k"), (1, "v")}
+
+
+KILLED_CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import torch
+    import kvtrace
+    from kvtrace.llama import ModelSize, build_model
+
+    out_dir, batch_file, sizes, kill_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    model = build_model(ModelSize(**json.loads(sizes)))
+    batch = torch.load(batch_file)
+    calls = 0
+
+    def kill_after_step(module, args, output):
+        global calls
+        calls += 1
+        if calls == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
+        # Registered after the recorder's own hook, so the recorder ends (and flushes) the step first.
+        model.register_forward_hook(kill_after_step)
+        model.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    print("not killed")
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_midway_leaves_a_readable_run(tiny_size, prompt_batch, tmp_path):
+    # GIVEN a process that records a generation and SIGKILLs itself after its third forward
+    batch_file = tmp_path / "batch.pt"
+    torch.save(
+        {"input_ids": prompt_batch.input_ids, "attention_mask": prompt_batch.attention_mask}, batch_file
+    )
+    script = tmp_path / "killed_child.py"
+    script.write_text(KILLED_CHILD, encoding="utf-8")
+    size = tiny_size
+    sizes = json.dumps(dataclasses.asdict(size))
+    out_dir = tmp_path / "run"
+    kill_after = 3
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    child = subprocess.run(
+        [sys.executable, str(script), str(out_dir), str(batch_file), sizes, str(kill_after)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    assert "not killed" not in child.stdout
+
+    # WHEN the directory is read
+    run = read_run(out_dir)
+
+    # THEN it reads without error, says the run never ended, and holds every flushed step.
+    assert run.manifest["ended"] == {"status": "running"}
+    assert not run.complete
+    assert json.loads((out_dir / MANIFEST).read_text())["ended"]["status"] == "running"
+    assert_well_ordered(run.kv_events)
+    assert {e.step for e in run.kv_events} == set(range(1, kill_after + 1))
+    replay = replay_live_bytes(run.kv_events)
+    for step in range(1, kill_after + 1):
+        tokens = prompt_batch.prompt_len + step - 1
+        want = 2 * kv_bytes(
+            size.num_kv_heads, size.hidden_size // size.num_heads, tokens, prompt_batch.rows, 4
+        )
+        assert replay.per_step[step] == {0: want, 1: want}
+
+
+def test_nested_record_is_refused(tmp_path):
+    with kvtrace.record(tmp_path / "outer", profiler=False):
+        with (
+            pytest.raises(RecordingError, match="nested"),
+            kvtrace.record(tmp_path / "inner", profiler=False),
+        ):
+            pass  # pragma: no cover - never entered
+        # The refused recording left nothing behind, and the outer one still records.
+        assert not (tmp_path / "inner" / MANIFEST).exists()
+        kvtrace.track(torch.zeros(2, 4), layer=0, kind="k")
+    run = read_run(tmp_path / "outer")
+    assert run.manifest["ended"]["status"] == "ok"
+    assert [e.event for e in run.kv_events][:1] == ["created"]
+
+
+def test_track_outside_record_is_refused():
+    with pytest.raises(RecordingError, match=r"outside a kvtrace\.record\(\) block"):
+        kvtrace.track(torch.zeros(2, 4), layer=0, kind="k")
+
+
+def test_existing_run_is_not_overwritten_by_default(tmp_path):
+    out_dir = tmp_path / "run"
+    with kvtrace.record(out_dir, profiler=False):
+        pass
+    manifest_before = (out_dir / MANIFEST).read_bytes()
+
+    with pytest.raises(RecordingError, match="overwrite=True"), kvtrace.record(out_dir, profiler=False):
+        pass  # pragma: no cover - never entered
+    assert (out_dir / MANIFEST).read_bytes() == manifest_before
+
+    with kvtrace.record(out_dir, profiler=False, overwrite=True):
+        pass
+    assert read_run(out_dir).manifest["started_ns"] > json.loads(manifest_before)["started_ns"]
+
+
+class HandWrittenAttention(torch.nn.Module):
+    """A decoder-style module with a preallocated cache written in place, as Meta's reference code does."""
+
+    def __init__(self, batch: int, max_seq: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.wk = torch.nn.Linear(8, kv_heads * head_dim, bias=False)
+        self.cache_k = torch.zeros(batch, max_seq, kv_heads, head_dim)
+        self.cache_v = torch.zeros(batch, max_seq, kv_heads, head_dim)
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        rows, tokens, _ = x.shape
+        k = self.wk(x).view(rows, tokens, self.kv_heads, self.head_dim)
+        self.cache_k[:rows, start_pos : start_pos + tokens] = k
+        self.cache_v[:rows, start_pos : start_pos + tokens] = -k
+        return self.cache_k[:rows, : start_pos + tokens].sum()
+
+
+def test_hand_written_module_cache_is_created_then_written(tmp_path, watched_models):
+    batch, max_seq, kv_heads, head_dim = 2, 16, 2, 4
+    model = HandWrittenAttention(batch, max_seq, kv_heads, head_dim).eval()
+    watched_models.append(model)
+    prompt = torch.randn(batch, 5, 8)
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        model(prompt, 0)
+        for pos in range(5, 8):
+            model(torch.randn(batch, 1, 8), pos)
+
+    run = read_run(tmp_path / "run")
+    assert_well_ordered(run.kv_events)
+    buffer_bytes = batch * max_seq * kv_heads * head_dim * 4
+    for kv, tensor in (("k", model.cache_k), ("v", model.cache_v)):
+        events = [e for e in run.kv_events if e.kv == kv and e.source == "module"]
+        assert [e.event for e in events] == ["created"] + ["written"] * 4, events
+        assert {e.addr for e in events} == {tensor.untyped_storage().data_ptr()}
+        assert {e.storage_bytes for e in events} == {buffer_bytes}
+        assert [e.phase for e in events[1:]] == ["prefill", "decode", "decode", "decode"]
+        assert [e.step for e in events[1:]] == [1, 2, 3, 4]
+        assert all(e.shape == [batch, max_seq, kv_heads, head_dim] for e in events)
+
+
+def test_track_loose_tensor_is_created_then_written(tmp_path):
+    loose_k = torch.zeros(2, 2, 8, 4)
+    with kvtrace.record(tmp_path / "run", profiler=False):
+        kvtrace.track(loose_k, layer=0, kind="k")
+        loose_k[:, :, :3] = 1.0  # written in place, seen when the recording ends
+    events = [e for e in read_run(tmp_path / "run").kv_events if e.event != "freed"]
+    assert [(e.event, e.source, e.layer, e.kv) for e in events] == [
+        ("created", "track", 0, "k"),
+        ("written", "track", 0, "k"),
+    ]
+    assert {e.addr for e in events} == {loose_k.untyped_storage().data_ptr()}
+    assert {e.storage_bytes for e in events} == {2 * 2 * 8 * 4 * 4}
