@@ -19,8 +19,14 @@ from kvtrace.format import read_run
 from kvtrace.llama import ModelSize, build_model
 
 LAYERS, KV_HEADS, HEAD_DIM, BATCH, PROMPT, KEEP = 2, 2, 16, 2, 17, 8
-SIZE = ModelSize(hidden_size=64, intermediate_size=128, num_layers=LAYERS, num_heads=4, num_kv_heads=KV_HEADS,
-                 vocab_size=1000)
+SIZE = ModelSize(
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=LAYERS,
+    num_heads=4,
+    num_kv_heads=KV_HEADS,
+    vocab_size=1000,
+)
 
 
 @contextmanager
@@ -35,7 +41,9 @@ def keep_last(model: Any, keep: int, contiguous: bool) -> Iterator[None]:
             layer.keys = keys.contiguous() if contiguous else keys
             layer.values = values.contiguous() if contiguous else values
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if hasattr(m, "layer_idx")]
+    handles = [
+        m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if hasattr(m, "layer_idx")
+    ]
     try:
         yield
     finally:
@@ -62,7 +70,9 @@ def _run(tmp_path: Path, *, grad: bool, contiguous: bool) -> dict[str, Any]:
 def test_eviction_under_no_grad_frees_the_old_storage(tmp_path: Path) -> None:
     data = _run(tmp_path, grad=False, contiguous=True)
     evicted_per_row = PROMPT - KEEP
-    assert [layer["evicted_tokens"] for layer in data["kv"]["per_layer"]] == [evicted_per_row * BATCH] * LAYERS
+    assert [layer["evicted_tokens"] for layer in data["kv"]["per_layer"]] == [
+        evicted_per_row * BATCH
+    ] * LAYERS
     assert data["kv"]["evicted_tokens"] == LAYERS * evicted_per_row * BATCH
     row_bytes = KV_HEADS * HEAD_DIM * 4 * BATCH  # one token, all rows, K or V
     ev = data["kv"]["evictions"]
