@@ -73,9 +73,7 @@ def llama3_config(size: ModelSize, sliding_window: int | None = None) -> Any:
     )
 
 
-def build_model(
-    size: ModelSize | str, dtype: Any = None, device: str = "cpu", seed: int = 0
-) -> Any:
+def build_model(size: ModelSize | str, dtype: Any = None, device: str = "cpu", seed: int = 0) -> Any:
     """A Llama 3 architecture `LlamaForCausalLM` with random weights, in eval mode."""
     import torch
     from transformers import LlamaForCausalLM
@@ -109,6 +107,14 @@ def make_cache(
     if kind in ("fp8", "quanto", "hqq"):
         return QuantizedCache(backend=kind, config=config), {}
     raise ValueError(f"unknown cache kind {kind!r}; choose from {', '.join(CACHE_KINDS)}")
+
+
+def cache_keyword() -> str:
+    """`generate()`'s keyword for a cache: `cache` from transformers 5.3, `past_key_values` before."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "cache" if (major, minor) >= (5, 3) else "past_key_values"
 
 
 def _size_of(config: Any) -> ModelSize:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 from kvtrace.commands.base import Command
 from kvtrace.errors import KvtraceError
@@ -42,15 +43,26 @@ class DemoCommand(Command):
         parser.add_argument("--with-stack", action="store_true", help="Python stacks in the profiler trace")
         parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
         parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+        parser.add_argument("--press", help="a kvpress eviction press (needs kvpress, transformers<5.3)")
+        parser.add_argument("--compression", type=float, default=0.5, help="press compression ratio (0.5)")
 
     def run(self, args: argparse.Namespace) -> int:
         for flag in ("batch", "new_tokens", "window", "beams"):
             if getattr(args, flag) < 1:
                 raise KvtraceError(f"--{flag.replace('_', '-')} must be at least 1")
+        import contextlib
+
         import torch
 
         import kvtrace
-        from kvtrace.llama import DEFAULT_PROMPTS, build_model, encode_batch, llama3_tokenizer, make_cache
+        from kvtrace.llama import (
+            DEFAULT_PROMPTS,
+            build_model,
+            cache_keyword,
+            encode_batch,
+            llama3_tokenizer,
+            make_cache,
+        )
 
         prompts = args.prompt or list(DEFAULT_PROMPTS)
         prompts = [prompts[i % len(prompts)] for i in range(args.batch)]
@@ -62,7 +74,12 @@ class DemoCommand(Command):
         max_len = input_ids.shape[1] + args.new_tokens
         cache, extra = make_cache(args.cache, model, args.batch * args.beams, max_len, window=args.window)
         if cache is not None:
-            extra["cache"] = cache
+            extra[cache_keyword()] = cache
+        press_context: Any = contextlib.nullcontext()
+        if args.press:
+            from kvtrace.presses import make_press
+
+            press_context = make_press(args.press, args.compression)(model)
         out = Path(args.out)
         print(
             f"kvtrace demo: Llama 3 '{args.size}' ({sum(p.numel() for p in model.parameters()):,} params, "
@@ -75,6 +92,7 @@ class DemoCommand(Command):
             kvtrace.record(
                 out, model=model, profiler=not args.no_profiler, with_stack=args.with_stack, overwrite=True
             ) as recording,
+            press_context,
         ):
             generated = model.generate(
                 input_ids,

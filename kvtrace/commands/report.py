@@ -105,7 +105,10 @@ class ReportCommand(Command):
         meta = source.meta  # type: ignore[attr-defined]
         try:
             write_counters(path, meta["kv"], meta.get("trace"), int(meta["manifest"].get("pid", 0)))
-            write_scalars(path, meta["kv"])
+            try:
+                write_scalars(path, meta["kv"])
+            except ImportError:
+                print("note: tensorboard is not installed: KV scalars not written", file=sys.stderr)
         except OSError as exc:
             raise KvtraceError(
                 f"{path}: cannot write the KV counters ({exc.strerror})", exit_code=1
