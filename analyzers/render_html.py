@@ -22,12 +22,15 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     from plotly.subplots import make_subplots
 
     kv = source.meta.get("kv")
-    rows = 2 if kv is not None and kv.step_live else 1
-    titles = ["Memory by category over time"] + (
-        ["KV bytes per layer at the end of each step"] if rows == 2 else []
-    )
+    rows = 3 if kv is not None and kv.step_live else 1
+    titles = ["Memory by category over time"]
+    if rows == 3:
+        titles += [
+            "KV cache bytes over time (exact, from the KV log)",
+            "KV bytes per layer at the end of each step",
+        ]
     fig = make_subplots(
-        rows=rows, cols=1, subplot_titles=titles, vertical_spacing=0.12, row_heights=[0.65, 0.35][:rows]
+        rows=rows, cols=1, subplot_titles=titles, vertical_spacing=0.08, row_heights=[0.45, 0.3, 0.25][:rows]
     )
     t0 = min((float(tl.ts_us[0]) for tl in report.timelines if len(tl.ts_us)), default=0.0)
     for tl in report.timelines:
@@ -100,7 +103,16 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         )
     fig.update_xaxes(title_text="seconds from first event", row=1, col=1)
     fig.update_yaxes(title_text="bytes", row=1, col=1)
-    if rows == 2:
+    if rows == 3:
+        series = np.asarray(kv.series_bytes, dtype=np.int64)
+        keep = downsample_indices(series, MAX_POINTS)
+        x = (np.asarray(kv.series_t_ns, dtype=np.float64)[keep] / 1000.0 - t0) / 1e6
+        line = {"color": _COLORS["kv"], "shape": "hv"}
+        fig.add_trace(
+            go.Scatter(x=x, y=series[keep], name="KV cache", line=line, hovertemplate="%{y:,} B"), 2, 1
+        )
+        fig.update_xaxes(title_text="seconds from first event", matches="x", row=2, col=1)
+        fig.update_yaxes(title_text="KV bytes", row=2, col=1)
         steps = sorted(kv.step_live)
         layers = sorted({layer for live in kv.step_live.values() for layer in live})
         z = np.array([[kv.step_live[s].get(layer, 0) for s in steps] for layer in layers])
@@ -111,15 +123,15 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
                 x=labels,
                 y=[f"L{layer}" for layer in layers],
                 colorscale="Reds",
-                colorbar={"title": "bytes", "len": 0.35, "y": 0.15},
+                colorbar={"title": "bytes", "len": 0.25, "y": 0.12},
                 name="KV per layer",
                 hovertemplate="step %{x}<br>%{y}: %{z:,} B<extra></extra>",
             ),
-            2,
+            3,
             1,
         )
     fig.update_layout(
-        height=900 if rows == 2 else 560,
+        height=1150 if rows == 3 else 560,
         template="plotly_white",
         legend={"orientation": "h"},
         margin={"t": 60, "l": 70, "r": 30},
