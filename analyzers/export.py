@@ -67,6 +67,9 @@ def write_scalars(run_dir: Path, kv: KvLogAnalysis) -> Path:
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     folder = run_dir / SCALARS_DIR
+    # The folder is ours: a new report replaces the scalars rather than adding a second copy of each step.
+    for old in folder.glob("events.out.tfevents.*") if folder.is_dir() else ():
+        old.unlink()
     writer = EventFileWriter(str(folder))
     try:
         for step in sorted(kv.step_live):

@@ -17,12 +17,12 @@ import json
 import math
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from tensorboard.plugins import base_plugin
-from werkzeug import Request, Response, wrappers
+from werkzeug import Request, Response
 
 from kvtrace.tb_plugin.run_store import DEFAULT_MAX_POINTS, DEFAULT_MAX_STEPS, RunStore, UnknownRun
 
@@ -50,6 +50,19 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(body, status=status, content_type="application/json", headers=_HEADERS)
 
 
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _wsgi(handler: Callable[[Request], Response]) -> WsgiApp:
+    """A request handler as the WSGI app TensorBoard mounts (werkzeug's decorator, minus its typing
+    that does not fit bound methods)."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        return handler(Request(environ))(environ, start_response)
+
+    return app
+
+
 def _int_arg(request: Request, name: str, default: int, low: int, high: int) -> int:
     try:
         return min(max(int(request.args.get(name, default)), low), high)
@@ -69,16 +82,16 @@ class KvCachePlugin(base_plugin.TBPlugin):
         self._plotly_lock = threading.Lock()
 
     # -- TensorBoard's plugin contract -------------------------------------------------------------
-    def get_plugin_apps(self) -> dict[str, Callable[..., Any]]:
+    def get_plugin_apps(self) -> dict[str, WsgiApp]:
         return {
-            "/index.html": self._serve_static,
-            "/kvcache.js": self._serve_static,
-            "/plotly.min.js": self._serve_plotly,
-            "/runs": self._serve_runs,
-            "/summary": self._serve_run_data,
-            "/timeline": self._serve_run_data,
-            "/layers": self._serve_run_data,
-            "/diagnosis": self._serve_run_data,
+            "/index.html": _wsgi(self._serve_static),
+            "/kvcache.js": _wsgi(self._serve_static),
+            "/plotly.min.js": _wsgi(self._serve_plotly),
+            "/runs": _wsgi(self._serve_runs),
+            "/summary": _wsgi(self._serve_run_data),
+            "/timeline": _wsgi(self._serve_run_data),
+            "/layers": _wsgi(self._serve_run_data),
+            "/diagnosis": _wsgi(self._serve_run_data),
         }
 
     def is_active(self) -> bool:
@@ -93,7 +106,6 @@ class KvCachePlugin(base_plugin.TBPlugin):
         return base_plugin.FrontendMetadata(es_module_path="/kvcache.js", tab_name="KV Cache")
 
     # -- routes ------------------------------------------------------------------------------------
-    @wrappers.Request.application
     def _serve_static(self, request: Request) -> Response:
         name = request.path.rsplit("/", 1)[-1]
         content_type = _STATIC_FILES.get(name)
@@ -101,7 +113,6 @@ class KvCachePlugin(base_plugin.TBPlugin):
             return Response("not found", status=404, headers=_HEADERS)
         return Response((_STATIC / name).read_bytes(), content_type=content_type, headers=_HEADERS)
 
-    @wrappers.Request.application
     def _serve_plotly(self, request: Request) -> Response:
         """plotly.js from the installed plotly package: the same version the HTML reports inline, and no
         CDN. Read once (about 4 MB) and kept."""
@@ -113,7 +124,6 @@ class KvCachePlugin(base_plugin.TBPlugin):
         headers = [*_HEADERS, ("Cache-Control", "private, max-age=86400")]
         return Response(self._plotly_js, content_type="text/javascript; charset=utf-8", headers=headers)
 
-    @wrappers.Request.application
     def _serve_runs(self, request: Request) -> Response:
         try:
             runs = self._store.list_runs()
@@ -122,7 +132,6 @@ class KvCachePlugin(base_plugin.TBPlugin):
             return _json({"logdir": str(self._store.logdir), "runs": [], "error": f"{exc}"})
         return _json({"logdir": str(self._store.logdir), "runs": runs})
 
-    @wrappers.Request.application
     def _serve_run_data(self, request: Request) -> Response:
         name = request.args.get("run")
         if not name:

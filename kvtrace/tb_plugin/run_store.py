@@ -63,6 +63,12 @@ def _error_text(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
+def _section(manifest: dict[str, Any], key: str) -> dict[str, Any]:
+    """A manifest object field, or {} where a hand-edited manifest holds something else there."""
+    value = manifest.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _manifest_info(path: Path) -> dict[str, Any]:
     """What the run selector shows, from the manifest alone (cheap: no log is read), with the manifest's
     own problems reported the way `read_run` would refuse it."""
@@ -78,9 +84,7 @@ def _manifest_info(path: Path) -> dict[str, Any]:
         return {"error": f"{manifest_path}: missing or invalid schema_version"}
     if version > SCHEMA_VERSION:
         return {"error": f"{manifest_path}: schema version {version} is newer than this kvtrace reads"}
-    device = manifest.get("device") if isinstance(manifest.get("device"), dict) else {}
-    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
-    ended = manifest.get("ended") if isinstance(manifest.get("ended"), dict) else {}
+    device, model, ended = (_section(manifest, key) for key in ("device", "model", "ended"))
     return {
         "status": ended.get("status", "running"),
         "device": device.get("type"),
@@ -126,7 +130,7 @@ class RunStore:
     def has_runs(self) -> bool:
         if self.logdir is None or not self.logdir.is_dir():
             return False
-        for root, dirs, files in os.walk(self.logdir, followlinks=False):
+        for _root, dirs, files in os.walk(self.logdir, followlinks=False):
             if MANIFEST in files:
                 return True
             dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")]

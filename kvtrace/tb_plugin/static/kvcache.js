@@ -240,6 +240,18 @@ async function fillPanel(panel, name) {
   body.append(timelineDiv);
   const { traces, top } = timelineTraces(timeline);
   await Plotly.newPlot(timelineDiv, traces, timelineLayout(timeline, top), PLOT_CONFIG);
+  // The KV cache is often a sliver on top of the weights: its own curve, on its own scale.
+  const kvDiv = el('div', { class: 'plot kv-plot' });
+  body.append(kvDiv);
+  const kvTraces = timeline.devices.map((dev) => ({
+    type: 'scatter', mode: 'lines', x: dev.t_s, y: dev.kv, name: `${timeline.devices.length > 1 ? `${dev.device} ` : ''}KV live`,
+    line: { color: COLORS.kv, width: 1 }, fill: 'tozeroy', hovertemplate: '%{y:,} B',
+  }));
+  await Plotly.newPlot(kvDiv, kvTraces, {
+    title: { text: 'KV cache live bytes over time', font: { size: 13 } }, height: 220, showlegend: false,
+    margin: { t: 36, l: 64, r: 16, b: 36 }, template: 'plotly_white', xaxis: { title: { text: 'seconds from first event' } },
+    yaxis: { tickformat: '~s', ticksuffix: 'B', rangemode: 'tozero' },
+  }, PLOT_CONFIG);
   panel.dataset.top = String(top);
   panel.dataset.points = String(timeline.devices.reduce((sum, d) => sum + d.points, 0));
   if (layers.steps.length) {

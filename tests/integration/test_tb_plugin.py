@@ -1,0 +1,368 @@
+"""The KV Cache TensorBoard plugin in a real `tensorboard` server, read by curl-like requests and by headless
+Chromium, next to the PyTorch Profiler plugin on the same log directory.
+
+The log directory holds real recorded runs (copies of `sample_traces/`), one of them turned into an OOM
+run by its manifest, and two broken ones: a manifest of garbage and a KV log with a corrupt line mid-file.
+Every figure the plugin serves is compared with what `kvtrace report/diagnose --json` print for that run,
+or rebuilt from the raw files here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtrace.cli import main as kvtrace_main
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
+PLUGIN = "kvcache"
+STARTUP_LIMIT_S = 90.0
+CHROMIUM = shutil.which("chromium")
+GOOD_RUNS = ("dynamic_b2", "oom_b2", "sliding_b2")
+BROKEN_RUNS = ("broken_manifest", "corrupt_log")
+# Chromium itself (not the page) calls home for updates and accounts; those requests carry no page
+# origin as initiator. Every request the page makes names the page's origin.
+BROWSER_ONLY_INITIATOR = "not an origin"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(url: str, timeout: float = 30.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _get_json(url: str) -> tuple[int, Any]:
+    status, body = _get(url)
+    return status, json.loads(body)
+
+
+def _cli_json(*argv: str) -> Any:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert kvtrace_main(list(argv)) == 0
+    return json.loads(out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """GIVEN a log directory with real runs, an OOM run and two broken runs."""
+    root = tmp_path_factory.mktemp("tb_logdir")
+    for name in ("dynamic_b2", "sliding_b2"):
+        shutil.copytree(SAMPLES / name, root / name)
+    # A run that died of an OOM, as the recorder writes it when the block raises OutOfMemoryError.
+    oom = shutil.copytree(SAMPLES / "dynamic_b2", root / "oom_b2")
+    manifest = json.loads((oom / "manifest.json").read_text())
+    manifest["ended"] = {
+        "status": "exception",
+        "type": "torch.OutOfMemoryError",
+        "message": "CUDA out of memory. Tried to allocate 20.00 MiB",
+        "t_ns": manifest["ended"]["t_ns"],
+    }
+    (oom / "manifest.json").write_text(json.dumps(manifest))
+    (root / "broken_manifest").mkdir()
+    (root / "broken_manifest" / "manifest.json").write_text("{garbage, not json")
+    corrupt = root / "corrupt_log"
+    corrupt.mkdir()
+    shutil.copy(SAMPLES / "sliding_b2" / "manifest.json", corrupt / "manifest.json")
+    lines = (SAMPLES / "sliding_b2" / "kv_events.jsonl").read_text().splitlines()
+    lines.insert(len(lines) // 2, '{"seq": oops')
+    (corrupt / "kv_events.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(logdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real TensorBoard on 127.0.0.1 and a free port; always terminated."""
+    port = _free_port()
+    exe = shutil.which("tensorboard")
+    command = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
+    log_path = tmp_path_factory.mktemp("tb_server") / "tensorboard.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*command, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_LIMIT_S
+        while True:
+            assert proc.poll() is None, f"tensorboard exited: {log_path.read_text()[-2000:]}"
+            try:
+                status, _ = _get(f"{base}/data/plugins_listing", timeout=5)
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"tensorboard not up in {STARTUP_LIMIT_S}s"
+            time.sleep(0.5)
+        yield base
+        assert proc.poll() is None, f"tensorboard crashed: {log_path.read_text()[-2000:]}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+def _plugin(server: str, route: str) -> str:
+    return f"{server}/data/plugin/{PLUGIN}/{route}"
+
+
+@pytest.mark.slow
+def test_both_tabs_are_listed(server: str) -> None:
+    _, listing = _get_json(f"{server}/data/plugins_listing")
+
+    assert listing[PLUGIN]["enabled"] is True
+    assert listing[PLUGIN]["tab_name"] == "KV Cache"
+    assert listing[PLUGIN]["loading_mechanism"]["type"] == "IFRAME"
+    assert "pytorch_profiler" in listing
+    assert listing["pytorch_profiler"]["enabled"] is True
+
+
+@pytest.mark.slow
+def test_runs_lists_good_runs_and_broken_ones_with_their_error(server: str, logdir: Path) -> None:
+    status, listing = _get_json(_plugin(server, "runs"))
+
+    assert status == 200
+    runs = {run["name"]: run for run in listing["runs"]}
+    assert set(runs) == set(GOOD_RUNS) | set(BROKEN_RUNS)
+    for name in GOOD_RUNS:
+        assert runs[name]["error"] is None
+        assert runs[name]["model"] == "LlamaForCausalLM"
+    assert "manifest" in runs["broken_manifest"]["error"]
+    # The corrupt log is only found by parsing; once tried, the listing carries the error too.
+    _, corrupt = _get_json(_plugin(server, "summary?run=corrupt_log"))
+    assert "kv_events.jsonl" in corrupt["error"]
+    _, listing = _get_json(_plugin(server, "runs"))
+    assert "kv_events.jsonl" in {r["name"]: r for r in listing["runs"]}["corrupt_log"]["error"]
+
+
+@pytest.mark.slow
+def test_broken_runs_answer_an_error_and_the_server_keeps_serving(server: str) -> None:
+    for route in ("summary", "timeline", "layers", "diagnosis"):
+        status, payload = _get_json(_plugin(server, f"{route}?run=broken_manifest"))
+        assert status == 200
+        assert "corrupt manifest" in payload["error"]
+    status, payload = _get_json(_plugin(server, "summary?run=no_such_run"))
+    assert status == 404 and "error" in payload
+    status, payload = _get_json(_plugin(server, "summary"))
+    assert status == 400
+    status, payload = _get_json(_plugin(server, "summary?run=dynamic_b2"))
+    assert status == 200 and "error" not in payload
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GOOD_RUNS)
+def test_summary_equals_kvtrace_report_json(server: str, logdir: Path, name: str) -> None:
+    _, summary = _get_json(_plugin(server, f"summary?run={name}"))
+
+    expected = _cli_json("report", str(logdir / name), "--json", "--no-export", "-q")
+    assert summary == expected
+
+
+@pytest.mark.slow
+def test_diagnosis_of_the_oom_run_equals_kvtrace_diagnose_json(server: str, logdir: Path) -> None:
+    _, payload = _get_json(_plugin(server, "diagnosis?run=oom_b2"))
+
+    assert payload["diagnosis"] == _cli_json("diagnose", str(logdir / "oom_b2"), "--json")
+    assert payload["diagnosis"]["event"] == "oom"
+    assert "Tried to allocate 20.00 MiB" in payload["oom"]["message"]
+    _, clean = _get_json(_plugin(server, "diagnosis?run=dynamic_b2"))
+    assert clean["diagnosis"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("points", [200, 5000])
+def test_timeline_is_downsampled_with_exact_peaks(server: str, points: int) -> None:
+    _, summary = _get_json(_plugin(server, "summary?run=dynamic_b2"))
+    _, timeline = _get_json(_plugin(server, f"timeline?run=dynamic_b2&points={points}"))
+
+    (device,) = timeline["devices"]
+    (expected,) = summary["devices"]
+    # Each of the five series keeps at most ~points of its own; their union is what travels.
+    assert device["points"] <= 5 * points
+    assert device["points"] < device["events"]
+    assert max(device["allocated"]) == expected["peak_allocated_bytes"]
+    assert device["allocated"][-1] == expected["final_allocated_bytes"]
+    peak_i = device["allocated"].index(max(device["allocated"]))
+    at_peak = {name: device[name][peak_i] for name in ("kv", "weights", "other")}
+    assert at_peak == expected["categories_at_peak"]
+    assert max(device["kv"]) >= summary["kv"]["final_bytes"]
+    assert {m["kind"] for m in timeline["markers"]} == {"step"}
+    assert len(timeline["markers"]) == summary["steps"]
+
+
+@pytest.mark.slow
+def test_layers_last_step_is_the_kv_arithmetic_of_the_raw_log(server: str, logdir: Path) -> None:
+    _, layers = _get_json(_plugin(server, "layers?run=dynamic_b2"))
+
+    manifest = json.loads((logdir / "dynamic_b2" / "manifest.json").read_text())
+    model = manifest["model"]
+    last_k: dict[int, dict[str, Any]] = {}
+    for line in (logdir / "dynamic_b2" / "kv_events.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event["phase"] != "end" and event["part"] == "data" and event["kv"] == "k" and event["shape"]:
+            last_k[event["layer"]] = event
+    assert layers["layers"] == sorted(last_k)
+    assert layers["steps"] == list(range(1, layers["steps_total"] + 1))
+    assert layers["phases"][0] == "prefill" and set(layers["phases"][1:]) == {"decode"}
+    for row, layer in zip(layers["kv_bytes"], layers["layers"], strict=True):
+        event = last_k[layer]
+        rows, tokens = event["shape"][0], event["tokens"]
+        one_of_k_or_v = rows * model["num_kv_heads"] * model["head_dim"] * tokens * 4  # float32
+        assert row[-1] == 2 * one_of_k_or_v
+
+
+@pytest.mark.slow
+def test_a_run_written_after_start_appears(server: str, logdir: Path) -> None:
+    shutil.copytree(SAMPLES / "static_b2", logdir / "later" / "static_b2")
+    try:
+        _, listing = _get_json(_plugin(server, "runs"))
+        assert "later/static_b2" in {r["name"] for r in listing["runs"]}
+        _, summary = _get_json(_plugin(server, "summary?run=later/static_b2"))
+        assert summary["kv"]["measured_from"] == "kv_log"
+    finally:
+        shutil.rmtree(logdir / "later")
+
+
+@pytest.mark.slow
+def test_served_assets_are_all_local(server: str) -> None:
+    from plotly.offline import get_plotlyjs
+
+    status, plotly_js = _get(_plugin(server, "plotly.min.js"))
+    assert status == 200 and plotly_js.decode("utf-8") == get_plotlyjs()
+    for asset in ("index.html", "kvcache.js"):
+        status, body = _get(_plugin(server, asset))
+        assert status == 200
+        urls = re.findall(r"https?://[^\s\"'<>)]+", body.decode("utf-8"))
+        assert [u for u in urls if not u.startswith("http://127.0.0.1")] == []
+
+
+def _chromium(url: str, out_dir: Path, *extra: str) -> tuple[str, str, list[dict[str, Any]]]:
+    """Headless Chromium with every host but 127.0.0.1 unresolvable; returns (stdout, stderr, the
+    requests the page made, from Chromium's own net log)."""
+    net_log = out_dir / f"netlog-{len(list(out_dir.iterdir()))}.json"
+    proc = subprocess.run(
+        [
+            CHROMIUM or "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=15000",
+            "--disable-background-networking",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            f"--log-net-log={net_log}",
+            "--window-size=1500,1300",
+            *extra,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = json.loads(net_log.read_text())
+    start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    requests = [
+        e["params"]
+        for e in log["events"]
+        if e["type"] == start_job
+        and "url" in e.get("params", {})
+        and e["params"].get("initiator") != BROWSER_ONLY_INITIATOR
+    ]
+    return proc.stdout, proc.stderr, requests
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_chromium_renders_the_dashboard_offline(server: str, tmp_path: Path) -> None:
+    # WHEN the plugin's page is opened with one broken and three good runs side by side
+    runs = "broken_manifest,dynamic_b2,oom_b2,sliding_b2"
+    dom, stderr, requests = _chromium(_plugin(server, f"index.html?runs={runs}"), tmp_path, "--dump-dom")
+
+    # THEN it finished, with the plots drawn by plotly and data in them
+    app = re.search(r'id="kvcache-app"[^>]*', dom)
+    assert app is not None and 'data-state="ready"' in app.group(0)
+    assert "data-js-errors" not in app.group(0)
+    panels = dict(re.findall(r'class="run-panel" data-run="([^"]+)" data-state="(\w+)"', dom))
+    assert panels == {"broken_manifest": "error", "dynamic_b2": "ok", "oom_b2": "ok", "sliding_b2": "ok"}
+    assert dom.count('class="plot-container plotly"') == 9  # timeline, KV curve and heatmap per good run
+    assert dom.count('class="trace scatter') >= 3 * 5  # weights, kv, other, allocated, steps
+    assert dom.count('class="hm"') == 3
+    points = [
+        int(n)
+        for n in re.findall(
+            r'class="run-panel" data-run="[^"]+" data-state="ok"[^>]*data-points="(\d+)"', dom
+        )
+    ]
+    assert len(points) == 3 and min(points) > 100
+    assert "corrupt manifest" in dom
+    assert "kvtrace-diagnosis" in dom  # the OOM run's diagnosis section
+    # AND the page logged nothing (Chromium prints every console message, errors included, as CONSOLE)
+    assert [line for line in stderr.splitlines() if ":CONSOLE" in line] == []
+    # AND every request the page made stayed on 127.0.0.1
+    urls = [r["url"] for r in requests]
+    assert any(u.endswith("/plotly.min.js") for u in urls)
+    assert [u for u in urls if not u.startswith("http://127.0.0.1:")] == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_chromium_opens_the_kv_cache_tab_in_tensorboard(server: str, tmp_path: Path) -> None:
+    shot = tmp_path / "tab.png"
+    _, stderr, requests = _chromium(f"{server}/#{PLUGIN}", tmp_path, f"--screenshot={shot}")
+
+    urls = [r["url"] for r in requests]
+    # TensorBoard's iframe loaded the module, which opened the dashboard, which fetched the data.
+    assert any(f"plugin_entry.html?name={PLUGIN}" in u for u in urls)
+    assert any(f"/data/plugin/{PLUGIN}/timeline?run=" in u for u in urls)
+    assert [u for u in urls if not u.startswith("http://127.0.0.1:")] == []
+    assert not [line for line in stderr.splitlines() if ":CONSOLE" in line and "/plugin/kvcache/" in line]
+    assert shot.stat().st_size > 20_000
+
+
+def test_loading_runs_does_not_import_torch(tmp_path: Path) -> None:
+    run = shutil.copytree(SAMPLES / "sliding_b2", tmp_path / "sliding_b2")
+    code = (
+        "import sys\n"
+        "import kvtrace.tb_plugin.plugin\n"
+        "from kvtrace.tb_plugin.run_store import RunStore\n"
+        f"store = RunStore({str(tmp_path)!r})\n"
+        "assert [r['name'] for r in store.list_runs()] == ['sliding_b2']\n"
+        "for payload in (store.summary('sliding_b2'), store.timeline('sliding_b2'),\n"
+        "                store.layers('sliding_b2'), store.diagnosis('sliding_b2')):\n"
+        "    assert 'error' not in payload, payload\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert run.is_dir()
