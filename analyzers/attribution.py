@@ -57,7 +57,8 @@ RULES: list[Rule] = [
     Rule(re.compile(r"kvpress"), KV, "kvpress compression"),
     Rule(
         re.compile(
-            r"(from_pretrained|load_state_dict|_load_pretrained_model|modeling_utils\.py:\d+:_?init_weights)"
+            r"(from_pretrained|load_state_dict|_load_pretrained_model|modeling_utils\.py:\d+:_?init_weights"
+            r"|:\d+:init_weights?(_list)?\b)"
         ),
         WEIGHTS,
         "model loading",
@@ -133,6 +134,13 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
             dev.method[frees[ok]] = METHOD_STACK_RULE
         if kv is not None and kv.storages:
             _join_kv_log(dev, kv.storages)
+        if dev.baseline_blocks:
+            # Blocks live before the trace began (snapshots): their stacks split the baseline too.
+            split: dict[int, int] = {}
+            for _address, size, fid in dev.baseline_blocks:
+                category = int(frame_cat[fid]) if 0 <= fid < len(frame_cat) and frame_cat[fid] >= 0 else OTHER
+                split[category] = split.get(category, 0) + size
+            dev.baseline_categories = split
     return source
 
 

@@ -44,6 +44,10 @@ class DeviceEvents:
     method: np.ndarray | None = None  # int8
     capacity_bytes: int | None = None
     baseline_bytes: int = 0  # bytes already allocated before the first event (snapshots)
+    # Blocks live at a snapshot's dump that no trace event explains: (address, bytes, frame_id). Their
+    # stacks let attribution split the baseline by category; `baseline_categories` holds the result.
+    baseline_blocks: list[tuple[int, int, int]] | None = None
+    baseline_categories: dict[int, int] | None = None
 
     def __len__(self) -> int:
         return int(self.ts_us.shape[0])

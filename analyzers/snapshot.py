@@ -164,10 +164,17 @@ def _replay_device(
             source.markers.append(Marker(kind="snapshot", ts_us=float(when), label="snapshot", device=device))
 
     baseline = orphan_bytes
+    baseline_blocks: list[tuple[int, int, int]] = []
     for segment in segments:
         for address, block in _blocks_with_addresses(segment):
             if block.get("state") in _LIVE_STATES and address not in live:
-                baseline += _block_request_size(block)
+                size = _block_request_size(block)
+                baseline += size
+                stack = block.get("frames")
+                history = block.get("history")
+                if not stack and history and isinstance(history[-1], dict):  # torch 2.0 keeps it in history
+                    stack = history[-1].get("frames")
+                baseline_blocks.append((address, size, frames.intern(stack)))
 
     delta_arr = np.asarray(deltas, dtype=np.int64)
     running = baseline + np.concatenate(([0], np.cumsum(delta_arr)))
@@ -192,6 +199,7 @@ def _replay_device(
             total_reserved=np.asarray(reserved_col, dtype=np.int64),
             frame_id=np.asarray(frame_ids, dtype=np.int32),
             baseline_bytes=int(baseline),
+            baseline_blocks=baseline_blocks,
         )
     )
     source.meta["timestamps"][device] = "time_us" if timed else "event_index"

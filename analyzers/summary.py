@@ -80,7 +80,13 @@ def _device_summary(
     if n == 0:
         peak_i = -1
         peak = final = dev.baseline_bytes
-        at_peak = {"kv": 0, "weights": dev.baseline_bytes if baseline_category == WEIGHTS else 0}
+        if dev.baseline_categories is not None:
+            at_peak = {
+                "kv": dev.baseline_categories.get(KV, 0),
+                "weights": dev.baseline_categories.get(WEIGHTS, 0),
+            }
+        else:
+            at_peak = {"kv": 0, "weights": dev.baseline_bytes if baseline_category == WEIGHTS else 0}
         at_peak["other"] = peak - at_peak["kv"] - at_peak["weights"]
     else:
         peak_i = int(np.argmax(timeline.allocated))

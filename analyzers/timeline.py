@@ -41,7 +41,9 @@ def device_timeline(dev: DeviceEvents, baseline_category: int = OTHER) -> Device
     by_category: dict[str, np.ndarray] = {}
     for code in (KV, WEIGHTS):
         series = np.cumsum(np.where(category == code, delta, 0))
-        if code == baseline_category:
+        if dev.baseline_categories is not None:
+            series = series + dev.baseline_categories.get(code, 0)
+        elif code == baseline_category:
             # What the trace's own total counted before its first event stays "other": only the part
             # the reader added (e.g. a run's weights table) belongs to the baseline category.
             base = dev.baseline_bytes - implied if baseline_category != OTHER else dev.baseline_bytes
