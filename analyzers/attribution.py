@@ -148,8 +148,8 @@ def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int
     kv_addrs = {s[0] for s in storages}
     alloc_mask = dev.delta_bytes > 0
     by_addr: dict[int, list[int]] = {}
-    for i in np.nonzero(alloc_mask & np.isin(dev.addr, np.fromiter(kv_addrs, dtype=np.int64)))[0]:
-        by_addr.setdefault(int(dev.addr[i]), []).append(int(i))
+    for idx in np.nonzero(alloc_mask & np.isin(dev.addr, np.fromiter(kv_addrs, dtype=np.int64)))[0]:
+        by_addr.setdefault(int(dev.addr[idx]), []).append(int(idx))
     matched_allocs: list[int] = []
     layers: list[int] = []
     kinds: list[int] = []
@@ -171,6 +171,9 @@ def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int
             kinds.append(1 if kv == "k" else 2)
     if not matched_allocs:
         return
+    # attribute() fills these arrays before joining the KV log.
+    assert dev.category is not None and dev.method is not None
+    assert dev.layer is not None and dev.kv_kind is not None
     index = np.asarray(matched_allocs, dtype=np.int64)
     frees = _pair_frees(dev, index)
     for target in (index, frees[frees >= 0]):

@@ -51,7 +51,7 @@ def write_counters(run_dir: Path, kv: KvLogAnalysis, trace_path: str | None, pid
                 "args": {f"L{layer}": value for layer, value in sorted(layer_live.items())},
             }
         )
-    payload = {"traceEvents": events, "displayTimeUnit": "ms"}
+    payload: dict[str, Any] = {"traceEvents": events, "displayTimeUnit": "ms"}
     if base_ns:
         payload["baseTimeNanoseconds"] = base_ns
     target = run_dir / COUNTERS_FILE

@@ -104,6 +104,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     fig.update_xaxes(title_text="seconds from first event", row=1, col=1)
     fig.update_yaxes(title_text="bytes", row=1, col=1)
     if rows == 3:
+        assert kv is not None  # rows == 3 only when there is a KV log
         series = np.asarray(kv.series_bytes, dtype=np.int64)
         keep = downsample_indices(series, MAX_POINTS)
         x = (np.asarray(kv.series_t_ns, dtype=np.float64)[keep] / 1000.0 - t0) / 1e6

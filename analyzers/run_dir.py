@@ -60,15 +60,15 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         device = _normal_device(weight.device)
         weights_by_device[device] = weights_by_device.get(device, 0) + weight.storage_bytes
     total_memory = run.manifest.get("device", {}).get("total_memory_bytes")
-    for device in source.devices:
+    for dev in source.devices:
         # The trace counts from the profiler's start; weights were allocated before it.
-        device.baseline_bytes += weights_by_device.get(device.device, 0)
+        dev.baseline_bytes += weights_by_device.get(dev.device, 0)
         if (
-            device.capacity_bytes is None
+            dev.capacity_bytes is None
             and total_memory
-            and device.device.startswith(run.manifest.get("device", {}).get("type", "?"))
+            and dev.device.startswith(run.manifest.get("device", {}).get("type", "?"))
         ):
-            device.capacity_bytes = int(total_memory)
+            dev.capacity_bytes = int(total_memory)
     if not any(m.kind == "step" for m in source.markers):
         for step, start_ns in sorted(kv.step_start_ns.items()):
             phase = kv.step_phase.get(step, "")

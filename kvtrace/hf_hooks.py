@@ -123,7 +123,7 @@ class HfCacheHooks:
                 if hooks._pop is not None:
                     hooks._pop()
 
-        Cache.update = update
+        setattr(Cache, "update", update)  # noqa: B010 - deliberate patch; mypy rejects method assignment
         for name, cause in _WRAPPED.items():
             original = Cache.__dict__.get(name)
             if original is None:

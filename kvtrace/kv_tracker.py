@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -61,7 +61,7 @@ def iter_tensors(value: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(value, torch.Tensor):
         flatten = getattr(type(value), "__tensor_flatten__", None)
         if flatten is not None and type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:
-            names, _ = value.__tensor_flatten__()
+            names, _ = cast(Any, value).__tensor_flatten__()  # a subclass hook torch.Tensor's stubs lack
             for name in names:
                 yield from iter_tensors(getattr(value, name), f"{prefix}.{name}")
             return

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # torch is imported inside the functions: the CLI reads SIZES and CACHE_KINDS to build --help.
 
@@ -52,7 +52,7 @@ def llama3_config(size: ModelSize, sliding_window: int | None = None) -> Any:
         kwargs.update(sliding_window=sliding_window, layer_types=["sliding_attention"] * size.num_layers)
     # The Llama 3 tokenizer's ids where the vocabulary is the real one; small test vocabularies use 0-2.
     real_vocab = size.vocab_size >= 128256
-    special_ids = {
+    special_ids: dict[str, Any] = {
         "bos_token_id": 128000 if real_vocab else 1,
         "eos_token_id": 128001 if real_vocab else 2,
         "pad_token_id": 128004 if real_vocab else 0,
@@ -82,7 +82,8 @@ def build_model(size: ModelSize | str, dtype: Any = None, device: str = "cpu", s
         size = SIZES[size]
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(llama3_config(size)).to(dtype or torch.float32)
+        # cast: transformers' functools.wraps on `to` makes mypy expect the model as the first argument.
+        model = cast(Any, LlamaForCausalLM(llama3_config(size))).to(dtype or torch.float32)
     return model.eval()
 
 
