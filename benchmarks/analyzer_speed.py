@@ -1,0 +1,551 @@
+"""How fast, and in how much memory, `kvtrace report` reads big inputs, against the tools users know.
+
+Inputs, side by side in one run:
+
+  * the largest Chrome trace in /work/shared/real_traces/chrome (by size on disk),
+  * the largest CUDA allocator snapshot pickle in /work/shared/real_traces/snapshots,
+  * a synthetic Kineto-layout Chrome trace of `--events` `[memory]` instant events (default 10,000,000;
+    CUDA, Device Type 1, with Addr / Bytes / Total Allocated / Total Reserved, addresses reused the way
+    the caching allocator reuses blocks, a ProfilerStep range every 10,000 events), written once by a
+    streaming writer into a temporary directory, and the same at a tenth of the events, to show how
+    memory grows with the input.
+
+Tools, each in a fresh interpreter (wall time includes start-up and imports, as a user sees it; peak RSS
+is the child's own VmHWM, written by a small wrapper as it exits, so runs do not mask each other and the
+benchmark's own memory does not leak into the figure):
+
+  * `python -m kvtrace.cli report PATH --json -q`
+  * a bare `json.load` of the same file (gzip detected by magic bytes); `pickle.load` for snapshots
+  * HTA: `hta.trace_analysis.TraceAnalysis(trace_dir=...)` on a directory holding only that trace
+    (Chrome traces only; `pip install holistictraceanalysis psutil` if missing: HTA imports psutil
+    without declaring it)
+  * `python -m torch.cuda._memory_viz trace_plot SNAPSHOT -o out.html` (snapshots only)
+  * `kvtrace report PATH -q -o out.html` on the synthetic traces, for the HTML size
+
+A child whose RSS passes `--mem-limit-gb` (default 8) or whose run passes `--timeout` is killed and its
+cell reads "n/a" with the reason. Goals (issue 3): report at most 2x a bare json.load, at least 5x faster
+than HTA with at most half its peak RSS, peak RSS flat as the input grows, HTML under 10 MB plus plotly's
+~4.7 MB of JavaScript.
+
+Expected runtime on 2 (busy, shared) cores: about 4.5 minutes with `--events 2000000` (0.73 GB of JSON
+on /tmp, written in ~10 s), about 13 minutes with the default 10 million (3.7 GB, written in ~90 s; the
+json.load and HTA rows then stop at the 8 GB memory limit after under a minute each, and the two kvtrace
+runs take ~3 minutes each). `--events 200000 --skip-hta` takes well under a minute.
+
+    python benchmarks/analyzer_speed.py --events 2000000
+    python benchmarks/analyzer_speed.py --events 200000 --gzip --skip-hta
+
+No timing is asserted: this prints a table, it is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_TRACES = Path("/work/shared/real_traces")
+PLOTLY_JS_BYTES = 4.7e6
+HTML_GOAL_BYTES = 10e6
+
+_JSON_LOAD = """
+import gzip, json, sys
+path = sys.argv[1]
+with open(path, "rb") as fh:
+    compressed = fh.read(2) == b"\\x1f\\x8b"
+with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
+    trace = json.load(fh)
+print(len(trace.get("traceEvents", ())) if isinstance(trace, dict) else len(trace))
+"""
+
+_PICKLE_LOAD = """
+import pickle, sys
+with open(sys.argv[1], "rb") as fh:
+    snapshot = pickle.load(fh)
+print(len(snapshot.get("segments", ())))
+"""
+
+# Every child runs under this wrapper, which writes the process's own VmHWM when it ends: `ru_maxrss` from
+# wait4 would include the benchmark's own RSS, which a forked child inherits until it execs.
+_PEAK_WRAPPER = """
+import os, runpy, sys
+def _write_peak():
+    with open("/proc/self/status", encoding="ascii") as fh:
+        peak_kb = next((line.split()[1] for line in fh if line.startswith("VmHWM:")), "0")
+    with open(os.environ["KVTRACE_BENCH_PEAK_FILE"], "w", encoding="ascii") as out:
+        out.write(peak_kb)
+mode, target, *rest = sys.argv[1:]
+try:
+    if mode == "-m":
+        sys.argv = [target, *rest]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = ["-c", *rest]
+        exec(compile(target, "<benchmark>", "exec"), {"__name__": "__main__"})
+finally:
+    _write_peak()
+"""
+
+_HTA_LOAD = """
+import sys
+from hta.trace_analysis import TraceAnalysis
+analysis = TraceAnalysis(trace_dir=sys.argv[1])
+print(sum(len(df) for df in analysis.t.get_all_traces().values()))
+"""
+
+
+# -- measuring one child ---------------------------------------------------------------------------
+@dataclass
+class Measurement:
+    wall_s: float | None = None
+    peak_rss_bytes: int | None = None
+    failure: str | None = None
+    """Why there is no figure: killed at the memory limit, timed out, exit status and last stderr line."""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def measure(argv: list[str], cwd: Path, timeout_s: float, mem_limit_bytes: int) -> Measurement:
+    """Run `python -m MODULE ...` or `python -c CODE ...` (as `argv`, without the interpreter) in a fresh
+    process; its wall time and own peak RSS (VmHWM), or why there are none."""
+    with tempfile.TemporaryFile() as stderr, tempfile.NamedTemporaryFile("r", suffix=".peak") as peak_file:
+        env = dict(os.environ, KVTRACE_BENCH_PEAK_FILE=peak_file.name)
+        command = [sys.executable, "-c", _PEAK_WRAPPER, *argv]
+        started = time.perf_counter()
+        child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        killed_for: str | None = None
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid == child.pid:
+                break
+            elapsed = time.perf_counter() - started
+            rss = _rss_bytes(child.pid)
+            if killed_for is None and rss > mem_limit_bytes:
+                killed_for = f"RSS > {mem_limit_bytes / 1e9:.0f} GB limit at {elapsed:.0f} s"
+            elif killed_for is None and elapsed > timeout_s:
+                killed_for = f"timeout > {timeout_s:.0f} s"
+            if killed_for is not None:
+                child.send_signal(signal.SIGKILL)
+            time.sleep(0.05)
+        wall = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        del usage  # ru_maxrss counts the parent's pages the child held before exec
+        peak_text = peak_file.read().strip()
+        peak = int(peak_text) * 1024 if peak_text else None
+        if killed_for is not None:
+            return Measurement(failure=killed_for)
+        if child.returncode != 0:
+            stderr.seek(0)
+            lines = [ln for ln in stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+            last = lines[-1].strip() if lines else ""
+            return Measurement(failure=f"exit {child.returncode}: {last[:90]}")
+        return Measurement(wall_s=wall, peak_rss_bytes=peak)
+
+
+# -- the synthetic trace ---------------------------------------------------------------------------
+_HEADER = """{
+  "schemaVersion": 1,
+  "deviceProperties": [
+    {
+      "id": 0, "name": "NVIDIA H100 80GB HBM3", "totalGlobalMem": 85029158912,
+      "computeMajor": 9, "computeMinor": 0,
+      "maxThreadsPerBlock": 1024, "maxThreadsPerMultiprocessor": 2048,
+      "regsPerBlock": 65536, "warpSize": 32,
+      "sharedMemPerBlock": 49152, "numSms": 132
+    }
+  ],
+  "record_shapes": 0,
+  "profile_memory": 1,
+  "displayTimeUnit": "ms",
+  "baseTimeNanoseconds": 1790857026000000000,
+  "traceEvents": [
+  {
+    "ph": "M", "name": "process_name", "ts": 5120758897447.385, "pid": 4242, "tid": 0,
+    "args": {
+      "name": "python"
+    }
+  }"""
+# Kineto's own layout of a memory event (one field a line, args on one line), so readers that special-case
+# it see what a real trace gives them.
+_MEMORY_EVENT = """,
+  {
+    "ph": "i",
+    \n    "cat": "cpu_instant_event",
+    "s": "t",
+    "name": "[memory]",
+    "pid": 4242,
+    "tid": 4242,
+    "ts": %.3f
+    ,
+    "args": {
+      "Total Reserved": %d, "Total Allocated": %d, "Bytes": %d, "Device Id": 0, "Device Type": 1, \
+"Addr": %d, "finished": false, "Ev Idx": %d
+    }
+  }"""
+_STEP_EVENT = """,
+  {
+    "ph": "X",
+    "cat": "user_annotation",
+    "name": "ProfilerStep#%d",
+    "pid": 4242,
+    "tid": 4242,
+    "ts": %.3f,
+    "dur": %.3f
+    ,
+    "args": {
+      "External id": %d, "Record function id": 0, "Ev Idx": %d
+    }
+  }"""
+_FOOTER = """
+  ],
+  "traceName": "synthetic.pt.trace.json"
+}
+"""
+_ACTIVATION_SIZES = (512, 4096, 65536, 262144, 1048576, 2097152, 8388608, 33554432)
+_KV_BLOCK_BYTES = 2 * 8 * 128 * 2 * 16  # k and v, 8 KV heads, head_dim 128, bf16, 16 tokens
+_STEP_EVERY = 10_000
+_REQUEST_EVERY = 500_000  # a request ends: its KV blocks are freed
+_MAX_LIVE_ACTIVATIONS = 64
+
+
+def write_synthetic_trace(path: Path, events: int, use_gzip: bool, seed: int = 0) -> None:
+    """Stream `events` CUDA `[memory]` events into a Kineto-layout trace, in chunks."""
+    rng = random.Random(seed)
+    base = 0x7F2A00000000
+    bump = base  # next never-used address, as the caching allocator grows its segments
+    free_blocks: dict[int, list[int]] = {}  # size -> addresses freed and reusable
+    activations: deque[tuple[int, int]] = deque()
+    kv_blocks: list[int] = []
+    allocated = reserved = 0
+    ts = 5120758898825.642
+    step = 0
+    step_started = ts
+    draining = False
+    step_every = min(_STEP_EVERY, max(1, events // 10))  # at least ten steps: HTA needs ranges with "dur"
+    chunk: list[str] = [_HEADER]
+    opener: Callable[..., IO[str]] = gzip.open if use_gzip else open  # type: ignore[assignment]
+    kwargs = {"compresslevel": 1} if use_gzip else {}
+    with opener(path, "wt", encoding="utf-8", **kwargs) as out:
+        for index in range(events):
+            ts += 0.5 + rng.random() * 3.0
+            if index and index % _REQUEST_EVERY == 0:
+                draining = True  # a request ends: its KV blocks go, one event each
+            if draining and kv_blocks:
+                addr, size = kv_blocks.pop(), _KV_BLOCK_BYTES
+                free_blocks.setdefault(size, []).append(addr)
+                delta = -size
+            elif index % 97 == 0:  # a new KV block for the growing cache
+                draining = False
+                size = _KV_BLOCK_BYTES
+                addr, bump = _take(free_blocks, size, bump)
+                kv_blocks.append(addr)
+                delta = size
+            elif activations and (len(activations) >= _MAX_LIVE_ACTIVATIONS or rng.random() < 0.5):
+                addr, size = activations.popleft()
+                free_blocks.setdefault(size, []).append(addr)
+                delta = -size
+            else:
+                size = rng.choice(_ACTIVATION_SIZES)
+                addr, bump = _take(free_blocks, size, bump)
+                activations.append((addr, size))
+                delta = size
+            allocated += delta
+            reserved = max(reserved, -(-(bump - base) // (2 << 20)) * (2 << 20))
+            chunk.append(_MEMORY_EVENT % (ts, reserved, allocated, delta, addr, index))
+            if (index + 1) % step_every == 0:
+                chunk.append(_STEP_EVENT % (step, step_started, ts - step_started, step + 1, events + step))
+                step += 1
+                step_started = ts
+                out.write("".join(chunk))
+                chunk.clear()
+        chunk.append(_FOOTER)
+        out.write("".join(chunk))
+
+
+def _take(free_blocks: dict[int, list[int]], size: int, bump: int) -> tuple[int, int]:
+    """(address, new bump pointer): a freed block of the same size if there is one, else fresh memory."""
+    reusable = free_blocks.get(size)
+    if reusable:
+        return reusable.pop(), bump
+    return bump, bump + size
+
+
+# -- the run ---------------------------------------------------------------------------------------
+@dataclass
+class Input:
+    label: str
+    path: Path
+    kind: str  # "chrome" or "snapshot"
+    memory_events: int | None = None
+
+
+@dataclass
+class Row:
+    input: Input
+    tool: str
+    result: Measurement
+
+
+def _largest(folder: Path, suffixes: tuple[str, ...]) -> Path | None:
+    files = [p for p in folder.iterdir() if p.is_file() and p.name.endswith(suffixes)]
+    return max(files, key=lambda p: p.stat().st_size) if files else None
+
+
+def _hta_available() -> str | None:
+    """None when HTA imports, else why not."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "from hta.trace_analysis import TraceAnalysis"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode == 0:
+        return None
+    lines = probe.stderr.strip().splitlines()
+    return lines[-1][:80] if lines else "import failed"
+
+
+def _fmt_mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:,.0f}"
+
+
+def _fmt_s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _size(path: Path) -> str:
+    size = path.stat().st_size
+    return f"{size / 1e6:,.1f} MB" if size >= 1e5 else f"{size / 1e3:,.1f} kB"
+
+
+def run_tools(
+    item: Input, scratch: Path, args: argparse.Namespace, hta_missing: str | None, html: bool
+) -> list[Row]:
+    limit = int(args.mem_limit_gb * 1e9)
+    tools: list[tuple[str, list[str] | str]] = [
+        ("kvtrace report --json", ["-m", "kvtrace.cli", "report", str(item.path), "--json", "-q"])
+    ]
+    if item.kind == "chrome":
+        tools.append(("json.load", ["-c", _JSON_LOAD, str(item.path)]))
+        if args.skip_hta:
+            tools.append(("HTA TraceAnalysis", "n/a (--skip-hta)"))
+        elif hta_missing:
+            tools.append(("HTA TraceAnalysis", f"n/a (HTA not importable: {hta_missing})"))
+        else:
+            trace_dir = Path(tempfile.mkdtemp(prefix="hta_", dir=scratch))
+            os.symlink(item.path, trace_dir / item.path.name)
+            tools.append(("HTA TraceAnalysis", ["-c", _HTA_LOAD, str(trace_dir)]))
+        tools.append(("memory_viz trace_plot", "n/a (reads allocator snapshots, not Chrome traces)"))
+    else:
+        tools.append(("pickle.load", ["-c", _PICKLE_LOAD, str(item.path)]))
+        tools.append(("HTA TraceAnalysis", "n/a (reads Chrome traces, not allocator snapshots)"))
+        viz_out = scratch / f"memory_viz_{item.path.stem}.html"
+        tools.append(
+            (
+                "memory_viz trace_plot",
+                ["-m", "torch.cuda._memory_viz", "trace_plot", str(item.path), "-o", str(viz_out)],
+            )
+        )
+    html_out = scratch / f"report_{item.label.replace(' ', '_').replace('/', '_')}.html"
+    if html:
+        tools.append(
+            (
+                "kvtrace report -o HTML",
+                ["-m", "kvtrace.cli", "report", str(item.path), "-q", "-o", str(html_out)],
+            )
+        )
+    rows: list[Row] = []
+    for tool, command in tools:
+        if isinstance(command, str):
+            rows.append(Row(item, tool, Measurement(failure=command.removeprefix("n/a (").rstrip(")"))))
+            continue
+        runs = [measure(command, REPO, args.timeout, limit) for _ in range(args.reps)]
+        good = [r for r in runs if r.ok]
+        if len(good) < len(runs):
+            result = next(r for r in runs if not r.ok)
+        else:
+            result = Measurement(
+                wall_s=statistics.median(r.wall_s for r in good if r.wall_s is not None),
+                peak_rss_bytes=max(r.peak_rss_bytes or 0 for r in good),
+            )
+        if tool.startswith("kvtrace report -o") and result.ok:
+            result.extra["html_bytes"] = html_out.stat().st_size
+        rows.append(Row(item, tool, result))
+        cell = f"{result.wall_s:.2f} s" if result.ok else f"n/a ({result.failure})"
+        print(f"  {item.label:<28} {tool:<24} {cell}", flush=True)
+    return rows
+
+
+def _find(rows: list[Row], item: Input, tool: str) -> Measurement | None:
+    for row in rows:
+        if row.input is item and row.tool.startswith(tool):
+            return row.result
+    return None
+
+
+def print_tables(rows: list[Row], inputs: list[Input], startup: Measurement) -> None:
+    print(
+        f"\nfresh interpreter doing nothing: {_fmt_s(startup.wall_s)} s, {_fmt_mb(startup.peak_rss_bytes)} MB"
+    )
+    header = (
+        f"{'input':<30} {'on disk':>10} {'[memory] ev':>12}  {'tool':<24} {'wall s':>8} {'peak RSS MB':>12}"
+    )
+    print("\n" + header)
+    print("-" * len(header))
+    for item in inputs:
+        events = "-" if item.memory_events is None else f"{item.memory_events:,}"
+        first = True
+        for row in (r for r in rows if r.input is item):
+            lead = f"{item.label:<30} {_size(item.path):>10} {events:>12}" if first else " " * 54
+            first = False
+            result = row.result
+            if result.ok:
+                cells = f"{_fmt_s(result.wall_s):>8} {_fmt_mb(result.peak_rss_bytes):>12}"
+                if "html_bytes" in result.extra:
+                    cells += f"  HTML {result.extra['html_bytes'] / 1e6:.1f} MB"
+            else:
+                cells = f"{'n/a':>8} {'n/a':>12}  {result.failure}"
+            print(f"{lead}  {row.tool:<24} {cells}")
+
+    print("\nratios against the goals (n/a where a figure is missing)")
+    print(
+        f"{'input':<30} {'report/json.load':>17} {'HTA/report':>11} {'report/HTA RSS':>15} "
+        f"{'report/memory_viz':>18}"
+    )
+    for item in inputs:
+        report = _find(rows, item, "kvtrace report --json")
+        baseline = _find(rows, item, "json.load") or _find(rows, item, "pickle.load")
+        hta = _find(rows, item, "HTA")
+        viz = _find(rows, item, "memory_viz")
+        print(
+            f"{item.label:<30} {_ratio(report, baseline, 'wall_s'):>17} {_ratio(hta, report, 'wall_s'):>11} "
+            f"{_ratio(report, hta, 'peak_rss_bytes'):>15} {_ratio(report, viz, 'wall_s'):>18}"
+        )
+    print(
+        "goals: report/json.load <= 2x (pickle.load for snapshots); HTA/report >= 5x; report/HTA RSS <= 0.5"
+    )
+
+    synthetic = [i for i in inputs if i.label.startswith("synthetic")]
+    if len(synthetic) == 2:
+        small, big = sorted(synthetic, key=lambda i: i.memory_events or 0)
+        print(f"\ngrowth from {small.label} to {big.label} (goal: flat peak RSS; HTML < 10 MB + plotly JS)")
+        for tool in ("kvtrace report --json", "json.load", "HTA", "kvtrace report -o"):
+            a, b = _find(rows, small, tool), _find(rows, big, tool)
+            absolute = ""
+            if a is not None and b is not None and a.ok and b.ok:
+                absolute = f" ({_fmt_mb(a.peak_rss_bytes)} -> {_fmt_mb(b.peak_rss_bytes)} MB)"
+            wall, rss = _ratio(b, a, "wall_s"), _ratio(b, a, "peak_rss_bytes")
+            print(f"  {tool:<24} wall x{wall:<6} peak RSS x{rss:<6}{absolute}")
+        for item in (small, big):
+            html = _find(rows, item, "kvtrace report -o")
+            if html is not None and html.ok:
+                size = html.extra["html_bytes"]
+                verdict = "meets" if size - PLOTLY_JS_BYTES < HTML_GOAL_BYTES else "MISSES"
+                print(
+                    f"  HTML of {item.label}: {size / 1e6:.1f} MB "
+                    f"(~{max(size - PLOTLY_JS_BYTES, 0) / 1e6:.1f} MB without plotly JS; {verdict} goal)"
+                )
+
+
+def _ratio(top: Measurement | None, bottom: Measurement | None, attr: str) -> str:
+    if top is None or bottom is None or not top.ok or not bottom.ok:
+        return "n/a"
+    numerator, denominator = getattr(top, attr), getattr(bottom, attr)
+    if not numerator or not denominator:
+        return "n/a"
+    return f"{numerator / denominator:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--events", type=int, default=10_000_000, help="memory events in the synthetic trace (default 10M)"
+    )
+    parser.add_argument("--gzip", action="store_true", help="write the synthetic trace as .json.gz")
+    parser.add_argument(
+        "--reps", type=int, default=1, help="runs per tool and input; median wall (default 1)"
+    )
+    parser.add_argument("--timeout", type=float, default=600, help="seconds before a run is killed (600)")
+    parser.add_argument("--mem-limit-gb", type=float, default=8, help="RSS at which a run is killed (8)")
+    parser.add_argument("--skip-hta", action="store_true", help="leave HTA out")
+    parser.add_argument("--real-traces", type=Path, default=REAL_TRACES, help=f"default {REAL_TRACES}")
+    parser.add_argument("--keep", type=Path, help="write the synthetic traces here and keep them")
+    args = parser.parse_args(argv)
+    if args.events < 10 or args.reps < 1:
+        parser.error("--events must be at least 10 and --reps at least 1")
+
+    started = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix="kvtrace_analyzer_speed_"))
+    try:
+        inputs: list[Input] = []
+        chrome = _largest(args.real_traces / "chrome", (".json", ".json.gz"))
+        snapshot = _largest(args.real_traces / "snapshots", (".pickle", ".pkl"))
+        if chrome is not None:
+            inputs.append(
+                Input(f"chrome: {chrome.name}"[:30], chrome, "chrome", _count_memory_events(chrome))
+            )
+        if snapshot is not None:
+            inputs.append(Input(f"snapshot: {snapshot.name}"[:30], snapshot, "snapshot"))
+        synthetic_dir = args.keep or scratch
+        synthetic_dir.mkdir(parents=True, exist_ok=True)
+        suffix = ".pt.trace.json.gz" if args.gzip else ".pt.trace.json"
+        for count in (args.events // 10, args.events):
+            path = synthetic_dir / f"synthetic_{count}{suffix}"
+            generated = time.perf_counter()
+            write_synthetic_trace(path, count, args.gzip)
+            print(f"wrote {path.name}: {_size(path)} in {time.perf_counter() - generated:.0f} s", flush=True)
+            inputs.append(Input(f"synthetic {count:,} events", path, "chrome", count))
+
+        hta_missing = None if args.skip_hta else _hta_available()
+        startup = measure(["-c", "pass"], REPO, 60, 1 << 40)
+        rows: list[Row] = []
+        for item in inputs:
+            rows += run_tools(item, scratch, args, hta_missing, html=item.label.startswith("synthetic"))
+        print_tables(rows, inputs, startup)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"\ntotal runtime {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _count_memory_events(path: Path) -> int | None:
+    """Counted from the raw text (each Kineto event names itself once); None for files too big to scan."""
+    if path.stat().st_size > 200e6:
+        return None
+    with open(path, "rb") as fh:
+        compressed = fh.read(2) == b"\x1f\x8b"
+    with gzip.open(path, "rb") if compressed else open(path, "rb") as fh:
+        return fh.read().count(b'"[memory]"')
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
