@@ -89,6 +89,24 @@ def _version_of(tensor: torch.Tensor) -> int:
         return -1
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+_DEVICE_NAMES: dict[torch.device, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
+def _device_name(device: torch.device) -> str:
+    name = _DEVICE_NAMES.get(device)
+    if name is None:
+        name = _DEVICE_NAMES[device] = str(device)
+    return name
+
+
 def storage_of(tensor: torch.Tensor) -> tuple[int, int]:
     """(address, bytes) of the storage behind `tensor`; (0, 0) for tensors without real memory."""
     try:
@@ -182,8 +200,8 @@ class KvTracker:
                         view_offset=tensor.data_ptr() - addr if addr else 0,
                         shape=list(shape),
                         logical_bytes=tensor.numel() * tensor.element_size(),
-                        dtype=str(tensor.dtype).removeprefix("torch."),
-                        device=str(tensor.device),
+                        dtype=_dtype_name(tensor.dtype),
+                        device=_device_name(tensor.device),
                         tokens=tokens,
                         evicted_tokens=evicted if kv == "k" and part == "data" else 0,
                         prev_addr=prev_addr,

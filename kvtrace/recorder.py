@@ -202,8 +202,12 @@ class Recording:
         # in phase "end", so that analyzers can tell the cache's final state from its teardown.
         self.tracker.phase = "end"
         self.tracker.release_all()
-        gc.collect()
         self.tracker.poll_frees()
+        if self.tracker.pending_frees():
+            # A young-generation pass frees caches caught in short-lived cycles; a full collection cost
+            # 0.3-0.5 s per record() (benchmarks/recorder_overhead.py) for storages the caller still holds.
+            gc.collect(0)
+            self.tracker.poll_frees()
         self._flush()
         for appender in (self._events, self._samples):
             if appender is not None:
