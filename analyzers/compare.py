@@ -9,8 +9,10 @@ Definitions, so that the columns mean the same thing for every run:
 * fragmentation = reserved - allocated at the peak (None where the input has no reserved figures, e.g.
   CPU runs);
 * tokens/s = generated tokens / wall time, where generated tokens = KV-log steps x batch (each forward,
-  prefill included, yields one token per sequence) and wall time = manifest `ended.t_ns - started_ns`,
-  the whole `record()` block, recorder overhead included: compare runs recorded with the same options.
+  prefill included, yields one token per sequence) and wall time = from the recorder's "start" memory
+  sample (taken once the profiler runs) to the sample at the end of the last step, so the profiler's
+  start-up and trace writing are left out; without samples, the manifest's start to end. Compare runs
+  recorded with the same options.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ def tokens_per_second(source: MemorySource, report: Report) -> float | None:
     """Generated tokens / wall time of the recording (see the module docstring); None when unknown."""
     manifest = source.meta.get("manifest") or {}
     started, ended = manifest.get("started_ns"), (manifest.get("ended") or {}).get("t_ns")
+    run = source.meta.get("run")
+    samples = run.memory_samples if run is not None else []
+    starts = [s["t_ns"] for s in samples if s.get("phase") == "start"]
+    step_ends = [s["t_ns"] for s in samples if s.get("phase") in ("prefill", "decode")]
+    if starts and step_ends:
+        started, ended = starts[0], step_ends[-1]
     if not started or not ended or ended <= started or not report.kv.batch or not report.steps:
         return None
     return report.steps * report.kv.batch / ((ended - started) / 1e9)
@@ -121,7 +129,7 @@ _COMPARE_ROWS = (
     ("KV final", lambda r: human_bytes(r.kv_final_bytes)),
     ("KV churn (allocated / final)", lambda r: _fmt_churn(r.churn)),
     ("fragmentation at peak", lambda r: human_bytes(r.fragmentation_bytes)),
-    ("tokens/s (whole recording)", lambda r: _fmt_rate(r.tokens_per_second)),
+    ("tokens/s (generation)", lambda r: _fmt_rate(r.tokens_per_second)),
     ("evicted tokens", lambda r: f"{r.evicted_tokens:,}"),
     ("steps x batch", lambda r: f"{r.steps} x {r.batch if r.batch is not None else '-'}"),
 )
