@@ -360,7 +360,17 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
 
     shortfall = None
     if requested is not None and free is not None:
-        shortfall = max(requested - free, 0)
+        shortfall = requested - free
+        if shortfall <= 0:
+            # The allocation failed although the device reports enough free memory: a cap such as
+            # set_per_process_memory_fraction or another limit applies. At least the request was missing.
+            notes.append(
+                "the device reported enough free memory for the request, so a per-process limit applied: "
+                "the shortfall is taken as the request itself (a lower bound)"
+            )
+            shortfall = requested
+    elif requested is not None and oom is not None:
+        shortfall = requested  # an OOM without a free figure: at least the request was missing
     elif budget_bytes is not None and allocated is not None:
         shortfall = allocated - budget_bytes
 

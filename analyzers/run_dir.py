@@ -4,14 +4,17 @@ weights table and the markers (steps, evictions, OOM), all on the Unix-epoch mic
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from analyzers.kv_log import analyze_kv_log
 from analyzers.model import DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.sources import ProgressFn
-from kvtrace.format import read_run
+from kvtrace.errors import KvtraceError
+from kvtrace.format import Run, read_run
 
 
 def _kv_only_device(device: str, storages: list[tuple[int, int, int, int, int, str]]) -> DeviceEvents:
@@ -28,6 +31,43 @@ def _kv_only_device(device: str, storages: list[tuple[int, int, int, int, int, s
         addr=np.array([r[1] for r in rows], dtype=np.int64),
         delta_bytes=np.array([r[2] for r in rows], dtype=np.int64),
     )
+
+
+_SIZE_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+_TRIED = re.compile(r"Tried to allocate ([\d.]+) (B|bytes|KiB|MiB|GiB|TiB)")
+
+
+def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySource) -> OomInfo:
+    """The failed request: from the OOM snapshot the recorder dumped (CUDA) when there is one, else from
+    PyTorch's message ("Tried to allocate 2.00 GiB"), whose two decimals make it approximate."""
+    device = run.manifest.get("device", {})
+    name = f"cuda:{device.get('index', 0)}" if device.get("type") == "cuda" else "cpu"
+    oom_pickle = run.path / "snapshots" / "oom.pickle"
+    if oom_pickle.is_file():
+        from analyzers.snapshot import read_snapshot
+
+        try:
+            snapshot = read_snapshot(oom_pickle)
+        except KvtraceError as exc:
+            source.meta.setdefault("warnings", []).append(str(exc))
+        else:
+            source.segments.extend(snapshot.segments)
+            if snapshot.ooms:
+                found = snapshot.ooms[-1]
+                return OomInfo(
+                    name,
+                    ended.get("t_ns", 0) / 1000.0,
+                    found.requested_bytes,
+                    found.device_free_bytes,
+                    found.allocated_bytes,
+                    found.reserved_bytes,
+                    message,
+                )
+    requested = None
+    match = _TRIED.search(message)
+    if match:
+        requested = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    return OomInfo(name, ended.get("t_ns", 0) / 1000.0, requested, None, message=message)
 
 
 def _normal_device(name: str) -> str:
@@ -87,16 +127,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if ended.get("status") == "exception" and (
         "OutOfMemory" in str(ended.get("type", "")) or "out of memory" in message.lower()
     ):
-        device = run.manifest.get("device", {})
-        source.ooms.append(
-            OomInfo(
-                device="cuda:0" if device.get("type") == "cuda" else "cpu",
-                ts_us=ended.get("t_ns", 0) / 1000.0,
-                requested_bytes=None,
-                device_free_bytes=None,
-                message=message,
-            )
-        )
+        source.ooms.append(_oom_of_run(run, ended, message, source))
         source.markers.append(Marker(kind="oom", ts_us=ended.get("t_ns", 0) / 1000.0, label="OOM"))
     source.meta.update(
         run=run,

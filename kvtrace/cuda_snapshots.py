@@ -11,6 +11,27 @@ from typing import Any
 
 import torch
 
+_ACTIVE_SNAPSHOTS: CudaSnapshots | None = None
+_OBSERVER_ATTACHED = False
+
+
+def _attach_observer_once() -> None:
+    """torch can attach OOM observers but not detach them: attach one per process, which forwards to the
+    recording that is active (or does nothing outside a recording)."""
+    global _OBSERVER_ATTACHED
+    attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
+    if attach is None or _OBSERVER_ATTACHED:
+        return
+
+    def on_oom(device: int, alloc: int, device_allocated: int, device_free: int) -> None:
+        active = _ACTIVE_SNAPSHOTS
+        if active is not None:
+            active._on_oom(device, alloc, device_allocated, device_free)
+
+    # Dump at the moment of the OOM, while the tensors that filled memory are still alive.
+    attach(on_oom)
+    _OBSERVER_ATTACHED = True
+
 
 class CudaSnapshots:
     """Allocator history on while recording; snapshot dumps at exit and when an OOM happens."""
@@ -20,7 +41,6 @@ class CudaSnapshots:
         self.max_entries = max_entries
         self.active = False
         self._oom_dumped: str | None = None
-        self._observer_attached = False
 
     def start(self) -> dict[str, Any]:
         if not torch.cuda.is_available():
@@ -30,11 +50,9 @@ class CudaSnapshots:
         except (AttributeError, RuntimeError) as exc:
             return {"status": "absent", "reason": f"allocator history unavailable: {exc}"}
         self.active = True
-        attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
-        if attach is not None:
-            # Dump at the moment of the OOM, while the tensors that filled memory are still alive.
-            attach(self._on_oom)
-            self._observer_attached = True
+        _attach_observer_once()
+        global _ACTIVE_SNAPSHOTS
+        _ACTIVE_SNAPSHOTS = self
         return {"status": "recording", "max_entries": self.max_entries}
 
     def _on_oom(self, device: int, alloc: int, device_allocated: int, device_free: int) -> None:
@@ -53,6 +71,9 @@ class CudaSnapshots:
         return f"{self.folder.name}/{name}"
 
     def stop(self) -> None:
+        global _ACTIVE_SNAPSHOTS
+        if _ACTIVE_SNAPSHOTS is self:
+            _ACTIVE_SNAPSHOTS = None
         if self.active:
             torch.cuda.memory._record_memory_history(enabled=None)
             self.active = False

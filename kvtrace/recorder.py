@@ -390,8 +390,14 @@ class Recording:
         }
 
 
+_OOM_TYPES = tuple(
+    t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
+)
+
+
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """torch.OutOfMemoryError from 2.5, torch.cuda.OutOfMemoryError before; the message as a last resort."""
+    return isinstance(exc, _OOM_TYPES) or "out of memory" in str(exc).lower()
 
 
 def _model_device(model: Any) -> torch.device | None:

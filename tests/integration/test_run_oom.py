@@ -1,0 +1,78 @@
+"""An out-of-memory error inside `record()`: re-raised unchanged, recorded, and diagnosed from the run
+directory (the failing request from PyTorch's message, a batch that fits from the KV log).
+
+The error is raised by a forward hook at decode step 3 with PyTorch's own exception type and message, as
+the caching allocator would; on CUDA the same path also dumps snapshots/oom.pickle (benchmarks/gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import kvtrace
+from kvtrace.cli import main
+from kvtrace.llama import ModelSize, build_model
+
+LAYERS, KV_HEADS, HEAD_DIM, BATCH, PROMPT = 2, 2, 16, 4, 10
+SIZE = ModelSize(
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=LAYERS,
+    num_heads=4,
+    num_kv_heads=KV_HEADS,
+    vocab_size=1000,
+)
+MESSAGE = "CUDA out of memory. Tried to allocate 8.00 KiB. GPU 0 has a total capacity of 79.19 GiB"
+
+
+def test_oom_is_reraised_recorded_and_diagnosed(tmp_path: Path) -> None:
+    model = build_model(SIZE)
+    calls = {"n": 0}
+
+    def fail_at_step_3(module: Any, args: Any, kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError(MESSAGE)
+
+    handle = model.register_forward_pre_hook(fail_at_step_3, with_kwargs=True)
+    ids = torch.randint(3, 1000, (BATCH, PROMPT))
+    run = tmp_path / "run"
+    try:
+        with (
+            pytest.raises(torch.OutOfMemoryError) as raised,
+            torch.no_grad(),
+            kvtrace.record(run, model=model),
+        ):
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0
+            )
+    finally:
+        handle.remove()
+    assert str(raised.value) == MESSAGE
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["ended"]["status"] == "exception"
+    assert manifest["ended"]["type"] == "OutOfMemoryError"
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["diagnose", str(run), "--json"]) == 0
+    diagnosis = json.loads(out.getvalue())
+    assert diagnosis["requested_bytes"] == 8 * 2**10
+    # two forwards completed (prefill + 1 decode): the KV held is PROMPT + 1 tokens for every row
+    kv_bytes = LAYERS * 2 * KV_HEADS * HEAD_DIM * (PROMPT + 1) * BATCH * 4
+    assert diagnosis["kv_bytes"] == kv_bytes
+    batch = next(r for r in diagnosis["remedies"] if r["kind"] == "batch")
+    # the request must be freed: each row dropped frees kv_bytes / BATCH
+    per_row = kv_bytes // BATCH
+    rows_needed = -(-8 * 2**10 // per_row)
+    expected = BATCH - rows_needed
+    assert expected == 2
+    assert batch["setting"] == expected
+    assert batch["fits"] is True
