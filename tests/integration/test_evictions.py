@@ -16,17 +16,11 @@ import torch
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.format import read_run
-from kvtrace.llama import ModelSize, build_model
+from kvtrace.llama import build_model
+from tests.tiny import tiny_size
 
 LAYERS, KV_HEADS, HEAD_DIM, BATCH, PROMPT, KEEP = 2, 2, 16, 2, 17, 8
-SIZE = ModelSize(
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=LAYERS,
-    num_heads=4,
-    num_kv_heads=KV_HEADS,
-    vocab_size=1000,
-)
+SIZE = tiny_size(LAYERS, KV_HEADS)
 
 
 @contextmanager

@@ -19,17 +19,11 @@ from analyzers.attribution import RULES, _frame_categories
 from analyzers.model import KV, METHOD_KV_LOG
 from analyzers.report import build_report
 from kvtrace.cli import main
-from kvtrace.llama import ModelSize, build_model, make_cache
+from kvtrace.llama import build_model, make_cache
+from tests.tiny import tiny_size
 
 KV_HEADS, HEAD_DIM, LAYERS, BATCH, PROMPT, NEW, WINDOW = 2, 16, 2, 2, 12, 5, 8
-SIZE = ModelSize(
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=LAYERS,
-    num_heads=4,
-    num_kv_heads=KV_HEADS,
-    vocab_size=1000,
-)
+SIZE = tiny_size(LAYERS, KV_HEADS)
 
 
 def _record(out: Path, kind: str, **options: object) -> Path:

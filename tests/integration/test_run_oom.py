@@ -18,17 +18,11 @@ import torch
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.llama import ModelSize, build_model
+from kvtrace.llama import build_model
+from tests.tiny import tiny_size
 
 LAYERS, KV_HEADS, HEAD_DIM, BATCH, PROMPT = 2, 2, 16, 4, 10
-SIZE = ModelSize(
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=LAYERS,
-    num_heads=4,
-    num_kv_heads=KV_HEADS,
-    vocab_size=1000,
-)
+SIZE = tiny_size(LAYERS, KV_HEADS)
 MESSAGE = "CUDA out of memory. Tried to allocate 8.00 KiB. GPU 0 has a total capacity of 79.19 GiB"
 
 

@@ -21,18 +21,12 @@ import kvtrace  # noqa: E402
 from analyzers.render_json import report_to_json  # noqa: E402
 from analyzers.report import build_report  # noqa: E402
 from kvtrace.format import read_run  # noqa: E402
-from kvtrace.llama import ModelSize, build_model  # noqa: E402
+from kvtrace.llama import build_model  # noqa: E402
 from kvtrace.presses import make_press  # noqa: E402
+from tests.tiny import tiny_size  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM, CONTEXT = 4, 2, 16, 513
-SIZE = ModelSize(
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=LAYERS,
-    num_heads=4,
-    num_kv_heads=KV_HEADS,
-    vocab_size=1000,
-)
+SIZE = tiny_size(LAYERS, KV_HEADS)
 TOKEN_BYTES = KV_HEADS * HEAD_DIM * 4  # one token of K (or V), one row, float32
 
 
