@@ -1,0 +1,59 @@
+"""Assisted decoding (the cache is cropped after rejected draft tokens) and an explicit Cache.reset()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import kvtrace
+from kvtrace.format import read_run
+from kvtrace.llama import build_model
+from tests.tiny import HEAD_DIM, tiny_size
+
+LAYERS, KV_HEADS, BATCH, PROMPT = 2, 2, 1, 9
+
+
+def test_assisted_decoding_crops_are_logged_and_keep_the_storage(tmp_path: Path) -> None:
+    model = build_model(tiny_size(LAYERS, KV_HEADS), seed=0)
+    assistant = build_model(tiny_size(1, KV_HEADS), seed=1)  # a different model: its drafts get rejected
+    ids = torch.randint(3, 1000, (BATCH, PROMPT))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            assistant_model=assistant,
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    events = read_run(run).kv_events
+    crops = [e for e in events if e.event == "cropped" and e.part == "data"]
+    assert crops, "assisted decoding with a disagreeing assistant must crop the cache"
+    for crop in crops:
+        # a crop slices to a view: same storage, fewer tokens, and the view's bytes are the arithmetic
+        assert crop.shape[-2] == crop.tokens
+        assert crop.logical_bytes == BATCH * KV_HEADS * crop.tokens * HEAD_DIM * 4
+        assert crop.storage_bytes >= crop.logical_bytes
+        assert crop.addr == crop.prev_addr
+
+
+def test_reset_is_logged(tmp_path: Path) -> None:
+    from transformers import DynamicCache
+
+    model = build_model(tiny_size(LAYERS, KV_HEADS))
+    ids = torch.randint(3, 1000, (BATCH, PROMPT))
+    cache = DynamicCache()
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        cache.reset()
+    events = read_run(run).kv_events
+    resets = [e for e in events if e.event == "reset" and e.part == "data"]
+    assert sorted((e.layer, e.kv) for e in resets) == [(layer, kv) for layer in range(LAYERS) for kv in "kv"]
+    assert all(e.addr == 0 and e.storage_bytes == 0 for e in resets)
+    freed = {e.addr for e in events if e.event == "freed"}
+    created = {e.addr for e in events if e.event == "created"}
+    assert created <= freed  # reset drops every storage, and the allocator released them
