@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from analyzers.memory_events_fast import DeviceColumns, MemoryRunReader
+from analyzers.memory_events_fast import as_int as _as_int
 from analyzers.model import DeviceEvents, Marker, MemorySource
 from analyzers.sources import JsonStream, ProgressFn, open_input
 from kvtrace.errors import KvtraceError
@@ -63,14 +65,16 @@ _META_KEYS = (
 )
 
 
-def _walk_trace(stream: JsonStream, on_event: Callable[[Any], None]) -> tuple[dict[str, Any], int]:
-    """Feed the trace events we may keep to `on_event`; return the other top-level fields and how many
-    events were skipped undecoded."""
+def _walk_trace(
+    stream: JsonStream, on_event: Callable[[Any], None], memory_runs: MemoryRunReader
+) -> tuple[dict[str, Any], int]:
+    """Feed the trace events we may keep to `on_event` (runs of Kineto-layout memory events to
+    `memory_runs`); return the other top-level fields and how many events were skipped undecoded."""
     top: dict[str, Any] = {}
     skipped = 0
     first = stream.peek()
     if first == "[":  # the Chrome "JSON array" form: a bare list of events
-        skipped = stream.each_element("the event array", on_event, _NEEDLES)
+        skipped = stream.each_element("the event array", on_event, _NEEDLES, memory_runs)
     elif first == "{":
         stream.pos += 1
         if stream.peek() == "}":
@@ -82,7 +86,7 @@ def _walk_trace(stream: JsonStream, on_event: Callable[[Any], None]) -> tuple[di
                     raise stream.error("corrupt JSON: a top-level key that is not a string")
                 stream.expect(":", "the top-level object")
                 if key == "traceEvents":
-                    skipped = stream.each_element("traceEvents", on_event, _NEEDLES)
+                    skipped = stream.each_element("traceEvents", on_event, _NEEDLES, memory_runs)
                 else:
                     top[key] = stream.value(f"top-level field {key!r}")
                 if stream.expect(",}", "the top-level object") == "}":
@@ -95,17 +99,6 @@ def _walk_trace(stream: JsonStream, on_event: Callable[[Any], None]) -> tuple[di
     return top, skipped
 
 
-def _as_int(value: Any, default: int) -> int:
-    if isinstance(value, bool) or value is None:
-        return default
-    if isinstance(value, int):
-        return value
-    try:
-        return int(value, 0) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
-        return default
-
-
 def _device_name(device_type: Any, device_id: Any) -> str:
     kind = _as_int(device_type, 0)
     prefix = _DEVICE_TYPES.get(kind, f"device_type{kind}")
@@ -113,45 +106,17 @@ def _device_name(device_type: Any, device_id: Any) -> str:
     return prefix if prefix == "cpu" or index < 0 else f"{prefix}:{index}"
 
 
-class _DeviceColumns:
-    """Growing columns for one device (compact `array`s, not lists of Python ints)."""
-
-    def __init__(self) -> None:
-        self.ts = array("d")
-        self.addr = array("q")
-        self.delta = array("q")
-        self.total_allocated = array("q")
-        self.total_reserved = array("q")
-        self.with_allocated = 0
-        self.with_reserved = 0
-
-    def add(self, ts: float, args: dict[str, Any]) -> None:
-        # Plain ints are the norm (Kineto writes them); `type(x) is int` skips the conversion call, which
-        # is most of the per-event cost on traces with millions of memory events.
-        self.ts.append(ts)
-        addr, delta = args.get("Addr"), args.get("Bytes")
-        self.addr.append(addr if type(addr) is int else _as_int(addr, -1))
-        self.delta.append(delta if type(delta) is int else _as_int(delta, 0))
-        allocated, reserved = args.get("Total Allocated"), args.get("Total Reserved")
-        if allocated is not None:
-            self.with_allocated += 1
-        if reserved is not None:
-            self.with_reserved += 1
-        self.total_allocated.append(allocated if type(allocated) is int else _as_int(allocated, -1))
-        self.total_reserved.append(reserved if type(reserved) is int else _as_int(reserved, -1))
-
-
 class _TraceCollector:
     """The per-event callback of `read_chrome_trace`: keeps memory events and step ranges only."""
 
     def __init__(self) -> None:
-        self.devices: dict[str, _DeviceColumns] = {}
+        self.devices: dict[str, DeviceColumns] = {}
         self.ranges: list[tuple[str, float, float, dict[str, Any]]] = []
         self.open_ranges: dict[tuple[Any, Any], list[tuple[Any, float]]] = {}
         self.all_integral = True
         self.events = 0
         self.skipped: Counter[str] = Counter()
-        self._columns_by_key: dict[tuple[Any, Any], _DeviceColumns] = {}
+        self._columns_by_key: dict[tuple[Any, Any], DeviceColumns] = {}
 
     def _ts(self, event: dict[str, Any]) -> float | None:
         ts = event.get("ts")
@@ -185,19 +150,7 @@ class _TraceCollector:
             if ts is None or not isinstance(args, dict):
                 self.skipped["[memory] without ts or args"] += 1
                 return
-            key = (args.get("Device Type"), args.get("Device Id"))
-            try:
-                columns = self._columns_by_key.get(key)
-            except TypeError:  # an unhashable device field: take the slow path
-                columns, key = None, None  # type: ignore[assignment]
-            if columns is None:
-                device = _device_name(args.get("Device Type"), args.get("Device Id"))
-                columns = self.devices.get(device)
-                if columns is None:
-                    columns = self.devices[device] = _DeviceColumns()
-                if key is not None:
-                    self._columns_by_key[key] = columns
-            columns.add(ts, args)
+            self.columns_for(args.get("Device Type"), args.get("Device Id")).add(ts, args)
         elif phase == "B" or phase == "E":
             self._begin_end(event, phase)
         elif phase == "X" and _is_step(name) and event.get("cat") != "gpu_user_annotation":
@@ -206,6 +159,21 @@ class _TraceCollector:
                 dur = event.get("dur")
                 end = ts + float(dur) if isinstance(dur, int | float) and not isinstance(dur, bool) else ts
                 self.ranges.append((str(name), ts, end, _range_detail(event)))
+
+    def columns_for(self, device_type: Any, device_id: Any) -> DeviceColumns:
+        key = (device_type, device_id)
+        try:
+            columns = self._columns_by_key.get(key)
+        except TypeError:  # an unhashable device field: take the slow path
+            columns, key = None, None  # type: ignore[assignment]
+        if columns is None:
+            device = _device_name(device_type, device_id)
+            columns = self.devices.get(device)
+            if columns is None:
+                columns = self.devices[device] = DeviceColumns()
+            if key is not None:
+                self._columns_by_key[key] = columns
+        return columns
 
     def _begin_end(self, event: dict[str, Any], phase: str) -> None:
         # Every B is stacked (an E closes the innermost open range of its thread, whatever its name).
@@ -263,8 +231,10 @@ def read_chrome_trace(path: str | os.PathLike[str], progress: ProgressFn | None 
     """
     name = str(path)
     collector = _TraceCollector()
+    memory_runs = MemoryRunReader(collector.columns_for)
     with open_input(path, progress) as binary:
-        top, skipped = _walk_trace(JsonStream(binary, name), collector)
+        top, skipped = _walk_trace(JsonStream(binary, name), collector, memory_runs)
+    integral = collector.all_integral and memory_runs.all_integral
     base_ns = top.get("baseTimeNanoseconds")
     capacities = _capacities(top.get("deviceProperties"))
     source = MemorySource(kind="chrome_trace", path=name)
@@ -284,7 +254,7 @@ def read_chrome_trace(path: str | os.PathLike[str], progress: ProgressFn | None 
         source.devices.append(
             DeviceEvents(
                 device=device,
-                ts_us=_timestamps(raw_ts[order], base_ns, collector.all_integral),
+                ts_us=_timestamps(raw_ts[order], base_ns, integral),
                 addr=np.frombuffer(columns.addr, dtype=np.int64)[order],
                 delta_bytes=delta,
                 total_allocated=full_allocated,
@@ -293,7 +263,7 @@ def read_chrome_trace(path: str | os.PathLike[str], progress: ProgressFn | None 
                 baseline_bytes=_baseline(delta, full_allocated),
             )
         )
-    offset = _timestamps(np.zeros(1), base_ns, collector.all_integral)[0]
+    offset = _timestamps(np.zeros(1), base_ns, integral)[0]
     for label, start, end, detail in sorted(collector.ranges, key=lambda r: r[1]):
         source.markers.append(
             Marker(
@@ -307,7 +277,7 @@ def read_chrome_trace(path: str | os.PathLike[str], progress: ProgressFn | None 
     source.meta.update({key: top[key] for key in _META_KEYS if key in top})
     source.meta["format"] = "chrome_trace"
     source.meta["top_level_keys"] = sorted(top)
-    source.meta["trace_events"] = collector.events + skipped
+    source.meta["trace_events"] = collector.events + memory_runs.events + skipped
     source.meta["device_capacity_bytes"] = capacities
     if collector.skipped:
         source.meta["skipped_events"] = dict(collector.skipped)

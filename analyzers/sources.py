@@ -214,7 +214,11 @@ class JsonStream:
             return obj
 
     def each_element(
-        self, where: str, on_element: Callable[[Any], None], needles: tuple[str, ...] | None = None
+        self,
+        where: str,
+        on_element: Callable[[Any], None],
+        needles: tuple[str, ...] | None = None,
+        read_run: Callable[[str, int, int], int] | None = None,
     ) -> int:
         """Call `on_element` with each element of the array that starts here; return how many were
         skipped undecoded.
@@ -225,6 +229,11 @@ class JsonStream:
         not keep. Raw newlines cannot occur inside JSON strings, so that separator is always structure.
         The price: damage inside an event we skip (garbage between its fields) goes unnoticed; a lost
         separator, unbalanced braces, truncation and gzip CRC errors are still reported.
+
+        With `read_run` too, a Kineto-layout element holding a needle is first offered to
+        `read_run(buf, pos, limit)`, which may take it and the elements after it without decoding (it must
+        take only whole elements that are each followed by a separator before `limit`) and returns where
+        the next element starts, or `pos` to leave the element to the JSON decoder.
         """
         self.expect("[", where)
         if self.peek() == "]":
@@ -264,6 +273,11 @@ class JsonStream:
                         if _whole_events(buf, pos, first_sep + 4, 1):
                             skipped += 1
                             pos = first_sep + 5
+                            continue
+                    if read_run is not None and needle_at < limit:
+                        after_run = read_run(buf, pos, limit)
+                        if after_run > pos:
+                            pos = after_run
                             continue
                 try:
                     obj, end = scan(buf, pos)

@@ -1,0 +1,123 @@
+"""The bulk reader of Kineto-layout `[memory]` runs gives exactly the columns a plain JSON parse gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from analyzers import sources
+from analyzers.chrome_trace import read_chrome_trace
+
+NEW = (
+    '{\n    "ph": "i",\n    \n    "cat": "cpu_instant_event",\n    "s": "t",\n    "name": "[memory]",\n'
+    '    "pid": 7,\n    "tid": 7,\n    "ts": %s\n    ,\n    "args": {\n      "Total Reserved": %d,'
+    ' "Total Allocated": %d, "Bytes": %d, "Device Id": %d, "Device Type": %d, "Addr": %d, "finished": %s,'
+    ' "Ev Idx": %d\n    }\n  }'
+)
+OLD = (
+    '{\n    "ph": "i", "s": "t", "name": "[memory]",\n    "pid": 7, "tid": 7,\n    "ts": %s,\n'
+    '    "args": {\n      "Device Type": %d, "Device Id": %d, "Bytes": %d\n    }\n  }'
+)
+STEP = (
+    '{\n    "ph": "X", "cat": "user_annotation", "name": "ProfilerStep#%d", "pid": 7, "tid": 7,\n'
+    '    "ts": %s, "dur": 5,\n    "args": {\n      "note": "a \\"[memory]\\" in a string"\n    }\n  }'
+)
+
+
+def _event(index: int, layout: str, ts: str, device: tuple[int, int] = (1, 0)) -> str:
+    delta = (index % 5 - 2) * 64
+    if layout == "old":
+        return OLD % (ts, device[0], device[1], delta)
+    finished = "true" if index % 3 else "false"
+    return NEW % (ts, 2 << 20, 1000 + index, delta, device[1], device[0], 0x7F00 + index, finished, index)
+
+
+def _write(path: Path, events: list[str]) -> Path:
+    path.write_text('{\n  "traceEvents": [\n  ' + ",\n  ".join(events) + "\n  ]\n}\n")
+    return path
+
+
+def _reference(path: Path) -> dict[str, dict[str, list[Any]]]:
+    """Columns per device from `json.load`, computed without the reader under test."""
+    names = {0: "cpu", 1: "cuda"}
+    columns: dict[str, dict[str, list[Any]]] = {}
+    for event in json.loads(path.read_text())["traceEvents"]:
+        if event.get("name") != "[memory]":
+            continue
+        args = event["args"]
+        kind, index = names[args["Device Type"]], args["Device Id"]
+        device = kind if kind == "cpu" or index < 0 else f"{kind}:{index}"
+        column = columns.setdefault(device, {"ts": [], "addr": [], "delta": [], "allocated": []})
+        column["ts"].append(float(event["ts"]))
+        column["addr"].append(args.get("Addr", -1))
+        column["delta"].append(args["Bytes"])
+        column["allocated"].append(args.get("Total Allocated", -1))
+    return columns
+
+
+def _assert_same(path: Path) -> None:
+    source = read_chrome_trace(path)
+    expected = _reference(path)
+    assert sorted(d.device for d in source.devices) == sorted(expected)
+    for device in source.devices:
+        want = expected[device.device]
+        order = np.argsort(np.asarray(want["ts"]), kind="stable")
+        np.testing.assert_array_equal(device.ts_us, np.asarray(want["ts"])[order])
+        np.testing.assert_array_equal(device.addr, np.asarray(want["addr"], dtype=np.int64)[order])
+        np.testing.assert_array_equal(device.delta_bytes, np.asarray(want["delta"], dtype=np.int64)[order])
+        if device.total_allocated is not None:
+            allocated = np.asarray(want["allocated"], dtype=np.int64)[order]
+            np.testing.assert_array_equal(device.total_allocated, allocated)
+    assert source.meta["trace_events"] == len(json.loads(path.read_text())["traceEvents"])
+
+
+@pytest.mark.parametrize("layout", ["new", "old"])
+@pytest.mark.parametrize("ts_form", ["%d.%03d", "%d"])
+def test_runs_match_plain_json(tmp_path: Path, layout: str, ts_form: str) -> None:
+    events = [
+        _event(i, layout, ts_form % ((5_000_000 + i, i % 1000) if "." in ts_form else (5_000_000 + i,)))
+        for i in range(3000)
+    ]
+    _assert_same(_write(tmp_path / "t.json", events))
+
+
+def test_odd_spacing_key_order_floats_and_negative_ids_fall_back_exactly(tmp_path: Path) -> None:
+    events = []
+    for i in range(400):
+        plain = _event(i, "new", f"{100 + i}.5", device=(0, -1) if i % 2 else (1, 3))
+        if i % 7 == 0:
+            plain = plain.replace('"Bytes": ', '"Bytes":   ')  # odd spacing
+        if i % 11 == 0:
+            plain = plain.replace('"ph": "i",', '"s": "t", "ph": "i",', 1).replace('    "s": "t",\n', "", 1)
+        if i % 13 == 0:
+            plain = plain.replace('"Addr": ', '"Addr": 1.0e1, "X": ')  # a float where an int goes
+        if i % 17 == 0:
+            plain = plain.replace('"Device Id": 3', '"Device Id": -3')
+        events.append(plain)
+        if i % 50 == 0:
+            events.append(STEP % (i, f"{100 + i}.25"))
+    _assert_same(_write(tmp_path / "t.json", events))
+
+
+def test_exact_json_numbers_only(tmp_path: Path) -> None:
+    # "-0" vs "-0.0", many decimals, and a leading zero (not JSON: must be reported, not read).
+    events = [_event(i, "new", ts) for i, ts in enumerate(["-0", "-0.0", "0.1234567890123", "1e3", "7"])]
+    _assert_same(_write(tmp_path / "ok.json", events))
+    bad = _write(tmp_path / "bad.json", [_event(0, "new", "1.5"), _event(1, "new", "01.5")])
+    with pytest.raises(Exception, match=r"bad\.json"):
+        read_chrome_trace(bad)
+
+
+def test_events_split_across_the_window_edge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "_CHUNK_BYTES", 4096 + 123)  # many windows, events cut at odd places
+    events = [_event(i, "new" if i % 400 < 300 else "old", f"{i}.{i % 10}") for i in range(2000)]
+    _assert_same(_write(tmp_path / "t.json", events))
+
+
+def test_mixed_devices_interleaved_keep_their_order(tmp_path: Path) -> None:
+    events = [_event(i, "new", f"{i // 3}.0", device=(i % 2, i % 2 - 1)) for i in range(1000)]
+    _assert_same(_write(tmp_path / "t.json", events))
