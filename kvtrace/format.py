@@ -34,6 +34,9 @@ WEIGHTS = "weights.jsonl"
 MEMORY_SAMPLES = "memory_samples.jsonl"
 PROFILER_DIR = "profiler"
 SNAPSHOT_DIR = "snapshots"
+# Written into a run by `kvtrace report` (and the demo), replaced when the run is recorded again.
+DERIVED_FILES = ("kv_counters.trace.json.gz", "timeline.html")
+DERIVED_DIRS = ("tb_scalars",)
 
 # The KV event vocabulary (docs/format.md explains each).
 EVENT_KINDS = (
