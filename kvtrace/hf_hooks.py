@@ -58,6 +58,22 @@ def layer_tokens(layer: Any) -> int:
     return 0
 
 
+def _signature(parts: dict[tuple[str, str], Any]) -> tuple[Any, ...]:
+    """Cheap identity of a layer's KV attributes: which objects, where their data is, their shapes and their
+    in-place write counters (an id alone can be reused by a new tensor once the old one is freed)."""
+    out: list[Any] = []
+    for value in parts.values():
+        out.append(id(value))
+        if isinstance(value, torch.Tensor):
+            out.append(value.data_ptr())
+            out.append(value.shape)
+            try:
+                out.append(value._version)
+            except RuntimeError:  # inference tensors have no version counter
+                out.append(-1)
+    return tuple(out)
+
+
 class HfCacheHooks:
     """Wraps `transformers.cache_utils.Cache` methods; `on_update_*` callbacks let the recorder open NVTX and
     profiler ranges around each layer update."""
@@ -78,6 +94,9 @@ class HfCacheHooks:
         self.installed = False
         self.on_first_layer: Callable[[int], None] | None = None
         self._seen_masks: dict[int, Any] = {}
+        # (cache, layer) -> identity and version of its tensors when last observed: the end-of-step scan
+        # skips unchanged layers without the full comparison (most layers, most steps).
+        self._signatures: dict[tuple[int, int], tuple[Any, ...]] = {}
 
     @staticmethod
     def available() -> bool:
@@ -117,7 +136,9 @@ class HfCacheHooks:
                 result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
                 layer = cache.layers[layer_idx]
                 cid = hooks.cache_id(cache)
-                tracker.observe(cid, layer_idx, layer_parts(layer), "update", layer_tokens(layer))
+                parts = layer_parts(layer)
+                tracker.observe(cid, layer_idx, parts, "update", layer_tokens(layer))
+                hooks._signatures[(cid, layer_idx)] = _signature(parts)
                 return result
             finally:
                 if hooks._pop is not None:
@@ -165,13 +186,18 @@ class HfCacheHooks:
 
     def scan_cache(self, cache: Any, cause: str, only: set[int] | None = None, reason: str = "") -> None:
         cid = self.cache_id(cache)
+        signatures = self._signatures
         for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
             if only is not None and layer_idx not in only:
                 continue
             if not hasattr(layer, "keys") and cause != "reset":
                 continue
             parts = layer_parts(layer)
+            signature = _signature(parts)
+            if cause == "scan" and signatures.get((cid, layer_idx)) == signature:
+                continue  # the same tensor objects, not written since the update saw them
             self.tracker.observe(cid, layer_idx, parts, cause, layer_tokens(layer), reason=reason)
+            signatures[(cid, layer_idx)] = signature
 
     def scan_all(self) -> None:
         """Catch what changed outside the cache's methods (rebinding by eviction presses)."""
