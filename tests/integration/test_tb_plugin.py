@@ -353,8 +353,8 @@ def test_loading_runs_does_not_import_torch(tmp_path: Path) -> None:
     run = shutil.copytree(SAMPLES / "sliding_b2", tmp_path / "sliding_b2")
     code = (
         "import sys\n"
-        "import kvtrace.tb_plugin.plugin\n"
-        "from kvtrace.tb_plugin.run_store import RunStore\n"
+        "import analyzers.tb_plugin.plugin\n"
+        "from analyzers.tb_plugin.run_store import RunStore\n"
         f"store = RunStore({str(tmp_path)!r})\n"
         "assert [r['name'] for r in store.list_runs()] == ['sliding_b2']\n"
         "for payload in (store.summary('sliding_b2'), store.timeline('sliding_b2'),\n"

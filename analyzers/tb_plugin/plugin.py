@@ -24,7 +24,7 @@ from typing import Any
 from tensorboard.plugins import base_plugin
 from werkzeug import Request, Response
 
-from kvtrace.tb_plugin.run_store import DEFAULT_MAX_POINTS, DEFAULT_MAX_STEPS, RunStore, UnknownRun
+from analyzers.tb_plugin.run_store import DEFAULT_MAX_POINTS, DEFAULT_MAX_STEPS, RunStore, UnknownRun
 
 __all__ = ["PLUGIN_NAME", "KvCachePlugin", "KvCachePluginLoader"]
 
