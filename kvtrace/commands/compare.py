@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from kvtrace.commands.base import Command
+from kvtrace.commands.output import print_result, write_html
 from kvtrace.errors import KvtraceError
 
 
@@ -40,18 +39,9 @@ class CompareCommand(Command):
         if len(set(labels)) < len(labels):
             labels = [str(p) for p in paths]
         comparison = compare([build_report(p) for p in paths], labels)
-        if args.json:
-            json.dump(comparison_to_json(comparison), sys.stdout, indent=2)
-            sys.stdout.write("\n")
-        else:
-            print(comparison_to_text(comparison))
+        print_result(
+            args.json, lambda: comparison_to_json(comparison), lambda: comparison_to_text(comparison)
+        )
         if args.output:
-            out = Path(args.output)
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(comparison_to_html(comparison), encoding="utf-8")
-            except OSError as exc:
-                raise KvtraceError(f"{out}: cannot write ({exc.strerror})", exit_code=1) from None
-            if not args.json:
-                print(f"wrote {out}")
+            write_html(args.output, comparison_to_html(comparison), quiet=args.json)
         return 0

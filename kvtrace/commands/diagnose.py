@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from kvtrace.commands.base import Command
+from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
 
 
@@ -41,9 +40,5 @@ class DiagnoseCommand(Command):
         budget = parse_size(args.budget) if args.budget is not None else None
         source, report = build_report(path)
         diagnosis = diagnose(source, report, budget_bytes=budget)
-        if args.json:
-            json.dump(diagnosis_to_json(diagnosis), sys.stdout, indent=2)
-            sys.stdout.write("\n")
-        else:
-            print(diagnosis_to_text(diagnosis))
+        print_result(args.json, lambda: diagnosis_to_json(diagnosis), lambda: diagnosis_to_text(diagnosis))
         return 0

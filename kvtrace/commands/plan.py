@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from decimal import Decimal, InvalidOperation
 
 from kvtrace.commands.base import Command
+from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
 
 DTYPES = ("bf16", "fp16", "fp32", "fp8", "int8", "int4")
@@ -98,9 +97,5 @@ class PlanCommand(Command):
             block_size=args.block_size,
         )
         result = plan(request)
-        if args.json:
-            json.dump(to_json(result), sys.stdout, indent=2)
-            sys.stdout.write("\n")
-        else:
-            print(format_text(result))
+        print_result(args.json, lambda: to_json(result), lambda: format_text(result))
         return 0 if result.fits else 1

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from kvtrace.commands.base import Command
+from kvtrace.commands.output import print_result, write_html
 from kvtrace.errors import KvtraceError
 
 
@@ -72,11 +72,7 @@ class ReportCommand(Command):
                 close()
         if source.kind == "run" and not getattr(args, "no_export", False):
             self._export(path, source)
-        if args.json:
-            json.dump(report_to_json(report), sys.stdout, indent=2)
-            sys.stdout.write("\n")
-        else:
-            print(report_to_text(report))
+        print_result(args.json, lambda: report_to_json(report), lambda: report_to_text(report))
         if args.output:
             from analyzers.render_html import report_to_html
 
@@ -89,13 +85,7 @@ class ReportCommand(Command):
                     diagnosis_html_for = None  # type: ignore[assignment]
                 if diagnosis_html_for is not None:
                     sections.append(diagnosis_html_for(source, report))
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(report_to_html(source, report, sections), encoding="utf-8")
-            except OSError as exc:
-                raise KvtraceError(f"{out}: cannot write ({exc.strerror})", exit_code=1) from None
-            if not args.json:
-                print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+            write_html(out, report_to_html(source, report, sections), quiet=args.json)
         return 0
 
     @staticmethod
