@@ -7,7 +7,7 @@ from pathlib import Path
 
 from analyzers.attribution import attribute
 from analyzers.model import MemorySource
-from analyzers.sources import ProgressFn
+from analyzers.readers.sources import ProgressFn
 from analyzers.summary import Report, summarize
 
 
@@ -16,11 +16,11 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
     from kvtrace.format import is_run_dir
 
     if Path(path).is_dir() and is_run_dir(path):
-        from analyzers.run_dir import read_run_source
+        from analyzers.readers.run_dir import read_run_source
 
         source = read_run_source(path, progress=progress)
     else:
-        from analyzers.sources import open_source
+        from analyzers.readers.sources import open_source
 
         source = open_source(path, progress=progress)
     return attribute(source)

@@ -384,7 +384,7 @@ def live_kv_storages(run_dir: Path) -> dict[int, tuple[int, str, int, str]]:
 
 def check_snapshot_blocks(results: Results, name: str, run_dir: Path, pickle_name: str) -> None:
     """Every live CUDA KV storage of the log is an allocated block of the snapshot, of at least its size."""
-    from analyzers.safe_pickle import load_pickle
+    from analyzers.readers.safe_pickle import load_pickle
 
     path = run_dir / "snapshots" / pickle_name
     if not path.exists():

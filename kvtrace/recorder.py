@@ -25,10 +25,10 @@ from kvtrace import format as fmt
 from kvtrace.cuda_snapshots import CudaSnapshots
 from kvtrace.errors import KvtraceError
 from kvtrace.geometry import model_geometry
-from kvtrace.hf_hooks import HfCacheHooks
+from kvtrace.integrations.hf_caches import HfCacheHooks
+from kvtrace.integrations.module_caches import ModuleCaches
 from kvtrace.kv_tracker import KvTracker
 from kvtrace.memory_samples import sample_memory
-from kvtrace.module_caches import ModuleCaches
 from kvtrace.options import RecordOptions
 
 _ACTIVE_LOCK = threading.Lock()

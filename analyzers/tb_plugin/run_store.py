@@ -199,7 +199,7 @@ class RunStore:
         loaded = self.load(name)
         if loaded.error is not None:
             return {"error": loaded.error}
-        from analyzers.render_json import report_to_json
+        from analyzers.render.json import report_to_json
 
         return report_to_json(loaded.report)
 
@@ -301,8 +301,8 @@ class RunStore:
             return {"error": loaded.error}
         if loaded.report.oom is None:
             return {"run": name, "oom": None, "diagnosis": None}
-        from analyzers.diagnose import diagnose
-        from analyzers.render_diagnosis import diagnosis_to_html, diagnosis_to_json
+        from analyzers.planning.diagnose import diagnose
+        from analyzers.render.diagnosis import diagnosis_to_html, diagnosis_to_json
 
         try:
             result = diagnose(loaded.source, loaded.report)

@@ -77,7 +77,7 @@ class DemoCommand(Command):
             extra[cache_keyword()] = cache
         press_context: Any = contextlib.nullcontext()
         if args.press:
-            from kvtrace.presses import make_press
+            from kvtrace.integrations.presses import make_press
 
             press_context = make_press(args.press, args.compression)(model)
         out = Path(args.out)

@@ -29,9 +29,9 @@ class DiagnoseCommand(Command):
         )
 
     def run(self, args: argparse.Namespace) -> int:
-        from analyzers.diagnose import diagnose
-        from analyzers.plan import parse_size
-        from analyzers.render_diagnosis import diagnosis_to_json, diagnosis_to_text
+        from analyzers.planning.diagnose import diagnose
+        from analyzers.planning.plan import parse_size
+        from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
         from analyzers.report import build_report
 
         path = Path(args.path)

@@ -1,4 +1,4 @@
-"""`kvtrace plan`: the capacity planner's command line. The arithmetic lives in `analyzers.plan`."""
+"""`kvtrace plan`: the capacity planner's command line. The arithmetic lives in `analyzers.planning.plan`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def parse_reserve(text: str) -> tuple[int | None, float | None]:
         number = None
     if number is not None and number.is_finite() and 0 <= number < 1:
         return None, float(number)
-    from analyzers.plan import parse_size
+    from analyzers.planning.plan import parse_size
 
     return parse_size(text), None
 
@@ -75,8 +75,8 @@ class PlanCommand(Command):
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     def run(self, args: argparse.Namespace) -> int:
-        from analyzers.plan import PlanRequest, format_text, parse_size, plan, to_json
-        from analyzers.presets import geometry_from_config, get_preset
+        from analyzers.planning.plan import PlanRequest, format_text, parse_size, plan, to_json
+        from analyzers.planning.presets import geometry_from_config, get_preset
 
         geometry = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
         kv_dtype = args.kv_dtype or ("int4" if args.cache == "quantized" else args.dtype)

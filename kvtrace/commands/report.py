@@ -57,8 +57,8 @@ class ReportCommand(Command):
         )
 
     def run(self, args: argparse.Namespace) -> int:
-        from analyzers.render_json import report_to_json
-        from analyzers.render_text import report_to_text
+        from analyzers.render.json import report_to_json
+        from analyzers.render.text import report_to_text
         from analyzers.report import build_report
 
         path = Path(args.path)
@@ -74,13 +74,13 @@ class ReportCommand(Command):
             self._export(path, source)
         print_result(args.json, lambda: report_to_json(report), lambda: report_to_text(report))
         if args.output:
-            from analyzers.render_html import report_to_html
+            from analyzers.render.html import report_to_html
 
             out = Path(args.output)
             sections: list[str] = []
             if report.oom is not None:
                 try:
-                    from analyzers.render_diagnosis import diagnosis_html_for
+                    from analyzers.render.diagnosis import diagnosis_html_for
                 except ImportError:
                     diagnosis_html_for = None  # type: ignore[assignment]
                 if diagnosis_html_for is not None:

@@ -32,7 +32,7 @@ def _model_size(args: argparse.Namespace) -> tuple[str, Any]:
 
     if args.size is not None:
         return args.size, SIZES[args.size]
-    from analyzers.presets import geometry_from_config, get_preset
+    from analyzers.planning.presets import geometry_from_config, get_preset
 
     geom = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
     if geom.hidden_size != geom.head_dim * geom.num_attention_heads:
@@ -67,8 +67,8 @@ def _point_row(run_dir: Path, budget: int | None, status: str) -> dict[str, Any]
         "fits_budget": None if budget is None else (status == "ok" and peak <= budget),
     }
     if status == "oom":
-        from analyzers.diagnose import diagnose
-        from analyzers.render_diagnosis import diagnosis_to_json
+        from analyzers.planning.diagnose import diagnose
+        from analyzers.render.diagnosis import diagnosis_to_json
 
         row["diagnosis"] = diagnosis_to_json(diagnose(source, report, budget_bytes=budget))
     return row
@@ -123,7 +123,7 @@ class SweepCommand(Command):
             raise KvtraceError("--new-tokens must be at least 1")
         budget = None
         if args.budget is not None:
-            from analyzers.plan import parse_size
+            from analyzers.planning.plan import parse_size
 
             budget = parse_size(args.budget)
         if args.size is None and args.preset is None and args.config is None:

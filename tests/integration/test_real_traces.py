@@ -1,8 +1,8 @@
 """Every file in shared/real_traces (written by others, on real GPUs) reads, and its figures are right.
 
 Each expected figure is computed here from the raw file with plain `json.load` or a separate restricted
-unpickler and simple loops, following the conventions documented in `analyzers/snapshot.py` and
-`analyzers/chrome_trace.py`; nothing is read back from the code under test.
+unpickler and simple loops, following the conventions documented in `analyzers/readers/snapshot.py` and
+`analyzers/readers/chrome_trace.py`; nothing is read back from the code under test.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from analyzers.sources import open_source as _open_source
+from analyzers.readers.sources import open_source as _open_source
 from kvtrace.errors import KvtraceError
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces"
@@ -31,7 +31,7 @@ LIVE_STATES = ("active_allocated", "active_pending_free", "active_awaiting_free"
 
 
 class _PlainUnpickler(pickle.Unpickler):
-    """The test's own guard, independent of analyzers.safe_pickle."""
+    """The test's own guard, independent of analyzers.readers.safe_pickle."""
 
     def find_class(self, module: str, name: str) -> Any:
         raise pickle.UnpicklingError(f"refusing {module}.{name}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.render_json import report_to_json
+from analyzers.render.json import report_to_json
 from analyzers.report import build_report
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"

@@ -19,7 +19,7 @@ def _modules_after(statement: str) -> set[str]:
     "statement",
     [
         "import analyzers",
-        "import analyzers.report, analyzers.render_html, analyzers.render_text, analyzers.plan",
+        "import analyzers.report, analyzers.render.html, analyzers.render.text, analyzers.planning.plan",
         "import kvtrace.format",
         "import kvtrace.cli; kvtrace.cli.build_parser()",
     ],

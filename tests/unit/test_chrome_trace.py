@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from analyzers.chrome_trace import read_chrome_trace, read_memory_timeline
-from analyzers.sources import open_source, sniff
+from analyzers.readers.chrome_trace import read_chrome_trace, read_memory_timeline
+from analyzers.readers.sources import open_source, sniff
 from kvtrace.errors import KvtraceError
 
 
@@ -243,7 +243,8 @@ def test_directory_is_left_to_the_run_dir_reader(tmp_path: Path) -> None:
 
 def test_readers_never_import_torch() -> None:
     code = (
-        "import sys, analyzers.sources, analyzers.safe_pickle, analyzers.snapshot, analyzers.chrome_trace;"
+        "import sys, analyzers.readers.sources, analyzers.readers.safe_pickle;"
+        "import analyzers.readers.snapshot, analyzers.readers.chrome_trace;"
         "print('torch' in sys.modules)"
     )
     root = Path(__file__).resolve().parents[2]

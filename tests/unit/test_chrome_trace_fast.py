@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from analyzers import sources
-from analyzers.chrome_trace import read_chrome_trace
+from analyzers.readers import sources
+from analyzers.readers.chrome_trace import read_chrome_trace
 
 NEW = (
     '{\n    "ph": "i",\n    \n    "cat": "cpu_instant_event",\n    "s": "t",\n    "name": "[memory]",\n'

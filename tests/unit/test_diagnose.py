@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from analyzers.diagnose import diagnose
-from analyzers.render_diagnosis import diagnosis_html_for, diagnosis_to_json, diagnosis_to_text
+from analyzers.planning.diagnose import diagnose
+from analyzers.render.diagnosis import diagnosis_html_for, diagnosis_to_json, diagnosis_to_text
 from analyzers.report import build_report
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.plan import PlanRequest, blocks, format_text, parse_size, plan, to_json
-from analyzers.presets import (
+from analyzers.planning.plan import PlanRequest, blocks, format_text, parse_size, plan, to_json
+from analyzers.planning.presets import (
     PRESETS,
     ModelGeometry,
     geometry_from_config,
@@ -468,7 +468,7 @@ def test_command_bad_input_is_a_kvtrace_error(argv: list[str], capsys: pytest.Ca
 
 def test_planner_never_imports_torch() -> None:
     code = (
-        "import sys, analyzers.plan, analyzers.presets, kvtrace.commands.plan\n"
+        "import sys, analyzers.planning.plan, analyzers.planning.presets, kvtrace.commands.plan\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.safe_pickle import load_pickle
+from analyzers.readers.safe_pickle import load_pickle
 from kvtrace.errors import KvtraceError
 
 PLAIN = {

@@ -12,7 +12,7 @@ import numpy as np
 
 from analyzers.kv_log import analyze_kv_log
 from analyzers.model import DeviceEvents, Marker, MemorySource, OomInfo
-from analyzers.sources import ProgressFn
+from analyzers.readers.sources import ProgressFn
 from kvtrace.errors import KvtraceError
 from kvtrace.format import Run, read_run
 
@@ -44,7 +44,7 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
     name = f"cuda:{device.get('index', 0)}" if device.get("type") == "cuda" else "cpu"
     oom_pickle = run.path / "snapshots" / "oom.pickle"
     if oom_pickle.is_file():
-        from analyzers.snapshot import read_snapshot
+        from analyzers.readers.snapshot import read_snapshot
 
         try:
             snapshot = read_snapshot(oom_pickle)
@@ -80,7 +80,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     source = MemorySource(kind="run", path=str(Path(path)))
     traces = run.profiler_traces()
     if traces:
-        from analyzers.chrome_trace import read_chrome_trace
+        from analyzers.readers.chrome_trace import read_chrome_trace
 
         trace = read_chrome_trace(traces[-1], progress=progress)
         source.devices = trace.devices
@@ -88,7 +88,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         source.markers = [m for m in trace.markers if not m.label.startswith("kvtrace/kv_update")]
         source.meta["trace"] = str(traces[-1])
         if run.manifest.get("options", {}).get("with_stack"):
-            from analyzers.trace_stacks import attach_python_stacks
+            from analyzers.readers.trace_stacks import attach_python_stacks
 
             source.meta["allocations_with_stack"] = attach_python_stacks(source, traces[-1])
     else:

@@ -140,7 +140,7 @@ def _snapshot_block_stacks(path: str) -> list[StackShare]:
     The snapshot reader folds blocks allocated before the trace began into `baseline_bytes` without their
     stacks; on a snapshot with an empty trace (torch 2.0 dumps) those blocks are everything.
     """
-    from analyzers.safe_pickle import load_pickle
+    from analyzers.readers.safe_pickle import load_pickle
 
     data = load_pickle(path)
     grouped: dict[str, list[int]] = {}

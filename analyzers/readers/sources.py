@@ -360,10 +360,10 @@ def open_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
     if kind == "directory":
         raise NotImplementedError("run directories: see analyzers/run_dir.py")
     if kind == "snapshot":
-        from analyzers.snapshot import read_snapshot
+        from analyzers.readers.snapshot import read_snapshot
 
         return read_snapshot(path, progress=progress)
-    from analyzers.chrome_trace import read_chrome_trace, read_memory_timeline
+    from analyzers.readers.chrome_trace import read_chrome_trace, read_memory_timeline
 
     if kind == "memory_timeline":
         return read_memory_timeline(path, progress=progress)

@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.memory_events_fast import DeviceColumns, MemoryRunReader
-from analyzers.memory_events_fast import as_int as _as_int
 from analyzers.model import DeviceEvents, Marker, MemorySource
-from analyzers.sources import JsonStream, ProgressFn, open_input
+from analyzers.readers.memory_events_fast import DeviceColumns, MemoryRunReader
+from analyzers.readers.memory_events_fast import as_int as _as_int
+from analyzers.readers.sources import JsonStream, ProgressFn, open_input
 from kvtrace.errors import KvtraceError
 
 __all__ = ["read_chrome_trace", "read_memory_timeline"]

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import DeviceEvents, Marker, MemorySource, OomInfo, Segment
-from analyzers.safe_pickle import load_pickle
-from analyzers.sources import ProgressFn
+from analyzers.readers.safe_pickle import load_pickle
+from analyzers.readers.sources import ProgressFn
 from kvtrace.errors import KvtraceError
 
 __all__ = ["read_snapshot"]

@@ -1,5 +1,5 @@
 """A `Diagnosis` as JSON, terminal text or an HTML section. Formatting only: every figure comes from
-`analyzers.diagnose`."""
+`analyzers.planning.diagnose`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import html
 from dataclasses import asdict
 from typing import Any
 
-from analyzers.diagnose import Diagnosis, diagnose
 from analyzers.model import MemorySource
+from analyzers.planning.diagnose import Diagnosis, diagnose
 from analyzers.summary import Report
 from analyzers.units import human_bytes
 

@@ -13,7 +13,7 @@ import os
 import pickle
 import struct
 
-from analyzers.sources import ProgressFn, open_input
+from analyzers.readers.sources import ProgressFn, open_input
 from kvtrace.errors import KvtraceError
 
 __all__ = ["load_pickle"]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import MemorySource
-from analyzers.render_json import report_to_json
+from analyzers.render.json import report_to_json
 from analyzers.summary import Report
 from analyzers.timeline import downsample_indices
 from analyzers.units import human_bytes

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import MemorySource
-from analyzers.sources import JsonStream, open_input
+from analyzers.readers.sources import JsonStream, open_input
 
 _FRAME = re.compile(r"^(?P<file>.*)\((?P<line>\d+)\): (?P<func>.*)$")
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
 
-from analyzers.presets import DTYPE_BITS, ModelGeometry, dtype_bytes_for, weights_bytes
+from analyzers.planning.presets import DTYPE_BITS, ModelGeometry, dtype_bytes_for, weights_bytes
 from kvtrace.errors import KvtraceError
 
 __all__ = [

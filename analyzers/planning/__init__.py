@@ -1,0 +1,1 @@
+"""Planning: what fits (plan, presets) and why a run did not (diagnose)."""

@@ -1,0 +1,1 @@
+"""Readers: every input kvtrace accepts (run directories, Chrome traces, snapshots), as the model."""

@@ -1,0 +1,1 @@
+"""Renderers: a computed result in, text, JSON or HTML out; they compute nothing."""

@@ -1,0 +1,1 @@
+"""Engine integrations: Hugging Face caches, custom module caches, eviction presses."""
