@@ -34,6 +34,11 @@ WEIGHTS = "weights.jsonl"
 MEMORY_SAMPLES = "memory_samples.jsonl"
 PROFILER_DIR = "profiler"
 SNAPSHOT_DIR = "snapshots"
+# vLLM runs (docs/format.md, "vLLM runs"): the engine's paged KV pool, its steps and its requests.
+ENGINE = "engine.json"
+ENGINE_STEPS = "engine_steps.jsonl"
+ENGINE_REQUESTS = "engine_requests.jsonl"
+ENGINE_FILES = (ENGINE, ENGINE_STEPS, ENGINE_REQUESTS)
 # Written into a run by `kvtrace report` (and the demo), replaced when the run is recorded again.
 DERIVED_FILES = ("kv_counters.trace.json.gz", "timeline.html")
 DERIVED_DIRS = ("tb_scalars",)
