@@ -1,8 +1,16 @@
-"""Process and device memory, sampled once per step: cheap figures that need no profiler."""
+"""Process and device memory, CPU and GPU use, sampled once per step: cheap figures that need no profiler.
+
+CPU % is this process's CPU time (user + system, all threads) over the wall time since the previous
+sample, so 100 is one core kept busy. GPU utilization and device memory come from NVML (the
+`nvidia-ml-py` package), imported only when the run is on CUDA; elsewhere the sampler says why they are
+absent (`MemorySampler.nvml_status`), once, for the manifest.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from typing import Any
 
 import torch
@@ -19,14 +27,98 @@ def rss_bytes() -> int:
         return 0
 
 
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _cuda_fields() -> dict[str, Any]:
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    device = torch.cuda.current_device()
+    return {
+        "cuda_device": device,
+        "cuda_allocated_bytes": torch.cuda.memory_allocated(device),
+        "cuda_reserved_bytes": torch.cuda.memory_reserved(device),
+        "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+    }
+
+
+class _Nvml:
+    """One NVML device handle; every failure becomes a reason string, never an exception in the run."""
+
+    def __init__(self, cuda_index: int) -> None:
+        import pynvml  # nvidia-ml-py: imported on CUDA only
+
+        self._nvml = pynvml
+        pynvml.nvmlInit()
+        handle = None
+        try:
+            uuid = str(torch.cuda.get_device_properties(cuda_index).uuid)
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        except Exception:  # older torch without .uuid, MIG UUIDs: NVML's own index order
+            handle = pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
+        self._handle = handle
+
+    def read(self) -> dict[str, Any]:
+        util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
+        memory = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+        return {
+            "gpu_utilization_percent": int(util.gpu),
+            "gpu_memory_used_bytes": int(memory.used),
+            "gpu_memory_total_bytes": int(memory.total),
+        }
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._nvml.nvmlShutdown()
+
+
+class MemorySampler:
+    """Samples memory, CPU % and (CUDA) NVML figures; `cuda_index` None means the run is not on CUDA."""
+
+    def __init__(self, cuda_index: int | None, clock: Any = time.perf_counter) -> None:
+        self._clock = clock
+        self._last_wall = clock()
+        self._last_cpu = _cpu_seconds()
+        self._nvml: _Nvml | None = None
+        if cuda_index is None:
+            self.nvml_status: dict[str, Any] = {
+                "status": "absent",
+                "reason": "the run is not on CUDA: GPU utilization and device memory come from NVML",
+            }
+            return
+        try:
+            self._nvml = _Nvml(cuda_index)
+            self.nvml_status = {"status": "ok", "cuda_device": cuda_index}
+        except Exception as exc:  # ImportError (no nvidia-ml-py), NVMLError (no driver access)
+            reason = f"NVML unavailable: {type(exc).__name__}: {exc}"
+            self.nvml_status = {"status": "absent", "reason": reason}
+
+    def sample(self) -> dict[str, Any]:
+        wall, cpu = self._clock(), _cpu_seconds()
+        elapsed = wall - self._last_wall
+        percent = 100.0 * (cpu - self._last_cpu) / elapsed if elapsed > 0 else 0.0
+        self._last_wall, self._last_cpu = wall, cpu
+        record: dict[str, Any] = {"rss_bytes": rss_bytes(), "cpu_percent": round(max(percent, 0.0), 1)}
+        record.update(_cuda_fields())
+        if self._nvml is not None:
+            try:
+                record.update(self._nvml.read())
+            except Exception as exc:
+                self.nvml_status = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+                self._nvml.close()
+                self._nvml = None
+        return record
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            self._nvml.close()
+            self._nvml = None
+
+
 def sample_memory() -> dict[str, Any]:
+    """One sample without CPU % or NVML (no previous sample to measure from)."""
     record: dict[str, Any] = {"rss_bytes": rss_bytes()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        device = torch.cuda.current_device()
-        record.update(
-            cuda_device=device,
-            cuda_allocated_bytes=torch.cuda.memory_allocated(device),
-            cuda_reserved_bytes=torch.cuda.memory_reserved(device),
-            cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
-        )
+    record.update(_cuda_fields())
     return record

@@ -2,10 +2,45 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from kvtrace.errors import KvtraceError
+
+_SIZE = re.compile(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
+
+
+def memory_size(value: int | float | str) -> int:
+    """Bytes from 8 * 2**30, "8GiB" (binary), "8GB" (decimal) or "1.5e9". Bare K/M/G are refused: they
+    differ by 7% at 80 GiB depending on who reads them."""
+    if isinstance(value, bool):
+        raise KvtraceError(f"gpu_memory: not a size: {value!r}")
+    if isinstance(value, int | float):
+        number, unit = float(value), ""
+    else:
+        match = _SIZE.fullmatch(str(value).strip())
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise KvtraceError(f"cannot read size {value!r}: write e.g. 8GiB, 8GB, 1.5e9 or 12345")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise KvtraceError(f"a memory size must be positive, got {value!r}")
+    return size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,8 +72,15 @@ class RecordOptions:
     """Attribute names of custom caches -> "k"/"v" (default: cache_k/cache_v, k_cache/v_cache, ...)."""
     overwrite: bool = False
     """Replace an existing run in the same directory instead of refusing."""
+    gpu_memory: int | str | None = None
+    """A device memory budget ("8GiB" or bytes; stored in bytes). Costs nothing while recording: the report
+    marks the step, layer and allocation where the run would have run out on a device of that size."""
     clock: Callable[[], int] = field(default=time.time_ns, repr=False, compare=False)
     """Unix-epoch nanoseconds; injected by tests."""
+
+    def __post_init__(self) -> None:
+        if self.gpu_memory is not None:
+            object.__setattr__(self, "gpu_memory", memory_size(self.gpu_memory))
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

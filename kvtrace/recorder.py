@@ -115,6 +115,7 @@ class Recording:
         self._attention_modules: list[Any] = []
         self._step_open = False
         self.event_count = 0
+        self._sampler: MemorySampler | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> Recording:
@@ -192,7 +193,19 @@ class Recording:
             self.notes.append(f"snapshots: {self._manifest['snapshots']['reason']}")
         if self.options.profiler:
             self._profiler = self._make_profiler()
-            self._profiler.__enter__()
+            with _kineto_quiet():
+                self._profiler.__enter__()
+        model_device = _model_device(self.model)
+        cuda_index: int | None = None
+        if model_device is not None and model_device.type == "cuda":
+            cuda_index = model_device.index or 0
+        elif self.model is None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda_index = torch.cuda.current_device()
+        self._sampler = MemorySampler(cuda_index)
+        self._manifest["monitors"] = {
+            "cpu_percent": "process CPU time (user + system) / wall time since the last sample; 100 = a core",
+            "nvml": self._sampler.nvml_status,
+        }
         self._sample("start")
         self._flush()
 
@@ -218,6 +231,9 @@ class Recording:
             self._manifest["snapshots"]["exit"] = self._snapshots.dump("exit.pickle")
             self._snapshots.stop()
         self._sample("end")
+        if self._sampler is not None:
+            self._manifest.setdefault("monitors", {})["nvml"] = self._sampler.nvml_status
+            self._sampler.close()
         # Storages still held by the caller's cache stay alive; those the block dropped are logged as freed,
         # in phase "end", so that analyzers can tell the cache's final state from its teardown.
         self.tracker.phase = "end"
@@ -246,7 +262,8 @@ class Recording:
         errors: list[BaseException] = []
         if self._profiler is not None:
             try:
-                self._profiler.__exit__(None, None, None)
+                with _kineto_quiet():
+                    self._profiler.__exit__(None, None, None)
             except Exception as exc:  # the trace is lost, the run is not
                 errors.append(exc)
                 self.notes.append(f"profiler trace not written: {exc}")
@@ -325,7 +342,9 @@ class Recording:
     def _sample(self, label: str) -> None:
         if self._samples is None or self._samples._fh.closed:
             return
-        record = sample_memory()
+        if self._sampler is None:
+            return
+        record = self._sampler.sample()
         record.update(t_ns=self._clock(), step=self.tracker.step, phase=label)
         self._samples.append(record)
 
@@ -413,6 +432,39 @@ class Recording:
 _OOM_TYPES = tuple(
     t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
 )
+
+
+@contextlib.contextmanager
+def _kineto_quiet() -> Any:
+    """Keep libkineto's `USDT: ... profiler_start/stop` lines off the user's terminal.
+
+    They are written by C++ straight to file descriptor 2 at profiler start and stop (KINETO_LOG_LEVEL
+    does not silence them on torch 2.13), so fd 2 goes to a temporary file for that moment and every
+    other line is passed on to stderr unchanged.
+    """
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no fd 2 (embedded interpreters): nothing to keep quiet
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(True) if not line.startswith(b"USDT:")]
+            if kept:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(b"".join(kept).decode(errors="replace"))
+                    sys.stderr.flush()
 
 
 def _is_oom(exc: BaseException) -> bool:
