@@ -241,3 +241,33 @@ def read_run(path: str | os.PathLike[str]) -> Run:
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+# A run group: one run directory per rank of a torch.distributed job, `<group>/rank-<r>/`. The marker
+# file is written by rank 0 and informative only: a folder with rank-<r>/manifest.json children is a
+# group whether or not rank 0 lived to write it.
+RANK_DIR_PREFIX = "rank-"
+GROUP_MARKER = "group.json"
+GROUP_FORMAT = "kvtrace-run-group"
+
+
+def rank_dirs(path: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """(rank, directory) of every `rank-<r>` child holding a manifest, in rank order."""
+    root = Path(path)
+    found: list[tuple[int, Path]] = []
+    try:
+        children = list(root.iterdir())
+    except OSError:
+        return []
+    for child in children:
+        suffix = child.name[len(RANK_DIR_PREFIX) :]
+        is_rank = child.name.startswith(RANK_DIR_PREFIX) and suffix.isascii() and suffix.isdigit()
+        if is_rank and (child / MANIFEST).is_file():
+            found.append((int(suffix), child))
+    return sorted(found)
+
+
+def is_run_group(path: str | os.PathLike[str]) -> bool:
+    """A folder that is not itself a run and holds at least one rank run directory."""
+    root = Path(path)
+    return root.is_dir() and not is_run_dir(root) and bool(rank_dirs(root))

@@ -23,6 +23,7 @@ import torch
 
 from kvtrace import format as fmt
 from kvtrace.cuda_snapshots import CudaSnapshots
+from kvtrace.distributed import rank_facts, run_path
 from kvtrace.errors import KvtraceError
 from kvtrace.geometry import model_geometry
 from kvtrace.integrations.hf_caches import HfCacheHooks
@@ -147,6 +148,8 @@ class Recording:
                 _ACTIVE = None
 
     def _start(self) -> None:
+        facts = rank_facts()  # in a process group of several ranks, each records into out_dir/rank-<r>
+        self.path = run_path(self.path, facts, self.options.overwrite)
         manifest_path = self.path / fmt.MANIFEST
         if manifest_path.exists() and not self.options.overwrite:
             raise RecordingError(
@@ -161,6 +164,7 @@ class Recording:
             if (self.path / folder).is_dir():
                 shutil.rmtree(self.path / folder)
         self._manifest = self._initial_manifest()
+        self._manifest.update(facts or {})
         fmt.write_json_atomic(manifest_path, self._manifest)
         self._events = fmt.JsonlAppender(self.path / fmt.KV_EVENTS)
         self._samples = fmt.JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
