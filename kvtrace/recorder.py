@@ -29,7 +29,7 @@ from kvtrace.geometry import model_geometry
 from kvtrace.integrations.hf_caches import HfCacheHooks
 from kvtrace.integrations.module_caches import ModuleCaches
 from kvtrace.kv_tracker import KvTracker
-from kvtrace.memory_samples import sample_memory
+from kvtrace.memory_samples import MemorySampler
 from kvtrace.options import RecordOptions
 
 _ACTIVE_LOCK = threading.Lock()
