@@ -9,19 +9,39 @@ from analyzers.attribution import attribute
 from analyzers.model import MemorySource
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import Report, summarize
+from kvtrace.errors import KvtraceError
 
 
 def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
-    """A run directory, a Chrome trace (.json/.json.gz) or a snapshot pickle, attributed."""
-    from kvtrace.format import is_run_dir
+    """A run directory, a Chrome trace (.json/.json.gz), a profiler folder or a snapshot pickle, attributed.
 
-    if Path(path).is_dir() and is_run_dir(path):
+    The kind comes from `classify_path`; a folder of runs is refused with the list of its runs.
+    """
+    from analyzers.group import load_group_focus
+    from analyzers.readers.sources import classify_path, open_source, profiler_traces_in, runs_in
+    from kvtrace.format import is_run_group
+
+    if is_run_group(path):  # one run per rank: the rank that ran out, failed or peaked (analyzers.group)
+        return load_group_focus(path, progress=progress)
+    kind = classify_path(path)
+    if kind == "run":
         from analyzers.readers.run_dir import read_run_source
 
         source = read_run_source(path, progress=progress)
+    elif kind == "runs_folder":
+        runs = runs_in(Path(path))
+        listing = "".join(f"\n  {run}" for run in runs)
+        raise KvtraceError(
+            f"{path}: a folder of {len(runs)} kvtrace runs, not one run; pass one of them:{listing}"
+        )
+    elif kind == "profiler_folder":
+        traces = profiler_traces_in(Path(path))
+        source = open_source(traces[-1], progress=progress)
+        if len(traces) > 1:
+            source.meta.setdefault("input_notes", []).append(
+                f"{path} holds {len(traces)} profiler traces: read the newest, {traces[-1].name}"
+            )
     else:
-        from analyzers.readers.sources import open_source
-
         source = open_source(path, progress=progress)
     return attribute(source)
 

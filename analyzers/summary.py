@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from analyzers.budget import budget_crossing, budget_of
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
 
@@ -64,6 +65,7 @@ class Report:
     oom: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
     timelines: list[DeviceTimeline] = field(default_factory=list, repr=False)
+    budget: dict[str, Any] | None = None  # analyzers.budget.BudgetCrossing.to_json() of a run's gpu_memory
 
     @property
     def main_device(self) -> DeviceSummary | None:
@@ -196,6 +198,19 @@ def _add_evictions(kv: KvSummary, events: list[Any]) -> None:
     }
 
 
+def input_notes(source: MemorySource) -> list[str]:
+    """What the reader set aside or chose: skipped events with their reasons, which file of a folder."""
+    notes = list(source.meta.get("input_notes", ()))
+    skipped: dict[str, int] = source.meta.get("skipped_events") or {}
+    if skipped:
+        total = sum(skipped.values())
+        ranked = sorted(skipped.items(), key=lambda item: -item[1])
+        reasons = ", ".join(f"{count} {reason}" for reason, count in ranked)
+        of = source.meta.get("trace_events")
+        notes.append(f"skipped {total}{f' of {of}' if of else ''} events: {reasons}")
+    return notes
+
+
 def summarize(source: MemorySource) -> Report:
     """Figures of an attributed source (see analyzers.attribution.attribute)."""
     baseline_category = WEIGHTS if source.kind == "run" else OTHER
@@ -240,7 +255,13 @@ def summarize(source: MemorySource) -> Report:
         notes.append("the run was interrupted: figures cover the events written before it stopped")
     if manifest and manifest.get("ended", {}).get("status") == "running":
         notes.append("the run never finished (the process died): read up to its last flushed step")
+    notes.extend(input_notes(source))
+    budget = None
+    budget_bytes = budget_of(source)
+    if budget_bytes is not None:
+        budget = budget_crossing(source, timelines, budget_bytes).to_json()
     return Report(
+        budget=budget,
         source_kind=source.kind,
         path=source.path,
         devices=devices,

@@ -86,7 +86,11 @@ def _walk_trace(
                     raise stream.error("corrupt JSON: a top-level key that is not a string")
                 stream.expect(":", "the top-level object")
                 if key == "traceEvents":
+                    if stream.peek() != "[":
+                        kind = type(stream.value("traceEvents")).__name__
+                        raise stream.error(f"not a Chrome trace: its 'traceEvents' is a {kind}, not a list")
                     skipped = stream.each_element("traceEvents", on_event, _NEEDLES, memory_runs)
+                    top["traceEvents"] = None
                 else:
                     top[key] = stream.value(f"top-level field {key!r}")
                 if stream.expect(",}", "the top-level object") == "}":
@@ -96,6 +100,10 @@ def _walk_trace(
     else:
         raise stream.error(f"not a Chrome trace: starts with {first!r}, expected a JSON object")
     stream.end()
+    if first == "{" and "traceEvents" not in top:
+        keys = ", ".join(sorted(top)[:5]) or "none"
+        raise stream.error(f"not a Chrome trace: a JSON object without 'traceEvents' (its keys: {keys})")
+    top.pop("traceEvents", None)
     return top, skipped
 
 
@@ -148,7 +156,13 @@ class _TraceCollector:
             else:
                 ts = self._ts(event)
             if ts is None or not isinstance(args, dict):
-                self.skipped["[memory] without ts or args"] += 1
+                self.skipped[_memory_problem(raw_ts, args)] += 1
+                return
+            delta = args.get("Bytes")
+            if type(delta) is not int and _strict_int(delta) is None:
+                self.skipped[
+                    "[memory] with a non-integer Bytes" if delta is not None else "[memory] without Bytes"
+                ] += 1
                 return
             self.columns_for(args.get("Device Type"), args.get("Device Id")).add(ts, args)
         elif phase == "B" or phase == "E":
@@ -185,6 +199,31 @@ class _TraceCollector:
             name, start = stack.pop()
             if _is_step(name) and ts is not None and event.get("cat") != "gpu_user_annotation":
                 self.ranges.append((str(name), start, ts, _range_detail(event)))
+
+
+def _strict_int(value: Any) -> int | None:
+    """An integer JSON value, an integral float or a decimal/hex string of one; None for anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            return int(value, 0)
+        except ValueError:
+            return None
+    return None
+
+
+def _memory_problem(raw_ts: Any, args: Any) -> str:
+    """Why a `[memory]` event cannot be used, in the words of the report's notes."""
+    if not isinstance(args, dict):
+        return "[memory] without args"
+    if raw_ts is None:
+        return "[memory] without ts"
+    return "[memory] with a non-numeric ts"
 
 
 def _is_step(name: Any) -> bool:

@@ -354,11 +354,56 @@ def sniff(path: str | os.PathLike[str]) -> str:
     )
 
 
+_TRACE_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz")
+
+
+def runs_in(folder: Path) -> list[Path]:
+    """The kvtrace run directories directly inside `folder`, sorted by name."""
+    from kvtrace.format import is_run_dir
+
+    return sorted(p for p in folder.iterdir() if p.is_dir() and is_run_dir(p))
+
+
+def profiler_traces_in(folder: Path) -> list[Path]:
+    """torch.profiler traces (`*.pt.trace.json[.gz]`) directly inside `folder`, sorted by name: Kineto
+    names them host_pid.<ns since boot>, so the last is the newest, as `Run.profiler_traces` assumes."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_TRACE_SUFFIXES))
+
+
+def classify_path(path: str | os.PathLike[str]) -> str:
+    """What a user handed us, one branch per kind, so a new kind is one more line.
+
+    "run" (a kvtrace run directory), "runs_folder" (a folder holding runs), "profiler_folder" (a folder
+    of torch.profiler traces), or a file kind of `sniff`. Anything else raises a one-line `KvtraceError`.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return sniff(path)
+    from kvtrace.format import is_run_dir
+
+    if is_run_dir(folder):
+        return "run"
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise KvtraceError(f"{folder}: {_describe_read_error(exc)}") from None
+    if not entries:
+        raise KvtraceError(f"{folder}: empty folder, not a kvtrace run, trace or snapshot")
+    if runs_in(folder):
+        return "runs_folder"
+    if profiler_traces_in(folder):
+        return "profiler_folder"
+    raise KvtraceError(
+        f"{folder}: a folder that is not a kvtrace run (no manifest.json), holds no runs and no "
+        "torch.profiler traces (*.pt.trace.json[.gz]); pass a run, a trace or a snapshot"
+    )
+
+
 def open_source(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
     """Read any supported input into a `MemorySource`, choosing the reader by content."""
     kind = sniff(path)
     if kind == "directory":
-        raise NotImplementedError("run directories: see analyzers/run_dir.py")
+        raise KvtraceError(f"{path}: a folder: use analyzers.report.load_source for folders")
     if kind == "snapshot":
         from analyzers.readers.snapshot import read_snapshot
 

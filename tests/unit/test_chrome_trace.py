@@ -236,8 +236,8 @@ def test_memory_timeline_coalesced_form(tmp_path: Path) -> None:
     assert dev.ts_us.tolist() == [2, 3]
 
 
-def test_directory_is_left_to_the_run_dir_reader(tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError, match="run_dir"):
+def test_directory_is_left_to_load_source(tmp_path: Path) -> None:
+    with pytest.raises(KvtraceError, match="a folder"):
         open_source(tmp_path)
 
 

@@ -1,0 +1,117 @@
+"""What `kvtrace report` / `diagnose` do with inputs that are not one run or one file (issue 10, items 4-5):
+folders of runs, profiler folders, empty or foreign folders, JSON that is not a trace, and events with
+wrong types. Each case runs the real CLI on real files (the sample runs) and checks exit status and output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtrace.cli import main
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
+RUNS = ("dynamic_b2", "sliding_b2", "static_b2")
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _runs_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "runs"
+    for name in RUNS:
+        shutil.copytree(SAMPLES / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["report", "diagnose"])
+def test_a_folder_of_runs_lists_them_and_says_how_to_pick_one(tmp_path: Path, command: str) -> None:
+    folder = _runs_folder(tmp_path)
+    code, out, err = _cli(command, str(folder), "--json")
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"kvtrace {command}: error: {folder}: a folder of 3 kvtrace runs")
+    assert "Traceback" not in err
+    assert lines[0].endswith("not one run; pass one of them:")
+    assert [line.strip() for line in lines[1:]] == [str(folder / name) for name in RUNS]
+
+
+def test_a_profiler_folder_reads_its_trace(tmp_path: Path) -> None:
+    profiler = SAMPLES / "dynamic_b2" / "profiler"
+    (trace,) = sorted(profiler.iterdir())
+    code, out, err = _cli("report", str(profiler), "--json", "-q")
+    assert code == 0, err
+    from_folder = json.loads(out)
+    code, out, _ = _cli("report", str(trace), "--json", "-q")
+    assert code == 0
+    from_file = json.loads(out)
+    assert from_folder["source"] == {"kind": "chrome_trace", "path": str(trace)}
+    assert from_folder["devices"] == from_file["devices"]
+
+
+@pytest.mark.parametrize("command", ["report", "diagnose"])
+@pytest.mark.parametrize("content", ["empty", "foreign"])
+def test_a_folder_that_is_nothing_of_ours_is_one_line_exit_2(
+    tmp_path: Path, command: str, content: str
+) -> None:
+    folder = tmp_path / "stuff"
+    folder.mkdir()
+    if content == "foreign":
+        (folder / "notes.txt").write_text("hello")
+        (folder / "sub").mkdir()
+    code, out, err = _cli(command, str(folder))
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"kvtrace {command}: error: {folder}: ")
+    assert ("empty folder" in err) == (content == "empty")
+
+
+@pytest.mark.parametrize("text", ['{"hello": [1, 2, 3]}', "{}", '{"traceEvents": 5}'])
+def test_json_that_is_not_a_chrome_trace_says_so(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "x.json"
+    path.write_text(text)
+    code, out, err = _cli("report", str(path), "--json", "-q")
+    assert code == 2
+    assert out == ""
+    assert err.startswith(f"kvtrace report: error: {path}: not a Chrome trace")
+    assert len(err.strip().splitlines()) == 1
+
+
+def _mem(ts: Any, nbytes: Any, addr: Any = 1000) -> dict[str, Any]:
+    args = {"Device Type": 1, "Device Id": 0, "Addr": addr, "Bytes": nbytes}
+    return {"ph": "i", "name": "[memory]", "ts": ts, "pid": 1, "tid": 1, "args": args}
+
+
+def test_events_with_wrong_types_are_counted_with_their_reason_in_notes(tmp_path: Path) -> None:
+    events = [
+        _mem(1, 100),
+        _mem("x", 50),
+        _mem(2, "lots"),
+        _mem(3, 7, addr=2000),
+        _mem(4, -100),
+        _mem(5, "more"),
+    ]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    code, out, err = _cli("report", str(path), "--json", "-q")
+    assert code == 0, err
+    result = json.loads(out)
+    (device,) = result["devices"]
+    assert (device["alloc_events"], device["free_events"]) == (2, 1)
+    assert device["peak_allocated_bytes"] == 107
+    skipped = [note for note in result["notes"] if note.startswith("skipped 3 of 6 events")]
+    assert len(skipped) == 1, result["notes"]
+    assert "2 [memory] with a non-integer Bytes" in skipped[0]
+    assert "1 [memory] with a non-numeric ts" in skipped[0]
