@@ -18,6 +18,8 @@ _COMMANDS = (
     ("kvtrace.commands.diagnose", "DiagnoseCommand"),
     ("kvtrace.commands.compare", "CompareCommand"),
     ("kvtrace.commands.sweep", "SweepCommand"),
+    ("kvtrace.commands.export", "ExportCommand"),
+    ("kvtrace.commands.query", "QueryCommand"),
 )
 
 

@@ -1,0 +1,209 @@
+"""`kvtrace export`: stream any number of sources into Parquet tables, one source in memory at a time.
+
+Layout of an export directory (docs/format.md, "Parquet export")::
+
+    DIR/runs/part-00000.parquet          one file per table per export invocation ("part")
+    DIR/kv_events/part-00000.parquet     row groups of up to ROW_GROUP_ROWS rows, written as they fill
+    ...                                  (devices, memory_events, samples, engine_steps, engine_requests)
+
+Each table is a folder of parts, the layout Spark, DuckDB and pyarrow.dataset read as one table. A later
+export into the same DIR adds the next part and skips sources already in it (same resolved path).
+Every table gets a part, even with no rows, so its schema is always there to query. Parts are written
+under a temporary name and renamed when complete: a killed export leaves nothing a reader picks up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analyzers.tables import SCHEMA_VERSION, SCHEMAS, TABLE_NAMES, Input, find_inputs, source_tables
+from kvtrace.errors import KvtraceError
+
+ROW_GROUP_ROWS = 1 << 17
+_PART = re.compile(r"^part-(\d+)\.parquet$")
+
+InputProgress = Callable[[Input], None]
+"""Called after each input, read or skipped (a progress bar's tick)."""
+
+
+@dataclass
+class ExportSummary:
+    out_dir: str
+    part: int
+    inputs: int = 0
+    exported: int = 0
+    already_exported: int = 0
+    rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLE_NAMES, 0))
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what is wrong)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "out_dir": self.out_dir,
+            "part": self.part,
+            "inputs": self.inputs,
+            "exported": self.exported,
+            "already_exported": self.already_exported,
+            "skipped": [{"path": path, "error": error} for path, error in self.problems],
+            "rows": self.rows,
+        }
+
+
+class _TableWriter:
+    """One table's part file: rows are buffered across sources and written as row groups once
+    ROW_GROUP_ROWS have gathered, so a thousand one-row sources do not make a thousand row groups."""
+
+    def __init__(self, folder: Path, part: int, schema: pa.Schema) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.final = folder / f"part-{part:05d}.parquet"
+        self.tmp = folder / f".part-{part:05d}.parquet.tmp"
+        self.schema = schema
+        self.rows = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+
+    def add(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP_ROWS)
+            self._pending.clear()
+            self._pending_rows = 0
+
+    def close(self, keep: bool) -> None:
+        if keep:
+            self.flush()
+            if self.rows == 0:  # an empty table still carries its schema
+                self._writer.write_table(self.schema.empty_table())
+        self._writer.close()
+        if keep:
+            os.replace(self.tmp, self.final)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def table_files(export_dir: str | os.PathLike[str], table: str) -> list[Path]:
+    folder = Path(export_dir) / table
+    return sorted(p for p in folder.glob("part-*.parquet") if p.is_file()) if folder.is_dir() else []
+
+
+def is_export_dir(path: str | os.PathLike[str]) -> bool:
+    return Path(path).is_dir() and bool(table_files(path, "runs"))
+
+
+def check_schema_version(files: list[Path]) -> None:
+    """Refuse parts written by a newer kvtrace (their columns may mean something else)."""
+    for file in files:
+        try:
+            metadata = pq.read_schema(file).metadata or {}
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise KvtraceError(f"{file}: not a readable Parquet file ({exc})") from None
+        version = int(metadata.get(b"kvtrace.schema_version", b"0") or 0)
+        if version > SCHEMA_VERSION:
+            raise KvtraceError(
+                f"{file}: export schema version {version} is newer than this kvtrace reads "
+                f"({SCHEMA_VERSION}); upgrade kvtrace"
+            )
+
+
+def _exported_paths(out_dir: Path) -> set[str]:
+    files = table_files(out_dir, "runs")
+    check_schema_version(files)
+    return {p for f in files for p in pq.read_table(f, columns=["path"]).column("path").to_pylist() if p}
+
+
+def _next_part(out_dir: Path) -> int:
+    numbers = [
+        int(match.group(1))
+        for table in TABLE_NAMES
+        for file in table_files(out_dir, table)
+        if (match := _PART.match(file.name))
+    ]
+    return max(numbers, default=-1) + 1
+
+
+def export(
+    paths: list[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    overwrite: bool = False,
+    on_input: InputProgress | None = None,
+    on_inputs_found: Callable[[int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> ExportSummary:
+    """Write every source under `paths` into `out_dir` as one new part per table.
+
+    A source that cannot be read is skipped, passed to `warn` and listed in `problems` (the caller decides
+    the exit status); the others are exported. Raises KvtraceError only when `out_dir` itself is unusable.
+    """
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise KvtraceError(f"{root}: exists and is not a directory")
+    inputs, problems = find_inputs(paths)
+    if not inputs:
+        where = ", ".join(str(p) for p in paths)
+        raise KvtraceError(
+            problems[0][1] if problems else f"{where}: no run directories, traces or snapshots found"
+        )
+    if overwrite:
+        for table in TABLE_NAMES:
+            shutil.rmtree(root / table, ignore_errors=True)
+    done = _exported_paths(root) if root.is_dir() else set()
+    summary = ExportSummary(out_dir=str(root), part=_next_part(root) if root.is_dir() else 0)
+    summary.inputs = len(inputs)
+    summary.problems.extend(problems)
+    for _, missing in problems:
+        if warn is not None:
+            warn(missing)
+    if on_inputs_found is not None:
+        on_inputs_found(len(inputs))
+    try:
+        writers = {
+            name: _TableWriter(root / name, summary.part, schema) for name, schema in SCHEMAS.items()
+        }
+    except OSError as exc:
+        raise KvtraceError(f"{root}: cannot write ({exc.strerror})", exit_code=1) from None
+    complete = False
+    try:
+        for inp in inputs:
+            problem: str | None = None
+            if str(inp.path) in done:
+                summary.already_exported += 1
+            else:
+                try:
+                    tables = source_tables(inp)
+                except KvtraceError as exc:
+                    problem = str(exc)
+                except (OSError, ValueError, TypeError, KeyError, IndexError, pa.ArrowException) as exc:
+                    # A reader that trips on an input nobody foresaw: skip it, the fleet goes on.
+                    problem = f"{inp.run_id}: unreadable ({type(exc).__name__}: {exc})"
+                if problem is not None:
+                    summary.problems.append((inp.run_id, problem))
+                    if warn is not None:
+                        warn(problem)
+                else:
+                    for name, table in tables.items():
+                        writers[name].add(table)
+                    summary.exported += 1
+            if on_input is not None:
+                on_input(inp)
+        complete = True
+    finally:
+        for writer in writers.values():
+            writer.close(keep=complete)
+    summary.rows = {name: writer.rows for name, writer in writers.items()}
+    return summary

@@ -1,0 +1,122 @@
+"""The notebook API: `load_tables(path)` gives the export tables of any path as pyarrow (or pandas) tables.
+
+    from kvtrace import load_tables
+    tables = load_tables("runs/")                 # an export DIR, run dirs, groups, traces, snapshots
+    tables.kv_events.to_pandas()                  # pyarrow.Table -> pandas.DataFrame
+    tables.sql("SELECT run_id, count(*) FROM memory_events GROUP BY ALL").to_pandas()
+
+An export directory is read back from its Parquet parts; anything else is exported on the fly, in
+memory (use `kvtrace export` + `kvtrace query` for more runs than fit in memory).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analyzers.export_parquet import check_schema_version, is_export_dir, table_files
+from analyzers.tables import SCHEMAS, TABLE_NAMES, find_inputs, source_tables
+from kvtrace.errors import KvtraceError
+
+if TYPE_CHECKING:
+    import pandas
+
+
+@dataclass
+class Tables:
+    """The seven export tables (docs/format.md, "Parquet export"), each a `pyarrow.Table`."""
+
+    runs: pa.Table
+    devices: pa.Table
+    kv_events: pa.Table
+    memory_events: pa.Table
+    samples: pa.Table
+    engine_steps: pa.Table
+    engine_requests: pa.Table
+
+    def __getitem__(self, name: str) -> pa.Table:
+        if name not in TABLE_NAMES:
+            raise KeyError(f"no table {name!r}; tables: {', '.join(TABLE_NAMES)}")
+        table: pa.Table = getattr(self, name)
+        return table
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(TABLE_NAMES)
+
+    def to_pandas(self) -> dict[str, pandas.DataFrame]:
+        """Every table as a pandas DataFrame (pandas is optional: install it to use this)."""
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            raise KvtraceError("to_pandas needs pandas: pip install pandas") from None
+        return {name: self[name].to_pandas() for name in TABLE_NAMES}
+
+    def sql(self, query: str) -> pa.Table:
+        """Run DuckDB SQL over these tables (one view each, as `kvtrace query`); a pyarrow.Table."""
+        from analyzers.query import connect_tables
+
+        con = connect_tables(self)
+        try:
+            import duckdb
+
+            try:
+                return con.execute(query).to_arrow_table()
+            except duckdb.Error as exc:
+                raise KvtraceError(f"query failed: {str(exc).strip().splitlines()[0]}") from None
+        finally:
+            con.close()
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td><code>{name}</code></td><td style='text-align:right'>{self[name].num_rows:,}</td></tr>"
+            for name in TABLE_NAMES
+        )
+        return f"<table><tr><th>table</th><th>rows</th></tr>{rows}</table>"
+
+
+def _read_export(export_dir: str | os.PathLike[str]) -> dict[str, pa.Table]:
+    tables: dict[str, pa.Table] = {}
+    for name in TABLE_NAMES:
+        files = table_files(export_dir, name)
+        check_schema_version(files)
+        parts = [pq.read_table(f) for f in files]
+        # Parts of older exports may lack later columns: promote fills them with nulls.
+        tables[name] = (
+            pa.concat_tables(parts, promote_options="default") if parts else SCHEMAS[name].empty_table()
+        )
+    return tables
+
+
+def load_tables(*paths: str | os.PathLike[str], strict: bool = True) -> Tables:
+    """The export tables of `paths`: one export directory, or any sources (run directories, run groups,
+    traces, snapshots, folders searched recursively), exported in memory.
+
+    With `strict` (the default) an unreadable source raises `KvtraceError`; otherwise it is left out.
+    """
+    if not paths:
+        raise KvtraceError("load_tables: give at least one path")
+    if len(paths) == 1 and is_export_dir(paths[0]):
+        return Tables(**_read_export(paths[0]))
+    inputs, problems = find_inputs(list(paths))
+    if problems and strict:
+        raise KvtraceError(problems[0][1])
+    collected: dict[str, list[pa.Table]] = {name: [] for name in TABLE_NAMES}
+    for inp in inputs:
+        try:
+            produced = source_tables(inp)
+        except KvtraceError:
+            if strict:
+                raise
+            continue
+        for name, table in produced.items():
+            collected[name].append(table)
+    merged: dict[str, Any] = {
+        name: pa.concat_tables(parts) if parts else SCHEMAS[name].empty_table()
+        for name, parts in collected.items()
+    }
+    return Tables(**merged)

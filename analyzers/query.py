@@ -1,0 +1,94 @@
+"""SQL over the export tables with embedded DuckDB: one view per table, nothing loaded up front.
+
+`connect(export_dir)` makes a view per table over its parts (`read_parquet(..., union_by_name=true)`, so
+parts written by different kvtrace versions line up by column name). DuckDB reads only the columns and
+row groups a query needs, so a query over thousands of runs stays within a laptop's memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from analyzers.export_parquet import check_schema_version, is_export_dir, table_files
+from analyzers.tables import TABLE_NAMES
+from kvtrace.errors import KvtraceError
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from analyzers.load import Tables
+
+
+@dataclass
+class QueryResult:
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+
+    def records(self) -> list[dict[str, Any]]:
+        """Rows as JSON-ready objects (HUGEINT sums as int, DECIMAL as int or float, times as ISO text)."""
+        return [{c: _plain(v) for c, v in zip(self.columns, row, strict=True)} for row in self.rows]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, datetime.date | datetime.time | datetime.timedelta):
+        return str(value) if isinstance(value, datetime.timedelta) else value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def connect(export_dir: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with a view per export table."""
+    import duckdb
+
+    root = Path(export_dir)
+    if not is_export_dir(root):
+        raise KvtraceError(f"{root}: not a kvtrace export (no runs/part-*.parquet); run `kvtrace export`")
+    con = duckdb.connect()
+    for table in TABLE_NAMES:
+        files = table_files(root, table)
+        if not files:
+            continue  # an export from before this table existed
+        check_schema_version(files)
+        listing = "[" + ", ".join(_quote(f) for f in files) + "]"
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({listing}, union_by_name = true)")
+    return con
+
+
+def connect_tables(tables: Tables) -> duckdb.DuckDBPyConnection:
+    """The same views over tables held in memory (pyarrow), for notebooks and on-the-fly queries."""
+    import duckdb
+
+    con = duckdb.connect()
+    for name in TABLE_NAMES:
+        con.register(name, tables[name])
+    return con
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
+    """Run one SQL statement; a DuckDB error (syntax, unknown column) is one line, exit status 2."""
+    import duckdb
+
+    try:
+        relation = con.execute(sql)
+        columns = [d[0] for d in relation.description] if relation.description else []
+        rows = relation.fetchall() if columns else []  # DuckDB 2 results have no fetchone()
+    except duckdb.Error as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KvtraceError(f"query failed: {first_line}") from None
+    return QueryResult(columns, rows)

@@ -1,0 +1,387 @@
+"""The export tables: their versioned Arrow schemas, and one source turned into rows of each.
+
+Every input kvtrace reads (a run directory, a rank of a run group, a Chrome trace, a snapshot, a memory
+timeline) becomes the same seven tables, keyed by `run_id`, so that DuckDB, Spark or pandas can query a
+thousand runs at once. The schemas are fixed here and documented in docs/format.md ("Parquet export");
+`SCHEMA_VERSION` is written into every file's metadata (`kvtrace.schema_version`). A column added later
+is optional for readers; a column removed or changed in meaning bumps the version.
+
+Rows come from the analyzers' own readers and attribution (`analyzers.report.load_source`), so a memory
+event's category in a table is the one `kvtrace report` counted. One source at a time: memory stays
+bounded by the largest single input, whatever the number of inputs (see analyzers.export_parquet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, DeviceEvents, MemorySource
+from analyzers.readers.sources import ProgressFn
+
+SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"kvtrace.schema_version"
+TABLE_KEY = b"kvtrace.table"
+
+# vLLM runs (docs/format.md, "vLLM runs"): optional files of a run directory.
+ENGINE = "engine.json"
+ENGINE_STEPS = "engine_steps.jsonl"
+ENGINE_REQUESTS = "engine_requests.jsonl"
+
+# Inside a plain folder, files with these names are inputs; other names must be given explicitly.
+_SEARCHED_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz", ".pickle")
+_RUN_SUBDIRS_SKIPPED = frozenset({"profiler", "snapshots", "tb_scalars"})
+
+_I32, _I64, _F64, _STR, _BOOL = pa.int32(), pa.int64(), pa.float64(), pa.string(), pa.bool_()
+
+
+def _schema(name: str, fields: list[tuple[str, pa.DataType]]) -> pa.Schema:
+    metadata = {SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode(), TABLE_KEY: name.encode()}
+    return pa.schema([pa.field(n, t) for n, t in fields], metadata=metadata)
+
+
+RUNS = _schema(
+    "runs",
+    [
+        ("run_id", _STR), ("path", _STR), ("source_kind", _STR), ("group_id", _STR),
+        ("rank", _I32), ("world_size", _I32), ("local_rank", _I32), ("hostname", _STR), ("backend", _STR),
+        ("device_type", _STR), ("device_name", _STR), ("device_index", _I32), ("total_memory_bytes", _I64),
+        ("model_class", _STR), ("num_layers", _I32), ("num_attention_heads", _I32), ("num_kv_heads", _I32),
+        ("head_dim", _I32), ("hidden_size", _I32), ("vocab_size", _I64), ("sliding_window", _I64),
+        ("model_dtype", _STR), ("parameters", _I64),
+        ("kvtrace_version", _STR), ("torch_version", _STR), ("transformers_version", _STR),
+        ("python_version", _STR), ("platform", _STR), ("pid", _I64), ("run_schema_version", _I32),
+        ("started_ns", _I64), ("ended_status", _STR), ("ended_ns", _I64), ("ended_type", _STR),
+        ("ended_message", _STR), ("oom", _BOOL), ("oom_requested_bytes", _I64), ("truncated", _BOOL),
+        ("kv_events", _I64), ("memory_events", _I64), ("samples", _I64), ("engine_steps", _I64),
+        ("engine_name", _STR), ("engine_version", _STR), ("engine_status", _STR), ("num_blocks", _I64),
+        ("block_size", _I32), ("bytes_per_block", _I64), ("kv_cache_bytes", _I64),
+        ("manifest_json", _STR),
+    ],
+)  # fmt: skip
+DEVICES = _schema(
+    "devices",
+    [
+        ("run_id", _STR), ("device", _STR), ("events", _I64), ("alloc_events", _I64),
+        ("free_events", _I64), ("baseline_bytes", _I64), ("capacity_bytes", _I64), ("ts_kind", _STR),
+    ],
+)  # fmt: skip
+KV_EVENTS = _schema(
+    "kv_events",
+    [
+        ("run_id", _STR), ("seq", _I64), ("t_ns", _I64), ("step", _I32), ("phase", _STR), ("event", _STR),
+        ("layer", _I32), ("kv", _STR), ("part", _STR), ("addr", _I64), ("storage_bytes", _I64),
+        ("view_offset", _I64), ("shape", pa.list_(_I64)), ("logical_bytes", _I64), ("dtype", _STR),
+        ("device", _STR), ("tokens", _I64), ("evicted_tokens", _I64), ("prev_addr", _I64),
+        ("cache", _I32), ("source", _STR), ("reason", _STR),
+    ],
+)  # fmt: skip
+MEMORY_EVENTS = _schema(
+    "memory_events",
+    [
+        ("run_id", _STR), ("device", _STR), ("seq", _I64), ("ts_us", _F64), ("addr", _I64),
+        ("delta_bytes", _I64), ("total_allocated", _I64), ("total_reserved", _I64), ("category", _STR),
+        ("layer", pa.int16()), ("kv", _STR), ("method", _STR),
+    ],
+)  # fmt: skip
+SAMPLES = _schema(
+    "samples",
+    [
+        ("run_id", _STR), ("t_ns", _I64), ("step", _I32), ("phase", _STR), ("rss_bytes", _I64),
+        ("cuda_device", _I32), ("cuda_allocated_bytes", _I64), ("cuda_reserved_bytes", _I64),
+        ("cuda_peak_allocated_bytes", _I64),
+    ],
+)  # fmt: skip
+ENGINE_STEPS_SCHEMA = _schema(
+    "engine_steps",
+    [
+        ("run_id", _STR), ("step", _I64), ("t_ns", _I64), ("blocks_total", _I64), ("blocks_used", _I64),
+        ("blocks_free", _I64), ("blocks_cached", _I64), ("running", _I64), ("waiting", _I64),
+        ("tokens_scheduled", _I64), ("preempted", pa.list_(_STR)), ("prefix_evicted_blocks", _I64),
+        ("prefix_hits", _I64), ("prefix_queries", _I64),
+    ],
+)  # fmt: skip
+ENGINE_REQUESTS_SCHEMA = _schema(
+    "engine_requests",
+    [
+        ("run_id", _STR), ("t_ns", _I64), ("step", _I64), ("request_id", _STR), ("event", _STR),
+        ("blocks", _I64), ("tokens", _I64), ("prompt_tokens", _I64), ("output_tokens", _I64),
+        ("dropped_blocks", _I64), ("dropped_tokens", _I64), ("recomputed_tokens", _I64),
+    ],
+)  # fmt: skip
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "runs": RUNS,
+    "devices": DEVICES,
+    "kv_events": KV_EVENTS,
+    "memory_events": MEMORY_EVENTS,
+    "samples": SAMPLES,
+    "engine_steps": ENGINE_STEPS_SCHEMA,
+    "engine_requests": ENGINE_REQUESTS_SCHEMA,
+}
+TABLE_NAMES = tuple(SCHEMAS)
+
+
+@dataclass(frozen=True)
+class Input:
+    """One source to export: `path` resolved, `run_id` the path as the user named it (unique per export)."""
+
+    path: Path
+    run_id: str
+
+
+def _display(path: Path) -> str:
+    return Path(os.path.normpath(path)).as_posix()
+
+
+def _walk_run(run_dir: Path, shown: Path) -> Iterator[tuple[Path, Path]]:
+    """A run and the run directories inside it (vLLM workers, `worker-<rank>/`), not its own files."""
+    yield run_dir, shown
+    for child in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+        if child.name not in _RUN_SUBDIRS_SKIPPED and (child / "manifest.json").is_file():
+            yield from _walk_run(child, shown / child.name)
+
+
+def _walk_folder(folder: Path, shown: Path) -> Iterator[tuple[Path, Path]]:
+    if (folder / "manifest.json").is_file():
+        yield from _walk_run(folder, shown)
+        return
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if child.is_dir():
+            yield from _walk_folder(child, shown / child.name)
+        elif child.name.endswith(_SEARCHED_SUFFIXES):
+            yield child, shown / child.name
+
+
+def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[tuple[str, str]]]:
+    """Every source under `paths`, and (path, one-line problem) for each path that is missing.
+
+    A run directory is one input (plus any run directories inside it); a run group or any other folder is
+    searched recursively for run directories, `*.pt.trace.json[.gz]` and `*.pickle`; a file named
+    explicitly is read whatever its name. The same file reached twice is exported once.
+    """
+    found: list[Input] = []
+    problems: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+    for given in paths:
+        root = Path(given)
+        if not root.exists():
+            problems.append((str(root), f"{root}: no such file or directory"))
+            continue
+        pairs = _walk_folder(root, root) if root.is_dir() else iter([(root, root)])
+        for path, shown in pairs:
+            resolved = path.resolve()
+            if resolved not in seen:
+                seen.add(resolved)
+                found.append(Input(resolved, _display(shown)))
+    return found, problems
+
+
+# ---- values from JSON written by anyone: a wrong type becomes null, never a crash -----------------
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value) if float(value).is_integer() and abs(value) < 2**63 else None
+
+
+def _str(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _column(records: list[dict[str, Any]], name: str, kind: pa.DataType) -> pa.Array:
+    values = [record.get(name) for record in records]
+    if pa.types.is_integer(kind):
+        return pa.array([_int(v) for v in values], kind)
+    if pa.types.is_boolean(kind):
+        return pa.array([v if isinstance(v, bool) else None for v in values], kind)
+    if pa.types.is_list(kind):
+        inner = kind.value_type
+        convert = _int if pa.types.is_integer(inner) else _str
+        return pa.array(
+            [[convert(x) for x in v] if isinstance(v, list) else None for v in values], kind
+        )
+    return pa.array([_str(v) for v in values], kind)
+
+
+def records_table(schema: pa.Schema, run_id: str, records: list[dict[str, Any]]) -> pa.Table:
+    """Rows of JSON objects (KV events, samples, engine steps) as a table of `schema`."""
+    arrays = [pa.array([run_id] * len(records), _STR)]
+    arrays += [_column(records, f.name, f.type) for f in list(schema)[1:]]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _repeat(value: str, n: int) -> pa.Array:
+    """A string column of one value, built without n Python objects."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value])).cast(_STR)
+
+
+def _codes(codes: np.ndarray | None, names: tuple[str, ...], n: int, offset: int = 0) -> pa.Array:
+    """Names of small integer codes; null where the code is unknown (out of range)."""
+    if codes is None:
+        return pa.nulls(n, _STR)
+    index = codes.astype(np.int32) - offset
+    unknown = (index < 0) | (index >= len(names))
+    indices = pa.array(np.where(unknown, 0, index), mask=unknown)
+    return pa.DictionaryArray.from_arrays(indices, pa.array(list(names))).cast(_STR)
+
+
+def _optional(values: np.ndarray | None, n: int) -> pa.Array:
+    return pa.nulls(n, _I64) if values is None else pa.array(values.astype(np.int64))
+
+
+def memory_events_table(run_id: str, dev: DeviceEvents) -> pa.Table:
+    n = len(dev)
+    layer = None if dev.layer is None else pa.array(dev.layer.astype(np.int16), mask=dev.layer < 0)
+    arrays = [
+        _repeat(run_id, n),
+        _repeat(dev.device, n),
+        pa.array(np.arange(n, dtype=np.int64)),
+        pa.array(dev.ts_us.astype(np.float64)),
+        pa.array(dev.addr.astype(np.int64)),
+        pa.array(dev.delta_bytes.astype(np.int64)),
+        _optional(dev.total_allocated, n),
+        _optional(dev.total_reserved, n),
+        _codes(dev.category, CATEGORY_NAMES, n),
+        layer if layer is not None else pa.nulls(n, pa.int16()),
+        _codes(dev.kv_kind, ("k", "v"), n, offset=1),
+        _codes(dev.method, METHOD_NAMES, n),
+    ]
+    return pa.Table.from_arrays(arrays, schema=MEMORY_EVENTS)
+
+
+def _ts_kind(source: MemorySource, device: str) -> str:
+    if source.kind == "run":
+        return "unix_us"
+    if source.kind == "snapshot":
+        stamps = source.meta.get("timestamps", {}).get(device, "time_us")
+        return "unix_us" if stamps == "time_us" else "event_index"
+    return "trace_us"
+
+
+def _devices_table(run_id: str, source: MemorySource) -> pa.Table:
+    rows = [
+        {
+            "run_id": run_id,
+            "device": dev.device,
+            "events": len(dev),
+            "alloc_events": dev.alloc_events,
+            "free_events": dev.free_events,
+            "baseline_bytes": int(dev.baseline_bytes),
+            "capacity_bytes": dev.capacity_bytes,
+            "ts_kind": _ts_kind(source, dev.device),
+        }
+        for dev in source.devices
+    ]
+    return records_table(DEVICES, run_id, rows)
+
+
+def _run_row(run_id: str, path: Path, source: MemorySource, counts: dict[str, int]) -> dict[str, Any]:
+    manifest = _dict(source.meta.get("manifest"))
+    device, model = _dict(manifest.get("device")), _dict(manifest.get("model"))
+    ended = _dict(manifest.get("ended"))
+    engine = _dict(source.meta.get("engine"))
+    first_device = source.devices[0].device if source.devices else None
+    oom = source.ooms[0] if source.ooms else None
+    has_rank = _int(manifest.get("rank")) is not None
+    return {
+        "run_id": run_id,
+        "path": str(path),
+        "source_kind": source.kind,
+        "group_id": Path(run_id).parent.as_posix() if has_rank else None,
+        **{key: manifest.get(key) for key in ("rank", "world_size", "local_rank", "hostname", "backend")},
+        "device_type": device.get("type") or (first_device.split(":")[0] if first_device else None),
+        "device_name": device.get("name"),
+        "device_index": device.get("index"),
+        "total_memory_bytes": device.get("total_memory_bytes"),
+        "model_class": model.get("class"),
+        **{key: model.get(key) for key in ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")},
+        **{key: model.get(key) for key in ("hidden_size", "vocab_size", "sliding_window", "parameters")},
+        "model_dtype": model.get("dtype"),
+        **{
+            key: manifest.get(key)
+            for key in ("kvtrace_version", "torch_version", "transformers_version", "python_version")
+        },
+        "platform": manifest.get("platform"),
+        "pid": manifest.get("pid"),
+        "run_schema_version": manifest.get("schema_version"),
+        "started_ns": manifest.get("started_ns"),
+        "ended_status": ended.get("status"),
+        "ended_ns": ended.get("t_ns"),
+        "ended_type": ended.get("type"),
+        "ended_message": ended.get("message"),
+        "oom": oom is not None,
+        "oom_requested_bytes": oom.requested_bytes if oom else None,
+        "truncated": bool(source.meta.get("truncated", False)),
+        **counts,
+        "engine_name": engine.get("name"),
+        "engine_version": engine.get("version"),
+        "engine_status": engine.get("status"),
+        **{key: engine.get(key) for key in ("num_blocks", "block_size", "bytes_per_block", "kv_cache_bytes")},
+        "manifest_json": json.dumps(manifest, sort_keys=True) if manifest else None,
+    }
+
+
+def _read_engine_files(
+    run_path: Path, source: MemorySource
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """engine.json into `source.meta["engine"]`; the engine's step and request logs (vLLM runs only)."""
+    from kvtrace.errors import KvtraceError
+    from kvtrace.format import _read_jsonl  # the format's one JSONL reader: tolerates a cut last line
+
+    engine_path = run_path / ENGINE
+    if engine_path.is_file():
+        try:
+            source.meta["engine"] = json.loads(engine_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise KvtraceError(f"{engine_path}: corrupt engine file ({type(exc).__name__})") from None
+    steps, _ = _read_jsonl(run_path / ENGINE_STEPS)
+    requests, _ = _read_jsonl(run_path / ENGINE_REQUESTS)
+    return steps, requests
+
+
+def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, pa.Table]:
+    """Every table's rows for one input (tables without rows are absent). Raises KvtraceError."""
+    from analyzers.report import load_source
+
+    source = load_source(inp.path, progress=progress)
+    run_id = inp.run_id
+    tables: dict[str, pa.Table] = {}
+    run = source.meta.get("run")
+    steps: list[dict[str, Any]] = []
+    requests: list[dict[str, Any]] = []
+    if run is not None:
+        tables["kv_events"] = records_table(KV_EVENTS, run_id, [e.to_json() for e in run.kv_events])
+        tables["samples"] = records_table(SAMPLES, run_id, run.memory_samples)
+        steps, requests = _read_engine_files(Path(inp.path), source)
+        tables["engine_steps"] = records_table(ENGINE_STEPS_SCHEMA, run_id, steps)
+        tables["engine_requests"] = records_table(ENGINE_REQUESTS_SCHEMA, run_id, requests)
+    memory = [memory_events_table(run_id, dev) for dev in source.devices]
+    if memory:
+        tables["memory_events"] = pa.concat_tables(memory)
+    tables["devices"] = _devices_table(run_id, source)
+    counts = {
+        "kv_events": len(run.kv_events) if run is not None else 0,
+        "memory_events": sum(len(dev) for dev in source.devices),
+        "samples": len(run.memory_samples) if run is not None else 0,
+        "engine_steps": len(steps),
+    }
+    # Coerced column by column: a manifest field of the wrong type becomes null, not an ArrowTypeError.
+    tables["runs"] = records_table(RUNS, run_id, [_run_row(run_id, inp.path, source, counts)])
+    return {name: table for name, table in tables.items() if table.num_rows}

@@ -1,0 +1,89 @@
+"""`kvtrace export`: runs, groups, traces and snapshots as Parquet tables for DuckDB, Spark or pandas."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from kvtrace.commands.base import Command
+from kvtrace.commands.output import print_result
+
+
+class ExportCommand(Command):
+    """Write runs, run groups, Chrome traces and snapshots as Parquet tables (schema: docs/format.md).
+
+    Each PATH is a run directory, a run group, a Chrome trace, a snapshot pickle, or a folder searched
+    recursively (run directories, *.pt.trace.json[.gz], *.pickle). Tables: runs, devices, kv_events,
+    memory_events, samples, engine_steps, engine_requests; each is a folder DIR/<table>/ of parts
+    (part-NNNNN.parquet, one per export), which Spark, DuckDB and pyarrow read as one table. Exporting
+    into an existing DIR adds a part and skips sources already in it. One source is read at a time, so
+    memory stays bounded by the largest input, whatever their number.
+    An unreadable input is skipped with a one-line warning naming it; the others are exported.
+    Exit status: 0, or 2 when any input was unreadable or missing (the rest are still written).
+    """
+
+    name = "export"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "paths", nargs="+", metavar="PATH", help="runs, run groups, traces, snapshots, folders"
+        )
+        parser.add_argument("-o", "--output", required=True, metavar="DIR", help="export directory")
+        parser.add_argument(
+            "--overwrite", action="store_true", help="replace the tables already in DIR instead of adding"
+        )
+        parser.add_argument("--json", action="store_true", help="print a summary of rows written as JSON")
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from analyzers.export_parquet import export
+
+        state: dict[str, Any] = {}
+        show_bar = not args.quiet and sys.stderr.isatty()
+
+        def found(count: int) -> None:
+            if show_bar and count > 1:
+                from tqdm import tqdm
+
+                state["bar"] = tqdm(total=count, unit="input", desc="exporting", file=sys.stderr)
+
+        def warn(problem: str) -> None:
+            bar = state.get("bar")
+            message = f"kvtrace export: skipped: {problem}"
+            if bar is not None:
+                bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr)
+
+        def step(_inp: Any) -> None:
+            if state.get("bar") is not None:
+                state["bar"].update(1)
+
+        try:
+            summary = export(
+                args.paths,
+                args.output,
+                overwrite=args.overwrite,
+                on_input=step,
+                on_inputs_found=found,
+                warn=warn,
+            )
+        finally:
+            if state.get("bar") is not None:
+                state["bar"].close()
+
+        def text() -> str:
+            rows = ", ".join(f"{name} {count:,}" for name, count in summary.rows.items() if count)
+            line = (
+                f"exported {summary.exported} of {summary.inputs} inputs to {summary.out_dir} "
+                f"(part {summary.part}): {rows or 'no rows'}"
+            )
+            if summary.already_exported:
+                line += f"\n{summary.already_exported} already in {summary.out_dir}: not exported again"
+            if summary.problems:
+                line += f"\n{len(summary.problems)} skipped (see the warnings above)"
+            return line
+
+        print_result(args.json, summary.to_json, text)
+        return 2 if summary.problems else 0

@@ -1,0 +1,95 @@
+"""`kvtrace query`: SQL over exported tables with embedded DuckDB."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvtrace.commands.base import Command
+from kvtrace.errors import KvtraceError
+
+_MAX_CELL = 60
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
+
+
+def format_table(columns: list[str], records: list[dict[str, Any]]) -> str:
+    """Aligned columns, numbers to the right; long cells cut (use --json or --csv for everything)."""
+    cells = [[_cell(r[c]) for c in columns] for r in records]
+    numeric = [
+        all(isinstance(r[c], int | float) and not isinstance(r[c], bool) for r in records if r[c] is not None)
+        for c in columns
+    ]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    out = [line(columns), line(["-" * w for w in widths])]
+    out += [line(row) for row in cells]
+    out.append(f"({len(records)} row{'s' if len(records) != 1 else ''})")
+    return "\n".join(out)
+
+
+class QueryCommand(Command):
+    """Run SQL (DuckDB) over tables written by `kvtrace export`; print a table, JSON or CSV.
+
+    DIR is an export directory; each table (runs, devices, kv_events, memory_events, samples,
+    engine_steps, engine_requests) is a view over its Parquet parts. DIR may also be any input
+    `kvtrace export` reads (run directories, groups, traces, snapshots): it is then exported in memory
+    for this one query. Columns are documented in docs/format.md ("Parquet export").
+    Example: kvtrace query out "SELECT run_id, sum(delta_bytes) FROM memory_events GROUP BY ALL"
+    Exit status: 0, or 2 for a bad DIR or a failing query (one line naming the problem).
+    """
+
+    name = "query"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("dir", metavar="DIR", help="export directory (or any input to export on the fly)")
+        parser.add_argument("sql", metavar="SQL", help="one SQL statement")
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--json", action="store_true", help="print a JSON list of row objects")
+        group.add_argument("--csv", action="store_true", help="print CSV with a header row")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from analyzers.export_parquet import is_export_dir
+        from analyzers.query import connect, connect_tables, run_query
+
+        path = Path(args.dir)
+        if not path.exists():
+            raise KvtraceError(f"{path}: no such file or directory")
+        if is_export_dir(path):
+            con = connect(path)
+        else:
+            from analyzers.load import load_tables
+
+            con = connect_tables(load_tables(path))
+        try:
+            result = run_query(con, args.sql)
+        finally:
+            con.close()
+        records = result.records()
+        if args.json:
+            json.dump(records, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        elif args.csv:
+            writer = csv.writer(sys.stdout, lineterminator="\n")
+            writer.writerow(result.columns)
+            for record in records:
+                writer.writerow(
+                    [json.dumps(v) if isinstance(v, list | dict) else v for v in record.values()]
+                )
+        else:
+            print(format_table(result.columns, records))
+        return 0
