@@ -172,9 +172,7 @@ def export(
     if on_inputs_found is not None:
         on_inputs_found(len(inputs))
     try:
-        writers = {
-            name: _TableWriter(root / name, summary.part, schema) for name, schema in SCHEMAS.items()
-        }
+        writers = {name: _TableWriter(root / name, summary.part, schema) for name, schema in SCHEMAS.items()}
     except OSError as exc:
         raise KvtraceError(f"{root}: cannot write ({exc.strerror})", exit_code=1) from None
     complete = False

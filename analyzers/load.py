@@ -65,7 +65,8 @@ class Tables:
             import duckdb
 
             try:
-                return con.execute(query).to_arrow_table()
+                relation = con.sql(query)
+                return relation.to_arrow_table() if relation is not None else pa.table({})
             except duckdb.Error as exc:
                 raise KvtraceError(f"query failed: {str(exc).strip().splitlines()[0]}") from None
         finally:

@@ -72,6 +72,12 @@ class Report:
         """The device with the highest peak (the one that runs out first)."""
         return max(self.devices, key=lambda d: d.peak_allocated_bytes, default=None)
 
+    def _repr_html_(self) -> str:
+        """Jupyter shows a report as its tables and a small timeline (analyzers.render.notebook)."""
+        from analyzers.render.notebook import report_to_notebook_html
+
+        return report_to_notebook_html(self)
+
 
 def _device_summary(
     source: MemorySource, index: int, baseline_category: int

@@ -214,9 +214,7 @@ def _column(records: list[dict[str, Any]], name: str, kind: pa.DataType) -> pa.A
     if pa.types.is_list(kind):
         inner = kind.value_type
         convert = _int if pa.types.is_integer(inner) else _str
-        return pa.array(
-            [[convert(x) for x in v] if isinstance(v, list) else None for v in values], kind
-        )
+        return pa.array([[convert(x) for x in v] if isinstance(v, list) else None for v in values], kind)
     return pa.array([_str(v) for v in values], kind)
 
 

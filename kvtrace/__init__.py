@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["RecordOptions", "Recording", "__version__", "record", "track"]
+__all__ = ["RecordOptions", "Recording", "Tables", "__version__", "load_tables", "record", "track"]
 
 if TYPE_CHECKING:
+    from analyzers.load import Tables, load_tables
     from kvtrace.options import RecordOptions
     from kvtrace.recorder import Recording, record, track
 
@@ -20,6 +21,9 @@ _LAZY = {
     "track": "kvtrace.recorder",
     "Recording": "kvtrace.recorder",
     "RecordOptions": "kvtrace.options",
+    # The notebook API lives with the analyzers (pyarrow, no torch): imported only when used.
+    "load_tables": "analyzers.load",
+    "Tables": "analyzers.load",
 }
 
 

@@ -87,9 +87,7 @@ class QueryCommand(Command):
             writer = csv.writer(sys.stdout, lineterminator="\n")
             writer.writerow(result.columns)
             for record in records:
-                writer.writerow(
-                    [json.dumps(v) if isinstance(v, list | dict) else v for v in record.values()]
-                )
+                writer.writerow([json.dumps(v) if isinstance(v, list | dict) else v for v in record.values()])
         else:
             print(format_table(result.columns, records))
         return 0

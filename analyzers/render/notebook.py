@@ -1,0 +1,119 @@
+"""The report in a Jupyter cell (`Report._repr_html_`): the summary tables and a small timeline, no JS.
+
+A notebook shows many reports side by side, so this is compact and static: an inline SVG per device
+(allocated bytes and the KV share, downsampled with every peak kept) instead of the full plotly page,
+which `kvtrace report -o` still writes. Everything shown is a figure the report already holds.
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+import numpy as np
+
+from analyzers.summary import Report
+from analyzers.timeline import DeviceTimeline, downsample_indices
+from analyzers.units import human_bytes
+
+_WIDTH, _HEIGHT, _POINTS = 480, 90, 400
+_STYLE = (
+    "<style>.kvtrace-nb table{border-collapse:collapse;margin:4px 0}"
+    ".kvtrace-nb td,.kvtrace-nb th{padding:2px 10px;text-align:right;border-bottom:1px solid #ddd}"
+    ".kvtrace-nb td:first-child,.kvtrace-nb th:first-child{text-align:left}"
+    ".kvtrace-nb .note{color:#a15c00}</style>"
+)
+
+
+def _polyline(x: np.ndarray, y: np.ndarray, top: float, color: str) -> str:
+    if x.size == 0 or top <= 0:
+        return ""
+    span = float(x[-1] - x[0]) or 1.0
+    xs = (x - x[0]) / span * (_WIDTH - 2) + 1
+    ys = _HEIGHT - 1 - y / top * (_HEIGHT - 2)
+    points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(xs, ys, strict=True))
+    return f'<polyline fill="none" stroke="{color}" stroke-width="1.2" points="{points}"/>'
+
+
+def _sparkline(timeline: DeviceTimeline) -> str:
+    """Allocated (grey) and KV (blue) bytes over the device's events; the peak is drawn exactly."""
+    n = int(timeline.allocated.shape[0])
+    if n < 2:
+        return ""
+    keep = downsample_indices(timeline.allocated, _POINTS)
+    x = np.asarray(timeline.ts_us, dtype=np.float64)[keep]
+    top = float(timeline.allocated.max())
+    lines = _polyline(x, timeline.allocated[keep].astype(np.float64), top, "#777")
+    lines += _polyline(x, timeline.by_category["kv"][keep].astype(np.float64), top, "#1f77b4")
+    return (
+        f'<svg width="{_WIDTH}" height="{_HEIGHT}" role="img" style="border:1px solid #eee">'
+        f"<title>{escape(timeline.device)}: allocated (grey), KV cache (blue)</title>{lines}</svg>"
+    )
+
+
+def _row(*cells: object, header: bool = False) -> str:
+    tag = "th" if header else "td"
+    return "<tr>" + "".join(f"<{tag}>{escape(str(c))}</{tag}>" for c in cells) + "</tr>"
+
+
+def report_to_notebook_html(report: Report) -> str:
+    parts = [_STYLE, '<div class="kvtrace-nb">']
+    parts.append(f"<b>kvtrace report</b>: <code>{escape(report.path)}</code> ({escape(report.source_kind)})")
+    parts += [f'<div class="note">note: {escape(note)}</div>' for note in report.notes]
+    rows = [
+        _row(
+            "device",
+            "peak",
+            "KV at peak",
+            "weights at peak",
+            "other at peak",
+            "final",
+            "capacity",
+            header=True,
+        )
+    ]
+    for dev in report.devices:
+        at_peak = dev.categories_at_peak
+        rows.append(
+            _row(
+                dev.device,
+                human_bytes(dev.peak_allocated_bytes),
+                human_bytes(at_peak.get("kv", 0)),
+                human_bytes(at_peak.get("weights", 0)),
+                human_bytes(at_peak.get("other", 0)),
+                human_bytes(dev.final_allocated_bytes),
+                human_bytes(dev.capacity_bytes),
+            )
+        )
+    parts.append("<table>" + "".join(rows) + "</table>")
+    kv = report.kv
+    kv_rows = [
+        _row("KV cache", "", header=True),
+        _row("peak", human_bytes(kv.peak_bytes)),
+        _row("final", human_bytes(kv.final_bytes)),
+        _row("allocated over the run", human_bytes(kv.allocated_bytes_total)),
+        _row("evicted tokens", f"{kv.evicted_tokens:,}"),
+        _row("measured from", kv.measured_from),
+    ]
+    if kv.bytes_per_token_measured is not None:
+        kv_rows.append(_row("bytes per token (measured)", f"{kv.bytes_per_token_measured:,.0f}"))
+    if kv.bytes_per_token_expected is not None:
+        kv_rows.append(_row("bytes per token (geometry)", f"{kv.bytes_per_token_expected:,}"))
+    parts.append("<table>" + "".join(kv_rows) + "</table>")
+    if kv.per_layer:
+        layer_rows = [_row("layer", "K", "V", "tokens", "evicted tokens", header=True)]
+        layer_rows += [
+            _row(f.layer, human_bytes(f.k_bytes), human_bytes(f.v_bytes), f.tokens, f.evicted_tokens)
+            for f in kv.per_layer
+        ]
+        parts.append(
+            "<details><summary>per layer</summary><table>" + "".join(layer_rows) + "</table></details>"
+        )
+    if report.oom is not None:
+        requested = human_bytes(report.oom.get("requested_bytes"))
+        parts.append(
+            f'<div class="note">out of memory on {escape(str(report.oom.get("device")))}: '
+            f"requested {escape(requested)}</div>"
+        )
+    parts += [_sparkline(t) for t in report.timelines]
+    parts.append("</div>")
+    return "".join(parts)
