@@ -1,0 +1,357 @@
+"""A serving engine's paged KV pool, read from a run: engine.json, engine_steps.jsonl, engine_requests.jsonl.
+
+vLLM allocates its KV cache once, as a pool of fixed-size blocks shared by every request; kvtrace's vLLM
+integration writes three files next to the usual run files (docs/format.md, "vLLM runs"). This module
+reads them into one typed, immutable result (`EngineRun`) and derives the figures every renderer and the
+diagnosis use (`EngineFigures`). Stdlib and numpy only: no torch, no vllm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvtrace.errors import KvtraceError
+
+__all__ = [
+    "ENGINE",
+    "ENGINE_REQUESTS",
+    "ENGINE_STEPS",
+    "EngineFigures",
+    "EngineInfo",
+    "EngineRun",
+    "EngineSteps",
+    "HeldRequest",
+    "RequestEvent",
+    "engine_figures",
+    "has_engine",
+    "held_at",
+    "read_engine",
+]
+
+# The names kvtrace.format gives these files (the contract with the recorder, docs/format.md).
+ENGINE = "engine.json"
+ENGINE_STEPS = "engine_steps.jsonl"
+ENGINE_REQUESTS = "engine_requests.jsonl"
+
+_STEP_COLUMNS = (
+    "step",
+    "t_ns",
+    "blocks_total",
+    "blocks_used",
+    "blocks_free",
+    "blocks_cached",
+    "running",
+    "waiting",
+    "tokens_scheduled",
+    "prefix_evicted_blocks",
+    "prefix_hits",
+    "prefix_queries",
+)
+REQUEST_EVENTS = ("scheduled", "blocks", "preempted", "resumed", "finished")
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """engine.json: what the engine is and how its pool was sized. `refused` is set for a refused start."""
+
+    name: str
+    version: str
+    status: str  # "ok" | "refused_start"
+    process: str
+    model: dict[str, Any]
+    config: dict[str, Any]
+    num_blocks: int | None
+    block_size: int | None
+    bytes_per_block: int | None  # all layers, K and V, one block
+    kv_cache_bytes: int | None  # the pool's storage, counted once
+    kv_dtype: str
+    layout: str
+    layers: tuple[dict[str, Any], ...]
+    storage: tuple[dict[str, Any], ...]
+    memory_profile: dict[str, Any]
+    refused: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class EngineSteps:
+    """engine_steps.jsonl as columns (one row per engine step); `preempted` lists request ids per row."""
+
+    columns: dict[str, np.ndarray]
+    preempted: tuple[tuple[str, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.preempted)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """One line of engine_requests.jsonl: the request's blocks and KV tokens after the event."""
+
+    t_ns: int
+    step: int
+    request_id: str
+    event: str
+    blocks: int
+    tokens: int
+    prompt_tokens: int
+    output_tokens: int
+    dropped_blocks: int = 0
+    dropped_tokens: int = 0
+    recomputed_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    path: str
+    info: EngineInfo
+    steps: EngineSteps
+    requests: tuple[RequestEvent, ...]
+
+
+@dataclass(frozen=True)
+class EngineFigures:
+    """What the report says about the pool. Counts come from the per-request log (one line per
+    preemption); the per-step lists are the fallback when a run has no request log."""
+
+    name: str
+    version: str
+    status: str
+    num_blocks: int | None
+    block_size: int | None
+    bytes_per_block: int | None
+    kv_cache_bytes: int | None
+    kv_dtype: str
+    steps: int
+    peak_blocks_used: int
+    peak_step: int | None
+    preemptions: int
+    preempted_tokens: int
+    preempted_blocks: int
+    recomputed_tokens: int
+    prefix_cache_evicted_blocks: int
+    requests: int
+    first_preemption_step: int | None
+    preemptions_by_request: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeldRequest:
+    """A request's share of the pool at one moment."""
+
+    request_id: str
+    blocks: int
+    tokens: int
+    prompt_tokens: int
+    output_tokens: int
+    as_of_step: int
+
+
+def has_engine(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / ENGINE).is_file()
+
+
+def _int(value: Any, where: str, name: str, default: int | None = None) -> int:
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KvtraceError(f"{where}: field {name!r} must be an integer, got {value!r}")
+    return value
+
+
+def _opt_int(value: Any, where: str, name: str) -> int | None:
+    return None if value is None else _int(value, where, name)
+
+
+def _read_info(file: Path) -> EngineInfo:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise KvtraceError(f"{file}: cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KvtraceError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise KvtraceError(f"{file}: expected a JSON object")
+    where = str(file)
+    refused = data.get("refused")
+    if refused is not None and not isinstance(refused, dict):
+        raise KvtraceError(f"{file}: field 'refused' must be an object or null")
+    for name in ("model", "config", "memory_profile"):
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            raise KvtraceError(f"{file}: field {name!r} must be an object")
+    return EngineInfo(
+        name=str(data.get("name", "")),
+        version=str(data.get("version", "")),
+        status=str(data.get("status", "ok")),
+        process=str(data.get("process", "")),
+        model=dict(data.get("model") or {}),
+        config=dict(data.get("config") or {}),
+        num_blocks=_opt_int(data.get("num_blocks"), where, "num_blocks"),
+        block_size=_opt_int(data.get("block_size"), where, "block_size"),
+        bytes_per_block=_opt_int(data.get("bytes_per_block"), where, "bytes_per_block"),
+        kv_cache_bytes=_opt_int(data.get("kv_cache_bytes"), where, "kv_cache_bytes"),
+        kv_dtype=str(data.get("kv_dtype", "")),
+        layout=str(data.get("layout", "")),
+        layers=tuple(x for x in data.get("layers") or () if isinstance(x, dict)),
+        storage=tuple(x for x in data.get("storage") or () if isinstance(x, dict)),
+        memory_profile=dict(data.get("memory_profile") or {}),
+        refused=refused,
+    )
+
+
+def _jsonl(file: Path) -> list[dict[str, Any]]:
+    """Complete lines of a JSON-lines log. A cut last line (the process died mid-write) is dropped; a corrupt
+    line elsewhere is an error naming the file and line."""
+    if not file.is_file():
+        return []
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise KvtraceError(f"{file}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise KvtraceError(f"{file}: not UTF-8 text") from None
+    lines = text.split("\n")
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # the last line was cut
+            raise KvtraceError(f"{file}: line {number} is not valid JSON") from None
+        if not isinstance(row, dict):
+            raise KvtraceError(f"{file}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _read_steps(file: Path) -> EngineSteps:
+    rows = _jsonl(file)
+    columns = {name: np.zeros(len(rows), dtype=np.int64) for name in _STEP_COLUMNS}
+    preempted: list[tuple[str, ...]] = []
+    for i, row in enumerate(rows):
+        where = f"{file}: line {i + 1}"
+        for name in _STEP_COLUMNS:
+            columns[name][i] = _int(row.get(name), where, name, default=0)
+        ids = row.get("preempted") or []
+        if not isinstance(ids, list):
+            raise KvtraceError(f"{where}: field 'preempted' must be a list")
+        preempted.append(tuple(str(x) for x in ids))
+    return EngineSteps(columns, tuple(preempted))
+
+
+def _read_requests(file: Path) -> tuple[RequestEvent, ...]:
+    events: list[RequestEvent] = []
+    for i, row in enumerate(_jsonl(file)):
+        where = f"{file}: line {i + 1}"
+        event = row.get("event")
+        if event not in REQUEST_EVENTS:
+            raise KvtraceError(f"{where}: unknown request event {event!r}")
+        if row.get("request_id") is None:
+            raise KvtraceError(f"{where}: no request_id")
+        events.append(
+            RequestEvent(
+                t_ns=_int(row.get("t_ns"), where, "t_ns", default=0),
+                step=_int(row.get("step"), where, "step", default=0),
+                request_id=str(row["request_id"]),
+                event=str(event),
+                blocks=_int(row.get("blocks"), where, "blocks", default=0),
+                tokens=_int(row.get("tokens"), where, "tokens", default=0),
+                prompt_tokens=_int(row.get("prompt_tokens"), where, "prompt_tokens", default=0),
+                output_tokens=_int(row.get("output_tokens"), where, "output_tokens", default=0),
+                dropped_blocks=_int(row.get("dropped_blocks"), where, "dropped_blocks", default=0),
+                dropped_tokens=_int(row.get("dropped_tokens"), where, "dropped_tokens", default=0),
+                recomputed_tokens=_int(row.get("recomputed_tokens"), where, "recomputed_tokens", default=0),
+            )
+        )
+    return tuple(events)
+
+
+def read_engine(path: str | os.PathLike[str]) -> EngineRun | None:
+    """The engine files of a run directory; None when the run has no engine.json (an HF run)."""
+    folder = Path(path)
+    if not has_engine(folder):
+        return None
+    return EngineRun(
+        path=str(folder),
+        info=_read_info(folder / ENGINE),
+        steps=_read_steps(folder / ENGINE_STEPS),
+        requests=_read_requests(folder / ENGINE_REQUESTS),
+    )
+
+
+def engine_figures(run: EngineRun) -> EngineFigures:
+    info, steps = run.info, run.steps
+    used = steps["blocks_used"]
+    peak_i = int(np.argmax(used)) if len(steps) else -1
+    preempt_events = [e for e in run.requests if e.event == "preempted"]
+    by_request: dict[str, int] = {}
+    first: int | None
+    if preempt_events:
+        for e in preempt_events:
+            by_request[e.request_id] = by_request.get(e.request_id, 0) + 1
+        first = min(e.step for e in preempt_events)
+    else:
+        for ids in steps.preempted:
+            for rid in ids:
+                by_request[rid] = by_request.get(rid, 0) + 1
+        first_rows = [int(steps["step"][i]) for i, ids in enumerate(steps.preempted) if ids]
+        first = first_rows[0] if first_rows else None
+    return EngineFigures(
+        name=info.name,
+        version=info.version,
+        status=info.status,
+        num_blocks=info.num_blocks,
+        block_size=info.block_size,
+        bytes_per_block=info.bytes_per_block,
+        kv_cache_bytes=info.kv_cache_bytes,
+        kv_dtype=info.kv_dtype,
+        steps=len(steps),
+        peak_blocks_used=int(used[peak_i]) if peak_i >= 0 else 0,
+        peak_step=int(steps["step"][peak_i]) if peak_i >= 0 else None,
+        preemptions=sum(by_request.values()),
+        preempted_tokens=sum(e.dropped_tokens for e in preempt_events),
+        preempted_blocks=sum(e.dropped_blocks for e in preempt_events),
+        recomputed_tokens=sum(e.recomputed_tokens for e in run.requests if e.event == "resumed"),
+        prefix_cache_evicted_blocks=int(steps["prefix_evicted_blocks"].sum()),
+        requests=len({e.request_id for e in run.requests}),
+        first_preemption_step=first,
+        preemptions_by_request=by_request,
+    )
+
+
+def held_at(run: EngineRun, step: int) -> list[HeldRequest]:
+    """The pool as the scheduler found it at `step`: each request's last event before that step, and a
+    request preempted at `step` with what it held just before losing it. Blocks are exact; tokens are as of
+    the request's last logged event (`as_of_step`), since "blocks" events are logged only on a change."""
+    state: dict[str, RequestEvent] = {}
+    for e in run.requests:
+        if e.step < step:
+            state[e.request_id] = e
+        elif e.step == step and e.event == "preempted":
+            state[e.request_id] = RequestEvent(
+                e.t_ns, e.step, e.request_id, "held", e.dropped_blocks, e.dropped_tokens,
+                e.prompt_tokens, e.output_tokens,
+            )
+    held = [
+        HeldRequest(e.request_id, e.blocks, e.tokens, e.prompt_tokens, e.output_tokens, e.step)
+        for e in state.values()
+        if e.event not in ("finished", "preempted") and e.blocks > 0
+    ]
+    return sorted(held, key=lambda h: (-h.blocks, h.request_id))
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Whole blocks that `tokens` tokens occupy (vLLM never shares a partial block between requests)."""
+    return math.ceil(tokens / block_size) if tokens > 0 else 0

@@ -1,0 +1,311 @@
+"""`kvtrace plan --engine vllm`: KV blocks and maximum concurrency, computed as vLLM computes them.
+
+vLLM (V1, read in vllm 0.32: `vllm/v1/core/kv_cache_utils.py`, `vllm/v1/kv_cache_interface.py`,
+`vllm/v1/worker/gpu_worker.py`) sizes its KV pool in four steps, each mirrored by one function here:
+
+1. available KV memory per worker (`available_kv_bytes`): `kv_cache_memory_bytes` when the user gives
+   it; otherwise `total * gpu_memory_utilization` minus what the profile run measured: the weights, the
+   peak of activations (torch's peak over a dummy forward of `max_num_batched_tokens`) and the memory
+   outside torch (CUDA context, NCCL buffers);
+2. the page of one layer (`page_size_bytes`): `2 (K and V) * block_size * kv_heads * head_dim * dtype
+   bytes`, with `kv_heads` the heads this worker holds (`max(1, kv_heads // tensor_parallel_size)`) and
+   the dtype of `kv_cache_dtype` (auto: the model's; fp8: 1 byte);
+3. the blocks (`get_num_blocks`): `available // page_size // num_layers`;
+4. what one request can need (`max_memory_usage_bytes`): `cdiv(max_model_len, block_size)` pages per
+   layer. The engine refuses to start when that exceeds the available memory less one block of all
+   layers (the "null block" the block pool keeps back; vLLM's message prints that reduced figure as
+   "available"), and then estimates the largest max_model_len that fits in it by bisection
+   (`estimate_max_model_len`). The log's "Maximum concurrency for N tokens per request" is
+   `num_blocks / cdiv(N, block_size)` and its "KV cache size" is `int(concurrency * N)` tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from analyzers.planning.presets import ModelGeometry, weights_bytes
+from kvtrace.errors import KvtraceError
+
+__all__ = [
+    "KV_CACHE_DTYPES",
+    "VllmPlan",
+    "VllmPlanRequest",
+    "available_kv_bytes",
+    "estimate_max_model_len",
+    "format_vllm_text",
+    "kv_dtype_bytes",
+    "max_memory_usage_bytes",
+    "num_blocks",
+    "page_size_bytes",
+    "plan_vllm",
+    "readable_bytes",
+    "vllm_to_json",
+]
+
+# vLLM's `kv_cache_dtype` choices that change the bytes per element ("auto" keeps the model's dtype).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16", "float32")
+_MODEL_DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp32": 4, "float32": 4}
+
+
+def kv_dtype_bytes(kv_cache_dtype: str, model_dtype: str = "bf16") -> int:
+    """Bytes per KV element: fp8 variants store 1 byte, "auto" the model dtype's size."""
+    if kv_cache_dtype.startswith("fp8"):
+        return 1
+    dtype = model_dtype if kv_cache_dtype == "auto" else kv_cache_dtype
+    if dtype not in _MODEL_DTYPE_BYTES:
+        raise KvtraceError(f"unknown KV dtype {dtype!r}; choose one of: {', '.join(KV_CACHE_DTYPES)}")
+    return _MODEL_DTYPE_BYTES[dtype]
+
+
+def kv_heads_per_worker(num_kv_heads: int, tensor_parallel_size: int = 1) -> int:
+    """vLLM's `ModelConfig.get_num_kv_heads`: the KV heads are split over the tensor-parallel ranks, and
+    replicated when there are fewer heads than ranks."""
+    return max(1, num_kv_heads // tensor_parallel_size)
+
+
+def page_size_bytes(num_kv_heads: int, head_dim: int, dtype_bytes: int, block_size: int) -> int:
+    """One block of one layer, K and V (`AttentionSpec.page_size_bytes`)."""
+    return 2 * block_size * num_kv_heads * head_dim * dtype_bytes
+
+
+def max_memory_usage_bytes(num_layers: int, page_size: int, block_size: int, max_model_len: int) -> int:
+    """KV bytes one request of `max_model_len` tokens needs: whole blocks in every layer
+    (`FullAttentionSpec.max_memory_usage_bytes`, summed over layers)."""
+    return num_layers * math.ceil(max_model_len / block_size) * page_size
+
+
+def num_blocks(available_bytes: int, page_size: int, num_layers: int) -> int:
+    """`get_num_blocks`: whole blocks of every layer that fit."""
+    return max(int(available_bytes // page_size // num_layers), 0)
+
+
+def estimate_max_model_len(
+    available_bytes: int, num_layers: int, page_size: int, block_size: int, max_model_len: int
+) -> int:
+    """The largest length in [1, max_model_len] whose blocks fit, 0 if none: vLLM's bisection, replayed
+    exactly (so the answer is the number its error message prints)."""
+
+    def fits(model_len: int) -> bool:
+        return max_memory_usage_bytes(num_layers, page_size, block_size, model_len) <= available_bytes
+
+    left, right = 1, max_model_len
+    if not fits(left):
+        return 0
+    result = 1
+    while left <= right:
+        middle = (left + right) // 2
+        if fits(middle):
+            result, left = middle, middle + 1
+        else:
+            right = middle - 1
+    return result
+
+
+def check_memory_bytes(available_bytes: int, bytes_per_block: int) -> int:
+    """What vLLM's start check compares one request with: the available memory less the null block."""
+    return available_bytes - bytes_per_block
+
+
+def available_kv_bytes(
+    total_bytes: int,
+    gpu_memory_utilization: float,
+    weights: int,
+    activation_peak: int,
+    non_torch: int,
+) -> int:
+    """What the GPU worker leaves for KV (`Worker.determine_available_memory`): `requested_memory`
+    (`ceil(total * gpu_memory_utilization)`) minus `non_kv_cache_memory`, which vLLM measures as what the
+    process consumed (weights and memory outside torch) plus the transient peak of the profile run
+    (activations; CUDA graphs too when VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS is set)."""
+    requested = math.ceil(total_bytes * gpu_memory_utilization)
+    return requested - (weights + activation_peak + non_torch)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VllmPlanRequest:
+    """A vLLM deployment to size. kv_cache_memory_bytes, when given, replaces the profile arithmetic
+    (it is what vLLM then uses, on GPU and CPU). weights_bytes None: computed from the geometry (split over
+    the tensor-parallel ranks); activation_peak_bytes and non_torch_bytes default to 0, which makes the
+    blocks an upper bound (give them, or take them from a recorded run with --from-run)."""
+
+    geometry: ModelGeometry
+    model_dtype: str = "bf16"
+    gpu_memory_bytes: int = 80 * 2**30
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int = 8192
+    block_size: int = 16
+    kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    weights_bytes: int | None = None
+    activation_peak_bytes: int = 0
+    non_torch_bytes: int = 0
+    kv_cache_memory_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for label, value in (
+            ("max model length", self.max_model_len),
+            ("block size", self.block_size),
+            ("tensor parallel size", self.tensor_parallel_size),
+            ("GPU memory", self.gpu_memory_bytes),
+        ):
+            if value < 1:
+                raise KvtraceError(f"{label} must be at least 1, got {value}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise KvtraceError(f"GPU memory utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise KvtraceError(
+                f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose one of: {', '.join(KV_CACHE_DTYPES)}"
+            )
+        optional_sizes: tuple[tuple[str, int | None], ...] = (
+            ("weights", self.weights_bytes),
+            ("activation peak", self.activation_peak_bytes),
+            ("non-torch memory", self.non_torch_bytes),
+            ("kv_cache_memory_bytes", self.kv_cache_memory_bytes),
+        )
+        for label, size in optional_sizes:
+            if size is not None and size < 0:
+                raise KvtraceError(f"{label} cannot be negative, got {size}")
+        kv_dtype_bytes(self.kv_cache_dtype, self.model_dtype)
+
+
+@dataclass(frozen=True)
+class VllmPlan:
+    """The figures vLLM would compute for the request, per worker (tensor-parallel rank)."""
+
+    request: VllmPlanRequest
+    kv_heads_per_worker: int
+    kv_dtype_bytes: int
+    page_size_bytes: int  # one layer, one block
+    bytes_per_block: int  # all layers, one block
+    kv_bytes_per_token: int  # all layers, per worker
+    weights_bytes: int
+    available_kv_bytes: int
+    num_blocks: int
+    kv_tokens: int  # "GPU KV cache size: N tokens": int(max_concurrency * max_model_len)
+    max_concurrency: float  # "Maximum concurrency for max_model_len tokens per request: X"
+    needed_bytes: int  # one request of max_model_len
+    check_bytes: int  # what vLLM compares it with: available less the null block
+    starts: bool  # False: vLLM refuses to start ("To serve at least one request ...")
+    estimated_max_model_len: int | None  # when it would refuse: vLLM's own estimate
+    notes: tuple[str, ...]
+
+
+def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
+    geom = req.geometry
+    heads = kv_heads_per_worker(geom.num_kv_heads, req.tensor_parallel_size)
+    dtype_bytes = kv_dtype_bytes(req.kv_cache_dtype, req.model_dtype)
+    page = page_size_bytes(heads, geom.head_dim, dtype_bytes, req.block_size)
+    notes: list[str] = []
+    weights = req.weights_bytes
+    if weights is None:
+        weights = math.ceil(weights_bytes(geom, req.model_dtype) / req.tensor_parallel_size)
+        if req.kv_cache_memory_bytes is None:
+            notes.append("weights computed from the geometry (no embeddings padding, no quantization scales)")
+    if req.kv_cache_memory_bytes is not None:
+        available = req.kv_cache_memory_bytes
+    else:
+        available = available_kv_bytes(
+            req.gpu_memory_bytes,
+            req.gpu_memory_utilization,
+            weights,
+            req.activation_peak_bytes,
+            req.non_torch_bytes,
+        )
+        if not req.activation_peak_bytes and not req.non_torch_bytes:
+            notes.append(
+                "activation peak and non-torch memory not given (counted as 0): the blocks are an upper bound"
+            )
+    blocks = num_blocks(available, page, geom.num_layers) if available > 0 else 0
+    needed = max_memory_usage_bytes(geom.num_layers, page, req.block_size, req.max_model_len)
+    check = check_memory_bytes(available, page * geom.num_layers)
+    starts = available > 0 and needed <= check
+    estimate = None
+    if not starts and available > 0:
+        estimate = estimate_max_model_len(check, geom.num_layers, page, req.block_size, req.max_model_len)
+    concurrency = blocks / math.ceil(req.max_model_len / req.block_size)
+    return VllmPlan(
+        request=req,
+        kv_heads_per_worker=heads,
+        kv_dtype_bytes=dtype_bytes,
+        page_size_bytes=page,
+        bytes_per_block=page * geom.num_layers,
+        kv_bytes_per_token=page * geom.num_layers // req.block_size,
+        weights_bytes=weights,
+        available_kv_bytes=available,
+        num_blocks=blocks,
+        kv_tokens=int(concurrency * req.max_model_len),
+        max_concurrency=concurrency,
+        needed_bytes=needed,
+        check_bytes=check,
+        starts=starts,
+        estimated_max_model_len=estimate,
+        notes=tuple(notes),
+    )
+
+
+# --- rendering: computes nothing -------------------------------------------------------------------
+
+
+def readable_bytes(num_bytes: int | float) -> str:
+    """Binary units, the unit chosen so the figure reads: never "0.0 GiB" for a small pool."""
+    sign, size = ("-", -float(num_bytes)) if num_bytes < 0 else ("", float(num_bytes))
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{sign}{size:.0f} B" if unit == "B" else f"{sign}{size:.2f} {unit}"
+        size /= 1024
+    return f"{sign}{size:.2f} TiB"
+
+
+def vllm_to_json(result: VllmPlan) -> dict[str, Any]:
+    request = {k: v for k, v in asdict(result.request).items() if k != "geometry"}
+    request["geometry"] = asdict(result.request.geometry)
+    figures = {k: v for k, v in asdict(result).items() if k not in ("request", "notes")}
+    return {"engine": "vllm", "request": request, **figures, "notes": list(result.notes)}
+
+
+def format_vllm_text(result: VllmPlan) -> str:
+    req = result.request
+    kv_dtype = req.kv_cache_dtype if req.kv_cache_dtype != "auto" else f"auto ({req.model_dtype})"
+    tp = f", tensor parallel {req.tensor_parallel_size}" if req.tensor_parallel_size > 1 else ""
+    lines = [f"{req.geometry.name} on vLLM: KV {kv_dtype}, block size {req.block_size}{tp}"]
+    rows: list[tuple[str, str]] = []
+    if req.kv_cache_memory_bytes is not None:
+        rows.append(("KV memory (kv_cache_memory_bytes)", readable_bytes(result.available_kv_bytes)))
+    else:
+        rows += [
+            (
+                f"GPU x {req.gpu_memory_utilization:g}",
+                readable_bytes(math.ceil(req.gpu_memory_bytes * req.gpu_memory_utilization)),
+            ),
+            ("  - weights", readable_bytes(result.weights_bytes)),
+            ("  - activation peak", readable_bytes(req.activation_peak_bytes)),
+            ("  - non-torch", readable_bytes(req.non_torch_bytes)),
+            ("available KV memory", readable_bytes(result.available_kv_bytes)),
+        ]
+    rows += [
+        ("KV per token (this worker)", f"{result.kv_bytes_per_token:,} B"),
+        ("one block, all layers", readable_bytes(result.bytes_per_block)),
+        ("KV blocks", f"{result.num_blocks:,}"),
+        ("KV cache size", f"{result.kv_tokens:,} tokens"),
+        (
+            f"max concurrency @ {req.max_model_len:,}",
+            f"{result.max_concurrency:.2f}x",
+        ),
+        ("one request at max_model_len", readable_bytes(result.needed_bytes)),
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    if not result.starts:
+        if result.available_kv_bytes <= 0:
+            lines.append("vLLM would refuse to start: no memory is left for the KV cache.")
+        else:
+            lines.append(
+                f"vLLM would refuse to start: one request of {req.max_model_len:,} tokens needs "
+                f"{readable_bytes(result.needed_bytes)}, more than the "
+                f"{readable_bytes(result.check_bytes)} available (less the null block); the largest "
+                f"max_model_len that fits is {result.estimated_max_model_len:,}."
+            )
+    lines += [f"  note: {note}" for note in result.notes]
+    return "\n".join(lines)

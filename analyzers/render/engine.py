@@ -1,0 +1,193 @@
+"""The engine's pool in the report: a JSON object, a few text lines, and an HTML panel. Computes nothing:
+the figures come from `analyzers.engine.engine_figures`."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import numpy as np
+
+from analyzers.engine import EngineFigures, EngineRun
+from analyzers.units import human_bytes
+
+
+def engine_to_json(fig: EngineFigures) -> dict[str, Any]:
+    return {
+        "name": fig.name,
+        "version": fig.version,
+        "status": fig.status,
+        "num_blocks": fig.num_blocks,
+        "block_size": fig.block_size,
+        "bytes_per_block": fig.bytes_per_block,
+        "kv_cache_bytes": fig.kv_cache_bytes,
+        "kv_dtype": fig.kv_dtype,
+        "steps": fig.steps,
+        "peak_blocks_used": fig.peak_blocks_used,
+        "peak_step": fig.peak_step,
+        "preemptions": fig.preemptions,
+        "preempted_tokens": fig.preempted_tokens,
+        "preempted_blocks": fig.preempted_blocks,
+        "recomputed_tokens": fig.recomputed_tokens,
+        "prefix_cache_evicted_blocks": fig.prefix_cache_evicted_blocks,
+        "requests": fig.requests,
+        "first_preemption_step": fig.first_preemption_step,
+        "preemptions_by_request": fig.preemptions_by_request,
+    }
+
+
+def engine_text_lines(fig: EngineFigures) -> list[str]:
+    name = f"{fig.name} {fig.version}".strip()
+    if fig.status == "refused_start":
+        return [f"  {name}: the engine refused to start for lack of KV memory (see `kvtrace diagnose`)"]
+    lines = [
+        f"  {name} KV pool: {fig.num_blocks:,} blocks of {fig.block_size} tokens, "
+        f"{human_bytes(fig.kv_cache_bytes)} ({fig.kv_dtype}), {fig.steps:,} engine steps, "
+        f"{fig.requests} requests"
+    ]
+    if fig.num_blocks:
+        share = 100.0 * fig.peak_blocks_used / fig.num_blocks
+        lines.append(
+            f"    peak {fig.peak_blocks_used:,} blocks used ({share:.0f}%) at step {fig.peak_step}; "
+            f"prefix-cache blocks evicted: {fig.prefix_cache_evicted_blocks:,}"
+        )
+    if fig.preemptions:
+        lines.append(
+            f"    preemptions: {fig.preemptions} (first at step {fig.first_preemption_step}), "
+            f"{fig.preempted_tokens:,} tokens dropped, {fig.recomputed_tokens:,} recomputed  "
+            "(see `kvtrace diagnose`)"
+        )
+    else:
+        lines.append("    preemptions: none")
+    return lines
+
+
+def engine_html_section(run: EngineRun, fig: EngineFigures) -> str:
+    """Pool occupancy over engine steps (blocks used and cached against the total, with preemption and
+    prefix-eviction markers) and the blocks each request held, one lane per request."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    steps = run.steps
+    if len(steps) == 0:
+        return ""
+    x = steps["step"]
+    lanes = _request_lanes(run)
+    rows = 2 if lanes[0] else 1
+    fig_plot = make_subplots(
+        rows=rows,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        row_heights=[0.55, 0.45][:rows],
+        subplot_titles=["KV pool: blocks used over engine steps", "Blocks held per request"][:rows],
+    )
+    line = {"shape": "hv"}
+    fig_plot.add_trace(
+        go.Scatter(x=x, y=steps["blocks_used"], name="blocks used", line={**line, "color": "#d62728"}),
+        1,
+        1,
+    )
+    fig_plot.add_trace(
+        go.Scatter(
+            x=x, y=steps["blocks_cached"], name="free, prefix-cached", line={**line, "color": "#ff9896"}
+        ),
+        1,
+        1,
+    )
+    fig_plot.add_trace(
+        go.Scatter(
+            x=x, y=steps["blocks_total"], name="blocks total", line={**line, "color": "black", "dash": "dash"}
+        ),
+        1,
+        1,
+    )
+    top = float(max(steps["blocks_total"].max(), steps["blocks_used"].max(), 1))
+    preempt_rows = [i for i, ids in enumerate(steps.preempted) if ids]
+    if preempt_rows:
+        fig_plot.add_trace(
+            go.Scatter(
+                x=[int(x[i]) for i in preempt_rows],
+                y=[top * 1.05] * len(preempt_rows),
+                mode="markers",
+                name="preemption",
+                marker={"symbol": "x", "size": 10, "color": "red"},
+                text=[", ".join(steps.preempted[i]) for i in preempt_rows],
+                hovertemplate="step %{x}: preempted %{text}<extra></extra>",
+            ),
+            1,
+            1,
+        )
+    evicted = np.nonzero(steps["prefix_evicted_blocks"])[0]
+    if len(evicted):
+        fig_plot.add_trace(
+            go.Scatter(
+                x=x[evicted],
+                y=[top * 1.1] * len(evicted),
+                mode="markers",
+                name="prefix-cache eviction",
+                marker={"symbol": "triangle-down", "size": 9, "color": "#9467bd"},
+                text=[f"{int(n)} blocks" for n in steps["prefix_evicted_blocks"][evicted]],
+                hovertemplate="step %{x}: %{text} evicted<extra></extra>",
+            ),
+            1,
+            1,
+        )
+    fig_plot.update_yaxes(title_text="blocks", row=1, col=1)
+    if rows == 2:
+        ids, z = lanes
+        fig_plot.add_trace(
+            go.Heatmap(
+                z=z,
+                x=x,
+                y=[f"req {rid}" for rid in ids],
+                colorscale="Reds",
+                colorbar={"title": "blocks", "len": 0.4, "y": 0.2},
+                hovertemplate="step %{x}<br>%{y}: %{z} blocks<extra></extra>",
+                name="blocks per request",
+            ),
+            2,
+            1,
+        )
+        fig_plot.update_yaxes(autorange="reversed", row=2, col=1)
+    fig_plot.update_xaxes(title_text="engine step", row=rows, col=1)
+    fig_plot.update_layout(
+        height=420 + 22 * len(lanes[0]) if rows == 2 else 420,
+        template="plotly_white",
+        legend={"orientation": "h"},
+        margin={"t": 50, "l": 80, "r": 30},
+    )
+    div = fig_plot.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-engine-pool")
+    title = html.escape(f"{fig.name} {fig.version} KV pool".strip())
+    return f"<h2>{title}</h2>{div}"
+
+
+def _request_lanes(run: EngineRun) -> tuple[list[str], np.ndarray]:
+    """Blocks each request held at the end of each step: a (requests x steps) grid, requests in order of
+    first appearance."""
+    step_ids = [int(s) for s in run.steps["step"]]
+    column = {s: i for i, s in enumerate(step_ids)}
+    order: list[str] = []
+    for e in run.requests:
+        if e.request_id not in order:
+            order.append(e.request_id)
+    z = np.zeros((len(order), len(step_ids)), dtype=np.int64)
+    row = {rid: i for i, rid in enumerate(order)}
+    last: dict[str, tuple[int, int]] = {}  # request -> (column, blocks) from its last event
+    for e in run.requests:
+        col = column.get(e.step)
+        if col is None:
+            # an event at a step the step log lacks: put it at the next logged step
+            col = int(np.searchsorted(np.asarray(step_ids), e.step))
+            if col >= len(step_ids):
+                continue
+        blocks = 0 if e.event == "finished" else e.blocks
+        r = row[e.request_id]
+        prev = last.get(e.request_id)
+        if prev is not None:
+            z[r, prev[0] : col] = prev[1]
+        z[r, col] = blocks
+        last[e.request_id] = (col, blocks)
+    for rid, (col, blocks) in last.items():
+        z[row[rid], col:] = blocks
+    return order, z

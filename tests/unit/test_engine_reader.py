@@ -1,0 +1,124 @@
+"""The engine files read back into figures: every expected number is worked out by hand from
+tests/engine_files.py (see its docstring for the scenario)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from analyzers.engine import engine_figures, held_at, read_engine
+from analyzers.planning.vllm_diagnose import diagnose_engine, diagnose_preemptions
+from analyzers.render.engine import engine_to_json, engine_text_lines
+from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_json, vllm_diagnosis_to_text
+from kvtrace.errors import KvtraceError
+from tests.engine_files import ENGINE_JSON, REQUESTS, STEPS, write_engine_run
+
+
+def test_no_engine_json_is_not_an_engine_run(tmp_path: Path) -> None:
+    assert read_engine(tmp_path) is None
+
+
+def test_figures_of_the_hand_made_run(tmp_path: Path) -> None:
+    run = read_engine(write_engine_run(tmp_path / "run"))
+    assert run is not None
+    fig = engine_figures(run)
+    assert (fig.num_blocks, fig.block_size, fig.bytes_per_block, fig.kv_cache_bytes) == (5, 4, 128, 640)
+    assert fig.steps == 5
+    assert (fig.peak_blocks_used, fig.peak_step) == (4, 1)  # both prefills fill the 4 usable blocks
+    assert fig.preemptions == 1 and fig.preemptions_by_request == {"B": 1}
+    assert (fig.preempted_tokens, fig.preempted_blocks, fig.recomputed_tokens) == (7, 2, 8)
+    assert fig.prefix_cache_evicted_blocks == 1 + 2
+    assert fig.requests == 2 and fig.first_preemption_step == 4
+    data = engine_to_json(fig)
+    for key in (
+        "name",
+        "version",
+        "num_blocks",
+        "block_size",
+        "kv_cache_bytes",
+        "peak_blocks_used",
+        "preemptions",
+        "preempted_tokens",
+        "prefix_cache_evicted_blocks",
+    ):
+        assert key in data
+    assert data["name"] == "vllm" and data["version"] == "0.32.0"
+    text = "\n".join(engine_text_lines(fig))
+    assert "5 blocks of 4 tokens" in text and "640 B" in text and "preemptions: 1" in text
+
+
+def test_preemptions_counted_from_steps_without_a_request_log(tmp_path: Path) -> None:
+    run = read_engine(write_engine_run(tmp_path / "run", requests=[]))
+    assert run is not None
+    fig = engine_figures(run)
+    assert fig.preemptions == 1 and fig.first_preemption_step == 4 and fig.preempted_tokens == 0
+
+
+def test_the_pool_at_the_first_preemption(tmp_path: Path) -> None:
+    run = read_engine(write_engine_run(tmp_path / "run"))
+    assert run is not None
+    held = held_at(run, 4)
+    # A: 2 blocks since its prefill (6 tokens logged at step 1); B: the 2 blocks and 7 tokens it lost.
+    assert [(h.request_id, h.blocks, h.tokens, h.as_of_step) for h in held] == [("A", 2, 6, 1), ("B", 2, 7, 4)]
+
+
+def test_preemption_diagnosis_by_hand(tmp_path: Path) -> None:
+    run = read_engine(write_engine_run(tmp_path / "run"))
+    assert run is not None
+    d = diagnose_preemptions(run)
+    assert d.usable_blocks == 4  # 5 less the null block
+    # A: prompt 6 + 4 output = 10 tokens = 3 blocks of 4; B: 5 + 4 = 9 tokens = 3 blocks.
+    assert d.final_demand_blocks == {"A": 3, "B": 3}
+    assert d.demand_bound_blocks == 6 and d.blocks_needed == 7
+    assert d.kv_cache_memory_bytes_needed == 7 * 128 and d.extra_blocks == 2 and d.extra_bytes == 256
+    # on the recorded schedule: step 4 has A at 10 tokens (3 blocks) and B at 8 tokens (2 blocks)
+    assert (d.recorded_peak_demand_blocks, d.recorded_peak_demand_step) == (5, 4)
+    assert d.max_num_seqs_without_preemption == 1  # 3 + 3 > 4 usable
+    assert d.fp8_blocks == 10  # bf16 -> fp8: twice the blocks in the same 640 B
+    knobs = {r.knob: (r.setting, r.fits) for r in d.remedies}
+    assert knobs == {
+        "kv_cache_memory_bytes": (896, True),
+        "max_num_seqs": (1, True),
+        "kv_cache_dtype": ("fp8", True),
+    }
+    text = vllm_diagnosis_to_text(d)
+    assert "preempted 1 time" in text and "request A" in text and "896 B" in text
+    assert json.loads(json.dumps(vllm_diagnosis_to_json(d)))["kind"] == "preemption"
+    assert diagnose_engine(run) is not None
+
+
+def test_a_run_without_preemption_has_no_engine_diagnosis(tmp_path: Path) -> None:
+    steps = [{**s, "preempted": []} for s in STEPS]
+    requests = [r for r in REQUESTS if r["event"] != "preempted"]
+    run = read_engine(write_engine_run(tmp_path / "run", steps=steps, requests=requests))
+    assert run is not None and diagnose_engine(run) is None
+
+
+def test_cut_last_line_is_dropped(tmp_path: Path) -> None:
+    folder = write_engine_run(tmp_path / "run")
+    with (folder / "engine_steps.jsonl").open("a") as f:
+        f.write('{"step": 6, "t_ns": 6')
+    run = read_engine(folder)
+    assert run is not None and len(run.steps) == 5
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "needle"),
+    [
+        ("engine.json", "{not json", "not valid JSON"),
+        ("engine.json", "[1, 2]", "expected a JSON object"),
+        ("engine.json", json.dumps({**ENGINE_JSON, "num_blocks": "many"}), "num_blocks"),
+        ("engine_steps.jsonl", '{"step": 1}\nnot json\n{"step": 3}\n', "line 2"),
+        ("engine_steps.jsonl", '{"step": 1, "preempted": "B"}\n', "preempted"),
+        ("engine_requests.jsonl", '{"request_id": "A", "event": "exploded"}\n', "unknown request event"),
+    ],
+)
+def test_bad_files_are_one_line_errors(tmp_path: Path, file: str, content: str, needle: str) -> None:
+    folder = write_engine_run(tmp_path / "run")
+    (folder / file).write_text(content)
+    with pytest.raises(KvtraceError) as err:
+        read_engine(folder)
+    message = str(err.value)
+    assert file in message and needle in message and "\n" not in message

@@ -1,0 +1,155 @@
+"""vLLM's KV arithmetic (blocks, concurrency, the start check and its estimate) and the refused-start
+diagnosis. Expected figures are worked out by hand here, following vllm 0.32's formulas:
+page = 2 * block_size * kv_heads * head_dim * dtype bytes per layer; a request of L tokens needs
+layers * cdiv(L, block_size) pages; the start check compares that with the KV memory less one block of
+all layers (the null block)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from analyzers.engine import read_engine
+from analyzers.planning.presets import ModelGeometry, get_preset
+from analyzers.planning.vllm_diagnose import RefusedDiagnosis, diagnose_engine, diagnose_refused
+from analyzers.planning.vllm_plan import (
+    VllmPlanRequest,
+    estimate_max_model_len,
+    format_vllm_text,
+    plan_vllm,
+    readable_bytes,
+    vllm_to_json,
+)
+from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_text
+from kvtrace.errors import KvtraceError
+from tests.engine_files import refused_engine, write_engine_run
+
+GIB = 2**30
+MIB = 2**20
+TINY = ModelGeometry("tiny", 4, 8, 2, 64, 512, 1024, 1000, False)  # 4 layers, 2 KV heads of 64
+
+
+def test_llama_3_8b_on_80_gib() -> None:
+    # GIVEN weights 15 GiB, activations 2 GiB, 1 GiB outside torch, utilization 0.9
+    req = VllmPlanRequest(
+        geometry=get_preset("llama-3-8b"),
+        gpu_memory_bytes=80 * GIB,
+        weights_bytes=15 * GIB,
+        activation_peak_bytes=2 * GIB,
+        non_torch_bytes=1 * GIB,
+        max_model_len=8192,
+    )
+    result = plan_vllm(req)
+    page = 2 * 16 * 8 * 128 * 2  # 65,536 B per layer and block
+    assert result.page_size_bytes == page and result.bytes_per_block == 32 * page == 2 * MIB
+    assert result.kv_bytes_per_token == 131_072  # 128 KiB a token, Llama 3 8B's well-known figure
+    available = math.ceil(80 * GIB * 0.9) - 18 * GIB
+    assert result.available_kv_bytes == available
+    blocks = available // (2 * MIB)
+    assert result.num_blocks == blocks
+    assert result.max_concurrency == pytest.approx(blocks / 512)  # 8192 tokens = 512 blocks of 16
+    assert result.kv_tokens == int(blocks / 512 * 8192)
+    assert result.starts and result.estimated_max_model_len is None
+    text = format_vllm_text(result)
+    assert f"{blocks:,}" in text and "max concurrency @ 8,192" in text
+    assert vllm_to_json(result)["num_blocks"] == blocks
+
+
+def test_fp8_doubles_the_blocks_and_tp_splits_heads() -> None:
+    base = dict(geometry=get_preset("llama-3-8b"), kv_cache_memory_bytes=10 * GIB)
+    bf16 = plan_vllm(VllmPlanRequest(**base))
+    fp8 = plan_vllm(VllmPlanRequest(**base, kv_cache_dtype="fp8"))
+    tp2 = plan_vllm(VllmPlanRequest(**base, tensor_parallel_size=2))
+    assert bf16.num_blocks == 10 * GIB // (2 * MIB) == 5120
+    assert fp8.num_blocks == 10 * GIB // MIB == 10240
+    assert tp2.kv_heads_per_worker == 4 and tp2.num_blocks == 10240
+    # 16 ranks for 8 KV heads: each rank keeps one head (replicated), not half of one
+    assert plan_vllm(VllmPlanRequest(**base, tensor_parallel_size=16)).kv_heads_per_worker == 1
+
+
+def test_cpu_pool_as_the_log_reports_it() -> None:
+    # 1 MiB for 4 layers x 2 heads x 64 at block 16: 8,192 B a layer, 32,768 B a block -> 32 blocks
+    result = plan_vllm(
+        VllmPlanRequest(geometry=TINY, kv_cache_memory_bytes=MIB, max_model_len=256, block_size=16)
+    )
+    assert result.num_blocks == 32
+    assert result.max_concurrency == 2.0  # 32 blocks / (256 / 16)
+    assert result.kv_tokens == 512
+
+
+def test_refused_start_matches_vllms_estimate() -> None:
+    # 1 MiB pool, max_model_len 512 at block 16: one request needs 32 blocks = 1 MiB, but the check has
+    # 1 MiB - 32,768 B (the null block) = 31 blocks -> refused, largest length 31 * 16 = 496.
+    result = plan_vllm(
+        VllmPlanRequest(geometry=TINY, kv_cache_memory_bytes=MIB, max_model_len=512, block_size=16)
+    )
+    assert not result.starts
+    assert (result.needed_bytes, result.check_bytes) == (MIB, MIB - 32_768)
+    assert result.estimated_max_model_len == 496
+    assert "496" in format_vllm_text(result)
+
+
+def test_estimate_is_vllms_bisection() -> None:
+    page = 2 * 16 * 2 * 64 * 2
+    # exactly 10 blocks of all 4 layers: 160 tokens fit, 161 do not
+    assert estimate_max_model_len(10 * 4 * page, 4, page, 16, 512) == 160
+    assert estimate_max_model_len(10 * 4 * page, 4, page, 16, 100) == 100  # capped by max_model_len
+    assert estimate_max_model_len(4 * page - 1, 4, page, 16, 512) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (MIB, "1.00 MiB"), (1_015_808, "992.00 KiB")],
+)
+def test_readable_bytes_never_rounds_to_zero_gib(value: int, text: str) -> None:
+    assert readable_bytes(value) == text
+
+
+def test_bad_requests_are_refused() -> None:
+    with pytest.raises(KvtraceError, match="utilization"):
+        VllmPlanRequest(geometry=TINY, gpu_memory_utilization=1.5)
+    with pytest.raises(KvtraceError, match="kv_cache_dtype"):
+        VllmPlanRequest(geometry=TINY, kv_cache_dtype="int3")
+
+
+def _refused(tmp_path: Path) -> RefusedDiagnosis:
+    run = read_engine(write_engine_run(tmp_path / "run", engine=refused_engine(), steps=[], requests=[]))
+    assert run is not None
+    d = diagnose_engine(run)
+    assert isinstance(d, RefusedDiagnosis)
+    return d
+
+
+def test_refused_start_diagnosis(tmp_path: Path) -> None:
+    d = _refused(tmp_path)
+    assert d.needed_bytes == 32 * 32_768 == MIB
+    assert d.available_bytes == MIB - 32_768 == 1_015_808
+    assert d.estimated_max_model_len == 496 == d.vllm_estimated_max_model_len
+    remedies = {r.knob: r for r in d.remedies}
+    assert (remedies["max_model_len"].setting, remedies["max_model_len"].fits) == (496, True)
+    # one request plus the null block
+    assert remedies["kv_cache_memory_bytes"].setting == MIB + 32_768
+    # fp8: 16,384 B a block; 32 blocks = 512 KiB <= 1 MiB - 16 KiB
+    assert remedies["kv_cache_dtype"].fits is True
+    # two ranks hold one KV head each: 512 KiB a request
+    assert (remedies["tensor_parallel_size"].setting, remedies["tensor_parallel_size"].fits) == (2, True)
+    assert remedies["max_num_seqs"].fits is False
+    assert remedies["gpu_memory_utilization"].fits is None  # a CPU run has no device total
+    text = vllm_diagnosis_to_text(d)
+    assert "1.00 MiB" in text and "992.00 KiB" in text and "496" in text
+    assert "0.0 GiB" not in text.split("vLLM said")[0]
+
+
+def test_refused_start_on_a_gpu_prices_utilization(tmp_path: Path) -> None:
+    engine = refused_engine()
+    engine["config"].update(kv_cache_memory_bytes=None, device="cuda", gpu_memory_utilization=0.5)
+    # a 100 MiB device at 0.5: requested 50 MiB, of which 49 MiB went to weights and activations
+    engine["memory_profile"] = {"total_device_bytes": 100 * MIB, "available_kv_bytes": MIB}
+    run = read_engine(write_engine_run(tmp_path / "run", engine=engine, steps=[], requests=[]))
+    assert run is not None
+    d = diagnose_refused(run)
+    util = {r.knob: r for r in d.remedies}["gpu_memory_utilization"]
+    # needs 49 MiB + 1 MiB + 32 KiB = 50.03 MiB of 100 MiB -> 0.51
+    assert (util.setting, util.fits) == (0.51, True)
