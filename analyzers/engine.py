@@ -341,8 +341,14 @@ def held_at(run: EngineRun, step: int) -> list[HeldRequest]:
             state[e.request_id] = e
         elif e.step == step and e.event == "preempted":
             state[e.request_id] = RequestEvent(
-                e.t_ns, e.step, e.request_id, "held", e.dropped_blocks, e.dropped_tokens,
-                e.prompt_tokens, e.output_tokens,
+                e.t_ns,
+                e.step,
+                e.request_id,
+                "held",
+                e.dropped_blocks,
+                e.dropped_tokens,
+                e.prompt_tokens,
+                e.output_tokens,
             )
     held = [
         HeldRequest(e.request_id, e.blocks, e.tokens, e.prompt_tokens, e.output_tokens, e.step)

@@ -10,7 +10,7 @@ import pytest
 
 from analyzers.engine import engine_figures, held_at, read_engine
 from analyzers.planning.vllm_diagnose import diagnose_engine, diagnose_preemptions
-from analyzers.render.engine import engine_to_json, engine_text_lines
+from analyzers.render.engine import engine_text_lines, engine_to_json
 from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_json, vllm_diagnosis_to_text
 from kvtrace.errors import KvtraceError
 from tests.engine_files import ENGINE_JSON, REQUESTS, STEPS, write_engine_run
@@ -61,7 +61,8 @@ def test_the_pool_at_the_first_preemption(tmp_path: Path) -> None:
     assert run is not None
     held = held_at(run, 4)
     # A: 2 blocks since its prefill (6 tokens logged at step 1); B: the 2 blocks and 7 tokens it lost.
-    assert [(h.request_id, h.blocks, h.tokens, h.as_of_step) for h in held] == [("A", 2, 6, 1), ("B", 2, 7, 4)]
+    rows = [(h.request_id, h.blocks, h.tokens, h.as_of_step) for h in held]
+    assert rows == [("A", 2, 6, 1), ("B", 2, 7, 4)]
 
 
 def test_preemption_diagnosis_by_hand(tmp_path: Path) -> None:

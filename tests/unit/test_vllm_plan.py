@@ -7,6 +7,7 @@ all layers (the null block)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,15 +59,15 @@ def test_llama_3_8b_on_80_gib() -> None:
 
 
 def test_fp8_doubles_the_blocks_and_tp_splits_heads() -> None:
-    base = dict(geometry=get_preset("llama-3-8b"), kv_cache_memory_bytes=10 * GIB)
-    bf16 = plan_vllm(VllmPlanRequest(**base))
-    fp8 = plan_vllm(VllmPlanRequest(**base, kv_cache_dtype="fp8"))
-    tp2 = plan_vllm(VllmPlanRequest(**base, tensor_parallel_size=2))
+    base = VllmPlanRequest(geometry=get_preset("llama-3-8b"), kv_cache_memory_bytes=10 * GIB)
+    bf16 = plan_vllm(base)
+    fp8 = plan_vllm(replace(base, kv_cache_dtype="fp8"))
+    tp2 = plan_vllm(replace(base, tensor_parallel_size=2))
     assert bf16.num_blocks == 10 * GIB // (2 * MIB) == 5120
     assert fp8.num_blocks == 10 * GIB // MIB == 10240
     assert tp2.kv_heads_per_worker == 4 and tp2.num_blocks == 10240
     # 16 ranks for 8 KV heads: each rank keeps one head (replicated), not half of one
-    assert plan_vllm(VllmPlanRequest(**base, tensor_parallel_size=16)).kv_heads_per_worker == 1
+    assert plan_vllm(replace(base, tensor_parallel_size=16)).kv_heads_per_worker == 1
 
 
 def test_cpu_pool_as_the_log_reports_it() -> None:
