@@ -48,6 +48,10 @@ class DeviceEvents:
     # stacks let attribution split the baseline by category; `baseline_categories` holds the result.
     baseline_blocks: list[tuple[int, int, int]] | None = None
     baseline_categories: dict[int, int] | None = None
+    # The unit of `delta_bytes`: "requested" (what the program asked for: snapshot trace entries) or
+    # "allocator" (what the allocator reported: Kineto events, rounded block sizes on CUDA).
+    size_basis: str = "allocator"
+    final_rounded_bytes: int | None = None  # allocator block sizes live at a snapshot's dump
 
     def __len__(self) -> int:
         return int(self.ts_us.shape[0])

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of
-from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
+from analyzers.model import CATEGORY_NAMES, KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "int8": 1}
@@ -27,6 +27,8 @@ class DeviceSummary:
     reserved_at_peak: int | None
     fragmentation_at_peak_bytes: int | None
     bytes_by_method: dict[str, int]
+    size_basis: str = "allocator"  # see DeviceEvents.size_basis
+    final_allocated_rounded_bytes: int | None = None  # allocator blocks at a snapshot's dump
 
 
 @dataclass
@@ -101,6 +103,14 @@ def _device_summary(
         peak = int(timeline.allocated[peak_i])
         final = int(timeline.allocated[-1])
         at_peak = {name: int(series[peak_i]) for name, series in timeline.by_category.items()}
+        start = int(timeline.allocated[0]) - int(dev.delta_bytes[0])
+        if start > peak:  # the level before the first event (blocks the trace frees but never allocates)
+            peak = start
+            first = int(dev.delta_bytes[0])
+            first_category = CATEGORY_NAMES[int(dev.category[0])] if dev.category is not None else "other"
+            at_peak = {name: int(series[0]) for name, series in timeline.by_category.items()}
+            at_peak[first_category] -= first
+            peak_i = 0  # its time is the first event's: nothing is known between the start and it
     reserved_at_peak = (
         int(timeline.reserved[peak_i]) if timeline.reserved is not None and peak_i >= 0 else None
     )
@@ -123,6 +133,8 @@ def _device_summary(
         reserved_at_peak=reserved_at_peak,
         fragmentation_at_peak_bytes=(reserved_at_peak - peak) if reserved_at_peak is not None else None,
         bytes_by_method=by_method,
+        size_basis=dev.size_basis,
+        final_allocated_rounded_bytes=dev.final_rounded_bytes,
     )
     return summary, timeline
 

@@ -165,8 +165,11 @@ def _replay_device(
 
     baseline = orphan_bytes
     baseline_blocks: list[tuple[int, int, int]] = []
+    rounded_at_dump = 0  # what torch.cuda.memory_allocated() counted at the dump: whole blocks
     for segment in segments:
         for address, block in _blocks_with_addresses(segment):
+            if block.get("state") in _LIVE_STATES:
+                rounded_at_dump += int(block.get("size", 0))
             if block.get("state") in _LIVE_STATES and address not in live:
                 size = _block_request_size(block)
                 baseline += size
@@ -200,6 +203,8 @@ def _replay_device(
             frame_id=np.asarray(frame_ids, dtype=np.int32),
             baseline_bytes=int(baseline),
             baseline_blocks=baseline_blocks,
+            size_basis="requested",
+            final_rounded_bytes=rounded_at_dump,
         )
     )
     source.meta["timestamps"][device] = "time_us" if timed else "event_index"

@@ -22,6 +22,8 @@ def report_to_json(report: Report) -> dict[str, Any]:
                 "peak_allocated_bytes": d.peak_allocated_bytes,
                 "peak_time": d.peak_time,
                 "final_allocated_bytes": d.final_allocated_bytes,
+                "size_basis": d.size_basis,
+                "final_allocated_rounded_bytes": d.final_allocated_rounded_bytes,
                 "capacity_bytes": d.capacity_bytes,
                 "categories_at_peak": d.categories_at_peak,
                 "reserved_at_peak_bytes": d.reserved_at_peak,
@@ -33,6 +35,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "peak_allocated_bytes": report.main_device.peak_allocated_bytes if report.main_device else 0,
         "peak_time": report.main_device.peak_time if report.main_device else None,
         "final_allocated_bytes": report.main_device.final_allocated_bytes if report.main_device else 0,
+        "size_basis": report.main_device.size_basis if report.main_device else None,
         "categories_at_peak": report.main_device.categories_at_peak if report.main_device else {},
         "kv": {
             "peak_bytes": kv.peak_bytes,
