@@ -3,7 +3,7 @@
 Layout of an export directory (docs/format.md, "Parquet export")::
 
     DIR/runs/part-00000.parquet          one file per table per export invocation ("part")
-    DIR/kv_events/part-00000.parquet     row groups of up to ROW_GROUP_ROWS rows, written as they fill
+    DIR/kv_events/part-00000.parquet     row groups of ROW_GROUP_ROWS to 2x that, written as they fill
     ...                                  (devices, memory_events, samples, engine_steps, engine_requests)
 
 Each table is a folder of parts, the layout Spark, DuckDB and pyarrow.dataset read as one table. A later
@@ -81,7 +81,8 @@ class _TableWriter:
 
     def flush(self) -> None:
         if self._pending:
-            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP_ROWS)
+            # Up to twice the threshold per group: a buffer just over it is not split into a runt group.
+            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=2 * ROW_GROUP_ROWS)
             self._pending.clear()
             self._pending_rows = 0
 

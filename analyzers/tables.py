@@ -25,15 +25,12 @@ import pyarrow as pa
 
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, DeviceEvents, MemorySource
 from analyzers.readers.sources import ProgressFn
+from kvtrace.format import ENGINE, ENGINE_REQUESTS, ENGINE_STEPS  # vLLM runs' optional files
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"kvtrace.schema_version"
 TABLE_KEY = b"kvtrace.table"
 
-# vLLM runs (docs/format.md, "vLLM runs"): optional files of a run directory.
-ENGINE = "engine.json"
-ENGINE_STEPS = "engine_steps.jsonl"
-ENGINE_REQUESTS = "engine_requests.jsonl"
 
 # Inside a plain folder, files with these names are inputs; other names must be given explicitly.
 _SEARCHED_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz", ".pickle")

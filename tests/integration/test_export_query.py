@@ -1,0 +1,238 @@
+"""`kvtrace export` + `kvtrace query` on real files: kvtrace's sample runs, a real Chrome trace and a real
+CUDA snapshot. Row counts are counted from the raw files here; SQL sums are checked against
+`kvtrace report --json` and against the same Parquet files read back with pyarrow."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from kvtrace.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "sample_traces"
+RUNS = ("dynamic_b2", "static_b2", "sliding_b2")
+REAL = ROOT.parent / "shared" / "real_traces"
+TRACE = REAL / "chrome" / "worker0.1623143089861.pt.trace.json.gz"
+SNAPSHOT = REAL / "snapshots" / "memory_snapshot.pickle"
+NEW_TOKENS, BATCH = 16, 2
+
+pytestmark = pytest.mark.skipif(not TRACE.exists() or not SNAPSHOT.exists(), reason="../shared/real_traces")
+
+# Live bytes after each memory event, per device: the device's baseline plus the running sum of deltas.
+PEAK_SQL = """
+WITH running AS (
+  SELECT m.run_id, m.device,
+         d.baseline_bytes + sum(m.delta_bytes) OVER (PARTITION BY m.run_id, m.device ORDER BY m.seq) AS live
+  FROM memory_events m JOIN devices d USING (run_id, device))
+SELECT run_id, device, max(live) AS peak, count(*) FILTER (WHERE live IS NOT NULL) AS events
+FROM running GROUP BY run_id, device ORDER BY run_id, device
+"""
+# The KV log replayed in SQL: a storage counts from its first event (or its first after a `freed` of the
+# same address: addresses are reused) until its `freed`; final = before the teardown (`end`) events.
+KV_SQL = """
+WITH ev AS (
+  SELECT run_id, seq, phase, event, storage_bytes,
+         lag(event) OVER (PARTITION BY run_id, addr ORDER BY seq) AS before
+  FROM kv_events WHERE addr <> 0),
+delta AS (
+  SELECT run_id, seq, phase,
+         CASE WHEN event = 'freed' THEN -storage_bytes
+              WHEN event <> 'written' AND (before IS NULL OR before = 'freed') THEN storage_bytes
+              ELSE 0 END AS kv_delta
+  FROM ev),
+live AS (SELECT run_id, phase, kv_delta, sum(kv_delta) OVER (PARTITION BY run_id ORDER BY seq) AS kv_live
+         FROM delta)
+SELECT run_id, max(kv_live) AS kv_peak, sum(kv_delta) FILTER (WHERE phase <> 'end') AS kv_final
+FROM live GROUP BY run_id ORDER BY run_id
+"""
+
+
+class _BuiltinsOnly(pickle.Unpickler):
+    """The test's own reader of the snapshot: builtin containers only, any global refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"global {module}.{name} refused")
+
+
+def _memory_events_in_trace(path: Path) -> dict[str, int]:
+    """`[memory]` events per device, counted from the raw Chrome trace JSON."""
+    events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+    counts: dict[str, int] = {}
+    for ev in events:
+        if ev.get("name") == "[memory]":
+            args = ev["args"]
+            device = "cpu" if args["Device Type"] == 0 else f"cuda:{args['Device Id']}"
+            counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
+def _snapshot_alloc_free_entries(path: Path) -> int:
+    snapshot = _BuiltinsOnly(io.BytesIO(path.read_bytes())).load()
+    actions = ("alloc", "free_completed", "free")
+    return sum(1 for trace in snapshot["device_traces"] for e in trace if e["action"] in actions)
+
+
+def _cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    capsys.readouterr()
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The three sample runs, the trace and the snapshot exported once; run_id of each."""
+    work = tmp_path_factory.mktemp("export")
+    for name in RUNS:
+        shutil.copytree(SAMPLES / name, work / "runs" / name)
+    shutil.copy(TRACE, work / TRACE.name)
+    shutil.copy(SNAPSHOT, work / SNAPSHOT.name)
+    out = work / "tables"
+    argv = ["export", str(work / "runs"), str(work / TRACE.name), str(work / SNAPSHOT.name), "-o", str(out)]
+    assert main([*argv, "--json", "-q"]) == 0
+    ids = {name: f"{(work / 'runs').as_posix()}/{name}" for name in RUNS}
+    ids["trace"] = (work / TRACE.name).as_posix()
+    ids["snapshot"] = (work / SNAPSHOT.name).as_posix()
+    return out, ids
+
+
+def test_row_counts_equal_the_sources_event_counts(
+    exported: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, ids = exported
+    rows = _cli_json(
+        capsys, "query", str(out), "--json",
+        "SELECT run_id, device, count(*) AS n FROM memory_events GROUP BY ALL ORDER BY ALL",
+    )  # fmt: skip
+    memory = {(r["run_id"], r["device"]): r["n"] for r in rows}
+    kv_rows = _cli_json(
+        capsys, "query", str(out), "--json", "SELECT run_id, count(*) AS n FROM kv_events GROUP BY 1"
+    )
+    kv = {r["run_id"]: r["n"] for r in kv_rows}
+    sample_rows = _cli_json(
+        capsys, "query", str(out), "--json", "SELECT run_id, count(*) AS n FROM samples GROUP BY 1"
+    )
+    samples = {r["run_id"]: r["n"] for r in sample_rows}
+    for name in RUNS:
+        run = SAMPLES / name
+        assert kv[ids[name]] == len((run / "kv_events.jsonl").read_text().splitlines())
+        assert samples[ids[name]] == len((run / "memory_samples.jsonl").read_text().splitlines())
+        (trace,) = sorted((run / "profiler").glob("*.pt.trace.json.gz"))
+        for device, n in _memory_events_in_trace(trace).items():
+            assert memory[(ids[name], device)] == n
+    for device, n in _memory_events_in_trace(TRACE).items():
+        assert memory[(ids["trace"], device)] == n
+    assert memory[(ids["snapshot"], "cuda:0")] == _snapshot_alloc_free_entries(SNAPSHOT) > 0
+    runs = _cli_json(
+        capsys, "query", str(out), "--json", "SELECT run_id, source_kind FROM runs ORDER BY run_id"
+    )
+    assert {r["run_id"]: r["source_kind"] for r in runs} == {
+        **{ids[name]: "run" for name in RUNS},
+        ids["trace"]: "chrome_trace",
+        ids["snapshot"]: "snapshot",
+    }
+
+
+def test_query_sums_equal_the_report(
+    exported: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, ids = exported
+    peaks = {
+        (r["run_id"], r["device"]): r["peak"]
+        for r in _cli_json(capsys, "query", str(out), PEAK_SQL, "--json")
+    }
+    kv = {r["run_id"]: r for r in _cli_json(capsys, "query", str(out), KV_SQL, "--json")}
+    for key, path in [*((name, SAMPLES / name) for name in RUNS), ("trace", TRACE), ("snapshot", SNAPSHOT)]:
+        report = _cli_json(capsys, "report", str(path), "--json", "--no-export", "-q")
+        for device in report["devices"]:
+            assert peaks[(ids[key], device["device"])] == device["peak_allocated_bytes"], (key, device)
+        if key in RUNS:
+            assert kv[ids[key]]["kv_peak"] == report["kv"]["peak_bytes"]
+            assert kv[ids[key]]["kv_final"] == report["kv"]["final_bytes"]
+    # And the KV arithmetic, independent of any code: layers x 2 x kv_heads x head_dim x tokens x batch x 4.
+    manifest = json.loads((SAMPLES / "dynamic_b2" / "manifest.json").read_text())["model"]
+    first = json.loads((SAMPLES / "dynamic_b2" / "kv_events.jsonl").read_text().splitlines()[0])
+    per_token = manifest["num_layers"] * 2 * manifest["num_kv_heads"] * manifest["head_dim"] * 4
+    assert kv[ids["dynamic_b2"]]["kv_final"] == per_token * (first["shape"][2] + NEW_TOKENS - 1) * BATCH
+
+
+def test_pyarrow_reads_the_same_answers_as_duckdb(
+    exported: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = exported
+    peaks = {(r["run_id"], r["device"]): r for r in _cli_json(capsys, "query", str(out), PEAK_SQL, "--json")}
+    events = pq.read_table(out / "memory_events").to_pydict()
+    devices = pq.read_table(out / "devices").to_pylist()
+    assert pq.read_schema(next((out / "memory_events").glob("*.parquet"))).metadata[b"kvtrace.schema_version"]
+    run_ids = np.array(events["run_id"])
+    device_names = np.array(events["device"])
+    deltas = np.array(events["delta_bytes"], dtype=np.int64)
+    seq = np.array(events["seq"], dtype=np.int64)
+    checked = 0
+    for dev in devices:
+        mask = (run_ids == dev["run_id"]) & (device_names == dev["device"])
+        if not mask.any():
+            continue
+        order = np.argsort(seq[mask], kind="stable")
+        live = dev["baseline_bytes"] + np.cumsum(deltas[mask][order])
+        duck = peaks[(dev["run_id"], dev["device"])]
+        assert int(live.max()) == duck["peak"]
+        assert int(mask.sum()) == duck["events"]
+        checked += 1
+    assert checked == len(peaks) >= 6
+    kv = pq.read_table(out / "kv_events").to_pydict()
+    totals = _cli_json(
+        capsys, "query", str(out), "--json", "SELECT sum(storage_bytes) AS s, count(*) AS n FROM kv_events"
+    )
+    assert totals == [{"s": sum(kv["storage_bytes"]), "n": len(kv["run_id"])}]
+
+
+def test_csv_and_text_output(
+    exported: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, ids = exported
+    capsys.readouterr()
+    sql = "SELECT run_id, count(*) AS n FROM kv_events GROUP BY 1 ORDER BY 1"
+    assert main(["query", str(out), sql, "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "run_id,n"
+    assert f"{ids['static_b2']},136" in lines and len(lines) == 4
+    assert main(["query", str(out), sql]) == 0
+    text = capsys.readouterr().out
+    assert "(3 rows)" in text and "136" in text
+
+
+@pytest.mark.slow
+def test_export_of_a_thousand_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN 1,000 copies of one small run (its KV log and samples; no profiler trace, to stay quick)
+    source = SAMPLES / "static_b2"
+    kv_lines = len((source / "kv_events.jsonl").read_text().splitlines())
+    for i in range(1000):
+        run = tmp_path / "fleet" / f"night-{i // 100}" / f"run-{i:04d}"
+        run.mkdir(parents=True)
+        for name in ("manifest.json", "kv_events.jsonl", "memory_samples.jsonl", "weights.jsonl"):
+            shutil.copy(source / name, run / name)
+    # WHEN the folder is exported THEN every run is one row and every KV event is there, in one part
+    summary = _cli_json(
+        capsys, "export", str(tmp_path / "fleet"), "-o", str(tmp_path / "out"), "--json", "-q"
+    )
+    assert summary["exported"] == 1000 and summary["skipped"] == []
+    assert summary["rows"]["runs"] == 1000
+    assert summary["rows"]["kv_events"] == 1000 * kv_lines
+    assert sorted(p.name for p in (tmp_path / "out" / "kv_events").iterdir()) == ["part-00000.parquet"]
+    rows = _cli_json(
+        capsys, "query", str(tmp_path / "out"), "--json",
+        "SELECT count(DISTINCT run_id) AS runs, count(*) AS kv FROM kv_events",
+    )  # fmt: skip
+    assert rows == [{"runs": 1000, "kv": 1000 * kv_lines}]
+    # Row groups were written as they filled, not one per run.
+    assert pq.ParquetFile(tmp_path / "out" / "kv_events" / "part-00000.parquet").num_row_groups <= 2
