@@ -361,3 +361,22 @@ def held_at(run: EngineRun, step: int) -> list[HeldRequest]:
 def blocks_for(tokens: int, block_size: int) -> int:
     """Whole blocks that `tokens` tokens occupy (vLLM never shares a partial block between requests)."""
     return math.ceil(tokens / block_size) if tokens > 0 else 0
+
+
+def engine_of_source(source: Any, kv: Any) -> EngineFigures | None:
+    """The engine figures of a run directory's source (None for other inputs and runs without an engine).
+    Keeps the read files in `source.meta["engine"]` for the HTML panel, and makes the KV figures the pool's:
+    its layers are views of one storage, so the pool is counted once (`kv.peak_bytes` = its bytes)."""
+    if getattr(source, "kind", None) != "run":
+        return None
+    run = source.meta.get("engine") or read_engine(source.path)
+    if run is None:
+        return None
+    source.meta["engine"] = run
+    figures = engine_figures(run)
+    if run.info.kv_cache_bytes:
+        kv.peak_bytes = run.info.kv_cache_bytes
+        if kv.measured_from == "none" or not kv.final_bytes:
+            kv.final_bytes = run.info.kv_cache_bytes
+            kv.measured_from = "engine"
+    return figures

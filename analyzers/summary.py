@@ -68,6 +68,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     timelines: list[DeviceTimeline] = field(default_factory=list, repr=False)
     budget: dict[str, Any] | None = None  # analyzers.budget.BudgetCrossing.to_json() of a run's gpu_memory
+    engine: Any = None  # analyzers.engine.EngineFigures of a serving-engine (vLLM) run
 
     @property
     def main_device(self) -> DeviceSummary | None:
@@ -278,7 +279,11 @@ def summarize(source: MemorySource) -> Report:
     budget_bytes = budget_of(source)
     if budget_bytes is not None:
         budget = budget_crossing(source, timelines, budget_bytes).to_json()
+    from analyzers.engine import engine_of_source
+
+    engine = engine_of_source(source, kv)  # a vLLM run: kv.peak_bytes becomes the pool's storage
     return Report(
+        engine=engine,
         budget=budget,
         source_kind=source.kind,
         path=source.path,

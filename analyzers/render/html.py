@@ -177,6 +177,10 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
     plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-timeline")
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in report.notes)
     sections = "".join(extra_sections or [])
+    if report.engine is not None and source.meta.get("engine") is not None:
+        from analyzers.render.engine import engine_html_section
+
+        sections = engine_html_section(source.meta["engine"], report.engine) + sections
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>kvtrace: {html.escape(report.path)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px}} table.summary{{border-collapse:collapse}}

@@ -62,5 +62,14 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "geometry": report.geometry,
         "steps": report.steps,
         "oom": report.oom,
+        "engine": _engine_json(report),
         "notes": report.notes,
     }
+
+
+def _engine_json(report: Report) -> dict[str, Any] | None:
+    if report.engine is None:
+        return None
+    from analyzers.render.engine import engine_to_json
+
+    return engine_to_json(report.engine)

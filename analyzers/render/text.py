@@ -72,6 +72,10 @@ def report_to_text(report: Report) -> str:
                 f"    {layer.layer:>5} {layer.k_bytes:>12,} {layer.v_bytes:>12,} "
                 f"{layer.tokens:>8} {layer.evicted_tokens:>8}"
             )
+    if report.engine is not None:
+        from analyzers.render.engine import engine_text_lines
+
+        lines += engine_text_lines(report.engine)
     if report.oom:
         oom = report.oom
         lines.append(

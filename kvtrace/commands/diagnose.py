@@ -38,7 +38,24 @@ class DiagnoseCommand(Command):
         if not path.exists():
             raise KvtraceError(f"{path}: no such file or directory")
         budget = parse_size(args.budget) if args.budget is not None else None
+        if budget is None and path.is_dir() and _diagnose_engine_run(path, args.json):
+            return 0
         source, report = build_report(path)
         diagnosis = diagnose(source, report, budget_bytes=budget)
         print_result(args.json, lambda: diagnosis_to_json(diagnosis), lambda: diagnosis_to_text(diagnosis))
         return 0
+
+
+def _diagnose_engine_run(path: Path, as_json: bool) -> bool:
+    """A vLLM run that preempted or was refused at start: its engine diagnosis, priced in vLLM's knobs
+    (analyzers.planning.vllm_diagnose). False when the run has no engine, or nothing engine-specific."""
+    from analyzers.engine import read_engine
+    from analyzers.planning.vllm_diagnose import diagnose_engine
+    from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_json, vllm_diagnosis_to_text
+
+    run = read_engine(path)
+    diagnosis = diagnose_engine(run) if run is not None else None
+    if diagnosis is None:
+        return False
+    print_result(as_json, lambda: vllm_diagnosis_to_json(diagnosis), lambda: vllm_diagnosis_to_text(diagnosis))
+    return True

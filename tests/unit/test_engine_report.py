@@ -1,0 +1,56 @@
+"""`kvtrace report` and `kvtrace diagnose` on a hand-made vLLM run directory (tests/engine_files.py):
+the engine object in the JSON, the pool as the KV peak, the text section and the HTML pool panel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from analyzers.render.html import report_to_html
+from analyzers.render.json import report_to_json
+from analyzers.render.text import report_to_text
+from analyzers.report import build_report
+from kvtrace.cli import main
+from tests.engine_files import refused_engine, write_engine_run
+
+
+def _vllm_run(folder: Path, **kwargs) -> Path:
+    write_engine_run(folder, **kwargs)
+    manifest = {"format": "kvtrace-run", "schema_version": 1, "ended": {"status": "ok"}, "pid": 1}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_report_json_text_and_html(tmp_path: Path) -> None:
+    source, report = build_report(_vllm_run(tmp_path / "run"))
+    data = report_to_json(report)
+    engine = data["engine"]
+    assert engine["name"] == "vllm" and engine["version"] == "0.32.0"
+    assert (engine["num_blocks"], engine["block_size"], engine["kv_cache_bytes"]) == (5, 4, 640)
+    assert (engine["peak_blocks_used"], engine["preemptions"], engine["preempted_tokens"]) == (4, 1, 7)
+    assert engine["prefix_cache_evicted_blocks"] == 3
+    assert data["kv"]["peak_bytes"] == 640  # the pool's storage, counted once
+    text = report_to_text(report)
+    assert "KV pool: 5 blocks of 4 tokens" in text and "preemptions: 1" in text
+    page = report_to_html(source, report)
+    assert "kvtrace-engine-pool" in page and "preemption" in page and "req A" in page
+
+
+def test_a_hf_run_has_no_engine(tmp_path: Path) -> None:
+    folder = _vllm_run(tmp_path / "run")
+    for name in ("engine.json", "engine_steps.jsonl", "engine_requests.jsonl"):
+        (folder / name).unlink()
+    _, report = build_report(folder)
+    assert report_to_json(report)["engine"] is None
+
+
+def test_diagnose_cli_on_preemption_and_refusal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diagnose", str(_vllm_run(tmp_path / "pre")), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "preemption" and out["kv_cache_memory_bytes_needed"] == 896
+    refused = _vllm_run(tmp_path / "refused", engine=refused_engine(), steps=[], requests=[])
+    assert main(["diagnose", str(refused)]) == 0
+    text = capsys.readouterr().out
+    assert "refused to start" in text and "496" in text and "1.00 MiB" in text
