@@ -57,5 +57,7 @@ def _diagnose_engine_run(path: Path, as_json: bool) -> bool:
     diagnosis = diagnose_engine(run) if run is not None else None
     if diagnosis is None:
         return False
-    print_result(as_json, lambda: vllm_diagnosis_to_json(diagnosis), lambda: vllm_diagnosis_to_text(diagnosis))
+    print_result(
+        as_json, lambda: vllm_diagnosis_to_json(diagnosis), lambda: vllm_diagnosis_to_text(diagnosis)
+    )
     return True
