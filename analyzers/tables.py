@@ -287,11 +287,12 @@ def _devices_table(run_id: str, source: MemorySource) -> pa.Table:
     return records_table(DEVICES, run_id, rows)
 
 
-def _run_row(run_id: str, path: Path, source: MemorySource, counts: dict[str, int]) -> dict[str, Any]:
+def _run_row(
+    run_id: str, path: Path, source: MemorySource, engine: dict[str, Any], counts: dict[str, int]
+) -> dict[str, Any]:
     manifest = _dict(source.meta.get("manifest"))
     device, model = _dict(manifest.get("device")), _dict(manifest.get("model"))
     ended = _dict(manifest.get("ended"))
-    engine = _dict(source.meta.get("engine"))
     first_device = source.devices[0].device if source.devices else None
     oom = source.ooms[0] if source.ooms else None
     has_rank = _int(manifest.get("rank")) is not None
@@ -333,22 +334,21 @@ def _run_row(run_id: str, path: Path, source: MemorySource, counts: dict[str, in
     }
 
 
-def _read_engine_files(
-    run_path: Path, source: MemorySource
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """engine.json into `source.meta["engine"]`; the engine's step and request logs (vLLM runs only)."""
+def _read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """engine.json and the engine's step and request logs (vLLM runs only; empty otherwise)."""
     from kvtrace.errors import KvtraceError
     from kvtrace.format import _read_jsonl  # the format's one JSONL reader: tolerates a cut last line
 
+    engine: Any = {}
     engine_path = run_path / ENGINE
     if engine_path.is_file():
         try:
-            source.meta["engine"] = json.loads(engine_path.read_text(encoding="utf-8"))
+            engine = json.loads(engine_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise KvtraceError(f"{engine_path}: corrupt engine file ({type(exc).__name__})") from None
     steps, _ = _read_jsonl(run_path / ENGINE_STEPS)
     requests, _ = _read_jsonl(run_path / ENGINE_REQUESTS)
-    return steps, requests
+    return _dict(engine), steps, requests
 
 
 def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, pa.Table]:
@@ -359,12 +359,13 @@ def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, p
     run_id = inp.run_id
     tables: dict[str, pa.Table] = {}
     run = source.meta.get("run")
+    engine: dict[str, Any] = {}
     steps: list[dict[str, Any]] = []
     requests: list[dict[str, Any]] = []
     if run is not None:
         tables["kv_events"] = records_table(KV_EVENTS, run_id, [e.to_json() for e in run.kv_events])
         tables["samples"] = records_table(SAMPLES, run_id, run.memory_samples)
-        steps, requests = _read_engine_files(Path(inp.path), source)
+        engine, steps, requests = _read_engine_files(Path(inp.path))
         tables["engine_steps"] = records_table(ENGINE_STEPS_SCHEMA, run_id, steps)
         tables["engine_requests"] = records_table(ENGINE_REQUESTS_SCHEMA, run_id, requests)
     memory = [memory_events_table(run_id, dev) for dev in source.devices]
@@ -378,5 +379,5 @@ def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, p
         "engine_steps": len(steps),
     }
     # Coerced column by column: a manifest field of the wrong type becomes null, not an ArrowTypeError.
-    tables["runs"] = records_table(RUNS, run_id, [_run_row(run_id, inp.path, source, counts)])
+    tables["runs"] = records_table(RUNS, run_id, [_run_row(run_id, inp.path, source, engine, counts)])
     return {name: table for name, table in tables.items() if table.num_rows}

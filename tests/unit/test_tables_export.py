@@ -1,0 +1,149 @@
+"""`kvtrace export` / `query` / `load_tables` behaviour on small runs made from a sample: vLLM engine logs
+(hand-written to the docs/format.md contract), adding to an export, bad inputs, newer schemas."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import kvtrace
+from analyzers.report import build_report
+from kvtrace.cli import main
+
+SAMPLE = Path(__file__).resolve().parents[2] / "sample_traces" / "static_b2"
+ENGINE = {
+    "name": "vllm", "version": "0.32.0", "status": "ok", "process": "inproc",
+    "num_blocks": 32, "block_size": 32, "bytes_per_block": 32768, "kv_cache_bytes": 1048576,
+}  # fmt: skip
+STEPS = [
+    {"step": 1, "t_ns": 100, "blocks_total": 32, "blocks_used": 10, "blocks_free": 22, "blocks_cached": 4,
+     "running": 3, "waiting": 5, "tokens_scheduled": 128, "preempted": [], "prefix_evicted_blocks": 0,
+     "prefix_hits": 0, "prefix_queries": 0},
+    {"step": 2, "t_ns": 200, "blocks_total": 32, "blocks_used": 32, "blocks_free": 0, "blocks_cached": 0,
+     "running": 2, "waiting": 6, "tokens_scheduled": 64, "preempted": ["req-3", "req-7"],
+     "prefix_evicted_blocks": 2, "prefix_hits": 16, "prefix_queries": 64},
+]  # fmt: skip
+REQUESTS = [
+    {"t_ns": 150, "step": 2, "request_id": "3", "event": "preempted", "blocks": 0, "tokens": 0,
+     "prompt_tokens": 55, "output_tokens": 95, "dropped_blocks": 5, "dropped_tokens": 150},
+]  # fmt: skip
+
+
+def _small_run(path: Path) -> Path:
+    """The sample run without its profiler trace: its KV log, samples and weights (memory events then
+    come from the KV log's own alloc/free pairs)."""
+    path.mkdir(parents=True)
+    for name in ("manifest.json", "kv_events.jsonl", "memory_samples.jsonl", "weights.jsonl"):
+        shutil.copy(SAMPLE / name, path / name)
+    return path
+
+
+def _json_out(capsys: pytest.CaptureFixture[str], argv: list[str], status: int = 0) -> Any:
+    capsys.readouterr()
+    assert main(argv) == status
+    return json.loads(capsys.readouterr().out)
+
+
+def test_engine_steps_and_requests_of_a_vllm_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _small_run(tmp_path / "vllm_run")
+    (run / "engine.json").write_text(json.dumps(ENGINE))
+    (run / "engine_steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in STEPS))
+    (run / "engine_requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
+    out = tmp_path / "out"
+    summary = _json_out(capsys, ["export", str(run), "-o", str(out), "--json"])
+    assert summary["rows"]["engine_steps"] == 2 and summary["rows"]["engine_requests"] == 1
+    steps = pq.read_table(out / "engine_steps").to_pylist()
+    assert [{k: v for k, v in s.items() if k != "run_id"} for s in steps] == STEPS
+    rows = _json_out(
+        capsys,
+        ["query", str(out), "--json",
+         "SELECT r.kv_cache_bytes, r.num_blocks, max(s.blocks_used) AS peak_blocks,"
+         " sum(len(s.preempted)) AS preemptions FROM runs r JOIN engine_steps s USING (run_id) GROUP BY ALL"],
+    )  # fmt: skip
+    assert rows == [{"kv_cache_bytes": 1048576, "num_blocks": 32, "peak_blocks": 32, "preemptions": 2}]
+    (request,) = pq.read_table(out / "engine_requests").to_pylist()
+    assert request["dropped_tokens"] == 150 and request["recomputed_tokens"] is None
+
+
+def test_a_second_export_adds_a_part_and_skips_what_is_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = _small_run(tmp_path / "runs" / "a"), _small_run(tmp_path / "runs" / "b")
+    out = tmp_path / "out"
+    assert _json_out(capsys, ["export", str(first), "-o", str(out), "--json"])["part"] == 0
+    summary = _json_out(capsys, ["export", str(tmp_path / "runs"), "-o", str(out), "--json"])
+    assert (summary["part"], summary["exported"], summary["already_exported"]) == (1, 1, 1)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    rows = _json_out(capsys, ["query", str(out), "--json", "SELECT run_id FROM runs ORDER BY 1"])
+    assert [r["run_id"] for r in rows] == [first.as_posix(), second.as_posix()]
+    summary = _json_out(capsys, ["export", str(second), "-o", str(out), "--json", "--overwrite"])
+    assert summary["part"] == 0 and summary["rows"]["runs"] == 1
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00000.parquet"]
+
+
+def test_a_bad_input_is_skipped_named_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _small_run(tmp_path / "in" / "good")
+    bad = tmp_path / "in" / "cut.pickle"
+    bad.write_bytes(b"\x80\x04\x95\x10\x00\x00")  # a pickle that ends early
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "in"), "-o", str(out), "-q"]) == 2
+    captured = capsys.readouterr()
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 1 and str(bad) in warnings[0] and "Traceback" not in captured.err
+    assert pq.read_table(out / "runs").column("run_id").to_pylist() == [good.as_posix()]
+    assert main(["export", str(tmp_path / "missing"), "-o", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"kvtrace export: error: {tmp_path / 'missing'}: no such file or directory"
+    ]
+
+
+def test_query_refuses_newer_schemas_and_reports_sql_errors_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["export", str(_small_run(tmp_path / "r")), "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["query", str(out), "SELECT nope FROM runs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvtrace query: error: query failed:") and "nope" in err[0]
+    assert main(["query", str(tmp_path / "r" / "kv_events.jsonl"), "SELECT 1"]) == 2  # not an export
+    capsys.readouterr()
+    table = pq.read_table(out / "runs")
+    newer = table.replace_schema_metadata({b"kvtrace.schema_version": b"99", b"kvtrace.table": b"runs"})
+    pq.write_table(newer, out / "runs" / "part-00007.parquet")
+    assert main(["query", str(out), "SELECT count(*) FROM runs"]) == 2
+    assert "schema version 99 is newer" in capsys.readouterr().err
+
+
+def test_load_tables_reads_an_export_and_a_run_alike(tmp_path: Path) -> None:
+    run = _small_run(tmp_path / "r")
+    assert main(["export", str(run), "-o", str(tmp_path / "out"), "-q"]) == 0
+    from_export = kvtrace.load_tables(tmp_path / "out")
+    on_the_fly = kvtrace.load_tables(run)
+    for name in from_export:
+        assert from_export[name].equals(on_the_fly[name]), name
+    kv_lines = len((SAMPLE / "kv_events.jsonl").read_text().splitlines())
+    assert on_the_fly.kv_events.num_rows == kv_lines
+    assert on_the_fly.sql("SELECT count(*) AS n FROM kv_events").to_pylist() == [{"n": kv_lines}]
+    frames = on_the_fly.to_pandas()
+    assert len(frames["kv_events"]) == kv_lines and list(frames["runs"]["run_id"]) == [run.as_posix()]
+    assert isinstance(on_the_fly.runs, pa.Table) and "kv_events" in on_the_fly._repr_html_()
+
+
+def test_a_report_renders_in_a_notebook() -> None:
+    _, report = build_report(SAMPLE)
+    html = report._repr_html_()
+    assert html.count("<svg") == len(report.devices) == 1
+    assert str(SAMPLE) in html and "<script" not in html
+    # The final KV size from the geometry: layers x (K, V) x kv_heads x head_dim x tokens x batch x 4 B
+    model = json.loads((SAMPLE / "manifest.json").read_text())["model"]
+    shape = json.loads((SAMPLE / "kv_events.jsonl").read_text().splitlines()[0])["shape"]
+    kv_bytes = model["num_layers"] * 2 * model["num_kv_heads"] * model["head_dim"] * shape[2] * shape[0] * 4
+    assert f"<td>final</td><td>{kv_bytes / 1024:.2f} KiB</td>" in html
