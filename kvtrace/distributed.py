@@ -73,3 +73,10 @@ def run_path(out_dir: Path, facts: dict[str, Any] | None, overwrite: bool) -> Pa
         }
         fmt.write_json_atomic(out_dir / fmt.GROUP_MARKER, marker)
     return out_dir / f"{fmt.RANK_DIR_PREFIX}{rank}"
+
+
+def local_tensor(tensor: Any) -> Any:
+    """The shard this rank holds: a DTensor's local tensor (transformers' tensor-parallel weights are
+    DTensors, whose own storage is a wrapper without data), any other tensor as it is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor

@@ -23,7 +23,7 @@ import torch
 
 from kvtrace import format as fmt
 from kvtrace.cuda_snapshots import CudaSnapshots
-from kvtrace.distributed import rank_facts, run_path
+from kvtrace.distributed import local_tensor, rank_facts, run_path
 from kvtrace.errors import KvtraceError
 from kvtrace.geometry import model_geometry
 from kvtrace.integrations.hf_caches import HfCacheHooks
@@ -358,6 +358,7 @@ class Recording:
             import json
 
             for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+                tensor = local_tensor(tensor)  # a tensor-parallel weight (DTensor): this rank's shard
                 storage = tensor.untyped_storage()
                 addr = storage.data_ptr()
                 if addr in seen or addr in exclude or storage.nbytes() == 0:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_result, write_html
 from kvtrace.errors import KvtraceError
+from kvtrace.format import is_run_group
 
 
 class CompareCommand(Command):
@@ -38,10 +40,33 @@ class CompareCommand(Command):
         labels = [p.name or str(p) for p in paths]
         if len(set(labels)) < len(labels):
             labels = [str(p) for p in paths]
-        comparison = compare([build_report(p) for p in paths], labels)
+        if any(is_run_group(p) for p in paths):
+            comparison = self._with_groups(paths, labels)
+        else:
+            comparison = compare([build_report(p) for p in paths], labels)
         print_result(
             args.json, lambda: comparison_to_json(comparison), lambda: comparison_to_text(comparison)
         )
         if args.output:
             write_html(args.output, comparison_to_html(comparison), quiet=args.json)
         return 0
+
+    @staticmethod
+    def _with_groups(paths: list[Path], labels: list[str]) -> Any:
+        """Run groups compare by their totals (KV summed over ranks, the peak rank's peak); when every input
+        is a group of the same world size, rank by rank too (`<label>/rank-<r>` columns)."""
+        from analyzers.compare import Comparison, run_figures
+        from analyzers.group import GroupReport, build_group_report, group_figures, rank_figures
+        from analyzers.report import build_report
+
+        inputs = [build_group_report(p) if is_run_group(p) else build_report(p) for p in paths]
+        rows = [
+            group_figures(item, label) if isinstance(item, GroupReport) else run_figures(*item, label)
+            for item, label in zip(inputs, labels, strict=True)
+        ]
+        groups = [item for item in inputs if isinstance(item, GroupReport)]
+        sizes = {(g.world_size, tuple(r.rank for r in g.ranks)) for g in groups}
+        if len(groups) == len(inputs) and len(sizes) == 1:
+            per_group = [rank_figures(g, label) for g, label in zip(groups, labels, strict=True)]
+            rows += [row for ranks in zip(*per_group, strict=True) for row in ranks]
+        return Comparison(tuple(rows))

@@ -8,6 +8,7 @@ from pathlib import Path
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
+from kvtrace.format import is_run_group
 
 
 class DiagnoseCommand(Command):
@@ -38,11 +39,30 @@ class DiagnoseCommand(Command):
         if not path.exists():
             raise KvtraceError(f"{path}: no such file or directory")
         budget = parse_size(args.budget) if args.budget is not None else None
+        if is_run_group(path):
+            return self._run_group(path, args.json, budget)
         if budget is None and path.is_dir() and _diagnose_engine_run(path, args.json):
             return 0
         source, report = build_report(path)
         diagnosis = diagnose(source, report, budget_bytes=budget)
         print_result(args.json, lambda: diagnosis_to_json(diagnosis), lambda: diagnosis_to_text(diagnosis))
+        return 0
+
+    @staticmethod
+    def _run_group(path: Path, as_json: bool, budget: int | None) -> int:
+        """A run group: the rank that ran out, else the first that failed, else the one that peaked."""
+        from analyzers.group import build_group_report
+        from analyzers.planning.diagnose import diagnose
+        from analyzers.render.group import group_diagnosis_to_json, group_diagnosis_to_text
+
+        group = build_group_report(path)
+        focus = group.rank(group.focus_rank)
+        diagnosis = diagnose(focus.source, focus.report, budget_bytes=budget)
+        print_result(
+            as_json,
+            lambda: group_diagnosis_to_json(group, diagnosis),
+            lambda: group_diagnosis_to_text(group, diagnosis),
+        )
         return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_result, write_html
 from kvtrace.errors import KvtraceError
+from kvtrace.format import is_run_group
 
 
 def progress_bar(label: str, quiet: bool):
@@ -64,6 +65,8 @@ class ReportCommand(Command):
         path = Path(args.path)
         if not path.exists():
             raise KvtraceError(f"{path}: no such file or directory")
+        if is_run_group(path):
+            return self._run_group(path, args)
         update, close = progress_bar(f"reading {path.name}", args.quiet)
         try:
             source, report = build_report(path, progress=update)
@@ -86,6 +89,23 @@ class ReportCommand(Command):
                 if diagnosis_html_for is not None:
                     sections.append(diagnosis_html_for(source, report))
             write_html(out, report_to_html(source, report, sections), quiet=args.json)
+        return 0
+
+    @staticmethod
+    def _run_group(path: Path, args: argparse.Namespace) -> int:
+        """A run group (one run directory per rank): the ranks side by side, KV summed over ranks."""
+        from analyzers.group import build_group_report
+        from analyzers.render.group import group_report_to_html, group_report_to_json, group_report_to_text
+
+        update, close = progress_bar(f"reading {path.name}", args.quiet)
+        try:
+            group = build_group_report(path, progress=update)
+        finally:
+            if close is not None:
+                close()
+        print_result(args.json, lambda: group_report_to_json(group), lambda: group_report_to_text(group))
+        if args.output:
+            write_html(Path(args.output), group_report_to_html(group), quiet=args.json)
         return 0
 
     @staticmethod

@@ -1,0 +1,223 @@
+"""A run group's figures: each rank's report, the KV summed over ranks, and which rank to look at.
+
+Definitions, so that a group's JSON reads the same whatever the parallelism:
+
+* KV bytes (peak, final, allocated over the run, per layer K and V) are the sum over ranks: what the
+  whole job holds. Peaks are summed as they are, although ranks may peak at different moments.
+* Token counts (tokens held, evicted tokens, batch) are the largest rank's: tensor-parallel ranks hold the
+  same tokens, each for its own KV heads, so adding them up would count each token once per rank.
+* The group's memory peak (`peak_allocated_bytes`, `categories_at_peak`) is the peak rank's: the device
+  that runs out first.
+* The rank to diagnose (`focus`): the rank that ran out of memory, else the first rank that raised or
+  died, else the rank that peaked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from analyzers.attribution import attribute
+from analyzers.compare import RunFigures, run_figures
+from analyzers.model import MemorySource
+from analyzers.readers.run_group import RankRun, read_run_group
+from analyzers.readers.sources import ProgressFn
+from analyzers.summary import KvSummary, LayerSummary, Report, summarize
+
+__all__ = ["GroupReport", "RankReport", "build_group_report", "group_figures", "load_group_focus"]
+
+
+@dataclass
+class RankReport:
+    rank: int
+    world_size: int | None
+    path: str
+    status: str  # ok | exception | interrupted | running (the process died)
+    local_rank: int | None
+    hostname: str | None
+    ended: dict[str, Any]
+    source: MemorySource = field(repr=False)
+    report: Report = field(repr=False)
+
+    @property
+    def device(self) -> str | None:
+        main = self.report.main_device
+        return main.device if main is not None else None
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        main = self.report.main_device
+        return main.peak_allocated_bytes if main is not None else 0
+
+
+@dataclass
+class GroupReport:
+    path: str
+    world_size: int | None
+    ranks: list[RankReport]
+    total: Report  # the group as one report: every rank's devices, KV summed over ranks
+    peak_rank: int | None
+    oom_rank: int | None
+    failed_ranks: list[int]
+    missing_ranks: list[int]
+    focus_rank: int
+    focus_reason: str  # "ran out of memory" | "raised <Type>" | "never finished" | "peaked"
+    notes: list[str] = field(default_factory=list)
+
+    def rank(self, rank: int) -> RankReport:
+        return next(r for r in self.ranks if r.rank == rank)
+
+
+def _rank_report(run: RankRun) -> RankReport:
+    source = attribute(run.source)
+    manifest = run.manifest
+    world_size = manifest.get("world_size")
+    local_rank = manifest.get("local_rank")
+    return RankReport(
+        rank=run.rank,
+        world_size=world_size if isinstance(world_size, int) else None,
+        path=str(run.path),
+        status=run.status,
+        local_rank=local_rank if isinstance(local_rank, int) else None,
+        hostname=manifest.get("hostname"),
+        ended=dict(manifest.get("ended") or {}),
+        source=source,
+        report=summarize(source),
+    )
+
+
+def _sum_kv(kvs: list[KvSummary]) -> KvSummary:
+    layers: dict[int, LayerSummary] = {}
+    for kv in kvs:
+        for item in kv.per_layer:
+            into = layers.setdefault(item.layer, LayerSummary(item.layer, 0, 0, 0, 0))
+            into.k_bytes += item.k_bytes
+            into.v_bytes += item.v_bytes
+            into.evicted_tokens = max(into.evicted_tokens, item.evicted_tokens)
+            into.tokens = max(into.tokens, item.tokens)
+    methods = sorted({kv.measured_from for kv in kvs})
+    tokens_held = max((kv.tokens_held for kv in kvs if kv.tokens_held is not None), default=None)
+    batch = max((kv.batch for kv in kvs if kv.batch is not None), default=None)
+    final = sum(kv.final_bytes for kv in kvs)
+    evictions = [kv.evictions for kv in kvs if kv.evictions]
+    return KvSummary(
+        peak_bytes=sum(kv.peak_bytes for kv in kvs),
+        final_bytes=final,
+        allocated_bytes_total=sum(kv.allocated_bytes_total for kv in kvs),
+        evicted_tokens=max((kv.evicted_tokens for kv in kvs), default=0),
+        per_layer=[layers[k] for k in sorted(layers)],
+        measured_from=methods[0] if len(methods) == 1 else "+".join(methods),
+        bytes_per_token_measured=(final / (tokens_held * batch)) if tokens_held and batch else None,
+        bytes_per_token_expected=next(
+            (kv.bytes_per_token_expected for kv in kvs if kv.bytes_per_token_expected is not None), None
+        ),
+        tokens_held=tokens_held,
+        batch=batch,
+        evictions={
+            "events": sum(int(e["events"]) for e in evictions),
+            "claimed_bytes": sum(int(e["claimed_bytes"]) for e in evictions),
+            "freed_bytes": sum(int(e["freed_bytes"]) for e in evictions),
+            "per_layer": [],
+            "freed_nothing": [],
+        }
+        if evictions
+        else None,
+    )
+
+
+def _focus(ranks: list[RankReport], oom_rank: int | None, peak_rank: int | None) -> tuple[int, str]:
+    if oom_rank is not None:
+        return oom_rank, "ran out of memory"
+    failed = [r for r in ranks if r.status != "ok"]
+    if failed:
+        # The first to fail: the others often fail after it, waiting on a collective it never joined.
+        first = min(failed, key=lambda r: (r.ended.get("t_ns") or float("inf"), r.rank))
+        if first.status == "running":
+            return first.rank, "never finished (the process died)"
+        return first.rank, f"raised {first.ended.get('type') or first.status}"
+    assert peak_rank is not None
+    return peak_rank, "peaked"
+
+
+def _total(path: str, ranks: list[RankReport]) -> Report:
+    devices = [
+        dataclasses.replace(dev, device=f"rank{r.rank}/{dev.device}")
+        for r in ranks
+        for dev in r.report.devices
+    ]
+    first = ranks[0].report
+    ooms = [r for r in ranks if r.report.oom is not None]
+    oom = {**ooms[0].report.oom, "rank": ooms[0].rank} if ooms else None  # type: ignore[dict-item]
+    notes = [f"rank {r.rank}: {note}" for r in ranks for note in r.report.notes]
+    return Report(
+        source_kind="run_group",
+        path=path,
+        devices=devices,
+        kv=_sum_kv([r.report.kv for r in ranks]),
+        geometry=first.geometry,
+        steps=max(r.report.steps for r in ranks),
+        markers=sum(r.report.markers for r in ranks),
+        oom=oom,
+        notes=notes,
+    )
+
+
+def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> GroupReport:
+    """Read, attribute and summarize every rank of the group at `path`."""
+    group = read_run_group(path, progress=progress)
+    ranks = [_rank_report(run) for run in group.ranks]
+    peak = max(ranks, key=lambda r: (r.peak_allocated_bytes, -r.rank))
+    ooms = [r for r in ranks if r.report.oom is not None]
+    oom_rank = min(ooms, key=lambda r: (r.report.oom or {}).get("time") or 0.0).rank if ooms else None
+    focus_rank, reason = _focus(ranks, oom_rank, peak.rank)
+    total = _total(str(group.path), ranks)
+    return GroupReport(
+        path=str(group.path),
+        world_size=group.world_size,
+        ranks=ranks,
+        total=total,
+        peak_rank=peak.rank,
+        oom_rank=oom_rank,
+        failed_ranks=[r.rank for r in ranks if r.status != "ok"],
+        missing_ranks=group.missing_ranks,
+        focus_rank=focus_rank,
+        focus_reason=reason,
+        notes=group.notes + total.notes,
+    )
+
+
+def load_group_focus(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
+    """The attributed source of the rank to look at (see `focus`), for callers that take one input."""
+    group = build_group_report(path, progress=progress)
+    focus = group.rank(group.focus_rank)
+    focus.source.meta["run_group"] = {
+        "path": group.path,
+        "rank": focus.rank,
+        "reason": group.focus_reason,
+        "world_size": group.world_size,
+    }
+    return focus.source
+
+
+def group_figures(group: GroupReport, label: str) -> RunFigures:
+    """The group's row in `kvtrace compare`: KV summed over ranks, step by step; the peak rank's peak."""
+    base = group.ranks[0]
+    figures = run_figures(base.source, group.total, label)
+    by_step: dict[int, int] = {}
+    for rank in group.ranks:
+        kv_log = rank.source.meta.get("kv")
+        if kv_log is None:
+            continue
+        for step, live in kv_log.step_live.items():
+            by_step[step] = by_step.get(step, 0) + sum(live.values())
+    steps = tuple(sorted(by_step))
+    return dataclasses.replace(
+        figures, path=group.path, step_axis=steps, kv_by_step=tuple(by_step[s] for s in steps)
+    )
+
+
+def rank_figures(group: GroupReport, label: str) -> list[RunFigures]:
+    """One row per rank, labelled `<label>/rank-<r>`, for comparing groups of the same world size."""
+    return [run_figures(r.source, r.report, f"{label}/rank-{r.rank}") for r in group.ranks]

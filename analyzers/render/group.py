@@ -1,0 +1,252 @@
+"""A run group as JSON, terminal text and one offline HTML page. Formatting only: every figure comes from
+`analyzers.group` (the single-run renderers format the group's summed `total`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+from typing import Any
+
+import numpy as np
+
+from analyzers.group import GroupReport, RankReport
+from analyzers.planning.diagnose import Diagnosis
+from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
+from analyzers.render.json import report_to_json
+from analyzers.render.text import report_to_text
+from analyzers.timeline import downsample_indices
+from analyzers.units import human_bytes
+
+__all__ = [
+    "group_diagnosis_to_json",
+    "group_diagnosis_to_text",
+    "group_report_to_html",
+    "group_report_to_json",
+    "group_report_to_text",
+]
+
+MAX_POINTS = 5_000  # per rank and series: a page of 64 ranks stays light
+_COLORS = {"kv": "#d62728", "weights": "#1f77b4", "other": "#7f7f7f"}
+
+
+def group_report_to_json(group: GroupReport) -> dict[str, Any]:
+    """The single-run fields for the whole group (KV summed over ranks, the peak rank's memory peak; see
+    analyzers.group), plus `ranks` and which rank peaked, ran out or failed."""
+    data = report_to_json(group.total)
+    device_ranks = [r.rank for r in group.ranks for _ in r.report.devices]
+    for entry, rank in zip(data["devices"], device_ranks, strict=True):
+        entry["rank"] = rank
+    data["world_size"] = group.world_size
+    data["ranks"] = [
+        {
+            "rank": r.rank,
+            "world_size": r.world_size,
+            "local_rank": r.local_rank,
+            "hostname": r.hostname,
+            "device": r.device,
+            "status": r.status,
+            "ended": r.ended,
+            "path": r.path,
+            "peak_allocated_bytes": r.peak_allocated_bytes,
+            "steps": r.report.steps,
+            "oom": r.report.oom,
+            "kv": report_to_json(r.report)["kv"],
+        }
+        for r in group.ranks
+    ]
+    data["peak_rank"] = group.peak_rank
+    data["oom_rank"] = group.oom_rank
+    data["failed_ranks"] = group.failed_ranks
+    data["missing_ranks"] = group.missing_ranks
+    data["focus"] = {"rank": group.focus_rank, "reason": group.focus_reason}
+    data["notes"] = group.notes
+    return data
+
+
+def _rank_mark(group: GroupReport, rank: RankReport) -> str:
+    if rank.rank == group.oom_rank:
+        return "ran out of memory"
+    if rank.rank in group.failed_ranks:
+        return str(rank.ended.get("type") or rank.status)
+    return "peak" if rank.rank == group.peak_rank else ""
+
+
+def group_report_to_text(group: GroupReport) -> str:
+    """The ranks side by side, then the whole group as one report (KV summed over ranks)."""
+    lines = [f"kvtrace report: {group.path} (run group, world size {group.world_size or '?'})"]
+    header = ("rank", "status", "device", "peak", "KV final", "KV peak")
+    lines.append("  {:>5}  {:<11}  {:<10}  {:>11}  {:>11}  {:>11}".format(*header))
+    for r in group.ranks:
+        mark = _rank_mark(group, r)
+        lines.append(
+            f"  {r.rank:>5}  {r.status:<11}  {r.device or '-':<10}  {human_bytes(r.peak_allocated_bytes):>11}"
+            f"  {human_bytes(r.report.kv.final_bytes):>11}  {human_bytes(r.report.kv.peak_bytes):>11}"
+            + (f"  <- {mark}" if mark else "")
+        )
+    for rank in group.missing_ranks:
+        lines.append(f"  {rank:>5}  (no run)")
+    lines.append(f"  look at rank {group.focus_rank}: it {group.focus_reason} (`kvtrace diagnose` says why)")
+    for note in group.notes:
+        lines.append(f"  note: {note}")
+    total = report_to_text(dataclasses.replace(group.total, notes=[]))
+    lines += ["", total.replace("(run_group)", "(all ranks, KV summed over ranks)", 1)]
+    return "\n".join(lines)
+
+
+def _group_figure(group: GroupReport) -> Any:
+    """One row per rank, all on one time axis (seconds from the group's first event; ranks share the Unix
+    clock): memory by category, allocated, the exact KV log, and where a rank failed."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    ranks = group.ranks
+    titles = [f"rank {r.rank} ({r.device or '-'}, {r.status})" for r in ranks]
+    fig = make_subplots(
+        rows=len(ranks), cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.04
+    )
+    starts = [float(tl.ts_us[0]) for r in ranks for tl in r.report.timelines if len(tl.ts_us)]
+    t0 = min(starts, default=0.0)
+    for row, r in enumerate(ranks, start=1):
+        first = row == 1
+        for tl in r.report.timelines:
+            if len(tl.ts_us) == 0:
+                continue
+            keep = downsample_indices(tl.allocated, MAX_POINTS)
+            x = (tl.ts_us[keep] - t0) / 1e6
+            for name in ("weights", "kv", "other"):
+                fig.add_trace(
+                    go.Scatter(
+                        x=x,
+                        y=tl.by_category[name][keep],
+                        name=name,
+                        legendgroup=name,
+                        showlegend=first,
+                        stackgroup=f"r{r.rank}{tl.device}",
+                        line={"width": 0.5, "color": _COLORS[name]},
+                        hovertemplate=f"rank {r.rank} {name}: %{{y:,}} B",
+                    ),
+                    row,
+                    1,
+                )
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=tl.allocated[keep],
+                    name="allocated",
+                    legendgroup="allocated",
+                    showlegend=first,
+                    line={"color": "black", "width": 1},
+                ),
+                row,
+                1,
+            )
+        kv = r.source.meta.get("kv")
+        if kv is not None and len(kv.series_bytes):
+            series = np.asarray(kv.series_bytes, dtype=np.int64)
+            keep = downsample_indices(series, MAX_POINTS)
+            x = (np.asarray(kv.series_t_ns, dtype=np.float64)[keep] / 1000.0 - t0) / 1e6
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=series[keep],
+                    name="KV (log)",
+                    legendgroup="kvlog",
+                    showlegend=first,
+                    line={"color": _COLORS["kv"], "shape": "hv", "dash": "dot"},
+                    hovertemplate=f"rank {r.rank} KV: %{{y:,}} B",
+                ),
+                row,
+                1,
+            )
+        end_ns = r.ended.get("t_ns")
+        if r.status != "ok" and isinstance(end_ns, (int, float)):
+            fig.add_vline(x=(end_ns / 1000.0 - t0) / 1e6, line_color="red", line_dash="dash", row=row, col=1)
+        fig.update_yaxes(title_text="bytes", row=row, col=1)
+    fig.update_xaxes(title_text="seconds from the group's first event", row=len(ranks), col=1)
+    fig.update_layout(
+        height=160 + 260 * len(ranks), template="plotly_white", legend={"orientation": "h"}, margin={"t": 60}
+    )
+    return fig
+
+
+def group_report_to_html(group: GroupReport) -> str:
+    """One self-contained page: a table of the ranks, then the ranks side by side on one time axis."""
+    from plotly.offline import get_plotlyjs
+
+    esc = html.escape
+    head = "".join(
+        f"<th>{c}</th>" for c in ("rank", "status", "device", "peak allocated", "KV final", "KV peak", "")
+    )
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{esc(str(c))}</td>"
+            for c in (
+                r.rank,
+                r.status,
+                r.device or "-",
+                human_bytes(r.peak_allocated_bytes),
+                human_bytes(r.report.kv.final_bytes),
+                human_bytes(r.report.kv.peak_bytes),
+                _rank_mark(group, r),
+            )
+        )
+        + "</tr>"
+        for r in group.ranks
+    )
+    total = group.total.kv
+    summary = (
+        f"<p>world size {group.world_size or '?'}; KV final over all ranks {human_bytes(total.final_bytes)}, "
+        f"KV peak {human_bytes(total.peak_bytes)}; look at rank {group.focus_rank}: it "
+        f"{esc(group.focus_reason)}.</p>"
+    )
+    notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in group.notes)
+    plot = _group_figure(group).to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-ranks")
+    title = f"kvtrace: {group.path}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:24px}} table{{border-collapse:collapse}}
+th,td{{padding:2px 10px;border-bottom:1px solid #ddd}} td{{font-family:monospace;text-align:right}}
+.note{{color:#a60}}</style>
+<script type="text/javascript">{get_plotlyjs()}</script></head>
+<body><h1>{esc(title)}</h1>{summary}{notes}<table><tr>{head}</tr>{rows}</table>{plot}</body></html>
+"""
+
+
+def _group_line(group: GroupReport) -> str:
+    focus = group.rank(group.focus_rank)
+    message = str(focus.ended.get("message") or "")
+    said = f": {message.splitlines()[0][:200]}" if message and focus.status != "ok" else ""
+    return (
+        f"run group {group.path} (world size {group.world_size or '?'}): diagnosing rank {focus.rank}, "
+        f"which {group.focus_reason}{said}"
+    )
+
+
+def group_diagnosis_to_json(group: GroupReport, diagnosis: Diagnosis) -> dict[str, Any]:
+    """The focus rank's diagnosis, plus `run_group`: which rank it is and why that one."""
+    return {
+        **diagnosis_to_json(diagnosis),
+        "run_group": {
+            "path": group.path,
+            "world_size": group.world_size,
+            "rank": group.focus_rank,
+            "reason": group.focus_reason,
+            "peak_rank": group.peak_rank,
+            "oom_rank": group.oom_rank,
+            "failed_ranks": group.failed_ranks,
+            "missing_ranks": group.missing_ranks,
+        },
+    }
+
+
+def group_diagnosis_to_text(group: GroupReport, diagnosis: Diagnosis) -> str:
+    others = ", ".join(
+        f"rank {r.rank} {r.status} peak {human_bytes(r.peak_allocated_bytes)}"
+        for r in group.ranks
+        if r.rank != group.focus_rank
+    )
+    lines = [_group_line(group)]
+    if others:
+        lines.append(f"  other ranks: {others}")
+    return "\n".join([*lines, "", diagnosis_to_text(diagnosis)])

@@ -1,0 +1,195 @@
+"""One rank of the run-group tests, started by tests/integration/test_ranks_*.py like torchrun starts a
+rank: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK in the environment.
+
+    python ranks_worker.py MODE OUT_DIR FACTS_DIR
+
+MODE is `reference` (Meta's reference Llama 3, fairscale model parallel over gloo), `reference-raise`
+(the same; the last rank's allocation fails inside `kvtrace.record()` after its last step) or `hf-tp` (a
+Hugging Face Llama sharded by its `tp_plan="auto"`). Each rank writes FACTS_DIR/rank-<r>.json: what it
+measured on its own cache tensors, independently of kvtrace, for the test to compare with
+`kvtrace report --json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import kvtrace
+
+# Meta's reference shapes: 2 layers, 4 query heads and 2 KV heads of 16, preallocated for 2 x 64 tokens.
+DIM, N_LAYERS, N_HEADS, N_KV_HEADS, VOCAB = 64, 2, 4, 2, 256
+MAX_BATCH, MAX_SEQ = 2, 64
+PROMPT_LEN, DECODE_STEPS = 6, 3
+
+
+def reference_model() -> torch.nn.Module:
+    import fairscale.nn.model_parallel.initialize as fs_init
+    from llama_models.llama3.model import ModelArgs, Transformer
+
+    fs_init.initialize_model_parallel(dist.get_world_size())
+    torch.manual_seed(0)  # the same seed on every rank: each holds its own shard of the same random model
+    args = ModelArgs(
+        dim=DIM,
+        n_layers=N_LAYERS,
+        n_heads=N_HEADS,
+        n_kv_heads=N_KV_HEADS,
+        vocab_size=VOCAB,
+        max_batch_size=MAX_BATCH,
+        max_seq_len=MAX_SEQ,
+    )
+    model = Transformer(args).eval()
+    with torch.no_grad():  # the reference code leaves its weights uninitialised (torch.empty)
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+    return model
+
+
+def reference_cache_facts(model: torch.nn.Module) -> dict[str, object]:
+    """This rank's cache tensors, measured on the tensors themselves."""
+    tensors = [getattr(block.attention, f"cache_{kv}") for block in model.layers for kv in ("k", "v")]
+    return {
+        "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors),
+        "shapes": [list(t.shape) for t in tensors],
+        "dtype_bytes": tensors[0].element_size(),
+        "storages": len({t.untyped_storage().data_ptr() for t in tensors}),
+    }
+
+
+def run_reference(out_dir: Path, facts_dir: Path, raise_on_last_rank: bool) -> None:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = reference_model()
+    facts = {"rank": rank, **reference_cache_facts(model)}
+    (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
+    torch.manual_seed(1)  # the same tokens on every rank, as tensor parallelism requires
+    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
+    failing = raise_on_last_rank and rank == world_size - 1
+    try:
+        with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
+            model(tokens[:, :PROMPT_LEN], 0)
+            for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+                model(tokens[:, pos : pos + 1], pos)
+            if failing:
+                # A real allocation failure, after the last collective so that no other rank waits on us:
+                # the CPU allocator refuses 1 PiB.
+                torch.empty(1 << 50, dtype=torch.uint8)
+    except RuntimeError as exc:
+        if not failing:
+            raise
+        (facts_dir / f"rank-{rank}.error").write_text(str(exc))
+        sys.exit(3)
+
+
+def hf_tensor_parallel_model() -> torch.nn.Module:
+    """A tiny random Llama sharded by transformers' own tensor-parallel plan (`tp_plan="auto"`).
+
+    `from_pretrained(..., tp_plan="auto")` needs `accelerate`, which kvtrace does not depend on; this is
+    the same path without the checkpoint: `prepare_distribute_model` builds the device mesh over the
+    process group, `maybe_distribute_model` applies the model's `base_model_tp_plan` (DTensor weights).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    config = LlamaConfig(
+        hidden_size=DIM,
+        intermediate_size=2 * DIM,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        num_key_value_heads=N_KV_HEADS,
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_SEQ,
+    )
+    plan = DistributedConfig(tp_plan="auto")
+    distributed, _device_map, mesh = LlamaForCausalLM.prepare_distribute_model(plan)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM.maybe_distribute_model(model, distributed, mesh)
+
+
+def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path) -> None:
+    from transformers import DynamicCache
+
+    rank = dist.get_rank()
+    model = hf_tensor_parallel_model()
+    torch.manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
+        model(input_ids=tokens[:, :PROMPT_LEN], cache=cache, use_cache=True)
+        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+            model(input_ids=tokens[:, pos : pos + 1], cache=cache, use_cache=True)
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    facts = {
+        "rank": rank,
+        "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors),
+        "shapes": [list(t.shape) for t in tensors],
+        "dtype_bytes": tensors[0].element_size(),
+        "storages": len({t.untyped_storage().data_ptr() for t in tensors}),
+        "weight_type": type(model.model.layers[0].self_attn.k_proj.weight).__name__,
+    }
+    (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
+
+
+def launch(
+    mode: str, out_dir: Path, facts_dir: Path, world_size: int = 2, timeout_s: float = 180.0
+) -> list[int]:
+    """Start `world_size` ranks of this script the way torchrun does (env://, one process per rank) and
+    wait for all of them; their exit statuses, in rank order. Each rank's output goes to FACTS_DIR."""
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    facts_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(world_size):
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+        )
+        log = open(facts_dir / f"rank-{rank}.log", "w")  # noqa: SIM115 - closed with the process
+        cmd = [sys.executable, __file__, mode, str(out_dir), str(facts_dir)]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    statuses = []
+    try:
+        for proc, _log in procs:
+            statuses.append(proc.wait(timeout=timeout_s))
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return statuses
+
+
+def main() -> None:
+    mode, out_dir, facts_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        if mode in ("reference", "reference-raise"):
+            run_reference(out_dir, facts_dir, raise_on_last_rank=mode == "reference-raise")
+        elif mode == "hf-tp":
+            run_hf_tensor_parallel(out_dir, facts_dir)
+        else:
+            raise SystemExit(f"unknown mode {mode!r}")
+    finally:
+        if mode != "reference-raise":
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,153 @@
+"""Meta's reference Llama 3 with fairscale model parallel 2 on gloo, in 2 processes: a run group.
+
+Each rank holds half the KV heads in its preallocated `cache_k` / `cache_v`. Every figure checked here is
+computed apart from kvtrace: from the arithmetic of the reference code's shapes, and from the rank's own
+cache tensors (measured in the worker and written beside the run).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import ranks_worker as worker
+
+from kvtrace.cli import main
+from kvtrace.format import GROUP_MARKER, is_run_dir, is_run_group
+
+pytest.importorskip("fairscale.nn.model_parallel.initialize")
+pytest.importorskip("llama_models.llama3.model")
+
+WORLD = 2
+HEAD_DIM = worker.DIM // worker.N_HEADS
+# The reference code preallocates every layer's K and V for max_batch_size x max_seq_len, float32.
+RANK_KV_BYTES = (
+    worker.N_LAYERS * 2 * (worker.N_KV_HEADS // WORLD) * HEAD_DIM * worker.MAX_SEQ * worker.MAX_BATCH * 4
+)
+
+
+def _report(path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> dict:
+    assert main(["report", str(path), "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ranks")
+    out, facts = root / "group", root / "facts"
+    statuses = worker.launch("reference", out, facts, WORLD)
+    logs = "".join((facts / f"rank-{r}.log").read_text()[-2000:] for r in range(WORLD))
+    assert statuses == [0] * WORLD, logs
+    return out, facts
+
+
+def test_each_rank_records_its_own_run_with_its_rank_facts(group):
+    out, _facts = group
+    assert is_run_group(out) and not is_run_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == [GROUP_MARKER, "rank-0", "rank-1"]
+    for rank in range(WORLD):
+        manifest = json.loads((out / f"rank-{rank}" / "manifest.json").read_text())
+        assert manifest["ended"]["status"] == "ok"
+        assert (manifest["rank"], manifest["world_size"], manifest["local_rank"]) == (rank, WORLD, rank)
+        assert manifest["backend"] == "gloo"
+        assert manifest["hostname"] == socket.gethostname()
+
+
+def test_rank_kv_bytes_equal_the_rank_cache_tensors_and_the_total_their_sum(group, capsys):
+    out, facts_dir = group
+    facts = {r: json.loads((facts_dir / f"rank-{r}.json").read_text()) for r in range(WORLD)}
+    # The worker's own measurement of its tensors agrees with the arithmetic of half the KV heads.
+    for rank_facts in facts.values():
+        assert rank_facts["kv_bytes"] == RANK_KV_BYTES
+        assert rank_facts["storages"] == 2 * worker.N_LAYERS
+        local_shape = [worker.MAX_BATCH, worker.MAX_SEQ, worker.N_KV_HEADS // WORLD, HEAD_DIM]
+        assert rank_facts["shapes"] == [local_shape] * 2 * worker.N_LAYERS
+
+    # WHEN the group is reported
+    data = _report(out, capsys)
+
+    # THEN each rank's KV figures are that rank's own cache tensors ...
+    assert data["source"]["kind"] == "run_group" and data["world_size"] == WORLD
+    assert [r["rank"] for r in data["ranks"]] == list(range(WORLD))
+    layer_bytes = RANK_KV_BYTES // worker.N_LAYERS // 2
+    for entry in data["ranks"]:
+        assert entry["world_size"] == WORLD and entry["device"] == "cpu" and entry["status"] == "ok"
+        assert entry["kv"]["final_bytes"] == facts[entry["rank"]]["kv_bytes"]
+        assert entry["kv"]["peak_bytes"] == facts[entry["rank"]]["kv_bytes"]  # preallocated: never more
+        assert [(x["layer"], x["k_bytes"], x["v_bytes"]) for x in entry["kv"]["per_layer"]] == [
+            (layer, layer_bytes, layer_bytes) for layer in range(worker.N_LAYERS)
+        ]
+        assert entry["peak_allocated_bytes"] >= entry["kv"]["final_bytes"]
+    # ... and the group's figures are their sum.
+    total = sum(f["kv_bytes"] for f in facts.values())
+    assert data["kv"]["final_bytes"] == data["kv"]["peak_bytes"] == total == WORLD * RANK_KV_BYTES
+    assert [(x["k_bytes"], x["v_bytes"]) for x in data["kv"]["per_layer"]] == [
+        (WORLD * layer_bytes, WORLD * layer_bytes)
+    ] * worker.N_LAYERS
+    assert data["peak_rank"] in range(WORLD)
+    assert data["peak_allocated_bytes"] == data["ranks"][data["peak_rank"]]["peak_allocated_bytes"]
+    assert data["oom_rank"] is None and data["failed_ranks"] == [] and data["missing_ranks"] == []
+    assert [d["rank"] for d in data["devices"]] == list(range(WORLD))
+
+
+def test_group_html_diagnose_and_compare(group, capsys, tmp_path):
+    out, _facts = group
+    page = tmp_path / "group.html"
+    assert main(["report", str(out), "-o", str(page)]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0] == f"kvtrace report: {out} (run group, world size 2)"
+    html = page.read_text()
+    assert 'id="kvtrace-ranks"' in html
+    assert all(f"rank {r} (cpu, ok)" in html for r in range(WORLD))  # one subplot per rank, shared x
+
+    assert main(["diagnose", str(out), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    group_facts = diagnosis["run_group"]
+    assert group_facts["reason"] == "peaked" and group_facts["rank"] == group_facts["peak_rank"]
+    assert diagnosis["path"].endswith(f"rank-{group_facts['rank']}")
+
+    # Two groups of the same world size compare by their totals, then rank by rank.
+    twin = tmp_path / "twin"
+    shutil.copytree(out, twin)
+    assert main(["compare", str(out), str(twin), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    labels = ["group", "twin", "group/rank-0", "twin/rank-0", "group/rank-1", "twin/rank-1"]
+    assert [r["label"] for r in runs] == labels
+    assert [r["kv_final_bytes"] for r in runs] == [WORLD * RANK_KV_BYTES] * 2 + [RANK_KV_BYTES] * 4
+    # step by step, the group's KV is the sum of its ranks'
+    assert runs[0]["kv_by_step"] == {k: WORLD * v for k, v in runs[2]["kv_by_step"].items()}
+
+
+def test_a_rank_that_raises_leaves_the_group_readable(tmp_path, capsys):
+    out, facts = tmp_path / "group", tmp_path / "facts"
+
+    # GIVEN rank 1's allocation fails inside record() (after the last collective, so rank 0 finishes)
+    statuses = worker.launch("reference-raise", out, facts, WORLD)
+    assert statuses == [0, 3], (facts / "rank-1.log").read_text()[-2000:]
+    error = (facts / "rank-1.error").read_text()
+
+    # WHEN the group is reported, THEN it names the failed rank, and rank 0's run is whole
+    data = _report(out, capsys)
+    assert data["failed_ranks"] == [1]
+    assert data["focus"] == {"rank": 1, "reason": "raised RuntimeError"}
+    failed = data["ranks"][1]
+    assert failed["status"] == "exception" and failed["ended"]["type"] == "RuntimeError"
+    assert failed["ended"]["message"] == error[:2000]
+    assert [r["kv"]["final_bytes"] for r in data["ranks"]] == [RANK_KV_BYTES, RANK_KV_BYTES]
+    assert data["kv"]["final_bytes"] == WORLD * RANK_KV_BYTES
+
+    assert main(["diagnose", str(out)]) == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert "diagnosing rank 1, which raised RuntimeError" in first_line
+
+    # AND without rank 0's run nor the marker it wrote (rank 0 may be the one that died), still a group
+    shutil.rmtree(out / "rank-0")
+    (out / GROUP_MARKER).unlink()
+    assert is_run_group(out)
+    data = _report(out, capsys)
+    assert [r["rank"] for r in data["ranks"]] == [1] and data["missing_ranks"] == [0]
+    assert data["kv"]["final_bytes"] == RANK_KV_BYTES
+    assert any("rank 0" in note for note in data["notes"])
