@@ -220,9 +220,9 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
     blocks = num_blocks(available, page, geom.num_layers) if available > 0 else 0
     needed = max_memory_usage_bytes(geom.num_layers, page, req.block_size, req.max_model_len)
     check = check_memory_bytes(available, page * geom.num_layers)
-    starts = available > 0 and needed <= check
+    starts = check > 0 and needed <= check
     estimate = None
-    if not starts and available > 0:
+    if not starts and check > 0:
         estimate = estimate_max_model_len(check, geom.num_layers, page, req.block_size, req.max_model_len)
     concurrency = blocks / math.ceil(req.max_model_len / req.block_size)
     return VllmPlan(
@@ -298,8 +298,11 @@ def format_vllm_text(result: VllmPlan) -> str:
     width = max(len(label) for label, _ in rows)
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
     if not result.starts:
-        if result.available_kv_bytes <= 0:
-            lines.append("vLLM would refuse to start: no memory is left for the KV cache.")
+        if result.check_bytes <= 0:
+            lines.append(
+                "vLLM would refuse to start: not even one block beside the null block fits "
+                '("No available memory for the cache blocks").'
+            )
         else:
             lines.append(
                 f"vLLM would refuse to start: one request of {req.max_model_len:,} tokens needs "

@@ -38,7 +38,7 @@ class PlanCommand(Command):
     name = "plan"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        model = parser.add_mutually_exclusive_group(required=True)
+        model = parser.add_mutually_exclusive_group()
         model.add_argument("--preset", metavar="NAME", help="built-in model, e.g. llama-3-8b, llama-3.1-70b")
         model.add_argument(
             "--config", metavar="PATH", help="a local Hugging Face config.json (or its folder)"
@@ -73,11 +73,39 @@ class PlanCommand(Command):
             "--block-size", type=int, default=16, help="tokens per paged KV block (default 16)"
         )
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+        vllm = parser.add_argument_group(
+            "vLLM (--engine vllm)", "KV blocks and maximum concurrency as vLLM computes them at start"
+        )
+        vllm.add_argument(
+            "--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers caches (default); vllm"
+        )
+        vllm.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM's (default 0.9)")
+        vllm.add_argument("--max-model-len", type=int, help="tokens per request (default 8192, or --context)")
+        vllm.add_argument("--kv-cache-dtype", default="auto", help="auto (the weights dtype) or fp8")
+        vllm.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
+        vllm.add_argument(
+            "--kv-cache-memory", help="vLLM's kv_cache_memory_bytes, e.g. 1MiB (skips the profile arithmetic)"
+        )
+        vllm.add_argument("--weights-bytes", help="weights per GPU (default: from the geometry)")
+        vllm.add_argument("--activation-peak", help="activation peak of vLLM's profile run (default 0)")
+        vllm.add_argument("--non-torch", help="memory outside torch: CUDA context, NCCL (default 0)")
+        vllm.add_argument(
+            "--from-run",
+            metavar="RUN",
+            help="a recorded vLLM run: its measured weights, activations, non-torch memory and device total "
+            "(and its model, without --preset/--config)",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         from analyzers.planning.plan import PlanRequest, format_text, parse_size, plan, to_json
         from analyzers.planning.presets import geometry_from_config, get_preset
 
+        if getattr(args, "engine", "hf") == "vllm":
+            from kvtrace.commands.plan_vllm import run_vllm_plan
+
+            return run_vllm_plan(args)
+        if args.preset is None and args.config is None:
+            raise KvtraceError("give a model: --preset NAME or --config PATH")
         geometry = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
         kv_dtype = args.kv_dtype or ("int4" if args.cache == "quantized" else args.dtype)
         reserve_bytes, reserve_fraction = parse_reserve(args.reserve)

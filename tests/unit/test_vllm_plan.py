@@ -6,6 +6,7 @@ all layers (the null block)."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -154,3 +155,34 @@ def test_refused_start_on_a_gpu_prices_utilization(tmp_path: Path) -> None:
     util = {r.knob: r for r in d.remedies}["gpu_memory_utilization"]
     # needs 49 MiB + 1 MiB + 32 KiB = 50.03 MiB of 100 MiB -> 0.51
     assert (util.setting, util.fits) == (0.51, True)
+
+
+def test_plan_cli_engine_vllm(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtrace.cli import main
+
+    argv = ["plan", "--engine", "vllm", "--preset", "llama-3-8b", "--kv-cache-memory", "10GiB"]
+    assert main([*argv, "--max-model-len", "8192", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_blocks"] == 5120 and data["max_concurrency"] == 10.0  # 5120 blocks / 512 per request
+    # 1 MiB holds no 2 MiB block: vLLM refuses, exit status 1
+    assert main(["plan", "--engine", "vllm", "--preset", "llama-3-8b", "--kv-cache-memory", "1MiB"]) == 1
+    assert "No available memory" in capsys.readouterr().out
+
+
+def test_plan_from_a_recorded_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtrace.cli import main
+
+    engine = refused_engine()
+    engine["memory_profile"] = {
+        "total_device_bytes": 100 * MIB,
+        "weights_bytes": 40 * MIB,
+        "activation_peak_bytes": 3 * MIB,
+        "non_torch_bytes": 1 * MIB,
+    }
+    folder = write_engine_run(tmp_path / "run", engine=engine, steps=[], requests=[])
+    argv = ["plan", "--engine", "vllm", "--from-run", str(folder), "--max-model-len", "512", "--json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    available = math.ceil(100 * MIB * 0.9) - 44 * MIB
+    assert data["available_kv_bytes"] == available
+    assert data["num_blocks"] == available // 32_768  # the run's model: 4 layers x 8,192 B at block 16

@@ -1,0 +1,101 @@
+"""`kvtrace plan --engine vllm`: reads the flags (or a recorded run's measured memory) into a
+`VllmPlanRequest`; the arithmetic lives in `analyzers.planning.vllm_plan`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from kvtrace.commands.output import print_result
+from kvtrace.errors import KvtraceError
+
+_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16"}
+
+
+def _size(text: str | None) -> int | None:
+    from analyzers.planning.plan import parse_size
+
+    return None if text is None else parse_size(text)
+
+
+def _from_run(path: str) -> tuple[dict[str, Any], Any]:
+    """(memory figures, geometry or None) from a recorded vLLM run's engine.json."""
+    from analyzers.engine import read_engine
+    from analyzers.planning.presets import ModelGeometry
+
+    run = read_engine(Path(path))
+    if run is None:
+        raise KvtraceError(f"{path}: not a vLLM run (no engine.json)")
+    profile, model = run.info.memory_profile, run.info.model
+    figures = {
+        "weights_bytes": profile.get("weights_bytes"),
+        "activation_peak_bytes": profile.get("activation_peak_bytes"),
+        "non_torch_bytes": profile.get("non_torch_bytes"),
+        "gpu_memory_bytes": profile.get("total_device_bytes"),
+        "model_dtype": _DTYPES.get(str(model.get("dtype")), "bf16"),
+    }
+    geometry = None
+    try:
+        geometry = ModelGeometry(
+            name=str(model.get("name") or Path(path).name),
+            num_layers=int(model["num_layers"]),
+            num_attention_heads=int(model.get("num_attention_heads") or model["num_kv_heads"]),
+            num_kv_heads=int(model["num_kv_heads"]),
+            head_dim=int(model["head_dim"]),
+            hidden_size=int(model.get("hidden_size") or 0),
+            intermediate_size=int(model.get("intermediate_size") or 0),
+            vocab_size=int(model.get("vocab_size") or 0),
+            tie_word_embeddings=False,
+        )
+    except (KeyError, TypeError, ValueError):
+        geometry = None
+    return figures, geometry
+
+
+def run_vllm_plan(args: argparse.Namespace) -> int:
+    from analyzers.planning.plan import parse_size
+    from analyzers.planning.presets import geometry_from_config, get_preset
+    from analyzers.planning.vllm_plan import VllmPlanRequest, format_vllm_text, plan_vllm, vllm_to_json
+
+    measured: dict[str, Any] = {}
+    run_geometry = None
+    if args.from_run:
+        measured, run_geometry = _from_run(args.from_run)
+    if args.preset is not None:
+        geometry = get_preset(args.preset)
+    elif args.config is not None:
+        geometry = geometry_from_config(args.config)
+    elif run_geometry is not None:
+        geometry = run_geometry
+    else:
+        raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
+
+    def pick(flag: str | None, key: str, default: int | None) -> int | None:
+        if flag is not None:
+            return _size(flag)
+        value = measured.get(key)
+        return int(value) if value is not None else default
+
+    # a recorded run's device total wins over the flag's default, never over a value the user typed
+    gpu_memory = parse_size(args.gpu_memory)
+    if args.gpu_memory == "80GiB" and measured.get("gpu_memory_bytes"):
+        gpu_memory = int(measured["gpu_memory_bytes"])
+    weights_dtype = args.dtype if args.dtype in ("bf16", "fp16", "fp32") else "bf16"
+    request = VllmPlanRequest(
+        geometry=geometry,
+        model_dtype=measured.get("model_dtype") or weights_dtype,
+        gpu_memory_bytes=gpu_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len or args.context,
+        block_size=args.block_size,
+        kv_cache_dtype=args.kv_cache_dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
+        weights_bytes=pick(args.weights_bytes, "weights_bytes", None),
+        activation_peak_bytes=pick(args.activation_peak, "activation_peak_bytes", 0) or 0,
+        non_torch_bytes=pick(args.non_torch, "non_torch_bytes", 0) or 0,
+        kv_cache_memory_bytes=_size(args.kv_cache_memory),
+    )
+    result = plan_vllm(request)
+    print_result(args.json, lambda: vllm_to_json(result), lambda: format_vllm_text(result))
+    return 0 if result.starts else 1
