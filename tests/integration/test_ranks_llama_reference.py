@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import ranks_worker as worker
 
+from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.format import GROUP_MARKER, is_run_dir, is_run_group
 
@@ -142,6 +143,10 @@ def test_a_rank_that_raises_leaves_the_group_readable(tmp_path, capsys):
     assert main(["diagnose", str(out)]) == 0
     first_line = capsys.readouterr().out.splitlines()[0]
     assert "diagnosing rank 1, which raised RuntimeError" in first_line
+    # Callers that take one input (analyzers.report.load_source) get that rank's run.
+    source, report = build_report(out)
+    assert source.path == str(out / "rank-1") and source.meta["run_group"]["reason"] == "raised RuntimeError"
+    assert report.kv.final_bytes == RANK_KV_BYTES
 
     # AND without rank 0's run nor the marker it wrote (rank 0 may be the one that died), still a group
     shutil.rmtree(out / "rank-0")
