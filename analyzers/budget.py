@@ -1,0 +1,148 @@
+"""Where a run would have run out on a smaller device: the first allocation that crosses a memory budget.
+
+A budget (`kvtrace.record(..., gpu_memory="8GiB")`, `kvtrace demo --gpu-memory`) costs nothing while
+recording. Afterwards the device's allocated-bytes timeline (weights included) is replayed: the first
+event that takes it above the budget is the allocation that would have failed, the way a real OOM is the
+first request the allocator cannot serve. Its step comes from the step ranges (or the KV log's steps), its
+layer from the KV log: the layer the allocation belongs to when it is KV, else the layer whose KV update
+came last before it (the layer the forward was in).
+
+This counts allocated bytes, not the allocator's rounded reserved segments, so a real device of that size
+would run out at this point or a little earlier (fragmentation, CUDA context, other processes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from analyzers.model import CATEGORY_NAMES, MemorySource
+from analyzers.timeline import DeviceTimeline
+
+__all__ = ["BudgetCrossing", "budget_crossing", "budget_of"]
+
+COUNTS = "allocated bytes (requested sizes, weights included), not reserved segments"
+
+
+@dataclass(frozen=True)
+class BudgetCrossing:
+    """`crossed` False: the run's peak fits (`headroom_bytes` left). When crossed, the request that would
+    have failed: its bytes, category, step, layer and time (Unix-epoch µs)."""
+
+    bytes: int
+    crossed: bool
+    device: str | None
+    peak_bytes: int
+    headroom_bytes: int
+    counts: str = COUNTS
+    step: int | None = None
+    phase: str | None = None
+    layer: int | None = None
+    layer_from: str | None = None
+    t: float | None = None
+    request_bytes: int | None = None
+    request_category: str | None = None
+    allocated_before_bytes: int | None = None
+    allocated_after_bytes: int | None = None
+    before_first_step: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def budget_of(source: MemorySource) -> int | None:
+    """The budget a run was recorded with (manifest options.gpu_memory), if any."""
+    manifest = source.meta.get("manifest") or {}
+    value = (manifest.get("options") or {}).get("gpu_memory")
+    return int(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def _device_index(source: MemorySource, timelines: list[DeviceTimeline]) -> int | None:
+    """The run's device (the manifest's type) where known, else the device that peaks highest."""
+    if not timelines:
+        return None
+    kind = ((source.meta.get("manifest") or {}).get("device") or {}).get("type")
+    if kind:
+        for i, dev in enumerate(source.devices):
+            if dev.device.startswith(str(kind)) and len(dev):
+                return i
+    peaks = [float(tl.allocated.max()) if len(tl.allocated) else -1.0 for tl in timelines]
+    return int(np.argmax(peaks))
+
+
+def _step_at(source: MemorySource, t_us: float) -> tuple[int | None, str | None]:
+    """Step number (1 = prefill) and phase of the step running at `t_us`."""
+    starts = sorted(
+        (m.ts_us, m.label)
+        for m in source.markers
+        if m.kind == "step"
+        and (m.label == "kvtrace/prefill" or m.label.startswith(("kvtrace/decode", "step ")))
+    )
+    started = [label for ts, label in starts if ts <= t_us]
+    if started:
+        return len(started), ("prefill" if "prefill" in started[-1] else "decode")
+    kv = source.meta.get("kv")
+    if kv is not None and kv.step_start_ns:
+        steps = [s for s, t in kv.step_start_ns.items() if t / 1000.0 <= t_us]
+        if steps:
+            return max(steps), kv.step_phase.get(max(steps))
+    return None, None
+
+
+def _layer_at(source: MemorySource, dev_index: int, index: int, t_us: float) -> tuple[int | None, str | None]:
+    dev = source.devices[dev_index]
+    if dev.layer is not None and 0 <= index < len(dev) and int(dev.layer[index]) >= 0:
+        return int(dev.layer[index]), "the KV allocation's own layer"
+    run = source.meta.get("run")
+    if run is None:
+        return None, None
+    last = None
+    for event in run.kv_events:
+        if event.t_ns / 1000.0 > t_us:
+            break
+        if event.event != "freed" and event.phase != "end":
+            last = event.layer
+    if last is None:
+        return None, None
+    return last, "the layer whose KV update came last before the request"
+
+
+def budget_crossing(
+    source: MemorySource, timelines: list[DeviceTimeline], budget_bytes: int
+) -> BudgetCrossing:
+    """The first allocation that takes the run's device above `budget_bytes` (see the module docstring)."""
+    dev_index = _device_index(source, timelines)
+    if dev_index is None or not len(timelines[dev_index].allocated):
+        return BudgetCrossing(budget_bytes, False, None, 0, budget_bytes)
+    dev, timeline = source.devices[dev_index], timelines[dev_index]
+    allocated = timeline.allocated
+    peak = int(allocated.max())
+    before_first = int(allocated[0]) - int(dev.delta_bytes[0])
+    fits = BudgetCrossing(budget_bytes, False, dev.device, peak, budget_bytes - peak)
+    if before_first > budget_bytes:
+        t0 = float(timeline.ts_us[0])
+        return replace(fits, crossed=True, t=t0, allocated_after_bytes=before_first, before_first_step=True)
+    over = np.flatnonzero(allocated > budget_bytes)
+    if not len(over):
+        return fits
+    index = int(over[0])
+    t_us = float(timeline.ts_us[index])
+    step, phase = _step_at(source, t_us)
+    layer, layer_from = _layer_at(source, dev_index, index, t_us)
+    category = CATEGORY_NAMES[int(dev.category[index])] if dev.category is not None else None
+    request = int(dev.delta_bytes[index])
+    return replace(
+        fits,
+        crossed=True,
+        step=step,
+        phase=phase,
+        layer=layer,
+        layer_from=layer_from,
+        t=t_us,
+        request_bytes=request,
+        request_category=category,
+        allocated_before_bytes=int(allocated[index]) - request,
+        allocated_after_bytes=int(allocated[index]),
+    )
