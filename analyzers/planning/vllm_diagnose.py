@@ -134,7 +134,7 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
     page = page_size_bytes(heads, head_dim, element, block)
     needed = max_memory_usage_bytes(layers, page, block, max_len)
     notes: list[str] = []
-    available = _check_memory(run, page * layers, notes)
+    available, pool = _check_memory(run, page * layers, notes)
     estimate = estimate_max_model_len(available, layers, page, block, max_len) if available > 0 else 0
     recorded_needed = refused.get("needed_bytes")
     if recorded_needed is not None and int(recorded_needed) != needed:
@@ -165,11 +165,11 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
             f"now); each further request of that length needs {readable_bytes(needed)} more.",
         )
     )
-    remedies.append(_utilization_remedy(run, needed + page * layers))
+    remedies.append(_utilization_remedy(run, needed + page * layers, pool))
     if element > 1:
         page8 = page_size_bytes(heads, head_dim, 1, block)
         needed8 = max_memory_usage_bytes(layers, page8, block, max_len)
-        check8 = _check_with(run, page8 * layers, available)
+        check8 = check_memory_bytes(pool, page8 * layers)  # the same memory, a smaller null block
         fits8 = needed8 <= check8
         tail = (
             "which fits"
@@ -196,7 +196,7 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
             "run cannot price.",
         )
     )
-    remedies.append(_tensor_parallel_remedy(run, layers, head_dim, element, block, max_len, available))
+    remedies.append(_tensor_parallel_remedy(run, layers, head_dim, element, block, max_len, pool))
     return RefusedDiagnosis(
         path=run.path,
         message=str(refused.get("message", "")),
@@ -218,46 +218,36 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
     )
 
 
-def _pool_bytes(run: EngineRun) -> int | None:
-    """The KV memory vLLM had: kv_cache_memory_bytes, or what its profile left (None if unrecorded)."""
-    pool = run.info.config.get("kv_cache_memory_bytes") or run.info.memory_profile.get("available_kv_bytes")
-    return None if pool is None else int(pool)
-
-
-def _check_memory(run: EngineRun, bytes_per_block: int, notes: list[str]) -> int:
-    """The bytes vLLM compared one request with: its KV memory (kv_cache_memory_bytes, or what the profile
-    left) less the null block, as vllm 0.32's check_enough_kv_cache_memory does. The recorded refusal's
-    `available_bytes` is used when the pool size itself is unknown."""
+def _check_memory(run: EngineRun, bytes_per_block: int, notes: list[str]) -> tuple[int, int]:
+    """(check, pool): the bytes vLLM compared one request with, and the KV memory it had. vllm 0.32's
+    check_enough_kv_cache_memory compares with the KV memory less the null block; the recorder logs
+    that figure as the refusal's `available_bytes`. Without it, the pool is kv_cache_memory_bytes (or the
+    profile's available KV memory) and the check is the pool less one block."""
     info = run.info
-    refused = info.refused or {}
-    pool = _pool_bytes(run)
-    recorded = refused.get("available_bytes")
+    recorded = (info.refused or {}).get("available_bytes")
+    configured = info.config.get("kv_cache_memory_bytes")
+    if recorded is not None:
+        check = int(recorded)
+        if configured and check_memory_bytes(int(configured), bytes_per_block) != check:
+            notes.append(
+                f"vLLM compared with {check:,} B; kv_cache_memory_bytes less one block would be "
+                f"{check_memory_bytes(int(configured), bytes_per_block):,} B"
+            )
+        return check, check + bytes_per_block
+    pool = configured or info.memory_profile.get("available_kv_bytes")
     if pool is None:
-        if recorded is None:
-            raise KvtraceError(f"{run.path}: the refusal records no available KV memory")
-        return int(recorded)
-    check = check_memory_bytes(pool, bytes_per_block)
-    if recorded is not None and int(recorded) not in (check, pool):
-        notes.append(f"vLLM reported {int(recorded):,} B available; the pool less one block is {check:,} B")
-    return check
+        raise KvtraceError(f"{run.path}: the refusal records no available KV memory")
+    return check_memory_bytes(int(pool), bytes_per_block), int(pool)
 
 
-def _check_with(run: EngineRun, bytes_per_block: int, available: int) -> int:
-    """The check memory with another block size in bytes (fp8, tensor parallel): the same pool less the
-    new, smaller null block; the recorded figure when the pool is unknown."""
-    pool = _pool_bytes(run)
-    return available if pool is None else check_memory_bytes(pool, bytes_per_block)
-
-
-def _utilization_remedy(run: EngineRun, pool_needed: int) -> VllmRemedy:
+def _utilization_remedy(run: EngineRun, pool_needed: int, pool: int) -> VllmRemedy:
     """gpu_memory_utilization that leaves `pool_needed` bytes for KV, from the profile vLLM measured:
     available = ceil(total * utilization) - non-KV memory, so the non-KV memory is what the recorded
-    utilization requested less the recorded available KV memory."""
+    utilization requested less the KV memory it had (`pool`)."""
     profile, config = run.info.memory_profile, run.info.config
     total = profile.get("total_device_bytes")
     util = config.get("gpu_memory_utilization")
-    available = profile.get("available_kv_bytes")
-    if config.get("device") == "cpu" or not total or util is None or available is None:
+    if config.get("device") == "cpu" or not total or util is None:
         return VllmRemedy(
             "gpu_memory_utilization",
             None,
@@ -265,7 +255,7 @@ def _utilization_remedy(run: EngineRun, pool_needed: int) -> VllmRemedy:
             "gpu_memory_utilization: not priced here (no device total in this run; on CPU the KV space is "
             "kv_cache_memory_bytes or VLLM_CPU_KVCACHE_SPACE).",
         )
-    non_kv = math.ceil(int(total) * float(util)) - int(available)
+    non_kv = math.ceil(int(total) * float(util)) - pool
     wanted = math.ceil((pool_needed + non_kv) / int(total) * 100) / 100
     fits = wanted <= 1.0
     return VllmRemedy(
@@ -283,7 +273,7 @@ def _utilization_remedy(run: EngineRun, pool_needed: int) -> VllmRemedy:
 
 
 def _tensor_parallel_remedy(
-    run: EngineRun, layers: int, head_dim: int, element: int, block: int, max_len: int, available: int
+    run: EngineRun, layers: int, head_dim: int, element: int, block: int, max_len: int, pool: int
 ) -> VllmRemedy:
     model, config = run.info.model, run.info.config
     tp_now = int(config.get("tensor_parallel_size") or 1)
@@ -292,14 +282,14 @@ def _tensor_parallel_remedy(
     for tp in (t for t in _TP_CHOICES if t > tp_now and attention_heads % t == 0):
         page = page_size_bytes(kv_heads_per_worker(kv_heads, tp), head_dim, element, block)
         needed = max_memory_usage_bytes(layers, page, block, max_len)
-        if needed <= _check_with(run, page * layers, available):
+        if needed <= check_memory_bytes(pool, page * layers):
             return VllmRemedy(
                 "tensor_parallel_size",
                 tp,
                 True,
                 f"tensor_parallel_size={tp} splits the {kv_heads} KV heads over {tp} GPUs: each needs "
-                f"{readable_bytes(needed)} for one request (counting the same {readable_bytes(available)} "
-                "free per GPU; sharded weights free more).",
+                f"{readable_bytes(needed)} for one request (counting the same {readable_bytes(pool)} of KV "
+                "memory per GPU; sharded weights free more).",
             )
     return VllmRemedy(
         "tensor_parallel_size",
