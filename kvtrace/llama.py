@@ -42,11 +42,11 @@ class ModelSize:
 
 SIZES: dict[str, ModelSize] = {
     # The demo's shape: Llama 3's architecture (GQA 2:1, llama3 RoPE) with a narrow residual stream and
-    # wide, deep KV (16 layers x 4 KV heads x head_dim 128 = 64 KiB per token in float32), so that the
-    # KV cache is a visible share of memory next to the 128K-vocabulary embedding and still runs in
-    # seconds on two CPU cores.
+    # wide KV (4 layers x 8 KV heads x head_dim 256 = 64 KiB per token in float32), so that the KV cache
+    # is a large share of memory next to the 128K-vocabulary embedding, while few layers keep the
+    # profiled run to seconds on two CPU cores.
     "demo": ModelSize(
-        hidden_size=64, intermediate_size=256, num_layers=16, num_heads=8, num_kv_heads=4, head_dim=128
+        hidden_size=64, intermediate_size=256, num_layers=4, num_heads=16, num_kv_heads=8, head_dim=256
     ),
     "tiny": ModelSize(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=8, num_kv_heads=2),
     "small": ModelSize(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=2),
@@ -108,7 +108,7 @@ def build_model(size: ModelSize | str, dtype: Any = None, device: str = "cpu", s
 def make_cache(
     kind: str, model: Any, batch: int, max_len: int, window: int = 16
 ) -> tuple[Any, dict[str, Any]]:
-    """(cache object or None, extra generate() kwargs) for a cache kind."""
+    """(cache object or None, extra generate() kwargs) for a cache kind; `max_len` = prompt + new tokens."""
     from transformers import DynamicCache, QuantizedCache, StaticCache
 
     config = model.config
@@ -118,7 +118,8 @@ def make_cache(
         # A cache object of this call's own, never `cache_implementation="static"`: generate() keeps that
         # one on the model (`model._cache`) and reuses it in later calls, so a second recording would see
         # an earlier call's cache (a sweep point reported another point's KV).
-        return StaticCache(config=config, max_cache_len=max_len), {}
+        # Sized as generate() sizes its own: the last new token is never fed back, so max_len - 1.
+        return StaticCache(config=config, max_cache_len=max(max_len - 1, 1)), {}
     if kind == "offloaded":
         return None, {"cache_implementation": "offloaded"}
     if kind in ("sliding", "static_sliding"):

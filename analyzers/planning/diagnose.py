@@ -20,7 +20,12 @@ held the most live bytes. Then it prices each remedy in bytes with this run's ow
   it recovers up to reserved - allocated.
 
 Where the input lacks what a figure needs (a bare snapshot has no KV geometry), the remedy says what is
-missing instead of inventing a number.
+missing instead of inventing a number. Remedies fit the device: offloading KV to the CPU and the CUDA
+allocator's expandable segments are offered only for CUDA devices.
+
+A memory budget (`--budget`, or the `gpu_memory` a run was recorded with) is diagnosed as the OOM it
+would have been on a device of that size: the step, layer and request that crossed it
+(analyzers.budget), with the remedies priced at the run's peak, which must fit under the budget.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from analyzers.budget import BudgetCrossing, budget_crossing, budget_of
 from analyzers.model import MemorySource
 from analyzers.summary import Report
 from analyzers.units import human_bytes
@@ -71,7 +77,7 @@ class Diagnosis:
     path: str
     source_kind: str
     device: str | None
-    event: str  # "oom" | "peak"
+    event: str  # "oom" | "budget" (a run that would have run out on a device of `budget_bytes`) | "peak"
     ts_us: float | None
     requested_bytes: int | None
     allocated_bytes: int | None
@@ -96,6 +102,7 @@ class Diagnosis:
     remedies: tuple[Remedy, ...]
     message: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    budget_crossing: BudgetCrossing | None = None
 
 
 def _moment_index(ts_us: np.ndarray, when: float | None) -> int:
@@ -179,7 +186,9 @@ _NO_KV = "cannot be computed: this input has no KV cache figures (record the run
 _NO_GEOMETRY = "cannot be computed: this input has no KV geometry (batch, tokens held; record with kvtrace)"
 
 
-def _remedies(d: dict[str, object], kv_bits: int | None, num_layers: int | None) -> list[Remedy]:
+def _remedies(
+    d: dict[str, object], kv_bits: int | None, num_layers: int | None, on_cuda: bool = True
+) -> list[Remedy]:
     """Price every remedy at the moment described by `d` (the Diagnosis fields computed so far)."""
     kv = d["kv_bytes"]
     batch, tokens, need = d["batch"], d["tokens_held"], d["shortfall_bytes"]
@@ -275,7 +284,9 @@ def _remedies(d: dict[str, object], kv_bits: int | None, num_layers: int | None)
         why = _NO_KV if not kv else "cannot be computed: the KV dtype is not recorded"
         out.append(Remedy("quantized_kv", None, None, None, f"Quantized KV: {why}."))
 
-    if kv and num_layers and num_layers > _OFFLOAD_LAYERS_ON_DEVICE:
+    if not on_cuda:
+        pass  # the KV cache already lives in host memory: there is nowhere to offload it
+    elif kv and num_layers and num_layers > _OFFLOAD_LAYERS_ON_DEVICE:
         saved = round(kv * (1 - _OFFLOAD_LAYERS_ON_DEVICE / num_layers))
         out.append(
             Remedy(
@@ -292,7 +303,9 @@ def _remedies(d: dict[str, object], kv_bits: int | None, num_layers: int | None)
         out.append(Remedy("offloading", None, None, None, f"Offloading: {_NO_GEOMETRY}."))
 
     frag = d["reserved_unallocated_bytes"]
-    if isinstance(frag, int):
+    if not on_cuda:
+        pass  # a setting of the CUDA caching allocator
+    elif isinstance(frag, int):
         out.append(
             Remedy(
                 "expandable_segments",
@@ -314,6 +327,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     """Diagnose the first OOM of an attributed source, or its peak; `budget_bytes` prices remedies
     against a memory budget when there is no OOM."""
     notes: list[str] = []
+    if budget_bytes is None:
+        budget_bytes = budget_of(source)
     kv_log = source.meta.get("kv")
     oom = source.ooms[0] if source.ooms else None
     main = report.main_device
@@ -373,6 +388,15 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         shortfall = requested  # an OOM without a free figure: at least the request was missing
     elif budget_bytes is not None and allocated is not None:
         shortfall = allocated - budget_bytes
+    crossing = None
+    if oom is None and budget_bytes is not None:
+        crossing = budget_crossing(source, report.timelines, budget_bytes)
+        if crossing.crossed:
+            event = "budget"
+            notes.append(
+                f"remedies are priced at the run's peak ({human_bytes(allocated)}), which must fit under "
+                f"the {human_bytes(budget_bytes)} budget, not only at the step that first crossed it"
+            )
 
     kv_bytes: int | None = None
     if timeline is not None and index >= 0 and report.kv.measured_from != "none":
@@ -413,7 +437,14 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "reserved_unallocated_bytes": reserved_unallocated,
     }
     layers = (report.geometry or {}).get("num_layers")
-    remedies = _remedies(fields, _kv_bits(source, report), layers if isinstance(layers, int) else None)
+    on_cuda = device is None or device.startswith("cuda")
+    if not on_cuda:
+        notes.append(
+            f"the run is on {device}: offloading KV to the CPU and CUDA allocator settings do not apply"
+        )
+    remedies = _remedies(
+        fields, _kv_bits(source, report), layers if isinstance(layers, int) else None, on_cuda
+    )
     return Diagnosis(
         path=source.path,
         source_kind=source.kind,
@@ -443,4 +474,5 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         remedies=tuple(remedies),
         message=oom.message if oom is not None else None,
         notes=tuple(notes),
+        budget_crossing=crossing,
     )

@@ -17,14 +17,20 @@ from kvtrace.errors import KvtraceError
 from kvtrace.format import Run, read_run
 
 
-def _kv_only_device(device: str, storages: list[tuple[int, int, int, int, int, str]]) -> DeviceEvents:
-    """Without a profiler trace (profiler=False), the KV log's own alloc/free pairs are the events."""
+def _kv_only_device(device: str, events: list[Any]) -> DeviceEvents:
+    """Without a profiler trace (profiler=False), the KV log's own alloc/free pairs are the events, in the
+    log's order: a replacement's new storage before the old one's free (the transient copy), even when
+    both carry the same clock reading. A storage is live from the first event showing its address to its
+    `freed` (as analyzers.kv_log replays it)."""
     rows: list[tuple[float, int, int]] = []
-    for addr, nbytes, first_ns, last_ns, _layer, _kv in storages:
-        rows.append((first_ns / 1000.0, addr, nbytes))
-        if last_ns >= 0:
-            rows.append((last_ns / 1000.0, addr, -nbytes))
-    rows.sort(key=lambda r: r[0])
+    live: dict[int, int] = {}
+    for ev in events:
+        if ev.event == "freed":
+            if ev.addr in live:
+                rows.append((ev.t_ns / 1000.0, ev.addr, -live.pop(ev.addr)))
+        elif ev.addr and ev.addr not in live and ev.event != "written":
+            live[ev.addr] = ev.storage_bytes
+            rows.append((ev.t_ns / 1000.0, ev.addr, ev.storage_bytes))
     return DeviceEvents(
         device=device,
         ts_us=np.array([r[0] for r in rows], dtype=np.float64),
@@ -93,7 +99,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             source.meta["allocations_with_stack"] = attach_python_stacks(source, traces[-1])
     else:
         kv_devices = sorted({_normal_device(e.device) for e in run.kv_events if e.device}) or ["cpu"]
-        source.devices = [_kv_only_device(kv_devices[0], kv.storages)]
+        source.devices = [_kv_only_device(kv_devices[0], run.kv_events)]
         source.meta["events_from"] = "kv_log (the run has no profiler trace)"
     weights_by_device: dict[str, int] = {}
     for weight in run.weights:

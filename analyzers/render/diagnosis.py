@@ -30,8 +30,31 @@ def _first_frames(stack: str, count: int = 3) -> str:
     return " <- ".join(lines[:count]) + more
 
 
+def _crossing_rows(d: Diagnosis) -> list[tuple[str, str]]:
+    c = d.budget_crossing
+    if c is None:
+        return []
+    rows = [("budget (device size)", human_bytes(c.bytes))]
+    if not c.crossed:
+        return [*rows, ("headroom at the peak", human_bytes(c.headroom_bytes))]
+    if c.before_first_step:
+        return [*rows, ("already allocated before the first step", human_bytes(c.allocated_after_bytes))]
+    where = f"step {c.step} ({c.phase})" if c.step is not None else "?"
+    rows.append(("would run out at", where + (f", layer {c.layer}" if c.layer is not None else "")))
+    if c.request_bytes is not None:
+        what = f" ({c.request_category})" if c.request_category else ""
+        request = f"{human_bytes(c.request_bytes)}{what} ({c.request_bytes:,} B)"
+        rows.append(("request that would fail", request))
+    rows.append(("allocated before it", human_bytes(c.allocated_before_bytes)))
+    rows.append(("free on that device", human_bytes(c.bytes - (c.allocated_before_bytes or 0))))
+    if c.layer_from:
+        rows.append(("layer from", c.layer_from))
+    rows.append(("the run's peak (must fit)", human_bytes(c.peak_bytes)))
+    return rows
+
+
 def _figure_rows(d: Diagnosis) -> list[tuple[str, str]]:
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, str]] = _crossing_rows(d)
     if d.requested_bytes is not None:
         rows.append(("request that failed", f"{human_bytes(d.requested_bytes)} ({d.requested_bytes:,} B)"))
     rows += [
@@ -41,6 +64,8 @@ def _figure_rows(d: Diagnosis) -> list[tuple[str, str]]:
         ("free on the device", human_bytes(d.free_bytes)),
         ("largest free block in reserved segments", human_bytes(d.largest_free_block_bytes)),
     ]
+    if d.device is not None and not d.device.startswith("cuda"):
+        rows = [(label, value) for label, value in rows if value != "-"]  # no allocator figures off CUDA
     if d.fragmented is not None:
         verdict = (
             "yes: enough free bytes in total, no block large enough"
@@ -71,7 +96,22 @@ def _headline(d: Diagnosis) -> str:
         if d.requested_bytes is not None:
             what += f" requesting {human_bytes(d.requested_bytes)}"
         return what + (f": {d.message}" if d.message else "")
-    return f"no OOM recorded; diagnosing the peak on {where} ({human_bytes(d.allocated_bytes)})"
+    c = d.budget_crossing
+    if d.event == "budget" and c is not None:
+        size = human_bytes(c.bytes)
+        if c.before_first_step:
+            return f"would run out of memory on a {size} device before the first step (weights and setup)"
+        layer = f", layer {c.layer}" if c.layer is not None else ""
+        what = f" {c.request_category}" if c.request_category else ""
+        return (
+            f"would run out of memory on a {size} device ({where}) at step {c.step} ({c.phase}){layer}: "
+            f"a {human_bytes(c.request_bytes)}{what} request with {human_bytes(c.allocated_before_bytes)} "
+            "already allocated"
+        )
+    fits = ""
+    if c is not None:
+        fits = f"; it fits the {human_bytes(c.bytes)} budget with {human_bytes(c.headroom_bytes)} to spare"
+    return f"no OOM recorded; diagnosing the peak on {where} ({human_bytes(d.allocated_bytes)}){fits}"
 
 
 def _remedy_mark(fits: bool | None) -> str:

@@ -8,6 +8,18 @@ from analyzers.summary import Report
 
 JSON_VERSION = 1
 
+NO_KV_HINT = (
+    "nothing here marks KV-cache allocations: record the run with kvtrace.record() for exact KV figures "
+    "per layer and step, or profile with torch.profiler(..., with_stack=True) so that cache updates are "
+    "found by their stacks"
+)
+METHOD_LABELS = {
+    "kv_log": "KV log (matched to a KV storage kvtrace saw)",
+    "stack_rule": "stack rule (a cache update in the allocation's stack)",
+    "weights_table": "weights table",
+    "none": "not attributed: activations, logits and temporaries (no KV storage, weight or stack matched)",
+}
+
 
 def report_to_json(report: Report) -> dict[str, Any]:
     kv = report.kv
@@ -48,6 +60,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "tokens_held": kv.tokens_held,
             "batch": kv.batch,
             "evictions": kv.evictions,
+            "how_to_attribute": NO_KV_HINT if kv.measured_from == "none" else None,
             "per_layer": [
                 {
                     "layer": layer.layer,
@@ -63,6 +76,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "steps": report.steps,
         "oom": report.oom,
         "engine": _engine_json(report),
+        "budget": report.budget,
         "notes": report.notes,
     }
 

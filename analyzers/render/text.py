@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from analyzers.render.json import METHOD_LABELS, NO_KV_HINT
 from analyzers.summary import Report
 from analyzers.units import human_bytes
 
@@ -33,10 +36,13 @@ def report_to_text(report: Report) -> str:
                 f"{human_bytes(dev.fragmentation_at_peak_bytes)} reserved but unallocated at the peak"
             )
         if dev.bytes_by_method:
-            methods = ", ".join(f"{k} {human_bytes(v)}" for k, v in dev.bytes_by_method.items())
-            lines.append(f"    attributed by: {methods}")
+            lines.append("    allocated over the run, by how each allocation was attributed:")
+            for method, nbytes in sorted(dev.bytes_by_method.items(), key=lambda item: -item[1]):
+                lines.append(f"      {human_bytes(nbytes):>12}  {METHOD_LABELS.get(method, method)}")
     kv = report.kv
     lines.append(f"  KV cache ({kv.measured_from}):")
+    if kv.measured_from == "none":
+        lines.append(f"    no KV attribution: {NO_KV_HINT}")
     lines.append(
         f"    final {human_bytes(kv.final_bytes)}, peak {human_bytes(kv.peak_bytes)} (with transient copies)"
     )
@@ -76,6 +82,8 @@ def report_to_text(report: Report) -> str:
         from analyzers.render.engine import engine_text_lines
 
         lines += engine_text_lines(report.engine)
+    if report.budget is not None:
+        lines.append(budget_line(report.budget))
     if report.oom:
         oom = report.oom
         lines.append(
@@ -83,3 +91,25 @@ def report_to_text(report: Report) -> str:
             f"free {human_bytes(oom['device_free_bytes'])}  (see `kvtrace diagnose`)"
         )
     return "\n".join(lines)
+
+
+def budget_line(budget: dict[str, Any]) -> str:
+    """One line on a run's memory budget: where it would have run out, or the headroom left."""
+    size = human_bytes(budget["bytes"])
+    if not budget["crossed"]:
+        peak, left = human_bytes(budget["peak_bytes"]), human_bytes(budget["headroom_bytes"])
+        return f"  budget {size}: fits, peak {peak} leaves {left}"
+    if budget["before_first_step"]:
+        return (
+            f"  budget {size}: exceeded before the first step "
+            f"({human_bytes(budget['allocated_after_bytes'])} already allocated: weights and what the "
+            "process held before)"
+        )
+    layer = f", layer {budget['layer']}" if budget["layer"] is not None else ""
+    what = f" {budget['request_category']}" if budget["request_category"] else ""
+    return (
+        f"  budget {size}: would run out at step {budget['step']} ({budget['phase']}){layer}: a "
+        f"{human_bytes(budget['request_bytes'])}{what} allocation on top of "
+        f"{human_bytes(budget['allocated_before_bytes'])} (peak {human_bytes(budget['peak_bytes'])}; "
+        "see `kvtrace diagnose`)"
+    )

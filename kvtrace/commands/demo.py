@@ -11,6 +11,14 @@ from kvtrace.commands.base import Command
 from kvtrace.errors import KvtraceError
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# The demo's story: weights 44 MiB, KV 64 KiB per token and sequence (41.5 MiB for 8 x 83 tokens), a
+# peak of ~110 MiB; a 96 MiB device runs out about halfway through decoding, and the report says where.
+DEMO_GPU_MEMORY = "96MiB"
+
+
+def default_out(cache: str, press: str | None) -> str:
+    """Each kind of demo its own folder, so that a second demo leaves the first to `kvtrace compare`."""
+    return f"runs/demo-{cache}" + (f"-{press}" if press else "")
 
 
 class DemoCommand(Command):
@@ -26,15 +34,27 @@ class DemoCommand(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from kvtrace.llama import CACHE_KINDS, SIZES
 
-        parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
         parser.add_argument(
-            "--size", choices=sorted(SIZES), default="tiny", help="model shape (default: tiny)"
+            "--out", help="run directory (default: runs/demo-<cache>, with -<press> when there is one)"
         )
-        parser.add_argument("--batch", type=int, default=2, help="sequences per batch (default: 2)")
+        parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+        parser.add_argument(
+            "--size",
+            choices=sorted(SIZES),
+            default="demo",
+            help="model shape (default: demo, a Llama 3 shape whose KV cache is a large share of memory)",
+        )
+        parser.add_argument("--batch", type=int, default=8, help="sequences per batch (default: 8)")
         parser.add_argument(
             "--prompt", action="append", help="a prompt (repeat for several; default: built-in)"
         )
-        parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
+        parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+        parser.add_argument(
+            "--gpu-memory",
+            metavar="SIZE",
+            help=f"mark where the run would run out on a device of SIZE, e.g. 8GiB (default with --size "
+            f"demo: {DEMO_GPU_MEMORY}; 'none' for no budget)",
+        )
         parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype")
         parser.add_argument("--cache", choices=CACHE_KINDS, default="dynamic", help="KV cache kind")
         parser.add_argument("--window", type=int, default=16, help="sliding window length (sliding caches)")
@@ -55,6 +75,15 @@ class DemoCommand(Command):
         import torch
 
         import kvtrace
+        from kvtrace.options import memory_size
+
+        out = Path(args.out or default_out(args.cache, args.press))
+        if (out / "manifest.json").exists() and not args.overwrite:
+            raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
+        gpu_memory = args.gpu_memory
+        if gpu_memory is None and args.size == "demo":
+            gpu_memory = DEMO_GPU_MEMORY
+        budget = None if gpu_memory in (None, "none") else memory_size(gpu_memory)
         from kvtrace.llama import (
             DEFAULT_PROMPTS,
             build_model,
@@ -80,17 +109,22 @@ class DemoCommand(Command):
             from kvtrace.integrations.presses import make_press
 
             press_context = make_press(args.press, args.compression)(model)
-        out = Path(args.out)
+        budget_text = f", budget {gpu_memory}" if budget is not None else ""
         print(
             f"kvtrace demo: Llama 3 '{args.size}' ({sum(p.numel() for p in model.parameters()):,} params, "
             f"{args.dtype}), batch {args.batch}, prompt {input_ids.shape[1]} tokens, "
-            f"{args.new_tokens} new, {args.cache} cache"
+            f"{args.new_tokens} new, {args.cache} cache{budget_text}"
         )
         started = time.perf_counter()
         with (
             torch.no_grad(),
             kvtrace.record(
-                out, model=model, profiler=not args.no_profiler, with_stack=args.with_stack, overwrite=True
+                out,
+                model=model,
+                profiler=not args.no_profiler,
+                with_stack=args.with_stack,
+                overwrite=True,
+                gpu_memory=budget,
             ) as recording,
             press_context,
         ):
