@@ -29,6 +29,7 @@ from analyzers.tables import SCHEMA_VERSION, SCHEMAS, TABLE_NAMES, Input, find_i
 from kvtrace.errors import KvtraceError
 
 ROW_GROUP_ROWS = 1 << 17
+_COMPACT_PIECES = 64
 _PART = re.compile(r"^part-(\d+)\.parquet$")
 
 InputProgress = Callable[[Input], None]
@@ -78,6 +79,9 @@ class _TableWriter:
         self.rows += table.num_rows
         if self._pending_rows >= ROW_GROUP_ROWS:
             self.flush()
+        elif len(self._pending) >= _COMPACT_PIECES:
+            # Many one-run tables cost far more than their rows (buffers per column per piece): merge.
+            self._pending = [pa.concat_tables(self._pending).combine_chunks()]
 
     def flush(self) -> None:
         if self._pending:
