@@ -147,3 +147,39 @@ def test_a_report_renders_in_a_notebook() -> None:
     shape = json.loads((SAMPLE / "kv_events.jsonl").read_text().splitlines()[0])["shape"]
     kv_bytes = model["num_layers"] * 2 * model["num_kv_heads"] * model["head_dim"] * shape[2] * shape[0] * 4
     assert f"<td>final</td><td>{kv_bytes / 1024:.2f} KiB</td>" in html
+
+
+def test_the_readme_notebook_snippet_and_queries_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Many runs: Parquet tables and SQL", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    monkeypatch.chdir(SAMPLE.parents[1])
+    exec(snippet, namespace)  # the README's code, verbatim
+    kv_lines = len((SAMPLE / "kv_events.jsonl").read_text().splitlines())
+    assert len(namespace["kv"]) == kv_lines
+    model = json.loads((SAMPLE / "manifest.json").read_text())["model"]
+    assert namespace["per_layer"].column("layer").to_pylist() == list(range(model["num_layers"]))
+    assert "<svg" in namespace["report"]._repr_html_()
+    # The shell block's queries, on an export of the sample run.
+    out = tmp_path / "tables"
+    assert main(["export", str(SAMPLE), "-o", str(out), "-q"]) == 0
+    queries = [
+        q.strip().strip('"') for q in section.split("```bash\n", 1)[1].split("kvtrace query tables/ ")[1:]
+    ]
+    first = queries[0].split('"', 1)[0]
+    second = queries[1].removeprefix("--json ").strip('"').split('"', 1)[0]
+    shapes = [json.loads(line)["shape"] for line in (SAMPLE / "kv_events.jsonl").read_text().splitlines()]
+    rows = _json_out(capsys, ["query", str(out), "--json", first])
+    # A static cache is allocated at its full length, which the last decode step fills.
+    full_length = max(s[2] for s in shapes if s)
+    assert rows == [
+        {"run_id": SAMPLE.as_posix(), "num_kv_heads": model["num_kv_heads"], "tokens": full_length}
+    ]
+    report = _json_out(capsys, ["report", str(SAMPLE), "--json", "--no-export", "-q"])
+    peaks = _json_out(capsys, ["query", str(out), "--json", second])
+    assert peaks == [
+        {"run_id": SAMPLE.as_posix(), "device": "cpu", "peak": report["devices"][0]["peak_allocated_bytes"]}
+    ]
