@@ -183,3 +183,16 @@ def test_the_readme_notebook_snippet_and_queries_run(
     assert peaks == [
         {"run_id": SAMPLE.as_posix(), "device": "cpu", "peak": report["devices"][0]["peak_allocated_bytes"]}
     ]
+
+
+def test_ranks_of_a_run_group_are_rows_of_one_group(tmp_path: Path) -> None:
+    group = tmp_path / "tp2"
+    for rank in (0, 1):
+        run = _small_run(group / f"rank-{rank}")
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest.update(rank=rank, world_size=2, local_rank=rank, hostname="node-a", backend="gloo")
+        (run / "manifest.json").write_text(json.dumps(manifest))
+    runs = kvtrace.load_tables(group).runs.to_pylist()
+    assert [(r["run_id"], r["group_id"], r["rank"], r["world_size"], r["backend"]) for r in runs] == [
+        (f"{group.as_posix()}/rank-{rank}", group.as_posix(), rank, 2, "gloo") for rank in (0, 1)
+    ]
