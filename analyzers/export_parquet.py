@@ -14,6 +14,7 @@ under a temporary name and renamed when complete: a killed export leaves nothing
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -126,10 +127,27 @@ def check_schema_version(files: list[Path]) -> None:
             )
 
 
-def _exported_paths(out_dir: Path) -> set[str]:
+def _exported(out_dir: Path) -> tuple[set[str], set[str]]:
+    """Resolved paths and run_ids already in the export."""
     files = table_files(out_dir, "runs")
     check_schema_version(files)
-    return {p for f in files for p in pq.read_table(f, columns=["path"]).column("path").to_pylist() if p}
+    paths: set[str] = set()
+    run_ids: set[str] = set()
+    for file in files:
+        table = pq.read_table(file, columns=["path", "run_id"])
+        paths.update(p for p in table.column("path").to_pylist() if p)
+        run_ids.update(r for r in table.column("run_id").to_pylist() if r)
+    return paths, run_ids
+
+
+def _unique(inp: Input, taken: set[str]) -> Input:
+    """Another source exported earlier under the same name (another working directory): `name#2`."""
+    if inp.run_id not in taken:
+        return inp
+    n = 2
+    while f"{inp.run_id}#{n}" in taken:
+        n += 1
+    return dataclasses.replace(inp, run_id=f"{inp.run_id}#{n}")
 
 
 def _next_part(out_dir: Path) -> int:
@@ -167,7 +185,7 @@ def export(
     if overwrite:
         for table in TABLE_NAMES:
             shutil.rmtree(root / table, ignore_errors=True)
-    done = _exported_paths(root) if root.is_dir() else set()
+    done, taken = _exported(root) if root.is_dir() else (set(), set())
     summary = ExportSummary(out_dir=str(root), part=_next_part(root) if root.is_dir() else 0)
     summary.inputs = len(inputs)
     summary.problems.extend(problems)
@@ -187,6 +205,7 @@ def export(
             if str(inp.path) in done:
                 summary.already_exported += 1
             else:
+                inp = _unique(inp, taken)
                 try:
                     tables = source_tables(inp)
                 except KvtraceError as exc:

@@ -196,3 +196,16 @@ def test_ranks_of_a_run_group_are_rows_of_one_group(tmp_path: Path) -> None:
     assert [(r["run_id"], r["group_id"], r["rank"], r["world_size"], r["backend"]) for r in runs] == [
         (f"{group.as_posix()}/rank-{rank}", group.as_posix(), rank, 2, "gloo") for rank in (0, 1)
     ]
+
+
+def test_a_different_source_under_a_name_already_exported_gets_a_new_run_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    for place in ("monday", "tuesday"):  # the same relative name, run from two working directories
+        _small_run(tmp_path / place / "runs" / "x")
+        monkeypatch.chdir(tmp_path / place)
+        assert main(["export", "runs/x", "-o", str(out), "-q"]) == 0
+    runs = pq.read_table(out / "runs").to_pylist()
+    assert sorted(r["run_id"] for r in runs) == ["runs/x", "runs/x#2"]
+    assert len({r["path"] for r in runs}) == 2
