@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import DeviceEvents, Marker, MemorySource
+from analyzers.readers.kineto_scan import MemoryBlock, NotKineto, scan_kineto
 from analyzers.readers.memory_events_fast import DeviceColumns, MemoryRunReader
 from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.sources import JsonStream, ProgressFn, open_input
@@ -114,17 +115,62 @@ def _device_name(device_type: Any, device_id: Any) -> str:
     return prefix if prefix == "cpu" or index < 0 else f"{prefix}:{index}"
 
 
+class _DeviceChunks:
+    """One device's memory events: numpy chunks from the byte scan, and events decoded one by one
+    (`pending`), kept in file order by flushing `pending` before each chunk."""
+
+    def __init__(self) -> None:
+        self.pending = DeviceColumns()
+        self.chunks: list[tuple[np.ndarray, ...]] = []
+        self.with_allocated = 0
+        self.with_reserved = 0
+
+    def flush(self) -> None:
+        cols = self.pending
+        if len(cols.ts):
+            self.chunks.append(
+                tuple(
+                    np.frombuffer(column, dtype=dtype)
+                    for column, dtype in (
+                        (cols.ts, np.float64),
+                        (cols.addr, np.int64),
+                        (cols.delta, np.int64),
+                        (cols.total_allocated, np.int64),
+                        (cols.total_reserved, np.int64),
+                    )
+                )
+            )
+            self.with_allocated += cols.with_allocated
+            self.with_reserved += cols.with_reserved
+            self.pending = DeviceColumns()
+
+    def add_block(self, block: MemoryBlock) -> None:
+        self.flush()
+        self.chunks.append((block.ts, block.addr, block.delta, block.allocated, block.reserved))
+        self.with_allocated += int(np.count_nonzero(block.allocated_known))
+        self.with_reserved += int(np.count_nonzero(block.reserved_known))
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        self.flush()
+        if not self.chunks:
+            empty_f, empty_i = np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)
+            return empty_f, empty_i, empty_i, empty_i, empty_i
+        if len(self.chunks) == 1:
+            return self.chunks[0]
+        return tuple(np.concatenate(parts) for parts in zip(*self.chunks, strict=True))
+
+
 class _TraceCollector:
     """The per-event callback of `read_chrome_trace`: keeps memory events and step ranges only."""
 
     def __init__(self) -> None:
-        self.devices: dict[str, DeviceColumns] = {}
+        self.devices: dict[str, _DeviceChunks] = {}
         self.ranges: list[tuple[str, float, float, dict[str, Any]]] = []
         self.open_ranges: dict[tuple[Any, Any], list[tuple[Any, float]]] = {}
         self.all_integral = True
         self.events = 0
         self.skipped: Counter[str] = Counter()
-        self._columns_by_key: dict[tuple[Any, Any], DeviceColumns] = {}
+        self._devices_by_key: dict[tuple[Any, Any], _DeviceChunks] = {}
 
     def _ts(self, event: dict[str, Any]) -> float | None:
         ts = event.get("ts")
@@ -175,19 +221,26 @@ class _TraceCollector:
                 self.ranges.append((str(name), ts, end, _range_detail(event)))
 
     def columns_for(self, device_type: Any, device_id: Any) -> DeviceColumns:
+        return self.device_for(device_type, device_id).pending
+
+    def add_block(self, block: MemoryBlock) -> None:
+        self.all_integral = self.all_integral and not block.fractional_ts
+        self.device_for(block.device_type, block.device_id).add_block(block)
+
+    def device_for(self, device_type: Any, device_id: Any) -> _DeviceChunks:
         key = (device_type, device_id)
         try:
-            columns = self._columns_by_key.get(key)
+            chunks = self._devices_by_key.get(key)
         except TypeError:  # an unhashable device field: take the slow path
-            columns, key = None, None  # type: ignore[assignment]
-        if columns is None:
+            chunks, key = None, None  # type: ignore[assignment]
+        if chunks is None:
             device = _device_name(device_type, device_id)
-            columns = self.devices.get(device)
-            if columns is None:
-                columns = self.devices[device] = DeviceColumns()
+            chunks = self.devices.get(device)
+            if chunks is None:
+                chunks = self.devices[device] = _DeviceChunks()
             if key is not None:
-                self._columns_by_key[key] = columns
-        return columns
+                self._devices_by_key[key] = chunks
+        return chunks
 
     def _begin_end(self, event: dict[str, Any], phase: str) -> None:
         # Every B is stacked (an E closes the innermost open range of its thread, whatever its name).
@@ -263,41 +316,60 @@ def _device_order(name: str) -> tuple[int, str, int]:
     return (0 if prefix == "cpu" else 1, prefix, _as_int(index, -1))
 
 
-def read_chrome_trace(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
+def read_chrome_trace(
+    path: str | os.PathLike[str], progress: ProgressFn | None = None, byte_scan: bool = True
+) -> MemorySource:
     """A `MemorySource` (kind "chrome_trace") from a Kineto/torch.profiler trace, plain or gzipped.
 
+    Kineto's own layout is read by byte scans (`kineto_scan`); any other layout, or `byte_scan=False`, by
+    the streaming JSON reader. Both give the same columns (`meta["reader"]` says which ran).
     A trace without memory events is valid: it yields no devices, or devices without events.
     """
+    if byte_scan:
+        collector = _TraceCollector()
+        try:
+            result = scan_kineto(path, collector.add_block, collector, collector, progress)
+        except NotKineto:
+            pass
+        else:
+            return _source_of(
+                str(path), collector, result.top, collector.all_integral, result.events, "byte_scan"
+            )
     name = str(path)
     collector = _TraceCollector()
     memory_runs = MemoryRunReader(collector.columns_for)
     with open_input(path, progress) as binary:
         top, skipped = _walk_trace(JsonStream(binary, name), collector, memory_runs)
     integral = collector.all_integral and memory_runs.all_integral
+    events = collector.events + memory_runs.events + skipped
+    return _source_of(name, collector, top, integral, events, "json_stream")
+
+
+def _source_of(
+    name: str, collector: _TraceCollector, top: dict[str, Any], integral: bool, events: int, reader: str
+) -> MemorySource:
     base_ns = top.get("baseTimeNanoseconds")
     capacities = _capacities(top.get("deviceProperties"))
     source = MemorySource(kind="chrome_trace", path=name)
     for device in sorted(collector.devices, key=_device_order):
-        columns = collector.devices[device]
-        raw_ts = np.frombuffer(columns.ts, dtype=np.float64)
-        count = len(columns.ts)
+        chunks = collector.devices[device]
+        raw_ts, addr, delta, allocated, reserved = chunks.arrays()
+        count = len(raw_ts)
         # Kineto writes memory events in time order; sorting (and copying every column) only when it did not
         # keeps the peak at one copy of the columns.
         order: Any = (
             slice(None) if bool(np.all(raw_ts[1:] >= raw_ts[:-1])) else np.argsort(raw_ts, kind="stable")
         )
-        delta = np.frombuffer(columns.delta, dtype=np.int64)[order]
-        allocated = np.frombuffer(columns.total_allocated, dtype=np.int64)[order]
-        reserved = np.frombuffer(columns.total_reserved, dtype=np.int64)[order]
-        full_allocated = allocated if count and columns.with_allocated == count else None
+        delta, allocated, reserved = delta[order], allocated[order], reserved[order]
+        full_allocated = allocated if count and chunks.with_allocated == count else None
         source.devices.append(
             DeviceEvents(
                 device=device,
                 ts_us=_timestamps(raw_ts[order], base_ns, integral),
-                addr=np.frombuffer(columns.addr, dtype=np.int64)[order],
+                addr=addr[order],
                 delta_bytes=delta,
                 total_allocated=full_allocated,
-                total_reserved=reserved if count and columns.with_reserved == count else None,
+                total_reserved=reserved if count and chunks.with_reserved == count else None,
                 capacity_bytes=capacities.get(device),
                 baseline_bytes=_baseline(delta, full_allocated),
             )
@@ -316,7 +388,8 @@ def read_chrome_trace(path: str | os.PathLike[str], progress: ProgressFn | None 
     source.meta.update({key: top[key] for key in _META_KEYS if key in top})
     source.meta["format"] = "chrome_trace"
     source.meta["top_level_keys"] = sorted(top)
-    source.meta["trace_events"] = collector.events + memory_runs.events + skipped
+    source.meta["trace_events"] = events
+    source.meta["reader"] = reader
     source.meta["device_capacity_bytes"] = capacities
     if collector.skipped:
         source.meta["skipped_events"] = dict(collector.skipped)

@@ -1,0 +1,330 @@
+"""Find a Kineto trace's memory events with byte scans, without building a JSON object per event.
+
+A torch.profiler trace is mostly ops and kernels we do not keep, and `json.load` (or any parser) spends most
+of its time building them. Kineto writes every event with one `fprintf` layout: each event opens with
+"\\n  {" and events are separated by ",\\n  ". So the text is cut into blocks of whole events at separators,
+and in each block:
+
+* `[memory]` events are matched by one compiled pattern per Kineto layout (2021 and 2022+), whose groups
+  are the numbers (JSON number grammar, so a leading zero or garbage is not accepted) and converted per
+  column with numpy. When a block's matches do not account for every `"[memory]"` in it (other spacing, key
+  order, strings for numbers, garbage), each of its memory events is decoded with `json` instead, in file
+  order, so damage is reported and odd events are read exactly as the JSON reader reads them.
+* events naming a step (`ProfilerStep#`, `kvtrace/`) or opening/closing a B/E range are found by substring
+  and decoded one by one with `json`: a handful per step.
+* structure is checked cheaply: the separators give the event count, and a lost comma between events
+  ("}\\n  {") is corruption.
+
+Anything that does not look like Kineto's layout at the start or at the end raises `NotKineto`; the caller
+then reads the file with the general streaming JSON reader (`JsonStream`), which accepts any layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from analyzers.readers.sources import ProgressFn, open_input
+from kvtrace.errors import KvtraceError
+
+__all__ = ["MemoryBlock", "NotKineto", "ScanResult", "scan_kineto"]
+
+_SEP = b"\n  },\n  {"
+_COMMA_OPEN = b",\n  {"
+_EVENT_OPEN = b"\n  {"
+_EVENT_CLOSE = b"\n  }"
+_NEEDLE = b'"[memory]"'
+_OTHER_NEEDLES = (b"ProfilerStep#", b"kvtrace/", b'"ph": "B"', b'"ph": "E"')
+_BLOCK_BYTES = 8 << 20
+_HEAD_BYTES = 4 << 20
+_INT = rb"(-?(?:0|[1-9][0-9]*))"
+_TS = rb"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"
+_ANY_INT = rb"-?(?:0|[1-9][0-9]*)"
+# (pattern, names of its groups in order); numbers only where Kineto writes them.
+_NEW = re.compile(
+    rb'\n  \{\n    "ph": "i",\n    \n    "cat": "cpu_instant_event",\n    "s": "t",\n'
+    rb'    "name": "\[memory\]",\n'
+    rb'    "pid": ' + _ANY_INT + rb',\n    "tid": ' + _ANY_INT + rb',\n    "ts": ' + _TS + rb"\n    ,\n"
+    rb'    "args": \{\n      "Total Reserved": '
+    + _INT
+    + rb', "Total Allocated": '
+    + _INT
+    + rb', "Bytes": '
+    + _INT
+    + rb', "Device Id": '
+    + _INT
+    + rb', "Device Type": '
+    + _INT
+    + rb', "Addr": '
+    + _INT
+    + rb', "finished": (?:true|false), "Ev Idx": '
+    + _ANY_INT
+    + rb"\n    \}\n  \}"
+)
+_NEW_FIELDS = ("ts", "reserved", "allocated", "bytes", "device_id", "device_type", "addr")
+_OLD = re.compile(
+    rb'\n  \{\n    "ph": "i", "s": "t", "name": "\[memory\]",\n    "pid": '
+    + _ANY_INT
+    + rb', "tid": '
+    + _ANY_INT
+    + rb',\n    "ts": '
+    + _TS
+    + rb',\n    "args": \{\n      "Device Type": '
+    + _INT
+    + rb', "Device Id": '
+    + _INT
+    + rb', "Bytes": '
+    + _INT
+    + rb"\n    \}\n  \}"
+)
+_OLD_FIELDS = ("ts", "device_type", "device_id", "bytes")
+
+
+class NotKineto(Exception):
+    """The file is not in Kineto's layout (or ends unlike it): read it with the general JSON reader."""
+
+
+@dataclass
+class MemoryBlock:
+    """Memory events of one device from one block, in file order. Missing fields are -1 (`*_known` False)."""
+
+    device_type: int
+    device_id: int
+    ts: np.ndarray  # float64, raw `ts` as written
+    addr: np.ndarray  # int64
+    delta: np.ndarray  # int64
+    allocated: np.ndarray  # int64
+    reserved: np.ndarray  # int64
+    allocated_known: np.ndarray  # bool
+    reserved_known: np.ndarray  # bool
+    fractional_ts: bool = False
+
+
+@dataclass
+class ScanResult:
+    top: dict[str, Any] = field(default_factory=dict)
+    events: int = 0
+
+
+def _columns(matches: list[tuple[bytes, ...]], fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+    table = np.array(matches, dtype="S24").reshape(len(matches), len(fields))
+    return {name: table[:, index] for index, name in enumerate(fields)}
+
+
+def _blocks_of(columns: dict[str, np.ndarray], count: int) -> list[MemoryBlock]:
+    raw_ts = columns["ts"]
+    ts = raw_ts.astype(np.float64)
+    fractional = bool(np.any(ts != np.floor(ts)))
+    ints = {name: col.astype(np.int64) for name, col in columns.items() if not name.startswith(("ts", "dev"))}
+    missing = np.full(count, -1, dtype=np.int64)
+    known = np.ones(count, dtype=bool)
+    unknown = np.zeros(count, dtype=bool)
+    with_totals = "allocated" in ints
+    raw_type, raw_id = columns["device_type"], columns["device_id"]
+    if bool(np.all(raw_type == raw_type[0])) and bool(np.all(raw_id == raw_id[0])):  # the usual case
+        keys = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64)
+        pairs = np.array([[int(raw_type[0])], [int(raw_id[0])]], dtype=np.int64)
+        keys[0][:], keys[1][:] = pairs[0, 0], pairs[1, 0]
+    else:  # CPU and GPU events interleaved: each device gets its rows, in order
+        keys = raw_type.astype(np.int64), raw_id.astype(np.int64)
+        pairs = np.unique(np.stack(keys), axis=1)
+    blocks = []
+    for device_type, device_id in pairs.T.tolist():
+        rows: Any = slice(None)
+        if pairs.shape[1] > 1:
+            rows = (keys[0] == device_type) & (keys[1] == device_id)
+        blocks.append(
+            MemoryBlock(
+                device_type=device_type,
+                device_id=device_id,
+                ts=ts[rows],
+                addr=ints.get("addr", missing)[rows],
+                delta=ints["bytes"][rows],
+                allocated=ints.get("allocated", missing)[rows],
+                reserved=ints.get("reserved", missing)[rows],
+                allocated_known=(known if with_totals else unknown)[rows],
+                reserved_known=(known if with_totals else unknown)[rows],
+                fractional_ts=fractional,
+            )
+        )
+    return blocks
+
+
+def _event_at(block: bytes, at: int) -> tuple[int, int]:
+    """(start, end) of the top-level event holding byte `at`: from its "{" to just after its "}"."""
+    start = block.rfind(_EVENT_OPEN, 0, at)
+    end = block.find(_EVENT_CLOSE, at)
+    if start < 0 or end < 0:
+        raise NotKineto
+    return start + 3, end + 4
+
+
+def _decode(block: bytes, start: int, end: int, path: str) -> Any:
+    try:
+        return json.loads(block[start:end])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        what = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise KvtraceError(f"{path}: corrupt JSON ({what}) inside traceEvents") from None
+
+
+class _Scanner:
+    def __init__(
+        self,
+        path: str,
+        on_memory: Callable[[MemoryBlock], None],
+        on_odd_memory: Callable[[Any], None],
+        on_event: Callable[[Any], None],
+    ) -> None:
+        self.path = path
+        self.on_memory = on_memory
+        self.on_odd_memory = on_odd_memory
+        self.on_event = on_event
+        self.result = ScanResult()
+        self.commas = 0
+
+    def block(self, block: bytes) -> None:
+        """`block`: whole events, the first preceded by "\\n  " or whitespace, the last ending with "}".
+
+        A block is cut in three: before the first `[memory]` event, the run from it to the last one, and
+        after. A run that the layout pattern matches end to end (one match per event, joined by separators
+        only) needs no other check; the rest is counted and searched for the few events we decode."""
+        first = block.find(_NEEDLE)
+        if first < 0:
+            self._plain(block, 0, len(block))
+            return
+        start = block.rfind(_EVENT_OPEN, 0, first)
+        end = block.find(_EVENT_CLOSE, block.rfind(_NEEDLE)) + 4
+        if start < 0 or end < 4:
+            raise NotKineto
+        self._plain(block, 0, start)
+        if start > 0 and block[start - 1 : start] == b",":
+            self.commas += 1
+        if not self._memory_run(block, start, end):
+            self._plain(block, start, end, memory=True)
+        self._plain(block, end, len(block))
+
+    def check(self) -> None:
+        """Every event but the first follows a comma (a lost one is corruption, or not Kineto's layout)."""
+        if self.commas != self.result.events - 1:
+            raise NotKineto
+
+    def _plain(self, block: bytes, start: int, end: int, memory: bool = False) -> None:
+        """Count the events of block[start:end] and decode those we keep (memory ones only if `memory`)."""
+        self.result.events += block.count(_EVENT_OPEN, start, end)
+        self.commas += block.count(_COMMA_OPEN, start, end)
+        found: dict[int, int] = {}  # start -> end of each event worth decoding
+        for needle in (_NEEDLE, *_OTHER_NEEDLES) if memory else _OTHER_NEEDLES:
+            at = block.find(needle, start, end)
+            while at >= 0:
+                event_start, event_end = _event_at(block, at)
+                found[event_start] = event_end
+                at = block.find(needle, event_end, end)
+        for event_start in sorted(found):  # file order
+            event = _decode(block, event_start, found[event_start], self.path)
+            is_memory = isinstance(event, dict) and event.get("name") == "[memory]"
+            if is_memory or _NEEDLE not in block[event_start : found[event_start]]:
+                (self.on_odd_memory if is_memory else self.on_event)(event)
+
+    def _memory_run(self, block: bytes, start: int, end: int) -> bool:
+        """Read block[start:end] if it is nothing but memory events in one of Kineto's layouts."""
+        for pattern, fields in ((_NEW, _NEW_FIELDS), (_OLD, _OLD_FIELDS)):
+            matches = pattern.findall(block, start, end)
+            if not matches:
+                continue
+            commas = block.count(_COMMA_OPEN, start, end)
+            if commas != len(matches) - 1:
+                return False
+            try:
+                memory_blocks = _blocks_of(_columns(matches, fields), len(matches))
+            except (ValueError, OverflowError):  # a number beyond int64: the JSON reader's case
+                return False
+            for memory in memory_blocks:
+                self.on_memory(memory)
+            self.result.events += len(matches)
+            self.commas += commas
+            return True
+        return False
+
+
+def _header(head: bytes) -> tuple[dict[str, Any], int]:
+    """Top-level fields before "traceEvents" and where the events begin; NotKineto if unlike Kineto."""
+    key = head.find(b'"traceEvents": [')
+    if key < 0:
+        raise NotKineto
+    try:
+        top = json.loads(head[:key] + b'"traceEvents": []}')
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise NotKineto from None
+    if not isinstance(top, dict):
+        raise NotKineto
+    top.pop("traceEvents", None)
+    begin = key + len(b'"traceEvents": [')
+    first = head.find(_EVENT_OPEN + b"\n    ", begin)
+    if first < 0 or head[begin:first].strip():
+        raise NotKineto
+    return top, begin
+
+
+def _trailer(tail: bytes) -> dict[str, Any]:
+    """The fields after the event array ("\\n  ]" or "]", then more keys or "}"); NotKineto otherwise."""
+    rest = tail.strip()
+    if not rest.startswith(b"]"):
+        raise NotKineto
+    rest = rest[1:].strip()
+    if rest == b"}":
+        return {}
+    if not rest.startswith(b","):
+        raise NotKineto
+    try:
+        more = json.loads(b"{" + rest[1:])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise NotKineto from None
+    if not isinstance(more, dict):
+        raise NotKineto
+    return more
+
+
+def scan_kineto(
+    path: str | os.PathLike[str],
+    on_memory: Callable[[MemoryBlock], None],
+    on_odd_memory: Callable[[Any], None],
+    on_event: Callable[[Any], None],
+    progress: ProgressFn | None = None,
+    block_bytes: int | None = None,
+) -> ScanResult:
+    """Feed a Kineto-layout trace's memory events to `on_memory` (numpy columns per device and block) or,
+    one by one, to `on_odd_memory` (decoded dicts, where the layout differs); step and B/E events to
+    `on_event`. Raises `NotKineto` before calling anything if the file does not start like Kineto's output,
+    and also if it ends unlike it (the caller must then discard what it got and use the general reader)."""
+    name = str(path)
+    scanner = _Scanner(name, on_memory, on_odd_memory, on_event)
+    with open_input(path, progress) as binary:
+        head = binary.read(_HEAD_BYTES)
+        top, begin = _header(head)
+        carry = head[begin:]
+        while True:
+            data = binary.read(block_bytes or _BLOCK_BYTES)
+            buffer = carry + data if carry else data
+            if not data:
+                break
+            cut = buffer.rfind(_SEP)
+            if cut < 0:
+                carry = buffer
+                continue
+            scanner.block(buffer[: cut + 4])
+            scanner.commas += 1  # the one at buffer[cut + 4], between this block and the next
+            carry = buffer[cut + 5 :]
+        end = buffer.rfind(_EVENT_CLOSE)
+        if end < 0:
+            raise NotKineto
+        top.update(_trailer(buffer[end + 4 :]))
+        scanner.block(buffer[: end + 4])
+    scanner.check()
+    scanner.result.top = top
+    return scanner.result
