@@ -28,6 +28,7 @@ from kvtrace.errors import KvtraceError
 from kvtrace.geometry import model_geometry
 from kvtrace.integrations.hf_caches import HfCacheHooks
 from kvtrace.integrations.module_caches import ModuleCaches
+from kvtrace.integrations.vllm import is_vllm_object
 from kvtrace.kv_tracker import KvTracker
 from kvtrace.memory_samples import MemorySampler
 from kvtrace.options import RecordOptions
@@ -100,6 +101,14 @@ class Recording:
     ):
         self.path = Path(out_dir)
         self.model = model
+        # A vllm.LLM is recorded through its engine core (integrations/vllm_engine.py), not as a module;
+        # with no model at all, a vLLM start refused inside the block still leaves its figures.
+        self._vllm_llm: Any = None
+        self._vllm: Any = None
+        self.vllm_process = "inproc"
+        self.vllm_watch = True
+        if is_vllm_object(model):
+            self._vllm_llm, self.model = model, None
         self.options = options or RecordOptions()
         self.notes: list[str] = []
         self._clock = self.options.clock
@@ -171,6 +180,11 @@ class Recording:
         tracker = KvTracker(self._emit, self._clock)
         self.tracker = tracker
         self._ranges = _Ranges(self.options.nvtx, self.options.profiler)
+        if self._vllm_llm is not None or (self.model is None and self.vllm_watch):
+            from kvtrace.integrations.vllm_engine import VllmRecording
+
+            self._vllm = VllmRecording(self, self._vllm_llm, self.vllm_process)
+            self._vllm.install()
         if HfCacheHooks.available():
             self._hf = HfCacheHooks(tracker, self._ranges.push, self._ranges.pop)
             if self.model is None:
@@ -259,6 +273,9 @@ class Recording:
         )
         self._manifest["kv_events"] = self.event_count
         self._manifest["notes"] = self.notes
+        engine = self._vllm.summary() if self._vllm is not None else None
+        if engine is not None:
+            self._manifest["engine"] = engine
         fmt.write_json_atomic(self.path / fmt.MANIFEST, self._manifest)
 
     def _teardown(self) -> None:
@@ -275,6 +292,8 @@ class Recording:
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        if self._vllm is not None:
+            self._vllm.uninstall()
         if self._hf is not None:
             self._hf.uninstall()
         if self._snapshots is not None and self._snapshots.active and self._events is None:

@@ -1,0 +1,370 @@
+"""vLLM: record the paged KV pool of a V1 engine, its steps, its requests, preemptions and prefix evictions.
+
+vLLM allocates the KV cache once, as one storage cut into fixed-size blocks, and gives each attention layer a
+view of it. What kvtrace needs is spread over its objects, read here (vLLM 0.32; docs/vllm.md says which
+figure comes from a public interface and which from an internal one):
+
+- the pool: `KVCacheConfig` (public config object) and the model runner's per-layer KV tensors;
+- per step: the `EngineCoreOutputs.scheduler_stats` a step returns (what vLLM's stat loggers read),
+  the `SchedulerOutput` of `Scheduler.schedule()` (wrapped), and the block pool's free queue;
+- per request: `Scheduler._preempt_request` (wrapped: blocks and tokens held just before the drop) and
+  the coordinator's `req_to_blocks`;
+- prefix-cache evictions: `BlockPool._maybe_evict_cached_block` (wrapped, counts True returns);
+- a refused start: `kv_cache_utils._check_enough_kv_cache_memory` (wrapped: the exact bytes vLLM compared).
+
+Every wrapper is an instance (or module) attribute set on install and removed on uninstall, in `finally`.
+This module imports vllm only when a vLLM object is handed to it or vllm is already imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kvtrace import format as fmt
+
+VLLM_CACHE_ID = 3000  # the `cache` id of the pool's KV events
+_REFUSED_PREFIX = "To serve at least one request with the model's max seq len"
+_CHECK_MODULE = "vllm.v1.core.kv_cache_utils"
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def is_vllm_object(obj: Any) -> bool:
+    """True for an object of a vllm class (LLM, LLMEngine), decided without importing vllm."""
+    return obj is not None and type(obj).__module__.split(".")[0] == "vllm"
+
+
+def engine_core_of(llm: Any) -> Any:
+    """The in-process `EngineCore` of an `LLM` or `LLMEngine`; a one-line error for a multiprocess one."""
+    from kvtrace.errors import KvtraceError
+
+    engine = getattr(llm, "llm_engine", llm)
+    client = getattr(engine, "engine_core", None)
+    core = getattr(client, "engine_core", None)
+    if core is None or not hasattr(core, "scheduler"):
+        raise KvtraceError(
+            f"record(model=...): the vLLM engine of {type(llm).__name__} runs in another process "
+            f"({type(client).__name__}); set VLLM_ENABLE_V1_MULTIPROCESSING=0 before creating it, or record "
+            "a multiprocess engine with the kvtrace plugin: KVTRACE_DIR=<dir> in its environment"
+        )
+    return core
+
+
+def _vllm_version() -> str:
+    with contextlib.suppress(Exception):
+        import vllm
+
+        return str(vllm.__version__)
+    return "unknown"
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def config_facts(vllm_config: Any) -> dict[str, Any]:
+    """The knobs that size the pool, as the user set them (engine.json `config`)."""
+    model, cache = vllm_config.model_config, vllm_config.cache_config
+    sched, parallel = vllm_config.scheduler_config, vllm_config.parallel_config
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+    return {
+        "max_model_len": model.max_model_len,
+        "max_num_seqs": sched.max_num_seqs,
+        "max_num_batched_tokens": sched.max_num_batched_tokens,
+        "block_size": cache.block_size,
+        "gpu_memory_utilization": cache.gpu_memory_utilization,
+        "kv_cache_memory_bytes": getattr(cache, "kv_cache_memory_bytes", None),
+        "kv_cache_dtype": cache.cache_dtype,
+        "enable_prefix_caching": bool(cache.enable_prefix_caching),
+        "tensor_parallel_size": parallel.tensor_parallel_size,
+        "pipeline_parallel_size": parallel.pipeline_parallel_size,
+        "device": str(device) if device is not None else None,
+    }
+
+
+def model_facts(vllm_config: Any, model: Any = None) -> dict[str, Any]:
+    hf = vllm_config.model_config.hf_config
+    text = getattr(hf, "get_text_config", lambda: hf)()
+    heads = getattr(text, "num_attention_heads", None)
+    hidden = getattr(text, "hidden_size", None)
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    num_params = None
+    if model is not None:
+        with contextlib.suppress(Exception):
+            num_params = sum(p.numel() for p in model.parameters())
+    return {
+        "num_layers": getattr(text, "num_hidden_layers", None),
+        "num_kv_heads": getattr(text, "num_key_value_heads", heads),
+        "head_dim": head_dim,
+        "dtype": _dtype_name(vllm_config.model_config.dtype),
+        "num_attention_heads": heads,
+        "hidden_size": hidden,
+        "vocab_size": getattr(text, "vocab_size", None),
+        "num_params": num_params,
+    }
+
+
+def _model_runner(core: Any) -> Any:
+    """The worker's model runner when the worker lives in this process (UniProcExecutor), else None."""
+    driver = getattr(core.model_executor, "driver_worker", None)
+    worker = getattr(driver, "worker", driver)
+    return getattr(worker, "model_runner", None)
+
+
+def _layer_tensors(core: Any, names: list[str]) -> dict[str, Any]:
+    """Layer name -> its KV tensor, from the attention layers of the static forward context."""
+    runner = _model_runner(core)
+    if runner is None:
+        return {}
+    context = core.vllm_config.compilation_config.static_forward_context
+    found: dict[str, Any] = {}
+    for name in names:
+        cache = getattr(context.get(name), "kv_cache", None)
+        if isinstance(cache, (list, tuple)):
+            cache = cache[0] if cache else None
+        if cache is not None and hasattr(cache, "untyped_storage") and cache.numel():
+            found[name] = cache
+    if not found:  # fall back to the runner's list, in the config's layer order
+        tensors = list(getattr(runner, "kv_caches", []) or [])
+        if len(tensors) == len(names):
+            found = dict(zip(names, tensors, strict=True))
+    return found
+
+
+def split_kv(tensor: Any, num_blocks: int, head_size: int) -> tuple[Any, Any]:
+    """K and V views of one layer's KV tensor, whatever the layout: a leading dimension of 2 (GPU
+    backends' (2, blocks, ...)), a dimension of 2 right after the blocks ((blocks, 2, block, heads, dim)),
+    or K and V side by side in the channels (CPU LBHNC: (blocks, heads, block, 2 x head_size)).
+    (tensor, None) when none applies."""
+    shape = tuple(tensor.shape)
+    if len(shape) >= 2 and shape[0] == 2 and shape[1] == num_blocks:
+        return tensor[0], tensor[1]
+    if shape and shape[-1] == 2 * head_size:
+        return tensor[..., :head_size], tensor[..., head_size:]
+    if len(shape) >= 4 and shape[0] == num_blocks and shape[1] == 2:
+        return tensor[:, 0], tensor[:, 1]
+    return tensor, None
+
+
+def pool_facts(core: Any, kv_cache_config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(engine.json pool fields, layer name -> tensor) from the KV cache config and, where the worker is in
+    this process, the KV tensors themselves (storage counted once)."""
+    groups = kv_cache_config.kv_cache_groups
+    spec = groups[0].kv_cache_spec if groups else None
+    names = [name for t in kv_cache_config.kv_cache_tensors for name in t.layers]
+    configured_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
+    tensors = _layer_tensors(core, names)
+    layers: list[dict[str, Any]] = []
+    storages: dict[int, dict[str, Any]] = {}
+    for position, name in enumerate(names):
+        tensor = tensors.get(name)
+        match = _LAYER_INDEX.search(name)
+        entry: dict[str, Any] = {"layer": int(match.group(1)) if match else position, "name": name}
+        if tensor is not None:
+            storage = tensor.untyped_storage()
+            addr = storage.data_ptr()
+            storages.setdefault(addr, {"addr": addr, "bytes": storage.nbytes(), "device": str(tensor.device)})
+            entry.update(
+                shape=list(tensor.shape),
+                dtype=_dtype_name(tensor.dtype),
+                bytes=tensor.numel() * tensor.element_size(),
+                storage_addr=addr,
+                view_offset=tensor.data_ptr() - addr,
+            )
+        layers.append(entry)
+    pool_bytes = sum(s["bytes"] for s in storages.values()) if storages else configured_bytes
+    num_blocks = kv_cache_config.num_blocks
+    facts = {
+        "num_blocks": num_blocks,
+        "block_size": getattr(spec, "block_size", None),
+        "bytes_per_block": configured_bytes // num_blocks if num_blocks else 0,
+        "kv_cache_bytes": pool_bytes,
+        "configured_kv_cache_bytes": configured_bytes,
+        "kv_dtype": _dtype_name(getattr(spec, "dtype", "")),
+        "layout": kv_cache_config.kv_cache_layout or core.vllm_config.cache_config.kv_cache_layout,
+        "layers": layers,
+        "storage": list(storages.values()),
+        "pool_source": "kv_tensors" if storages else "kv_cache_config",
+    }
+    return facts, tensors
+
+
+def engine_document(core: Any, kv_cache_config: Any, process: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """engine.json for a started engine, and the layer tensors it describes."""
+    runner = _model_runner(core)
+    model = None
+    with contextlib.suppress(Exception):
+        model = runner.get_model() if runner is not None else None
+    pool, tensors = pool_facts(core, kv_cache_config)
+    weights_bytes = None
+    if model is not None:
+        with contextlib.suppress(Exception):
+            weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    available = getattr(core, "available_gpu_memory_for_kv_cache", -1)
+    document: dict[str, Any] = {
+        "name": "vllm",
+        "version": _vllm_version(),
+        "status": "ok",
+        "process": process,
+        "model": model_facts(core.vllm_config, model),
+        "config": config_facts(core.vllm_config),
+        **pool,
+        "memory_profile": {
+            "weights_bytes": weights_bytes,
+            "activation_peak_bytes": None,
+            "non_torch_bytes": None,
+            "total_device_bytes": None,
+            "available_kv_bytes": available if available and available > 0 else None,
+        },
+        "refused": None,
+    }
+    return document, tensors
+
+
+# -- a refused start ---------------------------------------------------------------------------------------
+def parse_refusal(message: str) -> dict[str, Any] | None:
+    """max_model_len and vLLM's estimate from its refusal message (the GiB figures are rounded: not kept)."""
+    if _REFUSED_PREFIX not in message:
+        return None
+    wanted = re.search(r"max seq len \((\d+)\)", message)
+    estimate = re.search(r"estimated maximum model length is (\d+)", message)
+    return {
+        "message": message,
+        "max_model_len": int(wanted.group(1)) if wanted else None,
+        "needed_bytes": None,
+        "available_bytes": None,
+        "estimated_max_model_len": int(estimate.group(1)) if estimate else 0,
+    }
+
+
+def write_refused(path: Path, process: str, refused: dict[str, Any], vllm_config: Any = None) -> None:
+    document: dict[str, Any] = {
+        "name": "vllm",
+        "version": _vllm_version(),
+        "status": "refused_start",
+        "process": process,
+        "model": model_facts(vllm_config) if vllm_config is not None else None,
+        "config": config_facts(vllm_config) if vllm_config is not None else None,
+        "num_blocks": 0,
+        "block_size": vllm_config.cache_config.block_size if vllm_config is not None else None,
+        "bytes_per_block": refused.pop("bytes_per_block", None),
+        "kv_cache_bytes": 0,
+        "kv_dtype": None,
+        "layout": None,
+        "layers": [],
+        "storage": [],
+        "memory_profile": {"available_kv_bytes": refused.get("available_bytes")},
+        "refused": refused,
+    }
+    fmt.write_json_atomic(path / fmt.ENGINE, document)
+
+
+class RefusalWatch:
+    """Catches vLLM's KV-memory check while installed: on a refusal, `on_refused(refused, vllm_config)` gets
+    the exact bytes vLLM compared (needed for max_model_len, available after the null block) and its own
+    estimate of the largest max_model_len, computed by vLLM's function before the error is raised.
+
+    vllm is patched only if it is imported already, or when it gets imported (a `sys.meta_path` finder
+    that waits for `vllm.v1.core.kv_cache_utils`); the finder is removed on uninstall."""
+
+    def __init__(self, on_refused: Callable[[dict[str, Any], Any], None]) -> None:
+        self._on_refused = on_refused
+        self._module: Any = None
+        self._original: Any = None
+        self._finder: _AfterImport | None = None
+
+    def install(self) -> None:
+        module = sys.modules.get(_CHECK_MODULE)
+        if module is not None:
+            self._patch(module)
+        else:
+            self._finder = _AfterImport(_CHECK_MODULE, self._patch)
+            sys.meta_path.insert(0, self._finder)
+
+    def uninstall(self) -> None:
+        if self._finder is not None:
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self._finder)
+            self._finder = None
+        if self._module is not None:
+            if self._module._check_enough_kv_cache_memory is self._wrapper:
+                self._module._check_enough_kv_cache_memory = self._original
+            self._module = None
+
+    def _patch(self, module: Any) -> None:
+        if self._module is not None:
+            return
+        self._module, self._original = module, module._check_enough_kv_cache_memory
+        module._check_enough_kv_cache_memory = self._wrapper
+
+    def _wrapper(
+        self, available_memory: int, get_needed_memory: Any, max_model_len: int, estimate: Any
+    ) -> None:
+        try:
+            self._original(available_memory, get_needed_memory, max_model_len, estimate)
+        except ValueError as exc:
+            vllm_config = (getattr(get_needed_memory, "args", None) or (None,))[0]
+            refused = parse_refusal(str(exc)) or {"message": str(exc)}
+            refused["max_model_len"] = max_model_len
+            refused["available_bytes"] = int(available_memory)
+            with contextlib.suppress(Exception):
+                refused["needed_bytes"] = int(get_needed_memory())
+            with contextlib.suppress(Exception):
+                refused["estimated_max_model_len"] = int(estimate(available_memory))
+            with contextlib.suppress(Exception):
+                groups = get_needed_memory.args[1]
+                refused["bytes_per_block"] = sum(
+                    g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups
+                )
+            with contextlib.suppress(Exception):
+                self._on_refused(refused, vllm_config)
+            raise
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `callback(module)` right after `name` is imported; finds nothing itself."""
+
+    def __init__(self, name: str, callback: Callable[[Any], None]) -> None:
+        self._name = name
+        self._callback = callback
+        self._busy = False
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self._name or self._busy:
+            return None
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        loader, callback = spec.loader, self._callback
+
+        class _Loader(importlib.abc.Loader):
+            def create_module(self, spec: Any) -> Any:
+                return loader.create_module(spec)
+
+            def exec_module(self, module: Any) -> None:
+                loader.exec_module(module)
+                callback(module)
+
+        spec.loader = _Loader()
+        return spec
+
+
+def after_import(name: str, callback: Callable[[Any], None]) -> _AfterImport | None:
+    """`callback(module)` now if `name` is imported, else once it is; the finder to remove, if any."""
+    module = sys.modules.get(name)
+    if module is not None:
+        callback(module)
+        return None
+    finder = _AfterImport(name, callback)
+    sys.meta_path.insert(0, finder)
+    return finder

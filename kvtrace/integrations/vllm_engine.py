@@ -1,0 +1,320 @@
+"""The hooks on a running vLLM engine core: one engine step = one kvtrace step.
+
+`EngineHooks.install()` writes engine.json and the pool's KV events, then wraps (instance attributes
+only, removed by `uninstall()`): `EngineCore.step_fn`, `Scheduler.schedule`, `Scheduler._preempt_request`
+and `BlockPool._maybe_evict_cached_block`. After each step it appends one line to engine_steps.jsonl and
+the request events of that step to engine_requests.jsonl (docs/format.md, "vLLM runs").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from kvtrace import format as fmt
+from kvtrace.integrations.vllm import (
+    VLLM_CACHE_ID,
+    RefusalWatch,
+    engine_core_of,
+    engine_document,
+    split_kv,
+    write_refused,
+)
+
+_EMPTIED = ("preempted", "finished")  # request events after which it holds no KV
+
+
+class _Patches:
+    """Attributes set on objects, and how to put each back (an instance attribute may shadow a method)."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[Any, str, bool, Any]] = []
+
+    def set(self, obj: Any, name: str, value: Any) -> Any:
+        had_own = name in vars(obj)
+        original = getattr(obj, name)
+        self._undo.append((obj, name, had_own, vars(obj).get(name)))
+        setattr(obj, name, value)
+        return original
+
+    def undo(self) -> None:
+        while self._undo:
+            obj, name, had_own, own = self._undo.pop()
+            with contextlib.suppress(Exception):
+                if had_own:
+                    setattr(obj, name, own)
+                else:
+                    delattr(obj, name)
+
+
+class EngineHooks:
+    """Records one engine core into an active `Recording` (`recording`) until `uninstall()`."""
+
+    def __init__(self, recording: Any, core: Any, process: str = "inproc", wrap_step: bool = True) -> None:
+        self.recording = recording
+        self.core = core
+        self.process = process
+        self._wrap_step = wrap_step
+        self._patches = _Patches()
+        scheduler = core.scheduler
+        self._scheduler = scheduler
+        manager = scheduler.kv_cache_manager
+        self._kv_cache_config = manager.kv_cache_config
+        self._pool = manager.block_pool
+        self._managers = list(manager.coordinator.single_type_managers)
+        self._requests: dict[str, Any] = scheduler.requests
+        self._steps: fmt.JsonlAppender | None = None
+        self._request_log: fmt.JsonlAppender | None = None
+        self._sched_out: Any = None
+        self._step_preempted: list[str] = []
+        self._prefix_evicted = 0
+        self._held: dict[str, int] = {}  # request id -> blocks last logged (requests not finished)
+        self._dropped: dict[str, int] = {}  # preempted, not resumed yet: request id -> tokens dropped
+        self.engine_steps = 0
+        self.preemptions = 0
+        self.document: dict[str, Any] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def install(self) -> None:
+        rec = self.recording
+        self.document, tensors = engine_document(self.core, self._kv_cache_config, self.process)
+        fmt.write_json_atomic(rec.path / fmt.ENGINE, self.document)
+        self._log_pool(tensors)
+        self._steps = fmt.JsonlAppender(rec.path / fmt.ENGINE_STEPS)
+        self._request_log = fmt.JsonlAppender(rec.path / fmt.ENGINE_REQUESTS)
+        patches = self._patches
+        self._schedule = patches.set(self._scheduler, "schedule", self._schedule_hook)
+        self._preempt = patches.set(self._scheduler, "_preempt_request", self._preempt_hook)
+        self._evict = patches.set(self._pool, "_maybe_evict_cached_block", self._evict_hook)
+        if self._wrap_step:
+            self._step_fn = patches.set(self.core, "step_fn", self._step_hook)
+
+    def uninstall(self) -> None:
+        self._patches.undo()
+        for log in (self._steps, self._request_log):
+            if log is not None:
+                log.close()
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest's `engine` entry."""
+        return {
+            "name": "vllm",
+            "version": self.document.get("version"),
+            "process": self.process,
+            "status": self.document.get("status"),
+            "num_blocks": self.document.get("num_blocks"),
+            "kv_cache_bytes": self.document.get("kv_cache_bytes"),
+            "engine_steps": self.engine_steps,
+            "preemptions": self.preemptions,
+            "prefix_evicted_blocks": self._prefix_evicted,
+        }
+
+    def _log_pool(self, tensors: dict[str, Any]) -> None:
+        """A `created` KV event per layer and kind: views of the pool's storage, so replays count it once."""
+        tracker = self.recording.tracker
+        config = self._kv_cache_config
+        spec = config.kv_cache_groups[0].kv_cache_spec if config.kv_cache_groups else None
+        head_size = getattr(spec, "head_size", 0)
+        capacity = config.num_blocks * getattr(spec, "block_size", 0)
+        for entry in self.document["layers"]:
+            tensor = tensors.get(entry["name"])
+            if tensor is None:
+                continue
+            k, v = split_kv(tensor, config.num_blocks, head_size)
+            parts: dict[tuple[str, str], Any] = {("k", "data"): k}
+            if v is not None:
+                parts[("v", "data")] = v
+            tracker.observe(VLLM_CACHE_ID, entry["layer"], parts, "track", capacity, source="vllm")
+        self.recording._flush()
+
+    # -- hooks -------------------------------------------------------------------------------------------
+    def _schedule_hook(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._schedule(*args, **kwargs)
+        self._sched_out = out
+        return out
+
+    def _blocks_of(self, request_id: str) -> int:
+        return sum(len(m.req_to_blocks.get(request_id, ())) for m in self._managers)
+
+    def _preempt_hook(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        request_id = request.request_id
+        blocks, tokens = self._blocks_of(request_id), request.num_computed_tokens
+        result = self._preempt(request, *args, **kwargs)
+        self.preemptions += 1
+        self._step_preempted.append(request_id)
+        self._dropped[request_id] = tokens
+        self._held[request_id] = 0
+        self._log_request(request, "preempted", 0, dropped_blocks=blocks, dropped_tokens=tokens)
+        return result
+
+    def _evict_hook(self, block: Any) -> Any:
+        evicted = self._evict(block)
+        if evicted:
+            self._prefix_evicted += 1
+        return evicted
+
+    def _step_hook(self) -> Any:
+        return self.around_step(self._step_fn)
+
+    def around_step(self, step_fn: Any) -> Any:
+        rec = self.recording
+        tracker = rec.tracker
+        tracker.step += 1
+        ranges = rec._ranges
+        if ranges is not None:
+            ranges.push(f"kvtrace/engine step {tracker.step}")
+        self._sched_out = None
+        evicted_before = self._prefix_evicted
+        try:
+            result = step_fn()
+        finally:
+            if ranges is not None:
+                ranges.pop()
+        if self._sched_out is None:  # nothing to schedule: not a step
+            tracker.step -= 1
+            return result
+        try:
+            self._after_step(tracker.step, result, self._prefix_evicted - evicted_before)
+        finally:
+            self._step_preempted = []
+            self._sched_out = None
+        return result
+
+    # -- per step ----------------------------------------------------------------------------------------
+    def _after_step(self, step: int, result: Any, prefix_evicted: int) -> None:
+        rec = self.recording
+        out = self._sched_out
+        scheduled: dict[str, int] = out.num_scheduled_tokens
+        phase = "prefill" if out.total_num_scheduled_tokens > len(scheduled) else "decode"
+        rec.tracker.phase = phase
+        self.engine_steps += 1
+        requests = self._requests
+        for request_id, count in scheduled.items():
+            request = requests.get(request_id)
+            if request is None:
+                continue
+            blocks = self._blocks_of(request_id)
+            if request_id in self._dropped:
+                dropped = self._dropped.pop(request_id)
+                hits = max(0, request.num_computed_tokens - count)
+                self._log_request(request, "resumed", blocks, recomputed_tokens=max(0, dropped - hits))
+            elif request_id not in self._held:
+                self._log_request(request, "scheduled", blocks)
+            elif blocks != self._held[request_id]:
+                self._log_request(request, "blocks", blocks)
+            self._held[request_id] = blocks
+        for request_id in list(self._held):
+            request = requests.get(request_id)
+            if request is None or request.is_finished():
+                del self._held[request_id]
+                self._dropped.pop(request_id, None)
+                self._log_request(request, "finished", 0, request_id=request_id)
+        pool = self._pool
+        free = pool.get_num_free_blocks()
+        cached = sum(1 for b in pool.blocks if b.ref_cnt == 0 and b.block_hash is not None and not b.is_null)
+        # vLLM's own per-step prefix-cache stats (what its stat loggers read): new requests in hits/queries
+        # (the vllm:prefix_cache_* counters), resumed ones apart.
+        hits = queries = preempted_hits = preempted_queries = 0
+        outputs = result[0] if isinstance(result, tuple) and result else None
+        for output in (outputs or {}).values():
+            stats = getattr(output, "scheduler_stats", None)
+            prefix = getattr(stats, "prefix_cache_stats", None)
+            if prefix is not None:
+                hits += prefix.hits
+                queries += prefix.queries
+                preempted_hits += getattr(prefix, "preempted_hits", 0)
+                preempted_queries += getattr(prefix, "preempted_queries", 0)
+        running, waiting = self._scheduler.get_request_counts()
+        total = pool.num_gpu_blocks
+        reserved = 1 if getattr(pool, "null_block", None) is not None else 0
+        assert self._steps is not None
+        self._steps.append(
+            {
+                "step": step,
+                "t_ns": rec._clock(),
+                "phase": phase,
+                "blocks_total": total,
+                "blocks_used": total - free - reserved,
+                "blocks_free": free,
+                "blocks_cached": cached,
+                "blocks_reserved": reserved,
+                "running": running,
+                "waiting": waiting,
+                "tokens_scheduled": out.total_num_scheduled_tokens,
+                "preempted": list(self._step_preempted),
+                "prefix_evicted_blocks": prefix_evicted,
+                "prefix_hits": hits,
+                "prefix_queries": queries,
+                "prefix_preempted_hits": preempted_hits,
+                "prefix_preempted_queries": preempted_queries,
+            }
+        )
+        rec._sample(phase)
+        rec._flush()
+        self._steps.flush()
+        assert self._request_log is not None
+        self._request_log.flush()
+
+    def _log_request(
+        self, request: Any, event: str, blocks: int, request_id: str | None = None, **extra: Any
+    ) -> None:
+        assert self._request_log is not None
+        record: dict[str, Any] = {
+            "t_ns": self.recording._clock(),
+            "step": self.recording.tracker.step,
+            "request_id": request_id if request is None else request.request_id,
+            "event": event,
+            "blocks": blocks,
+            "tokens": 0 if request is None or event in _EMPTIED else request.num_computed_tokens,
+        }
+        if request is not None:
+            record["prompt_tokens"] = request.num_prompt_tokens
+            record["output_tokens"] = request.num_output_tokens
+        record.update(extra)
+        self._request_log.append(record)
+
+
+class VllmRecording:
+    """What a `Recording` holds for vLLM: the hooks on an engine core (given an LLM or the core itself), or,
+    with neither, a watch that turns a start refused inside the block into a `refused_start` run."""
+
+    def __init__(
+        self,
+        recording: Any,
+        llm: Any = None,
+        process: str = "inproc",
+        core: Any = None,
+        wrap_step: bool = True,
+        watch: bool | None = None,
+    ) -> None:
+        self.recording = recording
+        self.process = process
+        self.refused: dict[str, Any] | None = None
+        if core is None and llm is not None:
+            core = engine_core_of(llm)
+        self.hooks = EngineHooks(recording, core, process, wrap_step) if core is not None else None
+        use_watch = core is None if watch is None else watch
+        self.watch = RefusalWatch(self.on_refused) if use_watch else None
+
+    def install(self) -> None:
+        if self.hooks is not None:
+            self.hooks.install()
+        if self.watch is not None:
+            self.watch.install()
+
+    def uninstall(self) -> None:
+        if self.hooks is not None:
+            self.hooks.uninstall()
+        if self.watch is not None:
+            self.watch.uninstall()
+
+    def on_refused(self, refused: dict[str, Any], vllm_config: Any) -> None:
+        self.refused = dict(refused)
+        write_refused(self.recording.path, self.process, refused, vllm_config)
+
+    def summary(self) -> dict[str, Any] | None:
+        if self.hooks is not None:
+            return self.hooks.summary()
+        if self.refused is not None:
+            return {"name": "vllm", "process": self.process, "status": "refused_start"}
+        return None

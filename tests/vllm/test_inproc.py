@@ -1,0 +1,147 @@
+"""In-process vLLM: the recorded pool, steps, requests and preemptions equal vLLM's own figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import kvtrace
+from kvtrace import format as fmt
+from tests.vllm.workload import (
+    BLOCK_SIZE,
+    NEW_TOKENS,
+    POOL_BYTES,
+    PROMPT_TOKENS,
+    REQUESTS,
+    SIZE,
+    make_llm,
+    metric,
+    run_workload,
+)
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    llm = make_llm(tiny_model_dir)
+    core = llm.llm_engine.engine_core.engine_core
+    before = {
+        "step_fn": core.__dict__["step_fn"],
+        "scheduler": set(vars(core.scheduler)),
+        "pool": set(vars(core.scheduler.kv_cache_manager.block_pool)),
+    }
+    run_dir = tmp_path_factory.mktemp("vllm-run") / "run"
+    with kvtrace.record(run_dir, model=llm, profiler=False):
+        outputs = run_workload(llm)
+    runner = core.model_executor.driver_worker.worker.model_runner
+    return {
+        "llm": llm,
+        "core": core,
+        "before": before,
+        "dir": run_dir,
+        "outputs": outputs,
+        "engine": json.loads((run_dir / fmt.ENGINE).read_text()),
+        "steps": _jsonl(run_dir / fmt.ENGINE_STEPS),
+        "requests": _jsonl(run_dir / fmt.ENGINE_REQUESTS),
+        "kv_tensors": list(runner.kv_caches),
+        "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+        "preemptions": metric(llm, "vllm:num_preemptions"),
+        "request_preemptions": metric(llm, "vllm:request_num_preemptions"),
+    }
+
+
+def test_pool_equals_vllms_own(recorded: dict[str, Any]) -> None:
+    engine = recorded["engine"]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in recorded["kv_tensors"]}
+    # GIVEN vLLM's figures: its block count, and the model runner's KV tensors (views of one storage)
+    assert len(storages) == 1
+    # THEN the recorded pool is that storage, counted once, and the arithmetic of the model's KV
+    assert engine["status"] == "ok" and engine["process"] == "inproc"
+    assert engine["num_blocks"] == recorded["num_gpu_blocks"] == POOL_BYTES // (BLOCK_SIZE * 2048)
+    assert engine["block_size"] == BLOCK_SIZE
+    assert engine["kv_cache_bytes"] == sum(storages.values()) == POOL_BYTES
+    head_dim = SIZE.hidden_size // SIZE.num_heads
+    assert engine["bytes_per_block"] == SIZE.num_layers * 2 * SIZE.num_kv_heads * head_dim * 2 * BLOCK_SIZE
+    assert [layer["layer"] for layer in engine["layers"]] == list(range(SIZE.num_layers))
+    assert {layer["storage_addr"] for layer in engine["layers"]} == set(storages)
+    assert sorted(layer["view_offset"] for layer in engine["layers"]) == [
+        i * POOL_BYTES // SIZE.num_layers for i in range(SIZE.num_layers)
+    ]
+    assert engine["model"]["num_kv_heads"] == SIZE.num_kv_heads and engine["kv_dtype"] == "bfloat16"
+
+
+def test_preemptions_equal_vllms_counter(recorded: dict[str, Any]) -> None:
+    preempted = [e for e in recorded["requests"] if e["event"] == "preempted"]
+    # GIVEN a pool that cannot hold every request THEN vLLM preempted, and kvtrace saw each one
+    assert recorded["preemptions"] > 0
+    assert len(preempted) == recorded["preemptions"]
+    assert sum(len(s["preempted"]) for s in recorded["steps"]) == recorded["preemptions"]
+    # per request, they add up to vLLM's per-request histogram
+    assert recorded["request_preemptions"] == len(preempted)
+    for event in preempted:
+        assert event["dropped_blocks"] > 0
+        assert event["dropped_tokens"] > 0 and event["blocks"] == 0
+        assert (event["dropped_tokens"] - 1) // BLOCK_SIZE < event["dropped_blocks"]
+
+
+def test_every_preempted_request_resumes_and_finishes(recorded: dict[str, Any]) -> None:
+    by_request: dict[str, list[str]] = {}
+    for event in recorded["requests"]:
+        by_request.setdefault(event["request_id"], []).append(event["event"])
+    assert len(by_request) == REQUESTS
+    for events in by_request.values():
+        assert events[0] == "scheduled" and events[-1] == "finished"
+        assert events.count("preempted") == events.count("resumed")
+    assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in recorded["outputs"])
+
+
+def test_scheduled_tokens_are_the_work_plus_recompute(recorded: dict[str, Any]) -> None:
+    # Each request computes its prompt and all but its last sampled token once; a resumed request
+    # recomputes what it lost minus the prefix-cache hits (recomputed_tokens).
+    recomputed = sum(e.get("recomputed_tokens", 0) for e in recorded["requests"] if e["event"] == "resumed")
+    work = REQUESTS * (PROMPT_TOKENS + NEW_TOKENS - 1)
+    assert sum(s["tokens_scheduled"] for s in recorded["steps"]) == work + recomputed
+
+
+def test_blocks_used_is_what_the_requests_hold(recorded: dict[str, Any]) -> None:
+    # Replaying the request events gives the blocks held after each step; prompts share no prefix, so no
+    # block is counted twice.
+    held: dict[str, int] = {}
+    events = iter(recorded["requests"])
+    pending = next(events, None)
+    for step in recorded["steps"]:
+        while pending is not None and pending["step"] <= step["step"]:
+            held[pending["request_id"]] = pending["blocks"]
+            pending = next(events, None)
+        assert step["blocks_used"] == sum(held.values()), step["step"]
+        assert step["blocks_used"] + step["blocks_free"] + step["blocks_reserved"] == step["blocks_total"]
+    assert max(s["blocks_used"] for s in recorded["steps"]) <= recorded["num_gpu_blocks"] - 1
+
+
+def test_kv_log_counts_the_pool_once(recorded: dict[str, Any]) -> None:
+    from analyzers.kv_log import analyze_kv_log
+
+    run = fmt.read_run(recorded["dir"])
+    created = [e for e in run.kv_events if e.event == "created"]
+    assert len(created) == 2 * SIZE.num_layers
+    assert {e.storage_bytes for e in created} == {POOL_BYTES}
+    assert analyze_kv_log(run.kv_events).peak_bytes == POOL_BYTES
+    manifest = run.manifest
+    assert manifest["ended"]["status"] == "ok"
+    assert manifest["engine"]["preemptions"] == recorded["preemptions"]
+    assert manifest["engine"]["engine_steps"] == len(recorded["steps"]) == len(run.memory_samples) - 2
+
+
+def test_hooks_are_undone(recorded: dict[str, Any]) -> None:
+    core, before = recorded["core"], recorded["before"]
+    assert core.__dict__["step_fn"] == before["step_fn"]
+    assert set(vars(core.scheduler)) == before["scheduler"]
+    assert set(vars(core.scheduler.kv_cache_manager.block_pool)) == before["pool"]

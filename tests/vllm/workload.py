@@ -1,0 +1,93 @@
+"""The vLLM workload the tests, the benchmark and the sample runs share: a tiny Llama 3-shaped model and a
+KV pool small enough that eight requests preempt each other.
+
+Importable without vLLM (the model is written with transformers); `make_llm` imports vllm.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from kvtrace.llama import ModelSize
+
+# Llama 3's architecture (GQA: 8 query heads share 2 KV heads; llama3 RoPE), head_dim 64 as vLLM's
+# CPU attention wants, a 1000-token vocabulary: ~9 M parameters in bfloat16.
+SIZE = ModelSize(
+    hidden_size=512, intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=2, vocab_size=1000
+)
+DTYPE_BYTES = 2  # bfloat16
+BLOCK_SIZE = 32  # vLLM's CPU attention wants a multiple of 32
+# KV bytes per token, all layers, K and V: 4 x 2 x 2 x 64 x 2 = 2 KiB; a block of 32 tokens = 64 KiB.
+HEAD_DIM = SIZE.hidden_size // SIZE.num_heads
+KV_BYTES_PER_TOKEN = SIZE.num_layers * 2 * SIZE.num_kv_heads * HEAD_DIM * DTYPE_BYTES
+BLOCK_BYTES = KV_BYTES_PER_TOKEN * BLOCK_SIZE
+POOL_BYTES = 16 * BLOCK_BYTES  # 16 blocks, one of them vLLM's null block: 15 x 32 = 480 usable tokens
+MAX_MODEL_LEN = 256
+REQUESTS, PROMPT_TOKENS, NEW_TOKENS = 8, 40, 64  # 8 x 104 tokens want 8 x 4 blocks: the pool holds 15
+
+
+def write_model(path: str | os.PathLike[str]) -> Path:
+    """A random-weight Llama 3-shaped checkpoint written with save_pretrained (reused if already there)."""
+    import torch
+
+    from kvtrace.llama import build_model
+
+    folder = Path(path)
+    if (folder / "config.json").exists():
+        return folder
+    model = build_model(SIZE, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    return folder
+
+
+def llm_kwargs(model_path: str | os.PathLike[str], **overrides: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "model": str(model_path),
+        "skip_tokenizer_init": True,
+        "kv_cache_memory_bytes": POOL_BYTES,
+        "block_size": BLOCK_SIZE,
+        "max_model_len": MAX_MODEL_LEN,
+        "max_num_seqs": REQUESTS,
+        "disable_log_stats": False,
+        "enforce_eager": True,
+        "dtype": "bfloat16",
+        "seed": 0,
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_llm(model_path: str | os.PathLike[str], **overrides: Any) -> Any:
+    from vllm import LLM
+
+    return LLM(**llm_kwargs(model_path, **overrides))
+
+
+def prompts(count: int = REQUESTS, length: int = PROMPT_TOKENS) -> list[Any]:
+    """Token-id prompts with no common prefix (so that blocks are never shared between requests)."""
+    from vllm.inputs import TokensPrompt
+
+    return [
+        TokensPrompt(prompt_token_ids=[(row * 97 + col * 7) % 990 + 5 for col in range(length)])
+        for row in range(count)
+    ]
+
+
+def sampling(new_tokens: int = NEW_TOKENS) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=new_tokens, ignore_eos=True, detokenize=False, temperature=0.0)
+
+
+def metric(llm: Any, name: str) -> float:
+    """A counter's value, or a histogram's sum, from `LLM.get_metrics()`."""
+    for item in llm.get_metrics():
+        if item.name == name:
+            return float(getattr(item, "value", getattr(item, "sum", 0.0)))
+    raise KeyError(name)
+
+
+def run_workload(llm: Any) -> list[Any]:
+    return llm.generate(prompts(), sampling(), use_tqdm=False)
