@@ -23,7 +23,7 @@ from typing import Any
 
 from analyzers.model import MemorySource
 from analyzers.summary import Report
-from analyzers.units import human_bytes
+from analyzers.units import binary_unit, hover_bytes, human_bytes
 
 __all__ = [
     "Comparison",
@@ -33,6 +33,7 @@ __all__ = [
     "comparison_to_json",
     "run_figures",
     "sweep_to_html",
+    "sweep_to_text",
     "tokens_per_second",
 ]
 
@@ -172,20 +173,21 @@ def comparison_to_html(comparison: Comparison) -> str:
         for name, cell in _COMPARE_ROWS
     )
     fig = go.Figure()
+    unit, factor = binary_unit(max((max(r.kv_by_step, default=0) for r in comparison.runs), default=0))
     for run in comparison.runs:
         fig.add_trace(
             go.Scatter(
                 x=list(run.step_axis),
-                y=list(run.kv_by_step),
+                y=[b / factor for b in run.kv_by_step],
                 mode="lines+markers",
                 name=run.label,
-                hovertemplate="step %{x}: %{y:,} B",
+                hovertemplate="step %{x}: " + hover_bytes(unit),
             )
         )
     fig.update_layout(
         title="KV bytes held at the end of each step",
         xaxis_title="step (1 = prefill)",
-        yaxis_title="bytes",
+        yaxis_title=unit,
         template="plotly_white",
         height=520,
     )
@@ -194,37 +196,116 @@ def comparison_to_html(comparison: Comparison) -> str:
     return _page("kvtrace compare", table + plot)
 
 
+# The sweep table's columns: (JSON key, heading people read, cell formatter).
+_SWEEP_COLUMNS: tuple[tuple[str, str, Any], ...] = (
+    ("batch", "batch", str),
+    ("context", "prompt tokens", str),
+    ("cache", "cache", str),
+    ("status", "status", str),
+    ("peak_bytes", "peak allocated", human_bytes),
+    ("kv_final_bytes", "KV at the end", human_bytes),
+    ("kv_peak_bytes", "KV peak", human_bytes),
+    ("tokens_per_second", "tokens/s", _fmt_rate),
+)
+
+
+def _sweep_cells(row: dict[str, Any], budget_bytes: int | None) -> list[str]:
+    cells = [fmt(row[key]) if row.get(key) is not None else "-" for key, _, fmt in _SWEEP_COLUMNS]
+    if budget_bytes is not None:
+        where = row.get("runs_out_at")
+        if row["fits_budget"]:
+            cells.append("fits")
+        elif where and where.get("before_first_step"):
+            cells.append("over before the first step")
+        elif where:
+            layer = f", layer {where['layer']}" if where.get("layer") is not None else ""
+            cells.append(f"runs out at step {where['step']}{layer}")
+        else:
+            cells.append("does not fit")
+    return cells
+
+
+def _sweep_headings(budget_bytes: int | None) -> list[str]:
+    headings = [heading for _, heading, _ in _SWEEP_COLUMNS]
+    if budget_bytes is not None:
+        headings.append(f"fits {human_bytes(budget_bytes)}?")
+    return headings
+
+
+def sweep_to_text(rows: list[dict[str, Any]], budget_bytes: int | None, title: str) -> str:
+    """The sweep's table for the terminal: the same headings and cells as the HTML page."""
+    table = [_sweep_headings(budget_bytes)] + [_sweep_cells(row, budget_bytes) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = [title]
+    for n, line in enumerate(table):
+        lines.append("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+        if n == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
 def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: str) -> str:
-    """The sweep's table and one plot: measured peak, KV final and tokens/s per grid point, per cache."""
+    """The sweep's table and one plot: measured peak and KV (on an axis of its own, so that it is not a
+    flat line beside the weights) and tokens/s per grid point, per cache."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     esc = html.escape
-    columns = ("batch", "context", "cache", "status", "peak_bytes", "kv_final_bytes", "kv_peak_bytes")
-    header = "".join(f"<th>{c}</th>" for c in (*columns, "tokens_per_second", "fits_budget"))
+    header = "".join(f"<th>{esc(h)}</th>" for h in _sweep_headings(budget_bytes))
     lines = []
     for row in rows:
-        cells = [
-            human_bytes(row[c]) if c.endswith("_bytes") and row[c] is not None else str(row[c])
-            for c in columns
-        ]
-        cells += [_fmt_rate(row["tokens_per_second"]), str(row["fits_budget"])]
         over = " class='over'" if row["fits_budget"] is False or row["status"] != "ok" else ""
+        cells = _sweep_cells(row, budget_bytes)
         lines.append(f"<tr{over}>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("memory per point", "tokens/s per point"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("memory per point", "tokens/s per point"),
+        specs=[[{"secondary_y": True}, {}]],
+    )
+    peak_unit, peak_factor = binary_unit(max([r["peak_bytes"] for r in rows] + [budget_bytes or 0]))
+    kv_unit, kv_factor = binary_unit(max((r["kv_peak_bytes"] or 0 for r in rows), default=0))
     for cache in sorted({row["cache"] for row in rows}):
         mine = [r for r in rows if r["cache"] == cache]
-        x = [f"b{r['batch']} c{r['context']}" for r in mine]
-        fig.add_trace(go.Scatter(x=x, y=[r["peak_bytes"] for r in mine], name=f"{cache} peak"), 1, 1)
-        kv_y = [r["kv_final_bytes"] for r in mine]
-        fig.add_trace(go.Scatter(x=x, y=kv_y, name=f"{cache} KV final", line={"dash": "dot"}), 1, 1)
-        fig.add_trace(go.Bar(x=x, y=[r["tokens_per_second"] for r in mine], name=f"{cache} tokens/s"), 1, 2)
+        x = [f"batch {r['batch']}, {r['context']} tok" for r in mine]
+        peak_y = [r["peak_bytes"] / peak_factor for r in mine]
+        fig.add_trace(
+            go.Scatter(x=x, y=peak_y, name=f"{cache}: peak allocated", hovertemplate=hover_bytes(peak_unit)),
+            row=1,
+            col=1,
+            secondary_y=False,
+        )
+        kv_y = [(r["kv_final_bytes"] or 0) / kv_factor for r in mine]
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=kv_y,
+                name=f"{cache}: KV at the end (right axis)",
+                line={"dash": "dot"},
+                hovertemplate=hover_bytes(kv_unit),
+            ),
+            row=1,
+            col=1,
+            secondary_y=True,
+        )
+        fig.add_trace(
+            go.Bar(x=x, y=[r["tokens_per_second"] for r in mine], name=f"{cache}: tokens/s"), row=1, col=2
+        )
     if budget_bytes is not None:
         fig.add_hline(
-            y=budget_bytes, line_dash="dash", line_color="red", annotation_text="budget", row=1, col=1
+            y=budget_bytes / peak_factor,
+            line_dash="dash",
+            line_color="red",
+            annotation_text=f"budget {human_bytes(budget_bytes)}",
+            row=1,
+            col=1,
+            secondary_y=False,
         )
-    fig.update_yaxes(title_text="bytes", row=1, col=1)
-    fig.update_layout(template="plotly_white", height=520, legend={"orientation": "h"})
+    peak_title, kv_title = f"peak allocated ({peak_unit})", f"KV cache ({kv_unit})"
+    fig.update_yaxes(title_text=peak_title, rangemode="tozero", secondary_y=False, row=1, col=1)
+    fig.update_yaxes(title_text=kv_title, rangemode="tozero", secondary_y=True, row=1, col=1)
+    fig.update_yaxes(title_text="tokens/s", row=1, col=2)
+    fig.update_layout(template="plotly_white", height=560, legend={"orientation": "h"})
     plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-sweep")
     budget = f"<p>budget: {human_bytes(budget_bytes)}</p>" if budget_bytes is not None else ""
     return _page(title, f"{budget}<table><tr>{header}</tr>{''.join(lines)}</table>{plot}")

@@ -13,3 +13,23 @@ def human_bytes(value: float | int | None) -> str:
             return f"{sign}{size:.0f} {unit}" if unit == "B" else f"{sign}{size:.2f} {unit}"
         size /= 1024
     return f"{sign}{size:.2f} TiB"
+
+
+_BINARY_UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+
+
+def binary_unit(max_bytes: float | int | None) -> tuple[str, int]:
+    """The unit a chart of bytes up to `max_bytes` is drawn in, and its size: ("MiB", 1048576).
+
+    Charts plot bytes divided by this and title the axis with the unit, so that their ticks read like the
+    tables beside them (binary units), never plotly's SI "80M"."""
+    largest = float(max_bytes or 0)
+    for unit, factor in _BINARY_UNITS:
+        if largest >= factor:
+            return unit, factor
+    return "B", 1
+
+
+def hover_bytes(unit: str) -> str:
+    """A plotly hover template for values already divided into `unit`: two decimals, as human_bytes."""
+    return "%{y:,.0f} B" if unit == "B" else "%{y:,.2f} " + unit

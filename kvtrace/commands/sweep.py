@@ -49,6 +49,14 @@ def _model_size(args: argparse.Namespace) -> tuple[str, Any]:
     return geom.name, size
 
 
+def _forget_generate_state(model: Any) -> None:
+    """generate() keeps a static cache (`_cache`) and the longest static length seen
+    (`_previous_max_cache_length`) on the model across calls: drop both, so no point inherits another's."""
+    for name in ("_cache", "_previous_max_cache_length"):
+        if name in vars(model):
+            delattr(model, name)
+
+
 def _point_row(run_dir: Path, budget: int | None, status: str) -> dict[str, Any]:
     """Measured figures of one recorded point (an OOM point is diagnosed too)."""
     from analyzers.compare import tokens_per_second
@@ -66,6 +74,9 @@ def _point_row(run_dir: Path, budget: int | None, status: str) -> dict[str, Any]
         "tokens_per_second": tokens_per_second(source, report) if status == "ok" else None,
         "fits_budget": None if budget is None else (status == "ok" and peak <= budget),
     }
+    if budget is not None and report.budget is not None and report.budget["crossed"]:
+        keys = ("step", "phase", "layer", "request_bytes", "before_first_step")
+        row["runs_out_at"] = {key: report.budget[key] for key in keys}
     if status == "oom":
         from analyzers.planning.diagnose import diagnose
         from analyzers.render.diagnosis import diagnosis_to_json
@@ -79,9 +90,11 @@ class SweepCommand(Command):
 
     Each point runs generate() on a random-weights Llama 3 model (--size, a --preset or a --config
     shape) under kvtrace.record with the profiler on; context is the prompt length in random tokens.
-    Writes OUT/sweep.json (one row per point), OUT/sweep.html and each point's run directory under
-    OUT/runs/. With --budget, rows say whether the measured peak fits. On CUDA an OOM inside a point is
-    caught, recorded, diagnosed and the sweep goes on. Exit status: 0, or 2 for bad input.
+    Every point is recorded with a cache of its own, so each equals a standalone run of its settings.
+    Prints the table, and writes OUT/sweep.json (one row per point), OUT/sweep.html and each point's run
+    directory under OUT/runs/. With --gpu-memory (or --budget), rows say whether the measured peak fits
+    and, when not, the step and layer where a device of that size would run out. On CUDA an OOM inside a
+    point is caught, recorded, diagnosed and the sweep goes on. Exit status: 0, or 2 for bad input.
     """
 
     name = "sweep"
@@ -105,7 +118,13 @@ class SweepCommand(Command):
         )
         parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype")
         parser.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda when available)")
-        parser.add_argument("--budget", help="memory budget to mark, e.g. 80GiB")
+        parser.add_argument(
+            "--gpu-memory",
+            "--budget",
+            dest="budget",
+            metavar="SIZE",
+            help="device memory budget, e.g. 80GiB: rows say whether each point fits, and where it runs out",
+        )
         parser.add_argument("--out", required=True, help="output directory")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -139,7 +158,7 @@ class SweepCommand(Command):
         from tqdm import tqdm
 
         import kvtrace
-        from kvtrace.llama import build_model, make_cache
+        from kvtrace.llama import build_model, cache_keyword, make_cache
 
         device = args.device
         if device == "auto":
@@ -153,12 +172,16 @@ class SweepCommand(Command):
             run_dir = out / "runs" / f"b{batch}_c{context}_{cache_kind}"
             generator = torch.Generator().manual_seed(batch * 100_003 + context)
             ids = torch.randint(0, 128_000, (batch, context), generator=generator).to(device)
+            _forget_generate_state(model)
             cache, extra = make_cache(cache_kind, model, batch, context + args.new_tokens)
             if cache is not None:
-                extra["past_key_values"] = cache
+                extra[cache_keyword()] = cache
             status = "ok"
             try:
-                with torch.no_grad(), kvtrace.record(run_dir, model=model, overwrite=True):
+                with (
+                    torch.no_grad(),
+                    kvtrace.record(run_dir, model=model, overwrite=True, gpu_memory=budget),
+                ):
                     model.generate(
                         ids,
                         attention_mask=torch.ones_like(ids),
@@ -174,6 +197,7 @@ class SweepCommand(Command):
                 status = "oom"  # the recorder wrote the exception and an OOM snapshot; go on
             finally:
                 del cache, extra
+                _forget_generate_state(model)
                 gc.collect()
                 if on_cuda:
                     torch.cuda.empty_cache()
@@ -187,7 +211,7 @@ class SweepCommand(Command):
     def _write(
         out: Path, rows: list[dict[str, Any]], budget: int | None, model_name: str, args: Any, device: str
     ) -> None:
-        from analyzers.compare import sweep_to_html
+        from analyzers.compare import sweep_to_html, sweep_to_text
 
         summary = {
             "version": 1,
@@ -202,4 +226,5 @@ class SweepCommand(Command):
         (out / "sweep.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         title = f"kvtrace sweep: {model_name} ({args.dtype}, {device}, {args.new_tokens} new tokens)"
         (out / "sweep.html").write_text(sweep_to_html(rows, budget, title), encoding="utf-8")
+        print(sweep_to_text(rows, budget, title))
         print(f"wrote {out / 'sweep.json'} and {out / 'sweep.html'} ({len(rows)} points)")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from analyzers.units import human_bytes
 from kvtrace.cli import main
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
@@ -107,3 +108,44 @@ def test_bad_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["sweep", "--no-such-flag"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("kvtrace sweep: error:")
+
+
+def _sweep(out: Path, *argv: str) -> dict:
+    assert main(["sweep", "--size", "tiny", "--new-tokens", str(NEW_TOKENS), "--out", str(out), *argv]) == 0
+    return json.loads((out / "sweep.json").read_text())
+
+
+def test_every_sweep_point_equals_a_standalone_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a grid whose later points follow a point with a longer static cache (b1 c32 before b2 c16)
+    grid = _sweep(tmp_path / "grid", "--batch", "1,2", "--context", "16,32", "--cache", "static")
+    table = capsys.readouterr().out
+    # WHEN the same point runs alone
+    alone = _sweep(tmp_path / "alone", "--batch", "2", "--context", "16", "--cache", "static")["rows"][0]
+    point = next(r for r in grid["rows"] if (r["batch"], r["context"]) == (2, 16))
+    # THEN its KV figures are the standalone run's, and both are the arithmetic: a static cache holds
+    # context + new tokens - 1 positions of 1024 B (tiny: 4 layers x K,V x 2 KV heads x 16 x fp32) per row
+    for row in grid["rows"]:
+        assert row["kv_final_bytes"] == 1024 * row["batch"] * (row["context"] + NEW_TOKENS - 1)
+    kv_figures = ("kv_final_bytes", "kv_peak_bytes")
+    assert [point[key] for key in kv_figures] == [alone[key] for key in kv_figures]
+    # AND the table is printed in the terminal with headings for people, and no budget column without one
+    assert "KV at the end" in table and "prompt tokens" in table and "fits" not in table
+    assert f"{human_bytes(point['kv_final_bytes'])}" in table
+    page = (tmp_path / "grid" / "sweep.html").read_text()
+    assert "fits" not in page and "kv_final_bytes" not in page
+    # KV has an axis of its own (plotly's secondary y), both titled in binary units
+    assert '"yaxis2"' in page and "KV cache (KiB)" in page and "peak allocated (MiB)" in page
+
+
+def test_sweep_budget_column_says_where_a_point_runs_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a budget between the weights (tiny: a 128256 x 128 fp32 tied embedding and 4 small layers,
+    # 65.5 MiB) and the run's peak
+    data = _sweep(tmp_path, "--batch", "1", "--context", "16", "--cache", "dynamic", "--gpu-memory", "66MiB")
+    row = data["rows"][0]
+    assert data["budget_bytes"] == 66 * 2**20 and row["fits_budget"] is False
+    assert row["runs_out_at"]["step"] >= 1 and row["runs_out_at"]["request_bytes"] > 0
+    assert "runs out at step" in capsys.readouterr().out
