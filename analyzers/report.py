@@ -47,7 +47,20 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
 
 
 def build_report(
-    path: str | os.PathLike[str], progress: ProgressFn | None = None
+    path: str | os.PathLike[str], progress: ProgressFn | None = None, keep_events: bool = True
 ) -> tuple[MemorySource, Report]:
+    """`keep_events=False`: a Chrome trace's events may be folded while reading and not kept (bounded
+    memory, analyzers.stream_summary); the source's devices then hold no events, only the report does."""
+    if not keep_events:
+        from analyzers.readers.sources import classify_path, profiler_traces_in
+
+        kind = classify_path(path)
+        trace = profiler_traces_in(Path(path))[-1] if kind == "profiler_folder" else path
+        if kind in ("chrome_trace", "profiler_folder"):
+            from analyzers.stream_summary import stream_report
+
+            streamed = stream_report(trace, progress=progress)
+            if streamed is not None:
+                return streamed
     source = load_source(path, progress=progress)
     return source, summarize(source)

@@ -230,12 +230,17 @@ def input_notes(source: MemorySource) -> list[str]:
     return notes
 
 
-def summarize(source: MemorySource) -> Report:
-    """Figures of an attributed source (see analyzers.attribution.attribute)."""
+def summarize(
+    source: MemorySource, precomputed: tuple[list[DeviceSummary], list[DeviceTimeline]] | None = None
+) -> Report:
+    """Figures of an attributed source (see analyzers.attribution.attribute). `precomputed`: device figures
+    folded while reading, for sources whose events were not kept (analyzers.stream_summary)."""
     baseline_category = WEIGHTS if source.kind == "run" else OTHER
     devices: list[DeviceSummary] = []
     timelines: list[DeviceTimeline] = []
-    for i in range(len(source.devices)):
+    if precomputed is not None:
+        devices, timelines = precomputed
+    for i in range(len(source.devices) if precomputed is None else 0):
         summary, timeline = _device_summary(source, i, baseline_category)
         devices.append(summary)
         timelines.append(timeline)

@@ -47,7 +47,10 @@ from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.sources import JsonStream, ProgressFn, open_input
 from kvtrace.errors import KvtraceError
 
-__all__ = ["read_chrome_trace", "read_memory_timeline"]
+__all__ = ["ChunkSink", "read_chrome_trace", "read_memory_timeline", "timestamps"]
+
+ChunkSink = Callable[[tuple[np.ndarray, ...], bool, bool], None]
+"""sink((ts, addr, delta, total_allocated, total_reserved), all_allocated_known, all_reserved_known)."""
 
 # c10::DeviceType by index. HIP (6) reads as "cuda", as PyTorch on ROCm names its devices.
 # Substrings of the events we keep; events without any are skipped undecoded (see JsonStream.each_element).
@@ -119,16 +122,25 @@ class _DeviceChunks:
     """One device's memory events: numpy chunks from the byte scan, and events decoded one by one
     (`pending`), kept in file order by flushing `pending` before each chunk."""
 
-    def __init__(self) -> None:
+    def __init__(self, sink: ChunkSink | None = None) -> None:
         self.pending = DeviceColumns()
         self.chunks: list[tuple[np.ndarray, ...]] = []
         self.with_allocated = 0
         self.with_reserved = 0
+        self.sink = sink  # when set, chunks go there instead of being kept (streaming summaries)
+
+    def _keep(self, chunk: tuple[np.ndarray, ...], with_allocated: int, with_reserved: int) -> None:
+        if self.sink is not None:
+            self.sink(chunk, with_allocated == len(chunk[0]), with_reserved == len(chunk[0]))
+            return
+        self.chunks.append(chunk)
+        self.with_allocated += with_allocated
+        self.with_reserved += with_reserved
 
     def flush(self) -> None:
         cols = self.pending
         if len(cols.ts):
-            self.chunks.append(
+            self._keep(
                 tuple(
                     np.frombuffer(column, dtype=dtype)
                     for column, dtype in (
@@ -138,17 +150,19 @@ class _DeviceChunks:
                         (cols.total_allocated, np.int64),
                         (cols.total_reserved, np.int64),
                     )
-                )
+                ),
+                cols.with_allocated,
+                cols.with_reserved,
             )
-            self.with_allocated += cols.with_allocated
-            self.with_reserved += cols.with_reserved
             self.pending = DeviceColumns()
 
     def add_block(self, block: MemoryBlock) -> None:
         self.flush()
-        self.chunks.append((block.ts, block.addr, block.delta, block.allocated, block.reserved))
-        self.with_allocated += int(np.count_nonzero(block.allocated_known))
-        self.with_reserved += int(np.count_nonzero(block.reserved_known))
+        self._keep(
+            (block.ts, block.addr, block.delta, block.allocated, block.reserved),
+            int(np.count_nonzero(block.allocated_known)),
+            int(np.count_nonzero(block.reserved_known)),
+        )
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         self.flush()
@@ -163,7 +177,8 @@ class _DeviceChunks:
 class _TraceCollector:
     """The per-event callback of `read_chrome_trace`: keeps memory events and step ranges only."""
 
-    def __init__(self) -> None:
+    def __init__(self, sink_for: Callable[[str], ChunkSink] | None = None) -> None:
+        self.sink_for = sink_for
         self.devices: dict[str, _DeviceChunks] = {}
         self.ranges: list[tuple[str, float, float, dict[str, Any]]] = []
         self.open_ranges: dict[tuple[Any, Any], list[tuple[Any, float]]] = {}
@@ -237,7 +252,8 @@ class _TraceCollector:
             device = _device_name(device_type, device_id)
             chunks = self.devices.get(device)
             if chunks is None:
-                chunks = self.devices[device] = _DeviceChunks()
+                sink = self.sink_for(device) if self.sink_for is not None else None
+                chunks = self.devices[device] = _DeviceChunks(sink)
             if key is not None:
                 self._devices_by_key[key] = chunks
         return chunks
@@ -287,7 +303,7 @@ def _range_detail(event: dict[str, Any]) -> dict[str, Any]:
     return {key: event[key] for key in ("cat", "pid", "tid") if key in event}
 
 
-def _timestamps(raw: np.ndarray, base_ns: Any, integral: bool) -> np.ndarray:
+def timestamps(raw: np.ndarray, base_ns: Any, integral: bool) -> np.ndarray:
     """Raw `ts` values -> Unix-epoch µs where `baseTimeNanoseconds` allows; exact for integers < 2**53."""
     base_ns = base_ns if isinstance(base_ns, int) and not isinstance(base_ns, bool) else 0
     if integral and base_ns % 1000 == 0:
@@ -317,16 +333,21 @@ def _device_order(name: str) -> tuple[int, str, int]:
 
 
 def read_chrome_trace(
-    path: str | os.PathLike[str], progress: ProgressFn | None = None, byte_scan: bool = True
+    path: str | os.PathLike[str],
+    progress: ProgressFn | None = None,
+    byte_scan: bool = True,
+    sink_for: Callable[[str], ChunkSink] | None = None,
 ) -> MemorySource:
     """A `MemorySource` (kind "chrome_trace") from a Kineto/torch.profiler trace, plain or gzipped.
 
     Kineto's own layout is read by byte scans (`kineto_scan`); any other layout, or `byte_scan=False`, by
     the streaming JSON reader. Both give the same columns (`meta["reader"]` says which ran).
     A trace without memory events is valid: it yields no devices, or devices without events.
+    With `sink_for(device)`, each device's events go in file-order chunks to that callable and its
+    `DeviceEvents` stays empty (analyzers.stream_summary folds them in bounded memory).
     """
     if byte_scan:
-        collector = _TraceCollector()
+        collector = _TraceCollector(sink_for)
         try:
             result = scan_kineto(path, collector.add_block, collector, collector, progress)
         except NotKineto:
@@ -336,7 +357,7 @@ def read_chrome_trace(
                 str(path), collector, result.top, collector.all_integral, result.events, "byte_scan"
             )
     name = str(path)
-    collector = _TraceCollector()
+    collector = _TraceCollector(sink_for)
     memory_runs = MemoryRunReader(collector.columns_for)
     with open_input(path, progress) as binary:
         top, skipped = _walk_trace(JsonStream(binary, name), collector, memory_runs)
@@ -365,7 +386,7 @@ def _source_of(
         source.devices.append(
             DeviceEvents(
                 device=device,
-                ts_us=_timestamps(raw_ts[order], base_ns, integral),
+                ts_us=timestamps(raw_ts[order], base_ns, integral),
                 addr=addr[order],
                 delta_bytes=delta,
                 total_allocated=full_allocated,
@@ -374,7 +395,7 @@ def _source_of(
                 baseline_bytes=_baseline(delta, full_allocated),
             )
         )
-    offset = _timestamps(np.zeros(1), base_ns, integral)[0]
+    offset = timestamps(np.zeros(1), base_ns, integral)[0]
     for label, start, end, detail in sorted(collector.ranges, key=lambda r: r[1]):
         source.markers.append(
             Marker(
@@ -390,6 +411,7 @@ def _source_of(
     source.meta["top_level_keys"] = sorted(top)
     source.meta["trace_events"] = events
     source.meta["reader"] = reader
+    source.meta["ts_integral"] = integral
     source.meta["device_capacity_bytes"] = capacities
     if collector.skipped:
         source.meta["skipped_events"] = dict(collector.skipped)

@@ -69,7 +69,7 @@ class ReportCommand(Command):
             return self._run_group(path, args)
         update, close = progress_bar(f"reading {path.name}", args.quiet)
         try:
-            source, report = build_report(path, progress=update)
+            source, report = build_report(path, progress=update, keep_events=False)
         finally:
             if close is not None:
                 close()

@@ -1,0 +1,215 @@
+"""A Chrome trace's report in bounded memory: events are folded chunk by chunk, never kept.
+
+What `report` needs of a trace's memory events is small: per device the counts, the running allocated
+bytes and where they peak (with the reserved bytes there), the final level, and a timeline to draw. A
+raw Kineto trace has no KV log and no stacks, so every event is "other" and nothing else needs the events.
+So the reader hands each device's events over in file-order chunks (`read_chrome_trace(sink_for=...)`)
+and `DeviceFold` keeps running figures plus a peak-exact downsampled timeline: memory stays flat from
+thousands to tens of millions of events. The figures are those of `summarize` on the full columns; the
+rules are the same (`analyzers.timeline.device_timeline`, `analyzers.summary._device_summary`):
+
+* with the allocator's `Total Allocated` on every event, allocated = that total, raised by what it cannot
+  know (never negative at the start); else the running sum of `Bytes` over the smallest baseline that
+  keeps it >= 0;
+* the peak is the highest level, the level before the first event included.
+
+Events out of time order (Kineto writes them in order) would need a sort: `Unsorted` is raised, and the
+caller reads the file into columns instead. Runs (KV log join) and snapshots keep the columns path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from analyzers.model import MemorySource
+from analyzers.readers.sources import ProgressFn
+from analyzers.summary import DeviceSummary, Report, summarize
+from analyzers.timeline import DeviceTimeline
+
+__all__ = ["DeviceFold", "PeakExactSampler", "Unsorted", "stream_report"]
+
+
+class Unsorted(Exception):
+    """A device's events are not in time order: summarize from sorted columns instead."""
+
+
+def _extremes(index: np.ndarray, values: np.ndarray, bucket: int) -> np.ndarray:
+    """Positions of the first, last, first highest and first lowest point of each bucket of `bucket`
+    consecutive event indices (`index` ascending)."""
+    ids = index // bucket
+    starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+    ends = np.concatenate((starts[1:], [len(ids)]))
+    segment = np.repeat(np.arange(len(starts)), ends - starts)
+    keep = [starts, ends - 1]
+    for reduce in (np.maximum, np.minimum):
+        extreme = reduce.reduceat(values, starts)
+        hits = np.flatnonzero(values == extreme[segment])
+        _, first = np.unique(segment[hits], return_index=True)
+        keep.append(hits[first])
+    return np.unique(np.concatenate(keep))
+
+
+class PeakExactSampler:
+    """At most ~`max_points` points of a series fed in chunks, keeping per bucket its first, last, highest
+    and lowest point: the drawn curve reaches exactly the heights of the full one. Buckets double in size
+    when the points outgrow the limit; the extremes of two buckets are among theirs, so it stays exact."""
+
+    def __init__(self, max_points: int = 4000) -> None:
+        self.max_points = max_points
+        self.bucket = 1
+        self.parts: list[tuple[np.ndarray, ...]] = []
+        self.size = 0
+
+    def add(self, start: int, *columns: np.ndarray) -> None:
+        """`columns[0]` is the series; the others (time, reserved...) ride along."""
+        index = np.arange(start, start + len(columns[0]), dtype=np.int64)
+        self._append((index, *columns))
+        if self.size > 2 * self.max_points:
+            self._compact()
+
+    def _append(self, part: tuple[np.ndarray, ...]) -> None:
+        keep = _extremes(part[0], part[1], self.bucket)
+        self.parts.append(tuple(column[keep] for column in part))
+        self.size += len(keep)
+
+    def _compact(self) -> None:
+        merged = tuple(np.concatenate(columns) for columns in zip(*self.parts, strict=True))
+        self.parts, self.size = [], 0
+        while True:
+            self.bucket *= 2
+            keep = _extremes(merged[0], merged[1], self.bucket)
+            if len(keep) <= self.max_points:
+                break
+        self._append(tuple(column[keep] for column in merged))
+
+    def points(self) -> tuple[np.ndarray, ...]:
+        if not self.parts:
+            return ()
+        return tuple(np.concatenate(columns) for columns in zip(*self.parts, strict=True))
+
+
+class DeviceFold:
+    """Running figures of one device's memory events (see the module docstring)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.count = self.allocs = self.frees = self.alloc_bytes = 0
+        self.running = 0  # sum of Bytes so far
+        self.lowest = 0  # lowest running sum after an event
+        self.all_allocated = self.all_reserved = True
+        self.first: tuple[float, int, int] | None = None  # (ts, Bytes, Total Allocated) of the first event
+        self.last_ts = -np.inf
+        self.last_running = self.last_allocated = 0
+        self.by_sum = PeakExactSampler()  # running sum, ts, reserved
+        self.by_total = PeakExactSampler()  # allocator's total, ts, reserved
+
+    def add(self, chunk: tuple[np.ndarray, ...], allocated_known: bool, reserved_known: bool) -> None:
+        ts, _addr, delta, allocated, reserved = chunk
+        n = len(ts)
+        if n == 0:
+            return
+        if ts[0] < self.last_ts or (n > 1 and bool(np.any(ts[1:] < ts[:-1]))):
+            raise Unsorted(self.device)
+        if self.first is None:
+            self.first = (float(ts[0]), int(delta[0]), int(allocated[0]))
+        running = np.cumsum(delta) + self.running
+        self.by_sum.add(self.count, running, ts, reserved)
+        self.all_allocated = self.all_allocated and allocated_known
+        self.all_reserved = self.all_reserved and reserved_known
+        if self.all_allocated:
+            self.by_total.add(self.count, allocated, ts, reserved)
+        self.lowest = min(self.lowest, int(running.min()))
+        self.running = int(running[-1])
+        self.last_allocated = int(allocated[-1])
+        self.last_ts = float(ts[-1])
+        self.count += n
+        positive = delta > 0
+        self.allocs += int(np.count_nonzero(positive))
+        self.frees += int(np.count_nonzero(delta < 0))
+        self.alloc_bytes += int(delta[positive].sum())
+
+    def summary(
+        self, capacity: int | None, base_ns: Any, integral: bool
+    ) -> tuple[DeviceSummary, DeviceTimeline, int]:
+        """(summary, downsampled timeline, baseline bytes), as `summarize` gives them from columns."""
+        from analyzers.readers.chrome_trace import timestamps
+
+        assert self.first is not None
+        with_total = self.all_allocated and self.count > 0
+        if with_total:
+            implied = self.first[2] - self.first[1]
+            baseline = max(0, implied)
+            shift = baseline - implied
+            index, series, raw_ts, reserved = self.by_total.points()
+            final = self.last_allocated + shift
+        else:
+            baseline = max(0, -self.lowest)
+            shift = baseline
+            index, series, raw_ts, reserved = self.by_sum.points()
+            final = self.running + shift
+        allocated = series + shift
+        peak_at = int(np.argmax(allocated))
+        peak = int(allocated[peak_at])
+        ts_us = timestamps(raw_ts, base_ns, integral)
+        peak_time = float(ts_us[peak_at])
+        reserved_series = reserved if self.all_reserved and bool(np.any(reserved)) else None
+        reserved_at_peak = int(reserved_series[peak_at]) if reserved_series is not None else None
+        if baseline > peak:  # the level before the first event
+            peak, peak_time = baseline, float(ts_us[0])
+            reserved_at_peak = int(reserved_series[0]) if reserved_series is not None else None
+        zeros = np.zeros(len(index), dtype=np.int64)
+        timeline = DeviceTimeline(
+            self.device,
+            ts_us,
+            allocated,
+            reserved_series,
+            {"kv": zeros, "weights": zeros, "other": allocated},
+            capacity,
+        )
+        summary = DeviceSummary(
+            device=self.device,
+            alloc_events=self.allocs,
+            free_events=self.frees,
+            peak_allocated_bytes=peak,
+            peak_time=peak_time,
+            final_allocated_bytes=final,
+            capacity_bytes=capacity,
+            categories_at_peak={"kv": 0, "weights": 0, "other": peak},
+            reserved_at_peak=reserved_at_peak,
+            fragmentation_at_peak_bytes=(reserved_at_peak - peak) if reserved_at_peak is not None else None,
+            bytes_by_method={"none": self.alloc_bytes} if self.alloc_bytes else {},
+        )
+        return summary, timeline, baseline
+
+
+def stream_report(
+    path: str | os.PathLike[str], progress: ProgressFn | None = None
+) -> tuple[MemorySource, Report] | None:
+    """The report of a Chrome trace file without keeping its events; None when they need sorting."""
+    from analyzers.readers.chrome_trace import read_chrome_trace
+
+    folds: dict[str, DeviceFold] = {}
+
+    def sink_for(device: str) -> Any:
+        return folds.setdefault(device, DeviceFold(device)).add
+
+    try:
+        source = read_chrome_trace(path, progress, sink_for=sink_for)
+    except Unsorted:
+        return None
+    devices: list[DeviceSummary] = []
+    timelines: list[DeviceTimeline] = []
+    base_ns, integral = source.meta.get("baseTimeNanoseconds"), bool(source.meta.get("ts_integral"))
+    for dev in source.devices:
+        fold = folds.get(dev.device)
+        if fold is None or fold.count == 0:
+            return None  # a device without events: rare, and the columns path handles it
+        summary, timeline, baseline = fold.summary(dev.capacity_bytes, base_ns, integral)
+        dev.baseline_bytes = baseline
+        devices.append(summary)
+        timelines.append(timeline)
+    source.meta["streamed"] = True
+    return source, summarize(source, precomputed=(devices, timelines))
