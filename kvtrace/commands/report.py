@@ -103,6 +103,9 @@ class ReportCommand(Command):
         finally:
             if close is not None:
                 close()
+        if not getattr(args, "no_export", False):
+            for rank in group.ranks:  # each rank's KV counters and scalars, as for a single run
+                ReportCommand._export(Path(rank.path), rank.source)
         print_result(args.json, lambda: group_report_to_json(group), lambda: group_report_to_text(group))
         if args.output:
             write_html(Path(args.output), group_report_to_html(group), quiet=args.json)

@@ -103,6 +103,8 @@ def test_group_html_diagnose_and_compare(group, capsys, tmp_path):
     html = page.read_text()
     assert 'id="kvtrace-ranks"' in html
     assert all(f"rank {r} (cpu, ok)" in html for r in range(WORLD))  # one subplot per rank, shared x
+    # as for a single run, each rank gets its KV counter trace and TensorBoard scalars
+    assert all((out / f"rank-{r}" / "kv_counters.trace.json.gz").is_file() for r in range(WORLD))
 
     assert main(["diagnose", str(out), "--json"]) == 0
     diagnosis = json.loads(capsys.readouterr().out)
