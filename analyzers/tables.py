@@ -58,9 +58,9 @@ RUNS = _schema(
         ("started_ns", _I64), ("ended_status", _STR), ("ended_ns", _I64), ("ended_type", _STR),
         ("ended_message", _STR), ("oom", _BOOL), ("oom_requested_bytes", _I64), ("truncated", _BOOL),
         ("kv_events", _I64), ("memory_events", _I64), ("samples", _I64), ("engine_steps", _I64),
-        ("engine_name", _STR), ("engine_version", _STR), ("engine_status", _STR), ("num_blocks", _I64),
-        ("block_size", _I32), ("bytes_per_block", _I64), ("kv_cache_bytes", _I64),
-        ("manifest_json", _STR),
+        ("engine_name", _STR), ("engine_version", _STR), ("engine_status", _STR), ("engine_process", _STR),
+        ("num_blocks", _I64), ("block_size", _I32), ("bytes_per_block", _I64), ("kv_cache_bytes", _I64),
+        ("kv_dtype", _STR), ("manifest_json", _STR), ("engine_json", _STR),
     ],
 )  # fmt: skip
 DEVICES = _schema(
@@ -99,10 +99,11 @@ SAMPLES = _schema(
 ENGINE_STEPS_SCHEMA = _schema(
     "engine_steps",
     [
-        ("run_id", _STR), ("step", _I64), ("t_ns", _I64), ("blocks_total", _I64), ("blocks_used", _I64),
-        ("blocks_free", _I64), ("blocks_cached", _I64), ("running", _I64), ("waiting", _I64),
-        ("tokens_scheduled", _I64), ("preempted", pa.list_(_STR)), ("prefix_evicted_blocks", _I64),
-        ("prefix_hits", _I64), ("prefix_queries", _I64),
+        ("run_id", _STR), ("step", _I64), ("t_ns", _I64), ("phase", _STR), ("blocks_total", _I64),
+        ("blocks_used", _I64), ("blocks_free", _I64), ("blocks_cached", _I64), ("blocks_reserved", _I64),
+        ("running", _I64), ("waiting", _I64), ("tokens_scheduled", _I64), ("preempted", pa.list_(_STR)),
+        ("prefix_evicted_blocks", _I64), ("prefix_hits", _I64), ("prefix_queries", _I64),
+        ("prefix_preempted_hits", _I64), ("prefix_preempted_queries", _I64),
     ],
 )  # fmt: skip
 ENGINE_REQUESTS_SCHEMA = _schema(
@@ -329,6 +330,9 @@ def _run_row(
         "engine_name": engine.get("name"),
         "engine_version": engine.get("version"),
         "engine_status": engine.get("status"),
+        "engine_process": engine.get("process"),
+        "kv_dtype": engine.get("kv_dtype"),
+        "engine_json": json.dumps(engine, sort_keys=True) if engine else None,
         **{key: engine.get(key) for key in ("num_blocks", "block_size", "bytes_per_block", "kv_cache_bytes")},
         "manifest_json": json.dumps(manifest, sort_keys=True) if manifest else None,
     }

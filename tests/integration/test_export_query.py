@@ -236,3 +236,36 @@ def test_export_of_a_thousand_runs(tmp_path: Path, capsys: pytest.CaptureFixture
     assert rows == [{"runs": 1000, "kv": 1000 * kv_lines}]
     # Row groups were written as they filled, not one per run.
     assert pq.ParquetFile(tmp_path / "out" / "kv_events" / "part-00000.parquet").num_row_groups <= 2
+
+
+VLLM_RUNS = sorted(p.parent for p in SAMPLES.glob("*/engine_steps.jsonl"))
+
+
+def check_vllm_run(run: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A recorded vLLM run: engine rows counted from its files, engine figures equal to report --json."""
+    assert main(["export", str(run), "-o", str(out), "-q"]) == 0
+    steps = (run / "engine_steps.jsonl").read_text().splitlines()
+    requests = [json.loads(line) for line in (run / "engine_requests.jsonl").read_text().splitlines()]
+    sql = (
+        "SELECT count(*) AS steps, max(blocks_used) AS peak_blocks, sum(len(preempted)) AS preemptions,"
+        " sum(prefix_evicted_blocks) AS prefix_evicted,"
+        " (SELECT count(*) FROM engine_requests) AS request_events,"
+        " (SELECT sum(dropped_tokens) FROM engine_requests WHERE event = 'preempted') AS preempted_tokens,"
+        " any_value(r.kv_cache_bytes) AS kv_cache_bytes FROM engine_steps JOIN runs r USING (run_id)"
+    )
+    (row,) = _cli_json(capsys, "query", str(out), "--json", sql)
+    engine = _cli_json(capsys, "report", str(run), "--json", "--no-export", "-q")["engine"]
+    assert row["steps"] == len(steps) and row["request_events"] == len(requests)
+    assert (
+        row["preemptions"] == sum(1 for r in requests if r["event"] == "preempted") == engine["preemptions"]
+    )
+    assert row["peak_blocks"] == engine["peak_blocks_used"]
+    assert row["prefix_evicted"] == engine["prefix_cache_evicted_blocks"]
+    assert (row["preempted_tokens"] or 0) == engine["preempted_tokens"]
+    assert row["kv_cache_bytes"] == engine["kv_cache_bytes"]
+
+
+@pytest.mark.skipif(not VLLM_RUNS, reason="no recorded vLLM sample run in sample_traces/ yet")
+@pytest.mark.parametrize("run", VLLM_RUNS, ids=[p.name for p in VLLM_RUNS])
+def test_vllm_sample_runs(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    check_vllm_run(run, tmp_path / "out", capsys)
