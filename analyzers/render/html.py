@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import MemorySource
-from analyzers.render.json import report_to_json
+from analyzers.render.json import NO_KV_HINT, report_to_json
+from analyzers.render.text import budget_line
 from analyzers.summary import Report
 from analyzers.timeline import downsample_indices
-from analyzers.units import human_bytes
+from analyzers.units import binary_unit, hover_bytes, human_bytes
 
 MAX_POINTS = 20_000
 _COLORS = {"kv": "#d62728", "weights": "#1f77b4", "other": "#7f7f7f"}
@@ -29,10 +30,22 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             "KV cache bytes over time (exact, from the KV log)",
             "KV bytes per layer at the end of each step",
         ]
+    usage = _usage_samples(source)
+    if usage:
+        titles.append(usage[0])
+    heights = [0.45, 0.3, 0.25][:rows] + ([0.2] if usage else [])
     fig = make_subplots(
-        rows=rows, cols=1, subplot_titles=titles, vertical_spacing=0.08, row_heights=[0.45, 0.3, 0.25][:rows]
+        rows=len(heights),
+        cols=1,
+        subplot_titles=titles,
+        vertical_spacing=0.07,
+        row_heights=heights,
+        specs=[[{}]] * rows + ([[{"secondary_y": True}]] if usage else []),
     )
     t0 = min((float(tl.ts_us[0]) for tl in report.timelines if len(tl.ts_us)), default=0.0)
+    top = max((float(tl.allocated.max()) for tl in report.timelines if len(tl.allocated)), default=0.0)
+    unit, factor = binary_unit(max(top, (report.budget or {}).get("bytes", 0)))
+    hover = hover_bytes(unit)
     for tl in report.timelines:
         if len(tl.ts_us) == 0:
             continue
@@ -43,18 +56,22 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=tl.by_category[name][keep],
+                    y=tl.by_category[name][keep] / factor,
                     name=f"{prefix}{name}",
                     stackgroup=tl.device,
                     line={"width": 0.5, "color": _COLORS[name]},
-                    hovertemplate="%{y:,} B",
+                    hovertemplate=hover,
                 ),
                 1,
                 1,
             )
         fig.add_trace(
             go.Scatter(
-                x=x, y=tl.allocated[keep], name=f"{prefix}allocated", line={"color": "black", "width": 1}
+                x=x,
+                y=tl.allocated[keep] / factor,
+                name=f"{prefix}allocated",
+                line={"color": "black", "width": 1},
+                hovertemplate=hover,
             ),
             1,
             1,
@@ -63,8 +80,9 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=tl.reserved[keep],
+                    y=tl.reserved[keep] / factor,
                     name=f"{prefix}reserved",
+                    hovertemplate=hover,
                     line={"color": "orange", "dash": "dot"},
                 ),
                 1,
@@ -72,14 +90,15 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             )
         if tl.capacity_bytes and tl.capacity_bytes < 4 * float(tl.allocated.max() or 1):
             fig.add_hline(
-                y=tl.capacity_bytes,
+                y=tl.capacity_bytes / factor,
                 line_dash="dash",
                 line_color="red",
                 annotation_text="capacity",
                 row=1,
                 col=1,
             )
-    peak_y = max((float(tl.allocated.max()) for tl in report.timelines if len(tl.allocated)), default=0.0)
+    peak_y = top / factor
+    _add_budget(fig, report, t0, factor)
     for kind, symbol, color in (
         ("step", "line-ns-open", "#2ca02c"),
         ("eviction", "triangle-down", "#9467bd"),
@@ -102,42 +121,164 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             1,
         )
     fig.update_xaxes(title_text="seconds from first event", row=1, col=1)
-    fig.update_yaxes(title_text="bytes", row=1, col=1)
+    fig.update_yaxes(title_text=unit, row=1, col=1)
     if rows == 3:
         assert kv is not None  # rows == 3 only when there is a KV log
         series = np.asarray(kv.series_bytes, dtype=np.int64)
         keep = downsample_indices(series, MAX_POINTS)
         x = (np.asarray(kv.series_t_ns, dtype=np.float64)[keep] / 1000.0 - t0) / 1e6
         line = {"color": _COLORS["kv"], "shape": "hv"}
+        kv_unit, kv_factor = binary_unit(int(series.max()) if len(series) else 0)
         fig.add_trace(
-            go.Scatter(x=x, y=series[keep], name="KV cache", line=line, hovertemplate="%{y:,} B"), 2, 1
+            go.Scatter(
+                x=x,
+                y=series[keep] / kv_factor,
+                name="KV cache",
+                line=line,
+                hovertemplate=hover_bytes(kv_unit),
+            ),
+            2,
+            1,
         )
         fig.update_xaxes(title_text="seconds from first event", matches="x", row=2, col=1)
-        fig.update_yaxes(title_text="KV bytes", row=2, col=1)
+        fig.update_yaxes(title_text=f"KV ({kv_unit})", rangemode="tozero", row=2, col=1)
         steps = sorted(kv.step_live)
         layers = sorted({layer for live in kv.step_live.values() for layer in live})
         z = np.array([[kv.step_live[s].get(layer, 0) for s in steps] for layer in layers])
-        labels = [f"{s} {kv.step_phase.get(s, '')}" for s in steps]
+        z_unit, z_factor = binary_unit(int(z.max()) if z.size else 0)
+        z_max = float(z.max()) / z_factor if z.size else 0.0
         fig.add_trace(
             go.Heatmap(
-                z=z,
-                x=labels,
+                z=z / z_factor,
+                x=steps,
                 y=[f"L{layer}" for layer in layers],
+                text=[[kv.step_phase.get(s, "") for s in steps]] * len(layers),
                 colorscale="Reds",
-                colorbar={"title": "bytes", "len": 0.25, "y": 0.12},
+                # From zero: a constant cache is one colour, not a gradient across a rounding error.
+                zmin=0,
+                zmax=z_max or 1,
+                colorbar={"title": z_unit, "len": 0.2, "y": 0.3 if usage else 0.1, "tickformat": ",.2f"},
                 name="KV per layer",
-                hovertemplate="step %{x}<br>%{y}: %{z:,} B<extra></extra>",
+                hovertemplate="step %{x} (%{text})<br>%{y}: %{z:,.2f} " + z_unit + "<extra></extra>",
             ),
             3,
             1,
         )
+        fig.update_xaxes(title_text="step (1 = prefill)", row=3, col=1)
+    if usage:
+        _add_usage(fig, usage, t0, len(heights))
     fig.update_layout(
-        height=1150 if rows == 3 else 560,
+        height=(1150 if rows == 3 else 560) + (260 if usage else 0),
         template="plotly_white",
         legend={"orientation": "h"},
         margin={"t": 60, "l": 70, "r": 30},
     )
     return fig
+
+
+def _add_budget(fig: Any, report: Report, t0: float, factor: int) -> None:
+    """The budget as a line, and an X where the run crosses it (the allocation that would fail)."""
+    import plotly.graph_objects as go
+
+    budget = report.budget
+    if budget is None:
+        return
+    size = human_bytes(budget["bytes"])
+    fig.add_hline(
+        y=budget["bytes"] / factor,
+        line_dash="dash",
+        line_color="#d62728",
+        annotation_text=f"budget {size}",
+        row=1,
+        col=1,
+    )
+    if budget["crossed"] and budget["t"] is not None:
+        layer = f", layer {budget['layer']}" if budget["layer"] is not None else ""
+        label = (
+            f"would run out on a {size} device: step {budget['step']} ({budget['phase']}){layer}, "
+            f"a {human_bytes(budget['request_bytes'])} request"
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=[(budget["t"] - t0) / 1e6],
+                y=[(budget["allocated_after_bytes"] or budget["bytes"]) / factor],
+                mode="markers",
+                name="runs out here",
+                marker={"symbol": "x", "size": 14, "color": "#d62728"},
+                text=[label],
+                hovertemplate="%{text}<extra></extra>",
+            ),
+            1,
+            1,
+        )
+
+
+def _usage_samples(source: MemorySource) -> tuple[str, list[dict[str, Any]]] | None:
+    """(subplot title, samples) of the per-step CPU % and GPU use, or None when the run has none."""
+    run = source.meta.get("run")
+    samples = [s for s in (run.memory_samples if run is not None else []) if "cpu_percent" in s]
+    if not samples:
+        return None
+    has_gpu = any("gpu_utilization_percent" in s for s in samples)
+    title = "Process CPU % and GPU utilization (NVML)" if has_gpu else "Process CPU % (100 = one core)"
+    return title, samples
+
+
+def _add_usage(fig: Any, usage: tuple[str, list[dict[str, Any]]], t0: float, row: int) -> None:
+    import plotly.graph_objects as go
+
+    _, samples = usage
+    x = [(s["t_ns"] / 1000.0 - t0) / 1e6 for s in samples]
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=[s["cpu_percent"] for s in samples],
+            name="process CPU %",
+            line={"color": "#8c564b", "shape": "hv"},
+            hovertemplate="%{y:.1f}% CPU",
+        ),
+        row,
+        1,
+    )
+    if any("gpu_utilization_percent" in s for s in samples):
+        gpu = [s for s in samples if "gpu_utilization_percent" in s]
+        gx = [(s["t_ns"] / 1000.0 - t0) / 1e6 for s in gpu]
+        fig.add_trace(
+            go.Scatter(
+                x=gx,
+                y=[s["gpu_utilization_percent"] for s in gpu],
+                name="GPU utilization %",
+                line={"color": "#17becf", "shape": "hv"},
+                hovertemplate="%{y}% GPU",
+            ),
+            row,
+            1,
+        )
+        mem_unit, mem_factor = binary_unit(max(s["gpu_memory_used_bytes"] for s in gpu))
+        fig.add_trace(
+            go.Scatter(
+                x=gx,
+                y=[s["gpu_memory_used_bytes"] / mem_factor for s in gpu],
+                name="GPU memory used (NVML, all processes)",
+                line={"color": "#bcbd22", "dash": "dot"},
+                hovertemplate=hover_bytes(mem_unit),
+            ),
+            row=row,
+            col=1,
+            secondary_y=True,
+        )
+        fig.update_yaxes(title_text=f"device memory ({mem_unit})", row=row, col=1, secondary_y=True)
+    fig.update_yaxes(title_text="%", rangemode="tozero", row=row, col=1, secondary_y=False)
+    fig.update_xaxes(title_text="seconds from first event", matches="x", row=row, col=1)
+
+
+def _monitor_note(source: MemorySource) -> str | None:
+    """Why GPU utilization is missing from the timeline, when it is (a CPU run, NVML unavailable)."""
+    manifest = source.meta.get("manifest") or {}
+    nvml = (manifest.get("monitors") or {}).get("nvml") or {}
+    if nvml and nvml.get("status") != "ok":
+        return f"GPU utilization and device memory (NVML) are absent: {nvml.get('reason', 'unknown')}"
+    return None
 
 
 def _summary_table(report: Report) -> str:
@@ -175,7 +316,12 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
 
     fig = _timeline_figure(source, report)
     plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-timeline")
-    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in report.notes)
+    extra_notes = [n for n in (_monitor_note(source),) if n]
+    if report.kv.measured_from == "none":
+        extra_notes.append(f"KV cache: {NO_KV_HINT}")
+    if report.budget is not None:
+        extra_notes.append(budget_line(report.budget).strip())
+    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in [*report.notes, *extra_notes])
     sections = "".join(extra_sections or [])
     if report.engine is not None and source.meta.get("engine") is not None:
         from analyzers.render.engine import engine_html_section

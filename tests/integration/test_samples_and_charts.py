@@ -1,0 +1,65 @@
+"""Per-step samples carry the process's CPU % (and, on CUDA, NVML's GPU figures, else the reason they
+are absent); the HTML timeline shows them, draws bytes in binary units and marks a memory budget."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvtrace
+from analyzers.render.html import report_to_html
+from analyzers.report import build_report
+
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("samples") / "run"
+    ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    # a budget between the weights (~33 MiB) and the peak: the run crosses it
+    with torch.no_grad(), kvtrace.record(out, model=tiny_model, gpu_memory="32MiB"):
+        tiny_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out
+
+
+def _samples(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "memory_samples.jsonl").read_text().splitlines()]
+
+
+def test_samples_carry_cpu_percent_and_say_why_nvml_is_absent(run_dir: Path) -> None:
+    samples = _samples(run_dir)
+    # start, one per forward (prefill + NEW_TOKENS - 1 decodes), end
+    assert [s["phase"] for s in samples] == ["start", "prefill"] + ["decode"] * (NEW_TOKENS - 1) + ["end"]
+    cores = os.cpu_count() or 1
+    for sample in samples:
+        assert isinstance(sample["cpu_percent"], float | int)
+        assert 0 <= sample["cpu_percent"] <= 100 * cores + 50  # a process can keep every core busy
+    # a forward pass computes: the steps are not idle
+    assert max(s["cpu_percent"] for s in samples if s["phase"] in ("prefill", "decode")) > 1
+    assert not any(key.startswith("gpu_") for s in samples for key in s)
+    nvml = json.loads((run_dir / "manifest.json").read_text())["monitors"]["nvml"]
+    assert nvml["status"] == "absent" and "not on CUDA" in nvml["reason"]
+
+
+def test_html_timeline_binary_units_budget_and_cpu(run_dir: Path) -> None:
+    source, report = build_report(run_dir)
+    page = report_to_html(source, report)
+    plot = page.split("kvtrace-timeline", 1)[1]
+    # the memory axis is titled in a binary unit and plots values in it, not SI ticks of raw bytes
+    assert '"yaxis":{"anchor":"x","domain"' in plot and '"title":{"text":"MiB"}' in plot
+    assert '"tickformat":"~s"' not in plot and '"KV (KiB)"' in plot
+    assert "budget 32.00 MiB" in page and "runs out here" in page
+    assert "process CPU %" in page
+    assert "GPU utilization and device memory (NVML) are absent" in page
