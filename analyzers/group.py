@@ -6,6 +6,8 @@ Definitions, so that a group's JSON reads the same whatever the parallelism:
   whole job holds. Peaks are summed as they are, although ranks may peak at different moments.
 * Token counts (tokens held, evicted tokens, batch) are the largest rank's: tensor-parallel ranks hold the
   same tokens, each for its own KV heads, so adding them up would count each token once per rank.
+* A rank's arithmetic bytes per token counts the KV heads its cache tensors hold (a tensor-parallel rank
+  holds a share of the model's); the group's is the sum over ranks.
 * The group's memory peak (`peak_allocated_bytes`, `categories_at_peak`) is the peak rank's: the device
   that runs out first.
 * The rank to diagnose (`focus`): the rank that ran out of memory, else the first rank that raised or
@@ -70,8 +72,26 @@ class GroupReport:
         return next(r for r in self.ranks if r.rank == rank)
 
 
+def _local_kv_heads(source: MemorySource, report: Report) -> None:
+    """A tensor-parallel rank holds some of the model's KV heads: its arithmetic bytes per token counts
+    the heads its own cache tensors have (HF layout: batch, heads, tokens, head_dim), not the model's."""
+    run = source.meta.get("run")
+    geometry = report.geometry or {}
+    heads = geometry.get("num_kv_heads")
+    expected = report.kv.bytes_per_token_expected
+    if run is None or not isinstance(heads, int) or not heads or expected is None:
+        return
+    shapes = [e.shape for e in run.kv_events if e.part == "data" and e.event != "freed" and len(e.shape) == 4]
+    if shapes:
+        local = int(shapes[-1][1])
+        if 0 < local < heads and heads % local == 0:
+            report.kv.bytes_per_token_expected = expected * local // heads
+
+
 def _rank_report(run: RankRun) -> RankReport:
     source = attribute(run.source)
+    report = summarize(source)
+    _local_kv_heads(source, report)
     manifest = run.manifest
     world_size = manifest.get("world_size")
     local_rank = manifest.get("local_rank")
@@ -84,7 +104,7 @@ def _rank_report(run: RankRun) -> RankReport:
         hostname=manifest.get("hostname"),
         ended=dict(manifest.get("ended") or {}),
         source=source,
-        report=summarize(source),
+        report=report,
     )
 
 
@@ -110,8 +130,10 @@ def _sum_kv(kvs: list[KvSummary]) -> KvSummary:
         per_layer=[layers[k] for k in sorted(layers)],
         measured_from=methods[0] if len(methods) == 1 else "+".join(methods),
         bytes_per_token_measured=(final / (tokens_held * batch)) if tokens_held and batch else None,
-        bytes_per_token_expected=next(
-            (kv.bytes_per_token_expected for kv in kvs if kv.bytes_per_token_expected is not None), None
+        bytes_per_token_expected=(
+            sum(kv.bytes_per_token_expected for kv in kvs if kv.bytes_per_token_expected is not None)
+            if all(kv.bytes_per_token_expected is not None for kv in kvs)
+            else None
         ),
         tokens_held=tokens_held,
         batch=batch,

@@ -49,6 +49,10 @@ def test_hf_tensor_parallel_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert entry["status"] == "ok" and entry["world_size"] == WORLD
         assert entry["kv"]["final_bytes"] == facts[entry["rank"]]["kv_bytes"]
         assert entry["kv"]["tokens_held"] == TOKENS and entry["kv"]["batch"] == worker.MAX_BATCH
+        # a rank's arithmetic counts the KV heads it holds: half the model's
+        rank_per_token = worker.N_LAYERS * 2 * LOCAL_KV_HEADS * HEAD_DIM * 4
+        assert entry["kv"]["bytes_per_token_expected"] == rank_per_token
+        assert entry["kv"]["bytes_per_token_measured"] == rank_per_token
     assert data["kv"]["final_bytes"] == sum(f["kv_bytes"] for f in facts.values()) == WORLD * RANK_KV_BYTES
     # Summed over ranks, the bytes per token are the whole model's arithmetic (all KV heads).
     whole_model = worker.N_LAYERS * 2 * worker.N_KV_HEADS * HEAD_DIM * 4
