@@ -208,7 +208,8 @@ def read_run(path: str | os.PathLike[str]) -> Run:
     if not root.is_dir():
         raise KvtraceError(f"{root}: not a directory")
     if not manifest_path.exists():
-        raise KvtraceError(f"{root}: not a kvtrace run directory (no {MANIFEST})")
+        group = f"; a run group, one run per rank: {RANK_DIR_PREFIX}<r>/" if rank_dirs(root) else ""
+        raise KvtraceError(f"{root}: not a kvtrace run directory (no {MANIFEST}){group}")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from kvtrace.distributed import run_path
-from kvtrace.format import GROUP_MARKER, MANIFEST, is_run_group, rank_dirs
+from kvtrace.errors import KvtraceError
+from kvtrace.format import GROUP_MARKER, MANIFEST, is_run_group, rank_dirs, read_run
 
 
 def _facts(rank: int, world_size: int) -> dict[str, object]:
@@ -57,5 +60,7 @@ def test_a_group_is_known_by_its_rank_runs_not_by_its_marker(tmp_path):
     _fake_run(out / "rank-٣")  # not an ASCII digit: not a rank
     assert is_run_group(out)
     assert [r for r, _ in rank_dirs(out)] == [2, 10]
+    with pytest.raises(KvtraceError, match=r"group: not a kvtrace run directory .*a run group"):
+        read_run(out)  # one line that says what the folder is
     (out / MANIFEST).write_text("{}")  # a run directory is a run, whatever its children
     assert not is_run_group(out)
