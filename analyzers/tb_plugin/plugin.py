@@ -30,7 +30,11 @@ __all__ = ["PLUGIN_NAME", "KvCachePlugin", "KvCachePluginLoader"]
 
 PLUGIN_NAME = "kvcache"
 _STATIC = Path(__file__).resolve().parent / "static"
-_STATIC_FILES = {"index.html": "text/html; charset=utf-8", "kvcache.js": "text/javascript; charset=utf-8"}
+_STATIC_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "kvcache.js": "text/javascript; charset=utf-8",
+    "charts.js": "text/javascript; charset=utf-8",  # imported by kvcache.js: units, axes, heatmap
+}
 _HEADERS = [("X-Content-Type-Options", "nosniff")]
 
 
@@ -86,6 +90,7 @@ class KvCachePlugin(base_plugin.TBPlugin):
         return {
             "/index.html": _wsgi(self._serve_static),
             "/kvcache.js": _wsgi(self._serve_static),
+            "/charts.js": _wsgi(self._serve_static),
             "/plotly.min.js": _wsgi(self._serve_plotly),
             "/runs": _wsgi(self._serve_runs),
             "/summary": _wsgi(self._serve_run_data),

@@ -256,7 +256,7 @@ def test_served_assets_are_all_local(server: str) -> None:
 
     status, plotly_js = _get(_plugin(server, "plotly.min.js"))
     assert status == 200 and plotly_js.decode("utf-8") == get_plotlyjs()
-    for asset in ("index.html", "kvcache.js"):
+    for asset in ("index.html", "kvcache.js", "charts.js"):
         status, body = _get(_plugin(server, asset))
         assert status == 200
         urls = re.findall(r"https?://[^\s\"'<>)]+", body.decode("utf-8"))

@@ -8,6 +8,8 @@
 // The page only formats: every figure comes from the plugin's endpoints, which serve the analyzers' own
 // results (the summary is `kvtrace report --json`).
 
+import { bytesAxis, heatmapFigure, humanBytes, sharedAxes } from './charts.js';
+
 export function render() {
   if (!document.getElementById('kvcache-app')) {
     document.location.href = 'index.html';
@@ -25,19 +27,6 @@ const PLOT_CONFIG = { displaylogo: false, responsive: true, showLink: false, sho
 const MAX_DEFAULT_RUNS = 4;
 
 const state = { runs: [], selected: [], panels: new Map(), jsErrors: 0 };
-
-function humanBytes(n) {
-  if (n === null || n === undefined) return '–';
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let value = Math.abs(n);
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit += 1;
-  }
-  const sign = n < 0 ? '-' : '';
-  return unit === 0 ? `${sign}${value} B` : `${sign}${value.toFixed(value >= 100 ? 0 : 2)} ${units[unit]}`;
-}
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -144,18 +133,19 @@ function timelineTraces(timeline) {
     for (const name of ['weights', 'kv', 'other']) {
       traces.push({
         type: 'scatter', mode: 'lines', x: dev.t_s, y: dev[name], name: `${prefix}${name}`,
-        stackgroup: dev.device, line: { width: 0.5, color: COLORS[name] }, hovertemplate: '%{y:,} B',
+        stackgroup: dev.device, line: { width: 0.5, color: COLORS[name] }, text: dev[name].map(humanBytes),
+        hovertemplate: '%{text}',
       });
     }
     traces.push({
       type: 'scatter', mode: 'lines', x: dev.t_s, y: dev.allocated, name: `${prefix}allocated`,
-      line: { width: 1, color: 'black' }, hovertemplate: '%{y:,} B',
+      line: { width: 1, color: 'black' }, text: dev.allocated.map(humanBytes), hovertemplate: '%{text}',
     });
     top = Math.max(top, dev.peak_allocated_bytes);
     if (dev.reserved) {
       traces.push({
         type: 'scatter', mode: 'lines', x: dev.t_s, y: dev.reserved, name: `${prefix}reserved`,
-        line: { color: 'orange', dash: 'dot' }, hovertemplate: '%{y:,} B',
+        line: { color: 'orange', dash: 'dot' }, text: dev.reserved.map(humanBytes), hovertemplate: '%{text}',
       });
       top = Math.max(top, dev.reserved.reduce((a, b) => Math.max(a, b), 0));
     }
@@ -184,34 +174,8 @@ function timelineLayout(timeline, top) {
     title: { text: 'Memory by category over time', font: { size: 13 } }, height: 380, shapes,
     margin: { t: 36, l: 64, r: 16, b: 40 }, template: 'plotly_white', legend: { orientation: 'h', y: -0.18 },
     xaxis: { title: { text: 'seconds from first event' } },
-    yaxis: { title: { text: 'bytes' }, tickformat: '~s', ticksuffix: 'B', rangemode: 'tozero' },
+    yaxis: bytesAxis(top),
   };
-}
-
-function heatmapFigure(layers) {
-  const x = layers.steps.map((step, i) => `${step} ${layers.phases[i]}`.trim());
-  const traces = [{
-    type: 'heatmap', z: layers.kv_bytes, x, y: layers.layers.map((l) => `L${l}`), colorscale: 'Reds',
-    colorbar: { title: { text: 'bytes' } }, hovertemplate: 'step %{x}<br>%{y}: %{z:,} B<extra></extra>',
-  }];
-  const shown = new Set(layers.steps);
-  const evictions = layers.evictions.filter((e) => shown.has(e.step));
-  if (evictions.length) {
-    const labelOf = new Map(layers.steps.map((s, i) => [s, x[i]]));
-    traces.push({
-      type: 'scatter', mode: 'markers', name: 'eviction', x: evictions.map((e) => labelOf.get(e.step)),
-      y: evictions.map((e) => `L${e.layer}`), text: evictions.map((e) => `${e.event}: ${e.evicted_tokens} tokens`),
-      marker: { symbol: 'triangle-down', color: '#9467bd', size: 8 }, hovertemplate: '%{text}<extra></extra>',
-      showlegend: false,
-    });
-  }
-  const subtitle = layers.steps.length < layers.steps_total ? ` (${layers.steps.length} of ${layers.steps_total} steps)` : '';
-  const layout = {
-    title: { text: `KV bytes per layer at the end of each step${subtitle}`, font: { size: 13 } },
-    height: Math.min(520, 140 + 18 * layers.layers.length), margin: { t: 36, l: 64, r: 16, b: 60 },
-    template: 'plotly_white', xaxis: { type: 'category', title: { text: 'step' } }, yaxis: { type: 'category' },
-  };
-  return { traces, layout };
 }
 
 async function fillPanel(panel, name) {
@@ -243,16 +207,18 @@ async function fillPanel(panel, name) {
   // The KV cache is often a sliver on top of the weights: its own curve, on its own scale.
   const kvDiv = el('div', { class: 'plot kv-plot' });
   body.append(kvDiv);
+  const kvTop = Math.max(0, ...timeline.devices.map((dev) => dev.kv.reduce((a, b) => Math.max(a, b), 0)));
   const kvTraces = timeline.devices.map((dev) => ({
     type: 'scatter', mode: 'lines', x: dev.t_s, y: dev.kv, name: `${timeline.devices.length > 1 ? `${dev.device} ` : ''}KV live`,
-    line: { color: COLORS.kv, width: 1 }, fill: 'tozeroy', hovertemplate: '%{y:,} B',
+    line: { color: COLORS.kv, width: 1 }, fill: 'tozeroy', text: dev.kv.map(humanBytes), hovertemplate: '%{text}',
   }));
   await Plotly.newPlot(kvDiv, kvTraces, {
     title: { text: 'KV cache live bytes over time', font: { size: 13 } }, height: 220, showlegend: false,
     margin: { t: 36, l: 64, r: 16, b: 36 }, template: 'plotly_white', xaxis: { title: { text: 'seconds from first event' } },
-    yaxis: { tickformat: '~s', ticksuffix: 'B', rangemode: 'tozero' },
+    yaxis: bytesAxis(kvTop, 'KV'),
   }, PLOT_CONFIG);
   panel.dataset.top = String(top);
+  panel.dataset.kvTop = String(kvTop);
   panel.dataset.points = String(timeline.devices.reduce((sum, d) => sum + d.points, 0));
   if (layers.steps.length) {
     const heatDiv = el('div', { class: 'plot heatmap-plot' });
@@ -264,13 +230,17 @@ async function fillPanel(panel, name) {
 }
 
 function applySameScale() {
+  // Both byte charts of every panel share one scale (the timeline's, and the KV chart's own), ticked in
+  // binary units; unticked, each goes back to its own top.
   const same = document.getElementById('kvcache-same-scale').checked;
   const panels = [...document.querySelectorAll('.run-panel[data-state="ok"]')];
-  const top = Math.max(0, ...panels.map((p) => Number(p.dataset.top || 0)));
-  for (const panel of panels) {
-    const div = panel.querySelector('.timeline-plot');
-    if (!div) continue;
-    Plotly.relayout(div, same && top > 0 ? { 'yaxis.range': [0, top * 1.08] } : { 'yaxis.autorange': true });
+  const tops = panels.map((p) => ({ top: Number(p.dataset.top || 0), kvTop: Number(p.dataset.kvTop || 0) }));
+  for (const [i, panel] of panels.entries()) {
+    const axes = sharedAxes(same ? tops : [tops[i]]);
+    const timelineDiv = panel.querySelector('.timeline-plot');
+    if (timelineDiv) Plotly.relayout(timelineDiv, axes.timeline);
+    const kvDiv = panel.querySelector('.kv-plot');
+    if (kvDiv) Plotly.relayout(kvDiv, axes.kv);
   }
 }
 

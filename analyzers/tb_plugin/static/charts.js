@@ -1,0 +1,97 @@
+// Pure helpers of the KV Cache tab's charts: sizes in binary units with one rounding (two decimals, as
+// `kvtrace report` prints them), byte axes whose ticks read "40 MiB" rather than plotly's SI "40M", and
+// the per-layer heatmap. No DOM and no Plotly here, so that tests run them under node.
+
+const UNITS = [['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]];
+
+export function humanBytes(n) {
+  if (n === null || n === undefined) return '–';
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = Math.abs(n);
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  const sign = n < 0 ? '-' : '';
+  return unit === 0 ? `${sign}${Math.round(value)} B` : `${sign}${value.toFixed(2)} ${units[unit]}`;
+}
+
+// [unit, bytes per unit] for values up to `top`.
+export function binaryUnit(top) {
+  for (const [unit, factor] of UNITS) if (top >= factor) return [unit, factor];
+  return ['B', 1];
+}
+
+// About five ticks from 0 to `top` bytes, on round numbers of a binary unit: {tickvals (bytes), ticktext}.
+export function binaryTicks(top, count = 5) {
+  const [unit, factor] = binaryUnit(top);
+  const span = Math.max(top / factor, 1e-9);
+  const raw = span / count;
+  const magnitude = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * magnitude).find((s) => s >= raw) || 10 * magnitude;
+  const tickvals = [];
+  const ticktext = [];
+  for (let v = 0; v <= span * 1.08 + 1e-9; v += step) {
+    const rounded = Number(v.toFixed(6));
+    tickvals.push(rounded * factor);
+    ticktext.push(`${Number.isInteger(rounded) ? rounded : rounded.toFixed(step < 1 ? 2 : 1)} ${unit}`);
+  }
+  return { tickvals, ticktext };
+}
+
+// A y axis of bytes from 0 to a little above `top`, ticked in binary units.
+export function bytesAxis(top, title = 'memory') {
+  const { tickvals, ticktext } = binaryTicks(top);
+  return {
+    title: { text: `${title} (${binaryUnit(top)[0]})`, standoff: 8 },
+    tickmode: 'array', tickvals, ticktext, range: [0, Math.max(top, 1) * 1.08], automargin: true,
+  };
+}
+
+// The relayout of each panel's two byte charts when "same y scale" is on: the highest top of all panels,
+// for the memory timeline and, separately, for the KV chart (its own scale, shared across runs).
+export function sharedAxes(panels) {
+  const top = Math.max(0, ...panels.map((p) => p.top || 0));
+  const kvTop = Math.max(0, ...panels.map((p) => p.kvTop || 0));
+  const relayout = (axis) => ({
+    'yaxis.range': axis.range, 'yaxis.tickvals': axis.tickvals, 'yaxis.ticktext': axis.ticktext,
+    'yaxis.title.text': axis.title.text,
+  });
+  return { timeline: relayout(bytesAxis(top)), kv: relayout(bytesAxis(kvTop, 'KV')) };
+}
+
+// The KV-per-layer heatmap: numbers on the step axis (phase in the hover), colours from zero so that a
+// constant cache is one colour, not a gradient across a rounding error, and a colour bar in binary units.
+export function heatmapFigure(layers) {
+  const zmax = Math.max(0, ...layers.kv_bytes.flat());
+  const phaseOf = new Map(layers.steps.map((s, i) => [s, layers.phases[i] || '']));
+  const text = layers.kv_bytes.map((row) => row.map((v) => humanBytes(v)));
+  const ticks = binaryTicks(zmax || 1, 4);
+  const traces = [{
+    type: 'heatmap', z: layers.kv_bytes, x: layers.steps, y: layers.layers.map((l) => `L${l}`),
+    colorscale: 'Reds', zmin: 0, zmax: zmax || 1, text,
+    customdata: layers.kv_bytes.map(() => layers.steps.map((s) => phaseOf.get(s))),
+    colorbar: { title: { text: 'KV' }, tickmode: 'array', tickvals: ticks.tickvals, ticktext: ticks.ticktext },
+    hovertemplate: 'step %{x} (%{customdata})<br>%{y}: %{text}<extra></extra>',
+  }];
+  const shown = new Set(layers.steps);
+  const evictions = layers.evictions.filter((e) => shown.has(e.step));
+  if (evictions.length) {
+    traces.push({
+      type: 'scatter', mode: 'markers', name: 'eviction', x: evictions.map((e) => e.step),
+      y: evictions.map((e) => `L${e.layer}`), text: evictions.map((e) => `${e.event}: ${e.evicted_tokens} tokens`),
+      marker: { symbol: 'triangle-down', color: '#9467bd', size: 8 }, hovertemplate: '%{text}<extra></extra>',
+      showlegend: false,
+    });
+  }
+  const subtitle = layers.steps.length < layers.steps_total ? ` (${layers.steps.length} of ${layers.steps_total} steps)` : '';
+  const layout = {
+    title: { text: `KV bytes per layer at the end of each step${subtitle}`, font: { size: 13 } },
+    height: Math.min(560, 180 + 18 * layers.layers.length), margin: { t: 36, l: 64, r: 16, b: 56 },
+    template: 'plotly_white',
+    xaxis: { type: 'linear', title: { text: 'step (1 = prefill)', standoff: 6 }, automargin: true, tickformat: 'd' },
+    yaxis: { type: 'category', automargin: true },
+  };
+  return { traces, layout };
+}

@@ -1,0 +1,76 @@
+"""`kvtrace demo` as a new user runs it: each cache kind in a folder of its own, no silent overwrite, the
+budget story in the output, and no Kineto noise on the terminal."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from kvtrace.cli import main
+
+FAST = ["--new-tokens", "3", "--no-report"]
+
+
+def test_each_demo_keeps_its_own_folder_and_a_second_one_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # GIVEN a first demo
+    assert main(["demo", *FAST, "--no-profiler"]) == 0
+    first = tmp_path / "runs" / "demo-dynamic" / "manifest.json"
+    started = json.loads(first.read_text())["started_ns"]
+    # WHEN a second demo with another cache runs THEN it writes beside the first
+    assert main(["demo", *FAST, "--no-profiler", "--cache", "static"]) == 0
+    assert (tmp_path / "runs" / "demo-static" / "manifest.json").is_file()
+    # AND the same demo again refuses, naming --overwrite, and leaves the first run as it was
+    capsys.readouterr()
+    assert main(["demo", *FAST, "--no-profiler"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads(first.read_text())["started_ns"] == started
+    assert main(["demo", *FAST, "--no-profiler", "--overwrite"]) == 0
+    assert json.loads(first.read_text())["started_ns"] != started
+
+
+def test_demo_kv_is_a_large_share_and_the_budget_is_crossed(tmp_path: Path) -> None:
+    # GIVEN the demo's defaults (profiler on: activations and logits count towards the budget too)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["demo", "--out", str(tmp_path / "d"), "--no-report"]) == 0
+    data = json.loads(_report_json(tmp_path / "d"))
+    # demo shape: 4 layers x K,V x 8 KV heads x head_dim 256 x fp32 = 64 KiB per token and sequence
+    kv = data["kv"]
+    assert kv["bytes_per_token_expected"] == 4 * 2 * 8 * 256 * 4
+    assert kv["final_bytes"] == 65_536 * kv["batch"] * kv["tokens_held"]
+    peak = data["categories_at_peak"]
+    assert peak["kv"] >= 0.3 * sum(peak.values())  # today's tiny demo: 0.1%
+    budget = data["budget"]
+    assert budget["bytes"] == 96 * 2**20 and budget["crossed"] is True and budget["phase"] == "decode"
+    assert budget["step"] > 2  # while decoding, as the KV cache grows
+
+
+def _report_json(run: Path) -> str:
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        assert main(["report", str(run), "--json", "-q", "--no-export"]) == 0
+    return buffer.getvalue()
+
+
+def test_no_kineto_lines_reach_the_terminal(tmp_path: Path) -> None:
+    # A fresh process, so that libkineto writes to a real file descriptor 2 as it does in a terminal.
+    argv = ["demo", "--size", "tiny", "--batch", "1", *FAST, "--out", os.fspath(tmp_path / "d")]
+    done = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "USDT" not in done.stderr and "profiler_start" not in done.stderr
+    assert "USDT" not in done.stdout

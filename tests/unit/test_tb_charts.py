@@ -1,0 +1,73 @@
+"""The KV Cache tab's chart helpers (analyzers/tb_plugin/static/charts.js), run under node: binary-unit
+ticks, a constant heatmap drawn in one colour, whole step numbers on the heatmap's axis, and "same y scale"
+covering the KV chart too."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHARTS = Path(__file__).resolve().parents[2] / "analyzers" / "tb_plugin" / "static" / "charts.js"
+NODE = shutil.which("node")
+
+pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
+
+
+def _run(expression: str) -> Any:
+    code = f"import * as charts from {json.dumps(CHARTS.as_uri())};\n"
+    code += f"console.log(JSON.stringify({expression}));"
+    done = subprocess.run(
+        [NODE or "node", "--input-type=module", "-e", code], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_human_bytes_rounds_like_the_cli() -> None:
+    from analyzers.units import human_bytes
+
+    values = [0, 1023, 1024, 53_477_376, 110 * 2**20 + 12345, 5 * 2**30 + 1]
+    assert _run(f"{values}.map(charts.humanBytes)") == [human_bytes(v) for v in values]
+
+
+def test_byte_axis_ticks_are_binary_units() -> None:
+    # GIVEN a peak of 110 MiB WHEN the axis is built THEN ticks are round MiB values, labelled in MiB
+    axis = _run(f"charts.bytesAxis({110 * 2**20})")
+    assert axis["title"]["text"] == "memory (MiB)"
+    assert axis["ticktext"][:3] == ["0 MiB", "25 MiB", "50 MiB"]
+    assert axis["tickvals"][:3] == [0, 25 * 2**20, 50 * 2**20]
+    assert axis["range"][1] >= 110 * 2**20 and "tickformat" not in axis
+
+
+def test_constant_heatmap_is_one_colour_with_whole_step_labels() -> None:
+    # GIVEN every layer holding 52,224 B at every step (a static cache)
+    layers = {
+        "steps": [1, 2, 3],
+        "phases": ["prefill", "decode", "decode"],
+        "layers": [0, 1],
+        "kv_bytes": [[52_224] * 3, [52_224] * 3],
+        "evictions": [],
+        "steps_total": 3,
+    }
+    figure = _run(f"charts.heatmapFigure({json.dumps(layers)})")
+    heat = figure["traces"][0]
+    # THEN colours run from zero (one colour, not a gradient from 52.2235k to 52.2245k)
+    assert heat["zmin"] == 0 and heat["zmax"] == 52_224
+    assert all(t.endswith("KiB") or t.endswith(" B") for t in heat["colorbar"]["ticktext"])
+    # and the step axis holds numbers (no "2 decod" cut off), the phase goes to the hover
+    assert heat["x"] == [1, 2, 3] and heat["customdata"][0] == ["prefill", "decode", "decode"]
+    assert heat["text"][0][0] == "51.00 KiB"
+    layout = figure["layout"]
+    assert layout["xaxis"]["automargin"] is True and layout["xaxis"]["type"] == "linear"
+
+
+def test_same_scale_covers_the_kv_chart() -> None:
+    panels = [{"top": 100 * 2**20, "kvTop": 2 * 2**20}, {"top": 60 * 2**20, "kvTop": 40 * 2**20}]
+    axes = _run(f"charts.sharedAxes({json.dumps(panels)})")
+    assert axes["timeline"]["yaxis.range"][1] >= 100 * 2**20
+    assert axes["kv"]["yaxis.range"][1] >= 40 * 2**20 and axes["kv"]["yaxis.title.text"] == "KV (MiB)"
