@@ -4,7 +4,8 @@ rank: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK in the environme
     python ranks_worker.py MODE OUT_DIR FACTS_DIR
 
 MODE is `reference` (Meta's reference Llama 3, fairscale model parallel over gloo), `reference-raise`
-(the same; the last rank's allocation fails inside `kvtrace.record()` after its last step) or `hf-tp` (a
+(the same; the last rank's allocation fails inside `kvtrace.record()` after its last step),
+`reference-kill` (the same; the last rank is SIGKILLed there instead) or `hf-tp` (a
 Hugging Face Llama sharded by its `tp_plan="auto"`). Each rank writes FACTS_DIR/rank-<r>.json: what it
 measured on its own cache tensors, independently of kvtrace, for the test to compare with
 `kvtrace report --json`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -61,19 +63,21 @@ def reference_cache_facts(model: torch.nn.Module) -> dict[str, object]:
     }
 
 
-def run_reference(out_dir: Path, facts_dir: Path, raise_on_last_rank: bool) -> None:
+def run_reference(out_dir: Path, facts_dir: Path, failure: str = "") -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = reference_model()
     facts = {"rank": rank, **reference_cache_facts(model)}
     (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
     torch.manual_seed(1)  # the same tokens on every rank, as tensor parallelism requires
     tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
-    failing = raise_on_last_rank and rank == world_size - 1
+    failing = bool(failure) and rank == world_size - 1
     try:
         with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
             model(tokens[:, :PROMPT_LEN], 0)
             for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
                 model(tokens[:, pos : pos + 1], pos)
+            if failing and failure == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer's way: no exception, no teardown
             if failing:
                 # A real allocation failure, after the last collective so that no other rank waits on us:
                 # the CPU allocator refuses 1 PiB.
@@ -179,14 +183,14 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        if mode in ("reference", "reference-raise"):
-            run_reference(out_dir, facts_dir, raise_on_last_rank=mode == "reference-raise")
+        if mode in ("reference", "reference-raise", "reference-kill"):
+            run_reference(out_dir, facts_dir, failure=mode.removeprefix("reference").lstrip("-"))
         elif mode == "hf-tp":
             run_hf_tensor_parallel(out_dir, facts_dir)
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     finally:
-        if mode != "reference-raise":
+        if mode not in ("reference-raise", "reference-kill"):
             dist.destroy_process_group()
 
 

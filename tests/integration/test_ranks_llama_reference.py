@@ -158,3 +158,18 @@ def test_a_rank_that_raises_leaves_the_group_readable(tmp_path, capsys):
     assert [r["rank"] for r in data["ranks"]] == [1] and data["missing_ranks"] == [0]
     assert data["kv"]["final_bytes"] == RANK_KV_BYTES
     assert any("rank 0" in note for note in data["notes"])
+
+
+def test_a_rank_killed_mid_run_leaves_its_flushed_steps(tmp_path, capsys):
+    out, facts = tmp_path / "group", tmp_path / "facts"
+
+    # GIVEN rank 1 is SIGKILLed inside record(), after its last step: no exception, no teardown
+    statuses = worker.launch("reference-kill", out, facts, WORLD)
+    assert statuses == [0, -9], (facts / "rank-1.log").read_text()[-2000:]
+
+    # THEN its run says it never finished, and holds every step it flushed
+    data = _report(out, capsys)
+    assert data["failed_ranks"] == [1] and data["ranks"][1]["status"] == "running"
+    assert data["focus"] == {"rank": 1, "reason": "never finished (the process died)"}
+    assert [r["kv"]["final_bytes"] for r in data["ranks"]] == [RANK_KV_BYTES, RANK_KV_BYTES]
+    assert data["ranks"][1]["steps"] == data["ranks"][0]["steps"]
