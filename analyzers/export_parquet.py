@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analyzers.readers.sources import ProgressFn
 from analyzers.tables import SCHEMA_VERSION, SCHEMAS, TABLE_NAMES, Input, find_inputs, source_tables
 from kvtrace.errors import KvtraceError
 
@@ -167,11 +168,13 @@ def export(
     on_input: InputProgress | None = None,
     on_inputs_found: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> ExportSummary:
     """Write every source under `paths` into `out_dir` as one new part per table.
 
     A source that cannot be read is skipped, passed to `warn` and listed in `problems` (the caller decides
-    the exit status); the others are exported. Raises KvtraceError only when `out_dir` itself is unusable.
+    the exit status); the others are exported. `progress(bytes_done, bytes_total)` follows the reading of
+    each input file (for a bar on one big trace). Raises KvtraceError only when `out_dir` itself is unusable.
     """
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
@@ -207,7 +210,7 @@ def export(
             else:
                 inp = _unique(inp, taken)
                 try:
-                    tables = source_tables(inp)
+                    tables = source_tables(inp, progress=progress)
                 except KvtraceError as exc:
                     problem = str(exc)
                 except (OSError, ValueError, TypeError, KeyError, IndexError, pa.ArrowException) as exc:

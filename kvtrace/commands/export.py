@@ -47,6 +47,14 @@ class ExportCommand(Command):
                 from tqdm import tqdm
 
                 state["bar"] = tqdm(total=count, unit="input", desc="exporting", file=sys.stderr)
+            elif count == 1:  # one input: a bar in bytes, as `kvtrace report` shows for big files
+                from kvtrace.commands.report import progress_bar
+
+                state["bytes"], state["close_bytes"] = progress_bar("reading", args.quiet)
+
+        def read_progress(done: int, total: int) -> None:
+            if state.get("bytes") is not None:
+                state["bytes"](done, total)
 
         def warn(problem: str) -> None:
             bar = state.get("bar")
@@ -68,10 +76,13 @@ class ExportCommand(Command):
                 on_input=step,
                 on_inputs_found=found,
                 warn=warn,
+                progress=read_progress,
             )
         finally:
             if state.get("bar") is not None:
                 state["bar"].close()
+            if state.get("close_bytes") is not None:
+                state["close_bytes"]()
 
         def text() -> str:
             rows = ", ".join(f"{name} {count:,}" for name, count in summary.rows.items() if count)
