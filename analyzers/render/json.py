@@ -17,7 +17,8 @@ METHOD_LABELS = {
     "kv_log": "KV log (matched to a KV storage kvtrace saw)",
     "stack_rule": "stack rule (a cache update in the allocation's stack)",
     "weights_table": "weights table",
-    "none": "not attributed: activations, logits and temporaries (no KV storage, weight or stack matched)",
+    "none": "not attributed, counted as other: no KV-log storage, weight or stack rule matched "
+    "(activations, logits, temporaries; in a bare trace, the KV cache too)",
 }
 
 
