@@ -156,4 +156,6 @@ class DemoCommand(Command):
             argparse.Namespace(path=str(out), output=str(html), json=False, quiet=False, no_export=False)
         )
         print(f"open: {html}   |   tensorboard --logdir {out}")
+        if budget is not None:
+            print(f"why it would run out on {gpu_memory}, and what each remedy buys: kvtrace diagnose {out}")
         return status

@@ -29,5 +29,16 @@ def write_html(target: str | Path, html: str, quiet: bool = False) -> Path:
     except OSError as exc:
         raise KvtraceError(f"{out}: cannot write ({exc.strerror})", exit_code=1) from None
     if not quiet:
-        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        print(f"wrote {out} ({_binary_size(out.stat().st_size)})")
     return out
+
+
+def _binary_size(nbytes: int) -> str:
+    """Binary units with two decimals, as every figure kvtrace prints (analyzers.units.human_bytes; the
+    recorder side may not import the analyzers)."""
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} B" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"
