@@ -48,9 +48,10 @@ def _preemption_text(d: PreemptionDiagnosis) -> list[str]:
         f"  at the first preemption (step {d.first_preemption_step}) the pool held:",
     ]
     for held in d.held_at_first:
+        as_of = "" if held.as_of_step == d.first_preemption_step else f", as of step {held.as_of_step}"
         lines.append(
             f"    request {held.request_id:<10} {held.blocks:>5} blocks {held.tokens:>7,} tokens "
-            f"(prompt {held.prompt_tokens:,}, output {held.output_tokens:,})"
+            f"(prompt {held.prompt_tokens:,}, output {held.output_tokens:,}{as_of})"
         )
     total = sum(h.blocks for h in d.held_at_first)
     lines.append(f"    total      {'':<10} {total:>5} blocks")
