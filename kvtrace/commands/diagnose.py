@@ -17,13 +17,15 @@ class DiagnoseCommand(Command):
     PATH is a kvtrace run directory, a CUDA allocator snapshot pickle or a Chrome trace. Finds the OOM
     (the snapshot's `oom` entry, the run's recorded exception) or, without one, the peak; prints the
     failing request, allocated/reserved/free memory, fragmentation, the KV share by layer and step, the
-    top stacks, then remedies ranked by the bytes each frees here. Exit status: 0, or 2 for bad input.
+    top stacks, then remedies ranked by the bytes each frees here. For a run group (one run per rank),
+    diagnoses the rank that ran out, else the first that failed, else the one that peaked, and says which.
+    Exit status: 0, or 2 for bad input.
     """
 
     name = "diagnose"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("path", help="run directory, snapshot pickle or Chrome trace")
+        parser.add_argument("path", help="run directory, run group, snapshot pickle or Chrome trace")
         parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
         parser.add_argument(
             "--budget", help="price remedies against this memory budget when there is no OOM, e.g. 80GiB"

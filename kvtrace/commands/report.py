@@ -40,14 +40,15 @@ class ReportCommand(Command):
     """Summarize a run directory, Chrome trace or CUDA snapshot; write the HTML timeline or JSON.
 
     PATH is a kvtrace run directory, a torch.profiler Chrome trace (.json, .json.gz) or a CUDA allocator
-    snapshot pickle (torch.cuda.memory._dump_snapshot). Pickles are read without running any code.
+    snapshot pickle (torch.cuda.memory._dump_snapshot). Pickles are read without running any code. A run
+    group (one run per rank of a torch.distributed job) shows its ranks side by side, KV summed over ranks.
     Exit status: 0 on success, 2 for unreadable input or bad flags.
     """
 
     name = "report"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("path", help="run directory, Chrome trace or snapshot pickle")
+        parser.add_argument("path", help="run directory, run group, Chrome trace or snapshot pickle")
         parser.add_argument("-o", "--output", help="write a self-contained HTML timeline to this file")
         parser.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
