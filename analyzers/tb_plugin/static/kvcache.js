@@ -117,6 +117,15 @@ function summaryTable(summary) {
   }
   rows.push(['steps', String(summary.steps)]);
   rows.push(['measured from', kv.measured_from]);
+  const budget = summary.budget;
+  if (budget) {
+    rows.push([`budget ${humanBytes(budget.bytes)}`, budget.crossed ? 'crossed' : `fits, ${humanBytes(budget.headroom_bytes)} spare`]);
+    if (budget.crossed && !budget.before_first_step) {
+      const layer = budget.layer === null ? '' : `, layer ${budget.layer}`;
+      rows.push(['  would run out at', `step ${budget.step} (${budget.phase})${layer}`]);
+      rows.push(['  request that would fail', `${humanBytes(budget.request_bytes)} ${budget.request_category || ''}`.trim()]);
+    }
+  }
   const table = el('table', { class: 'summary' });
   for (const [label, value] of rows) {
     table.append(el('tr', {}, el('th', { text: label.replace(/^ {2}/, '\u00a0\u00a0') }), el('td', { text: value })));
@@ -162,8 +171,12 @@ function timelineTraces(timeline) {
   return { traces, top };
 }
 
-function timelineLayout(timeline, top) {
+function timelineLayout(timeline, top, budget) {
   const shapes = [];
+  if (budget && budget.bytes < 4 * Math.max(top, 1)) {
+    shapes.push({ type: 'line', xref: 'paper', x0: 0, x1: 1, y0: budget.bytes, y1: budget.bytes,
+      line: { color: '#d62728', dash: 'dash', width: 1.5 } });
+  }
   for (const dev of timeline.devices) {
     if (dev.capacity_bytes && dev.capacity_bytes < 4 * Math.max(top, 1)) {
       shapes.push({ type: 'line', xref: 'paper', x0: 0, x1: 1, y0: dev.capacity_bytes, y1: dev.capacity_bytes,
@@ -203,7 +216,7 @@ async function fillPanel(panel, name) {
   const timelineDiv = el('div', { class: 'plot timeline-plot' });
   body.append(timelineDiv);
   const { traces, top } = timelineTraces(timeline);
-  await Plotly.newPlot(timelineDiv, traces, timelineLayout(timeline, top), PLOT_CONFIG);
+  await Plotly.newPlot(timelineDiv, traces, timelineLayout(timeline, top, summary.budget), PLOT_CONFIG);
   // The KV cache is often a sliver on top of the weights: its own curve, on its own scale.
   const kvDiv = el('div', { class: 'plot kv-plot' });
   body.append(kvDiv);
