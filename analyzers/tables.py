@@ -296,17 +296,23 @@ def _run_row(
     ended = _dict(manifest.get("ended"))
     first_device = source.devices[0].device if source.devices else None
     oom = source.ooms[0] if source.ooms else None
-    has_rank = _int(manifest.get("rank")) is not None
+    # A Kineto trace of a distributed job names its rank; its devices are in deviceProperties.
+    distributed = _dict(source.meta.get("distributedInfo"))
+    properties = source.meta.get("deviceProperties")
+    gpu = _dict(properties[0]) if isinstance(properties, list) and properties else {}
+    ranked = {key: manifest.get(key, distributed.get(key)) for key in ("rank", "world_size", "backend")}
+    has_rank = _int(ranked["rank"]) is not None
     return {
         "run_id": run_id,
         "path": str(path),
         "source_kind": source.kind,
         "group_id": Path(run_id).parent.as_posix() if has_rank else None,
-        **{key: manifest.get(key) for key in ("rank", "world_size", "local_rank", "hostname", "backend")},
+        **ranked,
+        **{key: manifest.get(key) for key in ("local_rank", "hostname")},
         "device_type": device.get("type") or (first_device.split(":")[0] if first_device else None),
-        "device_name": device.get("name"),
+        "device_name": device.get("name") or gpu.get("name"),
         "device_index": device.get("index"),
-        "total_memory_bytes": device.get("total_memory_bytes"),
+        "total_memory_bytes": device.get("total_memory_bytes") or gpu.get("totalGlobalMem"),
         "model_class": model.get("class"),
         **{key: model.get(key) for key in ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")},
         **{key: model.get(key) for key in ("hidden_size", "vocab_size", "sliding_window", "parameters")},

@@ -269,3 +269,18 @@ def check_vllm_run(run: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> 
 @pytest.mark.parametrize("run", VLLM_RUNS, ids=[p.name for p in VLLM_RUNS])
 def test_vllm_sample_runs(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     check_vllm_run(run, tmp_path / "out", capsys)
+
+
+def test_a_distributed_trace_names_its_rank(tmp_path: Path) -> None:
+    trace = REAL / "chrome" / "rank0.json.gz"
+    raw = json.loads(gzip.decompress(trace.read_bytes()))
+    info, gpu = raw["distributedInfo"], raw["deviceProperties"][0]
+    assert main(["export", str(trace), "-o", str(tmp_path / "out"), "-q"]) == 0
+    (run,) = pq.read_table(tmp_path / "out" / "runs").to_pylist()
+    assert (run["rank"], run["world_size"], run["backend"]) == (
+        info["rank"],
+        info["world_size"],
+        info["backend"],
+    )
+    assert run["group_id"] == (REAL / "chrome").as_posix()
+    assert (run["device_name"], run["total_memory_bytes"]) == (gpu["name"], gpu["totalGlobalMem"])
