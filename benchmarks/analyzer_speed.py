@@ -100,6 +100,26 @@ finally:
     _write_peak()
 """
 
+# A trace recorded by torch.profiler itself (CPU, profile_memory): each iteration allocates and frees two
+# tensors (4 memory events) inside aten::empty / aten::relu ops, 1,000 iterations per ProfilerStep range.
+_TORCH_TRACE = """
+import sys, torch
+from torch.profiler import profile, ProfilerActivity, record_function
+events, out = int(sys.argv[1]), sys.argv[2]
+torch.set_num_threads(1)
+iterations, step = events // 4, 0
+with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    while iterations > 0:
+        with record_function(f"ProfilerStep#{step}"):
+            for _ in range(min(1000, iterations)):
+                x = torch.empty(256)
+                y = x.relu()
+                del x, y
+        iterations -= 1000
+        step += 1
+prof.export_chrome_trace(out)
+"""
+
 _HTA_LOAD = """
 import sys
 from hta.trace_analysis import TraceAnalysis
@@ -290,6 +310,35 @@ def write_synthetic_trace(path: Path, events: int, use_gzip: bool, seed: int = 0
         out.write("".join(chunk))
 
 
+def write_big_snapshot(original: Path, path: Path, copies: int) -> None:
+    """A snapshot as a long run would dump it: the real one's trace entries repeated `copies` times, each
+    copy shifted in time and address space so its allocs and frees pair up within the copy. Plain data only,
+    read here with a loader that refuses every global, like kvtrace's."""
+    import pickle
+
+    class _DataOnly(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> type:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+
+    with open(original, "rb") as fh:
+        data = _DataOnly(fh).load()
+    traces = data.get("device_traces") or [[]]
+    trace = traces[0]
+    span = 1 << 40
+    repeated = []
+    for copy in range(copies):
+        for entry in trace:
+            moved = dict(entry)
+            if isinstance(moved.get("addr"), int):
+                moved["addr"] += copy * span
+            if isinstance(moved.get("time_us"), int):
+                moved["time_us"] += copy * 10_000_000
+            repeated.append(moved)
+    data["device_traces"] = [repeated, *traces[1:]]
+    with open(path, "wb") as out:
+        pickle.dump(data, out, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _take(free_blocks: dict[int, list[int]], size: int, bump: int) -> tuple[int, int]:
     """(address, new bump pointer): a freed block of the same size if there is one, else fresh memory."""
     reusable = free_blocks.get(size)
@@ -333,7 +382,8 @@ def _hta_available() -> str | None:
 
 
 def _fmt_mb(value: float | None) -> str:
-    return "-" if value is None else f"{value / 1e6:,.0f}"
+    """Binary units, as the goals are stated (MiB)."""
+    return "-" if value is None else f"{value / 2**20:,.0f}"
 
 
 def _fmt_s(value: float | None) -> str:
@@ -412,10 +462,11 @@ def _find(rows: list[Row], item: Input, tool: str) -> Measurement | None:
 
 def print_tables(rows: list[Row], inputs: list[Input], startup: Measurement) -> None:
     print(
-        f"\nfresh interpreter doing nothing: {_fmt_s(startup.wall_s)} s, {_fmt_mb(startup.peak_rss_bytes)} MB"
+        f"\nfresh interpreter doing nothing: {_fmt_s(startup.wall_s)} s, "
+        f"{_fmt_mb(startup.peak_rss_bytes)} MiB"
     )
     header = (
-        f"{'input':<30} {'on disk':>10} {'[memory] ev':>12}  {'tool':<24} {'wall s':>8} {'peak RSS MB':>12}"
+        f"{'input':<30} {'on disk':>10} {'[memory] ev':>12}  {'tool':<24} {'wall s':>8} {'peak RSS MiB':>12}"
     )
     print("\n" + header)
     print("-" * len(header))
@@ -449,18 +500,20 @@ def print_tables(rows: list[Row], inputs: list[Input], startup: Measurement) -> 
             f"{_ratio(report, hta, 'peak_rss_bytes'):>15} {_ratio(report, viz, 'wall_s'):>18}"
         )
     print(
-        "goals: report/json.load <= 2x (pickle.load for snapshots); HTA/report >= 5x; report/HTA RSS <= 0.5"
+        "goals (issue 11): report/json.load <= 0.5x; report/pickle.load <= 1.5x for snapshots; "
+        "peak RSS <= 200 MiB and flat from 200k to 10M events"
     )
 
     synthetic = [i for i in inputs if i.label.startswith("synthetic")]
-    if len(synthetic) == 2:
-        small, big = sorted(synthetic, key=lambda i: i.memory_events or 0)
+    if len(synthetic) >= 2:
+        ordered = sorted(synthetic, key=lambda i: i.memory_events or 0)
+        small, big = ordered[0], ordered[-1]
         print(f"\ngrowth from {small.label} to {big.label} (goal: flat peak RSS; HTML < 10 MB + plotly JS)")
         for tool in ("kvtrace report --json", "json.load", "HTA", "kvtrace report -o"):
             a, b = _find(rows, small, tool), _find(rows, big, tool)
             absolute = ""
             if a is not None and b is not None and a.ok and b.ok:
-                absolute = f" ({_fmt_mb(a.peak_rss_bytes)} -> {_fmt_mb(b.peak_rss_bytes)} MB)"
+                absolute = f" ({_fmt_mb(a.peak_rss_bytes)} -> {_fmt_mb(b.peak_rss_bytes)} MiB)"
             wall, rss = _ratio(b, a, "wall_s"), _ratio(b, a, "peak_rss_bytes")
             print(f"  {tool:<24} wall x{wall:<6} peak RSS x{rss:<6}{absolute}")
         for item in (small, big):
@@ -488,7 +541,21 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--events", type=int, default=10_000_000, help="memory events in the synthetic trace (default 10M)"
+        "--events",
+        default="200000,1000000,10000000",
+        help="memory events of the synthetic traces, comma-separated (default 200k, 1M and 10M)",
+    )
+    parser.add_argument(
+        "--torch-events",
+        type=int,
+        default=1_000_000,
+        help="memory events of a trace recorded by torch.profiler itself (default 1M; 0: none)",
+    )
+    parser.add_argument(
+        "--snapshot-copies",
+        type=int,
+        default=100,
+        help="a big snapshot: the largest real one's trace repeated this many times (default 100; 0: none)",
     )
     parser.add_argument("--gzip", action="store_true", help="write the synthetic trace as .json.gz")
     parser.add_argument(
@@ -500,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-traces", type=Path, default=REAL_TRACES, help=f"default {REAL_TRACES}")
     parser.add_argument("--keep", type=Path, help="write the synthetic traces here and keep them")
     args = parser.parse_args(argv)
-    if args.events < 10 or args.reps < 1:
+    counts = sorted(int(part) for part in str(args.events).split(",") if part.strip())
+    if not counts or counts[0] < 10 or args.reps < 1:
         parser.error("--events must be at least 10 and --reps at least 1")
 
     started = time.perf_counter()
@@ -515,10 +583,29 @@ def main(argv: list[str] | None = None) -> int:
             )
         if snapshot is not None:
             inputs.append(Input(f"snapshot: {snapshot.name}"[:30], snapshot, "snapshot"))
+            if args.snapshot_copies:
+                big = scratch / f"snapshot_x{args.snapshot_copies}.pickle"
+                write_big_snapshot(snapshot, big, args.snapshot_copies)
+                print(f"wrote {big.name}: {_size(big)}", flush=True)
+                inputs.append(Input(f"snapshot x{args.snapshot_copies} (synthetic)", big, "snapshot"))
+        if args.torch_events:
+            recorded = scratch / f"torch_profiler_{args.torch_events}.pt.trace.json"
+            generated = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-c", _TORCH_TRACE, str(args.torch_events), str(recorded)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            took = time.perf_counter() - generated
+            print(f"wrote {recorded.name} with torch.profiler: {_size(recorded)} in {took:.0f} s", flush=True)
+            inputs.append(
+                Input(f"torch.profiler {args.torch_events:,} ev", recorded, "chrome", args.torch_events)
+            )
         synthetic_dir = args.keep or scratch
         synthetic_dir.mkdir(parents=True, exist_ok=True)
         suffix = ".pt.trace.json.gz" if args.gzip else ".pt.trace.json"
-        for count in (args.events // 10, args.events):
+        for count in counts:
             path = synthetic_dir / f"synthetic_{count}{suffix}"
             generated = time.perf_counter()
             write_synthetic_trace(path, count, args.gzip)
@@ -529,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         startup = measure(["-c", "pass"], REPO, 60, 1 << 40)
         rows: list[Row] = []
         for item in inputs:
-            rows += run_tools(item, scratch, args, hta_missing, html=item.label.startswith("synthetic"))
+            html = item.label.startswith("synthetic") and item.memory_events in (counts[0], counts[-1])
+            rows += run_tools(item, scratch, args, hta_missing, html=html)
         print_tables(rows, inputs, startup)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -9,8 +9,11 @@ that needs one is not a snapshot. Gzip-compressed pickles are read too (detected
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 import struct
 
 from analyzers.readers.sources import ProgressFn, open_input
@@ -54,6 +57,19 @@ _DECODE_ERRORS = (
 )
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building millions of plain containers: they hold no cycles
+    to free, yet each allocation threshold re-scans all of them (it halves the time of a big snapshot)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def load_pickle(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> object:
     """The plain-data object stored in the pickle at `path` (plain or gzip-compressed).
 
@@ -69,7 +85,8 @@ def load_pickle(path: str | os.PathLike[str], progress: ProgressFn | None = None
             # Protocols 0 and 1 have no header; snapshots are always written with protocol >= 2.
             raise KvtraceError(f"{name}: not a pickle (starts with {first!r}, no protocol header)")
         try:
-            return _DataOnlyUnpickler(stream).load()
+            with gc_paused():
+                return _DataOnlyUnpickler(stream).load()
         except _RefusedGlobal as exc:
             raise KvtraceError(
                 f"{name}: refused to load: the pickle asks to import {exc.module}.{exc.name}; "

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from operator import itemgetter, methodcaller
 from typing import Any
 
 import numpy as np
 
 from analyzers.model import DeviceEvents, Marker, MemorySource, OomInfo, Segment
-from analyzers.readers.safe_pickle import load_pickle
+from analyzers.readers.safe_pickle import gc_paused, load_pickle
 from analyzers.readers.sources import ProgressFn
 from kvtrace.errors import KvtraceError
 
@@ -46,6 +47,8 @@ _LIVE_STATES = frozenset({"active_allocated", "active_pending_free", "active_awa
 _SEGMENT_GROW = frozenset({"segment_alloc", "segment_map"})
 _SEGMENT_SHRINK = frozenset({"segment_free", "segment_unmap"})
 _KNOWN_KEYS = frozenset({"segments", "device_traces"})
+_FRAME_KEYS = itemgetter("filename", "line", "name")
+_ACTION = methodcaller("get", "action")
 
 
 class _FrameTable:
@@ -54,16 +57,24 @@ class _FrameTable:
     def __init__(self) -> None:
         self.texts: list[str] = []
         self._ids: dict[tuple[tuple[Any, Any, Any], ...], int] = {}
+        self._by_object: dict[int, tuple[int, Any]] = {}  # id(list) -> (frame id, the list, kept alive)
 
     def intern(self, frames: Any) -> int:
         if not frames or not isinstance(frames, list):
             return -1
-        key = tuple((f.get("filename", "?"), f.get("line", 0), f.get("name", "?")) for f in frames)
+        seen = self._by_object.get(id(frames))
+        if seen is not None and seen[1] is frames:  # the pickle shared this list: same stack
+            return seen[0]
+        try:  # the usual frame: a dict with all three keys, read in C
+            key = tuple(map(_FRAME_KEYS, frames))
+        except (KeyError, TypeError):
+            key = tuple((f.get("filename", "?"), f.get("line", 0), f.get("name", "?")) for f in frames)
         frame_id = self._ids.get(key)
         if frame_id is None:
             frame_id = len(self.texts)
             self._ids[key] = frame_id
             self.texts.append("\n".join(f"{file}:{line}:{name}" for file, line, name in key))
+        self._by_object[id(frames)] = (frame_id, frames)
         return frame_id
 
 
@@ -114,14 +125,9 @@ def _replay_device(
     """Turn one device's trace ring buffer plus its final block state into a `DeviceEvents`."""
     device = f"cuda:{device_index}"
     timed = bool(trace) and all("time_us" in entry for entry in trace)
-    reserved = sum(int(s.get("total_size", 0)) for s in segments)
-    for entry in trace:  # walk back from the dump to the reserved bytes when the ring buffer began
-        action = entry.get("action")
-        if action in _SEGMENT_GROW:
-            reserved -= int(entry.get("size", 0))
-        elif action in _SEGMENT_SHRINK:
-            reserved += int(entry.get("size", 0))
-
+    # Reserved bytes are replayed from 0 and shifted at the end: the dump's segments minus the trace's net
+    # segment growth is what was reserved when the ring buffer began.
+    reserved = 0
     ts: list[int] = []
     addrs: list[int] = []
     deltas: list[int] = []
@@ -130,29 +136,42 @@ def _replay_device(
     live: dict[int, int] = {}  # address -> bytes added by an alloc seen in the trace
     orphan_bytes = orphan_count = 0
     pending_ooms: list[tuple[int, dict[str, Any], int, int]] = []
-    actions: Counter[str] = Counter()
-    for index, entry in enumerate(trace):
-        action = str(entry.get("action"))
-        actions[action] += 1
-        when = int(entry["time_us"]) if timed else index
-        size = int(entry.get("size", 0))
+    intern, pop = frames.intern, live.pop
+    add_ts, add_addr, add_delta, add_reserved, add_frame = (
+        ts.append,
+        addrs.append,
+        deltas.append,
+        reserved_col.append,
+        frame_ids.append,
+    )
+    for index, entry in enumerate(trace):  # the hot loop: one pass, plain ints skip conversions
+        action = entry.get("action")
         if action == "alloc" or action in _FREE_ACTIONS:
-            address = int(entry.get("addr", -1))
+            size, address = entry.get("size", 0), entry.get("addr", -1)
+            when = entry["time_us"] if timed else index
+            if type(size) is not int or type(address) is not int or type(when) is not int:
+                size, address, when = int(size), int(address), int(when)
             if action == "alloc":
                 live[address] = size
                 delta = size
-            elif address in live:
-                delta = -live.pop(address)
+                # Only allocations need a stack (attribution, diagnose's top stacks); a free has its alloc's.
+                add_frame(intern(entry.get("frames")))
             else:
-                orphan_bytes += size
-                orphan_count += 1
-                delta = -size
-            ts.append(when)
-            addrs.append(address)
-            deltas.append(delta)
-            reserved_col.append(reserved)
-            frame_ids.append(frames.intern(entry.get("frames")))
-        elif action in _SEGMENT_GROW:
+                freed = pop(address, None)
+                if freed is None:
+                    orphan_bytes += size
+                    orphan_count += 1
+                    freed = size
+                delta = -freed
+                add_frame(-1)
+            add_ts(when)
+            add_addr(address)
+            add_delta(delta)
+            add_reserved(reserved)
+            continue
+        size = int(entry.get("size", 0))
+        when = int(entry["time_us"]) if timed else index
+        if action in _SEGMENT_GROW:
             reserved += size
         elif action in _SEGMENT_SHRINK:
             reserved -= size
@@ -162,6 +181,8 @@ def _replay_device(
             source.markers.append(Marker(kind="oom", ts_us=float(when), label=label, device=device))
         elif action == "snapshot":
             source.markers.append(Marker(kind="snapshot", ts_us=float(when), label="snapshot", device=device))
+    reserved_at_start = sum(int(s.get("total_size", 0)) for s in segments) - reserved
+    actions = {str(action): count for action, count in Counter(map(_ACTION, trace)).items()}
 
     baseline = orphan_bytes
     baseline_blocks: list[tuple[int, int, int]] = []
@@ -190,7 +211,7 @@ def _replay_device(
                 requested_bytes=int(entry.get("size", 0)),
                 device_free_bytes=None if free is None else int(free),
                 allocated_bytes=int(running[done]),
-                reserved_bytes=int(reserved_then),
+                reserved_bytes=int(reserved_then) + reserved_at_start,
             )
         )
     source.devices.append(
@@ -199,7 +220,7 @@ def _replay_device(
             ts_us=np.asarray(ts, dtype=np.int64),
             addr=np.asarray(addrs, dtype=np.int64),
             delta_bytes=delta_arr,
-            total_reserved=np.asarray(reserved_col, dtype=np.int64),
+            total_reserved=np.asarray(reserved_col, dtype=np.int64) + reserved_at_start,
             frame_id=np.asarray(frame_ids, dtype=np.int32),
             baseline_bytes=int(baseline),
             baseline_blocks=baseline_blocks,
@@ -208,18 +229,20 @@ def _replay_device(
         )
     )
     source.meta["timestamps"][device] = "time_us" if timed else "event_index"
-    source.meta["trace_actions"][device] = dict(actions)
+    source.meta["trace_actions"][device] = actions
     source.meta["orphan_frees"][device] = orphan_count
 
 
 def _value_counts(traces: list[list[dict[str, Any]]], key: str, boring: frozenset[str]) -> dict[str, int]:
     """Distinct per-entry values of `key` (compile_context, user_metadata) worth showing, with counts."""
     counts: Counter[str] = Counter()
+    getter = methodcaller("get", key)
     for trace in traces:
-        for entry in trace:
-            value = entry.get(key)
+        if not trace or (key not in trace[0] and key not in trace[-1]):
+            continue  # written by every entry of the torch versions that have it
+        for value, count in Counter(map(getter, trace)).items():  # counted in C; few distinct values
             if value is not None and str(value) not in boring:
-                counts[str(value)] += 1
+                counts[str(value)] += count
     return dict(counts)
 
 
@@ -229,8 +252,12 @@ def read_snapshot(path: str | os.PathLike[str], progress: ProgressFn | None = No
     One `DeviceEvents` ("cuda:N") per device that has segments or trace entries; `segments` describes
     the allocator state at the dump, `ooms` and "oom"/"snapshot" markers come from the trace.
     """
-    name = str(path)
-    data = load_pickle(path, progress)
+    with gc_paused():
+        return _read_snapshot(str(path), progress)
+
+
+def _read_snapshot(name: str, progress: ProgressFn | None) -> MemorySource:
+    data = load_pickle(name, progress)
     if not isinstance(data, dict) or not isinstance(data.get("segments"), list):
         raise KvtraceError(f"{name}: a pickle, but not a CUDA memory snapshot (no 'segments' list)")
     traces = data.get("device_traces") or []
