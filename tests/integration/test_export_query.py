@@ -284,3 +284,36 @@ def test_a_distributed_trace_names_its_rank(tmp_path: Path) -> None:
     )
     assert run["group_id"] == (REAL / "chrome").as_posix()
     assert (run["device_name"], run["total_memory_bytes"]) == (gpu["name"], gpu["totalGlobalMem"])
+
+
+@pytest.mark.slow
+def test_a_recorded_run_group_exports_rank_by_rank(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN Meta's reference Llama 3 recorded on 2 gloo ranks (fairscale model parallel): a run group
+    import ranks_worker as worker
+
+    group, facts_dir = tmp_path / "group", tmp_path / "facts"
+    assert worker.launch("reference", group, facts_dir, 2) == [0, 0]
+    facts = {r: json.loads((facts_dir / f"rank-{r}.json").read_text()) for r in range(2)}
+    # WHEN the group is exported THEN each rank is a row of one group, with its own KV
+    out = tmp_path / "out"
+    assert main(["export", str(group), "-o", str(out), "-q"]) == 0
+    sql = (
+        "SELECT r.rank, r.world_size, r.backend, r.group_id, k.kv_final FROM runs r"
+        f" JOIN ({KV_SQL}) k USING (run_id) ORDER BY r.rank"
+    )
+    rows = _cli_json(capsys, "query", str(out), "--json", sql)
+    assert [(r["rank"], r["world_size"], r["backend"], r["group_id"]) for r in rows] == [
+        (rank, 2, "gloo", group.as_posix()) for rank in range(2)
+    ]
+    assert [r["kv_final"] for r in rows] == [facts[0]["kv_bytes"], facts[1]["kv_bytes"]]
+    report = _cli_json(capsys, "report", str(group), "--json", "--no-export", "-q")
+    assert sum(r["kv_final"] for r in rows) == report["kv"]["final_bytes"]
+    for rank in range(2):
+        lines = (group / f"rank-{rank}" / "kv_events.jsonl").read_text().splitlines()
+        (count,) = _cli_json(
+            capsys, "query", str(out), "--json",
+            f"SELECT count(*) AS n FROM kv_events JOIN runs USING (run_id) WHERE rank = {rank}",
+        )  # fmt: skip
+        assert count["n"] == len(lines)
