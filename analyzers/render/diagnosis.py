@@ -42,19 +42,26 @@ def _crossing_rows(d: Diagnosis) -> list[tuple[str, str]]:
     where = f"step {c.step} ({c.phase})" if c.step is not None else "?"
     rows.append(("would run out at", where + (f", layer {c.layer}" if c.layer is not None else "")))
     if c.request_bytes is not None:
-        what = f" ({c.request_category})" if c.request_category else ""
+        what = f" {c.request_category}" if c.request_category else ""
         request = f"{human_bytes(c.request_bytes)}{what} ({c.request_bytes:,} B)"
         rows.append(("request that would fail", request))
     rows.append(("allocated before it", human_bytes(c.allocated_before_bytes)))
     rows.append(("free on that device", human_bytes(c.bytes - (c.allocated_before_bytes or 0))))
     if c.layer_from:
         rows.append(("layer from", c.layer_from))
-    rows.append(("the run's peak (must fit)", human_bytes(c.peak_bytes)))
     return rows
 
 
 def _figure_rows(d: Diagnosis) -> list[tuple[str, str]]:
-    rows: list[tuple[str, str]] = _crossing_rows(d)
+    crossing = _crossing_rows(d)
+    rows = _moment_rows(d)
+    if d.event == "budget":  # the figures below describe the peak, which has to fit under the budget
+        rows = [(f"at the peak: {label.replace(' at this moment', '')}", value) for label, value in rows]
+    return crossing + rows
+
+
+def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
     if d.requested_bytes is not None:
         rows.append(("request that failed", f"{human_bytes(d.requested_bytes)} ({d.requested_bytes:,} B)"))
     rows += [
