@@ -151,6 +151,10 @@ class JsonlAppender:
     def append(self, record: dict[str, Any]) -> None:
         self._pending.append(json.dumps(record, separators=(",", ":")))
 
+    def extend(self, lines: list[str]) -> None:
+        """Lines already serialised (one JSON object each, no newline): the recorder's KV events."""
+        self._pending.extend(lines)
+
     def flush(self) -> None:
         if self._pending:
             self._fh.write("\n".join(self._pending) + "\n")

@@ -3,22 +3,26 @@
 Why a state diff and not a log of method calls: caches change in many ways (torch.cat growth, in-place
 index_copy_, slicing to a view, eviction libraries rebinding `layer.keys` from a forward hook). Whoever
 observes a layer (a patched cache method, the end-of-step scan, a custom-cache scan) hands its current
-tensors here, with the cause it knows; the tracker decides what changed and emits one event per storage.
+tensors here, with the cause it knows; the tracker decides what changed and logs one event per storage.
 
-Frees are exact: each replaced storage is watched through a weak reference to the storage itself (not the
-tensor: a view may outlive it), and `freed` is logged when the allocator has released it.
+Frees are exact: each storage a slot holds is watched through a weak reference to the storage itself (not
+the tensor: a view may outlive it), and `freed` is logged when the allocator has released it.
+
+Cost (issue 11): a layer update runs once per layer and step, so on a GPU it must cost microseconds.
+Events are written straight into JSON lines with one `%` format (same keys as `KvEvent`, read back by
+`kvtrace.format.read_run`), per-slot facts (dtype, device, storage, shape) are kept and reused while the
+tensor object is the same, storages are watched through raw weak references, and nothing here reads a
+tensor's values: no `.item()`, no `int(tensor)`, no `.cpu()`, so no device sync.
 """
 
 from __future__ import annotations
 
+import json
+import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-
-from kvtrace.format import KvEvent
 
 # What a cause becomes when the storage changed (first) or stayed (second).
 _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
@@ -32,25 +36,75 @@ _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
     "track": ("replaced", "written"),
 }
 
+# One event per line, the keys of `kvtrace.format.KvEvent`. String fields arrive already JSON-quoted.
+_LINE = (
+    '{"seq":%d,"t_ns":%d,"step":%d,"phase":%s,"event":"%s","layer":%d,"kv":%s,"part":%s,"addr":%d,'
+    '"storage_bytes":%d,"view_offset":%d,"shape":%s,"logical_bytes":%d,"dtype":%s,"device":%s,"tokens":%d,'
+    '"evicted_tokens":%d,"prev_addr":%d,"cache":%d,"source":%s,"reason":%s}'
+)
+# Fields a line leaves out take KvEvent's defaults when read back.
+_FREED = (
+    '{"seq":%d,"t_ns":%d,"step":%d,"phase":%s,"event":"freed","layer":%d,"kv":%s,"part":%s,"addr":%d,'
+    '"storage_bytes":%d,"cache":%d}'
+)
+_NO_STORAGE = (
+    '{"seq":%d,"t_ns":%d,"step":%d,"phase":%s,"event":"%s","layer":%d,"kv":%s,"part":%s,"addr":0,'
+    '"storage_bytes":0,"tokens":%d,"evicted_tokens":%d,"prev_addr":%d,"cache":%d,"source":%s,"reason":%s}'
+)
 
-@dataclass
-class _Slot:
-    """What we last saw in one (cache, layer, k/v, part) slot."""
+_QUOTED: dict[str, str] = {}
+# torch.Size -> (its JSON list, element count): str(list(shape)) alone costs ~1-2 us
+_SHAPES: dict[tuple[int, ...], tuple[str, int]] = {}
+_KEYS: dict[tuple[str, str], tuple[str, str]] = {}  # (kv, part) -> both JSON-quoted
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+_DEVICE_NAMES: dict[torch.device, str] = {}
+_KD = ("k", "data")
+_VD = ("v", "data")
 
-    addr: int
-    storage_bytes: int
-    shape: tuple[int, ...]
-    version: int
-    tensor_id: int
-    ref: StorageWeakRef
+_weak_ref_of: Callable[[Any], int] = cast(Any, torch.UntypedStorage)._weak_ref
+_expired = cast(Any, torch.UntypedStorage)._expired
+_free_weak_ref = cast(Any, torch.UntypedStorage)._free_weak_ref
 
 
-@dataclass
-class _Pending:
-    """A storage that left the cache but may still be alive (a view, an autograd graph, the caller)."""
+def _q(text: str) -> str:
+    """`text` as a JSON string literal, memoised: the same few names come back on every event."""
+    quoted = _QUOTED.get(text)
+    if quoted is None:
+        quoted = _QUOTED[text] = json.dumps(text)
+    return quoted
 
-    ref: StorageWeakRef
-    event: KvEvent
+
+def _shape_facts(shape: tuple[int, ...]) -> tuple[str, int]:
+    facts = _SHAPES.get(shape)
+    if facts is None:
+        if len(_SHAPES) > 100_000:  # a run of many distinct shapes: start over rather than grow
+            _SHAPES.clear()
+        count = 1
+        for size in shape:
+            count *= size
+        facts = _SHAPES[shape] = (str(list(shape)).replace(" ", ""), count)
+    return facts
+
+
+def _key_json(key: tuple[str, str]) -> tuple[str, str]:
+    quoted = _KEYS.get(key)
+    if quoted is None:
+        quoted = _KEYS[key] = (_q(key[0]), _q(key[1]))
+    return quoted
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = _q(str(dtype).removeprefix("torch."))
+    return name
+
+
+def _device_name(device: torch.device) -> str:
+    name = _DEVICE_NAMES.get(device)
+    if name is None:
+        name = _DEVICE_NAMES[device] = _q(str(device))
+    return name
 
 
 def iter_tensors(value: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -81,30 +135,11 @@ def iter_tensors(value: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _version_of(tensor: torch.Tensor) -> int:
-    """The in-place write counter; -1 for inference tensors (hqq quantizes under inference_mode), which
-    have none: their in-place writes go unseen, their replacement does not."""
+    """The in-place write counter; -1 for inference tensors (inference_mode, hqq), which have none."""
     try:
         return tensor._version
     except RuntimeError:
         return -1
-
-
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
-_DEVICE_NAMES: dict[torch.device, str] = {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
-
-
-def _device_name(device: torch.device) -> str:
-    name = _DEVICE_NAMES.get(device)
-    if name is None:
-        name = _DEVICE_NAMES[device] = str(device)
-    return name
 
 
 def storage_of(tensor: torch.Tensor) -> tuple[int, int]:
@@ -116,26 +151,260 @@ def storage_of(tensor: torch.Tensor) -> tuple[int, int]:
         return 0, 0
 
 
-class KvTracker:
-    """Owns the last-seen state of every KV slot and emits `KvEvent`s through `emit`."""
+class _Slot:
+    """What we last saw in one (cache, layer, k/v, part) slot: the tensor (weakly), its storage (weakly)
+    and the facts an event repeats while the tensor object stays the same."""
 
-    def __init__(self, emit: Callable[[KvEvent], None], clock: Callable[[], int]) -> None:
-        self._emit = emit
+    __slots__ = (
+        "addr",
+        "device",
+        "dtype",
+        "itemsize",
+        "logical_bytes",
+        "ptr",
+        "shape",
+        "shape_json",
+        "storage_bytes",
+        "tref",
+        "version",
+        "view_offset",
+        "wref",
+    )
+
+    tref: Callable[[], Any]
+    ptr: int
+    version: int
+    addr: int
+    storage_bytes: int
+    wref: int  # a raw weak reference to the storage (torch's StorageWeakRef without the object)
+    view_offset: int
+    shape: Any
+    shape_json: str
+    logical_bytes: int
+    dtype: str
+    device: str
+    itemsize: int
+
+
+def _dead() -> None:
+    return None
+
+
+class _Layer:
+    __slots__ = ("slots", "tokens")
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple[str, str], _Slot] = {}
+        self.tokens = 0
+
+
+class KvTracker:
+    """Owns the last-seen state of every KV slot and appends events, as JSON lines, to `lines`.
+
+    The recorder drains `lines` into `kv_events.jsonl` once per step; `on_evict(layer, kv)` runs for every
+    `evicted`/`masked` event (the recorder opens an NVTX range there).
+    """
+
+    def __init__(
+        self, clock: Callable[[], int], on_evict: Callable[[int, str], None] | None = None
+    ) -> None:
         self._clock = clock
-        self._slots: dict[tuple[int, int, str, str], _Slot] = {}
-        self._tokens: dict[tuple[int, int], int] = {}
-        self._pending: list[_Pending] = []
+        self._on_evict = on_evict
+        self._layers: dict[tuple[int, int], _Layer] = {}
+        # Storages that left their slot but may still be alive (a view, an autograd graph, the caller):
+        # (weak ref, layer, kv, quoted part, addr, bytes, cache).
+        self._pending: list[tuple[int, int, str, str, int, int, int]] = []
+        self.lines: list[str] = []
         self._seq = 0
         self.step = 0
         self.phase = ""
+        self._phase_json = _q("")
 
-    def _event(self, **fields: Any) -> KvEvent:
-        self._seq += 1
-        return KvEvent(seq=self._seq, t_ns=self._clock(), step=self.step, phase=self.phase, **fields)
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase = value
+        self._phase_json = _q(value)
+
+    def take_lines(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
 
     def tokens(self, cache_id: int, layer: int) -> int:
-        return self._tokens.get((cache_id, layer), 0)
+        state = self._layers.get((cache_id, layer))
+        return state.tokens if state is not None else 0
 
+    def tokens_or_none(self, cache_id: int, layer: int) -> int | None:
+        """The tokens last logged for a layer; None for a layer never seen."""
+        state = self._layers.get((cache_id, layer))
+        return None if state is None else state.tokens
+
+    def same_tensors(self, cache_id: int, layer: int, keys: Any, values: Any) -> bool:
+        """True when a layer holds exactly the K and V tensor objects last logged (and nothing else)."""
+        state = self._layers.get((cache_id, layer))
+        if state is None or len(state.slots) != 2:
+            return False
+        k_slot = state.slots.get(_KD)
+        v_slot = state.slots.get(_VD)
+        return (
+            k_slot is not None and v_slot is not None and k_slot.tref() is keys and v_slot.tref() is values
+        )
+
+    def _state(self, cache_id: int, layer: int) -> _Layer:
+        state = self._layers.get((cache_id, layer))
+        if state is None:
+            state = self._layers[(cache_id, layer)] = _Layer()
+        return state
+
+    # -- the per-update fast path ----------------------------------------------------------------------
+    def update(
+        self,
+        cache_id: int,
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        tokens: int,
+        evicted: int = 0,
+        reason: str = "",
+    ) -> None:
+        """A cache's own update wrote plain `keys`/`values` tensors of one layer, which now holds `tokens`
+        tokens per row; `evicted` of them left a window in this update (reason `window`)."""
+        state = self._layers.get((cache_id, layer))
+        if state is None:
+            state = self._state(cache_id, layer)
+        state.tokens = tokens
+        t_ns = self._clock()
+        slots = state.slots
+        reason_json = _q(reason) if evicted else '""'
+        self._see(slots, cache_id, layer, _KD, keys, tokens, evicted, reason_json, t_ns, "update", '"hf"')
+        self._see(slots, cache_id, layer, _VD, values, tokens, 0, '""', t_ns, "update", '"hf"')
+        if self._pending:
+            self.poll_frees(t_ns)
+
+    def _see(
+        self,
+        slots: dict[tuple[str, str], _Slot],
+        cache_id: int,
+        layer: int,
+        key: tuple[str, str],
+        tensor: torch.Tensor,
+        tokens: int,
+        evicted: int,
+        reason_json: str,
+        t_ns: int,
+        cause: str,
+        source_json: str,
+        prev_tokens: int = -1,
+    ) -> bool:
+        """Compare one tensor with its slot, log what changed; False when it has no storage (skipped)."""
+        slot = slots.get(key)
+        try:
+            version = tensor._version
+        except RuntimeError:  # an inference tensor: in-place writes are invisible, its replacement is not
+            version = -1
+        if slot is not None and slot.tref() is tensor:
+            if version == slot.version and (version != -1 or cause != "update"):
+                return True  # the very same tensor, not written since
+            if tensor.data_ptr() == slot.ptr:
+                # Written in place (static caches): every fact but the version is what we logged last.
+                slot.version = version
+                kind = _CAUSE_EVENTS.get(cause, ("replaced", "written"))[1]
+                if cause == "scan" and tokens < prev_tokens:
+                    kind = "evicted"
+                self._seq += 1
+                kv_json, part_json = _KEYS.get(key) or _key_json(key)
+                self.lines.append(
+                    _LINE
+                    % (
+                        self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json,
+                        slot.addr, slot.storage_bytes, slot.view_offset, slot.shape_json,
+                        slot.logical_bytes, slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id,
+                        source_json, reason_json if evicted or kind == "evicted" else '""',
+                    )
+                )
+                if kind == "evicted" and self._on_evict is not None:
+                    self._on_evict(layer, key[0])
+                return True
+        try:
+            storage = tensor.untyped_storage()
+            addr = storage.data_ptr()
+            nbytes = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            return False
+        if nbytes == 0:
+            return False
+        same_storage = slot is not None and slot.addr == addr
+        if slot is None:
+            kind = "created"
+            prev_addr = 0
+            new = _Slot()
+            new.wref = _weak_ref_of(storage)
+        elif same_storage:
+            kind = _CAUSE_EVENTS.get(cause, ("replaced", "written"))[1]
+            if cause == "scan" and tokens < prev_tokens:
+                kind = "evicted"  # a view of the old storage: tokens gone, memory kept
+            prev_addr = addr
+            new = slot
+        else:
+            assert slot is not None
+            if (cause == "update" and nbytes <= slot.storage_bytes) or (
+                cause == "scan" and tokens >= prev_tokens
+            ):
+                kind = "replaced"
+            else:
+                kind = _CAUSE_EVENTS.get(cause, ("replaced", "written"))[0]
+            prev_addr = slot.addr
+            new = _Slot()
+            new.wref = _weak_ref_of(storage)
+        try:
+            new.tref = weakref.ref(tensor)
+        except TypeError:
+            new.tref = _dead
+        new.ptr = ptr = tensor.data_ptr()
+        new.version = version
+        new.addr = addr
+        new.storage_bytes = nbytes
+        new.view_offset = ptr - addr
+        shape = tensor.shape
+        new.shape = shape
+        new.shape_json, count = _SHAPES.get(shape) or _shape_facts(shape)
+        if slot is not None and cause == "update":
+            # A cache's update keeps a slot's dtype and device (moves are offload/prefetch, seen apart).
+            new.dtype = slot.dtype
+            new.device = slot.device
+            new.itemsize = slot.itemsize
+            new.logical_bytes = count * slot.itemsize
+        else:
+            dtype = tensor.dtype
+            new.itemsize = dtype.itemsize
+            new.logical_bytes = count * new.itemsize
+            new.dtype = _dtype_name(dtype)
+            new.device = _device_name(tensor.device)
+        slots[key] = new
+        self._seq += 1
+        kv_json, part_json = _KEYS.get(key) or _key_json(key)
+        self.lines.append(
+            _LINE
+            % (
+                self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json, addr,
+                nbytes, new.view_offset, new.shape_json, new.logical_bytes, new.dtype, new.device, tokens,
+                evicted, prev_addr, cache_id, source_json,
+                reason_json if evicted or kind == "evicted" else '""',
+            )
+        )
+        if kind == "evicted" and self._on_evict is not None:
+            self._on_evict(layer, key[0])
+        if slot is not None and not same_storage:
+            # After the new storage's event, so the log shows both alive (the real transient peak), and
+            # before any later slot's event, which may reuse the freed address.
+            self._retire(cache_id, layer, key, slot)
+            self.poll_frees(t_ns)
+        return True
+
+    # -- every other observation (scans, crop, reset, custom caches) -------------------------------------
     def observe(
         self,
         cache_id: int,
@@ -145,158 +414,133 @@ class KvTracker:
         tokens: int,
         source: str = "hf",
         reason: str = "",
+        evicted: int | None = None,
+        evicted_reason: str = "",
     ) -> None:
-        """Compare the current tensors of one layer with the last seen ones; emit what changed.
+        """Compare the current tensors of one layer with the last seen ones; log what changed.
 
         `parts` maps (kv, part) to the attribute's value (a tensor, a tuple of tensors, a quantized object,
-        or None). `tokens` is how many tokens the layer holds now, per batch row.
+        or None). `tokens` is how many tokens the layer holds now, per batch row. `evicted` overrides the
+        evicted-token count (window evictions counted by the caller, with `evicted_reason`).
         """
-        prev_tokens = self._tokens.get((cache_id, layer), 0)
-        self._tokens[(cache_id, layer)] = tokens
-        evicted = max(0, prev_tokens - tokens) if cause in ("scan", "crop") else 0
-        changed_kinds, same_kinds = _CAUSE_EVENTS.get(cause, ("replaced", "written"))
-        seen: set[tuple[int, int, str, str]] = set()
+        state = self._state(cache_id, layer)
+        prev_tokens = state.tokens
+        state.tokens = tokens
+        if evicted is None:
+            evicted = max(0, prev_tokens - tokens) if cause in ("scan", "crop") else 0
+            evicted_reason = ""
+        t_ns = self._clock()
+        source_json = _q(source)
+        slots = state.slots
+        seen: set[tuple[str, str]] = set()
+        reason_json = _q(evicted_reason) if evicted_reason else _q(reason)
         for (kv, part), value in parts.items():
             for name, tensor in iter_tensors(value, part):
-                addr, nbytes = storage_of(tensor)
-                if nbytes == 0:
-                    continue
-                key = (cache_id, layer, kv, name)
-                seen.add(key)
-                shape = tuple(tensor.shape)
-                version = _version_of(tensor)
-                old = self._slots.get(key)
-                if old is not None and old.addr == addr:
-                    if old.shape == shape and old.version == version and old.tensor_id == id(tensor):
-                        continue
-                    kind = same_kinds
-                    if cause == "scan" and tokens < prev_tokens:
-                        kind = "evicted"  # a view of the old storage: tokens gone, memory kept
-                    prev_addr = addr
-                else:
-                    if old is None:
-                        kind = "created"
-                    elif (cause == "update" and nbytes <= old.storage_bytes) or (
-                        cause == "scan" and tokens >= prev_tokens
-                    ):
-                        kind = "replaced"
-                    else:
-                        kind = changed_kinds
-                    prev_addr = old.addr if old is not None else 0
-                ref = (
-                    old.ref
-                    if old is not None and old.addr == addr
-                    else StorageWeakRef(tensor.untyped_storage())
-                )
-                self._slots[key] = _Slot(addr, nbytes, shape, version, id(tensor), ref)
-                self._emit(
-                    self._event(
-                        event=kind,
-                        layer=layer,
-                        kv=kv,
-                        part=name,
-                        addr=addr,
-                        storage_bytes=nbytes,
-                        view_offset=tensor.data_ptr() - addr if addr else 0,
-                        shape=list(shape),
-                        logical_bytes=tensor.numel() * tensor.element_size(),
-                        dtype=_dtype_name(tensor.dtype),
-                        device=_device_name(tensor.device),
-                        tokens=tokens,
-                        evicted_tokens=evicted if kv == "k" and part == "data" else 0,
-                        prev_addr=prev_addr,
-                        cache=cache_id,
-                        source=source,
-                        reason=reason if kind == "evicted" else "",
-                    )
-                )
-                if old is not None and old.addr != addr:
-                    # After the new storage's event, so the log shows both alive (the real transient peak),
-                    # and before any later slot's event, which may reuse the freed address.
-                    self._retire(key, old)
-                    self.poll_frees()
+                key = (kv, name)
+                first = kv == "k" and part == "data"
+                if self._see(
+                    slots,
+                    cache_id,
+                    layer,
+                    key,
+                    tensor,
+                    tokens,
+                    evicted if first else 0,
+                    reason_json,
+                    t_ns,
+                    cause,
+                    source_json,
+                    prev_tokens,
+                ):
+                    seen.add(key)
         # Slots of this layer that vanished (reset, a quantized residual flushed to an empty tensor).
-        for key in [k for k in self._slots if k[0] == cache_id and k[1] == layer and k not in seen]:
-            old = self._slots.pop(key)
-            self._retire(key, old)
+        for key in [k for k in slots if k not in seen]:
+            old = slots.pop(key)
+            self._retire(cache_id, layer, key, old)
             if cause in ("reset", "scan", "crop"):
-                self._emit(
-                    self._event(
-                        event="reset" if cause == "reset" else "evicted",
-                        layer=layer,
-                        kv=key[2],
-                        part=key[3],
-                        addr=0,
-                        storage_bytes=0,
-                        tokens=tokens,
-                        evicted_tokens=evicted if key[2] == "k" and key[3] == "data" else 0,
-                        prev_addr=old.addr,
-                        cache=cache_id,
-                        source=source,
+                self._seq += 1
+                first = key == _KD
+                self.lines.append(
+                    _NO_STORAGE
+                    % (
+                        self._seq, t_ns, self.step, self._phase_json,
+                        "reset" if cause == "reset" else "evicted", layer, _q(key[0]), _q(key[1]), tokens,
+                        evicted if first else 0, old.addr, cache_id, source_json, '""',
                     )
                 )
-        self.poll_frees()
+                if cause != "reset" and self._on_evict is not None:
+                    self._on_evict(layer, key[0])
+        self.poll_frees(t_ns)
 
     def masked(self, cache_id: int, layer: int, masked_entries: int, tokens: int) -> None:
         """Tokens hidden from attention in place (kvpress AdaKV's `masked_key_indices`): nothing is freed."""
-        self._emit(
-            self._event(
-                event="masked",
-                layer=layer,
-                kv="k",
-                part="data",
-                addr=0,
-                storage_bytes=0,
-                tokens=tokens,
-                cache=cache_id,
-                reason=f"masking without removal: {masked_entries} (row, head, token) entries masked",
+        self._seq += 1
+        reason = f"masking without removal: {masked_entries} (row, head, token) entries masked"
+        self.lines.append(
+            _NO_STORAGE
+            % (
+                self._seq, self._clock(), self.step, self._phase_json, "masked", layer, '"k"', '"data"',
+                tokens, 0, 0, cache_id, '"hf"', json.dumps(reason),
             )
         )
+        if self._on_evict is not None:
+            self._on_evict(layer, "k")
 
-    def _retire(self, key: tuple[int, int, str, str], old: _Slot) -> None:
+    def _retire(self, cache_id: int, layer: int, key: tuple[str, str], old: _Slot) -> None:
         """Watch a storage that left its slot until the allocator releases it."""
-        freed = KvEvent(
-            seq=0,
-            t_ns=0,
-            step=self.step,
-            phase=self.phase,
-            event="freed",
-            layer=key[1],
-            kv=key[2],
-            part=key[3],
-            addr=old.addr,
-            storage_bytes=old.storage_bytes,
-            cache=key[0],
-        )
-        self._pending.append(_Pending(old.ref, freed))
+        kv_json, part_json = _KEYS.get(key) or _key_json(key)
+        self._pending.append((old.wref, layer, kv_json, part_json, old.addr, old.storage_bytes, cache_id))
 
     def release_all(self) -> None:
         """At the end of a recording: stop holding slots, so storages freed later are still reported by a
         final `poll_frees` (after the caller dropped its cache)."""
-        for key, slot in list(self._slots.items()):
-            self._retire(key, slot)
-        self._slots.clear()
+        for (cache_id, layer), state in self._layers.items():
+            for key, slot in state.slots.items():
+                self._retire(cache_id, layer, key, slot)
+            state.slots.clear()
 
-    def poll_frees(self) -> None:
-        """Log `freed` for every watched storage the allocator has released since the last poll."""
-        if not self._pending:
+    def poll_frees(self, t_ns: int = 0) -> None:
+        """Log `freed` for every watched storage the allocator has released since the last poll (at `t_ns`,
+        the time of the observation that found it, or now)."""
+        pending = self._pending
+        if not pending:
             return
-        still: list[_Pending] = []
-        for pending in self._pending:
-            if pending.ref.expired():
-                pending.event.t_ns = self._clock()
-                pending.event.step = self.step
-                pending.event.phase = self.phase
+        still: list[tuple[int, int, str, str, int, int, int]] = []
+        for item in pending:
+            wref = item[0]
+            if _expired(wref):
+                _free_weak_ref(wref)
+                if not t_ns:
+                    t_ns = self._clock()
                 self._seq += 1
-                pending.event.seq = self._seq
-                self._emit(pending.event)
+                self.lines.append(
+                    _FREED
+                    % (
+                        self._seq, t_ns, self.step, self._phase_json, item[1], item[2], item[3], item[4],
+                        item[5], item[6],
+                    )
+                )
             else:
-                still.append(pending)
+                still.append(item)
         self._pending = still
+
+    def close(self) -> None:
+        """Let go of the weak references still held (storages the caller keeps alive after the run)."""
+        for item in self._pending:
+            _free_weak_ref(item[0])
+        self._pending = []
+        for state in self._layers.values():
+            for slot in state.slots.values():
+                _free_weak_ref(slot.wref)
+            state.slots.clear()
 
     def live_slots(self) -> dict[tuple[int, int, str, str], int]:
         """Storage bytes now held per slot (for the manifest's end-of-run summary)."""
-        return {key: slot.storage_bytes for key, slot in self._slots.items()}
+        return {
+            (cache_id, layer, kv, part): slot.storage_bytes
+            for (cache_id, layer), state in self._layers.items()
+            for (kv, part), slot in state.slots.items()
+        }
 
     def pending_frees(self) -> int:
         return len(self._pending)

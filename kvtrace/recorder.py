@@ -56,6 +56,8 @@ class _Ranges:
             ranges = NvtxRanges("kvtrace")
             self._nvtx = ranges if ranges.enabled else None
         self._use_rf = use_record_function
+        # Nobody listening (no NVTX tool, no profiler): callers skip push/pop altogether.
+        self.active = self._nvtx is not None or use_record_function
         self._stack: list[Any] = []
 
     def push(self, name: str) -> None:
@@ -177,7 +179,7 @@ class Recording:
         fmt.write_json_atomic(manifest_path, self._manifest)
         self._events = fmt.JsonlAppender(self.path / fmt.KV_EVENTS)
         self._samples = fmt.JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
-        tracker = KvTracker(self._emit, self._clock)
+        tracker = KvTracker(self._clock, on_evict=self._on_evict)
         self.tracker = tracker
         self._ranges = _Ranges(self.options.nvtx, self.options.profiler)
         if self._vllm_llm is not None or (self.model is None and self.vllm_watch):
@@ -186,7 +188,10 @@ class Recording:
             self._vllm = VllmRecording(self, self._vllm_llm, self.vllm_process)
             self._vllm.install()
         if HfCacheHooks.available():
-            self._hf = HfCacheHooks(tracker, self._ranges.push, self._ranges.pop)
+            if self._ranges.active:
+                self._hf = HfCacheHooks(tracker, self._ranges.push, self._ranges.pop)
+            else:
+                self._hf = HfCacheHooks(tracker)  # no range per update when nobody listens
             if self.model is None:
                 self._hf.on_first_layer = self._auto_step
             self._hf.install()
@@ -263,6 +268,7 @@ class Recording:
             gc.collect(0)
             self.tracker.poll_frees()
         self._flush()
+        self.tracker.close()
         for appender in (self._events, self._samples):
             if appender is not None:
                 appender.close()
@@ -301,7 +307,7 @@ class Recording:
 
     # -- steps -------------------------------------------------------------------------------------
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        prefill = _is_prefill(args, kwargs)
+        prefill = _is_prefill(args, kwargs, self._hf)
         self._begin_step(prefill)
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
@@ -347,17 +353,19 @@ class Recording:
         self._flush()
 
     # -- outputs -----------------------------------------------------------------------------------
-    def _emit(self, event: fmt.KvEvent) -> None:
-        assert self._events is not None
-        self._events.append(event.to_json())
-        self.event_count += 1
-        if event.event in ("evicted", "masked") and self._ranges is not None:
-            name = f"kvtrace/evict L{event.layer} {event.kv}"
-            self._ranges.push(name)  # a range per eviction, as Nsight users expect; it spans the logging
+    def _on_evict(self, layer: int, kv: str) -> None:
+        if self._ranges is not None and self._ranges.active:
+            name = f"kvtrace/evict L{layer} {kv}"
+            self._ranges.push(name)  # a range per eviction, as Nsight users expect
             self._ranges.pop()
 
     def _flush(self) -> None:
         if self._events is not None:
+            # The tracker keeps its events as ready JSON lines; they reach the file once per step.
+            lines = self.tracker.take_lines()
+            if lines:
+                self.event_count += len(lines)
+                self._events.extend(lines)
             self._events.flush()
         if self._samples is not None:
             self._samples.flush()
@@ -505,9 +513,13 @@ def _model_device(model: Any) -> torch.device | None:
         return None
 
 
-def _is_prefill(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def _is_prefill(args: tuple[Any, ...], kwargs: dict[str, Any], hooks: HfCacheHooks | None = None) -> bool:
     """Prefill when the cache passed in is empty (HF), or `start_pos == 0` (Meta's reference code)."""
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if cache is not None and hooks is not None:
+        held = hooks.held_tokens(cache)  # the recorder's own count: a static cache's is a tensor (a sync)
+        if held is not None:
+            return held == 0
     if cache is not None and hasattr(cache, "get_seq_length"):
         with contextlib.suppress(Exception):
             return int(cache.get_seq_length()) == 0

@@ -9,7 +9,6 @@ methods on the `Cache` base class (subclasses that do not override them inherit 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import weakref
 from collections.abc import Callable
@@ -40,8 +39,9 @@ def layer_parts(layer: Any) -> dict[tuple[str, str], Any]:
     return parts
 
 
-def layer_tokens(layer: Any) -> int:
-    """Tokens a layer holds per batch row, without a device sync where possible."""
+def layer_tokens(layer: Any, known: int | None = None) -> int:
+    """Tokens a layer holds per batch row. Static layers count in a tensor: reading it is a device sync, so
+    `known` (the tracker's own count) is used instead where the caller has it."""
     cumulative = getattr(layer, "cumulative_length", None)
     if hasattr(layer, "_quantized_keys") and isinstance(cumulative, int):
         return cumulative
@@ -51,7 +51,10 @@ def layer_tokens(layer: Any) -> int:
             # Static layers: the storage is full length; what is held is the cumulative count, capped.
             # A static sliding layer stops updating the tensor count once full; its int count is exact.
             count = getattr(layer, "cumulative_length_int", None)
-            count = count if isinstance(count, int) else int(cumulative)
+            if not isinstance(count, int):
+                if known is not None:
+                    return known
+                count = int(cumulative)  # a sync, only for crop/reset or a cache first seen mid-run
             window = getattr(layer, "sliding_window", None) or layer.max_cache_len
             return min(count, int(window))
         return int(keys.shape[-2])
@@ -59,8 +62,8 @@ def layer_tokens(layer: Any) -> int:
 
 
 def _signature(parts: dict[tuple[str, str], Any]) -> tuple[Any, ...]:
-    """Cheap identity of a layer's KV attributes: which objects, where their data is, their shapes and their
-    in-place write counters (an id alone can be reused by a new tensor once the old one is freed)."""
+    """Cheap identity of a quantized layer's KV attributes: which objects, where their data is, their
+    shapes and in-place write counters (an id alone can be reused by a new tensor once the old is freed)."""
     out: list[Any] = []
     for value in parts.values():
         out.append(id(value))
@@ -74,9 +77,35 @@ def _signature(parts: dict[tuple[str, str], Any]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+# How a layer class counts its tokens after an update (decided once per class).
+_PLAIN, _STATIC, _STATIC_SLIDING, _OTHER = range(4)
+
+
+def _layer_kind(layer_type: type) -> int:
+    import transformers.cache_utils as cu
+
+    def is_a(name: str) -> bool:
+        cls = getattr(cu, name, None)
+        return isinstance(cls, type) and issubclass(layer_type, cls)
+
+    if is_a("QuantizedLayer") or is_a("BaseQuantizedLayer") or is_a("QuantizedLayerMixin"):
+        return _OTHER
+    if is_a("StaticSlidingWindowLayer"):
+        return _STATIC_SLIDING
+    if is_a("StaticLayer"):
+        return _STATIC
+    if is_a("DynamicLayer"):  # DynamicSlidingWindowLayer too: its keys are a view of the window
+        return _PLAIN
+    return _OTHER
+
+
+def _nothing() -> None:
+    return None
+
+
 class HfCacheHooks:
-    """Wraps `transformers.cache_utils.Cache` methods; `on_update_*` callbacks let the recorder open NVTX and
-    profiler ranges around each layer update."""
+    """Wraps `transformers.cache_utils.Cache` methods; `range_push`/`range_pop` let the recorder open NVTX
+    and profiler ranges around each layer update (None when neither is listening: no cost at all)."""
 
     def __init__(
         self,
@@ -89,13 +118,17 @@ class HfCacheHooks:
         self._pop = range_pop
         self._originals: dict[str, Any] = {}
         self._cache_cls: Any = None
-        self._caches: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-        self._cache_ids: dict[int, int] = {}
+        # id(cache) -> (weak reference, cache id): a new object at a reused address gets a new number.
+        self._known: dict[int, tuple[Callable[[], Any], int]] = {}
+        self._next_id = 0
+        self._last: tuple[Callable[[], Any], int] | None = None
         self.installed = False
         self.on_first_layer: Callable[[int], None] | None = None
         self._seen_masks: dict[int, Any] = {}
-        # (cache, layer) -> identity and version of its tensors when last observed: the end-of-step scan
-        # skips unchanged layers without the full comparison (most layers, most steps).
+        self._kinds: dict[type, int] = {}
+        self._update_names: list[str] = []
+        # (cache, layer) -> identity of a quantized layer's tensors when last observed: the end-of-step
+        # scan skips unchanged layers without the full comparison. Plain layers compare the tracker's slots.
         self._signatures: dict[tuple[int, int], tuple[Any, ...]] = {}
 
     @staticmethod
@@ -108,13 +141,32 @@ class HfCacheHooks:
 
     def cache_id(self, cache: Any) -> int:
         """A small stable number per cache object seen in this recording."""
-        key = id(cache)
-        known = self._caches.get(key)
-        if known is not cache:
-            self._cache_ids[key] = len(self._cache_ids) + 1
-            with contextlib.suppress(TypeError):
-                self._caches[key] = cache
-        return self._cache_ids[key]
+        last = self._last
+        if last is not None and last[0]() is cache:
+            return last[1]
+        entry = self._known.get(id(cache))
+        if entry is None or entry[0]() is not cache:
+            self._next_id += 1
+            try:
+                ref: Callable[[], Any] = weakref.ref(cache)
+            except TypeError:
+                ref = _nothing
+            entry = (ref, self._next_id)
+            self._known[id(cache)] = entry
+        self._last = entry
+        return entry[1]
+
+    def held_tokens(self, cache: Any) -> int | None:
+        """Tokens layer 0 of `cache` holds, without a device sync; None when unknown here."""
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            return None
+        if not layers or not getattr(layers[0], "is_initialized", True):
+            return 0
+        entry = self._known.get(id(cache))
+        if entry is not None and entry[0]() is cache:
+            return self.tracker.tokens_or_none(entry[1], 0)
+        return None
 
     def install(self) -> None:
         from transformers.cache_utils import Cache
@@ -127,22 +179,29 @@ class HfCacheHooks:
 
         @functools.wraps(original_update)
         def update(cache: Any, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any):
-            if layer_idx == 0 and hooks.on_first_layer is not None:
+            cid = hooks.cache_id(cache)
+            before = tracker.tokens_or_none(cid, layer_idx)
+            if before is None:  # first sight of this layer: empty unless the cache was used before record()
                 layers = cache.layers
-                hooks.on_first_layer(layer_tokens(layers[0]) if layers else 0)
-            if hooks._push is not None:
-                hooks._push(f"kvtrace/kv_update L{layer_idx}")
+                if layer_idx >= len(layers) or not getattr(layers[layer_idx], "is_initialized", False):
+                    before = 0
+            if layer_idx == 0 and hooks.on_first_layer is not None:
+                hooks.on_first_layer(before if before is not None else layer_tokens(cache.layers[0]))
+            push = hooks._push
+            if push is None:
+                result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
+                hooks._updated(cache, cid, layer_idx, key_states, before)
+                return result
+            names = hooks._update_names
+            while len(names) <= layer_idx:
+                names.append(f"kvtrace/kv_update L{len(names)}")
+            push(names[layer_idx])
             try:
                 result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
-                layer = cache.layers[layer_idx]
-                cid = hooks.cache_id(cache)
-                parts = layer_parts(layer)
-                tracker.observe(cid, layer_idx, parts, "update", layer_tokens(layer))
-                hooks._signatures[(cid, layer_idx)] = _signature(parts)
+                hooks._updated(cache, cid, layer_idx, key_states, before)
                 return result
             finally:
-                if hooks._pop is not None:
-                    hooks._pop()
+                hooks._pop()  # type: ignore[misc]
 
         setattr(Cache, "update", update)  # noqa: B010 - deliberate patch; mypy rejects method assignment
         for name, cause in _WRAPPED.items():
@@ -158,6 +217,41 @@ class HfCacheHooks:
             self._originals[name] = original
             setattr(Cache, name, self._wrap_one_layer(original, cause))
         self.installed = True
+
+    def _updated(self, cache: Any, cid: int, layer_idx: int, key_states: Any, before: int | None) -> None:
+        """After a layer update: what the layer holds now, and the tokens that left its window."""
+        layer = cache.layers[layer_idx]
+        layer_type = type(layer)
+        kind = self._kinds.get(layer_type)
+        if kind is None:
+            kind = self._kinds[layer_type] = _layer_kind(layer_type)
+        keys: Any = getattr(layer, "keys", None)
+        values: Any = getattr(layer, "values", None)
+        plain = type(keys) is torch.Tensor and type(values) is torch.Tensor
+        if plain and kind == _PLAIN:
+            shape = keys.shape
+            tokens = shape[-2] if len(shape) >= 2 else 0
+        elif plain and kind == _STATIC_SLIDING:
+            tokens = min(layer.cumulative_length_int, layer.max_cache_len)
+        elif plain and kind == _STATIC and before is not None:
+            tokens = min(before + key_states.shape[-2], layer.max_cache_len)
+        else:
+            tokens = layer_tokens(layer)
+            plain = False
+        evicted = 0
+        if before is not None:
+            # Tokens in, minus what the layer holds now: what its window (or capacity) let go.
+            evicted = before + key_states.shape[-2] - tokens
+            if evicted < 0:
+                evicted = 0
+        if plain:
+            self.tracker.update(cid, layer_idx, keys, values, tokens, evicted, "window")
+        else:
+            parts = layer_parts(layer)
+            self.tracker.observe(
+                cid, layer_idx, parts, "update", tokens, evicted=evicted, evicted_reason="window"
+            )
+            self._signatures[(cid, layer_idx)] = _signature(parts)
 
     def _wrap_whole_cache(self, original: Callable[..., Any], cause: str) -> Callable[..., Any]:
         hooks = self
@@ -187,24 +281,34 @@ class HfCacheHooks:
     def scan_cache(self, cache: Any, cause: str, only: set[int] | None = None, reason: str = "") -> None:
         cid = self.cache_id(cache)
         signatures = self._signatures
+        tracker = self.tracker
         for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
             if only is not None and layer_idx not in only:
                 continue
             if not hasattr(layer, "keys") and cause != "reset":
                 continue
+            signature: tuple[Any, ...] | None = None
+            if cause == "scan":
+                if tracker.same_tensors(cid, layer_idx, layer.keys, layer.values):
+                    continue  # the same tensor objects the update saw (in-place writes are the update's)
+                if hasattr(layer, "_quantized_keys"):
+                    signature = _signature(layer_parts(layer))
+                    if signatures.get((cid, layer_idx)) == signature:
+                        continue
             parts = layer_parts(layer)
-            signature = _signature(parts)
-            if cause == "scan" and signatures.get((cid, layer_idx)) == signature:
-                continue  # the same tensor objects, not written since the update saw them
-            self.tracker.observe(cid, layer_idx, parts, cause, layer_tokens(layer), reason=reason)
-            signatures[(cid, layer_idx)] = signature
+            known = tracker.tokens_or_none(cid, layer_idx) if cause == "scan" else None
+            tracker.observe(cid, layer_idx, parts, cause, layer_tokens(layer, known), reason=reason)
+            if signature is not None or hasattr(layer, "_quantized_keys"):
+                signatures[(cid, layer_idx)] = _signature(parts)
 
     def scan_all(self) -> None:
         """Catch what changed outside the cache's methods (rebinding by eviction presses)."""
         # With grad on, an autograd graph may keep a replaced storage alive: said on the eviction event.
         reason = "grad_enabled" if torch.is_grad_enabled() else ""
-        for cache in list(self._caches.values()):
-            self.scan_cache(cache, "scan", reason=reason)
+        for ref, _ in list(self._known.values()):
+            cache = ref()
+            if cache is not None:
+                self.scan_cache(cache, "scan", reason=reason)
 
     def scan_masks(self, attention_modules: list[Any]) -> None:
         """kvpress's head-wise presses (AdaKV) leave the cache whole and set `masked_key_indices` on the
@@ -216,7 +320,7 @@ class HfCacheHooks:
             self._seen_masks[id(module)] = mask  # kept here, not on the user's module
             entries = int(mask[-1].numel()) if isinstance(mask, tuple) and mask else 0
             layer_idx = int(getattr(module, "layer_idx", -1))
-            cid = next(iter(self._cache_ids.values()), 0)
+            cid = next(iter(self._known.values()), (None, 0))[1]
             self.tracker.masked(cid, layer_idx, entries, self.tracker.tokens(cid, layer_idx))
 
     def uninstall(self) -> None:
