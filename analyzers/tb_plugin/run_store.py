@@ -294,12 +294,14 @@ class RunStore:
         }
 
     def diagnosis(self, name: str) -> dict[str, Any]:
-        """`kvtrace diagnose RUN --json` (and its HTML section) when the run ended in an OOM;
+        """`kvtrace diagnose RUN --json` (and its HTML section) when the run ended in an OOM or crossed
+        the memory budget it was recorded with;
         `diagnosis: null` otherwise (a peak diagnosis without a budget prices nothing to headline)."""
         loaded = self.load(name)
         if loaded.error is not None:
             return {"error": loaded.error}
-        if loaded.report.oom is None:
+        budget = loaded.report.budget
+        if loaded.report.oom is None and not (budget is not None and budget["crossed"]):
             return {"run": name, "oom": None, "diagnosis": None}
         from analyzers.planning.diagnose import diagnose
         from analyzers.render.diagnosis import diagnosis_to_html, diagnosis_to_json

@@ -82,7 +82,8 @@ class ReportCommand(Command):
 
             out = Path(args.output)
             sections: list[str] = []
-            if report.oom is not None:
+            crossed = report.budget is not None and report.budget["crossed"]
+            if report.oom is not None or crossed:  # a budget crossing is explained as an OOM would be
                 try:
                     from analyzers.render.diagnosis import diagnosis_html_for
                 except ImportError:

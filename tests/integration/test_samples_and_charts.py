@@ -63,3 +63,12 @@ def test_html_timeline_binary_units_budget_and_cpu(run_dir: Path) -> None:
     assert "budget 32.00 MiB" in page and "runs out here" in page
     assert "process CPU %" in page
     assert "GPU utilization and device memory (NVML) are absent" in page
+
+
+def test_report_html_explains_the_crossing(run_dir: Path, tmp_path: Path) -> None:
+    from kvtrace.cli import main
+
+    out = tmp_path / "t.html"
+    assert main(["report", str(run_dir), "-o", str(out), "-q", "--no-export"]) == 0
+    page = out.read_text()
+    assert "id='kvtrace-diagnosis'" in page and "would run out of memory on a 32.00 MiB device" in page
