@@ -37,6 +37,17 @@ WITH running AS (
 SELECT run_id, device, max(live) AS peak, count(*) FILTER (WHERE live IS NOT NULL) AS events
 FROM running GROUP BY run_id, device ORDER BY run_id, device
 """
+# At each device's peak (its first moment at the maximum, as the report picks it): the KV bytes then live.
+KV_AT_PEAK_SQL = """
+WITH running AS (
+  SELECT m.run_id, m.device, m.seq,
+         d.baseline_bytes + sum(m.delta_bytes) OVER w AS live,
+         sum(CASE WHEN m.category = 'kv' THEN m.delta_bytes ELSE 0 END) OVER w AS kv_live
+  FROM memory_events m JOIN devices d USING (run_id, device)
+  WINDOW w AS (PARTITION BY m.run_id, m.device ORDER BY m.seq))
+SELECT run_id, device, kv_live FROM running
+QUALIFY row_number() OVER (PARTITION BY run_id, device ORDER BY live DESC, seq) = 1
+"""
 # The KV log replayed in SQL: a storage counts from its first event (or its first after a `freed` of the
 # same address: addresses are reused) until its `freed`; final = before the teardown (`end`) events.
 KV_SQL = """
@@ -151,10 +162,16 @@ def test_query_sums_equal_the_report(
         for r in _cli_json(capsys, "query", str(out), PEAK_SQL, "--json")
     }
     kv = {r["run_id"]: r for r in _cli_json(capsys, "query", str(out), KV_SQL, "--json")}
+    kv_at_peak = {
+        (r["run_id"], r["device"]): r["kv_live"]
+        for r in _cli_json(capsys, "query", str(out), KV_AT_PEAK_SQL, "--json")
+    }
     for key, path in [*((name, SAMPLES / name) for name in RUNS), ("trace", TRACE), ("snapshot", SNAPSHOT)]:
         report = _cli_json(capsys, "report", str(path), "--json", "--no-export", "-q")
         for device in report["devices"]:
             assert peaks[(ids[key], device["device"])] == device["peak_allocated_bytes"], (key, device)
+            kv_then = kv_at_peak.get((ids[key], device["device"]), 0)
+            assert kv_then == device["categories_at_peak"]["kv"], (key, device)
         if key in RUNS:
             assert kv[ids[key]]["kv_peak"] == report["kv"]["peak_bytes"]
             assert kv[ids[key]]["kv_final"] == report["kv"]["final_bytes"]
