@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,12 @@ def test_a_different_source_under_a_name_already_exported_gets_a_new_run_id(
     runs = pq.read_table(out / "runs").to_pylist()
     assert sorted(r["run_id"] for r in runs) == ["runs/x", "runs/x#2"]
     assert len({r["path"] for r in runs}) == 2
+
+
+def test_to_pandas_without_pandas_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtrace.errors import KvtraceError
+
+    tables = kvtrace.load_tables(SAMPLE)
+    monkeypatch.setitem(sys.modules, "pandas", None)  # what `import pandas` meets where it is not installed
+    with pytest.raises(KvtraceError, match="pip install pandas"):
+        tables.to_pandas()
