@@ -29,7 +29,7 @@ allocator-reported running total. Stacks are interned as "file:line:name" lines,
 from __future__ import annotations
 
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from operator import itemgetter, methodcaller
 from typing import Any
 
@@ -115,18 +115,10 @@ def _segment_record(device: str, segment: dict[str, Any]) -> Segment:
     )
 
 
-def _replay_device(
-    device_index: int,
-    trace: list[dict[str, Any]],
-    segments: list[dict[str, Any]],
-    frames: _FrameTable,
-    source: MemorySource,
-) -> None:
-    """Turn one device's trace ring buffer plus its final block state into a `DeviceEvents`."""
-    device = f"cuda:{device_index}"
-    timed = bool(trace) and all("time_us" in entry for entry in trace)
-    # Reserved bytes are replayed from 0 and shifted at the end: the dump's segments minus the trace's net
-    # segment growth is what was reserved when the ring buffer began.
+def _replay_loop(
+    trace: list[dict[str, Any]], timed: bool, frames: _FrameTable, device: str, source: MemorySource
+) -> _Replay:
+    """The trace replayed entry by entry (see `_replay_columns` for the fast path)."""
     reserved = 0
     ts: list[int] = []
     addrs: list[int] = []
@@ -181,6 +173,124 @@ def _replay_device(
             source.markers.append(Marker(kind="oom", ts_us=float(when), label=label, device=device))
         elif action == "snapshot":
             source.markers.append(Marker(kind="snapshot", ts_us=float(when), label="snapshot", device=device))
+    return (
+        ts,
+        addrs,
+        deltas,
+        reserved_col,
+        frame_ids,
+        set(live),
+        orphan_bytes,
+        orphan_count,
+        pending_ooms,
+        reserved,
+    )
+
+
+_ACTION_CODES = {
+    "alloc": 1,
+    "free_completed": 2,
+    "free": 2,
+    "segment_alloc": 3,
+    "segment_map": 3,
+    "segment_free": 4,
+    "segment_unmap": 4,
+    "oom": 5,
+    "snapshot": 6,
+}
+_SIZE = methodcaller("get", "size", 0)
+_ADDR = methodcaller("get", "addr", -1)
+_TIME = itemgetter("time_us")
+
+
+def _replay_columns(
+    trace: list[dict[str, Any]], timed: bool, frames: _FrameTable, device: str, source: MemorySource
+) -> _Replay | None:
+    """The trace replayed with numpy: fields pulled out in C, allocs and frees paired by sorting on address.
+
+    A free matches an alloc when the previous memory entry of its address is an alloc (any free in between
+    would have consumed it), exactly as the loop's `live` dict decides. None when a field is not a plain
+    number (the loop then converts it)."""
+    codes_of: defaultdict[Any, int] = defaultdict(int, _ACTION_CODES)  # unknown actions: 0
+    try:
+        actions = np.fromiter(map(codes_of.__getitem__, map(_ACTION, trace)), dtype=np.int8, count=len(trace))
+        sizes = np.array(list(map(_SIZE, trace)), dtype=np.int64)
+        addrs_all = np.array(list(map(_ADDR, trace)), dtype=np.int64)
+        times = np.array(list(map(_TIME, trace)), dtype=np.int64) if timed else np.arange(len(trace))
+    except (TypeError, ValueError, OverflowError):  # also an unhashable action
+        return None
+    if sizes.ndim != 1 or addrs_all.ndim != 1 or times.ndim != 1:
+        return None
+    is_alloc = actions == 1
+    memory = is_alloc | (actions == 2)
+    grow, shrink = actions == 3, actions == 4
+    reserved_after = np.cumsum(np.where(grow, sizes, 0) - np.where(shrink, sizes, 0))
+    at = np.flatnonzero(memory)
+    addr, size, alloc = addrs_all[at], sizes[at], is_alloc[at]
+    order = np.argsort(addr, kind="stable")
+    addr_o, size_o, alloc_o = addr[order], size[order], alloc[order]
+    same = np.zeros(len(at), dtype=bool)
+    same[1:] = addr_o[1:] == addr_o[:-1]
+    after_alloc = np.zeros(len(at), dtype=bool)
+    after_alloc[1:] = alloc_o[:-1]
+    previous_size = np.zeros(len(at), dtype=np.int64)
+    previous_size[1:] = size_o[:-1]
+    matched = ~alloc_o & same & after_alloc
+    orphan = ~alloc_o & ~matched
+    delta = np.empty(len(at), dtype=np.int64)
+    delta[order] = np.where(alloc_o, size_o, np.where(matched, -previous_size, -size_o))
+    last = np.ones(len(at), dtype=bool)
+    last[:-1] = addr_o[1:] != addr_o[:-1]
+    live = set(addr_o[last & alloc_o].tolist())
+    frame_ids = np.full(len(at), -1, dtype=np.int32)
+    intern = frames.intern
+    alloc_rows = np.flatnonzero(alloc)
+    frame_ids[alloc_rows] = [intern(trace[i].get("frames")) for i in at[alloc_rows].tolist()]
+    pending_ooms: list[tuple[int, dict[str, Any], int, int]] = []
+    for index in np.flatnonzero(actions >= 5).tolist():
+        entry, when = trace[index], int(times[index])
+        if entry.get("action") == "oom":
+            done = int(np.searchsorted(at, index))
+            pending_ooms.append((done, entry, int(reserved_after[index]), when))
+            label = f"OOM requesting {int(sizes[index])} bytes"
+            source.markers.append(Marker(kind="oom", ts_us=float(when), label=label, device=device))
+        else:
+            source.markers.append(Marker(kind="snapshot", ts_us=float(when), label="snapshot", device=device))
+    return (
+        times[at],
+        addr,
+        delta,
+        reserved_after[at],
+        frame_ids,
+        live,
+        int(size_o[orphan].sum()),
+        int(np.count_nonzero(orphan)),
+        pending_ooms,
+        int(reserved_after[-1]) if len(trace) else 0,
+    )
+
+
+_Replay = tuple[Any, Any, Any, Any, Any, set[int], int, int, list[tuple[int, dict[str, Any], int, int]], int]
+
+
+def _replay_device(
+    device_index: int,
+    trace: list[dict[str, Any]],
+    segments: list[dict[str, Any]],
+    frames: _FrameTable,
+    source: MemorySource,
+) -> None:
+    """Turn one device's trace ring buffer plus its final block state into a `DeviceEvents`."""
+    device = f"cuda:{device_index}"
+    timed = bool(trace) and all("time_us" in entry for entry in trace)
+    # Reserved bytes are replayed from 0 and shifted at the end: the dump's segments minus the trace's net
+    # segment growth is what was reserved when the ring buffer began.
+    replay = _replay_columns(trace, timed, frames, device, source)
+    if replay is None:  # odd value types: the plain loop converts them one by one
+        replay = _replay_loop(trace, timed, frames, device, source)
+    ts, addrs, deltas, reserved_col, frame_ids, live, orphan_bytes, orphan_count, pending_ooms, reserved = (
+        replay
+    )
     reserved_at_start = sum(int(s.get("total_size", 0)) for s in segments) - reserved
     actions = {str(action): count for action, count in Counter(map(_ACTION, trace)).items()}
 
