@@ -65,8 +65,20 @@ class DemoCommand(Command):
         parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
         parser.add_argument("--press", help="a kvpress eviction press (needs kvpress, transformers<5.3)")
         parser.add_argument("--compression", type=float, default=0.5, help="press compression ratio (0.5)")
+        parser.add_argument(
+            "--engine",
+            choices=("hf", "vllm"),
+            default="hf",
+            help="hf: transformers generate() (default); vllm: a tiny Llama 3 shape served by vLLM (needs "
+            "vLLM installed) in a KV pool small enough to preempt (8 requests x 100 tokens; of the other "
+            "flags only --out, --no-profiler and --no-report apply)",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
+        if getattr(args, "engine", "hf") == "vllm":
+            from kvtrace.commands.demo_vllm import run_vllm_demo
+
+            return run_vllm_demo(args)
         for flag in ("batch", "new_tokens", "window", "beams"):
             if getattr(args, flag) < 1:
                 raise KvtraceError(f"--{flag.replace('_', '-')} must be at least 1")

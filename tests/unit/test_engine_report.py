@@ -54,3 +54,13 @@ def test_diagnose_cli_on_preemption_and_refusal(tmp_path: Path, capsys: pytest.C
     assert main(["diagnose", str(refused)]) == 0
     text = capsys.readouterr().out
     assert "refused to start" in text and "496" in text and "1.00 MiB" in text
+
+
+def test_demo_engine_vllm_without_vllm_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: tests/vllm runs the demo")
+    assert main(["demo", "--engine", "vllm", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs vLLM" in err and "\n" not in err
