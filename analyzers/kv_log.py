@@ -14,6 +14,19 @@ from kvtrace.format import KvEvent
 
 _NO_NEW_STORAGE = ("freed", "written")
 
+# Why tokens left a cache: its own sliding window, a crop (assisted decoding), or an eviction library
+# (kvpress) or other code rebinding keys/values, which the recorder sees as `evicted` events.
+EVICTION_REASONS = ("window", "press", "crop")
+
+
+def eviction_reason(ev: KvEvent) -> str:
+    """The kind of eviction an event with `evicted_tokens` reports (runs before the window kind: press)."""
+    if ev.reason == "window":
+        return "window"
+    if ev.event == "cropped":
+        return "crop"
+    return "press"
+
 
 @dataclass
 class LayerFigures:
@@ -22,6 +35,7 @@ class LayerFigures:
     v_bytes: int = 0
     evicted_tokens: int = 0
     tokens: int = 0
+    evicted_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -34,6 +48,8 @@ class KvLogAnalysis:
     allocated_bytes_total: int
     evicted_tokens: int
     per_layer: list[LayerFigures]
+    evicted_by_reason: dict[str, int] = field(default_factory=dict)
+    """Evicted tokens (all rows, all layers) by kind: window, press, crop (see EVICTION_REASONS)."""
     # One point per event: (t_ns, live KV bytes); and per step: {layer: live bytes} at the step's end.
     series_t_ns: list[int] = field(default_factory=list)
     series_bytes: list[int] = field(default_factory=list)
@@ -62,6 +78,7 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
     step_phase: dict[int, str] = {}
     step_start: dict[int, int] = {}
     evicted_by_layer: dict[int, int] = defaultdict(int)
+    evicted_by_layer_reason: dict[int, dict[str, int]] = defaultdict(dict)
     tokens_by_layer: dict[int, int] = {}
     evictions: list[KvEvent] = []
     final_state: dict[int, tuple[int, int, str]] | None = None
@@ -94,6 +111,9 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
         if ev.evicted_tokens:
             rows = ev.shape[0] if ev.shape else 1
             evicted_by_layer[ev.layer] += ev.evicted_tokens * rows
+            by_reason = evicted_by_layer_reason[ev.layer]
+            reason = eviction_reason(ev)
+            by_reason[reason] = by_reason.get(reason, 0) + ev.evicted_tokens * rows
         if ev.event in ("evicted", "cropped") and ev.kv == "k":
             evictions.append(ev)
         if live_total > peak:
@@ -109,7 +129,10 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
     per_layer: dict[int, LayerFigures] = {}
     for layer in sorted(set(tokens_by_layer) | {entry[1] for entry in final_state.values()}):
         per_layer[layer] = LayerFigures(
-            layer=layer, evicted_tokens=evicted_by_layer.get(layer, 0), tokens=tokens_by_layer.get(layer, 0)
+            layer=layer,
+            evicted_tokens=evicted_by_layer.get(layer, 0),
+            tokens=tokens_by_layer.get(layer, 0),
+            evicted_by_reason=dict(evicted_by_layer_reason.get(layer, {})),
         )
     for nbytes, layer, kv in final_state.values():
         figures = per_layer.setdefault(layer, LayerFigures(layer=layer))
@@ -124,6 +147,7 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
         allocated_bytes_total=allocated_total,
         evicted_tokens=sum(evicted_by_layer.values()),
         per_layer=[per_layer[k] for k in sorted(per_layer)],
+        evicted_by_reason=_total_by_reason(evicted_by_layer_reason),
         series_t_ns=series_t,
         series_bytes=series_b,
         layer_series=dict(layer_series),
@@ -133,3 +157,11 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
         evictions=evictions,
         storages=storages,
     )
+
+
+def _total_by_reason(by_layer: dict[int, dict[str, int]]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for by_reason in by_layer.values():
+        for reason, count in by_reason.items():
+            totals[reason] = totals.get(reason, 0) + count
+    return {reason: totals[reason] for reason in EVICTION_REASONS if reason in totals}

@@ -38,6 +38,7 @@ class LayerSummary:
     v_bytes: int
     evicted_tokens: int
     tokens: int = 0
+    evicted_by_reason: dict[str, int] = field(default_factory=dict)  # window / press / crop
 
 
 @dataclass
@@ -53,6 +54,9 @@ class KvSummary:
     tokens_held: int | None = None
     batch: int | None = None
     evictions: dict[str, Any] | None = None
+    evictions_by_reason: dict[str, int] = field(default_factory=dict)
+    """Evicted tokens by kind: `window` (the cache's own sliding window), `press` (an eviction library such
+    as kvpress, or other code rebinding keys/values), `crop` (Cache.crop)."""
 
 
 @dataclass
@@ -145,7 +149,8 @@ def _kv_from_log(source: MemorySource) -> KvSummary | None:
     if kv is None:
         return None
     per_layer = [
-        LayerSummary(f.layer, f.k_bytes, f.v_bytes, f.evicted_tokens, f.tokens) for f in kv.per_layer
+        LayerSummary(f.layer, f.k_bytes, f.v_bytes, f.evicted_tokens, f.tokens, dict(f.evicted_by_reason))
+        for f in kv.per_layer
     ]
     return KvSummary(
         peak_bytes=kv.peak_bytes,
@@ -154,6 +159,7 @@ def _kv_from_log(source: MemorySource) -> KvSummary | None:
         evicted_tokens=kv.evicted_tokens,
         per_layer=per_layer,
         measured_from="kv_log",
+        evictions_by_reason=dict(kv.evicted_by_reason),
     )
 
 
@@ -196,8 +202,17 @@ def _add_evictions(kv: KvSummary, events: list[Any]) -> None:
     per_layer_ev = ev_summary.per_layer()
     for layer in kv.per_layer:
         if layer.layer in per_layer_ev:
-            layer.evicted_tokens = per_layer_ev[layer.layer]["evicted_tokens"]
+            # What the press removed, as the eviction analysis counts it, plus the layer's own window.
+            press = per_layer_ev[layer.layer]["evicted_tokens"]
+            window = layer.evicted_by_reason.get("window", 0)
+            layer.evicted_tokens = press + window
+            layer.evicted_by_reason = {k: n for k, n in (("window", window), ("press", press)) if n}
     kv.evicted_tokens = sum(layer.evicted_tokens for layer in kv.per_layer)
+    by_reason: dict[str, int] = {}
+    for layer in kv.per_layer:
+        for reason, count in layer.evicted_by_reason.items():
+            by_reason[reason] = by_reason.get(reason, 0) + count
+    kv.evictions_by_reason = {reason: count for reason, count in by_reason.items() if count}
     kv.evictions = {
         "events": len(ev_summary.evictions),
         "claimed_bytes": ev_summary.claimed_bytes,

@@ -55,6 +55,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "final_bytes": kv.final_bytes,
             "allocated_bytes_total": kv.allocated_bytes_total,
             "evicted_tokens": kv.evicted_tokens,
+            "evictions_by_reason": kv.evictions_by_reason,
             "measured_from": kv.measured_from,
             "bytes_per_token_measured": kv.bytes_per_token_measured,
             "bytes_per_token_expected": kv.bytes_per_token_expected,
@@ -68,6 +69,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
                     "k_bytes": layer.k_bytes,
                     "v_bytes": layer.v_bytes,
                     "evicted_tokens": layer.evicted_tokens,
+                    "evicted_by_reason": layer.evicted_by_reason,
                     "tokens": layer.tokens,
                 }
                 for layer in kv.per_layer

@@ -59,11 +59,13 @@ def report_to_text(report: Report) -> str:
             f"({kv.tokens_held} tokens x {kv.batch} rows), arithmetic {expected}"
         )
     if kv.evicted_tokens or kv.evictions:
-        lines.append(f"    evicted tokens: {kv.evicted_tokens:,}")
+        kinds = {"window": "sliding window", "press": "eviction library (press)", "crop": "crop"}
+        by_kind = ", ".join(f"{kinds.get(k, k)} {n:,}" for k, n in kv.evictions_by_reason.items())
+        lines.append(f"    evicted tokens: {kv.evicted_tokens:,}" + (f" ({by_kind})" if by_kind else ""))
     if kv.evictions:
         ev = kv.evictions
         lines.append(
-            f"    evictions: {ev['events']} (K and V), claimed {human_bytes(ev['claimed_bytes'])}, "
+            f"    press evictions: {ev['events']} (K and V), claimed {human_bytes(ev['claimed_bytes'])}, "
             f"really released {human_bytes(ev['freed_bytes'])}"
         )
         reasons: dict[str, int] = {}
