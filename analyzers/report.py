@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from analyzers.attribution import attribute
 from analyzers.model import MemorySource
@@ -38,12 +39,14 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
         traces = profiler_traces_in(Path(path))
         source = open_source(traces[-1], progress=progress)
         if len(traces) > 1:
-            source.meta.setdefault("input_notes", []).append(
-                f"{path} holds {len(traces)} profiler traces: read the newest, {traces[-1].name}"
-            )
+            source.meta.setdefault("input_notes", []).append(_newest_note(path, traces))
     else:
         source = open_source(path, progress=progress)
     return attribute(source)
+
+
+def _newest_note(path: str | os.PathLike[str], traces: list[Any]) -> str:
+    return f"{path} holds {len(traces)} profiler traces: read the newest, {Path(traces[-1]).name}"
 
 
 def build_report(
@@ -55,11 +58,12 @@ def build_report(
         from analyzers.readers.sources import classify_path, profiler_traces_in
 
         kind = classify_path(path)
-        trace = profiler_traces_in(Path(path))[-1] if kind == "profiler_folder" else path
+        traces: list[Any] = profiler_traces_in(Path(path)) if kind == "profiler_folder" else [path]
+        notes = [_newest_note(path, traces)] if len(traces) > 1 else []
         if kind in ("chrome_trace", "profiler_folder"):
             from analyzers.stream_summary import stream_report
 
-            streamed = stream_report(trace, progress=progress)
+            streamed = stream_report(traces[-1], progress=progress, input_notes=notes)
             if streamed is not None:
                 return streamed
     source = load_source(path, progress=progress)

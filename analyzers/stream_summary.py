@@ -186,7 +186,7 @@ class DeviceFold:
 
 
 def stream_report(
-    path: str | os.PathLike[str], progress: ProgressFn | None = None
+    path: str | os.PathLike[str], progress: ProgressFn | None = None, input_notes: list[str] | None = None
 ) -> tuple[MemorySource, Report] | None:
     """The report of a Chrome trace file without keeping its events; None when they need sorting."""
     from analyzers.readers.chrome_trace import read_chrome_trace
@@ -212,4 +212,6 @@ def stream_report(
         devices.append(summary)
         timelines.append(timeline)
     source.meta["streamed"] = True
+    if input_notes:
+        source.meta.setdefault("input_notes", []).extend(input_notes)
     return source, summarize(source, precomputed=(devices, timelines))

@@ -115,3 +115,20 @@ def test_events_with_wrong_types_are_counted_with_their_reason_in_notes(tmp_path
     assert len(skipped) == 1, result["notes"]
     assert "2 [memory] with a non-integer Bytes" in skipped[0]
     assert "1 [memory] with a non-numeric ts" in skipped[0]
+
+
+def test_a_profiler_folder_with_several_traces_reads_the_newest_and_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "profiler"
+    folder.mkdir()
+    runs = [SAMPLES / name / "profiler" for name in ("static_b2", "dynamic_b2")]
+    older, newer = (sorted(run.iterdir())[0] for run in runs)
+    shutil.copy(older, folder / "host_1.100.pt.trace.json.gz")
+    shutil.copy(newer, folder / "host_1.200.pt.trace.json.gz")
+    code, out, err = _cli("report", str(folder), "--json", "-q")
+    assert code == 0, err
+    result = json.loads(out)
+    _, alone, _ = _cli("report", str(newer), "--json", "-q")
+    assert result["devices"] == json.loads(alone)["devices"]
+    assert (
+        f"{folder} holds 2 profiler traces: read the newest, host_1.200.pt.trace.json.gz" in result["notes"]
+    )
