@@ -12,9 +12,9 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-import struct
 
 from analyzers.readers.sources import ProgressFn, open_input
 from kvtrace.errors import KvtraceError
