@@ -188,6 +188,10 @@ def _read_info(file: Path) -> EngineInfo:
     for name in ("model", "config", "memory_profile"):
         if data.get(name) is not None and not isinstance(data[name], dict):
             raise KvtraceError(f"{file}: field {name!r} must be an object")
+    for name in ("num_blocks", "block_size", "bytes_per_block", "kv_cache_bytes"):
+        value = _opt_int(data.get(name), where, name)
+        if value is not None and (value < 0 or (name == "block_size" and value < 1)):
+            raise KvtraceError(f"{file}: field {name!r} out of range: {value}")
     return EngineInfo(
         name=str(data.get("name", "")),
         version=str(data.get("version", "")),

@@ -117,8 +117,16 @@ class PreemptionDiagnosis:
 def _geometry(run: EngineRun) -> tuple[int, int, int, int]:
     """(layers, kv heads per worker, head_dim, KV element bytes) from engine.json."""
     model, config = run.info.model, run.info.config
+    fields = ("num_layers", "num_kv_heads", "head_dim")
+    bad = [
+        name
+        for name in fields
+        if isinstance(model.get(name), bool) or not isinstance(model.get(name), int) or model[name] < 1
+    ]
+    if bad:
+        raise KvtraceError(f"{run.path}/engine.json: model field(s) {', '.join(bad)} missing or not positive")
     tp = int(config.get("tensor_parallel_size") or 1)
-    heads = kv_heads_per_worker(int(model["num_kv_heads"]), tp)
+    heads = kv_heads_per_worker(int(model["num_kv_heads"]), max(tp, 1))
     dtype = str(model.get("dtype") or "bfloat16")
     element = kv_dtype_bytes(str(config.get("kv_cache_dtype") or "auto"), dtype)
     return int(model["num_layers"]), heads, int(model["head_dim"]), element
@@ -130,7 +138,9 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
     config = info.config
     layers, heads, head_dim, element = _geometry(run)
     block = int(config.get("block_size") or info.block_size or 16)
-    max_len = int(refused.get("max_model_len") or config["max_model_len"])
+    max_len = int(refused.get("max_model_len") or config.get("max_model_len") or 0)
+    if max_len < 1 or block < 1:
+        raise KvtraceError(f"{run.path}/engine.json: the refusal records no max_model_len or block size")
     page = page_size_bytes(heads, head_dim, element, block)
     needed = max_memory_usage_bytes(layers, page, block, max_len)
     notes: list[str] = []
@@ -359,7 +369,7 @@ def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
     needed_blocks = bound + NULL_BLOCKS
     needed_bytes = needed_blocks * bytes_per_block
     seqs = _largest_seqs(list(demand.values()), usable)
-    element = _geometry(run)[3] if info.model else 2
+    element = kv_dtype_bytes(str(info.config.get("kv_cache_dtype") or "auto"), info.kv_dtype or "bfloat16")
     fp8_blocks = num_blocks * element if element > 1 else None
     remedies: list[VllmRemedy] = [
         VllmRemedy(
