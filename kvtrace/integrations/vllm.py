@@ -88,16 +88,12 @@ def config_facts(vllm_config: Any) -> dict[str, Any]:
     }
 
 
-def model_facts(vllm_config: Any, model: Any = None) -> dict[str, Any]:
+def model_facts(vllm_config: Any) -> dict[str, Any]:
     hf = vllm_config.model_config.hf_config
     text = getattr(hf, "get_text_config", lambda: hf)()
     heads = getattr(text, "num_attention_heads", None)
     hidden = getattr(text, "hidden_size", None)
     head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
-    num_params = None
-    if model is not None:
-        with contextlib.suppress(Exception):
-            num_params = sum(p.numel() for p in model.parameters())
     return {
         "num_layers": getattr(text, "num_hidden_layers", None),
         "num_kv_heads": getattr(text, "num_key_value_heads", heads),
@@ -106,35 +102,64 @@ def model_facts(vllm_config: Any, model: Any = None) -> dict[str, Any]:
         "num_attention_heads": heads,
         "hidden_size": hidden,
         "vocab_size": getattr(text, "vocab_size", None),
-        "num_params": num_params,
+        "num_params": None,
     }
 
 
-def _model_runner(core: Any) -> Any:
-    """The worker's model runner when the worker lives in this process (UniProcExecutor), else None."""
-    driver = getattr(core.model_executor, "driver_worker", None)
-    worker = getattr(driver, "worker", driver)
-    return getattr(worker, "model_runner", None)
+def _driver_worker(core: Any) -> Any:
+    """The worker object when it lives in this process (UniProcExecutor), else None."""
+    return getattr(core.model_executor, "driver_worker", None)
 
 
-def _layer_tensors(core: Any, names: list[str]) -> dict[str, Any]:
-    """Layer name -> its KV tensor, from the attention layers of the static forward context."""
-    runner = _model_runner(core)
+def _tensor_facts(tensor: Any) -> dict[str, Any]:
+    storage = tensor.untyped_storage()
+    addr = storage.data_ptr()
+    return {
+        "shape": list(tensor.shape),
+        "dtype": _dtype_name(tensor.dtype),
+        "bytes": tensor.numel() * tensor.element_size(),
+        "storage_addr": addr,
+        "storage_bytes": storage.nbytes(),
+        "view_offset": tensor.data_ptr() - addr,
+        "device": str(tensor.device),
+    }
+
+
+def worker_kv_facts(worker: Any, names: list[str], num_blocks: int, head_size: int) -> dict[str, Any]:
+    """Runs where the KV tensors are (in this process, or in a worker through vLLM's public
+    `collective_rpc`): each layer's KV tensor and its K and V views, as plain facts; weights too."""
+    inner = getattr(worker, "worker", None) or worker
+    runner = getattr(inner, "model_runner", None)
     if runner is None:
-        return {}
-    context = core.vllm_config.compilation_config.static_forward_context
-    found: dict[str, Any] = {}
+        return {"layers": {}}
+    context = runner.vllm_config.compilation_config.static_forward_context
+    tensors: dict[str, Any] = {}
     for name in names:
         cache = getattr(context.get(name), "kv_cache", None)
         if isinstance(cache, (list, tuple)):
             cache = cache[0] if cache else None
         if cache is not None and hasattr(cache, "untyped_storage") and cache.numel():
-            found[name] = cache
-    if not found:  # fall back to the runner's list, in the config's layer order
-        tensors = list(getattr(runner, "kv_caches", []) or [])
-        if len(tensors) == len(names):
-            found = dict(zip(names, tensors, strict=True))
-    return found
+            tensors[name] = cache
+    if not tensors:  # fall back to the runner's list, in the config's layer order
+        listed = list(getattr(runner, "kv_caches", []) or [])
+        if len(listed) == len(names):
+            tensors = dict(zip(names, listed, strict=True))
+    layers: dict[str, Any] = {}
+    for name, tensor in tensors.items():
+        facts = _tensor_facts(tensor)
+        k, v = split_kv(tensor, num_blocks, head_size)
+        facts["parts"] = {"k": _tensor_facts(k)} | ({"v": _tensor_facts(v)} if v is not None else {})
+        layers[name] = facts
+    result: dict[str, Any] = {"layers": layers, "num_params": None, "weights_bytes": None}
+    with contextlib.suppress(Exception):
+        model = runner.get_model()
+        # On CPU, vLLM repacks linear weights into buffers: count parameters and buffers, storages once.
+        seen: dict[int, Any] = {}
+        for tensor in [*model.parameters(), *model.buffers()]:
+            seen.setdefault(tensor.untyped_storage().data_ptr(), tensor)
+        result["num_params"] = sum(t.numel() for t in seen.values())
+        result["weights_bytes"] = sum(t.untyped_storage().nbytes() for t in seen.values())
+    return result
 
 
 def split_kv(tensor: Any, num_blocks: int, head_size: int) -> tuple[Any, Any]:
@@ -152,71 +177,76 @@ def split_kv(tensor: Any, num_blocks: int, head_size: int) -> tuple[Any, Any]:
     return tensor, None
 
 
-def pool_facts(core: Any, kv_cache_config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(engine.json pool fields, layer name -> tensor) from the KV cache config and, where the worker is in
-    this process, the KV tensors themselves (storage counted once)."""
+def gather_kv_facts(core: Any, kv_cache_config: Any) -> tuple[dict[str, Any], str]:
+    """The KV facts of the first worker: called here when the worker is in this process, through
+    `collective_rpc` when it is in another one. ({}, reason) when neither works."""
     groups = kv_cache_config.kv_cache_groups
     spec = groups[0].kv_cache_spec if groups else None
     names = [name for t in kv_cache_config.kv_cache_tensors for name in t.layers]
+    args = (names, kv_cache_config.num_blocks, getattr(spec, "head_size", 0))
+    driver = _driver_worker(core)
+    try:
+        if driver is not None:
+            return worker_kv_facts(driver, *args), "kv_tensors"
+        results = core.collective_rpc(worker_kv_facts, args=args)
+        return (results[0] if results else {}), "kv_tensors_rpc"
+    except Exception as exc:  # the figures from the config remain
+        return {}, f"kv_cache_config ({type(exc).__name__}: {exc})"[:300]
+
+
+def pool_facts(kv_cache_config: Any, worker_facts: dict[str, Any], source: str) -> dict[str, Any]:
+    """engine.json's pool fields from the KV cache config and the worker's tensors (storage counted once)."""
+    groups = kv_cache_config.kv_cache_groups
+    spec = groups[0].kv_cache_spec if groups else None
     configured_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
-    tensors = _layer_tensors(core, names)
+    tensors = worker_facts.get("layers", {})
     layers: list[dict[str, Any]] = []
     storages: dict[int, dict[str, Any]] = {}
+    names = [name for t in kv_cache_config.kv_cache_tensors for name in t.layers]
     for position, name in enumerate(names):
-        tensor = tensors.get(name)
         match = _LAYER_INDEX.search(name)
         entry: dict[str, Any] = {"layer": int(match.group(1)) if match else position, "name": name}
-        if tensor is not None:
-            storage = tensor.untyped_storage()
-            addr = storage.data_ptr()
-            storages.setdefault(addr, {"addr": addr, "bytes": storage.nbytes(), "device": str(tensor.device)})
-            entry.update(
-                shape=list(tensor.shape),
-                dtype=_dtype_name(tensor.dtype),
-                bytes=tensor.numel() * tensor.element_size(),
-                storage_addr=addr,
-                view_offset=tensor.data_ptr() - addr,
-            )
+        facts = tensors.get(name)
+        if facts is not None:
+            addr = facts["storage_addr"]
+            storage = {"addr": addr, "bytes": facts["storage_bytes"], "device": facts["device"]}
+            storages.setdefault(addr, storage)
+            entry.update({k: facts[k] for k in ("shape", "dtype", "bytes", "storage_addr", "view_offset")})
         layers.append(entry)
-    pool_bytes = sum(s["bytes"] for s in storages.values()) if storages else configured_bytes
     num_blocks = kv_cache_config.num_blocks
-    facts = {
+    return {
         "num_blocks": num_blocks,
         "block_size": getattr(spec, "block_size", None),
         "bytes_per_block": configured_bytes // num_blocks if num_blocks else 0,
-        "kv_cache_bytes": pool_bytes,
+        "kv_cache_bytes": sum(s["bytes"] for s in storages.values()) if storages else configured_bytes,
         "configured_kv_cache_bytes": configured_bytes,
         "kv_dtype": _dtype_name(getattr(spec, "dtype", "")),
-        "layout": kv_cache_config.kv_cache_layout or core.vllm_config.cache_config.kv_cache_layout,
+        "layout": kv_cache_config.kv_cache_layout,
         "layers": layers,
         "storage": list(storages.values()),
-        "pool_source": "kv_tensors" if storages else "kv_cache_config",
+        "pool_source": source if storages else "kv_cache_config",
     }
-    return facts, tensors
 
 
 def engine_document(core: Any, kv_cache_config: Any, process: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """engine.json for a started engine, and the layer tensors it describes."""
-    runner = _model_runner(core)
-    model = None
-    with contextlib.suppress(Exception):
-        model = runner.get_model() if runner is not None else None
-    pool, tensors = pool_facts(core, kv_cache_config)
-    weights_bytes = None
-    if model is not None:
-        with contextlib.suppress(Exception):
-            weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    """engine.json for a started engine, and the worker's KV facts it was built from."""
+    worker_facts, source = gather_kv_facts(core, kv_cache_config)
+    pool = pool_facts(kv_cache_config, worker_facts, source)
+    if pool["layout"] is None:
+        pool["layout"] = core.vllm_config.cache_config.kv_cache_layout
+    model = model_facts(core.vllm_config)
+    model["num_params"] = worker_facts.get("num_params")
     available = getattr(core, "available_gpu_memory_for_kv_cache", -1)
     document: dict[str, Any] = {
         "name": "vllm",
         "version": _vllm_version(),
         "status": "ok",
         "process": process,
-        "model": model_facts(core.vllm_config, model),
+        "model": model,
         "config": config_facts(core.vllm_config),
         **pool,
         "memory_profile": {
-            "weights_bytes": weights_bytes,
+            "weights_bytes": worker_facts.get("weights_bytes"),
             "activation_peak_bytes": None,
             "non_torch_bytes": None,
             "total_device_bytes": None,
@@ -224,7 +254,7 @@ def engine_document(core: Any, kv_cache_config: Any, process: str) -> tuple[dict
         },
         "refused": None,
     }
-    return document, tensors
+    return document, worker_facts
 
 
 # -- a refused start ---------------------------------------------------------------------------------------
@@ -278,6 +308,7 @@ class RefusalWatch:
         self._module: Any = None
         self._original: Any = None
         self._finder: _AfterImport | None = None
+        self._bound = self._wrapper  # one bound method, so that uninstall can recognise it
 
     def install(self) -> None:
         module = sys.modules.get(_CHECK_MODULE)
@@ -293,7 +324,7 @@ class RefusalWatch:
                 sys.meta_path.remove(self._finder)
             self._finder = None
         if self._module is not None:
-            if self._module._check_enough_kv_cache_memory is self._wrapper:
+            if self._module._check_enough_kv_cache_memory is self._bound:
                 self._module._check_enough_kv_cache_memory = self._original
             self._module = None
 
@@ -301,7 +332,7 @@ class RefusalWatch:
         if self._module is not None:
             return
         self._module, self._original = module, module._check_enough_kv_cache_memory
-        module._check_enough_kv_cache_memory = self._wrapper
+        module._check_enough_kv_cache_memory = self._bound
 
     def _wrapper(
         self, available_memory: int, get_needed_memory: Any, max_model_len: int, estimate: Any

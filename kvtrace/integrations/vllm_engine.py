@@ -9,6 +9,7 @@ the request events of that step to engine_requests.jsonl (docs/format.md, "vLLM 
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any
 
 from kvtrace import format as fmt
@@ -17,7 +18,6 @@ from kvtrace.integrations.vllm import (
     RefusalWatch,
     engine_core_of,
     engine_document,
-    split_kv,
     write_refused,
 )
 
@@ -72,14 +72,15 @@ class EngineHooks:
         self._dropped: dict[str, int] = {}  # preempted, not resumed yet: request id -> tokens dropped
         self.engine_steps = 0
         self.preemptions = 0
+        self.prefix_evicted_blocks = 0  # in recorded steps
         self.document: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def install(self) -> None:
         rec = self.recording
-        self.document, tensors = engine_document(self.core, self._kv_cache_config, self.process)
+        self.document, worker_facts = engine_document(self.core, self._kv_cache_config, self.process)
         fmt.write_json_atomic(rec.path / fmt.ENGINE, self.document)
-        self._log_pool(tensors)
+        self._log_pool(worker_facts)
         self._steps = fmt.JsonlAppender(rec.path / fmt.ENGINE_STEPS)
         self._request_log = fmt.JsonlAppender(rec.path / fmt.ENGINE_REQUESTS)
         patches = self._patches
@@ -106,26 +107,51 @@ class EngineHooks:
             "kv_cache_bytes": self.document.get("kv_cache_bytes"),
             "engine_steps": self.engine_steps,
             "preemptions": self.preemptions,
-            "prefix_evicted_blocks": self._prefix_evicted,
+            "prefix_evicted_blocks": self.prefix_evicted_blocks,
         }
 
-    def _log_pool(self, tensors: dict[str, Any]) -> None:
-        """A `created` KV event per layer and kind: views of the pool's storage, so replays count it once."""
-        tracker = self.recording.tracker
+    def _log_pool(self, worker_facts: dict[str, Any]) -> None:
+        """A `created` KV event per layer and kind: views of the pool's storage, so replays count it once.
+        Written from facts, not tensors, because the tensors may live in a worker process."""
+        rec = self.recording
+        tracker = rec.tracker
         config = self._kv_cache_config
         spec = config.kv_cache_groups[0].kv_cache_spec if config.kv_cache_groups else None
-        head_size = getattr(spec, "head_size", 0)
         capacity = config.num_blocks * getattr(spec, "block_size", 0)
+        layers = worker_facts.get("layers", {})
+        t_ns = rec._clock()
         for entry in self.document["layers"]:
-            tensor = tensors.get(entry["name"])
-            if tensor is None:
+            facts = layers.get(entry["name"])
+            if facts is None:
                 continue
-            k, v = split_kv(tensor, config.num_blocks, head_size)
-            parts: dict[tuple[str, str], Any] = {("k", "data"): k}
-            if v is not None:
-                parts[("v", "data")] = v
-            tracker.observe(VLLM_CACHE_ID, entry["layer"], parts, "track", capacity, source="vllm")
-        self.recording._flush()
+            for kv, part in facts["parts"].items():
+                tracker._seq += 1  # the tracker numbers every event of the run
+                event = fmt.KvEvent(
+                    seq=tracker._seq,
+                    t_ns=t_ns,
+                    step=tracker.step,
+                    phase=tracker.phase,
+                    event="created",
+                    layer=entry["layer"],
+                    kv=kv,
+                    part="data",
+                    addr=part["storage_addr"],
+                    storage_bytes=part["storage_bytes"],
+                    view_offset=part["view_offset"],
+                    shape=part["shape"],
+                    logical_bytes=part["bytes"],
+                    dtype=part["dtype"],
+                    device=part["device"],
+                    tokens=capacity,
+                    cache=VLLM_CACHE_ID,
+                    source="vllm",
+                )
+                lines = getattr(tracker, "lines", None)
+                if lines is not None:
+                    lines.append(json.dumps(event.to_json(), separators=(",", ":")))
+                else:  # a tracker that emits through the recording
+                    rec._emit(event)
+        rec._flush()
 
     # -- hooks -------------------------------------------------------------------------------------------
     def _schedule_hook(self, *args: Any, **kwargs: Any) -> Any:
@@ -188,6 +214,7 @@ class EngineHooks:
         phase = "prefill" if out.total_num_scheduled_tokens > len(scheduled) else "decode"
         rec.tracker.phase = phase
         self.engine_steps += 1
+        self.prefix_evicted_blocks += prefix_evicted
         requests = self._requests
         for request_id, count in scheduled.items():
             request = requests.get(request_id)

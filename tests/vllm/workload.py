@@ -12,10 +12,10 @@ from typing import Any
 
 from kvtrace.llama import ModelSize
 
-# Llama 3's architecture (GQA: 8 query heads share 2 KV heads; llama3 RoPE), head_dim 64 as vLLM's
-# CPU attention wants, a 1000-token vocabulary: ~9 M parameters in bfloat16.
+# Llama 3's architecture (GQA: 4 query heads share 2 KV heads; llama3 RoPE), head_dim 64 as vLLM's
+# CPU attention wants, a 1000-token vocabulary: ~2.6 M parameters in bfloat16.
 SIZE = ModelSize(
-    hidden_size=512, intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=2, vocab_size=1000
+    hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=1000
 )
 DTYPE_BYTES = 2  # bfloat16
 BLOCK_SIZE = 32  # vLLM's CPU attention wants a multiple of 32
@@ -25,7 +25,7 @@ KV_BYTES_PER_TOKEN = SIZE.num_layers * 2 * SIZE.num_kv_heads * HEAD_DIM * DTYPE_
 BLOCK_BYTES = KV_BYTES_PER_TOKEN * BLOCK_SIZE
 POOL_BYTES = 16 * BLOCK_BYTES  # 16 blocks, one of them vLLM's null block: 15 x 32 = 480 usable tokens
 MAX_MODEL_LEN = 256
-REQUESTS, PROMPT_TOKENS, NEW_TOKENS = 8, 40, 64  # 8 x 104 tokens want 8 x 4 blocks: the pool holds 15
+REQUESTS, PROMPT_TOKENS, NEW_TOKENS = 8, 40, 48  # 8 x 88 tokens want 8 x 3 blocks: the pool holds 15
 
 
 def write_model(path: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,55 @@
+"""Runs one vLLM scenario in a fresh interpreter and prints vLLM's own figures as one JSON line.
+
+    python -m tests.vllm.scripts multiprocess MODEL_DIR     # KVTRACE_DIR set by the caller
+    python -m tests.vllm.scripts refused_record MODEL_DIR RUN_DIR
+    python -m tests.vllm.scripts refused_plugin MODEL_DIR   # KVTRACE_DIR set by the caller
+
+A fresh interpreter because the engine runs in its own process (vLLM wants the `__main__` guard), and
+because `refused_record` must start its recording before anything imported vllm.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from tests.vllm.workload import BLOCK_BYTES, make_llm, metric, run_workload
+
+REFUSED_POOL_BYTES = 16 * BLOCK_BYTES  # 480 usable tokens after the null block
+REFUSED_MAX_MODEL_LEN = 512
+
+
+def multiprocess(model_dir: str) -> dict[str, Any]:
+    llm = make_llm(model_dir)
+    run_workload(llm)
+    figures = {
+        "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+        "preemptions": metric(llm, "vllm:num_preemptions"),
+        "request_preemptions": metric(llm, "vllm:request_num_preemptions"),
+    }
+    llm.llm_engine.engine_core.shutdown()  # the engine core finishes its run before we report
+    return figures
+
+
+def refused(model_dir: str, run_dir: str | None) -> dict[str, Any]:
+    import contextlib
+
+    import kvtrace
+
+    recording: Any = kvtrace.record(run_dir) if run_dir else contextlib.nullcontext()
+    try:
+        with recording:
+            make_llm(model_dir, kv_cache_memory_bytes=REFUSED_POOL_BYTES, max_model_len=REFUSED_MAX_MODEL_LEN)
+    except Exception as exc:  # in-process: vLLM's ValueError; multiprocess: the engine's start-up failure
+        return {"type": type(exc).__name__, "message": str(exc)}
+    return {"type": None, "message": ""}
+
+
+if __name__ == "__main__":
+    mode, model = sys.argv[1], sys.argv[2]
+    if mode == "multiprocess":
+        result = multiprocess(model)
+    else:
+        result = refused(model, sys.argv[3] if mode == "refused_record" else None)
+    print("KVTRACE-RESULT " + json.dumps(result), flush=True)

@@ -1,0 +1,84 @@
+"""Multiprocess vLLM (the engine core in its own process): the kvtrace plugin records it under KVTRACE_DIR,
+with the same figures as vLLM's own, and `kvtrace report` reads the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvtrace import format as fmt
+from tests.vllm.workload import BLOCK_BYTES, POOL_BYTES, SIZE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_script(*args: str, kvtrace_dir: Path | None, multiprocess: bool) -> dict[str, Any]:
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0")
+    env.pop("KVTRACE_DIR", None)
+    if kvtrace_dir is not None:
+        env["KVTRACE_DIR"] = str(kvtrace_dir)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.vllm.scripts", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
+    assert lines, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def plugin_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    run_dir = tmp_path_factory.mktemp("vllm-mp") / "run"
+    figures = run_script("multiprocess", str(tiny_model_dir), kvtrace_dir=run_dir, multiprocess=True)
+    return {"dir": run_dir, **figures}
+
+
+def test_the_engine_core_records_a_complete_run(plugin_run: dict[str, Any]) -> None:
+    run = fmt.read_run(plugin_run["dir"])
+    assert run.manifest["ended"]["status"] == "ok"  # finished at the engine's shutdown
+    assert run.manifest["engine"]["process"] == "engine_core"
+    assert run.manifest["pid"] != os.getpid()
+
+
+def test_pool_and_preemptions_equal_vllms_own(plugin_run: dict[str, Any]) -> None:
+    engine = json.loads((plugin_run["dir"] / fmt.ENGINE).read_text())
+    # The KV tensors live in a worker process: read through vLLM's collective_rpc, storage counted once.
+    assert engine["pool_source"] == "kv_tensors_rpc"
+    assert engine["num_blocks"] == plugin_run["num_gpu_blocks"] == POOL_BYTES // BLOCK_BYTES
+    assert engine["kv_cache_bytes"] == POOL_BYTES and len(engine["storage"]) == 1
+    assert len(engine["layers"]) == SIZE.num_layers
+    requests = _jsonl(plugin_run["dir"] / fmt.ENGINE_REQUESTS)
+    preempted = [e for e in requests if e["event"] == "preempted"]
+    assert plugin_run["preemptions"] > 0
+    assert len(preempted) == plugin_run["preemptions"] == plugin_run["request_preemptions"]
+    steps = _jsonl(plugin_run["dir"] / fmt.ENGINE_STEPS)
+    assert sum(len(s["preempted"]) for s in steps) == plugin_run["preemptions"]
+
+
+def test_kvtrace_report_reads_it(plugin_run: dict[str, Any]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "report", str(plugin_run["dir"]), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["kv"]["peak_bytes"] == POOL_BYTES
