@@ -1,0 +1,58 @@
+"""Regenerates the vLLM sample runs in this folder, with the vLLM environment:
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python sample_traces/regenerate_vllm.py   # ~1-2 min
+
+vllm_preempt/  the tests' workload (tests/vllm/workload.py): a tiny Llama 3-shaped model (random weights,
+               written with save_pretrained), a 16-block pool of 32 tokens, 8 requests of 40 prompt tokens
+               and 48 new ones: vLLM preempts. Recorded in-process with `kvtrace.record(dir, model=llm)`
+               (profiler off, to keep the folder small). `vllm_figures.json` holds vLLM's own figures.
+vllm_refused/  the same model asked for max_model_len 512 in that pool: vLLM refuses to start; recorded with
+               `kvtrace.record(dir)` and no model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def main() -> int:
+    import kvtrace
+    from tests.vllm.scripts import REFUSED_MAX_MODEL_LEN, REFUSED_POOL_BYTES
+    from tests.vllm.workload import make_llm, metric, run_workload, write_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model(Path(tmp) / "tiny-llama3")
+        try:
+            with kvtrace.record(HERE / "vllm_refused", profiler=False, overwrite=True):
+                make_llm(
+                    model_dir, kv_cache_memory_bytes=REFUSED_POOL_BYTES, max_model_len=REFUSED_MAX_MODEL_LEN
+                )
+        except ValueError as exc:
+            print(f"vllm_refused: {str(exc)[:120]}...")
+        llm = make_llm(model_dir)
+        out = HERE / "vllm_preempt"
+        with kvtrace.record(out, model=llm, profiler=False, overwrite=True):
+            run_workload(llm)
+        figures = {
+            "vllm_version": __import__("vllm").__version__,
+            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+            "num_preemptions": metric(llm, "vllm:num_preemptions"),
+            "request_num_preemptions_sum": metric(llm, "vllm:request_num_preemptions"),
+            "prefix_cache_queries": metric(llm, "vllm:prefix_cache_queries"),
+            "prefix_cache_hits": metric(llm, "vllm:prefix_cache_hits"),
+        }
+        (out / "vllm_figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"vllm_preempt: {figures}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
