@@ -238,7 +238,9 @@ class _Scanner:
             if not matches:
                 continue
             commas = block.count(_COMMA_OPEN, start, end)
-            if commas != len(matches) - 1:
+            contiguous = commas == len(matches) - 1
+            # Interleaved with other events (GPU traces): fine if the pattern took every memory event.
+            if not contiguous and block.count(_NEEDLE, start, end) != len(matches):
                 return False
             try:
                 memory_blocks = _blocks_of(_columns(matches, fields), len(matches))
@@ -246,8 +248,11 @@ class _Scanner:
                 return False
             for memory in memory_blocks:
                 self.on_memory(memory)
-            self.result.events += len(matches)
-            self.commas += commas
+            if contiguous:
+                self.result.events += len(matches)
+                self.commas += commas
+            else:  # count the run's events and decode its step events; memory events are done
+                self._plain(block, start, end)
             return True
         return False
 

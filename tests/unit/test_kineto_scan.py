@@ -67,3 +67,50 @@ def test_a_lost_comma_between_blocks_is_corruption(tmp_path: Path, monkeypatch: 
     path.write_text(text[: at + 4] + text[at + 5 :])
     with pytest.raises(Exception, match="corrupt JSON"):
         read_chrome_trace(path)
+
+
+MEMORY = (
+    '{\n    "ph": "i",\n    \n    "cat": "cpu_instant_event",\n    "s": "t",\n    "name": "[memory]",\n'
+    '    "pid": 7,\n    "tid": 7,\n    "ts": %d.%03d\n    ,\n    "args": {\n      "Total Reserved": %d,'
+    ' "Total Allocated": %d, "Bytes": %d, "Device Id": 0, "Device Type": 1, "Addr": %d, "finished": true,'
+    ' "Ev Idx": %d\n    }\n  }'
+)
+KERNEL = (
+    '{\n    "ph": "X", "cat": "kernel", "name": "void k<{lambda()#1}>(float*)", "pid": 0, "tid": 7,\n'
+    '    "ts": %d.500, "dur": 3,\n    "args": {\n      "stream": 7, "grid": [1, 1, 1]\n    }\n  }'
+)
+STEP = (
+    '{\n    "ph": "X", "cat": "user_annotation", "name": "ProfilerStep#%d", "pid": 7, "tid": 7,\n'
+    '    "ts": %d.250, "dur": 5,\n    "args": {\n      "External id": 1\n    }\n  }'
+)
+
+
+def test_memory_events_interleaved_with_kernels_are_read_by_the_pattern(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a GPU-style trace: memory events scattered among kernels, a step range every 500 events
+    monkeypatch.setattr(kineto_scan, "_BLOCK_BYTES", 64 << 10)
+    events, allocated, steps = [], 0, 0
+    for i in range(6000):
+        if i % 3 == 0:
+            delta = (i % 7 - 3) * 512
+            allocated += delta
+            events.append(MEMORY % (1000 + i, i % 1000, 1 << 30, allocated, delta, 0x7F00 + i, i))
+        elif i % 500 == 1:
+            events.append(STEP % (steps, 1000 + i))
+            steps += 1
+        else:
+            events.append(KERNEL % (1000 + i))
+    path = tmp_path / "gpu.json"
+    path.write_text('{\n  "schemaVersion": 1,\n  "traceEvents": [\n  ' + ",\n  ".join(events) + "\n  ]\n}\n")
+    decoded: list[int] = []
+    decode = kineto_scan._decode
+    monkeypatch.setattr(kineto_scan, "_decode", lambda *args: decoded.append(1) or decode(*args))
+
+    scanned = read_chrome_trace(path)
+
+    assert scanned.meta["reader"] == "byte_scan"
+    assert len(decoded) == steps  # only the step events went through the JSON decoder
+    _same(scanned, read_chrome_trace(path, byte_scan=False))
+    (device,) = scanned.devices
+    assert len(device) == 2000
