@@ -123,6 +123,12 @@ def test_group_html_diagnose_and_compare(group, capsys, tmp_path):
     # step by step, the group's KV is the sum of its ranks'
     assert runs[0]["kv_by_step"] == {k: WORLD * v for k, v in runs[2]["kv_by_step"].items()}
 
+    # A rank whose files are unreadable is named and left out; the others still report.
+    (twin / "rank-1" / "manifest.json").write_text('{"format": "kvtrace-run", "schema_')
+    data = _report(twin, capsys)
+    assert [r["rank"] for r in data["ranks"]] == [0] and data["missing_ranks"] == [1]
+    assert any(note.startswith("rank 1 left out:") and "corrupt manifest" in note for note in data["notes"])
+
 
 def test_a_rank_that_raises_leaves_the_group_readable(tmp_path, capsys):
     out, facts = tmp_path / "group", tmp_path / "facts"
