@@ -337,8 +337,9 @@ def engine_figures(run: EngineRun) -> EngineFigures:
 
 def held_at(run: EngineRun, step: int) -> list[HeldRequest]:
     """The pool as the scheduler found it at `step`: each request's last event before that step, and a
-    request preempted at `step` with what it held just before losing it. Blocks are exact; tokens are as of
-    the request's last logged event (`as_of_step`), since "blocks" events are logged only on a change."""
+    request preempted at `step` with what it held just before losing it. Blocks are exact. "blocks" events
+    are logged only on a change, so a request's tokens are brought forward from its next event when one
+    follows (`_tokens_at_start`); otherwise they are as of its last event (`as_of_step`)."""
     state: dict[str, RequestEvent] = {}
     for e in run.requests:
         if e.step < step:
@@ -354,12 +355,41 @@ def held_at(run: EngineRun, step: int) -> list[HeldRequest]:
                 e.prompt_tokens,
                 e.output_tokens,
             )
-    held = [
-        HeldRequest(e.request_id, e.blocks, e.tokens, e.prompt_tokens, e.output_tokens, e.step)
-        for e in state.values()
-        if e.event not in ("finished", "preempted") and e.blocks > 0
-    ]
+    held: list[HeldRequest] = []
+    for e in state.values():
+        if e.event in ("finished", "preempted") or e.blocks <= 0:
+            continue
+        tokens, as_of = e.tokens, e.step
+        if e.event != "held":
+            found = _tokens_at_start(run, e, step)
+            if found is not None:
+                tokens, as_of = found, step
+        output = (
+            tokens - e.prompt_tokens + 1 if as_of == step and tokens >= e.prompt_tokens else e.output_tokens
+        )
+        held.append(HeldRequest(e.request_id, e.blocks, tokens, e.prompt_tokens, output, as_of))
     return sorted(held, key=lambda h: (-h.blocks, h.request_id))
+
+
+def _tokens_at_start(run: EngineRun, last: RequestEvent, step: int) -> int | None:
+    """KV tokens of a decoding request at the start of `step`, from its next event at or after `step`:
+    a "blocks" event logs the tokens after its step (one token a decode step before it), a "preempted"
+    event the tokens it dropped (held before its step). Kept only when the figure agrees with the blocks
+    it held (`last.blocks` whole blocks), and the request was not preempted in between."""
+    block = run.info.block_size or 0
+    for e in run.requests:
+        if e.request_id != last.request_id or e.step < step or e.t_ns < last.t_ns:
+            continue
+        if e.event == "blocks" and e.tokens:
+            tokens = e.tokens - (e.step - step) - 1
+        elif e.event == "preempted" and e.dropped_tokens:
+            tokens = e.dropped_tokens - (e.step - step)
+        else:
+            return None
+        if block and blocks_for(tokens, block) == last.blocks and tokens >= last.tokens:
+            return tokens
+        return None
+    return None
 
 
 def blocks_for(tokens: int, block_size: int) -> int:

@@ -52,6 +52,10 @@ def test_report_on_the_preempting_sample(capsys: pytest.CaptureFixture[str]) -> 
     assert got["preempted_tokens"] == sum(r["dropped_tokens"] for r in preempted)
     assert got["prefix_cache_evicted_blocks"] == sum(s["prefix_evicted_blocks"] for s in steps)
     assert (got["name"], got["version"]) == ("vllm", engine["version"])
+    # vLLM's own figures, read from the engine by the sample's script
+    vllm_figures = json.loads((PREEMPT / "vllm_figures.json").read_text())
+    assert got["num_blocks"] == vllm_figures["num_gpu_blocks"]
+    assert got["preemptions"] == vllm_figures["num_preemptions"]
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
@@ -63,9 +67,13 @@ def test_diagnose_on_the_preempting_sample(capsys: pytest.CaptureFixture[str]) -
     assert d["kind"] == "preemption"
     first = min(r["step"] for r in requests if r["event"] == "preempted")
     assert d["first_preemption_step"] == first
-    # the scheduler preempts only when no block is free: the requests held every usable block (or more,
-    # counting shared prefix blocks once per request)
-    assert sum(h["blocks"] for h in d["held_at_first"]) >= engine["num_blocks"] - 1
+    # the requests held what the step log says was used before that step (more only when requests share
+    # prefix blocks, which each request counts)
+    steps = _lines(PREEMPT / "engine_steps.jsonl")
+    used_before = [s["blocks_used"] for s in steps if s["step"] < first][-1]
+    held = sum(h["blocks"] for h in d["held_at_first"])
+    vllm_figures = json.loads((PREEMPT / "vllm_figures.json").read_text())
+    assert held == used_before if vllm_figures["prefix_cache_hits"] == 0 else held >= used_before
     # demand: each request's prompt + output at its last line, in blocks; the max_num_seqs largest
     final: dict[str, int] = {}
     for r in requests:

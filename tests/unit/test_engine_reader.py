@@ -60,9 +60,19 @@ def test_the_pool_at_the_first_preemption(tmp_path: Path) -> None:
     run = read_engine(write_engine_run(tmp_path / "run"))
     assert run is not None
     held = held_at(run, 4)
-    # A: 2 blocks since its prefill (6 tokens logged at step 1); B: the 2 blocks and 7 tokens it lost.
-    rows = [(h.request_id, h.blocks, h.tokens, h.as_of_step) for h in held]
-    assert rows == [("A", 2, 6, 1), ("B", 2, 7, 4)]
+    # A: 2 blocks since its prefill of 6 tokens, then decode steps 2 and 3 wrote 2 more: 8 tokens at the
+    # start of step 4 (its next event logs 9 after step 4); B: the 2 blocks and 7 tokens it lost.
+    rows = [(h.request_id, h.blocks, h.tokens, h.output_tokens, h.as_of_step) for h in held]
+    assert rows == [("A", 2, 8, 3, 4), ("B", 2, 7, 3, 4)]
+
+
+def test_tokens_stay_as_logged_without_a_later_event(tmp_path: Path) -> None:
+    # A's only event is its prefill: nothing later tells how far it decoded
+    requests = [r for r in REQUESTS if r["request_id"] != "A" or r["event"] == "scheduled"]
+    run = read_engine(write_engine_run(tmp_path / "run", requests=requests))
+    assert run is not None
+    rows = [(h.request_id, h.tokens, h.as_of_step) for h in held_at(run, 4)]
+    assert rows == [("A", 6, 1), ("B", 7, 4)]
 
 
 def test_preemption_diagnosis_by_hand(tmp_path: Path) -> None:
