@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from typing import Any
 
 from kvtrace import format as fmt
@@ -73,6 +74,7 @@ class EngineHooks:
         self.engine_steps = 0
         self.preemptions = 0
         self.prefix_evicted_blocks = 0  # in recorded steps
+        self.overhead_ns = 0  # time spent in the per-step bookkeeping (benchmarks/vllm_overhead.py)
         self.document: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -108,6 +110,7 @@ class EngineHooks:
             "engine_steps": self.engine_steps,
             "preemptions": self.preemptions,
             "prefix_evicted_blocks": self.prefix_evicted_blocks,
+            "overhead_ns": self.overhead_ns,
         }
 
     def _log_pool(self, worker_facts: dict[str, Any]) -> None:
@@ -199,11 +202,13 @@ class EngineHooks:
         if self._sched_out is None:  # nothing to schedule: not a step
             tracker.step -= 1
             return result
+        started = time.perf_counter_ns()
         try:
             self._after_step(tracker.step, result, self._prefix_evicted - evicted_before)
         finally:
             self._step_preempted = []
             self._sched_out = None
+            self.overhead_ns += time.perf_counter_ns() - started
         return result
 
     # -- per step ----------------------------------------------------------------------------------------
