@@ -159,14 +159,14 @@ def engine_html_section(run: EngineRun, fig: EngineFigures) -> str:
     )
     div = fig_plot.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-engine-pool")
     title = html.escape(f"{fig.name} {fig.version} KV pool".strip())
-    rows = [
+    table_rows = [
         ("blocks", f"{fig.num_blocks:,} of {fig.block_size} tokens"),
         ("pool", human_bytes(fig.kv_cache_bytes)),
         ("peak blocks used", f"{fig.peak_blocks_used:,} (step {fig.peak_step})"),
         ("preemptions", f"{fig.preemptions} ({fig.preempted_tokens:,} tokens dropped)"),
         ("prefix-cache blocks evicted", f"{fig.prefix_cache_evicted_blocks:,}"),
     ]
-    table = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    table = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in table_rows)
     return f"<h2>{title}</h2><table class='summary'>{table}</table>{div}"
 
 
