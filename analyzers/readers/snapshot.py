@@ -199,6 +199,7 @@ _ACTION_CODES = {
     "snapshot": 6,
 }
 _SIZE = methodcaller("get", "size", 0)
+_HAS_TIME = methodcaller("__contains__", "time_us")
 _ADDR = methodcaller("get", "addr", -1)
 _TIME = itemgetter("time_us")
 
@@ -282,7 +283,7 @@ def _replay_device(
 ) -> None:
     """Turn one device's trace ring buffer plus its final block state into a `DeviceEvents`."""
     device = f"cuda:{device_index}"
-    timed = bool(trace) and all("time_us" in entry for entry in trace)
+    timed = bool(trace) and all(map(_HAS_TIME, trace))
     # Reserved bytes are replayed from 0 and shifted at the end: the dump's segments minus the trace's net
     # segment growth is what was reserved when the ring buffer began.
     replay = _replay_columns(trace, timed, frames, device, source)
