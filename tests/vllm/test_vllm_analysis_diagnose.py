@@ -157,3 +157,41 @@ def test_refused_start_diagnosis_uses_vllms_figures(tiny_model: Path, tmp_path: 
     assert remedies["kv_cache_memory_bytes"].setting == 17 * BYTES_PER_BLOCK
     # the priced remedy really starts: 17 blocks hold one 512-token request plus the null block
     assert _run(tiny_model, "start", remedies["kv_cache_memory_bytes"].setting) == {"started": True}
+
+
+_SAMPLE_CHILD = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+sys.path.insert(0, sys.argv[1])
+from tests.vllm.workload import make_llm, metric, run_workload, write_model
+overrides = json.loads(sys.argv[3])
+llm = make_llm(write_model(sys.argv[2]), **overrides)
+run_workload(llm)
+print("KVTRACE-RESULT " + json.dumps({"preemptions": metric(llm, "vllm:num_preemptions")}), flush=True)
+"""
+
+
+@pytest.mark.skipif(not (REPO / "sample_traces" / "vllm_preempt").is_dir(), reason="no vLLM sample run")
+def test_the_sample_runs_suggestions_avoid_every_preemption(tmp_path: Path) -> None:
+    # GIVEN the committed sample (tests/vllm/workload.py's workload, recorded by regenerate_vllm.py)
+    run = read_engine(REPO / "sample_traces" / "vllm_preempt")
+    assert run is not None
+    diagnosis = diagnose_engine(run)
+    assert isinstance(diagnosis, PreemptionDiagnosis) and diagnosis.preemptions > 0
+    suggestions = [
+        {"kv_cache_memory_bytes": diagnosis.kv_cache_memory_bytes_needed},
+        {"max_num_seqs": diagnosis.max_num_seqs_without_preemption},
+    ]
+    for i, overrides in enumerate(suggestions):
+        # WHEN the same workload reruns with one suggested setting THEN vLLM counts no preemption
+        argv = [str(REPO), str(tmp_path / f"model{i}"), json.dumps(overrides)]
+        done = subprocess.run(
+            [sys.executable, "-c", _SAMPLE_CHILD, *argv],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+            timeout=600,
+        )
+        lines = [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("KVTRACE-RESULT ")]
+        assert lines, (done.stdout + done.stderr)[-3000:]
+        assert json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))["preemptions"] == 0, overrides
