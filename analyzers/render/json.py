@@ -17,8 +17,8 @@ METHOD_LABELS = {
     "kv_log": "KV log (matched to a KV storage kvtrace saw)",
     "stack_rule": "stack rule (a cache update in the allocation's stack)",
     "weights_table": "weights table",
-    "none": "not attributed, counted as other: no KV-log storage, weight or stack rule matched "
-    "(activations, logits, temporaries; in a bare trace, the KV cache too)",
+    # no KV-log storage, weights-table entry or stack rule matched these allocations
+    "none": "not attributed, counted as other (activations, logits, temporaries; in a bare trace, KV too)",
 }
 
 
