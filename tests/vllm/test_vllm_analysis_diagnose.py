@@ -37,11 +37,11 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 import kvtrace
 model, out, kv_bytes, max_seqs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-max_len = int(sys.argv[6])
+max_len, kv_dtype = int(sys.argv[6]), sys.argv[7]
 def start():
     return LLM(model=model, skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes, block_size=32,
                max_model_len=max_len, max_num_seqs=max_seqs, dtype="bfloat16", enforce_eager=True,
-               disable_log_stats=False)
+               disable_log_stats=False, kv_cache_dtype=kv_dtype)
 prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 1000 for j in range(40 + i)]) for i in range(8)]
 params = SamplingParams(max_tokens=100, ignore_eos=True, detokenize=False, temperature=0)
 if out == "start":
@@ -86,9 +86,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _run(model: Path, out: str, kv_bytes: int, max_seqs: int = 8, max_len: int = 512) -> dict:
+def _run(
+    model: Path, out: str, kv_bytes: int, max_seqs: int = 8, max_len: int = 512, kv_dtype: str = "auto"
+) -> dict:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    argv = [str(model), out, str(kv_bytes), str(max_seqs), str(REPO), str(max_len)]
+    argv = [str(model), out, str(kv_bytes), str(max_seqs), str(REPO), str(max_len), kv_dtype]
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env, timeout=600
     )
@@ -138,6 +140,17 @@ def test_suggested_max_num_seqs_avoids_every_preemption(
     seqs = diagnosis.max_num_seqs_without_preemption
     assert 1 <= seqs < 8
     assert _run(tiny_model, "-", POOL, max_seqs=seqs)["preemptions"] == 0
+
+
+def test_fp8_kv_avoids_every_preemption_as_diagnosed(
+    tiny_model: Path, preempted: tuple[PreemptionDiagnosis, dict]
+) -> None:
+    diagnosis, _ = preempted
+    fp8 = {r.knob: r for r in diagnosis.remedies}["kv_cache_dtype"]
+    assert fp8.setting == "fp8" and fp8.fits
+    result = _run(tiny_model, "-", POOL, kv_dtype="fp8")
+    assert result["num_gpu_blocks"] == diagnosis.fp8_blocks == 2 * POOL // BYTES_PER_BLOCK
+    assert result["preemptions"] == 0
 
 
 def test_refused_start_diagnosis_uses_vllms_figures(tiny_model: Path, tmp_path: Path) -> None:
