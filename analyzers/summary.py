@@ -299,7 +299,7 @@ def summarize(
     budget_bytes = budget_of(source)
     if budget_bytes is not None:
         budget = budget_crossing(source, timelines, budget_bytes).to_json()
-    from analyzers.engine import engine_of_source
+    from analyzers.engine_report import engine_of_source
 
     engine = engine_of_source(source, kv)  # a vLLM run: kv.peak_bytes becomes the pool's storage
     return Report(

@@ -1,13 +1,6 @@
 """Why a vLLM engine ran out of KV memory, priced in vLLM's own knobs. Pure: reads the engine files only.
 
-Two cases, one function each:
-
-* **A refused start** (`diagnose_refused`). vLLM checks that one request of `max_model_len` tokens fits:
-  `num_layers * cdiv(max_model_len, block_size)` pages of `2 * block_size * kv_heads * head_dim * dtype`
-  bytes (analyzers.planning.vllm_plan mirrors that code). We recompute the bytes needed, take the bytes
-  available from the recorded refusal, replay vLLM's bisection for the largest max_model_len, and price
-  each remedy: max_model_len, kv_cache_memory_bytes / gpu_memory_utilization, kv_cache_dtype fp8,
-  tensor_parallel_size (KV heads split over ranks), and say why max_num_seqs does not enter this check.
+Two cases: a refused start (analyzers.planning.vllm_refused) and a run that preempted (here).
 
 * **A run that preempted** (`diagnose_preemptions`). vLLM preempts a running request when it cannot
   allocate the next block for a running request. The model used here, stated in the output: a request
@@ -24,21 +17,12 @@ Two cases, one function each:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from analyzers.engine import EngineRun, HeldRequest, blocks_for, engine_figures, held_at
-from analyzers.planning.vllm_plan import (
-    check_memory_bytes,
-    estimate_max_model_len,
-    kv_dtype_bytes,
-    kv_heads_per_worker,
-    max_memory_usage_bytes,
-    page_size_bytes,
-    readable_bytes,
-)
-from kvtrace.errors import KvtraceError
+from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
+from analyzers.planning.vllm_refused import RefusedDiagnosis, VllmRemedy, diagnose_refused
 
 __all__ = [
     "NULL_BLOCKS",
@@ -51,36 +35,6 @@ __all__ = [
 ]
 
 NULL_BLOCKS = 1  # vLLM's BlockPool keeps block 0 as the "null block"; requests never get it
-_TP_CHOICES = (2, 4, 8, 16)
-
-
-@dataclass(frozen=True)
-class VllmRemedy:
-    """One change of a vLLM setting. `fits` None: the figure cannot be priced from this run (`sentence`
-    says why)."""
-
-    knob: str  # "max_model_len" | "kv_cache_memory_bytes" | "gpu_memory_utilization" | "kv_cache_dtype" | ...
-    setting: Any
-    fits: bool | None
-    sentence: str
-
-
-@dataclass(frozen=True)
-class RefusedDiagnosis:
-    path: str
-    message: str
-    max_model_len: int
-    block_size: int
-    num_layers: int
-    bytes_per_block: int  # all layers
-    needed_bytes: int
-    needed_blocks: int
-    available_bytes: int
-    estimated_max_model_len: int
-    vllm_estimated_max_model_len: int | None
-    remedies: tuple[VllmRemedy, ...]
-    notes: tuple[str, ...] = ()
-    kind: str = "refused_start"
 
 
 @dataclass(frozen=True)
@@ -112,202 +66,6 @@ class PreemptionDiagnosis:
     model: str
     notes: tuple[str, ...] = field(default_factory=tuple)
     kind: str = "preemption"
-
-
-def _geometry(run: EngineRun) -> tuple[int, int, int, int]:
-    """(layers, kv heads per worker, head_dim, KV element bytes) from engine.json."""
-    model, config = run.info.model, run.info.config
-    fields = ("num_layers", "num_kv_heads", "head_dim")
-    bad = [
-        name
-        for name in fields
-        if isinstance(model.get(name), bool) or not isinstance(model.get(name), int) or model[name] < 1
-    ]
-    if bad:
-        raise KvtraceError(f"{run.path}/engine.json: model field(s) {', '.join(bad)} missing or not positive")
-    tp = int(config.get("tensor_parallel_size") or 1)
-    heads = kv_heads_per_worker(int(model["num_kv_heads"]), max(tp, 1))
-    dtype = str(model.get("dtype") or "bfloat16")
-    element = kv_dtype_bytes(str(config.get("kv_cache_dtype") or "auto"), dtype)
-    return int(model["num_layers"]), heads, int(model["head_dim"]), element
-
-
-def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
-    info = run.info
-    refused = info.refused or {}
-    config = info.config
-    layers, heads, head_dim, element = _geometry(run)
-    block = int(config.get("block_size") or info.block_size or 16)
-    max_len = int(refused.get("max_model_len") or config.get("max_model_len") or 0)
-    if max_len < 1 or block < 1:
-        raise KvtraceError(f"{run.path}/engine.json: the refusal records no max_model_len or block size")
-    page = page_size_bytes(heads, head_dim, element, block)
-    needed = max_memory_usage_bytes(layers, page, block, max_len)
-    notes: list[str] = []
-    available, pool = _check_memory(run, page * layers, notes)
-    estimate = estimate_max_model_len(available, layers, page, block, max_len) if available > 0 else 0
-    recorded_needed = refused.get("needed_bytes")
-    if recorded_needed is not None and int(recorded_needed) != needed:
-        notes.append(
-            f"vLLM reported {int(recorded_needed):,} B needed; the geometry gives {needed:,} B "
-            "(hybrid or padded KV specs are not modelled)"
-        )
-    remedies: list[VllmRemedy] = []
-    if estimate >= 1:
-        remedies.append(
-            VllmRemedy(
-                "max_model_len",
-                estimate,
-                True,
-                f"max_model_len={estimate}: one request then needs "
-                f"{readable_bytes(max_memory_usage_bytes(layers, page, block, estimate))}, which fits in "
-                f"{readable_bytes(available)}.",
-            )
-        )
-    pool_needed = needed + page * layers  # one request plus the null block
-    remedies.append(
-        VllmRemedy(
-            "kv_cache_memory_bytes",
-            pool_needed,
-            True,
-            f"kv_cache_memory_bytes={pool_needed} ({readable_bytes(pool_needed)}: one request of "
-            f"{max_len:,} tokens plus vLLM's null block, {readable_bytes(needed - available)} more than "
-            f"now); each further request of that length needs {readable_bytes(needed)} more.",
-        )
-    )
-    remedies.append(_utilization_remedy(run, needed + page * layers, pool))
-    if element > 1:
-        page8 = page_size_bytes(heads, head_dim, 1, block)
-        needed8 = max_memory_usage_bytes(layers, page8, block, max_len)
-        check8 = check_memory_bytes(pool, page8 * layers)  # the same memory, a smaller null block
-        fits8 = needed8 <= check8
-        tail = (
-            "which fits"
-            if fits8
-            else f"still too much; the largest max_model_len would be "
-            f"{estimate_max_model_len(check8, layers, page8, block, max_len)}"
-        )
-        remedies.append(
-            VllmRemedy(
-                "kv_cache_dtype",
-                "fp8",
-                fits8,
-                f"kv_cache_dtype='fp8' stores 1 byte an element instead of {element}: one request needs "
-                f"{readable_bytes(needed8)}, {tail} (quality: fp8 KV rounds keys and values).",
-            )
-        )
-    remedies.append(
-        VllmRemedy(
-            "max_num_seqs",
-            None,
-            False,
-            "max_num_seqs does not enter this check: vLLM refuses when even ONE request of max_model_len "
-            "does not fit. A lower max_num_seqs only shrinks the profiled activations on a GPU, which this "
-            "run cannot price.",
-        )
-    )
-    remedies.append(_tensor_parallel_remedy(run, layers, head_dim, element, block, max_len, pool))
-    return RefusedDiagnosis(
-        path=run.path,
-        message=str(refused.get("message", "")),
-        max_model_len=max_len,
-        block_size=block,
-        num_layers=layers,
-        bytes_per_block=page * layers,
-        needed_bytes=needed,
-        needed_blocks=math.ceil(max_len / block),
-        available_bytes=available,
-        estimated_max_model_len=estimate,
-        vllm_estimated_max_model_len=(
-            int(refused["estimated_max_model_len"])
-            if refused.get("estimated_max_model_len") is not None
-            else None
-        ),
-        remedies=tuple(remedies),
-        notes=tuple(notes),
-    )
-
-
-def _check_memory(run: EngineRun, bytes_per_block: int, notes: list[str]) -> tuple[int, int]:
-    """(check, pool): the bytes vLLM compared one request with, and the KV memory it had. vllm 0.32's
-    check_enough_kv_cache_memory compares with the KV memory less the null block; the recorder logs
-    that figure as the refusal's `available_bytes`. Without it, the pool is kv_cache_memory_bytes (or the
-    profile's available KV memory) and the check is the pool less one block."""
-    info = run.info
-    recorded = (info.refused or {}).get("available_bytes")
-    configured = info.config.get("kv_cache_memory_bytes")
-    if recorded is not None:
-        check = int(recorded)
-        if configured and check_memory_bytes(int(configured), bytes_per_block) != check:
-            notes.append(
-                f"vLLM compared with {check:,} B; kv_cache_memory_bytes less one block would be "
-                f"{check_memory_bytes(int(configured), bytes_per_block):,} B"
-            )
-        return check, check + bytes_per_block
-    pool = configured or info.memory_profile.get("available_kv_bytes")
-    if pool is None:
-        raise KvtraceError(f"{run.path}: the refusal records no available KV memory")
-    return check_memory_bytes(int(pool), bytes_per_block), int(pool)
-
-
-def _utilization_remedy(run: EngineRun, pool_needed: int, pool: int) -> VllmRemedy:
-    """gpu_memory_utilization that leaves `pool_needed` bytes for KV, from the profile vLLM measured:
-    available = ceil(total * utilization) - non-KV memory, so the non-KV memory is what the recorded
-    utilization requested less the KV memory it had (`pool`)."""
-    profile, config = run.info.memory_profile, run.info.config
-    total = profile.get("total_device_bytes")
-    util = config.get("gpu_memory_utilization")
-    if config.get("device") == "cpu" or not total or util is None:
-        return VllmRemedy(
-            "gpu_memory_utilization",
-            None,
-            None,
-            "gpu_memory_utilization: not priced here (no device total in this run; on CPU the KV space is "
-            "kv_cache_memory_bytes or VLLM_CPU_KVCACHE_SPACE).",
-        )
-    non_kv = math.ceil(int(total) * float(util)) - pool
-    wanted = math.ceil((pool_needed + non_kv) / int(total) * 100) / 100
-    fits = wanted <= 1.0
-    return VllmRemedy(
-        "gpu_memory_utilization",
-        wanted if fits else None,
-        fits,
-        (
-            f"gpu_memory_utilization={wanted:.2f} (now {float(util):g}) leaves enough for one request."
-            if fits
-            else f"gpu_memory_utilization cannot help: even 1.0 of {readable_bytes(int(total))} leaves "
-            f"less than {readable_bytes(pool_needed)} after {readable_bytes(non_kv)} of weights and "
-            "activations."
-        ),
-    )
-
-
-def _tensor_parallel_remedy(
-    run: EngineRun, layers: int, head_dim: int, element: int, block: int, max_len: int, pool: int
-) -> VllmRemedy:
-    model, config = run.info.model, run.info.config
-    tp_now = int(config.get("tensor_parallel_size") or 1)
-    kv_heads = int(model["num_kv_heads"])
-    attention_heads = int(model.get("num_attention_heads") or kv_heads)
-    for tp in (t for t in _TP_CHOICES if t > tp_now and attention_heads % t == 0):
-        page = page_size_bytes(kv_heads_per_worker(kv_heads, tp), head_dim, element, block)
-        needed = max_memory_usage_bytes(layers, page, block, max_len)
-        if needed <= check_memory_bytes(pool, page * layers):
-            return VllmRemedy(
-                "tensor_parallel_size",
-                tp,
-                True,
-                f"tensor_parallel_size={tp} splits the {kv_heads} KV heads over {tp} GPUs: each needs "
-                f"{readable_bytes(needed)} for one request (counting the same {readable_bytes(pool)} of KV "
-                "memory per GPU; sharded weights free more).",
-            )
-    return VllmRemedy(
-        "tensor_parallel_size",
-        None,
-        False,
-        f"tensor_parallel_size: no split of the {kv_heads} KV heads over up to {_TP_CHOICES[-1]} GPUs "
-        "brings one request under the available memory (KV heads are replicated past their count).",
-    )
 
 
 def _final_demand(run: EngineRun, block: int) -> dict[str, int]:
