@@ -1,29 +1,27 @@
-"""What recording costs: tokens/s of the same greedy `generate()` with and without kvtrace, side by side.
+"""What recording costs, side by side with the same work unrecorded (issue 11).
 
-Four modes run on the default demo inputs (Llama 3 "tiny", random weights, batch 2, the built-in prompts,
-32 new tokens, greedy, `torch.no_grad()`, seed 0):
+Three tables, each from interleaved runs (the modes take turns, starting one later each round, so no
+mode always follows the same neighbour), medians:
 
-  a. plain         no kvtrace, no profiler
-  b. kvtrace       `kvtrace.record(..., profiler=False)`: KV log + NVTX + per-step memory samples
-  c. profiler      bare `torch.profiler.profile(activities=[CPU], profile_memory=True)` writing its trace
-                   with `tensorboard_trace_handler` into a temporary directory
-  d. kvtrace+prof  `kvtrace.record(..., profiler=True)`: (b) plus the same profiler options as (c)
+1. Light mode, µs of kvtrace per KV layer update: (time with `kvtrace.record(..., profiler=False)` minus
+   time without) / layer updates, on
+   - `tiny`: Llama 3 "tiny" (4 layers, hidden 128), batch 2, greedy `generate()` of `--new-tokens` (256);
+   - `free`: a model whose step is nearly free (2 layers, hidden 32, vocab 256), batch 1, same tokens, so
+     the per-update and per-step bookkeeping dominate;
+   - `loop-dyn` / `loop-static`: the real `transformers` `Cache.update` of a DynamicCache / StaticCache
+     called in a tight loop, 32 layers x `--new-tokens` steps, no model at all (steps begin at layer 0).
+   Wall time (`perf_counter`) and the main thread's CPU time (`thread_time`, steadier on a shared machine)
+   are both given, with the tokens/s ratio of the model rows. Goal: at most 10 µs per update.
+2. Full mode: `kvtrace.record(..., profiler=True, record_shapes=True, with_stack=True)` against a bare
+   `torch.profiler.profile` with the same options (CPU activity, memory, shapes, stacks,
+   `tensorboard_trace_handler`), tiny model, `--full-tokens` (32) new tokens. Goal: at most 1.05x.
 
-Every mode runs once to warm up, then the modes run round-robin (starting one mode later each round, so
-no mode always follows the same neighbour) for `--reps` rounds; the table gives medians. Two figures per
-run: tokens/s of `generate()` alone, and tokens/s over the whole `with` block (start-up, the generation,
-and the teardown that writes the trace and manifest), which is what a user waits for. Goals (issue 2):
-(b)/(a) at most 3% slower, (d)/(c) at most 5% slower.
+    python benchmarks/recorder_overhead.py                      # ~3-5 min on 2 busy cores
+    python benchmarks/recorder_overhead.py --reps 7 --only light
+    python benchmarks/recorder_overhead.py --cprofile free      # where kvtrace's time goes
 
-`--cprofile b` (or `d`) runs that mode once more under cProfile after the table and prints where the time
-went, kvtrace's own functions first.
-
-    python benchmarks/recorder_overhead.py                  # ~1-2 min on 2 cores
-    python benchmarks/recorder_overhead.py --reps 9 --cprofile d
-
-One intra-op thread by default: on a shared 2-core machine OpenMP's spin-waiting threads make the
-runs noisy, and what kvtrace adds (Python hooks once per layer and step) does not depend on it.
-No timing is asserted: this prints a table, it is not a test.
+One intra-op thread: OpenMP spin-waits make a shared 2-core machine noisy, and what kvtrace adds (Python
+per layer update and per step) does not depend on it. No timing is asserted: this prints tables.
 """
 
 from __future__ import annotations
@@ -42,91 +40,113 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODES = ("a", "b", "c", "d")
-MODE_NAMES = {
-    "a": "plain generate()",
-    "b": "kvtrace, profiler=False",
-    "c": "bare torch.profiler",
-    "d": "kvtrace, profiler=True",
-}
+LOOP_LAYERS = 32
 
 
 @dataclass(frozen=True)
 class Timing:
-    generate_s: float
-    """Seconds inside `generate()` only."""
-    block_s: float
-    """Seconds of the whole `with` block, start-up and teardown (trace writing) included."""
+    wall_s: float  # the generate() call (or the update loop) alone
+    cpu_s: float  # the main thread's CPU time over the same span
+    block_s: float  # the whole `with` block: start-up, the work, teardown (trace and manifest writing)
 
 
 @dataclass
 class Workload:
-    model: Any
-    input_ids: Any
-    attention_mask: Any
-    pad_id: int
-    new_tokens: int
-
-    @property
-    def tokens(self) -> int:
-        return int(self.input_ids.shape[0]) * self.new_tokens
+    name: str
+    run: Callable[[], None]  # the work itself, recorded or not
+    updates: int  # KV layer updates per run
+    tokens: int  # generated tokens per run (0 for the update loops)
+    attach_model: Any  # the model handed to record(), or None
 
 
-def build_workload(new_tokens: int, batch: int) -> Workload:
-    """The demo's defaults: tiny Llama 3, the built-in prompts, left-padded."""
-    from kvtrace.llama import DEFAULT_PROMPTS, build_model, encode_batch, llama3_tokenizer
-
-    model = build_model("tiny")
-    prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(batch)]
-    pad_id = int(model.config.pad_token_id)
-    input_ids, mask = encode_batch(llama3_tokenizer(), prompts, pad_id)
-    return Workload(model, input_ids, mask, pad_id, new_tokens)
-
-
-def _generate(work: Workload) -> float:
+def _generate_workload(name: str, size: Any, batch: int, new_tokens: int, vocab_prompt: bool) -> Workload:
     import torch
 
-    torch.manual_seed(0)
-    started = time.perf_counter()
-    out = work.model.generate(
-        work.input_ids,
-        attention_mask=work.attention_mask,
-        max_new_tokens=work.new_tokens,
-        min_new_tokens=work.new_tokens,
-        do_sample=False,
-        pad_token_id=work.pad_id,
-    )
-    elapsed = time.perf_counter() - started
-    if out.shape[1] - work.input_ids.shape[1] != work.new_tokens:
-        raise RuntimeError(
-            f"generated {out.shape[1] - work.input_ids.shape[1]} tokens, not {work.new_tokens}"
+    from kvtrace.llama import DEFAULT_PROMPTS, build_model, encode_batch, llama3_tokenizer
+
+    model = build_model(size)
+    if vocab_prompt:
+        pad_id = int(model.config.pad_token_id)
+        prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(batch)]
+        input_ids, mask = encode_batch(llama3_tokenizer(), prompts, pad_id)
+    else:
+        pad_id = 0
+        torch.manual_seed(0)
+        input_ids = torch.randint(1, int(model.config.vocab_size), (batch, 16))
+        mask = torch.ones_like(input_ids)
+
+    def run() -> None:
+        torch.manual_seed(0)
+        out = model.generate(
+            input_ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
         )
-    return elapsed
+        if out.shape[1] - input_ids.shape[1] != new_tokens:
+            raise RuntimeError(f"{name}: generated {out.shape[1] - input_ids.shape[1]}, not {new_tokens}")
+
+    layers = int(model.config.num_hidden_layers)
+    return Workload(name, run, new_tokens * layers, batch * new_tokens, model)
+
+
+def _loop_workload(name: str, static: bool, steps: int) -> Workload:
+    import torch
+    from transformers import DynamicCache, StaticCache
+
+    from kvtrace.llama import ModelSize, llama3_config
+
+    config = llama3_config(
+        ModelSize(hidden_size=32, intermediate_size=64, num_layers=LOOP_LAYERS, num_heads=2, num_kv_heads=1)
+    )
+    prompt = torch.randn(1, 1, 16, 16)
+    token = torch.randn(1, 1, 1, 16)
+
+    def run() -> None:
+        cache: Any = (
+            StaticCache(config=config, max_cache_len=16 + steps) if static else DynamicCache(config=config)
+        )
+        for layer in range(LOOP_LAYERS):
+            cache.update(prompt, prompt, layer)
+        for _ in range(steps - 1):
+            for layer in range(LOOP_LAYERS):
+                cache.update(token, token, layer)
+
+    return Workload(name, run, steps * LOOP_LAYERS, 0, None)
 
 
 @contextlib.contextmanager
-def _mode_context(mode: str, work: Workload, out_dir: Path) -> Iterator[None]:
-    """The recording context of one mode; (a) records nothing."""
-    from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
-
+def _mode(mode: str, work: Workload, out_dir: Path) -> Iterator[None]:
+    """a: nothing; b: kvtrace light; c: bare profiler, shapes and stacks; d: kvtrace full, same options."""
     import kvtrace
 
     if mode == "a":
         yield
     elif mode == "b":
-        with kvtrace.record(out_dir, model=work.model, profiler=False, overwrite=True):
+        with kvtrace.record(out_dir, model=work.attach_model, profiler=False, overwrite=True):
             yield
     elif mode == "c":
+        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
         with profile(
             activities=[ProfilerActivity.CPU],
             profile_memory=True,
+            record_shapes=True,
+            with_stack=True,
             on_trace_ready=tensorboard_trace_handler(str(out_dir / "profiler")),
         ):
             yield
     elif mode == "d":
-        # RecordOptions' defaults match (c): CPU activity (CUDA too only where available), memory on,
-        # no shapes, no stacks, plain (not gzipped) trace through tensorboard_trace_handler.
-        with kvtrace.record(out_dir, model=work.model, profiler=True, overwrite=True):
+        with kvtrace.record(
+            out_dir,
+            model=work.attach_model,
+            profiler=True,
+            record_shapes=True,
+            with_stack=True,
+            overwrite=True,
+        ):
             yield
     else:
         raise ValueError(mode)
@@ -135,134 +155,131 @@ def _mode_context(mode: str, work: Workload, out_dir: Path) -> Iterator[None]:
 def run_once(mode: str, work: Workload, scratch: Path) -> Timing:
     import torch
 
-    out_dir = Path(tempfile.mkdtemp(prefix=f"mode_{mode}_", dir=scratch))
+    out_dir = Path(tempfile.mkdtemp(prefix=f"{work.name}_{mode}_", dir=scratch))
     try:
         with torch.no_grad():
-            started = time.perf_counter()
-            with _mode_context(mode, work, out_dir):
-                generate_s = _generate(work)
-            block_s = time.perf_counter() - started
+            block_start = time.perf_counter()
+            with _mode(mode, work, out_dir):
+                cpu_start, wall_start = time.thread_time(), time.perf_counter()
+                work.run()
+                wall, cpu = time.perf_counter() - wall_start, time.thread_time() - cpu_start
+            block = time.perf_counter() - block_start
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-    return Timing(generate_s, block_s)
+    return Timing(wall, cpu, block)
 
 
-def _round_robin(reps: int) -> Iterator[tuple[int, str]]:
+def interleaved(work: Workload, modes: tuple[str, ...], reps: int, scratch: Path) -> dict[str, list[Timing]]:
+    for mode in modes:  # warm-up: first generate(), first profiler session, first hook install
+        run_once(mode, work, scratch)
+    timings: dict[str, list[Timing]] = {m: [] for m in modes}
     for rep in range(reps):
-        for offset in range(len(MODES)):
-            yield rep, MODES[(rep + offset) % len(MODES)]
+        for offset in range(len(modes)):
+            mode = modes[(rep + offset) % len(modes)]
+            timings[mode].append(run_once(mode, work, scratch))
+    return timings
 
 
-def _ratio_line(label: str, slow: float, fast: float, goal: float) -> str:
-    slower = fast / slow - 1.0  # tokens/s: higher is better, so fast/slow - 1 is the slowdown
-    verdict = "meets goal" if slower <= goal else "MISSES goal"
-    return (
-        f"  {label:<34} {slow / fast:6.3f}x tokens/s  "
-        f"({slower * 100:+5.1f}% slower; goal <= {goal:.0%}: {verdict})"
-    )
+def _median(timings: list[Timing], pick: Callable[[Timing], float]) -> float:
+    return statistics.median(pick(t) for t in timings)
 
 
-def print_table(timings: dict[str, list[Timing]], tokens: int) -> None:
-    def median_rate(mode: str, pick: Callable[[Timing], float]) -> float:
-        return statistics.median(tokens / pick(t) for t in timings[mode])
+def light_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
+    lines = [
+        f"{'workload':<12} {'updates':>8} {'plain us/upd':>13} {'kvtrace +us/upd wall':>21} "
+        f"{'+us/upd cpu':>12} {'tokens/s b/a':>13} {'goal <=10us':>12}"
+    ]
+    for work in works:
+        t = interleaved(work, ("a", "b"), reps, scratch)
+        wall_a, wall_b = _median(t["a"], lambda x: x.wall_s), _median(t["b"], lambda x: x.wall_s)
+        cpu_a, cpu_b = _median(t["a"], lambda x: x.cpu_s), _median(t["b"], lambda x: x.cpu_s)
+        per_wall = (wall_b - wall_a) / work.updates * 1e6
+        per_cpu = (cpu_b - cpu_a) / work.updates * 1e6
+        ratio = f"{wall_a / wall_b:.3f}" if work.tokens else "-"
+        verdict = "meets" if per_wall <= 10 else "MISSES"
+        lines.append(
+            f"{work.name:<12} {work.updates:>8} {wall_a / work.updates * 1e6:>13.1f} {per_wall:>21.1f} "
+            f"{per_cpu:>12.1f} {ratio:>13} {verdict:>12}"
+        )
+        print(lines[-1], flush=True)
+    return lines
 
-    gen = {m: median_rate(m, lambda t: t.generate_s) for m in MODES}
-    block = {m: median_rate(m, lambda t: t.block_s) for m in MODES}
-    reps = len(timings["a"])
-    print(f"\nmedian of {reps} interleaved runs, {tokens} generated tokens per run (batch x new tokens)")
-    print(f"{'mode':<30} {'generate() tok/s':>17} {'whole block tok/s':>18} {'min..max generate tok/s':>25}")
-    for mode in MODES:
-        rates = sorted(tokens / t.generate_s for t in timings[mode])
-        spread = f"{rates[0]:.1f}..{rates[-1]:.1f}"
-        print(f"({mode}) {MODE_NAMES[mode]:<26} {gen[mode]:>17.1f} {block[mode]:>18.1f} {spread:>25}")
-    print("\nratios (generate() only)")
-    print(_ratio_line("(b)/(a) kvtrace / plain", gen["b"], gen["a"], 0.03))
-    print(_ratio_line("(d)/(c) kvtrace+prof / profiler", gen["d"], gen["c"], 0.05))
-    print("ratios (whole block, start-up and trace writing included)")
-    print(_ratio_line("(b)/(a) kvtrace / plain", block["b"], block["a"], 0.03))
-    print(_ratio_line("(d)/(c) kvtrace+prof / profiler", block["d"], block["c"], 0.05))
+
+def full_table(work: Workload, reps: int, scratch: Path) -> list[str]:
+    t = interleaved(work, ("c", "d"), reps, scratch)
+    lines = [f"{'tiny, ' + str(work.tokens) + ' tokens':<22} {'generate() s':>13} {'whole block s':>14}"]
+    for mode, label in (("c", "bare torch.profiler"), ("d", "kvtrace full")):
+        gen, block = _median(t[mode], lambda x: x.wall_s), _median(t[mode], lambda x: x.block_s)
+        lines.append(f"{label:<22} {gen:>13.3f} {block:>14.3f}")
+    gen_ratio = _median(t["d"], lambda x: x.wall_s) / _median(t["c"], lambda x: x.wall_s)
+    block_ratio = _median(t["d"], lambda x: x.block_s) / _median(t["c"], lambda x: x.block_s)
+    verdict = "meets" if gen_ratio <= 1.05 else "MISSES"
+    lines.append(f"{'kvtrace / bare':<22} {gen_ratio:>12.3f}x {block_ratio:>13.3f}x goal <=1.05x: {verdict}")
+    return lines
 
 
-def profile_mode(mode: str, work: Workload, scratch: Path, top: int) -> None:
+def profile_workload(work: Workload, scratch: Path, top: int) -> None:
     profiler = cProfile.Profile()
     profiler.enable()
-    run_once(mode, work, scratch)
+    run_once("b", work, scratch)
     profiler.disable()
-    stats = pstats.Stats(profiler)
-    listings = (
-        ("kvtrace's own functions, by own time", "tottime", ("kvtrace/",)),
-        ("kvtrace's own functions, by cumulative time", "cumulative", ("kvtrace/",)),
-        ("all functions, by own time", "tottime", ()),
-    )
-    for title, order, restrictions in listings:
-        buffer = io.StringIO()
-        stats.stream = buffer  # type: ignore[attr-defined]
-        stats.sort_stats(order).print_stats(*restrictions, top)
-        print(f"\ncProfile of one run of ({mode}) {MODE_NAMES[mode]}: {title}")
-        print(_trim_pstats(buffer.getvalue()))
-
-
-def _trim_pstats(text: str) -> str:
-    """pstats output without its preamble (file name, ordering lines)."""
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        if line.lstrip().startswith("ncalls"):
-            return "\n".join(lines[i:]).rstrip()
-    return text.rstrip()
+    buffer = io.StringIO()
+    stats = pstats.Stats(profiler, stream=buffer)
+    stats.sort_stats("tottime").print_stats("kvtrace/", top)
+    print(f"\ncProfile of one light-mode run of {work.name}, kvtrace's functions by own time")
+    text = buffer.getvalue()
+    print("ncalls" + text.split("ncalls", 1)[1] if "ncalls" in text else text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--reps", type=int, default=5, help="interleaved rounds of all four modes (default 5)"
-    )
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate per run (default 32)")
-    parser.add_argument("--batch", type=int, default=2, help="sequences per batch (default 2, the demo's)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: no OpenMP spin-waits on a busy 2-core machine)",
-    )
-    parser.add_argument(
-        "--cprofile",
-        choices=("b", "d"),
-        help="afterwards, run this mode once under cProfile and print top costs",
-    )
-    parser.add_argument("--top", type=int, default=20, help="cProfile entries to print (default 20)")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved rounds per table (default 5)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="new tokens / loop steps (default 256)")
+    parser.add_argument("--full-tokens", type=int, default=32, help="new tokens in full mode (default 32)")
+    parser.add_argument("--only", choices=("light", "full"), help="print one table only")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--cprofile", choices=("tiny", "free", "loop-dyn", "loop-static"))
+    parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
-    if args.reps < 1 or args.new_tokens < 1 or args.batch < 1:
-        parser.error("--reps, --new-tokens and --batch must be at least 1")
+    if args.reps < 1 or args.new_tokens < 2 or args.full_tokens < 1:
+        parser.error("--reps must be >= 1, --new-tokens >= 2, --full-tokens >= 1")
 
     import torch
+    import transformers
 
     import kvtrace
+    from kvtrace.llama import SIZES, ModelSize
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    work = build_workload(args.new_tokens, args.batch)
     print(
-        f"kvtrace {kvtrace.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"Llama 3 tiny, batch {args.batch}, prompt {work.input_ids.shape[1]} tokens, {args.new_tokens} new"
+        f"kvtrace {kvtrace.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} thread(s), {args.reps} interleaved rounds, medians"
     )
-    timings: dict[str, list[Timing]] = {m: [] for m in MODES}
+    free = ModelSize(
+        hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, vocab_size=256
+    )
+    light = [
+        _generate_workload("tiny", SIZES["tiny"], 2, args.new_tokens, vocab_prompt=True),
+        _generate_workload("free", free, 1, args.new_tokens, vocab_prompt=False),
+        _loop_workload("loop-dyn", False, args.new_tokens),
+        _loop_workload("loop-static", True, args.new_tokens),
+    ]
     with tempfile.TemporaryDirectory(prefix="kvtrace_overhead_") as scratch_name:
         scratch = Path(scratch_name)
-        for mode in MODES:  # warm-up: first generate(), first profiler session, first hook install
-            run_once(mode, work, scratch)
-        for rep, mode in _round_robin(args.reps):
-            timing = run_once(mode, work, scratch)
-            timings[mode].append(timing)
-            print(
-                f"  round {rep + 1}/{args.reps} ({mode}) {work.tokens / timing.generate_s:8.1f} tok/s "
-                f"generate, {work.tokens / timing.block_s:8.1f} tok/s block",
-                flush=True,
-            )
-        print_table(timings, work.tokens)
         if args.cprofile:
-            profile_mode(args.cprofile, work, scratch, args.top)
+            profile_workload(next(w for w in light if w.name == args.cprofile), scratch, args.top)
+            return 0
+        if args.only in (None, "light"):
+            print("\n1. light mode (profiler=False): kvtrace time per KV layer update")
+            light_table(light, args.reps, scratch)
+        if args.only in (None, "full"):
+            print("\n2. full mode (profiler, memory, shapes, stacks) against bare torch.profiler")
+            work = _generate_workload("tiny", SIZES["tiny"], 2, args.full_tokens, vocab_prompt=True)
+            for line in full_table(work, args.reps, scratch):
+                print(line)
     print(f"\ntotal runtime {time.perf_counter() - started:.1f} s")
     return 0
 

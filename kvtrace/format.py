@@ -139,17 +139,22 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# One encoder for every line: json.dumps with options builds a new JSONEncoder on each call.
+_encode_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 class JsonlAppender:
-    """Append-only JSON-lines file. Lines are buffered and flushed by `flush()` (once per step), so a
-    killed process loses at most the current step and never leaves a partial line mid-file."""
+    """Append-only JSON-lines file. Lines are buffered and written by `flush()` (once per step) in one
+    unbuffered write, so a killed process loses at most the current step and never leaves a partial line
+    mid-file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._fh: IO[bytes] = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
         self._pending: list[str] = []
 
     def append(self, record: dict[str, Any]) -> None:
-        self._pending.append(json.dumps(record, separators=(",", ":")))
+        self._pending.append(_encode_compact(record))
 
     def extend(self, lines: list[str]) -> None:
         """Lines already serialised (one JSON object each, no newline): the recorder's KV events."""
@@ -157,9 +162,12 @@ class JsonlAppender:
 
     def flush(self) -> None:
         if self._pending:
-            self._fh.write("\n".join(self._pending) + "\n")
-            self._pending.clear()
-        self._fh.flush()
+            pending, self._pending = self._pending, []
+            pending.append("")
+            data = memoryview("\n".join(pending).encode())
+            while data:  # a raw write may be short
+                written = self._fh.write(data) or 0
+                data = data[written:]
 
     def close(self) -> None:
         if not self._fh.closed:

@@ -18,13 +18,28 @@ import torch
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+# /proc/self/statm kept open and re-read with pread: ~0.5 us against ~10-40 us for open+read+close, paid
+# once per step. Keyed by pid, because a forked child would otherwise read its parent's figures.
+_STATM: list[int] = []  # [pid, fd] once opened
+
+
 def rss_bytes() -> int:
     """Resident set size from /proc (Linux); 0 where unavailable. Cheaper than psutil and no dependency."""
     try:
-        with open("/proc/self/statm", encoding="ascii") as fh:
-            return int(fh.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
+        if not _STATM or _STATM[0] != os.getpid():
+            _STATM[:] = [os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))]
+        return int(os.pread(_STATM[1], 128, 0).split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError, AttributeError):
         return 0
+
+
+_CUDA_AVAILABLE: list[bool] = []  # torch.cuda.is_available() once: ~2 us a call, and it cannot change
+
+
+def _cuda_ready() -> bool:
+    if not _CUDA_AVAILABLE:
+        _CUDA_AVAILABLE.append(torch.cuda.is_available())
+    return _CUDA_AVAILABLE[0] and torch.cuda.is_initialized()
 
 
 def _cpu_seconds() -> float:
@@ -33,7 +48,7 @@ def _cpu_seconds() -> float:
 
 
 def _cuda_fields() -> dict[str, Any]:
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    if not _cuda_ready():
         return {}
     device = torch.cuda.current_device()
     return {

@@ -341,7 +341,7 @@ class Recording:
             return
         if self._hf is not None:
             self._hf.scan_all()
-            if self._attention_modules:
+            if self._attention_modules and "kvpress" in sys.modules:  # masks are kvpress's (AdaKV)
                 self._hf.scan_masks(self._attention_modules)
         if self._modules is not None and (self._modules.owners or self._modules._tracked):
             self._modules.scan("track")

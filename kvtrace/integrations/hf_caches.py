@@ -173,14 +173,16 @@ class HfCacheHooks:
 
         self._cache_cls = Cache
         hooks = self
-        tracker = self.tracker
+        tracker_layers = self.tracker._layers
         original_update = Cache.__dict__["update"]
         self._originals["update"] = original_update
 
         @functools.wraps(original_update)
         def update(cache: Any, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any):
-            cid = hooks.cache_id(cache)
-            before = tracker.tokens_or_none(cid, layer_idx)
+            last = hooks._last  # the cache of the previous update, almost always this one
+            cid = last[1] if last is not None and last[0]() is cache else hooks.cache_id(cache)
+            state = tracker_layers.get((cid, layer_idx))
+            before = state.tokens if state is not None else None
             if before is None:  # first sight of this layer: empty unless the cache was used before record()
                 layers = cache.layers
                 if layer_idx >= len(layers) or not getattr(layers[layer_idx], "is_initialized", False):
