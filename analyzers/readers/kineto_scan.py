@@ -112,11 +112,6 @@ class ScanResult:
     events: int = 0
 
 
-def _columns(matches: list[tuple[bytes, ...]], fields: tuple[str, ...]) -> dict[str, np.ndarray]:
-    table = np.array(matches, dtype="S24").reshape(len(matches), len(fields))
-    return {name: table[:, index] for index, name in enumerate(fields)}
-
-
 def _blocks_of(columns: dict[str, np.ndarray], count: int) -> list[MemoryBlock]:
     raw_ts = columns["ts"]
     ts = raw_ts.astype(np.float64)
@@ -232,27 +227,33 @@ class _Scanner:
                 (self.on_odd_memory if is_memory else self.on_event)(event)
 
     def _memory_run(self, block: bytes, start: int, end: int) -> bool:
-        """Read block[start:end] if it is nothing but memory events in one of Kineto's layouts."""
+        """Read the memory events of block[start:end] with one layout pattern, in one regex pass.
+
+        `split` gives the numbers of each match and the text between matches: a lone "," between two memory
+        events, or other events (kernels, steps: GPU traces interleave them), which are counted and searched
+        like any other text. False (nothing done) if a `[memory]` is left between matches."""
         for pattern, fields in ((_NEW, _NEW_FIELDS), (_OLD, _OLD_FIELDS)):
-            matches = pattern.findall(block, start, end)
-            if not matches:
+            parts = pattern.split(block[start:end])
+            width = len(fields) + 1
+            count = len(parts) // width
+            if count == 0:
                 continue
-            commas = block.count(_COMMA_OPEN, start, end)
-            contiguous = commas == len(matches) - 1
-            # Interleaved with other events (GPU traces): fine if the pattern took every memory event.
-            if not contiguous and block.count(_NEEDLE, start, end) != len(matches):
+            gaps = parts[::width]
+            others = [gap for gap in gaps if gap and gap != b","]
+            if any(_NEEDLE in gap for gap in others):
                 return False
             try:
-                memory_blocks = _blocks_of(_columns(matches, fields), len(matches))
+                columns = np.array([parts[index::width] for index in range(1, width)], dtype="S24")
+                memory_blocks = _blocks_of(dict(zip(fields, columns, strict=True)), count)
             except (ValueError, OverflowError):  # a number beyond int64: the JSON reader's case
                 return False
             for memory in memory_blocks:
                 self.on_memory(memory)
-            if contiguous:
-                self.result.events += len(matches)
-                self.commas += commas
-            else:  # count the run's events and decode its step events; memory events are done
-                self._plain(block, start, end)
+            self.result.events += count
+            self.commas += gaps.count(b",")
+            for gap in others:  # a comma ending a gap precedes the next memory event's "\n  {"
+                self._plain(gap, 0, len(gap))
+                self.commas += gap.endswith(b",")
             return True
         return False
 
