@@ -145,3 +145,23 @@ def test_hooks_are_undone(recorded: dict[str, Any]) -> None:
     assert core.__dict__["step_fn"] == before["step_fn"]
     assert set(vars(core.scheduler)) == before["scheduler"]
     assert set(vars(core.scheduler.kv_cache_manager.block_pool)) == before["pool"]
+
+
+def test_engine_steps_are_profiler_ranges(recorded: dict[str, Any], tmp_path: Path) -> None:
+    import gzip
+
+    from tests.vllm.workload import prompts, sampling
+
+    llm = recorded["llm"]
+    llm.reset_prefix_cache()
+    run_dir = tmp_path / "profiled"
+    with kvtrace.record(run_dir, model=llm, profiler=True):
+        llm.generate(prompts(2, 8), sampling(3), use_tqdm=False)
+    steps = _jsonl(run_dir / fmt.ENGINE_STEPS)
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1)) and len(steps) >= 3
+    traces = fmt.read_run(run_dir).profiler_traces()
+    assert traces
+    raw = traces[0].read_bytes()
+    text = (gzip.decompress(raw) if traces[0].suffix == ".gz" else raw).decode()
+    names = {e.get("name") for e in json.loads(text)["traceEvents"]}
+    assert {f"kvtrace/engine step {s['step']}" for s in steps} <= names
