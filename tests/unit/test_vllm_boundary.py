@@ -68,3 +68,22 @@ def test_refusal_watch_waits_for_the_import_and_leaves_nothing() -> None:
     assert len(sys.meta_path) == len(before) + 1  # vllm not imported: a finder waits for it
     watch.uninstall()
     assert sys.meta_path == before
+
+
+def test_a_multiprocess_engine_is_refused_in_one_line(tmp_path) -> None:
+    import pytest
+
+    import kvtrace
+    from kvtrace.errors import KvtraceError
+
+    # GIVEN an LLM whose engine core is a client of another process (vLLM's default, SyncMPClient)
+    client = type("SyncMPClient", (), {"__module__": "vllm.v1.engine.core_client"})()
+    engine = type("LLMEngine", (), {"__module__": "vllm.v1.engine.llm_engine", "engine_core": client})()
+    llm = type("LLM", (), {"__module__": "vllm.entrypoints.llm", "llm_engine": engine})()
+    # THEN record() says what to do, and leaves no recording active
+    expected = r"VLLM_ENABLE_V1_MULTIPROCESSING=0.*KVTRACE_DIR"
+    recording = kvtrace.record(tmp_path / "run", model=llm, profiler=False)
+    with pytest.raises(KvtraceError, match=expected), recording:
+        pass
+    with kvtrace.record(tmp_path / "next", profiler=False):
+        pass
