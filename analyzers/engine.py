@@ -361,7 +361,9 @@ def held_at(run: EngineRun, step: int) -> list[HeldRequest]:
         if e.event in ("finished", "preempted") or e.blocks <= 0:
             continue
         tokens, as_of = e.tokens, e.step
-        if e.event != "held":
+        if e.step == step - 1 and e.event in ("scheduled", "blocks", "resumed"):
+            as_of = step  # logged after the step just before: what it held when this step began
+        elif e.event != "held":
             found = _tokens_at_start(run, e, step)
             if found is not None:
                 tokens, as_of = found, step

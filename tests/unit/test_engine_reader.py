@@ -64,6 +64,9 @@ def test_the_pool_at_the_first_preemption(tmp_path: Path) -> None:
     # start of step 4 (its next event logs 9 after step 4); B: the 2 blocks and 7 tokens it lost.
     rows = [(h.request_id, h.blocks, h.tokens, h.output_tokens, h.as_of_step) for h in held]
     assert rows == [("A", 2, 8, 3, 4), ("B", 2, 7, 3, 4)]
+    # at step 2 both were logged after step 1, the step just before: exact as the step began
+    rows = [(h.request_id, h.blocks, h.tokens, h.output_tokens, h.as_of_step) for h in held_at(run, 2)]
+    assert rows == [("A", 2, 6, 1, 2), ("B", 2, 5, 1, 2)]
 
 
 def test_tokens_stay_as_logged_without_a_later_event(tmp_path: Path) -> None:
