@@ -100,3 +100,20 @@ def test_diagnose_on_the_refused_sample(capsys: pytest.CaptureFixture[str]) -> N
     text = capsys.readouterr().out
     assert "0.0 GiB" not in text.split("vLLM said")[0]
     assert str(vllm_estimate) in text
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_request_lanes_add_up_to_the_blocks_used() -> None:
+    # the HTML's per-request lanes, step by step, hold what the step log says was used (no request shares
+    # a prefix block in this sample: vLLM counted 0 prefix-cache hits)
+    from analyzers.engine import read_engine
+    from analyzers.render.engine import _request_lanes
+
+    vllm_figures = json.loads((PREEMPT / "vllm_figures.json").read_text())
+    assert vllm_figures["prefix_cache_hits"] == 0
+    steps = _lines(PREEMPT / "engine_steps.jsonl")
+    run = read_engine(PREEMPT)
+    assert run is not None
+    ids, lanes = _request_lanes(run)
+    assert len(ids) == len({r["request_id"] for r in _lines(PREEMPT / "engine_requests.jsonl")})
+    assert [int(x) for x in lanes.sum(axis=0)] == [s["blocks_used"] for s in steps]
