@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import MemorySource
+from analyzers.readers.kineto_scan import as_int64
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import DeviceSummary, Report, summarize
 from analyzers.timeline import DeviceTimeline
@@ -72,7 +73,7 @@ class PeakExactSampler:
 
     def _append(self, part: tuple[np.ndarray, ...]) -> None:
         keep = _extremes(part[0], part[1], self.bucket)
-        self.parts.append(tuple(column[keep] for column in part))
+        self.parts.append(tuple(as_int64(column[keep]) for column in part))  # digits kept as text: now
         self.size += len(keep)
 
     def _compact(self) -> None:
@@ -100,6 +101,7 @@ class DeviceFold:
         self.running = 0  # sum of Bytes so far
         self.lowest = 0  # lowest running sum after an event
         self.all_allocated = self.all_reserved = True
+        self.any_reserved = False  # some event has nonzero reserved bytes (else there is no reserved series)
         self.first: tuple[float, int, int] | None = None  # (ts, Bytes, Total Allocated) of the first event
         self.last_ts = -np.inf
         self.last_running = self.last_allocated = 0
@@ -119,6 +121,8 @@ class DeviceFold:
         self.by_sum.add(self.count, running, ts, reserved)
         self.all_allocated = self.all_allocated and allocated_known
         self.all_reserved = self.all_reserved and reserved_known
+        if not self.any_reserved:
+            self.any_reserved = bool(np.any(reserved != (b"0" if reserved.dtype.kind == "S" else 0)))
         if self.all_allocated:
             self.by_total.add(self.count, allocated, ts, reserved)
         self.lowest = min(self.lowest, int(running.min()))
@@ -155,7 +159,7 @@ class DeviceFold:
         peak = int(allocated[peak_at])
         ts_us = timestamps(raw_ts, base_ns, integral)
         peak_time = float(ts_us[peak_at])
-        reserved_series = reserved if self.all_reserved and bool(np.any(reserved)) else None
+        reserved_series = reserved if self.all_reserved and self.any_reserved else None
         reserved_at_peak = int(reserved_series[peak_at]) if reserved_series is not None else None
         if baseline > peak:  # the level before the first event
             peak, peak_time = baseline, float(ts_us[0])

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import DeviceEvents, Marker, MemorySource
-from analyzers.readers.kineto_scan import MemoryBlock, NotKineto, scan_kineto
+from analyzers.readers.kineto_scan import MemoryBlock, NotKineto, as_int64, scan_kineto
 from analyzers.readers.memory_events_fast import DeviceColumns, MemoryRunReader
 from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.sources import JsonStream, ProgressFn, open_input
@@ -50,7 +50,8 @@ from kvtrace.errors import KvtraceError
 __all__ = ["ChunkSink", "read_chrome_trace", "read_memory_timeline", "timestamps"]
 
 ChunkSink = Callable[[tuple[np.ndarray, ...], bool, bool], None]
-"""sink((ts, addr, delta, total_allocated, total_reserved), all_allocated_known, all_reserved_known)."""
+"""sink((ts, addr, delta, total_allocated, total_reserved), all_allocated_known, all_reserved_known); addr and
+total_reserved may hold digits as bytes (`kineto_scan.as_int64`)."""
 
 # c10::DeviceType by index. HIP (6) reads as "cuda", as PyTorch on ROCm names its devices.
 # Substrings of the events we keep; events without any are skipped undecoded (see JsonStream.each_element).
@@ -169,9 +170,10 @@ class _DeviceChunks:
         if not self.chunks:
             empty_f, empty_i = np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)
             return empty_f, empty_i, empty_i, empty_i, empty_i
-        if len(self.chunks) == 1:
-            return self.chunks[0]
-        return tuple(np.concatenate(parts) for parts in zip(*self.chunks, strict=True))
+        chunks = [tuple(map(as_int64, chunk)) for chunk in self.chunks]
+        if len(chunks) == 1:
+            return chunks[0]
+        return tuple(np.concatenate(parts) for parts in zip(*chunks, strict=True))
 
 
 class _TraceCollector:

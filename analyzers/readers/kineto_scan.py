@@ -33,7 +33,7 @@ import numpy as np
 from analyzers.readers.sources import ProgressFn, open_input
 from kvtrace.errors import KvtraceError
 
-__all__ = ["MemoryBlock", "NotKineto", "ScanResult", "scan_kineto"]
+__all__ = ["MemoryBlock", "NotKineto", "ScanResult", "as_int64", "scan_kineto"]
 
 _SEP = b"\n  },\n  {"
 _COMMA_OPEN = b",\n  {"
@@ -97,10 +97,10 @@ class MemoryBlock:
     device_type: int
     device_id: int
     ts: np.ndarray  # float64, raw `ts` as written
-    addr: np.ndarray  # int64
+    addr: np.ndarray  # int64, or the digits as bytes (dtype "S"): `as_int64` converts
     delta: np.ndarray  # int64
     allocated: np.ndarray  # int64
-    reserved: np.ndarray  # int64
+    reserved: np.ndarray  # int64, or the digits as bytes (dtype "S")
     allocated_known: np.ndarray  # bool
     reserved_known: np.ndarray  # bool
     fractional_ts: bool = False
@@ -116,7 +116,16 @@ def _blocks_of(columns: dict[str, np.ndarray], count: int) -> list[MemoryBlock]:
     raw_ts = columns["ts"]
     ts = raw_ts.astype(np.float64)
     fractional = bool(np.any(ts != np.floor(ts)))
-    ints = {name: col.astype(np.int64) for name, col in columns.items() if not name.startswith(("ts", "dev"))}
+    ints: dict[str, np.ndarray] = {
+        name: columns[name].astype(np.int64) for name in ("bytes", "allocated") if name in columns
+    }
+    # Addresses and reserved bytes stay text until a reader needs them (the streamed report needs no
+    # address and the reserved bytes at a few points only); text of 20+ chars may not fit: convert now.
+    for name in ("addr", "reserved"):
+        if name in columns:
+            text = columns[name]
+            long = count and bool(np.any(text.view(np.uint8).reshape(count, -1)[:, 19:] != 0))
+            ints[name] = text.astype(np.int64) if long else text
     missing = np.full(count, -1, dtype=np.int64)
     known = np.ones(count, dtype=bool)
     unknown = np.zeros(count, dtype=bool)
@@ -149,6 +158,11 @@ def _blocks_of(columns: dict[str, np.ndarray], count: int) -> list[MemoryBlock]:
             )
         )
     return blocks
+
+
+def as_int64(column: np.ndarray) -> np.ndarray:
+    """A column of `MemoryBlock` as int64 (converting digits kept as bytes)."""
+    return column.astype(np.int64) if column.dtype.kind == "S" else column
 
 
 def _event_at(block: bytes, at: int) -> tuple[int, int]:

@@ -59,7 +59,7 @@ def _mem(ts: float, nbytes: int, dev: tuple[int, int], totals: tuple[int, int] |
     return {"ph": "i", "s": "t", "name": "[memory]", "pid": 1, "tid": 1, "ts": ts, "args": args}
 
 
-@pytest.mark.parametrize("case", ["totals", "no-totals", "two-devices", "unsorted"])
+@pytest.mark.parametrize("case", ["totals", "no-totals", "two-devices", "unsorted", "reserved-once"])
 def test_streamed_report_equals_the_columns_report_on_synthetic_traces(tmp_path: Path, case: str) -> None:
     rng = random.Random(5)
     events: list[dict[str, Any]] = []
@@ -68,7 +68,8 @@ def test_streamed_report_equals_the_columns_report_on_synthetic_traces(tmp_path:
         dev = (1, rng.randrange(2)) if case == "two-devices" else (1, 0)
         delta = rng.choice([1, -1]) * rng.randrange(1, 1 << 16)
         level[dev[1]] += delta
-        totals = (level[dev[1]], 1 << 30) if case != "no-totals" else None
+        reserved = 1 << 30 if case != "reserved-once" else (4096 if i == 12_345 else 0)
+        totals = (level[dev[1]], reserved) if case != "no-totals" else None
         ts = i + (rng.random() * 50 if case == "unsorted" and i % 1000 == 0 else 0.0)
         events.append(_mem(ts, delta, dev, totals))
     path = tmp_path / "t.json"
