@@ -207,14 +207,23 @@ def light_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
 
 def full_table(work: Workload, reps: int, scratch: Path) -> list[str]:
     t = interleaved(work, ("c", "d"), reps, scratch)
-    lines = [f"{'tiny, ' + str(work.tokens) + ' tokens':<22} {'generate() s':>13} {'whole block s':>14}"]
+    lines = [
+        f"{'tiny, ' + str(work.tokens) + ' tokens':<22} {'generate() s':>13} {'main-thread cpu s':>18} "
+        f"{'whole block s':>14}"
+    ]
     for mode, label in (("c", "bare torch.profiler"), ("d", "kvtrace full")):
-        gen, block = _median(t[mode], lambda x: x.wall_s), _median(t[mode], lambda x: x.block_s)
-        lines.append(f"{label:<22} {gen:>13.3f} {block:>14.3f}")
-    gen_ratio = _median(t["d"], lambda x: x.wall_s) / _median(t["c"], lambda x: x.wall_s)
-    block_ratio = _median(t["d"], lambda x: x.block_s) / _median(t["c"], lambda x: x.block_s)
-    verdict = "meets" if gen_ratio <= 1.05 else "MISSES"
-    lines.append(f"{'kvtrace / bare':<22} {gen_ratio:>12.3f}x {block_ratio:>13.3f}x goal <=1.05x: {verdict}")
+        gen, cpu = _median(t[mode], lambda x: x.wall_s), _median(t[mode], lambda x: x.cpu_s)
+        block = _median(t[mode], lambda x: x.block_s)
+        lines.append(f"{label:<22} {gen:>13.3f} {cpu:>18.3f} {block:>14.3f}")
+    ratios = [
+        _median(t["d"], pick) / _median(t["c"], pick)
+        for pick in (lambda x: x.wall_s, lambda x: x.cpu_s, lambda x: x.block_s)
+    ]
+    verdict = "meets" if ratios[0] <= 1.05 else "MISSES"
+    lines.append(
+        f"{'kvtrace / bare':<22} {ratios[0]:>12.3f}x {ratios[1]:>17.3f}x {ratios[2]:>13.3f}x"
+        f"   goal <= 1.05x (generate): {verdict}"
+    )
     return lines
 
 

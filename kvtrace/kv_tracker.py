@@ -19,10 +19,24 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
+
+from kvtrace.kv_lines import (
+    EVENT_LINE,
+    FREED_LINE,
+    KEY_JSON,
+    NO_STORAGE_LINE,
+    SHAPE_JSON,
+    device_json,
+    dtype_json,
+    iter_tensors,
+    key_json,
+    quoted,
+    shape_facts,
+)
 
 # What a cause becomes when the storage changed (first) or stayed (second).
 _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
@@ -36,119 +50,12 @@ _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
     "track": ("replaced", "written"),
 }
 
-# One event per line, the keys of `kvtrace.format.KvEvent`. String fields arrive already JSON-quoted.
-_LINE = (
-    '{"seq":%d,"t_ns":%d,"step":%d,"phase":%s,"event":"%s","layer":%d,"kv":%s,"part":%s,"addr":%d,'
-    '"storage_bytes":%d,"view_offset":%d,"shape":%s,"logical_bytes":%d,"dtype":%s,"device":%s,"tokens":%d,'
-    '"evicted_tokens":%d,"prev_addr":%d,"cache":%d,"source":%s,"reason":%s}'
-)
-# Fields a line leaves out take KvEvent's defaults when read back.
-_FREED = (
-    '{"seq":%d,"t_ns":%d,"step":%d,"phase":%s,"event":"freed","layer":%d,"kv":%s,"part":%s,"addr":%d,'
-    '"storage_bytes":%d,"cache":%d}'
-)
-_NO_STORAGE = (
-    '{"seq":%d,"t_ns":%d,"step":%d,"phase":%s,"event":"%s","layer":%d,"kv":%s,"part":%s,"addr":0,'
-    '"storage_bytes":0,"tokens":%d,"evicted_tokens":%d,"prev_addr":%d,"cache":%d,"source":%s,"reason":%s}'
-)
-
-_QUOTED: dict[str, str] = {}
-# torch.Size -> (its JSON list, element count): str(list(shape)) alone costs ~1-2 us
-_SHAPES: dict[tuple[int, ...], tuple[str, int]] = {}
-_KEYS: dict[tuple[str, str], tuple[str, str]] = {}  # (kv, part) -> both JSON-quoted
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
-_DEVICE_NAMES: dict[torch.device, str] = {}
 _KD = ("k", "data")
 _VD = ("v", "data")
 
 _weak_ref_of: Callable[[Any], int] = cast(Any, torch.UntypedStorage)._weak_ref
 _expired = cast(Any, torch.UntypedStorage)._expired
 _free_weak_ref = cast(Any, torch.UntypedStorage)._free_weak_ref
-
-
-def _q(text: str) -> str:
-    """`text` as a JSON string literal, memoised: the same few names come back on every event."""
-    quoted = _QUOTED.get(text)
-    if quoted is None:
-        quoted = _QUOTED[text] = json.dumps(text)
-    return quoted
-
-
-def _shape_facts(shape: tuple[int, ...]) -> tuple[str, int]:
-    facts = _SHAPES.get(shape)
-    if facts is None:
-        if len(_SHAPES) > 100_000:  # a run of many distinct shapes: start over rather than grow
-            _SHAPES.clear()
-        count = 1
-        for size in shape:
-            count *= size
-        facts = _SHAPES[shape] = (str(list(shape)).replace(" ", ""), count)
-    return facts
-
-
-def _key_json(key: tuple[str, str]) -> tuple[str, str]:
-    quoted = _KEYS.get(key)
-    if quoted is None:
-        quoted = _KEYS[key] = (_q(key[0]), _q(key[1]))
-    return quoted
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = _q(str(dtype).removeprefix("torch."))
-    return name
-
-
-def _device_name(device: torch.device) -> str:
-    name = _DEVICE_NAMES.get(device)
-    if name is None:
-        name = _DEVICE_NAMES[device] = _q(str(device))
-    return name
-
-
-def iter_tensors(value: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every plain tensor inside a cache attribute: quantized caches keep tuples (fp8: data, scale),
-    tensor subclasses (quanto) or dicts of metadata (hqq)."""
-    if value is None:
-        return
-    if isinstance(value, torch.Tensor):
-        flatten = getattr(type(value), "__tensor_flatten__", None)
-        if flatten is not None and type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:
-            names, _ = cast(Any, value).__tensor_flatten__()  # a subclass hook torch.Tensor's stubs lack
-            for name in names:
-                yield from iter_tensors(getattr(value, name), f"{prefix}.{name}")
-            return
-        yield prefix, value
-    elif isinstance(value, (tuple, list)):
-        for i, item in enumerate(value):
-            yield from iter_tensors(item, f"{prefix}.{i}")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from iter_tensors(item, f"{prefix}.{key}")
-    else:
-        inner = getattr(value, "__dict__", None)
-        if isinstance(inner, dict):  # e.g. an hqq quantized object holding W_q and meta tensors
-            for key, item in inner.items():
-                if isinstance(item, (torch.Tensor, dict, tuple, list)):
-                    yield from iter_tensors(item, f"{prefix}.{key}")
-
-
-def _version_of(tensor: torch.Tensor) -> int:
-    """The in-place write counter; -1 for inference tensors (inference_mode, hqq), which have none."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return -1
-
-
-def storage_of(tensor: torch.Tensor) -> tuple[int, int]:
-    """(address, bytes) of the storage behind `tensor`; (0, 0) for tensors without real memory."""
-    try:
-        storage = tensor.untyped_storage()
-        return storage.data_ptr(), storage.nbytes()
-    except (RuntimeError, NotImplementedError):
-        return 0, 0
 
 
 class _Slot:
@@ -218,7 +125,7 @@ class KvTracker:
         self._seq = 0
         self.step = 0
         self.phase = ""
-        self._phase_json = _q("")
+        self._phase_json = quoted("")
 
     @property
     def phase(self) -> str:
@@ -227,7 +134,7 @@ class KvTracker:
     @phase.setter
     def phase(self, value: str) -> None:
         self._phase = value
-        self._phase_json = _q(value)
+        self._phase_json = quoted(value)
 
     def take_lines(self) -> list[str]:
         lines, self.lines = self.lines, []
@@ -278,7 +185,7 @@ class KvTracker:
         state.tokens = tokens
         t_ns = self._clock()
         slots = state.slots
-        reason_json = _q(reason) if evicted else '""'
+        reason_json = quoted(reason) if evicted else '""'
         self._see(slots, cache_id, layer, _KD, keys, tokens, evicted, reason_json, t_ns, "update", '"hf"')
         self._see(slots, cache_id, layer, _VD, values, tokens, 0, '""', t_ns, "update", '"hf"')
         if self._pending:
@@ -315,9 +222,9 @@ class KvTracker:
                 if cause == "scan" and tokens < prev_tokens:
                     kind = "evicted"
                 self._seq += 1
-                kv_json, part_json = _KEYS.get(key) or _key_json(key)
+                kv_json, part_json = KEY_JSON.get(key) or key_json(key)
                 self.lines.append(
-                    _LINE
+                    EVENT_LINE
                     % (
                         self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json,
                         slot.addr, slot.storage_bytes, slot.view_offset, slot.shape_json,
@@ -370,7 +277,7 @@ class KvTracker:
         new.view_offset = ptr - addr
         shape = tensor.shape
         new.shape = shape
-        new.shape_json, count = _SHAPES.get(shape) or _shape_facts(shape)
+        new.shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
         if slot is not None and cause == "update":
             # A cache's update keeps a slot's dtype and device (moves are offload/prefetch, seen apart).
             new.dtype = slot.dtype
@@ -381,13 +288,13 @@ class KvTracker:
             dtype = tensor.dtype
             new.itemsize = dtype.itemsize
             new.logical_bytes = count * new.itemsize
-            new.dtype = _dtype_name(dtype)
-            new.device = _device_name(tensor.device)
+            new.dtype = dtype_json(dtype)
+            new.device = device_json(tensor.device)
         slots[key] = new
         self._seq += 1
-        kv_json, part_json = _KEYS.get(key) or _key_json(key)
+        kv_json, part_json = KEY_JSON.get(key) or key_json(key)
         self.lines.append(
-            _LINE
+            EVENT_LINE
             % (
                 self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json, addr,
                 nbytes, new.view_offset, new.shape_json, new.logical_bytes, new.dtype, new.device, tokens,
@@ -400,7 +307,9 @@ class KvTracker:
         if slot is not None and not same_storage:
             # After the new storage's event, so the log shows both alive (the real transient peak), and
             # before any later slot's event, which may reuse the freed address.
-            self._retire(cache_id, layer, key, slot)
+            self._pending.append(
+                (slot.wref, layer, kv_json, part_json, slot.addr, slot.storage_bytes, cache_id)
+            )
             self.poll_frees(t_ns)
         return True
 
@@ -430,10 +339,10 @@ class KvTracker:
             evicted = max(0, prev_tokens - tokens) if cause in ("scan", "crop") else 0
             evicted_reason = ""
         t_ns = self._clock()
-        source_json = _q(source)
+        source_json = quoted(source)
         slots = state.slots
         seen: set[tuple[str, str]] = set()
-        reason_json = _q(evicted_reason) if evicted_reason else _q(reason)
+        reason_json = quoted(evicted_reason) if evicted_reason else quoted(reason)
         for (kv, part), value in parts.items():
             for name, tensor in iter_tensors(value, part):
                 key = (kv, name)
@@ -461,10 +370,11 @@ class KvTracker:
                 self._seq += 1
                 first = key == _KD
                 self.lines.append(
-                    _NO_STORAGE
+                    NO_STORAGE_LINE
                     % (
                         self._seq, t_ns, self.step, self._phase_json,
-                        "reset" if cause == "reset" else "evicted", layer, _q(key[0]), _q(key[1]), tokens,
+                        "reset" if cause == "reset" else "evicted", layer, quoted(key[0]), quoted(key[1]),
+                        tokens,
                         evicted if first else 0, old.addr, cache_id, source_json, '""',
                     )
                 )
@@ -477,7 +387,7 @@ class KvTracker:
         self._seq += 1
         reason = f"masking without removal: {masked_entries} (row, head, token) entries masked"
         self.lines.append(
-            _NO_STORAGE
+            NO_STORAGE_LINE
             % (
                 self._seq, self._clock(), self.step, self._phase_json, "masked", layer, '"k"', '"data"',
                 tokens, 0, 0, cache_id, '"hf"', json.dumps(reason),
@@ -488,7 +398,7 @@ class KvTracker:
 
     def _retire(self, cache_id: int, layer: int, key: tuple[str, str], old: _Slot) -> None:
         """Watch a storage that left its slot until the allocator releases it."""
-        kv_json, part_json = _KEYS.get(key) or _key_json(key)
+        kv_json, part_json = KEY_JSON.get(key) or key_json(key)
         self._pending.append((old.wref, layer, kv_json, part_json, old.addr, old.storage_bytes, cache_id))
 
     def release_all(self) -> None:
@@ -514,7 +424,7 @@ class KvTracker:
                     t_ns = self._clock()
                 self._seq += 1
                 self.lines.append(
-                    _FREED
+                    FREED_LINE
                     % (
                         self._seq, t_ns, self.step, self._phase_json, item[1], item[2], item[3], item[4],
                         item[5], item[6],
