@@ -50,6 +50,7 @@ def llm_kwargs(model_path: str | os.PathLike[str], **overrides: Any) -> dict[str
         "block_size": BLOCK_SIZE,
         "max_model_len": MAX_MODEL_LEN,
         "max_num_seqs": REQUESTS,
+        "max_num_batched_tokens": 512,  # the start-up profiling pass runs a batch this big: keep it small
         "disable_log_stats": False,
         "enforce_eager": True,
         "dtype": "bfloat16",
