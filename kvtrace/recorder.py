@@ -169,7 +169,7 @@ class Recording:
         self.path.mkdir(parents=True, exist_ok=True)
         # Replacing a run: its old files go, so that no reader mixes two recordings (an old trace in
         # profiler/ would otherwise sit beside the new one). Only names the format owns are touched.
-        for name in (fmt.KV_EVENTS, fmt.WEIGHTS, fmt.MEMORY_SAMPLES, *fmt.DERIVED_FILES):
+        for name in (fmt.KV_EVENTS, fmt.WEIGHTS, fmt.MEMORY_SAMPLES, *fmt.ENGINE_FILES, *fmt.DERIVED_FILES):
             (self.path / name).unlink(missing_ok=True)
         for folder in (fmt.PROFILER_DIR, fmt.SNAPSHOT_DIR, *fmt.DERIVED_DIRS):
             if (self.path / folder).is_dir():

@@ -87,3 +87,19 @@ def test_a_multiprocess_engine_is_refused_in_one_line(tmp_path) -> None:
         pass
     with kvtrace.record(tmp_path / "next", profiler=False):
         pass
+
+
+def test_overwrite_removes_a_previous_vllm_runs_engine_files(tmp_path) -> None:
+    import kvtrace
+    from kvtrace import format as fmt
+
+    # GIVEN a run directory that held a vLLM run
+    with kvtrace.record(tmp_path, profiler=False):
+        pass
+    for name in fmt.ENGINE_FILES:
+        (tmp_path / name).write_text('{"step": 1}\n')
+    # WHEN it is recorded again with overwrite=True (by a run that is not vLLM's)
+    with kvtrace.record(tmp_path, profiler=False, overwrite=True):
+        pass
+    # THEN no engine file of the old run is left to be read with the new one
+    assert not [name for name in fmt.ENGINE_FILES if (tmp_path / name).exists()]
