@@ -3,12 +3,14 @@
 Inputs, side by side in one run:
 
   * the largest Chrome trace in /work/shared/real_traces/chrome (by size on disk),
-  * the largest CUDA allocator snapshot pickle in /work/shared/real_traces/snapshots,
-  * a synthetic Kineto-layout Chrome trace of `--events` `[memory]` instant events (default 10,000,000;
-    CUDA, Device Type 1, with Addr / Bytes / Total Allocated / Total Reserved, addresses reused the way
-    the caching allocator reuses blocks, a ProfilerStep range every 10,000 events), written once by a
-    streaming writer into a temporary directory, and the same at a tenth of the events, to show how
-    memory grows with the input.
+  * the largest CUDA allocator snapshot pickle in /work/shared/real_traces/snapshots, and a big snapshot
+    made from it by repeating its trace `--snapshot-copies` times (default 100),
+  * a trace recorded by torch.profiler itself (`--torch-events`, default 1M `[memory]` events among aten
+    ops and ProfilerStep ranges; written by a child process that imports torch),
+  * synthetic Kineto-layout Chrome traces of `--events` `[memory]` instant events (default 200k, 1M and
+    10M; CUDA, Device Type 1, with Addr / Bytes / Total Allocated / Total Reserved, addresses reused the
+    way the caching allocator reuses blocks, a ProfilerStep range every 10,000 events), written once by a
+    streaming writer into a temporary directory, to show how memory grows with the input.
 
 Tools, each in a fresh interpreter (wall time includes start-up and imports, as a user sees it; peak RSS
 is the child's own VmHWM, written by a small wrapper as it exits, so runs do not mask each other and the
@@ -23,17 +25,15 @@ benchmark's own memory does not leak into the figure):
   * `kvtrace report PATH -q -o out.html` on the synthetic traces, for the HTML size
 
 A child whose RSS passes `--mem-limit-gb` (default 8) or whose run passes `--timeout` is killed and its
-cell reads "n/a" with the reason. Goals (issue 3): report at most 2x a bare json.load, at least 5x faster
-than HTA with at most half its peak RSS, peak RSS flat as the input grows, HTML under 10 MB plus plotly's
-~4.7 MB of JavaScript.
+cell reads "n/a" with the reason. Goals (issue 11): report at most 0.5x a bare json.load, at most 1.5x
+pickle.load on snapshots, peak RSS at most 200 MiB and flat from 200k to 10M events; HTML under 10 MB
+plus plotly's ~4.7 MB of JavaScript.
 
-Expected runtime on 2 (busy, shared) cores: about 4.5 minutes with `--events 2000000` (0.73 GB of JSON
-on /tmp, written in ~10 s), about 13 minutes with the default 10 million (3.7 GB, written in ~90 s; the
-json.load and HTA rows then stop at the 8 GB memory limit after under a minute each, and the two kvtrace
-runs take ~3 minutes each). `--events 200000 --skip-hta` takes well under a minute.
+Expected runtime on 2 shared cores: 7 to 12 minutes with the defaults (3.7 GB of JSON on /tmp for 10M
+events; the json.load and HTA rows stop at the memory limit within a minute; HTA takes 1.5-3 minutes on
+the 1M torch.profiler trace). `--events 2000,20000 --torch-events 4000 --snapshot-copies 3` is a smoke run.
 
-    python benchmarks/analyzer_speed.py --events 2000000
-    python benchmarks/analyzer_speed.py --events 200000 --gzip --skip-hta
+    python benchmarks/analyzer_speed.py --mem-limit-gb 6 --timeout 600
 
 No timing is asserted: this prints a table, it is not a test.
 """
