@@ -73,6 +73,7 @@ class EngineHooks:
         self._step_preempted: list[str] = []
         self._prefix_evicted = 0
         self._held: dict[str, int] = {}  # request id -> blocks last logged (requests not finished)
+        self._objects: dict[str, Any] = {}  # request id -> its Request, kept until "finished" is logged
         self._dropped: dict[str, int] = {}  # preempted, not resumed yet: request id -> tokens dropped
         self.engine_steps = 0
         self.preemptions = 0
@@ -164,7 +165,32 @@ class EngineHooks:
     def _schedule_hook(self, *args: Any, **kwargs: Any) -> Any:
         out = self._schedule(*args, **kwargs)
         self._sched_out = out
+        started = time.thread_time_ns()
+        try:
+            self._log_scheduled(out.num_scheduled_tokens)
+        finally:
+            self.overhead_ns += time.thread_time_ns() - started
         return out
+
+    def _log_scheduled(self, scheduled: dict[str, int]) -> None:
+        """Right after scheduling: blocks are allocated for this step, `num_computed_tokens` counts the
+        tokens this step computes, and a request that finishes in this step still exists."""
+        requests = self._requests
+        for request_id, count in scheduled.items():
+            request = requests.get(request_id)
+            if request is None:
+                continue
+            blocks = self._blocks_of(request_id)
+            if request_id in self._dropped:
+                dropped = self._dropped.pop(request_id)
+                hits = max(0, request.num_computed_tokens - count)  # found in the prefix cache
+                self._log_request(request, "resumed", blocks, recomputed_tokens=max(0, dropped - hits))
+            elif request_id not in self._held:
+                self._log_request(request, "scheduled", blocks)
+                self._objects[request_id] = request
+            elif blocks != self._held[request_id]:
+                self._log_request(request, "blocks", blocks)
+            self._held[request_id] = blocks
 
     def _blocks_of(self, request_id: str) -> int:
         return sum(len(m.req_to_blocks.get(request_id, ())) for m in self._managers)
@@ -225,26 +251,13 @@ class EngineHooks:
         self.engine_steps += 1
         self.prefix_evicted_blocks += prefix_evicted
         requests = self._requests
-        for request_id, count in scheduled.items():
-            request = requests.get(request_id)
-            if request is None:
-                continue
-            blocks = self._blocks_of(request_id)
-            if request_id in self._dropped:
-                dropped = self._dropped.pop(request_id)
-                hits = max(0, request.num_computed_tokens - count)
-                self._log_request(request, "resumed", blocks, recomputed_tokens=max(0, dropped - hits))
-            elif request_id not in self._held:
-                self._log_request(request, "scheduled", blocks)
-            elif blocks != self._held[request_id]:
-                self._log_request(request, "blocks", blocks)
-            self._held[request_id] = blocks
         for request_id in list(self._held):
-            request = requests.get(request_id)
-            if request is None or request.is_finished():
+            request = self._objects[request_id]
+            if request_id not in requests or request.is_finished():
                 del self._held[request_id]
+                del self._objects[request_id]
                 self._dropped.pop(request_id, None)
-                self._log_request(request, "finished", 0, request_id=request_id)
+                self._log_request(request, "finished", 0)
         pool = self._pool
         free = pool.get_num_free_blocks()
         cached = sum(1 for b in pool.blocks if b.ref_cnt == 0 and b.block_hash is not None and not b.is_null)
@@ -294,21 +307,18 @@ class EngineHooks:
             assert self._request_log is not None
             self._request_log.flush()
 
-    def _log_request(
-        self, request: Any, event: str, blocks: int, request_id: str | None = None, **extra: Any
-    ) -> None:
+    def _log_request(self, request: Any, event: str, blocks: int, **extra: Any) -> None:
         assert self._request_log is not None
         record: dict[str, Any] = {
             "t_ns": self.recording._clock(),
             "step": self.recording.tracker.step,
-            "request_id": request_id if request is None else request.request_id,
+            "request_id": request.request_id,
             "event": event,
             "blocks": blocks,
-            "tokens": 0 if request is None or event in _EMPTIED else request.num_computed_tokens,
+            "tokens": 0 if event in _EMPTIED else request.num_computed_tokens,
+            "prompt_tokens": request.num_prompt_tokens,
+            "output_tokens": request.num_output_tokens,
         }
-        if request is not None:
-            record["prompt_tokens"] = request.num_prompt_tokens
-            record["output_tokens"] = request.num_output_tokens
         record.update(extra)
         self._request_log.append(record)
 

@@ -165,3 +165,21 @@ def test_engine_steps_are_profiler_ranges(recorded: dict[str, Any], tmp_path: Pa
     text = (gzip.decompress(raw) if traces[0].suffix == ".gz" else raw).decode()
     names = {e.get("name") for e in json.loads(text)["traceEvents"]}
     assert {f"kvtrace/engine step {s['step']}" for s in steps} <= names
+
+
+def test_a_request_done_in_its_first_step_is_seen(recorded: dict[str, Any], tmp_path: Path) -> None:
+    from tests.vllm.workload import prompts, sampling
+
+    llm = recorded["llm"]
+    llm.reset_prefix_cache()
+    with kvtrace.record(tmp_path / "one", model=llm, profiler=False):
+        llm.generate(prompts(2, 40), sampling(1), use_tqdm=False)
+    events = _jsonl(tmp_path / "one" / fmt.ENGINE_REQUESTS)
+    # one step: prefill 40 tokens (2 blocks of 32), sample the only token, free the blocks
+    assert [(e["event"], e["blocks"], e["tokens"]) for e in events] == [
+        ("scheduled", 2, 40),
+        ("scheduled", 2, 40),
+        ("finished", 0, 0),
+        ("finished", 0, 0),
+    ]
+    assert all(e["step"] == 1 and e["prompt_tokens"] == 40 for e in events)
