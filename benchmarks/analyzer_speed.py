@@ -312,8 +312,9 @@ def write_synthetic_trace(path: Path, events: int, use_gzip: bool, seed: int = 0
 
 def write_big_snapshot(original: Path, path: Path, copies: int) -> None:
     """A snapshot as a long run would dump it: the real one's trace entries repeated `copies` times, each
-    copy shifted in time and address space so its allocs and frees pair up within the copy. Plain data only,
-    read here with a loader that refuses every global, like kvtrace's."""
+    copy shifted in time and address space so its allocs and frees pair up within the copy. Each entry gets
+    its own list of frames, whose frame dicts are shared, as in torch's own dumps. Plain data only, read here
+    with a loader that refuses every global, like kvtrace's."""
     import pickle
 
     class _DataOnly(pickle.Unpickler):
@@ -333,6 +334,8 @@ def write_big_snapshot(original: Path, path: Path, copies: int) -> None:
                 moved["addr"] += copy * span
             if isinstance(moved.get("time_us"), int):
                 moved["time_us"] += copy * 10_000_000
+            if isinstance(moved.get("frames"), list):
+                moved["frames"] = list(moved["frames"])
             repeated.append(moved)
     data["device_traces"] = [repeated, *traces[1:]]
     with open(path, "wb") as out:

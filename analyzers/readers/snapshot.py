@@ -57,14 +57,17 @@ class _FrameTable:
     def __init__(self) -> None:
         self.texts: list[str] = []
         self._ids: dict[tuple[tuple[Any, Any, Any], ...], int] = {}
-        self._by_object: dict[int, tuple[int, Any]] = {}  # id(list) -> (frame id, the list, kept alive)
+        # Snapshots share each frame dict among the stacks that hold it (pickle memo): the identities of a
+        # stack's dicts name it without reading them. Valid while the loaded snapshot is alive (the read).
+        self._by_identity: dict[tuple[int, ...], int] = {}
 
     def intern(self, frames: Any) -> int:
         if not frames or not isinstance(frames, list):
             return -1
-        seen = self._by_object.get(id(frames))
-        if seen is not None and seen[1] is frames:  # the pickle shared this list: same stack
-            return seen[0]
+        identity = tuple(map(id, frames))
+        known = self._by_identity.get(identity)
+        if known is not None:
+            return known
         try:  # the usual frame: a dict with all three keys, read in C
             key = tuple(map(_FRAME_KEYS, frames))
         except (KeyError, TypeError):
@@ -74,7 +77,7 @@ class _FrameTable:
             frame_id = len(self.texts)
             self._ids[key] = frame_id
             self.texts.append("\n".join(f"{file}:{line}:{name}" for file, line, name in key))
-        self._by_object[id(frames)] = (frame_id, frames)
+        self._by_identity[identity] = frame_id
         return frame_id
 
 
