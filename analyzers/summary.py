@@ -301,7 +301,7 @@ def summarize(
         budget = budget_crossing(source, timelines, budget_bytes).to_json()
     from analyzers.engine_report import engine_of_source
 
-    engine = engine_of_source(source, kv)  # a vLLM run: kv.peak_bytes becomes the pool's storage
+    engine = engine_of_source(source, kv, devices, notes)  # vLLM: kv.peak_bytes becomes the pool's storage
     return Report(
         engine=engine,
         budget=budget,

@@ -20,6 +20,7 @@ def engine_to_json(fig: EngineFigures) -> dict[str, Any]:
         "num_blocks": fig.num_blocks,
         "block_size": fig.block_size,
         "bytes_per_block": fig.bytes_per_block,
+        "pool_token_capacity": (fig.num_blocks or 0) * (fig.block_size or 0) or None,  # = kv.tokens_held
         "kv_cache_bytes": fig.kv_cache_bytes,
         "kv_dtype": fig.kv_dtype,
         "steps": fig.steps,

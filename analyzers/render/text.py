@@ -54,9 +54,14 @@ def report_to_text(report: Report) -> str:
         )
     if kv.bytes_per_token_measured is not None:
         expected = "-" if kv.bytes_per_token_expected is None else f"{kv.bytes_per_token_expected:,}"
+        held = (
+            f"{kv.tokens_held} tokens x {kv.batch} rows"
+            if kv.batch is not None or report.engine is None
+            else f"the pool's capacity of {kv.tokens_held:,} tokens"
+        )
         lines.append(
-            f"    bytes per token: measured {kv.bytes_per_token_measured:,.1f} "
-            f"({kv.tokens_held} tokens x {kv.batch} rows), arithmetic {expected}"
+            f"    bytes per token: measured {kv.bytes_per_token_measured:,.1f} ({held}), "
+            f"arithmetic {expected}"
         )
     if kv.evicted_tokens or kv.evictions:
         kinds = {"window": "sliding window", "press": "eviction library (press)", "crop": "crop"}

@@ -117,3 +117,60 @@ def test_request_lanes_add_up_to_the_blocks_used() -> None:
     ids, lanes = _request_lanes(run)
     assert len(ids) == len({r["request_id"] for r in _lines(PREEMPT / "engine_requests.jsonl")})
     assert [int(x) for x in lanes.sum(axis=0)] == [s["blocks_used"] for s in steps]
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_kv_figures_of_the_pool(capsys: pytest.CaptureFixture[str]) -> None:
+    # the report's KV section for a paged pool: per layer K and V from vLLM's geometry, no batch, the
+    # pool's token capacity, bytes per token from the pool and from the arithmetic (all from engine.json)
+    engine = json.loads((PREEMPT / "engine.json").read_text())
+    model, element = engine["model"], _DTYPE_BYTES[engine["kv_dtype"]]
+    capacity = engine["num_blocks"] * engine["block_size"]
+    # one layer's K (or V) over the whole pool
+    half = capacity * model["num_kv_heads"] * model["head_dim"] * element
+    data = _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)
+    kv = data["kv"]
+    assert [(x["layer"], x["k_bytes"], x["v_bytes"]) for x in kv["per_layer"]] == [
+        (i, half, half) for i in range(model["num_layers"])
+    ]
+    assert sum(x["k_bytes"] + x["v_bytes"] for x in kv["per_layer"]) == engine["kv_cache_bytes"]
+    assert sum(layer["bytes"] for layer in engine["layers"]) == engine["kv_cache_bytes"]
+    assert kv["batch"] is None  # not the blocks dimension of the view's shape
+    assert kv["tokens_held"] == data["engine"]["pool_token_capacity"] == capacity
+    per_token = model["num_layers"] * 2 * model["num_kv_heads"] * model["head_dim"] * element
+    assert kv["bytes_per_token_expected"] == per_token
+    assert kv["bytes_per_token_measured"] == engine["kv_cache_bytes"] / capacity == per_token
+    # the weights predate the trace: one note says so instead of a silent 0
+    assert data["categories_at_peak"]["weights"] == 0
+    weights = engine["memory_profile"]["weights_bytes"]
+    assert [n for n in data["notes"] if "weights" in n] == [
+        f"the model's weights ({weights / 2**20:.2f} MiB, engine.json) were loaded before the trace began: "
+        "the device figures leave them out"
+    ]
+    # the pool itself is in the device figures (its created events in kv_events.jsonl), so no pool note
+    assert data["categories_at_peak"]["kv"] == engine["kv_cache_bytes"]
+    assert not [n for n in data["notes"] if "KV pool" in n]
+    assert main(["report", str(PREEMPT), "--no-export", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert f"(the pool's capacity of {capacity:,} tokens)" in text
+    assert " rows)" not in text
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_a_pool_nothing_logged_is_named_in_the_notes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the same run without its kv_events.jsonl: the device figures then hold no KV (the pool predates the
+    # trace), and the report says so in one note instead of a silent "kv 0 B at peak"
+    import shutil
+
+    for name in ("engine.json", "engine_requests.jsonl", "engine_steps.jsonl", "manifest.json"):
+        shutil.copy(PREEMPT / name, tmp_path / name)
+    pool = json.loads((PREEMPT / "engine.json").read_text())["kv_cache_bytes"]
+    data = _json_of(["report", str(tmp_path), "--json", "--no-export", "-q"], capsys)
+    assert data["categories_at_peak"].get("kv", 0) == 0
+    assert data["kv"]["peak_bytes"] == pool
+    assert [n for n in data["notes"] if "KV pool" in n] == [
+        f"vLLM allocated its KV pool ({pool / 2**20:.2f} MiB) before the trace began: the device figures "
+        "leave it out; the KV figures are the pool's"
+    ]
