@@ -21,6 +21,7 @@ import pytest
 
 from analyzers.engine import read_engine
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis, diagnose_engine
+from tests.vllm.workload import write_analysis_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
 
@@ -68,22 +69,7 @@ print("KVTRACE-RESULT " + json.dumps({"preemptions": metrics.get("vllm:num_preem
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny_llama3")
-    config = LlamaConfig(
-        hidden_size=HEADS * HEAD_DIM,
-        intermediate_size=1024,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        vocab_size=1000,
-        max_position_embeddings=16384,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    return folder
+    return write_analysis_model(tmp_path_factory.mktemp("tiny_llama3"))
 
 
 def _run(

@@ -17,6 +17,7 @@ import pytest
 
 from analyzers.planning.presets import ModelGeometry
 from analyzers.planning.vllm_plan import VllmPlanRequest, plan_vllm
+from tests.vllm.workload import write_analysis_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
 
@@ -45,22 +46,7 @@ _ESTIMATE = re.compile(r"estimated maximum model length is (\d+)")
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny_llama3")
-    config = LlamaConfig(
-        hidden_size=HEADS * HEAD_DIM,
-        intermediate_size=1024,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        vocab_size=1000,
-        max_position_embeddings=16384,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    return folder
+    return write_analysis_model(tmp_path_factory.mktemp("tiny_llama3"))
 
 
 def _start(model: Path, kv_bytes: int, block: int, max_len: int) -> tuple[dict, str]:

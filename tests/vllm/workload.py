@@ -42,6 +42,26 @@ def write_model(path: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def write_analysis_model(folder: Path) -> Path:
+    """The analysis tests' wider shape (hidden 512, 8 query heads over 2 KV heads of 64): 4 layers x 2 x 2
+    x 64 x 2 B = 2 KiB of KV per token, as the recorder's workload, with more compute per token."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=16384,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
 def llm_kwargs(model_path: str | os.PathLike[str], **overrides: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "model": str(model_path),
