@@ -60,8 +60,11 @@ def test_a_re_indented_trace_falls_back_and_reads_the_same(tmp_path: Path, name:
 
 
 def test_a_lost_comma_between_blocks_is_corruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = REAL / "worker0.1623143089861.pt.trace.json.gz"
+    if not original.exists():
+        pytest.skip(f"{original} is not here")
     monkeypatch.setattr(kineto_scan, "_BLOCK_BYTES", 64 << 10)
-    text = gzip.decompress((REAL / "worker0.1623143089861.pt.trace.json.gz").read_bytes()).decode()
+    text = gzip.decompress(original.read_bytes()).decode()
     at = text.index("\n  },\n  {", len(text) * 3 // 4)
     path = tmp_path / "t.json"
     path.write_text(text[: at + 4] + text[at + 5 :])
