@@ -7,7 +7,7 @@ See docs/format.md for every field.
 Layout of a run directory::
 
     manifest.json         run metadata; rewritten atomically at start and at end
-    kv_events.jsonl       one KV event per line, appended and flushed every step
+    kv_events.jsonl       one KV event per line, appended, flushed at a step end every 0.1 s at most
     weights.jsonl         one parameter/buffer storage per line
     memory_samples.jsonl  process/device memory, one sample per step
     profiler/             torch.profiler Chrome trace(s) (tensorboard_trace_handler)
@@ -144,17 +144,22 @@ _encode_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class JsonlAppender:
-    """Append-only JSON-lines file. Lines are buffered and written by `flush()` (once per step) in one
-    unbuffered write, so a killed process loses at most the current step and never leaves a partial line
-    mid-file."""
+    """Append-only JSON-lines file. Lines are buffered and written by `flush()` (the recorder calls it at
+    most every 0.1 s, and at the end) in one unbuffered write, so a killed process loses at most what was
+    not flushed yet and never leaves a partial line mid-file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fh: IO[bytes] = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
-        self._pending: list[str] = []
+        self._pending: list[str | dict[str, Any]] = []
 
     def append(self, record: dict[str, Any]) -> None:
         self._pending.append(_encode_compact(record))
+
+    def append_owned(self, record: dict[str, Any]) -> None:
+        """A record made for this call and never changed after it (scalars only): encoded at `flush()`
+        with the others, in one warm loop, instead of one cold encoder call per step."""
+        self._pending.append(record)
 
     def extend(self, lines: list[str]) -> None:
         """Lines already serialised (one JSON object each, no newline): the recorder's KV events."""
@@ -163,8 +168,9 @@ class JsonlAppender:
     def flush(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, []
-            pending.append("")
-            data = memoryview("\n".join(pending).encode())
+            lines = [p if isinstance(p, str) else _encode_compact(p) for p in pending]
+            lines.append("")
+            data = memoryview("\n".join(lines).encode())
             while data:  # a raw write may be short
                 written = self._fh.write(data) or 0
                 data = data[written:]

@@ -124,7 +124,7 @@ class KvTracker:
         self.lines: list[str] = []
         self._seq = 0
         self.step = 0
-        self.phase = ""
+        self._phase = ""
         self._phase_json = quoted("")
 
     @property
@@ -133,8 +133,9 @@ class KvTracker:
 
     @phase.setter
     def phase(self, value: str) -> None:
-        self._phase = value
-        self._phase_json = quoted(value)
+        if value != self._phase:  # set every step, changed only at prefill and the end
+            self._phase = value
+            self._phase_json = quoted(value)
 
     def take_lines(self) -> list[str]:
         lines, self.lines = self.lines, []

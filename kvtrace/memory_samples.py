@@ -19,16 +19,19 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 # /proc/self/statm kept open and re-read with pread: ~0.5 us against ~10-40 us for open+read+close, paid
-# once per step. Keyed by pid, because a forked child would otherwise read its parent's figures.
-_STATM: list[int] = []  # [pid, fd] once opened
+# once per step. A forked child forgets it (it would otherwise read its parent's figures): no getpid() per
+# sample.
+_STATM: list[int] = []  # [fd] once opened
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_STATM.clear)
 
 
 def rss_bytes() -> int:
     """Resident set size from /proc (Linux); 0 where unavailable. Cheaper than psutil and no dependency."""
     try:
-        if not _STATM or _STATM[0] != os.getpid():
-            _STATM[:] = [os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))]
-        return int(os.pread(_STATM[1], 128, 0).split()[1]) * _PAGE
+        if not _STATM:
+            _STATM.append(os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        return int(os.pread(_STATM[0], 128, 0).split()[1]) * _PAGE
     except (OSError, ValueError, IndexError, AttributeError):
         return 0
 
@@ -43,8 +46,8 @@ def _cuda_ready() -> bool:
 
 
 def _cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
+    """User + system CPU time of the process, all threads (one clock read, finer than os.times' ticks)."""
+    return time.process_time()
 
 
 def _cuda_fields() -> dict[str, Any]:
@@ -111,12 +114,14 @@ class MemorySampler:
             self.nvml_status = {"status": "absent", "reason": reason}
 
     def sample(self) -> dict[str, Any]:
-        wall, cpu = self._clock(), _cpu_seconds()
+        # Runs once per step, cold, between model steps: every call and lookup saved shows (issue 11).
+        wall, cpu = self._clock(), time.process_time()
         elapsed = wall - self._last_wall
         percent = 100.0 * (cpu - self._last_cpu) / elapsed if elapsed > 0 else 0.0
         self._last_wall, self._last_cpu = wall, cpu
         record: dict[str, Any] = {"rss_bytes": rss_bytes(), "cpu_percent": round(max(percent, 0.0), 1)}
-        record.update(_cuda_fields())
+        if not _CUDA_AVAILABLE or _CUDA_AVAILABLE[0]:
+            record.update(_cuda_fields())
         if self._nvml is not None:
             try:
                 record.update(self._nvml.read())

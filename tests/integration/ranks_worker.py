@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -75,6 +76,8 @@ def run_reference(out_dir: Path, facts_dir: Path, failure: str = "") -> None:
         with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
             model(tokens[:, :PROMPT_LEN], 0)
             for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+                if failing and failure == "kill" and pos == PROMPT_LEN + DECODE_STEPS - 1:
+                    time.sleep(0.12)  # logs are flushed at most every 0.1 s: the last step's end flushes
                 model(tokens[:, pos : pos + 1], pos)
             if failing and failure == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer's way: no exception, no teardown

@@ -88,7 +88,7 @@ def test_exception_in_block_propagates_and_closes_the_run(tiny_model, prompt_bat
 
 KILLED_CHILD = textwrap.dedent(
     """
-    import json, os, signal, sys
+    import json, os, signal, sys, time
     import torch
     import kvtrace
     from kvtrace.llama import ModelSize, build_model
@@ -103,9 +103,11 @@ KILLED_CHILD = textwrap.dedent(
         calls += 1
         if calls == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
+        # The logs are flushed at most every 0.1 s: 0.12 s between steps makes each step's end flush.
+        time.sleep(0.12)
 
     with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
-        # Registered after the recorder's own hook, so the recorder ends (and flushes) the step first.
+        # Registered after the recorder's own hook, so the recorder ends (and may flush) the step first.
         model.register_forward_hook(kill_after_step)
         model.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     print("not killed")
