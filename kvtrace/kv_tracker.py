@@ -6,13 +6,17 @@ observes a layer (a patched cache method, the end-of-step scan, a custom-cache s
 tensors here, with the cause it knows; the tracker decides what changed and logs one event per storage.
 
 Frees are exact: each storage a slot holds is watched through a weak reference to the storage itself (not
-the tensor: a view may outlive it), and `freed` is logged when the allocator has released it.
+the tensor: a view may outlive it), and `freed` is logged when the allocator has released it: at the
+update that replaced it when the update itself released it (torch.cat growth), else at the first later
+observation or step end that finds it gone.
 
 Cost (issue 11): a layer update runs once per layer and step, so on a GPU it must cost microseconds.
 Events are written straight into JSON lines with one `%` format (same keys as `KvEvent`, read back by
 `kvtrace.format.read_run`), per-slot facts (dtype, device, storage, shape) are kept and reused while the
 tensor object is the same, storages are watched through raw weak references, and nothing here reads a
-tensor's values: no `.item()`, no `int(tensor)`, no `.cpu()`, so no device sync.
+tensor's values: no `.item()`, no `int(tensor)`, no `.cpu()`, so no device sync. A cache's update of a
+layer already seen is only captured (a tuple of facts) and turned into lines at the step's end, in one
+loop (`KvTracker.drain`), with the time, step and phase of the capture.
 """
 
 from __future__ import annotations
@@ -98,18 +102,57 @@ def _dead() -> None:
 
 
 class _Layer:
-    __slots__ = ("slots", "tokens")
+    __slots__ = ("fast", "queued", "slots", "tokens")
 
     def __init__(self) -> None:
         self.slots: dict[tuple[str, str], _Slot] = {}
         self.tokens = 0
+        self.fast: tuple[_Slot, _Slot] | None = None  # (K, V) slots when the layer holds exactly those
+        self.queued = False  # an update of this layer waits in the tracker's queue
+
+
+def _refresh_fast(state: _Layer) -> None:
+    slots = state.slots
+    k_slot, v_slot = slots.get(_KD), slots.get(_VD)
+    state.fast = (k_slot, v_slot) if len(slots) == 2 and k_slot is not None and v_slot is not None else None
+
+
+def _capture(slot: _Slot, tensor: torch.Tensor) -> int | tuple[Any, ...] | None:
+    """What `KvTracker._apply` needs of a tensor, read now: None when nothing changed (or no storage), the
+    version when written in place, else (version, weak ref, data pointer, storage address, storage bytes,
+    raw storage weak ref or 0 for the slot's own storage, shape, whether the slot's old storage is gone)."""
+    try:
+        version = tensor._version
+    except RuntimeError:  # an inference tensor: in-place writes are invisible
+        version = -1
+    if slot.tref() is tensor:
+        if version == slot.version and version != -1:
+            return None
+        if tensor.data_ptr() == slot.ptr:
+            return version
+    try:
+        storage = tensor.untyped_storage()
+        addr = storage.data_ptr()
+        nbytes = storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+    if nbytes == 0:
+        return None
+    try:
+        tref: Callable[[], Any] = weakref.ref(tensor)
+    except TypeError:
+        tref = _dead
+    if addr == slot.addr:
+        return (version, tref, tensor.data_ptr(), addr, nbytes, 0, tensor.shape, False)
+    return (version, tref, tensor.data_ptr(), addr, nbytes, _weak_ref_of(storage), tensor.shape,
+            _expired(slot.wref))
 
 
 class KvTracker:
     """Owns the last-seen state of every KV slot and appends events, as JSON lines, to `lines`.
 
-    The recorder drains `lines` into `kv_events.jsonl` once per step; `on_evict(layer, kv)` runs for every
-    `evicted`/`masked` event (the recorder opens an NVTX range there).
+    The recorder takes `lines` into `kv_events.jsonl` at most every 0.1 s; `on_evict(layer, kv)` runs for
+    every `evicted`/`masked` event (the recorder opens an NVTX range there).
     """
 
     def __init__(
@@ -122,6 +165,9 @@ class KvTracker:
         # (weak ref, layer, kv, quoted part, addr, bytes, cache).
         self._pending: list[tuple[int, int, str, str, int, int, int]] = []
         self.lines: list[str] = []
+        # Captured layer updates waiting for `drain`: (layer state, cache, layer, t_ns, step, phase JSON,
+        # tokens, evicted, reason, K facts, V facts); see `update`.
+        self._queue: list[tuple[Any, ...]] = []
         self._seq = 0
         self.step = 0
         self._phase = ""
@@ -138,6 +184,7 @@ class KvTracker:
             self._phase_json = quoted(value)
 
     def take_lines(self) -> list[str]:
+        self.drain()
         lines, self.lines = self.lines, []
         return lines
 
@@ -152,6 +199,7 @@ class KvTracker:
 
     def same_tensors(self, cache_id: int, layer: int, keys: Any, values: Any) -> bool:
         """True when a layer holds exactly the K and V tensor objects last logged (and nothing else)."""
+        self.drain()
         state = self._layers.get((cache_id, layer))
         if state is None or len(state.slots) != 2:
             return False
@@ -179,18 +227,149 @@ class KvTracker:
         reason: str = "",
     ) -> None:
         """A cache's own update wrote plain `keys`/`values` tensors of one layer, which now holds `tokens`
-        tokens per row; `evicted` of them left a window in this update (reason `window`)."""
+        tokens per row; `evicted` of them left a window in this update (reason `window`).
+
+        A layer seen before, holding one K and one V tensor, is only captured here: the facts an event
+        needs (version, storage address and size, a weak reference, shape, whether the storage it replaced
+        is gone yet) go into a queue as a tuple, and `drain` turns them into lines in one loop at the
+        step's end, or before anything else reads or changes the tracker's state. Between model steps
+        Python runs cold: the same comparisons cost 3-4x less in a loop over a step's updates (issue 11).
+        """
         state = self._layers.get((cache_id, layer))
-        if state is None:
-            state = self._state(cache_id, layer)
+        fast = state.fast if state is not None else None
+        if fast is None or state.queued:  # type: ignore[union-attr]
+            self._update_now(cache_id, layer, keys, values, tokens, evicted, reason)
+            return
+        assert state is not None
+        state.tokens = tokens
+        k_facts = _capture(fast[0], keys)
+        v_facts = _capture(fast[1], values)
+        if k_facts is None and v_facts is None:
+            return  # the very same tensors, not written since
+        state.queued = True
+        self._queue.append(
+            (state, cache_id, layer, self._clock(), self.step, self._phase_json, tokens, evicted, reason,
+             k_facts, v_facts)
+        )
+
+    def _update_now(
+        self,
+        cache_id: int,
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        tokens: int,
+        evicted: int,
+        reason: str,
+    ) -> None:
+        """The first update of a layer (or one holding other parts): compared and logged at once."""
+        self.drain()
+        state = self._state(cache_id, layer)
         state.tokens = tokens
         t_ns = self._clock()
         slots = state.slots
         reason_json = quoted(reason) if evicted else '""'
         self._see(slots, cache_id, layer, _KD, keys, tokens, evicted, reason_json, t_ns, "update", '"hf"')
         self._see(slots, cache_id, layer, _VD, values, tokens, 0, '""', t_ns, "update", '"hf"')
+        _refresh_fast(state)
         if self._pending:
             self.poll_frees(t_ns)
+
+    def drain(self) -> None:
+        """Log the captured updates, in the order they happened, with the time, step and phase of each."""
+        queue = self._queue
+        if not queue:
+            return
+        self._queue = []
+        saved = self.step, self._phase_json
+        try:
+            for state, cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts in queue:
+                state.queued = False
+                self.step, self._phase_json = step, phase_json
+                k_slot, v_slot = state.fast
+                if k_facts is not None:
+                    reason_json = quoted(reason) if evicted else '""'
+                    self._apply(state, k_slot, cid, layer, _KD, k_facts, tokens, evicted, reason_json, t_ns)
+                if v_facts is not None:
+                    self._apply(state, v_slot, cid, layer, _VD, v_facts, tokens, 0, '""', t_ns)
+                _refresh_fast(state)
+        finally:
+            self.step, self._phase_json = saved
+
+    def _apply(
+        self,
+        state: _Layer,
+        slot: _Slot,
+        cache_id: int,
+        layer: int,
+        key: tuple[str, str],
+        facts: int | tuple[Any, ...],
+        tokens: int,
+        evicted: int,
+        reason_json: str,
+        t_ns: int,
+    ) -> None:
+        """Log one captured tensor against its slot, as `_see` would have at the time of the capture."""
+        kv_json, part_json = KEY_JSON.get(key) or key_json(key)
+        if type(facts) is int:  # the same tensor, written in place (static caches)
+            slot.version = facts
+            self._seq += 1
+            self.lines.append(
+                EVENT_LINE
+                % (
+                    self._seq, t_ns, self.step, self._phase_json, "written", layer, kv_json, part_json,
+                    slot.addr, slot.storage_bytes, slot.view_offset, slot.shape_json, slot.logical_bytes,
+                    slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id, '"hf"',
+                    reason_json if evicted else '""',
+                )
+            )
+            return
+        version, tref, ptr, addr, nbytes, wref, shape, old_gone = cast(tuple[Any, ...], facts)
+        if wref == 0:  # a new tensor over the same storage (a view): written, memory kept
+            kind = "written"
+            prev_addr = addr
+            new = slot
+        else:
+            kind = "replaced" if nbytes <= slot.storage_bytes else "grown"
+            prev_addr = slot.addr
+            new = _Slot()
+            new.wref = wref
+            new.dtype, new.device, new.itemsize = slot.dtype, slot.device, slot.itemsize
+        new.tref = tref
+        new.ptr = ptr
+        new.version = version
+        new.addr = addr
+        new.storage_bytes = nbytes
+        new.view_offset = ptr - addr
+        new.shape = shape
+        new.shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
+        new.logical_bytes = count * new.itemsize
+        state.slots[key] = new
+        self._seq += 1
+        self.lines.append(
+            EVENT_LINE
+            % (
+                self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json, addr,
+                nbytes, new.view_offset, new.shape_json, new.logical_bytes, new.dtype, new.device, tokens,
+                evicted, prev_addr, cache_id, '"hf"', reason_json if evicted else '""',
+            )
+        )
+        if new is slot:
+            return
+        if old_gone:  # released by the update itself (torch.cat growth): freed at the update's time
+            _free_weak_ref(slot.wref)
+            self._seq += 1
+            self.lines.append(
+                FREED_LINE
+                % (
+                    self._seq, t_ns, self.step, self._phase_json, layer, kv_json, part_json, slot.addr,
+                    slot.storage_bytes, cache_id,
+                )
+            )
+        else:  # still held elsewhere: watched, and logged freed when a later poll finds it released
+            self._pending.append(
+                (slot.wref, layer, kv_json, part_json, slot.addr, slot.storage_bytes, cache_id)
+            )
 
     def _see(
         self,
@@ -333,6 +512,7 @@ class KvTracker:
         or None). `tokens` is how many tokens the layer holds now, per batch row. `evicted` overrides the
         evicted-token count (window evictions counted by the caller, with `evicted_reason`).
         """
+        self.drain()
         state = self._state(cache_id, layer)
         prev_tokens = state.tokens
         state.tokens = tokens
@@ -381,10 +561,12 @@ class KvTracker:
                 )
                 if cause != "reset" and self._on_evict is not None:
                     self._on_evict(layer, key[0])
+        _refresh_fast(state)
         self.poll_frees(t_ns)
 
     def masked(self, cache_id: int, layer: int, masked_entries: int, tokens: int) -> None:
         """Tokens hidden from attention in place (kvpress AdaKV's `masked_key_indices`): nothing is freed."""
+        self.drain()
         self._seq += 1
         reason = f"masking without removal: {masked_entries} (row, head, token) entries masked"
         self.lines.append(
@@ -405,14 +587,17 @@ class KvTracker:
     def release_all(self) -> None:
         """At the end of a recording: stop holding slots, so storages freed later are still reported by a
         final `poll_frees` (after the caller dropped its cache)."""
+        self.drain()
         for (cache_id, layer), state in self._layers.items():
             for key, slot in state.slots.items():
                 self._retire(cache_id, layer, key, slot)
             state.slots.clear()
+            state.fast = None
 
     def poll_frees(self, t_ns: int = 0) -> None:
         """Log `freed` for every watched storage the allocator has released since the last poll (at `t_ns`,
         the time of the observation that found it, or now)."""
+        self.drain()
         pending = self._pending
         if not pending:
             return
@@ -437,6 +622,7 @@ class KvTracker:
 
     def close(self) -> None:
         """Let go of the weak references still held (storages the caller keeps alive after the run)."""
+        self.drain()
         for item in self._pending:
             _free_weak_ref(item[0])
         self._pending = []
@@ -444,9 +630,11 @@ class KvTracker:
             for slot in state.slots.values():
                 _free_weak_ref(slot.wref)
             state.slots.clear()
+            state.fast = None
 
     def live_slots(self) -> dict[tuple[int, int, str, str], int]:
         """Storage bytes now held per slot (for the manifest's end-of-run summary)."""
+        self.drain()
         return {
             (cache_id, layer, kv, part): slot.storage_bytes
             for (cache_id, layer), state in self._layers.items()
@@ -454,4 +642,5 @@ class KvTracker:
         }
 
     def pending_frees(self) -> int:
+        self.drain()
         return len(self._pending)

@@ -1,5 +1,12 @@
 """Process and device memory, CPU and GPU use, sampled once per step: cheap figures that need no profiler.
 
+The CUDA allocator's figures are read every step (in-process counters, no system call). The host's (RSS,
+CPU %) and NVML's are read at most every `HOST_INTERVAL_S` (20 ms, 50 a second) and at the start and end
+of a run: each is a system call or a driver ioctl, 5-60 us between model steps here (issue 11), so a
+per-step read would cost more than all the KV bookkeeping of a short step. NVML itself averages GPU
+utilization over 1/6 s or more, so reading it faster adds nothing. Samples without them leave the keys
+out.
+
 CPU % is this process's CPU time (user + system, all threads) over the wall time since the previous
 sample, so 100 is one core kept busy. GPU utilization and device memory come from NVML (the
 `nvidia-ml-py` package), imported only when the run is on CUDA; elsewhere the sampler says why they are
@@ -15,6 +22,7 @@ from typing import Any
 
 import torch
 
+HOST_INTERVAL_S = 0.020
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -113,15 +121,21 @@ class MemorySampler:
             reason = f"NVML unavailable: {type(exc).__name__}: {exc}"
             self.nvml_status = {"status": "absent", "reason": reason}
 
-    def sample(self) -> dict[str, Any]:
+    def sample(self, host: bool = True) -> dict[str, Any]:
+        """Device allocator figures always; host and NVML figures when `host` or `HOST_INTERVAL_S` passed."""
         # Runs once per step, cold, between model steps: every call and lookup saved shows (issue 11).
-        wall, cpu = self._clock(), time.process_time()
+        wall = self._clock()
         elapsed = wall - self._last_wall
-        percent = 100.0 * (cpu - self._last_cpu) / elapsed if elapsed > 0 else 0.0
-        self._last_wall, self._last_cpu = wall, cpu
-        record: dict[str, Any] = {"rss_bytes": rss_bytes(), "cpu_percent": round(max(percent, 0.0), 1)}
+        record: dict[str, Any] = {}
         if not _CUDA_AVAILABLE or _CUDA_AVAILABLE[0]:
             record.update(_cuda_fields())
+        if not host and elapsed < HOST_INTERVAL_S:
+            return record
+        cpu = time.process_time()
+        percent = 100.0 * (cpu - self._last_cpu) / elapsed if elapsed > 0 else 0.0
+        self._last_wall, self._last_cpu = wall, cpu
+        record["rss_bytes"] = rss_bytes()
+        record["cpu_percent"] = round(max(percent, 0.0), 1)
         if self._nvml is not None:
             try:
                 record.update(self._nvml.read())

@@ -350,6 +350,7 @@ class Recording:
     def _end_step(self) -> None:
         if not self._step_open:
             return
+        self.tracker.drain()  # the step's captured layer updates become lines, in one loop
         if self._hf is not None:
             self._hf.scan_all()
             if self._attention_modules and "kvpress" in sys.modules:  # masks are kvpress's (AdaKV)
@@ -389,7 +390,7 @@ class Recording:
             return
         if self._sampler is None:
             return
-        record = self._sampler.sample()
+        record = self._sampler.sample(host=label in ("start", "end"))
         record.update(t_ns=self._clock(), step=self.tracker.step, phase=label)
         self._samples.append_owned(record)
 

@@ -3,6 +3,7 @@ are absent); the HTML timeline shows them, draws bytes in binary units and marks
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -13,8 +14,9 @@ import torch
 import kvtrace
 from analyzers.render.html import report_to_html
 from analyzers.report import build_report
+from kvtrace.memory_samples import HOST_INTERVAL_S
 
-NEW_TOKENS = 4
+NEW_TOKENS = 12  # steps of several ms: some carry host figures (read at most every 20 ms)
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +45,17 @@ def test_samples_carry_cpu_percent_and_say_why_nvml_is_absent(run_dir: Path) -> 
     # start, one per forward (prefill + NEW_TOKENS - 1 decodes), end
     assert [s["phase"] for s in samples] == ["start", "prefill"] + ["decode"] * (NEW_TOKENS - 1) + ["end"]
     cores = os.cpu_count() or 1
-    for sample in samples:
-        assert isinstance(sample["cpu_percent"], float | int)
+    # Host figures (RSS, CPU %) at the start and end, and in steps at most every HOST_INTERVAL_S.
+    host = [s for s in samples if "cpu_percent" in s]
+    assert samples[0] in host and samples[-1] in host
+    assert all(("rss_bytes" in s) == ("cpu_percent" in s) for s in samples)
+    for sample in host:
+        assert isinstance(sample["cpu_percent"], float | int) and sample["rss_bytes"] > 0
         assert 0 <= sample["cpu_percent"] <= 100 * cores + 50  # a process can keep every core busy
+    gaps = [b["t_ns"] - a["t_ns"] for a, b in itertools.pairwise(host[:-1])]  # the end is always read
+    assert all(gap >= 0.9 * HOST_INTERVAL_S * 1e9 for gap in gaps)  # t_ns is read just after
     # a forward pass computes: the steps are not idle
-    assert max(s["cpu_percent"] for s in samples if s["phase"] in ("prefill", "decode")) > 1
+    assert max(s["cpu_percent"] for s in host if s["phase"] in ("prefill", "decode")) > 1
     assert not any(key.startswith("gpu_") for s in samples for key in s)
     nvml = json.loads((run_dir / "manifest.json").read_text())["monitors"]["nvml"]
     assert nvml["status"] == "absent" and "not on CUDA" in nvml["reason"]

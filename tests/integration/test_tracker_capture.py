@@ -1,0 +1,85 @@
+"""A cache's layer updates are captured as facts and logged at the step's end (issue 11): the log keeps
+the order, times, steps and frees of the moment of each update.
+
+A real DynamicCache is updated in a loop under `record()` without a model (a layer-0 update starts a
+step). The loop keeps one replaced K tensor alive for a step: its storage is not released by the update
+that replaced it, so its `freed` comes from the step-end poll, later, while every other replaced storage
+is freed at the very update that grew its slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+import kvtrace
+from kvtrace.llama import ModelSize, llama3_config
+
+LAYERS, STEPS, PROMPT = 2, 5, 6
+KV_HEADS, HEAD_DIM = 1, 16
+
+
+def _events(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "kv_events.jsonl").read_text().splitlines()]
+
+
+def test_captured_updates_keep_order_times_and_frees(tmp_path: Path) -> None:
+    config = llama3_config(
+        ModelSize(hidden_size=32, intermediate_size=64, num_layers=LAYERS, num_heads=2, num_kv_heads=KV_HEADS)
+    )
+    cache = DynamicCache(config=config)
+    prompt = torch.randn(1, KV_HEADS, PROMPT, HEAD_DIM)
+    token = torch.randn(1, KV_HEADS, 1, HEAD_DIM)
+    held: torch.Tensor | None = None
+    held_addr = 0
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", profiler=False):
+        for step in range(STEPS):
+            for layer in range(LAYERS):
+                cache.update(prompt if step == 0 else token, prompt if step == 0 else token, layer)
+            if step == 1:  # kvtrace step 2: keep layer 1's K alive past the update that replaces it
+                held = cache.layers[1].keys
+                held_addr = held.untyped_storage().data_ptr()
+            if step == 2:  # kvtrace step 3, after its updates: released now, found at that step's end
+                held = None
+    events = _events(tmp_path / "run")
+
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert all(a["t_ns"] <= b["t_ns"] for a, b in itertools.pairwise(events))
+    assert all(a["step"] <= b["step"] for a, b in itertools.pairwise(events))
+    for layer in range(LAYERS):
+        for kv in ("k", "v"):
+            slot = [e for e in events if e["layer"] == layer and e["kv"] == kv and e["event"] != "freed"]
+            assert [e["event"] for e in slot] == ["created"] + ["grown"] * (STEPS - 1)
+            assert [e["step"] for e in slot] == list(range(1, STEPS + 1))
+            # exact bytes: batch 1 x kv heads x tokens x head dim x float32
+            assert [e["storage_bytes"] for e in slot] == [
+                KV_HEADS * (PROMPT + s) * HEAD_DIM * 4 for s in range(STEPS)
+            ]
+            assert [e["tokens"] for e in slot] == [PROMPT + s for s in range(STEPS)]
+
+    freed = [e for e in events if e["event"] == "freed"]
+    # every storage but the last of each slot (the cache still holds those after the block)
+    assert len(freed) == LAYERS * 2 * (STEPS - 1)
+    by_seq = {e["seq"]: e for e in events}
+    late = [e for e in freed if e["addr"] == held_addr and e["layer"] == 1 and e["kv"] == "k"]
+    assert len(late) == 1
+    for event in freed:
+        grower = next(
+            e for e in events
+            if e["event"] == "grown" and e["prev_addr"] == event["addr"] and e["layer"] == event["layer"]
+            and e["kv"] == event["kv"] and e["seq"] < event["seq"]
+        )  # fmt: skip
+        if event is late[0]:
+            # replaced at step 3's layer-1 update, still held then; freed at that step's end
+            assert grower["step"] == 3 and event["step"] == 3
+            assert event["t_ns"] > grower["t_ns"]
+            assert all(by_seq[s]["step"] == 3 for s in range(grower["seq"], event["seq"]))
+        else:
+            # released by the update itself: logged right after the event that replaced it, same time
+            assert event["seq"] == grower["seq"] + 1 and event["t_ns"] == grower["t_ns"]
+            assert event["step"] == grower["step"]
