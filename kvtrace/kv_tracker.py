@@ -102,13 +102,12 @@ def _dead() -> None:
 
 
 class _Layer:
-    __slots__ = ("fast", "queued", "slots", "tokens")
+    __slots__ = ("fast", "slots", "tokens")
 
     def __init__(self) -> None:
         self.slots: dict[tuple[str, str], _Slot] = {}
         self.tokens = 0
         self.fast: tuple[_Slot, _Slot] | None = None  # (K, V) slots when the layer holds exactly those
-        self.queued = False  # an update of this layer waits in the tracker's queue
 
 
 def _refresh_fast(state: _Layer) -> None:
@@ -117,10 +116,11 @@ def _refresh_fast(state: _Layer) -> None:
     state.fast = (k_slot, v_slot) if len(slots) == 2 and k_slot is not None and v_slot is not None else None
 
 
-def _capture(slot: _Slot, tensor: torch.Tensor) -> int | tuple[Any, ...] | None:
-    """What `KvTracker._apply` needs of a tensor, read now: None when nothing changed (or no storage), the
-    version when written in place, else (version, weak ref, data pointer, storage address, storage bytes,
-    raw storage weak ref or 0 for the slot's own storage, shape, whether the slot's old storage is gone)."""
+def _capture(slot: _Slot, tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """Compare a tensor with its slot and bring the slot up to date; return what its event needs, or None
+    when nothing changed (or it has no storage): (event, storage address, storage bytes, view offset,
+    shape, dtype JSON, device JSON, item size, previous address, previous bytes, raw weak reference to the
+    previous storage when it left the slot (else 0), whether that storage is already released)."""
     try:
         version = tensor._version
     except RuntimeError:  # an inference tensor: in-place writes are invisible
@@ -128,8 +128,11 @@ def _capture(slot: _Slot, tensor: torch.Tensor) -> int | tuple[Any, ...] | None:
     if slot.tref() is tensor:
         if version == slot.version and version != -1:
             return None
-        if tensor.data_ptr() == slot.ptr:
-            return version
+        if tensor.data_ptr() == slot.ptr:  # written in place (static caches)
+            slot.version = version
+            addr = slot.addr
+            return ("written", addr, slot.storage_bytes, slot.view_offset, slot.shape, slot.dtype,
+                    slot.device, slot.itemsize, addr, 0, 0, False)
     try:
         storage = tensor.untyped_storage()
         addr = storage.data_ptr()
@@ -139,13 +142,31 @@ def _capture(slot: _Slot, tensor: torch.Tensor) -> int | tuple[Any, ...] | None:
     if nbytes == 0:
         return None
     try:
-        tref: Callable[[], Any] = weakref.ref(tensor)
+        slot.tref = weakref.ref(tensor)
     except TypeError:
-        tref = _dead
-    if addr == slot.addr:
-        return (version, tref, tensor.data_ptr(), addr, nbytes, 0, tensor.shape, False)
-    return (version, tref, tensor.data_ptr(), addr, nbytes, _weak_ref_of(storage), tensor.shape,
-            _expired(slot.wref))
+        slot.tref = _dead
+    slot.version = version
+    slot.ptr = ptr = tensor.data_ptr()
+    slot.view_offset = ptr - addr
+    slot.shape = shape = tensor.shape
+    slot.shape_json = ""  # worked out when an event needs it (`_shape_of`)
+    prev_addr, prev_bytes = slot.addr, slot.storage_bytes
+    if addr == prev_addr:  # a new tensor over the same storage (a view): written, memory kept
+        return ("written", addr, nbytes, ptr - addr, shape, slot.dtype, slot.device, slot.itemsize,
+                addr, 0, 0, False)
+    old_wref = slot.wref
+    slot.wref = _weak_ref_of(storage)
+    slot.addr, slot.storage_bytes = addr, nbytes
+    return ("replaced" if nbytes <= prev_bytes else "grown", addr, nbytes, ptr - addr, shape, slot.dtype,
+            slot.device, slot.itemsize, prev_addr, prev_bytes, old_wref, _expired(old_wref))
+
+
+def _shape_of(slot: _Slot) -> str:
+    """A slot's shape JSON, filling it (and its logical bytes) after a capture left it to be worked out."""
+    if not slot.shape_json:
+        slot.shape_json, count = SHAPE_JSON.get(slot.shape) or shape_facts(slot.shape)
+        slot.logical_bytes = count * slot.itemsize
+    return slot.shape_json
 
 
 class KvTracker:
@@ -165,8 +186,8 @@ class KvTracker:
         # (weak ref, layer, kv, quoted part, addr, bytes, cache).
         self._pending: list[tuple[int, int, str, str, int, int, int]] = []
         self.lines: list[str] = []
-        # Captured layer updates waiting for `drain`: (layer state, cache, layer, t_ns, step, phase JSON,
-        # tokens, evicted, reason, K facts, V facts); see `update`.
+        # Captured layer updates waiting for `drain`: (cache, layer, t_ns, step, phase JSON, tokens,
+        # evicted, reason, K facts, V facts); see `update` and `_capture`.
         self._queue: list[tuple[Any, ...]] = []
         self._seq = 0
         self.step = 0
@@ -198,8 +219,7 @@ class KvTracker:
         return None if state is None else state.tokens
 
     def same_tensors(self, cache_id: int, layer: int, keys: Any, values: Any) -> bool:
-        """True when a layer holds exactly the K and V tensor objects last logged (and nothing else)."""
-        self.drain()
+        """True when a layer holds exactly the K and V tensor objects last seen (and nothing else)."""
         state = self._layers.get((cache_id, layer))
         if state is None or len(state.slots) != 2:
             return False
@@ -229,15 +249,17 @@ class KvTracker:
         """A cache's own update wrote plain `keys`/`values` tensors of one layer, which now holds `tokens`
         tokens per row; `evicted` of them left a window in this update (reason `window`).
 
-        A layer seen before, holding one K and one V tensor, is only captured here: the facts an event
-        needs (version, storage address and size, a weak reference, shape, whether the storage it replaced
-        is gone yet) go into a queue as a tuple, and `drain` turns them into lines in one loop at the
-        step's end, or before anything else reads or changes the tracker's state. Between model steps
-        Python runs cold: the same comparisons cost 3-4x less in a loop over a step's updates (issue 11).
+        A layer seen before, holding one K and one V tensor, is compared here and only captured: the slots
+        are brought up to date and the facts each event needs go into a queue as tuples, with the time,
+        step and phase of the update. `drain` turns the queue into lines in one loop when the lines are
+        taken (every 0.1 s), or before any other event is logged, so the log keeps its order. Between model
+        steps Python runs cold: formatting a step's events there cost 3-4x what it costs in a loop over
+        many steps (issue 11). A storage the update released is logged freed at the update's time; one
+        still held elsewhere is watched, and found by a later poll.
         """
         state = self._layers.get((cache_id, layer))
         fast = state.fast if state is not None else None
-        if fast is None or state.queued:  # type: ignore[union-attr]
+        if fast is None:
             self._update_now(cache_id, layer, keys, values, tokens, evicted, reason)
             return
         assert state is not None
@@ -246,11 +268,21 @@ class KvTracker:
         v_facts = _capture(fast[1], values)
         if k_facts is None and v_facts is None:
             return  # the very same tensors, not written since
-        state.queued = True
         self._queue.append(
-            (state, cache_id, layer, self._clock(), self.step, self._phase_json, tokens, evicted, reason,
-             k_facts, v_facts)
+            (cache_id, layer, self._clock(), self.step, self._phase_json, tokens, evicted, reason, k_facts,
+             v_facts)
         )
+        if (k_facts is not None and k_facts[10] and not k_facts[11]) or (
+            v_facts is not None and v_facts[10] and not v_facts[11]
+        ):
+            self._held(cache_id, layer, k_facts, v_facts)
+
+    def _held(self, cache_id: int, layer: int, *facts: tuple[Any, ...] | None) -> None:
+        """Watch the storages an update replaced but did not release (a view or the caller holds them)."""
+        for key, f in zip((_KD, _VD), facts, strict=True):
+            if f is not None and f[10] and not f[11]:
+                kv_json, part_json = KEY_JSON[key]
+                self._pending.append((f[10], layer, kv_json, part_json, f[8], f[9], cache_id))
 
     def _update_now(
         self,
@@ -281,95 +313,35 @@ class KvTracker:
         if not queue:
             return
         self._queue = []
-        saved = self.step, self._phase_json
-        try:
-            for state, cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts in queue:
-                state.queued = False
-                self.step, self._phase_json = step, phase_json
-                k_slot, v_slot = state.fast
-                if k_facts is not None:
-                    reason_json = quoted(reason) if evicted else '""'
-                    self._apply(state, k_slot, cid, layer, _KD, k_facts, tokens, evicted, reason_json, t_ns)
-                if v_facts is not None:
-                    self._apply(state, v_slot, cid, layer, _VD, v_facts, tokens, 0, '""', t_ns)
-                _refresh_fast(state)
-        finally:
-            self.step, self._phase_json = saved
-
-    def _apply(
-        self,
-        state: _Layer,
-        slot: _Slot,
-        cache_id: int,
-        layer: int,
-        key: tuple[str, str],
-        facts: int | tuple[Any, ...],
-        tokens: int,
-        evicted: int,
-        reason_json: str,
-        t_ns: int,
-    ) -> None:
-        """Log one captured tensor against its slot, as `_see` would have at the time of the capture."""
-        kv_json, part_json = KEY_JSON.get(key) or key_json(key)
-        if type(facts) is int:  # the same tensor, written in place (static caches)
-            slot.version = facts
-            self._seq += 1
-            self.lines.append(
-                EVENT_LINE
-                % (
-                    self._seq, t_ns, self.step, self._phase_json, "written", layer, kv_json, part_json,
-                    slot.addr, slot.storage_bytes, slot.view_offset, slot.shape_json, slot.logical_bytes,
-                    slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id, '"hf"',
-                    reason_json if evicted else '""',
+        lines = self.lines
+        append = lines.append
+        seq = self._seq
+        for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts in queue:
+            for key, f in ((_KD, k_facts), (_VD, v_facts)):
+                if f is None:
+                    continue
+                kind, addr, nbytes, view_offset, shape, dtype, device, itemsize = f[:8]
+                shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
+                kv_json, part_json = KEY_JSON[key]
+                first = key is _KD
+                seq += 1
+                append(
+                    EVENT_LINE
+                    % (
+                        seq, t_ns, step, phase_json, kind, layer, kv_json, part_json, addr, nbytes,
+                        view_offset, shape_json, count * itemsize, dtype, device, tokens,
+                        evicted if first else 0, f[8], cid, '"hf"',
+                        quoted(reason) if first and evicted else '""',
+                    )
                 )
-            )
-            return
-        version, tref, ptr, addr, nbytes, wref, shape, old_gone = cast(tuple[Any, ...], facts)
-        if wref == 0:  # a new tensor over the same storage (a view): written, memory kept
-            kind = "written"
-            prev_addr = addr
-            new = slot
-        else:
-            kind = "replaced" if nbytes <= slot.storage_bytes else "grown"
-            prev_addr = slot.addr
-            new = _Slot()
-            new.wref = wref
-            new.dtype, new.device, new.itemsize = slot.dtype, slot.device, slot.itemsize
-        new.tref = tref
-        new.ptr = ptr
-        new.version = version
-        new.addr = addr
-        new.storage_bytes = nbytes
-        new.view_offset = ptr - addr
-        new.shape = shape
-        new.shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
-        new.logical_bytes = count * new.itemsize
-        state.slots[key] = new
-        self._seq += 1
-        self.lines.append(
-            EVENT_LINE
-            % (
-                self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json, addr,
-                nbytes, new.view_offset, new.shape_json, new.logical_bytes, new.dtype, new.device, tokens,
-                evicted, prev_addr, cache_id, '"hf"', reason_json if evicted else '""',
-            )
-        )
-        if new is slot:
-            return
-        if old_gone:  # released by the update itself (torch.cat growth): freed at the update's time
-            _free_weak_ref(slot.wref)
-            self._seq += 1
-            self.lines.append(
-                FREED_LINE
-                % (
-                    self._seq, t_ns, self.step, self._phase_json, layer, kv_json, part_json, slot.addr,
-                    slot.storage_bytes, cache_id,
-                )
-            )
-        else:  # still held elsewhere: watched, and logged freed when a later poll finds it released
-            self._pending.append(
-                (slot.wref, layer, kv_json, part_json, slot.addr, slot.storage_bytes, cache_id)
-            )
+                if f[11]:  # released by the update itself (torch.cat growth): freed at its time
+                    _free_weak_ref(f[10])
+                    seq += 1
+                    append(
+                        FREED_LINE
+                        % (seq, t_ns, step, phase_json, layer, kv_json, part_json, f[8], f[9], cid)
+                    )
+        self._seq = seq
 
     def _see(
         self,
@@ -407,7 +379,7 @@ class KvTracker:
                     EVENT_LINE
                     % (
                         self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json,
-                        slot.addr, slot.storage_bytes, slot.view_offset, slot.shape_json,
+                        slot.addr, slot.storage_bytes, slot.view_offset, _shape_of(slot),
                         slot.logical_bytes, slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id,
                         source_json, reason_json if evicted or kind == "evicted" else '""',
                     )
@@ -597,10 +569,10 @@ class KvTracker:
     def poll_frees(self, t_ns: int = 0) -> None:
         """Log `freed` for every watched storage the allocator has released since the last poll (at `t_ns`,
         the time of the observation that found it, or now)."""
-        self.drain()
-        pending = self._pending
-        if not pending:
+        if not self._pending:
             return
+        self.drain()  # the queued events come first: a free found now is logged after them
+        pending = self._pending
         still: list[tuple[int, int, str, str, int, int, int]] = []
         for item in pending:
             wref = item[0]

@@ -350,7 +350,6 @@ class Recording:
     def _end_step(self) -> None:
         if not self._step_open:
             return
-        self.tracker.drain()  # the step's captured layer updates become lines, in one loop
         if self._hf is not None:
             self._hf.scan_all()
             if self._attention_modules and "kvpress" in sys.modules:  # masks are kvpress's (AdaKV)
