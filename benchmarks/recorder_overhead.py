@@ -8,6 +8,7 @@ mode always follows the same neighbour), medians:
    - `tiny`: Llama 3 "tiny" (4 layers, hidden 128), batch 2, greedy `generate()` of `--new-tokens` (256);
    - `free`: a model whose step is nearly free (2 layers, hidden 32, vocab 256), batch 1, same tokens, so
      the per-update and per-step bookkeeping dominate;
+   - `free-32`: the same with 32 layers, as many as Llama 3 8B: the per-step work shared by 32 updates;
    - `loop-dyn` / `loop-static`: the real `transformers` `Cache.update` of a DynamicCache / StaticCache
      called in a tight loop, 32 layers x `--new-tokens` steps, no model at all (steps begin at layer 0).
    Wall time (`perf_counter`) and the main thread's CPU time (`thread_time`, steadier on a shared machine)
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-tokens", type=int, default=32, help="new tokens in full mode (default 32)")
     parser.add_argument("--only", choices=("light", "full"), help="print one table only")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--cprofile", choices=("tiny", "free", "loop-dyn", "loop-static"))
+    parser.add_argument("--cprofile", choices=("tiny", "free", "free-32", "loop-dyn", "loop-static"))
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     if args.reps < 1 or args.new_tokens < 2 or args.full_tokens < 1:
@@ -339,9 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     free = ModelSize(
         hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, vocab_size=256
     )
+    free32 = ModelSize(
+        hidden_size=32, intermediate_size=64, num_layers=32, num_heads=2, num_kv_heads=1, vocab_size=256
+    )
     light = [
         _generate_workload("tiny", SIZES["tiny"], 2, args.new_tokens, vocab_prompt=True),
         _generate_workload("free", free, 1, args.new_tokens, vocab_prompt=False),
+        _generate_workload("free-32", free32, 1, args.new_tokens, vocab_prompt=False),
         _loop_workload("loop-dyn", False, args.new_tokens),
         _loop_workload("loop-static", True, args.new_tokens),
     ]

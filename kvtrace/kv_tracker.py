@@ -15,8 +15,9 @@ Events are written straight into JSON lines with one `%` format (same keys as `K
 `kvtrace.format.read_run`), per-slot facts (dtype, device, storage, shape) are kept and reused while the
 tensor object is the same, storages are watched through raw weak references, and nothing here reads a
 tensor's values: no `.item()`, no `int(tensor)`, no `.cpu()`, so no device sync. A cache's update of a
-layer already seen is only captured (a tuple of facts) and turned into lines at the step's end, in one
-loop (`KvTracker.drain`), with the time, step and phase of the capture.
+layer already seen is compared at once and only captured (a tuple of facts); the tuples become lines when
+the recorder takes them (every 0.1 s), in one loop (`KvTracker.drain`), with the time, step and phase of
+the capture.
 """
 
 from __future__ import annotations
