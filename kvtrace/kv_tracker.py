@@ -117,6 +117,17 @@ def _refresh_fast(state: _Layer) -> None:
     state.fast = (k_slot, v_slot) if len(slots) == 2 and k_slot is not None and v_slot is not None else None
 
 
+def _storage_of(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
+    """A tensor's storage, its address and bytes; None without one (meta, fake) or when empty."""
+    try:
+        storage = tensor.untyped_storage()
+        addr = storage.data_ptr()
+        nbytes = storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (storage, addr, nbytes) if nbytes else None
+
+
 def _capture(slot: _Slot, tensor: torch.Tensor) -> tuple[Any, ...] | None:
     """Compare a tensor with its slot and bring the slot up to date; return what its event needs, or None
     when nothing changed (or it has no storage): (event, storage address, storage bytes, view offset,
@@ -134,14 +145,10 @@ def _capture(slot: _Slot, tensor: torch.Tensor) -> tuple[Any, ...] | None:
             addr = slot.addr
             return ("written", addr, slot.storage_bytes, slot.view_offset, slot.shape, slot.dtype,
                     slot.device, slot.itemsize, addr, 0, 0, False)
-    try:
-        storage = tensor.untyped_storage()
-        addr = storage.data_ptr()
-        nbytes = storage.nbytes()
-    except (RuntimeError, NotImplementedError):
+    found = _storage_of(tensor)
+    if found is None:
         return None
-    if nbytes == 0:
-        return None
+    storage, addr, nbytes = found
     try:
         slot.tref = weakref.ref(tensor)
     except TypeError:
@@ -388,14 +395,10 @@ class KvTracker:
                 if kind == "evicted" and self._on_evict is not None:
                     self._on_evict(layer, key[0])
                 return True
-        try:
-            storage = tensor.untyped_storage()
-            addr = storage.data_ptr()
-            nbytes = storage.nbytes()
-        except (RuntimeError, NotImplementedError):
+        found = _storage_of(tensor)
+        if found is None:
             return False
-        if nbytes == 0:
-            return False
+        storage, addr, nbytes = found
         same_storage = slot is not None and slot.addr == addr
         if slot is None:
             kind = "created"
