@@ -30,6 +30,26 @@ NO_STORAGE_LINE = (
     '"storage_bytes":0,"tokens":%d,"evicted_tokens":%d,"prev_addr":%d,"cache":%d,"source":%s,"reason":%s}'
 )
 
+
+
+def slot_lines(
+    layer: int, kv_json: str, part_json: str, dtype_json: str, device_json: str, cache: int, source_json: str
+) -> tuple[str, str]:
+    """`EVENT_LINE` and `FREED_LINE` with one slot's constant fields filled in, for the recorder's drain
+    loop: the same bytes, with 7 and 4 fewer conversions per line (each ~0.1 us, issue 11)."""
+
+    def literal(value: object) -> str:
+        return str(value).replace("%", "%%")
+
+    slot = (literal(layer), literal(kv_json), literal(part_json))
+    event = EVENT_LINE.replace("%d", "%s") % (
+        "%d", "%d", "%d", "%s", "%s", *slot, "%d", "%d", "%d", "%s", "%d", literal(dtype_json),
+        literal(device_json), "%d", "%d", "%d", literal(cache), literal(source_json), "%s",
+    )
+    freed = FREED_LINE.replace("%d", "%s") % ("%d", "%d", "%d", "%s", *slot, "%d", "%d", literal(cache))
+    return event, freed
+
+
 _QUOTED: dict[str, str] = {}
 # torch.Size -> (its JSON list, element count): str(list(shape)) alone costs ~1-2 us
 SHAPE_JSON: dict[tuple[int, ...], tuple[str, int]] = {}

@@ -41,6 +41,7 @@ from kvtrace.kv_lines import (
     key_json,
     quoted,
     shape_facts,
+    slot_lines,
 )
 
 # What a cause becomes when the storage changed (first) or stayed (second).
@@ -197,6 +198,8 @@ class KvTracker:
         # Captured layer updates waiting for `drain`: (cache, layer, t_ns, step, phase JSON, tokens,
         # evicted, reason, K facts, V facts); see `update` and `_capture`.
         self._queue: list[tuple[Any, ...]] = []
+        # (cache, layer, (kv, part), dtype, device) -> that slot's line templates (`slot_lines`)
+        self._templates: dict[tuple[Any, ...], tuple[str, str]] = {}
         self._seq = 0
         self.step = 0
         self._phase = ""
@@ -321,34 +324,34 @@ class KvTracker:
         if not queue:
             return
         self._queue = []
-        lines = self.lines
-        append = lines.append
+        append = self.lines.append
+        templates = self._templates
         seq = self._seq
         for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts in queue:
             for key, f in ((_KD, k_facts), (_VD, v_facts)):
                 if f is None:
                     continue
-                kind, addr, nbytes, view_offset, shape, dtype, device, itemsize = f[:8]
+                kind, addr, nbytes, view_offset, shape, dtype, device, itemsize, prev_addr, prev_size = f[:10]
+                lines = templates.get((cid, layer, key, dtype, device))
+                if lines is None:
+                    lines = templates[(cid, layer, key, dtype, device)] = slot_lines(
+                        layer, *KEY_JSON[key], dtype, device, cid, '"hf"'
+                    )
                 shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
-                kv_json, part_json = KEY_JSON[key]
                 first = key is _KD
                 seq += 1
                 append(
-                    EVENT_LINE
+                    lines[0]
                     % (
-                        seq, t_ns, step, phase_json, kind, layer, kv_json, part_json, addr, nbytes,
-                        view_offset, shape_json, count * itemsize, dtype, device, tokens,
-                        evicted if first else 0, f[8], cid, '"hf"',
+                        seq, t_ns, step, phase_json, kind, addr, nbytes, view_offset, shape_json,
+                        count * itemsize, tokens, evicted if first else 0, prev_addr,
                         quoted(reason) if first and evicted else '""',
                     )
                 )
                 if f[11]:  # released by the update itself (torch.cat growth): freed at its time
                     _free_weak_ref(f[10])
                     seq += 1
-                    append(
-                        FREED_LINE
-                        % (seq, t_ns, step, phase_json, layer, kv_json, part_json, f[8], f[9], cid)
-                    )
+                    append(lines[1] % (seq, t_ns, step, phase_json, prev_addr, prev_size))
         self._seq = seq
 
     def _see(
