@@ -188,10 +188,10 @@ def _median(timings: list[Timing], pick: Callable[[Timing], float]) -> float:
 def hooks_cpu_per_update(work: Workload, scratch: Path, runs: int = 3, mode: str = "b") -> float:
     """kvtrace's own time per update, timed inside its hooks: the steadiest figure on a shared machine,
     where the difference of two medians moves with the neighbours' load. Covers the whole `Cache.update`
-    wrapper minus the cache's own update inside it, and the model's forward hooks (step start, end-of-step
-    drain and scan, memory sample, log write). Timed by `perf_counter_ns` (a vDSO read): `thread_time` is a
-    system call, 5 us and more between model steps here, larger than what it would measure. The timers'
-    own cost is counted as kvtrace's, so this is an upper bound."""
+    wrapper minus the cache's own update inside it, and the model's forward hooks (step start; step end:
+    scan, memory sample, formatting and writing the log every 0.1 s). Timed by `perf_counter_ns` (a vDSO
+    read): `thread_time` is a system call, 5 us and more between model steps here, larger than what it
+    would measure. The timers' own cost is counted as kvtrace's, so this is an upper bound."""
     from transformers.cache_utils import Cache
 
     from kvtrace import recorder

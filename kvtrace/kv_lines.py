@@ -31,7 +31,6 @@ NO_STORAGE_LINE = (
 )
 
 
-
 def slot_lines(
     layer: int, kv_json: str, part_json: str, dtype_json: str, device_json: str, cache: int, source_json: str
 ) -> tuple[str, str]:

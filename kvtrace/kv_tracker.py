@@ -264,8 +264,8 @@ class KvTracker:
         are brought up to date and the facts each event needs go into a queue as tuples, with the time,
         step and phase of the update. `drain` turns the queue into lines in one loop when the lines are
         taken (every 0.1 s), or before any other event is logged, so the log keeps its order. Between model
-        steps Python runs cold: formatting a step's events there cost 3-4x what it costs in a loop over
-        many steps (issue 11). A storage the update released is logged freed at the update's time; one
+        steps Python runs cold: formatting a step's events there costs several times what it costs in a loop
+        over many steps (issue 11). A storage the update released is logged freed at the update's time; one
         still held elsewhere is watched, and found by a later poll.
         """
         state = self._layers.get((cache_id, layer))
@@ -283,17 +283,15 @@ class KvTracker:
             (cache_id, layer, self._clock(), self.step, self._phase_json, tokens, evicted, reason, k_facts,
              v_facts)
         )
-        if (k_facts is not None and k_facts[10] and not k_facts[11]) or (
-            v_facts is not None and v_facts[10] and not v_facts[11]
-        ):
-            self._held(cache_id, layer, k_facts, v_facts)
+        if k_facts is not None and k_facts[10] and not k_facts[11]:
+            self._watch(cache_id, layer, _KD, k_facts)
+        if v_facts is not None and v_facts[10] and not v_facts[11]:
+            self._watch(cache_id, layer, _VD, v_facts)
 
-    def _held(self, cache_id: int, layer: int, *facts: tuple[Any, ...] | None) -> None:
-        """Watch the storages an update replaced but did not release (a view or the caller holds them)."""
-        for key, f in zip((_KD, _VD), facts, strict=True):
-            if f is not None and f[10] and not f[11]:
-                kv_json, part_json = KEY_JSON[key]
-                self._pending.append((f[10], layer, kv_json, part_json, f[8], f[9], cache_id))
+    def _watch(self, cache_id: int, layer: int, key: tuple[str, str], facts: tuple[Any, ...]) -> None:
+        """Watch a storage an update replaced but did not release (a view or the caller holds it)."""
+        kv_json, part_json = KEY_JSON[key]
+        self._pending.append((facts[10], layer, kv_json, part_json, facts[8], facts[9], cache_id))
 
     def _update_now(
         self,
@@ -331,7 +329,8 @@ class KvTracker:
             for key, f in ((_KD, k_facts), (_VD, v_facts)):
                 if f is None:
                     continue
-                kind, addr, nbytes, view_offset, shape, dtype, device, itemsize, prev_addr, prev_size = f[:10]
+                (kind, addr, nbytes, view_offset, shape, dtype, device, itemsize, prev_addr, prev_size,
+                 old_wref, old_gone) = f
                 lines = templates.get((cid, layer, key, dtype, device))
                 if lines is None:
                     lines = templates[(cid, layer, key, dtype, device)] = slot_lines(
@@ -348,8 +347,8 @@ class KvTracker:
                         quoted(reason) if first and evicted else '""',
                     )
                 )
-                if f[11]:  # released by the update itself (torch.cat growth): freed at its time
-                    _free_weak_ref(f[10])
+                if old_gone:  # released by the update itself (torch.cat growth): freed at its time
+                    _free_weak_ref(old_wref)
                     seq += 1
                     append(lines[1] % (seq, t_ns, step, phase_json, prev_addr, prev_size))
         self._seq = seq
@@ -613,7 +612,6 @@ class KvTracker:
 
     def live_slots(self) -> dict[tuple[int, int, str, str], int]:
         """Storage bytes now held per slot (for the manifest's end-of-run summary)."""
-        self.drain()
         return {
             (cache_id, layer, kv, part): slot.storage_bytes
             for (cache_id, layer), state in self._layers.items()
@@ -621,5 +619,4 @@ class KvTracker:
         }
 
     def pending_frees(self) -> int:
-        self.drain()
         return len(self._pending)
