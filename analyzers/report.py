@@ -18,11 +18,12 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
 
     The kind comes from `classify_path`; a folder of runs is refused with the list of its runs.
     """
-    from analyzers.group import load_group_focus
     from analyzers.readers.sources import classify_path, open_source, profiler_traces_in, runs_in
     from kvtrace.format import is_run_group
 
     if is_run_group(path):  # one run per rank: the rank that ran out, failed or peaked (analyzers.group)
+        from analyzers.group import load_group_focus
+
         return load_group_focus(path, progress=progress)
     kind = classify_path(path)
     if kind == "run":

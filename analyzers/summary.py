@@ -299,9 +299,11 @@ def summarize(
     budget_bytes = budget_of(source)
     if budget_bytes is not None:
         budget = budget_crossing(source, timelines, budget_bytes).to_json()
-    from analyzers.engine_report import engine_of_source
+    engine = None
+    if source.kind == "run":
+        from analyzers.engine_report import engine_of_source  # a vLLM run's pool, read from its files
 
-    engine = engine_of_source(source, kv, devices, notes)  # vLLM: kv.peak_bytes becomes the pool's storage
+        engine = engine_of_source(source, kv, devices, notes)  # vLLM: kv.peak_bytes becomes the pool's
     return Report(
         engine=engine,
         budget=budget,

@@ -8,24 +8,28 @@ import sys
 from collections.abc import Sequence
 
 from kvtrace.commands.base import Command
+from kvtrace.commands.lazy_numpy import numpy_at_first_use
 from kvtrace.errors import KvtraceError
 
-# (module, class): imported at start-up, so each module keeps torch/plotly imports inside `run`.
+# (name, module, class): imported when the parser is built, so each module keeps torch/plotly imports
+# inside `run`. A command line naming one command imports only that one (start-up counts on small inputs).
 _COMMANDS = (
-    ("kvtrace.commands.demo", "DemoCommand"),
-    ("kvtrace.commands.report", "ReportCommand"),
-    ("kvtrace.commands.plan", "PlanCommand"),
-    ("kvtrace.commands.diagnose", "DiagnoseCommand"),
-    ("kvtrace.commands.compare", "CompareCommand"),
-    ("kvtrace.commands.sweep", "SweepCommand"),
-    ("kvtrace.commands.export", "ExportCommand"),
-    ("kvtrace.commands.query", "QueryCommand"),
+    ("demo", "kvtrace.commands.demo", "DemoCommand"),
+    ("report", "kvtrace.commands.report", "ReportCommand"),
+    ("plan", "kvtrace.commands.plan", "PlanCommand"),
+    ("diagnose", "kvtrace.commands.diagnose", "DiagnoseCommand"),
+    ("compare", "kvtrace.commands.compare", "CompareCommand"),
+    ("sweep", "kvtrace.commands.sweep", "SweepCommand"),
+    ("export", "kvtrace.commands.export", "ExportCommand"),
+    ("query", "kvtrace.commands.query", "QueryCommand"),
 )
 
 
-def _commands() -> list[Command]:
+def _commands(only: str | None = None) -> list[Command]:
     found: list[Command] = []
-    for module_name, class_name in _COMMANDS:
+    for name, module_name, class_name in _COMMANDS:
+        if only is not None and name != only:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -36,8 +40,13 @@ def _commands() -> list[Command]:
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv` naming a command first, only that command's subparser (the others'
+    modules stay unimported). `kvtrace --help` and unknown commands get every command."""
     from kvtrace import __version__
+
+    first = next(iter(argv), None) if argv is not None else None
+    only = first if first in {name for name, _, _ in _COMMANDS} else None
 
     parser = argparse.ArgumentParser(
         prog="kvtrace",
@@ -45,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kvtrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in _commands():
+    for command in _commands(only):
         doc = (type(command).__doc__ or "").strip()
         summary = doc.splitlines()[0] if doc else ""
         child = sub.add_parser(
@@ -57,13 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     command: Command | None = getattr(args, "_command", None)
     if command is None:
         parser.print_help()
         return 2
     try:
+        if command.defers_numpy:
+            with numpy_at_first_use():
+                return command.run(args)
         return command.run(args)
     except KvtraceError as exc:
         print(f"kvtrace {command.name}: error: {exc}", file=sys.stderr)

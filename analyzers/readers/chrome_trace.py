@@ -43,7 +43,7 @@ from analyzers.readers.sources import JsonStream, ProgressFn, open_input
 
 __all__ = ["ChunkSink", "read_chrome_trace", "read_memory_timeline", "timestamps"]
 
-ChunkSink = Callable[[tuple[np.ndarray, ...], bool, bool], None]
+ChunkSink = Callable[[tuple["np.ndarray", ...], bool, bool], None]
 """sink((ts, addr, delta, total_allocated, total_reserved), all_allocated_known, all_reserved_known); addr and
 total_reserved may hold digits as bytes (`kineto_scan.as_int64`)."""
 
@@ -301,10 +301,16 @@ def _range_detail(event: dict[str, Any]) -> dict[str, Any]:
 
 def timestamps(raw: np.ndarray, base_ns: Any, integral: bool) -> np.ndarray:
     """Raw `ts` values -> Unix-epoch µs where `baseTimeNanoseconds` allows; exact for integers < 2**53."""
+    offset = offset_us(base_ns, integral)
+    if isinstance(offset, int):
+        return raw.astype(np.int64) + np.int64(offset)
+    return raw.astype(np.float64) + offset
+
+
+def offset_us(base_ns: Any, integral: bool) -> int | float:
+    """What `timestamps` adds to a raw `ts`: an int where both are whole µs, else a float."""
     base_ns = base_ns if isinstance(base_ns, int) and not isinstance(base_ns, bool) else 0
-    if integral and base_ns % 1000 == 0:
-        return raw.astype(np.int64) + np.int64(base_ns // 1000)
-    return raw.astype(np.float64) + base_ns / 1000.0
+    return base_ns // 1000 if integral and base_ns % 1000 == 0 else base_ns / 1000.0
 
 
 def _baseline(delta: np.ndarray, total_allocated: np.ndarray | None) -> int:
@@ -391,7 +397,7 @@ def _source_of(
                 baseline_bytes=_baseline(delta, full_allocated),
             )
         )
-    offset = timestamps(np.zeros(1), base_ns, integral)[0]
+    offset = offset_us(base_ns, integral)  # without numpy: a trace of ranges only never loads it
     for label, start, end, detail in sorted(collector.ranges, key=lambda r: r[1]):
         source.markers.append(
             Marker(

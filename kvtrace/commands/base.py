@@ -14,6 +14,9 @@ class Command:
     """
 
     name: str = ""
+    # True for commands that only read and render (no torch, no pyarrow): the CLI then imports numpy at
+    # first use (`kvtrace.commands.lazy_numpy`), so small inputs do not pay its import.
+    defers_numpy: bool = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add this command's flags."""

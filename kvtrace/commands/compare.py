@@ -22,6 +22,7 @@ class CompareCommand(Command):
     """
 
     name = "compare"
+    defers_numpy = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("runs", nargs="+", metavar="RUN", help="two or more run directories")

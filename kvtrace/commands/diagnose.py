@@ -23,6 +23,7 @@ class DiagnoseCommand(Command):
     """
 
     name = "diagnose"
+    defers_numpy = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("path", help="run directory, run group, snapshot pickle or Chrome trace")

@@ -46,6 +46,7 @@ class ReportCommand(Command):
     """
 
     name = "report"
+    defers_numpy = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("path", help="run directory, run group, Chrome trace or snapshot pickle")

@@ -96,8 +96,9 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(logdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real TensorBoard on 127.0.0.1 and a free port; always terminated."""
     port = _free_port()
-    exe = shutil.which("tensorboard")
-    command = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
+    # This interpreter's tensorboard, not whichever `tensorboard` is first on PATH (another environment's
+    # may not see this checkout's plugin).
+    command = [sys.executable, "-m", "tensorboard.main"]
     log_path = tmp_path_factory.mktemp("tb_server") / "tensorboard.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
