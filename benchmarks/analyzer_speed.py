@@ -2,7 +2,8 @@
 
 Inputs, side by side in one run:
 
-  * the largest Chrome trace in /work/shared/real_traces/chrome (by size on disk),
+  * the largest Chrome trace in /work/shared/real_traces/chrome (by size on disk); with `--every-real`,
+    every real Chrome trace and snapshot (inputs read in under a second: start-up is most of it),
   * the largest CUDA allocator snapshot pickle in /work/shared/real_traces/snapshots, and a big snapshot
     made from it by repeating its trace `--snapshot-copies` times (default 100),
   * a trace recorded by torch.profiler itself (`--torch-events`, default 1M `[memory]` events among aten
@@ -574,6 +575,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-hta", action="store_true", help="leave HTA out")
     parser.add_argument("--real-traces", type=Path, default=REAL_TRACES, help=f"default {REAL_TRACES}")
     parser.add_argument("--keep", type=Path, help="write the synthetic traces here and keep them")
+    parser.add_argument(
+        "--every-real",
+        action="store_true",
+        help="every real Chrome trace and snapshot, not only the largest of each (small inputs: start-up)",
+    )
     args = parser.parse_args(argv)
     counts = sorted(int(part) for part in str(args.events).split(",") if part.strip())
     if not counts or counts[0] < 10 or args.reps < 1:
@@ -587,6 +593,14 @@ def main(argv: list[str] | None = None) -> int:
         inputs: list[Input] = []
         chrome = _largest(args.real_traces / "chrome", (".json", ".json.gz"))
         snapshot = _largest(args.real_traces / "snapshots", (".pickle", ".pkl"))
+        if args.every_real:
+            for path in sorted((args.real_traces / "chrome").glob("*.json*")):
+                if path != chrome:
+                    events = _count_memory_events(path)
+                    inputs.append(Input(f"chrome: {path.name}"[:30], path, "chrome", events))
+            for path in sorted((args.real_traces / "snapshots").glob("*.pickle")):
+                if path != snapshot:
+                    inputs.append(Input(f"snapshot: {path.name}"[:30], path, "snapshot"))
         if chrome is not None:
             inputs.append(
                 Input(f"chrome: {chrome.name}"[:30], chrome, "chrome", _count_memory_events(chrome))
