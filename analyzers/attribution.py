@@ -33,12 +33,19 @@ JOIN_TOLERANCE_US = 2000.0
 
 @dataclass(frozen=True)
 class Rule:
-    """A stack-frame pattern and the category it implies. `kv` is "k", "v" or "" (unknown)."""
+    """A stack-frame pattern and the category it implies. `kv` is "k", "v" or "" (unknown).
+
+    `needles`: substrings of which every match contains at least one. A stack text holding none of them
+    skips the pattern: `str.__contains__` is a fast search, while a pattern without a literal prefix (a
+    leading word boundary, an alternation) is tried at every position (20 ms per rule on one real snapshot's
+    78 stacks of 7 KB). Empty: the pattern always runs.
+    """
 
     pattern: re.Pattern[str]
     category: int
     label: str
     kv: str = ""
+    needles: tuple[str, ...] = ()
 
 
 RULES: list[Rule] = [
@@ -46,15 +53,29 @@ RULES: list[Rule] = [
         re.compile(r"cache_utils\.py:\d+:(update|lazy_initialization|_quantize)"),
         KV,
         "transformers cache update",
+        needles=("cache_utils.py:",),
     ),
     Rule(
         re.compile(r"cache_utils\.py:\d+:(crop|reorder_cache|batch_select_indices|batch_repeat_interleave)"),
         KV,
         "transformers cache reorder/crop",
+        needles=("cache_utils.py:",),
     ),
-    Rule(re.compile(r"\b(cache_k|k_cache|key_cache)\b"), KV, "cache_k-style attribute", "k"),
-    Rule(re.compile(r"\b(cache_v|v_cache|value_cache)\b"), KV, "cache_v-style attribute", "v"),
-    Rule(re.compile(r"kvpress"), KV, "kvpress compression"),
+    Rule(
+        re.compile(r"\b(cache_k|k_cache|key_cache)\b"),
+        KV,
+        "cache_k-style attribute",
+        "k",
+        needles=("cache_k", "k_cache", "key_cache"),
+    ),
+    Rule(
+        re.compile(r"\b(cache_v|v_cache|value_cache)\b"),
+        KV,
+        "cache_v-style attribute",
+        "v",
+        needles=("cache_v", "v_cache", "value_cache"),
+    ),
+    Rule(re.compile(r"kvpress"), KV, "kvpress compression", needles=("kvpress",)),
     Rule(
         re.compile(
             r"(from_pretrained|load_state_dict|_load_pretrained_model|modeling_utils\.py:\d+:_?init_weights"
@@ -62,16 +83,19 @@ RULES: list[Rule] = [
         ),
         WEIGHTS,
         "model loading",
+        needles=("from_pretrained", "load_state_dict", "_load_pretrained_model", "init_weight"),
     ),
     Rule(
         re.compile(r"torch/nn/modules/module\.py:\d+:(_apply|to|cuda|half|bfloat16|float)\b"),
         WEIGHTS,
         "module.to()/cuda()",
+        needles=("torch/nn/modules/module.py:",),
     ),
     Rule(
         re.compile(r"torch/nn/modules/(linear|sparse|normalization)\.py:\d+:(__init__|reset_parameters)"),
         WEIGHTS,
         "parameter initialisation",
+        needles=("torch/nn/modules/",),
     ),
 ]
 
@@ -82,6 +106,8 @@ def _frame_categories(frames: list[str], rules: list[Rule]) -> tuple[np.ndarray,
     kinds = np.zeros(len(frames), dtype=np.int8)
     for index, text in enumerate(frames):
         for rule in rules:
+            if rule.needles and not any(needle in text for needle in rule.needles):
+                continue
             if rule.pattern.search(text):
                 categories[index] = rule.category
                 kinds[index] = {"k": 1, "v": 2}.get(rule.kv, 0)

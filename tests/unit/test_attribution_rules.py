@@ -1,0 +1,73 @@
+"""Stack rules skip texts that hold none of their needles: the same categories as running every pattern."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analyzers.attribution import RULES, _frame_categories
+from analyzers.model import KV, WEIGHTS
+from analyzers.readers.snapshot import read_snapshot
+
+SNAPSHOTS = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
+
+# One stack line per rule that its pattern matches, as torch writes frames ("file:line:function").
+MATCHING = [
+    "transformers/cache_utils.py:812:update",
+    "transformers/cache_utils.py:120:lazy_initialization",
+    "transformers/cache_utils.py:640:crop",
+    "transformers/cache_utils.py:700:batch_repeat_interleave",
+    "model.py:88:forward self.cache_k[:bsz] = xk",
+    "model.py:90:forward k_cache.index_copy_(2, pos, k)",
+    "model.py:91:forward self.key_cache",
+    "model.py:92:forward self.cache_v[:bsz] = xv",
+    "model.py:93:forward v_cache.index_copy_(2, pos, v)",
+    "model.py:94:forward self.value_cache",
+    "kvpress/presses/base_press.py:40:forward_hook",
+    "transformers/modeling_utils.py:4000:from_pretrained",
+    "torch/nn/modules/module.py:2100:load_state_dict",
+    "transformers/modeling_utils.py:4500:_load_pretrained_model",
+    "transformers/modeling_utils.py:2000:_init_weights",
+    "mymodel.py:12:init_weights_list",
+    "torch/nn/modules/module.py:900:_apply",
+    "torch/nn/modules/module.py:1100:to",
+    "torch/nn/modules/linear.py:100:__init__",
+    "torch/nn/modules/normalization.py:80:reset_parameters",
+]
+
+
+def test_every_match_holds_one_of_its_rules_needles() -> None:
+    # GIVEN frames that each built-in rule matches WHEN a rule's pattern matches a frame
+    matched_rules = set()
+    for frame in MATCHING:
+        for rule in RULES:
+            found = rule.pattern.search(frame)
+            if found is not None:
+                matched_rules.add(rule.label)
+                # THEN the matched text itself contains one of the rule's needles (a necessary condition)
+                assert rule.needles, rule.label
+                assert any(needle in found.group(0) for needle in rule.needles), (rule.label, frame)
+    assert matched_rules == {rule.label for rule in RULES}  # every rule exercised
+
+
+def _stack_texts() -> list[str]:
+    texts = ["\n".join(MATCHING[i : i + 3]) for i in range(0, len(MATCHING), 3)]
+    texts += ["a.py:1:f\nb.py:2:g", "torch/nn/modules/conv.py:10:__init__", "my_k_cache_helper.py:3:go"]
+    for path in sorted(SNAPSHOTS.glob("*.pickle")):
+        texts += read_snapshot(path).frames
+    return texts
+
+
+@pytest.mark.skipif(not SNAPSHOTS.exists(), reason="shared/real_traces not present")
+def test_needles_change_no_category() -> None:
+    # GIVEN the stack texts of every real snapshot plus texts that hit each rule
+    texts = _stack_texts()
+    # WHEN categories are given with the needles and with every pattern run on every text
+    fast = _frame_categories(texts, RULES)
+    full = _frame_categories(texts, [replace(rule, needles=()) for rule in RULES])
+    # THEN they are the same, and both categories occur
+    assert np.array_equal(fast[0], full[0]) and np.array_equal(fast[1], full[1])
+    assert {KV, WEIGHTS} <= set(fast[0].tolist())
