@@ -17,6 +17,7 @@ REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces"
 RANK0 = REAL / "chrome" / "rank0.json.gz"  # 26 MB of JSON, step ranges, no memory events
 SNAPSHOT = REAL / "snapshots" / "oom_snapshot.pickle"
 WORKER0 = REAL / "chrome" / "worker0.1623143089861.pt.trace.json.gz"  # 12,838 memory events
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 
 
 def _cli(argv: list[str], preload_numpy: bool) -> tuple[str, dict[str, object]]:
@@ -31,7 +32,8 @@ def _cli(argv: list[str], preload_numpy: bool) -> tuple[str, dict[str, object]]:
         + "np = sys.modules.get('numpy')\n"
         + "print(out.getvalue())\n"
         + "print(json.dumps({'rc': rc, 'numpy': None if np is None else type(np).__name__,"
-        + " 'commands': sorted(m for m in sys.modules if m.startswith('kvtrace.commands.'))}))\n"
+        + " 'commands': sorted(m for m in sys.modules if m.startswith('kvtrace.commands.')),"
+        + " 'heavy': sorted(m for m in ('torch', 'pyarrow', 'duckdb', 'vllm') if m in sys.modules)}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     text, _, last = done.stdout.rstrip("\n").rpartition("\n")
@@ -58,11 +60,21 @@ def test_trace_without_memory_events_never_loads_numpy() -> None:
 
 
 @pytest.mark.skipif(not (SNAPSHOT.exists() and WORKER0.exists()), reason="shared/real_traces not present")
-@pytest.mark.parametrize("name", ["snapshot", "worker0", "worker0-text"])
-def test_inputs_that_need_numpy_load_it_and_report_the_same(name: str) -> None:
-    # GIVEN real inputs whose reading needs arrays (a snapshot, a trace with 12,838 memory events)
-    path = SNAPSHOT if name == "snapshot" else WORKER0
-    argv = ["report", str(path)] if name.endswith("-text") else ["report", "--json", str(path)]
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["report", "--json", str(SNAPSHOT)],
+        ["report", "--json", str(WORKER0)],
+        ["report", str(WORKER0)],
+        ["diagnose", "--json", str(SNAPSHOT)],
+        ["report", "--json", "--no-export", str(SAMPLES / "vllm_preempt")],
+        ["diagnose", str(SAMPLES / "vllm_preempt")],
+        ["compare", str(SAMPLES / "dynamic_b2"), str(SAMPLES / "static_b2")],
+    ],
+    ids=["snapshot", "worker0", "worker0-text", "diagnose-snapshot", "vllm-run", "diagnose-vllm", "compare"],
+)
+def test_inputs_that_need_numpy_load_it_and_report_the_same(argv: list[str]) -> None:
+    # GIVEN real inputs whose reading needs arrays: a snapshot, a trace with 12,838 memory events, runs
     # WHEN they are reported with numpy imported at first use, and with numpy imported up front
     lazy_out, lazy = _cli(argv, preload_numpy=False)
     eager_out, eager = _cli(argv, preload_numpy=True)
@@ -70,6 +82,8 @@ def test_inputs_that_need_numpy_load_it_and_report_the_same(name: str) -> None:
     assert lazy["rc"] == eager["rc"] == 0
     assert lazy["numpy"] == "module"
     assert lazy_out == eager_out and lazy_out.strip()
+    # and nothing that imports numpy's submodules from C came in while the stand-in was bound
+    assert lazy["heavy"] == []
 
 
 def test_stand_in_becomes_numpy_at_first_use() -> None:
