@@ -20,6 +20,7 @@ mode always follows the same neighbour), medians:
     python benchmarks/recorder_overhead.py                      # ~3-5 min on 2 busy cores
     python benchmarks/recorder_overhead.py --reps 7 --only light
     python benchmarks/recorder_overhead.py --cprofile free      # where kvtrace's time goes
+    python benchmarks/recorder_overhead.py --floor --reps 8     # the hooks' cost with nothing tracked
 
 One intra-op thread: OpenMP spin-waits make a shared 2-core machine noisy, and what kvtrace adds (Python
 per layer update and per step) does not depend on it. No timing is asserted: this prints tables.
@@ -299,6 +300,52 @@ def full_table(work: Workload, reps: int, scratch: Path) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def _tracking_off() -> Iterator[None]:
+    """The hooks stay installed and run, but track nothing: no KV comparison or event, no end-of-step scan,
+    no memory sample. What is left is the cost of being called at all (wrapper, forward hooks, step
+    bookkeeping, log flush, and the in-hooks timers themselves)."""
+    from kvtrace import recorder
+    from kvtrace.integrations import hf_caches
+
+    def nothing(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    saved = [
+        (hf_caches.HfCacheHooks, "_updated", hf_caches.HfCacheHooks.__dict__["_updated"]),
+        (hf_caches.HfCacheHooks, "scan_all", hf_caches.HfCacheHooks.__dict__["scan_all"]),
+        (recorder.Recording, "_sample", recorder.Recording.__dict__["_sample"]),
+    ]
+    for owner, name, _ in saved:
+        setattr(owner, name, nothing)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def floor_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
+    """In-hooks µs per update with tracking and with tracking off, rounds alternated, median and min."""
+    lines = [f"{'workload':<12} {'tracking: median':>17} {'min':>7} {'hooks only: median':>19} {'min':>7}"]
+    for work in works:
+        if work.attach_model is None:
+            continue  # the loops have no forward hooks: their floor is the wrapper alone
+        tracked: list[float] = []
+        bare: list[float] = []
+        run_once("b", work, scratch)
+        for _ in range(reps):
+            tracked.append(hooks_cpu_per_update(work, scratch, runs=1))
+            with _tracking_off():
+                bare.append(hooks_cpu_per_update(work, scratch, runs=1))
+        lines.append(
+            f"{work.name:<12} {statistics.median(tracked):>17.1f} {min(tracked):>7.1f} "
+            f"{statistics.median(bare):>19.1f} {min(bare):>7.1f}"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
 def profile_workload(work: Workload, scratch: Path, top: int) -> None:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -320,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256, help="new tokens / loop steps (default 256)")
     parser.add_argument("--full-tokens", type=int, default=32, help="new tokens in full mode (default 32)")
     parser.add_argument("--only", choices=("light", "full"), help="print one table only")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="only: in-hooks µs per update with tracking on and off (the cost of the hooks being called)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--cprofile", choices=("tiny", "free", "free-32", "loop-dyn", "loop-static"))
     parser.add_argument("--top", type=int, default=25)
@@ -356,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch_name)
         if args.cprofile:
             profile_workload(next(w for w in light if w.name == args.cprofile), scratch, args.top)
+            return 0
+        if args.floor:
+            print("\n0. light mode, in hooks µs per update: tracking on, and off (hooks run, track nothing)")
+            floor_table(light, args.reps, scratch)
             return 0
         if args.only in (None, "light"):
             print("\n1. light mode (profiler=False): kvtrace time per KV layer update")
