@@ -1,8 +1,8 @@
 """numpy imported at first use, in the CLI process of an analyzer command (issue 11).
 
 `kvtrace report` on a small input spends most of its time starting up, and numpy's import alone is
-60-70 ms of it: more than reading a 26 MB trace that holds no memory events (which never needs an
-array). While an analyzer command runs, `import numpy` binds a stand-in module; the first attribute
+60-70 ms of it: about a fifth of reporting a 26 MB trace that holds no memory events, which never needs
+an array. While an analyzer command runs, `import numpy` binds a stand-in module; the first attribute
 read on it imports numpy for real and copies numpy's namespace into it, so later reads are plain
 dictionary hits, as on numpy itself.
 
