@@ -28,7 +28,7 @@ from analyzers.model import MemorySource
 from analyzers.readers.kineto_scan import as_int64
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import DeviceSummary, Report, summarize
-from analyzers.timeline import DeviceTimeline
+from analyzers.timeline import DeviceTimeline, run_starts, sorted_unique
 
 __all__ = ["DeviceFold", "PeakExactSampler", "Unsorted", "stream_report"]
 
@@ -48,9 +48,8 @@ def _extremes(index: np.ndarray, values: np.ndarray, bucket: int) -> np.ndarray:
     for reduce in (np.maximum, np.minimum):
         extreme = reduce.reduceat(values, starts)
         hits = np.flatnonzero(values == extreme[segment])
-        _, first = np.unique(segment[hits], return_index=True)
-        keep.append(hits[first])
-    return np.unique(np.concatenate(keep))
+        keep.append(hits[run_starts(segment[hits])])  # `segment[hits]` ascends with `hits`
+    return sorted_unique(np.concatenate(keep))
 
 
 class PeakExactSampler:

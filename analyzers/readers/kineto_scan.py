@@ -40,7 +40,13 @@ _COMMA_OPEN = b",\n  {"
 _EVENT_OPEN = b"\n  {"
 _EVENT_CLOSE = b"\n  }"
 _NEEDLE = b'"[memory]"'
-_OTHER_NEEDLES = (b"ProfilerStep#", b"kvtrace/", b'"ph": "B"', b'"ph": "E"')
+# Substrings of the events decoded one by one; a needle is a `bytes.find` pass or a compiled pattern. The
+# two phases share one pattern: one pass over the text instead of two (each ~25 ms on a 35 MB trace here).
+_OTHER_NEEDLES: tuple[bytes | re.Pattern[bytes], ...] = (
+    b"ProfilerStep#",
+    b"kvtrace/",
+    re.compile(rb'"ph": "[BE]"'),
+)
 _BLOCK_BYTES = 8 << 20
 _HEAD_BYTES = 4 << 20
 _INT = rb"(-?(?:0|[1-9][0-9]*))"
@@ -137,7 +143,8 @@ def _blocks_of(columns: dict[str, np.ndarray], count: int) -> list[MemoryBlock]:
         keys[0][:], keys[1][:] = pairs[0, 0], pairs[1, 0]
     else:  # CPU and GPU events interleaved: each device gets its rows, in order
         keys = raw_type.astype(np.int64), raw_id.astype(np.int64)
-        pairs = np.unique(np.stack(keys), axis=1)
+        # Sorted like `np.unique(..., axis=1)`, which would import numpy.ma (11 ms) for a few pairs.
+        pairs = np.array(sorted(set(zip(keys[0].tolist(), keys[1].tolist(), strict=True))), dtype=np.int64).T
     blocks = []
     for device_type, device_id in pairs.T.tolist():
         rows: Any = slice(None)
@@ -229,11 +236,18 @@ class _Scanner:
         self.commas += block.count(_COMMA_OPEN, start, end)
         found: dict[int, int] = {}  # start -> end of each event worth decoding
         for needle in (_NEEDLE, *_OTHER_NEEDLES) if memory else _OTHER_NEEDLES:
-            at = block.find(needle, start, end)
-            while at >= 0:
-                event_start, event_end = _event_at(block, at)
-                found[event_start] = event_end
-                at = block.find(needle, event_end, end)
+            if isinstance(needle, bytes):
+                at = block.find(needle, start, end)
+                while at >= 0:
+                    event_start, event_end = _event_at(block, at)
+                    found[event_start] = event_end
+                    at = block.find(needle, event_end, end)
+            else:
+                hit = needle.search(block, start, end)
+                while hit is not None:
+                    event_start, event_end = _event_at(block, hit.start())
+                    found[event_start] = event_end
+                    hit = needle.search(block, event_end, end)
         for event_start in sorted(found):  # file order
             event = _decode(block, event_start, found[event_start], self.path)
             is_memory = isinstance(event, dict) and event.get("name") == "[memory]"
