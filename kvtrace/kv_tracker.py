@@ -229,17 +229,6 @@ class KvTracker:
         state = self._layers.get((cache_id, layer))
         return None if state is None else state.tokens
 
-    def same_tensors(self, cache_id: int, layer: int, keys: Any, values: Any) -> bool:
-        """True when a layer holds exactly the K and V tensor objects last seen (and nothing else)."""
-        state = self._layers.get((cache_id, layer))
-        if state is None or len(state.slots) != 2:
-            return False
-        k_slot = state.slots.get(_KD)
-        v_slot = state.slots.get(_VD)
-        return (
-            k_slot is not None and v_slot is not None and k_slot.tref() is keys and v_slot.tref() is values
-        )
-
     def _state(self, cache_id: int, layer: int) -> _Layer:
         state = self._layers.get((cache_id, layer))
         if state is None:

@@ -105,6 +105,53 @@ def build_model(size: ModelSize | str, dtype: Any = None, device: str = "cpu", s
     return model.eval()
 
 
+# The package each quantized cache backend imports, and what pip calls it.
+_CACHE_PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq")}
+
+
+def device_unavailable(device: str) -> str | None:
+    """Why `--device` cannot be used by this torch (said before a model is built), or None."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"--device {device}: not a torch device (cpu, cuda, cuda:N, mps)"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {device}: this torch ({torch.__version__}) sees no CUDA device"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {device}: MPS is not available here"
+    return None
+
+
+def cache_unavailable(kind: str, device: str) -> str | None:
+    """Why a cache kind cannot run here (said before a model is built), or None.
+
+    transformers fails deep inside the first layer update otherwise: the offloaded cache syncs CUDA streams
+    ("Torch not compiled with CUDA enabled" on a CPU build), quanto and hqq import their backend."""
+    import importlib.util
+
+    import torch
+
+    if kind == "offloaded" and torch.device(device).type != "cuda":
+        return (
+            f"--cache offloaded needs a CUDA device (--device cuda, not {device}): transformers' offloaded "
+            "cache moves each layer between the GPU and the CPU on CUDA streams"
+        )
+    if kind in _CACHE_PACKAGES:
+        module, package = _CACHE_PACKAGES[kind]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the parent package (optimum) is missing
+            found = False
+        if not found:
+            return f"--cache {kind} needs the {package} package: pip install {package}"
+    return None
+
+
 def make_cache(
     kind: str, model: Any, batch: int, max_len: int, window: int = 16
 ) -> tuple[Any, dict[str, Any]]:

@@ -87,7 +87,12 @@ class DemoCommand(Command):
         import torch
 
         import kvtrace
+        from kvtrace.llama import cache_unavailable, device_unavailable
         from kvtrace.options import memory_size
+
+        problem = device_unavailable(args.device) or cache_unavailable(args.cache, args.device)
+        if problem is not None:
+            raise KvtraceError(problem)
 
         out = Path(args.out or default_out(args.cache, args.press))
         if (out / "manifest.json").exists() and not args.overwrite:

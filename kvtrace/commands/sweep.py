@@ -148,21 +148,31 @@ class SweepCommand(Command):
         if args.size is None and args.preset is None and args.config is None:
             args.size = "tiny"
         model_name, size = _model_size(args)
+        import torch
+        from tqdm import tqdm
+
+        import kvtrace
+        from kvtrace.llama import (
+            build_model,
+            cache_keyword,
+            cache_unavailable,
+            device_unavailable,
+            make_cache,
+        )
+
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        problem = device_unavailable(device)
+        for kind in caches:
+            problem = problem or cache_unavailable(kind, device)
+        if problem is not None:
+            raise KvtraceError(problem)
         out = Path(args.out)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise KvtraceError(f"{out}: cannot create ({exc.strerror})") from None
-
-        import torch
-        from tqdm import tqdm
-
-        import kvtrace
-        from kvtrace.llama import build_model, cache_keyword, make_cache
-
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         on_cuda = device.startswith("cuda") and torch.cuda.is_available()
         model = build_model(size, dtype=getattr(torch, args.dtype), device=device)
         pad_id = model.config.pad_token_id

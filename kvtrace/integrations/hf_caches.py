@@ -103,6 +103,9 @@ def _nothing() -> None:
     return None
 
 
+_MISSING = object()  # an attribute a layer lacks (never identical to a tracked tensor)
+
+
 class HfCacheHooks:
     """Wraps `transformers.cache_utils.Cache` methods; `range_push`/`range_pop` let the recorder open NVTX
     and profiler ranges around each layer update (None when neither is listening: no cost at all)."""
@@ -284,19 +287,29 @@ class HfCacheHooks:
         cid = self.cache_id(cache)
         signatures = self._signatures
         tracker = self.tracker
+        states = tracker._layers
+        scan = cause == "scan"
         for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
             if only is not None and layer_idx not in only:
                 continue
+            if scan:
+                # The same K and V tensor objects the update saw (in-place writes are the update's): every
+                # layer of every step lands here, so the test is inline (issue 11).
+                state = states.get((cid, layer_idx))
+                fast = state.fast if state is not None else None
+                if (
+                    fast is not None
+                    and fast[0].tref() is getattr(layer, "keys", _MISSING)
+                    and fast[1].tref() is getattr(layer, "values", _MISSING)
+                ):
+                    continue
             if not hasattr(layer, "keys") and cause != "reset":
                 continue
             signature: tuple[Any, ...] | None = None
-            if cause == "scan":
-                if tracker.same_tensors(cid, layer_idx, layer.keys, layer.values):
-                    continue  # the same tensor objects the update saw (in-place writes are the update's)
-                if hasattr(layer, "_quantized_keys"):
-                    signature = _signature(layer_parts(layer))
-                    if signatures.get((cid, layer_idx)) == signature:
-                        continue
+            if scan and hasattr(layer, "_quantized_keys"):
+                signature = _signature(layer_parts(layer))
+                if signatures.get((cid, layer_idx)) == signature:
+                    continue
             parts = layer_parts(layer)
             known = tracker.tokens_or_none(cid, layer_idx) if cause == "scan" else None
             tracker.observe(cid, layer_idx, parts, cause, layer_tokens(layer, known), reason=reason)

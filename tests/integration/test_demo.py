@@ -74,3 +74,88 @@ def test_no_kineto_lines_reach_the_terminal(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "USDT" not in done.stderr and "profiler_start" not in done.stderr
     assert "USDT" not in done.stdout
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:
+        return True
+
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# (arguments, what the one-line error must say, whether this machine lacks what they need)
+UNRUNNABLE = [
+    (["--cache", "offloaded"], "--cache offloaded needs a CUDA device", _no_cuda),
+    (["--device", "cuda"], "--device cuda: this torch", _no_cuda),
+    (["--device", "gpu0"], "--device gpu0: not a torch device", lambda: True),
+    (
+        ["--cache", "quanto"],
+        "--cache quanto needs the optimum-quanto package",
+        lambda: _missing("optimum.quanto"),
+    ),
+    (["--cache", "hqq"], "--cache hqq needs the hqq package", lambda: _missing("hqq")),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "said", "applies"), UNRUNNABLE, ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+)
+def test_a_demo_this_machine_cannot_run_is_refused_in_one_line_before_building_a_model(
+    tmp_path: Path, args: list[str], said: str, applies: object
+) -> None:
+    assert callable(applies)
+    if not applies():
+        pytest.skip("this machine has what the case needs")
+    # WHEN a user asks for a cache or device this torch cannot give (transformers used to fail deep in the
+    # first layer update, with a traceback)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvtrace.cli",
+            "demo",
+            *FAST,
+            "--no-profiler",
+            "--out",
+            str(tmp_path / "r"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # THEN exit 2, one line on stderr that says why, no traceback, and no run folder left behind
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "r").exists()
+    # AND a sweep asking for the same refuses the same way, leaving no folder either
+    sweep = ["--cache", args[1]] if args[0] == "--cache" else args
+    swept = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvtrace.cli",
+            "sweep",
+            "--batch",
+            "1",
+            "--context",
+            "8",
+            "--out",
+            str(tmp_path / "s"),
+            *sweep,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert swept.returncode == 2 and said in swept.stderr and "Traceback" not in swept.stderr, swept.stderr
+    assert not (tmp_path / "s").exists()
