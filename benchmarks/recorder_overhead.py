@@ -21,6 +21,7 @@ mode always follows the same neighbour), medians:
     python benchmarks/recorder_overhead.py --reps 7 --only light
     python benchmarks/recorder_overhead.py --cprofile free      # where kvtrace's time goes
     python benchmarks/recorder_overhead.py --floor --reps 8     # the hooks' cost with nothing tracked
+    python benchmarks/recorder_overhead.py --breakdown --reps 5 # the in-hooks time split by part
 
 One intra-op thread: OpenMP spin-waits make a shared 2-core machine noisy, and what kvtrace adds (Python
 per layer update and per step) does not depend on it. No timing is asserted: this prints tables.
@@ -346,6 +347,65 @@ def floor_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
     return lines
 
 
+# The parts of kvtrace's in-hooks time that `--breakdown` times apart (inclusive, by `perf_counter_ns`):
+# (label, owner module, class, method).
+_PARTS = (
+    ("capture", "kvtrace.kv_tracker", "KvTracker", "update"),
+    ("lines", "kvtrace.kv_tracker", "KvTracker", "drain"),
+    ("layer read", "kvtrace.integrations.hf_caches", "HfCacheHooks", "_updated"),
+    ("step scan", "kvtrace.integrations.hf_caches", "HfCacheHooks", "scan_all"),
+    ("sample", "kvtrace.recorder", "Recording", "_sample"),
+)
+
+
+def breakdown_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
+    """kvtrace's in-hooks µs per update, split: the tracker's capture of a layer update (`update`), the
+    JSON lines made from the captures every 0.1 s (`drain`), the rest of the update hook (reading the
+    layer, `_updated` minus the capture), the end-of-step scan, the memory sample, and the rest (the
+    `Cache.update` wrapper, step start and end, writing the log, and the timers). Medians of `reps` runs."""
+    import importlib
+
+    labels = [label for label, *_ in _PARTS]
+    lines = [f"{'workload':<12} {'in hooks':>9} " + " ".join(f"{x:>11}" for x in labels) + f" {'rest':>8}"]
+    spent: dict[str, int] = {}
+    patched: list[tuple[Any, str, Any]] = []
+    clock = time.perf_counter_ns
+
+    for label, module, cls, name in _PARTS:
+        owner = getattr(importlib.import_module(module), cls)
+        original = owner.__dict__[name]
+
+        def timed(*args: Any, _original: Any = original, _label: str = label, **kwargs: Any) -> Any:
+            started = clock()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                spent[_label] = spent.get(_label, 0) + clock() - started
+
+        patched.append((owner, name, original))
+        setattr(owner, name, timed)
+    try:
+        for work in works:
+            run_once("b", work, scratch)
+            rows: list[tuple[float, dict[str, float]]] = []
+            for _ in range(reps):
+                spent.clear()
+                total = hooks_cpu_per_update(work, scratch, runs=1)
+                rows.append((total, {k: v / work.updates / 1e3 for k, v in spent.items()}))
+            total = statistics.median(t for t, _ in rows)
+            part = {x: statistics.median(r.get(x, 0.0) for _, r in rows) for x in labels}
+            # `_updated` holds the capture: its own share is the layer read.
+            part["layer read"] = max(part["layer read"] - part["capture"], 0.0)
+            rest = total - sum(part.values())
+            cells = " ".join(f"{part[x]:>11.1f}" for x in labels)
+            lines.append(f"{work.name:<12} {total:>9.1f} {cells} {rest:>8.1f}")
+            print(lines[-1], flush=True)
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+    return lines
+
+
 def profile_workload(work: Workload, scratch: Path, top: int) -> None:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -371,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         "--floor",
         action="store_true",
         help="only: in-hooks µs per update with tracking on and off (the cost of the hooks being called)",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="only: in-hooks µs per update split by part (capture, lines, layer read, scan, sample, rest)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--cprofile", choices=("tiny", "free", "free-32", "loop-dyn", "loop-static"))
@@ -408,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch_name)
         if args.cprofile:
             profile_workload(next(w for w in light if w.name == args.cprofile), scratch, args.top)
+            return 0
+        if args.breakdown:
+            print("\n0. light mode, in hooks µs per update, by part (timed inclusive; medians)")
+            breakdown_table(light, args.reps, scratch)
             return 0
         if args.floor:
             print("\n0. light mode, in hooks µs per update: tracking on, and off (hooks run, track nothing)")
