@@ -106,6 +106,9 @@ def load_tables(*paths: str | os.PathLike[str], strict: bool = True) -> Tables:
     inputs, problems = find_inputs(list(paths))
     if problems and strict:
         raise KvtraceError(problems[0][1])
+    if not inputs and strict:  # as `kvtrace export` says: a mistyped folder is not an empty result
+        where = ", ".join(str(p) for p in paths)
+        raise KvtraceError(f"{where}: no run directories, traces or snapshots found (nor an export)")
     collected: dict[str, list[pa.Table]] = {name: [] for name in TABLE_NAMES}
     for inp in inputs:
         try:

@@ -86,6 +86,8 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
 
     try:
         relation = con.execute(sql)
+        if relation is None:  # empty, blank, only comments or semicolons
+            raise KvtraceError(f"query failed: no SQL statement in {sql!r}")
         columns = [d[0] for d in relation.description] if relation.description else []
         rows = relation.fetchall() if columns else []  # DuckDB 2 results have no fetchone()
     except duckdb.Error as exc:

@@ -61,7 +61,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             command.name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         command.add_arguments(child)
-        child.set_defaults(_command=command)
+        child.set_defaults(_command=command, _parser=child)
     return parser
 
 
@@ -69,8 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     command: Command | None = getattr(args, "_command", None)
+    if unknown:  # said with the usage of the command they were given to, not kvtrace's own
+        (getattr(args, "_parser", None) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if command is None:
         parser.print_help()
         return 2

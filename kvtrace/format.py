@@ -242,6 +242,10 @@ def read_run(path: str | os.PathLike[str]) -> Run:
             f"{manifest_path}: schema version {version} is newer than this kvtrace reads ({SCHEMA_VERSION}); "
             "upgrade kvtrace"
         )
+    for key, types, what in _MANIFEST_FIELDS:
+        if key in manifest and not isinstance(manifest[key], types):
+            found = "null" if manifest[key] is None else type(manifest[key]).__name__
+            raise KvtraceError(f"{manifest_path}: field {key!r} is {found}, expected {what}")
     raw_events, cut_events = _read_jsonl(root / KV_EVENTS)
     events_path = root / KV_EVENTS
     events = [_event_from(r, events_path) for r in raw_events]
@@ -256,6 +260,22 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         memory_samples=samples,
         truncated=cut_events or cut_weights or cut_samples,
     )
+
+
+# Manifest fields that readers open as objects or lists, with the types they may hold when present (a
+# model-less recording writes `"model": null`); anything else is a damaged or hand-edited manifest.
+_MANIFEST_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
+    ("device", (dict,), "an object"),
+    ("ended", (dict,), "an object"),
+    ("options", (dict,), "an object"),
+    ("clock", (dict,), "an object"),
+    ("snapshots", (dict,), "an object"),
+    ("monitors", (dict,), "an object"),
+    ("engine", (dict,), "an object"),
+    ("model", (dict, type(None)), "an object or null"),
+    ("files", (list,), "a list"),
+    ("notes", (list,), "a list"),
+)
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:

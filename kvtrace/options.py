@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable
@@ -25,6 +26,9 @@ _UNITS = {
 }
 
 
+MAX_SIZE = 2**64  # bytes: larger is a typo (1e99), and would overflow the float arithmetic of reports
+
+
 def memory_size(value: int | float | str) -> int:
     """Bytes from 8 * 2**30, "8GiB" (binary), "8GB" (decimal) or "1.5e9". Bare K/M/G are refused: they
     differ by 7% at 80 GiB depending on who reads them."""
@@ -37,6 +41,8 @@ def memory_size(value: int | float | str) -> int:
         if match is None or match.group(2).lower() not in _UNITS:
             raise KvtraceError(f"cannot read size {value!r}: write e.g. 8GiB, 8GB, 1.5e9 or 12345")
         number, unit = float(match.group(1)), match.group(2).lower()
+    if not math.isfinite(number) or number * _UNITS[unit] > MAX_SIZE:
+        raise KvtraceError(f"size too large: {value!r} (at most 16 EiB)")
     size = int(number * _UNITS[unit])
     if size <= 0:
         raise KvtraceError(f"a memory size must be positive, got {value!r}")

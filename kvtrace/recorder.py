@@ -173,7 +173,11 @@ class Recording:
             raise RecordingError(
                 f"{self.path}: already holds a kvtrace run (pass overwrite=True to replace it)"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, a read-only or missing parent, a full disk
+            message = f"{self.path}: cannot create the run folder ({exc.strerror or exc})"
+            raise RecordingError(message, exit_code=1) from None
         # Replacing a run: its old files go, so that no reader mixes two recordings (an old trace in
         # profiler/ would otherwise sit beside the new one). Only names the format owns are touched.
         for name in (fmt.KV_EVENTS, fmt.WEIGHTS, fmt.MEMORY_SAMPLES, *fmt.ENGINE_FILES, *fmt.DERIVED_FILES):

@@ -444,6 +444,9 @@ _SIZE_UNITS = {
 _SIZE_PATTERN = re.compile(r"([0-9.eE+-]+)\s*([A-Za-z]*)")
 
 
+MAX_SIZE = 2**64  # bytes
+
+
 def parse_size(text: str) -> int:
     """Bytes from "80GiB" (2**30), "80GB" (10**9), "1.5e9" or "12345"; fractions of a byte round down.
 
@@ -461,4 +464,7 @@ def parse_size(text: str) -> int:
         raise KvtraceError(f"cannot read size {text!r}")
     if value < 0:
         raise KvtraceError(f"size cannot be negative: {text!r}")
-    return int((value * _SIZE_UNITS[unit]).to_integral_value(rounding=ROUND_FLOOR))
+    size = int((value * _SIZE_UNITS[unit]).to_integral_value(rounding=ROUND_FLOOR))
+    if size > MAX_SIZE:  # a typo (1e99), and beyond what the float arithmetic of a plan can hold
+        raise KvtraceError(f"size too large: {text!r} (at most 16 EiB)")
+    return size

@@ -27,6 +27,7 @@ Memory timelines (`export_memory_timeline`) are read by `analyzers.readers.memor
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -192,6 +193,8 @@ class _TraceCollector:
                 ts = float(ts)
             except ValueError:
                 return None
+            if not math.isfinite(ts):  # NaN or an infinity (Python's json reads them): no place in time
+                return None
             self.all_integral = self.all_integral and float(ts).is_integer()
         return float(ts)
 
@@ -206,7 +209,7 @@ class _TraceCollector:
             raw_ts = event.get("ts")
             if type(raw_ts) is int:  # the common case, without the general conversion
                 ts: float | None = float(raw_ts)
-            elif type(raw_ts) is float:
+            elif type(raw_ts) is float and math.isfinite(raw_ts):
                 ts = raw_ts
                 if self.all_integral and not raw_ts.is_integer():
                     self.all_integral = False

@@ -24,7 +24,7 @@ def as_int(value: Any, default: int) -> int:
         return value
     try:
         return int(value, 0) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float (1e400 in the JSON)
         return default
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command
-from kvtrace.commands.output import print_result, write_html
+from kvtrace.commands.output import check_html_target, print_result, write_html
 from kvtrace.errors import KvtraceError
 from kvtrace.format import is_run_group
 
@@ -33,6 +33,7 @@ class CompareCommand(Command):
         from analyzers.compare import compare, comparison_to_html, comparison_to_json, comparison_to_text
         from analyzers.report import build_report
 
+        check_html_target(args.output)
         if len(args.runs) < 2:
             raise KvtraceError("give at least two runs to compare")
         paths = [Path(p) for p in args.runs]

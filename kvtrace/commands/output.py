@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,18 +12,45 @@ from typing import Any
 from kvtrace.errors import KvtraceError
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every float JSON cannot hold (NaN, ±inf: Python writes them, strict parsers refuse
+    them) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    return value
+
+
 def print_result(as_json: bool, payload: Callable[[], Any], text: Callable[[], str]) -> None:
-    """JSON on stdout for scripts (`--json`), else the human text. Both are built only when needed."""
+    """JSON on stdout for scripts (`--json`, strict: no NaN), else the human text. Both are built only
+    when needed, and written once whole."""
     if as_json:
-        json.dump(payload(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(strict_json(payload()), indent=2, allow_nan=False) + "\n")
     else:
         print(text())
+
+
+def check_html_target(target: str | None) -> None:
+    """Refuse an `-o` that cannot take an HTML page before any work is done: an empty path, a folder, or an
+    existing file that is not HTML (`-o run/manifest.json` would destroy the run being reported)."""
+    if target is None:
+        return
+    out = Path(target)
+    if not str(target).strip():
+        raise KvtraceError("-o/--output: empty path")
+    if out.is_dir():
+        raise KvtraceError(f"{out}: is a folder; give a file path such as {out / 'report.html'}")
+    if out.is_file() and out.suffix.lower() not in (".html", ".htm"):
+        raise KvtraceError(f"{out}: exists and is not an HTML file; give a new path or a .html one")
 
 
 def write_html(target: str | Path, html: str, quiet: bool = False) -> Path:
     """Write an HTML report; a failure is one line and exit status 1, never a traceback."""
     out = Path(target)
+    check_html_target(str(target))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(html, encoding="utf-8")

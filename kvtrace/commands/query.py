@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command
+from kvtrace.commands.output import strict_json
 from kvtrace.errors import KvtraceError
 
 _MAX_CELL = 60
@@ -81,8 +82,10 @@ class QueryCommand(Command):
             con.close()
         records = result.records()
         if args.json:
-            json.dump(records, sys.stdout, indent=2)
-            sys.stdout.write("\n")
+            # Strict JSON, written once it is whole: NaN and infinities become null, DuckDB's other types
+            # (UUID, dates, intervals, decimals) their text.
+            text = json.dumps(strict_json(records), indent=2, default=str, allow_nan=False)
+            sys.stdout.write(text + "\n")
         elif args.csv:
             writer = csv.writer(sys.stdout, lineterminator="\n")
             writer.writerow(result.columns)

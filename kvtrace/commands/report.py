@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from kvtrace.commands.base import Command
-from kvtrace.commands.output import print_result, write_html
+from kvtrace.commands.output import check_html_target, print_result, write_html
 from kvtrace.errors import KvtraceError
 from kvtrace.format import is_run_group
 
@@ -64,6 +64,7 @@ class ReportCommand(Command):
         from analyzers.render.text import report_to_text
         from analyzers.report import build_report
 
+        check_html_target(args.output)
         path = Path(args.path)
         if not path.exists():
             raise KvtraceError(f"{path}: no such file or directory")

@@ -172,16 +172,18 @@ class SweepCommand(Command):
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise KvtraceError(f"{out}: cannot create ({exc.strerror})") from None
+            raise KvtraceError(f"{out}: cannot create ({exc.strerror})", exit_code=1) from None
         on_cuda = device.startswith("cuda") and torch.cuda.is_available()
         model = build_model(size, dtype=getattr(torch, args.dtype), device=device)
         pad_id = model.config.pad_token_id
+        # Prompt ids below 128,000 (Llama 3's regular tokens), and within the vocabulary of a smaller config.
+        vocab = min(128_000, int(model.config.vocab_size))
         rows: list[dict[str, Any]] = []
         grid = list(itertools.product(batches, contexts, caches))
         for batch, context, cache_kind in tqdm(grid, desc="sweep", unit="point", file=sys.stderr):
             run_dir = out / "runs" / f"b{batch}_c{context}_{cache_kind}"
             generator = torch.Generator().manual_seed(batch * 100_003 + context)
-            ids = torch.randint(0, 128_000, (batch, context), generator=generator).to(device)
+            ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
             _forget_generate_state(model)
             cache, extra = make_cache(cache_kind, model, batch, context + args.new_tokens)
             if cache is not None:

@@ -1,0 +1,219 @@
+"""What a new user's mistakes and damaged inputs get from the CLI: one line naming the file or flag and an
+exit status, never a traceback, never a run destroyed by its own report, and JSON that strict parsers read.
+
+Each case here was found by trying the CLI the way users do (a size typed as 1e400, `-o` pointed at the
+run's manifest, a hand-edited manifest, an empty SQL string) and used to end in a traceback or in damage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvtrace.cli import main
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
+
+
+def _strict_loads(text: str) -> object:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture()
+def run_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(SAMPLES / "dynamic_b2", copy)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "--preset", "llama-3-8b", "--gpu-memory", "1e400"],
+        ["plan", "--preset", "llama-3-8b", "--gpu-memory", "1e99"],
+        ["plan", "--preset", "llama-3-8b", "--reserve", "1e309"],
+        ["diagnose", str(SAMPLES / "dynamic_b2"), "--budget", "1e400"],
+        ["demo", "--no-report", "--gpu-memory", "1e400"],
+        ["sweep", "--batch", "1", "--context", "8", "--gpu-memory", "1e400", "--out", "unused"],
+    ],
+    ids=["plan-inf", "plan-1e99", "plan-reserve", "diagnose-budget", "demo", "sweep"],
+)
+def test_a_size_too_large_for_any_device_is_refused(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # WHEN a size is typed beyond 16 EiB (it used to overflow float arithmetic: OverflowError)
+    assert main(argv) == 2
+    # THEN one line says so, naming the value
+    err = capsys.readouterr().err
+    assert "size too large" in err and err.count("\n") == 1
+    assert not Path("unused").exists()
+
+
+def test_report_and_compare_refuse_to_write_html_over_a_file_of_the_run(
+    run_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = (run_copy / "manifest.json").read_bytes()
+    # WHEN -o names the run's own manifest or log THEN nothing is done, and the run stays readable
+    for target in ("manifest.json", "kv_events.jsonl"):
+        assert main(["report", str(run_copy), "--no-export", "-o", str(run_copy / target)]) == 2
+        assert "exists and is not an HTML file" in capsys.readouterr().err
+    assert main(["compare", str(run_copy), str(run_copy), "-o", str(run_copy / "manifest.json")]) == 2
+    assert "exists and is not an HTML file" in capsys.readouterr().err
+    assert (run_copy / "manifest.json").read_bytes() == manifest
+    # AND a folder or an empty path is refused before the report is built (nothing printed on stdout)
+    for target in (str(run_copy), ""):
+        assert main(["report", str(run_copy), "--no-export", "-o", target]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.count("\n") == 1
+    # AND an HTML file is written, and written again
+    page = run_copy / "timeline.html"
+    for _ in range(2):
+        assert main(["report", str(run_copy), "--no-export", "-q", "-o", str(page)]) == 0
+        assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("device", None, "field 'device' is null, expected an object"),
+        ("ended", "x", "field 'ended' is str, expected an object"),
+        ("options", None, "field 'options' is null, expected an object"),
+        ("model", "x", "field 'model' is str, expected an object or null"),
+        ("notes", 3, "field 'notes' is int, expected a list"),
+    ],
+)
+def test_a_manifest_with_a_field_of_the_wrong_type_is_one_line(
+    run_copy: Path, field: str, value: object, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = run_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest[field] = value
+    path.write_text(json.dumps(manifest))
+    for argv in (["report", str(run_copy), "--no-export"], ["diagnose", str(run_copy)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert said in err and str(path) in err and err.count("\n") == 1
+
+
+def test_a_trace_with_nan_timestamps_reports_strict_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a trace whose memory events carry NaN or infinite timestamps (Python's json reads them)
+    trace = tmp_path / "nan.json"
+    event = (
+        '{"ph":"i","name":"[memory]","ts":%s,"pid":1,"tid":1,'
+        '"args":{"Bytes":%d,"Addr":%d,"Device Id":0,"Device Type":1}}'
+    )
+    events = [
+        event % ("NaN", 100, 1),
+        event % ("Infinity", 100, 2),
+        event % ("5", 256, 3),
+        event % ('"nan"', 1, 4),
+    ]
+    trace.write_text('{"traceEvents":[' + ",".join(events) + "]}")
+    # WHEN reported with --json
+    for argv in (["report", str(trace), "--json", "-q"], ["diagnose", str(trace), "--json"]):
+        assert main(argv) == 0
+        figures = _strict_loads(capsys.readouterr().out)  # THEN strict JSON: no NaN anywhere
+        assert isinstance(figures, dict)
+    assert main(["report", str(trace), "--json", "-q"]) == 0
+    report = _strict_loads(capsys.readouterr().out)
+    assert isinstance(report, dict)
+    # AND the event with a real time is kept, the three others skipped and said
+    device = report["devices"][0]
+    assert device["peak_allocated_bytes"] == 256
+    assert "skipped 3 of 4 events: 3 [memory] with a non-numeric ts" in report["notes"]
+
+
+def test_query_refuses_empty_sql_and_a_folder_without_sources_and_writes_strict_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = str(SAMPLES / "dynamic_b2")
+    for sql in ("", "  ", "-- only a comment", ";"):
+        assert main(["query", run, sql]) == 2
+        assert "no SQL statement" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["query", str(empty), "select * from runs"]) == 2
+    assert "no run directories, traces or snapshots found" in capsys.readouterr().err
+    # DuckDB values JSON has no type for (UUID, NaN, infinity) come out as text or null, in one valid document
+    sql = "select uuid() as id, 'nan'::double as n, 'inf'::double as i, count(*) as events from kv_events"
+    assert main(["query", run, "--json", sql]) == 0
+    rows = _strict_loads(capsys.readouterr().out)
+    assert isinstance(rows, list) and len(rows) == 1
+    row = rows[0]
+    assert len(row["id"]) == 36 and row["n"] is None and row["i"] is None
+    assert row["events"] == len((SAMPLES / "dynamic_b2" / "kv_events.jsonl").read_text().splitlines())
+
+
+def test_an_unknown_flag_gets_the_usage_of_its_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "diagnose", str(SAMPLES / "dynamic_b2"), "--no-export"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: kvtrace diagnose")
+    assert "kvtrace diagnose: error: unrecognized arguments: --no-export" in done.stderr
+
+
+def test_a_demo_into_a_path_that_is_a_file_is_one_line_and_status_1(tmp_path: Path) -> None:
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvtrace.cli",
+            "demo",
+            "--new-tokens",
+            "2",
+            "--no-profiler",
+            "--no-report",
+            "--out",
+            str(target),
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"{target}: cannot create the run folder" in done.stderr and "Traceback" not in done.stderr
+    assert target.read_text() == "not a folder"
+
+
+def test_a_sweep_of_a_config_with_a_small_vocabulary_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a Llama-architecture config with a 32k vocabulary (prompt ids used to be drawn below 128,000)
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "vocab_size": 32000,
+            }
+        )
+    )
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(config), "--batch", "2", "--context", "8", "--new-tokens", "3"]
+    assert main([*argv, "--cache", "dynamic", "--out", str(out)]) == 0
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok"]
+    # THEN its KV is the arithmetic: layers x 2 x kv_heads x head_dim x tokens x batch x 4 bytes (float32),
+    # with 8 + 3 - 1 tokens held at the end (the last new token is never fed back)
+    assert rows[0]["kv_final_bytes"] == 2 * 2 * 2 * (64 // 4) * (8 + 3 - 1) * 2 * 4
