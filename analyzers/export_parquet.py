@@ -41,7 +41,7 @@ InputProgress = Callable[[Input], None]
 @dataclass
 class ExportSummary:
     out_dir: str
-    part: int
+    part: int | None  # None when nothing was exported: no part was added
     inputs: int = 0
     exported: int = 0
     already_exported: int = 0
@@ -189,7 +189,8 @@ def export(
         for table in TABLE_NAMES:
             shutil.rmtree(root / table, ignore_errors=True)
     done, taken = _exported(root) if root.is_dir() else (set(), set())
-    summary = ExportSummary(out_dir=str(root), part=_next_part(root) if root.is_dir() else 0)
+    part = _next_part(root) if root.is_dir() else 0
+    summary = ExportSummary(out_dir=str(root), part=part)
     summary.inputs = len(inputs)
     summary.problems.extend(problems)
     for _, missing in problems:
@@ -198,7 +199,7 @@ def export(
     if on_inputs_found is not None:
         on_inputs_found(len(inputs))
     try:
-        writers = {name: _TableWriter(root / name, summary.part, schema) for name, schema in SCHEMAS.items()}
+        writers = {name: _TableWriter(root / name, part, schema) for name, schema in SCHEMAS.items()}
     except OSError as exc:
         raise KvtraceError(f"{root}: cannot write ({exc.strerror})", exit_code=1) from None
     complete = False
@@ -228,7 +229,10 @@ def export(
                 on_input(inp)
         complete = True
     finally:
+        # A run that exported nothing (every source already there, or unreadable) adds no empty part.
         for writer in writers.values():
-            writer.close(keep=complete)
+            writer.close(keep=complete and summary.exported > 0)
     summary.rows = {name: writer.rows for name, writer in writers.items()}
+    if not summary.exported:
+        summary.part = None
     return summary

@@ -408,6 +408,6 @@ def _read_snapshot(name: str, progress: ProgressFn | None) -> MemorySource:
             source.segments.extend(_segment_record(f"cuda:{index}", s) for s in device_segments)
         source.frames = frames.texts
         source.markers.sort(key=lambda m: m.ts_us)
-    except (AttributeError, TypeError, ValueError, KeyError, OverflowError) as exc:  # Overflow: 1e400, 10**400
+    except (AttributeError, TypeError, ValueError, KeyError, OverflowError) as exc:  # Overflow: 1e400
         raise KvtraceError(f"{name}: malformed snapshot ({type(exc).__name__}: {exc})") from exc
     return source

@@ -35,6 +35,11 @@ class CompareCommand(Command):
 
         check_html_target(args.output)
         if len(args.runs) < 2:
+            held = _runs_inside(Path(args.runs[0])) if args.runs else []
+            if len(held) >= 2:  # a folder of runs: say how to name them
+                names = " ".join(str(p) for p in held[:3]) + (" ..." if len(held) > 3 else "")
+                example = f"kvtrace compare {names}"
+                raise KvtraceError(f"{args.runs[0]} holds {len(held)} runs: name them, e.g. {example}")
             raise KvtraceError("give at least two runs to compare")
         paths = [Path(p) for p in args.runs]
         for path in paths:
@@ -73,3 +78,13 @@ class CompareCommand(Command):
             per_group = [rank_figures(g, label) for g, label in zip(groups, labels, strict=True)]
             rows += [row for ranks in zip(*per_group, strict=True) for row in ranks]
         return Comparison(tuple(rows))
+
+
+def _runs_inside(folder: Path) -> list[Path]:
+    """The run directories directly inside a folder that is not itself a run (or nothing)."""
+    from analyzers.readers.sources import runs_in
+    from kvtrace.format import is_run_dir
+
+    if not folder.is_dir() or is_run_dir(folder):
+        return []
+    return runs_in(folder)

@@ -86,10 +86,13 @@ class ExportCommand(Command):
 
         def text() -> str:
             rows = ", ".join(f"{name} {count:,}" for name, count in summary.rows.items() if count)
-            line = (
-                f"exported {summary.exported} of {summary.inputs} inputs to {summary.out_dir} "
-                f"(part {summary.part}): {rows or 'no rows'}"
-            )
+            if summary.part is None:
+                line = f"nothing new exported to {summary.out_dir}: no part added"
+            else:
+                line = (
+                    f"exported {summary.exported} of {summary.inputs} inputs to {summary.out_dir} "
+                    f"(part {summary.part}): {rows or 'no rows'}"
+                )
             if summary.already_exported:
                 line += f"\n{summary.already_exported} already in {summary.out_dir}: not exported again"
             if summary.problems:

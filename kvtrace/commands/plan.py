@@ -22,6 +22,11 @@ def parse_reserve(text: str) -> tuple[int | None, float | None]:
         number = None
     if number is not None and number.is_finite() and 0 <= number < 1:
         return None, float(number)
+    if number is not None and number.is_finite() and (number != number.to_integral_value() or number < 1024):
+        # "1.5" or "2": a fraction of 150%, or 1.5 GB without its unit; as bytes it would be a byte or two
+        raise KvtraceError(
+            f"--reserve {text.strip()}: a fraction must be below 1 (0.15), a size needs its unit (1.5GiB)"
+        )
     from analyzers.planning.plan import parse_size
 
     return parse_size(text), None

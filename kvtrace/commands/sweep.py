@@ -163,7 +163,16 @@ class SweepCommand(Command):
         device = args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        from kvtrace.llama import llama3_config
+
+        limit = int(llama3_config(size).max_position_embeddings)
+        longest = max(contexts) + args.new_tokens
         problem = device_unavailable(device)
+        if longest > limit:
+            problem = (
+                f"--context {max(contexts)} + --new-tokens {args.new_tokens} = {longest} tokens passes the "
+                f"model's max_position_embeddings ({limit}); kvtrace plan answers such sizes without running"
+            )
         for kind in caches:
             problem = problem or cache_unavailable(kind, device)
         if problem is not None:

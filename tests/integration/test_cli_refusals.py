@@ -217,3 +217,33 @@ def test_a_sweep_of_a_config_with_a_small_vocabulary_runs(
     # THEN its KV is the arithmetic: layers x 2 x kv_heads x head_dim x tokens x batch x 4 bytes (float32),
     # with 8 + 3 - 1 tokens held at the end (the last new token is never fed back)
     assert rows[0]["kv_final_bytes"] == 2 * 2 * 2 * (64 // 4) * (8 + 3 - 1) * 2 * 4
+
+
+@pytest.mark.parametrize("reserve", ["1.5", "2", "1023"])
+def test_plan_refuses_a_reserve_that_is_neither_a_fraction_nor_a_size(
+    reserve: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a bare "1.5" used to mean 1 byte: neither the 150% nor the 1.5 GB the user had in mind
+    assert main(["plan", "--preset", "llama-3-8b", "--reserve", reserve]) == 2
+    assert f"--reserve {reserve}: a fraction must be below 1" in capsys.readouterr().err
+    for accepted in ("0.15", "2GiB", "12345"):
+        assert main(["plan", "--preset", "llama-3-8b", "--reserve", accepted, "--json"]) in (0, 1)
+        assert _strict_loads(capsys.readouterr().out)
+
+
+def test_compare_of_one_folder_of_runs_names_them(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", str(SAMPLES)]) == 2
+    err = capsys.readouterr().err
+    runs = sorted(p for p in SAMPLES.iterdir() if (p / "manifest.json").is_file())
+    assert f"holds {len(runs)} runs: name them, e.g. kvtrace compare {runs[0]} {runs[1]}" in err
+
+
+def test_a_sweep_past_the_models_positions_is_refused_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sweep"
+    assert (
+        main(["sweep", "--batch", "1", "--context", "8,200000", "--new-tokens", "2", "--out", str(out)]) == 2
+    )
+    assert "200002 tokens passes the model's max_position_embeddings (131072)" in capsys.readouterr().err
+    assert not out.exists()

@@ -84,6 +84,10 @@ def test_a_second_export_adds_a_part_and_skips_what_is_there(
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     rows = _json_out(capsys, ["query", str(out), "--json", "SELECT run_id FROM runs ORDER BY 1"])
     assert [r["run_id"] for r in rows] == [first.as_posix(), second.as_posix()]
+    # a third export of the same sources adds nothing, not even an empty part
+    summary = _json_out(capsys, ["export", str(tmp_path / "runs"), "-o", str(out), "--json"])
+    assert (summary["part"], summary["exported"], summary["already_exported"]) == (None, 0, 2)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     summary = _json_out(capsys, ["export", str(second), "-o", str(out), "--json", "--overwrite"])
     assert summary["part"] == 0 and summary["rows"]["runs"] == 1
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00000.parquet"]
