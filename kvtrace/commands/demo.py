@@ -57,14 +57,18 @@ class DemoCommand(Command):
         )
         parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype")
         parser.add_argument("--cache", choices=CACHE_KINDS, default="dynamic", help="KV cache kind")
-        parser.add_argument("--window", type=int, default=16, help="sliding window length (sliding caches)")
+        parser.add_argument(
+            "--window", type=int, help="sliding window length (sliding caches only; default: 16)"
+        )
         parser.add_argument("--beams", type=int, default=1, help="beam search width (default: greedy)")
         parser.add_argument("--no-profiler", action="store_true", help="KV log, NVTX and samples only")
         parser.add_argument("--with-stack", action="store_true", help="Python stacks in the profiler trace")
         parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
         parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
         parser.add_argument("--press", help="a kvpress eviction press (needs kvpress, transformers<5.3)")
-        parser.add_argument("--compression", type=float, default=0.5, help="press compression ratio (0.5)")
+        parser.add_argument(
+            "--compression", type=float, help="press compression ratio in [0, 1) (with --press; default 0.5)"
+        )
         parser.add_argument(
             "--engine",
             choices=("hf", "vllm"),
@@ -79,9 +83,7 @@ class DemoCommand(Command):
             from kvtrace.commands.demo_vllm import run_vllm_demo
 
             return run_vllm_demo(args)
-        for flag in ("batch", "new_tokens", "window", "beams"):
-            if getattr(args, flag) < 1:
-                raise KvtraceError(f"--{flag.replace('_', '-')} must be at least 1")
+        _check_flags(args)
         import contextlib
 
         import torch
@@ -118,14 +120,16 @@ class DemoCommand(Command):
         input_ids, mask = encode_batch(tokenizer, prompts, pad_id)
         input_ids, mask = input_ids.to(args.device), mask.to(args.device)
         max_len = input_ids.shape[1] + args.new_tokens
-        cache, extra = make_cache(args.cache, model, args.batch * args.beams, max_len, window=args.window)
+        window = args.window if args.window is not None else 16
+        cache, extra = make_cache(args.cache, model, args.batch * args.beams, max_len, window=window)
         if cache is not None:
             extra[cache_keyword()] = cache
         press_context: Any = contextlib.nullcontext()
         if args.press:
             from kvtrace.integrations.presses import make_press
 
-            press_context = make_press(args.press, args.compression)(model)
+            compression = args.compression if args.compression is not None else 0.5
+            press_context = make_press(args.press, compression)(model)
         budget_text = f", budget {gpu_memory}" if budget is not None else ""
         print(
             f"kvtrace demo: Llama 3 '{args.size}' ({sum(p.numel() for p in model.parameters()):,} params, "
@@ -176,3 +180,26 @@ class DemoCommand(Command):
         if budget is not None:
             print(f"why it would run out on {gpu_memory}, and what each remedy buys: kvtrace diagnose {out}")
         return status
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse values out of range and flags that would do nothing with the others given (a window without
+    a sliding cache, a compression without a press, stacks without the profiler, more prompts than rows)."""
+    for flag in ("batch", "new_tokens", "window", "beams"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise KvtraceError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.window is not None and args.cache not in ("sliding", "static_sliding"):
+        raise KvtraceError(f"--window applies to --cache sliding or static_sliding, not {args.cache}")
+    if args.compression is not None:
+        if args.press is None:
+            raise KvtraceError("--compression applies with --press")
+        if not 0 <= args.compression < 1:
+            raise KvtraceError(f"--compression must be in [0, 1), got {args.compression}")
+    if args.with_stack and args.no_profiler:
+        raise KvtraceError("--with-stack adds stacks to the profiler trace: drop --no-profiler")
+    if args.prompt and len(args.prompt) > args.batch:
+        raise KvtraceError(
+            f"{len(args.prompt)} prompts for --batch {args.batch}: one row per prompt, give --batch "
+            f"{len(args.prompt)}"
+        )

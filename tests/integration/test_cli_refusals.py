@@ -247,3 +247,23 @@ def test_a_sweep_past_the_models_positions_is_refused_before_running(
     )
     assert "200002 tokens passes the model's max_position_embeddings (131072)" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--window", "4"], "--window applies to --cache sliding or static_sliding, not dynamic"),
+        (["--compression", "0.3"], "--compression applies with --press"),
+        (["--press", "snapkv", "--compression", "2"], "--compression must be in [0, 1), got 2.0"),
+        (["--with-stack", "--no-profiler"], "--with-stack adds stacks to the profiler trace"),
+        (["--prompt", "a", "--prompt", "b", "--batch", "1"], "2 prompts for --batch 1"),
+    ],
+    ids=["window", "compression", "compression-range", "with-stack", "prompts"],
+)
+def test_a_demo_flag_that_would_do_nothing_is_refused(
+    tmp_path: Path, flags: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # they used to be accepted and ignored: the user believed the run had a window, a press, stacks
+    assert main(["demo", "--no-report", "--out", str(tmp_path / "r"), *flags]) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
