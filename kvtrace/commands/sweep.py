@@ -157,14 +157,13 @@ class SweepCommand(Command):
             cache_keyword,
             cache_unavailable,
             device_unavailable,
+            llama3_config,
             make_cache,
         )
 
         device = args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        from kvtrace.llama import llama3_config
-
         limit = int(llama3_config(size).max_position_embeddings)
         longest = max(contexts) + args.new_tokens
         problem = device_unavailable(device)
