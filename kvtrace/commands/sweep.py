@@ -126,6 +126,7 @@ class SweepCommand(Command):
             help="device memory budget, e.g. 80GiB: rows say whether each point fits, and where it runs out",
         )
         parser.add_argument("--out", required=True, help="output directory")
+        parser.add_argument("--overwrite", action="store_true", help="replace the sweep already in --out")
 
     def run(self, args: argparse.Namespace) -> int:
         from kvtrace.llama import CACHE_KINDS
@@ -177,6 +178,8 @@ class SweepCommand(Command):
         if problem is not None:
             raise KvtraceError(problem)
         out = Path(args.out)
+        if (out / "sweep.json").exists() and not args.overwrite:  # as `demo` does: no silent loss
+            raise KvtraceError(f"{out}: already holds a sweep; pass --overwrite to replace it, or --out DIR")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -214,6 +214,12 @@ def test_a_sweep_of_a_config_with_a_small_vocabulary_runs(
     assert main([*argv, "--cache", "dynamic", "--out", str(out)]) == 0
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok"]
+    # AND the same sweep again refuses to replace it without --overwrite, and leaves it as it was
+    written = (out / "sweep.json").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--cache", "dynamic", "--out", str(out)]) == 2
+    assert "already holds a sweep; pass --overwrite" in capsys.readouterr().err
+    assert (out / "sweep.json").read_bytes() == written
     # THEN its KV is the arithmetic: layers x 2 x kv_heads x head_dim x tokens x batch x 4 bytes (float32),
     # with 8 + 3 - 1 tokens held at the end (the last new token is never fed back)
     assert rows[0]["kv_final_bytes"] == 2 * 2 * 2 * (64 // 4) * (8 + 3 - 1) * 2 * 4
