@@ -362,7 +362,8 @@ def breakdown_table(works: list[Workload], reps: int, scratch: Path) -> list[str
     """kvtrace's in-hooks µs per update, split: the tracker's capture of a layer update (`update`), the
     JSON lines made from the captures every 0.1 s (`drain`), the rest of the update hook (reading the
     layer, `_updated` minus the capture), the end-of-step scan, the memory sample, and the rest (the
-    `Cache.update` wrapper, step start and end, writing the log, and the timers). Medians of `reps` runs."""
+    `Cache.update` wrapper, step start and end, writing the log, and the timers). Medians of `reps` runs.
+    The lines also count the last drain, at the block's end, outside the hooks: `rest` is a little low."""
     import importlib
 
     labels = [label for label, *_ in _PARTS]
