@@ -48,9 +48,9 @@ def check_html_target(target: str | None) -> None:
 
 
 def write_html(target: str | Path, html: str, quiet: bool = False) -> Path:
-    """Write an HTML report; a failure is one line and exit status 1, never a traceback."""
+    """Write an HTML report (to a target `check_html_target` passed before the work); a failure is one
+    line and exit status 1, never a traceback."""
     out = Path(target)
-    check_html_target(str(target))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(html, encoding="utf-8")

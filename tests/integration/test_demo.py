@@ -138,7 +138,6 @@ def test_a_demo_this_machine_cannot_run_is_refused_in_one_line_before_building_a
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "r").exists()
     # AND a sweep asking for the same refuses the same way, leaving no folder either
-    sweep = ["--cache", args[1]] if args[0] == "--cache" else args
     swept = subprocess.run(
         [
             sys.executable,
@@ -151,7 +150,7 @@ def test_a_demo_this_machine_cannot_run_is_refused_in_one_line_before_building_a
             "8",
             "--out",
             str(tmp_path / "s"),
-            *sweep,
+            *args,
         ],
         capture_output=True,
         text=True,
