@@ -36,15 +36,20 @@ from kvtrace.errors import KvtraceError
 __all__ = ["MemoryBlock", "NotKineto", "ScanResult", "as_int64", "scan_kineto"]
 
 _SEP = b"\n  },\n  {"
-_COMMA_OPEN = b",\n  {"
 _EVENT_OPEN = b"\n  {"
+# What the structure check counts: Kineto opens every event with "{" and a new line at its key indentation.
+# The longer needles are found in ~15 ms per 35 MB where "\n  {" (two spaces begin most lines) takes ~25.
+_EVENT_START = _EVENT_OPEN + b"\n    "
+_COMMA_START = b"," + _EVENT_START
 _EVENT_CLOSE = b"\n  }"
 _NEEDLE = b'"[memory]"'
 # Substrings of the events decoded one by one; a needle is a `bytes.find` pass or a compiled pattern. The
 # two phases share one pattern: one pass over the text instead of two (each ~25 ms on a 35 MB trace here).
+# Step names are kept only where they begin a string (`_is_step` wants the name to start so), and a needle
+# that opens with the quote is found faster (~10 against ~16 ms) and skips stack frames of kvtrace's files.
 _OTHER_NEEDLES: tuple[bytes | re.Pattern[bytes], ...] = (
-    b"ProfilerStep#",
-    b"kvtrace/",
+    b'"ProfilerStep#',
+    b'"kvtrace/',
     re.compile(rb'"ph": "[BE]"'),
 )
 _BLOCK_BYTES = 8 << 20
@@ -232,8 +237,8 @@ class _Scanner:
 
     def _plain(self, block: bytes, start: int, end: int, memory: bool = False) -> None:
         """Count the events of block[start:end] and decode those we keep (memory ones only if `memory`)."""
-        self.result.events += block.count(_EVENT_OPEN, start, end)
-        self.commas += block.count(_COMMA_OPEN, start, end)
+        self.result.events += block.count(_EVENT_START, start, end)
+        self.commas += block.count(_COMMA_START, start, end)
         found: dict[int, int] = {}  # start -> end of each event worth decoding
         for needle in (_NEEDLE, *_OTHER_NEEDLES) if memory else _OTHER_NEEDLES:
             if isinstance(needle, bytes):
@@ -299,7 +304,7 @@ def _header(head: bytes) -> tuple[dict[str, Any], int]:
         raise NotKineto
     top.pop("traceEvents", None)
     begin = key + len(b'"traceEvents": [')
-    first = head.find(_EVENT_OPEN + b"\n    ", begin)
+    first = head.find(_EVENT_START, begin)
     if first < 0 or head[begin:first].strip():
         raise NotKineto
     return top, begin

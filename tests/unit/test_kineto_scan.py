@@ -117,3 +117,31 @@ def test_memory_events_interleaved_with_kernels_are_read_by_the_pattern(
     _same(scanned, read_chrome_trace(path, byte_scan=False))
     (device,) = scanned.devices
     assert len(device) == 2000
+
+
+def test_only_names_that_begin_with_a_step_prefix_are_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN kvtrace ranges and steps, and stack frames and kernels that merely mention them
+    frame = (
+        '{\n    "ph": "X", "cat": "python_function", "name": "%s", "pid": 7, "tid": 7,\n'
+        '    "ts": %d, "dur": 2\n  }'
+    )
+    names = ("kvtrace/decode step {}", "/lib/kvtrace/recorder.py(12): update", "after ProfilerStep#{}")
+    events = [
+        STEP % (i, 100 + 10 * i) if i % 4 == 3 else frame % (names[i % 4].format(i), 100 + 10 * i)
+        for i in range(40)
+    ]
+    path = tmp_path / "frames.json"
+    path.write_text('{\n  "schemaVersion": 1,\n  "traceEvents": [\n  ' + ",\n  ".join(events) + "\n  ]\n}\n")
+    decoded: list[int] = []
+    decode = kineto_scan._decode
+    monkeypatch.setattr(kineto_scan, "_decode", lambda *args: decoded.append(1) or decode(*args))
+
+    scanned = read_chrome_trace(path)
+
+    # THEN the ranges are the JSON reader's, and only the 20 events whose name begins so were decoded
+    assert scanned.meta["reader"] == "byte_scan"
+    assert len(decoded) == 20
+    assert len(scanned.markers) == 20
+    _same(scanned, read_chrome_trace(path, byte_scan=False))
