@@ -80,14 +80,30 @@ def connect_tables(tables: Tables) -> duckdb.DuckDBPyConnection:
     return con
 
 
+# What `query` runs: statements that only read (SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW and SUMMARIZE
+# are all SELECT to DuckDB's parser). COPY ... TO, ATTACH, INSTALL, SET and the like would write files,
+# fetch extensions or change the session: a reporting command should never do that by surprise.
+_READ_ONLY = ("SELECT", "EXPLAIN")
+
+
 def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
-    """Run one SQL statement; a DuckDB error (syntax, unknown column) is one line, exit status 2."""
+    """Run one read-only SQL statement; a DuckDB error (syntax, unknown column), more than one statement or
+    one that would write is one line, exit status 2."""
     import duckdb
 
     try:
-        relation = con.execute(sql)
-        if relation is None:  # empty, blank, only comments or semicolons
+        statements = duckdb.extract_statements(sql)
+        if not statements:  # empty, blank, only comments or semicolons
             raise KvtraceError(f"query failed: no SQL statement in {sql!r}")
+        if len(statements) > 1:
+            raise KvtraceError(f"query failed: {len(statements)} SQL statements; give one query at a time")
+        kind = statements[0].type.name
+        if kind not in _READ_ONLY:
+            raise KvtraceError(
+                f"query failed: {kind} statements are refused; `kvtrace query` only reads "
+                "(SELECT, WITH, FROM, DESCRIBE, SUMMARIZE, EXPLAIN)"
+            )
+        relation = con.execute(sql)
         columns = [d[0] for d in relation.description] if relation.description else []
         rows = relation.fetchall() if columns else []  # DuckDB 2 results have no fetchone()
     except duckdb.Error as exc:

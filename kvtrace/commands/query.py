@@ -58,7 +58,9 @@ class QueryCommand(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("dir", metavar="DIR", help="export directory (or any input to export on the fly)")
-        parser.add_argument("sql", metavar="SQL", help="one SQL statement")
+        parser.add_argument(
+            "sql", metavar="SQL", help="one SQL query (SELECT, WITH, DESCRIBE, ...; nothing that writes)"
+        )
         group = parser.add_mutually_exclusive_group()
         group.add_argument("--json", action="store_true", help="print a JSON list of row objects")
         group.add_argument("--csv", action="store_true", help="print CSV with a header row")

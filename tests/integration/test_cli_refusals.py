@@ -154,6 +154,28 @@ def test_query_refuses_empty_sql_and_a_folder_without_sources_and_writes_strict_
     assert row["events"] == len((SAMPLES / "dynamic_b2" / "kv_events.jsonl").read_text().splitlines())
 
 
+def test_query_runs_one_statement_and_only_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = str(SAMPLES / "dynamic_b2")
+    target = tmp_path / "out.csv"
+    # WHEN a "query" would write a file, install an extension, or hide a second statement after the first
+    refused = {
+        f"COPY (SELECT * FROM runs) TO '{target}'": "COPY statements are refused",
+        "INSTALL httpfs": "LOAD statements are refused",
+        f"ATTACH '{tmp_path / 'x.db'}'": "ATTACH statements are refused",
+        f"SELECT 1; COPY (SELECT 1) TO '{target}'": "2 SQL statements",
+    }
+    for sql, said in refused.items():
+        # THEN it is refused in one line (exit 2) before anything runs
+        assert main(["query", run, sql]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    assert not target.exists() and not (tmp_path / "x.db").exists()
+    # AND reading statements still run, a trailing semicolon included
+    assert main(["query", run, "--json", "DESCRIBE runs;"]) == 0
+    columns = _strict_loads(capsys.readouterr().out)
+    assert isinstance(columns, list) and "run_id" in [row["column_name"] for row in columns]
+
+
 def test_an_unknown_flag_gets_the_usage_of_its_command() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "kvtrace.cli", "diagnose", str(SAMPLES / "dynamic_b2"), "--no-export"],
