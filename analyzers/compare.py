@@ -46,13 +46,13 @@ class RunFigures:
 
     label: str
     path: str
-    peak_bytes: int
-    kv_peak_bytes: int
-    kv_final_bytes: int
+    peak_bytes: int | None  # None: no device in the input (a trace taken without profile_memory)
+    kv_peak_bytes: int | None  # None: nothing in the input tells KV apart (not 0 B: unknown)
+    kv_final_bytes: int | None
     churn: float | None
     fragmentation_bytes: int | None
     tokens_per_second: float | None
-    evicted_tokens: int
+    evicted_tokens: int | None  # None without a KV log: only kvtrace's log counts tokens
     steps: int
     batch: int | None
     step_axis: tuple[int, ...] = field(default=(), repr=False)
@@ -85,16 +85,18 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
     steps = tuple(sorted(kv_log.step_live)) if kv_log is not None else ()
     kv_by_step = tuple(sum(kv_log.step_live[s].values()) for s in steps) if kv_log is not None else ()
     kv = report.kv
+    # A bare trace or snapshot with nothing marking KV allocations shows "-", not 0 B: unknown, not empty.
+    kv_known = kv.measured_from != "none"
     return RunFigures(
         label=label,
         path=report.path,
-        peak_bytes=main.peak_allocated_bytes if main else 0,
-        kv_peak_bytes=kv.peak_bytes,
-        kv_final_bytes=kv.final_bytes,
-        churn=(kv.allocated_bytes_total / kv.final_bytes) if kv.final_bytes else None,
+        peak_bytes=main.peak_allocated_bytes if main else None,
+        kv_peak_bytes=kv.peak_bytes if kv_known else None,
+        kv_final_bytes=kv.final_bytes if kv_known else None,
+        churn=(kv.allocated_bytes_total / kv.final_bytes) if kv_known and kv.final_bytes else None,
         fragmentation_bytes=main.fragmentation_at_peak_bytes if main else None,
         tokens_per_second=tokens_per_second(source, report),
-        evicted_tokens=kv.evicted_tokens,
+        evicted_tokens=kv.evicted_tokens if kv_log is not None else None,
         steps=report.steps,
         batch=kv.batch,
         step_axis=steps,
@@ -131,7 +133,7 @@ _COMPARE_ROWS = (
     ("KV churn (allocated / final)", lambda r: _fmt_churn(r.churn)),
     ("fragmentation at peak", lambda r: human_bytes(r.fragmentation_bytes)),
     ("tokens/s (generation)", lambda r: _fmt_rate(r.tokens_per_second)),
-    ("evicted tokens", lambda r: f"{r.evicted_tokens:,}"),
+    ("evicted tokens", lambda r: "-" if r.evicted_tokens is None else f"{r.evicted_tokens:,}"),
     ("steps x batch", lambda r: f"{r.steps} x {r.batch if r.batch is not None else '-'}"),
 )
 

@@ -76,6 +76,32 @@ def test_compare_two_runs(sweep_dir: Path, tmp_path: Path, capsys: pytest.Captur
     _chromium_check(out)
 
 
+def test_compare_says_unknown_where_an_input_cannot_tell(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a kvtrace run, a snapshot with nothing marking KV, and a trace taken without profile_memory
+    run = Path(__file__).resolve().parents[2] / "sample_traces" / "dynamic_b2"
+    snapshot = REAL / "oom_snapshot.pickle"
+    trace = REAL.parent / "chrome" / "rank0.json.gz"
+    if not snapshot.exists() or not trace.exists():
+        pytest.skip("the real traces are not here")
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # WHEN they are compared
+    assert main(["compare", str(run), str(snapshot), str(trace), "--json"]) == 0
+    mine, snap, bare = json.loads(capsys.readouterr().out)["runs"]
+    # THEN the run's figures are its report's, and what the others cannot tell is null, not 0 B
+    kv = report["kv"]
+    assert (mine["kv_peak_bytes"], mine["kv_final_bytes"]) == (kv["peak_bytes"], kv["final_bytes"])
+    assert mine["evicted_tokens"] == 0 and mine["peak_bytes"] == report["devices"][0]["peak_allocated_bytes"]
+    assert snap["peak_bytes"] > 0
+    for row in (snap, bare):
+        assert [row[key] for key in ("kv_peak_bytes", "kv_final_bytes", "evicted_tokens")] == [None] * 3
+    assert bare["peak_bytes"] is None
+    assert main(["compare", str(run), str(trace)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    kv_peak = next(line for line in table if line.startswith("KV peak"))
+    assert kv_peak.split()[-1] == "-" and "0 B" not in kv_peak
+
+
 def test_diagnose_a_cpu_run(sweep_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = sweep_dir / "runs" / "b2_c16_dynamic"
     assert main(["diagnose", str(run), "--json", "--budget", "1GiB"]) == 0
