@@ -81,15 +81,24 @@ class _FrameTable:
         return frame_id
 
 
+def _bytes(value: Any, where: str) -> int:
+    """A size field as an int. No allocator writes a negative size: only a damaged or crafted file has
+    one, and it would make memory curves go below zero (ValueError: the file is reported malformed)."""
+    size = int(value)
+    if size < 0:
+        raise ValueError(f"negative size {size} in {where}")
+    return size
+
+
 def _block_request_size(block: dict[str, Any]) -> int:
     """Bytes the program asked for: what trace entries carry, so baseline and deltas share a unit."""
     requested = block.get("requested_size")
     if requested:
-        return int(requested)
+        return _bytes(requested, "a block")
     history = block.get("history")
     if history and isinstance(history[0], dict) and history[0].get("real_size"):
-        return int(history[0]["real_size"])
-    return int(block.get("size", 0))
+        return _bytes(history[0]["real_size"], "a block's history")
+    return _bytes(block.get("size", 0), "a block")
 
 
 def _blocks_with_addresses(segment: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
@@ -98,7 +107,7 @@ def _blocks_with_addresses(segment: dict[str, Any]) -> list[tuple[int, dict[str,
     pairs = []
     for block in segment.get("blocks", []):
         pairs.append((int(block.get("address", address)), block))
-        address = pairs[-1][0] + int(block.get("size", 0))
+        address = pairs[-1][0] + _bytes(block.get("size", 0), "a block")
     return pairs
 
 
@@ -111,8 +120,8 @@ def _segment_record(device: str, segment: dict[str, Any]) -> Segment:
     return Segment(
         device=device,
         address=int(segment.get("address", 0)),
-        total_size=int(segment.get("total_size", 0)),
-        allocated_size=int(allocated),
+        total_size=_bytes(segment.get("total_size", 0), "a segment"),
+        allocated_size=_bytes(allocated, "a segment"),
         largest_free_block=max(free_sizes, default=0),
         segment_type=str(segment.get("segment_type", "")),
     )
@@ -146,6 +155,8 @@ def _replay_loop(
             when = entry["time_us"] if timed else index
             if type(size) is not int or type(address) is not int or type(when) is not int:
                 size, address, when = int(size), int(address), int(when)
+            if size < 0:
+                raise ValueError(f"negative size {size} in a trace entry ({action})")
             if action == "alloc":
                 live[address] = size
                 delta = size
@@ -164,7 +175,7 @@ def _replay_loop(
             add_delta(delta)
             add_reserved(reserved)
             continue
-        size = int(entry.get("size", 0))
+        size = _bytes(entry.get("size", 0), f"a trace entry ({action})")
         when = int(entry["time_us"]) if timed else index
         if action in _SEGMENT_GROW:
             reserved += size
@@ -225,6 +236,8 @@ def _replay_columns(
         return None
     if sizes.ndim != 1 or addrs_all.ndim != 1 or times.ndim != 1:
         return None
+    if sizes.size and sizes.min() < 0:
+        raise ValueError(f"negative size {int(sizes.min())} in a trace entry")
     is_alloc = actions == 1
     memory = is_alloc | (actions == 2)
     grow, shrink = actions == 3, actions == 4

@@ -103,6 +103,45 @@ def test_a_manifest_with_a_field_of_the_wrong_type_is_one_line(
         assert said in err and str(path) in err and err.count("\n") == 1
 
 
+def _snapshot(trace_size: int, segment_size: int, addr: int = 8192) -> dict[str, object]:
+    block = {"address": 4096, "size": 512, "requested_size": 500, "state": "active_allocated", "frames": []}
+    segment = {"device": 0, "address": 4096, "total_size": segment_size, "allocated_size": 512}
+    entry = {"action": "alloc", "addr": addr, "size": trace_size, "stream": 0, "time_us": 1, "frames": []}
+    return {"segments": [{**segment, "blocks": [block]}], "device_traces": [[entry]]}
+
+
+@pytest.mark.parametrize(
+    ("trace_size", "segment_size", "addr", "where"),
+    [
+        (-4096, 2 << 20, 8192, "a trace entry"),
+        (-4096, 2 << 20, 1 << 64, "a trace entry (alloc)"),  # past int64: the entry-by-entry replay
+        (512, -1, 8192, "a segment"),
+    ],
+    ids=["trace-entry", "trace-entry-loop", "segment"],
+)
+def test_a_snapshot_with_a_negative_size_is_malformed(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    trace_size: int,
+    segment_size: int,
+    addr: int,
+    where: str,
+) -> None:
+    import pickle
+
+    # GIVEN a snapshot whose sizes no allocator writes (it drew memory curves below zero)
+    path = tmp_path / "crafted.pickle"
+    path.write_bytes(pickle.dumps(_snapshot(trace_size, segment_size, addr)))
+    # THEN one line names the file and the field, exit 2
+    assert main(["report", str(path), "--no-export"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "negative size -" in err and where in err and err.count("\n") == 1
+    # AND the same snapshot with sane sizes reads
+    path.write_bytes(pickle.dumps(_snapshot(1024, 2 << 20)))
+    assert main(["report", str(path), "--json", "--no-export"]) == 0
+    assert json.loads(capsys.readouterr().out)["devices"][0]["final_allocated_bytes"] == 500 + 1024
+
+
 def test_a_trace_with_nan_timestamps_reports_strict_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
