@@ -27,7 +27,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analyzers.readers.sources import ProgressFn
-from analyzers.tables import SCHEMA_VERSION, SCHEMAS, TABLE_NAMES, Input, find_inputs, source_tables
+from analyzers.tables import (
+    SCHEMA_VERSION,
+    SCHEMAS,
+    TABLE_NAMES,
+    Input,
+    find_inputs,
+    named_as_given,
+    source_tables,
+)
 from kvtrace.errors import KvtraceError
 
 ROW_GROUP_ROWS = 1 << 17
@@ -213,7 +221,7 @@ def export(
                 try:
                     tables = source_tables(inp, progress=progress)
                 except KvtraceError as exc:
-                    problem = str(exc)
+                    problem = named_as_given(inp, str(exc))
                 except (OSError, ValueError, TypeError, KeyError, IndexError, pa.ArrowException) as exc:
                     # A reader that trips on an input nobody foresaw: skip it, the fleet goes on.
                     problem = f"{inp.run_id}: unreadable ({type(exc).__name__}: {exc})"

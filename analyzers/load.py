@@ -12,7 +12,7 @@ memory (use `kvtrace export` + `kvtrace query` for more runs than fit in memory)
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analyzers.export_parquet import check_schema_version, is_export_dir, table_files
-from analyzers.tables import SCHEMAS, TABLE_NAMES, find_inputs, source_tables
+from analyzers.tables import SCHEMAS, TABLE_NAMES, find_inputs, named_as_given, source_tables
 from kvtrace.errors import KvtraceError
 
 if TYPE_CHECKING:
@@ -93,11 +93,14 @@ def _read_export(export_dir: str | os.PathLike[str]) -> dict[str, pa.Table]:
     return tables
 
 
-def load_tables(*paths: str | os.PathLike[str], strict: bool = True) -> Tables:
+def load_tables(
+    *paths: str | os.PathLike[str], strict: bool = True, on_skip: Callable[[str], None] | None = None
+) -> Tables:
     """The export tables of `paths`: one export directory, or any sources (run directories, run groups,
     traces, snapshots, folders searched recursively), exported in memory.
 
-    With `strict` (the default) an unreadable source raises `KvtraceError`; otherwise it is left out.
+    With `strict` (the default) an unreadable source raises `KvtraceError`; otherwise it is left out and
+    `on_skip` gets its one-line problem (as `kvtrace export` warns and goes on).
     """
     if not paths:
         raise KvtraceError("load_tables: give at least one path")
@@ -106,16 +109,21 @@ def load_tables(*paths: str | os.PathLike[str], strict: bool = True) -> Tables:
     inputs, problems = find_inputs(list(paths))
     if problems and strict:
         raise KvtraceError(problems[0][1])
-    if not inputs and strict:  # as `kvtrace export` says: a mistyped folder is not an empty result
+    for _, problem in problems:
+        if on_skip is not None:
+            on_skip(problem)
+    if not inputs and not problems:  # as `kvtrace export` says: a mistyped folder is not an empty result
         where = ", ".join(str(p) for p in paths)
         raise KvtraceError(f"{where}: no run directories, traces or snapshots found (nor an export)")
     collected: dict[str, list[pa.Table]] = {name: [] for name in TABLE_NAMES}
     for inp in inputs:
         try:
             produced = source_tables(inp)
-        except KvtraceError:
+        except KvtraceError as exc:
             if strict:
-                raise
+                raise KvtraceError(named_as_given(inp, str(exc)), exit_code=exc.exit_code) from None
+            if on_skip is not None:
+                on_skip(named_as_given(inp, str(exc)))
             continue
         for name, table in produced.items():
             collected[name].append(table)

@@ -135,6 +135,13 @@ class Input:
     run_id: str
 
 
+def named_as_given(inp: Input, message: str) -> str:
+    """A reader's one-line error about `inp` with the path as the user named it (the reader was given the
+    resolved path): warnings about a folder's inputs then read `runs/x/...`, not `/home/.../runs/x/...`."""
+    resolved = str(inp.path)
+    return inp.run_id + message[len(resolved) :] if message.startswith(resolved + ":") else message
+
+
 def _display(path: Path) -> str:
     return Path(os.path.normpath(path)).as_posix()
 

@@ -51,7 +51,9 @@ class QueryCommand(Command):
     `kvtrace export` reads (run directories, groups, traces, snapshots): it is then exported in memory
     for this one query. Columns are documented in docs/format.md ("Parquet export").
     Example: kvtrace query out "SELECT run_id, sum(delta_bytes) FROM memory_events GROUP BY ALL"
-    Exit status: 0, or 2 for a bad DIR or a failing query (one line naming the problem).
+    Exit status: 0, or 2 for a bad DIR or a failing query (one line naming the problem). A folder's
+    unreadable inputs are skipped with a warning, as `kvtrace export` does: the rows of the rest are
+    printed, and the status is 2.
     """
 
     name = "query"
@@ -70,10 +72,25 @@ class QueryCommand(Command):
         from analyzers.query import connect, connect_tables, run_query
 
         path = Path(args.dir)
+        skipped: list[str] = []
         if not path.exists():
             raise KvtraceError(f"{path}: no such file or directory")
         if is_export_dir(path):
             con = connect(path)
+        elif path.is_dir():
+            # A folder of sources is read as `kvtrace export` reads it: an unreadable input (an interrupted
+            # run, a truncated trace) is skipped with a warning, and the query runs over the rest.
+            from analyzers.load import load_tables
+
+            def warn(problem: str) -> None:
+                skipped.append(problem)
+                print(f"kvtrace query: skipped: {problem}", file=sys.stderr)
+
+            tables = load_tables(path, strict=False, on_skip=warn)
+            if skipped and tables.runs.num_rows == 0:
+                what = "its one input" if len(skipped) == 1 else f"any of its {len(skipped)} inputs"
+                raise KvtraceError(f"{path}: could not read {what}")
+            con = connect_tables(tables)
         else:
             from analyzers.load import load_tables
 
@@ -95,4 +112,4 @@ class QueryCommand(Command):
                 writer.writerow([json.dumps(v) if isinstance(v, list | dict) else v for v in record.values()])
         else:
             print(format_table(result.columns, records))
-        return 0
+        return 2 if skipped else 0

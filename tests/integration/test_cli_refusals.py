@@ -215,6 +215,33 @@ def test_query_runs_one_statement_and_only_reads(tmp_path: Path, capsys: pytest.
     assert isinstance(columns, list) and "run_id" in [row["column_name"] for row in columns]
 
 
+def test_query_and_export_of_a_folder_skip_an_unreadable_input_and_name_it_as_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a folder holding a run and a trace cut short (an interrupted copy), named relative to the cwd
+    shutil.copytree(SAMPLES / "dynamic_b2", tmp_path / "in" / "run")
+    (tmp_path / "in" / "cut.pt.trace.json").write_text('{"traceEvents": [')
+    monkeypatch.chdir(tmp_path)
+    said = "skipped: in/cut.pt.trace.json: truncated"
+    # WHEN it is queried, THEN the run is counted and the trace skipped with a warning that names it as
+    # given; the status is 2, as `export` gives when it skips an input
+    assert main(["query", "in", "--json", "SELECT count(*) AS runs FROM runs"]) == 2
+    out, err = capsys.readouterr()
+    assert _strict_loads(out) == [{"runs": 1}]
+    assert f"kvtrace query: {said}" in err and str(tmp_path) not in err
+    # AND export says the same
+    assert main(["export", "in", "-o", "tables", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"kvtrace export: {said}" in err and str(tmp_path) not in err
+    # AND a folder where nothing can be read is an error, as is the cut trace named on its own
+    (tmp_path / "in" / "run" / "manifest.json").unlink()
+    shutil.rmtree(tmp_path / "in" / "run")
+    assert main(["query", "in", "SELECT 1"]) == 2
+    assert "in: could not read its one input" in capsys.readouterr().err
+    assert main(["query", "in/cut.pt.trace.json", "SELECT 1"]) == 2
+    assert "in/cut.pt.trace.json: truncated" in capsys.readouterr().err
+
+
 def test_an_unknown_flag_gets_the_usage_of_its_command() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "kvtrace.cli", "diagnose", str(SAMPLES / "dynamic_b2"), "--no-export"],
