@@ -100,6 +100,7 @@ class DeviceFold:
         self.running = 0  # sum of Bytes so far
         self.lowest = 0  # lowest running sum after an event
         self.all_allocated = self.all_reserved = True
+        self.negative_total = False
         self.any_reserved = False  # some event has nonzero reserved bytes (else there is no reserved series)
         self.first: tuple[float, int, int] | None = None  # (ts, Bytes, Total Allocated) of the first event
         self.last_ts = -np.inf
@@ -119,6 +120,8 @@ class DeviceFold:
         running = np.cumsum(delta) + self.running
         self.by_sum.add(self.count, running, ts, reserved)
         self.all_allocated = self.all_allocated and allocated_known
+        if self.all_allocated and int(allocated.min()) < 0:  # see chrome_trace.NEGATIVE_TOTAL_NOTE
+            self.all_allocated, self.negative_total = False, True
         self.all_reserved = self.all_reserved and reserved_known
         if not self.any_reserved:
             self.any_reserved = bool(np.any(reserved != (b"0" if reserved.dtype.kind == "S" else 0)))
@@ -192,7 +195,7 @@ def stream_report(
     path: str | os.PathLike[str], progress: ProgressFn | None = None, input_notes: list[str] | None = None
 ) -> tuple[MemorySource, Report] | None:
     """The report of a Chrome trace file without keeping its events; None when they need sorting."""
-    from analyzers.readers.chrome_trace import read_chrome_trace
+    from analyzers.readers.chrome_trace import NEGATIVE_TOTAL_NOTE, read_chrome_trace
 
     folds: dict[str, DeviceFold] = {}
 
@@ -211,6 +214,8 @@ def stream_report(
         if fold is None or fold.count == 0:
             return None  # a device without events: rare, and the columns path handles it
         summary, timeline, baseline = fold.summary(dev.capacity_bytes, base_ns, integral)
+        if fold.negative_total:
+            source.meta.setdefault("input_notes", []).append(NEGATIVE_TOTAL_NOTE.format(device=dev.device))
         dev.baseline_bytes = baseline
         devices.append(summary)
         timelines.append(timeline)

@@ -316,6 +316,12 @@ def offset_us(base_ns: Any, integral: bool) -> int | float:
     return base_ns // 1000 if integral and base_ns % 1000 == 0 else base_ns / 1000.0
 
 
+NEGATIVE_TOTAL_NOTE = (
+    "{device}: 'Total Allocated' below zero in the trace (no allocator writes that): ignored, the curve is "
+    "the running sum of 'Bytes'"
+)
+
+
 def _baseline(delta: np.ndarray, total_allocated: np.ndarray | None) -> int:
     if delta.size == 0:
         return 0
@@ -388,6 +394,11 @@ def _source_of(
         )
         delta, allocated, reserved = delta[order], allocated[order], reserved[order]
         full_allocated = allocated if count and chunks.with_allocated == count else None
+        if full_allocated is not None and int(full_allocated.min()) < 0:
+            # No allocator reports a negative total: a damaged or crafted trace. Its curve would go below
+            # zero; the running sum of `Bytes` (over the smallest baseline that keeps it >= 0) is used.
+            full_allocated = None
+            source.meta.setdefault("input_notes", []).append(NEGATIVE_TOTAL_NOTE.format(device=device))
         source.devices.append(
             DeviceEvents(
                 device=device,

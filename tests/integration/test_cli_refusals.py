@@ -172,6 +172,30 @@ def test_a_trace_with_nan_timestamps_reports_strict_json(
     assert "skipped 3 of 4 events: 3 [memory] with a non-numeric ts" in report["notes"]
 
 
+@pytest.mark.parametrize("order", [(1, 2), (2, 1)], ids=["in-order-streamed", "out-of-order-columns"])
+def test_a_trace_with_a_negative_allocator_total_never_goes_below_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], order: tuple[int, int]
+) -> None:
+    # GIVEN a trace whose allocator total goes below zero (crafted): 100 B allocated, then freed
+    def memory(ts: int, delta: int, total: int) -> dict[str, object]:
+        args = {"Bytes": delta, "Addr": 5, "Total Allocated": total, "Device Type": 1, "Device Id": 0}
+        return {"ph": "i", "name": "[memory]", "ts": ts, "pid": 1, "tid": 1, "args": args}
+
+    # (written in that order; with the second earlier in time, the events are sorted in memory)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": [memory(order[0], 100, 100), memory(order[1], -100, -5000)]}))
+    assert main(["report", str(path), "--json", "--no-export"]) == 0
+    report = _strict_loads(capsys.readouterr().out)
+    assert isinstance(report, dict)
+    # THEN the total is ignored, said in a note, and the figures come from Bytes
+    (device,) = report["devices"]
+    if order == (1, 2):
+        assert (device["peak_allocated_bytes"], device["final_allocated_bytes"]) == (100, 0)
+    else:  # the free comes first in time: 100 B were held before the trace began
+        assert (device["peak_allocated_bytes"], device["final_allocated_bytes"]) == (100, 100)
+    assert any("'Total Allocated' below zero" in note for note in report["notes"])
+
+
 def test_query_refuses_empty_sql_and_a_folder_without_sources_and_writes_strict_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
