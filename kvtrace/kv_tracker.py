@@ -53,7 +53,7 @@ _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
     "offload": ("offloaded", "offloaded"),
     "prefetch": ("prefetched", "prefetched"),
     "scan": ("evicted", "written"),
-    "track": ("replaced", "written"),
+    "track": ("grown", "written"),  # a custom cache rebound to a larger tensor (else "replaced", below)
 }
 
 _KD = ("k", "data")
@@ -404,7 +404,7 @@ class KvTracker:
             new = slot
         else:
             assert slot is not None
-            if (cause == "update" and nbytes <= slot.storage_bytes) or (
+            if (cause in ("update", "track") and nbytes <= slot.storage_bytes) or (
                 cause == "scan" and tokens >= prev_tokens
             ):
                 kind = "replaced"
@@ -550,6 +550,14 @@ class KvTracker:
         """Watch a storage that left its slot until the allocator releases it."""
         kv_json, part_json = KEY_JSON.get(key) or key_json(key)
         self._pending.append((old.wref, layer, kv_json, part_json, old.addr, old.storage_bytes, cache_id))
+
+    def retire_cache(self, cache_id: int) -> None:
+        """A cache object is gone: its slots' storages are watched until released (`poll_frees`)."""
+        self.drain()
+        for key in [key for key in self._layers if key[0] == cache_id]:
+            state = self._layers.pop(key)
+            for slot_key, slot in state.slots.items():
+                self._retire(cache_id, key[1], slot_key, slot)
 
     def release_all(self) -> None:
         """At the end of a recording: stop holding slots, so storages freed later are still reported by a

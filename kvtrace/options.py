@@ -43,6 +43,8 @@ def memory_size(value: int | float | str) -> int:
         number, unit = float(match.group(1)), match.group(2).lower()
     if not math.isfinite(number) or number * _UNITS[unit] > MAX_SIZE:
         raise KvtraceError(f"size too large: {value!r} (at most 16 EiB)")
+    if not unit and not number.is_integer():
+        raise KvtraceError(f"a size in bytes must be a whole number, got {value!r} (or give a unit: 1.5GiB)")
     size = int(number * _UNITS[unit])
     if size <= 0:
         raise KvtraceError(f"a memory size must be positive, got {value!r}")
@@ -85,6 +87,23 @@ class RecordOptions:
     """Unix-epoch nanoseconds; injected by tests."""
 
     def __post_init__(self) -> None:
+        # A wrong type would be stored in the manifest as given (profiler="no" turned the profiler on).
+        for name in ("profiler", "profile_memory", "record_shapes", "with_stack", "nvtx", "snapshots",
+                     "gzip_trace", "overwrite"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise KvtraceError(f"record({name}=...): True or False, got {value!r}")
+        entries = self.max_snapshot_entries
+        if isinstance(entries, bool) or not isinstance(entries, int) or entries <= 0:
+            raise KvtraceError(f"record(max_snapshot_entries=...): a positive integer, got {entries!r}")
+        attrs = self.cache_attrs
+        if attrs is not None and (
+            not isinstance(attrs, dict)
+            or not all(isinstance(k, str) and v in ("k", "v") for k, v in attrs.items())
+        ):
+            raise KvtraceError(
+                f"record(cache_attrs=...): a dict of attribute names to 'k' or 'v', got {attrs!r}"
+            )
         if self.gpu_memory is not None:
             object.__setattr__(self, "gpu_memory", memory_size(self.gpu_memory))
 

@@ -107,7 +107,14 @@ class Recording:
     def __init__(
         self, out_dir: str | os.PathLike[str], model: Any = None, options: RecordOptions | None = None
     ):
+        if not isinstance(out_dir, str | os.PathLike):
+            raise RecordingError(f"record(): the run folder must be a path, got {type(out_dir).__name__}")
         self.path = Path(out_dir)
+        if model is not None and not isinstance(model, torch.nn.Module) and not is_vllm_object(model):
+            # Checked before anything is written: a half-made run would block the retry.
+            raise RecordingError(
+                f"record(model=...): a torch.nn.Module (or a vllm.LLM) is needed, got {type(model).__name__}"
+            )
         self.model = model
         # A vllm.LLM is recorded through its engine core (integrations/vllm_engine.py), not as a module;
         # with no model at all, a vLLM start refused inside the block still leaves its figures.
@@ -169,10 +176,21 @@ class Recording:
         facts = rank_facts()  # in a process group of several ranks, each records into out_dir/rank-<r>
         self.path = run_path(self.path, facts, self.options.overwrite)
         manifest_path = self.path / fmt.MANIFEST
-        if manifest_path.exists() and not self.options.overwrite:
+        replacing = manifest_path.exists()
+        if replacing and not self.options.overwrite:
             raise RecordingError(
                 f"{self.path}: already holds a kvtrace run (pass overwrite=True to replace it)"
             )
+        owned = (fmt.KV_EVENTS, fmt.WEIGHTS, fmt.MEMORY_SAMPLES, *fmt.ENGINE_FILES, *fmt.DERIVED_FILES)
+        owned_dirs = (fmt.PROFILER_DIR, fmt.SNAPSHOT_DIR, *fmt.DERIVED_DIRS)
+        if not replacing and self.path.is_dir():
+            # Not a run: whatever is here is the user's. A run would write over these names, so refuse.
+            clashes = [name for name in (*owned, *owned_dirs) if (self.path / name).exists()]
+            if clashes:
+                raise RecordingError(
+                    f"{self.path}: not a kvtrace run, but it holds {', '.join(clashes)}, which a run writes: "
+                    "record into a new or empty folder"
+                )
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file of that name, a read-only or missing parent, a full disk
@@ -180,9 +198,9 @@ class Recording:
             raise RecordingError(message, exit_code=1) from None
         # Replacing a run: its old files go, so that no reader mixes two recordings (an old trace in
         # profiler/ would otherwise sit beside the new one). Only names the format owns are touched.
-        for name in (fmt.KV_EVENTS, fmt.WEIGHTS, fmt.MEMORY_SAMPLES, *fmt.ENGINE_FILES, *fmt.DERIVED_FILES):
+        for name in owned if replacing else ():
             (self.path / name).unlink(missing_ok=True)
-        for folder in (fmt.PROFILER_DIR, fmt.SNAPSHOT_DIR, *fmt.DERIVED_DIRS):
+        for folder in owned_dirs if replacing else ():
             if (self.path / folder).is_dir():
                 shutil.rmtree(self.path / folder)
         self._manifest = self._initial_manifest()
@@ -258,7 +276,7 @@ class Recording:
                 self._ranges.close_all()
             with contextlib.suppress(Exception):
                 if self._hf is not None:
-                    self._hf.scan_all()
+                    self._hf.scan_all(forget=False)  # a cache dropped by now is freed in phase "end"
                 if self._modules is not None:
                     self._modules.scan("track")
             if exc is not None and self._snapshots is not None and _is_oom(exc):
@@ -559,6 +577,8 @@ def record(out_dir: str | os.PathLike[str], model: Any = None, **options: Any) -
         opts = RecordOptions(**options)
     except TypeError as exc:
         raise RecordingError(f"record(): {exc}") from None
+    except KvtraceError as exc:  # a value of the wrong type or range, named by the option
+        raise RecordingError(str(exc)) from None
     return Recording(out_dir, model=model, options=opts)
 
 
@@ -567,5 +587,11 @@ def track(tensor: torch.Tensor, layer: int, kind: str) -> None:
     recording = _ACTIVE
     if recording is None or recording._modules is None:
         raise RecordingError("kvtrace.track() called outside a kvtrace.record() block")
+    if not isinstance(tensor, torch.Tensor):
+        raise RecordingError(f"kvtrace.track(tensor=...): a torch.Tensor, got {type(tensor).__name__}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise RecordingError(f"kvtrace.track(layer=...): a layer index (an int >= 0), got {layer!r}")
+    if kind not in ("k", "v"):
+        raise RecordingError(f"kvtrace.track(kind=...): 'k' or 'v', got {kind!r}")
     recording._modules.track(tensor, layer, kind)
     recording._flush()

@@ -149,6 +149,7 @@ class HfCacheHooks:
             return last[1]
         entry = self._known.get(id(cache))
         if entry is None or entry[0]() is not cache:
+            self.forget_dead()  # a new cache: the frees of one dropped before it come first in the log
             self._next_id += 1
             try:
                 ref: Callable[[], Any] = weakref.ref(cache)
@@ -158,6 +159,19 @@ class HfCacheHooks:
             self._known[id(cache)] = entry
         self._last = entry
         return entry[1]
+
+    def forget_dead(self) -> None:
+        """Caches that were dropped (a finished `generate()`): their storages are watched until released and
+        logged freed then, instead of counting as held until the recording ends."""
+        dead = [key for key, (ref, _) in self._known.items() if ref is not _nothing and ref() is None]
+        for key in dead:
+            _, cid = self._known.pop(key)
+            self.tracker.retire_cache(cid)
+            for signature_key in [k for k in self._signatures if k[0] == cid]:
+                del self._signatures[signature_key]
+        if dead:
+            self._last = None
+            self.tracker.poll_frees()
 
     def held_tokens(self, cache: Any) -> int | None:
         """Tokens layer 0 of `cache` holds, without a device sync; None when unknown here."""
@@ -316,14 +330,20 @@ class HfCacheHooks:
             if signature is not None or hasattr(layer, "_quantized_keys"):
                 signatures[(cid, layer_idx)] = _signature(parts)
 
-    def scan_all(self) -> None:
-        """Catch what changed outside the cache's methods (rebinding by eviction presses)."""
+    def scan_all(self, forget: bool = True) -> None:
+        """Catch what changed outside the cache's methods (rebinding by eviction presses); with `forget`,
+        also retire the caches that were dropped (`forget_dead`)."""
         # With grad on, an autograd graph may keep a replaced storage alive: said on the eviction event.
         reason = "grad_enabled" if torch.is_grad_enabled() else ""
+        dead = False
         for ref, _ in list(self._known.values()):
             cache = ref()
             if cache is not None:
                 self.scan_cache(cache, "scan", reason=reason)
+            elif ref is not _nothing:
+                dead = forget
+        if dead:
+            self.forget_dead()
 
     def scan_masks(self, attention_modules: list[Any]) -> None:
         """kvpress's head-wise presses (AdaKV) leave the cache whole and set `masked_key_indices` on the

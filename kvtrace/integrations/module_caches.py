@@ -8,7 +8,10 @@ a bumped version counter (`tensor._version`) is an in-place write.
 
 from __future__ import annotations
 
+import functools
 import re
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +44,10 @@ class _Owner:
     layer: int
 
 
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def layer_from_name(name: str, fallback: int) -> int:
     """`layers.3.attention` -> 3; modules without a number keep their discovery order."""
     match = _LAYER_NUMBER.search(name)
@@ -54,7 +61,7 @@ class ModuleCaches:
         self.tracker = tracker
         self.cache_attrs = dict(DEFAULT_CACHE_ATTRS if cache_attrs is None else cache_attrs)
         self.owners: list[_Owner] = []
-        self._tracked: list[tuple[torch.Tensor, int, str]] = []
+        self._tracked: dict[int, dict[str, Callable[[], torch.Tensor | None]]] = {}  # layer -> kind -> ref
 
     def discover(self, model: torch.nn.Module) -> int:
         """Find cache tensors on `model`'s modules; returns how many were found."""
@@ -74,16 +81,31 @@ class ModuleCaches:
         return {getattr(o.module, o.attr).untyped_storage().data_ptr() for o in self.owners}
 
     def track(self, tensor: torch.Tensor, layer: int, kind: str) -> None:
-        if kind not in ("k", "v"):
-            raise ValueError(f"kind must be 'k' or 'v', not {kind!r}")
-        self._tracked.append((tensor, layer, kind))
-        self._observe_tracked(len(self._tracked) - 1, "track")
+        """Follow `tensor` as the `kind` ("k"/"v") cache of `layer`, through a weak reference: a tracked
+        tensor must live and die as it would unrecorded. Tracking a new tensor for the same layer and kind
+        (a cache regrown by torch.cat) replaces the old one, whose storage is logged freed once released."""
+        try:
+            ref: Callable[[], torch.Tensor | None] = weakref.ref(tensor)
+        except TypeError:  # a tensor type without weak references: held, as a last resort
+            ref = functools.partial(_same, tensor)
+        self._tracked.setdefault(layer, {})[kind] = ref
+        self._observe_tracked(layer, "track")
 
-    def _observe_tracked(self, index: int, cause: str) -> None:
-        tensor, layer, kind = self._tracked[index]
-        parts: dict[tuple[str, str], Any] = {(kind, "tracked"): tensor}
-        tokens = int(tensor.shape[-2]) if tensor.dim() >= 2 else int(tensor.numel())
-        self.tracker.observe(TRACK_CACHE_ID + index, layer, parts, cause, tokens, source="track")
+    def _observe_tracked(self, layer: int, cause: str) -> None:
+        refs = self._tracked[layer]
+        parts: dict[tuple[str, str], Any] = {}
+        tokens = 0
+        for kind, ref in list(refs.items()):
+            tensor = ref()
+            if tensor is None:  # gone: its slot vanishes below, and its storage is logged freed when released
+                del refs[kind]
+                continue
+            parts[(kind, "tracked")] = tensor
+            if not tokens:
+                tokens = int(tensor.shape[-2]) if tensor.dim() >= 2 else int(tensor.numel())
+        self.tracker.observe(TRACK_CACHE_ID, layer, parts, cause, tokens, source="track")
+        if not refs:
+            del self._tracked[layer]
 
     def scan(self, cause: str = "track") -> None:
         """Compare every custom cache tensor with its last state; the first scan logs them as created."""
@@ -97,5 +119,5 @@ class ModuleCaches:
                 if isinstance(value, torch.Tensor) and value.dim() >= 2:
                     capacity = int(value.shape[1])  # Meta's layout: [batch, seq, kv_heads, head_dim]
             self.tracker.observe(MODULE_CACHE_ID, layer, parts, cause, capacity, source="module")
-        for index in range(len(self._tracked)):
-            self._observe_tracked(index, cause)
+        for layer in list(self._tracked):
+            self._observe_tracked(layer, cause)

@@ -245,3 +245,117 @@ def test_track_loose_tensor_is_created_then_written(tmp_path):
     ]
     assert {e.addr for e in events} == {loose_k.untyped_storage().data_ptr()}
     assert {e.storage_bytes for e in events} == {2 * 2 * 8 * 4 * 4}
+
+
+def test_two_generate_calls_free_the_first_cache_before_the_second_begins(tiny_model, tiny_size, tmp_path):
+    # GIVEN two generate() calls in one block: the first call's cache is dropped when it returns
+    ids = torch.randint(3, 1000, (1, 5))
+    runs = ((1, 4), (2, 3))  # (rows, new tokens)
+    with kvtrace.record(tmp_path / "run", model=tiny_model, profiler=False):
+        for rows, new in runs:
+            batch = ids.repeat(rows, 1)
+            tiny_model.generate(
+                input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=new,
+                min_new_tokens=new, do_sample=False, pad_token_id=0,
+            )
+    events = read_run(tmp_path / "run").kv_events
+    assert_well_ordered(events)
+    # THEN every storage of the first cache is freed before the second cache's first storage appears
+    first = [e for e in events if e.cache == 1]
+    second_start = min(e.seq for e in events if e.cache == 2)
+    assert [e for e in first if e.event == "freed" and e.seq > second_start] == []
+    made = [e for e in first if e.event in ("created", "grown", "replaced")]
+    assert len(made) == sum(e.event == "freed" for e in first)
+    # AND the KV held at the end of the last step is the second cache's, by arithmetic, K and V alike
+    head_dim = tiny_size.hidden_size // tiny_size.num_heads
+    tokens = 5 + runs[1][1] - 1  # the last token is sampled, not cached
+    one = kv_bytes(tiny_size.num_kv_heads, head_dim, tokens, runs[1][0], 4)
+    last_step = max(e.step for e in events)
+    assert replay_live_bytes(events).per_step[last_step] == {layer: 2 * one for layer in range(2)}
+
+
+def test_a_re_tracked_custom_cache_is_not_kept_alive(tmp_path):
+    # GIVEN a hand-written cache regrown by torch.cat and handed to track() after every step
+    with kvtrace.record(tmp_path / "run", profiler=False):
+        cache = torch.zeros(1, 2, 0, 8)
+        for _ in range(20):
+            cache = torch.cat([cache, torch.randn(1, 2, 4, 8)], dim=2)
+            kvtrace.track(cache, layer=0, kind="k")
+        held = cache.untyped_storage().nbytes()
+        first = torch.zeros(1, 2, 4, 8)
+        kvtrace.track(first, layer=1, kind="v")
+        ref = __import__("weakref").ref(first)
+        del first
+        assert ref() is None  # THEN a tracked tensor dies when its owner drops it, inside the block
+    events = read_run(tmp_path / "run").kv_events
+    assert_well_ordered(events)
+    layer0 = [e.event for e in events if e.layer == 0 and e.phase != "end"]
+    # AND each regrowth is logged grown, with the free of the storage it replaced
+    assert layer0 == ["created"] + ["grown", "freed"] * 19
+    assert replay_live_bytes(events).per_step[0] == {0: held}
+    assert [e.event for e in events if e.layer == 1] == ["created", "freed"]
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (([1, 2], 0, "k"), "tensor=...): a torch.Tensor, got list"),
+        ((None, 0, "k"), "tensor=...): a torch.Tensor, got NoneType"),
+        (("t", -1, "k"), "layer=...): a layer index (an int >= 0), got -1"),
+        (("t", "a", "k"), "layer=...): a layer index (an int >= 0), got 'a'"),
+        (("t", 0, "key"), "kind=...): 'k' or 'v', got 'key'"),
+    ],
+)
+def test_track_names_a_bad_argument_and_logs_nothing(tmp_path, args, said):
+    tensor = torch.zeros(1, 2, 4, 8)
+    with kvtrace.record(tmp_path / "run", profiler=False):
+        kvtrace.track(tensor, layer=0, kind="k")
+        bad = tuple(tensor if a == "t" else a for a in args)
+        with pytest.raises(RecordingError) as raised:
+            kvtrace.track(bad[0], layer=bad[1], kind=bad[2])
+        assert said in str(raised.value)
+        kvtrace.track(tensor, layer=1, kind="v")
+    seqs = [e.seq for e in read_run(tmp_path / "run").kv_events]
+    assert seqs == list(range(1, len(seqs) + 1))  # no number used up by the refused call
+
+
+def test_record_into_a_folder_that_is_not_a_run_keeps_the_users_files(tmp_path):
+    # GIVEN a folder with files of the user's own under names a run writes
+    folder = tmp_path / "work"
+    (folder / "profiler").mkdir(parents=True)
+    (folder / "profiler" / "old.pt.trace.json").write_text("{}")
+    (folder / "timeline.html").write_text("<html></html>")
+    # WHEN it is recorded into, THEN it is refused, naming the files, and they are intact
+    with pytest.raises(RecordingError, match=r"not a kvtrace run, but it holds timeline.html, profiler"):
+        kvtrace.record(folder, profiler=False).__enter__()
+    assert sorted(p.name for p in folder.rglob("*")) == ["old.pt.trace.json", "profiler", "timeline.html"]
+    # AND a folder holding other files records beside them
+    (folder / "profiler" / "old.pt.trace.json").unlink()
+    (folder / "profiler").rmdir()
+    (folder / "timeline.html").unlink()
+    (folder / "notes.txt").write_text("mine")
+    with kvtrace.record(folder, profiler=False):
+        kvtrace.track(torch.zeros(1, 2, 4, 8), layer=0, kind="k")
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / MANIFEST).is_file()
+
+
+@pytest.mark.parametrize(
+    ("call", "said"),
+    [
+        (lambda p: kvtrace.record(p, model=print), "a torch.nn.Module (or a vllm.LLM) is needed, got"),
+        (lambda p: kvtrace.record(p, model="m"), "is needed, got str"),
+        (lambda p: kvtrace.record(None), "the run folder must be a path, got NoneType"),
+        (lambda p: kvtrace.record(p, profiler="no"), "record(profiler=...): True or False, got 'no'"),
+        (lambda p: kvtrace.record(p, gpu_memory=1.5), "a size in bytes must be a whole number, got 1.5"),
+        (lambda p: kvtrace.record(p, cache_attrs=["foo"]), "record(cache_attrs=...): a dict of attribute"),
+        (lambda p: kvtrace.record(p, max_snapshot_entries=0), "max_snapshot_entries=...): a positive"),
+    ],
+    ids=["model-function", "model-str", "no-path", "profiler-str", "fraction", "cache-attrs", "entries"],
+)
+def test_record_refuses_a_bad_argument_before_writing_anything(tmp_path, call, said):
+    with pytest.raises(RecordingError) as raised, call(tmp_path / "run"):
+        pass  # pragma: no cover - never entered
+    assert said in str(raised.value)
+    assert not (tmp_path / "run").exists()  # so the corrected call is not refused as "already a run"
+    with kvtrace.record(tmp_path / "run", profiler=False):
+        pass
