@@ -122,7 +122,9 @@ class PlanRequest:
         if self.cache != "sliding" and self.window is not None:
             raise KvtraceError("a window only applies to the sliding cache")
         if self.cache == "sliding" and self.effective_window is None:
-            raise KvtraceError(f"{self.geometry.name} has no sliding window: give one for the sliding cache")
+            raise KvtraceError(
+                f"{self.geometry.name} has no sliding window: give one with --window (tokens kept)"
+            )
         if self.window is not None and self.window < 1:
             raise KvtraceError(f"window must be at least 1, got {self.window}")
 

@@ -42,6 +42,8 @@ class DiagnoseCommand(Command):
         if not path.exists():
             raise KvtraceError(f"{path}: no such file or directory")
         budget = parse_size(args.budget) if args.budget is not None else None
+        if budget == 0:  # as plan --gpu-memory and record(gpu_memory=...) say
+            raise KvtraceError(f"--budget {args.budget}: a memory size must be positive")
         if is_run_group(path):
             return self._run_group(path, args.json, budget)
         if budget is None and path.is_dir() and _diagnose_engine_run(path, args.json):

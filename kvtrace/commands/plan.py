@@ -22,6 +22,8 @@ def parse_reserve(text: str) -> tuple[int | None, float | None]:
         number = None
     if number is not None and number.is_finite() and 0 <= number < 1:
         return None, float(number)
+    if number is not None and number < 0:
+        raise KvtraceError(f"--reserve {text.strip()}: cannot be negative (a fraction in [0, 1) or a size)")
     if number is not None and number.is_finite() and (number != number.to_integral_value() or number < 1024):
         # "1.5" or "2": a fraction of 150%, or 1.5 GB without its unit; as bytes it would be a byte or two
         raise KvtraceError(

@@ -23,6 +23,8 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise KvtraceError(f"{flag} takes comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise KvtraceError(f"{flag} values must be at least 1, got {text!r}")
+    if len(set(values)) != len(values):  # two points would record into one folder, the second over the first
+        raise KvtraceError(f"{flag} lists a value twice: {text!r}")
     return values
 
 
@@ -136,9 +138,10 @@ class SweepCommand(Command):
         caches = [c.strip() for c in args.cache.split(",") if c.strip()]
         unknown = [c for c in caches if c not in CACHE_KINDS]
         if unknown or not caches:
-            raise KvtraceError(
-                f"unknown cache kind {unknown or args.cache!r}; choose from {', '.join(CACHE_KINDS)}"
-            )
+            named = ", ".join(unknown) if unknown else repr(args.cache)
+            raise KvtraceError(f"--cache: unknown cache kind {named}; choose from {', '.join(CACHE_KINDS)}")
+        if len(set(caches)) != len(caches):
+            raise KvtraceError(f"--cache lists a kind twice: {args.cache!r}")
         if args.new_tokens < 1:
             raise KvtraceError("--new-tokens must be at least 1")
         budget = None

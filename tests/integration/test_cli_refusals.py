@@ -266,6 +266,31 @@ def test_query_and_export_of_a_folder_skip_an_unreadable_input_and_name_it_as_gi
     assert "in/cut.pt.trace.json: truncated" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["diagnose", str(SAMPLES / "dynamic_b2"), "--budget", "0"], "--budget 0: a memory size must be"),
+        (["plan", "--preset", "llama-3-8b", "--reserve", "-0.1"], "--reserve -0.1: cannot be negative"),
+        (["plan", "--preset", "llama-3-8b", "--cache", "sliding"], "give one with --window"),
+        (["sweep", "--cache", "foo", "--out", "unused"], "--cache: unknown cache kind foo; choose from"),
+        (["sweep", "--batch", "1,1", "--out", "unused"], "--batch lists a value twice: '1,1'"),
+        (["sweep", "--context", "8,8", "--out", "unused"], "--context lists a value twice"),
+        (["sweep", "--cache", "dynamic,dynamic", "--out", "unused"], "--cache lists a kind twice"),
+    ],
+    ids=["budget-0", "reserve-negative", "sliding-no-window", "cache-kind", "batch-twice", "context-twice",
+         "cache-twice"],
+)
+def test_a_flag_value_that_cannot_work_is_named(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # WHEN a value is refused, THEN one line names the flag and why (a sweep listing a point twice used to
+    # record both into one folder, the second over the first)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1, err
+    assert not Path("unused").exists()
+
+
 def test_an_unknown_flag_gets_the_usage_of_its_command() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "kvtrace.cli", "diagnose", str(SAMPLES / "dynamic_b2"), "--no-export"],
