@@ -252,6 +252,19 @@ def read_run(path: str | os.PathLike[str]) -> Run:
     raw_weights, cut_weights = _read_jsonl(root / WEIGHTS)
     weights = [WeightRecord(**r) for r in raw_weights]
     samples, cut_samples = _read_jsonl(root / MEMORY_SAMPLES)
+    if manifest.get("ended", {}).get("status") not in (None, "running"):
+        # The recorder closed every file and counted the events: a cut or short file was damaged after the
+        # run (a partial copy, a full disk), and figures from it would be wrong, not merely early.
+        count = manifest.get("kv_events")
+        short = isinstance(count, int) and count != len(events) and events_path.exists()
+        if cut_events or short:
+            counted = f" of the {count} the manifest counts" if isinstance(count, int) else ""
+            raise KvtraceError(
+                f"{events_path}: damaged after the run ended: {len(events)} complete events{counted}"
+            )
+        for name, cut in ((WEIGHTS, cut_weights), (MEMORY_SAMPLES, cut_samples)):
+            if cut:
+                raise KvtraceError(f"{root / name}: damaged after the run ended: its last line is cut")
     return Run(
         path=root,
         manifest=manifest,

@@ -291,6 +291,30 @@ def test_a_flag_value_that_cannot_work_is_named(
     assert not Path("unused").exists()
 
 
+@pytest.mark.parametrize("name", ["kv_events.jsonl", "weights.jsonl", "memory_samples.jsonl"])
+def test_a_finished_run_with_a_file_cut_afterwards_is_damaged_not_interrupted(
+    run_copy: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run whose manifest says it ended, with one of its logs cut mid-line (a partial copy)
+    path = run_copy / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    # THEN reading it is an error naming the file (its figures would be wrong, not merely early)
+    assert main(["report", str(run_copy), "--json", "--no-export"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: damaged after the run ended" in err and err.count("\n") == 1
+    if name == "kv_events.jsonl":
+        total = len(data.decode().splitlines())
+        kept = len(data[: len(data) // 2].decode().splitlines()) - 1
+        assert f"{kept} complete events of the {total} the manifest counts" in err
+    # AND a run whose process died (manifest still "running") is still read up to its last whole line
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    manifest["ended"] = {"status": "running"}
+    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["report", str(run_copy), "--json", "--no-export"]) == 0
+    assert "the run never finished" in " ".join(_strict_loads(capsys.readouterr().out)["notes"])  # type: ignore[index]
+
+
 def test_an_unknown_flag_gets_the_usage_of_its_command() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "kvtrace.cli", "diagnose", str(SAMPLES / "dynamic_b2"), "--no-export"],
