@@ -19,6 +19,20 @@ _NO_NEW_STORAGE = ("freed", "written")
 EVICTION_REASONS = ("window", "press", "crop")
 
 
+# Parts whose tensor is the KV itself, shaped [batch, kv_heads, tokens, head_dim] (or Meta's [batch, tokens,
+# heads, dim] buffers): full-precision data, module buffers, tracked tensors, and the quantized data of fp8
+# (`q.0`, next to its scale `q.1`) and quanto (`q._data`). Their dtype is the cache's, their first dimension
+# the batch. hqq's packed `q.0` is 2-D, so the shape test leaves it out.
+_KV_DATA_PARTS = ("data", "buffer", "tracked", "q.0", "q._data")
+
+
+def is_kv_data(ev: KvEvent) -> bool:
+    """Whether the event's tensor holds the KV values themselves (not a scale, nor packed bits)."""
+    if ev.part in ("data", "buffer", "tracked"):
+        return True
+    return ev.part in _KV_DATA_PARTS and len(ev.shape or ()) >= 4
+
+
 def eviction_reason(ev: KvEvent) -> str:
     """The kind of eviction an event with `evicted_tokens` reports (runs before the window kind: press)."""
     if ev.reason == "window":
@@ -106,7 +120,7 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             allocated_total += ev.storage_bytes
             open_storage[ev.addr] = len(storages)
             storages.append((ev.addr, ev.storage_bytes, ev.t_ns, -1, ev.layer, ev.kv))
-        if ev.event != "freed" and ev.part in ("data", "buffer", "tracked"):
+        if ev.event != "freed" and is_kv_data(ev):
             tokens_by_layer[ev.layer] = ev.tokens
         if ev.evicted_tokens:
             rows = ev.shape[0] if ev.shape else 1

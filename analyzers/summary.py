@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of
+from analyzers.kv_log import is_kv_data
 from analyzers.model import CATEGORY_NAMES, KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
 
@@ -264,7 +265,7 @@ def summarize(
     geometry = manifest.get("model")
     run = source.meta.get("run")
     if run is not None and run.kv_events:
-        data_events = [e for e in run.kv_events if e.part == "data" and e.event != "freed" and e.shape]
+        data_events = [e for e in run.kv_events if is_kv_data(e) and e.event != "freed" and e.shape]
         if data_events:
             last = data_events[-1]
             kv.batch = last.shape[0]

@@ -36,13 +36,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from analyzers.budget import BudgetCrossing, budget_crossing, budget_of
+from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
 from analyzers.summary import Report
 from analyzers.units import human_bytes
 
 __all__ = ["Diagnosis", "Remedy", "StackShare", "diagnose"]
 
-_DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64, "float8_e4m3fn": 8, "int8": 8}
+_DTYPE_BITS = {
+    "float32": 32,
+    "float16": 16,
+    "bfloat16": 16,
+    "float64": 64,
+    "float8_e4m3fn": 8,
+    "float8_e5m2": 8,
+    "int8": 8,
+}
 _INT4_SCALE_OVERHEAD = 1.125  # int4 data + bf16 scale and zero-point per 64 elements
 _OFFLOAD_LAYERS_ON_DEVICE = 2  # the layer computing and the one being prefetched
 TOP_STACKS = 10
@@ -169,7 +178,7 @@ def _kv_bits(source: MemorySource, report: Report) -> int | None:
     run = source.meta.get("run")
     dtype = None
     if run is not None:
-        dtypes = [e.dtype for e in run.kv_events if e.part == "data" and e.dtype]
+        dtypes = [e.dtype for e in run.kv_events if is_kv_data(e) and e.dtype]
         dtype = dtypes[-1] if dtypes else None
     if dtype is None and report.geometry:
         dtype = report.geometry.get("dtype")
@@ -221,11 +230,33 @@ def _remedies(
         out.append(Remedy("batch", None, None, None, f"Smaller batch: {_NO_GEOMETRY}."))
 
     if kv and tokens:
-        per_token = kv / tokens  # bytes per position across the whole batch and all layers
+        # Bytes per position across the whole batch and all layers: the run's own figure at the end (its
+        # storages over the tokens they hold), not the peak's, which counts transient copies and a sliding
+        # cache's spare room as if they grew with every token.
+        steady = d.get("bytes_per_token")
+        per_token = steady * batch if isinstance(steady, int | float) and steady and batch else kv / tokens
         cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
         context = tokens - min(cut, tokens)
         saved = round(per_token * (tokens - max(context, 1)))
-        if context >= 1:
+        if d.get("windowed"):  # the cache already slides: its size does not follow the context
+            out.append(
+                Remedy(
+                    "context",
+                    None,
+                    0,
+                    _fits(0, need),
+                    f"The cache already keeps a sliding window ({tokens:,} tokens held): a shorter context "
+                    "does not shrink it.",
+                )
+            )
+            window = (
+                f"A window of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
+                f"({human_bytes(per_token)} per token across the batch)."
+                if context >= 1
+                else f"No smaller window fits: even dropping all {human_bytes(kv)} of KV is not enough."
+            )
+            out.append(Remedy("sliding_window", context or None, saved, _fits(saved, need), window))
+        elif context >= 1:
             text = (
                 f"A context of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
                 f"({human_bytes(per_token)} per token across the batch)."
@@ -237,8 +268,9 @@ def _remedies(
         else:
             text = f"No shorter context fits: all {tokens:,} tokens of KV are only {human_bytes(kv)}."
             window = f"No sliding window fits: even dropping all {human_bytes(kv)} of KV is not enough."
-        out.append(Remedy("context", context or None, saved, _fits(saved, need), text))
-        out.append(Remedy("sliding_window", context or None, saved, _fits(saved, need), window))
+        if not d.get("windowed"):
+            out.append(Remedy("context", context or None, saved, _fits(saved, need), text))
+            out.append(Remedy("sliding_window", context or None, saved, _fits(saved, need), window))
     else:
         out.append(Remedy("context", None, None, None, f"Shorter context: {_NO_GEOMETRY}."))
         out.append(Remedy("sliding_window", None, None, None, f"Sliding window: {_NO_GEOMETRY}."))
@@ -246,31 +278,31 @@ def _remedies(
     kv_peak, kv_final = d["kv_peak_bytes"], d["kv_final_bytes"]
     if isinstance(kv_peak, int) and isinstance(kv_final, int) and kv_peak:
         churn = max(kv_peak - kv_final, 0)
-        out.append(
-            Remedy(
-                "static_cache",
-                None,
-                churn,
-                _fits(churn, need),
-                f"A static cache (cache_implementation='static') writes in place, removing the "
-                f"{human_bytes(churn)} transient a dynamic cache's torch.cat copies add at its KV peak.",
-            )
+        text = (
+            f"A static cache (cache_implementation='static') writes in place, removing the "
+            f"{human_bytes(churn)} transient a dynamic cache's torch.cat copies add at its KV peak."
+            if churn
+            else "No transient KV copies at the peak: the cache already writes in place (a static cache "
+            "would not help)."
         )
+        out.append(Remedy("static_cache", None, churn, _fits(churn, need), text))
     else:
         out.append(Remedy("static_cache", None, None, None, f"Static cache: {_NO_KV}."))
 
     if kv and kv_bits:
         fp8 = round(kv * (1 - 8 / kv_bits)) if kv_bits > 8 else 0
         int4 = round(kv * (1 - 4 * _INT4_SCALE_OVERHEAD / kv_bits))
-        out.append(
-            Remedy(
-                "quantized_kv",
-                8,
-                fp8,
-                _fits(fp8, need),
-                f"An fp8 KV cache saves {human_bytes(fp8)} of the {human_bytes(kv)} held at {kv_bits} bits.",
+        if kv_bits > 8:  # an 8-bit cache already is what this remedy proposes
+            out.append(
+                Remedy(
+                    "quantized_kv",
+                    8,
+                    fp8,
+                    _fits(fp8, need),
+                    f"An fp8 KV cache saves {human_bytes(fp8)} of the {human_bytes(kv)} held at {kv_bits} "
+                    "bits.",
+                )
             )
-        )
         out.append(
             Remedy(
                 "quantized_kv",
@@ -435,6 +467,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "kv_peak_bytes": kv_peak,
         "kv_final_bytes": kv_final,
         "reserved_unallocated_bytes": reserved_unallocated,
+        "bytes_per_token": report.kv.bytes_per_token_measured,
+        "windowed": bool(report.kv.evictions_by_reason.get("window")),
     }
     layers = (report.geometry or {}).get("num_layers")
     on_cuda = device is None or device.startswith("cuda")

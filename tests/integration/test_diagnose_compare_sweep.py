@@ -14,6 +14,7 @@ from analyzers.units import human_bytes
 from kvtrace.cli import main
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 NEW_TOKENS = 3
 
 
@@ -100,6 +101,49 @@ def test_compare_says_unknown_where_an_input_cannot_tell(capsys: pytest.CaptureF
     table = capsys.readouterr().out.splitlines()
     kv_peak = next(line for line in table if line.startswith("KV peak"))
     assert kv_peak.split()[-1] == "-" and "0 B" not in kv_peak
+
+
+def _remedies(run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, list[dict[str, object]]]:
+    assert main(["diagnose", str(run), "--json"]) == 0
+    out: dict[str, list[dict[str, object]]] = {}
+    for remedy in json.loads(capsys.readouterr().out)["remedies"]:
+        out.setdefault(remedy["kind"], []).append(remedy)
+    return out
+
+
+def test_diagnose_does_not_propose_what_the_run_already_uses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fast = ["--size", "tiny", "--batch", "2", "--no-profiler", "--no-report"]
+    # GIVEN an fp8 cache run: its tokens and batch come from the fp8 data (`q.0`), its KV is 8-bit
+    fp8 = tmp_path / "fp8"
+    assert main(["demo", *fast, "--cache", "fp8", "--new-tokens", "6", "--out", str(fp8)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(fp8), "--json", "--no-export"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    layers, kv_heads, head_dim = 4, 2, 16  # the demo's tiny shape
+    assert (kv["batch"], kv["bytes_per_token_expected"]) == (2, layers * 2 * kv_heads * head_dim * 1)
+    assert kv["tokens_held"] == max(layer["tokens"] for layer in kv["per_layer"]) > 0
+    remedies = _remedies(fp8, capsys)
+    assert [r["setting"] for r in remedies["quantized_kv"]] == [4]  # no fp8 for an fp8 cache
+    assert all(r["saved_bytes"] is not None for kind in ("batch", "context") for r in remedies[kind])
+    # AND a sliding cache that already evicts: no "shorter context", and a smaller window priced per token
+    slide = tmp_path / "slide"
+    argv = ["demo", *fast, "--cache", "sliding", "--window", "8", "--new-tokens", "20", "--out", str(slide)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["report", str(slide), "--json", "--no-export"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    per_token = kv["bytes_per_token_measured"] * kv["batch"]
+    remedies = _remedies(slide, capsys)
+    (context,) = remedies["context"]
+    assert context["saved_bytes"] == 0 and "already keeps a sliding window" in str(context["sentence"])
+    (window,) = remedies["sliding_window"]
+    held = kv["tokens_held"]
+    assert window["saved_bytes"] == round(per_token * (held - int(window["setting"])))  # type: ignore[call-overload]
+    # AND a static cache is not told to become static
+    assert main(["diagnose", str(SAMPLES / "static_b2")]) == 0
+    assert "the cache already writes in place" in capsys.readouterr().out
 
 
 def test_diagnose_a_cpu_run(sweep_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
