@@ -305,6 +305,10 @@ def summarize(
         from analyzers.engine_report import engine_of_source  # a vLLM run's pool, read from its files
 
         engine = engine_of_source(source, kv, devices, notes)  # vLLM: kv.peak_bytes becomes the pool's
+        if engine is not None:
+            # The KV log of a paged pool has a few events (its creation); the engine logs every step, and
+            # its step numbers are kvtrace's (docs/format.md).
+            steps = max(steps, engine.steps)
     return Report(
         engine=engine,
         budget=budget,

@@ -174,3 +174,13 @@ def test_a_pool_nothing_logged_is_named_in_the_notes(
         f"vLLM allocated its KV pool ({pool / 2**20:.2f} MiB) before the trace began: the device figures "
         "leave it out; the KV figures are the pool's"
     ]
+
+
+def test_a_vllm_runs_steps_are_the_engines(capsys: pytest.CaptureFixture[str]) -> None:
+    # its KV log holds the pool's creation only (step 1); the engine logged every step, with kvtrace's numbers
+    lines = (PREEMPT / "engine_steps.jsonl").read_text().splitlines()
+    last = max(json.loads(line)["step"] for line in lines)
+    data = _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)
+    assert data["steps"] == data["engine"]["steps"] == len(lines) == last
+    compared = _json_of(["compare", str(PREEMPT), str(SAMPLES / "dynamic_b2"), "--json"], capsys)
+    assert compared["runs"][0]["steps"] == len(lines)
