@@ -50,3 +50,28 @@ def test_main_command_runs_the_demo(tmp_path: Path) -> None:
     text = out.getvalue()
     assert "KV cache (kv_log)" in text
     assert (tmp_path / "demo" / "timeline.html").stat().st_size > 1_000_000
+
+
+def test_the_readmes_peak_query_equals_the_reports_peak(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the README's peak query, and the real snapshots (traces that begin with frees, or have no events)
+    # and this repo's sample runs, exported
+    query = re.search(r'kvtrace query tables/ --json "(SELECT d\.run_id.*?)"\n', README.read_text(), re.S)
+    assert query is not None
+    real = README.parent.parent / "shared" / "real_traces" / "snapshots"
+    samples = README.parent / "sample_traces"
+    inputs = [*sorted(real.glob("*.pickle")), samples / "dynamic_b2", samples / "static_b2"]
+    inputs = [p for p in inputs if p.exists()]
+    assert main(["export", *map(str, inputs), "-o", str(tmp_path / "tables"), "-q"]) == 0
+    capsys.readouterr()
+    # WHEN it runs, THEN every device's peak is the report's
+    assert main(["query", str(tmp_path / "tables"), "--json", query.group(1)]) == 0
+    peaks = {(row["run_id"], row["device"]): row["peak"] for row in json.loads(capsys.readouterr().out)}
+    checked = 0
+    for path in inputs:
+        assert main(["report", str(path), "--json", "--no-export"]) == 0
+        for device in json.loads(capsys.readouterr().out)["devices"]:
+            assert peaks[(str(path), device["device"])] == device["peak_allocated_bytes"], (path, device)
+            checked += 1
+    assert checked == len(peaks) >= 2
