@@ -254,6 +254,7 @@ def light_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
         f"{'workload':<12} {'updates':>8} {'plain us/upd':>13} {'kvtrace +us/upd wall':>21} "
         f"{'+us/upd cpu':>12} {'in hooks':>13} {'tokens/s b/a':>13} {'in hooks <=10us':>16}"
     ]
+    print(lines[0], flush=True)
     for work in works:
         t = interleaved(work, ("a", "b"), reps, scratch)
         wall_a, wall_b = _median(t["a"], lambda x: x.wall_s), _median(t["b"], lambda x: x.wall_s)
@@ -329,6 +330,7 @@ def _tracking_off() -> Iterator[None]:
 def floor_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
     """In-hooks µs per update with tracking and with tracking off, rounds alternated, median and min."""
     lines = [f"{'workload':<12} {'tracking: median':>17} {'min':>7} {'hooks only: median':>19} {'min':>7}"]
+    print(lines[0], flush=True)
     for work in works:
         if work.attach_model is None:
             continue  # the loops have no forward hooks: their floor is the wrapper alone
@@ -368,6 +370,7 @@ def breakdown_table(works: list[Workload], reps: int, scratch: Path) -> list[str
 
     labels = [label for label, *_ in _PARTS]
     lines = [f"{'workload':<12} {'in hooks':>9} " + " ".join(f"{x:>11}" for x in labels) + f" {'rest':>8}"]
+    print(lines[0], flush=True)
     spent: dict[str, int] = {}
     patched: list[tuple[Any, str, Any]] = []
     clock = time.perf_counter_ns
