@@ -204,7 +204,7 @@ def _read_info(file: Path) -> EngineInfo:
         block_size=_opt_int(data.get("block_size"), where, "block_size"),
         bytes_per_block=_opt_int(data.get("bytes_per_block"), where, "bytes_per_block"),
         kv_cache_bytes=_opt_int(data.get("kv_cache_bytes"), where, "kv_cache_bytes"),
-        kv_dtype=str(data.get("kv_dtype", "")),
+        kv_dtype=str(data["kv_dtype"]) if data.get("kv_dtype") is not None else "",  # "": not recorded
         layout=str(data.get("layout", "")),
         layers=tuple(x for x in data.get("layers") or () if isinstance(x, dict)),
         storage=tuple(x for x in data.get("storage") or () if isinstance(x, dict)),

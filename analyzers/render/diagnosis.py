@@ -39,8 +39,9 @@ def _crossing_rows(d: Diagnosis) -> list[tuple[str, str]]:
         return [*rows, ("headroom at the peak", human_bytes(c.headroom_bytes))]
     if c.before_first_step:
         return [*rows, ("already allocated before the first step", human_bytes(c.allocated_after_bytes))]
-    where = f"step {c.step} ({c.phase})" if c.step is not None else "?"
-    rows.append(("would run out at", where + (f", layer {c.layer}" if c.layer is not None else "")))
+    if c.step is not None:  # a bare snapshot or trace may have no steps to name
+        where = f"step {c.step} ({c.phase})" + (f", layer {c.layer}" if c.layer is not None else "")
+        rows.append(("would run out at", where))
     if c.request_bytes is not None:
         what = f" {c.request_category}" if c.request_category else ""
         request = f"{human_bytes(c.request_bytes)}{what} ({c.request_bytes:,} B)"
@@ -110,8 +111,9 @@ def _headline(d: Diagnosis) -> str:
             return f"would run out of memory on a {size} device before the first step (weights and setup)"
         layer = f", layer {c.layer}" if c.layer is not None else ""
         what = f" {c.request_category}" if c.request_category else ""
+        at = f" at step {c.step} ({c.phase})" if c.step is not None else ""  # a bare snapshot has no steps
         return (
-            f"would run out of memory on a {size} device ({where}) at step {c.step} ({c.phase}){layer}: "
+            f"would run out of memory on a {size} device ({where}){at}{layer}: "
             f"a {human_bytes(c.request_bytes)}{what} request with {human_bytes(c.allocated_before_bytes)} "
             "already allocated"
         )

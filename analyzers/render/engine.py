@@ -22,7 +22,7 @@ def engine_to_json(fig: EngineFigures) -> dict[str, Any]:
         "bytes_per_block": fig.bytes_per_block,
         "pool_token_capacity": (fig.num_blocks or 0) * (fig.block_size or 0) or None,  # = kv.tokens_held
         "kv_cache_bytes": fig.kv_cache_bytes,
-        "kv_dtype": fig.kv_dtype,
+        "kv_dtype": fig.kv_dtype or None,
         "steps": fig.steps,
         "peak_blocks_used": fig.peak_blocks_used,
         "peak_step": fig.peak_step,
@@ -43,7 +43,8 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
         return [f"  {name}: the engine refused to start for lack of KV memory (see `kvtrace diagnose`)"]
     lines = [
         f"  {name} KV pool: {fig.num_blocks:,} blocks of {fig.block_size} tokens, "
-        f"{human_bytes(fig.kv_cache_bytes)} ({fig.kv_dtype}), {fig.steps:,} engine steps, "
+        f"{human_bytes(fig.kv_cache_bytes)} ({fig.kv_dtype or 'KV dtype not recorded'}), "
+        f"{fig.steps:,} engine steps, "
         f"{fig.requests} requests"
     ]
     if fig.num_blocks:

@@ -49,6 +49,11 @@ class DiagnoseCommand(Command):
         if budget is None and path.is_dir() and _diagnose_engine_run(path, args.json):
             return 0
         source, report = build_report(path)
+        if not report.devices and not source.ooms:
+            raise KvtraceError(
+                f"{path}: no memory events to diagnose (profile with torch.profiler(profile_memory=True), or "
+                "record the run with kvtrace.record())"
+            )
         diagnosis = diagnose(source, report, budget_bytes=budget)
         print_result(args.json, lambda: diagnosis_to_json(diagnosis), lambda: diagnosis_to_text(diagnosis))
         return 0

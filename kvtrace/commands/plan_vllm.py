@@ -58,6 +58,14 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     from analyzers.planning.presets import geometry_from_config, get_preset
     from analyzers.planning.vllm_plan import VllmPlanRequest, format_vllm_text, plan_vllm, vllm_to_json
 
+    # transformers-side flags that vLLM's arithmetic has its own names for: refused rather than ignored
+    if args.kv_dtype is not None:
+        raise KvtraceError("--kv-dtype does not apply with --engine vllm: use --kv-cache-dtype (auto or fp8)")
+    if args.dtype not in ("bf16", "fp16", "fp32"):
+        raise KvtraceError(
+            f"--dtype {args.dtype} with --engine vllm: vLLM's plan takes bf16, fp16 or fp32 weights; for "
+            "quantized weights give --weights-bytes (per GPU)"
+        )
     measured: dict[str, Any] = {}
     run_geometry = None
     if args.from_run:
@@ -81,13 +89,13 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     gpu_memory = parse_size(args.gpu_memory)
     if args.gpu_memory == "80GiB" and measured.get("gpu_memory_bytes"):
         gpu_memory = int(measured["gpu_memory_bytes"])
-    weights_dtype = args.dtype if args.dtype in ("bf16", "fp16", "fp32") else "bf16"
+    weights_dtype = args.dtype
     request = VllmPlanRequest(
         geometry=geometry,
         model_dtype=measured.get("model_dtype") or weights_dtype,
         gpu_memory_bytes=gpu_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len or args.context,
+        max_model_len=args.max_model_len if args.max_model_len is not None else args.context,
         block_size=args.block_size,
         kv_cache_dtype=args.kv_cache_dtype,
         tensor_parallel_size=args.tensor_parallel_size,

@@ -315,6 +315,46 @@ def test_a_finished_run_with_a_file_cut_afterwards_is_damaged_not_interrupted(
     assert "the run never finished" in " ".join(_strict_loads(capsys.readouterr().out)["notes"])  # type: ignore[index]
 
 
+REAL = SAMPLES.parent.parent / "shared" / "real_traces"
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--dtype", "fp8"], "--dtype fp8 with --engine vllm: vLLM's plan takes bf16, fp16 or fp32"),
+        (["--kv-dtype", "fp8"], "--kv-dtype does not apply with --engine vllm: use --kv-cache-dtype"),
+        (["--max-model-len", "0"], "max model length must be at least 1, got 0"),
+    ],
+    ids=["dtype", "kv-dtype", "max-model-len-0"],
+)
+def test_plan_for_vllm_refuses_flags_it_would_ignore(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # these used to be planned silently as bf16 weights, "auto" KV, and 8192 tokens
+    assert main(["plan", "--engine", "vllm", "--preset", "llama-3-8b", *argv]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_diagnose_says_what_it_cannot_know(capsys: pytest.CaptureFixture[str]) -> None:
+    trace, snapshot = REAL / "chrome" / "rank0.json.gz", REAL / "snapshots" / "memory_snapshot.pickle"
+    if not trace.exists() or not snapshot.exists():
+        pytest.skip("the real traces are not here")
+    # a trace without memory events: one line, not an empty diagnosis of "?" with exit 0
+    assert main(["diagnose", str(trace)]) == 2
+    assert "no memory events to diagnose (profile with torch.profiler(profile_memory=True)" in (
+        capsys.readouterr().err
+    )
+    # a snapshot has no steps: the budget headline does not print "step None (None)"
+    assert main(["diagnose", str(snapshot), "--budget", "12GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "would run out of memory on a 12.00 GiB device (cuda:0): a 96.00 MiB" in out
+    assert "None" not in out
+    # a vLLM run whose KV dtype was not recorded: null in JSON, not the text "None"
+    assert main(["report", str(SAMPLES / "vllm_refused"), "--json", "--no-export"]) == 0
+    report = _strict_loads(capsys.readouterr().out)
+    assert isinstance(report, dict) and report["engine"]["kv_dtype"] is None
+
+
 def test_an_unknown_flag_gets_the_usage_of_its_command() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "kvtrace.cli", "diagnose", str(SAMPLES / "dynamic_b2"), "--no-export"],
