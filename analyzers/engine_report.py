@@ -32,7 +32,20 @@ def engine_of_source(
         pool_notes = _pool_as_kv(run.info, kv)
         if notes is not None:
             notes.extend(pool_notes + _before_trace_notes(run.info, devices))
+        _split_pool_by_layer(source.meta.get("kv"), int(run.info.kv_cache_bytes), kv.per_layer)
     return figures
+
+
+def _split_pool_by_layer(kv_log: Any, pool: int, per_layer: Sequence[Any]) -> None:
+    """The KV log sees the pool as one storage, logged under the layer of its first view: in the per-step,
+    per-layer figures (HTML heatmap, TensorBoard, counters) each layer gets its own view's bytes instead,
+    as the report's per-layer table has them."""
+    split = {layer.layer: layer.k_bytes + layer.v_bytes for layer in per_layer}
+    if kv_log is None or not split or sum(split.values()) != pool:
+        return
+    for step, live in kv_log.step_live.items():
+        if sum(live.values()) == pool:
+            kv_log.step_live[step] = dict(split)
 
 
 def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:

@@ -184,3 +184,21 @@ def test_a_vllm_runs_steps_are_the_engines(capsys: pytest.CaptureFixture[str]) -
     assert data["steps"] == data["engine"]["steps"] == len(lines) == last
     compared = _json_of(["compare", str(PREEMPT), str(SAMPLES / "dynamic_b2"), "--json"], capsys)
     assert compared["runs"][0]["steps"] == len(lines)
+
+
+def test_a_vllm_pool_is_split_by_layer_in_every_per_layer_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import gzip
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(PREEMPT, run)
+    data = _json_of(["report", str(run), "--json", "-q"], capsys)  # writes kv_counters.trace.json.gz too
+    table = {f"L{layer['layer']}": layer["k_bytes"] + layer["v_bytes"] for layer in data["kv"]["per_layer"]}
+    assert sum(table.values()) == data["engine"]["kv_cache_bytes"] and len(set(table.values())) == 1
+    # the KV log holds the pool as one storage under its first view's layer; the counters (as the heatmap
+    # and TensorBoard) give each layer its own view, as the report's table does
+    counters = json.loads(gzip.decompress((run / "kv_counters.trace.json.gz").read_bytes()))
+    per_layer = [e["args"] for e in counters["traceEvents"] if e.get("name") == "KV bytes per layer"]
+    assert per_layer and all(args == table for args in per_layer)
