@@ -120,6 +120,10 @@ def _device_summary(
     reserved_at_peak = (
         int(timeline.reserved[peak_i]) if timeline.reserved is not None and peak_i >= 0 else None
     )
+    if n == 0 and source.kind == "snapshot":
+        # No trace events: the peak is the state at the dump, whose segments are what was reserved then
+        # (as `diagnose` reads them).
+        reserved_at_peak = sum(s.total_size for s in source.segments if s.device == dev.device) or None
     by_method: dict[str, int] = {}
     if dev.method is not None and n:
         allocs = dev.delta_bytes > 0

@@ -88,3 +88,17 @@ def test_the_unit_gap_is_what_the_raw_file_says() -> None:
     (device,) = _report("memory_snapshot.pickle")["devices"]
     assert gap == 3_834_364
     assert device["final_allocated_rounded_bytes"] - device["final_allocated_bytes"] == gap
+
+
+def test_a_snapshot_without_trace_events_reports_what_its_segments_reserve() -> None:
+    raw = _raw("oom_snapshot.pickle")
+    assert not any(entry["action"] in ("alloc", "free_completed") for entry in raw["device_traces"][0])
+    # the peak is the state at the dump; its segments are what was reserved then (diagnose says the same)
+    reserved = sum(segment["total_size"] for segment in raw["segments"])
+    (device,) = _report("oom_snapshot.pickle")["devices"]
+    assert device["reserved_at_peak_bytes"] == reserved
+    assert device["fragmentation_at_peak_bytes"] == reserved - device["peak_allocated_bytes"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["diagnose", str(SNAPSHOTS / "oom_snapshot.pickle"), "--json"]) == 0
+    assert json.loads(out.getvalue())["reserved_bytes"] == reserved
