@@ -88,6 +88,15 @@ STEP = (
 )
 
 
+def _kineto_file(path: Path, events: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[int]]:
+    """`events` written in Kineto's layout, and a list that grows by one per event the JSON decoder gets."""
+    path.write_text('{\n  "schemaVersion": 1,\n  "traceEvents": [\n  ' + ",\n  ".join(events) + "\n  ]\n}\n")
+    decoded: list[int] = []
+    decode = kineto_scan._decode
+    monkeypatch.setattr(kineto_scan, "_decode", lambda *args: decoded.append(1) or decode(*args))
+    return path, decoded
+
+
 def test_memory_events_interleaved_with_kernels_are_read_by_the_pattern(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -104,11 +113,7 @@ def test_memory_events_interleaved_with_kernels_are_read_by_the_pattern(
             steps += 1
         else:
             events.append(KERNEL % (1000 + i))
-    path = tmp_path / "gpu.json"
-    path.write_text('{\n  "schemaVersion": 1,\n  "traceEvents": [\n  ' + ",\n  ".join(events) + "\n  ]\n}\n")
-    decoded: list[int] = []
-    decode = kineto_scan._decode
-    monkeypatch.setattr(kineto_scan, "_decode", lambda *args: decoded.append(1) or decode(*args))
+    path, decoded = _kineto_file(tmp_path / "gpu.json", events, monkeypatch)
 
     scanned = read_chrome_trace(path)
 
@@ -132,11 +137,7 @@ def test_only_names_that_begin_with_a_step_prefix_are_decoded(
         STEP % (i, 100 + 10 * i) if i % 4 == 3 else frame % (names[i % 4].format(i), 100 + 10 * i)
         for i in range(40)
     ]
-    path = tmp_path / "frames.json"
-    path.write_text('{\n  "schemaVersion": 1,\n  "traceEvents": [\n  ' + ",\n  ".join(events) + "\n  ]\n}\n")
-    decoded: list[int] = []
-    decode = kineto_scan._decode
-    monkeypatch.setattr(kineto_scan, "_decode", lambda *args: decoded.append(1) or decode(*args))
+    path, decoded = _kineto_file(tmp_path / "frames.json", events, monkeypatch)
 
     scanned = read_chrome_trace(path)
 
