@@ -54,7 +54,8 @@ class PlanCommand(Command):
         parser.add_argument(
             "--kv-dtype",
             choices=DTYPES,
-            help="KV cache dtype (default: --dtype; int4 with --cache quantized, as transformers' default)",
+            help="KV cache dtype (default: --dtype for bf16/fp16/fp32 weights, bf16 for quantized weights, "
+            "which compute in bf16; int4 with --cache quantized, as transformers' default)",
         )
         parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
         parser.add_argument(
@@ -114,7 +115,10 @@ class PlanCommand(Command):
         if args.preset is None and args.config is None:
             raise KvtraceError("give a model: --preset NAME or --config PATH")
         geometry = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
-        kv_dtype = args.kv_dtype or ("int4" if args.cache == "quantized" else args.dtype)
+        # Weight-only quantization (int4/int8 GPTQ/AWQ, fp8 weights) computes in bf16, and the KV cache holds
+        # what attention computes: its dtype follows the weights only when they are a float dtype.
+        default_kv = args.dtype if args.dtype in ("bf16", "fp16", "fp32") else "bf16"
+        kv_dtype = args.kv_dtype or ("int4" if args.cache == "quantized" else default_kv)
         reserve_bytes, reserve_fraction = parse_reserve(args.reserve)
         if args.batch < 1 or args.context < 1:
             raise KvtraceError("--batch and --context must be at least 1")
