@@ -336,7 +336,9 @@ def test_plan_for_vllm_refuses_flags_it_would_ignore(
 
 
 @pytest.mark.parametrize("dtype", ["int4", "int8", "fp8"])
-def test_plan_of_quantized_weights_keeps_a_bf16_kv_cache(dtype: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_of_quantized_weights_keeps_a_bf16_kv_cache(
+    dtype: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     # weight-only quantization computes in bf16: Llama 3 8B's KV is 32 x 2 x 8 x 128 x 2 B per token, not
     # the weights' width (a GPTQ int4 user used to be told a KV cache 4x too small)
     assert main(["plan", "--preset", "llama-3-8b", "--dtype", dtype, "--json"]) in (0, 1)
