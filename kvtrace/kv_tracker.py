@@ -245,9 +245,12 @@ class KvTracker:
         tokens: int,
         evicted: int = 0,
         reason: str = "",
+        both_first: bool = False,
     ) -> None:
         """A cache's own update wrote plain `keys`/`values` tensors of one layer, which now holds `tokens`
-        tokens per row; `evicted` of them left a window in this update (reason `window`).
+        tokens per row; `evicted` of them left a window in this update (reason `window`). `both_first`: the
+        update made both new tensors before releasing either old one (a sliding layer), so the frees of the
+        old storages are logged after both new ones, not each after its own.
 
         A layer seen before, holding one K and one V tensor, is compared here and only captured: the slots
         are brought up to date and the facts each event needs go into a queue as tuples, with the time,
@@ -270,7 +273,7 @@ class KvTracker:
             return  # the very same tensors, not written since
         self._queue.append(
             (cache_id, layer, self._clock(), self.step, self._phase_json, tokens, evicted, reason, k_facts,
-             v_facts)
+             v_facts, both_first)
         )
         if k_facts is not None and k_facts[10] and not k_facts[11]:
             self._watch(cache_id, layer, _KD, k_facts)
@@ -314,7 +317,8 @@ class KvTracker:
         append = self.lines.append
         templates = self._templates
         seq = self._seq
-        for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts in queue:
+        for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts, pair in queue:
+            later: list[tuple[str, int, int]] = []  # with `pair` (both_first): frees after both new storages
             for key, f in ((_KD, k_facts), (_VD, v_facts)):
                 if f is None:
                     continue
@@ -338,8 +342,14 @@ class KvTracker:
                 )
                 if old_gone:  # released by the update itself (torch.cat growth): freed at its time
                     _free_weak_ref(old_wref)
-                    seq += 1
-                    append(lines[1] % (seq, t_ns, step, phase_json, prev_addr, prev_size))
+                    if pair:
+                        later.append((lines[1], prev_addr, prev_size))
+                    else:
+                        seq += 1
+                        append(lines[1] % (seq, t_ns, step, phase_json, prev_addr, prev_size))
+            for template, prev_addr, prev_size in later:
+                seq += 1
+                append(template % (seq, t_ns, step, phase_json, prev_addr, prev_size))
         self._seq = seq
 
     def _see(

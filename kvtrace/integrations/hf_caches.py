@@ -77,8 +77,10 @@ def _signature(parts: dict[tuple[str, str], Any]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-# How a layer class counts its tokens after an update (decided once per class).
-_PLAIN, _STATIC, _STATIC_SLIDING, _OTHER = range(4)
+# How a layer class counts its tokens after an update (decided once per class). A dynamic sliding layer
+# counts like a plain one, but its update makes both new K and V (torch.cat) before it lets go of either
+# old tensor: the log shows that transient (`KvTracker.update(both_first=True)`).
+_PLAIN, _STATIC, _STATIC_SLIDING, _OTHER, _SLIDING = range(5)
 
 
 def _layer_kind(layer_type: type) -> int:
@@ -94,7 +96,9 @@ def _layer_kind(layer_type: type) -> int:
         return _STATIC_SLIDING
     if is_a("StaticLayer"):
         return _STATIC
-    if is_a("DynamicLayer"):  # DynamicSlidingWindowLayer too: its keys are a view of the window
+    if is_a("DynamicSlidingWindowLayer"):  # its keys are a view of the window
+        return _SLIDING
+    if is_a("DynamicLayer"):
         return _PLAIN
     return _OTHER
 
@@ -247,7 +251,7 @@ class HfCacheHooks:
         keys: Any = getattr(layer, "keys", None)
         values: Any = getattr(layer, "values", None)
         plain = type(keys) is torch.Tensor and type(values) is torch.Tensor
-        if plain and kind == _PLAIN:
+        if plain and kind in (_PLAIN, _SLIDING):
             shape = keys.shape
             tokens = shape[-2] if len(shape) >= 2 else 0
         elif plain and kind == _STATIC_SLIDING:
@@ -264,7 +268,7 @@ class HfCacheHooks:
             if evicted < 0:
                 evicted = 0
         if plain:
-            self.tracker.update(cid, layer_idx, keys, values, tokens, evicted, "window")
+            self.tracker.update(cid, layer_idx, keys, values, tokens, evicted, "window", kind == _SLIDING)
         else:
             parts = layer_parts(layer)
             self.tracker.observe(

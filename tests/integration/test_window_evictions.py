@@ -185,3 +185,29 @@ def test_window_and_press_evictions_are_told_apart(sliding_model, tmp_path):
     press_events = [e for e in events if e.event == "evicted" and e.kv == "k"]
     assert len(press_events) == LAYERS and all(e.reason != "window" for e in press_events)
     _check(tmp_path / "run", per_step)
+
+
+def test_a_sliding_layers_transient_in_the_log_is_the_allocators(sliding_model, tmp_path):
+    # GIVEN a sliding window run recorded with the profiler's allocator events (CPU)
+    from analyzers.report import build_report
+
+    torch.manual_seed(1)
+    ids = torch.randint(3, 1000, (BATCH, PROMPT))
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model=sliding_model, snapshots=False):
+        sliding_model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+            do_sample=False, pad_token_id=0,
+        )
+    events = read_run(tmp_path / "run").kv_events
+    # THEN each decode update logs both new storages before the frees of the old ones (the layer makes
+    # both with torch.cat before it lets go of either)
+    for step in range(2, NEW + 1):
+        for layer in range(LAYERS):
+            mine = [e for e in events if e.step == step and e.layer == layer and e.phase != "end"]
+            order = [(e.event, e.kv) for e in mine]
+            assert order[:2] in ([("replaced", "k"), ("replaced", "v")], [("grown", "k"), ("grown", "v")])
+            assert order[2:] == [("freed", "k"), ("freed", "v")], (step, layer, order)
+    # AND the KV log's peak, transient copies included, is the peak of the allocator's KV bytes
+    _source, report = build_report(tmp_path / "run")
+    kv_in_timeline = max(int(t.by_category["kv"].max()) for t in report.timelines if len(t.allocated))
+    assert report.kv.peak_bytes == kv_in_timeline
