@@ -72,26 +72,9 @@ class GroupReport:
         return next(r for r in self.ranks if r.rank == rank)
 
 
-def _local_kv_heads(source: MemorySource, report: Report) -> None:
-    """A tensor-parallel rank holds some of the model's KV heads: its arithmetic bytes per token counts
-    the heads its own cache tensors have (HF layout: batch, heads, tokens, head_dim), not the model's."""
-    run = source.meta.get("run")
-    geometry = report.geometry or {}
-    heads = geometry.get("num_kv_heads")
-    expected = report.kv.bytes_per_token_expected
-    if run is None or not isinstance(heads, int) or not heads or expected is None:
-        return
-    shapes = [e.shape for e in run.kv_events if e.part == "data" and e.event != "freed" and len(e.shape) == 4]
-    if shapes:
-        local = int(shapes[-1][1])
-        if 0 < local < heads and heads % local == 0:
-            report.kv.bytes_per_token_expected = expected * local // heads
-
-
 def _rank_report(run: RankRun) -> RankReport:
     source = attribute(run.source)
-    report = summarize(source)
-    _local_kv_heads(source, report)
+    report = summarize(source)  # a tensor-parallel rank's arithmetic counts the KV heads it holds
     manifest = run.manifest
     world_size = manifest.get("world_size")
     local_rank = manifest.get("local_rank")

@@ -184,17 +184,27 @@ def _kv_from_events(source: MemorySource, timelines: list[DeviceTimeline]) -> Kv
     return KvSummary(peak, final, total, 0, [per_layer[k] for k in sorted(per_layer)], measured)
 
 
-def _expected_bytes_per_token(geometry: dict[str, Any] | None, kv_dtype: str | None) -> int | None:
+def _heads_held(event: Any) -> int | None:
+    """KV heads in a cache tensor: [batch, heads, tokens, head_dim] for HF data, [batch, tokens, heads,
+    head_dim] for module buffers (Meta's reference code)."""
+    shape: list[int] = list(event.shape or ())
+    if len(shape) != 4:
+        return None
+    return int(shape[2] if event.part == "buffer" else shape[1])
+
+
+def _expected_bytes_per_token(
+    geometry: dict[str, Any] | None, kv_dtype: str | None, heads_held: int | None = None
+) -> int | None:
+    """The arithmetic: layers x 2 x KV heads x head_dim x dtype bytes. A tensor-parallel rank's tensors hold
+    a share of the model's KV heads (`heads_held`, a divisor of them): its arithmetic counts those."""
     if not geometry or kv_dtype not in _DTYPE_BYTES:
         return None
     try:
-        return (
-            int(geometry["num_layers"])
-            * 2
-            * int(geometry["num_kv_heads"])
-            * int(geometry["head_dim"])
-            * (_DTYPE_BYTES[kv_dtype])
-        )
+        heads = int(geometry["num_kv_heads"])
+        if heads_held is not None and 0 < heads_held < heads and heads % heads_held == 0:
+            heads = heads_held
+        return int(geometry["num_layers"]) * 2 * heads * int(geometry["head_dim"]) * (_DTYPE_BYTES[kv_dtype])
     except (KeyError, TypeError):
         return None
 
@@ -274,7 +284,7 @@ def summarize(
             last = data_events[-1]
             kv.batch = last.shape[0]
             kv.tokens_held = max((f.tokens for f in kv.per_layer), default=0)
-            kv.bytes_per_token_expected = _expected_bytes_per_token(geometry, last.dtype)
+            kv.bytes_per_token_expected = _expected_bytes_per_token(geometry, last.dtype, _heads_held(last))
             if kv.tokens_held and kv.batch:
                 kv.bytes_per_token_measured = kv.final_bytes / (kv.tokens_held * kv.batch)
     if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):

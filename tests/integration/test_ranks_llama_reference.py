@@ -82,9 +82,16 @@ def test_rank_kv_bytes_equal_the_rank_cache_tensors_and_the_total_their_sum(grou
             (layer, layer_bytes, layer_bytes) for layer in range(worker.N_LAYERS)
         ]
         assert entry["peak_allocated_bytes"] >= entry["kv"]["final_bytes"]
+        # its arithmetic counts the KV heads its buffers hold ([batch, seq, heads, head_dim]): half of them
+        rank_per_token = worker.N_LAYERS * 2 * (worker.N_KV_HEADS // WORLD) * HEAD_DIM * 4
+        assert entry["kv"]["bytes_per_token_expected"] == rank_per_token
     # ... and the group's figures are their sum.
     total = sum(f["kv_bytes"] for f in facts.values())
     assert data["kv"]["final_bytes"] == data["kv"]["peak_bytes"] == total == WORLD * RANK_KV_BYTES
+    assert data["kv"]["bytes_per_token_expected"] == worker.N_LAYERS * 2 * worker.N_KV_HEADS * HEAD_DIM * 4
+    # a rank opened on its own gives the same arithmetic as inside the group
+    alone = _report(out / "rank-1", capsys, "--no-export")
+    assert alone["kv"]["bytes_per_token_expected"] == data["ranks"][1]["kv"]["bytes_per_token_expected"]
     assert [(x["k_bytes"], x["v_bytes"]) for x in data["kv"]["per_layer"]] == [
         (WORLD * layer_bytes, WORLD * layer_bytes)
     ] * worker.N_LAYERS
