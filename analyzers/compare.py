@@ -57,6 +57,7 @@ class RunFigures:
     batch: int | None
     step_axis: tuple[int, ...] = field(default=(), repr=False)
     kv_by_step: tuple[int, ...] = field(default=(), repr=False)
+    notes: tuple[str, ...] = ()  # what the figures leave out (a run group's missing or failed ranks)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ def comparison_to_text(comparison: Comparison) -> str:
     lines = [" " * width + "  " + "  ".join(f"{r.label:>{col}}" for r in comparison.runs)]
     for name, cell in _COMPARE_ROWS:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{cell(r):>{col}}" for r in comparison.runs))
+    lines += [f"note: {r.label}: {note}" for r in comparison.runs for note in r.notes]
     return "\n".join(lines)
 
 
@@ -195,7 +197,8 @@ def comparison_to_html(comparison: Comparison) -> str:
     )
     plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-compare")
     table = f"<table><tr><th></th>{head}</tr>{body}</table>"
-    return _page("kvtrace compare", table + plot)
+    notes = "".join(f"<p>note: {esc(r.label)}: {esc(note)}</p>" for r in comparison.runs for note in r.notes)
+    return _page("kvtrace compare", table + notes + plot)
 
 
 # The sweep table's columns: (JSON key, heading people read, cell formatter).

@@ -219,7 +219,11 @@ def group_figures(group: GroupReport, label: str) -> RunFigures:
             by_step[step] = by_step.get(step, 0) + sum(live.values())
     steps = tuple(sorted(by_step))
     return dataclasses.replace(
-        figures, path=group.path, step_axis=steps, kv_by_step=tuple(by_step[s] for s in steps)
+        figures,
+        path=group.path,
+        step_axis=steps,
+        kv_by_step=tuple(by_step[s] for s in steps),
+        notes=tuple(group.notes),
     )
 
 

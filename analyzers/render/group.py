@@ -249,4 +249,6 @@ def group_diagnosis_to_text(group: GroupReport, diagnosis: Diagnosis) -> str:
     lines = [_group_line(group)]
     if others:
         lines.append(f"  other ranks: {others}")
+    for note in group.notes:  # as `report` says them: missing, failed or unreadable ranks
+        lines.append(f"  note: {note}")
     return "\n".join([*lines, "", diagnosis_to_text(diagnosis)])

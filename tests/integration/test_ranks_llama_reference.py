@@ -135,6 +135,11 @@ def test_group_html_diagnose_and_compare(group, capsys, tmp_path):
     data = _report(twin, capsys)
     assert [r["rank"] for r in data["ranks"]] == [0] and data["missing_ranks"] == [1]
     assert any(note.startswith("rank 1 left out:") and "corrupt manifest" in note for note in data["notes"])
+    # ... and `diagnose` and `compare` say so too, in text (they used to show half a group silently)
+    assert main(["diagnose", str(twin)]) == 0
+    assert "note: rank 1 left out:" in capsys.readouterr().out
+    assert main(["compare", str(out), str(twin)]) == 0
+    assert "note: twin: rank 1 left out:" in capsys.readouterr().out
 
 
 def test_a_rank_that_raises_leaves_the_group_readable(tmp_path, capsys):
