@@ -82,7 +82,12 @@ def _step_at(source: MemorySource, t_us: float) -> tuple[int | None, str | None]
     )
     started = [label for ts, label in starts if ts <= t_us]
     if started:
-        return len(started), ("prefill" if "prefill" in started[-1] else "decode")
+        last = started[-1]
+        if last.startswith("step "):  # a run's own steps ("step N phase"): step 0 is the setup before any
+            number, _, phase = last[5:].partition(" ")
+            if number.isdigit():
+                return int(number), phase or None
+        return len(started), ("prefill" if "prefill" in last else "decode")
     kv = source.meta.get("kv")
     if kv is not None and kv.step_start_ns:
         steps = [s for s, t in kv.step_start_ns.items() if t / 1000.0 <= t_us]
@@ -136,6 +141,7 @@ def budget_crossing(
     return replace(
         fits,
         crossed=True,
+        before_first_step=step == 0,  # during record()'s setup (preallocated caches): no forward ran yet
         step=step,
         phase=phase,
         layer=layer,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.kv_log import analyze_kv_log
-from analyzers.model import DeviceEvents, Marker, MemorySource, OomInfo
+from analyzers.model import KV, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.readers.sources import ProgressFn
 from kvtrace.errors import KvtraceError
 from kvtrace.format import Run, read_run
@@ -76,6 +76,36 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
     return OomInfo(name, ended.get("t_ns", 0) / 1000.0, requested, None, message=message)
 
 
+def _add_kv_held_before_trace(
+    dev: DeviceEvents, storages: list[tuple[int, int, int, int, int, str]], events: list[Any]
+) -> None:
+    """KV storages allocated before the profiler started (a reference model's preallocated buffers, a
+    cache built before record()) are in no allocation of the trace, yet held all along: like the weights,
+    they join the level before the first event, as KV. Only storages the trace never frees qualify (a free
+    of memory it never saw allocated would take the KV share below zero)."""
+    if not len(dev):
+        return
+    device_of = {e.addr: e.device for e in events if e.addr and e.device}
+    first_us = float(dev.ts_us[0])
+    seen = set(dev.addr.tolist())  # any trace event at the address, allocation or free
+    held = sum(
+        nbytes
+        for addr, nbytes, first_ns, freed_ns, _layer, _kv in storages
+        if first_ns / 1000.0 <= first_us
+        and addr not in seen
+        and freed_ns < 0
+        and _normal_device(device_of.get(addr, dev.device)) == dev.device
+    )
+    if not held:
+        return
+    implied = 0
+    if dev.total_allocated is not None and len(dev.total_allocated) == len(dev):
+        implied = max(int(dev.total_allocated[0]) - int(dev.delta_bytes[0]), 0)
+    weights = max(dev.baseline_bytes - implied, 0)  # what device_timeline gives the weights otherwise
+    dev.baseline_bytes += held
+    dev.baseline_categories = {KV: held, WEIGHTS: weights}
+
+
 def _normal_device(name: str) -> str:
     return "cuda:0" if name == "cuda" else name
 
@@ -109,6 +139,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     for dev in source.devices:
         # The trace counts from the profiler's start; weights were allocated before it.
         dev.baseline_bytes += weights_by_device.get(dev.device, 0)
+        if traces:
+            _add_kv_held_before_trace(dev, kv.storages, run.kv_events)
         if (
             dev.capacity_bytes is None
             and total_memory

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -101,3 +102,32 @@ def test_reference_llama3_module_caches(reference_model, tmp_path):
 
     # The caches are KV, not weights.
     assert not {w.addr for w in run.weights} & set(cache_addrs.values())
+
+
+def test_reference_llama3_buffers_count_as_kv_with_the_profiler_on(reference_model, tmp_path, capsys):
+    # GIVEN the reference model, whose KV buffers exist before record(): no allocation of the trace is theirs
+    from kvtrace.cli import main
+
+    model = reference_model
+    kv_total = 2 * N_LAYERS * MAX_BATCH * MAX_SEQ * N_KV_HEADS * (DIM // N_HEADS) * 4
+    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + 1))
+    for name, profiler in (("on", True), ("off", False)):
+        with kvtrace.record(tmp_path / name, model=model, profiler=profiler, snapshots=False):
+            model(tokens[:, :PROMPT_LEN], 0)
+            model(tokens[:, PROMPT_LEN:], PROMPT_LEN)
+    reports = {}
+    for name in ("on", "off"):
+        assert main(["report", str(tmp_path / name), "--json", "--no-export"]) == 0
+        reports[name] = json.loads(capsys.readouterr().out)
+    # THEN with the profiler on as off, the buffers are KV held from the start: at the peak, and at the end
+    for name, report in reports.items():
+        (device,) = report["devices"]
+        assert device["categories_at_peak"]["kv"] == kv_total, name
+        assert report["kv"]["final_bytes"] == kv_total
+    weights = sum(w.storage_bytes for w in read_run(tmp_path / "on").weights)
+    assert reports["on"]["devices"][0]["final_allocated_bytes"] >= weights + kv_total
+    # AND a budget below weights + buffers is crossed before the first step, not at the prefill
+    budget = weights + kv_total - 1024
+    assert main(["diagnose", str(tmp_path / "on"), "--budget", str(budget), "--json"]) == 0
+    crossing = json.loads(capsys.readouterr().out)["budget_crossing"]
+    assert crossing["before_first_step"] is True
