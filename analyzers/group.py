@@ -166,7 +166,22 @@ def _total(path: str, ranks: list[RankReport]) -> Report:
         markers=sum(r.report.markers for r in ranks),
         oom=oom,
         notes=notes,
+        budget=_group_budget(ranks),
     )
+
+
+def _group_budget(ranks: list[RankReport]) -> dict[str, Any] | None:
+    """The budget the ranks were recorded with (each rank is one device): the first rank to cross it, in
+    time, else the one with the least headroom; `rank` says which."""
+    budgets = [(r, r.report.budget) for r in ranks if r.report.budget]
+    if not budgets:
+        return None
+    crossed = [(r, b) for r, b in budgets if b.get("crossed")]
+    if crossed:
+        rank, budget = min(crossed, key=lambda rb: (rb[1].get("t") or float("-inf"), rb[0].rank))
+    else:
+        rank, budget = min(budgets, key=lambda rb: (rb[1].get("headroom_bytes") or 0, rb[0].rank))
+    return {**budget, "rank": rank.rank}
 
 
 def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> GroupReport:
@@ -210,14 +225,17 @@ def group_figures(group: GroupReport, label: str) -> RunFigures:
     """The group's row in `kvtrace compare`: KV summed over ranks, step by step; the peak rank's peak."""
     base = group.ranks[0]
     figures = run_figures(base.source, group.total, label)
-    by_step: dict[int, int] = {}
-    for rank in group.ranks:
-        kv_log = rank.source.meta.get("kv")
-        if kv_log is None:
-            continue
-        for step, live in kv_log.step_live.items():
-            by_step[step] = by_step.get(step, 0) + sum(live.values())
-    steps = tuple(sorted(by_step))
+    logs = [kv for kv in (rank.source.meta.get("kv") for rank in group.ranks) if kv is not None]
+    steps = tuple(sorted({step for kv_log in logs for step in kv_log.step_live}))
+    # A rank with no event at a step (it died, or writes in place) still holds what it held before.
+    by_step = dict.fromkeys(steps, 0)
+    for kv_log in logs:
+        held = 0
+        for step in steps:
+            live = kv_log.step_live.get(step)
+            if live is not None:
+                held = sum(live.values())
+            by_step[step] += held
     return dataclasses.replace(
         figures,
         path=group.path,

@@ -13,7 +13,7 @@ from analyzers.group import GroupReport, RankReport
 from analyzers.planning.diagnose import Diagnosis
 from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
 from analyzers.render.json import report_to_json
-from analyzers.render.text import report_to_text
+from analyzers.render.text import budget_line, report_to_text
 from analyzers.timeline import downsample_indices
 from analyzers.units import human_bytes
 
@@ -201,6 +201,8 @@ def group_report_to_html(group: GroupReport) -> str:
         f"{esc(group.focus_reason)}.</p>"
     )
     notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in group.notes)
+    if group.total.budget is not None:  # the rank that crossed the recorded budget first
+        notes += f"<p class='note'>{esc(budget_line(group.total.budget).strip())}</p>"
     plot = _group_figure(group).to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-ranks")
     title = f"kvtrace: {group.path}"
     return f"""<!DOCTYPE html>

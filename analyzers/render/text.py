@@ -103,6 +103,8 @@ def report_to_text(report: Report) -> str:
 def budget_line(budget: dict[str, Any]) -> str:
     """One line on a run's memory budget: where it would have run out, or the headroom left."""
     size = human_bytes(budget["bytes"])
+    if budget.get("rank") is not None:  # a run group's: the rank that crossed it first
+        size += f" (rank {budget['rank']})"
     if not budget["crossed"]:
         peak, left = human_bytes(budget["peak_bytes"]), human_bytes(budget["headroom_bytes"])
         return f"  budget {size}: fits, peak {peak} leaves {left}"

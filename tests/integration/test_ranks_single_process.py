@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import torch
 
@@ -42,3 +43,41 @@ def test_outside_a_process_group_the_manifest_has_no_rank(tmp_path):
         pass
     manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())
     assert "rank" not in manifest and "world_size" not in manifest
+
+
+def test_a_group_carries_a_dead_ranks_kv_and_its_budget(tmp_path, capsys):
+    # GIVEN a group of two ranks recorded with a 64 MiB budget (this repo's dynamic sample run, twice);
+    # rank 1 died after step 2: its log stops there, its manifest still says "running"
+    import shutil
+
+    from kvtrace.cli import main
+
+    sample = Path(__file__).resolve().parents[2] / "sample_traces" / "dynamic_b2"
+    group = tmp_path / "group"
+    for rank in (0, 1):
+        shutil.copytree(sample, group / f"rank-{rank}", ignore=shutil.ignore_patterns("kv_counters*", "tb_*"))
+        manifest = json.loads((group / f"rank-{rank}" / MANIFEST).read_text())
+        manifest.update(rank=rank, world_size=2, options={**manifest["options"], "gpu_memory": 64 << 20})
+        if rank == 1:
+            manifest["ended"] = {"status": "running"}
+            events = (group / "rank-1" / "kv_events.jsonl").read_text().splitlines()
+            kept = [line for line in events if json.loads(line)["step"] <= 2]
+            (group / "rank-1" / "kv_events.jsonl").write_text("\n".join(kept) + "\n")
+        (group / f"rank-{rank}" / MANIFEST).write_text(json.dumps(manifest))
+    # WHEN it is compared, THEN the group's KV per step keeps the dead rank's last state (its cache was never
+    # freed), and ends at the group's final KV
+    assert main(["compare", str(group), str(sample), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    whole, alone = runs[0], runs[1]
+    rank1_last = alone["kv_by_step"]["2"]
+    for step, held in alone["kv_by_step"].items():
+        rank1 = rank1_last if int(step) >= 2 else held
+        assert whole["kv_by_step"][step] == held + rank1, step
+    # AND the group's report names the rank that crossed the budget first, in text, JSON and HTML
+    assert main(["report", str(group), "--json", "--no-export"]) == 0
+    budget = json.loads(capsys.readouterr().out)["budget"]
+    assert budget["bytes"] == 64 << 20 and budget["crossed"] and budget["rank"] in (0, 1)
+    page = tmp_path / "group.html"
+    assert main(["report", str(group), "--no-export", "-o", str(page)]) == 0
+    assert f"budget 64.00 MiB (rank {budget['rank']})" in capsys.readouterr().out
+    assert f"budget 64.00 MiB (rank {budget['rank']})" in page.read_text()
