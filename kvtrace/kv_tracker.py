@@ -56,6 +56,7 @@ _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
     "track": ("grown", "written"),  # a custom cache rebound to a larger tensor (else "replaced", below)
 }
 
+_NO_FREES: list[tuple[str, int, int]] = []  # drain's deferred frees of an update without `both_first`: none
 _KD = ("k", "data")
 _VD = ("v", "data")
 
@@ -318,7 +319,8 @@ class KvTracker:
         templates = self._templates
         seq = self._seq
         for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts, pair in queue:
-            later: list[tuple[str, int, int]] = []  # with `pair` (both_first): frees after both new storages
+            # with `pair` (both_first): the frees wait for both new storages; no list made otherwise
+            later = [] if pair else _NO_FREES
             for key, f in ((_KD, k_facts), (_VD, v_facts)):
                 if f is None:
                     continue

@@ -77,24 +77,21 @@ class QueryCommand(Command):
             raise KvtraceError(f"{path}: no such file or directory")
         if is_export_dir(path):
             con = connect(path)
-        elif path.is_dir():
+        else:
             # A folder of sources is read as `kvtrace export` reads it: an unreadable input (an interrupted
-            # run, a truncated trace) is skipped with a warning, and the query runs over the rest.
+            # run, a truncated trace) is skipped with a warning, and the query runs over the rest. A file
+            # named on its own is read strictly: its one-line error is the answer.
             from analyzers.load import load_tables
 
             def warn(problem: str) -> None:
                 skipped.append(problem)
                 print(f"kvtrace query: skipped: {problem}", file=sys.stderr)
 
-            tables = load_tables(path, strict=False, on_skip=warn)
+            tables = load_tables(path, strict=not path.is_dir(), on_skip=warn)
             if skipped and tables.runs.num_rows == 0:
                 what = "its one input" if len(skipped) == 1 else f"any of its {len(skipped)} inputs"
                 raise KvtraceError(f"{path}: could not read {what}")
             con = connect_tables(tables)
-        else:
-            from analyzers.load import load_tables
-
-            con = connect_tables(load_tables(path))
         try:
             result = run_query(con, args.sql)
         finally:
