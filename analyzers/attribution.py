@@ -10,6 +10,7 @@ Two methods, and each event says which one decided it (`DeviceEvents.method`):
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -174,8 +175,12 @@ def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int
     kv_addrs = {s[0] for s in storages}
     alloc_mask = dev.delta_bytes > 0
     by_addr: dict[int, list[int]] = {}
-    for idx in np.nonzero(alloc_mask & np.isin(dev.addr, np.fromiter(kv_addrs, dtype=np.int64)))[0]:
+    at_kv = np.isin(dev.addr, np.fromiter(kv_addrs, dtype=np.int64))
+    for idx in np.nonzero(alloc_mask & at_kv)[0]:
         by_addr.setdefault(int(dev.addr[idx]), []).append(int(idx))
+    frees_at: dict[int, list[int]] = {}
+    for idx in np.nonzero((dev.delta_bytes < 0) & at_kv)[0]:
+        frees_at.setdefault(int(dev.addr[idx]), []).append(int(idx))
     matched_allocs: list[int] = []
     layers: list[int] = []
     kinds: list[int] = []
@@ -184,13 +189,24 @@ def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int
         candidates = by_addr.get(addr)
         if not candidates:
             continue
-        limit = first_ns / 1000.0 + JOIN_TOLERANCE_US
+        # The storage's allocation is the one of its size still live when the log saw it: the latest by
+        # the sighting whose free (if any) is not before it, else the first within the clocks' tolerance
+        # after it. A later one at the same address, inside the tolerance, is the next step's.
+        seen = first_ns / 1000.0
+        limit = seen + JOIN_TOLERANCE_US
+        released = frees_at.get(addr, [])
         best = -1
-        for i in candidates:  # time-ordered: keep the latest allocation of this size before the sighting
+        for i in candidates:  # time-ordered
             if ts[i] > limit:
                 break
-            if int(dev.delta_bytes[i]) == nbytes:
-                best = i
+            if int(dev.delta_bytes[i]) != nbytes:
+                continue
+            if ts[i] > seen and best >= 0:
+                break
+            freed = bisect.bisect_right(released, i)
+            if ts[i] <= seen and freed < len(released) and ts[released[freed]] < seen - JOIN_TOLERANCE_US:
+                continue  # allocated and released well before the sighting: an earlier occupant
+            best = i
         if best >= 0:
             matched_allocs.append(best)
             layers.append(layer)
