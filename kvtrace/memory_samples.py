@@ -121,10 +121,11 @@ class MemorySampler:
             reason = f"NVML unavailable: {type(exc).__name__}: {exc}"
             self.nvml_status = {"status": "absent", "reason": reason}
 
-    def sample(self, host: bool = True) -> dict[str, Any]:
-        """Device allocator figures always; host and NVML figures when `host` or `HOST_INTERVAL_S` passed."""
+    def sample(self, host: bool = True, now: float | None = None) -> dict[str, Any]:
+        """Device allocator figures always; host and NVML figures when `host` or `HOST_INTERVAL_S` passed.
+        `now`: the caller's reading of `clock` for this sample (the time it stamps the sample with)."""
         # Runs once per step, cold, between model steps: every call and lookup saved shows (issue 11).
-        wall = self._clock()
+        wall = self._clock() if now is None else now
         elapsed = wall - self._last_wall
         record: dict[str, Any] = {}
         if not _CUDA_AVAILABLE or _CUDA_AVAILABLE[0]:

@@ -257,7 +257,8 @@ class Recording:
             cuda_index = model_device.index or 0
         elif self.model is None and torch.cuda.is_available() and torch.cuda.is_initialized():
             cuda_index = torch.cuda.current_device()
-        self._sampler = MemorySampler(cuda_index)
+        # The sampler's 20 ms cadence counts on the samples' own clock (`t_ns`), read once per sample.
+        self._sampler = MemorySampler(cuda_index, clock=self._clock_s)
         self._manifest["monitors"] = {
             "cpu_percent": "process CPU time (user + system) / wall time since the last sample; 100 = a core",
             "nvml": self._sampler.nvml_status,
@@ -411,9 +412,13 @@ class Recording:
             return
         if self._sampler is None:
             return
-        record = self._sampler.sample(host=label in ("start", "end"))
-        record.update(t_ns=self._clock(), step=self.tracker.step, phase=label)
+        t_ns = self._clock()
+        record = self._sampler.sample(host=label in ("start", "end"), now=t_ns / 1e9)
+        record.update(t_ns=t_ns, step=self.tracker.step, phase=label)
         self._samples.append_owned(record)
+
+    def _clock_s(self) -> float:
+        return self._clock() / 1e9
 
     def _write_weights(self, exclude: set[int]) -> None:
         seen: set[int] = set()
