@@ -144,9 +144,10 @@ _encode_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class JsonlAppender:
-    """Append-only JSON-lines file. Lines are buffered and written by `flush()` (the recorder calls it at
-    most every 0.1 s, and at the end) in one unbuffered write, so a killed process loses at most what was
-    not flushed yet and never leaves a partial line mid-file."""
+    """Append-only JSON-lines file. Lines are buffered and written by `flush()` (the recorder's writer
+    thread calls it every 0.1 s, and the recorder at the end) in one unbuffered write, so a killed process
+    loses at most what was not flushed yet and never leaves a partial line mid-file. One thread appends
+    while another flushes: `flush` takes the buffer by its prefix, so an append meanwhile is kept."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -166,19 +167,31 @@ class JsonlAppender:
         self._pending.extend(lines)
 
     def flush(self) -> None:
-        if self._pending:
-            pending, self._pending = self._pending, []
-            lines = [p if isinstance(p, str) else _encode_compact(p) for p in pending]
+        pending = self._pending
+        if pending:
+            count = len(pending)
+            taken = pending[:count]
+            del pending[:count]
+            lines = [p if isinstance(p, str) else _encode_compact(p) for p in taken]
             lines.append("")
             data = memoryview("\n".join(lines).encode())
             while data:  # a raw write may be short
                 written = self._fh.write(data) or 0
                 data = data[written:]
 
+    def buffered(self) -> int:
+        return len(self._pending)
+
+    def discard(self) -> None:
+        """Drop what is buffered (after a write error: nothing more reaches the file)."""
+        del self._pending[:]
+
     def close(self) -> None:
         if not self._fh.closed:
-            self.flush()
-            self._fh.close()
+            try:
+                self.flush()
+            finally:
+                self._fh.close()
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], bool]:
@@ -246,6 +259,13 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         if key in manifest and not isinstance(manifest[key], types):
             found = "null" if manifest[key] is None else type(manifest[key]).__name__
             raise KvtraceError(f"{manifest_path}: field {key!r} is {found}, expected {what}")
+    ended = manifest.get("ended") or {}
+    write_error = ended.get("write_error")
+    if write_error is not None:
+        # The recorder could not write its logs to the end (a full disk): they hold an early part of the run.
+        lost = ended.get("kv_events_lost")
+        lost_said = f"; {lost} KV events were lost" if isinstance(lost, int) else ""
+        raise KvtraceError(f"{root}: incomplete run: the recorder failed to write {write_error}{lost_said}")
     raw_events, cut_events = _read_jsonl(root / KV_EVENTS)
     events_path = root / KV_EVENTS
     events = [_event_from(r, events_path) for r in raw_events]

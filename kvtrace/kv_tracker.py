@@ -16,16 +16,23 @@ Events are written straight into JSON lines with one `%` format (same keys as `K
 tensor object is the same, storages are watched through raw weak references, and nothing here reads a
 tensor's values: no `.item()`, no `int(tensor)`, no `.cpu()`, so no device sync. A cache's update of a
 layer already seen is compared at once and only captured (a tuple of facts); the tuples become lines when
-the recorder takes them (every 0.1 s), in one loop (`KvTracker.drain`), with the time, step and phase of
-the capture.
+the recorder's writer thread takes them (every 0.1 s), in one loop (`KvTracker.drain`), with the time,
+step and phase of the capture.
+
+Threads: the model's thread calls everything; the writer thread calls `take_lines` only. The capture
+queue is appended by the model's thread without a lock (a list append is atomic) and drained by whole
+prefixes (`queue[:n]`, then `del queue[:n]`), so no update is lost to a swap; everything that numbers or
+appends lines holds `lock`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import torch
 
@@ -102,6 +109,21 @@ class _Slot:
 
 def _dead() -> None:
     return None
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(method: Callable[Concatenate[KvTracker, _P], _R]) -> Callable[Concatenate[KvTracker, _P], _R]:
+    """Run a method that numbers or appends lines under the tracker's lock (the writer thread drains)."""
+
+    @functools.wraps(method)
+    def locked(self: KvTracker, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class _Layer:
@@ -196,6 +218,7 @@ class KvTracker:
         # (weak ref, layer, kv, quoted part, addr, bytes, cache).
         self._pending: list[tuple[int, int, str, str, int, int, int]] = []
         self.lines: list[str] = []
+        self.lock = threading.RLock()  # around `_seq` and `lines`: the writer thread drains too
         # Captured layer updates waiting for `drain`: (cache, layer, t_ns, step, phase JSON, tokens,
         # evicted, reason, K facts, V facts); see `update` and `_capture`.
         self._queue: list[tuple[Any, ...]] = []
@@ -217,8 +240,10 @@ class KvTracker:
             self._phase_json = quoted(value)
 
     def take_lines(self) -> list[str]:
-        self.drain()
-        lines, self.lines = self.lines, []
+        """The lines logged so far, the captured updates included; safe from the writer thread."""
+        with self.lock:
+            self.drain()
+            lines, self.lines = self.lines, []
         return lines
 
     def tokens(self, cache_id: int, layer: int) -> int:
@@ -297,28 +322,35 @@ class KvTracker:
         reason: str,
     ) -> None:
         """The first update of a layer (or one holding other parts): compared and logged at once."""
-        self.drain()
-        state = self._state(cache_id, layer)
-        state.tokens = tokens
-        t_ns = self._clock()
-        slots = state.slots
-        reason_json = quoted(reason) if evicted else '""'
-        self._see(slots, cache_id, layer, _KD, keys, tokens, evicted, reason_json, t_ns, "update", '"hf"')
-        self._see(slots, cache_id, layer, _VD, values, tokens, 0, '""', t_ns, "update", '"hf"')
-        _refresh_fast(state)
-        if self._pending:
-            self.poll_frees(t_ns)
+        with self.lock:
+            self.drain()
+            state = self._state(cache_id, layer)
+            state.tokens = tokens
+            t_ns = self._clock()
+            slots = state.slots
+            reason_json = quoted(reason) if evicted else '""'
+            self._see(slots, cache_id, layer, _KD, keys, tokens, evicted, reason_json, t_ns, "update", '"hf"')
+            self._see(slots, cache_id, layer, _VD, values, tokens, 0, '""', t_ns, "update", '"hf"')
+            _refresh_fast(state)
+            if self._pending:
+                self.poll_frees(t_ns)
 
     def drain(self) -> None:
         """Log the captured updates, in the order they happened, with the time, step and phase of each."""
-        queue = self._queue
-        if not queue:
+        if not self._queue:
             return
-        self._queue = []
+        with self.lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        queue = self._queue
+        count = len(queue)  # a prefix: the model's thread may append meanwhile, after it
+        batch = queue[:count]
+        del queue[:count]
         append = self.lines.append
         templates = self._templates
         seq = self._seq
-        for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts, pair in queue:
+        for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts, pair in batch:
             # with `pair` (both_first): the frees wait for both new storages; no list made otherwise
             later = [] if pair else _NO_FREES
             for key, f in ((_KD, k_facts), (_VD, v_facts)):
@@ -473,6 +505,7 @@ class KvTracker:
         return True
 
     # -- every other observation (scans, crop, reset, custom caches) -------------------------------------
+    @_locked
     def observe(
         self,
         cache_id: int,
@@ -543,6 +576,7 @@ class KvTracker:
         _refresh_fast(state)
         self.poll_frees(t_ns)
 
+    @_locked
     def masked(self, cache_id: int, layer: int, masked_entries: int, tokens: int) -> None:
         """Tokens hidden from attention in place (kvpress AdaKV's `masked_key_indices`): nothing is freed."""
         self.drain()
@@ -563,6 +597,7 @@ class KvTracker:
         kv_json, part_json = KEY_JSON.get(key) or key_json(key)
         self._pending.append((old.wref, layer, kv_json, part_json, old.addr, old.storage_bytes, cache_id))
 
+    @_locked
     def retire_cache(self, cache_id: int) -> None:
         """A cache object is gone: its slots' storages are watched until released (`poll_frees`)."""
         self.drain()
@@ -571,6 +606,7 @@ class KvTracker:
             for slot_key, slot in state.slots.items():
                 self._retire(cache_id, key[1], slot_key, slot)
 
+    @_locked
     def release_all(self) -> None:
         """At the end of a recording: stop holding slots, so storages freed later are still reported by a
         final `poll_frees` (after the caller dropped its cache)."""
@@ -586,6 +622,10 @@ class KvTracker:
         the time of the observation that found it, or now)."""
         if not self._pending:
             return
+        with self.lock:
+            self._poll_locked(t_ns)
+
+    def _poll_locked(self, t_ns: int) -> None:
         self.drain()  # the queued events come first: a free found now is logged after them
         pending = self._pending
         still: list[tuple[int, int, str, str, int, int, int]] = []
@@ -607,6 +647,7 @@ class KvTracker:
                 still.append(item)
         self._pending = still
 
+    @_locked
     def close(self) -> None:
         """Let go of the weak references still held (storages the caller keeps alive after the run)."""
         self.drain()

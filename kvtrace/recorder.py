@@ -32,11 +32,7 @@ from kvtrace.integrations.vllm import is_vllm_object
 from kvtrace.kv_tracker import KvTracker
 from kvtrace.memory_samples import MemorySampler
 from kvtrace.options import RecordOptions
-
-# The logs reach their files at most this often (and at the end of the block): a decode step can take a
-# millisecond on a GPU, and two write(2) calls per step were most of the per-step cost. A killed process
-# loses at most its last 0.1 s (as the vLLM recorder).
-_FLUSH_NS = 100_000_000
+from kvtrace.run_writer import RunWriter
 
 _ACTIVE_LOCK = threading.Lock()
 _ACTIVE: Recording | None = None
@@ -139,8 +135,13 @@ class Recording:
         self._decode_index = 0
         self._attention_modules: list[Any] = []
         self._step_open = False
-        self._flushed_ns = 0  # time.monotonic_ns() of the last flush
-        self.event_count = 0
+        # The logs reach their files from a writer thread every 0.1 s (and at the end of the block), so a
+        # decode step neither formats nor writes them (issue 11); `_flush` may run on either thread.
+        self._writer: RunWriter | None = None
+        self._flush_lock = threading.Lock()
+        self._write_error: str | None = None  # the first failed write, named by file: the run is incomplete
+        self.event_count = 0  # KV lines written
+        self.events_lost = 0  # KV lines made after a failed write, dropped
         self._sampler: MemorySampler | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -265,8 +266,11 @@ class Recording:
         }
         self._sample("start")
         self._flush()
+        self._writer = RunWriter(self._flush)
+        self._writer.start()
 
     def _finish(self, exc: BaseException | None) -> None:
+        self._stop_writer()
         ended: dict[str, Any] = {"status": "ok"}
         if exc is not None:
             ended = {"status": "exception", "type": type(exc).__name__, "message": str(exc)[:2000]}
@@ -305,21 +309,42 @@ class Recording:
         self.tracker.close()
         for appender in (self._events, self._samples):
             if appender is not None:
-                appender.close()
+                try:
+                    appender.close()
+                except OSError as error:
+                    self._write_failed(appender, error)
         ended["t_ns"] = self._clock()
         self._manifest["ended"] = ended
         self._manifest["files"] = sorted(
             str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file() and p.suffix != ".tmp"
         )
         self._manifest["kv_events"] = self.event_count
+        if self._write_error is not None:
+            ended["write_error"] = self._write_error
+            ended["kv_events_lost"] = self.events_lost
         self._manifest["notes"] = self.notes
         engine = self._vllm.summary() if self._vllm is not None else None
         if engine is not None:
             self._manifest["engine"] = engine
-        fmt.write_json_atomic(self.path / fmt.MANIFEST, self._manifest)
+        try:
+            fmt.write_json_atomic(self.path / fmt.MANIFEST, self._manifest)
+        except OSError as error:
+            if self._write_error is None:
+                self._write_error = f"{self.path / fmt.MANIFEST}: cannot write ({error.strerror or error})"
+        if self._write_error is not None and exc is None:
+            raise RecordingError(f"{self._write_error}: the run is incomplete", exit_code=1)
+
+    def _stop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        writer.stop()
+        if writer.error is not None:
+            self.notes.append(f"writer thread failed: {type(writer.error).__name__}: {writer.error}")
 
     def _teardown(self) -> None:
         """Undo every hook; safe to call twice and after a partial start."""
+        self._stop_writer()
         errors: list[BaseException] = []
         if self._profiler is not None:
             try:
@@ -385,8 +410,6 @@ class Recording:
             self._ranges.pop()
         self._step_open = False
         self._sample(self.tracker.phase)
-        if time.monotonic_ns() - self._flushed_ns >= _FLUSH_NS:
-            self._flush()
 
     # -- outputs -----------------------------------------------------------------------------------
     def _on_evict(self, layer: int, kv: str) -> None:
@@ -396,16 +419,39 @@ class Recording:
             self._ranges.pop()
 
     def _flush(self) -> None:
-        self._flushed_ns = time.monotonic_ns()
-        if self._events is not None:
-            # The tracker keeps its events as ready JSON lines; they reach the file in one write per flush.
-            lines = self.tracker.take_lines()
-            if lines:
-                self.event_count += len(lines)
-                self._events.extend(lines)
-            self._events.flush()
-        if self._samples is not None:
-            self._samples.flush()
+        """Write what the tracker and the sampler hold, in one write per file; on the writer thread or
+        this one. After a failed write (a full disk) nothing more is written: the lines are dropped and
+        counted, and the block ends with a `RecordingError` naming the file."""
+        with self._flush_lock:
+            events, samples = self._events, self._samples
+            if events is not None:
+                # The tracker keeps its events as ready JSON lines; they reach the file in one write.
+                lines = self.tracker.take_lines()
+                if self._write_error is not None:
+                    self.events_lost += len(lines)
+                elif lines or events.buffered():
+                    events.extend(lines)
+                    count = events.buffered()
+                    try:
+                        events.flush()
+                    except OSError as exc:
+                        self._write_failed(events, exc)
+                        self.events_lost += count
+                    else:
+                        self.event_count += count
+            if samples is not None:
+                if self._write_error is not None:
+                    samples.discard()
+                    return
+                try:
+                    samples.flush()
+                except OSError as exc:
+                    self._write_failed(samples, exc)
+
+    def _write_failed(self, appender: fmt.JsonlAppender, exc: OSError) -> None:
+        if self._write_error is None:
+            self._write_error = f"{appender.path}: cannot write ({exc.strerror or exc})"
+        appender.discard()
 
     def _sample(self, label: str) -> None:
         if self._samples is None or self._samples._fh.closed:

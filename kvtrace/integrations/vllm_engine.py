@@ -128,6 +128,12 @@ class EngineHooks:
         capacity = config.num_blocks * getattr(spec, "block_size", 0)
         layers = worker_facts.get("layers", {})
         t_ns = rec._clock()
+        with tracker.lock:  # the recorder's writer thread takes the tracker's lines meanwhile
+            self._log_pool_locked(tracker, layers, t_ns, capacity)
+        rec._flush()
+
+    def _log_pool_locked(self, tracker: Any, layers: dict[str, Any], t_ns: int, capacity: int) -> None:
+        tracker.drain()
         for entry in self.document["layers"]:
             facts = layers.get(entry["name"])
             if facts is None:
@@ -154,12 +160,7 @@ class EngineHooks:
                     cache=VLLM_CACHE_ID,
                     source="vllm",
                 )
-                lines = getattr(tracker, "lines", None)
-                if lines is not None:
-                    lines.append(json.dumps(event.to_json(), separators=(",", ":")))
-                else:  # a tracker that emits through the recording
-                    rec._emit(event)
-        rec._flush()
+                tracker.lines.append(json.dumps(event.to_json(), separators=(",", ":")))
 
     # -- hooks -------------------------------------------------------------------------------------------
     def _schedule_hook(self, *args: Any, **kwargs: Any) -> Any:

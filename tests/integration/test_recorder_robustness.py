@@ -101,10 +101,10 @@ KILLED_CHILD = textwrap.dedent(
     def kill_after_step(module, args, output):
         global calls
         calls += 1
+        # The writer thread flushes the logs every 0.1 s: 0.25 s after a step's end, the step is on disk.
+        time.sleep(0.25)
         if calls == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-        # The logs are flushed at most every 0.1 s: 0.12 s between steps makes each step's end flush.
-        time.sleep(0.12)
 
     with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
         # Registered after the recorder's own hook, so the recorder ends (and may flush) the step first.
@@ -359,3 +359,74 @@ def test_record_refuses_a_bad_argument_before_writing_anything(tmp_path, call, s
     assert not (tmp_path / "run").exists()  # so the corrected call is not refused as "already a run"
     with kvtrace.record(tmp_path / "run", profiler=False):
         pass
+
+
+FULL_DISK_CHILD = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    import torch
+    import kvtrace
+    from kvtrace.llama import ModelSize, build_model
+    from kvtrace.recorder import RecordingError
+
+    out_dir, batch_file, sizes, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    model = build_model(ModelSize(**json.loads(sizes)))
+    batch = torch.load(batch_file)
+    # Files may not grow past `limit` bytes: a write beyond it fails with EFBIG, as on a full disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
+            out = model.generate(**batch, max_new_tokens=48, min_new_tokens=48, do_sample=False)
+            print("generated", out.shape[1])
+    except RecordingError as exc:
+        print("error:", exc)
+    """
+)
+
+
+def test_a_failed_log_write_ends_the_block_with_an_error_naming_the_file(tiny_size, prompt_batch, tmp_path):
+    # GIVEN a process whose files cannot grow past 48 KiB, recording 48 new tokens (~6 KiB of KV log each)
+    batch_file = tmp_path / "batch.pt"
+    torch.save(
+        {"input_ids": prompt_batch.input_ids, "attention_mask": prompt_batch.attention_mask}, batch_file
+    )
+    script = tmp_path / "full_disk_child.py"
+    script.write_text(FULL_DISK_CHILD, encoding="utf-8")
+    out_dir = tmp_path / "run"
+    limit = 48 * 1024
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    sizes = json.dumps(dataclasses.asdict(tiny_size))
+    child = subprocess.run(
+        [sys.executable, str(script), str(out_dir), str(batch_file), sizes, str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+    # THEN the generation ran to its end, and the block ended with one error naming the log and the cause
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert f"generated {prompt_batch.prompt_len + 48}" in child.stdout
+    said = [line for line in child.stdout.splitlines() if line.startswith("error:")]
+    assert said == [f"error: {out_dir / KV_EVENTS}: cannot write (File too large): the run is incomplete"]
+    assert "Traceback" not in child.stderr
+    # AND the manifest says what was lost; the log stopped at the limit
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    assert manifest["ended"]["write_error"] == f"{out_dir / KV_EVENTS}: cannot write (File too large)"
+    assert manifest["ended"]["kv_events_lost"] > 0
+    assert (out_dir / KV_EVENTS).stat().st_size <= limit
+    # AND reading it says so in one line, naming the file and the problem
+    report = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "report", "--no-export", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert report.returncode == 2
+    assert report.stderr.strip().splitlines() == [
+        f"kvtrace report: error: {out_dir}: incomplete run: the recorder failed to write "
+        f"{out_dir / KV_EVENTS}: cannot write (File too large); "
+        f"{manifest['ended']['kv_events_lost']} KV events were lost"
+    ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,40 @@ def test_captured_updates_keep_order_times_and_frees(tmp_path: Path) -> None:
             # released by the update itself: logged right after the event that replaced it, same time
             assert event["seq"] == grower["seq"] + 1 and event["t_ns"] == grower["t_ns"]
             assert event["step"] == grower["step"]
+
+
+def test_the_writer_thread_drains_while_updates_are_captured(tmp_path: Path, monkeypatch: Any) -> None:
+    # GIVEN a writer thread that flushes without pause, while 32 layers are updated for 120 steps
+    import kvtrace.run_writer
+
+    monkeypatch.setattr(kvtrace.run_writer, "FLUSH_INTERVAL_S", 0.0)
+    layers, steps = 32, 120
+    config = llama3_config(
+        ModelSize(hidden_size=32, intermediate_size=64, num_layers=layers, num_heads=2, num_kv_heads=KV_HEADS)
+    )
+    cache = DynamicCache(config=config)
+    prompt = torch.randn(1, KV_HEADS, PROMPT, HEAD_DIM)
+    token = torch.randn(1, KV_HEADS, 1, HEAD_DIM)
+    log = tmp_path / "run" / "kv_events.jsonl"
+    written_during_block = 0
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", profiler=False):
+        for step in range(steps):
+            for layer in range(layers):
+                cache.update(prompt if step == 0 else token, prompt if step == 0 else token, layer)
+            if step == 10:
+                time.sleep(0.05)  # the writer has run meanwhile: the first steps are on disk already
+                written_during_block = len(log.read_text().splitlines())
+    events = _events(tmp_path / "run")
+
+    # THEN lines reached the file during the block, and the log is whole and in order
+    assert written_during_block >= 10 * layers * 2
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert all(a["t_ns"] <= b["t_ns"] for a, b in itertools.pairwise(events))
+    for layer in range(layers):
+        for kv in ("k", "v"):
+            slot = [e for e in events if e["layer"] == layer and e["kv"] == kv and e["event"] != "freed"]
+            assert [e["step"] for e in slot] == list(range(1, steps + 1))
+            assert [e["storage_bytes"] for e in slot] == [
+                KV_HEADS * (PROMPT + s) * HEAD_DIM * 4 for s in range(steps)
+            ]
+    assert sum(e["event"] == "freed" for e in events) == layers * 2 * (steps - 1)
