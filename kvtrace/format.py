@@ -7,7 +7,7 @@ See docs/format.md for every field.
 Layout of a run directory::
 
     manifest.json         run metadata; rewritten atomically at start and at end
-    kv_events.jsonl       one KV event per line, appended, flushed at a step end every 0.1 s at most
+    kv_events.jsonl       one KV event per line, appended, flushed by the writer thread every 0.1 s
     weights.jsonl         one parameter/buffer storage per line
     memory_samples.jsonl  process/device memory, one sample per step
     profiler/             torch.profiler Chrome trace(s) (tensorboard_trace_handler)

@@ -204,8 +204,8 @@ def _shape_of(slot: _Slot) -> str:
 class KvTracker:
     """Owns the last-seen state of every KV slot and appends events, as JSON lines, to `lines`.
 
-    The recorder takes `lines` into `kv_events.jsonl` at most every 0.1 s; `on_evict(layer, kv)` runs for
-    every `evicted`/`masked` event (the recorder opens an NVTX range there).
+    The recorder's writer thread takes `lines` into `kv_events.jsonl` every 0.1 s; `on_evict(layer, kv)`
+    runs for every `evicted`/`masked` event (the recorder opens an NVTX range there).
     """
 
     def __init__(
@@ -280,11 +280,11 @@ class KvTracker:
 
         A layer seen before, holding one K and one V tensor, is compared here and only captured: the slots
         are brought up to date and the facts each event needs go into a queue as tuples, with the time,
-        step and phase of the update. `drain` turns the queue into lines in one loop when the lines are
-        taken (every 0.1 s), or before any other event is logged, so the log keeps its order. Between model
-        steps Python runs cold: formatting a step's events there costs several times what it costs in a loop
-        over many steps (issue 11). A storage the update released is logged freed at the update's time; one
-        still held elsewhere is watched, and found by a later poll.
+        step and phase of the update. `drain` turns the queue into lines in one loop when the writer thread
+        takes the lines (every 0.1 s), or before any other event is logged, so the log keeps its order. So
+        the model's thread neither formats nor writes a line for these updates (issue 11). A storage the
+        update released is logged freed at the update's time; one still held elsewhere is watched, and
+        found by a later poll.
         """
         state = self._layers.get((cache_id, layer))
         fast = state.fast if state is not None else None

@@ -76,10 +76,9 @@ def run_reference(out_dir: Path, facts_dir: Path, failure: str = "") -> None:
         with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
             model(tokens[:, :PROMPT_LEN], 0)
             for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-                if failing and failure == "kill" and pos == PROMPT_LEN + DECODE_STEPS - 1:
-                    time.sleep(0.12)  # logs are flushed at most every 0.1 s: the last step's end flushes
                 model(tokens[:, pos : pos + 1], pos)
             if failing and failure == "kill":
+                time.sleep(0.25)  # the writer thread flushes every 0.1 s: the last step is on disk
                 os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer's way: no exception, no teardown
             if failing:
                 # A real allocation failure, after the last collective so that no other rank waits on us:
