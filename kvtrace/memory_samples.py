@@ -1,11 +1,11 @@
-"""Process and device memory, CPU and GPU use, sampled once per step: cheap figures that need no profiler.
+"""Process and device memory, CPU and GPU use: cheap figures that need no profiler.
 
 The CUDA allocator's figures are read every step (in-process counters, no system call). The host's (RSS,
-CPU %) and NVML's are read at most every `HOST_INTERVAL_S` (20 ms, 50 a second) and at the start and end
-of a run: each is a system call or a driver ioctl, 5-60 us between model steps here (issue 11), so a
-per-step read would cost more than all the KV bookkeeping of a short step. NVML itself averages GPU
-utilization over 1/6 s or more, so reading it faster adds nothing. Samples without them leave the keys
-out.
+CPU %) and NVML's are read at the start and end of a run, and in between every `HOST_INTERVAL_S` (20 ms,
+50 a second) by the recorder's writer thread (`sample_host`): each is a system call or a driver ioctl,
+5-60 us between model steps (issue 11), more than all the KV bookkeeping of a short step. NVML itself
+averages GPU utilization over 1/6 s or more, so reading it faster adds nothing. Samples without them leave
+the keys out.
 
 CPU % is this process's CPU time (user + system, all threads) over the wall time since the previous
 sample, so 100 is one core kept busy. GPU utilization and device memory come from NVML (the
@@ -105,6 +105,7 @@ class MemorySampler:
 
     def __init__(self, cuda_index: int | None, clock: Any = time.perf_counter) -> None:
         self._clock = clock
+        self.host_elsewhere = False  # True while a writer thread reads the host's figures (`sample_host`)
         self._last_wall = clock()
         self._last_cpu = _cpu_seconds()
         self._nvml: _Nvml | None = None
@@ -122,16 +123,25 @@ class MemorySampler:
             self.nvml_status = {"status": "absent", "reason": reason}
 
     def sample(self, host: bool = True, now: float | None = None) -> dict[str, Any]:
-        """Device allocator figures always; host and NVML figures when `host` or `HOST_INTERVAL_S` passed.
-        `now`: the caller's reading of `clock` for this sample (the time it stamps the sample with)."""
+        """Device allocator figures always; host and NVML figures when `host`, or when `HOST_INTERVAL_S`
+        passed and no other thread reads them (`host_elsewhere`). `now`: the caller's reading of `clock`
+        for this sample (the time it stamps the sample with)."""
         # Runs once per step, cold, between model steps: every call and lookup saved shows (issue 11).
         wall = self._clock() if now is None else now
-        elapsed = wall - self._last_wall
         record: dict[str, Any] = {}
         if not _CUDA_AVAILABLE or _CUDA_AVAILABLE[0]:
             record.update(_cuda_fields())
-        if not host and elapsed < HOST_INTERVAL_S:
+        if not host and (self.host_elsewhere or wall - self._last_wall < HOST_INTERVAL_S):
             return record
+        return self._read_host(record, wall)
+
+    def sample_host(self, now: float | None = None) -> dict[str, Any]:
+        """Host and NVML figures only, for a thread other than the model's (the allocator's figures are
+        per device and thread: the model's thread reads them)."""
+        return self._read_host({}, self._clock() if now is None else now)
+
+    def _read_host(self, record: dict[str, Any], wall: float) -> dict[str, Any]:
+        elapsed = wall - self._last_wall
         cpu = time.process_time()
         percent = 100.0 * (cpu - self._last_cpu) / elapsed if elapsed > 0 else 0.0
         self._last_wall, self._last_cpu = wall, cpu

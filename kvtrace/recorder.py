@@ -266,7 +266,9 @@ class Recording:
         }
         self._sample("start")
         self._flush()
-        self._writer = RunWriter(self._flush)
+        # From here the writer thread reads the host's figures every 20 ms; steps sample the allocator's.
+        self._sampler.host_elsewhere = True
+        self._writer = RunWriter(self._flush, self._sample_host)
         self._writer.start()
 
     def _finish(self, exc: BaseException | None) -> None:
@@ -339,6 +341,8 @@ class Recording:
         if writer is None:
             return
         writer.stop()
+        if self._sampler is not None:
+            self._sampler.host_elsewhere = False
         if writer.error is not None:
             self.notes.append(f"writer thread failed: {type(writer.error).__name__}: {writer.error}")
 
@@ -462,6 +466,16 @@ class Recording:
         record = self._sampler.sample(host=label in ("start", "end"), now=t_ns / 1e9)
         record.update(t_ns=t_ns, step=self.tracker.step, phase=label)
         self._samples.append_owned(record)
+
+    def _sample_host(self) -> None:
+        """On the writer thread: the host's figures (and NVML's), as a sample of phase `host`."""
+        sampler, samples = self._sampler, self._samples
+        if sampler is None or samples is None:
+            return
+        t_ns = self._clock()
+        record = sampler.sample_host(now=t_ns / 1e9)
+        record.update(t_ns=t_ns, step=self.tracker.step, phase="host")
+        samples.append_owned(record)
 
     def _clock_s(self) -> float:
         return self._clock() / 1e9

@@ -42,20 +42,25 @@ def _samples(run: Path) -> list[dict]:
 
 def test_samples_carry_cpu_percent_and_say_why_nvml_is_absent(run_dir: Path) -> None:
     samples = _samples(run_dir)
+    steps = [s for s in samples if s["phase"] != "host"]
     # start, one per forward (prefill + NEW_TOKENS - 1 decodes), end
-    assert [s["phase"] for s in samples] == ["start", "prefill"] + ["decode"] * (NEW_TOKENS - 1) + ["end"]
+    assert [s["phase"] for s in steps] == ["start", "prefill"] + ["decode"] * (NEW_TOKENS - 1) + ["end"]
     cores = os.cpu_count() or 1
-    # Host figures (RSS, CPU %) at the start and end, and in steps at most every HOST_INTERVAL_S.
+    # Host figures (RSS, CPU %) at the start and end, and in between every HOST_INTERVAL_S from the
+    # writer thread (phase "host", with the step in progress); never in a step's own sample.
     host = [s for s in samples if "cpu_percent" in s]
     assert samples[0] in host and samples[-1] in host
+    assert [s["phase"] for s in host[1:-1]] == ["host"] * (len(host) - 2) and len(host) > 3
     assert all(("rss_bytes" in s) == ("cpu_percent" in s) for s in samples)
+    assert not any("rss_bytes" in s for s in steps[1:-1])
     for sample in host:
         assert isinstance(sample["cpu_percent"], float | int) and sample["rss_bytes"] > 0
         assert 0 <= sample["cpu_percent"] <= 100 * cores + 50  # a process can keep every core busy
     gaps = [b["t_ns"] - a["t_ns"] for a, b in itertools.pairwise(host[:-1])]  # the end is always read
-    assert all(gap >= 0.9 * HOST_INTERVAL_S * 1e9 for gap in gaps)  # t_ns is read just after
+    assert all(gap >= 0.9 * HOST_INTERVAL_S * 1e9 for gap in gaps)
+    assert [s["step"] for s in host] == sorted(s["step"] for s in host)
     # a forward pass computes: the steps are not idle
-    assert max(s["cpu_percent"] for s in host if s["phase"] in ("prefill", "decode")) > 1
+    assert max(s["cpu_percent"] for s in host[1:-1]) > 1
     assert not any(key.startswith("gpu_") for s in samples for key in s)
     nvml = json.loads((run_dir / "manifest.json").read_text())["monitors"]["nvml"]
     assert nvml["status"] == "absent" and "not on CUDA" in nvml["reason"]
