@@ -658,5 +658,4 @@ def track(tensor: torch.Tensor, layer: int, kind: str) -> None:
         raise RecordingError(f"kvtrace.track(layer=...): a layer index (an int >= 0), got {layer!r}")
     if kind not in ("k", "v"):
         raise RecordingError(f"kvtrace.track(kind=...): 'k' or 'v', got {kind!r}")
-    recording._modules.track(tensor, layer, kind)
-    recording._flush()
+    recording._modules.track(tensor, layer, kind)  # written by the writer thread within 0.1 s
