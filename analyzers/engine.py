@@ -19,6 +19,8 @@ import numpy as np
 
 from kvtrace.errors import KvtraceError
 
+_I64 = 2**63 - 1
+
 __all__ = [
     "ENGINE",
     "ENGINE_REQUESTS",
@@ -158,7 +160,8 @@ class HeldRequest:
 
 
 def has_engine(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / ENGINE).is_file()
+    """Whether the run has engine files (an engine.json that is not a file is read, and refused)."""
+    return os.path.lexists(Path(path) / ENGINE)
 
 
 def _int(value: Any, where: str, name: str, default: int | None = None) -> int:
@@ -193,6 +196,14 @@ def _read_info(file: Path) -> EngineInfo:
         value = _opt_int(data.get(name), where, name)
         if value is not None and (value < 0 or (name == "block_size" and value < 1)):
             raise KvtraceError(f"{file}: field {name!r} out of range: {value}")
+    config = data.get("config") or {}
+    for name in _CONFIG_INTS:
+        value = _opt_int(config.get(name), where, f"config.{name}")
+        if value is not None and value < 0:
+            raise KvtraceError(f"{file}: field 'config.{name}' out of range: {value}")
+    util = config.get("gpu_memory_utilization")
+    if util is not None and (type(util) not in (int, float) or not 0 < util <= 1):
+        raise KvtraceError(f"{file}: field 'config.gpu_memory_utilization' must be in (0, 1], got {util!r}")
     return EngineInfo(
         name=str(data.get("name", "")),
         version=str(data.get("version", "")),
@@ -213,11 +224,22 @@ def _read_info(file: Path) -> EngineInfo:
     )
 
 
-def _jsonl(file: Path) -> list[dict[str, Any]]:
-    """Complete lines of a JSON-lines log. A cut last line (the process died mid-write) is dropped; a corrupt
-    line elsewhere is an error naming the file and line."""
-    if not file.is_file():
-        return []
+# engine.json `config` fields the planners compute with, when present
+_CONFIG_INTS = (
+    "block_size",
+    "max_num_seqs",
+    "max_model_len",
+    "max_num_batched_tokens",
+    "tensor_parallel_size",
+    "kv_cache_memory_bytes",
+)
+
+
+def _jsonl(file: Path) -> tuple[list[dict[str, Any]], bool]:
+    """Complete lines of a JSON-lines log, and whether its last line was cut (the process died mid-write:
+    dropped); a corrupt line elsewhere is an error naming the file and line."""
+    if not os.path.lexists(file):
+        return [], False
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
@@ -233,22 +255,35 @@ def _jsonl(file: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines) and not text.endswith("\n"):
-                break  # the last line was cut
+                return rows, True  # the last line was cut
             raise KvtraceError(f"{file}: line {number} is not valid JSON") from None
+        except RecursionError:
+            raise KvtraceError(f"{file}: line {number} is nested too deeply") from None
         if not isinstance(row, dict):
             raise KvtraceError(f"{file}: line {number} is not a JSON object")
         rows.append(row)
-    return rows
+    return rows, False
 
 
-def _read_steps(file: Path) -> EngineSteps:
-    rows = _jsonl(file)
+def _read_steps(file: Path, counted: int | None, num_blocks: int | None) -> EngineSteps:
+    """The step log; `counted`: the steps the finished run's manifest counts (None: still running)."""
+    rows, cut = _jsonl(file)
+    if counted is not None and (cut or len(rows) != counted):
+        said = f"{len(rows)} complete steps of the {counted} counted"
+        raise KvtraceError(f"{file}: damaged after the run ended: {said}")
     columns = {name: np.zeros(len(rows), dtype=np.int64) for name in _STEP_COLUMNS}
     preempted: list[tuple[str, ...]] = []
     for i, row in enumerate(rows):
         where = f"{file}: line {i + 1}"
         for name in _STEP_COLUMNS:
-            columns[name][i] = _int(row.get(name), where, name, default=0)
+            value = _int(row.get(name), where, name, default=0)
+            if not (-_I64 if name == "step" else 0) <= value <= _I64:
+                raise KvtraceError(f"{where}: field {name!r} out of range: {value}")
+            columns[name][i] = value
+        if num_blocks is not None and columns["blocks_used"][i] > num_blocks:
+            raise KvtraceError(
+                f"{where}: {columns['blocks_used'][i]} blocks used of a pool of {num_blocks}: not a real step"
+            )
         ids = row.get("preempted") or []
         if not isinstance(ids, list):
             raise KvtraceError(f"{where}: field 'preempted' must be a list")
@@ -258,7 +293,7 @@ def _read_steps(file: Path) -> EngineSteps:
 
 def _read_requests(file: Path) -> tuple[RequestEvent, ...]:
     events: list[RequestEvent] = []
-    for i, row in enumerate(_jsonl(file)):
+    for i, row in enumerate(_jsonl(file)[0]):
         where = f"{file}: line {i + 1}"
         event = row.get("event")
         if event not in REQUEST_EVENTS:
@@ -288,12 +323,27 @@ def read_engine(path: str | os.PathLike[str]) -> EngineRun | None:
     folder = Path(path)
     if not has_engine(folder):
         return None
+    info = _read_info(folder / ENGINE)
     return EngineRun(
         path=str(folder),
-        info=_read_info(folder / ENGINE),
-        steps=_read_steps(folder / ENGINE_STEPS),
+        info=info,
+        steps=_read_steps(folder / ENGINE_STEPS, _counted_steps(folder), info.num_blocks),
         requests=_read_requests(folder / ENGINE_REQUESTS),
     )
+
+
+def _counted_steps(folder: Path) -> int | None:
+    """Engine steps the manifest of a finished run counts; None while it runs (or without a count)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError, RecursionError):
+        return None  # the run reader says what is wrong with it
+    ended = manifest.get("ended") if isinstance(manifest, dict) else None
+    if not isinstance(ended, dict) or ended.get("status") in (None, "running"):
+        return None
+    engine = manifest.get("engine")
+    counted = engine.get("engine_steps") if isinstance(engine, dict) else None
+    return counted if type(counted) is int else None
 
 
 def engine_figures(run: EngineRun) -> EngineFigures:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -89,6 +90,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a path the readers did not expect to fail (permissions, a folder, a full disk)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"kvtrace {command.name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (RecursionError, MemoryError) as exc:
+        said = "an input is nested too deeply" if isinstance(exc, RecursionError) else "out of memory"
+        print(f"kvtrace {command.name}: error: {said} ({_inputs(args)})", file=sys.stderr)
+        return 2 if isinstance(exc, RecursionError) else 1
+    except Exception as exc:
+        # A bug, or input damaged in a way no reader checks: one line, the traceback on request.
+        if os.environ.get("KVTRACE_DEBUG"):
+            raise
+        print(
+            f"kvtrace {command.name}: internal error on {_inputs(args)}: {type(exc).__name__}: {exc} "
+            "(KVTRACE_DEBUG=1 shows the traceback; please report it)",
+            file=sys.stderr,
+        )
+        return 70  # EX_SOFTWARE
+
+
+def _inputs(args: argparse.Namespace) -> str:
+    """The paths a command was given, for a message that must name them."""
+    found: list[str] = []
+    for name, value in vars(args).items():
+        if name.startswith("_"):
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str | os.PathLike) and os.path.lexists(item):
+                found.append(str(item))
+    return ", ".join(found) or "its arguments"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -194,15 +195,21 @@ class JsonlAppender:
                 self._fh.close()
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """Every complete line; a cut last line (killed writer) is dropped and reported, corrupt lines elsewhere
-    are an error naming the file and line."""
+def _read_jsonl(
+    path: Path, check: Callable[[dict[str, Any], Path, int], Any] | None = None
+) -> tuple[list[Any], bool]:
+    """Every complete line (through `check(record, path, lineno)`, which returns what to keep or raises); a
+    cut last line (killed writer) is dropped and reported, corrupt lines elsewhere are an error naming the
+    file and line."""
     if not path.exists():
         return [], False
-    records: list[dict[str, Any]] = []
+    records: list[Any] = []
     truncated = False
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        lines = fh.read().split("\n")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().split("\n")
+    except OSError as exc:  # a folder of that name, no permission
+        raise KvtraceError(f"{path}: cannot read ({exc.strerror or exc})") from None
     last = len(lines) - 1
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -214,18 +221,122 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], bool]:
                 truncated = True
                 break
             raise KvtraceError(f"{path}: line {lineno} is not valid JSON") from None
+        except RecursionError:
+            raise KvtraceError(f"{path}: line {lineno} is nested too deeply") from None
         if not isinstance(value, dict):
             raise KvtraceError(f"{path}: line {lineno} is not a JSON object")
-        records.append(value)
+        records.append(value if check is None else check(value, path, lineno))
     return records, truncated
 
 
-def _event_from(record: dict[str, Any], path: Path) -> KvEvent:
+# What a record's numbers may be. Sizes above 2**56 bytes (64 PiB) and addresses past 2**63 are damage, not
+# memory: they would overflow the analyzers' int64 columns, or print as figures no device holds.
+_I64 = 2**63 - 1
+MAX_BYTES = 2**56
+_MAX_LAYER = 2**15 - 1  # the analyzers keep layers in int16
+_EVENT_INTS: tuple[tuple[str, int, int], ...] = (
+    ("seq", -_I64, _I64),
+    ("t_ns", 0, _I64),
+    ("step", -_I64, _I64),
+    ("layer", 0, _MAX_LAYER),
+    ("addr", 0, _I64),
+    ("storage_bytes", 0, MAX_BYTES),
+    ("view_offset", 0, MAX_BYTES),
+    ("logical_bytes", 0, MAX_BYTES),
+    ("tokens", 0, _I64),
+    ("evicted_tokens", 0, _I64),
+    ("prev_addr", 0, _I64),
+    ("cache", -_I64, _I64),
+)
+_EVENT_STRS = ("phase", "event", "kv", "part", "dtype", "device", "source", "reason")
+_WEIGHT_INTS = (("addr", 0, _I64), ("storage_bytes", 0, MAX_BYTES))
+_WEIGHT_STRS = ("name", "dtype", "device")
+# memory_samples.jsonl: the keys analyzers compute with, when present
+_SAMPLE_INTS = (
+    ("t_ns", 0, _I64),
+    ("step", -_I64, _I64),
+    ("rss_bytes", 0, MAX_BYTES),
+    ("cuda_device", 0, _MAX_LAYER),
+    ("cuda_allocated_bytes", 0, MAX_BYTES),
+    ("cuda_reserved_bytes", 0, MAX_BYTES),
+    ("cuda_peak_allocated_bytes", 0, MAX_BYTES),
+    ("gpu_memory_used_bytes", 0, MAX_BYTES),
+    ("gpu_memory_total_bytes", 0, MAX_BYTES),
+)
+_SAMPLE_NUMBERS = ("cpu_percent", "gpu_utilization_percent")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return f"{value}" if abs(value) < 10**30 else "an integer of more than 30 digits"
+    return {str: "a string", float: "a number with a fraction", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _bad(path: Path, lineno: int, name: str, value: Any, low: int, high: int) -> KvtraceError:
+    want = "an integer" if type(value) is not int else f"an integer from {low} to {high}"
+    return KvtraceError(f"{path}: line {lineno}: field {name!r} is {_kind(value)}, expected {want}")
+
+
+def _check_fields(
+    record: dict[str, Any],
+    path: Path,
+    lineno: int,
+    ints: tuple[tuple[str, int, int], ...],
+    strs: tuple[str, ...],
+) -> None:
+    for name, low, high in ints:
+        value = record.get(name, 0)
+        if type(value) is not int or not low <= value <= high:
+            raise _bad(path, lineno, name, value, low, high)
+    for name in strs:
+        value = record.get(name, "")
+        if type(value) is not str:
+            raise KvtraceError(f"{path}: line {lineno}: field {name!r} is {_kind(value)}, expected a string")
+    shape = record.get("shape", [])
+    if type(shape) is not list or not all(type(n) is int and 0 <= n <= _I64 for n in shape):
+        said = _kind(shape)
+        raise KvtraceError(f"{path}: line {lineno}: field 'shape' is {said}, expected a list of sizes")
+
+
+def _event_from(record: dict[str, Any], path: Path, lineno: int = 0) -> KvEvent:
     known = KvEvent.__dataclass_fields__
     try:
-        return KvEvent(**{k: v for k, v in record.items() if k in known})
+        event = KvEvent(**{k: v for k, v in record.items() if k in known})
     except TypeError as exc:
-        raise KvtraceError(f"{path}: KV event missing fields ({exc})") from None
+        raise KvtraceError(f"{path}: line {lineno}: KV event missing fields ({exc})") from None
+    _check_fields(event.__dict__, path, lineno, _EVENT_INTS, _EVENT_STRS)
+    return event
+
+
+def _weight_from(record: dict[str, Any], path: Path, lineno: int) -> WeightRecord:
+    known = WeightRecord.__dataclass_fields__
+    missing = [name for name in known if name not in record]
+    if missing:
+        raise KvtraceError(f"{path}: line {lineno}: weight record without {', '.join(map(repr, missing))}")
+    _check_fields(record, path, lineno, _WEIGHT_INTS, _WEIGHT_STRS)
+    return WeightRecord(**{k: v for k, v in record.items() if k in known})
+
+
+def _sample_from(record: dict[str, Any], path: Path, lineno: int) -> dict[str, Any]:
+    for name, low, high in _SAMPLE_INTS:
+        value = record.get(name)
+        if value is not None and (type(value) is not int or not low <= value <= high):
+            raise _bad(path, lineno, name, value, low, high)
+    for name in _SAMPLE_NUMBERS:
+        value = record.get(name)
+        if value is not None and (type(value) not in (int, float) or not 0 <= value <= 1e6):
+            said = _kind(value)
+            raise KvtraceError(f"{path}: line {lineno}: field {name!r} is {said}, expected a percentage")
+    phase = record.get("phase", "")
+    if type(phase) is not str:
+        raise KvtraceError(f"{path}: line {lineno}: field 'phase' is {_kind(phase)}, expected a string")
+    return record
 
 
 def read_run(path: str | os.PathLike[str]) -> Run:
@@ -242,13 +353,17 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         group = f"; a run group, one run per rank: {RANK_DIR_PREFIX}<r>/" if rank_dirs(root) else ""
         raise KvtraceError(f"{root}: not a kvtrace run directory (no {MANIFEST}){group}")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8-sig"))  # a BOM an editor added
+    except OSError as exc:  # a folder of that name, no permission
+        raise KvtraceError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise KvtraceError(f"{manifest_path}: corrupt manifest ({exc.__class__.__name__})") from None
+    except RecursionError:
+        raise KvtraceError(f"{manifest_path}: corrupt manifest (nested too deeply)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "kvtrace-run":
         raise KvtraceError(f"{manifest_path}: not a kvtrace manifest")
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or version < 1:
+    if type(version) is not int or version < 1:
         raise KvtraceError(f"{manifest_path}: missing or invalid schema_version")
     if version > SCHEMA_VERSION:
         raise KvtraceError(
@@ -259,6 +374,12 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         if key in manifest and not isinstance(manifest[key], types):
             found = "null" if manifest[key] is None else type(manifest[key]).__name__
             raise KvtraceError(f"{manifest_path}: field {key!r} is {found}, expected {what}")
+    for dotted, check, what in _MANIFEST_VALUES:
+        outer, _, inner = dotted.partition(".")
+        holder = manifest.get(outer) if inner else manifest
+        name = inner or outer
+        if isinstance(holder, dict) and name in holder and not check(holder[name]):
+            raise KvtraceError(f"{manifest_path}: field {dotted!r} is {_kind(holder[name])}, expected {what}")
     ended = manifest.get("ended") or {}
     write_error = ended.get("write_error")
     if write_error is not None:
@@ -266,17 +387,17 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         lost = ended.get("kv_events_lost")
         lost_said = f"; {lost} KV events were lost" if isinstance(lost, int) else ""
         raise KvtraceError(f"{root}: incomplete run: the recorder failed to write {write_error}{lost_said}")
-    raw_events, cut_events = _read_jsonl(root / KV_EVENTS)
     events_path = root / KV_EVENTS
-    events = [_event_from(r, events_path) for r in raw_events]
-    raw_weights, cut_weights = _read_jsonl(root / WEIGHTS)
-    weights = [WeightRecord(**r) for r in raw_weights]
-    samples, cut_samples = _read_jsonl(root / MEMORY_SAMPLES)
+    events, cut_events = _read_jsonl(events_path, _event_from)
+    weights, cut_weights = _read_jsonl(root / WEIGHTS, _weight_from)
+    samples, cut_samples = _read_jsonl(root / MEMORY_SAMPLES, _sample_from)
     if manifest.get("ended", {}).get("status") not in (None, "running"):
         # The recorder closed every file and counted the events: a cut or short file was damaged after the
         # run (a partial copy, a full disk), and figures from it would be wrong, not merely early.
         count = manifest.get("kv_events")
-        short = isinstance(count, int) and count != len(events) and events_path.exists()
+        if isinstance(count, int) and count and not events_path.is_file():
+            raise KvtraceError(f"{events_path}: missing, while the manifest counts {count} KV events")
+        short = isinstance(count, int) and count != len(events)
         if cut_events or short:
             counted = f" of the {count} the manifest counts" if isinstance(count, int) else ""
             raise KvtraceError(
@@ -308,6 +429,52 @@ _MANIFEST_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
     ("model", (dict, type(None)), "an object or null"),
     ("files", (list,), "a list"),
     ("notes", (list,), "a list"),
+)
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _I64
+
+
+def _size_or_null(value: Any) -> bool:
+    return value is None or (type(value) is int and 0 <= value <= MAX_BYTES)
+
+
+def _count_or_null(value: Any) -> bool:
+    return value is None or _count(value)
+
+
+def _text_or_null(value: Any) -> bool:
+    return value is None or type(value) is str
+
+
+# Values inside the manifest that analyzers compute with, when present: (dotted key, test, expected).
+_MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("started_ns", _count_or_null, "a time in ns"),
+    ("kv_events", _count, "a count"),
+    ("rank", _count_or_null, "a rank"),
+    ("local_rank", _count_or_null, "a rank"),
+    ("world_size", _count_or_null, "a count"),
+    ("device.type", lambda v: type(v) is str, "a string"),
+    ("device.name", _text_or_null, "a string"),
+    ("device.index", _count_or_null, "a device index"),
+    ("device.total_memory_bytes", _size_or_null, f"a size of at most {MAX_BYTES} bytes"),
+    ("ended.status", lambda v: type(v) is str, "a string"),
+    ("ended.t_ns", _count, "a time in ns"),
+    ("ended.type", _text_or_null, "a string"),
+    ("ended.message", _text_or_null, "a string"),
+    ("ended.write_error", lambda v: type(v) is str, "a string"),
+    ("ended.kv_events_lost", _count, "a count"),
+    ("model.num_layers", _count_or_null, "a count"),
+    ("model.num_attention_heads", _count_or_null, "a count"),
+    ("model.num_kv_heads", _count_or_null, "a count"),
+    ("model.head_dim", _count_or_null, "a count"),
+    ("model.hidden_size", _count_or_null, "a count"),
+    ("model.vocab_size", _count_or_null, "a count"),
+    ("model.parameters", _count_or_null, "a count"),
+    ("model.sliding_window", _count_or_null, "a count"),
+    ("model.dtype", _text_or_null, "a string"),
+    ("options.gpu_memory", _size_or_null, f"a size of at most {MAX_BYTES} bytes"),
 )
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -160,18 +161,33 @@ def _snapshot_block_stacks(path: str) -> list[StackShare]:
 
     data = load_pickle(path)
     grouped: dict[str, list[int]] = {}
-    for segment in data.get("segments", []) if isinstance(data, dict) else []:
-        for block in segment.get("blocks", []):
-            if block.get("state") not in ("active_allocated", "active_pending_free", "active_awaiting_free"):
+    # The snapshot reader checked sizes and states; stacks it does not keep, so each level is checked here
+    # (a damaged history entry or frame loses its stack, not the diagnosis).
+    for segment in _list(data.get("segments") if isinstance(data, dict) else None):
+        for block in _list(segment.get("blocks") if isinstance(segment, dict) else None):
+            if not isinstance(block, dict) or block.get("state") not in _LIVE_STATES:
                 continue
             frames = block.get("frames")
-            if not frames and block.get("history"):
-                frames = block["history"][-1].get("frames")
-            text = "\n".join(f"{f.get('filename')}:{f.get('line')}:{f.get('name')}" for f in frames or [])
+            history = _list(block.get("history"))
+            if not frames and history and isinstance(history[-1], dict):
+                frames = history[-1].get("frames")
+            text = "\n".join(
+                f"{f.get('filename')}:{f.get('line')}:{f.get('name')}"
+                for f in _list(frames)
+                if isinstance(f, dict)
+            )
+            size = block.get("requested_size") or block.get("size", 0)
             entry = grouped.setdefault(text or "(no stack recorded)", [0, 0])
-            entry[0] += int(block.get("requested_size") or block.get("size", 0))
+            entry[0] += size if type(size) is int and size > 0 else 0
             entry[1] += 1
     return [StackShare(text, total, count) for text, (total, count) in grouped.items()]
+
+
+_LIVE_STATES = ("active_allocated", "active_pending_free", "active_awaiting_free")
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _kv_bits(source: MemorySource, report: Report) -> int | None:

@@ -41,6 +41,10 @@ from analyzers.readers.memory_events_fast import DeviceColumns, MemoryRunReader
 from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.memory_timeline import read_memory_timeline  # re-exported: one import for both
 from analyzers.readers.sources import JsonStream, ProgressFn, open_input
+from kvtrace.errors import KvtraceError
+
+MAX_EVENT_BYTES = 2**56  # one allocation or free: 64 PiB, far past any device
+MAX_MOVED_BYTES = 2**62  # all of a device's events together: the int64 running totals stay exact
 
 __all__ = ["ChunkSink", "read_chrome_trace", "read_memory_timeline", "timestamps"]
 
@@ -118,14 +122,26 @@ class _DeviceChunks:
     """One device's memory events: numpy chunks from the byte scan, and events decoded one by one
     (`pending`), kept in file order by flushing `pending` before each chunk."""
 
-    def __init__(self, sink: ChunkSink | None = None) -> None:
+    def __init__(self, sink: ChunkSink | None = None, name: str = "") -> None:
         self.pending = DeviceColumns()
         self.chunks: list[tuple[np.ndarray, ...]] = []
         self.with_allocated = 0
         self.with_reserved = 0
         self.sink = sink  # when set, chunks go there instead of being kept (streaming summaries)
+        self.name = name
+        self.moved = 0.0  # |Bytes| summed over the events so far, as a float (no overflow)
 
     def _keep(self, chunk: tuple[np.ndarray, ...], with_allocated: int, with_reserved: int) -> None:
+        delta = chunk[2]
+        if len(delta):
+            # The running totals are int64: sizes that could overflow them are damage, not memory.
+            magnitudes = np.abs(delta.astype(np.float64))
+            self.moved += float(magnitudes.sum())
+            if self.moved > MAX_MOVED_BYTES:
+                raise KvtraceError(
+                    f"{self.name}: [memory] events whose sizes add up to {self.moved:.3g} bytes: "
+                    "not a real trace (damaged or made up)"
+                )
         if self.sink is not None:
             self.sink(chunk, with_allocated == len(chunk[0]), with_reserved == len(chunk[0]))
             return
@@ -174,8 +190,9 @@ class _DeviceChunks:
 class _TraceCollector:
     """The per-event callback of `read_chrome_trace`: keeps memory events and step ranges only."""
 
-    def __init__(self, sink_for: Callable[[str], ChunkSink] | None = None) -> None:
+    def __init__(self, sink_for: Callable[[str], ChunkSink] | None = None, name: str = "") -> None:
         self.sink_for = sink_for
+        self.name = name
         self.devices: dict[str, _DeviceChunks] = {}
         self.ranges: list[tuple[str, float, float, dict[str, Any]]] = []
         self.open_ranges: dict[tuple[Any, Any], list[tuple[Any, float]]] = {}
@@ -224,6 +241,10 @@ class _TraceCollector:
                     "[memory] with a non-integer Bytes" if delta is not None else "[memory] without Bytes"
                 ] += 1
                 return
+            size = delta if type(delta) is int else _strict_int(delta)
+            if not -MAX_EVENT_BYTES <= size <= MAX_EVENT_BYTES:  # type: ignore[operator]
+                self.skipped["[memory] with an impossible Bytes (over 2**56)"] += 1
+                return
             self.columns_for(args.get("Device Type"), args.get("Device Id")).add(ts, args)
         elif phase == "B" or phase == "E":
             self._begin_end(event, phase)
@@ -252,7 +273,7 @@ class _TraceCollector:
             chunks = self.devices.get(device)
             if chunks is None:
                 sink = self.sink_for(device) if self.sink_for is not None else None
-                chunks = self.devices[device] = _DeviceChunks(sink)
+                chunks = self.devices[device] = _DeviceChunks(sink, self.name)
             if key is not None:
                 self._devices_by_key[key] = chunks
         return chunks
@@ -358,7 +379,7 @@ def read_chrome_trace(
     `DeviceEvents` stays empty (analyzers.stream_summary folds them in bounded memory).
     """
     if byte_scan:
-        collector = _TraceCollector(sink_for)
+        collector = _TraceCollector(sink_for, str(path))
         try:
             result = scan_kineto(path, collector.add_block, collector, collector, progress)
         except NotKineto:
@@ -368,7 +389,7 @@ def read_chrome_trace(
                 str(path), collector, result.top, collector.all_integral, result.events, "byte_scan"
             )
     name = str(path)
-    collector = _TraceCollector(sink_for)
+    collector = _TraceCollector(sink_for, name)
     memory_runs = MemoryRunReader(collector.columns_for)
     with open_input(path, progress) as binary:
         top, skipped = _walk_trace(JsonStream(binary, name), collector, memory_runs)

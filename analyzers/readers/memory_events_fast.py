@@ -17,15 +17,19 @@ from typing import Any
 __all__ = ["DeviceColumns", "MemoryRunReader", "as_int"]
 
 
+_INT64 = 2**63 - 1
+
+
 def as_int(value: Any, default: int) -> int:
+    """`value` as an int64, else `default` (None, a boolean, garbage, or a number no int64 holds)."""
     if isinstance(value, bool) or value is None:
         return default
-    if isinstance(value, int):
-        return value
-    try:
-        return int(value, 0) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float (1e400 in the JSON)
-        return default
+    if not isinstance(value, int):
+        try:
+            value = int(value, 0) if isinstance(value, str) else int(value)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float (1e400 in the JSON)
+            return default
+    return value if -_INT64 <= value <= _INT64 else default
 
 
 class DeviceColumns:
@@ -45,15 +49,19 @@ class DeviceColumns:
         # is most of the per-event cost on traces with millions of memory events.
         self.ts.append(ts)
         addr, delta = args.get("Addr"), args.get("Bytes")
-        self.addr.append(addr if type(addr) is int else as_int(addr, -1))
-        self.delta.append(delta if type(delta) is int else as_int(delta, 0))
+        self.addr.append(addr if type(addr) is int and 0 <= addr <= _INT64 else as_int(addr, -1))
+        self.delta.append(delta if type(delta) is int else as_int(delta, 0))  # the caller checked its range
         allocated, reserved = args.get("Total Allocated"), args.get("Total Reserved")
         if allocated is not None:
             self.with_allocated += 1
         if reserved is not None:
             self.with_reserved += 1
-        self.total_allocated.append(allocated if type(allocated) is int else as_int(allocated, -1))
-        self.total_reserved.append(reserved if type(reserved) is int else as_int(reserved, -1))
+        self.total_allocated.append(
+            allocated if type(allocated) is int and 0 <= allocated <= _INT64 else as_int(allocated, -1)
+        )
+        self.total_reserved.append(
+            reserved if type(reserved) is int and 0 <= reserved <= _INT64 else as_int(reserved, -1)
+        )
 
 
 # One event as Kineto writes it, "%s" where a number goes. Neither layout has a digit, '.' or '-' outside

@@ -40,7 +40,7 @@ def _kv_only_device(device: str, events: list[Any]) -> DeviceEvents:
 
 
 _SIZE_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-_TRIED = re.compile(r"Tried to allocate ([\d.]+) (B|bytes|KiB|MiB|GiB|TiB)")
+_TRIED = re.compile(r"Tried to allocate (\d{1,15}(?:\.\d{1,6})?) (B|bytes|KiB|MiB|GiB|TiB)\b")
 
 
 def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySource) -> OomInfo:
@@ -54,8 +54,8 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
 
         try:
             snapshot = read_snapshot(oom_pickle)
-        except KvtraceError as exc:
-            source.meta.setdefault("warnings", []).append(str(exc))
+        except KvtraceError as exc:  # refused or damaged: the OOM keeps PyTorch's message, and says why
+            source.meta.setdefault("input_notes", []).append(f"the OOM snapshot was not used: {exc}")
         else:
             source.segments.extend(snapshot.segments)
             if snapshot.ooms:

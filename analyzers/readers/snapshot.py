@@ -393,7 +393,10 @@ def _read_snapshot(name: str, progress: ProgressFn | None) -> MemorySource:
     try:
         segments_by_device: dict[int, list[dict[str, Any]]] = {}
         for segment in data["segments"]:
-            segments_by_device.setdefault(int(segment.get("device", 0)), []).append(segment)
+            device = int(segment.get("device", 0))
+            if device < 0:  # a negative index would pick another device's trace
+                raise KvtraceError(f"{name}: malformed snapshot (a segment on device {device})")
+            segments_by_device.setdefault(device, []).append(segment)
         device_indices = sorted(set(segments_by_device) | {i for i, trace in enumerate(traces) if trace})
         has_history = any("history" in b for s in data["segments"] for b in s.get("blocks", []))
         source = MemorySource(kind="snapshot", path=name)

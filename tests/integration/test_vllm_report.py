@@ -166,6 +166,9 @@ def test_a_pool_nothing_logged_is_named_in_the_notes(
 
     for name in ("engine.json", "engine_requests.jsonl", "engine_steps.jsonl", "manifest.json"):
         shutil.copy(PREEMPT / name, tmp_path / name)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["kv_events"] = 0  # a log that holds nothing (a missing log the manifest counts is damage)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     pool = json.loads((PREEMPT / "engine.json").read_text())["kv_cache_bytes"]
     data = _json_of(["report", str(tmp_path), "--json", "--no-export", "-q"], capsys)
     assert data["categories_at_peak"].get("kv", 0) == 0

@@ -1,0 +1,250 @@
+"""Damage inside the records of a real run, a real Chrome trace and a real snapshot (found by feeding the
+CLI hostile inputs): each gets one line naming the file, the line and the field, exit 2, never a
+traceback, and never a figure made from an impossible value.
+
+Every case starts from a real file (`sample_traces/`, `../shared/real_traces`) and changes one value.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtrace.cli import main
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
+REAL = SAMPLES.parent.parent / "shared" / "real_traces"
+
+
+def _copy(tmp_path: Path, name: str) -> Path:
+    copy = tmp_path / name
+    shutil.copytree(SAMPLES / name, copy)
+    return copy
+
+
+def _edit_first_line(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[0])
+    edit(record)
+    lines[0] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.mark.parametrize(
+    ("file", "field", "value", "said"),
+    [
+        ("kv_events.jsonl", "layer", "zero", "field 'layer' is a string, expected an integer"),
+        ("kv_events.jsonl", "layer", 40000, "field 'layer' is 40000, expected an integer from 0 to 32767"),
+        (
+            "kv_events.jsonl",
+            "addr",
+            2**70,
+            "field 'addr' is 1180591620717411303424, expected an integer from 0",
+        ),
+        ("kv_events.jsonl", "storage_bytes", 1e400, "field 'storage_bytes' is a number with a fraction"),
+        ("kv_events.jsonl", "storage_bytes", 2**70, "field 'storage_bytes' is 1180591620717411303424"),
+        ("kv_events.jsonl", "step", "one", "field 'step' is a string, expected an integer"),
+        ("kv_events.jsonl", "shape", "2x4", "field 'shape' is a string, expected a list of sizes"),
+        ("weights.jsonl", "storage_bytes", -(10**12), "field 'storage_bytes' is -1000000000000"),
+        ("weights.jsonl", "dtype", None, "field 'dtype' is null, expected a string"),
+        ("memory_samples.jsonl", "rss_bytes", "lots", "field 'rss_bytes' is a string, expected an integer"),
+        (
+            "memory_samples.jsonl",
+            "cpu_percent",
+            float("nan"),
+            "field 'cpu_percent' is a number with a fraction",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["report", "diagnose"])
+def test_a_damaged_field_is_named_with_its_file_and_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    file: str,
+    field: str,
+    value: Any,
+    said: str,
+) -> None:
+    run = _copy(tmp_path, "dynamic_b2")
+    _edit_first_line(run / file, lambda record: record.__setitem__(field, value))
+    assert main([command, str(run), "--no-export"] if command == "report" else [command, str(run)]) == 2
+    err = _one_error(capsys)
+    assert f"{run / file}: line 1: {said}" in err
+
+
+def test_a_weight_record_without_a_field_is_named_and_an_extra_field_is_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(tmp_path, "dynamic_b2")
+    _edit_first_line(run / "weights.jsonl", lambda record: record.__setitem__("origin", "hand-edited"))
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    _edit_first_line(run / "weights.jsonl", lambda record: record.pop("dtype"))
+    assert main(["report", str(run), "--no-export"]) == 2
+    assert f"{run / 'weights.jsonl'}: line 1: weight record without 'dtype'" in _one_error(capsys)
+    assert plain["kv"]["final_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (
+            lambda m: m["device"].__setitem__("total_memory_bytes", "lots"),
+            "field 'device.total_memory_bytes' is a string",
+        ),
+        (lambda m: m["device"].__setitem__("type", 5), "field 'device.type' is 5, expected a string"),
+        (
+            lambda m: m["model"].__setitem__("num_kv_heads", "two"),
+            "field 'model.num_kv_heads' is a string, expected a count",
+        ),
+        (
+            lambda m: m["ended"].__setitem__("t_ns", "abc"),
+            "field 'ended.t_ns' is a string, expected a time in ns",
+        ),
+        (lambda m: m.__setitem__("schema_version", True), "missing or invalid schema_version"),
+    ],
+    ids=["total-memory", "device-type", "kv-heads", "ended-t", "schema-bool"],
+)
+def test_a_damaged_manifest_value_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Callable[[dict[str, Any]], None], said: str
+) -> None:
+    run = _copy(tmp_path, "dynamic_b2")
+    manifest = json.loads((run / "manifest.json").read_text())
+    edit(manifest)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["report", str(run), "--no-export"]) == 2
+    assert f"{run / 'manifest.json'}: {said}" in _one_error(capsys)
+
+
+def test_a_manifest_with_a_bom_reads_and_a_log_that_is_a_folder_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(tmp_path, "dynamic_b2")
+    manifest = run / "manifest.json"
+    manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())  # an editor's byte-order mark
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv"]["final_bytes"] > 0
+    (run / "memory_samples.jsonl").unlink()
+    (run / "memory_samples.jsonl").mkdir()
+    assert main(["report", str(run), "--no-export"]) == 2
+    assert f"{run / 'memory_samples.jsonl'}: cannot read (Is a directory)" in _one_error(capsys)
+    shutil.rmtree(run / "memory_samples.jsonl")
+    (run / "kv_events.jsonl").unlink()
+    assert main(["report", str(run), "--no-export"]) == 2
+    assert f"{run / 'kv_events.jsonl'}: missing, while the manifest counts" in _one_error(capsys)
+
+
+def test_a_line_nested_too_deeply_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _copy(tmp_path, "dynamic_b2")
+    events = run / "kv_events.jsonl"
+    events.write_text("[" * 100_000 + "]" * 100_000 + "\n" + events.read_text())
+    assert main(["report", str(run), "--no-export"]) == 2
+    assert f"{events}: line 1 is nested too deeply" in _one_error(capsys)
+
+
+WORKER0 = REAL / "chrome" / "worker0.1623143089861.pt.trace.json.gz"
+
+
+def _chrome_with_first_memory_bytes(tmp_path: Path, value: int) -> tuple[Path, int]:
+    import gzip
+
+    data = json.loads(gzip.decompress(WORKER0.read_bytes()))
+    memory = [e for e in data["traceEvents"] if e.get("name") == "[memory]"]
+    memory[0]["args"]["Bytes"] = value
+    path = tmp_path / "damaged.pt.trace.json"
+    path.write_text(json.dumps(data))
+    return path, len(memory)
+
+
+def test_a_memory_event_of_impossible_size_is_skipped_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not WORKER0.is_file():
+        pytest.skip("needs ../shared/real_traces")
+    path, count = _chrome_with_first_memory_bytes(tmp_path, 2**70)
+    assert main(["report", str(path), "--json", "--no-export"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "1 [memory] with an impossible Bytes (over 2**56)" in " ".join(data["notes"])
+    assert sum(d["alloc_events"] + d["free_events"] for d in data["devices"]) <= count - 1
+
+
+def test_memory_events_whose_sizes_add_up_past_int64_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    events = [
+        {"name": "[memory]", "ph": "i", "ts": i, "args": {"Bytes": 2**55, "Addr": i + 1, "Device Type": 1}}
+        for i in range(300)
+    ]
+    path = tmp_path / "sum.pt.trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert main(["report", str(path), "--no-export"]) == 2
+    assert f"{path}: [memory] events whose sizes add up to" in _one_error(capsys)
+
+
+def test_diagnose_reads_a_snapshot_whose_history_entries_are_not_objects(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = REAL / "snapshots" / "1.3b_snapshot.pickle"  # torch 2.0: stacks in history, no trace
+    if not source.is_file():
+        pytest.skip("needs ../shared/real_traces")
+    from analyzers.readers.safe_pickle import load_pickle
+
+    data = load_pickle(source)
+    damaged = 0
+    for segment in data["segments"]:
+        for block in segment["blocks"]:
+            if block.get("state") == "active_allocated":
+                block["frames"], block["history"] = [], ["not a history entry"]
+                damaged += 1
+    assert damaged
+    path = tmp_path / "snap.pickle"
+    path.write_bytes(pickle.dumps(data))
+    assert main(["diagnose", str(path)]) == 0
+    assert "(no stack recorded)" in capsys.readouterr().out
+
+
+def test_a_vllm_run_with_damaged_engine_files_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(tmp_path, "vllm_preempt")
+    steps = run / "engine_steps.jsonl"
+    text = steps.read_text()
+    steps.write_text(text[:-40])  # cut after the run ended
+    assert main(["report", str(run), "--no-export"]) == 2
+    assert f"{steps}: damaged after the run ended: " in _one_error(capsys)
+    lines = text.splitlines()
+    row = json.loads(lines[0])
+    row["blocks_used"] = 1_000_000
+    steps.write_text("\n".join([json.dumps(row), *lines[1:]]) + "\n")
+    assert main(["report", str(run), "--no-export"]) == 2
+    assert f"{steps}: line 1: 1000000 blocks used of a pool of" in _one_error(capsys)
+    steps.write_text(text)
+    info = json.loads((run / "engine.json").read_text())
+    info["config"]["max_num_seqs"] = "x"
+    (run / "engine.json").write_text(json.dumps(info))
+    assert main(["diagnose", str(run)]) == 2
+    assert "field 'config.max_num_seqs' must be an integer, got 'x'" in _one_error(capsys)
+
+
+def test_an_unexpected_failure_is_one_line_naming_the_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A folder the command cannot list (as root, permissions do not stop us: a dangling symlink loop does)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert main(["report", str(loop)]) == 2
+    err = _one_error(capsys)
+    assert str(loop) in err
