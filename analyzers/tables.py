@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, DeviceEvents, MemorySource
 from analyzers.readers.sources import ProgressFn
-from kvtrace.format import ENGINE, ENGINE_REQUESTS, ENGINE_STEPS  # vLLM runs' optional files
+from kvtrace.format import ENGINE, ENGINE_REQUESTS, ENGINE_STEPS, is_run_dir  # vLLM runs' optional files
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"kvtrace.schema_version"
@@ -150,12 +150,12 @@ def _walk_run(run_dir: Path, shown: Path) -> Iterator[tuple[Path, Path]]:
     """A run and the run directories inside it (vLLM workers, `worker-<rank>/`), not its own files."""
     yield run_dir, shown
     for child in sorted(p for p in run_dir.iterdir() if p.is_dir()):
-        if child.name not in _RUN_SUBDIRS_SKIPPED and (child / "manifest.json").is_file():
+        if child.name not in _RUN_SUBDIRS_SKIPPED and is_run_dir(child):
             yield from _walk_run(child, shown / child.name)
 
 
 def _walk_folder(folder: Path, shown: Path) -> Iterator[tuple[Path, Path]]:
-    if (folder / "manifest.json").is_file():
+    if is_run_dir(folder):
         yield from _walk_run(folder, shown)
         return
     for child in sorted(folder.iterdir()):

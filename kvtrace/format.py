@@ -479,7 +479,8 @@ _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """A folder holding a manifest (one that is not a readable file is refused when read, not skipped)."""
+    return os.path.lexists(Path(path) / MANIFEST)
 
 
 # A run group: one run directory per rank of a torch.distributed job, `<group>/rank-<r>/`. The marker

@@ -38,7 +38,7 @@ _PROGRESS_STEP = 4 << 20  # report at most every 4 MiB read: a callback per read
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _CHUNK_BYTES = 1 << 20
 _LOOKAHEAD = 64  # chars that must follow a decoded value, so a number cut by a chunk edge is not misread
-_MAX_VALUE_CHARS = 512 << 20
+_MAX_VALUE_CHARS = 256 << 20  # one JSON value; a hostile one costs ~5x this in memory before it is refused
 _KINETO_OPEN = "{\n    "
 _KINETO_SEP = "\n  },\n  {"
 _KINETO_CLOSE = "\n  }"
@@ -204,7 +204,7 @@ class JsonStream:
                     what = "truncated: the JSON ends" if self.eof and cut else f"corrupt JSON ({exc.msg})"
                     raise self.error(f"{what} inside {where}") from None
                 if len(self.buf) - self.pos > _MAX_VALUE_CHARS:
-                    raise self.error(f"corrupt JSON: one value in {where} exceeds 512 MiB") from None
+                    raise self.error(f"corrupt JSON: one value in {where} exceeds 256 MiB") from None
                 self._fill()
                 continue
             if end > len(self.buf) - _LOOKAHEAD and not self.eof:
