@@ -196,15 +196,18 @@ def _heads_held(event: Any) -> int | None:
 def _expected_bytes_per_token(
     geometry: dict[str, Any] | None, kv_dtype: str | None, heads_held: int | None = None
 ) -> int | None:
-    """The arithmetic: layers x 2 x KV heads x head_dim x dtype bytes. A tensor-parallel rank's tensors hold
-    a share of the model's KV heads (`heads_held`, a divisor of them): its arithmetic counts those."""
+    """The arithmetic: layers x 2 x KV heads x head_dim x dtype bytes. Layers are those holding KV
+    (`kv_layers`, when the config lists layer types: linear-attention layers hold none). A tensor-parallel
+    rank's tensors hold a share of the model's KV heads (`heads_held`, a divisor of them): its arithmetic
+    counts those."""
     if not geometry or kv_dtype not in _DTYPE_BYTES:
         return None
     try:
         heads = int(geometry["num_kv_heads"])
         if heads_held is not None and 0 < heads_held < heads and heads % heads_held == 0:
             heads = heads_held
-        return int(geometry["num_layers"]) * 2 * heads * int(geometry["head_dim"]) * (_DTYPE_BYTES[kv_dtype])
+        layers = int(geometry.get("kv_layers") or geometry["num_layers"])
+        return layers * 2 * heads * int(geometry["head_dim"]) * (_DTYPE_BYTES[kv_dtype])
     except (KeyError, TypeError):
         return None
 

@@ -473,6 +473,8 @@ _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.vocab_size", _count_or_null, "a count"),
     ("model.parameters", _count_or_null, "a count"),
     ("model.sliding_window", _count_or_null, "a count"),
+    ("model.kv_layers", _count_or_null, "a count"),
+    ("model.sliding_layers", _count_or_null, "a count"),
     ("model.dtype", _text_or_null, "a string"),
     ("options.gpu_memory", _size_or_null, f"a size of at most {MAX_BYTES} bytes"),
 )

@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+
+def kv_heads_of(get: Callable[[str], Any], heads: int | None) -> int | None:
+    """KV heads under every name a config gives them: `num_key_value_heads` (Llama and most), Falcon's
+    `num_kv_heads` (with `new_decoder_architecture`), or `multi_query` (Falcon 7B, GPT-BigCode: one KV head
+    shared by all query heads); plain multi-head attention has as many as query heads."""
+    value = get("num_key_value_heads")
+    if value:
+        return int(value)
+    if get("new_decoder_architecture") and get("num_kv_heads"):
+        return int(get("num_kv_heads"))
+    if get("multi_query"):
+        return 1
+    return heads
+
+
+def layer_kinds(layer_types: Any) -> tuple[int, int] | None:
+    """(layers holding a KV cache, of which sliding or chunked) from a config's `layer_types`; None without
+    one. Linear-attention and state-space layers (Qwen3-Next, Jamba) hold no KV."""
+    if not isinstance(layer_types, list | tuple) or not all(isinstance(t, str) for t in layer_types):
+        return None
+    kv = [t for t in layer_types if t.endswith("attention") and t != "linear_attention"]
+    return len(kv), sum(1 for t in kv if t.startswith(("sliding", "chunked")))
 
 
 def model_geometry(model: Any) -> dict[str, Any] | None:
@@ -19,13 +43,16 @@ def model_geometry(model: Any) -> dict[str, Any] | None:
         geometry.update(
             num_layers=getattr(config, "num_hidden_layers", None),
             num_attention_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            num_kv_heads=kv_heads_of(lambda name: getattr(config, name, None), heads),
             head_dim=head_dim,
             hidden_size=hidden,
             vocab_size=getattr(config, "vocab_size", None),
             sliding_window=getattr(config, "sliding_window", None),
             model_type=getattr(config, "model_type", None),
         )
+        kinds = layer_kinds(getattr(config, "layer_types", None))
+        if kinds is not None:
+            geometry.update(kv_layers=kinds[0], sliding_layers=kinds[1])
     else:
         params = getattr(model, "params", None)
         if params is not None and hasattr(params, "n_layers"):

@@ -209,12 +209,12 @@ class _Sizes:
 def _per_token(req: PlanRequest) -> tuple[int, int, int]:
     """(packed KV data, quantization scales, full-precision KV) bytes per token, all layers, K and V."""
     geom = req.geometry
-    elements = geom.num_layers * 2 * geom.num_kv_heads * geom.head_dim
+    elements = geom.layers_with_kv * 2 * geom.num_kv_heads * geom.head_dim
     data = dtype_bytes_for(req.kv_dtype, elements)
     full = dtype_bytes_for(req.effective_compute_dtype, elements)
     scales = 0
     if req.cache == "quantized":
-        groups = geom.num_layers * 2 * math.ceil(geom.num_kv_heads * geom.head_dim / req.quant_group_size)
+        groups = geom.layers_with_kv * 2 * math.ceil(geom.num_kv_heads * geom.head_dim / req.quant_group_size)
         scales = groups * 2 * dtype_bytes_for(req.effective_compute_dtype, 1)  # scale + zero-point
     return data, scales, full
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.errors import KvtraceError
+from kvtrace.geometry import kv_heads_of, layer_kinds
 
 __all__ = [
     "DTYPE_BITS",
@@ -49,6 +50,11 @@ class ModelGeometry:
     vocab_size: int
     tie_word_embeddings: bool
     sliding_window: int | None = None
+    kv_layers: int | None = None  # layers holding KV, when the config lists layer types (linear: none)
+
+    @property
+    def layers_with_kv(self) -> int:
+        return self.num_layers if self.kv_layers is None else self.kv_layers
 
 
 def _llama3(
@@ -127,6 +133,14 @@ def weights_bytes(geom: ModelGeometry, dtype: str) -> int:
     return dtype_bytes_for(dtype, param_count(geom))
 
 
+# Other names of the required fields, as transformers maps them (GPT-2 / GPT-BigCode, Falcon, T5-style).
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "num_hidden_layers": ("n_layer", "num_layers"),
+    "num_attention_heads": ("n_head", "num_heads"),
+    "hidden_size": ("n_embd", "d_model"),
+    "intermediate_size": ("n_inner", "ffn_hidden_size", "d_ff"),
+}
+_FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
 _REQUIRED_FIELDS = (
     "num_hidden_layers",
     "num_attention_heads",
@@ -160,6 +174,12 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
 
     text_config = raw.get("text_config")
     fields: dict[str, Any] = {**raw, **text_config} if isinstance(text_config, dict) else dict(raw)
+    for standard, others in _ALIASES.items():  # what transformers' `attribute_map`s say (GPT-2, Falcon)
+        for other in others:
+            if fields.get(standard) is None and fields.get(other) is not None:
+                fields[standard] = fields[other]
+    if fields.get("intermediate_size") is None and fields.get("hidden_size") and _FOUR_X_MLP & fields.keys():
+        fields["intermediate_size"] = 4 * fields["hidden_size"]  # GPT-2's n_inner / Falcon's default: 4x
 
     missing = [name for name in _REQUIRED_FIELDS if fields.get(name) is None]
     if missing:
@@ -174,7 +194,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     layers = positive_int("num_hidden_layers", fields["num_hidden_layers"])
     heads = positive_int("num_attention_heads", fields["num_attention_heads"])
     hidden = positive_int("hidden_size", fields["hidden_size"])
-    kv_heads_raw = fields.get("num_key_value_heads")
+    kv_heads_raw = kv_heads_of(fields.get, None)
     kv_heads = heads if kv_heads_raw is None else positive_int("num_key_value_heads", kv_heads_raw)
     head_dim_raw = fields.get("head_dim")
     if head_dim_raw is None:
@@ -188,11 +208,12 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         head_dim = positive_int("head_dim", head_dim_raw)
 
     window_raw = fields.get("sliding_window")
-    window_enabled = fields.get("use_sliding_window", True) is not False
-    sliding_window = positive_int("sliding_window", window_raw) if window_raw is not None else None
-    if not window_enabled:
-        sliding_window = None
+    window_enabled = fields.get("use_sliding_window", True) is not False and window_raw != 0  # 0: none
+    sliding_window = None
+    if window_enabled and window_raw is not None:
+        sliding_window = positive_int("sliding_window", window_raw)
 
+    kinds = layer_kinds(fields.get("layer_types"))
     name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
     return ModelGeometry(
         name=str(name),
@@ -205,4 +226,5 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         vocab_size=positive_int("vocab_size", fields["vocab_size"]),
         tie_word_embeddings=bool(fields.get("tie_word_embeddings", False)),
         sliding_window=sliding_window,
+        kv_layers=kinds[0] if kinds is not None else None,
     )

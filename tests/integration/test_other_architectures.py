@@ -1,0 +1,92 @@
+"""Decoder models other than Llama: their configs name the KV geometry differently (GPT-2's `n_layer`,
+Falcon's `multi_query`, Qwen2-MoE's `sliding_window: 0`, Qwen3-Next's linear-attention layers). The
+configs here are made and saved by transformers itself; the figures are the arithmetic
+layers-with-KV x 2 x KV heads x head_dim x 4 bytes (fp32) per token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+import kvtrace
+from kvtrace.cli import main
+
+
+def _plan_per_token(config: Any, folder: Path, capsys: pytest.CaptureFixture[str]) -> int:
+    config.save_pretrained(folder)
+    argv = ["plan", "--config", str(folder), "--dtype", "fp32", "--context", "100", "--gpu-memory", "1GiB"]
+    argv.append("--json")
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    assert data["kv_bytes"] == 100 * data["kv_bytes_per_token"]
+    return int(data["kv_bytes_per_token"])
+
+
+@pytest.mark.parametrize(
+    ("make", "per_token"),
+    [
+        (lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256), 2 * 2 * 4 * 16 * 4),
+        (
+            lambda: transformers.GPTBigCodeConfig(
+                n_embd=64, n_layer=2, n_head=4, vocab_size=256, multi_query=True
+            ),
+            2 * 2 * 1 * 16 * 4,
+        ),
+        (
+            lambda: transformers.FalconConfig(
+                hidden_size=64, num_hidden_layers=4, num_attention_heads=4, vocab_size=256, multi_query=True
+            ),
+            4 * 2 * 1 * 16 * 4,
+        ),
+        (
+            lambda: transformers.Qwen2MoeConfig(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=32, shared_expert_intermediate_size=32,
+            ),
+            4 * 2 * 2 * 16 * 4,
+        ),
+        (
+            lambda: transformers.Qwen3NextConfig(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, vocab_size=256, full_attention_interval=2, num_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+            ),
+            2 * 2 * 2 * 32 * 4,  # 2 of its 4 layers are full attention; linear attention holds no KV
+        ),
+    ],
+    ids=["gpt2", "gpt-bigcode-mqa", "falcon-mqa", "qwen2-moe-window-0", "qwen3-next-linear-layers"],
+)  # fmt: skip
+def test_plan_reads_the_kv_geometry_of_configs_transformers_writes(
+    make: Any, per_token: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _plan_per_token(make(), tmp_path / "config", capsys) == per_token
+
+
+def test_a_multi_query_falcon_run_has_one_kv_head(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a multi-query Falcon (4 query heads sharing 1 KV head) generating 6 tokens after 11
+    config = transformers.FalconConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, vocab_size=256, multi_query=True
+    )
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(config).eval()
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        out = model.generate(
+            torch.randint(3, 200, (1, 11)), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+            pad_token_id=0, return_dict_in_generate=True,
+        )  # fmt: skip
+    held = out.past_key_values.layers[0].keys
+    assert held.shape[1] == 1
+    # THEN the geometry and the arithmetic say 1 KV head, as the tensors do
+    assert json.loads((run / "manifest.json").read_text())["model"]["num_kv_heads"] == 1
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    assert kv["bytes_per_token_expected"] == 4 * 2 * 1 * 16 * 4
+    assert kv["final_bytes"] == 4 * 2 * 1 * 16 * 4 * 16  # 16 tokens held: 11 + 6 - 1
