@@ -190,6 +190,35 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+def _windowed_layers(report: Report) -> tuple[list[Any], list[Any]]:
+    """(layers whose window let tokens go, the others) of the run's final KV."""
+    windowed = [layer for layer in report.kv.per_layer if layer.evicted_by_reason.get("window")]
+    others = [layer for layer in report.kv.per_layer if not layer.evicted_by_reason.get("window")]
+    return windowed, others
+
+
+def _all_windowed(report: Report) -> bool:
+    """Every KV layer slides (Mistral), so the cache's size does not follow the context; a hybrid (Gemma 2:
+    sliding and global layers) grows with it through its global layers."""
+    windowed, others = _windowed_layers(report)
+    return bool(windowed) and not others
+
+
+def _growing_bytes_per_token(report: Report) -> float | None:
+    """KV bytes one more token of context costs per sequence: the run's own figure (storages over tokens
+    held), but for the layers that keep every token only when others slide; a fully sliding cache's token
+    of window costs the arithmetic (its storages keep a spare slot)."""
+    kv = report.kv
+    windowed, others = _windowed_layers(report)
+    if not windowed:
+        return kv.bytes_per_token_measured
+    if not others:
+        return kv.bytes_per_token_expected or kv.bytes_per_token_measured
+    if not kv.batch:
+        return None
+    return sum((layer.k_bytes + layer.v_bytes) / layer.tokens for layer in others if layer.tokens) / kv.batch
+
+
 def _kv_bits(source: MemorySource, report: Report) -> int | None:
     run = source.meta.get("run")
     dtype = None
@@ -483,8 +512,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "kv_peak_bytes": kv_peak,
         "kv_final_bytes": kv_final,
         "reserved_unallocated_bytes": reserved_unallocated,
-        "bytes_per_token": report.kv.bytes_per_token_measured,
-        "windowed": bool(report.kv.evictions_by_reason.get("window")),
+        "bytes_per_token": _growing_bytes_per_token(report),
+        "windowed": _all_windowed(report),
     }
     layers = (report.geometry or {}).get("num_layers")
     on_cuda = device is None or device.startswith("cuda")
