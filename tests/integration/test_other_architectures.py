@@ -92,11 +92,12 @@ def test_a_multi_query_falcon_run_has_one_kv_head(tmp_path: Path, capsys: pytest
     assert kv["final_bytes"] == 4 * 2 * 1 * 16 * 4 * 16  # 16 tokens held: 11 + 6 - 1
 
 
-def _diagnose_remedies(model: Any, run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, dict[str, Any]]:
+def _diagnose_remedies(
+    model: Any, run: Path, capsys: pytest.CaptureFixture[str]
+) -> dict[str, dict[str, Any]]:
+    prompt = torch.randint(3, 200, (1, 11))
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
-        model.generate(
-            torch.randint(3, 200, (1, 11)), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
-        )
+        model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert main(["diagnose", str(run), "--json"]) == 0
     return {r["kind"]: r for r in json.loads(capsys.readouterr().out)["remedies"]}
 
@@ -106,8 +107,8 @@ def test_diagnose_prices_a_shorter_context_by_the_layers_that_keep_every_token(
 ) -> None:
     # GIVEN Gemma 2: layers 0 and 2 slide (window 8: they hold 7 tokens), layers 1 and 3 keep all 16
     config = transformers.Gemma2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=48, sliding_window=8, vocab_size=256, max_position_embeddings=256,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=48, sliding_window=8, vocab_size=256, max_position_embeddings=256,
     )  # fmt: skip
     torch.manual_seed(0)
     remedies = _diagnose_remedies(transformers.Gemma2ForCausalLM(config).eval(), tmp_path / "run", capsys)
@@ -121,8 +122,8 @@ def test_diagnose_prices_a_token_of_window_by_the_arithmetic(
 ) -> None:
     # GIVEN Mistral with a window of 8 on every layer (7 tokens visible, 8 slots per storage)
     config = transformers.MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        sliding_window=8, vocab_size=256, max_position_embeddings=256,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=8, vocab_size=256, max_position_embeddings=256,
     )  # fmt: skip
     torch.manual_seed(0)
     remedies = _diagnose_remedies(transformers.MistralForCausalLM(config).eval(), tmp_path / "run", capsys)
