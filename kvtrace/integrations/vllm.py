@@ -41,11 +41,17 @@ def is_vllm_object(obj: Any) -> bool:
 
 
 def engine_core_of(llm: Any) -> Any:
-    """The in-process `EngineCore` of an `LLM` or `LLMEngine`; a one-line error for a multiprocess one."""
+    """The in-process `EngineCore` of an `LLM` or `LLMEngine`; a one-line error for a multiprocess one, or
+    for a vLLM object that is no engine (its torch model, SamplingParams)."""
     from kvtrace.errors import KvtraceError
 
     engine = getattr(llm, "llm_engine", llm)
     client = getattr(engine, "engine_core", None)
+    if client is None:
+        raise KvtraceError(
+            f"record(model=...): a vllm.LLM (or LLMEngine) is needed, got vLLM's {type(llm).__name__}; "
+            "pass the LLM whose generate() runs inside the block"
+        )
     core = getattr(client, "engine_core", None)
     if core is None or not hasattr(core, "scheduler"):
         raise KvtraceError(

@@ -27,6 +27,7 @@ import os
 from typing import Any
 
 ENV_DIR = "KVTRACE_DIR"
+ENV_OVERWRITE = "KVTRACE_OVERWRITE"
 _ENGINE_CORE_MODULE = "vllm.v1.engine.core"
 _STATE: dict[str, Any] = {}
 _log = logging.getLogger("kvtrace.vllm")
@@ -51,16 +52,19 @@ def _process_label() -> str:
 
 def _open_run() -> Any:
     from kvtrace.options import RecordOptions
-    from kvtrace.recorder import Recording
+    from kvtrace.recorder import Recording, RecordingError
 
     options = RecordOptions(
         profiler=os.environ.get("KVTRACE_PROFILER") == "1",
-        overwrite=os.environ.get("KVTRACE_OVERWRITE") == "1",
+        overwrite=os.environ.get(ENV_OVERWRITE) == "1",
     )
     recording = Recording(os.environ[ENV_DIR], options=options)
     recording.vllm_watch = False  # this plugin's own watch reports refusals
     recording.vllm_process = _process_label()
-    recording.__enter__()
+    try:
+        recording.__enter__()
+    except RecordingError as exc:  # said in this process's terms: an environment variable, not an argument
+        raise RecordingError(str(exc).replace("pass overwrite=True", f"set {ENV_OVERWRITE}=1")) from None
     return recording
 
 

@@ -488,3 +488,44 @@ def test_a_demo_flag_that_would_do_nothing_is_refused(
     assert main(["demo", "--no-report", "--out", str(tmp_path / "r"), *flags]) == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_vllm_first_run_mistakes_are_refused_without_touching_a_run(
+    run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = (run_copy / "manifest.json").read_bytes()
+    # the vLLM demo into a folder holding a run: refused as the HF demo is (it used to replace the run)
+    assert main(["demo", "--engine", "vllm", "--out", str(run_copy), "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_copy}: already holds a run; pass --overwrite" in err and err.count("\n") == 1
+    assert (run_copy / "manifest.json").read_bytes() == manifest
+    # --from-run without --engine vllm says what is missing
+    assert main(["plan", "--from-run", str(run_copy)]) == 2
+    assert "--from-run plans a vLLM run's pool: add --engine vllm" in capsys.readouterr().err
+    # the plugin (vllm serve with KVTRACE_DIR) names its own knob to replace a run
+    from kvtrace.integrations import vllm_plugin
+    from kvtrace.recorder import RecordingError
+
+    monkeypatch.setenv("KVTRACE_DIR", str(run_copy))
+    monkeypatch.delenv("KVTRACE_OVERWRITE", raising=False)
+    with pytest.raises(RecordingError, match="set KVTRACE_OVERWRITE=1 to replace it"):
+        vllm_plugin._open_run()
+    assert (run_copy / "manifest.json").read_bytes() == manifest
+
+
+def test_a_block_that_raised_or_was_interrupted_says_so_in_the_report(
+    run_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = run_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    interrupted = {"status": "interrupted", "type": "KeyboardInterrupt"}
+    raised = {"status": "exception", "type": "ValueError", "message": "bad prompt"}
+    for ended, said in (
+        (interrupted, "the recorded block was interrupted (Ctrl-C)"),
+        (raised, "the recorded block raised ValueError: bad prompt"),
+    ):
+        manifest["ended"] = {**ended, "t_ns": manifest["ended"]["t_ns"]}
+        path.write_text(json.dumps(manifest))
+        assert main(["report", str(run_copy), "--json", "--no-export"]) == 0
+        notes = " ".join(_strict_loads(capsys.readouterr().out)["notes"])  # type: ignore[index]
+        assert said in notes

@@ -80,13 +80,20 @@ def test_a_multiprocess_engine_is_refused_in_one_line(tmp_path) -> None:
     client = type("SyncMPClient", (), {"__module__": "vllm.v1.engine.core_client"})()
     engine = type("LLMEngine", (), {"__module__": "vllm.v1.engine.llm_engine", "engine_core": client})()
     llm = type("LLM", (), {"__module__": "vllm.entrypoints.llm", "llm_engine": engine})()
-    # THEN record() says what to do, and leaves no recording active
+    # THEN record() says what to do before it writes anything (a half-made run would block the retry), and
+    # leaves no recording active
     expected = r"VLLM_ENABLE_V1_MULTIPROCESSING=0.*KVTRACE_DIR"
-    recording = kvtrace.record(tmp_path / "run", model=llm, profiler=False)
-    with pytest.raises(KvtraceError, match=expected), recording:
-        pass
+    with pytest.raises(KvtraceError, match=expected):
+        kvtrace.record(tmp_path / "run", model=llm, profiler=False)
+    assert not (tmp_path / "run").exists()
     with kvtrace.record(tmp_path / "next", profiler=False):
         pass
+    # AND a vLLM object that is no engine (its torch model, SamplingParams) is named, with what to pass
+    params = type("SamplingParams", (), {"__module__": "vllm.sampling_params"})()
+    said = r"a vllm.LLM \(or LLMEngine\) is needed, got vLLM's SamplingParams"
+    with pytest.raises(KvtraceError, match=said):
+        kvtrace.record(tmp_path / "params", model=params, profiler=False)
+    assert not (tmp_path / "params").exists()
 
 
 def test_overwrite_removes_a_previous_vllm_runs_engine_files(tmp_path) -> None:
