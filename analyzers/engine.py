@@ -232,6 +232,7 @@ _CONFIG_INTS = (
     "max_num_batched_tokens",
     "tensor_parallel_size",
     "kv_cache_memory_bytes",
+    "num_gpu_blocks_override",
 )
 
 

@@ -6,12 +6,16 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
   allocate the next block for a running request. The model used here, stated in the output: a request
   never holds more than `cdiv(prompt + output tokens, block_size)` blocks (its final length; a request
   preempted and resumed needs the same), at most `max_num_seqs` requests run at once, and the pool keeps
-  one block aside (vLLM's null block). So if the usable blocks cover the sum of the `max_num_seqs` largest
-  final demands, no allocation can fail, whatever the admission order, and nothing is preempted. Prefix
-  sharing only lowers the real demand, so the figure is an upper bound that is exact for a batch of
-  equal requests decoding together. From it: the blocks and bytes of KV memory to add, the largest
-  max_num_seqs that avoids every preemption in the present pool, and whether fp8 KV (1 byte an element:
-  twice the blocks for bf16 in the same memory) would. The demand on the recorded schedule (requests in
+  one block aside (vLLM's null block). So if the usable blocks cover the sum of the largest final demands
+  of as many requests as can run together (`max_num_seqs`, and no more than were ever in the engine at
+  once: running + waiting, so requests of successive `generate()` calls are not counted together), no
+  allocation can fail, whatever the admission order, and nothing is preempted. Prefix sharing (prefix
+  caching, `n > 1` sampling) only lowers the real demand: the figure is an upper bound, exact for a batch
+  of equal requests decoding together, and a remedy it finds short is said to be unknown, not refused,
+  when the run shared blocks. A pool sized by `num_gpu_blocks_override` is grown by that knob. From it:
+  the blocks and bytes of KV memory to add, the largest max_num_seqs that avoids every preemption in the
+  present pool, and whether fp8 KV (1 byte an element: twice the blocks for bf16 in the same memory)
+  would. The demand on the recorded schedule (requests in
   flight per step, each at the length it had reached) is reported beside it, for reference.
 """
 
@@ -122,6 +126,11 @@ def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
     demand = _final_demand(run, block)
     max_seqs = info.config.get("max_num_seqs")
     running_at_most = min(int(max_seqs), len(demand)) if max_seqs else len(demand)
+    if len(run.steps):  # never more than were in the engine at once (successive generate() calls)
+        in_engine = int((run.steps["running"] + run.steps["waiting"]).max())
+        if in_engine > 0:
+            running_at_most = min(running_at_most, in_engine)
+    shared_tokens = int(run.steps["prefix_hits"].sum()) if len(run.steps) else 0
     bound = sum(sorted(demand.values(), reverse=True)[:running_at_most])
     recorded_peak, recorded_step = _recorded_demand(run, block)
     needed_blocks = bound + NULL_BLOCKS
@@ -129,8 +138,18 @@ def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
     seqs = _largest_seqs(list(demand.values()), usable)
     element = kv_dtype_bytes(str(info.config.get("kv_cache_dtype") or "auto"), info.kv_dtype or "bfloat16")
     fp8_blocks = num_blocks * element if element > 1 else None
+    override = info.config.get("num_gpu_blocks_override")
     remedies: list[VllmRemedy] = [
         VllmRemedy(
+            "num_gpu_blocks_override",
+            needed_blocks,
+            True,
+            f"num_gpu_blocks_override={needed_blocks} (now {override}: "
+            f"{needed_blocks - num_blocks:+,} blocks, {readable_bytes(needed_bytes)} of KV) avoids every "
+            "preemption of this run.",
+        )
+        if override
+        else VllmRemedy(
             "kv_cache_memory_bytes",
             needed_bytes,
             True,
@@ -154,16 +173,21 @@ def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
         remedies.append(
             VllmRemedy("max_num_seqs", None, False, "max_num_seqs: even one request does not fit the pool.")
         )
-    if fp8_blocks is not None:
-        fits8 = fp8_blocks - NULL_BLOCKS >= bound
+    if fp8_blocks is not None and not override:  # an override fixes the block count, whatever the dtype
+        fits8: bool | None = fp8_blocks - NULL_BLOCKS >= bound
+        verdict = "avoids every preemption."
+        if not fits8:
+            verdict = f"is still short of the {needed_blocks:,}-block worst case."
+            if shared_tokens:  # the worst case counts shared blocks once per request: unknown, not refused
+                fits8 = None
+                verdict += " The run shared blocks between requests (prefix caching): rerun with fp8 to know."
         remedies.append(
             VllmRemedy(
                 "kv_cache_dtype",
                 "fp8",
                 fits8,
                 f"kv_cache_dtype='fp8' halves the bytes per block ({element} → 1 byte an element): the same "
-                f"{readable_bytes(kv_bytes)} holds {fp8_blocks:,} blocks, which "
-                + ("avoids every preemption." if fits8 else f"is still short of {needed_blocks:,}."),
+                f"{readable_bytes(kv_bytes)} holds {fp8_blocks:,} blocks, which {verdict}",
             )
         )
     model = (
@@ -172,6 +196,11 @@ def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
         f"{NULL_BLOCKS} block is vLLM's null block"
     )
     notes: list[str] = []
+    if shared_tokens:
+        notes.append(
+            f"requests shared {shared_tokens:,} prefix-cached tokens ({shared_tokens // block:,} blocks): "
+            "the per-request blocks count a shared block once per request, so they can add up past the pool"
+        )
     if recorded_peak and recorded_peak < bound:
         notes.append(
             f"on the recorded schedule the demand peaked at {recorded_peak:,} blocks; a larger pool admits "

@@ -48,10 +48,12 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
         f"{fig.requests} requests"
     ]
     if fig.num_blocks:
-        share = 100.0 * fig.peak_blocks_used / fig.num_blocks
+        usable = max(fig.num_blocks - 1, 1)  # vLLM keeps one block aside (the null block)
+        share = 100.0 * fig.peak_blocks_used / usable
         lines.append(
-            f"    peak {fig.peak_blocks_used:,} blocks used ({share:.0f}%) at step {fig.peak_step}; "
-            f"prefix-cache blocks evicted: {fig.prefix_cache_evicted_blocks:,}"
+            f"    peak {fig.peak_blocks_used:,} of {usable:,} usable blocks used ({share:.0f}%, counted "
+            f"after each step) at step {fig.peak_step}; prefix-cache blocks evicted: "
+            f"{fig.prefix_cache_evicted_blocks:,}"
         )
     if fig.preemptions:
         lines.append(

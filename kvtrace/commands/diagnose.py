@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_result
@@ -84,10 +85,42 @@ def _diagnose_engine_run(path: Path, as_json: bool) -> bool:
     from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_json, vllm_diagnosis_to_text
 
     run = read_engine(path)
-    diagnosis = diagnose_engine(run) if run is not None else None
-    if diagnosis is None:
+    if run is None:
         return False
+    diagnosis = diagnose_engine(run)
+    if diagnosis is None:  # the pool held every request: transformers' remedies (context, batch) do not apply
+        _engine_ran_fine(run, as_json)
+        return True
     print_result(
         as_json, lambda: vllm_diagnosis_to_json(diagnosis), lambda: vllm_diagnosis_to_text(diagnosis)
     )
     return True
+
+
+def _engine_ran_fine(run: Any, as_json: bool) -> None:
+    """A vLLM run that neither preempted nor was refused: nothing ran out. Its pool was allocated at start,
+    so a shorter context or a smaller batch would not have changed its size."""
+    from analyzers.engine import engine_figures
+    from analyzers.planning.vllm_diagnose import NULL_BLOCKS
+
+    figures = engine_figures(run)
+    usable = max((figures.num_blocks or 0) - NULL_BLOCKS, 0)
+    share = f" ({100 * figures.peak_blocks_used / usable:.0f}% of the {usable:,} usable)" if usable else ""
+    sentence = (
+        f"vLLM preempted nothing and started normally: nothing ran out. Peak {figures.peak_blocks_used:,} "
+        f"blocks used{share} at step {figures.peak_step}; the pool is allocated at start, so context and "
+        f"batch do not change its size (size one: kvtrace plan --engine vllm --from-run {run.path})."
+    )
+    print_result(
+        as_json,
+        lambda: {
+            "kind": "no_preemption",
+            "path": run.path,
+            "num_blocks": figures.num_blocks,
+            "usable_blocks": usable,
+            "peak_blocks_used": figures.peak_blocks_used,
+            "peak_step": figures.peak_step,
+            "sentence": sentence,
+        },
+        lambda: f"kvtrace diagnose: {run.path}: {sentence}",
+    )

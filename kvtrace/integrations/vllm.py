@@ -86,6 +86,7 @@ def config_facts(vllm_config: Any) -> dict[str, Any]:
         "block_size": cache.block_size,
         "gpu_memory_utilization": cache.gpu_memory_utilization,
         "kv_cache_memory_bytes": getattr(cache, "kv_cache_memory_bytes", None),
+        "num_gpu_blocks_override": getattr(cache, "num_gpu_blocks_override", None),
         "kv_cache_dtype": cache.cache_dtype,
         "enable_prefix_caching": bool(cache.enable_prefix_caching),
         "tensor_parallel_size": parallel.tensor_parallel_size,
