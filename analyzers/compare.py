@@ -58,6 +58,8 @@ class RunFigures:
     step_axis: tuple[int, ...] = field(default=(), repr=False)
     kv_by_step: tuple[int, ...] = field(default=(), repr=False)
     notes: tuple[str, ...] = ()  # what the figures leave out (a run group's missing or failed ranks)
+    # a serving engine's pool (vLLM): blocks, peak blocks used, preemptions, prefix-cache hits; else None
+    engine: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,22 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
         batch=kv.batch,
         step_axis=steps,
         kv_by_step=kv_by_step,
+        engine=_engine_figures(report.engine),
     )
+
+
+def _engine_figures(fig: Any) -> dict[str, Any] | None:
+    if fig is None:
+        return None
+    return {
+        "num_blocks": fig.num_blocks,
+        "block_size": fig.block_size,
+        "peak_blocks_used": fig.peak_blocks_used,
+        "preemptions": fig.preemptions,
+        "preempted_tokens": fig.preempted_tokens,
+        "prefix_hit_tokens": fig.prefix_hit_tokens,
+        "prefix_query_tokens": fig.prefix_query_tokens,
+    }
 
 
 def compare(pairs: list[tuple[MemorySource, Report]], labels: list[str] | None = None) -> Comparison:
@@ -139,11 +156,34 @@ _COMPARE_ROWS = (
 )
 
 
+def _engine_cell(key: str, unit: str = "") -> Any:
+    def cell(r: RunFigures) -> str:
+        value = (r.engine or {}).get(key)
+        return "-" if value is None else f"{value:,}{unit}"
+
+    return cell
+
+
+_ENGINE_ROWS = (
+    ("vLLM pool (blocks)", _engine_cell("num_blocks")),
+    ("vLLM peak blocks used", _engine_cell("peak_blocks_used")),
+    ("vLLM preemptions", _engine_cell("preemptions")),
+    ("vLLM preempted tokens", _engine_cell("preempted_tokens")),
+    ("vLLM prefix-cache hit tokens", _engine_cell("prefix_hit_tokens")),
+)
+
+
+def _rows(comparison: Comparison) -> tuple[tuple[str, Any], ...]:
+    """The table's rows: the engine's only when a run has one."""
+    return _COMPARE_ROWS + (_ENGINE_ROWS if any(r.engine for r in comparison.runs) else ())
+
+
 def comparison_to_text(comparison: Comparison) -> str:
-    width = max(len(name) for name, _ in _COMPARE_ROWS)
+    rows = _rows(comparison)
+    width = max(len(name) for name, _ in rows)
     col = max(14, *(len(r.label) for r in comparison.runs))
     lines = [" " * width + "  " + "  ".join(f"{r.label:>{col}}" for r in comparison.runs)]
-    for name, cell in _COMPARE_ROWS:
+    for name, cell in rows:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{cell(r):>{col}}" for r in comparison.runs))
     lines += [f"note: {r.label}: {note}" for r in comparison.runs for note in r.notes]
     return "\n".join(lines)
@@ -174,7 +214,7 @@ def comparison_to_html(comparison: Comparison) -> str:
     head = "".join(f"<th>{esc(r.label)}</th>" for r in comparison.runs)
     body = "".join(
         f"<tr><th>{esc(name)}</th>" + "".join(f"<td>{esc(cell(r))}</td>" for r in comparison.runs) + "</tr>"
-        for name, cell in _COMPARE_ROWS
+        for name, cell in _rows(comparison)
     )
     fig = go.Figure()
     unit, factor = binary_unit(max((max(r.kv_by_step, default=0) for r in comparison.runs), default=0))

@@ -145,6 +145,8 @@ class EngineFigures:
     requests: int
     first_preemption_step: int | None
     preemptions_by_request: dict[str, int] = field(default_factory=dict)
+    prefix_hit_tokens: int = 0  # vLLM's own prefix-cache counters, summed over steps
+    prefix_query_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -384,6 +386,8 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         requests=len({e.request_id for e in run.requests}),
         first_preemption_step=first,
         preemptions_by_request=by_request,
+        prefix_hit_tokens=int(steps["prefix_hits"].sum()),
+        prefix_query_tokens=int(steps["prefix_queries"].sum()),
     )
 
 

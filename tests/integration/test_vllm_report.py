@@ -205,3 +205,18 @@ def test_a_vllm_pool_is_split_by_layer_in_every_per_layer_figure(
     counters = json.loads(gzip.decompress((run / "kv_counters.trace.json.gz").read_bytes()))
     per_layer = [e["args"] for e in counters["traceEvents"] if e.get("name") == "KV bytes per layer"]
     assert per_layer and all(args == table for args in per_layer)
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_compare_shows_the_vllm_pool_beside_other_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    report = _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)
+    compared = _json_of(["compare", str(PREEMPT), str(SAMPLES / "dynamic_b2"), "--json"], capsys)
+    vllm, hf = compared["runs"]
+    engine = report["engine"]
+    assert vllm["engine"]["num_blocks"] == engine["num_blocks"]
+    assert vllm["engine"]["peak_blocks_used"] == engine["peak_blocks_used"]
+    assert vllm["engine"]["preemptions"] == engine["preemptions"] > 0
+    assert hf["engine"] is None
+    assert main(["compare", str(PREEMPT), str(SAMPLES / "dynamic_b2")]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vLLM preemptions")]
+    assert row.split()[2:] == [f"{engine['preemptions']:,}", "-"]
