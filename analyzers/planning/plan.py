@@ -219,12 +219,27 @@ def _per_token(req: PlanRequest) -> tuple[int, int, int]:
     return data, scales, full
 
 
+def _layout(req: PlanRequest) -> tuple[int, int, int | None]:
+    """(layers keeping every token, layers keeping a window, that window) of the cache planned. A sliding
+    cache asked with --window keeps that window on every layer; otherwise the model's own layers decide
+    (Mistral: all slide; Gemma 2: every other one), as transformers' caches do. A quantized cache keeps
+    every token."""
+    geom = req.geometry
+    layers = geom.layers_with_kv
+    if req.cache == "quantized":
+        return layers, 0, None
+    if req.cache == "sliding" and (req.window is not None or not geom.windowed_layers):
+        return 0, layers, req.effective_window
+    windowed = geom.windowed_layers
+    return layers - windowed, windowed, geom.sliding_window if windowed else None
+
+
 def _sizes(req: PlanRequest, batch: int, context: int) -> _Sizes:
     data, scales, full = _per_token(req)
     geom = req.geometry
     one_layer_side = geom.num_kv_heads * geom.head_dim  # elements of one layer's K (or V) per token
-    window = req.effective_window
-    tokens = min(context, window) if window is not None else context
+    whole, windowed, window = _layout(req)
+    tokens = min(context, window) if window is not None and not whole else context
     if req.cache == "quantized":
         residual = min(req.residual_length - 1, context - 1)
         quantized = context - residual
@@ -235,8 +250,12 @@ def _sizes(req: PlanRequest, batch: int, context: int) -> _Sizes:
         return _Sizes(tokens, kv, scale_bytes, residual_bytes, realloc)
     realloc = 0
     if req.cache == "dynamic":
-        realloc = dtype_bytes_for(req.kv_dtype, batch * one_layer_side * (context - 1))
-    return _Sizes(tokens, batch * tokens * data, 0, 0, realloc)
+        realloc = dtype_bytes_for(req.kv_dtype, batch * one_layer_side * (tokens - 1))
+    if window is None or not windowed:
+        return _Sizes(tokens, batch * tokens * data, 0, 0, realloc)
+    layer_token = data // geom.layers_with_kv  # one layer's K and V, one token
+    held = whole * context + windowed * min(context, window)
+    return _Sizes(tokens, batch * held * layer_token, 0, 0, realloc)
 
 
 def _peak(req: PlanRequest, batch: int, context: int) -> int:
@@ -271,12 +290,13 @@ def _evaluate(req: PlanRequest) -> PlanResult:
     gpu = req.gpu_memory_bytes
 
     max_batch = _largest(lambda batch: _peak(req, batch, req.context) <= gpu)
-    window = req.effective_window
+    whole, _, window = _layout(req)
+    capped = window if not whole else None  # every layer slides: the window caps the KV
     max_context: int | None
-    if window is not None and _peak(req, req.batch, window) <= gpu:
-        max_context = None  # the window caps the KV: every context costs what `window` tokens do
+    if capped is not None and _peak(req, req.batch, capped) <= gpu:
+        max_context = None  # every context costs what `window` tokens do
     else:
-        max_context = _largest(lambda context: _peak(req, req.batch, context) <= gpu, cap=window)
+        max_context = _largest(lambda context: _peak(req, req.batch, context) <= gpu, cap=capped)
     budget = gpu - weights - reserve
     return PlanResult(
         request=req,
@@ -398,7 +418,10 @@ def _sentence(fix: Remedy, req: PlanRequest) -> str:
 def format_text(result: PlanResult) -> str:
     """A compact table for a terminal, then one sentence per remedy when the plan does not fit."""
     req = result.request
-    cache = req.cache if req.effective_window is None else f"sliding ({req.effective_window:,}-token window)"
+    whole, windowed, window = _layout(req)
+    cache = req.cache
+    if window is not None:
+        cache += f" ({window:,}-token window on {windowed} of {whole + windowed} layers)"
     rows: list[tuple[str, str]] = [
         ("KV per token", f"{_size(result.kv_bytes_per_token)} ({result.kv_bytes_per_token:,} B)"),
     ]

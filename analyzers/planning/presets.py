@@ -51,10 +51,19 @@ class ModelGeometry:
     tie_word_embeddings: bool
     sliding_window: int | None = None
     kv_layers: int | None = None  # layers holding KV, when the config lists layer types (linear: none)
+    sliding_layers: int | None = None  # of those, the ones keeping only the window (None: all, if a window)
 
     @property
     def layers_with_kv(self) -> int:
         return self.num_layers if self.kv_layers is None else self.kv_layers
+
+    @property
+    def windowed_layers(self) -> int:
+        """Layers a cache keeps at the model's window (transformers' caches follow the config: every layer
+        without `layer_types`, the sliding ones with it)."""
+        if self.sliding_window is None:
+            return 0
+        return self.layers_with_kv if self.sliding_layers is None else self.sliding_layers
 
 
 def _llama3(
@@ -227,4 +236,5 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         tie_word_embeddings=bool(fields.get("tie_word_embeddings", False)),
         sliding_window=sliding_window,
         kv_layers=kinds[0] if kinds is not None else None,
+        sliding_layers=kinds[1] if kinds is not None else None,
     )

@@ -131,3 +131,36 @@ def test_diagnose_prices_a_token_of_window_by_the_arithmetic(
     window = remedies["sliding_window"]
     assert window["setting"] == 6 and window["saved_bytes"] == 4 * 2 * 2 * 16 * 4
     assert remedies["context"]["saved_bytes"] == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "kv_bytes", "capped"),
+    [
+        (
+            lambda: transformers.MistralConfig(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, sliding_window=8, vocab_size=256,
+            ),
+            4 * 8 * (2 * 2 * 16 * 4),  # every layer keeps its window of 8
+            True,
+        ),
+        (
+            lambda: transformers.Gemma2Config(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=48, sliding_window=8, vocab_size=256,
+            ),
+            (2 * 40 + 2 * 8) * (2 * 2 * 48 * 4),  # 2 global layers keep all 40 tokens, 2 sliding ones 8
+            False,
+        ),
+    ],
+    ids=["mistral-all-sliding", "gemma2-hybrid"],
+)  # fmt: skip
+def test_plan_keeps_the_models_own_windows(
+    make: Any, kv_bytes: int, capped: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make().save_pretrained(tmp_path / "config")
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--context", "40", "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    assert data["kv_bytes"] == kv_bytes
+    assert (data["max_context"] is None) == capped  # a cache that only slides never outgrows its window
