@@ -46,7 +46,7 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
             hidden_size=int(model.get("hidden_size") or 0),
             intermediate_size=int(model.get("intermediate_size") or 0),
             vocab_size=int(model.get("vocab_size") or 0),
-            tie_word_embeddings=False,
+            tie_word_embeddings=bool(model.get("tie_word_embeddings", False)),
         )
     except (KeyError, TypeError, ValueError):
         geometry = None
@@ -76,6 +76,12 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         geometry = geometry_from_config(args.config)
     elif run_geometry is not None:
         geometry = run_geometry
+        unsized = not geometry.intermediate_size  # engine.json of an older kvtrace: no MLP size
+        if unsized and args.weights_bytes is None and measured.get("weights_bytes") is None:
+            raise KvtraceError(
+                f"{args.from_run}: its engine.json does not give the model's MLP size, so the weights cannot "
+                "be sized: add --config PATH (the model's config.json) or --weights-bytes"
+            )
     else:
         raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
 

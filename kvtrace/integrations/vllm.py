@@ -109,6 +109,8 @@ def model_facts(vllm_config: Any) -> dict[str, Any]:
         "num_attention_heads": heads,
         "hidden_size": hidden,
         "vocab_size": getattr(text, "vocab_size", None),
+        "intermediate_size": getattr(text, "intermediate_size", None),  # for plan --from-run's weights
+        "tie_word_embeddings": bool(getattr(text, "tie_word_embeddings", False)),
         "num_params": None,
     }
 

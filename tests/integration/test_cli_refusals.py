@@ -502,6 +502,10 @@ def test_vllm_first_run_mistakes_are_refused_without_touching_a_run(
     # --from-run without --engine vllm says what is missing
     assert main(["plan", "--from-run", str(run_copy)]) == 2
     assert "--from-run plans a vLLM run's pool: add --engine vllm" in capsys.readouterr().err
+    # a refused run recorded without the model's MLP size: its weights are not guessed (MLP 0 halved them)
+    refused = SAMPLES / "vllm_refused"
+    assert main(["plan", "--engine", "vllm", "--from-run", str(refused)]) == 2
+    assert f"{refused}: its engine.json does not give the model's MLP size" in capsys.readouterr().err
     # the plugin (vllm serve with KVTRACE_DIR) names its own knob to replace a run
     from kvtrace.integrations import vllm_plugin
     from kvtrace.recorder import RecordingError
