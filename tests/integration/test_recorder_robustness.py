@@ -115,27 +115,33 @@ KILLED_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_sigkill_midway_leaves_a_readable_run(tiny_size, prompt_batch, tmp_path):
-    # GIVEN a process that records a generation and SIGKILLs itself after its third forward
+def _record_in_child(
+    source: str, tmp_path: Path, prompt_batch: Any, size: Any, extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `source` in a fresh interpreter with (run folder, saved batch, model size, `extra`) as argv."""
     batch_file = tmp_path / "batch.pt"
     torch.save(
         {"input_ids": prompt_batch.input_ids, "attention_mask": prompt_batch.attention_mask}, batch_file
     )
-    script = tmp_path / "killed_child.py"
-    script.write_text(KILLED_CHILD, encoding="utf-8")
-    size = tiny_size
+    script = tmp_path / "child.py"
+    script.write_text(source, encoding="utf-8")
     sizes = json.dumps(dataclasses.asdict(size))
-    out_dir = tmp_path / "run"
-    kill_after = 3
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    child = subprocess.run(
-        [sys.executable, str(script), str(out_dir), str(batch_file), sizes, str(kill_after)],
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), str(batch_file), sizes, extra],
         capture_output=True,
         text=True,
         timeout=300,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
+
+
+@pytest.mark.slow
+def test_sigkill_midway_leaves_a_readable_run(tiny_size, prompt_batch, tmp_path):
+    # GIVEN a process that records a generation and SIGKILLs itself after its third forward
+    size = tiny_size
+    out_dir = tmp_path / "run"
+    kill_after = 3
+    child = _record_in_child(KILLED_CHILD, tmp_path, prompt_batch, size, str(kill_after))
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     assert "not killed" not in child.stdout
 
@@ -387,23 +393,10 @@ FULL_DISK_CHILD = textwrap.dedent(
 
 def test_a_failed_log_write_ends_the_block_with_an_error_naming_the_file(tiny_size, prompt_batch, tmp_path):
     # GIVEN a process whose files cannot grow past 48 KiB, recording 48 new tokens (~6 KiB of KV log each)
-    batch_file = tmp_path / "batch.pt"
-    torch.save(
-        {"input_ids": prompt_batch.input_ids, "attention_mask": prompt_batch.attention_mask}, batch_file
-    )
-    script = tmp_path / "full_disk_child.py"
-    script.write_text(FULL_DISK_CHILD, encoding="utf-8")
     out_dir = tmp_path / "run"
     limit = 48 * 1024
+    child = _record_in_child(FULL_DISK_CHILD, tmp_path, prompt_batch, tiny_size, str(limit))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    sizes = json.dumps(dataclasses.asdict(tiny_size))
-    child = subprocess.run(
-        [sys.executable, str(script), str(out_dir), str(batch_file), sizes, str(limit)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
 
     # THEN the generation ran to its end, and the block ended with one error naming the log and the cause
     assert child.returncode == 0, child.stderr[-3000:]
