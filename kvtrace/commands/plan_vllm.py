@@ -34,6 +34,10 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
         "non_torch_bytes": profile.get("non_torch_bytes"),
         "gpu_memory_bytes": profile.get("total_device_bytes"),
         "model_dtype": _DTYPES.get(str(model.get("dtype")), "bf16"),
+        "device": run.info.config.get("device"),
+        "block_size": run.info.config.get("block_size") or run.info.block_size,
+        "max_model_len": run.info.config.get("max_model_len"),
+        "kv_cache_bytes": run.info.kv_cache_bytes,
     }
     geometry = None
     try:
@@ -96,19 +100,34 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     if args.gpu_memory == "80GiB" and measured.get("gpu_memory_bytes"):
         gpu_memory = int(measured["gpu_memory_bytes"])
     weights_dtype = args.dtype
+    block_size = args.block_size
+    max_model_len = args.max_model_len if args.max_model_len is not None else args.context
+    if args.max_model_len is None and args.context == 8192 and measured.get("max_model_len"):
+        max_model_len = int(measured["max_model_len"])  # the flags' default: the run's own wins
+    if block_size == 16 and measured.get("block_size"):  # the flag's default: the run's own wins
+        block_size = int(measured["block_size"])
+    kv_cache_memory = _size(args.kv_cache_memory)
+    if (
+        kv_cache_memory is None
+        and args.gpu_memory == "80GiB"
+        and measured.get("device") == "cpu"
+        and measured.get("kv_cache_bytes")
+    ):
+        # vLLM on CPU sizes its pool by kv_cache_memory_bytes, not by a GPU's memory: plan the run's pool
+        kv_cache_memory = int(measured["kv_cache_bytes"])
     request = VllmPlanRequest(
         geometry=geometry,
         model_dtype=measured.get("model_dtype") or weights_dtype,
         gpu_memory_bytes=gpu_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len if args.max_model_len is not None else args.context,
-        block_size=args.block_size,
+        max_model_len=max_model_len,
+        block_size=block_size,
         kv_cache_dtype=args.kv_cache_dtype,
         tensor_parallel_size=args.tensor_parallel_size,
         weights_bytes=pick(args.weights_bytes, "weights_bytes", None),
         activation_peak_bytes=pick(args.activation_peak, "activation_peak_bytes", 0) or 0,
         non_torch_bytes=pick(args.non_torch, "non_torch_bytes", 0) or 0,
-        kv_cache_memory_bytes=_size(args.kv_cache_memory),
+        kv_cache_memory_bytes=kv_cache_memory,
     )
     result = plan_vllm(request)
     print_result(args.json, lambda: vllm_to_json(result), lambda: format_vllm_text(result))

@@ -220,3 +220,14 @@ def test_compare_shows_the_vllm_pool_beside_other_runs(capsys: pytest.CaptureFix
     assert main(["compare", str(PREEMPT), str(SAMPLES / "dynamic_b2")]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vLLM preemptions")]
     assert row.split()[2:] == [f"{engine['preemptions']:,}", "-"]
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_plan_from_a_cpu_run_plans_its_own_pool(capsys: pytest.CaptureFixture[str]) -> None:
+    # vLLM on CPU sizes its pool by kv_cache_memory_bytes: without --gpu-memory the plan takes the run's
+    # pool, block size and max_model_len (it planned an 80 GiB GPU with 16-token blocks)
+    info = json.loads((PREEMPT / "engine.json").read_text())
+    data = _json_of(["plan", "--engine", "vllm", "--from-run", str(PREEMPT), "--json"], capsys)
+    assert data["num_blocks"] == info["num_blocks"]
+    assert data["request"]["block_size"] == info["block_size"]
+    assert data["request"]["max_model_len"] == info["config"]["max_model_len"]
