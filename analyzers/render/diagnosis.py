@@ -92,8 +92,9 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
         rows.append(("batch x tokens held", f"{d.batch} x {d.tokens_held}"))
     if d.step is not None:
         rows.append(("step", f"{d.step} {d.step_phase or ''}".strip()))
-    if d.top_layers:
-        rows.append(("KV by layer", ", ".join(f"L{layer} {human_bytes(b)}" for layer, b in d.top_layers)))
+    if d.top_layers:  # the step's end state: the moment above may hold a layer's transient copy too
+        label = f"KV by layer (end of step {d.step})" if d.step is not None else "KV by layer (step end)"
+        rows.append((label, ", ".join(f"L{layer} {human_bytes(b)}" for layer, b in d.top_layers)))
     return rows
 
 

@@ -221,3 +221,11 @@ def test_sweep_budget_column_says_where_a_point_runs_out(
     assert data["budget_bytes"] == 66 * 2**20 and row["fits_budget"] is False
     assert row["runs_out_at"]["step"] >= 1 and row["runs_out_at"]["request_bytes"] > 0
     assert "runs out at step" in capsys.readouterr().out
+
+
+def test_diagnose_says_which_moment_its_per_layer_kv_is(capsys: pytest.CaptureFixture[str]) -> None:
+    # the per-layer row is the step's end state, which need not add up to the KV at the crossing moment
+    assert main(["diagnose", str(SAMPLES / "dynamic_b2"), "--budget", "40MiB"]) == 0
+    out = capsys.readouterr().out
+    (step,) = [line.split()[-2] for line in out.splitlines() if line.strip().startswith("at the peak: step ")]
+    assert f"KV by layer (end of step {step})" in out
