@@ -42,6 +42,24 @@ class RecordingError(KvtraceError):
     """Misuse of the recorder (nested record(), track() outside record())."""
 
 
+def _after_fork_in_child() -> None:
+    """A process forked inside a recording (a DataLoader worker, multiprocessing) inherits its hooks but not
+    its writer thread, and perhaps a lock that thread held: fresh locks, no writer. Its events are the
+    child's own and are not written (the parent's run is the parent's)."""
+    recording = _ACTIVE
+    if recording is None:
+        return
+    recording._writer = None
+    recording._flush_lock = threading.Lock()
+    tracker = getattr(recording, "tracker", None)
+    if tracker is not None:
+        tracker.lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 # A C++ record_function context (torch >= 2.2); older torch goes through the dispatcher op.
 _FAST_RECORD_FUNCTION: Any = getattr(getattr(torch._C, "_profiler", None), "_RecordFunctionFast", None)
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -423,3 +424,44 @@ def test_a_failed_log_write_ends_the_block_with_an_error_naming_the_file(tiny_si
         f"{out_dir / KV_EVENTS}: cannot write (File too large); "
         f"{manifest['ended']['kv_events_lost']} KV events were lost"
     ]
+
+
+def test_a_process_forked_inside_a_recording_does_not_inherit_its_locks(tmp_path):
+    # GIVEN a recording whose tracker lock another thread holds (as the writer does while it drains) when
+    # the process forks
+    import threading
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    token = torch.randn(1, 1, 4, 8)
+    held, release = threading.Event(), threading.Event()
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", profiler=False) as recording:
+        cache.update(token, token, 0)
+
+        def hold() -> None:
+            with recording.tracker.lock:
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(30)
+        pid = os.fork()
+        if pid == 0:  # THEN the child updates a new layer (which takes the lock) and exits
+            try:
+                cache.update(token, token, 1)
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 20
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        release.set()
+        holder.join()
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the child hung on an inherited lock"
+    # AND the parent's run holds the parent's events only
+    events = [json.loads(line) for line in (tmp_path / "run" / KV_EVENTS).read_text().splitlines()]
+    assert {e["layer"] for e in events} == {0}
