@@ -212,6 +212,25 @@ def _expected_bytes_per_token(
         return None
 
 
+def _shapes_follow(geometry: dict[str, Any] | None, data_events: list[Any]) -> bool:
+    """Whether every K and V tensor is heads x head_dim wide as the config says (Llama and most); not for
+    multi-head latent attention (DeepSeek-V3), whose K and V widths are their own."""
+    head_dim = (geometry or {}).get("head_dim")
+    return not head_dim or all(e.shape[-1] == head_dim for e in data_events if len(e.shape) == 4)
+
+
+def _bytes_per_token_of_shapes(data_events: list[Any]) -> int | None:
+    """The arithmetic from the tensors themselves: per KV layer, K heads x K width + V heads x V width, times
+    the element size, from each slot's last tensor."""
+    last: dict[tuple[int, str], Any] = {}
+    for event in data_events:
+        if len(event.shape) == 4 and event.dtype in _DTYPE_BYTES:
+            last[(event.layer, event.kv)] = event
+    if not last:
+        return None
+    return sum((_heads_held(e) or 0) * e.shape[-1] * _DTYPE_BYTES[e.dtype] for e in last.values())
+
+
 def _add_evictions(kv: KvSummary, events: list[Any]) -> None:
     """Per-layer evicted tokens and what the evictions really released (analyzers.evictions)."""
     from analyzers.evictions import REASONS, analyze_evictions
@@ -287,7 +306,9 @@ def summarize(
             last = data_events[-1]
             kv.batch = last.shape[0]
             kv.tokens_held = max((f.tokens for f in kv.per_layer), default=0)
-            kv.bytes_per_token_expected = _expected_bytes_per_token(geometry, last.dtype, _heads_held(last))
+            kv.bytes_per_token_expected = _expected_bytes_per_token(
+                geometry, last.dtype, _heads_held(last)
+            ) if _shapes_follow(geometry, data_events) else _bytes_per_token_of_shapes(data_events)
             if kv.tokens_held and kv.batch:
                 kv.bytes_per_token_measured = kv.final_bytes / (kv.tokens_held * kv.batch)
     if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):

@@ -164,3 +164,33 @@ def test_plan_keeps_the_models_own_windows(
     data = json.loads(capsys.readouterr().out)
     assert data["kv_bytes"] == kv_bytes
     assert (data["max_context"] is None) == capped  # a cache that only slides never outgrows its window
+
+
+def test_the_arithmetic_of_a_latent_attention_cache_follows_its_tensors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN DeepSeek-V3 (multi-head latent attention): its cache holds one K of kv_lora_rank + ... width and
+    # one V of its own width per layer, not num_key_value_heads x head_dim of each
+    config = transformers.DeepseekV3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=256, max_position_embeddings=256, q_lora_rank=None, kv_lora_rank=32,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=24, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        out = model.generate(
+            torch.randint(3, 200, (1, 11)), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+            pad_token_id=0, return_dict_in_generate=True,
+        )  # fmt: skip
+    layers = out.past_key_values.layers
+    per_token = sum(
+        (layer.keys.shape[1] * layer.keys.shape[3] + layer.values.shape[1] * layer.values.shape[3]) * 4
+        for layer in layers
+    )
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    # THEN the arithmetic is the tensors' widths, and the measured figure agrees with it
+    assert kv["bytes_per_token_expected"] == per_token == kv["bytes_per_token_measured"]
