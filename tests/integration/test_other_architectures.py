@@ -69,6 +69,16 @@ def test_plan_reads_the_kv_geometry_of_configs_transformers_writes(
     assert _plan_per_token(make(), tmp_path / "config", capsys) == per_token
 
 
+def _record_generate(model: Any, run: Path) -> Any:
+    """Greedy generate() of 6 tokens after an 11-token prompt, recorded into `run` (output and cache)."""
+    prompt = torch.randint(3, 200, (1, 11))
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        return model.generate(
+            prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+
+
 def test_a_multi_query_falcon_run_has_one_kv_head(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # GIVEN a multi-query Falcon (4 query heads sharing 1 KV head) generating 6 tokens after 11
     config = transformers.FalconConfig(
@@ -77,11 +87,7 @@ def test_a_multi_query_falcon_run_has_one_kv_head(tmp_path: Path, capsys: pytest
     torch.manual_seed(0)
     model = transformers.FalconForCausalLM(config).eval()
     run = tmp_path / "run"
-    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
-        out = model.generate(
-            torch.randint(3, 200, (1, 11)), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-            pad_token_id=0, return_dict_in_generate=True,
-        )  # fmt: skip
+    out = _record_generate(model, run)
     held = out.past_key_values.layers[0].keys
     assert held.shape[1] == 1
     # THEN the geometry and the arithmetic say 1 KV head, as the tensors do
@@ -95,9 +101,7 @@ def test_a_multi_query_falcon_run_has_one_kv_head(tmp_path: Path, capsys: pytest
 def _diagnose_remedies(
     model: Any, run: Path, capsys: pytest.CaptureFixture[str]
 ) -> dict[str, dict[str, Any]]:
-    prompt = torch.randint(3, 200, (1, 11))
-    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
-        model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    _record_generate(model, run)
     assert main(["diagnose", str(run), "--json"]) == 0
     return {r["kind"]: r for r in json.loads(capsys.readouterr().out)["remedies"]}
 
@@ -180,11 +184,7 @@ def test_the_arithmetic_of_a_latent_attention_cache_follows_its_tensors(
     torch.manual_seed(0)
     model = transformers.DeepseekV3ForCausalLM(config).eval()
     run = tmp_path / "run"
-    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
-        out = model.generate(
-            torch.randint(3, 200, (1, 11)), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-            pad_token_id=0, return_dict_in_generate=True,
-        )  # fmt: skip
+    out = _record_generate(model, run)
     layers = out.past_key_values.layers
     per_token = sum(
         (layer.keys.shape[1] * layer.keys.shape[3] + layer.values.shape[1] * layer.values.shape[3]) * 4
