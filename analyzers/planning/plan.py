@@ -209,12 +209,14 @@ class _Sizes:
 def _per_token(req: PlanRequest) -> tuple[int, int, int]:
     """(packed KV data, quantization scales, full-precision KV) bytes per token, all layers, K and V."""
     geom = req.geometry
-    elements = geom.layers_with_kv * 2 * geom.num_kv_heads * geom.head_dim
+    k_width, v_width = geom.kv_widths
+    elements = geom.layers_with_kv * (k_width + v_width)
     data = dtype_bytes_for(req.kv_dtype, elements)
     full = dtype_bytes_for(req.effective_compute_dtype, elements)
     scales = 0
     if req.cache == "quantized":
-        groups = geom.layers_with_kv * 2 * math.ceil(geom.num_kv_heads * geom.head_dim / req.quant_group_size)
+        group = req.quant_group_size
+        groups = geom.layers_with_kv * (math.ceil(k_width / group) + math.ceil(v_width / group))
         scales = groups * 2 * dtype_bytes_for(req.effective_compute_dtype, 1)  # scale + zero-point
     return data, scales, full
 
@@ -237,7 +239,7 @@ def _layout(req: PlanRequest) -> tuple[int, int, int | None]:
 def _sizes(req: PlanRequest, batch: int, context: int) -> _Sizes:
     data, scales, full = _per_token(req)
     geom = req.geometry
-    one_layer_side = geom.num_kv_heads * geom.head_dim  # elements of one layer's K (or V) per token
+    one_layer_side = max(geom.kv_widths)  # elements of one layer's K (or V, the wider) per token
     whole, windowed, window = _layout(req)
     tokens = min(context, window) if window is not None and not whole else context
     if req.cache == "quantized":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from kvtrace.geometry import kv_heads_of, layer_kinds
 __all__ = [
     "DTYPE_BITS",
     "PRESETS",
+    "MlaShape",
     "ModelGeometry",
     "dtype_bytes_for",
     "geometry_from_config",
@@ -29,6 +31,20 @@ __all__ = [
 
 # Storage bits per element. Bits rather than bytes because int4 packs two elements into one byte.
 DTYPE_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class MlaShape:
+    """Multi-head latent attention (DeepSeek-V2/V3): queries through an optional rank-`q_lora_rank`
+    bottleneck, keys and values through a rank-`kv_lora_rank` latent plus a shared rotary key of
+    `qk_rope_head_dim`. Both transformers (5.x) and vLLM cache that latent, kv_lora_rank + qk_rope_head_dim
+    elements per token and layer, and expand it into heads at each step."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
 
 
 @dataclass(frozen=True)
@@ -52,10 +68,29 @@ class ModelGeometry:
     sliding_window: int | None = None
     kv_layers: int | None = None  # layers holding KV, when the config lists layer types (linear: none)
     sliding_layers: int | None = None  # of those, the ones keeping only the window (None: all, if a window)
+    # Mixture of experts (Mixtral, Qwen-MoE, DeepSeek): `moe_layers` of the layers hold `experts` routed
+    # MLPs of `expert_intermediate_size` each and a router (every expert is resident: they all count as
+    # weights, though only a few run per token), plus shared experts of `shared_intermediate_size` in all.
+    moe_layers: int = 0
+    experts: int = 0
+    expert_intermediate_size: int = 0
+    shared_intermediate_size: int = 0
+    shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert (hidden x 1)
+    qkv_bias: bool = False  # Qwen2's q/k/v projections carry biases
+    qk_norm: bool = False  # Qwen3's RMSNorm of q and k per head (head_dim each)
+    mla: MlaShape | None = None  # multi-head latent attention (DeepSeek-V2/V3)
 
     @property
     def layers_with_kv(self) -> int:
         return self.num_layers if self.kv_layers is None else self.kv_layers
+
+    @property
+    def kv_widths(self) -> tuple[int, int]:
+        """Elements of one layer's K and of its V per token, as transformers' caches hold them."""
+        if self.mla is not None:  # the latent as one head: its normed part as K, the rotary key as V
+            return self.mla.kv_lora_rank, self.mla.qk_rope_head_dim
+        side = self.num_kv_heads * self.head_dim
+        return side, side
 
     @property
     def windowed_layers(self) -> int:
@@ -116,21 +151,50 @@ def dtype_bytes_for(dtype: str, elements: int) -> int:
     return math.ceil(elements * bits / 8)
 
 
-def param_count(geom: ModelGeometry) -> int:
-    """Exact parameter count of a Llama-style model without biases.
-
-    Counted: token embeddings; per layer the q/k/v/o projections, the gate/up/down MLP and two RMSNorm
-    weight vectors; the final norm; and the lm_head unless it shares the embedding matrix. Models with
-    attention biases (Qwen2) have a few more parameters than this, well under 0.1% of the total.
-    """
-    q_width = geom.num_attention_heads * geom.head_dim
+def _attention_params(geom: ModelGeometry) -> int:
+    hidden, heads = geom.hidden_size, geom.num_attention_heads
+    mla = geom.mla
+    if mla is not None:
+        q_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+        if mla.q_lora_rank:  # down-projection, its RMSNorm, up-projection
+            query = hidden * mla.q_lora_rank + mla.q_lora_rank + mla.q_lora_rank * heads * q_head
+        else:
+            query = hidden * heads * q_head
+        latent = hidden * (mla.kv_lora_rank + mla.qk_rope_head_dim) + mla.kv_lora_rank  # with its RMSNorm
+        up = mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+        return query + latent + up + heads * mla.v_head_dim * hidden
+    q_width = heads * geom.head_dim
     kv_width = geom.num_kv_heads * geom.head_dim
-    attention = geom.hidden_size * q_width + 2 * geom.hidden_size * kv_width + q_width * geom.hidden_size
-    mlp = 3 * geom.hidden_size * geom.intermediate_size
-    norms = 2 * geom.hidden_size
-    embeddings = geom.vocab_size * geom.hidden_size
+    params = 2 * hidden * q_width + 2 * hidden * kv_width
+    if geom.qkv_bias:
+        params += q_width + 2 * kv_width
+    if geom.qk_norm:
+        params += 2 * geom.head_dim
+    return params
+
+
+def _moe_mlp_params(geom: ModelGeometry) -> int:
+    hidden = geom.hidden_size
+    routed = geom.experts * (3 * hidden * geom.expert_intermediate_size + hidden)  # + its router row
+    shared = 3 * hidden * geom.shared_intermediate_size + (hidden if geom.shared_expert_gate else 0)
+    return routed + shared
+
+
+def param_count(geom: ModelGeometry) -> int:
+    """Exact parameter count of a Llama-style model, its mixture-of-experts and latent-attention variants.
+
+    Counted: token embeddings; per layer the attention projections (with Qwen2's q/k/v biases, Qwen3's q/k
+    norms, or DeepSeek's latent projections and norms), the gate/up/down MLP or, on MoE layers, every
+    expert, the router and the shared experts, and two RMSNorm weight vectors; the final norm; and the
+    lm_head unless it shares the embedding matrix. Other biases (GPT-OSS) are not counted.
+    """
+    hidden = geom.hidden_size
+    dense_layers = geom.num_layers - geom.moe_layers
+    mlp = dense_layers * 3 * hidden * geom.intermediate_size + geom.moe_layers * _moe_mlp_params(geom)
+    per_layer = _attention_params(geom) + 2 * hidden
+    embeddings = geom.vocab_size * hidden
     lm_head = 0 if geom.tie_word_embeddings else embeddings
-    return embeddings + geom.num_layers * (attention + mlp + norms) + geom.hidden_size + lm_head
+    return embeddings + geom.num_layers * per_layer + mlp + hidden + lm_head
 
 
 def weights_bytes(geom: ModelGeometry, dtype: str) -> int:
@@ -224,6 +288,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
 
     kinds = layer_kinds(fields.get("layer_types"))
     name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
+    model_type = str(fields.get("model_type") or "")
     return ModelGeometry(
         name=str(name),
         num_layers=layers,
@@ -237,4 +302,59 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         sliding_window=sliding_window,
         kv_layers=kinds[0] if kinds is not None else None,
         sliding_layers=kinds[1] if kinds is not None else None,
+        **_experts(fields, layers, positive_int),
+        qkv_bias=model_type in ("qwen2", "qwen2_moe"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        mla=_mla(fields, positive_int),
+    )
+
+
+def _experts(fields: dict[str, Any], layers: int, positive_int: Callable[[str, Any], int]) -> dict[str, Any]:
+    """The mixture-of-experts fields of a config, under each family's names and layer rules (empty: dense).
+
+    Experts are `num_local_experts` (Mixtral; transformers 5 also saves Qwen-MoE's count so),
+    `num_experts` (Qwen-MoE) or `n_routed_experts` (DeepSeek), of `moe_intermediate_size` when given, else
+    `intermediate_size` (Mixtral). Which layers: DeepSeek from `first_k_dense_replace` on, when i %
+    `moe_layer_freq` is 0, plus `n_shared_experts` ungated; Qwen unless in `mlp_only_layers` and when
+    (i + 1) % `decoder_sparse_step` is 0, plus one gated shared expert; Mixtral every layer."""
+    get = fields.get
+    name = next((key for key in ("num_local_experts", "num_experts", "n_routed_experts") if get(key)), None)
+    if name is None:
+        return {}
+    experts = positive_int(name, get(name))
+    size_name = "moe_intermediate_size" if get("moe_intermediate_size") else "intermediate_size"
+    size = positive_int(size_name, get(size_name))
+    shared = 0
+    if get("n_routed_experts"):
+        first, freq = (
+            get("first_k_dense_replace") or 0,
+            positive_int("moe_layer_freq", get("moe_layer_freq") or 1),
+        )
+        moe = [i >= first and i % freq == 0 for i in range(layers)]
+        shared = (get("n_shared_experts") or 0) * size
+    else:
+        step = positive_int("decoder_sparse_step", get("decoder_sparse_step") or 1)
+        dense = set(get("mlp_only_layers") or ())
+        moe = [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+        if get("shared_expert_intermediate_size"):
+            shared = positive_int("shared_expert_intermediate_size", get("shared_expert_intermediate_size"))
+    return {
+        "moe_layers": sum(moe),
+        "experts": experts,
+        "expert_intermediate_size": size,
+        "shared_intermediate_size": shared,
+        "shared_expert_gate": bool(shared) and not get("n_routed_experts"),
+    }
+
+
+def _mla(fields: dict[str, Any], positive_int: Callable[[str, Any], int]) -> MlaShape | None:
+    if not fields.get("kv_lora_rank"):
+        return None
+    q_lora = fields.get("q_lora_rank")
+    return MlaShape(
+        q_lora_rank=positive_int("q_lora_rank", q_lora) if q_lora else None,
+        **{
+            name: positive_int(name, fields.get(name))
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        },
     )

@@ -198,6 +198,9 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
     dtype_bytes = kv_dtype_bytes(req.kv_cache_dtype, req.model_dtype)
     page = page_size_bytes(heads, geom.head_dim, dtype_bytes, req.block_size)
     notes: list[str] = []
+    if geom.mla is not None:  # `MLAAttentionSpec`: one latent per token (no separate V), on every rank
+        page = req.block_size * (geom.mla.kv_lora_rank + geom.mla.qk_rope_head_dim) * dtype_bytes
+        notes.append("latent attention: vLLM caches the latent (kv_lora_rank + qk_rope_head_dim per token)")
     weights = req.weights_bytes
     if weights is None:
         weights = math.ceil(weights_bytes(geom, req.model_dtype) / req.tensor_parallel_size)

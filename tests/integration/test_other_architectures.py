@@ -194,3 +194,49 @@ def test_the_arithmetic_of_a_latent_attention_cache_follows_its_tensors(
     kv = json.loads(capsys.readouterr().out)["kv"]
     # THEN the arithmetic is the tensors' widths, and the measured figure agrees with it
     assert kv["bytes_per_token_expected"] == per_token == kv["bytes_per_token_measured"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: transformers.MixtralConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, num_local_experts=4,
+        ),
+        lambda: transformers.Qwen2MoeConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, num_experts=4, moe_intermediate_size=32,
+            shared_expert_intermediate_size=48, decoder_sparse_step=2,
+        ),
+        lambda: transformers.Qwen3MoeConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=256, num_experts=4, moe_intermediate_size=32,
+            num_experts_per_tok=2, mlp_only_layers=[0],
+        ),
+        lambda: transformers.DeepseekV3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=256, q_lora_rank=24, kv_lora_rank=32, qk_rope_head_dim=16,
+            qk_nope_head_dim=32, v_head_dim=24, n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2,
+            moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+        ),
+    ],
+    ids=["mixtral", "qwen2-moe-sparse-step", "qwen3-moe-dense-first", "deepseek-v3-latent"],
+)  # fmt: skip
+def test_plan_weighs_every_expert_and_latent_projection(
+    make: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a mixture-of-experts config (and DeepSeek's latent attention) as transformers saves it
+    config = make()
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    cache = transformers.DynamicCache(config=config)
+    with torch.no_grad():
+        model(torch.randint(3, 200, (1, 5)), past_key_values=cache, use_cache=True)
+    config.save_pretrained(tmp_path / "config")
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--context", "5", "--json"]
+    # WHEN it is planned
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    # THEN the weights are the model's own parameters, every expert resident, and the KV what its cache holds
+    assert data["weights_bytes"] == 4 * sum(p.numel() for p in model.parameters())
+    held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+    assert data["kv_bytes"] == 4 * held
