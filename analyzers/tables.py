@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, DeviceEvents, MemorySource
-from analyzers.readers.sources import ProgressFn
+from analyzers.readers.sources import ProgressFn, missing
 from kvtrace.format import ENGINE, ENGINE_REQUESTS, ENGINE_STEPS, is_run_dir  # vLLM runs' optional files
 
 SCHEMA_VERSION = 1
@@ -180,7 +180,7 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[
     for given in paths:
         root = Path(given)
         if not root.exists():
-            problems.append((str(root), f"{root}: no such file or directory"))
+            problems.append((str(root), missing(root)))
             continue
         pairs = _walk_folder(root, root) if root.is_dir() else iter([(root, root)])
         for path, shown in pairs:

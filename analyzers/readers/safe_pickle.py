@@ -81,8 +81,8 @@ def load_pickle(path: str | os.PathLike[str], progress: ProgressFn | None = None
         if not stream.peek(1):
             raise KvtraceError(f"{name}: empty file")
         first = stream.peek(2)[:2]
-        if first[:1] != b"\x80":
-            # Protocols 0 and 1 have no header; snapshots are always written with protocol >= 2.
+        if first[:1] != b"\x80" and first not in (b"(d", b"}q", b"}("):
+            # Protocols 0 and 1 have no header: a dict there opens with these (torch writes protocol >= 2).
             raise KvtraceError(f"{name}: not a pickle (starts with {first!r}, no protocol header)")
         try:
             with gc_paused():

@@ -10,6 +10,7 @@ name the file. Readers are imported lazily by `open_source` because they import 
 from __future__ import annotations
 
 import codecs
+import errno
 import gzip
 import io
 import json
@@ -26,7 +27,7 @@ from kvtrace.errors import KvtraceError
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
 
-__all__ = ["JsonStream", "ProgressFn", "open_input", "open_source", "sniff"]
+__all__ = ["JsonStream", "ProgressFn", "missing", "open_input", "open_source", "sniff"]
 
 ProgressFn = Callable[[int, int], None]
 """progress(bytes_done, bytes_total), both counted in bytes of the file as stored on disk."""
@@ -91,6 +92,23 @@ def _whole_events(text: str, start: int, end: int, count: int) -> bool:
         and text.count("{", start, end) == text.count("}", start, end)
         and text.count("[", start, end) == text.count("]", start, end)
     )
+
+
+def missing(path: str | os.PathLike[str]) -> str:
+    """Why `path`, which does not exist as far as `Path.exists` says, cannot be opened: nothing there, a
+    link to nothing, or a loop of links (both of which `exists` also calls missing)."""
+    name = str(path)
+    if not os.path.islink(path):
+        return f"{name}: no such file or directory"
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{name}: a loop of symbolic links"
+        if exc.errno == errno.ENOENT:
+            return f"{name}: a symbolic link to nothing ({os.readlink(path)})"
+        return f"{name}: {_describe_read_error(exc)}"
+    return f"{name}: no such file or directory"
 
 
 def _describe_read_error(exc: BaseException) -> str:
@@ -336,6 +354,8 @@ def sniff(path: str | os.PathLike[str]) -> str:
     if not head:
         raise KvtraceError(f"{name}: empty file")
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "snapshot"
+    if head[:3] == b"(dp" or head[:3] == b"}q\x00" or head[:2] == b"}(":  # a dict in pickle protocol 0 or 1
         return "snapshot"
     if head.startswith(ZIP_MAGIC):
         raise KvtraceError(f"{name}: a zip archive (torch.save checkpoint?), not a snapshot or trace")

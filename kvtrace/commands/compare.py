@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from analyzers.readers.sources import missing
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import check_html_target, print_result, write_html
 from kvtrace.errors import KvtraceError
@@ -44,7 +45,7 @@ class CompareCommand(Command):
         paths = [Path(p) for p in args.runs]
         for path in paths:
             if not path.exists():
-                raise KvtraceError(f"{path}: no such file or directory")
+                raise KvtraceError(missing(path))
         labels = [p.name or str(p) for p in paths]
         if len(set(labels)) < len(labels):
             labels = [str(p) for p in paths]

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from analyzers.readers.sources import missing
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
@@ -41,7 +42,7 @@ class DiagnoseCommand(Command):
 
         path = Path(args.path)
         if not path.exists():
-            raise KvtraceError(f"{path}: no such file or directory")
+            raise KvtraceError(missing(path))
         budget = parse_size(args.budget) if args.budget is not None else None
         if budget == 0:  # as plan --gpu-memory and record(gpu_memory=...) say
             raise KvtraceError(f"--budget {args.budget}: a memory size must be positive")

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from analyzers.readers.sources import missing
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import check_html_target, print_result, write_html
 from kvtrace.errors import KvtraceError
@@ -67,7 +68,7 @@ class ReportCommand(Command):
         check_html_target(args.output)
         path = Path(args.path)
         if not path.exists():
-            raise KvtraceError(f"{path}: no such file or directory")
+            raise KvtraceError(missing(path))
         if is_run_group(path):
             return self._run_group(path, args)
         update, close = progress_bar(f"reading {path.name}", args.quiet)

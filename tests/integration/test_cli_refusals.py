@@ -277,8 +277,15 @@ def test_query_and_export_of_a_folder_skip_an_unreadable_input_and_name_it_as_gi
         (["sweep", "--context", "8,8", "--out", "unused"], "--context lists a value twice"),
         (["sweep", "--cache", "dynamic,dynamic", "--out", "unused"], "--cache lists a kind twice"),
     ],
-    ids=["budget-0", "reserve-negative", "sliding-no-window", "cache-kind", "batch-twice", "context-twice",
-         "cache-twice"],
+    ids=[
+        "budget-0",
+        "reserve-negative",
+        "sliding-no-window",
+        "cache-kind",
+        "batch-twice",
+        "context-twice",
+        "cache-twice",
+    ],
 )
 def test_a_flag_value_that_cannot_work_is_named(
     argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
@@ -533,3 +540,16 @@ def test_a_block_that_raised_or_was_interrupted_says_so_in_the_report(
         assert main(["report", str(run_copy), "--json", "--no-export"]) == 0
         notes = " ".join(_strict_loads(capsys.readouterr().out)["notes"])  # type: ignore[index]
         assert said in notes
+
+
+def test_a_link_to_nothing_and_a_loop_of_links_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    said = {"dangling": f"a symbolic link to nothing ({tmp_path / 'gone'})", "a": "a loop of symbolic links"}
+    for name, what in said.items():
+        for command in (["report"], ["diagnose"], ["compare", str(tmp_path / "b")]):
+            assert main([command[0], str(tmp_path / name), *command[1:]]) == 2
+            assert capsys.readouterr().err.strip().endswith(f"{tmp_path / name}: {what}")

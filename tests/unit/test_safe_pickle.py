@@ -138,3 +138,14 @@ def test_progress_reaches_the_file_size(tmp_path: Path) -> None:
     size = path.stat().st_size
     assert calls[0] == (0, size)
     assert calls[-1] == (size, size)
+
+
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_a_dict_pickled_without_a_protocol_header_loads(tmp_path: Path, protocol: int) -> None:
+    # Protocols 0 and 1 open with the dict itself; the loader still refuses imports in them
+    path = _write(tmp_path / f"p{protocol}.pickle", pickle.dumps(PLAIN, protocol=protocol))
+    assert load_pickle(path) == PLAIN
+    evil_data = pickle.dumps({"x": _Evil(os.system, ("true",))}, protocol=protocol)
+    evil = _write(tmp_path / "evil.pickle", evil_data)
+    with pytest.raises(KvtraceError, match="refused to load"):
+        load_pickle(evil)
