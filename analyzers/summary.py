@@ -306,11 +306,9 @@ def summarize(
             last = data_events[-1]
             kv.batch = last.shape[0]
             kv.tokens_held = max((f.tokens for f in kv.per_layer), default=0)
-            kv.bytes_per_token_expected = (
-                _expected_bytes_per_token(geometry, last.dtype, _heads_held(last))
-                if _shapes_follow(geometry, data_events)
-                else _bytes_per_token_of_shapes(data_events)
-            )
+            kv.bytes_per_token_expected = _expected_bytes_per_token(
+                geometry, last.dtype, _heads_held(last)
+            ) if _shapes_follow(geometry, data_events) else _bytes_per_token_of_shapes(data_events)
             if kv.tokens_held and kv.batch:
                 kv.bytes_per_token_measured = kv.final_bytes / (kv.tokens_held * kv.batch)
     if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):

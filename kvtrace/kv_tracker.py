@@ -167,20 +167,8 @@ def _capture(slot: _Slot, tensor: torch.Tensor) -> tuple[Any, ...] | None:
         if tensor.data_ptr() == slot.ptr:  # written in place (static caches)
             slot.version = version
             addr = slot.addr
-            return (
-                "written",
-                addr,
-                slot.storage_bytes,
-                slot.view_offset,
-                slot.shape,
-                slot.dtype,
-                slot.device,
-                slot.itemsize,
-                addr,
-                0,
-                0,
-                False,
-            )
+            return ("written", addr, slot.storage_bytes, slot.view_offset, slot.shape, slot.dtype,
+                    slot.device, slot.itemsize, addr, 0, 0, False)
     found = _storage_of(tensor)
     if found is None:
         return None
@@ -196,37 +184,13 @@ def _capture(slot: _Slot, tensor: torch.Tensor) -> tuple[Any, ...] | None:
     slot.shape_json = ""  # worked out when an event needs it (`_shape_of`)
     prev_addr, prev_bytes = slot.addr, slot.storage_bytes
     if addr == prev_addr:  # a new tensor over the same storage (a view): written, memory kept
-        return (
-            "written",
-            addr,
-            nbytes,
-            ptr - addr,
-            shape,
-            slot.dtype,
-            slot.device,
-            slot.itemsize,
-            addr,
-            0,
-            0,
-            False,
-        )
+        return ("written", addr, nbytes, ptr - addr, shape, slot.dtype, slot.device, slot.itemsize,
+                addr, 0, 0, False)
     old_wref = slot.wref
     slot.wref = _weak_ref_of(storage)
     slot.addr, slot.storage_bytes = addr, nbytes
-    return (
-        "replaced" if nbytes <= prev_bytes else "grown",
-        addr,
-        nbytes,
-        ptr - addr,
-        shape,
-        slot.dtype,
-        slot.device,
-        slot.itemsize,
-        prev_addr,
-        prev_bytes,
-        old_wref,
-        _expired(old_wref),
-    )
+    return ("replaced" if nbytes <= prev_bytes else "grown", addr, nbytes, ptr - addr, shape, slot.dtype,
+            slot.device, slot.itemsize, prev_addr, prev_bytes, old_wref, _expired(old_wref))
 
 
 def _shape_of(slot: _Slot) -> str:
@@ -244,7 +208,9 @@ class KvTracker:
     runs for every `evicted`/`masked` event (the recorder opens an NVTX range there).
     """
 
-    def __init__(self, clock: Callable[[], int], on_evict: Callable[[int, str], None] | None = None) -> None:
+    def __init__(
+        self, clock: Callable[[], int], on_evict: Callable[[int, str], None] | None = None
+    ) -> None:
         self._clock = clock
         self._on_evict = on_evict
         self._layers: dict[tuple[int, int], _Layer] = {}
@@ -332,19 +298,8 @@ class KvTracker:
         if k_facts is None and v_facts is None:
             return  # the very same tensors, not written since
         self._queue.append(
-            (
-                cache_id,
-                layer,
-                self._clock(),
-                self.step,
-                self._phase_json,
-                tokens,
-                evicted,
-                reason,
-                k_facts,
-                v_facts,
-                both_first,
-            )
+            (cache_id, layer, self._clock(), self.step, self._phase_json, tokens, evicted, reason, k_facts,
+             v_facts, both_first)
         )
         if k_facts is not None and k_facts[10] and not k_facts[11]:
             self._watch(cache_id, layer, _KD, k_facts)
@@ -401,20 +356,8 @@ class KvTracker:
             for key, f in ((_KD, k_facts), (_VD, v_facts)):
                 if f is None:
                     continue
-                (
-                    kind,
-                    addr,
-                    nbytes,
-                    view_offset,
-                    shape,
-                    dtype,
-                    device,
-                    itemsize,
-                    prev_addr,
-                    prev_size,
-                    old_wref,
-                    old_gone,
-                ) = f
+                (kind, addr, nbytes, view_offset, shape, dtype, device, itemsize, prev_addr, prev_size,
+                 old_wref, old_gone) = f
                 lines = templates.get((cid, layer, key, dtype, device))
                 if lines is None:
                     lines = templates[(cid, layer, key, dtype, device)] = slot_lines(
@@ -426,19 +369,8 @@ class KvTracker:
                 append(
                     lines[0]
                     % (
-                        seq,
-                        t_ns,
-                        step,
-                        phase_json,
-                        kind,
-                        addr,
-                        nbytes,
-                        view_offset,
-                        shape_json,
-                        count * itemsize,
-                        tokens,
-                        evicted if first else 0,
-                        prev_addr,
+                        seq, t_ns, step, phase_json, kind, addr, nbytes, view_offset, shape_json,
+                        count * itemsize, tokens, evicted if first else 0, prev_addr,
                         quoted(reason) if first and evicted else '""',
                     )
                 )
@@ -489,27 +421,10 @@ class KvTracker:
                 self.lines.append(
                     EVENT_LINE
                     % (
-                        self._seq,
-                        t_ns,
-                        self.step,
-                        self._phase_json,
-                        kind,
-                        layer,
-                        kv_json,
-                        part_json,
-                        slot.addr,
-                        slot.storage_bytes,
-                        slot.view_offset,
-                        _shape_of(slot),
-                        slot.logical_bytes,
-                        slot.dtype,
-                        slot.device,
-                        tokens,
-                        evicted,
-                        slot.addr,
-                        cache_id,
-                        source_json,
-                        reason_json if evicted or kind == "evicted" else '""',
+                        self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json,
+                        slot.addr, slot.storage_bytes, slot.view_offset, _shape_of(slot),
+                        slot.logical_bytes, slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id,
+                        source_json, reason_json if evicted or kind == "evicted" else '""',
                     )
                 )
                 if kind == "evicted" and self._on_evict is not None:
@@ -572,26 +487,9 @@ class KvTracker:
         self.lines.append(
             EVENT_LINE
             % (
-                self._seq,
-                t_ns,
-                self.step,
-                self._phase_json,
-                kind,
-                layer,
-                kv_json,
-                part_json,
-                addr,
-                nbytes,
-                new.view_offset,
-                new.shape_json,
-                new.logical_bytes,
-                new.dtype,
-                new.device,
-                tokens,
-                evicted,
-                prev_addr,
-                cache_id,
-                source_json,
+                self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json, addr,
+                nbytes, new.view_offset, new.shape_json, new.logical_bytes, new.dtype, new.device, tokens,
+                evicted, prev_addr, cache_id, source_json,
                 reason_json if evicted or kind == "evicted" else '""',
             )
         )
@@ -667,20 +565,10 @@ class KvTracker:
                 self.lines.append(
                     NO_STORAGE_LINE
                     % (
-                        self._seq,
-                        t_ns,
-                        self.step,
-                        self._phase_json,
-                        "reset" if cause == "reset" else "evicted",
-                        layer,
-                        quoted(key[0]),
-                        quoted(key[1]),
+                        self._seq, t_ns, self.step, self._phase_json,
+                        "reset" if cause == "reset" else "evicted", layer, quoted(key[0]), quoted(key[1]),
                         tokens,
-                        evicted if first else 0,
-                        old.addr,
-                        cache_id,
-                        source_json,
-                        '""',
+                        evicted if first else 0, old.addr, cache_id, source_json, '""',
                     )
                 )
                 if cause != "reset" and self._on_evict is not None:
@@ -697,20 +585,8 @@ class KvTracker:
         self.lines.append(
             NO_STORAGE_LINE
             % (
-                self._seq,
-                self._clock(),
-                self.step,
-                self._phase_json,
-                "masked",
-                layer,
-                '"k"',
-                '"data"',
-                tokens,
-                0,
-                0,
-                cache_id,
-                '"hf"',
-                json.dumps(reason),
+                self._seq, self._clock(), self.step, self._phase_json, "masked", layer, '"k"', '"data"',
+                tokens, 0, 0, cache_id, '"hf"', json.dumps(reason),
             )
         )
         if self._on_evict is not None:
@@ -763,16 +639,8 @@ class KvTracker:
                 self.lines.append(
                     FREED_LINE
                     % (
-                        self._seq,
-                        t_ns,
-                        self.step,
-                        self._phase_json,
-                        item[1],
-                        item[2],
-                        item[3],
-                        item[4],
-                        item[5],
-                        item[6],
+                        self._seq, t_ns, self.step, self._phase_json, item[1], item[2], item[3], item[4],
+                        item[5], item[6],
                     )
                 )
             else:

@@ -88,16 +88,8 @@ class RecordOptions:
 
     def __post_init__(self) -> None:
         # A wrong type would be stored in the manifest as given (profiler="no" turned the profiler on).
-        for name in (
-            "profiler",
-            "profile_memory",
-            "record_shapes",
-            "with_stack",
-            "nvtx",
-            "snapshots",
-            "gzip_trace",
-            "overwrite",
-        ):
+        for name in ("profiler", "profile_memory", "record_shapes", "with_stack", "nvtx", "snapshots",
+                     "gzip_trace", "overwrite"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise KvtraceError(f"record({name}=...): True or False, got {value!r}")

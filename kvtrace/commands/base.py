@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from kvtrace.errors import KvtraceError
 
 
 class Command:
@@ -23,3 +26,11 @@ class Command:
 
     def run(self, args: argparse.Namespace) -> int:
         raise NotImplementedError
+
+
+def require_input(path: Path) -> None:
+    """The one-line error for an input that is not there: nothing, a link to nothing, or a loop of links."""
+    if not path.exists():
+        from analyzers.readers.sources import missing  # here, not at import: `kvtrace --help` stays light
+
+        raise KvtraceError(missing(path))

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from analyzers.readers.sources import missing
-from kvtrace.commands.base import Command
+from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import check_html_target, print_result, write_html
 from kvtrace.errors import KvtraceError
 from kvtrace.format import is_run_group
@@ -44,8 +43,7 @@ class CompareCommand(Command):
             raise KvtraceError("give at least two runs to compare")
         paths = [Path(p) for p in args.runs]
         for path in paths:
-            if not path.exists():
-                raise KvtraceError(missing(path))
+            require_input(path)
         labels = [p.name or str(p) for p in paths]
         if len(set(labels)) < len(labels):
             labels = [str(p) for p in paths]

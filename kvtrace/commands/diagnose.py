@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from analyzers.readers.sources import missing
-from kvtrace.commands.base import Command
+from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
 from kvtrace.format import is_run_group
@@ -41,8 +40,7 @@ class DiagnoseCommand(Command):
         from analyzers.report import build_report
 
         path = Path(args.path)
-        if not path.exists():
-            raise KvtraceError(missing(path))
+        require_input(path)
         budget = parse_size(args.budget) if args.budget is not None else None
         if budget == 0:  # as plan --gpu-memory and record(gpu_memory=...) say
             raise KvtraceError(f"--budget {args.budget}: a memory size must be positive")

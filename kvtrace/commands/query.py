@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from analyzers.readers.sources import missing
-from kvtrace.commands.base import Command
+from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import strict_json
 from kvtrace.errors import KvtraceError
 
@@ -74,8 +73,7 @@ class QueryCommand(Command):
 
         path = Path(args.dir)
         skipped: list[str] = []
-        if not path.exists():
-            raise KvtraceError(missing(path))
+        require_input(path)
         if is_export_dir(path):
             con = connect(path)
         else:

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from analyzers.readers.sources import missing
-from kvtrace.commands.base import Command
+from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import check_html_target, print_result, write_html
 from kvtrace.errors import KvtraceError
 from kvtrace.format import is_run_group
@@ -67,8 +66,7 @@ class ReportCommand(Command):
 
         check_html_target(args.output)
         path = Path(args.path)
-        if not path.exists():
-            raise KvtraceError(missing(path))
+        require_input(path)
         if is_run_group(path):
             return self._run_group(path, args)
         update, close = progress_bar(f"reading {path.name}", args.quiet)

@@ -262,12 +262,8 @@ def test_two_generate_calls_free_the_first_cache_before_the_second_begins(tiny_m
         for rows, new in runs:
             batch = ids.repeat(rows, 1)
             tiny_model.generate(
-                input_ids=batch,
-                attention_mask=torch.ones_like(batch),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=0,
+                input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=new,
+                min_new_tokens=new, do_sample=False, pad_token_id=0,
             )
     events = read_run(tmp_path / "run").kv_events
     assert_well_ordered(events)
