@@ -424,16 +424,30 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         event = "peak"
         index = int(np.argmax(timeline.allocated)) if timeline is not None and len(timeline.ts_us) else -1
         when = float(timeline.ts_us[index]) if index >= 0 and timeline is not None else None
+    # The peak can be the level before the first event (blocks the trace frees but never allocates): the
+    # report's peak is then that level, and the moment is the trace's start, not any event's state.
+    at_start = (
+        oom is None
+        and summary is not None
+        and timeline is not None
+        and index >= 0
+        and summary.peak_allocated_bytes > int(timeline.allocated[index])
+    )
 
     allocated = oom.allocated_bytes if oom is not None else None
     reserved = oom.reserved_bytes if oom is not None else None
+    if at_start:
+        assert summary is not None
+        index = 0
+        allocated, reserved = summary.peak_allocated_bytes, summary.reserved_at_peak
+        notes.append("the peak is the level before the trace's first event")
     if allocated is None and timeline is not None:
         peak = summary.peak_allocated_bytes if summary else None
         allocated = int(timeline.allocated[index]) if index >= 0 else peak
     if reserved is None and timeline is not None and timeline.reserved is not None and index >= 0:
         reserved = int(timeline.reserved[index])
     segments = [s for s in source.segments if s.device == device]
-    at_dump = timeline is None or index >= len(timeline.ts_us) - 1
+    at_dump = not at_start and (timeline is None or index >= len(timeline.ts_us) - 1)
     if reserved is None and segments and at_dump:
         reserved = sum(s.total_size for s in segments)
     capacity = summary.capacity_bytes if summary else None
@@ -476,7 +490,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             )
 
     kv_bytes: int | None = None
-    if timeline is not None and index >= 0 and report.kv.measured_from != "none":
+    if at_start and summary is not None and report.kv.measured_from != "none":
+        kv_bytes = summary.categories_at_peak.get("kv", 0)
+    elif timeline is not None and index >= 0 and report.kv.measured_from != "none":
         kv_bytes = int(timeline.by_category["kv"][index])
     kv_peak = report.kv.peak_bytes if kv_log is not None else None
     kv_final = report.kv.final_bytes if kv_log is not None else None
@@ -495,10 +511,16 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         if steps:
             step, phase = len(steps), steps[-1].label
 
-    stacks = _live_by_stack(source, dev_index, index) if dev_index is not None else []
+    stacks = _live_by_stack(source, dev_index, index) if dev_index is not None and not at_start else []
     baseline = source.devices[dev_index].baseline_bytes if dev_index is not None else 0
     if source.kind == "snapshot" and at_dump:
         stacks = _snapshot_block_stacks(source.path)  # every block live at the dump, with its stack
+    elif source.kind == "snapshot" and at_start and summary is not None and summary.alloc_events == 0:
+        # Nothing allocated since the start: what was live then is the dump's blocks plus what the trace freed
+        stacks = _snapshot_block_stacks(source.path)
+        freed = (allocated or 0) - summary.final_allocated_bytes
+        if freed > 0:
+            stacks.append(StackShare("(freed by the trace before the dump)", freed, 0))
     elif baseline:
         label = "(weights and others, allocated before the trace began)"
         stacks.append(StackShare(label, baseline, 0))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from analyzers.readers.sources import open_source as _open_source
+from kvtrace.cli import main
 from kvtrace.errors import KvtraceError
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces"
@@ -257,3 +258,17 @@ def test_corrupt_json_inside_a_real_trace(tmp_path: Path, damage: Any) -> None:
     with pytest.raises(KvtraceError, match="corrupt JSON") as caught:
         open_source(path)
     assert str(caught.value).startswith(f"{path}: ")
+
+
+SNAPSHOTS = [p for p in FILES if p.suffix == ".pickle"]
+
+
+@pytest.mark.parametrize("path", SNAPSHOTS, ids=[p.name for p in SNAPSHOTS])
+def test_diagnose_takes_the_peak_the_raw_file_shows(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The peak can be the level before the trace's first event (the 1.3b snapshots free one block they
+    # never allocate): diagnose must describe that level, as report does, not the largest level after one
+    want = expected_snapshot(path)
+    assert main(["diagnose", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    if result["event"] == "peak":
+        assert result["allocated_bytes"] == want[result["device"]]["peak"]
