@@ -88,6 +88,7 @@ class OomInfo:
     allocated_bytes: int | None = None
     reserved_bytes: int | None = None
     message: str | None = None
+    stream: int | None = None  # the CUDA stream of the request (snapshots): only its segments can serve it
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Segment:
     allocated_size: int
     largest_free_block: int
     segment_type: str = ""
+    stream: int | None = None  # the caching allocator serves a stream's requests from its own segments only
 
 
 @dataclass

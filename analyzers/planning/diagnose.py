@@ -455,6 +455,17 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     if free is None and capacity is not None and reserved is not None and source.kind != "run":
         free = capacity - reserved
     largest_free = max((s.largest_free_block for s in segments), default=None) if at_dump else None
+    stream = oom.stream if oom is not None else None
+    if largest_free is not None and stream is not None and any(s.stream is not None for s in segments):
+        # The caching allocator serves a request from the segments of its own stream only.
+        own = max((s.largest_free_block for s in segments if s.stream == stream), default=0)
+        if own < largest_free:
+            notes.append(
+                f"the largest free block, {human_bytes(largest_free)}, is in another stream's segment: the "
+                f"allocator serves stream {stream}'s requests from its own segments, whose largest is "
+                f"{human_bytes(own)}"
+            )
+        largest_free = own
     if segments and not at_dump:
         notes.append("segments describe the dump, not this moment: no largest-free-block figure")
     reserved_unallocated = reserved - allocated if reserved is not None and allocated is not None else None

@@ -124,7 +124,13 @@ def _segment_record(device: str, segment: dict[str, Any]) -> Segment:
         allocated_size=_bytes(allocated, "a segment"),
         largest_free_block=max(free_sizes, default=0),
         segment_type=str(segment.get("segment_type", "")),
+        stream=_stream(segment.get("stream")),
     )
+
+
+def _stream(value: Any) -> int | None:
+    """A stream handle as written (an int); anything else is unknown."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _replay_loop(
@@ -339,6 +345,7 @@ def _replay_device(
                 device_free_bytes=None if free is None else int(free),
                 allocated_bytes=int(running[done]),
                 reserved_bytes=int(reserved_then) + reserved_at_start,
+                stream=_stream(entry.get("stream")),
             )
         )
     source.devices.append(

@@ -75,11 +75,11 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
     if d.device is not None and not d.device.startswith("cuda"):
         rows = [(label, value) for label, value in rows if value != "-"]  # no allocator figures off CUDA
     if d.fragmented is not None:
-        verdict = (
-            "yes: enough free bytes in total, no block large enough"
-            if d.fragmented
-            else "no: not enough free memory in total"
-        )
+        verdict = "yes: enough free bytes in total, no block large enough"
+        if not d.fragmented:
+            total_free = (d.reserved_unallocated_bytes or 0) + (d.free_bytes or 0)
+            short = d.requested_bytes is not None and total_free < d.requested_bytes
+            verdict = "no: not enough free memory in total" if short else "no: a large enough block was free"
         rows.append(("fragmentation caused it", verdict))
     if d.shortfall_bytes is not None:
         rows.append(("shortfall to cover", human_bytes(d.shortfall_bytes)))

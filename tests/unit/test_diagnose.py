@@ -91,3 +91,28 @@ def test_snapshot_with_an_oom_entry(tmp_path: Path) -> None:
     assert "out of memory on cuda:0" in diagnosis_to_text(d)
     section = diagnosis_html_for(source, report)
     assert section.startswith("<section") and "Remedies" in section
+
+
+@pytest.mark.parametrize("stream", [0, 7])
+def test_an_oom_is_served_only_by_its_own_streams_segments(tmp_path: Path, stream: int) -> None:
+    # GIVEN the real snapshot (every segment on stream 0) with an OOM of 1 GiB requested on `stream`
+    raw = _raw()
+    request = 2**30
+    raw["device_traces"][0].append(
+        {"action": "oom", "size": request, "device_free": 0, "addr": 0, "stream": stream, "frames": []}
+    )
+    path = tmp_path / "oom.pickle"
+    path.write_bytes(pickle.dumps(raw, protocol=4))
+    # WHEN diagnosed
+    d = diagnose(*build_report(path))
+    # THEN the largest free block is the largest in that stream's segments: the caching allocator never
+    # serves one stream's request from another's blocks
+    own = [s for s in raw["segments"] if s["stream"] == stream]
+    usable = [b["size"] for s in own for b in s["blocks"] if b["state"] == "inactive"]
+    assert d.largest_free_block_bytes == max(usable, default=0)
+    total_free = sum(s["total_size"] for s in raw["segments"]) - _expected(raw)["allocated"]
+    assert d.fragmented is (total_free >= request > max(usable, default=0))
+    assert any("another stream's segment" in note for note in d.notes) is (stream == 7)
+    text = diagnosis_to_text(d)
+    if not d.fragmented:
+        assert ("not enough free memory in total" in text) is (total_free < request)
