@@ -151,7 +151,7 @@ _COMPARE_ROWS = (
     ("KV churn (allocated / final)", lambda r: _fmt_churn(r.churn)),
     ("fragmentation at peak", lambda r: human_bytes(r.fragmentation_bytes)),
     ("tokens/s (generation)", lambda r: _fmt_rate(r.tokens_per_second)),
-    ("evicted tokens", lambda r: "-" if r.evicted_tokens is None else f"{r.evicted_tokens:,}"),
+    ("evicted tokens (all rows)", lambda r: "-" if r.evicted_tokens is None else f"{r.evicted_tokens:,}"),
     ("steps x batch", lambda r: f"{r.steps} x {r.batch if r.batch is not None else '-'}"),
 )
 

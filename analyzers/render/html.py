@@ -297,7 +297,7 @@ def _summary_table(report: Report) -> str:
         ("KV final", human_bytes(kv["final_bytes"])),
         ("KV peak (transient copies)", human_bytes(kv["peak_bytes"])),
         ("KV allocated over the run", human_bytes(kv["allocated_bytes_total"])),
-        ("evicted tokens", f"{kv['evicted_tokens']:,}"),
+        ("evicted tokens (all rows and layers)", f"{kv['evicted_tokens']:,}"),
         ("measured from", kv["measured_from"]),
     ]
     if kv["bytes_per_token_measured"] is not None:

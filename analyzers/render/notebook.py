@@ -91,7 +91,7 @@ def report_to_notebook_html(report: Report) -> str:
         _row("peak", human_bytes(kv.peak_bytes)),
         _row("final", human_bytes(kv.final_bytes)),
         _row("allocated over the run", human_bytes(kv.allocated_bytes_total)),
-        _row("evicted tokens", f"{kv.evicted_tokens:,}"),
+        _row("evicted tokens (all rows and layers)", f"{kv.evicted_tokens:,}"),
         _row("measured from", kv.measured_from),
     ]
     if kv.bytes_per_token_measured is not None:
@@ -100,7 +100,7 @@ def report_to_notebook_html(report: Report) -> str:
         kv_rows.append(_row("bytes per token (geometry)", f"{kv.bytes_per_token_expected:,}"))
     parts.append("<table>" + "".join(kv_rows) + "</table>")
     if kv.per_layer:
-        layer_rows = [_row("layer", "K", "V", "tokens", "evicted tokens", header=True)]
+        layer_rows = [_row("layer", "K", "V", "tokens per row", "evicted tokens (all rows)", header=True)]
         layer_rows += [
             _row(f.layer, human_bytes(f.k_bytes), human_bytes(f.v_bytes), f.tokens, f.evicted_tokens)
             for f in kv.per_layer

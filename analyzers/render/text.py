@@ -66,7 +66,8 @@ def report_to_text(report: Report) -> str:
     if kv.evicted_tokens or kv.evictions:
         kinds = {"window": "sliding window", "press": "eviction library (press)", "crop": "crop"}
         by_kind = ", ".join(f"{kinds.get(k, k)} {n:,}" for k, n in kv.evictions_by_reason.items())
-        lines.append(f"    evicted tokens: {kv.evicted_tokens:,}" + (f" ({by_kind})" if by_kind else ""))
+        kinds_said = f" ({by_kind})" if by_kind else ""
+        lines.append(f"    evicted tokens (all rows and layers): {kv.evicted_tokens:,}{kinds_said}")
     if kv.evictions:
         ev = kv.evictions
         lines.append(
@@ -79,11 +80,11 @@ def report_to_text(report: Report) -> str:
         for explanation, count in reasons.items():
             lines.append(f"      {count} freed nothing: {explanation}")
     if kv.per_layer:
-        lines.append("    layer      K bytes      V bytes   tokens  evicted")
+        lines.append("    layer      K bytes      V bytes  tokens/row  evicted (all rows)")
         for layer in kv.per_layer:
             lines.append(
                 f"    {layer.layer:>5} {layer.k_bytes:>12,} {layer.v_bytes:>12,} "
-                f"{layer.tokens:>8} {layer.evicted_tokens:>8}"
+                f"{layer.tokens:>11} {layer.evicted_tokens:>19}"
             )
     if report.engine is not None:
         from analyzers.render.engine import engine_text_lines

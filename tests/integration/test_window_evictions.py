@@ -105,7 +105,11 @@ def _check(run: Path, per_step: dict[int, tuple[int, int]]) -> None:
     assert kv["evictions_by_reason"] == want
     for layer in kv["per_layer"]:
         assert layer["evicted_by_reason"] == {k: v // LAYERS for k, v in want.items()}
-    assert "sliding window" in _report(run)
+    text = _report(run)
+    assert "sliding window" in text
+    # a layer's tokens are per row and its evictions over every row: the labels say which
+    assert f"evicted tokens (all rows and layers): {LAYERS * (window_total + press_total):,}" in text
+    assert "tokens/row  evicted (all rows)" in text
 
 
 def test_dynamic_sliding_window_evicts_at_prefill_and_each_full_step(sliding_model, tmp_path):
