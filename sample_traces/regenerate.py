@@ -44,7 +44,7 @@ def main() -> int:
     if shutil.which("chromium"):
         with tempfile.TemporaryDirectory() as tmp:
             html = Path(tmp) / "timeline.html"
-            cli(["report", str(HERE / "sliding_b2"), "-o", str(html), "-q"])
+            cli(["report", str(HERE / "sliding_b2"), "-o", str(html), "-q", "--no-export"])
             subprocess.run(
                 ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                  "--window-size=1400,1100", "--virtual-time-budget=5000",
