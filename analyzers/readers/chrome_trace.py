@@ -130,8 +130,13 @@ class _DeviceChunks:
         self.sink = sink  # when set, chunks go there instead of being kept (streaming summaries)
         self.name = name
         self.moved = 0.0  # |Bytes| summed over the events so far, as a float (no overflow)
+        # The processes writing these events. Each counts its own 'Total Allocated' and 'Total Reserved', so
+        # with two or more on one device those totals are not the device's: the running sum of Bytes is.
+        self.pids: set[Any] = set()
 
     def _keep(self, chunk: tuple[np.ndarray, ...], with_allocated: int, with_reserved: int) -> None:
+        if len(self.pids) > 1:
+            with_allocated = with_reserved = 0
         delta = chunk[2]
         if len(delta):
             # The running totals are int64: sizes that could overflow them are damage, not memory.
@@ -170,6 +175,7 @@ class _DeviceChunks:
 
     def add_block(self, block: MemoryBlock) -> None:
         self.flush()
+        self.pids |= block.pids
         self._keep(
             (block.ts, block.addr, block.delta, block.allocated, block.reserved),
             int(np.count_nonzero(block.allocated_known)),
@@ -245,7 +251,11 @@ class _TraceCollector:
             if not -MAX_EVENT_BYTES <= size <= MAX_EVENT_BYTES:  # type: ignore[operator]
                 self.skipped["[memory] with an impossible Bytes (over 2**56)"] += 1
                 return
-            self.columns_for(args.get("Device Type"), args.get("Device Id")).add(ts, args)
+            chunks = self.device_for(args.get("Device Type"), args.get("Device Id"))
+            pid = event.get("pid")
+            if isinstance(pid, int | str) and pid not in chunks.pids:  # else not a process we can tell apart
+                chunks.pids.add(pid)
+            chunks.pending.add(ts, args)
         elif phase == "B" or phase == "E":
             self._begin_end(event, phase)
         elif phase == "X" and _is_step(name) and event.get("cat") != "gpu_user_annotation":
@@ -254,6 +264,9 @@ class _TraceCollector:
                 dur = event.get("dur")
                 end = ts + float(dur) if isinstance(dur, int | float) and not isinstance(dur, bool) else ts
                 self.ranges.append((str(name), ts, end, _range_detail(event)))
+
+    def saw_pids(self, device_type: int, device_id: int, pids: set[int]) -> None:
+        self.device_for(device_type, device_id).pids |= pids
 
     def columns_for(self, device_type: Any, device_id: Any) -> DeviceColumns:
         return self.device_for(device_type, device_id).pending
@@ -337,6 +350,10 @@ def offset_us(base_ns: Any, integral: bool) -> int | float:
     return base_ns // 1000 if integral and base_ns % 1000 == 0 else base_ns / 1000.0
 
 
+SEVERAL_PROCESSES_NOTE = (
+    "{device}: [memory] events of {count} processes; each counts its own 'Total Allocated', so the device's "
+    "curve is the running sum of their 'Bytes'"
+)
 NEGATIVE_TOTAL_NOTE = (
     "{device}: 'Total Allocated' below zero in the trace (no allocator writes that): ignored, the curve is "
     "the running sum of 'Bytes'"
@@ -390,7 +407,7 @@ def read_chrome_trace(
             )
     name = str(path)
     collector = _TraceCollector(sink_for, name)
-    memory_runs = MemoryRunReader(collector.columns_for)
+    memory_runs = MemoryRunReader(collector.columns_for, collector.saw_pids)
     with open_input(path, progress) as binary:
         top, skipped = _walk_trace(JsonStream(binary, name), collector, memory_runs)
     integral = collector.all_integral and memory_runs.all_integral
@@ -414,7 +431,12 @@ def _source_of(
             slice(None) if bool(np.all(raw_ts[1:] >= raw_ts[:-1])) else np.argsort(raw_ts, kind="stable")
         )
         delta, allocated, reserved = delta[order], allocated[order], reserved[order]
-        full_allocated = allocated if count and chunks.with_allocated == count else None
+        several = len(chunks.pids) > 1
+        full_allocated = allocated if count and chunks.with_allocated == count and not several else None
+        if several:
+            source.meta.setdefault("input_notes", []).append(SEVERAL_PROCESSES_NOTE.format(
+                device=device, count=len(chunks.pids)
+            ))  # fmt: skip
         if full_allocated is not None and int(full_allocated.min()) < 0:
             # No allocator reports a negative total: a damaged or crafted trace. Its curve would go below
             # zero; the running sum of `Bytes` (over the smallest baseline that keeps it >= 0) is used.
@@ -427,7 +449,7 @@ def _source_of(
                 addr=addr[order],
                 delta_bytes=delta,
                 total_allocated=full_allocated,
-                total_reserved=reserved if count and chunks.with_reserved == count else None,
+                total_reserved=reserved if count and chunks.with_reserved == count and not several else None,
                 capacity_bytes=capacities.get(device),
                 baseline_bytes=_baseline(delta, full_allocated),
             )

@@ -61,7 +61,7 @@ _ANY_INT = rb"-?(?:0|[1-9][0-9]*)"
 _NEW = re.compile(
     rb'\n  \{\n    "ph": "i",\n    \n    "cat": "cpu_instant_event",\n    "s": "t",\n'
     rb'    "name": "\[memory\]",\n'
-    rb'    "pid": ' + _ANY_INT + rb',\n    "tid": ' + _ANY_INT + rb',\n    "ts": ' + _TS + rb"\n    ,\n"
+    rb'    "pid": ' + _INT + rb',\n    "tid": ' + _ANY_INT + rb',\n    "ts": ' + _TS + rb"\n    ,\n"
     rb'    "args": \{\n      "Total Reserved": '
     + _INT
     + rb', "Total Allocated": '
@@ -78,10 +78,10 @@ _NEW = re.compile(
     + _ANY_INT
     + rb"\n    \}\n  \}"
 )
-_NEW_FIELDS = ("ts", "reserved", "allocated", "bytes", "device_id", "device_type", "addr")
+_NEW_FIELDS = ("pid", "ts", "reserved", "allocated", "bytes", "device_id", "device_type", "addr")
 _OLD = re.compile(
     rb'\n  \{\n    "ph": "i", "s": "t", "name": "\[memory\]",\n    "pid": '
-    + _ANY_INT
+    + _INT
     + rb', "tid": '
     + _ANY_INT
     + rb',\n    "ts": '
@@ -94,7 +94,7 @@ _OLD = re.compile(
     + _INT
     + rb"\n    \}\n  \}"
 )
-_OLD_FIELDS = ("ts", "device_type", "device_id", "bytes")
+_OLD_FIELDS = ("pid", "ts", "device_type", "device_id", "bytes")
 
 
 class NotKineto(Exception):
@@ -115,6 +115,7 @@ class MemoryBlock:
     allocated_known: np.ndarray  # bool
     reserved_known: np.ndarray  # bool
     fractional_ts: bool = False
+    pids: frozenset[int] = frozenset()  # the processes whose events these are (their totals are their own)
 
 
 @dataclass
@@ -151,10 +152,13 @@ def _blocks_of(columns: dict[str, np.ndarray], count: int) -> list[MemoryBlock]:
         # Sorted like `np.unique(..., axis=1)`, which would import numpy.ma (11 ms) for a few pairs.
         pairs = np.array(sorted(set(zip(keys[0].tolist(), keys[1].tolist(), strict=True))), dtype=np.int64).T
     blocks = []
+    pid = columns["pid"]
     for device_type, device_id in pairs.T.tolist():
         rows: Any = slice(None)
         if pairs.shape[1] > 1:
             rows = (keys[0] == device_type) & (keys[1] == device_id)
+        pids = pid[rows]
+        one = bool(np.all(pids == pids[0]))
         blocks.append(
             MemoryBlock(
                 device_type=device_type,
@@ -167,6 +171,7 @@ def _blocks_of(columns: dict[str, np.ndarray], count: int) -> list[MemoryBlock]:
                 allocated_known=(known if with_totals else unknown)[rows],
                 reserved_known=(known if with_totals else unknown)[rows],
                 fractional_ts=fractional,
+                pids=frozenset(int(p) for p in ((pids[0],) if one else set(pids.tolist()))),
             )
         )
     return blocks

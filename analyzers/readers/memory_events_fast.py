@@ -120,8 +120,13 @@ class MemoryRunReader:
     events keep their file order per device). `all_integral` turns False at the first fractional `ts`.
     """
 
-    def __init__(self, columns_for: Callable[[int, int], DeviceColumns]) -> None:
+    def __init__(
+        self,
+        columns_for: Callable[[int, int], DeviceColumns],
+        saw_pids: Callable[[int, int, set[int]], None] | None = None,
+    ) -> None:
         self._columns_for = columns_for
+        self._saw_pids = saw_pids  # (device type, device id, the processes of some of its events)
         self.events = 0
         self.all_integral = True
 
@@ -202,6 +207,8 @@ class MemoryRunReader:
             if len(devices) > 1:  # CPU and GPU events interleaved: each device gets its rows, in order
                 pick = _picker([row for row, row_key in enumerate(keys) if row_key == key])
             target.ts.extend(pick(ts))
+            if self._saw_pids is not None:
+                self._saw_pids(*key, set(pick(columns["pid"])))
             target.delta.extend(pick(columns["bytes"]))
             target.addr.extend(pick(columns.get("addr", missing)))
             allocated, reserved = columns.get("allocated"), columns.get("reserved")

@@ -146,3 +146,39 @@ def test_only_names_that_begin_with_a_step_prefix_are_decoded(
     assert len(decoded) == 20
     assert len(scanned.markers) == 20
     _same(scanned, read_chrome_trace(path, byte_scan=False))
+
+
+def test_two_processes_on_one_device_are_summed_on_every_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN two processes' memory events on cuda:0, each with its own running 'Total Allocated'
+    monkeypatch.setattr(kineto_scan, "_BLOCK_BYTES", 64 << 10)
+    events, totals, level, peak = [], {7: 0, 8: 0}, 0, 0
+    for i in range(3000):
+        pid = 7 if i % 5 else 8
+        delta = (1 << 20) if (i // 50) % 2 == 0 else -(1 << 20)
+        if totals[pid] + delta < 0:
+            delta = -delta
+        totals[pid] += delta
+        level += delta
+        peak = max(peak, level)
+        text = MEMORY % (1000 + i, 0, 1 << 34, totals[pid], delta, 0x7F00 + i, i)
+        events.append(text.replace('"pid": 7,\n    "tid": 7', f'"pid": {pid},\n    "tid": {pid}'))
+    path, _ = _kineto_file(tmp_path / "two.json", events, monkeypatch)
+    reindented = tmp_path / "reindented.json"
+    reindented.write_text(json.dumps(json.loads(path.read_text()), indent=1))
+    # WHEN read by the byte scan, the streaming JSON reader (its Kineto fast runs) and plain JSON decoding
+    sources = [read_chrome_trace(path), read_chrome_trace(path, byte_scan=False), read_chrome_trace(reindented)]
+    assert [s.meta["reader"] for s in sources] == ["byte_scan", "json_stream", "json_stream"]
+    # THEN no path follows one process's totals: the device's curve is the sum of both
+    for source in sources:
+        (device,) = source.devices
+        assert device.total_allocated is None and device.total_reserved is None
+        assert any("2 processes" in note for note in source.meta["input_notes"])
+    _same(sources[0], sources[1])
+    _same(sources[0], sources[2])
+    from kvtrace.cli import main
+
+    assert main(["report", str(path), "--json", "--no-export", "-q"]) == 0
+    (figures,) = json.loads(capsys.readouterr().out)["devices"]
+    assert figures["peak_allocated_bytes"] == peak and figures["final_allocated_bytes"] == level
