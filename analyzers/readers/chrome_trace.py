@@ -122,7 +122,7 @@ class _DeviceChunks:
     """One device's memory events: numpy chunks from the byte scan, and events decoded one by one
     (`pending`), kept in file order by flushing `pending` before each chunk."""
 
-    def __init__(self, sink: ChunkSink | None = None, name: str = "") -> None:
+    def __init__(self, sink: ChunkSink | None = None, name: str = "", device: str = "") -> None:
         self.pending = DeviceColumns()
         self.chunks: list[tuple[np.ndarray, ...]] = []
         self.with_allocated = 0
@@ -133,9 +133,17 @@ class _DeviceChunks:
         # The processes writing these events. Each counts its own 'Total Allocated' and 'Total Reserved', so
         # with two or more on one device those totals are not the device's: the running sum of Bytes is.
         self.pids: set[Any] = set()
+        self.device = device
+
+    @property
+    def totals_trusted(self) -> bool:
+        """Whether 'Total Allocated' / 'Total Reserved' are this device's. Not with several processes, nor
+        on the CPU: there the total is the profiler's own counter, which subtracts only the frees it sees
+        while profiling, so memory freed between two profiler sessions stays counted (its Bytes are exact)."""
+        return len(self.pids) <= 1 and self.device != "cpu"
 
     def _keep(self, chunk: tuple[np.ndarray, ...], with_allocated: int, with_reserved: int) -> None:
-        if len(self.pids) > 1:
+        if not self.totals_trusted:
             with_allocated = with_reserved = 0
         delta = chunk[2]
         if len(delta):
@@ -286,7 +294,7 @@ class _TraceCollector:
             chunks = self.devices.get(device)
             if chunks is None:
                 sink = self.sink_for(device) if self.sink_for is not None else None
-                chunks = self.devices[device] = _DeviceChunks(sink, self.name)
+                chunks = self.devices[device] = _DeviceChunks(sink, self.name, device)
             if key is not None:
                 self._devices_by_key[key] = chunks
         return chunks
@@ -431,9 +439,9 @@ def _source_of(
             slice(None) if bool(np.all(raw_ts[1:] >= raw_ts[:-1])) else np.argsort(raw_ts, kind="stable")
         )
         delta, allocated, reserved = delta[order], allocated[order], reserved[order]
-        several = len(chunks.pids) > 1
-        full_allocated = allocated if count and chunks.with_allocated == count and not several else None
-        if several:
+        trusted = chunks.totals_trusted
+        full_allocated = allocated if count and chunks.with_allocated == count and trusted else None
+        if len(chunks.pids) > 1:
             source.meta.setdefault("input_notes", []).append(SEVERAL_PROCESSES_NOTE.format(
                 device=device, count=len(chunks.pids)
             ))  # fmt: skip
@@ -449,7 +457,7 @@ def _source_of(
                 addr=addr[order],
                 delta_bytes=delta,
                 total_allocated=full_allocated,
-                total_reserved=reserved if count and chunks.with_reserved == count and not several else None,
+                total_reserved=reserved if count and chunks.with_reserved == count and trusted else None,
                 capacity_bytes=capacities.get(device),
                 baseline_bytes=_baseline(delta, full_allocated),
             )

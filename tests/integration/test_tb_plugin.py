@@ -227,7 +227,7 @@ def test_layers_last_step_is_the_kv_arithmetic_of_the_raw_log(server: str, logdi
     last_k: dict[int, dict[str, Any]] = {}
     for line in (logdir / "dynamic_b2" / "kv_events.jsonl").read_text().splitlines():
         event = json.loads(line)
-        if event["phase"] != "end" and event["part"] == "data" and event["kv"] == "k" and event["shape"]:
+        if event["phase"] != "end" and event["part"] == "data" and event["kv"] == "k" and event.get("shape"):
             last_k[event["layer"]] = event
     assert layers["layers"] == sorted(last_k)
     assert layers["steps"] == list(range(1, layers["steps_total"] + 1))
