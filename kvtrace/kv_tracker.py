@@ -400,6 +400,7 @@ class KvTracker:
         cause: str,
         source_json: str,
         prev_tokens: int = -1,
+        written: bool = False,
     ) -> bool:
         """Compare one tensor with its slot, log what changed; False when it has no storage (skipped)."""
         slot = slots.get(key)
@@ -408,7 +409,7 @@ class KvTracker:
         except RuntimeError:  # an inference tensor: in-place writes are invisible, its replacement is not
             version = -1
         if slot is not None and slot.tref() is tensor:
-            if version == slot.version and (version != -1 or cause != "update"):
+            if version == slot.version and (version != -1 or cause != "update") and not written:
                 return True  # the very same tensor, not written since
             if tensor.data_ptr() == slot.ptr:
                 # Written in place (static caches): every fact but the version is what we logged last.
@@ -517,12 +518,14 @@ class KvTracker:
         reason: str = "",
         evicted: int | None = None,
         evicted_reason: str = "",
+        written: bool = False,
     ) -> None:
         """Compare the current tensors of one layer with the last seen ones; log what changed.
 
         `parts` maps (kv, part) to the attribute's value (a tensor, a tuple of tensors, a quantized object,
         or None). `tokens` is how many tokens the layer holds now, per batch row. `evicted` overrides the
-        evicted-token count (window evictions counted by the caller, with `evicted_reason`).
+        evicted-token count (window evictions counted by the caller, with `evicted_reason`). `written`: the
+        layer was written (a compiled graph's in-place write may leave the version counter as it was).
         """
         self.drain()
         state = self._state(cache_id, layer)
@@ -553,6 +556,7 @@ class KvTracker:
                     cause,
                     source_json,
                     prev_tokens,
+                    written,
                 ):
                     seen.add(key)
         # Slots of this layer that vanished (reset, a quantized residual flushed to an empty tensor).

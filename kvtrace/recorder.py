@@ -15,6 +15,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -159,6 +160,7 @@ class Recording:
         self._decode_index = 0
         self._attention_modules: list[Any] = []
         self._step_open = False
+        self._step_cache: tuple[Any, int, int] | None = None  # (cache, new tokens, updates seen) of a forward
         # The logs reach their files from a writer thread every 0.1 s (and at the end of the block), so a
         # decode step neither formats nor writes them (issue 11); `_flush` may run on either thread.
         self._writer: RunWriter | None = None
@@ -257,10 +259,11 @@ class Recording:
         if self.model is not None:
             self._modules.discover(self.model)
             self._write_weights(self._modules.weight_exclusions())
-            self._hook_handles.append(
-                self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-            )
-            self._hook_handles.append(self.model.register_forward_hook(self._post_forward, always_call=True))
+            # Eager even when torch.compile traces the model's __call__ (generate()'s own compile): the graph
+            # breaks there instead of tracing clocks and file writes.
+            pre, post = _eager(self._pre_forward), _eager(self._post_forward)
+            self._hook_handles.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
+            self._hook_handles.append(self.model.register_forward_hook(post, always_call=True))
         self._modules.scan("track")
         if self.model is not None:
             # HF attention modules carry `layer_idx`; eviction libraries hang their masks on them.
@@ -396,8 +399,18 @@ class Recording:
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         prefill = _is_prefill(args, kwargs, self._hf)
         self._begin_step(prefill)
+        hf = self._hf
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):
+            hf.cache_id(cache)  # known before any update: a compiled model's updates never reach the wrapper
+            self._step_cache = (cache, _new_tokens(args, kwargs), hf.updates_seen)
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
+        step_cache, self._step_cache = self._step_cache, None
+        if step_cache is not None and self._hf is not None:
+            cache, new_tokens, seen = step_cache
+            if self._hf.updates_seen == seen and new_tokens:  # its updates ran inside a compiled graph
+                self._hf.compiled_step(cache, new_tokens)
         self._end_step()
 
     def _auto_step(self, layer_tokens_before: int) -> None:
@@ -636,6 +649,23 @@ def _model_device(model: Any) -> torch.device | None:
         return next(model.parameters()).device
     except (StopIteration, AttributeError, TypeError):
         return None
+
+
+def _eager(hook: Callable[..., None]) -> Callable[..., None]:
+    """`hook`, run eagerly when torch.compile traces the module that calls it."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(hook) if disable is not None else hook
+
+
+def _new_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Tokens a forward appends to each row of its cache: the length of its input ids (or embeddings)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+        return int(ids.shape[1])
+    embeds = kwargs.get("inputs_embeds")
+    if isinstance(embeds, torch.Tensor) and embeds.dim() >= 3:
+        return int(embeds.shape[1])
+    return 0
 
 
 def _is_prefill(args: tuple[Any, ...], kwargs: dict[str, Any], hooks: HfCacheHooks | None = None) -> bool:

@@ -109,6 +109,10 @@ def _nothing() -> None:
 
 _MISSING = object()  # an attribute a layer lacks (never identical to a tracked tensor)
 
+# True while torch.compile traces: the graph then gets the cache's plain update, without kvtrace's
+# bookkeeping (which would break the graph and guard on every layer index); the step's end sees the result.
+_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
 
 class HfCacheHooks:
     """Wraps `transformers.cache_utils.Cache` methods; `range_push`/`range_pop` let the recorder open NVTX
@@ -137,6 +141,7 @@ class HfCacheHooks:
         # (cache, layer) -> identity of a quantized layer's tensors when last observed: the end-of-step
         # scan skips unchanged layers without the full comparison. Plain layers compare the tracker's slots.
         self._signatures: dict[tuple[int, int], tuple[Any, ...]] = {}
+        self.updates_seen = 0  # layer updates that ran through the wrapper (not inside a compiled graph)
 
     @staticmethod
     def available() -> bool:
@@ -200,6 +205,9 @@ class HfCacheHooks:
 
         @functools.wraps(original_update)
         def update(cache: Any, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any):
+            if _compiling():
+                return original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
+            hooks.updates_seen += 1
             last = hooks._last  # the cache of the previous update, almost always this one
             cid = last[1] if last is not None and last[0]() is cache else hooks.cache_id(cache)
             state = tracker_layers.get((cid, layer_idx))
@@ -300,6 +308,33 @@ class HfCacheHooks:
             return result
 
         return wrapper
+
+    def compiled_step(self, cache: Any, new_tokens: int) -> None:
+        """A step whose updates ran inside a compiled graph (none reached the wrapper): log each layer as
+        an update of `new_tokens` per row. New tensors (a dynamic cache) are compared as usual; a static
+        layer, written in place, counts its tokens from the tracker's own (reading its count is a sync)."""
+        cid = self.cache_id(cache)
+        tracker = self.tracker
+        for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
+            if not hasattr(layer, "keys") or not isinstance(getattr(layer, "keys", None), torch.Tensor):
+                continue
+            before = tracker.tokens_or_none(cid, layer_idx)
+            if getattr(layer, "max_cache_len", None) is not None:
+                window = getattr(layer, "sliding_window", None) or layer.max_cache_len
+                tokens = min((before or 0) + new_tokens, int(window))
+            else:
+                tokens = layer_tokens(layer)
+            evicted = max(0, (before or 0) + new_tokens - tokens)
+            tracker.observe(
+                cid,
+                layer_idx,
+                layer_parts(layer),
+                "update",
+                tokens,
+                evicted=evicted,
+                evicted_reason="window",
+                written=True,
+            )
 
     def scan_cache(self, cache: Any, cause: str, only: set[int] | None = None, reason: str = "") -> None:
         cid = self.cache_id(cache)

@@ -1,0 +1,100 @@
+"""torch.compile: a compiled model's cache updates run inside the graph, out of kvtrace's reach, and
+kvtrace's own hooks must not break the graph. The KV figures are still the arithmetic, per step:
+layers x 2 x KV heads x head_dim x tokens x rows x 4 bytes (fp32)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import kvtrace
+from kvtrace.cli import main
+from kvtrace.format import read_run
+from kvtrace.llama import build_model
+from tests.tiny import HEAD_DIM, tiny_size
+
+LAYERS, KV_HEADS, PROMPT, NEW = 4, 2, 10, 6
+
+
+def _model(backend: str) -> Any:
+    model = build_model(tiny_size(LAYERS, KV_HEADS), seed=0)
+    model.forward = torch.compile(model.forward, backend=backend)
+    return model
+
+
+def _generate(model: Any, cache: str) -> Any:
+    ids = torch.randint(3, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+            cache_implementation=cache, return_dict_in_generate=True, pad_token_id=0,
+        )  # fmt: skip
+
+
+def _check_run(run: Path, cache: str, capsys: pytest.CaptureFixture[str]) -> None:
+    events = read_run(run).kv_events
+    steps = Counter((e.step, e.event) for e in events if e.phase != "end" and e.event != "freed")
+    # THEN every step logs each layer's K and V: created at prefill, then one write (or growth) per step
+    assert steps[(1, "created")] == 2 * LAYERS
+    written = "written" if cache == "static" else "grown"
+    assert [steps[(step, written)] for step in range(2, NEW + 1)] == [2 * LAYERS] * (NEW - 1)
+    last = [e for e in events if e.step == NEW and e.kv == "k" and e.event == written]
+    assert {e.tokens for e in last} == {PROMPT + NEW - 1}
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    held = PROMPT + NEW - 1
+    assert kv["tokens_held"] == held
+    assert kv["final_bytes"] == LAYERS * 2 * KV_HEADS * HEAD_DIM * held * 4
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_model_compiled_before_the_block_is_recorded_step_by_step(
+    cache: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a model compiled and warmed up before recording, as anyone benchmarking does
+    torch._dynamo.reset()
+    model = _model("eager")
+    plain = _generate(model, cache)
+    # WHEN it generates inside the block
+    with kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        recorded = _generate(model, cache)
+    assert torch.equal(plain.sequences, recorded.sequences)
+    _check_run(tmp_path / "run", cache, capsys)
+
+
+def test_compiling_inside_the_block_adds_no_graph_and_no_break(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the graphs dynamo makes for a static-cache generate() without kvtrace
+    def compiled_graphs(record: bool) -> tuple[int, int]:
+        torch._dynamo.reset()
+        counters.clear()
+        model = _model("eager")
+        if record:
+            with kvtrace.record(tmp_path / "run", model=model, profiler=False):
+                _generate(model, "static")
+        else:
+            _generate(model, "static")
+        return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+    plain = compiled_graphs(record=False)
+    # WHEN the first compile happens inside the block THEN kvtrace's hooks are neither traced nor guarded on
+    assert compiled_graphs(record=True) == plain
+    assert plain[1] == 0
+    _check_run(tmp_path / "run", "static", capsys)
+
+
+def test_inductor_static_cache_writes_are_logged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN inductor's own kernels writing the static cache in place (the GPU fast path, here on the CPU)
+    torch._dynamo.reset()
+    model = _model("inductor")
+    _generate(model, "static")
+    with kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        _generate(model, "static")
+    _check_run(tmp_path / "run", "static", capsys)
