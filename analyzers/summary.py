@@ -340,6 +340,7 @@ def summarize(
         message = str(ended.get("message") or "")[:200]
         raised = f"{ended.get('type') or 'an exception'}: {message}".rstrip(": ")
         notes.append(f"the recorded block raised {raised}: the figures cover the run up to then")
+    notes.extend(str(w) for w in (manifest or {}).get("warnings") or ())
     notes.extend(input_notes(source))
     budget = None
     budget_bytes = budget_of(source)

@@ -429,6 +429,7 @@ _MANIFEST_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
     ("model", (dict, type(None)), "an object or null"),
     ("files", (list,), "a list"),
     ("notes", (list,), "a list"),
+    ("warnings", (list,), "a list"),
 )
 
 

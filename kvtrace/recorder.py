@@ -161,6 +161,8 @@ class Recording:
         self._attention_modules: list[Any] = []
         self._step_open = False
         self._step_cache: tuple[Any, int, int] | None = None  # (cache, new tokens, updates seen) of a forward
+        self._thread = threading.get_ident()  # the one torch.profiler records (the thread entering the block)
+        self._forwards_elsewhere = 0  # forwards on other threads (generate() beside a TextIteratorStreamer)
         # The logs reach their files from a writer thread every 0.1 s (and at the end of the block), so a
         # decode step neither formats nor writes them (issue 11); `_flush` may run on either thread.
         self._writer: RunWriter | None = None
@@ -352,6 +354,7 @@ class Recording:
             ended["write_error"] = self._write_error
             ended["kv_events_lost"] = self.events_lost
         self._manifest["notes"] = self.notes
+        self._manifest["warnings"] = self._warnings()
         engine = self._vllm.summary() if self._vllm is not None else None
         if engine is not None:
             self._manifest["engine"] = engine
@@ -395,10 +398,31 @@ class Recording:
         if self._snapshots is not None and self._snapshots.active and self._events is None:
             self._snapshots.stop()
 
+    def _warnings(self) -> list[str]:
+        """What makes the run's figures incomplete, for reports to say (`notes` say what was not recorded)."""
+        warnings = []
+        steps = self.tracker.step
+        if steps and not self.event_count and self.model is not None:
+            warnings.append(
+                f"no KV cache update was seen in {steps} forward passes: use_cache=False, or a cache kvtrace "
+                "does not follow (it follows transformers' Cache classes; continuous batching's "
+                "PagedAttentionCache and custom caches are not: name them with record(cache_attrs=...) or "
+                "kvtrace.track())"
+            )
+        if self._forwards_elsewhere and self.options.profiler:
+            warnings.append(
+                f"{self._forwards_elsewhere} of {steps} forward passes ran on another thread than the one "
+                "that entered record(): torch.profiler records memory events of its own thread only, so the "
+                "trace misses theirs (the KV log has them all)"
+            )
+        return warnings
+
     # -- steps -------------------------------------------------------------------------------------
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         prefill = _is_prefill(args, kwargs, self._hf)
         self._begin_step(prefill)
+        if threading.get_ident() != self._thread:
+            self._forwards_elsewhere += 1
         hf = self._hf
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):

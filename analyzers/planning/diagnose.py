@@ -403,7 +403,7 @@ def _remedies(
 def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = None) -> Diagnosis:
     """Diagnose the first OOM of an attributed source, or its peak; `budget_bytes` prices remedies
     against a memory budget when there is no OOM."""
-    notes: list[str] = []
+    notes: list[str] = [str(w) for w in (source.meta.get("manifest") or {}).get("warnings") or ()]
     if budget_bytes is None:
         budget_bytes = budget_of(source)
     kv_log = source.meta.get("kv")

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import torch
+
+import kvtrace
 from kvtrace.cli import main
+from kvtrace.llama import build_model
 from kvtrace.memory_samples import MemorySampler
+from tests.tiny import tiny_size
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 
@@ -54,3 +60,35 @@ def test_nvml_absent_without_a_driver_is_a_reason_not_an_error() -> None:
         assert status["status"] == "absent" and "NVML unavailable" in status["reason"]
         assert not any(key.startswith("gpu_") for key in sample)
     assert sample["cpu_percent"] >= 0
+
+
+
+def test_a_run_that_shows_no_kv_update_says_why_it_may_be(tmp_path: Path) -> None:
+    # GIVEN generate() without a cache: every forward recomputes, no KV update is ever made
+    ids = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
+    model = build_model(tiny_size(2))
+    with torch.no_grad(), kvtrace.record(tmp_path / "run2", model=model, profiler=False):
+        model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=False)
+    data = json.loads(_out(["report", str(tmp_path / "run2"), "--json", "--no-export"]))
+    # THEN the report and diagnose say that none was seen in its 5 forward passes, and what that can mean
+    said = "no KV cache update was seen in 5 forward passes: use_cache=False"
+    assert any(note.startswith(said) for note in data["notes"])
+    assert said in _out(["diagnose", str(tmp_path / "run2")])
+
+
+def test_forward_passes_on_another_thread_are_counted(tmp_path: Path) -> None:
+    # GIVEN generate() on a worker thread (as beside a TextIteratorStreamer), the profiler on
+    model = build_model(tiny_size(2))
+    ids = torch.ones(1, 7, dtype=torch.long)
+    with kvtrace.record(tmp_path / "run", model=model):
+        worker = threading.Thread(
+            target=model.generate,
+            args=(ids,),
+            kwargs={"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0},
+        )
+        worker.start()
+        worker.join()
+    data = json.loads(_out(["report", str(tmp_path / "run"), "--json", "--no-export"]))
+    # THEN the report says the profiler's trace misses those 4 forward passes, and the KV log does not
+    assert any(note.startswith("4 of 4 forward passes ran on another thread") for note in data["notes"])
+    assert data["kv"]["tokens_held"] == 7 + 4 - 1
