@@ -24,6 +24,9 @@ from analyzers.timeline import DeviceTimeline
 __all__ = ["BudgetCrossing", "budget_crossing", "budget_of"]
 
 COUNTS = "allocated bytes (requested sizes, weights included), not reserved segments"
+# Without a profiler trace (profiler=False) the only events are the KV log's: activations, logits and every
+# other allocation are unseen, so a run can cross the budget although these figures fit it.
+KV_ONLY_COUNTS = "KV cache and weights only: other allocations (activations, logits) were not recorded"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class BudgetCrossing:
     allocated_before_bytes: int | None = None
     allocated_after_bytes: int | None = None
     before_first_step: bool = False
+    partial: bool = False  # only the KV cache and weights were seen (see KV_ONLY_COUNTS)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +130,8 @@ def budget_crossing(
     peak = int(allocated.max())
     before_first = int(allocated[0]) - int(dev.delta_bytes[0])
     fits = BudgetCrossing(budget_bytes, False, dev.device, peak, budget_bytes - peak)
+    if str(source.meta.get("events_from", "")).startswith("kv_log"):
+        fits = replace(fits, counts=KV_ONLY_COUNTS, partial=True)
     if before_first > budget_bytes:
         t0 = float(timeline.ts_us[0])
         return replace(fits, crossed=True, t=t0, allocated_after_bytes=before_first, before_first_step=True)

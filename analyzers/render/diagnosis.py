@@ -121,6 +121,11 @@ def _headline(d: Diagnosis) -> str:
     fits = ""
     if c is not None:
         fits = f"; it fits the {human_bytes(c.bytes)} budget with {human_bytes(c.headroom_bytes)} to spare"
+        if c.partial:
+            fits = (
+                f"; its KV cache and weights fit the {human_bytes(c.bytes)} budget with "
+                f"{human_bytes(c.headroom_bytes)} to spare (profiler=False: other allocations unseen)"
+            )
     return f"no OOM recorded; diagnosing the peak on {where} ({human_bytes(d.allocated_bytes)}){fits}"
 
 

@@ -108,6 +108,11 @@ def budget_line(budget: dict[str, Any]) -> str:
         size += f" (rank {budget['rank']})"
     if not budget["crossed"]:
         peak, left = human_bytes(budget["peak_bytes"]), human_bytes(budget["headroom_bytes"])
+        if budget.get("partial"):
+            return (
+                f"  budget {size}: the KV cache and weights fit, peak {peak} leaves {left}; the run may not "
+                "(profiler=False: activations and other allocations were not recorded)"
+            )
         return f"  budget {size}: fits, peak {peak} leaves {left}"
     if budget["before_first_step"]:
         return (

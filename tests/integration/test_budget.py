@@ -110,6 +110,13 @@ def test_a_budget_that_fits_reports_the_headroom(
     crossing = _json(["report", str(tmp_path / "run"), "--json", "-q", "--no-export"])["budget"]
     assert crossing["bytes"] == 2**30 and crossing["crossed"] is False
     assert crossing["headroom_bytes"] == 2**30 - peak and crossing["step"] is None
+    # recorded with profiler=False, only the KV cache and weights were seen: the verdict says so
+    assert crossing["partial"] is True and "were not recorded" in crossing["counts"]
+    text = io.StringIO()
+    with redirect_stdout(text):
+        assert main(["report", str(tmp_path / "run"), "-q", "--no-export"]) == 0
+    assert "budget 1.00 GiB: the KV cache and weights fit" in text.getvalue()
+    assert "the run may not" in text.getvalue()
 
 
 @pytest.mark.parametrize("bad", ["8G", "lots", "-1GiB", 0])
