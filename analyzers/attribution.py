@@ -1,6 +1,8 @@
 """Gives every allocation a category: KV cache (with layer and K/V), weights, or other.
 
-Two methods, and each event says which one decided it (`DeviceEvents.method`):
+Three methods, and each event says which one decided it (`DeviceEvents.method`):
+- **profiler_category**: the file itself says what some events are (`DeviceEvents.stated_category`:
+  torch.profiler's memory timeline knows its parameters). The two methods below may refine it.
 - **kv_log**: kvtrace's own log names every KV storage (address, size, lifetime). An allocation is KV when
   the latest allocation of that address and size at or before the storage's first sighting is it. Addresses
   are reused, so the join respects lifetimes; its free is the next free of that address.
@@ -20,6 +22,7 @@ from analyzers.model import (
     KV,
     METHOD_KV_LOG,
     METHOD_NONE,
+    METHOD_PROFILER,
     METHOD_STACK_RULE,
     OTHER,
     WEIGHTS,
@@ -146,6 +149,10 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
         dev.layer = np.full(n, -1, dtype=np.int16)
         dev.kv_kind = np.zeros(n, dtype=np.int8)
         dev.method = np.full(n, METHOD_NONE, dtype=np.int8)
+        if dev.stated_category is not None and len(dev.stated_category) == n:
+            stated = dev.stated_category >= 0
+            dev.category[stated] = dev.stated_category[stated]
+            dev.method[stated] = METHOD_PROFILER
         allocs = np.nonzero(dev.delta_bytes > 0)[0]
         if dev.frame_id is not None and len(source.frames):
             has_frame = allocs[dev.frame_id[allocs] >= 0]
