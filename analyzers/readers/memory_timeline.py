@@ -4,7 +4,7 @@ Memory timelines (kind "memory_timeline"): `export_memory_timeline_raw` writes a
 ``[ns_timestamp, action, bytes, category]`` (action 1 pre-existing with ts -1, 2 create, 3 version bump,
 4 destroy); pre-existing bytes become the baseline, each version bump's (-n, +n) pair is dropped (no
 memory moves) unless it moves the bytes into or out of the parameters, the rest are events. The coalesced
-`export_memory_timeline` form ``[times, sizes]`` is read as one event per change of the summed sizes
+`export_memory_timeline` form ``[µs_times, sizes]`` is read as one event per change of the summed sizes
 (per change of the parameters' and the rest's sizes, when the rows have torch's columns). Neither records
 the device: it is "cuda:0" unless told.
 
@@ -109,7 +109,7 @@ class _TimelineCollector:
                 total = sum(_as_int(v, 0) for v in row)
                 weights = _as_int(row[1 + _PARAMETER], 0) if by_category else 0
                 other = total - weights
-                ts_ns = _as_int(ts, 0)
+                ts_ns = _as_int(ts, 0) * 1000  # torch writes these in µs (the raw form's are ns)
                 if index == 0:
                     self.baseline, self.baseline_weights = total, weights
                 elif not by_category:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import warnings
 from pathlib import Path
 
@@ -45,3 +47,24 @@ def test_parameters_are_the_weights(timelines: tuple[Path, Path, int], form: str
     # The parameters live through the whole profile: they are the weights at the peak, the rest is other.
     assert dev.categories_at_peak["weights"] == parameter_bytes == (64 * 128 + 128 + 128 * 8 + 8) * 4
     assert dev.categories_at_peak["kv"] == 0
+
+
+def test_both_forms_peak_at_the_same_instant(timelines: tuple[Path, Path, int]) -> None:
+    raw, coalesced, _ = timelines
+    rows = json.loads(gzip.decompress(raw.read_bytes()))
+    level = sum(r[2] for r in rows if r[1] == 1)
+    peak, peak_ns = level, None
+    for ts_ns, action, nbytes, _category in rows:
+        if action != 1:
+            level += nbytes
+            if level > peak:
+                peak, peak_ns = level, ts_ns
+    assert peak_ns is not None
+
+    (from_raw,) = summarize(load_source(raw)).devices
+    (from_coalesced,) = summarize(load_source(coalesced)).devices
+
+    # torch's coalesced form keeps whole µs (int(ns / 1000)); the raw form has the ns.
+    assert from_raw.peak_time == peak_ns / 1000
+    assert from_coalesced.peak_time == peak_ns // 1000
+    assert from_raw.peak_allocated_bytes == from_coalesced.peak_allocated_bytes == peak
