@@ -52,6 +52,12 @@ class Rule:
     needles: tuple[str, ...] = ()
 
 
+def _both_separators(*needles: str) -> tuple[str, ...]:
+    """Each needle as written on POSIX and on Windows: a snapshot taken on Windows names its frames'
+    files with backslashes (``D:\\...\\torch\\nn\\modules\\module.py``)."""
+    return tuple(dict.fromkeys(form for needle in needles for form in (needle, needle.replace("/", "\\"))))
+
+
 RULES: list[Rule] = [
     Rule(
         re.compile(r"cache_utils\.py:\d+:(update|lazy_initialization|_quantize)"),
@@ -90,16 +96,18 @@ RULES: list[Rule] = [
         needles=("from_pretrained", "load_state_dict", "_load_pretrained_model", "init_weight"),
     ),
     Rule(
-        re.compile(r"torch/nn/modules/module\.py:\d+:(_apply|to|cuda|half|bfloat16|float)\b"),
+        re.compile(r"torch[/\\]nn[/\\]modules[/\\]module\.py:\d+:(_apply|to|cuda|half|bfloat16|float)\b"),
         WEIGHTS,
         "module.to()/cuda()",
-        needles=("torch/nn/modules/module.py:",),
+        needles=_both_separators("torch/nn/modules/module.py:"),
     ),
     Rule(
-        re.compile(r"torch/nn/modules/(linear|sparse|normalization)\.py:\d+:(__init__|reset_parameters)"),
+        re.compile(
+            r"torch[/\\]nn[/\\]modules[/\\](linear|sparse|normalization)\.py:\d+:(__init__|reset_parameters)"
+        ),
         WEIGHTS,
         "parameter initialisation",
-        needles=("torch/nn/modules/",),
+        needles=_both_separators("torch/nn/modules/"),
     ),
 ]
 
