@@ -40,7 +40,7 @@ from analyzers.budget import BudgetCrossing, budget_crossing, budget_of
 from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
 from analyzers.stack_frames import heading, kept_frames
-from analyzers.summary import Report
+from analyzers.summary import Report, clock_time
 from analyzers.units import human_bytes
 
 __all__ = ["Diagnosis", "Remedy", "StackShare", "diagnose"]
@@ -541,7 +541,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         source_kind=source.kind,
         device=device,
         event=event,
-        ts_us=when,
+        ts_us=clock_time(source, device, when) if device is not None else when,
         requested_bytes=requested,
         allocated_bytes=allocated,
         reserved_bytes=reserved,
