@@ -1,6 +1,8 @@
 """Gives every allocation a category: KV cache (with layer and K/V), weights, or other.
 
-Two methods, and each event says which one decided it (`DeviceEvents.method`):
+Three methods, and each event says which one decided it (`DeviceEvents.method`):
+- **profiler_category**: the file itself says what some events are (`DeviceEvents.stated_category`:
+  torch.profiler's memory timeline knows its parameters). The two methods below may refine it.
 - **kv_log**: kvtrace's own log names every KV storage (address, size, lifetime). An allocation is KV when
   the latest allocation of that address and size at or before the storage's first sighting is it. Addresses
   are reused, so the join respects lifetimes; its free is the next free of that address.
@@ -20,6 +22,7 @@ from analyzers.model import (
     KV,
     METHOD_KV_LOG,
     METHOD_NONE,
+    METHOD_PROFILER,
     METHOD_STACK_RULE,
     OTHER,
     WEIGHTS,
@@ -47,6 +50,12 @@ class Rule:
     label: str
     kv: str = ""
     needles: tuple[str, ...] = ()
+
+
+def _both_separators(*needles: str) -> tuple[str, ...]:
+    """Each needle as written on POSIX and on Windows: a snapshot taken on Windows names its frames'
+    files with backslashes (``D:\\...\\torch\\nn\\modules\\module.py``)."""
+    return tuple(dict.fromkeys(form for needle in needles for form in (needle, needle.replace("/", "\\"))))
 
 
 RULES: list[Rule] = [
@@ -87,16 +96,18 @@ RULES: list[Rule] = [
         needles=("from_pretrained", "load_state_dict", "_load_pretrained_model", "init_weight"),
     ),
     Rule(
-        re.compile(r"torch/nn/modules/module\.py:\d+:(_apply|to|cuda|half|bfloat16|float)\b"),
+        re.compile(r"torch[/\\]nn[/\\]modules[/\\]module\.py:\d+:(_apply|to|cuda|half|bfloat16|float)\b"),
         WEIGHTS,
         "module.to()/cuda()",
-        needles=("torch/nn/modules/module.py:",),
+        needles=_both_separators("torch/nn/modules/module.py:"),
     ),
     Rule(
-        re.compile(r"torch/nn/modules/(linear|sparse|normalization)\.py:\d+:(__init__|reset_parameters)"),
+        re.compile(
+            r"torch[/\\]nn[/\\]modules[/\\](linear|sparse|normalization)\.py:\d+:(__init__|reset_parameters)"
+        ),
         WEIGHTS,
         "parameter initialisation",
-        needles=("torch/nn/modules/",),
+        needles=_both_separators("torch/nn/modules/"),
     ),
 ]
 
@@ -146,6 +157,10 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
         dev.layer = np.full(n, -1, dtype=np.int16)
         dev.kv_kind = np.zeros(n, dtype=np.int8)
         dev.method = np.full(n, METHOD_NONE, dtype=np.int8)
+        if dev.stated_category is not None and len(dev.stated_category) == n:
+            stated = dev.stated_category >= 0
+            dev.category[stated] = dev.stated_category[stated]
+            dev.method[stated] = METHOD_PROFILER
         allocs = np.nonzero(dev.delta_bytes > 0)[0]
         if dev.frame_id is not None and len(source.frames):
             has_frame = allocs[dev.frame_id[allocs] >= 0]

@@ -6,8 +6,8 @@ Definitions, so that the columns mean the same thing for every run:
 
 * churn = KV bytes allocated over the run / KV bytes held at the end (1.0: written in place, like a
   static cache; a dynamic cache that grows by torch.cat every step reaches tens);
-* fragmentation = reserved - allocated at the peak (None where the input has no reserved figures, e.g.
-  CPU runs);
+* reserved but unallocated = reserved - allocated at the peak, as `report` says it (None where the input
+  has no reserved figures, e.g. CPU runs);
 * tokens/s = generated tokens / wall time, where generated tokens = KV-log steps x batch (each forward,
   prefill included, yields one token per sequence) and wall time = from the recorder's "start" memory
   sample (taken once the profiler runs) to the sample at the end of the last step, so the profiler's
@@ -149,7 +149,7 @@ _COMPARE_ROWS = (
     ("KV peak", lambda r: human_bytes(r.kv_peak_bytes)),
     ("KV final", lambda r: human_bytes(r.kv_final_bytes)),
     ("KV churn (allocated / final)", lambda r: _fmt_churn(r.churn)),
-    ("fragmentation at peak", lambda r: human_bytes(r.fragmentation_bytes)),
+    ("reserved but unallocated at the peak", lambda r: human_bytes(r.fragmentation_bytes)),
     ("tokens/s (generation)", lambda r: _fmt_rate(r.tokens_per_second)),
     ("evicted tokens (all rows)", lambda r: "-" if r.evicted_tokens is None else f"{r.evicted_tokens:,}"),
     ("steps x batch", lambda r: f"{r.steps} x {r.batch if r.batch is not None else '-'}"),

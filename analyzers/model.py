@@ -17,8 +17,8 @@ OTHER, WEIGHTS, KV = 0, 1, 2
 CATEGORY_NAMES = ("other", "weights", "kv")
 
 # How an event's category was decided (`DeviceEvents.method`).
-METHOD_NONE, METHOD_KV_LOG, METHOD_STACK_RULE, METHOD_WEIGHTS_TABLE = 0, 1, 2, 3
-METHOD_NAMES = ("none", "kv_log", "stack_rule", "weights_table")
+METHOD_NONE, METHOD_KV_LOG, METHOD_STACK_RULE, METHOD_WEIGHTS_TABLE, METHOD_PROFILER = 0, 1, 2, 3, 4
+METHOD_NAMES = ("none", "kv_log", "stack_rule", "weights_table", "profiler_category")
 
 
 @dataclass
@@ -29,6 +29,8 @@ class DeviceEvents:
     `total_reserved` are the allocator's own running figures where the source has them (else None).
     `frame_id` indexes `MemorySource.frames` (-1: no stack). `category`, `layer`, `kv_kind` and `method`
     are filled by attribution (layer -1 and kv_kind 0 when unknown; kv_kind 1 = K, 2 = V).
+    `stated_category` is the category the file itself gives each event (torch.profiler's memory timeline
+    knows its parameters), -1 where it gives none: attribution starts from it.
     """
 
     device: str
@@ -42,6 +44,7 @@ class DeviceEvents:
     layer: np.ndarray | None = None  # int16
     kv_kind: np.ndarray | None = None  # int8
     method: np.ndarray | None = None  # int8
+    stated_category: np.ndarray | None = None  # int8
     capacity_bytes: int | None = None
     baseline_bytes: int = 0  # bytes already allocated before the first event (snapshots)
     # Blocks live at a snapshot's dump that no trace event explains: (address, bytes, frame_id). Their

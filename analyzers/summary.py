@@ -21,7 +21,7 @@ class DeviceSummary:
     alloc_events: int
     free_events: int
     peak_allocated_bytes: int
-    peak_time: float | None  # Unix-epoch µs where the source has a clock, else event index
+    peak_time: float | None  # Unix-epoch µs (a trace's own µs); None: no events, or no clock (see clock_time)
     final_allocated_bytes: int
     capacity_bytes: int | None
     categories_at_peak: dict[str, int]
@@ -87,6 +87,12 @@ class Report:
         return report_to_notebook_html(self)
 
 
+def clock_time(source: MemorySource, device: str, ts_us: float | None) -> float | None:
+    """A device's `ts_us` value as a time, or None where its timestamps are no clock: a snapshot whose trace
+    has no `time_us` orders its events by their index in the trace (readers.snapshot)."""
+    return ts_us if source.meta.get("timestamps", {}).get(device, "time_us") == "time_us" else None
+
+
 def _device_summary(
     source: MemorySource, index: int, baseline_category: int
 ) -> tuple[DeviceSummary, DeviceTimeline]:
@@ -136,7 +142,7 @@ def _device_summary(
         alloc_events=dev.alloc_events,
         free_events=dev.free_events,
         peak_allocated_bytes=peak,
-        peak_time=float(dev.ts_us[peak_i]) if peak_i >= 0 else None,
+        peak_time=clock_time(source, dev.device, float(dev.ts_us[peak_i])) if peak_i >= 0 else None,
         final_allocated_bytes=final,
         capacity_bytes=dev.capacity_bytes,
         categories_at_peak=at_peak,
@@ -323,7 +329,7 @@ def summarize(
         first = source.ooms[0]
         oom = {
             "device": first.device,
-            "time": first.ts_us,
+            "time": clock_time(source, first.device, first.ts_us),
             "requested_bytes": first.requested_bytes,
             "device_free_bytes": first.device_free_bytes,
             "message": first.message,

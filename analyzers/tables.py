@@ -295,18 +295,33 @@ def _devices_table(run_id: str, source: MemorySource) -> pa.Table:
     return records_table(DEVICES, run_id, rows)
 
 
+def _main_device(source: MemorySource) -> DeviceEvents | None:
+    """The device a source's row describes: its GPU where it has one (a trace's "cpu" sorts first)."""
+    gpus = [dev for dev in source.devices if dev.device != "cpu"]
+    return next(iter(gpus or source.devices), None)
+
+
+def _gpu_properties(properties: Any, index: int | None) -> dict[str, Any]:
+    """A trace's deviceProperties entry of GPU `index`; the first entry when the trace names no GPU of its
+    own (a trace without memory events) or the index is not listed."""
+    listed = properties if isinstance(properties, list) else []
+    entries = [entry for entry in listed if isinstance(entry, dict)]
+    return next((entry for entry in entries if entry.get("id") == index), entries[0] if entries else {})
+
+
 def _run_row(
     run_id: str, path: Path, source: MemorySource, engine: dict[str, Any], counts: dict[str, int]
 ) -> dict[str, Any]:
     manifest = _dict(source.meta.get("manifest"))
     device, model = _dict(manifest.get("device")), _dict(manifest.get("model"))
     ended = _dict(manifest.get("ended"))
-    first_device = source.devices[0].device if source.devices else None
     oom = source.ooms[0] if source.ooms else None
     # A Kineto trace of a distributed job names its rank; its devices are in deviceProperties.
     distributed = _dict(source.meta.get("distributedInfo"))
-    properties = source.meta.get("deviceProperties")
-    gpu = _dict(properties[0]) if isinstance(properties, list) and properties else {}
+    main_device = _main_device(source)
+    device_type, _, index_text = main_device.device.partition(":") if main_device else ("", "", "")
+    device_index = int(index_text) if index_text.isdigit() else None
+    gpu = _gpu_properties(source.meta.get("deviceProperties"), device_index) if device_type != "cpu" else {}
     ranked = {key: manifest.get(key, distributed.get(key)) for key in ("rank", "world_size", "backend")}
     has_rank = _int(ranked["rank"]) is not None
     return {
@@ -316,10 +331,13 @@ def _run_row(
         "group_id": Path(run_id).parent.as_posix() if has_rank else None,
         **ranked,
         **{key: manifest.get(key) for key in ("local_rank", "hostname")},
-        "device_type": device.get("type") or (first_device.split(":")[0] if first_device else None),
+        # A trace's deviceProperties list GPUs only, which torch calls "cuda" (ROCm's too).
+        "device_type": device.get("type") or device_type or ("cuda" if gpu else None),
         "device_name": device.get("name") or gpu.get("name"),
-        "device_index": device.get("index"),
-        "total_memory_bytes": device.get("total_memory_bytes") or gpu.get("totalGlobalMem"),
+        "device_index": device.get("index", device_index),
+        "total_memory_bytes": device.get("total_memory_bytes")
+        or gpu.get("totalGlobalMem")
+        or (main_device.capacity_bytes if main_device else None),
         "model_class": model.get("class"),
         **{key: model.get(key) for key in ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")},
         **{key: model.get(key) for key in ("hidden_size", "vocab_size", "sliding_window", "parameters")},

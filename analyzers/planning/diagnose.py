@@ -39,7 +39,8 @@ import numpy as np
 from analyzers.budget import BudgetCrossing, budget_crossing, budget_of
 from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
-from analyzers.summary import Report
+from analyzers.stack_frames import heading, kept_frames
+from analyzers.summary import Report, clock_time
 from analyzers.units import human_bytes
 
 __all__ = ["Diagnosis", "Remedy", "StackShare", "diagnose"]
@@ -61,11 +62,14 @@ _NO_STACK = "(no stack recorded: record with with_stack=True)"
 
 @dataclass(frozen=True)
 class StackShare:
-    """Live bytes at the moment that were allocated from one stack (innermost frame first)."""
+    """Live bytes at the moment that were allocated from one stack (innermost frame first), without the
+    frames torch's memory_viz leaves out (analyzers.stack_frames). `heading`: the frames it is known by
+    (its Python frames where it has any), one per line."""
 
     stack: str
     bytes: int
     allocations: int
+    heading: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,14 +145,22 @@ def _live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[Stac
     live = (dev.delta_bytes[:n] > 0) & ~same_next & (addr >= 0)
     grouped: dict[str, list[int]] = {}
     frame_ids = dev.frame_id if dev.frame_id is not None else np.full(len(dev), -1, dtype=np.int32)
+    kept: dict[int, str] = {}  # frame_id -> its stack without the frames memory_viz leaves out
     for frame_id, nbytes in zip(
         frame_ids[:n][live].tolist(), dev.delta_bytes[:n][live].tolist(), strict=True
     ):
-        text = source.frames[frame_id] if 0 <= frame_id < len(source.frames) else _NO_STACK
+        text = kept.get(frame_id)
+        if text is None:
+            known = 0 <= frame_id < len(source.frames)
+            text = kept[frame_id] = "\n".join(kept_frames(source.frames[frame_id])) if known else _NO_STACK
         entry = grouped.setdefault(text, [0, 0])
         entry[0] += int(nbytes)
         entry[1] += 1
-    return [StackShare(text, total, count) for text, (total, count) in grouped.items()]
+    return [_share(text, total, count) for text, (total, count) in grouped.items()]
+
+
+def _share(stack: str, nbytes: int, allocations: int) -> StackShare:
+    return StackShare(stack, nbytes, allocations, "\n".join(heading(stack.splitlines())))
 
 
 def _snapshot_block_stacks(path: str) -> list[StackShare]:
@@ -177,10 +189,10 @@ def _snapshot_block_stacks(path: str) -> list[StackShare]:
                 if isinstance(f, dict)
             )
             size = block.get("requested_size") or block.get("size", 0)
-            entry = grouped.setdefault(text or "(no stack recorded)", [0, 0])
+            entry = grouped.setdefault("\n".join(kept_frames(text)) or "(no stack recorded)", [0, 0])
             entry[0] += size if type(size) is int and size > 0 else 0
             entry[1] += 1
-    return [StackShare(text, total, count) for text, (total, count) in grouped.items()]
+    return [_share(text, total, count) for text, (total, count) in grouped.items()]
 
 
 _LIVE_STATES = ("active_allocated", "active_pending_free", "active_awaiting_free")
@@ -562,7 +574,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         source_kind=source.kind,
         device=device,
         event=event,
-        ts_us=when,
+        ts_us=clock_time(source, device, when) if device is not None else when,
         requested_bytes=requested,
         allocated_bytes=allocated,
         reserved_bytes=reserved,

@@ -3,8 +3,14 @@
 Memory timelines (kind "memory_timeline"): `export_memory_timeline_raw` writes a JSON list of
 ``[ns_timestamp, action, bytes, category]`` (action 1 pre-existing with ts -1, 2 create, 3 version bump,
 4 destroy); pre-existing bytes become the baseline, each version bump's (-n, +n) pair is dropped (no
-memory moves), the rest are events. The coalesced `export_memory_timeline` form ``[times, sizes]`` is
-read as one event per change of the summed sizes. Neither records the device: it is "cuda:0" unless told.
+memory moves) unless it moves the bytes into or out of the parameters, the rest are events. The coalesced
+`export_memory_timeline` form ``[µs_times, sizes]`` is read as one event per change of the summed sizes
+(per change of the parameters' and the rest's sizes, when the rows have torch's columns). Neither records
+the device: it is "cuda:0" unless told.
+
+The category is torch's `_CATEGORY_TO_INDEX` (torch/profiler/_memory_profiler.py): 0 PARAMETER,
+1 OPTIMIZER_STATE, 2 INPUT, 3 TEMPORARY, 4 ACTIVATION, 5 GRADIENT, 6 AUTOGRAD_DETAIL, 7 unknown (None).
+Parameters are the weights; the other known categories are other; unknown is left to attribution.
 """
 
 from __future__ import annotations
@@ -15,12 +21,24 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.model import DeviceEvents, MemorySource
+from analyzers.model import OTHER, WEIGHTS, DeviceEvents, MemorySource
 from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.sources import JsonStream, ProgressFn, open_input
 from kvtrace.errors import KvtraceError
 
 __all__ = ["read_memory_timeline"]
+
+_PARAMETER, _KNOWN_CATEGORIES = 0, 7  # torch's index of PARAMETER; indices below 7 name a category
+# A coalesced row: a zero column, then one column per category index, each at index + 1.
+_COALESCED_WIDTH = 1 + _KNOWN_CATEGORIES + 1
+
+
+def _stated(torch_category: Any) -> int:
+    """kvtrace's category for torch's index: weights, other, or -1 (unknown: torch could not tell)."""
+    index = _as_int(torch_category, -1)
+    if index == _PARAMETER:
+        return WEIGHTS
+    return OTHER if 0 < index < _KNOWN_CATEGORIES else -1
 
 
 class _TimelineCollector:
@@ -32,9 +50,11 @@ class _TimelineCollector:
         self.head: list[Any] = []
         self.ts_ns = array("q")
         self.delta = array("q")
+        self.category = array("b")
         self.baseline = 0
+        self.baseline_weights = 0
         self.bump_rows = 0
-        self.coalesced = False
+        self.bump_release: tuple[int, int, int] | None = None  # a bump's (ts, -n, category), until its +n
 
     def __call__(self, row: Any) -> None:
         if len(self.head) < 2 and not self.ts_ns and not self.bump_rows and not self.baseline:
@@ -55,28 +75,52 @@ class _TimelineCollector:
                 f"{self.name}: memory timeline row {row!r:.60} is not [ts, action, bytes, ...]"
             )
         ts, action, numbytes = _as_int(row[0], -1), _as_int(row[1], 0), _as_int(row[2], 0)
+        category = _stated(row[3]) if len(row) > 3 else -1
         if action == 1 or ts < 0:  # PREEXISTING: allocated before the profiler started
             self.baseline += numbytes
+            if category == WEIGHTS:
+                self.baseline_weights += numbytes
         elif action == 3:  # INCREMENT_VERSION: (-n, +n) at one instant, only the category changes
             self.bump_rows += 1
+            if numbytes < 0:
+                self.bump_release = (ts, numbytes, category)
+            elif self.bump_release is not None:
+                released, self.bump_release = self.bump_release, None
+                if (released[2] == WEIGHTS) != (category == WEIGHTS):  # bytes become or stop being weights
+                    self._event(*released)
+                    self._event(ts, numbytes, category)
         else:
-            self.ts_ns.append(ts)
-            self.delta.append(numbytes)
+            self._event(ts, numbytes, category)
+
+    def _event(self, ts_ns: int, numbytes: int, category: int) -> None:
+        self.ts_ns.append(ts_ns)
+        self.delta.append(numbytes)
+        self.category.append(category)
 
     def finish(self) -> str:
         if _is_coalesced(self.head):
             times, sizes = self.head
             if len(times) != len(sizes):
                 raise KvtraceError(f"{self.name}: memory timeline [times, sizes] lists differ in length")
-            previous = 0
+            # torch's rows: a zero column, then one per category; any other width is read as one total.
+            by_category = all(isinstance(row, list) and len(row) == _COALESCED_WIDTH for row in sizes)
+            previous_weights = previous_other = 0
             for index, (ts, row) in enumerate(zip(times, sizes, strict=True)):
                 total = sum(_as_int(v, 0) for v in row)
+                weights = _as_int(row[1 + _PARAMETER], 0) if by_category else 0
+                other = total - weights
+                ts_ns = _as_int(ts, 0) * 1000  # torch writes these in µs (the raw form's are ns)
                 if index == 0:
-                    self.baseline = total
+                    self.baseline, self.baseline_weights = total, weights
+                elif not by_category:
+                    self._event(ts_ns, total - previous_other, -1)
                 else:
-                    self.ts_ns.append(_as_int(ts, 0))
-                    self.delta.append(total - previous)
-                previous = total
+                    # Releases first: bytes moving between the two at one instant never raise the peak.
+                    changes = ((weights - previous_weights, WEIGHTS), (other - previous_other, OTHER))
+                    for change, category in sorted(changes):
+                        if change:
+                            self._event(ts_ns, change, category)
+                previous_weights, previous_other = weights, other
             return "coalesced"
         self._flush_head()
         return "raw"
@@ -119,7 +163,12 @@ def read_memory_timeline(
             ts_us=ts_ns // 1000 if integral else ts_ns / 1000.0,
             addr=np.full(len(ts_ns), -1, dtype=np.int64),
             delta_bytes=np.frombuffer(collector.delta, dtype=np.int64)[order],
+            stated_category=np.frombuffer(collector.category, dtype=np.int8)[order],
             baseline_bytes=int(collector.baseline),
+            baseline_categories={
+                WEIGHTS: collector.baseline_weights,
+                OTHER: collector.baseline - collector.baseline_weights,
+            },
         )
     )
     source.meta.update(

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from analyzers.model import MemorySource
-from analyzers.planning.diagnose import Diagnosis, diagnose
+from analyzers.planning.diagnose import Diagnosis, StackShare, diagnose
 from analyzers.summary import Report
 from analyzers.units import human_bytes
 
@@ -24,8 +24,9 @@ def diagnosis_to_json(diagnosis: Diagnosis) -> dict[str, Any]:
     return {"version": JSON_VERSION, **data}
 
 
-def _first_frames(stack: str, count: int = 3) -> str:
-    lines = stack.splitlines()
+def _first_frames(share: StackShare, count: int = 3) -> str:
+    """A stack by its heading (its Python frames, where it has any), innermost first."""
+    lines = (share.heading or share.stack).splitlines()
     more = f" (+{len(lines) - count} frames)" if len(lines) > count else ""
     return " <- ".join(lines[:count]) + more
 
@@ -142,7 +143,7 @@ def diagnosis_to_text(d: Diagnosis) -> str:
         lines += ["", "top allocations by stack (live at this moment):"]
         for share in d.top_stacks:
             count = f" in {share.allocations}" if share.allocations else ""
-            lines.append(f"  {human_bytes(share.bytes):>12}{count:>8}  {_first_frames(share.stack)}")
+            lines.append(f"  {human_bytes(share.bytes):>12}{count:>8}  {_first_frames(share)}")
     lines += ["", "remedies, ranked by what they buy on this run:"]
     for rank, remedy in enumerate(d.remedies, 1):
         mark = _remedy_mark(remedy.fits)
@@ -157,7 +158,7 @@ def diagnosis_to_html(d: Diagnosis) -> str:
     figures = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _figure_rows(d))
     stacks = "".join(
         f"<tr><td>{esc(human_bytes(s.bytes))}</td><td>{s.allocations or ''}</td>"
-        f"<td><code>{esc(_first_frames(s.stack))}</code></td></tr>"
+        f"<td><code>{esc(_first_frames(s))}</code></td></tr>"
         for s in d.top_stacks
     )
     remedies = "".join(

@@ -17,6 +17,7 @@ METHOD_LABELS = {
     "kv_log": "KV log (matched to a KV storage kvtrace saw)",
     "stack_rule": "stack rule (a cache update in the allocation's stack)",
     "weights_table": "weights table",
+    "profiler_category": "torch.profiler's own category (memory timeline: PARAMETER is weights)",
     # no KV-log storage, weights-table entry or stack rule matched these allocations
     "none": "not attributed, counted as other (activations, logits, temporaries; in a bare trace, KV too)",
 }

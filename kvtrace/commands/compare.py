@@ -13,7 +13,7 @@ from kvtrace.format import is_run_group
 
 
 class CompareCommand(Command):
-    """Compare runs side by side: peak, KV peak, churn, fragmentation, tokens/s, evicted tokens.
+    """Compare runs side by side: peak, KV peak, churn, reserved but unallocated, tokens/s, evicted tokens.
 
     Each RUN is a kvtrace run directory (or any input `kvtrace report` reads; step-axis timelines and
     tokens/s need a run directory). tokens/s = KV-log steps x batch / the recording's wall time, recorder

@@ -103,6 +103,26 @@ def test_compare_says_unknown_where_an_input_cannot_tell(capsys: pytest.CaptureF
     assert kv_peak.split()[-1] == "-" and "0 B" not in kv_peak
 
 
+def test_compare_says_reserved_but_unallocated_as_report_does(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a snapshot, whose segments give what was reserved at the peak
+    snapshot = REAL / "oom_snapshot.pickle"
+    if not snapshot.exists():
+        pytest.skip("the real traces are not here")
+    assert main(["report", str(snapshot), "--json", "--no-export"]) == 0
+    (device,) = json.loads(capsys.readouterr().out)["devices"]
+    unallocated = human_bytes(device["reserved_at_peak_bytes"] - device["peak_allocated_bytes"])
+    assert main(["report", str(snapshot), "--no-export", "-q"]) == 0
+    report_text = capsys.readouterr().out
+    # WHEN it is compared with itself
+    assert main(["compare", str(snapshot), str(snapshot)]) == 0
+    table = capsys.readouterr().out
+    # THEN the table names reserved - allocated as the report does, with the same figure
+    assert f"{unallocated} reserved but unallocated at the peak" in report_text
+    row = next(line for line in table.splitlines() if line.startswith("reserved but unallocated at the peak"))
+    assert row.split("  ")[-1].strip() == unallocated
+    assert "fragmentation" not in table
+
+
 def _remedies(run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, list[dict[str, object]]]:
     assert main(["diagnose", str(run), "--json"]) == 0
     out: dict[str, list[dict[str, object]]] = {}

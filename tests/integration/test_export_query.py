@@ -335,3 +335,23 @@ def test_a_recorded_run_group_exports_rank_by_rank(
             f"SELECT count(*) AS n FROM kv_events JOIN runs USING (run_id) WHERE rank = {rank}",
         )  # fmt: skip
         assert count["n"] == len(lines)
+
+
+def test_a_trace_row_describes_its_gpu(tmp_path: Path) -> None:
+    # GIVEN a trace with memory events on the CPU and on one GPU, and four GPUs in deviceProperties
+    raw = json.loads(gzip.decompress(TRACE.read_bytes()))
+    gpu_ids = {
+        e["args"]["Device Id"]
+        for e in raw["traceEvents"]
+        if e.get("name") == "[memory]" and e["args"]["Device Type"] == 1
+    }
+    (gpu_id,) = gpu_ids
+    (gpu,) = [entry for entry in raw["deviceProperties"] if entry["id"] == gpu_id]
+
+    # WHEN exported
+    assert main(["export", str(TRACE), "-o", str(tmp_path / "out"), "-q"]) == 0
+    (run,) = pq.read_table(tmp_path / "out" / "runs").to_pylist()
+
+    # THEN its row describes that GPU: type, index, name and memory all of one device
+    described = (run["device_type"], run["device_index"], run["device_name"], run["total_memory_bytes"])
+    assert described == ("cuda", gpu_id, gpu["name"], gpu["totalGlobalMem"])

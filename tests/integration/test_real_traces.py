@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from analyzers.attribution import attribute
 from analyzers.readers.sources import open_source as _open_source
+from analyzers.summary import summarize
 from kvtrace.cli import main
 from kvtrace.errors import KvtraceError
 
@@ -272,3 +274,24 @@ def test_diagnose_takes_the_peak_the_raw_file_shows(path: Path, capsys: pytest.C
     result = json.loads(capsys.readouterr().out)
     if result["event"] == "peak":
         assert result["allocated_bytes"] == want[result["device"]]["peak"]
+def test_memory_timeline_parameters_are_the_weights_at_peak() -> None:
+    # GIVEN torch's own category per row (0 PARAMETER, torch/profiler/_memory_profiler.py _CATEGORY_TO_INDEX)
+    path = _require("memory_timeline.raw.gz")
+    rows = json.loads(_raw_bytes(path))
+    level = sum(r[2] for r in rows if r[1] == 1)
+    weights = sum(r[2] for r in rows if r[1] == 1 and r[3] == 0)
+    peak, weights_at_peak = level, weights
+    for row in rows:  # in time order; pre-existing rows are the level before the first event
+        if row[1] != 1:
+            level += row[2]
+            weights += row[2] if row[3] == 0 else 0
+            if level > peak:
+                peak, weights_at_peak = level, weights
+
+    # WHEN it is reported
+    (dev,) = summarize(attribute(_open_source(path))).devices
+
+    # THEN the parameters at the peak are the weights (HTA's memory analysis says the same)
+    assert weights_at_peak == 102_440_608
+    assert dev.peak_allocated_bytes == peak
+    assert dev.categories_at_peak == {"kv": 0, "weights": weights_at_peak, "other": peak - weights_at_peak}

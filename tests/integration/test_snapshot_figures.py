@@ -102,3 +102,61 @@ def test_a_snapshot_without_trace_events_reports_what_its_segments_reserve() -> 
     with redirect_stdout(out):
         assert main(["diagnose", str(SNAPSHOTS / "oom_snapshot.pickle"), "--json"]) == 0
     assert json.loads(out.getvalue())["reserved_bytes"] == reserved
+
+
+def _small_snapshot(timed: bool) -> dict[str, Any]:
+    """Two allocations, a free, then an allocator OOM; torch < 2.1 wrote no `time_us` in trace entries."""
+    trace = [
+        {"action": "segment_alloc", "addr": 0, "size": 8192},
+        {"action": "alloc", "addr": 0, "size": 1024},
+        {"action": "alloc", "addr": 1024, "size": 4096},
+        {"action": "free_requested", "addr": 1024, "size": 4096},
+        {"action": "free_completed", "addr": 1024, "size": 4096},
+        {"action": "oom", "size": 1 << 20, "device_free": 0, "addr": 0},
+    ]
+    if timed:
+        for offset, entry in enumerate(trace):
+            entry["time_us"] = 1_700_000_000_000_000 + 250 * offset
+    blocks = [
+        {"address": 0, "size": 1024, "requested_size": 1024, "state": "active_allocated"},
+        {"address": 1024, "size": 7168, "requested_size": 0, "state": "inactive"},
+    ]
+    segment = {"device": 0, "address": 0, "total_size": 8192, "allocated_size": 1024, "blocks": blocks}
+    return {"segments": [segment], "device_traces": [trace]}
+
+
+@pytest.mark.parametrize("timed", [True, False], ids=["time_us", "no-time_us"])
+def test_peak_time_is_a_time_or_none(tmp_path: Path, timed: bool) -> None:
+    # GIVEN a snapshot whose trace entries have, or lack, `time_us`
+    raw = _small_snapshot(timed)
+    path = tmp_path / "snapshot.pickle"
+    path.write_bytes(pickle.dumps(raw, protocol=4))
+    level = peak = 0
+    peak_entry: dict[str, Any] = {}
+    for entry in raw["device_traces"][0]:
+        if entry["action"] in ("alloc", "free_completed"):
+            level += entry["size"] if entry["action"] == "alloc" else -entry["size"]
+            if level > peak:
+                peak, peak_entry = level, entry
+    (oom_entry,) = [e for e in raw["device_traces"][0] if e["action"] == "oom"]
+
+    # WHEN reported and diagnosed
+    report = _cli(["report", str(path), "--json", "--no-export", "-q"])
+    diagnosis = _cli(["diagnose", str(path), "--json"])
+
+    # THEN the times are the entries' own, or None: an entry's index in the trace is no time
+    assert report["peak_allocated_bytes"] == peak == 5120
+    assert report["peak_time"] == report["devices"][0]["peak_time"] == peak_entry.get("time_us")
+    assert report["oom"]["time"] == diagnosis["ts_us"] == oom_entry.get("time_us")
+    # and the text and HTML renderers take None
+    assert "peak" in _cli(["report", str(path), "--no-export"], as_json=False)
+    _cli(["report", str(path), "-q", "-o", str(tmp_path / "report.html")], as_json=False)
+    assert "<html" in (tmp_path / "report.html").read_text()[:2000].lower()
+    assert "out of memory" in _cli(["diagnose", str(path)], as_json=False)
+
+
+def _cli(argv: list[str], as_json: bool = True) -> Any:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(argv) == 0
+    return json.loads(out.getvalue()) if as_json else out.getvalue()

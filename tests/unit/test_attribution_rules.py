@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from analyzers.attribution import RULES, _frame_categories
 from analyzers.model import KV, WEIGHTS
 from analyzers.readers.snapshot import read_snapshot
+from analyzers.report import load_source
+from analyzers.summary import summarize
 
 SNAPSHOTS = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
 
@@ -71,3 +74,58 @@ def test_needles_change_no_category() -> None:
     # THEN they are the same, and both categories occur
     assert np.array_equal(fast[0], full[0]) and np.array_equal(fast[1], full[1])
     assert {KV, WEIGHTS} <= set(fast[0].tolist())
+
+
+def _windows(frame: str) -> str:
+    """A frame as a Windows install writes it: site-packages under a drive, backslashes."""
+    return "D:\\Dev\\x\\.venv\\Lib\\site-packages\\" + frame.replace("/", "\\")
+
+
+def test_windows_frames_get_the_categories_of_posix_frames() -> None:
+    # GIVEN each frame a rule matches, and the same frame with a Windows path
+    posix = _frame_categories(MATCHING, RULES)
+    windows = _frame_categories([_windows(frame) for frame in MATCHING], RULES)
+    # THEN both get the same category and K/V
+    assert windows[0].tolist() == posix[0].tolist()
+    assert windows[1].tolist() == posix[1].tolist()
+    assert -1 not in windows[0].tolist()
+
+
+@pytest.mark.skipif(
+    not (SNAPSHOTS / "memory_snapshot.pickle").exists(), reason="shared/real_traces not present"
+)
+def test_windows_snapshot_weights(tmp_path: Path) -> None:
+    # GIVEN a snapshot whose frames are the real Windows snapshot's own: torch's module.py there, and a
+    # user frame; `module.to()` and `nn.Linear.__init__` allocate 3 blocks, the forward pass 1
+    real = read_snapshot(SNAPSHOTS / "memory_snapshot.pickle").frames
+    module_py = next(
+        line.split(".py:")[0] + ".py"
+        for text in real
+        for line in text.splitlines()
+        if line.endswith(":_call_impl") and "\\torch\\nn\\modules\\module.py:" in line
+    )
+    linear_py = module_py[: -len("module.py")] + "linear.py"
+    user = {"filename": "D:\\Dev\\assignment2-systems\\train.py", "line": 10, "name": "<module>"}
+    to = [{"filename": module_py, "line": 1340, "name": "to"}, user]
+    init = [{"filename": linear_py, "line": 106, "name": "__init__"}, user]
+    call = [{"filename": module_py, "line": 1773, "name": "_call_impl"}, user]
+    allocs = [(0, 4096, to), (4096, 2048, init), (6144, 1024, to), (7168, 512, call)]
+    trace = [{"action": "segment_alloc", "addr": 0, "size": 8192, "time_us": 1}]
+    trace += [
+        {"action": "alloc", "addr": addr, "size": size, "time_us": 2 + i, "frames": frames}
+        for i, (addr, size, frames) in enumerate(allocs)
+    ]
+    blocks = [
+        {"address": addr, "size": size, "requested_size": size, "state": "active_allocated"}
+        for addr, size, _frames in allocs
+    ]
+    segment = {"device": 0, "address": 0, "total_size": 8192, "allocated_size": 7680, "blocks": blocks}
+    path = tmp_path / "windows.pickle"
+    path.write_bytes(pickle.dumps({"segments": [segment], "device_traces": [trace]}, protocol=4))
+
+    # WHEN it is reported
+    (dev,) = summarize(load_source(path)).devices
+
+    # THEN the blocks made by module.to() and Linear.__init__ are the weights
+    assert dev.peak_allocated_bytes == 4096 + 2048 + 1024 + 512
+    assert dev.categories_at_peak == {"kv": 0, "weights": 4096 + 2048 + 1024, "other": 512}

@@ -15,6 +15,8 @@ import pytest
 
 from analyzers.readers.chrome_trace import read_chrome_trace, read_memory_timeline
 from analyzers.readers.sources import open_source, sniff
+from analyzers.report import load_source
+from analyzers.summary import summarize
 from kvtrace.errors import KvtraceError
 
 
@@ -233,7 +235,68 @@ def test_memory_timeline_coalesced_form(tmp_path: Path) -> None:
     assert dev.device == "cuda:1"
     assert dev.baseline_bytes == 15
     assert dev.delta_bytes.tolist() == [20, -25]
-    assert dev.ts_us.tolist() == [2, 3]
+    assert dev.ts_us.tolist() == [2000, 3000]  # µs already: torch divides its ns by 1000 for this form
+
+
+def _weights_at_peak(rows: list[list[int]]) -> tuple[int, int]:
+    """Replays raw rows by hand: (peak bytes, PARAMETER bytes at the first moment of the peak)."""
+    level = sum(r[2] for r in rows if r[1] == 1)
+    weights = sum(r[2] for r in rows if r[1] == 1 and r[3] == 0)
+    peak, at_peak = level, weights
+    for _ts, _action, nbytes, category in (r for r in rows if r[1] != 1):
+        level += nbytes
+        weights += nbytes if category == 0 else 0
+        if level > peak:
+            peak, at_peak = level, weights
+    return peak, at_peak
+
+
+def test_memory_timeline_parameters_are_weights(tmp_path: Path) -> None:
+    # GIVEN parameters before and during the profile, and a version bump that turns an activation (4) into
+    # a parameter (0): torch's categories, as export_memory_timeline_raw writes them
+    rows = [
+        [-1, 1, 1000, 0],
+        [-1, 1, 300, 7],
+        [5000, 2, 64, 4],
+        [6000, 2, 128, 0],
+        [6500, 3, -32, 6],
+        [6500, 3, 32, 6],
+        [7000, 3, -64, 4],
+        [7000, 3, 64, 0],
+        [7500, 2, 16, 3],
+        [8000, 4, -128, 0],
+    ]
+    path = write(tmp_path, "memory_timeline.raw.json.gz", json.dumps(rows), compress=True)
+    peak, weights = _weights_at_peak(rows)
+
+    # WHEN it is reported
+    (dev,) = summarize(load_source(path)).devices
+
+    # THEN the parameters are the weights, the rest is other; the bump moved 64 bytes, the other moved none
+    assert dev.peak_allocated_bytes == peak == 1508
+    assert dev.categories_at_peak == {"kv": 0, "weights": weights, "other": peak - weights}
+    assert weights == 1000 + 128 + 64
+    assert dev.bytes_by_method == {"profiler_category": 64 + 128 + 64 + 16}
+
+
+def test_memory_timeline_coalesced_parameters_are_weights(tmp_path: Path) -> None:
+    # [times, sizes]: each row a zero column, then PARAMETER, OPTIMIZER_STATE, INPUT, TEMPORARY, ACTIVATION,
+    # GRADIENT, AUTOGRAD_DETAIL and unknown (torch's _coalesce_timeline)
+    times = [1000, 2000, 3000, 4000]
+    sizes = [
+        [0, 500, 0, 40, 0, 0, 0, 0, 8],
+        [0, 500, 0, 40, 0, 300, 0, 0, 8],
+        [0, 700, 0, 40, 0, 100, 0, 0, 8],
+        [0, 700, 0, 40, 0, 0, 0, 0, 8],
+    ]
+    path = write(tmp_path, "tl.json", json.dumps([times, sizes]))
+    totals = [sum(row) for row in sizes]
+    peak_row = sizes[totals.index(max(totals))]
+
+    (dev,) = summarize(load_source(path)).devices
+
+    assert dev.peak_allocated_bytes == max(totals) == 848
+    assert dev.categories_at_peak == {"kv": 0, "weights": peak_row[1], "other": max(totals) - peak_row[1]}
 
 
 def test_directory_is_left_to_load_source(tmp_path: Path) -> None:
