@@ -113,6 +113,9 @@ class Diagnosis:
     message: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     budget_crossing: BudgetCrossing | None = None
+    top_cache_layers: tuple[tuple[int, int, int], ...] = ()
+    """(cache, layer, KV bytes) at that step, largest first, when several caches held KV then (an
+    assistant model's draft cache next to the model's): `top_layers` sums a layer index over them."""
 
 
 def _moment_index(ts_us: np.ndarray, when: float | None) -> int:
@@ -510,6 +513,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
 
     step = phase = None
     top_layers: tuple[tuple[int, int], ...] = ()
+    top_cache_layers: tuple[tuple[int, int, int], ...] = ()
     if kv_log is not None and kv_log.step_start_ns:
         moment_ns = (when * 1000.0) if when is not None else float("inf")
         started = [s for s, t in kv_log.step_start_ns.items() if t <= moment_ns]
@@ -517,6 +521,10 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         phase = kv_log.step_phase.get(step)
         live = kv_log.step_live.get(step, {})
         top_layers = tuple(sorted(live.items(), key=lambda item: -item[1]))[:8]
+        by_slot = {slot: n for slot, n in kv_log.step_cache_live.get(step, {}).items() if n}
+        if len({cache for cache, _ in by_slot}) > 1:
+            ranked = sorted(by_slot.items(), key=lambda item: -item[1])[:8]
+            top_cache_layers = tuple((cache, layer, nbytes) for (cache, layer), nbytes in ranked)
     elif when is not None:
         steps = [m for m in source.markers if m.kind == "step" and m.ts_us <= when]
         if steps:
@@ -548,6 +556,12 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "bytes_per_token": _growing_bytes_per_token(report),
         "windowed": _all_windowed(report),
     }
+    held = [cache for cache in report.kv.caches if cache.final_bytes]
+    if len(held) > 1:
+        notes.append(
+            f"{len(held)} KV caches were held at the end: the KV at this moment counts them all; tokens held "
+            f"and the price of a token are the main cache's (cache {report.kv.main_cache})"
+        )
     layers = (report.geometry or {}).get("num_layers")
     on_cuda = device is None or device.startswith("cuda")
     if not on_cuda:
@@ -587,4 +601,5 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         message=oom.message if oom is not None else None,
         notes=tuple(notes),
         budget_crossing=crossing,
+        top_cache_layers=top_cache_layers,
     )
