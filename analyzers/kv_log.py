@@ -96,6 +96,12 @@ class KvLogAnalysis:
     state (or with evicted tokens); `step_live` and `layer_series` sum a layer index over the caches."""
     step_cache_live: dict[int, dict[tuple[int, int], int]] = field(default_factory=dict)
     """Per step: {(cache, layer): live bytes} at the step's end."""
+    step_tokens: dict[int, dict[int, int]] = field(default_factory=dict)
+    """Per step: {cache: tokens per row of its fullest layer} at the step's end, for the caches holding KV
+    then: what a moment of that step held, where the run's final count may be many tokens later."""
+    step_rows: dict[int, dict[int, int]] = field(default_factory=dict)
+    """Per step: {cache: batch rows of its last shaped KV tensor} at the step's end (beam search and batch
+    selection change them)."""
 
 
 def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
@@ -124,13 +130,27 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
     final_state: dict[int, tuple[int, int, str, int]] | None = None
     final_total = 0
     open_step: int | None = None  # the step whose end state is not recorded yet
+    step_tokens: dict[int, dict[int, int]] = {}
+    step_rows: dict[int, dict[int, int]] = {}
+
+    def _close_step(step: int) -> None:
+        step_live[step] = dict(layer_live)
+        step_cache_live[step] = dict(cache_layer_live)
+        holding: dict[int, int] = defaultdict(int)
+        for (cache, _), nbytes in cache_layer_live.items():
+            holding[cache] += nbytes
+        tokens: dict[int, int] = {}
+        for (cache, _), count in tokens_by_layer.items():
+            if holding.get(cache):
+                tokens[cache] = max(tokens.get(cache, 0), count)
+        step_tokens[step] = tokens
+        step_rows[step] = {cache: rows for cache, rows in rows_by_cache.items() if cache in tokens}
 
     for ev in events:
         ending = ev.phase == "end"
         if open_step is not None and (ending or ev.step != open_step):
             # Steps never go back: the state before this event is the open step's end state.
-            step_live[open_step] = dict(layer_live)
-            step_cache_live[open_step] = dict(cache_layer_live)
+            _close_step(open_step)
             open_step = None
         if ending and final_state is None:
             final_state = dict(live)
@@ -177,8 +197,7 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             open_step = ev.step
         layer_series[ev.layer].append(layer_live[ev.layer])
     if open_step is not None:
-        step_live[open_step] = dict(layer_live)
-        step_cache_live[open_step] = dict(cache_layer_live)
+        _close_step(open_step)
     if final_state is None:
         final_state, final_total = dict(live), live_total
 
@@ -234,6 +253,8 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
         storages=storages,
         caches=caches,
         step_cache_live=step_cache_live,
+        step_tokens=step_tokens,
+        step_rows=step_rows,
     )
 
 

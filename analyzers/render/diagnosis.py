@@ -94,8 +94,9 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
         rows.append(("KV cache at this moment", human_bytes(d.kv_bytes) + share))
     if d.kv_peak_bytes is not None:
         rows.append(("KV peak / final", f"{human_bytes(d.kv_peak_bytes)} / {human_bytes(d.kv_final_bytes)}"))
-    if d.batch is not None:
-        rows.append(("batch x tokens held", f"{d.batch} x {d.tokens_held}"))
+    if d.batch is not None:  # at the moment's step: the run may end holding more
+        label = f"batch x tokens held (end of step {d.step})" if d.step is not None else "batch x tokens held"
+        rows.append((label, f"{d.batch} x {d.tokens_held}"))
     if d.step is not None:
         rows.append(("step", f"{d.step} {d.step_phase or ''}".strip()))
     if d.top_layers:  # the step's end state: the moment above may hold a layer's transient copy too
