@@ -67,6 +67,12 @@ class CacheFigures:
     tokens: int  # tokens per row of its fullest layer, as last seen
     rows: int  # batch rows of its last shaped KV tensor (0: none had a shape)
     last_seq: int  # `seq` of its last KV data event: the cache written last has the highest
+    generated_tokens: int = 0
+    """Tokens its forwards yielded per row: 1 per prefill, then per decode step the tokens appended per row
+    (net of crops; a window's or a press's evictions added back, as those tokens were generated). The last
+    token a run yields is never written back: the prefill's 1 stands for it."""
+    generated_row_tokens: int = 0  # the same over every batch row: each step's yield x its rows
+    reordered: bool = False  # rows reordered or selected (beam search, contrastive search): rows are beams
 
 
 @dataclass
@@ -132,10 +138,34 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
     open_step: int | None = None  # the step whose end state is not recorded yet
     step_tokens: dict[int, dict[int, int]] = {}
     step_rows: dict[int, dict[int, int]] = {}
+    written: set[tuple[int, int]] = set()  # (cache, layer) slots written in the open step
+    step_evicted: dict[tuple[int, int], int] = defaultdict(int)  # per row, crops left out
+    closed_tokens: dict[tuple[int, int], int] = {}  # a slot's tokens at the end of the last step writing it
+    generated: dict[int, int] = defaultdict(int)
+    generated_rows: dict[int, int] = defaultdict(int)
+    reordered: set[int] = set()
 
     def _close_step(step: int) -> None:
         step_live[step] = dict(layer_live)
         step_cache_live[step] = dict(cache_layer_live)
+        phase = step_phase.get(step, "")
+        if phase in ("prefill", "decode"):  # a model forward; step 0 is outside any
+            yields: dict[int, int] = {}
+            for slot in written:
+                before = closed_tokens.get(slot)
+                appended = (
+                    1
+                    if phase == "prefill" or before is None
+                    else tokens_by_layer.get(slot, 0) - before + step_evicted.get(slot, 0)
+                )
+                yields[slot[0]] = max(yields.get(slot[0], 0), appended)
+            for cache, count in yields.items():
+                generated[cache] += max(count, 0)
+                generated_rows[cache] += max(count, 0) * rows_by_cache.get(cache, 1)
+        for slot in written:
+            closed_tokens[slot] = tokens_by_layer.get(slot, 0)
+        written.clear()
+        step_evicted.clear()
         holding: dict[int, int] = defaultdict(int)
         for (cache, _), nbytes in cache_layer_live.items():
             holding[cache] += nbytes
@@ -178,8 +208,11 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
         if ev.event != "freed" and is_kv_data(ev):
             tokens_by_layer[(ev.cache, ev.layer)] = ev.tokens
             last_seq_by_cache[ev.cache] = ev.seq
+            written.add((ev.cache, ev.layer))
             if ev.shape:
                 rows_by_cache[ev.cache] = ev.shape[0]
+            if ev.event == "reordered":
+                reordered.add(ev.cache)
         if ev.evicted_tokens:
             rows = ev.shape[0] if ev.shape else 1
             slot = (ev.cache, ev.layer)
@@ -187,6 +220,8 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             by_reason = evicted_by_layer_reason[slot]
             reason = eviction_reason(ev)
             by_reason[reason] = by_reason.get(reason, 0) + ev.evicted_tokens * rows
+            if reason != "crop":
+                step_evicted[slot] += ev.evicted_tokens
         if ev.event in ("evicted", "cropped") and ev.kv == "k":
             evictions.append(ev)
         if live_total > peak:
@@ -212,6 +247,9 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             tokens=max(tokens for (c, _), tokens in tokens_by_layer.items() if c == cache),
             rows=rows_by_cache.get(cache, 0),
             last_seq=last_seq,
+            generated_tokens=generated.get(cache, 0),
+            generated_row_tokens=generated_rows.get(cache, 0),
+            reordered=cache in reordered,
         )
         for cache, last_seq in sorted(last_seq_by_cache.items())
     ]
