@@ -40,6 +40,7 @@ import numpy as np
 from analyzers.budget import BudgetCrossing, budget_crossing, budget_of
 from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
+from analyzers.readers.run_dir import NO_MEMORY_EVENTS_NOTE
 from analyzers.summary import Report
 from analyzers.units import human_bytes
 
@@ -423,6 +424,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     """Diagnose the first OOM of an attributed source, or its peak; `budget_bytes` prices remedies
     against a memory budget when there is no OOM."""
     notes: list[str] = []
+    if NO_MEMORY_EVENTS_NOTE in source.meta.get("input_notes", ()):
+        notes.append(NO_MEMORY_EVENTS_NOTE)  # the moment and its figures are the KV log's
     if budget_bytes is None:
         budget_bytes = budget_of(source)
     kv_log = source.meta.get("kv")
