@@ -8,11 +8,19 @@ Definitions, so that the columns mean the same thing for every run:
   static cache; a dynamic cache that grows by torch.cat every step reaches tens);
 * reserved but unallocated = reserved - allocated at the peak, as `report` says it (None where the input
   has no reserved figures, e.g. CPU runs);
-* tokens/s = generated tokens / wall time, where generated tokens = KV-log steps x batch (each forward,
-  prefill included, yields one token per sequence) and wall time = from the recorder's "start" memory
-  sample (taken once the profiler runs) to the sample at the end of the last step, so the profiler's
-  start-up and trace writing are left out; without samples, the manifest's start to end. Compare runs
-  recorded with the same options.
+* generated tokens per row = what the KV log shows the model's forwards yielded in each batch row of its
+  cache: 1 for the prefill, then the tokens each decode step appended to the row, net of crops (a
+  rejected draft of assisted or prompt-lookup decoding is appended, then cropped), a sliding window's or
+  a press's evictions added back. It equals the new tokens generate() returns per row, whatever the
+  tokens per forward (speculative decoding yields several). Only caches with the recorded model's layer
+  count count (an assistant model's draft cache does not), summed over them (two generate() calls);
+* tokens/s per row = generated tokens per row / wall time: how fast one sequence grows (under beam search,
+  one beam, which is also how fast a returned sequence grows);
+* tokens/s (all rows) = the same over every batch row the cache holds / wall time (throughput). Under beam
+  search the rows are beams, not returned sequences: each beam's tokens count, and the table says so;
+* wall time = from the recorder's "start" memory sample (taken once the profiler runs) to the sample at
+  the end of the last step, so the profiler's start-up and trace writing are left out; without samples,
+  the manifest's start to end. Compare runs recorded with the same options.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ class RunFigures:
     kv_final_bytes: int | None
     churn: float | None
     fragmentation_bytes: int | None
-    tokens_per_second: float | None
+    tokens_per_second: float | None  # over every batch row (see the module docstring)
     evicted_tokens: int | None  # None without a KV log: only kvtrace's log counts tokens
     steps: int
     batch: int | None
@@ -60,6 +68,9 @@ class RunFigures:
     notes: tuple[str, ...] = ()  # what the figures leave out (a run group's missing or failed ranks)
     # a serving engine's pool (vLLM): blocks, peak blocks used, preemptions, prefix-cache hits; else None
     engine: dict[str, Any] | None = None
+    tokens_per_second_per_row: float | None = None
+    generated_tokens_per_row: int | None = None  # None without a KV log
+    rows_are_beams: bool = False  # the cache's rows were reordered (beam search): "all rows" counts beams
 
 
 @dataclass(frozen=True)
@@ -67,19 +78,48 @@ class Comparison:
     runs: tuple[RunFigures, ...]
 
 
-def tokens_per_second(source: MemorySource, report: Report) -> float | None:
-    """Generated tokens / wall time of the recording (see the module docstring); None when unknown."""
+@dataclass(frozen=True)
+class Generated:
+    """What the model's caches show was generated, and over how long (see the module docstring)."""
+
+    tokens_per_row: int
+    tokens_all_rows: int
+    seconds: float
+    rows_are_beams: bool
+
+
+def generated(source: MemorySource, report: Report) -> Generated | None:
+    """The model's generated tokens and the wall time of the recording; None without a KV log or a clock."""
     manifest = source.meta.get("manifest") or {}
     started, ended = manifest.get("started_ns"), (manifest.get("ended") or {}).get("t_ns")
     run = source.meta.get("run")
+    kv_log = source.meta.get("kv")
     samples = run.memory_samples if run is not None else []
     starts = [s["t_ns"] for s in samples if s.get("phase") == "start"]
     step_ends = [s["t_ns"] for s in samples if s.get("phase") in ("prefill", "decode")]
     if starts and step_ends:
         started, ended = starts[0], step_ends[-1]
-    if not started or not ended or ended <= started or not report.kv.batch or not report.steps:
+    if not started or not ended or ended <= started or kv_log is None or not report.kv.batch:
         return None
-    return report.steps * report.kv.batch / ((ended - started) / 1e9)
+    drafts = {c.cache for c in report.kv.caches if c.model_shaped is False}
+    mine = [c for c in kv_log.caches if c.cache not in drafts]
+    mine = mine or [c for c in kv_log.caches if c.cache == report.kv.main_cache]
+    per_row = sum(c.generated_tokens for c in mine)
+    if not per_row:
+        return None
+    return Generated(
+        tokens_per_row=per_row,
+        tokens_all_rows=sum(c.generated_row_tokens for c in mine),
+        seconds=(ended - started) / 1e9,
+        rows_are_beams=any(c.reordered for c in mine),
+    )
+
+
+def tokens_per_second(source: MemorySource, report: Report) -> float | None:
+    """Generated tokens over every batch row / wall time of the recording (see the module docstring);
+    None when unknown."""
+    figures = generated(source, report)
+    return figures.tokens_all_rows / figures.seconds if figures is not None else None
 
 
 def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
@@ -90,6 +130,13 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
     kv = report.kv
     # A bare trace or snapshot with nothing marking KV allocations shows "-", not 0 B: unknown, not empty.
     kv_known = kv.measured_from != "none"
+    made = generated(source, report)
+    notes: tuple[str, ...] = ()
+    if made is not None and made.rows_are_beams:
+        notes = (
+            "the cache's rows were reordered (beam search): tokens/s (all rows) counts every beam's tokens; "
+            "a returned sequence grows at the per-row rate",
+        )
     return RunFigures(
         label=label,
         path=report.path,
@@ -98,13 +145,17 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
         kv_final_bytes=kv.final_bytes if kv_known else None,
         churn=(kv.allocated_bytes_total / kv.final_bytes) if kv_known and kv.final_bytes else None,
         fragmentation_bytes=main.fragmentation_at_peak_bytes if main else None,
-        tokens_per_second=tokens_per_second(source, report),
+        tokens_per_second=made.tokens_all_rows / made.seconds if made is not None else None,
         evicted_tokens=kv.evicted_tokens if kv_log is not None else None,
         steps=report.steps,
         batch=kv.batch,
         step_axis=steps,
         kv_by_step=kv_by_step,
+        notes=notes,
         engine=_engine_figures(report.engine),
+        tokens_per_second_per_row=made.tokens_per_row / made.seconds if made is not None else None,
+        generated_tokens_per_row=made.tokens_per_row if made is not None else None,
+        rows_are_beams=made.rows_are_beams if made is not None else False,
     )
 
 
@@ -140,6 +191,16 @@ def _fmt_rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
+def _fmt_count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _fmt_all_rows_rate(run: RunFigures) -> str:
+    """Every batch row's tokens; under beam search the rows are beams, and the cell says so."""
+    rate = _fmt_rate(run.tokens_per_second)
+    return f"{rate} (beams)" if run.rows_are_beams and run.tokens_per_second is not None else rate
+
+
 def _fmt_churn(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -150,8 +211,10 @@ _COMPARE_ROWS = (
     ("KV final", lambda r: human_bytes(r.kv_final_bytes)),
     ("KV churn (allocated / final)", lambda r: _fmt_churn(r.churn)),
     ("reserved but unallocated at the peak", lambda r: human_bytes(r.fragmentation_bytes)),
-    ("tokens/s (generation)", lambda r: _fmt_rate(r.tokens_per_second)),
-    ("evicted tokens (all rows)", lambda r: "-" if r.evicted_tokens is None else f"{r.evicted_tokens:,}"),
+    ("tokens/s per row (generation)", lambda r: _fmt_rate(r.tokens_per_second_per_row)),
+    ("tokens/s, all rows (generation)", lambda r: _fmt_all_rows_rate(r)),
+    ("generated tokens per row", lambda r: _fmt_count(r.generated_tokens_per_row)),
+    ("evicted tokens (all rows)", lambda r: _fmt_count(r.evicted_tokens)),
     ("steps x batch", lambda r: f"{r.steps} x {r.batch if r.batch is not None else '-'}"),
 )
 

@@ -36,6 +36,7 @@ class Eviction:
     freed_bytes: int  # storage bytes released in the same step
     new_storage_bytes: int
     reason: str = ""  # a key of REASONS when nothing was freed
+    cache: int = 0  # the cache object: a draft cache's layer 0 is not the model's
 
     @property
     def net_saved_bytes(self) -> int:
@@ -59,11 +60,21 @@ class EvictionSummary:
         return [e for e in self.evictions if e.freed_bytes == 0]
 
     def per_layer(self) -> dict[int, dict[str, int]]:
-        table: dict[int, dict[str, int]] = defaultdict(
+        """Per layer index, over every cache."""
+        table: dict[int, dict[str, int]] = {}
+        for (_, layer), row in self.per_cache_layer().items():
+            into = table.setdefault(layer, {"evicted_tokens": 0, "claimed_bytes": 0, "freed_bytes": 0})
+            for key, value in row.items():
+                into[key] += value
+        return dict(sorted(table.items()))
+
+    def per_cache_layer(self) -> dict[tuple[int, int], dict[str, int]]:
+        """Per (cache, layer)."""
+        table: dict[tuple[int, int], dict[str, int]] = defaultdict(
             lambda: {"evicted_tokens": 0, "claimed_bytes": 0, "freed_bytes": 0}
         )
         for e in self.evictions:
-            row = table[e.layer]
+            row = table[(e.cache, e.layer)]
             if e.kv == "k":
                 row["evicted_tokens"] += e.evicted_tokens * e.rows
             row["claimed_bytes"] += e.claimed_bytes
@@ -89,7 +100,7 @@ def analyze_evictions(events: list[KvEvent]) -> EvictionSummary:
             old_logical, old_tokens, old_addr = before
             if ev.event == "masked":
                 summary.evictions.append(
-                    Eviction(ev.step, ev.layer, ev.kv, 0, old_tokens, 1, 0, 0, 0, "masked")
+                    Eviction(ev.step, ev.layer, ev.kv, 0, old_tokens, 1, 0, 0, 0, "masked", ev.cache)
                 )
                 continue
             rows = ev.shape[0] if ev.shape else 1
@@ -120,6 +131,7 @@ def analyze_evictions(events: list[KvEvent]) -> EvictionSummary:
                     freed_bytes=freed,
                     new_storage_bytes=ev.storage_bytes if ev.addr != old_addr else 0,
                     reason=reason,
+                    cache=ev.cache,
                 )
             )
         if ev.event == "masked":

@@ -92,10 +92,11 @@ def _rank_report(run: RankRun) -> RankReport:
 
 
 def _sum_kv(kvs: list[KvSummary]) -> KvSummary:
-    layers: dict[int, LayerSummary] = {}
+    layers: dict[tuple[int, int], LayerSummary] = {}
     for kv in kvs:
         for item in kv.per_layer:
-            into = layers.setdefault(item.layer, LayerSummary(item.layer, 0, 0, 0, 0))
+            empty = LayerSummary(item.layer, 0, 0, 0, 0, cache=item.cache)
+            into = layers.setdefault((item.cache, item.layer), empty)
             into.k_bytes += item.k_bytes
             into.v_bytes += item.v_bytes
             into.evicted_tokens = max(into.evicted_tokens, item.evicted_tokens)
@@ -104,6 +105,8 @@ def _sum_kv(kvs: list[KvSummary]) -> KvSummary:
     tokens_held = max((kv.tokens_held for kv in kvs if kv.tokens_held is not None), default=None)
     batch = max((kv.batch for kv in kvs if kv.batch is not None), default=None)
     final = sum(kv.final_bytes for kv in kvs)
+    # Each rank's main cache (an assistant model's draft cache is not the model's tokens' KV)
+    main_final = sum(next((c.final_bytes for c in kv.caches if c.main), kv.final_bytes) for kv in kvs)
     evictions = [kv.evictions for kv in kvs if kv.evictions]
     return KvSummary(
         peak_bytes=sum(kv.peak_bytes for kv in kvs),
@@ -112,7 +115,7 @@ def _sum_kv(kvs: list[KvSummary]) -> KvSummary:
         evicted_tokens=max((kv.evicted_tokens for kv in kvs), default=0),
         per_layer=[layers[k] for k in sorted(layers)],
         measured_from=methods[0] if len(methods) == 1 else "+".join(methods),
-        bytes_per_token_measured=(final / (tokens_held * batch)) if tokens_held and batch else None,
+        bytes_per_token_measured=(main_final / (tokens_held * batch)) if tokens_held and batch else None,
         bytes_per_token_expected=(
             sum(kv.bytes_per_token_expected for kv in kvs if kv.bytes_per_token_expected is not None)
             if all(kv.bytes_per_token_expected is not None for kv in kvs)

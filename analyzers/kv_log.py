@@ -44,12 +44,35 @@ def eviction_reason(ev: KvEvent) -> str:
 
 @dataclass
 class LayerFigures:
+    """One layer of one cache object: several caches can hold the same layer index (an assistant model's
+    draft next to the model's own, or two generate() outputs still referenced)."""
+
     layer: int
     k_bytes: int = 0
     v_bytes: int = 0
     evicted_tokens: int = 0
     tokens: int = 0
     evicted_by_reason: dict[str, int] = field(default_factory=dict)
+    cache: int = 0
+
+
+@dataclass
+class CacheFigures:
+    """One cache object of the log (the events' `cache` field), so that its bytes are divided by its own
+    tokens and rows, never by another cache's."""
+
+    cache: int
+    layers: int  # layer indices that held KV data
+    final_bytes: int  # its storages at the final state (0: released before the run's last step ended)
+    tokens: int  # tokens per row of its fullest layer, as last seen
+    rows: int  # batch rows of its last shaped KV tensor (0: none had a shape)
+    last_seq: int  # `seq` of its last KV data event: the cache written last has the highest
+    generated_tokens: int = 0
+    """Tokens its forwards yielded per row: 1 per prefill, then per decode step the tokens appended per row
+    (net of crops; a window's or a press's evictions added back, as those tokens were generated). The last
+    token a run yields is never written back: the prefill's 1 stands for it."""
+    generated_row_tokens: int = 0  # the same over every batch row: each step's yield x its rows
+    reordered: bool = False  # rows reordered or selected (beam search, contrastive search): rows are beams
 
 
 @dataclass
@@ -74,10 +97,21 @@ class KvLogAnalysis:
     evictions: list[KvEvent] = field(default_factory=list)
     storages: list[tuple[int, int, int, int, int, str]] = field(default_factory=list)
     """Every KV storage: (addr, bytes, first_t_ns, last_t_ns, layer, kv); last_t_ns = free time or -1."""
+    caches: list[CacheFigures] = field(default_factory=list)
+    """Every cache object with KV data, by id. `per_layer` holds the rows of the caches live at the final
+    state (or with evicted tokens); `step_live` and `layer_series` sum a layer index over the caches."""
+    step_cache_live: dict[int, dict[tuple[int, int], int]] = field(default_factory=dict)
+    """Per step: {(cache, layer): live bytes} at the step's end."""
+    step_tokens: dict[int, dict[int, int]] = field(default_factory=dict)
+    """Per step: {cache: tokens per row of its fullest layer} at the step's end, for the caches holding KV
+    then: what a moment of that step held, where the run's final count may be many tokens later."""
+    step_rows: dict[int, dict[int, int]] = field(default_factory=dict)
+    """Per step: {cache: batch rows of its last shaped KV tensor} at the step's end (beam search and batch
+    selection change them)."""
 
 
 def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
-    live: dict[int, tuple[int, int, str]] = {}  # addr -> (bytes, layer, kv)
+    live: dict[int, tuple[int, int, str, int]] = {}  # addr -> (bytes, layer, kv, cache)
     open_storage: dict[int, int] = {}  # addr -> index in storages
     storages: list[tuple[int, int, int, int, int, str]] = []
     live_total = 0
@@ -85,24 +119,73 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
     peak_t = 0
     allocated_total = 0
     layer_live: dict[int, int] = defaultdict(int)
+    cache_layer_live: dict[tuple[int, int], int] = defaultdict(int)
     layer_series: dict[int, list[int]] = defaultdict(list)
     series_t: list[int] = []
     series_b: list[int] = []
     step_live: dict[int, dict[int, int]] = {}
+    step_cache_live: dict[int, dict[tuple[int, int], int]] = {}
     step_phase: dict[int, str] = {}
     step_start: dict[int, int] = {}
-    evicted_by_layer: dict[int, int] = defaultdict(int)
-    evicted_by_layer_reason: dict[int, dict[str, int]] = defaultdict(dict)
-    tokens_by_layer: dict[int, int] = {}
+    evicted_by_layer: dict[tuple[int, int], int] = defaultdict(int)  # (cache, layer) -> tokens, all rows
+    evicted_by_layer_reason: dict[tuple[int, int], dict[str, int]] = defaultdict(dict)
+    tokens_by_layer: dict[tuple[int, int], int] = {}
+    rows_by_cache: dict[int, int] = {}
+    last_seq_by_cache: dict[int, int] = {}
     evictions: list[KvEvent] = []
-    final_state: dict[int, tuple[int, int, str]] | None = None
+    final_state: dict[int, tuple[int, int, str, int]] | None = None
     final_total = 0
+    open_step: int | None = None  # the step whose end state is not recorded yet
+    step_tokens: dict[int, dict[int, int]] = {}
+    step_rows: dict[int, dict[int, int]] = {}
+    written: set[tuple[int, int]] = set()  # (cache, layer) slots written in the open step
+    step_evicted: dict[tuple[int, int], int] = defaultdict(int)  # per row, crops left out
+    closed_tokens: dict[tuple[int, int], int] = {}  # a slot's tokens at the end of the last step writing it
+    generated: dict[int, int] = defaultdict(int)
+    generated_rows: dict[int, int] = defaultdict(int)
+    reordered: set[int] = set()
+
+    def _close_step(step: int) -> None:
+        step_live[step] = dict(layer_live)
+        step_cache_live[step] = dict(cache_layer_live)
+        phase = step_phase.get(step, "")
+        if phase in ("prefill", "decode"):  # a model forward; step 0 is outside any
+            yields: dict[int, int] = {}
+            for slot in written:
+                before = closed_tokens.get(slot)
+                appended = (
+                    1
+                    if phase == "prefill" or before is None
+                    else tokens_by_layer.get(slot, 0) - before + step_evicted.get(slot, 0)
+                )
+                yields[slot[0]] = max(yields.get(slot[0], 0), appended)
+            for cache, count in yields.items():
+                generated[cache] += max(count, 0)
+                generated_rows[cache] += max(count, 0) * rows_by_cache.get(cache, 1)
+        for slot in written:
+            closed_tokens[slot] = tokens_by_layer.get(slot, 0)
+        written.clear()
+        step_evicted.clear()
+        holding: dict[int, int] = defaultdict(int)
+        for (cache, _), nbytes in cache_layer_live.items():
+            holding[cache] += nbytes
+        tokens: dict[int, int] = {}
+        for (cache, _), count in tokens_by_layer.items():
+            if holding.get(cache):
+                tokens[cache] = max(tokens.get(cache, 0), count)
+        step_tokens[step] = tokens
+        step_rows[step] = {cache: rows for cache, rows in rows_by_cache.items() if cache in tokens}
 
     for ev in events:
-        if ev.phase == "end" and final_state is None:
+        ending = ev.phase == "end"
+        if open_step is not None and (ending or ev.step != open_step):
+            # Steps never go back: the state before this event is the open step's end state.
+            _close_step(open_step)
+            open_step = None
+        if ending and final_state is None:
             final_state = dict(live)
             final_total = live_total
-        if ev.phase != "end":
+        if not ending:
             step_phase.setdefault(ev.step, ev.phase)
             step_start.setdefault(ev.step, ev.t_ns)
         if ev.event == "freed":
@@ -110,46 +193,82 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             if entry is not None:
                 live_total -= entry[0]
                 layer_live[entry[1]] -= entry[0]
+                cache_layer_live[(entry[3], entry[1])] -= entry[0]
                 index = open_storage.pop(ev.addr)
                 addr, nbytes, first, _, layer, kv = storages[index]
                 storages[index] = (addr, nbytes, first, ev.t_ns, layer, kv)
         elif ev.addr and ev.addr not in live and ev.event not in _NO_NEW_STORAGE:
-            live[ev.addr] = (ev.storage_bytes, ev.layer, ev.kv)
+            live[ev.addr] = (ev.storage_bytes, ev.layer, ev.kv, ev.cache)
             live_total += ev.storage_bytes
             layer_live[ev.layer] += ev.storage_bytes
+            cache_layer_live[(ev.cache, ev.layer)] += ev.storage_bytes
             allocated_total += ev.storage_bytes
             open_storage[ev.addr] = len(storages)
             storages.append((ev.addr, ev.storage_bytes, ev.t_ns, -1, ev.layer, ev.kv))
         if ev.event != "freed" and is_kv_data(ev):
-            tokens_by_layer[ev.layer] = ev.tokens
+            tokens_by_layer[(ev.cache, ev.layer)] = ev.tokens
+            last_seq_by_cache[ev.cache] = ev.seq
+            written.add((ev.cache, ev.layer))
+            if ev.shape:
+                rows_by_cache[ev.cache] = ev.shape[0]
+            if ev.event == "reordered":
+                reordered.add(ev.cache)
         if ev.evicted_tokens:
             rows = ev.shape[0] if ev.shape else 1
-            evicted_by_layer[ev.layer] += ev.evicted_tokens * rows
-            by_reason = evicted_by_layer_reason[ev.layer]
+            slot = (ev.cache, ev.layer)
+            evicted_by_layer[slot] += ev.evicted_tokens * rows
+            by_reason = evicted_by_layer_reason[slot]
             reason = eviction_reason(ev)
             by_reason[reason] = by_reason.get(reason, 0) + ev.evicted_tokens * rows
+            if reason != "crop":
+                step_evicted[slot] += ev.evicted_tokens
         if ev.event in ("evicted", "cropped") and ev.kv == "k":
             evictions.append(ev)
         if live_total > peak:
             peak, peak_t = live_total, ev.t_ns
         series_t.append(ev.t_ns)
         series_b.append(live_total)
-        if ev.phase != "end":
-            step_live[ev.step] = dict(layer_live)
+        if not ending:
+            open_step = ev.step
         layer_series[ev.layer].append(layer_live[ev.layer])
+    if open_step is not None:
+        _close_step(open_step)
     if final_state is None:
         final_state, final_total = dict(live), live_total
 
-    per_layer: dict[int, LayerFigures] = {}
-    for layer in sorted(set(tokens_by_layer) | {entry[1] for entry in final_state.values()}):
-        per_layer[layer] = LayerFigures(
-            layer=layer,
-            evicted_tokens=evicted_by_layer.get(layer, 0),
-            tokens=tokens_by_layer.get(layer, 0),
-            evicted_by_reason=dict(evicted_by_layer_reason.get(layer, {})),
+    final_by_cache: dict[int, int] = defaultdict(int)
+    for nbytes, _, _, cache in final_state.values():
+        final_by_cache[cache] += nbytes
+    caches = [
+        CacheFigures(
+            cache=cache,
+            layers=len({layer for c, layer in tokens_by_layer if c == cache}),
+            final_bytes=final_by_cache.get(cache, 0),
+            tokens=max(tokens for (c, _), tokens in tokens_by_layer.items() if c == cache),
+            rows=rows_by_cache.get(cache, 0),
+            last_seq=last_seq,
+            generated_tokens=generated.get(cache, 0),
+            generated_row_tokens=generated_rows.get(cache, 0),
+            reordered=cache in reordered,
         )
-    for nbytes, layer, kv in final_state.values():
-        figures = per_layer.setdefault(layer, LayerFigures(layer=layer))
+        for cache, last_seq in sorted(last_seq_by_cache.items())
+    ]
+    # The table's rows: the caches held at the end, and any other whose tokens were evicted (their counts
+    # make up the totals); when nothing is held any more, every cache, as last seen.
+    slots = set(tokens_by_layer) | {(entry[3], entry[1]) for entry in final_state.values()}
+    held = {cache for cache, nbytes in final_by_cache.items() if nbytes}
+    shown = (held or {cache for cache, _ in slots}) | {cache for cache, _ in evicted_by_layer}
+    per_layer: dict[tuple[int, int], LayerFigures] = {}
+    for cache, layer in sorted(slot for slot in slots if slot[0] in shown):
+        per_layer[(cache, layer)] = LayerFigures(
+            layer=layer,
+            evicted_tokens=evicted_by_layer.get((cache, layer), 0),
+            tokens=tokens_by_layer.get((cache, layer), 0),
+            evicted_by_reason=dict(evicted_by_layer_reason.get((cache, layer), {})),
+            cache=cache,
+        )
+    for nbytes, layer, kv, cache in final_state.values():
+        figures = per_layer.setdefault((cache, layer), LayerFigures(layer=layer, cache=cache))
         if kv == "k":
             figures.k_bytes += nbytes
         else:
@@ -170,10 +289,14 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
         step_start_ns=step_start,
         evictions=evictions,
         storages=storages,
+        caches=caches,
+        step_cache_live=step_cache_live,
+        step_tokens=step_tokens,
+        step_rows=step_rows,
     )
 
 
-def _total_by_reason(by_layer: dict[int, dict[str, int]]) -> dict[str, int]:
+def _total_by_reason(by_layer: dict[tuple[int, int], dict[str, int]]) -> dict[str, int]:
     totals: dict[str, int] = {}
     for by_reason in by_layer.values():
         for reason, count in by_reason.items():

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of
+from analyzers.caches import CacheSummary, cache_summaries, caches_note, main_cache
 from analyzers.kv_log import is_kv_data
 from analyzers.model import CATEGORY_NAMES, KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
@@ -40,6 +41,7 @@ class LayerSummary:
     evicted_tokens: int
     tokens: int = 0
     evicted_by_reason: dict[str, int] = field(default_factory=dict)  # window / press / crop
+    cache: int = 0  # the cache object (the KV log's `cache`): a layer index can be in several
 
 
 @dataclass
@@ -58,6 +60,8 @@ class KvSummary:
     evictions_by_reason: dict[str, int] = field(default_factory=dict)
     """Evicted tokens by kind: `window` (the cache's own sliding window), `press` (an eviction library such
     as kvpress, or other code rebinding keys/values), `crop` (Cache.crop)."""
+    caches: list[CacheSummary] = field(default_factory=list)
+    main_cache: int | None = None
 
 
 @dataclass
@@ -160,7 +164,9 @@ def _kv_from_log(source: MemorySource) -> KvSummary | None:
     if kv is None:
         return None
     per_layer = [
-        LayerSummary(f.layer, f.k_bytes, f.v_bytes, f.evicted_tokens, f.tokens, dict(f.evicted_by_reason))
+        LayerSummary(
+            f.layer, f.k_bytes, f.v_bytes, f.evicted_tokens, f.tokens, dict(f.evicted_by_reason), f.cache
+        )
         for f in kv.per_layer
     ]
     return KvSummary(
@@ -243,10 +249,11 @@ def _add_evictions(kv: KvSummary, events: list[Any]) -> None:
 
     ev_summary = analyze_evictions(events)
     per_layer_ev = ev_summary.per_layer()
+    per_slot = ev_summary.per_cache_layer()
     for layer in kv.per_layer:
-        if layer.layer in per_layer_ev:
+        if (layer.cache, layer.layer) in per_slot:
             # What the press removed, as the eviction analysis counts it, plus the layer's own window.
-            press = per_layer_ev[layer.layer]["evicted_tokens"]
+            press = per_slot[(layer.cache, layer.layer)]["evicted_tokens"]
             window = layer.evicted_by_reason.get("window", 0)
             layer.evicted_tokens = press + window
             layer.evicted_by_reason = {k: n for k, n in (("window", window), ("press", press)) if n}
@@ -306,17 +313,24 @@ def summarize(
     manifest = source.meta.get("manifest") or {}
     geometry = manifest.get("model")
     run = source.meta.get("run")
-    if run is not None and run.kv_events:
+    kv_log = source.meta.get("kv")
+    held_note = None
+    if run is not None and run.kv_events and kv_log is not None and kv_log.caches:
         data_events = [e for e in run.kv_events if is_kv_data(e) and e.event != "freed" and e.shape]
+        main = main_cache(kv_log.caches, geometry)
+        data_events = [e for e in data_events if e.cache == main.cache] or data_events
         if data_events:
             last = data_events[-1]
             kv.batch = last.shape[0]
-            kv.tokens_held = max((f.tokens for f in kv.per_layer), default=0)
+            kv.tokens_held = main.tokens
             kv.bytes_per_token_expected = _expected_bytes_per_token(
                 geometry, last.dtype, _heads_held(last)
             ) if _shapes_follow(geometry, data_events) else _bytes_per_token_of_shapes(data_events)
             if kv.tokens_held and kv.batch:
-                kv.bytes_per_token_measured = kv.final_bytes / (kv.tokens_held * kv.batch)
+                kv.bytes_per_token_measured = main.final_bytes / (kv.tokens_held * kv.batch)
+        kv.caches = cache_summaries(kv_log.caches, main.cache, geometry)
+        kv.main_cache = main.cache
+        held_note = caches_note(kv.caches)
     if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):
         _add_evictions(kv, run.kv_events)
     steps = (
@@ -348,6 +362,8 @@ def summarize(
         notes.append(f"the recorded block raised {raised}: the figures cover the run up to then")
     notes.extend(str(w) for w in (manifest or {}).get("warnings") or ())
     notes.extend(input_notes(source))
+    if held_note:
+        notes.append(held_note)
     budget = None
     budget_bytes = budget_of(source)
     if budget_bytes is not None:

@@ -11,7 +11,8 @@ held the most live bytes. Then it prices each remedy in bytes with this run's ow
   itself proves without expandable segments), or `peak - budget` when a budget is given;
 * KV scales linearly with batch and with the tokens held, so smaller batch, shorter context and a
   sliding window are exact proportions of the KV at that moment (activations also shrink; we don't
-  count them, so the figures are lower bounds);
+  count them, so the figures are lower bounds); batch and tokens are those held at the end of the
+  moment's step (the KV log's per-step figures), not the run's final count;
 * a static cache removes the dynamic cache's reallocation transient: KV peak - KV final, from the KV log;
 * quantized KV keeps 8 or 4 bits an element (int4 plus one bf16 scale and zero-point per 64 elements,
   +12.5%, as transformers' QuantizedCache stores them);
@@ -39,6 +40,7 @@ import numpy as np
 from analyzers.budget import BudgetCrossing, budget_crossing, budget_of
 from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
+from analyzers.readers.run_dir import NO_MEMORY_EVENTS_NOTE
 from analyzers.stack_frames import heading, kept_frames
 from analyzers.summary import Report, clock_time
 from analyzers.units import human_bytes
@@ -117,6 +119,9 @@ class Diagnosis:
     message: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     budget_crossing: BudgetCrossing | None = None
+    top_cache_layers: tuple[tuple[int, int, int], ...] = ()
+    """(cache, layer, KV bytes) at that step, largest first, when several caches held KV then (an
+    assistant model's draft cache next to the model's): `top_layers` sums a layer index over them."""
 
 
 def _moment_index(ts_us: np.ndarray, when: float | None) -> int:
@@ -229,6 +234,21 @@ def _growing_bytes_per_token(report: Report) -> float | None:
     if not kv.batch:
         return None
     return sum((layer.k_bytes + layer.v_bytes) / layer.tokens for layer in others if layer.tokens) / kv.batch
+
+
+def _held_at_step(report: Report, kv_log: Any, step: int) -> tuple[int | None, int | None]:
+    """(batch, tokens per row) at the end of `step`: the KV of the moment held that many tokens, not the
+    run's final count (a peak at prefill holds the prompt). The main cache's, or, before it existed (two
+    generate() calls), the latest cache of the model's shape holding KV then."""
+    tokens = kv_log.step_tokens.get(step) or {}
+    if not tokens:
+        return report.kv.batch, report.kv.tokens_held
+    shaped = {c.cache for c in report.kv.caches if c.model_shaped is not False}
+    cache = report.kv.main_cache
+    if cache not in tokens:
+        cache = max((c for c in tokens if c in shaped), default=max(tokens))
+    rows = kv_log.step_rows.get(step, {}).get(cache)
+    return rows or report.kv.batch, tokens[cache]
 
 
 def _kv_bits(source: MemorySource, report: Report) -> int | None:
@@ -416,6 +436,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     """Diagnose the first OOM of an attributed source, or its peak; `budget_bytes` prices remedies
     against a memory budget when there is no OOM."""
     notes: list[str] = [str(w) for w in (source.meta.get("manifest") or {}).get("warnings") or ()]
+    if NO_MEMORY_EVENTS_NOTE in source.meta.get("input_notes", ()):
+        notes.append(NO_MEMORY_EVENTS_NOTE)  # the moment and its figures are the KV log's
     if budget_bytes is None:
         budget_bytes = budget_of(source)
     kv_log = source.meta.get("kv")
@@ -522,13 +544,20 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
 
     step = phase = None
     top_layers: tuple[tuple[int, int], ...] = ()
+    top_cache_layers: tuple[tuple[int, int, int], ...] = ()
+    batch, tokens_held = report.kv.batch, report.kv.tokens_held
     if kv_log is not None and kv_log.step_start_ns:
         moment_ns = (when * 1000.0) if when is not None else float("inf")
         started = [s for s, t in kv_log.step_start_ns.items() if t <= moment_ns]
         step = max(started) if started else min(kv_log.step_start_ns)
         phase = kv_log.step_phase.get(step)
+        batch, tokens_held = _held_at_step(report, kv_log, step)
         live = kv_log.step_live.get(step, {})
         top_layers = tuple(sorted(live.items(), key=lambda item: -item[1]))[:8]
+        by_slot = {slot: n for slot, n in kv_log.step_cache_live.get(step, {}).items() if n}
+        if len({cache for cache, _ in by_slot}) > 1:
+            ranked = sorted(by_slot.items(), key=lambda item: -item[1])[:8]
+            top_cache_layers = tuple((cache, layer, nbytes) for (cache, layer), nbytes in ranked)
     elif when is not None:
         steps = [m for m in source.markers if m.kind == "step" and m.ts_us <= when]
         if steps:
@@ -551,8 +580,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
 
     fields: dict[str, object] = {
         "kv_bytes": kv_bytes,
-        "batch": report.kv.batch,
-        "tokens_held": report.kv.tokens_held,
+        "batch": batch,
+        "tokens_held": tokens_held,
         "shortfall_bytes": shortfall,
         "kv_peak_bytes": kv_peak,
         "kv_final_bytes": kv_final,
@@ -560,6 +589,12 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "bytes_per_token": _growing_bytes_per_token(report),
         "windowed": _all_windowed(report),
     }
+    held = [cache for cache in report.kv.caches if cache.final_bytes]
+    if len(held) > 1:
+        notes.append(
+            f"{len(held)} KV caches were held at the end: the KV at this moment counts them all; tokens held "
+            f"and the price of a token are the main cache's (cache {report.kv.main_cache})"
+        )
     layers = (report.geometry or {}).get("num_layers")
     on_cuda = device is None or device.startswith("cuda")
     if not on_cuda:
@@ -589,8 +624,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         kv_share=(kv_bytes / allocated) if kv_bytes is not None and allocated else None,
         kv_peak_bytes=kv_peak,
         kv_final_bytes=kv_final,
-        batch=report.kv.batch,
-        tokens_held=report.kv.tokens_held,
+        batch=batch,
+        tokens_held=tokens_held,
         step=step,
         step_phase=phase,
         top_layers=top_layers,
@@ -599,4 +634,5 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         message=oom.message if oom is not None else None,
         notes=tuple(notes),
         budget_crossing=crossing,
+        top_cache_layers=top_cache_layers,
     )

@@ -39,6 +39,12 @@ def _kv_only_device(device: str, events: list[Any]) -> DeviceEvents:
     )
 
 
+NO_MEMORY_EVENTS_NOTE = (
+    "the profiler trace has no memory events of the model's thread (torch.profiler records the thread that "
+    "started it: was generate() run on another thread?): memory figures are the KV log's, as for a run "
+    "recorded with profiler=False"
+)
+
 _SIZE_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _TRIED = re.compile(r"Tried to allocate (\d{1,15}(?:\.\d{1,6})?) (B|bytes|KiB|MiB|GiB|TiB)\b")
 
@@ -127,10 +133,20 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             from analyzers.readers.trace_stacks import attach_python_stacks
 
             source.meta["allocations_with_stack"] = attach_python_stacks(source, traces[-1])
-    else:
+    trace_missed_the_model = bool(traces and run.kv_events) and not any(len(dev) for dev in source.devices)
+    if trace_missed_the_model:
+        # torch.profiler records the memory events of the thread that started it: a generate() run on
+        # another thread (a TextIteratorStreamer, a server's worker) leaves it none, while the KV log, which
+        # the cache's own hooks write, is complete. Its figures stand in, as for a run without a trace.
+        source.meta.setdefault("input_notes", []).append(NO_MEMORY_EVENTS_NOTE)
+    if not traces or trace_missed_the_model:
         kv_devices = sorted({_normal_device(e.device) for e in run.kv_events if e.device}) or ["cpu"]
         source.devices = [_kv_only_device(kv_devices[0], run.kv_events)]
-        source.meta["events_from"] = "kv_log (the run has no profiler trace)"
+        source.meta["events_from"] = (
+            "kv_log (the profiler trace has no memory events)"
+            if traces
+            else "kv_log (the run has no profiler trace)"
+        )
     weights_by_device: dict[str, int] = {}
     for weight in run.weights:
         device = _normal_device(weight.device)
@@ -139,7 +155,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     for dev in source.devices:
         # The trace counts from the profiler's start; weights were allocated before it.
         dev.baseline_bytes += weights_by_device.get(dev.device, 0)
-        if traces:
+        if traces and not trace_missed_the_model:
             _add_kv_held_before_trace(dev, kv.storages, run.kv_events)
         if (
             dev.capacity_bytes is None

@@ -20,6 +20,12 @@ JSON_VERSION = 1
 def diagnosis_to_json(diagnosis: Diagnosis) -> dict[str, Any]:
     data = asdict(diagnosis)
     data["top_layers"] = [{"layer": layer, "kv_bytes": nbytes} for layer, nbytes in diagnosis.top_layers]
+    if diagnosis.top_cache_layers:  # several caches at that step: each cache's layer, not their sum
+        data["top_layers"] = [
+            {"cache": cache, "layer": layer, "kv_bytes": nbytes}
+            for cache, layer, nbytes in diagnosis.top_cache_layers
+        ]
+    del data["top_cache_layers"]
     data["notes"] = list(diagnosis.notes)
     return {"version": JSON_VERSION, **data}
 
@@ -89,13 +95,18 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
         rows.append(("KV cache at this moment", human_bytes(d.kv_bytes) + share))
     if d.kv_peak_bytes is not None:
         rows.append(("KV peak / final", f"{human_bytes(d.kv_peak_bytes)} / {human_bytes(d.kv_final_bytes)}"))
-    if d.batch is not None:
-        rows.append(("batch x tokens held", f"{d.batch} x {d.tokens_held}"))
+    if d.batch is not None:  # at the moment's step: the run may end holding more
+        label = f"batch x tokens held (end of step {d.step})" if d.step is not None else "batch x tokens held"
+        rows.append((label, f"{d.batch} x {d.tokens_held}"))
     if d.step is not None:
         rows.append(("step", f"{d.step} {d.step_phase or ''}".strip()))
     if d.top_layers:  # the step's end state: the moment above may hold a layer's transient copy too
         label = f"KV by layer (end of step {d.step})" if d.step is not None else "KV by layer (step end)"
-        rows.append((label, ", ".join(f"L{layer} {human_bytes(b)}" for layer, b in d.top_layers)))
+        shares = [f"L{layer} {human_bytes(b)}" for layer, b in d.top_layers]
+        if d.top_cache_layers:
+            label = label.replace("by layer", "by cache and layer")
+            shares = [f"cache {cache} L{layer} {human_bytes(b)}" for cache, layer, b in d.top_cache_layers]
+        rows.append((label, ", ".join(shares)))
     return rows
 
 

@@ -143,16 +143,22 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         fig.update_xaxes(title_text="seconds from first event", matches="x", row=2, col=1)
         fig.update_yaxes(title_text=f"KV ({kv_unit})", rangemode="tozero", row=2, col=1)
         steps = sorted(kv.step_live)
-        layers = sorted({layer for live in kv.step_live.values() for layer in live})
-        z = np.array([[kv.step_live[s].get(layer, 0) for s in steps] for layer in layers])
+        slots = sorted({slot for live in kv.step_cache_live.values() for slot, nbytes in live.items()})
+        if len({cache for cache, _ in slots}) > 1:  # one row per cache's layer, not their sum
+            z = np.array([[kv.step_cache_live.get(s, {}).get(slot, 0) for s in steps] for slot in slots])
+            row_names = [f"cache {cache} L{layer}" for cache, layer in slots]
+        else:
+            layers = sorted({layer for live in kv.step_live.values() for layer in live})
+            z = np.array([[kv.step_live[s].get(layer, 0) for s in steps] for layer in layers])
+            row_names = [f"L{layer}" for layer in layers]
         z_unit, z_factor = binary_unit(int(z.max()) if z.size else 0)
         z_max = float(z.max()) / z_factor if z.size else 0.0
         fig.add_trace(
             go.Heatmap(
                 z=z / z_factor,
                 x=steps,
-                y=[f"L{layer}" for layer in layers],
-                text=[[kv.step_phase.get(s, "") for s in steps]] * len(layers),
+                y=row_names,
+                text=[[kv.step_phase.get(s, "") for s in steps]] * len(row_names),
                 colorscale="Reds",
                 # From zero: a constant cache is one colour, not a gradient across a rounding error.
                 zmin=0,
@@ -307,6 +313,17 @@ def _summary_table(report: Report) -> str:
                 f"{kv['bytes_per_token_measured']:,.1f} vs {kv['bytes_per_token_expected']}",
             )
         )
+    held = [cache for cache in kv["caches"] if cache["final_bytes"]]
+    if len(held) > 1:  # which cache the figures above describe, and each cache's own
+        for cache in held:
+            per_token = cache["bytes_per_token_measured"]
+            figures = (
+                f"{cache['layers']} layers, {human_bytes(cache['final_bytes'])}, "
+                f"{cache['tokens']} tokens x {cache['rows']} rows"
+            )
+            if per_token is not None:
+                figures += f", {per_token:,.1f} B/token"
+            rows.append((f"cache {cache['cache']}{' (main)' if cache['main'] else ''}", figures))
     body = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<table class='summary'>{body}</table>"
 

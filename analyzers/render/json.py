@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from analyzers.summary import Report
@@ -72,9 +73,12 @@ def report_to_json(report: Report) -> dict[str, Any]:
                     "evicted_tokens": layer.evicted_tokens,
                     "evicted_by_reason": layer.evicted_by_reason,
                     "tokens": layer.tokens,
+                    "cache": layer.cache,
                 }
                 for layer in kv.per_layer
             ],
+            "main_cache": kv.main_cache,
+            "caches": [asdict(cache) for cache in kv.caches],
         },
         "geometry": report.geometry,
         "steps": report.steps,

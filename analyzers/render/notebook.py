@@ -100,9 +100,19 @@ def report_to_notebook_html(report: Report) -> str:
         kv_rows.append(_row("bytes per token (geometry)", f"{kv.bytes_per_token_expected:,}"))
     parts.append("<table>" + "".join(kv_rows) + "</table>")
     if kv.per_layer:
-        layer_rows = [_row("layer", "K", "V", "tokens per row", "evicted tokens (all rows)", header=True)]
+        several = len({f.cache for f in kv.per_layer}) > 1  # a layer index in several caches
+        cache_head: tuple[object, ...] = ("cache",) if several else ()
+        head = (*cache_head, "layer", "K", "V", "tokens per row", "evicted tokens (all rows)")
+        layer_rows = [_row(*head, header=True)]
         layer_rows += [
-            _row(f.layer, human_bytes(f.k_bytes), human_bytes(f.v_bytes), f.tokens, f.evicted_tokens)
+            _row(
+                *((f.cache,) if several else ()),
+                f.layer,
+                human_bytes(f.k_bytes),
+                human_bytes(f.v_bytes),
+                f.tokens,
+                f.evicted_tokens,
+            )
             for f in kv.per_layer
         ]
         parts.append(

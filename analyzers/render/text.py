@@ -59,6 +59,8 @@ def report_to_text(report: Report) -> str:
             if kv.batch is not None or report.engine is None
             else f"the pool's capacity of {kv.tokens_held:,} tokens"
         )
+        if len([c for c in kv.caches if c.final_bytes]) > 1:
+            held += f" of cache {kv.main_cache}"
         lines.append(
             f"    bytes per token: measured {kv.bytes_per_token_measured:,.1f} ({held}), "
             f"arithmetic {expected}"
@@ -79,11 +81,26 @@ def report_to_text(report: Report) -> str:
             reasons[item["explanation"]] = reasons.get(item["explanation"], 0) + 1
         for explanation, count in reasons.items():
             lines.append(f"      {count} freed nothing: {explanation}")
+    several = len({layer.cache for layer in kv.per_layer}) > 1
+    if several:
+        lines.append("    caches (the headline figures are the main cache's):")
+        for cache in kv.caches:
+            per_token = cache.bytes_per_token_measured
+            role = " main" if cache.main else ""
+            figures = (
+                f"{cache.layers} layers, {human_bytes(cache.final_bytes)} held, "
+                f"{cache.tokens} tokens x {cache.rows or '-'} rows"
+            )
+            if per_token is not None:
+                figures += f", {per_token:,.1f} bytes per token"
+            lines.append(f"    {cache.cache:>5}{role:<5} {figures}")
     if kv.per_layer:
-        lines.append("    layer      K bytes      V bytes  tokens/row  evicted (all rows)")
+        cache_head = "cache " if several else ""
+        lines.append(f"    {cache_head}layer      K bytes      V bytes  tokens/row  evicted (all rows)")
         for layer in kv.per_layer:
+            cache_cell = f"{layer.cache:>5} " if several else ""
             lines.append(
-                f"    {layer.layer:>5} {layer.k_bytes:>12,} {layer.v_bytes:>12,} "
+                f"    {cache_cell}{layer.layer:>5} {layer.k_bytes:>12,} {layer.v_bytes:>12,} "
                 f"{layer.tokens:>11} {layer.evicted_tokens:>19}"
             )
     if report.engine is not None:

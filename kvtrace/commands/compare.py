@@ -16,9 +16,11 @@ class CompareCommand(Command):
     """Compare runs side by side: peak, KV peak, churn, reserved but unallocated, tokens/s, evicted tokens.
 
     Each RUN is a kvtrace run directory (or any input `kvtrace report` reads; step-axis timelines and
-    tokens/s need a run directory). tokens/s = KV-log steps x batch / the recording's wall time, recorder
-    overhead included. Run groups compare by their totals, and rank by rank when all RUNs are groups of
-    the same world size. Exit status: 0, or 2 for bad input.
+    tokens/s need a run directory). tokens/s = the tokens the KV log shows the model generated (1 per
+    prefill, then what each step appended per row, net of crops: right for speculative decoding) / the
+    recording's wall time, recorder overhead included; per row, and over every batch row (under beam search
+    the rows are beams: the table says so). Run groups compare by their totals, and rank by rank when all
+    RUNs are groups of the same world size. Exit status: 0, or 2 for bad input.
     """
 
     name = "compare"

@@ -246,7 +246,10 @@ class SweepCommand(Command):
             "device": device,
             "new_tokens": args.new_tokens,
             "budget_bytes": budget,
-            "tokens_per_second": "KV-log steps x batch / recording wall time (profiler on)",
+            "tokens_per_second": (
+                "tokens generated over every batch row (the KV log's: 1 per prefill, then each step's "
+                "appended tokens net of crops) / recording wall time (profiler on)"
+            ),
             "rows": rows,
         }
         (out / "sweep.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -9,9 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
+import kvtrace
 from analyzers.units import human_bytes
 from kvtrace.cli import main
+from kvtrace.llama import build_model
+from tests.tiny import HEAD_DIM, tiny_size
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
@@ -249,3 +253,33 @@ def test_diagnose_says_which_moment_its_per_layer_kv_is(capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     (step,) = [line.split()[-2] for line in out.splitlines() if line.strip().startswith("at the peak: step ")]
     assert f"KV by layer (end of step {step})" in out
+
+
+def test_diagnose_prices_remedies_with_the_tokens_held_at_its_moment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run whose peak is its prefill (a long prompt's activations, few new tokens): the cache then
+    # holds the prompt, and the run ends holding prompt + new tokens - 1
+    layers, kv_heads, prompt, new_tokens = 4, 2, 32, 4
+    model = build_model(tiny_size(layers, kv_heads))
+    ids = torch.randint(3, 1000, (1, prompt), generator=torch.Generator().manual_seed(3))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    per_token = layers * 2 * kv_heads * HEAD_DIM * 4  # bytes per position and row, fp32
+
+    # WHEN it is diagnosed
+    assert main(["diagnose", str(run), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+
+    # THEN the moment is the prefill, and its tokens are the prompt's, not the final count
+    assert (data["step"], data["step_phase"]) == (1, "prefill")
+    assert (data["batch"], data["tokens_held"]) == (1, prompt)
+    (context,) = [r for r in data["remedies"] if r["kind"] == "context"]
+    cut = prompt // 4
+    assert (context["setting"], context["saved_bytes"]) == (prompt - cut, per_token * cut)
+    assert f"A context of {prompt - cut} tokens instead of {prompt} " in context["sentence"]
+    # AND the text says which step that count is of
+    assert main(["diagnose", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"batch x tokens held \(end of step 1\)\s+1 x {prompt}\n", out), out

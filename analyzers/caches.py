@@ -1,0 +1,86 @@
+"""Which cache object the report's headline KV figures describe, when several hold KV at once.
+
+An assistant model's draft cache lives next to the model's own during assisted generation, and two
+generate() outputs still referenced keep two caches of the model. Summing them per layer index, or dividing
+their total by one cache's tokens, describes neither: each cache's figures are its own, and `tokens_held`,
+`batch` and the bytes per token are the main cache's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from analyzers.kv_log import CacheFigures
+
+__all__ = ["CacheSummary", "cache_summaries", "caches_note", "main_cache"]
+
+
+@dataclass
+class CacheSummary:
+    """One cache object's own figures: its bytes over its own tokens and rows."""
+
+    cache: int
+    layers: int
+    final_bytes: int
+    tokens: int
+    rows: int | None
+    bytes_per_token_measured: float | None
+    main: bool  # the cache `tokens_held`, `batch` and the bytes per token describe
+    model_shaped: bool | None  # has the recorded model's KV layer count (None: no geometry to tell)
+
+
+def _model_layers(geometry: dict[str, Any] | None) -> int | None:
+    layers = (geometry or {}).get("kv_layers") or (geometry or {}).get("num_layers")
+    return layers if isinstance(layers, int) else None
+
+
+def main_cache(caches: list[CacheFigures], geometry: dict[str, Any] | None) -> CacheFigures:
+    """The cache that `tokens_held`, `batch` and the bytes per token describe: among the caches held at the
+    end (else all), those with the recorded model's KV layer count (an assistant model's draft cache has
+    its own), and of those the one written last (two generate() outputs of one model: the later)."""
+    held = [c for c in caches if c.final_bytes] or caches
+    layers = _model_layers(geometry)
+    shaped = [c for c in held if c.layers == layers] or held
+    return max(shaped, key=lambda c: c.last_seq)
+
+
+def cache_summaries(
+    caches: list[CacheFigures], main_id: int, geometry: dict[str, Any] | None
+) -> list[CacheSummary]:
+    """Each cache's own figures; `main_id` is `main_cache(...)`'s."""
+    layers = _model_layers(geometry)
+    return [
+        CacheSummary(
+            cache=c.cache,
+            layers=c.layers,
+            final_bytes=c.final_bytes,
+            tokens=c.tokens,
+            rows=c.rows or None,
+            bytes_per_token_measured=(
+                c.final_bytes / (c.tokens * c.rows) if c.final_bytes and c.tokens and c.rows else None
+            ),
+            main=c.cache == main_id,
+            model_shaped=(c.layers == layers) if layers is not None else None,
+        )
+        for c in caches
+    ]
+
+
+def caches_note(caches: list[CacheSummary]) -> str | None:
+    """Why the per-layer table holds a layer index more than once, and which cache the headline is."""
+    held = [c for c in caches if c.final_bytes]
+    main = next((c for c in caches if c.main), None)
+    if len(held) < 2 or main is None:
+        return None
+    others = [c for c in held if not c.main]
+    why = (
+        "the recorded model's layer count"
+        if main.model_shaped and not all(c.model_shaped for c in others)
+        else "written last"
+    )
+    return (
+        f"{len(held)} KV caches were held at the end (an assistant model's draft cache, or an earlier "
+        f"generate()'s output still referenced): per-layer rows name their cache; tokens held and bytes per "
+        f"token are cache {main.cache}'s ({main.layers} layers, {why})"
+    )
