@@ -206,6 +206,8 @@ def stream_report(
         source = read_chrome_trace(path, progress, sink_for=sink_for)
     except Unsorted:
         return None
+    if source.meta.get("python_stacks") and source.devices:
+        return None  # stacks attribute each event (KV, weights): the columns path keeps them
     devices: list[DeviceSummary] = []
     timelines: list[DeviceTimeline] = []
     base_ns, integral = source.meta.get("baseTimeNanoseconds"), bool(source.meta.get("ts_integral"))

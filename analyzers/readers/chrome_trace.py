@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import DeviceEvents, Marker, MemorySource
-from analyzers.readers.kineto_scan import MemoryBlock, NotKineto, as_int64, scan_kineto
+from analyzers.readers.kineto_scan import PYTHON_FUNCTION, MemoryBlock, NotKineto, as_int64, scan_kineto
 from analyzers.readers.memory_events_fast import DeviceColumns, MemoryRunReader
 from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.memory_timeline import read_memory_timeline  # re-exported: one import for both
@@ -358,6 +358,8 @@ def offset_us(base_ns: Any, integral: bool) -> int | float:
     return base_ns // 1000 if integral and base_ns % 1000 == 0 else base_ns / 1000.0
 
 
+_STACKS_PEEK = 1 << 20  # bytes looked at for python_function ranges (the JSON reader's first window)
+
 SEVERAL_PROCESSES_NOTE = (
     "{device}: [memory] events of {count} processes; each counts its own 'Total Allocated', so the device's "
     "curve is the running sum of their 'Bytes'"
@@ -410,17 +412,22 @@ def read_chrome_trace(
         except NotKineto:
             pass
         else:
-            return _source_of(
+            source = _source_of(
                 str(path), collector, result.top, collector.all_integral, result.events, "byte_scan"
             )
+            source.meta["python_stacks"] = result.python_stacks
+            return source
     name = str(path)
     collector = _TraceCollector(sink_for, name)
     memory_runs = MemoryRunReader(collector.columns_for, collector.saw_pids)
     with open_input(path, progress) as binary:
+        python_stacks = PYTHON_FUNCTION in binary.peek(_STACKS_PEEK)[:_STACKS_PEEK]
         top, skipped = _walk_trace(JsonStream(binary, name), collector, memory_runs)
     integral = collector.all_integral and memory_runs.all_integral
     events = collector.events + memory_runs.events + skipped
-    return _source_of(name, collector, top, integral, events, "json_stream")
+    source = _source_of(name, collector, top, integral, events, "json_stream")
+    source.meta["python_stacks"] = python_stacks or bool(top.get("with_stack"))
+    return source
 
 
 def _source_of(

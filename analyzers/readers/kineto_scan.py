@@ -43,6 +43,7 @@ _EVENT_START = _EVENT_OPEN + b"\n    "
 _COMMA_START = b"," + _EVENT_START
 _EVENT_CLOSE = b"\n  }"
 _NEEDLE = b'"[memory]"'
+PYTHON_FUNCTION = b'"python_function"'  # the category of the ranges a with_stack=True trace holds
 # Substrings of the events decoded one by one; a needle is a `bytes.find` pass or a compiled pattern. The
 # two phases share one pattern: one pass over the text instead of two (each ~25 ms on a 35 MB trace here).
 # Step names are kept only where they begin a string (`_is_step` wants the name to start so), and a needle
@@ -122,6 +123,7 @@ class MemoryBlock:
 class ScanResult:
     top: dict[str, Any] = field(default_factory=dict)
     events: int = 0
+    python_stacks: bool = False  # a trace taken with_stack=True (python_function ranges to attribute by)
 
 
 def _blocks_of(columns: dict[str, np.ndarray], count: int) -> list[MemoryBlock]:
@@ -351,6 +353,8 @@ def scan_kineto(
     with open_input(path, progress) as binary:
         head = binary.read(_HEAD_BYTES)
         top, begin = _header(head)
+        # torch.profiler writes "with_stack": 1 at the top; older traces show their python_function ranges
+        scanner.result.python_stacks = bool(top.get("with_stack")) or PYTHON_FUNCTION in head
         carry = head[begin:]
         while True:
             data = binary.read(block_bytes or _BLOCK_BYTES)

@@ -432,4 +432,11 @@ def open_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
 
     if kind == "memory_timeline":
         return read_memory_timeline(path, progress=progress)
-    return read_chrome_trace(path, progress=progress)
+    source = read_chrome_trace(path, progress=progress)
+    if source.meta.get("python_stacks") and source.devices:
+        # Taken with_stack=True: each allocation gets the Python stack it ran under, so that attribution
+        # finds the cache's update frames (KV) and the modules' weights, as it does for kvtrace's runs.
+        from analyzers.readers.trace_stacks import attach_python_stacks
+
+        source.meta["allocations_with_stack"] = attach_python_stacks(source, path)
+    return source

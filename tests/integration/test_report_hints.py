@@ -92,3 +92,23 @@ def test_forward_passes_on_another_thread_are_counted(tmp_path: Path) -> None:
     # THEN the report says the profiler's trace misses those 4 forward passes, and the KV log does not
     assert any(note.startswith("4 of 4 forward passes ran on another thread") for note in data["notes"])
     assert data["kv"]["tokens_held"] == 7 + 4 - 1
+
+
+def test_a_bare_profiler_trace_taken_with_stacks_attributes_the_kv(tmp_path: Path) -> None:
+    # GIVEN torch.profiler's own trace of generate(), with_stack=True, no kvtrace at all
+    model = build_model(tiny_size(2))
+    ids = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    profiler = torch.profiler.profile(activities=activities, profile_memory=True, with_stack=True)
+    with torch.no_grad(), profiler:
+        model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    trace = tmp_path / "plain.pt.trace.json"
+    profiler.export_chrome_trace(str(trace))
+    data = json.loads(_out(["report", str(trace), "--json"]))
+    # THEN the cache's allocations are found by their stacks: the KV peak is the arithmetic of the last step,
+    # 2 rows x 13 tokens in 2 layers x (K, V) x 2 KV heads x 16 x 4 bytes, and one layer's old K of 12 tokens
+    # alive beside its copy; the cache was dropped by the end
+    one_side = 2 * 16 * 4  # one layer's K (or V), one token, one row
+    assert data["kv"]["measured_from"] == "stack_rule"
+    assert data["kv"]["peak_bytes"] == 2 * 13 * (2 * 2 * one_side) + 2 * 12 * one_side
+    assert data["kv"]["final_bytes"] == 0
