@@ -56,6 +56,10 @@ class EvictionSummary:
         return sum(e.freed_bytes for e in self.evictions)
 
     @property
+    def new_storage_bytes(self) -> int:
+        return sum(e.new_storage_bytes for e in self.evictions)
+
+    @property
     def freed_nothing(self) -> list[Eviction]:
         return [e for e in self.evictions if e.freed_bytes == 0]
 

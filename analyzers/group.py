@@ -127,6 +127,8 @@ def _sum_kv(kvs: list[KvSummary]) -> KvSummary:
             "events": sum(int(e["events"]) for e in evictions),
             "claimed_bytes": sum(int(e["claimed_bytes"]) for e in evictions),
             "freed_bytes": sum(int(e["freed_bytes"]) for e in evictions),
+            "new_storage_bytes": sum(int(e.get("new_storage_bytes", 0)) for e in evictions),
+            "released_bytes": sum(int(e.get("released_bytes", e["freed_bytes"])) for e in evictions),
             "per_layer": [],
             "freed_nothing": [],
         }

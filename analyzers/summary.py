@@ -267,6 +267,10 @@ def _add_evictions(kv: KvSummary, events: list[Any]) -> None:
         "events": len(ev_summary.evictions),
         "claimed_bytes": ev_summary.claimed_bytes,
         "freed_bytes": ev_summary.freed_bytes,
+        # A contiguous eviction copies the kept tokens to a new storage: what it really released is the old
+        # storage less that copy (negative when the old one stays alive: grad on, or referenced).
+        "new_storage_bytes": ev_summary.new_storage_bytes,
+        "released_bytes": ev_summary.freed_bytes - ev_summary.new_storage_bytes,
         "per_layer": [{"layer": k, **v} for k, v in per_layer_ev.items()],
         "freed_nothing": [
             {

@@ -72,9 +72,12 @@ def report_to_text(report: Report) -> str:
         lines.append(f"    evicted tokens (all rows and layers): {kv.evicted_tokens:,}{kinds_said}")
     if kv.evictions:
         ev = kv.evictions
+        released = ev.get("released_bytes", ev["freed_bytes"])
+        net = human_bytes(released) if released >= 0 else f"-{human_bytes(-released)} (memory grew)"
         lines.append(
             f"    press evictions: {ev['events']} (K and V), claimed {human_bytes(ev['claimed_bytes'])}, "
-            f"really released {human_bytes(ev['freed_bytes'])}"
+            f"really released {net}: old storages freed {human_bytes(ev['freed_bytes'])}, their "
+            f"copies take {human_bytes(ev.get('new_storage_bytes', 0))}"
         )
         reasons: dict[str, int] = {}
         for item in ev["freed_nothing"]:

@@ -72,6 +72,9 @@ def test_eviction_under_no_grad_frees_the_old_storage(tmp_path: Path) -> None:
     ev = data["kv"]["evictions"]
     assert ev["claimed_bytes"] == LAYERS * 2 * evicted_per_row * row_bytes
     assert ev["freed_bytes"] == LAYERS * 2 * PROMPT * row_bytes  # the whole old storage is released
+    # ... and the kept tokens' new copies take their own: the net release is what was claimed
+    assert ev["new_storage_bytes"] == LAYERS * 2 * KEEP * row_bytes
+    assert ev["released_bytes"] == ev["claimed_bytes"]
     assert ev["freed_nothing"] == []
     assert data["kv"]["final_bytes"] == LAYERS * 2 * KEEP * row_bytes
 
@@ -80,6 +83,8 @@ def test_eviction_with_grad_enabled_frees_nothing_and_says_why(tmp_path: Path) -
     data = _run(tmp_path, grad=True, contiguous=True)
     ev = data["kv"]["evictions"]
     assert ev["freed_bytes"] == 0
+    row_bytes = KV_HEADS * HEAD_DIM * 4 * BATCH
+    assert ev["released_bytes"] == -LAYERS * 2 * KEEP * row_bytes  # the copies add to the kept old storage
     assert {item["reason"] for item in ev["freed_nothing"]} == {"grad_enabled"}
     assert len(ev["freed_nothing"]) == LAYERS * 2
 
