@@ -96,13 +96,13 @@ class DemoCommand(Command):
         if problem is not None:
             raise KvtraceError(problem)
 
-        out = Path(args.out or default_out(args.cache, args.press))
-        if (out / "manifest.json").exists() and not args.overwrite:
-            raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
-        gpu_memory = args.gpu_memory
+        gpu_memory = args.gpu_memory  # flags first: a bad value is named whatever --out holds
         if gpu_memory is None and args.size == "demo":
             gpu_memory = DEMO_GPU_MEMORY
         budget = None if gpu_memory in (None, "none") else memory_size(gpu_memory)
+        out = Path(args.out or default_out(args.cache, args.press))
+        if (out / "manifest.json").exists() and not args.overwrite:
+            raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
         from kvtrace.llama import (
             DEFAULT_PROMPTS,
             build_model,

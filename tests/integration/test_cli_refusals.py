@@ -47,8 +47,11 @@ def run_copy(tmp_path: Path) -> Path:
     ids=["plan-inf", "plan-1e99", "plan-reserve", "diagnose-budget", "demo", "sweep"],
 )
 def test_a_size_too_large_for_any_device_is_refused(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
+    argv: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # GIVEN a working folder where the README's `kvtrace demo` already ran
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(SAMPLES / "dynamic_b2", tmp_path / "runs" / "demo-dynamic")
     # WHEN a size is typed beyond 16 EiB (it used to overflow float arithmetic: OverflowError)
     assert main(argv) == 2
     # THEN one line says so, naming the value
