@@ -73,13 +73,21 @@ def device_timeline(dev: DeviceEvents, baseline_category: int = OTHER) -> Device
     return DeviceTimeline(dev.device, dev.ts_us, allocated, reserved, by_category, dev.capacity_bytes)
 
 
-def downsample_indices(values: np.ndarray, max_points: int) -> np.ndarray:
-    """Indices of at most ~max_points points whose max and min equal the full series' per bucket."""
+def downsample_indices(values: np.ndarray, max_points: int, times: np.ndarray | None = None) -> np.ndarray:
+    """Indices of at most ~max_points points whose max and min equal the full series' per bucket.
+
+    Each bucket keeps its first and last point too. With `times` (sorted), half the buckets are cut by
+    time: a step line holds each value until the next point, so the last value before a long pause (the
+    KV held between generate()'s end and the block's) must be a point, not the bucket's transient max."""
     n = int(values.shape[0])
     if n <= max_points:
         return np.arange(n)
     buckets = max(1, max_points // 4)
     edges = np.linspace(0, n, buckets + 1).astype(np.int64)
+    if times is not None and n and times[-1] > times[0]:
+        half = max(1, buckets // 2)
+        by_time = np.searchsorted(times, np.linspace(times[0], times[-1], half + 1)[1:-1], side="left")
+        edges = sorted_unique(np.concatenate([edges[:: 2], by_time, [n]]).astype(np.int64))
     starts, ends = edges[:-1], edges[1:]
     keep = [starts, ends - 1]
     # Per-bucket argmax/argmin, vectorised with reduceat over the bucket starts.

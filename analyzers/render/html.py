@@ -49,7 +49,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     for tl in report.timelines:
         if len(tl.ts_us) == 0:
             continue
-        keep = downsample_indices(tl.allocated, MAX_POINTS)
+        keep = downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us)
         x = (tl.ts_us[keep] - t0) / 1e6
         prefix = f"{tl.device} " if len(report.timelines) > 1 else ""
         for name in ("weights", "kv", "other"):
@@ -125,8 +125,9 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     if rows == 3:
         assert kv is not None  # rows == 3 only when there is a KV log
         series = np.asarray(kv.series_bytes, dtype=np.int64)
-        keep = downsample_indices(series, MAX_POINTS)
-        x = (np.asarray(kv.series_t_ns, dtype=np.float64)[keep] / 1000.0 - t0) / 1e6
+        t_ns = np.asarray(kv.series_t_ns, dtype=np.int64)
+        keep = downsample_indices(series, MAX_POINTS, t_ns)
+        x = (t_ns[keep].astype(np.float64) / 1000.0 - t0) / 1e6
         line = {"color": _COLORS["kv"], "shape": "hv"}
         kv_unit, kv_factor = binary_unit(int(series.max()) if len(series) else 0)
         fig.add_trace(

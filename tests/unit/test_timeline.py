@@ -33,3 +33,21 @@ def test_categories_and_baseline() -> None:
     assert tl.by_category["kv"].tolist() == [100, 100, 0, 0]
     assert tl.by_category["weights"].tolist() == [1000, 1000, 1000, 1007]
     assert tl.by_category["other"].tolist() == [0, 50, 50, 50]
+
+
+def test_the_value_held_before_a_pause_is_kept_for_a_step_line() -> None:
+    # GIVEN a KV series whose every update briefly doubles (the copy beside the old storage), then a long
+    # pause (generate() is over, the block is not) before the teardown frees everything
+    rng = np.random.default_rng(0)
+    n = 20_000
+    values = np.cumsum(rng.integers(0, 3, n)).astype(np.int64)
+    values[1::2] *= 2  # transient maxima
+    times = np.arange(n, dtype=np.int64)
+    times[-1] = 10 * n  # the pause
+    values[-1] = 0
+    # WHEN cut to 1,000 points with the times
+    keep = downsample_indices(values, 1000, times)
+    # THEN the point before the pause holds the level of the last update, not a transient maximum,
+    # and every bucket's extremes are still there
+    assert keep[-2] == n - 2 and len(keep) <= 1100
+    assert values[keep].max() == values.max() and values[keep].min() == values.min()
