@@ -23,7 +23,8 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     from plotly.subplots import make_subplots
 
     kv = source.meta.get("kv")
-    rows = 3 if kv is not None and kv.step_live else 1
+    # A vLLM pool is allocated once (its KV events all at step 0): per-step KV panels would show one column.
+    rows = 3 if kv is not None and kv.step_live and source.meta.get("engine") is None else 1
     titles = ["Memory by category over time"]
     if rows == 3:
         titles += [
@@ -332,8 +333,12 @@ def _summary_table(report: Report) -> str:
 def report_to_html(source: MemorySource, report: Report, extra_sections: list[str] | None = None) -> str:
     from plotly.offline import get_plotlyjs
 
-    fig = _timeline_figure(source, report)
-    plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-timeline")
+    plot = ""
+    if source.meta.get("engine") is None or max((len(tl.ts_us) for tl in report.timelines), default=0) > 1:
+        # A vLLM run without a trace has one memory event (the pool's allocation): its engine section
+        # below is the timeline, and a chart of one point would only mislead.
+        fig = _timeline_figure(source, report)
+        plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-timeline")
     extra_notes = [n for n in (_monitor_note(source),) if n]
     if report.kv.measured_from == "none":
         extra_notes.append(f"KV cache: {NO_KV_HINT}")

@@ -231,3 +231,14 @@ def test_plan_from_a_cpu_run_plans_its_own_pool(capsys: pytest.CaptureFixture[st
     assert data["num_blocks"] == info["num_blocks"]
     assert data["request"]["block_size"] == info["block_size"]
     assert data["request"]["max_model_len"] == info["config"]["max_model_len"]
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_a_vllm_runs_page_shows_the_pool_not_one_point_charts(tmp_path: Path) -> None:
+    # GIVEN a vLLM run without a profiler trace: its one memory event is the pool's allocation
+    page = tmp_path / "vllm.html"
+    assert main(["report", str(PREEMPT), "--no-export", "-q", "-o", str(page)]) == 0
+    html = page.read_text()
+    # THEN the pool's own panel is the chart, and no chart of one point or one step is drawn
+    assert 'id="kvtrace-engine-pool"' in html
+    assert "kvtrace-timeline" not in html and "KV bytes per layer at the end of each step" not in html
