@@ -23,10 +23,11 @@ from typing import Any
 
 from analyzers.attribution import attribute
 from analyzers.compare import RunFigures, run_figures
+from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
 from analyzers.readers.run_group import RankRun, read_run_group
 from analyzers.readers.sources import ProgressFn
-from analyzers.summary import KvSummary, LayerSummary, Report, summarize
+from analyzers.summary import KvSummary, LayerSummary, Report, heads_held_by, summarize
 
 __all__ = ["GroupReport", "RankReport", "build_group_report", "group_figures", "load_group_focus"]
 
@@ -91,7 +92,24 @@ def _rank_report(run: RankRun) -> RankReport:
     )
 
 
-def _sum_kv(kvs: list[KvSummary]) -> KvSummary:
+def _replicas(ranks: list[RankReport]) -> bool:
+    """Whether every rank's cache holds all the model's KV heads: data parallelism (each rank its own
+    sequences), not tensor parallelism (the same sequences, each rank a share of the heads)."""
+    if len(ranks) < 2:
+        return False
+    for rank in ranks:
+        heads = (rank.report.geometry or {}).get("num_kv_heads")
+        run = rank.source.meta.get("run")
+        data = [e for e in run.kv_events if is_kv_data(e) and e.shape] if run is not None else []
+        held = heads_held_by(data[-1]) if data else None
+        if not isinstance(heads, int) or held is None or held < heads:
+            return False
+    return True
+
+
+def _sum_kv(kvs: list[KvSummary], replicas: bool = False) -> KvSummary:
+    """KV figures of the ranks together. Bytes add up either way; tokens and rows do only for replicas
+    (data parallel: the ranks' sequences are different ones), whose bytes per token are one rank's."""
     layers: dict[tuple[int, int], LayerSummary] = {}
     for kv in kvs:
         for item in kv.per_layer:
@@ -107,20 +125,28 @@ def _sum_kv(kvs: list[KvSummary]) -> KvSummary:
     final = sum(kv.final_bytes for kv in kvs)
     # Each rank's main cache (an assistant model's draft cache is not the model's tokens' KV)
     main_final = sum(next((c.final_bytes for c in kv.caches if c.main), kv.final_bytes) for kv in kvs)
+    token_rows = (tokens_held * batch) if tokens_held and batch else 0
+    expected = (
+        sum(kv.bytes_per_token_expected for kv in kvs if kv.bytes_per_token_expected is not None)
+        if all(kv.bytes_per_token_expected is not None for kv in kvs)
+        else None
+    )
+    evicted = max((kv.evicted_tokens for kv in kvs), default=0)
+    if replicas:
+        batch = sum(kv.batch or 0 for kv in kvs) or None
+        token_rows = sum((kv.tokens_held or 0) * (kv.batch or 0) for kv in kvs)
+        expected = kvs[0].bytes_per_token_expected
+        evicted = sum(kv.evicted_tokens for kv in kvs)
     evictions = [kv.evictions for kv in kvs if kv.evictions]
     return KvSummary(
         peak_bytes=sum(kv.peak_bytes for kv in kvs),
         final_bytes=final,
         allocated_bytes_total=sum(kv.allocated_bytes_total for kv in kvs),
-        evicted_tokens=max((kv.evicted_tokens for kv in kvs), default=0),
+        evicted_tokens=evicted,
         per_layer=[layers[k] for k in sorted(layers)],
         measured_from=methods[0] if len(methods) == 1 else "+".join(methods),
-        bytes_per_token_measured=(main_final / (tokens_held * batch)) if tokens_held and batch else None,
-        bytes_per_token_expected=(
-            sum(kv.bytes_per_token_expected for kv in kvs if kv.bytes_per_token_expected is not None)
-            if all(kv.bytes_per_token_expected is not None for kv in kvs)
-            else None
-        ),
+        bytes_per_token_measured=(main_final / token_rows) if token_rows else None,
+        bytes_per_token_expected=expected,
         tokens_held=tokens_held,
         batch=batch,
         evictions={
@@ -161,11 +187,17 @@ def _total(path: str, ranks: list[RankReport]) -> Report:
     ooms = [r for r in ranks if r.report.oom is not None]
     oom = {**ooms[0].report.oom, "rank": ooms[0].rank} if ooms else None  # type: ignore[dict-item]
     notes = [f"rank {r.rank}: {note}" for r in ranks for note in r.report.notes]
+    replicas = _replicas(ranks)
+    if replicas:
+        notes.append(
+            "every rank holds all KV heads (data parallel: each its own sequences): bytes per token are one "
+            "rank's, batch and evicted tokens the ranks' sum"
+        )
     return Report(
         source_kind="run_group",
         path=path,
         devices=devices,
-        kv=_sum_kv([r.report.kv for r in ranks]),
+        kv=_sum_kv([r.report.kv for r in ranks], replicas),
         geometry=first.geometry,
         steps=max(r.report.steps for r in ranks),
         markers=sum(r.report.markers for r in ranks),

@@ -196,7 +196,7 @@ def _kv_from_events(source: MemorySource, timelines: list[DeviceTimeline]) -> Kv
     return KvSummary(peak, final, total, 0, [per_layer[k] for k in sorted(per_layer)], measured)
 
 
-def _heads_held(event: Any) -> int | None:
+def heads_held_by(event: Any) -> int | None:
     """KV heads in a cache tensor: [batch, heads, tokens, head_dim] for HF data, [batch, tokens, heads,
     head_dim] for module buffers (Meta's reference code)."""
     shape: list[int] = list(event.shape or ())
@@ -240,7 +240,7 @@ def _bytes_per_token_of_shapes(data_events: list[Any]) -> int | None:
             last[(event.layer, event.kv)] = event
     if not last:
         return None
-    return sum((_heads_held(e) or 0) * e.shape[-1] * _DTYPE_BYTES[e.dtype] for e in last.values())
+    return sum((heads_held_by(e) or 0) * e.shape[-1] * _DTYPE_BYTES[e.dtype] for e in last.values())
 
 
 def _add_evictions(kv: KvSummary, events: list[Any]) -> None:
@@ -328,7 +328,7 @@ def summarize(
             kv.batch = last.shape[0]
             kv.tokens_held = main.tokens
             kv.bytes_per_token_expected = _expected_bytes_per_token(
-                geometry, last.dtype, _heads_held(last)
+                geometry, last.dtype, heads_held_by(last)
             ) if _shapes_follow(geometry, data_events) else _bytes_per_token_of_shapes(data_events)
             if kv.tokens_held and kv.batch:
                 kv.bytes_per_token_measured = main.final_bytes / (kv.tokens_held * kv.batch)

@@ -5,8 +5,9 @@ rank: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK in the environme
 
 MODE is `reference` (Meta's reference Llama 3, fairscale model parallel over gloo), `reference-raise`
 (the same; the last rank's allocation fails inside `kvtrace.record()` after its last step),
-`reference-kill` (the same; the last rank is SIGKILLed there instead) or `hf-tp` (a
-Hugging Face Llama sharded by its `tp_plan="auto"`). Each rank writes FACTS_DIR/rank-<r>.json: what it
+`reference-kill` (the same; the last rank is SIGKILLed there instead), `hf-tp` (a
+Hugging Face Llama sharded by its `tp_plan="auto"`) or `hf-dp` (the whole model on every rank, each with its
+own batch). Each rank writes FACTS_DIR/rank-<r>.json: what it
 measured on its own cache tensors, independently of kvtrace, for the test to compare with
 `kvtrace report --json`.
 """
@@ -141,6 +142,33 @@ def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path) -> None:
     (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
 
 
+def run_hf_data_parallel(out_dir: Path, facts_dir: Path) -> None:
+    """Data parallelism: every rank the whole model, its own batch (rank r: r + 1 rows)."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    rank = dist.get_rank()
+    config = LlamaConfig(
+        hidden_size=DIM,
+        intermediate_size=2 * DIM,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        num_key_value_heads=N_KV_HEADS,
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_SEQ,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    tokens = torch.randint(0, VOCAB, (rank + 1, PROMPT_LEN + DECODE_STEPS))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
+        model(input_ids=tokens[:, :PROMPT_LEN], cache=cache, use_cache=True)
+        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+            model(input_ids=tokens[:, pos : pos + 1], cache=cache, use_cache=True)
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    facts = {"rank": rank, "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors), "rows": rank + 1}
+    (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
+
+
 def launch(
     mode: str, out_dir: Path, facts_dir: Path, world_size: int = 2, timeout_s: float = 180.0
 ) -> list[int]:
@@ -189,6 +217,8 @@ def main() -> None:
             run_reference(out_dir, facts_dir, failure=mode.removeprefix("reference").lstrip("-"))
         elif mode == "hf-tp":
             run_hf_tensor_parallel(out_dir, facts_dir)
+        elif mode == "hf-dp":
+            run_hf_data_parallel(out_dir, facts_dir)
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     finally:

@@ -65,3 +65,22 @@ def test_hf_tensor_parallel_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[
         k_proj = next(w for w in run.weights if w.name == "model.layers.0.self_attn.k_proj.weight")
         assert k_proj.shape == [LOCAL_KV_HEADS * HEAD_DIM, worker.DIM]
         assert k_proj.storage_bytes == LOCAL_KV_HEADS * HEAD_DIM * worker.DIM * 4
+
+
+def test_hf_data_parallel_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN two ranks that each run the whole model on their own sequences (rank r: r + 1 rows)
+    out, facts_dir = tmp_path / "group", tmp_path / "facts"
+    statuses = worker.launch("hf-dp", out, facts_dir, WORLD)
+    logs = "".join((facts_dir / f"rank-{r}.log").read_text()[-3000:] for r in range(WORLD))
+    assert statuses == [0] * WORLD, logs
+    facts = [json.loads((facts_dir / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+    assert main(["report", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # THEN the bytes add up, and a token costs what it costs on one rank, all KV heads: the rows are the
+    # ranks' together
+    whole_model = worker.N_LAYERS * 2 * worker.N_KV_HEADS * HEAD_DIM * 4
+    rows = sum(f["rows"] for f in facts)
+    assert data["kv"]["final_bytes"] == sum(f["kv_bytes"] for f in facts) == whole_model * TOKENS * rows
+    assert data["kv"]["bytes_per_token_expected"] == data["kv"]["bytes_per_token_measured"] == whole_model
+    assert data["kv"]["batch"] == rows and data["kv"]["tokens_held"] == TOKENS
+    assert any("data parallel" in note for note in data["notes"])
