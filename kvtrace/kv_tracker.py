@@ -152,17 +152,18 @@ def _storage_of(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
     return (storage, addr, nbytes) if nbytes else None
 
 
-def _capture(slot: _Slot, tensor: torch.Tensor) -> tuple[Any, ...] | None:
+def _capture(slot: _Slot, tensor: torch.Tensor, written: bool = False) -> tuple[Any, ...] | None:
     """Compare a tensor with its slot and bring the slot up to date; return what its event needs, or None
     when nothing changed (or it has no storage): (event, storage address, storage bytes, view offset,
     shape, dtype JSON, device JSON, item size, previous address, previous bytes, raw weak reference to the
-    previous storage when it left the slot (else 0), whether that storage is already released)."""
+    previous storage when it left the slot (else 0), whether that storage is already released). `written`:
+    the tensor was written even if its version says not (a compiled graph's in-place write)."""
     try:
         version = tensor._version
     except RuntimeError:  # an inference tensor: in-place writes are invisible
         version = -1
     if slot.tref() is tensor:
-        if version == slot.version and version != -1:
+        if version == slot.version and version != -1 and not written:
             return None
         if tensor.data_ptr() == slot.ptr:  # written in place (static caches)
             slot.version = version
@@ -272,11 +273,13 @@ class KvTracker:
         evicted: int = 0,
         reason: str = "",
         both_first: bool = False,
+        written: bool = False,
     ) -> None:
         """A cache's own update wrote plain `keys`/`values` tensors of one layer, which now holds `tokens`
         tokens per row; `evicted` of them left a window in this update (reason `window`). `both_first`: the
         update made both new tensors before releasing either old one (a sliding layer), so the frees of the
-        old storages are logged after both new ones, not each after its own.
+        old storages are logged after both new ones, not each after its own. `written`: the update ran in a
+        compiled graph, whose in-place writes may leave the version counters as they were.
 
         A layer seen before, holding one K and one V tensor, is compared here and only captured: the slots
         are brought up to date and the facts each event needs go into a queue as tuples, with the time,
@@ -289,12 +292,12 @@ class KvTracker:
         state = self._layers.get((cache_id, layer))
         fast = state.fast if state is not None else None
         if fast is None:
-            self._update_now(cache_id, layer, keys, values, tokens, evicted, reason)
+            self._update_now(cache_id, layer, keys, values, tokens, evicted, reason, written)
             return
         assert state is not None
         state.tokens = tokens
-        k_facts = _capture(fast[0], keys)
-        v_facts = _capture(fast[1], values)
+        k_facts = _capture(fast[0], keys, written)
+        v_facts = _capture(fast[1], values, written)
         if k_facts is None and v_facts is None:
             return  # the very same tensors, not written since
         self._queue.append(
@@ -320,6 +323,7 @@ class KvTracker:
         tokens: int,
         evicted: int,
         reason: str,
+        written: bool = False,
     ) -> None:
         """The first update of a layer (or one holding other parts): compared and logged at once."""
         with self.lock:
@@ -329,8 +333,13 @@ class KvTracker:
             t_ns = self._clock()
             slots = state.slots
             reason_json = quoted(reason) if evicted else '""'
-            self._see(slots, cache_id, layer, _KD, keys, tokens, evicted, reason_json, t_ns, "update", '"hf"')
-            self._see(slots, cache_id, layer, _VD, values, tokens, 0, '""', t_ns, "update", '"hf"')
+            self._see(
+                slots, cache_id, layer, _KD, keys, tokens, evicted, reason_json, t_ns, "update", '"hf"',
+                written=written,
+            )
+            self._see(
+                slots, cache_id, layer, _VD, values, tokens, 0, '""', t_ns, "update", '"hf"', written=written
+            )
             _refresh_fast(state)
             if self._pending:
                 self.poll_frees(t_ns)

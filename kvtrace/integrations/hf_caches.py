@@ -316,7 +316,8 @@ class HfCacheHooks:
         cid = self.cache_id(cache)
         tracker = self.tracker
         for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
-            if not hasattr(layer, "keys") or not isinstance(getattr(layer, "keys", None), torch.Tensor):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if type(keys) is not torch.Tensor or type(values) is not torch.Tensor:
                 continue
             before = tracker.tokens_or_none(cid, layer_idx)
             if getattr(layer, "max_cache_len", None) is not None:
@@ -325,16 +326,7 @@ class HfCacheHooks:
             else:
                 tokens = layer_tokens(layer)
             evicted = max(0, (before or 0) + new_tokens - tokens)
-            tracker.observe(
-                cid,
-                layer_idx,
-                layer_parts(layer),
-                "update",
-                tokens,
-                evicted=evicted,
-                evicted_reason="window",
-                written=True,
-            )
+            tracker.update(cid, layer_idx, keys, values, tokens, evicted, "window", written=True)
 
     def scan_cache(self, cache: Any, cause: str, only: set[int] | None = None, reason: str = "") -> None:
         cid = self.cache_id(cache)
