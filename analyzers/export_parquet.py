@@ -36,7 +36,7 @@ from analyzers.tables import (
     named_as_given,
     source_tables,
 )
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, cannot_write
 
 ROW_GROUP_ROWS = 1 << 17
 _COMPACT_PIECES = 64
@@ -209,7 +209,7 @@ def export(
     try:
         writers = {name: _TableWriter(root / name, part, schema) for name, schema in SCHEMAS.items()}
     except OSError as exc:
-        raise KvtraceError(f"{root}: cannot write ({exc.strerror})", exit_code=1) from None
+        raise cannot_write(root, exc, folder=True) from None
     complete = False
     try:
         for inp in inputs:

@@ -18,7 +18,8 @@ class CompareCommand(Command):
     Each RUN is a kvtrace run directory (or any input `kvtrace report` reads; step-axis timelines and
     tokens/s need a run directory). tokens/s = KV-log steps x batch / the recording's wall time, recorder
     overhead included. Run groups compare by their totals, and rank by rank when all RUNs are groups of
-    the same world size. Exit status: 0, or 2 for bad input.
+    the same world size. Exit status: 0 on success; 1 when the HTML cannot be written; 2 for unreadable
+    input or bad flags.
     """
 
     name = "compare"

@@ -42,7 +42,8 @@ class ReportCommand(Command):
     PATH is a kvtrace run directory, a torch.profiler Chrome trace (.json, .json.gz) or a CUDA allocator
     snapshot pickle (torch.cuda.memory._dump_snapshot). Pickles are read without running any code. A run
     group (one run per rank of a torch.distributed job) shows its ranks side by side, KV summed over ranks.
-    Exit status: 0 on success, 2 for unreadable input or bad flags.
+    Exit status: 0 on success; 1 when an output cannot be written (the HTML, or the files written into a
+    run); 2 for unreadable input or bad flags.
     """
 
     name = "report"

@@ -376,16 +376,62 @@ def test_diagnose_says_what_it_cannot_know(capsys: pytest.CaptureFixture[str]) -
     assert isinstance(report, dict) and report["engine"]["kv_dtype"] is None
 
 
-def test_an_unknown_flag_gets_the_usage_of_its_command() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "kvtrace.cli", "diagnose", str(SAMPLES / "dynamic_b2"), "--no-export"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", *argv], capture_output=True, text=True, timeout=120
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["diagnose", str(SAMPLES / "dynamic_b2"), "--no-export"],
+            "kvtrace diagnose: error: unrecognized arguments: --no-export (see kvtrace diagnose --help)",
+        ),
+        (
+            ["plan", "--batch", "abc"],
+            "kvtrace plan: error: argument --batch: invalid int value: 'abc' (see kvtrace plan --help)",
+        ),
+        (
+            ["report"],
+            "kvtrace report: error: the following arguments are required: path (see kvtrace report --help)",
+        ),
+    ],
+    ids=["unknown-flag", "bad-value", "missing-path"],
+)
+def test_a_bad_flag_is_one_line_naming_its_command(argv: list[str], said: str) -> None:
+    # WHEN a flag is wrong THEN one line names the command, the flag and where the flags are listed: not
+    # argparse's usage block (17 lines for `plan`) above it
+    done = _cli(*argv)
     assert done.returncode == 2
-    assert done.stderr.startswith("usage: kvtrace diagnose")
-    assert "kvtrace diagnose: error: unrecognized arguments: --no-export" in done.stderr
+    assert done.stderr == said + "\n" and done.stdout == ""
+
+
+def test_an_output_below_a_file_is_refused_before_the_work_with_status_1(tmp_path: Path) -> None:
+    # GIVEN -o PATH whose parent is a file
+    parent = tmp_path / "a-file"
+    parent.write_text("x")
+    target = parent / "t.html"
+    # WHEN report and compare are asked to write there THEN status 1 (as their --help says), nothing on
+    # stdout, and the line names the file in the way ("File exists" read as if the output were there)
+    for argv in (
+        ["report", str(SAMPLES / "static_b2"), "--no-export", "-q", "-o", str(target)],
+        ["compare", str(SAMPLES / "static_b2"), str(SAMPLES / "dynamic_b2"), "-o", str(target)],
+    ):
+        done = _cli(*argv)
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr == (
+            f"kvtrace {argv[0]}: error: {target}: cannot write (a parent of the path is a file: {parent})\n"
+        )
+        assert "1 when" in " ".join(_cli(argv[0], "--help").stdout.split())
+    # AND an export DIR below the file: the same line, status 1
+    tables = parent / "tables"
+    done = _cli("export", str(SAMPLES / "static_b2"), "-q", "-o", str(tables))
+    assert done.returncode == 1
+    said = f"{tables}: cannot write (a parent of the path is a file: {parent})"
+    assert done.stderr == f"kvtrace export: error: {said}\n"
+    assert parent.read_text() == "x"
 
 
 def test_a_demo_into_a_path_that_is_a_file_is_one_line_and_status_1(tmp_path: Path) -> None:
