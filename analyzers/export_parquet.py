@@ -199,7 +199,7 @@ def export(
     done, taken = _exported(root) if root.is_dir() else (set(), set())
     part = _next_part(root) if root.is_dir() else 0
     summary = ExportSummary(out_dir=str(root), part=part)
-    summary.inputs = len(inputs)
+    summary.inputs = len(inputs) + len(problems)  # a missing path was given too: "1 of 2 inputs"
     summary.problems.extend(problems)
     for _, missing in problems:
         if warn is not None:

@@ -599,3 +599,25 @@ def test_a_link_to_nothing_and_a_loop_of_links_are_named(
         for command in (["report"], ["diagnose"], ["compare", str(tmp_path / "b")]):
             assert main([command[0], str(tmp_path / name), *command[1:]]) == 2
             assert capsys.readouterr().err.strip().endswith(f"{tmp_path / name}: {what}")
+
+
+def test_export_counts_a_missing_input_among_the_inputs_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run and a glob that matched nothing (the shell passes it on as written): two inputs
+    missing = tmp_path / "nightly" / "*.pickle"
+    kv_lines = len((SAMPLES / "static_b2" / "kv_events.jsonl").read_text().splitlines())
+    # WHEN both are exported THEN the run is, the glob is skipped, and the count is of the two given
+    given = [str(SAMPLES / "static_b2"), str(missing)]
+    assert main(["export", *given, "-o", str(tmp_path / "t"), "-q"]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"kvtrace export: skipped: {missing}: no such file or directory\n"
+    first, second = out.splitlines()
+    assert first.startswith(
+        f"exported 1 of 2 inputs to {tmp_path / 't'} (part 0): runs 1, devices 1, kv_events {kv_lines:,},"
+    )
+    assert second == "1 skipped (see the warnings above)"
+    # AND --json says the same
+    assert main(["export", *given, "-o", str(tmp_path / "j"), "--json"]) == 2
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["inputs"], summary["exported"], len(summary["skipped"])) == (2, 1, 1)
