@@ -621,3 +621,25 @@ def test_export_counts_a_missing_input_among_the_inputs_given(
     assert main(["export", *given, "-o", str(tmp_path / "j"), "--json"]) == 2
     summary = json.loads(capsys.readouterr().out)
     assert (summary["inputs"], summary["exported"], len(summary["skipped"])) == (2, 1, 1)
+
+
+def test_report_writes_two_files_into_a_run_and_says_so(
+    run_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = sorted(p.relative_to(run_copy).as_posix() for p in run_copy.rglob("*"))
+    # WHEN a run is reported with --no-export THEN nothing in it changes
+    assert main(["report", str(run_copy), "--no-export", "-q"]) == 0
+    assert sorted(p.relative_to(run_copy).as_posix() for p in run_copy.rglob("*")) == before
+    # WHEN it is reported as the README shows THEN the KV counter trace and the scalars' folder are added
+    assert main(["report", str(run_copy), "-q"]) == 0
+    top_level = {p.split("/")[0] for p in before}
+    assert {p.name for p in run_copy.iterdir()} - top_level == {"kv_counters.trace.json.gz", "tb_scalars"}
+    # AND --help, the README and docs/format.md name both
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "writes two files into the run itself" in said
+    root = SAMPLES.parent
+    for text in (said, (root / "README.md").read_text(), (root / "docs" / "format.md").read_text()):
+        assert "kv_counters.trace.json.gz" in text and "tb_scalars/" in text and "--no-export" in text
