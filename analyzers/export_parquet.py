@@ -36,7 +36,7 @@ from analyzers.tables import (
     named_as_given,
     source_tables,
 )
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, cannot_write
 
 ROW_GROUP_ROWS = 1 << 17
 _COMPACT_PIECES = 64
@@ -199,7 +199,7 @@ def export(
     done, taken = _exported(root) if root.is_dir() else (set(), set())
     part = _next_part(root) if root.is_dir() else 0
     summary = ExportSummary(out_dir=str(root), part=part)
-    summary.inputs = len(inputs)
+    summary.inputs = len(inputs) + len(problems)  # a missing path was given too: "1 of 2 inputs"
     summary.problems.extend(problems)
     for _, missing in problems:
         if warn is not None:
@@ -209,7 +209,7 @@ def export(
     try:
         writers = {name: _TableWriter(root / name, part, schema) for name, schema in SCHEMAS.items()}
     except OSError as exc:
-        raise KvtraceError(f"{root}: cannot write ({exc.strerror})", exit_code=1) from None
+        raise cannot_write(root, exc, folder=True) from None
     complete = False
     try:
         for inp in inputs:

@@ -2,9 +2,9 @@
 
 Inputs, side by side in one run:
 
-  * the largest Chrome trace in /work/shared/real_traces/chrome (by size on disk); with `--every-real`,
+  * the largest Chrome trace in `--real-traces DIR`/chrome (by size on disk); with `--every-real`,
     every real Chrome trace and snapshot (inputs read in under a second: start-up is most of it),
-  * the largest CUDA allocator snapshot pickle in /work/shared/real_traces/snapshots, and a big snapshot
+  * the largest CUDA allocator snapshot pickle in `--real-traces DIR`/snapshots, and a big snapshot
     made from it by repeating its trace `--snapshot-copies` times (default 100),
   * a trace recorded by torch.profiler itself (`--torch-events`, default 1M `[memory]` events among aten
     ops and ProfilerStep ranges; written by a child process that imports torch),
@@ -39,6 +39,10 @@ events; the json.load and HTA rows stop at the memory limit within a minute; HTA
 the 1M torch.profiler trace). `--events 2000,20000 --torch-events 4000 --snapshot-copies 3` is a smoke run.
 
     python benchmarks/analyzer_speed.py --mem-limit-gb 6 --timeout 600
+
+`--real-traces DIR` (default /work/shared/real_traces, outside the repository) is a folder of traces
+that others recorded: `chrome/*.json[.gz]` and `snapshots/*.pickle`. Point it at your own; without that
+folder the real rows are left out and the synthetic and torch.profiler ones still run.
 
 No timing is asserted: this prints a table, it is not a test.
 """
@@ -375,6 +379,8 @@ class Row:
 
 
 def _largest(folder: Path, suffixes: tuple[str, ...]) -> Path | None:
+    if not folder.is_dir():
+        return None
     files = [p for p in folder.iterdir() if p.is_file() and p.name.endswith(suffixes)]
     return max(files, key=lambda p: p.stat().st_size) if files else None
 
@@ -575,7 +581,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds before a run is killed (600)")
     parser.add_argument("--mem-limit-gb", type=float, default=8, help="RSS at which a run is killed (8)")
     parser.add_argument("--skip-hta", action="store_true", help="leave HTA out")
-    parser.add_argument("--real-traces", type=Path, default=REAL_TRACES, help=f"default {REAL_TRACES}")
+    parser.add_argument(
+        "--real-traces",
+        type=Path,
+        default=REAL_TRACES,
+        metavar="DIR",
+        help=f"folder with chrome/ and snapshots/ of real traces (default {REAL_TRACES})",
+    )
     parser.add_argument("--keep", type=Path, help="write the synthetic traces here and keep them")
     parser.add_argument(
         "--every-real",
@@ -593,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="kvtrace_analyzer_speed_"))
     try:
         inputs: list[Input] = []
+        if not args.real_traces.is_dir():
+            print(f"no real traces: {args.real_traces} is not a folder (--real-traces DIR)", flush=True)
         chrome = _largest(args.real_traces / "chrome", (".json", ".json.gz"))
         snapshot = _largest(args.real_traces / "snapshots", (".pickle", ".pkl"))
         if args.every_real:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Wheels that kvtrace needs and the nvidia-h200 device machine lacks (KINDS.md's package list), for
-# python 3.12 x86_64, into .whl/ (ignored by git: .git/info/exclude has /.whl/). The machine has no network;
-# the device call names .whl in `carry` and gpu_check.sh installs them into /tmp/site.
+# Wheels that benchmarks/gpu_check.sh needs on a GPU machine without network that already has torch and
+# transformers, for python 3.12 x86_64, into .whl/ (ignored by git: .git/info/exclude has /.whl/). Copy the
+# checkout with .whl/ to that machine; gpu_check.sh installs them into /tmp/site (docs/gpu_check.md).
 #   plotly    the analyzers' HTML report (not on the machine)
 #   narwhals  plotly's one dependency (on the machine, version unknown: carried so plotly gets the one it is tested with)
 #   nvtx      kvtrace's NVTX ranges (not on the machine; a no-op without Nsight attached, but the import path runs)
-# Already there: numpy, tqdm, torch, transformers, tensorboard, tiktoken. Not needed by gpu_check:
+# Assumed installed there: numpy, tqdm, torch, transformers, tensorboard, tiktoken. Not needed by gpu_check:
 # llama-models (tokenizer; the check feeds random token ids), torch-tb-profiler.
 set -euo pipefail
 cd "$(dirname "$0")/.."

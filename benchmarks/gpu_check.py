@@ -1,4 +1,4 @@
-"""Issue 6 end to end on one GPU: a Llama 3 8B-shaped model under `kvtrace.record()`, an OOM, the checks.
+"""kvtrace's CUDA paths on one GPU: a Llama 3 8B-shaped model under `kvtrace.record()`, an OOM, the checks.
 
 One command, one output folder (`--out`, default `$OUT` or ./gpu_check_out). Steps, each guarded so that
 one failure records its figures and the script goes on:
@@ -15,14 +15,14 @@ one failure records its figures and the script goes on:
   4. tokens/s of plain generate(), record(profiler=False, snapshots=False) (KV log + NVTX alone),
      record(profiler=False), bare torch.profiler (CPU+CUDA, profile_memory) and record(profiler=True),
      interleaved, medians;
-  5. run directories packed as .tar.gz into the output folder within the device tool's limits (at most
-     8 files, each under 16 MiB), `summary.json` and `summary.md` beside them.
+  5. run directories packed as .tar.gz into the output folder, small enough to copy back from a remote
+     machine (at most 8 files, each under 16 MiB), `summary.json` and `summary.md` beside them.
 
 Run directories are written under `--work` (default /tmp/kvtrace_gpu_check), never under `--out`, so
 that only the packed files travel back. `summary.json` is rewritten after every check, so a run killed
 by its time limit still leaves what it measured. Exit status 0 when no check failed, 1 otherwise.
 
-    python benchmarks/gpu_check.py --out "$OUT"          # one H200, ~5-7 min
+    python benchmarks/gpu_check.py --out "$OUT"          # one GPU of 80 GB or more, a few minutes
     python benchmarks/gpu_check.py --dry-run             # same code path, CPU, tiny shape, < 2 min
 """
 
@@ -52,7 +52,7 @@ if str(_REPO) not in sys.path:
 
 GiB = 1 << 30
 MiB = 1 << 20
-# The device tool brings back at most 8 files of under 16 MiB each, 64 MiB together, from $OUT.
+# What $OUT may hold, so that it copies back from a remote machine quickly: 8 files, 16 MiB each, 64 together.
 MAX_FILES_BACK = 8
 MAX_FILE_BYTES = 15 * MiB
 MAX_TOTAL_BYTES = 56 * MiB
@@ -919,7 +919,7 @@ def timing_step(results: Results, work: Workload, work_dir: Path) -> dict[str, A
 
 # -- step 5: packing ------------------------------------------------------------------------------------
 def pack(results: Results, out: Path, work_dir: Path, groups: list[tuple[str, list[str]]]) -> None:
-    """One .tar.gz per group of run directories, within the device tool's limits on files back."""
+    """One .tar.gz per group of run directories, within the limits on $OUT (MAX_FILES_BACK, ...)."""
     budget_files = MAX_FILES_BACK - len(FIXED_FILES)
     total = sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.suffix != ".gz")
     for archive_name, dirs in groups:

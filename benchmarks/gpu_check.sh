@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Issue 6 on the nvidia-h200 device machine, in one call of the device tool's `run`:
-#   command: bash benchmarks/gpu_check.sh     carry: [".whl"]     timeout_s: 540
-# (.whl/ comes from benchmarks/fetch_gpu_wheels.sh, run first on the CPU machine; docs/gpu_check.md.)
+# kvtrace's CUDA checks (docs/gpu_check.md): run from the root of a checkout on a machine with one GPU.
+# Wheels in .whl/ (from benchmarks/fetch_gpu_wheels.sh, for a machine without network) are installed first.
 # Everything it keeps goes to $OUT: log.txt, summary.json, summary.md and at most 5 .tar.gz run directories.
 set -o pipefail
 OUT=${OUT:-$PWD/gpu_check_out}; mkdir -p "$OUT"

@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.lazy_numpy import numpy_at_first_use
@@ -24,6 +25,14 @@ _COMMANDS = (
     ("export", "kvtrace.commands.export", "ExportCommand"),
     ("query", "kvtrace.commands.query", "QueryCommand"),
 )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr, as every other error is: argparse's own `error`
+    prints the whole usage block first (17 lines for `plan`), which buries the one line that matters."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _commands(only: str | None = None) -> list[Command]:
@@ -49,7 +58,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     first = next(iter(argv), None) if argv is not None else None
     only = first if first in {name for name, _, _ in _COMMANDS} else None
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvtrace",
         description="Where an LLM's GPU memory goes during inference, and how much of it is the KV cache.",
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class KvtraceError(Exception):
     """A problem the user can fix (bad input file, impossible option): printed as one line.
@@ -12,3 +14,24 @@ class KvtraceError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def file_in_the_way(path: Path, folder: bool = False) -> Path | None:
+    """The file that stops `path` from being written: a parent of it that is a file (or, for a `folder`
+    output, the path itself), else None."""
+    candidates = [path, *path.parents] if folder else list(path.parents)
+    return next((p for p in candidates if p.exists() and not p.is_dir()), None)
+
+
+def cannot_write(path: Path, exc: OSError | None, verb: str = "write", folder: bool = False) -> KvtraceError:
+    """The one-line error, exit status 1, for an output that cannot be written. When a file stands in the
+    way, the OS says "File exists" or "Not a directory", which reads as if the output were there already:
+    name the file instead."""
+    blocker = file_in_the_way(path, folder)
+    if blocker is None:
+        why = (exc.strerror or str(exc)) if exc is not None else "unknown cause"
+    elif blocker == path:
+        why = "it is a file"
+    else:
+        why = f"a parent of the path is a file: {blocker}"
+    return KvtraceError(f"{path}: cannot {verb} ({why})", exit_code=1)

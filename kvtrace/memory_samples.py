@@ -112,7 +112,7 @@ class MemorySampler:
         if cuda_index is None:
             self.nvml_status: dict[str, Any] = {
                 "status": "absent",
-                "reason": "the run is not on CUDA: GPU utilization and device memory come from NVML",
+                "reason": "the run is not on CUDA",
             }
             return
         try:

@@ -152,9 +152,10 @@ def diagnosis_to_text(d: Diagnosis) -> str:
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
     if d.top_stacks:
         lines += ["", "top allocations by stack (live at this moment):"]
+        lines.append(f"  {'bytes':>12}  {'allocs':>6}  stack (innermost first)")
         for share in d.top_stacks:
-            count = f" in {share.allocations}" if share.allocations else ""
-            lines.append(f"  {human_bytes(share.bytes):>12}{count:>8}  {_first_frames(share)}")
+            count = share.allocations or ""
+            lines.append(f"  {human_bytes(share.bytes):>12}  {count:>6}  {_first_frames(share)}")
     lines += ["", "remedies, ranked by what they buy on this run:"]
     for rank, remedy in enumerate(d.remedies, 1):
         mark = _remedy_mark(remedy.fits)

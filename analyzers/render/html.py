@@ -284,9 +284,12 @@ def _monitor_note(source: MemorySource) -> str | None:
     """Why GPU utilization is missing from the timeline, when it is (a CPU run, NVML unavailable)."""
     manifest = source.meta.get("manifest") or {}
     nvml = (manifest.get("monitors") or {}).get("nvml") or {}
-    if nvml and nvml.get("status") != "ok":
-        return f"GPU utilization and device memory (NVML) are absent: {nvml.get('reason', 'unknown')}"
-    return None
+    if not nvml or nvml.get("status") == "ok":
+        return None
+    # A CPU run needs no more reason; older runs' reason repeated this sentence's own words.
+    on_cuda = (manifest.get("device") or {}).get("type") == "cuda"
+    reason = (nvml.get("reason") or "unknown") if on_cuda else "the run is not on CUDA"
+    return f"GPU utilization and device memory (NVML) are absent: {reason}"
 
 
 def _summary_table(report: Report) -> str:
@@ -309,10 +312,11 @@ def _summary_table(report: Report) -> str:
         ("measured from", kv["measured_from"]),
     ]
     if kv["bytes_per_token_measured"] is not None:
+        expected = kv["bytes_per_token_expected"]  # None without model geometry: "-", as the text report
         rows.append(
             (
                 "KV bytes/token measured vs arithmetic",
-                f"{kv['bytes_per_token_measured']:,.1f} vs {kv['bytes_per_token_expected']}",
+                f"{kv['bytes_per_token_measured']:,.1f} vs {'-' if expected is None else f'{expected:,}'}",
             )
         )
     held = [cache for cache in kv["caches"] if cache["final_bytes"]]

@@ -55,7 +55,7 @@ def report_to_text(report: Report) -> str:
     if kv.bytes_per_token_measured is not None:
         expected = "-" if kv.bytes_per_token_expected is None else f"{kv.bytes_per_token_expected:,}"
         held = (
-            f"{kv.tokens_held} tokens x {kv.batch} rows"
+            f"{kv.tokens_held} tokens x {kv.batch} {'row' if kv.batch == 1 else 'rows'}"
             if kv.batch is not None or report.engine is None
             else f"the pool's capacity of {kv.tokens_held:,} tokens"
         )

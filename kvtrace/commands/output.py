@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way
 
 
 def strict_json(value: Any) -> Any:
@@ -34,8 +34,9 @@ def print_result(as_json: bool, payload: Callable[[], Any], text: Callable[[], s
 
 
 def check_html_target(target: str | None) -> None:
-    """Refuse an `-o` that cannot take an HTML page before any work is done: an empty path, a folder, or an
-    existing file that is not HTML (`-o run/manifest.json` would destroy the run being reported)."""
+    """Refuse an `-o` that cannot take an HTML page before any work is done: an empty path, a folder, an
+    existing file that is not HTML (`-o run/manifest.json` would destroy the run being reported), or a path
+    below a file."""
     if target is None:
         return
     out = Path(target)
@@ -45,6 +46,8 @@ def check_html_target(target: str | None) -> None:
         raise KvtraceError(f"{out}: is a folder; give a file path such as {out / 'report.html'}")
     if out.is_file() and out.suffix.lower() not in (".html", ".htm"):
         raise KvtraceError(f"{out}: exists and is not an HTML file; give a new path or a .html one")
+    if file_in_the_way(out) is not None:
+        raise cannot_write(out, None)
 
 
 def write_html(target: str | Path, html: str, quiet: bool = False) -> Path:
@@ -55,7 +58,7 @@ def write_html(target: str | Path, html: str, quiet: bool = False) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(html, encoding="utf-8")
     except OSError as exc:
-        raise KvtraceError(f"{out}: cannot write ({exc.strerror})", exit_code=1) from None
+        raise cannot_write(out, exc) from None
     if not quiet:
         print(f"wrote {out} ({_binary_size(out.stat().st_size)})")
     return out

@@ -42,7 +42,11 @@ class ReportCommand(Command):
     PATH is a kvtrace run directory, a torch.profiler Chrome trace (.json, .json.gz) or a CUDA allocator
     snapshot pickle (torch.cuda.memory._dump_snapshot). Pickles are read without running any code. A run
     group (one run per rank of a torch.distributed job) shows its ranks side by side, KV summed over ranks.
-    Exit status: 0 on success, 2 for unreadable input or bad flags.
+    On a run directory (each rank's, for a group) it also writes two files into the run itself, for Perfetto
+    and TensorBoard: kv_counters.trace.json.gz (KV bytes as Chrome-trace counters) and tb_scalars/ (KV bytes
+    per step as TensorBoard scalars). --no-export leaves the run as it is.
+    Exit status: 0 on success; 1 when an output cannot be written (the HTML, or the files written into a
+    run); 2 for unreadable input or bad flags.
     """
 
     name = "report"
@@ -56,7 +60,7 @@ class ReportCommand(Command):
         parser.add_argument(
             "--no-export",
             action="store_true",
-            help="for a run directory: do not write the KV counter trace and TensorBoard scalars into it",
+            help="do not write kv_counters.trace.json.gz and tb_scalars/ into the run directory",
         )
 
     def run(self, args: argparse.Namespace) -> int:

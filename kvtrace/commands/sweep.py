@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, cannot_write
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -96,7 +96,8 @@ class SweepCommand(Command):
     Prints the table, and writes OUT/sweep.json (one row per point), OUT/sweep.html and each point's run
     directory under OUT/runs/. With --gpu-memory (or --budget), rows say whether the measured peak fits
     and, when not, the step and layer where a device of that size would run out. On CUDA an OOM inside a
-    point is caught, recorded, diagnosed and the sweep goes on. Exit status: 0, or 2 for bad input.
+    point is caught, recorded, diagnosed and the sweep goes on. Exit status: 0 on success; 1 when OUT
+    cannot be created; 2 for bad input or flags.
     """
 
     name = "sweep"
@@ -186,7 +187,7 @@ class SweepCommand(Command):
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise KvtraceError(f"{out}: cannot create ({exc.strerror})", exit_code=1) from None
+            raise cannot_write(out, exc, verb="create", folder=True) from None
         on_cuda = device.startswith("cuda") and torch.cuda.is_available()
         model = build_model(size, dtype=getattr(torch, args.dtype), device=device)
         pad_id = model.config.pad_token_id

@@ -379,16 +379,62 @@ def test_diagnose_says_what_it_cannot_know(capsys: pytest.CaptureFixture[str]) -
     assert isinstance(report, dict) and report["engine"]["kv_dtype"] is None
 
 
-def test_an_unknown_flag_gets_the_usage_of_its_command() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "kvtrace.cli", "diagnose", str(SAMPLES / "dynamic_b2"), "--no-export"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", *argv], capture_output=True, text=True, timeout=120
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["diagnose", str(SAMPLES / "dynamic_b2"), "--no-export"],
+            "kvtrace diagnose: error: unrecognized arguments: --no-export (see kvtrace diagnose --help)",
+        ),
+        (
+            ["plan", "--batch", "abc"],
+            "kvtrace plan: error: argument --batch: invalid int value: 'abc' (see kvtrace plan --help)",
+        ),
+        (
+            ["report"],
+            "kvtrace report: error: the following arguments are required: path (see kvtrace report --help)",
+        ),
+    ],
+    ids=["unknown-flag", "bad-value", "missing-path"],
+)
+def test_a_bad_flag_is_one_line_naming_its_command(argv: list[str], said: str) -> None:
+    # WHEN a flag is wrong THEN one line names the command, the flag and where the flags are listed: not
+    # argparse's usage block (17 lines for `plan`) above it
+    done = _cli(*argv)
     assert done.returncode == 2
-    assert done.stderr.startswith("usage: kvtrace diagnose")
-    assert "kvtrace diagnose: error: unrecognized arguments: --no-export" in done.stderr
+    assert done.stderr == said + "\n" and done.stdout == ""
+
+
+def test_an_output_below_a_file_is_refused_before_the_work_with_status_1(tmp_path: Path) -> None:
+    # GIVEN -o PATH whose parent is a file
+    parent = tmp_path / "a-file"
+    parent.write_text("x")
+    target = parent / "t.html"
+    # WHEN report and compare are asked to write there THEN status 1 (as their --help says), nothing on
+    # stdout, and the line names the file in the way ("File exists" read as if the output were there)
+    for argv in (
+        ["report", str(SAMPLES / "static_b2"), "--no-export", "-q", "-o", str(target)],
+        ["compare", str(SAMPLES / "static_b2"), str(SAMPLES / "dynamic_b2"), "-o", str(target)],
+    ):
+        done = _cli(*argv)
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr == (
+            f"kvtrace {argv[0]}: error: {target}: cannot write (a parent of the path is a file: {parent})\n"
+        )
+        assert "1 when" in " ".join(_cli(argv[0], "--help").stdout.split())
+    # AND an export DIR below the file: the same line, status 1
+    tables = parent / "tables"
+    done = _cli("export", str(SAMPLES / "static_b2"), "-q", "-o", str(tables))
+    assert done.returncode == 1
+    said = f"{tables}: cannot write (a parent of the path is a file: {parent})"
+    assert done.stderr == f"kvtrace export: error: {said}\n"
+    assert parent.read_text() == "x"
 
 
 def test_a_demo_into_a_path_that_is_a_file_is_one_line_and_status_1(tmp_path: Path) -> None:
@@ -556,3 +602,47 @@ def test_a_link_to_nothing_and_a_loop_of_links_are_named(
         for command in (["report"], ["diagnose"], ["compare", str(tmp_path / "b")]):
             assert main([command[0], str(tmp_path / name), *command[1:]]) == 2
             assert capsys.readouterr().err.strip().endswith(f"{tmp_path / name}: {what}")
+
+
+def test_export_counts_a_missing_input_among_the_inputs_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run and a glob that matched nothing (the shell passes it on as written): two inputs
+    missing = tmp_path / "nightly" / "*.pickle"
+    kv_lines = len((SAMPLES / "static_b2" / "kv_events.jsonl").read_text().splitlines())
+    # WHEN both are exported THEN the run is, the glob is skipped, and the count is of the two given
+    given = [str(SAMPLES / "static_b2"), str(missing)]
+    assert main(["export", *given, "-o", str(tmp_path / "t"), "-q"]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"kvtrace export: skipped: {missing}: no such file or directory\n"
+    first, second = out.splitlines()
+    assert first.startswith(
+        f"exported 1 of 2 inputs to {tmp_path / 't'} (part 0): runs 1, devices 1, kv_events {kv_lines:,},"
+    )
+    assert second == "1 skipped (see the warnings above)"
+    # AND --json says the same
+    assert main(["export", *given, "-o", str(tmp_path / "j"), "--json"]) == 2
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["inputs"], summary["exported"], len(summary["skipped"])) == (2, 1, 1)
+
+
+def test_report_writes_two_files_into_a_run_and_says_so(
+    run_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = sorted(p.relative_to(run_copy).as_posix() for p in run_copy.rglob("*"))
+    # WHEN a run is reported with --no-export THEN nothing in it changes
+    assert main(["report", str(run_copy), "--no-export", "-q"]) == 0
+    assert sorted(p.relative_to(run_copy).as_posix() for p in run_copy.rglob("*")) == before
+    # WHEN it is reported as the README shows THEN the KV counter trace and the scalars' folder are added
+    assert main(["report", str(run_copy), "-q"]) == 0
+    top_level = {p.split("/")[0] for p in before}
+    assert {p.name for p in run_copy.iterdir()} - top_level == {"kv_counters.trace.json.gz", "tb_scalars"}
+    # AND --help, the README and docs/format.md name both
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "writes two files into the run itself" in said
+    root = SAMPLES.parent
+    for text in (said, (root / "README.md").read_text(), (root / "docs" / "format.md").read_text()):
+        assert "kv_counters.trace.json.gz" in text and "tb_scalars/" in text and "--no-export" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -112,3 +113,62 @@ def test_a_bare_profiler_trace_taken_with_stacks_attributes_the_kv(tmp_path: Pat
     assert data["kv"]["measured_from"] == "stack_rule"
     assert data["kv"]["peak_bytes"] == 2 * 13 * (2 * 2 * one_side) + 2 * 12 * one_side
     assert data["kv"]["final_bytes"] == 0
+
+
+class _ModuleCacheAttention(torch.nn.Module):
+    """A custom cache kvtrace finds by its attribute names: one batch row, 32 slots, 2 KV heads of 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache_k = torch.zeros(1, 32, 2, 8)
+        self.cache_v = torch.zeros(1, 32, 2, 8)
+
+    def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        self.cache_k[:, pos] = x
+        self.cache_v[:, pos] = x
+        return x
+
+
+def test_a_run_without_model_geometry_reads_dash_not_none(tmp_path: Path) -> None:
+    # GIVEN two layers of a custom module cache and no HF config: no arithmetic of KV bytes per token
+    layers = torch.nn.ModuleList([_ModuleCacheAttention(), _ModuleCacheAttention()])
+    with kvtrace.record(tmp_path / "run", model=layers, profiler=False):
+        for pos in range(4):
+            for layer in layers:
+                layer(torch.ones(1, 2, 8), pos)
+    # measured: 2 layers x (K, V) x 2 heads x 8 dims x 4 B (float32) for each of the buffers' 32 slots
+    per_token = 2 * 2 * 2 * 8 * 4
+    # WHEN it is reported as text and as HTML
+    text = _out(["report", str(tmp_path / "run"), "--no-export"])
+    page = tmp_path / "t.html"
+    _out(["report", str(tmp_path / "run"), "--no-export", "-q", "-o", str(page)])
+    html = page.read_text(encoding="utf-8")
+    # THEN both say "-" where the arithmetic is unknown (the HTML said Python's "None"), one row is "row"
+    assert f"    bytes per token: measured {per_token:.1f} (32 tokens x 1 row), arithmetic -\n" in text
+    assert f"<th>KV bytes/token measured vs arithmetic</th><td>{per_token:.1f} vs -</td>" in html
+    # AND the CPU banner is one sentence, said once
+    banner = "<p class='note'>GPU utilization and device memory (NVML) are absent: the run is not on CUDA</p>"
+    assert html.count("NVML) are absent") == 1 and banner in html
+
+
+def test_html_bytes_per_token_has_thousands_separators_on_both_sides(tmp_path: Path) -> None:
+    # GIVEN a sample run of 4 layers x (K, V) x 2 KV heads x head_dim 16 x 4 B (float32): 1,024 B per token
+    manifest = json.loads((SAMPLES / "static_b2" / "manifest.json").read_text())
+    model = manifest["model"]
+    assert model["dtype"] == "float32"
+    per_token = model["num_layers"] * 2 * model["num_kv_heads"] * model["head_dim"] * 4
+    page = tmp_path / "s.html"
+    _out(["report", str(SAMPLES / "static_b2"), "--no-export", "-q", "-o", str(page)])
+    # THEN measured and arithmetic read alike ("1,024.0 vs 1,024"), as the text report prints them
+    cell = f"<td>{per_token:,.1f} vs {per_token:,}</td>"
+    assert per_token >= 1000 and cell in page.read_text(encoding="utf-8")
+
+
+def test_diagnose_text_names_the_columns_of_its_stack_list() -> None:
+    text = _out(["diagnose", str(SAMPLES / "dynamic_b2")])
+    lines = text.splitlines()
+    at = lines.index("top allocations by stack (live at this moment):")
+    # THEN a header says what "29" is (it read "in 29"), and each row has the bytes and the count
+    assert lines[at + 1] == "         bytes  allocs  stack (innermost first)"
+    row = re.compile(r" +[0-9.]+ (MiB|KiB|B) +[0-9]+  \(no stack recorded.*")
+    assert any(row.fullmatch(line) for line in lines[at + 2 :])

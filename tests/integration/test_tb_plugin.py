@@ -327,6 +327,9 @@ def test_chromium_renders_the_dashboard_offline(server: str, tmp_path: Path) -> 
     assert len(points) == 3 and min(points) > 100
     assert "corrupt manifest" in dom
     assert "kvtrace-diagnosis" in dom  # the OOM run's diagnosis section
+    # AND the figures read as the CLI prints them: separators on both sides of bytes per token (the
+    # sample's 4 layers x (K, V) x 2 KV heads x head_dim 16 x 4 B), for dynamic_b2 and its OOM copy
+    assert dom.count("<th>KV bytes/token measured vs arithmetic</th><td>1,024.0 vs 1,024</td>") == 2
     # AND the page logged nothing (Chromium prints every console message, errors included, as CONSOLE)
     assert [line for line in stderr.splitlines() if ":CONSOLE" in line] == []
     # AND every request the page made stayed on 127.0.0.1

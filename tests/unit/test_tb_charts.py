@@ -35,6 +35,23 @@ def test_human_bytes_rounds_like_the_cli() -> None:
     assert _run(f"{values}.map(charts.humanBytes)") == [human_bytes(v) for v in values]
 
 
+def test_a_tie_rounds_to_even_as_python_does() -> None:
+    from analyzers.units import human_bytes
+
+    # GIVEN the demo's KV peak, 46.625 MiB, which Python prints 46.62 and toFixed 46.63, and more ties
+    values = [int(46.625 * 2**20), 1152, int(3.375 * 2**30), int(1.875 * 2**20), -5 * 2**19]
+    # THEN the tab prints each as the CLI and the diagnosis box do
+    shown = _run(f"{values}.map(charts.humanBytes)")
+    assert shown == [human_bytes(v) for v in values] and shown[:2] == ["46.62 MiB", "1.12 KiB"]
+    assert _run("charts.humanBytes(null)") == human_bytes(None) == "-"
+    # AND plain numbers read as Python's f"{x:,.Nf}": separators, ties to even (1 and 2 places)
+    numbers = [(65536, 1), (65536, 0), (1234567.25, 1), (0.75, 1), (2.5, 0), (-1234.5, 0), (999, 0)]
+    numbers.append((2.675, 2))
+    got = _run(f"{json.dumps(numbers)}.map(([v, d]) => charts.grouped(v, d))")
+    assert got == [f"{v:,.{d}f}" for v, d in numbers]
+    assert got[:2] == ["65,536.0", "65,536"]
+
+
 def test_byte_axis_ticks_are_binary_units() -> None:
     # GIVEN a peak of 110 MiB WHEN the axis is built THEN ticks are round MiB values, labelled in MiB
     axis = _run(f"charts.bytesAxis({110 * 2**20})")

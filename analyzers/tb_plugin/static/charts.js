@@ -1,11 +1,33 @@
-// Pure helpers of the KV Cache tab's charts: sizes in binary units with one rounding (two decimals, as
-// `kvtrace report` prints them), byte axes whose ticks read "40 MiB" rather than plotly's SI "40M", and
+// Pure helpers of the KV Cache tab's charts: sizes in binary units with one rounding (two decimals, ties
+// to even, as `kvtrace report` prints them), byte axes whose ticks read "40 MiB" rather than plotly's SI "40M", and
 // the per-layer heatmap. No DOM and no Plotly here, so that tests run them under node.
 
 const UNITS = [['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]];
 
+// `value` with `digits` decimals as Python's format writes it. Python rounds a tie to even (46.625 to
+// "46.62"), toFixed rounds it up ("46.63"), and the tab shows Python's figures (the diagnosis) beside its
+// own. A binary float is a tie at `digits` places exactly when it is an odd multiple of 2^-(digits+1)
+// (5^digits must divide out of the decimal tie), which scaling by a power of two tests without error.
+export function fixed(value, digits) {
+  const size = Math.abs(value);
+  const halves = size * 2 ** (digits + 1);
+  let text = size.toFixed(digits);
+  if (Number.isInteger(halves) && halves % 2 === 1) {
+    const below = Math.floor(size * 10 ** digits);
+    text = ((below % 2 === 0 ? below : below + 1) / 10 ** digits).toFixed(digits);
+  }
+  return `${value < 0 ? '-' : ''}${text}`;
+}
+
+// As Python's f"{value:,.{digits}f}": thousands separators, ties to even.
+export function grouped(value, digits = 0) {
+  const [whole, decimals] = fixed(value, digits).split('.');
+  const withCommas = whole.replace(/\B(?=(\d{3})+$)/g, ',');
+  return decimals === undefined ? withCommas : `${withCommas}.${decimals}`;
+}
+
 export function humanBytes(n) {
-  if (n === null || n === undefined) return '–';
+  if (n === null || n === undefined) return '-';
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
   let value = Math.abs(n);
   let unit = 0;
@@ -14,7 +36,7 @@ export function humanBytes(n) {
     unit += 1;
   }
   const sign = n < 0 ? '-' : '';
-  return unit === 0 ? `${sign}${Math.round(value)} B` : `${sign}${value.toFixed(2)} ${units[unit]}`;
+  return unit === 0 ? `${sign}${fixed(value, 0)} B` : `${sign}${fixed(value, 2)} ${units[unit]}`;
 }
 
 // [unit, bytes per unit] for values up to `top`.

@@ -8,7 +8,7 @@
 // The page only formats: every figure comes from the plugin's endpoints, which serve the analyzers' own
 // results (the summary is `kvtrace report --json`).
 
-import { bytesAxis, heatmapFigure, humanBytes, sharedAxes } from './charts.js';
+import { bytesAxis, grouped, heatmapFigure, humanBytes, sharedAxes } from './charts.js';
 
 export function render() {
   if (!document.getElementById('kvcache-app')) {
@@ -109,11 +109,11 @@ function summaryTable(summary) {
   rows.push(['KV final', humanBytes(kv.final_bytes)]);
   rows.push(['KV peak (transient copies)', humanBytes(kv.peak_bytes)]);
   rows.push(['KV allocated over the run', humanBytes(kv.allocated_bytes_total)]);
-  rows.push(['evicted tokens', kv.evicted_tokens.toLocaleString('en-US')]);
+  rows.push(['evicted tokens', grouped(kv.evicted_tokens)]);
   if (kv.tokens_held !== null) rows.push(['tokens held × batch', `${kv.tokens_held} × ${kv.batch}`]);
   if (kv.bytes_per_token_measured !== null) {
-    rows.push(['KV bytes/token measured vs arithmetic',
-      `${kv.bytes_per_token_measured.toFixed(1)} vs ${kv.bytes_per_token_expected ?? '?'}`]);
+    const expected = kv.bytes_per_token_expected === null ? '-' : grouped(kv.bytes_per_token_expected);
+    rows.push(['KV bytes/token measured vs arithmetic', `${grouped(kv.bytes_per_token_measured, 1)} vs ${expected}`]);
   }
   rows.push(['steps', String(summary.steps)]);
   rows.push(['measured from', kv.measured_from]);

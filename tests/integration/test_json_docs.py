@@ -1,0 +1,100 @@
+"""docs/format.md's reference of `--json` outputs names every field the commands really print: each key of
+the real outputs (sample runs, a snapshot, plans, an export) appears, in backticks, in its command's
+section."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtrace.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "sample_traces"
+FORMAT = (ROOT / "docs" / "format.md").read_text(encoding="utf-8")
+
+
+def _section(title: str) -> str:
+    """The text of one `### title` section of the JSON reference."""
+    start = FORMAT.index(f"### `{title}")
+    end = FORMAT.find("\n## ", start)
+    following = FORMAT.find("\n### ", start + 1)
+    return FORMAT[start : min(p for p in (end, following) if p > 0)]
+
+
+def _json(argv: list[str], status: int = 0) -> Any:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(argv) == status
+    return json.loads(out.getvalue())
+
+
+def _undocumented(keys: Any, section: str) -> list[str]:
+    named = set(re.findall(r"`([a-z0-9_]+)`", section))
+    return sorted(set(keys) - named)
+
+
+def test_report_fields_are_documented() -> None:
+    section = _section("kvtrace report")
+    for run in ("dynamic_b2", "sliding_b2"):
+        report = _json(["report", str(SAMPLES / run), "--json", "-q", "--no-export"])
+        assert _undocumented(report, section) == []
+        assert _undocumented(report["devices"][0], section) == []
+        assert _undocumented(report["kv"], section) == []
+        assert _undocumented(report["kv"]["per_layer"][0], section) == []
+        assert _undocumented(report["geometry"], section) == []
+        assert report["peak_time"] / 1e6 > 1.6e9  # Unix-epoch µs: after 2020
+
+
+def test_diagnose_fields_are_documented() -> None:
+    section = _section("kvtrace diagnose")
+    for argv in (
+        [str(SAMPLES / "dynamic_b2")],
+        [str(SAMPLES / "dynamic_b2"), "--budget", "70MiB"],
+        [str(SAMPLES / "vllm_preempt")],
+        [str(SAMPLES / "vllm_refused")],
+    ):
+        diagnosis = _json(["diagnose", *argv, "--json"])
+        assert _undocumented(diagnosis, section) == []
+        for item in diagnosis.get("remedies", []) + diagnosis.get("top_stacks", []):
+            assert _undocumented(item, section) == []
+
+
+def test_compare_fields_are_documented() -> None:
+    section = _section("kvtrace compare")
+    comparison = _json(["compare", str(SAMPLES / "dynamic_b2"), str(SAMPLES / "vllm_preempt"), "--json"])
+    assert _undocumented(comparison, section) == []
+    for run in comparison["runs"]:
+        assert _undocumented(run, section) == []
+    assert _undocumented(comparison["runs"][1]["engine"], section) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--preset", "llama-3-8b", "--batch", "64", "--context", "8192", "--gpu-memory", "80GiB"],
+        ["--engine", "vllm", "--preset", "llama-3-8b", "--gpu-memory", "80GiB", "--max-model-len", "8192"],
+    ],
+    ids=["hf", "vllm"],
+)
+def test_plan_fields_are_documented(argv: list[str]) -> None:
+    section = _section("kvtrace plan")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        main(["plan", *argv, "--json"])  # 1 when it does not fit: the JSON is printed either way
+    plan = json.loads(out.getvalue())
+    assert _undocumented(plan, section) == []
+    assert _undocumented(plan["request"], section) == []
+    for remedy in plan.get("remedies", []):
+        assert _undocumented(remedy, section) == []
+
+
+def test_export_fields_are_documented(tmp_path: Path) -> None:
+    summary = _json(["export", str(SAMPLES / "static_b2"), "-o", str(tmp_path / "t"), "--json", "-q"])
+    assert _undocumented(summary, _section("kvtrace export")) == []
