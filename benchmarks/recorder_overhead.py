@@ -9,6 +9,8 @@ mode always follows the same neighbour), medians:
    - `free`: a model whose step is nearly free (2 layers, hidden 32, vocab 256), batch 1, same tokens, so
      the per-update and per-step bookkeeping dominate;
    - `free-32`: the same with 32 layers, as many as Llama 3 8B: the per-step work shared by 32 updates;
+   - `free-32-compiled` (with `--compiled`): free-32 with a static cache and `torch.compile`d forward, the
+     GPU fast path: its updates run inside the graph, and kvtrace logs each layer at the step's end;
    - `loop-dyn` / `loop-static`: the real `transformers` `Cache.update` of a DynamicCache / StaticCache
      called in a tight loop, 32 layers x `--new-tokens` steps, no model at all (steps begin at layer 0).
    Wall time (`perf_counter`), the main thread's CPU time (`thread_time`, steadier on a shared machine)
@@ -65,12 +67,18 @@ class Workload:
     attach_model: Any  # the model handed to record(), or None
 
 
-def _generate_workload(name: str, size: Any, batch: int, new_tokens: int, vocab_prompt: bool) -> Workload:
+def _generate_workload(
+    name: str, size: Any, batch: int, new_tokens: int, vocab_prompt: bool, compiled: bool = False
+) -> Workload:
     import torch
 
     from kvtrace.llama import DEFAULT_PROMPTS, build_model, encode_batch, llama3_tokenizer
 
     model = build_model(size)
+    extra: dict[str, Any] = {}
+    if compiled:  # the GPU fast path: a static cache, the forward compiled by inductor
+        model.forward = torch.compile(model.forward)
+        extra["cache_implementation"] = "static"
     if vocab_prompt:
         pad_id = int(model.config.pad_token_id)
         prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(batch)]
@@ -90,6 +98,7 @@ def _generate_workload(name: str, size: Any, batch: int, new_tokens: int, vocab_
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=pad_id,
+            **extra,
         )
         if out.shape[1] - input_ids.shape[1] != new_tokens:
             raise RuntimeError(f"{name}: generated {out.shape[1] - input_ids.shape[1]}, not {new_tokens}")
@@ -240,8 +249,23 @@ def hooks_cpu_per_update(work: Workload, scratch: Path, runs: int = 3, mode: str
 
     patched.append((hf_caches.HfCacheHooks, "install", original_install))
     hf_caches.HfCacheHooks.install = install  # type: ignore[method-assign]
-    for name in ("_pre_forward", "_post_forward"):
-        timed(recorder.Recording, name, 1)
+    # The forward hooks as registered: through `_eager` (torch.compiler.disable), whose wrapper counts.
+    original_eager = recorder._eager
+
+    def eager(hook: Any) -> Any:
+        inner = original_eager(hook)
+
+        def hook_timed(*args: Any, **kwargs: Any) -> Any:
+            started = clock()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[0] += clock() - started
+
+        return hook_timed
+
+    patched.append((recorder, "_eager", original_eager))
+    recorder._eager = eager  # type: ignore[assignment]
     try:
         figures = []
         for _ in range(runs):
@@ -486,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only: in-hooks µs per update split by part (capture, lines, layer read, scan, sample, rest)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="add `free-32-compiled`: free-32 with a static cache and its forward compiled by inductor "
+        "(the first run compiles: about a minute more)",
+    )
     parser.add_argument("--cprofile", choices=("tiny", "free", "free-32", "loop-dyn", "loop-static"))
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -517,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         _loop_workload("loop-dyn", False, args.new_tokens),
         _loop_workload("loop-static", True, args.new_tokens),
     ]
+    if args.compiled:
+        compiled = _generate_workload("free-32-compiled", free32, 1, args.new_tokens, False, compiled=True)
+        light.insert(3, compiled)
     with tempfile.TemporaryDirectory(prefix="kvtrace_overhead_") as scratch_name:
         scratch = Path(scratch_name)
         if args.cprofile:

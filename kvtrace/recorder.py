@@ -27,7 +27,7 @@ from kvtrace.cuda_snapshots import CudaSnapshots
 from kvtrace.distributed import local_tensor, rank_facts, run_path
 from kvtrace.errors import KvtraceError
 from kvtrace.geometry import model_geometry
-from kvtrace.integrations.hf_caches import HfCacheHooks
+from kvtrace.integrations.hf_caches import HfCacheHooks, compiling
 from kvtrace.integrations.module_caches import ModuleCaches
 from kvtrace.integrations.vllm import is_vllm_object
 from kvtrace.kv_tracker import KvTracker
@@ -676,9 +676,19 @@ def _model_device(model: Any) -> torch.device | None:
 
 
 def _eager(hook: Callable[..., None]) -> Callable[..., None]:
-    """`hook`, run eagerly when torch.compile traces the module that calls it."""
+    """`hook`, run eagerly when torch.compile traces the module that calls it. The disabled wrapper costs
+    ~0.6 µs a call, so it is taken only while tracing (where `compiling()` reads True)."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(hook) if disable is not None else hook
+    if disable is None:
+        return hook
+    disabled = disable(hook)
+
+    def run(*args: Any, **kwargs: Any) -> None:
+        if compiling():
+            return disabled(*args, **kwargs)
+        return hook(*args, **kwargs)
+
+    return run
 
 
 def _new_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

@@ -111,7 +111,7 @@ _MISSING = object()  # an attribute a layer lacks (never identical to a tracked 
 
 # True while torch.compile traces: the graph then gets the cache's plain update, without kvtrace's
 # bookkeeping (which would break the graph and guard on every layer index); the step's end sees the result.
-_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 class HfCacheHooks:
@@ -205,7 +205,7 @@ class HfCacheHooks:
 
         @functools.wraps(original_update)
         def update(cache: Any, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any):
-            if _compiling():
+            if compiling():
                 return original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
             hooks.updates_seen += 1
             last = hooks._last  # the cache of the previous update, almost always this one
