@@ -160,7 +160,8 @@ class Recording:
         self._decode_index = 0
         self._attention_modules: list[Any] = []
         self._step_open = False
-        self._step_cache: tuple[Any, int, int] | None = None  # (cache, new tokens, updates seen) of a forward
+        self._step_cache: tuple[Any, ...] | None = None  # (cache, args, kwargs, updates seen) of a forward
+        self._profiler_on = bool(self.options.profiler)
         self._thread = threading.get_ident()  # the one torch.profiler records (the thread entering the block)
         self._forwards_elsewhere = 0  # forwards on other threads (generate() beside a TextIteratorStreamer)
         # The logs reach their files from a writer thread every 0.1 s (and at the end of the block), so a
@@ -419,22 +420,24 @@ class Recording:
 
     # -- steps -------------------------------------------------------------------------------------
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        prefill = _is_prefill(args, kwargs, self._hf)
-        self._begin_step(prefill)
-        if threading.get_ident() != self._thread:
-            self._forwards_elsewhere += 1
         hf = self._hf
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = kwargs.get("cache")
+        self._begin_step(_is_prefill(args, kwargs, cache, hf))
+        if self._profiler_on and threading.get_ident() != self._thread:
+            self._forwards_elsewhere += 1
         if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):
-            hf.cache_id(cache)  # known before any update: a compiled model's updates never reach the wrapper
-            self._step_cache = (cache, _new_tokens(args, kwargs), hf.updates_seen)
+            self._step_cache = (cache, args, kwargs, hf.updates_seen)
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
         step_cache, self._step_cache = self._step_cache, None
         if step_cache is not None and self._hf is not None:
-            cache, new_tokens, seen = step_cache
-            if self._hf.updates_seen == seen and new_tokens:  # its updates ran inside a compiled graph
-                self._hf.compiled_step(cache, new_tokens)
+            cache, args, kwargs, seen = step_cache
+            if self._hf.updates_seen == seen:  # no update reached the wrapper: they ran in a compiled graph
+                new_tokens = _new_tokens(args, kwargs)
+                if new_tokens:
+                    self._hf.compiled_step(cache, new_tokens)
         self._end_step()
 
     def _auto_step(self, layer_tokens_before: int) -> None:
@@ -702,9 +705,10 @@ def _new_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     return 0
 
 
-def _is_prefill(args: tuple[Any, ...], kwargs: dict[str, Any], hooks: HfCacheHooks | None = None) -> bool:
+def _is_prefill(
+    args: tuple[Any, ...], kwargs: dict[str, Any], cache: Any, hooks: HfCacheHooks | None = None
+) -> bool:
     """Prefill when the cache passed in is empty (HF), or `start_pos == 0` (Meta's reference code)."""
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
     if cache is not None and hooks is not None:
         held = hooks.held_tokens(cache)  # the recorder's own count: a static cache's is a tensor (a sync)
         if held is not None:

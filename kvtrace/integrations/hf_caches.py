@@ -141,7 +141,7 @@ class HfCacheHooks:
         # (cache, layer) -> identity of a quantized layer's tensors when last observed: the end-of-step
         # scan skips unchanged layers without the full comparison. Plain layers compare the tracker's slots.
         self._signatures: dict[tuple[int, int], tuple[Any, ...]] = {}
-        self.updates_seen = 0  # layer updates that ran through the wrapper (not inside a compiled graph)
+        self.updates_seen = 0  # layer-0 updates that ran through the wrapper (not inside a compiled graph)
 
     @staticmethod
     def available() -> bool:
@@ -207,7 +207,6 @@ class HfCacheHooks:
         def update(cache: Any, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any):
             if compiling():
                 return original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
-            hooks.updates_seen += 1
             last = hooks._last  # the cache of the previous update, almost always this one
             cid = last[1] if last is not None and last[0]() is cache else hooks.cache_id(cache)
             state = tracker_layers.get((cid, layer_idx))
@@ -216,8 +215,10 @@ class HfCacheHooks:
                 layers = cache.layers
                 if layer_idx >= len(layers) or not getattr(layers[layer_idx], "is_initialized", False):
                     before = 0
-            if layer_idx == 0 and hooks.on_first_layer is not None:
-                hooks.on_first_layer(before if before is not None else layer_tokens(cache.layers[0]))
+            if layer_idx == 0:
+                hooks.updates_seen += 1  # a step's updates reached the wrapper (not inside a compiled graph)
+                if hooks.on_first_layer is not None:
+                    hooks.on_first_layer(before if before is not None else layer_tokens(cache.layers[0]))
             push = hooks._push
             if push is None:
                 result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
