@@ -15,7 +15,7 @@ from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
 from analyzers.render.json import report_to_json
 from analyzers.render.text import budget_line, report_to_text
 from analyzers.timeline import downsample_indices
-from analyzers.units import human_bytes
+from analyzers.units import binary_unit, hover_bytes, human_bytes
 
 __all__ = [
     "group_diagnosis_to_json",
@@ -106,24 +106,27 @@ def _group_figure(group: GroupReport) -> Any:
     )
     starts = [float(tl.ts_us[0]) for r in ranks for tl in r.report.timelines if len(tl.ts_us)]
     t0 = min(starts, default=0.0)
+    # One unit for every rank (MiB, GiB...), as the rest of the page writes sizes
+    timelines = [tl for r in ranks for tl in r.report.timelines if len(tl.allocated)]
+    unit, factor = binary_unit(max((int(tl.allocated.max()) for tl in timelines), default=0))
     for row, r in enumerate(ranks, start=1):
         first = row == 1
         for tl in r.report.timelines:
             if len(tl.ts_us) == 0:
                 continue
-            keep = downsample_indices(tl.allocated, MAX_POINTS)
+            keep = downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us)
             x = (tl.ts_us[keep] - t0) / 1e6
             for name in ("weights", "kv", "other"):
                 fig.add_trace(
                     go.Scatter(
                         x=x,
-                        y=tl.by_category[name][keep],
+                        y=tl.by_category[name][keep] / factor,
                         name=name,
                         legendgroup=name,
                         showlegend=first,
                         stackgroup=f"r{r.rank}{tl.device}",
                         line={"width": 0.5, "color": _COLORS[name]},
-                        hovertemplate=f"rank {r.rank} {name}: %{{y:,}} B",
+                        hovertemplate=f"rank {r.rank} {name}: " + hover_bytes(unit),
                     ),
                     row,
                     1,
@@ -131,7 +134,7 @@ def _group_figure(group: GroupReport) -> Any:
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=tl.allocated[keep],
+                    y=tl.allocated[keep] / factor,
                     name="allocated",
                     legendgroup="allocated",
                     showlegend=first,
@@ -143,17 +146,18 @@ def _group_figure(group: GroupReport) -> Any:
         kv = r.source.meta.get("kv")
         if kv is not None and len(kv.series_bytes):
             series = np.asarray(kv.series_bytes, dtype=np.int64)
-            keep = downsample_indices(series, MAX_POINTS)
-            x = (np.asarray(kv.series_t_ns, dtype=np.float64)[keep] / 1000.0 - t0) / 1e6
+            t_ns = np.asarray(kv.series_t_ns, dtype=np.int64)
+            keep = downsample_indices(series, MAX_POINTS, t_ns)
+            x = (t_ns[keep].astype(np.float64) / 1000.0 - t0) / 1e6
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=series[keep],
+                    y=series[keep] / factor,
                     name="KV (log)",
                     legendgroup="kvlog",
                     showlegend=first,
                     line={"color": _COLORS["kv"], "shape": "hv", "dash": "dot"},
-                    hovertemplate=f"rank {r.rank} KV: %{{y:,}} B",
+                    hovertemplate=f"rank {r.rank} KV: " + hover_bytes(unit),
                 ),
                 row,
                 1,
@@ -161,7 +165,7 @@ def _group_figure(group: GroupReport) -> Any:
         end_ns = r.ended.get("t_ns")
         if r.status != "ok" and isinstance(end_ns, (int, float)):
             fig.add_vline(x=(end_ns / 1000.0 - t0) / 1e6, line_color="red", line_dash="dash", row=row, col=1)
-        fig.update_yaxes(title_text="bytes", row=row, col=1)
+        fig.update_yaxes(title_text=unit, row=row, col=1)
     fig.update_xaxes(title_text="seconds from the group's first event", row=len(ranks), col=1)
     fig.update_layout(
         height=160 + 260 * len(ranks), template="plotly_white", legend={"orientation": "h"}, margin={"t": 60}

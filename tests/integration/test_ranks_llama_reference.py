@@ -110,6 +110,9 @@ def test_group_html_diagnose_and_compare(group, capsys, tmp_path):
     html = page.read_text()
     assert 'id="kvtrace-ranks"' in html
     assert all(f"rank {r} (cpu, ok)" in html for r in range(WORLD))  # one subplot per rank, shared x
+    # sizes on the axes in the page's binary units, not plotly's decimal "20M"
+    units = sum(html.count(f'"title":{{"text":"{unit}"}}') for unit in ("B", "KiB", "MiB", "GiB"))
+    assert units == WORLD and '"title":{"text":"bytes"}' not in html
     # as for a single run, each rank gets its KV counter trace and TensorBoard scalars
     assert all((out / f"rank-{r}" / "kv_counters.trace.json.gz").is_file() for r in range(WORLD))
 
