@@ -44,6 +44,11 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         specs=[[{}]] * rows + ([[{"secondary_y": True}]] if usage else []),
     )
     t0 = min((float(tl.ts_us[0]) for tl in report.timelines if len(tl.ts_us)), default=0.0)
+    # A snapshot whose trace records no times is placed by each entry's order: say so, do not call it time
+    untimed = "event_index" in (source.meta.get("timestamps") or {}).values()
+    scale, x_title = 1e6, "seconds from first event"
+    if untimed:
+        scale, x_title = 1.0, "allocator event, in order (this snapshot records no times)"
     top = max((float(tl.allocated.max()) for tl in report.timelines if len(tl.allocated)), default=0.0)
     unit, factor = binary_unit(max(top, (report.budget or {}).get("bytes", 0)))
     hover = hover_bytes(unit)
@@ -51,7 +56,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         if len(tl.ts_us) == 0:
             continue
         keep = downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us)
-        x = (tl.ts_us[keep] - t0) / 1e6
+        x = (tl.ts_us[keep] - t0) / scale
         prefix = f"{tl.device} " if len(report.timelines) > 1 else ""
         for name in ("weights", "kv", "other"):
             fig.add_trace(
@@ -121,7 +126,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             1,
             1,
         )
-    fig.update_xaxes(title_text="seconds from first event", row=1, col=1)
+    fig.update_xaxes(title_text=x_title, row=1, col=1)
     fig.update_yaxes(title_text=unit, row=1, col=1)
     if rows == 3:
         assert kv is not None  # rows == 3 only when there is a KV log
