@@ -217,55 +217,32 @@ def hooks_cpu_per_update(work: Workload, scratch: Path, runs: int = 3, mode: str
     spent = [0]
     patched: list[tuple[Any, str, Any]] = []
 
-    def timed(owner: Any, name: str, sign: int) -> None:
-        original = owner.__dict__[name]
-
+    def counting(inner: Callable[..., Any], sign: int = 1) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = clock()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                spent[0] += sign * (clock() - started)
-
-        patched.append((owner, name, original))
-        setattr(owner, name, wrapper)
-
-    # The cache's own update, subtracted; kvtrace's wrapper around it (installed at record()), added.
-    timed(Cache, "update", -1)
-    original_install = hf_caches.HfCacheHooks.install
-
-    def install(hooks: Any) -> None:
-        original_install(hooks)
-        wrapped = Cache.__dict__["update"]
-
-        def outer(*args: Any, **kwargs: Any) -> Any:
-            started = clock()
-            try:
-                return wrapped(*args, **kwargs)
-            finally:
-                spent[0] += clock() - started
-
-        Cache.update = outer  # type: ignore[method-assign]
-
-    patched.append((hf_caches.HfCacheHooks, "install", original_install))
-    hf_caches.HfCacheHooks.install = install  # type: ignore[method-assign]
-    # The forward hooks as registered: through `_eager` (torch.compiler.disable), whose wrapper counts.
-    original_eager = recorder._eager
-
-    def eager(hook: Any) -> Any:
-        inner = original_eager(hook)
-
-        def hook_timed(*args: Any, **kwargs: Any) -> Any:
             started = clock()
             try:
                 return inner(*args, **kwargs)
             finally:
-                spent[0] += clock() - started
+                spent[0] += sign * (clock() - started)
 
-        return hook_timed
+        return wrapper
 
+    # The cache's own update, subtracted; kvtrace's wrapper around it (installed at record()), added.
+    original_update = Cache.__dict__["update"]
+    patched.append((Cache, "update", original_update))
+    Cache.update = counting(original_update, -1)  # type: ignore[method-assign]
+    original_install = hf_caches.HfCacheHooks.install
+
+    def install(hooks: Any) -> None:
+        original_install(hooks)
+        Cache.update = counting(Cache.__dict__["update"])  # type: ignore[method-assign]
+
+    patched.append((hf_caches.HfCacheHooks, "install", original_install))
+    hf_caches.HfCacheHooks.install = install  # type: ignore[method-assign,assignment]
+    # The forward hooks as registered: through `_eager` (torch.compiler.disable), whose wrapper counts.
+    original_eager = recorder._eager
     patched.append((recorder, "_eager", original_eager))
-    recorder._eager = eager  # type: ignore[assignment]
+    recorder._eager = lambda hook: counting(original_eager(hook))  # type: ignore[assignment]
     try:
         figures = []
         for _ in range(runs):

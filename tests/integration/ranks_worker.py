@@ -92,15 +92,9 @@ def run_reference(out_dir: Path, facts_dir: Path, failure: str = "") -> None:
         sys.exit(3)
 
 
-def hf_tensor_parallel_model() -> torch.nn.Module:
-    """A tiny random Llama sharded by transformers' own tensor-parallel plan (`tp_plan="auto"`).
-
-    `from_pretrained(..., tp_plan="auto")` needs `accelerate`, which kvtrace does not depend on; this is
-    the same path without the checkpoint: `prepare_distribute_model` builds the device mesh over the
-    process group, `maybe_distribute_model` applies the model's `base_model_tp_plan` (DTensor weights).
-    """
+def hf_model() -> torch.nn.Module:
+    """A tiny random Llama 3 of this file's shape, the same on every rank (seed 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.distributed import DistributedConfig
 
     config = LlamaConfig(
         hidden_size=DIM,
@@ -111,26 +105,44 @@ def hf_tensor_parallel_model() -> torch.nn.Module:
         vocab_size=VOCAB,
         max_position_embeddings=MAX_SEQ,
     )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def hf_tensor_parallel_model() -> torch.nn.Module:
+    """A tiny random Llama sharded by transformers' own tensor-parallel plan (`tp_plan="auto"`).
+
+    `from_pretrained(..., tp_plan="auto")` needs `accelerate`, which kvtrace does not depend on; this is
+    the same path without the checkpoint: `prepare_distribute_model` builds the device mesh over the
+    process group, `maybe_distribute_model` applies the model's `base_model_tp_plan` (DTensor weights).
+    """
+    from transformers import LlamaForCausalLM
+    from transformers.distributed import DistributedConfig
+
     plan = DistributedConfig(tp_plan="auto")
     distributed, _device_map, mesh = LlamaForCausalLM.prepare_distribute_model(plan)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    return LlamaForCausalLM.maybe_distribute_model(model, distributed, mesh)
+    return LlamaForCausalLM.maybe_distribute_model(hf_model(), distributed, mesh)
 
 
-def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path) -> None:
+def _record_steps(model: torch.nn.Module, out_dir: Path, rows: int) -> list[torch.Tensor]:
+    """A prefill of PROMPT_LEN tokens and DECODE_STEPS single-token steps of `rows` rows, recorded; the
+    cache's K and V tensors afterwards."""
     from transformers import DynamicCache
 
-    rank = dist.get_rank()
-    model = hf_tensor_parallel_model()
     torch.manual_seed(1)
-    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
+    tokens = torch.randint(0, VOCAB, (rows, PROMPT_LEN + DECODE_STEPS))
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
         model(input_ids=tokens[:, :PROMPT_LEN], cache=cache, use_cache=True)
         for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
             model(input_ids=tokens[:, pos : pos + 1], cache=cache, use_cache=True)
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path) -> None:
+    rank = dist.get_rank()
+    model = hf_tensor_parallel_model()
+    tensors = _record_steps(model, out_dir, MAX_BATCH)
     facts = {
         "rank": rank,
         "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors),
@@ -144,27 +156,8 @@ def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path) -> None:
 
 def run_hf_data_parallel(out_dir: Path, facts_dir: Path) -> None:
     """Data parallelism: every rank the whole model, its own batch (rank r: r + 1 rows)."""
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
     rank = dist.get_rank()
-    config = LlamaConfig(
-        hidden_size=DIM,
-        intermediate_size=2 * DIM,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=N_HEADS,
-        num_key_value_heads=N_KV_HEADS,
-        vocab_size=VOCAB,
-        max_position_embeddings=MAX_SEQ,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    tokens = torch.randint(0, VOCAB, (rank + 1, PROMPT_LEN + DECODE_STEPS))
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
-        model(input_ids=tokens[:, :PROMPT_LEN], cache=cache, use_cache=True)
-        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-            model(input_ids=tokens[:, pos : pos + 1], cache=cache, use_cache=True)
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    tensors = _record_steps(hf_model(), out_dir, rank + 1)
     facts = {"rank": rank, "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors), "rows": rank + 1}
     (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
 
