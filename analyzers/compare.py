@@ -405,15 +405,21 @@ def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
             line_dash="dash",
             line_color="red",
             annotation_text=f"budget {human_bytes(budget_bytes)}",
+            annotation_position="top left",  # clear of the right axis' ticks
             row=1,
             col=1,
             secondary_y=False,
         )
     peak_title, kv_title = f"peak allocated ({peak_unit})", f"KV cache ({kv_unit})"
     fig.update_yaxes(title_text=peak_title, rangemode="tozero", secondary_y=False, row=1, col=1)
-    fig.update_yaxes(title_text=kv_title, rangemode="tozero", secondary_y=True, row=1, col=1)
+    # Its own round ticks (not the left axis' lines re-labelled), and no second grid
+    kv_axis = {"title_text": kv_title, "rangemode": "tozero", "tickmode": "auto", "showgrid": False}
+    fig.update_yaxes(**kv_axis, secondary_y=True, row=1, col=1)
     fig.update_yaxes(title_text="tokens/s", row=1, col=2)
-    fig.update_layout(template="plotly_white", height=560, legend={"orientation": "h"})
+    # The legend below the rotated point labels, not over them
+    fig.update_layout(
+        template="plotly_white", height=640, legend={"orientation": "h", "y": -0.32}, margin={"b": 150}
+    )
     plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-sweep")
     budget = f"<p>budget: {human_bytes(budget_bytes)}</p>" if budget_bytes is not None else ""
     return _page(title, f"{budget}<table><tr>{header}</tr>{''.join(lines)}</table>{plot}")

@@ -233,6 +233,9 @@ def test_every_sweep_point_equals_a_standalone_run(
     assert "fits" not in page and "kv_final_bytes" not in page
     # KV has an axis of its own (plotly's secondary y), both titled in binary units
     assert '"yaxis2"' in page and "KV cache (KiB)" in page and "peak allocated (MiB)" in page
+    # with round ticks of its own (not the left axis' grid lines re-labelled: 68, 137, 205...)
+    right = page[page.index('"yaxis2"') :][:600]
+    assert '"tickmode":"auto"' in right and '"showgrid":false' in right
 
 
 def test_sweep_budget_column_says_where_a_point_runs_out(
