@@ -102,13 +102,21 @@ def _group_figure(group: GroupReport) -> Any:
     ranks = group.ranks
     titles = [f"rank {r.rank} ({r.device or '-'}, {r.status})" for r in ranks]
     fig = make_subplots(
-        rows=len(ranks), cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.04
+        rows=len(ranks),
+        cols=1,
+        shared_xaxes=True,
+        subplot_titles=titles,
+        vertical_spacing=0.04,
+        specs=[[{"secondary_y": True}]] * len(ranks),  # the KV log on its own scale: beside weights, flat
     )
     starts = [float(tl.ts_us[0]) for r in ranks for tl in r.report.timelines if len(tl.ts_us)]
     t0 = min(starts, default=0.0)
     # One unit for every rank (MiB, GiB...), as the rest of the page writes sizes
     timelines = [tl for r in ranks for tl in r.report.timelines if len(tl.allocated)]
     unit, factor = binary_unit(max((int(tl.allocated.max()) for tl in timelines), default=0))
+    kv_logs = [r.source.meta.get("kv") for r in ranks]
+    kv_top = max((max(kv.series_bytes) for kv in kv_logs if kv is not None and kv.series_bytes), default=0)
+    kv_unit, kv_factor = binary_unit(kv_top)
     for row, r in enumerate(ranks, start=1):
         first = row == 1
         for tl in r.report.timelines:
@@ -152,20 +160,23 @@ def _group_figure(group: GroupReport) -> Any:
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=series[keep] / factor,
-                    name="KV (log)",
+                    y=series[keep] / kv_factor,
+                    name="KV (log, right axis)",
                     legendgroup="kvlog",
                     showlegend=first,
                     line={"color": _COLORS["kv"], "shape": "hv", "dash": "dot"},
-                    hovertemplate=f"rank {r.rank} KV: " + hover_bytes(unit),
+                    hovertemplate=f"rank {r.rank} KV: " + hover_bytes(kv_unit),
                 ),
                 row,
                 1,
+                secondary_y=True,
             )
+            kv_axis = {"title_text": f"KV ({kv_unit})", "rangemode": "tozero", "tickmode": "auto"}
+            fig.update_yaxes(**kv_axis, showgrid=False, secondary_y=True, row=row, col=1)
         end_ns = r.ended.get("t_ns")
         if r.status != "ok" and isinstance(end_ns, (int, float)):
             fig.add_vline(x=(end_ns / 1000.0 - t0) / 1e6, line_color="red", line_dash="dash", row=row, col=1)
-        fig.update_yaxes(title_text=unit, row=row, col=1)
+        fig.update_yaxes(title_text=unit, secondary_y=False, row=row, col=1)
     fig.update_xaxes(title_text="seconds from the group's first event", row=len(ranks), col=1)
     fig.update_layout(
         height=160 + 260 * len(ranks), template="plotly_white", legend={"orientation": "h"}, margin={"t": 60}

@@ -113,6 +113,8 @@ def test_group_html_diagnose_and_compare(group, capsys, tmp_path):
     # sizes on the axes in the page's binary units, not plotly's decimal "20M"
     units = sum(html.count(f'"title":{{"text":"{unit}"}}') for unit in ("B", "KiB", "MiB", "GiB"))
     assert units == WORLD and '"title":{"text":"bytes"}' not in html
+    # and each rank's KV log on an axis of its own, where it is not a flat line beside the weights
+    assert sum(html.count(f'"title":{{"text":"KV ({unit})"}}') for unit in ("B", "KiB", "MiB")) == WORLD
     # as for a single run, each rank gets its KV counter trace and TensorBoard scalars
     assert all((out / f"rank-{r}" / "kv_counters.trace.json.gz").is_file() for r in range(WORLD))
 
