@@ -432,7 +432,8 @@ class Recording:
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
         step_cache, self._step_cache = self._step_cache, None
-        if step_cache is not None and self._hf is not None:
+        # `output` is None when the forward raised (the hook is always called): then nothing was written
+        if step_cache is not None and self._hf is not None and output is not None:
             cache, args, kwargs, seen = step_cache
             if self._hf.updates_seen == seen:  # no update reached the wrapper: they ran in a compiled graph
                 new_tokens = _new_tokens(args, kwargs)

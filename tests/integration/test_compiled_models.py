@@ -98,3 +98,26 @@ def test_inductor_static_cache_writes_are_logged(tmp_path: Path, capsys: pytest.
     with kvtrace.record(tmp_path / "run", model=model, profiler=False):
         _generate(model, "static")
     _check_run(tmp_path / "run", "static", capsys)
+
+
+def test_a_forward_that_raises_before_any_update_logs_no_step(tmp_path: Path) -> None:
+    # GIVEN an eager model whose third forward fails before its first layer writes the cache (an OOM
+    # in the embeddings, say)
+    model = build_model(tiny_size(LAYERS, KV_HEADS), seed=0)
+    calls = [0]
+
+    def fail_third(module: Any, args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("out of memory (simulated)")
+
+    handle = model.model.embed_tokens.register_forward_pre_hook(fail_third)
+    # WHEN it generates inside the block
+    run = kvtrace.record(tmp_path / "run", model=model, profiler=False)
+    with pytest.raises(RuntimeError, match="simulated"), run:
+        _generate(model, "static")
+    handle.remove()
+    # THEN the failed step wrote nothing, so nothing is logged for it (no step taken for a compiled one)
+    events = read_run(tmp_path / "run").kv_events
+    assert not [e for e in events if e.step == 3 and e.event != "freed"]
+    assert len([e for e in events if e.step == 2 and e.event == "written"]) == 2 * LAYERS
