@@ -527,14 +527,12 @@ class KvTracker:
         reason: str = "",
         evicted: int | None = None,
         evicted_reason: str = "",
-        written: bool = False,
     ) -> None:
         """Compare the current tensors of one layer with the last seen ones; log what changed.
 
         `parts` maps (kv, part) to the attribute's value (a tensor, a tuple of tensors, a quantized object,
         or None). `tokens` is how many tokens the layer holds now, per batch row. `evicted` overrides the
-        evicted-token count (window evictions counted by the caller, with `evicted_reason`). `written`: the
-        layer was written (a compiled graph's in-place write may leave the version counter as it was).
+        evicted-token count (window evictions counted by the caller, with `evicted_reason`).
         """
         self.drain()
         state = self._state(cache_id, layer)
@@ -565,7 +563,6 @@ class KvTracker:
                     cause,
                     source_json,
                     prev_tokens,
-                    written,
                 ):
                     seen.add(key)
         # Slots of this layer that vanished (reset, a quantized residual flushed to an empty tensor).
