@@ -166,13 +166,9 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             closed_tokens[slot] = tokens_by_layer.get(slot, 0)
         written.clear()
         step_evicted.clear()
-        holding: dict[int, int] = defaultdict(int)
-        for (cache, _), nbytes in cache_layer_live.items():
-            holding[cache] += nbytes
         tokens: dict[int, int] = {}
-        for (cache, _), count in tokens_by_layer.items():
-            if holding.get(cache):
-                tokens[cache] = max(tokens.get(cache, 0), count)
+        for slot in cache_layer_live:  # the slots holding KV now
+            tokens[slot[0]] = max(tokens.get(slot[0], 0), tokens_by_layer.get(slot, 0))
         step_tokens[step] = tokens
         step_rows[step] = {cache: rows for cache, rows in rows_by_cache.items() if cache in tokens}
 
@@ -193,7 +189,10 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             if entry is not None:
                 live_total -= entry[0]
                 layer_live[entry[1]] -= entry[0]
-                cache_layer_live[(entry[3], entry[1])] -= entry[0]
+                slot = (entry[3], entry[1])
+                cache_layer_live[slot] -= entry[0]
+                if not cache_layer_live[slot]:  # only live slots: a long run's dropped caches cost no step
+                    del cache_layer_live[slot]
                 index = open_storage.pop(ev.addr)
                 addr, nbytes, first, _, layer, kv = storages[index]
                 storages[index] = (addr, nbytes, first, ev.t_ns, layer, kv)
