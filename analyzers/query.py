@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,14 +61,28 @@ def connect(export_dir: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
     if not is_export_dir(root):
         raise KvtraceError(f"{root}: not a kvtrace export (no runs/part-*.parquet); run `kvtrace export`")
     con = duckdb.connect()
+    views: dict[str, list[Path]] = {}
     for table in TABLE_NAMES:
         files = table_files(root, table)
         if not files:
             continue  # an export from before this table existed
         check_schema_version(files)
+        views[table] = files
+    _sandbox(con, [f for files in views.values() for f in files])
+    for table, files in views.items():
         listing = "[" + ", ".join(_quote(f) for f in files) + "]"
         con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({listing}, union_by_name = true)")
     return con
+
+
+def _sandbox(con: duckdb.DuckDBPyConnection, readable: list[Path]) -> None:
+    """No file but the export's own parts, no extension fetched or loaded, and no way back: a query is
+    someone's text, and a reporting command should never read `/etc/passwd` or write anywhere for it."""
+    if readable:
+        con.execute("SET allowed_paths = [" + ", ".join(_quote(f.resolve()) for f in readable) + "]")
+    for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
+        con.execute(f"SET {setting} = false")
+    con.execute("SET lock_configuration = true")
 
 
 def connect_tables(tables: Tables) -> duckdb.DuckDBPyConnection:
@@ -77,6 +92,7 @@ def connect_tables(tables: Tables) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     for name in TABLE_NAMES:
         con.register(name, tables[name])
+    _sandbox(con, [])
     return con
 
 
@@ -84,6 +100,26 @@ def connect_tables(tables: Tables) -> duckdb.DuckDBPyConnection:
 # are all SELECT to DuckDB's parser). COPY ... TO, ATTACH, INSTALL, SET and the like would write files,
 # fetch extensions or change the session: a reporting command should never do that by surprise.
 _READ_ONLY = ("SELECT", "EXPLAIN")
+
+
+_EXPLAIN = re.compile(r"\s*EXPLAIN\s*(\([^)]*\)\s*)?(ANALY[SZ]E\b)?", re.IGNORECASE)
+
+
+def _statement_kind(statement: Any) -> str:
+    """The statement's type; for EXPLAIN, the type of what it explains, since `EXPLAIN ANALYZE` runs it."""
+    import duckdb
+
+    kind = str(statement.type.name)
+    if kind != "EXPLAIN":
+        return kind
+    text = re.sub(r"/\*.*?\*/|--[^\n]*", " ", str(statement.query), flags=re.DOTALL)
+    match = _EXPLAIN.match(text)
+    inner = text[match.end() :] if match else ""
+    try:
+        explained = duckdb.extract_statements(inner)
+    except duckdb.Error:
+        return "EXPLAIN of an unreadable statement:"  # refused
+    return str(explained[0].type.name) if len(explained) == 1 else "EXPLAIN of several statements:"
 
 
 def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
@@ -97,7 +133,7 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
             raise KvtraceError(f"query failed: no SQL statement in {sql!r}")
         if len(statements) > 1:
             raise KvtraceError(f"query failed: {len(statements)} SQL statements; give one query at a time")
-        kind = statements[0].type.name
+        kind = _statement_kind(statements[0])
         if kind not in _READ_ONLY:
             raise KvtraceError(
                 f"query failed: {kind} statements are refused; `kvtrace query` only reads "

@@ -229,6 +229,9 @@ def test_query_runs_one_statement_and_only_reads(tmp_path: Path, capsys: pytest.
         "INSTALL httpfs": "LOAD statements are refused",
         f"ATTACH '{tmp_path / 'x.db'}'": "ATTACH statements are refused",
         f"SELECT 1; COPY (SELECT 1) TO '{target}'": "2 SQL statements",
+        # EXPLAIN ANALYZE runs what it explains: it used to write the file
+        f"EXPLAIN ANALYZE COPY (SELECT * FROM runs) TO '{target}'": "COPY statements are refused",
+        "/* a comment */ explain analyze INSTALL httpfs": "LOAD statements are refused",
     }
     for sql, said in refused.items():
         # THEN it is refused in one line (exit 2) before anything runs
@@ -236,6 +239,18 @@ def test_query_runs_one_statement_and_only_reads(tmp_path: Path, capsys: pytest.
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err
     assert not target.exists() and not (tmp_path / "x.db").exists()
+    # AND no file outside the tables can be read, on a source or an export folder
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for a query\n")
+    export_dir = tmp_path / "tables"
+    assert main(["export", run, "-o", str(export_dir), "-q"]) == 0
+    capsys.readouterr()
+    for source in (run, str(export_dir)):
+        assert main(["query", source, f"SELECT * FROM read_text('{secret}')"]) == 2
+        err = capsys.readouterr().err
+        assert "Permission Error" in err and str(secret) in err and err.count("\n") == 1, err
+    assert main(["query", str(export_dir), "--json", "EXPLAIN ANALYZE SELECT count(*) FROM kv_events"]) == 0
+    capsys.readouterr()
     # AND reading statements still run, a trailing semicolon included
     assert main(["query", run, "--json", "DESCRIBE runs;"]) == 0
     columns = _strict_loads(capsys.readouterr().out)
