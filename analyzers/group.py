@@ -94,7 +94,9 @@ def _rank_report(run: RankRun) -> RankReport:
 
 def _replicas(ranks: list[RankReport]) -> bool:
     """Whether every rank's cache holds all the model's KV heads: data parallelism (each rank its own
-    sequences), not tensor parallelism (the same sequences, each rank a share of the heads)."""
+    sequences), not tensor parallelism (the same sequences, each rank a share of the heads). A head count
+    other than the model's is no verdict: it is a share, or a tensor whose layout the log does not say
+    (a [batch, seq, heads, dim] tensor tracked as [batch, heads, seq, dim] shows its tokens as heads)."""
     if len(ranks) < 2:
         return False
     for rank in ranks:
@@ -102,7 +104,7 @@ def _replicas(ranks: list[RankReport]) -> bool:
         run = rank.source.meta.get("run")
         data = [e for e in run.kv_events if is_kv_data(e) and e.shape] if run is not None else []
         held = heads_held_by(data[-1]) if data else None
-        if not isinstance(heads, int) or held is None or held < heads:
+        if not isinstance(heads, int) or held != heads:
             return False
     return True
 

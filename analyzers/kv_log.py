@@ -20,15 +20,20 @@ EVICTION_REASONS = ("window", "press", "crop")
 
 
 # Parts whose tensor is the KV itself, shaped [batch, kv_heads, tokens, head_dim] (or Meta's [batch, tokens,
-# heads, dim] buffers): full-precision data, module buffers, tracked tensors, and the quantized data of fp8
-# (`q.0`, next to its scale `q.1`) and quanto (`q._data`). Their dtype is the cache's, their first dimension
-# the batch. hqq's packed `q.0` is 2-D, so the shape test leaves it out.
-_KV_DATA_PARTS = ("data", "buffer", "tracked", "q.0", "q._data")
+# heads, dim]: SEQ_MAJOR_PARTS): full-precision data, module buffers, tracked tensors, and the quantized data
+# of fp8 (`q.0`, next to its scale `q.1`) and quanto (`q._data`). Their dtype is the cache's, their first
+# dimension the batch. hqq's packed `q.0` is 2-D, so the shape test leaves it out.
+_WHOLE_PARTS = ("data", "buffer", "tracked", "tracked_bshd")
+_KV_DATA_PARTS = (*_WHOLE_PARTS, "q.0", "q._data")
+
+# Parts laid out [batch, tokens, kv_heads, head_dim]: module buffers (Meta's reference code) and tensors
+# given to `kvtrace.track(..., layout="bshd")`. Logs before the layout keyword have only `tracked`.
+SEQ_MAJOR_PARTS = ("buffer", "tracked_bshd")
 
 
 def is_kv_data(ev: KvEvent) -> bool:
     """Whether the event's tensor holds the KV values themselves (not a scale, nor packed bits)."""
-    if ev.part in ("data", "buffer", "tracked"):
+    if ev.part in _WHOLE_PARTS:
         return True
     return ev.part in _KV_DATA_PARTS and len(ev.shape or ()) >= 4
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of
 from analyzers.caches import CacheSummary, cache_summaries, caches_note, main_cache
-from analyzers.kv_log import is_kv_data
+from analyzers.kv_log import SEQ_MAJOR_PARTS, is_kv_data
 from analyzers.model import CATEGORY_NAMES, KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
 
@@ -198,11 +198,28 @@ def _kv_from_events(source: MemorySource, timelines: list[DeviceTimeline]) -> Kv
 
 def heads_held_by(event: Any) -> int | None:
     """KV heads in a cache tensor: [batch, heads, tokens, head_dim] for HF data, [batch, tokens, heads,
-    head_dim] for module buffers (Meta's reference code)."""
+    head_dim] for module buffers (Meta's reference code) and tensors tracked with `layout="bshd"`."""
     shape: list[int] = list(event.shape or ())
     if len(shape) != 4:
         return None
-    return int(shape[2] if event.part == "buffer" else shape[1])
+    return int(shape[2] if event.part in SEQ_MAJOR_PARTS else shape[1])
+
+
+def _layout_note(geometry: dict[str, Any] | None, event: Any) -> str | None:
+    """A tracked tensor read as [batch, heads, tokens, head_dim] whose "heads" the model cannot have: most
+    likely a [batch, tokens, heads, head_dim] tensor tracked without `layout="bshd"`, so its tokens were
+    read as heads and its heads as tokens."""
+    heads = (geometry or {}).get("num_kv_heads")
+    held = heads_held_by(event)
+    if event.part != "tracked" or not isinstance(heads, int) or held is None or held <= 0:
+        return None
+    if held <= heads and heads % held == 0:
+        return None
+    return (
+        f"tracked tensors of shape {list(event.shape)} hold {held} KV heads as [batch, heads, tokens, "
+        f"head_dim], the model has {heads}: token and head figures are wrong if they are [batch, tokens, "
+        'heads, head_dim]; track them with kvtrace.track(..., layout="bshd")'
+    )
 
 
 def _expected_bytes_per_token(
@@ -318,7 +335,7 @@ def summarize(
     geometry = manifest.get("model")
     run = source.meta.get("run")
     kv_log = source.meta.get("kv")
-    held_note = None
+    held_note = layout_note = None
     if run is not None and run.kv_events and kv_log is not None and kv_log.caches:
         data_events = [e for e in run.kv_events if is_kv_data(e) and e.event != "freed" and e.shape]
         main = main_cache(kv_log.caches, geometry)
@@ -332,6 +349,7 @@ def summarize(
             ) if _shapes_follow(geometry, data_events) else _bytes_per_token_of_shapes(data_events)
             if kv.tokens_held and kv.batch:
                 kv.bytes_per_token_measured = main.final_bytes / (kv.tokens_held * kv.batch)
+            layout_note = _layout_note(geometry, last)
         kv.caches = cache_summaries(kv_log.caches, main.cache, geometry)
         kv.main_cache = main.cache
         held_note = caches_note(kv.caches)
@@ -368,6 +386,8 @@ def summarize(
     notes.extend(input_notes(source))
     if held_note:
         notes.append(held_note)
+    if layout_note:
+        notes.append(layout_note)
     budget = None
     budget_bytes = budget_of(source)
     if budget_bytes is not None:

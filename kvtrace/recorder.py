@@ -740,8 +740,10 @@ def record(out_dir: str | os.PathLike[str], model: Any = None, **options: Any) -
     return Recording(out_dir, model=model, options=opts)
 
 
-def track(tensor: torch.Tensor, layer: int, kind: str) -> None:
-    """Follow a KV tensor that no known cache holds, inside an active `record()`."""
+def track(tensor: torch.Tensor, layer: int, kind: str, layout: str = "bhsd") -> None:
+    """Follow a KV tensor that no known cache holds, inside an active `record()`. `layout`: "bhsd" for
+    Hugging Face's [batch, kv_heads, seq, head_dim], "bshd" for [batch, seq, kv_heads, head_dim] (Meta's
+    reference Llama, flash-attn): the log must say which dim holds tokens and which KV heads."""
     recording = _ACTIVE
     if recording is None or recording._modules is None:
         raise RecordingError("kvtrace.track() called outside a kvtrace.record() block")
@@ -751,4 +753,6 @@ def track(tensor: torch.Tensor, layer: int, kind: str) -> None:
         raise RecordingError(f"kvtrace.track(layer=...): a layer index (an int >= 0), got {layer!r}")
     if kind not in ("k", "v"):
         raise RecordingError(f"kvtrace.track(kind=...): 'k' or 'v', got {kind!r}")
-    recording._modules.track(tensor, layer, kind)  # written by the writer thread within 0.1 s
+    if layout not in ("bhsd", "bshd"):
+        raise RecordingError(f"kvtrace.track(layout=...): 'bhsd' or 'bshd', got {layout!r}")
+    recording._modules.track(tensor, layer, kind, layout)  # written by the writer thread within 0.1 s

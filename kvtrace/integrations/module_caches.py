@@ -33,6 +33,11 @@ DEFAULT_CACHE_ATTRS: dict[str, str] = {
 MODULE_CACHE_ID = 1000
 TRACK_CACHE_ID = 2000
 
+# A tracked tensor's layout names its log part, so the analyzers (no torch) know which dim holds tokens:
+# "tracked" for Hugging Face's [batch, kv_heads, seq, head_dim], "tracked_bshd" for Meta's and
+# flash-attn's [batch, seq, kv_heads, head_dim] (the layout module `buffer`s have).
+TRACK_LAYOUTS: dict[str, str] = {"bhsd": "tracked", "bshd": "tracked_bshd"}
+
 _LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -61,7 +66,8 @@ class ModuleCaches:
         self.tracker = tracker
         self.cache_attrs = dict(DEFAULT_CACHE_ATTRS if cache_attrs is None else cache_attrs)
         self.owners: list[_Owner] = []
-        self._tracked: dict[int, dict[str, Callable[[], torch.Tensor | None]]] = {}  # layer -> kind -> ref
+        # layer -> kind -> (weak ref, layout)
+        self._tracked: dict[int, dict[str, tuple[Callable[[], torch.Tensor | None], str]]] = {}
 
     def discover(self, model: torch.nn.Module) -> int:
         """Find cache tensors on `model`'s modules; returns how many were found."""
@@ -80,29 +86,31 @@ class ModuleCaches:
         """Storage addresses that are caches, not weights (a cache registered as a buffer)."""
         return {getattr(o.module, o.attr).untyped_storage().data_ptr() for o in self.owners}
 
-    def track(self, tensor: torch.Tensor, layer: int, kind: str) -> None:
+    def track(self, tensor: torch.Tensor, layer: int, kind: str, layout: str = "bhsd") -> None:
         """Follow `tensor` as the `kind` ("k"/"v") cache of `layer`, through a weak reference: a tracked
         tensor must live and die as it would unrecorded. Tracking a new tensor for the same layer and kind
-        (a cache regrown by torch.cat) replaces the old one, whose storage is logged freed once released."""
+        (a cache regrown by torch.cat) replaces the old one, whose storage is logged freed once released.
+        `layout` ("bhsd" or "bshd", see TRACK_LAYOUTS) says which dim holds the tokens."""
         try:
             ref: Callable[[], torch.Tensor | None] = weakref.ref(tensor)
         except TypeError:  # a tensor type without weak references: held, as a last resort
             ref = functools.partial(_same, tensor)
-        self._tracked.setdefault(layer, {})[kind] = ref
+        self._tracked.setdefault(layer, {})[kind] = (ref, layout)
         self._observe_tracked(layer, "track")
 
     def _observe_tracked(self, layer: int, cause: str) -> None:
         refs = self._tracked[layer]
         parts: dict[tuple[str, str], Any] = {}
         tokens = 0
-        for kind, ref in list(refs.items()):
+        for kind, (ref, layout) in list(refs.items()):
             tensor = ref()
             if tensor is None:  # gone: its slot vanishes below, and its storage is logged freed when released
                 del refs[kind]
                 continue
-            parts[(kind, "tracked")] = tensor
+            parts[(kind, TRACK_LAYOUTS[layout])] = tensor
             if not tokens:
-                tokens = int(tensor.shape[-2]) if tensor.dim() >= 2 else int(tensor.numel())
+                seq_dim = 1 if layout == "bshd" and tensor.dim() >= 3 else -2
+                tokens = int(tensor.shape[seq_dim]) if tensor.dim() >= 2 else int(tensor.numel())
         self.tracker.observe(TRACK_CACHE_ID, layer, parts, cause, tokens, source="track")
         if not refs:
             del self._tracked[layer]

@@ -6,8 +6,10 @@ rank: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK in the environme
 MODE is `reference` (Meta's reference Llama 3, fairscale model parallel over gloo), `reference-raise`
 (the same; the last rank's allocation fails inside `kvtrace.record()` after its last step),
 `reference-kill` (the same; the last rank is SIGKILLed there instead), `hf-tp` (a
-Hugging Face Llama sharded by its `tp_plan="auto"`) or `hf-dp` (the whole model on every rank, each with its
-own batch). Each rank writes FACTS_DIR/rank-<r>.json: what it
+Hugging Face Llama sharded by its `tp_plan="auto"`), `hf-dp` (the whole model on every rank, each with its
+own batch) or `track-bshd` (Meta-style attention sharded by hand, its caches grown by torch.cat as
+[batch, seq, kv_heads, head_dim] and given to `kvtrace.track`: OUT_DIR/said with `layout="bshd"`,
+OUT_DIR/unsaid without). Each rank writes FACTS_DIR/rank-<r>.json: what it
 measured on its own cache tensors, independently of kvtrace, for the test to compare with
 `kvtrace report --json`.
 """
@@ -19,6 +21,7 @@ import os
 import signal
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -162,6 +165,82 @@ def run_hf_data_parallel(out_dir: Path, facts_dir: Path) -> None:
     (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
 
 
+class ShardedAttention(torch.nn.Module):
+    """Meta's reference attention, sharded by hand: this rank's share of the KV heads, its cache grown by
+    torch.cat in Meta's layout [batch, seq, kv_heads, head_dim] (as flash-attn holds it) and tracked."""
+
+    def __init__(self, layer: int, world_size: int, layout: str | None) -> None:
+        super().__init__()
+        self.layer, self.layout = layer, layout
+        self.heads, self.kv_heads = N_HEADS // world_size, N_KV_HEADS // world_size
+        self.head_dim = DIM // N_HEADS
+        self.wq = torch.nn.Linear(DIM, self.heads * self.head_dim, bias=False)
+        self.wk = torch.nn.Linear(DIM, self.kv_heads * self.head_dim, bias=False)
+        self.wv = torch.nn.Linear(DIM, self.kv_heads * self.head_dim, bias=False)
+        self.wo = torch.nn.Linear(self.heads * self.head_dim, DIM, bias=False)
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, length, _ = x.shape
+        q = self.wq(x).view(rows, length, self.heads, self.head_dim)
+        k = self.wk(x).view(rows, length, self.kv_heads, self.head_dim)
+        v = self.wv(x).view(rows, length, self.kv_heads, self.head_dim)
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], 1)
+        self.values = v if self.values is None else torch.cat([self.values, v], 1)
+        said = {"layout": self.layout} if self.layout else {}
+        kvtrace.track(self.keys, layer=self.layer, kind="k", **said)
+        kvtrace.track(self.values, layer=self.layer, kind="v", **said)
+        group = self.heads // self.kv_heads
+        keys = self.keys.repeat_interleave(group, 2).transpose(1, 2)
+        values = self.values.repeat_interleave(group, 2).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, is_causal=length > 1
+        )
+        out = self.wo(out.transpose(1, 2).reshape(rows, length, -1))
+        dist.all_reduce(out)
+        return out
+
+
+class ShardedTransformer(torch.nn.Module):
+    """The layers above with Meta's `params`, from which kvtrace reads the model's geometry."""
+
+    def __init__(self, world_size: int, layout: str | None) -> None:
+        super().__init__()
+        self.params = types.SimpleNamespace(
+            n_layers=N_LAYERS, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS, dim=DIM, vocab_size=VOCAB
+        )
+        self.embed = torch.nn.Embedding(VOCAB, DIM)
+        self.layers = torch.nn.ModuleList(ShardedAttention(i, world_size, layout) for i in range(N_LAYERS))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(tokens)
+        for layer in self.layers:
+            hidden = hidden + layer(hidden)
+        return hidden
+
+
+def run_tracked_bshd(out_dir: Path, facts_dir: Path) -> None:
+    """Tensor parallel by hand, recorded twice: with `layout="bshd"` said, and without."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    facts: dict[str, object] = {"rank": rank}
+    for name, layout in (("said", "bshd"), ("unsaid", None)):
+        torch.manual_seed(0)
+        model = ShardedTransformer(world_size, layout).eval()
+        torch.manual_seed(1)  # the same tokens on every rank, as tensor parallelism requires
+        tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
+        with torch.no_grad(), kvtrace.record(out_dir / name, model=model, profiler=False):
+            model(tokens[:, :PROMPT_LEN])
+            for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+                model(tokens[:, pos : pos + 1])
+        tensors = [t for layer in model.layers for t in (layer.keys, layer.values)]
+        facts[name] = {
+            "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors),
+            "shapes": [list(t.shape) for t in tensors],
+        }
+    (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
+
+
 def launch(
     mode: str, out_dir: Path, facts_dir: Path, world_size: int = 2, timeout_s: float = 180.0
 ) -> list[int]:
@@ -212,6 +291,8 @@ def main() -> None:
             run_hf_tensor_parallel(out_dir, facts_dir)
         elif mode == "hf-dp":
             run_hf_data_parallel(out_dir, facts_dir)
+        elif mode == "track-bshd":
+            run_tracked_bshd(out_dir, facts_dir)
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     finally:
