@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from analyzers.attribution import attribute
-from analyzers.compare import RunFigures, run_figures
+from analyzers.compare import RunFigures, generated, run_figures
 from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
 from analyzers.readers.run_group import RankRun, read_run_group
@@ -68,6 +68,7 @@ class GroupReport:
     focus_rank: int
     focus_reason: str  # "ran out of memory" | "raised <Type>" | "never finished" | "peaked"
     notes: list[str] = field(default_factory=list)
+    replicas: bool = False  # every rank holds all KV heads: data parallel, each rank its own sequences
 
     def rank(self, rank: int) -> RankReport:
         return next(r for r in self.ranks if r.rank == rank)
@@ -179,7 +180,7 @@ def _focus(ranks: list[RankReport], oom_rank: int | None, peak_rank: int | None)
     return peak_rank, "peaked"
 
 
-def _total(path: str, ranks: list[RankReport]) -> Report:
+def _total(path: str, ranks: list[RankReport], replicas: bool) -> Report:
     devices = [
         dataclasses.replace(dev, device=f"rank{r.rank}/{dev.device}")
         for r in ranks
@@ -189,7 +190,6 @@ def _total(path: str, ranks: list[RankReport]) -> Report:
     ooms = [r for r in ranks if r.report.oom is not None]
     oom = {**ooms[0].report.oom, "rank": ooms[0].rank} if ooms else None  # type: ignore[dict-item]
     notes = [f"rank {r.rank}: {note}" for r in ranks for note in r.report.notes]
-    replicas = _replicas(ranks)
     if replicas:
         notes.append(
             "every rank holds all KV heads (data parallel: each its own sequences): bytes per token are one "
@@ -231,7 +231,8 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
     ooms = [r for r in ranks if r.report.oom is not None]
     oom_rank = min(ooms, key=lambda r: (r.report.oom or {}).get("time") or 0.0).rank if ooms else None
     focus_rank, reason = _focus(ranks, oom_rank, peak.rank)
-    total = _total(str(group.path), ranks)
+    replicas = _replicas(ranks)
+    total = _total(str(group.path), ranks, replicas)
     return GroupReport(
         path=str(group.path),
         world_size=group.world_size,
@@ -244,6 +245,7 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
         focus_rank=focus_rank,
         focus_reason=reason,
         notes=group.notes + total.notes,
+        replicas=replicas,
     )
 
 
@@ -260,10 +262,32 @@ def load_group_focus(path: str | os.PathLike[str], progress: ProgressFn | None =
     return focus.source
 
 
+def _replica_rates(group: GroupReport) -> dict[str, Any]:
+    """Data parallel: every rank generates its own rows at once, so the job's tokens/s is the sum of the
+    ranks' (each over its own wall time), and per row the same spread over all their rows. Generated tokens
+    per row are the ranks' when they agree, else unknown as one figure."""
+    made = [(r, m) for r, m in ((r, generated(r.source, r.report)) for r in group.ranks) if m is not None]
+    if not made:
+        return dict.fromkeys(("tokens_per_second", "tokens_per_second_per_row", "generated_tokens_per_row"))
+    rate = sum(m.tokens_all_rows / m.seconds for _, m in made)
+    rows = sum(r.report.kv.batch or 0 for r, _ in made)
+    per_row = {m.tokens_per_row for _, m in made}
+    return {
+        "tokens_per_second": rate,
+        "tokens_per_second_per_row": rate / rows if rows else None,
+        "generated_tokens_per_row": per_row.pop() if len(per_row) == 1 else None,
+        "rows_are_beams": any(m.rows_are_beams for _, m in made),
+    }
+
+
 def group_figures(group: GroupReport, label: str) -> RunFigures:
-    """The group's row in `kvtrace compare`: KV summed over ranks, step by step; the peak rank's peak."""
+    """The group's row in `kvtrace compare`: KV summed over ranks, step by step; the peak rank's peak.
+    Tokens/s: tensor-parallel ranks generate the same tokens, so rank 0's figure is the job's; data-parallel
+    ones each their own, so the job's is their sum."""
     base = group.ranks[0]
     figures = run_figures(base.source, group.total, label)
+    if group.replicas:
+        figures = dataclasses.replace(figures, **_replica_rates(group))
     logs = [kv for kv in (rank.source.meta.get("kv") for rank in group.ranks) if kv is not None]
     steps = tuple(sorted({step for kv_log in logs for step in kv_log.step_live}))
     # A rank with no event at a step (it died, or writes in place) still holds what it held before.

@@ -19,8 +19,9 @@ class CompareCommand(Command):
     tokens/s need a run directory). tokens/s = the tokens the KV log shows the model generated (1 per
     prefill, then what each step appended per row, net of crops: right for speculative decoding) / the
     recording's wall time, recorder overhead included; per row, and over every batch row (under beam search
-    the rows are beams: the table says so). Run groups compare by their totals, and rank by rank when all
-    RUNs are groups of the same world size. Exit status: 0 on success; 1 when the HTML cannot be written;
+    the rows are beams: the table says so). Run groups compare by their totals (tokens/s: rank 0's under
+    tensor parallelism, the ranks' sum under data parallelism), and rank by rank when all RUNs are groups
+    of the same world size. Exit status: 0 on success; 1 when the HTML cannot be written;
     2 for unreadable input or bad flags.
     """
 

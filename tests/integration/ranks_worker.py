@@ -5,13 +5,13 @@ rank: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK in the environme
 
 MODE is `reference` (Meta's reference Llama 3, fairscale model parallel over gloo), `reference-raise`
 (the same; the last rank's allocation fails inside `kvtrace.record()` after its last step),
-`reference-kill` (the same; the last rank is SIGKILLed there instead), `hf-tp` (a
-Hugging Face Llama sharded by its `tp_plan="auto"`), `hf-dp` (the whole model on every rank, each with its
-own batch) or `track-bshd` (Meta-style attention sharded by hand, its caches grown by torch.cat as
-[batch, seq, kv_heads, head_dim] and given to `kvtrace.track`: OUT_DIR/said with `layout="bshd"`,
-OUT_DIR/unsaid without). Each rank writes FACTS_DIR/rank-<r>.json: what it
-measured on its own cache tensors, independently of kvtrace, for the test to compare with
-`kvtrace report --json`.
+`reference-kill` (the same; the last rank is SIGKILLed there instead), `hf-tp` (a Hugging Face Llama
+sharded by its `tp_plan="auto"`), `hf-dp` (the whole model on every rank, each with its own batch),
+`hf-dp-uneven` (the same, rank r with r + 2 rows of a PROMPT_LEN + 2r token prompt) or `track-bshd`
+(Meta-style attention sharded by hand, its caches grown by torch.cat as [batch, seq, kv_heads, head_dim]
+and given to `kvtrace.track`: OUT_DIR/said with `layout="bshd"`, OUT_DIR/unsaid without). Each rank
+writes FACTS_DIR/rank-<r>.json: what it measured on its own cache tensors, independently of kvtrace, for
+the test to compare with `kvtrace report --json`.
 """
 
 from __future__ import annotations
@@ -127,17 +127,19 @@ def hf_tensor_parallel_model() -> torch.nn.Module:
     return LlamaForCausalLM.maybe_distribute_model(hf_model(), distributed, mesh)
 
 
-def _record_steps(model: torch.nn.Module, out_dir: Path, rows: int) -> list[torch.Tensor]:
-    """A prefill of PROMPT_LEN tokens and DECODE_STEPS single-token steps of `rows` rows, recorded; the
+def _record_steps(
+    model: torch.nn.Module, out_dir: Path, rows: int, prompt: int = PROMPT_LEN
+) -> list[torch.Tensor]:
+    """A prefill of `prompt` tokens and DECODE_STEPS single-token steps of `rows` rows, recorded; the
     cache's K and V tensors afterwards."""
     from transformers import DynamicCache
 
     torch.manual_seed(1)
-    tokens = torch.randint(0, VOCAB, (rows, PROMPT_LEN + DECODE_STEPS))
+    tokens = torch.randint(0, VOCAB, (rows, prompt + DECODE_STEPS))
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
-        model(input_ids=tokens[:, :PROMPT_LEN], cache=cache, use_cache=True)
-        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+        model(input_ids=tokens[:, :prompt], cache=cache, use_cache=True)
+        for pos in range(prompt, prompt + DECODE_STEPS):
             model(input_ids=tokens[:, pos : pos + 1], cache=cache, use_cache=True)
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
@@ -157,11 +159,18 @@ def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path) -> None:
     (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
 
 
-def run_hf_data_parallel(out_dir: Path, facts_dir: Path) -> None:
-    """Data parallelism: every rank the whole model, its own batch (rank r: r + 1 rows)."""
+def run_hf_data_parallel(out_dir: Path, facts_dir: Path, uneven: bool = False) -> None:
+    """Data parallelism: every rank the whole model, its own batch (rank r: r + 1 rows; `uneven`: r + 2
+    rows of a PROMPT_LEN + 2r token prompt, so the ranks hold different token counts)."""
     rank = dist.get_rank()
-    tensors = _record_steps(hf_model(), out_dir, rank + 1)
-    facts = {"rank": rank, "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors), "rows": rank + 1}
+    rows, prompt = (rank + 2, PROMPT_LEN + 2 * rank) if uneven else (rank + 1, PROMPT_LEN)
+    tensors = _record_steps(hf_model(), out_dir, rows, prompt)
+    facts = {
+        "rank": rank,
+        "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors),
+        "rows": rows,
+        "tokens": tensors[0].shape[-2],
+    }
     (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
 
 
@@ -289,8 +298,8 @@ def main() -> None:
             run_reference(out_dir, facts_dir, failure=mode.removeprefix("reference").lstrip("-"))
         elif mode == "hf-tp":
             run_hf_tensor_parallel(out_dir, facts_dir)
-        elif mode == "hf-dp":
-            run_hf_data_parallel(out_dir, facts_dir)
+        elif mode in ("hf-dp", "hf-dp-uneven"):
+            run_hf_data_parallel(out_dir, facts_dir, uneven=mode == "hf-dp-uneven")
         elif mode == "track-bshd":
             run_tracked_bshd(out_dir, facts_dir)
         else:
