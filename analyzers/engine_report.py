@@ -65,6 +65,7 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     capacity = (info.num_blocks or 0) * (info.block_size or 0)
     kv.batch = None
     kv.tokens_held = capacity or None
+    kv.token_rows = None
     kv.bytes_per_token_measured = pool / capacity if capacity else None
     model = info.model
     element = _ELEMENT_BYTES.get(info.kv_dtype)

@@ -152,6 +152,7 @@ def _sum_kv(kvs: list[KvSummary], replicas: bool = False) -> KvSummary:
         bytes_per_token_expected=expected,
         tokens_held=tokens_held,
         batch=batch,
+        token_rows=token_rows or None,
         evictions={
             "events": sum(int(e["events"]) for e in evictions),
             "claimed_bytes": sum(int(e["claimed_bytes"]) for e in evictions),

@@ -56,6 +56,9 @@ class KvSummary:
     bytes_per_token_expected: int | None = None
     tokens_held: int | None = None
     batch: int | None = None
+    token_rows: int | None = None
+    """Tokens held summed over the rows, the divisor of the measured bytes per token: `tokens_held` x `batch`
+    for one run; a data-parallel group's ranks may hold different tokens, so theirs is the ranks' sum."""
     evictions: dict[str, Any] | None = None
     evictions_by_reason: dict[str, int] = field(default_factory=dict)
     """Evicted tokens by kind: `window` (the cache's own sliding window), `press` (an eviction library such
@@ -348,7 +351,8 @@ def summarize(
                 geometry, last.dtype, heads_held_by(last)
             ) if _shapes_follow(geometry, data_events) else _bytes_per_token_of_shapes(data_events)
             if kv.tokens_held and kv.batch:
-                kv.bytes_per_token_measured = main.final_bytes / (kv.tokens_held * kv.batch)
+                kv.token_rows = kv.tokens_held * kv.batch
+                kv.bytes_per_token_measured = main.final_bytes / kv.token_rows
             layout_note = _layout_note(geometry, last)
         kv.caches = cache_summaries(kv_log.caches, main.cache, geometry)
         kv.main_cache = main.cache

@@ -63,6 +63,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "bytes_per_token_expected": kv.bytes_per_token_expected,
             "tokens_held": kv.tokens_held,
             "batch": kv.batch,
+            "token_rows": kv.token_rows,
             "evictions": kv.evictions,
             "how_to_attribute": NO_KV_HINT if kv.measured_from == "none" else None,
             "per_layer": [

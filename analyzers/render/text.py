@@ -59,6 +59,9 @@ def report_to_text(report: Report) -> str:
             if kv.batch is not None or report.engine is None
             else f"the pool's capacity of {kv.tokens_held:,} tokens"
         )
+        if kv.token_rows and kv.tokens_held and kv.batch and kv.token_rows != kv.tokens_held * kv.batch:
+            # data-parallel ranks holding different tokens: the rows are not all as full as the fullest
+            held = f"{kv.token_rows:,} tokens over {kv.batch} rows, up to {kv.tokens_held} a row"
         if len([c for c in kv.caches if c.final_bytes]) > 1:
             held += f" of cache {kv.main_cache}"
         lines.append(

@@ -51,3 +51,32 @@ def test_compare_counts_every_data_parallel_ranks_tokens_per_second(group, capsy
     assert row["batch"] == 5
     assert row["tokens_per_second_per_row"] == pytest.approx(sum(rates) / 5)
     assert row["generated_tokens_per_row"] == GENERATED_PER_ROW == 4
+
+
+def test_bytes_per_token_of_ranks_holding_different_tokens_divide_their_token_rows(group, capsys):
+    out, facts = group
+    whole_model = worker.N_LAYERS * 2 * worker.N_KV_HEADS * HEAD_DIM * 4  # every rank holds all KV heads
+    token_rows = sum(f["rows"] * f["tokens"] for f in facts)  # 2 x 9 + 3 x 11
+    # WHEN the group is reported
+    assert main(["report", str(out), "--json"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    # THEN the JSON holds together: the final bytes are the token-rows held at one rank's bytes per token
+    assert kv["final_bytes"] == sum(f["kv_bytes"] for f in facts) == whole_model * token_rows
+    assert kv["token_rows"] == token_rows == 51
+    assert kv["bytes_per_token_measured"] == kv["bytes_per_token_expected"] == whole_model == 512
+    assert (kv["tokens_held"], kv["batch"]) == (11, 5)  # the fullest rank's tokens, every rank's rows
+    # AND the text says the same token-rows, not 11 tokens x 5 rows (which would be 27.50 KiB, not 25.50)
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "final 25.50 KiB" in text
+    assert "bytes per token: measured 512.0 (51 tokens over 5 rows, up to 11 a row), arithmetic 512" in text
+
+
+def test_a_single_rank_keeps_its_tokens_times_rows(group, capsys):
+    out, facts = group
+    rows, tokens = facts[1]["rows"], facts[1]["tokens"]
+    assert main(["report", str(out / "rank-1"), "--json"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    assert (kv["tokens_held"], kv["batch"], kv["token_rows"]) == (tokens, rows, tokens * rows) == (11, 3, 33)
+    assert main(["report", str(out / "rank-1")]) == 0
+    assert "measured 512.0 (11 tokens x 3 rows), arithmetic 512" in capsys.readouterr().out
