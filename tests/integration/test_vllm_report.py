@@ -17,6 +17,7 @@ from kvtrace.cli import main
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 PREEMPT = SAMPLES / "vllm_preempt"
+EQUAL = SAMPLES / "vllm_preempt_equal"
 REFUSED = SAMPLES / "vllm_refused"
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -74,16 +75,42 @@ def test_diagnose_on_the_preempting_sample(capsys: pytest.CaptureFixture[str]) -
     held = sum(h["blocks"] for h in d["held_at_first"])
     vllm_figures = json.loads((PREEMPT / "vllm_figures.json").read_text())
     assert held == used_before if vllm_figures["prefix_cache_hits"] == 0 else held >= used_before
-    # demand: each request's prompt + output at its last line, in blocks; the max_num_seqs largest
+    # demand: each request's KV tokens at its last line, in blocks; the max_num_seqs largest
     final: dict[str, int] = {}
     for r in requests:
         tokens = r.get("prompt_tokens", 0) + r.get("output_tokens", 0)
+        if r["event"] == "finished":
+            tokens -= 1  # the last sampled token is never fed back: it gets no KV
         need = max(math.ceil(tokens / block), r.get("blocks", 0), r.get("dropped_blocks", 0))
         final[r["request_id"]] = max(final.get(r["request_id"], 0), need)
     seqs = engine["config"]["max_num_seqs"]
     bound = sum(sorted(final.values(), reverse=True)[:seqs])
     assert d["demand_bound_blocks"] == bound
     assert d["kv_cache_memory_bytes_needed"] == (bound + 1) * engine["bytes_per_block"]
+
+
+@pytest.mark.skipif(not EQUAL.is_dir(), reason="sample_traces/vllm_preempt_equal not generated yet")
+def test_diagnose_of_equal_requests_counts_no_kv_for_the_last_token(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN 8 equal requests (29 prompt + 100 new tokens) that vLLM preempted once in 32 blocks of 32
+    engine = json.loads((EQUAL / "engine.json").read_text())
+    requests = _lines(EQUAL / "engine_requests.jsonl")
+    finished = [r for r in requests if r["event"] == "finished"]
+    assert len(finished) == 8 and {(r["prompt_tokens"], r["output_tokens"]) for r in finished} == {(29, 100)}
+    assert json.loads((EQUAL / "vllm_figures.json").read_text())["num_preemptions"] == 1
+    assert (engine["num_blocks"], engine["block_size"], engine["bytes_per_block"]) == (32, 32, 65_536)
+    # WHEN diagnosed
+    d = _json_of(["diagnose", str(EQUAL), "--json"], capsys)
+    # THEN each request holds at most 29 + 100 - 1 = 128 KV tokens = 4 blocks: 8 x 4 = 32, + the null block
+    assert set(d["final_demand_blocks"].values()) == {4}
+    assert d["demand_bound_blocks"] == 32 and d["blocks_needed"] == 33
+    assert d["recorded_peak_demand_blocks"] == 32
+    assert d["kv_cache_memory_bytes_needed"] == 33 * 65_536 == 2_162_688
+    assert d["max_num_seqs_without_preemption"] == 7  # 7 x 4 = 28 of the 31 usable blocks; 8 x 4 = 32 not
+    assert main(["diagnose", str(EQUAL)]) == 0
+    text = capsys.readouterr().out
+    assert "32 blocks (+1 null = 33)" in text and "kv_cache_memory_bytes=2162688" in text
 
 
 @pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
