@@ -68,13 +68,16 @@ def test_diagnose_on_the_preempting_sample(capsys: pytest.CaptureFixture[str]) -
     assert d["kind"] == "preemption"
     first = min(r["step"] for r in requests if r["event"] == "preempted")
     assert d["first_preemption_step"] == first
-    # the requests held what the step log says was used before that step (more only when requests share
-    # prefix blocks, which each request counts)
+    # the requests held at least what the step log says was used before that step, plus what the requests
+    # scheduled ahead took in that step: every request was decoding (one token, one block at most), so
+    # the one that did not fit found no block free: the pool was full (no prefix blocks shared here)
     steps = _lines(PREEMPT / "engine_steps.jsonl")
     used_before = [s["blocks_used"] for s in steps if s["step"] < first][-1]
+    (row,) = [s for s in steps if s["step"] == first]
+    assert row["tokens_scheduled"] == row["running"]
     held = sum(h["blocks"] for h in d["held_at_first"])
-    vllm_figures = json.loads((PREEMPT / "vllm_figures.json").read_text())
-    assert held == used_before if vllm_figures["prefix_cache_hits"] == 0 else held >= used_before
+    assert json.loads((PREEMPT / "vllm_figures.json").read_text())["prefix_cache_hits"] == 0
+    assert used_before < held == engine["num_blocks"] - 1
     # demand: each request's KV tokens at its last line, in blocks; the max_num_seqs largest
     final: dict[str, int] = {}
     for r in requests:
@@ -111,6 +114,28 @@ def test_diagnose_of_equal_requests_counts_no_kv_for_the_last_token(
     assert main(["diagnose", str(EQUAL)]) == 0
     text = capsys.readouterr().out
     assert "32 blocks (+1 null = 33)" in text and "kv_cache_memory_bytes=2162688" in text
+
+
+@pytest.mark.skipif(not EQUAL.is_dir(), reason="sample_traces/vllm_preempt_equal not generated yet")
+def test_the_pool_at_the_first_preemption_counts_blocks_taken_in_that_step(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN the equal requests: 8 x 3 blocks before step 69, when all 8 need their 4th; 7 free blocks
+    requests = _lines(EQUAL / "engine_requests.jsonl")
+    steps = {s["step"]: s for s in _lines(EQUAL / "engine_steps.jsonl")}
+    (preempted,) = [r for r in requests if r["event"] == "preempted"]
+    first = preempted["step"]
+    assert (steps[first - 1]["blocks_used"], steps[first - 1]["blocks_free"]) == (24, 7)
+    # WHEN diagnosed
+    d = _json_of(["diagnose", str(EQUAL), "--json"], capsys)
+    held = {h["request_id"]: h["blocks"] for h in d["held_at_first"]}
+    # THEN the 7 requests ahead took the 7 free blocks before the 8th found none and was preempted: what
+    # the step log counts after the step plus the blocks the preempted request dropped, the whole pool
+    assert held.pop(preempted["request_id"]) == preempted["dropped_blocks"] == 3
+    assert list(held.values()) == [4] * 7
+    assert 7 * 4 + 3 == steps[first]["blocks_used"] + preempted["dropped_blocks"] == d["usable_blocks"] == 31
+    assert main(["diagnose", str(EQUAL)]) == 0
+    assert re.search(r"total\s+31 blocks", capsys.readouterr().out)
 
 
 @pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
