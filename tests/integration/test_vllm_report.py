@@ -274,6 +274,32 @@ def test_compare_shows_the_vllm_pool_beside_other_runs(capsys: pytest.CaptureFix
     assert row.split()[2:] == [f"{engine['preemptions']:,}", "-"]
 
 
+@pytest.mark.skipif(not (PREEMPT.is_dir() and REFUSED.is_dir()), reason="vLLM samples not generated yet")
+def test_compare_says_a_start_was_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # GIVEN a start vLLM refused (no pool, no step) beside a run that preempted
+    assert json.loads((REFUSED / "engine.json").read_text())["status"] == "refused_start"
+    assert not (REFUSED / "engine_steps.jsonl").exists()
+    # WHEN compared THEN the JSON says so, and gives no pool figure rather than 0
+    refused, ran = _json_of(["compare", str(REFUSED), str(PREEMPT), "--json"], capsys)["runs"]
+    assert refused["engine"]["status"] == "refused_start" and ran["engine"]["status"] == "ok"
+    assert {key for key, value in refused["engine"].items() if value is not None} == {"status"}
+    assert any("refused to start" in note for note in refused["notes"]) and ran["notes"] == []
+    # and so do the text and the HTML
+    assert main(["compare", str(REFUSED), str(PREEMPT)]) == 0
+    text = capsys.readouterr().out
+    rows = {
+        cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in text.splitlines())
+    }
+    assert rows["vLLM pool (blocks)"] == ["refused start", str(ran["engine"]["num_blocks"])]
+    assert rows["vLLM preemptions"] == ["-", f"{ran['engine']['preemptions']:,}"]
+    assert rows["vLLM peak blocks used"][0] == "-"
+    assert "note: vllm_refused: vLLM refused to start for lack of KV memory" in text
+    page = tmp_path / "compare.html"
+    assert main(["compare", str(REFUSED), str(PREEMPT), "-o", str(page)]) == 0
+    html = page.read_text()
+    assert "refused start" in html and "vLLM refused to start for lack of KV memory" in html
+
+
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
 def test_plan_from_a_cpu_run_plans_its_own_pool(capsys: pytest.CaptureFixture[str]) -> None:
     # vLLM on CPU sizes its pool by kv_cache_memory_bytes: without --gpu-memory the plan takes the run's
