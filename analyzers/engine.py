@@ -35,6 +35,7 @@ __all__ = [
     "engine_figures",
     "has_engine",
     "held_at",
+    "kv_dtype_name",
     "read_engine",
 ]
 
@@ -375,7 +376,7 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         block_size=info.block_size,
         bytes_per_block=info.bytes_per_block,
         kv_cache_bytes=info.kv_cache_bytes,
-        kv_dtype=info.kv_dtype,
+        kv_dtype=kv_dtype_name(info),
         steps=len(steps),
         peak_blocks_used=int(used[peak_i]) if peak_i >= 0 else 0,
         peak_step=int(steps["step"][peak_i]) if peak_i >= 0 else None,
@@ -390,6 +391,13 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         prefix_hit_tokens=int(steps["prefix_hits"].sum()),
         prefix_query_tokens=int(steps["prefix_queries"].sum()),
     )
+
+
+def kv_dtype_name(info: EngineInfo) -> str:
+    """The KV element type as the run asked for it: vLLM keeps an fp8 pool in uint8 tensors, so engine.json's
+    `kv_dtype` says uint8; the config's `kv_cache_dtype` names the format (fp8, fp8_e4m3, fp8_e5m2)."""
+    asked = str(info.config.get("kv_cache_dtype") or "")
+    return asked if asked.startswith("fp8") else info.kv_dtype
 
 
 def held_at(run: EngineRun, step: int) -> list[HeldRequest]:

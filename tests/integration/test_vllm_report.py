@@ -154,6 +154,33 @@ def test_diagnose_on_the_refused_sample(capsys: pytest.CaptureFixture[str]) -> N
     assert str(vllm_estimate) in text
 
 
+@pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
+def test_a_refused_start_reads_as_arithmetic_and_vllms_message_is_whole_or_marked_cut(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    engine = json.loads((REFUSED / "engine.json").read_text())
+    model, config = engine["model"], engine["config"]
+    message = json.loads((REFUSED / "manifest.json").read_text())["ended"]["message"]
+    assert len(message) > 200  # vLLM's message, longer than the report's note keeps
+    # one layer's page of a block: K and V, 32 tokens, 2 KV heads of 64, bf16 = 16 KiB; all layers: 64 KiB
+    page = 2 * config["block_size"] * model["num_kv_heads"] * model["head_dim"] * _DTYPE_BYTES[model["dtype"]]
+    blocks = math.ceil(config["max_model_len"] / config["block_size"])
+    assert (page, blocks * model["num_layers"] * page) == (16 * 1024, 2**20)
+    assert main(["diagnose", str(REFUSED)]) == 0
+    text = capsys.readouterr().out
+    # the needed line multiplies out: blocks x a block's bytes = needed; layers x a layer's = a block's
+    (needed,) = [line for line in text.splitlines() if line.strip().startswith("needed")]
+    assert (
+        f"1.00 MiB  ({blocks} blocks x 64.00 KiB; a block: 32 tokens over all 4 layers, 16.00 KiB a layer)"
+        in (needed)
+    )
+    assert f"vLLM said: {message.strip()}" in text  # whole
+    assert main(["report", str(REFUSED), "--no-export"]) == 0
+    (note,) = [line for line in capsys.readouterr().out.splitlines() if "recorded block raised" in line]
+    kept = note.split("ValueError: ", 1)[1].split("… (cut; whole in manifest.json)")[0]
+    assert message.startswith(kept) and 150 < len(kept) <= 200
+
+
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
 def test_request_lanes_add_up_to_the_blocks_used() -> None:
     # the HTML's per-request lanes, step by step, hold what the step log says was used (no request shares

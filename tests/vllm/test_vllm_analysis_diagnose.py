@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.engine import read_engine
+from analyzers.engine import engine_figures, read_engine
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis, diagnose_engine
 from tests.vllm.workload import NEW_TOKENS, PROMPT_TOKENS, write_analysis_model
 
@@ -137,6 +137,28 @@ def test_fp8_kv_avoids_every_preemption_as_diagnosed(
     result = _run(tiny_model, "-", POOL, kv_dtype="fp8")
     assert result["num_gpu_blocks"] == diagnosis.fp8_blocks == 2 * POOL // BYTES_PER_BLOCK
     assert result["preemptions"] == 0
+
+
+def test_an_fp8_pool_is_named_fp8_not_its_uint8_storage(tiny_model: Path, tmp_path: Path) -> None:
+    # GIVEN a run vLLM served with kv_cache_dtype='fp8': it keeps the pool in uint8 tensors
+    _run(tiny_model, str(tmp_path / "fp8"), POOL, kv_dtype="fp8")
+    engine = json.loads((tmp_path / "fp8" / "engine.json").read_text())
+    assert (engine["kv_dtype"], engine["config"]["kv_cache_dtype"]) == ("uint8", "fp8")
+    run = read_engine(tmp_path / "fp8")
+    assert run is not None
+    # WHEN reported THEN the pool's KV dtype is the format the run asked for
+    assert engine_figures(run).kv_dtype == "fp8"
+    done = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "report", str(tmp_path / "fp8"), "--no-export", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    (pool,) = [line for line in done.stdout.splitlines() if "KV pool:" in line]
+    assert (
+        f"{2 * POOL // BYTES_PER_BLOCK} blocks of 32 tokens, 2.00 MiB (fp8)" in pool and "uint8" not in pool
+    )
 
 
 def test_refused_start_diagnosis_uses_vllms_figures(tiny_model: Path, tmp_path: Path) -> None:
