@@ -137,6 +137,11 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
             "the cache's rows were reordered (beam search): tokens/s (all rows) counts every beam's tokens; "
             "a returned sequence grows at the per-row rate",
         )
+    if report.engine is not None and report.engine.status == "refused_start":
+        notes += (
+            "vLLM refused to start for lack of KV memory: no pool was allocated and nothing ran, so its "
+            "figures are not a run's (see `kvtrace diagnose`)",
+        )
     return RunFigures(
         label=label,
         path=report.path,
@@ -162,7 +167,8 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
 def _engine_figures(fig: Any) -> dict[str, Any] | None:
     if fig is None:
         return None
-    return {
+    figures = {
+        "status": fig.status,
         "num_blocks": fig.num_blocks,
         "block_size": fig.block_size,
         "peak_blocks_used": fig.peak_blocks_used,
@@ -171,6 +177,9 @@ def _engine_figures(fig: Any) -> dict[str, Any] | None:
         "prefix_hit_tokens": fig.prefix_hit_tokens,
         "prefix_query_tokens": fig.prefix_query_tokens,
     }
+    if fig.status == "refused_start":  # no pool was allocated and no step ran: unknown, not 0
+        figures.update(dict.fromkeys([key for key in figures if key != "status"]))
+    return figures
 
 
 def compare(pairs: list[tuple[MemorySource, Report]], labels: list[str] | None = None) -> Comparison:
@@ -227,8 +236,14 @@ def _engine_cell(key: str, unit: str = "") -> Any:
     return cell
 
 
+def _pool_cell(r: RunFigures) -> str:
+    if (r.engine or {}).get("status") == "refused_start":
+        return "refused start"
+    return _engine_cell("num_blocks")(r)
+
+
 _ENGINE_ROWS = (
-    ("vLLM pool (blocks)", _engine_cell("num_blocks")),
+    ("vLLM pool (blocks)", _pool_cell),
     ("vLLM peak blocks used", _engine_cell("peak_blocks_used")),
     ("vLLM preemptions", _engine_cell("preemptions")),
     ("vLLM preempted tokens", _engine_cell("preempted_tokens")),

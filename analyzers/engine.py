@@ -35,6 +35,7 @@ __all__ = [
     "engine_figures",
     "has_engine",
     "held_at",
+    "kv_dtype_name",
     "read_engine",
 ]
 
@@ -58,6 +59,7 @@ _STEP_COLUMNS = (
     "prefix_queries",
 )
 REQUEST_EVENTS = ("scheduled", "blocks", "preempted", "resumed", "finished")
+_EMPTIED = ("preempted", "finished")  # request events after which it holds no KV
 
 
 @dataclass(frozen=True)
@@ -374,7 +376,7 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         block_size=info.block_size,
         bytes_per_block=info.bytes_per_block,
         kv_cache_bytes=info.kv_cache_bytes,
-        kv_dtype=info.kv_dtype,
+        kv_dtype=kv_dtype_name(info),
         steps=len(steps),
         peak_blocks_used=int(used[peak_i]) if peak_i >= 0 else 0,
         peak_step=int(steps["step"][peak_i]) if peak_i >= 0 else None,
@@ -391,11 +393,21 @@ def engine_figures(run: EngineRun) -> EngineFigures:
     )
 
 
+def kv_dtype_name(info: EngineInfo) -> str:
+    """The KV element type as the run asked for it: vLLM keeps an fp8 pool in uint8 tensors, so engine.json's
+    `kv_dtype` says uint8; the config's `kv_cache_dtype` names the format (fp8, fp8_e4m3, fp8_e5m2)."""
+    asked = str(info.config.get("kv_cache_dtype") or "")
+    return asked if asked.startswith("fp8") else info.kv_dtype
+
+
 def held_at(run: EngineRun, step: int) -> list[HeldRequest]:
-    """The pool as the scheduler found it at `step`: each request's last event before that step, and a
-    request preempted at `step` with what it held just before losing it. Blocks are exact. "blocks" events
-    are logged only on a change, so a request's tokens are brought forward from its next event when one
-    follows (`_tokens_at_start`); otherwise they are as of its last event (`as_of_step`)."""
+    """The pool when the scheduler first preempted at `step`: each request's last event before that step,
+    a request preempted at `step` with what it held just before losing it, and the blocks that requests
+    scheduled ahead of the preemption took in that same step (`_grown_before_preemption`). Blocks are
+    exact. A request that grew shows the tokens its blocks were allocated for (this step's included).
+    "blocks" events are logged only on a change, so the other requests' tokens are brought forward from
+    their next event when one follows (`_tokens_at_start`); otherwise they are as of their last event
+    (`as_of_step`)."""
     state: dict[str, RequestEvent] = {}
     for e in run.requests:
         if e.step < step:
@@ -411,8 +423,13 @@ def held_at(run: EngineRun, step: int) -> list[HeldRequest]:
                 e.prompt_tokens,
                 e.output_tokens,
             )
+    grown = _grown_before_preemption(run, step, state)
     held: list[HeldRequest] = []
     for e in state.values():
+        if e.request_id in grown:
+            g = grown[e.request_id]
+            held.append(HeldRequest(g.request_id, g.blocks, g.tokens, g.prompt_tokens, g.output_tokens, step))
+            continue
         if e.event in ("finished", "preempted") or e.blocks <= 0:
             continue
         tokens, as_of = e.tokens, e.step
@@ -427,6 +444,36 @@ def held_at(run: EngineRun, step: int) -> list[HeldRequest]:
         )
         held.append(HeldRequest(e.request_id, e.blocks, tokens, e.prompt_tokens, output, as_of))
     return sorted(held, key=lambda h: (-h.blocks, h.request_id))
+
+
+def _grown_before_preemption(
+    run: EngineRun, step: int, state: dict[str, RequestEvent]
+) -> dict[str, RequestEvent]:
+    """The "blocks" events of `step` that happened before its first preemption. vLLM's scheduler walks the
+    running requests in order, allocating each its next blocks; the first that does not fit in the free
+    blocks makes it preempt, so the requests before it (the log keeps the scheduler's order) had already
+    taken theirs. Free blocks at the step's start: the step log's row before it (vLLM's own count, cached
+    blocks included), else the usable blocks less what the requests held."""
+    rows = [i for i in range(len(run.steps)) if int(run.steps["step"][i]) < step]
+    if rows:
+        free = int(run.steps["blocks_free"][rows[-1]])
+    elif run.info.num_blocks:
+        free = run.info.num_blocks - 1 - sum(e.blocks for e in state.values() if e.event not in _EMPTIED)
+    else:
+        return {}
+    grown: dict[str, RequestEvent] = {}
+    for e in run.requests:
+        if e.step != step or e.event != "blocks" or e.request_id not in state:
+            continue
+        before = state[e.request_id]
+        if before.event in _EMPTIED or before.event == "held":
+            continue
+        growth = e.blocks - before.blocks
+        if growth > free:
+            break  # this request's allocation failed: the preemption came here
+        free -= growth
+        grown[e.request_id] = e
+    return grown
 
 
 def _tokens_at_start(run: EngineRun, last: RequestEvent, step: int) -> int | None:

@@ -347,9 +347,11 @@ def summarize(
             last = data_events[-1]
             kv.batch = last.shape[0]
             kv.tokens_held = main.tokens
-            kv.bytes_per_token_expected = _expected_bytes_per_token(
-                geometry, last.dtype, heads_held_by(last)
-            ) if _shapes_follow(geometry, data_events) else _bytes_per_token_of_shapes(data_events)
+            kv.bytes_per_token_expected = (
+                _expected_bytes_per_token(geometry, last.dtype, heads_held_by(last))
+                if _shapes_follow(geometry, data_events)
+                else _bytes_per_token_of_shapes(data_events)
+            )
             if kv.tokens_held and kv.batch:
                 kv.token_rows = kv.tokens_held * kv.batch
                 kv.bytes_per_token_measured = main.final_bytes / kv.token_rows
@@ -383,7 +385,9 @@ def summarize(
     elif ended.get("status") == "interrupted":
         notes.append("the recorded block was interrupted (Ctrl-C): the figures cover the run up to then")
     elif ended.get("status") == "exception" and oom is None:
-        message = str(ended.get("message") or "")[:200]
+        message = str(ended.get("message") or "")
+        if len(message) > 200:  # the whole message is in manifest.json
+            message = message[:200].rsplit(" ", 1)[0] + "… (cut; whole in manifest.json)"
         raised = f"{ended.get('type') or 'an exception'}: {message}".rstrip(": ")
         notes.append(f"the recorded block raised {raised}: the figures cover the run up to then")
     notes.extend(str(w) for w in (manifest or {}).get("warnings") or ())

@@ -56,7 +56,8 @@ def _step(step: int, used: int, running: int, waiting: int, scheduled: int, **ex
         "t_ns": 1_000_000 * step,
         "blocks_total": 5,
         "blocks_used": used,
-        "blocks_free": 5 - used,
+        "blocks_free": 4 - used,  # block 0 is the null block: used + free + reserved = total
+        "blocks_reserved": 1,
         "blocks_cached": 0,
         "running": running,
         "waiting": waiting,

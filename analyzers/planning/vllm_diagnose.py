@@ -4,19 +4,20 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
 
 * **A run that preempted** (`diagnose_preemptions`). vLLM preempts a running request when it cannot
   allocate the next block for a running request. The model used here, stated in the output: a request
-  never holds more than `cdiv(prompt + output tokens, block_size)` blocks (its final length; a request
-  preempted and resumed needs the same), at most `max_num_seqs` requests run at once, and the pool keeps
-  one block aside (vLLM's null block). So if the usable blocks cover the sum of the largest final demands
-  of as many requests as can run together (`max_num_seqs`, and no more than were ever in the engine at
-  once: running + waiting, so requests of successive `generate()` calls are not counted together), no
-  allocation can fail, whatever the admission order, and nothing is preempted. Prefix sharing (prefix
-  caching, `n > 1` sampling) only lowers the real demand: the figure is an upper bound, exact for a batch
-  of equal requests decoding together, and a remedy it finds short is said to be unknown, not refused,
-  when the run shared blocks. A pool sized by `num_gpu_blocks_override` is grown by that knob. From it:
-  the blocks and bytes of KV memory to add, the largest max_num_seqs that avoids every preemption in the
-  present pool, and whether fp8 KV (1 byte an element: twice the blocks for bf16 in the same memory)
-  would. The demand on the recorded schedule (requests in
-  flight per step, each at the length it had reached) is reported beside it, for reference.
+  never holds more than `cdiv(prompt + output tokens - 1, block_size)` blocks (its final length: the last
+  sampled token is never fed back, so it gets no KV; a request preempted and resumed needs the same), at
+  most `max_num_seqs` requests run at once, and the pool keeps one block aside (vLLM's null block). So if
+  the usable blocks cover the sum of the largest final demands of as many requests as can run together
+  (`max_num_seqs`, and no more than were ever in the engine at once: running + waiting, so requests of
+  successive `generate()` calls are not counted together), no allocation can fail, whatever the admission
+  order, and nothing is preempted. Prefix sharing (prefix caching, `n > 1` sampling) only lowers the real
+  demand: the figure is an upper bound, exact (one block less preempts) for equal requests admitted
+  together that share no blocks, and a remedy it finds short is said to be unknown, not refused, when the
+  run shared blocks. A pool sized by `num_gpu_blocks_override` is grown by that knob. From it: the blocks
+  and bytes of KV memory to add, the largest max_num_seqs that avoids every preemption in the present
+  pool, and whether fp8 KV (1 byte an element: twice the blocks for bf16 in the same memory) would. The
+  demand on the recorded schedule (requests in flight per step, each at the length it had reached) is
+  reported beside it, for reference.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from analyzers.engine import EngineRun, HeldRequest, blocks_for, engine_figures, held_at
+from analyzers.engine import EngineRun, HeldRequest, RequestEvent, blocks_for, engine_figures, held_at
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
 from analyzers.planning.vllm_refused import RefusedDiagnosis, VllmRemedy, diagnose_refused
 
@@ -72,18 +73,27 @@ class PreemptionDiagnosis:
     kind: str = "preemption"
 
 
+def _kv_tokens(e: RequestEvent) -> int:
+    """KV tokens a request needs at this event. A finished request's last sampled token was never fed
+    back, so it never got KV: prompt + output - 1. Before that, every sampled token is computed in the
+    next step, and the event's blocks are allocated for prompt + output."""
+    if e.event == "finished" and e.output_tokens > 0:
+        return e.prompt_tokens + e.output_tokens - 1
+    return e.prompt_tokens + e.output_tokens
+
+
 def _final_demand(run: EngineRun, block: int) -> dict[str, int]:
-    """Blocks each request needs at its final length: prompt + output tokens (at least what it held)."""
+    """Blocks each request needs at its final length: prompt + output - 1 tokens (at least what it held)."""
     demand: dict[str, int] = {}
     for e in run.requests:
-        need = max(blocks_for(e.prompt_tokens + e.output_tokens, block), e.blocks, e.dropped_blocks)
+        need = max(blocks_for(_kv_tokens(e), block), e.blocks, e.dropped_blocks)
         demand[e.request_id] = max(demand.get(e.request_id, 0), need)
     return demand
 
 
 def _recorded_demand(run: EngineRun, block: int) -> tuple[int, int | None]:
     """Peak over steps of what the requests in flight (admitted, not finished) would have held had none
-    been preempted, each at the length it had reached (blocks for prompt + output so far)."""
+    been preempted, each at the length it had reached (blocks for its KV tokens so far)."""
     tokens: dict[str, int] = {}
     peak, peak_step = 0, None
     by_step: dict[int, list[Any]] = {}
@@ -91,7 +101,7 @@ def _recorded_demand(run: EngineRun, block: int) -> tuple[int, int | None]:
         by_step.setdefault(e.step, []).append(e)
     for step in sorted(by_step):
         for e in by_step[step]:
-            tokens[e.request_id] = max(tokens.get(e.request_id, 0), e.prompt_tokens + e.output_tokens)
+            tokens[e.request_id] = max(tokens.get(e.request_id, 0), _kv_tokens(e))
         # a request finishing in this step still held its blocks while the step ran
         total = sum(blocks_for(t, block) for t in tokens.values())
         if total > peak:
@@ -191,7 +201,8 @@ def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
             )
         )
     model = (
-        f"each request needs at most cdiv(prompt + output tokens, {block}) blocks; at most "
+        f"each request needs at most cdiv(prompt + output tokens - 1, {block}) blocks (its last sampled "
+        f"token gets no KV); at most "
         f"{running_at_most} run together (max_num_seqs {max_seqs}, {len(demand)} requests); "
         f"{NULL_BLOCKS} block is vLLM's null block"
     )

@@ -27,14 +27,15 @@ def _refused_text(d: RefusedDiagnosis) -> list[str]:
     lines = [
         f"kvtrace diagnose: {d.path}: vLLM refused to start, not enough KV memory for max_model_len "
         f"{d.max_model_len:,}",
-        f"  needed     {readable_bytes(d.needed_bytes):>12}  ({d.needed_blocks:,} blocks of {d.block_size} "
-        f"tokens x {d.num_layers} layers, {readable_bytes(d.bytes_per_block)} a block)",
+        f"  needed     {readable_bytes(d.needed_bytes):>12}  ({d.needed_blocks:,} blocks x "
+        f"{readable_bytes(d.bytes_per_block)}; a block: {d.block_size} tokens over all {d.num_layers} "
+        f"layers, {readable_bytes(d.bytes_per_block // max(d.num_layers, 1))} a layer)",
         f"  available  {readable_bytes(d.available_bytes):>12}  ({d.available_bytes:,} B)",
         f"  short by   {readable_bytes(d.needed_bytes - d.available_bytes):>12}",
         f"  largest max_model_len that fits: {d.estimated_max_model_len:,}{vllm_estimate}",
     ]
     if d.message:
-        lines.append(f"  vLLM said: {d.message.strip()[:300]}")
+        lines.append(f"  vLLM said: {d.message.strip()}")  # whole: it is what is being diagnosed
     lines.append("Remedies, in vLLM's settings:")
     return lines + _remedy_lines(d)
 

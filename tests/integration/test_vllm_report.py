@@ -17,6 +17,7 @@ from kvtrace.cli import main
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 PREEMPT = SAMPLES / "vllm_preempt"
+EQUAL = SAMPLES / "vllm_preempt_equal"
 REFUSED = SAMPLES / "vllm_refused"
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -67,23 +68,74 @@ def test_diagnose_on_the_preempting_sample(capsys: pytest.CaptureFixture[str]) -
     assert d["kind"] == "preemption"
     first = min(r["step"] for r in requests if r["event"] == "preempted")
     assert d["first_preemption_step"] == first
-    # the requests held what the step log says was used before that step (more only when requests share
-    # prefix blocks, which each request counts)
+    # the requests held at least what the step log says was used before that step, plus what the requests
+    # scheduled ahead took in that step: every request was decoding (one token, one block at most), so
+    # the one that did not fit found no block free: the pool was full (no prefix blocks shared here)
     steps = _lines(PREEMPT / "engine_steps.jsonl")
     used_before = [s["blocks_used"] for s in steps if s["step"] < first][-1]
+    (row,) = [s for s in steps if s["step"] == first]
+    assert row["tokens_scheduled"] == row["running"]
     held = sum(h["blocks"] for h in d["held_at_first"])
-    vllm_figures = json.loads((PREEMPT / "vllm_figures.json").read_text())
-    assert held == used_before if vllm_figures["prefix_cache_hits"] == 0 else held >= used_before
-    # demand: each request's prompt + output at its last line, in blocks; the max_num_seqs largest
+    assert json.loads((PREEMPT / "vllm_figures.json").read_text())["prefix_cache_hits"] == 0
+    assert used_before < held == engine["num_blocks"] - 1
+    # demand: each request's KV tokens at its last line, in blocks; the max_num_seqs largest
     final: dict[str, int] = {}
     for r in requests:
         tokens = r.get("prompt_tokens", 0) + r.get("output_tokens", 0)
+        if r["event"] == "finished":
+            tokens -= 1  # the last sampled token is never fed back: it gets no KV
         need = max(math.ceil(tokens / block), r.get("blocks", 0), r.get("dropped_blocks", 0))
         final[r["request_id"]] = max(final.get(r["request_id"], 0), need)
     seqs = engine["config"]["max_num_seqs"]
     bound = sum(sorted(final.values(), reverse=True)[:seqs])
     assert d["demand_bound_blocks"] == bound
     assert d["kv_cache_memory_bytes_needed"] == (bound + 1) * engine["bytes_per_block"]
+
+
+@pytest.mark.skipif(not EQUAL.is_dir(), reason="sample_traces/vllm_preempt_equal not generated yet")
+def test_diagnose_of_equal_requests_counts_no_kv_for_the_last_token(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN 8 equal requests (29 prompt + 100 new tokens) that vLLM preempted once in 32 blocks of 32
+    engine = json.loads((EQUAL / "engine.json").read_text())
+    requests = _lines(EQUAL / "engine_requests.jsonl")
+    finished = [r for r in requests if r["event"] == "finished"]
+    assert len(finished) == 8 and {(r["prompt_tokens"], r["output_tokens"]) for r in finished} == {(29, 100)}
+    assert json.loads((EQUAL / "vllm_figures.json").read_text())["num_preemptions"] == 1
+    assert (engine["num_blocks"], engine["block_size"], engine["bytes_per_block"]) == (32, 32, 65_536)
+    # WHEN diagnosed
+    d = _json_of(["diagnose", str(EQUAL), "--json"], capsys)
+    # THEN each request holds at most 29 + 100 - 1 = 128 KV tokens = 4 blocks: 8 x 4 = 32, + the null block
+    assert set(d["final_demand_blocks"].values()) == {4}
+    assert d["demand_bound_blocks"] == 32 and d["blocks_needed"] == 33
+    assert d["recorded_peak_demand_blocks"] == 32
+    assert d["kv_cache_memory_bytes_needed"] == 33 * 65_536 == 2_162_688
+    assert d["max_num_seqs_without_preemption"] == 7  # 7 x 4 = 28 of the 31 usable blocks; 8 x 4 = 32 not
+    assert main(["diagnose", str(EQUAL)]) == 0
+    text = capsys.readouterr().out
+    assert "32 blocks (+1 null = 33)" in text and "kv_cache_memory_bytes=2162688" in text
+
+
+@pytest.mark.skipif(not EQUAL.is_dir(), reason="sample_traces/vllm_preempt_equal not generated yet")
+def test_the_pool_at_the_first_preemption_counts_blocks_taken_in_that_step(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN the equal requests: 8 x 3 blocks before step 69, when all 8 need their 4th; 7 free blocks
+    requests = _lines(EQUAL / "engine_requests.jsonl")
+    steps = {s["step"]: s for s in _lines(EQUAL / "engine_steps.jsonl")}
+    (preempted,) = [r for r in requests if r["event"] == "preempted"]
+    first = preempted["step"]
+    assert (steps[first - 1]["blocks_used"], steps[first - 1]["blocks_free"]) == (24, 7)
+    # WHEN diagnosed
+    d = _json_of(["diagnose", str(EQUAL), "--json"], capsys)
+    held = {h["request_id"]: h["blocks"] for h in d["held_at_first"]}
+    # THEN the 7 requests ahead took the 7 free blocks before the 8th found none and was preempted: what
+    # the step log counts after the step plus the blocks the preempted request dropped, the whole pool
+    assert held.pop(preempted["request_id"]) == preempted["dropped_blocks"] == 3
+    assert list(held.values()) == [4] * 7
+    assert 7 * 4 + 3 == steps[first]["blocks_used"] + preempted["dropped_blocks"] == d["usable_blocks"] == 31
+    assert main(["diagnose", str(EQUAL)]) == 0
+    assert re.search(r"total\s+31 blocks", capsys.readouterr().out)
 
 
 @pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
@@ -100,6 +152,33 @@ def test_diagnose_on_the_refused_sample(capsys: pytest.CaptureFixture[str]) -> N
     text = capsys.readouterr().out
     assert "0.0 GiB" not in text.split("vLLM said")[0]
     assert str(vllm_estimate) in text
+
+
+@pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
+def test_a_refused_start_reads_as_arithmetic_and_vllms_message_is_whole_or_marked_cut(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    engine = json.loads((REFUSED / "engine.json").read_text())
+    model, config = engine["model"], engine["config"]
+    message = json.loads((REFUSED / "manifest.json").read_text())["ended"]["message"]
+    assert len(message) > 200  # vLLM's message, longer than the report's note keeps
+    # one layer's page of a block: K and V, 32 tokens, 2 KV heads of 64, bf16 = 16 KiB; all layers: 64 KiB
+    page = 2 * config["block_size"] * model["num_kv_heads"] * model["head_dim"] * _DTYPE_BYTES[model["dtype"]]
+    blocks = math.ceil(config["max_model_len"] / config["block_size"])
+    assert (page, blocks * model["num_layers"] * page) == (16 * 1024, 2**20)
+    assert main(["diagnose", str(REFUSED)]) == 0
+    text = capsys.readouterr().out
+    # the needed line multiplies out: blocks x a block's bytes = needed; layers x a layer's = a block's
+    (needed,) = [line for line in text.splitlines() if line.strip().startswith("needed")]
+    assert (
+        f"1.00 MiB  ({blocks} blocks x 64.00 KiB; a block: 32 tokens over all 4 layers, 16.00 KiB a layer)"
+        in (needed)
+    )
+    assert f"vLLM said: {message.strip()}" in text  # whole
+    assert main(["report", str(REFUSED), "--no-export"]) == 0
+    (note,) = [line for line in capsys.readouterr().out.splitlines() if "recorded block raised" in line]
+    kept = note.split("ValueError: ", 1)[1].split("… (cut; whole in manifest.json)")[0]
+    assert message.startswith(kept) and 150 < len(kept) <= 200
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
@@ -220,6 +299,32 @@ def test_compare_shows_the_vllm_pool_beside_other_runs(capsys: pytest.CaptureFix
     assert main(["compare", str(PREEMPT), str(SAMPLES / "dynamic_b2")]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vLLM preemptions")]
     assert row.split()[2:] == [f"{engine['preemptions']:,}", "-"]
+
+
+@pytest.mark.skipif(not (PREEMPT.is_dir() and REFUSED.is_dir()), reason="vLLM samples not generated yet")
+def test_compare_says_a_start_was_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # GIVEN a start vLLM refused (no pool, no step) beside a run that preempted
+    assert json.loads((REFUSED / "engine.json").read_text())["status"] == "refused_start"
+    assert not (REFUSED / "engine_steps.jsonl").exists()
+    # WHEN compared THEN the JSON says so, and gives no pool figure rather than 0
+    refused, ran = _json_of(["compare", str(REFUSED), str(PREEMPT), "--json"], capsys)["runs"]
+    assert refused["engine"]["status"] == "refused_start" and ran["engine"]["status"] == "ok"
+    assert {key for key, value in refused["engine"].items() if value is not None} == {"status"}
+    assert any("refused to start" in note for note in refused["notes"]) and ran["notes"] == []
+    # and so do the text and the HTML
+    assert main(["compare", str(REFUSED), str(PREEMPT)]) == 0
+    text = capsys.readouterr().out
+    rows = {
+        cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in text.splitlines())
+    }
+    assert rows["vLLM pool (blocks)"] == ["refused start", str(ran["engine"]["num_blocks"])]
+    assert rows["vLLM preemptions"] == ["-", f"{ran['engine']['preemptions']:,}"]
+    assert rows["vLLM peak blocks used"][0] == "-"
+    assert "note: vllm_refused: vLLM refused to start for lack of KV memory" in text
+    page = tmp_path / "compare.html"
+    assert main(["compare", str(REFUSED), str(PREEMPT), "-o", str(page)]) == 0
+    html = page.read_text()
+    assert "refused start" in html and "vLLM refused to start for lack of KV memory" in html
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")

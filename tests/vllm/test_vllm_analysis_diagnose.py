@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.engine import read_engine
+from analyzers.engine import engine_figures, read_engine
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis, diagnose_engine
-from tests.vllm.workload import write_analysis_model
+from tests.vllm.workload import NEW_TOKENS, PROMPT_TOKENS, write_analysis_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
 
@@ -139,6 +139,28 @@ def test_fp8_kv_avoids_every_preemption_as_diagnosed(
     assert result["preemptions"] == 0
 
 
+def test_an_fp8_pool_is_named_fp8_not_its_uint8_storage(tiny_model: Path, tmp_path: Path) -> None:
+    # GIVEN a run vLLM served with kv_cache_dtype='fp8': it keeps the pool in uint8 tensors
+    _run(tiny_model, str(tmp_path / "fp8"), POOL, kv_dtype="fp8")
+    engine = json.loads((tmp_path / "fp8" / "engine.json").read_text())
+    assert (engine["kv_dtype"], engine["config"]["kv_cache_dtype"]) == ("uint8", "fp8")
+    run = read_engine(tmp_path / "fp8")
+    assert run is not None
+    # WHEN reported THEN the pool's KV dtype is the format the run asked for
+    assert engine_figures(run).kv_dtype == "fp8"
+    done = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "report", str(tmp_path / "fp8"), "--no-export", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    (pool,) = [line for line in done.stdout.splitlines() if "KV pool:" in line]
+    assert (
+        f"{2 * POOL // BYTES_PER_BLOCK} blocks of 32 tokens, 2.00 MiB (fp8)" in pool and "uint8" not in pool
+    )
+
+
 def test_refused_start_diagnosis_uses_vllms_figures(tiny_model: Path, tmp_path: Path) -> None:
     # 1 MiB at block 32: 16 blocks, 15 usable after the null block; 512 tokens need 16
     result = _run(tiny_model, str(tmp_path / "refused"), 2**20)
@@ -162,28 +184,39 @@ _SAMPLE_CHILD = r"""
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 sys.path.insert(0, sys.argv[1])
-from tests.vllm.workload import make_llm, metric, run_workload, write_model
-overrides = json.loads(sys.argv[3])
+from tests.vllm.workload import make_llm, metric, prompts, sampling, write_model
+overrides, workload = json.loads(sys.argv[3]), json.loads(sys.argv[4])
 llm = make_llm(write_model(sys.argv[2]), **overrides)
-run_workload(llm)
+llm.generate(prompts(length=workload["prompt_tokens"]), sampling(workload["new_tokens"]), use_tqdm=False)
 print("KVTRACE-RESULT " + json.dumps({"preemptions": metric(llm, "vllm:num_preemptions")}), flush=True)
 """
 
+# the committed samples (sample_traces/regenerate_vllm.py): tests/vllm/workload.py's workload, and 8 equal
+# requests of 29 + 100 tokens (128 with KV: exactly 4 blocks) in 32 blocks
+_SAMPLES = {
+    "vllm_preempt": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS},
+    "vllm_preempt_equal": {"prompt_tokens": 29, "new_tokens": 100},
+}
 
-@pytest.mark.skipif(not (REPO / "sample_traces" / "vllm_preempt").is_dir(), reason="no vLLM sample run")
-def test_the_sample_runs_suggestions_avoid_every_preemption(tmp_path: Path) -> None:
-    # GIVEN the committed sample (tests/vllm/workload.py's workload, recorded by regenerate_vllm.py)
-    run = read_engine(REPO / "sample_traces" / "vllm_preempt")
+
+@pytest.mark.parametrize("sample", sorted(_SAMPLES))
+def test_the_sample_runs_suggestions_avoid_every_preemption(sample: str, tmp_path: Path) -> None:
+    # GIVEN a committed sample, recorded by regenerate_vllm.py
+    folder = REPO / "sample_traces" / sample
+    if not folder.is_dir():
+        pytest.skip(f"no vLLM sample run {sample}")
+    run = read_engine(folder)
     assert run is not None
     diagnosis = diagnose_engine(run)
     assert isinstance(diagnosis, PreemptionDiagnosis) and diagnosis.preemptions > 0
+    recorded_pool = run.info.config["kv_cache_memory_bytes"]
     suggestions = [
         {"kv_cache_memory_bytes": diagnosis.kv_cache_memory_bytes_needed},
-        {"max_num_seqs": diagnosis.max_num_seqs_without_preemption},
+        {"kv_cache_memory_bytes": recorded_pool, "max_num_seqs": diagnosis.max_num_seqs_without_preemption},
     ]
     for i, overrides in enumerate(suggestions):
         # WHEN the same workload reruns with one suggested setting THEN vLLM counts no preemption
-        argv = [str(REPO), str(tmp_path / f"model{i}"), json.dumps(overrides)]
+        argv = [str(REPO), str(tmp_path / f"model{i}"), json.dumps(overrides), json.dumps(_SAMPLES[sample])]
         done = subprocess.run(
             [sys.executable, "-c", _SAMPLE_CHILD, *argv],
             capture_output=True,
@@ -194,3 +227,7 @@ def test_the_sample_runs_suggestions_avoid_every_preemption(tmp_path: Path) -> N
         lines = [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("KVTRACE-RESULT ")]
         assert lines, (done.stdout + done.stderr)[-3000:]
         assert json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))["preemptions"] == 0, overrides
+    if sample == "vllm_preempt_equal":
+        # equal requests admitted together: the bound is exact, the recorded pool one block short of it
+        assert diagnosis.blocks_needed == 33 == diagnosis.num_blocks + 1
+        assert diagnosis.max_num_seqs_without_preemption == 7
