@@ -234,6 +234,45 @@ def test_plan_from_a_cpu_run_plans_its_own_pool(capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_plan_from_a_run_takes_typed_flags_over_the_runs_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    info = json.loads((PREEMPT / "engine.json").read_text())
+    model = info["model"]
+    # a typed --block-size equal to the flag's default is still typed: it used to give way to the run's 32
+    data = _json_of(
+        ["plan", "--engine", "vllm", "--from-run", str(PREEMPT), "--block-size", "16", "--json"], capsys
+    )
+    block_bytes = model["num_layers"] * 2 * 16 * model["num_kv_heads"] * model["head_dim"] * 2  # bf16
+    assert data["request"]["block_size"] == 16
+    assert data["num_blocks"] == info["config"]["kv_cache_memory_bytes"] // block_bytes == 32
+    # the run's utilization and tensor parallel size are kept; a typed GPU plans the profile arithmetic
+    data = _json_of(
+        ["plan", "--engine", "vllm", "--from-run", str(PREEMPT), "--gpu-memory", "1GiB", "--json"], capsys
+    )
+    assert data["request"]["gpu_memory_utilization"] == info["config"]["gpu_memory_utilization"] == 0.92
+    assert data["request"]["tensor_parallel_size"] == info["config"]["tensor_parallel_size"]
+    assert data["request"]["kv_cache_memory_bytes"] is None
+    assert data["available_kv_bytes"] == math.ceil(2**30 * 0.92) - info["memory_profile"]["weights_bytes"]
+
+
+@pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
+def test_plan_from_a_refused_start_refuses_as_vllm_did(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a start vLLM refused: no pool was allocated (kv_cache_bytes 0), its kv_cache_memory_bytes was set
+    info = json.loads((REFUSED / "engine.json").read_text())
+    refused = info["refused"]
+    # WHEN it is planned (its engine.json lacks the MLP size: the weights are given, they do not enter)
+    argv = ["plan", "--engine", "vllm", "--from-run", str(REFUSED), "--weights-bytes", "17MiB", "--json"]
+    assert main(argv) == 1  # it used to plan an 80 GiB GPU x 0.9 (1,179,360 blocks) and exit 0
+    data = json.loads(capsys.readouterr().out)
+    # THEN the plan refuses with vLLM's own figures
+    assert data["request"]["kv_cache_memory_bytes"] == info["config"]["kv_cache_memory_bytes"]
+    assert data["starts"] is False
+    assert (
+        data["needed_bytes"] == refused["needed_bytes"] and data["check_bytes"] == refused["available_bytes"]
+    )
+    assert data["estimated_max_model_len"] == refused["estimated_max_model_len"] == 480
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
 def test_a_vllm_runs_page_shows_the_pool_not_one_point_charts(tmp_path: Path) -> None:
     # GIVEN a vLLM run without a profiler trace: its one memory event is the pool's allocation
     page = tmp_path / "vllm.html"
