@@ -208,6 +208,23 @@ def test_a_vllm_pool_is_split_by_layer_in_every_per_layer_figure(
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_the_pools_cache_figures_are_the_headlines(capsys: pytest.CaptureFixture[str]) -> None:
+    engine = json.loads((PREEMPT / "engine.json").read_text())
+    cache_ids = {e["cache"] for e in _lines(PREEMPT / "kv_events.jsonl") if "cache" in e}
+    capacity = engine["num_blocks"] * engine["block_size"]  # 16 x 32 = 512 tokens
+    per_token = engine["kv_cache_bytes"] / capacity  # 1 MiB / 512 = 2,048 B
+    kv = _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)["kv"]
+    # the pool's shape[0] is its 16 blocks, not a batch: it gave rows 16 and 1 MiB / (512 x 16) = 128 B/token
+    (cache,) = kv["caches"]
+    assert cache["rows"] is None and cache["main"] is True
+    assert cache["final_bytes"] == engine["kv_cache_bytes"] and cache["tokens"] == capacity
+    assert cache["bytes_per_token_measured"] == kv["bytes_per_token_measured"] == per_token == 2048
+    # one cache id throughout, the KV log's (per_layer gave 0 beside main_cache 3000)
+    layer_caches = {layer["cache"] for layer in kv["per_layer"]}
+    assert layer_caches == {kv["main_cache"]} == {cache["cache"]} == cache_ids
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
 def test_compare_shows_the_vllm_pool_beside_other_runs(capsys: pytest.CaptureFixture[str]) -> None:
     report = _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)
     compared = _json_of(["compare", str(PREEMPT), str(SAMPLES / "dynamic_b2"), "--json"], capsys)
