@@ -225,6 +225,31 @@ def test_the_pools_cache_figures_are_the_headlines(capsys: pytest.CaptureFixture
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_the_model_of_a_vllm_run_is_engine_jsons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a vLLM run: its manifest has no model, engine.json has it (4 layers, 2 KV heads, head_dim 64)
+    assert json.loads((PREEMPT / "manifest.json").read_text()).get("model") is None
+    model = json.loads((PREEMPT / "engine.json").read_text())["model"]
+    # WHEN it is reported and exported THEN the geometry and the runs table's model columns are engine.json's
+    geometry = _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)["geometry"]
+    assert geometry is not None  # it was null
+    assert (geometry["num_layers"], geometry["num_kv_heads"], geometry["head_dim"]) == (4, 2, 64)
+    assert geometry["num_attention_heads"] == model["num_attention_heads"]
+    assert geometry["dtype"] == model["dtype"] == "bfloat16"
+    assert geometry["parameters"] == model["num_params"]
+    out = tmp_path / "tables"
+    assert main(["export", str(PREEMPT), "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    # the README's query: its num_kv_heads was empty
+    sql = (
+        "SELECT r.run_id, r.num_kv_heads, r.num_layers, r.head_dim, r.model_dtype, r.parameters,"
+        " max(k.tokens) AS tokens FROM runs r JOIN kv_events k USING (run_id) GROUP BY ALL"
+    )
+    (row,) = _json_of(["query", str(out), "--json", sql], capsys)
+    assert (row["num_kv_heads"], row["num_layers"], row["head_dim"]) == (2, 4, 64)
+    assert (row["model_dtype"], row["parameters"]) == ("bfloat16", model["num_params"])
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
 def test_compare_shows_the_vllm_pool_beside_other_runs(capsys: pytest.CaptureFixture[str]) -> None:
     report = _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)
     compared = _json_of(["compare", str(PREEMPT), str(SAMPLES / "dynamic_b2"), "--json"], capsys)
