@@ -36,6 +36,7 @@ __all__ = [
     "has_engine",
     "held_at",
     "kv_dtype_name",
+    "model_geometry",
     "read_engine",
 ]
 
@@ -166,6 +167,33 @@ class HeldRequest:
 def has_engine(path: str | os.PathLike[str]) -> bool:
     """Whether the run has engine files (an engine.json that is not a file is read, and refused)."""
     return os.path.lexists(Path(path) / ENGINE)
+
+
+# engine.json's model keys that the manifest's `model` names alike; its `num_params` is `parameters`
+_GEOMETRY_KEYS = (
+    "class",
+    "model_type",
+    "num_layers",
+    "num_attention_heads",
+    "num_kv_heads",
+    "head_dim",
+    "hidden_size",
+    "vocab_size",
+    "dtype",
+)
+
+
+def model_geometry(model: Any) -> dict[str, Any] | None:
+    """engine.json's `model` in the manifest's `model` keys, for the report's geometry and the runs table:
+    a vLLM run's manifest has no model of its own (the recorder never sees the engine's model object).
+    `class` and `model_type` only from runs recorded since kvtrace wrote them. None when engine.json has no
+    model (an older or damaged file)."""
+    if not isinstance(model, dict):
+        return None
+    geometry = {key: model[key] for key in _GEOMETRY_KEYS if model.get(key) is not None}
+    if model.get("num_params") is not None:
+        geometry["parameters"] = model["num_params"]
+    return geometry or None
 
 
 def _int(value: Any, where: str, name: str, default: int | None = None) -> int:

@@ -73,6 +73,8 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     if element and all(isinstance(model.get(k), int) for k in ("num_layers", "num_kv_heads", "head_dim")):
         per_layer_token = 2 * model["num_kv_heads"] * model["head_dim"] * element
         kv.bytes_per_token_expected = model["num_layers"] * per_layer_token
+    _caches_as_pool(kv, pool, capacity)
+    pool_cache = kv.main_cache if kv.main_cache is not None else 0
     layers = [layer for layer in info.layers if isinstance(layer.get("bytes"), int)]
     if not layers:
         return []
@@ -80,11 +82,26 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     kv.per_layer = []
     for i, layer in enumerate(layers):
         k_bytes, v_bytes = _k_and_v(layer, info.num_blocks, head_dim)
-        kv.per_layer.append(LayerSummary(int(layer.get("layer", i)), k_bytes, v_bytes, 0, capacity))
+        kv.per_layer.append(
+            LayerSummary(int(layer.get("layer", i)), k_bytes, v_bytes, 0, capacity, cache=pool_cache)
+        )
     covered = sum(int(layer["bytes"]) for layer in layers)
     if covered != pool:
         return [f"the engine's {len(layers)} layer views cover {covered:,} B of its {pool:,} B KV pool"]
     return []
+
+
+def _caches_as_pool(kv: Any, pool: int, capacity: int) -> None:
+    """The per-cache figures of a paged pool: the KV log's shape[0] is the pool's blocks, not a batch, so a
+    cache has no rows and its bytes per token are its bytes over its tokens; the main cache is the pool,
+    with the headline's figures."""
+    for cache in kv.caches:
+        cache.rows = None
+        if cache.main:
+            cache.final_bytes, cache.tokens = pool, capacity
+        cache.bytes_per_token_measured = (
+            cache.final_bytes / cache.tokens if cache.final_bytes and cache.tokens else None
+        )
 
 
 def _k_and_v(layer: dict[str, Any], num_blocks: int | None, head_dim: int | None) -> tuple[int, int]:

@@ -319,6 +319,18 @@ def input_notes(source: MemorySource) -> list[str]:
     return notes
 
 
+def _engine_geometry(source: MemorySource) -> dict[str, Any] | None:
+    """A vLLM run's model, from engine.json (its manifest has none); None for runs without an engine. The
+    read files are kept for engine_of_source, which reads them next."""
+    from analyzers.engine import model_geometry, read_engine
+
+    run = source.meta.get("engine") or read_engine(source.path)
+    if run is None:
+        return None
+    source.meta["engine"] = run
+    return model_geometry(run.info.model)
+
+
 def summarize(
     source: MemorySource, precomputed: tuple[list[DeviceSummary], list[DeviceTimeline]] | None = None
 ) -> Report:
@@ -336,6 +348,8 @@ def summarize(
     kv = _kv_from_log(source) or _kv_from_events(source, timelines)
     manifest = source.meta.get("manifest") or {}
     geometry = manifest.get("model")
+    if geometry is None and source.kind == "run":
+        geometry = _engine_geometry(source)
     run = source.meta.get("run")
     kv_log = source.meta.get("kv")
     held_note = layout_note = None

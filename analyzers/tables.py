@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from analyzers.engine import model_geometry
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, DeviceEvents, MemorySource
 from analyzers.readers.sources import ProgressFn, missing
 from kvtrace.format import ENGINE, ENGINE_REQUESTS, ENGINE_STEPS, is_run_dir  # vLLM runs' optional files
@@ -313,7 +314,9 @@ def _run_row(
     run_id: str, path: Path, source: MemorySource, engine: dict[str, Any], counts: dict[str, int]
 ) -> dict[str, Any]:
     manifest = _dict(source.meta.get("manifest"))
-    device, model = _dict(manifest.get("device")), _dict(manifest.get("model"))
+    device = _dict(manifest.get("device"))
+    # a vLLM run's manifest has no model: engine.json holds it
+    model = _dict(manifest.get("model") or model_geometry(engine.get("model")))
     ended = _dict(manifest.get("ended"))
     oom = source.ooms[0] if source.ooms else None
     # A Kineto trace of a distributed job names its rank; its devices are in deviceProperties.

@@ -50,7 +50,9 @@ class PlanCommand(Command):
         model.add_argument(
             "--config", metavar="PATH", help="a local Hugging Face config.json (or its folder)"
         )
-        parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="weights dtype (default bf16)")
+        parser.add_argument(
+            "--dtype", choices=DTYPES, help="weights dtype (default bf16; with --from-run, the run's)"
+        )
         parser.add_argument(
             "--kv-dtype",
             choices=DTYPES,
@@ -61,11 +63,11 @@ class PlanCommand(Command):
         parser.add_argument(
             "--context",
             type=int,
-            default=8192,
             help="tokens per sequence, prompt plus output (default 8192, Llama 3's native length)",
         )
         parser.add_argument(
-            "--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 24GB (default 80GiB)"
+            "--gpu-memory",
+            help="memory of one GPU, e.g. 80GiB, 24GB (default 80GiB; with --from-run, the run's)",
         )
         parser.add_argument(
             "--reserve",
@@ -78,7 +80,9 @@ class PlanCommand(Command):
         )
         parser.add_argument("--window", type=int, help="tokens a sliding cache keeps (sliding only)")
         parser.add_argument(
-            "--block-size", type=int, default=16, help="tokens per paged KV block (default 16)"
+            "--block-size",
+            type=int,
+            help="tokens per paged KV block (default 16; with --from-run, the run's)",
         )
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
         vllm = parser.add_argument_group(
@@ -87,12 +91,15 @@ class PlanCommand(Command):
         vllm.add_argument(
             "--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers caches (default); vllm"
         )
-        vllm.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM's (default 0.9)")
+        vllm.add_argument("--gpu-memory-utilization", type=float, help="vLLM's (default 0.9, or the run's)")
         vllm.add_argument("--max-model-len", type=int, help="tokens per request (default 8192, or --context)")
-        vllm.add_argument("--kv-cache-dtype", default="auto", help="auto (the weights dtype) or fp8")
-        vllm.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
+        vllm.add_argument("--kv-cache-dtype", help="auto (the weights dtype, default) or fp8; or the run's")
         vllm.add_argument(
-            "--kv-cache-memory", help="vLLM's kv_cache_memory_bytes, e.g. 1MiB (skips the profile arithmetic)"
+            "--tensor-parallel-size", type=int, help="GPUs the model is split over (default 1, or the run's)"
+        )
+        vllm.add_argument(
+            "--kv-cache-memory",
+            help="vLLM's kv_cache_memory_bytes, e.g. 1MiB (skips the profile arithmetic; default: the run's)",
         )
         vllm.add_argument("--weights-bytes", help="weights per GPU (default: from the geometry)")
         vllm.add_argument("--activation-peak", help="activation peak of vLLM's profile run (default 0)")
@@ -100,8 +107,9 @@ class PlanCommand(Command):
         vllm.add_argument(
             "--from-run",
             metavar="RUN",
-            help="a recorded vLLM run: its measured weights, activations, non-torch memory and device total "
-            "(and its model, without --preset/--config)",
+            help="a recorded vLLM run: its measured weights, activations, non-torch memory and device total, "
+            "its settings (block size, max_model_len, kv_cache_dtype, kv_cache_memory_bytes, utilization, "
+            "tensor parallel size; a flag you type wins) and its model, without --preset/--config",
         )
 
     def run(self, args: argparse.Namespace) -> int:
@@ -119,23 +127,25 @@ class PlanCommand(Command):
         geometry = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
         # Weight-only quantization (int4/int8 GPTQ/AWQ, fp8 weights) computes in bf16, and the KV cache holds
         # what attention computes: its dtype follows the weights only when they are a float dtype.
-        default_kv = args.dtype if args.dtype in ("bf16", "fp16", "fp32") else "bf16"
+        weights_dtype = args.dtype or "bf16"
+        default_kv = weights_dtype if weights_dtype in ("bf16", "fp16", "fp32") else "bf16"
         kv_dtype = args.kv_dtype or ("int4" if args.cache == "quantized" else default_kv)
         reserve_bytes, reserve_fraction = parse_reserve(args.reserve)
-        if args.batch < 1 or args.context < 1:
+        context = args.context if args.context is not None else 8192
+        if args.batch < 1 or context < 1:
             raise KvtraceError("--batch and --context must be at least 1")
         request = PlanRequest(
             geometry=geometry,
-            weights_dtype=args.dtype,
+            weights_dtype=weights_dtype,
             kv_dtype=kv_dtype,
             batch=args.batch,
-            context=args.context,
-            gpu_memory_bytes=parse_size(args.gpu_memory),
+            context=context,
+            gpu_memory_bytes=parse_size(args.gpu_memory or "80GiB"),
             reserve_bytes=reserve_bytes,
             reserve_fraction=reserve_fraction,
             cache=args.cache,
             window=args.window,
-            block_size=args.block_size,
+            block_size=args.block_size if args.block_size is not None else 16,
         )
         result = plan(request)
         print_result(args.json, lambda: to_json(result), lambda: format_text(result))

@@ -1,5 +1,9 @@
-"""`kvtrace plan --engine vllm`: reads the flags (or a recorded run's measured memory) into a
-`VllmPlanRequest`; the arithmetic lives in `analyzers.planning.vllm_plan`."""
+"""`kvtrace plan --engine vllm`: reads the flags (or a recorded run's measured memory and settings) into a
+`VllmPlanRequest`; the arithmetic lives in `analyzers.planning.vllm_plan`.
+
+Precedence, for every setting: a flag the user typed, then the recorded run's own value, then the flag's
+default. The flags default to None so that a typed value equal to the default (--block-size 16) still wins.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
 
-_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16"}
+_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}
 
 
 def _size(text: str | None) -> int | None:
@@ -20,23 +24,28 @@ def _size(text: str | None) -> int | None:
 
 
 def _from_run(path: str) -> tuple[dict[str, Any], Any]:
-    """(memory figures, geometry or None) from a recorded vLLM run's engine.json."""
+    """(memory figures and settings, geometry or None) from a recorded vLLM run's engine.json."""
     from analyzers.engine import read_engine
     from analyzers.planning.presets import ModelGeometry
 
     run = read_engine(Path(path))
     if run is None:
         raise KvtraceError(f"{path}: not a vLLM run (no engine.json)")
-    profile, model = run.info.memory_profile, run.info.model
+    profile, model, config = run.info.memory_profile, run.info.model, run.info.config
     figures = {
         "weights_bytes": profile.get("weights_bytes"),
         "activation_peak_bytes": profile.get("activation_peak_bytes"),
         "non_torch_bytes": profile.get("non_torch_bytes"),
         "gpu_memory_bytes": profile.get("total_device_bytes"),
         "model_dtype": _DTYPES.get(str(model.get("dtype")), "bf16"),
-        "device": run.info.config.get("device"),
-        "block_size": run.info.config.get("block_size") or run.info.block_size,
-        "max_model_len": run.info.config.get("max_model_len"),
+        "device": config.get("device"),
+        "block_size": config.get("block_size") or run.info.block_size,
+        "max_model_len": config.get("max_model_len"),
+        "kv_cache_dtype": config.get("kv_cache_dtype"),
+        "gpu_memory_utilization": config.get("gpu_memory_utilization"),
+        "tensor_parallel_size": config.get("tensor_parallel_size"),
+        # what the run configured: a refused start allocated nothing, yet vLLM sized its check by this
+        "kv_cache_memory_bytes": config.get("kv_cache_memory_bytes"),
         "kv_cache_bytes": run.info.kv_cache_bytes,
     }
     geometry = None
@@ -65,7 +74,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     # transformers-side flags that vLLM's arithmetic has its own names for: refused rather than ignored
     if args.kv_dtype is not None:
         raise KvtraceError("--kv-dtype does not apply with --engine vllm: use --kv-cache-dtype (auto or fp8)")
-    if args.dtype not in ("bf16", "fp16", "fp32"):
+    if args.dtype not in (None, "bf16", "fp16", "fp32"):
         raise KvtraceError(
             f"--dtype {args.dtype} with --engine vllm: vLLM's plan takes bf16, fp16 or fp32 weights; for "
             "quantized weights give --weights-bytes (per GPU)"
@@ -95,35 +104,37 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         value = measured.get(key)
         return int(value) if value is not None else default
 
-    # a recorded run's device total wins over the flag's default, never over a value the user typed
-    gpu_memory = parse_size(args.gpu_memory)
-    if args.gpu_memory == "80GiB" and measured.get("gpu_memory_bytes"):
-        gpu_memory = int(measured["gpu_memory_bytes"])
-    weights_dtype = args.dtype
-    block_size = args.block_size
+    def setting(flag: Any, key: str, default: Any) -> Any:
+        """The typed flag, else the run's value, else the default."""
+        if flag is not None:
+            return flag
+        value = measured.get(key)
+        return value if value is not None else default
+
+    gpu_memory = pick(args.gpu_memory, "gpu_memory_bytes", None) or parse_size("80GiB")
     max_model_len = args.max_model_len if args.max_model_len is not None else args.context
-    if args.max_model_len is None and args.context == 8192 and measured.get("max_model_len"):
-        max_model_len = int(measured["max_model_len"])  # the flags' default: the run's own wins
-    if block_size == 16 and measured.get("block_size"):  # the flag's default: the run's own wins
-        block_size = int(measured["block_size"])
+    if max_model_len is None:
+        max_model_len = int(setting(None, "max_model_len", 8192))
     kv_cache_memory = _size(args.kv_cache_memory)
-    if (
-        kv_cache_memory is None
-        and args.gpu_memory == "80GiB"
-        and measured.get("device") == "cpu"
-        and measured.get("kv_cache_bytes")
-    ):
-        # vLLM on CPU sizes its pool by kv_cache_memory_bytes, not by a GPU's memory: plan the run's pool
-        kv_cache_memory = int(measured["kv_cache_bytes"])
+    profiled = args.gpu_memory is not None or args.gpu_memory_utilization is not None
+    if kv_cache_memory is None and not profiled:
+        # a GPU or utilization the user typed asks for the profile arithmetic; otherwise the run's own
+        # kv_cache_memory_bytes sizes the pool, as it did in vLLM (on GPU and CPU alike)
+        if measured.get("kv_cache_memory_bytes"):
+            kv_cache_memory = int(measured["kv_cache_memory_bytes"])
+        elif measured.get("device") == "cpu" and measured.get("kv_cache_bytes"):
+            # an older run's engine.json without the setting: vLLM on CPU sizes its pool by it, not by a
+            # GPU's memory, so the pool it allocated is that setting
+            kv_cache_memory = int(measured["kv_cache_bytes"])
     request = VllmPlanRequest(
         geometry=geometry,
-        model_dtype=measured.get("model_dtype") or weights_dtype,
+        model_dtype=setting(args.dtype, "model_dtype", "bf16"),
         gpu_memory_bytes=gpu_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization,
+        gpu_memory_utilization=float(setting(args.gpu_memory_utilization, "gpu_memory_utilization", 0.9)),
         max_model_len=max_model_len,
-        block_size=block_size,
-        kv_cache_dtype=args.kv_cache_dtype,
-        tensor_parallel_size=args.tensor_parallel_size,
+        block_size=int(setting(args.block_size, "block_size", 16)),
+        kv_cache_dtype=str(setting(args.kv_cache_dtype, "kv_cache_dtype", "auto")),
+        tensor_parallel_size=int(setting(args.tensor_parallel_size, "tensor_parallel_size", 1)),
         weights_bytes=pick(args.weights_bytes, "weights_bytes", None),
         activation_peak_bytes=pick(args.activation_peak, "activation_peak_bytes", 0) or 0,
         non_torch_bytes=pick(args.non_torch, "non_torch_bytes", 0) or 0,

@@ -101,7 +101,10 @@ def model_facts(vllm_config: Any) -> dict[str, Any]:
     heads = getattr(text, "num_attention_heads", None)
     hidden = getattr(text, "hidden_size", None)
     head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    architectures = getattr(hf, "architectures", None) or [None]
     return {
+        "class": architectures[0],  # the HF class the checkpoint names (the manifest's `model.class`)
+        "model_type": getattr(hf, "model_type", None),
         "num_layers": getattr(text, "num_hidden_layers", None),
         "num_kv_heads": getattr(text, "num_key_value_heads", heads),
         "head_dim": head_dim,

@@ -287,6 +287,48 @@ def test_a_vllm_pool_is_split_by_layer_in_every_per_layer_figure(
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_the_pools_cache_figures_are_the_headlines(capsys: pytest.CaptureFixture[str]) -> None:
+    engine = json.loads((PREEMPT / "engine.json").read_text())
+    cache_ids = {e["cache"] for e in _lines(PREEMPT / "kv_events.jsonl") if "cache" in e}
+    capacity = engine["num_blocks"] * engine["block_size"]  # 16 x 32 = 512 tokens
+    per_token = engine["kv_cache_bytes"] / capacity  # 1 MiB / 512 = 2,048 B
+    kv = _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)["kv"]
+    # the pool's shape[0] is its 16 blocks, not a batch: it gave rows 16 and 1 MiB / (512 x 16) = 128 B/token
+    (cache,) = kv["caches"]
+    assert cache["rows"] is None and cache["main"] is True
+    assert cache["final_bytes"] == engine["kv_cache_bytes"] and cache["tokens"] == capacity
+    assert cache["bytes_per_token_measured"] == kv["bytes_per_token_measured"] == per_token == 2048
+    # one cache id throughout, the KV log's (per_layer gave 0 beside main_cache 3000)
+    layer_caches = {layer["cache"] for layer in kv["per_layer"]}
+    assert layer_caches == {kv["main_cache"]} == {cache["cache"]} == cache_ids
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_the_model_of_a_vllm_run_is_engine_jsons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a vLLM run: its manifest has no model, engine.json has it (4 layers, 2 KV heads, head_dim 64)
+    assert json.loads((PREEMPT / "manifest.json").read_text()).get("model") is None
+    model = json.loads((PREEMPT / "engine.json").read_text())["model"]
+    # WHEN it is reported and exported THEN the geometry and the runs table's model columns are engine.json's
+    geometry = _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)["geometry"]
+    assert geometry is not None  # it was null
+    assert (geometry["num_layers"], geometry["num_kv_heads"], geometry["head_dim"]) == (4, 2, 64)
+    assert geometry["num_attention_heads"] == model["num_attention_heads"]
+    assert geometry["dtype"] == model["dtype"] == "bfloat16"
+    assert geometry["parameters"] == model["num_params"]
+    out = tmp_path / "tables"
+    assert main(["export", str(PREEMPT), "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    # the README's query: its num_kv_heads was empty
+    sql = (
+        "SELECT r.run_id, r.num_kv_heads, r.num_layers, r.head_dim, r.model_dtype, r.parameters,"
+        " max(k.tokens) AS tokens FROM runs r JOIN kv_events k USING (run_id) GROUP BY ALL"
+    )
+    (row,) = _json_of(["query", str(out), "--json", sql], capsys)
+    assert (row["num_kv_heads"], row["num_layers"], row["head_dim"]) == (2, 4, 64)
+    assert (row["model_dtype"], row["parameters"]) == ("bfloat16", model["num_params"])
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
 def test_compare_shows_the_vllm_pool_beside_other_runs(capsys: pytest.CaptureFixture[str]) -> None:
     report = _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)
     compared = _json_of(["compare", str(PREEMPT), str(SAMPLES / "dynamic_b2"), "--json"], capsys)
@@ -336,6 +378,45 @@ def test_plan_from_a_cpu_run_plans_its_own_pool(capsys: pytest.CaptureFixture[st
     assert data["num_blocks"] == info["num_blocks"]
     assert data["request"]["block_size"] == info["block_size"]
     assert data["request"]["max_model_len"] == info["config"]["max_model_len"]
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_plan_from_a_run_takes_typed_flags_over_the_runs_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    info = json.loads((PREEMPT / "engine.json").read_text())
+    model = info["model"]
+    # a typed --block-size equal to the flag's default is still typed: it used to give way to the run's 32
+    data = _json_of(
+        ["plan", "--engine", "vllm", "--from-run", str(PREEMPT), "--block-size", "16", "--json"], capsys
+    )
+    block_bytes = model["num_layers"] * 2 * 16 * model["num_kv_heads"] * model["head_dim"] * 2  # bf16
+    assert data["request"]["block_size"] == 16
+    assert data["num_blocks"] == info["config"]["kv_cache_memory_bytes"] // block_bytes == 32
+    # the run's utilization and tensor parallel size are kept; a typed GPU plans the profile arithmetic
+    data = _json_of(
+        ["plan", "--engine", "vllm", "--from-run", str(PREEMPT), "--gpu-memory", "1GiB", "--json"], capsys
+    )
+    assert data["request"]["gpu_memory_utilization"] == info["config"]["gpu_memory_utilization"] == 0.92
+    assert data["request"]["tensor_parallel_size"] == info["config"]["tensor_parallel_size"]
+    assert data["request"]["kv_cache_memory_bytes"] is None
+    assert data["available_kv_bytes"] == math.ceil(2**30 * 0.92) - info["memory_profile"]["weights_bytes"]
+
+
+@pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
+def test_plan_from_a_refused_start_refuses_as_vllm_did(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a start vLLM refused: no pool was allocated (kv_cache_bytes 0), its kv_cache_memory_bytes was set
+    info = json.loads((REFUSED / "engine.json").read_text())
+    refused = info["refused"]
+    # WHEN it is planned (its engine.json lacks the MLP size: the weights are given, they do not enter)
+    argv = ["plan", "--engine", "vllm", "--from-run", str(REFUSED), "--weights-bytes", "17MiB", "--json"]
+    assert main(argv) == 1  # it used to plan an 80 GiB GPU x 0.9 (1,179,360 blocks) and exit 0
+    data = json.loads(capsys.readouterr().out)
+    # THEN the plan refuses with vLLM's own figures
+    assert data["request"]["kv_cache_memory_bytes"] == info["config"]["kv_cache_memory_bytes"]
+    assert data["starts"] is False
+    assert (
+        data["needed_bytes"] == refused["needed_bytes"] and data["check_bytes"] == refused["available_bytes"]
+    )
+    assert data["estimated_max_model_len"] == refused["estimated_max_model_len"] == 480
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")

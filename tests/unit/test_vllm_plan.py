@@ -173,6 +173,8 @@ def test_plan_from_a_recorded_run(tmp_path: Path, capsys: pytest.CaptureFixture[
     from kvtrace.cli import main
 
     engine = refused_engine()
+    # a GPU run sized by utilization: a run's kv_cache_memory_bytes would replace the profile arithmetic
+    engine["config"].update(kv_cache_memory_bytes=None, device="cuda")
     engine["memory_profile"] = {
         "total_device_bytes": 100 * MIB,
         "weights_bytes": 40 * MIB,

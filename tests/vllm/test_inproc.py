@@ -78,6 +78,33 @@ def test_pool_equals_vllms_own(recorded: dict[str, Any]) -> None:
     assert engine["model"]["num_kv_heads"] == SIZE.num_kv_heads and engine["kv_dtype"] == "bfloat16"
 
 
+def test_the_runs_model_class_reaches_the_report_and_export(
+    recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtrace.cli import main
+
+    # GIVEN the class vLLM loaded (the checkpoint's architectures); the manifest of a vLLM run has no model
+    hf_config = recorded["llm"].llm_engine.vllm_config.model_config.hf_config
+    (architecture,) = hf_config.architectures
+    assert json.loads((recorded["dir"] / fmt.MANIFEST).read_text()).get("model") is None
+    # WHEN the run is reported and exported THEN its geometry and runs row name it (model_class was empty)
+    assert main(["report", str(recorded["dir"]), "--json", "--no-export", "-q"]) == 0
+    geometry = json.loads(capsys.readouterr().out)["geometry"]
+    named = (geometry["class"], geometry["model_type"])
+    assert named == (architecture, hf_config.model_type) == ("LlamaForCausalLM", "llama")
+    assert geometry["num_kv_heads"] == SIZE.num_kv_heads and geometry["num_layers"] == SIZE.num_layers
+    out = tmp_path / "tables"
+    assert main(["export", str(recorded["dir"]), "-o", str(out), "-q"]) == 0
+    import pyarrow.parquet as pq
+
+    (row,) = pq.read_table(out / "runs").to_pylist()
+    assert (row["model_class"], row["num_kv_heads"], row["head_dim"]) == (
+        architecture,
+        SIZE.num_kv_heads,
+        SIZE.hidden_size // SIZE.num_heads,
+    )
+
+
 def test_preemptions_equal_vllms_counter(recorded: dict[str, Any]) -> None:
     preempted = [e for e in recorded["requests"] if e["event"] == "preempted"]
     # GIVEN a pool that cannot hold every request THEN vLLM preempted, and kvtrace saw each one

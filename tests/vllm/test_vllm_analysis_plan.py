@@ -17,6 +17,7 @@ import pytest
 
 from analyzers.planning.presets import ModelGeometry
 from analyzers.planning.vllm_plan import VllmPlanRequest, plan_vllm
+from kvtrace.cli import main
 from tests.vllm.workload import write_analysis_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
@@ -92,3 +93,47 @@ def test_refused_start_estimate_is_vllms(tiny_model: Path, block: int, expected:
         VllmPlanRequest(geometry=GEOMETRY, kv_cache_memory_bytes=2**20, block_size=block, max_model_len=512)
     )
     assert not plan.starts and plan.estimated_max_model_len == expected
+
+
+_RECORD_FP8 = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+import kvtrace
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+model, run = sys.argv[1], sys.argv[2]
+llm = LLM(model=model, skip_tokenizer_init=True, kv_cache_memory_bytes=2**20, block_size=32,
+          max_model_len=512, max_num_seqs=8, dtype="bfloat16", enforce_eager=True, kv_cache_dtype="fp8")
+params = SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False, temperature=0.0)
+with kvtrace.record(run, model=llm, profiler=False):
+    llm.generate([TokensPrompt(prompt_token_ids=list(range(5, 45)))], params, use_tqdm=False)
+blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+print("KVTRACE-RESULT " + json.dumps({"num_gpu_blocks": blocks}), flush=True)
+"""
+
+
+def test_plan_from_an_fp8_run_keeps_its_kv_dtype(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run vLLM started with kv_cache_dtype='fp8' on a 1 MiB pool
+    run = tmp_path / "fp8"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", _RECORD_FP8, str(tiny_model), str(run)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
+    assert lines, (done.stdout + done.stderr)[-3000:]
+    vllm_blocks = json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))["num_gpu_blocks"]
+    # fp8: one byte per element, so a block of all layers is 4 x 2 x 32 x 2 x 64 x 1 = 32 KiB
+    assert vllm_blocks == 2**20 // (LAYERS * 2 * 32 * KV_HEADS * HEAD_DIM * 1) == 32
+    # WHEN it is planned from the run alone
+    assert main(["plan", "--engine", "vllm", "--from-run", str(run), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # THEN the run's fp8 and pool are kept (it used to plan bf16: 16 blocks, "vLLM would refuse to start")
+    assert plan["request"]["kv_cache_dtype"] == "fp8"
+    assert plan["request"]["kv_cache_memory_bytes"] == 2**20
+    assert plan["num_blocks"] == vllm_blocks and plan["starts"] is True
