@@ -363,6 +363,7 @@ _PARTS = (
     ("capture", "kvtrace.kv_tracker", "KvTracker", "update"),
     ("lines", "kvtrace.kv_tracker", "KvTracker", "drain"),
     ("layer read", "kvtrace.integrations.hf_caches", "HfCacheHooks", "_updated"),
+    ("layer read", "kvtrace.integrations.hf_caches", "HfCacheHooks", "step_end"),  # a deferred forward's
     ("step scan", "kvtrace.integrations.hf_caches", "HfCacheHooks", "scan_all"),
     ("sample", "kvtrace.recorder", "Recording", "_sample"),
 )
@@ -371,14 +372,14 @@ _PARTS = (
 def breakdown_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
     """kvtrace's in-hooks µs per update, split: the tracker's capture of a layer update (`update`), the
     JSON lines made from the captures on the model's thread (`drain` before an event logged at once), the
-    rest of the update hook (reading the layer, `_updated` minus the capture), the end-of-step scan, the
-    memory sample, and the rest (the `Cache.update` wrapper, step start and end, and the timers). Medians
-    of `reps` runs. `writer`: the lines made on the writer thread (every 0.1 s and at the block's end), not
-    in the hooks and not in their total."""
+    rest of the update hook or of a deferred forward's end (reading the layers: `_updated` and `step_end`
+    minus the capture), the end-of-step scan, the memory sample, and the rest (the `Cache.update` wrapper,
+    step start and end, and the timers). Medians of `reps` runs. `writer`: the lines made on the writer
+    thread (every 0.1 s and at the block's end), not in the hooks and not in their total."""
     import importlib
     import threading
 
-    labels = [label for label, *_ in _PARTS]
+    labels = list(dict.fromkeys(label for label, *_ in _PARTS))
     lines = [
         f"{'workload':<12} {'in hooks':>9} "
         + " ".join(f"{x:>11}" for x in labels)
@@ -414,7 +415,7 @@ def breakdown_table(works: list[Workload], reps: int, scratch: Path) -> list[str
             total = statistics.median(t for t, _ in rows)
             part = {x: statistics.median(r.get(x, 0.0) for _, r in rows) for x in labels}
             writer = statistics.median(r.get("writer", 0.0) for _, r in rows)
-            # `_updated` holds the capture: its own share is the layer read.
+            # `_updated` (or `step_end`) holds the capture: its own share is the layer read.
             part["layer read"] = max(part["layer read"] - part["capture"], 0.0)
             rest = total - sum(part.values())
             cells = " ".join(f"{part[x]:>11.1f}" for x in labels)

@@ -160,7 +160,12 @@ class Recording:
         self._decode_index = 0
         self._attention_modules: list[Any] = []
         self._step_open = False
-        self._step_cache: tuple[Any, ...] | None = None  # (cache, args, kwargs, updates seen) of a forward
+        # (cache, args, kwargs, updates seen, deferred) of the running forward
+        self._step_cache: tuple[Any, ...] | None = None
+        # Light mode with no NVTX tool listening: a forward's layer updates may be compared once, at its end
+        # (`HfCacheHooks.defer`); `_defer_step` is decided at each prefill (`_cache_hooked`).
+        self._may_defer = False
+        self._defer_step = False
         self._profiler_on = bool(self.options.profiler)
         self._thread = threading.get_ident()  # the one torch.profiler records (the thread entering the block)
         self._forwards_elsewhere = 0  # forwards on other threads (generate() beside a TextIteratorStreamer)
@@ -258,6 +263,7 @@ class Recording:
             if self.model is None:
                 self._hf.on_first_layer = self._auto_step
             self._hf.install()
+            self._may_defer = self.model is not None and not self.options.profiler and not self._ranges.active
         self._modules = ModuleCaches(tracker, self.options.cache_attrs)
         if self.model is not None:
             self._modules.discover(self.model)
@@ -312,6 +318,7 @@ class Recording:
             if self._ranges is not None:
                 self._ranges.close_all()
             with contextlib.suppress(Exception):
+                self._settle_deferred()
                 if self._hf is not None:
                     self._hf.scan_all(forget=False)  # a cache dropped by now is freed in phase "end"
                 if self._modules is not None:
@@ -410,6 +417,8 @@ class Recording:
                 "PagedAttentionCache and custom caches are not: name them with record(cache_attrs=...) or "
                 "kvtrace.track())"
             )
+        if self._hf is not None and self._hf.unexplained:
+            warnings.append(self._hf.unexplained)
         if self._forwards_elsewhere and self.options.profiler:
             warnings.append(
                 f"{self._forwards_elsewhere} of {steps} forward passes ran on another thread than the one "
@@ -420,26 +429,61 @@ class Recording:
 
     # -- steps -------------------------------------------------------------------------------------
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._step_cache is not None and self._step_cache[4]:
+            self._settle_deferred()  # a forward in a forward, or one whose end hook never ran
         hf = self._hf
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = kwargs.get("cache")
-        self._begin_step(_is_prefill(args, kwargs, cache, hf))
+        nested = self._step_open  # the model's forward called again inside itself: part of the outer step
+        prefill = _is_prefill(args, kwargs, cache, hf)
+        self._begin_step(prefill)
+        if nested:
+            return
         if self._profiler_on and threading.get_ident() != self._thread:
             self._forwards_elsewhere += 1
         if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):
-            self._step_cache = (cache, args, kwargs, hf.updates_seen)
+            deferred = False
+            if self._may_defer:
+                if prefill:  # eviction hooks are in place before generate() starts
+                    self._defer_step = not self._cache_hooked()
+                new_tokens = _new_tokens(args, kwargs) if self._defer_step else 0
+                deferred = new_tokens > 0 and hf.defer(cache)
+            self._step_cache = (cache, args, kwargs, hf.updates_seen, deferred, prefill)
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
         step_cache, self._step_cache = self._step_cache, None
-        # `output` is None when the forward raised (the hook is always called): then nothing was written
-        if step_cache is not None and self._hf is not None and output is not None:
-            cache, args, kwargs, seen = step_cache
-            if self._hf.updates_seen == seen:  # no update reached the wrapper: they ran in a compiled graph
+        compared = None
+        hf = self._hf
+        if step_cache is not None and hf is not None:
+            cache, args, kwargs, seen, deferred, prefill = step_cache
+            if deferred:  # `output` is None when the forward raised (the hook is always called)
+                complete = output is not None
+                hf.step_end(cache, _new_tokens(args, kwargs), written=False, complete=complete, fresh=prefill)
+                compared = cache
+            elif hf.updates_seen == seen and output is not None:
+                # No update reached the wrapper: they ran in a compiled graph.
                 new_tokens = _new_tokens(args, kwargs)
                 if new_tokens:
-                    self._hf.compiled_step(cache, new_tokens)
-        self._end_step()
+                    hf.step_end(cache, new_tokens, written=True)
+                    compared = cache
+        self._end_step(compared)
+
+    def _settle_deferred(self) -> None:
+        """Log what a deferred forward changed before its end: torch skips the always-called end hook when
+        a forward raises a KeyboardInterrupt (not an Exception), and a forward may run inside another."""
+        pending, self._step_cache = self._step_cache, None
+        if pending is not None and pending[4] and self._hf is not None:
+            cache, args, kwargs, _, _, prefill = pending
+            self._hf.step_end(cache, _new_tokens(args, kwargs), written=False, complete=False, fresh=prefill)
+
+    def _cache_hooked(self) -> bool:
+        """Whether code besides the cache's update may change KV tensors inside a forward: an eviction
+        library (kvpress) or any forward hook on an attention module. Then each update is followed as it
+        happens, which the end-of-step comparison could not tell apart from such a change."""
+        if "kvpress" in sys.modules:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._attention_modules)
 
     def _auto_step(self, layer_tokens_before: int) -> None:
         """Without a model to hook, a layer-0 update starts a step."""
@@ -464,11 +508,11 @@ class Recording:
         if ranges.active:  # nobody listening (no NVTX tool, no profiler): no range, no name to build
             ranges.push("kvtrace/prefill" if prefill else f"kvtrace/decode {self._decode_index}")
 
-    def _end_step(self) -> None:
+    def _end_step(self, compared: Any = None) -> None:
         if not self._step_open:
             return
         if self._hf is not None:
-            self._hf.scan_all()
+            self._hf.scan_all(compared=compared)
             if self._attention_modules and "kvpress" in sys.modules:  # masks are kvpress's (AdaKV)
                 self._hf.scan_masks(self._attention_modules)
         if self._modules is not None and (self._modules.owners or self._modules._tracked):

@@ -103,6 +103,28 @@ def _layer_kind(layer_type: type) -> int:
     return _OTHER
 
 
+_DEFERRABLE: list[frozenset[type]] = []
+
+
+def _deferrable_types() -> frozenset[type]:
+    """The plain layer classes themselves, whose update `step_end` can account for from the outside."""
+    if not _DEFERRABLE:
+        import transformers.cache_utils as cu
+
+        names = ("DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer", "StaticSlidingWindowLayer")
+        _DEFERRABLE.append(frozenset(c for c in (getattr(cu, n, None) for n in names) if isinstance(c, type)))
+    return _DEFERRABLE[0]
+
+
+def _written(fast: tuple[Any, Any], keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether a layer's K or V tensor was written in place since its slots last saw it (an inference
+    tensor has no version counter: taken as written)."""
+    try:
+        return keys._version != fast[0].version or values._version != fast[1].version
+    except RuntimeError:
+        return True
+
+
 def _nothing() -> None:
     return None
 
@@ -142,6 +164,12 @@ class HfCacheHooks:
         # scan skips unchanged layers without the full comparison. Plain layers compare the tracker's slots.
         self._signatures: dict[tuple[int, int], tuple[Any, ...]] = {}
         self.updates_seen = 0  # layer-0 updates that ran through the wrapper (not inside a compiled graph)
+        # The cache whose layer updates the running forward leaves to `step_end` (see `defer`), and whether
+        # deferring stopped for good (a forward changed a layer in a way its updates do not explain).
+        self.deferred: Any = None
+        self.defer_off = False
+        self.unexplained: str | None = None  # what made a deferred step turn deferring off, for the manifest
+        self._deferrable: dict[tuple[int, int], bool] = {}  # (cache id, layer count) -> all layers plain
 
     @staticmethod
     def available() -> bool:
@@ -205,7 +233,7 @@ class HfCacheHooks:
 
         @functools.wraps(original_update)
         def update(cache: Any, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any):
-            if compiling():
+            if cache is hooks.deferred or compiling():  # taken at the step's end, or inside a compiled graph
                 return original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
             last = hooks._last  # the cache of the previous update, almost always this one
             cid = last[1] if last is not None and last[0]() is cache else hooks.cache_id(cache)
@@ -310,24 +338,85 @@ class HfCacheHooks:
 
         return wrapper
 
-    def compiled_step(self, cache: Any, new_tokens: int) -> None:
-        """A step whose updates ran inside a compiled graph (none reached the wrapper): log each layer as
-        an update of `new_tokens` per row. New tensors (a dynamic cache) are compared as usual; a static
-        layer, written in place, counts its tokens from the tracker's own (reading its count is a sync)."""
+    def defer(self, cache: Any) -> bool:
+        """Leave `cache`'s layer updates in the coming forward to `step_end`, which compares every layer once
+        when the forward returns: the update wrapper then only calls the cache's own update (issue 11: the
+        per-update bookkeeping, ~2x the comparison itself between model steps, goes). Only for caches whose
+        layers are all of the four plain kinds, exactly (subclasses may hold more state), and that do not
+        offload; the recorder also requires that nothing else can change the cache inside the forward."""
+        if self.defer_off or getattr(cache, "offloading", False):
+            return False
+        layers = getattr(cache, "layers", None)
+        if not layers:  # a cache that makes its layers at their first update: those go through the wrapper
+            return False
+        cid = self.cache_id(cache)
+        key = (cid, len(layers))
+        plain = self._deferrable.get(key)
+        if plain is None:
+            plain = self._deferrable[key] = all(type(layer) in _deferrable_types() for layer in layers)
+        if plain:
+            self.deferred = cache
+        return plain
+
+    def step_end(
+        self, cache: Any, new_tokens: int, written: bool, complete: bool = True, fresh: bool = False
+    ) -> None:
+        """Log each layer of `cache` that changed in the forward just ended, as an update of `new_tokens`
+        tokens per row: after a deferred forward (`defer`), or one whose updates ran inside a compiled graph
+        (none reached the wrapper; `written`: its in-place writes may leave the version counters as they
+        were). New tensors (a dynamic cache) are compared as usual; a static layer, written in place,
+        counts its tokens from the tracker's own (reading its count is a device sync), except after a
+        forward that raised (not `complete`), where only the layers it reached were written. `fresh`: the
+        cache was empty when the forward began (a prefill)."""
+        if cache is self.deferred:
+            self.deferred = None
         cid = self.cache_id(cache)
         tracker = self.tracker
+        states = tracker._layers
+        kinds = self._kinds
         for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
             if type(keys) is not torch.Tensor or type(values) is not torch.Tensor:
                 continue
-            before = tracker.tokens_or_none(cid, layer_idx)
-            if getattr(layer, "max_cache_len", None) is not None:
-                window = getattr(layer, "sliding_window", None) or layer.max_cache_len
-                tokens = min((before or 0) + new_tokens, int(window))
+            state = states.get((cid, layer_idx))
+            before = state.tokens if state is not None else (0 if fresh else None)
+            layer_type = type(layer)
+            kind = kinds.get(layer_type)
+            if kind is None:
+                kind = kinds[layer_type] = _layer_kind(layer_type)
+            if kind in (_STATIC, _STATIC_SLIDING):
+                if not complete:
+                    tokens = layer_tokens(layer)  # a sync, on the error path only
+                else:
+                    window = getattr(layer, "sliding_window", None) or layer.max_cache_len
+                    tokens = min((before or 0) + new_tokens, int(window))
             else:
                 tokens = layer_tokens(layer)
-            evicted = max(0, (before or 0) + new_tokens - tokens)
-            tracker.update(cid, layer_idx, keys, values, tokens, evicted, "window", written=True)
+            if not written and state is not None and state.fast is not None and tokens == before:
+                fast = state.fast
+                if fast[0].tref() is keys and fast[1].tref() is values and not _written(fast, keys, values):
+                    continue  # not reached by a forward that raised: nothing to log
+            if (
+                not written
+                and before is not None
+                and kind == _PLAIN
+                and tokens != before + new_tokens
+                and (complete or tokens != before)
+            ):
+                # Changed by something besides the cache's update (an eviction in a forward hook): log what
+                # is there as a scan would, and from now on follow each update as it happens.
+                self.defer_off = True
+                self.unexplained = (
+                    f"step {tracker.step}: layer {layer_idx} held {tokens} tokens per row where its updates "
+                    f"give {before + new_tokens}: something besides the cache's update changed it inside the "
+                    "forward, and the log shows only the result of that step (later steps: every update)"
+                )
+                self.scan_cache(cache, "scan", only={layer_idx})
+                continue
+            evicted = (before or 0) + new_tokens - tokens
+            if evicted < 0:
+                evicted = 0
+            tracker.update(cid, layer_idx, keys, values, tokens, evicted, "window", kind == _SLIDING, written)
 
     def scan_cache(self, cache: Any, cause: str, only: set[int] | None = None, reason: str = "") -> None:
         cid = self.cache_id(cache)
@@ -362,16 +451,18 @@ class HfCacheHooks:
             if signature is not None or hasattr(layer, "_quantized_keys"):
                 signatures[(cid, layer_idx)] = _signature(parts)
 
-    def scan_all(self, forget: bool = True) -> None:
+    def scan_all(self, forget: bool = True, compared: Any = None) -> None:
         """Catch what changed outside the cache's methods (rebinding by eviction presses); with `forget`,
-        also retire the caches that were dropped (`forget_dead`)."""
+        also retire the caches that were dropped (`forget_dead`). `compared`: a cache `step_end` has just
+        compared layer by layer, skipped."""
         # With grad on, an autograd graph may keep a replaced storage alive: said on the eviction event.
         reason = "grad_enabled" if torch.is_grad_enabled() else ""
         dead = False
         for ref, _ in list(self._known.values()):
             cache = ref()
             if cache is not None:
-                self.scan_cache(cache, "scan", reason=reason)
+                if cache is not compared:
+                    self.scan_cache(cache, "scan", reason=reason)
             elif ref is not _nothing:
                 dead = forget
         if dead:

@@ -1,0 +1,169 @@
+"""Light mode compares a forward's layers once, at its end, instead of at each layer update (issue 11).
+
+The cache's update then runs unwrapped by kvtrace's bookkeeping; `HfCacheHooks.step_end` logs each layer
+the forward changed as the update that changed it. Full mode (`profiler=True`) still follows every update
+as it happens, so the two logs of the same `generate()` must be the same events, addresses and times
+aside. Where something besides the cache's update may change KV tensors inside a forward (a hook on an
+attention module, as eviction presses use), light mode follows every update too; a change it cannot
+explain turns deferring off for the rest of the run and is named in the manifest's warnings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from kvlog_math import kv_bytes
+
+import kvtrace
+from kvtrace.format import read_run
+from kvtrace.integrations.hf_caches import HfCacheHooks
+
+NEW_TOKENS = 6
+_VARYING = ("seq", "t_ns", "addr", "prev_addr")
+
+
+def _events(run: Path) -> list[dict[str, Any]]:
+    lines = (run / "kv_events.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in _VARYING} for line in lines]
+
+
+def _generate(model: Any, batch: Any, run: Path, profiler: bool, **extra: Any) -> None:
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
+        model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            **extra,
+        )
+
+
+@pytest.fixture
+def step_ends(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The `written` flag of every real `step_end` call (the method runs as it is)."""
+    calls: list[bool] = []
+    original = HfCacheHooks.step_end
+
+    def counted(self: HfCacheHooks, *args: Any, **kwargs: Any) -> None:
+        calls.append(bool(kwargs.get("written", args[2] if len(args) > 2 else False)))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfCacheHooks, "step_end", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"cache_implementation": "static"},
+        {"num_beams": 2},
+        {"cache_implementation": "static", "num_beams": 2},
+    ],
+    ids=["dynamic", "static", "beams", "static-beams"],
+)
+def test_light_mode_logs_what_full_mode_logs_update_by_update(
+    tiny_model: Any, prompt_batch: Any, tmp_path: Path, step_ends: list[bool], extra: dict[str, Any]
+) -> None:
+    # GIVEN the same generate() recorded in full mode (every update followed as it happens) ...
+    _generate(tiny_model, prompt_batch, tmp_path / "full", profiler=True, **extra)
+    assert step_ends == []
+    # ... and in light mode
+    _generate(tiny_model, prompt_batch, tmp_path / "light", profiler=False, **extra)
+    # THEN light mode compared every forward at its end (prefill and each decode step) ...
+    assert step_ends == [False] * NEW_TOKENS
+    # ... and logged the very same events: kinds, layers, K/V, bytes, shapes, tokens, steps, frees
+    full, light = _events(tmp_path / "full"), _events(tmp_path / "light")
+    assert light == full
+    assert sum(e["event"] == "grown" for e in light) == (0 if "cache_implementation" in extra else 20)
+
+
+def test_a_hook_on_an_attention_module_keeps_every_update_followed(
+    tiny_model: Any, prompt_batch: Any, tmp_path: Path, step_ends: list[bool]
+) -> None:
+    # GIVEN a hook that rebinds its layer's K and V to copies after each attention, as eviction presses
+    # rebind them to the tokens they keep
+    def rebind(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.x
+        layer = cache.layers[module.layer_idx]
+        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+
+    attention = [layer.self_attn for layer in tiny_model.model.layers]
+    handles = [m.register_forward_hook(rebind, with_kwargs=True) for m in attention]
+    try:
+        _generate(tiny_model, prompt_batch, tmp_path / "full", profiler=True)
+        _generate(tiny_model, prompt_batch, tmp_path / "light", profiler=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # THEN light mode did not defer: each update and each rebinding shows, as in full mode
+    assert step_ends == []
+    light = _events(tmp_path / "light")
+    assert light == _events(tmp_path / "full")
+    layers, steps = len(attention), NEW_TOKENS
+    assert sum(e["event"] == "replaced" for e in light) == layers * 2 * steps
+
+
+def test_a_change_the_updates_do_not_explain_turns_deferring_off_and_says_so(
+    tiny_model: Any, prompt_batch: Any, tmp_path: Path, step_ends: list[bool], tiny_size: Any
+) -> None:
+    # GIVEN code that cuts layer 0 of the cache to its last 4 tokens from a module no check looks at (the
+    # final norm, after every layer), in the last forward of a generate()
+    forwards: list[Any] = []
+
+    def remember(module: Any, args: Any, kwargs: Any) -> None:
+        forwards.append(kwargs.get("cache", kwargs.get("past_key_values")))  # renamed in transformers 5.x
+
+    def cut(module: Any, args: Any, output: Any) -> None:
+        if len(forwards) == NEW_TOKENS:
+            layer = forwards[-1].layers[0]
+            layer.keys = layer.keys[:, :, -4:].clone()
+            layer.values = layer.values[:, :, -4:].clone()
+
+    handles = [
+        tiny_model.register_forward_pre_hook(remember, with_kwargs=True),
+        tiny_model.model.norm.register_forward_hook(cut),
+    ]
+    run = tmp_path / "light"
+    try:
+        with torch.no_grad(), kvtrace.record(run, model=tiny_model, profiler=False):
+            for _ in range(2):  # the second generate() comes after the change
+                tiny_model.generate(
+                    input_ids=prompt_batch.input_ids,
+                    attention_mask=prompt_batch.attention_mask,
+                    max_new_tokens=NEW_TOKENS,
+                    min_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                )
+    finally:
+        for handle in handles:
+            handle.remove()
+    # THEN every forward of the first generate() was deferred, and none after the change ...
+    assert step_ends == [False] * NEW_TOKENS
+    recorded = read_run(run)
+    (warning,) = [w for w in recorded.manifest["warnings"] if "besides the cache's update" in w]
+    prompt = prompt_batch.prompt_len
+    assert warning.startswith(
+        f"step {NEW_TOKENS}: layer 0 held 4 tokens per row where its updates give {prompt + NEW_TOKENS - 1}"
+    )
+    # ... and the figures are exact: the first cache's layer 0 ends at 4 tokens (logged as an eviction of
+    # the rest), and the second cache, followed update by update, holds all its tokens
+    rows, kv_heads, head_dim = prompt_batch.rows, tiny_size.num_kv_heads, tiny_size.attention_head_dim
+    final: dict[tuple[int, int, str], tuple[int, int]] = {}
+    for event in recorded.kv_events:
+        if event.event != "freed":
+            final[(event.cache, event.layer, event.kv)] = (event.tokens, event.storage_bytes)
+    first, second = sorted({cache for cache, _, _ in final})
+    held = prompt + NEW_TOKENS - 1
+    for kv in ("k", "v"):
+        assert final[(first, 0, kv)] == (4, kv_bytes(kv_heads, head_dim, 4, rows, 4))
+        assert final[(first, 1, kv)] == (held, kv_bytes(kv_heads, head_dim, held, rows, 4))
+        for layer in (0, 1):
+            assert final[(second, layer, kv)] == (held, kv_bytes(kv_heads, head_dim, held, rows, 4))
+    cut_events = [e for e in recorded.kv_events if e.cache == first and e.layer == 0 and e.step == NEW_TOKENS]
+    assert {e.event for e in cut_events if e.event != "freed"} == {"evicted"}
