@@ -160,7 +160,7 @@ class Recording:
         self._decode_index = 0
         self._attention_modules: list[Any] = []
         self._step_open = False
-        # (cache, args, kwargs, updates seen, deferred) of the running forward
+        # (cache, new tokens, updates seen, deferred, prefill) of the running forward
         self._step_cache: tuple[Any, ...] | None = None
         # Light mode with no NVTX tool listening: a forward's layer updates may be compared once, at its end
         # (`HfCacheHooks.defer`); `_defer_step` is decided at each prefill (`_cache_hooked`).
@@ -429,7 +429,7 @@ class Recording:
 
     # -- steps -------------------------------------------------------------------------------------
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._step_cache is not None and self._step_cache[4]:
+        if self._step_cache is not None and self._step_cache[3]:
             self._settle_deferred()  # a forward in a forward, or one whose end hook never ran
         hf = self._hf
         cache = kwargs.get("past_key_values")
@@ -443,39 +443,36 @@ class Recording:
         if self._profiler_on and threading.get_ident() != self._thread:
             self._forwards_elsewhere += 1
         if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):
+            new_tokens = _new_tokens(args, kwargs)
             deferred = False
             if self._may_defer:
                 if prefill:  # eviction hooks are in place before generate() starts
                     self._defer_step = not self._cache_hooked()
-                new_tokens = _new_tokens(args, kwargs) if self._defer_step else 0
-                deferred = new_tokens > 0 and hf.defer(cache)
-            self._step_cache = (cache, args, kwargs, hf.updates_seen, deferred, prefill)
+                deferred = self._defer_step and new_tokens > 0 and hf.defer(cache)
+            self._step_cache = (cache, new_tokens, hf.updates_seen, deferred, prefill)
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
         step_cache, self._step_cache = self._step_cache, None
         compared = None
         hf = self._hf
         if step_cache is not None and hf is not None:
-            cache, args, kwargs, seen, deferred, prefill = step_cache
+            cache, new_tokens, seen, deferred, prefill = step_cache
             if deferred:  # `output` is None when the forward raised (the hook is always called)
-                complete = output is not None
-                hf.step_end(cache, _new_tokens(args, kwargs), written=False, complete=complete, fresh=prefill)
+                hf.step_end(cache, new_tokens, written=False, complete=output is not None, fresh=prefill)
                 compared = cache
-            elif hf.updates_seen == seen and output is not None:
+            elif hf.updates_seen == seen and output is not None and new_tokens:
                 # No update reached the wrapper: they ran in a compiled graph.
-                new_tokens = _new_tokens(args, kwargs)
-                if new_tokens:
-                    hf.step_end(cache, new_tokens, written=True)
-                    compared = cache
+                hf.step_end(cache, new_tokens, written=True)
+                compared = cache
         self._end_step(compared)
 
     def _settle_deferred(self) -> None:
         """Log what a deferred forward changed before its end: torch skips the always-called end hook when
         a forward raises a KeyboardInterrupt (not an Exception), and a forward may run inside another."""
         pending, self._step_cache = self._step_cache, None
-        if pending is not None and pending[4] and self._hf is not None:
-            cache, args, kwargs, _, _, prefill = pending
-            self._hf.step_end(cache, _new_tokens(args, kwargs), written=False, complete=False, fresh=prefill)
+        if pending is not None and pending[3] and self._hf is not None:
+            cache, new_tokens, _, _, prefill = pending
+            self._hf.step_end(cache, new_tokens, written=False, complete=False, fresh=prefill)
 
     def _cache_hooked(self) -> bool:
         """Whether code besides the cache's update may change KV tensors inside a forward: an eviction

@@ -384,7 +384,10 @@ class HfCacheHooks:
             kind = kinds.get(layer_type)
             if kind is None:
                 kind = kinds[layer_type] = _layer_kind(layer_type)
-            if kind in (_STATIC, _STATIC_SLIDING):
+            if kind in (_PLAIN, _SLIDING):
+                shape = keys.shape
+                tokens = shape[-2] if len(shape) >= 2 else 0
+            elif kind in (_STATIC, _STATIC_SLIDING):
                 if not complete:
                     tokens = layer_tokens(layer)  # a sync, on the error path only
                 else:
@@ -455,13 +458,16 @@ class HfCacheHooks:
         """Catch what changed outside the cache's methods (rebinding by eviction presses); with `forget`,
         also retire the caches that were dropped (`forget_dead`). `compared`: a cache `step_end` has just
         compared layer by layer, skipped."""
-        # With grad on, an autograd graph may keep a replaced storage alive: said on the eviction event.
-        reason = "grad_enabled" if torch.is_grad_enabled() else ""
+        reason: str | None = None
         dead = False
         for ref, _ in list(self._known.values()):
             cache = ref()
             if cache is not None:
                 if cache is not compared:
+                    if reason is None:
+                        # With grad on, an autograd graph may keep a replaced storage alive: said on the
+                        # eviction event.
+                        reason = "grad_enabled" if torch.is_grad_enabled() else ""
                     self.scan_cache(cache, "scan", reason=reason)
             elif ref is not _nothing:
                 dead = forget
