@@ -60,13 +60,20 @@ class _FrameTable:
         # Snapshots share each frame dict among the stacks that hold it (pickle memo): the identities of a
         # stack's dicts name it without reading them. Valid while the loaded snapshot is alive (the read).
         self._by_identity: dict[tuple[int, ...], int] = {}
+        # Whole frame lists are shared too (one per call site): one look-up then, not one per frame, so a
+        # long list shared by many entries costs its length once.
+        self._by_list: dict[int, int] = {}
 
     def intern(self, frames: Any) -> int:
         if not frames or not isinstance(frames, list):
             return -1
+        known = self._by_list.get(id(frames))
+        if known is not None:
+            return known
         identity = tuple(map(id, frames))
         known = self._by_identity.get(identity)
         if known is not None:
+            self._by_list[id(frames)] = known
             return known
         try:  # the usual frame: a dict with all three keys, read in C
             key = tuple(map(_FRAME_KEYS, frames))
@@ -78,6 +85,7 @@ class _FrameTable:
             self._ids[key] = frame_id
             self.texts.append("\n".join(f"{file}:{line}:{name}" for file, line, name in key))
         self._by_identity[identity] = frame_id
+        self._by_list[id(frames)] = frame_id
         return frame_id
 
 
@@ -367,6 +375,25 @@ def _replay_device(
     source.meta["orphan_frees"][device] = orphan_count
 
 
+def _refuse_shared_containers(name: str, segments: list[Any], traces: list[list[Any]]) -> None:
+    """A real dump builds each segment, block list and device trace once. A pickle can list one object many
+    times for a few bytes each (its memo), and the segment x block walks then grow with the square of the
+    file's size (16 KB took 17 s and 1 GB): such a file is refused. Blocks, entries and frames shared inside
+    distinct lists cost one pass over bytes the file holds, and real dumps do share frames."""
+    block_lists = [s["blocks"] for s in segments if isinstance(s, dict) and isinstance(s.get("blocks"), list)]
+    for what, containers in (
+        ("segment", [s for s in segments if isinstance(s, dict)]),
+        ("segment's block list", [b for b in block_lists if b]),
+        ("device trace", [t for t in traces if t]),
+    ):
+        distinct = len(set(map(id, containers)))
+        if distinct != len(containers):
+            raise KvtraceError(
+                f"{name}: not a real snapshot (damaged or made up): {len(containers) - distinct} of its "
+                f"{len(containers)} {what}s repeat another object (a real dump writes each once)"
+            )
+
+
 def _value_counts(traces: list[list[dict[str, Any]]], key: str, boring: frozenset[str]) -> dict[str, int]:
     """Distinct per-entry values of `key` (compile_context, user_metadata) worth showing, with counts."""
     counts: Counter[str] = Counter()
@@ -397,6 +424,7 @@ def _read_snapshot(name: str, progress: ProgressFn | None) -> MemorySource:
     traces = data.get("device_traces") or []
     if not isinstance(traces, list) or not all(isinstance(t, list) for t in traces):
         raise KvtraceError(f"{name}: a snapshot whose 'device_traces' is not a list of lists")
+    _refuse_shared_containers(name, data["segments"], traces)
     try:
         segments_by_device: dict[int, list[dict[str, Any]]] = {}
         for segment in data["segments"]:
