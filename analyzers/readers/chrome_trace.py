@@ -37,14 +37,16 @@ import numpy as np
 
 from analyzers.model import DeviceEvents, Marker, MemorySource
 from analyzers.readers.kineto_scan import PYTHON_FUNCTION, MemoryBlock, NotKineto, as_int64, scan_kineto
-from analyzers.readers.memory_events_fast import DeviceColumns, MemoryRunReader
+from analyzers.readers.memory_events_fast import (
+    MAX_EVENT_BYTES,
+    MAX_MOVED_BYTES,
+    DeviceColumns,
+    MemoryRunReader,
+)
 from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.memory_timeline import read_memory_timeline  # re-exported: one import for both
 from analyzers.readers.sources import JsonStream, ProgressFn, open_input
 from kvtrace.errors import KvtraceError
-
-MAX_EVENT_BYTES = 2**56  # one allocation or free: 64 PiB, far past any device
-MAX_MOVED_BYTES = 2**62  # all of a device's events together: the int64 running totals stay exact
 
 __all__ = ["ChunkSink", "read_chrome_trace", "read_memory_timeline", "timestamps"]
 

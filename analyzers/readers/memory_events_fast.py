@@ -14,10 +14,13 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DeviceColumns", "MemoryRunReader", "as_int"]
+__all__ = ["MAX_EVENT_BYTES", "MAX_MOVED_BYTES", "DeviceColumns", "MemoryRunReader", "as_int"]
 
 
 _INT64 = 2**63 - 1
+# Sizes no device holds, shared by every reader of allocator events (Chrome traces, snapshots, timelines).
+MAX_EVENT_BYTES = 2**56  # one allocation or free: 64 PiB, far past any device
+MAX_MOVED_BYTES = 2**62  # all of a device's events together: the int64 running totals stay exact
 
 
 def as_int(value: Any, default: int) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import OTHER, WEIGHTS, DeviceEvents, MemorySource
+from analyzers.readers.memory_events_fast import MAX_EVENT_BYTES, MAX_MOVED_BYTES
 from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.sources import JsonStream, ProgressFn, open_input
 from kvtrace.errors import KvtraceError
@@ -55,6 +56,7 @@ class _TimelineCollector:
         self.baseline_weights = 0
         self.bump_rows = 0
         self.bump_release: tuple[int, int, int] | None = None  # a bump's (ts, -n, category), until its +n
+        self.moved = 0  # |bytes| of every row so far: past MAX_MOVED_BYTES the int64 totals would wrap
 
     def __call__(self, row: Any) -> None:
         if len(self.head) < 2 and not self.ts_ns and not self.bump_rows and not self.baseline:
@@ -74,9 +76,14 @@ class _TimelineCollector:
             raise KvtraceError(
                 f"{self.name}: memory timeline row {row!r:.60} is not [ts, action, bytes, ...]"
             )
-        ts, action, numbytes = _as_int(row[0], -1), _as_int(row[1], 0), _as_int(row[2], 0)
+        ts, action, numbytes = _as_int(row[0], -1), _as_int(row[1], 0), self._size(row[2], row)
         category = _stated(row[3]) if len(row) > 3 else -1
         if action == 1 or ts < 0:  # PREEXISTING: allocated before the profiler started
+            if numbytes < 0:
+                raise KvtraceError(
+                    f"{self.name}: memory timeline row {row!r:.60}: {numbytes} bytes allocated before the "
+                    "profiler started: not a real timeline (damaged or made up)"
+                )
             self.baseline += numbytes
             if category == WEIGHTS:
                 self.baseline_weights += numbytes
@@ -91,6 +98,23 @@ class _TimelineCollector:
                     self._event(ts, numbytes, category)
         else:
             self._event(ts, numbytes, category)
+
+    def _size(self, value: Any, row: Any) -> int:
+        """A row's bytes. A string, null or 1e400 (infinite once parsed) is damage, as are sizes past any
+        device or adding up past int64: refused, where they were read as 0 or overflowed the totals."""
+        if type(value) is not int:
+            if not isinstance(value, float) or not value.is_integer():
+                raise KvtraceError(
+                    f"{self.name}: memory timeline row {row!r:.60}: bytes {value!r:.30} is not a size"
+                )
+            value = int(value)
+        self.moved += abs(value)
+        if abs(value) > MAX_EVENT_BYTES or self.moved > MAX_MOVED_BYTES:
+            raise KvtraceError(
+                f"{self.name}: memory timeline row {row!r:.60}: sizes past what a device holds "
+                f"({float(self.moved):.3g} bytes so far): not a real timeline (damaged or made up)"
+            )
+        return value
 
     def _event(self, ts_ns: int, numbytes: int, category: int) -> None:
         self.ts_ns.append(ts_ns)
@@ -155,6 +179,13 @@ def read_memory_timeline(
     ts_ns = np.frombuffer(collector.ts_ns, dtype=np.int64)
     order = np.argsort(ts_ns, kind="stable")
     ts_ns = ts_ns[order]
+    delta = np.frombuffer(collector.delta, dtype=np.int64)[order]
+    if len(delta) and int(np.cumsum(delta).min()) + collector.baseline < 0:
+        lowest = int(np.cumsum(delta).min()) + collector.baseline
+        raise KvtraceError(
+            f"{name}: memory timeline whose allocated bytes go below zero (to {lowest}): "
+            "not a real timeline (damaged or made up)"
+        )
     integral = bool(np.all(ts_ns % 1000 == 0))
     source = MemorySource(kind="memory_timeline", path=name)
     source.devices.append(
@@ -162,7 +193,7 @@ def read_memory_timeline(
             device=device,
             ts_us=ts_ns // 1000 if integral else ts_ns / 1000.0,
             addr=np.full(len(ts_ns), -1, dtype=np.int64),
-            delta_bytes=np.frombuffer(collector.delta, dtype=np.int64)[order],
+            delta_bytes=delta,
             stated_category=np.frombuffer(collector.category, dtype=np.int8)[order],
             baseline_bytes=int(collector.baseline),
             baseline_categories={

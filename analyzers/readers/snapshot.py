@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import DeviceEvents, Marker, MemorySource, OomInfo, Segment
+from analyzers.readers.memory_events_fast import MAX_EVENT_BYTES, MAX_MOVED_BYTES
 from analyzers.readers.safe_pickle import gc_paused, load_pickle
 from analyzers.readers.sources import ProgressFn
 from kvtrace.errors import KvtraceError
@@ -91,10 +92,13 @@ class _FrameTable:
 
 def _bytes(value: Any, where: str) -> int:
     """A size field as an int. No allocator writes a negative size: only a damaged or crafted file has
-    one, and it would make memory curves go below zero (ValueError: the file is reported malformed)."""
+    one, and it would make memory curves go below zero; nor one past any device, whose sums wrap the int64
+    columns (ValueError: the file is reported malformed)."""
     size = int(value)
     if size < 0:
         raise ValueError(f"negative size {size} in {where}")
+    if size > MAX_EVENT_BYTES:
+        raise ValueError(f"size {size} in {where}, more than any device holds")
     return size
 
 
@@ -171,6 +175,8 @@ def _replay_loop(
                 size, address, when = int(size), int(address), int(when)
             if size < 0:
                 raise ValueError(f"negative size {size} in a trace entry ({action})")
+            if size > MAX_EVENT_BYTES:
+                raise ValueError(f"size {size} in a trace entry ({action}), more than any device holds")
             if action == "alloc":
                 live[address] = size
                 delta = size
@@ -252,6 +258,8 @@ def _replay_columns(
         return None
     if sizes.size and sizes.min() < 0:
         raise ValueError(f"negative size {int(sizes.min())} in a trace entry")
+    if sizes.size and sizes.max() > MAX_EVENT_BYTES:
+        raise ValueError(f"size {int(sizes.max())} in a trace entry, more than any device holds")
     is_alloc = actions == 1
     memory = is_alloc | (actions == 2)
     grow, shrink = actions == 3, actions == 4
@@ -342,6 +350,15 @@ def _replay_device(
                 baseline_blocks.append((address, size, frames.intern(stack)))
 
     delta_arr = np.asarray(deltas, dtype=np.int64)
+    # Each size is bounded; many of them still add past int64 (300 of 2**55 printed a peak of 8 million TiB
+    # and a negative final figure), the Chrome reader's "not a real trace" case.
+    moved = float(baseline) + float(np.abs(delta_arr.astype(np.float64)).sum())
+    reserved_moved = float(sum(int(s.get("total_size", 0)) for s in segments)) + abs(float(reserved))
+    if max(moved, reserved_moved) > MAX_MOVED_BYTES:
+        raise KvtraceError(
+            f"{source.path}: snapshot whose sizes on {device} add up to {max(moved, reserved_moved):.3g} "
+            "bytes: not a real snapshot (damaged or made up)"
+        )
     running = baseline + np.concatenate(([0], np.cumsum(delta_arr)))
     for done, entry, reserved_then, when in pending_ooms:
         free = entry.get("device_free", entry.get("addr"))

@@ -70,3 +70,52 @@ def test_real_snapshots_share_frames_and_still_read(capsys: pytest.CaptureFixtur
         pytest.skip("no real traces here")
     assert main(["report", str(path), "--json", "--no-export"]) == 0
     assert json.loads(capsys.readouterr().out)["devices"]
+
+
+def test_a_snapshot_whose_sizes_add_past_int64_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN 300 allocations of 2**55 bytes (each below 2**56, together 2**63.2: past int64)
+    trace = [{"action": "alloc", "addr": 4096 * i, "size": 2**55, "time_us": i} for i in range(300)]
+    path = tmp_path / "overflow.pickle"
+    path.write_bytes(pickle.dumps({"segments": [], "device_traces": [trace]}))
+    # THEN it is not a real snapshot (it printed "peak 8355840.00 TiB, final -6946816.00 TiB", exit 0)
+    assert main(["report", str(path), "--no-export"]) == 2
+    err = _one_error(capsys)
+    assert str(path) in err and "add up to 1.08e+19 bytes: not a real snapshot" in err
+    # AND one entry past any device is named with its size
+    trace = [{"action": "alloc", "addr": 4096, "size": 2**60, "time_us": 1}]
+    path.write_bytes(pickle.dumps({"segments": [], "device_traces": [trace]}))
+    assert main(["report", str(path), "--no-export"]) == 2
+    assert f"size {2**60} in a trace entry, more than any device holds" in _one_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("rows", "said"),
+    [
+        (
+            "[[1,1,4611686018427387904,7],[2,1,4611686018427387904,7],[3,1,4611686018427387904,7]]",
+            "sizes past what a device holds",
+        ),
+        ("[[1, 1, -5, 7]]", "-5 bytes allocated before the profiler started: not a real timeline"),
+        ("[[1, 1, 100, 7], [2, 4, -200, 7]]", "allocated bytes go below zero (to -100)"),
+        ("[[1, 1, 100, 7], [2, 2, 1e400, 7]]", "bytes inf is not a size"),
+        ('[[1, 1, 100, 7], [2, 2, "12", 7]]', "bytes '12' is not a size"),
+    ],
+    ids=["past-int64", "negative-baseline", "below-zero", "infinite", "string"],
+)
+def test_a_memory_timeline_with_impossible_sizes_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rows: str, said: str
+) -> None:
+    # GIVEN an export_memory_timeline_raw file with one impossible size (an internal error, a peak of
+    # -5 B, or a row silently read as 0 bytes before)
+    path = tmp_path / "memory_timeline.raw"
+    path.write_text(rows)
+    # THEN one line names the file and the row, exit 2
+    assert main(["report", str(path), "--no-export"]) == 2
+    err = _one_error(capsys)
+    assert str(path) in err and said in err
+    # AND sane rows read
+    path.write_text("[[1, 1, 100, 7], [2, 2, 50, 3], [3, 4, -50, 3]]")
+    assert main(["report", str(path), "--json", "--no-export"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak_allocated_bytes"] == 150
