@@ -14,7 +14,8 @@ from analyzers.kv_log import analyze_kv_log
 from analyzers.model import KV, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.readers.sources import ProgressFn
 from kvtrace.errors import KvtraceError
-from kvtrace.format import Run, read_run
+from kvtrace.format import KV_EVENTS, MEMORY_SAMPLES, PROFILER_DIR, SNAPSHOT_DIR, Run, read_run
+from kvtrace.format import WEIGHTS as WEIGHTS_FILE
 
 
 def _kv_only_device(device: str, events: list[Any]) -> DeviceEvents:
@@ -112,6 +113,31 @@ def _add_kv_held_before_trace(
     dev.baseline_categories = {KV: held, WEIGHTS: weights}
 
 
+# What the figures lack when a file the recorder wrote is gone (a partial copy, a clean-up).
+_LACKING = {
+    WEIGHTS_FILE: "the weights are not in the memory figures (peak and final leave them out)",
+    MEMORY_SAMPLES: "no process or device memory samples (RSS, reserved bytes, wall time)",
+    KV_EVENTS: "no KV events: the KV figures are empty",
+}
+
+
+def _missing_files_notes(run: Run) -> list[str]:
+    """One note per file the manifest lists that is not there: the figures are read without it (the peak
+    of a run without its profiler trace or weights table drops, with nothing else saying why)."""
+    notes = []
+    for name in run.manifest.get("files") or []:
+        if not isinstance(name, str) or (run.path / name).is_file():
+            continue
+        if name.startswith(PROFILER_DIR + "/"):
+            lacking = "the profiler's allocator events: memory figures are the KV log's and the weights' only"
+        elif name.startswith(SNAPSHOT_DIR + "/"):
+            lacking = "the allocator snapshot: an OOM's request and segments come from PyTorch's message only"
+        else:
+            lacking = _LACKING.get(name, "the figures are read without it")
+        notes.append(f"{run.path / name} is listed in the manifest but missing: {lacking}")
+    return notes
+
+
 def _normal_device(name: str) -> str:
     return "cuda:0" if name == "cuda" else name
 
@@ -120,6 +146,9 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     run = read_run(path)
     kv = analyze_kv_log(run.kv_events)
     source = MemorySource(kind="run", path=str(Path(path)))
+    missing = _missing_files_notes(run)
+    if missing:
+        source.meta.setdefault("input_notes", []).extend(missing)
     traces = run.profiler_traces()
     if traces:
         from analyzers.readers.chrome_trace import read_chrome_trace

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,42 @@ def test_a_memory_timeline_with_impossible_sizes_is_refused(
     path.write_text("[[1, 1, 100, 7], [2, 2, 50, 3], [3, 4, -50, 3]]")
     assert main(["report", str(path), "--json", "--no-export"]) == 0
     assert json.loads(capsys.readouterr().out)["peak_allocated_bytes"] == 150
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
+
+
+@pytest.mark.parametrize(
+    ("removed", "lacking"),
+    [
+        ("profiler", "the profiler's allocator events"),
+        ("weights.jsonl", "the weights are not in the memory figures"),
+        ("memory_samples.jsonl", "no process or device memory samples"),
+    ],
+)
+def test_a_file_the_manifest_lists_that_is_gone_is_named_in_the_notes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], removed: str, lacking: str
+) -> None:
+    # GIVEN a copy of a real finished run with one of the files its manifest lists removed (the peak
+    # changed, from 72,942,996 to 68,712,768 bytes without the trace, with `notes: []`)
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "static_b2", run)
+    listed = json.loads((run / "manifest.json").read_text())["files"]
+    gone = [name for name in listed if name.split("/")[0] == removed]
+    assert gone
+    shutil.rmtree(run / removed) if (run / removed).is_dir() else (run / removed).unlink()
+    # THEN the JSON, the text and the HTML report each name the file and what the figures lack
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    said = f"{run / gone[0]} is listed in the manifest but missing: {lacking}"
+    assert [n for n in notes if said in n], notes
+    assert main(["report", str(run), "--no-export"]) == 0
+    assert said in capsys.readouterr().out
+    html = tmp_path / "report.html"
+    assert main(["report", str(run), "--no-export", "-o", str(html)]) == 0
+    assert f"{run / gone[0]} is listed in the manifest but missing" in html.read_text()
+
+
+def test_a_complete_run_has_no_missing_file_note(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(SAMPLES / "static_b2"), "--json", "--no-export"]) == 0
+    assert not [n for n in json.loads(capsys.readouterr().out)["notes"] if "missing" in n]
