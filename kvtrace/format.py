@@ -206,7 +206,7 @@ def _read_jsonl(
     records: list[Any] = []
     truncated = False
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:  # a BOM an editor added, as manifests
             lines = fh.read().split("\n")
     except OSError as exc:  # a folder of that name, no permission
         raise KvtraceError(f"{path}: cannot read ({exc.strerror or exc})") from None

@@ -314,18 +314,14 @@ class _TraceCollector:
 
 
 def _strict_int(value: Any) -> int | None:
-    """An integer JSON value, an integral float or a decimal/hex string of one; None for anything else."""
+    """An integer JSON value or an integral float; None for anything else. A string ("12") is a wrong type
+    like any other: no profiler quotes its numbers, so it is skipped with a note, not counted."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int):
         return value
     if isinstance(value, float):
         return int(value) if value.is_integer() else None
-    if isinstance(value, str):
-        try:
-            return int(value, 0)
-        except ValueError:
-            return None
     return None
 
 

@@ -159,3 +159,35 @@ def test_a_file_the_manifest_lists_that_is_gone_is_named_in_the_notes(
 def test_a_complete_run_has_no_missing_file_note(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(SAMPLES / "static_b2"), "--json", "--no-export"]) == 0
     assert not [n for n in json.loads(capsys.readouterr().out)["notes"] if "missing" in n]
+
+
+def test_a_memory_event_whose_bytes_is_a_string_is_skipped_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a Chrome trace whose second [memory] event quotes its Bytes (it was counted as 12, silently)
+    def memory(ts: int, addr: int, nbytes: object) -> dict[str, object]:
+        args = {"Bytes": nbytes, "Addr": addr, "Device Type": 1, "Device Id": 0}
+        return {"ph": "i", "name": "[memory]", "pid": 1, "tid": 1, "ts": ts, "args": args}
+
+    path = tmp_path / "quoted.pt.trace.json"
+    path.write_text(json.dumps({"traceEvents": [memory(1, 4096, 100), memory(2, 8192, "12")]}))
+    # THEN it is skipped like any other wrong type, and the notes say so
+    assert main(["report", str(path), "--json", "--no-export"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["peak_allocated_bytes"] == 100
+    assert [n for n in report["notes"] if "1 [memory] with a non-integer Bytes" in n], report["notes"]
+
+
+@pytest.mark.parametrize("name", ["kv_events.jsonl", "weights.jsonl", "memory_samples.jsonl"])
+def test_a_run_log_with_a_byte_order_mark_reads_as_without(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    # GIVEN a real run, and a copy whose log an editor saved with a UTF-8 BOM ("line 1 is not valid JSON")
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "static_b2", run)
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    (run / name).write_bytes(b"\xef\xbb\xbf" + (run / name).read_bytes())
+    # THEN it reads, with the same figures
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    assert json.loads(capsys.readouterr().out) == plain
