@@ -4,11 +4,16 @@ view) and TensorBoard scalars, both written inside the run directory by `kvtrace
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from analyzers.kv_log import KvLogAnalysis
+from kvtrace.safe_write import replace_atomically
 
 COUNTERS_FILE = "kv_counters.trace.json.gz"
 SCALARS_DIR = "tb_scalars"
@@ -55,7 +60,12 @@ def write_counters(run_dir: Path, kv: KvLogAnalysis, trace_path: str | None, pid
     if base_ns:
         payload["baseTimeNanoseconds"] = base_ns
     target = run_dir / COUNTERS_FILE
-    with gzip.open(target, "wt", encoding="utf-8") as fh:
+    # Whole or not at all: a full disk leaves the previous counters, not a cut gzip stream.
+    with (
+        replace_atomically(target) as raw,
+        gzip.GzipFile(filename=target.name, mode="wb", fileobj=raw) as packed,
+        io.TextIOWrapper(packed, encoding="utf-8") as fh,
+    ):
         json.dump(payload, fh)
     return target
 
@@ -67,20 +77,33 @@ def write_scalars(run_dir: Path, kv: KvLogAnalysis) -> Path:
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     folder = run_dir / SCALARS_DIR
-    # The folder is ours: a new report replaces the scalars rather than adding a second copy of each step.
-    for old in folder.glob("events.out.tfevents.*") if folder.is_dir() else ():
-        old.unlink()
-    writer = EventFileWriter(str(folder))
+    # Written in a staging folder beside it and moved in once whole, so a full disk leaves the previous
+    # scalars as they were; the staging name starts with "." as folder scans skip those.
+    staging = Path(tempfile.mkdtemp(prefix=f".{SCALARS_DIR}.", dir=run_dir))
     try:
-        for step in sorted(kv.step_live):
-            live = kv.step_live[step]
-            values = [Summary.Value(tag="kv/total_bytes", simple_value=float(sum(live.values())))]
-            values += [
-                Summary.Value(tag=f"kv/layer_{layer}_bytes", simple_value=float(v))
-                for layer, v in sorted(live.items())
-            ]
-            wall = kv.step_start_ns.get(step, 0) / 1e9
-            writer.add_event(Event(wall_time=wall, step=step, summary=Summary(value=values)))
+        writer = EventFileWriter(str(staging))
+        try:
+            for step in sorted(kv.step_live):
+                live = kv.step_live[step]
+                values = [Summary.Value(tag="kv/total_bytes", simple_value=float(sum(live.values())))]
+                values += [
+                    Summary.Value(tag=f"kv/layer_{layer}_bytes", simple_value=float(v))
+                    for layer, v in sorted(live.items())
+                ]
+                wall = kv.step_start_ns.get(step, 0) / 1e9
+                writer.add_event(Event(wall_time=wall, step=step, summary=Summary(value=values)))
+        finally:
+            writer.close()
+        folder.mkdir(exist_ok=True)
+        # The folder is ours: a new report replaces the scalars rather than adding a second copy of each step.
+        old = list(folder.glob("events.out.tfevents.*"))
+        moved = set()
+        for new in staging.iterdir():
+            os.replace(new, folder / new.name)
+            moved.add(new.name)
+        for stale in old:
+            if stale.name not in moved:
+                stale.unlink(missing_ok=True)
     finally:
-        writer.close()
+        shutil.rmtree(staging, ignore_errors=True)
     return folder

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import check_html_target, print_result, write_html
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, cannot_write
 from kvtrace.format import is_run_group
 
 
@@ -120,16 +120,16 @@ class ReportCommand(Command):
 
     @staticmethod
     def _export(path: Path, source: object) -> None:
-        from analyzers.export import write_counters, write_scalars
+        from analyzers.export import COUNTERS_FILE, SCALARS_DIR, write_counters, write_scalars
 
         meta = source.meta  # type: ignore[attr-defined]
         try:
             write_counters(path, meta["kv"], meta.get("trace"), int(meta["manifest"].get("pid", 0)))
-            try:
-                write_scalars(path, meta["kv"])
-            except ImportError:
-                print("note: tensorboard is not installed: KV scalars not written", file=sys.stderr)
         except OSError as exc:
-            raise KvtraceError(
-                f"{path}: cannot write the KV counters ({exc.strerror})", exit_code=1
-            ) from None
+            raise cannot_write(path / COUNTERS_FILE, exc) from None
+        try:
+            write_scalars(path, meta["kv"])
+        except ImportError:
+            print("note: tensorboard is not installed: KV scalars not written", file=sys.stderr)
+        except OSError as exc:
+            raise cannot_write(path / SCALARS_DIR, exc, folder=True) from None

@@ -1,0 +1,77 @@
+"""What the CLI's writes do to files already there when things go wrong: a full disk, a read-only run, a
+downloaded run whose files are links to elsewhere, a named pipe among the inputs.
+
+Each case was found by a tester and used to destroy a file (an old report cut off, a victim file
+overwritten through a link) or to hang. A full disk is a real file-size limit (RLIMIT_FSIZE) on a real
+`kvtrace` process: no root, no mount, no mock.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
+REPO = SAMPLES.parent
+
+
+def _kvtrace_on_a_full_disk(argv: list[str], max_file_bytes: int) -> subprocess.CompletedProcess[str]:
+    """`kvtrace.cli.main(argv)` in a process that cannot grow any file past `max_file_bytes`: writes past
+    it fail with EFBIG, as they fail with ENOSPC on a full disk (stdout and stderr are pipes, not limited)."""
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_bytes}, resource.RLIM_INFINITY))\n"
+        "from kvtrace.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_full_disk_leaves_the_old_report_whole_and_no_new_file(tmp_path: Path) -> None:
+    # GIVEN an HTML report already written, and a disk with room for 64 KiB more per file
+    old = tmp_path / "old.html"
+    old.write_text("OLD REPORT\n", encoding="utf-8")
+    new = tmp_path / "new.html"
+    for target in (old, new):
+        # WHEN the report (several hundred KiB) is written over it, or to a new path
+        argv = ["report", str(SAMPLES / "static_b2"), "--no-export", "-q", "-o", str(target)]
+        done = _kvtrace_on_a_full_disk(argv, 64 << 10)
+        # THEN one line and exit status 1, as before
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.count("\n") == 1 and f"{target}: cannot write" in done.stderr
+    # AND the old report is as it was (it used to be cut off at 64 KiB), no 0-byte new file, no temp file
+    assert old.read_text(encoding="utf-8") == "OLD REPORT\n"
+    assert not new.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_full_disk_leaves_the_runs_previous_exports_whole(tmp_path: Path) -> None:
+    # GIVEN a run whose exports a first report wrote
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    first = _kvtrace_on_a_full_disk(["report", str(run), "-q"], 1 << 40)
+    assert first.returncode == 0, first.stderr
+    counters = (run / "kv_counters.trace.json.gz").read_bytes()
+    scalars = {p.name: p.read_bytes() for p in (run / "tb_scalars").iterdir()}
+    assert len(counters) > 1024 and scalars
+    # WHEN a second report runs on a disk with room for 1 KiB per file
+    done = _kvtrace_on_a_full_disk(["report", str(run), "-q"], 1024)
+    # THEN the exports are not written, and those of the first report are left whole (the counters used to
+    # be cut at 1 KiB, a gzip stream no viewer opens), with no temporary file or folder left in the run
+    assert "kv_counters.trace.json.gz" in done.stderr
+    assert (run / "kv_counters.trace.json.gz").read_bytes() == counters
+    assert {p.name: p.read_bytes() for p in (run / "tb_scalars").iterdir()} == scalars
+    assert _leftovers(run) == []
