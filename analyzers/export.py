@@ -3,12 +3,13 @@ view) and TensorBoard scalars, both written inside the run directory by `kvtrace
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import os
-import shutil
-import tempfile
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +75,20 @@ def write_scalars(run_dir: Path, kv: KvLogAnalysis) -> Path:
     """TensorBoard scalars `kv/total_bytes` and `kv/layer_N_bytes`, one point per generation step."""
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from tensorboard.summary.writer.record_writer import RecordWriter
 
     folder = run_dir / SCALARS_DIR
-    # Written in a staging folder beside it and moved in once whole, so a full disk leaves the previous
-    # scalars as they were; the staging name starts with "." as folder scans skip those.
-    staging = Path(tempfile.mkdtemp(prefix=f".{SCALARS_DIR}.", dir=run_dir))
+    created = not folder.is_dir()
+    folder.mkdir(exist_ok=True)
+    # TensorBoard's own file naming. Written here, not by its EventFileWriter: that one writes from a thread
+    # whose failure (a full disk) close() does not raise, which would leave a cut file as if it were whole.
+    target = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
+    # The folder is ours: a new report replaces the scalars rather than adding a second copy of each step.
+    old = [p for p in folder.glob("events.out.tfevents.*") if p != target]
     try:
-        writer = EventFileWriter(str(staging))
-        try:
+        with replace_atomically(target) as fh:
+            records = RecordWriter(fh)
+            records.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
             for step in sorted(kv.step_live):
                 live = kv.step_live[step]
                 values = [Summary.Value(tag="kv/total_bytes", simple_value=float(sum(live.values())))]
@@ -91,19 +97,13 @@ def write_scalars(run_dir: Path, kv: KvLogAnalysis) -> Path:
                     for layer, v in sorted(live.items())
                 ]
                 wall = kv.step_start_ns.get(step, 0) / 1e9
-                writer.add_event(Event(wall_time=wall, step=step, summary=Summary(value=values)))
-        finally:
-            writer.close()
-        folder.mkdir(exist_ok=True)
-        # The folder is ours: a new report replaces the scalars rather than adding a second copy of each step.
-        old = list(folder.glob("events.out.tfevents.*"))
-        moved = set()
-        for new in staging.iterdir():
-            os.replace(new, folder / new.name)
-            moved.add(new.name)
-        for stale in old:
-            if stale.name not in moved:
-                stale.unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+                event = Event(wall_time=wall, step=step, summary=Summary(value=values))
+                records.write(event.SerializeToString())
+    except BaseException:
+        if created:  # a failed first export leaves the run as it was
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    for stale in old:
+        stale.unlink(missing_ok=True)
     return folder

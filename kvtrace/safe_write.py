@@ -38,7 +38,9 @@ def _mode_for(target: Path) -> int:
 def replace_atomically(target: Path) -> Iterator[BinaryIO]:
     """A binary file to write `target`'s new content into; when the `with` body ends without an exception
     it replaces `target` in one rename, otherwise it is removed and `target` is untouched."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # Hidden, and not named like the target: folder scans skip dot files, and TensorBoard reads any file
+    # whose name holds "tfevents".
+    fd, tmp_name = tempfile.mkstemp(prefix=".kvtrace-", suffix=".tmp", dir=target.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:

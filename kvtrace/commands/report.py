@@ -45,8 +45,10 @@ class ReportCommand(Command):
     On a run directory (each rank's, for a group) it also writes two files into the run itself, for Perfetto
     and TensorBoard: kv_counters.trace.json.gz (KV bytes as Chrome-trace counters) and tb_scalars/ (KV bytes
     per step as TensorBoard scalars). --no-export leaves the run as it is.
-    Exit status: 0 on success; 1 when an output cannot be written (the HTML, or the files written into a
-    run); 2 for unreadable input or bad flags.
+    A run's files that cannot be written (a read-only run, a full disk) get a warning line each, and the
+    report is printed all the same.
+    Exit status: 0 on success, also when the files written into a run could not be; 1 when the -o HTML
+    cannot be written; 2 for unreadable input or bad flags.
     """
 
     name = "report"
@@ -123,13 +125,22 @@ class ReportCommand(Command):
         from analyzers.export import COUNTERS_FILE, SCALARS_DIR, write_counters, write_scalars
 
         meta = source.meta  # type: ignore[attr-defined]
+        # The exports are a by-product: a read-only or full run still gets its report (exit status 0), and
+        # each file that could not be written gets one line.
         try:
             write_counters(path, meta["kv"], meta.get("trace"), int(meta["manifest"].get("pid", 0)))
         except OSError as exc:
-            raise cannot_write(path / COUNTERS_FILE, exc) from None
+            _not_exported(cannot_write(path / COUNTERS_FILE, exc))
         try:
             write_scalars(path, meta["kv"])
         except ImportError:
             print("note: tensorboard is not installed: KV scalars not written", file=sys.stderr)
         except OSError as exc:
-            raise cannot_write(path / SCALARS_DIR, exc, folder=True) from None
+            _not_exported(cannot_write(path / SCALARS_DIR, exc, folder=True))
+
+
+def _not_exported(problem: KvtraceError) -> None:
+    print(
+        f"kvtrace report: warning: {problem}; the report is complete (--no-export skips this)",
+        file=sys.stderr,
+    )

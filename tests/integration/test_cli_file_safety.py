@@ -8,6 +8,7 @@ overwritten through a link) or to hang. A full disk is a real file-size limit (R
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -74,4 +75,21 @@ def test_a_full_disk_leaves_the_runs_previous_exports_whole(tmp_path: Path) -> N
     assert "kv_counters.trace.json.gz" in done.stderr
     assert (run / "kv_counters.trace.json.gz").read_bytes() == counters
     assert {p.name: p.read_bytes() for p in (run / "tb_scalars").iterdir()} == scalars
-    assert _leftovers(run) == []
+    assert _leftovers(run) == [] and _leftovers(run / "tb_scalars") == []
+
+
+def test_a_run_that_cannot_be_written_still_gets_its_report(tmp_path: Path) -> None:
+    # GIVEN a run on a disk where nothing more can be written (as a read-only mount)
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    # WHEN it is reported, with the exports into the run on (the default)
+    done = _kvtrace_on_a_full_disk(["report", str(run), "--json", "-q"], 0)
+    # THEN the report is printed and the exit status is 0 (it used to print nothing and exit 1)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["kv"]["peak_bytes"] > 0
+    # AND each export not written gets one line naming it and the flag that skips it
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2, done.stderr
+    for line, name in zip(lines, ("kv_counters.trace.json.gz", "tb_scalars"), strict=True):
+        assert f"{run / name}: cannot write" in line and "warning" in line and "--no-export" in line
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (SAMPLES / "dynamic_b2").iterdir())
