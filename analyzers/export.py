@@ -14,10 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from analyzers.kv_log import KvLogAnalysis
-from kvtrace.safe_write import replace_atomically
+from kvtrace.errors import KvtraceError
+from kvtrace.safe_write import not_our_file, replace_atomically
 
 COUNTERS_FILE = "kv_counters.trace.json.gz"
 SCALARS_DIR = "tb_scalars"
+
+
+def _refuse_foreign(path: Path, folder: bool = False) -> None:
+    """Refuse to write at a path of the run that is not kvtrace's own kind of file: a run may come from
+    anyone, and a link there would aim the export at (or, for tb_scalars, delete) a file elsewhere."""
+    why = not_our_file(path, folder)
+    if why is not None:
+        raise KvtraceError(f"{path}: {why}: not written, kvtrace never writes a run's exports through a link")
 
 
 def _base_ns(trace_path: str | None) -> int:
@@ -61,6 +70,7 @@ def write_counters(run_dir: Path, kv: KvLogAnalysis, trace_path: str | None, pid
     if base_ns:
         payload["baseTimeNanoseconds"] = base_ns
     target = run_dir / COUNTERS_FILE
+    _refuse_foreign(target)
     # Whole or not at all: a full disk leaves the previous counters, not a cut gzip stream.
     with (
         replace_atomically(target) as raw,
@@ -78,6 +88,7 @@ def write_scalars(run_dir: Path, kv: KvLogAnalysis) -> Path:
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     folder = run_dir / SCALARS_DIR
+    _refuse_foreign(folder, folder=True)
     created = not folder.is_dir()
     folder.mkdir(exist_ok=True)
     # TensorBoard's own file naming. Written here, not by its EventFileWriter: that one writes from a thread

@@ -44,7 +44,10 @@ class ReportCommand(Command):
     group (one run per rank of a torch.distributed job) shows its ranks side by side, KV summed over ranks.
     On a run directory (each rank's, for a group) it also writes two files into the run itself, for Perfetto
     and TensorBoard: kv_counters.trace.json.gz (KV bytes as Chrome-trace counters) and tb_scalars/ (KV bytes
-    per step as TensorBoard scalars). --no-export leaves the run as it is.
+    per step as TensorBoard scalars). --no-export leaves the run as it is. A run may come from anyone: where
+    one of those two is a symbolic link (or not a file, not a folder) it is left alone, with a warning.
+    -o writes the page whole to a temporary file, then renames it over the path: a symbolic link at the
+    path is replaced by the page, the file it pointed to is left alone.
     A run's files that cannot be written (a read-only run, a full disk) get a warning line each, and the
     report is printed all the same.
     Exit status: 0 on success, also when the files written into a run could not be; 1 when the -o HTML
@@ -129,12 +132,16 @@ class ReportCommand(Command):
         # each file that could not be written gets one line.
         try:
             write_counters(path, meta["kv"], meta.get("trace"), int(meta["manifest"].get("pid", 0)))
+        except KvtraceError as exc:  # a link or a folder where the file goes
+            _not_exported(exc)
         except OSError as exc:
             _not_exported(cannot_write(path / COUNTERS_FILE, exc))
         try:
             write_scalars(path, meta["kv"])
         except ImportError:
             print("note: tensorboard is not installed: KV scalars not written", file=sys.stderr)
+        except KvtraceError as exc:
+            _not_exported(exc)
         except OSError as exc:
             _not_exported(cannot_write(path / SCALARS_DIR, exc, folder=True))
 

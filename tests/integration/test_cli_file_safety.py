@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from kvtrace.cli import main
+
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 REPO = SAMPLES.parent
 
@@ -93,3 +95,35 @@ def test_a_run_that_cannot_be_written_still_gets_its_report(tmp_path: Path) -> N
     for line, name in zip(lines, ("kv_counters.trace.json.gz", "tb_scalars"), strict=True):
         assert f"{run / name}: cannot write" in line and "warning" in line and "--no-export" in line
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (SAMPLES / "dynamic_b2").iterdir())
+
+
+def test_a_downloaded_run_with_links_cannot_aim_report_at_other_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run from elsewhere whose export paths and timeline.html are links to the user's own files
+    victims = tmp_path / "home"
+    victims.mkdir()
+    (victims / "notes.txt").write_text("precious data 1\n", encoding="utf-8")
+    (victims / "page.txt").write_text("precious data 2\n", encoding="utf-8")
+    logs = victims / "logs"
+    logs.mkdir()
+    (logs / "events.out.tfevents.1.host.1.0").write_bytes(b"someone's training curves")
+    run = tmp_path / "hostile"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    (run / "kv_counters.trace.json.gz").symlink_to(victims / "notes.txt")
+    (run / "timeline.html").symlink_to(victims / "page.txt")
+    (run / "tb_scalars").symlink_to(logs, target_is_directory=True)
+    # WHEN it is reported with the README's own command
+    assert main(["report", str(run), "-q", "-o", str(run / "timeline.html")]) == 0
+    # THEN no file outside the run is touched (all three used to be overwritten or deleted)
+    assert (victims / "notes.txt").read_text(encoding="utf-8") == "precious data 1\n"
+    assert (victims / "page.txt").read_text(encoding="utf-8") == "precious data 2\n"
+    assert [p.name for p in logs.iterdir()] == ["events.out.tfevents.1.host.1.0"]
+    # AND the page asked for replaces the link at -o; the run's own exports are refused, one line each
+    page = run / "timeline.html"
+    assert not page.is_symlink() and page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert (run / "kv_counters.trace.json.gz").is_symlink() and (run / "tb_scalars").is_symlink()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    for line, name in zip(lines, ("kv_counters.trace.json.gz", "tb_scalars"), strict=True):
+        assert f"{run / name}: a symbolic link" in line and "--no-export" in line
