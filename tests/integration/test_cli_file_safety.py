@@ -23,19 +23,23 @@ SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 REPO = SAMPLES.parent
 
 
-def _kvtrace_on_a_full_disk(argv: list[str], max_file_bytes: int) -> subprocess.CompletedProcess[str]:
-    """`kvtrace.cli.main(argv)` in a process that cannot grow any file past `max_file_bytes`: writes past
-    it fail with EFBIG, as they fail with ENOSPC on a full disk (stdout and stderr are pipes, not limited)."""
+def _kvtrace_on_a_full_disk(
+    argv: list[str], max_file_bytes: int | None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`kvtrace.cli.main(argv)` in a process of its own (killed after `timeout` s, as a hang would be) that
+    cannot grow any file past `max_file_bytes` (None: no limit): writes past it fail with EFBIG, as they
+    fail with ENOSPC on a full disk (stdout and stderr are pipes, not limited)."""
+    limit = "resource.RLIM_INFINITY" if max_file_bytes is None else str(max_file_bytes)
     code = (
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_bytes}, resource.RLIM_INFINITY))\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"
         "from kvtrace.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run(
-        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=timeout
     )
 
 
@@ -65,7 +69,7 @@ def test_a_full_disk_leaves_the_runs_previous_exports_whole(tmp_path: Path) -> N
     # GIVEN a run whose exports a first report wrote
     run = tmp_path / "run"
     shutil.copytree(SAMPLES / "dynamic_b2", run)
-    first = _kvtrace_on_a_full_disk(["report", str(run), "-q"], 1 << 40)
+    first = _kvtrace_on_a_full_disk(["report", str(run), "-q"], None)
     assert first.returncode == 0, first.stderr
     counters = (run / "kv_counters.trace.json.gz").read_bytes()
     scalars = {p.name: p.read_bytes() for p in (run / "tb_scalars").iterdir()}
@@ -127,3 +131,29 @@ def test_a_downloaded_run_with_links_cannot_aim_report_at_other_files(
     assert len(lines) == 2
     for line, name in zip(lines, ("kv_counters.trace.json.gz", "tb_scalars"), strict=True):
         assert f"{run / name}: a symbolic link" in line and "--no-export" in line
+
+
+def test_a_named_pipe_among_the_inputs_is_skipped_or_refused_never_waited_on(tmp_path: Path) -> None:
+    # GIVEN a folder with a trace and a named pipe called *.pickle (nothing will ever write into it)
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    shutil.copy(next((SAMPLES / "static_b2" / "profiler").iterdir()), folder / "x.pt.trace.json")
+    os.mkfifo(folder / "stray.pickle")
+    # WHEN the folder is exported (a scan) THEN the pipe is skipped and the trace exported (it used to hang)
+    done = _kvtrace_on_a_full_disk(
+        ["export", str(folder), "-o", str(tmp_path / "tables"), "--json"], None, 60
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["inputs"], summary["exported"]) == (1, 1)
+    # WHEN the pipe is named explicitly, to export, report or compare THEN one line says what it is
+    pipe = str(folder / "stray.pickle")
+    for argv in (
+        ["export", pipe, "-o", str(tmp_path / "more")],
+        ["report", pipe],
+        ["compare", pipe, str(folder / "x.pt.trace.json")],
+    ):
+        done = _kvtrace_on_a_full_disk(argv, None, 60)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.endswith(f"{pipe}: a named pipe, not a regular file; kvtrace reads files\n")
+        assert done.stderr.count("\n") == 1
