@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, refuse_special_file
 
 _I64 = 2**63 - 1
 
@@ -209,6 +209,7 @@ def _opt_int(value: Any, where: str, name: str) -> int | None:
 
 
 def _read_info(file: Path) -> EngineInfo:
+    refuse_special_file(file)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -273,6 +274,7 @@ def _jsonl(file: Path) -> tuple[list[dict[str, Any]], bool]:
     dropped); a corrupt line elsewhere is an error naming the file and line."""
     if not os.path.lexists(file):
         return [], False
+    refuse_special_file(file)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
@@ -368,8 +370,9 @@ def read_engine(path: str | os.PathLike[str]) -> EngineRun | None:
 def _counted_steps(folder: Path) -> int | None:
     """Engine steps the manifest of a finished run counts; None while it runs (or without a count)."""
     try:
+        refuse_special_file(folder / "manifest.json")
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError, RecursionError):
+    except (OSError, ValueError, RecursionError, KvtraceError):
         return None  # the run reader says what is wrong with it
     ended = manifest.get("ended") if isinstance(manifest, dict) else None
     if not isinstance(ended, dict) or ended.get("status") in (None, "running"):

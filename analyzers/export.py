@@ -3,15 +3,30 @@ view) and TensorBoard scalars, both written inside the run directory by `kvtrace
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from analyzers.kv_log import KvLogAnalysis
+from kvtrace.errors import KvtraceError
+from kvtrace.safe_write import not_our_file, replace_atomically
 
 COUNTERS_FILE = "kv_counters.trace.json.gz"
 SCALARS_DIR = "tb_scalars"
+
+
+def _refuse_foreign(path: Path, folder: bool = False) -> None:
+    """Refuse to write at a path of the run that is not kvtrace's own kind of file: a run may come from
+    anyone, and a link there would aim the export at (or, for tb_scalars, delete) a file elsewhere."""
+    why = not_our_file(path, folder)
+    if why is not None:
+        raise KvtraceError(f"{path}: {why}: not written, kvtrace never writes a run's exports through a link")
 
 
 def _base_ns(trace_path: str | None) -> int:
@@ -55,7 +70,13 @@ def write_counters(run_dir: Path, kv: KvLogAnalysis, trace_path: str | None, pid
     if base_ns:
         payload["baseTimeNanoseconds"] = base_ns
     target = run_dir / COUNTERS_FILE
-    with gzip.open(target, "wt", encoding="utf-8") as fh:
+    _refuse_foreign(target)
+    # Whole or not at all: a full disk leaves the previous counters, not a cut gzip stream.
+    with (
+        replace_atomically(target) as raw,
+        gzip.GzipFile(filename=target.name, mode="wb", fileobj=raw) as packed,
+        io.TextIOWrapper(packed, encoding="utf-8") as fh,
+    ):
         json.dump(payload, fh)
     return target
 
@@ -64,23 +85,36 @@ def write_scalars(run_dir: Path, kv: KvLogAnalysis) -> Path:
     """TensorBoard scalars `kv/total_bytes` and `kv/layer_N_bytes`, one point per generation step."""
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from tensorboard.summary.writer.record_writer import RecordWriter
 
     folder = run_dir / SCALARS_DIR
+    _refuse_foreign(folder, folder=True)
+    created = not folder.is_dir()
+    folder.mkdir(exist_ok=True)
+    # TensorBoard's own file naming. Written here, not by its EventFileWriter: that one writes from a thread
+    # whose failure (a full disk) close() does not raise, which would leave a cut file as if it were whole.
+    target = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
     # The folder is ours: a new report replaces the scalars rather than adding a second copy of each step.
-    for old in folder.glob("events.out.tfevents.*") if folder.is_dir() else ():
-        old.unlink()
-    writer = EventFileWriter(str(folder))
+    old = [p for p in folder.glob("events.out.tfevents.*") if p != target]
     try:
-        for step in sorted(kv.step_live):
-            live = kv.step_live[step]
-            values = [Summary.Value(tag="kv/total_bytes", simple_value=float(sum(live.values())))]
-            values += [
-                Summary.Value(tag=f"kv/layer_{layer}_bytes", simple_value=float(v))
-                for layer, v in sorted(live.items())
-            ]
-            wall = kv.step_start_ns.get(step, 0) / 1e9
-            writer.add_event(Event(wall_time=wall, step=step, summary=Summary(value=values)))
-    finally:
-        writer.close()
+        with replace_atomically(target) as fh:
+            records = RecordWriter(fh)
+            records.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+            for step in sorted(kv.step_live):
+                live = kv.step_live[step]
+                values = [Summary.Value(tag="kv/total_bytes", simple_value=float(sum(live.values())))]
+                values += [
+                    Summary.Value(tag=f"kv/layer_{layer}_bytes", simple_value=float(v))
+                    for layer, v in sorted(live.items())
+                ]
+                wall = kv.step_start_ns.get(step, 0) / 1e9
+                event = Event(wall_time=wall, step=step, summary=Summary(value=values))
+                records.write(event.SerializeToString())
+    except BaseException:
+        if created:  # a failed first export leaves the run as it was
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    for stale in old:
+        stale.unlink(missing_ok=True)
     return folder

@@ -164,7 +164,7 @@ def _walk_folder(folder: Path, shown: Path) -> Iterator[tuple[Path, Path]]:
             continue
         if child.is_dir():
             yield from _walk_folder(child, shown / child.name)
-        elif child.name.endswith(_SEARCHED_SUFFIXES):
+        elif child.name.endswith(_SEARCHED_SUFFIXES) and child.is_file():  # a named pipe would hang the read
             yield child, shown / child.name
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 
@@ -35,3 +37,24 @@ def cannot_write(path: Path, exc: OSError | None, verb: str = "write", folder: b
     else:
         why = f"a parent of the path is a file: {blocker}"
     return KvtraceError(f"{path}: cannot {verb} ({why})", exit_code=1)
+
+
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def refuse_special_file(path: str | os.PathLike[str]) -> None:
+    """Refuse, before opening it, an input that is neither a regular file nor a folder: opening a named pipe
+    waits for a writer (forever, when none comes) and a device reads without end. A missing path passes:
+    its reader says so."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    for is_kind, kind in _SPECIAL_KINDS:
+        if is_kind(mode):
+            raise KvtraceError(f"{path}: {kind}, not a regular file; kvtrace reads files")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, refuse_special_file
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -124,11 +124,13 @@ class Run:
         folder = self.path / PROFILER_DIR
         if not folder.is_dir():
             return []
-        return sorted(p for p in folder.iterdir() if p.name.endswith((".pt.trace.json", ".pt.trace.json.gz")))
+        names = (".pt.trace.json", ".pt.trace.json.gz")
+        return sorted(p for p in folder.iterdir() if p.name.endswith(names) and p.is_file())
 
     def snapshots(self) -> list[Path]:
+        # Regular files only: a named pipe called *.pickle would hang the first read.
         folder = self.path / SNAPSHOT_DIR
-        return sorted(folder.glob("*.pickle")) if folder.is_dir() else []
+        return sorted(p for p in folder.glob("*.pickle") if p.is_file()) if folder.is_dir() else []
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -205,6 +207,7 @@ def _read_jsonl(
         return [], False
     records: list[Any] = []
     truncated = False
+    refuse_special_file(path)
     try:
         with open(path, encoding="utf-8-sig", errors="replace") as fh:  # a BOM an editor added, as manifests
             lines = fh.read().split("\n")
@@ -352,6 +355,7 @@ def read_run(path: str | os.PathLike[str]) -> Run:
     if not manifest_path.exists():
         group = f"; a run group, one run per rank: {RANK_DIR_PREFIX}<r>/" if rank_dirs(root) else ""
         raise KvtraceError(f"{root}: not a kvtrace run directory (no {MANIFEST}){group}")
+    refuse_special_file(manifest_path)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8-sig"))  # a BOM an editor added
     except OSError as exc:  # a folder of that name, no permission

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, refuse_special_file
 
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
@@ -136,6 +136,7 @@ def open_input(
     `KvtraceError(f"{path}: ...")`; `KvtraceError`s pass through untouched.
     """
     name = str(path)
+    refuse_special_file(path)
     try:
         disk = open(path, "rb")  # noqa: SIM115 - closed in the finally below
     except OSError as exc:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way
+from kvtrace.safe_write import replace_atomically
 
 
 def strict_json(value: Any) -> Any:
@@ -52,16 +53,24 @@ def check_html_target(target: str | None) -> None:
 
 def write_html(target: str | Path, html: str, quiet: bool = False) -> Path:
     """Write an HTML report (to a target `check_html_target` passed before the work); a failure is one
-    line and exit status 1, never a traceback."""
+    line and exit status 1, never a traceback, and leaves a report already at `target` whole. A symbolic
+    link at `target` is replaced by the page, not followed: the file it points to is left alone."""
     out = Path(target)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(html, encoding="utf-8")
-    except OSError as exc:
-        raise cannot_write(out, exc) from None
+    write_replacing(out, html.encode("utf-8"))
     if not quiet:
         print(f"wrote {out} ({_binary_size(out.stat().st_size)})")
     return out
+
+
+def write_replacing(out: Path, content: bytes) -> None:
+    """Write a whole output file (creating its folder) by temporary file and rename, so a full disk or
+    an interrupt leaves the old file, or none, never a cut one; a failure is one line and exit status 1."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with replace_atomically(out) as fh:
+            fh.write(content)
+    except OSError as exc:
+        raise cannot_write(out, exc) from None
 
 
 def _binary_size(nbytes: int) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import check_html_target, print_result, write_html
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, cannot_write
 from kvtrace.format import is_run_group
 
 
@@ -44,9 +44,14 @@ class ReportCommand(Command):
     group (one run per rank of a torch.distributed job) shows its ranks side by side, KV summed over ranks.
     On a run directory (each rank's, for a group) it also writes two files into the run itself, for Perfetto
     and TensorBoard: kv_counters.trace.json.gz (KV bytes as Chrome-trace counters) and tb_scalars/ (KV bytes
-    per step as TensorBoard scalars). --no-export leaves the run as it is.
-    Exit status: 0 on success; 1 when an output cannot be written (the HTML, or the files written into a
-    run); 2 for unreadable input or bad flags.
+    per step as TensorBoard scalars). --no-export leaves the run as it is. A run may come from anyone: where
+    one of those two is a symbolic link (or not a file, not a folder) it is left alone, with a warning.
+    -o writes the page whole to a temporary file, then renames it over the path: a symbolic link at the
+    path is replaced by the page, the file it pointed to is left alone.
+    A run's files that cannot be written (a read-only run, a full disk) get a warning line each, and the
+    report is printed all the same.
+    Exit status: 0 on success, also when the files written into a run could not be; 1 when the -o HTML
+    cannot be written; 2 for unreadable input or bad flags.
     """
 
     name = "report"
@@ -120,16 +125,29 @@ class ReportCommand(Command):
 
     @staticmethod
     def _export(path: Path, source: object) -> None:
-        from analyzers.export import write_counters, write_scalars
+        from analyzers.export import COUNTERS_FILE, SCALARS_DIR, write_counters, write_scalars
 
         meta = source.meta  # type: ignore[attr-defined]
+        # The exports are a by-product: a read-only or full run still gets its report (exit status 0), and
+        # each file that could not be written gets one line.
         try:
             write_counters(path, meta["kv"], meta.get("trace"), int(meta["manifest"].get("pid", 0)))
-            try:
-                write_scalars(path, meta["kv"])
-            except ImportError:
-                print("note: tensorboard is not installed: KV scalars not written", file=sys.stderr)
+        except KvtraceError as exc:  # a link or a folder where the file goes
+            _not_exported(exc)
         except OSError as exc:
-            raise KvtraceError(
-                f"{path}: cannot write the KV counters ({exc.strerror})", exit_code=1
-            ) from None
+            _not_exported(cannot_write(path / COUNTERS_FILE, exc))
+        try:
+            write_scalars(path, meta["kv"])
+        except ImportError:
+            print("note: tensorboard is not installed: KV scalars not written", file=sys.stderr)
+        except KvtraceError as exc:
+            _not_exported(exc)
+        except OSError as exc:
+            _not_exported(cannot_write(path / SCALARS_DIR, exc, folder=True))
+
+
+def _not_exported(problem: KvtraceError) -> None:
+    print(
+        f"kvtrace report: warning: {problem}; the report is complete (--no-export skips this)",
+        file=sys.stderr,
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command
+from kvtrace.commands.output import write_replacing
 from kvtrace.errors import KvtraceError, cannot_write
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -253,8 +254,8 @@ class SweepCommand(Command):
             ),
             "rows": rows,
         }
-        (out / "sweep.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_replacing(out / "sweep.json", json.dumps(summary, indent=2).encode("utf-8"))
         title = f"kvtrace sweep: {model_name} ({args.dtype}, {device}, {args.new_tokens} new tokens)"
-        (out / "sweep.html").write_text(sweep_to_html(rows, budget, title), encoding="utf-8")
+        write_replacing(out / "sweep.html", sweep_to_html(rows, budget, title).encode("utf-8"))
         print(sweep_to_text(rows, budget, title))
         print(f"wrote {out / 'sweep.json'} and {out / 'sweep.html'} ({len(rows)} points)")

@@ -1,0 +1,159 @@
+"""What the CLI's writes do to files already there when things go wrong: a full disk, a read-only run, a
+downloaded run whose files are links to elsewhere, a named pipe among the inputs.
+
+Each case was found by a tester and used to destroy a file (an old report cut off, a victim file
+overwritten through a link) or to hang. A full disk is a real file-size limit (RLIMIT_FSIZE) on a real
+`kvtrace` process: no root, no mount, no mock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvtrace.cli import main
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
+REPO = SAMPLES.parent
+
+
+def _kvtrace_on_a_full_disk(
+    argv: list[str], max_file_bytes: int | None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`kvtrace.cli.main(argv)` in a process of its own (killed after `timeout` s, as a hang would be) that
+    cannot grow any file past `max_file_bytes` (None: no limit): writes past it fail with EFBIG, as they
+    fail with ENOSPC on a full disk (stdout and stderr are pipes, not limited)."""
+    limit = "resource.RLIM_INFINITY" if max_file_bytes is None else str(max_file_bytes)
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"
+        "from kvtrace.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_full_disk_leaves_the_old_report_whole_and_no_new_file(tmp_path: Path) -> None:
+    # GIVEN an HTML report already written, and a disk with room for 64 KiB more per file
+    old = tmp_path / "old.html"
+    old.write_text("OLD REPORT\n", encoding="utf-8")
+    new = tmp_path / "new.html"
+    for target in (old, new):
+        # WHEN the report (several hundred KiB) is written over it, or to a new path
+        argv = ["report", str(SAMPLES / "static_b2"), "--no-export", "-q", "-o", str(target)]
+        done = _kvtrace_on_a_full_disk(argv, 64 << 10)
+        # THEN one line and exit status 1, as before
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.count("\n") == 1 and f"{target}: cannot write" in done.stderr
+    # AND the old report is as it was (it used to be cut off at 64 KiB), no 0-byte new file, no temp file
+    assert old.read_text(encoding="utf-8") == "OLD REPORT\n"
+    assert not new.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_full_disk_leaves_the_runs_previous_exports_whole(tmp_path: Path) -> None:
+    # GIVEN a run whose exports a first report wrote
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    first = _kvtrace_on_a_full_disk(["report", str(run), "-q"], None)
+    assert first.returncode == 0, first.stderr
+    counters = (run / "kv_counters.trace.json.gz").read_bytes()
+    scalars = {p.name: p.read_bytes() for p in (run / "tb_scalars").iterdir()}
+    assert len(counters) > 1024 and scalars
+    # WHEN a second report runs on a disk with room for 1 KiB per file
+    done = _kvtrace_on_a_full_disk(["report", str(run), "-q"], 1024)
+    # THEN the exports are not written, and those of the first report are left whole (the counters used to
+    # be cut at 1 KiB, a gzip stream no viewer opens), with no temporary file or folder left in the run
+    assert "kv_counters.trace.json.gz" in done.stderr
+    assert (run / "kv_counters.trace.json.gz").read_bytes() == counters
+    assert {p.name: p.read_bytes() for p in (run / "tb_scalars").iterdir()} == scalars
+    assert _leftovers(run) == [] and _leftovers(run / "tb_scalars") == []
+
+
+def test_a_run_that_cannot_be_written_still_gets_its_report(tmp_path: Path) -> None:
+    # GIVEN a run on a disk where nothing more can be written (as a read-only mount)
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    # WHEN it is reported, with the exports into the run on (the default)
+    done = _kvtrace_on_a_full_disk(["report", str(run), "--json", "-q"], 0)
+    # THEN the report is printed and the exit status is 0 (it used to print nothing and exit 1)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["kv"]["peak_bytes"] > 0
+    # AND each export not written gets one line naming it and the flag that skips it
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2, done.stderr
+    for line, name in zip(lines, ("kv_counters.trace.json.gz", "tb_scalars"), strict=True):
+        assert f"{run / name}: cannot write" in line and "warning" in line and "--no-export" in line
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (SAMPLES / "dynamic_b2").iterdir())
+
+
+def test_a_downloaded_run_with_links_cannot_aim_report_at_other_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run from elsewhere whose export paths and timeline.html are links to the user's own files
+    victims = tmp_path / "home"
+    victims.mkdir()
+    (victims / "notes.txt").write_text("precious data 1\n", encoding="utf-8")
+    (victims / "page.txt").write_text("precious data 2\n", encoding="utf-8")
+    logs = victims / "logs"
+    logs.mkdir()
+    (logs / "events.out.tfevents.1.host.1.0").write_bytes(b"someone's training curves")
+    run = tmp_path / "hostile"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    (run / "kv_counters.trace.json.gz").symlink_to(victims / "notes.txt")
+    (run / "timeline.html").symlink_to(victims / "page.txt")
+    (run / "tb_scalars").symlink_to(logs, target_is_directory=True)
+    # WHEN it is reported with the README's own command
+    assert main(["report", str(run), "-q", "-o", str(run / "timeline.html")]) == 0
+    # THEN no file outside the run is touched (all three used to be overwritten or deleted)
+    assert (victims / "notes.txt").read_text(encoding="utf-8") == "precious data 1\n"
+    assert (victims / "page.txt").read_text(encoding="utf-8") == "precious data 2\n"
+    assert [p.name for p in logs.iterdir()] == ["events.out.tfevents.1.host.1.0"]
+    # AND the page asked for replaces the link at -o; the run's own exports are refused, one line each
+    page = run / "timeline.html"
+    assert not page.is_symlink() and page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert (run / "kv_counters.trace.json.gz").is_symlink() and (run / "tb_scalars").is_symlink()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    for line, name in zip(lines, ("kv_counters.trace.json.gz", "tb_scalars"), strict=True):
+        assert f"{run / name}: a symbolic link" in line and "--no-export" in line
+
+
+def test_a_named_pipe_among_the_inputs_is_skipped_or_refused_never_waited_on(tmp_path: Path) -> None:
+    # GIVEN a folder with a trace and a named pipe called *.pickle (nothing will ever write into it)
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    shutil.copy(next((SAMPLES / "static_b2" / "profiler").iterdir()), folder / "x.pt.trace.json")
+    os.mkfifo(folder / "stray.pickle")
+    # WHEN the folder is exported (a scan) THEN the pipe is skipped and the trace exported (it used to hang)
+    done = _kvtrace_on_a_full_disk(
+        ["export", str(folder), "-o", str(tmp_path / "tables"), "--json"], None, 60
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["inputs"], summary["exported"]) == (1, 1)
+    # WHEN the pipe is named explicitly, to export, report or compare THEN one line says what it is
+    pipe = str(folder / "stray.pickle")
+    for argv in (
+        ["export", pipe, "-o", str(tmp_path / "more")],
+        ["report", pipe],
+        ["compare", pipe, str(folder / "x.pt.trace.json")],
+    ):
+        done = _kvtrace_on_a_full_disk(argv, None, 60)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.endswith(f"{pipe}: a named pipe, not a regular file; kvtrace reads files\n")
+        assert done.stderr.count("\n") == 1
