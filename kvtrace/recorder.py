@@ -33,6 +33,7 @@ from kvtrace.integrations.vllm import is_vllm_object
 from kvtrace.kv_tracker import KvTracker
 from kvtrace.memory_samples import MemorySampler
 from kvtrace.options import RecordOptions
+from kvtrace.profiler_trace import trace_handler
 from kvtrace.run_writer import RunWriter
 
 _ACTIVE_LOCK = threading.Lock()
@@ -174,6 +175,7 @@ class Recording:
         self._writer: RunWriter | None = None
         self._flush_lock = threading.Lock()
         self._write_error: str | None = None  # the first failed write, named by file: the run is incomplete
+        self._trace_error: str | None = None  # the profiler's trace not written (the logs went on)
         self.event_count = 0  # KV lines written
         self.events_lost = 0  # KV lines made after a failed write, dropped
         self._sampler: MemorySampler | None = None
@@ -240,7 +242,12 @@ class Recording:
                 shutil.rmtree(self.path / folder)
         self._manifest = self._initial_manifest()
         self._manifest.update(facts or {})
-        fmt.write_json_atomic(manifest_path, self._manifest)
+        try:  # with room for the final manifest, should the disk be full by then
+            fmt.write_json_atomic(manifest_path, self._manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
+        except OSError as exc:
+            raise RecordingError(
+                f"{manifest_path}: cannot write ({exc.strerror or exc})", exit_code=1
+            ) from None
         self._events = fmt.JsonlAppender(self.path / fmt.KV_EVENTS)
         self._samples = fmt.JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
         tracker = KvTracker(self._clock, on_evict=self._on_evict)
@@ -352,6 +359,8 @@ class Recording:
                     appender.close()
                 except OSError as error:
                     self._write_failed(appender, error)
+        if self._trace_error is not None:
+            self._write_error = self._trace_error
         ended["t_ns"] = self._clock()
         self._manifest["ended"] = ended
         self._manifest["files"] = sorted(
@@ -366,13 +375,26 @@ class Recording:
         engine = self._vllm.summary() if self._vllm is not None else None
         if engine is not None:
             self._manifest["engine"] = engine
-        try:
-            fmt.write_json_atomic(self.path / fmt.MANIFEST, self._manifest)
-        except OSError as error:
-            if self._write_error is None:
-                self._write_error = f"{self.path / fmt.MANIFEST}: cannot write ({error.strerror or error})"
+        self._write_manifest()
         if self._write_error is not None and exc is None:
             raise RecordingError(f"{self._write_error}: the run is incomplete", exit_code=1)
+
+    def _write_manifest(self) -> None:
+        """The final manifest; on a full disk (no room for the atomic write's new file), over the blocks
+        the first one reserved, saying that the run failed to write: readers then refuse it in one line,
+        instead of taking it for a run whose process died."""
+        path = self.path / fmt.MANIFEST
+        try:
+            fmt.write_json_atomic(path, self._manifest)
+            return
+        except OSError as error:
+            if self._write_error is None:
+                self._write_error = f"{path}: cannot write ({error.strerror or error})"
+        ended = self._manifest["ended"]
+        ended["write_error"] = self._write_error
+        ended["kv_events_lost"] = self.events_lost
+        with contextlib.suppress(OSError):  # else it stays "running", as if the process died
+            fmt.write_json_in_place(path, self._manifest)
 
     def _stop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -609,7 +631,7 @@ class Recording:
                 fh.write(json.dumps(record.__dict__, separators=(",", ":")) + "\n")
 
     def _make_profiler(self) -> Any:
-        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+        from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():
@@ -620,8 +642,14 @@ class Recording:
             profile_memory=self.options.profile_memory,
             record_shapes=self.options.record_shapes,
             with_stack=self.options.with_stack,
-            on_trace_ready=tensorboard_trace_handler(str(trace_dir), use_gzip=self.options.gzip_trace),
+            on_trace_ready=trace_handler(trace_dir, self.options.gzip_trace, self._trace_failed),
         )
+
+    def _trace_failed(self, message: str) -> None:
+        # Not `_write_error`: the logs go on (their lines are whole without the trace), but a log that
+        # fails after this is not the first file that could not be written, which the error names.
+        if self._write_error is None and self._trace_error is None:
+            self._trace_error = message
 
     def _initial_manifest(self) -> dict[str, Any]:
         from kvtrace import __version__
