@@ -46,6 +46,8 @@ ENGINE_FILES = (ENGINE, ENGINE_STEPS, ENGINE_REQUESTS)
 # The manifest written at start is padded with spaces (valid JSON) to this size, so that on a full disk,
 # where its atomic rewrite's new file cannot be written, the final one still fits over the same blocks.
 MANIFEST_RESERVE_BYTES = 32 * 1024
+# Held (flock) by the recording that writes the folder, removed at its end; not part of the run (run_lock.py)
+LOCK_FILE = ".kvtrace.lock"
 
 DERIVED_FILES = ("kv_counters.trace.json.gz", "timeline.html")
 DERIVED_DIRS = ("tb_scalars",)

@@ -34,6 +34,7 @@ from kvtrace.kv_tracker import KvTracker
 from kvtrace.memory_samples import MemorySampler
 from kvtrace.options import RecordOptions
 from kvtrace.profiler_trace import trace_handler
+from kvtrace.run_lock import RunFolderBusy, RunLock
 from kvtrace.run_writer import RunWriter
 
 _ACTIVE_LOCK = threading.Lock()
@@ -53,6 +54,7 @@ def _after_fork_in_child() -> None:
         return
     recording._writer = None
     recording._flush_lock = threading.Lock()
+    recording._run_lock.forget()
     tracker = getattr(recording, "tracker", None)
     if tracker is not None:
         tracker.lock = threading.RLock()
@@ -179,6 +181,7 @@ class Recording:
         self.event_count = 0  # KV lines written
         self.events_lost = 0  # KV lines made after a failed write, dropped
         self._sampler: MemorySampler | None = None
+        self._run_lock = RunLock(self.path)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> Recording:
@@ -194,6 +197,7 @@ class Recording:
             self._start()
         except BaseException:
             self._teardown()
+            self._run_lock.release()
             with _ACTIVE_LOCK:
                 _ACTIVE = None
             raise
@@ -206,12 +210,31 @@ class Recording:
         try:
             self._finish(exc)
         finally:
+            self._run_lock.release()
             with _ACTIVE_LOCK:
                 _ACTIVE = None
 
     def _start(self) -> None:
         facts = rank_facts()  # in a process group of several ranks, each records into out_dir/rank-<r>
         self.path = run_path(self.path, facts, self.options.overwrite)
+        existed = self.path.is_dir()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, a read-only or missing parent, a full disk
+            message = f"{self.path}: cannot create the run folder ({exc.strerror or exc})"
+            raise RecordingError(message, exit_code=1) from None
+        # Before looking at what the folder holds: another recording may be replacing it right now.
+        self._run_lock = RunLock(self.path)
+        try:
+            self._run_lock.acquire()
+        except RunFolderBusy as busy:
+            holder = f"pid {busy.pid}" if busy.pid else "pid unknown"
+            raise RecordingError(
+                f"{self.path}: another recording is writing this folder ({holder})", exit_code=1
+            ) from None
+        except OSError as exc:
+            message = f"{self.path / fmt.LOCK_FILE}: cannot write ({exc.strerror or exc})"
+            raise RecordingError(message, exit_code=1) from None
         manifest_path = self.path / fmt.MANIFEST
         replacing = manifest_path.exists()
         if replacing and not self.options.overwrite:
@@ -220,7 +243,7 @@ class Recording:
             )
         owned = (fmt.KV_EVENTS, fmt.WEIGHTS, fmt.MEMORY_SAMPLES, *fmt.ENGINE_FILES, *fmt.DERIVED_FILES)
         owned_dirs = (fmt.PROFILER_DIR, fmt.SNAPSHOT_DIR, *fmt.DERIVED_DIRS)
-        if not replacing and self.path.is_dir():
+        if not replacing and existed:
             # Not a run: whatever is here is the user's. A run would write over these names, so refuse.
             clashes = [name for name in (*owned, *owned_dirs) if (self.path / name).exists()]
             if clashes:
@@ -228,11 +251,6 @@ class Recording:
                     f"{self.path}: not a kvtrace run, but it holds {', '.join(clashes)}, which a run writes: "
                     "record into a new or empty folder"
                 )
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file of that name, a read-only or missing parent, a full disk
-            message = f"{self.path}: cannot create the run folder ({exc.strerror or exc})"
-            raise RecordingError(message, exit_code=1) from None
         # Replacing a run: its old files go, so that no reader mixes two recordings (an old trace in
         # profiler/ would otherwise sit beside the new one). Only names the format owns are touched.
         for name in owned if replacing else ():
@@ -364,7 +382,9 @@ class Recording:
         ended["t_ns"] = self._clock()
         self._manifest["ended"] = ended
         self._manifest["files"] = sorted(
-            str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file() and p.suffix != ".tmp"
+            str(p.relative_to(self.path))
+            for p in self.path.rglob("*")
+            if p.is_file() and p.suffix != ".tmp" and p.name != fmt.LOCK_FILE
         )
         self._manifest["kv_events"] = self.event_count
         if self._write_error is not None:
