@@ -9,11 +9,14 @@ Layout of an export directory (docs/format.md, "Parquet export")::
 Each table is a folder of parts, the layout Spark, DuckDB and pyarrow.dataset read as one table. A later
 export into the same DIR adds the next part and skips sources already in it (same resolved path).
 Every table gets a part, even with no rows, so its schema is always there to query. Parts are written
-under a temporary name and renamed when complete: a killed export leaves nothing a reader picks up.
+under a temporary name and renamed only when every table's is complete, `runs` last: its part is the mark
+that part N was committed. A killed or failed export (a full disk) thus leaves no runs part, its sources
+are not "already exported", and the next export removes what it left (temporary files, parts without runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -36,7 +39,7 @@ from analyzers.tables import (
     named_as_given,
     source_tables,
 )
-from kvtrace.errors import KvtraceError, cannot_write
+from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way
 
 ROW_GROUP_ROWS = 1 << 17
 _COMPACT_PIECES = 64
@@ -96,25 +99,79 @@ class _TableWriter:
     def flush(self) -> None:
         if self._pending:
             # Up to twice the threshold per group: a buffer just over it is not split into a runt group.
-            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=2 * ROW_GROUP_ROWS)
+            try:
+                self._writer.write_table(pa.concat_tables(self._pending), row_group_size=2 * ROW_GROUP_ROWS)
+            except OSError as exc:  # pyarrow's errors name no file
+                raise cannot_write(self.final, exc) from None
             self._pending.clear()
             self._pending_rows = 0
 
-    def close(self, keep: bool) -> None:
-        if keep:
-            self.flush()
+    def finish(self) -> None:
+        """Write the rest and close the temporary file, complete but not yet visible."""
+        self.flush()
+        try:
             if self.rows == 0:  # an empty table still carries its schema
                 self._writer.write_table(self.schema.empty_table())
-        self._writer.close()
-        if keep:
+            self._writer.close()
+        except OSError as exc:
+            raise cannot_write(self.final, exc) from None
+
+    def commit(self) -> None:
+        try:
             os.replace(self.tmp, self.final)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise cannot_write(self.final, exc) from None
+
+    def discard(self) -> None:
+        """Drop the part, committed or not; never raises (it runs while another error goes up)."""
+        with contextlib.suppress(OSError, pa.ArrowException):
+            self._writer.close()  # on a full disk the footer fails too
+        for path in (self.tmp, self.final):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
+
+def _commit(writers: dict[str, _TableWriter]) -> None:
+    """All tables' parts or none: every file is complete before the first rename, and `runs` is renamed
+    last, so that a failure anywhere leaves no runs part (the mark of a committed part) behind."""
+    try:
+        for writer in writers.values():
+            writer.finish()
+        for name, writer in writers.items():
+            if name != "runs":
+                writer.commit()
+        writers["runs"].commit()
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+
+
+def _remove_uncommitted(out_dir: Path) -> None:
+    """What a killed or failed export left: temporary files, and parts whose runs part is missing (the
+    runs part is renamed last). A part whose runs part is there beside another table's temporary file of
+    the same number was half-committed by kvtrace 0.1.0, which renamed the tables one by one: it goes
+    whole, so that its sources are exported again."""
+    folders = [out_dir / table for table in TABLE_NAMES if (out_dir / table).is_dir()]
+    leftovers = [p for folder in folders for p in folder.glob(".part-*.parquet.tmp")]
+    runs = {p.name for p in table_files(out_dir, "runs")}
+    committed = runs - {p.name[1:].removesuffix(".tmp") for p in leftovers}
+    for folder in folders:
+        for path in folder.glob("part-*.parquet"):
+            if path.name not in committed:
+                path.unlink(missing_ok=True)
+    for path in leftovers:
+        path.unlink(missing_ok=True)
 
 
 def table_files(export_dir: str | os.PathLike[str], table: str) -> list[Path]:
+    """The table's committed parts: those whose runs part is there (an export renames it last)."""
     folder = Path(export_dir) / table
-    return sorted(p for p in folder.glob("part-*.parquet") if p.is_file()) if folder.is_dir() else []
+    parts = sorted(p for p in folder.glob("part-*.parquet") if p.is_file()) if folder.is_dir() else []
+    if table == "runs" or not parts:
+        return parts
+    committed = {p.name for p in table_files(export_dir, "runs")}
+    return [p for p in parts if p.name in committed]
 
 
 def is_export_dir(path: str | os.PathLike[str]) -> bool:
@@ -196,6 +253,11 @@ def export(
     if overwrite:
         for table in TABLE_NAMES:
             shutil.rmtree(root / table, ignore_errors=True)
+    if root.is_dir():
+        try:
+            _remove_uncommitted(root)
+        except OSError as exc:
+            raise cannot_write(root, exc, folder=True) from None
     done, taken = _exported(root) if root.is_dir() else (set(), set())
     part = _next_part(root) if root.is_dir() else 0
     summary = ExportSummary(out_dir=str(root), part=part)
@@ -206,11 +268,16 @@ def export(
             warn(missing)
     if on_inputs_found is not None:
         on_inputs_found(len(inputs))
+    writers: dict[str, _TableWriter] = {}
     try:
-        writers = {name: _TableWriter(root / name, part, schema) for name, schema in SCHEMAS.items()}
+        for name, schema in SCHEMAS.items():
+            writers[name] = _TableWriter(root / name, part, schema)
     except OSError as exc:
-        raise cannot_write(root, exc, folder=True) from None
-    complete = False
+        for writer in writers.values():
+            writer.discard()
+        if file_in_the_way(root, folder=True) is not None:  # named as such, not as a table's folder
+            raise cannot_write(root, exc, folder=True) from None
+        raise cannot_write(root / name / f"part-{part:05d}.parquet", exc) from None
     try:
         for inp in inputs:
             problem: str | None = None
@@ -235,11 +302,15 @@ def export(
                     summary.exported += 1
             if on_input is not None:
                 on_input(inp)
-        complete = True
-    finally:
-        # A run that exported nothing (every source already there, or unreadable) adds no empty part.
+    except BaseException:
         for writer in writers.values():
-            writer.close(keep=complete and summary.exported > 0)
+            writer.discard()
+        raise
+    if summary.exported:
+        _commit(writers)
+    else:  # every source already there, or unreadable: no empty part is added
+        for writer in writers.values():
+            writer.discard()
     summary.rows = {name: writer.rows for name, writer in writers.items()}
     if not summary.exported:
         summary.part = None

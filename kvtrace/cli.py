@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -11,7 +12,7 @@ from typing import NoReturn
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.lazy_numpy import numpy_at_first_use
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, os_errno, os_reason
 
 # (name, module, class): imported when the parser is built, so each module keeps torch/plotly imports
 # inside `run`. A command line naming one command imports only that one (start-up counts on small inputs).
@@ -101,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as exc:  # a path the readers did not expect to fail (permissions, a folder, a full disk)
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"kvtrace {command.name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+        print(f"kvtrace {command.name}: error: {where}{os_reason(exc)}", file=sys.stderr)
+        return 1 if _output_failed(exc) else 2
     except (RecursionError, MemoryError) as exc:
         said = "an input is nested too deeply" if isinstance(exc, RecursionError) else "out of memory"
         print(f"kvtrace {command.name}: error: {said} ({_inputs(args)})", file=sys.stderr)
@@ -117,6 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 70  # EX_SOFTWARE
+
+
+# A write that failed for want of room or a writable disk: the output, not the input, is at fault.
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _output_failed(exc: OSError) -> bool:
+    return os_errno(exc) in _OUTPUT_ERRNOS
 
 
 def _inputs(args: argparse.Namespace) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
+
+_ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
 
 
 class KvtraceError(Exception):
@@ -16,6 +19,24 @@ class KvtraceError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def os_errno(exc: OSError) -> int | None:
+    """The errno, also of a C library's error that carries it only in its text ("[errno 28] ...")."""
+    if exc.errno is not None:
+        return exc.errno
+    found = _ERRNO_IN_TEXT.search(str(exc))
+    return int(found.group(1)) if found else None
+
+
+def os_reason(exc: OSError) -> str:
+    """What the OS said, without a library's wrapping: pyarrow's "Error writing bytes to file. Detail:
+    [errno 28] No space left on device" is "No space left on device"."""
+    said = exc.strerror or str(exc)
+    code = os_errno(exc)
+    if code is not None and (not exc.strerror or _ERRNO_IN_TEXT.search(said)):
+        return os.strerror(code)
+    return said
 
 
 def file_in_the_way(path: Path, folder: bool = False) -> Path | None:
@@ -31,7 +52,7 @@ def cannot_write(path: Path, exc: OSError | None, verb: str = "write", folder: b
     name the file instead."""
     blocker = file_in_the_way(path, folder)
     if blocker is None:
-        why = (exc.strerror or str(exc)) if exc is not None else "unknown cause"
+        why = os_reason(exc) if exc is not None else "unknown cause"
     elif blocker == path:
         why = "it is a file"
     else:

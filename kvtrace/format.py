@@ -19,6 +19,8 @@ profiler's `baseTimeNanoseconds + ts` also lands on, so both line up without con
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -41,6 +43,12 @@ ENGINE_STEPS = "engine_steps.jsonl"
 ENGINE_REQUESTS = "engine_requests.jsonl"
 ENGINE_FILES = (ENGINE, ENGINE_STEPS, ENGINE_REQUESTS)
 # Written into a run by `kvtrace report` (and the demo), replaced when the run is recorded again.
+# The manifest written at start is padded with spaces (valid JSON) to this size, so that on a full disk,
+# where its atomic rewrite's new file cannot be written, the final one still fits over the same blocks.
+MANIFEST_RESERVE_BYTES = 32 * 1024
+# Held (flock) by the recording that writes the folder, removed at its end; not part of the run (run_lock.py)
+LOCK_FILE = ".kvtrace.lock"
+
 DERIVED_FILES = ("kv_counters.trace.json.gz", "timeline.html")
 DERIVED_DIRS = ("tb_scalars",)
 
@@ -133,13 +141,35 @@ class Run:
         return sorted(p for p in folder.glob("*.pickle") if p.is_file()) if folder.is_dir() else []
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a manifest."""
+def _json_bytes(payload: dict[str, Any]) -> bytes:
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any], reserve: int = 0) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a manifest; padded with
+    trailing spaces to `reserve` bytes, room for `write_json_in_place` to use later."""
+    data = _json_bytes(payload)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data + b" " * max(reserve - len(data), 0))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a 0-byte leftover of a full disk
+        raise
+
+
+def write_json_in_place(path: Path, payload: dict[str, Any]) -> None:
+    """Overwrite `path` within its present size, padding with spaces: for a full disk, where no new file
+    can be written but the blocks of a file written with a `reserve` can. Not atomic (a crash midway
+    leaves a corrupt file): the fallback of `write_json_atomic`, never the first choice."""
+    data = _json_bytes(payload)
+    with open(path, "r+b") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if len(data) > size:
+            raise OSError(errno.ENOSPC, f"{len(data)} bytes do not fit the {size} reserved", str(path))
+        fh.write(data + b" " * (size - len(data)))
 
 
 # One encoder for every line: json.dumps with options builds a new JSONEncoder on each call.

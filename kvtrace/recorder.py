@@ -33,6 +33,8 @@ from kvtrace.integrations.vllm import is_vllm_object
 from kvtrace.kv_tracker import KvTracker
 from kvtrace.memory_samples import MemorySampler
 from kvtrace.options import RecordOptions
+from kvtrace.profiler_trace import trace_handler
+from kvtrace.run_lock import RunFolderBusy, RunLock
 from kvtrace.run_writer import RunWriter
 
 _ACTIVE_LOCK = threading.Lock()
@@ -52,6 +54,7 @@ def _after_fork_in_child() -> None:
         return
     recording._writer = None
     recording._flush_lock = threading.Lock()
+    recording._run_lock.forget()
     tracker = getattr(recording, "tracker", None)
     if tracker is not None:
         tracker.lock = threading.RLock()
@@ -174,9 +177,11 @@ class Recording:
         self._writer: RunWriter | None = None
         self._flush_lock = threading.Lock()
         self._write_error: str | None = None  # the first failed write, named by file: the run is incomplete
+        self._trace_error: str | None = None  # the profiler's trace not written (the logs went on)
         self.event_count = 0  # KV lines written
         self.events_lost = 0  # KV lines made after a failed write, dropped
         self._sampler: MemorySampler | None = None
+        self._run_lock = RunLock(self.path)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> Recording:
@@ -192,6 +197,7 @@ class Recording:
             self._start()
         except BaseException:
             self._teardown()
+            self._run_lock.release()
             with _ACTIVE_LOCK:
                 _ACTIVE = None
             raise
@@ -204,12 +210,31 @@ class Recording:
         try:
             self._finish(exc)
         finally:
+            self._run_lock.release()
             with _ACTIVE_LOCK:
                 _ACTIVE = None
 
     def _start(self) -> None:
         facts = rank_facts()  # in a process group of several ranks, each records into out_dir/rank-<r>
         self.path = run_path(self.path, facts, self.options.overwrite)
+        existed = self.path.is_dir()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, a read-only or missing parent, a full disk
+            message = f"{self.path}: cannot create the run folder ({exc.strerror or exc})"
+            raise RecordingError(message, exit_code=1) from None
+        # Before looking at what the folder holds: another recording may be replacing it right now.
+        self._run_lock = RunLock(self.path)
+        try:
+            self._run_lock.acquire()
+        except RunFolderBusy as busy:
+            holder = f"pid {busy.pid}" if busy.pid else "pid unknown"
+            raise RecordingError(
+                f"{self.path}: another recording is writing this folder ({holder})", exit_code=1
+            ) from None
+        except OSError as exc:
+            message = f"{self.path / fmt.LOCK_FILE}: cannot write ({exc.strerror or exc})"
+            raise RecordingError(message, exit_code=1) from None
         manifest_path = self.path / fmt.MANIFEST
         replacing = manifest_path.exists()
         if replacing and not self.options.overwrite:
@@ -218,7 +243,7 @@ class Recording:
             )
         owned = (fmt.KV_EVENTS, fmt.WEIGHTS, fmt.MEMORY_SAMPLES, *fmt.ENGINE_FILES, *fmt.DERIVED_FILES)
         owned_dirs = (fmt.PROFILER_DIR, fmt.SNAPSHOT_DIR, *fmt.DERIVED_DIRS)
-        if not replacing and self.path.is_dir():
+        if not replacing and existed:
             # Not a run: whatever is here is the user's. A run would write over these names, so refuse.
             clashes = [name for name in (*owned, *owned_dirs) if (self.path / name).exists()]
             if clashes:
@@ -226,11 +251,6 @@ class Recording:
                     f"{self.path}: not a kvtrace run, but it holds {', '.join(clashes)}, which a run writes: "
                     "record into a new or empty folder"
                 )
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file of that name, a read-only or missing parent, a full disk
-            message = f"{self.path}: cannot create the run folder ({exc.strerror or exc})"
-            raise RecordingError(message, exit_code=1) from None
         # Replacing a run: its old files go, so that no reader mixes two recordings (an old trace in
         # profiler/ would otherwise sit beside the new one). Only names the format owns are touched.
         for name in owned if replacing else ():
@@ -240,7 +260,12 @@ class Recording:
                 shutil.rmtree(self.path / folder)
         self._manifest = self._initial_manifest()
         self._manifest.update(facts or {})
-        fmt.write_json_atomic(manifest_path, self._manifest)
+        try:  # with room for the final manifest, should the disk be full by then
+            fmt.write_json_atomic(manifest_path, self._manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
+        except OSError as exc:
+            raise RecordingError(
+                f"{manifest_path}: cannot write ({exc.strerror or exc})", exit_code=1
+            ) from None
         self._events = fmt.JsonlAppender(self.path / fmt.KV_EVENTS)
         self._samples = fmt.JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
         tracker = KvTracker(self._clock, on_evict=self._on_evict)
@@ -352,10 +377,14 @@ class Recording:
                     appender.close()
                 except OSError as error:
                     self._write_failed(appender, error)
+        if self._trace_error is not None:
+            self._write_error = self._trace_error
         ended["t_ns"] = self._clock()
         self._manifest["ended"] = ended
         self._manifest["files"] = sorted(
-            str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file() and p.suffix != ".tmp"
+            str(p.relative_to(self.path))
+            for p in self.path.rglob("*")
+            if p.is_file() and p.suffix != ".tmp" and p.name != fmt.LOCK_FILE
         )
         self._manifest["kv_events"] = self.event_count
         if self._write_error is not None:
@@ -366,13 +395,26 @@ class Recording:
         engine = self._vllm.summary() if self._vllm is not None else None
         if engine is not None:
             self._manifest["engine"] = engine
-        try:
-            fmt.write_json_atomic(self.path / fmt.MANIFEST, self._manifest)
-        except OSError as error:
-            if self._write_error is None:
-                self._write_error = f"{self.path / fmt.MANIFEST}: cannot write ({error.strerror or error})"
+        self._write_manifest()
         if self._write_error is not None and exc is None:
             raise RecordingError(f"{self._write_error}: the run is incomplete", exit_code=1)
+
+    def _write_manifest(self) -> None:
+        """The final manifest; on a full disk (no room for the atomic write's new file), over the blocks
+        the first one reserved, saying that the run failed to write: readers then refuse it in one line,
+        instead of taking it for a run whose process died."""
+        path = self.path / fmt.MANIFEST
+        try:
+            fmt.write_json_atomic(path, self._manifest)
+            return
+        except OSError as error:
+            if self._write_error is None:
+                self._write_error = f"{path}: cannot write ({error.strerror or error})"
+        ended = self._manifest["ended"]
+        ended["write_error"] = self._write_error
+        ended["kv_events_lost"] = self.events_lost
+        with contextlib.suppress(OSError):  # else it stays "running", as if the process died
+            fmt.write_json_in_place(path, self._manifest)
 
     def _stop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -609,7 +651,7 @@ class Recording:
                 fh.write(json.dumps(record.__dict__, separators=(",", ":")) + "\n")
 
     def _make_profiler(self) -> Any:
-        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+        from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():
@@ -620,8 +662,14 @@ class Recording:
             profile_memory=self.options.profile_memory,
             record_shapes=self.options.record_shapes,
             with_stack=self.options.with_stack,
-            on_trace_ready=tensorboard_trace_handler(str(trace_dir), use_gzip=self.options.gzip_trace),
+            on_trace_ready=trace_handler(trace_dir, self.options.gzip_trace, self._trace_failed),
         )
+
+    def _trace_failed(self, message: str) -> None:
+        # Not `_write_error`: the logs go on (their lines are whole without the trace), but a log that
+        # fails after this is not the first file that could not be written, which the error names.
+        if self._write_error is None and self._trace_error is None:
+            self._trace_error = message
 
     def _initial_manifest(self) -> dict[str, Any]:
         from kvtrace import __version__

@@ -1,15 +1,23 @@
-"""Recording again into a run directory with overwrite=True replaces the whole run, not half of it."""
+"""Recording again into a run directory with overwrite=True replaces the whole run, not half of it; two
+recordings into one folder at once are refused (the second), not mixed."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import kvtrace
-from kvtrace.format import read_run
+from kvtrace.format import LOCK_FILE, read_run
 from kvtrace.llama import build_model
+from kvtrace.recorder import RecordingError
 from tests.tiny import tiny_size
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_overwrite_leaves_one_recording(tmp_path: Path) -> None:
@@ -29,3 +37,72 @@ def test_overwrite_leaves_one_recording(tmp_path: Path) -> None:
     recorded = read_run(run)
     assert len(recorded.profiler_traces()) == 1
     assert max(e.step for e in recorded.kv_events) == 3
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+import torch
+import kvtrace
+from kvtrace.llama import build_model
+
+run, go = sys.argv[1], Path(sys.argv[2])
+model = build_model("tiny")
+ids = torch.randint(3, 1000, (1, 5))
+with torch.no_grad(), kvtrace.record(run, model=model, overwrite=True, profiler=False):
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                   do_sample=False, pad_token_id=0)
+    print("recording", flush=True)
+    while not go.exists():
+        time.sleep(0.05)
+print("done", flush=True)
+"""
+
+
+def test_a_second_recording_into_a_folder_being_recorded_is_refused(tmp_path: Path) -> None:
+    # GIVEN another process recording into `run` (overwrite=True), inside its block
+    run, go = tmp_path / "run", tmp_path / "go"
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    holder = subprocess.Popen(
+        [sys.executable, str(script), str(run), str(go)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "recording\n"
+
+        # WHEN this process records into the same folder, overwrite=True too
+        model = build_model(tiny_size(2))
+        with pytest.raises(RecordingError) as refused, kvtrace.record(run, model=model, overwrite=True):
+            pass  # pragma: no cover - never entered
+
+        # THEN it is refused at its start in one line naming the folder and the holder
+        assert str(refused.value) == f"{run}: another recording is writing this folder (pid {holder.pid})"
+        assert refused.value.exit_code == 1
+    finally:
+        go.touch()
+        out, _ = holder.communicate(timeout=300)
+    # AND the holder's run is its own alone, whole
+    assert holder.returncode == 0 and out == "done\n"
+    recorded = read_run(run)
+    assert recorded.manifest["pid"] == holder.pid
+    assert recorded.manifest["ended"]["status"] == "ok"
+    assert max(e.step for e in recorded.kv_events) == 4
+    # AND once it ended, the folder is free again, with no lock file left in it or in the manifest
+    assert not (run / LOCK_FILE).exists() and LOCK_FILE not in recorded.manifest["files"]
+    with kvtrace.record(run, overwrite=True, profiler=False):
+        assert (run / LOCK_FILE).is_file()
+    assert not (run / LOCK_FILE).exists()
+
+
+def test_a_lock_file_left_by_a_killed_recording_blocks_nothing(tmp_path: Path) -> None:
+    # GIVEN a folder of the user's holding only the lock file a killed recording left (its lock died with it)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text("12345")
+
+    # WHEN recording into it THEN it is neither "a run being recorded" nor a clash with the user's files
+    with kvtrace.record(folder, profiler=False):
+        kvtrace.track(torch.zeros(1, 2, 4, 8), layer=0, kind="k")
+    assert read_run(folder).manifest["ended"]["status"] == "ok"

@@ -1,0 +1,75 @@
+"""An exclusive lock on a run folder while a recording writes it.
+
+Two recordings into one folder at once (two processes with `overwrite=True`) would each delete the
+other's files and write their own beside them: a run that silently mixes two processes. The lock is
+`flock` on `.kvtrace.lock` inside the folder, taken without waiting: the second recording is refused at
+its start, naming the holder's pid. The kernel drops the lock when its holder dies, so a killed recording
+blocks nothing. Where `fcntl` is missing (Windows) there is no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import IO
+
+from kvtrace.format import LOCK_FILE
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+class RunFolderBusy(Exception):
+    """Another recording holds the folder; `pid` is the holder's when it has written it yet."""
+
+    def __init__(self, pid: str | None) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+class RunLock:
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise RunFolderBusy; OSError when the lock file cannot be made."""
+        if fcntl is None or self._fh is not None:
+            return
+        while True:
+            fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                pid = fh.read().strip()
+                fh.close()
+                raise RunFolderBusy(pid if pid.isdigit() else None) from None
+            # The holder before us may have unlinked the file between our open and our lock: a lock on
+            # a file no longer at the path guards nothing, so take the one that is there now.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino:
+                    break
+            fh.close()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        """Remove the file, then unlock (in this order, see `acquire`); safe to call twice."""
+        fh, self._fh = self._fh, None
+        if fh is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+        fh.close()  # the lock goes with the last descriptor of it
+
+    def forget(self) -> None:
+        """In a forked child: the parent's lock is the parent's to release (an unlock here would drop it
+        for both: they share the open file)."""
+        self._fh = None
