@@ -162,6 +162,17 @@ def test_a_small_pool_makes_the_scheduler_wait_and_offload(
     assert got["preempted_tokens"] == sum(r["dropped_tokens"] for r in preempted)
     assert got["first_preemption_step"] == min(r["step"] for r in preempted)
 
+    # diagnose gives the requests' demand in blocks (the last sampled token gets no KV), not vLLM's knobs
+    demand = sum(math.ceil((len(p) + 12 - 1) / PAGE) for p in PROMPTS)  # 5 + 4 + 4
+    assert main(["diagnose", str(run), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    assert (diagnosis["kind"], diagnosis["demand_blocks"]) == ("preemption", demand)
+    assert "kv_cache_memory_bytes" not in diagnosis["sentence"]
+    # AND a pool of that many usable blocks takes no request out
+    _record(tmp_path / "sized", cb_model, num_blocks=demand, new_tokens=12, monkeypatch=monkeypatch)
+    sized = _lines(tmp_path / "sized" / "engine_requests.jsonl")
+    assert not [r for r in sized if r["event"] == "preempted"]
+
 
 def test_the_hooks_are_gone_and_generate_is_recorded_as_before(
     tmp_path: Path, cb_model: torch.nn.Module
