@@ -27,6 +27,7 @@ import json
 import math
 import sys
 import time
+from collections import deque
 from typing import Any
 
 from kvtrace import format as fmt
@@ -78,9 +79,10 @@ class PagedAttentionHooks:
         self._reserved = 0
         self._steps: fmt.JsonlAppender | None = None
         self._request_log: fmt.JsonlAppender | None = None
-        self._step_open = False
-        self._tokens_scheduled = 0
-        self._step_preempted: list[str] = []
+        # Steps scheduled and not updated yet, oldest first: (step, phase, tokens scheduled, preempted ids).
+        # One at a time in sync mode; async batching schedules batch N+1 before it updates batch N.
+        self._open: deque[tuple[int, str, int, list[str]]] = deque()
+        self._step_preempted: list[str] = []  # taken out while the next step is being scheduled
         self._prefix_evicted = 0
         # request id -> (hit tokens, prompt tokens) of its last prefix lookup: a waiting request is looked up
         # at every scheduling attempt, so a lookup counts once, in the step that schedules the request
@@ -125,7 +127,7 @@ class PagedAttentionHooks:
 
         def update_hook(proc: Any) -> None:
             update(proc)
-            if proc.cache is hooks.cache and hooks._step_open:
+            if proc.cache is hooks.cache and hooks._open:
                 hooks._timed(hooks._after_step, proc)
 
         def offload_hook(manager: Any) -> bool:
@@ -173,7 +175,7 @@ class PagedAttentionHooks:
     @property
     def in_step(self) -> bool:
         """Between a batch's scheduling and its update: the model's forward there is this engine step."""
-        return self._step_open
+        return bool(self._open)
 
     def summary(self) -> dict[str, Any] | None:
         """The manifest's `engine` entry; None when no pool was made in the block."""
@@ -295,18 +297,19 @@ class PagedAttentionHooks:
                 if ranges is not None and ranges.active:
                     ranges.pop()
         if scheduled:
-            self._step_open = True
-            self._timed(self._log_scheduled, proc)
+            self._timed(self._log_scheduled, proc, tracker.step)
         return scheduled
 
-    def _log_scheduled(self, proc: Any) -> None:
+    def _log_scheduled(self, proc: Any, step: int) -> None:
         """Right after scheduling: this step's blocks are allocated and `current_len()` counts its tokens."""
         batch = list(getattr(proc.inputs_and_outputs, "requests_in_batch", ()) or ())
-        self._tokens_scheduled = sum(int(getattr(f, "query_length", 0) or 0) for f in batch)
-        if not self._tokens_scheduled:
-            self._tokens_scheduled = sum(len(f.state.tokens_to_process) for f in batch)
-        prefill = self._tokens_scheduled > len(batch)
-        self.recording.tracker.phase = "prefill" if prefill else "decode"
+        tokens = sum(int(getattr(f, "query_length", 0) or 0) for f in batch)
+        if not tokens:
+            tokens = sum(len(f.state.tokens_to_process) for f in batch)
+        phase = "prefill" if tokens > len(batch) else "decode"
+        self.recording.tracker.phase = phase
+        self._open.append((step, phase, tokens, self._step_preempted))
+        self._step_preempted = []
         for future in batch:
             state = future.state
             request_id = state.request_id
@@ -358,7 +361,6 @@ class PagedAttentionHooks:
 
     def _after_step(self, proc: Any) -> None:
         rec = self.recording
-        tracker = rec.tracker
         scheduler = proc.scheduler
         for request_id in list(self._held):
             if request_id in scheduler.active_requests or request_id in scheduler.waiting_requests:
@@ -367,6 +369,7 @@ class PagedAttentionHooks:
             del self._held[request_id]
             self._dropped.pop(request_id, None)
             self._log_request(state, "finished", 0)
+        step, phase, tokens, preempted = self._open.popleft()
         self.engine_steps += 1
         evicted, self._prefix_evicted = self._prefix_evicted, 0
         self.prefix_evicted_blocks += evicted
@@ -378,9 +381,9 @@ class PagedAttentionHooks:
         assert self._steps is not None
         self._steps.append(
             {
-                "step": tracker.step,
+                "step": step,
                 "t_ns": t_ns,
-                "phase": tracker.phase,
+                "phase": phase,
                 "blocks_total": total,
                 "blocks_used": total - free - self._reserved,
                 "blocks_free": free,
@@ -388,8 +391,8 @@ class PagedAttentionHooks:
                 "blocks_reserved": self._reserved,
                 "running": len(scheduler.active_requests),
                 "waiting": len(scheduler.waiting_requests),
-                "tokens_scheduled": self._tokens_scheduled,
-                "preempted": list(self._step_preempted),
+                "tokens_scheduled": tokens,
+                "preempted": preempted,
                 "prefix_evicted_blocks": evicted,
                 "prefix_hits": hits,
                 "prefix_queries": queries,
@@ -397,12 +400,10 @@ class PagedAttentionHooks:
                 "prefix_preempted_queries": resumed_queries,
             }
         )
-        self._step_preempted = []
-        self._step_open = False
         ranges = rec._ranges
         if ranges is not None and ranges.active:
             ranges.pop()
-        rec._sample(tracker.phase)
+        rec._sample(phase)
         if t_ns - self._flushed_ns >= _FLUSH_NS:
             self._flushed_ns = t_ns
             rec._flush()
