@@ -429,9 +429,9 @@ class Recording:
         if steps and not self.event_count and self.model is not None and not paged:
             warnings.append(
                 f"no KV cache update was seen in {steps} forward passes: use_cache=False, or a cache kvtrace "
-                "does not follow (it follows transformers' Cache classes; continuous batching's "
-                "PagedAttentionCache and custom caches are not: name them with record(cache_attrs=...) or "
-                "kvtrace.track())"
+                "does not follow (it follows transformers' Cache classes, and continuous batching's "
+                "PagedAttentionCache when it is made inside the block: start the manager there; custom "
+                "caches are not: name them with record(cache_attrs=...) or kvtrace.track())"
             )
         if self._hf is not None and self._hf.unexplained:
             warnings.append(self._hf.unexplained)

@@ -73,6 +73,7 @@ class PagedAttentionHooks:
         self.recording = recording
         self._patches = _Patches()
         self._finder: Any = None
+        self._closed = False
         self.cache: Any = None  # the recorded pool
         self.document: dict[str, Any] = {}
         self._bytes_per_block = 0
@@ -121,17 +122,17 @@ class PagedAttentionHooks:
             hooks._timed(hooks._on_pool, cache)
 
         def prepare_hook(proc: Any) -> bool:
-            if proc.cache is not hooks.cache:
+            if proc.cache is not hooks.cache or hooks._closed:
                 return bool(prepare(proc))
             return hooks._around_prepare(proc, prepare)
 
         def update_hook(proc: Any) -> None:
             update(proc)
-            if proc.cache is hooks.cache and hooks._open:
+            if proc.cache is hooks.cache and hooks._open and not hooks._closed:
                 hooks._timed(hooks._after_step, proc)
 
         def offload_hook(manager: Any) -> bool:
-            if manager.cache is not hooks.cache:
+            if manager.cache is not hooks.cache or hooks._closed:
                 return bool(offload(manager))
             return hooks._around_offload(manager, offload)
 
@@ -158,6 +159,8 @@ class PagedAttentionHooks:
         patches.set(manager_cls, "offload_requests", offload_hook)
 
     def uninstall(self) -> None:
+        # A manager left running past the block may be inside a hook now: its logs are closed, not written
+        self._closed = True
         if self._finder is not None:
             with contextlib.suppress(ValueError):
                 sys.meta_path.remove(self._finder)
@@ -412,7 +415,8 @@ class PagedAttentionHooks:
             self._request_log.flush()
 
     def _log_request(self, state: Any, event: str, blocks: int, **extra: Any) -> None:
-        assert self._request_log is not None
+        if self._closed or self._request_log is None:
+            return
         # A soft reset folds the tokens generated so far into the prompt; `_true_initial_tokens` keeps it.
         prompt = int(getattr(state, "_true_initial_tokens", 0) or len(state.initial_tokens))
         total = len(state.initial_tokens) + len(state.generated_tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,23 @@ def test_the_hooks_are_gone_and_generate_is_recorded_as_before(
     final = {(e["layer"], e["kv"]): e["tokens"] for e in events if e["event"] != "freed"}
     assert set(final.values()) == {len(PROMPTS[0]) + 3}
     assert manifest["kv_events"] == len(events)
+
+
+def test_the_readme_snippet_records_the_pool(
+    tmp_path: Path, cb_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    snippets = [s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "generate_batch" in s]
+    assert len(snippets) == 1
+    monkeypatch.chdir(tmp_path)
+    names = {
+        "kvtrace": kvtrace,
+        "model": cb_model,
+        "prompts": PROMPTS,
+        "generation": GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0),
+        "batching": ContinuousBatchingConfig(num_blocks=16, page_size=PAGE, max_batch_tokens=64),
+    }
+    exec(snippets[0], names)  # the README's code, verbatim
+    engine = json.loads((tmp_path / "runs" / "cb" / "engine.json").read_text())
+    assert engine["bytes_per_block"] == BLOCK_BYTES and engine["kv_cache_bytes"] % BLOCK_BYTES == 0
+    assert len(names["outputs"]) == len(PROMPTS)
