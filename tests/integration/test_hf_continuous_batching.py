@@ -127,6 +127,14 @@ def test_pool_figures_steps_and_requests(
     assert report["kv"]["peak_bytes"] == pool_bytes
     assert report["kv"]["bytes_per_token_measured"] == BLOCK_BYTES / PAGE
 
+    # the HTML panel and the Parquet tables read the same files
+    assert main(["report", str(run), "-o", str(tmp_path / "r.html"), "-q", "--no-export"]) == 0
+    assert "transformers-cb" in (tmp_path / "r.html").read_text()
+    capsys.readouterr()
+    assert main(["export", str(run), "-o", str(tmp_path / "tables"), "--json", "-q"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert (rows["engine_steps"], rows["engine_requests"]) == (len(steps), len(requests))
+
 
 def test_a_small_pool_makes_the_scheduler_wait_and_offload(
     tmp_path: Path,
@@ -211,3 +219,27 @@ def test_the_readme_snippet_records_the_pool(
     engine = json.loads((tmp_path / "runs" / "cb" / "engine.json").read_text())
     assert engine["bytes_per_block"] == BLOCK_BYTES and engine["kv_cache_bytes"] % BLOCK_BYTES == 0
     assert len(names["outputs"]) == len(PROMPTS)
+
+
+def test_a_manager_started_inside_the_block(tmp_path: Path, cb_model: torch.nn.Module) -> None:
+    generation = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=16, page_size=PAGE, max_batch_tokens=64)
+    with kvtrace.record(tmp_path / "run", model=cb_model, profiler=False):
+        manager = cb_model.init_continuous_batching(
+            generation_config=generation, continuous_batching_config=batching
+        )
+        manager.start()
+        manager.add_requests(inputs=PROMPTS[:2], max_new_tokens=5)
+        finished = 0
+        while finished < 2:
+            result = manager.get_result(timeout=10)
+            assert result is not None
+            finished += result.is_finished()
+        manager.stop(block=True)
+    requests = _lines(tmp_path / "run" / "engine_requests.jsonl")
+    done = {
+        r["request_id"]: (r["prompt_tokens"], r["output_tokens"])
+        for r in requests
+        if r["event"] == "finished"
+    }
+    assert sorted(done.values()) == sorted((len(p), 5) for p in PROMPTS[:2])
