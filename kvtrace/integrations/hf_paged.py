@@ -171,7 +171,7 @@ class PagedAttentionHooks:
     @property
     def in_step(self) -> bool:
         """Between a batch's scheduling and its update: the model's forward there is this engine step."""
-        return bool(self._open)
+        return bool(self._open) and not self._closed
 
     def summary(self) -> dict[str, Any] | None:
         """The manifest's `engine` entry; None when no pool was made in the block."""
@@ -190,10 +190,19 @@ class PagedAttentionHooks:
             "overhead_ns": self.overhead_ns,
         }
 
-    def _timed(self, work: Any, *args: Any) -> Any:
+    def _timed(self, work: Any, *args: Any) -> None:
+        """Bookkeeping on the generation thread, timed. A failure here must not fail the user's requests
+        (transformers fails every request on an exception in its loop): it stops the recording of the pool
+        and says so in the manifest's notes."""
         started = time.thread_time_ns()
         try:
-            return work(*args)
+            work(*args)
+        except Exception as exc:
+            self._closed = True
+            self.recording.notes.append(
+                f"continuous batching: recording stopped at step {self.recording.tracker.step} "
+                f"({type(exc).__name__}: {exc}); the engine files end there"[:500]
+            )
         finally:
             self.overhead_ns += time.thread_time_ns() - started
 
@@ -333,7 +342,10 @@ class PagedAttentionHooks:
             for rid, state in scheduler.active_requests.items()
         }
         result = bool(offload(manager))
-        started = time.thread_time_ns()
+        self._timed(self._log_offloaded, scheduler, before)
+        return result
+
+    def _log_offloaded(self, scheduler: Any, before: dict[str, tuple[int, int]]) -> None:
         for request_id, (blocks, tokens) in before.items():
             if request_id in scheduler.active_requests or request_id not in scheduler.waiting_requests:
                 continue
@@ -352,8 +364,6 @@ class PagedAttentionHooks:
                 dropped_tokens=tokens,
                 offloaded_to="cpu" if to_cpu else "recompute",
             )
-        self.overhead_ns += time.thread_time_ns() - started
-        return result
 
     def _after_step(self, proc: Any) -> None:
         rec = self.recording
@@ -366,7 +376,6 @@ class PagedAttentionHooks:
             self._dropped.pop(request_id, None)
             self._log_request(state, "finished", 0)
         step, phase, tokens, preempted = self._open.popleft()
-        self.engine_steps += 1
         evicted, self._prefix_evicted = self._prefix_evicted, 0
         self.prefix_evicted_blocks += evicted
         hits, queries, resumed_hits, resumed_queries = self._prefix
@@ -396,6 +405,7 @@ class PagedAttentionHooks:
                 "prefix_preempted_queries": resumed_queries,
             }
         )
+        self.engine_steps += 1  # counted with its line: the reader checks the count against the log
         ranges = rec._ranges
         if ranges is not None and ranges.active:
             ranges.pop()

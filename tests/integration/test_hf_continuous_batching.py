@@ -21,6 +21,7 @@ from transformers.generation.continuous_batching import cache as cb_cache
 
 import kvtrace
 from kvtrace.cli import main
+from kvtrace.integrations.hf_paged import PagedAttentionHooks
 from kvtrace.llama import build_model
 from tests.tiny import HEAD_DIM, tiny_size
 
@@ -243,3 +244,23 @@ def test_a_manager_started_inside_the_block(tmp_path: Path, cb_model: torch.nn.M
         if r["event"] == "finished"
     }
     assert sorted(done.values()) == sorted((len(p), 5) for p in PROMPTS[:2])
+
+
+def test_a_failure_in_kvtraces_bookkeeping_fails_no_request(
+    tmp_path: Path, cb_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN bookkeeping that breaks at the third step
+    original = PagedAttentionHooks._after_step
+
+    def breaks(self: PagedAttentionHooks, proc: Any) -> None:
+        if self.engine_steps == 2:
+            raise RuntimeError("broken on purpose")
+        original(self, proc)
+
+    monkeypatch.setattr(PagedAttentionHooks, "_after_step", breaks)
+    outputs, _ = _record(tmp_path / "run", cb_model, num_blocks=32, new_tokens=6, monkeypatch=monkeypatch)
+    # THEN every request completes, the logs stop at that step, and the manifest says why
+    assert sorted(len(o.generated_tokens) for o in outputs.values()) == [6, 6, 6]
+    assert len(_lines(tmp_path / "run" / "engine_steps.jsonl")) == 2
+    notes = json.loads((tmp_path / "run" / "manifest.json").read_text())["notes"]
+    assert any("recording stopped at step 3 (RuntimeError: broken on purpose)" in n for n in notes)
