@@ -1,7 +1,8 @@
 """A serving engine's paged KV pool, read from a run: engine.json, engine_steps.jsonl, engine_requests.jsonl.
 
 vLLM allocates its KV cache once, as a pool of fixed-size blocks shared by every request; kvtrace's vLLM
-integration writes three files next to the usual run files (docs/format.md, "vLLM runs"). This module
+integration writes three files next to the usual run files (docs/format.md, "vLLM runs"), and so does its
+integration of transformers' continuous batching (engine `transformers-cb`, same files). This module
 reads them into one typed, immutable result (`EngineRun`) and derives the figures every renderer and the
 diagnosis use (`EngineFigures`). Stdlib and numpy only: no torch, no vllm.
 """
