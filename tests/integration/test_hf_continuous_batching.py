@@ -264,3 +264,24 @@ def test_a_failure_in_kvtraces_bookkeeping_fails_no_request(
     assert len(_lines(tmp_path / "run" / "engine_steps.jsonl")) == 2
     notes = json.loads((tmp_path / "run" / "manifest.json").read_text())["notes"]
     assert any("recording stopped at step 3 (RuntimeError: broken on purpose)" in n for n in notes)
+
+
+def test_prefix_sharing_hits_and_cached_blocks(tmp_path: Path, cb_model: torch.nn.Module) -> None:
+    # GIVEN the same 9-token prompt three times, one request per batch: each finds its predecessor's blocks
+    prompt = list(range(1, 10))
+    generation = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(
+        num_blocks=32, page_size=PAGE, max_batch_tokens=10, max_requests_per_batch=1
+    )
+    with kvtrace.record(tmp_path / "run", model=cb_model, profiler=False):
+        cb_model.generate_batch(
+            [prompt] * 3, generation_config=generation, continuous_batching_config=batching
+        )
+    steps = _lines(tmp_path / "run" / "engine_steps.jsonl")
+    # THEN each later request hits its prompt's whole blocks (8 tokens; a match never covers the whole prompt)
+    shared = (len(prompt) - 1) // PAGE * PAGE
+    assert [s["prefix_hits"] for s in steps if s["prefix_queries"]] == [0, shared, shared]
+    assert sum(s["prefix_queries"] for s in steps) == 3 * len(prompt)
+    # between requests, the prompt's 2 full blocks stay cached for the next one (the blocks it hits)
+    finished_rows = [s for s in steps if s["running"] == 0]
+    assert finished_rows and all(s["blocks_cached"] == shared // PAGE for s in finished_rows)
