@@ -1,7 +1,8 @@
 """A serving engine's paged KV pool, read from a run: engine.json, engine_steps.jsonl, engine_requests.jsonl.
 
 vLLM allocates its KV cache once, as a pool of fixed-size blocks shared by every request; kvtrace's vLLM
-integration writes three files next to the usual run files (docs/format.md, "vLLM runs"). This module
+integration writes three files next to the usual run files (docs/format.md, "vLLM runs"), and so does its
+integration of transformers' continuous batching (engine `transformers-cb`, same files). This module
 reads them into one typed, immutable result (`EngineRun`) and derives the figures every renderer and the
 diagnosis use (`EngineFigures`). Stdlib and numpy only: no torch, no vllm.
 """
@@ -83,6 +84,7 @@ class EngineInfo:
     storage: tuple[dict[str, Any], ...]
     memory_profile: dict[str, Any]
     refused: dict[str, Any] | None
+    blocks_reserved: int = 1  # blocks never given to a request: vLLM's null block; HF CB's trash sectors
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ class EngineFigures:
     preemptions_by_request: dict[str, int] = field(default_factory=dict)
     prefix_hit_tokens: int = 0  # vLLM's own prefix-cache counters, summed over steps
     prefix_query_tokens: int = 0
+    blocks_reserved: int = 1  # engine.json's, 1 (vLLM's null block) when absent
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,7 @@ def _read_info(file: Path) -> EngineInfo:
         storage=tuple(x for x in data.get("storage") or () if isinstance(x, dict)),
         memory_profile=dict(data.get("memory_profile") or {}),
         refused=refused,
+        blocks_reserved=_int(data.get("blocks_reserved"), where, "blocks_reserved", default=1),
     )
 
 
@@ -421,6 +425,7 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         preemptions_by_request=by_request,
         prefix_hit_tokens=int(steps["prefix_hits"].sum()),
         prefix_query_tokens=int(steps["prefix_queries"].sum()),
+        blocks_reserved=info.blocks_reserved,
     )
 
 

@@ -373,7 +373,7 @@ def _run_row(
 
 
 def _read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """engine.json and the engine's step and request logs (vLLM runs only; empty otherwise)."""
+    """engine.json and the engine's step and request logs (vLLM and continuous-batching runs; else empty)."""
     from kvtrace.errors import KvtraceError
     from kvtrace.format import _read_jsonl  # the format's one JSONL reader: tolerates a cut last line
 

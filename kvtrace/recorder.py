@@ -28,6 +28,7 @@ from kvtrace.distributed import local_tensor, rank_facts, run_path
 from kvtrace.errors import KvtraceError
 from kvtrace.geometry import model_geometry
 from kvtrace.integrations.hf_caches import HfCacheHooks, compiling
+from kvtrace.integrations.hf_paged import PagedAttentionHooks
 from kvtrace.integrations.module_caches import ModuleCaches
 from kvtrace.integrations.vllm import is_vllm_object
 from kvtrace.kv_tracker import KvTracker
@@ -138,6 +139,7 @@ class Recording:
         # with no model at all, a vLLM start refused inside the block still leaves its figures.
         self._vllm_llm: Any = None
         self._vllm: Any = None
+        self._paged: PagedAttentionHooks | None = None  # transformers' continuous batching (generate_batch)
         self.vllm_process = "inproc"
         self.vllm_watch = True
         if is_vllm_object(model):
@@ -276,6 +278,9 @@ class Recording:
 
             self._vllm = VllmRecording(self, self._vllm_llm, self.vllm_process)
             self._vllm.install()
+        if self._vllm_llm is None:
+            self._paged = PagedAttentionHooks(self)
+            self._paged.install()
         if HfCacheHooks.available():
             # A range per layer update in NVTX only (Nsight's view, ~0.5 us with a tool, nothing without);
             # in the profiler they cost more than the bookkeeping itself with stacks on (issue 11), so the
@@ -393,6 +398,14 @@ class Recording:
         self._manifest["notes"] = self.notes
         self._manifest["warnings"] = self._warnings()
         engine = self._vllm.summary() if self._vllm is not None else None
+        if engine is None and self._paged is not None:
+            engine = self._paged.summary()
+            if self._paged.ignored_pools:
+                self.notes.append(
+                    f"{self._paged.ignored_pools} more continuous-batching pool(s) made after the first: the "
+                    "engine files record the first only (one generate_batch per record())"
+                )
+                self._manifest["notes"] = self.notes
         if engine is not None:
             self._manifest["engine"] = engine
         self._write_manifest()
@@ -443,6 +456,8 @@ class Recording:
         self._hook_handles.clear()
         if self._vllm is not None:
             self._vllm.uninstall()
+        if self._paged is not None:
+            self._paged.uninstall()
         if self._hf is not None:
             self._hf.uninstall()
         if self._snapshots is not None and self._snapshots.active and self._events is None:
@@ -452,12 +467,13 @@ class Recording:
         """What makes the run's figures incomplete, for reports to say (`notes` say what was not recorded)."""
         warnings = []
         steps = self.tracker.step
-        if steps and not self.event_count and self.model is not None:
+        paged = self._paged is not None and self._paged.owns_steps  # its pool is logged, its steps counted
+        if steps and not self.event_count and self.model is not None and not paged:
             warnings.append(
                 f"no KV cache update was seen in {steps} forward passes: use_cache=False, or a cache kvtrace "
-                "does not follow (it follows transformers' Cache classes; continuous batching's "
-                "PagedAttentionCache and custom caches are not: name them with record(cache_attrs=...) or "
-                "kvtrace.track())"
+                "does not follow (it follows transformers' Cache classes, and continuous batching's "
+                "PagedAttentionCache when it is made inside the block: start the manager there; custom "
+                "caches are not: name them with record(cache_attrs=...) or kvtrace.track())"
             )
         if self._hf is not None and self._hf.unexplained:
             warnings.append(self._hf.unexplained)
@@ -471,6 +487,10 @@ class Recording:
 
     # -- steps -------------------------------------------------------------------------------------
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._paged is not None and self._paged.in_step:  # a continuous-batching step is the step
+            if self._profiler_on and threading.get_ident() != self._thread:
+                self._forwards_elsewhere += 1
+            return
         if self._step_cache is not None and self._step_cache[3]:
             self._settle_deferred()  # a forward in a forward, or one whose end hook never ran
         hf = self._hf
@@ -494,6 +514,8 @@ class Recording:
             self._step_cache = (cache, new_tokens, hf.updates_seen, deferred, prefill)
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
+        if self._paged is not None and self._paged.in_step:
+            return
         step_cache, self._step_cache = self._step_cache, None
         compared = None
         hf = self._hf

@@ -48,7 +48,7 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
         f"{fig.requests} requests"
     ]
     if fig.num_blocks:
-        usable = max(fig.num_blocks - 1, 1)  # vLLM keeps one block aside (the null block)
+        usable = max(fig.num_blocks - fig.blocks_reserved, 1)  # vLLM's null block, HF CB's trash sectors
         share = 100.0 * fig.peak_blocks_used / usable
         lines.append(
             f"    peak {fig.peak_blocks_used:,} of {usable:,} usable blocks used ({share:.0f}%, counted "

@@ -86,6 +86,9 @@ def _diagnose_engine_run(path: Path, as_json: bool) -> bool:
     run = read_engine(path)
     if run is None:
         return False
+    if run.info.name != "vllm" and run.info.status == "ok":
+        _other_engine(run, as_json)  # vLLM's remedies are priced in vLLM's knobs
+        return True
     diagnosis = diagnose_engine(run)
     if diagnosis is None:  # the pool held every request: transformers' remedies (context, batch) do not apply
         _engine_ran_fine(run, as_json)
@@ -94,6 +97,39 @@ def _diagnose_engine_run(path: Path, as_json: bool) -> bool:
         as_json, lambda: vllm_diagnosis_to_json(diagnosis), lambda: vllm_diagnosis_to_text(diagnosis)
     )
     return True
+
+
+def _other_engine(run: Any, as_json: bool) -> None:
+    """Another engine's paged pool (transformers' continuous batching): what ran out and the requests'
+    demand in its blocks, without vLLM's knobs (kv_cache_memory_bytes, max_num_seqs, fp8)."""
+    from analyzers.engine import engine_figures
+    from analyzers.planning.vllm_diagnose import diagnose_preemptions
+
+    figures = engine_figures(run)
+    usable = max((figures.num_blocks or 0) - figures.blocks_reserved, 0)
+    name = f"{figures.name} {figures.version}".strip()
+    peak = f"peak {figures.peak_blocks_used:,} of {usable:,} usable blocks at step {figures.peak_step}"
+    result: dict[str, Any] = {"kind": "no_preemption", "path": run.path, "engine": figures.name}
+    result.update(
+        num_blocks=figures.num_blocks, usable_blocks=usable, peak_blocks_used=figures.peak_blocks_used
+    )
+    if figures.first_preemption_step is None:
+        sentence = f"{name} took no request out of its pool: nothing ran out ({peak})."
+    else:
+        demand = diagnose_preemptions(run).demand_bound_blocks
+        result.update(kind="preemption", preemptions=figures.preemptions, demand_blocks=demand)
+        result.update(first_preemption_step=figures.first_preemption_step)
+        sentence = (
+            f"{name} took {figures.preemptions} request(s) out of its pool (first at step "
+            f"{figures.first_preemption_step}), {figures.preempted_tokens:,} KV tokens dropped, "
+            f"{figures.recomputed_tokens:,} recomputed; {peak}. Had none been taken out, the requests would "
+            f"have needed at most {demand:,} blocks of {figures.block_size} tokens"
+        )
+        if figures.name == "transformers-cb":
+            sentence += f" (ContinuousBatchingConfig(num_blocks={demand}) counts usable blocks alike)"
+        sentence += "."
+    result["sentence"] = sentence
+    print_result(as_json, lambda: result, lambda: f"kvtrace diagnose: {run.path}: {sentence}")
 
 
 def _engine_ran_fine(run: Any, as_json: bool) -> None:

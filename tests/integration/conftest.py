@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import transformers.cache_utils
+from transformers.generation.continuous_batching import cache as cb_cache
+from transformers.generation.continuous_batching import continuous_api, offloading_manager
 
 import kvtrace.recorder
 from kvtrace.llama import DEFAULT_PROMPTS, ModelSize, build_model, encode_batch, llama3_tokenizer
@@ -25,6 +27,16 @@ _CACHE_METHODS = (
     "prefetch",
 )
 ORIGINAL_CACHE_METHODS = {name: transformers.cache_utils.Cache.__dict__.get(name) for name in _CACHE_METHODS}
+# Continuous batching's, which kvtrace.integrations.hf_paged wraps on the classes.
+_CB_METHODS = (
+    (cb_cache.PagedAttentionCache, "__init__"),
+    (cb_cache.PagedAttentionCache, "evict_cached_blocks"),
+    (cb_cache.PagedAttentionCache, "search_prefix_match"),
+    (continuous_api.ContinuousBatchProcessor, "prepare_next_batch"),
+    (continuous_api.ContinuousBatchProcessor, "update_batch"),
+    (offloading_manager.OffloadingManager, "offload_requests"),
+)
+ORIGINAL_CB_METHODS = {(cls, name): cls.__dict__.get(name) for cls, name in _CB_METHODS}
 
 # Small enough that a whole test file runs in seconds on two cores; the real Llama 3 vocabulary so that
 # the real tokenizer's ids index the embedding.
@@ -86,6 +98,9 @@ def _hook_leaks(models: list[torch.nn.Module]) -> list[str]:
         current = transformers.cache_utils.Cache.__dict__.get(name)
         if current is not original:
             leaks.append(f"transformers Cache.{name} is still patched ({current!r})")
+    for (cls, name), original in ORIGINAL_CB_METHODS.items():
+        if cls.__dict__.get(name) is not original:
+            leaks.append(f"transformers {cls.__name__}.{name} is still patched")
     for model in models:
         for module_name, module in model.named_modules():
             for attr in (
@@ -113,6 +128,8 @@ def no_hook_leaks(watched_models: list[torch.nn.Module]) -> Iterator[None]:
     for name, original in ORIGINAL_CACHE_METHODS.items():
         if original is not None:
             setattr(transformers.cache_utils.Cache, name, original)
+    for (cls, name), original in ORIGINAL_CB_METHODS.items():
+        setattr(cls, name, original)
     for model in watched_models:
         for module in model.modules():
             module._forward_hooks.clear()

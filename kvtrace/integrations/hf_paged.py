@@ -1,0 +1,437 @@
+"""transformers' continuous batching (`generate_batch`, `init_continuous_batching`): its paged KV pool,
+written as the engine files kvtrace writes for vLLM (docs/format.md, "vLLM runs"), under the engine name
+`transformers-cb`.
+
+Continuous batching bypasses transformers' `Cache` classes: a `PagedAttentionCache` allocates one flat uint8
+`cache_tensor` at start (two trash sectors, then the data sectors), cut into blocks of `page_size` tokens of
+every layer's K and V, and a scheduler admits requests while blocks are free. `PagedAttentionHooks.install`
+wraps, on the classes (the objects are made inside `generate_batch`, on its generation thread), and puts back
+on uninstall:
+
+- `PagedAttentionCache.__init__`: the pool's figures (engine.json) and one `created` KV event per layer and
+  kind, all views of the one storage (a replay counts it once: KV peak = the tensor's bytes);
+- `ContinuousBatchProcessor.prepare_next_batch` (schedule + block allocation; a step when it returns True)
+  and `update_batch` (after the forward; requests finish there): one engine step = one kvtrace step;
+- `OffloadingManager.offload_requests`: the requests it takes out of the pool (to the CPU swap pool, or a
+  soft reset that recomputes them), vLLM's "preempted";
+- `PagedAttentionCache.evict_cached_blocks` and `search_prefix_match`: prefix-sharing blocks given back
+  under pressure, and prefix hits.
+
+Figures vLLM has and this engine lacks are null or absent, never borrowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from kvtrace import format as fmt
+from kvtrace.integrations.hf_paged_pool import ENGINE_NAME, pool_document
+from kvtrace.integrations.vllm import after_import
+from kvtrace.integrations.vllm_engine import _Patches
+
+CB_CACHE_ID = 3100  # the `cache` id of the pool's KV events (vLLM's is 3000)
+_EMPTIED = ("preempted", "finished")
+_FLUSH_NS = 100_000_000  # logs reach their files at most this often, as for vLLM
+
+
+_API = "transformers.generation.continuous_batching.continuous_api"
+
+
+def _modules() -> tuple[Any, Any, Any] | None:
+    """transformers' continuous-batching modules (imported by then); None when this version differs."""
+    try:
+        from transformers.generation.continuous_batching import cache, continuous_api, offloading_manager
+    except Exception:
+        return None
+    needed = (
+        (cache, "PagedAttentionCache"),
+        (continuous_api, "ContinuousBatchProcessor"),
+        (offloading_manager, "OffloadingManager"),
+    )
+    if not all(hasattr(module, name) for module, name in needed):
+        return None
+    return cache, continuous_api, offloading_manager
+
+
+class PagedAttentionHooks:
+    """Records the first `PagedAttentionCache` made while installed into the active `Recording`."""
+
+    def __init__(self, recording: Any) -> None:
+        self.recording = recording
+        self._patches = _Patches()
+        self._finder: Any = None
+        self._closed = False
+        self.cache: Any = None  # the recorded pool
+        self.document: dict[str, Any] = {}
+        self._bytes_per_block = 0
+        self._reserved = 0
+        self._steps: fmt.JsonlAppender | None = None
+        self._request_log: fmt.JsonlAppender | None = None
+        # Steps scheduled and not updated yet, oldest first: (step, phase, tokens scheduled, preempted ids).
+        # One at a time in sync mode; async batching schedules batch N+1 before it updates batch N.
+        self._open: deque[tuple[int, str, int, list[str]]] = deque()
+        self._step_preempted: list[str] = []  # taken out while the next step is being scheduled
+        self._prefix_evicted = 0
+        # request id -> (hit tokens, prompt tokens) of its last prefix lookup: a waiting request is looked up
+        # at every scheduling attempt, so a lookup counts once, in the step that schedules the request
+        self._prefix_lookup: dict[str, tuple[int, int]] = {}
+        self._prefix = [0, 0, 0, 0]  # this step's hits, queries, then those of resumed requests
+        self._held: dict[str, int] = {}  # request id -> blocks last logged (not finished)
+        self._states: dict[str, Any] = {}  # request id -> its RequestState (a soft reset makes a new one)
+        self._dropped: dict[str, tuple[int, bool]] = {}  # offloaded, not back yet: (tokens, to the CPU)
+        self.engine_steps = 0
+        self.preemptions = 0
+        self.prefix_evicted_blocks = 0
+        self.overhead_ns = 0
+        self._flushed_ns = 0
+        self.ignored_pools = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Patch now if transformers' continuous batching is imported, else as soon as it is (a model loaded
+        inside the block): a run that never uses it imports nothing more."""
+        self._finder = after_import(_API, self._patch)
+
+    def _patch(self, _api: Any) -> None:
+        found = _modules()
+        if found is None:
+            return
+        cache_mod, api, offloading = found
+        cache_cls, processor = cache_mod.PagedAttentionCache, api.ContinuousBatchProcessor
+        manager_cls = offloading.OffloadingManager
+        hooks = self
+        init, evict, search = cache_cls.__init__, cache_cls.evict_cached_blocks, cache_cls.search_prefix_match
+        prepare, update = processor.prepare_next_batch, processor.update_batch
+        offload = manager_cls.offload_requests
+
+        def init_hook(cache: Any, *args: Any, **kwargs: Any) -> None:
+            init(cache, *args, **kwargs)
+            hooks._timed(hooks._on_pool, cache)
+
+        def prepare_hook(proc: Any) -> bool:
+            if proc.cache is not hooks.cache or hooks._closed:
+                return bool(prepare(proc))
+            return hooks._around_prepare(proc, prepare)
+
+        def update_hook(proc: Any) -> None:
+            update(proc)
+            if proc.cache is hooks.cache and hooks._open and not hooks._closed:
+                hooks._timed(hooks._after_step, proc)
+
+        def offload_hook(manager: Any) -> bool:
+            if manager.cache is not hooks.cache or hooks._closed:
+                return bool(offload(manager))
+            return hooks._around_offload(manager, offload)
+
+        def evict_hook(cache: Any) -> bool:
+            ours = cache is hooks.cache
+            before = hooks._cached_blocks(cache) if ours else 0
+            evicted = bool(evict(cache))
+            if ours:
+                hooks._prefix_evicted += max(0, before - hooks._cached_blocks(cache))
+            return evicted
+
+        def search_hook(cache: Any, request_id: str, prompt_ids: list[int]) -> int:
+            hits = int(search(cache, request_id, prompt_ids))
+            if cache is hooks.cache and cache.use_prefix_sharing:  # counted when the request is scheduled
+                hooks._prefix_lookup[request_id] = (hits, len(prompt_ids))
+            return hits
+
+        patches = self._patches
+        patches.set(cache_cls, "__init__", init_hook)
+        patches.set(cache_cls, "evict_cached_blocks", evict_hook)
+        patches.set(cache_cls, "search_prefix_match", search_hook)
+        patches.set(processor, "prepare_next_batch", prepare_hook)
+        patches.set(processor, "update_batch", update_hook)
+        patches.set(manager_cls, "offload_requests", offload_hook)
+
+    def uninstall(self) -> None:
+        # A manager left running past the block may be inside a hook now: its logs are closed, not written
+        self._closed = True
+        if self._finder is not None:
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self._finder)
+            self._finder = None
+        self._patches.undo()
+        for log in (self._steps, self._request_log):
+            if log is not None:
+                log.close()
+
+    @property
+    def owns_steps(self) -> bool:
+        """Whether a pool is recorded: its engine steps are then the run's steps."""
+        return self.cache is not None
+
+    @property
+    def in_step(self) -> bool:
+        """Between a batch's scheduling and its update: the model's forward there is this engine step."""
+        return bool(self._open) and not self._closed
+
+    def summary(self) -> dict[str, Any] | None:
+        """The manifest's `engine` entry; None when no pool was made in the block."""
+        if self.cache is None:
+            return None
+        return {
+            "name": ENGINE_NAME,
+            "version": self.document.get("version"),
+            "process": "inproc",
+            "status": "ok",
+            "num_blocks": self.document.get("num_blocks"),
+            "kv_cache_bytes": self.document.get("kv_cache_bytes"),
+            "engine_steps": self.engine_steps,
+            "preemptions": self.preemptions,
+            "prefix_evicted_blocks": self.prefix_evicted_blocks,
+            "overhead_ns": self.overhead_ns,
+        }
+
+    def _timed(self, work: Any, *args: Any) -> None:
+        """Bookkeeping on the generation thread, timed. A failure here must not fail the user's requests
+        (transformers fails every request on an exception in its loop): it stops the recording of the pool
+        and says so in the manifest's notes."""
+        started = time.thread_time_ns()
+        try:
+            work(*args)
+        except Exception as exc:
+            self._closed = True
+            self.recording.notes.append(
+                f"continuous batching: recording stopped at step {self.recording.tracker.step} "
+                f"({type(exc).__name__}: {exc}); the engine files end there"[:500]
+            )
+        finally:
+            self.overhead_ns += time.thread_time_ns() - started
+
+    # -- the pool ------------------------------------------------------------------------------------------
+    def _on_pool(self, cache: Any) -> None:
+        if self.cache is not None:  # a second pool (another generate_batch): the run keeps the first
+            self.ignored_pools += 1
+            return
+        self.cache = cache
+        rec = self.recording
+        self.document = pool_document(cache, rec.model)
+        self._bytes_per_block = self.document["bytes_per_block"]
+        self._reserved = self.document["blocks_reserved"]
+        fmt.write_json_atomic(rec.path / fmt.ENGINE, self.document)
+        self._steps = fmt.JsonlAppender(rec.path / fmt.ENGINE_STEPS)
+        self._request_log = fmt.JsonlAppender(rec.path / fmt.ENGINE_REQUESTS)
+        tracker = rec.tracker
+        with tracker.lock:  # the recorder's writer thread takes the tracker's lines meanwhile
+            tracker.drain()
+            self._log_pool_locked(tracker)
+        rec._flush()
+
+    def _log_pool_locked(self, tracker: Any) -> None:
+        """A `created` event per layer and kind, each naming the one storage: a replay counts it once.
+        A layer's K (V) is one page per block, so its view is strided: `shape` is the logical one."""
+        doc = self.document
+        capacity = doc["num_blocks"] * doc["block_size"]
+        t_ns = self.recording._clock()
+        for layer in doc["layers"]:
+            if "bytes" not in layer:  # several attention types: no per-layer view to name
+                continue
+            half = layer["bytes"] // 2
+            page = (
+                half // doc["num_blocks"]
+            )  # one K (or V) page: K comes first in the layer's part of a block
+            for kv, offset in (("k", 0), ("v", page)):
+                tracker._seq += 1  # the tracker numbers every event of the run
+                event = fmt.KvEvent(
+                    seq=tracker._seq,
+                    t_ns=t_ns,
+                    step=tracker.step,
+                    phase=tracker.phase,
+                    event="created",
+                    layer=layer["layer"],
+                    kv=kv,
+                    part="data",
+                    addr=layer["storage_addr"],
+                    storage_bytes=doc["kv_cache_bytes"],
+                    view_offset=layer["view_offset"] + offset,
+                    shape=[doc["num_blocks"], *layer["shape"][2:]],
+                    logical_bytes=half,
+                    dtype=layer["dtype"],
+                    device=doc["storage"][0]["device"],
+                    tokens=capacity,
+                    cache=CB_CACHE_ID,
+                    source=ENGINE_NAME,
+                )
+                tracker.lines.append(json.dumps(event.to_json(), separators=(",", ":")))
+
+    def _cached_blocks(self, cache: Any) -> int:
+        """Blocks no request holds but prefix sharing keeps for their content (given back under pressure)."""
+        held = sum(len(a.ledger.cached_blocks) * a.bytes_per_block for a in cache.cache_allocators.values())
+        return held // self._bytes_per_block if self._bytes_per_block else 0
+
+    def _blocks_of(self, request_id: str) -> int:
+        """Whole-model blocks a request's block tables hold (exact with one attention type)."""
+        held = sum(
+            len(a.block_table.get(request_id, ())) * a.bytes_per_block
+            for a in self.cache.cache_allocators.values()
+        )
+        return math.ceil(held / self._bytes_per_block) if self._bytes_per_block else 0
+
+    def _free_blocks(self) -> int:
+        """Free blocks as the scheduler can use them: free sectors, free blocks in allocated sectors, and the
+        blocks kept for prefix sharing (the scheduler evicts them before it offloads a request)."""
+        cache = self.cache
+        pool = cache.pool
+        free = pool.num_free_sectors * cache.bytes_per_sector
+        for allocator in cache.cache_allocators.values():
+            free += pool.count_free_blocks(allocator.index) * allocator.bytes_per_block
+        return free // self._bytes_per_block + self._cached_blocks(cache)
+
+    # -- per step ------------------------------------------------------------------------------------------
+    def _around_prepare(self, proc: Any, prepare: Any) -> bool:
+        rec = self.recording
+        tracker = rec.tracker
+        tracker.step += 1  # a preemption while scheduling belongs to the step being scheduled
+        ranges = rec._ranges
+        if ranges is not None and ranges.active:
+            ranges.push(f"kvtrace/engine step {tracker.step}")
+        scheduled = False
+        try:
+            scheduled = bool(prepare(proc))
+        finally:
+            if not scheduled:
+                tracker.step -= 1
+                if ranges is not None and ranges.active:
+                    ranges.pop()
+        if scheduled:
+            self._timed(self._log_scheduled, proc, tracker.step)
+        return scheduled
+
+    def _log_scheduled(self, proc: Any, step: int) -> None:
+        """Right after scheduling: this step's blocks are allocated and `current_len()` counts its tokens."""
+        batch = list(getattr(proc.inputs_and_outputs, "requests_in_batch", ()) or ())
+        tokens = sum(int(getattr(f, "query_length", 0) or 0) for f in batch)
+        if not tokens:
+            tokens = sum(len(f.state.tokens_to_process) for f in batch)
+        phase = "prefill" if tokens > len(batch) else "decode"
+        self.recording.tracker.phase = phase
+        self._open.append((step, phase, tokens, self._step_preempted))
+        self._step_preempted = []
+        for future in batch:
+            state = future.state
+            request_id = state.request_id
+            self._states[request_id] = state
+            blocks = self._blocks_of(request_id)
+            hits, queries = self._prefix_lookup.pop(request_id, (0, 0))
+            if request_id in self._dropped:
+                tokens, to_cpu = self._dropped.pop(request_id)
+                self._prefix[2] += hits
+                self._prefix[3] += queries
+                recomputed = 0 if to_cpu else max(0, tokens - hits)
+                self._log_request(state, "resumed", blocks, recomputed_tokens=recomputed)
+            elif request_id not in self._held:
+                self._prefix[0] += hits
+                self._prefix[1] += queries
+                self._log_request(state, "scheduled", blocks)
+            elif blocks != self._held[request_id]:
+                self._log_request(state, "blocks", blocks)
+            self._held[request_id] = blocks
+
+    def _around_offload(self, manager: Any, offload: Any) -> bool:
+        scheduler = manager.scheduler
+        before = {
+            rid: (self._blocks_of(rid), state.current_len())
+            for rid, state in scheduler.active_requests.items()
+        }
+        result = bool(offload(manager))
+        self._timed(self._log_offloaded, scheduler, before)
+        return result
+
+    def _log_offloaded(self, scheduler: Any, before: dict[str, tuple[int, int]]) -> None:
+        for request_id, (blocks, tokens) in before.items():
+            if request_id in scheduler.active_requests or request_id not in scheduler.waiting_requests:
+                continue
+            state = scheduler.waiting_requests[request_id]  # the same object, or a soft reset's new one
+            to_cpu = bool(getattr(state, "is_cpu_offloaded", False))
+            self._states[request_id] = state
+            self.preemptions += 1
+            self._step_preempted.append(request_id)
+            self._dropped[request_id] = (tokens, to_cpu)
+            self._held[request_id] = 0
+            self._log_request(
+                state,
+                "preempted",
+                0,
+                dropped_blocks=blocks,
+                dropped_tokens=tokens,
+                offloaded_to="cpu" if to_cpu else "recompute",
+            )
+
+    def _after_step(self, proc: Any) -> None:
+        rec = self.recording
+        scheduler = proc.scheduler
+        for request_id in list(self._held):
+            if request_id in scheduler.active_requests or request_id in scheduler.waiting_requests:
+                continue
+            state = self._states.pop(request_id)
+            del self._held[request_id]
+            self._dropped.pop(request_id, None)
+            self._log_request(state, "finished", 0)
+        step, phase, tokens, preempted = self._open.popleft()
+        evicted, self._prefix_evicted = self._prefix_evicted, 0
+        self.prefix_evicted_blocks += evicted
+        hits, queries, resumed_hits, resumed_queries = self._prefix
+        self._prefix = [0, 0, 0, 0]
+        total = self.document["num_blocks"]
+        free = self._free_blocks()
+        t_ns = rec._clock()
+        assert self._steps is not None
+        self._steps.append(
+            {
+                "step": step,
+                "t_ns": t_ns,
+                "phase": phase,
+                "blocks_total": total,
+                "blocks_used": total - free - self._reserved,
+                "blocks_free": free,
+                "blocks_cached": self._cached_blocks(self.cache),
+                "blocks_reserved": self._reserved,
+                "running": len(scheduler.active_requests),
+                "waiting": len(scheduler.waiting_requests),
+                "tokens_scheduled": tokens,
+                "preempted": preempted,
+                "prefix_evicted_blocks": evicted,
+                "prefix_hits": hits,
+                "prefix_queries": queries,
+                "prefix_preempted_hits": resumed_hits,
+                "prefix_preempted_queries": resumed_queries,
+            }
+        )
+        self.engine_steps += 1  # counted with its line: the reader checks the count against the log
+        ranges = rec._ranges
+        if ranges is not None and ranges.active:
+            ranges.pop()
+        rec._sample(phase)
+        if t_ns - self._flushed_ns >= _FLUSH_NS:
+            self._flushed_ns = t_ns
+            rec._flush()
+            self._steps.flush()
+            assert self._request_log is not None
+            self._request_log.flush()
+
+    def _log_request(self, state: Any, event: str, blocks: int, **extra: Any) -> None:
+        if self._closed or self._request_log is None:
+            return
+        # A soft reset folds the tokens generated so far into the prompt; `_true_initial_tokens` keeps it.
+        prompt = int(getattr(state, "_true_initial_tokens", 0) or len(state.initial_tokens))
+        total = len(state.initial_tokens) + len(state.generated_tokens)
+        record: dict[str, Any] = {
+            "t_ns": self.recording._clock(),
+            "step": self.recording.tracker.step,
+            "request_id": state.request_id,
+            "event": event,
+            "blocks": blocks,
+            "tokens": 0 if event in _EMPTIED else int(state.current_len()),
+            "prompt_tokens": prompt,
+            "output_tokens": total - prompt,
+        }
+        record.update(extra)
+        self._request_log.append(record)

@@ -1,0 +1,108 @@
+"""engine.json for transformers' continuous-batching pool (`PagedAttentionCache`): its figures, from the cache
+object and the KV arithmetic. Split from hf_paged.py, which records the pool's life."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ENGINE_NAME = "transformers-cb"
+LAYOUT = "BLKNHD"  # per block: each layer's K page then V page (block_size tokens, kv heads, head_dim)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def pool_document(cache: Any, model: Any = None) -> dict[str, Any]:
+    """engine.json for a `PagedAttentionCache`: the flat tensor is the pool (trash sectors included, as vLLM's
+    null block is); a block is `page_size` tokens of every layer's K and V."""
+    import transformers
+
+    config = cache.config
+    allocators = list(cache.cache_allocators.values())
+    first = allocators[0]
+    block_size = int(first.tokens_per_page)
+    num_kv_heads, head_dim = int(first.num_key_value_heads), int(first.head_dim)
+    num_layers = int(config.num_hidden_layers)
+    element = int(cache.dtype.itemsize)
+    bytes_per_block = num_layers * 2 * num_kv_heads * head_dim * block_size * element
+    tensor = cache.cache_tensor
+    storage = tensor.untyped_storage()
+    pool_bytes = int(tensor.numel() * tensor.element_size())
+    num_blocks = pool_bytes // bytes_per_block
+    trash_bytes = pool_bytes - cache.num_sectors * cache.bytes_per_sector
+    one_type = len(allocators) == 1 and getattr(first, "layer_type", "") == "full_attention"
+    layers: list[dict[str, Any]] = []
+    for layer in range(num_layers):
+        entry: dict[str, Any] = {"layer": layer, "name": f"model.layers.{layer}.self_attn"}
+        if one_type:  # each layer owns one K and one V page per block, interleaved with the other layers'
+            page_bytes = 2 * num_kv_heads * head_dim * block_size * element
+            entry.update(
+                {
+                    "shape": [num_blocks, 2, block_size, num_kv_heads, head_dim],
+                    "dtype": _dtype_name(cache.dtype),
+                    "bytes": num_blocks * page_bytes,
+                    "storage_addr": storage.data_ptr(),
+                    "view_offset": tensor.data_ptr() - storage.data_ptr() + layer * page_bytes,
+                }
+            )
+        layers.append(entry)
+    facts = _model_facts(config, _dtype_name(cache.dtype))
+    if model is not None and getattr(model, "config", None) is not None:
+        facts["class"] = facts["class"] or type(model).__name__
+        facts["num_params"] = sum(p.numel() for p in model.parameters())
+    facts["num_kv_heads"] = num_kv_heads  # per device, under tensor parallelism
+    facts["head_dim"] = head_dim
+    return {
+        "name": ENGINE_NAME,
+        "version": transformers.__version__,
+        "status": "ok",
+        "process": "inproc",
+        "model": facts,
+        "config": {
+            "block_size": block_size,
+            "max_batch_tokens": cache.max_batch_tokens,
+            "max_blocks_per_request": cache.max_blocks_per_request or None,
+            "allow_block_sharing": bool(cache.allow_block_sharing),
+            "attention_types": list(cache.cache_allocators),
+            "kv_cache_dtype": _dtype_name(cache.dtype),
+            "device": str(tensor.device),
+        },
+        "num_blocks": num_blocks,
+        "block_size": block_size,
+        "bytes_per_block": bytes_per_block,
+        "blocks_reserved": trash_bytes // bytes_per_block,  # the two trash sectors, never allocated
+        "usable_blocks": int(cache.num_blocks),  # transformers' own capacity in whole-model blocks
+        "bytes_per_sector": int(cache.bytes_per_sector),
+        "num_sectors": int(cache.num_sectors),
+        "kv_cache_bytes": pool_bytes,
+        "kv_dtype": _dtype_name(cache.dtype),
+        "layout": LAYOUT if one_type else None,
+        "layers": layers,
+        "storage": [
+            {"addr": storage.data_ptr(), "bytes": int(storage.nbytes()), "device": str(tensor.device)}
+        ],
+        "memory_profile": {},
+        "refused": None,
+        "pool_source": "cache_tensor",
+    }
+
+
+def _model_facts(config: Any, dtype: str) -> dict[str, Any]:
+    """engine.json `model`, in the keys the vLLM integration writes (the report reads them alike)."""
+    heads = getattr(config, "num_attention_heads", None)
+    architectures = getattr(config, "architectures", None) or [None]
+    return {
+        "class": architectures[0],
+        "model_type": getattr(config, "model_type", None),
+        "num_layers": getattr(config, "num_hidden_layers", None),
+        "num_kv_heads": getattr(config, "num_key_value_heads", heads),
+        "head_dim": None,
+        "dtype": dtype,
+        "num_attention_heads": heads,
+        "hidden_size": getattr(config, "hidden_size", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "intermediate_size": getattr(config, "intermediate_size", None),
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "num_params": None,
+    }

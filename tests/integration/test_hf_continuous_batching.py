@@ -1,0 +1,287 @@
+"""transformers' continuous batching (`generate_batch`) recorded as a paged pool, in vLLM's engine files.
+
+A real `generate_batch` on a tiny random Llama 3 (2 layers, 2 KV heads, head_dim 16, float32) with a pool of
+4-token blocks. Expected figures come from the KV arithmetic, from transformers' own
+`PagedAttentionMemoryHandler` (spied on, not through kvtrace), and from the raw files, never from the code
+under test."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching import cache as cb_cache
+
+import kvtrace
+from kvtrace.cli import main
+from kvtrace.integrations.hf_paged import PagedAttentionHooks
+from kvtrace.llama import build_model
+from tests.tiny import HEAD_DIM, tiny_size
+
+LAYERS, KV_HEADS, PAGE, FLOAT32 = 2, 2, 4, 4
+# One block: every layer's K and V for PAGE tokens.
+BLOCK_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * PAGE * FLOAT32  # 2048
+PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11], [12, 13, 14]]
+
+
+@pytest.fixture(scope="module")
+def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
+    model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
+    watched_models.append(model)
+    return model
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _record(
+    path: Path, model: torch.nn.Module, num_blocks: int, new_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Runs generate_batch under record(); returns its outputs and what transformers' memory handler said."""
+    said: dict[str, Any] = {}
+    handler = cb_cache.PagedAttentionMemoryHandler
+    original = handler.infer_max_batch_tokens_and_num_sectors
+
+    def spy(self: Any) -> tuple[int, int]:
+        result = original(self)
+        said.update(bytes_per_block=self.bytes_per_block, bytes_per_sector=self.bytes_per_sector)
+        said["num_sectors"] = result[1]
+        return result
+
+    monkeypatch.setattr(handler, "infer_max_batch_tokens_and_num_sectors", spy)
+    generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=num_blocks, page_size=PAGE, max_batch_tokens=64)
+    with kvtrace.record(path, model=model, profiler=False):
+        outputs = model.generate_batch(
+            PROMPTS, generation_config=generation, continuous_batching_config=batching, progress_bar=False
+        )
+    return outputs, said
+
+
+def test_pool_figures_steps_and_requests(
+    tmp_path: Path,
+    cb_model: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN a pool of 32 blocks: every request fits from the start
+    outputs, said = _record(tmp_path / "run", cb_model, num_blocks=32, new_tokens=8, monkeypatch=monkeypatch)
+    run = tmp_path / "run"
+    engine = json.loads((run / "engine.json").read_text())
+    steps = _lines(run / "engine_steps.jsonl")
+    requests = _lines(run / "engine_requests.jsonl")
+    manifest = json.loads((run / "manifest.json").read_text())
+
+    # THEN the pool is the flat tensor: data sectors plus transformers' two trash sectors
+    pool_bytes = (said["num_sectors"] + 2) * said["bytes_per_sector"]
+    assert said["bytes_per_block"] == BLOCK_BYTES == engine["bytes_per_block"]
+    assert engine["kv_cache_bytes"] == pool_bytes == sum(s["bytes"] for s in engine["storage"])
+    assert engine["num_blocks"] == pool_bytes // BLOCK_BYTES
+    assert engine["usable_blocks"] == said["num_sectors"] * said["bytes_per_sector"] // BLOCK_BYTES >= 32
+    assert engine["blocks_reserved"] == 2 * said["bytes_per_sector"] // BLOCK_BYTES
+    assert engine["block_size"] == PAGE
+    assert (engine["name"], engine["kv_dtype"]) == ("transformers-cb", "float32")
+    assert manifest["engine"]["name"] == "transformers-cb"
+    assert not any("PagedAttentionCache" in w for w in manifest["warnings"])
+
+    # one engine step per forward; blocks rise from the prompts' blocks, then fall to none
+    assert manifest["engine"]["engine_steps"] == len(steps) == 8  # a prefill, then 7 decodes
+    used = [s["blocks_used"] for s in steps]
+    assert used[0] == sum(math.ceil(len(p) / PAGE) for p in PROMPTS)  # 2 + 2 + 1
+    # counted after each step: the last one finishes every request, so the peak is after step 7, whose KV
+    # holds the prompt and 6 generated tokens (step k writes the token step k-1 produced)
+    held_at_last_decode = sum(math.ceil((len(p) + 6) / PAGE) for p in PROMPTS)
+    assert max(used) == used[-2] == held_at_last_decode > used[0]
+    assert used[-1] == 0 and steps[-1]["running"] == 0
+    for s in steps:
+        assert s["blocks_used"] + s["blocks_free"] + s["blocks_reserved"] == s["blocks_total"]
+        assert s["blocks_total"] == engine["num_blocks"]
+    assert [s["phase"] for s in steps] == ["prefill"] + ["decode"] * 7
+
+    # every request, with its prompt and its output tokens
+    finished = {r["request_id"]: r for r in requests if r["event"] == "finished"}
+    scheduled = {r["request_id"]: r for r in requests if r["event"] == "scheduled"}
+    assert set(finished) == set(scheduled) == set(outputs)
+    for request_id, output in outputs.items():
+        assert scheduled[request_id]["prompt_tokens"] == len(output.prompt_ids)
+        assert finished[request_id]["output_tokens"] == len(output.generated_tokens) == 8
+
+    # the KV log names the one storage once per layer and kind
+    created = [e for e in _lines(run / "kv_events.jsonl") if e["event"] == "created"]
+    assert len(created) == LAYERS * 2
+    assert {(e["addr"], e["storage_bytes"]) for e in created} == {(engine["storage"][0]["addr"], pool_bytes)}
+
+    # WHEN the report reads it THEN the engine object is there and the KV peak is the pool
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    got = report["engine"]
+    assert (got["name"], got["kv_cache_bytes"], got["num_blocks"]) == ("transformers-cb", pool_bytes, 34)
+    assert got["peak_blocks_used"] == held_at_last_decode and got["preemptions"] == 0
+    assert report["kv"]["peak_bytes"] == pool_bytes
+    assert report["kv"]["bytes_per_token_measured"] == BLOCK_BYTES / PAGE
+
+    # the HTML panel and the Parquet tables read the same files
+    assert main(["report", str(run), "-o", str(tmp_path / "r.html"), "-q", "--no-export"]) == 0
+    assert "transformers-cb" in (tmp_path / "r.html").read_text()
+    capsys.readouterr()
+    assert main(["export", str(run), "-o", str(tmp_path / "tables"), "--json", "-q"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert (rows["engine_steps"], rows["engine_requests"]) == (len(steps), len(requests))
+
+
+def test_a_small_pool_makes_the_scheduler_wait_and_offload(
+    tmp_path: Path,
+    cb_model: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN 8 usable blocks (32 tokens) for three requests that grow to 18, 17 and 15 tokens
+    outputs, _ = _record(tmp_path / "run", cb_model, num_blocks=8, new_tokens=12, monkeypatch=monkeypatch)
+    run = tmp_path / "run"
+    steps = _lines(run / "engine_steps.jsonl")
+    requests = _lines(run / "engine_requests.jsonl")
+    usable = json.loads((run / "engine.json").read_text())["usable_blocks"]
+    assert usable == 8
+
+    # THEN the pool fills, requests wait, and the scheduler takes some out of the pool
+    assert max(s["blocks_used"] for s in steps) == usable
+    assert any(s["waiting"] > 0 for s in steps)
+    preempted = [r for r in requests if r["event"] == "preempted"]
+    assert preempted and sum(len(s["preempted"]) for s in steps) == len(preempted)
+    for r in preempted:
+        assert r["dropped_blocks"] == math.ceil(r["dropped_tokens"] / PAGE) > 0
+        assert r["offloaded_to"] in ("cpu", "recompute")
+        later = [e["event"] for e in requests if e["request_id"] == r["request_id"] and e["t_ns"] > r["t_ns"]]
+        assert "resumed" in later and later[-1] == "finished"
+    # every request still completes, in full
+    assert all(len(o.generated_tokens) == 12 for o in outputs.values())
+    finished = [r for r in requests if r["event"] == "finished"]
+    assert sorted(r["output_tokens"] for r in finished) == [12, 12, 12]
+
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    got = json.loads(capsys.readouterr().out)["engine"]
+    assert got["preemptions"] == len(preempted)
+    assert got["preempted_tokens"] == sum(r["dropped_tokens"] for r in preempted)
+    assert got["first_preemption_step"] == min(r["step"] for r in preempted)
+
+    # diagnose gives the requests' demand in blocks (the last sampled token gets no KV), not vLLM's knobs
+    demand = sum(math.ceil((len(p) + 12 - 1) / PAGE) for p in PROMPTS)  # 5 + 4 + 4
+    assert main(["diagnose", str(run), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    assert (diagnosis["kind"], diagnosis["demand_blocks"]) == ("preemption", demand)
+    assert "kv_cache_memory_bytes" not in diagnosis["sentence"]
+    # AND a pool of that many usable blocks takes no request out
+    _record(tmp_path / "sized", cb_model, num_blocks=demand, new_tokens=12, monkeypatch=monkeypatch)
+    sized = _lines(tmp_path / "sized" / "engine_requests.jsonl")
+    assert not [r for r in sized if r["event"] == "preempted"]
+
+
+def test_the_hooks_are_gone_and_generate_is_recorded_as_before(
+    tmp_path: Path, cb_model: torch.nn.Module
+) -> None:
+    # GIVEN a plain generate() after a recorded generate_batch: no engine files, KV from the Cache classes
+    ids = torch.tensor([PROMPTS[0]])
+    with kvtrace.record(tmp_path / "run", model=cb_model, profiler=False):
+        cb_model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "engine" not in manifest and not (run / "engine.json").exists()
+    events = _lines(run / "kv_events.jsonl")
+    assert events and all(e.get("source", "hf") == "hf" and e["cache"] != 3100 for e in events)
+    # the dynamic cache's last storages hold the prompt and the 3 tokens written back (the 4th never is)
+    final = {(e["layer"], e["kv"]): e["tokens"] for e in events if e["event"] != "freed"}
+    assert set(final.values()) == {len(PROMPTS[0]) + 3}
+    assert manifest["kv_events"] == len(events)
+
+
+def test_the_readme_snippet_records_the_pool(
+    tmp_path: Path, cb_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    snippets = [s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "generate_batch" in s]
+    assert len(snippets) == 1
+    monkeypatch.chdir(tmp_path)
+    names = {
+        "kvtrace": kvtrace,
+        "model": cb_model,
+        "prompts": PROMPTS,
+        "generation": GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0),
+        "batching": ContinuousBatchingConfig(num_blocks=16, page_size=PAGE, max_batch_tokens=64),
+    }
+    exec(snippets[0], names)  # the README's code, verbatim
+    engine = json.loads((tmp_path / "runs" / "cb" / "engine.json").read_text())
+    assert engine["bytes_per_block"] == BLOCK_BYTES and engine["kv_cache_bytes"] % BLOCK_BYTES == 0
+    assert len(names["outputs"]) == len(PROMPTS)
+
+
+def test_a_manager_started_inside_the_block(tmp_path: Path, cb_model: torch.nn.Module) -> None:
+    generation = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=16, page_size=PAGE, max_batch_tokens=64)
+    with kvtrace.record(tmp_path / "run", model=cb_model, profiler=False):
+        manager = cb_model.init_continuous_batching(
+            generation_config=generation, continuous_batching_config=batching
+        )
+        manager.start()
+        manager.add_requests(inputs=PROMPTS[:2], max_new_tokens=5)
+        finished = 0
+        while finished < 2:
+            result = manager.get_result(timeout=10)
+            assert result is not None
+            finished += result.is_finished()
+        manager.stop(block=True)
+    requests = _lines(tmp_path / "run" / "engine_requests.jsonl")
+    done = {
+        r["request_id"]: (r["prompt_tokens"], r["output_tokens"])
+        for r in requests
+        if r["event"] == "finished"
+    }
+    assert sorted(done.values()) == sorted((len(p), 5) for p in PROMPTS[:2])
+
+
+def test_a_failure_in_kvtraces_bookkeeping_fails_no_request(
+    tmp_path: Path, cb_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN bookkeeping that breaks at the third step
+    original = PagedAttentionHooks._after_step
+
+    def breaks(self: PagedAttentionHooks, proc: Any) -> None:
+        if self.engine_steps == 2:
+            raise RuntimeError("broken on purpose")
+        original(self, proc)
+
+    monkeypatch.setattr(PagedAttentionHooks, "_after_step", breaks)
+    outputs, _ = _record(tmp_path / "run", cb_model, num_blocks=32, new_tokens=6, monkeypatch=monkeypatch)
+    # THEN every request completes, the logs stop at that step, and the manifest says why
+    assert sorted(len(o.generated_tokens) for o in outputs.values()) == [6, 6, 6]
+    assert len(_lines(tmp_path / "run" / "engine_steps.jsonl")) == 2
+    notes = json.loads((tmp_path / "run" / "manifest.json").read_text())["notes"]
+    assert any("recording stopped at step 3 (RuntimeError: broken on purpose)" in n for n in notes)
+
+
+def test_prefix_sharing_hits_and_cached_blocks(tmp_path: Path, cb_model: torch.nn.Module) -> None:
+    # GIVEN the same 9-token prompt three times, one request per batch: each finds its predecessor's blocks
+    prompt = list(range(1, 10))
+    generation = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(
+        num_blocks=32, page_size=PAGE, max_batch_tokens=10, max_requests_per_batch=1
+    )
+    with kvtrace.record(tmp_path / "run", model=cb_model, profiler=False):
+        cb_model.generate_batch(
+            [prompt] * 3, generation_config=generation, continuous_batching_config=batching
+        )
+    steps = _lines(tmp_path / "run" / "engine_steps.jsonl")
+    # THEN each later request hits its prompt's whole blocks (8 tokens; a match never covers the whole prompt)
+    shared = (len(prompt) - 1) // PAGE * PAGE
+    assert [s["prefix_hits"] for s in steps if s["prefix_queries"]] == [0, shared, shared]
+    assert sum(s["prefix_queries"] for s in steps) == 3 * len(prompt)
+    # between requests, the prompt's 2 full blocks stay cached for the next one (the blocks it hits)
+    finished_rows = [s for s in steps if s["running"] == 0]
+    assert finished_rows and all(s["blocks_cached"] == shared // PAGE for s in finished_rows)
