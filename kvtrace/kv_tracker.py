@@ -36,6 +36,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import torch
 
+from kvtrace.format import KvEvent
 from kvtrace.kv_lines import (
     EVENT_LINE,
     FREED_LINE,
@@ -585,6 +586,36 @@ class KvTracker:
                     self._on_evict(layer, key[0])
         _refresh_fast(state)
         self.poll_frees(t_ns)
+
+    def pool_view_created(
+        self, t_ns: int, layer: int, kv: str, storage: dict[str, Any], tokens: int, cache: int, source: str
+    ) -> None:
+        """A `created` event for one layer's K or V view of an engine's paged pool (vLLM, transformers'
+        continuous batching): `storage` gives `storage_addr`, `storage_bytes`, `view_offset`, `shape`,
+        `bytes` (the view's), `dtype` and `device`. Every view names the one storage, so a replay counts
+        the pool once. The caller holds `lock` and has drained the queue."""
+        self._seq += 1
+        event = KvEvent(
+            seq=self._seq,
+            t_ns=t_ns,
+            step=self.step,
+            phase=self.phase,
+            event="created",
+            layer=layer,
+            kv=kv,
+            part="data",
+            addr=storage["storage_addr"],
+            storage_bytes=storage["storage_bytes"],
+            view_offset=storage["view_offset"],
+            shape=storage["shape"],
+            logical_bytes=storage["bytes"],
+            dtype=storage["dtype"],
+            device=storage["device"],
+            tokens=tokens,
+            cache=cache,
+            source=source,
+        )
+        self.lines.append(json.dumps(event.to_json(), separators=(",", ":")))
 
     @_locked
     def masked(self, cache_id: int, layer: int, masked_entries: int, tokens: int) -> None:

@@ -23,7 +23,6 @@ Figures vLLM has and this engine lacks are null or absent, never borrowed.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -235,32 +234,18 @@ class PagedAttentionHooks:
             if "bytes" not in layer:  # several attention types: no per-layer view to name
                 continue
             half = layer["bytes"] // 2
-            page = (
-                half // doc["num_blocks"]
-            )  # one K (or V) page: K comes first in the layer's part of a block
+            page = half // doc["num_blocks"]  # one K (or V) page; K first in the layer's part of a block
             for kv, offset in (("k", 0), ("v", page)):
-                tracker._seq += 1  # the tracker numbers every event of the run
-                event = fmt.KvEvent(
-                    seq=tracker._seq,
-                    t_ns=t_ns,
-                    step=tracker.step,
-                    phase=tracker.phase,
-                    event="created",
-                    layer=layer["layer"],
-                    kv=kv,
-                    part="data",
-                    addr=layer["storage_addr"],
-                    storage_bytes=doc["kv_cache_bytes"],
-                    view_offset=layer["view_offset"] + offset,
-                    shape=[doc["num_blocks"], *layer["shape"][2:]],
-                    logical_bytes=half,
-                    dtype=layer["dtype"],
-                    device=doc["storage"][0]["device"],
-                    tokens=capacity,
-                    cache=CB_CACHE_ID,
-                    source=ENGINE_NAME,
-                )
-                tracker.lines.append(json.dumps(event.to_json(), separators=(",", ":")))
+                view = {
+                    "storage_addr": layer["storage_addr"],
+                    "storage_bytes": doc["kv_cache_bytes"],
+                    "view_offset": layer["view_offset"] + offset,
+                    "shape": [doc["num_blocks"], *layer["shape"][2:]],
+                    "bytes": half,
+                    "dtype": layer["dtype"],
+                    "device": doc["storage"][0]["device"],
+                }
+                tracker.pool_view_created(t_ns, layer["layer"], kv, view, capacity, CB_CACHE_ID, ENGINE_NAME)
 
     def _cached_blocks(self, cache: Any) -> int:
         """Blocks no request holds but prefix sharing keeps for their content (given back under pressure)."""

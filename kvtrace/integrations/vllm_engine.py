@@ -9,7 +9,6 @@ the request events of that step to engine_requests.jsonl (docs/format.md, "vLLM 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from typing import Any
 
@@ -139,28 +138,7 @@ class EngineHooks:
             if facts is None:
                 continue
             for kv, part in facts["parts"].items():
-                tracker._seq += 1  # the tracker numbers every event of the run
-                event = fmt.KvEvent(
-                    seq=tracker._seq,
-                    t_ns=t_ns,
-                    step=tracker.step,
-                    phase=tracker.phase,
-                    event="created",
-                    layer=entry["layer"],
-                    kv=kv,
-                    part="data",
-                    addr=part["storage_addr"],
-                    storage_bytes=part["storage_bytes"],
-                    view_offset=part["view_offset"],
-                    shape=part["shape"],
-                    logical_bytes=part["bytes"],
-                    dtype=part["dtype"],
-                    device=part["device"],
-                    tokens=capacity,
-                    cache=VLLM_CACHE_ID,
-                    source="vllm",
-                )
-                tracker.lines.append(json.dumps(event.to_json(), separators=(",", ":")))
+                tracker.pool_view_created(t_ns, entry["layer"], kv, part, capacity, VLLM_CACHE_ID, "vllm")
 
     # -- hooks -------------------------------------------------------------------------------------------
     def _schedule_hook(self, *args: Any, **kwargs: Any) -> Any:
