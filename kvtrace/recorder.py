@@ -15,6 +15,7 @@ import shutil
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -164,13 +165,14 @@ class Recording:
         self._manifest: dict[str, Any] = {}
         self._decode_index = 0
         self._attention_modules: list[Any] = []
+        self._submodules: list[Any] = []  # the model's modules but itself (which holds kvtrace's own hooks)
         self._step_open = False
         # (cache, new tokens, updates seen, deferred, prefill) of the running forward
         self._step_cache: tuple[Any, ...] | None = None
         # Light mode with no NVTX tool listening: a forward's layer updates may be compared once, at its end
         # (`HfCacheHooks.defer`); `_defer_step` is decided at each prefill (`_cache_hooked`).
         self._may_defer = False
-        self._defer_step = False
+        self._defer_step: bool | None = None  # None until the first forward with a cache
         self._profiler_on = bool(self.options.profiler)
         self._thread = threading.get_ident()  # the one torch.profiler records (the thread entering the block)
         self._forwards_elsewhere = 0  # forwards on other threads (generate() beside a TextIteratorStreamer)
@@ -307,6 +309,7 @@ class Recording:
         if self.model is not None:
             # HF attention modules carry `layer_idx`; eviction libraries hang their masks on them.
             self._attention_modules = [m for m in self.model.modules() if hasattr(m, "layer_idx")]
+            self._submodules = [m for m in self.model.modules() if m is not self.model]
         self._snapshots = CudaSnapshots(self.path / fmt.SNAPSHOT_DIR, self.options.max_snapshot_entries)
         if self.options.snapshots:
             self._manifest["snapshots"] = self._snapshots.start()
@@ -491,12 +494,17 @@ class Recording:
             if self._profiler_on and threading.get_ident() != self._thread:
                 self._forwards_elsewhere += 1
             return
-        if self._step_cache is not None and self._step_cache[3]:
-            self._settle_deferred()  # a forward in a forward, or one whose end hook never ran
         hf = self._hf
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = kwargs.get("cache")
+        if self._step_open and self._stale(cache):
+            # The last forward's end hook never ran (torch skips always-called hooks on a KeyboardInterrupt):
+            # its step ends here, and this forward starts its own.
+            self._settle_deferred()
+            self._end_step()
+        elif self._step_cache is not None and self._step_cache[3]:
+            self._settle_deferred()  # a forward in a forward: the outer one's layers so far
         nested = self._step_open  # the model's forward called again inside itself: part of the outer step
         prefill = _is_prefill(args, kwargs, cache, hf)
         self._begin_step(prefill)
@@ -508,10 +516,11 @@ class Recording:
             new_tokens = _new_tokens(args, kwargs)
             deferred = False
             if self._may_defer:
-                if prefill:  # eviction hooks are in place before generate() starts
+                if prefill or self._defer_step is None:  # eviction hooks are in place before generate()
                     self._defer_step = not self._cache_hooked()
                 deferred = self._defer_step and new_tokens > 0 and hf.defer(cache)
-            self._step_cache = (cache, new_tokens, hf.updates_seen, deferred, prefill)
+            # Weakly: a forward whose end hook never runs must not keep its cache alive
+            self._step_cache = (_weak(cache), new_tokens, hf.updates_seen, deferred, prefill)
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
         if self._paged is not None and self._paged.in_step:
@@ -520,13 +529,16 @@ class Recording:
         compared = None
         hf = self._hf
         if step_cache is not None and hf is not None:
-            cache, new_tokens, seen, deferred, prefill = step_cache
-            if deferred:  # `output` is None when the forward raised (the hook is always called)
+            ref, new_tokens, seen, deferred, prefill = step_cache
+            cache = ref()
+            if cache is None:
+                pass  # dropped during its own forward: its storages' frees are found by the step's end
+            elif deferred:  # `output` is None when the forward raised (the hook is always called)
                 hf.step_end(cache, new_tokens, written=False, complete=output is not None, fresh=prefill)
                 compared = cache
             elif hf.updates_seen == seen and output is not None and new_tokens:
                 # No update reached the wrapper: they ran in a compiled graph.
-                hf.step_end(cache, new_tokens, written=True)
+                hf.step_end(cache, new_tokens, written=True, fresh=prefill)
                 compared = cache
         self._end_step(compared)
 
@@ -535,16 +547,34 @@ class Recording:
         a forward raises a KeyboardInterrupt (not an Exception), and a forward may run inside another."""
         pending, self._step_cache = self._step_cache, None
         if pending is not None and pending[3] and self._hf is not None:
-            cache, new_tokens, _, _, prefill = pending
-            self._hf.step_end(cache, new_tokens, written=False, complete=False, fresh=prefill)
+            ref, new_tokens, _, _, prefill = pending
+            cache = ref()
+            if cache is not None:
+                self._hf.step_end(cache, new_tokens, written=False, complete=False, fresh=prefill)
+
+    def _stale(self, cache: Any) -> bool:
+        """Whether the open step belongs to a forward that ended without its end hook, told from a forward
+        inside a forward by the cache: the open step's cache is gone, or is not this forward's."""
+        pending = self._step_cache
+        if pending is None:
+            return False
+        held = pending[0]()
+        return held is None or held is not cache
 
     def _cache_hooked(self) -> bool:
         """Whether code besides the cache's update may change KV tensors inside a forward: an eviction
-        library (kvpress) or any forward hook on an attention module. Then each update is followed as it
+        library (kvpress) or any forward hook on one of the model's modules (a press hooks its attention
+        modules; other code may hook decoder layers), or a global one. Then each update is followed as it
         happens, which the end-of-step comparison could not tell apart from such a change."""
         if "kvpress" in sys.modules:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._attention_modules)
+        module_hooks = torch.nn.modules.module
+        if any(
+            getattr(module_hooks, name, None)
+            for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
+        ):
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._submodules)
 
     def _auto_step(self, layer_tokens_before: int) -> None:
         """Without a model to hook, a layer-0 update starts a step."""
@@ -804,6 +834,14 @@ def _eager(hook: Callable[..., None]) -> Callable[..., None]:
         return hook(*args, **kwargs)
 
     return run
+
+
+def _weak(obj: Any) -> Callable[[], Any]:
+    """A weak reference to `obj`, or a strong one where it takes none."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 def _new_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

@@ -116,13 +116,29 @@ def _deferrable_types() -> frozenset[type]:
     return _DEFERRABLE[0]
 
 
-def _written(fast: tuple[Any, Any], keys: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether a layer's K or V tensor was written in place since its slots last saw it (an inference
-    tensor has no version counter: taken as written)."""
+def _written(fast: tuple[Any, Any], keys: torch.Tensor, values: torch.Tensor, moved: bool) -> bool:
+    """Whether a static layer's K or V was written in place since its slots last saw it; `moved`: whether
+    its token count moved, the answer for inference tensors, which have no version counter."""
     try:
         return keys._version != fast[0].version or values._version != fast[1].version
     except RuntimeError:
-        return True
+        return moved
+
+
+def _expected_tokens(layer: Any, kind: int, before: int | None, new_tokens: int) -> int | None:
+    """Tokens a dynamic layer holds after its own update of `new_tokens`: `before` plus them, a sliding
+    layer keeping its last `sliding_window - 1` (transformers' DynamicSlidingWindowLayer); None when unknown
+    (a layer first seen, or a kind whose count is not its shape)."""
+    if before is None:
+        return None
+    if kind == _PLAIN:
+        return before + new_tokens
+    if kind == _SLIDING:
+        window = getattr(layer, "sliding_window", None)
+        if not isinstance(window, int) or getattr(layer, "record_past", False):
+            return None
+        return min(before + new_tokens, window - 1)
+    return None
 
 
 def _nothing() -> None:
@@ -388,33 +404,36 @@ class HfCacheHooks:
                 shape = keys.shape
                 tokens = shape[-2] if len(shape) >= 2 else 0
             elif kind in (_STATIC, _STATIC_SLIDING):
-                if not complete:
-                    tokens = layer_tokens(layer)  # a sync, on the error path only
+                if not complete or before is None:
+                    # A sync: on the error path, or for a cache filled before the recording began
+                    tokens = layer_tokens(layer)
                 else:
                     window = getattr(layer, "sliding_window", None) or layer.max_cache_len
-                    tokens = min((before or 0) + new_tokens, int(window))
+                    tokens = min(before + new_tokens, int(window))
             else:
                 tokens = layer_tokens(layer)
-            if not written and state is not None and state.fast is not None and tokens == before:
-                fast = state.fast
-                if fast[0].tref() is keys and fast[1].tref() is values and not _written(fast, keys, values):
-                    continue  # not reached by a forward that raised: nothing to log
-            if (
-                not written
-                and before is not None
-                and kind == _PLAIN
-                and tokens != before + new_tokens
-                and (complete or tokens != before)
-            ):
-                # Changed by something besides the cache's update (an eviction in a forward hook): log what
-                # is there as a scan would, and from now on follow each update as it happens.
+            fast = state.fast if state is not None and not written else None
+            if fast is not None and fast[0].tref() is keys and fast[1].tref() is values:
+                # The same tensor objects: a layer the forward did not reach? A dynamic layer's update makes
+                # new ones; a static layer is written in place, which only a forward that raised can skip,
+                # and which its version counters show (inference tensors have none: then its count).
+                if kind in (_PLAIN, _SLIDING):
+                    if tokens == before:
+                        continue
+                elif not complete and not _written(fast, keys, values, tokens != before):
+                    continue
+            expected = _expected_tokens(layer, kind, before, new_tokens) if not written else None
+            if expected is not None and tokens != expected and (complete or tokens != before):
+                # Changed by something besides the cache's update (an eviction in a forward hook): logged as
+                # an update that lost tokens, and from now on each update is followed as it happens.
                 self.defer_off = True
                 self.unexplained = (
                     f"step {tracker.step}: layer {layer_idx} held {tokens} tokens per row where its updates "
-                    f"give {before + new_tokens}: something besides the cache's update changed it inside the "
-                    "forward, and the log shows only the result of that step (later steps: every update)"
+                    f"give {expected}: something besides the cache's update changed it inside the forward, "
+                    "and the log shows only the result of that step (later steps: every update)"
                 )
-                self.scan_cache(cache, "scan", only={layer_idx})
+                lost = expected - tokens if expected > tokens else 0
+                tracker.update(cid, layer_idx, keys, values, tokens, lost, "", kind == _SLIDING, written)
                 continue
             evicted = (before or 0) + new_tokens - tokens
             if evicted < 0:

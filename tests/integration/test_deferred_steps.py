@@ -10,6 +10,9 @@ explain turns deferring off for the rest of the run and is named in the manifest
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import torch
 from kvlog_math import kv_bytes
 
 import kvtrace
+from kvtrace.cli import main
 from kvtrace.format import read_run
 from kvtrace.integrations.hf_caches import HfCacheHooks
 
@@ -112,23 +116,25 @@ def test_a_hook_on_an_attention_module_keeps_every_update_followed(
 def test_a_change_the_updates_do_not_explain_turns_deferring_off_and_says_so(
     tiny_model: Any, prompt_batch: Any, tmp_path: Path, step_ends: list[bool], tiny_size: Any
 ) -> None:
-    # GIVEN code that cuts layer 0 of the cache to its last 4 tokens from a module no check looks at (the
-    # final norm, after every layer), in the last forward of a generate()
+    # GIVEN code that cuts layer 0 of the cache to its last 4 tokens from the final norm's forward (after
+    # every layer; no hook), in the last forward of a generate()
     forwards: list[Any] = []
 
     def remember(module: Any, args: Any, kwargs: Any) -> None:
         forwards.append(kwargs.get("cache", kwargs.get("past_key_values")))  # renamed in transformers 5.x
 
-    def cut(module: Any, args: Any, output: Any) -> None:
+    norm = tiny_model.model.norm
+    norm_forward = norm.forward
+
+    def cut(*args: Any) -> Any:  # the norm's forward itself, not a hook (a hook keeps every update followed)
         if len(forwards) == NEW_TOKENS:
             layer = forwards[-1].layers[0]
             layer.keys = layer.keys[:, :, -4:].clone()
             layer.values = layer.values[:, :, -4:].clone()
+        return norm_forward(*args)
 
-    handles = [
-        tiny_model.register_forward_pre_hook(remember, with_kwargs=True),
-        tiny_model.model.norm.register_forward_hook(cut),
-    ]
+    norm.forward = cut
+    handles = [tiny_model.register_forward_pre_hook(remember, with_kwargs=True)]
     run = tmp_path / "light"
     try:
         with torch.no_grad(), kvtrace.record(run, model=tiny_model, profiler=False):
@@ -141,6 +147,7 @@ def test_a_change_the_updates_do_not_explain_turns_deferring_off_and_says_so(
                     do_sample=False,
                 )
     finally:
+        del norm.forward
         for handle in handles:
             handle.remove()
     # THEN every forward of the first generate() was deferred, and none after the change ...
@@ -165,5 +172,138 @@ def test_a_change_the_updates_do_not_explain_turns_deferring_off_and_says_so(
         assert final[(first, 1, kv)] == (held, kv_bytes(kv_heads, head_dim, held, rows, 4))
         for layer in (0, 1):
             assert final[(second, layer, kv)] == (held, kv_bytes(kv_heads, head_dim, held, rows, 4))
-    cut_events = [e for e in recorded.kv_events if e.cache == first and e.layer == 0 and e.step == NEW_TOKENS]
-    assert {e.event for e in cut_events if e.event != "freed"} == {"evicted"}
+    # the cut step's event for layer 0 says how many tokens the cut took (an eviction by other code)
+    (cut_k,) = [
+        e for e in recorded.kv_events
+        if e.cache == first and e.layer == 0 and e.kv == "k" and e.step == NEW_TOKENS and e.event != "freed"
+    ]
+    assert (cut_k.tokens, cut_k.evicted_tokens, cut_k.reason) == (4, held - 4, "")
+    report = json.loads(_report_json(run))
+    assert report["kv"]["evictions_by_reason"] == {"press": (held - 4) * rows}
+
+
+def _report_json(run: Path) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["report", str(run), "--json", "--no-export"]) == 0
+    return out.getvalue()
+
+
+def _raise_at(module: Any, call: int, error: BaseException) -> None:
+    """Make `module`'s forward raise `error` at its `call`-th call: by its `forward` attribute, not a hook
+    (a hook on any module keeps light mode following each update)."""
+    calls = [0]
+    original = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == call:
+            raise error
+        return original(*args, **kwargs)
+
+    module.forward = forward
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode], ids=["no-grad", "inference"])
+def test_a_forward_that_raises_logs_only_the_layers_it_reached(
+    tiny_model: Any, prompt_batch: Any, tmp_path: Path, step_ends: list[bool], cache: str, grad_mode: Any
+) -> None:
+    # GIVEN the first layer's MLP raising in the third forward: layer 0 is updated, layer 1 never reached
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    for profiler in (True, False):
+        _raise_at(tiny_model.model.layers[0].mlp, 3, RuntimeError("boom"))
+        try:
+            recording = kvtrace.record(tmp_path / str(profiler), model=tiny_model, profiler=profiler)
+            with pytest.raises(RuntimeError), grad_mode(), recording:
+                tiny_model.generate(
+                    input_ids=prompt_batch.input_ids, attention_mask=prompt_batch.attention_mask,
+                    max_new_tokens=NEW_TOKENS, do_sample=False, **extra,
+                )
+        finally:
+            del tiny_model.model.layers[0].mlp.forward
+    # THEN light mode deferred the two forwards and the failing one, and logged what full mode logged: no
+    # event, and no eviction, for the layer the failing forward never reached (inference tensors included)
+    assert step_ends == [False] * 3
+    light = _events(tmp_path / "False")
+    assert light == _events(tmp_path / "True")
+    assert not any(e.get("evicted_tokens") for e in light)
+    assert {e["layer"] for e in light if e["step"] == 3 and e["event"] != "freed"} == {0}
+
+
+def test_a_static_cache_filled_before_the_recording_counts_what_it_held(
+    tiny_model: Any, prompt_batch: Any, tmp_path: Path, step_ends: list[bool]
+) -> None:
+    from transformers import StaticCache
+
+    runs = []
+    for profiler in (True, False):
+        # GIVEN a static cache filled by a generate() before the recording ...
+        cache = StaticCache(config=tiny_model.config, max_cache_len=64)
+        with torch.no_grad():
+            out = tiny_model.generate(
+                input_ids=prompt_batch.input_ids, attention_mask=prompt_batch.attention_mask,
+                max_new_tokens=3, do_sample=False, past_key_values=cache,
+            )
+        # ... and continued inside it
+        more = torch.cat([out, out[:, -2:]], dim=1)
+        run = tmp_path / str(profiler)
+        with torch.no_grad(), kvtrace.record(run, model=tiny_model, profiler=profiler):
+            tiny_model.generate(
+                input_ids=more, attention_mask=torch.ones_like(more), max_new_tokens=3, do_sample=False,
+                past_key_values=cache,
+            )
+        runs.append(run)
+    # THEN its tokens are what it held plus what came in, in light mode as in full mode
+    assert step_ends == [False] * 3
+    light = _events(runs[1])
+    assert light == _events(runs[0])
+    held = prompt_batch.prompt_len + 3 - 1 + 2 + 1 + 2  # kept by the first generate(), 3 in, 2 decoded
+    assert max(e["tokens"] for e in light) == held
+
+
+def test_a_keyboard_interrupt_caught_inside_the_block_ends_its_step(
+    tiny_model: Any, prompt_batch: Any, tmp_path: Path
+) -> None:
+    for profiler in (True, False):
+        # GIVEN a generate() interrupted in its third forward (torch then skips the always-called end hook),
+        # caught inside the block, and another generate() after it
+        _raise_at(tiny_model.model.layers[0].mlp, 3, KeyboardInterrupt())
+        try:
+            run = tmp_path / str(profiler)
+            with torch.no_grad(), kvtrace.record(run, model=tiny_model, profiler=profiler):
+                with contextlib.suppress(KeyboardInterrupt):
+                    _generate_plain(tiny_model, prompt_batch)
+                gc.collect()  # the traceback's frames hold the interrupted cache in a cycle
+                del tiny_model.model.layers[0].mlp.forward
+                _generate_plain(tiny_model, prompt_batch)
+        finally:
+            vars(tiny_model.model.layers[0].mlp).pop("forward", None)
+    # THEN both modes log the same events; the interrupted cache is not kept alive by kvtrace, and the next
+    # generate() starts a step of its own, a prefill
+    light = _events(tmp_path / "False")
+    assert light == _events(tmp_path / "True")
+    first_of_second = next(e for e in light if e["cache"] == 2)
+    assert (first_of_second["step"], first_of_second["phase"]) == (4, "prefill")
+    frees_of_first = [i for i, e in enumerate(light) if e["cache"] == 1 and e["event"] == "freed"]
+    assert frees_of_first and max(frees_of_first) < light.index(first_of_second)
+
+
+def _generate_plain(model: Any, batch: Any) -> None:
+    model.generate(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS, do_sample=False,
+    )
+
+
+def test_a_hook_on_any_module_of_the_model_keeps_every_update_followed(
+    tiny_model: Any, prompt_batch: Any, tmp_path: Path, step_ends: list[bool]
+) -> None:
+    # GIVEN a forward hook on a decoder layer (not an attention module), doing nothing
+    handle = tiny_model.model.layers[1].register_forward_hook(lambda module, args, output: None)
+    try:
+        _generate(tiny_model, prompt_batch, tmp_path / "light", profiler=False)
+    finally:
+        handle.remove()
+    # THEN light mode did not defer: the hook could have changed the cache
+    assert step_ends == []
