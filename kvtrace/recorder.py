@@ -225,7 +225,10 @@ class Recording:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file of that name, a read-only or missing parent, a full disk
-            message = f"{self.path}: cannot create the run folder ({exc.strerror or exc})"
+            why = exc.strerror or str(exc)
+            if self.path.exists() and not self.path.is_dir():
+                why = "a file of that name is there, not a folder"
+            message = f"{self.path}: cannot create the run folder ({why})"
             raise RecordingError(message, exit_code=1) from None
         # Before looking at what the folder holds: another recording may be replacing it right now.
         self._run_lock = RunLock(self.path)

@@ -474,7 +474,8 @@ def test_a_demo_into_a_path_that_is_a_file_is_one_line_and_status_1(tmp_path: Pa
         timeout=300,
     )
     assert done.returncode == 1, done.stderr
-    assert f"{target}: cannot create the run folder" in done.stderr and "Traceback" not in done.stderr
+    said = f"{target}: cannot create the run folder (a file of that name is there, not a folder)"
+    assert said in done.stderr and "Traceback" not in done.stderr
     assert target.read_text() == "not a folder"
 
 
