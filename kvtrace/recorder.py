@@ -83,7 +83,9 @@ class _Ranges:
         # Nobody listening (no NVTX tool, no profiler): callers skip push/pop altogether.
         self.active = self._nvtx is not None or use_record_function
         self.nvtx: Any = self._nvtx
-        self._stack: list[Any] = []
+        # One stack per thread: NVTX and record_function ranges are per thread, and torch refuses to close
+        # a range from another thread than the one that opened it (continuous batching's generation thread).
+        self._stacks: dict[int, list[Any]] = {}
 
     def push(self, name: str) -> None:
         if self._nvtx is not None:
@@ -96,12 +98,13 @@ class _Ranges:
                 handle.__enter__()
             else:
                 handle = torch.ops.profiler._record_function_enter_new(name, None)
-        self._stack.append(handle)
+        self._stacks.setdefault(threading.get_ident(), []).append(handle)
 
     def pop(self) -> None:
-        if not self._stack:
+        stack = self._stacks.get(threading.get_ident())
+        if not stack:
             return
-        handle = self._stack.pop()
+        handle = stack.pop()
         if handle is not None:
             if _FAST_RECORD_FUNCTION is not None:
                 handle.__exit__(None, None, None)
@@ -115,8 +118,12 @@ class _Ranges:
             self._nvtx.mark(name)
 
     def close_all(self) -> None:
-        """Balance what an exception left open."""
-        while self._stack:
+        """Balance what an exception left open on this thread; another thread's open ranges (a generation
+        thread still running, or one whose step failed) cannot be closed from here and are forgotten."""
+        own = self._stacks.pop(threading.get_ident(), [])
+        self._stacks.clear()
+        self._stacks[threading.get_ident()] = own
+        while own:
             self.pop()
 
 
@@ -477,6 +484,8 @@ class Recording:
             )
         if self._hf is not None and self._hf.unexplained:
             warnings.append(self._hf.unexplained)
+        if self._paged is not None:
+            warnings.extend(self._paged.warnings)
         if self._forwards_elsewhere and self.options.profiler:
             warnings.append(
                 f"{self._forwards_elsewhere} of {steps} forward passes ran on another thread than the one "

@@ -90,6 +90,7 @@ class PagedAttentionHooks:
         self.overhead_ns = 0
         self._flushed_ns = 0
         self.ignored_pools = 0
+        self.warnings: list[str] = []  # what leaves the engine files incomplete: the manifest's `warnings`
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -106,7 +107,7 @@ class PagedAttentionHooks:
         manager_cls = offloading.OffloadingManager
         hooks = self
         init, evict, search = cache_cls.__init__, cache_cls.evict_cached_blocks, cache_cls.search_prefix_match
-        prepare, update = processor.prepare_next_batch, processor.update_batch
+        prepare, update, forward = processor.prepare_next_batch, processor.update_batch, processor._generation_step
         offload = manager_cls.offload_requests
 
         def init_hook(cache: Any, *args: Any, **kwargs: Any) -> None:
@@ -117,6 +118,14 @@ class PagedAttentionHooks:
             if proc.cache is not hooks.cache or hooks._closed:
                 return bool(prepare(proc))
             return hooks._around_prepare(proc, prepare)
+
+        def forward_hook(proc: Any, model: Any) -> None:
+            try:
+                forward(proc, model)
+            except BaseException:
+                if proc.cache is hooks.cache and hooks._open and not hooks._closed:
+                    hooks._step_failed()
+                raise
 
         def update_hook(proc: Any) -> None:
             update(proc)
@@ -148,6 +157,7 @@ class PagedAttentionHooks:
         patches.set(cache_cls, "search_prefix_match", search_hook)
         patches.set(processor, "prepare_next_batch", prepare_hook)
         patches.set(processor, "update_batch", update_hook)
+        patches.set(processor, "_generation_step", forward_hook)
         patches.set(manager_cls, "offload_requests", offload_hook)
 
     def uninstall(self) -> None:
@@ -289,6 +299,15 @@ class PagedAttentionHooks:
         if scheduled:
             self._timed(self._log_scheduled, proc, tracker.step)
         return scheduled
+
+    def _step_failed(self) -> None:
+        """The forward raised: transformers fails the requests and stops, `update_batch` never runs. The step's
+        range is closed here, on the thread that opened it (torch refuses to close it from another)."""
+        step = self._open.pop()[0]
+        ranges = self.recording._ranges
+        if ranges is not None and ranges.active:
+            ranges.pop()
+        self.warnings.append(f"continuous batching: engine step {step} failed in its forward; the figures end there")
 
     def _log_scheduled(self, proc: Any, step: int) -> None:
         """Right after scheduling: this step's blocks are allocated and `current_len()` counts its tokens."""

@@ -285,3 +285,31 @@ def test_prefix_sharing_hits_and_cached_blocks(tmp_path: Path, cb_model: torch.n
     # between requests, the prompt's 2 full blocks stay cached for the next one (the blocks it hits)
     finished_rows = [s for s in steps if s["running"] == 0]
     assert finished_rows and all(s["blocks_cached"] == shared // PAGE for s in finished_rows)
+
+
+def test_a_forward_that_raises_ends_the_block_with_a_manifest(tmp_path: Path, cb_model: torch.nn.Module) -> None:
+    # GIVEN the profiler on, and a forward hook that raises at the 3rd forward (the 3rd engine step)
+    calls = [0]
+
+    def raises(module: Any, args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("boom")
+
+    handle = cb_model.model.layers[1].register_forward_pre_hook(raises)
+    generation = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=32, page_size=PAGE, max_batch_tokens=64)
+    try:
+        # WHEN generate_batch fails its requests (transformers catches the error on its generation thread)
+        with kvtrace.record(tmp_path / "run", model=cb_model, profiler=True):
+            outputs = cb_model.generate_batch(
+                PROMPTS, generation_config=generation, continuous_batching_config=batching, progress_bar=False
+            )
+    finally:
+        handle.remove()
+    # THEN the block ends as usual: the step's range was closed on its own thread, the run is complete
+    assert len(outputs) == len(PROMPTS)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["ended"]["status"] == "ok"
+    assert "continuous batching: engine step 3 failed in its forward; the figures end there" in manifest["warnings"]
+    assert len(_lines(tmp_path / "run" / "engine_steps.jsonl")) == 2
