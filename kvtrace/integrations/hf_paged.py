@@ -26,6 +26,7 @@ import contextlib
 import math
 import sys
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -66,7 +67,9 @@ class PagedAttentionHooks:
         self._patches = _Patches()
         self._finder: Any = None
         self._closed = False
-        self.cache: Any = None  # the recorded pool
+        # The recorded pool, weakly: the user's program frees it when generate_batch returns (a strong
+        # reference kept its tensor alive until the block ended).
+        self._cache_ref: weakref.ref[Any] | None = None
         self.document: dict[str, Any] = {}
         self._bytes_per_block = 0
         self._reserved = 0
@@ -173,9 +176,14 @@ class PagedAttentionHooks:
                 log.close()
 
     @property
+    def cache(self) -> Any:
+        """The recorded pool while it lives; None before it is made and once it is freed."""
+        return self._cache_ref() if self._cache_ref is not None else None
+
+    @property
     def owns_steps(self) -> bool:
         """Whether a pool is recorded: its engine steps are then the run's steps."""
-        return self.cache is not None
+        return self._cache_ref is not None
 
     @property
     def in_step(self) -> bool:
@@ -184,7 +192,7 @@ class PagedAttentionHooks:
 
     def summary(self) -> dict[str, Any] | None:
         """The manifest's `engine` entry; None when no pool was made in the block."""
-        if self.cache is None:
+        if self._cache_ref is None:
             return None
         return {
             "name": ENGINE_NAME,
@@ -217,10 +225,10 @@ class PagedAttentionHooks:
 
     # -- the pool ------------------------------------------------------------------------------------------
     def _on_pool(self, cache: Any) -> None:
-        if self.cache is not None:  # a second pool (another generate_batch): the run keeps the first
+        if self._cache_ref is not None:  # a second pool (another generate_batch): the run keeps the first
             self.ignored_pools += 1
             return
-        self.cache = cache
+        self._cache_ref = weakref.ref(cache, self._pool_freed)
         rec = self.recording
         self.document = pool_document(cache, rec.model)
         self._bytes_per_block = self.document["bytes_per_block"]
@@ -233,6 +241,11 @@ class PagedAttentionHooks:
             tracker.drain()
             self._log_pool_locked(tracker)
         rec._flush()
+
+    def _pool_freed(self, _ref: Any) -> None:
+        """The manager is gone with its pool: the request states it left (failed, cancelled) go too."""
+        self._states.clear()
+        self._prefix_lookup.clear()
 
     def _log_pool_locked(self, tracker: Any) -> None:
         """A `created` event per layer and kind, each naming the one storage: a replay counts it once.

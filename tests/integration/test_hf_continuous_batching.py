@@ -7,6 +7,7 @@ under test."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -313,3 +314,19 @@ def test_a_forward_that_raises_ends_the_block_with_a_manifest(tmp_path: Path, cb
     assert manifest["ended"]["status"] == "ok"
     assert "continuous batching: engine step 3 failed in its forward; the figures end there" in manifest["warnings"]
     assert len(_lines(tmp_path / "run" / "engine_steps.jsonl")) == 2
+
+
+def test_the_pool_is_freed_when_generate_batch_returns(tmp_path: Path, cb_model: torch.nn.Module) -> None:
+    generation = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=32, page_size=PAGE, max_batch_tokens=64)
+    with kvtrace.record(tmp_path / "run", model=cb_model, profiler=False):
+        cb_model.generate_batch(PROMPTS, generation_config=generation, continuous_batching_config=batching)
+        gc.collect()
+        # THEN no pool outlives its generate_batch (kvtrace held the first one until the block ended)
+        alive = [o for o in gc.get_objects() if isinstance(o, cb_cache.PagedAttentionCache)]
+    assert alive == []
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["engine"]["kv_cache_bytes"] == json.loads((tmp_path / "run" / "engine.json").read_text())[
+        "kv_cache_bytes"
+    ]
+    assert manifest["engine"]["engine_steps"] == len(_lines(tmp_path / "run" / "engine_steps.jsonl"))
