@@ -569,6 +569,7 @@ class Recording:
         if prefill:
             tracker.phase = "prefill"
             self._decode_index = 0
+            tracker.poll_frees()  # a pool freed since (generate_batch's) is gone before this cache is made
         else:
             tracker.phase = "decode"
             self._decode_index += 1

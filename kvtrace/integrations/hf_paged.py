@@ -269,6 +269,7 @@ class PagedAttentionHooks:
                     "device": doc["storage"][0]["device"],
                 }
                 tracker.pool_view_created(t_ns, layer["layer"], kv, view, capacity, CB_CACHE_ID, ENGINE_NAME)
+        tracker.watch_pool(self.cache.cache_tensor.untyped_storage(), 0, "k", CB_CACHE_ID)
 
     def _cached_blocks(self, cache: Any) -> int:
         """Blocks no request holds but prefix sharing keeps for their content (given back under pressure)."""

@@ -330,3 +330,26 @@ def test_the_pool_is_freed_when_generate_batch_returns(tmp_path: Path, cb_model:
         "kv_cache_bytes"
     ]
     assert manifest["engine"]["engine_steps"] == len(_lines(tmp_path / "run" / "engine_steps.jsonl"))
+
+
+def test_a_plain_generate_after_generate_batch_keeps_its_own_figures(
+    tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    generation = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=32, page_size=PAGE, max_batch_tokens=64)
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0]])
+    run = tmp_path / "run"
+    with kvtrace.record(run, model=cb_model, profiler=False):
+        cb_model.generate_batch(PROMPTS, generation_config=generation, continuous_batching_config=batching)
+        cb_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation)
+    capsys.readouterr()
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    pool = next(e for e in _lines(run / "kv_events.jsonl") if e["cache"] == 3100)["storage_bytes"]
+    # THEN the DynamicCache holds its own 2 rows x (6 + 3 - 1) tokens, the pool its bytes, once each
+    dynamic = 2 * (len(PROMPTS[0]) + 3 - 1) * LAYERS * 2 * KV_HEADS * HEAD_DIM * FLOAT32
+    caches = {c["cache"]: c["final_bytes"] for c in kv["caches"]}
+    assert caches == {1: dynamic, 3100: pool}
+    assert kv["final_bytes"] == dynamic  # the pool was freed when generate_batch returned
+    assert kv["peak_bytes"] == pool
+    assert all(layer["cache"] == 3100 for layer in kv["per_layer"])
