@@ -407,12 +407,6 @@ class Recording:
         engine = self._vllm.summary() if self._vllm is not None else None
         if engine is None and self._paged is not None:
             engine = self._paged.summary()
-            if self._paged.ignored_pools:
-                self.notes.append(
-                    f"{self._paged.ignored_pools} more continuous-batching pool(s) made after the first: the "
-                    "engine files record the first only (one generate_batch per record())"
-                )
-                self._manifest["notes"] = self.notes
         if engine is not None:
             self._manifest["engine"] = engine
         self._write_manifest()

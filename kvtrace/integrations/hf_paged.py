@@ -216,7 +216,7 @@ class PagedAttentionHooks:
             work(*args)
         except Exception as exc:
             self._closed = True
-            self.recording.notes.append(
+            self.warnings.append(
                 f"continuous batching: recording stopped at step {self.recording.tracker.step} "
                 f"({type(exc).__name__}: {exc}); the engine files end there"[:500]
             )
@@ -227,6 +227,11 @@ class PagedAttentionHooks:
     def _on_pool(self, cache: Any) -> None:
         if self._cache_ref is not None:  # a second pool (another generate_batch): the run keeps the first
             self.ignored_pools += 1
+            if self.ignored_pools == 1:
+                self.warnings.append(
+                    "a second continuous-batching pool (another generate_batch) is left out: the engine files "
+                    "record the first only (one generate_batch per record())"
+                )
             return
         self._cache_ref = weakref.ref(cache, self._pool_freed)
         rec = self.recording

@@ -263,8 +263,8 @@ def test_a_failure_in_kvtraces_bookkeeping_fails_no_request(
     # THEN every request completes, the logs stop at that step, and the manifest says why
     assert sorted(len(o.generated_tokens) for o in outputs.values()) == [6, 6, 6]
     assert len(_lines(tmp_path / "run" / "engine_steps.jsonl")) == 2
-    notes = json.loads((tmp_path / "run" / "manifest.json").read_text())["notes"]
-    assert any("recording stopped at step 3 (RuntimeError: broken on purpose)" in n for n in notes)
+    warnings = json.loads((tmp_path / "run" / "manifest.json").read_text())["warnings"]
+    assert any("recording stopped at step 3 (RuntimeError: broken on purpose)" in w for w in warnings)
 
 
 def test_prefix_sharing_hits_and_cached_blocks(tmp_path: Path, cb_model: torch.nn.Module) -> None:
@@ -353,3 +353,19 @@ def test_a_plain_generate_after_generate_batch_keeps_its_own_figures(
     assert kv["final_bytes"] == dynamic  # the pool was freed when generate_batch returned
     assert kv["peak_bytes"] == pool
     assert all(layer["cache"] == 3100 for layer in kv["per_layer"])
+
+
+def test_a_second_generate_batch_is_a_warning(
+    tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    generation = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=32, page_size=PAGE, max_batch_tokens=64)
+    run = tmp_path / "run"
+    with kvtrace.record(run, model=cb_model, profiler=False):
+        for _ in range(2):
+            cb_model.generate_batch(PROMPTS, generation_config=generation, continuous_batching_config=batching)
+    capsys.readouterr()
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    # THEN the report says that the figures leave the second batch out
+    said = "a second continuous-batching pool (another generate_batch) is left out"
+    assert any(said in note for note in json.loads(capsys.readouterr().out)["notes"])
