@@ -369,3 +369,20 @@ def test_a_second_generate_batch_is_a_warning(
     # THEN the report says that the figures leave the second batch out
     said = "a second continuous-batching pool (another generate_batch) is left out"
     assert any(said in note for note in json.loads(capsys.readouterr().out)["notes"])
+
+
+def test_compare_names_the_engine(tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]) -> None:
+    generation = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=32, page_size=PAGE, max_batch_tokens=64)
+    run = tmp_path / "run"
+    with kvtrace.record(run, model=cb_model, profiler=False):
+        cb_model.generate_batch(PROMPTS, generation_config=generation, continuous_batching_config=batching)
+    capsys.readouterr()
+    assert main(["compare", str(run), str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "vLLM" not in text
+    row = next(line.split() for line in text.splitlines() if line.split()[:1] == ["engine"])
+    assert row == ["engine", "transformers-cb", "transformers-cb"]
+    assert main(["compare", str(run), str(run), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [r["engine"]["name"] for r in runs] == ["transformers-cb", "transformers-cb"]
