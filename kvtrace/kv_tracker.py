@@ -621,8 +621,8 @@ class KvTracker:
         """Log `freed` for an engine pool's storage once the allocator releases it (continuous batching frees
         its pool when generate_batch returns). The caller holds `lock`."""
         kv_json, part_json = KEY_JSON.get((kv, "data")) or key_json((kv, "data"))
-        item = (_weak_ref_of(storage), layer, kv_json, part_json, storage.data_ptr(), int(storage.nbytes()), cache)
-        self._pending.append(item)
+        wref, addr, nbytes = _weak_ref_of(storage), storage.data_ptr(), int(storage.nbytes())
+        self._pending.append((wref, layer, kv_json, part_json, addr, nbytes, cache))
 
     @_locked
     def masked(self, cache_id: int, layer: int, masked_entries: int, tokens: int) -> None:

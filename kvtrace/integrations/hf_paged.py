@@ -110,7 +110,11 @@ class PagedAttentionHooks:
         manager_cls = offloading.OffloadingManager
         hooks = self
         init, evict, search = cache_cls.__init__, cache_cls.evict_cached_blocks, cache_cls.search_prefix_match
-        prepare, update, forward = processor.prepare_next_batch, processor.update_batch, processor._generation_step
+        prepare, update, forward = (
+            processor.prepare_next_batch,
+            processor.update_batch,
+            processor._generation_step,
+        )
         offload = manager_cls.offload_requests
 
         def init_hook(cache: Any, *args: Any, **kwargs: Any) -> None:
@@ -229,8 +233,8 @@ class PagedAttentionHooks:
             self.ignored_pools += 1
             if self.ignored_pools == 1:
                 self.warnings.append(
-                    "a second continuous-batching pool (another generate_batch) is left out: the engine files "
-                    "record the first only (one generate_batch per record())"
+                    "a second continuous-batching pool (another generate_batch) is left out: the engine "
+                    "files record the first only (one generate_batch per record())"
                 )
             return
         self._cache_ref = weakref.ref(cache, self._pool_freed)
@@ -320,13 +324,15 @@ class PagedAttentionHooks:
         return scheduled
 
     def _step_failed(self) -> None:
-        """The forward raised: transformers fails the requests and stops, `update_batch` never runs. The step's
-        range is closed here, on the thread that opened it (torch refuses to close it from another)."""
+        """The forward raised: transformers fails the requests and stops, `update_batch` never runs. The
+        step's range is closed here, on the thread that opened it (torch refuses to close it from another)."""
         step = self._open.pop()[0]
         ranges = self.recording._ranges
         if ranges is not None and ranges.active:
             ranges.pop()
-        self.warnings.append(f"continuous batching: engine step {step} failed in its forward; the figures end there")
+        self.warnings.append(
+            f"continuous batching: engine step {step} failed in its forward; the figures end there"
+        )
 
     def _log_scheduled(self, proc: Any, step: int) -> None:
         """Right after scheduling: this step's blocks are allocated and `current_len()` counts its tokens."""

@@ -288,7 +288,9 @@ def test_prefix_sharing_hits_and_cached_blocks(tmp_path: Path, cb_model: torch.n
     assert finished_rows and all(s["blocks_cached"] == shared // PAGE for s in finished_rows)
 
 
-def test_a_forward_that_raises_ends_the_block_with_a_manifest(tmp_path: Path, cb_model: torch.nn.Module) -> None:
+def test_a_forward_that_raises_ends_the_block_with_a_manifest(
+    tmp_path: Path, cb_model: torch.nn.Module
+) -> None:
     # GIVEN the profiler on, and a forward hook that raises at the 3rd forward (the 3rd engine step)
     calls = [0]
 
@@ -312,7 +314,10 @@ def test_a_forward_that_raises_ends_the_block_with_a_manifest(tmp_path: Path, cb
     assert len(outputs) == len(PROMPTS)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["ended"]["status"] == "ok"
-    assert "continuous batching: engine step 3 failed in its forward; the figures end there" in manifest["warnings"]
+    assert (
+        "continuous batching: engine step 3 failed in its forward; the figures end there"
+        in manifest["warnings"]
+    )
     assert len(_lines(tmp_path / "run" / "engine_steps.jsonl")) == 2
 
 
@@ -326,9 +331,10 @@ def test_the_pool_is_freed_when_generate_batch_returns(tmp_path: Path, cb_model:
         alive = [o for o in gc.get_objects() if isinstance(o, cb_cache.PagedAttentionCache)]
     assert alive == []
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["engine"]["kv_cache_bytes"] == json.loads((tmp_path / "run" / "engine.json").read_text())[
-        "kv_cache_bytes"
-    ]
+    assert (
+        manifest["engine"]["kv_cache_bytes"]
+        == json.loads((tmp_path / "run" / "engine.json").read_text())["kv_cache_bytes"]
+    )
     assert manifest["engine"]["engine_steps"] == len(_lines(tmp_path / "run" / "engine_steps.jsonl"))
 
 
@@ -363,7 +369,9 @@ def test_a_second_generate_batch_is_a_warning(
     run = tmp_path / "run"
     with kvtrace.record(run, model=cb_model, profiler=False):
         for _ in range(2):
-            cb_model.generate_batch(PROMPTS, generation_config=generation, continuous_batching_config=batching)
+            cb_model.generate_batch(
+                PROMPTS, generation_config=generation, continuous_batching_config=batching
+            )
     capsys.readouterr()
     assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
     # THEN the report says that the figures leave the second batch out
@@ -371,7 +379,9 @@ def test_a_second_generate_batch_is_a_warning(
     assert any(said in note for note in json.loads(capsys.readouterr().out)["notes"])
 
 
-def test_compare_names_the_engine(tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_names_the_engine(
+    tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
     generation = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0)
     batching = ContinuousBatchingConfig(num_blocks=32, page_size=PAGE, max_batch_tokens=64)
     run = tmp_path / "run"
