@@ -168,6 +168,7 @@ def _engine_figures(fig: Any) -> dict[str, Any] | None:
     if fig is None:
         return None
     figures = {
+        "name": fig.name,  # vllm or transformers-cb: the rows below are that engine's
         "status": fig.status,
         "num_blocks": fig.num_blocks,
         "block_size": fig.block_size,
@@ -178,7 +179,7 @@ def _engine_figures(fig: Any) -> dict[str, Any] | None:
         "prefix_query_tokens": fig.prefix_query_tokens,
     }
     if fig.status == "refused_start":  # no pool was allocated and no step ran: unknown, not 0
-        figures.update(dict.fromkeys([key for key in figures if key != "status"]))
+        figures.update(dict.fromkeys([key for key in figures if key not in ("name", "status")]))
     return figures
 
 
@@ -231,6 +232,8 @@ _COMPARE_ROWS = (
 def _engine_cell(key: str, unit: str = "") -> Any:
     def cell(r: RunFigures) -> str:
         value = (r.engine or {}).get(key)
+        if isinstance(value, str):
+            return value
         return "-" if value is None else f"{value:,}{unit}"
 
     return cell
@@ -242,12 +245,13 @@ def _pool_cell(r: RunFigures) -> str:
     return _engine_cell("num_blocks")(r)
 
 
-_ENGINE_ROWS = (
-    ("vLLM pool (blocks)", _pool_cell),
-    ("vLLM peak blocks used", _engine_cell("peak_blocks_used")),
-    ("vLLM preemptions", _engine_cell("preemptions")),
-    ("vLLM preempted tokens", _engine_cell("preempted_tokens")),
-    ("vLLM prefix-cache hit tokens", _engine_cell("prefix_hit_tokens")),
+_ENGINE_ROWS = (  # worded for any engine: a run may be vLLM's, another transformers' continuous batching
+    ("engine", _engine_cell("name")),
+    ("engine pool (blocks)", _pool_cell),
+    ("engine peak blocks used", _engine_cell("peak_blocks_used")),
+    ("engine preemptions", _engine_cell("preemptions")),
+    ("engine preempted tokens", _engine_cell("preempted_tokens")),
+    ("engine prefix-cache hit tokens", _engine_cell("prefix_hit_tokens")),
 )
 
 

@@ -13,6 +13,11 @@ from analyzers.units import human_bytes
 
 __all__ = ["engine_of_source"]
 
+# The `cache` id of an engine pool's KV events: vLLM's (kvtrace.integrations.vllm.VLLM_CACHE_ID) and
+# transformers' continuous batching's (kvtrace.integrations.hf_paged.CB_CACHE_ID).
+POOL_CACHE_IDS = {"transformers-cb": 3100}
+VLLM_POOL_CACHE_ID = 3000
+
 
 def engine_of_source(
     source: Any, kv: Any, devices: Sequence[Any] = (), notes: list[str] | None = None
@@ -58,7 +63,8 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     from analyzers.summary import LayerSummary
 
     pool = int(info.kv_cache_bytes or 0)
-    kv.peak_bytes = pool
+    # Other caches (a plain generate() in the same block) may add to the KV log's peak: never below the pool
+    kv.peak_bytes = max(int(kv.peak_bytes or 0), pool)
     if kv.measured_from == "none" or not kv.final_bytes:
         kv.final_bytes = pool
         kv.measured_from = "engine"
@@ -73,8 +79,8 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     if element and all(isinstance(model.get(k), int) for k in ("num_layers", "num_kv_heads", "head_dim")):
         per_layer_token = 2 * model["num_kv_heads"] * model["head_dim"] * element
         kv.bytes_per_token_expected = model["num_layers"] * per_layer_token
-    _caches_as_pool(kv, pool, capacity)
-    pool_cache = kv.main_cache if kv.main_cache is not None else 0
+    pool_cache = POOL_CACHE_IDS.get(str(info.name), VLLM_POOL_CACHE_ID)
+    _caches_as_pool(kv, pool, capacity, pool_cache)
     layers = [layer for layer in info.layers if isinstance(layer.get("bytes"), int)]
     if not layers:
         return []
@@ -91,14 +97,15 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     return []
 
 
-def _caches_as_pool(kv: Any, pool: int, capacity: int) -> None:
-    """The per-cache figures of a paged pool: the KV log's shape[0] is the pool's blocks, not a batch, so a
-    cache has no rows and its bytes per token are its bytes over its tokens; the main cache is the pool,
-    with the headline's figures."""
+def _caches_as_pool(kv: Any, pool: int, capacity: int, pool_cache: int) -> None:
+    """The per-cache figures of a paged pool: the KV log's shape[0] is the pool's blocks, not a batch, so its
+    cache has no rows and holds the pool's bytes over its capacity; another cache (a plain generate() in the
+    same block) keeps its own figures."""
     for cache in kv.caches:
+        if cache.cache != pool_cache:
+            continue
         cache.rows = None
-        if cache.main:
-            cache.final_bytes, cache.tokens = pool, capacity
+        cache.final_bytes, cache.tokens = pool, capacity
         cache.bytes_per_token_measured = (
             cache.final_bytes / cache.tokens if cache.final_bytes and cache.tokens else None
         )

@@ -617,6 +617,13 @@ class KvTracker:
         )
         self.lines.append(json.dumps(event.to_json(), separators=(",", ":")))
 
+    def watch_pool(self, storage: Any, layer: int, kv: str, cache: int) -> None:
+        """Log `freed` for an engine pool's storage once the allocator releases it (continuous batching frees
+        its pool when generate_batch returns). The caller holds `lock`."""
+        kv_json, part_json = KEY_JSON.get((kv, "data")) or key_json((kv, "data"))
+        wref, addr, nbytes = _weak_ref_of(storage), storage.data_ptr(), int(storage.nbytes())
+        self._pending.append((wref, layer, kv_json, part_json, addr, nbytes, cache))
+
     @_locked
     def masked(self, cache_id: int, layer: int, masked_entries: int, tokens: int) -> None:
         """Tokens hidden from attention in place (kvpress AdaKV's `masked_key_indices`): nothing is freed."""

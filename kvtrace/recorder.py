@@ -84,7 +84,9 @@ class _Ranges:
         # Nobody listening (no NVTX tool, no profiler): callers skip push/pop altogether.
         self.active = self._nvtx is not None or use_record_function
         self.nvtx: Any = self._nvtx
-        self._stack: list[Any] = []
+        # One stack per thread: NVTX and record_function ranges are per thread, and torch refuses to close
+        # a range from another thread than the one that opened it (continuous batching's generation thread).
+        self._stacks: dict[int, list[Any]] = {}
 
     def push(self, name: str) -> None:
         if self._nvtx is not None:
@@ -97,12 +99,13 @@ class _Ranges:
                 handle.__enter__()
             else:
                 handle = torch.ops.profiler._record_function_enter_new(name, None)
-        self._stack.append(handle)
+        self._stacks.setdefault(threading.get_ident(), []).append(handle)
 
     def pop(self) -> None:
-        if not self._stack:
+        stack = self._stacks.get(threading.get_ident())
+        if not stack:
             return
-        handle = self._stack.pop()
+        handle = stack.pop()
         if handle is not None:
             if _FAST_RECORD_FUNCTION is not None:
                 handle.__exit__(None, None, None)
@@ -116,8 +119,12 @@ class _Ranges:
             self._nvtx.mark(name)
 
     def close_all(self) -> None:
-        """Balance what an exception left open."""
-        while self._stack:
+        """Balance what an exception left open on this thread; another thread's open ranges (a generation
+        thread still running, or one whose step failed) cannot be closed from here and are forgotten."""
+        own = self._stacks.pop(threading.get_ident(), [])
+        self._stacks.clear()
+        self._stacks[threading.get_ident()] = own
+        while own:
             self.pop()
 
 
@@ -406,12 +413,6 @@ class Recording:
         engine = self._vllm.summary() if self._vllm is not None else None
         if engine is None and self._paged is not None:
             engine = self._paged.summary()
-            if self._paged.ignored_pools:
-                self.notes.append(
-                    f"{self._paged.ignored_pools} more continuous-batching pool(s) made after the first: the "
-                    "engine files record the first only (one generate_batch per record())"
-                )
-                self._manifest["notes"] = self.notes
         if engine is not None:
             self._manifest["engine"] = engine
         self._write_manifest()
@@ -483,6 +484,8 @@ class Recording:
             )
         if self._hf is not None and self._hf.unexplained:
             warnings.append(self._hf.unexplained)
+        if self._paged is not None:
+            warnings.extend(self._paged.warnings)
         if self._forwards_elsewhere and self.options.profiler:
             warnings.append(
                 f"{self._forwards_elsewhere} of {steps} forward passes ran on another thread than the one "
@@ -593,6 +596,7 @@ class Recording:
         if prefill:
             tracker.phase = "prefill"
             self._decode_index = 0
+            tracker.poll_frees()  # a pool freed since (generate_batch's) is gone before this cache is made
         else:
             tracker.phase = "decode"
             self._decode_index += 1

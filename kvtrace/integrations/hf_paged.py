@@ -26,6 +26,7 @@ import contextlib
 import math
 import sys
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -66,7 +67,9 @@ class PagedAttentionHooks:
         self._patches = _Patches()
         self._finder: Any = None
         self._closed = False
-        self.cache: Any = None  # the recorded pool
+        # The recorded pool, weakly: the user's program frees it when generate_batch returns (a strong
+        # reference kept its tensor alive until the block ended).
+        self._cache_ref: weakref.ref[Any] | None = None
         self.document: dict[str, Any] = {}
         self._bytes_per_block = 0
         self._reserved = 0
@@ -90,6 +93,7 @@ class PagedAttentionHooks:
         self.overhead_ns = 0
         self._flushed_ns = 0
         self.ignored_pools = 0
+        self.warnings: list[str] = []  # what leaves the engine files incomplete: the manifest's `warnings`
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -106,7 +110,11 @@ class PagedAttentionHooks:
         manager_cls = offloading.OffloadingManager
         hooks = self
         init, evict, search = cache_cls.__init__, cache_cls.evict_cached_blocks, cache_cls.search_prefix_match
-        prepare, update = processor.prepare_next_batch, processor.update_batch
+        prepare, update, forward = (
+            processor.prepare_next_batch,
+            processor.update_batch,
+            processor._generation_step,
+        )
         offload = manager_cls.offload_requests
 
         def init_hook(cache: Any, *args: Any, **kwargs: Any) -> None:
@@ -117,6 +125,14 @@ class PagedAttentionHooks:
             if proc.cache is not hooks.cache or hooks._closed:
                 return bool(prepare(proc))
             return hooks._around_prepare(proc, prepare)
+
+        def forward_hook(proc: Any, model: Any) -> None:
+            try:
+                forward(proc, model)
+            except BaseException:
+                if proc.cache is hooks.cache and hooks._open and not hooks._closed:
+                    hooks._step_failed()
+                raise
 
         def update_hook(proc: Any) -> None:
             update(proc)
@@ -148,6 +164,7 @@ class PagedAttentionHooks:
         patches.set(cache_cls, "search_prefix_match", search_hook)
         patches.set(processor, "prepare_next_batch", prepare_hook)
         patches.set(processor, "update_batch", update_hook)
+        patches.set(processor, "_generation_step", forward_hook)
         patches.set(manager_cls, "offload_requests", offload_hook)
 
     def uninstall(self) -> None:
@@ -163,9 +180,14 @@ class PagedAttentionHooks:
                 log.close()
 
     @property
+    def cache(self) -> Any:
+        """The recorded pool while it lives; None before it is made and once it is freed."""
+        return self._cache_ref() if self._cache_ref is not None else None
+
+    @property
     def owns_steps(self) -> bool:
         """Whether a pool is recorded: its engine steps are then the run's steps."""
-        return self.cache is not None
+        return self._cache_ref is not None
 
     @property
     def in_step(self) -> bool:
@@ -174,7 +196,7 @@ class PagedAttentionHooks:
 
     def summary(self) -> dict[str, Any] | None:
         """The manifest's `engine` entry; None when no pool was made in the block."""
-        if self.cache is None:
+        if self._cache_ref is None:
             return None
         return {
             "name": ENGINE_NAME,
@@ -198,7 +220,7 @@ class PagedAttentionHooks:
             work(*args)
         except Exception as exc:
             self._closed = True
-            self.recording.notes.append(
+            self.warnings.append(
                 f"continuous batching: recording stopped at step {self.recording.tracker.step} "
                 f"({type(exc).__name__}: {exc}); the engine files end there"[:500]
             )
@@ -207,10 +229,15 @@ class PagedAttentionHooks:
 
     # -- the pool ------------------------------------------------------------------------------------------
     def _on_pool(self, cache: Any) -> None:
-        if self.cache is not None:  # a second pool (another generate_batch): the run keeps the first
+        if self._cache_ref is not None:  # a second pool (another generate_batch): the run keeps the first
             self.ignored_pools += 1
+            if self.ignored_pools == 1:
+                self.warnings.append(
+                    "a second continuous-batching pool (another generate_batch) is left out: the engine "
+                    "files record the first only (one generate_batch per record())"
+                )
             return
-        self.cache = cache
+        self._cache_ref = weakref.ref(cache, self._pool_freed)
         rec = self.recording
         self.document = pool_document(cache, rec.model)
         self._bytes_per_block = self.document["bytes_per_block"]
@@ -223,6 +250,11 @@ class PagedAttentionHooks:
             tracker.drain()
             self._log_pool_locked(tracker)
         rec._flush()
+
+    def _pool_freed(self, _ref: Any) -> None:
+        """The manager is gone with its pool: the request states it left (failed, cancelled) go too."""
+        self._states.clear()
+        self._prefix_lookup.clear()
 
     def _log_pool_locked(self, tracker: Any) -> None:
         """A `created` event per layer and kind, each naming the one storage: a replay counts it once.
@@ -246,6 +278,7 @@ class PagedAttentionHooks:
                     "device": doc["storage"][0]["device"],
                 }
                 tracker.pool_view_created(t_ns, layer["layer"], kv, view, capacity, CB_CACHE_ID, ENGINE_NAME)
+        tracker.watch_pool(self.cache.cache_tensor.untyped_storage(), 0, "k", CB_CACHE_ID)
 
     def _cached_blocks(self, cache: Any) -> int:
         """Blocks no request holds but prefix sharing keeps for their content (given back under pressure)."""
@@ -289,6 +322,17 @@ class PagedAttentionHooks:
         if scheduled:
             self._timed(self._log_scheduled, proc, tracker.step)
         return scheduled
+
+    def _step_failed(self) -> None:
+        """The forward raised: transformers fails the requests and stops, `update_batch` never runs. The
+        step's range is closed here, on the thread that opened it (torch refuses to close it from another)."""
+        step = self._open.pop()[0]
+        ranges = self.recording._ranges
+        if ranges is not None and ranges.active:
+            ranges.pop()
+        self.warnings.append(
+            f"continuous batching: engine step {step} failed in its forward; the figures end there"
+        )
 
     def _log_scheduled(self, proc: Any, step: int) -> None:
         """Right after scheduling: this step's blocks are allocated and `current_len()` counts its tokens."""

@@ -7,6 +7,7 @@ under test."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -262,8 +263,8 @@ def test_a_failure_in_kvtraces_bookkeeping_fails_no_request(
     # THEN every request completes, the logs stop at that step, and the manifest says why
     assert sorted(len(o.generated_tokens) for o in outputs.values()) == [6, 6, 6]
     assert len(_lines(tmp_path / "run" / "engine_steps.jsonl")) == 2
-    notes = json.loads((tmp_path / "run" / "manifest.json").read_text())["notes"]
-    assert any("recording stopped at step 3 (RuntimeError: broken on purpose)" in n for n in notes)
+    warnings = json.loads((tmp_path / "run" / "manifest.json").read_text())["warnings"]
+    assert any("recording stopped at step 3 (RuntimeError: broken on purpose)" in w for w in warnings)
 
 
 def test_prefix_sharing_hits_and_cached_blocks(tmp_path: Path, cb_model: torch.nn.Module) -> None:
@@ -285,3 +286,113 @@ def test_prefix_sharing_hits_and_cached_blocks(tmp_path: Path, cb_model: torch.n
     # between requests, the prompt's 2 full blocks stay cached for the next one (the blocks it hits)
     finished_rows = [s for s in steps if s["running"] == 0]
     assert finished_rows and all(s["blocks_cached"] == shared // PAGE for s in finished_rows)
+
+
+def test_a_forward_that_raises_ends_the_block_with_a_manifest(
+    tmp_path: Path, cb_model: torch.nn.Module
+) -> None:
+    # GIVEN the profiler on, and a forward hook that raises at the 3rd forward (the 3rd engine step)
+    calls = [0]
+
+    def raises(module: Any, args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("boom")
+
+    handle = cb_model.model.layers[1].register_forward_pre_hook(raises)
+    generation = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=32, page_size=PAGE, max_batch_tokens=64)
+    try:
+        # WHEN generate_batch fails its requests (transformers catches the error on its generation thread)
+        with kvtrace.record(tmp_path / "run", model=cb_model, profiler=True):
+            outputs = cb_model.generate_batch(
+                PROMPTS, generation_config=generation, continuous_batching_config=batching, progress_bar=False
+            )
+    finally:
+        handle.remove()
+    # THEN the block ends as usual: the step's range was closed on its own thread, the run is complete
+    assert len(outputs) == len(PROMPTS)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["ended"]["status"] == "ok"
+    assert (
+        "continuous batching: engine step 3 failed in its forward; the figures end there"
+        in manifest["warnings"]
+    )
+    assert len(_lines(tmp_path / "run" / "engine_steps.jsonl")) == 2
+
+
+def test_the_pool_is_freed_when_generate_batch_returns(tmp_path: Path, cb_model: torch.nn.Module) -> None:
+    generation = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=32, page_size=PAGE, max_batch_tokens=64)
+    with kvtrace.record(tmp_path / "run", model=cb_model, profiler=False):
+        cb_model.generate_batch(PROMPTS, generation_config=generation, continuous_batching_config=batching)
+        gc.collect()
+        # THEN no pool outlives its generate_batch (kvtrace held the first one until the block ended)
+        alive = [o for o in gc.get_objects() if isinstance(o, cb_cache.PagedAttentionCache)]
+    assert alive == []
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert (
+        manifest["engine"]["kv_cache_bytes"]
+        == json.loads((tmp_path / "run" / "engine.json").read_text())["kv_cache_bytes"]
+    )
+    assert manifest["engine"]["engine_steps"] == len(_lines(tmp_path / "run" / "engine_steps.jsonl"))
+
+
+def test_a_plain_generate_after_generate_batch_keeps_its_own_figures(
+    tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    generation = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=32, page_size=PAGE, max_batch_tokens=64)
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0]])
+    run = tmp_path / "run"
+    with kvtrace.record(run, model=cb_model, profiler=False):
+        cb_model.generate_batch(PROMPTS, generation_config=generation, continuous_batching_config=batching)
+        cb_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation)
+    capsys.readouterr()
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    pool = next(e for e in _lines(run / "kv_events.jsonl") if e["cache"] == 3100)["storage_bytes"]
+    # THEN the DynamicCache holds its own 2 rows x (6 + 3 - 1) tokens, the pool its bytes, once each
+    dynamic = 2 * (len(PROMPTS[0]) + 3 - 1) * LAYERS * 2 * KV_HEADS * HEAD_DIM * FLOAT32
+    caches = {c["cache"]: c["final_bytes"] for c in kv["caches"]}
+    assert caches == {1: dynamic, 3100: pool}
+    assert kv["final_bytes"] == dynamic  # the pool was freed when generate_batch returned
+    assert kv["peak_bytes"] == pool
+    assert all(layer["cache"] == 3100 for layer in kv["per_layer"])
+
+
+def test_a_second_generate_batch_is_a_warning(
+    tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    generation = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=32, page_size=PAGE, max_batch_tokens=64)
+    run = tmp_path / "run"
+    with kvtrace.record(run, model=cb_model, profiler=False):
+        for _ in range(2):
+            cb_model.generate_batch(
+                PROMPTS, generation_config=generation, continuous_batching_config=batching
+            )
+    capsys.readouterr()
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    # THEN the report says that the figures leave the second batch out
+    said = "a second continuous-batching pool (another generate_batch) is left out"
+    assert any(said in note for note in json.loads(capsys.readouterr().out)["notes"])
+
+
+def test_compare_names_the_engine(
+    tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    generation = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=32, page_size=PAGE, max_batch_tokens=64)
+    run = tmp_path / "run"
+    with kvtrace.record(run, model=cb_model, profiler=False):
+        cb_model.generate_batch(PROMPTS, generation_config=generation, continuous_batching_config=batching)
+    capsys.readouterr()
+    assert main(["compare", str(run), str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "vLLM" not in text
+    row = next(line.split() for line in text.splitlines() if line.split()[:1] == ["engine"])
+    assert row == ["engine", "transformers-cb", "transformers-cb"]
+    assert main(["compare", str(run), str(run), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [r["engine"]["name"] for r in runs] == ["transformers-cb", "transformers-cb"]

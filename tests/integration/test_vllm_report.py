@@ -339,7 +339,7 @@ def test_compare_shows_the_vllm_pool_beside_other_runs(capsys: pytest.CaptureFix
     assert vllm["engine"]["preemptions"] == engine["preemptions"] > 0
     assert hf["engine"] is None
     assert main(["compare", str(PREEMPT), str(SAMPLES / "dynamic_b2")]) == 0
-    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vLLM preemptions")]
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("engine preemptions")]
     assert row.split()[2:] == [f"{engine['preemptions']:,}", "-"]
 
 
@@ -351,7 +351,7 @@ def test_compare_says_a_start_was_refused(capsys: pytest.CaptureFixture[str], tm
     # WHEN compared THEN the JSON says so, and gives no pool figure rather than 0
     refused, ran = _json_of(["compare", str(REFUSED), str(PREEMPT), "--json"], capsys)["runs"]
     assert refused["engine"]["status"] == "refused_start" and ran["engine"]["status"] == "ok"
-    assert {key for key, value in refused["engine"].items() if value is not None} == {"status"}
+    assert {key for key, value in refused["engine"].items() if value is not None} == {"name", "status"}
     assert any("refused to start" in note for note in refused["notes"]) and ran["notes"] == []
     # and so do the text and the HTML
     assert main(["compare", str(REFUSED), str(PREEMPT)]) == 0
@@ -359,9 +359,9 @@ def test_compare_says_a_start_was_refused(capsys: pytest.CaptureFixture[str], tm
     rows = {
         cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in text.splitlines())
     }
-    assert rows["vLLM pool (blocks)"] == ["refused start", str(ran["engine"]["num_blocks"])]
-    assert rows["vLLM preemptions"] == ["-", f"{ran['engine']['preemptions']:,}"]
-    assert rows["vLLM peak blocks used"][0] == "-"
+    assert rows["engine pool (blocks)"] == ["refused start", str(ran["engine"]["num_blocks"])]
+    assert rows["engine preemptions"] == ["-", f"{ran['engine']['preemptions']:,}"]
+    assert rows["engine peak blocks used"][0] == "-"
     assert "note: vllm_refused: vLLM refused to start for lack of KV memory" in text
     page = tmp_path / "compare.html"
     assert main(["compare", str(REFUSED), str(PREEMPT), "-o", str(page)]) == 0
