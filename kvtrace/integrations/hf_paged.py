@@ -354,7 +354,10 @@ class PagedAttentionHooks:
                 tokens, to_cpu = self._dropped.pop(request_id)
                 self._prefix[2] += hits
                 self._prefix[3] += queries
-                recomputed = 0 if to_cpu else max(0, tokens - hits)
+                # A soft reset makes a new request whose prompt is all it must process again (its first
+                # offload's tokens, even when offloaded again mid-recompute), less what prefix sharing kept.
+                redo = len(getattr(state, "initial_tokens", ()) or ()) or tokens
+                recomputed = 0 if to_cpu else max(0, redo - hits)
                 self._log_request(state, "resumed", blocks, recomputed_tokens=recomputed)
             elif request_id not in self._held:
                 self._prefix[0] += hits

@@ -396,3 +396,28 @@ def test_compare_names_the_engine(
     assert main(["compare", str(run), str(run), "--json"]) == 0
     runs = json.loads(capsys.readouterr().out)["runs"]
     assert [r["engine"]["name"] for r in runs] == ["transformers-cb", "transformers-cb"]
+
+
+def test_a_request_offloaded_again_before_it_resumes_recomputes_what_it_prefills(
+    tmp_path: Path, cb_model: torch.nn.Module
+) -> None:
+    # GIVEN five requests sharing a 40-token prefix in a pool of 9 blocks of 16 tokens: requests are taken
+    # out of the pool (a soft reset: recomputed on their return), some twice before they return
+    generator = torch.Generator().manual_seed(0)
+    prefix = torch.randint(5, 900, (40,), generator=generator).tolist()
+    tails = torch.Generator().manual_seed(1)
+    prompts = [prefix + torch.randint(5, 900, (n,), generator=tails).tolist() for n in (5, 9, 3, 12, 7)]
+    generation = GenerationConfig(max_new_tokens=30, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(page_size=16, num_blocks=9, max_batch_tokens=64, use_cuda_graph=False)
+    with kvtrace.record(tmp_path / "run", model=cb_model, profiler=False):
+        cb_model.generate_batch(prompts, generation_config=generation, continuous_batching_config=batching)
+    steps = {s["step"]: s for s in _lines(tmp_path / "run" / "engine_steps.jsonl")}
+    requests = _lines(tmp_path / "run" / "engine_requests.jsonl")
+    resumed = [r for r in requests if r["event"] == "resumed"]
+    preempted = [r for r in requests if r["event"] == "preempted"]
+    assert resumed and len(preempted) > len(resumed)  # some request went out twice before returning
+    # THEN a returning request's recomputed tokens are what its step prefilled beyond the other running
+    # requests' one token each (it was 0 for a request offloaded again mid-recompute)
+    for event in resumed:
+        step = steps[event["step"]]
+        assert event["recomputed_tokens"] >= step["tokens_scheduled"] - step["running"], event
