@@ -172,6 +172,13 @@ def test_a_small_pool_makes_the_scheduler_wait_and_offload(
     assert got["preemptions"] == len(preempted)
     assert got["preempted_tokens"] == sum(r["dropped_tokens"] for r in preempted)
     assert got["first_preemption_step"] == min(r["step"] for r in preempted)
+    # AND the export keeps where each one went
+    assert main(["export", str(run), "-o", str(tmp_path / "tables"), "-q"]) == 0
+    capsys.readouterr()
+    sql = "SELECT offloaded_to FROM engine_requests WHERE event = 'preempted' ORDER BY t_ns"
+    assert main(["query", str(tmp_path / "tables"), "--json", sql]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["offloaded_to"] for row in rows] == [r["offloaded_to"] for r in preempted]
 
     # diagnose gives the requests' demand in blocks (the last sampled token gets no KV), not vLLM's knobs
     demand = sum(math.ceil((len(p) + 12 - 1) / PAGE) for p in PROMPTS)  # 5 + 4 + 4
