@@ -139,10 +139,18 @@ def _before_trace_notes(info: EngineInfo, devices: Sequence[Any]) -> list[str]:
             "began: the device figures leave them out"
         )
     if devices and not any(c.get("kv") for c in at_peak):
-        notes.append(
-            f"vLLM allocated its KV pool ({human_bytes(int(info.kv_cache_bytes or 0))}) before the trace "
-            "began: the device figures leave it out; the KV figures are the pool's"
-        )
+        pool = human_bytes(int(info.kv_cache_bytes or 0))
+        if info.name == "vllm":
+            notes.append(
+                f"vLLM allocated its KV pool ({pool}) before the trace began: the device figures leave it "
+                "out; the KV figures are the pool's"
+            )
+        else:  # transformers' continuous batching makes its pool inside the block, on its own thread
+            notes.append(
+                f"the {info.name} KV pool ({pool}) is not among the trace's KV allocations (made on another "
+                "thread, or with no per-layer view for kvtrace to name it): the device figures count it "
+                "as other, or leave it out; the KV figures are the pool's"
+            )
     return notes
 
 

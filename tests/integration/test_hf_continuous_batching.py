@@ -428,3 +428,29 @@ def test_a_request_offloaded_again_before_it_resumes_recomputes_what_it_prefills
     for event in resumed:
         step = steps[event["step"]]
         assert event["recomputed_tokens"] >= step["tokens_scheduled"] - step["running"], event
+
+
+def test_a_pool_without_per_layer_views_is_not_said_to_be_vllms(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    # GIVEN a model of sliding and full layers (two attention types: no per-layer view of the pool)
+    config = Qwen2Config(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=16, max_window_layers=0,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    generation = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(page_size=16, num_blocks=12, max_batch_tokens=64)
+    with kvtrace.record(tmp_path / "run", model=model):
+        model.generate_batch(
+            [[5] * 20, [6] * 9], generation_config=generation, continuous_batching_config=batching
+        )
+    # THEN the report's note about the pool names transformers' engine, not vLLM
+    assert main(["report", str(tmp_path / "run"), "--json", "--no-export", "-q"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert not any("vLLM" in note for note in notes), notes
+    assert any(note.startswith("the transformers-cb KV pool") for note in notes), notes
