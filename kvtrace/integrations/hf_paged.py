@@ -33,11 +33,10 @@ from typing import Any
 from kvtrace import format as fmt
 from kvtrace.integrations.hf_paged_pool import ENGINE_NAME, pool_document
 from kvtrace.integrations.vllm import after_import
-from kvtrace.integrations.vllm_engine import _Patches
+from kvtrace.integrations.vllm_engine import _Patches, flush_when_due
 
 CB_CACHE_ID = 3100  # the `cache` id of the pool's KV events (vLLM's is 3000)
 _EMPTIED = ("preempted", "finished")
-_FLUSH_NS = 100_000_000  # logs reach their files at most this often, as for vLLM
 
 
 _API = "transformers.generation.continuous_batching.continuous_api"
@@ -442,12 +441,7 @@ class PagedAttentionHooks:
         if ranges is not None and ranges.active:
             ranges.pop()
         rec._sample(phase)
-        if t_ns - self._flushed_ns >= _FLUSH_NS:
-            self._flushed_ns = t_ns
-            rec._flush()
-            self._steps.flush()
-            assert self._request_log is not None
-            self._request_log.flush()
+        self._flushed_ns = flush_when_due(self._flushed_ns, t_ns, rec, self._steps, self._request_log)
 
     def _log_request(self, state: Any, event: str, blocks: int, **extra: Any) -> None:
         if self._closed or self._request_log is None:

@@ -27,6 +27,18 @@ _EMPTIED = ("preempted", "finished")  # request events after which it holds no K
 _FLUSH_NS = 100_000_000
 
 
+def flush_when_due(last_ns: int, t_ns: int, recording: Any, *logs: Any) -> int:
+    """At most every `_FLUSH_NS`: the recording's logs and an engine's step and request logs reach their
+    files. Returns the time of the last flush."""
+    if t_ns - last_ns < _FLUSH_NS:
+        return last_ns
+    recording._flush()
+    for log in logs:
+        if log is not None:
+            log.flush()
+    return t_ns
+
+
 class _Patches:
     """Attributes set on objects, and how to put each back (an instance attribute may shadow a method)."""
 
@@ -279,12 +291,7 @@ class EngineHooks:
             }
         )
         rec._sample(phase)
-        if t_ns - self._flushed_ns >= _FLUSH_NS:
-            self._flushed_ns = t_ns
-            rec._flush()
-            self._steps.flush()
-            assert self._request_log is not None
-            self._request_log.flush()
+        self._flushed_ns = flush_when_due(self._flushed_ns, t_ns, rec, self._steps, self._request_log)
 
     def _log_request(self, request: Any, event: str, blocks: int, **extra: Any) -> None:
         assert self._request_log is not None

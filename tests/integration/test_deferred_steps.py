@@ -37,14 +37,19 @@ def _events(run: Path) -> list[dict[str, Any]]:
 
 def _generate(model: Any, batch: Any, run: Path, profiler: bool, **extra: Any) -> None:
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
-        model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            **extra,
-        )
+        _generate_plain(model, batch, **extra)
+
+
+def _generate_plain(model: Any, batch: Any, **extra: Any) -> None:
+    """The test's `generate()`, inside whatever recording the caller holds."""
+    model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        **extra,
+    )
 
 
 @pytest.fixture
@@ -139,13 +144,7 @@ def test_a_change_the_updates_do_not_explain_turns_deferring_off_and_says_so(
     try:
         with torch.no_grad(), kvtrace.record(run, model=tiny_model, profiler=False):
             for _ in range(2):  # the second generate() comes after the change
-                tiny_model.generate(
-                    input_ids=prompt_batch.input_ids,
-                    attention_mask=prompt_batch.attention_mask,
-                    max_new_tokens=NEW_TOKENS,
-                    min_new_tokens=NEW_TOKENS,
-                    do_sample=False,
-                )
+                _generate_plain(tiny_model, prompt_batch)
     finally:
         del norm.forward
         for handle in handles:
@@ -288,12 +287,6 @@ def test_a_keyboard_interrupt_caught_inside_the_block_ends_its_step(
     frees_of_first = [i for i, e in enumerate(light) if e["cache"] == 1 and e["event"] == "freed"]
     assert frees_of_first and max(frees_of_first) < light.index(first_of_second)
 
-
-def _generate_plain(model: Any, batch: Any) -> None:
-    model.generate(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS, do_sample=False,
-    )
 
 
 def test_a_hook_on_any_module_of_the_model_keeps_every_update_followed(
