@@ -40,6 +40,7 @@ from analyzers.tables import (
     source_tables,
 )
 from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way
+from kvtrace.run_lock import RunLock
 
 ROW_GROUP_ROWS = 1 << 17
 _COMPACT_PIECES = 64
@@ -250,16 +251,39 @@ def export(
         raise KvtraceError(
             problems[0][1] if problems else f"{where}: no run directories, traces or snapshots found"
         )
+    # Another export into this folder would take the same part number and remove this one's unfinished
+    # files as leftovers: exports into one folder take turns.
+    lock = RunLock(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock.acquire(wait=True)
+    except OSError as exc:
+        raise cannot_write(root, exc, folder=True) from None
+    try:
+        return _export_locked(root, inputs, problems, overwrite, on_input, on_inputs_found, warn, progress)
+    finally:
+        lock.release()
+
+
+def _export_locked(
+    root: Path,
+    inputs: list[Input],
+    problems: list[tuple[str, str]],
+    overwrite: bool,
+    on_input: InputProgress | None,
+    on_inputs_found: Callable[[int], None] | None,
+    warn: Callable[[str], None] | None,
+    progress: ProgressFn | None,
+) -> ExportSummary:
     if overwrite:
         for table in TABLE_NAMES:
             shutil.rmtree(root / table, ignore_errors=True)
-    if root.is_dir():
-        try:
-            _remove_uncommitted(root)
-        except OSError as exc:
-            raise cannot_write(root, exc, folder=True) from None
-    done, taken = _exported(root) if root.is_dir() else (set(), set())
-    part = _next_part(root) if root.is_dir() else 0
+    try:
+        _remove_uncommitted(root)
+    except OSError as exc:
+        raise cannot_write(root, exc, folder=True) from None
+    done, taken = _exported(root)
+    part = _next_part(root)
     summary = ExportSummary(out_dir=str(root), part=part)
     summary.inputs = len(inputs) + len(problems)  # a missing path was given too: "1 of 2 inputs"
     summary.problems.extend(problems)

@@ -1,10 +1,13 @@
-"""An exclusive lock on a run folder while a recording writes it.
+"""An exclusive lock on a run folder while a recording writes it, or on an export folder while an export
+adds its part.
 
 Two recordings into one folder at once (two processes with `overwrite=True`) would each delete the
 other's files and write their own beside them: a run that silently mixes two processes. The lock is
 `flock` on `.kvtrace.lock` inside the folder, taken without waiting: the second recording is refused at
 its start, naming the holder's pid. The kernel drops the lock when its holder dies, so a killed recording
-blocks nothing. Where `fcntl` is missing (Windows) there is no lock.
+blocks nothing. Exports into one folder wait for each other instead (`acquire(wait=True)`): both would
+take the same part number and remove each other's unfinished files. Where `fcntl` is missing (Windows)
+there is no lock.
 """
 
 from __future__ import annotations
@@ -35,14 +38,15 @@ class RunLock:
         self.path = folder / LOCK_FILE
         self._fh: IO[str] | None = None
 
-    def acquire(self) -> None:
-        """Take the lock or raise RunFolderBusy; OSError when the lock file cannot be made."""
+    def acquire(self, wait: bool = False) -> None:
+        """Take the lock or raise RunFolderBusy (with `wait`: block until the holder releases it); OSError
+        when the lock file cannot be made."""
         if fcntl is None or self._fh is not None:
             return
         while True:
             fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 fh.seek(0)
                 pid = fh.read().strip()

@@ -355,3 +355,34 @@ def test_a_trace_row_describes_its_gpu(tmp_path: Path) -> None:
     # THEN its row describes that GPU: type, index, name and memory all of one device
     described = (run["device_type"], run["device_index"], run["device_name"], run["total_memory_bytes"])
     assert described == ("cuda", gpu_id, gpu["name"], gpu["totalGlobalMem"])
+
+
+def test_exports_into_one_folder_take_turns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second export into a folder another export is writing waits for it, then adds the next part:
+    both would otherwise number their part alike and remove each other's unfinished files."""
+    import threading
+
+    from kvtrace.run_lock import RunLock
+
+    out = tmp_path / "tables"
+    assert main(["export", str(SAMPLES / "dynamic_b2"), "-o", str(out), "-q"]) == 0
+    held = RunLock(out)
+    held.acquire()  # as an export in progress holds it
+    codes: list[int] = []
+    second = threading.Thread(
+        target=lambda: codes.append(main(["export", str(SNAPSHOT), "-o", str(out), "-q"]))
+    )
+    second.start()
+    second.join(timeout=1.0)
+    try:
+        assert second.is_alive() and not codes  # waiting for the holder, nothing written meanwhile
+        assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00000.parquet"]
+    finally:
+        held.release()
+    second.join(timeout=60)
+    assert codes == [0]
+    runs = _cli_json(capsys, "query", str(out), "SELECT run_id FROM runs ORDER BY run_id", "--json")
+    assert [row["run_id"] for row in runs] == sorted(
+        [f"{(SAMPLES / 'dynamic_b2').as_posix()}", SNAPSHOT.as_posix()]
+    )
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
