@@ -10,7 +10,7 @@ import numpy as np
 from analyzers.budget import budget_crossing, budget_of
 from analyzers.caches import CacheSummary, cache_summaries, caches_note, main_cache
 from analyzers.kv_log import SEQ_MAJOR_PARTS, is_kv_data
-from analyzers.model import CATEGORY_NAMES, KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
+from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "int8": 1}
@@ -122,13 +122,9 @@ def _device_summary(
         peak = int(timeline.allocated[peak_i])
         final = int(timeline.allocated[-1])
         at_peak = {name: int(series[peak_i]) for name, series in timeline.by_category.items()}
-        start = int(timeline.allocated[0]) - int(dev.delta_bytes[0])
-        if start > peak:  # the level before the first event (blocks the trace frees but never allocates)
-            peak = start
-            first = int(dev.delta_bytes[0])
-            first_category = CATEGORY_NAMES[int(dev.category[0])] if dev.category is not None else "other"
-            at_peak = {name: int(series[0]) for name, series in timeline.by_category.items()}
-            at_peak[first_category] -= first
+        if timeline.start_allocated > peak:  # the level before the first event (blocks the trace frees)
+            peak = timeline.start_allocated
+            at_peak = dict(timeline.start_by_category)
             peak_i = 0  # its time is the first event's: nothing is known between the start and it
     reserved_at_peak = (
         int(timeline.reserved[peak_i]) if timeline.reserved is not None and peak_i >= 0 else None

@@ -7,7 +7,7 @@ the drawn curve reaches exactly the same heights as the full one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +41,10 @@ class DeviceTimeline:
     reserved: np.ndarray | None
     by_category: dict[str, np.ndarray]
     capacity_bytes: int | None
+    # The level before the first event, at the first event's time: the peak where a trace begins by freeing
+    # blocks it never allocated (a snapshot's), so a chart must start from it.
+    start_allocated: int = 0
+    start_by_category: dict[str, int] = field(default_factory=dict)
 
 
 def device_timeline(dev: DeviceEvents, baseline_category: int = OTHER) -> DeviceTimeline:
@@ -70,7 +74,22 @@ def device_timeline(dev: DeviceEvents, baseline_category: int = OTHER) -> Device
     reserved = None
     if dev.total_reserved is not None and len(dev.total_reserved) == len(delta) and dev.total_reserved.any():
         reserved = dev.total_reserved.astype(np.int64)
-    return DeviceTimeline(dev.device, dev.ts_us, allocated, reserved, by_category, dev.capacity_bytes)
+    start_allocated, start_by_category = dev.baseline_bytes, {}
+    if len(delta):
+        first = int(delta[0])
+        start_allocated = int(allocated[0]) - first
+        start_by_category = {name: int(series[0]) for name, series in by_category.items()}
+        start_by_category[CATEGORY_NAMES[int(category[0])]] -= first
+    return DeviceTimeline(
+        dev.device,
+        dev.ts_us,
+        allocated,
+        reserved,
+        by_category,
+        dev.capacity_bytes,
+        start_allocated,
+        start_by_category,
+    )
 
 
 def downsample_indices(values: np.ndarray, max_points: int, times: np.ndarray | None = None) -> np.ndarray:
@@ -87,7 +106,7 @@ def downsample_indices(values: np.ndarray, max_points: int, times: np.ndarray | 
     if times is not None and n and times[-1] > times[0]:
         half = max(1, buckets // 2)
         by_time = np.searchsorted(times, np.linspace(times[0], times[-1], half + 1)[1:-1], side="left")
-        edges = sorted_unique(np.concatenate([edges[:: 2], by_time, [n]]).astype(np.int64))
+        edges = sorted_unique(np.concatenate([edges[::2], by_time, [n]]).astype(np.int64))
     starts, ends = edges[:-1], edges[1:]
     keep = [starts, ends - 1]
     # Per-bucket argmax/argmin, vectorised with reduceat over the bucket starts.

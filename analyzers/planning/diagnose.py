@@ -39,7 +39,7 @@ import numpy as np
 
 from analyzers.budget import BudgetCrossing, budget_crossing, budget_of
 from analyzers.kv_log import is_kv_data
-from analyzers.model import MemorySource
+from analyzers.model import DeviceEvents, MemorySource
 from analyzers.readers.run_dir import NO_MEMORY_EVENTS_NOTE
 from analyzers.stack_frames import heading, kept_frames
 from analyzers.summary import Report, clock_time
@@ -162,6 +162,20 @@ def _live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[Stac
         entry[0] += int(nbytes)
         entry[1] += 1
     return [_share(text, total, count) for text, (total, count) in grouped.items()]
+
+
+def _freed_from_before(dev: DeviceEvents, upto: int) -> int:
+    """Bytes that events up to `upto` freed of blocks allocated before the trace began: frees that are the
+    first event at their address (sorted by (address, index) as in `_live_by_stack`)."""
+    if upto < 0:
+        return 0
+    n = upto + 1
+    addr = dev.addr[:n]
+    order = np.lexsort((np.arange(n), addr))
+    first = np.ones(n, dtype=bool)
+    first[order[1:]] = addr[order[1:]] != addr[order[:-1]]
+    delta = dev.delta_bytes[:n]
+    return -int(delta[(delta < 0) & first & (addr >= 0)].sum())
 
 
 def _share(stack: str, nbytes: int, allocations: int) -> StackShare:
@@ -574,8 +588,12 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         if freed > 0:
             stacks.append(StackShare("(freed by the trace before the dump)", freed, 0))
     elif baseline:
-        label = "(weights and others, allocated before the trace began)"
-        stacks.append(StackShare(label, baseline, 0))
+        # What was allocated before the trace and is still live: the trace may have freed some of it first
+        before = baseline - (
+            _freed_from_before(source.devices[dev_index], index) if dev_index is not None else 0
+        )
+        if before > 0:
+            stacks.append(StackShare("(weights and others, allocated before the trace began)", before, 0))
     top = tuple(sorted(stacks, key=lambda s: -s.bytes)[:TOP_STACKS])
 
     fields: dict[str, object] = {

@@ -207,6 +207,10 @@ def read_memory_timeline(
             "format": f"memory_timeline_{form}",
             "device_assumed": device,
             "version_bumps": collector.bump_rows >> 1,
+            "input_notes": [
+                f"a memory timeline does not say which device it describes (torch writes the one asked for, "
+                f"a CUDA device by default): shown as {device}"
+            ],
         }
     )
     return source

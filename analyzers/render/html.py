@@ -57,12 +57,22 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             continue
         keep = downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us)
         x = (tl.ts_us[keep] - t0) / scale
+        # From the level before the first event, at its time: a trace that begins by freeing blocks it never
+        # allocated (a snapshot's) peaks there, as the page's figures say.
+        starts = tl.start_allocated != int(tl.allocated[0])
+        if starts:
+            x = np.concatenate([x[:1], x])
+
+        def points(values: np.ndarray, start: int, keep: np.ndarray = keep, starts: bool = starts) -> Any:
+            picked = values[keep]
+            return (np.concatenate([[start], picked]) if starts else picked) / factor
+
         prefix = f"{tl.device} " if len(report.timelines) > 1 else ""
         for name in ("weights", "kv", "other"):
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=tl.by_category[name][keep] / factor,
+                    y=points(tl.by_category[name], tl.start_by_category.get(name, 0)),
                     name=f"{prefix}{name}",
                     stackgroup=tl.device,
                     line={"width": 0.5, "color": _COLORS[name]},
@@ -74,7 +84,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         fig.add_trace(
             go.Scatter(
                 x=x,
-                y=tl.allocated[keep] / factor,
+                y=points(tl.allocated, tl.start_allocated),
                 name=f"{prefix}allocated",
                 line={"color": "black", "width": 1},
                 hovertemplate=hover,
@@ -86,7 +96,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=tl.reserved[keep] / factor,
+                    y=points(tl.reserved, int(tl.reserved[0])),
                     name=f"{prefix}reserved",
                     hovertemplate=hover,
                     line={"color": "orange", "dash": "dot"},

@@ -274,6 +274,8 @@ def test_diagnose_takes_the_peak_the_raw_file_shows(path: Path, capsys: pytest.C
     result = json.loads(capsys.readouterr().out)
     if result["event"] == "peak":
         assert result["allocated_bytes"] == want[result["device"]]["peak"]
+
+
 def test_memory_timeline_parameters_are_the_weights_at_peak() -> None:
     # GIVEN torch's own category per row (0 PARAMETER, torch/profiler/_memory_profiler.py _CATEGORY_TO_INDEX)
     path = _require("memory_timeline.raw.gz")
@@ -295,3 +297,38 @@ def test_memory_timeline_parameters_are_the_weights_at_peak() -> None:
     assert weights_at_peak == 102_440_608
     assert dev.peak_allocated_bytes == peak
     assert dev.categories_at_peak == {"kv": 0, "weights": weights_at_peak, "other": peak - weights_at_peak}
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_the_html_chart_reaches_the_peak_of_the_raw_file(path: Path) -> None:
+    """The chart starts from the level before the first event: a snapshot whose trace begins by freeing
+    blocks allocated before it (torch 2.0 dumps) peaks there, and the chart must show the page's peak."""
+    from analyzers.render.html import _timeline_figure
+    from analyzers.units import binary_unit
+
+    source = attribute(_open_source(path))
+    report = summarize(source)
+    figure = _timeline_figure(source, report)
+    for dev in source.devices:
+        if not len(dev):
+            continue  # nothing over time to chart (a snapshot without a trace): the page gives the state
+        peak = measured(dev)["peak"]
+        _, factor = binary_unit(max(d.peak_allocated_bytes for d in report.devices))
+        prefix = f"{dev.device} " if len(source.devices) > 1 else ""
+        (allocated,) = [t for t in figure.data if t.name == f"{prefix}allocated"]
+        assert round(float(np.max(allocated.y)) * factor) == peak
+        stacked = sum(
+            np.asarray(t.y)
+            for t in figure.data
+            if t.name in {f"{prefix}{c}" for c in ("weights", "kv", "other")}
+        )
+        assert np.allclose(stacked, np.asarray(allocated.y))
+
+
+def test_a_memory_timeline_says_its_device_is_assumed(capsys: pytest.CaptureFixture[str]) -> None:
+    """export_memory_timeline files do not name their device: the report says which one it shows."""
+    path = _require("memory_timeline.raw.gz")
+    assert main(["report", str(path), "--json", "-q"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["device"] for d in data["devices"]] == ["cuda:0"]
+    assert any("does not say which device" in note and "cuda:0" in note for note in data["notes"])
