@@ -174,6 +174,8 @@ def _focus(ranks: list[RankReport], oom_rank: int | None, peak_rank: int | None)
     if failed:
         # The first to fail: the others often fail after it, waiting on a collective it never joined.
         first = min(failed, key=lambda r: (r.ended.get("t_ns") or float("inf"), r.rank))
+        if first.status == "running" and first.source.meta.get("recording_pid") is not None:
+            return first.rank, "is still being recorded"
         if first.status == "running":
             return first.rank, "never finished (the process died)"
         return first.rank, f"raised {first.ended.get('type') or first.status}"

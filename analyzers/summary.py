@@ -390,7 +390,11 @@ def summarize(
     if source.meta.get("truncated"):
         notes.append("the run was interrupted: figures cover the events written before it stopped")
     ended = (manifest or {}).get("ended") or {}
-    if ended.get("status") == "running":
+    recording = source.meta.get("recording_pid")
+    if ended.get("status") == "running" and recording is not None:
+        by = f" by pid {recording}" if recording else ""
+        notes.append(f"the run is still being recorded{by}: figures cover what it has written so far")
+    elif ended.get("status") == "running":
         notes.append("the run never finished (the process died): read up to its last flushed step")
     elif ended.get("status") == "interrupted":
         notes.append("the recorded block was interrupted (Ctrl-C): the figures cover the run up to then")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import IO
 
@@ -23,6 +24,31 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
+
+
+_PROBE_RETRIES = 20
+
+
+def holder(folder: Path) -> str | None:
+    """Whether a recording holds `folder` now: its pid ("" before it is written), or None (none does, or
+    it cannot be told). A reader probes with a shared lock, at once released; a recording starting in that
+    instant retries (`acquire`)."""
+    if fcntl is None:
+        return None
+    try:
+        fh = open(folder / LOCK_FILE, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = fh.read().strip()
+            return pid if pid.isdigit() else ""
+        except OSError:
+            return None
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
 
 
 class RunFolderBusy(Exception):
@@ -43,6 +69,7 @@ class RunLock:
         when the lock file cannot be made."""
         if fcntl is None or self._fh is not None:
             return
+        tries = 0
         while True:
             fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
             try:
@@ -51,6 +78,10 @@ class RunLock:
                 fh.seek(0)
                 pid = fh.read().strip()
                 fh.close()
+                tries += 1
+                if tries < _PROBE_RETRIES:  # a reader's `holder()` probe holds it for microseconds
+                    time.sleep(0.01)
+                    continue
                 raise RunFolderBusy(pid if pid.isdigit() else None) from None
             # The holder before us may have unlinked the file between our open and our lock: a lock on
             # a file no longer at the path guards nothing, so take the one that is there now.

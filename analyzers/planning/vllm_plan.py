@@ -180,7 +180,7 @@ class VllmPlan:
     page_size_bytes: int  # one layer, one block
     bytes_per_block: int  # all layers, one block
     kv_bytes_per_token: int  # all layers, per worker
-    weights_bytes: int
+    weights_bytes: int | None  # None: unknown, and not needed (kv_cache_memory_bytes sizes the pool)
     available_kv_bytes: int
     num_blocks: int
     kv_tokens: int  # "GPU KV cache size: N tokens": int(max_concurrency * max_model_len)
@@ -202,12 +202,14 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         page = req.block_size * (geom.mla.kv_lora_rank + geom.mla.qk_rope_head_dim) * dtype_bytes
         notes.append("latent attention: vLLM caches the latent (kv_lora_rank + qk_rope_head_dim per token)")
     weights = req.weights_bytes
-    if weights is None:
+    if weights is None and geom.intermediate_size:
         weights = math.ceil(weights_bytes(geom, req.model_dtype) / req.tensor_parallel_size)
         if req.kv_cache_memory_bytes is None:
             notes.append("weights computed from the geometry (no embeddings padding, no quantization scales)")
     if req.kv_cache_memory_bytes is not None:
         available = req.kv_cache_memory_bytes
+    elif weights is None:
+        raise ValueError("the weights cannot be sized: the geometry has no MLP size")
     else:
         available = available_kv_bytes(
             req.gpu_memory_bytes,
@@ -282,7 +284,7 @@ def format_vllm_text(result: VllmPlan) -> str:
                 f"GPU x {req.gpu_memory_utilization:g}",
                 readable_bytes(math.ceil(req.gpu_memory_bytes * req.gpu_memory_utilization)),
             ),
-            ("  - weights", readable_bytes(result.weights_bytes)),
+            ("  - weights", readable_bytes(result.weights_bytes or 0)),
             ("  - activation peak", readable_bytes(req.activation_peak_bytes)),
             ("  - non-torch", readable_bytes(req.non_torch_bytes)),
             ("available KV memory", readable_bytes(result.available_kv_bytes)),

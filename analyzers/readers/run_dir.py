@@ -16,6 +16,7 @@ from analyzers.readers.sources import ProgressFn
 from kvtrace.errors import KvtraceError
 from kvtrace.format import KV_EVENTS, MEMORY_SAMPLES, PROFILER_DIR, SNAPSHOT_DIR, Run, read_run
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
+from kvtrace.run_lock import holder
 
 
 def _kv_only_device(device: str, events: list[Any]) -> DeviceEvents:
@@ -219,4 +220,6 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         manifest=run.manifest,
         truncated=run.truncated,
     )
+    if ended.get("status") == "running":  # a recording in progress, or one whose process died
+        source.meta["recording_pid"] = holder(run.path)
     return source

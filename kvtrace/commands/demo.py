@@ -173,11 +173,13 @@ class DemoCommand(Command):
         from kvtrace.commands.report import ReportCommand
 
         html = out / "timeline.html"
-        status = ReportCommand().run(
+        report = ReportCommand()
+        status = report.run(
             argparse.Namespace(path=str(out), output=str(html), json=False, quiet=False, no_export=False)
         )
         print(f"open: {html}   |   tensorboard --logdir {out}")
-        if budget is not None:
+        crossing = getattr(report, "last_report", None)
+        if crossing is not None and crossing.budget is not None and crossing.budget["crossed"]:
             print(f"why it would run out on {gpu_memory}, and what each remedy buys: kvtrace diagnose {out}")
         return status
 

@@ -89,12 +89,6 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         geometry = geometry_from_config(args.config)
     elif run_geometry is not None:
         geometry = run_geometry
-        unsized = not geometry.intermediate_size  # engine.json of an older kvtrace: no MLP size
-        if unsized and args.weights_bytes is None and measured.get("weights_bytes") is None:
-            raise KvtraceError(
-                f"{args.from_run}: its engine.json does not give the model's MLP size, so the weights cannot "
-                "be sized: add --config PATH (the model's config.json) or --weights-bytes"
-            )
     else:
         raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
 
@@ -126,6 +120,15 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
             # an older run's engine.json without the setting: vLLM on CPU sizes its pool by it, not by a
             # GPU's memory, so the pool it allocated is that setting
             kv_cache_memory = int(measured["kv_cache_bytes"])
+    # engine.json of an older kvtrace, or of a start vLLM refused: no MLP size. The weights matter only
+    # where the profile arithmetic sizes the pool, not where kv_cache_memory_bytes does.
+    unsized = geometry is run_geometry and not geometry.intermediate_size
+    weights_given = args.weights_bytes is not None or bool(measured.get("weights_bytes"))
+    if unsized and kv_cache_memory is None and not weights_given:
+        raise KvtraceError(
+            f"{args.from_run}: its engine.json does not give the model's MLP size, so the weights cannot "
+            "be sized: add --config PATH (the model's config.json) or --weights-bytes"
+        )
     request = VllmPlanRequest(
         geometry=geometry,
         model_dtype=setting(args.dtype, "model_dtype", "bf16"),

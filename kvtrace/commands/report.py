@@ -84,6 +84,7 @@ class ReportCommand(Command):
         finally:
             if close is not None:
                 close()
+        self.last_report = report  # for `kvtrace demo`, which reports its own run
         if source.kind == "run" and not getattr(args, "no_export", False):
             self._export(path, source)
         print_result(args.json, lambda: report_to_json(report), lambda: report_to_text(report))
@@ -128,6 +129,13 @@ class ReportCommand(Command):
         from analyzers.export import COUNTERS_FILE, SCALARS_DIR, write_counters, write_scalars
 
         meta = source.meta  # type: ignore[attr-defined]
+        if meta.get("recording_pid") is not None:  # still being written: its figures are not final
+            print(
+                f"kvtrace report: note: {path} is still being recorded: KV counters and scalars not written "
+                "into it (report it again when it ends)",
+                file=sys.stderr,
+            )
+            return
         # The exports are a by-product: a read-only or full run still gets its report (exit status 0), and
         # each file that could not be written gets one line.
         try:

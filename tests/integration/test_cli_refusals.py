@@ -574,9 +574,16 @@ def test_vllm_first_run_mistakes_are_refused_without_touching_a_run(
     # --from-run without --engine vllm says what is missing
     assert main(["plan", "--from-run", str(run_copy)]) == 2
     assert "--from-run plans a vLLM run's pool: add --engine vllm" in capsys.readouterr().err
-    # a refused run recorded without the model's MLP size: its weights are not guessed (MLP 0 halved them)
+    # a refused run recorded without the model's MLP size: its pool was sized by kv_cache_memory_bytes,
+    # which needs no weights, so it is planned as vLLM refused it (exit 1), the weights left unknown
     refused = SAMPLES / "vllm_refused"
-    assert main(["plan", "--engine", "vllm", "--from-run", str(refused)]) == 2
+    assert main(["plan", "--engine", "vllm", "--from-run", str(refused), "--json"]) == 1
+    planned = json.loads(capsys.readouterr().out)
+    engine = json.loads((refused / "engine.json").read_text())
+    assert planned["weights_bytes"] is None and planned["starts"] is False
+    assert planned["estimated_max_model_len"] == engine["refused"]["estimated_max_model_len"]
+    # where the profile arithmetic sizes the pool (a GPU typed): weights not guessed (MLP 0 halved them)
+    assert main(["plan", "--engine", "vllm", "--from-run", str(refused), "--gpu-memory", "24GiB"]) == 2
     assert f"{refused}: its engine.json does not give the model's MLP size" in capsys.readouterr().err
     # the plugin (vllm serve with KVTRACE_DIR) names its own knob to replace a run
     from kvtrace.integrations import vllm_plugin

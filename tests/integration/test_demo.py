@@ -158,3 +158,17 @@ def test_a_demo_this_machine_cannot_run_is_refused_in_one_line_before_building_a
     )
     assert swept.returncode == 2 and said in swept.stderr and "Traceback" not in swept.stderr, swept.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "crossed"), [([], True), (["--no-profiler", "--gpu-memory", "8GiB"], False)]
+)
+def test_the_demo_points_to_diagnose_only_when_the_budget_is_crossed(
+    tmp_path: Path, flags: list[str], crossed: bool
+) -> None:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["demo", "--out", str(tmp_path / "d"), "--new-tokens", "40", *flags]) == 0
+    data = json.loads(_report_json(tmp_path / "d"))
+    assert data["budget"]["crossed"] is crossed
+    assert ("why it would run out on" in out.getvalue()) is crossed

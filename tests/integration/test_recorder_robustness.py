@@ -262,8 +262,12 @@ def test_two_generate_calls_free_the_first_cache_before_the_second_begins(tiny_m
         for rows, new in runs:
             batch = ids.repeat(rows, 1)
             tiny_model.generate(
-                input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=new,
-                min_new_tokens=new, do_sample=False, pad_token_id=0,
+                input_ids=batch,
+                attention_mask=torch.ones_like(batch),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
             )
     events = read_run(tmp_path / "run").kv_events
     assert_well_ordered(events)
@@ -468,3 +472,41 @@ def test_a_process_forked_inside_a_recording_does_not_inherit_its_locks(tmp_path
     # AND the parent's run holds the parent's events only
     events = [json.loads(line) for line in (tmp_path / "run" / KV_EVENTS).read_text().splitlines()]
     assert {e["layer"] for e in events} == {0}
+
+
+def test_a_run_still_being_recorded_is_reported_as_such(tiny_model, tiny_size, tmp_path, capsys):
+    """A report on a run whose recording is still going says so (not "the process died"), and writes
+    nothing into it; once the block ends, the same run reads as finished."""
+    from kvtrace.cli import main
+    from kvtrace.format import LOCK_FILE
+
+    ids = torch.randint(3, 1000, (2, 5))
+    run = tmp_path / "run"
+    with kvtrace.record(run, model=tiny_model, profiler=False) as rec:
+        tiny_model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        rec._flush()  # what the writer thread does every 0.1 s
+        capsys.readouterr()
+        assert main(["report", str(run), "--json", "-q"]) == 0
+        captured = capsys.readouterr()
+        live = json.loads(captured.out)
+        assert (run / LOCK_FILE).read_text() == str(os.getpid())
+    assert (
+        f"the run is still being recorded by pid {os.getpid()}: figures cover what it has written so far"
+        in (live["notes"])
+    )
+    assert not any("process died" in note for note in live["notes"])
+    assert "still being recorded" in captured.err
+    assert not (run / "kv_counters.trace.json.gz").exists() and not (run / "tb_scalars").exists()
+    # AND the KV written so far is there: 4 new tokens on 5, batch 2, the last token not cached
+    assert live["kv"]["tokens_held"] == 5 + 4 - 1
+    assert main(["report", str(run), "--json", "-q"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert not any("still being recorded" in note or "process died" in note for note in done["notes"])
+    assert (run / "kv_counters.trace.json.gz").exists()
