@@ -559,12 +559,15 @@ class KvTracker:
         reason: str = "",
         evicted: int | None = None,
         evicted_reason: str = "",
+        whole_layer: bool = True,
     ) -> None:
         """Compare the current tensors of one layer with the last seen ones; log what changed.
 
         `parts` maps (kv, part) to the attribute's value (a tensor, a tuple of tensors, a quantized object,
         or None). `tokens` is how many tokens the layer holds now, per batch row. `evicted` overrides the
-        evicted-token count (window evictions counted by the caller, with `evicted_reason`).
+        evicted-token count (window evictions counted by the caller, with `evicted_reason`). Without
+        `whole_layer`, `parts` are only some of the layer's slots (one `track()`): the others are left as
+        they are, not taken for vanished.
 
         Storages watched since an earlier observation and released by now are logged freed first, before
         this observation's new storages: they were released since that observation, and a hand-written
@@ -606,7 +609,7 @@ class KvTracker:
                 ):
                     seen.add(key)
         # Slots of this layer that vanished (reset, a quantized residual flushed to an empty tensor).
-        for key in [k for k in slots if k not in seen]:
+        for key in [k for k in slots if k not in seen] if whole_layer else ():
             old = slots.pop(key)
             self._retire(cache_id, layer, key, old)
             if cause in ("reset", "scan", "crop"):

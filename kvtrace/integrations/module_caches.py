@@ -100,7 +100,11 @@ class ModuleCaches:
         """Follow `tensor` as the `kind` ("k"/"v") cache of `layer`, through a weak reference: a tracked
         tensor must live and die as it would unrecorded. Tracking a new tensor for the same layer and kind
         (a cache regrown by torch.cat) replaces the old one, whose storage is logged freed once released.
-        `layout` ("bhsd" or "bshd", see TRACK_LAYOUTS) says which dim holds the tokens. A tensor of
+        `layout` ("bhsd" or "bshd", see TRACK_LAYOUTS) says which dim holds the tokens.
+
+        Only `kind` is compared here: the layer's other kind may be between its regrowth and its own
+        `track()` (its old tensor released, the new one not handed over yet), which is no vanished cache
+        but a `grown` still to come. The end of the step compares the whole layer. Only a tensor of
         another layer or kind found dead at this one's address is let go first: its storage was released
         before this one was made there."""
         try:
@@ -118,7 +122,7 @@ class ModuleCaches:
         refs[kind] = (ref, layout, addr)
         if addr:
             self._tracked_at[addr] = (layer, kind)
-        self._observe_tracked(layer, "track")
+        self._observe_tracked(layer, "track", only=kind)
 
     def _release_dead(self, owner: tuple[int, str], addr: int) -> None:
         """The tracked tensor `owner` (layer, kind) was at `addr`: if it died, its slot lets go of its storage
@@ -128,11 +132,14 @@ class ModuleCaches:
         if entry is not None and entry[0]() is None:
             self.tracker.release_slot_at(TRACK_CACHE_ID, layer, (kind, TRACK_LAYOUTS[entry[1]]), addr)
 
-    def _observe_tracked(self, layer: int, cause: str) -> None:
+    def _observe_tracked(self, layer: int, cause: str, only: str | None = None) -> None:
+        """Compare a layer's tracked tensors (with `only`, that kind's alone) with their last state."""
         refs = self._tracked[layer]
         parts: dict[tuple[str, str], Any] = {}
         tokens = 0
         for kind, (ref, layout, addr) in list(refs.items()):
+            if only is not None and kind != only:
+                continue
             tensor = ref()
             if tensor is None:  # gone: its slot vanishes below, and its storage is logged freed when released
                 del refs[kind]
@@ -143,7 +150,9 @@ class ModuleCaches:
             if not tokens:
                 seq_dim = 1 if layout == "bshd" and tensor.dim() >= 3 else -2
                 tokens = int(tensor.shape[seq_dim]) if tensor.dim() >= 2 else int(tensor.numel())
-        self.tracker.observe(TRACK_CACHE_ID, layer, parts, cause, tokens, source="track")
+        self.tracker.observe(
+            TRACK_CACHE_ID, layer, parts, cause, tokens, source="track", whole_layer=only is None
+        )
         if not refs:
             del self._tracked[layer]
 

@@ -1,9 +1,9 @@
 """Hand-written decode loops that hand their caches to `kvtrace.track()`: the KV log keeps the allocator's
 order, so its replay (by address) gives the KV each step held, the bytes allocated and the transient peak.
 
-GPT-2's legacy past, whose old K/V stay bound to locals until the next layer rebinds them (freed between
-two `track()` calls, their memory often reused at once by the next new tensor), and a cache dropped and
-made again in the same memory.
+Two loops of the kind users write: GPT-2's legacy past, whose old K/V stay bound to locals until the next
+layer rebinds them (freed between two `track()` calls, their memory often reused at once by the next new
+tensor), and the README's attribute caches regrown by torch.cat, K then V, then tracked K then V.
 """
 
 from __future__ import annotations
@@ -43,6 +43,33 @@ class LegacyPastLoop(torch.nn.Module):
             self.past[layer] = (k, v)
             kvtrace.track(k, layer=layer, kind="k")
             kvtrace.track(v, layer=layer, kind="v")
+        return x[:, -1:]
+
+
+class AttributeCacheLoop(torch.nn.Module):
+    """The README's pattern: K grown by torch.cat (its old tensor released at once), then V, then both
+    handed to track(): when track(K) runs, V's old tensor is already gone and its new one not tracked yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[1]
+        for layer in range(LAYERS):
+            k, v = (
+                torch.randn(ROWS, KV_HEADS, tokens, HEAD_DIM),
+                torch.randn(ROWS, KV_HEADS, tokens, HEAD_DIM),
+            )
+            if len(self.keys) == layer:
+                self.keys.append(k)
+                self.values.append(v)
+            else:
+                self.keys[layer] = torch.cat([self.keys[layer], k], 2)
+                self.values[layer] = torch.cat([self.values[layer], v], 2)
+            kvtrace.track(self.keys[layer], layer=layer, kind="k")
+            kvtrace.track(self.values[layer], layer=layer, kind="v")
         return x[:, -1:]
 
 
@@ -102,6 +129,26 @@ def test_a_storage_released_between_two_tracks_is_freed_before_its_address_is_re
     at_addr = [(e.event, e.layer) for e in events if e.addr == addr and e.phase != "end"]
     assert at_addr == [("created", 0), ("freed", 0), ("replaced", 1)]  # same bytes as its old one
     assert_addresses_freed_before_reuse(events)
+
+
+def test_tracking_k_then_v_after_both_regrew_logs_v_grown_over_its_old_tensor(tmp_path: Path) -> None:
+    # GIVEN K and V regrown by torch.cat, then track(K) and track(V), layer after layer
+    _run(AttributeCacheLoop(), tmp_path / "run")
+    events = read_run(tmp_path / "run").kv_events
+    assert_well_ordered(events)
+    assert_addresses_freed_before_reuse(events)
+    # THEN V, like K, is grown from its previous tensor at every step, and each old one freed after it
+    for layer in range(LAYERS):
+        for name in ("k", "v"):
+            slot = [e for e in events if e.layer == layer and e.kv == name and e.phase != "end"]
+            assert [e.event for e in slot] == ["created"] + ["grown", "freed"] * NEW
+            grown = [e for e in slot if e.event != "freed"]
+            assert [e.prev_addr for e in grown[1:]] == [e.addr for e in grown[:-1]]
+    kv = analyze_kv_log(events)
+    final = PROMPT + NEW
+    assert kv.final_bytes == LAYERS * 2 * final * TOKEN_BYTES
+    # AND the peak has the last V's copy: every layer's K and V, and the last layer's old V besides
+    assert kv.peak_bytes == (LAYERS * 2 * final + final - 1) * TOKEN_BYTES
 
 
 def test_a_cache_dropped_and_made_again_in_its_own_memory_is_freed_before_the_new_one(tmp_path: Path) -> None:
