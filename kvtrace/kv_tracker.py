@@ -8,7 +8,8 @@ tensors here, with the cause it knows; the tracker decides what changed and logs
 Frees are exact: each storage a slot holds is watched through a weak reference to the storage itself (not
 the tensor: a view may outlive it), and `freed` is logged when the allocator has released it: at the
 update that replaced it when the update itself released it (torch.cat growth), else at the first later
-observation or step end that finds it gone.
+observation or step end that finds it gone, before that observation's new storages (the analyzers replay
+the log by address, and malloc hands a released address to the next tensor at once).
 
 Cost (issue 11): a layer update runs once per layer and step, so on a GPU it must cost microseconds.
 Events are written straight into JSON lines with one `%` format (same keys as `KvEvent`, read back by
@@ -219,6 +220,8 @@ class KvTracker:
         # Storages that left their slot but may still be alive (a view, an autograd graph, the caller):
         # (weak ref, layer, kv, quoted part, addr, bytes, cache).
         self._pending: list[tuple[int, int, str, str, int, int, int]] = []
+        # Their addresses: a new storage at one of them means that storage was released first (`update`).
+        self._pending_addrs: set[int] = set()
         self.lines: list[str] = []
         self.lock = threading.RLock()  # around `_seq` and `lines`: the writer thread drains too
         # Captured layer updates waiting for `drain`: (cache, layer, t_ns, step, phase JSON, tokens,
@@ -301,6 +304,13 @@ class KvTracker:
         v_facts = _capture(fast[1], values, written)
         if k_facts is None and v_facts is None:
             return  # the very same tensors, not written since
+        reused = self._pending_addrs
+        if reused and (
+            (k_facts is not None and k_facts[1] in reused) or (v_facts is not None and v_facts[1] in reused)
+        ):
+            # A new storage where a watched one was: that one was released before this update made it, so
+            # its `freed` goes before this update's events (the log is replayed by address).
+            self.poll_frees()
         self._queue.append(
             (cache_id, layer, self._clock(), self.step, self._phase_json, tokens, evicted, reason, k_facts,
              v_facts, both_first)
@@ -314,6 +324,7 @@ class KvTracker:
         """Watch a storage an update replaced but did not release (a view or the caller holds it)."""
         kv_json, part_json = KEY_JSON[key]
         self._pending.append((facts[10], layer, kv_json, part_json, facts[8], facts[9], cache_id))
+        self._pending_addrs.add(facts[8])
 
     def _update_now(
         self,
@@ -332,6 +343,8 @@ class KvTracker:
             state = self._state(cache_id, layer)
             state.tokens = tokens
             t_ns = self._clock()
+            if self._pending:  # released before this update's new storages were made (see `observe`)
+                self._poll_locked(t_ns)
             slots = state.slots
             reason_json = quoted(reason) if evicted else '""'
             self._see(
@@ -445,7 +458,24 @@ class KvTracker:
         if found is None:
             return False
         storage, addr, nbytes = found
-        same_storage = slot is not None and slot.addr == addr
+        kv_json, part_json = KEY_JSON.get(key) or key_json(key)
+        same_storage = released = False
+        if slot is not None and slot.addr == addr:
+            if _expired(slot.wref):
+                # No view of the slot's storage but a new one made where it was, after it was released (a
+                # cache dropped and made again): its free comes first, as the replay by address needs.
+                released = True
+                _free_weak_ref(slot.wref)
+                self._seq += 1
+                self.lines.append(
+                    FREED_LINE
+                    % (
+                        self._seq, t_ns, self.step, self._phase_json, layer, kv_json, part_json, addr,
+                        slot.storage_bytes, cache_id,
+                    )
+                )
+            else:
+                same_storage = True
         if slot is None:
             kind = "created"
             prev_addr = 0
@@ -494,7 +524,6 @@ class KvTracker:
             new.device = device_json(tensor.device)
         slots[key] = new
         self._seq += 1
-        kv_json, part_json = KEY_JSON.get(key) or key_json(key)
         self.lines.append(
             EVENT_LINE
             % (
@@ -506,12 +535,14 @@ class KvTracker:
         )
         if kind == "evicted" and self._on_evict is not None:
             self._on_evict(layer, key[0])
-        if slot is not None and not same_storage:
-            # After the new storage's event, so the log shows both alive (the real transient peak), and
-            # before any later slot's event, which may reuse the freed address.
+        if slot is not None and not same_storage and not released:
+            # After the new storage's event, so the log shows both alive (the real transient peak: the new
+            # tensor was made while this one held the slot), and before any later slot's event, which may
+            # reuse the freed address.
             self._pending.append(
                 (slot.wref, layer, kv_json, part_json, slot.addr, slot.storage_bytes, cache_id)
             )
+            self._pending_addrs.add(slot.addr)
             self.poll_frees(t_ns)
         return True
 
@@ -528,12 +559,21 @@ class KvTracker:
         reason: str = "",
         evicted: int | None = None,
         evicted_reason: str = "",
+        whole_layer: bool = True,
     ) -> None:
         """Compare the current tensors of one layer with the last seen ones; log what changed.
 
         `parts` maps (kv, part) to the attribute's value (a tensor, a tuple of tensors, a quantized object,
         or None). `tokens` is how many tokens the layer holds now, per batch row. `evicted` overrides the
-        evicted-token count (window evictions counted by the caller, with `evicted_reason`).
+        evicted-token count (window evictions counted by the caller, with `evicted_reason`). Without
+        `whole_layer`, `parts` are only some of the layer's slots (one `track()`): the others are left as
+        they are, not taken for vanished.
+
+        Storages watched since an earlier observation and released by now are logged freed first, before
+        this observation's new storages: they were released since that observation, and a hand-written
+        loop releases the tensors it held (a local rebound to the next layer's) before it makes the new
+        ones, maybe at the very same address, which the log's replay must see free first. Only the slot's
+        own old storage is logged freed after its new one, which was made from it or while it was held.
         """
         self.drain()
         state = self._state(cache_id, layer)
@@ -543,6 +583,8 @@ class KvTracker:
             evicted = max(0, prev_tokens - tokens) if cause in ("scan", "crop") else 0
             evicted_reason = ""
         t_ns = self._clock()
+        if self._pending:
+            self._poll_locked(t_ns)
         source_json = quoted(source)
         slots = state.slots
         seen: set[tuple[str, str]] = set()
@@ -567,7 +609,7 @@ class KvTracker:
                 ):
                     seen.add(key)
         # Slots of this layer that vanished (reset, a quantized residual flushed to an empty tensor).
-        for key in [k for k in slots if k not in seen]:
+        for key in [k for k in slots if k not in seen] if whole_layer else ():
             old = slots.pop(key)
             self._retire(cache_id, layer, key, old)
             if cause in ("reset", "scan", "crop"):
@@ -623,6 +665,7 @@ class KvTracker:
         kv_json, part_json = KEY_JSON.get((kv, "data")) or key_json((kv, "data"))
         wref, addr, nbytes = _weak_ref_of(storage), storage.data_ptr(), int(storage.nbytes())
         self._pending.append((wref, layer, kv_json, part_json, addr, nbytes, cache))
+        self._pending_addrs.add(addr)
 
     @_locked
     def masked(self, cache_id: int, layer: int, masked_entries: int, tokens: int) -> None:
@@ -640,10 +683,27 @@ class KvTracker:
         if self._on_evict is not None:
             self._on_evict(layer, "k")
 
+    @_locked
+    def release_slot_at(self, cache_id: int, layer: int, key: tuple[str, str], addr: int) -> None:
+        """A new storage shows up at `addr`, which a slot still holds whose tensor was dropped unseen (a
+        hand-written cache thrown away between two generations): that storage was released before, so it
+        leaves its slot and is logged freed now, before the new storage's event. Nothing when the slot has
+        moved on or its storage is still alive."""
+        state = self._layers.get((cache_id, layer))
+        slot = state.slots.get(key) if state is not None else None
+        if state is None or slot is None or slot.addr != addr or not _expired(slot.wref):
+            return
+        self.drain()
+        del state.slots[key]
+        self._retire(cache_id, layer, key, slot)
+        _refresh_fast(state)
+        self._poll_locked(self._clock())
+
     def _retire(self, cache_id: int, layer: int, key: tuple[str, str], old: _Slot) -> None:
         """Watch a storage that left its slot until the allocator releases it."""
         kv_json, part_json = KEY_JSON.get(key) or key_json(key)
         self._pending.append((old.wref, layer, kv_json, part_json, old.addr, old.storage_bytes, cache_id))
+        self._pending_addrs.add(old.addr)
 
     @_locked
     def retire_cache(self, cache_id: int) -> None:
@@ -694,6 +754,7 @@ class KvTracker:
             else:
                 still.append(item)
         self._pending = still
+        self._pending_addrs = {item[4] for item in still}
 
     @_locked
     def close(self) -> None:
@@ -702,6 +763,7 @@ class KvTracker:
         for item in self._pending:
             _free_weak_ref(item[0])
         self._pending = []
+        self._pending_addrs = set()
         for state in self._layers.values():
             for slot in state.slots.values():
                 _free_weak_ref(slot.wref)

@@ -53,6 +53,13 @@ def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _storage_addr(tensor: torch.Tensor) -> int:
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # meta or fake tensors
+        return 0
+
+
 def layer_from_name(name: str, fallback: int) -> int:
     """`layers.3.attention` -> 3; modules without a number keep their discovery order."""
     match = _LAYER_NUMBER.search(name)
@@ -66,8 +73,11 @@ class ModuleCaches:
         self.tracker = tracker
         self.cache_attrs = dict(DEFAULT_CACHE_ATTRS if cache_attrs is None else cache_attrs)
         self.owners: list[_Owner] = []
-        # layer -> kind -> (weak ref, layout)
-        self._tracked: dict[int, dict[str, tuple[Callable[[], torch.Tensor | None], str]]] = {}
+        # layer -> kind -> (weak ref, layout, storage address when tracked)
+        self._tracked: dict[int, dict[str, tuple[Callable[[], torch.Tensor | None], str, int]]] = {}
+        # storage address -> (layer, kind) tracked there: a new tensor at the address of one dropped unseen
+        # needs that one's free logged first
+        self._tracked_at: dict[int, tuple[int, str]] = {}
 
     def discover(self, model: torch.nn.Module) -> int:
         """Find cache tensors on `model`'s modules; returns how many were found."""
@@ -90,28 +100,59 @@ class ModuleCaches:
         """Follow `tensor` as the `kind` ("k"/"v") cache of `layer`, through a weak reference: a tracked
         tensor must live and die as it would unrecorded. Tracking a new tensor for the same layer and kind
         (a cache regrown by torch.cat) replaces the old one, whose storage is logged freed once released.
-        `layout` ("bhsd" or "bshd", see TRACK_LAYOUTS) says which dim holds the tokens."""
+        `layout` ("bhsd" or "bshd", see TRACK_LAYOUTS) says which dim holds the tokens.
+
+        Only `kind` is compared here: the layer's other kind may be between its regrowth and its own
+        `track()` (its old tensor released, the new one not handed over yet), which is no vanished cache
+        but a `grown` still to come. The end of the step compares the whole layer. Only a tensor of
+        another layer or kind found dead at this one's address is let go first: its storage was released
+        before this one was made there."""
         try:
             ref: Callable[[], torch.Tensor | None] = weakref.ref(tensor)
         except TypeError:  # a tensor type without weak references: held, as a last resort
             ref = functools.partial(_same, tensor)
-        self._tracked.setdefault(layer, {})[kind] = (ref, layout)
-        self._observe_tracked(layer, "track")
+        addr = _storage_addr(tensor)
+        owner = self._tracked_at.get(addr)
+        if owner is not None and owner != (layer, kind):
+            self._release_dead(owner, addr)
+        refs = self._tracked.setdefault(layer, {})
+        previous = refs.get(kind)
+        if previous is not None and self._tracked_at.get(previous[2]) == (layer, kind):
+            del self._tracked_at[previous[2]]
+        refs[kind] = (ref, layout, addr)
+        if addr:
+            self._tracked_at[addr] = (layer, kind)
+        self._observe_tracked(layer, "track", only=kind)
 
-    def _observe_tracked(self, layer: int, cause: str) -> None:
+    def _release_dead(self, owner: tuple[int, str], addr: int) -> None:
+        """The tracked tensor `owner` (layer, kind) was at `addr`: if it died, its slot lets go of its storage
+        now (the end of the step forgets the dead reference, as for any tracked tensor dropped)."""
+        layer, kind = owner
+        entry = self._tracked.get(layer, {}).get(kind)
+        if entry is not None and entry[0]() is None:
+            self.tracker.release_slot_at(TRACK_CACHE_ID, layer, (kind, TRACK_LAYOUTS[entry[1]]), addr)
+
+    def _observe_tracked(self, layer: int, cause: str, only: str | None = None) -> None:
+        """Compare a layer's tracked tensors (with `only`, that kind's alone) with their last state."""
         refs = self._tracked[layer]
         parts: dict[tuple[str, str], Any] = {}
         tokens = 0
-        for kind, (ref, layout) in list(refs.items()):
+        for kind, (ref, layout, addr) in list(refs.items()):
+            if only is not None and kind != only:
+                continue
             tensor = ref()
             if tensor is None:  # gone: its slot vanishes below, and its storage is logged freed when released
                 del refs[kind]
+                if self._tracked_at.get(addr) == (layer, kind):
+                    del self._tracked_at[addr]
                 continue
             parts[(kind, TRACK_LAYOUTS[layout])] = tensor
             if not tokens:
                 seq_dim = 1 if layout == "bshd" and tensor.dim() >= 3 else -2
                 tokens = int(tensor.shape[seq_dim]) if tensor.dim() >= 2 else int(tensor.numel())
-        self.tracker.observe(TRACK_CACHE_ID, layer, parts, cause, tokens, source="track")
+        self.tracker.observe(
+            TRACK_CACHE_ID, layer, parts, cause, tokens, source="track", whole_layer=only is None
+        )
         if not refs:
             del self._tracked[layer]
 

@@ -44,6 +44,23 @@ def assert_well_ordered(events: Sequence[KvEvent]) -> None:
             live.add(storage_key(event))
 
 
+def assert_addresses_freed_before_reuse(events: Sequence[KvEvent]) -> None:
+    """The allocator's own rule, in log order: a new storage (created, grown, replaced) never appears at an
+    address that another storage holds until its `freed` (the analyzers replay the log by address). Not
+    for engine pools, whose per-layer views all name the pool's one storage."""
+    live: dict[int, StorageKey] = {}
+    for event in sorted(events, key=lambda e: e.seq):
+        if event.event == "freed":
+            assert live.pop(event.addr, None) == storage_key(event), f"freed but not live: {event}"
+        elif event.addr:
+            holder = live.get(event.addr)
+            if event.event in ("created", "grown", "replaced"):
+                assert holder is None, (
+                    f"seq {event.seq}: new storage at {event.addr}, still live from {holder}"
+                )
+            live.setdefault(event.addr, storage_key(event))
+
+
 @dataclass
 class LiveReplay:
     """Live KV storage bytes per layer after each step, and the final state after the recorder let go."""

@@ -121,3 +121,30 @@ def test_the_writer_thread_drains_while_updates_are_captured(tmp_path: Path, mon
                 KV_HEADS * (PROMPT + s) * HEAD_DIM * 4 for s in range(steps)
             ]
     assert sum(e["event"] == "freed" for e in events) == layers * 2 * (steps - 1)
+
+
+def test_a_captured_update_at_a_watched_storage_s_address_comes_after_its_free() -> None:
+    # GIVEN a tracker whose two layers were seen once, so their next updates are only captured
+    from kvtrace.kv_tracker import KvTracker
+
+    tracker = KvTracker(time.time_ns)
+    shape = (1, KV_HEADS, PROMPT, HEAD_DIM)
+    memory = bytearray(KV_HEADS * PROMPT * HEAD_DIM * 4)  # two storages at one address, as malloc reuses it
+    old_k = torch.frombuffer(memory, dtype=torch.float32).view(shape)
+    layer1 = (torch.zeros(shape), torch.zeros(shape))
+    tracker.update(1, 0, old_k, torch.zeros(shape), PROMPT)
+    tracker.update(1, 1, *layer1, PROMPT)
+    # WHEN layer 0's K is replaced while the caller still holds the old one (watched), the caller lets it
+    # go, and layer 1's next K is made in the same memory
+    tracker.update(1, 0, torch.zeros(shape), torch.zeros(shape), PROMPT)
+    addr = old_k.untyped_storage().data_ptr()
+    del old_k
+    reused = torch.frombuffer(memory, dtype=torch.float32).view(shape)
+    tracker.update(1, 1, reused, layer1[1], PROMPT)
+    tracker.poll_frees()  # as at the step's end
+    events = [json.loads(line) for line in tracker.take_lines()]
+    tracker.close()
+    # THEN the old storage's free is logged before the new storage at its address
+    at_addr = [(e["event"], e["layer"]) for e in events if e["addr"] == addr]
+    assert at_addr == [("created", 0), ("freed", 0), ("replaced", 1)]  # same bytes as its old one
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
