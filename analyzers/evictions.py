@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from analyzers.kv_log import event_rows
 from kvtrace.format import KvEvent
 
 REASONS = {
@@ -107,7 +108,7 @@ def analyze_evictions(events: list[KvEvent]) -> EvictionSummary:
                     Eviction(ev.step, ev.layer, ev.kv, 0, old_tokens, 1, 0, 0, 0, "masked", ev.cache)
                 )
                 continue
-            rows = ev.shape[0] if ev.shape else 1
+            rows = event_rows(ev) or 1
             claimed = max(0, old_logical - ev.logical_bytes)
             freed = 0
             if ev.addr != old_addr:

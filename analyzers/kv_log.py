@@ -31,6 +31,12 @@ _KV_DATA_PARTS = (*_WHOLE_PARTS, "q.0", "q._data")
 SEQ_MAJOR_PARTS = ("buffer", "tracked_bshd")
 
 
+def event_rows(ev: KvEvent) -> int:
+    """Batch rows an event's tokens are per: the rows in use where the log says (a preallocated module
+    cache written for a smaller batch), else its tensor's batch dim; 0 without a shape."""
+    return ev.rows or (ev.shape[0] if ev.shape else 0)
+
+
 def is_kv_data(ev: KvEvent) -> bool:
     """Whether the event's tensor holds the KV values themselves (not a scale, nor packed bits)."""
     if ev.part in _WHOLE_PARTS:
@@ -158,11 +164,13 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             yields: dict[int, int] = {}
             for slot in written:
                 before = closed_tokens.get(slot)
-                appended = (
-                    1
-                    if phase == "prefill" or before is None
-                    else tokens_by_layer.get(slot, 0) - before + step_evicted.get(slot, 0)
-                )
+                held = tokens_by_layer.get(slot, 0)
+                if not held:  # none held, or unknown (a module cache whose forward does not say where)
+                    appended = 0
+                elif phase == "prefill" or before is None:
+                    appended = 1
+                else:
+                    appended = held - before + step_evicted.get(slot, 0)
                 yields[slot[0]] = max(yields.get(slot[0], 0), appended)
             for cache, count in yields.items():
                 generated[cache] += max(count, 0)
@@ -214,11 +222,11 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             last_seq_by_cache[ev.cache] = ev.seq
             written.add((ev.cache, ev.layer))
             if ev.shape:
-                rows_by_cache[ev.cache] = ev.shape[0]
+                rows_by_cache[ev.cache] = event_rows(ev)
             if ev.event == "reordered":
                 reordered.add(ev.cache)
         if ev.evicted_tokens:
-            rows = ev.shape[0] if ev.shape else 1
+            rows = event_rows(ev) or 1
             slot = (ev.cache, ev.layer)
             evicted_by_layer[slot] += ev.evicted_tokens * rows
             by_reason = evicted_by_layer_reason[slot]

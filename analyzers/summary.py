@@ -9,7 +9,7 @@ import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of
 from analyzers.caches import CacheSummary, cache_summaries, caches_note, main_cache
-from analyzers.kv_log import SEQ_MAJOR_PARTS, is_kv_data
+from analyzers.kv_log import SEQ_MAJOR_PARTS, event_rows, is_kv_data
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
 
@@ -355,8 +355,11 @@ def summarize(
         data_events = [e for e in data_events if e.cache == main.cache] or data_events
         if data_events:
             last = data_events[-1]
-            kv.batch = last.shape[0]
-            kv.tokens_held = main.tokens
+            kv.batch = event_rows(last)
+            # A module cache whose forward does not say where it writes (no `start_pos`) logs 0 tokens:
+            # unknown (the manifest's warnings say why), not a cache that holds none.
+            unknown = not main.tokens and all(e.source == "module" for e in data_events)
+            kv.tokens_held = None if unknown else main.tokens
             kv.bytes_per_token_expected = (
                 _expected_bytes_per_token(geometry, last.dtype, heads_held_by(last))
                 if _shapes_follow(geometry, data_events)
@@ -372,7 +375,8 @@ def summarize(
     if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):
         _add_evictions(kv, run.kv_events)
     steps = (
-        len(source.meta["kv"].step_start_ns)
+        # forward passes: step 0 is before the first (a module cache's discovery, a cache made before)
+        sum(1 for step in source.meta["kv"].step_start_ns if step > 0)
         if source.meta.get("kv") is not None
         else sum(1 for m in source.markers if m.kind == "step")
     )

@@ -26,7 +26,14 @@ import pyarrow as pa
 from analyzers.engine import model_geometry
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, DeviceEvents, MemorySource
 from analyzers.readers.sources import ProgressFn, missing
-from kvtrace.format import ENGINE, ENGINE_REQUESTS, ENGINE_STEPS, is_run_dir  # vLLM runs' optional files
+from kvtrace.format import (  # ENGINE*: vLLM runs' optional files
+    ENGINE,
+    ENGINE_REQUESTS,
+    ENGINE_STEPS,
+    is_run_dir,
+    is_run_group,
+    rank_dirs,
+)
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"kvtrace.schema_version"
@@ -78,7 +85,7 @@ KV_EVENTS = _schema(
         ("layer", _I32), ("kv", _STR), ("part", _STR), ("addr", _I64), ("storage_bytes", _I64),
         ("view_offset", _I64), ("shape", pa.list_(_I64)), ("logical_bytes", _I64), ("dtype", _STR),
         ("device", _STR), ("tokens", _I64), ("evicted_tokens", _I64), ("prev_addr", _I64),
-        ("cache", _I32), ("source", _STR), ("reason", _STR),
+        ("cache", _I32), ("source", _STR), ("reason", _STR), ("rows", _I64),
     ],
 )  # fmt: skip
 MEMORY_EVENTS = _schema(
@@ -311,6 +318,16 @@ def _gpu_properties(properties: Any, index: int | None) -> dict[str, Any]:
     return next((entry for entry in entries if entry.get("id") == index), entries[0] if entries else {})
 
 
+def _in_a_group(path: Path, source: MemorySource, ranked: dict[str, Any]) -> bool:
+    """Whether an input is one rank of a group: a run directory `rank-<r>` of a run group, or a trace
+    that names its rank in a job of several processes. A group of one process records a plain run (the
+    manifest still says rank 0 of 1), so the parent folder of two such runs is no group."""
+    if source.kind == "run":
+        parent = Path(path).parent
+        return is_run_group(parent) and Path(path).name in {rank.name for _, rank in rank_dirs(parent)}
+    return _int(ranked["rank"]) is not None and _int(ranked["world_size"]) != 1
+
+
 def _run_row(
     run_id: str, path: Path, source: MemorySource, engine: dict[str, Any], counts: dict[str, int]
 ) -> dict[str, Any]:
@@ -327,12 +344,11 @@ def _run_row(
     device_index = int(index_text) if index_text.isdigit() else None
     gpu = _gpu_properties(source.meta.get("deviceProperties"), device_index) if device_type != "cpu" else {}
     ranked = {key: manifest.get(key, distributed.get(key)) for key in ("rank", "world_size", "backend")}
-    has_rank = _int(ranked["rank"]) is not None
     return {
         "run_id": run_id,
         "path": str(path),
         "source_kind": source.kind,
-        "group_id": Path(run_id).parent.as_posix() if has_rank else None,
+        "group_id": Path(run_id).parent.as_posix() if _in_a_group(path, source, ranked) else None,
         **ranked,
         **{key: manifest.get(key) for key in ("local_rank", "hostname")},
         # A trace's deviceProperties list GPUs only, which torch calls "cuda" (ROCm's too).

@@ -196,6 +196,14 @@ def _capture(slot: _Slot, tensor: torch.Tensor, written: bool = False) -> tuple[
             slot.device, slot.itemsize, prev_addr, prev_bytes, old_wref, _expired(old_wref))
 
 
+def _with_rows(line: str, rows: int, shape: Any) -> str:
+    """An event line with `rows` added, where they are fewer than the tensor's batch dim: the rows a
+    preallocated buffer's forward used (Meta's `cache_k[:bsz]`), whose tokens are per row of those."""
+    if not shape or rows >= shape[0]:
+        return line
+    return f'{line[:-1]},"rows":{rows}}}'
+
+
 def _shape_of(slot: _Slot) -> str:
     """A slot's shape JSON, filling it (and its logical bytes) after a capture left it to be worked out."""
     if not slot.shape_json:
@@ -424,8 +432,10 @@ class KvTracker:
         source_json: str,
         prev_tokens: int = -1,
         written: bool = False,
+        rows: int = 0,
     ) -> bool:
-        """Compare one tensor with its slot, log what changed; False when it has no storage (skipped)."""
+        """Compare one tensor with its slot, log what changed; False when it has no storage (skipped).
+        `rows`: the batch rows in use, when known to be fewer than the tensor's (`_with_rows`)."""
         slot = slots.get(key)
         try:
             version = tensor._version
@@ -442,15 +452,13 @@ class KvTracker:
                     kind = "evicted"
                 self._seq += 1
                 kv_json, part_json = KEY_JSON.get(key) or key_json(key)
-                self.lines.append(
-                    EVENT_LINE
-                    % (
-                        self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json,
-                        slot.addr, slot.storage_bytes, slot.view_offset, _shape_of(slot),
-                        slot.logical_bytes, slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id,
-                        source_json, reason_json if evicted or kind == "evicted" else '""',
-                    )
+                line = EVENT_LINE % (
+                    self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json,
+                    slot.addr, slot.storage_bytes, slot.view_offset, _shape_of(slot),
+                    slot.logical_bytes, slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id,
+                    source_json, reason_json if evicted or kind == "evicted" else '""',
                 )
+                self.lines.append(_with_rows(line, rows, slot.shape) if rows else line)
                 if kind == "evicted" and self._on_evict is not None:
                     self._on_evict(layer, key[0])
                 return True
@@ -524,15 +532,13 @@ class KvTracker:
             new.device = device_json(tensor.device)
         slots[key] = new
         self._seq += 1
-        self.lines.append(
-            EVENT_LINE
-            % (
-                self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json, addr,
-                nbytes, new.view_offset, new.shape_json, new.logical_bytes, new.dtype, new.device, tokens,
-                evicted, prev_addr, cache_id, source_json,
-                reason_json if evicted or kind == "evicted" else '""',
-            )
+        line = EVENT_LINE % (
+            self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json, addr,
+            nbytes, new.view_offset, new.shape_json, new.logical_bytes, new.dtype, new.device, tokens,
+            evicted, prev_addr, cache_id, source_json,
+            reason_json if evicted or kind == "evicted" else '""',
         )
+        self.lines.append(_with_rows(line, rows, shape) if rows else line)
         if kind == "evicted" and self._on_evict is not None:
             self._on_evict(layer, key[0])
         if slot is not None and not same_storage and not released:
@@ -560,14 +566,20 @@ class KvTracker:
         evicted: int | None = None,
         evicted_reason: str = "",
         whole_layer: bool = True,
-    ) -> None:
-        """Compare the current tensors of one layer with the last seen ones; log what changed.
+        rows: int = 0,
+        written: bool = False,
+    ) -> bool:
+        """Compare the current tensors of one layer with the last seen ones; log what changed, and return
+        whether anything of the layer did (frees of other storages found meanwhile aside).
 
         `parts` maps (kv, part) to the attribute's value (a tensor, a tuple of tensors, a quantized object,
         or None). `tokens` is how many tokens the layer holds now, per batch row. `evicted` overrides the
         evicted-token count (window evictions counted by the caller, with `evicted_reason`). Without
         `whole_layer`, `parts` are only some of the layer's slots (one `track()`): the others are left as
-        they are, not taken for vanished.
+        they are, not taken for vanished. `rows`: the batch rows the tokens are held in, when the caller
+        knows them (0: every row of the tensors); an event logs them where they are fewer than its tensor's
+        (a preallocated buffer, partly used). `written`: the caller knows the tensors were written, even if
+        their version says not (an inference tensor's in-place write, which no version counter shows).
 
         Storages watched since an earlier observation and released by now are logged freed first, before
         this observation's new storages: they were released since that observation, and a hand-written
@@ -585,6 +597,7 @@ class KvTracker:
         t_ns = self._clock()
         if self._pending:
             self._poll_locked(t_ns)
+        logged = self._seq  # frees of other storages found by that poll aside
         source_json = quoted(source)
         slots = state.slots
         seen: set[tuple[str, str]] = set()
@@ -606,6 +619,8 @@ class KvTracker:
                     cause,
                     source_json,
                     prev_tokens,
+                    written=written,
+                    rows=rows,
                 ):
                     seen.add(key)
         # Slots of this layer that vanished (reset, a quantized residual flushed to an empty tensor).
@@ -627,7 +642,9 @@ class KvTracker:
                 if cause != "reset" and self._on_evict is not None:
                     self._on_evict(layer, key[0])
         _refresh_fast(state)
+        changed = self._seq != logged
         self.poll_frees(t_ns)
+        return changed
 
     def pool_view_created(
         self, t_ns: int, layer: int, kv: str, storage: dict[str, Any], tokens: int, cache: int, source: str

@@ -27,6 +27,7 @@ from kvtrace import format as fmt
 from kvtrace.cuda_snapshots import CudaSnapshots
 from kvtrace.distributed import local_tensor, rank_facts, run_path
 from kvtrace.errors import KvtraceError
+from kvtrace.forward_inputs import ForwardSignature, is_prefill, new_tokens
 from kvtrace.geometry import model_geometry
 from kvtrace.integrations.hf_caches import HfCacheHooks, compiling
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
@@ -168,6 +169,8 @@ class Recording:
         self._ranges: _Ranges | None = None
         self._hf: HfCacheHooks | None = None
         self._modules: ModuleCaches | None = None
+        self._signature = ForwardSignature()  # where the model's forward takes Meta's `start_pos`
+        self._module_tokens_unknown = 0  # steps that wrote a module cache without saying where
         self._snapshots: CudaSnapshots | None = None
         self._manifest: dict[str, Any] = {}
         self._decode_index = 0
@@ -309,6 +312,7 @@ class Recording:
         self._modules = ModuleCaches(tracker, self.options.cache_attrs)
         if self.model is not None:
             self._modules.discover(self.model)
+            self._signature = ForwardSignature.of(self.model)
             self._write_weights(self._modules.weight_exclusions())
             # Eager even when torch.compile traces the model's __call__ (generate()'s own compile): the graph
             # breaks there instead of tracing clocks and file writes.
@@ -364,8 +368,8 @@ class Recording:
                 self._settle_deferred()
                 if self._hf is not None:
                     self._hf.scan_all(forget=False)  # a cache dropped by now is freed in phase "end"
-                if self._modules is not None:
-                    self._modules.scan("track")
+                if self._modules is not None and self._modules.scan("track"):
+                    self._module_tokens_unknown += 1  # written outside any forward kvtrace saw
             if exc is not None and self._snapshots is not None and _is_oom(exc):
                 ended["oom_snapshot"] = self._snapshots.dump("oom.pickle")
         finally:
@@ -482,6 +486,14 @@ class Recording:
                 "PagedAttentionCache when it is made inside the block: start the manager there; custom "
                 "caches are not: name them with record(cache_attrs=...) or kvtrace.track())"
             )
+        if self._module_tokens_unknown and self._modules is not None:
+            names = ", ".join(sorted({owner.attr for owner in self._modules.owners}))
+            warnings.append(
+                f"the model's own KV buffers ({names}) were written {self._module_tokens_unknown} times "
+                "without saying where: kvtrace reads the tokens they hold from a forward's int `start_pos` "
+                "and its input's length (Meta's reference Llama), so their token counts are unknown (logged "
+                "as 0), and tokens held, generated tokens and tokens/s are left out"
+            )
         if self._hf is not None and self._hf.unexplained:
             warnings.append(self._hf.unexplained)
         if self._paged is not None:
@@ -512,21 +524,29 @@ class Recording:
         elif self._step_cache is not None and self._step_cache[3]:
             self._settle_deferred()  # a forward in a forward: the outer one's layers so far
         nested = self._step_open  # the model's forward called again inside itself: part of the outer step
-        prefill = _is_prefill(args, kwargs, cache, hf)
+        modules = self._modules
+        # What the model's own caches hold before this forward, without reading a tensor: Meta's
+        # `start_pos`, else the tracked tensors' last logged tokens
+        held = self._signature.start_pos(args, kwargs)
+        if held is None and modules is not None:
+            held = modules.held_tokens()
+        prefill = is_prefill(args, kwargs, cache, hf, held)
         self._begin_step(prefill)
         if nested:
             return
+        if modules is not None and modules.owners:
+            modules.progress = self._signature.progress(args, kwargs)
         if self._profiler_on and threading.get_ident() != self._thread:
             self._forwards_elsewhere += 1
         if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):
-            new_tokens = _new_tokens(args, kwargs)
+            appended = new_tokens(args, kwargs)
             deferred = False
             if self._may_defer:
                 if prefill or self._defer_step is None:  # eviction hooks are in place before generate()
                     self._defer_step = not self._cache_hooked()
-                deferred = self._defer_step and new_tokens > 0 and hf.defer(cache)
+                deferred = self._defer_step and appended > 0 and hf.defer(cache)
             # Weakly: a forward whose end hook never runs must not keep its cache alive
-            self._step_cache = (_weak(cache), new_tokens, hf.updates_seen, deferred, prefill)
+            self._step_cache = (_weak(cache), appended, hf.updates_seen, deferred, prefill)
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
         if self._paged is not None and self._paged.in_step:
@@ -613,8 +633,11 @@ class Recording:
             self._hf.scan_all(compared=compared)
             if self._attention_modules and "kvpress" in sys.modules:  # masks are kvpress's (AdaKV)
                 self._hf.scan_masks(self._attention_modules)
-        if self._modules is not None and (self._modules.owners or self._modules._tracked):
-            self._modules.scan("track")
+        modules = self._modules
+        if modules is not None and (modules.owners or modules._tracked):
+            if modules.scan("track"):
+                self._module_tokens_unknown += 1
+            modules.progress = None  # writes seen after this forward are not its own
         self.tracker.poll_frees()
         assert self._ranges is not None
         if self._ranges.active:
@@ -849,37 +872,6 @@ def _weak(obj: Any) -> Callable[[], Any]:
         return weakref.ref(obj)
     except TypeError:
         return lambda: obj
-
-
-def _new_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    """Tokens a forward appends to each row of its cache: the length of its input ids (or embeddings)."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
-        return int(ids.shape[1])
-    embeds = kwargs.get("inputs_embeds")
-    if isinstance(embeds, torch.Tensor) and embeds.dim() >= 3:
-        return int(embeds.shape[1])
-    return 0
-
-
-def _is_prefill(
-    args: tuple[Any, ...], kwargs: dict[str, Any], cache: Any, hooks: HfCacheHooks | None = None
-) -> bool:
-    """Prefill when the cache passed in is empty (HF), or `start_pos == 0` (Meta's reference code)."""
-    if cache is not None and hooks is not None:
-        held = hooks.held_tokens(cache)  # the recorder's own count: a static cache's is a tensor (a sync)
-        if held is not None:
-            return held == 0
-    if cache is not None and hasattr(cache, "get_seq_length"):
-        with contextlib.suppress(Exception):
-            return int(cache.get_seq_length()) == 0
-    start_pos = kwargs.get("start_pos", args[1] if len(args) > 1 and isinstance(args[1], int) else None)
-    if isinstance(start_pos, int):
-        return start_pos == 0
-    if cache is None and "past_key_values" in kwargs:
-        return True
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    return isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and tokens.shape[-1] > 1
 
 
 def record(out_dir: str | os.PathLike[str], model: Any = None, **options: Any) -> Recording:

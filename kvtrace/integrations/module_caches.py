@@ -4,6 +4,11 @@ Meta's reference Llama 3 (`llama-models`) and many hand-written decoders preallo
 on each attention module and write into them in place. Such caches have no methods to wrap, so the
 recorder scans them at the end of every forward: a new tensor bound to the attribute is a new storage,
 a bumped version counter (`tensor._version`) is an in-place write.
+
+A preallocated buffer's shape says its capacity, not what it holds. The tokens written per row come from
+the forward itself, as transformers' StaticCache's come from its updates: Meta's forward takes `start_pos`
+and writes `start_pos + seqlen` tokens into the input's rows (`ForwardSignature.progress`), so no tensor is
+read. A forward that does not say leaves the tokens unknown, logged as 0 and named in the run's warnings.
 """
 
 from __future__ import annotations
@@ -78,6 +83,10 @@ class ModuleCaches:
         # storage address -> (layer, kind) tracked there: a new tensor at the address of one dropped unseen
         # needs that one's free logged first
         self._tracked_at: dict[int, tuple[int, str]] = {}
+        self._ever_tracked = False
+        # (tokens per row, rows) the running forward leaves in the module caches, set by the recorder at
+        # each forward; None when unknown (outside a forward, or a forward without `start_pos`)
+        self.progress: tuple[int, int] | None = None
 
     def discover(self, model: torch.nn.Module) -> int:
         """Find cache tensors on `model`'s modules; returns how many were found."""
@@ -122,7 +131,19 @@ class ModuleCaches:
         refs[kind] = (ref, layout, addr)
         if addr:
             self._tracked_at[addr] = (layer, kind)
+        self._ever_tracked = True
         self._observe_tracked(layer, "track", only=kind)
+
+    def held_tokens(self) -> int | None:
+        """Tokens the tracked tensors hold now (the fullest layer), as last logged: no tensor is read. None
+        before anything was tracked; 0 once every tracked tensor is released (a loop starting over)."""
+        if not self._ever_tracked:
+            return None
+        held = 0
+        for layer, refs in self._tracked.items():
+            if any(ref() is not None for ref, *_ in refs.values()):
+                held = max(held, self.tracker.tokens(TRACK_CACHE_ID, layer))
+        return held
 
     def _release_dead(self, owner: tuple[int, str], addr: int) -> None:
         """The tracked tensor `owner` (layer, kind) was at `addr`: if it died, its slot lets go of its storage
@@ -156,17 +177,25 @@ class ModuleCaches:
         if not refs:
             del self._tracked[layer]
 
-    def scan(self, cause: str = "track") -> None:
-        """Compare every custom cache tensor with its last state; the first scan logs them as created."""
+    def scan(self, cause: str = "track") -> bool:
+        """Compare every custom cache tensor with its last state; the first scan logs them as created.
+        Module caches hold the tokens of `progress` (0: unknown). Returns whether a module cache's event
+        was logged while its tokens were unknown."""
         by_layer: dict[int, dict[tuple[str, str], Any]] = {}
         for owner in self.owners:
             tensor = getattr(owner.module, owner.attr, None)
             by_layer.setdefault(owner.layer, {})[(owner.kv, "buffer")] = tensor
+        tokens, rows = self.progress or (0, 0)
+        tracker = self.tracker
+        changed = False
         for layer, parts in by_layer.items():
-            capacity = 0
-            for value in parts.values():
-                if isinstance(value, torch.Tensor) and value.dim() >= 2:
-                    capacity = int(value.shape[1])  # Meta's layout: [batch, seq, kv_heads, head_dim]
-            self.tracker.observe(MODULE_CACHE_ID, layer, parts, cause, capacity, source="module")
+            # A forward that says it wrote new positions did write them, even where no version counter
+            # shows it: Meta's forward runs in inference mode, whose `.to(dtype)` copy is an inference tensor
+            written = self.progress is not None and tracker.tokens_or_none(MODULE_CACHE_ID, layer) != tokens
+            changed |= tracker.observe(
+                MODULE_CACHE_ID, layer, parts, cause, tokens, source="module", rows=rows, written=written
+            )
+        unknown = changed and self.progress is None
         for layer in list(self._tracked):
             self._observe_tracked(layer, cause)
+        return unknown

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 
@@ -21,8 +22,10 @@ MAX_BATCH, MAX_SEQ = 2, 32
 PROMPT_LEN, DECODE_STEPS = 6, 3
 
 
-@pytest.fixture
-def reference_model(tmp_path, watched_models) -> Iterator[torch.nn.Module]:
+@contextlib.contextmanager
+def _reference_model(
+    tmp_path, watched_models, max_batch: int = MAX_BATCH, dtype: torch.dtype = torch.float32
+) -> Iterator[torch.nn.Module]:
     """The reference Transformer on one CPU process: model parallelism of size 1 over gloo."""
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
@@ -37,10 +40,10 @@ def reference_model(tmp_path, watched_models) -> Iterator[torch.nn.Module]:
                 n_heads=N_HEADS,
                 n_kv_heads=N_KV_HEADS,
                 vocab_size=VOCAB,
-                max_batch_size=MAX_BATCH,
+                max_batch_size=max_batch,
                 max_seq_len=MAX_SEQ,
             )
-            model = llama3_model.Transformer(args).eval()
+            model = llama3_model.Transformer(args).to(dtype).eval()
             with torch.no_grad():  # the reference code leaves its weights uninitialised (torch.empty)
                 for param in model.parameters():
                     param.normal_(0.0, 0.02)
@@ -51,6 +54,12 @@ def reference_model(tmp_path, watched_models) -> Iterator[torch.nn.Module]:
             fairscale_init.destroy_model_parallel()
     finally:
         torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def reference_model(tmp_path, watched_models) -> Iterator[torch.nn.Module]:
+    with _reference_model(tmp_path, watched_models) as model:
+        yield model
 
 
 def test_reference_llama3_module_caches(reference_model, tmp_path):
@@ -131,3 +140,62 @@ def test_reference_llama3_buffers_count_as_kv_with_the_profiler_on(reference_mod
     assert main(["diagnose", str(tmp_path / "on"), "--budget", str(budget), "--json"]) == 0
     crossing = json.loads(capsys.readouterr().out)["budget_crossing"]
     assert crossing["before_first_step"] is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_reference_llama3_tokens_rows_and_steps_follow_the_decode_loop(
+    tmp_path, watched_models, capsys, dtype
+):
+    # GIVEN the reference model with room for 3 rows, run on a batch of 2: its caches are allocated for
+    # max_batch_size x max_seq_len, written at [:2, start_pos : start_pos + seqlen] by each forward (in
+    # bfloat16, a `.to()` copy made in inference mode, whose in-place writes bump no version counter)
+    from kvtrace.cli import main
+
+    max_batch, batch = 3, 2
+    with _reference_model(tmp_path, watched_models, max_batch, dtype) as model:
+        tokens = torch.randint(0, VOCAB, (batch, PROMPT_LEN + DECODE_STEPS))
+        # WHEN a prefill and the decode steps run, as llama_models' generation loop calls the model
+        with kvtrace.record(tmp_path / "run", model=model, profiler=False):
+            model(tokens[:, :PROMPT_LEN], 0)
+            for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+                model(tokens[:, pos : pos + 1], pos)
+
+    forwards = 1 + DECODE_STEPS
+    run = read_run(tmp_path / "run")
+    # THEN each forward's events hold the tokens it wrote per row, over the rows it used: step 0 (the
+    # caches found before any forward) holds none known, then the prompt, then one more per decode step
+    written = [
+        (e.step, e.phase, e.tokens, e.rows)
+        for e in run.kv_events
+        if e.event != "freed" and (e.layer, e.kv) == (0, "k")
+    ]
+    expected = [(0, "", 0, 0)] + [
+        (step, "prefill" if step == 1 else "decode", PROMPT_LEN + step - 1, batch)
+        for step in range(1, forwards + 1)
+    ]
+    assert written == expected
+    assert {(e.tokens, e.rows) for e in run.kv_events if e.step == forwards and e.event != "freed"} == {
+        (PROMPT_LEN + DECODE_STEPS, batch)
+    }
+    # AND the report counts the forwards, the tokens and rows held, and the bytes of the whole buffers
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    one_buffer = max_batch * MAX_SEQ * N_KV_HEADS * (DIM // N_HEADS)  # elements
+    capsys.readouterr()  # fairscale's own lines
+    assert main(["report", str(tmp_path / "run"), "--json", "--no-export"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == forwards
+    kv = report["kv"]
+    assert (kv["tokens_held"], kv["batch"]) == (PROMPT_LEN + DECODE_STEPS, batch)
+    assert kv["token_rows"] == (PROMPT_LEN + DECODE_STEPS) * batch
+    assert kv["final_bytes"] == 2 * N_LAYERS * one_buffer * itemsize
+    # the buffers start in float32; in bfloat16 the first forward copies each (`.to()`)
+    copies = 0 if dtype == torch.float32 else 2 * N_LAYERS * one_buffer * itemsize
+    assert kv["allocated_bytes_total"] == 2 * N_LAYERS * one_buffer * 4 + copies
+    # AND compare's generated tokens are 1 per forward and row (the prefill's yield, then one per step)
+    assert main(["compare", str(tmp_path / "run"), str(tmp_path / "run"), "--json"]) == 0
+    (figures, _) = json.loads(capsys.readouterr().out)["runs"]
+    assert (figures["steps"], figures["batch"]) == (forwards, batch)
+    assert figures["generated_tokens_per_row"] == forwards
+    rate_all, rate_row = figures["tokens_per_second"], figures["tokens_per_second_per_row"]
+    assert rate_all == pytest.approx(rate_row * batch)
+    assert run.manifest["warnings"] == []

@@ -81,3 +81,31 @@ def test_a_group_carries_a_dead_ranks_kv_and_its_budget(tmp_path, capsys):
     assert main(["report", str(group), "--no-export", "-o", str(page)]) == 0
     assert f"budget 64.00 MiB (rank {budget['rank']})" in capsys.readouterr().out
     assert f"budget 64.00 MiB (rank {budget['rank']})" in page.read_text()
+
+
+def test_runs_of_a_world_of_one_export_as_plain_runs_not_a_group(tmp_path):
+    # GIVEN two unrelated runs, each recorded in a process group of one (rank 0 of 1), in one folder
+    import pyarrow.parquet as pq
+
+    from kvtrace.cli import main
+
+    runs = tmp_path / "runs"
+    for name, tokens in (("a", 4), ("b", 6)):
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / f'pg_{name}'}", rank=0, world_size=1
+        )
+        try:
+            with kvtrace.record(runs / name, profiler=False, nvtx=False):
+                kv = torch.zeros(1, 2, tokens, 8)
+                kvtrace.track(kv, layer=0, kind="k")
+        finally:
+            torch.distributed.destroy_process_group()
+    assert not is_run_group(runs)
+    # WHEN both are exported
+    assert main(["export", str(runs / "a"), str(runs / "b"), "-o", str(tmp_path / "out"), "-q"]) == 0
+    rows = pq.read_table(tmp_path / "out" / "runs").to_pylist()
+    # THEN each keeps its rank facts but belongs to no group (a GROUP BY group_id must not add them up)
+    assert sorted((r["run_id"], r["rank"], r["world_size"], r["group_id"]) for r in rows) == [
+        ((runs / "a").as_posix(), 0, 1, None),
+        ((runs / "b").as_posix(), 0, 1, None),
+    ]

@@ -240,6 +240,96 @@ def test_hand_written_module_cache_is_created_then_written(tmp_path, watched_mod
         assert all(e.shape == [batch, max_seq, kv_heads, head_dim] for e in events)
 
 
+class CountingAttention(torch.nn.Module):
+    """A preallocated cache whose forward takes no `start_pos`: it keeps its own position count."""
+
+    def __init__(self, batch: int, max_seq: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.cache_k = torch.zeros(batch, max_seq, kv_heads, head_dim)
+        self.cache_v = torch.zeros(batch, max_seq, kv_heads, head_dim)
+        self.pos = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, seq, kv_heads, head_dim]
+        seq = x.shape[1]
+        self.cache_k[:, self.pos : self.pos + seq] = x
+        self.cache_v[:, self.pos : self.pos + seq] = -x
+        self.pos += seq
+        return x[:, -1:]
+
+
+def test_a_module_cache_whose_forward_says_no_position_has_unknown_tokens_not_its_capacity(
+    tmp_path, watched_models, capsys
+):
+    # GIVEN a preallocated module cache of 16 positions whose forward does not say where it writes
+    from kvtrace.cli import main
+
+    batch, max_seq, kv_heads, head_dim = 2, 16, 2, 4
+    model = CountingAttention(batch, max_seq, kv_heads, head_dim)
+    watched_models.append(model)
+    # WHEN a prefill of 5 positions and 3 decode steps run
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        x = model(torch.randn(batch, 5, kv_heads, head_dim))
+        for _ in range(3):
+            x = model(x)
+    run = read_run(tmp_path / "run")
+    module_events = [e for e in run.kv_events if e.source == "module" and e.event != "freed"]
+    # THEN its events say no tokens (unknown), never the 16 the buffer has room for, and the bytes are right
+    assert [(e.step, e.phase, e.event) for e in module_events if e.kv == "k"] == [
+        (0, "", "created"), (1, "prefill", "written"), (2, "decode", "written"), (3, "decode", "written"),
+        (4, "decode", "written"),
+    ]  # fmt: skip
+    assert {e.tokens for e in module_events} == {0}
+    (warning,) = run.manifest["warnings"]
+    assert "(cache_k, cache_v) were written 4 times without saying where" in warning
+    # AND the report leaves the tokens out rather than divide by the capacity, and counts 4 forwards
+    assert main(["report", str(tmp_path / "run"), "--json", "--no-export"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    kv = report["kv"]
+    assert kv["final_bytes"] == 2 * batch * max_seq * kv_heads * head_dim * 4
+    assert (kv["tokens_held"], kv["token_rows"], kv["bytes_per_token_measured"]) == (None, None, None)
+    assert (report["steps"], kv["batch"]) == (4, batch)
+    assert warning in report["notes"]
+    assert main(["compare", str(tmp_path / "run"), str(tmp_path / "run"), "--json"]) == 0
+    (figures, _) = json.loads(capsys.readouterr().out)["runs"]
+    assert (figures["generated_tokens_per_row"], figures["tokens_per_second"]) == (None, None)
+
+
+class HiddenStatesDecoder(torch.nn.Module):
+    """A forward that takes hidden states [batch, seq, hidden] (no token ids) and grows a tracked K."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, 2 * 16, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        k = self.proj(h).view(h.shape[0], h.shape[1], 2, 16).transpose(1, 2)  # [batch, heads, seq, dim]
+        self.k = torch.cat([self.k, k], 2) if hasattr(self, "k") else k
+        kvtrace.track(self.k, layer=0, kind="k")
+        return h[:, -1:]
+
+
+def test_hidden_states_forwards_are_prefill_when_the_cache_is_empty_else_decode(tmp_path, watched_models):
+    # GIVEN a model fed hidden states of 32: the last dim is the hidden size, never the positions
+    hidden = 32
+    model = HiddenStatesDecoder(hidden)
+    watched_models.append(model)
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        # WHEN a prompt of 6 positions and 3 decode steps of 1 run, then the cache is dropped and a second
+        # sequence starts from a prompt of 1 position, with one decode step
+        h = model(torch.randn(1, 6, hidden))
+        for _ in range(3):
+            h = model(h)
+        del model.k
+        h = model(torch.randn(1, 1, hidden))
+        model(h)
+    # THEN a forward is a prefill when the tracked cache held nothing before it, else a decode step
+    events = [e for e in read_run(tmp_path / "run").kv_events if e.event != "freed"]
+    assert [(e.step, e.phase, e.tokens) for e in events] == [
+        (1, "prefill", 6), (2, "decode", 7), (3, "decode", 8), (4, "decode", 9),
+        (5, "prefill", 1), (6, "decode", 2),
+    ]  # fmt: skip
+
+
 def test_track_loose_tensor_is_created_then_written(tmp_path):
     loose_k = torch.zeros(2, 2, 8, 4)
     with kvtrace.record(tmp_path / "run", profiler=False):

@@ -123,29 +123,42 @@ class _ModuleCacheAttention(torch.nn.Module):
         self.cache_k = torch.zeros(1, 32, 2, 8)
         self.cache_v = torch.zeros(1, 32, 2, 8)
 
-    def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        self.cache_k[:, pos] = x
-        self.cache_v[:, pos] = x
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:  # x: [batch, seq, heads, dim]
+        self.cache_k[:, start_pos : start_pos + x.shape[1]] = x
+        self.cache_v[:, start_pos : start_pos + x.shape[1]] = x
+        return x
+
+
+class _ModuleCacheModel(torch.nn.Module):
+    """Meta's calling convention, `forward(tokens, start_pos)`, over two layers of module caches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_ModuleCacheAttention(), _ModuleCacheAttention()])
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, start_pos)
         return x
 
 
 def test_a_run_without_model_geometry_reads_dash_not_none(tmp_path: Path) -> None:
     # GIVEN two layers of a custom module cache and no HF config: no arithmetic of KV bytes per token
-    layers = torch.nn.ModuleList([_ModuleCacheAttention(), _ModuleCacheAttention()])
-    with kvtrace.record(tmp_path / "run", model=layers, profiler=False):
+    model = _ModuleCacheModel()
+    with kvtrace.record(tmp_path / "run", model=model, profiler=False):
         for pos in range(4):
-            for layer in layers:
-                layer(torch.ones(1, 2, 8), pos)
-    # measured: 2 layers x (K, V) x 2 heads x 8 dims x 4 B (float32) for each of the buffers' 32 slots
-    per_token = 2 * 2 * 2 * 8 * 4
+            model(torch.ones(1, 1, 2, 8), pos)
+    # measured: 2 layers x (K, V) x 2 heads x 8 dims x 4 B (float32) for each of the buffers' 32 slots,
+    # over the 4 tokens written
+    per_token = 2 * 2 * 2 * 8 * 4 * 32 / 4
     # WHEN it is reported as text and as HTML
     text = _out(["report", str(tmp_path / "run"), "--no-export"])
     page = tmp_path / "t.html"
     _out(["report", str(tmp_path / "run"), "--no-export", "-q", "-o", str(page)])
     html = page.read_text(encoding="utf-8")
     # THEN both say "-" where the arithmetic is unknown (the HTML said Python's "None"), one row is "row"
-    assert f"    bytes per token: measured {per_token:.1f} (32 tokens x 1 row), arithmetic -\n" in text
-    assert f"<th>KV bytes/token measured vs arithmetic</th><td>{per_token:.1f} vs -</td>" in html
+    assert f"    bytes per token: measured {per_token:,.1f} (4 tokens x 1 row), arithmetic -\n" in text
+    assert f"<th>KV bytes/token measured vs arithmetic</th><td>{per_token:,.1f} vs -</td>" in html
     # AND the CPU banner is one sentence, said once
     banner = "<p class='note'>GPU utilization and device memory (NVML) are absent: the run is not on CUDA</p>"
     assert html.count("NVML) are absent") == 1 and banner in html
