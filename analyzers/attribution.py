@@ -157,6 +157,7 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
         dev.layer = np.full(n, -1, dtype=np.int16)
         dev.kv_kind = np.zeros(n, dtype=np.int8)
         dev.method = np.full(n, METHOD_NONE, dtype=np.int8)
+        dev.kv_cache = None  # set by the KV log's join
         if dev.stated_category is not None and len(dev.stated_category) == n:
             stated = dev.stated_category >= 0
             dev.category[stated] = dev.stated_category[stated]
@@ -186,7 +187,7 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
     return source
 
 
-def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int, str]]) -> None:
+def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int, str, int]]) -> None:
     kv_addrs = {s[0] for s in storages}
     alloc_mask = dev.delta_bytes > 0
     by_addr: dict[int, list[int]] = {}
@@ -199,8 +200,9 @@ def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int
     matched_allocs: list[int] = []
     layers: list[int] = []
     kinds: list[int] = []
+    caches: list[int] = []
     ts = dev.ts_us
-    for addr, nbytes, first_ns, _last_ns, layer, kv in storages:
+    for addr, nbytes, first_ns, _last_ns, layer, kv, cache in storages:
         candidates = by_addr.get(addr)
         if not candidates:
             continue
@@ -226,6 +228,7 @@ def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int
             matched_allocs.append(best)
             layers.append(layer)
             kinds.append(1 if kv == "k" else 2)
+            caches.append(cache)
     if not matched_allocs:
         return
     # attribute() fills these arrays before joining the KV log.
@@ -238,6 +241,9 @@ def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int
         dev.method[target] = METHOD_KV_LOG
     dev.layer[index] = np.asarray(layers, dtype=np.int16)
     dev.kv_kind[index] = np.asarray(kinds, dtype=np.int8)
+    dev.kv_cache = np.full(len(dev), -1, dtype=np.int64)
+    dev.kv_cache[index] = np.asarray(caches, dtype=np.int64)
     ok = frees >= 0
     dev.layer[frees[ok]] = dev.layer[index[ok]]
     dev.kv_kind[frees[ok]] = dev.kv_kind[index[ok]]
+    dev.kv_cache[frees[ok]] = dev.kv_cache[index[ok]]

@@ -18,6 +18,9 @@ _NO_NEW_STORAGE = ("freed", "written")
 # (kvpress) or other code rebinding keys/values, which the recorder sees as `evicted` events.
 EVICTION_REASONS = ("window", "press", "crop")
 
+# A beam search's first `reordered` events say how many rows each prompt has: `reason` "beams:3".
+BEAMS_REASON = "beams:"
+
 
 # Parts whose tensor is the KV itself, shaped [batch, kv_heads, tokens, head_dim] (or Meta's [batch, tokens,
 # heads, dim]: SEQ_MAJOR_PARTS): full-precision data, module buffers, tracked tensors, and the quantized data
@@ -84,6 +87,9 @@ class CacheFigures:
     token a run yields is never written back: the prefill's 1 stands for it."""
     generated_row_tokens: int = 0  # the same over every batch row: each step's yield x its rows
     reordered: bool = False  # rows reordered or selected (beam search, contrastive search): rows are beams
+    beams: int = 0
+    """Rows per prompt under beam search (num_beams), from its first reorder's `reason` `beams:N`; 0 when
+    the log does not say (no beam search, or a log from before kvtrace recorded it)."""
 
 
 @dataclass
@@ -106,8 +112,9 @@ class KvLogAnalysis:
     step_phase: dict[int, str] = field(default_factory=dict)
     step_start_ns: dict[int, int] = field(default_factory=dict)
     evictions: list[KvEvent] = field(default_factory=list)
-    storages: list[tuple[int, int, int, int, int, str]] = field(default_factory=list)
-    """Every KV storage: (addr, bytes, first_t_ns, last_t_ns, layer, kv); last_t_ns = free time or -1."""
+    storages: list[tuple[int, int, int, int, int, str, int]] = field(default_factory=list)
+    """Every KV storage: (addr, bytes, first_t_ns, last_t_ns, layer, kv, cache); last_t_ns = free time or
+    -1."""
     caches: list[CacheFigures] = field(default_factory=list)
     """Every cache object with KV data, by id. `per_layer` holds the rows of the caches live at the final
     state (or with evicted tokens); `step_live` and `layer_series` sum a layer index over the caches."""
@@ -124,7 +131,7 @@ class KvLogAnalysis:
 def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
     live: dict[int, tuple[int, int, str, int]] = {}  # addr -> (bytes, layer, kv, cache)
     open_storage: dict[int, int] = {}  # addr -> index in storages
-    storages: list[tuple[int, int, int, int, int, str]] = []
+    storages: list[tuple[int, int, int, int, int, str, int]] = []
     live_total = 0
     peak = 0
     peak_t = 0
@@ -155,6 +162,7 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
     generated: dict[int, int] = defaultdict(int)
     generated_rows: dict[int, int] = defaultdict(int)
     reordered: set[int] = set()
+    beams: dict[int, int] = {}
 
     def _close_step(step: int) -> None:
         step_live[step] = dict(layer_live)
@@ -207,8 +215,8 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
                 if not cache_layer_live[slot]:  # only live slots: a long run's dropped caches cost no step
                     del cache_layer_live[slot]
                 index = open_storage.pop(ev.addr)
-                addr, nbytes, first, _, layer, kv = storages[index]
-                storages[index] = (addr, nbytes, first, ev.t_ns, layer, kv)
+                addr, nbytes, first, _, layer, kv, cache = storages[index]
+                storages[index] = (addr, nbytes, first, ev.t_ns, layer, kv, cache)
         elif ev.addr and ev.addr not in live and ev.event not in _NO_NEW_STORAGE:
             live[ev.addr] = (ev.storage_bytes, ev.layer, ev.kv, ev.cache)
             live_total += ev.storage_bytes
@@ -216,7 +224,7 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             cache_layer_live[(ev.cache, ev.layer)] += ev.storage_bytes
             allocated_total += ev.storage_bytes
             open_storage[ev.addr] = len(storages)
-            storages.append((ev.addr, ev.storage_bytes, ev.t_ns, -1, ev.layer, ev.kv))
+            storages.append((ev.addr, ev.storage_bytes, ev.t_ns, -1, ev.layer, ev.kv, ev.cache))
         if ev.event != "freed" and is_kv_data(ev):
             tokens_by_layer[(ev.cache, ev.layer)] = ev.tokens
             last_seq_by_cache[ev.cache] = ev.seq
@@ -225,6 +233,14 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
                 rows_by_cache[ev.cache] = event_rows(ev)
             if ev.event == "reordered":
                 reordered.add(ev.cache)
+                count = ev.reason.removeprefix(BEAMS_REASON)
+                if (
+                    ev.reason.startswith(BEAMS_REASON)
+                    and count.isascii()
+                    and count.isdigit()
+                    and int(count) > 1
+                ):
+                    beams[ev.cache] = int(count)
         if ev.evicted_tokens:
             rows = event_rows(ev) or 1
             slot = (ev.cache, ev.layer)
@@ -262,6 +278,7 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             generated_tokens=generated.get(cache, 0),
             generated_row_tokens=generated_rows.get(cache, 0),
             reordered=cache in reordered,
+            beams=beams.get(cache, 0),
         )
         for cache, last_seq in sorted(last_seq_by_cache.items())
     ]

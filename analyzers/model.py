@@ -28,7 +28,8 @@ class DeviceEvents:
     `delta_bytes` is signed: positive for an allocation, negative for a free. `total_allocated` and
     `total_reserved` are the allocator's own running figures where the source has them (else None).
     `frame_id` indexes `MemorySource.frames` (-1: no stack). `category`, `layer`, `kv_kind` and `method`
-    are filled by attribution (layer -1 and kv_kind 0 when unknown; kv_kind 1 = K, 2 = V).
+    are filled by attribution (layer -1 and kv_kind 0 when unknown; kv_kind 1 = K, 2 = V); `kv_cache`, the
+    KV log's cache of the events joined to it (-1 elsewhere), only where a KV log was joined.
     `stated_category` is the category the file itself gives each event (torch.profiler's memory timeline
     knows its parameters), -1 where it gives none: attribution starts from it.
     """
@@ -43,6 +44,7 @@ class DeviceEvents:
     category: np.ndarray | None = None  # int8
     layer: np.ndarray | None = None  # int16
     kv_kind: np.ndarray | None = None  # int8
+    kv_cache: np.ndarray | None = None  # int64
     method: np.ndarray | None = None  # int8
     stated_category: np.ndarray | None = None  # int8
     capacity_bytes: int | None = None

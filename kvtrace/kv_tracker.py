@@ -65,6 +65,9 @@ _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
     "track": ("grown", "written"),  # a custom cache rebound to a larger tensor (else "replaced", below)
 }
 
+# Events that carry their observation's `reason` without evicting: an eviction's `grad_enabled`, a beam
+# search's first reorder's `beams:N`.
+_REASONED = ("evicted", "reordered")
 _NO_FREES: list[tuple[str, int, int]] = []  # drain's deferred frees of an update without `both_first`: none
 _KD = ("k", "data")
 _VD = ("v", "data")
@@ -456,7 +459,7 @@ class KvTracker:
                     self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json,
                     slot.addr, slot.storage_bytes, slot.view_offset, _shape_of(slot),
                     slot.logical_bytes, slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id,
-                    source_json, reason_json if evicted or kind == "evicted" else '""',
+                    source_json, reason_json if evicted or kind in _REASONED else '""',
                 )
                 self.lines.append(_with_rows(line, rows, slot.shape) if rows else line)
                 if kind == "evicted" and self._on_evict is not None:
@@ -536,7 +539,7 @@ class KvTracker:
             self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json, addr,
             nbytes, new.view_offset, new.shape_json, new.logical_bytes, new.dtype, new.device, tokens,
             evicted, prev_addr, cache_id, source_json,
-            reason_json if evicted or kind == "evicted" else '""',
+            reason_json if evicted or kind in _REASONED else '""',
         )
         self.lines.append(_with_rows(line, rows, shape) if rows else line)
         if kind == "evicted" and self._on_evict is not None:

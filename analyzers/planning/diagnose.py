@@ -14,8 +14,10 @@ held the most live bytes. Then it prices each remedy in bytes with this run's ow
   count them, so the figures are lower bounds); batch and tokens are those held at the end of the
   moment's step (the KV log's per-step figures), not the run's final count;
 * a static cache removes the dynamic cache's reallocation transient: KV peak - KV final, from the KV log;
-* quantized KV keeps 8 or 4 bits an element (int4 plus one bf16 scale and zero-point per 64 elements,
-  +12.5%, as transformers' QuantizedCache stores them);
+* quantized KV keeps 8 bits an element (fp8), or is transformers' int4 QuantizedCache: int4 plus a scale
+  and a zero-point per 64 elements in the model's dtype, the prompt quantized and the tokens after it at
+  full precision until `residual_length` (128) are due (analyzers.planning.quantized_cache, as
+  `kvtrace plan --cache quantized` counts it);
 * offloading (transformers' OffloadedCache) keeps about two layers' KV on the device;
 * `expandable_segments:True` lets the allocator grow segments in place instead of stranding free blocks:
   it recovers up to reserved - allocated.
@@ -39,7 +41,13 @@ import numpy as np
 
 from analyzers.budget import BudgetCrossing, budget_crossing, budget_of
 from analyzers.kv_log import is_kv_data
-from analyzers.model import DeviceEvents, MemorySource
+from analyzers.model import KV, DeviceEvents, MemorySource
+from analyzers.planning.quantized_cache import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_RESIDUAL_LENGTH,
+    quantized_cache_bytes,
+    residual_tokens,
+)
 from analyzers.readers.run_dir import NO_MEMORY_EVENTS_NOTE
 from analyzers.stack_frames import heading, kept_frames
 from analyzers.summary import Report, clock_time
@@ -56,7 +64,6 @@ _DTYPE_BITS = {
     "float8_e5m2": 8,
     "int8": 8,
 }
-_INT4_SCALE_OVERHEAD = 1.125  # int4 data + bf16 scale and zero-point per 64 elements
 _OFFLOAD_LAYERS_ON_DEVICE = 2  # the layer computing and the one being prefetched
 TOP_STACKS = 10
 _NO_STACK = "(no stack recorded: record with with_stack=True)"
@@ -109,18 +116,21 @@ class Diagnosis:
     kv_share: float | None
     kv_peak_bytes: int | None
     kv_final_bytes: int | None
-    batch: int | None
+    batch: int | None  # cache rows: under beam search, prompts x beams
     tokens_held: int | None
     step: int | None
     step_phase: str | None
-    top_layers: tuple[tuple[int, int], ...]  # (layer, KV bytes) at that step, largest first
+    top_layers: tuple[tuple[int, int], ...]  # (layer, KV bytes) live at that moment, largest first
     top_stacks: tuple[StackShare, ...]
     remedies: tuple[Remedy, ...]
     message: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     budget_crossing: BudgetCrossing | None = None
+    beams: int | None = None
+    """Beams per prompt when beam search made the rows (`batch` / `beams` prompts); None otherwise or when
+    the log does not say (a run recorded before kvtrace logged it)."""
     top_cache_layers: tuple[tuple[int, int, int], ...] = ()
-    """(cache, layer, KV bytes) at that step, largest first, when several caches held KV then (an
+    """(cache, layer, KV bytes) at that moment, largest first, when several caches held KV then (an
     assistant model's draft cache next to the model's): `top_layers` sums a layer index over them."""
 
 
@@ -162,6 +172,32 @@ def _live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[Stac
         entry[0] += int(nbytes)
         entry[1] += 1
     return [_share(text, total, count) for text, (total, count) in grouped.items()]
+
+
+def _kv_by_slot_at(dev: DeviceEvents, upto: int) -> dict[tuple[int, int], int]:
+    """KV bytes live after event `upto` by (cache, layer): the running sum of the events joined to the KV
+    log (a free carries its allocation's layer and cache), so mid-step transients count where they were.
+    KV the log does not place (a stack rule's, storages held before the trace began) is in no layer."""
+    if upto < 0 or dev.category is None or dev.layer is None:
+        return {}
+    n = upto + 1
+    placed = np.flatnonzero((dev.category[:n] == KV) & (dev.layer[:n] >= 0))
+    if not len(placed):
+        return {}
+    caches = dev.kv_cache[placed] if dev.kv_cache is not None else np.zeros(len(placed), dtype=np.int64)
+    layers = dev.layer[placed].astype(np.int64)
+    order = np.lexsort((layers, caches))
+    caches, layers = caches[order], layers[order]
+    deltas = dev.delta_bytes[placed][order].astype(np.int64)
+    starts = np.flatnonzero(
+        np.concatenate(([True], (caches[1:] != caches[:-1]) | (layers[1:] != layers[:-1])))
+    )
+    sums = np.add.reduceat(deltas, starts)
+    return {
+        (int(caches[i]), int(layers[i])): int(nbytes)
+        for i, nbytes in zip(starts.tolist(), sums.tolist(), strict=True)
+        if nbytes > 0
+    }
 
 
 def _freed_from_before(dev: DeviceEvents, upto: int) -> int:
@@ -254,15 +290,33 @@ def _held_at_step(report: Report, kv_log: Any, step: int) -> tuple[int | None, i
     """(batch, tokens per row) at the end of `step`: the KV of the moment held that many tokens, not the
     run's final count (a peak at prefill holds the prompt). The main cache's, or, before it existed (two
     generate() calls), the latest cache of the model's shape holding KV then."""
+    cache = _cache_at_step(report, kv_log, step)
     tokens = kv_log.step_tokens.get(step) or {}
-    if not tokens:
-        return report.kv.batch, report.kv.tokens_held
-    shaped = {c.cache for c in report.kv.caches if c.model_shaped is not False}
-    cache = report.kv.main_cache
     if cache not in tokens:
-        cache = max((c for c in tokens if c in shaped), default=max(tokens))
+        return report.kv.batch, report.kv.tokens_held
     rows = kv_log.step_rows.get(step, {}).get(cache)
     return rows or report.kv.batch, tokens[cache]
+
+
+def _cache_at_step(report: Report, kv_log: Any, step: int) -> int | None:
+    """The cache `_held_at_step` counts: the main one, or the latest of the model's shape holding KV."""
+    tokens = kv_log.step_tokens.get(step) or {}
+    cache = report.kv.main_cache
+    if not tokens or cache in tokens:
+        return cache
+    shaped = {c.cache for c in report.kv.caches if c.model_shaped is not False}
+    return max((c for c in tokens if c in shaped), default=max(tokens))
+
+
+def _beams_at_step(report: Report, kv_log: Any, step: int, rows: int | None) -> tuple[int | None, bool]:
+    """(beams per prompt, whether the rows are beams) of the cache `_held_at_step` counts: its beams where
+    its log says how many (and they divide its rows), and whether beam search reordered its rows."""
+    cache = _cache_at_step(report, kv_log, step)
+    figures = next((c for c in kv_log.caches if c.cache == cache), None)
+    if figures is None:
+        return None, False
+    known = figures.beams if figures.beams > 1 and rows and rows % figures.beams == 0 else None
+    return known, figures.reordered
 
 
 def _kv_bits(source: MemorySource, report: Report) -> int | None:
@@ -286,6 +340,114 @@ _NO_KV = "cannot be computed: this input has no KV cache figures (record the run
 _NO_GEOMETRY = "cannot be computed: this input has no KV geometry (batch, tokens held; record with kvtrace)"
 
 
+def _beam_search_remedies(kv: int, prompts: int, beams: int, need: int | None) -> list[Remedy]:
+    """A smaller batch counted in prompts (each holding `beams` rows), and fewer beams: KV is linear in
+    both."""
+    each = f"{beams} beams each"
+    batch_target, batch_saved = _fewer(kv, prompts, need)
+    beams_target, beams_saved = _fewer(kv, beams, need)
+    per_prompt, per_beam = human_bytes(kv / prompts), human_bytes(kv / beams)
+    if need is None:
+        batch_text = f"Each prompt dropped from the batch of {prompts} ({each}) frees {per_prompt} of KV."
+        beams_text = f"Each beam dropped (num_beams={beams}, batch {prompts}) frees {per_beam} of KV."
+    elif need <= 0:
+        room = "the KV alone would leave room up to"
+        batch_text = f"Batch {prompts} ({each}) already fits; {room} batch {batch_target}."
+        beams_text = f"num_beams={beams} already fits; {room} {beams_target} beams."
+    else:
+        enough = "of KV, enough to fit."
+        batch_text = (
+            f"Batch {batch_target} instead of {prompts} ({each}) frees {human_bytes(batch_saved)} {enough}"
+            if batch_target >= 1
+            else f"Even batch 1 ({each}) does not fit: it still holds {per_prompt} of KV."
+        )
+        beams_text = (
+            f"num_beams={beams_target} instead of {beams} (batch {prompts}) frees "
+            f"{human_bytes(beams_saved)} {enough}"
+            if beams_target >= 1
+            else f"Even num_beams=1 (greedy search, batch {prompts}) does not fit: it still holds {per_beam} "
+            "of KV."
+        )
+    return [
+        Remedy("batch", batch_target or None, batch_saved, _fits(batch_saved, need), batch_text),
+        Remedy("beams", beams_target or None, beams_saved, _fits(beams_saved, need), beams_text),
+    ]
+
+
+def _fewer(kv: int, count: int, need: int | None) -> tuple[int, int]:
+    """(the setting to propose, KV bytes it frees) for a count that KV is linear in (batch, beams): one
+    fewer without a shortfall; else the largest count whose KV leaves room for it (0: even 1 is too many),
+    freeing what going down to it, or to 1, saves (nothing when the run already fits)."""
+    share = kv / count
+    if need is None:
+        return count - 1, round(share) if count > 1 else 0
+    target = max(math.floor(count * (kv - need) / kv), 0)
+    return target, 0 if need <= 0 else round(share * (count - max(target, 1)))
+
+
+def _int4_remedy(d: dict[str, object], kv: int, kv_bits: int, need: int | None) -> Remedy:
+    """transformers' QuantizedCache at its defaults (int4, a scale and a zero-point per 64 elements,
+    residual_length 128) holding this moment's tokens: the prompt quantized, the tokens after it in the
+    compute dtype until 128 are due (analyzers.planning.quantized_cache, as `kvtrace plan` counts it)."""
+    batch, tokens, prompt = d["batch"], d["tokens_held"], d.get("prompt_tokens")
+    if not isinstance(batch, int) or not isinstance(tokens, int) or not batch or not tokens:
+        why = "needs the tokens held, a share of which it keeps at full precision"
+        return Remedy("quantized_kv", 4, None, None, f"int4 quantized cache: {_NO_GEOMETRY}; it {why}.")
+    per_token = _bytes_per_token_all_rows(d, kv, batch, tokens)
+    # What the cache holds at this moment, without a dynamic cache's transient copy: a quantized cache's
+    # updates make larger ones (its quantized layer dequantized, whole K and V returned at full precision).
+    cache = min(kv, round(per_token * tokens))
+    elements = per_token * 8 / kv_bits  # per position, every row
+    compute_bits = d.get("compute_bits")
+    compute_bytes = (compute_bits if isinstance(compute_bits, int) else kv_bits) / 8
+    known = prompt if isinstance(prompt, int) else None
+    residual = residual_tokens(tokens, DEFAULT_RESIDUAL_LENGTH, known)
+    held = quantized_cache_bytes(
+        tokens,
+        residual,
+        data_per_token=elements * 4 / 8,
+        scale_per_token=elements / DEFAULT_GROUP_SIZE * 2 * compute_bytes,
+        full_per_token=elements * compute_bytes,
+    )
+    saved = max(cache - held.total_bytes, 0)
+    after = (
+        f"the {residual:,} after the prompt" if known is not None else f"up to {residual:,} (the worst case)"
+    )
+    return Remedy(
+        "quantized_kv",
+        4,
+        saved,
+        _fits(saved, need),
+        f"An int4 quantized cache (QuantizedCache, scales included) holds these {tokens:,} tokens in "
+        f"{human_bytes(held.total_bytes)} instead of {human_bytes(cache)}, saving {human_bytes(saved)}: "
+        f"{held.quantized_tokens:,} in int4, {after} at full precision ({human_bytes(held.residual_bytes)}) "
+        f"until residual_length={DEFAULT_RESIDUAL_LENGTH} are due.",
+    )
+
+
+def _bytes_per_token_all_rows(d: dict[str, object], kv: int, batch: int, tokens: int) -> float:
+    """KV bytes of one position across the batch and all layers: the run's own figure at the end (its
+    storages over the tokens they hold), else the moment's KV over its tokens."""
+    steady = d.get("bytes_per_token")
+    return steady * batch if isinstance(steady, int | float) and steady else kv / tokens
+
+
+def _prompt_at_step(report: Report, kv_log: Any, step: int) -> int | None:
+    """Tokens per row held after the last prefill up to `step`: the prompt a quantized cache quantizes
+    whole at once."""
+    prefills = [s for s, phase in kv_log.step_phase.items() if phase == "prefill" and s <= step]
+    if not prefills:
+        return None
+    return _held_at_step(report, kv_log, max(prefills))[1]
+
+
+def _compute_bits(report: Report) -> int | None:
+    """Bits of the model's own float dtype: a quantized cache keeps its residual and scales in it."""
+    dtype = (report.geometry or {}).get("dtype")
+    bits = _DTYPE_BITS.get(str(dtype)) if dtype else None
+    return bits if bits is not None and bits >= 16 else None
+
+
 def _remedies(
     d: dict[str, object], kv_bits: int | None, num_layers: int | None, on_cuda: bool = True
 ) -> list[Remedy]:
@@ -298,7 +460,10 @@ def _remedies(
     assert need is None or isinstance(need, int)
     out: list[Remedy] = []
 
-    if kv and batch:
+    beams = d.get("beams")
+    if kv and batch and isinstance(beams, int) and beams > 1:
+        out += _beam_search_remedies(kv, batch // beams, beams, need)
+    elif kv and batch:
         per_seq = kv / batch
         if need is None:
             target = batch - 1
@@ -315,6 +480,11 @@ def _remedies(
                 f"Batch {target} instead of {batch} frees {human_bytes(saved)} of KV, enough to fit."
                 if target >= 1
                 else f"Even batch 1 does not fit: the {human_bytes(kv)} of KV is not the whole problem."
+            )
+        if d.get("rows_are_beams"):  # how many per prompt, the log does not say
+            text += (
+                f" These {batch} cache rows are beam search's (prompts x num_beams): lower either, so that "
+                f"their product is at most {max(target, 1)}."
             )
         out.append(Remedy("batch", target if target >= 1 else None, saved, _fits(saved, need), text))
     else:
@@ -382,7 +552,6 @@ def _remedies(
 
     if kv and kv_bits:
         fp8 = round(kv * (1 - 8 / kv_bits)) if kv_bits > 8 else 0
-        int4 = round(kv * (1 - 4 * _INT4_SCALE_OVERHEAD / kv_bits))
         if kv_bits > 8:  # an 8-bit cache already is what this remedy proposes
             out.append(
                 Remedy(
@@ -394,15 +563,7 @@ def _remedies(
                     "bits.",
                 )
             )
-        out.append(
-            Remedy(
-                "quantized_kv",
-                4,
-                int4,
-                _fits(int4, need),
-                f"An int4 quantized cache (QuantizedCache, scales included) saves {human_bytes(int4)}.",
-            )
-        )
+        out.append(_int4_remedy(d, kv, kv_bits, need))
     else:
         why = _NO_KV if not kv else "cannot be computed: the KV dtype is not recorded"
         out.append(Remedy("quantized_kv", None, None, None, f"Quantized KV: {why}."))
@@ -556,22 +717,30 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     kv_peak = report.kv.peak_bytes if kv_log is not None else None
     kv_final = report.kv.final_bytes if kv_log is not None else None
 
-    step = phase = None
+    step = phase = prompt = beams = None
+    rows_are_beams = False
     top_layers: tuple[tuple[int, int], ...] = ()
     top_cache_layers: tuple[tuple[int, int, int], ...] = ()
     batch, tokens_held = report.kv.batch, report.kv.tokens_held
     if kv_log is not None and kv_log.step_start_ns:
-        moment_ns = (when * 1000.0) if when is not None else float("inf")
-        started = [s for s, t in kv_log.step_start_ns.items() if t <= moment_ns]
+        # The moment is a timeline time, an event's t_ns / 1000.0 in a run without a trace: a step's start
+        # goes through the same division (as analyzers.budget does), never the float back to ns, which at
+        # epoch magnitudes (0.25 µs apart) can land before the event that both opens the step and peaks.
+        started = [s for s, t in kv_log.step_start_ns.items() if when is None or t / 1000.0 <= when]
         step = max(started) if started else min(kv_log.step_start_ns)
         phase = kv_log.step_phase.get(step)
         batch, tokens_held = _held_at_step(report, kv_log, step)
-        live = kv_log.step_live.get(step, {})
-        top_layers = tuple(sorted(live.items(), key=lambda item: -item[1]))[:8]
-        by_slot = {slot: n for slot, n in kv_log.step_cache_live.get(step, {}).items() if n}
-        if len({cache for cache, _ in by_slot}) > 1:
-            ranked = sorted(by_slot.items(), key=lambda item: -item[1])[:8]
-            top_cache_layers = tuple((cache, layer, nbytes) for (cache, layer), nbytes in ranked)
+        beams, rows_are_beams = _beams_at_step(report, kv_log, step, batch)
+        prompt = _prompt_at_step(report, kv_log, step)
+        if dev_index is not None and index >= 0 and not at_start:
+            by_slot = _kv_by_slot_at(source.devices[dev_index], index)
+            by_layer: dict[int, int] = {}
+            for (_, layer), nbytes in by_slot.items():
+                by_layer[layer] = by_layer.get(layer, 0) + nbytes
+            top_layers = tuple(sorted(by_layer.items(), key=lambda item: (-item[1], item[0])))[:8]
+            if len({cache for cache, _ in by_slot}) > 1:
+                ranked = sorted(by_slot.items(), key=lambda item: (-item[1], item[0]))[:8]
+                top_cache_layers = tuple((cache, layer, nbytes) for (cache, layer), nbytes in ranked)
     elif when is not None:
         steps = [m for m in source.markers if m.kind == "step" and m.ts_us <= when]
         if steps:
@@ -606,6 +775,10 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "reserved_unallocated_bytes": reserved_unallocated,
         "bytes_per_token": _growing_bytes_per_token(report),
         "windowed": _all_windowed(report),
+        "prompt_tokens": prompt,
+        "beams": beams,
+        "rows_are_beams": rows_are_beams,
+        "compute_bits": _compute_bits(report),
     }
     held = [cache for cache in report.kv.caches if cache.final_bytes]
     if len(held) > 1:
@@ -652,5 +825,6 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         message=oom.message if oom is not None else None,
         notes=tuple(notes),
         budget_crossing=crossing,
+        beams=beams,
         top_cache_layers=top_cache_layers,
     )

@@ -41,6 +41,12 @@ from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
 
 from analyzers.planning.presets import DTYPE_BITS, ModelGeometry, dtype_bytes_for, weights_bytes
+from analyzers.planning.quantized_cache import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_RESIDUAL_LENGTH,
+    quantized_cache_bytes,
+    residual_tokens,
+)
 from kvtrace.errors import KvtraceError
 
 __all__ = [
@@ -88,8 +94,8 @@ class PlanRequest:
     reserve_fraction: float | None = None
     cache: str = "dynamic"
     window: int | None = None
-    quant_group_size: int = 64
-    residual_length: int = 128
+    quant_group_size: int = DEFAULT_GROUP_SIZE
+    residual_length: int = DEFAULT_RESIDUAL_LENGTH
     compute_dtype: str | None = None
     block_size: int = 16
 
@@ -243,13 +249,10 @@ def _sizes(req: PlanRequest, batch: int, context: int) -> _Sizes:
     whole, windowed, window = _layout(req)
     tokens = min(context, window) if window is not None and not whole else context
     if req.cache == "quantized":
-        residual = min(req.residual_length - 1, context - 1)
-        quantized = context - residual
-        scale_bytes = batch * quantized * scales
-        residual_bytes = batch * residual * full
-        kv = batch * quantized * data + scale_bytes + residual_bytes
+        residual = residual_tokens(context, req.residual_length)  # the worst case: the prompt is not known
+        cache = quantized_cache_bytes(context, residual, batch * data, batch * scales, batch * full)
         realloc = 2 * dtype_bytes_for(req.effective_compute_dtype, batch * one_layer_side * (2 * context - 1))
-        return _Sizes(tokens, kv, scale_bytes, residual_bytes, realloc)
+        return _Sizes(tokens, cache.total_bytes, cache.scale_bytes, cache.residual_bytes, realloc)
     realloc = 0
     if req.cache == "dynamic":
         realloc = dtype_bytes_for(req.kv_dtype, batch * one_layer_side * (tokens - 1))

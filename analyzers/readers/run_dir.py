@@ -85,7 +85,7 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
 
 
 def _add_kv_held_before_trace(
-    dev: DeviceEvents, storages: list[tuple[int, int, int, int, int, str]], events: list[Any]
+    dev: DeviceEvents, storages: list[tuple[int, int, int, int, int, str, int]], events: list[Any]
 ) -> None:
     """KV storages allocated before the profiler started (a reference model's preallocated buffers, a
     cache built before record()) are in no allocation of the trace, yet held all along: like the weights,
@@ -98,7 +98,7 @@ def _add_kv_held_before_trace(
     seen = set(dev.addr.tolist())  # any trace event at the address, allocation or free
     held = sum(
         nbytes
-        for addr, nbytes, first_ns, freed_ns, _layer, _kv in storages
+        for addr, nbytes, first_ns, freed_ns, _layer, _kv, _cache in storages
         if first_ns / 1000.0 <= first_us
         and addr not in seen
         and freed_ns < 0

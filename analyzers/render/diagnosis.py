@@ -20,7 +20,7 @@ JSON_VERSION = 1
 def diagnosis_to_json(diagnosis: Diagnosis) -> dict[str, Any]:
     data = asdict(diagnosis)
     data["top_layers"] = [{"layer": layer, "kv_bytes": nbytes} for layer, nbytes in diagnosis.top_layers]
-    if diagnosis.top_cache_layers:  # several caches at that step: each cache's layer, not their sum
+    if diagnosis.top_cache_layers:  # several caches at that moment: each cache's layer, not their sum
         data["top_layers"] = [
             {"cache": cache, "layer": layer, "kv_bytes": nbytes}
             for cache, layer, nbytes in diagnosis.top_cache_layers
@@ -97,11 +97,12 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
         rows.append(("KV peak / final", f"{human_bytes(d.kv_peak_bytes)} / {human_bytes(d.kv_final_bytes)}"))
     if d.batch is not None:  # at the moment's step: the run may end holding more
         label = f"batch x tokens held (end of step {d.step})" if d.step is not None else "batch x tokens held"
-        rows.append((label, f"{d.batch} x {d.tokens_held}"))
+        beams = f" ({d.batch // d.beams} prompts x {d.beams} beams)" if d.beams else ""
+        rows.append((label, f"{d.batch} x {d.tokens_held}{beams}"))
     if d.step is not None:
         rows.append(("step", f"{d.step} {d.step_phase or ''}".strip()))
-    if d.top_layers:  # the step's end state: the moment above may hold a layer's transient copy too
-        label = f"KV by layer (end of step {d.step})" if d.step is not None else "KV by layer (step end)"
+    if d.top_layers:  # live at the moment, a layer's transient copy included
+        label = "KV by layer at this moment"
         shares = [f"L{layer} {human_bytes(b)}" for layer, b in d.top_layers]
         if d.top_cache_layers:
             label = label.replace("by layer", "by cache and layer")

@@ -141,6 +141,18 @@ def _expected_tokens(layer: Any, kind: int, before: int | None, new_tokens: int)
     return None
 
 
+def rows_per_prompt(sources: list[int]) -> int:
+    """The smallest block of rows a reorder keeps within (row r's new content comes from a row of r's own
+    block), given each row's source row. transformers' beam search reorders within each prompt's beams, and
+    at its first step every beam copies the prompt's first one (the others start at -1e9): that block is
+    exactly `num_beams`. 1 when no row takes another's content."""
+    rows = len(sources)
+    for size in range(1, rows + 1):
+        if rows % size == 0 and all(source // size == row // size for row, source in enumerate(sources)):
+            return size
+    return rows
+
+
 def _nothing() -> None:
     return None
 
@@ -186,6 +198,7 @@ class HfCacheHooks:
         self.defer_off = False
         self.unexplained: str | None = None  # what made a deferred step turn deferring off, for the manifest
         self._deferrable: dict[tuple[int, int], bool] = {}  # (cache id, layer count) -> all layers plain
+        self._beams_read: set[int] = set()  # caches whose first reorder_cache told their beams
 
     @staticmethod
     def available() -> bool:
@@ -285,7 +298,7 @@ class HfCacheHooks:
             if original is None:
                 continue
             self._originals[name] = original
-            setattr(Cache, name, self._wrap_whole_cache(original, cause))
+            setattr(Cache, name, self._wrap_whole_cache(original, cause, beams=name == "reorder_cache"))
         for name, cause in (("offload", "offload"), ("prefetch", "prefetch")):
             original = Cache.__dict__.get(name)
             if original is None:
@@ -329,16 +342,33 @@ class HfCacheHooks:
             )
             self._signatures[(cid, layer_idx)] = _signature(parts)
 
-    def _wrap_whole_cache(self, original: Callable[..., Any], cause: str) -> Callable[..., Any]:
+    def _wrap_whole_cache(
+        self, original: Callable[..., Any], cause: str, beams: bool = False
+    ) -> Callable[..., Any]:
+        """`beams`: the method is `reorder_cache(beam_idx)`, whose first call on a cache says how many rows
+        each prompt has (`rows_per_prompt`): its events carry it as `reason` `beams:N`."""
         hooks = self
 
         @functools.wraps(original)
         def wrapper(cache: Any, *args: Any, **kwargs: Any) -> Any:
             result = original(cache, *args, **kwargs)
-            hooks.scan_cache(cache, cause)
+            reason = (
+                hooks._beams_reason(cache, kwargs.get("beam_idx", args[0] if args else None)) if beams else ""
+            )
+            hooks.scan_cache(cache, cause, reason=reason)
             return result
 
         return wrapper
+
+    def _beams_reason(self, cache: Any, beam_idx: Any) -> str:
+        """`beams:N` at a cache's first beam-search reorder (N rows per prompt, N > 1), else "". Read once per
+        cache: the indices are on the device, and reading them waits for it."""
+        cid = self.cache_id(cache)
+        if cid in self._beams_read or not isinstance(beam_idx, torch.Tensor) or beam_idx.dim() != 1:
+            return ""
+        self._beams_read.add(cid)
+        beams = rows_per_prompt(beam_idx.tolist())
+        return f"beams:{beams}" if beams > 1 else ""
 
     def _wrap_one_layer(self, original: Callable[..., Any], cause: str) -> Callable[..., Any]:
         hooks = self

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 import kvtrace
 from analyzers.units import human_bytes
 from kvtrace.cli import main
-from kvtrace.llama import build_model
+from kvtrace.format import read_run
+from kvtrace.llama import build_model, llama3_config
 from tests.tiny import HEAD_DIM, tiny_size
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
@@ -251,11 +256,88 @@ def test_sweep_budget_column_says_where_a_point_runs_out(
 
 
 def test_diagnose_says_which_moment_its_per_layer_kv_is(capsys: pytest.CaptureFixture[str]) -> None:
-    # the per-layer row is the step's end state, which need not add up to the KV at the crossing moment
+    # the per-layer row is what each layer held at the moment diagnosed: it adds up to the KV then
+    assert main(["diagnose", str(SAMPLES / "dynamic_b2"), "--budget", "40MiB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert sum(row["kv_bytes"] for row in data["top_layers"]) == data["kv_bytes"] > 0
     assert main(["diagnose", str(SAMPLES / "dynamic_b2"), "--budget", "40MiB"]) == 0
     out = capsys.readouterr().out
-    (step,) = [line.split()[-2] for line in out.splitlines() if line.strip().startswith("at the peak: step ")]
-    assert f"KV by layer (end of step {step})" in out
+    assert "at the peak: KV by layer " in out and "end of step" not in out.split("KV by layer")[1]
+
+
+def _rounding_down_clock(start_ns: int) -> Callable[[], int]:
+    """Unix-epoch ns about 1 ms apart, each one a time whose float µs (t_ns / 1000.0, 0.25 µs apart at
+    this magnitude) times 1000 falls below it: diagnose once turned its moment back into ns that way, and
+    put it before the event that opens the step it peaks in. Thread-safe (the memory sampler reads it)."""
+    calls = itertools.count(1)
+
+    def clock() -> int:
+        t_ns = start_ns + next(calls) * 1_000_000
+        while not t_ns > (t_ns / 1000.0) * 1000.0:
+            t_ns += 1
+        return t_ns
+
+    return clock
+
+
+def test_diagnose_names_the_step_its_peak_is_in_and_that_moments_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a sliding-window cache recorded without the profiler, on a clock whose every reading rounds
+    # down through float µs: its KV peaks at the first update of step 2, where layer 0 makes its window-sized
+    # K and V (one clock reading, the step's first) while every layer still holds the prompt
+    layers, kv_heads, prompt, window, new_tokens = 4, 2, 32, 8, 3
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama3_config(tiny_size(layers, kv_heads), sliding_window=window)).eval()
+    ids = torch.randint(3, 1000, (2, prompt), generator=torch.Generator().manual_seed(4))
+    run = tmp_path / "run"
+    clock = _rounding_down_clock(1_796_155_851_931_111_279)
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False, clock=clock):
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
+
+    # the peak from the raw log: storages live from their first event to their `freed`
+    events = read_run(run).kv_events
+    live: dict[int, tuple[int, int]] = {}
+    peak = (0, -1, -1)  # (bytes, step, t_ns)
+    at_peak: dict[int, int] = {}
+    for event in events:
+        if event.event == "freed":
+            live.pop(event.addr, None)
+        elif event.addr and event.addr not in live and event.event != "written":
+            live[event.addr] = (event.storage_bytes, event.layer)
+        total = sum(nbytes for nbytes, _ in live.values())
+        if total > peak[0]:
+            peak = (total, event.step, event.t_ns)
+            at_peak = {}
+            for nbytes, layer in live.values():
+                at_peak[layer] = at_peak.get(layer, 0) + nbytes
+    kv_bytes, step, t_ns = peak
+    row_token = kv_heads * HEAD_DIM * 4  # one K (or V) position of one row, fp32
+    # every layer's K and V of the 2 x 32-token prompt, and layer 0's new K and V of the window
+    assert kv_bytes == layers * 2 * 2 * prompt * row_token + 2 * 2 * window * row_token
+    assert step == 2 and t_ns == min(e.t_ns for e in events if e.step == step)
+    assert t_ns > (t_ns / 1000.0) * 1000.0  # the rounding this test is about
+
+    # WHEN it is diagnosed
+    assert main(["diagnose", str(run), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+
+    # THEN the step named is the one the peak is in, and its layers are those of that moment
+    assert (data["event"], data["kv_bytes"], data["step"], data["step_phase"]) == (
+        "peak",
+        kv_bytes,
+        2,
+        "decode",
+    )
+    assert {row["layer"]: row["kv_bytes"] for row in data["top_layers"]} == at_peak
+    assert sum(at_peak.values()) == kv_bytes
+    assert at_peak[0] == 2 * 2 * (prompt + window) * row_token
 
 
 def test_diagnose_prices_remedies_with_the_tokens_held_at_its_moment(
@@ -286,3 +368,133 @@ def test_diagnose_prices_remedies_with_the_tokens_held_at_its_moment(
     assert main(["diagnose", str(run)]) == 0
     out = capsys.readouterr().out
     assert re.search(rf"batch x tokens held \(end of step 1\)\s+1 x {prompt}\n", out), out
+
+
+# A dynamic fp32 cache of 4 rows, a 16-token prompt and 40 new tokens (55 held), over a budget of the
+# weights and 150,000 B; and what transformers' QuantizedCache at its defaults would hold of the same tokens:
+# the prompt quantized (half a byte an element, an fp32 scale and zero-point per 64 elements), the 39 tokens
+# after it in fp32 until residual_length=128 are due.
+Q_LAYERS, Q_KV_HEADS, Q_BATCH, Q_PROMPT, Q_NEW = 4, 2, 4, 16, 40
+Q_HELD = Q_PROMPT + Q_NEW - 1
+Q_ELEMENTS = Q_LAYERS * 2 * Q_KV_HEADS * HEAD_DIM * Q_BATCH  # per position, every row
+Q_QUANTIZED = Q_PROMPT * Q_ELEMENTS // 2 + Q_PROMPT * Q_ELEMENTS // 64 * 2 * 4
+Q_RESIDUAL = (Q_HELD - Q_PROMPT) * Q_ELEMENTS * 4
+
+
+def _record_over_budget(run: Path, cache: object = None) -> None:
+    model = build_model(tiny_size(Q_LAYERS, Q_KV_HEADS))
+    ids = torch.randint(3, 1000, (Q_BATCH, Q_PROMPT), generator=torch.Generator().manual_seed(5))
+    weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    extra = {} if cache is None else {"cache": cache(model)}  # type: ignore[operator]
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False, gpu_memory=weights + 150_000):
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=Q_NEW,
+            min_new_tokens=Q_NEW,
+            do_sample=False,
+            **extra,
+        )
+
+
+def test_diagnose_int4_remedy_counts_the_full_precision_residual(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the dynamic cache run over its budget
+    _record_over_budget(tmp_path / "run")
+
+    # WHEN it is diagnosed
+    assert main(["diagnose", str(tmp_path / "run"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+
+    # THEN the int4 remedy is what a QuantizedCache holds of the same 55 tokens, against what the dynamic
+    # cache holds of them (its transient copy stays: a quantized cache's updates make larger ones)
+    cache = Q_ELEMENTS * 4 * Q_HELD
+    peak = cache + Q_ELEMENTS // (2 * Q_LAYERS) * 4 * (Q_HELD - 1)  # a layer's K copied one token longer
+    assert (data["kv_bytes"], data["tokens_held"], data["shortfall_bytes"]) == (peak, Q_HELD, peak - 150_000)
+    (int4,) = [r for r in data["remedies"] if r["kind"] == "quantized_kv" and r["setting"] == 4]
+    assert int4["saved_bytes"] == cache - Q_QUANTIZED - Q_RESIDUAL == 55_296
+    assert int4["fits"] is False
+    held = f"{Q_PROMPT} in int4, the {Q_HELD - Q_PROMPT} after the prompt at full precision"
+    assert held in int4["sentence"] and "residual_length=128" in int4["sentence"]
+
+
+def test_a_quanto_cache_holds_what_the_int4_remedy_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the same run with a real QuantizedCache (quanto backend, transformers' defaults)
+    pytest.importorskip("optimum.quanto")
+    from transformers import QuantizedCache
+
+    _record_over_budget(tmp_path / "run", lambda model: QuantizedCache("quanto", model.config))
+    # WHEN it is reported
+    assert main(["report", str(tmp_path / "run"), "--json", "--no-export"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # THEN it holds what diagnose's int4 remedy counts, and still crosses the budget
+    assert report["kv"]["final_bytes"] == Q_QUANTIZED + Q_RESIDUAL and report["budget"]["crossed"] is True
+
+
+def _kv_peak_of(run: Path) -> int:
+    """The KV log's peak, replayed from the raw file: a storage is live from its first event to `freed`."""
+    live: dict[int, int] = {}
+    peak = 0
+    for event in read_run(run).kv_events:
+        if event.event == "freed":
+            live.pop(event.addr, None)
+        elif event.addr and event.addr not in live and event.event != "written":
+            live[event.addr] = event.storage_bytes
+        peak = max(peak, sum(live.values()))
+    return peak
+
+
+def test_diagnose_prices_a_beam_search_batch_in_prompts_and_offers_fewer_beams(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN beam search over 2 prompts with num_beams=3 (6 cache rows), over a budget: weights + 100,000 B
+    prompts, beams = 2, 3
+    model = build_model(tiny_size(4, 2))
+    ids = torch.randint(3, 1000, (prompts, 10), generator=torch.Generator().manual_seed(6))
+    weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False, gpu_memory=weights + 100_000):
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            num_beams=beams,
+            do_sample=False,
+        )
+    kv = _kv_peak_of(run)
+    need = kv - 100_000  # a run without the profiler allocates the weights and the KV
+
+    # WHEN it is diagnosed
+    assert main(["diagnose", str(run), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+
+    # THEN the batch is counted in prompts, each keeping its 3 beams, and fewer beams is a remedy of its own
+    assert (data["kv_bytes"], data["shortfall_bytes"], data["batch"], data["beams"]) == (kv, need, 6, 3)
+    remedies = {r["kind"]: r for r in data["remedies"]}
+    batch_target = math.floor(prompts * (kv - need) / kv)
+    beams_target = math.floor(beams * (kv - need) / kv)
+    assert (batch_target, beams_target) == (1, 2)
+    batch, fewer = remedies["batch"], remedies["beams"]
+    assert (batch["setting"], batch["saved_bytes"], batch["fits"]) == (1, round(kv / prompts), True)
+    assert batch["sentence"].startswith("Batch 1 instead of 2 (3 beams each) frees ")
+    assert (fewer["setting"], fewer["saved_bytes"], fewer["fits"]) == (2, round(kv / beams), True)
+    assert fewer["sentence"].startswith("num_beams=2 instead of 3 (batch 2) frees ")
+    assert main(["diagnose", str(run)]) == 0
+    assert "6 x 21 (2 prompts x 3 beams)" in capsys.readouterr().out
+
+    # AND a log that does not say how many beams (as kvtrace wrote it before) is priced in rows, named beams
+    log = run / "kv_events.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    assert (
+        sum('"reason":"beams:3"' in line for line in lines) == 4 * 2
+    )  # the first reorder: every layer's K, V
+    log.write_text("".join(line.replace('"reason":"beams:3"', '"reason":""') for line in lines))
+    assert main(["diagnose", str(run), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["beams"] is None and "beams" not in {r["kind"] for r in data["remedies"]}
+    (rows,) = [r for r in data["remedies"] if r["kind"] == "batch"]
+    assert "These 6 cache rows are beam search's (prompts x num_beams)" in rows["sentence"]

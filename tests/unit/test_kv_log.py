@@ -34,7 +34,7 @@ def test_growth_shows_transient_copy_and_churn() -> None:
     assert kv.peak_bytes == 500
     assert kv.allocated_bytes_total == 600
     assert kv.step_live[2] == {0: 400}
-    assert kv.storages[3] == (0xA, 200, 5000, 8000, 0, "v")
+    assert kv.storages[3] == (0xA, 200, 5000, 8000, 0, "v", 0)
 
 
 def test_evictions_count_once_per_row_on_k() -> None:
@@ -47,3 +47,20 @@ def test_evictions_count_once_per_row_on_k() -> None:
     assert kv.evicted_tokens == 4 * 2
     assert kv.per_layer[0].evicted_tokens == 8
     assert len(kv.evictions) == 1
+
+
+def test_a_beam_search_reorder_says_its_beams() -> None:
+    # GIVEN two caches of 6 rows reordered: one whose first reorder says 3 beams, one with a damaged reason
+    events = [
+        ev(1, "created", 0, "k", 0xA, 600, tokens=4, shape=[6, 1, 4, 1], cache=1),
+        ev(2, "reordered", 0, "k", 0xB, 600, tokens=4, shape=[6, 1, 4, 1], cache=1, reason="beams:3"),
+        ev(3, "freed", 0, "k", 0xA, 600, cache=1),
+        ev(4, "created", 0, "k", 0xC, 600, tokens=4, shape=[6, 1, 4, 1], cache=2),
+        ev(5, "reordered", 0, "k", 0xD, 600, tokens=4, shape=[6, 1, 4, 1], cache=2, reason="beams:\u00b3"),
+        ev(6, "freed", 0, "k", 0xC, 600, cache=2),
+    ]
+    # WHEN replayed
+    caches = {c.cache: c for c in analyze_kv_log(events).caches}
+    # THEN the first has 3 beams per prompt; the other's rows are beams, how many the log does not say
+    assert (caches[1].reordered, caches[1].beams) == (True, 3)
+    assert (caches[2].reordered, caches[2].beams) == (True, 0)
