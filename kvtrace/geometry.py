@@ -20,13 +20,21 @@ def kv_heads_of(get: Callable[[str], Any], heads: int | None) -> int | None:
     return heads
 
 
-def layer_kinds(layer_types: Any) -> tuple[int, int] | None:
-    """(layers holding a KV cache, of which sliding or chunked) from a config's `layer_types`; None without
-    one. Linear-attention and state-space layers (Qwen3-Next, Jamba) hold no KV."""
+def kv_layer_slides(layer_types: Any) -> tuple[bool, ...] | None:
+    """For each layer holding a KV cache, in order, whether it keeps only a window (sliding or chunked),
+    from a config's `layer_types`; None without one. Linear-attention and state-space layers (Qwen3-Next,
+    Jamba) hold no KV."""
     if not isinstance(layer_types, list | tuple) or not all(isinstance(t, str) for t in layer_types):
         return None
     kv = [t for t in layer_types if t.endswith("attention") and t != "linear_attention"]
-    return len(kv), sum(1 for t in kv if t.startswith(("sliding", "chunked")))
+    return tuple(t.startswith(("sliding", "chunked")) for t in kv)
+
+
+def layer_kinds(layer_types: Any) -> tuple[int, int] | None:
+    """(layers holding a KV cache, of which sliding or chunked) from a config's `layer_types`; None without
+    one."""
+    slides = kv_layer_slides(layer_types)
+    return None if slides is None else (len(slides), sum(slides))
 
 
 def model_geometry(model: Any) -> dict[str, Any] | None:

@@ -448,6 +448,72 @@ def _compute_bits(report: Report) -> int | None:
     return bits if bits is not None and bits >= 16 else None
 
 
+def _windowed_remedies(
+    kv: int, tokens: int, per_token: float, need: int | None, num_layers: int | None
+) -> list[Remedy]:
+    """Shorter context and smaller window for a cache whose every layer slides (Mistral's default
+    DynamicCache). Such a layer keeps its last `tokens` in a storage one token longer, and makes its new K
+    and V before freeing the old ones; but at prefill its storage is the whole prompt, which it lets go of
+    only at its first decode step. KV at the moment above the window's own (every layer's window plus one
+    layer's new one) is that prompt: a shorter prompt frees it token by token, a smaller window does not."""
+    window_kv = per_token * (tokens + 1) * (1 + 1 / (num_layers or 1))
+    above = max(kv - round(window_kv), 0)
+    out: list[Remedy] = []
+    if above >= per_token:  # at least a token of prompt beyond the window
+        holds = (
+            "every sliding layer holds the whole prompt until its first decode step "
+            f"({human_bytes(above)} of the {human_bytes(kv)} of KV at this moment is beyond the window)"
+        )
+        cut = math.ceil(need / per_token) if need is not None and need > 0 else None
+        if cut is not None and cut * per_token <= above:
+            saved = round(cut * per_token)
+            text = f"A prompt {cut:,} tokens shorter frees {human_bytes(saved)} of KV: {holds}."
+        else:
+            saved = above
+            short = f", less than the {human_bytes(need)} shortfall" if need is not None and need > 0 else ""
+            text = f"A prompt no longer than the window frees {human_bytes(saved)} of KV{short}: {holds}."
+        out.append(Remedy("context", None, saved, _fits(saved, need), text))
+        out.append(
+            Remedy(
+                "sliding_window",
+                None,
+                0,
+                _fits(0, need),
+                "A smaller window does not shrink the prompt that every sliding layer holds until its first "
+                f"decode step ({human_bytes(above)} of the KV at this moment): a shorter prompt does.",
+            )
+        )
+        return out
+    out.append(
+        Remedy(
+            "context",
+            None,
+            0,
+            _fits(0, need),
+            f"The cache already keeps a sliding window ({tokens:,} tokens held) at this moment: a shorter "
+            "context does not shrink it.",
+        )
+    )
+    cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
+    window = tokens - cut
+    if window >= 1:
+        saved = round(per_token * cut)
+        text = (
+            f"A window of {window:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
+            f"({human_bytes(per_token)} per token across the batch)."
+        )
+    elif need is not None and need > 0:
+        saved = round(per_token * (tokens - 1))
+        text = (
+            f"No smaller window fits: a window of 1 token frees {human_bytes(saved)} of KV, less than the "
+            f"{human_bytes(need)} shortfall."
+        )
+    else:
+        saved, text = 0, "The window holds 1 token: there is no smaller one."
+    out.append(Remedy("sliding_window", window if window >= 1 else None, saved, _fits(saved, need), text))
+    return out
+
+
 def _remedies(
     d: dict[str, object], kv_bits: int | None, num_layers: int | None, on_cuda: bool = True
 ) -> list[Remedy]:
@@ -481,6 +547,11 @@ def _remedies(
                 if target >= 1
                 else f"Even batch 1 does not fit: the {human_bytes(kv)} of KV is not the whole problem."
             )
+            if target < 1 and need <= kv:  # all the KV would do, but batch 1 keeps a row of it
+                text = (
+                    f"Even batch 1 does not fit: it frees {human_bytes(saved)} of the {human_bytes(kv)} of "
+                    f"KV, less than the {human_bytes(need)} shortfall."
+                )
         if d.get("rows_are_beams"):  # how many per prompt, the log does not say
             text += (
                 f" These {batch} cache rows are beam search's (prompts x num_beams): lower either, so that "
@@ -499,24 +570,8 @@ def _remedies(
         cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
         context = tokens - min(cut, tokens)
         saved = round(per_token * (tokens - max(context, 1)))
-        if d.get("windowed"):  # the cache already slides: its size does not follow the context
-            out.append(
-                Remedy(
-                    "context",
-                    None,
-                    0,
-                    _fits(0, need),
-                    f"The cache already keeps a sliding window ({tokens:,} tokens held): a shorter context "
-                    "does not shrink it.",
-                )
-            )
-            window = (
-                f"A window of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
-                f"({human_bytes(per_token)} per token across the batch)."
-                if context >= 1
-                else f"No smaller window fits: even dropping all {human_bytes(kv)} of KV is not enough."
-            )
-            out.append(Remedy("sliding_window", context or None, saved, _fits(saved, need), window))
+        if d.get("windowed"):  # the cache already slides: its size follows the prompt, not the context
+            out += _windowed_remedies(kv, tokens, per_token, need, num_layers)
         elif context >= 1:
             text = (
                 f"A context of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "

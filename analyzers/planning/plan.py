@@ -2,31 +2,44 @@
 
 `plan(request)` turns a `PlanRequest` into a frozen `PlanResult`; `to_json` and `format_text` render a
 result and compute nothing. The cache kinds follow transformers' cache classes, because those are what
-people run and what kvtrace records:
+people run and what kvtrace records.
+
+The context is what `generate()` counts: the prompt plus the new tokens. `generate()` never feeds its last
+new token back, so the cache holds one token fewer, context - 1 ("tokens written" below; its own static
+caches are sized so). Without `prompt`, a plan is the worst case over prompt lengths: the prompt whose
+peak is highest at this context (for a dynamic cache, the context less one or two tokens).
 
 - dynamic: `DynamicCache`. Grows by `torch.cat` every step. At the last step, for one layer's K (then V),
-  the old storage of context-1 tokens and the new one of context tokens are both live, so its peak exceeds
-  a static cache's by `batch * (context - 1) * kv_heads * head_dim * kv dtype bytes`
-  (`dynamic_realloc_peak_bytes`). Other layers are not concurrent: each cat frees its predecessor as soon
-  as the attribute is rebound, before the next one starts.
-- static: `StaticCache`. The whole `batch * context` is allocated on the first step and written in place:
+  the old storage of written-1 tokens and the new one of all written tokens are both live, so its peak
+  exceeds a static cache's by `batch * (written - 1) * kv_heads * head_dim * kv dtype bytes`. Other layers
+  are not concurrent: each cat frees its predecessor as soon as the attribute is rebound, before the next
+  one starts. A model's sliding layers (Mistral: all; Gemma 2: every other one) are
+  `DynamicSlidingWindowLayer`s: each keeps a view of its last window - 1 tokens in a storage of
+  `window` tokens, but at prefill that storage is the whole prompt, and it lets go of it only at the
+  first decode step, after making its new K and V: until then a sliding window saves nothing. At each
+  step a sliding layer makes both new tensors before it frees either, so its transient is its old K and
+  V. With sliding and full layers mixed (Gemma, Qwen2), the step is replayed layer by layer in the
+  config's order (`layer_types`): which layer peaks depends on it.
+- static: `StaticCache`. The whole `batch * written` is allocated on the first step and written in place:
   the same final KV as dynamic, no growth peak, but all of it from the start (`kv_preallocated_bytes`).
-- sliding: a static-shaped window (`StaticSlidingWindowLayer`): holds min(context, window) tokens, all
-  allocated at the start, no growth peak.
+  Its sliding layers hold min(written, window) tokens.
+- sliding: a static-shaped window (`StaticSlidingWindowLayer`): holds min(written, window) tokens, all
+  allocated at the start, no growth peak; its prefill writes the prompt's last window in place.
 - quantized: `QuantizedCache` (quanto/HQQ backends), int4 or int8. `kv_bytes_per_token` stays the packed
   data figure (int4: half a byte an element). Each group of `quant_group_size` elements also stores a
   scale and a zero-point in the compute dtype (bf16 by default): for int4, group 64 and bf16 that is
-  4 bytes per 64 elements, +12.5% over the data, reported apart as `kv_scale_bytes_per_token`. Up to
-  `residual_length - 1` of the newest tokens sit unquantized in the compute dtype (`kv_residual_bytes`;
-  the worst case over prompt lengths). Every decode step dequantizes one layer's whole K and V and
-  concatenates them with the residual, so four full-precision tensors (the dequantized K and V, counted as
-  context-1 tokens, an upper bound since the residual is not dequantized, and the concatenated K and V of
-  context tokens) are live at once: that is this cache's `dynamic_realloc_peak_bytes`.
+  4 bytes per 64 elements, +12.5% over the data, reported apart as `kv_scale_bytes_per_token`. The prompt
+  is quantized at prefill; each later token stays unquantized in the compute dtype until
+  `residual_length` of them are (`kv_residual_bytes`: (written - prompt) mod residual_length tokens, at
+  worst residual_length - 1). Every decode step dequantizes one layer's whole K and V and concatenates
+  them with the residual, so four full-precision tensors (the dequantized K and V, counted as written-1
+  tokens, an upper bound since the residual is not dequantized, and the concatenated K and V of all
+  written tokens) are live at once: that is this cache's `dynamic_realloc_peak_bytes`.
 
 fp8, int8 or int4 in a dynamic, static or sliding cache count the data alone: per-tensor scales, as in
 vLLM's fp8 KV cache, are a few bytes per layer.
 
-A plan fits when weights + KV + reserve + growth peak <= GPU memory. The reserve stands for everything
+A plan fits when weights + the KV peak + reserve <= GPU memory. The reserve stands for everything
 the planner cannot see (CUDA context, cuBLAS workspaces, activations, allocator fragmentation); its
 default of 10% of the GPU mirrors vLLM's `gpu_memory_utilization=0.9`.
 """
@@ -82,6 +95,11 @@ class PlanRequest:
     compute_dtype: dtype of a quantized cache's scales and residual; default the weights dtype when it is
     a float type, else bf16.
     block_size: tokens per block when counting paged KV blocks (vLLM's default is 16).
+    context: tokens per sequence as generate() counts them, prompt plus new tokens; the cache holds
+    context - 1 of them (the last new token is never fed back).
+    prompt: the prompt's tokens, below the context; None plans the worst prompt for the context. It
+    matters for a dynamic cache's sliding layers (they hold the whole prompt until the first decode step)
+    and a quantized cache's residual.
     """
 
     geometry: ModelGeometry
@@ -98,6 +116,7 @@ class PlanRequest:
     residual_length: int = DEFAULT_RESIDUAL_LENGTH
     compute_dtype: str | None = None
     block_size: int = 16
+    prompt: int | None = None
 
     def __post_init__(self) -> None:
         for label, dtype in (("weights", self.weights_dtype), ("KV", self.kv_dtype)):
@@ -117,6 +136,11 @@ class PlanRequest:
         ):
             if value < 1:
                 raise KvtraceError(f"{label} must be at least 1, got {value}")
+        if self.prompt is not None and not 1 <= self.prompt < self.context:
+            raise KvtraceError(
+                f"prompt must be at least 1 and below the context ({self.context}: prompt plus at least one "
+                f"new token), got {self.prompt}"
+            )
         if self.reserve_bytes is not None and self.reserve_fraction is not None:
             raise KvtraceError("give a reserve in bytes or as a fraction, not both")
         if self.reserve_bytes is not None and self.reserve_bytes < 0:
@@ -133,6 +157,12 @@ class PlanRequest:
             )
         if self.window is not None and self.window < 1:
             raise KvtraceError(f"window must be at least 1, got {self.window}")
+
+    @property
+    def written_tokens(self) -> int:
+        """Tokens the cache holds at the end: generate() never writes its last new token (a context of 1
+        is planned as a one-token prompt)."""
+        return max(self.context - 1, 1)
 
     @property
     def effective_reserve_bytes(self) -> int:
@@ -171,13 +201,22 @@ class Remedy:
 
 @dataclass(frozen=True)
 class PlanResult:
-    """Every figure of a plan, in bytes. `max_context` is None when any context fits (sliding window)."""
+    """Every figure of a plan, in bytes. `max_context` is None when any context fits (every layer keeps a
+    window, and the prompt, when the cache holds it, is given); 0 when none does.
+
+    prompt_tokens: the prompt the figures assume (the request's, else the worst for this context).
+    kv_tokens / kv_bytes: what the cache holds at the end; kv_prefill_bytes: once the prompt is in;
+    kv_peak_bytes: the most KV live at once (kv_bytes + dynamic_realloc_peak_bytes).
+    """
 
     request: PlanRequest
     kv_bytes_per_token: int
     kv_scale_bytes_per_token: int
+    prompt_tokens: int
     kv_tokens: int
     kv_bytes: int
+    kv_prefill_bytes: int
+    kv_peak_bytes: int
     kv_scale_bytes: int
     kv_residual_bytes: int
     kv_preallocated_bytes: int
@@ -205,11 +244,15 @@ def blocks(kv_budget_bytes: int, kv_bytes_per_token: int, block_size: int = 16) 
 
 @dataclass(frozen=True)
 class _Sizes:
+    """One scenario's KV in bytes: at the end, once the prompt is in, and the most live at once."""
+
+    prompt: int
     kv_tokens: int
     kv_bytes: int
     kv_scale_bytes: int
     kv_residual_bytes: int
-    realloc_peak_bytes: int
+    prefill_bytes: int
+    peak_bytes: int
 
 
 def _per_token(req: PlanRequest) -> tuple[int, int, int]:
@@ -242,31 +285,109 @@ def _layout(req: PlanRequest) -> tuple[int, int, int | None]:
     return layers - windowed, windowed, geom.sliding_window if windowed else None
 
 
-def _sizes(req: PlanRequest, batch: int, context: int) -> _Sizes:
-    data, scales, full = _per_token(req)
-    geom = req.geometry
-    one_layer_side = max(geom.kv_widths)  # elements of one layer's K (or V, the wider) per token
-    whole, windowed, window = _layout(req)
-    tokens = min(context, window) if window is not None and not whole else context
+def _slides(req: PlanRequest) -> list[bool]:
+    """For each layer of the cache planned, in order, whether it keeps a window. The config's order where
+    it gives one; otherwise the layers are all alike, or (a geometry built by hand) the full ones come
+    first, the worst order: they copy themselves while the sliding ones still hold the prompt."""
+    whole, windowed, _ = _layout(req)
+    order = req.geometry.layer_slides
+    if whole and windowed and order is not None and len(order) == whole + windowed and sum(order) == windowed:
+        return list(order)
+    return [False] * whole + [True] * windowed
+
+
+def _step_peak(slides: list[bool], k: int, v: int, held: int, old: int, new: int) -> int:
+    """Elements of KV live at the worst moment of one decode step of a dynamic cache, in which each full
+    layer grows from `held` tokens to one more and each sliding layer's storage goes from `old` tokens to
+    `new`; `k` and `v` are one layer's K and V elements per token. The layers update one after another. A
+    full layer's cat makes its new K, then frees the old one, then the same for V; a sliding layer makes
+    its new K and V before it frees either old one."""
+    live = sum(old if slides_ else held for slides_ in slides) * (k + v)
+    peak = live
+    for slides_ in slides:
+        if slides_:
+            live += new * (k + v)
+            peak = max(peak, live)
+            live -= old * (k + v)
+            continue
+        for width in (k, v):
+            live += width * (held + 1)
+            peak = max(peak, live)
+            live -= width * held
+    return peak
+
+
+def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> _Sizes:
+    """The KV of `batch` sequences of a `prompt`-token prompt and `new` new tokens (`new` >= 1), of which
+    generate() writes prompt + new - 1 into the cache."""
+    data, scales, full_bytes = _per_token(req)
+    written = prompt + new - 1
+    k_width, v_width = req.geometry.kv_widths
     if req.cache == "quantized":
-        residual = residual_tokens(context, req.residual_length)  # the worst case: the prompt is not known
-        cache = quantized_cache_bytes(context, residual, batch * data, batch * scales, batch * full)
-        realloc = 2 * dtype_bytes_for(req.effective_compute_dtype, batch * one_layer_side * (2 * context - 1))
-        return _Sizes(tokens, cache.total_bytes, cache.scale_bytes, cache.residual_bytes, realloc)
-    realloc = 0
-    if req.cache == "dynamic":
-        realloc = dtype_bytes_for(req.kv_dtype, batch * one_layer_side * (tokens - 1))
-    if window is None or not windowed:
-        return _Sizes(tokens, batch * tokens * data, 0, 0, realloc)
-    layer_token = data // geom.layers_with_kv  # one layer's K and V, one token
-    held = whole * context + windowed * min(context, window)
-    return _Sizes(tokens, batch * held * layer_token, 0, 0, realloc)
+        side = batch * max(k_width, v_width)  # elements of one layer's K (or V, the wider) per token
+        residual = residual_tokens(written, req.residual_length, prompt)  # since the last requantization
+        cache = quantized_cache_bytes(written, residual, batch * data, batch * scales, batch * full_bytes)
+        scale_bytes, residual_bytes, kv = cache.scale_bytes, cache.residual_bytes, cache.total_bytes
+        prefill = batch * prompt * (data + scales)
+        realloc = 0
+        if new >= 2:  # a decode step dequantizes one layer's K and V and concatenates them
+            realloc = 2 * dtype_bytes_for(req.effective_compute_dtype, side * (2 * written - 1))
+        return _Sizes(prompt, written, kv, scale_bytes, residual_bytes, prefill, kv + realloc)
+    whole, windowed, window = _layout(req)
+    token = batch * (k_width + v_width)  # elements of one layer's K and V per token
+    width = window or 0
+    if req.cache != "dynamic":  # allocated whole at the first step, written in place; no cat, no copy
+        kept = min(written, width)
+        final = (whole * written + windowed * kept) * token
+        kv = dtype_bytes_for(req.kv_dtype, final)
+        return _Sizes(prompt, max(written if whole else 0, kept), kv, 0, 0, kv, kv)
+    # A sliding layer's storage: the whole prompt until the first decode step, then its window
+    kept = prompt if new == 1 else min(written, width)
+    final = (whole * written + windowed * kept) * token
+    prefill = (whole + windowed) * prompt * token
+    peak = prefill
+    if new >= 2:  # the first decode step (the prompt let go of) and the last (the longest copies)
+        slides, k, v = _slides(req), batch * k_width, batch * v_width
+        first = _step_peak(slides, k, v, prompt, prompt, min(prompt + 1, width))
+        before_last = prompt if new == 2 else min(written - 1, width)
+        last = _step_peak(slides, k, v, written - 1, before_last, min(written, width))
+        peak = max(peak, first, last)
+    tokens = max(written if whole else 0, kept if windowed else 0)
+    as_bytes = [dtype_bytes_for(req.kv_dtype, elements) for elements in (final, prefill, peak)]
+    return _Sizes(prompt, tokens, as_bytes[0], 0, 0, as_bytes[1], as_bytes[2])
+
+
+def _sizes(req: PlanRequest, batch: int, context: int) -> _Sizes:
+    """The request's prompt at `context`, or, without one, the prompt whose KV peak is highest: the
+    context less one token (a prompt alone: every sliding layer of a dynamic cache holds it whole) or
+    less two (one decode step: the growth copy, and a sliding layer's new K and V beside the prompt); a
+    quantized cache's worst leaves residual_length - 1 tokens unquantized."""
+    written = max(context - 1, 1)
+    if req.prompt is not None:
+        prompts = [req.prompt]
+    elif req.cache == "quantized":
+        prompts = [written - min(req.residual_length - 1, written - 1)]
+    else:
+        prompts = [written - 1, written] if written >= 2 else [written]
+    scenarios = [_scenario(req, batch, prompt, written - prompt + 1) for prompt in prompts]
+    return max(scenarios, key=lambda sizes: sizes.peak_bytes)
 
 
 def _peak(req: PlanRequest, batch: int, context: int) -> int:
-    sizes = _sizes(req, batch, context)
     fixed = weights_bytes(req.geometry, req.weights_dtype) + req.effective_reserve_bytes
-    return fixed + sizes.kv_bytes + sizes.realloc_peak_bytes
+    return fixed + _sizes(req, batch, context).peak_bytes
+
+
+def _steady_context(req: PlanRequest) -> int | None:
+    """The context from which the peak stops growing, None when it grows with every token: only when every
+    layer keeps a window, and a dynamic cache's only once the prompt is fixed (its sliding layers hold the
+    prompt, and the worst prompt grows with the context)."""
+    whole, _, window = _layout(req)
+    if whole or window is None:
+        return None
+    if req.cache == "dynamic":
+        return None if req.prompt is None else max(req.prompt, window) + 2
+    return window + 1  # min(written, window) tokens: written = context - 1
 
 
 def _largest(fits: Callable[[int], bool], cap: int | None = None) -> int:
@@ -291,31 +412,39 @@ def _evaluate(req: PlanRequest) -> PlanResult:
     weights = weights_bytes(req.geometry, req.weights_dtype)
     reserve = req.effective_reserve_bytes
     total = weights + sizes.kv_bytes + reserve
-    peak = total + sizes.realloc_peak_bytes
+    peak = weights + sizes.peak_bytes + reserve
     gpu = req.gpu_memory_bytes
 
+    def context_fits(context: int) -> bool:
+        return _peak(req, req.batch, context) <= gpu
+
     max_batch = _largest(lambda batch: _peak(req, batch, req.context) <= gpu)
-    whole, _, window = _layout(req)
-    capped = window if not whole else None  # every layer slides: the window caps the KV
+    shortest = 1 if req.prompt is None else req.prompt + 1  # the prompt and one new token
+    steady = _steady_context(req)
     max_context: int | None
-    if capped is not None and _peak(req, req.batch, capped) <= gpu:
-        max_context = None  # every context costs what `window` tokens do
+    if steady is not None and context_fits(steady):
+        max_context = None  # every longer context costs what this one does
     else:
-        max_context = _largest(lambda context: _peak(req, req.batch, context) <= gpu, cap=capped)
+        cap = None if steady is None else steady - shortest + 1
+        longer = _largest(lambda extra: context_fits(shortest - 1 + extra), cap=cap)
+        max_context = shortest - 1 + longer if longer else 0
     budget = gpu - weights - reserve
     return PlanResult(
         request=req,
         kv_bytes_per_token=data,
         kv_scale_bytes_per_token=scales,
+        prompt_tokens=sizes.prompt,
         kv_tokens=sizes.kv_tokens,
         kv_bytes=sizes.kv_bytes,
+        kv_prefill_bytes=sizes.prefill_bytes,
+        kv_peak_bytes=sizes.peak_bytes,
         kv_scale_bytes=sizes.kv_scale_bytes,
         kv_residual_bytes=sizes.kv_residual_bytes,
         kv_preallocated_bytes=sizes.kv_bytes if req.cache in ("static", "sliding") else 0,
         weights_bytes=weights,
         reserve_bytes=reserve,
         total_bytes=total,
-        dynamic_realloc_peak_bytes=sizes.realloc_peak_bytes,
+        dynamic_realloc_peak_bytes=sizes.peak_bytes - sizes.kv_bytes,
         peak_bytes=peak,
         headroom_bytes=gpu - peak,
         fits=peak <= gpu,
@@ -344,12 +473,15 @@ def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
         peak = _peak(replace(req, cache="static"), req.batch, req.context)
         if peak <= gpu:  # only worth a line when dropping the growth peak is enough on its own
             found.append(Remedy("static_cache", None, peak, True))
-    if req.cache in ("dynamic", "static") and req.context > 1:
+    longest = req.written_tokens - 1  # a window of every token written keeps them all
+    if req.geometry.sliding_window is not None:  # its own window is the static cache's line
+        longest = min(longest, req.geometry.sliding_window - 1)
+    if req.cache in ("dynamic", "static") and longest >= 1:
 
         def window_fits(window: int) -> bool:
             return _peak(replace(req, cache="sliding", window=window), req.batch, req.context) <= gpu
 
-        window = _largest(window_fits, cap=req.context - 1)
+        window = _largest(window_fits, cap=longest)
         if window >= 1:
             peak = _peak(replace(req, cache="sliding", window=window), req.batch, req.context)
             found.append(Remedy("sliding_window", window, peak, True))
@@ -410,9 +542,11 @@ def _sentence(fix: Remedy, req: PlanRequest) -> str:
             f"which {outcome}."
         )
     if fix.kind == "static_cache":
+        windowed = _layout(req)[1]
+        slides = " and whose sliding layers keep only their window from the prefill on" if windowed else ""
         return (
-            f"Preallocate a static cache (--cache static), which never copies itself to grow: the peak "
-            f"becomes {_size(fix.peak_bytes)}, which {outcome}."
+            f"Preallocate a static cache (--cache static), which never copies itself to grow{slides}: the "
+            f"peak becomes {_size(fix.peak_bytes)}, which {outcome}."
         )
     return (
         f"Keep only the last {fix.setting:,} tokens with a sliding-window cache (--cache sliding --window "
@@ -432,11 +566,25 @@ def format_text(result: PlanResult) -> str:
     ]
     if result.kv_scale_bytes_per_token:
         rows.append(("  + scales per token", f"{result.kv_scale_bytes_per_token:,} B"))
+    worst = " (the worst case)" if req.prompt is None else ""
     rows += [
+        (
+            "context",
+            f"{req.context:,} tokens: a {result.prompt_tokens:,}-token prompt{worst} and the new tokens, "
+            f"of which the cache holds {req.written_tokens:,}",
+        ),
         ("weights", _size(result.weights_bytes)),
         ("KV cache", f"{_size(result.kv_bytes)} ({req.batch} x {result.kv_tokens:,} tokens)"),
     ]
-    if result.dynamic_realloc_peak_bytes:
+    if result.kv_prefill_bytes > result.kv_bytes:  # sliding layers holding the whole prompt
+        rows.append(
+            (
+                "KV at prefill",
+                f"{_size(result.kv_prefill_bytes)} (the prompt in every layer, until the first decode step)",
+            )
+        )
+        rows.append(("KV peak", _size(result.kv_peak_bytes)))
+    elif result.dynamic_realloc_peak_bytes:
         rows.append(("cache growth peak", _size(result.dynamic_realloc_peak_bytes)))
     rows += [
         ("reserve", _size(result.reserve_bytes)),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.errors import KvtraceError
-from kvtrace.geometry import kv_heads_of, layer_kinds
+from kvtrace.geometry import kv_heads_of, kv_layer_slides
 
 __all__ = [
     "DTYPE_BITS",
@@ -68,6 +68,9 @@ class ModelGeometry:
     sliding_window: int | None = None
     kv_layers: int | None = None  # layers holding KV, when the config lists layer types (linear: none)
     sliding_layers: int | None = None  # of those, the ones keeping only the window (None: all, if a window)
+    # Which of those slide, in order (the config's layer_types; None: all alike): a dynamic cache's peak
+    # depends on whether a full layer copies itself before or after the sliding ones let go of the prompt
+    layer_slides: tuple[bool, ...] | None = None
     # Mixture of experts (Mixtral, Qwen-MoE, DeepSeek): `moe_layers` of the layers hold `experts` routed
     # MLPs of `expert_intermediate_size` each and a router (every expert is resident: they all count as
     # weights, though only a few run per token), plus shared experts of `shared_intermediate_size` in all.
@@ -286,7 +289,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     if window_enabled and window_raw is not None:
         sliding_window = positive_int("sliding_window", window_raw)
 
-    kinds = layer_kinds(fields.get("layer_types"))
+    slides = kv_layer_slides(fields.get("layer_types"))
     name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
     model_type = str(fields.get("model_type") or "")
     return ModelGeometry(
@@ -300,8 +303,9 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         vocab_size=positive_int("vocab_size", fields["vocab_size"]),
         tie_word_embeddings=bool(fields.get("tie_word_embeddings", False)),
         sliding_window=sliding_window,
-        kv_layers=kinds[0] if kinds is not None else None,
-        sliding_layers=kinds[1] if kinds is not None else None,
+        kv_layers=len(slides) if slides is not None else None,
+        sliding_layers=sum(slides) if slides is not None else None,
+        layer_slides=slides,
         **_experts(fields, layers, positive_int),
         qkv_bias=model_type in ("qwen2", "qwen2_moe"),
         qk_norm=model_type in ("qwen3", "qwen3_moe"),

@@ -63,7 +63,16 @@ class PlanCommand(Command):
         parser.add_argument(
             "--context",
             type=int,
-            help="tokens per sequence, prompt plus output (default 8192, Llama 3's native length)",
+            help="tokens per sequence as generate() counts them, the prompt plus the new tokens (default "
+            "8192, Llama 3's native length); the cache holds one fewer: generate() never writes its last new "
+            "token",
+        )
+        parser.add_argument(
+            "--prompt",
+            type=int,
+            help="the prompt's tokens, below --context (default: the worst prompt for the context). A "
+            "dynamic cache's sliding layers (Mistral, Gemma) hold the whole prompt until the first decode "
+            "step, so the worst prompt, the context less one or two tokens, gets no help from the window",
         )
         parser.add_argument(
             "--gpu-memory",
@@ -145,6 +154,7 @@ class PlanCommand(Command):
             reserve_fraction=reserve_fraction,
             cache=args.cache,
             window=args.window,
+            prompt=args.prompt,
             block_size=args.block_size if args.block_size is not None else 16,
         )
         result = plan(request)

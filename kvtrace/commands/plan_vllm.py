@@ -74,6 +74,10 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     # transformers-side flags that vLLM's arithmetic has its own names for: refused rather than ignored
     if args.kv_dtype is not None:
         raise KvtraceError("--kv-dtype does not apply with --engine vllm: use --kv-cache-dtype (auto or fp8)")
+    if getattr(args, "prompt", None) is not None:
+        raise KvtraceError(
+            "--prompt does not apply with --engine vllm: vLLM checks one request of --max-model-len tokens"
+        )
     if args.dtype not in (None, "bf16", "fp16", "fp32"):
         raise KvtraceError(
             f"--dtype {args.dtype} with --engine vllm: vLLM's plan takes bf16, fp16 or fp32 weights; for "

@@ -124,3 +124,117 @@ def test_a_bad_budget_is_refused_before_recording(bad: object, tmp_path: Path) -
     with pytest.raises(KvtraceError):
         kvtrace.record(tmp_path / "never", gpu_memory=bad)
     assert not (tmp_path / "never").exists()
+
+
+# --- kvtrace plan against recordings at the boundary ------------------------------------------------
+
+
+def _plan(config: Path, *argv: str) -> dict:
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):  # 1 when it does not fit: the JSON is printed either way
+        main(["plan", "--config", str(config), "--dtype", "fp32", "--reserve", "0", "--json", *argv])
+    return json.loads(buffer.getvalue())
+
+
+def _generate(model: torch.nn.Module, out: Path, batch: int, prompt: int, new: int, gpu_memory: int) -> dict:
+    """Record generate() of `new` tokens after a `prompt`-token prompt under a budget; the report's JSON."""
+    ids = torch.randint(3, 200, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(out, model=model, profiler=False, gpu_memory=gpu_memory):
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return _json(["report", str(out), "--json", "-q", "--no-export"])
+
+
+def test_plan_context_is_prompt_plus_new_tokens_of_which_the_last_is_never_written(
+    tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
+) -> None:
+    # GIVEN the tiny Llama at batch 4 and KV room for exactly a context of 33 (a 16-token prompt and 17
+    # new tokens): generate() never feeds the last new token back, so the cache holds 32 tokens, and the
+    # last step's cat keeps one layer's old K (31 tokens) beside the new one
+    batch, prompt, context = 4, 16, 33
+    side = batch * tiny_size.num_kv_heads * (tiny_size.hidden_size // tiny_size.num_heads) * 4  # fp32
+    room = (context - 1) * tiny_size.num_layers * 2 * side + (context - 2) * side
+    tiny_model.config.save_pretrained(tmp_path / "config")
+    planned_weights = _plan(tmp_path / "config")["weights_bytes"]  # the config's parameters, no buffers
+
+    def plan_at(tokens: int) -> dict:
+        return _plan(
+            tmp_path / "config", "--batch", str(batch), "--context", str(tokens), "--gpu-memory",
+            str(planned_weights + room),
+        )  # fmt: skip
+
+    # WHEN plan is asked about that context and the next
+    at, past = plan_at(context), plan_at(context + 1)
+    # THEN the context fits exactly and the next does not: max_context and max_batch are the boundary
+    assert at["kv_peak_bytes"] == room and at["fits"] is True and past["fits"] is False
+    assert (at["max_context"], at["max_batch"]) == (context, batch)
+    # AND recordings under the same KV room agree: 33 fits, 34 crosses
+    budget = _weights_bytes(tiny_model) + room
+    for tokens, crossed in ((context, False), (context + 1, True)):
+        report = _generate(tiny_model, tmp_path / f"c{tokens}", batch, prompt, tokens - prompt, budget)
+        assert report["budget"]["crossed"] is crossed
+        assert report["kv"]["tokens_held"] == tokens - 1
+        assert report["kv"]["peak_bytes"] == plan_at(tokens)["kv_peak_bytes"]
+
+
+def _mistral() -> torch.nn.Module:
+    """Mistral with a window of 8 on every layer, 4 layers x 2 KV heads x 16 dims: in fp32 one layer's K
+    and V of one token of two rows are 2 x 2 x 2 x 16 x 4 = 512 B."""
+    import transformers
+
+    config = transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=8, vocab_size=256, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.MistralForCausalLM(config).eval()
+
+
+def test_plan_prices_the_prompt_that_sliding_layers_hold_at_prefill(tmp_path: Path) -> None:
+    # GIVEN Mistral's default DynamicCache at batch 2: at prefill each sliding layer's storage is the whole
+    # prompt, which it lets go of at the first decode step, after making its 8-token K and V. With a
+    # 64-token prompt the KV peaks at (4 layers x 64 + 8) x 512 B; give exactly that much room
+    model, layer_token = _mistral(), 512
+    model.config.save_pretrained(tmp_path / "config")
+    room = (4 * 64 + 8) * layer_token
+    weights = _weights_bytes(model)
+    gpu = str(_plan(tmp_path / "config")["weights_bytes"] + room)
+
+    def plan_at(*argv: str) -> dict:
+        return _plan(tmp_path / "config", "--batch", "2", "--gpu-memory", gpu, *argv)
+
+    # WHEN plan is given the prompt, and when it plans the worst prompt for the context
+    given = plan_at("--prompt", "64", "--context", "66")
+    worst, worse = plan_at("--context", "66"), plan_at("--context", "67")
+    # THEN the prompt at prefill and the peak are the arithmetic's; the final KV is the window
+    assert given["kv_prefill_bytes"] == 4 * 64 * layer_token and given["kv_peak_bytes"] == room
+    assert given["kv_bytes"] == 4 * 8 * layer_token and given["fits"] is True
+    assert given["max_context"] is None  # a 64-token prompt: later steps hold only windows
+    # AND the worst prompt of a 66-token context is 64 tokens (the peak above), of 67 it is 65: too much
+    assert (worst["prompt_tokens"], worst["kv_peak_bytes"], worst["fits"]) == (64, room, True)
+    assert worse["kv_peak_bytes"] == (4 * 65 + 8) * layer_token and worse["fits"] is False
+    assert worst["max_context"] == 66
+    # AND recordings under the same KV room agree, however long the 64-token prompt's generation runs
+    for prompt, new, crossed in ((64, 2, False), (65, 2, True), (64, 12, False)):
+        report = _generate(model, tmp_path / f"p{prompt}_{new}", 2, prompt, new, weights + room)
+        assert report["budget"]["crossed"] is crossed, (prompt, new)
+        assert report["kv"]["peak_bytes"] == (4 * prompt + 8) * layer_token
+
+
+def test_plan_prices_a_sliding_layers_step_as_both_new_tensors(tmp_path: Path) -> None:
+    # GIVEN Mistral at batch 2 with a 4-token prompt (shorter than the window) and 12 new tokens: once the
+    # window is full, each step makes one layer's new 8-token K and V before freeing the old ones
+    model, layer_token = _mistral(), 512
+    model.config.save_pretrained(tmp_path / "config")
+    planned = _plan(tmp_path / "config", "--batch", "2", "--prompt", "4", "--context", "16")
+    report = _generate(model, tmp_path / "run", 2, 4, 12, _weights_bytes(model) + 2**30)
+    # THEN plan's growth peak is both of them, as recorded
+    assert planned["kv_bytes"] == report["kv"]["final_bytes"] == 4 * 8 * layer_token
+    assert planned["dynamic_realloc_peak_bytes"] == 8 * layer_token  # one layer's K and V of 8 tokens
+    assert planned["kv_peak_bytes"] == report["kv"]["peak_bytes"] == (4 * 8 + 8) * layer_token

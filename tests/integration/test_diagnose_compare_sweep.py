@@ -157,8 +157,9 @@ def test_diagnose_does_not_propose_what_the_run_already_uses(
     assert [r["setting"] for r in remedies["quantized_kv"]] == [4]  # no fp8 for an fp8 cache
     assert all(r["saved_bytes"] is not None for kind in ("batch", "context") for r in remedies[kind])
     # AND a sliding cache that already evicts: no "shorter context", and a smaller window priced per token
+    # (a window longer than the 20-token prompt: the peak is the window's, not the prompt's at prefill)
     slide = tmp_path / "slide"
-    argv = ["demo", *fast, "--cache", "sliding", "--window", "8", "--new-tokens", "20", "--out", str(slide)]
+    argv = ["demo", *fast, "--cache", "sliding", "--window", "32", "--new-tokens", "20", "--out", str(slide)]
     assert main(argv) == 0
     capsys.readouterr()
     assert main(["report", str(slide), "--json", "--no-export"]) == 0

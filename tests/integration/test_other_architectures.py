@@ -24,7 +24,7 @@ def _plan_per_token(config: Any, folder: Path, capsys: pytest.CaptureFixture[str
     argv.append("--json")
     assert main(argv) == 0, capsys.readouterr().err
     data = json.loads(capsys.readouterr().out)
-    assert data["kv_bytes"] == 100 * data["kv_bytes_per_token"]
+    assert data["kv_bytes"] == 99 * data["kv_bytes_per_token"]  # generate() never writes the 100th token
     return int(data["kv_bytes_per_token"])
 
 
@@ -69,13 +69,16 @@ def test_plan_reads_the_kv_geometry_of_configs_transformers_writes(
     assert _plan_per_token(make(), tmp_path / "config", capsys) == per_token
 
 
-def _record_generate(model: Any, run: Path) -> Any:
-    """Greedy generate() of 6 tokens after an 11-token prompt, recorded into `run` (output and cache)."""
-    prompt = torch.randint(3, 200, (1, 11))
-    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+def _record_generate(
+    model: Any, run: Path, prompt: int = 11, new: int = 6, batch: int = 1, gpu_memory: int | None = None
+) -> Any:
+    """Greedy generate() of `new` tokens after a `prompt`-token prompt (6 after 11 by default), recorded
+    into `run` (output and cache)."""
+    ids = torch.randint(3, 200, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False, gpu_memory=gpu_memory):
         return model.generate(
-            prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
-            return_dict_in_generate=True,
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+            do_sample=False, pad_token_id=0, return_dict_in_generate=True,
         )  # fmt: skip
 
 
@@ -99,9 +102,9 @@ def test_a_multi_query_falcon_run_has_one_kv_head(tmp_path: Path, capsys: pytest
 
 
 def _diagnose_remedies(
-    model: Any, run: Path, capsys: pytest.CaptureFixture[str]
+    model: Any, run: Path, capsys: pytest.CaptureFixture[str], prompt: int = 11, new: int = 6
 ) -> dict[str, dict[str, Any]]:
-    _record_generate(model, run)
+    _record_generate(model, run, prompt, new)
     assert main(["diagnose", str(run), "--json"]) == 0
     return {r["kind"]: r for r in json.loads(capsys.readouterr().out)["remedies"]}
 
@@ -124,17 +127,67 @@ def test_diagnose_prices_a_shorter_context_by_the_layers_that_keep_every_token(
 def test_diagnose_prices_a_token_of_window_by_the_arithmetic(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN Mistral with a window of 8 on every layer (7 tokens visible, 8 slots per storage)
-    config = transformers.MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=8, vocab_size=256, max_position_embeddings=256,
-    )  # fmt: skip
+    # GIVEN Mistral with a window of 8 on every layer (7 tokens visible, 8 slots per storage), a prompt
+    # shorter than the window and enough new tokens to slide: its peak is the window's, not the prompt's
     torch.manual_seed(0)
-    remedies = _diagnose_remedies(transformers.MistralForCausalLM(config).eval(), tmp_path / "run", capsys)
+    model = transformers.MistralForCausalLM(_mistral_config()).eval()
+    remedies = _diagnose_remedies(model, tmp_path / "run", capsys, prompt=4, new=12)
     # THEN a window one token shorter frees one token of every layer: 4 x 2 x 2 x 16 x 4 B
     window = remedies["sliding_window"]
     assert window["setting"] == 6 and window["saved_bytes"] == 4 * 2 * 2 * 16 * 4
     assert remedies["context"]["saved_bytes"] == 0
+
+
+def _mistral_config() -> Any:
+    """Mistral with a window of 8 on every layer; 4 layers x 2 KV heads x 16 dims: in fp32 one layer's K
+    and V of one token are 2 x 2 x 16 x 4 = 256 B."""
+    return transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=8, vocab_size=256, max_position_embeddings=256,
+    )  # fmt: skip
+
+
+def _weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer storage: what a recording's device holds first."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.parameters()}
+    storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.buffers()})
+    return sum(storages.values())
+
+
+def test_diagnose_prices_a_shorter_prompt_where_sliding_layers_hold_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN Mistral (window 8) at batch 2 with a 64-token prompt and 4 new tokens, under a budget of the
+    # weights + 30,000 B of KV. At prefill every layer's storage is the whole prompt; at the first decode
+    # step layer 0 makes its 8-token K and V before it lets go of it: the KV peaks at
+    # (4 layers x 64 + 8) tokens x 2 rows x 256 B = 135,168 B.
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(_mistral_config()).eval()
+    layer_token, per_token = 2 * 256, 4 * 2 * 256  # one layer, all layers: one token of both rows
+    peak = (4 * 64 + 8) * layer_token
+    budget = _weights_bytes(model) + 30_000
+    _record_generate(model, tmp_path / "run", prompt=64, new=4, batch=2, gpu_memory=budget)
+    # WHEN the run is diagnosed
+    assert main(["diagnose", str(tmp_path / "run"), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    remedies = {r["kind"]: r for r in diagnosis["remedies"]}
+    shortfall = peak - 30_000
+    assert (diagnosis["kv_bytes"], diagnosis["shortfall_bytes"]) == (peak, shortfall)
+    # THEN a prompt shorter by the shortfall's tokens fits; a smaller window frees nothing at this moment
+    cut = -(-shortfall // per_token)  # 52 tokens
+    context = remedies["context"]
+    assert context["fits"] is True and context["saved_bytes"] == cut * per_token
+    assert f"A prompt {cut} tokens shorter" in context["sentence"]
+    assert remedies["sliding_window"]["saved_bytes"] == 0 and remedies["sliding_window"]["fits"] is False
+    # AND batch 1 is not enough, but not because the KV is not the whole problem (132 KiB > the shortfall)
+    batch = remedies["batch"]
+    assert batch["saved_bytes"] == peak // 2 and batch["fits"] is False
+    assert "not the whole problem" not in batch["sentence"]
+    # AND the remedy holds: recorded with a prompt that much shorter, the run fits the same budget
+    _record_generate(model, tmp_path / "short", prompt=64 - cut, new=4, batch=2, gpu_memory=budget)
+    assert main(["report", str(tmp_path / "short"), "--json", "--no-export", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kv"]["peak_bytes"] == peak - cut * per_token and report["budget"]["crossed"] is False
 
 
 @pytest.mark.parametrize(
@@ -153,7 +206,7 @@ def test_diagnose_prices_a_token_of_window_by_the_arithmetic(
                 hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=48, sliding_window=8, vocab_size=256,
             ),
-            (2 * 40 + 2 * 8) * (2 * 2 * 48 * 4),  # 2 global layers keep all 40 tokens, 2 sliding ones 8
+            (2 * 39 + 2 * 8) * (2 * 2 * 48 * 4),  # 2 global layers keep all 39 written, 2 sliding ones 8
             False,
         ),
     ],
@@ -164,10 +217,53 @@ def test_plan_keeps_the_models_own_windows(
 ) -> None:
     make().save_pretrained(tmp_path / "config")
     argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--context", "40", "--json"]
-    assert main(argv) == 0, capsys.readouterr().err
+    assert main([*argv, "--prompt", "8"]) == 0, capsys.readouterr().err
     data = json.loads(capsys.readouterr().out)
     assert data["kv_bytes"] == kv_bytes
     assert (data["max_context"] is None) == capped  # a cache that only slides never outgrows its window
+    # without a prompt the worst one is planned: it grows with the context, and the sliding layers hold it
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    assert data["max_context"] is not None and data["prompt_tokens"] == 38
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: transformers.Gemma2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=48, sliding_window=8, vocab_size=256,
+        ),
+        lambda: transformers.Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=2,
+            vocab_size=256,
+        ),
+    ],
+    ids=["gemma2-sliding-first", "qwen2-full-first"],
+)  # fmt: skip
+def test_plan_replays_a_step_in_the_models_layer_order(
+    make: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a model whose layers slide or keep every token, in the order its config lists, and a 30-token
+    # prompt with 2 new tokens: at the one decode step the sliding layers let go of the prompt, and a full
+    # layer's copy peaks higher when it comes before they do (Qwen2) than after (Gemma 2)
+    config = make()
+    config.save_pretrained(tmp_path / "config")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _record_generate(model, tmp_path / "run", prompt=30, new=2, batch=2)
+    assert main(["report", str(tmp_path / "run"), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    # WHEN that run is planned
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--batch", "2", "--json"]
+    assert main([*argv, "--prompt", "30", "--context", "32"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN its peak, prefill and final KV are the recording's
+    assert (planned["kv_peak_bytes"], planned["kv_bytes"]) == (kv["peak_bytes"], kv["final_bytes"])
+    head_dim = getattr(config, "head_dim", None) or 64 // 4
+    per_layer_token = 2 * 2 * head_dim * 4 * 2  # K and V, 2 heads, 2 rows, fp32
+    assert planned["kv_prefill_bytes"] == 4 * 30 * per_layer_token
 
 
 def test_the_arithmetic_of_a_latent_attention_cache_follows_its_tensors(
@@ -232,7 +328,8 @@ def test_plan_weighs_every_expert_and_latent_projection(
     with torch.no_grad():
         model(torch.randint(3, 200, (1, 5)), past_key_values=cache, use_cache=True)
     config.save_pretrained(tmp_path / "config")
-    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--context", "5", "--json"]
+    # a context of 6: the 5-token prompt and one new token, which generate() never writes
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--context", "6", "--json"]
     # WHEN it is planned
     assert main(argv) == 0, capsys.readouterr().err
     data = json.loads(capsys.readouterr().out)

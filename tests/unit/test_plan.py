@@ -160,19 +160,20 @@ def test_unknown_preset_lists_choices() -> None:
 def test_dynamic_and_static_hold_the_same_kv_but_only_dynamic_has_a_growth_peak() -> None:
     dynamic = plan(request(batch=4, context=1000, cache="dynamic"))
     static = plan(request(batch=4, context=1000, cache="static"))
-    assert dynamic.kv_bytes == static.kv_bytes == 4 * 1000 * 131_072
-    # The last torch.cat keeps one layer's old K (999 tokens) alive next to the new one.
-    assert dynamic.dynamic_realloc_peak_bytes == 4 * 999 * 8 * 128 * 2
+    # A context of 1000 (prompt + new tokens): generate() never writes the last new token, so 999 are held.
+    assert dynamic.kv_bytes == static.kv_bytes == 4 * 999 * 131_072
+    # The last torch.cat keeps one layer's old K (998 tokens) alive next to the new one.
+    assert dynamic.dynamic_realloc_peak_bytes == 4 * 998 * 8 * 128 * 2
     assert static.dynamic_realloc_peak_bytes == 0
     assert static.kv_preallocated_bytes == static.kv_bytes and dynamic.kv_preallocated_bytes == 0
-    assert dynamic.peak_bytes - static.peak_bytes == 4 * 999 * 8 * 128 * 2
+    assert dynamic.peak_bytes - static.peak_bytes == 4 * 998 * 8 * 128 * 2
 
 
 def test_sliding_window_caps_the_tokens_held() -> None:
     long = plan(request(batch=2, context=10_000, cache="sliding", window=4096))
     short = plan(request(batch=2, context=1000, cache="sliding", window=4096))
     assert long.kv_bytes == 2 * 4096 * 131_072
-    assert short.kv_bytes == 2 * 1000 * 131_072
+    assert short.kv_bytes == 2 * 999 * 131_072  # the last of the 1000 tokens is never written
     assert long.dynamic_realloc_peak_bytes == 0
     assert long.max_context is None  # the window caps the KV, so any context fits
 
@@ -187,6 +188,65 @@ def test_sliding_window_defaults_to_the_models_own() -> None:
         request(cache="dynamic", window=128)
 
 
+def test_the_cache_holds_the_context_less_the_last_new_token() -> None:
+    # A context of 2 is a 1-token prompt and 1 new token: generate() writes the prompt alone, with no
+    # decode step to copy anything; a context of 3 has one step, whose cat copies one layer's 1-token K.
+    two, three = plan(request(context=2)), plan(request(context=3))
+    assert (two.kv_tokens, two.kv_bytes, two.dynamic_realloc_peak_bytes) == (1, 131_072, 0)
+    assert (three.kv_tokens, three.kv_bytes) == (2, 2 * 131_072)
+    assert three.dynamic_realloc_peak_bytes == 8 * 128 * 2
+    text = format_text(plan(request(context=68)))
+    assert "68 tokens: a 66-token prompt (the worst case) and the new tokens" in text
+    assert "of which the cache holds 67" in text
+
+
+MISTRAL_LIKE = ModelGeometry("m", 32, 32, 8, 128, 4096, 14336, 32000, False, sliding_window=4096)
+LAYER_TOKEN = 2 * 8 * 128 * 2  # one layer's K and V of one token, bf16
+
+
+def test_a_dynamic_caches_sliding_layers_hold_the_whole_prompt_until_the_first_decode_step() -> None:
+    # GIVEN a 10,000-token prompt and 100 new tokens on a model whose 32 layers all keep a 4,096-token window
+    given = plan(request(geometry=MISTRAL_LIKE, context=10_100, prompt=10_000))
+    # THEN every layer holds the prompt after prefill; at the first decode step layer 0 makes its window's
+    # K and V before it lets go of the prompt; at the end each layer holds its window
+    assert given.prompt_tokens == 10_000
+    assert given.kv_prefill_bytes == 32 * 10_000 * LAYER_TOKEN
+    assert given.kv_peak_bytes == (32 * 10_000 + 4096) * LAYER_TOKEN
+    assert (given.kv_tokens, given.kv_bytes) == (4096, 32 * 4096 * LAYER_TOKEN)
+    assert given.peak_bytes == given.weights_bytes + given.kv_peak_bytes
+    assert given.max_context is None  # later steps only slide: the prompt, not the context, sets the peak
+    # AND without a prompt the worst one for the context is planned: 10,098 tokens and one decode step
+    # (32 x 10,098 + 4,096 tokens of layer KV beats a 10,099-token prompt alone, 32 x 10,099)
+    worst = plan(request(geometry=MISTRAL_LIKE, context=10_100))
+    assert worst.prompt_tokens == 10_098
+    assert worst.kv_peak_bytes == (32 * 10_098 + 4096) * LAYER_TOKEN
+    assert worst.max_context is not None  # the worst prompt grows with the context
+    # AND a static cache writes only the window, from the prefill on
+    static = plan(request(geometry=MISTRAL_LIKE, context=10_100, cache="static"))
+    assert static.kv_peak_bytes == static.kv_prefill_bytes == static.kv_bytes == 32 * 4096 * LAYER_TOKEN
+    # AND where the prompt does not fit, the remedies are that static cache and windows below the model's own
+    room = 32 * 5000 * LAYER_TOKEN
+    tight = plan(request(geometry=MISTRAL_LIKE, context=10_100, gpu_memory_bytes=given.weights_bytes + room))
+    remedies = {remedy.kind: remedy for remedy in tight.remedies}
+    assert not tight.fits and remedies["static_cache"].fits
+    assert remedies["sliding_window"].setting == 4095
+
+
+def test_a_sliding_layers_step_copies_both_k_and_v() -> None:
+    # A 100-token prompt and 5,000 new tokens: the window is full long before the last step, which makes
+    # one layer's new K and V of 4,096 tokens before it frees the old ones.
+    result = plan(request(geometry=MISTRAL_LIKE, context=5100, prompt=100))
+    assert result.kv_bytes == 32 * 4096 * LAYER_TOKEN
+    assert result.dynamic_realloc_peak_bytes == 4096 * LAYER_TOKEN
+
+
+def test_a_prompt_leaves_room_for_a_new_token() -> None:
+    with pytest.raises(KvtraceError, match="below the context"):
+        request(context=100, prompt=100)
+    with pytest.raises(KvtraceError, match="prompt"):
+        request(context=100, prompt=0)
+
+
 def test_fp8_and_int4_kv_sizes() -> None:
     assert plan(request(kv_dtype="fp8")).kv_bytes_per_token == 32 * 2 * 8 * 128 * 1
     assert plan(request(kv_dtype="fp32")).kv_bytes_per_token == 32 * 2 * 8 * 128 * 4
@@ -194,7 +254,7 @@ def test_fp8_and_int4_kv_sizes() -> None:
 
 
 def test_quantized_cache_counts_scales_and_residual_apart() -> None:
-    result = plan(request(batch=3, context=1000, cache="quantized", kv_dtype="int4"))
+    result = plan(request(batch=3, context=1001, cache="quantized", kv_dtype="int4"))  # 1000 written
     data = 32 * 2 * 8 * 128 // 2  # packed int4
     scales = 32 * 2 * (8 * 128 // 64) * 2 * 2  # groups of 64, scale + zero-point, bf16
     full = 131_072  # residual tokens stay bf16
@@ -205,6 +265,7 @@ def test_quantized_cache_counts_scales_and_residual_apart() -> None:
     assert result.kv_residual_bytes == 3 * residual_tokens * full
     assert result.kv_bytes == 3 * ((1000 - residual_tokens) * (data + scales) + residual_tokens * full)
     # One layer's K and V dequantized (999 tokens) and concatenated (1000 tokens), in bf16.
+    assert result.prompt_tokens == 1000 - residual_tokens  # the worst prompt: 127 tokens since quantizing
     assert result.dynamic_realloc_peak_bytes == 2 * 3 * 8 * 128 * 2 * (999 + 1000)
 
 
@@ -221,9 +282,9 @@ def test_totals_and_headroom() -> None:
         request(batch=8, context=8192, gpu_memory_bytes=80 * GIB, reserve_bytes=None, reserve_fraction=0.1)
     )
     weights = 8_030_261_248 * 2
-    kv = 8 * 8192 * 131_072
+    kv = 8 * 8191 * 131_072  # the context's last token is never written
     reserve = 8 * GIB
-    growth = 8 * 8191 * 8 * 128 * 2
+    growth = 8 * 8190 * 8 * 128 * 2
     assert (result.weights_bytes, result.kv_bytes, result.reserve_bytes) == (weights, kv, reserve)
     assert result.total_bytes == weights + kv + reserve
     assert result.peak_bytes == weights + kv + reserve + growth
@@ -235,10 +296,10 @@ def test_totals_and_headroom() -> None:
 def test_max_batch_is_exact(cache: str) -> None:
     gpu, context = 40 * GIB, 4096
     weights = 8_030_261_248 * 2
-    growth_per_seq = (context - 1) * 8 * 128 * 2 if cache == "dynamic" else 0
+    growth_per_seq = (context - 2) * 8 * 128 * 2 if cache == "dynamic" else 0
 
     def peak(batch: int) -> int:
-        return weights + batch * (context * 131_072 + growth_per_seq)
+        return weights + batch * ((context - 1) * 131_072 + growth_per_seq)
 
     result = plan(request(batch=1, context=context, gpu_memory_bytes=gpu, cache=cache))
     assert peak(result.max_batch) <= gpu < peak(result.max_batch + 1)
@@ -257,7 +318,7 @@ def test_max_context_is_exact(cache: str) -> None:
     assert plan(request(batch=batch, context=best, gpu_memory_bytes=gpu, cache=cache)).fits
     assert not plan(request(batch=batch, context=best + 1, gpu_memory_bytes=gpu, cache=cache)).fits
     if cache == "static":  # linear: worked out by hand
-        assert best == (gpu - 8_030_261_248 * 2) // (batch * 131_072)
+        assert best - 1 == (gpu - 8_030_261_248 * 2) // (batch * 131_072)  # tokens written
 
 
 def test_quantized_max_context_is_exact() -> None:
@@ -301,13 +362,13 @@ def test_to_json_has_the_figures_and_echoes_the_request() -> None:
     json.dumps(payload)  # serialisable as is
     for key in ("kv_bytes_per_token", "kv_bytes", "weights_bytes", "fits", "max_batch", "max_context"):
         assert key in payload
-    assert payload["kv_bytes"] == 2 * 100 * 131_072
+    assert payload["kv_bytes"] == 2 * 99 * 131_072
     assert payload["request"]["geometry"]["name"] == "llama-3-8b"
     assert payload["request"]["batch"] == 2 and payload["request"]["context"] == 100
 
 
 def test_format_text_shows_gib() -> None:
-    text = format_text(plan(request(batch=1, context=8192)))
+    text = format_text(plan(request(batch=1, context=8193)))
     assert "1.00 GiB" in text  # 8192 x 131,072 B of KV
     assert "131,072 B" in text
 
@@ -428,7 +489,7 @@ def test_command_json(capsys: pytest.CaptureFixture[str]) -> None:
     payload = json.loads(out)
     assert status == 0
     assert payload["kv_bytes_per_token"] == 131_072
-    assert payload["kv_bytes"] == 4 * 2048 * 131_072
+    assert payload["kv_bytes"] == 4 * 2047 * 131_072
     assert payload["weights_bytes"] == 8_030_261_248 * 2
     assert payload["fits"] is True
     assert payload["request"]["reserve_bytes"] == 8 * GIB  # default: 10% of 80 GiB
@@ -457,6 +518,8 @@ def test_command_quantized_defaults_to_int4(tmp_path: Path, capsys: pytest.Captu
         ["--preset", "llama-3-8b", "--reserve", "-0.1"],
         ["--preset", "llama-3-8b", "--batch", "-1"],
         ["--preset", "llama-3-8b", "--cache", "sliding"],
+        ["--preset", "llama-3-8b", "--context", "10", "--prompt", "10"],
+        ["--engine", "vllm", "--preset", "llama-3-8b", "--prompt", "5"],
         ["--config", "/nonexistent/config.json"],
     ],
 )
