@@ -40,7 +40,7 @@ import numpy as np
 from analyzers.budget import BudgetCrossing, budget_crossing, budget_of
 from analyzers.kv_log import is_kv_data
 from analyzers.model import DeviceEvents, MemorySource
-from analyzers.readers.run_dir import NO_MEMORY_EVENTS_NOTE
+from analyzers.readers.run_dir import KV_LOG_ONLY_NOTES
 from analyzers.stack_frames import heading, kept_frames
 from analyzers.summary import Report, clock_time
 from analyzers.units import human_bytes
@@ -450,8 +450,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     """Diagnose the first OOM of an attributed source, or its peak; `budget_bytes` prices remedies
     against a memory budget when there is no OOM."""
     notes: list[str] = [str(w) for w in (source.meta.get("manifest") or {}).get("warnings") or ()]
-    if NO_MEMORY_EVENTS_NOTE in source.meta.get("input_notes", ()):
-        notes.append(NO_MEMORY_EVENTS_NOTE)  # the moment and its figures are the KV log's
+    # the moment and its figures are the KV log's: say why
+    notes.extend(note for note in KV_LOG_ONLY_NOTES if note in source.meta.get("input_notes", ()))
     if budget_bytes is None:
         budget_bytes = budget_of(source)
     kv_log = source.meta.get("kv")
