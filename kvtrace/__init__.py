@@ -9,10 +9,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["RecordOptions", "Recording", "Tables", "__version__", "load_tables", "record", "track"]
+__all__ = [
+    "RecordOptions",
+    "Recording",
+    "RecordingError",
+    "Tables",
+    "__version__",
+    "load_tables",
+    "record",
+    "track",
+]
 
 if TYPE_CHECKING:
     from analyzers.load import Tables, load_tables
+    from kvtrace.errors import RecordingError
     from kvtrace.options import RecordOptions
     from kvtrace.recorder import Recording, record, track
 
@@ -21,6 +31,7 @@ _LAZY = {
     "track": "kvtrace.recorder",
     "Recording": "kvtrace.recorder",
     "RecordOptions": "kvtrace.options",
+    "RecordingError": "kvtrace.errors",  # torch-free: catching it loads nothing heavy
     # The notebook API lives with the analyzers (pyarrow, no torch): imported only when used.
     "load_tables": "analyzers.load",
     "Tables": "analyzers.load",

@@ -21,6 +21,12 @@ class KvtraceError(Exception):
         self.exit_code = exit_code
 
 
+class RecordingError(KvtraceError):
+    """What `kvtrace.record()` raises: a bad option or run folder (before anything is written), misuse
+    (nested record(), track() outside record()), or a run that could not be written (a full disk: raised
+    when the block ends). Here, away from torch, so that `kvtrace.RecordingError` costs no import."""
+
+
 def os_errno(exc: OSError) -> int | None:
     """The errno, also of a C library's error that carries it only in its text ("[errno 28] ...")."""
     if exc.errno is not None:

@@ -29,25 +29,27 @@ _UNITS = {
 MAX_SIZE = 2**64  # bytes: larger is a typo (1e99), and would overflow the float arithmetic of reports
 
 
-def memory_size(value: int | float | str) -> int:
+def memory_size(value: int | float | str, option: str) -> int:
     """Bytes from 8 * 2**30, "8GiB" (binary), "8GB" (decimal) or "1.5e9". Bare K/M/G are refused: they
-    differ by 7% at 80 GiB depending on who reads them."""
+    differ by 7% at 80 GiB depending on who reads them. A byte count must be whole: "1.5B" is refused (it
+    reads as 1.5 billion to some), not one byte. Errors start with `option`, the name the user typed."""
     if isinstance(value, bool):
-        raise KvtraceError(f"gpu_memory: not a size: {value!r}")
+        raise KvtraceError(f"{option}: not a size: {value!r}")
     if isinstance(value, int | float):
         number, unit = float(value), ""
     else:
         match = _SIZE.fullmatch(str(value).strip())
         if match is None or match.group(2).lower() not in _UNITS:
-            raise KvtraceError(f"cannot read size {value!r}: write e.g. 8GiB, 8GB, 1.5e9 or 12345")
+            raise KvtraceError(f"{option}: cannot read size {value!r}: write e.g. 8GiB, 8GB, 1.5e9 or 12345")
         number, unit = float(match.group(1)), match.group(2).lower()
     if not math.isfinite(number) or number * _UNITS[unit] > MAX_SIZE:
-        raise KvtraceError(f"size too large: {value!r} (at most 16 EiB)")
-    if not unit and not number.is_integer():
-        raise KvtraceError(f"a size in bytes must be a whole number, got {value!r} (or give a unit: 1.5GiB)")
+        raise KvtraceError(f"{option}: size too large: {value!r} (at most 16 EiB)")
+    if _UNITS[unit] == 1 and not number.is_integer():
+        hint = "B means bytes: 1.5GB is 1.5e9 bytes" if unit else "or give a unit: 1.5GiB"
+        raise KvtraceError(f"{option}: a size in bytes must be a whole number, got {value!r} ({hint})")
     size = int(number * _UNITS[unit])
     if size <= 0:
-        raise KvtraceError(f"a memory size must be positive, got {value!r}")
+        raise KvtraceError(f"{option}: a memory size must be positive, got {value!r}")
     return size
 
 
@@ -105,7 +107,7 @@ class RecordOptions:
                 f"record(cache_attrs=...): a dict of attribute names to 'k' or 'v', got {attrs!r}"
             )
         if self.gpu_memory is not None:
-            object.__setattr__(self, "gpu_memory", memory_size(self.gpu_memory))
+            object.__setattr__(self, "gpu_memory", memory_size(self.gpu_memory, "record(gpu_memory=...)"))
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

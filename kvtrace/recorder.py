@@ -26,7 +26,7 @@ import torch
 from kvtrace import format as fmt
 from kvtrace.cuda_snapshots import CudaSnapshots
 from kvtrace.distributed import local_tensor, rank_facts, run_path
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, RecordingError
 from kvtrace.forward_inputs import ForwardSignature, is_prefill, new_tokens
 from kvtrace.geometry import model_geometry
 from kvtrace.integrations.hf_caches import HfCacheHooks, compiling
@@ -42,10 +42,6 @@ from kvtrace.run_writer import RunWriter
 
 _ACTIVE_LOCK = threading.Lock()
 _ACTIVE: Recording | None = None
-
-
-class RecordingError(KvtraceError):
-    """Misuse of the recorder (nested record(), track() outside record())."""
 
 
 def _after_fork_in_child() -> None:

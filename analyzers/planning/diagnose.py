@@ -48,7 +48,7 @@ from analyzers.planning.quantized_cache import (
     quantized_cache_bytes,
     residual_tokens,
 )
-from analyzers.readers.run_dir import NO_MEMORY_EVENTS_NOTE
+from analyzers.readers.run_dir import KV_LOG_ONLY_NOTES
 from analyzers.stack_frames import heading, kept_frames
 from analyzers.summary import Report, clock_time
 from analyzers.units import human_bytes
@@ -666,8 +666,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     """Diagnose the first OOM of an attributed source, or its peak; `budget_bytes` prices remedies
     against a memory budget when there is no OOM."""
     notes: list[str] = [str(w) for w in (source.meta.get("manifest") or {}).get("warnings") or ()]
-    if NO_MEMORY_EVENTS_NOTE in source.meta.get("input_notes", ()):
-        notes.append(NO_MEMORY_EVENTS_NOTE)  # the moment and its figures are the KV log's
+    # the moment and its figures are the KV log's: say why
+    notes.extend(note for note in KV_LOG_ONLY_NOTES if note in source.meta.get("input_notes", ()))
     if budget_bytes is None:
         budget_bytes = budget_of(source)
     kv_log = source.meta.get("kv")

@@ -46,6 +46,13 @@ NO_MEMORY_EVENTS_NOTE = (
     "started it: was generate() run on another thread?): memory figures are the KV log's, as for a run "
     "recorded with profiler=False"
 )
+PROFILE_MEMORY_OFF_NOTE = (
+    "the run was recorded with profile_memory=False, so its profiler trace has no allocator events: memory "
+    "figures are the KV log's over the weights, as for a run recorded with profiler=False (activations and "
+    "other allocations unseen)"
+)
+# Notes saying the memory figures are the KV log's although the run has a profiler trace.
+KV_LOG_ONLY_NOTES = (NO_MEMORY_EVENTS_NOTE, PROFILE_MEMORY_OFF_NOTE)
 
 _SIZE_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _TRIED = re.compile(r"Tried to allocate (\d{1,15}(?:\.\d{1,6})?) (B|bytes|KiB|MiB|GiB|TiB)\b")
@@ -164,19 +171,23 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
 
             source.meta["allocations_with_stack"] = attach_python_stacks(source, traces[-1])
     trace_missed_the_model = bool(traces and run.kv_events) and not any(len(dev) for dev in source.devices)
+    memory_off = run.manifest.get("options", {}).get("profile_memory") is False
     if trace_missed_the_model:
+        # A trace taken with profile_memory=False has no allocator events at all. With them on,
         # torch.profiler records the memory events of the thread that started it: a generate() run on
-        # another thread (a TextIteratorStreamer, a server's worker) leaves it none, while the KV log, which
-        # the cache's own hooks write, is complete. Its figures stand in, as for a run without a trace.
-        source.meta.setdefault("input_notes", []).append(NO_MEMORY_EVENTS_NOTE)
+        # another thread (a TextIteratorStreamer, a server's worker) leaves it none. Either way the KV log,
+        # which the cache's own hooks write, is complete: its figures stand in, as for a run without a trace.
+        note = PROFILE_MEMORY_OFF_NOTE if memory_off else NO_MEMORY_EVENTS_NOTE
+        source.meta.setdefault("input_notes", []).append(note)
     if not traces or trace_missed_the_model:
         kv_devices = sorted({_normal_device(e.device) for e in run.kv_events if e.device}) or ["cpu"]
         source.devices = [_kv_only_device(kv_devices[0], run.kv_events)]
-        source.meta["events_from"] = (
-            "kv_log (the profiler trace has no memory events)"
-            if traces
-            else "kv_log (the run has no profiler trace)"
-        )
+        if not traces:
+            source.meta["events_from"] = "kv_log (the run has no profiler trace)"
+        elif memory_off:
+            source.meta["events_from"] = "kv_log (recorded with profile_memory=False)"
+        else:
+            source.meta["events_from"] = "kv_log (the profiler trace has no memory events)"
     weights_by_device: dict[str, int] = {}
     for weight in run.weights:
         device = _normal_device(weight.device)

@@ -99,7 +99,7 @@ class DemoCommand(Command):
         gpu_memory = args.gpu_memory  # flags first: a bad value is named whatever --out holds
         if gpu_memory is None and args.size == "demo":
             gpu_memory = DEMO_GPU_MEMORY
-        budget = None if gpu_memory in (None, "none") else memory_size(gpu_memory)
+        budget = None if gpu_memory in (None, "none") else memory_size(gpu_memory, "--gpu-memory")
         out = Path(args.out or default_out(args.cache, args.press))
         if (out / "manifest.json").exists() and not args.overwrite:
             raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")

@@ -41,9 +41,7 @@ class DiagnoseCommand(Command):
 
         path = Path(args.path)
         require_input(path)
-        budget = parse_size(args.budget) if args.budget is not None else None
-        if budget == 0:  # as plan --gpu-memory and record(gpu_memory=...) say
-            raise KvtraceError(f"--budget {args.budget}: a memory size must be positive")
+        budget = parse_size(args.budget, "--budget", positive=True) if args.budget is not None else None
         if is_run_group(path):
             return self._run_group(path, args.json, budget)
         if budget is None and path.is_dir() and _diagnose_engine_run(path, args.json):

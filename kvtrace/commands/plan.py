@@ -31,7 +31,7 @@ def parse_reserve(text: str) -> tuple[int | None, float | None]:
         )
     from analyzers.planning.plan import parse_size
 
-    return parse_size(text), None
+    return parse_size(text, "--reserve"), None
 
 
 class PlanCommand(Command):
@@ -149,7 +149,7 @@ class PlanCommand(Command):
             kv_dtype=kv_dtype,
             batch=args.batch,
             context=context,
-            gpu_memory_bytes=parse_size(args.gpu_memory or "80GiB"),
+            gpu_memory_bytes=parse_size(args.gpu_memory or "80GiB", "--gpu-memory", positive=True),
             reserve_bytes=reserve_bytes,
             reserve_fraction=reserve_fraction,
             cache=args.cache,

@@ -17,10 +17,10 @@ from kvtrace.errors import KvtraceError
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}
 
 
-def _size(text: str | None) -> int | None:
+def _size(text: str | None, flag: str, positive: bool = False) -> int | None:
     from analyzers.planning.plan import parse_size
 
-    return None if text is None else parse_size(text)
+    return None if text is None else parse_size(text, flag, positive=positive)
 
 
 def _from_run(path: str) -> tuple[dict[str, Any], Any]:
@@ -96,9 +96,12 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     else:
         raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
 
-    def pick(flag: str | None, key: str, default: int | None) -> int | None:
+    def pick(
+        flag: str | None, key: str, default: int | None, name: str, positive: bool = False
+    ) -> int | None:
+        """The size typed after flag `name`, else the run's value, else the default."""
         if flag is not None:
-            return _size(flag)
+            return _size(flag, name, positive)
         value = measured.get(key)
         return int(value) if value is not None else default
 
@@ -109,11 +112,12 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         value = measured.get(key)
         return value if value is not None else default
 
-    gpu_memory = pick(args.gpu_memory, "gpu_memory_bytes", None) or parse_size("80GiB")
+    gpu_memory = pick(args.gpu_memory, "gpu_memory_bytes", None, "--gpu-memory", positive=True)
+    gpu_memory = gpu_memory or parse_size("80GiB")
     max_model_len = args.max_model_len if args.max_model_len is not None else args.context
     if max_model_len is None:
         max_model_len = int(setting(None, "max_model_len", 8192))
-    kv_cache_memory = _size(args.kv_cache_memory)
+    kv_cache_memory = _size(args.kv_cache_memory, "--kv-cache-memory")
     profiled = args.gpu_memory is not None or args.gpu_memory_utilization is not None
     if kv_cache_memory is None and not profiled:
         # a GPU or utilization the user typed asks for the profile arithmetic; otherwise the run's own
@@ -133,6 +137,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
             f"{args.from_run}: its engine.json does not give the model's MLP size, so the weights cannot "
             "be sized: add --config PATH (the model's config.json) or --weights-bytes"
         )
+    activation_peak = pick(args.activation_peak, "activation_peak_bytes", 0, "--activation-peak")
     request = VllmPlanRequest(
         geometry=geometry,
         model_dtype=setting(args.dtype, "model_dtype", "bf16"),
@@ -142,9 +147,9 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         block_size=int(setting(args.block_size, "block_size", 16)),
         kv_cache_dtype=str(setting(args.kv_cache_dtype, "kv_cache_dtype", "auto")),
         tensor_parallel_size=int(setting(args.tensor_parallel_size, "tensor_parallel_size", 1)),
-        weights_bytes=pick(args.weights_bytes, "weights_bytes", None),
-        activation_peak_bytes=pick(args.activation_peak, "activation_peak_bytes", 0) or 0,
-        non_torch_bytes=pick(args.non_torch, "non_torch_bytes", 0) or 0,
+        weights_bytes=pick(args.weights_bytes, "weights_bytes", None, "--weights-bytes"),
+        activation_peak_bytes=activation_peak or 0,
+        non_torch_bytes=pick(args.non_torch, "non_torch_bytes", 0, "--non-torch") or 0,
         kv_cache_memory_bytes=kv_cache_memory,
     )
     result = plan_vllm(request)

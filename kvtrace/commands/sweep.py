@@ -150,7 +150,7 @@ class SweepCommand(Command):
         if args.budget is not None:
             from analyzers.planning.plan import parse_size
 
-            budget = parse_size(args.budget)
+            budget = parse_size(args.budget, "--budget", positive=True)
         if args.size is None and args.preset is None and args.config is None:
             args.size = "tiny"
         model_name, size = _model_size(args)

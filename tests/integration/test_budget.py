@@ -238,3 +238,31 @@ def test_plan_prices_a_sliding_layers_step_as_both_new_tensors(tmp_path: Path) -
     assert planned["kv_bytes"] == report["kv"]["final_bytes"] == 4 * 8 * layer_token
     assert planned["dynamic_realloc_peak_bytes"] == 8 * layer_token  # one layer's K and V of 8 tokens
     assert planned["kv_peak_bytes"] == report["kv"]["peak_bytes"] == (4 * 8 + 8) * layer_token
+
+
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [
+        ("1.5B", "a size in bytes must be a whole number, got '1.5B' (B means bytes: 1.5GB is 1.5e9 bytes)"),
+        ("1.7B", "a size in bytes must be a whole number, got '1.7B'"),
+        ("1.5", "a size in bytes must be a whole number, got '1.5' (or give a unit: 1.5GiB)"),
+        ("70M", "cannot read size '70M'"),
+        (0, "a memory size must be positive, got 0"),
+        ("0.1B", "a size in bytes must be a whole number"),
+        (True, "not a size: True"),
+        ("1e99", "size too large: '1e99'"),
+    ],
+)
+def test_a_bad_budget_is_one_line_naming_gpu_memory(bad: object, said: str, tmp_path: Path) -> None:
+    # WHEN a budget is a fraction of a byte, unreadable, zero or absurd
+    # THEN record() refuses it with the exception the package exports, naming the option, before writing
+    with pytest.raises(kvtrace.RecordingError) as raised:
+        kvtrace.record(tmp_path / "never", gpu_memory=bad)
+    message = str(raised.value)
+    assert message.startswith("record(gpu_memory=...): ") and said in message and "\n" not in message
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(("given", "stored"), [("12345B", 12345), ("1.5e3B", 1500), ("0.5KiB", 512)])
+def test_a_whole_byte_budget_keeps_every_byte(given: str, stored: int, tmp_path: Path) -> None:
+    assert kvtrace.record(tmp_path / "run", gpu_memory=given).options.gpu_memory == stored

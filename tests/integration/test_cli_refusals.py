@@ -60,6 +60,62 @@ def test_a_size_too_large_for_any_device_is_refused(
     assert not Path("unused").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["plan", "--preset", "llama-3-8b", "--gpu-memory", "70M"], "--gpu-memory: cannot read size '70M'"),
+        (["plan", "--preset", "llama-3-8b", "--gpu-memory", "1.5B"], "--gpu-memory: a size in bytes must be"),
+        (["plan", "--preset", "llama-3-8b", "--reserve", "70M"], "--reserve: cannot read size '70M'"),
+        (
+            ["plan", "--preset", "llama-3-8b", "--engine", "vllm", "--gpu-memory", "0"],
+            "--gpu-memory 0: a memory size must be positive",
+        ),
+        (
+            ["plan", "--preset", "llama-3-8b", "--engine", "vllm", "--kv-cache-memory", "1.5B"],
+            "--kv-cache-memory: a size in bytes must be a whole number, got '1.5B'",
+        ),
+        (
+            ["plan", "--preset", "llama-3-8b", "--engine", "vllm", "--weights-bytes", "-1"],
+            "--weights-bytes: size cannot be negative: '-1'",
+        ),
+        (["diagnose", str(SAMPLES / "dynamic_b2"), "--budget", "70M"], "--budget: cannot read size '70M'"),
+        (
+            ["sweep", "--batch", "1", "--context", "8", "--budget", "0", "--out", "unused"],
+            "--budget 0: a memory size must be positive",
+        ),
+        (["demo", "--no-report", "--gpu-memory", "70M"], "--gpu-memory: cannot read size '70M'"),
+        (["demo", "--no-report", "--gpu-memory", "1.5B"], "--gpu-memory: a size in bytes must be"),
+    ],
+    ids=[
+        "plan",
+        "plan-fraction",
+        "plan-reserve",
+        "plan-vllm-zero",
+        "plan-vllm-kv",
+        "plan-vllm-weights",
+        "diagnose",
+        "sweep-zero",
+        "demo",
+        "demo-fraction",
+    ],
+)
+def test_a_bad_size_is_refused_naming_its_flag(
+    argv: list[str],
+    said: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a working folder
+    monkeypatch.chdir(tmp_path)
+    # WHEN a size flag is given a unit kvtrace does not read, a fraction of a byte, zero or a negative size
+    assert main(argv) == 2
+    # THEN one line names the flag, and nothing was run or written
+    err = capsys.readouterr().err
+    assert f"error: {said}" in err and err.count("\n") == 1
+    assert not Path("unused").exists()
+
+
 def test_report_and_compare_refuse_to_write_html_over_a_file_of_the_run(
     run_copy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,6 +1,7 @@
 """generate() on another thread with the profiler on (a TextIteratorStreamer, a server's worker): the
 profiler records the thread that started it, so its trace holds no memory event of the model's; the KV log
-is complete, and `report` and `diagnose` read their memory figures from it, saying why."""
+is complete, and `report` and `diagnose` read their memory figures from it, saying why. A run recorded with
+profile_memory=False reads the same way, and says that option is why."""
 
 from __future__ import annotations
 
@@ -23,6 +24,20 @@ LAYERS, KV_HEADS, PROMPT, NEW_TOKENS = 4, 2, 10, 12
 
 def _unique_storage_bytes(tensors: Any) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def _kv_log_peak(run: Path) -> int:
+    """The KV log's live bytes at their highest (a dynamic cache's growth copies), from the raw log."""
+    live: dict[tuple[int, int, str, int], int] = {}
+    kv_peak = 0
+    for event in read_run(run).kv_events:
+        key = (event.cache, event.layer, event.kv, event.addr)
+        if event.event == "freed":
+            live.pop(key)
+        elif event.addr:
+            live[key] = event.storage_bytes
+        kv_peak = max(kv_peak, sum(live.values()))
+    return kv_peak
 
 
 def test_a_trace_without_the_models_memory_events_falls_back_to_the_kv_log(
@@ -54,16 +69,7 @@ def test_a_trace_without_the_models_memory_events_falls_back_to_the_kv_log(
     tokens = PROMPT + NEW_TOKENS - 1
     final_kv = LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * 4  # layers x K,V x heads x dim x tokens x fp32
     assert _unique_storage_bytes(t for layer in cache.layers for t in (layer.keys, layer.values)) == final_kv
-    # the KV log's live bytes at their highest (a dynamic cache's growth copies), replayed from the raw log
-    live: dict[tuple[int, int, str, int], int] = {}
-    kv_peak = 0
-    for event in read_run(run).kv_events:
-        key = (event.cache, event.layer, event.kv, event.addr)
-        if event.event == "freed":
-            live.pop(key)
-        elif event.addr:
-            live[key] = event.storage_bytes
-        kv_peak = max(kv_peak, sum(live.values()))
+    kv_peak = _kv_log_peak(run)
     weights = _unique_storage_bytes([*model.parameters(), *model.buffers()])
 
     # WHEN it is reported
@@ -84,3 +90,46 @@ def test_a_trace_without_the_models_memory_events_falls_back_to_the_kv_log(
     assert (diagnosis["event"], diagnosis["allocated_bytes"]) == ("peak", weights + kv_peak)
     assert diagnosis["kv_bytes"] == kv_peak
     assert any("no memory events of the model's thread" in note for note in diagnosis["notes"])
+
+
+def test_a_run_recorded_with_profile_memory_off_says_so_not_another_thread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN generate() run on the recording's own thread, with the profiler's allocator events turned off
+    model = build_model(tiny_size(LAYERS, KV_HEADS))
+    ids = torch.randint(3, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profile_memory=False):
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
+    cache = out.past_key_values
+    tokens = PROMPT + NEW_TOKENS - 1
+    final_kv = LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * 4  # layers x K,V x heads x dim x tokens x fp32
+    assert _unique_storage_bytes(t for layer in cache.layers for t in (layer.keys, layer.values)) == final_kv
+    kv_peak = _kv_log_peak(run)
+    weights = _unique_storage_bytes([*model.parameters(), *model.buffers()])
+
+    # WHEN it is reported
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    # THEN the figures are the KV log's over the weights (what docs/recording.md says of profile_memory)
+    (device,) = report["devices"]
+    assert device["peak_allocated_bytes"] == weights + kv_peak
+    assert device["categories_at_peak"] == {"kv": kv_peak, "weights": weights, "other": 0}
+    assert device["final_allocated_bytes"] == weights + final_kv
+    # AND the note gives the run's own option as the cause, not a thread it did not use
+    assert any("recorded with profile_memory=False" in note for note in report["notes"])
+    assert not any("another thread" in note for note in report["notes"])
+
+    # AND diagnose says the same
+    assert main(["diagnose", str(run), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    assert (diagnosis["event"], diagnosis["allocated_bytes"]) == ("peak", weights + kv_peak)
+    assert any("recorded with profile_memory=False" in note for note in diagnosis["notes"])
+    assert not any("another thread" in note for note in diagnosis["notes"])

@@ -29,6 +29,14 @@ def test_analyzer_side_never_imports_torch(statement: str) -> None:
     assert "torch" not in _modules_after(statement)
 
 
+def test_recording_error_is_caught_from_the_package_top_without_torch() -> None:
+    # GIVEN a fresh interpreter WHEN the user names kvtrace.RecordingError (an `except` clause does)
+    loaded = _modules_after("import kvtrace; kvtrace.RecordingError")
+    # THEN it is there, and naming it loads neither torch nor the recorder
+    assert "kvtrace.errors" in loaded
+    assert "torch" not in loaded and "kvtrace.recorder" not in loaded
+
+
 def test_recorder_never_imports_plotly() -> None:
     loaded = _modules_after("import kvtrace.recorder, kvtrace.commands.demo")
     assert "torch" in loaded  # the recorder really is loaded

@@ -465,10 +465,25 @@ def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["-1", "-2GiB", "", "lots", "80G", "1.2.3GB", "nan", "inf", "GiB", "1e"])
+@pytest.mark.parametrize(
+    "text", ["-1", "-2GiB", "", "lots", "80G", "1.2.3GB", "nan", "inf", "GiB", "1e", "1.5B", "1.5", "0.5b"]
+)
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(KvtraceError):
         parse_size(text)
+
+
+def test_parse_size_keeps_whole_bytes_and_names_the_flag() -> None:
+    # a byte count in any spelling, whole: every byte kept
+    assert (parse_size("1500B"), parse_size("1.5e3B"), parse_size("0.5KiB")) == (1500, 1500, 512)
+    # a fraction of a byte is refused, not truncated to 1 byte ("1.5B" may mean 1.5 billion)
+    with pytest.raises(KvtraceError, match=r"^--budget: a size in bytes must be a whole number, got '1.5B'"):
+        parse_size("1.5B", "--budget")
+    with pytest.raises(KvtraceError, match=r"^--gpu-memory: cannot read size '70M'"):
+        parse_size("70M", "--gpu-memory")
+    assert parse_size("0", "--gpu-memory") == 0
+    with pytest.raises(KvtraceError, match=r"^--gpu-memory 0: a memory size must be positive$"):
+        parse_size("0", "--gpu-memory", positive=True)
 
 
 # --- the command --------------------------------------------------------------------------------------
