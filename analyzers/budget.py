@@ -8,7 +8,9 @@ layer from the KV log: the layer the allocation belongs to when it is KV, else t
 came last before it (the layer the forward was in).
 
 This counts allocated bytes, not the allocator's rounded reserved segments, so a real device of that size
-would run out at this point or a little earlier (fragmentation, CUDA context, other processes).
+would run out at this point or a little earlier (fragmentation, CUDA context, other processes). Memory held
+since before the trace began that its events miss (a vLLM engine's weights, from engine.json) is passed in as
+`unseen_bytes`, a level under the whole timeline.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ class BudgetCrossing:
     request_category: str | None = None
     allocated_before_bytes: int | None = None
     allocated_after_bytes: int | None = None
-    before_first_step: bool = False
+    before_first_step: bool = False  # no step had begun: the setup or an engine's start crossed it
     partial: bool = False  # only the KV cache and weights were seen (see KV_ONLY_COUNTS)
+    unseen_bytes: int = 0  # held since before the trace, missing from its events, counted throughout
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,14 +79,24 @@ def _device_index(source: MemorySource, timelines: list[DeviceTimeline]) -> int 
     return int(np.argmax(peaks))
 
 
-def _step_at(source: MemorySource, t_us: float) -> tuple[int | None, str | None]:
-    """Step number (1 = prefill) and phase of the step running at `t_us`."""
-    starts = sorted(
+def _step_starts(source: MemorySource) -> list[tuple[float, str]]:
+    """(start µs, label) of the run's step ranges, in time order."""
+    return sorted(
         (m.ts_us, m.label)
         for m in source.markers
         if m.kind == "step"
         and (m.label == "kvtrace/prefill" or m.label.startswith(("kvtrace/decode", "step ")))
     )
+
+
+def _has_steps(source: MemorySource) -> bool:
+    kv = source.meta.get("kv")
+    return bool(_step_starts(source)) or (kv is not None and bool(kv.step_start_ns))
+
+
+def _step_at(source: MemorySource, t_us: float) -> tuple[int | None, str | None]:
+    """Step number (1 = prefill) and phase of the step running at `t_us`."""
+    starts = _step_starts(source)
     started = [label for ts, label in starts if ts <= t_us]
     if started:
         last = started[-1]
@@ -119,17 +132,20 @@ def _layer_at(source: MemorySource, dev_index: int, index: int, t_us: float) -> 
 
 
 def budget_crossing(
-    source: MemorySource, timelines: list[DeviceTimeline], budget_bytes: int
+    source: MemorySource, timelines: list[DeviceTimeline], budget_bytes: int, unseen_bytes: int = 0
 ) -> BudgetCrossing:
-    """The first allocation that takes the run's device above `budget_bytes` (see the module docstring)."""
+    """The first allocation that takes the run's device above `budget_bytes` (see the module docstring);
+    `unseen_bytes` held throughout besides the timeline's (none counted without a timeline)."""
     dev_index = _device_index(source, timelines)
     if dev_index is None or not len(timelines[dev_index].allocated):
         return BudgetCrossing(budget_bytes, False, None, 0, budget_bytes)
     dev, timeline = source.devices[dev_index], timelines[dev_index]
-    allocated = timeline.allocated
+    allocated = timeline.allocated + unseen_bytes
     peak = int(allocated.max())
     before_first = int(allocated[0]) - int(dev.delta_bytes[0])
-    fits = BudgetCrossing(budget_bytes, False, dev.device, peak, budget_bytes - peak)
+    fits = BudgetCrossing(
+        budget_bytes, False, dev.device, peak, budget_bytes - peak, unseen_bytes=unseen_bytes
+    )
     if str(source.meta.get("events_from", "")).startswith("kv_log"):
         fits = replace(fits, counts=KV_ONLY_COUNTS, partial=True)
     if before_first > budget_bytes:
@@ -141,13 +157,16 @@ def budget_crossing(
     index = int(over[0])
     t_us = float(timeline.ts_us[index])
     step, phase = _step_at(source, t_us)
+    if step is None and _has_steps(source):  # before every step began: step 0, record()'s setup
+        step = 0
     layer, layer_from = _layer_at(source, dev_index, index, t_us)
     category = CATEGORY_NAMES[int(dev.category[index])] if dev.category is not None else None
     request = int(dev.delta_bytes[index])
     return replace(
         fits,
         crossed=True,
-        before_first_step=step == 0,  # during record()'s setup (preallocated caches): no forward ran yet
+        # during record()'s setup (preallocated caches) or an engine's start (its pool): no step had begun
+        before_first_step=step == 0,
         step=step,
         phase=phase,
         layer=layer,

@@ -85,6 +85,7 @@ class EngineInfo:
     memory_profile: dict[str, Any]
     refused: dict[str, Any] | None
     blocks_reserved: int = 1  # blocks never given to a request: vLLM's null block; HF CB's trash sectors
+    bytes_per_sector: int | None = None  # HF CB: its pool grows by sectors (vLLM: absent)
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ def _read_info(file: Path) -> EngineInfo:
         memory_profile=dict(data.get("memory_profile") or {}),
         refused=refused,
         blocks_reserved=_int(data.get("blocks_reserved"), where, "blocks_reserved", default=1),
+        bytes_per_sector=_opt_int(data.get("bytes_per_sector"), where, "bytes_per_sector") or None,
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from analyzers.engine import EngineFigures, EngineInfo, engine_figures, read_engine
 from analyzers.units import human_bytes
 
-__all__ = ["engine_of_source"]
+__all__ = ["bytes_before_trace", "engine_of_source"]
 
 # The `cache` id of an engine pool's KV events: vLLM's (kvtrace.integrations.vllm.VLLM_CACHE_ID) and
 # transformers' continuous batching's (kvtrace.integrations.hf_paged.CB_CACHE_ID).
@@ -37,15 +37,35 @@ def engine_of_source(
         pool_notes = _pool_as_kv(run.info, kv)
         if notes is not None:
             notes.extend(pool_notes + _before_trace_notes(run.info, devices))
-        _split_pool_by_layer(source.meta.get("kv"), int(run.info.kv_cache_bytes), kv.per_layer)
+        _split_pool_by_layer(source.meta.get("kv"), int(run.info.kv_cache_bytes), _pool_layers(run.info))
     return figures
 
 
-def _split_pool_by_layer(kv_log: Any, pool: int, per_layer: Sequence[Any]) -> None:
+def bytes_before_trace(source: Any, devices: Sequence[Any]) -> int:
+    """What a vLLM engine allocated before the trace began and its device figures miss, as
+    `_before_trace_notes` names it: its weights (engine.json) and its pool. 0 for other runs, and for
+    transformers' continuous batching, whose pool and weights are made inside the block."""
+    if getattr(source, "kind", None) != "run":
+        return 0
+    run = source.meta.get("engine") or read_engine(source.path)
+    if run is None or run.info.name != "vllm" or run.info.status != "ok":
+        return 0
+    source.meta["engine"] = run
+    at_peak = [getattr(d, "categories_at_peak", None) or {} for d in devices]
+    missing = 0
+    weights = run.info.memory_profile.get("weights_bytes")
+    if isinstance(weights, int) and weights > 0 and not any(c.get("weights") for c in at_peak):
+        missing += weights
+    if devices and not any(c.get("kv") for c in at_peak):
+        missing += int(run.info.kv_cache_bytes or 0)
+    return missing
+
+
+def _split_pool_by_layer(kv_log: Any, pool: int, layers: Sequence[tuple[int, int, int]]) -> None:
     """The KV log sees the pool as one storage, logged under the layer of its first view: in the per-step,
     per-layer figures (HTML heatmap, TensorBoard, counters) each layer gets its own view's bytes instead,
-    as the report's per-layer table has them."""
-    split = {layer.layer: layer.k_bytes + layer.v_bytes for layer in per_layer}
+    as the report's per-layer table has them. `layers`: (layer, K bytes, V bytes) of each view."""
+    split = {layer: k_bytes + v_bytes for layer, k_bytes, v_bytes in layers}
     if kv_log is None or not split or sum(split.values()) != pool:
         return
     for step, live in kv_log.step_live.items():
@@ -59,16 +79,31 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     layers add up to the pool. There is no batch (the pool is shared by whatever requests run): `batch` is
     None and `tokens_held` is the pool's token capacity (num_blocks x block_size); bytes per token measured =
     pool bytes / that capacity, beside vLLM's arithmetic layers x 2 x kv_heads x head_dim x dtype bytes.
-    Returns the notes when the engine's layers do not add up to its pool."""
+
+    The final figures are the KV log's, as for any cache: a pool held at the end of the run's last step
+    counts (freed at the block's end, in phase `end`, as a returned generate()'s cache is), one the log saw
+    freed before then holds 0, and the caches held at the end (a plain generate() after generate_batch) then
+    make the headline. Returns the notes when the engine's layers do not add up to its pool."""
     from analyzers.summary import LayerSummary
 
     pool = int(info.kv_cache_bytes or 0)
+    pool_cache = POOL_CACHE_IDS.get(str(info.name), VLLM_POOL_CACHE_ID)
+    logged = next((cache for cache in kv.caches if cache.cache == pool_cache), None)
+    freed = logged is not None and not logged.final_bytes  # gone before the run's last step ended
     # Other caches (a plain generate() in the same block) may add to the KV log's peak: never below the pool
     kv.peak_bytes = max(int(kv.peak_bytes or 0), pool)
-    if kv.measured_from == "none" or not kv.final_bytes:
+    capacity = (info.num_blocks or 0) * (info.block_size or 0)
+    _caches_as_pool(kv, pool, capacity, pool_cache)
+    layers = _pool_layers(info)
+    covered = sum(k_bytes + v_bytes for _, k_bytes, v_bytes in layers)
+    notes = []
+    if layers and covered != pool:
+        notes.append(f"the engine's {len(layers)} layer views cover {covered:,} B of its {pool:,} B KV pool")
+    if freed and kv.final_bytes:  # other caches held KV at the end: the headline figures are theirs
+        return notes
+    if not freed and (kv.measured_from == "none" or not kv.final_bytes):  # the log never saw the pool
         kv.final_bytes = pool
         kv.measured_from = "engine"
-    capacity = (info.num_blocks or 0) * (info.block_size or 0)
     kv.batch = None
     kv.tokens_held = capacity or None
     kv.token_rows = None
@@ -79,33 +114,34 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     if element and all(isinstance(model.get(k), int) for k in ("num_layers", "num_kv_heads", "head_dim")):
         per_layer_token = 2 * model["num_kv_heads"] * model["head_dim"] * element
         kv.bytes_per_token_expected = model["num_layers"] * per_layer_token
-    pool_cache = POOL_CACHE_IDS.get(str(info.name), VLLM_POOL_CACHE_ID)
-    _caches_as_pool(kv, pool, capacity, pool_cache)
+    if layers:
+        held = 0 if freed else 1  # a freed pool's layers hold nothing at the end
+        kv.per_layer = [
+            LayerSummary(layer, k_bytes * held, v_bytes * held, 0, capacity, cache=pool_cache)
+            for layer, k_bytes, v_bytes in layers
+        ]
+    return notes
+
+
+def _pool_layers(info: EngineInfo) -> list[tuple[int, int, int]]:
+    """(layer, K bytes, V bytes) of each of the pool's layer views (none when engine.json has no sizes)."""
     layers = [layer for layer in info.layers if isinstance(layer.get("bytes"), int)]
-    if not layers:
-        return []
-    head_dim = model.get("head_dim") if isinstance(model.get("head_dim"), int) else None
-    kv.per_layer = []
-    for i, layer in enumerate(layers):
-        k_bytes, v_bytes = _k_and_v(layer, info.num_blocks, head_dim)
-        kv.per_layer.append(
-            LayerSummary(int(layer.get("layer", i)), k_bytes, v_bytes, 0, capacity, cache=pool_cache)
-        )
-    covered = sum(int(layer["bytes"]) for layer in layers)
-    if covered != pool:
-        return [f"the engine's {len(layers)} layer views cover {covered:,} B of its {pool:,} B KV pool"]
-    return []
+    head_dim = info.model.get("head_dim") if isinstance(info.model.get("head_dim"), int) else None
+    return [
+        (int(layer.get("layer", i)), *_k_and_v(layer, info.num_blocks, head_dim))
+        for i, layer in enumerate(layers)
+    ]
 
 
 def _caches_as_pool(kv: Any, pool: int, capacity: int, pool_cache: int) -> None:
     """The per-cache figures of a paged pool: the KV log's shape[0] is the pool's blocks, not a batch, so its
     cache has no rows and holds the pool's bytes over its capacity; another cache (a plain generate() in the
-    same block) keeps its own figures."""
+    same block) keeps its own figures. A pool the log saw freed holds 0 at the end."""
     for cache in kv.caches:
         if cache.cache != pool_cache:
             continue
         cache.rows = None
-        cache.final_bytes, cache.tokens = pool, capacity
+        cache.final_bytes, cache.tokens = (pool if cache.final_bytes else 0), capacity
         cache.bytes_per_token_measured = (
             cache.final_bytes / cache.tokens if cache.final_bytes and cache.tokens else None
         )

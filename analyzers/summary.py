@@ -327,6 +327,15 @@ def _engine_geometry(source: MemorySource) -> dict[str, Any] | None:
     return model_geometry(run.info.model)
 
 
+def raised_note(ended: dict[str, Any]) -> str:
+    """The note on a recorded block that raised (the manifest's `ended`, status `exception`)."""
+    message = str(ended.get("message") or "")
+    if len(message) > 200:  # the whole message is in manifest.json
+        message = message[:200].rsplit(" ", 1)[0] + "… (cut; whole in manifest.json)"
+    raised = f"{ended.get('type') or 'an exception'}: {message}".rstrip(": ")
+    return f"the recorded block raised {raised}: the figures cover the run up to then"
+
+
 def summarize(
     source: MemorySource, precomputed: tuple[list[DeviceSummary], list[DeviceTimeline]] | None = None
 ) -> Report:
@@ -403,11 +412,7 @@ def summarize(
     elif ended.get("status") == "interrupted":
         notes.append("the recorded block was interrupted (Ctrl-C): the figures cover the run up to then")
     elif ended.get("status") == "exception" and oom is None:
-        message = str(ended.get("message") or "")
-        if len(message) > 200:  # the whole message is in manifest.json
-            message = message[:200].rsplit(" ", 1)[0] + "… (cut; whole in manifest.json)"
-        raised = f"{ended.get('type') or 'an exception'}: {message}".rstrip(": ")
-        notes.append(f"the recorded block raised {raised}: the figures cover the run up to then")
+        notes.append(raised_note(ended))
     notes.extend(str(w) for w in (manifest or {}).get("warnings") or ())
     notes.extend(input_notes(source))
     if held_note:
@@ -417,7 +422,12 @@ def summarize(
     budget = None
     budget_bytes = budget_of(source)
     if budget_bytes is not None:
-        budget = budget_crossing(source, timelines, budget_bytes).to_json()
+        unseen = 0
+        if source.kind == "run":
+            from analyzers.engine_report import bytes_before_trace  # a vLLM engine's weights and pool
+
+            unseen = bytes_before_trace(source, devices)
+        budget = budget_crossing(source, timelines, budget_bytes, unseen).to_json()
     engine = None
     if source.kind == "run":
         from analyzers.engine_report import engine_of_source  # a vLLM run's pool, read from its files

@@ -47,7 +47,13 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
         f"{fig.steps:,} engine steps, "
         f"{fig.requests} requests"
     ]
-    if fig.num_blocks:
+    if fig.num_blocks and fig.peak_step is None:  # the pool was made, and the run ended before a step
+        usable = max(fig.num_blocks - fig.blocks_reserved, 1)
+        lines.append(
+            f"    no engine step ran: the run ended before its first step, none of {usable:,} usable "
+            "blocks used"
+        )
+    elif fig.num_blocks:
         usable = max(fig.num_blocks - fig.blocks_reserved, 1)  # vLLM's null block, HF CB's trash sectors
         share = 100.0 * fig.peak_blocks_used / usable
         lines.append(
@@ -64,6 +70,11 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
     else:
         lines.append("    preemptions: none")
     return lines
+
+
+def peak_when(fig: EngineFigures) -> str:
+    """When the pool's use peaked: "step N", or "before its first step" for a run without engine steps."""
+    return "before its first step" if fig.peak_step is None else f"step {fig.peak_step}"
 
 
 def engine_html_section(run: EngineRun, fig: EngineFigures) -> str:
@@ -166,7 +177,7 @@ def engine_html_section(run: EngineRun, fig: EngineFigures) -> str:
     table_rows = [
         ("blocks", f"{fig.num_blocks:,} of {fig.block_size} tokens"),
         ("pool", human_bytes(fig.kv_cache_bytes)),
-        ("peak blocks used", f"{fig.peak_blocks_used:,} (step {fig.peak_step})"),
+        ("peak blocks used", f"{fig.peak_blocks_used:,} ({peak_when(fig)})"),
         ("preemptions", f"{fig.preemptions} ({fig.preempted_tokens:,} tokens dropped)"),
         ("prefix-cache blocks evicted", f"{fig.prefix_cache_evicted_blocks:,}"),
     ]

@@ -362,7 +362,7 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
     if report.kv.measured_from == "none":
         extra_notes.append(f"KV cache: {NO_KV_HINT}")
     if report.budget is not None:
-        extra_notes.append(budget_line(report.budget).strip())
+        extra_notes.append(budget_line(report.budget, report.engine).strip())
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in [*report.notes, *extra_notes])
     sections = "".join(extra_sections or [])
     if report.engine is not None and source.meta.get("engine") is not None:

@@ -114,7 +114,7 @@ def report_to_text(report: Report) -> str:
 
         lines += engine_text_lines(report.engine)
     if report.budget is not None:
-        lines.append(budget_line(report.budget))
+        lines.append(budget_line(report.budget, report.engine))
     if report.oom:
         oom = report.oom
         lines.append(
@@ -124,30 +124,48 @@ def report_to_text(report: Report) -> str:
     return "\n".join(lines)
 
 
-def budget_line(budget: dict[str, Any]) -> str:
-    """One line on a run's memory budget: where it would have run out, or the headroom left."""
+def budget_line(budget: dict[str, Any], engine: Any = None) -> str:
+    """One line on a run's memory budget: where it would have run out, or the headroom left. `engine`: the
+    run's engine figures, to name its pool when the pool is the allocation that crossed it."""
     size = human_bytes(budget["bytes"])
     if budget.get("rank") is not None:  # a run group's: the rank that crossed it first
         size += f" (rank {budget['rank']})"
+    unseen = ""
+    if budget.get("unseen_bytes"):
+        held = human_bytes(budget["unseen_bytes"])
+        unseen = f"; with {held} the engine held before the trace began, from engine.json"
     if not budget["crossed"]:
         peak, left = human_bytes(budget["peak_bytes"]), human_bytes(budget["headroom_bytes"])
         if budget.get("partial"):
             return (
                 f"  budget {size}: the KV cache and weights fit, peak {peak} leaves {left}; the run may not "
-                "(profiler=False: activations and other allocations were not recorded)"
+                f"(profiler=False: activations and other allocations were not recorded){unseen}"
             )
-        return f"  budget {size}: fits, peak {peak} leaves {left}"
-    if budget["before_first_step"]:
+        return f"  budget {size}: fits, peak {peak} leaves {left}{unseen}"
+    peak = human_bytes(budget["peak_bytes"])
+    what = f" {budget['request_category']}" if budget.get("request_category") else ""
+    if budget["before_first_step"] and budget.get("request_bytes") is None:
         return (
             f"  budget {size}: exceeded before the first step "
             f"({human_bytes(budget['allocated_after_bytes'])} already allocated: weights and what the "
-            "process held before)"
+            f"process held before{unseen})"
         )
-    layer = f", layer {budget['layer']}" if budget["layer"] is not None else ""
-    what = f" {budget['request_category']}" if budget["request_category"] else ""
+    request = human_bytes(budget["request_bytes"])
+    before = human_bytes(budget["allocated_before_bytes"])
+    if budget["before_first_step"]:  # a cache preallocated at record()'s setup, an engine's pool at its start
+        pool = getattr(engine, "kv_cache_bytes", None)
+        by = f"a {request}{what} allocation"
+        if pool and budget.get("request_category") == "kv" and budget["request_bytes"] == pool:
+            name = "vLLM" if engine.name == "vllm" else engine.name
+            by = f"the {name} KV pool, allocated at the engine's start: {request}"
+        return (
+            f"  budget {size}: exceeded before the first step by {by} on top of {before} "
+            f"(peak {peak}{unseen}; see `kvtrace diagnose`)"
+        )
+    at = f" at step {budget['step']}" if budget.get("step") is not None else ""
+    at += f" ({budget['phase']})" if at and budget.get("phase") else ""
+    layer = f", layer {budget['layer']}" if budget.get("layer") is not None else ""
     return (
-        f"  budget {size}: would run out at step {budget['step']} ({budget['phase']}){layer}: a "
-        f"{human_bytes(budget['request_bytes'])}{what} allocation on top of "
-        f"{human_bytes(budget['allocated_before_bytes'])} (peak {human_bytes(budget['peak_bytes'])}; "
-        "see `kvtrace diagnose`)"
+        f"  budget {size}: would run out{at}{layer}: a {request}{what} allocation on top of {before} "
+        f"(peak {peak}{unseen}; see `kvtrace diagnose`)"
     )

@@ -44,7 +44,7 @@ class DiagnoseCommand(Command):
         budget = parse_size(args.budget, "--budget", positive=True) if args.budget is not None else None
         if is_run_group(path):
             return self._run_group(path, args.json, budget)
-        if budget is None and path.is_dir() and _diagnose_engine_run(path, args.json):
+        if path.is_dir() and _diagnose_engine_run(path, args.json, budget):
             return 0
         source, report = build_report(path)
         if not report.devices and not source.ooms:
@@ -74,9 +74,10 @@ class DiagnoseCommand(Command):
         return 0
 
 
-def _diagnose_engine_run(path: Path, as_json: bool) -> bool:
-    """A vLLM run that preempted or was refused at start: its engine diagnosis, priced in vLLM's knobs
-    (analyzers.planning.vllm_diagnose). False when the run has no engine, or nothing engine-specific."""
+def _diagnose_engine_run(path: Path, as_json: bool, budget: int | None = None) -> bool:
+    """An engine run (vLLM, transformers' continuous batching): its engine diagnosis, priced in its own knobs
+    (analyzers.planning.vllm_diagnose), after the memory budget (`budget`, else the recorded one) when there
+    is one (analyzers.planning.engine_budget). False when the run has no engine."""
     from analyzers.engine import read_engine
     from analyzers.planning.vllm_diagnose import diagnose_engine
     from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_json, vllm_diagnosis_to_text
@@ -84,35 +85,121 @@ def _diagnose_engine_run(path: Path, as_json: bool) -> bool:
     run = read_engine(path)
     if run is None:
         return False
+    manifest = _manifest(path)
+    ended = manifest.get("ended") or {}
+    raised = []
+    if ended.get("status") == "exception":
+        from analyzers.summary import raised_note
+
+        raised = [raised_note(ended)]
+    checked = _budget_of_engine(path, run, manifest, budget)
     if run.info.name != "vllm" and run.info.status == "ok":
-        _other_engine(run, as_json)  # vLLM's remedies are priced in vLLM's knobs
+        _other_engine(run, as_json, checked, raised)  # vLLM's remedies are priced in vLLM's knobs
         return True
     diagnosis = diagnose_engine(run)
     if diagnosis is None:  # the pool held every request: transformers' remedies (context, batch) do not apply
-        _engine_ran_fine(run, as_json)
+        _engine_ran_fine(run, as_json, checked, raised)
         return True
+    budget_lines = _budget_text(run.path, checked, f"vLLM {run.info.version}".strip())
+    text = vllm_diagnosis_to_text(diagnosis)
+    if budget_lines:  # the budget heads the diagnosis; the engine's own follows
+        text = "  " + text.removeprefix(f"kvtrace diagnose: {run.path}: ")
     print_result(
-        as_json, lambda: vllm_diagnosis_to_json(diagnosis), lambda: vllm_diagnosis_to_text(diagnosis)
+        as_json,
+        lambda: _with_budget(vllm_diagnosis_to_json(diagnosis), checked, raised),
+        lambda: "\n".join([*budget_lines, text, *_notes_text(raised)]),
     )
     return True
 
 
-def _other_engine(run: Any, as_json: bool) -> None:
+def _manifest(path: Path) -> dict[str, Any]:
+    """The run's manifest.json, {} when it cannot be read (the engine files are read on their own)."""
+    import json
+
+    from kvtrace.format import MANIFEST
+
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _budget_of_engine(path: Path, run: Any, manifest: dict[str, Any], budget: int | None) -> Any:
+    """The engine's pool against the memory budget (`budget`, else the one recorded): an EngineBudget, None
+    without a budget or a pool."""
+    from analyzers.planning.engine_budget import engine_budget
+
+    recorded = (manifest.get("options") or {}).get("gpu_memory")
+    recorded_bytes = recorded if isinstance(recorded, int | float) and not isinstance(recorded, bool) else 0
+    if budget is None and recorded_bytes <= 0:  # no budget, given or recorded
+        return None
+    if run.info.status != "ok" or not run.info.kv_cache_bytes:
+        return None
+    from analyzers.report import build_report
+
+    source, report = build_report(path)
+    crossing = report.budget
+    if budget is not None:
+        from analyzers.budget import budget_crossing
+        from analyzers.engine_report import bytes_before_trace
+
+        unseen = bytes_before_trace(source, report.devices)
+        crossing = budget_crossing(source, report.timelines, budget, unseen).to_json()
+    if crossing is None or crossing.get("device") is None:  # no memory events to weigh against it
+        return None
+    total = (manifest.get("device") or {}).get("total_memory_bytes")
+    return engine_budget(run, crossing, total if isinstance(total, int) else None)
+
+
+def _with_budget(result: dict[str, Any], checked: Any, raised: list[str]) -> dict[str, Any]:
+    if checked is not None:
+        result["budget"] = checked.to_json()
+    if raised:
+        result["notes"] = [*result.get("notes", ()), *raised]
+    return result
+
+
+def _budget_text(path: str, checked: Any, name: str) -> list[str]:
+    """The budget's lines, first line headed as the diagnosis is ([] without a budget)."""
+    if checked is None:
+        return []
+    from analyzers.render.engine_budget import engine_budget_lines
+
+    lines = engine_budget_lines(checked, name)
+    return [f"kvtrace diagnose: {path}: {lines[0]}", *lines[1:]]
+
+
+def _notes_text(notes: list[str]) -> list[str]:
+    return [f"  note: {note}" for note in notes]
+
+
+def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str] | None = None) -> None:
     """Another engine's paged pool (transformers' continuous batching): what ran out and the requests'
-    demand in its blocks, without vLLM's knobs (kv_cache_memory_bytes, max_num_seqs, fp8)."""
+    demand in its blocks, without vLLM's knobs (kv_cache_memory_bytes, max_num_seqs, fp8); first, a memory
+    budget the run crossed, priced in num_blocks and max_memory_percent."""
     from analyzers.engine import engine_figures
     from analyzers.planning.vllm_diagnose import diagnose_preemptions
+    from analyzers.render.engine import peak_when
 
+    raised = raised or []
     figures = engine_figures(run)
     usable = max((figures.num_blocks or 0) - figures.blocks_reserved, 0)
     name = f"{figures.name} {figures.version}".strip()
-    peak = f"peak {figures.peak_blocks_used:,} of {usable:,} usable blocks at step {figures.peak_step}"
+    peak = f"peak {figures.peak_blocks_used:,} of {usable:,} usable blocks at {peak_when(figures)}"
     result: dict[str, Any] = {"kind": "no_preemption", "path": run.path, "engine": figures.name}
     result.update(
         num_blocks=figures.num_blocks, usable_blocks=usable, peak_blocks_used=figures.peak_blocks_used
     )
-    if figures.first_preemption_step is None:
-        sentence = f"{name} took no request out of its pool: nothing ran out ({peak})."
+    over = checked is not None and checked.crossed
+    if figures.peak_step is None:
+        sentence = (
+            f"{name} ran no engine step: the run ended before its first step, with its pool made "
+            f"({usable:,} usable blocks, none used)."
+        )
+    elif figures.first_preemption_step is None:
+        ran_out = "" if over else ": nothing ran out"
+        sentence = f"{name} took no request out of its pool{ran_out} ({peak})."
     else:
         demand = diagnose_preemptions(run).demand_bound_blocks
         result.update(kind="preemption", preemptions=figures.preemptions, demand_blocks=demand)
@@ -127,33 +214,40 @@ def _other_engine(run: Any, as_json: bool) -> None:
             sentence += f" (ContinuousBatchingConfig(num_blocks={demand}) counts usable blocks alike)"
         sentence += "."
     result["sentence"] = sentence
-    print_result(as_json, lambda: result, lambda: f"kvtrace diagnose: {run.path}: {sentence}")
+    _with_budget(result, checked, raised)
+    budget_lines = _budget_text(run.path, checked, name)
+    text = [*budget_lines, f"  {sentence}"] if budget_lines else [f"kvtrace diagnose: {run.path}: {sentence}"]
+    print_result(as_json, lambda: result, lambda: "\n".join(text + _notes_text(raised)))
 
 
-def _engine_ran_fine(run: Any, as_json: bool) -> None:
-    """A vLLM run that neither preempted nor was refused: nothing ran out. Its pool was allocated at start,
-    so a shorter context or a smaller batch would not have changed its size."""
+def _engine_ran_fine(run: Any, as_json: bool, checked: Any = None, raised: list[str] | None = None) -> None:
+    """A vLLM run that neither preempted nor was refused: no request ran short of blocks. Its pool was
+    allocated at start, so a shorter context or a smaller batch would not have changed its size."""
     from analyzers.engine import engine_figures
     from analyzers.planning.vllm_diagnose import NULL_BLOCKS
+    from analyzers.render.engine import peak_when
 
+    raised = raised or []
     figures = engine_figures(run)
     usable = max((figures.num_blocks or 0) - NULL_BLOCKS, 0)
     share = f" ({100 * figures.peak_blocks_used / usable:.0f}% of the {usable:,} usable)" if usable else ""
+    over = checked is not None and checked.crossed
     sentence = (
-        f"vLLM preempted nothing and started normally: nothing ran out. Peak {figures.peak_blocks_used:,} "
-        f"blocks used{share} at step {figures.peak_step}; the pool is allocated at start, so context and "
-        f"batch do not change its size (size one: kvtrace plan --engine vllm --from-run {run.path})."
+        f"vLLM preempted nothing and started normally{'' if over else ': nothing ran out'}. Peak "
+        f"{figures.peak_blocks_used:,} blocks used{share} at {peak_when(figures)}; the pool is allocated at "
+        f"start, so context and batch do not change its size (size one: kvtrace plan --engine vllm "
+        f"--from-run {run.path})."
     )
-    print_result(
-        as_json,
-        lambda: {
-            "kind": "no_preemption",
-            "path": run.path,
-            "num_blocks": figures.num_blocks,
-            "usable_blocks": usable,
-            "peak_blocks_used": figures.peak_blocks_used,
-            "peak_step": figures.peak_step,
-            "sentence": sentence,
-        },
-        lambda: f"kvtrace diagnose: {run.path}: {sentence}",
-    )
+    result = {
+        "kind": "no_preemption",
+        "path": run.path,
+        "num_blocks": figures.num_blocks,
+        "usable_blocks": usable,
+        "peak_blocks_used": figures.peak_blocks_used,
+        "peak_step": figures.peak_step,
+        "sentence": sentence,
+    }
+    _with_budget(result, checked, raised)
+    budget_lines = _budget_text(run.path, checked, f"vLLM {run.info.version}".strip())
+    text = [*budget_lines, f"  {sentence}"] if budget_lines else [f"kvtrace diagnose: {run.path}: {sentence}"]
+    print_result(as_json, lambda: result, lambda: "\n".join(text + _notes_text(raised)))

@@ -359,13 +359,20 @@ def test_a_plain_generate_after_generate_batch_keeps_its_own_figures(
     assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
     kv = json.loads(capsys.readouterr().out)["kv"]
     pool = next(e for e in _lines(run / "kv_events.jsonl") if e["cache"] == 3100)["storage_bytes"]
-    # THEN the DynamicCache holds its own 2 rows x (6 + 3 - 1) tokens, the pool its bytes, once each
-    dynamic = 2 * (len(PROMPTS[0]) + 3 - 1) * LAYERS * 2 * KV_HEADS * HEAD_DIM * FLOAT32
+    # THEN the DynamicCache holds its own 2 rows x (6 + 3 - 1) tokens at the end; the pool, freed when
+    # generate_batch returned (before generate()'s steps), holds nothing then and counts at the peak
+    tokens = len(PROMPTS[0]) + 3 - 1
+    per_token = LAYERS * 2 * KV_HEADS * HEAD_DIM * FLOAT32
+    dynamic = 2 * tokens * per_token
     caches = {c["cache"]: c["final_bytes"] for c in kv["caches"]}
-    assert caches == {1: dynamic, 3100: pool}
-    assert kv["final_bytes"] == dynamic  # the pool was freed when generate_batch returned
+    assert caches == {1: dynamic, 3100: 0}
+    assert kv["final_bytes"] == dynamic
     assert kv["peak_bytes"] == pool
-    assert all(layer["cache"] == 3100 for layer in kv["per_layer"])
+    # the headline figures and the per-layer rows are those of the cache held at the end
+    assert (kv["main_cache"], kv["batch"], kv["tokens_held"]) == (1, 2, tokens)
+    assert kv["bytes_per_token_measured"] == per_token
+    assert {layer["cache"] for layer in kv["per_layer"]} == {1}
+    assert sum(layer["k_bytes"] + layer["v_bytes"] for layer in kv["per_layer"]) == dynamic
 
 
 def test_a_second_generate_batch_is_a_warning(
@@ -437,8 +444,15 @@ def test_a_pool_without_per_layer_views_is_not_said_to_be_vllms(
 
     # GIVEN a model of sliding and full layers (two attention types: no per-layer view of the pool)
     config = Qwen2Config(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, use_sliding_window=True, sliding_window=16, max_window_layers=0,
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=0,
         layer_types=["sliding_attention", "full_attention"],
     )
     torch.manual_seed(0)

@@ -58,11 +58,16 @@ def test_diagnose_fields_are_documented() -> None:
         [str(SAMPLES / "dynamic_b2")],
         [str(SAMPLES / "dynamic_b2"), "--budget", "70MiB"],
         [str(SAMPLES / "vllm_preempt")],
+        [str(SAMPLES / "vllm_preempt"), "--budget", "17MiB"],
         [str(SAMPLES / "vllm_refused")],
     ):
         diagnosis = _json(["diagnose", *argv, "--json"])
         assert _undocumented(diagnosis, section) == []
         for item in diagnosis.get("remedies", []) + diagnosis.get("top_stacks", []):
+            assert _undocumented(item, section) == []
+        engine_budget = diagnosis.get("budget") or {}  # an engine run's budget, priced in its knobs
+        assert _undocumented(engine_budget, section) == []
+        for item in engine_budget.get("remedies", []):
             assert _undocumented(item, section) == []
 
 

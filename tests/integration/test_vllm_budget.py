@@ -1,0 +1,94 @@
+"""A memory budget on the committed real vLLM run (sample_traces/vllm_preempt): the weights vLLM loaded before
+the trace began count against it, and `diagnose` prices the pool that fits in vLLM's own knobs. Runs in the
+main environment: no vLLM needed. Expected figures come from engine.json, never from the code under test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtrace.cli import main
+
+PREEMPT = Path(__file__).resolve().parents[2] / "sample_traces" / "vllm_preempt"
+MIB = 1 << 20
+
+pytestmark = pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+
+
+def _json_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> Any:
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _recorded_with_budget(tmp_path: Path, budget: int) -> Path:
+    """The sample as `kvtrace.record(..., gpu_memory=budget)` would have written it: the option in the
+    manifest, nothing else changed."""
+    run = tmp_path / "run"
+    shutil.copytree(PREEMPT, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["options"]["gpu_memory"] = budget
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+def test_the_weights_vllm_loaded_before_the_trace_count_against_the_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = json.loads((PREEMPT / "engine.json").read_text())
+    weights, pool = engine["memory_profile"]["weights_bytes"], engine["kv_cache_bytes"]
+    # GIVEN a 2 MiB budget: the 1 MiB pool fits it, the 16.5 MiB of weights do not
+    assert pool < 2 * MIB < weights
+    run = _recorded_with_budget(tmp_path, 2 * MIB)
+    # WHEN reported THEN the budget is exceeded before the first step, by the weights alone
+    crossing = _json_of(["report", str(run), "--no-export", "-q"], capsys)["budget"]
+    assert crossing["crossed"] and crossing["before_first_step"] and crossing["request_bytes"] is None
+    assert (crossing["unseen_bytes"], crossing["peak_bytes"]) == (weights, weights + pool)
+    capsys.readouterr()
+    assert main(["report", str(run), "--no-export"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  budget "))
+    assert "exceeded before the first step" in line and "the engine held before the trace began" in line
+
+
+def test_diagnose_prices_the_pool_that_fits_a_budget_in_vllms_knobs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = json.loads((PREEMPT / "engine.json").read_text())
+    weights, pool, per_block = (
+        engine["memory_profile"]["weights_bytes"],
+        engine["kv_cache_bytes"],
+        engine["bytes_per_block"],
+    )
+    # GIVEN a budget the weights fit and the weights and the pool do not
+    budget = 17 * MIB
+    assert weights < budget < weights + pool
+    for argv in (
+        ["diagnose", str(PREEMPT), "--budget", "17MiB"],
+        ["diagnose", str(_recorded_with_budget(tmp_path, budget))],
+    ):
+        # WHEN diagnosed (the budget given, or recorded) THEN the pool, allocated at vLLM's start, crossed it
+        said = _json_of(argv, capsys)
+        assert said["kind"] == "preemption"  # the engine's own diagnosis is still there
+        over = said["budget"]
+        assert over["crossed"] and over["crossed_by"] == "pool"
+        assert (over["peak_bytes"], over["over_bytes"]) == (weights + pool, weights + pool - budget)
+        assert (over["other_bytes"], over["room_bytes"]) == (weights, budget - weights)
+        # AND kv_cache_memory_bytes is the most whole blocks that fit beside the weights
+        remedies = {r["knob"]: r for r in over["remedies"]}
+        fitting = (budget - weights) // per_block * per_block
+        assert remedies["kv_cache_memory_bytes"]["setting"] == fitting
+        assert weights + fitting <= budget < weights + fitting + per_block
+        # a CPU run has no GPU total to take a share of
+        assert remedies["gpu_memory_utilization"]["fits"] is None
+    capsys.readouterr()
+    assert main(["diagnose", str(PREEMPT), "--budget", "17MiB"]) == 0
+    text = capsys.readouterr().out
+    assert (
+        text.startswith(f"kvtrace diagnose: {PREEMPT}: vLLM ")
+        and "would run out of memory on a 17.00 MiB" in text
+    )
+    assert f"kv_cache_memory_bytes={fitting}" in text and "vLLM preempted 2 time(s)" in text
