@@ -95,6 +95,7 @@ class KvEvent:
     cache: int = 0  # which cache object (several can live in one run)
     source: str = "hf"  # "hf" | "module" | "track"
     reason: str = ""
+    masked_entries: int = 0  # on `masked`: the (row, head, token) entries the mask hides
 
     def to_json(self) -> dict[str, Any]:
         # A shallow copy: `asdict` deep-copies and was most of the recorder's cost per event.
@@ -280,6 +281,7 @@ _EVENT_INTS: tuple[tuple[str, int, int], ...] = (
     ("evicted_tokens", 0, _I64),
     ("prev_addr", 0, _I64),
     ("cache", -_I64, _I64),
+    ("masked_entries", 0, _I64),
 )
 _EVENT_STRS = ("phase", "event", "kv", "part", "dtype", "device", "source", "reason")
 _WEIGHT_INTS = (("addr", 0, _I64), ("storage_bytes", 0, MAX_BYTES))
