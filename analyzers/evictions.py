@@ -88,7 +88,8 @@ class EvictionSummary:
 
 
 def analyze_evictions(events: list[KvEvent]) -> EvictionSummary:
-    logical: dict[tuple[int, int, str], tuple[int, int, int]] = {}  # slot -> (logical bytes, tokens, addr)
+    # slot -> (logical bytes, tokens, addr, shape)
+    logical: dict[tuple[int, int, str], tuple[int, int, int, list[int]]] = {}
     storage_bytes: dict[int, int] = {}
     # addr -> [(seq, step)] of its frees during the run (teardown frees, phase "end", are not savings)
     freed_at: dict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -102,11 +103,9 @@ def analyze_evictions(events: list[KvEvent]) -> EvictionSummary:
         slot = (ev.cache, ev.layer, ev.kv)
         before = logical.get(slot)
         if ev.event in ("evicted", "masked") and before is not None:
-            old_logical, old_tokens, old_addr = before
+            old_logical, old_tokens, old_addr, old_shape = before
             if ev.event == "masked":
-                summary.evictions.append(
-                    Eviction(ev.step, ev.layer, ev.kv, 0, old_tokens, 1, 0, 0, 0, "masked", ev.cache)
-                )
+                summary.evictions.append(_masked(ev, old_logical, old_tokens, old_shape))
                 continue
             rows = event_rows(ev) or 1
             claimed = max(0, old_logical - ev.logical_bytes)
@@ -143,5 +142,27 @@ def analyze_evictions(events: list[KvEvent]) -> EvictionSummary:
             continue
         if ev.addr:
             storage_bytes[ev.addr] = ev.storage_bytes
-        logical[slot] = (ev.logical_bytes, ev.tokens, ev.addr)
+        logical[slot] = (ev.logical_bytes, ev.tokens, ev.addr, ev.shape)
     return summary
+
+
+def _masked(ev: KvEvent, held_logical: int, held_tokens: int, held_shape: list[int]) -> Eviction:
+    """A mask (kvpress AdaKV) hides (row, head, token) entries of the tensor the layer holds: it claims
+    what those entries take (head_dim x element size each, in K and in V alike) and releases nothing."""
+    entries_held = 1
+    for size in held_shape[:-1]:  # every dimension but head_dim, in either layout
+        entries_held *= size
+    per_entry = held_logical // entries_held if held_shape and entries_held else 0
+    return Eviction(
+        step=ev.step,
+        layer=ev.layer,
+        kv=ev.kv,
+        evicted_tokens=0,  # hidden, not removed: the layer still holds them
+        kept_tokens=held_tokens,
+        rows=held_shape[0] if held_shape else 1,
+        claimed_bytes=ev.masked_entries * per_entry,
+        freed_bytes=0,
+        new_storage_bytes=0,
+        reason="masked",
+        cache=ev.cache,
+    )

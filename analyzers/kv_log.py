@@ -112,6 +112,9 @@ class KvLogAnalysis:
     step_phase: dict[int, str] = field(default_factory=dict)
     step_start_ns: dict[int, int] = field(default_factory=dict)
     evictions: list[KvEvent] = field(default_factory=list)
+    evicted_by_step: dict[int, dict[int, dict[str, int]]] = field(default_factory=dict)
+    """Per step: {layer: {kind: evicted tokens, all rows}}, every kind (window, press, crop) and cache: the
+    per-layer figure of the report, step by step."""
     storages: list[tuple[int, int, int, int, int, str, int]] = field(default_factory=list)
     """Every KV storage: (addr, bytes, first_t_ns, last_t_ns, layer, kv, cache); last_t_ns = free time or
     -1."""
@@ -151,6 +154,7 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
     rows_by_cache: dict[int, int] = {}
     last_seq_by_cache: dict[int, int] = {}
     evictions: list[KvEvent] = []
+    evicted_by_step: dict[int, dict[int, dict[str, int]]] = {}  # step -> layer -> kind -> tokens, all rows
     final_state: dict[int, tuple[int, int, str, int]] | None = None
     final_total = 0
     open_step: int | None = None  # the step whose end state is not recorded yet
@@ -248,6 +252,8 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
             by_reason = evicted_by_layer_reason[slot]
             reason = eviction_reason(ev)
             by_reason[reason] = by_reason.get(reason, 0) + ev.evicted_tokens * rows
+            in_step = evicted_by_step.setdefault(ev.step, {}).setdefault(ev.layer, {})
+            in_step[reason] = in_step.get(reason, 0) + ev.evicted_tokens * rows
             if reason != "crop":
                 step_evicted[slot] += ev.evicted_tokens
         if ev.event in ("evicted", "cropped") and ev.kv == "k":
@@ -317,6 +323,7 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
         step_phase=step_phase,
         step_start_ns=step_start,
         evictions=evictions,
+        evicted_by_step=evicted_by_step,
         storages=storages,
         caches=caches,
         step_cache_live=step_cache_live,

@@ -268,11 +268,14 @@ def _add_evictions(kv: KvSummary, events: list[Any]) -> None:
     per_slot = ev_summary.per_cache_layer()
     for layer in kv.per_layer:
         if (layer.cache, layer.layer) in per_slot:
-            # What the press removed, as the eviction analysis counts it, plus the layer's own window.
+            # What the press removed, as the eviction analysis counts it, plus the layer's window and crops.
             press = per_slot[(layer.cache, layer.layer)]["evicted_tokens"]
             window = layer.evicted_by_reason.get("window", 0)
-            layer.evicted_tokens = press + window
-            layer.evicted_by_reason = {k: n for k, n in (("window", window), ("press", press)) if n}
+            crop = layer.evicted_by_reason.get("crop", 0)
+            layer.evicted_tokens = press + window + crop
+            layer.evicted_by_reason = {
+                k: n for k, n in (("window", window), ("press", press), ("crop", crop)) if n
+            }
     kv.evicted_tokens = sum(layer.evicted_tokens for layer in kv.per_layer)
     by_reason: dict[str, int] = {}
     for layer in kv.per_layer:

@@ -98,6 +98,7 @@ class KvEvent:
     # Batch rows in use when fewer than shape[0] (a preallocated module cache written for a smaller batch);
     # 0: every row of the tensor. `tokens` are per row of these.
     rows: int = 0
+    masked_entries: int = 0  # on `masked`: the (row, head, token) entries the mask hides
 
     def to_json(self) -> dict[str, Any]:
         # A shallow copy: `asdict` deep-copies and was most of the recorder's cost per event.
@@ -284,6 +285,7 @@ _EVENT_INTS: tuple[tuple[str, int, int], ...] = (
     ("prev_addr", 0, _I64),
     ("cache", -_I64, _I64),
     ("rows", 0, _I64),
+    ("masked_entries", 0, _I64),
 )
 _EVENT_STRS = ("phase", "event", "kv", "part", "dtype", "device", "source", "reason")
 _WEIGHT_INTS = (("addr", 0, _I64), ("storage_bytes", 0, MAX_BYTES))

@@ -29,6 +29,11 @@ NO_STORAGE_LINE = (
     '{"seq":%d,"t_ns":%d,"step":%d,"phase":%s,"event":"%s","layer":%d,"kv":%s,"part":%s,"addr":0,'
     '"storage_bytes":0,"tokens":%d,"evicted_tokens":%d,"prev_addr":%d,"cache":%d,"source":%s,"reason":%s}'
 )
+# A mask that hides tokens in place (kvpress AdaKV): the layer's tensors stay as they were logged.
+MASKED_LINE = (
+    '{"seq":%d,"t_ns":%d,"step":%d,"phase":%s,"event":"masked","layer":%d,"kv":%s,"part":"data","addr":0,'
+    '"storage_bytes":0,"tokens":%d,"cache":%d,"source":"hf","reason":%s,"masked_entries":%d}'
+)
 
 
 def slot_lines(

@@ -42,6 +42,7 @@ from kvtrace.kv_lines import (
     EVENT_LINE,
     FREED_LINE,
     KEY_JSON,
+    MASKED_LINE,
     NO_STORAGE_LINE,
     SHAPE_JSON,
     device_json,
@@ -68,6 +69,7 @@ _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
 # Events that carry their observation's `reason` without evicting: an eviction's `grad_enabled`, a beam
 # search's first reorder's `beams:N`.
 _REASONED = ("evicted", "reordered")
+_EVICTING = ("evicted", "cropped")  # events whose tensor lost tokens (`on_evict`)
 _NO_FREES: list[tuple[str, int, int]] = []  # drain's deferred frees of an update without `both_first`: none
 _KD = ("k", "data")
 _VD = ("v", "data")
@@ -219,7 +221,8 @@ class KvTracker:
     """Owns the last-seen state of every KV slot and appends events, as JSON lines, to `lines`.
 
     The recorder's writer thread takes `lines` into `kv_events.jsonl` every 0.1 s; `on_evict(layer, kv)`
-    runs for every `evicted`/`masked` event (the recorder opens an NVTX range there).
+    runs for each K and V tensor of an `evicted`, `cropped` or `masked` event (the recorder opens an NVTX
+    range there; a sliding window's evictions get theirs from the `Cache.update` wrapper, NVTX only).
     """
 
     def __init__(
@@ -462,7 +465,7 @@ class KvTracker:
                     source_json, reason_json if evicted or kind in _REASONED else '""',
                 )
                 self.lines.append(_with_rows(line, rows, slot.shape) if rows else line)
-                if kind == "evicted" and self._on_evict is not None:
+                if kind in _EVICTING and self._on_evict is not None:
                     self._on_evict(layer, key[0])
                 return True
         found = _storage_of(tensor)
@@ -542,7 +545,7 @@ class KvTracker:
             reason_json if evicted or kind in _REASONED else '""',
         )
         self.lines.append(_with_rows(line, rows, shape) if rows else line)
-        if kind == "evicted" and self._on_evict is not None:
+        if kind in _EVICTING and self._on_evict is not None:
             self._on_evict(layer, key[0])
         if slot is not None and not same_storage and not released:
             # After the new storage's event, so the log shows both alive (the real transient peak: the new
@@ -689,19 +692,24 @@ class KvTracker:
 
     @_locked
     def masked(self, cache_id: int, layer: int, masked_entries: int, tokens: int) -> None:
-        """Tokens hidden from attention in place (kvpress AdaKV's `masked_key_indices`): nothing is freed."""
+        """Tokens hidden from attention in place (kvpress AdaKV's `masked_key_indices`): nothing is freed.
+        One event for K and one for V: a masked key's value is never read either, so both are what the
+        mask claims to save; each carries the (row, head, token) entries it hides."""
         self.drain()
-        self._seq += 1
-        reason = f"masking without removal: {masked_entries} (row, head, token) entries masked"
-        self.lines.append(
-            NO_STORAGE_LINE
-            % (
-                self._seq, self._clock(), self.step, self._phase_json, "masked", layer, '"k"', '"data"',
-                tokens, 0, 0, cache_id, '"hf"', json.dumps(reason),
+        t_ns = self._clock()
+        reason = json.dumps(f"masking without removal: {masked_entries} (row, head, token) entries masked")
+        for kv_json in ('"k"', '"v"'):
+            self._seq += 1
+            self.lines.append(
+                MASKED_LINE
+                % (
+                    self._seq, t_ns, self.step, self._phase_json, layer, kv_json, tokens, cache_id, reason,
+                    masked_entries,
+                )
             )
-        )
         if self._on_evict is not None:
             self._on_evict(layer, "k")
+            self._on_evict(layer, "v")
 
     @_locked
     def release_slot_at(self, cache_id: int, layer: int, key: tuple[str, str], addr: int) -> None:

@@ -13,6 +13,7 @@ for that run alone; the store never raises for a run's content.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import threading
@@ -256,9 +257,15 @@ class RunStore:
         return {"run": name, "t0_us": t0, "devices": devices, "markers": markers}
 
     def layers(self, name: str, max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, Any]:
-        """KV bytes live per layer at the end of each step (the KV log's `step_live`), and the
-        evictions per step. Over `max_steps` steps, the steps kept are those `downsample_indices`
-        picks on the steps' total KV, so the heaviest step is always a column."""
+        """KV bytes live per layer at the end of each step (the KV log's `step_live`), and the evictions.
+        Over `max_steps` steps, the steps kept are those `downsample_indices` picks on the steps' total KV,
+        so the heaviest step is always a column.
+
+        `evictions` holds one marker per column and layer that lost tokens: the tokens evicted over every
+        batch row (the report's per-layer figure: they add up to its `kv.evicted_tokens`), of every kind
+        (`by_kind`: window, press, crop) and cache, in the steps since the previous column (`first_step`
+        to `step`: a column stands for the steps left out before it). A sliding window evicts at every
+        step once full: one marker per step and layer, not one per tensor."""
         loaded = self.load(name)
         if loaded.error is not None:
             return {"error": loaded.error}
@@ -273,16 +280,6 @@ class RunStore:
         layer_ids = sorted({layer for live in kv.step_live.values() for layer in live})
         totals = np.array([sum(kv.step_live[s].values()) for s in all_steps], dtype=np.int64)
         steps = [all_steps[i] for i in downsample_indices(totals, max_steps)]
-        evictions = [
-            {
-                "step": ev.step,
-                "layer": ev.layer,
-                "event": ev.event,
-                "evicted_tokens": ev.evicted_tokens,
-                "tokens": ev.tokens,
-            }
-            for ev in kv.evictions
-        ]
         return {
             "run": name,
             "steps_total": len(all_steps),
@@ -290,7 +287,7 @@ class RunStore:
             "phases": [kv.step_phase.get(s, "") for s in steps],
             "layers": layer_ids,
             "kv_bytes": [[int(kv.step_live[s].get(layer, 0)) for s in steps] for layer in layer_ids],
-            "evictions": evictions,
+            "evictions": _eviction_markers(kv.evicted_by_step, steps),
         }
 
     def diagnosis(self, name: str) -> dict[str, Any]:
@@ -317,3 +314,31 @@ class RunStore:
             "diagnosis": diagnosis_to_json(result),
             "html": diagnosis_to_html(result),
         }
+
+
+def _eviction_markers(
+    evicted_by_step: dict[int, dict[int, dict[str, int]]], columns: list[int]
+) -> list[dict[str, Any]]:
+    """The KV log's evictions per step and layer (all rows), summed into the column that ends at or after
+    each step (the last column for any later one)."""
+    from analyzers.kv_log import EVICTION_REASONS
+
+    summed: dict[tuple[int, int], dict[str, int]] = {}
+    for step, by_layer in evicted_by_step.items():
+        at = min(bisect.bisect_left(columns, step), len(columns) - 1)
+        for layer, by_kind in by_layer.items():
+            into = summed.setdefault((at, layer), {})
+            for kind, tokens in by_kind.items():
+                into[kind] = into.get(kind, 0) + tokens
+    markers = []
+    for (at, layer), by_kind in sorted(summed.items()):
+        markers.append(
+            {
+                "step": columns[at],
+                "first_step": columns[at - 1] + 1 if at else columns[0],
+                "layer": layer,
+                "evicted_tokens": sum(by_kind.values()),
+                "by_kind": {kind: by_kind[kind] for kind in EVICTION_REASONS if by_kind.get(kind)},
+            }
+        )
+    return markers

@@ -188,6 +188,7 @@ class HfCacheHooks:
         self._seen_masks: dict[int, Any] = {}
         self._kinds: dict[type, int] = {}
         self._update_names: list[str] = []
+        self._evict_range_names: list[tuple[str, str]] = []
         # (cache, layer) -> identity of a quantized layer's tensors when last observed: the end-of-step
         # scan skips unchanged layers without the full comparison. Plain layers compare the tracker's slots.
         self._signatures: dict[tuple[int, int], tuple[Any, ...]] = {}
@@ -287,7 +288,14 @@ class HfCacheHooks:
             push(names[layer_idx])
             try:
                 result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
-                hooks._updated(cache, cid, layer_idx, key_states, before)
+                if hooks._updated(cache, cid, layer_idx, key_states, before):
+                    # The window let tokens go: an evict range per K and V, inside the update's range (as
+                    # kv_update, one per update: NVTX only, not in the profiler's trace).
+                    k_name, v_name = hooks._evict_names(layer_idx)
+                    push(k_name)
+                    hooks._pop()  # type: ignore[misc]
+                    push(v_name)
+                    hooks._pop()  # type: ignore[misc]
                 return result
             finally:
                 hooks._pop()  # type: ignore[misc]
@@ -307,8 +315,15 @@ class HfCacheHooks:
             setattr(Cache, name, self._wrap_one_layer(original, cause))
         self.installed = True
 
-    def _updated(self, cache: Any, cid: int, layer_idx: int, key_states: Any, before: int | None) -> None:
-        """After a layer update: what the layer holds now, and the tokens that left its window."""
+    def _evict_names(self, layer_idx: int) -> tuple[str, str]:
+        names = self._evict_range_names
+        while len(names) <= layer_idx:
+            names.append((f"kvtrace/evict L{len(names)} k", f"kvtrace/evict L{len(names)} v"))
+        return names[layer_idx]
+
+    def _updated(self, cache: Any, cid: int, layer_idx: int, key_states: Any, before: int | None) -> int:
+        """After a layer update: what the layer holds now, and the tokens that left its window (returned,
+        per row)."""
         layer = cache.layers[layer_idx]
         layer_type = type(layer)
         kind = self._kinds.get(layer_type)
@@ -341,6 +356,7 @@ class HfCacheHooks:
                 cid, layer_idx, parts, "update", tokens, evicted=evicted, evicted_reason="window"
             )
             self._signatures[(cid, layer_idx)] = _signature(parts)
+        return evicted
 
     def _wrap_whole_cache(
         self, original: Callable[..., Any], cause: str, beams: bool = False

@@ -111,3 +111,30 @@ def test_eviction_nvtx_ranges_and_markers(tmp_path: Path, grad: bool) -> None:
     marks = [m for m in source.markers if m.kind == "eviction"]
     assert len(marks) == LAYERS
     assert all(m.detail["evicted_tokens"] == PROMPT - KEEP for m in marks)
+
+
+def test_a_crop_after_a_press_is_counted_too(tmp_path: Path) -> None:
+    from transformers import DynamicCache
+
+    # GIVEN a prefill whose press keeps KEEP tokens, then a crop of CROP more
+    crop = 3
+    model = build_model(SIZE)
+    ids = torch.randint(3, 1000, (BATCH, PROMPT))
+    cache = DynamicCache()
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        with keep_last(model, KEEP, contiguous=True):
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+        cache.crop(-crop)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["report", str(tmp_path / "run"), "--json", "-q", "--no-export"]) == 0
+    kv = json.loads(out.getvalue())["kv"]
+
+    # THEN each layer counts both, over every row, and so do the totals by kind
+    press, cropped = (PROMPT - KEEP) * BATCH, crop * BATCH
+    assert [(layer["evicted_tokens"], layer["evicted_by_reason"]) for layer in kv["per_layer"]] == [
+        (press + cropped, {"press": press, "crop": cropped})
+    ] * LAYERS
+    assert kv["evicted_tokens"] == LAYERS * (press + cropped)
+    assert kv["evictions_by_reason"] == {"press": LAYERS * press, "crop": LAYERS * cropped}
+    assert [layer["tokens"] for layer in kv["per_layer"]] == [KEEP - crop] * LAYERS

@@ -38,3 +38,57 @@ def test_nvtx_sees_prefill_every_decode_step_and_every_layer_update(tmp_path: Pa
         depth += {"push": 1, "pop": -1}.get(kind, 0)
         assert depth >= 0
     assert depth == 0
+
+
+WINDOW, PROMPT, CROP = 8, 9, 2
+
+SLIDING_SCRIPT = f"""
+import torch, kvtrace
+from transformers import DynamicCache
+from kvtrace.llama import ModelSize, build_model, llama3_config
+size = ModelSize(hidden_size=64, intermediate_size=128, num_layers={LAYERS}, num_heads=4, num_kv_heads=2,
+                 vocab_size=1000)
+model = build_model(size)
+cache = DynamicCache(config=llama3_config(size, sliding_window={WINDOW}))
+ids = torch.randint(3, 1000, (2, {PROMPT}))
+with torch.no_grad(), kvtrace.record(RUN, model=model, profiler=False):
+    model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens={NEW},
+                   min_new_tokens={NEW}, do_sample=False, pad_token_id=0)
+    plain = DynamicCache()  # a sliding layer refuses a crop once its window is full
+    model(ids, past_key_values=plain, use_cache=True)
+    plain.crop(-{CROP})
+"""
+
+
+def test_window_and_crop_evictions_get_evict_ranges(tmp_path: Path) -> None:
+    # GIVEN a sliding-window cache (it keeps the last WINDOW - 1 tokens of each update) that takes a prompt
+    # longer than that, then a decode step at a time; then a plain cache's prefill, cropped after it
+    assert PROMPT > WINDOW - 1  # the prefill already lets tokens go, and every decode step one more
+    events = run_with_tool(f"RUN = {str(tmp_path / 'run')!r}\n" + SLIDING_SCRIPT, tmp_path)
+    ranges = range_events(events)
+
+    # THEN every update that let tokens go holds one evict range per K and V tensor it shortened, inside
+    # its kv_update range; the plain prefill none; the crop, outside any forward, one per K and V of a layer
+    def evict(layer: int) -> list[tuple[str, str, str]]:
+        return [
+            event
+            for kv in "kv"
+            for event in (("push", "kvtrace", f"kvtrace/evict L{layer} {kv}"), ("pop", "kvtrace", ""))
+        ]
+
+    expected: list[tuple[str, str, str]] = []
+    steps = ["kvtrace/prefill"] + [f"kvtrace/decode {i}" for i in range(1, NEW)]
+    for step in steps:
+        expected.append(("push", "kvtrace", step))
+        for layer in range(LAYERS):
+            expected.append(("push", "kvtrace", f"kvtrace/kv_update L{layer}"))
+            expected += evict(layer)
+            expected.append(("pop", "kvtrace", ""))
+        expected.append(("pop", "kvtrace", ""))
+    expected.append(("push", "kvtrace", "kvtrace/prefill"))
+    for layer in range(LAYERS):
+        expected += [("push", "kvtrace", f"kvtrace/kv_update L{layer}"), ("pop", "kvtrace", "")]
+    expected.append(("pop", "kvtrace", ""))
+    for layer in range(LAYERS):
+        expected += evict(layer)
+    assert ranges == expected

@@ -239,6 +239,99 @@ def test_layers_last_step_is_the_kv_arithmetic_of_the_raw_log(server: str, logdi
         assert row[-1] == 2 * one_of_k_or_v
 
 
+def _evicted_per_layer_from_the_raw_log(run: Path) -> dict[int, int]:
+    """Tokens evicted per layer over every batch row, rebuilt from the KV log's lines: the `evicted_tokens`
+    of each layer's K data events (per row) times that event's rows."""
+    per_layer: dict[int, int] = {}
+    for line in (run / "kv_events.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("evicted_tokens") and event["kv"] == "k" and event["part"] == "data":
+            rows = event["shape"][0]
+            per_layer[event["layer"]] = per_layer.get(event["layer"], 0) + event["evicted_tokens"] * rows
+    return per_layer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", [None, 10])
+def test_window_eviction_markers_count_every_row_and_add_up_to_the_report(
+    server: str, logdir: Path, steps: int | None
+) -> None:
+    # GIVEN the sliding-window run at batch 2 (its window evicts at prefill and at every decode step), shown
+    # whole or cut down to 10 of its 16 steps
+    query = "layers?run=sliding_b2" + (f"&steps={steps}" if steps else "")
+    _, layers = _get_json(_plugin(server, query))
+    markers = layers["evictions"]
+    expected = _evicted_per_layer_from_the_raw_log(logdir / "sliding_b2")
+    assert len(expected) == 4 and all(expected.values())
+
+    # THEN each layer's markers add up to its tokens evicted over both rows, as the report counts them
+    by_layer: dict[int, int] = {}
+    for marker in markers:
+        by_layer[marker["layer"]] = by_layer.get(marker["layer"], 0) + marker["evicted_tokens"]
+        assert marker["by_kind"] == {"window": marker["evicted_tokens"]}
+    assert by_layer == expected
+    report = _cli_json("report", str(logdir / "sliding_b2"), "--json", "--no-export", "-q")
+    assert [layer["evicted_tokens"] for layer in report["kv"]["per_layer"]] == [expected[n] for n in range(4)]
+    assert sum(m["evicted_tokens"] for m in markers) == report["kv"]["evicted_tokens"]
+    # AND every marker sits on a column shown, standing for the steps since the previous column
+    assert {m["step"] for m in markers} <= set(layers["steps"])
+    for marker in markers:
+        at = layers["steps"].index(marker["step"])
+        assert marker["first_step"] == (layers["steps"][at - 1] + 1 if at else marker["step"])
+    if steps:
+        assert len(layers["steps"]) < layers["steps_total"]
+        assert any(m["first_step"] < m["step"] for m in markers)
+
+
+def test_press_and_crop_markers_count_every_row(tmp_path: Path) -> None:
+    """A run recorded here: at batch 2, a forward hook on each attention module keeps the prompt's last
+    KEEP tokens (as an eviction press rebinds `layer.keys`), one decode step follows, then a crop."""
+    import torch
+    from transformers import DynamicCache
+
+    import kvtrace
+    from analyzers.tb_plugin.run_store import RunStore
+    from kvtrace.llama import build_model
+    from tests.tiny import tiny_size
+
+    layers_n, batch, prompt, keep, crop = 2, 2, 17, 8, 3
+    model = build_model(tiny_size(layers_n, 2))
+
+    def keep_last(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        cache: Any = kwargs.get("past_key_values") or kwargs.get("cache")
+        layer = cache.layers[module.layer_idx]
+        if layer.keys.shape[-2] == prompt:
+            layer.keys = layer.keys[:, :, -keep:, :].contiguous()
+            layer.values = layer.values[:, :, -keep:, :].contiguous()
+
+    attention = [m for m in model.modules() if hasattr(m, "layer_idx")]
+    handles = [m.register_forward_hook(keep_last, with_kwargs=True) for m in attention]
+    ids = torch.randint(3, 1000, (batch, prompt))
+    cache = DynamicCache()
+    try:
+        with torch.no_grad(), kvtrace.record(tmp_path / "press_b2", model=model, profiler=False):
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            cache.crop(-crop)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    layers = RunStore(tmp_path).layers("press_b2")
+
+    # THEN one marker per layer at the prefill (the press) and one at the decode step (the crop), each
+    # counting both rows
+    assert layers["steps"] == [1, 2]
+    got = [(m["step"], m["layer"], m["evicted_tokens"], m["by_kind"]) for m in layers["evictions"]]
+    press, cropped = (prompt - keep) * batch, crop * batch
+    assert got == [(1, n, press, {"press": press}) for n in range(layers_n)] + [
+        (2, n, cropped, {"crop": cropped}) for n in range(layers_n)
+    ]
+    report = _cli_json("report", str(tmp_path / "press_b2"), "--json", "--no-export", "-q")
+    assert [layer["evicted_tokens"] for layer in report["kv"]["per_layer"]] == [press + cropped] * layers_n
+    assert report["kv"]["evictions_by_reason"] == {"press": press * layers_n, "crop": cropped * layers_n}
+
+
 @pytest.mark.slow
 def test_a_run_written_after_start_appears(server: str, logdir: Path) -> None:
     shutil.copytree(SAMPLES / "static_b2", logdir / "later" / "static_b2")

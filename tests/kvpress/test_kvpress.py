@@ -36,12 +36,12 @@ def _model() -> Any:
     return model
 
 
-def _prefill(tmp_path: Path, press: Any, grad: bool = False, profiler: bool = False) -> Path:
+def _prefill(tmp_path: Path, press: Any, grad: bool = False, profiler: bool = False, rows: int = 1) -> Path:
     from transformers import DynamicCache
 
     model = _model()
     torch.manual_seed(3)
-    ids = torch.randint(3, 1000, (1, CONTEXT))
+    ids = torch.randint(3, 1000, (rows, CONTEXT))
     run = tmp_path / "run"
     with torch.set_grad_enabled(grad), kvtrace.record(run, model=model, profiler=profiler), press(model):
         output = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
@@ -139,10 +139,33 @@ def test_decoding_press_evicts_every_interval_down_to_target(tmp_path: Path) -> 
 
 
 def test_adakv_masks_without_freeing(tmp_path: Path) -> None:
-    run = _prefill(tmp_path, make_press("adakv", 0.5))
-    evictions = _json(run)["kv"]["evictions"]
+    # GIVEN AdaKV at 0.3 on a 2-row prefill: it hides, per row, KV_HEADS x (CONTEXT - kept) (head, token)
+    # entries across heads (its documented rule), and leaves K and V whole
+    rows, compression = 2, 0.3
+    run = _prefill(tmp_path, make_press("adakv", compression), rows=rows)
+    data = _json(run)
+    masked_entries = rows * KV_HEADS * (CONTEXT - _kept(compression))
+    assert masked_entries == 2 * 2 * 154
+    evictions = data["kv"]["evictions"]
+    # THEN each layer's K and V are both said masked, claiming what the hidden entries hold, freeing nothing
+    entry_bytes = HEAD_DIM * 4  # float32
+    assert sorted((item["layer"], item["kv"]) for item in evictions["freed_nothing"]) == [
+        (layer, kv) for layer in range(LAYERS) for kv in "kv"
+    ]
     assert {item["reason"] for item in evictions["freed_nothing"]} == {"masked"}
+    assert {item["claimed_bytes"] for item in evictions["freed_nothing"]} == {masked_entries * entry_bytes}
+    assert evictions["events"] == LAYERS * 2
+    assert evictions["claimed_bytes"] == LAYERS * 2 * masked_entries * entry_bytes
     assert evictions["freed_bytes"] == 0
+    assert evictions["released_bytes"] == 0
+    assert [layer["claimed_bytes"] for layer in evictions["per_layer"]] == [
+        2 * masked_entries * entry_bytes
+    ] * LAYERS
+    # the tokens are hidden, not evicted: every layer still holds the whole prompt in K and V
+    assert data["kv"]["evicted_tokens"] == 0
+    assert [(layer["k_bytes"], layer["tokens"]) for layer in data["kv"]["per_layer"]] == [
+        (rows * CONTEXT * TOKEN_BYTES, CONTEXT)
+    ] * LAYERS
 
 
 def test_kv_log_frees_are_the_profiler_frees(tmp_path: Path) -> None:

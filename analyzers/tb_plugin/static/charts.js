@@ -83,6 +83,17 @@ export function sharedAxes(panels) {
   return { timeline: relayout(bytesAxis(top)), kv: relayout(bytesAxis(kvTop, 'KV')) };
 }
 
+// An eviction marker's hover: tokens over every batch row (the report's per-layer figure), by kind, and the
+// steps a downsampled column stands for.
+const EVICTION_KINDS = { window: 'sliding window', press: 'press', crop: 'crop' };
+export function evictionText(e) {
+  const kinds = Object.entries(e.by_kind || {}).map(([k, n]) => `${EVICTION_KINDS[k] || k} ${grouped(n, 0)}`);
+  const first = e.first_step ?? e.step;
+  const where = first !== e.step ? `steps ${first}-${e.step}` : `step ${e.step}`;
+  return `${where}, L${e.layer}: ${grouped(e.evicted_tokens, 0)} tokens evicted (all rows)`
+    + (kinds.length ? `<br>${kinds.join(', ')}` : '');
+}
+
 // The KV-per-layer heatmap: numbers on the step axis (phase in the hover), colours from zero so that a
 // constant cache is one colour, not a gradient across a rounding error, and a colour bar in binary units.
 export function heatmapFigure(layers) {
@@ -102,7 +113,7 @@ export function heatmapFigure(layers) {
   if (evictions.length) {
     traces.push({
       type: 'scatter', mode: 'markers', name: 'eviction', x: evictions.map((e) => e.step),
-      y: evictions.map((e) => `L${e.layer}`), text: evictions.map((e) => `${e.event}: ${e.evicted_tokens} tokens`),
+      y: evictions.map((e) => `L${e.layer}`), text: evictions.map(evictionText),
       marker: { symbol: 'triangle-down', color: '#9467bd', size: 8 }, hovertemplate: '%{text}<extra></extra>',
       showlegend: false,
     });
