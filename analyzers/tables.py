@@ -85,7 +85,7 @@ KV_EVENTS = _schema(
         ("layer", _I32), ("kv", _STR), ("part", _STR), ("addr", _I64), ("storage_bytes", _I64),
         ("view_offset", _I64), ("shape", pa.list_(_I64)), ("logical_bytes", _I64), ("dtype", _STR),
         ("device", _STR), ("tokens", _I64), ("evicted_tokens", _I64), ("prev_addr", _I64),
-        ("cache", _I32), ("source", _STR), ("reason", _STR), ("rows", _I64),
+        ("cache", _I32), ("source", _STR), ("reason", _STR), ("rows", _I64), ("masked_entries", _I64),
     ],
 )  # fmt: skip
 MEMORY_EVENTS = _schema(
