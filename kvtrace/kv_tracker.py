@@ -219,6 +219,7 @@ class KvTracker:
         # Storages that left their slot but may still be alive (a view, an autograd graph, the caller):
         # (weak ref, layer, kv, quoted part, addr, bytes, cache).
         self._pending: list[tuple[int, int, str, str, int, int, int]] = []
+        self._frees_held = False  # inside an `observe(frees_last=True)`: its frees wait for its new storages
         self.lines: list[str] = []
         self.lock = threading.RLock()  # around `_seq` and `lines`: the writer thread drains too
         # Captured layer updates waiting for `drain`: (cache, layer, t_ns, step, phase JSON, tokens,
@@ -528,12 +529,16 @@ class KvTracker:
         reason: str = "",
         evicted: int | None = None,
         evicted_reason: str = "",
+        frees_last: bool = False,
     ) -> None:
         """Compare the current tensors of one layer with the last seen ones; log what changed.
 
         `parts` maps (kv, part) to the attribute's value (a tensor, a tuple of tensors, a quantized object,
         or None). `tokens` is how many tokens the layer holds now, per batch row. `evicted` overrides the
-        evicted-token count (window evictions counted by the caller, with `evicted_reason`).
+        evicted-token count (window evictions counted by the caller, with `evicted_reason`). `frees_last`:
+        the tensors were rebound by other code, seen only afterwards; its old storages are logged freed
+        after all its new ones (an eviction press makes the kept K and V, then rebinds both), unless a new
+        storage took an old one's address, which proves that one was released first.
         """
         self.drain()
         state = self._state(cache_id, layer)
@@ -547,25 +552,33 @@ class KvTracker:
         slots = state.slots
         seen: set[tuple[str, str]] = set()
         reason_json = quoted(evicted_reason) if evicted_reason else quoted(reason)
-        for (kv, part), value in parts.items():
-            for name, tensor in iter_tensors(value, part):
-                key = (kv, name)
-                first = kv == "k" and part == "data"
-                if self._see(
-                    slots,
-                    cache_id,
-                    layer,
-                    key,
-                    tensor,
-                    tokens,
-                    evicted if first else 0,
-                    reason_json,
-                    t_ns,
-                    cause,
-                    source_json,
-                    prev_tokens,
-                ):
-                    seen.add(key)
+        self._frees_held = frees_last
+        try:
+            for (kv, part), value in parts.items():
+                for name, tensor in iter_tensors(value, part):
+                    key = (kv, name)
+                    first = kv == "k" and part == "data"
+                    if frees_last and self._pending:
+                        found = _storage_of(tensor)
+                        if found is not None and any(item[4] == found[1] for item in self._pending):
+                            self._poll_locked(t_ns)  # made where a held one was: that one was released first
+                    if self._see(
+                        slots,
+                        cache_id,
+                        layer,
+                        key,
+                        tensor,
+                        tokens,
+                        evicted if first else 0,
+                        reason_json,
+                        t_ns,
+                        cause,
+                        source_json,
+                        prev_tokens,
+                    ):
+                        seen.add(key)
+        finally:
+            self._frees_held = False
         # Slots of this layer that vanished (reset, a quantized residual flushed to an empty tensor).
         for key in [k for k in slots if k not in seen]:
             old = slots.pop(key)
@@ -668,7 +681,7 @@ class KvTracker:
     def poll_frees(self, t_ns: int = 0) -> None:
         """Log `freed` for every watched storage the allocator has released since the last poll (at `t_ns`,
         the time of the observation that found it, or now)."""
-        if not self._pending:
+        if not self._pending or self._frees_held:
             return
         with self.lock:
             self._poll_locked(t_ns)
