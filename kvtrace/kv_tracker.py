@@ -236,6 +236,7 @@ class KvTracker:
         self._pending: list[tuple[int, int, str, str, int, int, int]] = []
         # Their addresses: a new storage at one of them means that storage was released first (`update`).
         self._pending_addrs: set[int] = set()
+        self._frees_held = False  # inside an `observe(frees_last=True)`: its frees wait for its new storages
         self.lines: list[str] = []
         self.lock = threading.RLock()  # around `_seq` and `lines`: the writer thread drains too
         # Captured layer updates waiting for `drain`: (cache, layer, t_ns, step, phase JSON, tokens,
@@ -574,6 +575,7 @@ class KvTracker:
         whole_layer: bool = True,
         rows: int = 0,
         written: bool = False,
+        frees_last: bool = False,
     ) -> bool:
         """Compare the current tensors of one layer with the last seen ones; log what changed, and return
         whether anything of the layer did (frees of other storages found meanwhile aside).
@@ -586,6 +588,9 @@ class KvTracker:
         knows them (0: every row of the tensors); an event logs them where they are fewer than its tensor's
         (a preallocated buffer, partly used). `written`: the caller knows the tensors were written, even if
         their version says not (an inference tensor's in-place write, which no version counter shows).
+        `frees_last`: the tensors were rebound by other code, seen only afterwards; its old storages are
+        logged freed after all its new ones (an eviction press makes the kept K and V, then rebinds both),
+        unless a new storage took an old one's address, which proves that one was released first.
 
         Storages watched since an earlier observation and released by now are logged freed first, before
         this observation's new storages: they were released since that observation, and a hand-written
@@ -608,27 +613,35 @@ class KvTracker:
         slots = state.slots
         seen: set[tuple[str, str]] = set()
         reason_json = quoted(evicted_reason) if evicted_reason else quoted(reason)
-        for (kv, part), value in parts.items():
-            for name, tensor in iter_tensors(value, part):
-                key = (kv, name)
-                first = kv == "k" and part == "data"
-                if self._see(
-                    slots,
-                    cache_id,
-                    layer,
-                    key,
-                    tensor,
-                    tokens,
-                    evicted if first else 0,
-                    reason_json,
-                    t_ns,
-                    cause,
-                    source_json,
-                    prev_tokens,
-                    written=written,
-                    rows=rows,
-                ):
-                    seen.add(key)
+        self._frees_held = frees_last
+        try:
+            for (kv, part), value in parts.items():
+                for name, tensor in iter_tensors(value, part):
+                    key = (kv, name)
+                    first = kv == "k" and part == "data"
+                    if frees_last and self._pending:
+                        found = _storage_of(tensor)
+                        if found is not None and any(item[4] == found[1] for item in self._pending):
+                            self._poll_locked(t_ns)  # made where a held one was: that one was released first
+                    if self._see(
+                        slots,
+                        cache_id,
+                        layer,
+                        key,
+                        tensor,
+                        tokens,
+                        evicted if first else 0,
+                        reason_json,
+                        t_ns,
+                        cause,
+                        source_json,
+                        prev_tokens,
+                        written=written,
+                        rows=rows,
+                    ):
+                        seen.add(key)
+        finally:
+            self._frees_held = False
         # Slots of this layer that vanished (reset, a quantized residual flushed to an empty tensor).
         for key in [k for k in slots if k not in seen] if whole_layer else ():
             old = slots.pop(key)
@@ -756,7 +769,7 @@ class KvTracker:
     def poll_frees(self, t_ns: int = 0) -> None:
         """Log `freed` for every watched storage the allocator has released since the last poll (at `t_ns`,
         the time of the observation that found it, or now)."""
-        if not self._pending:
+        if not self._pending or self._frees_held:
             return
         with self.lock:
             self._poll_locked(t_ns)

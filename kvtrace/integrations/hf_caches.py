@@ -4,7 +4,9 @@
 and every structural change through a handful of `Cache` methods. `HfCacheHooks.install` wraps those
 methods on the `Cache` base class (subclasses that do not override them inherit the wrapper) and
 `uninstall` puts the originals back. Changes made behind the cache's back (eviction libraries rebinding
-`layer.keys`) are caught by `scan_all`, which the recorder runs at the end of every forward.
+`layer.keys` in an attention hook) are caught when the next layer's update arrives, which first looks at
+the layer updated before it, and by `scan_all`, which the recorder runs at the end of every forward (the
+last layer, and whatever changed elsewhere).
 """
 
 from __future__ import annotations
@@ -193,6 +195,9 @@ class HfCacheHooks:
         # scan skips unchanged layers without the full comparison. Plain layers compare the tracker's slots.
         self._signatures: dict[tuple[int, int], tuple[Any, ...]] = {}
         self.updates_seen = 0  # layer-0 updates that ran through the wrapper (not inside a compiled graph)
+        # (cache id, layer) of the last update through the wrapper: the next update checks that this layer
+        # still holds what its update left (`_rebound`). Ids only: a layer kept here would keep its storages.
+        self._previous: tuple[int, int] | None = None
         # The cache whose layer updates the running forward leaves to `step_end` (see `defer`), and whether
         # deferring stopped for good (a forward changed a layer in a way its updates do not explain).
         self.deferred: Any = None
@@ -267,6 +272,21 @@ class HfCacheHooks:
                 return original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
             last = hooks._last  # the cache of the previous update, almost always this one
             cid = last[1] if last is not None and last[0]() is cache else hooks.cache_id(cache)
+            previous = hooks._previous
+            if previous is not None and previous[0] == cid:
+                # Did other code rebind the layer updated before this one (an eviction press's attention
+                # hook)? Logged now, before this update, whose new storage may take the address the old one
+                # freed: the log then orders them as the allocator did. One identity test per update.
+                prev_state = tracker_layers.get(previous)
+                fast = prev_state.fast if prev_state is not None else None
+                layers = cache.layers
+                if fast is not None and previous[1] < len(layers):
+                    prev_layer = layers[previous[1]]
+                    k_slot, v_slot = fast
+                    if k_slot.tref() is not getattr(prev_layer, "keys", _MISSING) or (
+                        v_slot.tref() is not getattr(prev_layer, "values", _MISSING)
+                    ):
+                        hooks._rebound(cache, previous[1])
             state = tracker_layers.get((cid, layer_idx))
             before = state.tokens if state is not None else None
             if before is None:  # first sight of this layer: empty unless the cache was used before record()
@@ -281,6 +301,7 @@ class HfCacheHooks:
             if push is None:
                 result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
                 hooks._updated(cache, cid, layer_idx, key_states, before)
+                hooks._previous = (cid, layer_idx)
                 return result
             names = hooks._update_names
             while len(names) <= layer_idx:
@@ -296,6 +317,7 @@ class HfCacheHooks:
                     hooks._pop()  # type: ignore[misc]
                     push(v_name)
                     hooks._pop()  # type: ignore[misc]
+                hooks._previous = (cid, layer_idx)
                 return result
             finally:
                 hooks._pop()  # type: ignore[misc]
@@ -357,6 +379,13 @@ class HfCacheHooks:
             )
             self._signatures[(cid, layer_idx)] = _signature(parts)
         return evicted
+
+    def _rebound(self, cache: Any, layer_idx: int) -> None:
+        """Layer `layer_idx` of `cache` no longer holds the K/V tensors its last update left: other code
+        rebound them after that update (kvpress compresses a layer in its attention module's forward hook,
+        before the next layer writes). Compared and logged as the end-of-step scan would, at this moment."""
+        reason = "grad_enabled" if torch.is_grad_enabled() else ""
+        self.scan_cache(cache, "scan", only={layer_idx}, reason=reason)
 
     def _wrap_whole_cache(
         self, original: Callable[..., Any], cause: str, beams: bool = False
@@ -515,7 +544,11 @@ class HfCacheHooks:
                     continue
             parts = layer_parts(layer)
             known = tracker.tokens_or_none(cid, layer_idx) if cause == "scan" else None
-            tracker.observe(cid, layer_idx, parts, cause, layer_tokens(layer, known), reason=reason)
+            # A scan finds tensors rebound by other code, after the fact: an eviction press makes the kept K
+            # and V before it lets go of either old one, so their frees follow both (the transient peak).
+            tracker.observe(
+                cid, layer_idx, parts, cause, layer_tokens(layer, known), reason=reason, frees_last=scan
+            )
             if signature is not None or hasattr(layer, "_quantized_keys"):
                 signatures[(cid, layer_idx)] = _signature(parts)
 

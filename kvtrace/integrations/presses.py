@@ -2,7 +2,8 @@
 
 kvpress pins `transformers<5.3`, so it lives in its own environment; kvtrace itself does not need it.
 Presses evict in an attention forward hook after the cache update and rebind `layer.keys`/`values`;
-kvtrace's end-of-step scan logs each rebinding as an eviction with tokens kept and evicted.
+kvtrace logs each rebinding as an eviction with tokens kept and evicted when the next layer's update
+arrives (the last layer's at the end of the forward).
 """
 
 from __future__ import annotations

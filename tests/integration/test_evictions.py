@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 import torch
+from kvlog_math import storage_lives
+from test_recorder_profiler_join import cpu_allocations, load_trace, match
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.format import read_run
+from kvtrace.format import KvEvent, read_run
 from kvtrace.llama import build_model
 from tests.tiny import tiny_size
 
@@ -24,13 +26,18 @@ SIZE = tiny_size(LAYERS, KV_HEADS)
 
 
 @contextmanager
-def keep_last(model: Any, keep: int, contiguous: bool) -> Iterator[None]:
-    """A minimal StreamingLLM-like press: after each attention forward at prefill, keep the last tokens."""
+def keep_last(model: Any, keep: int, contiguous: bool, one_by_one: bool = False) -> Iterator[None]:
+    """A minimal StreamingLLM-like press: after each attention forward at prefill, keep the last tokens.
+    As kvpress does, the kept K and V are both made before either old tensor is let go; `one_by_one`: K is
+    copied and its old tensor dropped before V is copied (`layer.keys = layer.keys[...].clone()`)."""
 
     def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         cache = kwargs.get("past_key_values") or kwargs.get("cache")
         layer = cache.layers[module.layer_idx]
-        if layer.keys.shape[-2] > keep:
+        if layer.keys.shape[-2] > keep and one_by_one:
+            layer.keys = layer.keys[:, :, -keep:, :].clone()
+            layer.values = layer.values[:, :, -keep:, :].clone()
+        elif layer.keys.shape[-2] > keep:
             keys, values = layer.keys[:, :, -keep:, :], layer.values[:, :, -keep:, :]
             layer.keys = keys.contiguous() if contiguous else keys
             layer.values = values.contiguous() if contiguous else values
@@ -138,3 +145,95 @@ def test_a_crop_after_a_press_is_counted_too(tmp_path: Path) -> None:
     assert kv["evicted_tokens"] == LAYERS * (press + cropped)
     assert kv["evictions_by_reason"] == {"press": LAYERS * press, "crop": LAYERS * cropped}
     assert [layer["tokens"] for layer in kv["per_layer"]] == [KEEP - crop] * LAYERS
+
+
+def _report(run: Path) -> dict[str, Any]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["report", str(run), "--json", "-q", "--no-export"]) == 0
+    return json.loads(out.getvalue())
+
+
+def _allocator_peak(run: Path, events: list[KvEvent]) -> int:
+    """The most bytes the KV storages of the log held at once, by the profiler's own alloc/free events."""
+    trace = load_trace(next((run / "profiler").glob("*.pt.trace.json*")))
+    allocations = cpu_allocations(trace)
+    changes: list[tuple[float, int]] = []
+    for life in storage_lives(events):
+        allocation = match(life, allocations)
+        assert allocation is not None, life
+        changes.append((allocation.alloc_us, allocation.nbytes))
+        if allocation.free_us is not None:
+            changes.append((allocation.free_us, -allocation.nbytes))
+    live = peak = 0
+    for _, nbytes in sorted(changes):  # at one instant a free sorts first (negative bytes)
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def _record_prefill_with_hook(tmp_path: Path, layers: int, one_by_one: bool) -> Path:
+    from transformers import DynamicCache
+
+    model = build_model(tiny_size(layers, KV_HEADS))
+    ids = torch.randint(3, 1000, (BATCH, PROMPT))
+    run = tmp_path / "run"
+    cache = DynamicCache()
+    with (
+        torch.no_grad(),
+        kvtrace.record(run, model=model, profiler=True),
+        keep_last(model, KEEP, contiguous=True, one_by_one=one_by_one),
+    ):
+        output = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    del output
+    return run
+
+
+ORDER_LAYERS = 3
+
+
+def test_an_eviction_in_an_attention_hook_is_logged_before_the_next_layer_writes(tmp_path: Path) -> None:
+    # GIVEN a press-like hook that compresses each layer right after its attention, before the next layer
+    # writes (the next layer's new K may then take the address the old K freed)
+    run = _record_prefill_with_hook(tmp_path, ORDER_LAYERS, one_by_one=False)
+    events = read_run(run).kv_events
+    # THEN each layer's eviction, and the frees of its old storages, come right after its own update
+    per_layer = [
+        ("created", "k"),
+        ("created", "v"),
+        ("evicted", "k"),
+        ("evicted", "v"),  # both copies exist before either old storage goes, as in the hook
+        ("freed", "k"),
+        ("freed", "v"),
+    ]
+    expected = [(event, layer, kv) for layer in range(ORDER_LAYERS) for event, kv in per_layer]
+    assert [(e.event, e.layer, e.kv) for e in events if e.step == 1] == expected
+    assert [e.evicted_tokens for e in events if e.event == "evicted" and e.kv == "k"] == [
+        PROMPT - KEEP
+    ] * ORDER_LAYERS
+    # ... and the peak is the last layer's full K and V beside their two copies and the compressed layers
+    row_bytes = KV_HEADS * HEAD_DIM * 4 * BATCH  # one token, all rows, K or V
+    compressed = (ORDER_LAYERS - 1) * 2 * KEEP * row_bytes
+    peak = compressed + 2 * PROMPT * row_bytes + 2 * KEEP * row_bytes
+    assert peak == 2 * 2 * 8 * 256 + 2 * 17 * 256 + 2 * 8 * 256 == 20992
+    data = _report(run)
+    assert data["kv"]["peak_bytes"] == peak
+    assert data["kv"]["final_bytes"] == ORDER_LAYERS * 2 * KEEP * row_bytes
+    # ... which is what the allocator itself went through (torch.profiler's memory events)
+    assert _allocator_peak(run, events) == peak
+
+
+def test_a_hook_copying_k_then_v_one_by_one_is_logged_at_most_one_copy_high(tmp_path: Path) -> None:
+    # GIVEN a hook that copies K and drops the old K before it copies V: seen only afterwards, the log
+    # cannot tell it from the press above, and shows both copies beside both old storages (an upper bound),
+    # unless the V copy took the old K's address, which proves the old K went first
+    run = _record_prefill_with_hook(tmp_path, ORDER_LAYERS, one_by_one=True)
+    events = read_run(run).kv_events
+    row_bytes = KV_HEADS * HEAD_DIM * 4 * BATCH
+    compressed = (ORDER_LAYERS - 1) * 2 * KEEP * row_bytes
+    true_peak = compressed + 2 * PROMPT * row_bytes + KEEP * row_bytes  # the K copy beside the full K, V
+    assert _allocator_peak(run, events) == true_peak
+    assert _report(run)["kv"]["peak_bytes"] in (true_peak, true_peak + KEEP * row_bytes)
+    # each layer's eviction still comes before the next layer's update
+    order = [(e.event, e.layer) for e in events if e.step == 1 and e.kv == "k" and e.event != "freed"]
+    assert order == [(event, layer) for layer in range(ORDER_LAYERS) for event in ("created", "evicted")]

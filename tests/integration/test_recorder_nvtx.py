@@ -92,3 +92,34 @@ def test_window_and_crop_evictions_get_evict_ranges(tmp_path: Path) -> None:
     for layer in range(LAYERS):
         expected += evict(layer)
     assert ranges == expected
+
+
+PRESS_SCRIPT = f"""
+import torch, kvtrace
+from transformers import DynamicCache
+from kvtrace.llama import ModelSize, build_model
+model = build_model(ModelSize(hidden_size=64, intermediate_size=128, num_layers={LAYERS}, num_heads=4,
+                              num_kv_heads=2, vocab_size=1000))
+cache = DynamicCache()
+def press(module, args, output):  # compresses the layer right after its attention, as kvpress does
+    layer = cache.layers[module.layer_idx]
+    keys, values = layer.keys[:, :, -4:, :].contiguous(), layer.values[:, :, -4:, :].contiguous()
+    layer.keys, layer.values = keys, values
+for decoder_layer in model.model.layers:
+    decoder_layer.self_attn.register_forward_hook(press)
+ids = torch.randint(3, 1000, (2, 9))
+with torch.no_grad(), kvtrace.record(RUN, model=model, profiler=False):
+    model(input_ids=ids, past_key_values=cache, use_cache=True)
+"""
+
+
+def test_nvtx_evict_ranges_follow_the_update_of_the_layer_evicted(tmp_path: Path) -> None:
+    # GIVEN an attention hook that evicts from each layer before the next layer's update
+    events = run_with_tool(f"RUN = {str(tmp_path / 'run')!r}\n" + PRESS_SCRIPT, tmp_path)
+    # THEN each layer's evict ranges sit between its own update range and the next layer's
+    expected: list[tuple[str, str, str]] = [("push", "kvtrace", "kvtrace/prefill")]
+    for layer in range(LAYERS):
+        for name in (f"kvtrace/kv_update L{layer}", f"kvtrace/evict L{layer} k", f"kvtrace/evict L{layer} v"):
+            expected += [("push", "kvtrace", name), ("pop", "kvtrace", "")]
+    expected.append(("pop", "kvtrace", ""))
+    assert range_events(events) == expected

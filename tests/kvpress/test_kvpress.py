@@ -184,3 +184,20 @@ def test_kv_log_frees_are_the_profiler_frees(tmp_path: Path) -> None:
     for event in evicted:
         assert (event.prev_addr, storage[event.prev_addr]) in frees
     assert sum(storage[e.prev_addr] for e in evicted) == _json(run)["kv"]["evictions"]["freed_bytes"]
+
+
+def test_each_layer_is_compressed_before_the_next_one_writes(tmp_path: Path) -> None:
+    # GIVEN a press, which compresses each layer in its attention module's forward hook
+    run = _prefill(tmp_path, make_press("knorm", 0.5))
+    events = read_run(run).kv_events
+    # THEN each layer's eviction and the frees of its old storages come before the next layer's update
+    # (whose new K may take the address the old K freed), both copies made before either old one goes
+    per_layer = [("created", "k"), ("created", "v"), ("evicted", "k"), ("evicted", "v"), ("freed", "k")]
+    per_layer.append(("freed", "v"))
+    expected = [(event, layer, kv) for layer in range(LAYERS) for event, kv in per_layer]
+    assert [(e.event, e.layer, e.kv) for e in events if e.step == 1] == expected
+    # ... so the peak is the last layer's full K and V beside their copies and the compressed layers
+    kept = _kept(0.5)
+    peak = (LAYERS - 1) * 2 * kept * TOKEN_BYTES + 2 * CONTEXT * TOKEN_BYTES + 2 * kept * TOKEN_BYTES
+    assert peak == 3 * 2 * 256 * 128 + 2 * 513 * 128 + 2 * 256 * 128 == 393472
+    assert _json(run)["kv"]["peak_bytes"] == peak
