@@ -1,6 +1,7 @@
 """What a model's forward arguments say about its KV cache, read without a device sync.
 
-At each forward the recorder needs to know whether it is a prefill (the cache empty) or a decode step, how
+At each forward the recorder needs to know whether its cache is empty (a prefill; a `generate()` call's first
+forward is one too, which `kvtrace.integrations.hf_generate` tells) or holds tokens (a decode step), how
 many tokens it appends per row, and, for caches it cannot ask (Meta's preallocated `cache_k`/`cache_v`),
 where it writes. The cache's own state comes first; the arguments' shapes only when nothing else says.
 Nothing here reads a tensor's values: shapes and Python ints only.

@@ -30,6 +30,7 @@ from kvtrace.errors import KvtraceError, RecordingError
 from kvtrace.forward_inputs import ForwardSignature, is_prefill, new_tokens
 from kvtrace.geometry import model_geometry
 from kvtrace.integrations.hf_caches import HfCacheHooks, compiling
+from kvtrace.integrations.hf_generate import GenerateCalls
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
 from kvtrace.integrations.module_caches import ModuleCaches
 from kvtrace.integrations.vllm import is_vllm_object
@@ -164,6 +165,7 @@ class Recording:
         self._profiler: Any = None
         self._ranges: _Ranges | None = None
         self._hf: HfCacheHooks | None = None
+        self._calls: GenerateCalls | None = None  # the model's generate() calls: each one's first forward
         self._modules: ModuleCaches | None = None
         self._signature = ForwardSignature()  # where the model's forward takes Meta's `start_pos`
         self._module_tokens_unknown = 0  # steps that wrote a module cache without saying where
@@ -173,7 +175,7 @@ class Recording:
         self._attention_modules: list[Any] = []
         self._submodules: list[Any] = []  # the model's modules but itself (which holds kvtrace's own hooks)
         self._step_open = False
-        # (cache, new tokens, updates seen, deferred, prefill) of the running forward
+        # (cache, new tokens, updates seen, deferred, cache empty before it) of the running forward
         self._step_cache: tuple[Any, ...] | None = None
         # Light mode with no NVTX tool listening: a forward's layer updates may be compared once, at its end
         # (`HfCacheHooks.defer`); `_defer_step` is decided at each prefill (`_cache_hooked`).
@@ -315,6 +317,9 @@ class Recording:
             pre, post = _eager(self._pre_forward), _eager(self._post_forward)
             self._hook_handles.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
             self._hook_handles.append(self.model.register_forward_hook(post, always_call=True))
+            if GenerateCalls.available(self.model):
+                self._calls = GenerateCalls(self.model)
+                self._calls.install()
         self._modules.scan("track")
         if self.model is not None:
             # HF attention modules carry `layer_idx`; eviction libraries hang their masks on them.
@@ -467,6 +472,8 @@ class Recording:
             self._paged.uninstall()
         if self._hf is not None:
             self._hf.uninstall()
+        if self._calls is not None:
+            self._calls.uninstall()
         if self._snapshots is not None and self._snapshots.active and self._events is None:
             self._snapshots.stop()
 
@@ -526,7 +533,11 @@ class Recording:
         held = self._signature.start_pos(args, kwargs)
         if held is None and modules is not None:
             held = modules.held_tokens()
-        prefill = is_prefill(args, kwargs, cache, hf, held)
+        empty = is_prefill(args, kwargs, cache, hf, held)
+        # A generate() call's first forward writes its prompt, also on a cache reused from an earlier call
+        # (several tokens per row on a cache that holds some, as assisted decoding's later forwards do)
+        began = not nested and self._calls is not None and self._calls.began()
+        prefill = empty or began
         self._begin_step(prefill)
         if nested:
             return
@@ -542,7 +553,7 @@ class Recording:
                     self._defer_step = not self._cache_hooked()
                 deferred = self._defer_step and appended > 0 and hf.defer(cache)
             # Weakly: a forward whose end hook never runs must not keep its cache alive
-            self._step_cache = (_weak(cache), appended, hf.updates_seen, deferred, prefill)
+            self._step_cache = (_weak(cache), appended, hf.updates_seen, deferred, empty)
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
         if self._paged is not None and self._paged.in_step:
@@ -551,16 +562,16 @@ class Recording:
         compared = None
         hf = self._hf
         if step_cache is not None and hf is not None:
-            ref, new_tokens, seen, deferred, prefill = step_cache
+            ref, new_tokens, seen, deferred, empty = step_cache
             cache = ref()
             if cache is None:
                 pass  # dropped during its own forward: its storages' frees are found by the step's end
             elif deferred:  # `output` is None when the forward raised (the hook is always called)
-                hf.step_end(cache, new_tokens, written=False, complete=output is not None, fresh=prefill)
+                hf.step_end(cache, new_tokens, written=False, complete=output is not None, fresh=empty)
                 compared = cache
             elif hf.updates_seen == seen and output is not None and new_tokens:
                 # No update reached the wrapper: they ran in a compiled graph.
-                hf.step_end(cache, new_tokens, written=True, fresh=prefill)
+                hf.step_end(cache, new_tokens, written=True, fresh=empty)
                 compared = cache
         self._end_step(compared)
 
@@ -569,10 +580,10 @@ class Recording:
         a forward raises a KeyboardInterrupt (not an Exception), and a forward may run inside another."""
         pending, self._step_cache = self._step_cache, None
         if pending is not None and pending[3] and self._hf is not None:
-            ref, new_tokens, _, _, prefill = pending
+            ref, new_tokens, _, _, empty = pending
             cache = ref()
             if cache is not None:
-                self._hf.step_end(cache, new_tokens, written=False, complete=False, fresh=prefill)
+                self._hf.step_end(cache, new_tokens, written=False, complete=False, fresh=empty)
 
     def _stale(self, cache: Any) -> bool:
         """Whether the open step belongs to a forward that ended without its end hook, told from a forward

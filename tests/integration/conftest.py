@@ -11,6 +11,7 @@ import torch
 import transformers.cache_utils
 from transformers.generation.continuous_batching import cache as cb_cache
 from transformers.generation.continuous_batching import continuous_api, offloading_manager
+from transformers.generation.utils import GenerationMixin
 
 import kvtrace.recorder
 from kvtrace.llama import DEFAULT_PROMPTS, ModelSize, build_model, encode_batch, llama3_tokenizer
@@ -37,6 +38,8 @@ _CB_METHODS = (
     (offloading_manager.OffloadingManager, "offload_requests"),
 )
 ORIGINAL_CB_METHODS = {(cls, name): cls.__dict__.get(name) for cls, name in _CB_METHODS}
+# The generate() the recorder wraps to see where each call begins (kvtrace.integrations.hf_generate).
+ORIGINAL_GENERATE = GenerationMixin.__dict__["generate"]
 
 # Small enough that a whole test file runs in seconds on two cores; the real Llama 3 vocabulary so that
 # the real tokenizer's ids index the embedding.
@@ -101,6 +104,8 @@ def _hook_leaks(models: list[torch.nn.Module]) -> list[str]:
     for (cls, name), original in ORIGINAL_CB_METHODS.items():
         if cls.__dict__.get(name) is not original:
             leaks.append(f"transformers {cls.__name__}.{name} is still patched")
+    if GenerationMixin.__dict__["generate"] is not ORIGINAL_GENERATE:
+        leaks.append("transformers GenerationMixin.generate is still patched")
     for model in models:
         for module_name, module in model.named_modules():
             for attr in (
@@ -130,6 +135,7 @@ def no_hook_leaks(watched_models: list[torch.nn.Module]) -> Iterator[None]:
             setattr(transformers.cache_utils.Cache, name, original)
     for (cls, name), original in ORIGINAL_CB_METHODS.items():
         setattr(cls, name, original)
+    GenerationMixin.generate = ORIGINAL_GENERATE  # type: ignore[method-assign]
     for model in watched_models:
         for module in model.modules():
             module._forward_hooks.clear()

@@ -70,3 +70,128 @@ def test_tokens_per_second_counts_generated_tokens(
     table = capsys.readouterr().out
     assert "tokens/s per row (generation)" in table and "tokens/s, all rows (generation)" in table
     assert "(beams)" in next(line for line in table.splitlines() if line.startswith("tokens/s, all rows"))
+
+
+BATCH, FIRST_PROMPT, FIRST_NEW, NEXT_MESSAGE, NEXT_NEW = 2, 10, 12, 6, 5
+
+
+def _layer0_steps(run: Path) -> dict[int, tuple[str, int]]:
+    """step -> (phase, tokens per row held at its end) of layer 0's K, from the raw log."""
+    steps: dict[int, tuple[str, int]] = {}
+    for event in read_run(run).kv_events:
+        layer0_k = event.layer == 0 and event.kv == "k" and event.part == "data"
+        if layer0_k and event.event != "freed" and event.phase != "end":
+            steps[event.step] = (event.phase, event.tokens)
+    return steps
+
+
+@pytest.mark.parametrize("profiler", [False, True])
+def test_a_cache_reused_across_generate_calls_counts_what_each_call_returned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], profiler: bool
+) -> None:
+    # GIVEN one cache reused across two generate() calls (a chat's next turn): 12 new tokens, then the user's
+    # next 6 tokens appended and 5 more new tokens
+    from transformers import DynamicCache
+
+    model = build_model(ModelSize(64, 128, 4, 4, 2, vocab_size=1000, tie_embeddings=False))
+    ids = torch.randint(3, 1000, (BATCH, FIRST_PROMPT), generator=torch.Generator().manual_seed(0))
+    message = torch.randint(3, 1000, (BATCH, NEXT_MESSAGE), generator=torch.Generator().manual_seed(1))
+    cache = DynamicCache(config=model.config)
+    run = tmp_path / "reused"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
+        first = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            cache=cache,
+            max_new_tokens=FIRST_NEW,
+            min_new_tokens=FIRST_NEW,
+            do_sample=False,
+        )
+        turn = torch.cat([first, message], dim=1)
+        second = model.generate(
+            turn,
+            attention_mask=torch.ones_like(turn),
+            cache=cache,
+            max_new_tokens=NEXT_NEW,
+            min_new_tokens=NEXT_NEW,
+            do_sample=False,
+        )
+    returned = (first.shape[1] - FIRST_PROMPT) + (second.shape[1] - turn.shape[1])
+    assert returned == FIRST_NEW + NEXT_NEW == 17
+
+    # WHEN it is compared
+    assert main(["compare", str(run), str(run), "--json"]) == 0  # compare takes two runs or more
+    row = json.loads(capsys.readouterr().out)["runs"][0]
+
+    # THEN it generated what the two calls returned per row: the second call's prompt is not generated
+    assert row["generated_tokens_per_row"] == 17
+    seconds = _seconds(run)
+    assert row["tokens_per_second_per_row"] == pytest.approx(17 / seconds)
+    assert row["tokens_per_second"] == pytest.approx(17 * BATCH / seconds)
+    # AND each call starts with a prefill: the second's first forward (step 1 + 11 decode steps + 1) writes
+    # the 6 new tokens and the first call's last token, never written back: 10 + 11 held, then 28
+    steps = _layer0_steps(run)
+    assert row["steps"] == len(steps) == FIRST_NEW + NEXT_NEW
+    second_prefill = FIRST_NEW + 1
+    assert steps[1] == ("prefill", FIRST_PROMPT)
+    assert (
+        steps[second_prefill]
+        == ("prefill", FIRST_PROMPT + FIRST_NEW - 1 + 1 + NEXT_MESSAGE)
+        == ("prefill", 28)
+    )
+    assert [step for step, (phase, _) in steps.items() if phase == "prefill"] == [1, second_prefill]
+    assert steps[len(steps)][1] == turn.shape[1] + NEXT_NEW - 1 == cache.get_seq_length()
+
+
+def test_prompt_lookup_on_a_reused_cache_keeps_its_verifications_decode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN prompt-lookup decoding over one cache reused across two generate() calls
+    from transformers import DynamicCache
+
+    model = build_model(ModelSize(128, 256, 4, 8, 2, vocab_size=1000, tie_embeddings=False))
+    ids = torch.tensor([PROMPT])
+    cache = DynamicCache(config=model.config)
+    run = tmp_path / "lookup"
+    kwargs: dict[str, Any] = {"max_new_tokens": 8, "do_sample": False, "prompt_lookup_num_tokens": 3}
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        first = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, **kwargs)
+        turn = torch.cat([first, ids[:, :6]], dim=1)
+        second = model.generate(turn, attention_mask=torch.ones_like(turn), cache=cache, **kwargs)
+    returned = (first.shape[1] - ids.shape[1]) + (second.shape[1] - turn.shape[1])
+
+    # WHEN it is compared
+    assert main(["compare", str(run), str(run), "--json"]) == 0  # compare takes two runs or more
+    row = json.loads(capsys.readouterr().out)["runs"][0]
+
+    # THEN it generated what the calls returned
+    assert row["generated_tokens_per_row"] == returned == 16
+    # AND only each call's first forward is a prefill: the verifications that wrote several draft tokens
+    # per row on a cache holding tokens are decode steps
+    steps = _layer0_steps(run)
+    prefills = [step for step, (phase, _) in steps.items() if phase == "prefill"]
+    assert len(prefills) == 2 and prefills[0] == 1
+    writes = {step: steps[step][1] - steps[step - 1][1] for step in steps if step > 1}
+    assert any(grew > 1 for step, grew in writes.items() if step not in prefills)
+
+
+def test_a_generate_call_that_ran_no_forward_leaves_the_next_forward_decode(tmp_path: Path) -> None:
+    # GIVEN a generate() call that fails before its first forward, then a forward of one token on the cache
+    from transformers import DynamicCache
+
+    model = build_model(ModelSize(64, 128, 2, 4, 2, vocab_size=1000, tie_embeddings=False))
+    ids = torch.tensor([PROMPT])
+    cache = DynamicCache(config=model.config)
+    run = tmp_path / "failed_call"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=3, min_new_tokens=3
+        )
+        with pytest.raises(ValueError):
+            model.generate(out, cache=cache, max_new_tokens=3, num_beams=2, num_return_sequences=3)
+        model(out[:, -1:], cache=cache, use_cache=True)
+
+    # THEN the generate() call's first forward was a prefill, and the forward outside any call a decode step
+    steps = _layer0_steps(run)
+    assert [phase for _, (phase, _) in sorted(steps.items())] == ["prefill", "decode", "decode", "decode"]
+    assert steps[4][1] == len(PROMPT) + 3 == cache.get_seq_length()

@@ -1,0 +1,82 @@
+"""Where the recorded model's `generate()` calls begin, so that each call's first forward is its prefill.
+
+A cache reused across `generate()` calls (a chat's next turn) is not empty when the next call begins: its
+first forward writes the new prompt tokens, several per row, on top of what the cache holds. So do the
+verification forwards of assisted and prompt-lookup decoding, which are decode steps (each writes its draft
+tokens and keeps those accepted). The cache's state and the forward's input cannot tell the two apart
+(both start at the cache's length and feed several positions); the call can: a call's first forward writes
+its prompt. `GenerateCalls.install` wraps `GenerationMixin.generate` on the class (models whose own
+`generate` calls `super().generate()` reach it too) and `uninstall` puts it back. Only the outermost call
+on the recorded model counts: an assistant model's `generate()` runs inside the model's own.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+from typing import Any
+
+
+class GenerateCalls:
+    """Counts the recorded model's `generate()` calls in progress; `began()` says, once per call, that the
+    forward about to run is the call's first."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._mixin: Any = None
+        self._original: Any = None
+        self._lock = threading.Lock()
+        self._depth = 0  # generate() calls on the model in progress, nested ones included
+        self._pending = False  # the outermost call began and none of its forwards has run yet
+
+    @staticmethod
+    def available(model: Any) -> bool:
+        """Whether `model` has transformers' `generate()` (a model of the library has loaded it already)."""
+        utils = sys.modules.get("transformers.generation.utils")
+        mixin = getattr(utils, "GenerationMixin", None)
+        return mixin is not None and isinstance(model, mixin)
+
+    def install(self) -> None:
+        from transformers.generation.utils import GenerationMixin
+
+        original = GenerationMixin.__dict__["generate"]
+        self._mixin, self._original = GenerationMixin, original
+        calls = self
+
+        @functools.wraps(original)
+        def generate(model: Any, *args: Any, **kwargs: Any) -> Any:
+            if model is not calls.model:  # another model's (an assistant's), or a copy's
+                return original(model, *args, **kwargs)
+            calls._enter()
+            try:
+                return original(model, *args, **kwargs)
+            finally:
+                calls._exit()
+
+        GenerationMixin.generate = generate  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        if self._mixin is not None:
+            self._mixin.generate = self._original
+        self._mixin = self._original = None
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._depth += 1
+            if self._depth == 1:
+                self._pending = True
+
+    def _exit(self) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._pending = False  # a call whose forwards kvtrace did not see (continuous batching)
+
+    def began(self) -> bool:
+        """Whether a call began since the last forward: True once, for its first forward."""
+        if not self._pending:
+            return False
+        with self._lock:
+            pending, self._pending = self._pending, False
+        return pending
