@@ -334,8 +334,13 @@ def _memory_problem(raw_ts: Any, args: Any) -> str:
     return "[memory] with a non-numeric ts"
 
 
+_NOT_STEPS = ("kvtrace/evict", "kvtrace/kv_update")  # kvtrace's ranges inside a step, not steps
+
+
 def _is_step(name: Any) -> bool:
-    return isinstance(name, str) and (name.startswith("ProfilerStep#") or name.startswith("kvtrace/"))
+    return isinstance(name, str) and (
+        name.startswith("ProfilerStep#") or (name.startswith("kvtrace/") and not name.startswith(_NOT_STEPS))
+    )
 
 
 def _range_detail(event: dict[str, Any]) -> dict[str, Any]:

@@ -237,3 +237,20 @@ def test_a_hook_copying_k_then_v_one_by_one_is_logged_at_most_one_copy_high(tmp_
     # each layer's eviction still comes before the next layer's update
     order = [(e.event, e.layer) for e in events if e.step == 1 and e.kv == "k" and e.event != "freed"]
     assert order == [(event, layer) for layer in range(ORDER_LAYERS) for event in ("created", "evicted")]
+
+
+def test_evict_ranges_in_the_trace_are_not_steps(tmp_path: Path) -> None:
+    """The profiler's trace holds kvtrace's evict ranges inside the step's: the timeline's step markers are
+    the forwards only (one prefill here), the evictions its eviction markers (one per layer, K)."""
+    from analyzers.report import build_report
+
+    run = _record_prefill_with_hook(tmp_path, ORDER_LAYERS, one_by_one=False)
+    trace = load_trace(next((run / "profiler").glob("*.pt.trace.json*")))
+    ranges = [
+        e.get("name", "") for e in trace["traceEvents"] if str(e.get("name", "")).startswith("kvtrace/")
+    ]
+    assert sum(name.startswith("kvtrace/evict") for name in ranges) == 2 * ORDER_LAYERS  # K and V per layer
+    source, report = build_report(run)
+    assert [m.label for m in source.markers if m.kind == "step"] == ["kvtrace/prefill"]
+    assert sum(m.kind == "eviction" for m in source.markers) == ORDER_LAYERS
+    assert report.steps == 1
