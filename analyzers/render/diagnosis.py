@@ -137,7 +137,8 @@ def _headline(d: Diagnosis) -> str:
         if c.partial:
             fits = (
                 f"; its KV cache and weights fit the {human_bytes(c.bytes)} budget with "
-                f"{human_bytes(c.headroom_bytes)} to spare (profiler=False: other allocations unseen)"
+                f"{human_bytes(c.headroom_bytes)} to spare (no allocator events were recorded: other "
+                "allocations unseen)"
             )
     return f"no OOM recorded; diagnosing the peak on {where} ({human_bytes(d.allocated_bytes)}){fits}"
 

@@ -16,7 +16,7 @@ def engine_budget_lines(b: EngineBudget, name: str) -> list[str]:
             f"with {human_bytes(b.unseen_bytes)} the engine held before the trace began, from engine.json"
         )
     if b.partial:
-        counted.append("the KV cache and weights only: profiler=False left activations unrecorded")
+        counted.append("the KV cache and weights only: no allocator events were recorded, activations unseen")
     told = f" ({'; '.join(counted)})" if counted else ""
     if not b.crossed:
         return [

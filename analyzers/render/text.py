@@ -139,7 +139,7 @@ def budget_line(budget: dict[str, Any], engine: Any = None) -> str:
         if budget.get("partial"):
             return (
                 f"  budget {size}: the KV cache and weights fit, peak {peak} leaves {left}; the run may not "
-                f"(profiler=False: activations and other allocations were not recorded){unseen}"
+                f"(no allocator events were recorded: activations and other allocations unseen){unseen}"
             )
         return f"  budget {size}: fits, peak {peak} leaves {left}{unseen}"
     peak = human_bytes(budget["peak_bytes"])
