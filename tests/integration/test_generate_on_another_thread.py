@@ -40,6 +40,25 @@ def _kv_log_peak(run: Path) -> int:
     return kv_peak
 
 
+def _reported_over_the_weights(
+    run: Path, cache: Any, model: Any, capsys: pytest.CaptureFixture[str]
+) -> tuple[dict[str, Any], int, int, int]:
+    """`report --json` of a run whose trace has no allocator events, checked to give the KV log's figures
+    over the weights (the cache's bytes by arithmetic); (report, weights, KV peak, final KV)."""
+    tokens = PROMPT + NEW_TOKENS - 1
+    final_kv = LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * 4  # layers x K,V x heads x dim x tokens x fp32
+    assert _unique_storage_bytes(t for layer in cache.layers for t in (layer.keys, layer.values)) == final_kv
+    kv_peak = _kv_log_peak(run)
+    weights = _unique_storage_bytes([*model.parameters(), *model.buffers()])
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (device,) = report["devices"]
+    assert device["peak_allocated_bytes"] == weights + kv_peak
+    assert device["categories_at_peak"] == {"kv": kv_peak, "weights": weights, "other": 0}
+    assert device["final_allocated_bytes"] == weights + final_kv
+    return report, weights, kv_peak, final_kv
+
+
 def test_a_trace_without_the_models_memory_events_falls_back_to_the_kv_log(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -65,22 +84,10 @@ def test_a_trace_without_the_models_memory_events_falls_back_to_the_kv_log(
         worker = threading.Thread(target=generate)
         worker.start()
         worker.join()
-    cache = outputs[0].past_key_values
-    tokens = PROMPT + NEW_TOKENS - 1
-    final_kv = LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * 4  # layers x K,V x heads x dim x tokens x fp32
-    assert _unique_storage_bytes(t for layer in cache.layers for t in (layer.keys, layer.values)) == final_kv
-    kv_peak = _kv_log_peak(run)
-    weights = _unique_storage_bytes([*model.parameters(), *model.buffers()])
-
-    # WHEN it is reported
-    assert main(["report", str(run), "--json", "--no-export"]) == 0
-    report = json.loads(capsys.readouterr().out)
-
-    # THEN the device figures are the KV log's over the weights, and a note says why
-    (device,) = report["devices"]
-    assert device["peak_allocated_bytes"] == weights + kv_peak
-    assert device["categories_at_peak"] == {"kv": kv_peak, "weights": weights, "other": 0}
-    assert device["final_allocated_bytes"] == weights + final_kv
+    # WHEN it is reported THEN the device figures are the KV log's over the weights, and a note says why
+    report, weights, kv_peak, final_kv = _reported_over_the_weights(
+        run, outputs[0].past_key_values, model, capsys
+    )
     assert (report["kv"]["final_bytes"], report["kv"]["peak_bytes"]) == (final_kv, kv_peak)
     assert any("no memory events of the model's thread" in note for note in report["notes"])
 
@@ -107,22 +114,8 @@ def test_a_run_recorded_with_profile_memory_off_says_so_not_another_thread(
             do_sample=False,
             return_dict_in_generate=True,
         )
-    cache = out.past_key_values
-    tokens = PROMPT + NEW_TOKENS - 1
-    final_kv = LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * 4  # layers x K,V x heads x dim x tokens x fp32
-    assert _unique_storage_bytes(t for layer in cache.layers for t in (layer.keys, layer.values)) == final_kv
-    kv_peak = _kv_log_peak(run)
-    weights = _unique_storage_bytes([*model.parameters(), *model.buffers()])
-
-    # WHEN it is reported
-    assert main(["report", str(run), "--json", "--no-export"]) == 0
-    report = json.loads(capsys.readouterr().out)
-
-    # THEN the figures are the KV log's over the weights (what docs/recording.md says of profile_memory)
-    (device,) = report["devices"]
-    assert device["peak_allocated_bytes"] == weights + kv_peak
-    assert device["categories_at_peak"] == {"kv": kv_peak, "weights": weights, "other": 0}
-    assert device["final_allocated_bytes"] == weights + final_kv
+    # WHEN it is reported THEN the figures are the KV log's over the weights (as docs/recording.md says)
+    report, weights, kv_peak, _ = _reported_over_the_weights(run, out.past_key_values, model, capsys)
     # AND the note gives the run's own option as the cause, not a thread it did not use
     assert any("recorded with profile_memory=False" in note for note in report["notes"])
     assert not any("another thread" in note for note in report["notes"])
