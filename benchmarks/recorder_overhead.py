@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import io
 import pstats
 import shutil
@@ -204,13 +205,13 @@ def _median(timings: list[Timing], pick: Callable[[Timing], float]) -> float:
 def hooks_cpu_per_update(work: Workload, scratch: Path, runs: int = 3, mode: str = "b") -> float:
     """kvtrace's own time per update, timed inside its hooks: the steadiest figure on a shared machine,
     where the difference of two medians moves with the neighbours' load. Covers the whole `Cache.update`
-    wrapper minus the cache's own update inside it, and the model's forward hooks (step start; step end:
-    scan, memory sample, formatting and writing the log every 0.1 s). Timed by `perf_counter_ns` (a vDSO
-    read): `thread_time` is a system call, 5 us and more between model steps here, larger than what it
-    would measure. The timers' own cost is counted as kvtrace's, so this is an upper bound."""
+    wrapper minus the cache's own update inside it, and kvtrace's forward around the model's (step start;
+    step end: scan, memory sample, formatting and writing the log every 0.1 s). Timed by `perf_counter_ns`
+    (a vDSO read): `thread_time` is a system call, 5 us and more between model steps here, larger than what
+    it would measure. The timers' own cost is counted as kvtrace's, so this is an upper bound."""
     from transformers.cache_utils import Cache
 
-    from kvtrace import recorder
+    from kvtrace import model_forward
     from kvtrace.integrations import hf_caches
 
     clock = time.perf_counter_ns
@@ -218,6 +219,7 @@ def hooks_cpu_per_update(work: Workload, scratch: Path, runs: int = 3, mode: str
     patched: list[tuple[Any, str, Any]] = []
 
     def counting(inner: Callable[..., Any], sign: int = 1) -> Callable[..., Any]:
+        @functools.wraps(inner)  # generate() reads the model's forward signature
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             started = clock()
             try:
@@ -239,10 +241,33 @@ def hooks_cpu_per_update(work: Workload, scratch: Path, runs: int = 3, mode: str
 
     patched.append((hf_caches.HfCacheHooks, "install", original_install))
     hf_caches.HfCacheHooks.install = install  # type: ignore[method-assign,assignment]
-    # The forward hooks as registered: through `_eager` (torch.compiler.disable), whose wrapper counts.
-    original_eager = recorder._eager
-    patched.append((recorder, "_eager", original_eager))
-    recorder._eager = lambda hook: counting(original_eager(hook))  # type: ignore[assignment]
+    # kvtrace's `forward` around the model's (model_forward.ForwardWrap), added; the model's own, inside
+    # it, subtracted.
+    wrap_cls = model_forward.ForwardWrap
+    original_wrap_install, original_wrap_uninstall = wrap_cls.install, wrap_cls.uninstall
+
+    def wrap_install(wrap: Any) -> None:
+        model = wrap.model
+        saved = ("forward" in model.__dict__, model.__dict__.get("forward"))
+        model.forward = counting(model.forward, -1)
+        original_wrap_install(wrap)
+        kvtrace_forward = model.__dict__["forward"]
+        model.forward = counting(kvtrace_forward)
+        wrap.bench_saved = (*saved, kvtrace_forward)
+
+    def wrap_uninstall(wrap: Any) -> None:
+        had_own, own, kvtrace_forward = wrap.bench_saved
+        wrap.model.forward = kvtrace_forward
+        original_wrap_uninstall(wrap)
+        if had_own:
+            wrap.model.forward = own
+        else:
+            wrap.model.__dict__.pop("forward", None)
+
+    patched.append((wrap_cls, "install", original_wrap_install))
+    patched.append((wrap_cls, "uninstall", original_wrap_uninstall))
+    wrap_cls.install = wrap_install  # type: ignore[method-assign,assignment]
+    wrap_cls.uninstall = wrap_uninstall  # type: ignore[method-assign,assignment]
     try:
         figures = []
         for _ in range(runs):
@@ -313,7 +338,7 @@ def full_table(work: Workload, reps: int, scratch: Path) -> list[str]:
 @contextlib.contextmanager
 def _tracking_off() -> Iterator[None]:
     """The hooks stay installed and run, but track nothing: no KV comparison or event, no end-of-step scan,
-    no memory sample. What is left is the cost of being called at all (wrapper, forward hooks, step
+    no memory sample. What is left is the cost of being called at all (wrappers, step
     bookkeeping, log flush, and the in-hooks timers themselves)."""
     from kvtrace import recorder
     from kvtrace.integrations import hf_caches
@@ -341,7 +366,7 @@ def floor_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
     print(lines[0], flush=True)
     for work in works:
         if work.attach_model is None:
-            continue  # the loops have no forward hooks: their floor is the wrapper alone
+            continue  # the loops have no model forward: their floor is the wrapper alone
         tracked: list[float] = []
         bare: list[float] = []
         run_once("b", work, scratch)

@@ -29,13 +29,14 @@ from kvtrace.distributed import local_tensor, rank_facts, run_path
 from kvtrace.errors import KvtraceError, RecordingError
 from kvtrace.forward_inputs import ForwardSignature, is_prefill, new_tokens
 from kvtrace.geometry import model_geometry
-from kvtrace.integrations.hf_caches import HfCacheHooks, compiling
+from kvtrace.integrations.hf_caches import HfCacheHooks
 from kvtrace.integrations.hf_generate import GenerateCalls
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
 from kvtrace.integrations.module_caches import ModuleCaches
 from kvtrace.integrations.vllm import is_vllm_object
 from kvtrace.kv_tracker import KvTracker
 from kvtrace.memory_samples import MemorySampler
+from kvtrace.model_forward import ForwardWrap
 from kvtrace.options import RecordOptions
 from kvtrace.profiler_trace import trace_handler
 from kvtrace.run_lock import RunFolderBusy, RunLock
@@ -161,7 +162,7 @@ class Recording:
         self._clock = self.options.clock
         self._events: fmt.JsonlAppender | None = None
         self._samples: fmt.JsonlAppender | None = None
-        self._hook_handles: list[Any] = []
+        self._forward: ForwardWrap | None = None
         self._profiler: Any = None
         self._ranges: _Ranges | None = None
         self._hf: HfCacheHooks | None = None
@@ -173,8 +174,10 @@ class Recording:
         self._manifest: dict[str, Any] = {}
         self._decode_index = 0
         self._attention_modules: list[Any] = []
-        self._submodules: list[Any] = []  # the model's modules but itself (which holds kvtrace's own hooks)
+        self._submodules: list[Any] = []  # the model's modules but itself (its hooks run outside its forward)
         self._step_open = False
+        self._prefill_left = 0  # prompt positions a chunked prefill has still to write (one step for all)
+        self._prefill_continues = False  # the open step is a chunked prefill's, ended by its last chunk
         # (cache, new tokens, updates seen, deferred, cache empty before it) of the running forward
         self._step_cache: tuple[Any, ...] | None = None
         # Light mode with no NVTX tool listening: a forward's layer updates may be compared once, at its end
@@ -312,11 +315,10 @@ class Recording:
             self._modules.discover(self.model)
             self._signature = ForwardSignature.of(self.model)
             self._write_weights(self._modules.weight_exclusions())
-            # Eager even when torch.compile traces the model's __call__ (generate()'s own compile): the graph
-            # breaks there instead of tracing clocks and file writes.
-            pre, post = _eager(self._pre_forward), _eager(self._post_forward)
-            self._hook_handles.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
-            self._hook_handles.append(self.model.register_forward_hook(post, always_call=True))
+            # Around `model.forward` itself, which Meta's Llama3.generate calls directly (no forward hook
+            # fires there); eager even when torch.compile traces the model's __call__.
+            self._forward = ForwardWrap(self.model, self._pre_forward, self._post_forward)
+            self._forward.install()
             if GenerateCalls.available(self.model):
                 self._calls = GenerateCalls(self.model)
                 self._calls.install()
@@ -367,6 +369,9 @@ class Recording:
                 self._ranges.close_all()
             with contextlib.suppress(Exception):
                 self._settle_deferred()
+                if self._prefill_continues:  # generate() raised between two chunks of its prefill
+                    self._prefill_continues = False
+                    self._end_step()
                 if self._hf is not None:
                     self._hf.scan_all(forget=False)  # a cache dropped by now is freed in phase "end"
                 if self._modules is not None and self._modules.scan("track"):
@@ -463,9 +468,8 @@ class Recording:
                 errors.append(exc)
                 self.notes.append(f"profiler trace not written: {exc}")
             self._profiler = None
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
+        if self._forward is not None:
+            self._forward.uninstall()
         if self._vllm is not None:
             self._vllm.uninstall()
         if self._paged is not None:
@@ -519,14 +523,21 @@ class Recording:
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = kwargs.get("cache")
-        if self._step_open and self._stale(cache):
+        continued = self._prefill_continues
+        if continued:  # the next chunk of a chunked prefill, left open by the last forward's end
+            self._prefill_continues = False
+            if self._calls is None or not self._calls.in_call():  # its generate() call ended in between
+                self._end_step()
+                continued = False
+        if self._step_open and not continued and self._stale(cache):
             # The last forward's end hook never ran (torch skips always-called hooks on a KeyboardInterrupt):
             # its step ends here, and this forward starts its own.
             self._settle_deferred()
             self._end_step()
         elif self._step_cache is not None and self._step_cache[3]:
             self._settle_deferred()  # a forward in a forward: the outer one's layers so far
-        nested = self._step_open  # the model's forward called again inside itself: part of the outer step
+        # The model's forward called again inside itself: part of the outer step
+        nested = self._step_open and not continued
         modules = self._modules
         # What the model's own caches hold before this forward, without reading a tensor: Meta's
         # `start_pos`, else the tracked tensors' last logged tokens
@@ -541,6 +552,8 @@ class Recording:
         self._begin_step(prefill)
         if nested:
             return
+        if began or continued:
+            self._prefill_left = self._prefill_left_after(began, args, kwargs)
         if modules is not None and modules.owners:
             modules.progress = self._signature.progress(args, kwargs)
         if self._profiler_on and threading.get_ident() != self._thread:
@@ -573,7 +586,24 @@ class Recording:
                 # No update reached the wrapper: they ran in a compiled graph.
                 hf.step_end(cache, new_tokens, written=True, fresh=empty)
                 compared = cache
+        if self._prefill_left > 0 and output is not None:
+            self._prefill_continues = True  # the step ends with the prefill's last chunk
+            return
+        self._prefill_left = 0
         self._end_step(compared)
+
+    def _prefill_left_after(self, began: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        """Prompt positions per row still to be written after this forward, when a generate() call's prefill
+        writes its prompt in chunks (`prefill_chunk_size`): one step, with the one token those forwards
+        yield. 0 when the call's prompt is unknown (a cache passed in) or its first forward takes it all."""
+        fed = new_tokens(args, kwargs)
+        if fed <= 0:
+            return 0
+        if began:
+            assert self._calls is not None
+            prompt = self._calls.prompt
+            return prompt - fed if prompt is not None and prompt > fed else 0
+        return self._prefill_left - fed if self._prefill_left > fed else 0
 
     def _settle_deferred(self) -> None:
         """Log what a deferred forward changed before its end: torch skips the always-called end hook when
@@ -855,22 +885,6 @@ def _model_device(model: Any) -> torch.device | None:
         return next(model.parameters()).device
     except (StopIteration, AttributeError, TypeError):
         return None
-
-
-def _eager(hook: Callable[..., None]) -> Callable[..., None]:
-    """`hook`, run eagerly when torch.compile traces the module that calls it. The disabled wrapper costs
-    ~0.6 µs a call, so it is taken only while tracing (where `compiling()` reads True)."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    if disable is None:
-        return hook
-    disabled = disable(hook)
-
-    def run(*args: Any, **kwargs: Any) -> None:
-        if compiling():
-            return disabled(*args, **kwargs)
-        return hook(*args, **kwargs)
-
-    return run
 
 
 def _weak(obj: Any) -> Callable[[], Any]:

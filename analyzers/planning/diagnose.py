@@ -448,6 +448,19 @@ def _compute_bits(report: Report) -> int | None:
     return bits if bits is not None and bits >= 16 else None
 
 
+def _sliding_layers(report: Report) -> int:
+    """Layers keeping only a window: the config's (`sliding_layers`; every layer when it gives a window but
+    no layer types, as Mistral's), else those whose window let tokens go."""
+    geometry = report.geometry or {}
+    counted = geometry.get("sliding_layers")
+    if isinstance(counted, int):
+        return counted
+    layers = geometry.get("num_layers")
+    if geometry.get("sliding_window") and isinstance(layers, int):
+        return layers
+    return len(_windowed_layers(report)[0])
+
+
 def _windowed_remedies(
     kv: int, tokens: int, per_token: float, need: int | None, num_layers: int | None
 ) -> list[Remedy]:
@@ -618,7 +631,16 @@ def _remedies(
                     "bits.",
                 )
             )
-        out.append(_int4_remedy(d, kv, kv_bits, need))
+        sliding = d.get("sliding_layers")
+        if isinstance(sliding, int) and sliding:
+            text = (
+                f"int4 quantized cache: transformers' QuantizedCache takes models whose layers all keep full "
+                f"attention, and this one has {sliding:,} sliding layer{'s' if sliding > 1 else ''} (it "
+                "raises ValueError)."
+            )
+            out.append(Remedy("quantized_kv", 4, None, None, text))
+        else:
+            out.append(_int4_remedy(d, kv, kv_bits, need))
     else:
         why = _NO_KV if not kv else "cannot be computed: the KV dtype is not recorded"
         out.append(Remedy("quantized_kv", None, None, None, f"Quantized KV: {why}."))
@@ -830,6 +852,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "reserved_unallocated_bytes": reserved_unallocated,
         "bytes_per_token": _growing_bytes_per_token(report),
         "windowed": _all_windowed(report),
+        "sliding_layers": _sliding_layers(report),
         "prompt_tokens": prompt,
         "beams": beams,
         "rows_are_beams": rows_are_beams,

@@ -8,6 +8,9 @@ tokens and keeps those accepted). The cache's state and the forward's input cann
 its prompt. `GenerateCalls.install` wraps `GenerationMixin.generate` on the class (models whose own
 `generate` calls `super().generate()` reach it too) and `uninstall` puts it back. Only the outermost call
 on the recorded model counts: an assistant model's `generate()` runs inside the model's own.
+
+A chunked prefill (`prefill_chunk_size`) writes the prompt over several forwards: the call's prompt length
+(`prompt`) lets the recorder keep them in one prefill step, as they yield one token between them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class GenerateCalls:
         self._lock = threading.Lock()
         self._depth = 0  # generate() calls on the model in progress, nested ones included
         self._pending = False  # the outermost call began and none of its forwards has run yet
+        self.prompt: int | None = None  # the outermost call's prompt positions per row, into an empty cache
 
     @staticmethod
     def available(model: Any) -> bool:
@@ -48,7 +52,7 @@ class GenerateCalls:
         def generate(model: Any, *args: Any, **kwargs: Any) -> Any:
             if model is not calls.model:  # another model's (an assistant's), or a copy's
                 return original(model, *args, **kwargs)
-            calls._enter()
+            calls._enter(_prompt_length(model, args, kwargs))
             try:
                 return original(model, *args, **kwargs)
             finally:
@@ -61,17 +65,21 @@ class GenerateCalls:
             self._mixin.generate = self._original
         self._mixin = self._original = None
 
-    def _enter(self) -> None:
+    def _enter(self, prompt: int | None) -> None:
         with self._lock:
             self._depth += 1
             if self._depth == 1:
                 self._pending = True
+                self.prompt = prompt
 
     def _exit(self) -> None:
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
                 self._pending = False  # a call whose forwards kvtrace did not see (continuous batching)
+
+    def in_call(self) -> bool:
+        return self._depth > 0
 
     def began(self) -> bool:
         """Whether a call began since the last forward: True once, for its first forward."""
@@ -80,3 +88,18 @@ class GenerateCalls:
         with self._lock:
             pending, self._pending = self._pending, False
         return pending
+
+
+def _prompt_length(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The positions per row a `generate()` call's prefill writes into a new cache: its input's length (a
+    shape, read without a sync). None when a cache is passed in (it may hold some of them already), for
+    encoder-decoder models (the input is the encoder's), or when the call does not show its input."""
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+        return None
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    fed = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if fed is None:
+        fed = kwargs.get("inputs_embeds")
+    shape = getattr(fed, "shape", None)
+    return int(shape[1]) if shape is not None and len(shape) >= 2 else None

@@ -195,3 +195,51 @@ def test_a_generate_call_that_ran_no_forward_leaves_the_next_forward_decode(tmp_
     steps = _layer0_steps(run)
     assert [phase for _, (phase, _) in sorted(steps.items())] == ["prefill", "decode", "decode", "decode"]
     assert steps[4][1] == len(PROMPT) + 3 == cache.get_seq_length()
+
+
+CHUNKED_PROMPT, CHUNK, CHUNKED_NEW = 10, 4, 6
+
+
+@pytest.mark.parametrize(("cache", "profiler"), [("dynamic", False), ("static", False), ("dynamic", True)])
+def test_a_chunked_prefill_is_one_prefill_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cache: str, profiler: bool
+) -> None:
+    # GIVEN a prompt of 10 written in chunks of 4, 4 and 2 (`prefill_chunk_size`), then 5 decode steps
+    model = build_model(ModelSize(64, 128, 4, 4, 2, vocab_size=1000, tie_embeddings=False))
+    ids = torch.randint(3, 1000, (BATCH, CHUNKED_PROMPT), generator=torch.Generator().manual_seed(0))
+    run = tmp_path / "chunked"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=CHUNKED_NEW,
+            min_new_tokens=CHUNKED_NEW,
+            do_sample=False,
+            prefill_chunk_size=CHUNK,
+            cache_implementation=cache,
+            pad_token_id=0,
+        )
+    assert out.shape[1] - CHUNKED_PROMPT == CHUNKED_NEW
+
+    # WHEN it is compared
+    assert main(["compare", str(run), str(run), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["runs"][0]
+
+    # THEN the three chunks are one prefill step, holding the whole prompt at its end, and the run generated
+    # what generate() returned: 1 token for the prefill, 1 per decode step
+    steps = _layer0_steps(run)
+    assert steps[1] == ("prefill", CHUNKED_PROMPT)
+    assert [phase for phase, _ in steps.values()] == ["prefill"] + ["decode"] * (CHUNKED_NEW - 1)
+    assert [tokens for _, tokens in steps.values()] == list(
+        range(CHUNKED_PROMPT, CHUNKED_PROMPT + CHUNKED_NEW)
+    )
+    assert row["steps"] == CHUNKED_NEW
+    assert row["generated_tokens_per_row"] == CHUNKED_NEW
+    # AND the chunks' growth is logged inside that step: a dynamic cache grows at each chunk (4, 8, 10)
+    if cache == "dynamic":
+        grown = [
+            e.tokens
+            for e in read_run(run).kv_events
+            if e.step == 1 and e.layer == 0 and e.kv == "k" and e.event in ("created", "grown")
+        ]
+        assert grown == [CHUNK, 2 * CHUNK, CHUNKED_PROMPT]

@@ -62,8 +62,15 @@ def reference_model(tmp_path, watched_models) -> Iterator[torch.nn.Module]:
         yield model
 
 
-def test_reference_llama3_module_caches(reference_model, tmp_path):
+@pytest.mark.parametrize("call", ["model(...)", "model.forward(...)"])
+def test_reference_llama3_module_caches(reference_model, tmp_path, call):
     model = reference_model
+
+    # Meta's own Llama3.generate calls `self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)`, past
+    # any forward hook; other code calls the module
+    def forward(*args):
+        return model.forward(*args) if call == "model.forward(...)" else model(*args)
+
     head_dim = DIM // N_HEADS
     cache_bytes = MAX_BATCH * MAX_SEQ * N_KV_HEADS * head_dim * 4  # float32, allocated at full length
     cache_addrs = {
@@ -74,10 +81,10 @@ def test_reference_llama3_module_caches(reference_model, tmp_path):
     tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
 
     # WHEN a prefill and a few decode steps run, the way llama_models' generation loop calls the model
-    with kvtrace.record(tmp_path / "run", model=model, profiler=False):
-        model(tokens[:, :PROMPT_LEN], 0)
+    with kvtrace.record(tmp_path / "run", model=model, profiler=False), torch.inference_mode():
+        forward(tokens[:, :PROMPT_LEN], 0)
         for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-            model(tokens[:, pos : pos + 1], pos)
+            forward(tokens[:, pos : pos + 1], pos)
 
     run = read_run(tmp_path / "run")
     assert run.manifest["ended"]["status"] == "ok"
@@ -107,6 +114,7 @@ def test_reference_llama3_module_caches(reference_model, tmp_path):
         written = [e for e in events if e.event == "written"]
         assert [e.step for e in written] == list(steps), (layer, kv, events)
         assert [e.phase for e in written] == ["prefill"] + ["decode"] * DECODE_STEPS
+        assert [e.tokens for e in written] == list(range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS + 1))
         assert len(events) == 1 + len(written)
 
     # The caches are KV, not weights.

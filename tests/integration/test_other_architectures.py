@@ -188,6 +188,12 @@ def test_diagnose_prices_a_shorter_prompt_where_sliding_layers_hold_it(
     assert main(["report", str(tmp_path / "short"), "--json", "--no-export", "-q"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kv"]["peak_bytes"] == peak - cut * per_token and report["budget"]["crossed"] is False
+    # AND no int4 QuantizedCache is offered: transformers refuses it for a model with sliding layers
+    (int4,) = [r for r in diagnosis["remedies"] if r["kind"] == "quantized_kv" and r["setting"] == 4]
+    assert int4["saved_bytes"] is None and int4["fits"] is None
+    assert "has 4 sliding layers (it raises ValueError)" in int4["sentence"]
+    with pytest.raises(ValueError, match="only full attention layers"):
+        transformers.QuantizedCache(backend="quanto", config=model.config)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,87 @@
+"""Where the recorder's steps begin and end: kvtrace's own `forward` on the model, around the model's.
+
+Forward hooks fire only when the model is called (`model(...)`). Meta's reference `Llama3.generate` calls
+`model.forward(...)` directly, so hooked, its prefill and decode steps were never seen. An instance
+attribute named `forward` is what both reach: `Module._call_impl` looks the method up on the instance. It
+also spares torch's hooked call path, ~10 µs a forward on a nearly free model (issue 11).
+
+The wrapper keeps the wrapped method's signature (`functools.wraps`: `inspect.signature` follows
+`__wrapped__`, which `generate()` reads to know which arguments the model takes). A `forward` the user
+set on the instance (a compiled one) is wrapped as it is and put back at the end. While torch.compile
+traces a module that calls the wrapper, the wrapper runs eagerly behind `torch.compiler.disable`: the graph
+breaks there, and the model's own forward below it is compiled as its own frame.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvtrace.integrations.hf_caches import compiling
+
+Before = Callable[[Any, tuple[Any, ...], dict[str, Any]], None]
+After = Callable[[Any, tuple[Any, ...], Any], None]
+
+
+class ForwardWrap:
+    """Runs `before(model, args, kwargs)` and `after(model, args, output)` around every forward of `model`;
+    `after` also when the forward raises, with `output` None (as an always-called forward hook)."""
+
+    def __init__(self, model: Any, before: Before, after: After) -> None:
+        self.model = model
+        self._before = before
+        self._after = after
+        self._wrapper: Any = None
+        self._had_own = False  # the instance held its own `forward` before (a compiled one)
+        self._own: Any = None
+        self.active = False
+
+    def install(self) -> None:
+        model = self.model
+        self._had_own = "forward" in model.__dict__
+        self._own = model.__dict__.get("forward")
+        inner = model.forward
+        before, after, wrap = self._before, self._after, self
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            before(model, args, kwargs)
+            output = None
+            try:
+                output = inner(*args, **kwargs)
+            finally:
+                after(model, args, output)
+            return output
+
+        disable = getattr(getattr(torch, "compiler", None), "disable", None)
+        skipped = disable(run, recursive=False) if disable is not None else run
+
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not wrap.active:  # the block ended while someone still holds this wrapper
+                return inner(*args, **kwargs)
+            if compiling():  # traced by torch.compile: run eagerly, the graph breaks here
+                return skipped(*args, **kwargs)
+            return run(*args, **kwargs)
+
+        forward.kvtrace_wrapper = True  # type: ignore[attr-defined]  # what a leak check looks for
+        self._wrapper = forward
+        self.active = True
+        model.forward = forward
+
+    def uninstall(self) -> None:
+        """Put the model's own `forward` back, unless other code has set another one over kvtrace's since
+        (that one keeps calling kvtrace's wrapper, which now only passes the call through)."""
+        self.active = False
+        model, wrapper = self.model, self._wrapper
+        if wrapper is None:
+            return
+        self._wrapper = None
+        if model.__dict__.get("forward") is not wrapper:
+            return
+        if self._had_own:
+            model.forward = self._own
+        else:
+            del model.__dict__["forward"]
