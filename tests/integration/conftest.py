@@ -107,8 +107,9 @@ def _hook_leaks(models: list[torch.nn.Module]) -> list[str]:
     if GenerationMixin.__dict__["generate"] is not ORIGINAL_GENERATE:
         leaks.append("transformers GenerationMixin.generate is still patched")
     for model in models:
-        if getattr(model.__dict__.get("forward"), "kvtrace_wrapper", False):
-            leaks.append(f"{type(model).__name__}.forward is still kvtrace's wrapper")
+        for owner in (model, type(model)):
+            if getattr(owner.__dict__.get("forward"), "kvtrace_wrapper", False):
+                leaks.append(f"{owner!r:.60}.forward is still kvtrace's wrapper")
         for module_name, module in model.named_modules():
             for attr in (
                 "_forward_hooks",
@@ -141,6 +142,8 @@ def no_hook_leaks(watched_models: list[torch.nn.Module]) -> Iterator[None]:
     for model in watched_models:
         if getattr(model.__dict__.get("forward"), "kvtrace_wrapper", False):
             del model.__dict__["forward"]
+        if getattr(type(model).__dict__.get("forward"), "kvtrace_wrapper", False):
+            type(model).forward = type(model).forward.__wrapped__
         for module in model.modules():
             module._forward_hooks.clear()
             module._forward_pre_hooks.clear()
