@@ -101,8 +101,11 @@ def generated(source: MemorySource, report: Report) -> Generated | None:
         started, ended = starts[0], step_ends[-1]
     if not started or not ended or ended <= started or kv_log is None or not report.kv.batch:
         return None
+    # The caches the recorded model's forwards were given (kvtrace >= round 3): an assistant's draft cache of
+    # the same shape is not one; older runs tell drafts by their layer count only
+    given = set(manifest.get("model_caches") or ())
     drafts = {c.cache for c in report.kv.caches if c.model_shaped is False}
-    mine = [c for c in kv_log.caches if c.cache not in drafts]
+    mine = [c for c in kv_log.caches if (c.cache in given if given else c.cache not in drafts)]
     mine = mine or [c for c in kv_log.caches if c.cache == report.kv.main_cache]
     per_row = sum(c.generated_tokens for c in mine)
     if not per_row:

@@ -131,7 +131,10 @@ class KvLogAnalysis:
     selection change them)."""
 
 
-def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
+def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = None) -> KvLogAnalysis:
+    """`prompt_ends`: prefill step -> the cache positions its generate() call's prompt ends at (the step's
+    memory sample says, since kvtrace 0.1's round 3): what the step's cache holds beyond it are draft
+    tokens its forward verified and kept (assisted decoding), yielded besides the prefill's own token."""
     live: dict[int, tuple[int, int, str, int]] = {}  # addr -> (bytes, layer, kv, cache)
     open_storage: dict[int, int] = {}  # addr -> index in storages
     storages: list[tuple[int, int, int, int, int, str, int]] = []
@@ -180,7 +183,8 @@ def analyze_kv_log(events: list[KvEvent]) -> KvLogAnalysis:
                 if not held:  # none held, or unknown (a module cache whose forward does not say where)
                     appended = 0
                 elif phase == "prefill" or before is None:
-                    appended = 1
+                    end = prompt_ends.get(step) if prompt_ends and phase == "prefill" else None
+                    appended = 1 + (held - end if end is not None and held > end else 0)
                 else:
                     appended = held - before + step_evicted.get(slot, 0)
                 yields[slot[0]] = max(yields.get(slot[0], 0), appended)

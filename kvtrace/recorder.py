@@ -141,7 +141,7 @@ class Recording:
             raise RecordingError(
                 f"record(model=...): a torch.nn.Module (or a vllm.LLM) is needed, got {type(model).__name__}"
             )
-        self.model = model
+        self.model = _uncompiled(model)
         # A vllm.LLM is recorded through its engine core (integrations/vllm_engine.py), not as a module;
         # with no model at all, a vLLM start refused inside the block still leaves its figures.
         self._vllm_llm: Any = None
@@ -178,6 +178,8 @@ class Recording:
         self._step_open = False
         self._prefill_left = 0  # prompt positions a chunked prefill has still to write (one step for all)
         self._prefill_continues = False  # the open step is a chunked prefill's, ended by its last chunk
+        self._prompt_end: int | None = None  # where the running generate() call's prompt ends in its cache
+        self._model_caches: set[int] = set()  # the HF caches the model's own forwards were given
         # (cache, new tokens, updates seen, deferred, cache empty before it) of the running forward
         self._step_cache: tuple[Any, ...] | None = None
         # Light mode with no NVTX tool listening: a forward's layer updates may be compared once, at its end
@@ -415,6 +417,8 @@ class Recording:
             if p.is_file() and p.suffix != ".tmp" and p.name != fmt.LOCK_FILE
         )
         self._manifest["kv_events"] = self.event_count
+        if self._model_caches:
+            self._manifest["model_caches"] = sorted(self._model_caches)
         if self._write_error is not None:
             ended["write_error"] = self._write_error
             ended["kv_events_lost"] = self.events_lost
@@ -493,6 +497,13 @@ class Recording:
                 "PagedAttentionCache when it is made inside the block: start the manager there; custom "
                 "caches are not: name them with record(cache_attrs=...) or kvtrace.track())"
             )
+        updated = self._hf.updates_seen if self._hf is not None else 0
+        if not steps and updated and self.model is not None and not paged:
+            warnings.append(
+                f"the KV cache was updated at layer 0 {updated} times, but never in a forward of the model "
+                f"passed to record() ({type(self.model).__name__}): another model generated, so the log has "
+                "no steps, and per-step figures and tokens/s are left out"
+            )
         if self._module_tokens_unknown and self._modules is not None:
             names = ", ".join(sorted({owner.attr for owner in self._modules.owners}))
             warnings.append(
@@ -552,13 +563,16 @@ class Recording:
         self._begin_step(prefill)
         if nested:
             return
-        if began or continued:
-            self._prefill_left = self._prefill_left_after(began, args, kwargs)
+        if began:
+            self._prompt_start(cache, args, kwargs)
+        elif continued:
+            self._prefill_left = max(self._prefill_left - new_tokens(args, kwargs), 0)
         if modules is not None and modules.owners:
             modules.progress = self._signature.progress(args, kwargs)
         if self._profiler_on and threading.get_ident() != self._thread:
             self._forwards_elsewhere += 1
         if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):
+            self._model_caches.add(hf.cache_id(cache))  # not an assistant's draft cache
             appended = new_tokens(args, kwargs)
             deferred = False
             if self._may_defer:
@@ -592,18 +606,31 @@ class Recording:
         self._prefill_left = 0
         self._end_step(compared)
 
-    def _prefill_left_after(self, began: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-        """Prompt positions per row still to be written after this forward, when a generate() call's prefill
-        writes its prompt in chunks (`prefill_chunk_size`): one step, with the one token those forwards
-        yield. 0 when the call's prompt is unknown (a cache passed in) or its first forward takes it all."""
+    def _prompt_start(self, cache: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """At a generate() call's first forward: the cache positions its prompt ends at, on an empty cache
+        (`_prompt_end`, told in the prefill step's sample: what a first forward writes beyond it are draft
+        tokens under verification, assisted decoding's), and the positions a chunked prefill
+        (`prefill_chunk_size`) still has to write after this forward (`_prefill_left`): its chunks are one
+        step, yielding one token."""
+        self._prompt_end = None
+        self._prefill_left = 0
+        calls, hf = self._calls, self._hf
+        if calls is None:
+            return
+        prompt = calls.prompt
+        if not calls.cache_passed:
+            past: int | None = 0  # generate() made the cache
+        else:
+            past = hf.positions_seen(cache) if hf is not None and cache is not None else None
+        if prompt is None or past is None or prompt < past:
+            return  # the call passed only its new tokens (the cache holds the rest), or nothing tells
+        if past == 0:
+            # On a cache that holds some, the input may be written whole again (prompt lookup does), so
+            # where the prompt ends is known on an empty one only
+            self._prompt_end = prompt
         fed = new_tokens(args, kwargs)
-        if fed <= 0:
-            return 0
-        if began:
-            assert self._calls is not None
-            prompt = self._calls.prompt
-            return prompt - fed if prompt is not None and prompt > fed else 0
-        return self._prefill_left - fed if self._prefill_left > fed else 0
+        if fed > 0 and past + fed < prompt:
+            self._prefill_left = prompt - past - fed
 
     def _settle_deferred(self) -> None:
         """Log what a deferred forward changed before its end: torch skips the always-called end hook when
@@ -680,7 +707,12 @@ class Recording:
         if self._ranges.active:
             self._ranges.pop()
         self._step_open = False
-        self._sample(self.tracker.phase)
+        phase = self.tracker.phase
+        if phase == "prefill" and self._prompt_end is not None:
+            self._sample(phase, prompt_end=self._prompt_end)
+        else:
+            self._sample(phase)
+        self._prompt_end = None
 
     # -- outputs -----------------------------------------------------------------------------------
     def _on_evict(self, layer: int, kv: str) -> None:
@@ -724,14 +756,14 @@ class Recording:
             self._write_error = f"{appender.path}: cannot write ({exc.strerror or exc})"
         appender.discard()
 
-    def _sample(self, label: str) -> None:
+    def _sample(self, label: str, **extra: Any) -> None:
         if self._samples is None or self._samples._fh.closed:
             return
         if self._sampler is None:
             return
         t_ns = self._clock()
         record = self._sampler.sample(host=label in ("start", "end"), now=t_ns / 1e9)
-        record.update(t_ns=t_ns, step=self.tracker.step, phase=label)
+        record.update(t_ns=t_ns, step=self.tracker.step, phase=label, **extra)
         self._samples.append_owned(record)
 
     def _sample_host(self) -> None:
@@ -885,6 +917,18 @@ def _model_device(model: Any) -> torch.device | None:
         return next(model.parameters()).device
     except (StopIteration, AttributeError, TypeError):
         return None
+
+
+def _uncompiled(model: Any) -> Any:
+    """The module that `torch.compile(model)` wraps: its `generate()` is the module's own, which calls the
+    module, never the wrapper (whose forward would see no step)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    if wrapper is not None and isinstance(model, wrapper):
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    return model
 
 
 def _weak(obj: Any) -> Callable[[], Any]:

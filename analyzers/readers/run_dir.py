@@ -152,7 +152,12 @@ def _normal_device(name: str) -> str:
 
 def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
     run = read_run(path)
-    kv = analyze_kv_log(run.kv_events)
+    prompt_ends = {
+        sample["step"]: sample["prompt_end"]
+        for sample in run.memory_samples
+        if sample.get("phase") == "prefill" and isinstance(sample.get("prompt_end"), int)
+    }
+    kv = analyze_kv_log(run.kv_events, prompt_ends)
     source = MemorySource(kind="run", path=str(Path(path)))
     missing = _missing_files_notes(run)
     if missing:

@@ -257,6 +257,29 @@ class HfCacheHooks:
             return self.tracker.tokens_or_none(entry[1], 0)
         return None
 
+    def positions_seen(self, cache: Any) -> int | None:
+        """Positions layer 0 of `cache` has been written at (what transformers' `get_seq_length` returns),
+        read without a device sync: a sliding layer's running count, a dynamic layer's length, a static
+        layer's tokens as the tracker counted them; None when unknown here."""
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            return None
+        if not layers or not getattr(layers[0], "is_initialized", True):
+            return 0
+        layer = layers[0]
+        for name in ("cumulative_length_int", "cumulative_length"):
+            count = getattr(layer, name, None)
+            if isinstance(count, int) and not isinstance(count, bool):
+                return count
+        layer_type = type(layer)
+        kind = self._kinds.get(layer_type)
+        if kind is None:
+            kind = self._kinds[layer_type] = _layer_kind(layer_type)
+        if kind == _PLAIN:
+            keys = getattr(layer, "keys", None)
+            return int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() >= 2 else None
+        return self.held_tokens(cache) if kind == _STATIC else None
+
     def install(self) -> None:
         from transformers.cache_utils import Cache
 

@@ -32,7 +32,8 @@ class GenerateCalls:
         self._lock = threading.Lock()
         self._depth = 0  # generate() calls on the model in progress, nested ones included
         self._pending = False  # the outermost call began and none of its forwards has run yet
-        self.prompt: int | None = None  # the outermost call's prompt positions per row, into an empty cache
+        self.prompt: int | None = None  # the outermost call's input positions per row (`_prompt_length`)
+        self.cache_passed = False  # the outermost call was given a cache (else generate() makes an empty one)
 
     @staticmethod
     def available(model: Any) -> bool:
@@ -52,7 +53,8 @@ class GenerateCalls:
         def generate(model: Any, *args: Any, **kwargs: Any) -> Any:
             if model is not calls.model:  # another model's (an assistant's), or a copy's
                 return original(model, *args, **kwargs)
-            calls._enter(_prompt_length(model, args, kwargs))
+            passed = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
+            calls._enter(_prompt_length(model, args, kwargs), passed)
             try:
                 return original(model, *args, **kwargs)
             finally:
@@ -65,12 +67,12 @@ class GenerateCalls:
             self._mixin.generate = self._original
         self._mixin = self._original = None
 
-    def _enter(self, prompt: int | None) -> None:
+    def _enter(self, prompt: int | None, cache_passed: bool) -> None:
         with self._lock:
             self._depth += 1
             if self._depth == 1:
                 self._pending = True
-                self.prompt = prompt
+                self.prompt, self.cache_passed = prompt, cache_passed
 
     def _exit(self) -> None:
         with self._lock:
@@ -91,11 +93,10 @@ class GenerateCalls:
 
 
 def _prompt_length(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """The positions per row a `generate()` call's prefill writes into a new cache: its input's length (a
-    shape, read without a sync). None when a cache is passed in (it may hold some of them already), for
+    """The positions per row a `generate()` call's cache holds once its prompt is written: its input's
+    length (a shape, read without a sync), which includes what a cache passed in holds already (else the
+    call passed its new tokens only, which the recorder tells by the cache's count). None for
     encoder-decoder models (the input is the encoder's), or when the call does not show its input."""
-    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-        return None
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return None
     fed = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))

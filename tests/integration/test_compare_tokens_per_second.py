@@ -3,6 +3,7 @@ yields several tokens per forward, and beam search's rows are beams."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -200,14 +201,34 @@ def test_a_generate_call_that_ran_no_forward_leaves_the_next_forward_decode(tmp_
 CHUNKED_PROMPT, CHUNK, CHUNKED_NEW = 10, 4, 6
 
 
-@pytest.mark.parametrize(("cache", "profiler"), [("dynamic", False), ("static", False), ("dynamic", True)])
+@pytest.mark.parametrize(
+    ("cache", "passed", "profiler"),
+    [
+        ("dynamic", False, False),
+        ("static", False, False),
+        ("dynamic", False, True),
+        ("dynamic", True, False),
+        ("static", True, False),
+    ],
+)
 def test_a_chunked_prefill_is_one_prefill_step(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], cache: str, profiler: bool
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cache: str, passed: bool, profiler: bool
 ) -> None:
-    # GIVEN a prompt of 10 written in chunks of 4, 4 and 2 (`prefill_chunk_size`), then 5 decode steps
+    # GIVEN a prompt of 10 written in chunks of 4, 4 and 2 (`prefill_chunk_size`), then 5 decode steps, on a
+    # cache generate() makes or on an empty one passed in
+    from transformers import DynamicCache, StaticCache
+
     model = build_model(ModelSize(64, 128, 4, 4, 2, vocab_size=1000, tie_embeddings=False))
     ids = torch.randint(3, 1000, (BATCH, CHUNKED_PROMPT), generator=torch.Generator().manual_seed(0))
     run = tmp_path / "chunked"
+    given: dict[str, Any] = {"cache_implementation": cache}
+    if passed:
+        made = (
+            DynamicCache(config=model.config)
+            if cache == "dynamic"
+            else StaticCache(config=model.config, max_cache_len=CHUNKED_PROMPT + CHUNKED_NEW)
+        )
+        given = {"cache": made}
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
         out = model.generate(
             ids,
@@ -216,8 +237,8 @@ def test_a_chunked_prefill_is_one_prefill_step(
             min_new_tokens=CHUNKED_NEW,
             do_sample=False,
             prefill_chunk_size=CHUNK,
-            cache_implementation=cache,
             pad_token_id=0,
+            **given,
         )
     assert out.shape[1] - CHUNKED_PROMPT == CHUNKED_NEW
 
@@ -243,3 +264,40 @@ def test_a_chunked_prefill_is_one_prefill_step(
             if e.step == 1 and e.layer == 0 and e.kv == "k" and e.event in ("created", "grown")
         ]
         assert grown == [CHUNK, 2 * CHUNK, CHUNKED_PROMPT]
+
+
+@pytest.mark.parametrize("assistant", ["one layer", "a copy"])
+def test_assisted_decoding_counts_what_generate_returned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], assistant: str
+) -> None:
+    # GIVEN assisted decoding with a 1-layer draft model, or with a copy of the model made inside the block
+    # (a draft cache of the model's own shape): the model's first forward writes the prompt and the drafts
+    # it verifies, which it keeps
+    size = ModelSize(64, 128, 2, 4, 2, vocab_size=512, tie_embeddings=False)
+    model = build_model(size, seed=0)
+    base = torch.randint(3, 500, (1, 5), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([base, base, base], dim=1)
+    run = tmp_path / "assisted"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        draft = build_model(ModelSize(64, 128, 1, 4, 2, vocab_size=512), seed=1)
+        if assistant == "a copy":
+            draft = copy.deepcopy(model)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), assistant_model=draft, max_new_tokens=8,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    returned = out.shape[1] - ids.shape[1]
+    assert returned == 8
+    # WHEN it is compared THEN the run generated what generate() returned: the model's cache only, its
+    # first forward's kept drafts included, which its end (prompt + 8 - 1 tokens) confirms
+    assert main(["compare", str(run), str(run), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["runs"][0]
+    assert row["generated_tokens_per_row"] == returned
+    recorded = read_run(run)
+    (mine,) = recorded.manifest["model_caches"]
+    held = max(e.tokens for e in recorded.kv_events if e.cache == mine and e.event != "freed")
+    assert held == ids.shape[1] + returned - 1
+    first = [
+        e for e in recorded.kv_events if e.cache == mine and e.layer == 0 and e.kv == "k" and e.step == 1
+    ]
+    assert first[0].tokens > ids.shape[1], "the first forward verifies drafts beyond the prompt"

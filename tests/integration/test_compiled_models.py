@@ -121,3 +121,21 @@ def test_a_forward_that_raises_before_any_update_logs_no_step(tmp_path: Path) ->
     events = read_run(tmp_path / "run").kv_events
     assert not [e for e in events if e.step == 3 and e.event != "freed"]
     assert len([e for e in events if e.step == 2 and e.event == "written"]) == 2 * LAYERS
+
+
+def test_a_torch_compile_wrapper_passed_as_the_model_is_recorded_step_by_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN `torch.compile(model)`, whose generate() is the module's own (it calls the module, not the
+    # wrapper), passed to record() as the model
+    torch._dynamo.reset()
+    model = build_model(tiny_size(LAYERS, KV_HEADS), seed=0)
+    compiled = torch.compile(model, backend="eager")
+    plain = _generate(model, "dynamic")
+    # WHEN the wrapper generates inside the block
+    with kvtrace.record(tmp_path / "run", model=compiled, profiler=False):
+        recorded = _generate(compiled, "dynamic")
+    # THEN every step is logged as for the module itself, with no warning
+    assert torch.equal(plain.sequences, recorded.sequences)
+    _check_run(tmp_path / "run", "dynamic", capsys)
+    assert read_run(tmp_path / "run").manifest["warnings"] == []

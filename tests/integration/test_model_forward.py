@@ -100,3 +100,19 @@ def test_a_forward_set_on_the_instance_is_wrapped_and_put_back(
     assert calls["own"] == NEW
     assert _steps(tmp_path / "run") == {"prefill": 1, "decode": NEW - 1}
     assert model.__dict__["forward"] is own_forward
+
+
+def test_a_run_where_another_model_generated_says_so(
+    tmp_path: Path, watched_models: list[torch.nn.Module]
+) -> None:
+    # GIVEN a block recording one model while another one generates
+    model, other = build_model(tiny_size(LAYERS), seed=0), build_model(tiny_size(LAYERS), seed=1)
+    watched_models += [model, other]
+    ids = torch.randint(3, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        _generate(other, ids)
+    # THEN the run has no step, and its manifest says why rather than leaving tokens/s blank unexplained
+    recorded = read_run(tmp_path / "run")
+    assert {e.step for e in recorded.kv_events} == {0}
+    (warning,) = recorded.manifest["warnings"]
+    assert warning.startswith(f"the KV cache was updated at layer 0 {NEW} times, but never in a forward of")
