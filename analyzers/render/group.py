@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.group import GroupReport, RankReport
-from analyzers.planning.diagnose import Diagnosis
+from analyzers.planning.diagnosis import Diagnosis
 from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
 from analyzers.render.json import report_to_json
 from analyzers.render.text import budget_line, report_to_text

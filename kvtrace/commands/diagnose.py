@@ -35,7 +35,7 @@ class DiagnoseCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from analyzers.planning.diagnose import diagnose
-        from analyzers.planning.plan import parse_size
+        from analyzers.planning.size_text import parse_size
         from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
         from analyzers.report import build_report
 

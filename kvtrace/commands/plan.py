@@ -29,7 +29,7 @@ def parse_reserve(text: str) -> tuple[int | None, float | None]:
         raise KvtraceError(
             f"--reserve {text.strip()}: a fraction must be below 1 (0.15), a size needs its unit (1.5GiB)"
         )
-    from analyzers.planning.plan import parse_size
+    from analyzers.planning.size_text import parse_size
 
     return parse_size(text, "--reserve"), None
 

@@ -18,7 +18,7 @@ _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp
 
 
 def _size(text: str | None, flag: str, positive: bool = False) -> int | None:
-    from analyzers.planning.plan import parse_size
+    from analyzers.planning.size_text import parse_size
 
     return None if text is None else parse_size(text, flag, positive=positive)
 
@@ -67,8 +67,8 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
 
 
 def run_vllm_plan(args: argparse.Namespace) -> int:
-    from analyzers.planning.plan import parse_size
     from analyzers.planning.presets import geometry_from_config, get_preset
+    from analyzers.planning.size_text import parse_size
     from analyzers.planning.vllm_plan import VllmPlanRequest, format_vllm_text, plan_vllm, vllm_to_json
 
     # transformers-side flags that vLLM's arithmetic has its own names for: refused rather than ignored

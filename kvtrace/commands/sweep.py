@@ -148,7 +148,7 @@ class SweepCommand(Command):
             raise KvtraceError("--new-tokens must be at least 1")
         budget = None
         if args.budget is not None:
-            from analyzers.planning.plan import parse_size
+            from analyzers.planning.size_text import parse_size
 
             budget = parse_size(args.budget, "--budget", positive=True)
         if args.size is None and args.preset is None and args.config is None:

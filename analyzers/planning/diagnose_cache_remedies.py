@@ -1,0 +1,180 @@
+"""The remedies whose price depends on what the cache is: rows that are beam search's beams (a smaller
+batch counted in prompts, fewer beams), layers that all slide (a shorter prompt, a smaller window), and
+transformers' int4 QuantizedCache (scales and a full-precision residual). Pure, torch-free.
+
+analyzers.planning.diagnose_remedies prices the usual remedies and calls these when the run's cache is one
+of those kinds.
+"""
+
+from __future__ import annotations
+
+import math
+
+from analyzers.planning.diagnosis import NO_GEOMETRY, Remedy, fits
+from analyzers.planning.quantized_cache import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_RESIDUAL_LENGTH,
+    quantized_cache_bytes,
+    residual_tokens,
+)
+from analyzers.units import human_bytes
+
+__all__ = ["beam_search_remedies", "int4_remedy", "windowed_remedies"]
+
+
+def beam_search_remedies(kv: int, prompts: int, beams: int, need: int | None) -> list[Remedy]:
+    """A smaller batch counted in prompts (each holding `beams` rows), and fewer beams: KV is linear in
+    both."""
+    each = f"{beams} beams each"
+    batch_target, batch_saved = _fewer(kv, prompts, need)
+    beams_target, beams_saved = _fewer(kv, beams, need)
+    per_prompt, per_beam = human_bytes(kv / prompts), human_bytes(kv / beams)
+    if need is None:
+        batch_text = f"Each prompt dropped from the batch of {prompts} ({each}) frees {per_prompt} of KV."
+        beams_text = f"Each beam dropped (num_beams={beams}, batch {prompts}) frees {per_beam} of KV."
+    elif need <= 0:
+        room = "the KV alone would leave room up to"
+        batch_text = f"Batch {prompts} ({each}) already fits; {room} batch {batch_target}."
+        beams_text = f"num_beams={beams} already fits; {room} {beams_target} beams."
+    else:
+        enough = "of KV, enough to fit."
+        batch_text = (
+            f"Batch {batch_target} instead of {prompts} ({each}) frees {human_bytes(batch_saved)} {enough}"
+            if batch_target >= 1
+            else f"Even batch 1 ({each}) does not fit: it still holds {per_prompt} of KV."
+        )
+        beams_text = (
+            f"num_beams={beams_target} instead of {beams} (batch {prompts}) frees "
+            f"{human_bytes(beams_saved)} {enough}"
+            if beams_target >= 1
+            else f"Even num_beams=1 (greedy search, batch {prompts}) does not fit: it still holds {per_beam} "
+            "of KV."
+        )
+    return [
+        Remedy("batch", batch_target or None, batch_saved, fits(batch_saved, need), batch_text),
+        Remedy("beams", beams_target or None, beams_saved, fits(beams_saved, need), beams_text),
+    ]
+
+
+def _fewer(kv: int, count: int, need: int | None) -> tuple[int, int]:
+    """(the setting to propose, KV bytes it frees) for a count that KV is linear in (batch, beams): one
+    fewer without a shortfall; else the largest count whose KV leaves room for it (0: even 1 is too many),
+    freeing what going down to it, or to 1, saves (nothing when the run already fits)."""
+    share = kv / count
+    if need is None:
+        return count - 1, round(share) if count > 1 else 0
+    target = max(math.floor(count * (kv - need) / kv), 0)
+    return target, 0 if need <= 0 else round(share * (count - max(target, 1)))
+
+
+def int4_remedy(d: dict[str, object], kv: int, kv_bits: int, need: int | None) -> Remedy:
+    """transformers' QuantizedCache at its defaults (int4, a scale and a zero-point per 64 elements,
+    residual_length 128) holding this moment's tokens: the prompt quantized, the tokens after it in the
+    compute dtype until 128 are due (analyzers.planning.quantized_cache, as `kvtrace plan` counts it)."""
+    batch, tokens, prompt = d["batch"], d["tokens_held"], d.get("prompt_tokens")
+    if not isinstance(batch, int) or not isinstance(tokens, int) or not batch or not tokens:
+        why = "needs the tokens held, a share of which it keeps at full precision"
+        return Remedy("quantized_kv", 4, None, None, f"int4 quantized cache: {NO_GEOMETRY}; it {why}.")
+    per_token = _bytes_per_token_all_rows(d, kv, batch, tokens)
+    # What the cache holds at this moment, without a dynamic cache's transient copy: a quantized cache's
+    # updates make larger ones (its quantized layer dequantized, whole K and V returned at full precision).
+    cache = min(kv, round(per_token * tokens))
+    elements = per_token * 8 / kv_bits  # per position, every row
+    compute_bits = d.get("compute_bits")
+    compute_bytes = (compute_bits if isinstance(compute_bits, int) else kv_bits) / 8
+    known = prompt if isinstance(prompt, int) else None
+    residual = residual_tokens(tokens, DEFAULT_RESIDUAL_LENGTH, known)
+    held = quantized_cache_bytes(
+        tokens,
+        residual,
+        data_per_token=elements * 4 / 8,
+        scale_per_token=elements / DEFAULT_GROUP_SIZE * 2 * compute_bytes,
+        full_per_token=elements * compute_bytes,
+    )
+    saved = max(cache - held.total_bytes, 0)
+    after = (
+        f"the {residual:,} after the prompt" if known is not None else f"up to {residual:,} (the worst case)"
+    )
+    return Remedy(
+        "quantized_kv",
+        4,
+        saved,
+        fits(saved, need),
+        f"An int4 quantized cache (QuantizedCache, scales included) holds these {tokens:,} tokens in "
+        f"{human_bytes(held.total_bytes)} instead of {human_bytes(cache)}, saving {human_bytes(saved)}: "
+        f"{held.quantized_tokens:,} in int4, {after} at full precision ({human_bytes(held.residual_bytes)}) "
+        f"until residual_length={DEFAULT_RESIDUAL_LENGTH} are due.",
+    )
+
+
+def _bytes_per_token_all_rows(d: dict[str, object], kv: int, batch: int, tokens: int) -> float:
+    """KV bytes of one position across the batch and all layers: the run's own figure at the end (its
+    storages over the tokens they hold), else the moment's KV over its tokens."""
+    steady = d.get("bytes_per_token")
+    return steady * batch if isinstance(steady, int | float) and steady else kv / tokens
+
+
+def windowed_remedies(
+    kv: int, tokens: int, per_token: float, need: int | None, num_layers: int | None
+) -> list[Remedy]:
+    """Shorter context and smaller window for a cache whose every layer slides (Mistral's default
+    DynamicCache). Such a layer keeps its last `tokens` in a storage one token longer, and makes its new K
+    and V before freeing the old ones; but at prefill its storage is the whole prompt, which it lets go of
+    only at its first decode step. KV at the moment above the window's own (every layer's window plus one
+    layer's new one) is that prompt: a shorter prompt frees it token by token, a smaller window does not."""
+    window_kv = per_token * (tokens + 1) * (1 + 1 / (num_layers or 1))
+    above = max(kv - round(window_kv), 0)
+    out: list[Remedy] = []
+    if above >= per_token:  # at least a token of prompt beyond the window
+        holds = (
+            "every sliding layer holds the whole prompt until its first decode step "
+            f"({human_bytes(above)} of the {human_bytes(kv)} of KV at this moment is beyond the window)"
+        )
+        cut = math.ceil(need / per_token) if need is not None and need > 0 else None
+        if cut is not None and cut * per_token <= above:
+            saved = round(cut * per_token)
+            text = f"A prompt {cut:,} tokens shorter frees {human_bytes(saved)} of KV: {holds}."
+        else:
+            saved = above
+            short = f", less than the {human_bytes(need)} shortfall" if need is not None and need > 0 else ""
+            text = f"A prompt no longer than the window frees {human_bytes(saved)} of KV{short}: {holds}."
+        out.append(Remedy("context", None, saved, fits(saved, need), text))
+        out.append(
+            Remedy(
+                "sliding_window",
+                None,
+                0,
+                fits(0, need),
+                "A smaller window does not shrink the prompt that every sliding layer holds until its first "
+                f"decode step ({human_bytes(above)} of the KV at this moment): a shorter prompt does.",
+            )
+        )
+        return out
+    out.append(
+        Remedy(
+            "context",
+            None,
+            0,
+            fits(0, need),
+            f"The cache already keeps a sliding window ({tokens:,} tokens held) at this moment: a shorter "
+            "context does not shrink it.",
+        )
+    )
+    cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
+    window = tokens - cut
+    if window >= 1:
+        saved = round(per_token * cut)
+        text = (
+            f"A window of {window:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
+            f"({human_bytes(per_token)} per token across the batch)."
+        )
+    elif need is not None and need > 0:
+        saved = round(per_token * (tokens - 1))
+        text = (
+            f"No smaller window fits: a window of 1 token frees {human_bytes(saved)} of KV, less than the "
+            f"{human_bytes(need)} shortfall."
+        )
+    else:
+        saved, text = 0, "The window holds 1 token: there is no smaller one."
+    out.append(Remedy("sliding_window", window if window >= 1 else None, saved, fits(saved, need), text))
+    return out

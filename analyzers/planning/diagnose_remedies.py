@@ -1,0 +1,277 @@
+"""What each usual remedy for an OOM would buy at a diagnosis's moment (analyzers.planning.diagnose),
+priced in bytes with this run's own figures. Pure, torch-free.
+
+* the shortfall a remedy must cover is `request - device_free` at an OOM (the allocator could not find
+  a fresh segment that big; the reserved-but-free space is treated as unusable, which is what the OOM
+  itself proves without expandable segments), or `peak - budget` when a budget is given;
+* KV scales linearly with batch and with the tokens held, so smaller batch, shorter context and a
+  sliding window are exact proportions of the KV at that moment (activations also shrink; we don't
+  count them, so the figures are lower bounds); batch and tokens are those held at the end of the
+  moment's step (the KV log's per-step figures), not the run's final count;
+* a static cache removes the dynamic cache's reallocation transient: KV peak - KV final, from the KV log;
+* quantized KV keeps 8 bits an element (fp8), or is transformers' int4 QuantizedCache: int4 plus a scale
+  and a zero-point per 64 elements in the model's dtype, the prompt quantized and the tokens after it at
+  full precision until `residual_length` (128) are due (analyzers.planning.quantized_cache, as
+  `kvtrace plan --cache quantized` counts it);
+* offloading (transformers' OffloadedCache) keeps about two layers' KV on the device;
+* `expandable_segments:True` lets the allocator grow segments in place instead of stranding free blocks:
+  it recovers up to reserved - allocated.
+
+Where the input lacks what a figure needs (a bare snapshot has no KV geometry), the remedy says what is
+missing instead of inventing a number. Remedies fit the device: offloading KV to the CPU and the CUDA
+allocator's expandable segments are offered only for CUDA devices.
+
+The run's figures the prices need (the KV's dtype, the bytes a token of context costs, which layers slide)
+are read here from the report. The remedies that depend on what the cache is (beam search's rows, layers
+that all slide, the int4 QuantizedCache) are priced in analyzers.planning.diagnose_cache_remedies.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from analyzers.kv_log import is_kv_data
+from analyzers.model import MemorySource
+from analyzers.planning.diagnose_cache_remedies import beam_search_remedies, int4_remedy, windowed_remedies
+from analyzers.planning.diagnosis import NO_GEOMETRY, NO_KV, Remedy, fits
+from analyzers.summary import Report
+from analyzers.units import human_bytes
+
+__all__ = [
+    "all_windowed",
+    "compute_dtype_bits",
+    "growing_bytes_per_token",
+    "kv_dtype_bits",
+    "price_remedies",
+    "sliding_layers",
+]
+
+_DTYPE_BITS = {
+    "float32": 32,
+    "float16": 16,
+    "bfloat16": 16,
+    "float64": 64,
+    "float8_e4m3fn": 8,
+    "float8_e5m2": 8,
+    "int8": 8,
+}
+_OFFLOAD_LAYERS_ON_DEVICE = 2  # the layer computing and the one being prefetched
+
+
+def _windowed_layers(report: Report) -> tuple[list[Any], list[Any]]:
+    """(layers whose window let tokens go, the others) of the run's final KV."""
+    windowed = [layer for layer in report.kv.per_layer if layer.evicted_by_reason.get("window")]
+    others = [layer for layer in report.kv.per_layer if not layer.evicted_by_reason.get("window")]
+    return windowed, others
+
+
+def all_windowed(report: Report) -> bool:
+    """Every KV layer slides (Mistral), so the cache's size does not follow the context; a hybrid (Gemma 2:
+    sliding and global layers) grows with it through its global layers."""
+    windowed, others = _windowed_layers(report)
+    return bool(windowed) and not others
+
+
+def growing_bytes_per_token(report: Report) -> float | None:
+    """KV bytes one more token of context costs per sequence: the run's own figure (storages over tokens
+    held), but for the layers that keep every token only when others slide; a fully sliding cache's token
+    of window costs the arithmetic (its storages keep a spare slot)."""
+    kv = report.kv
+    windowed, others = _windowed_layers(report)
+    if not windowed:
+        return kv.bytes_per_token_measured
+    if not others:
+        return kv.bytes_per_token_expected or kv.bytes_per_token_measured
+    if not kv.batch:
+        return None
+    return sum((layer.k_bytes + layer.v_bytes) / layer.tokens for layer in others if layer.tokens) / kv.batch
+
+
+def kv_dtype_bits(source: MemorySource, report: Report) -> int | None:
+    """Bits of one KV element: the dtype of the run's last KV data event, else the model's dtype."""
+    run = source.meta.get("run")
+    dtype = None
+    if run is not None:
+        dtypes = [e.dtype for e in run.kv_events if is_kv_data(e) and e.dtype]
+        dtype = dtypes[-1] if dtypes else None
+    if dtype is None and report.geometry:
+        dtype = report.geometry.get("dtype")
+    return _DTYPE_BITS.get(str(dtype)) if dtype else None
+
+
+def compute_dtype_bits(report: Report) -> int | None:
+    """Bits of the model's own float dtype: a quantized cache keeps its residual and scales in it."""
+    dtype = (report.geometry or {}).get("dtype")
+    bits = _DTYPE_BITS.get(str(dtype)) if dtype else None
+    return bits if bits is not None and bits >= 16 else None
+
+
+def sliding_layers(report: Report) -> int:
+    """Layers keeping only a window: the config's (`sliding_layers`; every layer when it gives a window but
+    no layer types, as Mistral's), else those whose window let tokens go."""
+    geometry = report.geometry or {}
+    counted = geometry.get("sliding_layers")
+    if isinstance(counted, int):
+        return counted
+    layers = geometry.get("num_layers")
+    if geometry.get("sliding_window") and isinstance(layers, int):
+        return layers
+    return len(_windowed_layers(report)[0])
+
+
+def price_remedies(
+    d: dict[str, object], kv_bits: int | None, num_layers: int | None, on_cuda: bool = True
+) -> list[Remedy]:
+    """Price every remedy at the moment described by `d` (the Diagnosis fields computed so far)."""
+    kv = d["kv_bytes"]
+    batch, tokens, need = d["batch"], d["tokens_held"], d["shortfall_bytes"]
+    assert kv is None or isinstance(kv, int)
+    assert batch is None or isinstance(batch, int)
+    assert tokens is None or isinstance(tokens, int)
+    assert need is None or isinstance(need, int)
+    out: list[Remedy] = []
+
+    beams = d.get("beams")
+    if kv and batch and isinstance(beams, int) and beams > 1:
+        out += beam_search_remedies(kv, batch // beams, beams, need)
+    elif kv and batch:
+        per_seq = kv / batch
+        if need is None:
+            target = batch - 1
+            saved = round(per_seq) if target >= 1 else 0
+            text = f"Each sequence dropped from the batch of {batch} frees {human_bytes(per_seq)} of KV."
+        elif need <= 0:
+            target = math.floor(batch * (kv - need) / kv)
+            saved = 0
+            text = f"Batch {batch} already fits; the KV alone would leave room up to batch {target}."
+        else:
+            target = math.floor(batch * (kv - need) / kv)
+            saved = round(per_seq * (batch - max(target, 1)))
+            text = (
+                f"Batch {target} instead of {batch} frees {human_bytes(saved)} of KV, enough to fit."
+                if target >= 1
+                else f"Even batch 1 does not fit: the {human_bytes(kv)} of KV is not the whole problem."
+            )
+            if target < 1 and need <= kv:  # all the KV would do, but batch 1 keeps a row of it
+                text = (
+                    f"Even batch 1 does not fit: it frees {human_bytes(saved)} of the {human_bytes(kv)} of "
+                    f"KV, less than the {human_bytes(need)} shortfall."
+                )
+        if d.get("rows_are_beams"):  # how many per prompt, the log does not say
+            text += (
+                f" These {batch} cache rows are beam search's (prompts x num_beams): lower either, so that "
+                f"their product is at most {max(target, 1)}."
+            )
+        out.append(Remedy("batch", target if target >= 1 else None, saved, fits(saved, need), text))
+    else:
+        out.append(Remedy("batch", None, None, None, f"Smaller batch: {NO_GEOMETRY}."))
+
+    if kv and tokens:
+        # Bytes per position across the whole batch and all layers: the run's own figure at the end (its
+        # storages over the tokens they hold), not the peak's, which counts transient copies and a sliding
+        # cache's spare room as if they grew with every token.
+        steady = d.get("bytes_per_token")
+        per_token = steady * batch if isinstance(steady, int | float) and steady and batch else kv / tokens
+        cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
+        context = tokens - min(cut, tokens)
+        saved = round(per_token * (tokens - max(context, 1)))
+        if d.get("windowed"):  # the cache already slides: its size follows the prompt, not the context
+            out += windowed_remedies(kv, tokens, per_token, need, num_layers)
+        elif context >= 1:
+            text = (
+                f"A context of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
+                f"({human_bytes(per_token)} per token across the batch)."
+            )
+            window = (
+                f"A sliding window of {context:,} tokens caps KV at {human_bytes(kv - saved)} however "
+                "long generation runs, at the cost of forgetting older tokens."
+            )
+        else:
+            text = f"No shorter context fits: all {tokens:,} tokens of KV are only {human_bytes(kv)}."
+            window = f"No sliding window fits: even dropping all {human_bytes(kv)} of KV is not enough."
+        if not d.get("windowed"):
+            out.append(Remedy("context", context or None, saved, fits(saved, need), text))
+            out.append(Remedy("sliding_window", context or None, saved, fits(saved, need), window))
+    else:
+        out.append(Remedy("context", None, None, None, f"Shorter context: {NO_GEOMETRY}."))
+        out.append(Remedy("sliding_window", None, None, None, f"Sliding window: {NO_GEOMETRY}."))
+
+    kv_peak, kv_final = d["kv_peak_bytes"], d["kv_final_bytes"]
+    if isinstance(kv_peak, int) and isinstance(kv_final, int) and kv_peak:
+        churn = max(kv_peak - kv_final, 0)
+        text = (
+            f"A static cache (cache_implementation='static') writes in place, removing the "
+            f"{human_bytes(churn)} transient a dynamic cache's torch.cat copies add at its KV peak."
+            if churn
+            else "No transient KV copies at the peak: the cache already writes in place (a static cache "
+            "would not help)."
+        )
+        out.append(Remedy("static_cache", None, churn, fits(churn, need), text))
+    else:
+        out.append(Remedy("static_cache", None, None, None, f"Static cache: {NO_KV}."))
+
+    if kv and kv_bits:
+        fp8 = round(kv * (1 - 8 / kv_bits)) if kv_bits > 8 else 0
+        if kv_bits > 8:  # an 8-bit cache already is what this remedy proposes
+            out.append(
+                Remedy(
+                    "quantized_kv",
+                    8,
+                    fp8,
+                    fits(fp8, need),
+                    f"An fp8 KV cache saves {human_bytes(fp8)} of the {human_bytes(kv)} held at {kv_bits} "
+                    "bits.",
+                )
+            )
+        sliding = d.get("sliding_layers")
+        if isinstance(sliding, int) and sliding:
+            text = (
+                f"int4 quantized cache: transformers' QuantizedCache takes models whose layers all keep full "
+                f"attention, and this one has {sliding:,} sliding layer{'s' if sliding > 1 else ''} (it "
+                "raises ValueError)."
+            )
+            out.append(Remedy("quantized_kv", 4, None, None, text))
+        else:
+            out.append(int4_remedy(d, kv, kv_bits, need))
+    else:
+        why = NO_KV if not kv else "cannot be computed: the KV dtype is not recorded"
+        out.append(Remedy("quantized_kv", None, None, None, f"Quantized KV: {why}."))
+
+    if not on_cuda:
+        pass  # the KV cache already lives in host memory: there is nowhere to offload it
+    elif kv and num_layers and num_layers > _OFFLOAD_LAYERS_ON_DEVICE:
+        saved = round(kv * (1 - _OFFLOAD_LAYERS_ON_DEVICE / num_layers))
+        out.append(
+            Remedy(
+                "offloading",
+                None,
+                saved,
+                fits(saved, need),
+                f"Offloading the KV cache to CPU (cache_implementation='offloaded') keeps about "
+                f"{_OFFLOAD_LAYERS_ON_DEVICE} of {num_layers} layers on the device: {human_bytes(saved)} "
+                "less, paid in PCIe transfers every step.",
+            )
+        )
+    else:
+        out.append(Remedy("offloading", None, None, None, f"Offloading: {NO_GEOMETRY}."))
+
+    frag = d["reserved_unallocated_bytes"]
+    if not on_cuda:
+        pass  # a setting of the CUDA caching allocator
+    elif isinstance(frag, int):
+        out.append(
+            Remedy(
+                "expandable_segments",
+                None,
+                frag,
+                fits(frag, need),
+                f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lets segments grow in place, recovering "
+                f"up to the {human_bytes(frag)} reserved but not allocated.",
+            )
+        )
+    else:
+        why = "cannot be computed: this input has no reserved-memory figures"
+        out.append(Remedy("expandable_segments", None, None, None, f"expandable_segments: {why}."))
+    # Remedies that close the gap first, then by bytes bought; unpriceable ones last.
+    return sorted(out, key=lambda r: (r.saved_bytes is None, not r.fits, -(r.saved_bytes or 0)))

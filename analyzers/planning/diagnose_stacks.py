@@ -1,0 +1,108 @@
+"""Which stacks held the live bytes at a diagnosis's moment. Pure, torch-free.
+
+From the attributed events (an allocation is live until an event reuses its address), and for a snapshot
+diagnosed at its dump, from the pickle's own blocks, whose stacks the snapshot reader does not keep. Stacks
+are shown without the frames torch's memory_viz leaves out (analyzers.stack_frames).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from analyzers.model import DeviceEvents, MemorySource
+from analyzers.planning.diagnosis import StackShare
+from analyzers.stack_frames import heading, kept_frames
+
+__all__ = ["freed_from_before", "live_by_stack", "snapshot_block_stacks"]
+
+_NO_STACK = "(no stack recorded: record with with_stack=True)"
+
+
+def live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[StackShare]:
+    """Group the allocations live after event `upto` by their stack text.
+
+    An allocation is live when no later event up to `upto` reuses its address (its free). Vectorised:
+    sort events by (address, index) so each event's successor at the same address is the next row.
+    """
+    dev = source.devices[dev_index]
+    if upto < 0:
+        return []
+    n = upto + 1
+    addr = dev.addr[:n]
+    order = np.lexsort((np.arange(n), addr))
+    same_next = np.zeros(n, dtype=bool)
+    same_next[order[:-1]] = addr[order[:-1]] == addr[order[1:]]
+    live = (dev.delta_bytes[:n] > 0) & ~same_next & (addr >= 0)
+    grouped: dict[str, list[int]] = {}
+    frame_ids = dev.frame_id if dev.frame_id is not None else np.full(len(dev), -1, dtype=np.int32)
+    kept: dict[int, str] = {}  # frame_id -> its stack without the frames memory_viz leaves out
+    for frame_id, nbytes in zip(
+        frame_ids[:n][live].tolist(), dev.delta_bytes[:n][live].tolist(), strict=True
+    ):
+        text = kept.get(frame_id)
+        if text is None:
+            known = 0 <= frame_id < len(source.frames)
+            text = kept[frame_id] = "\n".join(kept_frames(source.frames[frame_id])) if known else _NO_STACK
+        entry = grouped.setdefault(text, [0, 0])
+        entry[0] += int(nbytes)
+        entry[1] += 1
+    return [_share(text, total, count) for text, (total, count) in grouped.items()]
+
+
+def freed_from_before(dev: DeviceEvents, upto: int) -> int:
+    """Bytes that events up to `upto` freed of blocks allocated before the trace began: frees that are the
+    first event at their address (sorted by (address, index) as in `live_by_stack`)."""
+    if upto < 0:
+        return 0
+    n = upto + 1
+    addr = dev.addr[:n]
+    order = np.lexsort((np.arange(n), addr))
+    first = np.ones(n, dtype=bool)
+    first[order[1:]] = addr[order[1:]] != addr[order[:-1]]
+    delta = dev.delta_bytes[:n]
+    return -int(delta[(delta < 0) & first & (addr >= 0)].sum())
+
+
+def _share(stack: str, nbytes: int, allocations: int) -> StackShare:
+    return StackShare(stack, nbytes, allocations, "\n".join(heading(stack.splitlines())))
+
+
+def snapshot_block_stacks(path: str) -> list[StackShare]:
+    """Stacks of the blocks live at a snapshot's dump, read from the pickle itself.
+
+    The snapshot reader folds blocks allocated before the trace began into `baseline_bytes` without their
+    stacks; on a snapshot with an empty trace (torch 2.0 dumps) those blocks are everything.
+    """
+    from analyzers.readers.safe_pickle import load_pickle
+
+    data = load_pickle(path)
+    grouped: dict[str, list[int]] = {}
+    # The snapshot reader checked sizes and states; stacks it does not keep, so each level is checked here
+    # (a damaged history entry or frame loses its stack, not the diagnosis).
+    for segment in _list(data.get("segments") if isinstance(data, dict) else None):
+        for block in _list(segment.get("blocks") if isinstance(segment, dict) else None):
+            if not isinstance(block, dict) or block.get("state") not in _LIVE_STATES:
+                continue
+            frames = block.get("frames")
+            history = _list(block.get("history"))
+            if not frames and history and isinstance(history[-1], dict):
+                frames = history[-1].get("frames")
+            text = "\n".join(
+                f"{f.get('filename')}:{f.get('line')}:{f.get('name')}"
+                for f in _list(frames)
+                if isinstance(f, dict)
+            )
+            size = block.get("requested_size") or block.get("size", 0)
+            entry = grouped.setdefault("\n".join(kept_frames(text)) or "(no stack recorded)", [0, 0])
+            entry[0] += size if type(size) is int and size > 0 else 0
+            entry[1] += 1
+    return [_share(text, total, count) for text, (total, count) in grouped.items()]
+
+
+_LIVE_STATES = ("active_allocated", "active_pending_free", "active_awaiting_free")
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []

@@ -1,0 +1,93 @@
+"""What `kvtrace diagnose` finds, as frozen data: the moment, the stacks live there and the remedies
+priced there. Pure, torch-free.
+
+The types live apart from the code that fills them (analyzers.planning.diagnose and the modules it calls:
+diagnose_moment, diagnose_stacks, diagnose_remedies, diagnose_cache_remedies) so that each of those, and the
+renderers (analyzers.render), can name them without importing the others. A Remedy's two None conventions
+sit beside it: `fits` (no shortfall to compare with) and the sentences of a figure the input cannot give.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from analyzers.budget import BudgetCrossing
+
+__all__ = ["NO_GEOMETRY", "NO_KV", "Diagnosis", "Remedy", "StackShare", "fits"]
+
+
+@dataclass(frozen=True)
+class StackShare:
+    """Live bytes at the moment that were allocated from one stack (innermost frame first), without the
+    frames torch's memory_viz leaves out (analyzers.stack_frames). `heading`: the frames it is known by
+    (its Python frames where it has any), one per line."""
+
+    stack: str
+    bytes: int
+    allocations: int
+    heading: str = ""
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One change, priced on this run. `saved_bytes` None: the input lacks what the figure needs
+    (`sentence` says what); `fits` None: there is no shortfall to compare with (no OOM, no budget)."""
+
+    kind: str
+    setting: int | None
+    saved_bytes: int | None
+    fits: bool | None
+    sentence: str
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The moment (OOM or peak) and what each remedy buys there."""
+
+    path: str
+    source_kind: str
+    device: str | None
+    event: str  # "oom" | "budget" (a run that would have run out on a device of `budget_bytes`) | "peak"
+    ts_us: float | None
+    requested_bytes: int | None
+    allocated_bytes: int | None
+    reserved_bytes: int | None
+    free_bytes: int | None  # device memory outside the allocator's reservation
+    capacity_bytes: int | None
+    reserved_unallocated_bytes: int | None
+    largest_free_block_bytes: int | None
+    fragmented: bool | None  # enough free bytes in total, but no block or segment large enough
+    shortfall_bytes: int | None
+    budget_bytes: int | None
+    kv_bytes: int | None
+    kv_share: float | None
+    kv_peak_bytes: int | None
+    kv_final_bytes: int | None
+    batch: int | None  # cache rows: under beam search, prompts x beams
+    tokens_held: int | None
+    step: int | None
+    step_phase: str | None
+    top_layers: tuple[tuple[int, int], ...]  # (layer, KV bytes) live at that moment, largest first
+    top_stacks: tuple[StackShare, ...]
+    remedies: tuple[Remedy, ...]
+    message: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    budget_crossing: BudgetCrossing | None = None
+    beams: int | None = None
+    """Beams per prompt when beam search made the rows (`batch` / `beams` prompts); None otherwise or when
+    the log does not say (a run recorded before kvtrace logged it)."""
+    top_cache_layers: tuple[tuple[int, int, int], ...] = ()
+    """(cache, layer, KV bytes) at that moment, largest first, when several caches held KV then (an
+    assistant model's draft cache next to the model's): `top_layers` sums a layer index over them."""
+
+
+def fits(saved: int | None, shortfall: int | None) -> bool | None:
+    """A Remedy's `fits`: whether the bytes it saves cover the shortfall; None when either is unknown."""
+    if saved is None or shortfall is None:
+        return None
+    return saved >= shortfall
+
+
+# A Remedy's sentence when the input lacks the figure (its `saved_bytes` None)
+NO_KV = "cannot be computed: this input has no KV cache figures (record the run with kvtrace.record)"
+NO_GEOMETRY = "cannot be computed: this input has no KV geometry (batch, tokens held; record with kvtrace)"

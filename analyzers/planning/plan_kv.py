@@ -1,0 +1,200 @@
+"""The KV a plan holds, in bytes, for each cache kind, at a batch and a context. Pure arithmetic, no torch.
+
+The cache kinds follow transformers' cache classes, because those are what people run and what kvtrace
+records.
+
+The context is what `generate()` counts: the prompt plus the new tokens. `generate()` never feeds its last
+new token back, so the cache holds one token fewer, context - 1 ("tokens written" below; its own static
+caches are sized so). Without `prompt`, a plan is the worst case over prompt lengths: the prompt whose
+peak is highest at this context (for a dynamic cache, the context less one or two tokens).
+
+- dynamic: `DynamicCache`. Grows by `torch.cat` every step. At the last step, for one layer's K (then V),
+  the old storage of written-1 tokens and the new one of all written tokens are both live, so its peak
+  exceeds a static cache's by `batch * (written - 1) * kv_heads * head_dim * kv dtype bytes`. Other layers
+  are not concurrent: each cat frees its predecessor as soon as the attribute is rebound, before the next
+  one starts. A model's sliding layers (Mistral: all; Gemma 2: every other one) are
+  `DynamicSlidingWindowLayer`s: each keeps a view of its last window - 1 tokens in a storage of
+  `window` tokens, but at prefill that storage is the whole prompt, and it lets go of it only at the
+  first decode step, after making its new K and V: until then a sliding window saves nothing. At each
+  step a sliding layer makes both new tensors before it frees either, so its transient is its old K and
+  V. With sliding and full layers mixed (Gemma, Qwen2), the step is replayed layer by layer in the
+  config's order (`layer_types`): which layer peaks depends on it.
+- static: `StaticCache`. The whole `batch * written` is allocated on the first step and written in place:
+  the same final KV as dynamic, no growth peak, but all of it from the start (`kv_preallocated_bytes`).
+  Its sliding layers hold min(written, window) tokens.
+- sliding: a static-shaped window (`StaticSlidingWindowLayer`): holds min(written, window) tokens, all
+  allocated at the start, no growth peak; its prefill writes the prompt's last window in place.
+- quantized: `QuantizedCache` (quanto/HQQ backends), int4 or int8. `kv_bytes_per_token` stays the packed
+  data figure (int4: half a byte an element). Each group of `quant_group_size` elements also stores a
+  scale and a zero-point in the compute dtype (bf16 by default): for int4, group 64 and bf16 that is
+  4 bytes per 64 elements, +12.5% over the data, reported apart as `kv_scale_bytes_per_token`. The prompt
+  is quantized at prefill; each later token stays unquantized in the compute dtype until
+  `residual_length` of them are (`kv_residual_bytes`: (written - prompt) mod residual_length tokens, at
+  worst residual_length - 1). Every decode step dequantizes one layer's whole K and V and concatenates
+  them with the residual, so four full-precision tensors (the dequantized K and V, counted as written-1
+  tokens, an upper bound since the residual is not dequantized, and the concatenated K and V of all
+  written tokens) are live at once: that is this cache's `dynamic_realloc_peak_bytes`.
+
+fp8, int8 or int4 in a dynamic, static or sliding cache count the data alone: per-tensor scales, as in
+vLLM's fp8 KV cache, are a few bytes per layer.
+
+Apart from the search for what fits (analyzers.planning.plan), which asks for these figures at many
+batches, contexts and windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from analyzers.planning.plan_types import PlanRequest
+from analyzers.planning.presets import dtype_bytes_for, weights_bytes
+from analyzers.planning.quantized_cache import quantized_cache_bytes, residual_tokens
+from kvtrace.errors import KvtraceError
+
+__all__ = ["KvSizes", "blocks", "cache_layout", "kv_per_token", "kv_sizes", "peak_at"]
+
+
+def blocks(kv_budget_bytes: int, kv_bytes_per_token: int, block_size: int = 16) -> int:
+    """Whole paged-KV blocks of `block_size` tokens that fit in `kv_budget_bytes` (a paged allocator
+    such as vLLM's cannot use a partial block)."""
+    if kv_bytes_per_token < 1 or block_size < 1:
+        raise KvtraceError("KV bytes per token and block size must be positive")
+    return max(kv_budget_bytes, 0) // (kv_bytes_per_token * block_size)
+
+
+@dataclass(frozen=True)
+class KvSizes:
+    """One scenario's KV in bytes: at the end, once the prompt is in, and the most live at once."""
+
+    prompt: int
+    kv_tokens: int
+    kv_bytes: int
+    kv_scale_bytes: int
+    kv_residual_bytes: int
+    prefill_bytes: int
+    peak_bytes: int
+
+
+def kv_per_token(req: PlanRequest) -> tuple[int, int, int]:
+    """(packed KV data, quantization scales, full-precision KV) bytes per token, all layers, K and V."""
+    geom = req.geometry
+    k_width, v_width = geom.kv_widths
+    elements = geom.layers_with_kv * (k_width + v_width)
+    data = dtype_bytes_for(req.kv_dtype, elements)
+    full = dtype_bytes_for(req.effective_compute_dtype, elements)
+    scales = 0
+    if req.cache == "quantized":
+        group = req.quant_group_size
+        groups = geom.layers_with_kv * (math.ceil(k_width / group) + math.ceil(v_width / group))
+        scales = groups * 2 * dtype_bytes_for(req.effective_compute_dtype, 1)  # scale + zero-point
+    return data, scales, full
+
+
+def cache_layout(req: PlanRequest) -> tuple[int, int, int | None]:
+    """(layers keeping every token, layers keeping a window, that window) of the cache planned. A sliding
+    cache asked with --window keeps that window on every layer; otherwise the model's own layers decide
+    (Mistral: all slide; Gemma 2: every other one), as transformers' caches do. A quantized cache keeps
+    every token."""
+    geom = req.geometry
+    layers = geom.layers_with_kv
+    if req.cache == "quantized":
+        return layers, 0, None
+    if req.cache == "sliding" and (req.window is not None or not geom.windowed_layers):
+        return 0, layers, req.effective_window
+    windowed = geom.windowed_layers
+    return layers - windowed, windowed, geom.sliding_window if windowed else None
+
+
+def _slides(req: PlanRequest) -> list[bool]:
+    """For each layer of the cache planned, in order, whether it keeps a window. The config's order where
+    it gives one; otherwise the layers are all alike, or (a geometry built by hand) the full ones come
+    first, the worst order: they copy themselves while the sliding ones still hold the prompt."""
+    whole, windowed, _ = cache_layout(req)
+    order = req.geometry.layer_slides
+    if whole and windowed and order is not None and len(order) == whole + windowed and sum(order) == windowed:
+        return list(order)
+    return [False] * whole + [True] * windowed
+
+
+def _step_peak(slides: list[bool], k: int, v: int, held: int, old: int, new: int) -> int:
+    """Elements of KV live at the worst moment of one decode step of a dynamic cache, in which each full
+    layer grows from `held` tokens to one more and each sliding layer's storage goes from `old` tokens to
+    `new`; `k` and `v` are one layer's K and V elements per token. The layers update one after another. A
+    full layer's cat makes its new K, then frees the old one, then the same for V; a sliding layer makes
+    its new K and V before it frees either old one."""
+    live = sum(old if slides_ else held for slides_ in slides) * (k + v)
+    peak = live
+    for slides_ in slides:
+        if slides_:
+            live += new * (k + v)
+            peak = max(peak, live)
+            live -= old * (k + v)
+            continue
+        for width in (k, v):
+            live += width * (held + 1)
+            peak = max(peak, live)
+            live -= width * held
+    return peak
+
+
+def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
+    """The KV of `batch` sequences of a `prompt`-token prompt and `new` new tokens (`new` >= 1), of which
+    generate() writes prompt + new - 1 into the cache."""
+    data, scales, full_bytes = kv_per_token(req)
+    written = prompt + new - 1
+    k_width, v_width = req.geometry.kv_widths
+    if req.cache == "quantized":
+        side = batch * max(k_width, v_width)  # elements of one layer's K (or V, the wider) per token
+        residual = residual_tokens(written, req.residual_length, prompt)  # since the last requantization
+        cache = quantized_cache_bytes(written, residual, batch * data, batch * scales, batch * full_bytes)
+        scale_bytes, residual_bytes, kv = cache.scale_bytes, cache.residual_bytes, cache.total_bytes
+        prefill = batch * prompt * (data + scales)
+        realloc = 0
+        if new >= 2:  # a decode step dequantizes one layer's K and V and concatenates them
+            realloc = 2 * dtype_bytes_for(req.effective_compute_dtype, side * (2 * written - 1))
+        return KvSizes(prompt, written, kv, scale_bytes, residual_bytes, prefill, kv + realloc)
+    whole, windowed, window = cache_layout(req)
+    token = batch * (k_width + v_width)  # elements of one layer's K and V per token
+    width = window or 0
+    if req.cache != "dynamic":  # allocated whole at the first step, written in place; no cat, no copy
+        kept = min(written, width)
+        final = (whole * written + windowed * kept) * token
+        kv = dtype_bytes_for(req.kv_dtype, final)
+        return KvSizes(prompt, max(written if whole else 0, kept), kv, 0, 0, kv, kv)
+    # A sliding layer's storage: the whole prompt until the first decode step, then its window
+    kept = prompt if new == 1 else min(written, width)
+    final = (whole * written + windowed * kept) * token
+    prefill = (whole + windowed) * prompt * token
+    peak = prefill
+    if new >= 2:  # the first decode step (the prompt let go of) and the last (the longest copies)
+        slides, k, v = _slides(req), batch * k_width, batch * v_width
+        first = _step_peak(slides, k, v, prompt, prompt, min(prompt + 1, width))
+        before_last = prompt if new == 2 else min(written - 1, width)
+        last = _step_peak(slides, k, v, written - 1, before_last, min(written, width))
+        peak = max(peak, first, last)
+    tokens = max(written if whole else 0, kept if windowed else 0)
+    as_bytes = [dtype_bytes_for(req.kv_dtype, elements) for elements in (final, prefill, peak)]
+    return KvSizes(prompt, tokens, as_bytes[0], 0, 0, as_bytes[1], as_bytes[2])
+
+
+def kv_sizes(req: PlanRequest, batch: int, context: int) -> KvSizes:
+    """The request's prompt at `context`, or, without one, the prompt whose KV peak is highest: the
+    context less one token (a prompt alone: every sliding layer of a dynamic cache holds it whole) or
+    less two (one decode step: the growth copy, and a sliding layer's new K and V beside the prompt); a
+    quantized cache's worst leaves residual_length - 1 tokens unquantized."""
+    written = max(context - 1, 1)
+    if req.prompt is not None:
+        prompts = [req.prompt]
+    elif req.cache == "quantized":
+        prompts = [written - min(req.residual_length - 1, written - 1)]
+    else:
+        prompts = [written - 1, written] if written >= 2 else [written]
+    scenarios = [_scenario(req, batch, prompt, written - prompt + 1) for prompt in prompts]
+    return max(scenarios, key=lambda sizes: sizes.peak_bytes)
+
+
+def peak_at(req: PlanRequest, batch: int, context: int) -> int:
+    """Bytes the plan needs at its worst moment at `batch` and `context`: weights, reserve and the KV peak."""
+    fixed = weights_bytes(req.geometry, req.weights_dtype) + req.effective_reserve_bytes
+    return fixed + kv_sizes(req, batch, context).peak_bytes

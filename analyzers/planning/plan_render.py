@@ -1,0 +1,123 @@
+"""`kvtrace plan`'s output: a result as JSON or as a compact table for a terminal, with one sentence per
+remedy. Renders a PlanResult and computes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from analyzers.planning.plan_kv import cache_layout
+from analyzers.planning.plan_types import DEFAULT_RESERVE_FRACTION, GIB, MIB, PlanRequest, PlanResult, Remedy
+
+__all__ = ["format_text", "to_json"]
+
+
+def to_json(result: PlanResult) -> dict[str, Any]:
+    """A JSON-ready dict: every figure of the result, the request echoed (with its effective reserve and
+    window), and the remedies."""
+    req = result.request
+    request = {name: value for name, value in asdict(req).items() if name != "geometry"}
+    fraction = req.reserve_fraction
+    if fraction is None and req.reserve_bytes is None:
+        fraction = DEFAULT_RESERVE_FRACTION
+    request.update(
+        geometry=asdict(req.geometry),
+        reserve_bytes=req.effective_reserve_bytes,
+        reserve_fraction=fraction,
+        window=req.effective_window,
+        compute_dtype=req.effective_compute_dtype,
+    )
+    figures = {name: value for name, value in asdict(result).items() if name not in ("request", "remedies")}
+    return {"request": request, **figures, "remedies": [asdict(remedy) for remedy in result.remedies]}
+
+
+def _size(num_bytes: int) -> str:
+    sign, magnitude = ("-", -num_bytes) if num_bytes < 0 else ("", num_bytes)
+    if magnitude >= GIB:
+        return f"{sign}{magnitude / GIB:.2f} GiB"
+    if magnitude >= MIB:
+        return f"{sign}{magnitude / MIB:.2f} MiB"
+    return f"{sign}{magnitude / 1024:.2f} KiB"
+
+
+def _sentence(fix: Remedy, req: PlanRequest) -> str:
+    outcome = "fits" if fix.fits else "still does not fit"
+    if fix.kind == "weights":
+        return (
+            f"The weights and reserve alone need {_size(fix.peak_bytes)} of {_size(req.gpu_memory_bytes)}: "
+            "store the weights in a smaller dtype (fp8, int4) or shard the model across more GPUs."
+        )
+    if fix.kind == "batch":
+        return f"Lower the batch to {fix.setting} (peak {_size(fix.peak_bytes)})."
+    if fix.kind == "context":
+        return f"Shorten the context to {fix.setting:,} tokens (peak {_size(fix.peak_bytes)})."
+    if fix.kind == "quantized_kv":
+        return (
+            f"Quantize the KV cache to int4 (--cache quantized): the peak becomes {_size(fix.peak_bytes)}, "
+            f"which {outcome}."
+        )
+    if fix.kind == "static_cache":
+        windowed = cache_layout(req)[1]
+        slides = " and whose sliding layers keep only their window from the prefill on" if windowed else ""
+        return (
+            f"Preallocate a static cache (--cache static), which never copies itself to grow{slides}: the "
+            f"peak becomes {_size(fix.peak_bytes)}, which {outcome}."
+        )
+    return (
+        f"Keep only the last {fix.setting:,} tokens with a sliding-window cache (--cache sliding --window "
+        f"{fix.setting}); a model not trained with that window answers worse beyond it."
+    )
+
+
+def format_text(result: PlanResult) -> str:
+    """A compact table for a terminal, then one sentence per remedy when the plan does not fit."""
+    req = result.request
+    whole, windowed, window = cache_layout(req)
+    cache = req.cache
+    if window is not None:
+        cache += f" ({window:,}-token window on {windowed} of {whole + windowed} layers)"
+    rows: list[tuple[str, str]] = [
+        ("KV per token", f"{_size(result.kv_bytes_per_token)} ({result.kv_bytes_per_token:,} B)"),
+    ]
+    if result.kv_scale_bytes_per_token:
+        rows.append(("  + scales per token", f"{result.kv_scale_bytes_per_token:,} B"))
+    worst = " (the worst case)" if req.prompt is None else ""
+    rows += [
+        (
+            "context",
+            f"{req.context:,} tokens: a {result.prompt_tokens:,}-token prompt{worst} and the new tokens, "
+            f"of which the cache holds {req.written_tokens:,}",
+        ),
+        ("weights", _size(result.weights_bytes)),
+        ("KV cache", f"{_size(result.kv_bytes)} ({req.batch} x {result.kv_tokens:,} tokens)"),
+    ]
+    if result.kv_prefill_bytes > result.kv_bytes:  # sliding layers holding the whole prompt
+        rows.append(
+            (
+                "KV at prefill",
+                f"{_size(result.kv_prefill_bytes)} (the prompt in every layer, until the first decode step)",
+            )
+        )
+        rows.append(("KV peak", _size(result.kv_peak_bytes)))
+    elif result.dynamic_realloc_peak_bytes:
+        rows.append(("cache growth peak", _size(result.dynamic_realloc_peak_bytes)))
+    rows += [
+        ("reserve", _size(result.reserve_bytes)),
+        ("peak", f"{_size(result.peak_bytes)} of {_size(req.gpu_memory_bytes)}"),
+        ("headroom", _size(result.headroom_bytes)),
+        ("fits", "yes" if result.fits else "NO"),
+        (f"max batch @ {req.context:,}", f"{result.max_batch:,}"),
+        (
+            f"max context @ batch {req.batch}",
+            "any" if result.max_context is None else f"{result.max_context:,}",
+        ),
+        (f"KV blocks of {req.block_size}", f"{result.kv_blocks:,}"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{req.geometry.name}: {req.weights_dtype} weights, {req.kv_dtype} KV, {cache} cache"]
+    lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    if result.remedies:
+        lines.append("To make it fit:")
+        lines += [f"  - {_sentence(fix, req)}" for fix in result.remedies]
+    return "\n".join(lines)

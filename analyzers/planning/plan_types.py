@@ -1,0 +1,185 @@
+"""What `kvtrace plan` is asked and what it answers: the request (checked when it is built), the result
+with every figure in bytes, and the remedies. Frozen data, no torch.
+
+A module of their own because the arithmetic (analyzers.planning.plan_kv, analyzers.planning.plan) and
+the rendering (analyzers.planning.plan_render) all name these types without importing one another.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from analyzers.planning.presets import DTYPE_BITS, ModelGeometry
+from analyzers.planning.quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH
+from kvtrace.errors import KvtraceError
+
+__all__ = [
+    "CACHE_KINDS",
+    "DEFAULT_RESERVE_FRACTION",
+    "FLOAT_DTYPES",
+    "GIB",
+    "MIB",
+    "QUANTIZED_KV_DTYPES",
+    "PlanRequest",
+    "PlanResult",
+    "Remedy",
+]
+
+CACHE_KINDS = ("dynamic", "static", "sliding", "quantized")
+QUANTIZED_KV_DTYPES = ("int4", "int8")
+FLOAT_DTYPES = ("bf16", "fp16", "fp32")
+DEFAULT_RESERVE_FRACTION = 0.1
+GIB = 2**30
+MIB = 2**20
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRequest:
+    """What to plan for. Invalid combinations raise KvtraceError when the request is built.
+
+    reserve_bytes / reserve_fraction: memory kept out of the plan; give at most one (neither: 10% of
+    the GPU). A larger reserve makes the answer safer and the batch smaller.
+    window: tokens a sliding cache keeps (default: the model's own `sliding_window`); only for "sliding".
+    quant_group_size / residual_length: QuantizedCache's `q_group_size` (64) and `residual_length` (128);
+    a smaller group means more scales, a longer residual more full-precision tokens.
+    compute_dtype: dtype of a quantized cache's scales and residual; default the weights dtype when it is
+    a float type, else bf16.
+    block_size: tokens per block when counting paged KV blocks (vLLM's default is 16).
+    context: tokens per sequence as generate() counts them, prompt plus new tokens; the cache holds
+    context - 1 of them (the last new token is never fed back).
+    prompt: the prompt's tokens, below the context; None plans the worst prompt for the context. It
+    matters for a dynamic cache's sliding layers (they hold the whole prompt until the first decode step)
+    and a quantized cache's residual.
+    """
+
+    geometry: ModelGeometry
+    weights_dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+    batch: int = 1
+    context: int = 8192
+    gpu_memory_bytes: int = 80 * GIB
+    reserve_bytes: int | None = None
+    reserve_fraction: float | None = None
+    cache: str = "dynamic"
+    window: int | None = None
+    quant_group_size: int = DEFAULT_GROUP_SIZE
+    residual_length: int = DEFAULT_RESIDUAL_LENGTH
+    compute_dtype: str | None = None
+    block_size: int = 16
+    prompt: int | None = None
+
+    def __post_init__(self) -> None:
+        for label, dtype in (("weights", self.weights_dtype), ("KV", self.kv_dtype)):
+            if dtype not in DTYPE_BITS:
+                raise KvtraceError(f"unknown {label} dtype {dtype!r}; choose one of: {', '.join(DTYPE_BITS)}")
+        if self.compute_dtype is not None and self.compute_dtype not in FLOAT_DTYPES:
+            raise KvtraceError(f"compute dtype must be one of {', '.join(FLOAT_DTYPES)}")
+        if self.cache not in CACHE_KINDS:
+            raise KvtraceError(f"unknown cache {self.cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
+        for label, value in (
+            ("batch", self.batch),
+            ("context", self.context),
+            ("GPU memory", self.gpu_memory_bytes),
+            ("block size", self.block_size),
+            ("quantization group size", self.quant_group_size),
+            ("residual length", self.residual_length),
+        ):
+            if value < 1:
+                raise KvtraceError(f"{label} must be at least 1, got {value}")
+        if self.prompt is not None and not 1 <= self.prompt < self.context:
+            raise KvtraceError(
+                f"prompt must be at least 1 and below the context ({self.context}: prompt plus at least one "
+                f"new token), got {self.prompt}"
+            )
+        if self.reserve_bytes is not None and self.reserve_fraction is not None:
+            raise KvtraceError("give a reserve in bytes or as a fraction, not both")
+        if self.reserve_bytes is not None and self.reserve_bytes < 0:
+            raise KvtraceError(f"reserve cannot be negative, got {self.reserve_bytes}")
+        if self.reserve_fraction is not None and not 0 <= self.reserve_fraction < 1:
+            raise KvtraceError(f"reserve fraction must be in [0, 1), got {self.reserve_fraction}")
+        if self.cache == "quantized" and self.kv_dtype not in QUANTIZED_KV_DTYPES:
+            raise KvtraceError(f"a quantized cache stores int4 or int8, not {self.kv_dtype}")
+        if self.cache != "sliding" and self.window is not None:
+            raise KvtraceError("a window only applies to the sliding cache")
+        if self.cache == "sliding" and self.effective_window is None:
+            raise KvtraceError(
+                f"{self.geometry.name} has no sliding window: give one with --window (tokens kept)"
+            )
+        if self.window is not None and self.window < 1:
+            raise KvtraceError(f"window must be at least 1, got {self.window}")
+
+    @property
+    def written_tokens(self) -> int:
+        """Tokens the cache holds at the end: generate() never writes its last new token (a context of 1
+        is planned as a one-token prompt)."""
+        return max(self.context - 1, 1)
+
+    @property
+    def effective_reserve_bytes(self) -> int:
+        if self.reserve_bytes is not None:
+            return self.reserve_bytes
+        fraction = DEFAULT_RESERVE_FRACTION if self.reserve_fraction is None else self.reserve_fraction
+        return math.floor(self.gpu_memory_bytes * fraction)
+
+    @property
+    def effective_window(self) -> int | None:
+        if self.cache != "sliding":
+            return None
+        return self.window if self.window is not None else self.geometry.sliding_window
+
+    @property
+    def effective_compute_dtype(self) -> str:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return self.weights_dtype if self.weights_dtype in FLOAT_DTYPES else "bf16"
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One change that would make a plan fit (or the best the change can do).
+
+    kind: "batch" | "context" | "quantized_kv" | "static_cache" | "sliding_window" | "weights".
+    setting: the batch, context or window to use (None otherwise); peak_bytes and fits: the plan with
+    that change.
+    """
+
+    kind: str
+    setting: int | None
+    peak_bytes: int
+    fits: bool
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """Every figure of a plan, in bytes. `max_context` is None when any context fits (every layer keeps a
+    window, and the prompt, when the cache holds it, is given); 0 when none does.
+
+    prompt_tokens: the prompt the figures assume (the request's, else the worst for this context).
+    kv_tokens / kv_bytes: what the cache holds at the end; kv_prefill_bytes: once the prompt is in;
+    kv_peak_bytes: the most KV live at once (kv_bytes + dynamic_realloc_peak_bytes).
+    """
+
+    request: PlanRequest
+    kv_bytes_per_token: int
+    kv_scale_bytes_per_token: int
+    prompt_tokens: int
+    kv_tokens: int
+    kv_bytes: int
+    kv_prefill_bytes: int
+    kv_peak_bytes: int
+    kv_scale_bytes: int
+    kv_residual_bytes: int
+    kv_preallocated_bytes: int
+    weights_bytes: int
+    reserve_bytes: int
+    total_bytes: int
+    dynamic_realloc_peak_bytes: int
+    peak_bytes: int
+    headroom_bytes: int
+    fits: bool
+    max_batch: int
+    max_context: int | None
+    kv_budget_bytes: int
+    kv_blocks: int
+    remedies: tuple[Remedy, ...] = field(default=())
