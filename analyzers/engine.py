@@ -33,6 +33,7 @@ __all__ = [
     "HeldRequest",
     "RequestEvent",
     "blocks_for",
+    "cache_dtype_name",
     "engine_figures",
     "has_engine",
     "held_at",
@@ -117,6 +118,7 @@ class RequestEvent:
     dropped_blocks: int = 0
     dropped_tokens: int = 0
     recomputed_tokens: int = 0
+    finish_reason: str | None = None  # on "finished": vLLM's (stop, length, abort, ...); None: not recorded
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,10 @@ class EngineFigures:
     prefix_hit_tokens: int = 0  # vLLM's own prefix-cache counters, summed over steps
     prefix_query_tokens: int = 0
     blocks_reserved: int = 1  # engine.json's, 1 (vLLM's null block) when absent
+    # Requests that ended, by vLLM's finish reason ("length", "abort", ...): {} when no "finished" event
+    # says (runs recorded before kvtrace logged it, transformers' continuous batching).
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+    requests_aborted: int | None = None  # finish reason "abort"; None when the log does not say
 
 
 @dataclass(frozen=True)
@@ -354,9 +360,16 @@ def _read_requests(file: Path) -> tuple[RequestEvent, ...]:
                 dropped_blocks=_int(row.get("dropped_blocks"), where, "dropped_blocks", default=0),
                 dropped_tokens=_int(row.get("dropped_tokens"), where, "dropped_tokens", default=0),
                 recomputed_tokens=_int(row.get("recomputed_tokens"), where, "recomputed_tokens", default=0),
+                finish_reason=_opt_str(row.get("finish_reason"), where, "finish_reason"),
             )
         )
     return tuple(events)
+
+
+def _opt_str(value: Any, where: str, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise KvtraceError(f"{where}: field {name!r} must be a string, got {value!r}")
+    return value
 
 
 def read_engine(path: str | os.PathLike[str]) -> EngineRun | None:
@@ -405,6 +418,10 @@ def engine_figures(run: EngineRun) -> EngineFigures:
                 by_request[rid] = by_request.get(rid, 0) + 1
         first_rows = [int(steps["step"][i]) for i, ids in enumerate(steps.preempted) if ids]
         first = first_rows[0] if first_rows else None
+    finish_reasons: dict[str, int] = {}
+    for e in run.requests:
+        if e.event == "finished" and e.finish_reason is not None:
+            finish_reasons[e.finish_reason] = finish_reasons.get(e.finish_reason, 0) + 1
     return EngineFigures(
         name=info.name,
         version=info.version,
@@ -428,14 +445,22 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         prefix_hit_tokens=int(steps["prefix_hits"].sum()),
         prefix_query_tokens=int(steps["prefix_queries"].sum()),
         blocks_reserved=info.blocks_reserved,
+        finish_reasons=finish_reasons,
+        requests_aborted=finish_reasons.get("abort", 0) if finish_reasons else None,
     )
 
 
 def kv_dtype_name(info: EngineInfo) -> str:
     """The KV element type as the run asked for it: vLLM keeps an fp8 pool in uint8 tensors, so engine.json's
     `kv_dtype` says uint8; the config's `kv_cache_dtype` names the format (fp8, fp8_e4m3, fp8_e5m2)."""
-    asked = str(info.config.get("kv_cache_dtype") or "")
-    return asked if asked.startswith("fp8") else info.kv_dtype
+    return cache_dtype_name(info.kv_dtype, info.config)
+
+
+def cache_dtype_name(storage_dtype: str, config: Any) -> str:
+    """`kv_dtype_name` from engine.json's raw fields: its `kv_dtype` (the pool tensors' element type) and
+    its `config` (a dict, or anything else when damaged)."""
+    asked = config.get("kv_cache_dtype") if isinstance(config, dict) else None
+    return asked if isinstance(asked, str) and asked.startswith("fp8") else storage_dtype
 
 
 def held_at(run: EngineRun, step: int) -> list[HeldRequest]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from analyzers.engine import model_geometry
+from analyzers.engine import cache_dtype_name, model_geometry
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, DeviceEvents, MemorySource
 from analyzers.readers.sources import ProgressFn, missing
 from kvtrace.format import (  # ENGINE*: vLLM runs' optional files
@@ -120,7 +120,7 @@ ENGINE_REQUESTS_SCHEMA = _schema(
         ("run_id", _STR), ("t_ns", _I64), ("step", _I64), ("request_id", _STR), ("event", _STR),
         ("blocks", _I64), ("tokens", _I64), ("prompt_tokens", _I64), ("output_tokens", _I64),
         ("dropped_blocks", _I64), ("dropped_tokens", _I64), ("recomputed_tokens", _I64),
-        ("offloaded_to", _STR),
+        ("offloaded_to", _STR), ("finish_reason", _STR),
     ],
 )  # fmt: skip
 
@@ -382,11 +382,32 @@ def _run_row(
         "engine_version": engine.get("version"),
         "engine_status": engine.get("status"),
         "engine_process": engine.get("process"),
-        "kv_dtype": engine.get("kv_dtype"),
+        "kv_dtype": _engine_kv_dtype(engine),
         "engine_json": json.dumps(engine, sort_keys=True) if engine else None,
         **{key: engine.get(key) for key in ("num_blocks", "block_size", "bytes_per_block", "kv_cache_bytes")},
         "manifest_json": json.dumps(manifest, sort_keys=True) if manifest else None,
     }
+
+
+def _engine_kv_dtype(engine: dict[str, Any]) -> Any:
+    """What the engine's KV pool holds, as the report names it: an fp8 pool's tensors are uint8 (engine.json's
+    `kv_dtype`), the config's `kv_cache_dtype` says fp8. engine.json's value otherwise (null when absent)."""
+    stored = engine.get("kv_dtype")
+    return cache_dtype_name(stored, engine.get("config")) if isinstance(stored, str) else stored
+
+
+def _kv_event_rows(events: list[dict[str, Any]], engine: dict[str, Any]) -> list[dict[str, Any]]:
+    """KV events as rows; the views of an engine's pool (their `source` is the engine's name) carry the
+    dtype the pool holds (`_engine_kv_dtype`), not its tensors' (uint8 for fp8); their bytes are the
+    tensors' as logged. Other caches of the run keep theirs."""
+    stored, held = engine.get("kv_dtype"), _engine_kv_dtype(engine)
+    if not isinstance(stored, str) or held == stored:
+        return events
+    name = engine.get("name")
+    for row in events:
+        if row.get("source") == name and row.get("dtype") == stored:
+            row["dtype"] = held
+    return events
 
 
 def _read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -418,9 +439,10 @@ def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, p
     steps: list[dict[str, Any]] = []
     requests: list[dict[str, Any]] = []
     if run is not None:
-        tables["kv_events"] = records_table(KV_EVENTS, run_id, [e.to_json() for e in run.kv_events])
-        tables["samples"] = records_table(SAMPLES, run_id, run.memory_samples)
         engine, steps, requests = _read_engine_files(Path(inp.path))
+        kv_rows = _kv_event_rows([e.to_json() for e in run.kv_events], engine)
+        tables["kv_events"] = records_table(KV_EVENTS, run_id, kv_rows)
+        tables["samples"] = records_table(SAMPLES, run_id, run.memory_samples)
         tables["engine_steps"] = records_table(ENGINE_STEPS_SCHEMA, run_id, steps)
         tables["engine_requests"] = records_table(ENGINE_REQUESTS_SCHEMA, run_id, requests)
     memory = [memory_events_table(run_id, dev) for dev in source.devices]

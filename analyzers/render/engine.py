@@ -32,6 +32,8 @@ def engine_to_json(fig: EngineFigures) -> dict[str, Any]:
         "recomputed_tokens": fig.recomputed_tokens,
         "prefix_cache_evicted_blocks": fig.prefix_cache_evicted_blocks,
         "requests": fig.requests,
+        "finish_reasons": fig.finish_reasons,
+        "requests_aborted": fig.requests_aborted,
         "first_preemption_step": fig.first_preemption_step,
         "preemptions_by_request": fig.preemptions_by_request,
     }
@@ -45,7 +47,7 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
         f"  {name} KV pool: {fig.num_blocks:,} blocks of {fig.block_size} tokens, "
         f"{human_bytes(fig.kv_cache_bytes)} ({fig.kv_dtype or 'KV dtype not recorded'}), "
         f"{fig.steps:,} engine steps, "
-        f"{fig.requests} requests"
+        f"{requests_phrase(fig)}"
     ]
     if fig.num_blocks and fig.peak_step is None:  # the pool was made, and the run ended before a step
         usable = max(fig.num_blocks - fig.blocks_reserved, 1)
@@ -70,6 +72,22 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
     else:
         lines.append("    preemptions: none")
     return lines
+
+
+# vLLM's finish reasons of a request that ran to its end (its stop condition, its length, a repeated pattern)
+_COMPLETED = ("stop", "length", "repetition")
+
+
+def requests_phrase(fig: EngineFigures) -> str:
+    """The requests, and how they ended when some did not complete: `8 requests (6 completed, 2 aborted)`."""
+    reasons = fig.finish_reasons
+    phrase = f"{fig.requests} requests"
+    if not set(reasons) - set(_COMPLETED):
+        return phrase
+    parts = [f"{sum(reasons.get(r, 0) for r in _COMPLETED)} completed"]
+    named = {"abort": "aborted", "error": "failed"}
+    parts += [f"{n} {named.get(r, r)}" for r, n in sorted(reasons.items()) if r not in _COMPLETED]
+    return f"{phrase} ({', '.join(parts)})"
 
 
 def peak_when(fig: EngineFigures) -> str:
@@ -177,6 +195,7 @@ def engine_html_section(run: EngineRun, fig: EngineFigures) -> str:
     table_rows = [
         ("blocks", f"{fig.num_blocks:,} of {fig.block_size} tokens"),
         ("pool", human_bytes(fig.kv_cache_bytes)),
+        ("requests", requests_phrase(fig)),
         ("peak blocks used", f"{fig.peak_blocks_used:,} ({peak_when(fig)})"),
         ("preemptions", f"{fig.preemptions} ({fig.preempted_tokens:,} tokens dropped)"),
         ("prefix-cache blocks evicted", f"{fig.prefix_cache_evicted_blocks:,}"),

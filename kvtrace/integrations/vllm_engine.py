@@ -1,9 +1,10 @@
 """The hooks on a running vLLM engine core: one engine step = one kvtrace step.
 
 `EngineHooks.install()` writes engine.json and the pool's KV events, then wraps (instance attributes
-only, removed by `uninstall()`): `EngineCore.step_fn`, `Scheduler.schedule`, `Scheduler._preempt_request`
-and `BlockPool._maybe_evict_cached_block`. After each step it appends one line to engine_steps.jsonl and
-the request events of that step to engine_requests.jsonl (docs/format.md, "vLLM runs").
+only, removed by `uninstall()`): `EngineCore.step_fn`, `Scheduler.schedule`, `Scheduler._preempt_request`,
+`Scheduler.finish_requests` and `BlockPool._maybe_evict_cached_block`. After each step it appends one line
+to engine_steps.jsonl and the request events of that step to engine_requests.jsonl (docs/format.md, "vLLM
+runs"); a request finished from outside a step (an abort) is logged when it happens.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class EngineHooks:
         patches = self._patches
         self._schedule = patches.set(self._scheduler, "schedule", self._schedule_hook)
         self._preempt = patches.set(self._scheduler, "_preempt_request", self._preempt_hook)
+        self._finish = patches.set(self._scheduler, "finish_requests", self._finish_hook)
         self._evict = patches.set(self._pool, "_maybe_evict_cached_block", self._evict_hook)
         if self._wrap_step:
             self._step_fn = patches.set(self.core, "step_fn", self._step_hook)
@@ -197,6 +199,31 @@ class EngineHooks:
         self._log_request(request, "preempted", 0, dropped_blocks=blocks, dropped_tokens=tokens)
         return result
 
+    def _finish_hook(self, *args: Any, **kwargs: Any) -> Any:
+        """`Scheduler.finish_requests`: how vLLM ends requests from outside its own stop checks (an abort:
+        `abort_request`, a client gone, a reset; an error). It may run between steps, when no step follows
+        to notice the request gone: log its end now, with the status vLLM just set."""
+        finished = self._finish(*args, **kwargs)
+        started = time.thread_time_ns()
+        try:
+            for request in finished or ():
+                if getattr(request, "request_id", None) in self._held:
+                    self._log_finished(request)
+        finally:
+            self.overhead_ns += time.thread_time_ns() - started
+        return finished
+
+    def _log_finished(self, request: Any) -> None:
+        request_id = request.request_id
+        del self._held[request_id]
+        self._objects.pop(request_id, None)
+        self._dropped.pop(request_id, None)
+        extra = {}
+        reason = _finish_reason(request)
+        if reason is not None:
+            extra["finish_reason"] = reason
+        self._log_request(request, "finished", 0, **extra)
+
     def _evict_hook(self, block: Any) -> Any:
         evicted = self._evict(block)
         if evicted:
@@ -245,10 +272,7 @@ class EngineHooks:
         for request_id in list(self._held):
             request = self._objects[request_id]
             if request_id not in requests or request.is_finished():
-                del self._held[request_id]
-                del self._objects[request_id]
-                self._dropped.pop(request_id, None)
-                self._log_request(request, "finished", 0)
+                self._log_finished(request)
         pool = self._pool
         free = pool.get_num_free_blocks()
         cached = sum(1 for b in pool.blocks if b.ref_cnt == 0 and b.block_hash is not None and not b.is_null)
@@ -307,6 +331,16 @@ class EngineHooks:
         }
         record.update(extra)
         self._request_log.append(record)
+
+
+def _finish_reason(request: Any) -> str | None:
+    """How vLLM says the request ended, as its outputs' `finish_reason` does: `stop`, `length`, `abort`,
+    `error`, `repetition` (vLLM's `FinishReason` of the request's status). None when vLLM does not say."""
+    with contextlib.suppress(Exception):
+        reason = request.get_finished_reason()
+        if reason is not None:
+            return str(reason)
+    return None
 
 
 class VllmRecording:

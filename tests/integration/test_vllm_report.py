@@ -57,6 +57,10 @@ def test_report_on_the_preempting_sample(capsys: pytest.CaptureFixture[str]) -> 
     vllm_figures = json.loads((PREEMPT / "vllm_figures.json").read_text())
     assert got["num_blocks"] == vllm_figures["num_gpu_blocks"]
     assert got["preemptions"] == vllm_figures["num_preemptions"]
+    # recorded before kvtrace logged how requests ended: read as before, with that left unknown
+    assert not any("finish_reason" in r for r in requests)
+    assert (got["finish_reasons"], got["requests_aborted"]) == ({}, None)
+    assert got["requests"] == len({r["request_id"] for r in requests})
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")

@@ -3,6 +3,7 @@
     python -m tests.vllm.scripts multiprocess MODEL_DIR     # KVTRACE_DIR set by the caller
     python -m tests.vllm.scripts refused_record MODEL_DIR RUN_DIR
     python -m tests.vllm.scripts refused_plugin MODEL_DIR   # KVTRACE_DIR set by the caller
+    python -m tests.vllm.scripts fp8_record MODEL_DIR RUN_DIR
 
 A fresh interpreter because the engine runs in its own process (vLLM wants the `__main__` guard), and
 because `refused_record` must start its recording before anything imported vllm.
@@ -46,10 +47,31 @@ def refused(model_dir: str, run_dir: str | None) -> dict[str, Any]:
     return {"type": None, "message": ""}
 
 
+def fp8_record(model_dir: str, run_dir: str) -> dict[str, Any]:
+    """One short request recorded in-process with kv_cache_dtype='fp8', and vLLM's own facts of its pool."""
+    import kvtrace
+    from tests.vllm.workload import prompts, sampling
+
+    llm = make_llm(model_dir, kv_cache_dtype="fp8")
+    with kvtrace.record(run_dir, model=llm, profiler=False):
+        llm.generate(prompts(1), sampling(2), use_tqdm=False)
+    engine = llm.llm_engine
+    tensors = engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.kv_caches
+    return {
+        "cache_dtype": engine.vllm_config.cache_config.cache_dtype,
+        "num_gpu_blocks": engine.vllm_config.cache_config.num_gpu_blocks,
+        "tensor_dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
+        "tensor_bytes": [t.numel() * t.element_size() for t in tensors],
+        "storage_bytes": sorted({t.untyped_storage().nbytes() for t in tensors}),
+    }
+
+
 if __name__ == "__main__":
     mode, model = sys.argv[1], sys.argv[2]
     if mode == "multiprocess":
         result = multiprocess(model)
+    elif mode == "fp8_record":
+        result = fp8_record(model, sys.argv[3])
     else:
         result = refused(model, sys.argv[3] if mode == "refused_record" else None)
     print("KVTRACE-RESULT " + json.dumps(result), flush=True)

@@ -127,6 +127,9 @@ def test_every_preempted_request_resumes_and_finishes(recorded: dict[str, Any]) 
     for events in by_request.values():
         assert events[0] == "scheduled" and events[-1] == "finished"
         assert events.count("preempted") == events.count("resumed")
+    # each ran to its max_tokens: vLLM's finish reason "length", as its outputs say
+    assert {o.outputs[0].finish_reason for o in recorded["outputs"]} == {"length"}
+    assert {e.get("finish_reason") for e in recorded["requests"] if e["event"] == "finished"} == {"length"}
     assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in recorded["outputs"])
 
 
@@ -211,3 +214,73 @@ def test_a_request_done_in_its_first_step_is_seen(recorded: dict[str, Any], tmp_
         ("finished", 0, 0),
     ]
     assert all(e["step"] == 1 and e["prompt_tokens"] == 40 for e in events)
+
+
+def test_an_aborted_request_is_logged_as_aborted(
+    recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vllm.v1.request import RequestStatus
+
+    from kvtrace.cli import main
+    from tests.vllm.workload import prompts, sampling
+
+    llm = recorded["llm"]
+    llm.reset_prefix_cache()
+    engine, scheduler = llm.llm_engine, recorded["core"].scheduler
+    run_dir = tmp_path / "aborted"
+    finish_reasons: dict[str, str] = {}  # vLLM's own, from the outputs it returns (by the ids we gave)
+
+    def step() -> None:
+        for output in engine.step():
+            if output.finished:
+                finish_reasons[output.request_id] = output.outputs[0].finish_reason
+
+    with kvtrace.record(run_dir, model=llm, profiler=False):
+        # GIVEN three requests of 40 prompt tokens; the second is aborted after its prefill and one decode
+        ids = [engine.add_request(f"a{i}", prompt, sampling(8)) for i, prompt in enumerate(prompts(3, 40))]
+        step(), step()
+        aborted = [scheduler.requests[ids[1]]]
+        engine.abort_request(["a1"])
+        while engine.has_unfinished_requests():
+            step()
+        # and a fourth is aborted while it runs alone: no engine step follows its abort
+        ids.append(engine.add_request("a3", prompts(1, 40)[0], sampling(20)))
+        step(), step()
+        aborted.append(scheduler.requests[ids[3]])
+        engine.abort_request(["a3"])
+        assert not engine.has_unfinished_requests()
+    # vLLM's own account: two ran to their length, two are FINISHED_ABORTED
+    assert finish_reasons == {"a0": "length", "a2": "length"}
+    assert [r.status for r in aborted] == [RequestStatus.FINISHED_ABORTED] * 2
+    events = _jsonl(run_dir / fmt.ENGINE_REQUESTS)  # by vLLM's internal ids, which add_request returned
+    finished = {e["request_id"]: e for e in events if e["event"] == "finished"}
+    # THEN each request's last event is its one "finished" line, with vLLM's finish reason
+    assert sorted(finished) == sorted(ids)
+    assert {rid: e["finish_reason"] for rid, e in finished.items()} == {
+        ids[0]: "length",
+        ids[1]: "abort",
+        ids[2]: "length",
+        ids[3]: "abort",
+    }
+    for rid in ids:
+        assert [e for e in events if e["request_id"] == rid][-1] is finished[rid]
+    # the aborts came after step 2 and after the last step: logged with the step each request last ran in
+    steps = _jsonl(run_dir / fmt.ENGINE_STEPS)
+    assert finished[ids[1]]["step"] == 2 and finished[ids[3]]["step"] == steps[-1]["step"]
+    assert finished[ids[1]]["output_tokens"] == 2  # sampled by its prefill and its one decode step
+    # WHEN reported and exported THEN the count tells completed from aborted
+    assert main(["report", str(run_dir), "--json", "--no-export", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)["engine"]
+    assert report["requests"] == 4
+    assert (report["finish_reasons"], report["requests_aborted"]) == ({"length": 2, "abort": 2}, 2)
+    assert main(["report", str(run_dir), "--no-export", "-q"]) == 0
+    assert "4 requests (2 completed, 2 aborted)" in capsys.readouterr().out
+    out = tmp_path / "tables"
+    assert main(["export", str(run_dir), "-o", str(out), "-q"]) == 0
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out / "engine_requests").to_pylist()
+    assert sorted((r["request_id"], r["finish_reason"]) for r in rows if r["event"] == "finished") == sorted(
+        (rid, e["finish_reason"]) for rid, e in finished.items()
+    )
+    assert {r["finish_reason"] for r in rows if r["event"] != "finished"} == {None}

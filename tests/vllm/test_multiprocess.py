@@ -69,6 +69,10 @@ def test_pool_and_preemptions_equal_vllms_own(plugin_run: dict[str, Any]) -> Non
     assert len(preempted) == plugin_run["preemptions"] == plugin_run["request_preemptions"]
     steps = _jsonl(plugin_run["dir"] / fmt.ENGINE_STEPS)
     assert sum(len(s["preempted"]) for s in steps) == plugin_run["preemptions"]
+    # every request ran to its max_tokens (vLLM's finish reason "length"), logged by the engine core
+    finished = [e for e in requests if e["event"] == "finished"]
+    assert len(finished) == len({e["request_id"] for e in requests})
+    assert {e.get("finish_reason") for e in finished} == {"length"}
 
 
 def test_kvtrace_report_reads_it(plugin_run: dict[str, Any]) -> None:
