@@ -43,7 +43,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         row_heights=heights,
         specs=[[{}]] * rows + ([[{"secondary_y": True}]] if usage else []),
     )
-    t0 = min((float(tl.ts_us[0]) for tl in report.timelines if len(tl.ts_us)), default=0.0)
+    t0 = _origin_us(report, source, kv, usage)
     # A snapshot whose trace records no times is placed by each entry's order: say so, do not call it time
     untimed = "event_index" in (source.meta.get("timestamps") or {}).values()
     scale, x_title = 1e6, "seconds from first event"
@@ -234,6 +234,26 @@ def _add_budget(fig: Any, report: Report, t0: float, factor: int) -> None:
             1,
             1,
         )
+
+
+def _origin_us(
+    report: Report, source: MemorySource, kv: Any, usage: tuple[str, list[dict[str, Any]]] | None
+) -> float:
+    """Where the time axis starts: the first memory event; without a memory timeline (a trace with no
+    `[memory]` events, a run without the profiler whose model wrote no KV), the earliest step marker, KV
+    log entry, usage sample or budget crossing, so that nothing is drawn at Unix-epoch seconds."""
+    firsts = [float(tl.ts_us[0]) for tl in report.timelines if len(tl.ts_us)]
+    if firsts:
+        return min(firsts)
+    times = [float(m.ts_us) for m in source.markers]
+    if kv is not None and len(kv.series_t_ns):
+        times.append(float(kv.series_t_ns[0]) / 1000.0)
+    if usage:
+        times.append(usage[1][0]["t_ns"] / 1000.0)
+    crossed = (report.budget or {}).get("t")
+    if isinstance(crossed, int | float):
+        times.append(float(crossed))
+    return min(times, default=0.0)
 
 
 def _usage_samples(source: MemorySource) -> tuple[str, list[dict[str, Any]]] | None:
