@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 import kvtrace
@@ -58,12 +59,17 @@ def test_a_copy_made_inside_the_block_runs_its_own_weights_unrecorded(
     assert not getattr(type(model).__dict__["forward"], "kvtrace_wrapper", False)
 
 
-def test_another_instance_of_the_class_is_not_recorded(
-    tmp_path: Path, watched_models: list[torch.nn.Module]
-) -> None:
+@pytest.fixture
+def two_models(watched_models: list[torch.nn.Module]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two models of one class, with their own weights: the recorded one, and another."""
+    models = build_model(tiny_size(LAYERS), seed=0), build_model(tiny_size(LAYERS), seed=1)
+    watched_models += models
+    return models
+
+
+def test_another_instance_of_the_class_is_not_recorded(tmp_path: Path, two_models: Any) -> None:
     # GIVEN two models of one class, one recorded
-    model, other = build_model(tiny_size(LAYERS), seed=0), build_model(tiny_size(LAYERS), seed=1)
-    watched_models += [model, other]
+    model, other = two_models
     ids = torch.randint(3, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = _generate(other, ids)
@@ -102,12 +108,9 @@ def test_a_forward_set_on_the_instance_is_wrapped_and_put_back(
     assert model.__dict__["forward"] is own_forward
 
 
-def test_a_run_where_another_model_generated_says_so(
-    tmp_path: Path, watched_models: list[torch.nn.Module]
-) -> None:
+def test_a_run_where_another_model_generated_says_so(tmp_path: Path, two_models: Any) -> None:
     # GIVEN a block recording one model while another one generates
-    model, other = build_model(tiny_size(LAYERS), seed=0), build_model(tiny_size(LAYERS), seed=1)
-    watched_models += [model, other]
+    model, other = two_models
     ids = torch.randint(3, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), kvtrace.record(tmp_path / "run", model=model, profiler=False):
         _generate(other, ids)

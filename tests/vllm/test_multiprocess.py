@@ -15,27 +15,9 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvtrace import format as fmt
-from tests.vllm.workload import BLOCK_BYTES, POOL_BYTES, SIZE
+from tests.vllm.workload import BLOCK_BYTES, POOL_BYTES, SIZE, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_script(*args: str, kvtrace_dir: Path | None, multiprocess: bool) -> dict[str, Any]:
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0")
-    env.pop("KVTRACE_DIR", None)
-    if kvtrace_dir is not None:
-        env["KVTRACE_DIR"] = str(kvtrace_dir)
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.vllm.scripts", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
-    assert lines, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:

@@ -15,8 +15,7 @@ pytest.importorskip("vllm")
 
 from kvtrace import format as fmt
 from tests.vllm.scripts import REFUSED_MAX_MODEL_LEN, REFUSED_POOL_BYTES
-from tests.vllm.test_multiprocess import run_script
-from tests.vllm.workload import BLOCK_BYTES, BLOCK_SIZE
+from tests.vllm.workload import BLOCK_BYTES, BLOCK_SIZE, run_script
 
 
 def _check_refused(run_dir: Path, message: str, process: str) -> dict[str, Any]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +11,14 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvtrace import format as fmt
-from tests.vllm.workload import BLOCK_SIZE, POOL_BYTES, SIZE
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.vllm.workload import BLOCK_SIZE, POOL_BYTES, SIZE, run_script
 
 
 @pytest.fixture(scope="module")
 def fp8_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run_dir = tmp_path_factory.mktemp("vllm-fp8") / "run"
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    env.pop("KVTRACE_DIR", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.vllm.scripts", "fp8_record", str(tiny_model_dir), str(run_dir)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
-    assert lines, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return {"dir": run_dir, **json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))}
+    result = run_script("fp8_record", str(tiny_model_dir), str(run_dir), kvtrace_dir=None, multiprocess=False)
+    return {"dir": run_dir, **result}
 
 
 def test_an_fp8_pool_exports_as_fp8_with_its_bytes(

@@ -6,7 +6,10 @@ Importable without vLLM (the model is written with transformers); `make_llm` imp
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ KV_BYTES_PER_TOKEN = SIZE.num_layers * 2 * SIZE.num_kv_heads * HEAD_DIM * DTYPE_
 BLOCK_BYTES = KV_BYTES_PER_TOKEN * BLOCK_SIZE
 POOL_BYTES = 16 * BLOCK_BYTES  # 16 blocks, one of them vLLM's null block: 15 x 32 = 480 usable tokens
 MAX_MODEL_LEN = 256
+ROOT = Path(__file__).resolve().parents[2]
 REQUESTS, PROMPT_TOKENS, NEW_TOKENS = 8, 40, 48  # 8 x 88 tokens want 8 x 3 blocks: the pool holds 15
 
 
@@ -112,3 +116,23 @@ def metric(llm: Any, name: str) -> float:
 
 def run_workload(llm: Any) -> list[Any]:
     return llm.generate(prompts(), sampling(), use_tqdm=False)
+
+
+def run_script(*args: str, kvtrace_dir: Path | None, multiprocess: bool) -> dict[str, Any]:
+    """Run `python -m tests.vllm.scripts ARGS` in a fresh interpreter (vLLM starts its engine there) and
+    return the JSON of its last `KVTRACE-RESULT` line."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0")
+    env.pop("KVTRACE_DIR", None)
+    if kvtrace_dir is not None:
+        env["KVTRACE_DIR"] = str(kvtrace_dir)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.vllm.scripts", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
+    assert lines, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))
