@@ -12,6 +12,12 @@ Every table gets a part, even with no rows, so its schema is always there to que
 under a temporary name and renamed only when every table's is complete, `runs` last: its part is the mark
 that part N was committed. A killed or failed export (a full disk) thus leaves no runs part, its sources
 are not "already exported", and the next export removes what it left (temporary files, parts without runs).
+
+`--overwrite` never removes a part before its replacement is committed: the new part is written beside the
+old ones, numbered after them, and an empty mark `runs/.overwrite-NNNNN` is made before its runs part is
+renamed into place. From that rename on, readers take the parts below the mark's number as gone; they are
+then removed, and the mark last. A failed, interrupted or empty overwrite thus leaves the earlier export
+whole, and one killed while removing the old parts leaves the new one, whose removal the next export ends.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import contextlib
 import dataclasses
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +50,7 @@ from kvtrace.run_lock import RunLock
 ROW_GROUP_ROWS = 1 << 17
 _COMPACT_PIECES = 64
 _PART = re.compile(r"^part-(\d+)\.parquet$")
+_OVERWRITE_MARK = re.compile(r"^\.overwrite-(\d+)$")
 
 InputProgress = Callable[[Input], None]
 """Called after each input, read or skipped (a progress bar's tick)."""
@@ -79,6 +85,7 @@ class _TableWriter:
 
     def __init__(self, folder: Path, part: int, schema: pa.Schema) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        self.part = part
         self.final = folder / f"part-{part:05d}.parquet"
         self.tmp = folder / f".part-{part:05d}.parquet.tmp"
         self.schema = schema
@@ -132,28 +139,51 @@ class _TableWriter:
                 path.unlink(missing_ok=True)
 
 
-def _commit(writers: dict[str, _TableWriter]) -> None:
+def _overwrite_mark(out_dir: Path, part: int) -> Path:
+    """The mark of an overwrite by `part`: once runs' part `part` is there, every part below it is gone."""
+    return out_dir / "runs" / f".overwrite-{part:05d}"
+
+
+def _commit(writers: dict[str, _TableWriter], overwrite: Path | None = None) -> None:
     """All tables' parts or none: every file is complete before the first rename, and `runs` is renamed
-    last, so that a failure anywhere leaves no runs part (the mark of a committed part) behind."""
+    last, so that a failure anywhere leaves no runs part (the mark of a committed part) behind. With
+    `overwrite` (the export's folder), the earlier parts are replaced in that same last rename, and only
+    then removed."""
+    runs = writers["runs"]
+    mark = _overwrite_mark(overwrite, runs.part) if overwrite is not None else None
     try:
         for writer in writers.values():
             writer.finish()
+        if mark is not None:
+            try:
+                mark.touch()
+            except OSError as exc:
+                raise cannot_write(mark, exc) from None
         for name, writer in writers.items():
             if name != "runs":
                 writer.commit()
-        writers["runs"].commit()
+        runs.commit()
     except BaseException:
         for writer in writers.values():
             writer.discard()
+        if mark is not None:
+            with contextlib.suppress(OSError):
+                mark.unlink(missing_ok=True)
         raise
+    if overwrite is not None:
+        # The new part is committed and the old ones already out of sight: one that cannot be removed now
+        # (a permission) is removed by the next export into this folder, which says so if it cannot either.
+        with contextlib.suppress(OSError):
+            _remove_uncommitted(overwrite)
 
 
 def _remove_uncommitted(out_dir: Path) -> None:
     """What a killed or failed export left: temporary files, and parts whose runs part is missing (the
     runs part is renamed last). A part whose runs part is there beside another table's temporary file of
     the same number was half-committed by kvtrace 0.1.0, which renamed the tables one by one: it goes
-    whole, so that its sources are exported again."""
+    whole, so that its sources are exported again. Parts an overwrite replaced go too, then its mark."""
     folders = [out_dir / table for table in TABLE_NAMES if (out_dir / table).is_dir()]
+    marks = list((out_dir / "runs").glob(".overwrite-*")) if (out_dir / "runs").is_dir() else []
     leftovers = [p for folder in folders for p in folder.glob(".part-*.parquet.tmp")]
     runs = {p.name for p in table_files(out_dir, "runs")}
     committed = runs - {p.name[1:].removesuffix(".tmp") for p in leftovers}
@@ -163,13 +193,34 @@ def _remove_uncommitted(out_dir: Path) -> None:
                 path.unlink(missing_ok=True)
     for path in leftovers:
         path.unlink(missing_ok=True)
+    for path in marks:  # last: until every part it replaced is gone, readers need it
+        path.unlink(missing_ok=True)
+
+
+def _replaced_below(runs_parts: list[Path]) -> int:
+    """The number below which runs parts were replaced by a committed overwrite (0: none was)."""
+    if not runs_parts:
+        return 0
+    present = {int(m.group(1)) for p in runs_parts if (m := _PART.match(p.name))}
+    marks = (_OVERWRITE_MARK.match(p.name) for p in runs_parts[0].parent.glob(".overwrite-*"))
+    return max((n for m in marks if m and (n := int(m.group(1))) in present), default=0)
+
+
+def _not_replaced(parts: list[Path]) -> list[Path]:
+    floor = _replaced_below(parts)
+    if not floor:
+        return parts
+    return [p for p in parts if (m := _PART.match(p.name)) and int(m.group(1)) >= floor]
 
 
 def table_files(export_dir: str | os.PathLike[str], table: str) -> list[Path]:
-    """The table's committed parts: those whose runs part is there (an export renames it last)."""
+    """The table's committed parts: those whose runs part is there (an export renames it last), less those
+    a committed overwrite replaced (still there while it removes them)."""
     folder = Path(export_dir) / table
     parts = sorted(p for p in folder.glob("part-*.parquet") if p.is_file()) if folder.is_dir() else []
-    if table == "runs" or not parts:
+    if table == "runs":
+        return _not_replaced(parts)
+    if not parts:
         return parts
     committed = {p.name for p in table_files(export_dir, "runs")}
     return [p for p in parts if p.name in committed]
@@ -275,14 +326,13 @@ def _export_locked(
     warn: Callable[[str], None] | None,
     progress: ProgressFn | None,
 ) -> ExportSummary:
-    if overwrite:
-        for table in TABLE_NAMES:
-            shutil.rmtree(root / table, ignore_errors=True)
     try:
         _remove_uncommitted(root)
     except OSError as exc:
         raise cannot_write(root, exc, folder=True) from None
-    done, taken = _exported(root)
+    # An overwrite exports every source again, beside the parts it replaces (numbered after them), which
+    # stay whole until it is committed (`_commit`).
+    done, taken = (set(), set()) if overwrite else _exported(root)
     part = _next_part(root)
     summary = ExportSummary(out_dir=str(root), part=part)
     summary.inputs = len(inputs) + len(problems)  # a missing path was given too: "1 of 2 inputs"
@@ -331,8 +381,8 @@ def _export_locked(
             writer.discard()
         raise
     if summary.exported:
-        _commit(writers)
-    else:  # every source already there, or unreadable: no empty part is added
+        _commit(writers, overwrite=root if overwrite else None)
+    else:  # every source already there, or unreadable: no empty part is added (nor one replaced)
         for writer in writers.values():
             writer.discard()
     summary.rows = {name: writer.rows for name, writer in writers.items()}

@@ -146,9 +146,12 @@ class Input:
 
 def named_as_given(inp: Input, message: str) -> str:
     """A reader's one-line error about `inp` with the path as the user named it (the reader was given the
-    resolved path): warnings about a folder's inputs then read `runs/x/...`, not `/home/.../runs/x/...`."""
+    resolved path): warnings about a folder's inputs then read `runs/x/...`, not `/home/.../runs/x/...`,
+    as `kvtrace report` names them."""
     resolved = str(inp.path)
-    return inp.run_id + message[len(resolved) :] if message.startswith(resolved + ":") else message
+    # the input itself (`path: ...`) or a file of a run directory (`path/kv_events.jsonl: ...`)
+    inside = message.startswith(resolved) and message[len(resolved) : len(resolved) + 1] in (":", os.sep)
+    return inp.run_id + message[len(resolved) :] if inside else message
 
 
 def _display(path: Path) -> str:
@@ -411,16 +414,22 @@ def _kv_event_rows(events: list[dict[str, Any]], engine: dict[str, Any]) -> list
 
 
 def _read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """engine.json and the engine's step and request logs (vLLM and continuous-batching runs; else empty)."""
+    """engine.json and the engine's step and request logs (vLLM and continuous-batching runs; else empty).
+
+    A run with engine.json is first read as `kvtrace report` reads it (analyzers.engine.read_engine), so
+    that a damaged one (a step log cut or short after the run ended, a field out of range) is refused with
+    the report's one-line error, not exported as if whole. The rows are then the files' own lines: a field
+    the log leaves out stays null in the tables."""
+    from analyzers.engine import read_engine
     from kvtrace.errors import KvtraceError
     from kvtrace.format import _read_jsonl  # the format's one JSONL reader: tolerates a cut last line
 
     engine: Any = {}
     engine_path = run_path / ENGINE
-    if engine_path.is_file():
+    if read_engine(run_path) is not None:  # raises KvtraceError on a damaged engine file
         try:
             engine = json.loads(engine_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:  # changed since it was checked
             raise KvtraceError(f"{engine_path}: corrupt engine file ({type(exc).__name__})") from None
     steps, _ = _read_jsonl(run_path / ENGINE_STEPS)
     requests, _ = _read_jsonl(run_path / ENGINE_REQUESTS)

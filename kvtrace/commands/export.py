@@ -17,7 +17,8 @@ class ExportCommand(Command):
     recursively (run directories, *.pt.trace.json[.gz], *.pickle). Tables: runs, devices, kv_events,
     memory_events, samples, engine_steps, engine_requests; each is a folder DIR/<table>/ of parts
     (part-NNNNN.parquet, one per export), which Spark, DuckDB and pyarrow read as one table. Exporting
-    into an existing DIR adds a part and skips sources already in it. One source is read at a time, so
+    into an existing DIR adds a part and skips sources already in it; --overwrite replaces its parts once
+    the new one is complete (a failed or interrupted overwrite keeps them). One source is read at a time, so
     memory stays bounded by the largest input, whatever their number.
     An unreadable input is skipped with a one-line warning naming it; the others are exported.
     Exit status: 0 on success; 1 when DIR cannot be written; 2 when any input was unreadable or missing
@@ -32,7 +33,10 @@ class ExportCommand(Command):
         )
         parser.add_argument("-o", "--output", required=True, metavar="DIR", help="export directory")
         parser.add_argument(
-            "--overwrite", action="store_true", help="replace the tables already in DIR instead of adding"
+            "--overwrite",
+            action="store_true",
+            help="replace the tables already in DIR instead of adding (they are kept until the new part is "
+            "complete)",
         )
         parser.add_argument("--json", action="store_true", help="print a summary of rows written as JSON")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -89,6 +93,8 @@ class ExportCommand(Command):
             rows = ", ".join(f"{name} {count:,}" for name, count in summary.rows.items() if count)
             if summary.part is None:
                 line = f"nothing new exported to {summary.out_dir}: no part added"
+                if args.overwrite:
+                    line += ", its earlier parts are kept"
             else:
                 line = (
                     f"exported {summary.exported} of {summary.inputs} inputs to {summary.out_dir} "

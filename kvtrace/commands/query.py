@@ -53,7 +53,8 @@ class QueryCommand(Command):
     Example: kvtrace query out "SELECT run_id, sum(delta_bytes) FROM memory_events GROUP BY ALL"
     Exit status: 0, or 2 for a bad DIR or a failing query (one line naming the problem). A folder's
     unreadable inputs are skipped with a warning, as `kvtrace export` does: the rows of the rest are
-    printed, and the status is 2.
+    printed, and the status is 2. When none can be read, the one input's problem (or each input's, and
+    then the folder's) is the error.
     """
 
     name = "query"
@@ -82,14 +83,30 @@ class QueryCommand(Command):
             # named on its own is read strictly: its one-line error is the answer.
             from analyzers.load import load_tables
 
-            def warn(problem: str) -> None:
-                skipped.append(problem)
+            # The first warning waits for a second input: when a folder's one input is unreadable, its
+            # problem is the error itself, one line, not "skipped" followed by "could not read".
+            def show(problem: str) -> None:
                 print(f"kvtrace query: skipped: {problem}", file=sys.stderr)
 
-            tables = load_tables(path, strict=not path.is_dir(), on_skip=warn)
+            def warn(problem: str) -> None:
+                skipped.append(problem)
+                if len(skipped) == 2:
+                    show(skipped[0])
+                if len(skipped) >= 2:
+                    show(problem)
+
+            try:
+                tables = load_tables(path, strict=not path.is_dir(), on_skip=warn)
+            except BaseException:
+                if len(skipped) == 1:
+                    show(skipped[0])
+                raise
+            if len(skipped) == 1 and tables.runs.num_rows == 0:
+                raise KvtraceError(skipped[0])
+            if len(skipped) == 1:
+                show(skipped[0])
             if skipped and tables.runs.num_rows == 0:
-                what = "its one input" if len(skipped) == 1 else f"any of its {len(skipped)} inputs"
-                raise KvtraceError(f"{path}: could not read {what}")
+                raise KvtraceError(f"{path}: could not read any of its {len(skipped)} inputs")
             con = connect_tables(tables)
         try:
             result = run_query(con, args.sql)

@@ -334,10 +334,20 @@ def test_query_and_export_of_a_folder_skip_an_unreadable_input_and_name_it_as_gi
     # AND a folder where nothing can be read is an error, as is the cut trace named on its own
     (tmp_path / "in" / "run" / "manifest.json").unlink()
     shutil.rmtree(tmp_path / "in" / "run")
+    # (the folder's one input: its problem is the error, in one line, as for the file named on its own)
     assert main(["query", "in", "SELECT 1"]) == 2
-    assert "in: could not read its one input" in capsys.readouterr().err
+    cut = "in/cut.pt.trace.json: truncated: the JSON ends inside traceEvents"
+    assert capsys.readouterr().err.splitlines() == [f"kvtrace query: error: {cut}"]
     assert main(["query", "in/cut.pt.trace.json", "SELECT 1"]) == 2
-    assert "in/cut.pt.trace.json: truncated" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines() == [f"kvtrace query: error: {cut}"]
+    # AND of two unreadable inputs each is named, then the folder
+    (tmp_path / "in" / "empty.pickle").write_bytes(b"")
+    assert main(["query", "in", "SELECT 1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "kvtrace query: skipped: in/cut.pt.trace.json: truncated: the JSON ends inside traceEvents",
+        "kvtrace query: skipped: in/empty.pickle: empty file",
+        "kvtrace query: error: in: could not read any of its 2 inputs",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -239,6 +239,54 @@ def test_a_vllm_run_with_damaged_engine_files_is_named(
     assert "field 'config.max_num_seqs' must be an integer, got 'x'" in _one_error(capsys)
 
 
+def _cut_last_step(run: Path) -> None:
+    steps = run / "engine_steps.jsonl"
+    steps.write_bytes(steps.read_bytes()[:-20])  # the last line cut after the run ended
+
+
+def _negative_blocks(run: Path) -> None:
+    info = json.loads((run / "engine.json").read_text())
+    info["num_blocks"] = -16
+    (run / "engine.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (
+            _cut_last_step,
+            "engine_steps.jsonl: damaged after the run ended: 95 complete steps of the 96 counted",
+        ),
+        (
+            lambda run: (run / "engine_steps.jsonl").unlink(),
+            "engine_steps.jsonl: damaged after the run ended: 0 complete steps of the 96 counted",
+        ),
+        (_negative_blocks, "engine.json: field 'num_blocks' out of range: -16"),
+    ],
+    ids=["last_step_cut", "steps_missing", "negative_num_blocks"],
+)
+def test_export_and_query_refuse_a_damaged_vllm_run_as_report_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Callable[[Path], None], said: str
+) -> None:
+    # GIVEN the sample vLLM run (96 engine steps counted by its manifest), damaged after it ended
+    run = _copy(tmp_path, "vllm_preempt")
+    assert json.loads((run / "manifest.json").read_text())["engine"]["engine_steps"] == 96
+    assert len((run / "engine_steps.jsonl").read_text().splitlines()) == 96
+    damage(run)
+    problem = f"{run}/{said}"
+    # WHEN report reads it, THEN it refuses it in one line
+    assert main(["report", str(run), "--no-export", "-q"]) == 2
+    assert _one_error(capsys) == f"kvtrace report: error: {problem}"
+    # AND export skips it with the same line, exit 2, writing no part
+    out = tmp_path / "tables"
+    assert main(["export", str(run), "-o", str(out), "-q"]) == 2
+    assert _one_error(capsys) == f"kvtrace export: skipped: {problem}"
+    assert not list(out.rglob("*.parquet"))
+    # AND query refuses it with the same line, exit 2
+    assert main(["query", str(run), "SELECT count(*) FROM engine_steps"]) == 2
+    assert _one_error(capsys) == f"kvtrace query: error: {problem}"
+
+
 def test_an_unexpected_failure_is_one_line_naming_the_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

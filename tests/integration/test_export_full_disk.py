@@ -17,6 +17,7 @@ import torch
 import kvtrace
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = REPO_ROOT / "sample_traces"
 TABLES = ("runs", "devices", "kv_events", "memory_events", "samples", "engine_steps", "engine_requests")
 
 
@@ -35,7 +36,9 @@ def recorded(tmp_path_factory: pytest.TempPathFactory, tiny_model, prompt_batch)
     return run
 
 
-def _export(run: Path, out: Path, file_limit: int | None = None) -> subprocess.CompletedProcess[str]:
+def _export(
+    run: Path, out: Path, file_limit: int | None = None, *flags: str
+) -> subprocess.CompletedProcess[str]:
     """`kvtrace export` in a fresh process; with `file_limit`, no file of it may grow past that many bytes
     (a write beyond fails with EFBIG, as one on a full disk fails with ENOSPC)."""
 
@@ -45,7 +48,7 @@ def _export(run: Path, out: Path, file_limit: int | None = None) -> subprocess.C
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
     return subprocess.run(
-        [sys.executable, "-m", "kvtrace.cli", "export", "-q", str(run), "-o", str(out)],
+        [sys.executable, "-m", "kvtrace.cli", "export", "-q", str(run), "-o", str(out), *flags],
         capture_output=True,
         text=True,
         timeout=300,
@@ -109,3 +112,106 @@ def test_a_half_committed_export_is_exported_again(recorded: Path, tmp_path: Pat
     assert "exported 1 of 1 inputs" in again.stdout
     assert _rows(out) == _rows(clean)
     assert not list(out.rglob("*.tmp"))
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    """Every file of an export (its lock aside) and its bytes."""
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != ".kvtrace.lock"
+    }
+
+
+def _run_ids(out: Path) -> list[str]:
+    """The runs an export holds, as `kvtrace query` reads them (committed parts only)."""
+    from analyzers.load import load_tables
+
+    return sorted(load_tables(out).runs.column("run_id").to_pylist())
+
+
+def test_an_overwrite_that_cannot_write_keeps_the_earlier_export(recorded: Path, tmp_path: Path) -> None:
+    # GIVEN an export of the run, and the part sizes a complete export of it has
+    out = tmp_path / "tables"
+    assert _export(recorded, out).returncode == 0
+    before = _files(out)
+    sizes = {table: len(before[f"{table}/part-00000.parquet"]) for table in TABLES}
+    biggest = max(sizes, key=lambda table: sizes[table])
+    second = sorted(sizes.values())[-2]
+
+    # WHEN it is exported again with --overwrite where only the biggest table's part cannot be written
+    failed = _export(recorded, out, (second + sizes[biggest]) // 2, "--overwrite")
+
+    # THEN one line names the new part and the cause, exit status 1
+    part = out / biggest / "part-00001.parquet"
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.splitlines() == [f"kvtrace export: error: {part}: cannot write (File too large)"]
+    # AND the earlier export is there byte for byte, with no file of the failed one beside it
+    assert _files(out) == before
+    assert _run_ids(out) == [recorded.as_posix()]
+
+
+def test_an_interrupted_overwrite_keeps_the_earlier_export(tmp_path: Path) -> None:
+    from analyzers.export_parquet import export
+
+    # GIVEN an export of one sample run
+    out = tmp_path / "tables"
+    first, others = SAMPLES / "dynamic_b2", [SAMPLES / "static_b2", SAMPLES / "sliding_b2"]
+    export([first], out)
+    before = _files(out)
+
+    # WHEN an --overwrite of two other runs gets Ctrl-C (a real SIGINT) once it has read the first
+    def interrupt(_inp: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        export(others, out, overwrite=True, on_input=interrupt)
+
+    # THEN the earlier export is whole, and nothing of the interrupted one is left
+    assert _files(out) == before
+    assert _run_ids(out) == [first.as_posix()]
+
+
+def test_an_overwrite_with_no_readable_input_keeps_the_earlier_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtrace.cli import main
+
+    # GIVEN an export of one sample run, and an empty pickle
+    out, empty = tmp_path / "tables", tmp_path / "empty.pickle"
+    assert main(["export", str(SAMPLES / "dynamic_b2"), "-o", str(out), "-q"]) == 0
+    before = _files(out)
+    empty.write_bytes(b"")
+    capsys.readouterr()
+
+    # WHEN only the empty pickle is exported with --overwrite
+    code = main(["export", str(empty), "-o", str(out), "-q", "--overwrite"])
+
+    # THEN it is skipped in one line, exit 2, and the earlier export stays as it was (and says so)
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.splitlines() == [f"kvtrace export: skipped: {empty}: empty file"]
+    assert f"nothing new exported to {out}: no part added, its earlier parts are kept" in captured.out
+    assert _files(out) == before
+    assert _run_ids(out) == [(SAMPLES / "dynamic_b2").as_posix()]
+
+
+def test_an_overwrite_killed_while_removing_the_old_parts_shows_only_the_new_one(tmp_path: Path) -> None:
+    from analyzers.export_parquet import export
+
+    # GIVEN what an --overwrite killed after its commit leaves: the old part 0, its own part 1, and its
+    # mark (the old part's files are removed after the mark is set and part 1's runs part renamed in)
+    out = tmp_path / "tables"
+    old, new = SAMPLES / "dynamic_b2", SAMPLES / "static_b2"
+    export([old], out)
+    export([new], out)
+    (out / "runs" / ".overwrite-00001").touch()
+
+    # WHEN it is read, THEN only the new part is there (not both: the old run is replaced)
+    assert _run_ids(out) == [new.as_posix()]
+
+    # AND the next export into the folder ends the removal: part 1 alone, no mark
+    summary = export([new], out)
+    assert (summary.part, summary.already_exported) == (None, 1)
+    assert sorted(_files(out)) == [f"{table}/part-00001.parquet" for table in sorted(TABLES)]
+    assert _run_ids(out) == [new.as_posix()]

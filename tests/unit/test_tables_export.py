@@ -88,9 +88,10 @@ def test_a_second_export_adds_a_part_and_skips_what_is_there(
     summary = _json_out(capsys, ["export", str(tmp_path / "runs"), "-o", str(out), "--json"])
     assert (summary["part"], summary["exported"], summary["already_exported"]) == (None, 0, 2)
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    # --overwrite writes its part after the earlier ones, then removes them (and its mark)
     summary = _json_out(capsys, ["export", str(second), "-o", str(out), "--json", "--overwrite"])
-    assert summary["part"] == 0 and summary["rows"]["runs"] == 1
-    assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00000.parquet"]
+    assert summary["part"] == 2 and summary["rows"]["runs"] == 1
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00002.parquet"]
 
 
 def test_a_bad_input_is_skipped_named_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
