@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from kvtrace.errors import KvtraceError, refuse_special_file
+from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
+from kvtrace.format import MAX_BYTES
 
 _I64 = 2**63 - 1
+_I32 = 2**31 - 1  # the export's int32 columns (block_size, the model's geometry)
 
 __all__ = [
     "ENGINE",
@@ -226,6 +228,10 @@ def _read_info(file: Path) -> EngineInfo:
         raise KvtraceError(f"{file}: cannot read ({exc.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise KvtraceError(f"{file}: not valid JSON ({exc})") from None
+    except ValueError:  # CPython's limit on the digits of an int
+        raise KvtraceError(f"{file}: not valid JSON (it holds {too_long_integer()})") from None
+    except RecursionError:
+        raise KvtraceError(f"{file}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise KvtraceError(f"{file}: expected a JSON object")
     where = str(file)
@@ -235,15 +241,15 @@ def _read_info(file: Path) -> EngineInfo:
     for name in ("model", "config", "memory_profile"):
         if data.get(name) is not None and not isinstance(data[name], dict):
             raise KvtraceError(f"{file}: field {name!r} must be an object")
-    for name in ("num_blocks", "block_size", "bytes_per_block", "kv_cache_bytes"):
-        value = _opt_int(data.get(name), where, name)
-        if value is not None and (value < 0 or (name == "block_size" and value < 1)):
-            raise KvtraceError(f"{file}: field {name!r} out of range: {value}")
+    for name, low, high in _INFO_INTS:
+        _in_range(data.get(name), where, name, low, high)
     config = data.get("config") or {}
     for name in _CONFIG_INTS:
-        value = _opt_int(config.get(name), where, f"config.{name}")
-        if value is not None and value < 0:
-            raise KvtraceError(f"{file}: field 'config.{name}' out of range: {value}")
+        high = MAX_BYTES if name.endswith("_bytes") else _I64
+        _in_range(config.get(name), where, f"config.{name}", 0, high)
+    model = data.get("model") or {}
+    for name, high in _MODEL_INTS:
+        _in_range(model.get(name), where, f"model.{name}", 0, high)
     util = config.get("gpu_memory_utilization")
     if util is not None and (type(util) not in (int, float) or not 0 < util <= 1):
         raise KvtraceError(f"{file}: field 'config.gpu_memory_utilization' must be in (0, 1], got {util!r}")
@@ -269,6 +275,34 @@ def _read_info(file: Path) -> EngineInfo:
     )
 
 
+def _in_range(value: Any, where: str, name: str, low: int, high: int) -> None:
+    """An optional integer field of engine.json, refused when out of [low, high]: sizes past 2**56 bytes
+    (as every size the run's other files hold) printed pools of 9e17 TiB; int32 fields past 2**31 stopped
+    `export` and `query` alone."""
+    checked = _opt_int(value, where, name)
+    if checked is not None and not low <= checked <= high:
+        raise KvtraceError(f"{where}: field {name!r} out of range: {checked}, expected {low} to {high}")
+
+
+# engine.json's own integers, when present: (name, lowest, highest)
+_INFO_INTS = (
+    ("num_blocks", 0, MAX_BYTES),  # a block holds at least a byte
+    ("block_size", 1, _I32),
+    ("bytes_per_block", 0, MAX_BYTES),
+    ("kv_cache_bytes", 0, MAX_BYTES),
+    ("blocks_reserved", 0, MAX_BYTES),
+    ("bytes_per_sector", 0, MAX_BYTES),
+)
+# engine.json `model` integers, when present: the runs table keeps the geometry in int32
+_MODEL_INTS = (
+    ("num_layers", _I32),
+    ("num_attention_heads", _I32),
+    ("num_kv_heads", _I32),
+    ("head_dim", _I32),
+    ("hidden_size", _I32),
+    ("vocab_size", _I64),
+    ("num_params", _I64),
+)
 # engine.json `config` fields the planners compute with, when present
 _CONFIG_INTS = (
     "block_size",
@@ -304,6 +338,8 @@ def _jsonl(file: Path) -> tuple[list[dict[str, Any]], bool]:
             if number == len(lines) and not text.endswith("\n"):
                 return rows, True  # the last line was cut
             raise KvtraceError(f"{file}: line {number} is not valid JSON") from None
+        except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
+            raise KvtraceError(f"{file}: line {number} holds {too_long_integer()}") from None
         except RecursionError:
             raise KvtraceError(f"{file}: line {number} is nested too deeply") from None
         if not isinstance(row, dict):

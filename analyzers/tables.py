@@ -206,10 +206,15 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[
 # ---- values from JSON written by anyone: a wrong type becomes null, never a crash -----------------
 
 
-def _int(value: Any) -> int | None:
+def _int(value: Any, bits: int = 64) -> int | None:
+    """An integer that fits a signed column of `bits`, else null (the readers refuse such values in the
+    records they own; this covers metadata they pass through, a trace's `distributedInfo`)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return int(value) if float(value).is_integer() and abs(value) < 2**63 else None
+    limit = 2 ** (bits - 1)
+    if not -limit <= value < limit:  # first: float() of a 400-digit int overflows; NaN lands here too
+        return None
+    return int(value) if float(value).is_integer() else None
 
 
 def _str(value: Any) -> str | None:
@@ -225,7 +230,7 @@ def _dict(value: Any) -> dict[str, Any]:
 def _column(records: list[dict[str, Any]], name: str, kind: pa.DataType) -> pa.Array:
     values = [record.get(name) for record in records]
     if pa.types.is_integer(kind):
-        return pa.array([_int(v) for v in values], kind)
+        return pa.array([_int(v, kind.bit_width) for v in values], kind)
     if pa.types.is_boolean(kind):
         return pa.array([v if isinstance(v, bool) else None for v in values], kind)
     if pa.types.is_list(kind):
@@ -421,7 +426,7 @@ def _read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, A
     the report's one-line error, not exported as if whole. The rows are then the files' own lines: a field
     the log leaves out stays null in the tables."""
     from analyzers.engine import read_engine
-    from kvtrace.errors import KvtraceError
+    from kvtrace.errors import KvtraceError, too_long_integer
     from kvtrace.format import _read_jsonl  # the format's one JSONL reader: tolerates a cut last line
 
     engine: Any = {}
@@ -431,6 +436,8 @@ def _read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, A
             engine = json.loads(engine_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:  # changed since it was checked
             raise KvtraceError(f"{engine_path}: corrupt engine file ({type(exc).__name__})") from None
+        except ValueError:  # CPython's limit on the digits of an int
+            raise KvtraceError(f"{engine_path}: corrupt engine file ({too_long_integer()})") from None
     steps, _ = _read_jsonl(run_path / ENGINE_STEPS)
     requests, _ = _read_jsonl(run_path / ENGINE_REQUESTS)
     return _dict(engine), steps, requests

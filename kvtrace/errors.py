@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import sys
 from pathlib import Path
 
 _ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
@@ -25,6 +26,13 @@ class RecordingError(KvtraceError):
     """What `kvtrace.record()` raises: a bad option or run folder (before anything is written), misuse
     (nested record(), track() outside record()), or a run that could not be written (a full disk: raised
     when the block ends). Here, away from torch, so that `kvtrace.RecordingError` costs no import."""
+
+
+def too_long_integer() -> str:
+    """What `json.loads` means by a plain ValueError (not a JSONDecodeError): CPython refuses to read an
+    integer of more digits than `sys.get_int_max_str_digits()` (4300), a guard against quadratic parsing.
+    No recorder writes one: the file is damaged or made up."""
+    return f"an integer of more than {sys.get_int_max_str_digits()} digits"
 
 
 def os_errno(exc: OSError) -> int | None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from kvtrace.errors import KvtraceError, refuse_special_file
+from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -258,6 +258,8 @@ def _read_jsonl(
                 truncated = True
                 break
             raise KvtraceError(f"{path}: line {lineno} is not valid JSON") from None
+        except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
+            raise KvtraceError(f"{path}: line {lineno} holds {too_long_integer()}") from None
         except RecursionError:
             raise KvtraceError(f"{path}: line {lineno} is nested too deeply") from None
         if not isinstance(value, dict):
@@ -267,14 +269,18 @@ def _read_jsonl(
 
 
 # What a record's numbers may be. Sizes above 2**56 bytes (64 PiB) and addresses past 2**63 are damage, not
-# memory: they would overflow the analyzers' int64 columns, or print as figures no device holds.
+# memory: they would overflow the analyzers' int64 columns, or print as figures no device holds. Steps and
+# cache ids are int32 columns of the export (docs/format.md), so a larger one is refused here, where every
+# command reads it, rather than by `export` and `query` alone.
 _I64 = 2**63 - 1
+_I32 = 2**31 - 1
 MAX_BYTES = 2**56
 _MAX_LAYER = 2**15 - 1  # the analyzers keep layers in int16
+KV_KINDS = ("k", "v")
 _EVENT_INTS: tuple[tuple[str, int, int], ...] = (
     ("seq", -_I64, _I64),
     ("t_ns", 0, _I64),
-    ("step", -_I64, _I64),
+    ("step", -_I32 - 1, _I32),
     ("layer", 0, _MAX_LAYER),
     ("addr", 0, _I64),
     ("storage_bytes", 0, MAX_BYTES),
@@ -283,7 +289,7 @@ _EVENT_INTS: tuple[tuple[str, int, int], ...] = (
     ("tokens", 0, _I64),
     ("evicted_tokens", 0, _I64),
     ("prev_addr", 0, _I64),
-    ("cache", -_I64, _I64),
+    ("cache", -_I32 - 1, _I32),
     ("rows", 0, _I64),
     ("masked_entries", 0, _I64),
 )
@@ -293,7 +299,7 @@ _WEIGHT_STRS = ("name", "dtype", "device")
 # memory_samples.jsonl: the keys analyzers compute with, when present
 _SAMPLE_INTS = (
     ("t_ns", 0, _I64),
-    ("step", -_I64, _I64),
+    ("step", -_I32 - 1, _I32),
     ("rss_bytes", 0, MAX_BYTES),
     ("cuda_device", 0, _MAX_LAYER),
     ("cuda_allocated_bytes", 0, MAX_BYTES),
@@ -350,6 +356,9 @@ def _event_from(record: dict[str, Any], path: Path, lineno: int = 0) -> KvEvent:
     except TypeError as exc:
         raise KvtraceError(f"{path}: line {lineno}: KV event missing fields ({exc})") from None
     _check_fields(event.__dict__, path, lineno, _EVENT_INTS, _EVENT_STRS)
+    if event.kv not in KV_KINDS:  # any other value was counted as V
+        said = repr(event.kv[:40])
+        raise KvtraceError(f"{path}: line {lineno}: field 'kv' is {said}, expected 'k' or 'v'")
     return event
 
 
@@ -398,6 +407,8 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         raise KvtraceError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise KvtraceError(f"{manifest_path}: corrupt manifest ({exc.__class__.__name__})") from None
+    except ValueError:  # CPython's limit on the digits of an int
+        raise KvtraceError(f"{manifest_path}: corrupt manifest (it holds {too_long_integer()})") from None
     except RecursionError:
         raise KvtraceError(f"{manifest_path}: corrupt manifest (nested too deeply)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "kvtrace-run":
@@ -485,6 +496,11 @@ def _count_or_null(value: Any) -> bool:
     return value is None or _count(value)
 
 
+def _small_count_or_null(value: Any) -> bool:
+    """A count the export keeps in int32 (ranks, device index, model geometry)."""
+    return value is None or (type(value) is int and 0 <= value <= _I32)
+
+
 def _text_or_null(value: Any) -> bool:
     return value is None or type(value) is str
 
@@ -493,12 +509,12 @@ def _text_or_null(value: Any) -> bool:
 _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("started_ns", _count_or_null, "a time in ns"),
     ("kv_events", _count, "a count"),
-    ("rank", _count_or_null, "a rank"),
-    ("local_rank", _count_or_null, "a rank"),
-    ("world_size", _count_or_null, "a count"),
+    ("rank", _small_count_or_null, f"a rank of at most {_I32}"),
+    ("local_rank", _small_count_or_null, f"a rank of at most {_I32}"),
+    ("world_size", _small_count_or_null, f"a count of at most {_I32}"),
     ("device.type", lambda v: type(v) is str, "a string"),
     ("device.name", _text_or_null, "a string"),
-    ("device.index", _count_or_null, "a device index"),
+    ("device.index", _small_count_or_null, f"a device index of at most {_I32}"),
     ("device.total_memory_bytes", _size_or_null, f"a size of at most {MAX_BYTES} bytes"),
     ("ended.status", lambda v: type(v) is str, "a string"),
     ("ended.t_ns", _count, "a time in ns"),
@@ -506,11 +522,11 @@ _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("ended.message", _text_or_null, "a string"),
     ("ended.write_error", lambda v: type(v) is str, "a string"),
     ("ended.kv_events_lost", _count, "a count"),
-    ("model.num_layers", _count_or_null, "a count"),
-    ("model.num_attention_heads", _count_or_null, "a count"),
-    ("model.num_kv_heads", _count_or_null, "a count"),
-    ("model.head_dim", _count_or_null, "a count"),
-    ("model.hidden_size", _count_or_null, "a count"),
+    ("model.num_layers", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.num_attention_heads", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.num_kv_heads", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.head_dim", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.hidden_size", _small_count_or_null, f"a count of at most {_I32}"),
     ("model.vocab_size", _count_or_null, "a count"),
     ("model.parameters", _count_or_null, "a count"),
     ("model.sliding_window", _count_or_null, "a count"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, too_long_integer
 from kvtrace.geometry import kv_heads_of, kv_layer_slides
 
 __all__ = [
@@ -245,6 +245,10 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         raise KvtraceError(f"{config_path}: cannot read model config: {exc.strerror or exc}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise KvtraceError(f"{config_path}: not a valid JSON config: {exc}") from exc
+    except ValueError:  # CPython's limit on the digits of an int
+        raise KvtraceError(f"{config_path}: not a valid JSON config: {too_long_integer()}") from None
+    except RecursionError:
+        raise KvtraceError(f"{config_path}: not a valid JSON config: nested too deeply") from None
     if not isinstance(raw, dict):
         raise KvtraceError(f"{config_path}: expected a JSON object at the top level")
 

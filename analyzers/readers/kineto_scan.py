@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.readers.sources import ProgressFn, open_input
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, too_long_integer
 
 __all__ = ["MemoryBlock", "NotKineto", "ScanResult", "as_int64", "scan_kineto"]
 
@@ -199,6 +199,8 @@ def _decode(block: bytes, start: int, end: int, path: str) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         what = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
         raise KvtraceError(f"{path}: corrupt JSON ({what}) inside traceEvents") from None
+    except ValueError:  # CPython's limit on the digits of an int
+        raise KvtraceError(f"{path}: corrupt JSON ({too_long_integer()}) inside traceEvents") from None
 
 
 class _Scanner:
@@ -305,7 +307,7 @@ def _header(head: bytes) -> tuple[dict[str, Any], int]:
         raise NotKineto
     try:
         top = json.loads(head[:key] + b'"traceEvents": []}')
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # not JSON, not UTF-8, an int of too many digits: the general reader says which
         raise NotKineto from None
     if not isinstance(top, dict):
         raise NotKineto
@@ -329,7 +331,7 @@ def _trailer(tail: bytes) -> dict[str, Any]:
         raise NotKineto
     try:
         more = json.loads(b"{" + rest[1:])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # not JSON, not UTF-8, an int of too many digits: the general reader says which
         raise NotKineto from None
     if not isinstance(more, dict):
         raise NotKineto

@@ -53,7 +53,7 @@ def _read_marker(root: Path, notes: list[str]) -> dict[str, Any] | None:
         return None
     try:
         marker = json.loads(marker_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, UTF-8 or a huge int
         notes.append(f"{marker_path}: unreadable group marker ignored ({exc.__class__.__name__})")
         return None
     return marker if isinstance(marker, dict) else None

@@ -13,8 +13,11 @@ import gc
 import os
 import pickle
 import struct
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 
 from analyzers.readers.sources import ProgressFn, open_input
 from kvtrace.errors import KvtraceError
@@ -57,6 +60,48 @@ _DECODE_ERRORS = (
 )
 
 
+# CPython (3.11 at least) builds the bytearray of a BYTEARRAY8 opcode before reading its bytes; when the
+# declared size cannot be allocated (a 1 TiB claim in an 18-byte file), it frees the half-made object, whose
+# uninitialised export count makes it print this line through sys.excepthook, before our own error line.
+# The C unpickler offers no hook between reading the size and allocating it, and walking the opcodes in
+# Python first (pickletools) costs ten times the load of a real snapshot, so the stray line is dropped
+# while we load; every other report passes through.
+_STRAY_BYTEARRAY_LINE = "deallocated bytearray object has exported buffers"
+_hook_lock = threading.Lock()
+_hook_users = 0
+_hook_before: list[object] = []
+
+
+def _drop_stray_bytearray_line(
+    kind: type[BaseException], value: BaseException, traceback: TracebackType | None
+) -> None:
+    if kind is SystemError and str(value) == _STRAY_BYTEARRAY_LINE:
+        if getattr(sys, "last_value", None) is value:  # PyErr_Print kept it for pdb.pm(): not ours to keep
+            for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+                vars(sys).pop(name, None)
+        return
+    previous = _hook_before[0] if _hook_before else sys.__excepthook__
+    previous(kind, value, traceback)  # type: ignore[operator]
+
+
+@contextmanager
+def _stray_bytearray_line_dropped() -> Iterator[None]:
+    """`_drop_stray_bytearray_line` as sys.excepthook while any thread loads a pickle."""
+    global _hook_users
+    with _hook_lock:
+        if _hook_users == 0:
+            _hook_before[:] = [sys.excepthook]
+            sys.excepthook = _drop_stray_bytearray_line
+        _hook_users += 1
+    try:
+        yield
+    finally:
+        with _hook_lock:
+            _hook_users -= 1
+            if _hook_users == 0 and sys.excepthook is _drop_stray_bytearray_line:
+                sys.excepthook = _hook_before[0]  # type: ignore[assignment]
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while building millions of plain containers: they hold no cycles
@@ -85,7 +130,7 @@ def load_pickle(path: str | os.PathLike[str], progress: ProgressFn | None = None
             # Protocols 0 and 1 have no header: a dict there opens with these (torch writes protocol >= 2).
             raise KvtraceError(f"{name}: not a pickle (starts with {first!r}, no protocol header)")
         try:
-            with gc_paused():
+            with gc_paused(), _stray_bytearray_line_dropped():
                 return _DataOnlyUnpickler(stream).load()
         except _RefusedGlobal as exc:
             raise KvtraceError(
@@ -94,6 +139,11 @@ def load_pickle(path: str | os.PathLike[str], progress: ProgressFn | None = None
             ) from None
         except EOFError as exc:
             raise KvtraceError(f"{name}: truncated pickle: the data ends early") from exc
+        except MemoryError:  # a damaged or made-up length (a 1 TiB bytearray in 18 bytes), or a huge dump
+            raise KvtraceError(
+                f"{name}: cannot load: it needs more memory than this machine has "
+                "(a damaged or made-up size, or a dump too large for it)"
+            ) from None
         except _DECODE_ERRORS as exc:
             if "truncated" in str(exc):
                 raise KvtraceError(f"{name}: truncated pickle: the data ends early") from exc

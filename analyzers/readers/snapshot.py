@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
+from itertools import chain
 from operator import itemgetter, methodcaller
 from typing import Any
 
@@ -393,10 +394,12 @@ def _replay_device(
 
 
 def _refuse_shared_containers(name: str, segments: list[Any], traces: list[list[Any]]) -> None:
-    """A real dump builds each segment, block list and device trace once. A pickle can list one object many
-    times for a few bytes each (its memo), and the segment x block walks then grow with the square of the
-    file's size (16 KB took 17 s and 1 GB): such a file is refused. Blocks, entries and frames shared inside
-    distinct lists cost one pass over bytes the file holds, and real dumps do share frames."""
+    """A real dump builds each segment, block list, block, device trace and trace entry once. A pickle can
+    list one object many times for a few bytes each (its memo), and the segment x block walks then grow
+    with the square of the file's size (16 KB took 17 s and 1 GB), or every reference to an entry or block
+    becomes one more event or block to hold (a 4 MB file read as 2 million events, 330 MB): such a file is
+    refused. Real dumps do share frames, the frame lists and frame dicts of their entries and blocks:
+    allowed, as each stack is interned once."""
     block_lists = [s["blocks"] for s in segments if isinstance(s, dict) and isinstance(s.get("blocks"), list)]
     for what, containers in (
         ("segment", [s for s in segments if isinstance(s, dict)]),
@@ -408,6 +411,17 @@ def _refuse_shared_containers(name: str, segments: list[Any], traces: list[list[
             raise KvtraceError(
                 f"{name}: not a real snapshot (damaged or made up): {len(containers) - distinct} of its "
                 f"{len(containers)} {what}s repeat another object (a real dump writes each once)"
+            )
+    # Entries and blocks are many (a million in a big dump): their identities as one sorted array.
+    for what, lists in (("trace entries", traces), ("blocks", block_lists)):
+        count = sum(map(len, lists))
+        ids = np.fromiter(map(id, chain.from_iterable(lists)), dtype=np.uint64, count=count)
+        ids.sort()
+        repeats = int(np.count_nonzero(ids[1:] == ids[:-1]))
+        if repeats:
+            raise KvtraceError(
+                f"{name}: not a real snapshot (damaged or made up): {repeats} of its {count} {what} repeat "
+                "another object (a real dump writes each once)"
             )
 
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from kvtrace.errors import KvtraceError, refuse_special_file
+from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
 
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
@@ -226,6 +226,8 @@ class JsonStream:
                     raise self.error(f"corrupt JSON: one value in {where} exceeds 256 MiB") from None
                 self._fill()
                 continue
+            except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
+                raise self.error(f"corrupt JSON: {too_long_integer()} inside {where}") from None
             if end > len(self.buf) - _LOOKAHEAD and not self.eof:
                 self._fill()
                 continue
@@ -300,7 +302,7 @@ class JsonStream:
                             continue
                 try:
                     obj, end = scan(buf, pos)
-                except (StopIteration, json.JSONDecodeError):
+                except (StopIteration, ValueError):  # JSONDecodeError, or an int of too many digits
                     break  # let the slow path decide: cut by the window's edge, or corrupt
                 after = whitespace(buf, end).end()  # type: ignore[union-attr]
                 if after >= limit:

@@ -41,27 +41,48 @@ def _shared_traces(n: int) -> dict[str, Any]:
     return {"segments": [], "device_traces": [trace] * n}
 
 
+def _shared_entries(n: int) -> dict[str, Any]:
+    frame = {"name": "f", "filename": "x.py", "line": 1}
+    alloc = {"action": "alloc", "addr": 1 << 40, "size": 512, "stream": 0, "frames": [frame] * 10}
+    free = {**alloc, "action": "free_completed"}
+    return {"segments": [], "device_traces": [[alloc, free] * (n // 2)]}
+
+
+def _shared_blocks(n: int) -> dict[str, Any]:
+    block = {"size": 512, "state": "active_allocated", "requested_size": 512, "frames": []}
+    return {"segments": [{"device": 0, "address": 1 << 40, "total_size": 2**40, "blocks": [block] * n}]}
+
+
 @pytest.mark.parametrize(
     ("build", "said"),
     [
         (_shared_segments, "1999 of its 2000 segments repeat another object"),
         (_shared_block_lists, "1999 of its 2000 segment's block lists repeat another object"),
         (_shared_traces, "1999 of its 2000 device traces repeat another object"),
+        (_shared_entries, "1998 of its 2000 trace entries repeat another object"),
+        (_shared_blocks, "1999 of its 2000 blocks repeat another object"),
     ],
-    ids=["segments", "block-lists", "traces"],
+    ids=["segments", "block-lists", "traces", "entries", "blocks"],
 )
+@pytest.mark.parametrize("command", ["report", "export"])
 def test_a_snapshot_that_lists_one_container_many_times_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], build: Any, said: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], build: Any, said: str, command: str
 ) -> None:
     # GIVEN a pickle of a few KB whose memo repeats one segment / block list / trace 2000 times (4 million
-    # blocks or entries to walk: seconds and hundreds of MB before)
+    # blocks or entries to walk: seconds and hundreds of MB before), or one trace entry or block (each
+    # reference read as one more event or block: a 4 MB file took 330 MB as 2 million events)
     path = tmp_path / "bomb.pickle"
     path.write_bytes(pickle.dumps(build(2000), protocol=4))
     assert path.stat().st_size < 64_000
     # THEN one line says it is not a real snapshot, exit 2
-    assert main(["report", str(path), "--json", "--no-export"]) == 2
-    err = _one_error(capsys)
-    assert str(path) in err and "not a real snapshot" in err and said in err
+    argv = ["report", str(path), "--json", "--no-export"]
+    assert (
+        main(argv if command == "report" else ["export", str(path), "-o", str(tmp_path / "out"), "-q"]) == 2
+    )
+    said = f"{path}: not a real snapshot (damaged or made up): {said} (a real dump writes each once)"
+    assert _one_error(capsys) == (
+        f"kvtrace report: error: {said}" if command == "report" else f"kvtrace export: skipped: {said}"
+    )
 
 
 def test_real_snapshots_share_frames_and_still_read(capsys: pytest.CaptureFixture[str]) -> None:
@@ -191,3 +212,85 @@ def test_a_run_log_with_a_byte_order_mark_reads_as_without(
     # THEN it reads, with the same figures
     assert main(["report", str(run), "--json", "--no-export"]) == 0
     assert json.loads(capsys.readouterr().out) == plain
+
+
+def test_a_pickle_declaring_a_bytearray_past_any_memory_is_one_line(tmp_path: Path) -> None:
+    # GIVEN 18 bytes of protocol 5 whose BYTEARRAY8 claims 2**62 bytes: CPython fails to allocate it and, as
+    # it frees the half-made bytearray, printed "SystemError: deallocated bytearray object has exported
+    # buffers" before our own line. A fresh interpreter, as the user runs it (the stray line depends on
+    # what the allocator left in memory).
+    import struct
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.pickle"
+    path.write_bytes(b"\x80\x05}\x94\x8c\x01a\x96" + struct.pack("<Q", 2**62) + b"xx")
+    for command in ("report", "diagnose"):
+        done = subprocess.run(
+            [sys.executable, "-m", "kvtrace.cli", command, str(path)], capture_output=True, text=True
+        )
+        # THEN exactly one line names the file and what is wrong, exit 2
+        assert done.returncode == 2
+        said = (
+            "cannot load: it needs more memory than this machine has "
+            "(a damaged or made-up size, or a dump too large for it)"
+        )
+        assert done.stderr == f"kvtrace {command}: error: {path}: {said}\n"
+
+
+KINETO = next((SAMPLES / "dynamic_b2" / "profiler").glob("*.pt.trace.json.gz"))
+DIGITS_5000 = "9" * 5000  # json.loads raises a ValueError (not a JSONDecodeError) past 4300 digits
+
+
+def _first_memory_bytes(text: str, raw: str) -> str:
+    start = text.index('"Bytes": ', text.index('"[memory]"')) + len('"Bytes": ')
+    end = text.index(",", start)
+    return text[:start] + raw + text[end:]
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (  # the Kineto fast scanner decodes the memory event
+            lambda text: _first_memory_bytes(text, DIGITS_5000),
+            "corrupt JSON (an integer of more than 4300 digits) inside traceEvents",
+        ),
+        (  # the header is left to the general reader
+            lambda text: text.replace('"schemaVersion": 1', f'"schemaVersion": {DIGITS_5000}', 1),
+            "corrupt JSON: an integer of more than 4300 digits inside top-level field 'schemaVersion'",
+        ),
+        (  # the same trace written on one line: the general reader throughout
+            lambda text: json.dumps(json.loads(text)).replace(
+                '"Bytes": ', f'"Bytes": {DIGITS_5000}, "b": ', 1
+            ),
+            "corrupt JSON: an integer of more than 4300 digits inside traceEvents",
+        ),
+    ],
+    ids=["kineto-event", "kineto-header", "one-line"],
+)
+@pytest.mark.parametrize("command", ["report", "diagnose"])
+def test_a_chrome_trace_holding_an_integer_of_5000_digits_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Any, said: str, command: str
+) -> None:
+    # GIVEN the sample run's real profiler trace with one integer of 5000 digits (internal error, exit 70)
+    import gzip
+
+    path = tmp_path / "damaged.pt.trace.json"
+    path.write_text(damage(gzip.decompress(KINETO.read_bytes()).decode()))
+    # THEN one line names the file and what is wrong, exit 2
+    assert main([command, str(path), "--no-export"] if command == "report" else [command, str(path)]) == 2
+    assert _one_error(capsys) == f"kvtrace {command}: error: {path}: {said}"
+
+
+def test_a_trace_naming_a_rank_past_int32_exports_it_as_null(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a trace whose distributedInfo names rank 2**40 (export: "unreadable (ArrowInvalid ...)", query:
+    # internal error, exit 70), metadata the report does not use
+    memory = {"Bytes": 100, "Addr": 4096, "Device Type": 1, "Device Id": 0}
+    event = {"ph": "i", "name": "[memory]", "pid": 1, "tid": 1, "ts": 1, "args": memory}
+    path = tmp_path / "ranked.pt.trace.json"
+    path.write_text(json.dumps({"distributedInfo": {"rank": 2**40, "world_size": 2}, "traceEvents": [event]}))
+    # THEN the runs table holds null there, as for any value its column cannot hold
+    assert main(["query", "--json", str(path), "SELECT rank, world_size FROM runs"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"rank": None, "world_size": 2}]

@@ -296,3 +296,186 @@ def test_an_unexpected_failure_is_one_line_naming_the_input(
     assert main(["report", str(loop)]) == 2
     err = _one_error(capsys)
     assert str(loop) in err
+
+
+def _errors(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    return err.splitlines()
+
+
+def _refused_by_every_command(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], said: str
+) -> None:
+    """Each command that reads a run exits 2 with `said` (what a reader refuses, naming the file), alone on
+    its stderr; `query` adds the line saying its one input could not be read."""
+    other = SAMPLES / "static_b2"
+    for argv in (
+        ["report", str(run), "--no-export"],
+        ["diagnose", str(run)],
+        ["compare", str(run), str(other)],
+    ):
+        assert main(argv) == 2, argv
+        assert _errors(capsys) == [f"kvtrace {argv[0]}: error: {said}"]
+    assert main(["export", str(run), "-o", str(tmp_path / "exported"), "-q"]) == 2
+    assert _errors(capsys) == [f"kvtrace export: skipped: {said}"]
+    assert main(["query", str(run), "SELECT 1"]) == 2
+    assert _errors(capsys) == [
+        f"kvtrace query: skipped: {said}",
+        f"kvtrace query: error: {run}: could not read its one input",
+    ]
+
+
+def test_a_kv_event_of_an_unknown_kind_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a real run whose first KV event says "kv": "x" (it was counted as V: layer 0 read K 0, V twice)
+    run = _copy(tmp_path, "dynamic_b2")
+    events = run / "kv_events.jsonl"
+    assert json.loads(events.read_text().splitlines()[0])["kv"] == "k"
+    _edit_first_line(events, lambda record: record.__setitem__("kv", "x"))
+    # THEN every command refuses it in one line naming the file, the line and the field
+    _refused_by_every_command(
+        run, tmp_path, capsys, f"{events}: line 1: field 'kv' is 'x', expected 'k' or 'v'"
+    )
+
+
+# json.loads refuses an integer of more than 4300 digits (CPython's int_max_str_digits) with a ValueError,
+# not a JSONDecodeError: it stopped report, diagnose, compare and query with "internal error", exit 70.
+DIGITS_5000 = "9" * 5000
+TOO_LONG = "an integer of more than 4300 digits"
+
+
+def _with_raw_value(path: Path, field: str, raw: str) -> None:
+    """The object of a .json file, or the first line of a log, with `field` set to the JSON text `raw`."""
+    lines = [path.read_text()] if path.suffix == ".json" else path.read_text().splitlines()
+    record = json.loads(lines[0])
+    record[field] = "PLACEHOLDER"
+    lines[0] = json.dumps(record).replace('"PLACEHOLDER"', raw)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("file", "field"),
+    [("kv_events.jsonl", "storage_bytes"), ("weights.jsonl", "addr"), ("memory_samples.jsonl", "rss_bytes")],
+)
+def test_an_integer_of_5000_digits_in_a_run_log_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, field: str
+) -> None:
+    run = _copy(tmp_path, "dynamic_b2")
+    _with_raw_value(run / file, field, DIGITS_5000)
+    _refused_by_every_command(run, tmp_path, capsys, f"{run / file}: line 1 holds {TOO_LONG}")
+
+
+def test_an_integer_of_5000_digits_in_the_manifest_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(tmp_path, "dynamic_b2")
+    _with_raw_value(run / "manifest.json", "pid", DIGITS_5000)
+    manifest = run / "manifest.json"
+    _refused_by_every_command(run, tmp_path, capsys, f"{manifest}: corrupt manifest (it holds {TOO_LONG})")
+
+
+@pytest.mark.parametrize(
+    ("file", "said"),
+    [
+        ("engine.json", f"not valid JSON (it holds {TOO_LONG})"),
+        ("engine_steps.jsonl", f"line 1 holds {TOO_LONG}"),
+        ("engine_requests.jsonl", f"line 1 holds {TOO_LONG}"),
+    ],
+)
+@pytest.mark.parametrize("command", ["report", "diagnose", "plan"])
+def test_an_integer_of_5000_digits_in_an_engine_file_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, file: str, said: str
+) -> None:
+    run = _copy(tmp_path, "vllm_preempt")
+    _with_raw_value(run / file, "t_ns", DIGITS_5000)
+    argv = {
+        "report": ["report", str(run), "--no-export"],
+        "diagnose": ["diagnose", str(run)],
+        "plan": ["plan", "--engine", "vllm", "--from-run", str(run)],
+    }[command]
+    assert main(argv) == 2
+    assert _errors(capsys) == [f"kvtrace {command}: error: {run / file}: {said}"]
+
+
+def test_the_tensorboard_store_names_an_integer_of_5000_digits_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+
+    run = _copy(tmp_path, "dynamic_b2")
+    _with_raw_value(run / "kv_events.jsonl", "storage_bytes", DIGITS_5000)
+    loaded = RunStore(tmp_path).load("dynamic_b2")
+    assert loaded.error == f"{run / 'kv_events.jsonl'}: line 1 holds {TOO_LONG}"
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("file", "field", "value", "low", "high"),
+    [
+        ("kv_events.jsonl", "step", 2**31, -(2**31), 2**31 - 1),
+        ("kv_events.jsonl", "step", 2**62, -(2**31), 2**31 - 1),
+        ("kv_events.jsonl", "cache", 2**31, -(2**31), 2**31 - 1),
+        ("memory_samples.jsonl", "step", -(2**31) - 1, -(2**31), 2**31 - 1),
+    ],
+)
+def test_an_integer_past_its_int32_column_is_named_by_every_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, field: str, value: int, low: int, high: int
+) -> None:
+    # GIVEN a real run with a step or cache id past the export's int32 columns (report read it, export said
+    # "unreadable (ArrowInvalid ...)" without the line, query stopped with an internal error, exit 70)
+    run = _copy(tmp_path, "dynamic_b2")
+    _edit_first_line(run / file, lambda record: record.__setitem__(field, value))
+    said = f"{run / file}: line 1: field {field!r} is {value}, expected an integer from {low} to {high}"
+    _refused_by_every_command(run, tmp_path, capsys, said)
+
+
+@pytest.mark.parametrize(
+    ("key", "inner", "what"),
+    [("model", "num_layers", "a count"), ("device", "index", "a device index"), (None, "rank", "a rank")],
+)
+def test_a_manifest_value_past_its_int32_column_is_named_by_every_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str | None, inner: str, what: str
+) -> None:
+    run = _copy(tmp_path, "dynamic_b2")
+    manifest = json.loads((run / "manifest.json").read_text())
+    (manifest[key] if key else manifest)[inner] = 2**40
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    dotted = f"{key}.{inner}" if key else inner
+    said = f"{run / 'manifest.json'}: field {dotted!r} is {2**40}, expected {what} of at most {2**31 - 1}"
+    _refused_by_every_command(run, tmp_path, capsys, said)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "low", "high"),
+    [
+        ("kv_cache_bytes", 10**30, 0, 2**56),
+        ("bytes_per_block", 2**56 + 1, 0, 2**56),
+        ("num_blocks", 2**60, 0, 2**56),
+        ("block_size", 2**31, 1, 2**31 - 1),
+    ],
+)
+@pytest.mark.parametrize("command", ["report", "diagnose", "plan"])
+def test_an_engine_size_past_any_device_is_named(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    field: str,
+    value: int,
+    low: int,
+    high: int,
+) -> None:
+    # GIVEN a real vLLM run whose engine.json says its pool holds 10**30 bytes (the report printed a KV peak
+    # of 909494701772928256.00 TiB next to a device peak of 1.00 MiB, exit 0)
+    run = _copy(tmp_path, "vllm_preempt")
+    info = json.loads((run / "engine.json").read_text())
+    info[field] = value
+    (run / "engine.json").write_text(json.dumps(info))
+    argv = {
+        "report": ["report", str(run), "--no-export"],
+        "diagnose": ["diagnose", str(run)],
+        "plan": ["plan", "--engine", "vllm", "--from-run", str(run)],
+    }[command]
+    # THEN it is refused like every other size past 2**56 bytes
+    assert main(argv) == 2
+    said = f"field {field!r} out of range: {value}, expected {low} to {high}"
+    assert _errors(capsys) == [f"kvtrace {command}: error: {run / 'engine.json'}: {said}"]
