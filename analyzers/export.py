@@ -40,23 +40,31 @@ def _base_ns(trace_path: str | None) -> int:
     if marker < 0:
         return 0
     digits = head[marker:].split(":", 1)[1].lstrip().split(",", 1)[0].split("}", 1)[0].strip()
-    return int(digits) if digits.isdigit() else 0
+    base_ns = int(digits) if digits.isdigit() and len(digits) < 20 else 0
+    return base_ns if base_ns < 2**63 else 0  # as the trace reader: Kineto's base is an int64
 
 
-def write_counters(run_dir: Path, kv: KvLogAnalysis, trace_path: str | None, pid: int) -> Path:
-    """Chrome-trace counter events ("ph": "C"): total KV bytes and per-layer bytes after every KV event."""
+def write_counters(
+    run_dir: Path, kv: KvLogAnalysis, trace_path: str | None, pid: int, clock_shift_us: int = 0
+) -> Path:
+    """Chrome-trace counter events ("ph": "C"): total KV bytes and per-layer bytes after every KV event.
+
+    `clock_shift_us`: what the report added to the trace's times to put them on the run's clock (its base
+    missing or wrong: analyzers.readers.trace_clock); taken off here so that the counters line up with the
+    trace's own events when both are opened together."""
     base_ns = _base_ns(trace_path)
+    origin_ns = base_ns + clock_shift_us * 1000  # the run-clock time of the trace's ts 0
     events: list[dict[str, Any]] = [
         {"name": "process_name", "ph": "M", "pid": pid, "args": {"name": "kvtrace KV cache"}},
     ]
     layer_live: dict[int, int] = {}
     for t_ns, total in zip(kv.series_t_ns, kv.series_bytes, strict=True):
-        ts = (t_ns - base_ns) / 1000.0
+        ts = (t_ns - origin_ns) / 1000.0
         events.append({"name": "KV cache bytes", "ph": "C", "ts": ts, "pid": pid, "args": {"kv": total}})
     steps = sorted(kv.step_live)
     for step in steps:
         layer_live = kv.step_live[step]
-        ts = (kv.step_start_ns.get(step, 0) - base_ns) / 1000.0
+        ts = (kv.step_start_ns.get(step, 0) - origin_ns) / 1000.0
         events.append(
             {
                 "name": "KV bytes per layer",

@@ -55,6 +55,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     notes: list[str] = [str(w) for w in (source.meta.get("manifest") or {}).get("warnings") or ()]
     # the moment and its figures are the KV log's: say why
     notes.extend(note for note in KV_LOG_ONLY_NOTES if note in source.meta.get("input_notes", ()))
+    if source.meta.get("trace_clock_note"):  # the moment's time and KV rest on a clock kvtrace set
+        notes.append(source.meta["trace_clock_note"])
     if budget_bytes is None:
         budget_bytes = budget_of(source)
     kv_log = source.meta.get("kv")

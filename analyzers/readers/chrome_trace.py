@@ -356,8 +356,10 @@ def timestamps(raw: np.ndarray, base_ns: Any, integral: bool) -> np.ndarray:
 
 
 def offset_us(base_ns: Any, integral: bool) -> int | float:
-    """What `timestamps` adds to a raw `ts`: an int where both are whole µs, else a float."""
-    base_ns = base_ns if isinstance(base_ns, int) and not isinstance(base_ns, bool) else 0
+    """What `timestamps` adds to a raw `ts`: an int where both are whole µs, else a float. A base that is
+    no int64 (Kineto's type) is no clock base: added, it would overflow or round every `ts` away."""
+    usable = isinstance(base_ns, int) and not isinstance(base_ns, bool) and -(2**63) < base_ns < 2**63
+    base_ns = base_ns if usable else 0
     return base_ns // 1000 if integral and base_ns % 1000 == 0 else base_ns / 1000.0
 
 

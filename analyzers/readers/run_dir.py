@@ -175,6 +175,13 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             from analyzers.readers.trace_stacks import attach_python_stacks
 
             source.meta["allocations_with_stack"] = attach_python_stacks(source, traces[-1])
+        if kv.storages:
+            # After the stacks (matched to ranges on the trace's own clock), before anything that compares
+            # the trace's times with the KV log's.
+            from analyzers.readers.trace_clock import align_trace_clock
+
+            span_ns = (run.kv_events[0].t_ns, run.kv_events[-1].t_ns)
+            align_trace_clock(source, kv.storages, trace.meta.get("baseTimeNanoseconds"), span_ns)
     trace_missed_the_model = bool(traces and run.kv_events) and not any(len(dev) for dev in source.devices)
     memory_off = run.manifest.get("options", {}).get("profile_memory") is False
     if trace_missed_the_model:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import MemorySource
+from analyzers.readers.chrome_trace import offset_us
 from analyzers.readers.sources import JsonStream, open_input
 
 _FRAME = re.compile(r"^(?P<file>.*)\((?P<line>\d+)\): (?P<func>.*)$")
@@ -58,7 +59,7 @@ def attach_python_stacks(source: MemorySource, path: str | os.PathLike[str]) -> 
     ranges, base_ns = _collect(path)
     if not ranges:
         return 0
-    offset = base_ns / 1000.0 if isinstance(base_ns, int) else 0.0
+    offset = float(offset_us(base_ns, False))  # the reader's own, so that both clocks agree
     ranges.sort(key=lambda r: (r[0], -r[1]))
     interned: dict[str, int] = {text: i for i, text in enumerate(source.frames)}
     with_stack = 0

@@ -139,7 +139,8 @@ class ReportCommand(Command):
         # The exports are a by-product: a read-only or full run still gets its report (exit status 0), and
         # each file that could not be written gets one line.
         try:
-            write_counters(path, meta["kv"], meta.get("trace"), int(meta["manifest"].get("pid", 0)))
+            pid = int(meta["manifest"].get("pid", 0))
+            write_counters(path, meta["kv"], meta.get("trace"), pid, meta.get("trace_clock_shift_us", 0))
         except KvtraceError as exc:  # a link or a folder where the file goes
             _not_exported(exc)
         except OSError as exc:

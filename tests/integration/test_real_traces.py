@@ -356,3 +356,24 @@ def test_a_trace_without_memory_events_is_charted_from_its_first_event() -> None
     # THEN the markers are the steps' start times, in seconds from the earliest of them (the axis origin)
     assert np.allclose(np.asarray(marks.x), [(ts - steps[0]) / 1e6 for ts in steps])
     assert max(marks.x) < 10 and steps[0] >= first
+
+
+def test_a_clock_base_beyond_int64_is_no_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN the real ResNet trace (integral Unix-epoch ts, no base) with a base no Kineto writes (int64 ns)
+    original = _require("worker0.1623143089861.pt.trace.json.gz")
+    trace = json.loads(_raw_bytes(original))
+    assert "baseTimeNanoseconds" not in trace
+    trace["baseTimeNanoseconds"] = 10**30
+    path = tmp_path / "worker0.json"
+    path.write_text(json.dumps(trace))
+
+    # WHEN both are reported
+    assert main(["report", str(original), "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main(["report", str(path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+
+    # THEN the base is left out, as if absent (it overflowed int64 or rounded every ts away before): the
+    # same figures, the same Unix-epoch peak time
+    want["source"]["path"] = got["source"]["path"]
+    assert got == want

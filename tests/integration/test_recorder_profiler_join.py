@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from kvlog_math import StorageLife, storage_lives
+from kvlog_math import StorageLife, kv_bytes, storage_lives
+from transformers import DynamicCache
 
 import kvtrace
+from analyzers.attribution import JOIN_TOLERANCE_US
+from analyzers.planning.diagnose import diagnose
+from analyzers.report import build_report
+from kvtrace.cli import main as kvtrace_main
 from kvtrace.format import read_run
-from kvtrace.llama import make_cache
+from kvtrace.llama import cache_keyword, make_cache
 
 NEW_TOKENS = 4
 # The profiler's clock and time.time_ns() agree within ~0.15 ms on these machines.
@@ -133,3 +140,129 @@ def test_every_kv_storage_is_a_profiled_allocation(tiny_model, prompt_batch, tmp
         still_allocated = [life for life in lives if match(life, allocations).free_us is None]
         assert len(still_allocated) == 2 * 2  # the cache the caller holds: K and V of two layers
     del cache
+
+
+# How another tool may leave a trace's clock base: gone, not a number, zero, no int64 (Kineto's type), or
+# moved by seconds (a merge).
+MISSING = object()
+BASE_EDITS = {
+    "missing": lambda base: MISSING,
+    "a string": lambda base: "soon",
+    "zero": lambda base: 0,
+    "beyond int64": lambda base: 10**30,
+    "3 s late": lambda base: base + 3_000_000_000,
+    "3 s early": lambda base: base - 3_000_000_000,
+}
+
+
+@pytest.fixture(scope="module")
+def run_with_kept_cache(tiny_model, prompt_batch, tmp_path_factory) -> Path:
+    """A real run with the profiler's memory events on, whose dynamic cache outlives the block: its last K
+    and V storages are still allocated when the trace ends."""
+    out_dir = tmp_path_factory.mktemp("base") / "run"
+    cache = DynamicCache(config=tiny_model.config)
+    with torch.no_grad(), kvtrace.record(out_dir, model=tiny_model, profiler=True, profile_memory=True):
+        tiny_model.generate(
+            input_ids=prompt_batch.input_ids,
+            attention_mask=prompt_batch.attention_mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            **{cache_keyword(): cache},
+        )
+    del cache
+    return out_dir
+
+
+def _trace_of(run_dir: Path) -> tuple[Path, dict]:
+    (path,) = sorted((run_dir / "profiler").glob("*.pt.trace.json*"))
+    return path, load_trace(path)
+
+
+def _write_trace(path: Path, trace: dict) -> None:
+    text = json.dumps(trace).encode()
+    path.write_bytes(gzip.compress(text) if path.name.endswith(".gz") else text)
+
+
+def _edit_base(run_dir: Path, edit) -> None:
+    """Rewrite the run's trace with its top-level baseTimeNanoseconds edited, as another tool might."""
+    path, trace = _trace_of(run_dir)
+    value = edit(trace["baseTimeNanoseconds"])
+    if value is MISSING:
+        del trace["baseTimeNanoseconds"]
+    else:
+        trace["baseTimeNanoseconds"] = value
+    _write_trace(path, trace)
+
+
+def _counters_ts(run_dir: Path) -> np.ndarray:
+    with gzip.open(run_dir / "kv_counters.trace.json.gz", "rt", encoding="utf-8") as fh:
+        return np.array([e["ts"] for e in json.load(fh)["traceEvents"] if e["ph"] == "C"])
+
+
+@pytest.mark.parametrize("edit", list(BASE_EDITS))
+def test_a_trace_without_its_clock_base_keeps_its_kv_figures(
+    run_with_kept_cache, prompt_batch, tmp_path, edit
+):
+    # GIVEN the run as recorded, and a copy whose trace's clock base another tool removed or changed
+    reference = tmp_path / "reference"
+    edited = tmp_path / "edited"
+    shutil.copytree(run_with_kept_cache, reference)
+    shutil.copytree(run_with_kept_cache, edited)
+    _edit_base(edited, BASE_EDITS[edit])
+
+    # WHEN both are reported (with the KV counters written beside the trace)
+    _, want = build_report(reference)
+    source, got = build_report(edited)
+    assert kvtrace_main(["report", str(reference), "-q"]) == 0
+    assert kvtrace_main(["report", str(edited), "-q"]) == 0
+
+    # THEN the KV log still finds every KV storage's allocation: the dynamic cache made one K and one V
+    # storage per layer and forward, of prompt_len, prompt_len + 1, ... prompt_len + NEW_TOKENS - 1 tokens
+    # (conftest's TINY: 2 layers, 2 KV heads of 64 / 4 = 16 dims, float32)
+    rows, prompt_len, layers, kv_heads, head_dim = prompt_batch.rows, prompt_batch.prompt_len, 2, 2, 16
+    tokens = [prompt_len + i for i in range(NEW_TOKENS)]
+    made = sum(layers * 2 * kv_bytes(kv_heads, head_dim, t, rows, 4) for t in tokens)
+    held_at_end = layers * 2 * kv_bytes(kv_heads, head_dim, tokens[-1], rows, 4)
+    for report in (want, got):
+        (device,) = report.devices
+        assert device.bytes_by_method["kv_log"] == made
+        assert int(report.timelines[0].by_category["kv"][-1]) == held_at_end
+    # ... and every KV figure is the one the trace's own base gives
+    assert got.devices[0].categories_at_peak == want.devices[0].categories_at_peak
+    assert got.devices[0].categories_at_peak["kv"] > 0
+    np.testing.assert_array_equal(got.timelines[0].by_category["kv"], want.timelines[0].by_category["kv"])
+    # ... the events sit where the base puts them, within the join's tolerance
+    assert abs(got.devices[0].peak_time - want.devices[0].peak_time) <= JOIN_TOLERANCE_US
+    # ... the report and the diagnosis say, in one note, that the trace's clock was set from the KV log
+    assert want.notes == []
+    (note,) = got.notes
+    assert note.startswith("the profiler trace's baseTimeNanoseconds ") and "address and size" in note
+    assert note in diagnose(source, got).notes
+    # ... and the KV counters line up with the trace's own events, as the reference's do
+    np.testing.assert_allclose(_counters_ts(edited), _counters_ts(reference), rtol=0, atol=JOIN_TOLERANCE_US)
+
+
+def test_a_trace_that_cannot_be_put_on_the_runs_clock_says_so(run_with_kept_cache, tmp_path):
+    # GIVEN a copy of the run whose trace lost its clock base and whose allocations are at no KV storage's
+    # address (every address moved by 8 bytes), so nothing says where its events belong
+    edited = tmp_path / "edited"
+    shutil.copytree(run_with_kept_cache, edited)
+    _edit_base(edited, BASE_EDITS["missing"])
+    path, trace = _trace_of(edited)
+    for event in trace["traceEvents"]:
+        if event.get("name") == "[memory]":
+            event["args"]["Addr"] += 8
+    _write_trace(path, trace)
+
+    # WHEN it is reported and diagnosed
+    source, report = build_report(edited)
+    diagnosis = diagnose(source, report)
+
+    # THEN the memory figures hold no KV, and both say why in one note
+    assert report.devices[0].categories_at_peak["kv"] == 0
+    (note,) = report.notes
+    assert note.startswith(
+        "the profiler trace's baseTimeNanoseconds is missing and too few of its allocations"
+    )
+    assert note in diagnosis.notes

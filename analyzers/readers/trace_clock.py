@@ -1,0 +1,184 @@
+"""Puts a run's profiler trace on the run's clock when the trace's own clock base cannot.
+
+Kineto writes each `ts` relative to the trace's top-level `baseTimeNanoseconds` (docs/format.md, "Clock"),
+and the KV log's `t_ns` is Unix time. The KV log's join (analyzers.attribution) takes, of the trace's
+allocations at a storage's address and of its size, the one live when the log saw the storage: it compares
+times. A trace whose base is missing, not a positive integer, or changed by another tool (a merge) leaves
+its events days or seconds away from the log, every storage misses its allocation, and the KV cache is
+counted as other.
+
+The addresses give the clock back. A storage's allocation is one of the trace's allocations of its address
+and size, and the log sees the storage soon after it (tens of µs when the cache's update logs it, more when
+a scan finds it). So under the right shift most storages have an allocation at most `WINDOW_US` before
+their sighting; under a wrong one few do, as an address and size recur only a step or more apart.
+`clock_shift` finds the shifts that cover the most storages and takes the latest of them (a µs later, some
+storage's allocation would follow its sighting), less `MARGIN_US`. A trace already within the window of the
+log's clock (a right base, or an older Kineto that writes Unix-epoch `ts` and no base) is left as read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from analyzers.attribution import JOIN_TOLERANCE_US
+from analyzers.model import DeviceEvents, MemorySource
+
+__all__ = ["ClockShift", "align_trace_clock", "clock_shift"]
+
+# The join's own tolerance: a trace within it of the log's clock is not moved, and a sighting counts for a
+# shift when its allocation is at most this long before it.
+WINDOW_US = JOIN_TOLERANCE_US
+# Storages looked at: the shift is one number for the whole trace, a sample of this size fixes it.
+SAMPLE_STORAGES = 512
+# An address and size allocated more often than this says little about when the storage was: left out.
+MAX_CANDIDATES = 4096
+# How far before the tightest fit the trace is put. At the tightest fit, a storage sighted even sooner after
+# its allocation takes a same-sized block freed just before at its address (the prefill's RoPE output, then
+# the cat into the cache), which still ends before the sighting. Half a millisecond earlier, an allocation
+# would be taken for a storage only if it came that soon after the sighting at the same address and size:
+# the next occupant of a KV storage's address comes a step or more later.
+MARGIN_US = 500.0
+
+Storage = tuple[int, int, int, int, int, str, int]  # analyzers.kv_log: addr, bytes, first_ns, freed_ns, ...
+
+
+@dataclass(frozen=True)
+class ClockShift:
+    """What the KV log's storages say of the trace's clock."""
+
+    shift_us: int  # add to the trace's times to put them on the run's clock
+    covered: int  # sampled storages with an allocation at most WINDOW_US before their sighting, shifted
+    covered_as_read: int  # the same count for the trace's times as read (within WINDOW_US either way)
+    with_allocation: int  # sampled storages with any allocation of their address and size in the trace
+
+
+def _candidates(devices: list[DeviceEvents], storages: list[Storage]) -> dict[tuple[int, int], np.ndarray]:
+    """The times of the trace's allocations at the storages' addresses, by (address, bytes)."""
+    wanted = np.fromiter({s[0] for s in storages}, dtype=np.int64)
+    groups: dict[tuple[int, int], list[float]] = {}
+    for dev in devices:
+        if not len(dev):
+            continue
+        hits = np.nonzero((dev.delta_bytes > 0) & np.isin(dev.addr, wanted))[0]
+        for addr, nbytes, ts in zip(
+            dev.addr[hits].tolist(), dev.delta_bytes[hits].tolist(), dev.ts_us[hits].tolist(), strict=True
+        ):
+            groups.setdefault((addr, nbytes), []).append(float(ts))
+    return {key: np.asarray(times) for key, times in groups.items() if len(times) <= MAX_CANDIDATES}
+
+
+def clock_shift(devices: list[DeviceEvents], storages: list[Storage]) -> ClockShift | None:
+    """The shift that puts the trace's allocations just before the KV log's sightings of the storages;
+    None when no storage has an allocation of its address and size in the trace."""
+    sample = storages[:: max(1, math.ceil(len(storages) / SAMPLE_STORAGES))]
+    groups = _candidates(devices, sample)
+    lags: list[np.ndarray] = []  # sighting - allocation (µs) of each candidate, as read
+    owners: list[np.ndarray] = []
+    for index, (addr, nbytes, first_ns, *_rest) in enumerate(sample):
+        times = groups.get((addr, nbytes))
+        if times is not None:
+            lags.append(first_ns / 1000.0 - times)
+            owners.append(np.full(len(times), index, dtype=np.int64))
+    if not lags:
+        return None
+    lag = np.concatenate(lags)
+    owner = np.concatenate(owners)
+    order = np.argsort(lag, kind="stable")
+    lag, owner = lag[order], owner[order]
+    covered_as_read = len(np.unique(owner[np.abs(lag) <= WINDOW_US]))
+    # Sweep windows [lag[i], lag[i] + WINDOW_US], counting the distinct storages in each.
+    counts: dict[int, int] = {}
+    best, best_start = 0, 0.0
+    end = 0
+    for start in range(len(lag)):
+        while end < len(lag) and lag[end] <= lag[start] + WINDOW_US:
+            counts[int(owner[end])] = counts.get(int(owner[end]), 0) + 1
+            end += 1
+        if len(counts) >= best:  # ties: the latest start, the tightest fit
+            best, best_start = len(counts), float(lag[start])
+        held = counts[int(owner[start])] - 1
+        if held:
+            counts[int(owner[start])] = held
+        else:
+            del counts[int(owner[start])]
+    return ClockShift(math.floor(best_start - MARGIN_US), best, covered_as_read, len(lags))
+
+
+def _base_fault(base_ns: Any) -> str | None:
+    """Why the trace's base is no clock base, or None when it is one."""
+    if base_ns is None:
+        return "is missing"
+    if isinstance(base_ns, bool) or not isinstance(base_ns, int):
+        return f"is {str(base_ns)[:40]!r}, not a whole number of nanoseconds"
+    if not 0 < base_ns < 2**63:  # Kineto's is an int64 of Unix-epoch ns
+        return f"is {str(base_ns)[:40]}"
+    return None
+
+
+def align_trace_clock(
+    source: MemorySource, storages: list[Storage], base_ns: Any, span_ns: tuple[int, int]
+) -> None:
+    """Shift the trace's events and markers (already in `source`) onto the run's clock when the KV log's
+    storages say its base put them elsewhere; the report's notes say so. When they cannot say while the
+    events lie outside the run (`span_ns`: the KV log's first and last `t_ns`), a note says the trace is
+    off the run's clock."""
+    fault = _base_fault(base_ns)
+    found = clock_shift(source.devices, storages)
+    if found is not None and _moves(found):
+        _shift(source, found.shift_us)
+        source.meta["trace_clock_shift_us"] = found.shift_us
+        away = f"puts its events {abs(found.shift_us) / 1e6:,.3f} s away from the run's clock"
+        why = fault or f"{away} (a trace edited or merged by another tool?)"
+        note = (
+            f"the profiler trace's baseTimeNanoseconds {why}: its events were put on the run's clock by "
+            "matching KV storages to their allocations by address and size "
+            f"({found.covered} of the {found.with_allocation} looked at)"
+        )
+    elif not _within(source.devices, span_ns):
+        why = fault or "puts its events outside the run's time"
+        note = (
+            f"the profiler trace's baseTimeNanoseconds {why} and too few of its allocations match the KV "
+            "log's storages to set its clock: its events are off the run's clock, so the memory figures "
+            "count the KV cache as other (the KV section's figures are the KV log's)"
+        )
+    else:
+        return
+    source.meta.setdefault("input_notes", []).append(note)
+    source.meta["trace_clock_note"] = note
+
+
+def _moves(found: ClockShift) -> bool:
+    """Whether the storages call for the shift: most of those with an allocation agree on it, the shift
+    is more than the join tolerates, and fewer than half as many agree with the trace as read."""
+    agreed = found.covered >= 2 and 2 * found.covered >= found.with_allocation
+    return agreed and abs(found.shift_us) > WINDOW_US and 2 * found.covered_as_read < found.covered
+
+
+def _within(devices: list[DeviceEvents], span_ns: tuple[int, int]) -> bool:
+    """Whether the trace's memory events overlap the run's time (with the join's tolerance)."""
+    first = min((float(dev.ts_us[0]) for dev in devices if len(dev)), default=None)
+    last = max((float(dev.ts_us[-1]) for dev in devices if len(dev)), default=None)
+    if first is None or last is None:
+        return True
+    return first <= span_ns[1] / 1000.0 + WINDOW_US and last >= span_ns[0] / 1000.0 - WINDOW_US
+
+
+def _shift(source: MemorySource, shift_us: int) -> None:
+    for dev in source.devices:
+        if dev.ts_us.dtype.kind in "iu":
+            dev.ts_us = dev.ts_us + np.int64(shift_us)
+        else:
+            dev.ts_us = dev.ts_us + float(shift_us)
+    source.markers = [
+        dataclasses.replace(
+            marker,
+            ts_us=marker.ts_us + shift_us,
+            end_us=None if marker.end_us is None else marker.end_us + shift_us,
+        )
+        for marker in source.markers
+    ]
