@@ -340,7 +340,7 @@ def _tracking_off() -> Iterator[None]:
     """The hooks stay installed and run, but track nothing: no KV comparison or event, no end-of-step scan,
     no memory sample. What is left is the cost of being called at all (wrappers, step
     bookkeeping, log flush, and the in-hooks timers themselves)."""
-    from kvtrace import recorder
+    from kvtrace import run_logs
     from kvtrace.integrations import hf_caches
 
     def nothing(*args: Any, **kwargs: Any) -> None:
@@ -349,7 +349,7 @@ def _tracking_off() -> Iterator[None]:
     saved = [
         (hf_caches.HfCacheHooks, "_updated", hf_caches.HfCacheHooks.__dict__["_updated"]),
         (hf_caches.HfCacheHooks, "scan_all", hf_caches.HfCacheHooks.__dict__["scan_all"]),
-        (recorder.Recording, "_sample", recorder.Recording.__dict__["_sample"]),
+        (run_logs.RunLogs, "_sample", run_logs.RunLogs.__dict__["_sample"]),
     ]
     for owner, name, _ in saved:
         setattr(owner, name, nothing)
@@ -390,7 +390,7 @@ _PARTS = (
     ("layer read", "kvtrace.integrations.hf_caches", "HfCacheHooks", "_updated"),
     ("layer read", "kvtrace.integrations.hf_caches", "HfCacheHooks", "step_end"),  # a deferred forward's
     ("step scan", "kvtrace.integrations.hf_caches", "HfCacheHooks", "scan_all"),
-    ("sample", "kvtrace.recorder", "Recording", "_sample"),
+    ("sample", "kvtrace.run_logs", "RunLogs", "_sample"),
 )
 
 

@@ -10,13 +10,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import platform
 import shutil
 import sys
 import threading
-import time
-import weakref
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,10 +21,10 @@ import torch
 
 from kvtrace import format as fmt
 from kvtrace.cuda_snapshots import CudaSnapshots
-from kvtrace.distributed import local_tensor, rank_facts, run_path
+from kvtrace.distributed import rank_facts, run_path
 from kvtrace.errors import KvtraceError, RecordingError
-from kvtrace.forward_inputs import ForwardSignature, is_prefill, new_tokens
-from kvtrace.geometry import model_geometry
+from kvtrace.forward_inputs import ForwardSignature
+from kvtrace.forward_steps import ForwardSteps
 from kvtrace.integrations.hf_caches import HfCacheHooks
 from kvtrace.integrations.hf_generate import GenerateCalls
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
@@ -38,9 +34,12 @@ from kvtrace.kv_tracker import KvTracker
 from kvtrace.memory_samples import MemorySampler
 from kvtrace.model_forward import ForwardWrap
 from kvtrace.options import RecordOptions
-from kvtrace.profiler_trace import trace_handler
+from kvtrace.profiler_trace import kineto_quiet, make_profiler
 from kvtrace.run_lock import RunFolderBusy, RunLock
+from kvtrace.run_logs import RunLogs
+from kvtrace.run_manifest import RunManifest, device_of
 from kvtrace.run_writer import RunWriter
+from kvtrace.step_ranges import StepRanges
 
 _ACTIVE_LOCK = threading.Lock()
 _ACTIVE: Recording | None = None
@@ -65,69 +64,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-# A C++ record_function context (torch >= 2.2); older torch goes through the dispatcher op.
-_FAST_RECORD_FUNCTION: Any = getattr(getattr(torch._C, "_profiler", None), "_RecordFunctionFast", None)
-
-
-class _Ranges:
-    """NVTX ranges and, while the profiler runs, `record_function` ranges of the same names."""
-
-    def __init__(self, use_nvtx: bool, use_record_function: bool) -> None:
-        self._nvtx: Any = None
-        if use_nvtx:
-            from kvtrace.nvtx_ranges import NvtxRanges  # a no-op without the nvtx package or a tool
-
-            ranges = NvtxRanges("kvtrace")
-            self._nvtx = ranges if ranges.enabled else None
-        self._use_rf = use_record_function
-        # Nobody listening (no NVTX tool, no profiler): callers skip push/pop altogether.
-        self.active = self._nvtx is not None or use_record_function
-        self.nvtx: Any = self._nvtx
-        # One stack per thread: NVTX and record_function ranges are per thread, and torch refuses to close
-        # a range from another thread than the one that opened it (continuous batching's generation thread).
-        self._stacks: dict[int, list[Any]] = {}
-
-    def push(self, name: str) -> None:
-        if self._nvtx is not None:
-            self._nvtx.push(name)
-        handle: Any = None
-        if self._use_rf:
-            if _FAST_RECORD_FUNCTION is not None:
-                # ~1 µs per range against ~30 µs through the dispatcher op (torch 2.13, CPU)
-                handle = _FAST_RECORD_FUNCTION(name)
-                handle.__enter__()
-            else:
-                handle = torch.ops.profiler._record_function_enter_new(name, None)
-        self._stacks.setdefault(threading.get_ident(), []).append(handle)
-
-    def pop(self) -> None:
-        stack = self._stacks.get(threading.get_ident())
-        if not stack:
-            return
-        handle = stack.pop()
-        if handle is not None:
-            if _FAST_RECORD_FUNCTION is not None:
-                handle.__exit__(None, None, None)
-            else:
-                torch.ops.profiler._record_function_exit._RecordFunction(handle)
-        if self._nvtx is not None:
-            self._nvtx.pop()
-
-    def mark(self, name: str) -> None:
-        if self._nvtx is not None:
-            self._nvtx.mark(name)
-
-    def close_all(self) -> None:
-        """Balance what an exception left open on this thread; another thread's open ranges (a generation
-        thread still running, or one whose step failed) cannot be closed from here and are forgotten."""
-        own = self._stacks.pop(threading.get_ident(), [])
-        self._stacks.clear()
-        self._stacks[threading.get_ident()] = own
-        while own:
-            self.pop()
-
-
-class Recording:
+class Recording(ForwardSteps, RunLogs, RunManifest):
     """The active recording. Created by `record()`; use it as a context manager."""
 
     def __init__(
@@ -164,7 +101,7 @@ class Recording:
         self._samples: fmt.JsonlAppender | None = None
         self._forward: ForwardWrap | None = None
         self._profiler: Any = None
-        self._ranges: _Ranges | None = None
+        self._ranges: StepRanges | None = None
         self._hf: HfCacheHooks | None = None
         self._calls: GenerateCalls | None = None  # the model's generate() calls: each one's first forward
         self._modules: ModuleCaches | None = None
@@ -290,7 +227,7 @@ class Recording:
         self._samples = fmt.JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
         tracker = KvTracker(self._clock, on_evict=self._on_evict)
         self.tracker = tracker
-        self._ranges = _Ranges(self.options.nvtx, self.options.profiler)
+        self._ranges = StepRanges(self.options.nvtx, self.options.profiler)
         if self._vllm_llm is not None or (self.model is None and self.vllm_watch):
             from kvtrace.integrations.vllm_engine import VllmRecording
 
@@ -337,10 +274,10 @@ class Recording:
         if self._manifest["snapshots"]["status"] == "absent" and self.options.snapshots:
             self.notes.append(f"snapshots: {self._manifest['snapshots']['reason']}")
         if self.options.profiler:
-            self._profiler = self._make_profiler()
-            with _kineto_quiet():
+            self._profiler = make_profiler(self.path / fmt.PROFILER_DIR, self.options, self._trace_failed)
+            with kineto_quiet():
                 self._profiler.__enter__()
-        model_device = _model_device(self.model)
+        model_device = device_of(self.model)
         cuda_index: int | None = None
         if model_device is not None and model_device.type == "cuda":
             cuda_index = model_device.index or 0
@@ -433,23 +370,6 @@ class Recording:
         if self._write_error is not None and exc is None:
             raise RecordingError(f"{self._write_error}: the run is incomplete", exit_code=1)
 
-    def _write_manifest(self) -> None:
-        """The final manifest; on a full disk (no room for the atomic write's new file), over the blocks
-        the first one reserved, saying that the run failed to write: readers then refuse it in one line,
-        instead of taking it for a run whose process died."""
-        path = self.path / fmt.MANIFEST
-        try:
-            fmt.write_json_atomic(path, self._manifest)
-            return
-        except OSError as error:
-            if self._write_error is None:
-                self._write_error = f"{path}: cannot write ({error.strerror or error})"
-        ended = self._manifest["ended"]
-        ended["write_error"] = self._write_error
-        ended["kv_events_lost"] = self.events_lost
-        with contextlib.suppress(OSError):  # else it stays "running", as if the process died
-            fmt.write_json_in_place(path, self._manifest)
-
     def _stop_writer(self) -> None:
         writer, self._writer = self._writer, None
         if writer is None:
@@ -466,7 +386,7 @@ class Recording:
         errors: list[BaseException] = []
         if self._profiler is not None:
             try:
-                with _kineto_quiet():
+                with kineto_quiet():
                     self._profiler.__exit__(None, None, None)
             except Exception as exc:  # the trace is lost, the run is not
                 errors.append(exc)
@@ -485,438 +405,15 @@ class Recording:
         if self._snapshots is not None and self._snapshots.active and self._events is None:
             self._snapshots.stop()
 
-    def _warnings(self) -> list[str]:
-        """What makes the run's figures incomplete, for reports to say (`notes` say what was not recorded)."""
-        warnings = []
-        steps = self.tracker.step
-        paged = self._paged is not None and self._paged.owns_steps  # its pool is logged, its steps counted
-        if steps and not self.event_count and self.model is not None and not paged:
-            warnings.append(
-                f"no KV cache update was seen in {steps} forward passes: use_cache=False, or a cache kvtrace "
-                "does not follow (it follows transformers' Cache classes, and continuous batching's "
-                "PagedAttentionCache when it is made inside the block: start the manager there; custom "
-                "caches are not: name them with record(cache_attrs=...) or kvtrace.track())"
-            )
-        updated = self._hf.updates_seen if self._hf is not None else 0
-        if not steps and updated and self.model is not None and not paged:
-            warnings.append(
-                f"the KV cache was updated at layer 0 {updated} times, but never in a forward of the model "
-                f"passed to record() ({type(self.model).__name__}): another model generated, so the log has "
-                "no steps, and per-step figures and tokens/s are left out"
-            )
-        if self._module_tokens_unknown and self._modules is not None:
-            names = ", ".join(sorted({owner.attr for owner in self._modules.owners}))
-            warnings.append(
-                f"the model's own KV buffers ({names}) were written {self._module_tokens_unknown} times "
-                "without saying where: kvtrace reads the tokens they hold from a forward's int `start_pos` "
-                "and its input's length (Meta's reference Llama), so their token counts are unknown (logged "
-                "as 0), and tokens held, generated tokens and tokens/s are left out"
-            )
-        if self._hf is not None and self._hf.unexplained:
-            warnings.append(self._hf.unexplained)
-        if self._paged is not None:
-            warnings.extend(self._paged.warnings)
-        if self._forwards_elsewhere and self.options.profiler:
-            warnings.append(
-                f"{self._forwards_elsewhere} of {steps} forward passes ran on another thread than the one "
-                "that entered record(): torch.profiler records memory events of its own thread only, so the "
-                "trace misses theirs (the KV log has them all)"
-            )
-        return warnings
-
-    # -- steps -------------------------------------------------------------------------------------
-    def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._paged is not None and self._paged.in_step:  # a continuous-batching step is the step
-            if self._profiler_on and threading.get_ident() != self._thread:
-                self._forwards_elsewhere += 1
-            return
-        hf = self._hf
-        cache = kwargs.get("past_key_values")
-        if cache is None:
-            cache = kwargs.get("cache")
-        continued = self._prefill_continues
-        if continued:  # the next chunk of a chunked prefill, left open by the last forward's end
-            self._prefill_continues = False
-            if self._calls is None or not self._calls.in_call():  # its generate() call ended in between
-                self._end_step()
-                continued = False
-        if self._step_open and not continued and self._stale(cache):
-            # The last forward's end hook never ran (torch skips always-called hooks on a KeyboardInterrupt):
-            # its step ends here, and this forward starts its own.
-            self._settle_deferred()
-            self._end_step()
-        elif self._step_cache is not None and self._step_cache[3]:
-            self._settle_deferred()  # a forward in a forward: the outer one's layers so far
-        # The model's forward called again inside itself: part of the outer step
-        nested = self._step_open and not continued
-        modules = self._modules
-        # What the model's own caches hold before this forward, without reading a tensor: Meta's
-        # `start_pos`, else the tracked tensors' last logged tokens
-        held = self._signature.start_pos(args, kwargs)
-        if held is None and modules is not None:
-            held = modules.held_tokens()
-        empty = is_prefill(args, kwargs, cache, hf, held)
-        # A generate() call's first forward writes its prompt, also on a cache reused from an earlier call
-        # (several tokens per row on a cache that holds some, as assisted decoding's later forwards do)
-        began = not nested and self._calls is not None and self._calls.began()
-        prefill = empty or began
-        self._begin_step(prefill)
-        if nested:
-            return
-        if began:
-            self._prompt_start(cache, args, kwargs)
-        elif continued:
-            self._prefill_left = max(self._prefill_left - new_tokens(args, kwargs), 0)
-        if modules is not None and modules.owners:
-            modules.progress = self._signature.progress(args, kwargs)
-        if self._profiler_on and threading.get_ident() != self._thread:
-            self._forwards_elsewhere += 1
-        if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):
-            self._model_caches.add(hf.cache_id(cache))  # not an assistant's draft cache
-            appended = new_tokens(args, kwargs)
-            deferred = False
-            if self._may_defer:
-                if prefill or self._defer_step is None:  # eviction hooks are in place before generate()
-                    self._defer_step = not self._cache_hooked()
-                deferred = self._defer_step and appended > 0 and hf.defer(cache)
-            # Weakly: a forward whose end hook never runs must not keep its cache alive
-            self._step_cache = (_weak(cache), appended, hf.updates_seen, deferred, empty)
-
-    def _post_forward(self, module: Any, args: Any, output: Any) -> None:
-        if self._paged is not None and self._paged.in_step:
-            return
-        step_cache, self._step_cache = self._step_cache, None
-        compared = None
-        hf = self._hf
-        if step_cache is not None and hf is not None:
-            ref, new_tokens, seen, deferred, empty = step_cache
-            cache = ref()
-            if cache is None:
-                pass  # dropped during its own forward: its storages' frees are found by the step's end
-            elif deferred:  # `output` is None when the forward raised (the hook is always called)
-                hf.step_end(cache, new_tokens, written=False, complete=output is not None, fresh=empty)
-                compared = cache
-            elif hf.updates_seen == seen and output is not None and new_tokens:
-                # No update reached the wrapper: they ran in a compiled graph.
-                hf.step_end(cache, new_tokens, written=True, fresh=empty)
-                compared = cache
-        if self._prefill_left > 0 and output is not None:
-            self._prefill_continues = True  # the step ends with the prefill's last chunk
-            return
-        self._prefill_left = 0
-        self._end_step(compared)
-
-    def _prompt_start(self, cache: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """At a generate() call's first forward: the cache positions its prompt ends at, on an empty cache
-        (`_prompt_end`, told in the prefill step's sample: what a first forward writes beyond it are draft
-        tokens under verification, assisted decoding's), and the positions a chunked prefill
-        (`prefill_chunk_size`) still has to write after this forward (`_prefill_left`): its chunks are one
-        step, yielding one token."""
-        self._prompt_end = None
-        self._prefill_left = 0
-        calls, hf = self._calls, self._hf
-        if calls is None:
-            return
-        prompt = calls.prompt
-        if not calls.cache_passed:
-            past: int | None = 0  # generate() made the cache
-        else:
-            past = hf.positions_seen(cache) if hf is not None and cache is not None else None
-        if prompt is None or past is None or prompt < past:
-            return  # the call passed only its new tokens (the cache holds the rest), or nothing tells
-        if past == 0:
-            # On a cache that holds some, the input may be written whole again (prompt lookup does), so
-            # where the prompt ends is known on an empty one only
-            self._prompt_end = prompt
-        fed = new_tokens(args, kwargs)
-        if fed > 0 and past + fed < prompt:
-            self._prefill_left = prompt - past - fed
-
-    def _settle_deferred(self) -> None:
-        """Log what a deferred forward changed before its end: torch skips the always-called end hook when
-        a forward raises a KeyboardInterrupt (not an Exception), and a forward may run inside another."""
-        pending, self._step_cache = self._step_cache, None
-        if pending is not None and pending[3] and self._hf is not None:
-            ref, new_tokens, _, _, empty = pending
-            cache = ref()
-            if cache is not None:
-                self._hf.step_end(cache, new_tokens, written=False, complete=False, fresh=empty)
-
-    def _stale(self, cache: Any) -> bool:
-        """Whether the open step belongs to a forward that ended without its end hook, told from a forward
-        inside a forward by the cache: the open step's cache is gone, or is not this forward's."""
-        pending = self._step_cache
-        if pending is None:
-            return False
-        held = pending[0]()
-        return held is None or held is not cache
-
-    def _cache_hooked(self) -> bool:
-        """Whether code besides the cache's update may change KV tensors inside a forward: an eviction
-        library (kvpress) or any forward hook on one of the model's modules (a press hooks its attention
-        modules; other code may hook decoder layers), or a global one. Then each update is followed as it
-        happens, which the end-of-step comparison could not tell apart from such a change."""
-        if "kvpress" in sys.modules:
-            return True
-        module_hooks = torch.nn.modules.module
-        if any(
-            getattr(module_hooks, name, None)
-            for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
-        ):
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._submodules)
-
-    def _auto_step(self, layer_tokens_before: int) -> None:
-        """Without a model to hook, a layer-0 update starts a step."""
-        if self._step_open:
-            self._end_step()
-        self._begin_step(layer_tokens_before == 0)
-
-    def _begin_step(self, prefill: bool) -> None:
-        tracker = self.tracker
-        if self._step_open:  # a nested forward (assistant model, etc.) keeps the outer step
-            return
-        tracker.step += 1
-        if prefill:
-            tracker.phase = "prefill"
-            self._decode_index = 0
-            tracker.poll_frees()  # a pool freed since (generate_batch's) is gone before this cache is made
-        else:
-            tracker.phase = "decode"
-            self._decode_index += 1
-        self._step_open = True
-        ranges = self._ranges
-        assert ranges is not None
-        if ranges.active:  # nobody listening (no NVTX tool, no profiler): no range, no name to build
-            ranges.push("kvtrace/prefill" if prefill else f"kvtrace/decode {self._decode_index}")
-
-    def _end_step(self, compared: Any = None) -> None:
-        if not self._step_open:
-            return
-        if self._hf is not None:
-            self._hf.scan_all(compared=compared)
-            if self._attention_modules and "kvpress" in sys.modules:  # masks are kvpress's (AdaKV)
-                self._hf.scan_masks(self._attention_modules)
-        modules = self._modules
-        if modules is not None and (modules.owners or modules._tracked):
-            if modules.scan("track"):
-                self._module_tokens_unknown += 1
-            modules.progress = None  # writes seen after this forward are not its own
-        self.tracker.poll_frees()
-        assert self._ranges is not None
-        if self._ranges.active:
-            self._ranges.pop()
-        self._step_open = False
-        phase = self.tracker.phase
-        if phase == "prefill" and self._prompt_end is not None:
-            self._sample(phase, prompt_end=self._prompt_end)
-        else:
-            self._sample(phase)
-        self._prompt_end = None
-
-    # -- outputs -----------------------------------------------------------------------------------
-    def _on_evict(self, layer: int, kv: str) -> None:
-        if self._ranges is not None and self._ranges.active:
-            name = f"kvtrace/evict L{layer} {kv}"
-            self._ranges.push(name)  # a range per eviction, as Nsight users expect
-            self._ranges.pop()
-
-    def _flush(self) -> None:
-        """Write what the tracker and the sampler hold, in one write per file; on the writer thread or
-        this one. After a failed write (a full disk) nothing more is written: the lines are dropped and
-        counted, and the block ends with a `RecordingError` naming the file."""
-        with self._flush_lock:
-            events, samples = self._events, self._samples
-            if events is not None:
-                # The tracker keeps its events as ready JSON lines; they reach the file in one write.
-                lines = self.tracker.take_lines()
-                if self._write_error is not None:
-                    self.events_lost += len(lines)
-                elif lines or events.buffered():
-                    events.extend(lines)
-                    count = events.buffered()
-                    try:
-                        events.flush()
-                    except OSError as exc:
-                        self._write_failed(events, exc)
-                        self.events_lost += count
-                    else:
-                        self.event_count += count
-            if samples is not None:
-                if self._write_error is not None:
-                    samples.discard()
-                    return
-                try:
-                    samples.flush()
-                except OSError as exc:
-                    self._write_failed(samples, exc)
-
-    def _write_failed(self, appender: fmt.JsonlAppender, exc: OSError) -> None:
-        if self._write_error is None:
-            self._write_error = f"{appender.path}: cannot write ({exc.strerror or exc})"
-        appender.discard()
-
-    def _sample(self, label: str, **extra: Any) -> None:
-        if self._samples is None or self._samples._fh.closed:
-            return
-        if self._sampler is None:
-            return
-        t_ns = self._clock()
-        record = self._sampler.sample(host=label in ("start", "end"), now=t_ns / 1e9)
-        record.update(t_ns=t_ns, step=self.tracker.step, phase=label, **extra)
-        self._samples.append_owned(record)
-
-    def _sample_host(self) -> None:
-        """On the writer thread: the host's figures (and NVML's), as a sample of phase `host`."""
-        sampler, samples = self._sampler, self._samples
-        if sampler is None or samples is None:
-            return
-        t_ns = self._clock()
-        record = sampler.sample_host(now=t_ns / 1e9)
-        record.update(t_ns=t_ns, step=self.tracker.step, phase="host")
-        samples.append_owned(record)
-
-    def _clock_s(self) -> float:
-        return self._clock() / 1e9
-
-    def _write_weights(self, exclude: set[int]) -> None:
-        seen: set[int] = set()
-        with open(self.path / fmt.WEIGHTS, "w", encoding="utf-8") as fh:
-            import json
-
-            for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-                tensor = local_tensor(tensor)  # a tensor-parallel weight (DTensor): this rank's shard
-                storage = tensor.untyped_storage()
-                addr = storage.data_ptr()
-                if addr in seen or addr in exclude or storage.nbytes() == 0:
-                    continue
-                seen.add(addr)
-                record = fmt.WeightRecord(
-                    name=name,
-                    addr=addr,
-                    storage_bytes=storage.nbytes(),
-                    dtype=str(tensor.dtype).removeprefix("torch."),
-                    device=str(tensor.device),
-                    shape=list(tensor.shape),
-                )
-                fh.write(json.dumps(record.__dict__, separators=(",", ":")) + "\n")
-
-    def _make_profiler(self) -> Any:
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU]
-        if torch.cuda.is_available():
-            activities.append(ProfilerActivity.CUDA)
-        trace_dir = self.path / fmt.PROFILER_DIR
-        return profile(
-            activities=activities,
-            profile_memory=self.options.profile_memory,
-            record_shapes=self.options.record_shapes,
-            with_stack=self.options.with_stack,
-            on_trace_ready=trace_handler(trace_dir, self.options.gzip_trace, self._trace_failed),
-        )
-
-    def _trace_failed(self, message: str) -> None:
-        # Not `_write_error`: the logs go on (their lines are whole without the trace), but a log that
-        # fails after this is not the first file that could not be written, which the error names.
-        if self._write_error is None and self._trace_error is None:
-            self._trace_error = message
-
-    def _initial_manifest(self) -> dict[str, Any]:
-        from kvtrace import __version__
-
-        try:
-            import transformers
-
-            transformers_version: str | None = transformers.__version__
-        except ImportError:
-            transformers_version = None
-        device: dict[str, Any] = {"type": "cpu", "name": platform.processor() or platform.machine()}
-        with contextlib.suppress(OSError, ValueError):
-            device["total_memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        model_device = _model_device(self.model)
-        if model_device is not None and model_device.type == "cuda":
-            props = torch.cuda.get_device_properties(model_device)
-            device = {
-                "type": "cuda",
-                "index": model_device.index or 0,
-                "name": props.name,
-                "total_memory_bytes": int(props.total_memory),
-            }
-        anchor_ns = self._clock()
-        return {
-            "format": "kvtrace-run",
-            "schema_version": fmt.SCHEMA_VERSION,
-            "kvtrace_version": __version__,
-            "torch_version": torch.__version__,
-            "transformers_version": transformers_version,
-            "python_version": sys.version.split()[0],
-            "platform": platform.platform(),
-            "pid": os.getpid(),
-            "device": device,
-            "model": model_geometry(self.model),
-            "clock": {
-                "kind": "unix_ns",
-                "anchor_unix_ns": anchor_ns,
-                "anchor_perf_counter_ns": time.perf_counter_ns(),
-                "profiler_alignment": "trace ts (us) + baseTimeNanoseconds/1000 = unix us = t_ns/1000",
-            },
-            "options": self.options.to_json(),
-            "started_ns": anchor_ns,
-            "ended": {"status": "running"},
-        }
-
 
 _OOM_TYPES = tuple(
     t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
 )
 
 
-@contextlib.contextmanager
-def _kineto_quiet() -> Any:
-    """Keep libkineto's `USDT: ... profiler_start/stop` lines off the user's terminal.
-
-    They are written by C++ straight to file descriptor 2 at profiler start and stop (KINETO_LOG_LEVEL
-    does not silence them on torch 2.13), so fd 2 goes to a temporary file for that moment and every
-    other line is passed on to stderr unchanged.
-    """
-    import tempfile
-
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no fd 2 (embedded interpreters): nothing to keep quiet
-        yield
-        return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = [line for line in captured.read().splitlines(True) if not line.startswith(b"USDT:")]
-            if kept:
-                with contextlib.suppress(OSError, ValueError):
-                    sys.stderr.write(b"".join(kept).decode(errors="replace"))
-                    sys.stderr.flush()
-
-
 def _is_oom(exc: BaseException) -> bool:
     """torch.OutOfMemoryError from 2.5, torch.cuda.OutOfMemoryError before; the message as a last resort."""
     return isinstance(exc, _OOM_TYPES) or "out of memory" in str(exc).lower()
-
-
-def _model_device(model: Any) -> torch.device | None:
-    if model is None:
-        return None
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError, TypeError):
-        return None
 
 
 def _uncompiled(model: Any) -> Any:
@@ -929,14 +426,6 @@ def _uncompiled(model: Any) -> Any:
         if isinstance(inner, torch.nn.Module):
             return inner
     return model
-
-
-def _weak(obj: Any) -> Callable[[], Any]:
-    """A weak reference to `obj`, or a strong one where it takes none."""
-    try:
-        return weakref.ref(obj)
-    except TypeError:
-        return lambda: obj
 
 
 def record(out_dir: str | os.PathLike[str], model: Any = None, **options: Any) -> Recording:

@@ -1,0 +1,255 @@
+"""The step logic of a recording: which forward begins a step (a prefill, a decode step, a chunk of a chunked
+prefill, a forward nested in another), and what its end logs and samples.
+
+`Recording` inherits `ForwardSteps`, so these run as its own methods: `_pre_forward` and `_post_forward`
+are the hooks around every model forward, the path benchmarks/recorder_overhead.py measures, and plain
+`self.x` access keeps it as cheap as it was inside recorder.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvtrace.forward_inputs import ForwardSignature, is_prefill, new_tokens
+
+if TYPE_CHECKING:
+    from kvtrace.integrations.hf_caches import HfCacheHooks
+    from kvtrace.integrations.hf_generate import GenerateCalls
+    from kvtrace.integrations.hf_paged import PagedAttentionHooks
+    from kvtrace.integrations.module_caches import ModuleCaches
+    from kvtrace.kv_tracker import KvTracker
+    from kvtrace.step_ranges import StepRanges
+
+
+class ForwardSteps:
+    """A recording's steps, told from its model's forwards (a mixin of `Recording`, which sets these)."""
+
+    tracker: KvTracker
+    _hf: HfCacheHooks | None
+    _calls: GenerateCalls | None
+    _modules: ModuleCaches | None
+    _paged: PagedAttentionHooks | None
+    _ranges: StepRanges | None
+    _signature: ForwardSignature
+    _module_tokens_unknown: int
+    _decode_index: int
+    _attention_modules: list[Any]
+    _submodules: list[Any]
+    _step_open: bool
+    _prefill_left: int
+    _prefill_continues: bool
+    _prompt_end: int | None
+    _model_caches: set[int]
+    _step_cache: tuple[Any, ...] | None
+    _may_defer: bool
+    _defer_step: bool | None
+    _profiler_on: bool
+    _thread: int
+    _forwards_elsewhere: int
+
+    if TYPE_CHECKING:
+
+        def _sample(self, label: str, **extra: Any) -> None: ...
+
+    def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._paged is not None and self._paged.in_step:  # a continuous-batching step is the step
+            if self._profiler_on and threading.get_ident() != self._thread:
+                self._forwards_elsewhere += 1
+            return
+        hf = self._hf
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = kwargs.get("cache")
+        continued = self._prefill_continues
+        if continued:  # the next chunk of a chunked prefill, left open by the last forward's end
+            self._prefill_continues = False
+            if self._calls is None or not self._calls.in_call():  # its generate() call ended in between
+                self._end_step()
+                continued = False
+        if self._step_open and not continued and self._stale(cache):
+            # The last forward's end hook never ran (torch skips always-called hooks on a KeyboardInterrupt):
+            # its step ends here, and this forward starts its own.
+            self._settle_deferred()
+            self._end_step()
+        elif self._step_cache is not None and self._step_cache[3]:
+            self._settle_deferred()  # a forward in a forward: the outer one's layers so far
+        # The model's forward called again inside itself: part of the outer step
+        nested = self._step_open and not continued
+        modules = self._modules
+        # What the model's own caches hold before this forward, without reading a tensor: Meta's
+        # `start_pos`, else the tracked tensors' last logged tokens
+        held = self._signature.start_pos(args, kwargs)
+        if held is None and modules is not None:
+            held = modules.held_tokens()
+        empty = is_prefill(args, kwargs, cache, hf, held)
+        # A generate() call's first forward writes its prompt, also on a cache reused from an earlier call
+        # (several tokens per row on a cache that holds some, as assisted decoding's later forwards do)
+        began = not nested and self._calls is not None and self._calls.began()
+        prefill = empty or began
+        self._begin_step(prefill)
+        if nested:
+            return
+        if began:
+            self._prompt_start(cache, args, kwargs)
+        elif continued:
+            self._prefill_left = max(self._prefill_left - new_tokens(args, kwargs), 0)
+        if modules is not None and modules.owners:
+            modules.progress = self._signature.progress(args, kwargs)
+        if self._profiler_on and threading.get_ident() != self._thread:
+            self._forwards_elsewhere += 1
+        if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):
+            self._model_caches.add(hf.cache_id(cache))  # not an assistant's draft cache
+            appended = new_tokens(args, kwargs)
+            deferred = False
+            if self._may_defer:
+                if prefill or self._defer_step is None:  # eviction hooks are in place before generate()
+                    self._defer_step = not self._cache_hooked()
+                deferred = self._defer_step and appended > 0 and hf.defer(cache)
+            # Weakly: a forward whose end hook never runs must not keep its cache alive
+            self._step_cache = (_weak(cache), appended, hf.updates_seen, deferred, empty)
+
+    def _post_forward(self, module: Any, args: Any, output: Any) -> None:
+        if self._paged is not None and self._paged.in_step:
+            return
+        step_cache, self._step_cache = self._step_cache, None
+        compared = None
+        hf = self._hf
+        if step_cache is not None and hf is not None:
+            ref, new_tokens, seen, deferred, empty = step_cache
+            cache = ref()
+            if cache is None:
+                pass  # dropped during its own forward: its storages' frees are found by the step's end
+            elif deferred:  # `output` is None when the forward raised (the hook is always called)
+                hf.step_end(cache, new_tokens, written=False, complete=output is not None, fresh=empty)
+                compared = cache
+            elif hf.updates_seen == seen and output is not None and new_tokens:
+                # No update reached the wrapper: they ran in a compiled graph.
+                hf.step_end(cache, new_tokens, written=True, fresh=empty)
+                compared = cache
+        if self._prefill_left > 0 and output is not None:
+            self._prefill_continues = True  # the step ends with the prefill's last chunk
+            return
+        self._prefill_left = 0
+        self._end_step(compared)
+
+    def _prompt_start(self, cache: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """At a generate() call's first forward: the cache positions its prompt ends at, on an empty cache
+        (`_prompt_end`, told in the prefill step's sample: what a first forward writes beyond it are draft
+        tokens under verification, assisted decoding's), and the positions a chunked prefill
+        (`prefill_chunk_size`) still has to write after this forward (`_prefill_left`): its chunks are one
+        step, yielding one token."""
+        self._prompt_end = None
+        self._prefill_left = 0
+        calls, hf = self._calls, self._hf
+        if calls is None:
+            return
+        prompt = calls.prompt
+        if not calls.cache_passed:
+            past: int | None = 0  # generate() made the cache
+        else:
+            past = hf.positions_seen(cache) if hf is not None and cache is not None else None
+        if prompt is None or past is None or prompt < past:
+            return  # the call passed only its new tokens (the cache holds the rest), or nothing tells
+        if past == 0:
+            # On a cache that holds some, the input may be written whole again (prompt lookup does), so
+            # where the prompt ends is known on an empty one only
+            self._prompt_end = prompt
+        fed = new_tokens(args, kwargs)
+        if fed > 0 and past + fed < prompt:
+            self._prefill_left = prompt - past - fed
+
+    def _settle_deferred(self) -> None:
+        """Log what a deferred forward changed before its end: torch skips the always-called end hook when
+        a forward raises a KeyboardInterrupt (not an Exception), and a forward may run inside another."""
+        pending, self._step_cache = self._step_cache, None
+        if pending is not None and pending[3] and self._hf is not None:
+            ref, new_tokens, _, _, empty = pending
+            cache = ref()
+            if cache is not None:
+                self._hf.step_end(cache, new_tokens, written=False, complete=False, fresh=empty)
+
+    def _stale(self, cache: Any) -> bool:
+        """Whether the open step belongs to a forward that ended without its end hook, told from a forward
+        inside a forward by the cache: the open step's cache is gone, or is not this forward's."""
+        pending = self._step_cache
+        if pending is None:
+            return False
+        held = pending[0]()
+        return held is None or held is not cache
+
+    def _cache_hooked(self) -> bool:
+        """Whether code besides the cache's update may change KV tensors inside a forward: an eviction
+        library (kvpress) or any forward hook on one of the model's modules (a press hooks its attention
+        modules; other code may hook decoder layers), or a global one. Then each update is followed as it
+        happens, which the end-of-step comparison could not tell apart from such a change."""
+        if "kvpress" in sys.modules:
+            return True
+        module_hooks = torch.nn.modules.module
+        if any(
+            getattr(module_hooks, name, None)
+            for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
+        ):
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._submodules)
+
+    def _auto_step(self, layer_tokens_before: int) -> None:
+        """Without a model to hook, a layer-0 update starts a step."""
+        if self._step_open:
+            self._end_step()
+        self._begin_step(layer_tokens_before == 0)
+
+    def _begin_step(self, prefill: bool) -> None:
+        tracker = self.tracker
+        if self._step_open:  # a nested forward (assistant model, etc.) keeps the outer step
+            return
+        tracker.step += 1
+        if prefill:
+            tracker.phase = "prefill"
+            self._decode_index = 0
+            tracker.poll_frees()  # a pool freed since (generate_batch's) is gone before this cache is made
+        else:
+            tracker.phase = "decode"
+            self._decode_index += 1
+        self._step_open = True
+        ranges = self._ranges
+        assert ranges is not None
+        if ranges.active:  # nobody listening (no NVTX tool, no profiler): no range, no name to build
+            ranges.push("kvtrace/prefill" if prefill else f"kvtrace/decode {self._decode_index}")
+
+    def _end_step(self, compared: Any = None) -> None:
+        if not self._step_open:
+            return
+        if self._hf is not None:
+            self._hf.scan_all(compared=compared)
+            if self._attention_modules and "kvpress" in sys.modules:  # masks are kvpress's (AdaKV)
+                self._hf.scan_masks(self._attention_modules)
+        modules = self._modules
+        if modules is not None and (modules.owners or modules._tracked):
+            if modules.scan("track"):
+                self._module_tokens_unknown += 1
+            modules.progress = None  # writes seen after this forward are not its own
+        self.tracker.poll_frees()
+        assert self._ranges is not None
+        if self._ranges.active:
+            self._ranges.pop()
+        self._step_open = False
+        phase = self.tracker.phase
+        if phase == "prefill" and self._prompt_end is not None:
+            self._sample(phase, prompt_end=self._prompt_end)
+        else:
+            self._sample(phase)
+        self._prompt_end = None
+
+
+def _weak(obj: Any) -> Callable[[], Any]:
+    """A weak reference to `obj`, or a strong one where it takes none."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj

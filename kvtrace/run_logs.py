@@ -1,0 +1,104 @@
+"""The recording's logs reaching their files: the KV events and memory samples, flushed by the writer thread
+(`RunWriter`) or at the block's end, and the first write that failed, which makes the run incomplete.
+
+`Recording` inherits `RunLogs`; `_sample` runs at the end of every step.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from kvtrace import format as fmt
+
+if TYPE_CHECKING:
+    from kvtrace.kv_tracker import KvTracker
+    from kvtrace.memory_samples import MemorySampler
+    from kvtrace.step_ranges import StepRanges
+
+
+class RunLogs:
+    """Writes a recording's logs (a mixin of `Recording`, which sets these)."""
+
+    tracker: KvTracker
+    _clock: Callable[[], int]
+    _ranges: StepRanges | None
+    _events: fmt.JsonlAppender | None
+    _samples: fmt.JsonlAppender | None
+    _sampler: MemorySampler | None
+    _flush_lock: threading.Lock
+    _write_error: str | None
+    _trace_error: str | None
+    event_count: int
+    events_lost: int
+
+    def _on_evict(self, layer: int, kv: str) -> None:
+        if self._ranges is not None and self._ranges.active:
+            name = f"kvtrace/evict L{layer} {kv}"
+            self._ranges.push(name)  # a range per eviction, as Nsight users expect
+            self._ranges.pop()
+
+    def _flush(self) -> None:
+        """Write what the tracker and the sampler hold, in one write per file; on the writer thread or
+        this one. After a failed write (a full disk) nothing more is written: the lines are dropped and
+        counted, and the block ends with a `RecordingError` naming the file."""
+        with self._flush_lock:
+            events, samples = self._events, self._samples
+            if events is not None:
+                # The tracker keeps its events as ready JSON lines; they reach the file in one write.
+                lines = self.tracker.take_lines()
+                if self._write_error is not None:
+                    self.events_lost += len(lines)
+                elif lines or events.buffered():
+                    events.extend(lines)
+                    count = events.buffered()
+                    try:
+                        events.flush()
+                    except OSError as exc:
+                        self._write_failed(events, exc)
+                        self.events_lost += count
+                    else:
+                        self.event_count += count
+            if samples is not None:
+                if self._write_error is not None:
+                    samples.discard()
+                    return
+                try:
+                    samples.flush()
+                except OSError as exc:
+                    self._write_failed(samples, exc)
+
+    def _write_failed(self, appender: fmt.JsonlAppender, exc: OSError) -> None:
+        if self._write_error is None:
+            self._write_error = f"{appender.path}: cannot write ({exc.strerror or exc})"
+        appender.discard()
+
+    def _sample(self, label: str, **extra: Any) -> None:
+        if self._samples is None or self._samples._fh.closed:
+            return
+        if self._sampler is None:
+            return
+        t_ns = self._clock()
+        record = self._sampler.sample(host=label in ("start", "end"), now=t_ns / 1e9)
+        record.update(t_ns=t_ns, step=self.tracker.step, phase=label, **extra)
+        self._samples.append_owned(record)
+
+    def _sample_host(self) -> None:
+        """On the writer thread: the host's figures (and NVML's), as a sample of phase `host`."""
+        sampler, samples = self._sampler, self._samples
+        if sampler is None or samples is None:
+            return
+        t_ns = self._clock()
+        record = sampler.sample_host(now=t_ns / 1e9)
+        record.update(t_ns=t_ns, step=self.tracker.step, phase="host")
+        samples.append_owned(record)
+
+    def _clock_s(self) -> float:
+        return self._clock() / 1e9
+
+    def _trace_failed(self, message: str) -> None:
+        # Not `_write_error`: the logs go on (their lines are whole without the trace), but a log that
+        # fails after this is not the first file that could not be written, which the error names.
+        if self._write_error is None and self._trace_error is None:
+            self._trace_error = message

@@ -1,0 +1,180 @@
+"""What a run says about itself: the manifest (written at the start, rewritten at the end with how the run
+ended and the warnings that make its figures incomplete) and the model's weights (`weights.jsonl`).
+
+`Recording` inherits `RunManifest`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvtrace import format as fmt
+from kvtrace.distributed import local_tensor
+from kvtrace.geometry import model_geometry
+from kvtrace.options import RecordOptions
+
+if TYPE_CHECKING:
+    from kvtrace.integrations.hf_caches import HfCacheHooks
+    from kvtrace.integrations.hf_paged import PagedAttentionHooks
+    from kvtrace.integrations.module_caches import ModuleCaches
+    from kvtrace.kv_tracker import KvTracker
+
+
+class RunManifest:
+    """Builds and writes a recording's manifest and weights (a mixin of `Recording`, which sets these)."""
+
+    path: Path
+    model: Any
+    options: RecordOptions
+    tracker: KvTracker
+    _clock: Callable[[], int]
+    _manifest: dict[str, Any]
+    _hf: HfCacheHooks | None
+    _modules: ModuleCaches | None
+    _paged: PagedAttentionHooks | None
+    _module_tokens_unknown: int
+    _forwards_elsewhere: int
+    _write_error: str | None
+    event_count: int
+    events_lost: int
+
+    def _initial_manifest(self) -> dict[str, Any]:
+        from kvtrace import __version__
+
+        try:
+            import transformers
+
+            transformers_version: str | None = transformers.__version__
+        except ImportError:
+            transformers_version = None
+        device: dict[str, Any] = {"type": "cpu", "name": platform.processor() or platform.machine()}
+        with contextlib.suppress(OSError, ValueError):
+            device["total_memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        model_device = device_of(self.model)
+        if model_device is not None and model_device.type == "cuda":
+            props = torch.cuda.get_device_properties(model_device)
+            device = {
+                "type": "cuda",
+                "index": model_device.index or 0,
+                "name": props.name,
+                "total_memory_bytes": int(props.total_memory),
+            }
+        anchor_ns = self._clock()
+        return {
+            "format": "kvtrace-run",
+            "schema_version": fmt.SCHEMA_VERSION,
+            "kvtrace_version": __version__,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers_version,
+            "python_version": sys.version.split()[0],
+            "platform": platform.platform(),
+            "pid": os.getpid(),
+            "device": device,
+            "model": model_geometry(self.model),
+            "clock": {
+                "kind": "unix_ns",
+                "anchor_unix_ns": anchor_ns,
+                "anchor_perf_counter_ns": time.perf_counter_ns(),
+                "profiler_alignment": "trace ts (us) + baseTimeNanoseconds/1000 = unix us = t_ns/1000",
+            },
+            "options": self.options.to_json(),
+            "started_ns": anchor_ns,
+            "ended": {"status": "running"},
+        }
+
+    def _warnings(self) -> list[str]:
+        """What makes the run's figures incomplete, for reports to say (`notes` say what was not recorded)."""
+        warnings = []
+        steps = self.tracker.step
+        paged = self._paged is not None and self._paged.owns_steps  # its pool is logged, its steps counted
+        if steps and not self.event_count and self.model is not None and not paged:
+            warnings.append(
+                f"no KV cache update was seen in {steps} forward passes: use_cache=False, or a cache kvtrace "
+                "does not follow (it follows transformers' Cache classes, and continuous batching's "
+                "PagedAttentionCache when it is made inside the block: start the manager there; custom "
+                "caches are not: name them with record(cache_attrs=...) or kvtrace.track())"
+            )
+        updated = self._hf.updates_seen if self._hf is not None else 0
+        if not steps and updated and self.model is not None and not paged:
+            warnings.append(
+                f"the KV cache was updated at layer 0 {updated} times, but never in a forward of the model "
+                f"passed to record() ({type(self.model).__name__}): another model generated, so the log has "
+                "no steps, and per-step figures and tokens/s are left out"
+            )
+        if self._module_tokens_unknown and self._modules is not None:
+            names = ", ".join(sorted({owner.attr for owner in self._modules.owners}))
+            warnings.append(
+                f"the model's own KV buffers ({names}) were written {self._module_tokens_unknown} times "
+                "without saying where: kvtrace reads the tokens they hold from a forward's int `start_pos` "
+                "and its input's length (Meta's reference Llama), so their token counts are unknown (logged "
+                "as 0), and tokens held, generated tokens and tokens/s are left out"
+            )
+        if self._hf is not None and self._hf.unexplained:
+            warnings.append(self._hf.unexplained)
+        if self._paged is not None:
+            warnings.extend(self._paged.warnings)
+        if self._forwards_elsewhere and self.options.profiler:
+            warnings.append(
+                f"{self._forwards_elsewhere} of {steps} forward passes ran on another thread than the one "
+                "that entered record(): torch.profiler records memory events of its own thread only, so the "
+                "trace misses theirs (the KV log has them all)"
+            )
+        return warnings
+
+    def _write_manifest(self) -> None:
+        """The final manifest; on a full disk (no room for the atomic write's new file), over the blocks
+        the first one reserved, saying that the run failed to write: readers then refuse it in one line,
+        instead of taking it for a run whose process died."""
+        path = self.path / fmt.MANIFEST
+        try:
+            fmt.write_json_atomic(path, self._manifest)
+            return
+        except OSError as error:
+            if self._write_error is None:
+                self._write_error = f"{path}: cannot write ({error.strerror or error})"
+        ended = self._manifest["ended"]
+        ended["write_error"] = self._write_error
+        ended["kv_events_lost"] = self.events_lost
+        with contextlib.suppress(OSError):  # else it stays "running", as if the process died
+            fmt.write_json_in_place(path, self._manifest)
+
+    def _write_weights(self, exclude: set[int]) -> None:
+        seen: set[int] = set()
+        with open(self.path / fmt.WEIGHTS, "w", encoding="utf-8") as fh:
+            import json
+
+            for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+                tensor = local_tensor(tensor)  # a tensor-parallel weight (DTensor): this rank's shard
+                storage = tensor.untyped_storage()
+                addr = storage.data_ptr()
+                if addr in seen or addr in exclude or storage.nbytes() == 0:
+                    continue
+                seen.add(addr)
+                record = fmt.WeightRecord(
+                    name=name,
+                    addr=addr,
+                    storage_bytes=storage.nbytes(),
+                    dtype=str(tensor.dtype).removeprefix("torch."),
+                    device=str(tensor.device),
+                    shape=list(tensor.shape),
+                )
+                fh.write(json.dumps(record.__dict__, separators=(",", ":")) + "\n")
+
+
+def device_of(model: Any) -> torch.device | None:
+    """The device of the model's first parameter; None without a model or a parameter."""
+    if model is None:
+        return None
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError, TypeError):
+        return None
