@@ -405,9 +405,18 @@ def _engine_kv_dtype(engine: dict[str, Any]) -> Any:
 
 
 def _kv_event_rows(events: list[dict[str, Any]], engine: dict[str, Any]) -> list[dict[str, Any]]:
-    """KV events as rows; the views of an engine's pool (their `source` is the engine's name) carry the
-    dtype the pool holds (`_engine_kv_dtype`), not its tensors' (uint8 for fp8); their bytes are the
-    tensors' as logged. Other caches of the run keep theirs."""
+    """KV events as rows. A `freed` line carries only its storage's identity: its row gets the device of
+    that storage's last event, so that a join on `device` keeps the frees. The views of an engine's pool
+    (their `source` is the engine's name) carry the dtype the pool holds (`_engine_kv_dtype`), not its
+    tensors' (uint8 for fp8); their bytes are the tensors' as logged. Other caches of the run keep theirs."""
+    device_at: dict[int, str] = {}
+    for row in events:
+        addr, device = row.get("addr"), row.get("device")
+        if row.get("event") == "freed":
+            if not device and addr in device_at:
+                row["device"] = device_at[addr]
+        elif device and isinstance(addr, int):
+            device_at[addr] = device
     stored, held = engine.get("kv_dtype"), _engine_kv_dtype(engine)
     if not isinstance(stored, str) or held == stored:
         return events

@@ -182,6 +182,25 @@ def test_query_sums_equal_the_report(
     assert kv[ids["dynamic_b2"]]["kv_final"] == per_token * (first["shape"][2] + NEW_TOKENS - 1) * BATCH
 
 
+def test_freed_rows_carry_their_storages_device(
+    exported: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the dynamic sample run, whose KV log's `freed` lines name only the storage (no device)
+    out, ids = exported
+    lines = [json.loads(x) for x in (SAMPLES / "dynamic_b2" / "kv_events.jsonl").read_text().splitlines()]
+    freed = [e for e in lines if e["event"] == "freed"]
+    assert freed and all("device" not in e for e in freed)
+    # WHEN its kv_events rows are joined to its devices on `device`
+    sql = (
+        "SELECT k.event, count(*) AS n FROM kv_events k JOIN devices d USING (run_id, device) "
+        f"WHERE k.run_id = '{ids['dynamic_b2']}' GROUP BY k.event"
+    )
+    joined = {r["event"]: r["n"] for r in _cli_json(capsys, "query", str(out), sql, "--json")}
+    # THEN every freed row is kept: it carries the device of the storage it frees
+    assert joined["freed"] == len(freed)
+    assert sum(joined.values()) == len(lines)
+
+
 def test_pyarrow_reads_the_same_answers_as_duckdb(
     exported: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
