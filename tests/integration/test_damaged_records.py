@@ -374,6 +374,15 @@ def test_an_integer_of_5000_digits_in_the_manifest_is_named(
     _refused_by_every_command(run, tmp_path, capsys, f"{manifest}: corrupt manifest (it holds {TOO_LONG})")
 
 
+def _engine_command(command: str, run: Path) -> list[str]:
+    """The argv of a command that reads an engine run: report, diagnose or plan (from the run)."""
+    return {
+        "report": ["report", str(run), "--no-export"],
+        "diagnose": ["diagnose", str(run)],
+        "plan": ["plan", "--engine", "vllm", "--from-run", str(run)],
+    }[command]
+
+
 @pytest.mark.parametrize(
     ("file", "said"),
     [
@@ -388,11 +397,7 @@ def test_an_integer_of_5000_digits_in_an_engine_file_is_named(
 ) -> None:
     run = _copy(tmp_path, "vllm_preempt")
     _with_raw_value(run / file, "t_ns", DIGITS_5000)
-    argv = {
-        "report": ["report", str(run), "--no-export"],
-        "diagnose": ["diagnose", str(run)],
-        "plan": ["plan", "--engine", "vllm", "--from-run", str(run)],
-    }[command]
+    argv = _engine_command(command, run)
     assert main(argv) == 2
     assert _errors(capsys) == [f"kvtrace {command}: error: {run / file}: {said}"]
 
@@ -470,11 +475,7 @@ def test_an_engine_size_past_any_device_is_named(
     info = json.loads((run / "engine.json").read_text())
     info[field] = value
     (run / "engine.json").write_text(json.dumps(info))
-    argv = {
-        "report": ["report", str(run), "--no-export"],
-        "diagnose": ["diagnose", str(run)],
-        "plan": ["plan", "--engine", "vllm", "--from-run", str(run)],
-    }[command]
+    argv = _engine_command(command, run)
     # THEN it is refused like every other size past 2**56 bytes
     assert main(argv) == 2
     said = f"field {field!r} out of range: {value}, expected {low} to {high}"

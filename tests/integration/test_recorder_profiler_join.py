@@ -13,6 +13,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,15 +100,7 @@ def test_every_kv_storage_is_a_profiled_allocation(tiny_model, prompt_batch, tmp
     if cache is not None:
         extra["cache"] = cache  # kept alive past the block: its last storages are never freed in the trace
     out_dir = tmp_path / "run"
-    with torch.no_grad(), kvtrace.record(out_dir, model=tiny_model, profiler=True, profile_memory=True):
-        tiny_model.generate(
-            input_ids=prompt_batch.input_ids,
-            attention_mask=prompt_batch.attention_mask,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            **extra,
-        )
+    _record_with_memory_events(tiny_model, prompt_batch, out_dir, extra)
     run = read_run(out_dir)
     assert run.manifest["ended"]["status"] == "ok"
     traces = sorted((out_dir / "profiler").glob("*.pt.trace.json*"))
@@ -161,15 +154,7 @@ def run_with_kept_cache(tiny_model, prompt_batch, tmp_path_factory) -> Path:
     and V storages are still allocated when the trace ends."""
     out_dir = tmp_path_factory.mktemp("base") / "run"
     cache = DynamicCache(config=tiny_model.config)
-    with torch.no_grad(), kvtrace.record(out_dir, model=tiny_model, profiler=True, profile_memory=True):
-        tiny_model.generate(
-            input_ids=prompt_batch.input_ids,
-            attention_mask=prompt_batch.attention_mask,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            **{cache_keyword(): cache},
-        )
+    _record_with_memory_events(tiny_model, prompt_batch, out_dir, {cache_keyword(): cache})
     del cache
     return out_dir
 
@@ -266,3 +251,16 @@ def test_a_trace_that_cannot_be_put_on_the_runs_clock_says_so(run_with_kept_cach
         "the profiler trace's baseTimeNanoseconds is missing and too few of its allocations"
     )
     assert note in diagnosis.notes
+
+
+def _record_with_memory_events(model: Any, batch: Any, out_dir: Path, extra: dict[str, Any]) -> None:
+    """`generate()` of NEW_TOKENS under `kvtrace.record` with the profiler's memory events on."""
+    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=True, profile_memory=True):
+        model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            **extra,
+        )
