@@ -1,17 +1,17 @@
 """Where the recorder's steps begin and end: kvtrace's own `forward` on the model, around the model's.
 
 Forward hooks fire only when the model is called (`model(...)`). Meta's reference `Llama3.generate` calls
-`model.forward(...)` directly, so hooked, its prefill and decode steps were never seen. An instance
-attribute named `forward` is what both reach: `Module._call_impl` looks the method up on the instance. It
-also spares torch's hooked call path, ~10 µs a forward on a nearly free model (issue 11).
+`model.forward(...)` directly, so hooked, its prefill and decode steps were never seen. The `forward`
+attribute is what both reach (`Module._call_impl` looks it up on the model too). Wrapping it also spares
+torch's hooked call path, a few µs a forward on a nearly free model (issue 11).
 
 The wrapper is set on the model's class and acts for that instance only (a deep copy or a pickle of the
 model carries nothing of kvtrace's); a `forward` set on the instance itself (a compiled one, accelerate's
 hooks) shadows the class's, so it is wrapped there instead. Either is put back at the end. The wrapper
 keeps the wrapped method's signature (`functools.wraps`: `inspect.signature` follows `__wrapped__`, which
-`generate()` reads to know which arguments the model takes). While torch.compile
-traces a module that calls the wrapper, the wrapper runs eagerly behind `torch.compiler.disable`: the graph
-breaks there, and the model's own forward below it is compiled as its own frame.
+`generate()` reads to know which arguments the model takes). While torch.compile traces a module that
+calls the wrapper, the wrapper runs eagerly behind `torch.compiler.disable`: the graph breaks there, and
+the model's own forward below it is compiled as its own frame.
 """
 
 from __future__ import annotations
