@@ -73,8 +73,8 @@ class ForwardSteps:
                 self._end_step()
                 continued = False
         if self._step_open and not continued and self._stale(cache):
-            # The last forward's end hook never ran (torch skips always-called hooks on a KeyboardInterrupt):
-            # its step ends here, and this forward starts its own.
+            # The last forward's end never completed (kvtrace's forward runs it in a `finally`; this is the
+            # guard for an end that raised part-way): its step ends here, and this forward starts its own.
             self._settle_deferred()
             self._end_step()
         elif self._step_cache is not None and self._step_cache[3]:
@@ -165,8 +165,8 @@ class ForwardSteps:
             self._prefill_left = prompt - past - fed
 
     def _settle_deferred(self) -> None:
-        """Log what a deferred forward changed before its end: torch skips the always-called end hook when
-        a forward raises a KeyboardInterrupt (not an Exception), and a forward may run inside another."""
+        """Log what a deferred forward changed before its end: a forward may run inside another, and an end
+        that raised part-way leaves its forward's layers uncompared."""
         pending, self._step_cache = self._step_cache, None
         if pending is not None and pending[3] and self._hf is not None:
             ref, new_tokens, _, _, empty = pending
