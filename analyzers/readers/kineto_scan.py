@@ -53,7 +53,10 @@ _OTHER_NEEDLES: tuple[bytes | re.Pattern[bytes], ...] = (
     b'"kvtrace/',
     re.compile(rb'"ph": "[BE]"'),
 )
-_BLOCK_BYTES = 8 << 20
+# 1 MiB blocks, not 8: each block is searched ~7 times (counts, needles), and a block that stays in the CPU's
+# cache and reuses freed heap pages beats one that streams from RAM through fresh pages (a page's first touch
+# is dear on a VM). Measured on worker0 (35 MB of JSON): 0.26 s against 0.37-0.62 s in a fresh process.
+_BLOCK_BYTES = 1 << 20
 _HEAD_BYTES = 4 << 20
 _INT = rb"(-?(?:0|[1-9][0-9]*))"
 _TS = rb"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"
