@@ -12,6 +12,7 @@ from typing import NoReturn
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.lazy_numpy import numpy_at_first_use
+from kvtrace.commands.output import GuardedStdout
 from kvtrace.errors import KvtraceError, os_errno, os_reason
 
 # (name, module, class): imported when the parser is built, so each module keeps torch/plotly imports
@@ -87,11 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         parser.print_help()
         return 2
+    stdout = sys.stdout
+    sys.stdout = GuardedStdout(stdout)  # type: ignore[assignment]
     try:
         if command.defers_numpy:
             with numpy_at_first_use():
-                return command.run(args)
-        return command.run(args)
+                status = command.run(args)
+        else:
+            status = command.run(args)
+        sys.stdout.flush()  # what is still buffered fails here, named, not at the interpreter's exit
+        return status
     except KvtraceError as exc:
         print(f"kvtrace {command.name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -118,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 70  # EX_SOFTWARE
+    finally:
+        if isinstance(sys.stdout, GuardedStdout):
+            sys.stdout = stdout
 
 
 # A write that failed for want of room or a writable disk: the output, not the input, is at fault.

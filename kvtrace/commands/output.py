@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way
+from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way, os_reason
 from kvtrace.safe_write import replace_atomically
 
 
@@ -32,6 +32,39 @@ def print_result(as_json: bool, payload: Callable[[], Any], text: Callable[[], s
         sys.stdout.write(json.dumps(strict_json(payload()), indent=2, allow_nan=False) + "\n")
     else:
         print(text())
+
+
+class GuardedStdout:
+    """Standard output for the length of a command: a write or flush that fails (a full disk under
+    `> file`, /dev/full) is the one-line error "standard output: cannot write (...)", exit status 1. The
+    OS's bare "No space left on device" named no file, and read as if an input were at fault. A closed
+    pipe (`| head`) passes through: the CLI ends quietly on it."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _stdout_failed(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _stdout_failed(exc) from None
+
+    def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno...: the stream's own
+        return getattr(self._stream, name)
+
+
+def _stdout_failed(exc: OSError) -> KvtraceError:
+    return KvtraceError(f"standard output: cannot write ({os_reason(exc)})", exit_code=1)
 
 
 def check_html_target(target: str | None) -> None:

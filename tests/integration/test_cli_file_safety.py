@@ -157,3 +157,21 @@ def test_a_named_pipe_among_the_inputs_is_skipped_or_refused_never_waited_on(tmp
         assert done.returncode == 2, done.stderr
         assert done.stderr.endswith(f"{pipe}: a named pipe, not a regular file; kvtrace reads files\n")
         assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
+def test_standard_output_on_a_full_disk_is_named_in_one_line(as_json: bool) -> None:
+    # GIVEN a real snapshot, and standard output on a full disk (`> file` there; /dev/full says ENOSPC)
+    snapshot = REPO.parent / "shared" / "real_traces" / "snapshots" / "mem_snapshot.pickle"
+    if not snapshot.exists():
+        snapshot = SAMPLES / "static_b2"
+    argv = [sys.executable, "-m", "kvtrace.cli", "report", str(snapshot), "--no-export", "-q"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            argv + (["--json"] if as_json else []), stdout=full, stderr=subprocess.PIPE, text=True, env=env
+        )
+    # THEN one line naming standard output (the OS's bare "No space left on device" named nothing), status 1
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == "kvtrace report: error: standard output: cannot write (No space left on device)\n"
