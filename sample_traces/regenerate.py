@@ -1,6 +1,7 @@
 """Regenerates kvtrace's own sample runs and the report screenshot in this folder.
 
-    python sample_traces/regenerate.py          # ~1 minute on 2 CPU cores
+    python sample_traces/regenerate.py                  # ~1 minute on 2 CPU cores
+    python sample_traces/regenerate.py static_b2        # one run; --no-screenshot: leave the PNG alone
 
 Each run: the tiny Llama 3 demo model (random weights, real Llama 3 tokenizer), batch 2 left-padded,
 16 new tokens, float32, torch.profiler with memory events (trace gzipped). The screenshot is the
@@ -9,6 +10,7 @@ Each run: the tiny Llama 3 demo model (random weights, real Llama 3 tokenizer), 
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,22 @@ HERE = Path(__file__).resolve().parent
 RUNS = {"dynamic_b2": "dynamic", "sliding_b2": "sliding", "static_b2": "static"}
 
 
-def main() -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Arguments are read before anything is recorded: `--help` or a typo must not re-record the runs."""
+    parser = argparse.ArgumentParser(
+        prog="regenerate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="*", metavar="RUN", help=f"of {', '.join(RUNS)} (default: all)")
+    parser.add_argument("--no-screenshot", action="store_true", help="do not retake report_screenshot.png")
+    args = parser.parse_args(argv)
+    unknown = [run for run in args.runs if run not in RUNS]
+    if unknown:
+        parser.error(f"unknown run {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
     import torch
 
     import kvtrace
@@ -28,6 +45,8 @@ def main() -> int:
 
     tokenizer = llama3_tokenizer()
     for name, kind in RUNS.items():
+        if args.runs and name not in args.runs:
+            continue
         model = build_model("tiny")
         ids, mask = encode_batch(tokenizer, list(DEFAULT_PROMPTS[:2]), model.config.pad_token_id)
         cache, extra = make_cache(kind, model, 2, ids.shape[1] + 16, window=16)
@@ -41,7 +60,7 @@ def main() -> int:
         for old in traces[:-1]:
             old.unlink()
         print(f"recorded {out}")
-    if shutil.which("chromium"):
+    if shutil.which("chromium") and not args.no_screenshot:
         with tempfile.TemporaryDirectory() as tmp:
             html = Path(tmp) / "timeline.html"
             cli(["report", str(HERE / "sliding_b2"), "-o", str(html), "-q", "--no-export"])
@@ -56,4 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -18,6 +18,7 @@ vllm_preempt_equal/  the same model, 8 equal requests of 29 prompt tokens and 10
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -31,6 +32,20 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 EQUAL_POOL_BLOCKS, EQUAL_PROMPT_TOKENS, EQUAL_NEW_TOKENS = 32, 29, 100
+NAMES = ("vllm_preempt", "vllm_refused", "vllm_preempt_equal")
+
+
+def parse_names(argv: list[str]) -> list[str]:
+    """The runs named, read before vLLM is loaded: `--help` or a typo must not re-record anything."""
+    parser = argparse.ArgumentParser(
+        prog="regenerate_vllm.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"of {', '.join(NAMES)} (default: all)")
+    names: list[str] = parser.parse_args(argv).names
+    unknown = [name for name in names if name not in NAMES]
+    if unknown:
+        parser.error(f"unknown run {', '.join(unknown)}; choose from {', '.join(NAMES)}")
+    return names
 
 
 def _figures(llm: Any) -> dict[str, Any]:
@@ -82,4 +97,4 @@ def main(names: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main(parse_names(sys.argv[1:])))

@@ -9,6 +9,7 @@ unresolvable, and saves the screenshot here. The server is always stopped.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import socket
 import subprocess
@@ -88,4 +89,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(  # `--help` says what this does, before it does it
+        prog="tb_screenshot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     sys.exit(main())

@@ -180,8 +180,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             # the trace's times with the KV log's.
             from analyzers.readers.trace_clock import align_trace_clock
 
-            span_ns = (run.kv_events[0].t_ns, run.kv_events[-1].t_ns)
-            align_trace_clock(source, kv.storages, trace.meta.get("baseTimeNanoseconds"), span_ns)
+            align_trace_clock(source, kv.storages, trace.meta.get("baseTimeNanoseconds"), _run_span_ns(run))
     trace_missed_the_model = bool(traces and run.kv_events) and not any(len(dev) for dev in source.devices)
     memory_off = run.manifest.get("options", {}).get("profile_memory") is False
     if trace_missed_the_model:
@@ -246,3 +245,17 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if ended.get("status") == "running":  # a recording in progress, or one whose process died
         source.meta["recording_pid"] = holder(run.path)
     return source
+
+
+def _run_span_ns(run: Any) -> tuple[int, int]:
+    """The run's time: from its start to its end (the manifest's), widened to the KV log's first and last
+    lines. Not the KV log alone: a vLLM run logs its pool once, at the start, before the profiler's first
+    event, and a trace inside the run would read as off its clock."""
+    first, last = run.kv_events[0].t_ns, run.kv_events[-1].t_ns
+    started = run.manifest.get("started_ns")
+    ended = (run.manifest.get("ended") or {}).get("t_ns")
+    if isinstance(started, int) and not isinstance(started, bool):
+        first = min(first, started)
+    if isinstance(ended, int) and not isinstance(ended, bool):
+        last = max(last, ended)
+    return first, last

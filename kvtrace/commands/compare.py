@@ -21,7 +21,7 @@ class CompareCommand(Command):
     recording's wall time, recorder overhead included; per row, and over every batch row (under beam search
     the rows are beams: the table says so). Run groups compare by their totals (tokens/s: rank 0's under
     tensor parallelism, the ranks' sum under data parallelism), and rank by rank when all RUNs are groups
-    of the same world size. Exit status: 0 on success; 1 when the HTML cannot be written;
+    of the same world size. Exit status: 0 on success; 1 when the HTML or standard output cannot be written;
     2 for unreadable input or bad flags.
     """
 

@@ -20,7 +20,7 @@ class DiagnoseCommand(Command):
     failing request, allocated/reserved/free memory, fragmentation, the KV share by layer and step, the
     top stacks, then remedies ranked by the bytes each frees here. For a run group (one run per rank),
     diagnoses the rank that ran out, else the first that failed, else the one that peaked, and says which.
-    Exit status: 0, or 2 for bad input.
+    Exit status: 0; 1 when standard output cannot be written (a full disk); 2 for bad input.
     """
 
     name = "diagnose"

@@ -38,8 +38,9 @@ class PlanCommand(Command):
     """Plan GPU memory: will a model's weights and KV cache fit at this batch and context?
 
     Pure arithmetic from the model geometry (a --preset or a local config.json): nothing is loaded, no GPU
-    is needed. Exit status: 0 when the plan fits, 1 when it does not, 2 for bad input (like grep and diff),
-    so a launch script can run `kvtrace plan ... && serve ...`; the plan is printed either way.
+    is needed. Exit status: 0 when the plan fits, 1 when it does not (or when standard output cannot be
+    written: a full disk, said on stderr), 2 for bad input (like grep and diff), so a launch script can run
+    `kvtrace plan ... && serve ...`; the plan is printed either way.
     """
 
     name = "plan"

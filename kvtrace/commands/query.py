@@ -51,7 +51,8 @@ class QueryCommand(Command):
     `kvtrace export` reads (run directories, groups, traces, snapshots): it is then exported in memory
     for this one query. Columns are documented in docs/format.md ("Parquet export").
     Example: kvtrace query out "SELECT run_id, sum(delta_bytes) FROM memory_events GROUP BY ALL"
-    Exit status: 0, or 2 for a bad DIR or a failing query (one line naming the problem). A folder's
+    Exit status: 0; 1 when standard output cannot be written (a full disk); 2 for a bad DIR or a failing
+    query (one line naming the problem). A folder's
     unreadable inputs are skipped with a warning, as `kvtrace export` does: the rows of the rest are
     printed, and the status is 2. When none can be read, the one input's problem (or each input's, and
     then the folder's) is the error.

@@ -50,8 +50,8 @@ class ReportCommand(Command):
     path is replaced by the page, the file it pointed to is left alone.
     A run's files that cannot be written (a read-only run, a full disk) get a warning line each, and the
     report is printed all the same.
-    Exit status: 0 on success, also when the files written into a run could not be; 1 when the -o HTML
-    cannot be written; 2 for unreadable input or bad flags.
+    Exit status: 0 on success, also when the files written into a run could not be; 1 when the -o HTML or
+    standard output cannot be written; 2 for unreadable input or bad flags.
     """
 
     name = "report"

@@ -196,6 +196,11 @@ def test_engine_steps_are_profiler_ranges(recorded: dict[str, Any], tmp_path: Pa
     text = (gzip.decompress(raw) if traces[0].suffix == ".gz" else raw).decode()
     names = {e.get("name") for e in json.loads(text)["traceEvents"]}
     assert {f"kvtrace/engine step {s['step']}" for s in steps} <= names
+    # The pool is logged once, at the start, before the trace's first event: the trace lies inside the run
+    # all the same (its manifest's start and end), and no note may say it is off the run's clock
+    from analyzers.report import load_source
+
+    assert "trace_clock_note" not in load_source(run_dir).meta
 
 
 def test_a_request_done_in_its_first_step_is_seen(recorded: dict[str, Any], tmp_path: Path) -> None:
