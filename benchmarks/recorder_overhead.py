@@ -461,23 +461,23 @@ def warm_capture_us(calls: int = 20000, rounds: int = 5) -> float:
     loop: what the capture costs when the interpreter's caches are warm, against the in-hooks figure."""
     import torch
 
-    from kvtrace import kv_tracker
+    from kvtrace import kv_slots
 
     tensors = [torch.zeros(1, 1, 8 + i % 64, 16) for i in range(256)]
     seed = torch.zeros(1)  # the storage the slot held before the loop: a real weak reference to release
     figures = []
     for _ in range(rounds):
-        slot = kv_tracker._Slot()
-        slot.tref, slot.version, slot.ptr, slot.addr, slot.storage_bytes = kv_tracker._dead, 0, 0, 0, 0
-        slot.wref = kv_tracker._weak_ref_of(seed.untyped_storage())
+        slot = kv_slots.Slot()
+        slot.tref, slot.version, slot.ptr, slot.addr, slot.storage_bytes = kv_slots.dead_ref, 0, 0, 0, 0
+        slot.wref = kv_slots.weak_ref_of(seed.untyped_storage())
         slot.dtype, slot.device, slot.itemsize = '"float32"', '"cpu"', 4
         started = time.perf_counter_ns()
         for i in range(calls):
-            facts = kv_tracker._capture(slot, tensors[i % 256])
+            facts = kv_slots.capture(slot, tensors[i % 256])
             if facts is not None and facts[10]:
-                kv_tracker._free_weak_ref(facts[10])
+                kv_slots.free_weak_ref(facts[10])
         figures.append((time.perf_counter_ns() - started) / calls / 1e3)
-        kv_tracker._free_weak_ref(slot.wref)
+        kv_slots.free_weak_ref(slot.wref)
     return statistics.median(figures)
 
 

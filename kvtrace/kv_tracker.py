@@ -33,7 +33,7 @@ import json
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
 
@@ -53,6 +53,21 @@ from kvtrace.kv_lines import (
     shape_facts,
     slot_lines,
 )
+from kvtrace.kv_slots import (
+    K_DATA,
+    V_DATA,
+    LayerState,
+    Slot,
+    capture,
+    dead_ref,
+    expired,
+    free_weak_ref,
+    refresh_fast,
+    shape_of,
+    storage_of,
+    weak_ref_of,
+    with_rows,
+)
 
 # What a cause becomes when the storage changed (first) or stayed (second).
 _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
@@ -71,53 +86,6 @@ _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
 _REASONED = ("evicted", "reordered")
 _EVICTING = ("evicted", "cropped")  # events whose tensor lost tokens (`on_evict`)
 _NO_FREES: list[tuple[str, int, int]] = []  # drain's deferred frees of an update without `both_first`: none
-_KD = ("k", "data")
-_VD = ("v", "data")
-
-_weak_ref_of: Callable[[Any], int] = cast(Any, torch.UntypedStorage)._weak_ref
-_expired = cast(Any, torch.UntypedStorage)._expired
-_free_weak_ref = cast(Any, torch.UntypedStorage)._free_weak_ref
-
-
-class _Slot:
-    """What we last saw in one (cache, layer, k/v, part) slot: the tensor (weakly), its storage (weakly)
-    and the facts an event repeats while the tensor object stays the same."""
-
-    __slots__ = (
-        "addr",
-        "device",
-        "dtype",
-        "itemsize",
-        "logical_bytes",
-        "ptr",
-        "shape",
-        "shape_json",
-        "storage_bytes",
-        "tref",
-        "version",
-        "view_offset",
-        "wref",
-    )
-
-    tref: Callable[[], Any]
-    ptr: int
-    version: int
-    addr: int
-    storage_bytes: int
-    wref: int  # a raw weak reference to the storage (torch's StorageWeakRef without the object)
-    view_offset: int
-    shape: Any
-    shape_json: str
-    logical_bytes: int
-    dtype: str
-    device: str
-    itemsize: int
-
-
-def _dead() -> None:
-    return None
-
-
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -133,90 +101,6 @@ def _locked(method: Callable[Concatenate[KvTracker, _P], _R]) -> Callable[Concat
     return locked
 
 
-class _Layer:
-    __slots__ = ("fast", "slots", "tokens")
-
-    def __init__(self) -> None:
-        self.slots: dict[tuple[str, str], _Slot] = {}
-        self.tokens = 0
-        self.fast: tuple[_Slot, _Slot] | None = None  # (K, V) slots when the layer holds exactly those
-
-
-def _refresh_fast(state: _Layer) -> None:
-    slots = state.slots
-    k_slot, v_slot = slots.get(_KD), slots.get(_VD)
-    state.fast = (k_slot, v_slot) if len(slots) == 2 and k_slot is not None and v_slot is not None else None
-
-
-def _storage_of(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
-    """A tensor's storage, its address and bytes; None without one (meta, fake) or when empty."""
-    try:
-        storage = tensor.untyped_storage()
-        addr = storage.data_ptr()
-        nbytes = storage.nbytes()
-    except (RuntimeError, NotImplementedError):
-        return None
-    return (storage, addr, nbytes) if nbytes else None
-
-
-def _capture(slot: _Slot, tensor: torch.Tensor, written: bool = False) -> tuple[Any, ...] | None:
-    """Compare a tensor with its slot and bring the slot up to date; return what its event needs, or None
-    when nothing changed (or it has no storage): (event, storage address, storage bytes, view offset,
-    shape, dtype JSON, device JSON, item size, previous address, previous bytes, raw weak reference to the
-    previous storage when it left the slot (else 0), whether that storage is already released). `written`:
-    the tensor was written even if its version says not (a compiled graph's in-place write)."""
-    try:
-        version = tensor._version
-    except RuntimeError:  # an inference tensor: in-place writes are invisible
-        version = -1
-    if slot.tref() is tensor:
-        if version == slot.version and version != -1 and not written:
-            return None
-        if tensor.data_ptr() == slot.ptr:  # written in place (static caches)
-            slot.version = version
-            addr = slot.addr
-            return ("written", addr, slot.storage_bytes, slot.view_offset, slot.shape, slot.dtype,
-                    slot.device, slot.itemsize, addr, 0, 0, False)
-    found = _storage_of(tensor)
-    if found is None:
-        return None
-    storage, addr, nbytes = found
-    try:
-        slot.tref = weakref.ref(tensor)
-    except TypeError:
-        slot.tref = _dead
-    slot.version = version
-    slot.ptr = ptr = tensor.data_ptr()
-    slot.view_offset = ptr - addr
-    slot.shape = shape = tensor.shape
-    slot.shape_json = ""  # worked out when an event needs it (`_shape_of`)
-    prev_addr, prev_bytes = slot.addr, slot.storage_bytes
-    if addr == prev_addr:  # a new tensor over the same storage (a view): written, memory kept
-        return ("written", addr, nbytes, ptr - addr, shape, slot.dtype, slot.device, slot.itemsize,
-                addr, 0, 0, False)
-    old_wref = slot.wref
-    slot.wref = _weak_ref_of(storage)
-    slot.addr, slot.storage_bytes = addr, nbytes
-    return ("replaced" if nbytes <= prev_bytes else "grown", addr, nbytes, ptr - addr, shape, slot.dtype,
-            slot.device, slot.itemsize, prev_addr, prev_bytes, old_wref, _expired(old_wref))
-
-
-def _with_rows(line: str, rows: int, shape: Any) -> str:
-    """An event line with `rows` added, where they are fewer than the tensor's batch dim: the rows a
-    preallocated buffer's forward used (Meta's `cache_k[:bsz]`), whose tokens are per row of those."""
-    if not shape or rows >= shape[0]:
-        return line
-    return f'{line[:-1]},"rows":{rows}}}'
-
-
-def _shape_of(slot: _Slot) -> str:
-    """A slot's shape JSON, filling it (and its logical bytes) after a capture left it to be worked out."""
-    if not slot.shape_json:
-        slot.shape_json, count = SHAPE_JSON.get(slot.shape) or shape_facts(slot.shape)
-        slot.logical_bytes = count * slot.itemsize
-    return slot.shape_json
-
-
 class KvTracker:
     """Owns the last-seen state of every KV slot and appends events, as JSON lines, to `lines`.
 
@@ -230,7 +114,7 @@ class KvTracker:
     ) -> None:
         self._clock = clock
         self._on_evict = on_evict
-        self._layers: dict[tuple[int, int], _Layer] = {}
+        self._layers: dict[tuple[int, int], LayerState] = {}
         # Storages that left their slot but may still be alive (a view, an autograd graph, the caller):
         # (weak ref, layer, kv, quoted part, addr, bytes, cache).
         self._pending: list[tuple[int, int, str, str, int, int, int]] = []
@@ -240,7 +124,7 @@ class KvTracker:
         self.lines: list[str] = []
         self.lock = threading.RLock()  # around `_seq` and `lines`: the writer thread drains too
         # Captured layer updates waiting for `drain`: (cache, layer, t_ns, step, phase JSON, tokens,
-        # evicted, reason, K facts, V facts); see `update` and `_capture`.
+        # evicted, reason, K facts, V facts); see `update` and `capture`.
         self._queue: list[tuple[Any, ...]] = []
         # (cache, layer, (kv, part), dtype, device) -> that slot's line templates (`slot_lines`)
         self._templates: dict[tuple[Any, ...], tuple[str, str]] = {}
@@ -275,10 +159,10 @@ class KvTracker:
         state = self._layers.get((cache_id, layer))
         return None if state is None else state.tokens
 
-    def _state(self, cache_id: int, layer: int) -> _Layer:
+    def _state(self, cache_id: int, layer: int) -> LayerState:
         state = self._layers.get((cache_id, layer))
         if state is None:
-            state = self._layers[(cache_id, layer)] = _Layer()
+            state = self._layers[(cache_id, layer)] = LayerState()
         return state
 
     # -- the per-update fast path ----------------------------------------------------------------------
@@ -315,8 +199,8 @@ class KvTracker:
             return
         assert state is not None
         state.tokens = tokens
-        k_facts = _capture(fast[0], keys, written)
-        v_facts = _capture(fast[1], values, written)
+        k_facts = capture(fast[0], keys, written)
+        v_facts = capture(fast[1], values, written)
         if k_facts is None and v_facts is None:
             return  # the very same tensors, not written since
         reused = self._pending_addrs
@@ -331,9 +215,9 @@ class KvTracker:
              v_facts, both_first)
         )
         if k_facts is not None and k_facts[10] and not k_facts[11]:
-            self._watch(cache_id, layer, _KD, k_facts)
+            self._watch(cache_id, layer, K_DATA, k_facts)
         if v_facts is not None and v_facts[10] and not v_facts[11]:
-            self._watch(cache_id, layer, _VD, v_facts)
+            self._watch(cache_id, layer, V_DATA, v_facts)
 
     def _watch(self, cache_id: int, layer: int, key: tuple[str, str], facts: tuple[Any, ...]) -> None:
         """Watch a storage an update replaced but did not release (a view or the caller holds it)."""
@@ -363,13 +247,14 @@ class KvTracker:
             slots = state.slots
             reason_json = quoted(reason) if evicted else '""'
             self._see(
-                slots, cache_id, layer, _KD, keys, tokens, evicted, reason_json, t_ns, "update", '"hf"',
+                slots, cache_id, layer, K_DATA, keys, tokens, evicted, reason_json, t_ns, "update", '"hf"',
                 written=written,
             )
             self._see(
-                slots, cache_id, layer, _VD, values, tokens, 0, '""', t_ns, "update", '"hf"', written=written
+                slots, cache_id, layer, V_DATA, values, tokens, 0, '""', t_ns, "update", '"hf"',
+                written=written,
             )
-            _refresh_fast(state)
+            refresh_fast(state)
             if self._pending:
                 self.poll_frees(t_ns)
 
@@ -391,7 +276,7 @@ class KvTracker:
         for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts, pair in batch:
             # with `pair` (both_first): the frees wait for both new storages; no list made otherwise
             later = [] if pair else _NO_FREES
-            for key, f in ((_KD, k_facts), (_VD, v_facts)):
+            for key, f in ((K_DATA, k_facts), (V_DATA, v_facts)):
                 if f is None:
                     continue
                 (kind, addr, nbytes, view_offset, shape, dtype, device, itemsize, prev_addr, prev_size,
@@ -402,7 +287,7 @@ class KvTracker:
                         layer, *KEY_JSON[key], dtype, device, cid, '"hf"'
                     )
                 shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
-                first = key is _KD
+                first = key is K_DATA
                 seq += 1
                 append(
                     lines[0]
@@ -413,7 +298,7 @@ class KvTracker:
                     )
                 )
                 if old_gone:  # released by the update itself (torch.cat growth): freed at its time
-                    _free_weak_ref(old_wref)
+                    free_weak_ref(old_wref)
                     if pair:
                         later.append((lines[1], prev_addr, prev_size))
                     else:
@@ -426,7 +311,7 @@ class KvTracker:
 
     def _see(
         self,
-        slots: dict[tuple[str, str], _Slot],
+        slots: dict[tuple[str, str], Slot],
         cache_id: int,
         layer: int,
         key: tuple[str, str],
@@ -442,7 +327,7 @@ class KvTracker:
         rows: int = 0,
     ) -> bool:
         """Compare one tensor with its slot, log what changed; False when it has no storage (skipped).
-        `rows`: the batch rows in use, when known to be fewer than the tensor's (`_with_rows`)."""
+        `rows`: the batch rows in use, when known to be fewer than the tensor's (`with_rows`)."""
         slot = slots.get(key)
         try:
             version = tensor._version
@@ -461,26 +346,26 @@ class KvTracker:
                 kv_json, part_json = KEY_JSON.get(key) or key_json(key)
                 line = EVENT_LINE % (
                     self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json,
-                    slot.addr, slot.storage_bytes, slot.view_offset, _shape_of(slot),
+                    slot.addr, slot.storage_bytes, slot.view_offset, shape_of(slot),
                     slot.logical_bytes, slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id,
                     source_json, reason_json if evicted or kind in _REASONED else '""',
                 )
-                self.lines.append(_with_rows(line, rows, slot.shape) if rows else line)
+                self.lines.append(with_rows(line, rows, slot.shape) if rows else line)
                 if kind in _EVICTING and self._on_evict is not None:
                     self._on_evict(layer, key[0])
                 return True
-        found = _storage_of(tensor)
+        found = storage_of(tensor)
         if found is None:
             return False
         storage, addr, nbytes = found
         kv_json, part_json = KEY_JSON.get(key) or key_json(key)
         same_storage = released = False
         if slot is not None and slot.addr == addr:
-            if _expired(slot.wref):
+            if expired(slot.wref):
                 # No view of the slot's storage but a new one made where it was, after it was released (a
                 # cache dropped and made again): its free comes first, as the replay by address needs.
                 released = True
-                _free_weak_ref(slot.wref)
+                free_weak_ref(slot.wref)
                 self._seq += 1
                 self.lines.append(
                     FREED_LINE
@@ -494,8 +379,8 @@ class KvTracker:
         if slot is None:
             kind = "created"
             prev_addr = 0
-            new = _Slot()
-            new.wref = _weak_ref_of(storage)
+            new = Slot()
+            new.wref = weak_ref_of(storage)
         elif same_storage:
             kind = _CAUSE_EVENTS.get(cause, ("replaced", "written"))[1]
             if cause == "scan" and tokens < prev_tokens:
@@ -511,12 +396,12 @@ class KvTracker:
             else:
                 kind = _CAUSE_EVENTS.get(cause, ("replaced", "written"))[0]
             prev_addr = slot.addr
-            new = _Slot()
-            new.wref = _weak_ref_of(storage)
+            new = Slot()
+            new.wref = weak_ref_of(storage)
         try:
             new.tref = weakref.ref(tensor)
         except TypeError:
-            new.tref = _dead
+            new.tref = dead_ref
         new.ptr = ptr = tensor.data_ptr()
         new.version = version
         new.addr = addr
@@ -545,7 +430,7 @@ class KvTracker:
             evicted, prev_addr, cache_id, source_json,
             reason_json if evicted or kind in _REASONED else '""',
         )
-        self.lines.append(_with_rows(line, rows, shape) if rows else line)
+        self.lines.append(with_rows(line, rows, shape) if rows else line)
         if kind in _EVICTING and self._on_evict is not None:
             self._on_evict(layer, key[0])
         if slot is not None and not same_storage and not released:
@@ -620,7 +505,7 @@ class KvTracker:
                     key = (kv, name)
                     first = kv == "k" and part == "data"
                     if frees_last and self._pending:
-                        found = _storage_of(tensor)
+                        found = storage_of(tensor)
                         if found is not None and any(item[4] == found[1] for item in self._pending):
                             self._poll_locked(t_ns)  # made where a held one was: that one was released first
                     if self._see(
@@ -648,7 +533,7 @@ class KvTracker:
             self._retire(cache_id, layer, key, old)
             if cause in ("reset", "scan", "crop"):
                 self._seq += 1
-                first = key == _KD
+                first = key == K_DATA
                 self.lines.append(
                     NO_STORAGE_LINE
                     % (
@@ -660,7 +545,7 @@ class KvTracker:
                 )
                 if cause != "reset" and self._on_evict is not None:
                     self._on_evict(layer, key[0])
-        _refresh_fast(state)
+        refresh_fast(state)
         changed = self._seq != logged
         self.poll_frees(t_ns)
         return changed
@@ -699,7 +584,7 @@ class KvTracker:
         """Log `freed` for an engine pool's storage once the allocator releases it (continuous batching frees
         its pool when generate_batch returns). The caller holds `lock`."""
         kv_json, part_json = KEY_JSON.get((kv, "data")) or key_json((kv, "data"))
-        wref, addr, nbytes = _weak_ref_of(storage), storage.data_ptr(), int(storage.nbytes())
+        wref, addr, nbytes = weak_ref_of(storage), storage.data_ptr(), int(storage.nbytes())
         self._pending.append((wref, layer, kv_json, part_json, addr, nbytes, cache))
         self._pending_addrs.add(addr)
 
@@ -732,15 +617,15 @@ class KvTracker:
         moved on or its storage is still alive."""
         state = self._layers.get((cache_id, layer))
         slot = state.slots.get(key) if state is not None else None
-        if state is None or slot is None or slot.addr != addr or not _expired(slot.wref):
+        if state is None or slot is None or slot.addr != addr or not expired(slot.wref):
             return
         self.drain()
         del state.slots[key]
         self._retire(cache_id, layer, key, slot)
-        _refresh_fast(state)
+        refresh_fast(state)
         self._poll_locked(self._clock())
 
-    def _retire(self, cache_id: int, layer: int, key: tuple[str, str], old: _Slot) -> None:
+    def _retire(self, cache_id: int, layer: int, key: tuple[str, str], old: Slot) -> None:
         """Watch a storage that left its slot until the allocator releases it."""
         kv_json, part_json = KEY_JSON.get(key) or key_json(key)
         self._pending.append((old.wref, layer, kv_json, part_json, old.addr, old.storage_bytes, cache_id))
@@ -780,8 +665,8 @@ class KvTracker:
         still: list[tuple[int, int, str, str, int, int, int]] = []
         for item in pending:
             wref = item[0]
-            if _expired(wref):
-                _free_weak_ref(wref)
+            if expired(wref):
+                free_weak_ref(wref)
                 if not t_ns:
                     t_ns = self._clock()
                 self._seq += 1
@@ -802,12 +687,12 @@ class KvTracker:
         """Let go of the weak references still held (storages the caller keeps alive after the run)."""
         self.drain()
         for item in self._pending:
-            _free_weak_ref(item[0])
+            free_weak_ref(item[0])
         self._pending = []
         self._pending_addrs = set()
         for state in self._layers.values():
             for slot in state.slots.values():
-                _free_weak_ref(slot.wref)
+                free_weak_ref(slot.wref)
             state.slots.clear()
             state.fast = None
 

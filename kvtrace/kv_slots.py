@@ -1,0 +1,152 @@
+"""One KV slot's last-seen state, and the comparison of a tensor with it: the per-tensor part of the
+tracker's hot path (issue 11), kept apart from the events it feeds (`kvtrace.kv_tracker`).
+
+A slot is one (cache, layer, k/v, part) position. It holds the tensor and its storage weakly, and the facts
+an event repeats while the tensor object stays the same (shape, dtype, device, address), so a layer update
+that made no new tensor costs one identity test and one version read. Storages are watched through torch's
+raw weak references (an int, not a `StorageWeakRef` object): `weak_ref_of`, `expired`, `free_weak_ref`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+
+from kvtrace.kv_lines import SHAPE_JSON, shape_facts
+
+K_DATA = ("k", "data")
+V_DATA = ("v", "data")
+
+weak_ref_of: Callable[[Any], int] = cast(Any, torch.UntypedStorage)._weak_ref
+expired = cast(Any, torch.UntypedStorage)._expired
+free_weak_ref = cast(Any, torch.UntypedStorage)._free_weak_ref
+
+
+class Slot:
+    """What we last saw in one (cache, layer, k/v, part) slot: the tensor (weakly), its storage (weakly)
+    and the facts an event repeats while the tensor object stays the same."""
+
+    __slots__ = (
+        "addr",
+        "device",
+        "dtype",
+        "itemsize",
+        "logical_bytes",
+        "ptr",
+        "shape",
+        "shape_json",
+        "storage_bytes",
+        "tref",
+        "version",
+        "view_offset",
+        "wref",
+    )
+
+    tref: Callable[[], Any]
+    ptr: int
+    version: int
+    addr: int
+    storage_bytes: int
+    wref: int  # a raw weak reference to the storage (torch's StorageWeakRef without the object)
+    view_offset: int
+    shape: Any
+    shape_json: str
+    logical_bytes: int
+    dtype: str
+    device: str
+    itemsize: int
+
+
+def dead_ref() -> None:
+    """A stand-in for the weak reference of a tensor that takes none: the slot's tensor reads as gone."""
+    return None
+
+
+class LayerState:
+    """One (cache, layer): its slots, the tokens last logged, and its (K, V) slots when it holds exactly those
+    (the fast path's one identity test per tensor)."""
+
+    __slots__ = ("fast", "slots", "tokens")
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple[str, str], Slot] = {}
+        self.tokens = 0
+        self.fast: tuple[Slot, Slot] | None = None  # (K, V) slots when the layer holds exactly those
+
+
+def refresh_fast(state: LayerState) -> None:
+    slots = state.slots
+    k_slot, v_slot = slots.get(K_DATA), slots.get(V_DATA)
+    state.fast = (k_slot, v_slot) if len(slots) == 2 and k_slot is not None and v_slot is not None else None
+
+
+def storage_of(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
+    """A tensor's storage, its address and bytes; None without one (meta, fake) or when empty."""
+    try:
+        storage = tensor.untyped_storage()
+        addr = storage.data_ptr()
+        nbytes = storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (storage, addr, nbytes) if nbytes else None
+
+
+def capture(slot: Slot, tensor: torch.Tensor, written: bool = False) -> tuple[Any, ...] | None:
+    """Compare a tensor with its slot and bring the slot up to date; return what its event needs, or None
+    when nothing changed (or it has no storage): (event, storage address, storage bytes, view offset,
+    shape, dtype JSON, device JSON, item size, previous address, previous bytes, raw weak reference to the
+    previous storage when it left the slot (else 0), whether that storage is already released). `written`:
+    the tensor was written even if its version says not (a compiled graph's in-place write)."""
+    try:
+        version = tensor._version
+    except RuntimeError:  # an inference tensor: in-place writes are invisible
+        version = -1
+    if slot.tref() is tensor:
+        if version == slot.version and version != -1 and not written:
+            return None
+        if tensor.data_ptr() == slot.ptr:  # written in place (static caches)
+            slot.version = version
+            addr = slot.addr
+            return ("written", addr, slot.storage_bytes, slot.view_offset, slot.shape, slot.dtype,
+                    slot.device, slot.itemsize, addr, 0, 0, False)
+    found = storage_of(tensor)
+    if found is None:
+        return None
+    storage, addr, nbytes = found
+    try:
+        slot.tref = weakref.ref(tensor)
+    except TypeError:
+        slot.tref = dead_ref
+    slot.version = version
+    slot.ptr = ptr = tensor.data_ptr()
+    slot.view_offset = ptr - addr
+    slot.shape = shape = tensor.shape
+    slot.shape_json = ""  # worked out when an event needs it (`shape_of`)
+    prev_addr, prev_bytes = slot.addr, slot.storage_bytes
+    if addr == prev_addr:  # a new tensor over the same storage (a view): written, memory kept
+        return ("written", addr, nbytes, ptr - addr, shape, slot.dtype, slot.device, slot.itemsize,
+                addr, 0, 0, False)
+    old_wref = slot.wref
+    slot.wref = weak_ref_of(storage)
+    slot.addr, slot.storage_bytes = addr, nbytes
+    return ("replaced" if nbytes <= prev_bytes else "grown", addr, nbytes, ptr - addr, shape, slot.dtype,
+            slot.device, slot.itemsize, prev_addr, prev_bytes, old_wref, expired(old_wref))
+
+
+def with_rows(line: str, rows: int, shape: Any) -> str:
+    """An event line with `rows` added, where they are fewer than the tensor's batch dim: the rows a
+    preallocated buffer's forward used (Meta's `cache_k[:bsz]`), whose tokens are per row of those."""
+    if not shape or rows >= shape[0]:
+        return line
+    return f'{line[:-1]},"rows":{rows}}}'
+
+
+def shape_of(slot: Slot) -> str:
+    """A slot's shape JSON, filling it (and its logical bytes) after a capture left it to be worked out."""
+    if not slot.shape_json:
+        slot.shape_json, count = SHAPE_JSON.get(slot.shape) or shape_facts(slot.shape)
+        slot.logical_bytes = count * slot.itemsize
+    return slot.shape_json
