@@ -183,3 +183,5 @@ class PlanResult:
     kv_budget_bytes: int
     kv_blocks: int
     remedies: tuple[Remedy, ...] = field(default=())
+    # What the figures do not say: a context beyond the positions the model takes (they still hold)
+    notes: tuple[str, ...] = field(default=())

@@ -544,6 +544,31 @@ def test_command_bad_input_is_a_kvtrace_error(argv: list[str], capsys: pytest.Ca
     assert excinfo.value.exit_code == 2
 
 
+def test_a_context_beyond_the_models_positions_is_planned_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN Llama 3 8B's shape with Llama 2's 4,096 positions
+    config = write_config(tmp_path, {**LLAMA_3_8B_CONFIG, "max_position_embeddings": 4096})
+    # WHEN planned without --context, THEN the context is the model's 4,096, not 8,192, with no note
+    status, out = run_command(["--config", str(config), "--json"], capsys)
+    payload = json.loads(out)
+    assert (status, payload["request"]["context"], payload["notes"]) == (0, 4096, [])
+    assert payload["request"]["geometry"]["max_position_embeddings"] == 4096
+    assert payload["kv_bytes"] == 4095 * 131_072
+    # AND a context beyond it is planned (transformers runs it; the figures hold) with a note saying so
+    status, out = run_command(["--config", str(config), "--context", "8192", "--json"], capsys)
+    payload = json.loads(out)
+    assert (status, payload["kv_bytes"]) == (0, 8191 * 131_072)
+    (note,) = payload["notes"]
+    assert note.startswith("the context of 8,192 tokens is beyond the 4,096 positions")
+    assert "vLLM refuses such a max_model_len" in note
+    status, out = run_command(["--config", str(config), "--context", "8192"], capsys)
+    assert "  note: the context of 8,192 tokens is beyond the 4,096 positions" in out
+    # AND the model's own 4,096 is not beyond it
+    status, out = run_command(["--config", str(config), "--context", "4096", "--json"], capsys)
+    assert json.loads(out)["notes"] == []
+
+
 def test_planner_never_imports_torch() -> None:
     code = (
         "import sys, analyzers.planning.plan, analyzers.planning.presets, kvtrace.commands.plan\n"
