@@ -86,7 +86,7 @@ def _evaluate(req: PlanRequest) -> PlanResult:
         return peak_at(req, req.batch, context) <= gpu
 
     max_batch = _largest(lambda batch: peak_at(req, batch, req.context) <= gpu)
-    shortest = 1 if req.prompt is None else req.prompt + 1  # the prompt and one new token
+    shortest = 2 if req.prompt is None else req.prompt + 1  # the prompt (at least 1) and one new token
     steady = _steady_context(req)
     max_context: int | None
     if steady is not None and context_fits(steady):

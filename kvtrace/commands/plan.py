@@ -63,8 +63,8 @@ class PlanCommand(Command):
         parser.add_argument(
             "--context",
             type=int,
-            help="tokens per sequence as generate() counts them, the prompt plus the new tokens (default "
-            "8192, Llama 3's native length, or the model's max_position_embeddings when fewer); the "
+            help="tokens per sequence as generate() counts them, the prompt plus the new tokens, at least 2 "
+            "(default 8192, Llama 3's native length, or the model's max_position_embeddings when fewer); the "
             "cache holds one fewer: generate() never writes its last new token",
         )
         parser.add_argument(
@@ -149,8 +149,12 @@ class PlanCommand(Command):
         context = (
             args.context if args.context is not None else min(8192, geometry.max_position_embeddings or 8192)
         )
-        if args.batch < 1 or context < 1:
-            raise KvtraceError("--batch and --context must be at least 1")
+        if args.batch < 1:
+            raise KvtraceError("--batch must be at least 1")
+        if context < 2:
+            raise KvtraceError(
+                "--context must be at least 2: a prompt of at least 1 token plus one new token"
+            )
         request = PlanRequest(
             geometry=geometry,
             weights_dtype=weights_dtype,
