@@ -154,10 +154,20 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             )
 
     kv_bytes: int | None = None
+    weights = 0
+    if at_start and summary is not None:
+        weights = summary.categories_at_peak.get("weights", 0)
+    elif timeline is not None and index >= 0:
+        weights = int(timeline.by_category["weights"][index])
     if at_start and summary is not None and report.kv.measured_from != "none":
         kv_bytes = summary.categories_at_peak.get("kv", 0)
     elif timeline is not None and index >= 0 and report.kv.measured_from != "none":
         kv_bytes = int(timeline.by_category["kv"][index])
+    # What the moment needed beyond the weights (with the request an OOM refused): KV, activations, logits,
+    # all of which a smaller batch shrinks. Unknown without a weights figure.
+    beyond_weights = None
+    if weights and allocated is not None:
+        beyond_weights = allocated + (requested or 0) - weights
     kv_peak = report.kv.peak_bytes if kv_log is not None else None
     kv_final = report.kv.final_bytes if kv_log is not None else None
 
@@ -224,6 +234,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "beams": beams,
         "rows_are_beams": rows_are_beams,
         "compute_bits": compute_dtype_bits(report),
+        "beyond_weights_bytes": beyond_weights,
     }
     held = [cache for cache in report.kv.caches if cache.final_bytes]
     if len(held) > 1:

@@ -19,15 +19,17 @@ from analyzers.planning.quantized_cache import (
 )
 from analyzers.units import human_bytes
 
-__all__ = ["beam_search_remedies", "int4_remedy", "windowed_remedies"]
+__all__ = ["beam_search_remedies", "fewer_rows", "int4_remedy", "windowed_remedies"]
 
 
-def beam_search_remedies(kv: int, prompts: int, beams: int, need: int | None) -> list[Remedy]:
+def beam_search_remedies(
+    kv: int, prompts: int, beams: int, need: int | None, beyond_weights: int | None = None
+) -> list[Remedy]:
     """A smaller batch counted in prompts (each holding `beams` rows), and fewer beams: KV is linear in
-    both."""
+    both, and so, roughly, are the activations (`fewer_rows`)."""
     each = f"{beams} beams each"
-    batch_target, batch_saved = _fewer(kv, prompts, need)
-    beams_target, beams_saved = _fewer(kv, beams, need)
+    batch_target, batch_saved, batch_basis, _ = fewer_rows(kv, prompts, need, beyond_weights)
+    beams_target, beams_saved, beams_basis, _ = fewer_rows(kv, beams, need, beyond_weights)
     per_prompt, per_beam = human_bytes(kv / prompts), human_bytes(kv / beams)
     if need is None:
         batch_text = f"Each prompt dropped from the batch of {prompts} ({each}) frees {per_prompt} of KV."
@@ -37,23 +39,71 @@ def beam_search_remedies(kv: int, prompts: int, beams: int, need: int | None) ->
         batch_text = f"Batch {prompts} ({each}) already fits; {room} batch {batch_target}."
         beams_text = f"num_beams={beams} already fits; {room} {beams_target} beams."
     else:
-        enough = "of KV, enough to fit."
-        batch_text = (
-            f"Batch {batch_target} instead of {prompts} ({each}) frees {human_bytes(batch_saved)} {enough}"
-            if batch_target >= 1
-            else f"Even batch 1 ({each}) does not fit: it still holds {per_prompt} of KV."
+        batch_text = _fewer_text(
+            f"Batch {batch_target} instead of {prompts} ({each})",
+            f"batch 1 ({each})",
+            batch_target,
+            batch_basis,
+            batch_saved,
+            per_prompt,
+            need,
         )
-        beams_text = (
-            f"num_beams={beams_target} instead of {beams} (batch {prompts}) frees "
-            f"{human_bytes(beams_saved)} {enough}"
-            if beams_target >= 1
-            else f"Even num_beams=1 (greedy search, batch {prompts}) does not fit: it still holds {per_beam} "
-            "of KV."
+        beams_text = _fewer_text(
+            f"num_beams={beams_target} instead of {beams} (batch {prompts})",
+            f"num_beams=1 (greedy search, batch {prompts})",
+            beams_target,
+            beams_basis,
+            beams_saved,
+            per_beam,
+            need,
         )
     return [
         Remedy("batch", batch_target or None, batch_saved, fits(batch_saved, need), batch_text),
         Remedy("beams", beams_target or None, beams_saved, fits(beams_saved, need), beams_text),
     ]
+
+
+def _fewer_text(change: str, one: str, target: int, basis: str, saved: int, per_one: str, need: int) -> str:
+    """A beam-search count's sentence: `change` proposes `target`, `one` names a count of 1."""
+    if basis == "kv" and target >= 1:
+        return f"{change} frees {human_bytes(saved)} of KV, enough to fit."
+    if basis == "kv":  # even 1 keeps `per_one` of KV, and what its activations would free is unknown
+        return (
+            f"By its KV alone, even {one} is not enough: it still holds {per_one} of KV; the activations "
+            "shrink too, which this input cannot price (it has no weights figure, or no allocations beside "
+            "the KV)."
+        )
+    if basis == "estimate":
+        return (
+            f"{change} likely fits: with the activations, which shrink too, the memory beyond the weights "
+            f"falls by about {human_bytes(saved)}, more than the {human_bytes(need)} shortfall (an estimate: "
+            "a part of that memory does not follow the rows)."
+        )
+    return (
+        f"Even {one} does not fit: were all the memory beyond the weights to shrink with it, it would free "
+        f"{human_bytes(saved)}, less than the {human_bytes(need)} shortfall."
+    )
+
+
+def fewer_rows(
+    kv: int, count: int, need: int | None, beyond_weights: int | None
+) -> tuple[int, int, str, int]:
+    """(the setting to propose, bytes it frees, what those bytes are, KV bytes it frees) for a count the
+    memory is linear in (batch, beams).
+
+    The KV alone first ("kv", see `_fewer`). When it cannot cover the shortfall even at 1, the moment's
+    whole memory beyond the weights (`beyond_weights`: KV, activations, logits) prices it, since the
+    activations shrink with the rows too: a row's share of it is an upper bound of what a row holds (some of
+    it does not follow the rows: buffers, workspaces), so the count it finds is an estimate ("estimate"),
+    and when even 1 is too many by it, no count fits ("bound", what going down to 1 would free at most).
+    Without that figure (no weights recorded), or with one no larger than the KV (a run recorded without
+    allocator events sees only the KV beyond the weights), the KV's answer stands."""
+    target, saved = _fewer(kv, count, need)
+    if need is None or need <= 0 or target >= 1 or not beyond_weights or beyond_weights <= kv:
+        return target, saved, "kv", saved
+    whole_target = max(math.floor(count * (beyond_weights - need) / beyond_weights), 0)
+    whole_saved = round(beyond_weights / count * (count - max(whole_target, 1)))
+    return whole_target, whole_saved, "estimate" if whole_target >= 1 else "bound", saved
 
 
 def _fewer(kv: int, count: int, need: int | None) -> tuple[int, int]:

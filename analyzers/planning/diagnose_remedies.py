@@ -33,7 +33,12 @@ from typing import Any
 
 from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
-from analyzers.planning.diagnose_cache_remedies import beam_search_remedies, int4_remedy, windowed_remedies
+from analyzers.planning.diagnose_cache_remedies import (
+    beam_search_remedies,
+    fewer_rows,
+    int4_remedy,
+    windowed_remedies,
+)
 from analyzers.planning.diagnosis import NO_GEOMETRY, NO_KV, Remedy, fits
 from analyzers.summary import Report
 from analyzers.units import human_bytes
@@ -56,6 +61,8 @@ _DTYPE_BITS = {
     "float8_e5m2": 8,
     "int8": 8,
 }
+# Why a smaller batch's activations cannot be priced: the weights or what lies beyond the KV are not seen
+_UNPRICED = "it has no weights figure, or no allocations beside the KV"
 _OFFLOAD_LAYERS_ON_DEVICE = 2  # the layer computing and the one being prefetched
 
 
@@ -120,6 +127,38 @@ def sliding_layers(report: Report) -> int:
     return len(_windowed_layers(report)[0])
 
 
+def _smaller_batch_text(
+    target: int, batch: int, saved: int, basis: str, kv_saved: int, kv: int, need: int, beyond: int | None
+) -> str:
+    """The batch remedy's sentence when there is a shortfall, by what priced it (`fewer_rows`)."""
+    if batch == 1:
+        return "The run is at batch 1 already: a smaller batch is no remedy."
+    if basis == "kv" and target >= 1:
+        return f"Batch {target} instead of {batch} frees {human_bytes(saved)} of KV, enough to fit."
+    shortfall = f"the {human_bytes(need)} shortfall"
+    if basis == "kv":  # what the activations would free is unknown: no verdict on the whole peak
+        return (
+            f"Batch 1 frees {human_bytes(kv_saved)} of the {human_bytes(kv)} of KV, less than {shortfall}; "
+            f"the activations shrink with the batch too, which this input cannot price ({_UNPRICED}): record "
+            "batch 1 to know whether it fits."
+        )
+    assert beyond is not None
+    whole = (
+        f"the {human_bytes(beyond)} beyond the weights ({human_bytes(beyond / batch)} a row: KV, activations)"
+    )
+    if basis == "estimate":
+        return (
+            f"Batch {target} instead of {batch} likely fits: its KV frees only {human_bytes(kv_saved)}, but "
+            f"the activations shrink with the batch too, and {whole} falls by about {human_bytes(saved)}, "
+            f"more than {shortfall} (an estimate: a part of that memory does not follow the batch; record "
+            f"batch {target} to be sure)."
+        )
+    return (
+        f"Even batch 1 does not fit: were all of {whole} to shrink with the batch, batch 1 would free "
+        f"{human_bytes(saved)}, less than {shortfall}."
+    )
+
+
 def price_remedies(
     d: dict[str, object], kv_bits: int | None, num_layers: int | None, on_cuda: bool = True
 ) -> list[Remedy]:
@@ -133,8 +172,10 @@ def price_remedies(
     out: list[Remedy] = []
 
     beams = d.get("beams")
+    beyond_weights = d.get("beyond_weights_bytes")
+    assert beyond_weights is None or isinstance(beyond_weights, int)
     if kv and batch and isinstance(beams, int) and beams > 1:
-        out += beam_search_remedies(kv, batch // beams, beams, need)
+        out += beam_search_remedies(kv, batch // beams, beams, need, beyond_weights)
     elif kv and batch:
         per_seq = kv / batch
         if need is None:
@@ -146,18 +187,8 @@ def price_remedies(
             saved = 0
             text = f"Batch {batch} already fits; the KV alone would leave room up to batch {target}."
         else:
-            target = math.floor(batch * (kv - need) / kv)
-            saved = round(per_seq * (batch - max(target, 1)))
-            text = (
-                f"Batch {target} instead of {batch} frees {human_bytes(saved)} of KV, enough to fit."
-                if target >= 1
-                else f"Even batch 1 does not fit: the {human_bytes(kv)} of KV is not the whole problem."
-            )
-            if target < 1 and need <= kv:  # all the KV would do, but batch 1 keeps a row of it
-                text = (
-                    f"Even batch 1 does not fit: it frees {human_bytes(saved)} of the {human_bytes(kv)} of "
-                    f"KV, less than the {human_bytes(need)} shortfall."
-                )
+            target, saved, basis, kv_saved = fewer_rows(kv, batch, need, beyond_weights)
+            text = _smaller_batch_text(target, batch, saved, basis, kv_saved, kv, need, beyond_weights)
         if d.get("rows_are_beams"):  # how many per prompt, the log does not say
             text += (
                 f" These {batch} cache rows are beam search's (prompts x num_beams): lower either, so that "

@@ -86,7 +86,7 @@ def _evaluate(req: PlanRequest) -> PlanResult:
         return peak_at(req, req.batch, context) <= gpu
 
     max_batch = _largest(lambda batch: peak_at(req, batch, req.context) <= gpu)
-    shortest = 1 if req.prompt is None else req.prompt + 1  # the prompt and one new token
+    shortest = 2 if req.prompt is None else req.prompt + 1  # the prompt (at least 1) and one new token
     steady = _steady_context(req)
     max_context: int | None
     if steady is not None and context_fits(steady):
@@ -155,7 +155,21 @@ def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
     return tuple(found)
 
 
+def _notes(req: PlanRequest) -> tuple[str, ...]:
+    """A context past the model's positions: transformers runs it (the memory figures hold), but the model
+    was not trained for it, and vLLM refuses such a max_model_len."""
+    limit = req.geometry.max_position_embeddings
+    if limit is None or req.context <= limit:
+        return ()
+    return (
+        f"the context of {req.context:,} tokens is beyond the {limit:,} positions {req.geometry.name} takes "
+        "(max_position_embeddings): the memory figures hold and transformers runs it, but the model was not "
+        "trained that long (RoPE models answer worse past it, learned positions fail), and vLLM refuses "
+        "such a max_model_len",
+    )
+
+
 def plan(req: PlanRequest) -> PlanResult:
     """Size weights and KV for `req`, decide whether it fits, and if not, what would make it fit."""
-    result = _evaluate(req)
+    result = replace(_evaluate(req), notes=_notes(req))
     return result if result.fits else replace(result, remedies=_remedies(result))

@@ -28,8 +28,11 @@ def to_json(result: PlanResult) -> dict[str, Any]:
         window=req.effective_window,
         compute_dtype=req.effective_compute_dtype,
     )
-    figures = {name: value for name, value in asdict(result).items() if name not in ("request", "remedies")}
-    return {"request": request, **figures, "remedies": [asdict(remedy) for remedy in result.remedies]}
+    figures = {
+        name: value for name, value in asdict(result).items() if name not in ("request", "remedies", "notes")
+    }
+    remedies = [asdict(remedy) for remedy in result.remedies]
+    return {"request": request, **figures, "remedies": remedies, "notes": list(result.notes)}
 
 
 def _size(num_bytes: int) -> str:
@@ -117,6 +120,7 @@ def format_text(result: PlanResult) -> str:
     width = max(len(label) for label, _ in rows)
     lines = [f"{req.geometry.name}: {req.weights_dtype} weights, {req.kv_dtype} KV, {cache} cache"]
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    lines += [f"  note: {note}" for note in result.notes]
     if result.remedies:
         lines.append("To make it fit:")
         lines += [f"  - {_sentence(fix, req)}" for fix in result.remedies]

@@ -46,8 +46,8 @@ class PlanRequest:
     compute_dtype: dtype of a quantized cache's scales and residual; default the weights dtype when it is
     a float type, else bf16.
     block_size: tokens per block when counting paged KV blocks (vLLM's default is 16).
-    context: tokens per sequence as generate() counts them, prompt plus new tokens; the cache holds
-    context - 1 of them (the last new token is never fed back).
+    context: tokens per sequence as generate() counts them, prompt plus new tokens, at least 2; the cache
+    holds context - 1 of them (the last new token is never fed back).
     prompt: the prompt's tokens, below the context; None plans the worst prompt for the context. It
     matters for a dynamic cache's sliding layers (they hold the whole prompt until the first decode step)
     and a quantized cache's residual.
@@ -77,9 +77,13 @@ class PlanRequest:
             raise KvtraceError(f"compute dtype must be one of {', '.join(FLOAT_DTYPES)}")
         if self.cache not in CACHE_KINDS:
             raise KvtraceError(f"unknown cache {self.cache!r}; choose one of: {', '.join(CACHE_KINDS)}")
+        if self.context < 2:  # generate() makes at least one token after a prompt of at least one
+            raise KvtraceError(
+                f"context must be at least 2 (a prompt of at least 1 token plus one new token), "
+                f"got {self.context}"
+            )
         for label, value in (
             ("batch", self.batch),
-            ("context", self.context),
             ("GPU memory", self.gpu_memory_bytes),
             ("block size", self.block_size),
             ("quantization group size", self.quant_group_size),
@@ -111,9 +115,8 @@ class PlanRequest:
 
     @property
     def written_tokens(self) -> int:
-        """Tokens the cache holds at the end: generate() never writes its last new token (a context of 1
-        is planned as a one-token prompt)."""
-        return max(self.context - 1, 1)
+        """Tokens the cache holds at the end: generate() never writes its last new token."""
+        return self.context - 1
 
     @property
     def effective_reserve_bytes(self) -> int:
@@ -183,3 +186,5 @@ class PlanResult:
     kv_budget_bytes: int
     kv_blocks: int
     remedies: tuple[Remedy, ...] = field(default=())
+    # What the figures do not say: a context beyond the positions the model takes (they still hold)
+    notes: tuple[str, ...] = field(default=())

@@ -25,6 +25,7 @@ __all__ = [
     "dtype_bytes_for",
     "geometry_from_config",
     "get_preset",
+    "max_positions",
     "param_count",
     "weights_bytes",
 ]
@@ -82,6 +83,11 @@ class ModelGeometry:
     qkv_bias: bool = False  # Qwen2's q/k/v projections carry biases
     qk_norm: bool = False  # Qwen3's RMSNorm of q and k per head (head_dim each)
     mla: MlaShape | None = None  # multi-head latent attention (DeepSeek-V2/V3)
+    # The longest context the model takes, as vLLM derives its limit on max_model_len from the config: the
+    # smallest of max_position_embeddings and its other names (n_positions, max_seq_len, seq_length, ...;
+    # model_max_length wins), times the factor of a linear or dynamic RoPE scaling. None: the config gives
+    # none (vLLM then takes any max_model_len typed).
+    max_position_embeddings: int | None = None
 
     @property
     def layers_with_kv(self) -> int:
@@ -105,7 +111,15 @@ class ModelGeometry:
 
 
 def _llama3(
-    name: str, layers: int, heads: int, hidden: int, inter: int, *, head_dim: int = 128, tied: bool = False
+    name: str,
+    layers: int,
+    heads: int,
+    hidden: int,
+    inter: int,
+    *,
+    positions: int,
+    head_dim: int = 128,
+    tied: bool = False,
 ) -> ModelGeometry:
     # Every Llama 3.x model has 8 KV heads (GQA) and the 128,256-token tokenizer.
     return ModelGeometry(
@@ -118,22 +132,25 @@ def _llama3(
         intermediate_size=inter,
         vocab_size=128256,
         tie_word_embeddings=tied,
+        max_position_embeddings=positions,
     )
 
 
 # Values from each model's published config.json on the Hugging Face Hub (meta-llama/...). The 3.1 and 3.3
-# releases changed RoPE scaling and context length, not the geometry, so they repeat 3.0's numbers.
+# releases changed RoPE scaling and context length (max_position_embeddings 8,192 -> 131,072, the "llama3"
+# RoPE scaling, whose factor is already in that figure), not the geometry, so they repeat 3.0's numbers.
+_LLAMA_3, _LLAMA_3_1 = 8192, 131072
 PRESETS: dict[str, ModelGeometry] = {
     geom.name: geom
     for geom in (
-        _llama3("llama-3-8b", 32, 32, 4096, 14336),
-        _llama3("llama-3-70b", 80, 64, 8192, 28672),
-        _llama3("llama-3.1-8b", 32, 32, 4096, 14336),
-        _llama3("llama-3.1-70b", 80, 64, 8192, 28672),
-        _llama3("llama-3.1-405b", 126, 128, 16384, 53248),
-        _llama3("llama-3.2-1b", 16, 32, 2048, 8192, head_dim=64, tied=True),
-        _llama3("llama-3.2-3b", 28, 24, 3072, 8192, head_dim=128, tied=True),
-        _llama3("llama-3.3-70b", 80, 64, 8192, 28672),
+        _llama3("llama-3-8b", 32, 32, 4096, 14336, positions=_LLAMA_3),
+        _llama3("llama-3-70b", 80, 64, 8192, 28672, positions=_LLAMA_3),
+        _llama3("llama-3.1-8b", 32, 32, 4096, 14336, positions=_LLAMA_3_1),
+        _llama3("llama-3.1-70b", 80, 64, 8192, 28672, positions=_LLAMA_3_1),
+        _llama3("llama-3.1-405b", 126, 128, 16384, 53248, positions=_LLAMA_3_1),
+        _llama3("llama-3.2-1b", 16, 32, 2048, 8192, positions=_LLAMA_3_1, head_dim=64, tied=True),
+        _llama3("llama-3.2-3b", 28, 24, 3072, 8192, positions=_LLAMA_3_1, head_dim=128, tied=True),
+        _llama3("llama-3.3-70b", 80, 64, 8192, 28672, positions=_LLAMA_3_1),
     )
 }
 
@@ -314,7 +331,52 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         qkv_bias=model_type in ("qwen2", "qwen2_moe"),
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
         mla=_mla(fields, positive_int),
+        max_position_embeddings=max_positions(fields, model_type),
     )
+
+
+# Where configs give the longest context, as vLLM reads them (`derive_max_model_len_and_key`, vllm 0.32)
+_MAX_LENGTH_KEYS = (
+    "max_position_embeddings",  # most
+    "n_positions",  # GPT-2
+    "max_seq_len",  # MPT
+    "seq_length",  # ChatGLM2
+    "model_max_length",  # Command-R
+    "max_target_positions",  # Whisper
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+# RoPE kinds whose max_position_embeddings already counts their scaling: vLLM does not apply their factor
+_PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def max_positions(fields: dict[str, Any], model_type: str = "") -> int | None:
+    """The longest context a config's model takes, derived as vLLM 0.32 derives its limit on max_model_len
+    (`vllm/config/model.py`, `_get_and_verify_max_len`): the smallest of the length keys it knows
+    (`model_max_length`, when given, wins), times the RoPE scaling factor of the kinds that do not count it
+    already (linear, dynamic; Gemma 3's is counted). None when the config gives no length: vLLM then takes
+    any max_model_len typed. A value that is not a positive integer is not a length (skipped)."""
+
+    def length(value: Any) -> int | None:
+        usable = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        return math.floor(value) if usable and math.isfinite(value) else None
+
+    lengths = [n for n in (length(fields.get(key)) for key in _MAX_LENGTH_KEYS) if n is not None]
+    if not lengths:
+        return None
+    longest: float = length(fields.get("model_max_length")) or min(lengths)
+    rope = fields.get("rope_parameters") or fields.get("rope_scaling")
+    if isinstance(rope, dict) and "gemma3" not in model_type:
+        nested = all(isinstance(value, dict) for value in rope.values())  # one per layer type (Gemma 3)
+        factor: Any = 1.0
+        for params in [value for value in rope.values() if value] if nested else [rope]:
+            kind = params.get("rope_type") or params.get("type") or "default"
+            if kind not in _PRESCALED_ROPE:
+                factor = params.get("factor", factor)
+        if isinstance(factor, int | float) and not isinstance(factor, bool) and factor > 0:
+            longest *= factor
+    return math.floor(longest)
 
 
 def _experts(fields: dict[str, Any], layers: int, positive_int: Callable[[str, Any], int]) -> dict[str, Any]:

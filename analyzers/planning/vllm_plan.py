@@ -17,6 +17,11 @@ vLLM (V1, read in vllm 0.32: `vllm/v1/core/kv_cache_utils.py`, `vllm/v1/kv_cache
    "available"), and then estimates the largest max_model_len that fits in it by bisection
    (`estimate_max_model_len`). The log's "Maximum concurrency for N tokens per request" is
    `num_blocks / cdiv(N, block_size)` and its "KV cache size" is `int(concurrency * N)` tokens.
+
+Before any of that, vLLM checks the configuration, and refuses to start (`refusals`) when max_model_len
+passes the positions the model takes (`vllm/config/model.py`, `_get_and_verify_max_len`), when the
+tensor-parallel size does not divide the attention heads (`ModelConfig.verify_with_parallel_config`), or
+when it neither divides the KV heads nor is a multiple of them (`QKVParallelLinear`, as the model loads).
 """
 
 from __future__ import annotations
@@ -37,10 +42,12 @@ __all__ = [
     "format_vllm_text",
     "kv_dtype_bytes",
     "max_memory_usage_bytes",
+    "max_model_len_refusal",
     "num_blocks",
     "page_size_bytes",
     "plan_vllm",
     "readable_bytes",
+    "tensor_parallel_refusal",
     "vllm_to_json",
 ]
 
@@ -63,6 +70,53 @@ def kv_heads_per_worker(num_kv_heads: int, tensor_parallel_size: int = 1) -> int
     """vLLM's `ModelConfig.get_num_kv_heads`: the KV heads are split over the tensor-parallel ranks, and
     replicated when there are fewer heads than ranks."""
     return max(1, num_kv_heads // tensor_parallel_size)
+
+
+def tensor_parallel_refusal(
+    num_attention_heads: int, num_kv_heads: int, tensor_parallel_size: int, latent: bool = False
+) -> str | None:
+    """Why vLLM refuses to split this model over `tensor_parallel_size` ranks, None when it does not.
+
+    Every rank holds whole attention heads: `verify_with_parallel_config` raises "Total number of
+    attention heads (H) must be divisible by tensor parallel size (T)". The KV heads too, as the model
+    loads (`QKVParallelLinear`, `divide`): T must divide them, or, with more ranks than KV heads, be a
+    multiple of them (each head then replicated on T / KV ranks). A latent-attention model (MLA) caches
+    one latent per token on every rank and has no KV heads to split."""
+    tp = tensor_parallel_size
+    if num_attention_heads % tp:
+        return (
+            f"the {num_attention_heads} attention heads cannot be split over tensor_parallel_size {tp} "
+            f'(vLLM: "Total number of attention heads ({num_attention_heads}) must be divisible by tensor '
+            f'parallel size ({tp}).")'
+        )
+    if latent:
+        return None
+    if tp < num_kv_heads and num_kv_heads % tp:
+        return (
+            f"the {num_kv_heads} KV heads cannot be split over tensor_parallel_size {tp} (vLLM asserts "
+            f'"{num_kv_heads} is not divisible by {tp}" as it loads the model)'
+        )
+    if tp >= num_kv_heads and tp % num_kv_heads:
+        return (
+            f"tensor_parallel_size {tp} is not a multiple of the {num_kv_heads} KV heads, so they cannot be "
+            f'replicated evenly over the ranks (vLLM asserts "{tp} is not divisible by {num_kv_heads}" as it '
+            "loads the model)"
+        )
+    return None
+
+
+def max_model_len_refusal(max_model_len: int, max_position_embeddings: int | None) -> str | None:
+    """Why vLLM refuses `max_model_len` for a model that takes `max_position_embeddings` positions (None:
+    the config gives no limit), None when it does not (`_get_and_verify_max_len`)."""
+    if max_position_embeddings is None or max_model_len <= max_position_embeddings:
+        return None
+    return (
+        f"max_model_len {max_model_len:,} is beyond the {max_position_embeddings:,} positions the model "
+        f'takes (vLLM: "User-specified max_model_len ({max_model_len}) is greater than the derived '
+        f'max_model_len"); it starts only with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, and then positions past '
+        f"{max_position_embeddings:,} give NaN with RoPE or a CUDA out-of-bounds error with learned "
+        "positions"
+    )
 
 
 def page_size_bytes(num_kv_heads: int, head_dim: int, dtype_bytes: int, block_size: int) -> int:
@@ -187,9 +241,11 @@ class VllmPlan:
     max_concurrency: float  # "Maximum concurrency for max_model_len tokens per request: X"
     needed_bytes: int  # one request of max_model_len
     check_bytes: int  # what vLLM compares it with: available less the null block
-    starts: bool  # False: vLLM refuses to start ("To serve at least one request ...")
-    estimated_max_model_len: int | None  # when it would refuse: vLLM's own estimate
+    starts: bool  # False: vLLM refuses to start (a refusal below, or "To serve at least one request ...")
+    estimated_max_model_len: int | None  # when the KV memory is too small: vLLM's own estimate
     notes: tuple[str, ...]
+    # Why vLLM refuses the configuration before it sizes any memory (max_model_len, tensor parallel size)
+    refusals: tuple[str, ...] = ()
 
 
 def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
@@ -225,10 +281,20 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
     blocks = num_blocks(available, page, geom.num_layers) if available > 0 else 0
     needed = max_memory_usage_bytes(geom.num_layers, page, req.block_size, req.max_model_len)
     check = check_memory_bytes(available, page * geom.num_layers)
-    starts = check > 0 and needed <= check
+    fits = check > 0 and needed <= check
     estimate = None
-    if not starts and check > 0:
+    if not fits and check > 0:
         estimate = estimate_max_model_len(check, geom.num_layers, page, req.block_size, req.max_model_len)
+    refusals = tuple(
+        reason
+        for reason in (
+            max_model_len_refusal(req.max_model_len, geom.max_position_embeddings),
+            tensor_parallel_refusal(
+                geom.num_attention_heads, geom.num_kv_heads, req.tensor_parallel_size, geom.mla is not None
+            ),
+        )
+        if reason is not None
+    )
     concurrency = blocks / math.ceil(req.max_model_len / req.block_size)
     return VllmPlan(
         request=req,
@@ -244,9 +310,10 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         max_concurrency=concurrency,
         needed_bytes=needed,
         check_bytes=check,
-        starts=starts,
+        starts=fits and not refusals,
         estimated_max_model_len=estimate,
         notes=tuple(notes),
+        refusals=refusals,
     )
 
 
@@ -266,8 +333,15 @@ def readable_bytes(num_bytes: int | float) -> str:
 def vllm_to_json(result: VllmPlan) -> dict[str, Any]:
     request = {k: v for k, v in asdict(result.request).items() if k != "geometry"}
     request["geometry"] = asdict(result.request.geometry)
-    figures = {k: v for k, v in asdict(result).items() if k not in ("request", "notes")}
-    return {"engine": "vllm", "request": request, **figures, "notes": list(result.notes)}
+    figures = {k: v for k, v in asdict(result).items() if k not in ("request", "notes", "refusals")}
+    refusals = list(result.refusals)
+    return {
+        "engine": "vllm",
+        "request": request,
+        **figures,
+        "refusals": refusals,
+        "notes": list(result.notes),
+    }
 
 
 def format_vllm_text(result: VllmPlan) -> str:
@@ -302,7 +376,8 @@ def format_vllm_text(result: VllmPlan) -> str:
     ]
     width = max(len(label) for label, _ in rows)
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
-    if not result.starts:
+    lines += [f"vLLM would refuse to start: {reason}." for reason in result.refusals]
+    if result.check_bytes <= 0 or result.needed_bytes > result.check_bytes:  # the KV memory too small
         if result.check_bytes <= 0:
             lines.append(
                 "vLLM would refuse to start: not even one block beside the null block fits "

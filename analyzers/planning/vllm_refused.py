@@ -23,6 +23,7 @@ from analyzers.planning.vllm_plan import (
     max_memory_usage_bytes,
     page_size_bytes,
     readable_bytes,
+    tensor_parallel_refusal,
 )
 from kvtrace.errors import KvtraceError
 
@@ -235,7 +236,9 @@ def _tensor_parallel_remedy(
     tp_now = int(config.get("tensor_parallel_size") or 1)
     kv_heads = int(model["num_kv_heads"])
     attention_heads = int(model.get("num_attention_heads") or kv_heads)
-    for tp in (t for t in _TP_CHOICES if t > tp_now and attention_heads % t == 0):
+    # only the sizes vLLM accepts: whole attention heads per rank, whole KV heads or even replicas of them
+    accepted = (t for t in _TP_CHOICES if tensor_parallel_refusal(attention_heads, kv_heads, t) is None)
+    for tp in (t for t in accepted if t > tp_now):
         page = page_size_bytes(kv_heads_per_worker(kv_heads, tp), head_dim, element, block)
         needed = max_memory_usage_bytes(layers, page, block, max_len)
         if needed <= check_memory_bytes(pool, page * layers):
@@ -251,6 +254,7 @@ def _tensor_parallel_remedy(
         "tensor_parallel_size",
         None,
         False,
-        f"tensor_parallel_size: no split of the {kv_heads} KV heads over up to {_TP_CHOICES[-1]} GPUs "
-        "brings one request under the available memory (KV heads are replicated past their count).",
+        f"tensor_parallel_size: no split of the {kv_heads} KV heads over up to {_TP_CHOICES[-1]} GPUs that "
+        "vLLM accepts brings one request under the available memory (KV heads are replicated past their "
+        "count).",
     )

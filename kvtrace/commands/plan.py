@@ -64,9 +64,9 @@ class PlanCommand(Command):
         parser.add_argument(
             "--context",
             type=int,
-            help="tokens per sequence as generate() counts them, the prompt plus the new tokens (default "
-            "8192, Llama 3's native length); the cache holds one fewer: generate() never writes its last new "
-            "token",
+            help="tokens per sequence as generate() counts them, the prompt plus the new tokens, at least 2 "
+            "(default 8192, Llama 3's native length, or the model's max_position_embeddings when fewer); the "
+            "cache holds one fewer: generate() never writes its last new token",
         )
         parser.add_argument(
             "--prompt",
@@ -102,7 +102,12 @@ class PlanCommand(Command):
             "--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers caches (default); vllm"
         )
         vllm.add_argument("--gpu-memory-utilization", type=float, help="vLLM's (default 0.9, or the run's)")
-        vllm.add_argument("--max-model-len", type=int, help="tokens per request (default 8192, or --context)")
+        vllm.add_argument(
+            "--max-model-len",
+            type=int,
+            help="tokens per request (default --context, else the run's, else 8192 or the model's "
+            "max_position_embeddings when fewer); above max_position_embeddings vLLM refuses to start",
+        )
         vllm.add_argument("--kv-cache-dtype", help="auto (the weights dtype, default) or fp8; or the run's")
         vllm.add_argument(
             "--tensor-parallel-size", type=int, help="GPUs the model is split over (default 1, or the run's)"
@@ -141,9 +146,16 @@ class PlanCommand(Command):
         default_kv = weights_dtype if weights_dtype in ("bf16", "fp16", "fp32") else "bf16"
         kv_dtype = args.kv_dtype or ("int4" if args.cache == "quantized" else default_kv)
         reserve_bytes, reserve_fraction = parse_reserve(args.reserve)
-        context = args.context if args.context is not None else 8192
-        if args.batch < 1 or context < 1:
-            raise KvtraceError("--batch and --context must be at least 1")
+        # 8192, Llama 3's native length, unless the model takes fewer positions (Llama 2: 4096)
+        context = (
+            args.context if args.context is not None else min(8192, geometry.max_position_embeddings or 8192)
+        )
+        if args.batch < 1:
+            raise KvtraceError("--batch must be at least 1")
+        if context < 2:
+            raise KvtraceError(
+                "--context must be at least 2: a prompt of at least 1 token plus one new token"
+            )
         request = PlanRequest(
             geometry=geometry,
             weights_dtype=weights_dtype,

@@ -115,8 +115,10 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     gpu_memory = pick(args.gpu_memory, "gpu_memory_bytes", None, "--gpu-memory", positive=True)
     gpu_memory = gpu_memory or parse_size("80GiB")
     max_model_len = args.max_model_len if args.max_model_len is not None else args.context
-    if max_model_len is None:
-        max_model_len = int(setting(None, "max_model_len", 8192))
+    if max_model_len is None:  # 8192, unless the model takes fewer positions (vLLM's own default: all)
+        max_model_len = int(
+            setting(None, "max_model_len", min(8192, geometry.max_position_embeddings or 8192))
+        )
     kv_cache_memory = _size(args.kv_cache_memory, "--kv-cache-memory")
     profiled = args.gpu_memory is not None or args.gpu_memory_utilization is not None
     if kv_cache_memory is None and not profiled:

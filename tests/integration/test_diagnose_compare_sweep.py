@@ -187,6 +187,46 @@ def test_diagnose_a_cpu_run(sweep_dir: Path, capsys: pytest.CaptureFixture[str])
     assert kinds["static_cache"]["saved_bytes"] == data["kv_peak_bytes"] - data["kv_final_bytes"]
 
 
+def test_diagnose_prices_a_smaller_batch_by_its_whole_peak(
+    sweep_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the sweep's batch 2 and batch 1 runs (tiny, 16-token prompt), their peaks as recorded, and the
+    # weights they hold (every parameter and buffer storage of the tiny model)
+    def peak(name: str) -> int:
+        assert main(["report", str(sweep_dir / "runs" / name), "--json", "--no-export", "-q"]) == 0
+        return int(json.loads(capsys.readouterr().out)["peak_allocated_bytes"])
+
+    two, one = peak("b2_c16_dynamic"), peak("b1_c16_dynamic")
+    model = build_model("tiny")
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.parameters()}
+    storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.buffers()})
+    weights = sum(storages.values())
+    per_row = (two - weights) / 2  # KV, activations and logits beyond the weights, a row's share
+
+    def batch_remedy(budget: int) -> dict:
+        run = str(sweep_dir / "runs" / "b2_c16_dynamic")
+        assert main(["diagnose", run, "--json", "--budget", str(budget)]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert (data["allocated_bytes"], data["shortfall_bytes"]) == (two, two - budget)
+        (remedy,) = [r for r in data["remedies"] if r["kind"] == "batch"]
+        return {**remedy, "kv_row": data["kv_bytes"] / 2}
+
+    # WHEN batch 2 is diagnosed under a budget batch 1 fits exactly as recorded
+    fitting = batch_remedy(one)
+    # THEN batch 1 is proposed: a row's KV is far less than the shortfall (the KV alone said "Even batch 1
+    # does not fit"), but a row's share of the peak beyond the weights covers it, as the recording shows
+    assert fitting["kv_row"] < two - one <= per_row
+    assert (fitting["setting"], fitting["fits"]) == (1, True)
+    assert fitting["saved_bytes"] == round(per_row)
+    assert fitting["sentence"].startswith("Batch 1 instead of 2 likely fits: its KV frees only ")
+    # AND under a budget even that share cannot cover, batch 1 is said not to fit, and it does not
+    tight = (two + weights) // 2 - 1
+    assert one > tight
+    short = batch_remedy(tight)
+    assert (short["setting"], short["fits"], short["saved_bytes"]) == (None, False, round(per_row))
+    assert short["sentence"].startswith("Even batch 1 does not fit: were all of the ")
+
+
 @pytest.mark.parametrize(
     "argv",
     [

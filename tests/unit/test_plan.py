@@ -84,7 +84,7 @@ def test_presets_match_published_configs(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_bf16_kv_bytes_per_token_of_every_preset(name: str) -> None:
     layers, _, kv_heads, head_dim, *_ = PUBLISHED[name]
-    result = plan(request(geometry=PRESETS[name], context=1))
+    result = plan(request(geometry=PRESETS[name], context=2))
     assert result.kv_bytes_per_token == layers * 2 * kv_heads * head_dim * 2
 
 
@@ -312,7 +312,7 @@ def test_max_batch_is_exact(cache: str) -> None:
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_max_context_is_exact(cache: str) -> None:
     gpu, batch = 24 * GIB, 3
-    result = plan(request(batch=batch, context=1, gpu_memory_bytes=gpu, cache=cache))
+    result = plan(request(batch=batch, context=2, gpu_memory_bytes=gpu, cache=cache))
     best = result.max_context
     assert best is not None
     assert plan(request(batch=batch, context=best, gpu_memory_bytes=gpu, cache=cache)).fits
@@ -324,7 +324,7 @@ def test_max_context_is_exact(cache: str) -> None:
 def test_quantized_max_context_is_exact() -> None:
     gpu = 20 * GIB
     best = plan(
-        request(batch=4, context=1, gpu_memory_bytes=gpu, cache="quantized", kv_dtype="int4")
+        request(batch=4, context=2, gpu_memory_bytes=gpu, cache="quantized", kv_dtype="int4")
     ).max_context
     assert best is not None
     assert plan(request(batch=4, context=best, gpu_memory_bytes=gpu, cache="quantized", kv_dtype="int4")).fits
@@ -542,6 +542,48 @@ def test_command_bad_input_is_a_kvtrace_error(argv: list[str], capsys: pytest.Ca
     with pytest.raises(KvtraceError) as excinfo:
         run_command(argv, capsys)
     assert excinfo.value.exit_code == 2
+
+
+def test_a_context_of_1_is_refused_like_a_prompt_of_1(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtrace.cli import main
+
+    # GIVEN a context of 1: no room for a prompt of at least 1 token and the new token generate() makes
+    for extra in ([], ["--prompt", "1"], ["--json"]):
+        # WHEN planned, THEN it is refused in one line, exit status 2, as a prompt of 1 in it is
+        assert main(["plan", "--preset", "llama-3-8b", "--context", "1", *extra]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and len(out.err.strip().splitlines()) == 1
+        assert "--context must be at least 2" in out.err
+    with pytest.raises(KvtraceError, match="context must be at least 2"):
+        request(context=1)
+    # AND the shortest context, 2, is a 1-token prompt and 1 new token: the cache holds the prompt
+    shortest = plan(request(context=2))
+    assert (shortest.prompt_tokens, shortest.kv_tokens, shortest.kv_bytes) == (1, 1, 131_072)
+
+
+def test_a_context_beyond_the_models_positions_is_planned_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN Llama 3 8B's shape with Llama 2's 4,096 positions
+    config = write_config(tmp_path, {**LLAMA_3_8B_CONFIG, "max_position_embeddings": 4096})
+    # WHEN planned without --context, THEN the context is the model's 4,096, not 8,192, with no note
+    status, out = run_command(["--config", str(config), "--json"], capsys)
+    payload = json.loads(out)
+    assert (status, payload["request"]["context"], payload["notes"]) == (0, 4096, [])
+    assert payload["request"]["geometry"]["max_position_embeddings"] == 4096
+    assert payload["kv_bytes"] == 4095 * 131_072
+    # AND a context beyond it is planned (transformers runs it; the figures hold) with a note saying so
+    status, out = run_command(["--config", str(config), "--context", "8192", "--json"], capsys)
+    payload = json.loads(out)
+    assert (status, payload["kv_bytes"]) == (0, 8191 * 131_072)
+    (note,) = payload["notes"]
+    assert note.startswith("the context of 8,192 tokens is beyond the 4,096 positions")
+    assert "vLLM refuses such a max_model_len" in note
+    status, out = run_command(["--config", str(config), "--context", "8192"], capsys)
+    assert "  note: the context of 8,192 tokens is beyond the 4,096 positions" in out
+    # AND the model's own 4,096 is not beyond it
+    status, out = run_command(["--config", str(config), "--context", "4096", "--json"], capsys)
+    assert json.loads(out)["notes"] == []
 
 
 def test_planner_never_imports_torch() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from analyzers.engine import read_engine
-from analyzers.planning.presets import ModelGeometry, get_preset
+from analyzers.planning.presets import ModelGeometry, geometry_from_config, get_preset
 from analyzers.planning.vllm_diagnose import RefusedDiagnosis, diagnose_engine, diagnose_refused
 from analyzers.planning.vllm_plan import (
     VllmPlanRequest,
@@ -144,6 +144,26 @@ def test_refused_start_diagnosis(tmp_path: Path) -> None:
     assert "0.0 GiB" not in text.split("vLLM said")[0]
 
 
+def test_refused_start_proposes_only_a_tensor_parallel_size_vllm_accepts(tmp_path: Path) -> None:
+    # GIVEN a refused start of 24 attention heads over 6 KV heads of 64 (4 layers, bf16, 512 tokens, 1 MiB)
+    engine = refused_engine()
+    engine["model"].update(num_attention_heads=24, num_kv_heads=6)
+    run = read_engine(write_engine_run(tmp_path / "run", engine=engine, steps=[], requests=[]))
+    assert run is not None
+
+    # one request over TP ranks of h KV heads: 4 layers x 32 blocks x 2 x 16 x h x 64 x 2 B, beside the
+    # null block: 2 ranks (3 heads) need 1.5 MiB; 4 and 8 ranks would need 512 KiB (1 head), but vLLM
+    # splits 6 KV heads over neither (6 % 4, 8 % 6), nor 24 attention heads over 16
+    def needed(heads: int) -> int:
+        return 4 * 32 * 2 * 16 * heads * 64 * 2
+
+    assert needed(3) > MIB - needed(3) // 32 and needed(1) <= MIB - needed(1) // 32
+    remedy = {r.knob: r for r in diagnose_refused(run).remedies}["tensor_parallel_size"]
+    # THEN no split is proposed (it proposed 4, which vLLM refuses)
+    assert (remedy.setting, remedy.fits) == (None, False)
+    assert "that vLLM accepts" in remedy.sentence
+
+
 def test_refused_start_on_a_gpu_prices_utilization(tmp_path: Path) -> None:
     engine = refused_engine()
     engine["config"].update(kv_cache_memory_bytes=None, device="cuda", gpu_memory_utilization=0.5)
@@ -188,3 +208,151 @@ def test_plan_from_a_recorded_run(tmp_path: Path, capsys: pytest.CaptureFixture[
     available = math.ceil(100 * MIB * 0.9) - 44 * MIB
     assert data["available_kv_bytes"] == available
     assert data["num_blocks"] == available // 32_768  # the run's model: 4 layers x 8,192 B at block 16
+
+
+def _write_config(folder: Path, **fields: object) -> Path:
+    """A Llama config.json of the tiny shape (8 attention heads, 2 KV heads of 64), with `fields` over it."""
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 512,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+        **fields,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def test_a_max_model_len_beyond_the_models_positions_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtrace.cli import main
+
+    # GIVEN a model of 512 positions and room for far more KV than one request needs
+    config = _write_config(tmp_path / "m", max_position_embeddings=512)
+    argv = ["plan", "--engine", "vllm", "--config", str(config), "--kv-cache-memory", "1GiB"]
+    # WHEN it is planned at its 512 positions, THEN vLLM starts
+    assert main([*argv, "--max-model-len", "512", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["starts"] is True and data["refusals"] == []
+    assert data["request"]["geometry"]["max_position_embeddings"] == 512
+    # AND one token more is refused, exit status 1, with vLLM's reason, though the memory would do
+    assert main([*argv, "--max-model-len", "513"]) == 1
+    text = capsys.readouterr().out
+    assert "vLLM would refuse to start: max_model_len 513 is beyond the 512 positions the model takes" in text
+    assert '"User-specified max_model_len (513) is greater than the derived max_model_len"' in text
+    assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1" in text and "one request of" not in text
+    # AND without --max-model-len the plan takes the model's 512, not 8192, and starts
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["request"]["max_model_len"] == 512
+    # AND Llama 3 8B (8,192 positions) at 100,000 tokens on 80 GiB is refused, not "4.67x"
+    llama = ["plan", "--engine", "vllm", "--preset", "llama-3-8b", "--gpu-memory", "80GiB"]
+    assert main([*llama, "--max-model-len", "100000", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["starts"] is False and data["needed_bytes"] <= data["check_bytes"]  # the memory would do
+    assert data["refusals"][0].startswith("max_model_len 100,000 is beyond the 8,192 positions")
+
+
+@pytest.mark.parametrize(
+    ("fields", "positions"),
+    [
+        ({"max_position_embeddings": 512}, 512),
+        # linear and dynamic RoPE scaling stretch the positions by their factor; llama3's counts it already
+        ({"max_position_embeddings": 512, "rope_scaling": {"type": "linear", "factor": 4.0}}, 2048),
+        ({"max_position_embeddings": 512, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, 1024),
+        (
+            {
+                "max_position_embeddings": 512,
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "original_max_position_embeddings": 64,
+                },
+            },
+            512,
+        ),
+        ({"n_positions": 1024, "max_position_embeddings": 2048}, 1024),  # the smallest of the names
+        ({"max_position_embeddings": 2048, "model_max_length": 4096}, 4096),  # model_max_length wins
+        ({}, None),  # none given: vLLM takes any max_model_len
+    ],
+)
+def test_the_models_positions_are_derived_as_vllm_derives_them(
+    tmp_path: Path, fields: dict, positions: int | None
+) -> None:
+    geometry = geometry_from_config(_write_config(tmp_path / "m", **fields))
+    assert geometry.max_position_embeddings == positions
+    request = VllmPlanRequest(
+        geometry=geometry, kv_cache_memory_bytes=GIB, max_model_len=(positions or 4096) + 1
+    )
+    assert plan_vllm(request).starts is (positions is None)
+
+
+@pytest.mark.parametrize(
+    ("preset", "tp", "starts"),
+    [
+        ("llama-3-70b", 2, True),
+        ("llama-3-70b", 3, False),  # 64 attention heads over 3 ranks
+        ("llama-3-70b", 16, True),  # 8 KV heads, each on 2 of the 16 ranks
+        ("llama-3-70b", 32, True),
+        ("llama-3.2-3b", 6, False),  # 24 attention heads divide, 8 KV heads do not
+        ("llama-3.2-3b", 12, False),  # 24 attention heads divide; 12 ranks are no multiple of 8 KV heads
+        ("llama-3.2-3b", 8, True),
+        ("llama-3.2-3b", 24, True),
+    ],
+)
+def test_a_tensor_parallel_size_vllm_cannot_split_is_refused(preset: str, tp: int, starts: bool) -> None:
+    geometry = get_preset(preset)
+    heads, kv_heads = geometry.num_attention_heads, geometry.num_kv_heads
+    # vLLM's rules: every rank holds whole attention heads, and whole KV heads or equal replicas of them
+    divides = heads % tp == 0 and (kv_heads % tp == 0 if tp < kv_heads else tp % kv_heads == 0)
+    assert divides is starts
+    result = plan_vllm(
+        VllmPlanRequest(geometry=geometry, kv_cache_memory_bytes=80 * GIB, tensor_parallel_size=tp)
+    )
+    assert result.starts is starts and bool(result.refusals) is not starts
+    assert result.needed_bytes <= result.check_bytes  # the memory alone would do
+    if heads % tp:
+        assert result.refusals == (
+            f"the {heads} attention heads cannot be split over tensor_parallel_size {tp} (vLLM: "
+            f'"Total number of attention heads ({heads}) must be divisible by tensor parallel size ({tp}).")',
+        )
+    elif not starts:
+        assert (
+            f'vLLM asserts "{max(tp, kv_heads)} is not divisible by {min(tp, kv_heads)}"'
+            in result.refusals[0]
+        )
+
+
+def test_plan_cli_refuses_a_tensor_parallel_size_of_the_tiny_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtrace.cli import main
+
+    # GIVEN the tiny shape: 8 attention heads, 2 KV heads
+    config = _write_config(tmp_path / "m", max_position_embeddings=512)
+    argv = [
+        "plan",
+        "--engine",
+        "vllm",
+        "--config",
+        str(config),
+        "--gpu-memory",
+        "80GiB",
+        "--max-model-len",
+        "512",
+    ]
+    # WHEN split over 3 ranks, THEN vLLM would refuse: exit status 1, its reason in the text and the JSON
+    assert main([*argv, "--tensor-parallel-size", "3"]) == 1
+    assert (
+        "vLLM would refuse to start: the 8 attention heads cannot be split over tensor_parallel_size 3"
+        in (capsys.readouterr().out)
+    )
+    assert main([*argv, "--tensor-parallel-size", "3", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["starts"] is False
+    # AND over 4 ranks (2 attention heads each, each KV head on 2 ranks) it starts
+    assert main([*argv, "--tensor-parallel-size", "4"]) == 0

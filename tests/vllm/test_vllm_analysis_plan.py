@@ -15,8 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.planning.presets import ModelGeometry
-from analyzers.planning.vllm_plan import VllmPlanRequest, plan_vllm
+from analyzers.planning.presets import ModelGeometry, geometry_from_config
+from analyzers.planning.vllm_plan import (
+    VllmPlanRequest,
+    max_model_len_refusal,
+    plan_vllm,
+    tensor_parallel_refusal,
+)
 from kvtrace.cli import main
 from tests.vllm.workload import write_analysis_model
 
@@ -137,3 +142,125 @@ def test_plan_from_an_fp8_run_keeps_its_kv_dtype(
     assert plan["request"]["kv_cache_dtype"] == "fp8"
     assert plan["request"]["kv_cache_memory_bytes"] == 2**20
     assert plan["num_blocks"] == vllm_blocks and plan["starts"] is True
+
+
+# vLLM's own configuration checks, without starting an engine: `ModelConfig` derives and checks max_model_len,
+# `verify_with_parallel_config` the attention heads' split, and `QKVParallelLinear` the KV heads' split as a
+# model loads. The ranks of a tensor-parallel group cannot be started here, so for that layer the child tells
+# vLLM the group's size and its rank, and vLLM's layer checks the split ("N is not divisible by M") before
+# it reaches the group itself.
+_CHECKS = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm.config import ModelConfig, ParallelConfig
+import vllm.model_executor.layers.linear as linear
+cases = json.loads(sys.argv[1])
+out = {"lengths": [], "attention": [], "kv": []}
+for folder, length in cases["lengths"]:
+    try:
+        ModelConfig(model=folder, tokenizer=None, skip_tokenizer_init=True, max_model_len=length,
+                    dtype="bfloat16")
+        out["lengths"].append(None)
+    except Exception as exc:
+        out["lengths"].append(str(exc))
+model = ModelConfig(model=cases["tp_model"], tokenizer=None, skip_tokenizer_init=True, max_model_len=256,
+                    dtype="bfloat16")
+for tp in cases["attention"]:
+    try:
+        model.verify_with_parallel_config(ParallelConfig(tensor_parallel_size=tp))
+        out["attention"].append(None)
+    except ValueError as exc:
+        out["attention"].append(str(exc))
+for heads, kv_heads, tp in cases["kv"]:
+    linear.get_tensor_model_parallel_world_size = lambda tp=tp: tp
+    linear.get_tensor_model_parallel_rank = lambda: 0
+    try:
+        linear.QKVParallelLinear(hidden_size=64, head_size=8, total_num_heads=heads,
+                                 total_num_kv_heads=kv_heads)
+        out["kv"].append(None)
+    except AssertionError as exc:
+        out["kv"].append(str(exc) if "is not divisible by" in str(exc) else None)  # past the split
+print("KVTRACE-RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def _llama_config(folder: Path, **fields: object) -> str:
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HEADS * HEAD_DIM,
+        "intermediate_size": 1024,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": 1000,
+        **fields,
+    }
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return str(folder)
+
+
+def test_vllm_refuses_the_configurations_the_plan_refuses(tmp_path: Path) -> None:
+    # GIVEN configs whose positions vLLM derives in each of its ways, and tensor-parallel splits
+    folders = [
+        _llama_config(tmp_path / "plain", max_position_embeddings=512),
+        _llama_config(
+            tmp_path / "linear", max_position_embeddings=512, rope_scaling={"type": "linear", "factor": 4.0}
+        ),
+        _llama_config(
+            tmp_path / "dynamic",
+            max_position_embeddings=512,
+            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        ),
+        _llama_config(
+            tmp_path / "llama3",
+            max_position_embeddings=512,
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "rope_theta": 500000.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+        _llama_config(tmp_path / "two_names", max_position_embeddings=2048, n_positions=1024),
+    ]
+    limits = [geometry_from_config(folder).max_position_embeddings for folder in folders]
+    assert limits == [512, 2048, 1024, 512, 1024]
+    lengths = [
+        (folder, limit + extra) for folder, limit in zip(folders, limits, strict=True) for extra in (0, 1)
+    ]
+    splits = [(24, 8, 6), (24, 8, 12), (24, 8, 8), (24, 8, 24), (8, 2, 4), (8, 2, 8), (64, 8, 16), (32, 8, 4)]
+    cases = {"lengths": lengths, "tp_model": folders[0], "attention": list(range(1, 17)), "kv": splits}
+    # WHEN vLLM checks them
+    done = subprocess.run(
+        [sys.executable, "-c", _CHECKS, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        timeout=600,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
+    assert lines, (done.stdout + done.stderr)[-3000:]
+    vllm = json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))
+    # THEN the plan refuses a max_model_len exactly where vLLM does, one token past the model's positions
+    for (folder, length), refused in zip(lengths, vllm["lengths"], strict=True):
+        limit = geometry_from_config(folder).max_position_embeddings
+        ours = max_model_len_refusal(length, limit)
+        assert (ours is None) == (refused is None), (folder, length, refused)
+        if refused is not None:
+            assert (
+                f"User-specified max_model_len ({length}) is greater than the derived max_model_len"
+                in refused
+            )
+    # AND a tensor-parallel size where vLLM does, with vLLM's own message
+    for tp, refused in zip(cases["attention"], vllm["attention"], strict=True):
+        ours = tensor_parallel_refusal(HEADS, KV_HEADS, tp)
+        assert (ours is None) == (refused is None), (tp, refused)
+        assert refused is None or f'"{refused}"' in str(ours)
+    for (heads, kv_heads, tp), refused in zip(splits, vllm["kv"], strict=True):
+        ours = tensor_parallel_refusal(heads, kv_heads, tp)
+        assert (ours is None) == (refused is None), (heads, kv_heads, tp, refused)
+        assert refused is None or f'"{refused}"' in str(ours)
