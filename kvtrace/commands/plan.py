@@ -34,6 +34,19 @@ def parse_reserve(text: str) -> tuple[int | None, float | None]:
     return parse_size(text, "--reserve"), None
 
 
+# The vLLM group's flags (but --engine and --from-run, said apart): a plain plan has no use for them
+_VLLM_ONLY = (
+    ("gpu_memory_utilization", "--gpu-memory-utilization"),
+    ("max_model_len", "--max-model-len"),
+    ("kv_cache_dtype", "--kv-cache-dtype"),
+    ("tensor_parallel_size", "--tensor-parallel-size"),
+    ("kv_cache_memory", "--kv-cache-memory"),
+    ("weights_bytes", "--weights-bytes"),
+    ("activation_peak", "--activation-peak"),
+    ("non_torch", "--non-torch"),
+)
+
+
 class PlanCommand(Command):
     """Plan GPU memory: will a model's weights and KV cache fit at this batch and context?
 
@@ -137,6 +150,10 @@ class PlanCommand(Command):
             return run_vllm_plan(args)
         if getattr(args, "from_run", None) is not None:
             raise KvtraceError("--from-run plans a vLLM run's pool: add --engine vllm")
+        given = [flag for dest, flag in _VLLM_ONLY if getattr(args, dest, None) is not None]
+        if given:  # silently ignored, a --tensor-parallel-size 2 plan read as per GPU while it was for one
+            what = "is a vLLM setting" if len(given) == 1 else "are vLLM settings"
+            raise KvtraceError(f"{', '.join(given)} {what}: add --engine vllm (a plain plan is one GPU's)")
         if args.preset is None and args.config is None:
             raise KvtraceError("give a model: --preset NAME or --config PATH")
         geometry = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)

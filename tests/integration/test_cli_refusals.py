@@ -735,3 +735,36 @@ def test_report_writes_two_files_into_a_run_and_says_so(
     root = SAMPLES.parent
     for text in (said, (root / "README.md").read_text(), (root / "docs" / "format.md").read_text()):
         assert "kv_counters.trace.json.gz" in text and "tb_scalars/" in text and "--no-export" in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--tensor-parallel-size", "2"], "--tensor-parallel-size is a vLLM setting: add --engine vllm"),
+        (
+            ["--kv-cache-dtype", "fp8", "--gpu-memory-utilization", "0.8"],
+            "--gpu-memory-utilization, --kv-cache-dtype are vLLM settings: add --engine vllm",
+        ),
+    ],
+)
+def test_a_plain_plan_refuses_vllms_settings_it_would_ignore(
+    flags: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the plan of Llama 3 8B on one GPU, as a plain (transformers) plan prints it
+    assert main(["plan", "--preset", "llama-3-8b", "--json"]) == 0
+    one_gpu = json.loads(capsys.readouterr().out)
+    # WHEN a vLLM-only setting is added without --engine vllm (it used to print the same plan, exit 0:
+    # 128 KiB of KV per token read as per GPU at tensor parallel 2, where each GPU holds 64 KiB)
+    status = main(["plan", "--preset", "llama-3-8b", "--json", *flags])
+    captured = capsys.readouterr()
+    # THEN one line says what to add, status 2, and no plan is printed
+    assert status == 2 and captured.out == ""
+    assert said in captured.err and captured.err.count("\n") == 1
+    # AND with --engine vllm, tensor parallel 2 halves the KV per GPU: 32 layers x 2 x 4 heads x 128 x 2 B
+    geometry = one_gpu["request"]["geometry"]
+    assert (geometry["num_layers"], geometry["num_kv_heads"], geometry["head_dim"]) == (32, 8, 128)
+    if "--tensor-parallel-size" in flags:
+        assert main(["plan", "--preset", "llama-3-8b", "--engine", "vllm", "--json", *flags]) == 0
+        vllm = json.loads(capsys.readouterr().out)
+        assert vllm["kv_heads_per_worker"] == 4
+        assert vllm["kv_bytes_per_token"] == 32 * 2 * 4 * 128 * 2
