@@ -3,15 +3,17 @@
 Definitions, so that a group's JSON reads the same whatever the parallelism:
 
 * KV bytes (peak, final, allocated over the run, per layer K and V) are the sum over ranks: what the
-  whole job holds. Peaks are summed as they are, although ranks may peak at different moments.
+  whole job holds. Peaks are summed as they are, although ranks may peak at different moments. A layer's
+  row sums each rank's main cache: cache ids are each process's own, never matched across ranks.
 * Token counts (tokens held, evicted tokens, batch) are the largest rank's: tensor-parallel ranks hold the
-  same tokens, each for its own KV heads, so adding them up would count each token once per rank.
+  same tokens, each for its own KV heads, so adding them up would count each token once per rank. Data
+  parallel ranks (all KV heads, whole attention weights) add them up.
 * A rank's arithmetic bytes per token counts the KV heads its cache tensors hold (a tensor-parallel rank
   holds a share of the model's); the group's is the sum over ranks.
 * The group's memory peak (`peak_allocated_bytes`, `categories_at_peak`) is the peak rank's: the device
   that runs out first.
 * The rank to diagnose (`focus`): the rank that ran out of memory, else the first rank that raised or
-  died, else the rank that peaked.
+  died (a killed rank at the last line of its logs), else the rank that peaked.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from typing import Any
 
 from analyzers.attribution import attribute
 from analyzers.compare import RunFigures, generated, run_figures
-from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
+from analyzers.parallelism import holds_all_kv_heads, sharded_attention
 from analyzers.readers.run_group import RankRun, read_run_group
 from analyzers.readers.sources import ProgressFn
-from analyzers.summary import KvSummary, LayerSummary, Report, heads_held_by, summarize
+from analyzers.summary import KvSummary, LayerSummary, Report, summarize
 
 __all__ = ["GroupReport", "RankReport", "build_group_report", "group_figures", "load_group_focus"]
 
@@ -94,30 +96,39 @@ def _rank_report(run: RankRun) -> RankReport:
 
 
 def _replicas(ranks: list[RankReport]) -> bool:
-    """Whether every rank's cache holds all the model's KV heads: data parallelism (each rank its own
-    sequences), not tensor parallelism (the same sequences, each rank a share of the heads). A head count
-    other than the model's is no verdict: it is a share, or a tensor whose layout the log does not say
-    (a [batch, seq, heads, dim] tensor tracked as [batch, heads, seq, dim] shows its tokens as heads)."""
-    if len(ranks) < 2:
-        return False
-    for rank in ranks:
-        heads = (rank.report.geometry or {}).get("num_kv_heads")
-        run = rank.source.meta.get("run")
-        data = [e for e in run.kv_events if is_kv_data(e) and e.shape] if run is not None else []
-        held = heads_held_by(data[-1]) if data else None
-        if not isinstance(heads, int) or held != heads:
-            return False
-    return True
+    """Whether the ranks are data parallel (each its own sequences), not tensor parallel (the same
+    sequences, each rank a share of the heads): every rank holds all KV heads and no rank's attention
+    weights are a share of the model's. Tensor parallelism over more ranks than KV heads (Llama 3 70B at
+    TP 16, a single-KV-head model at TP 2) gives every rank copies of the KV heads it needs: all of them
+    when there is one, so the heads alone cannot tell."""
+    return _all_heads(ranks) and not any(sharded_attention(r.report, r.source) for r in ranks)
+
+
+def _replicated_heads(ranks: list[RankReport]) -> bool:
+    """Tensor parallel with every rank holding all KV heads (copies): its attention weights are shares."""
+    return _all_heads(ranks) and any(sharded_attention(r.report, r.source) for r in ranks)
+
+
+def _all_heads(ranks: list[RankReport]) -> bool:
+    return len(ranks) >= 2 and all(holds_all_kv_heads(r.report, r.source) for r in ranks)
 
 
 def _sum_kv(kvs: list[KvSummary], replicas: bool = False) -> KvSummary:
     """KV figures of the ranks together. Bytes add up either way; tokens and rows do only for replicas
-    (data parallel: the ranks' sequences are different ones), whose bytes per token are one rank's."""
-    layers: dict[tuple[int, int], LayerSummary] = {}
+    (data parallel: the ranks' sequences are different ones), whose bytes per token are one rank's.
+
+    One row per layer: each rank's main cache (the one its tokens and batch describe), summed over the
+    ranks. Cache ids are each process's own count (rank 0's second generate() call and rank 1's first can
+    both be cache 2), so caches of different ranks are never matched by id; a row's `cache` is the ranks'
+    main cache id where they all have the same, else None."""
+    mains = {kv.main_cache for kv in kvs}
+    common = mains.pop() if len(mains) == 1 else None
+    layers: dict[int, LayerSummary] = {}
     for kv in kvs:
         for item in kv.per_layer:
-            empty = LayerSummary(item.layer, 0, 0, 0, 0, cache=item.cache)
-            into = layers.setdefault((item.cache, item.layer), empty)
+            if kv.main_cache is not None and item.cache != kv.main_cache:
+                continue  # a draft model's cache, an earlier generate()'s output: the rank's own report's
+            into = layers.setdefault(item.layer, LayerSummary(item.layer, 0, 0, 0, 0, cache=common))
             into.k_bytes += item.k_bytes
             into.v_bytes += item.v_bytes
             into.evicted_tokens = max(into.evicted_tokens, item.evicted_tokens)
@@ -173,7 +184,7 @@ def _focus(ranks: list[RankReport], oom_rank: int | None, peak_rank: int | None)
     failed = [r for r in ranks if r.status != "ok"]
     if failed:
         # The first to fail: the others often fail after it, waiting on a collective it never joined.
-        first = min(failed, key=lambda r: (r.ended.get("t_ns") or float("inf"), r.rank))
+        first = min(failed, key=lambda r: (_stopped_ns(r), r.rank))
         if first.status == "running" and first.source.meta.get("recording_pid") is not None:
             return first.rank, "is still being recorded"
         if first.status == "running":
@@ -181,6 +192,20 @@ def _focus(ranks: list[RankReport], oom_rank: int | None, peak_rank: int | None)
         return first.rank, f"raised {first.ended.get('type') or first.status}"
     assert peak_rank is not None
     return peak_rank, "peaked"
+
+
+def _stopped_ns(rank: RankReport) -> float:
+    """When the rank's block stopped: its `ended` time; for a rank that died (killed, no `ended`), the last
+    line of its logs, written within the writer's 0.1 s of its death. The launcher stops the other ranks
+    after the first death, so they log on a little longer."""
+    ended = rank.ended.get("t_ns")
+    if isinstance(ended, int):
+        return ended
+    run = rank.source.meta.get("run")
+    last = [run.kv_events[-1].t_ns] if run is not None and run.kv_events else []
+    if run is not None and run.memory_samples and isinstance(run.memory_samples[-1].get("t_ns"), int):
+        last.append(run.memory_samples[-1]["t_ns"])
+    return max(last, default=float("inf"))
 
 
 def _total(path: str, ranks: list[RankReport], replicas: bool) -> Report:
@@ -197,6 +222,18 @@ def _total(path: str, ranks: list[RankReport], replicas: bool) -> Report:
         notes.append(
             "every rank holds all KV heads (data parallel: each its own sequences): bytes per token are one "
             "rank's, batch and evicted tokens the ranks' sum"
+        )
+    elif _replicated_heads(ranks):
+        notes.append(
+            "every rank holds all KV heads, but a share of the attention weights (tensor parallel, each rank "
+            "a copy of the KV heads it needs): tokens and batch are one rank's, KV bytes the ranks' sum"
+        )
+    others = [r.rank for r in ranks if any(c.final_bytes and not c.main for c in r.report.kv.caches)]
+    if others:
+        names = ", ".join(str(r) for r in others)
+        notes.append(
+            f"rank {names} held more than one KV cache at the end: per-layer rows are each rank's main cache "
+            "(its own report shows every cache)"
         )
     return Report(
         source_kind="run_group",

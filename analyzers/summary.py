@@ -41,7 +41,8 @@ class LayerSummary:
     evicted_tokens: int
     tokens: int = 0
     evicted_by_reason: dict[str, int] = field(default_factory=dict)  # window / press / crop
-    cache: int = 0  # the cache object (the KV log's `cache`): a layer index can be in several
+    cache: int | None = 0  # the cache object (the KV log's `cache`): a layer index can be in several;
+    # None in a run group whose ranks' main caches have different ids (analyzers.group)
 
 
 @dataclass
@@ -267,9 +268,10 @@ def _add_evictions(kv: KvSummary, events: list[Any]) -> None:
     per_layer_ev = ev_summary.per_layer()
     per_slot = ev_summary.per_cache_layer()
     for layer in kv.per_layer:
-        if (layer.cache, layer.layer) in per_slot:
+        slot = per_slot.get((layer.cache, layer.layer)) if layer.cache is not None else None
+        if slot is not None:
             # What the press removed, as the eviction analysis counts it, plus the layer's window and crops.
-            press = per_slot[(layer.cache, layer.layer)]["evicted_tokens"]
+            press = slot["evicted_tokens"]
             window = layer.evicted_by_reason.get("window", 0)
             crop = layer.evicted_by_reason.get("crop", 0)
             layer.evicted_tokens = press + window + crop

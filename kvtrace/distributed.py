@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace import format as fmt
+from kvtrace.errors import RecordingError
+from kvtrace.run_lock import RunFolderBusy, RunLock
 
 
 def rank_facts() -> dict[str, Any] | None:
@@ -53,18 +55,38 @@ def rank_facts() -> dict[str, Any] | None:
 def run_path(out_dir: Path, facts: dict[str, Any] | None, overwrite: bool) -> Path:
     """Where this process writes its run: `out_dir` itself, or `out_dir/rank-<r>` in a group of several.
 
-    Rank 0 writes the group marker, and with `overwrite` removes rank directories a larger world left
-    behind, so that no reader mixes two recordings. Readers never need the marker (rank 0 may die first).
+    A folder holds one recording, a run or a group. Recording the other kind into it is refused like a
+    run already there, and with `overwrite` replaces it wholly: a plain run removes the group's rank runs
+    and marker, rank 0 of a group the plain run's files, so that no reader mixes two recordings or reads
+    the old one. Rank 0 writes the group marker, and with `overwrite` removes rank directories a larger
+    world left behind. Readers never need the marker (rank 0 may die first).
     """
     if facts is None or int(facts["world_size"]) <= 1:
+        ranks = [folder for _, folder in fmt.rank_dirs(out_dir)]
+        if ranks and not overwrite:
+            raise RecordingError(
+                f"{out_dir}: already holds a kvtrace run group (pass overwrite=True to replace it)"
+            )
+        if overwrite:
+            for folder in ranks:
+                _remove_run(folder)
+            if (out_dir / fmt.GROUP_MARKER).is_file():
+                _unlink(out_dir / fmt.GROUP_MARKER)
         return out_dir
     rank, world_size = int(facts["rank"]), int(facts["world_size"])
+    if fmt.is_run_dir(out_dir):  # a plain run: every rank refuses it, rank 0 replaces it
+        if not overwrite:
+            raise RecordingError(
+                f"{out_dir}: already holds a kvtrace run (pass overwrite=True to replace it)"
+            )
+        if rank == 0:
+            _remove_run(out_dir, keep_folder=True)  # the other ranks may be making their folders in it
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for other, folder in fmt.rank_dirs(out_dir):
                 if other >= world_size:
-                    shutil.rmtree(folder, ignore_errors=True)
+                    _remove_run(folder)
         marker = {
             "format": fmt.GROUP_FORMAT,
             "schema_version": fmt.SCHEMA_VERSION,
@@ -73,6 +95,48 @@ def run_path(out_dir: Path, facts: dict[str, Any] | None, overwrite: bool) -> Pa
         }
         fmt.write_json_atomic(out_dir / fmt.GROUP_MARKER, marker)
     return out_dir / f"{fmt.RANK_DIR_PREFIX}{rank}"
+
+
+def _remove_run(folder: Path, keep_folder: bool = False) -> None:
+    """Remove the run in `folder`: the files a run owns (its manifest last, so that a removal cut short
+    still reads as a run, which `overwrite` replaces), then the folder once empty. Anything else in it is
+    the user's and stays, with the folder. A folder another recording is writing is refused."""
+    lock = RunLock(folder)
+    try:
+        lock.acquire()
+    except RunFolderBusy as busy:
+        holder = f"pid {busy.pid}" if busy.pid else "pid unknown"
+        raise RecordingError(
+            f"{folder}: another recording is writing this folder ({holder})", exit_code=1
+        ) from None
+    except OSError as exc:
+        raise RecordingError(
+            f"{folder / fmt.LOCK_FILE}: cannot write ({exc.strerror or exc})", exit_code=1
+        ) from None
+    try:
+        for name in fmt.RUN_FILES:
+            _unlink(folder / name)
+        for name in fmt.RUN_DIRS:
+            if (folder / name).is_dir():
+                try:
+                    shutil.rmtree(folder / name)
+                except OSError as exc:
+                    raise RecordingError(
+                        f"{folder / name}: cannot remove ({exc.strerror or exc})", exit_code=1
+                    ) from None
+        _unlink(folder / fmt.MANIFEST)
+    finally:
+        lock.release()  # removes the lock file
+    if not keep_folder:
+        with contextlib.suppress(OSError):  # not empty: the user's files stay
+            folder.rmdir()
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise RecordingError(f"{path}: cannot remove ({exc.strerror or exc})", exit_code=1) from None
 
 
 def local_tensor(tensor: Any) -> Any:

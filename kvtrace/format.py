@@ -51,6 +51,9 @@ LOCK_FILE = ".kvtrace.lock"
 
 DERIVED_FILES = ("kv_counters.trace.json.gz", "timeline.html")
 DERIVED_DIRS = ("tb_scalars",)
+# What a run owns besides its manifest: replacing a run removes these names, and nothing else.
+RUN_FILES = (KV_EVENTS, WEIGHTS, MEMORY_SAMPLES, *ENGINE_FILES, *DERIVED_FILES)
+RUN_DIRS = (PROFILER_DIR, SNAPSHOT_DIR, *DERIVED_DIRS)
 
 # The KV event vocabulary (docs/format.md explains each).
 EVENT_KINDS = (

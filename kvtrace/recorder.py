@@ -198,8 +198,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             raise RecordingError(
                 f"{self.path}: already holds a kvtrace run (pass overwrite=True to replace it)"
             )
-        owned = (fmt.KV_EVENTS, fmt.WEIGHTS, fmt.MEMORY_SAMPLES, *fmt.ENGINE_FILES, *fmt.DERIVED_FILES)
-        owned_dirs = (fmt.PROFILER_DIR, fmt.SNAPSHOT_DIR, *fmt.DERIVED_DIRS)
+        owned, owned_dirs = fmt.RUN_FILES, fmt.RUN_DIRS
         if not replacing and existed:
             # Not a run: whatever is here is the user's. A run would write over these names, so refuse.
             clashes = [name for name in (*owned, *owned_dirs) if (self.path / name).exists()]

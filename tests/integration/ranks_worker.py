@@ -9,7 +9,11 @@ MODE is `reference` (Meta's reference Llama 3, fairscale model parallel over glo
 sharded by its `tp_plan="auto"`), `hf-dp` (the whole model on every rank, each with its own batch),
 `hf-dp-uneven` (the same, rank r with r + 2 rows of a PROMPT_LEN + 2r token prompt) or `track-bshd`
 (Meta-style attention sharded by hand, its caches grown by torch.cat as [batch, seq, kv_heads, head_dim]
-and given to `kvtrace.track`: OUT_DIR/said with `layout="bshd"`, OUT_DIR/unsaid without). Each rank
+and given to `kvtrace.track`: OUT_DIR/said with `layout="bshd"`, OUT_DIR/unsaid without),
+`hf-tp-replicated-kv` (a Hugging Face Llama of one KV head split by hand: each rank half the query heads
+and a copy of the KV head), `hf-dp-overwrite` (`hf-dp` recorded with `overwrite=True`), `hf-dp-two-caches`
+(`hf-dp`, rank 0 with two caches one after the other) or `hf-dp-kill-first` (`hf-dp`, the last rank
+SIGKILLed first, rank 0 a second later). Each rank
 writes FACTS_DIR/rank-<r>.json: what it measured on its own cache tensors, independently of kvtrace, for
 the test to compare with `kvtrace report --json`.
 """
@@ -95,7 +99,7 @@ def run_reference(out_dir: Path, facts_dir: Path, failure: str = "") -> None:
         sys.exit(3)
 
 
-def hf_model() -> torch.nn.Module:
+def hf_model(num_kv_heads: int = N_KV_HEADS) -> torch.nn.Module:
     """A tiny random Llama 3 of this file's shape, the same on every rank (seed 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -104,7 +108,7 @@ def hf_model() -> torch.nn.Module:
         intermediate_size=2 * DIM,
         num_hidden_layers=N_LAYERS,
         num_attention_heads=N_HEADS,
-        num_key_value_heads=N_KV_HEADS,
+        num_key_value_heads=num_kv_heads,
         vocab_size=VOCAB,
         max_position_embeddings=MAX_SEQ,
     )
@@ -128,19 +132,26 @@ def hf_tensor_parallel_model() -> torch.nn.Module:
 
 
 def _record_steps(
-    model: torch.nn.Module, out_dir: Path, rows: int, prompt: int = PROMPT_LEN
+    model: torch.nn.Module,
+    out_dir: Path,
+    rows: int,
+    prompt: int = PROMPT_LEN,
+    caches: int = 1,
+    overwrite: bool = False,
 ) -> list[torch.Tensor]:
-    """A prefill of `prompt` tokens and DECODE_STEPS single-token steps of `rows` rows, recorded; the
+    """A prefill of `prompt` tokens and DECODE_STEPS single-token steps of `rows` rows, recorded, on each
+    of `caches` caches in turn (each dropped when the next is made, as generate() drops its own); the last
     cache's K and V tensors afterwards."""
     from transformers import DynamicCache
 
     torch.manual_seed(1)
     tokens = torch.randint(0, VOCAB, (rows, prompt + DECODE_STEPS))
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
-        model(input_ids=tokens[:, :prompt], cache=cache, use_cache=True)
-        for pos in range(prompt, prompt + DECODE_STEPS):
-            model(input_ids=tokens[:, pos : pos + 1], cache=cache, use_cache=True)
+    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False, overwrite=overwrite):
+        for _ in range(caches):
+            cache = DynamicCache(config=model.config)
+            model(input_ids=tokens[:, :prompt], cache=cache, use_cache=True)
+            for pos in range(prompt, prompt + DECODE_STEPS):
+                model(input_ids=tokens[:, pos : pos + 1], cache=cache, use_cache=True)
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
@@ -159,12 +170,64 @@ def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path) -> None:
     (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
 
 
-def run_hf_data_parallel(out_dir: Path, facts_dir: Path, uneven: bool = False) -> None:
+def run_hf_tensor_parallel_replicated_kv(out_dir: Path, facts_dir: Path) -> None:
+    """Tensor parallelism over more ranks than KV heads, split by hand as vLLM and Megatron split Llama 3
+    70B at TP 16: a model of one KV head, each rank its share of the query heads (q_proj rows, o_proj
+    columns, summed over the ranks after o_proj) and a copy of the KV head. Every rank, the same rows."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = hf_model(num_kv_heads=1)
+    heads = N_HEADS // world_size
+    share = slice(rank * heads * (DIM // N_HEADS), (rank + 1) * heads * (DIM // N_HEADS))
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        attention.q_proj.weight.data = attention.q_proj.weight.data[share].clone()
+        attention.o_proj.weight.data = attention.o_proj.weight.data[:, share].clone()
+        attention.num_key_value_groups = heads  # this rank's query heads share the one KV head
+        attention.o_proj.register_forward_hook(lambda _module, _args, out: dist.all_reduce(out))
+    tensors = _record_steps(model, out_dir, MAX_BATCH)
+    facts = {
+        "rank": rank,
+        "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors),
+        "shapes": [list(t.shape) for t in tensors],
+        "q_proj_shape": list(model.model.layers[0].self_attn.q_proj.weight.shape),
+    }
+    (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
+
+
+def run_hf_data_parallel_killed(out_dir: Path, facts_dir: Path) -> None:
+    """Data parallelism; the last rank is SIGKILLed inside record() (the OOM killer's way), then rank 0
+    a second later (a launcher stops the other ranks once one dies): neither leaves an `ended`."""
+    from transformers import DynamicCache
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = hf_model()
+    torch.manual_seed(rank)
+    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS + 1))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
+        model(input_ids=tokens[:, :PROMPT_LEN], cache=cache, use_cache=True)
+        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+            model(input_ids=tokens[:, pos : pos + 1], cache=cache, use_cache=True)
+        dist.barrier()  # from here both ranks keep time together
+        if rank != world_size - 1:
+            time.sleep(1.0)
+            pos = PROMPT_LEN + DECODE_STEPS
+            model(input_ids=tokens[:, pos : pos + 1], cache=cache, use_cache=True)
+        time.sleep(0.25)  # the writer thread flushes every 0.1 s: the last step is on disk
+        (facts_dir / f"rank-{rank}.killed").write_text(str(time.time_ns()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_hf_data_parallel(
+    out_dir: Path, facts_dir: Path, uneven: bool = False, overwrite: bool = False, two_caches: bool = False
+) -> None:
     """Data parallelism: every rank the whole model, its own batch (rank r: r + 1 rows; `uneven`: r + 2
-    rows of a PROMPT_LEN + 2r token prompt, so the ranks hold different token counts)."""
+    rows of a PROMPT_LEN + 2r token prompt, so the ranks hold different token counts; `two_caches`: rank
+    0 fills two caches in turn, rank 1 one)."""
     rank = dist.get_rank()
     rows, prompt = (rank + 2, PROMPT_LEN + 2 * rank) if uneven else (rank + 1, PROMPT_LEN)
-    tensors = _record_steps(hf_model(), out_dir, rows, prompt)
+    caches = 2 if two_caches and rank == 0 else 1
+    tensors = _record_steps(hf_model(), out_dir, rows, prompt, caches=caches, overwrite=overwrite)
     facts = {
         "rank": rank,
         "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors),
@@ -298,14 +361,24 @@ def main() -> None:
             run_reference(out_dir, facts_dir, failure=mode.removeprefix("reference").lstrip("-"))
         elif mode == "hf-tp":
             run_hf_tensor_parallel(out_dir, facts_dir)
-        elif mode in ("hf-dp", "hf-dp-uneven"):
-            run_hf_data_parallel(out_dir, facts_dir, uneven=mode == "hf-dp-uneven")
+        elif mode == "hf-tp-replicated-kv":
+            run_hf_tensor_parallel_replicated_kv(out_dir, facts_dir)
+        elif mode in ("hf-dp", "hf-dp-uneven", "hf-dp-overwrite", "hf-dp-two-caches"):
+            run_hf_data_parallel(
+                out_dir,
+                facts_dir,
+                uneven=mode == "hf-dp-uneven",
+                overwrite=mode == "hf-dp-overwrite",
+                two_caches=mode == "hf-dp-two-caches",
+            )
+        elif mode == "hf-dp-kill-first":
+            run_hf_data_parallel_killed(out_dir, facts_dir)
         elif mode == "track-bshd":
             run_tracked_bshd(out_dir, facts_dir)
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     finally:
-        if mode not in ("reference-raise", "reference-kill"):
+        if mode not in ("reference-raise", "reference-kill", "hf-dp-kill-first"):
             # Both ranks leave together: a rank tearing gloo down while its peer still talks to it can
             # abort at exit ("terminate called without an active exception", status -6).
             dist.barrier()

@@ -80,3 +80,53 @@ def test_a_single_rank_keeps_its_tokens_times_rows(group, capsys):
     assert (kv["tokens_held"], kv["batch"], kv["token_rows"]) == (tokens, rows, tokens * rows) == (11, 3, 33)
     assert main(["report", str(out / "rank-1")]) == 0
     assert "measured 512.0 (11 tokens x 3 rows), arithmetic 512" in capsys.readouterr().out
+
+
+def test_caches_of_different_ranks_are_not_matched_by_id(tmp_path, capsys):
+    # GIVEN rank 0 fills two caches in turn (the first dropped: ids 1 and 2), rank 1 one (id 1)
+    out, facts_dir = tmp_path / "group", tmp_path / "facts"
+    statuses = worker.launch("hf-dp-two-caches", out, facts_dir, WORLD)
+    logs = "".join((facts_dir / f"rank-{r}.log").read_text()[-3000:] for r in range(WORLD))
+    assert statuses == [0] * WORLD, logs
+    facts = [json.loads((facts_dir / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+    whole_model = worker.N_LAYERS * 2 * worker.N_KV_HEADS * HEAD_DIM * 4
+    assert [f["kv_bytes"] for f in facts] == [whole_model * f["rows"] * f["tokens"] for f in facts]
+    # WHEN the group is reported
+    assert main(["report", str(out), "--json"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    # THEN one row per layer: each rank's held cache, summed (rank 0's cache 2 with rank 1's cache 1)
+    layer_bytes = [sum(f["kv_bytes"] for f in facts) // (2 * worker.N_LAYERS)] * worker.N_LAYERS
+    assert [row["layer"] for row in kv["per_layer"]] == list(range(worker.N_LAYERS))
+    assert [row["k_bytes"] for row in kv["per_layer"]] == layer_bytes
+    assert [row["v_bytes"] for row in kv["per_layer"]] == layer_bytes
+    assert [row["cache"] for row in kv["per_layer"]] == [None] * worker.N_LAYERS  # no id names both
+    assert kv["final_bytes"] == sum(f["kv_bytes"] for f in facts) == 2 * sum(layer_bytes) == 13824
+    assert (kv["main_cache"], kv["caches"]) == (None, [])
+    # AND the text says the same: no table of caches, no cache column
+    assert main(["report", str(out), "--no-export"]) == 0
+    text = capsys.readouterr().out
+    assert "caches (" not in text
+    assert "    layer      K bytes      V bytes  tokens/row  evicted (all rows)" in text
+    assert f"        0 {layer_bytes[0]:>12,} {layer_bytes[0]:>12,} " in text
+
+
+def test_the_rank_killed_first_is_the_one_to_look_at(tmp_path, capsys):
+    # GIVEN rank 1 is SIGKILLed inside record(), and rank 0 a second later (as a launcher stops it)
+    out, facts_dir = tmp_path / "group", tmp_path / "facts"
+    statuses = worker.launch("hf-dp-kill-first", out, facts_dir, WORLD)
+    assert statuses == [-9, -9], (facts_dir / "rank-0.log").read_text()[-3000:]
+    killed = [int((facts_dir / f"rank-{r}.killed").read_text()) for r in range(WORLD)]
+    assert killed[1] < killed[0]
+    # neither has an end time; their logs stop in the order they died
+    runs = [read_run(out / f"rank-{r}") for r in range(WORLD)]
+    assert [run.manifest["ended"] for run in runs] == [{"status": "running"}] * WORLD
+    last = [max(run.kv_events[-1].t_ns, run.memory_samples[-1]["t_ns"]) for run in runs]
+    assert last[1] < killed[1] < last[0] < killed[0]
+    # WHEN the group is reported and diagnosed, THEN the rank that died first is the one named
+    assert main(["report", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["failed_ranks"] == [0, 1]
+    assert data["focus"] == {"rank": 1, "reason": "never finished (the process died)"}
+    assert main(["diagnose", str(out)]) == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert "diagnosing rank 1, which never finished (the process died)" in first_line

@@ -8,8 +8,19 @@ from pathlib import Path
 import pytest
 
 from kvtrace.distributed import run_path
-from kvtrace.errors import KvtraceError
-from kvtrace.format import GROUP_MARKER, MANIFEST, is_run_group, rank_dirs, read_run
+from kvtrace.errors import KvtraceError, RecordingError
+from kvtrace.format import (
+    GROUP_MARKER,
+    KV_EVENTS,
+    MANIFEST,
+    MEMORY_SAMPLES,
+    WEIGHTS,
+    is_run_dir,
+    is_run_group,
+    rank_dirs,
+    read_run,
+)
+from kvtrace.run_lock import RunLock
 
 
 def _facts(rank: int, world_size: int) -> dict[str, object]:
@@ -64,3 +75,64 @@ def test_a_group_is_known_by_its_rank_runs_not_by_its_marker(tmp_path):
         read_run(out)  # one line that says what the folder is
     (out / MANIFEST).write_text("{}")  # a run directory is a run, whatever its children
     assert not is_run_group(out)
+
+
+def _fake_full_run(folder: Path) -> None:
+    """A run with every kind of file a run owns, and a file of the user's beside them."""
+    _fake_run(folder)
+    for name in (KV_EVENTS, WEIGHTS, MEMORY_SAMPLES, "timeline.html"):
+        (folder / name).write_text("")
+    (folder / "profiler").mkdir()
+    (folder / "profiler" / "trace.json").write_text("{}")
+    (folder / "notes.txt").write_text("mine")
+
+
+def test_a_group_into_a_plain_run_is_refused_by_every_rank(tmp_path):
+    out = tmp_path / "run"
+    _fake_full_run(out)
+    before = sorted(p.name for p in out.iterdir())
+    for rank in (0, 1):
+        with pytest.raises(RecordingError, match=r"run: already holds a kvtrace run \(pass overwrite=True"):
+            run_path(out, _facts(rank, 2), overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written, nothing removed
+
+
+def test_a_group_with_overwrite_replaces_the_plain_run_keeping_the_users_files(tmp_path):
+    out = tmp_path / "run"
+    _fake_full_run(out)
+    assert run_path(out, _facts(1, 2), overwrite=True) == out / "rank-1"
+    assert is_run_dir(out)  # rank 0 replaces it, the others only write their own folder
+    assert run_path(out, _facts(0, 2), overwrite=True) == out / "rank-0"
+    assert sorted(p.name for p in out.iterdir()) == [GROUP_MARKER, "notes.txt"]
+
+
+def test_a_plain_run_into_a_group_is_refused_and_with_overwrite_replaces_it(tmp_path):
+    out = tmp_path / "group"
+    for rank in range(3):
+        _fake_full_run(out / f"rank-{rank}")
+    (out / "rank-2" / "notes.txt").unlink()
+    (out / GROUP_MARKER).write_text("{}")
+    for facts in (None, _facts(0, 1)):
+        with pytest.raises(
+            RecordingError, match=r"group: already holds a kvtrace run group \(pass overwrite"
+        ):
+            run_path(out, facts, overwrite=False)
+    assert [r for r, _ in rank_dirs(out)] == [0, 1, 2]
+    assert run_path(out, None, overwrite=True) == out
+    # every rank run is gone; a folder with a file of the user's stays, holding only that
+    assert sorted(p.name for p in out.iterdir()) == ["rank-0", "rank-1"]
+    assert [p.name for p in (out / "rank-0").iterdir()] == ["notes.txt"]
+    assert not is_run_group(out) and rank_dirs(out) == []
+
+
+def test_overwrite_refuses_a_rank_folder_another_recording_is_writing(tmp_path):
+    out = tmp_path / "group"
+    _fake_full_run(out / "rank-0")
+    lock = RunLock(out / "rank-0")
+    lock.acquire()
+    try:
+        with pytest.raises(RecordingError, match=r"rank-0: another recording is writing this folder \(pid "):
+            run_path(out, None, overwrite=True)
+    finally:
+        lock.release()
+    assert is_run_dir(out / "rank-0")
