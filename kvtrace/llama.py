@@ -166,17 +166,24 @@ def make_cache(
         # one on the model (`model._cache`) and reuses it in later calls, so a second recording would see
         # an earlier call's cache (a sweep point reported another point's KV).
         # Sized as generate() sizes its own: the last new token is never fed back, so max_len - 1.
-        return StaticCache(config=config, max_cache_len=max(max_len - 1, 1)), {}
+        return StaticCache(config=config, max_cache_len=_static_len(max_len)), {}
     if kind == "offloaded":
         return None, {"cache_implementation": "offloaded"}
     if kind in ("sliding", "static_sliding"):
         sliding = llama3_config(_size_of(config), sliding_window=window)
         if kind == "sliding":
             return DynamicCache(config=sliding), {}
-        return StaticCache(config=sliding, max_cache_len=max_len), {}
+        # As `static`: each layer holds min(window, max_len - 1) tokens, so a window wider than the
+        # context holds what `static` holds
+        return StaticCache(config=sliding, max_cache_len=_static_len(max_len)), {}
     if kind in ("fp8", "quanto", "hqq"):
         return QuantizedCache(backend=kind, config=config), {}
     raise ValueError(f"unknown cache kind {kind!r}; choose from {', '.join(CACHE_KINDS)}")
+
+
+def _static_len(max_len: int) -> int:
+    """generate()'s own static cache length (`generation_config.max_length - 1`): every token it feeds."""
+    return max(max_len - 1, 1)
 
 
 def cache_keyword() -> str:

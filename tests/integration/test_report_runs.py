@@ -29,13 +29,13 @@ KV_HEADS, HEAD_DIM, LAYERS, BATCH, PROMPT, NEW, WINDOW = 2, 16, 2, 2, 12, 5, 8
 SIZE = tiny_size(LAYERS, KV_HEADS)
 
 
-def _record(out: Path, kind: str, **options: object) -> Path:
+def _record(out: Path, kind: str, window: int = WINDOW, **options: object) -> Path:
     model = build_model(SIZE)
     torch.manual_seed(1)
     ids = torch.randint(3, 1000, (BATCH, PROMPT))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding on the first row
-    cache, extra = make_cache(kind, model, BATCH, PROMPT + NEW, window=WINDOW)
+    cache, extra = make_cache(kind, model, BATCH, PROMPT + NEW, window=window)
     if cache is not None:
         extra["cache"] = cache
     with torch.no_grad(), kvtrace.record(out, model=model, **options):
@@ -105,6 +105,19 @@ def test_report_kv_bytes_equal_arithmetic(runs: dict[str, Path], kind: str) -> N
     tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
     assert cpu["categories_at_peak"]["weights"] == sum(tensors.values())
     assert report.kv.allocated_bytes_total >= report.kv.final_bytes
+
+
+@pytest.mark.parametrize("window", [WINDOW, PROMPT + NEW + 8])
+def test_static_sliding_cache_holds_the_window_or_what_static_holds(tmp_path: Path, window: int) -> None:
+    # GIVEN sweep's and demo's static_sliding cache, with a window narrower, then wider, than the context
+    _, report = build_report(_record(tmp_path / "run", "static_sliding", window=window, profiler=False))
+    # THEN each layer holds min(window, every token generate() feeds: prompt + new - 1), as generate() sizes
+    # its own static cache; wider than the context, exactly what `static` holds
+    tokens = min(window, PROMPT + NEW - 1)
+    assert report.kv.final_bytes == LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * BATCH * 4
+    if window > PROMPT + NEW:
+        assert report.kv.final_bytes == LAYERS * _expected_layer_bytes("static", NEW)
+    assert report.kv.allocated_bytes_total == report.kv.final_bytes  # allocated once, written in place
 
 
 def test_dynamic_churn_is_the_sum_of_every_growth(runs: dict[str, Path]) -> None:
