@@ -38,8 +38,13 @@ def _model_size(args: argparse.Namespace) -> tuple[str, Any]:
     from analyzers.planning.presets import geometry_from_config, get_preset
 
     geom = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
-    if geom.hidden_size != geom.head_dim * geom.num_attention_heads:
-        raise KvtraceError(f"{geom.name}: head_dim != hidden_size / heads; kvtrace.llama cannot build it")
+    if geom.num_attention_heads % geom.num_kv_heads:
+        # Llama's attention repeats each KV head over heads / KV heads query heads: a whole number
+        raise KvtraceError(
+            f"{geom.name}: {geom.num_attention_heads} attention heads are not a multiple of its "
+            f"{geom.num_kv_heads} KV heads; kvtrace.llama's attention shares each KV head among a whole "
+            "number of query heads"
+        )
     size = ModelSize(
         hidden_size=geom.hidden_size,
         intermediate_size=geom.intermediate_size,
@@ -48,6 +53,7 @@ def _model_size(args: argparse.Namespace) -> tuple[str, Any]:
         num_kv_heads=geom.num_kv_heads,
         vocab_size=geom.vocab_size,
         tie_embeddings=geom.tie_word_embeddings,
+        head_dim=geom.head_dim,  # may differ from hidden_size / heads (Qwen3, Gemma): llama builds it
     )
     return geom.name, size
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvtrace.cli import main
+from kvtrace.format import read_run
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 
@@ -576,6 +577,36 @@ def test_a_sweep_of_a_config_with_a_small_vocabulary_runs(
     # THEN its KV is the arithmetic: layers x 2 x kv_heads x head_dim x tokens x batch x 4 bytes (float32),
     # with 8 + 3 - 1 tokens held at the end (the last new token is never fed back)
     assert rows[0]["kv_final_bytes"] == 2 * 2 * 2 * (64 // 4) * (8 + 3 - 1) * 2 * 4
+
+
+def test_a_sweep_of_a_config_whose_head_dim_is_not_hidden_over_heads_runs(tmp_path: Path) -> None:
+    # GIVEN a config whose head_dim (32) is not hidden_size / heads (64 / 4 = 16), as Qwen3's and Gemma's
+    config = tmp_path / "config.json"
+    shape = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32}
+    config.write_text(json.dumps({**shape, "hidden_size": 64, "intermediate_size": 128, "vocab_size": 1000}))
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(config), "--batch", "2", "--context", "8", "--new-tokens", "3"]
+    # WHEN it is swept
+    assert main([*argv, "--cache", "dynamic", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "sweep.json").read_text())["rows"]
+    # THEN the model recorded has the config's head_dim, and its KV is the arithmetic of it: layers x 2 x
+    # kv_heads x head_dim x (8 + 3 - 1 tokens) x batch x 4 bytes (float32)
+    assert read_run(row["run"]).manifest["model"]["head_dim"] == 32
+    assert row["kv_final_bytes"] == 2 * 2 * 1 * 32 * (8 + 3 - 1) * 2 * 4
+
+
+def test_a_sweep_of_heads_not_a_multiple_of_the_kv_heads_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Llama's attention shares each KV head among heads / KV heads query heads: 6 over 4 cannot run
+    config = tmp_path / "config.json"
+    shape = {"num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 4, "hidden_size": 96}
+    config.write_text(json.dumps({**shape, "intermediate_size": 128, "vocab_size": 1000}))
+    argv = ["sweep", "--config", str(config), "--batch", "1", "--context", "8", "--out", str(tmp_path / "s")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "6 attention heads are not a multiple of its 4 KV heads" in err and "head_dim" not in err
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("reserve", ["1.5", "2", "1023"])
