@@ -146,7 +146,7 @@ def budget_crossing(
     fits = BudgetCrossing(
         budget_bytes, False, dev.device, peak, budget_bytes - peak, unseen_bytes=unseen_bytes
     )
-    if str(source.meta.get("events_from", "")).startswith("kv_log"):
+    if source.kv_log_only:
         fits = replace(fits, counts=KV_ONLY_COUNTS, partial=True)
     if before_first > budget_bytes:
         t0 = float(timeline.ts_us[0])

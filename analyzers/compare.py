@@ -54,7 +54,7 @@ class RunFigures:
 
     label: str
     path: str
-    peak_bytes: int | None  # None: no device in the input (a trace taken without profile_memory)
+    peak_bytes: int | None  # None: no device in the input (a bare trace taken without profile_memory)
     kv_peak_bytes: int | None  # None: nothing in the input tells KV apart (not 0 B: unknown)
     kv_final_bytes: int | None
     churn: float | None
@@ -65,12 +65,16 @@ class RunFigures:
     batch: int | None
     step_axis: tuple[int, ...] = field(default=(), repr=False)
     kv_by_step: tuple[int, ...] = field(default=(), repr=False)
-    notes: tuple[str, ...] = ()  # what the figures leave out (a run group's missing or failed ranks)
+    notes: tuple[str, ...] = ()  # what the figures leave out: the report's notes, a group's missing ranks
     # a serving engine's pool (vLLM): blocks, peak blocks used, preemptions, prefix-cache hits; else None
     engine: dict[str, Any] | None = None
     tokens_per_second_per_row: float | None = None
     generated_tokens_per_row: int | None = None  # None without a KV log
     rows_are_beams: bool = False  # the cache's rows were reordered (beam search): "all rows" counts beams
+    # No allocator events were recorded (profiler=False, profile_memory=False): `peak_bytes` counts only
+    # what `peak_counts` names ("weights + KV", or "KV" where the weights were loaded before the trace)
+    partial: bool = False
+    peak_counts: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,9 +138,11 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
     # A bare trace or snapshot with nothing marking KV allocations shows "-", not 0 B: unknown, not empty.
     kv_known = kv.measured_from != "none"
     made = generated(source, report)
-    notes: tuple[str, ...] = ()
+    # The report's notes say what its figures lack: a block that raised, a run still recording, a peak
+    # without allocator events, a missing file
+    notes = tuple(report.notes)
     if made is not None and made.rows_are_beams:
-        notes = (
+        notes += (
             "the cache's rows were reordered (beam search): tokens/s (all rows) counts every beam's tokens; "
             "a returned sequence grows at the per-row rate",
         )
@@ -145,6 +151,7 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
             "vLLM refused to start for lack of KV memory: no pool was allocated and nothing ran, so its "
             "figures are not a run's (see `kvtrace diagnose`)",
         )
+    partial = report.partial and main is not None
     return RunFigures(
         label=label,
         path=report.path,
@@ -164,7 +171,15 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
         tokens_per_second_per_row=made.tokens_per_row / made.seconds if made is not None else None,
         generated_tokens_per_row=made.tokens_per_row if made is not None else None,
         rows_are_beams=made.rows_are_beams if made is not None else False,
+        partial=partial,
+        peak_counts=_peak_counts(main) if partial else None,
     )
+
+
+def _peak_counts(main: Any) -> str:
+    """What a peak without allocator events counts: the KV log's bytes over the weights kvtrace listed (a
+    vLLM engine loads its weights before the trace: none)."""
+    return "weights + KV" if main.categories_at_peak.get("weights") else "KV"
 
 
 def _engine_figures(fig: Any) -> dict[str, Any] | None:
@@ -218,8 +233,14 @@ def _fmt_churn(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _fmt_peak(run: RunFigures) -> str:
+    """A peak without allocator events says what it counts: it is no measured peak."""
+    peak = human_bytes(run.peak_bytes)
+    return f"{peak} ({run.peak_counts} only)" if run.partial and run.peak_bytes is not None else peak
+
+
 _COMPARE_ROWS = (
-    ("peak allocated", lambda r: human_bytes(r.peak_bytes)),
+    ("peak allocated", _fmt_peak),
     ("KV peak", lambda r: human_bytes(r.kv_peak_bytes)),
     ("KV final", lambda r: human_bytes(r.kv_final_bytes)),
     ("KV churn (allocated / final)", lambda r: _fmt_churn(r.churn)),
@@ -266,10 +287,14 @@ def _rows(comparison: Comparison) -> tuple[tuple[str, Any], ...]:
 def comparison_to_text(comparison: Comparison) -> str:
     rows = _rows(comparison)
     width = max(len(name) for name, _ in rows)
-    col = max(14, *(len(r.label) for r in comparison.runs))
-    lines = [" " * width + "  " + "  ".join(f"{r.label:>{col}}" for r in comparison.runs)]
-    for name, cell in rows:
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{cell(r):>{col}}" for r in comparison.runs))
+    cells = [(name, [cell(r) for r in comparison.runs]) for name, cell in rows]
+    # each run's column as wide as its widest cell (a partial peak's mark), at least 14
+    cols = [max(14, len(r.label), *(len(row[i]) for _, row in cells)) for i, r in enumerate(comparison.runs)]
+    lines = [
+        " " * width + "  " + "  ".join(f"{r.label:>{c}}" for r, c in zip(comparison.runs, cols, strict=True))
+    ]
+    for name, row in cells:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{v:>{c}}" for v, c in zip(row, cols, strict=True)))
     lines += [f"note: {r.label}: {note}" for r in comparison.runs for note in r.notes]
     return "\n".join(lines)
 

@@ -246,6 +246,7 @@ def _total(path: str, ranks: list[RankReport], replicas: bool) -> Report:
         oom=oom,
         notes=notes,
         budget=_group_budget(ranks),
+        partial=any(r.report.partial for r in ranks),
     )
 
 

@@ -121,3 +121,10 @@ class MemorySource:
     ooms: list[OomInfo] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kv_log_only(self) -> bool:
+        """The device events are the KV log's alone: no allocator events were recorded (profiler=False,
+        profile_memory=False, or a trace without the model thread's memory events), so the peak and the
+        memory by category count only the KV cache and the weights, never activations or logits."""
+        return str(self.meta.get("events_from", "")).startswith("kv_log")

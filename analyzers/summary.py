@@ -82,6 +82,9 @@ class Report:
     timelines: list[DeviceTimeline] = field(default_factory=list, repr=False)
     budget: dict[str, Any] | None = None  # analyzers.budget.BudgetCrossing.to_json() of a run's gpu_memory
     engine: Any = None  # analyzers.engine.EngineFigures of a serving-engine (vLLM) run
+    # No allocator events (MemorySource.kv_log_only): the device figures count only the KV cache and the
+    # weights, and a note says why
+    partial: bool = False
 
     @property
     def main_device(self) -> DeviceSummary | None:
@@ -455,4 +458,5 @@ def summarize(
         oom=oom,
         notes=notes,
         timelines=timelines,
+        partial=source.kv_log_only,
     )

@@ -51,8 +51,28 @@ PROFILE_MEMORY_OFF_NOTE = (
     "figures are the KV log's over the weights, as for a run recorded with profiler=False (activations and "
     "other allocations unseen)"
 )
-# Notes saying the memory figures are the KV log's although the run has a profiler trace.
-KV_LOG_ONLY_NOTES = (NO_MEMORY_EVENTS_NOTE, PROFILE_MEMORY_OFF_NOTE)
+_NO_TRACE_CAUSES = {
+    "profiler_off": "the run was recorded with profiler=False, so no allocator events were recorded",
+    "no_trace": "the run has no profiler trace, so no allocator events were read",
+}
+
+
+def _no_trace_note(cause: str, weights: bool) -> str:
+    """Why a run without a profiler trace has no measured peak; `weights`: its weights table lists some (a
+    vLLM engine loads its weights before the run: none, and the engine's note says so)."""
+    over, counted = (" over the weights", "the KV cache and the weights") if weights else ("", "the KV cache")
+    return (
+        f"{_NO_TRACE_CAUSES[cause]}: memory figures are the KV log's{over}, and the peak counts only "
+        f"{counted} (activations, logits and other allocations unseen)"
+    )
+
+
+# Notes saying the memory figures are the KV log's: the run has no allocator events.
+KV_LOG_ONLY_NOTES = (
+    NO_MEMORY_EVENTS_NOTE,
+    PROFILE_MEMORY_OFF_NOTE,
+    *(_no_trace_note(cause, weights) for cause in _NO_TRACE_CAUSES for weights in (True, False)),
+)
 
 _SIZE_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _TRIED = re.compile(r"Tried to allocate (\d{1,15}(?:\.\d{1,6})?) (B|bytes|KiB|MiB|GiB|TiB)\b")
@@ -146,6 +166,11 @@ def _missing_files_notes(run: Run) -> list[str]:
     return notes
 
 
+def _lists_profiler_file(run: Run) -> bool:
+    files = run.manifest.get("files") or []
+    return any(isinstance(name, str) and name.startswith(PROFILER_DIR + "/") for name in files)
+
+
 def _normal_device(name: str) -> str:
     return "cuda:0" if name == "cuda" else name
 
@@ -195,6 +220,15 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         source.devices = [_kv_only_device(kv_devices[0], run.kv_events)]
         if not traces:
             source.meta["events_from"] = "kv_log (the run has no profiler trace)"
+            # A listed trace that is missing has its own note (above); else say why the peak is partial.
+            if run.manifest.get("options", {}).get("profiler") is False:
+                source.meta.setdefault("input_notes", []).append(
+                    _no_trace_note("profiler_off", bool(run.weights))
+                )
+            elif not _lists_profiler_file(run):
+                source.meta.setdefault("input_notes", []).append(
+                    _no_trace_note("no_trace", bool(run.weights))
+                )
         elif memory_off:
             source.meta["events_from"] = "kv_log (recorded with profile_memory=False)"
         else:
