@@ -20,7 +20,7 @@ from typing import Any
 
 from kvtrace import format as fmt
 from kvtrace.errors import RecordingError
-from kvtrace.run_lock import RunFolderBusy, RunLock
+from kvtrace.run_lock import lock_for_recording
 
 
 def rank_facts() -> dict[str, Any] | None:
@@ -101,18 +101,7 @@ def _remove_run(folder: Path, keep_folder: bool = False) -> None:
     """Remove the run in `folder`: the files a run owns (its manifest last, so that a removal cut short
     still reads as a run, which `overwrite` replaces), then the folder once empty. Anything else in it is
     the user's and stays, with the folder. A folder another recording is writing is refused."""
-    lock = RunLock(folder)
-    try:
-        lock.acquire()
-    except RunFolderBusy as busy:
-        holder = f"pid {busy.pid}" if busy.pid else "pid unknown"
-        raise RecordingError(
-            f"{folder}: another recording is writing this folder ({holder})", exit_code=1
-        ) from None
-    except OSError as exc:
-        raise RecordingError(
-            f"{folder / fmt.LOCK_FILE}: cannot write ({exc.strerror or exc})", exit_code=1
-        ) from None
+    lock = lock_for_recording(folder)
     try:
         for name in fmt.RUN_FILES:
             _unlink(folder / name)

@@ -35,7 +35,7 @@ from kvtrace.memory_samples import MemorySampler
 from kvtrace.model_forward import ForwardWrap
 from kvtrace.options import RecordOptions
 from kvtrace.profiler_trace import kineto_quiet, make_profiler
-from kvtrace.run_lock import RunFolderBusy, RunLock
+from kvtrace.run_lock import RunLock, lock_for_recording
 from kvtrace.run_logs import RunLogs
 from kvtrace.run_manifest import RunManifest, device_of
 from kvtrace.run_writer import RunWriter
@@ -181,17 +181,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             message = f"{self.path}: cannot create the run folder ({why})"
             raise RecordingError(message, exit_code=1) from None
         # Before looking at what the folder holds: another recording may be replacing it right now.
-        self._run_lock = RunLock(self.path)
-        try:
-            self._run_lock.acquire()
-        except RunFolderBusy as busy:
-            holder = f"pid {busy.pid}" if busy.pid else "pid unknown"
-            raise RecordingError(
-                f"{self.path}: another recording is writing this folder ({holder})", exit_code=1
-            ) from None
-        except OSError as exc:
-            message = f"{self.path / fmt.LOCK_FILE}: cannot write ({exc.strerror or exc})"
-            raise RecordingError(message, exit_code=1) from None
+        self._run_lock = lock_for_recording(self.path)
         manifest_path = self.path / fmt.MANIFEST
         replacing = manifest_path.exists()
         if replacing and not self.options.overwrite:

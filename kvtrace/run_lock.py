@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from kvtrace.errors import RecordingError
 from kvtrace.format import LOCK_FILE
 
 try:
@@ -108,3 +109,19 @@ class RunLock:
         """In a forked child: the parent's lock is the parent's to release (an unlock here would drop it
         for both: they share the open file)."""
         self._fh = None
+
+
+def lock_for_recording(folder: Path) -> RunLock:
+    """`folder`'s lock, taken for a recording (or a removal of its run): a folder another recording is
+    writing, or one that cannot take the lock file, is refused in one line, exit status 1."""
+    lock = RunLock(folder)
+    try:
+        lock.acquire()
+    except RunFolderBusy as busy:
+        who = f"pid {busy.pid}" if busy.pid else "pid unknown"
+        message = f"{folder}: another recording is writing this folder ({who})"
+        raise RecordingError(message, exit_code=1) from None
+    except OSError as exc:
+        message = f"{folder / LOCK_FILE}: cannot write ({exc.strerror or exc})"
+        raise RecordingError(message, exit_code=1) from None
+    return lock
