@@ -27,6 +27,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -350,6 +351,15 @@ def launch(
                 proc.wait()
             log.close()
     return statuses
+
+
+def launch_facts(mode: str, out_dir: Path, facts_dir: Path, world_size: int = 2) -> list[dict[str, Any]]:
+    """`launch`, asserting every rank exited 0 (else the ranks' last output is the failure's message); each
+    rank's facts, in rank order."""
+    statuses = launch(mode, out_dir, facts_dir, world_size)
+    logs = "".join((facts_dir / f"rank-{r}.log").read_text()[-3000:] for r in range(world_size))
+    assert statuses == [0] * world_size, logs
+    return [json.loads((facts_dir / f"rank-{r}.json").read_text()) for r in range(world_size)]
 
 
 def main() -> None:

@@ -22,10 +22,7 @@ GENERATED_PER_ROW = 1 + worker.DECODE_STEPS  # the prefill's token, then one per
 def group(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     root = tmp_path_factory.mktemp("dp")
     out, facts_dir = root / "group", root / "facts"
-    statuses = worker.launch("hf-dp-uneven", out, facts_dir, WORLD)
-    logs = "".join((facts_dir / f"rank-{r}.log").read_text()[-3000:] for r in range(WORLD))
-    assert statuses == [0] * WORLD, logs
-    facts = [json.loads((facts_dir / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+    facts = worker.launch_facts("hf-dp-uneven", out, facts_dir, WORLD)
     assert [(f["rows"], f["tokens"]) for f in facts] == [(2, 9), (3, 11)]
     return out, facts
 
@@ -85,10 +82,7 @@ def test_a_single_rank_keeps_its_tokens_times_rows(group, capsys):
 def test_caches_of_different_ranks_are_not_matched_by_id(tmp_path, capsys):
     # GIVEN rank 0 fills two caches in turn (the first dropped: ids 1 and 2), rank 1 one (id 1)
     out, facts_dir = tmp_path / "group", tmp_path / "facts"
-    statuses = worker.launch("hf-dp-two-caches", out, facts_dir, WORLD)
-    logs = "".join((facts_dir / f"rank-{r}.log").read_text()[-3000:] for r in range(WORLD))
-    assert statuses == [0] * WORLD, logs
-    facts = [json.loads((facts_dir / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+    facts = worker.launch_facts("hf-dp-two-caches", out, facts_dir, WORLD)
     whole_model = worker.N_LAYERS * 2 * worker.N_KV_HEADS * HEAD_DIM * 4
     assert [f["kv_bytes"] for f in facts] == [whole_model * f["rows"] * f["tokens"] for f in facts]
     # WHEN the group is reported
