@@ -193,6 +193,9 @@ class JsonlAppender:
         self.path = path
         self._fh: IO[bytes] = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
         self._pending: list[str | dict[str, Any]] = []
+        # Of the lines a `flush()` that raised had taken, those that reached the file whole before the error:
+        # a full disk may take part of a write (tmpfs: the pages it still had), cutting a line.
+        self.lines_before_error = 0
 
     def append(self, record: dict[str, Any]) -> None:
         self._pending.append(_encode_compact(record))
@@ -214,10 +217,15 @@ class JsonlAppender:
             del pending[:count]
             lines = [p if isinstance(p, str) else _encode_compact(p) for p in taken]
             lines.append("")
-            data = memoryview("\n".join(lines).encode())
-            while data:  # a raw write may be short
-                written = self._fh.write(data) or 0
-                data = data[written:]
+            encoded = "\n".join(lines).encode()
+            data = memoryview(encoded)
+            try:
+                while data:  # a raw write may be short
+                    written = self._fh.write(data) or 0
+                    data = data[written:]
+            except OSError:
+                self.lines_before_error = encoded.count(b"\n", 0, len(encoded) - len(data))
+                raise
 
     def buffered(self) -> int:
         return len(self._pending)

@@ -206,7 +206,10 @@ class ForwardSteps:
 
     def _begin_step(self, prefill: bool) -> None:
         tracker = self.tracker
+        hf = self._hf
         if self._step_open:  # a nested forward (assistant model, etc.) keeps the outer step
+            if hf is not None and hf.dropped:
+                hf.forget_dead()
             return
         tracker.step += 1
         if prefill:
@@ -216,6 +219,11 @@ class ForwardSteps:
         else:
             tracker.phase = "decode"
             self._decode_index += 1
+        if hf is not None and hf.dropped:
+            # Caches dropped since the last step (a finished generate()'s): their frees come before this
+            # forward's first new storage, which may take one of their addresses, also when its cache is one
+            # reused from an earlier call (a new cache object would retire them at its first update).
+            hf.forget_dead()
         self._step_open = True
         ranges = self._ranges
         assert ranges is not None

@@ -57,7 +57,9 @@ class RunLogs:
                         events.flush()
                     except OSError as exc:
                         self._write_failed(events, exc)
-                        self.events_lost += count
+                        # Lines a partial write put in the file whole are there; a cut one is lost.
+                        self.event_count += events.lines_before_error
+                        self.events_lost += count - events.lines_before_error
                     else:
                         self.event_count += count
             if samples is not None:

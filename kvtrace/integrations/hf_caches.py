@@ -184,6 +184,9 @@ class HfCacheHooks:
         # id(cache) -> (weak reference, cache id): a new object at a reused address gets a new number.
         self._known: dict[int, tuple[Callable[[], Any], int]] = {}
         self._next_id = 0
+        # A cache seen here was collected since the last `forget_dead` (set by its weak reference's callback,
+        # on whichever thread let go of it): a step's start retires it before its forward logs anything.
+        self.dropped = False
         self._last: tuple[Callable[[], Any], int] | None = None
         self.installed = False
         self.on_first_layer: Callable[[int], None] | None = None
@@ -224,7 +227,7 @@ class HfCacheHooks:
             self.forget_dead()  # a new cache: the frees of one dropped before it come first in the log
             self._next_id += 1
             try:
-                ref: Callable[[], Any] = weakref.ref(cache)
+                ref: Callable[[], Any] = weakref.ref(cache, self._on_dropped)
             except TypeError:
                 ref = _nothing
             entry = (ref, self._next_id)
@@ -232,9 +235,13 @@ class HfCacheHooks:
         self._last = entry
         return entry[1]
 
+    def _on_dropped(self, _ref: Any) -> None:
+        self.dropped = True
+
     def forget_dead(self) -> None:
         """Caches that were dropped (a finished `generate()`): their storages are watched until released and
         logged freed then, instead of counting as held until the recording ends."""
+        self.dropped = False
         dead = [key for key, (ref, _) in self._known.items() if ref is not _nothing and ref() is None]
         for key in dead:
             _, cid = self._known.pop(key)
@@ -484,6 +491,10 @@ class HfCacheHooks:
         cache was empty when the forward began (a prefill)."""
         if cache is self.deferred:
             self.deferred = None
+        if self.dropped:
+            # A cache dropped inside this forward: its frees come before the storages this forward made (its
+            # new addresses may be the dropped cache's), as when each update is logged as it happens.
+            self.forget_dead()
         cid = self.cache_id(cache)
         tracker = self.tracker
         states = tracker._layers

@@ -167,3 +167,82 @@ def test_a_trace_that_does_not_fit_is_the_file_the_error_names(small_disk, tmp_p
     assert report.returncode == 2, report.stdout
     assert len(report.stderr.splitlines()) == 1
     assert f"incomplete run: the recorder failed to write {trace.group(1)}" in report.stderr
+
+
+CUT_WRITE_CHILD = textwrap.dedent(
+    """
+    import os, shutil, sys
+    import torch
+    import kvtrace
+    import kvtrace.run_writer
+    from kvtrace.llama import build_model
+    from kvtrace.recorder import RecordingError
+    from tests.tiny import tiny_size
+
+    out_dir = sys.argv[1]
+    layers, new_tokens, leave_free = (int(arg) for arg in sys.argv[2:5])
+    # No flush on the writer thread: every KV line reaches the disk in the block's last write, which the
+    # disk takes only the start of
+    kvtrace.run_writer.FLUSH_INTERVAL_S = 3600.0
+    model = build_model(tiny_size(layers), seed=0)
+    ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def fill_disk():
+        with open(os.path.join(os.path.dirname(out_dir), "filler"), "wb", buffering=0) as fh:
+            chunk = 1 << 16
+            while chunk:
+                room = shutil.disk_usage(out_dir).free - leave_free
+                try:
+                    if room < chunk:
+                        raise OSError("enough")
+                    fh.write(b"x" * chunk)
+                except OSError:
+                    chunk //= 2
+
+    try:
+        with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
+            fill_disk()
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        print("no error")
+    except RecordingError as exc:
+        print("error:", exc)
+    """
+)
+
+
+def test_a_kv_log_write_cut_by_a_full_disk_counts_as_lost_only_the_lines_not_in_the_file(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    # GIVEN a recording whose disk has 16 KiB left, and whose ~50 KiB of KV lines reach it in one write at
+    # the block's end: the disk takes its first pages, cutting a line, and refuses the rest
+    layers, new_tokens = 2, 30
+    run = small_disk / "run"
+    script = tmp_path / "child.py"
+    script.write_text(CUT_WRITE_CHILD, encoding="utf-8")
+    child = subprocess.run(
+        [sys.executable, str(script), str(run), str(layers), str(new_tokens), str(16 * 1024)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.splitlines() == [
+        f"error: {run / KV_EVENTS}: cannot write (No space left on device): the run is incomplete"
+    ]
+    # A prefill creates K and V per layer, each of the other new_tokens - 1 forwards grows and frees them,
+    # and the dropped cache's last storages are freed: 4 lines per layer and new token
+    made = 4 * layers * new_tokens
+
+    # WHEN the file's whole lines are counted
+    text = (run / KV_EVENTS).read_bytes()
+    whole = text.count(b"\n")
+    assert 0 < whole < made
+    for line in text.split(b"\n")[:whole]:
+        json.loads(line)
+
+    # THEN the manifest counts those as written, and only the others (a cut last one included) as lost
+    manifest = json.loads((run / MANIFEST).read_text(encoding="utf-8"))
+    assert manifest["ended"]["write_error"] == f"{run / KV_EVENTS}: cannot write (No space left on device)"
+    assert manifest["kv_events"] == whole
+    assert manifest["ended"]["kv_events_lost"] == made - whole

@@ -3,18 +3,21 @@ each cache's layers are its own rows, and the bytes per token divide a cache's b
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.format import read_run
 from kvtrace.llama import build_model
-from tests.integration.kvlog_math import kv_bytes
+from tests.integration.kvlog_math import assert_addresses_freed_before_reuse, kv_bytes
 from tests.tiny import HEAD_DIM, tiny_size
 
 LAYERS, DRAFT_LAYERS, KV_HEADS, PROMPT, NEW_TOKENS = 4, 2, 2, 12, 10
@@ -142,3 +145,57 @@ def test_two_generate_outputs_held_are_two_caches(tmp_path: Path, capsys: pytest
     assert kv["bytes_per_token_measured"] == _storage_bytes(caches[1]) / tokens == PER_TOKEN
     assert [c["bytes_per_token_measured"] for c in kv["caches"]] == [PER_TOKEN, PER_TOKEN]
     assert kv_bytes(KV_HEADS, HEAD_DIM, tokens, 1, FP32) == kv["per_layer"][0]["k_bytes"]
+
+
+@pytest.mark.parametrize("profiler", [False, True], ids=["light", "full"])
+def test_a_cache_dropped_before_a_reused_caches_next_call_is_freed_before_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], profiler: bool
+) -> None:
+    # GIVEN a chat's cache reused by a later generate() call (its next turn), and a call in between that
+    # made its own cache (3 rows) and dropped it: the allocator may give its storages' addresses to the
+    # chat's prefill, or not, so the old log order overstated the peak by a different amount each run
+    model = build_model(tiny_size(LAYERS, KV_HEADS), seed=0)
+
+    def prompt(rows: int, tokens: int, seed: int) -> torch.Tensor:
+        return torch.randint(3, 1000, (rows, tokens), generator=torch.Generator().manual_seed(seed))
+
+    kwargs: dict[str, Any] = {"max_new_tokens": 2, "min_new_tokens": 2, "do_sample": False}
+
+    def k_or_v(tokens: int, rows: int) -> int:
+        return kv_bytes(KV_HEADS, HEAD_DIM, tokens, rows, FP32)
+
+    # The other call's last growth (30 -> 31 positions), at the last layer's V copy, the chat (21) held
+    other_peak = 2 * LAYERS * k_or_v(21, 1) + 2 * LAYERS * k_or_v(31, 3) + k_or_v(30, 3)
+    # The next turn's last growth (60 -> 61), the other call's cache gone
+    turn_peak = 2 * LAYERS * k_or_v(61, 1) + k_or_v(60, 1)
+    assert other_peak > turn_peak
+
+    for attempt in range(3):  # stable, whichever addresses the allocator hands out
+        run = tmp_path / f"run{attempt}"
+        with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
+            chat = DynamicCache()
+            first = model.generate(prompt(1, 20, 1), cache=chat, **kwargs)  # chat: 21 positions
+            other = model.generate(prompt(3, 30, 2), return_dict_in_generate=True, **kwargs)
+            dropped = weakref.ref(other.past_key_values)
+            del other
+            gc.collect()
+            assert dropped() is None
+            next_turn = torch.cat([first, prompt(1, 38, 3)], 1)  # 60 tokens, 21 of them held
+            model.generate(next_turn, cache=chat, **kwargs)  # chat: 61 positions
+        assert chat.get_seq_length() == 61
+
+        # WHEN it is reported
+        kv = _cli_json(["report", str(run), "--no-export"], capsys)["kv"]
+
+        # THEN the dropped cache's storages are all freed before the chat's next line, and the peak is the
+        # other call's (its cache was never live beside the next turn's)
+        events = read_run(run).kv_events
+        chat_id, other_id = events[0].cache, next(e.cache for e in events if e.cache != events[0].cache)
+        last_write = max(e.seq for e in events if e.cache == other_id and e.event != "freed")
+        chat_next = min(e.seq for e in events if e.cache == chat_id and e.seq > last_write)
+        made = [e.seq for e in events if e.cache == other_id and e.event in ("created", "grown")]
+        frees = [e.seq for e in events if e.cache == other_id and e.event == "freed"]
+        assert len(frees) == len(made) and max(frees) < chat_next
+        assert_addresses_freed_before_reuse(events)
+        assert kv["peak_bytes"] == other_peak
+        assert kv["final_bytes"] == 2 * LAYERS * k_or_v(61, 1)
