@@ -164,8 +164,13 @@ def test_an_interrupted_overwrite_keeps_the_earlier_export(tmp_path: Path) -> No
     def interrupt(_inp: object) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
-        export(others, out, overwrite=True, on_input=interrupt)
+    # (Python's own handler: a background job, `pytest &`, inherits SIGINT ignored from its shell)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export(others, out, overwrite=True, on_input=interrupt)
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
     # THEN the earlier export is whole, and nothing of the interrupted one is left
     assert _files(out) == before
