@@ -23,6 +23,26 @@ from kvtrace.format import KV_EVENTS, MANIFEST, MEMORY_SAMPLES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+# The children's disk filler: writes until `leave_free` bytes are left on out_dir's disk, or none at all
+# (smaller and smaller writes at the end).
+FILL_DISK = textwrap.dedent(
+    """
+    import os, shutil
+
+    def fill_disk(out_dir, leave_free):
+        with open(os.path.join(os.path.dirname(out_dir), "filler"), "wb", buffering=0) as fh:
+            chunk = 1 << 16
+            while chunk:
+                room = shutil.disk_usage(out_dir).free - leave_free
+                try:
+                    if room < chunk:
+                        raise OSError("enough")
+                    fh.write(b"x" * chunk)
+                except OSError:
+                    chunk //= 2
+    """
+)
+
 CHILD = textwrap.dedent(
     """
     import os, shutil, sys
@@ -35,26 +55,13 @@ CHILD = textwrap.dedent(
     model = build_model("tiny")
     batch = torch.load(batch_file)
 
-    def fill_disk():
-        # Until `leave_free` bytes are left, or none at all (smaller and smaller writes at the end).
-        with open(os.path.join(os.path.dirname(out_dir), "filler"), "wb", buffering=0) as fh:
-            chunk = 1 << 16
-            while chunk:
-                room = shutil.disk_usage(out_dir).free - leave_free
-                try:
-                    if room < chunk:
-                        raise OSError("enough")
-                    fh.write(b"x" * chunk)
-                except OSError:
-                    chunk //= 2
-
     try:
         with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=profiler):
             if not profiler:
-                fill_disk()  # the KV log's next write fails
+                fill_disk(out_dir, leave_free)  # the KV log's next write fails
             model.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)
             if profiler:
-                fill_disk()  # the trace, written at the block's end, does not fit
+                fill_disk(out_dir, leave_free)  # the trace, written at the block's end, does not fit
         print("no error")
     except RecordingError as exc:
         print("error:", exc)
@@ -86,7 +93,7 @@ def _record(disk: Path, tmp_path: Path, prompt_batch, profiler: bool, leave_free
         {"input_ids": prompt_batch.input_ids, "attention_mask": prompt_batch.attention_mask}, batch_file
     )
     script = tmp_path / "child.py"
-    script.write_text(CHILD, encoding="utf-8")
+    script.write_text(FILL_DISK + CHILD, encoding="utf-8")
     child = subprocess.run(
         [
             sys.executable,
@@ -187,21 +194,9 @@ CUT_WRITE_CHILD = textwrap.dedent(
     model = build_model(tiny_size(layers), seed=0)
     ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
 
-    def fill_disk():
-        with open(os.path.join(os.path.dirname(out_dir), "filler"), "wb", buffering=0) as fh:
-            chunk = 1 << 16
-            while chunk:
-                room = shutil.disk_usage(out_dir).free - leave_free
-                try:
-                    if room < chunk:
-                        raise OSError("enough")
-                    fh.write(b"x" * chunk)
-                except OSError:
-                    chunk //= 2
-
     try:
         with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
-            fill_disk()
+            fill_disk(out_dir, leave_free)
             model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         print("no error")
     except RecordingError as exc:
@@ -218,7 +213,7 @@ def test_a_kv_log_write_cut_by_a_full_disk_counts_as_lost_only_the_lines_not_in_
     layers, new_tokens = 2, 30
     run = small_disk / "run"
     script = tmp_path / "child.py"
-    script.write_text(CUT_WRITE_CHILD, encoding="utf-8")
+    script.write_text(FILL_DISK + CUT_WRITE_CHILD, encoding="utf-8")
     child = subprocess.run(
         [sys.executable, str(script), str(run), str(layers), str(new_tokens), str(16 * 1024)],
         capture_output=True,
