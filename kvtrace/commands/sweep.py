@@ -38,6 +38,13 @@ def _model_size(args: argparse.Namespace) -> tuple[str, Any]:
     from analyzers.planning.presets import geometry_from_config, get_preset
 
     geom = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
+    unlike = _not_llama(geom)
+    if unlike:
+        # Recorded as a plain Llama, its KV or its weights would be another model's, and so every figure
+        raise KvtraceError(
+            f"{geom.name}: {unlike}, which kvtrace sweep's Llama 3 models do not build; "
+            f"kvtrace plan --config {args.config or '<config.json>'} sizes it without running"
+        )
     if geom.num_attention_heads % geom.num_kv_heads:
         # Llama's attention repeats each KV head over heads / KV heads query heads: a whole number
         raise KvtraceError(
@@ -56,6 +63,18 @@ def _model_size(args: argparse.Namespace) -> tuple[str, Any]:
         head_dim=geom.head_dim,  # may differ from hidden_size / heads (Qwen3, Gemma): llama builds it
     )
     return geom.name, size
+
+
+def _not_llama(geom: Any) -> str:
+    """What of a config's shape a random-weights Llama 3 cannot reproduce ("" when nothing): latent
+    attention (another KV), routed experts (other weights), layers without KV (linear attention)."""
+    if geom.mla is not None:
+        return f"it caches a multi-head latent (kv_lora_rank {geom.mla.kv_lora_rank}), not K and V per head"
+    if geom.experts:
+        return f"{geom.moe_layers} of its layers route over {geom.experts} experts"
+    if geom.kv_layers is not None and geom.kv_layers != geom.num_layers:
+        return f"only {geom.kv_layers} of its {geom.num_layers} layers hold a KV cache"
+    return ""
 
 
 def _forget_generate_state(model: Any) -> None:

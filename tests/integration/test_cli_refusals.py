@@ -799,3 +799,38 @@ def test_a_plain_plan_refuses_vllms_settings_it_would_ignore(
         vllm = json.loads(capsys.readouterr().out)
         assert vllm["kv_heads_per_worker"] == 4
         assert vllm["kv_bytes_per_token"] == 32 * 2 * 4 * 128 * 2
+
+
+_SHAPE = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64}
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (
+            {"kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 24},
+            "it caches a multi-head latent (kv_lora_rank 32), not K and V per head",
+        ),
+        ({"num_local_experts": 8}, "4 of its layers route over 8 experts"),
+        (
+            {"layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"]},
+            "only 1 of its 4 layers hold a KV cache",
+        ),
+    ],
+    ids=["latent", "experts", "linear-attention"],
+)
+def test_a_sweep_of_a_config_a_llama_cannot_build_is_refused(
+    extra: dict[str, object], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a config whose KV (latent attention, KV-less layers) or weights (routed experts) a random-weights
+    # Llama 3 would not have: swept as one, its every figure was another model's, unmarked
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**_SHAPE, "intermediate_size": 128, "vocab_size": 1000, **extra}))
+    out = tmp_path / "sweep"
+    # WHEN it is swept
+    code = main(["sweep", "--config", str(config), "--batch", "1", "--context", "8", "--out", str(out)])
+    # THEN it is refused before anything runs, with what the Llama lacks and where to size it instead
+    err = capsys.readouterr().err
+    assert code == 2 and said in err, err
+    assert f"kvtrace plan --config {config} sizes it without running" in err
+    assert not out.exists()
