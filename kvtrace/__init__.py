@@ -44,6 +44,16 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'kvtrace' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module_name), name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        from kvtrace.errors import missing_dependency
+
+        needs = missing_dependency(exc)
+        if needs is None:
+            raise
+        # The laptop install (`pip install kvtrace`) has the analyzers only: say which extra brings the rest
+        raise ModuleNotFoundError(f"kvtrace.{name} {needs}", name=exc.name) from None
+    value = getattr(module, name)
     globals()[name] = value
     return value

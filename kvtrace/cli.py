@@ -13,7 +13,7 @@ from typing import NoReturn
 from kvtrace.commands.base import Command
 from kvtrace.commands.lazy_numpy import numpy_at_first_use
 from kvtrace.commands.output import GuardedStdout
-from kvtrace.errors import KvtraceError, os_errno, os_reason
+from kvtrace.errors import KvtraceError, missing_dependency, os_errno, os_reason
 
 # (name, module, class): imported when the parser is built, so each module keeps torch/plotly imports
 # inside `run`. A command line naming one command imports only that one (start-up counts on small inputs).
@@ -115,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvtrace {command.name}: error: {said} ({_inputs(args)})", file=sys.stderr)
         return 2 if isinstance(exc, RecursionError) else 1
     except Exception as exc:
+        needs = missing_dependency(exc) if isinstance(exc, ImportError) else None
+        if needs is not None:  # an optional part not installed (the laptop install has no torch)
+            print(f"kvtrace {command.name}: error: {needs}", file=sys.stderr)
+            return 1
         # A bug, or input damaged in a way no reader checks: one line, the traceback on request.
         if os.environ.get("KVTRACE_DEBUG"):
             raise

@@ -28,6 +28,34 @@ class RecordingError(KvtraceError):
     when the block ends). Here, away from torch, so that `kvtrace.RecordingError` costs no import."""
 
 
+# Which extra of kvtrace's brings each optional module (pyproject.toml): the laptop install has only the
+# analyzers' numpy, plotly and tqdm.
+_EXTRA_OF = {
+    "torch": "record",
+    "transformers": "record",
+    "nvtx": "record",
+    "pyarrow": "export",
+    "duckdb": "export",
+    "tensorboard": "tensorboard",
+    "llama_models": "demo",
+    "tiktoken": "demo",
+    "numpy": "",
+    "plotly": "",
+    "tqdm": "",
+}
+
+
+def missing_dependency(exc: ImportError) -> str | None:
+    """What to install for a module kvtrace needs and did not find ("needs pyarrow, which is not installed
+    here: pip install 'kvtrace[export]'"); None for any other import error, which is a bug."""
+    name = (exc.name or "").partition(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or name not in _EXTRA_OF:
+        return None
+    extra = _EXTRA_OF[name]
+    what = f"kvtrace[{extra}]" if extra else "kvtrace"
+    return f"needs {name}, which is not installed here: pip install '{what}'"
+
+
 def too_long_integer() -> str:
     """What `json.loads` means by a plain ValueError (not a JSONDecodeError): CPython refuses to read an
     integer of more digits than `sys.get_int_max_str_digits()` (4300), a guard against quadratic parsing.

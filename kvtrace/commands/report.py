@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import check_html_target, print_result, write_html
-from kvtrace.errors import KvtraceError, cannot_write
+from kvtrace.errors import KvtraceError, cannot_write, missing_dependency
 from kvtrace.format import is_run_group
 
 
@@ -147,8 +147,11 @@ class ReportCommand(Command):
             _not_exported(cannot_write(path / COUNTERS_FILE, exc))
         try:
             write_scalars(path, meta["kv"])
-        except ImportError:
-            print("note: tensorboard is not installed: KV scalars not written", file=sys.stderr)
+        except ImportError as exc:
+            needs = missing_dependency(exc)
+            if needs is None:
+                raise
+            print(f"kvtrace report: note: KV scalars not written: {needs}", file=sys.stderr)
         except KvtraceError as exc:
             _not_exported(exc)
         except OSError as exc:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 
 
 def _modules_after(statement: str) -> set[str]:
@@ -42,3 +46,82 @@ def test_recorder_never_imports_plotly() -> None:
     assert "torch" in loaded  # the recorder really is loaded
     assert "plotly" not in loaded
     assert not any(name.startswith("analyzers") for name in loaded)
+
+
+# A fresh interpreter where the optional parts are not installed: importing one fails as pip's absence
+# of it would (ModuleNotFoundError naming it), so the laptop install (`pip install kvtrace`) is what runs.
+_WITHOUT = """
+import sys
+BLOCKED = set(sys.argv[1].split(","))
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+sys.argv = sys.argv[1:]
+exec(sys.argv[1])
+"""
+
+_OPTIONAL = "torch,transformers,nvtx,pyarrow,duckdb,tensorboard,llama_models,tiktoken"
+
+
+def _without(blocked: str, code: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", _WITHOUT, blocked, code, *argv]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+_CLI = "from kvtrace.cli import main; sys.exit(main(sys.argv[2:]))"
+
+
+def test_the_analyzers_run_without_any_optional_part(tmp_path: Path) -> None:
+    # GIVEN a recorded run copied to a laptop with only numpy, plotly and tqdm
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    expected = _without("", _CLI, "report", str(run), "--json", "--no-export")
+    assert expected.returncode == 0, expected.stderr
+    # WHEN it is reported (its exports written into it), diagnosed and planned there
+    done = _without(_OPTIONAL, _CLI, "report", str(run), "--json")
+    # THEN the figures are those of the full install, and only the TensorBoard scalars are left, with why
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["kv"] == json.loads(expected.stdout)["kv"]
+    said = "kvtrace report: note: KV scalars not written: needs tensorboard, which is not installed here: "
+    assert said + "pip install 'kvtrace[tensorboard]'" in done.stderr
+    assert (run / "kv_counters.trace.json.gz").is_file() and not (run / "tb_scalars").exists()
+    for argv in (["diagnose", str(run), "--json"], ["plan", "--preset", "llama-3-8b", "--json"]):
+        done = _without(_OPTIONAL, _CLI, *argv)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)
+
+
+@pytest.mark.parametrize(
+    ("argv", "missing", "extra"),
+    [
+        (["export", "RUN", "-o", "OUT"], "pyarrow", "kvtrace[export]"),
+        (["demo", "--out", "OUT"], "torch", "kvtrace[record]"),
+    ],
+    ids=["export", "demo"],
+)
+def test_a_command_whose_part_is_not_installed_says_which_extra_brings_it(
+    argv: list[str], missing: str, extra: str, tmp_path: Path
+) -> None:
+    # GIVEN the laptop install (no torch, no pyarrow) WHEN a command that needs one of them runs
+    paths = {"RUN": str(SAMPLES / "dynamic_b2"), "OUT": str(tmp_path / "out")}
+    done = _without(_OPTIONAL, _CLI, *(paths.get(a, a) for a in argv))
+    # THEN one line names the module and the extra, exit 1: not an "internal error, please report it" (70)
+    assert done.returncode == 1, done.stderr
+    said = f"kvtrace {argv[0]}: error: needs {missing}, which is not installed here: pip install '{extra}'\n"
+    assert done.stderr == said
+    assert not (tmp_path / "out").exists()
+
+
+def test_kvtrace_record_without_torch_says_which_extra_brings_it() -> None:
+    done = _without(_OPTIONAL, "import kvtrace; kvtrace.record")
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        "ModuleNotFoundError: kvtrace.record needs torch, which is not installed here: "
+        "pip install 'kvtrace[record]'"
+    )
