@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvtrace {command.name}: error: {said} ({_inputs(args)})", file=sys.stderr)
         return 2 if isinstance(exc, RecursionError) else 1
     except Exception as exc:
-        needs = missing_dependency(exc) if isinstance(exc, ImportError) else None
+        needs = missing_dependency(exc, command.name) if isinstance(exc, ImportError) else None
         if needs is not None:  # an optional part not installed (the laptop install has no torch)
             print(f"kvtrace {command.name}: error: {needs}", file=sys.stderr)
             return 1

@@ -45,13 +45,16 @@ _EXTRA_OF = {
 }
 
 
-def missing_dependency(exc: ImportError) -> str | None:
+def missing_dependency(exc: ImportError, command: str = "") -> str | None:
     """What to install for a module kvtrace needs and did not find ("needs pyarrow, which is not installed
-    here: pip install 'kvtrace[export]'"); None for any other import error, which is a bug."""
+    here: pip install 'kvtrace[export]'"); None for any other import error, which is a bug. `demo` needs
+    its whole extra (the recorder, the tokenizer, the scalars)."""
     name = (exc.name or "").partition(".")[0]
     if not isinstance(exc, ModuleNotFoundError) or name not in _EXTRA_OF:
         return None
     extra = _EXTRA_OF[name]
+    if command == "demo" and extra:
+        extra = "demo"
     what = f"kvtrace[{extra}]" if extra else "kvtrace"
     return f"needs {name}, which is not installed here: pip install '{what}'"
 

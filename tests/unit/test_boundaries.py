@@ -100,9 +100,10 @@ def test_the_analyzers_run_without_any_optional_part(tmp_path: Path) -> None:
     ("argv", "missing", "extra"),
     [
         (["export", "RUN", "-o", "OUT"], "pyarrow", "kvtrace[export]"),
-        (["demo", "--out", "OUT"], "torch", "kvtrace[record]"),
+        (["demo", "--out", "OUT"], "torch", "kvtrace[demo]"),
+        (["sweep", "--out", "OUT"], "torch", "kvtrace[record]"),
     ],
-    ids=["export", "demo"],
+    ids=["export", "demo", "sweep"],
 )
 def test_a_command_whose_part_is_not_installed_says_which_extra_brings_it(
     argv: list[str], missing: str, extra: str, tmp_path: Path
