@@ -9,9 +9,16 @@ The wrapper is set on the model's class and acts for that instance only (a deep 
 model carries nothing of kvtrace's); a `forward` set on the instance itself (a compiled one, accelerate's
 hooks) shadows the class's, so it is wrapped there instead. Either is put back at the end. The wrapper
 keeps the wrapped method's signature (`functools.wraps`: `inspect.signature` follows `__wrapped__`, which
-`generate()` reads to know which arguments the model takes). While torch.compile traces a module that
-calls the wrapper, the wrapper runs eagerly behind `torch.compiler.disable`: the graph breaks there, and
-the model's own forward below it is compiled as its own frame.
+`generate()` reads to know which arguments the model takes).
+
+Under torch.compile, kvtrace's own code must neither be traced nor break the user's graph. transformers'
+compiled decoding (`CompileConfig`: generate() calls `torch.compile(model.__call__)`, by default with a
+graph of the whole call, `fullgraph=True` refusing any break) is taken from outside: the model's
+`get_compiled_call` returns the compiled call wrapped, the step's start and end run around it eagerly, and
+inside the graph kvtrace's `forward` is a plain pass-through that dynamo inlines. A module compiled some
+other way (`torch.compile(model)` called directly) reaches the wrapper from inside its graph, which then
+breaks there: the start and end run eagerly behind `torch.compiler.disable`, and the model's own forward
+below is compiled as its own frame.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ class ForwardWrap:
         self._had_own = False  # the owner held a `forward` of its own (a class's, an instance's compiled one)
         self._own: Any = None
         self.active = False
+        # Inside a call whose step kvtrace's compiled-call wrapper already begins and ends: pass through
+        self.outer = False
+        self._compiled_call: tuple[Any, bool, Any] | None = None  # (class, had its own, that one)
 
     def install(self) -> None:
         model = self.model
@@ -51,6 +61,7 @@ class ForwardWrap:
             # On the class, for this instance only: a deep copy or a pickle of the model (an assistant made
             # from it) holds nothing of kvtrace's, and other instances of the class pass straight through.
             self._wrap(type(model), type(model).forward, bound=False)
+        self._wrap_compiled_call()
 
     def _wrap(self, owner: Any, inner: Callable[..., Any], bound: bool) -> None:
         model, before, after, wrap = self.model, self._before, self._after, self
@@ -67,14 +78,30 @@ class ForwardWrap:
                 after(model, args, output)
             return output
 
+        skipped = run
         disable = getattr(getattr(torch, "compiler", None), "disable", None)
-        skipped = disable(run, recursive=False) if disable is not None else run
+        if disable is not None:
+            # Reached from inside a graph: this frame and the step's start and end run eagerly (dynamo
+            # would trace into them otherwise), the model's forward below is compiled as its own frame
+            before_eager, after_eager = disable(before), disable(after)
+
+            def run_eagerly(*args: Any, **kwargs: Any) -> Any:
+                before_eager(model, args, kwargs)
+                output = None
+                try:
+                    output = inner(*args, **kwargs) if bound else inner(model, *args, **kwargs)
+                finally:
+                    after_eager(model, args, output)
+                return output
+
+            skipped = disable(run_eagerly, recursive=False)
 
         if bound:
 
             @functools.wraps(inner)
             def forward(*args: Any, **kwargs: Any) -> Any:
-                if not wrap.active:  # the block ended while someone still holds this wrapper
+                # The block ended while someone still holds this wrapper, or the step is taken outside
+                if not wrap.active or wrap.outer:
                     return inner(*args, **kwargs)
                 if compiling():  # traced by torch.compile: run eagerly, the graph breaks here
                     return skipped(*args, **kwargs)
@@ -84,7 +111,7 @@ class ForwardWrap:
 
             @functools.wraps(inner)
             def forward(module: Any, *args: Any, **kwargs: Any) -> Any:
-                if module is not model or not wrap.active:
+                if module is not model or not wrap.active or wrap.outer:
                     return inner(module, *args, **kwargs)
                 if compiling():
                     return skipped(*args, **kwargs)
@@ -95,10 +122,56 @@ class ForwardWrap:
         self.active = True
         owner.forward = forward
 
+    def _wrap_compiled_call(self) -> None:
+        """transformers' compiled decoding: its compiled call, wrapped, so that the step begins and ends
+        outside the graph. Set on the model's class for this instance only, as `forward` is (a copy or a
+        pickle of the model holds nothing of kvtrace's); put back at the end."""
+        model, before, after, wrap = self.model, self._before, self._after, self
+        cls = type(model)
+        original = getattr(cls, "get_compiled_call", None)
+        if original is None or "get_compiled_call" in vars(model):
+            return
+        own = cls.__dict__.get("get_compiled_call")
+        self._compiled_call = (cls, "get_compiled_call" in cls.__dict__, own)
+
+        @functools.wraps(original)
+        def get_compiled_call(module: Any, *args: Any, **kwargs: Any) -> Any:
+            compiled = original(module, *args, **kwargs)
+            if module is not model or not wrap.active:
+                return compiled
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if not wrap.active or wrap.outer:
+                    return compiled(*args, **kwargs)
+                wrap.outer = True
+                try:
+                    before(model, args, kwargs)
+                    output = None
+                    try:
+                        output = compiled(*args, **kwargs)
+                    finally:
+                        after(model, args, output)
+                    return output
+                finally:
+                    wrap.outer = False
+
+            return call
+
+        get_compiled_call.kvtrace_wrapper = True  # type: ignore[attr-defined]
+        cls.get_compiled_call = get_compiled_call
+
     def uninstall(self) -> None:
         """Put the `forward` kvtrace replaced back, unless other code has set another one over kvtrace's since
         (that one keeps calling kvtrace's wrapper, which now only passes the call through)."""
         self.active = False
+        if self._compiled_call is not None:
+            cls, had_own, own = self._compiled_call
+            self._compiled_call = None
+            if getattr(cls.__dict__.get("get_compiled_call"), "kvtrace_wrapper", False):
+                if had_own:
+                    cls.get_compiled_call = own
+                else:
+                    delattr(cls, "get_compiled_call")
         owner, wrapper = self._owner, self._wrapper
         if wrapper is None:
             return

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from torch._dynamo.utils import counters
 
 import kvtrace
@@ -139,3 +140,62 @@ def test_a_torch_compile_wrapper_passed_as_the_model_is_recorded_step_by_step(
     assert torch.equal(plain.sequences, recorded.sequences)
     _check_run(tmp_path / "run", "dynamic", capsys)
     assert read_run(tmp_path / "run").manifest["warnings"] == []
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_transformers_compiled_decoding_keeps_its_graph_whole(
+    fullgraph: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN transformers' own compiled decoding (`CompileConfig`: generate() compiles `model.__call__`,
+    # here also on the CPU), where `fullgraph=True` refuses any graph break
+    from transformers import CompileConfig
+
+    def compiled_graphs(record: bool) -> tuple[int, int, Any]:
+        torch._dynamo.reset()
+        counters.clear()
+        model = build_model(tiny_size(LAYERS, KV_HEADS), seed=0)
+        config = CompileConfig(fullgraph=fullgraph, backend="eager", mode=None)
+        config._compile_all_devices = True
+        model.generation_config.compile_config = config
+        if not record:
+            out = _generate(model, "static")
+        else:
+            with kvtrace.record(tmp_path / "run", model=model, profiler=False):
+                out = _generate(model, "static")
+            assert not getattr(type(model).get_compiled_call, "kvtrace_wrapper", False)  # put back
+        return (*_counted(), out)
+
+    plain = compiled_graphs(record=False)
+    # WHEN it generates inside the block (it used to raise with fullgraph, and to break the graph at
+    # kvtrace's forward and trace kvtrace's own bookkeeping without)
+    recorded = compiled_graphs(record=True)
+    # THEN dynamo makes the same graphs with no break, the tokens are the same, and every step is logged
+    assert recorded[:2] == plain[:2] and plain[0] >= 1 and plain[1] == 0
+    assert torch.equal(plain[2].sequences, recorded[2].sequences)
+    _check_run(tmp_path / "run", "static", capsys)
+
+
+def _counted() -> tuple[int, int]:
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def test_a_call_compiled_whole_breaks_only_at_kvtraces_forward(tmp_path: Path) -> None:
+    # GIVEN a model whose whole call is compiled by the user and driven by their own loop: kvtrace's forward
+    # is reached from inside the graph, so the graph breaks there
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_model(tiny_size(LAYERS, KV_HEADS), seed=0)
+    call = torch.compile(model.__call__, backend="eager")
+    ids = torch.randint(3, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    # WHEN it runs a prefill and decode steps inside the block
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        cache = transformers.DynamicCache(config=model.config)
+        for _ in range(NEW):
+            ids = call(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    # THEN dynamo traced none of kvtrace's bookkeeping (it used to compile the step's start and end, and
+    # break on their JSON, locks and storages): the only breaks are at the wrapper itself
+    reasons = list(counters["graph_break"])
+    assert reasons and all("torch.compiler.disable" in reason for reason in reasons), reasons
+    # AND every step is logged: the prompt's tokens, then one more per step
+    events = [e for e in read_run(tmp_path / "run").kv_events if e.kv == "k" and e.layer == 0 and e.tokens]
+    assert [e.tokens for e in events] == list(range(PROMPT, PROMPT + NEW))
