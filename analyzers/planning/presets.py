@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from analyzers.planning.config_defaults import default_layer_types, window_on_by_default
 from kvtrace.errors import KvtraceError, too_long_integer
 from kvtrace.geometry import kv_heads_of, kv_layer_slides
 
@@ -103,8 +104,8 @@ class ModelGeometry:
 
     @property
     def windowed_layers(self) -> int:
-        """Layers a cache keeps at the model's window (transformers' caches follow the config: every layer
-        without `layer_types`, the sliding ones with it)."""
+        """Layers a cache keeps at the model's window (transformers' caches follow the config: the sliding
+        ones of `layer_types`, given or derived by the model's family; every layer when neither)."""
         if self.sliding_window is None:
             return 0
         return self.layers_with_kv if self.sliding_layers is None else self.sliding_layers
@@ -250,8 +251,10 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     fallback. `num_key_value_heads` defaults to the attention head count (plain multi-head attention) and
     `head_dim` to hidden_size / num_attention_heads, as transformers does. `tie_word_embeddings` defaults
     to False, LlamaConfig's default (transformers' generic default is True, but Llama, Mistral and Qwen2
-    override it and write it into config.json anyway). A window is kept only when the config enables it:
-    Qwen2-style configs carry `sliding_window` with `use_sliding_window: false`.
+    override it and write it into config.json anyway). What else a config leaves out is its family's
+    default in transformers (`config_defaults`): `use_sliding_window` (False for Qwen2-style configs, which
+    carry a `sliding_window` size all the same) and `layer_types` (Gemma 2 alternates sliding and full
+    layers).
     """
     config_path = Path(path)
     if config_path.is_dir():
@@ -304,15 +307,19 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     else:
         head_dim = positive_int("head_dim", head_dim_raw)
 
+    model_type = str(fields.get("model_type") or "")
     window_raw = fields.get("sliding_window")
-    window_enabled = fields.get("use_sliding_window", True) is not False and window_raw != 0  # 0: none
+    window_on = fields.get("use_sliding_window", window_on_by_default(model_type))
+    window_enabled = window_on is not False and window_raw != 0  # 0: none
     sliding_window = None
     if window_enabled and window_raw is not None:
         sliding_window = positive_int("sliding_window", window_raw)
 
-    slides = kv_layer_slides(fields.get("layer_types"))
+    layer_types = fields.get("layer_types")
+    if layer_types is None:
+        layer_types = default_layer_types(fields, model_type, layers, sliding_window, positive_int)
+    slides = kv_layer_slides(layer_types)
     name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
-    model_type = str(fields.get("model_type") or "")
     return ModelGeometry(
         name=str(name),
         num_layers=layers,
