@@ -1,13 +1,15 @@
 """What transformers assumes for the keys a config.json leaves out, family by family (`model_type`).
 
 `plan --config` reads a config.json without transformers, but published configs often omit what their
-family's config class fills in: google/gemma-2-9b's has no `layer_types` (Gemma2Config alternates sliding
-and full layers).
+family's config class fills in. google/gemma-2-9b's has no `layer_types` (Gemma2Config alternates sliding
+and full layers) and no `tie_word_embeddings` (Gemma2Config ties the lm_head to the embeddings).
 
-The rules below are transformers 5.24's. A config class derives `layer_types` in its `__post_init__`
-(`models/<family>/configuration_<family>.py`), and a config without them falls back to
+The rules below are transformers 5.24's. Each config class declares its own `tie_word_embeddings`
+default, and a model with none is untied (`PreTrainedModel.get_expanded_tied_weights_keys` reads it with
+`getattr(..., False)`); PreTrainedConfig no longer has one. A class derives `layer_types` in its
+`__post_init__` (`models/<family>/configuration_<family>.py`), and a config without them falls back to
 `cache_utils.get_layer_types_and_kwargs`: every layer slides when there is a window. A family not named
-here gets that generic reading: every layer alike.
+here gets that generic reading: lm_head untied, every layer alike.
 """
 
 from __future__ import annotations
@@ -15,11 +17,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["default_layer_types", "window_on_by_default"]
+__all__ = ["default_layer_types", "tied_by_default", "window_on_by_default"]
+
+# The causal-LM model types (transformers 5.24's MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) whose config class
+# defaults `tie_word_embeddings` to True. Llama, Mistral, Mixtral, Qwen, DeepSeek and the rest: False.
+_TIED_BY_DEFAULT = frozenset(
+    {
+        "bart", "bert", "bert-generation", "big_bird", "bigbird_pegasus", "biogpt", "blenderbot",
+        "blenderbot-small", "bloom", "camembert", "cohere", "cohere2", "cohere2_moe", "cohere_compass_text",
+        "cpmant", "ctrl", "data2vec-text", "electra", "ernie", "ernie4_5", "ernie4_5_moe", "falcon",
+        "falcon_mamba", "gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text", "gemma4",
+        "gemma4_assistant", "gemma4_text", "gemma4_unified", "gemma4_unified_assistant",
+        "gemma4_unified_text", "got_ocr2", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox_japanese",
+        "granite_swa", "jetmoe", "lara_mini", "lfm2", "lfm2_moe", "lfm3", "mamba", "marian", "mbart",
+        "megatron-bert", "minicpm3", "modernbert-decoder", "moss_transcribe_diarize", "mpt", "mvp",
+        "openai-gpt", "opt", "pegasus", "plbart", "prophetnet", "recurrent_gemma", "roberta",
+        "roberta-prelayernorm", "roc_bert", "roformer", "smollm3", "starcoder2", "trocr", "vaultgemma",
+        "whisper", "xglm", "xlm", "xlm-roberta", "xlm-roberta-xl", "xlnet", "xmod", "youtu", "zamba",
+        "zamba2", "zaya",
+    }
+)  # fmt: skip
 
 # Families whose config class declares `use_sliding_window: bool = False`: their `sliding_window` is only
 # a size until that flag turns it on (Qwen2Config.__post_init__ sets it to None otherwise).
 _WINDOW_OFF_BY_DEFAULT = frozenset({"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3"})
+
+
+def tied_by_default(model_type: str) -> bool:
+    """Whether transformers ties the lm_head to the embeddings of a `model_type` config that does not say."""
+    return model_type in _TIED_BY_DEFAULT
 
 
 def window_on_by_default(model_type: str) -> bool:

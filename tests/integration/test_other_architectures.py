@@ -443,3 +443,57 @@ def test_plan_derives_the_layer_types_a_config_leaves_out_as_transformers_does(
     slides = geom.layer_slides or (True,) * geom.layers_with_kv
     assert [geom.sliding_window is not None and slide for slide in slides] == expected
     assert {window for window in windows if window} <= {geom.sliding_window}
+
+
+# The geometry of google/gemma-7b's and google/gemma-2-9b's published config.json, which leave
+# `tie_word_embeddings` out (GemmaConfig and Gemma2Config tie), and a tiny Gemma 3
+_GEMMA_7B = {
+    "model_type": "gemma", "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256, "vocab_size": 256000,
+}  # fmt: skip
+_GEMMA_2_9B = {
+    "model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+    "sliding_window": 4096, "query_pre_attn_scalar": 256,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [_GEMMA_7B, _GEMMA_2_9B, _published_config("gemma3_text", num_hidden_layers=6)],
+    ids=["gemma-7b", "gemma-2-9b", "gemma3"],
+)
+def test_plan_weighs_a_published_config_as_transformers_builds_it(
+    raw: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a Gemma config.json that does not say whether the lm_head is tied, and the model transformers
+    # builds from it (on the meta device: only the shapes)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = transformers.AutoConfig.for_model(**raw)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    # WHEN it is planned in bf16
+    assert main(["plan", "--config", str(tmp_path / "config.json"), "--json"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN the weights are the model's parameters at 2 B each: the lm_head is the embedding matrix, counted
+    # once, and Gemma 2's and 3's four norms per layer are there
+    assert config.tie_word_embeddings is True
+    assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.parameters())
+
+
+def test_plan_ties_the_lm_head_when_the_familys_config_class_does() -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from analyzers.planning.config_defaults import tied_by_default
+
+    # GIVEN every causal-LM family transformers knows, and its config class's `tie_word_embeddings`
+    # default (a class without one is untied: PreTrainedModel reads it with getattr(..., False))
+    checked = 0
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config_class = transformers.models.auto.configuration_auto.CONFIG_MAPPING[model_type]
+        field = getattr(config_class, "__dataclass_fields__", {}).get("tie_word_embeddings")
+        default = field.default if field is not None else False
+        # THEN the planner's default is the same
+        assert tied_by_default(model_type) is bool(default), model_type
+        checked += 1
+    assert checked > 100
