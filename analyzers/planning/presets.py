@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from analyzers.planning.config_defaults import default_layer_types, tied_by_default, window_on_by_default
 from kvtrace.errors import KvtraceError, too_long_integer
 from kvtrace.geometry import kv_heads_of, kv_layer_slides
 
@@ -81,7 +82,8 @@ class ModelGeometry:
     shared_intermediate_size: int = 0
     shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert (hidden x 1)
     qkv_bias: bool = False  # Qwen2's q/k/v projections carry biases
-    qk_norm: bool = False  # Qwen3's RMSNorm of q and k per head (head_dim each)
+    qk_norm: bool = False  # Qwen3's and Gemma 3's RMSNorm of q and k per head (head_dim each)
+    layer_norms: int = 2  # norm weight vectors per layer: Gemma 2 and 3 also norm each block's output
     mla: MlaShape | None = None  # multi-head latent attention (DeepSeek-V2/V3)
     # The longest context the model takes, as vLLM derives its limit on max_model_len from the config: the
     # smallest of max_position_embeddings and its other names (n_positions, max_seq_len, seq_length, ...;
@@ -103,8 +105,8 @@ class ModelGeometry:
 
     @property
     def windowed_layers(self) -> int:
-        """Layers a cache keeps at the model's window (transformers' caches follow the config: every layer
-        without `layer_types`, the sliding ones with it)."""
+        """Layers a cache keeps at the model's window (transformers' caches follow the config: the sliding
+        ones of `layer_types`, given or derived by the model's family; every layer when neither)."""
         if self.sliding_window is None:
             return 0
         return self.layers_with_kv if self.sliding_layers is None else self.sliding_layers
@@ -205,13 +207,13 @@ def param_count(geom: ModelGeometry) -> int:
 
     Counted: token embeddings; per layer the attention projections (with Qwen2's q/k/v biases, Qwen3's q/k
     norms, or DeepSeek's latent projections and norms), the gate/up/down MLP or, on MoE layers, every
-    expert, the router and the shared experts, and two RMSNorm weight vectors; the final norm; and the
-    lm_head unless it shares the embedding matrix. Other biases (GPT-OSS) are not counted.
+    expert, the router and the shared experts, and two RMSNorm weight vectors (four in Gemma 2 and 3); the
+    final norm; and the lm_head unless it shares the embedding matrix. Other biases (GPT-OSS) are not counted.
     """
     hidden = geom.hidden_size
     dense_layers = geom.num_layers - geom.moe_layers
     mlp = dense_layers * 3 * hidden * geom.intermediate_size + geom.moe_layers * _moe_mlp_params(geom)
-    per_layer = _attention_params(geom) + 2 * hidden
+    per_layer = _attention_params(geom) + geom.layer_norms * hidden
     embeddings = geom.vocab_size * hidden
     lm_head = 0 if geom.tie_word_embeddings else embeddings
     return embeddings + geom.num_layers * per_layer + mlp + hidden + lm_head
@@ -248,10 +250,10 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
 
     Multimodal configs nest the language model under `text_config`; its fields win, with the top level as
     fallback. `num_key_value_heads` defaults to the attention head count (plain multi-head attention) and
-    `head_dim` to hidden_size / num_attention_heads, as transformers does. `tie_word_embeddings` defaults
-    to False, LlamaConfig's default (transformers' generic default is True, but Llama, Mistral and Qwen2
-    override it and write it into config.json anyway). A window is kept only when the config enables it:
-    Qwen2-style configs carry `sliding_window` with `use_sliding_window: false`.
+    `head_dim` to hidden_size / num_attention_heads, as transformers does. What else a config leaves out
+    is its family's default in transformers (`config_defaults`): `tie_word_embeddings` (True for Gemma,
+    False for Llama), `use_sliding_window` (False for Qwen2-style configs, which carry a `sliding_window`
+    size all the same) and `layer_types` (Gemma 2 alternates sliding and full layers).
     """
     config_path = Path(path)
     if config_path.is_dir():
@@ -304,15 +306,20 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     else:
         head_dim = positive_int("head_dim", head_dim_raw)
 
+    model_type = str(fields.get("model_type") or "")
     window_raw = fields.get("sliding_window")
-    window_enabled = fields.get("use_sliding_window", True) is not False and window_raw != 0  # 0: none
+    window_on = fields.get("use_sliding_window", window_on_by_default(model_type))
+    window_enabled = window_on is not False and window_raw != 0  # 0: none
     sliding_window = None
     if window_enabled and window_raw is not None:
         sliding_window = positive_int("sliding_window", window_raw)
 
-    slides = kv_layer_slides(fields.get("layer_types"))
+    layer_types = fields.get("layer_types")
+    if layer_types is None:
+        layer_types = default_layer_types(fields, model_type, layers, sliding_window, positive_int)
+    slides = kv_layer_slides(layer_types)
     name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
-    model_type = str(fields.get("model_type") or "")
+    gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text")
     return ModelGeometry(
         name=str(name),
         num_layers=layers,
@@ -322,14 +329,15 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         hidden_size=hidden,
         intermediate_size=positive_int("intermediate_size", fields["intermediate_size"]),
         vocab_size=positive_int("vocab_size", fields["vocab_size"]),
-        tie_word_embeddings=bool(fields.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(fields.get("tie_word_embeddings", tied_by_default(model_type))),
         sliding_window=sliding_window,
         kv_layers=len(slides) if slides is not None else None,
         sliding_layers=sum(slides) if slides is not None else None,
         layer_slides=slides,
         **_experts(fields, layers, positive_int),
         qkv_bias=model_type in ("qwen2", "qwen2_moe"),
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text"),
+        layer_norms=4 if gemma_norms else 2,
         mla=_mla(fields, positive_int),
         max_position_embeddings=max_positions(fields, model_type),
     )

@@ -343,3 +343,157 @@ def test_plan_weighs_every_expert_and_latent_projection(
     assert data["weights_bytes"] == 4 * sum(p.numel() for p in model.parameters())
     held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
     assert data["kv_bytes"] == 4 * held
+
+
+def _published_config(model_type: str, **fields: Any) -> dict[str, Any]:
+    """A small config.json as the Hub publishes Gemma 2's and 3's: no `layer_types` (their config classes
+    derive them), 64 wide, 2 KV heads of 16, window 8, 256-token vocabulary."""
+    return {
+        "model_type": model_type, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "max_position_embeddings": 512,
+        "sliding_window": 8, "query_pre_attn_scalar": 16, **fields,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("raw", "held_tokens"),
+    [
+        # Gemma2Config alternates from a sliding layer 0: layers 0 and 2 hold their window's storage (the
+        # last step's 7 kept + 1 new), layers 1 and 3 all 39 tokens written
+        (_published_config("gemma2", num_hidden_layers=4), 8 + 39 + 8 + 39),
+        # Gemma3TextConfig: every `sliding_window_pattern`-th layer (6 by default) keeps every token
+        (_published_config("gemma3_text", num_hidden_layers=6), 5 * 8 + 39),
+        (_published_config("gemma3_text", num_hidden_layers=6, sliding_window_pattern=3), 2 * (2 * 8 + 39)),
+    ],
+    ids=["gemma2", "gemma3-default-pattern", "gemma3-pattern-3"],
+)
+def test_plan_reads_the_layer_types_a_published_config_leaves_out(
+    raw: dict[str, Any], held_tokens: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a Gemma config.json without `layer_types`, and the model transformers builds from it
+    # generating 20 tokens after a 20-token prompt
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**raw)).eval()
+    out = _record_generate(model, tmp_path / "run", prompt=20, new=20)
+    assert main(["report", str(tmp_path / "run"), "--json", "--no-export", "-q"]) == 0
+    recorded = json.loads(capsys.readouterr().out)["kv"]
+    # WHEN it is planned at that prompt and context
+    argv = ["plan", "--config", str(tmp_path / "config.json"), "--dtype", "fp32", "--context", "40"]
+    assert main([*argv, "--prompt", "20", "--json"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN its KV is what the cache's storages hold (2 x 2 KV heads x 16 x 4 B per layer and token), and
+    # its peak the recording's
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _cache_tensors(out)}
+    assert planned["kv_bytes"] == sum(storages.values()) == held_tokens * 2 * 2 * 16 * 4
+    assert planned["kv_peak_bytes"] == recorded["peak_bytes"]
+
+
+def _cache_tensors(out: Any) -> list[torch.Tensor]:
+    return [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+
+
+# Published configs that leave out what their family's config class derives (transformers 5.24):
+# `layer_types`, and `use_sliding_window` (off for Qwen's), with the other keys that steer the rule
+@pytest.mark.parametrize(
+    ("model_type", "fields"),
+    [
+        ("gemma2", {}),
+        ("vaultgemma", {}),
+        ("gpt_oss", {"num_local_experts": 4}),
+        ("gemma3_text", {}),
+        ("gemma3_text", {"sliding_window_pattern": 4}),
+        ("cohere2", {}),
+        ("cohere2", {"sliding_window_pattern": 3}),
+        ("exaone4", {"sliding_window_pattern": 2}),
+        ("olmo3", {}),
+        ("qwen2", {"use_sliding_window": True, "max_window_layers": 5}),
+        ("qwen2", {}),  # a window size without use_sliding_window: no window
+        ("qwen3", {"use_sliding_window": True, "max_window_layers": 0}),
+        ("qwen2_moe", {"use_sliding_window": True, "max_window_layers": 7, "num_experts": 4}),
+        ("qwen3_next", {"full_attention_interval": 3, "num_experts": 4}),
+        ("smollm3", {"use_sliding_window": True}),
+        ("mistral", {}),  # no rule: every layer slides
+    ],
+)
+def test_plan_derives_the_layer_types_a_config_leaves_out_as_transformers_does(
+    model_type: str, fields: dict[str, Any], tmp_path: Path
+) -> None:
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    from analyzers.planning.presets import geometry_from_config
+
+    # GIVEN a 12-layer config.json of the family with a window of 8 and no `layer_types`
+    raw = {
+        "model_type": model_type, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 12,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256,
+        "sliding_window": 8, **fields,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = transformers.AutoConfig.for_model(**raw)
+    # THEN the layers holding KV, and which of them keep only a window, are those its caches are built with
+    types, per_layer = get_layer_types_and_kwargs(config)
+    windows = [
+        kwargs.get("sliding_window")
+        for t, kwargs in zip(types, per_layer, strict=True)
+        if t != "linear_attention"
+    ]
+    expected = [bool(window) for window in windows]  # Qwen2-MoE's 0: none
+    geom = geometry_from_config(tmp_path)
+    slides = geom.layer_slides or (True,) * geom.layers_with_kv
+    assert [geom.sliding_window is not None and slide for slide in slides] == expected
+    assert {window for window in windows if window} <= {geom.sliding_window}
+
+
+# The geometry of google/gemma-7b's and google/gemma-2-9b's published config.json, which leave
+# `tie_word_embeddings` out (GemmaConfig and Gemma2Config tie), and a tiny Gemma 3
+_GEMMA_7B = {
+    "model_type": "gemma", "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256, "vocab_size": 256000,
+}  # fmt: skip
+_GEMMA_2_9B = {
+    "model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+    "sliding_window": 4096, "query_pre_attn_scalar": 256,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [_GEMMA_7B, _GEMMA_2_9B, _published_config("gemma3_text", num_hidden_layers=6)],
+    ids=["gemma-7b", "gemma-2-9b", "gemma3"],
+)
+def test_plan_weighs_a_published_config_as_transformers_builds_it(
+    raw: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a Gemma config.json that does not say whether the lm_head is tied, and the model transformers
+    # builds from it (on the meta device: only the shapes)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = transformers.AutoConfig.for_model(**raw)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    # WHEN it is planned in bf16
+    assert main(["plan", "--config", str(tmp_path / "config.json"), "--json"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN the weights are the model's parameters at 2 B each: the lm_head is the embedding matrix, counted
+    # once, and Gemma 2's and 3's four norms per layer are there
+    assert config.tie_word_embeddings is True
+    assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.parameters())
+
+
+def test_plan_ties_the_lm_head_when_the_familys_config_class_does() -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from analyzers.planning.config_defaults import tied_by_default
+
+    # GIVEN every causal-LM family transformers knows, and its config class's `tie_word_embeddings`
+    # default (a class without one is untied: PreTrainedModel reads it with getattr(..., False))
+    checked = 0
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config_class = transformers.models.auto.configuration_auto.CONFIG_MAPPING[model_type]
+        field = getattr(config_class, "__dataclass_fields__", {}).get("tie_word_embeddings")
+        default = field.default if field is not None else False
+        # THEN the planner's default is the same
+        assert tied_by_default(model_type) is bool(default), model_type
+        checked += 1
+    assert checked > 100

@@ -1,8 +1,9 @@
 """The KV Cache TensorBoard plugin in a real `tensorboard` server, read by curl-like requests and by headless
 Chromium, next to the PyTorch Profiler plugin on the same log directory.
 
-The log directory holds real recorded runs (copies of `sample_traces/`), one of them turned into an OOM
-run by its manifest, and two broken ones: a manifest of garbage and a KV log with a corrupt line mid-file.
+The log directory holds real recorded runs (copies of `sample_traces/`, a vLLM one among them, and a
+two-step run recorded here), one of them turned into an OOM run by its manifest, and two broken ones: a
+manifest of garbage and a KV log with a corrupt line mid-file.
 Every figure the plugin serves is compared with what `kvtrace report/diagnose --json` print for that run,
 or rebuilt from the raw files here.
 """
@@ -32,7 +33,8 @@ SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 PLUGIN = "kvcache"
 STARTUP_LIMIT_S = 90.0
 CHROMIUM = shutil.which("chromium")
-GOOD_RUNS = ("dynamic_b2", "oom_b2", "sliding_b2")
+GOOD_RUNS = ("dynamic_b2", "oom_b2", "short_b1", "sliding_b2")
+ENGINE_RUNS = ("vllm_preempt",)
 BROKEN_RUNS = ("broken_manifest", "corrupt_log")
 # Chromium itself (not the page) calls home for updates and accounts; those requests carry no page
 # origin as initiator. Every request the page makes names the page's origin.
@@ -65,12 +67,28 @@ def _cli_json(*argv: str) -> Any:
     return json.loads(out.getvalue())
 
 
+def _record_two_steps(run: Path) -> None:
+    """A real run of the tiny Llama generating 2 tokens: its KV log has steps 1 (prefill) and 2."""
+    import torch
+
+    import kvtrace
+    from kvtrace.llama import build_model
+    from tests.tiny import tiny_size
+
+    model = build_model(tiny_size(2))
+    ids = torch.randint(3, 1000, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
+                       do_sample=False, pad_token_id=0)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """GIVEN a log directory with real runs, an OOM run and two broken runs."""
     root = tmp_path_factory.mktemp("tb_logdir")
-    for name in ("dynamic_b2", "sliding_b2"):
+    for name in ("dynamic_b2", "sliding_b2", *ENGINE_RUNS):
         shutil.copytree(SAMPLES / name, root / name)
+    _record_two_steps(root / "short_b1")
     # A run that died of an OOM, as the recorder writes it when the block raises OutOfMemoryError.
     oom = shutil.copytree(SAMPLES / "dynamic_b2", root / "oom_b2")
     manifest = json.loads((oom / "manifest.json").read_text())
@@ -151,7 +169,7 @@ def test_runs_lists_good_runs_and_broken_ones_with_their_error(server: str, logd
 
     assert status == 200
     runs = {run["name"]: run for run in listing["runs"]}
-    assert set(runs) == set(GOOD_RUNS) | set(BROKEN_RUNS)
+    assert set(runs) == set(GOOD_RUNS) | set(ENGINE_RUNS) | set(BROKEN_RUNS)
     for name in GOOD_RUNS:
         assert runs[name]["error"] is None
         assert runs[name]["model"] == "LlamaForCausalLM"
@@ -178,7 +196,7 @@ def test_broken_runs_answer_an_error_and_the_server_keeps_serving(server: str) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", GOOD_RUNS)
+@pytest.mark.parametrize("name", GOOD_RUNS + ENGINE_RUNS)
 def test_summary_equals_kvtrace_report_json(server: str, logdir: Path, name: str) -> None:
     _, summary = _get_json(_plugin(server, f"summary?run={name}"))
 
@@ -429,6 +447,53 @@ def test_chromium_renders_the_dashboard_offline(server: str, tmp_path: Path) -> 
     urls = [r["url"] for r in requests]
     assert any(u.endswith("/plotly.min.js") for u in urls)
     assert [u for u in urls if not u.startswith("http://127.0.0.1:")] == []
+
+
+def _panel(dom: str, run: str) -> str:
+    start = dom.index(f'class="run-panel" data-run="{run}"')
+    end = dom.find('class="run-panel"', start + 1)
+    return dom[start : end if end >= 0 else len(dom)]
+
+
+def _heatmap_step_labels(panel: str) -> list[str]:
+    heatmap = panel[panel.index("heatmap-plot") :]
+    heatmap = heatmap[: heatmap.index("</svg>")]
+    return re.findall(r'<g class="xtick">\s*<text[^>]*>([^<]*)</text>', heatmap)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_chromium_shows_an_engine_pool_and_a_short_runs_steps_as_the_cli_does(
+    server: str, logdir: Path, tmp_path: Path
+) -> None:
+    # GIVEN a vLLM run (its pool allocated once, before its first engine step: no batch, one KV step),
+    # a 2-token run and a 16-step one
+    engine = json.loads((logdir / "vllm_preempt" / "engine.json").read_text())
+    capacity = engine["num_blocks"] * engine["block_size"]  # 16 blocks x 32 tokens
+    # WHEN the tab shows them side by side
+    runs = "vllm_preempt,short_b1,dynamic_b2"
+    dom, stderr, _ = _chromium(_plugin(server, f"index.html?runs={runs}"), tmp_path, "--dump-dom")
+    app = re.search(r'id="kvcache-app"[^>]*', dom)
+    assert app is not None and 'data-state="ready"' in app.group(0) and "data-js-errors" not in app.group(0)
+    # THEN the vLLM run's tokens are its pool's capacity, as `kvtrace report` says, with no batch
+    vllm = _panel(dom, "vllm_preempt")
+    assert 'data-state="ok"' in vllm
+    assert f"<th>KV pool capacity</th><td>{capacity} tokens</td>" in vllm and "null" not in vllm
+    assert f"the pool's capacity of {capacity} tokens" in _cli_text(logdir / "vllm_preempt")
+    # AND it has no per-step heatmap (as in the HTML report): one column at step 0 of a 96-step run
+    assert "heatmap-plot" not in vllm and vllm.count('class="plot-container plotly"') == 2
+    # AND the step axes read whole steps, each once: 1 and 2 of the short run, every other one of 16
+    assert _heatmap_step_labels(_panel(dom, "short_b1")) == ["1", "2"]
+    assert _heatmap_step_labels(_panel(dom, "dynamic_b2")) == [str(n) for n in range(2, 17, 2)]
+    assert "<th>tokens held × batch</th><td>35 × 2</td>" in _panel(dom, "dynamic_b2")
+    assert [line for line in stderr.splitlines() if ":CONSOLE" in line] == []
+
+
+def _cli_text(run: Path) -> str:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert kvtrace_main(["report", str(run), "--no-export", "-q"]) == 0
+    return out.getvalue()
 
 
 @pytest.mark.slow

@@ -83,6 +83,13 @@ def test_constant_heatmap_is_one_colour_with_whole_step_labels() -> None:
     assert layout["xaxis"]["automargin"] is True and layout["xaxis"]["type"] == "linear"
 
 
+def test_the_step_axis_ticks_whole_steps_about_ten_at_most() -> None:
+    # GIVEN runs whose steps span 0 (one step) to 999 steps WHEN the heatmap's tick spacing is chosen
+    spans = [0, 1, 9, 10, 11, 15, 49, 50, 51, 999]
+    # THEN it is a whole 1, 2 or 5 times a power of ten, never a fraction that would print a step twice
+    assert _run(f"{spans}.map(charts.stepTick)") == [1, 1, 1, 1, 2, 2, 5, 5, 10, 100]
+
+
 def test_same_scale_covers_the_kv_chart() -> None:
     panels = [{"top": 100 * 2**20, "kvTop": 2 * 2**20}, {"top": 60 * 2**20, "kvTop": 40 * 2**20}]
     axes = _run(f"charts.sharedAxes({json.dumps(panels)})")

@@ -94,8 +94,17 @@ export function evictionText(e) {
     + (kinds.length ? `<br>${kinds.join(', ')}` : '');
 }
 
-// The KV-per-layer heatmap: numbers on the step axis (phase in the hover), colours from zero so that a
-// constant cache is one colour, not a gradient across a rounding error, and a colour bar in binary units.
+// Ticks of the step axis every 1, 2, 5, 10, 20... steps: about ten at most, never between two steps
+// (plotly's own ticks halve a short run's steps, which its 'd' format then prints twice: "1 1 2 2 3").
+export function stepTick(span) {
+  for (let magnitude = 1; ; magnitude *= 10) {
+    for (const m of [1, 2, 5]) if (span <= 10 * m * magnitude) return m * magnitude;
+  }
+}
+
+// The KV-per-layer heatmap: whole numbers on the step axis (phase in the hover), colours from zero so
+// that a constant cache is one colour, not a gradient across a rounding error, and a colour bar in binary
+// units.
 export function heatmapFigure(layers) {
   const zmax = Math.max(0, ...layers.kv_bytes.flat());
   const phaseOf = new Map(layers.steps.map((s, i) => [s, layers.phases[i] || '']));
@@ -123,7 +132,10 @@ export function heatmapFigure(layers) {
     title: { text: `KV bytes per layer at the end of each step${subtitle}`, font: { size: 13 } },
     height: Math.min(560, 180 + 18 * layers.layers.length), margin: { t: 36, l: 64, r: 16, b: 56 },
     template: 'plotly_white',
-    xaxis: { type: 'linear', title: { text: 'step (1 = prefill)', standoff: 6 }, automargin: true, tickformat: 'd' },
+    xaxis: {
+      type: 'linear', title: { text: 'step (1 = prefill)', standoff: 6 }, automargin: true, tickformat: 'd',
+      tickmode: 'linear', tick0: 0, dtick: stepTick(Math.max(...layers.steps) - Math.min(...layers.steps)),
+    },
     yaxis: { type: 'category', automargin: true },
   };
   return { traces, layout };

@@ -110,7 +110,12 @@ function summaryTable(summary) {
   rows.push(['KV peak (transient copies)', humanBytes(kv.peak_bytes)]);
   rows.push(['KV allocated over the run', humanBytes(kv.allocated_bytes_total)]);
   rows.push(['evicted tokens', grouped(kv.evicted_tokens)]);
-  if (kv.tokens_held !== null) rows.push(['tokens held × batch', `${kv.tokens_held} × ${kv.batch}`]);
+  // An engine's pool (vLLM) has no batch: its tokens are the pool's capacity, as `kvtrace report` says.
+  if (kv.tokens_held !== null && kv.batch !== null) {
+    rows.push(['tokens held × batch', `${kv.tokens_held} × ${kv.batch}`]);
+  } else if (kv.tokens_held !== null) {
+    rows.push([summary.engine ? 'KV pool capacity' : 'tokens held', `${grouped(kv.tokens_held)} tokens`]);
+  }
   if (kv.bytes_per_token_measured !== null) {
     const expected = kv.bytes_per_token_expected === null ? '-' : grouped(kv.bytes_per_token_expected);
     rows.push(['KV bytes/token measured vs arithmetic', `${grouped(kv.bytes_per_token_measured, 1)} vs ${expected}`]);
@@ -233,7 +238,9 @@ async function fillPanel(panel, name) {
   panel.dataset.top = String(top);
   panel.dataset.kvTop = String(kvTop);
   panel.dataset.points = String(timeline.devices.reduce((sum, d) => sum + d.points, 0));
-  if (layers.steps.length) {
+  // An engine allocates its pool once, before its first step (all its KV events at step 0): a per-step
+  // heatmap would be one column, numbered apart from the engine's steps. The HTML report leaves it out too.
+  if (layers.steps.length && !summary.engine) {
     const heatDiv = el('div', { class: 'plot heatmap-plot' });
     body.append(heatDiv);
     const figure = heatmapFigure(layers);

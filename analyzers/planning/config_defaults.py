@@ -1,0 +1,105 @@
+"""What transformers assumes for the keys a config.json leaves out, family by family (`model_type`).
+
+`plan --config` reads a config.json without transformers, but published configs often omit what their
+family's config class fills in. google/gemma-2-9b's has no `layer_types` (Gemma2Config alternates sliding
+and full layers) and no `tie_word_embeddings` (Gemma2Config ties the lm_head to the embeddings).
+
+The rules below are transformers 5.24's. Each config class declares its own `tie_word_embeddings`
+default, and a model with none is untied (`PreTrainedModel.get_expanded_tied_weights_keys` reads it with
+`getattr(..., False)`); PreTrainedConfig no longer has one. A class derives `layer_types` in its
+`__post_init__` (`models/<family>/configuration_<family>.py`), and a config without them falls back to
+`cache_utils.get_layer_types_and_kwargs`: every layer slides when there is a window. A family not named
+here gets that generic reading: lm_head untied, every layer alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["default_layer_types", "tied_by_default", "window_on_by_default"]
+
+# The causal-LM model types (transformers 5.24's MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) whose config class
+# defaults `tie_word_embeddings` to True. Llama, Mistral, Mixtral, Qwen, DeepSeek and the rest: False.
+_TIED_BY_DEFAULT = frozenset(
+    {
+        "bart", "bert", "bert-generation", "big_bird", "bigbird_pegasus", "biogpt", "blenderbot",
+        "blenderbot-small", "bloom", "camembert", "cohere", "cohere2", "cohere2_moe", "cohere_compass_text",
+        "cpmant", "ctrl", "data2vec-text", "electra", "ernie", "ernie4_5", "ernie4_5_moe", "falcon",
+        "falcon_mamba", "gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text", "gemma4",
+        "gemma4_assistant", "gemma4_text", "gemma4_unified", "gemma4_unified_assistant",
+        "gemma4_unified_text", "got_ocr2", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox_japanese",
+        "granite_swa", "jetmoe", "lara_mini", "lfm2", "lfm2_moe", "lfm3", "mamba", "marian", "mbart",
+        "megatron-bert", "minicpm3", "modernbert-decoder", "moss_transcribe_diarize", "mpt", "mvp",
+        "openai-gpt", "opt", "pegasus", "plbart", "prophetnet", "recurrent_gemma", "roberta",
+        "roberta-prelayernorm", "roc_bert", "roformer", "smollm3", "starcoder2", "trocr", "vaultgemma",
+        "whisper", "xglm", "xlm", "xlm-roberta", "xlm-roberta-xl", "xlnet", "xmod", "youtu", "zamba",
+        "zamba2", "zaya",
+    }
+)  # fmt: skip
+
+# Families whose config class declares `use_sliding_window: bool = False`: their `sliding_window` is only
+# a size until that flag turns it on (Qwen2Config.__post_init__ sets it to None otherwise).
+_WINDOW_OFF_BY_DEFAULT = frozenset({"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3"})
+
+
+def tied_by_default(model_type: str) -> bool:
+    """Whether transformers ties the lm_head to the embeddings of a `model_type` config that does not say."""
+    return model_type in _TIED_BY_DEFAULT
+
+
+def window_on_by_default(model_type: str) -> bool:
+    """Whether a `model_type` config's `sliding_window` applies when it leaves `use_sliding_window` out."""
+    return model_type not in _WINDOW_OFF_BY_DEFAULT
+
+
+def _kinds(slides: list[bool]) -> list[str]:
+    return ["sliding_attention" if slide else "full_attention" for slide in slides]
+
+
+def default_layer_types(
+    fields: dict[str, Any],
+    model_type: str,
+    layers: int,
+    window: int | None,
+    positive_int: Callable[[str, Any], int],
+) -> list[str] | None:
+    """The `layer_types` transformers derives for a config that has none, as its family's config class
+    does; None for a family without such a rule (every layer alike). `window` is the config's sliding
+    window once `use_sliding_window` is applied; `positive_int` checks a field or raises."""
+    get = fields.get
+
+    def full_every(name: str | None, period: int) -> list[str]:  # layer 0 slides, every period-th is full
+        if name is not None:
+            period = positive_int(name, get(name, period))
+        return _kinds([(i + 1) % period != 0 for i in range(layers)])
+
+    def layer_count(name: str, default: int) -> int:  # 0 is a count too
+        value = get(name, default)
+        return 0 if value == 0 and not isinstance(value, bool) else positive_int(name, value)
+
+    if model_type in ("gemma2", "vaultgemma", "gpt_oss"):  # alternating
+        return full_every(None, 2)
+    if model_type in ("gemma3", "gemma3_text"):  # Gemma3TextConfig: from `sliding_window_pattern`, 6
+        return full_every("sliding_window_pattern", 6)
+    if model_type in ("cohere2", "exaone4"):  # Cohere2Config, Exaone4Config: `sliding_window_pattern`, 4
+        # Exaone4Config without a window makes its pattern 0 (and fails): no window, no types needed
+        return None if window is None else full_every("sliding_window_pattern", 4)
+    if model_type == "olmo3":
+        return full_every(None, 4)
+    if model_type in ("qwen2", "qwen3"):  # the layers from `max_window_layers` on slide
+        first = layer_count("max_window_layers", 28)
+        return _kinds([window is not None and i >= first for i in range(layers)])
+    if model_type == "qwen2_moe":  # the even layers below `max_window_layers` slide
+        below = layer_count("max_window_layers", 28)
+        return _kinds([window is not None and i % 2 == 0 and i < below for i in range(layers)])
+    if model_type in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"):  # linear attention: no KV
+        period = positive_int("full_attention_interval", get("full_attention_interval", 4))
+        return ["linear_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+    if model_type == "smollm3":  # its NoPE layers (`no_rope_layers` 0, every 4th by default) slide
+        interval = positive_int("no_rope_layer_interval", get("no_rope_layer_interval", 4))
+        no_rope = get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+        if not isinstance(no_rope, list) or len(no_rope) != layers:
+            return None
+        return _kinds([window is not None and not has_rope for has_rope in no_rope])
+    return None
