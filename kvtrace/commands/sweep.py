@@ -29,8 +29,9 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def _model_size(args: argparse.Namespace) -> tuple[str, Any]:
-    """(name, kvtrace.llama.ModelSize) from --size, --preset or --config."""
+def _model_size(args: argparse.Namespace, longest: int) -> tuple[str, Any]:
+    """(name, kvtrace.llama.ModelSize) from --size, --preset or --config; `longest`: the most tokens a
+    point holds."""
     from kvtrace.llama import SIZES, ModelSize
 
     if args.size is not None:
@@ -38,7 +39,7 @@ def _model_size(args: argparse.Namespace) -> tuple[str, Any]:
     from analyzers.planning.presets import geometry_from_config, get_preset
 
     geom = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
-    unlike = _not_llama(geom)
+    unlike = _not_llama(geom, longest)
     if unlike:
         # Recorded as a plain Llama, its KV or its weights would be another model's, and so every figure
         raise KvtraceError(
@@ -65,15 +66,22 @@ def _model_size(args: argparse.Namespace) -> tuple[str, Any]:
     return geom.name, size
 
 
-def _not_llama(geom: Any) -> str:
+def _not_llama(geom: Any, longest: int) -> str:
     """What of a config's shape a random-weights Llama 3 cannot reproduce ("" when nothing): latent
-    attention (another KV), routed experts (other weights), layers without KV (linear attention)."""
+    attention (another KV), routed experts (other weights), layers without KV (linear attention), and an
+    attention window that points longer than it would fill (the Llama attends to every token)."""
     if geom.mla is not None:
         return f"it caches a multi-head latent (kv_lora_rank {geom.mla.kv_lora_rank}), not K and V per head"
     if geom.experts:
         return f"{geom.moe_layers} of its layers route over {geom.experts} experts"
     if geom.kv_layers is not None and geom.kv_layers != geom.num_layers:
         return f"only {geom.kv_layers} of its {geom.num_layers} layers hold a KV cache"
+    window = geom.sliding_window
+    if window is not None and longest > window:
+        return (
+            f"{geom.windowed_layers} of its layers keep a {window}-token window, which points of "
+            f"{longest} tokens pass"
+        )
     return ""
 
 
@@ -178,7 +186,7 @@ class SweepCommand(Command):
             budget = parse_size(args.budget, "--budget", positive=True)
         if args.size is None and args.preset is None and args.config is None:
             args.size = "tiny"
-        model_name, size = _model_size(args)
+        model_name, size = _model_size(args, max(contexts) + args.new_tokens)
         import torch
         from tqdm import tqdm
 

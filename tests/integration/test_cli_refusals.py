@@ -816,8 +816,12 @@ _SHAPE = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads
             {"layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"]},
             "only 1 of its 4 layers hold a KV cache",
         ),
+        (
+            {"model_type": "mistral", "sliding_window": 8},
+            "4 of its layers keep a 8-token window, which points of 16 tokens pass",
+        ),
     ],
-    ids=["latent", "experts", "linear-attention"],
+    ids=["latent", "experts", "linear-attention", "window"],
 )
 def test_a_sweep_of_a_config_a_llama_cannot_build_is_refused(
     extra: dict[str, object], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -828,7 +832,8 @@ def test_a_sweep_of_a_config_a_llama_cannot_build_is_refused(
     config.write_text(json.dumps({**_SHAPE, "intermediate_size": 128, "vocab_size": 1000, **extra}))
     out = tmp_path / "sweep"
     # WHEN it is swept
-    code = main(["sweep", "--config", str(config), "--batch", "1", "--context", "8", "--out", str(out)])
+    argv = ["--batch", "1", "--context", "8", "--new-tokens", "8", "--out", str(out)]
+    code = main(["sweep", "--config", str(config), *argv])
     # THEN it is refused before anything runs, with what the Llama lacks and where to size it instead
     err = capsys.readouterr().err
     assert code == 2 and said in err, err
