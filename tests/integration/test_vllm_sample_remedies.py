@@ -5,6 +5,7 @@ did):
 * vllm_refused_override: a start refused under num_gpu_blocks_override=5, then started again by vLLM with
   other settings (`outcomes`: the blocks it started with, or the refusal's estimate);
 * vllm_override: a start under num_gpu_blocks_override=10, with vLLM's own "KV cache size" and concurrency;
+* vllm_preempt_mixed: 5 requests of different lengths that preempt once; vLLM reran them with fp8 KV.
 
 Runs in the main environment (no vLLM needed). Expected figures come from the raw files, the model's
 geometry and vLLM's own figures, never from the code under test.
@@ -24,6 +25,7 @@ from kvtrace.cli import main
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 REFUSED_OVERRIDE = SAMPLES / "vllm_refused_override"
 OVERRIDE = SAMPLES / "vllm_override"
+MIXED = SAMPLES / "vllm_preempt_mixed"
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -168,3 +170,52 @@ def test_plan_from_a_run_started_under_a_block_override_prints_vllms_figures(
     argv = ["plan", "--engine", "vllm", "--from-run", str(OVERRIDE), "--num-gpu-blocks-override", "0"]
     status, plan = _run_json(argv, capsys)
     assert status == 0 and plan["num_blocks"] == config["kv_cache_memory_bytes"] // per_block == 16
+
+
+def _recorded_peak(requests: list[dict[str, Any]], block: int) -> int:
+    """The most blocks the requests in flight at one step would have held had none been preempted: each
+    at the most KV tokens its lines show up to that step (a finished one: prompt + output - 1)."""
+    peak = 0
+    for step in sorted({r["step"] for r in requests}):
+        held: dict[str, int] = {}
+        done = {r["request_id"] for r in requests if r["event"] == "finished" and r["step"] < step}
+        for r in requests:
+            if r["step"] > step or r["request_id"] in done:
+                continue
+            tokens = r["prompt_tokens"] + r["output_tokens"] - (1 if r["event"] == "finished" else 0)
+            held[r["request_id"]] = max(held.get(r["request_id"], 0), tokens)
+        peak = max(peak, sum(math.ceil(t / block) for t in held.values()))
+    return peak
+
+
+@pytest.mark.skipif(not MIXED.is_dir(), reason="sample_traces/vllm_preempt_mixed not generated")
+def test_fp8_short_of_the_worst_case_alone_is_not_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN 5 requests of different lengths that vLLM preempted once in 10 blocks (max_num_seqs 4), no
+    # prefix caching, and the same workload rerun by vLLM with fp8 KV: 20 blocks, no preemption
+    engine = _read(MIXED / "engine.json")
+    figures = _read(MIXED / "vllm_figures.json")
+    requests = _lines(MIXED / "engine_requests.jsonl")
+    block, seqs = engine["block_size"], engine["config"]["max_num_seqs"]
+    assert figures["num_preemptions"] == 1 and figures["prefix_cache_hits"] == 0
+    assert engine["config"]["enable_prefix_caching"] is False
+    fp8_blocks = engine["num_blocks"] * _DTYPE_BYTES[engine["model"]["dtype"]]
+    assert figures["fp8_rerun"]["num_gpu_blocks"] == fp8_blocks == 20
+    assert figures["fp8_rerun"]["num_preemptions"] == 0
+    # the worst case: the 4 largest final demands together, cdiv(prompt + output - 1, 32) each
+    finished = [r for r in requests if r["event"] == "finished"]
+    final = sorted(
+        (math.ceil((r["prompt_tokens"] + r["output_tokens"] - 1) / block) for r in finished), reverse=True
+    )
+    worst = sum(final[:seqs])
+    peak = _recorded_peak(requests, block)
+    assert (worst, peak) == (20, 10)
+    assert peak <= fp8_blocks - 1 < worst  # fp8's usable blocks: short of the bound, not of the schedule
+    # WHEN diagnosed
+    status, d = _run_json(["diagnose", str(MIXED)], capsys)
+    assert status == 0 and (d["demand_bound_blocks"], d["recorded_peak_demand_blocks"]) == (worst, peak)
+    (fp8,) = [r for r in d["remedies"] if r["knob"] == "kv_cache_dtype"]
+    # THEN fp8 is not refused on the upper bound alone (it was "[no]"): unknown, likely
+    assert fp8["fits"] is None and "likely avoids" in fp8["sentence"]
+    assert main(["diagnose", str(MIXED)]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "kv_cache_dtype='fp8'" in x]
+    assert line.lstrip().startswith("[?]")
