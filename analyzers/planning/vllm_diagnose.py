@@ -13,11 +13,11 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
   order, and nothing is preempted. Prefix sharing (prefix caching, `n > 1` sampling) only lowers the real
   demand: the figure is an upper bound, exact (one block less preempts) for equal requests admitted
   together that share no blocks, and a remedy it finds short is said to be unknown, not refused, when the
-  run shared blocks. A pool sized by `num_gpu_blocks_override` is grown by that knob. From it: the blocks
-  and bytes of KV memory to add, the largest max_num_seqs that avoids every preemption in the present
-  pool, and whether fp8 KV (1 byte an element: twice the blocks for bf16 in the same memory) would. The
-  demand on the recorded schedule (requests in flight per step, each at the length it had reached) is
-  reported beside it, for reference.
+  run shared blocks, or when the demand on the recorded schedule (below) fits it. A pool sized by
+  `num_gpu_blocks_override` is grown by that knob. From it: the blocks and bytes of KV memory to add, the
+  largest max_num_seqs that avoids every preemption in the present pool, and whether fp8 KV (1 byte an
+  element: twice the blocks for bf16 in the same memory) would. The demand on the recorded schedule
+  (requests in flight per step, each at the length it had reached) is reported beside it.
 """
 
 from __future__ import annotations
@@ -191,6 +191,21 @@ def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
             if shared_tokens:  # the worst case counts shared blocks once per request: unknown, not refused
                 fits8 = None
                 verdict += " The run shared blocks between requests (prefix caching): rerun with fp8 to know."
+            elif fp8_blocks - NULL_BLOCKS >= recorded_peak:
+                # the worst case is an upper bound (the largest requests all running at once): short of it
+                # is no refusal where this run's own schedule never asked for more than the fp8 pool holds
+                fits8 = None
+                verdict = (
+                    f"is enough for the {recorded_peak:,} blocks this run's requests needed together at most "
+                    f"(had none been preempted) but short of the {needed_blocks:,}-block worst case, an "
+                    "upper bound: it likely avoids them; rerun with fp8 to know."
+                )
+            else:
+                verdict = (
+                    f"is short of the {recorded_peak:,} blocks this run's requests needed together (had none "
+                    f"been preempted) and of the {needed_blocks:,}-block worst case: it likely still "
+                    "preempts."
+                )
         remedies.append(
             VllmRemedy(
                 "kv_cache_dtype",

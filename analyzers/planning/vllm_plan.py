@@ -18,6 +18,10 @@ vLLM (V1, read in vllm 0.32: `vllm/v1/core/kv_cache_utils.py`, `vllm/v1/kv_cache
    (`estimate_max_model_len`). The log's "Maximum concurrency for N tokens per request" is
    `num_blocks / cdiv(N, block_size)` and its "KV cache size" is `int(concurrency * N)` tokens.
 
+`num_gpu_blocks_override` replaces steps 1 and 3 (`get_kv_cache_configs`): the pool is that many blocks
+whatever the memory and the dtype, and vLLM takes `override * bytes_per_block` as the available memory, so
+the start check and the estimate compare one request with the override's blocks less the null block.
+
 Before any of that, vLLM checks the configuration, and refuses to start (`refusals`) when max_model_len
 passes the positions the model takes (`vllm/config/model.py`, `_get_and_verify_max_len`), when the
 tensor-parallel size does not divide the attention heads (`ModelConfig.verify_with_parallel_config`), or
@@ -157,6 +161,10 @@ def estimate_max_model_len(
     return result
 
 
+def _memory_blocks(available_bytes: int, page_size: int, num_layers: int) -> int:
+    return num_blocks(available_bytes, page_size, num_layers) if available_bytes > 0 else 0
+
+
 def check_memory_bytes(available_bytes: int, bytes_per_block: int) -> int:
     """What vLLM's start check compares one request with: the available memory less the null block."""
     return available_bytes - bytes_per_block
@@ -182,7 +190,8 @@ class VllmPlanRequest:
     """A vLLM deployment to size. kv_cache_memory_bytes, when given, replaces the profile arithmetic
     (it is what vLLM then uses, on GPU and CPU). weights_bytes None: computed from the geometry (split over
     the tensor-parallel ranks); activation_peak_bytes and non_torch_bytes default to 0, which makes the
-    blocks an upper bound (give them, or take them from a recorded run with --from-run)."""
+    blocks an upper bound (give them, or take them from a recorded run with --from-run).
+    num_gpu_blocks_override, when given, is the pool's block count whatever the memory (vLLM's knob)."""
 
     geometry: ModelGeometry
     model_dtype: str = "bf16"
@@ -196,6 +205,7 @@ class VllmPlanRequest:
     activation_peak_bytes: int = 0
     non_torch_bytes: int = 0
     kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
 
     def __post_init__(self) -> None:
         for label, value in (
@@ -206,6 +216,10 @@ class VllmPlanRequest:
         ):
             if value < 1:
                 raise KvtraceError(f"{label} must be at least 1, got {value}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise KvtraceError(
+                f"num_gpu_blocks_override must be at least 1, got {self.num_gpu_blocks_override}"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise KvtraceError(f"GPU memory utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -257,27 +271,46 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
     if geom.mla is not None:  # `MLAAttentionSpec`: one latent per token (no separate V), on every rank
         page = req.block_size * (geom.mla.kv_lora_rank + geom.mla.qk_rope_head_dim) * dtype_bytes
         notes.append("latent attention: vLLM caches the latent (kv_lora_rank + qk_rope_head_dim per token)")
+    override = req.num_gpu_blocks_override
     weights = req.weights_bytes
     if weights is None and geom.intermediate_size:
         weights = math.ceil(weights_bytes(geom, req.model_dtype) / req.tensor_parallel_size)
-        if req.kv_cache_memory_bytes is None:
+        if req.kv_cache_memory_bytes is None and override is None:
             notes.append("weights computed from the geometry (no embeddings padding, no quantization scales)")
+    memory: int | None  # what the memory alone would give; None: unknown, and not needed under an override
     if req.kv_cache_memory_bytes is not None:
-        available = req.kv_cache_memory_bytes
+        memory = req.kv_cache_memory_bytes
     elif weights is None:
-        raise ValueError("the weights cannot be sized: the geometry has no MLP size")
+        if override is None:
+            raise ValueError("the weights cannot be sized: the geometry has no MLP size")
+        memory = None
     else:
-        available = available_kv_bytes(
+        memory = available_kv_bytes(
             req.gpu_memory_bytes,
             req.gpu_memory_utilization,
             weights,
             req.activation_peak_bytes,
             req.non_torch_bytes,
         )
-        if not req.activation_peak_bytes and not req.non_torch_bytes:
+        if override is None and not req.activation_peak_bytes and not req.non_torch_bytes:
             notes.append(
                 "activation peak and non-torch memory not given (counted as 0): the blocks are an upper bound"
             )
+    if override is not None:
+        # vLLM sizes the pool, its start check and its estimate by the override (get_kv_cache_configs)
+        available = override * page * geom.num_layers
+        by_memory = (
+            ""
+            if memory is None
+            else f"; the KV memory alone would give {_memory_blocks(memory, page, geom.num_layers):,}"
+        )
+        notes.append(
+            f"num_gpu_blocks_override={override} sets the pool at {override:,} blocks "
+            f"({readable_bytes(available)}) whatever the memory and the dtype{by_memory}"
+        )
+    else:
+        assert memory is not None
+        available = memory
     blocks = num_blocks(available, page, geom.num_layers) if available > 0 else 0
     needed = max_memory_usage_bytes(geom.num_layers, page, req.block_size, req.max_model_len)
     check = check_memory_bytes(available, page * geom.num_layers)
@@ -350,7 +383,9 @@ def format_vllm_text(result: VllmPlan) -> str:
     tp = f", tensor parallel {req.tensor_parallel_size}" if req.tensor_parallel_size > 1 else ""
     lines = [f"{req.geometry.name} on vLLM: KV {kv_dtype}, block size {req.block_size}{tp}"]
     rows: list[tuple[str, str]] = []
-    if req.kv_cache_memory_bytes is not None:
+    if req.num_gpu_blocks_override is not None:  # the memory does not size this pool
+        rows.append(("KV memory (num_gpu_blocks_override)", readable_bytes(result.available_kv_bytes)))
+    elif req.kv_cache_memory_bytes is not None:
         rows.append(("KV memory (kv_cache_memory_bytes)", readable_bytes(result.available_kv_bytes)))
     else:
         rows += [

@@ -6,6 +6,11 @@ mirrors that code), against its KV memory less the null block. We recompute the 
 bytes compared from the recorded refusal, replay vLLM's bisection for the largest max_model_len, and price
 each remedy: max_model_len, kv_cache_memory_bytes / gpu_memory_utilization, kv_cache_dtype fp8,
 tensor_parallel_size (KV heads split over ranks), and say why max_num_seqs does not enter this check.
+
+Under `num_gpu_blocks_override` vLLM takes the override's blocks as the memory (`get_kv_cache_configs`):
+the pool is that many blocks whatever kv_cache_memory_bytes, the utilization, the dtype or the split over
+ranks, so none of those knobs helps. The remedies are then a larger override (one request's blocks plus the
+null block) or none, where vLLM sizes the pool by the memory again.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class RefusedDiagnosis:
     vllm_estimated_max_model_len: int | None
     remedies: tuple[VllmRemedy, ...]
     notes: tuple[str, ...] = ()
+    num_gpu_blocks_override: int | None = None  # set: the pool's blocks, whatever the memory
     kind: str = "refused_start"
 
 
@@ -99,6 +105,7 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
             f"vLLM reported {int(recorded_needed):,} B needed; the geometry gives {needed:,} B "
             "(hybrid or padded KV specs are not modelled)"
         )
+    override = config.get("num_gpu_blocks_override")
     remedies: list[VllmRemedy] = []
     if estimate >= 1:
         remedies.append(
@@ -112,18 +119,32 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
             )
         )
     pool_needed = needed + page * layers  # one request plus the null block
-    remedies.append(
-        VllmRemedy(
-            "kv_cache_memory_bytes",
-            pool_needed,
-            True,
-            f"kv_cache_memory_bytes={pool_needed} ({readable_bytes(pool_needed)}: one request of "
-            f"{max_len:,} tokens plus vLLM's null block, {readable_bytes(needed - available)} more than "
-            f"now); each further request of that length needs {readable_bytes(needed)} more.",
+    if override:
+        remedies += _override_remedies(run, int(override), page * layers, needed, max_len, block)
+    else:
+        remedies.append(
+            VllmRemedy(
+                "kv_cache_memory_bytes",
+                pool_needed,
+                True,
+                f"kv_cache_memory_bytes={pool_needed} ({readable_bytes(pool_needed)}: one request of "
+                f"{max_len:,} tokens plus vLLM's null block, {readable_bytes(needed - available)} more than "
+                f"now); each further request of that length needs {readable_bytes(needed)} more.",
+            )
         )
-    )
-    remedies.append(_utilization_remedy(run, needed + page * layers, pool))
-    if element > 1:
+        remedies.append(_utilization_remedy(run, needed + page * layers, pool))
+    if element > 1 and override:
+        remedies.append(
+            VllmRemedy(
+                "kv_cache_dtype",
+                "fp8",
+                False,
+                f"kv_cache_dtype='fp8' halves the bytes of a block, but num_gpu_blocks_override={override} "
+                f"keeps the pool at {int(override):,} blocks: one request still needs "
+                f"{math.ceil(max_len / block):,}, and {int(override) - 1:,} are left beside the null block.",
+            )
+        )
+    elif element > 1:
         page8 = page_size_bytes(heads, head_dim, 1, block)
         needed8 = max_memory_usage_bytes(layers, page8, block, max_len)
         check8 = check_memory_bytes(pool, page8 * layers)  # the same memory, a smaller null block
@@ -153,7 +174,18 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
             "run cannot price.",
         )
     )
-    remedies.append(_tensor_parallel_remedy(run, layers, head_dim, element, block, max_len, pool))
+    if override:
+        remedies.append(
+            VllmRemedy(
+                "tensor_parallel_size",
+                None,
+                False,
+                f"tensor_parallel_size: splitting the KV heads shrinks each GPU's blocks, but "
+                f"num_gpu_blocks_override={override} keeps {int(override):,} blocks on each.",
+            )
+        )
+    else:
+        remedies.append(_tensor_parallel_remedy(run, layers, head_dim, element, block, max_len, pool))
     return RefusedDiagnosis(
         path=run.path,
         message=str(refused.get("message", "")),
@@ -172,7 +204,60 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
         ),
         remedies=tuple(remedies),
         notes=tuple(notes),
+        num_gpu_blocks_override=int(override) if override else None,
     )
+
+
+def _override_remedies(
+    run: EngineRun, override: int, bytes_per_block: int, needed: int, max_len: int, block: int
+) -> list[VllmRemedy]:
+    """A larger num_gpu_blocks_override, and none: vLLM then sizes the pool by kv_cache_memory_bytes (or the
+    memory it profiles, which a refused start under an override does not record)."""
+    blocks_needed = math.ceil(max_len / block) + 1  # one request plus the null block
+    remedies = [
+        VllmRemedy(
+            "num_gpu_blocks_override",
+            blocks_needed,
+            True,
+            f"num_gpu_blocks_override={blocks_needed} (now {override}): one request of {max_len:,} tokens "
+            f"takes {blocks_needed - 1:,} blocks, plus vLLM's null block "
+            f"({readable_bytes(blocks_needed * bytes_per_block)} of KV, allocated whatever the memory); each "
+            f"further request of that length needs {blocks_needed - 1:,} blocks more.",
+        )
+    ]
+    configured = run.info.config.get("kv_cache_memory_bytes")
+    if not configured:
+        remedies.append(
+            VllmRemedy(
+                "num_gpu_blocks_override",
+                None,
+                None,
+                "without num_gpu_blocks_override vLLM sizes the pool by the memory it profiles, which this "
+                "run does not record (the override replaced it); one request needs "
+                f"{readable_bytes(needed + bytes_per_block)} with the null block.",
+            )
+        )
+        return remedies
+    memory = int(configured)
+    blocks = memory // bytes_per_block
+    fits = needed <= check_memory_bytes(memory, bytes_per_block)
+    verdict = (
+        f"one request of {max_len:,} tokens takes {blocks_needed - 1:,} of the {max(blocks - 1, 0):,} beside "
+        "the null block"
+        if fits
+        else f"still short of the {blocks_needed:,} one request of {max_len:,} tokens needs with the null "
+        f"block: kv_cache_memory_bytes={blocks_needed * bytes_per_block} would hold them"
+    )
+    remedies.append(
+        VllmRemedy(
+            "num_gpu_blocks_override",
+            None,
+            fits,
+            f"without num_gpu_blocks_override, vLLM sizes the pool by kv_cache_memory_bytes={memory} "
+            f"({readable_bytes(memory)}): {blocks:,} blocks, {verdict}.",
+        )
+    )
+    return remedies
 
 
 def _check_memory(run: EngineRun, bytes_per_block: int, notes: list[str]) -> tuple[int, int]:
@@ -183,9 +268,17 @@ def _check_memory(run: EngineRun, bytes_per_block: int, notes: list[str]) -> tup
     info = run.info
     recorded = (info.refused or {}).get("available_bytes")
     configured = info.config.get("kv_cache_memory_bytes")
+    override = info.config.get("num_gpu_blocks_override")
     if recorded is not None:
         check = int(recorded)
-        if configured and check_memory_bytes(int(configured), bytes_per_block) != check:
+        if override:
+            configured_text = f" whatever kv_cache_memory_bytes ({int(configured):,} B)" if configured else ""
+            notes.append(
+                f"num_gpu_blocks_override={override} set the pool at {int(override):,} blocks "
+                f"({readable_bytes(int(override) * bytes_per_block)}){configured_text}: vLLM compared one "
+                f"request with the {int(override) - 1:,} beside the null block ({check:,} B)"
+            )
+        elif configured and check_memory_bytes(int(configured), bytes_per_block) != check:
             notes.append(
                 f"vLLM compared with {check:,} B; kv_cache_memory_bytes less one block would be "
                 f"{check_memory_bytes(int(configured), bytes_per_block):,} B"

@@ -41,6 +41,7 @@ _VLLM_ONLY = (
     ("kv_cache_dtype", "--kv-cache-dtype"),
     ("tensor_parallel_size", "--tensor-parallel-size"),
     ("kv_cache_memory", "--kv-cache-memory"),
+    ("num_gpu_blocks_override", "--num-gpu-blocks-override"),
     ("weights_bytes", "--weights-bytes"),
     ("activation_peak", "--activation-peak"),
     ("non_torch", "--non-torch"),
@@ -129,6 +130,13 @@ class PlanCommand(Command):
             "--kv-cache-memory",
             help="vLLM's kv_cache_memory_bytes, e.g. 1MiB (skips the profile arithmetic; default: the run's)",
         )
+        vllm.add_argument(
+            "--num-gpu-blocks-override",
+            type=int,
+            metavar="N",
+            help="vLLM's num_gpu_blocks_override: the pool is N blocks whatever the memory (default: the "
+            "run's; 0 plans without the run's override)",
+        )
         vllm.add_argument("--weights-bytes", help="weights per GPU (default: from the geometry)")
         vllm.add_argument("--activation-peak", help="activation peak of vLLM's profile run (default 0)")
         vllm.add_argument("--non-torch", help="memory outside torch: CUDA context, NCCL (default 0)")
@@ -136,8 +144,9 @@ class PlanCommand(Command):
             "--from-run",
             metavar="RUN",
             help="a recorded vLLM run: its measured weights, activations, non-torch memory and device total, "
-            "its settings (block size, max_model_len, kv_cache_dtype, kv_cache_memory_bytes, utilization, "
-            "tensor parallel size; a flag you type wins) and its model, without --preset/--config",
+            "its settings (block size, max_model_len, kv_cache_dtype, kv_cache_memory_bytes, "
+            "num_gpu_blocks_override, utilization, tensor parallel size; a flag you type wins) and its "
+            "model, without --preset/--config",
         )
 
     def run(self, args: argparse.Namespace) -> int:

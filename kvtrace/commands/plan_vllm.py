@@ -3,6 +3,8 @@
 
 Precedence, for every setting: a flag the user typed, then the recorded run's own value, then the flag's
 default. The flags default to None so that a typed value equal to the default (--block-size 16) still wins.
+A run's num_gpu_blocks_override is kept as any other setting (vLLM sized that pool by it, whatever the
+memory); `--num-gpu-blocks-override 0` plans without it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
         "tensor_parallel_size": config.get("tensor_parallel_size"),
         # what the run configured: a refused start allocated nothing, yet vLLM sized its check by this
         "kv_cache_memory_bytes": config.get("kv_cache_memory_bytes"),
+        # vLLM's pool is this many blocks whatever the memory: the figures it logged at start came from it
+        "num_gpu_blocks_override": config.get("num_gpu_blocks_override"),
         "kv_cache_bytes": run.info.kv_cache_bytes,
     }
     geometry = None
@@ -120,6 +124,11 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
             setting(None, "max_model_len", min(8192, geometry.max_position_embeddings or 8192))
         )
     kv_cache_memory = _size(args.kv_cache_memory, "--kv-cache-memory")
+    typed_override = getattr(args, "num_gpu_blocks_override", None)
+    if typed_override is not None and typed_override < 0:
+        raise KvtraceError(f"--num-gpu-blocks-override must be at least 0 (0: none), got {typed_override}")
+    override = setting(typed_override, "num_gpu_blocks_override", None)
+    override = int(override) if override else None  # 0 typed: plan without the run's override
     profiled = args.gpu_memory is not None or args.gpu_memory_utilization is not None
     if kv_cache_memory is None and not profiled:
         # a GPU or utilization the user typed asks for the profile arithmetic; otherwise the run's own
@@ -134,7 +143,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     # where the profile arithmetic sizes the pool, not where kv_cache_memory_bytes does.
     unsized = geometry is run_geometry and not geometry.intermediate_size
     weights_given = args.weights_bytes is not None or bool(measured.get("weights_bytes"))
-    if unsized and kv_cache_memory is None and not weights_given:
+    if unsized and kv_cache_memory is None and override is None and not weights_given:
         raise KvtraceError(
             f"{args.from_run}: its engine.json does not give the model's MLP size, so the weights cannot "
             "be sized: add --config PATH (the model's config.json) or --weights-bytes"
@@ -153,6 +162,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         activation_peak_bytes=activation_peak or 0,
         non_torch_bytes=pick(args.non_torch, "non_torch_bytes", 0, "--non-torch") or 0,
         kv_cache_memory_bytes=kv_cache_memory,
+        num_gpu_blocks_override=override,
     )
     result = plan_vllm(request)
     print_result(args.json, lambda: vllm_to_json(result), lambda: format_vllm_text(result))

@@ -13,7 +13,7 @@ from analyzers.planning.vllm_diagnose import diagnose_engine, diagnose_preemptio
 from analyzers.render.engine import engine_text_lines, engine_to_json
 from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_json, vllm_diagnosis_to_text
 from kvtrace.errors import KvtraceError
-from tests.engine_files import ENGINE_JSON, REQUESTS, STEPS, write_engine_run
+from tests.engine_files import ENGINE_JSON, REQUESTS, STEPS, _req, write_engine_run
 
 
 def test_no_engine_json_is_not_an_engine_run(tmp_path: Path) -> None:
@@ -101,6 +101,39 @@ def test_preemption_diagnosis_by_hand(tmp_path: Path) -> None:
     assert "preempted 1 time" in text and "request A" in text and "896 B" in text
     assert json.loads(json.dumps(vllm_diagnosis_to_json(d)))["kind"] == "preemption"
     assert diagnose_engine(run) is not None
+
+
+def test_fp8_short_of_the_recorded_demand_too_likely_still_preempts(tmp_path: Path) -> None:
+    # GIVEN the hand-made run with a third request C (prompt 5), all three admitted at step 1: B and C were
+    # preempted at step 4 and resumed at 16 tokens (4 blocks) in step 5, where A (9 tokens, 3 blocks) ends
+    engine = json.loads(json.dumps(ENGINE_JSON))
+    engine["config"]["max_num_seqs"] = 3
+    steps = [{**STEPS[0], "running": 3}, *STEPS[1:]]
+    requests = [
+        _req(1, "A", "scheduled", 2, 6, 6, 1),
+        _req(1, "B", "scheduled", 1, 4, 5, 0),
+        _req(1, "C", "scheduled", 1, 4, 5, 0),
+        _req(4, "B", "preempted", 0, 0, 5, 3, dropped_blocks=2, dropped_tokens=7),
+        _req(4, "C", "preempted", 0, 0, 5, 3, dropped_blocks=2, dropped_tokens=7),
+        _req(4, "A", "blocks", 3, 9, 6, 4),
+        _req(5, "A", "finished", 0, 9, 6, 4),
+        _req(5, "B", "resumed", 4, 16, 5, 11, recomputed_tokens=16),
+        _req(5, "C", "resumed", 4, 16, 5, 11, recomputed_tokens=16),
+        _req(6, "B", "finished", 0, 16, 5, 11),
+        _req(6, "C", "finished", 0, 16, 5, 11),
+    ]
+    run = read_engine(write_engine_run(tmp_path / "run", engine=engine, steps=steps, requests=requests))
+    assert run is not None
+    d = diagnose_preemptions(run)
+    # A: 6 + 4 - 1 = 9 tokens, 3 blocks of 4; B and C: 5 + 11 - 1 = 15 tokens, 4 blocks: 11 together
+    assert d.final_demand_blocks == {"A": 3, "B": 4, "C": 4} and d.demand_bound_blocks == 11
+    # at step 5 the three are in flight: 3 + 4 + 4 blocks, beyond fp8's 10 blocks (9 usable)
+    assert (d.recorded_peak_demand_blocks, d.recorded_peak_demand_step) == (11, 5)
+    (fp8,) = [r for r in d.remedies if r.knob == "kv_cache_dtype"]
+    # THEN short of the run's own demand too: refused, said likely (the demand is this run's schedule's)
+    assert (d.fp8_blocks, fp8.fits) == (10, False)
+    assert "short of the 11 blocks this run's requests needed together" in fp8.sentence
+    assert "likely still preempts" in fp8.sentence
 
 
 def test_a_run_without_preemption_has_no_engine_diagnosis(tmp_path: Path) -> None:

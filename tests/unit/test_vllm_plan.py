@@ -93,6 +93,25 @@ def test_refused_start_matches_vllms_estimate() -> None:
     assert "496" in format_vllm_text(result)
 
 
+def test_a_block_override_sets_the_pool_whatever_the_memory() -> None:
+    # GIVEN 1 MiB (32 blocks of 32,768 B at block 16) under num_gpu_blocks_override=20
+    base = VllmPlanRequest(geometry=TINY, kv_cache_memory_bytes=MIB, max_model_len=256, block_size=16)
+    result = plan_vllm(replace(base, num_gpu_blocks_override=20))
+    # THEN vLLM takes 20 blocks as its memory: 20 / (256 / 16) = 1.25x, int(1.25 * 256) = 320 tokens
+    assert (result.num_blocks, result.available_kv_bytes) == (20, 20 * 32_768)
+    assert (result.max_concurrency, result.kv_tokens) == (1.25, 320)
+    assert "the KV memory alone would give 32" in format_vllm_text(result)
+    # AND fp8 halves the blocks' bytes, not their count; and 512 tokens (32 blocks) do not fit 19 usable
+    assert plan_vllm(replace(base, num_gpu_blocks_override=20, kv_cache_dtype="fp8")).num_blocks == 20
+    refused = plan_vllm(replace(base, num_gpu_blocks_override=20, max_model_len=512))
+    assert not refused.starts and refused.estimated_max_model_len == 19 * 16
+    # AND the memory is not needed: a geometry without its MLP size plans the override alone
+    unsized = replace(TINY, intermediate_size=0)
+    assert plan_vllm(VllmPlanRequest(geometry=unsized, num_gpu_blocks_override=4)).num_blocks == 4
+    with pytest.raises(KvtraceError, match="num_gpu_blocks_override"):
+        VllmPlanRequest(geometry=TINY, num_gpu_blocks_override=0)
+
+
 def test_estimate_is_vllms_bisection() -> None:
     page = 2 * 16 * 2 * 64 * 2
     # exactly 10 blocks of all 4 layers: 160 tokens fit, 161 do not
@@ -175,6 +194,24 @@ def test_refused_start_on_a_gpu_prices_utilization(tmp_path: Path) -> None:
     util = {r.knob: r for r in d.remedies}["gpu_memory_utilization"]
     # needs 49 MiB + 1 MiB + 32 KiB = 50.03 MiB of 100 MiB -> 0.51
     assert (util.setting, util.fits) == (0.51, True)
+
+
+def test_refused_start_on_a_gpu_under_a_block_override(tmp_path: Path) -> None:
+    # GIVEN 512 tokens (32 blocks of 16) refused under num_gpu_blocks_override=20, the memory left to
+    # vLLM's profile: vLLM compared one request with the 19 blocks beside the null block
+    engine = refused_engine(available_bytes=19 * 32_768, estimated_max_model_len=304)
+    engine["config"].update(kv_cache_memory_bytes=None, device="cuda", num_gpu_blocks_override=20)
+    engine["memory_profile"] = {"total_device_bytes": 100 * MIB, "available_kv_bytes": 19 * 32_768}
+    run = read_engine(write_engine_run(tmp_path / "run", engine=engine, steps=[], requests=[]))
+    assert run is not None
+    d = diagnose_refused(run)
+    remedies = [(r.knob, r.setting, r.fits) for r in d.remedies]
+    # THEN 33 blocks (32 + the null block), and without the override: unknown (no profiled memory recorded)
+    assert ("num_gpu_blocks_override", 33, True) in remedies
+    assert ("num_gpu_blocks_override", None, None) in remedies
+    assert {knob for knob, _, fits in remedies if fits} == {"max_model_len", "num_gpu_blocks_override"}
+    assert not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & {knob for knob, _, _ in remedies}
+    assert d.estimated_max_model_len == 304 and d.num_gpu_blocks_override == 20
 
 
 def test_plan_cli_engine_vllm(capsys: pytest.CaptureFixture[str]) -> None:
