@@ -1,11 +1,13 @@
 """Gives every allocation a category: KV cache (with layer and K/V), weights, or other.
 
-Three methods, and each event says which one decided it (`DeviceEvents.method`):
+Four methods, and each event says which one decided it (`DeviceEvents.method`):
 - **profiler_category**: the file itself says what some events are (`DeviceEvents.stated_category`:
-  torch.profiler's memory timeline knows its parameters). The two methods below may refine it.
+  torch.profiler's memory timeline knows its parameters). The methods below may refine it.
 - **kv_log**: kvtrace's own log names every KV storage (address, size, lifetime). An allocation is KV when
   the latest allocation of that address and size at or before the storage's first sighting is it. Addresses
   are reused, so the join respects lifetimes; its free is the next free of that address.
+- **weights_table**: a run's weights table says which storages its model took or let go during the run
+  (`model.to(torch.bfloat16)` inside the block): their allocations and frees, found by address and time.
 - **stack_rule**: for traces and snapshots from anyone, the allocation's stack frames are matched against
   `RULES` (first match wins). Add your own with `attribute(..., rules=RULES + [...])`.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +27,7 @@ from analyzers.model import (
     METHOD_NONE,
     METHOD_PROFILER,
     METHOD_STACK_RULE,
+    METHOD_WEIGHTS_TABLE,
     OTHER,
     WEIGHTS,
     DeviceEvents,
@@ -151,6 +155,7 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
     rules = RULES if rules is None else rules
     frame_cat, frame_kind = _frame_categories(source.frames, rules)
     kv = source.meta.get("kv")
+    weight_changes = source.meta.get("weight_changes")  # a run's model converted inside the block
     for dev in source.devices:
         n = len(dev)
         dev.category = np.full(n, OTHER, dtype=np.int8)
@@ -175,6 +180,8 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
             dev.category[frees[ok]] = dev.category[matched[ok]]
             dev.kv_kind[frees[ok]] = dev.kv_kind[matched[ok]]
             dev.method[frees[ok]] = METHOD_STACK_RULE
+        if weight_changes:
+            _join_weight_changes(dev, weight_changes)
         if kv is not None and kv.storages:
             _join_kv_log(dev, kv.storages)
         if dev.baseline_blocks:
@@ -185,6 +192,38 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
                 split[category] = split.get(category, 0) + size
             dev.baseline_categories = split
     return source
+
+
+def _join_weight_changes(dev: DeviceEvents, changes: list[Any]) -> None:
+    """The weights' events of a model converted inside the block (`readers.weight_changes.WeightChange`):
+    of each storage it took, the latest allocation at its address by the time the recorder saw it, and that
+    allocation's free; of each storage listed at the start and let go, the first event at its address (its
+    free: it was live from before the first event)."""
+    mine = [c for c in changes if c.device == dev.device]
+    if not mine:
+        return
+    assert dev.category is not None and dev.method is not None  # filled by attribute() before the joins
+    watched = np.fromiter({c.addr for c in mine}, dtype=np.int64)
+    at: dict[int, list[int]] = {}
+    for index in np.flatnonzero(np.isin(dev.addr, watched)).tolist():
+        at.setdefault(int(dev.addr[index]), []).append(index)
+    ts, delta = dev.ts_us, dev.delta_bytes
+    allocations: list[int] = []
+    frees: list[int] = []
+    for change in mine:
+        events = at.get(change.addr, [])
+        limit = change.t_us + JOIN_TOLERANCE_US
+        if change.event == "added":
+            taken = [i for i in events if ts[i] <= limit and delta[i] > 0]
+            if taken:
+                allocations.append(taken[-1])
+        elif change.from_start and events and delta[events[0]] < 0 and ts[events[0]] <= limit:
+            frees.append(events[0])
+    taken_at = np.asarray(allocations, dtype=np.int64)
+    paired = _pair_frees(dev, taken_at)
+    targets = np.concatenate([taken_at, paired[paired >= 0], np.asarray(frees, dtype=np.int64)])
+    dev.category[targets] = WEIGHTS
+    dev.method[targets] = METHOD_WEIGHTS_TABLE
 
 
 def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int, str, int]]) -> None:

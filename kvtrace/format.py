@@ -8,7 +8,7 @@ Layout of a run directory::
 
     manifest.json         run metadata; rewritten atomically at start and at end
     kv_events.jsonl       one KV event per line, appended, flushed by the writer thread every 0.1 s
-    weights.jsonl         one parameter/buffer storage per line
+    weights.jsonl         one parameter/buffer storage per line; later, what the model took or let go
     memory_samples.jsonl  process/device memory, one sample per step; host figures every 20 ms
     profiler/             torch.profiler Chrome trace(s) (tensorboard_trace_handler)
     snapshots/            CUDA allocator snapshot pickles (exit.pickle, oom.pickle)
@@ -108,9 +108,17 @@ class KvEvent:
         return dict(self.__dict__)
 
 
+# What a weights.jsonl line after the first ones says happened to its storage (docs/format.md):
+WEIGHT_EVENTS = (
+    "added",  # the model took it during the run (`model.to(torch.bfloat16)`, `.half()`, `.cuda()`)
+    "freed",  # a weight storage listed earlier was released by the allocator
+)
+
+
 @dataclass
 class WeightRecord:
-    """A parameter or buffer storage, so analyzers can tell weights from the rest."""
+    """A parameter or buffer storage, so analyzers can tell weights from the rest. `event` is empty for the
+    storages held when the recording began; otherwise one of `WEIGHT_EVENTS`, at `t_ns` during `step`."""
 
     name: str
     addr: int
@@ -118,6 +126,18 @@ class WeightRecord:
     dtype: str
     device: str
     shape: list[int]
+    event: str = ""
+    t_ns: int = 0
+    step: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The line's fields: a storage held from the start has none of the change's (as before they
+        existed)."""
+        fields = dict(self.__dict__)
+        if not self.event:
+            for name in ("event", "t_ns", "step"):
+                del fields[name]
+        return fields
 
 
 @dataclass
@@ -127,9 +147,11 @@ class Run:
     path: Path
     manifest: dict[str, Any]
     kv_events: list[KvEvent]
-    weights: list[WeightRecord]
+    weights: list[WeightRecord]  # the storages held when the recording began
     memory_samples: list[dict[str, Any]]
     truncated: bool = False  # the last line of a log was cut (the process died mid-write)
+    # What the model's weights did afterwards (`WEIGHT_EVENTS`), in the order it happened
+    weight_changes: list[WeightRecord] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -305,8 +327,9 @@ _EVENT_INTS: tuple[tuple[str, int, int], ...] = (
     ("masked_entries", 0, _I64),
 )
 _EVENT_STRS = ("phase", "event", "kv", "part", "dtype", "device", "source", "reason")
-_WEIGHT_INTS = (("addr", 0, _I64), ("storage_bytes", 0, MAX_BYTES))
-_WEIGHT_STRS = ("name", "dtype", "device")
+_WEIGHT_INTS = (("addr", 0, _I64), ("storage_bytes", 0, MAX_BYTES), ("t_ns", 0, _I64), ("step", 0, _I32))
+_WEIGHT_STRS = ("name", "dtype", "device", "event")
+_WEIGHT_REQUIRED = ("name", "addr", "storage_bytes", "dtype", "device", "shape")
 # memory_samples.jsonl: the keys analyzers compute with, when present
 _SAMPLE_INTS = (
     ("t_ns", 0, _I64),
@@ -375,10 +398,14 @@ def _event_from(record: dict[str, Any], path: Path, lineno: int = 0) -> KvEvent:
 
 def _weight_from(record: dict[str, Any], path: Path, lineno: int) -> WeightRecord:
     known = WeightRecord.__dataclass_fields__
-    missing = [name for name in known if name not in record]
+    missing = [name for name in _WEIGHT_REQUIRED if name not in record]
     if missing:
         raise KvtraceError(f"{path}: line {lineno}: weight record without {', '.join(map(repr, missing))}")
     _check_fields(record, path, lineno, _WEIGHT_INTS, _WEIGHT_STRS)
+    event = record.get("event", "")
+    if event and event not in WEIGHT_EVENTS:
+        said = repr(event[:40])
+        raise KvtraceError(f"{path}: line {lineno}: field 'event' is {said}, expected 'added' or 'freed'")
     return WeightRecord(**{k: v for k, v in record.items() if k in known})
 
 
@@ -472,9 +499,10 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         path=root,
         manifest=manifest,
         kv_events=events,
-        weights=weights,
+        weights=[w for w in weights if not w.event],
         memory_samples=samples,
         truncated=cut_events or cut_weights or cut_samples,
+        weight_changes=[w for w in weights if w.event],
     )
 
 

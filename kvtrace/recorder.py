@@ -25,6 +25,7 @@ from kvtrace.distributed import rank_facts, run_path
 from kvtrace.errors import KvtraceError, RecordingError
 from kvtrace.forward_inputs import ForwardSignature
 from kvtrace.forward_steps import ForwardSteps
+from kvtrace.geometry import model_geometry
 from kvtrace.integrations.hf_caches import HfCacheHooks
 from kvtrace.integrations.hf_generate import GenerateCalls
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
@@ -33,6 +34,7 @@ from kvtrace.integrations.vllm import is_vllm_object
 from kvtrace.kv_tracker import KvTracker
 from kvtrace.memory_samples import MemorySampler
 from kvtrace.model_forward import ForwardWrap
+from kvtrace.model_weights import ModelWeights
 from kvtrace.options import RecordOptions
 from kvtrace.profiler_trace import kineto_quiet, make_profiler
 from kvtrace.run_lock import RunLock, lock_for_recording
@@ -100,6 +102,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._events: fmt.JsonlAppender | None = None
         self._samples: fmt.JsonlAppender | None = None
         self._forward: ForwardWrap | None = None
+        self._weights: ModelWeights | None = None  # weights.jsonl, and the storages `model.to()` replaces
         self._profiler: Any = None
         self._ranges: StepRanges | None = None
         self._hf: HfCacheHooks | None = None
@@ -242,7 +245,17 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if self.model is not None:
             self._modules.discover(self.model)
             self._signature = ForwardSignature.of(self.model)
-            self._write_weights(self._modules.weight_exclusions())
+            modules = self._modules
+            self._weights = ModelWeights(
+                self.model,
+                self.path / fmt.WEIGHTS,
+                self._clock,
+                lambda: tracker.step,
+                modules.weight_exclusions,
+            )
+            self._weights.write_start()
+            # Around the model's `_apply` (`model.to(dtype)`, `.half()`, `.cuda()`): the storages it replaces
+            self._weights.install()
             # Around `model.forward` itself, which Meta's Llama3.generate calls directly (no forward hook
             # fires there); eager even when torch.compile traces the model's __call__.
             self._forward = ForwardWrap(self.model, self._pre_forward, self._post_forward)
@@ -304,6 +317,10 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                     self._hf.scan_all(forget=False)  # a cache dropped by now is freed in phase "end"
                 if self._modules is not None and self._modules.scan("track"):
                     self._module_tokens_unknown += 1  # written outside any forward kvtrace saw
+            if self._weights is not None:
+                self._weights.finish()  # changes no `model.to()` made, storages released since
+                if self._weights.changes:  # the model as it ended (a `.to(torch.bfloat16)`: its dtype)
+                    self._manifest["model"] = model_geometry(self.model)
             if exc is not None and self._snapshots is not None and _is_oom(exc):
                 ended["oom_snapshot"] = self._snapshots.dump("oom.pickle")
         finally:
@@ -383,6 +400,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             self._profiler = None
         if self._forward is not None:
             self._forward.uninstall()
+        if self._weights is not None:
+            self._weights.uninstall()
         if self._vllm is not None:
             self._vllm.uninstall()
         if self._paged is not None:

@@ -1,5 +1,6 @@
 """What a run says about itself: the manifest (written at the start, rewritten at the end with how the run
-ended and the warnings that make its figures incomplete) and the model's weights (`weights.jsonl`).
+ended and the warnings that make its figures incomplete); the model's weights (`weights.jsonl`) are
+`kvtrace.model_weights`'s.
 
 `Recording` inherits `RunManifest`.
 """
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvtrace import format as fmt
-from kvtrace.distributed import local_tensor
 from kvtrace.geometry import model_geometry
 from kvtrace.options import RecordOptions
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from kvtrace.integrations.hf_paged import PagedAttentionHooks
     from kvtrace.integrations.module_caches import ModuleCaches
     from kvtrace.kv_tracker import KvTracker
+    from kvtrace.model_weights import ModelWeights
 
 
 class RunManifest:
@@ -41,6 +42,7 @@ class RunManifest:
     _hf: HfCacheHooks | None
     _modules: ModuleCaches | None
     _paged: PagedAttentionHooks | None
+    _weights: ModelWeights | None
     _module_tokens_unknown: int
     _forwards_elsewhere: int
     _write_error: str | None
@@ -122,6 +124,9 @@ class RunManifest:
             warnings.append(self._hf.unexplained)
         if self._paged is not None:
             warnings.extend(self._paged.warnings)
+        weights = self._weights
+        if weights is not None:
+            warnings.extend(weights.warnings())
         if self._forwards_elsewhere and self.options.profiler:
             warnings.append(
                 f"{self._forwards_elsewhere} of {steps} forward passes ran on another thread than the one "
@@ -146,28 +151,6 @@ class RunManifest:
         ended["kv_events_lost"] = self.events_lost
         with contextlib.suppress(OSError):  # else it stays "running", as if the process died
             fmt.write_json_in_place(path, self._manifest)
-
-    def _write_weights(self, exclude: set[int]) -> None:
-        seen: set[int] = set()
-        with open(self.path / fmt.WEIGHTS, "w", encoding="utf-8") as fh:
-            import json
-
-            for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-                tensor = local_tensor(tensor)  # a tensor-parallel weight (DTensor): this rank's shard
-                storage = tensor.untyped_storage()
-                addr = storage.data_ptr()
-                if addr in seen or addr in exclude or storage.nbytes() == 0:
-                    continue
-                seen.add(addr)
-                record = fmt.WeightRecord(
-                    name=name,
-                    addr=addr,
-                    storage_bytes=storage.nbytes(),
-                    dtype=str(tensor.dtype).removeprefix("torch."),
-                    device=str(tensor.device),
-                    shape=list(tensor.shape),
-                )
-                fh.write(json.dumps(record.__dict__, separators=(",", ":")) + "\n")
 
 
 def device_of(model: Any) -> torch.device | None:

@@ -1,5 +1,6 @@
 """Reads a kvtrace run directory into a `MemorySource`: the profiler's allocator events, the KV log, the
-weights table and the markers (steps, evictions, OOM), all on the Unix-epoch microsecond clock."""
+weights table (with its changes inside the block, `readers.weight_changes`) and the markers (steps,
+evictions, OOM), all on the Unix-epoch microsecond clock."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from analyzers.attribution import JOIN_TOLERANCE_US
 from analyzers.kv_log import analyze_kv_log
 from analyzers.model import KV, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.readers.sources import ProgressFn
+from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
 from kvtrace.errors import KvtraceError
 from kvtrace.format import KV_EVENTS, MEMORY_SAMPLES, PROFILER_DIR, SNAPSHOT_DIR, Run, read_run
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
@@ -233,6 +236,15 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             source.meta["events_from"] = "kv_log (recorded with profile_memory=False)"
         else:
             source.meta["events_from"] = "kv_log (the profiler trace has no memory events)"
+    changes = weight_changes(run)
+    if changes:
+        # The model converted inside the block (`model.to(torch.bfloat16)`): the events of its weights that
+        # the device's events lack (all of them in the KV log's; the untraced frees of a CPU trace).
+        traced = bool(traces) and not trace_missed_the_model
+        for dev in source.devices:
+            add_weight_events(dev, changes, traced, JOIN_TOLERANCE_US)
+        source.meta["weight_changes"] = changes
+        source.meta.setdefault("input_notes", []).append(weights_changed_note(run))
     weights_by_device: dict[str, int] = {}
     for weight in run.weights:
         device = _normal_device(weight.device)

@@ -108,8 +108,9 @@ def _hook_leaks(models: list[torch.nn.Module]) -> list[str]:
         leaks.append("transformers GenerationMixin.generate is still patched")
     for model in models:
         for owner in (model, type(model)):
-            if getattr(owner.__dict__.get("forward"), "kvtrace_wrapper", False):
-                leaks.append(f"{owner!r:.60}.forward is still kvtrace's wrapper")
+            for method in ("forward", "_apply"):
+                if getattr(owner.__dict__.get(method), "kvtrace_wrapper", False):
+                    leaks.append(f"{owner!r:.60}.{method} is still kvtrace's wrapper")
         for module_name, module in model.named_modules():
             for attr in (
                 "_forward_hooks",
@@ -140,10 +141,12 @@ def no_hook_leaks(watched_models: list[torch.nn.Module]) -> Iterator[None]:
         setattr(cls, name, original)
     GenerationMixin.generate = ORIGINAL_GENERATE  # type: ignore[method-assign]
     for model in watched_models:
-        if getattr(model.__dict__.get("forward"), "kvtrace_wrapper", False):
-            del model.__dict__["forward"]
-        if getattr(type(model).__dict__.get("forward"), "kvtrace_wrapper", False):
-            type(model).forward = type(model).forward.__wrapped__
+        for method in ("forward", "_apply"):
+            if getattr(model.__dict__.get(method), "kvtrace_wrapper", False):
+                del model.__dict__[method]
+            wrapper = type(model).__dict__.get(method)
+            if wrapper is not None and getattr(wrapper, "kvtrace_wrapper", False):
+                setattr(type(model), method, wrapper.__wrapped__)
         for module in model.modules():
             module._forward_hooks.clear()
             module._forward_pre_hooks.clear()
