@@ -114,19 +114,19 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
     return OomInfo(name, ended.get("t_ns", 0) / 1000.0, requested, None, message=message)
 
 
-def _add_kv_held_before_trace(
+def _kv_held_before_trace(
     dev: DeviceEvents, storages: list[tuple[int, int, int, int, int, str, int]], events: list[Any]
-) -> None:
-    """KV storages allocated before the profiler started (a reference model's preallocated buffers, a
-    cache built before record()) are in no allocation of the trace, yet held all along: like the weights,
-    they join the level before the first event, as KV. Only storages the trace never frees qualify (a free
-    of memory it never saw allocated would take the KV share below zero)."""
+) -> int:
+    """Bytes of KV storages allocated before the profiler started (a reference model's preallocated buffers,
+    a cache built before record()): in no allocation of the trace, yet held all along, they join the level
+    before the first event, as KV. Only storages the trace never frees qualify (a free of memory it never
+    saw allocated would take the KV share below zero)."""
     if not len(dev):
-        return
+        return 0
     device_of = {e.addr: e.device for e in events if e.addr and e.device}
     first_us = float(dev.ts_us[0])
     seen = set(dev.addr.tolist())  # any trace event at the address, allocation or free
-    held = sum(
+    return sum(
         nbytes
         for addr, nbytes, first_ns, freed_ns, _layer, _kv, _cache in storages
         if first_ns / 1000.0 <= first_us
@@ -134,14 +134,29 @@ def _add_kv_held_before_trace(
         and freed_ns < 0
         and _normal_device(device_of.get(addr, dev.device)) == dev.device
     )
-    if not held:
-        return
-    implied = 0
-    if dev.total_allocated is not None and len(dev.total_allocated) == len(dev):
+
+
+def _held_before_trace(dev: DeviceEvents, weights: int, kv_held: int) -> None:
+    """Put the weights (and KV) held before the profiler started into the level before the first event.
+
+    A device's allocator total (`Total Allocated`) counts from where its allocator does: the CPU's, from the
+    profiler's start (what was held before is not in it: added here), a GPU's caching allocator from the
+    process's start (the weights are in it already: only which of its bytes they are is said here; adding
+    them would count them twice)."""
+    implied = None
+    if dev.total_allocated is not None and len(dev.total_allocated) == len(dev) and len(dev):
         implied = max(int(dev.total_allocated[0]) - int(dev.delta_bytes[0]), 0)
-    weights = max(dev.baseline_bytes - implied, 0)  # what device_timeline gives the weights otherwise
-    dev.baseline_bytes += held
-    dev.baseline_categories = {KV: held, WEIGHTS: weights}
+    if implied is not None and not dev.device.startswith("cpu"):
+        counted_weights = min(weights, implied)
+        counted_kv = min(kv_held, implied - counted_weights)
+        if counted_weights or counted_kv:
+            dev.baseline_categories = {KV: counted_kv, WEIGHTS: counted_weights}
+        return
+    dev.baseline_bytes += weights
+    if kv_held:
+        # the weights as device_timeline would give them otherwise: the level beyond the trace's own total
+        dev.baseline_categories = {KV: kv_held, WEIGHTS: max(dev.baseline_bytes - (implied or 0), 0)}
+        dev.baseline_bytes += kv_held
 
 
 # What the figures lack when a file the recorder wrote is gone (a partial copy, a clean-up).
@@ -251,10 +266,10 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         weights_by_device[device] = weights_by_device.get(device, 0) + weight.storage_bytes
     total_memory = run.manifest.get("device", {}).get("total_memory_bytes")
     for dev in source.devices:
-        # The trace counts from the profiler's start; weights were allocated before it.
-        dev.baseline_bytes += weights_by_device.get(dev.device, 0)
-        if traces and not trace_missed_the_model:
-            _add_kv_held_before_trace(dev, kv.storages, run.kv_events)
+        # The weights were allocated before the profiler started, as may some KV
+        traced = traces and not trace_missed_the_model
+        kv_held = _kv_held_before_trace(dev, kv.storages, run.kv_events) if traced else 0
+        _held_before_trace(dev, weights_by_device.get(dev.device, 0), kv_held)
         if (
             dev.capacity_bytes is None
             and total_memory
