@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command
+from kvtrace.commands.output import check_html_target
 from kvtrace.errors import KvtraceError
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -103,6 +104,8 @@ class DemoCommand(Command):
         out = Path(args.out or default_out(args.cache, args.press))
         if (out / "manifest.json").exists() and not args.overwrite:
             raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
+        if not args.no_report:  # the page the report ends with: a pipe there is refused before recording
+            check_html_target(str(out / "timeline.html"))
         from kvtrace.llama import (
             DEFAULT_PROMPTS,
             build_model,

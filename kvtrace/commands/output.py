@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way, os_reason
+from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way, os_reason, special_output
 from kvtrace.safe_write import replace_atomically
 
 
@@ -68,9 +68,9 @@ def _stdout_failed(exc: OSError) -> KvtraceError:
 
 
 def check_html_target(target: str | None) -> None:
-    """Refuse an `-o` that cannot take an HTML page before any work is done: an empty path, a folder, an
-    existing file that is not HTML (`-o run/manifest.json` would destroy the run being reported), or a path
-    below a file."""
+    """Refuse an `-o` that cannot take an HTML page before any work is done: an empty path, a folder, a
+    named pipe or a device (or a link to one), an existing file that is not HTML (`-o run/manifest.json`
+    would destroy the run being reported), or a path below a file."""
     if target is None:
         return
     out = Path(target)
@@ -78,6 +78,9 @@ def check_html_target(target: str | None) -> None:
         raise KvtraceError("-o/--output: empty path")
     if out.is_dir():
         raise KvtraceError(f"{out}: is a folder; give a file path such as {out / 'report.html'}")
+    kind = special_output(out)
+    if kind is not None:
+        raise KvtraceError(f"{out}: {kind}, not a regular file; the HTML page is written to a file only")
     if out.is_file() and out.suffix.lower() not in (".html", ".htm"):
         raise KvtraceError(f"{out}: exists and is not an HTML file; give a new path or a .html one")
     if file_in_the_way(out) is not None:
@@ -95,9 +98,19 @@ def write_html(target: str | Path, html: str, quiet: bool = False) -> Path:
     return out
 
 
+def check_regular_target(out: Path) -> None:
+    """Refuse (one line, exit status 1) an output file path where a named pipe or a device stands, or a
+    link to one: `write_replacing` would put a regular file in its place."""
+    kind = special_output(out)
+    if kind is not None:
+        raise KvtraceError(f"{out}: cannot write ({kind}, not a regular file)", exit_code=1)
+
+
 def write_replacing(out: Path, content: bytes) -> None:
     """Write a whole output file (creating its folder) by temporary file and rename, so a full disk or
-    an interrupt leaves the old file, or none, never a cut one; a failure is one line and exit status 1."""
+    an interrupt leaves the old file, or none, never a cut one; a failure is one line and exit status 1.
+    A named pipe or a device at `out` (or a link to one) is refused, never replaced by a regular file."""
+    check_regular_target(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with replace_atomically(out) as fh:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command
-from kvtrace.commands.output import write_replacing
+from kvtrace.commands.output import check_regular_target, write_replacing
 from kvtrace.errors import KvtraceError, cannot_write
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -208,6 +208,8 @@ class SweepCommand(Command):
         if problem is not None:
             raise KvtraceError(problem)
         out = Path(args.out)
+        for name in ("sweep.json", "sweep.html"):  # before the points are recorded, not after
+            check_regular_target(out / name)
         if (out / "sweep.json").exists() and not args.overwrite:  # as `demo` does: no silent loss
             raise KvtraceError(f"{out}: already holds a sweep; pass --overwrite to replace it, or --out DIR")
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,67 @@ def test_a_named_pipe_among_the_inputs_is_skipped_or_refused_never_waited_on(tmp
         assert done.returncode == 2, done.stderr
         assert done.stderr.endswith(f"{pipe}: a named pipe, not a regular file; kvtrace reads files\n")
         assert done.stderr.count("\n") == 1
+
+
+def test_a_named_pipe_given_as_an_output_is_refused_never_replaced(tmp_path: Path) -> None:
+    # GIVEN named pipes where the outputs go, and a link to one (as /dev/stdout is a link to a pipe or a
+    # device); nothing will ever read them. (A device would be the same case: /dev/null, when run as root.)
+    pipe = tmp_path / "page.html"
+    os.mkfifo(pipe)
+    link = tmp_path / "link.html"
+    link.symlink_to(pipe)
+    # (a sweep, and a demo run to be recorded again with --overwrite)
+    sweep_out, demo_out = tmp_path / "sweep", tmp_path / "demo"
+    sweep_out.mkdir()
+    os.mkfifo(sweep_out / "sweep.json")
+    shutil.copytree(SAMPLES / "dynamic_b2", demo_out)
+    os.mkfifo(demo_out / "timeline.html")
+    run, other = str(SAMPLES / "static_b2"), str(SAMPLES / "dynamic_b2")
+    refused = [
+        (
+            ["report", run, "--no-export", "-q", "-o", str(pipe)],
+            2,
+            f"{pipe}: a named pipe, not a regular file",
+        ),
+        (
+            ["report", run, "--no-export", "-q", "-o", str(link)],
+            2,
+            f"{link}: a symbolic link to a named pipe",
+        ),
+        (["compare", run, other, "-o", str(pipe)], 2, f"{pipe}: a named pipe, not a regular file"),
+        (
+            [
+                *("demo", "--size", "tiny", "--batch", "1", "--new-tokens", "2", "--overwrite", "--out"),
+                str(demo_out),
+            ],
+            2,
+            f"{demo_out / 'timeline.html'}: a named pipe, not a regular file",
+        ),
+        (
+            [
+                *("sweep", "--batch", "1", "--context", "8", "--new-tokens", "2", "--cache", "dynamic"),
+                *("--device", "cpu", "--overwrite", "--out", str(sweep_out)),
+            ],
+            1,
+            f"{sweep_out / 'sweep.json'}: cannot write (a named pipe, not a regular file)",
+        ),
+    ]
+    for argv, status, said in refused:
+        # WHEN a command is to write its page or summary there
+        done = _kvtrace_on_a_full_disk(argv, None, 300)
+        # THEN one line says what is there, and the pipe is left a pipe (a rename used to put a regular file
+        # in its place, exit status 0), before anything is recorded
+        assert done.returncode == status, done.stderr
+        assert said in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    for fifo in (pipe, sweep_out / "sweep.json", demo_out / "timeline.html"):
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert link.is_symlink() and os.readlink(link) == str(pipe)
+    demo_files = sorted(p.name for p in (SAMPLES / "dynamic_b2").iterdir())
+    assert sorted(p.name for p in demo_out.iterdir()) == sorted([*demo_files, "timeline.html"])
+    assert (demo_out / "manifest.json").read_bytes() == (
+        SAMPLES / "dynamic_b2" / "manifest.json"
+    ).read_bytes()
+    assert sorted(p.name for p in sweep_out.iterdir()) == ["sweep.json"]
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
