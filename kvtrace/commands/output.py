@@ -34,16 +34,27 @@ def print_result(as_json: bool, payload: Callable[[], Any], text: Callable[[], s
         print(text())
 
 
+class StdoutError(KvtraceError):
+    """Standard output could not be written: exit status 1. A command that wrote its files before printing
+    (`export`, `sweep`) adds what it wrote, so the failure does not read as if nothing were."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=1)
+
+
 class GuardedStdout:
     """Standard output for the length of a command: a write or flush that fails (a full disk under
-    `> file`, /dev/full) is the one-line error "standard output: cannot write (...)", exit status 1. The
-    OS's bare "No space left on device" named no file, and read as if an input were at fault. A closed
-    pipe (`| head`) passes through: the CLI ends quietly on it."""
+    `> file`, /dev/full), or a write to a closed one (`>&-`: Python then has no sys.stdout), is the one-line
+    error "standard output: cannot write (...)", exit status 1. The OS's bare "No space left on device"
+    named no file, and read as if an input were at fault. A closed pipe (`| head`) passes through: the CLI
+    ends quietly on it."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
 
     def write(self, text: str) -> int:
+        if self._stream is None:
+            raise StdoutError("standard output: cannot write (it is closed)")
         try:
             return self._stream.write(text)
         except BrokenPipeError:
@@ -52,6 +63,8 @@ class GuardedStdout:
             raise _stdout_failed(exc) from None
 
     def flush(self) -> None:
+        if self._stream is None:  # nothing was written: nothing is lost
+            return
         try:
             self._stream.flush()
         except BrokenPipeError:
@@ -59,12 +72,25 @@ class GuardedStdout:
         except OSError as exc:
             raise _stdout_failed(exc) from None
 
-    def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno...: the stream's own
+    def isatty(self) -> bool:
+        return self._stream is not None and bool(self._stream.isatty())
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno...: the stream's own
         return getattr(self._stream, name)
 
 
-def _stdout_failed(exc: OSError) -> KvtraceError:
-    return KvtraceError(f"standard output: cannot write ({os_reason(exc)})", exit_code=1)
+def _stdout_failed(exc: OSError) -> StdoutError:
+    return StdoutError(f"standard output: cannot write ({os_reason(exc)})")
+
+
+def print_after_writing(print_it: Callable[[], None], written: str) -> None:
+    """Print a command's summary of files it has already written: when standard output fails, the one line
+    says that `written` is there all the same (a user reading "cannot write" would think it was not)."""
+    try:
+        print_it()
+        sys.stdout.flush()  # what is buffered fails here, where the line can still say what was written
+    except StdoutError as exc:
+        raise StdoutError(f"{exc}; {written}") from None
 
 
 def check_html_target(target: str | None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command
-from kvtrace.commands.output import check_regular_target, write_replacing
+from kvtrace.commands.output import check_regular_target, print_after_writing, write_replacing
 from kvtrace.errors import KvtraceError, cannot_write
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -123,7 +123,8 @@ class SweepCommand(Command):
     directory under OUT/runs/. With --gpu-memory (or --budget), rows say whether the measured peak fits
     and, when not, the step and layer where a device of that size would run out. On CUDA an OOM inside a
     point is caught, recorded, diagnosed and the sweep goes on. Exit status: 0 on success; 1 when OUT
-    cannot be created; 2 for bad input or flags.
+    cannot be created, or standard output cannot be written (OUT is then written all the same, and the
+    line says so); 2 for bad input or flags.
     """
 
     name = "sweep"
@@ -284,5 +285,10 @@ class SweepCommand(Command):
         write_replacing(out / "sweep.json", json.dumps(summary, indent=2).encode("utf-8"))
         title = f"kvtrace sweep: {model_name} ({args.dtype}, {device}, {args.new_tokens} new tokens)"
         write_replacing(out / "sweep.html", sweep_to_html(rows, budget, title).encode("utf-8"))
-        print(sweep_to_text(rows, budget, title))
-        print(f"wrote {out / 'sweep.json'} and {out / 'sweep.html'} ({len(rows)} points)")
+        files = f"{out / 'sweep.json'} and {out / 'sweep.html'}"
+
+        def show() -> None:
+            print(sweep_to_text(rows, budget, title))
+            print(f"wrote {files} ({len(rows)} points)")
+
+        print_after_writing(show, f"the sweep is written all the same ({files})")

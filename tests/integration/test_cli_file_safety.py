@@ -237,3 +237,79 @@ def test_standard_output_on_a_full_disk_is_named_in_one_line(as_json: bool) -> N
     # THEN one line naming standard output (the OS's bare "No space left on device" named nothing), status 1
     assert done.returncode == 1, done.stderr
     assert done.stderr == "kvtrace report: error: standard output: cannot write (No space left on device)\n"
+
+
+def _kvtrace_with_stdout_closed(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """`kvtrace argv` with its standard output closed (`>&-`: Python then has no sys.stdout at all)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    shell = ["sh", "-c", '"$0" "$@" >&-', sys.executable, "-m", "kvtrace.cli", *argv]
+    return subprocess.run(
+        shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["report", str(SAMPLES / "static_b2"), "--no-export", "-q"],
+        ["report", str(SAMPLES / "static_b2"), "--no-export", "-q", "--json"],
+        ["diagnose", str(SAMPLES / "static_b2")],
+        ["compare", str(SAMPLES / "static_b2"), str(SAMPLES / "dynamic_b2")],
+        ["plan", "--preset", "llama-3-8b"],
+        ["query", str(SAMPLES / "static_b2"), "SELECT 1"],
+    ],
+    ids=["report", "report-json", "diagnose", "compare", "plan", "query"],
+)
+def test_a_closed_standard_output_is_named_in_one_line(argv: list[str]) -> None:
+    # WHEN a command runs with its standard output closed
+    done = _kvtrace_with_stdout_closed(argv)
+    # THEN one line and exit status 1, as for a full disk (it was an "internal error", exit status 70)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"kvtrace {argv[0]}: error: standard output: cannot write (it is closed)\n"
+
+
+def test_an_export_whose_standard_output_fails_says_its_tables_are_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an export with its standard output closed, then one onto a full disk (/dev/full)
+    tables = tmp_path / "tables"
+    argv = ["export", str(SAMPLES / "static_b2"), "-q", "-o", str(tables)]
+    closed = _kvtrace_with_stdout_closed(argv)
+    # THEN the tables are written, and the one line (exit status 1) says so: "cannot write" alone (and the
+    # exit status 70 before it) read as if nothing had been exported
+    assert closed.returncode == 1, closed.stderr
+    assert closed.stderr == (
+        "kvtrace export: error: standard output: cannot write (it is closed); "
+        f"the export is written all the same ({tables}, part 0)\n"
+    )
+    assert main(["query", str(tables), "--json", "SELECT count(*) AS runs FROM runs"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"runs": 1}]
+    if Path("/dev/full").exists():
+        # AND a second export of the same run adds nothing, and says that instead
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+        with open("/dev/full", "w") as full:
+            again = subprocess.run(
+                [sys.executable, "-m", "kvtrace.cli", *argv],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        assert again.returncode == 1, again.stderr
+        assert again.stderr == (
+            "kvtrace export: error: standard output: cannot write (No space left on device); "
+            f"nothing new was exported to {tables}\n"
+        )
+
+
+def test_a_sweep_whose_standard_output_is_closed_says_it_is_written(tmp_path: Path) -> None:
+    # GIVEN a one-point sweep run with its standard output closed
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--batch", "1", "--context", "8", "--new-tokens", "2", "--cache", "dynamic"]
+    done = _kvtrace_with_stdout_closed([*argv, "--device", "cpu", "--out", str(out)])
+    # THEN its files are written, and the one line (exit status 1) says so
+    assert done.returncode == 1, done.stderr
+    files = f"{out / 'sweep.json'} and {out / 'sweep.html'}"
+    said = f"standard output: cannot write (it is closed); the sweep is written all the same ({files})"
+    assert done.stderr.splitlines()[-1] == f"kvtrace sweep: error: {said}"
+    assert [row["batch"] for row in json.loads((out / "sweep.json").read_text())["rows"]] == [1]
