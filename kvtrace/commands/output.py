@@ -57,10 +57,33 @@ class GuardedStdout:
             raise StdoutError("standard output: cannot write (it is closed)")
         try:
             return self._stream.write(text)
+        except UnicodeEncodeError:
+            return self._write_file_names(text)
         except BrokenPipeError:
             raise
         except OSError as exc:
             raise _stdout_failed(exc) from None
+
+    def _write_file_names(self, text: str) -> int:
+        """Text holding a file name that is not UTF-8, on a standard output that refuses such text (a UTF-8
+        locale other than C.UTF-8): written as the name's own bytes, as `ls` writes it; a character the
+        encoding lacks, escaped."""
+        encoding = getattr(self._stream, "encoding", None) or "utf-8"
+        buffer = getattr(self._stream, "buffer", None)
+        if buffer is None:
+            return int(self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding)))
+        try:
+            data = text.encode(encoding, "surrogateescape")
+        except UnicodeEncodeError:
+            data = text.encode(encoding, "backslashreplace")
+        try:
+            self._stream.flush()  # what the text layer holds goes first
+            buffer.write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _stdout_failed(exc) from None
+        return len(text)
 
     def flush(self) -> None:
         if self._stream is None:  # nothing was written: nothing is lost
@@ -118,7 +141,7 @@ def write_html(target: str | Path, html: str, quiet: bool = False) -> Path:
     line and exit status 1, never a traceback, and leaves a report already at `target` whole. A symbolic
     link at `target` is replaced by the page, not followed: the file it points to is left alone."""
     out = Path(target)
-    write_replacing(out, html.encode("utf-8"))
+    write_replacing(out, page_bytes(html))
     if not quiet:
         print(f"wrote {out} ({_binary_size(out.stat().st_size)})")
     return out
@@ -130,6 +153,13 @@ def check_regular_target(out: Path) -> None:
     kind = special_output(out)
     if kind is not None:
         raise KvtraceError(f"{out}: cannot write ({kind}, not a regular file)", exit_code=1)
+
+
+def page_bytes(text: str) -> bytes:
+    """A page's text as UTF-8. A file name that is not UTF-8 (Linux allows any bytes; Python holds each
+    byte it cannot decode as a lone surrogate) is written `run\\udcff`, as kvtrace's messages print it:
+    the page stays valid UTF-8, and the name told apart."""
+    return text.encode("utf-8", "backslashreplace")
 
 
 def write_replacing(out: Path, content: bytes) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command
-from kvtrace.commands.output import check_regular_target, print_after_writing, write_replacing
+from kvtrace.commands.output import check_regular_target, page_bytes, print_after_writing, write_replacing
 from kvtrace.errors import KvtraceError, cannot_write
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -284,7 +284,7 @@ class SweepCommand(Command):
         }
         write_replacing(out / "sweep.json", json.dumps(summary, indent=2).encode("utf-8"))
         title = f"kvtrace sweep: {model_name} ({args.dtype}, {device}, {args.new_tokens} new tokens)"
-        write_replacing(out / "sweep.html", sweep_to_html(rows, budget, title).encode("utf-8"))
+        write_replacing(out / "sweep.html", page_bytes(sweep_to_html(rows, budget, title)))
         files = f"{out / 'sweep.json'} and {out / 'sweep.html'}"
 
         def show() -> None:

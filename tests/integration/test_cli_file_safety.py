@@ -313,3 +313,37 @@ def test_a_sweep_whose_standard_output_is_closed_says_it_is_written(tmp_path: Pa
     said = f"standard output: cannot write (it is closed); the sweep is written all the same ({files})"
     assert done.stderr.splitlines()[-1] == f"kvtrace sweep: error: {said}"
     assert [row["batch"] for row in json.loads((out / "sweep.json").read_text())["rows"]] == [1]
+
+
+def test_a_run_whose_folder_name_is_not_utf8_is_read_written_and_exported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run in a folder named with a byte that is not UTF-8 (legal on Linux; Python holds it as the
+    # lone surrogate \udcff), as kvtrace's messages print it
+    run = Path(os.fsdecode(os.fsencode(tmp_path) + b"/run\xff"))
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    shown = str(tmp_path / "run\\udcff")  # the name as text: what the page and the tables hold
+    # WHEN its HTML page is written (it was an internal error, exit status 70, after the text report)
+    page = Path(str(run) + ".html")
+    assert main(["report", str(run), "--no-export", "-q", "--json", "-o", str(page)]) == 0
+    # THEN the page is valid UTF-8 and names the run
+    assert f"<title>kvtrace: {shown}</title>" in page.read_bytes().decode("utf-8")
+    # WHEN it is queried, or exported (query was an internal error; export skipped it as "unreadable")
+    capsys.readouterr()
+    sql = "SELECT run_id, path, count(*) AS runs FROM runs GROUP BY ALL"
+    assert main(["query", str(run), "--json", sql]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"run_id": shown, "path": shown, "runs": 1}]
+    tables = tmp_path / "tables"
+    assert main(["export", str(run), "-q", "--json", "-o", str(tables)]) == 0
+    events = len((SAMPLES / "dynamic_b2" / "kv_events.jsonl").read_text().splitlines())
+    assert json.loads(capsys.readouterr().out)["rows"]["kv_events"] == events
+    # AND a second export knows it is already there
+    assert main(["export", str(run), "-q", "--json", "-o", str(tables)]) == 0
+    assert json.loads(capsys.readouterr().out)["already_exported"] == 1
+    # AND the text report, on a standard output that refuses such text (a UTF-8 locale other than C.UTF-8),
+    # prints the name's own bytes, as `ls` does (it was an internal error there)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8:strict"}
+    argv = [sys.executable, "-m", "kvtrace.cli", "report", str(run), "--no-export", "-q"]
+    done = subprocess.run(argv, capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == b"kvtrace report: " + os.fsencode(run) + b" (run)"
