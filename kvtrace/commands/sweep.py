@@ -122,9 +122,9 @@ class SweepCommand(Command):
     Prints the table, and writes OUT/sweep.json (one row per point), OUT/sweep.html and each point's run
     directory under OUT/runs/. With --gpu-memory (or --budget), rows say whether the measured peak fits
     and, when not, the step and layer where a device of that size would run out. On CUDA an OOM inside a
-    point is caught, recorded, diagnosed and the sweep goes on. Exit status: 0 on success; 1 when OUT
-    cannot be created, or standard output cannot be written (OUT is then written all the same, and the
-    line says so); 2 for bad input or flags.
+    point is caught, recorded, diagnosed and the sweep goes on. A progress bar is drawn on stderr when it
+    is a terminal (-q: none). Exit status: 0 on success; 1 when OUT cannot be created, or standard output
+    cannot be written (OUT is then written all the same, and the line says so); 2 for bad input or flags.
     """
 
     name = "sweep"
@@ -157,6 +157,7 @@ class SweepCommand(Command):
         )
         parser.add_argument("--out", required=True, help="output directory")
         parser.add_argument("--overwrite", action="store_true", help="replace the sweep already in --out")
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
         from kvtrace.llama import CACHE_KINDS
@@ -224,7 +225,11 @@ class SweepCommand(Command):
         vocab = min(128_000, int(model.config.vocab_size))
         rows: list[dict[str, Any]] = []
         grid = list(itertools.product(batches, contexts, caches))
-        for batch, context, cache_kind in tqdm(grid, desc="sweep", unit="point", file=sys.stderr):
+        # A bar on a terminal only, as report and export draw theirs: in a file or a pipe its \r-redrawn
+        # lines are noise around the errors and notes.
+        show_bar = not args.quiet and sys.stderr.isatty()
+        points = tqdm(grid, desc="sweep", unit="point", file=sys.stderr, disable=not show_bar)
+        for batch, context, cache_kind in points:
             run_dir = out / "runs" / f"b{batch}_c{context}_{cache_kind}"
             generator = torch.Generator().manual_seed(batch * 100_003 + context)
             ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
