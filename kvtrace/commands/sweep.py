@@ -17,6 +17,17 @@ from kvtrace.errors import KvtraceError, cannot_write
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+class _AsTyped(argparse.Action):
+    """Keeps a flag's value and which of its names was typed (`args.<dest>_flag`), so that an error about
+    the value names the flag the user wrote, not an alias of it."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option)
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
@@ -152,6 +163,7 @@ class SweepCommand(Command):
             "--gpu-memory",
             "--budget",
             dest="budget",
+            action=_AsTyped,
             metavar="SIZE",
             help="device memory budget, e.g. 80GiB: rows say whether each point fits, and where it runs out",
         )
@@ -177,7 +189,9 @@ class SweepCommand(Command):
         if args.budget is not None:
             from analyzers.planning.size_text import parse_size
 
-            budget = parse_size(args.budget, "--budget", positive=True)
+            budget = parse_size(
+                args.budget, getattr(args, "budget_flag", None) or "--gpu-memory", positive=True
+            )
         if args.size is None and args.preset is None and args.config is None:
             args.size = "tiny"
         model_name, size = _model_size(args)

@@ -84,6 +84,11 @@ def test_a_size_too_large_for_any_device_is_refused(
             ["sweep", "--batch", "1", "--context", "8", "--budget", "0", "--out", "unused"],
             "--budget 0: a memory size must be positive",
         ),
+        (
+            # the flag as typed (it used to name --budget, an alias the user never typed)
+            ["sweep", "--out", "unused", "--gpu-memory", "24G"],
+            "--gpu-memory: cannot read size '24G'",
+        ),
         (["demo", "--no-report", "--gpu-memory", "70M"], "--gpu-memory: cannot read size '70M'"),
         (["demo", "--no-report", "--gpu-memory", "1.5B"], "--gpu-memory: a size in bytes must be"),
     ],
@@ -96,6 +101,7 @@ def test_a_size_too_large_for_any_device_is_refused(
         "plan-vllm-weights",
         "diagnose",
         "sweep-zero",
+        "sweep-gpu-memory",
         "demo",
         "demo-fraction",
     ],
