@@ -665,6 +665,19 @@ def test_a_demo_flag_that_would_do_nothing_is_refused(
     assert not (tmp_path / "r").exists()
 
 
+def test_plan_from_a_run_that_is_not_there_says_so(
+    run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # WHEN --from-run names nothing (a typo) THEN it is said as every command says it; it used to send the
+    # user looking for an engine.json ("not a vLLM run")
+    missing = tmp_path / "does" / "not" / "exist"
+    assert main(["plan", "--engine", "vllm", "--from-run", str(missing)]) == 2
+    assert capsys.readouterr().err == f"kvtrace plan: error: {missing}: no such file or directory\n"
+    # AND a run that is there but not vLLM's is still named as such
+    assert main(["plan", "--engine", "vllm", "--from-run", str(run_copy)]) == 2
+    assert capsys.readouterr().err == f"kvtrace plan: error: {run_copy}: not a vLLM run (no engine.json)\n"
+
+
 def test_vllm_first_run_mistakes_are_refused_without_touching_a_run(
     run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
