@@ -56,15 +56,21 @@ class DemoCommand(Command):
             help=f"mark where the run would run out on a device of SIZE, e.g. 8GiB (default with --size "
             f"demo: {DEMO_GPU_MEMORY}; 'none' for no budget)",
         )
-        parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype")
-        parser.add_argument("--cache", choices=CACHE_KINDS, default="dynamic", help="KV cache kind")
+        parser.add_argument(
+            "--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype (default: float32)"
+        )
+        parser.add_argument(
+            "--cache", choices=CACHE_KINDS, default="dynamic", help="KV cache kind (default: dynamic)"
+        )
         parser.add_argument(
             "--window", type=int, help="sliding window length (sliding caches only; default: 16)"
         )
         parser.add_argument("--beams", type=int, default=1, help="beam search width (default: greedy)")
         parser.add_argument("--no-profiler", action="store_true", help="KV log, NVTX and samples only")
         parser.add_argument("--with-stack", action="store_true", help="Python stacks in the profiler trace")
-        parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+        parser.add_argument(
+            "--device", default="cpu", help="cpu or cuda[:N] (default: cpu, also where CUDA is available)"
+        )
         parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
         parser.add_argument("--press", help="a kvpress eviction press (needs kvpress, transformers<5.3)")
         parser.add_argument(

@@ -152,13 +152,19 @@ class SweepCommand(Command):
             "--context", default="32,64", help="comma-separated prompt lengths (default 32,64)"
         )
         parser.add_argument(
-            "--cache", default="dynamic,static", help=f"comma-separated, of {', '.join(CACHE_KINDS)}"
+            "--cache",
+            default="dynamic,static",
+            help=f"comma-separated, of {', '.join(CACHE_KINDS)} (default dynamic,static)",
         )
         parser.add_argument(
             "--new-tokens", type=int, default=8, help="tokens generated per point (default 8)"
         )
-        parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype")
-        parser.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda when available)")
+        parser.add_argument(
+            "--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype (default float32)"
+        )
+        parser.add_argument(
+            "--device", default="auto", help="cpu, cuda[:N] or auto: cuda when available (default auto)"
+        )
         parser.add_argument(
             "--gpu-memory",
             "--budget",
