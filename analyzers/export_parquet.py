@@ -42,6 +42,7 @@ from analyzers.tables import (
     Input,
     find_inputs,
     named_as_given,
+    parquet_text,
     source_tables,
 )
 from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way
@@ -355,7 +356,7 @@ def _export_locked(
     try:
         for inp in inputs:
             problem: str | None = None
-            if str(inp.path) in done:
+            if parquet_text(str(inp.path)) in done:  # as its `path` column holds it
                 summary.already_exported += 1
             else:
                 inp = _unique(inp, taken)

@@ -27,12 +27,43 @@ if TYPE_CHECKING:
 
 @dataclass
 class QueryResult:
-    columns: list[str]
+    columns: list[str]  # as DuckDB names them: a join's `k.seq, m.seq` are both `seq`
     rows: list[tuple[Any, ...]]
 
+    @property
+    def names(self) -> list[str]:
+        """The columns' names told apart, one per column, as DuckDB's own exports (`COPY ... TO`, `.df()`)
+        name them: a second `seq` is `seq_1`, a third `seq_2`. Names that are unique stay as they are."""
+        return unique_names(self.columns)
+
+    def plain_rows(self) -> list[list[Any]]:
+        """Rows as JSON-ready values, column by column (HUGEINT sums as int, DECIMAL as int or float, times
+        as ISO text)."""
+        return [[_plain(v) for v in row] for row in self.rows]
+
     def records(self) -> list[dict[str, Any]]:
-        """Rows as JSON-ready objects (HUGEINT sums as int, DECIMAL as int or float, times as ISO text)."""
-        return [{c: _plain(v) for c, v in zip(self.columns, row, strict=True)} for row in self.rows]
+        """Rows as JSON-ready objects keyed by `names`: a key per column, none lost to another of its name."""
+        names = self.names
+        return [dict(zip(names, row, strict=True)) for row in self.plain_rows()]
+
+
+def unique_names(columns: list[str]) -> list[str]:
+    """`columns` with each repeated name suffixed `_1`, `_2`, ... (skipping a suffix another column already
+    has), by DuckDB's own rule, so that every column keeps its value under a name of its own."""
+    seen: dict[str, int] = {}
+    names: list[str] = []
+    for name in columns:
+        if name not in seen:
+            seen[name] = 1
+            names.append(name)
+            continue
+        renamed = f"{name}_{seen[name]}"
+        while renamed in seen:
+            seen[name] += 1
+            renamed = f"{name}_{seen[name]}"
+        seen[renamed] = 1
+        names.append(renamed)
+    return names
 
 
 def _plain(value: Any) -> Any:

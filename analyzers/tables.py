@@ -155,7 +155,18 @@ def named_as_given(inp: Input, message: str) -> str:
 
 
 def _display(path: Path) -> str:
-    return Path(os.path.normpath(path)).as_posix()
+    return parquet_text(Path(os.path.normpath(path)).as_posix())
+
+
+def parquet_text(text: str) -> str:
+    """`text` as a Parquet string can hold it (UTF-8 only): a file name that is not UTF-8 (Linux allows any
+    bytes; Python holds each byte it cannot decode as a lone surrogate) has those written `\\udcff`, as
+    kvtrace's messages print them. Other text is returned as it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _walk_run(run_dir: Path, shown: Path) -> Iterator[tuple[Path, Path]]:
@@ -233,11 +244,22 @@ def _column(records: list[dict[str, Any]], name: str, kind: pa.DataType) -> pa.A
         return pa.array([_int(v, kind.bit_width) for v in values], kind)
     if pa.types.is_boolean(kind):
         return pa.array([v if isinstance(v, bool) else None for v in values], kind)
+    if pa.types.is_list(kind) and pa.types.is_integer(kind.value_type):
+        return pa.array([[_int(x) for x in v] if isinstance(v, list) else None for v in values], kind)
     if pa.types.is_list(kind):
-        inner = kind.value_type
-        convert = _int if pa.types.is_integer(inner) else _str
-        return pa.array([[convert(x) for x in v] if isinstance(v, list) else None for v in values], kind)
-    return pa.array([_str(v) for v in values], kind)
+        texts: list[Any] = [[_str(x) for x in v] if isinstance(v, list) else None for v in values]
+    else:
+        texts = [_str(v) for v in values]
+    try:
+        return pa.array(texts, kind)
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (a run's path), checked only when one is
+        return pa.array([_parquet_texts(t) for t in texts], kind)
+
+
+def _parquet_texts(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_parquet_texts(v) for v in value]
+    return parquet_text(value) if isinstance(value, str) else value
 
 
 def records_table(schema: pa.Schema, run_id: str, records: list[dict[str, Any]]) -> pa.Table:
@@ -271,7 +293,7 @@ def memory_events_table(run_id: str, dev: DeviceEvents) -> pa.Table:
     layer = None if dev.layer is None else pa.array(dev.layer.astype(np.int16), mask=dev.layer < 0)
     arrays = [
         _repeat(run_id, n),
-        _repeat(dev.device, n),
+        _repeat(parquet_text(dev.device), n),
         pa.array(np.arange(n, dtype=np.int64)),
         pa.array(dev.ts_us.astype(np.float64)),
         pa.array(dev.addr.astype(np.int64)),

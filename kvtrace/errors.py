@@ -113,6 +113,10 @@ _SPECIAL_KINDS = (
 )
 
 
+def _special_kind(mode: int) -> str | None:
+    return next((kind for is_kind, kind in _SPECIAL_KINDS if is_kind(mode)), None)
+
+
 def refuse_special_file(path: str | os.PathLike[str]) -> None:
     """Refuse, before opening it, an input that is neither a regular file nor a folder: opening a named pipe
     waits for a writer (forever, when none comes) and a device reads without end. A missing path passes:
@@ -121,6 +125,26 @@ def refuse_special_file(path: str | os.PathLike[str]) -> None:
         mode = os.stat(path).st_mode
     except OSError:
         return
-    for is_kind, kind in _SPECIAL_KINDS:
-        if is_kind(mode):
-            raise KvtraceError(f"{path}: {kind}, not a regular file; kvtrace reads files")
+    kind = _special_kind(mode)
+    if kind is not None:
+        raise KvtraceError(f"{path}: {kind}, not a regular file; kvtrace reads files")
+
+
+def special_output(path: str | os.PathLike[str]) -> str | None:
+    """What stands at an output path when it is a named pipe, a device or a socket ("a named pipe"), or a
+    symbolic link to one ("a symbolic link to a character device": /dev/stdout); else None. An output is
+    written by rename over its path: that would put a regular file where /dev/null was (run as root), and
+    a reader waiting on a pipe would never get the page."""
+    try:
+        own = os.lstat(path)
+    except OSError:
+        return None
+    kind = _special_kind(own.st_mode)
+    if kind is not None or not stat.S_ISLNK(own.st_mode):
+        return kind
+    try:
+        target = os.stat(path)
+    except OSError:  # a link to nothing: the rename replaces the link
+        return None
+    kind = _special_kind(target.st_mode)
+    return None if kind is None else f"a symbolic link to {kind}"

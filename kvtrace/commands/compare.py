@@ -29,7 +29,12 @@ class CompareCommand(Command):
     defers_numpy = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("runs", nargs="+", metavar="RUN", help="two or more run directories")
+        parser.add_argument(
+            "runs",
+            nargs="+",
+            metavar="RUN",
+            help="two or more runs: run directories, run groups, traces or snapshots (what report reads)",
+        )
         parser.add_argument("-o", "--output", help="write a self-contained HTML page (e.g. compare.html)")
         parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
 

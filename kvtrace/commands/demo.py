@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command
+from kvtrace.commands.output import check_html_target
 from kvtrace.errors import KvtraceError
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -55,15 +56,21 @@ class DemoCommand(Command):
             help=f"mark where the run would run out on a device of SIZE, e.g. 8GiB (default with --size "
             f"demo: {DEMO_GPU_MEMORY}; 'none' for no budget)",
         )
-        parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype")
-        parser.add_argument("--cache", choices=CACHE_KINDS, default="dynamic", help="KV cache kind")
+        parser.add_argument(
+            "--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype (default: float32)"
+        )
+        parser.add_argument(
+            "--cache", choices=CACHE_KINDS, default="dynamic", help="KV cache kind (default: dynamic)"
+        )
         parser.add_argument(
             "--window", type=int, help="sliding window length (sliding caches only; default: 16)"
         )
         parser.add_argument("--beams", type=int, default=1, help="beam search width (default: greedy)")
         parser.add_argument("--no-profiler", action="store_true", help="KV log, NVTX and samples only")
         parser.add_argument("--with-stack", action="store_true", help="Python stacks in the profiler trace")
-        parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+        parser.add_argument(
+            "--device", default="cpu", help="cpu or cuda[:N] (default: cpu, also where CUDA is available)"
+        )
         parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
         parser.add_argument("--press", help="a kvpress eviction press (needs kvpress, transformers<5.3)")
         parser.add_argument(
@@ -103,6 +110,8 @@ class DemoCommand(Command):
         out = Path(args.out or default_out(args.cache, args.press))
         if (out / "manifest.json").exists() and not args.overwrite:
             raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
+        if not args.no_report:  # the page the report ends with: a pipe there is refused before recording
+            check_html_target(str(out / "timeline.html"))
         from kvtrace.llama import (
             DEFAULT_PROMPTS,
             build_model,

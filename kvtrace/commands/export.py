@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from kvtrace.commands.base import Command
-from kvtrace.commands.output import print_result
+from kvtrace.commands.output import print_after_writing, print_result
 
 
 class ExportCommand(Command):
@@ -21,8 +21,9 @@ class ExportCommand(Command):
     the new one is complete (a failed or interrupted overwrite keeps them). One source is read at a time, so
     memory stays bounded by the largest input, whatever their number.
     An unreadable input is skipped with a one-line warning naming it; the others are exported.
-    Exit status: 0 on success; 1 when DIR cannot be written; 2 when any input was unreadable or missing
-    (the rest are still written), or for bad flags.
+    Exit status: 0 on success; 1 when DIR cannot be written, or standard output (the tables are then
+    written all the same, and the line says so); 2 when any input was unreadable or missing (the rest are
+    still written), or for bad flags.
     """
 
     name = "export"
@@ -106,5 +107,9 @@ class ExportCommand(Command):
                 line += f"\n{len(summary.problems)} skipped (see the warnings above)"
             return line
 
-        print_result(args.json, summary.to_json, text)
+        if summary.part is None:
+            written = f"nothing new was exported to {summary.out_dir}"
+        else:
+            written = f"the export is written all the same ({summary.out_dir}, part {summary.part})"
+        print_after_writing(lambda: print_result(args.json, summary.to_json, text), written)
         return 2 if summary.problems else 0

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way, os_reason
+from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way, os_reason, special_output
 from kvtrace.safe_write import replace_atomically
 
 
@@ -34,24 +34,60 @@ def print_result(as_json: bool, payload: Callable[[], Any], text: Callable[[], s
         print(text())
 
 
+class StdoutError(KvtraceError):
+    """Standard output could not be written: exit status 1. A command that wrote its files before printing
+    (`export`, `sweep`) adds what it wrote, so the failure does not read as if nothing were."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=1)
+
+
 class GuardedStdout:
     """Standard output for the length of a command: a write or flush that fails (a full disk under
-    `> file`, /dev/full) is the one-line error "standard output: cannot write (...)", exit status 1. The
-    OS's bare "No space left on device" named no file, and read as if an input were at fault. A closed
-    pipe (`| head`) passes through: the CLI ends quietly on it."""
+    `> file`, /dev/full), or a write to a closed one (`>&-`: Python then has no sys.stdout), is the one-line
+    error "standard output: cannot write (...)", exit status 1. The OS's bare "No space left on device"
+    named no file, and read as if an input were at fault. A closed pipe (`| head`) passes through: the CLI
+    ends quietly on it."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
 
     def write(self, text: str) -> int:
+        if self._stream is None:
+            raise StdoutError("standard output: cannot write (it is closed)")
         try:
             return self._stream.write(text)
+        except UnicodeEncodeError:
+            return self._write_file_names(text)
         except BrokenPipeError:
             raise
         except OSError as exc:
             raise _stdout_failed(exc) from None
 
+    def _write_file_names(self, text: str) -> int:
+        """Text holding a file name that is not UTF-8, on a standard output that refuses such text (a UTF-8
+        locale other than C.UTF-8): written as the name's own bytes, as `ls` writes it; a character the
+        encoding lacks, escaped."""
+        encoding = getattr(self._stream, "encoding", None) or "utf-8"
+        buffer = getattr(self._stream, "buffer", None)
+        if buffer is None:
+            return int(self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding)))
+        try:
+            data = text.encode(encoding, "surrogateescape")
+        except UnicodeEncodeError:
+            data = text.encode(encoding, "backslashreplace")
+        try:
+            self._stream.flush()  # what the text layer holds goes first
+            buffer.write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _stdout_failed(exc) from None
+        return len(text)
+
     def flush(self) -> None:
+        if self._stream is None:  # nothing was written: nothing is lost
+            return
         try:
             self._stream.flush()
         except BrokenPipeError:
@@ -59,18 +95,31 @@ class GuardedStdout:
         except OSError as exc:
             raise _stdout_failed(exc) from None
 
-    def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno...: the stream's own
+    def isatty(self) -> bool:
+        return self._stream is not None and bool(self._stream.isatty())
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno...: the stream's own
         return getattr(self._stream, name)
 
 
-def _stdout_failed(exc: OSError) -> KvtraceError:
-    return KvtraceError(f"standard output: cannot write ({os_reason(exc)})", exit_code=1)
+def _stdout_failed(exc: OSError) -> StdoutError:
+    return StdoutError(f"standard output: cannot write ({os_reason(exc)})")
+
+
+def print_after_writing(print_it: Callable[[], None], written: str) -> None:
+    """Print a command's summary of files it has already written: when standard output fails, the one line
+    says that `written` is there all the same (a user reading "cannot write" would think it was not)."""
+    try:
+        print_it()
+        sys.stdout.flush()  # what is buffered fails here, where the line can still say what was written
+    except StdoutError as exc:
+        raise StdoutError(f"{exc}; {written}") from None
 
 
 def check_html_target(target: str | None) -> None:
-    """Refuse an `-o` that cannot take an HTML page before any work is done: an empty path, a folder, an
-    existing file that is not HTML (`-o run/manifest.json` would destroy the run being reported), or a path
-    below a file."""
+    """Refuse an `-o` that cannot take an HTML page before any work is done: an empty path, a folder, a
+    named pipe or a device (or a link to one), an existing file that is not HTML (`-o run/manifest.json`
+    would destroy the run being reported), or a path below a file."""
     if target is None:
         return
     out = Path(target)
@@ -78,6 +127,9 @@ def check_html_target(target: str | None) -> None:
         raise KvtraceError("-o/--output: empty path")
     if out.is_dir():
         raise KvtraceError(f"{out}: is a folder; give a file path such as {out / 'report.html'}")
+    kind = special_output(out)
+    if kind is not None:
+        raise KvtraceError(f"{out}: {kind}, not a regular file; the HTML page is written to a file only")
     if out.is_file() and out.suffix.lower() not in (".html", ".htm"):
         raise KvtraceError(f"{out}: exists and is not an HTML file; give a new path or a .html one")
     if file_in_the_way(out) is not None:
@@ -89,15 +141,32 @@ def write_html(target: str | Path, html: str, quiet: bool = False) -> Path:
     line and exit status 1, never a traceback, and leaves a report already at `target` whole. A symbolic
     link at `target` is replaced by the page, not followed: the file it points to is left alone."""
     out = Path(target)
-    write_replacing(out, html.encode("utf-8"))
+    write_replacing(out, page_bytes(html))
     if not quiet:
         print(f"wrote {out} ({_binary_size(out.stat().st_size)})")
     return out
 
 
+def check_regular_target(out: Path) -> None:
+    """Refuse (one line, exit status 1) an output file path where a named pipe or a device stands, or a
+    link to one: `write_replacing` would put a regular file in its place."""
+    kind = special_output(out)
+    if kind is not None:
+        raise KvtraceError(f"{out}: cannot write ({kind}, not a regular file)", exit_code=1)
+
+
+def page_bytes(text: str) -> bytes:
+    """A page's text as UTF-8. A file name that is not UTF-8 (Linux allows any bytes; Python holds each
+    byte it cannot decode as a lone surrogate) is written `run\\udcff`, as kvtrace's messages print it:
+    the page stays valid UTF-8, and the name told apart."""
+    return text.encode("utf-8", "backslashreplace")
+
+
 def write_replacing(out: Path, content: bytes) -> None:
     """Write a whole output file (creating its folder) by temporary file and rename, so a full disk or
-    an interrupt leaves the old file, or none, never a cut one; a failure is one line and exit status 1."""
+    an interrupt leaves the old file, or none, never a cut one; a failure is one line and exit status 1.
+    A named pipe or a device at `out` (or a link to one) is refused, never replaced by a regular file."""
+    check_regular_target(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with replace_atomically(out) as fh:

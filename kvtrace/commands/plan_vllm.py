@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from kvtrace.commands.base import require_input
 from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
 
@@ -30,6 +31,7 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     from analyzers.engine import read_engine
     from analyzers.planning.presets import ModelGeometry
 
+    require_input(Path(path))  # a path mistyped is said as every command says it, not as a run's lack
     run = read_engine(Path(path))
     if run is None:
         raise KvtraceError(f"{path}: not a vLLM run (no engine.json)")

@@ -23,12 +23,12 @@ def _cell(value: Any) -> str:
     return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
 
 
-def format_table(columns: list[str], records: list[dict[str, Any]]) -> str:
+def format_table(columns: list[str], rows: list[list[Any]]) -> str:
     """Aligned columns, numbers to the right; long cells cut (use --json or --csv for everything)."""
-    cells = [[_cell(r[c]) for c in columns] for r in records]
+    cells = [[_cell(value) for value in row] for row in rows]
     numeric = [
-        all(isinstance(r[c], int | float) and not isinstance(r[c], bool) for r in records if r[c] is not None)
-        for c in columns
+        all(isinstance(r[i], int | float) and not isinstance(r[i], bool) for r in rows if r[i] is not None)
+        for i in range(len(columns))
     ]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
 
@@ -39,7 +39,7 @@ def format_table(columns: list[str], records: list[dict[str, Any]]) -> str:
 
     out = [line(columns), line(["-" * w for w in widths])]
     out += [line(row) for row in cells]
-    out.append(f"({len(records)} row{'s' if len(records) != 1 else ''})")
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out)
 
 
@@ -51,6 +51,8 @@ class QueryCommand(Command):
     `kvtrace export` reads (run directories, groups, traces, snapshots): it is then exported in memory
     for this one query. Columns are documented in docs/format.md ("Parquet export").
     Example: kvtrace query out "SELECT run_id, sum(delta_bytes) FROM memory_events GROUP BY ALL"
+    Columns of the same name (a join's k.seq, m.seq) are told apart as DuckDB's own exports name them:
+    seq, seq_1 (then seq_2, ...), in the table, the CSV header and the JSON keys alike.
     Exit status: 0; 1 when standard output cannot be written (a full disk); 2 for a bad DIR or a failing
     query (one line naming the problem). A folder's
     unreadable inputs are skipped with a warning, as `kvtrace export` does: the rows of the rest are
@@ -66,7 +68,11 @@ class QueryCommand(Command):
             "sql", metavar="SQL", help="one SQL query (SELECT, WITH, DESCRIBE, ...; nothing that writes)"
         )
         group = parser.add_mutually_exclusive_group()
-        group.add_argument("--json", action="store_true", help="print a JSON list of row objects")
+        group.add_argument(
+            "--json",
+            action="store_true",
+            help="print a JSON list of row objects (a repeated column name gets _1, _2, as DuckDB names it)",
+        )
         group.add_argument("--csv", action="store_true", help="print CSV with a header row")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -113,17 +119,18 @@ class QueryCommand(Command):
             result = run_query(con, args.sql)
         finally:
             con.close()
-        records = result.records()
+        # Columns of the same name (a join's `k.seq, m.seq`) each keep their value, under DuckDB's own
+        # names for them (`seq`, `seq_1`) in all three formats: a JSON object holds one key per name.
         if args.json:
             # Strict JSON, written once it is whole: NaN and infinities become null, DuckDB's other types
             # (UUID, dates, intervals, decimals) their text.
-            text = json.dumps(strict_json(records), indent=2, default=str, allow_nan=False)
+            text = json.dumps(strict_json(result.records()), indent=2, default=str, allow_nan=False)
             sys.stdout.write(text + "\n")
         elif args.csv:
             writer = csv.writer(sys.stdout, lineterminator="\n")
-            writer.writerow(result.columns)
-            for record in records:
-                writer.writerow([json.dumps(v) if isinstance(v, list | dict) else v for v in record.values()])
+            writer.writerow(result.names)
+            for row in result.plain_rows():
+                writer.writerow([json.dumps(v) if isinstance(v, list | dict) else v for v in row])
         else:
-            print(format_table(result.columns, records))
+            print(format_table(result.names, result.plain_rows()))
         return 2 if skipped else 0

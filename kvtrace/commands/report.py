@@ -47,7 +47,8 @@ class ReportCommand(Command):
     per step as TensorBoard scalars). --no-export leaves the run as it is. A run may come from anyone: where
     one of those two is a symbolic link (or not a file, not a folder) it is left alone, with a warning.
     -o writes the page whole to a temporary file, then renames it over the path: a symbolic link at the
-    path is replaced by the page, the file it pointed to is left alone.
+    path is replaced by the page, the file it pointed to is left alone; a named pipe or a device there (or
+    a link to one, as /dev/stdout is) is refused.
     A run's files that cannot be written (a read-only run, a full disk) get a warning line each, and the
     report is printed all the same.
     Exit status: 0 on success, also when the files written into a run could not be; 1 when the -o HTML or

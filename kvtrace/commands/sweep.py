@@ -11,10 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command
-from kvtrace.commands.output import write_replacing
+from kvtrace.commands.output import check_regular_target, page_bytes, print_after_writing, write_replacing
 from kvtrace.errors import KvtraceError, cannot_write
 
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _AsTyped(argparse.Action):
+    """Keeps a flag's value and which of its names was typed (`args.<dest>_flag`), so that an error about
+    the value names the flag the user wrote, not an alias of it."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -130,8 +141,9 @@ class SweepCommand(Command):
     Prints the table, and writes OUT/sweep.json (one row per point), OUT/sweep.html and each point's run
     directory under OUT/runs/. With --gpu-memory (or --budget), rows say whether the measured peak fits
     and, when not, the step and layer where a device of that size would run out. On CUDA an OOM inside a
-    point is caught, recorded, diagnosed and the sweep goes on. Exit status: 0 on success; 1 when OUT
-    cannot be created; 2 for bad input or flags.
+    point is caught, recorded, diagnosed and the sweep goes on. A progress bar is drawn on stderr when it
+    is a terminal (-q: none). Exit status: 0 on success; 1 when OUT cannot be created, or standard output
+    cannot be written (OUT is then written all the same, and the line says so); 2 for bad input or flags.
     """
 
     name = "sweep"
@@ -148,22 +160,30 @@ class SweepCommand(Command):
             "--context", default="32,64", help="comma-separated prompt lengths (default 32,64)"
         )
         parser.add_argument(
-            "--cache", default="dynamic,static", help=f"comma-separated, of {', '.join(CACHE_KINDS)}"
+            "--cache",
+            default="dynamic,static",
+            help=f"comma-separated, of {', '.join(CACHE_KINDS)} (default dynamic,static)",
         )
         parser.add_argument(
             "--new-tokens", type=int, default=8, help="tokens generated per point (default 8)"
         )
-        parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype")
-        parser.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda when available)")
+        parser.add_argument(
+            "--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype (default float32)"
+        )
+        parser.add_argument(
+            "--device", default="auto", help="cpu, cuda[:N] or auto: cuda when available (default auto)"
+        )
         parser.add_argument(
             "--gpu-memory",
             "--budget",
             dest="budget",
+            action=_AsTyped,
             metavar="SIZE",
             help="device memory budget, e.g. 80GiB: rows say whether each point fits, and where it runs out",
         )
         parser.add_argument("--out", required=True, help="output directory")
         parser.add_argument("--overwrite", action="store_true", help="replace the sweep already in --out")
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
         from kvtrace.llama import CACHE_KINDS
@@ -183,7 +203,9 @@ class SweepCommand(Command):
         if args.budget is not None:
             from analyzers.planning.size_text import parse_size
 
-            budget = parse_size(args.budget, "--budget", positive=True)
+            budget = parse_size(
+                args.budget, getattr(args, "budget_flag", None) or "--gpu-memory", positive=True
+            )
         if args.size is None and args.preset is None and args.config is None:
             args.size = "tiny"
         model_name, size = _model_size(args, max(contexts) + args.new_tokens)
@@ -216,6 +238,8 @@ class SweepCommand(Command):
         if problem is not None:
             raise KvtraceError(problem)
         out = Path(args.out)
+        for name in ("sweep.json", "sweep.html"):  # before the points are recorded, not after
+            check_regular_target(out / name)
         if (out / "sweep.json").exists() and not args.overwrite:  # as `demo` does: no silent loss
             raise KvtraceError(f"{out}: already holds a sweep; pass --overwrite to replace it, or --out DIR")
         try:
@@ -229,7 +253,11 @@ class SweepCommand(Command):
         vocab = min(128_000, int(model.config.vocab_size))
         rows: list[dict[str, Any]] = []
         grid = list(itertools.product(batches, contexts, caches))
-        for batch, context, cache_kind in tqdm(grid, desc="sweep", unit="point", file=sys.stderr):
+        # A bar on a terminal only, as report and export draw theirs: in a file or a pipe its \r-redrawn
+        # lines are noise around the errors and notes.
+        show_bar = not args.quiet and sys.stderr.isatty()
+        points = tqdm(grid, desc="sweep", unit="point", file=sys.stderr, disable=not show_bar)
+        for batch, context, cache_kind in points:
             run_dir = out / "runs" / f"b{batch}_c{context}_{cache_kind}"
             generator = torch.Generator().manual_seed(batch * 100_003 + context)
             ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
@@ -289,6 +317,11 @@ class SweepCommand(Command):
         }
         write_replacing(out / "sweep.json", json.dumps(summary, indent=2).encode("utf-8"))
         title = f"kvtrace sweep: {model_name} ({args.dtype}, {device}, {args.new_tokens} new tokens)"
-        write_replacing(out / "sweep.html", sweep_to_html(rows, budget, title).encode("utf-8"))
-        print(sweep_to_text(rows, budget, title))
-        print(f"wrote {out / 'sweep.json'} and {out / 'sweep.html'} ({len(rows)} points)")
+        write_replacing(out / "sweep.html", page_bytes(sweep_to_html(rows, budget, title)))
+        files = f"{out / 'sweep.json'} and {out / 'sweep.html'}"
+
+        def show() -> None:
+            print(sweep_to_text(rows, budget, title))
+            print(f"wrote {files} ({len(rows)} points)")
+
+        print_after_writing(show, f"the sweep is written all the same ({files})")

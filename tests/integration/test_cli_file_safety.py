@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,67 @@ def test_a_named_pipe_among_the_inputs_is_skipped_or_refused_never_waited_on(tmp
         assert done.stderr.count("\n") == 1
 
 
+def test_a_named_pipe_given_as_an_output_is_refused_never_replaced(tmp_path: Path) -> None:
+    # GIVEN named pipes where the outputs go, and a link to one (as /dev/stdout is a link to a pipe or a
+    # device); nothing will ever read them. (A device would be the same case: /dev/null, when run as root.)
+    pipe = tmp_path / "page.html"
+    os.mkfifo(pipe)
+    link = tmp_path / "link.html"
+    link.symlink_to(pipe)
+    # (a sweep, and a demo run to be recorded again with --overwrite)
+    sweep_out, demo_out = tmp_path / "sweep", tmp_path / "demo"
+    sweep_out.mkdir()
+    os.mkfifo(sweep_out / "sweep.json")
+    shutil.copytree(SAMPLES / "dynamic_b2", demo_out)
+    os.mkfifo(demo_out / "timeline.html")
+    run, other = str(SAMPLES / "static_b2"), str(SAMPLES / "dynamic_b2")
+    refused = [
+        (
+            ["report", run, "--no-export", "-q", "-o", str(pipe)],
+            2,
+            f"{pipe}: a named pipe, not a regular file",
+        ),
+        (
+            ["report", run, "--no-export", "-q", "-o", str(link)],
+            2,
+            f"{link}: a symbolic link to a named pipe",
+        ),
+        (["compare", run, other, "-o", str(pipe)], 2, f"{pipe}: a named pipe, not a regular file"),
+        (
+            [
+                *("demo", "--size", "tiny", "--batch", "1", "--new-tokens", "2", "--overwrite", "--out"),
+                str(demo_out),
+            ],
+            2,
+            f"{demo_out / 'timeline.html'}: a named pipe, not a regular file",
+        ),
+        (
+            [
+                *("sweep", "--batch", "1", "--context", "8", "--new-tokens", "2", "--cache", "dynamic"),
+                *("--device", "cpu", "--overwrite", "--out", str(sweep_out)),
+            ],
+            1,
+            f"{sweep_out / 'sweep.json'}: cannot write (a named pipe, not a regular file)",
+        ),
+    ]
+    for argv, status, said in refused:
+        # WHEN a command is to write its page or summary there
+        done = _kvtrace_on_a_full_disk(argv, None, 300)
+        # THEN one line says what is there, and the pipe is left a pipe (a rename used to put a regular file
+        # in its place, exit status 0), before anything is recorded
+        assert done.returncode == status, done.stderr
+        assert said in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    for fifo in (pipe, sweep_out / "sweep.json", demo_out / "timeline.html"):
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert link.is_symlink() and os.readlink(link) == str(pipe)
+    demo_files = sorted(p.name for p in (SAMPLES / "dynamic_b2").iterdir())
+    assert sorted(p.name for p in demo_out.iterdir()) == sorted([*demo_files, "timeline.html"])
+    assert (demo_out / "manifest.json").read_bytes() == (
+        SAMPLES / "dynamic_b2" / "manifest.json"
+    ).read_bytes()
+    assert sorted(p.name for p in sweep_out.iterdir()) == ["sweep.json"]
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
 def test_standard_output_on_a_full_disk_is_named_in_one_line(as_json: bool) -> None:
@@ -175,3 +237,113 @@ def test_standard_output_on_a_full_disk_is_named_in_one_line(as_json: bool) -> N
     # THEN one line naming standard output (the OS's bare "No space left on device" named nothing), status 1
     assert done.returncode == 1, done.stderr
     assert done.stderr == "kvtrace report: error: standard output: cannot write (No space left on device)\n"
+
+
+def _kvtrace_with_stdout_closed(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """`kvtrace argv` with its standard output closed (`>&-`: Python then has no sys.stdout at all)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    shell = ["sh", "-c", '"$0" "$@" >&-', sys.executable, "-m", "kvtrace.cli", *argv]
+    return subprocess.run(
+        shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["report", str(SAMPLES / "static_b2"), "--no-export", "-q"],
+        ["report", str(SAMPLES / "static_b2"), "--no-export", "-q", "--json"],
+        ["diagnose", str(SAMPLES / "static_b2")],
+        ["compare", str(SAMPLES / "static_b2"), str(SAMPLES / "dynamic_b2")],
+        ["plan", "--preset", "llama-3-8b"],
+        ["query", str(SAMPLES / "static_b2"), "SELECT 1"],
+    ],
+    ids=["report", "report-json", "diagnose", "compare", "plan", "query"],
+)
+def test_a_closed_standard_output_is_named_in_one_line(argv: list[str]) -> None:
+    # WHEN a command runs with its standard output closed
+    done = _kvtrace_with_stdout_closed(argv)
+    # THEN one line and exit status 1, as for a full disk (it was an "internal error", exit status 70)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"kvtrace {argv[0]}: error: standard output: cannot write (it is closed)\n"
+
+
+def test_an_export_whose_standard_output_fails_says_its_tables_are_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an export with its standard output closed, then one onto a full disk (/dev/full)
+    tables = tmp_path / "tables"
+    argv = ["export", str(SAMPLES / "static_b2"), "-q", "-o", str(tables)]
+    closed = _kvtrace_with_stdout_closed(argv)
+    # THEN the tables are written, and the one line (exit status 1) says so: "cannot write" alone (and the
+    # exit status 70 before it) read as if nothing had been exported
+    assert closed.returncode == 1, closed.stderr
+    assert closed.stderr == (
+        "kvtrace export: error: standard output: cannot write (it is closed); "
+        f"the export is written all the same ({tables}, part 0)\n"
+    )
+    assert main(["query", str(tables), "--json", "SELECT count(*) AS runs FROM runs"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"runs": 1}]
+    if Path("/dev/full").exists():
+        # AND a second export of the same run adds nothing, and says that instead
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+        with open("/dev/full", "w") as full:
+            again = subprocess.run(
+                [sys.executable, "-m", "kvtrace.cli", *argv],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        assert again.returncode == 1, again.stderr
+        assert again.stderr == (
+            "kvtrace export: error: standard output: cannot write (No space left on device); "
+            f"nothing new was exported to {tables}\n"
+        )
+
+
+def test_a_sweep_whose_standard_output_is_closed_says_it_is_written(tmp_path: Path) -> None:
+    # GIVEN a one-point sweep run with its standard output closed
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--batch", "1", "--context", "8", "--new-tokens", "2", "--cache", "dynamic"]
+    done = _kvtrace_with_stdout_closed([*argv, "--device", "cpu", "--out", str(out)])
+    # THEN its files are written, and the one line (exit status 1) says so
+    assert done.returncode == 1, done.stderr
+    files = f"{out / 'sweep.json'} and {out / 'sweep.html'}"
+    said = f"standard output: cannot write (it is closed); the sweep is written all the same ({files})"
+    assert done.stderr == f"kvtrace sweep: error: {said}\n"
+    assert [row["batch"] for row in json.loads((out / "sweep.json").read_text())["rows"]] == [1]
+
+
+def test_a_run_whose_folder_name_is_not_utf8_is_read_written_and_exported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run in a folder named with a byte that is not UTF-8 (legal on Linux; Python holds it as the
+    # lone surrogate \udcff), as kvtrace's messages print it
+    run = Path(os.fsdecode(os.fsencode(tmp_path) + b"/run\xff"))
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    shown = str(tmp_path / "run\\udcff")  # the name as text: what the page and the tables hold
+    # WHEN its HTML page is written (it was an internal error, exit status 70, after the text report)
+    page = Path(str(run) + ".html")
+    assert main(["report", str(run), "--no-export", "-q", "--json", "-o", str(page)]) == 0
+    # THEN the page is valid UTF-8 and names the run
+    assert f"<title>kvtrace: {shown}</title>" in page.read_bytes().decode("utf-8")
+    # WHEN it is queried, or exported (query was an internal error; export skipped it as "unreadable")
+    capsys.readouterr()
+    sql = "SELECT run_id, path, count(*) AS runs FROM runs GROUP BY ALL"
+    assert main(["query", str(run), "--json", sql]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"run_id": shown, "path": shown, "runs": 1}]
+    tables = tmp_path / "tables"
+    assert main(["export", str(run), "-q", "--json", "-o", str(tables)]) == 0
+    events = len((SAMPLES / "dynamic_b2" / "kv_events.jsonl").read_text().splitlines())
+    assert json.loads(capsys.readouterr().out)["rows"]["kv_events"] == events
+    # AND a second export knows it is already there
+    assert main(["export", str(run), "-q", "--json", "-o", str(tables)]) == 0
+    assert json.loads(capsys.readouterr().out)["already_exported"] == 1
+    # AND the text report, on a standard output that refuses such text (a UTF-8 locale other than C.UTF-8),
+    # prints the name's own bytes, as `ls` does (it was an internal error there)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8:strict"}
+    argv = [sys.executable, "-m", "kvtrace.cli", "report", str(run), "--no-export", "-q"]
+    done = subprocess.run(argv, capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == b"kvtrace report: " + os.fsencode(run) + b" (run)"

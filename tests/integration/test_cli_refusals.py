@@ -84,6 +84,11 @@ def test_a_size_too_large_for_any_device_is_refused(
             ["sweep", "--batch", "1", "--context", "8", "--budget", "0", "--out", "unused"],
             "--budget 0: a memory size must be positive",
         ),
+        (
+            # the flag as typed (it used to name --budget, an alias the user never typed)
+            ["sweep", "--out", "unused", "--gpu-memory", "24G"],
+            "--gpu-memory: cannot read size '24G'",
+        ),
         (["demo", "--no-report", "--gpu-memory", "70M"], "--gpu-memory: cannot read size '70M'"),
         (["demo", "--no-report", "--gpu-memory", "1.5B"], "--gpu-memory: a size in bytes must be"),
     ],
@@ -96,6 +101,7 @@ def test_a_size_too_large_for_any_device_is_refused(
         "plan-vllm-weights",
         "diagnose",
         "sweep-zero",
+        "sweep-gpu-memory",
         "demo",
         "demo-fraction",
     ],
@@ -657,6 +663,19 @@ def test_a_demo_flag_that_would_do_nothing_is_refused(
     assert main(["demo", "--no-report", "--out", str(tmp_path / "r"), *flags]) == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_plan_from_a_run_that_is_not_there_says_so(
+    run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # WHEN --from-run names nothing (a typo) THEN it is said as every command says it; it used to send the
+    # user looking for an engine.json ("not a vLLM run")
+    missing = tmp_path / "does" / "not" / "exist"
+    assert main(["plan", "--engine", "vllm", "--from-run", str(missing)]) == 2
+    assert capsys.readouterr().err == f"kvtrace plan: error: {missing}: no such file or directory\n"
+    # AND a run that is there but not vLLM's is still named as such
+    assert main(["plan", "--engine", "vllm", "--from-run", str(run_copy)]) == 2
+    assert capsys.readouterr().err == f"kvtrace plan: error: {run_copy}: not a vLLM run (no engine.json)\n"
 
 
 def test_vllm_first_run_mistakes_are_refused_without_touching_a_run(

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import math
+import os
+import pty
 import re
 import shutil
+import struct
 import subprocess
+import sys
+import termios
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +41,44 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     status = main([*argv, "--new-tokens", str(NEW_TOKENS), "--budget", "1GiB", "--out", str(out)])
     assert status == 0
     return out
+
+
+def _sweep_stderr(out: Path, *flags: str, on_a_terminal: bool) -> str:
+    """What a one-point sweep writes on stderr: a pipe, or a terminal (a pseudo-terminal here)."""
+    argv = [sys.executable, "-m", "kvtrace.cli", "sweep", "--batch", "1", "--context", "8", "--new-tokens"]
+    argv += ["2", "--cache", "dynamic", "--device", "cpu", "--overwrite", "--out", str(out), *flags]
+    env = {**os.environ, "PYTHONPATH": str(SAMPLES.parent)}
+    if not on_a_terminal:
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+    leader, follower = pty.openpty()
+    # 24 x 80: a new pseudo-terminal is 0 columns wide, and tqdm draws a bar of that width, nothing
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=follower, env=env, timeout=300)
+    finally:
+        os.close(follower)
+    assert done.returncode == 0
+    said = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and everything has been read
+            break
+        if not chunk:
+            break
+        said += chunk
+    os.close(leader)
+    return said.decode("utf-8", "replace")
+
+
+def test_sweep_draws_its_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
+    # WHEN a sweep's stderr is a file or a pipe THEN no bar is in it (its \r-redrawn lines used to be)
+    assert _sweep_stderr(tmp_path / "piped", on_a_terminal=False) == ""
+    # WHEN it is a terminal THEN the bar is drawn, as report and export draw theirs; -q leaves it out
+    assert "sweep: 100%" in _sweep_stderr(tmp_path / "terminal", on_a_terminal=True)
+    assert _sweep_stderr(tmp_path / "quiet", "-q", on_a_terminal=True) == ""
 
 
 def _chromium_check(html_path: Path) -> None:

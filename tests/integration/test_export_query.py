@@ -248,6 +248,42 @@ def test_csv_and_text_output(
     assert "(3 rows)" in text and str(static_events) in text
 
 
+def test_columns_of_the_same_name_each_keep_their_value(
+    exported: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, ids = exported
+    capsys.readouterr()
+    # GIVEN a query whose columns share a name (they used to overwrite each other: the table showed the
+    # second value twice, the CSV row lost a field under a 3-name header, the JSON dropped a key)
+    sql = "SELECT 1 AS a, 2 AS a, 3 AS a_1, 4 AS a, 5 AS b"
+    names = ["a", "a_1", "a_1_1", "a_2", "b"]  # DuckDB's own: COPY (...) TO 'x.csv' writes this header
+    # WHEN it is printed as JSON, CSV and a table THEN every column keeps its value, under a name of its own
+    assert main(["query", str(out), sql, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [dict(zip(names, [1, 2, 3, 4, 5], strict=True))]
+    assert main(["query", str(out), sql, "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == [",".join(names), "1,2,3,4,5"]
+    assert main(["query", str(out), sql]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == names and table[2].split() == ["1", "2", "3", "4", "5"]
+    # AND a join of two tables that share column names: the KV log's seq beside the allocator's, as the same
+    # query with aliases gives them; the KV log's seqs are the file's own (1, 2, ...)
+    join = (
+        "SELECT k.seq, m.seq FROM kv_events k JOIN memory_events m "
+        "ON k.run_id = m.run_id AND k.addr = m.addr AND m.delta_bytes > 0 "
+        f"WHERE k.run_id = '{ids['static_b2']}' ORDER BY k.seq, m.seq LIMIT 3"
+    )
+    aliased = join.replace("k.seq, m.seq FROM", "k.seq AS kv_seq, m.seq AS mem_seq FROM")
+    assert main(["query", str(out), aliased, "--json"]) == 0
+    expected = [(row["kv_seq"], row["mem_seq"]) for row in json.loads(capsys.readouterr().out)]
+    log = [json.loads(line) for line in (SAMPLES / "static_b2" / "kv_events.jsonl").read_text().splitlines()]
+    assert [kv for kv, _ in expected] == sorted(e["seq"] for e in log if e.get("addr"))[:3]
+    assert all(kv != mem for kv, mem in expected)  # the two columns differ: a lost one shows
+    assert main(["query", str(out), join, "--json"]) == 0
+    assert [(row["seq"], row["seq_1"]) for row in json.loads(capsys.readouterr().out)] == expected
+    assert main(["query", str(out), join, "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["seq,seq_1"] + [f"{kv},{mem}" for kv, mem in expected]
+
+
 @pytest.mark.slow
 def test_export_of_a_thousand_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # GIVEN 1,000 copies of one small run (its KV log and samples; no profiler trace, to stay quick)
