@@ -7,10 +7,13 @@ which `kvtrace report -o` still writes. Everything shown is a figure the report 
 
 from __future__ import annotations
 
+import dataclasses
 from html import escape
 
 import numpy as np
 
+from analyzers.group import GroupReport
+from analyzers.render.group import rank_mark
 from analyzers.summary import Report
 from analyzers.timeline import DeviceTimeline, downsample_indices
 from analyzers.units import human_bytes
@@ -57,7 +60,18 @@ def _row(*cells: object, header: bool = False) -> str:
 
 def report_to_notebook_html(report: Report) -> str:
     parts = [_STYLE, '<div class="kvtrace-nb">']
-    parts.append(f"<b>kvtrace report</b>: <code>{escape(report.path)}</code> ({escape(report.source_kind)})")
+    if report.group is not None:
+        parts += _group_head(report.group)
+        timelines = [
+            dataclasses.replace(timeline, device=f"rank{rank.rank}/{timeline.device}")
+            for rank in report.group.ranks
+            for timeline in rank.report.timelines
+        ]
+    else:
+        parts.append(
+            f"<b>kvtrace report</b>: <code>{escape(report.path)}</code> ({escape(report.source_kind)})"
+        )
+        timelines = report.timelines
     parts += [f'<div class="note">note: {escape(note)}</div>' for note in report.notes]
     rows = [
         _row(
@@ -124,6 +138,34 @@ def report_to_notebook_html(report: Report) -> str:
             f'<div class="note">out of memory on {escape(str(report.oom.get("device")))}: '
             f"requested {escape(requested)}</div>"
         )
-    parts += [_sparkline(t) for t in report.timelines]
+    parts += [_sparkline(t) for t in timelines]
     parts.append("</div>")
     return "".join(parts)
+
+
+def _group_head(group: GroupReport) -> list[str]:
+    """The ranks side by side and the rank to look at, as `kvtrace report` on a group begins; the tables
+    that follow are the group's (every rank's devices, KV summed over ranks)."""
+    world = group.world_size or "?"
+    parts = [f"<b>kvtrace report</b>: <code>{escape(group.path)}</code> (run group, world size {world})"]
+    rows = [_row("rank", "status", "device", "peak", "KV final", "KV peak", "", header=True)]
+    rows += [
+        _row(
+            r.rank,
+            r.status,
+            r.device or "-",
+            human_bytes(r.peak_allocated_bytes),
+            human_bytes(r.report.kv.final_bytes),
+            human_bytes(r.report.kv.peak_bytes),
+            rank_mark(group, r),
+        )
+        for r in group.ranks
+    ]
+    rows += [_row(rank, "(no run)", "", "", "", "", "") for rank in group.missing_ranks]
+    parts.append("<table>" + "".join(rows) + "</table>")
+    parts.append(
+        f"<div>look at rank {group.focus_rank}: it {escape(group.focus_reason)} "
+        "(<code>kvtrace diagnose</code> says why)</div>"
+    )
+    parts.append("<div><b>all ranks</b>, KV summed over ranks:</div>")
+    return parts
