@@ -2,7 +2,8 @@
 
 A notebook shows many reports side by side, so this is compact and static: an inline SVG per device
 (allocated bytes and the KV share, downsampled with every peak kept) instead of the full plotly page,
-which `kvtrace report -o` still writes. Everything shown is a figure the report already holds.
+which `kvtrace report -o` still writes. Everything shown is a figure the report already holds; the budget
+verdict and a serving engine's pool are the text report's own sentences.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from html import escape
 import numpy as np
 
 from analyzers.group import GroupReport
+from analyzers.render.engine import engine_text_lines
 from analyzers.render.group import rank_mark
+from analyzers.render.text import budget_line
 from analyzers.summary import Report
 from analyzers.timeline import DeviceTimeline, downsample_indices
 from analyzers.units import human_bytes
@@ -53,6 +56,12 @@ def _sparkline(timeline: DeviceTimeline) -> str:
     )
 
 
+def _text_line(line: str) -> str:
+    """A line of the text report, its indent (a detail of the line above) kept as a margin."""
+    indent = (len(line) - len(line.lstrip(" "))) // 2 - 1
+    return f'<div style="margin-left:{max(indent, 0)}em">{escape(line.strip())}</div>'
+
+
 def _row(*cells: object, header: bool = False) -> str:
     tag = "th" if header else "td"
     return "<tr>" + "".join(f"<{tag}>{escape(str(c))}</{tag}>" for c in cells) + "</tr>"
@@ -73,6 +82,9 @@ def report_to_notebook_html(report: Report) -> str:
         )
         timelines = report.timelines
     parts += [f'<div class="note">note: {escape(note)}</div>' for note in report.notes]
+    if report.budget is not None:  # the text report's sentence: where the run would have run out, or fits
+        crossed = ' class="note"' if report.budget.get("crossed") else ""
+        parts.append(f"<div{crossed}>{escape(budget_line(report.budget, report.engine).strip())}</div>")
     rows = [
         _row(
             "device",
@@ -131,6 +143,10 @@ def report_to_notebook_html(report: Report) -> str:
         ]
         parts.append(
             "<details><summary>per layer</summary><table>" + "".join(layer_rows) + "</table></details>"
+        )
+    if report.engine is not None:  # the serving engine's pool and preemptions, as the text report says them
+        parts.append(
+            "<div>" + "".join(_text_line(line) for line in engine_text_lines(report.engine)) + "</div>"
         )
     if report.oom is not None:
         requested = human_bytes(report.oom.get("requested_bytes"))
