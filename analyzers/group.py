@@ -31,7 +31,14 @@ from analyzers.readers.run_group import RankRun, read_run_group
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import KvSummary, LayerSummary, Report, summarize
 
-__all__ = ["GroupReport", "RankReport", "build_group_report", "group_figures", "load_group_focus"]
+__all__ = [
+    "GroupReport",
+    "RankReport",
+    "build_group_report",
+    "focus_source",
+    "group_figures",
+    "load_group_focus",
+]
 
 
 @dataclass
@@ -292,7 +299,11 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
 
 def load_group_focus(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
     """The attributed source of the rank to look at (see `focus`), for callers that take one input."""
-    group = build_group_report(path, progress=progress)
+    return focus_source(build_group_report(path, progress=progress))
+
+
+def focus_source(group: GroupReport) -> MemorySource:
+    """The rank to look at's source; its `meta["run_group"]` says which rank of which group, and why."""
     focus = group.rank(group.focus_rank)
     focus.source.meta["run_group"] = {
         "path": group.path,

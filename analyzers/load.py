@@ -97,7 +97,8 @@ def load_tables(
     *paths: str | os.PathLike[str], strict: bool = True, on_skip: Callable[[str], None] | None = None
 ) -> Tables:
     """The export tables of `paths`: one export directory, or any sources (run directories, run groups,
-    traces, snapshots, folders searched recursively), exported in memory.
+    traces, snapshots, folders searched recursively), exported in memory. An export directory is read
+    alone: beside other paths it is an input that cannot be read.
 
     With `strict` (the default) an unreadable source raises `KvtraceError`; otherwise it is left out and
     `on_skip` gets its one-line problem (as `kvtrace export` warns and goes on).

@@ -54,7 +54,20 @@ def build_report(
     path: str | os.PathLike[str], progress: ProgressFn | None = None, keep_events: bool = True
 ) -> tuple[MemorySource, Report]:
     """`keep_events=False`: a Chrome trace's events may be folded while reading and not kept (bounded
-    memory, analyzers.stream_summary); the source's devices then hold no events, only the report does."""
+    memory, analyzers.stream_summary); the source's devices then hold no events, only the report does.
+
+    A run group gives the group's report, as `kvtrace report` does: every rank's devices, the KV summed
+    over ranks, the group's notes, and `report.group` (each rank's report, which rank to look at and why);
+    the source is that rank's (`source.meta["run_group"]`)."""
+    from kvtrace.format import is_run_group
+
+    if is_run_group(path):
+        import dataclasses
+
+        from analyzers.group import build_group_report, focus_source
+
+        group = build_group_report(path, progress=progress)
+        return focus_source(group), dataclasses.replace(group.total, notes=list(group.notes), group=group)
     if not keep_events:
         from analyzers.readers.sources import classify_path, profiler_traces_in
 

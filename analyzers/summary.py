@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -12,6 +12,9 @@ from analyzers.caches import CacheSummary, cache_summaries, caches_note, main_ca
 from analyzers.kv_log import SEQ_MAJOR_PARTS, event_rows, is_kv_data
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
+
+if TYPE_CHECKING:
+    from analyzers.group import GroupReport
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "int8": 1}
 
@@ -85,6 +88,8 @@ class Report:
     # No allocator events (MemorySource.kv_log_only): the device figures count only the KV cache and the
     # weights, and a note says why
     partial: bool = False
+    # A run group's report (`build_report` on a group): its figures are the group's, ranks together
+    group: GroupReport | None = field(default=None, repr=False, compare=False)
 
     @property
     def main_device(self) -> DeviceSummary | None:
@@ -92,7 +97,8 @@ class Report:
         return max(self.devices, key=lambda d: d.peak_allocated_bytes, default=None)
 
     def _repr_html_(self) -> str:
-        """Jupyter shows a report as its tables and a small timeline (analyzers.render.notebook)."""
+        """Jupyter shows a report as its tables and a small timeline (analyzers.render.notebook); a run
+        group's, its ranks side by side first."""
         from analyzers.render.notebook import report_to_notebook_html
 
         return report_to_notebook_html(self)

@@ -195,8 +195,11 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[
 
     A run directory is one input (plus any run directories inside it); a run group or any other folder is
     searched recursively for run directories, `*.pt.trace.json[.gz]` and `*.pickle`; a file named
-    explicitly is read whatever its name. The same file reached twice is exported once.
+    explicitly is read whatever its name. The same file reached twice is exported once. An export directory
+    named among them is a problem, not a folder of no sources: its tables are read on their own.
     """
+    from analyzers.export_parquet import is_export_dir
+
     found: list[Input] = []
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()
@@ -205,6 +208,9 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[
         if not root.exists():
             problems.append((str(root), missing(root)))
             continue
+        if is_export_dir(root):
+            problems.append((str(root), export_dir_given(root)))
+            continue
         pairs = _walk_folder(root, root) if root.is_dir() else iter([(root, root)])
         for path, shown in pairs:
             resolved = path.resolve()
@@ -212,6 +218,14 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[
                 seen.add(resolved)
                 found.append(Input(resolved, _display(shown)))
     return found, problems
+
+
+def export_dir_given(root: Path) -> str:
+    """The one line for an export directory among other inputs (or as an input to export)."""
+    return (
+        f"{root}: an export directory (Parquet tables), not a run, trace or snapshot: load or query it on "
+        f"its own (kvtrace.load_tables('{root}'), `kvtrace query {root} SQL`), not with other inputs"
+    )
 
 
 # ---- values from JSON written by anyone: a wrong type becomes null, never a crash -----------------

@@ -42,6 +42,10 @@ def trace_handler(folder: Path, use_gzip: bool, failed: Callable[[str], None]) -
             prof.export_chrome_trace(str(path))
         except OSError as exc:  # gzip's own write, the folder
             why = os_reason(exc)
+        except BaseException:  # Ctrl-C while it was written: a cut trace would read as a damaged one
+            for cut in (path, path.with_name(path.name + ".tmp")):
+                cut.unlink(missing_ok=True)
+            raise
         if why is None and not (path.is_file() and path.stat().st_size > 0):
             nearly_full = shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
             why = "No space left on device" if nearly_full else "torch.profiler did not write it"

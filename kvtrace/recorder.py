@@ -299,13 +299,13 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._writer.start()
 
     def _finish(self, exc: BaseException | None) -> None:
-        self._stop_writer()
-        ended: dict[str, Any] = {"status": "ok"}
-        if exc is not None:
-            ended = {"status": "exception", "type": type(exc).__name__, "message": str(exc)[:2000]}
-            if isinstance(exc, KeyboardInterrupt):
-                ended["status"] = "interrupted"
+        # Whatever is raised while the block ends (Ctrl-C while the profiler writes its trace, a hook that
+        # fails to come off), every hook still comes off and the final manifest is written; what was raised
+        # is then raised again (a Ctrl-C before the block's own exception, which otherwise goes on).
+        raised: list[BaseException] = []
+        oom_snapshot: Any = None
         try:
+            self._stop_writer()
             if self._ranges is not None:
                 self._ranges.close_all()
             with contextlib.suppress(Exception):
@@ -322,9 +322,36 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                 if self._weights.changes:  # the model as it ended (a `.to(torch.bfloat16)`: its dtype)
                     self._manifest["model"] = model_geometry(self.model)
             if exc is not None and self._snapshots is not None and _is_oom(exc):
-                ended["oom_snapshot"] = self._snapshots.dump("oom.pickle")
-        finally:
-            self._teardown()
+                oom_snapshot = self._snapshots.dump("oom.pickle")
+        except BaseException as error:
+            raised.append(error)
+        raised.extend(self._teardown())
+        for step in (self._close_logs, self._complete_manifest):
+            try:
+                step()
+            except BaseException as error:
+                raised.append(error)
+        ended = _ended(exc, raised)
+        if oom_snapshot is not None:
+            ended["oom_snapshot"] = oom_snapshot
+        ended["t_ns"] = self._clock()
+        if self._write_error is not None:
+            ended["write_error"] = self._write_error
+            ended["kv_events_lost"] = self.events_lost
+        self._manifest["ended"] = ended
+        self._write_manifest()
+        interrupt = next((error for error in raised if not isinstance(error, Exception)), None)
+        if interrupt is not None:
+            raise interrupt
+        if exc is not None:
+            return
+        if raised:
+            raise raised[0]
+        if self._write_error is not None:
+            raise RecordingError(f"{self._write_error}: the run is incomplete", exit_code=1)
+
+    def _close_logs(self) -> None:
+        """The exit snapshot and last samples; the caches the block dropped logged as freed; logs closed."""
         if self._snapshots is not None and self._snapshots.active:
             self._manifest["snapshots"]["exit"] = self._snapshots.dump("exit.pickle")
             self._snapshots.stop()
@@ -352,8 +379,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                     self._write_failed(appender, error)
         if self._trace_error is not None:
             self._write_error = self._trace_error
-        ended["t_ns"] = self._clock()
-        self._manifest["ended"] = ended
+
+    def _complete_manifest(self) -> None:
         self._manifest["files"] = sorted(
             str(p.relative_to(self.path))
             for p in self.path.rglob("*")
@@ -362,9 +389,6 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._manifest["kv_events"] = self.event_count
         if self._model_caches:
             self._manifest["model_caches"] = sorted(self._model_caches)
-        if self._write_error is not None:
-            ended["write_error"] = self._write_error
-            ended["kv_events_lost"] = self.events_lost
         self._manifest["notes"] = self.notes
         self._manifest["warnings"] = self._warnings()
         engine = self._vllm.summary() if self._vllm is not None else None
@@ -372,9 +396,6 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             engine = self._paged.summary()
         if engine is not None:
             self._manifest["engine"] = engine
-        self._write_manifest()
-        if self._write_error is not None and exc is None:
-            raise RecordingError(f"{self._write_error}: the run is incomplete", exit_code=1)
 
     def _stop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -386,32 +407,57 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if writer.error is not None:
             self.notes.append(f"writer thread failed: {type(writer.error).__name__}: {writer.error}")
 
-    def _teardown(self) -> None:
-        """Undo every hook; safe to call twice and after a partial start."""
-        self._stop_writer()
-        errors: list[BaseException] = []
-        if self._profiler is not None:
+    def _teardown(self) -> list[BaseException]:
+        """Undo every hook; safe to call twice and after a partial start. Each one comes off whatever the
+        others raise (a Ctrl-C while the profiler writes its trace): what was raised is returned."""
+        raised: list[BaseException] = []
+        try:
+            self._stop_writer()
+        except BaseException as error:
+            raised.append(error)
+        profiler, self._profiler = self._profiler, None
+        if profiler is not None:
             try:
                 with kineto_quiet():
-                    self._profiler.__exit__(None, None, None)
-            except Exception as exc:  # the trace is lost, the run is not
-                errors.append(exc)
-                self.notes.append(f"profiler trace not written: {exc}")
-            self._profiler = None
-        if self._forward is not None:
-            self._forward.uninstall()
-        if self._weights is not None:
-            self._weights.uninstall()
-        if self._vllm is not None:
-            self._vllm.uninstall()
-        if self._paged is not None:
-            self._paged.uninstall()
-        if self._hf is not None:
-            self._hf.uninstall()
-        if self._calls is not None:
-            self._calls.uninstall()
+                    profiler.__exit__(None, None, None)
+            except BaseException as error:  # the trace is lost, the run is not
+                raised.append(error)
+                why = str(error)
+                if not isinstance(error, Exception):
+                    why = f"the block's end was interrupted ({type(error).__name__})"
+                    why += " while torch.profiler wrote it"
+                self.notes.append(f"profiler trace not written: {why}")
+        for hooks in (self._forward, self._weights, self._vllm, self._paged, self._hf, self._calls):
+            if hooks is not None:
+                try:
+                    hooks.uninstall()
+                except BaseException as error:
+                    raised.append(error)
+                    self.notes.append(
+                        f"{type(hooks).__name__} not uninstalled: {type(error).__name__}: {error}"
+                    )
         if self._snapshots is not None and self._snapshots.active and self._events is None:
-            self._snapshots.stop()
+            try:
+                self._snapshots.stop()
+            except BaseException as error:
+                raised.append(error)
+        return raised
+
+
+def _ended(exc: BaseException | None, raised: list[BaseException]) -> dict[str, Any]:
+    """The manifest's `ended`: how the block ended, or else what ending it raised; `interrupted` when
+    either was a Ctrl-C."""
+    first = exc if exc is not None else (raised[0] if raised else None)
+    if first is None:
+        return {"status": "ok"}
+    ended: dict[str, Any] = {
+        "status": "exception",
+        "type": type(first).__name__,
+        "message": str(first)[:2000],
+    }
+    if any(isinstance(error, KeyboardInterrupt) for error in (first, *raised)):
+        ended["status"] = "interrupted"
+    return ended
 
 
 _OOM_TYPES = tuple(

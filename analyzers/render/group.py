@@ -63,7 +63,7 @@ def group_report_to_json(group: GroupReport) -> dict[str, Any]:
     return data
 
 
-def _rank_mark(group: GroupReport, rank: RankReport) -> str:
+def rank_mark(group: GroupReport, rank: RankReport) -> str:
     if rank.rank == group.oom_rank:
         return "ran out of memory"
     if rank.rank in group.failed_ranks:
@@ -77,7 +77,7 @@ def group_report_to_text(group: GroupReport) -> str:
     header = ("rank", "status", "device", "peak", "KV final", "KV peak")
     lines.append("  {:>5}  {:<11}  {:<10}  {:>11}  {:>11}  {:>11}".format(*header))
     for r in group.ranks:
-        mark = _rank_mark(group, r)
+        mark = rank_mark(group, r)
         lines.append(
             f"  {r.rank:>5}  {r.status:<11}  {r.device or '-':<10}  {human_bytes(r.peak_allocated_bytes):>11}"
             f"  {human_bytes(r.report.kv.final_bytes):>11}  {human_bytes(r.report.kv.peak_bytes):>11}"
@@ -203,7 +203,7 @@ def group_report_to_html(group: GroupReport) -> str:
                 human_bytes(r.peak_allocated_bytes),
                 human_bytes(r.report.kv.final_bytes),
                 human_bytes(r.report.kv.peak_bytes),
-                _rank_mark(group, r),
+                rank_mark(group, r),
             )
         )
         + "</tr>"

@@ -2,15 +2,21 @@
 
 A notebook shows many reports side by side, so this is compact and static: an inline SVG per device
 (allocated bytes and the KV share, downsampled with every peak kept) instead of the full plotly page,
-which `kvtrace report -o` still writes. Everything shown is a figure the report already holds.
+which `kvtrace report -o` still writes. Everything shown is a figure the report already holds; the budget
+verdict and a serving engine's pool are the text report's own sentences.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from html import escape
 
 import numpy as np
 
+from analyzers.group import GroupReport
+from analyzers.render.engine import engine_text_lines
+from analyzers.render.group import rank_mark
+from analyzers.render.text import budget_line
 from analyzers.summary import Report
 from analyzers.timeline import DeviceTimeline, downsample_indices
 from analyzers.units import human_bytes
@@ -50,6 +56,12 @@ def _sparkline(timeline: DeviceTimeline) -> str:
     )
 
 
+def _text_line(line: str) -> str:
+    """A line of the text report, its indent (a detail of the line above) kept as a margin."""
+    indent = (len(line) - len(line.lstrip(" "))) // 2 - 1
+    return f'<div style="margin-left:{max(indent, 0)}em">{escape(line.strip())}</div>'
+
+
 def _row(*cells: object, header: bool = False) -> str:
     tag = "th" if header else "td"
     return "<tr>" + "".join(f"<{tag}>{escape(str(c))}</{tag}>" for c in cells) + "</tr>"
@@ -57,8 +69,22 @@ def _row(*cells: object, header: bool = False) -> str:
 
 def report_to_notebook_html(report: Report) -> str:
     parts = [_STYLE, '<div class="kvtrace-nb">']
-    parts.append(f"<b>kvtrace report</b>: <code>{escape(report.path)}</code> ({escape(report.source_kind)})")
+    if report.group is not None:
+        parts += _group_head(report.group)
+        timelines = [
+            dataclasses.replace(timeline, device=f"rank{rank.rank}/{timeline.device}")
+            for rank in report.group.ranks
+            for timeline in rank.report.timelines
+        ]
+    else:
+        parts.append(
+            f"<b>kvtrace report</b>: <code>{escape(report.path)}</code> ({escape(report.source_kind)})"
+        )
+        timelines = report.timelines
     parts += [f'<div class="note">note: {escape(note)}</div>' for note in report.notes]
+    if report.budget is not None:  # the text report's sentence: where the run would have run out, or fits
+        crossed = ' class="note"' if report.budget.get("crossed") else ""
+        parts.append(f"<div{crossed}>{escape(budget_line(report.budget, report.engine).strip())}</div>")
     rows = [
         _row(
             "device",
@@ -118,12 +144,44 @@ def report_to_notebook_html(report: Report) -> str:
         parts.append(
             "<details><summary>per layer</summary><table>" + "".join(layer_rows) + "</table></details>"
         )
+    if report.engine is not None:  # the serving engine's pool and preemptions, as the text report says them
+        parts.append(
+            "<div>" + "".join(_text_line(line) for line in engine_text_lines(report.engine)) + "</div>"
+        )
     if report.oom is not None:
         requested = human_bytes(report.oom.get("requested_bytes"))
         parts.append(
             f'<div class="note">out of memory on {escape(str(report.oom.get("device")))}: '
             f"requested {escape(requested)}</div>"
         )
-    parts += [_sparkline(t) for t in report.timelines]
+    parts += [_sparkline(t) for t in timelines]
     parts.append("</div>")
     return "".join(parts)
+
+
+def _group_head(group: GroupReport) -> list[str]:
+    """The ranks side by side and the rank to look at, as `kvtrace report` on a group begins; the tables
+    that follow are the group's (every rank's devices, KV summed over ranks)."""
+    world = group.world_size or "?"
+    parts = [f"<b>kvtrace report</b>: <code>{escape(group.path)}</code> (run group, world size {world})"]
+    rows = [_row("rank", "status", "device", "peak", "KV final", "KV peak", "", header=True)]
+    rows += [
+        _row(
+            r.rank,
+            r.status,
+            r.device or "-",
+            human_bytes(r.peak_allocated_bytes),
+            human_bytes(r.report.kv.final_bytes),
+            human_bytes(r.report.kv.peak_bytes),
+            rank_mark(group, r),
+        )
+        for r in group.ranks
+    ]
+    rows += [_row(rank, "(no run)", "", "", "", "", "") for rank in group.missing_ranks]
+    parts.append("<table>" + "".join(rows) + "</table>")
+    parts.append(
+        f"<div>look at rank {group.focus_rank}: it {escape(group.focus_reason)} "
+        "(<code>kvtrace diagnose</code> says why)</div>"
+    )
+    parts.append("<div><b>all ranks</b>, KV summed over ranks:</div>")
+    return parts

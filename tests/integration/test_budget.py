@@ -3,6 +3,7 @@ KV arithmetic of a real recording, then explained by `diagnose` as an OOM."""
 
 from __future__ import annotations
 
+import html
 import io
 import json
 from contextlib import redirect_stdout
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import kvtrace
+from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.errors import KvtraceError
 from kvtrace.llama import ModelSize
@@ -102,6 +104,27 @@ def test_crossing_step_layer_and_request_match_the_arithmetic(
     assert f"at step {step} (decode), layer {layer}" in text.getvalue()
 
 
+def test_the_notebook_cell_gives_the_budget_verdict_of_the_text_report(
+    tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
+) -> None:
+    # GIVEN a run recorded with a budget that layer 0's K crosses at decode step 3
+    weights = _weights_bytes(tiny_model)
+    allocations = _kv_allocations(tiny_size)
+    target = next(i for i, a in enumerate(allocations) if a[:3] == (3, 0, "k"))
+    budget = weights + max(a[4] for a in allocations[:target])
+    _record(tiny_model, tmp_path / "run", budget)
+    text = io.StringIO()
+    with redirect_stdout(text):
+        assert main(["report", str(tmp_path / "run"), "-q", "--no-export"]) == 0
+    (verdict,) = [line.strip() for line in text.getvalue().splitlines() if line.startswith("  budget ")]
+    # WHEN the report is shown in a notebook cell
+    _, report = build_report(tmp_path / "run")
+    cell = report._repr_html_()
+    # THEN the cell says the text report's sentence: the run would run out at that step and layer
+    assert "would run out at step 3 (decode), layer 0: a " in verdict
+    assert f'<div class="note">{html.escape(verdict)}</div>' in cell
+
+
 def test_a_budget_that_fits_reports_the_headroom(
     tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
 ) -> None:
@@ -117,6 +140,9 @@ def test_a_budget_that_fits_reports_the_headroom(
         assert main(["report", str(tmp_path / "run"), "-q", "--no-export"]) == 0
     assert "budget 1.00 GiB: the KV cache and weights fit" in text.getvalue()
     assert "the run may not" in text.getvalue()
+    # and a notebook cell says the same
+    (verdict,) = [line.strip() for line in text.getvalue().splitlines() if line.startswith("  budget ")]
+    assert f"<div>{html.escape(verdict)}</div>" in build_report(tmp_path / "run")[1]._repr_html_()
 
 
 @pytest.mark.parametrize("bad", ["8G", "lots", "-1GiB", 0])

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import ranks_worker as worker
 
+from analyzers.render.json import report_to_json
+from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.format import read_run
 
@@ -67,6 +69,37 @@ def test_bytes_per_token_of_ranks_holding_different_tokens_divide_their_token_ro
     text = capsys.readouterr().out
     assert "final 25.50 KiB" in text
     assert "bytes per token: measured 512.0 (51 tokens over 5 rows, up to 11 a row), arithmetic 512" in text
+
+
+def test_build_report_on_a_group_gives_the_group_and_shows_it_in_a_notebook(group, capsys):
+    out, facts = group
+    whole_model = worker.N_LAYERS * 2 * worker.N_KV_HEADS * HEAD_DIM * 4  # 512 bytes per token, each rank
+    # WHEN the notebook API reads the group
+    source, report = build_report(out)
+    # THEN its report is the group's: both ranks' devices and every rank's KV (2 x 9 + 3 x 11 token-rows) ...
+    assert report.source_kind == "run_group" and report.path == str(out)
+    assert [d.device for d in report.devices] == ["rank0/cpu", "rank1/cpu"]
+    assert report.kv.final_bytes == sum(f["kv_bytes"] for f in facts) == whole_model * 51 == 26112
+    assert report.group is not None and [r.rank for r in report.group.ranks] == [0, 1]
+    # ... the figures and notes `kvtrace report --json` gives for the group, and the rank to look at's source
+    assert main(["report", str(out), "--json", "--no-export"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    mine = report_to_json(report)
+    assert (mine["kv"], mine["devices"][0]["peak_allocated_bytes"]) == (
+        cli["kv"],
+        cli["devices"][0]["peak_allocated_bytes"],
+    )
+    assert report.notes == cli["notes"] and any("every rank holds all KV heads" in n for n in report.notes)
+    assert source.path == str(out / f"rank-{cli['focus']['rank']}")
+    # AND the cell shows the group: the ranks side by side (rank 0: 9.00 KiB, rank 1: 16.50 KiB), then the sum
+    html = report._repr_html_()
+    assert f"<code>{out}</code> (run group, world size 2)" in html
+    assert "<tr><td>0</td><td>ok</td><td>cpu</td>" in html and "<td>9.00 KiB</td>" in html
+    assert "<tr><td>1</td><td>ok</td><td>cpu</td>" in html and "<td>16.50 KiB</td>" in html
+    assert f"look at rank {cli['focus']['rank']}: it {cli['focus']['reason']}" in html
+    assert "KV summed over ranks" in html and "<tr><td>final</td><td>25.50 KiB</td></tr>" in html
+    assert "every rank holds all KV heads" in html
+    assert html.count("<svg") == 2  # a timeline per rank
 
 
 def test_a_single_rank_keeps_its_tokens_times_rows(group, capsys):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import ranks_worker as worker
 
-from analyzers.report import build_report
+from analyzers.report import build_report, load_source
 from kvtrace.cli import main
 from kvtrace.format import GROUP_MARKER, is_run_dir, is_run_group
 
@@ -168,10 +168,13 @@ def test_a_rank_that_raises_leaves_the_group_readable(tmp_path, capsys):
     assert main(["diagnose", str(out)]) == 0
     first_line = capsys.readouterr().out.splitlines()[0]
     assert "diagnosing rank 1, which raised RuntimeError" in first_line
-    # Callers that take one input (analyzers.report.load_source) get that rank's run.
+    # The notebook API gives the group's report, and that rank's run as the source (the one input for callers
+    # that take one, analyzers.report.load_source).
     source, report = build_report(out)
     assert source.path == str(out / "rank-1") and source.meta["run_group"]["reason"] == "raised RuntimeError"
-    assert report.kv.final_bytes == RANK_KV_BYTES
+    assert report.kv.final_bytes == WORLD * RANK_KV_BYTES
+    assert report.group is not None and report.group.focus_rank == 1
+    assert load_source(out).path == str(out / "rank-1")
 
     # AND without rank 0's run nor the marker it wrote (rank 0 may be the one that died), still a group
     shutil.rmtree(out / "rank-0")

@@ -164,6 +164,71 @@ def test_sigkill_midway_leaves_a_readable_run(tiny_size, prompt_batch, tmp_path)
         assert replay.per_step[step] == {0: want, 1: want}
 
 
+@pytest.mark.parametrize("gzip_trace", [False, True], ids=["json", "gzip"])
+def test_ctrl_c_while_the_profiler_writes_its_trace_still_ends_the_run(
+    tiny_model, tiny_size, prompt_batch, tmp_path, monkeypatch, gzip_trace
+):
+    # GIVEN Ctrl-C (a real SIGINT) arriving as torch.profiler's trace export returns, at the block's end:
+    # the step that takes seconds on a long run, when a notebook user presses "interrupt kernel"
+    export = torch.profiler.profile.export_chrome_trace
+
+    def export_then_ctrl_c(prof: Any, path: str, *args: Any, **kwargs: Any) -> None:
+        export(prof, path, *args, **kwargs)
+        assert Path(path).is_file()
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", export_then_ctrl_c)
+    forward_before = type(tiny_model).__dict__.get("forward")
+    out_dir = tmp_path / "run"
+    new_tokens = 4
+    # WHEN a generate() ends its block normally, and the block's end is interrupted
+    with (
+        pytest.raises(KeyboardInterrupt),
+        torch.no_grad(),
+        kvtrace.record(out_dir, model=tiny_model, gzip_trace=gzip_trace),
+    ):
+        out = tiny_model.generate(
+            input_ids=prompt_batch.input_ids,
+            attention_mask=prompt_batch.attention_mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
+    monkeypatch.undo()
+
+    # THEN the Ctrl-C reached the caller, and every hook came off (the autouse fixture checks them all) ...
+    assert type(tiny_model).__dict__.get("forward") is forward_before
+    assert kvtrace.recorder._ACTIVE is None
+    # ... the manifest says the run was interrupted, and that its trace is lost: none is left, not even cut
+    run = read_run(out_dir)
+    ended = run.manifest["ended"]
+    assert (ended["status"], ended["type"]) == ("interrupted", "KeyboardInterrupt")
+    assert "profiler trace not written: the block's end was interrupted (KeyboardInterrupt)" in "".join(
+        run.manifest["notes"]
+    )
+    assert not list((out_dir / "profiler").glob("*.pt.trace.json*"))
+    assert not any(name.startswith("profiler/") for name in run.manifest["files"])
+    # ... and the KV log is whole: the cache the caller holds is prompt + 3 decoded tokens per row
+    # (the last token is not fed back), K and V in each of the 2 layers, float32.
+    assert len(run.kv_events) == _jsonl_lines(out_dir / KV_EVENTS) == run.manifest["kv_events"]
+    tokens = prompt_batch.prompt_len + new_tokens - 1
+    head_dim = tiny_size.hidden_size // tiny_size.num_heads
+    want = 2 * kv_bytes(tiny_size.num_kv_heads, head_dim, tokens, prompt_batch.rows, 4)
+    assert replay_live_bytes(run.kv_events).final == {0: want, 1: want}
+    del out
+
+    # AND a later recording in the same process records on the originals (nothing of the first is left)
+    with torch.no_grad(), kvtrace.record(tmp_path / "again", model=tiny_model, profiler=False):
+        tiny_model.generate(
+            input_ids=prompt_batch.input_ids,
+            attention_mask=prompt_batch.attention_mask,
+            max_new_tokens=2,
+            do_sample=False,
+        )
+    assert read_run(tmp_path / "again").manifest["ended"]["status"] == "ok"
+
+
 def test_nested_record_is_refused(tmp_path):
     with kvtrace.record(tmp_path / "outer", profiler=False):
         with (

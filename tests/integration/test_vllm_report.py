@@ -5,6 +5,7 @@ needed. Every expected figure is recomputed here from the raw files or taken fro
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from analyzers.report import build_report
 from kvtrace.cli import main
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
@@ -61,6 +63,27 @@ def test_report_on_the_preempting_sample(capsys: pytest.CaptureFixture[str]) -> 
     assert not any("finish_reason" in r for r in requests)
     assert (got["finish_reasons"], got["requests_aborted"]) == ({}, None)
     assert got["requests"] == len({r["request_id"] for r in requests})
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_a_notebook_cell_shows_the_pool_and_preemptions_of_the_text_report(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    steps = _lines(PREEMPT / "engine_steps.jsonl")
+    engine = json.loads((PREEMPT / "engine.json").read_text())
+    preempted = [r for r in _lines(PREEMPT / "engine_requests.jsonl") if r["event"] == "preempted"]
+    first = next(s["step"] for s in steps if s["preempted"])
+    assert main(["report", str(PREEMPT), "--no-export", "-q"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(text) if " KV pool: " in line)
+    engine_lines = [line.strip() for line in text[start : start + 3]]
+    # WHEN the report is shown in a notebook cell
+    _, report = build_report(PREEMPT)
+    cell = report._repr_html_()
+    # THEN the cell holds the text report's pool lines: vLLM's blocks, the preemptions counted in the files
+    assert engine_lines[0].startswith(f"vllm {engine['version']} KV pool: {engine['num_blocks']} blocks of ")
+    assert engine_lines[2].startswith(f"preemptions: {len(preempted)} (first at step {first}), ")
+    assert all(f">{html.escape(line)}</div>" in cell for line in engine_lines)
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")

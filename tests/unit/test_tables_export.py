@@ -16,6 +16,7 @@ import pytest
 import kvtrace
 from analyzers.report import build_report
 from kvtrace.cli import main
+from kvtrace.errors import KvtraceError
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample_traces" / "static_b2"
 ENGINE = {
@@ -142,6 +143,37 @@ def test_load_tables_reads_an_export_and_a_run_alike(tmp_path: Path) -> None:
     frames = on_the_fly.to_pandas()
     assert len(frames["kv_events"]) == kv_lines and list(frames["runs"]["run_id"]) == [run.as_posix()]
     assert isinstance(on_the_fly.runs, pa.Table) and "kv_events" in on_the_fly._repr_html_()
+
+
+def test_an_export_directory_beside_other_inputs_is_named_never_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an export of one run, and another run
+    exported, other = _small_run(tmp_path / "a"), _small_run(tmp_path / "b")
+    out = tmp_path / "out"
+    assert main(["export", str(exported), "-o", str(out), "-q"]) == 0
+    said = f"{out}: an export directory (Parquet tables), not a run, trace or snapshot"
+    # WHEN load_tables is given both (strict, the default), THEN it refuses in one line naming the export
+    with pytest.raises(KvtraceError) as refused:
+        kvtrace.load_tables(out, other)
+    assert str(refused.value).startswith(said) and "\n" not in str(refused.value)
+    # ... as it does two exports (not "no run directories ... found (nor an export)")
+    with pytest.raises(KvtraceError, match="an export directory") as two:
+        kvtrace.load_tables(out, out)
+    assert str(two.value).startswith(said)
+    # AND not strict: the export is skipped and said to on_skip; the run's rows are the only ones
+    skipped: list[str] = []
+    tables = kvtrace.load_tables(out, other, strict=False, on_skip=skipped.append)
+    assert tables.runs.column("run_id").to_pylist() == [other.as_posix()]
+    assert len(skipped) == 1 and skipped[0].startswith(said)
+    # AND `kvtrace export` warns, exports the run and exits 2: "1 of 2 inputs"
+    capsys.readouterr()
+    assert main(["export", str(out), str(other), "-o", str(tmp_path / "out2"), "-q"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [f"kvtrace export: skipped: {skipped[0]}"]
+    assert captured.out.startswith(f"exported 1 of 2 inputs to {tmp_path / 'out2'}")
+    # AND the export alone is still read back whole
+    assert kvtrace.load_tables(out).runs.column("run_id").to_pylist() == [exported.as_posix()]
 
 
 def test_a_report_renders_in_a_notebook() -> None:
