@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.attribution import JOIN_TOLERANCE_US
+from analyzers.attribution import JOIN_TOLERANCE_US, sizes_are_blocks, smallest_block
 from analyzers.kv_log import analyze_kv_log
 from analyzers.model import KV, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.readers.sources import ProgressFn
@@ -120,14 +120,16 @@ def _kv_held_before_trace(
     """Bytes of KV storages allocated before the profiler started (a reference model's preallocated buffers,
     a cache built before record()): in no allocation of the trace, yet held all along, they join the level
     before the first event, as KV. Only storages the trace never frees qualify (a free of memory it never
-    saw allocated would take the KV share below zero)."""
+    saw allocated would take the KV share below zero). On a GPU, their blocks (`smallest_block`), as the
+    allocator counts them."""
     if not len(dev):
         return 0
     device_of = {e.addr: e.device for e in events if e.addr and e.device}
     first_us = float(dev.ts_us[0])
     seen = set(dev.addr.tolist())  # any trace event at the address, allocation or free
+    blocks = sizes_are_blocks(dev)
     return sum(
-        nbytes
+        smallest_block(nbytes) if blocks else nbytes
         for addr, nbytes, first_ns, freed_ns, _layer, _kv, _cache in storages
         if first_ns / 1000.0 <= first_us
         and addr not in seen
@@ -261,15 +263,20 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         source.meta["weight_changes"] = changes
         source.meta.setdefault("input_notes", []).append(weights_changed_note(run))
     weights_by_device: dict[str, int] = {}
+    weight_blocks_by_device: dict[str, int] = {}  # on a GPU, the allocator's blocks that hold them
     for weight in run.weights:
         device = _normal_device(weight.device)
         weights_by_device[device] = weights_by_device.get(device, 0) + weight.storage_bytes
+        weight_blocks_by_device[device] = weight_blocks_by_device.get(device, 0) + smallest_block(
+            weight.storage_bytes
+        )
     total_memory = run.manifest.get("device", {}).get("total_memory_bytes")
     for dev in source.devices:
         # The weights were allocated before the profiler started, as may some KV
-        traced = traces and not trace_missed_the_model
+        traced = bool(traces) and not trace_missed_the_model
         kv_held = _kv_held_before_trace(dev, kv.storages, run.kv_events) if traced else 0
-        _held_before_trace(dev, weights_by_device.get(dev.device, 0), kv_held)
+        held = weight_blocks_by_device if sizes_are_blocks(dev) else weights_by_device
+        _held_before_trace(dev, held.get(dev.device, 0), kv_held)
         if (
             dev.capacity_bytes is None
             and total_memory
