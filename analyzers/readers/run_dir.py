@@ -13,7 +13,7 @@ import numpy as np
 
 from analyzers.attribution import JOIN_TOLERANCE_US, sizes_are_blocks, smallest_block
 from analyzers.kv_log import analyze_kv_log
-from analyzers.model import KV, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
+from analyzers.model import KV, SMALL_SEGMENT_BYTES, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.readers.sources import ProgressFn
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
 from kvtrace.errors import KvtraceError
@@ -78,12 +78,24 @@ KV_LOG_ONLY_NOTES = (
 )
 
 _SIZE_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-_TRIED = re.compile(r"Tried to allocate (\d{1,15}(?:\.\d{1,6})?) (B|bytes|KiB|MiB|GiB|TiB)\b")
+_SIZE = r"(\d{1,15}(?:\.\d{1,6})?) (B|bytes|KiB|MiB|GiB|TiB)\b"  # c10's format_size: "2.00 MiB", "0 bytes"
+_TRIED = re.compile(r"Tried to allocate " + _SIZE)
+# The CUDA caching allocator's message (HIP's on ROCm): its figure is the segment it tried to reserve
+_SEGMENT_MESSAGE = re.compile(r"\b(?:CUDA|HIP) out of memory\. Tried to allocate ")
+# "... of which 6.00 MiB is free." (torch 2.1 on), "(GPU 0; 79.19 GiB total capacity; ...; 6.00 MiB free; ..."
+_FREE = re.compile(r"of which " + _SIZE + r" is free|; " + _SIZE + r" free;")
+
+
+def _size_of(number: str, unit: str) -> int:
+    return int(float(number) * _SIZE_UNITS[unit])
 
 
 def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySource) -> OomInfo:
     """The failed request: from the OOM snapshot the recorder dumped (CUDA) when there is one, else from
-    PyTorch's message ("Tried to allocate 2.00 GiB"), whose two decimals make it approximate."""
+    PyTorch's message ("Tried to allocate 2.00 GiB"), whose two decimals make it approximate. The CUDA
+    caching allocator's message names the segment it tried to reserve (`OomInfo.segment_bytes`), never
+    less than 2 MiB (`kSmallBuffer`), and the device's free memory; a smaller figure, or another
+    allocator's message, is taken as the request."""
     device = run.manifest.get("device", {})
     name = f"cuda:{device.get('index', 0)}" if device.get("type") == "cuda" else "cpu"
     oom_pickle = run.path / "snapshots" / "oom.pickle"
@@ -107,11 +119,21 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
                     found.reserved_bytes,
                     message,
                 )
-    requested = None
+    requested = segment = free = None
     match = _TRIED.search(message)
     if match:
-        requested = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-    return OomInfo(name, ended.get("t_ns", 0) / 1000.0, requested, None, message=message)
+        requested = _size_of(match.group(1), match.group(2))
+        if _SEGMENT_MESSAGE.search(message) and requested >= SMALL_SEGMENT_BYTES:
+            requested, segment = None, requested
+    match = _FREE.search(message)
+    if match:
+        number, unit = (
+            (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+        )
+        free = _size_of(number, unit)
+    return OomInfo(
+        name, ended.get("t_ns", 0) / 1000.0, requested, free, message=message, segment_bytes=segment
+    )
 
 
 def _kv_held_before_trace(

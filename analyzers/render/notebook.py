@@ -11,6 +11,7 @@ from html import escape
 
 import numpy as np
 
+from analyzers.model import request_at_most
 from analyzers.summary import Report
 from analyzers.timeline import DeviceTimeline, downsample_indices
 from analyzers.units import human_bytes
@@ -120,6 +121,9 @@ def report_to_notebook_html(report: Report) -> str:
         )
     if report.oom is not None:
         requested = human_bytes(report.oom.get("requested_bytes"))
+        segment = report.oom.get("segment_bytes")
+        if report.oom.get("requested_bytes") is None and segment is not None:
+            requested = f"at most {human_bytes(request_at_most(segment))}"
         parts.append(
             f'<div class="note">out of memory on {escape(str(report.oom.get("device")))}: '
             f"requested {escape(requested)}</div>"

@@ -133,3 +133,85 @@ def test_a_cuda_trace_without_its_clock_base_is_put_back_by_the_kv_caches_blocks
     assert got["categories_at_peak"] == want["categories_at_peak"]
     (note,) = got["notes"]
     assert note.startswith("the profiler trace's baseTimeNanoseconds is missing: its events were put on")
+
+
+def _format_size(nbytes: int) -> str:
+    """c10's `format_size`, as PyTorch's OOM message writes a size."""
+    if nbytes <= 1024:
+        return f"{nbytes} bytes"
+    for limit, unit, scale in ((1 << 20, "KiB", 1 << 10), (1 << 30, "MiB", 1 << 20)):
+        if nbytes <= limit:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / (1 << 30):.2f} GiB"
+
+
+def _segment(request: int) -> int:
+    """`get_allocation_size(round_size(request))`: the segment the CUDA caching allocator tries to reserve."""
+    size = _block(request)
+    if size <= 1 << 20:  # kSmallSize -> kSmallBuffer
+        return 2 << 20
+    if size < 10 << 20:  # kMinLargeAlloc -> kLargeBuffer
+        return 20 << 20
+    return -(-size // (2 << 20)) * (2 << 20)  # kRoundLarge
+
+
+# PyTorch's message, CUDACachingAllocator.cpp's malloc: since torch 2.1, and before it
+OOM_MESSAGES = {
+    "torch 2.1 on": (
+        "CUDA out of memory. Tried to allocate {segment}. GPU 0 has a total capacity of 139.72 GiB of which "
+        "{free} is free. Including non-PyTorch memory, this process has 139.71 GiB memory in use. Of the "
+        "allocated memory 138.90 GiB is allocated by PyTorch, and 12.00 MiB is reserved by PyTorch but "
+        "unallocated. If reserved but unallocated memory is large try setting "
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for "
+        "Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)"
+    ),
+    "torch 2.0": (
+        "CUDA out of memory. Tried to allocate {segment} (GPU 0; 79.35 GiB total capacity; 78.10 GiB already "
+        "allocated; {free} free; 78.50 GiB reserved in total by PyTorch) If reserved memory is >> allocated "
+        "memory try setting max_split_size_mb to avoid fragmentation.  See documentation for Memory "
+        "Management and PYTORCH_CUDA_ALLOC_CONF"
+    ),
+}
+
+
+@pytest.mark.parametrize("version", list(OOM_MESSAGES))
+@pytest.mark.parametrize(("request_bytes", "at_most"), [(3 << 20, "20.00 MiB"), (8 << 10, "1.00 MiB")])
+def test_a_cuda_oom_message_names_the_segment_not_the_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], version: str, request_bytes: int, at_most: str
+) -> None:
+    # GIVEN a CUDA run that ended in an OOM without a snapshot (snapshots=False): a request of 3 MiB (or
+    # 8 KiB) failed with 1 MiB free ("1024.00 KiB"), and PyTorch's message names the segment it tried to
+    # reserve for it
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    _as_cuda(run, blocks=True)
+    segment, free = _segment(request_bytes), 1 << 20
+    message = OOM_MESSAGES[version].format(segment=_format_size(segment), free=_format_size(free))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["device"] = {"type": "cuda", "index": 0, "name": "NVIDIA H200", "total_memory_bytes": 150 << 30}
+    manifest["ended"] = {
+        **manifest["ended"],
+        "status": "exception",
+        "type": "OutOfMemoryError",
+        "message": message,
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    # WHEN it is diagnosed and reported
+    assert main(["diagnose", str(run), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    assert main(["diagnose", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert main(["report", str(run), "--no-export"]) == 0
+    report = capsys.readouterr().out
+    # THEN the 20 MiB (2 MiB) figure is the segment, the request is at most it (at most 1 MiB for a 2 MiB
+    # segment), and the shortfall is the segment less the free memory the message states
+    assert segment == (20 << 20 if request_bytes == 3 << 20 else 2 << 20)
+    assert diagnosis["requested_bytes"] is None
+    assert diagnosis["segment_bytes"] == segment
+    assert diagnosis["free_bytes"] == free
+    assert diagnosis["shortfall_bytes"] == segment - free
+    assert f"request that failed                      at most {at_most}\n" in text
+    assert (
+        f"OOM on cuda:0: requested at most {at_most} (a {_format_size(segment)} segment), free 1.00 MiB"
+        in report
+    )
