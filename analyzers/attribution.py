@@ -5,7 +5,8 @@ Four methods, and each event says which one decided it (`DeviceEvents.method`):
   torch.profiler's memory timeline knows its parameters). The methods below may refine it.
 - **kv_log**: kvtrace's own log names every KV storage (address, size, lifetime). An allocation is KV when
   the latest allocation of that address and size at or before the storage's first sighting is it. Addresses
-  are reused, so the join respects lifetimes; its free is the next free of that address.
+  are reused, so the join respects lifetimes; its free is the next free of that address. On a GPU the size
+  is the allocator's block that holds the storage (`block_holds`), and the whole block counts as KV.
 - **weights_table**: a run's weights table says which storages its model took or let go during the run
   (`model.to(torch.bfloat16)` inside the block): their allocations and frees, found by address and time.
 - **stack_rule**: for traces and snapshots from anyone, the allocation's stack frames are matched against
@@ -37,6 +38,39 @@ from analyzers.model import (
 # How far (µs) an allocation may follow the KV log's first sighting of its storage: the two clocks agree
 # to ~0.15 ms (FIELD_NOTES), and the log observes a storage only after the op that made it.
 JOIN_TOLERANCE_US = 2000.0
+
+# A GPU's caching allocator reports to the profiler the block it hands out (`reportMemoryUsageToProfiler(
+# block->ptr, block->size, ...)` in c10/cuda/CUDACachingAllocator.cpp's `malloc`; XPU's allocator is the
+# same design), while the KV log has the storage's `nbytes()`, the bytes asked for. `malloc` rounds a
+# request up to a multiple of MIN_BLOCK_BYTES (`round_size`, `kMinBlockSize`); a block found free is split
+# down to that only when more than UNSPLIT_BYTES would be left over in the large pool (`should_split`:
+# `remaining > kSmallSize`; the small pool always splits), so a large request may get up to 1 MiB more.
+# With `max_split_size_mb` set (it must exceed kLargeBuffer, 20 MiB), a request past it may take an
+# unsplit cached block of less than OVERSIZE_SLACK_BYTES more (`get_free_block`).
+MIN_BLOCK_BYTES = 512
+UNSPLIT_BYTES = 1 << 20
+OVERSIZE_SLACK_BYTES = 20 << 20
+
+
+def smallest_block(storage_bytes: int) -> int:
+    """The smallest block a GPU caching allocator hands out for a storage of `storage_bytes` (`round_size`):
+    the one it has in the trace unless a larger one was handed out whole (see MIN_BLOCK_BYTES)."""
+    return max(MIN_BLOCK_BYTES, -(-storage_bytes // MIN_BLOCK_BYTES) * MIN_BLOCK_BYTES)
+
+
+def block_holds(block_bytes: int, storage_bytes: int) -> bool:
+    """Whether a GPU caching allocator's block of `block_bytes` can be the one it handed out for a storage
+    of `storage_bytes` (see MIN_BLOCK_BYTES). `roundup_power2_divisions` can round a storage of more than
+    a few MiB further than this: such a storage's block stays unmatched (other)."""
+    rounded = smallest_block(storage_bytes)
+    slack = OVERSIZE_SLACK_BYTES - MIN_BLOCK_BYTES if rounded > OVERSIZE_SLACK_BYTES else UNSPLIT_BYTES
+    return storage_bytes <= block_bytes <= rounded + slack
+
+
+def sizes_are_blocks(dev: DeviceEvents) -> bool:
+    """Whether `dev`'s allocation sizes are a GPU caching allocator's blocks, not the bytes asked for: a
+    profiler trace's on a GPU. A CPU allocator reports the request, and so do a snapshot's trace entries."""
+    return dev.size_basis == "allocator" and dev.device != "cpu" and not dev.device.startswith("cpu:")
 
 
 @dataclass(frozen=True)
@@ -241,13 +275,15 @@ def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int
     kinds: list[int] = []
     caches: list[int] = []
     ts = dev.ts_us
+    blocks = sizes_are_blocks(dev)
     for addr, nbytes, first_ns, _last_ns, layer, kv, cache in storages:
         candidates = by_addr.get(addr)
         if not candidates:
             continue
-        # The storage's allocation is the one of its size still live when the log saw it: the latest by
-        # the sighting whose free (if any) is not before it, else the first within the clocks' tolerance
-        # after it. A later one at the same address, inside the tolerance, is the next step's.
+        # The storage's allocation is the one of its size (on a GPU, a block that can hold it) still live
+        # when the log saw it: the latest by the sighting whose free (if any) is not before it, else the
+        # first within the clocks' tolerance after it. A later one at the same address, inside the
+        # tolerance, is the next step's.
         seen = first_ns / 1000.0
         limit = seen + JOIN_TOLERANCE_US
         released = frees_at.get(addr, [])
@@ -255,7 +291,8 @@ def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int
         for i in candidates:  # time-ordered
             if ts[i] > limit:
                 break
-            if int(dev.delta_bytes[i]) != nbytes:
+            size = int(dev.delta_bytes[i])
+            if size != nbytes and not (blocks and block_holds(size, nbytes)):
                 continue
             if ts[i] > seen and best >= 0:
                 break

@@ -82,9 +82,20 @@ class Marker:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+# The CUDA caching allocator's segment sizes (c10/cuda/CUDACachingAllocator.cpp, `get_allocation_size`): a
+# request of up to SMALL_REQUEST_BYTES (`kSmallSize`) gets a segment of SMALL_SEGMENT_BYTES (`kSmallBuffer`).
+SMALL_REQUEST_BYTES = 1 << 20
+SMALL_SEGMENT_BYTES = 2 << 20
+
+
 @dataclass(frozen=True)
 class OomInfo:
-    """What the allocator said when it failed: the request and the device's state at that moment."""
+    """What the allocator said when it failed: the request and the device's state at that moment.
+
+    `segment_bytes`: what PyTorch's CUDA message names ("Tried to allocate 20.00 MiB"), the segment the
+    caching allocator tried to reserve for the request, not the request (`requested_bytes` is then None):
+    `get_allocation_size(round_size(request))`, 2 MiB for a request of up to 1 MiB, 20 MiB for one of 1 to
+    10 MiB, the request rounded up to 2 MiB beyond. `request_at_most` bounds the request from it."""
 
     device: str
     ts_us: float | None
@@ -94,6 +105,12 @@ class OomInfo:
     reserved_bytes: int | None = None
     message: str | None = None
     stream: int | None = None  # the CUDA stream of the request (snapshots): only its segments can serve it
+    segment_bytes: int | None = None
+
+
+def request_at_most(segment_bytes: int) -> int:
+    """The largest request for which the CUDA caching allocator reserves a segment of `segment_bytes`."""
+    return SMALL_REQUEST_BYTES if segment_bytes == SMALL_SEGMENT_BYTES else segment_bytes
 
 
 @dataclass(frozen=True)

@@ -410,6 +410,7 @@ def summarize(
             "device": first.device,
             "time": clock_time(source, first.device, first.ts_us),
             "requested_bytes": first.requested_bytes,
+            "segment_bytes": first.segment_bytes,
             "device_free_bytes": first.device_free_bytes,
             "message": first.message,
         }

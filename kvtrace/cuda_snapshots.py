@@ -2,6 +2,12 @@
 
 On a CPU build `torch.cuda.memory._record_memory_history` raises, so `start()` checks first and returns
 the reason the snapshot is absent; the recorder writes it in the manifest and says it once.
+
+The allocator's history is process-wide state, and torch says only whether it is on
+(`torch._C._cuda_isHistoryEnabled`), not with which settings. So history the user turned on before
+`record()` is left as it is, with the user's settings, on after the block too (the snapshots then have the
+user's stacks and entries); only history kvtrace turned on is turned off at the end. This is how torch's own
+inductor borrows it (`enable_history_recording` in torch/_inductor/cudagraph_trees.py).
 """
 
 from __future__ import annotations
@@ -33,6 +39,17 @@ def _attach_observer_once() -> None:
     _OBSERVER_ATTACHED = True
 
 
+def _history_already_on() -> bool:
+    """Whether the allocator's history is on (the user's); False where torch cannot say (older torch)."""
+    enabled = getattr(torch._C, "_cuda_isHistoryEnabled", None)
+    if enabled is None:
+        return False
+    try:
+        return bool(enabled())
+    except RuntimeError:
+        return False
+
+
 class CudaSnapshots:
     """Allocator history on while recording; snapshot dumps at exit and when an OOM happens."""
 
@@ -40,19 +57,28 @@ class CudaSnapshots:
         self.folder = folder
         self.max_entries = max_entries
         self.active = False
+        self.users_history = False  # the history was on before start(): left on, with its settings
         self._oom_dumped: str | None = None
 
     def start(self) -> dict[str, Any]:
         if not torch.cuda.is_available():
             return {"status": "absent", "reason": "CUDA is not available (snapshots are CUDA-only)"}
-        try:
-            torch.cuda.memory._record_memory_history(max_entries=self.max_entries, stacks="python")
-        except (AttributeError, RuntimeError) as exc:
-            return {"status": "absent", "reason": f"allocator history unavailable: {exc}"}
+        self.users_history = _history_already_on()
+        if not self.users_history:
+            try:
+                torch.cuda.memory._record_memory_history(max_entries=self.max_entries, stacks="python")
+            except (AttributeError, RuntimeError) as exc:
+                return {"status": "absent", "reason": f"allocator history unavailable: {exc}"}
         self.active = True
         _attach_observer_once()
         global _ACTIVE_SNAPSHOTS
         _ACTIVE_SNAPSHOTS = self
+        if self.users_history:
+            return {
+                "status": "recording",
+                "max_entries": None,
+                "history": "the user's: on before record(), kept with its settings and left on",
+            }
         return {"status": "recording", "max_entries": self.max_entries}
 
     def _on_oom(self, device: int, alloc: int, device_allocated: int, device_free: int) -> None:
@@ -75,5 +101,6 @@ class CudaSnapshots:
         if _ACTIVE_SNAPSHOTS is self:
             _ACTIVE_SNAPSHOTS = None
         if self.active:
-            torch.cuda.memory._record_memory_history(enabled=None)
+            if not self.users_history:
+                torch.cuda.memory._record_memory_history(enabled=None)
             self.active = False

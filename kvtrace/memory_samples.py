@@ -58,10 +58,15 @@ def _cpu_seconds() -> float:
     return time.process_time()
 
 
-def _cuda_fields() -> dict[str, Any]:
+def _cuda_fields(device: int | None = None) -> dict[str, Any]:
+    """The caching allocator's figures of CUDA device `device` (None: the thread's current device, which
+    `model.to("cuda:1")` does not change and a new thread starts at 0). `max_memory_allocated` is the
+    device's peak since the process started or since the last `torch.cuda.reset_peak_memory_stats()`, which
+    kvtrace does not call (it would reset the user's own figure): not the recorded block's peak."""
     if not _cuda_ready():
         return {}
-    device = torch.cuda.current_device()
+    if device is None:
+        device = torch.cuda.current_device()
     return {
         "cuda_device": device,
         "cuda_allocated_bytes": torch.cuda.memory_allocated(device),
@@ -101,10 +106,12 @@ class _Nvml:
 
 
 class MemorySampler:
-    """Samples memory, CPU % and (CUDA) NVML figures; `cuda_index` None means the run is not on CUDA."""
+    """Samples memory, CPU % and (CUDA) NVML figures of the run's device; `cuda_index` None means the run is
+    not on CUDA."""
 
     def __init__(self, cuda_index: int | None, clock: Any = time.perf_counter) -> None:
         self._clock = clock
+        self._cuda_index = cuda_index
         self.host_elsewhere = False  # True while a writer thread reads the host's figures (`sample_host`)
         self._last_wall = clock()
         self._last_cpu = _cpu_seconds()
@@ -130,14 +137,14 @@ class MemorySampler:
         wall = self._clock() if now is None else now
         record: dict[str, Any] = {}
         if not _CUDA_AVAILABLE or _CUDA_AVAILABLE[0]:
-            record.update(_cuda_fields())
+            record.update(_cuda_fields(self._cuda_index))
         if not host and (self.host_elsewhere or wall - self._last_wall < HOST_INTERVAL_S):
             return record
         return self._read_host(record, wall)
 
     def sample_host(self, now: float | None = None) -> dict[str, Any]:
-        """Host and NVML figures only, for a thread other than the model's (the allocator's figures are
-        per device and thread: the model's thread reads them)."""
+        """Host and NVML figures only, for a thread other than the model's (the model's thread reads the
+        allocator's, between its steps)."""
         return self._read_host({}, self._clock() if now is None else now)
 
     def _read_host(self, record: dict[str, Any], wall: float) -> dict[str, Any]:

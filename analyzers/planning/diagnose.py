@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of
-from analyzers.model import MemorySource
+from analyzers.model import MemorySource, request_at_most
 from analyzers.planning.diagnose_moment import (
     beams_at_step,
     held_at_step,
@@ -70,7 +70,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     if oom is not None:
         event, when = "oom", oom.ts_us
         index = moment_index(timeline.ts_us, when) if timeline is not None else -1
-        if oom.requested_bytes is None and timeline is not None and index >= 0:
+        if oom.requested_bytes is None and oom.segment_bytes is None and timeline is not None and index >= 0:
             # A run's recorded exception has no request size; its last state is the moment.
             when = float(timeline.ts_us[index])
     else:
@@ -123,24 +123,36 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         notes.append("segments describe the dump, not this moment: no largest-free-block figure")
     reserved_unallocated = reserved - allocated if reserved is not None and allocated is not None else None
     requested = oom.requested_bytes if oom is not None else None
+    segment = oom.segment_bytes if oom is not None else None
+    # What the failed allocation needed from the device: the request, or where CUDA's message names only the
+    # segment it tried to reserve for it (the request unknown, at most that), the segment.
+    needed = requested if requested is not None else segment
+    if requested is None and segment is not None:
+        at_most = human_bytes(request_at_most(segment))
+        notes.append(
+            f"PyTorch's message names the {human_bytes(segment)} segment the CUDA caching allocator tried to "
+            f"reserve for the request, not the request: that was at most {at_most} (a snapshot, recorded "
+            "with snapshots=True, gives it exactly); the shortfall is the segment's"
+        )
     fragmented = None
     if requested is not None and largest_free is not None and reserved_unallocated is not None:
         total_free = reserved_unallocated + (free or 0)
         fragmented = total_free >= requested > max(largest_free, free or 0)
 
     shortfall = None
-    if requested is not None and free is not None:
-        shortfall = requested - free
+    if needed is not None and free is not None:
+        shortfall = needed - free
         if shortfall <= 0:
             # The allocation failed although the device reports enough free memory: a cap such as
             # set_per_process_memory_fraction or another limit applies. At least the request was missing.
+            what = "the request" if requested is not None else f"the {human_bytes(needed)} segment"
             notes.append(
-                "the device reported enough free memory for the request, so a per-process limit applied: "
-                "the shortfall is taken as the request itself (a lower bound)"
+                f"the device reported enough free memory for {what}, so a per-process limit applied: "
+                f"the shortfall is taken as {what} itself (a lower bound)"
             )
-            shortfall = requested
-    elif requested is not None and oom is not None:
-        shortfall = requested  # an OOM without a free figure: at least the request was missing
+            shortfall = needed
+    elif needed is not None and oom is not None:
+        shortfall = needed  # an OOM without a free figure: at least the request was missing
     elif budget_bytes is not None and allocated is not None:
         shortfall = allocated - budget_bytes
     crossing = None
@@ -167,7 +179,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     # all of which a smaller batch shrinks. Unknown without a weights figure.
     beyond_weights = None
     if weights and allocated is not None:
-        beyond_weights = allocated + (requested or 0) - weights
+        beyond_weights = allocated + (needed or 0) - weights
     kv_peak = report.kv.peak_bytes if kv_log is not None else None
     kv_final = report.kv.final_bytes if kv_log is not None else None
 
@@ -258,6 +270,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         event=event,
         ts_us=clock_time(source, device, when) if device is not None else when,
         requested_bytes=requested,
+        segment_bytes=segment,
         allocated_bytes=allocated,
         reserved_bytes=reserved,
         free_bytes=free,

@@ -79,6 +79,10 @@ class Diagnosis:
     top_cache_layers: tuple[tuple[int, int, int], ...] = ()
     """(cache, layer, KV bytes) at that moment, largest first, when several caches held KV then (an
     assistant model's draft cache next to the model's): `top_layers` sums a layer index over them."""
+    segment_bytes: int | None = None
+    """At an OOM whose CUDA message names only the segment the caching allocator tried to reserve (no
+    snapshot): that segment (`OomInfo.segment_bytes`); `requested_bytes` is then None and the shortfall is
+    the segment's."""
 
 
 def fits(saved: int | None, shortfall: int | None) -> bool | None:

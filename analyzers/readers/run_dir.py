@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.attribution import JOIN_TOLERANCE_US
+from analyzers.attribution import JOIN_TOLERANCE_US, sizes_are_blocks, smallest_block
 from analyzers.kv_log import analyze_kv_log
-from analyzers.model import KV, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
+from analyzers.model import KV, SMALL_SEGMENT_BYTES, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.readers.sources import ProgressFn
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
 from kvtrace.errors import KvtraceError
@@ -78,12 +78,24 @@ KV_LOG_ONLY_NOTES = (
 )
 
 _SIZE_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-_TRIED = re.compile(r"Tried to allocate (\d{1,15}(?:\.\d{1,6})?) (B|bytes|KiB|MiB|GiB|TiB)\b")
+_SIZE = r"(\d{1,15}(?:\.\d{1,6})?) (B|bytes|KiB|MiB|GiB|TiB)\b"  # c10's format_size: "2.00 MiB", "0 bytes"
+_TRIED = re.compile(r"Tried to allocate " + _SIZE)
+# The CUDA caching allocator's message (HIP's on ROCm): its figure is the segment it tried to reserve
+_SEGMENT_MESSAGE = re.compile(r"\b(?:CUDA|HIP) out of memory\. Tried to allocate ")
+# "... of which 6.00 MiB is free." (torch 2.1 on), "(GPU 0; 79.19 GiB total capacity; ...; 6.00 MiB free; ..."
+_FREE = re.compile(r"of which " + _SIZE + r" is free|; " + _SIZE + r" free;")
+
+
+def _size_of(number: str, unit: str) -> int:
+    return int(float(number) * _SIZE_UNITS[unit])
 
 
 def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySource) -> OomInfo:
     """The failed request: from the OOM snapshot the recorder dumped (CUDA) when there is one, else from
-    PyTorch's message ("Tried to allocate 2.00 GiB"), whose two decimals make it approximate."""
+    PyTorch's message ("Tried to allocate 2.00 GiB"), whose two decimals make it approximate. The CUDA
+    caching allocator's message names the segment it tried to reserve (`OomInfo.segment_bytes`), never
+    less than 2 MiB (`kSmallBuffer`), and the device's free memory; a smaller figure, or another
+    allocator's message, is taken as the request."""
     device = run.manifest.get("device", {})
     name = f"cuda:{device.get('index', 0)}" if device.get("type") == "cuda" else "cpu"
     oom_pickle = run.path / "snapshots" / "oom.pickle"
@@ -107,11 +119,21 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
                     found.reserved_bytes,
                     message,
                 )
-    requested = None
+    requested = segment = free = None
     match = _TRIED.search(message)
     if match:
-        requested = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-    return OomInfo(name, ended.get("t_ns", 0) / 1000.0, requested, None, message=message)
+        requested = _size_of(match.group(1), match.group(2))
+        if _SEGMENT_MESSAGE.search(message) and requested >= SMALL_SEGMENT_BYTES:
+            requested, segment = None, requested
+    match = _FREE.search(message)
+    if match:
+        number, unit = (
+            (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+        )
+        free = _size_of(number, unit)
+    return OomInfo(
+        name, ended.get("t_ns", 0) / 1000.0, requested, free, message=message, segment_bytes=segment
+    )
 
 
 def _kv_held_before_trace(
@@ -120,14 +142,16 @@ def _kv_held_before_trace(
     """Bytes of KV storages allocated before the profiler started (a reference model's preallocated buffers,
     a cache built before record()): in no allocation of the trace, yet held all along, they join the level
     before the first event, as KV. Only storages the trace never frees qualify (a free of memory it never
-    saw allocated would take the KV share below zero)."""
+    saw allocated would take the KV share below zero). On a GPU, their blocks (`smallest_block`), as the
+    allocator counts them."""
     if not len(dev):
         return 0
     device_of = {e.addr: e.device for e in events if e.addr and e.device}
     first_us = float(dev.ts_us[0])
     seen = set(dev.addr.tolist())  # any trace event at the address, allocation or free
+    blocks = sizes_are_blocks(dev)
     return sum(
-        nbytes
+        smallest_block(nbytes) if blocks else nbytes
         for addr, nbytes, first_ns, freed_ns, _layer, _kv, _cache in storages
         if first_ns / 1000.0 <= first_us
         and addr not in seen
@@ -261,15 +285,20 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         source.meta["weight_changes"] = changes
         source.meta.setdefault("input_notes", []).append(weights_changed_note(run))
     weights_by_device: dict[str, int] = {}
+    weight_blocks_by_device: dict[str, int] = {}  # on a GPU, the allocator's blocks that hold them
     for weight in run.weights:
         device = _normal_device(weight.device)
         weights_by_device[device] = weights_by_device.get(device, 0) + weight.storage_bytes
+        weight_blocks_by_device[device] = weight_blocks_by_device.get(device, 0) + smallest_block(
+            weight.storage_bytes
+        )
     total_memory = run.manifest.get("device", {}).get("total_memory_bytes")
     for dev in source.devices:
         # The weights were allocated before the profiler started, as may some KV
-        traced = traces and not trace_missed_the_model
+        traced = bool(traces) and not trace_missed_the_model
         kv_held = _kv_held_before_trace(dev, kv.storages, run.kv_events) if traced else 0
-        _held_before_trace(dev, weights_by_device.get(dev.device, 0), kv_held)
+        held = weight_blocks_by_device if sizes_are_blocks(dev) else weights_by_device
+        _held_before_trace(dev, held.get(dev.device, 0), kv_held)
         if (
             dev.capacity_bytes is None
             and total_memory

@@ -8,8 +8,9 @@ its events days or seconds away from the log, every storage misses its allocatio
 counted as other.
 
 The addresses give the clock back. A storage's allocation is one of the trace's allocations of its address
-and size, and the log sees the storage soon after it (tens of µs when the cache's update logs it, more when
-a scan finds it). So under the right shift most storages have an allocation at most `WINDOW_US` before
+and size (on a GPU, of a block that can hold it: the caching allocator reports its blocks), and the log
+sees the storage soon after it (tens of µs when the cache's update logs it, more when a scan finds it).
+So under the right shift most storages have an allocation at most `WINDOW_US` before
 their sighting; under a wrong one few do, as an address and size recur only a step or more apart.
 `clock_shift` finds the shifts that cover the most storages and takes the latest of them (a µs later, some
 storage's allocation would follow its sighting), less `MARGIN_US`. A trace already within the window of the
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.attribution import JOIN_TOLERANCE_US
+from analyzers.attribution import JOIN_TOLERANCE_US, block_holds, sizes_are_blocks
 from analyzers.model import DeviceEvents, MemorySource
 
 __all__ = ["ClockShift", "align_trace_clock", "clock_shift"]
@@ -58,23 +59,36 @@ class ClockShift:
 
 
 def _candidates(devices: list[DeviceEvents], storages: list[Storage]) -> dict[tuple[int, int], np.ndarray]:
-    """The times of the trace's allocations at the storages' addresses, by (address, bytes)."""
+    """The times of the trace's allocations that can be the storages', by the storage's (address, bytes):
+    of its address and size, or on a GPU of a block that can hold it (`block_holds`), as the join takes."""
     wanted = np.fromiter({s[0] for s in storages}, dtype=np.int64)
-    groups: dict[tuple[int, int], list[float]] = {}
+    at: dict[int, list[tuple[int, float, bool]]] = {}  # address -> (size, time, sizes are blocks)
     for dev in devices:
         if not len(dev):
             continue
+        blocks = sizes_are_blocks(dev)
         hits = np.nonzero((dev.delta_bytes > 0) & np.isin(dev.addr, wanted))[0]
-        for addr, nbytes, ts in zip(
+        for addr, size, ts in zip(
             dev.addr[hits].tolist(), dev.delta_bytes[hits].tolist(), dev.ts_us[hits].tolist(), strict=True
         ):
-            groups.setdefault((addr, nbytes), []).append(float(ts))
-    return {key: np.asarray(times) for key, times in groups.items() if len(times) <= MAX_CANDIDATES}
+            at.setdefault(addr, []).append((size, float(ts), blocks))
+    groups: dict[tuple[int, int], np.ndarray] = {}
+    for addr, nbytes, *_rest in storages:
+        if (addr, nbytes) in groups:
+            continue
+        times = [
+            ts
+            for size, ts, blocks in at.get(addr, ())
+            if size == nbytes or (blocks and block_holds(size, nbytes))
+        ]
+        if times and len(times) <= MAX_CANDIDATES:
+            groups[(addr, nbytes)] = np.asarray(times)
+    return groups
 
 
 def clock_shift(devices: list[DeviceEvents], storages: list[Storage]) -> ClockShift | None:
     """The shift that puts the trace's allocations just before the KV log's sightings of the storages;
-    None when no storage has an allocation of its address and size in the trace."""
+    None when no storage has an allocation of its address and size (on a GPU, its block) in the trace."""
     sample = storages[:: max(1, math.ceil(len(storages) / SAMPLE_STORAGES))]
     groups = _candidates(devices, sample)
     lags: list[np.ndarray] = []  # sighting - allocation (µs) of each candidate, as read

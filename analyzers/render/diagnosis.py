@@ -7,7 +7,7 @@ import html
 from dataclasses import asdict
 from typing import Any
 
-from analyzers.model import MemorySource
+from analyzers.model import MemorySource, request_at_most
 from analyzers.planning.diagnose import Diagnosis, StackShare, diagnose
 from analyzers.summary import Report
 from analyzers.units import human_bytes
@@ -72,6 +72,9 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if d.requested_bytes is not None:
         rows.append(("request that failed", f"{human_bytes(d.requested_bytes)} ({d.requested_bytes:,} B)"))
+    elif d.segment_bytes is not None:
+        rows.append(("request that failed", f"at most {human_bytes(request_at_most(d.segment_bytes))}"))
+        rows.append(("segment it needed", f"{human_bytes(d.segment_bytes)} ({d.segment_bytes:,} B)"))
     rows += [
         ("allocated", human_bytes(d.allocated_bytes)),
         ("reserved", human_bytes(d.reserved_bytes)),
@@ -117,6 +120,8 @@ def _headline(d: Diagnosis) -> str:
         what = f"out of memory on {where}"
         if d.requested_bytes is not None:
             what += f" requesting {human_bytes(d.requested_bytes)}"
+        elif d.segment_bytes is not None:
+            what += f" requesting at most {human_bytes(request_at_most(d.segment_bytes))}"
         return what + (f": {d.message}" if d.message else "")
     c = d.budget_crossing
     if d.event == "budget" and c is not None:

@@ -14,6 +14,7 @@ from html import escape
 import numpy as np
 
 from analyzers.group import GroupReport
+from analyzers.model import request_at_most
 from analyzers.render.engine import engine_text_lines
 from analyzers.render.group import rank_mark
 from analyzers.render.text import budget_line
@@ -150,6 +151,9 @@ def report_to_notebook_html(report: Report) -> str:
         )
     if report.oom is not None:
         requested = human_bytes(report.oom.get("requested_bytes"))
+        segment = report.oom.get("segment_bytes")
+        if report.oom.get("requested_bytes") is None and segment is not None:
+            requested = f"at most {human_bytes(request_at_most(segment))}"
         parts.append(
             f'<div class="note">out of memory on {escape(str(report.oom.get("device")))}: '
             f"requested {escape(requested)}</div>"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from analyzers.model import request_at_most
 from analyzers.render.json import METHOD_LABELS, NO_KV_HINT
 from analyzers.summary import Report
 from analyzers.units import human_bytes
@@ -117,8 +118,12 @@ def report_to_text(report: Report) -> str:
         lines.append(budget_line(report.budget, report.engine))
     if report.oom:
         oom = report.oom
+        requested = human_bytes(oom["requested_bytes"])
+        if oom["requested_bytes"] is None and oom.get("segment_bytes") is not None:
+            segment = oom["segment_bytes"]
+            requested = f"at most {human_bytes(request_at_most(segment))} (a {human_bytes(segment)} segment)"
         lines.append(
-            f"  OOM on {oom['device']}: requested {human_bytes(oom['requested_bytes'])}, "
+            f"  OOM on {oom['device']}: requested {requested}, "
             f"free {human_bytes(oom['device_free_bytes'])}  (see `kvtrace diagnose`)"
         )
     return "\n".join(lines)

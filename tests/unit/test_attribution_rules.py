@@ -129,3 +129,21 @@ def test_windows_snapshot_weights(tmp_path: Path) -> None:
     # THEN the blocks made by module.to() and Linear.__init__ are the weights
     assert dev.peak_allocated_bytes == 4096 + 2048 + 1024 + 512
     assert dev.categories_at_peak == {"kv": 0, "weights": 4096 + 2048 + 1024, "other": 512}
+
+
+def test_a_gpu_block_holds_a_storage_as_the_caching_allocator_rounds_it() -> None:
+    # c10/cuda/CUDACachingAllocator.cpp: round_size (512 B steps), should_split (a large-pool block is not
+    # split when 1 MiB or less would be left), get_free_block (past max_split_size_mb, < 20 MiB over)
+    from analyzers.attribution import block_holds
+
+    kib, mib = 1 << 10, 1 << 20
+    assert block_holds(8960, 8960)  # as asked (a CPU's, or a multiple of 512)
+    assert block_holds(9216, 8960) and block_holds(512, 128)  # rounded up to 512 B
+    assert not block_holds(8704, 8960)  # smaller than the storage
+    # 11.5 MiB in a fresh 12 MiB segment: 0.5 MiB left over is not split off
+    assert block_holds(12 * mib, 11 * mib + 512 * kib)
+    assert block_holds(11 * mib + 512 * kib + mib, 11 * mib + 512 * kib)
+    assert not block_holds(11 * mib + 512 * kib + mib + 512, 11 * mib + 512 * kib)
+    # past max_split_size_mb (> 20 MiB): a cached block of less than 20 MiB more
+    assert block_holds(30 * mib + 20 * mib - 512, 30 * mib)
+    assert not block_holds(30 * mib + 20 * mib, 30 * mib)
