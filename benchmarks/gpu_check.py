@@ -415,6 +415,30 @@ def check_snapshot_blocks(results: Results, name: str, run_dir: Path, pickle_nam
     )
 
 
+def check_peak_split(results: Results, name: str, rep: dict[str, Any], torch_peak: int) -> None:
+    """The report's peak against torch's own (`max_memory_allocated`, reset before the run: the weights
+    loaded before the trace counted once), and the KV share of it: the caching allocator's blocks of the
+    KV log's storages (rounded to 512 B, a large block up to 1 MiB over) must be found as KV."""
+    peak = rep.get("peak_allocated_bytes") or 0
+    ratio = peak / torch_peak if torch_peak else 0.0
+    results.add(
+        f"peak_vs_torch.{name}",
+        "pass" if 0.98 <= ratio <= 1.02 else "fail",
+        f"report peak {peak:,} B vs torch.cuda.max_memory_allocated {torch_peak:,} B ({ratio:.3f}x)",
+        report_peak_allocated_bytes=peak,
+        torch_peak_allocated_bytes=torch_peak,
+    )
+    kv_at_peak = (rep.get("categories_at_peak") or {}).get("kv", 0)
+    kv_final = (rep.get("kv") or {}).get("final_bytes") or 0
+    results.add(
+        f"kv_at_peak.{name}",
+        "pass" if kv_final and kv_at_peak >= 0.9 * kv_final else "fail",
+        f"KV at the peak {kv_at_peak:,} B (allocator blocks) vs the KV log's final {kv_final:,} B",
+        kv_at_peak_bytes=kv_at_peak,
+        kv_final_bytes=kv_final,
+    )
+
+
 def check_kv_arithmetic(
     results: Results, work: Workload, name: str, shape: Shape, rep: dict[str, Any]
 ) -> None:
@@ -510,6 +534,8 @@ def cache_run(results: Results, work: Workload, kind: str, run_dir: Path) -> dic
         )
         if kind in ("dynamic", "static"):
             check_kv_arithmetic(results, work, kind, shape, rep)
+        if peak:
+            check_peak_split(results, kind, rep, peak)
     if torch.cuda.is_available() and work.plan.device == "cuda":
         with results.guard(f"snapshot_vs_kvlog.{kind}"):
             check_snapshot_blocks(results, kind, run_dir, "exit.pickle")
