@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from kvtrace.attr_patch import AttrPatch
 from kvtrace.integrations.hf_caches import compiling
 
 Before = Callable[[Any, tuple[Any, ...], dict[str, Any]], None]
@@ -43,14 +44,10 @@ class ForwardWrap:
         self.model = model
         self._before = before
         self._after = after
-        self._wrapper: Any = None
-        self._owner: Any = None  # where kvtrace's `forward` is set: the model's class, or the model itself
-        self._had_own = False  # the owner held a `forward` of its own (a class's, an instance's compiled one)
-        self._own: Any = None
+        self._patches: list[AttrPatch] = []  # kvtrace's `forward` (and `get_compiled_call`), to put back
         self.active = False
         # Inside a call whose step kvtrace's compiled-call wrapper already begins and ends: pass through
         self.outer = False
-        self._compiled_call: tuple[Any, bool, Any] | None = None  # (class, had its own, that one)
 
     def install(self) -> None:
         model = self.model
@@ -65,18 +62,10 @@ class ForwardWrap:
 
     def _wrap(self, owner: Any, inner: Callable[..., Any], bound: bool) -> None:
         model, before, after, wrap = self.model, self._before, self._after, self
-        self._owner = owner
-        self._had_own = "forward" in owner.__dict__
-        self._own = owner.__dict__.get("forward")
+        call = inner if bound else functools.partial(inner, model)
 
         def run(*args: Any, **kwargs: Any) -> Any:
-            before(model, args, kwargs)
-            output = None
-            try:
-                output = inner(*args, **kwargs) if bound else inner(model, *args, **kwargs)
-            finally:
-                after(model, args, output)
-            return output
+            return around(before, after, model, call, args, kwargs)
 
         skipped = run
         disable = getattr(getattr(torch, "compiler", None), "disable", None)
@@ -86,13 +75,7 @@ class ForwardWrap:
             before_eager, after_eager = disable(before), disable(after)
 
             def run_eagerly(*args: Any, **kwargs: Any) -> Any:
-                before_eager(model, args, kwargs)
-                output = None
-                try:
-                    output = inner(*args, **kwargs) if bound else inner(model, *args, **kwargs)
-                finally:
-                    after_eager(model, args, output)
-                return output
+                return around(before_eager, after_eager, model, call, args, kwargs)
 
             skipped = disable(run_eagerly, recursive=False)
 
@@ -118,9 +101,8 @@ class ForwardWrap:
                 return run(*args, **kwargs)
 
         forward.kvtrace_wrapper = True  # type: ignore[attr-defined]  # what a leak check looks for
-        self._wrapper = forward
         self.active = True
-        owner.forward = forward
+        self._patches.append(AttrPatch(owner, "forward", forward))
 
     def _wrap_compiled_call(self) -> None:
         """transformers' compiled decoding: its compiled call, wrapped, so that the step begins and ends
@@ -131,8 +113,6 @@ class ForwardWrap:
         original = getattr(cls, "get_compiled_call", None)
         if original is None or "get_compiled_call" in vars(model):
             return
-        own = cls.__dict__.get("get_compiled_call")
-        self._compiled_call = (cls, "get_compiled_call" in cls.__dict__, own)
 
         @functools.wraps(original)
         def get_compiled_call(module: Any, *args: Any, **kwargs: Any) -> Any:
@@ -145,42 +125,29 @@ class ForwardWrap:
                     return compiled(*args, **kwargs)
                 wrap.outer = True
                 try:
-                    before(model, args, kwargs)
-                    output = None
-                    try:
-                        output = compiled(*args, **kwargs)
-                    finally:
-                        after(model, args, output)
-                    return output
+                    return around(before, after, model, compiled, args, kwargs)
                 finally:
                     wrap.outer = False
 
             return call
 
         get_compiled_call.kvtrace_wrapper = True  # type: ignore[attr-defined]
-        cls.get_compiled_call = get_compiled_call
+        self._patches.append(AttrPatch(cls, "get_compiled_call", get_compiled_call))
 
     def uninstall(self) -> None:
-        """Put the `forward` kvtrace replaced back, unless other code has set another one over kvtrace's since
-        (that one keeps calling kvtrace's wrapper, which now only passes the call through)."""
+        """Put back what kvtrace replaced, unless other code has set another over it since (that one keeps
+        calling kvtrace's wrapper, which now only passes the call through)."""
         self.active = False
-        if self._compiled_call is not None:
-            cls, had_own, own = self._compiled_call
-            self._compiled_call = None
-            if getattr(cls.__dict__.get("get_compiled_call"), "kvtrace_wrapper", False):
-                if had_own:
-                    cls.get_compiled_call = own
-                else:
-                    delattr(cls, "get_compiled_call")
-        owner, wrapper = self._owner, self._wrapper
-        if wrapper is None:
-            return
-        self._wrapper = self._owner = None
-        if owner.__dict__.get("forward") is not wrapper:
-            return
-        if self._had_own:
-            owner.forward = self._own
-        elif isinstance(owner, type):
-            delattr(owner, "forward")
-        else:
-            del owner.__dict__["forward"]
+        while self._patches:
+            self._patches.pop().undo()
+
+
+def around(before: Before, after: After, model: Any, call: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """`call(*args, **kwargs)` between `before` and `after`; `after` also when it raises (output None)."""
+    before(model, args, kwargs)
+    output = None
+    try:
+        output = call(*args, **kwargs)
+    finally:
+        after(model, args, output)
+    return output

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace import format as fmt
+from kvtrace.attr_patch import AttrPatch
 from kvtrace.distributed import local_tensor
 from kvtrace.kv_slots import expired, free_weak_ref, weak_ref_of
 
@@ -55,10 +56,7 @@ class ModelWeights:
         self.found_at_end = False  # the last comparison found changes no `_apply` of the model made
         self.error: str | None = None  # a comparison or a write that failed: the table stops there
         self.kept_elsewhere: tuple[int, int] | None = None  # (storages, bytes) `released` at the end
-        self._wrapper: Any = None
-        self._owner: Any = None
-        self._had_own = False
-        self._own: Any = None
+        self._patch: AttrPatch | None = None  # kvtrace's `_apply`, to put back
         self.active = False
 
     # -- the table ---------------------------------------------------------------------------------
@@ -181,9 +179,6 @@ class ModelWeights:
         bound = "_apply" in model.__dict__  # one set on the instance shadows the class's
         owner = model if bound else type(model)
         inner = model._apply if bound else type(model)._apply
-        self._owner = owner
-        self._had_own = "_apply" in owner.__dict__
-        self._own = owner.__dict__.get("_apply")
 
         if bound:
 
@@ -208,28 +203,11 @@ class ModelWeights:
                     watch.compare()
 
         _apply.kvtrace_wrapper = True  # type: ignore[attr-defined]  # what a leak check looks for
-        self._wrapper = _apply
         self.active = True
-        if bound:
-            model.__dict__["_apply"] = _apply
-        else:
-            owner._apply = _apply
+        self._patch = AttrPatch(owner, "_apply", _apply)
 
     def uninstall(self) -> None:
         """Put back the `_apply` kvtrace replaced, unless other code has set another one over it since."""
         self.active = False
-        owner, wrapper = self._owner, self._wrapper
-        if wrapper is None:
-            return
-        self._wrapper = self._owner = None
-        if owner.__dict__.get("_apply") is not wrapper:
-            return
-        if self._had_own:
-            if isinstance(owner, type):
-                setattr(owner, "_apply", self._own)  # noqa: B010  # a class's own, put back
-            else:
-                owner.__dict__["_apply"] = self._own
-        elif isinstance(owner, type):
-            delattr(owner, "_apply")
-        else:
-            del owner.__dict__["_apply"]
+        if self._patch is not None:
+            self._patch.undo()

@@ -71,6 +71,20 @@ def rank_mark(group: GroupReport, rank: RankReport) -> str:
     return "peak" if rank.rank == group.peak_rank else ""
 
 
+def rank_cells(group: GroupReport, r: RankReport) -> tuple[object, ...]:
+    """One rank's row of the ranks table (HTML and notebook): rank, status, device, peak allocated, KV
+    final, KV peak, and its mark."""
+    return (
+        r.rank,
+        r.status,
+        r.device or "-",
+        human_bytes(r.peak_allocated_bytes),
+        human_bytes(r.report.kv.final_bytes),
+        human_bytes(r.report.kv.peak_bytes),
+        rank_mark(group, r),
+    )
+
+
 def group_report_to_text(group: GroupReport) -> str:
     """The ranks side by side, then the whole group as one report (KV summed over ranks)."""
     lines = [f"kvtrace report: {group.path} (run group, world size {group.world_size or '?'})"]
@@ -193,20 +207,7 @@ def group_report_to_html(group: GroupReport) -> str:
         f"<th>{c}</th>" for c in ("rank", "status", "device", "peak allocated", "KV final", "KV peak", "")
     )
     rows = "".join(
-        "<tr>"
-        + "".join(
-            f"<td>{esc(str(c))}</td>"
-            for c in (
-                r.rank,
-                r.status,
-                r.device or "-",
-                human_bytes(r.peak_allocated_bytes),
-                human_bytes(r.report.kv.final_bytes),
-                human_bytes(r.report.kv.peak_bytes),
-                rank_mark(group, r),
-            )
-        )
-        + "</tr>"
+        "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in rank_cells(group, r)) + "</tr>"
         for r in group.ranks
     )
     total = group.total.kv

@@ -16,7 +16,7 @@ import numpy as np
 from analyzers.group import GroupReport
 from analyzers.model import request_at_most
 from analyzers.render.engine import engine_text_lines
-from analyzers.render.group import rank_mark
+from analyzers.render.group import rank_cells
 from analyzers.render.text import budget_line
 from analyzers.summary import Report
 from analyzers.timeline import DeviceTimeline, downsample_indices
@@ -169,18 +169,7 @@ def _group_head(group: GroupReport) -> list[str]:
     world = group.world_size or "?"
     parts = [f"<b>kvtrace report</b>: <code>{escape(group.path)}</code> (run group, world size {world})"]
     rows = [_row("rank", "status", "device", "peak", "KV final", "KV peak", "", header=True)]
-    rows += [
-        _row(
-            r.rank,
-            r.status,
-            r.device or "-",
-            human_bytes(r.peak_allocated_bytes),
-            human_bytes(r.report.kv.final_bytes),
-            human_bytes(r.report.kv.peak_bytes),
-            rank_mark(group, r),
-        )
-        for r in group.ranks
-    ]
+    rows += [_row(*rank_cells(group, r)) for r in group.ranks]
     rows += [_row(rank, "(no run)", "", "", "", "", "") for rank in group.missing_ranks]
     parts.append("<table>" + "".join(rows) + "</table>")
     parts.append(
