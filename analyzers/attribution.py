@@ -67,6 +67,15 @@ def block_holds(block_bytes: int, storage_bytes: int) -> bool:
     return storage_bytes <= block_bytes <= rounded + slack
 
 
+def frees_storage(dev: DeviceEvents, freed_bytes: int, storage_bytes: int) -> bool:
+    """Whether a free of `freed_bytes` (positive; 0 or less: no free) can be that of a storage of
+    `storage_bytes`: its size, or on a GPU the block that held it. A free of another size at a storage's
+    address is another block's (one allocated before the profiler started, whose allocation it never saw)."""
+    if freed_bytes <= 0:
+        return False
+    return freed_bytes == storage_bytes or (sizes_are_blocks(dev) and block_holds(freed_bytes, storage_bytes))
+
+
 def sizes_are_blocks(dev: DeviceEvents) -> bool:
     """Whether `dev`'s allocation sizes are a GPU caching allocator's blocks, not the bytes asked for: a
     profiler trace's on a GPU. A CPU allocator reports the request, and so do a snapshot's trace entries."""
@@ -251,7 +260,12 @@ def _join_weight_changes(dev: DeviceEvents, changes: list[Any]) -> None:
             taken = [i for i in events if ts[i] <= limit and delta[i] > 0]
             if taken:
                 allocations.append(taken[-1])
-        elif change.from_start and events and delta[events[0]] < 0 and ts[events[0]] <= limit:
+        elif (
+            change.from_start
+            and events
+            and ts[events[0]] <= limit
+            and frees_storage(dev, int(-delta[events[0]]), change.nbytes)
+        ):
             frees.append(events[0])
     taken_at = np.asarray(allocations, dtype=np.int64)
     paired = _pair_frees(dev, taken_at)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.attribution import JOIN_TOLERANCE_US, sizes_are_blocks, smallest_block
+from analyzers.attribution import JOIN_TOLERANCE_US, frees_storage, sizes_are_blocks, smallest_block
 from analyzers.kv_log import analyze_kv_log
 from analyzers.model import KV, SMALL_SEGMENT_BYTES, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.readers.sources import ProgressFn
@@ -160,7 +160,9 @@ def _kv_held_before_trace(
     )
 
 
-def _held_before_trace(dev: DeviceEvents, weights: int, kv_held: int) -> None:
+def _held_before_trace(
+    dev: DeviceEvents, weights: int, kv_held: int, listed: dict[int, int] | None = None
+) -> None:
     """Put the weights (and KV) held before the profiler started into the level before the first event.
 
     A device's allocator total (`Total Allocated`) counts from where its allocator does: the CPU's, from the
@@ -176,11 +178,34 @@ def _held_before_trace(dev: DeviceEvents, weights: int, kv_held: int) -> None:
         if counted_weights or counted_kv:
             dev.baseline_categories = {KV: counted_kv, WEIGHTS: counted_weights}
         return
-    dev.baseline_bytes += weights
-    if kv_held:
+    if listed and len(dev):
+        # A trace may show the frees of weights allocated before it began (a GPU's; the CPU's reporter too,
+        # for an address whose size an earlier profiling session left it): the level before the first event
+        # must cover them, and it is the weights' own, not more besides. What else the trace frees without
+        # having seen it allocated is the level beyond the weights.
+        dev.baseline_bytes = _unseen_beyond(dev, listed)
+    dev.baseline_bytes += weights + kv_held
+    if listed is not None:
+        # The weights and KV as listed; what else the trace freed unseen was held besides them (other)
+        dev.baseline_categories = {KV: kv_held, WEIGHTS: weights}
+    elif kv_held:
         # the weights as device_timeline would give them otherwise: the level beyond the trace's own total
-        dev.baseline_categories = {KV: kv_held, WEIGHTS: max(dev.baseline_bytes - (implied or 0), 0)}
-        dev.baseline_bytes += kv_held
+        beyond_total = dev.baseline_bytes - kv_held - (implied or 0)
+        dev.baseline_categories = {KV: kv_held, WEIGHTS: max(beyond_total, 0)}
+
+
+def _unseen_beyond(dev: DeviceEvents, listed: dict[int, int]) -> int:
+    """The bytes the trace frees without having seen them allocated, beyond the listed storages (address:
+    bytes) whose free is the first event at their address."""
+    delta = dev.delta_bytes.astype(np.int64)
+    first_at: dict[int, int] = {}
+    for index in np.flatnonzero(np.isin(dev.addr, np.fromiter(listed, dtype=np.int64))).tolist():
+        first_at.setdefault(int(dev.addr[index]), index)
+    own = [i for addr, i in first_at.items() if frees_storage(dev, int(-delta[i]), listed[addr])]
+    if own:
+        delta = delta.copy()
+        delta[own] = 0
+    return max(0, -int(np.cumsum(delta).min())) if len(delta) else 0
 
 
 # What the figures lack when a file the recorder wrote is gone (a partial copy, a clean-up).
@@ -298,7 +323,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         traced = bool(traces) and not trace_missed_the_model
         kv_held = _kv_held_before_trace(dev, kv.storages, run.kv_events) if traced else 0
         held = weight_blocks_by_device if sizes_are_blocks(dev) else weights_by_device
-        _held_before_trace(dev, held.get(dev.device, 0), kv_held)
+        listed = {w.addr: w.storage_bytes for w in run.weights if _normal_device(w.device) == dev.device}
+        _held_before_trace(dev, held.get(dev.device, 0), kv_held, listed if traced else None)
         if (
             dev.capacity_bytes is None
             and total_memory

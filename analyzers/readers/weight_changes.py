@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from analyzers.attribution import frees_storage
 from analyzers.model import DeviceEvents
 from analyzers.units import human_bytes
 
@@ -101,7 +102,7 @@ def add_weight_events(
             continue
         if change.event == "added" or not change.from_start:
             continue  # allocated while the profiler ran: its allocation and free are in the trace
-        if events and delta[events[0]] < 0:
+        if events and frees_storage(dev, int(-delta[events[0]]), change.nbytes):
             continue  # the trace's first event at its address is its free (CUDA reports those)
         # `_apply` frees each old storage as soon as its replacement (the storage of that name) is made
         replacement = replacements.get((change.t_us, change.name))
