@@ -24,6 +24,7 @@ below is compiled as its own frame.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -62,7 +63,7 @@ class ForwardWrap:
 
     def _wrap(self, owner: Any, inner: Callable[..., Any], bound: bool) -> None:
         model, before, after, wrap = self.model, self._before, self._after, self
-        call = inner if bound else functools.partial(inner, model)
+        call = inner if bound else types.MethodType(inner, model)  # bound once: a plain call per forward
 
         def run(*args: Any, **kwargs: Any) -> Any:
             return around(before, after, model, call, args, kwargs)
