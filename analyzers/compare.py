@@ -7,7 +7,7 @@ Definitions, so that the columns mean the same thing for every run:
 * churn = KV bytes allocated over the run / KV bytes held at the end (1.0: written in place, like a
   static cache; a dynamic cache that grows by torch.cat every step reaches tens);
 * reserved but unallocated = reserved - allocated at the peak, as `report` says it (None where the input
-  has no reserved figures, e.g. CPU runs);
+  has no reserved figures, e.g. CPU runs, or the peak is the level before the trace's first event);
 * generated tokens per row = what the KV log shows the model's forwards yielded in each batch row of its
   cache: 1 for the prefill, then the tokens each decode step appended to the row, net of crops (a
   rejected draft of assisted or prompt-lookup decoding is appended, then cropped), a sliding window's or

@@ -163,7 +163,8 @@ class DeviceFold:
         peak_time = float(ts_us[peak_at])
         reserved_series = reserved if self.all_reserved and self.any_reserved else None
         reserved_at_peak = int(reserved_series[peak_at]) if reserved_series is not None else None
-        if baseline > peak:  # the level before the first event
+        before_trace = baseline > peak
+        if before_trace:  # the level before the first event
             peak, peak_time = baseline, float(ts_us[0])
             reserved_at_peak = int(reserved_series[0]) if reserved_series is not None else None
         zeros = np.zeros(len(index), dtype=np.int64)
@@ -185,8 +186,11 @@ class DeviceFold:
             capacity_bytes=capacity,
             categories_at_peak={"kv": 0, "weights": 0, "other": peak},
             reserved_at_peak=reserved_at_peak,
-            fragmentation_at_peak_bytes=(reserved_at_peak - peak) if reserved_at_peak is not None else None,
+            fragmentation_at_peak_bytes=(
+                reserved_at_peak - peak if reserved_at_peak is not None and not before_trace else None
+            ),
             bytes_by_method={"none": self.alloc_bytes} if self.alloc_bytes else {},
+            peak_before_trace=before_trace,
         )
         return summary, timeline, baseline
 

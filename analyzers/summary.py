@@ -12,6 +12,7 @@ from analyzers.caches import CacheSummary, cache_summaries, caches_note, main_ca
 from analyzers.kv_log import SEQ_MAJOR_PARTS, event_rows, is_kv_data
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
+from analyzers.trace_coverage import coverage_notes
 
 if TYPE_CHECKING:
     from analyzers.group import GroupReport
@@ -34,6 +35,10 @@ class DeviceSummary:
     bytes_by_method: dict[str, int]
     size_basis: str = "allocator"  # see DeviceEvents.size_basis
     final_allocated_rounded_bytes: int | None = None  # allocator blocks at a snapshot's dump
+    # The peak is the level before the trace's first event (a trace that begins by freeing blocks it never
+    # allocated): the run peaked then or earlier, unseen, and `reserved_at_peak` is what the allocator had
+    # cached by then, so `fragmentation_at_peak_bytes` is None (analyzers.trace_coverage)
+    peak_before_trace: bool = False
 
 
 @dataclass
@@ -116,6 +121,7 @@ def _device_summary(
     dev = source.devices[index]
     timeline = device_timeline(dev, baseline_category)
     n = len(dev)
+    before_trace = False
     if n == 0:
         peak_i = -1
         peak = final = dev.baseline_bytes
@@ -132,7 +138,8 @@ def _device_summary(
         peak = int(timeline.allocated[peak_i])
         final = int(timeline.allocated[-1])
         at_peak = {name: int(series[peak_i]) for name, series in timeline.by_category.items()}
-        if timeline.start_allocated > peak:  # the level before the first event (blocks the trace frees)
+        before_trace = timeline.start_allocated > peak
+        if before_trace:  # the level before the first event (blocks the trace frees)
             peak = timeline.start_allocated
             at_peak = dict(timeline.start_by_category)
             peak_i = 0  # its time is the first event's: nothing is known between the start and it
@@ -160,10 +167,13 @@ def _device_summary(
         capacity_bytes=dev.capacity_bytes,
         categories_at_peak=at_peak,
         reserved_at_peak=reserved_at_peak,
-        fragmentation_at_peak_bytes=(reserved_at_peak - peak) if reserved_at_peak is not None else None,
+        fragmentation_at_peak_bytes=(
+            reserved_at_peak - peak if reserved_at_peak is not None and not before_trace else None
+        ),
         bytes_by_method=by_method,
         size_basis=dev.size_basis,
         final_allocated_rounded_bytes=dev.final_rounded_bytes,
+        peak_before_trace=before_trace,
     )
     return summary, timeline
 
@@ -430,6 +440,7 @@ def summarize(
         notes.append(raised_note(ended))
     notes.extend(str(w) for w in (manifest or {}).get("warnings") or ())
     notes.extend(input_notes(source))
+    notes.extend(coverage_notes(source.kind, devices))
     if held_note:
         notes.append(held_note)
     if layout_note:

@@ -42,6 +42,7 @@ from analyzers.planning.diagnose_stacks import freed_from_before, live_by_stack,
 from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
 from analyzers.readers.run_dir import KV_LOG_ONLY_NOTES
 from analyzers.summary import Report, clock_time
+from analyzers.trace_coverage import peak_before_trace_note
 from analyzers.units import human_bytes
 
 __all__ = ["Diagnosis", "Remedy", "StackShare", "diagnose"]
@@ -79,13 +80,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         when = float(timeline.ts_us[index]) if index >= 0 and timeline is not None else None
     # The peak can be the level before the first event (blocks the trace frees but never allocates): the
     # report's peak is then that level, and the moment is the trace's start, not any event's state.
-    at_start = (
-        oom is None
-        and summary is not None
-        and timeline is not None
-        and index >= 0
-        and summary.peak_allocated_bytes > int(timeline.allocated[index])
-    )
+    at_start = oom is None and summary is not None and summary.peak_before_trace and index >= 0
 
     allocated = oom.allocated_bytes if oom is not None else None
     reserved = oom.reserved_bytes if oom is not None else None
@@ -93,7 +88,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         assert summary is not None
         index = 0
         allocated, reserved = summary.peak_allocated_bytes, summary.reserved_at_peak
-        notes.append("the peak is the level before the trace's first event")
+        notes.append(peak_before_trace_note(summary, source.kind))
     if allocated is None and timeline is not None:
         peak = summary.peak_allocated_bytes if summary else None
         allocated = int(timeline.allocated[index]) if index >= 0 else peak
@@ -239,6 +234,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "kv_peak_bytes": kv_peak,
         "kv_final_bytes": kv_final,
         "reserved_unallocated_bytes": reserved_unallocated,
+        "reserved_before_trace": at_start,  # what the allocator had cached earlier: no slack of a peak
         "bytes_per_token": growing_bytes_per_token(report),
         "windowed": all_windowed(report),
         "sliding_layers": sliding_layers(report),

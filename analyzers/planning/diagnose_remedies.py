@@ -15,7 +15,8 @@ priced in bytes with this run's own figures. Pure, torch-free.
   `kvtrace plan --cache quantized` counts it);
 * offloading (transformers' OffloadedCache) keeps about two layers' KV on the device;
 * `expandable_segments:True` lets the allocator grow segments in place instead of stranding free blocks:
-  it recovers up to reserved - allocated.
+  it recovers up to reserved - allocated; not priced when the moment is the level before the trace's first
+  event, whose reserved memory the allocator had cached earlier (analyzers.trace_coverage).
 
 Where the input lacks what a figure needs (a bare snapshot has no KV geometry), the remedy says what is
 missing instead of inventing a number. Remedies fit the device: offloading KV to the CPU and the CUDA
@@ -290,6 +291,13 @@ def price_remedies(
     frag = d["reserved_unallocated_bytes"]
     if not on_cuda:
         pass  # a setting of the CUDA caching allocator
+    elif isinstance(frag, int) and d.get("reserved_before_trace"):
+        why = (
+            f"cannot be priced: the peak is the level before the trace's first event, and the "
+            f"{human_bytes(frag)} reserved but not allocated then is what the allocator had cached earlier, "
+            "not fragmentation at a peak"
+        )
+        out.append(Remedy("expandable_segments", None, None, None, f"expandable_segments: {why}."))
     elif isinstance(frag, int):
         out.append(
             Remedy(

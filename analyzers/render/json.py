@@ -43,6 +43,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
                 "categories_at_peak": d.categories_at_peak,
                 "reserved_at_peak_bytes": d.reserved_at_peak,
                 "fragmentation_at_peak_bytes": d.fragmentation_at_peak_bytes,
+                "peak_before_trace": d.peak_before_trace,
                 "attributed_bytes_by_method": d.bytes_by_method,
             }
             for d in report.devices

@@ -36,6 +36,11 @@ def report_to_text(report: Report) -> str:
                 f"    reserved {human_bytes(dev.reserved_at_peak)}: "
                 f"{human_bytes(dev.fragmentation_at_peak_bytes)} reserved but unallocated at the peak"
             )
+        elif dev.peak_before_trace and dev.reserved_at_peak is not None:
+            lines.append(
+                f"    reserved {human_bytes(dev.reserved_at_peak)} when the trace began: cached by the "
+                "allocator earlier, not the slack of a peak"
+            )
         if dev.bytes_by_method:
             lines.append("    allocated over the run, by how each allocation was attributed:")
             for method, nbytes in sorted(dev.bytes_by_method.items(), key=lambda item: -item[1]):

@@ -21,6 +21,7 @@ import pytest
 from analyzers.attribution import attribute
 from analyzers.readers.sources import open_source as _open_source
 from analyzers.summary import summarize
+from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.errors import KvtraceError
 
@@ -88,12 +89,15 @@ def expected_snapshot(path: Path) -> dict[str, dict[str, int]]:
                         unexplained += requested
                 address += block["size"]
         baseline = orphans + unexplained
+        levels = [baseline + sum(deltas[: i + 1]) for i in range(len(deltas))]
         figures[f"cuda:{dev}"] = {
             "allocs": sum(1 for e in trace if e["action"] == "alloc"),
             "frees": sum(1 for e in trace if e["action"] in ("free_completed", "free")),
             "baseline": baseline,
             "peak": _peak(baseline, deltas),
             "held_at_dump": held_at_dump,
+            # the level before the first event is higher than any after one: the peak precedes the trace
+            "peak_before_trace": bool(levels) and max(levels) < baseline,
         }
     return figures
 
@@ -377,3 +381,60 @@ def test_a_clock_base_beyond_int64_is_no_base(tmp_path: Path, capsys: pytest.Cap
     # same figures, the same Unix-epoch peak time
     want["source"]["path"] = got["source"]["path"]
     assert got == want
+
+
+def _report_json(path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["report", str(path), "--json", "--no-export"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("path", SNAPSHOTS, ids=[p.name for p in SNAPSHOTS])
+def test_a_peak_before_the_trace_is_said_and_its_reserved_memory_is_no_slack(
+    path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch 2.0 dumps keep one trace entry (`trace_alloc_max_entries=1`): the 1.3b snapshots' trace is one
+    free of a block allocated before it, so their peak is the level before it and the run peaked then or
+    earlier. What was reserved then (6.20 GiB against 3.61 GiB for 1.3b, a wholly free 394 MiB segment among
+    them) the allocator had cached at earlier, higher levels: no slack of a peak."""
+    # GIVEN the raw file's own figures
+    raw = _PlainUnpickler(io.BytesIO(_raw_bytes(path))).load()
+    (want,) = expected_snapshot(path).values()
+    trace = raw["device_traces"][0]
+    segment_moves = [e for e in trace if e["action"].startswith("segment_")]
+    reserved_at_dump = sum(segment["total_size"] for segment in raw["segments"])
+
+    # WHEN it is reported and diagnosed
+    report = _report_json(path, capsys)
+    (device,) = report["devices"]
+    assert main(["report", str(path), "--no-export", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert main(["diagnose", str(path), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    said = [note for note in report["notes"] if "the level before the trace's first event" in note]
+
+    # THEN the peak is the raw file's either way, and only a peak before the trace carries the note
+    assert device["peak_allocated_bytes"] == want["peak"]
+    assert device["peak_before_trace"] is want["peak_before_trace"]
+    (expandable,) = [r for r in diagnosis["remedies"] if r["kind"] == "expandable_segments"]
+    if not want["peak_before_trace"]:
+        assert said == []
+        assert device["fragmentation_at_peak_bytes"] == device["reserved_at_peak_bytes"] - want["peak"]
+        return
+    assert path.name in ("1.3b_snapshot.pickle", "08fa910_1.3b_snapshot.pickle")
+    assert [e["action"] for e in trace] == ["free_completed"] and not segment_moves
+    assert want["peak"] == want["held_at_dump"] + trace[0]["size"]
+    (note,) = said
+    assert note.startswith("cuda:0: the peak is the level before the trace's first event (the trace holds ")
+    assert "0 allocs / 1 frees" in note and "trace_alloc_max_entries" in note
+    # what was reserved when the trace began (the dump's segments: the trace moves none) is no peak's slack
+    assert device["reserved_at_peak_bytes"] == reserved_at_dump
+    assert device["fragmentation_at_peak_bytes"] is None
+    assert f"  note: {note}" in text
+    assert f"reserved {human_bytes(reserved_at_dump)} when the trace began" in text
+    assert "reserved but unallocated at the peak" not in text
+    # diagnose says the same, and does not sell the cached memory as fragmentation expandable segments recover
+    assert note in diagnosis["notes"]
+    assert diagnosis["allocated_bytes"] == want["peak"]
+    assert diagnosis["reserved_unallocated_bytes"] == reserved_at_dump - want["peak"]
+    assert expandable["saved_bytes"] is None and "cached earlier" in expandable["sentence"]
+    assert "recovering" not in expandable["sentence"]
