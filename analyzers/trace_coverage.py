@@ -5,6 +5,8 @@
   the trace's first event, the trace showing nothing of that time. A torch 2.0 snapshot is the usual case:
   its history keeps one trace entry by default, the last free before the dump. What the allocator held
   reserved then is what it had cached earlier, at higher levels: not the slack of the run's peak.
+* A Chrome trace without `[memory]` events (profiled without `profile_memory=True`) has no memory figures:
+  its report's are 0 for want of any, not a measured 0.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from analyzers.summary import DeviceSummary
 
-__all__ = ["coverage_notes", "peak_before_trace_note"]
+__all__ = ["NO_ALLOCATOR_EVENTS_NOTE", "coverage_notes", "peak_before_trace_note"]
+
+NO_ALLOCATOR_EVENTS_NOTE = (
+    "the trace has no allocator events ([memory]): it was profiled without profile_memory=True, so its "
+    "memory figures (peak, final, devices) are unknown, not 0; profile with "
+    "torch.profiler(profile_memory=True), or record the run with kvtrace.record()"
+)
 
 
 def peak_before_trace_note(device: DeviceSummary, source_kind: str) -> str:
@@ -35,5 +43,8 @@ def peak_before_trace_note(device: DeviceSummary, source_kind: str) -> str:
 
 
 def coverage_notes(source_kind: str, devices: list[DeviceSummary]) -> list[str]:
-    """The report's notes on what its events do not cover: one per device that peaks before its trace."""
+    """The report's notes on what its events do not cover: one per device that peaks before its trace, or
+    that the trace holds no allocator events at all."""
+    if source_kind == "chrome_trace" and not devices:
+        return [NO_ALLOCATOR_EVENTS_NOTE]
     return [peak_before_trace_note(device, source_kind) for device in devices if device.peak_before_trace]

@@ -438,3 +438,38 @@ def test_a_peak_before_the_trace_is_said_and_its_reserved_memory_is_no_slack(
     assert diagnosis["reserved_unallocated_bytes"] == reserved_at_dump - want["peak"]
     assert expandable["saved_bytes"] is None and "cached earlier" in expandable["sentence"]
     assert "recovering" not in expandable["sentence"]
+
+
+CHROME = [p for p in FILES if p.name.endswith(".json.gz")]
+
+
+@pytest.mark.parametrize("path", CHROME, ids=[p.name for p in CHROME])
+def test_a_trace_without_memory_events_says_its_memory_is_unknown(
+    path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real Chrome trace, and its [memory] events counted with json.load
+    trace = json.loads(_raw_bytes(path))
+    memory_events = sum(1 for e in trace["traceEvents"] if e.get("name") == "[memory]")
+
+    # WHEN it is reported: the CLI (events folded while read), the library (columns), and as text
+    report = _report_json(path, capsys)
+    library = summarize(attribute(_open_source(path)))
+    assert main(["report", str(path), "--no-export", "-q"]) == 0
+    text = capsys.readouterr().out
+
+    # THEN a trace without them says it has no allocator events and why, instead of a silent 0 B
+    said = [note for note in report["notes"] if "no allocator events" in note]
+    assert [n for n in library.notes if "no allocator events" in n] == said
+    if memory_events:
+        assert said == [] and report["devices"]
+        return
+    assert path.name in (
+        "rank0.json.gz",
+        "mi250_minitoy_train_ROCm6_2_kineto.json.gz",
+        "rank-34.Jul_15_10_52_41.1074.pt.trace.json.gz",
+    )
+    (note,) = said
+    assert "profile_memory=True" in note and "unknown, not 0" in note
+    assert f"  note: {note}" in text
+    # the JSON keeps its documented shape (docs/format.md: 0, null, {} without a device)
+    assert report["devices"] == [] and report["peak_allocated_bytes"] == 0 and report["peak_time"] is None
