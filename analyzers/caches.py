@@ -8,12 +8,13 @@ their total by one cache's tokens, describes neither: each cache's figures are i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from analyzers.kv_log import CacheFigures
 
-__all__ = ["CacheSummary", "cache_summaries", "caches_note", "main_cache"]
+__all__ = ["CacheSummary", "cache_summaries", "caches_note", "main_cache", "model_caches"]
 
 
 @dataclass
@@ -35,10 +36,24 @@ def _model_layers(geometry: dict[str, Any] | None) -> int | None:
     return layers if isinstance(layers, int) else None
 
 
-def main_cache(caches: list[CacheFigures], geometry: dict[str, Any] | None) -> CacheFigures:
-    """The cache that `tokens_held`, `batch` and the bytes per token describe: among the caches held at the
-    end (else all), those with the recorded model's KV layer count (an assistant model's draft cache has
-    its own), and of those the one written last (two generate() outputs of one model: the later)."""
+def model_caches(manifest: dict[str, Any] | None) -> set[int]:
+    """The manifest's `model_caches`: the caches the recorded model's forwards were given (empty when the
+    run does not list them: runs from before kvtrace recorded them, no model passed)."""
+    listed = (manifest or {}).get("model_caches")
+    if not isinstance(listed, list):
+        return set()
+    return {c for c in listed if isinstance(c, int) and not isinstance(c, bool)}
+
+
+def main_cache(
+    caches: list[CacheFigures], geometry: dict[str, Any] | None, given: Iterable[int] = ()
+) -> CacheFigures:
+    """The cache that `tokens_held`, `batch` and the bytes per token describe: the caches the recorded
+    model's forwards were given (`given`, the manifest's `model_caches`), when the run lists them (another
+    model's cache is never the run's, however big or late); among those, the ones held at the end (else
+    all), those with the recorded model's KV layer count (an assistant model's draft cache has its own), and
+    of those the one written last (two generate() outputs of one model: the later)."""
+    caches = [c for c in caches if c.cache in set(given)] or caches
     held = [c for c in caches if c.final_bytes] or caches
     layers = _model_layers(geometry)
     shaped = [c for c in held if c.layers == layers] or held
@@ -67,20 +82,23 @@ def cache_summaries(
     ]
 
 
-def caches_note(caches: list[CacheSummary]) -> str | None:
-    """Why the per-layer table holds a layer index more than once, and which cache the headline is."""
+def caches_note(caches: list[CacheSummary], given: Iterable[int] = ()) -> str | None:
+    """Why the per-layer table holds a layer index more than once, and which cache the headline is;
+    `given`: the caches the recorded model's forwards were given (the manifest's `model_caches`)."""
     held = [c for c in caches if c.final_bytes]
     main = next((c for c in caches if c.main), None)
     if len(held) < 2 or main is None:
         return None
     others = [c for c in held if not c.main]
-    why = (
-        "the recorded model's layer count"
-        if main.model_shaped and not all(c.model_shaped for c in others)
-        else "written last"
-    )
+    listed = set(given)
+    if main.cache in listed and not all(c.cache in listed for c in others):
+        why = "given to the recorded model's forwards"
+    elif main.model_shaped and not all(c.model_shaped for c in others):
+        why = "the recorded model's layer count"
+    else:
+        why = "written last"
     return (
-        f"{len(held)} KV caches were held at the end (an assistant model's draft cache, or an earlier "
-        f"generate()'s output still referenced): per-layer rows name their cache; tokens held and bytes per "
-        f"token are cache {main.cache}'s ({main.layers} layers, {why})"
+        f"{len(held)} KV caches were held at the end (an assistant model's draft cache, another model's "
+        f"cache, or an earlier generate()'s output still referenced): per-layer rows name their cache; "
+        f"tokens held and bytes per token are cache {main.cache}'s ({main.layers} layers, {why})"
     )

@@ -29,6 +29,7 @@ import html
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from analyzers.caches import model_caches
 from analyzers.model import MemorySource
 from analyzers.summary import Report
 from analyzers.units import binary_unit, hover_bytes, human_bytes
@@ -107,7 +108,7 @@ def generated(source: MemorySource, report: Report) -> Generated | None:
         return None
     # The caches the recorded model's forwards were given (kvtrace >= round 3): an assistant's draft cache of
     # the same shape is not one; older runs tell drafts by their layer count only
-    given = set(manifest.get("model_caches") or ())
+    given = model_caches(manifest)
     drafts = {c.cache for c in report.kv.caches if c.model_shaped is False}
     mine = [c for c in kv_log.caches if (c.cache in given if given else c.cache not in drafts)]
     mine = mine or [c for c in kv_log.caches if c.cache == report.kv.main_cache]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of
-from analyzers.caches import CacheSummary, cache_summaries, caches_note, main_cache
+from analyzers.caches import CacheSummary, cache_summaries, caches_note, main_cache, model_caches
 from analyzers.kv_log import SEQ_MAJOR_PARTS, event_rows, is_kv_data
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
@@ -384,7 +384,8 @@ def summarize(
     held_note = layout_note = None
     if run is not None and run.kv_events and kv_log is not None and kv_log.caches:
         data_events = [e for e in run.kv_events if is_kv_data(e) and e.event != "freed" and e.shape]
-        main = main_cache(kv_log.caches, geometry)
+        given = model_caches(manifest)
+        main = main_cache(kv_log.caches, geometry, given)
         data_events = [e for e in data_events if e.cache == main.cache] or data_events
         if data_events:
             last = data_events[-1]
@@ -400,11 +401,12 @@ def summarize(
             )
             if kv.tokens_held and kv.batch:
                 kv.token_rows = kv.tokens_held * kv.batch
-                kv.bytes_per_token_measured = main.final_bytes / kv.token_rows
+                # none when the cache was let go before the end (another model's ran after it): nothing held
+                kv.bytes_per_token_measured = main.final_bytes / kv.token_rows if main.final_bytes else None
             layout_note = _layout_note(geometry, last)
         kv.caches = cache_summaries(kv_log.caches, main.cache, geometry)
         kv.main_cache = main.cache
-        held_note = caches_note(kv.caches)
+        held_note = caches_note(kv.caches, given)
     if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):
         _add_evictions(kv, run.kv_events)
     steps = (

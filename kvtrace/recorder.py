@@ -120,6 +120,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._prefill_continues = False  # the open step is a chunked prefill's, ended by its last chunk
         self._prompt_end: int | None = None  # where the running generate() call's prompt ends in its cache
         self._model_caches: set[int] = set()  # the HF caches the model's own forwards were given
+        self._caches_in_generate: set[int] = set()  # HF caches first seen inside its generate() (drafts)
         # (cache, new tokens, updates seen, deferred, cache empty before it) of the running forward
         self._step_cache: tuple[Any, ...] | None = None
         # Light mode with no NVTX tool listening: a forward's layer updates may be compared once, at its end
@@ -263,6 +264,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             if GenerateCalls.available(self.model):
                 self._calls = GenerateCalls(self.model)
                 self._calls.install()
+                if self._hf is not None:
+                    self._hf.on_new_cache = self._cache_made
         self._modules.scan("track")
         if self.model is not None:
             # HF attention modules carry `layer_idx`; eviction libraries hang their masks on them.
@@ -387,8 +390,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             if p.is_file() and p.suffix != ".tmp" and p.name != fmt.LOCK_FILE
         )
         self._manifest["kv_events"] = self.event_count
-        if self._model_caches:
-            self._manifest["model_caches"] = sorted(self._model_caches)
+        self._manifest.update(self._caches_and_threads())
         self._manifest["notes"] = self.notes
         self._manifest["warnings"] = self._warnings()
         engine = self._vllm.summary() if self._vllm is not None else None

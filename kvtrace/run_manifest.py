@@ -24,6 +24,7 @@ from kvtrace.options import RecordOptions
 
 if TYPE_CHECKING:
     from kvtrace.integrations.hf_caches import HfCacheHooks
+    from kvtrace.integrations.hf_generate import GenerateCalls
     from kvtrace.integrations.hf_paged import PagedAttentionHooks
     from kvtrace.integrations.module_caches import ModuleCaches
     from kvtrace.kv_tracker import KvTracker
@@ -45,6 +46,9 @@ class RunManifest:
     _weights: ModelWeights | None
     _module_tokens_unknown: int
     _forwards_elsewhere: int
+    _model_caches: set[int]
+    _caches_in_generate: set[int]
+    _calls: GenerateCalls | None
     _write_error: str | None
     event_count: int
     events_lost: int
@@ -127,13 +131,67 @@ class RunManifest:
         weights = self._weights
         if weights is not None:
             warnings.extend(weights.warnings())
-        if self._forwards_elsewhere and self.options.profiler:
+        others = self._other_caches()
+        if others:
+            named = ", ".join(str(cid) for cid in others)
+            several = len(others) > 1
             warnings.append(
+                f"transformers cache{'s' if several else ''} {named} (the KV log's `cache`) "
+                f"{'were' if several else 'was'} updated outside the forwards and generate() calls of the "
+                f"model passed to record() ({type(self.model).__name__}): another model generated in the "
+                f"block. {'Their' if several else 'Its'} KV is counted in the KV totals and the memory "
+                f"figures (the process held it), and {'their' if several else 'its'} updates are logged "
+                "within the recorded model's steps; tokens held, batch, bytes per token and tokens/s are "
+                "those of the caches the model's forwards were given"
+            )
+        if self._forwards_elsewhere and self.options.profiler:
+            warning = (
                 f"{self._forwards_elsewhere} of {steps} forward passes ran on another thread than the one "
                 "that entered record(): torch.profiler records memory events of its own thread only, so the "
                 "trace misses theirs (the KV log has them all)"
             )
+            # Some, not all (with all of them, readers take the KV log's figures): the trace is read
+            if self._forwards_elsewhere < steps:
+                warning += (
+                    "; the measured peak, its categories and the budget leave out what those forwards "
+                    "allocated, their KV included"
+                )
+            warnings.append(warning)
         return warnings
+
+    def _caches_and_threads(self) -> dict[str, Any]:
+        """The manifest's `model_caches`, `other_caches` and `forwards_on_other_threads`, when there are any:
+        which caches the figures describe, and whether the profiler's trace saw the model's forwards."""
+        facts: dict[str, Any] = {}
+        if self._model_caches:
+            facts["model_caches"] = sorted(self._model_caches)
+        others = self._other_caches()
+        if others:
+            facts["other_caches"] = others
+        if self._forwards_elsewhere and self.options.profiler:
+            facts["forwards_on_other_threads"] = {
+                "forwards": self._forwards_elsewhere,
+                "steps": self.tracker.step,
+            }
+        return facts
+
+    def _cache_made(self, cache_id: int) -> None:
+        """A cache got its id (`HfCacheHooks.on_new_cache`), on the thread that first used it: one made inside
+        the model's generate() on that thread (an assistant's draft cache) is part of the model's work."""
+        calls = self._calls
+        if calls is not None and calls.in_call_here():
+            self._caches_in_generate.add(cache_id)
+
+    def _other_caches(self) -> list[int]:
+        """The transformers caches of the log that no forward of the recorded model was given, first used
+        outside its generate() calls: another model's (a second model served in the block, sequentially or on
+        another thread). Empty without a model, or when the model ran no forward (another warning says so)."""
+        hf = self._hf
+        paged = self._paged is not None and self._paged.owns_steps
+        if hf is None or self.model is None or paged or not self.tracker.step:
+            return []
+        mine = self._model_caches | self._caches_in_generate
+        return [cid for cid in range(1, hf.caches_seen + 1) if cid not in mine]
 
     def _write_manifest(self) -> None:
         """The final manifest; on a full disk (no room for the atomic write's new file), over the blocks

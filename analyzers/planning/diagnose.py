@@ -243,6 +243,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "rows_are_beams": rows_are_beams,
         "compute_bits": compute_dtype_bits(report),
         "beyond_weights_bytes": beyond_weights,
+        "kv_logged": kv_log is not None,  # a run recorded with kvtrace: its KV geometry is known
     }
     held = [cache for cache in report.kv.caches if cache.final_bytes]
     if len(held) > 1:

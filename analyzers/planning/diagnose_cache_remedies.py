@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from analyzers.planning.diagnosis import NO_GEOMETRY, Remedy, fits
+from analyzers.planning.diagnosis import Remedy, fits, no_geometry
 from analyzers.planning.quantized_cache import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_RESIDUAL_LENGTH,
@@ -124,7 +124,7 @@ def int4_remedy(d: dict[str, object], kv: int, kv_bits: int, need: int | None) -
     batch, tokens, prompt = d["batch"], d["tokens_held"], d.get("prompt_tokens")
     if not isinstance(batch, int) or not isinstance(tokens, int) or not batch or not tokens:
         why = "needs the tokens held, a share of which it keeps at full precision"
-        return Remedy("quantized_kv", 4, None, None, f"int4 quantized cache: {NO_GEOMETRY}; it {why}.")
+        return Remedy("quantized_kv", 4, None, None, f"int4 quantized cache: {no_geometry(d)}; it {why}.")
     per_token = _bytes_per_token_all_rows(d, kv, batch, tokens)
     # What the cache holds at this moment, without a dynamic cache's transient copy: a quantized cache's
     # updates make larger ones (its quantized layer dequantized, whole K and V returned at full precision).

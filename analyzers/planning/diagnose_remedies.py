@@ -40,7 +40,7 @@ from analyzers.planning.diagnose_cache_remedies import (
     int4_remedy,
     windowed_remedies,
 )
-from analyzers.planning.diagnosis import NO_GEOMETRY, NO_KV, Remedy, fits
+from analyzers.planning.diagnosis import NO_KV, NO_KV_HELD, Remedy, fits, no_geometry
 from analyzers.summary import Report
 from analyzers.units import human_bytes
 
@@ -171,6 +171,7 @@ def price_remedies(
     assert tokens is None or isinstance(tokens, int)
     assert need is None or isinstance(need, int)
     out: list[Remedy] = []
+    unpriced = no_geometry(d)
 
     beams = d.get("beams")
     beyond_weights = d.get("beyond_weights_bytes")
@@ -197,7 +198,7 @@ def price_remedies(
             )
         out.append(Remedy("batch", target if target >= 1 else None, saved, fits(saved, need), text))
     else:
-        out.append(Remedy("batch", None, None, None, f"Smaller batch: {NO_GEOMETRY}."))
+        out.append(Remedy("batch", None, None, None, f"Smaller batch: {unpriced}."))
 
     if kv and tokens:
         # Bytes per position across the whole batch and all layers: the run's own figure at the end (its
@@ -226,8 +227,8 @@ def price_remedies(
             out.append(Remedy("context", context or None, saved, fits(saved, need), text))
             out.append(Remedy("sliding_window", context or None, saved, fits(saved, need), window))
     else:
-        out.append(Remedy("context", None, None, None, f"Shorter context: {NO_GEOMETRY}."))
-        out.append(Remedy("sliding_window", None, None, None, f"Sliding window: {NO_GEOMETRY}."))
+        out.append(Remedy("context", None, None, None, f"Shorter context: {unpriced}."))
+        out.append(Remedy("sliding_window", None, None, None, f"Sliding window: {unpriced}."))
 
     kv_peak, kv_final = d["kv_peak_bytes"], d["kv_final_bytes"]
     if isinstance(kv_peak, int) and isinstance(kv_final, int) and kv_peak:
@@ -267,7 +268,10 @@ def price_remedies(
         else:
             out.append(int4_remedy(d, kv, kv_bits, need))
     else:
-        why = NO_KV if not kv else "cannot be computed: the KV dtype is not recorded"
+        if kv:
+            why = "cannot be computed: the KV dtype is not recorded"
+        else:
+            why = NO_KV_HELD if d.get("kv_logged") else NO_KV
         out.append(Remedy("quantized_kv", None, None, None, f"Quantized KV: {why}."))
 
     if not on_cuda:
@@ -286,7 +290,7 @@ def price_remedies(
             )
         )
     else:
-        out.append(Remedy("offloading", None, None, None, f"Offloading: {NO_GEOMETRY}."))
+        out.append(Remedy("offloading", None, None, None, f"Offloading: {unpriced}."))
 
     frag = d["reserved_unallocated_bytes"]
     if not on_cuda:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from analyzers.budget import BudgetCrossing
 
-__all__ = ["NO_GEOMETRY", "NO_KV", "Diagnosis", "Remedy", "StackShare", "fits"]
+__all__ = ["NO_GEOMETRY", "NO_KV", "NO_KV_HELD", "Diagnosis", "Remedy", "StackShare", "fits", "no_geometry"]
 
 
 @dataclass(frozen=True)
@@ -95,3 +95,14 @@ def fits(saved: int | None, shortfall: int | None) -> bool | None:
 # A Remedy's sentence when the input lacks the figure (its `saved_bytes` None)
 NO_KV = "cannot be computed: this input has no KV cache figures (record the run with kvtrace.record)"
 NO_GEOMETRY = "cannot be computed: this input has no KV geometry (batch, tokens held; record with kvtrace)"
+NO_KV_HELD = "cannot be computed: no KV cache is held at this moment (the KV log shows none live)"
+NO_GEOMETRY_HELD = "cannot be computed: the KV log does not say the batch and tokens held at this moment"
+
+
+def no_geometry(d: dict[str, object]) -> str:
+    """Why a remedy priced on the KV cache's geometry has no price, from the Diagnosis fields `d`: an input
+    without a KV log (a bare trace or snapshot) has no geometry at all; a run recorded with kvtrace has one,
+    but may hold no KV at the moment diagnosed (a peak before the first forward, say)."""
+    if not d.get("kv_logged"):
+        return NO_GEOMETRY
+    return NO_KV_HELD if not d.get("kv_bytes") else NO_GEOMETRY_HELD

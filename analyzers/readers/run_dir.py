@@ -49,6 +49,11 @@ NO_MEMORY_EVENTS_NOTE = (
     "started it: was generate() run on another thread?): memory figures are the KV log's, as for a run "
     "recorded with profiler=False"
 )
+FORWARDS_ELSEWHERE_NOTE = (
+    "every forward pass of the model ran on another thread than the one that entered record(), so the "
+    "profiler's trace has no memory events of the model's thread: memory figures are the KV log's over the "
+    "weights, as for a run recorded with profiler=False (activations, logits and other allocations unseen)"
+)
 PROFILE_MEMORY_OFF_NOTE = (
     "the run was recorded with profile_memory=False, so its profiler trace has no allocator events: memory "
     "figures are the KV log's over the weights, as for a run recorded with profiler=False (activations and "
@@ -73,6 +78,7 @@ def _no_trace_note(cause: str, weights: bool) -> str:
 # Notes saying the memory figures are the KV log's: the run has no allocator events.
 KV_LOG_ONLY_NOTES = (
     NO_MEMORY_EVENTS_NOTE,
+    FORWARDS_ELSEWHERE_NOTE,
     PROFILE_MEMORY_OFF_NOTE,
     *(_no_trace_note(cause, weights) for cause in _NO_TRACE_CAUSES for weights in (True, False)),
 )
@@ -233,6 +239,30 @@ def _missing_files_notes(run: Run) -> list[str]:
     return notes
 
 
+# The recorder's warning, which runs recorded before the manifest had `forwards_on_other_threads` carry
+_ELSEWHERE_WARNING = re.compile(r"^(\d{1,12}) of (\d{1,12}) forward passes ran on another thread\b")
+
+
+def _forwards_all_elsewhere(manifest: dict[str, Any]) -> bool:
+    """Whether every forward of the recorded model ran on another thread than the one that entered
+    record(), which torch.profiler records: its trace then holds no memory event of the model's, whatever
+    the recording thread allocated meanwhile. From the manifest's `forwards_on_other_threads`, else from
+    the warning of runs recorded before it."""
+    counts = manifest.get("forwards_on_other_threads")
+    if isinstance(counts, dict):
+        forwards, steps = counts.get("forwards"), counts.get("steps")
+    else:
+        forwards = steps = None
+        for warning in manifest.get("warnings") or ():
+            match = _ELSEWHERE_WARNING.match(warning) if isinstance(warning, str) else None
+            if match:
+                forwards, steps = int(match.group(1)), int(match.group(2))
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (forwards, steps)):
+        return False
+    assert isinstance(forwards, int) and isinstance(steps, int)
+    return 0 < steps <= forwards
+
+
 def _lists_profiler_file(run: Run) -> bool:
     files = run.manifest.get("files") or []
     return any(isinstance(name, str) and name.startswith(PROFILER_DIR + "/") for name in files)
@@ -273,14 +303,23 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             from analyzers.readers.trace_clock import align_trace_clock
 
             align_trace_clock(source, kv.storages, trace.meta.get("baseTimeNanoseconds"), _run_span_ns(run))
-    trace_missed_the_model = bool(traces and run.kv_events) and not any(len(dev) for dev in source.devices)
+    elsewhere = bool(traces and run.kv_events) and _forwards_all_elsewhere(run.manifest)
+    trace_missed_the_model = bool(traces and run.kv_events) and (
+        elsewhere or not any(len(dev) for dev in source.devices)
+    )
     memory_off = run.manifest.get("options", {}).get("profile_memory") is False
     if trace_missed_the_model:
         # A trace taken with profile_memory=False has no allocator events at all. With them on,
         # torch.profiler records the memory events of the thread that started it: a generate() run on
-        # another thread (a TextIteratorStreamer, a server's worker) leaves it none. Either way the KV log,
-        # which the cache's own hooks write, is complete: its figures stand in, as for a run without a trace.
-        note = PROFILE_MEMORY_OFF_NOTE if memory_off else NO_MEMORY_EVENTS_NOTE
+        # another thread (a TextIteratorStreamer, a server's worker) leaves it none of the model's, though
+        # the recording thread may leave some of its own (a streamer's token decoding). Either way the KV
+        # log, which the cache's own hooks write, is complete: its figures stand in, as for a run without a
+        # trace. Where only some forwards ran elsewhere the trace is read, and the manifest's warning says
+        # what it misses.
+        if memory_off:
+            note = PROFILE_MEMORY_OFF_NOTE
+        else:
+            note = FORWARDS_ELSEWHERE_NOTE if elsewhere else NO_MEMORY_EVENTS_NOTE
         source.meta.setdefault("input_notes", []).append(note)
     if not traces or trace_missed_the_model:
         kv_devices = sorted({_normal_device(e.device) for e in run.kv_events if e.device}) or ["cpu"]
@@ -298,6 +337,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
                 )
         elif memory_off:
             source.meta["events_from"] = "kv_log (recorded with profile_memory=False)"
+        elif elsewhere:
+            source.meta["events_from"] = "kv_log (the model's forwards ran on another thread)"
         else:
             source.meta["events_from"] = "kv_log (the profiler trace has no memory events)"
     changes = weight_changes(run)

@@ -190,6 +190,7 @@ class HfCacheHooks:
         self._last: tuple[Callable[[], Any], int] | None = None
         self.installed = False
         self.on_first_layer: Callable[[int], None] | None = None
+        self.on_new_cache: Callable[[int], None] | None = None  # called with a cache's id when it gets one
         self._seen_masks: dict[int, Any] = {}
         self._kinds: dict[type, int] = {}
         self._update_names: list[str] = []
@@ -232,8 +233,15 @@ class HfCacheHooks:
                 ref = _nothing
             entry = (ref, self._next_id)
             self._known[id(cache)] = entry
+            if self.on_new_cache is not None:
+                self.on_new_cache(self._next_id)
         self._last = entry
         return entry[1]
+
+    @property
+    def caches_seen(self) -> int:
+        """How many cache objects got an id: they are numbered 1 to this."""
+        return self._next_id
 
     def _on_dropped(self, _ref: Any) -> None:
         self.dropped = True

@@ -34,6 +34,7 @@ class GenerateCalls:
         self._pending = False  # the outermost call began and none of its forwards has run yet
         self.prompt: int | None = None  # the outermost call's input positions per row (`_prompt_length`)
         self.cache_passed = False  # the outermost call was given a cache (else generate() makes an empty one)
+        self._here = threading.local()  # `depth`: the model's calls in progress on this thread
 
     @staticmethod
     def available(model: Any) -> bool:
@@ -68,6 +69,7 @@ class GenerateCalls:
         self._mixin = self._original = None
 
     def _enter(self, prompt: int | None, cache_passed: bool) -> None:
+        self._here.depth = getattr(self._here, "depth", 0) + 1
         with self._lock:
             self._depth += 1
             if self._depth == 1:
@@ -75,6 +77,7 @@ class GenerateCalls:
                 self.prompt, self.cache_passed = prompt, cache_passed
 
     def _exit(self) -> None:
+        self._here.depth -= 1
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
@@ -82,6 +85,11 @@ class GenerateCalls:
 
     def in_call(self) -> bool:
         return self._depth > 0
+
+    def in_call_here(self) -> bool:
+        """Whether one of the model's `generate()` calls is in progress on the calling thread: an assistant's
+        draft cache is made inside it, another model's cache outside (before, after, on another thread)."""
+        return getattr(self._here, "depth", 0) > 0
 
     def began(self) -> bool:
         """Whether a call began since the last forward: True once, for its first forward."""

@@ -583,3 +583,29 @@ def test_diagnose_prices_a_beam_search_batch_in_prompts_and_offers_fewer_beams(
     assert data["beams"] is None and "beams" not in {r["kind"] for r in data["remedies"]}
     (rows,) = [r for r in data["remedies"] if r["kind"] == "batch"]
     assert "These 6 cache rows are beam search's (prompts x num_beams)" in rows["sentence"]
+
+
+def test_diagnose_of_a_recorded_moment_without_kv_says_none_is_held_not_to_record_with_kvtrace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a kvtrace run whose peak is a 1 MiB scratch buffer freed before generate() makes any KV
+    model = build_model(tiny_size(2))
+    ids = torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(0))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model):
+        scratch = torch.ones(1 << 20, dtype=torch.uint8)
+        del scratch
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0
+        )
+    # WHEN it is diagnosed
+    assert main(["diagnose", str(run), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # THEN the moment holds no KV, and the remedies priced on the KV say that, not that the input lacks a
+    # KV geometry that only a kvtrace recording would have: it is one
+    assert data["event"] == "peak" and data["kv_bytes"] == 0
+    unpriced = {r["kind"]: r["sentence"] for r in data["remedies"] if r["saved_bytes"] is None}
+    assert {"batch", "context", "sliding_window", "quantized_kv"} <= set(unpriced)
+    for kind in ("batch", "context", "sliding_window", "quantized_kv"):
+        assert "no KV cache is held at this moment" in unpriced[kind], unpriced[kind]
+    assert not any("record" in sentence and "kvtrace" in sentence for sentence in unpriced.values())

@@ -1,17 +1,22 @@
 """generate() on another thread with the profiler on (a TextIteratorStreamer, a server's worker): the
 profiler records the thread that started it, so its trace holds no memory event of the model's; the KV log
-is complete, and `report` and `diagnose` read their memory figures from it, saying why. A run recorded with
-profile_memory=False reads the same way, and says that option is why."""
+is complete, and `report` and `diagnose` read their memory figures from it, saying why, also when the
+recording thread allocated some of its own meanwhile. A run recorded with profile_memory=False reads the
+same way, and says that option is why. When only some forwards ran elsewhere, the trace is read and the
+warning says what it misses."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from transformers import TextIteratorStreamer
 
 import kvtrace
 from kvtrace.cli import main
@@ -38,6 +43,15 @@ def _kv_log_peak(run: Path) -> int:
             live[key] = event.storage_bytes
         kv_peak = max(kv_peak, sum(live.values()))
     return kv_peak
+
+
+def _trace_memory_events(run: Path) -> int:
+    """The profiler trace's allocator events (`[memory]`), counted from the raw file."""
+    (trace,) = read_run(run).profiler_traces()
+    opener: Any = gzip.open if trace.name.endswith(".gz") else open
+    with opener(trace, "rt") as file:
+        events = json.load(file)["traceEvents"]
+    return sum(1 for event in events if event.get("name") == "[memory]")
 
 
 def _reported_over_the_weights(
@@ -126,3 +140,97 @@ def test_a_run_recorded_with_profile_memory_off_says_so_not_another_thread(
     assert (diagnosis["event"], diagnosis["allocated_bytes"]) == ("peak", weights + kv_peak)
     assert any("recorded with profile_memory=False" in note for note in diagnosis["notes"])
     assert not any("another thread" in note for note in diagnosis["notes"])
+
+
+ALL_ELSEWHERE = "every forward pass of the model ran on another thread than the one that entered record()"
+
+
+def test_a_streamed_generate_reads_the_kv_log_though_the_recording_thread_allocated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tokenizer: Any
+) -> None:
+    # GIVEN the streaming pattern: generate(streamer=...) on a thread of its own, the tokens read on the
+    # thread that entered record(), which allocates too (the attention mask, made inside the block), under
+    # a budget of the weights and 4 KiB, which the KV cache alone crosses
+    model = build_model(tiny_size(LAYERS, KV_HEADS))
+    weights = _unique_storage_bytes([*model.parameters(), *model.buffers()])
+    ids = torch.randint(3, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    outputs: list[Any] = []
+    run = tmp_path / "run"
+    with kvtrace.record(run, model=model, gpu_memory=weights + 4096):
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+        kwargs = {
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": NEW_TOKENS,
+            "min_new_tokens": NEW_TOKENS,
+            "do_sample": False,
+            "pad_token_id": 0,
+            "streamer": streamer,
+            "return_dict_in_generate": True,
+        }
+        worker = threading.Thread(target=lambda: outputs.append(model.generate(ids, **kwargs)))
+        worker.start()
+        text = "".join(streamer)
+        worker.join()
+    assert text and _trace_memory_events(run) > 0  # the recording thread's own, none of the model's
+
+    # WHEN it is reported THEN the memory figures are the KV log's over the weights: the peak holds the KV
+    report, weights, kv_peak, final_kv = _reported_over_the_weights(
+        run, outputs[0].past_key_values, model, capsys
+    )
+    assert report["kv"]["final_bytes"] == final_kv
+    assert any(note.startswith(ALL_ELSEWHERE) for note in report["notes"])
+    # AND the budget the KV cache crossed reads as crossed, on figures that count only the weights and KV
+    budget = report["budget"]
+    assert (budget["crossed"], budget["partial"]) == (True, True)
+    assert budget["peak_bytes"] == weights + kv_peak
+    assert budget["headroom_bytes"] == 4096 - kv_peak
+
+    # AND diagnose prices the crossing from the same figures, with the KV geometry of the run
+    assert main(["diagnose", str(run), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    assert diagnosis["budget_crossing"]["crossed"] is True
+    assert (diagnosis["tokens_held"], diagnosis["batch"]) == (PROMPT + NEW_TOKENS - 1, 1)
+    assert any(note.startswith(ALL_ELSEWHERE) for note in diagnosis["notes"])
+    assert not any("record with kvtrace" in r["sentence"] for r in diagnosis["remedies"])
+
+    # AND a run recorded before the manifest counted those forwards reads the same from its warning
+    older = tmp_path / "older"
+    shutil.copytree(run, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    assert manifest.pop("forwards_on_other_threads") == {"forwards": NEW_TOKENS, "steps": NEW_TOKENS}
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["report", str(older), "--json", "--no-export"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["devices"] == report["devices"] and again["budget"] == report["budget"]
+
+
+def test_when_only_some_forwards_ran_elsewhere_the_trace_is_read_and_the_warning_says_what_it_misses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN one generate() on the recording thread and one on a worker thread, the profiler on
+    model = build_model(tiny_size(LAYERS, KV_HEADS))
+    ids = torch.randint(3, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    kwargs: dict[str, Any] = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model):
+        model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        worker = threading.Thread(
+            target=model.generate, args=(ids,), kwargs={"attention_mask": torch.ones_like(ids), **kwargs}
+        )
+        worker.start()
+        worker.join()
+    # WHEN it is reported
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # THEN the trace's figures stand (its own thread's forwards are in it, activations included) ...
+    assert not any(note.startswith(ALL_ELSEWHERE) for note in report["notes"])
+    (device,) = report["devices"]
+    assert device["categories_at_peak"]["other"] > 0  # activations and logits: a KV log has none
+    # ... and the warning says which forwards it misses, and what the measured figures leave out
+    (warning,) = [note for note in report["notes"] if "ran on another thread" in note]
+    assert warning.startswith("4 of 8 forward passes ran on another thread")
+    assert (
+        "the measured peak, its categories and the budget leave out what those forwards allocated" in warning
+    )
+    # AND the KV figures, from the log, have every forward: the second call's cache of 10 + 4 - 1 tokens
+    assert report["kv"]["tokens_held"] == PROMPT + 4 - 1

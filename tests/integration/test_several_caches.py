@@ -1,10 +1,12 @@
-"""Two cache objects alive at once (an assistant model's draft cache, two generate() outputs still held):
-each cache's layers are its own rows, and the bytes per token divide a cache's bytes by its own tokens."""
+"""Two cache objects alive at once (an assistant model's draft cache, two generate() outputs still held,
+another model's cache): each cache's layers are its own rows, the bytes per token divide a cache's bytes by
+its own tokens, and the headline's cache is the recorded model's."""
 
 from __future__ import annotations
 
 import gc
 import json
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from transformers import DynamicCache
+from transformers.generation.streamers import BaseStreamer
 
 import kvtrace
 from kvtrace.cli import main
@@ -94,6 +97,9 @@ def test_an_assistant_models_cache_is_not_summed_into_the_models(
     assert kv["final_bytes"] == _storage_bytes(cache) + draft_bytes  # the device holds both
     notes = _cli_json(["report", str(run), "--no-export"], capsys)["notes"]
     assert any("2 KV caches were held at the end" in note for note in notes)
+    # AND the draft cache, made inside the model's own generate(), is not taken for another model's
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "other_caches" not in manifest and not any("updated outside the forwards" in n for n in notes)
 
     # AND the terminal table has a cache column, and the HTML names each cache's layers
     assert main(["report", str(run), "--no-export"]) == 0
@@ -199,3 +205,137 @@ def test_a_cache_dropped_before_a_reused_caches_next_call_is_freed_before_it(
         assert_addresses_freed_before_reuse(events)
         assert kv["peak_bytes"] == other_peak
         assert kv["final_bytes"] == 2 * LAYERS * k_or_v(61, 1)
+
+
+# Two models served in one block, `record(model=m1)`: m1 writes 1 row x (5 + 6 - 1) tokens, m2 (the same
+# shape, other weights) 3 rows x (9 + 3 - 1)
+M1_ROWS, M1_PROMPT, M1_NEW, M2_ROWS, M2_PROMPT, M2_NEW = 1, 5, 6, 3, 9, 3
+M1_TOKENS, M2_TOKENS = M1_PROMPT + M1_NEW - 1, M2_PROMPT + M2_NEW - 1
+OTHER_MODEL = "was updated outside the forwards and generate() calls of the model passed to record()"
+
+
+def _two_models() -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    m1, m2 = (
+        build_model(tiny_size(LAYERS, KV_HEADS), seed=0),
+        build_model(tiny_size(LAYERS, KV_HEADS), seed=1),
+    )
+    a = torch.randint(3, 1000, (M1_ROWS, M1_PROMPT), generator=torch.Generator().manual_seed(1))
+    b = torch.randint(3, 1000, (M2_ROWS, M2_PROMPT), generator=torch.Generator().manual_seed(2))
+    return m1, m2, a, b
+
+
+def _generate(model: Any, ids: torch.Tensor, new: int, **kwargs: Any) -> Any:
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
+def _rows_of_caches(run: Path) -> dict[int, int]:
+    """cache id -> the batch rows of its KV tensors, from the raw log."""
+    return {e.cache: e.shape[0] for e in read_run(run).kv_events if e.shape}
+
+
+def _check_another_models_cache(run: Path, kept: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """The report of a run where m2 generated beside the recorded m1: m1's cache is the headline's, m2's is
+    counted in the totals and named in a warning."""
+    rows = _rows_of_caches(run)
+    (m1_cache,) = [c for c, n in rows.items() if n == M1_ROWS]
+    (m2_cache,) = [c for c, n in rows.items() if n == M2_ROWS]
+    m1_bytes, m2_bytes = PER_TOKEN * M1_TOKENS * M1_ROWS, PER_TOKEN * M2_TOKENS * M2_ROWS  # 10,240, 33,792
+    data = _cli_json(["report", str(run), "--no-export"], capsys)
+    kv = data["kv"]
+    # THEN the headline's cache is m1's: its tokens, its batch, its bytes per token
+    assert data["steps"] == M1_NEW
+    assert (kv["main_cache"], kv["tokens_held"], kv["batch"]) == (m1_cache, M1_TOKENS, M1_ROWS)
+    # AND m2's KV, which the process held at the end, is in the totals
+    by_id = {c["cache"]: c for c in kv["caches"]}
+    assert by_id[m2_cache]["final_bytes"] == m2_bytes and not by_id[m2_cache]["main"]
+    if kept:  # both outputs held: both caches at the end
+        assert kv["final_bytes"] == m1_bytes + m2_bytes
+        assert kv["bytes_per_token_measured"] == PER_TOKEN
+        held = [n for n in data["notes"] if "2 KV caches were held at the end" in n]
+        assert held and f"are cache {m1_cache}'s ({LAYERS} layers, given to the recorded model's" in held[0]
+    else:  # m1's output dropped before m2 generated: its cache was freed, m2's held at the end
+        assert by_id[m1_cache]["final_bytes"] == 0
+        assert kv["final_bytes"] == m2_bytes
+        assert kv["bytes_per_token_measured"] is None  # m1's cache holds nothing to measure at the end
+    # AND the manifest and every report say which cache was another model's, and that it is counted
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert (manifest["model_caches"], manifest["other_caches"]) == ([m1_cache], [m2_cache])
+    (warning,) = [n for n in data["notes"] if OTHER_MODEL in n]
+    assert warning.startswith(f"transformers cache {m2_cache} ")
+    assert "Its KV is counted in the KV totals and the memory figures" in warning
+    diagnosis = _cli_json(["diagnose", str(run)], capsys)
+    assert any(OTHER_MODEL in note for note in diagnosis["notes"])
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["outputs-kept", "outputs-dropped"])
+def test_another_model_generating_after_the_recorded_one_is_not_its_main_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kept: bool
+) -> None:
+    # GIVEN record(model=m1), and m2 (another model, same shape) generating after it in the same block
+    m1, m2, a, b = _two_models()
+    run = tmp_path / "run"
+    outputs = []
+    with torch.no_grad(), kvtrace.record(run, model=m1, profiler=False):
+        first = _generate(m1, a, M1_NEW)
+        if kept:
+            outputs.append(first)
+        del first
+        gc.collect()
+        outputs.append(_generate(m2, b, M2_NEW))
+    # WHEN it is reported THEN m1's cache is the headline's, m2's counted in the totals and named
+    assert [o.past_key_values.get_seq_length() for o in outputs][-1] == M2_TOKENS
+    _check_another_models_cache(run, kept, capsys)
+
+
+class _PausingStreamer(BaseStreamer):
+    """Holds generate() after its first new token until `resume` is set, saying so by `paused`."""
+
+    def __init__(self) -> None:
+        self.paused, self.resume = threading.Event(), threading.Event()
+        self.puts = 0
+
+    def put(self, value: Any) -> None:
+        self.puts += 1
+        if self.puts == 2:  # the prompt, then the prefill's token
+            self.paused.set()
+            assert self.resume.wait(60)
+
+    def end(self) -> None:
+        self.paused.set()
+
+
+def test_another_model_generating_on_another_thread_during_the_recorded_generate_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN m1 recorded on a worker thread, and m2 generating on the main thread while m1's generate() is in
+    # progress (held after its prefill): a server hosting two models
+    m1, m2, a, b = _two_models()
+    run = tmp_path / "run"
+    streamer = _PausingStreamer()
+    outputs: dict[str, Any] = {}
+
+    def worker() -> None:
+        with torch.no_grad(), kvtrace.record(run, model=m1, profiler=False):
+            outputs["m1"] = _generate(m1, a, M1_NEW, streamer=streamer)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert streamer.paused.wait(60)
+        with torch.no_grad():
+            outputs["m2"] = _generate(m2, b, M2_NEW)
+    finally:
+        streamer.resume.set()
+        thread.join()
+    assert outputs["m1"].past_key_values.get_seq_length() == M1_TOKENS
+    # WHEN it is reported THEN m1's cache is the headline's, m2's counted in the totals and named
+    _check_another_models_cache(run, True, capsys)
