@@ -360,6 +360,27 @@ def raised_note(ended: dict[str, Any]) -> str:
     return f"the recorded block raised {raised}: the figures cover the run up to then"
 
 
+def ended_notes(source: MemorySource) -> list[str]:
+    """How a run's record ends, where it ends short: cut mid-line, still being recorded, its process dead,
+    interrupted, or raised (an OOM has the report's own section). [] for a run that finished and for
+    other inputs."""
+    notes: list[str] = []
+    if source.meta.get("truncated"):
+        notes.append("the run was interrupted: figures cover the events written before it stopped")
+    ended = (source.meta.get("manifest") or {}).get("ended") or {}
+    recording = source.meta.get("recording_pid")
+    if ended.get("status") == "running" and recording is not None:
+        by = f" by pid {recording}" if recording else ""
+        notes.append(f"the run is still being recorded{by}: figures cover what it has written so far")
+    elif ended.get("status") == "running":
+        notes.append("the run never finished (the process died): read up to its last flushed step")
+    elif ended.get("status") == "interrupted":
+        notes.append("the recorded block was interrupted (Ctrl-C): the figures cover the run up to then")
+    elif ended.get("status") == "exception" and not source.ooms:
+        notes.append(raised_note(ended))
+    return notes
+
+
 def summarize(
     source: MemorySource, precomputed: tuple[list[DeviceSummary], list[DeviceTimeline]] | None = None
 ) -> Report:
@@ -426,20 +447,7 @@ def summarize(
             "device_free_bytes": first.device_free_bytes,
             "message": first.message,
         }
-    notes: list[str] = []
-    if source.meta.get("truncated"):
-        notes.append("the run was interrupted: figures cover the events written before it stopped")
-    ended = (manifest or {}).get("ended") or {}
-    recording = source.meta.get("recording_pid")
-    if ended.get("status") == "running" and recording is not None:
-        by = f" by pid {recording}" if recording else ""
-        notes.append(f"the run is still being recorded{by}: figures cover what it has written so far")
-    elif ended.get("status") == "running":
-        notes.append("the run never finished (the process died): read up to its last flushed step")
-    elif ended.get("status") == "interrupted":
-        notes.append("the recorded block was interrupted (Ctrl-C): the figures cover the run up to then")
-    elif ended.get("status") == "exception" and oom is None:
-        notes.append(raised_note(ended))
+    notes = ended_notes(source)
     notes.extend(str(w) for w in (manifest or {}).get("warnings") or ())
     notes.extend(input_notes(source))
     notes.extend(coverage_notes(source.kind, devices))

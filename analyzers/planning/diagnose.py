@@ -40,8 +40,7 @@ from analyzers.planning.diagnose_remedies import (
 )
 from analyzers.planning.diagnose_stacks import freed_from_before, live_by_stack, snapshot_block_stacks
 from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
-from analyzers.readers.run_dir import KV_LOG_ONLY_NOTES
-from analyzers.summary import Report, clock_time
+from analyzers.summary import Report, clock_time, ended_notes, input_notes
 from analyzers.trace_coverage import peak_before_trace_note
 from analyzers.units import human_bytes
 
@@ -53,11 +52,12 @@ TOP_STACKS = 10
 def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = None) -> Diagnosis:
     """Diagnose the first OOM of an attributed source, or its peak; `budget_bytes` prices remedies
     against a memory budget when there is no OOM."""
-    notes: list[str] = [str(w) for w in (source.meta.get("manifest") or {}).get("warnings") or ()]
-    # the moment and its figures are the KV log's: say why
-    notes.extend(note for note in KV_LOG_ONLY_NOTES if note in source.meta.get("input_notes", ()))
-    if source.meta.get("trace_clock_note"):  # the moment's time and KV rest on a clock kvtrace set
-        notes.append(source.meta["trace_clock_note"])
+    # The reader's notes, as the report gives them: how the run ended (a process that died may have been
+    # killed for host memory), files missing, figures that are the KV log's only, a clock kvtrace set.
+    notes = ended_notes(source)
+    notes.extend(str(w) for w in (source.meta.get("manifest") or {}).get("warnings") or ())
+    notes.extend(input_notes(source))
+    peak_leaves_out = source.meta.get("peak_leaves_out")
     if budget_bytes is None:
         budget_bytes = budget_of(source)
     kv_log = source.meta.get("kv")
@@ -148,8 +148,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             shortfall = needed
     elif needed is not None and oom is not None:
         shortfall = needed  # an OOM without a free figure: at least the request was missing
-    elif budget_bytes is not None and allocated is not None:
-        shortfall = allocated - budget_bytes
+    elif budget_bytes is not None and allocated is not None and not peak_leaves_out:
+        shortfall = allocated - budget_bytes  # unknown when the peak is a lower bound: no remedy "fits"
     crossing = None
     if oom is None and budget_bytes is not None:
         crossing = budget_crossing(source, report.timelines, budget_bytes)
@@ -293,4 +293,13 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         budget_crossing=crossing,
         beams=beams,
         top_cache_layers=top_cache_layers,
+        peak_leaves_out=peak_leaves_out,
+        unfinished=_unfinished(source),
     )
+
+
+def _unfinished(source: MemorySource) -> str | None:
+    """`Diagnosis.unfinished`: "died" or "recording" for a run whose manifest still says running."""
+    if ((source.meta.get("manifest") or {}).get("ended") or {}).get("status") != "running":
+        return None
+    return "died" if source.meta.get("recording_pid") is None else "recording"

@@ -83,6 +83,14 @@ class Diagnosis:
     """At an OOM whose CUDA message names only the segment the caching allocator tried to reserve (no
     snapshot): that segment (`OomInfo.segment_bytes`); `requested_bytes` is then None and the shortfall is
     the segment's."""
+    peak_leaves_out: str | None = None
+    """What the run's memory figures are known to leave out (the weights, when the weights.jsonl its manifest
+    lists is missing): `allocated_bytes` is then a lower bound, so no verdict against a budget holds (no
+    shortfall, no remedy that fits), and a crossing of it comes at that step or earlier."""
+    unfinished: str | None = None
+    """"died": the run's manifest still says running and no process records it (killed: perhaps by the
+    kernel's OOM killer, for host memory, which leaves no record); "recording": it is being recorded. No
+    OOM recorded then does not mean none happened."""
 
 
 def fits(saved: int | None, shortfall: int | None) -> bool | None:

@@ -75,14 +75,6 @@ def _no_trace_note(cause: str, weights: bool) -> str:
     )
 
 
-# Notes saying the memory figures are the KV log's: the run has no allocator events.
-KV_LOG_ONLY_NOTES = (
-    NO_MEMORY_EVENTS_NOTE,
-    FORWARDS_ELSEWHERE_NOTE,
-    PROFILE_MEMORY_OFF_NOTE,
-    *(_no_trace_note(cause, weights) for cause in _NO_TRACE_CAUSES for weights in (True, False)),
-)
-
 _SIZE_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _SIZE = r"(\d{1,15}(?:\.\d{1,6})?) (B|bytes|KiB|MiB|GiB|TiB)\b"  # c10's format_size: "2.00 MiB", "0 bytes"
 _TRIED = re.compile(r"Tried to allocate " + _SIZE)
@@ -175,9 +167,7 @@ def _held_before_trace(
     profiler's start (what was held before is not in it: added here), a GPU's caching allocator from the
     process's start (the weights are in it already: only which of its bytes they are is said here; adding
     them would count them twice)."""
-    implied = None
-    if dev.total_allocated is not None and len(dev.total_allocated) == len(dev) and len(dev):
-        implied = max(int(dev.total_allocated[0]) - int(dev.delta_bytes[0]), 0)
+    implied = _allocated_before_first(dev)
     if implied is not None and not dev.device.startswith("cpu"):
         counted_weights = min(weights, implied)
         counted_kv = min(kv_held, implied - counted_weights)
@@ -198,6 +188,20 @@ def _held_before_trace(
         # the weights as device_timeline would give them otherwise: the level beyond the trace's own total
         beyond_total = dev.baseline_bytes - kv_held - (implied or 0)
         dev.baseline_categories = {KV: kv_held, WEIGHTS: max(beyond_total, 0)}
+
+
+def _allocated_before_first(dev: DeviceEvents) -> int | None:
+    """What the device's allocator counted before the first event (its `Total Allocated` less the event),
+    None where the trace gives no total for every event."""
+    if dev.total_allocated is not None and len(dev.total_allocated) == len(dev) and len(dev):
+        return max(int(dev.total_allocated[0]) - int(dev.delta_bytes[0]), 0)
+    return None
+
+
+def _weights_from_table(dev: DeviceEvents, traced: bool) -> bool:
+    """Whether the device's figures take the weights from weights.jsonl (as `_held_before_trace` does): a
+    CPU, or any device without a trace's allocator totals. A GPU's totals count them already."""
+    return not traced or dev.device.startswith("cpu") or _allocated_before_first(dev) is None
 
 
 def _unseen_beyond(dev: DeviceEvents, listed: dict[int, int]) -> int:
@@ -359,9 +363,14 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             weight.storage_bytes
         )
     total_memory = run.manifest.get("device", {}).get("total_memory_bytes")
+    weights_gone = (
+        WEIGHTS_FILE in (run.manifest.get("files") or []) and not (run.path / WEIGHTS_FILE).is_file()
+    )
     for dev in source.devices:
         # The weights were allocated before the profiler started, as may some KV
         traced = bool(traces) and not trace_missed_the_model
+        if weights_gone and _weights_from_table(dev, traced):  # a partial copy: the peak is a lower bound
+            source.meta["peak_leaves_out"] = f"the weights, as {WEIGHTS_FILE} is missing"
         kv_held = _kv_held_before_trace(dev, kv.storages, run.kv_events) if traced else 0
         held = weight_blocks_by_device if sizes_are_blocks(dev) else weights_by_device
         listed = {w.addr: w.storage_bytes for w in run.weights if _normal_device(w.device) == dev.device}

@@ -416,10 +416,67 @@ def classify_path(path: str | os.PathLike[str]) -> str:
         return "runs_folder"
     if profiler_traces_in(folder):
         return "profiler_folder"
-    raise KvtraceError(
-        f"{folder}: a folder that is not a kvtrace run (no manifest.json), holds no runs and no "
-        "torch.profiler traces (*.pt.trace.json[.gz]); pass a run, a trace or a snapshot"
+    raise _no_input_in(folder)
+
+
+def _no_input_in(folder: Path) -> KvtraceError:
+    """The one line for a folder that is no run and holds no runs or traces directly: a run whose manifest
+    is gone (its profiler trace still reads on its own), or what lies deeper (`kvtrace export` searches
+    folders all the way down; a report reads one input), or nothing of ours."""
+    from kvtrace.format import KV_EVENTS, MANIFEST, PROFILER_DIR
+
+    if (folder / KV_EVENTS).is_file():
+        profiler = folder / PROFILER_DIR
+        traces = profiler_traces_in(profiler) if profiler.is_dir() else []
+        trace = f"; its profiler trace reads on its own: pass {traces[-1]}" if traces else ""
+        return KvtraceError(
+            f"{folder}: not a kvtrace run: no {MANIFEST}, which its {KV_EVENTS} cannot be read without (a "
+            f"partial copy?){trace}"
+        )
+    below, searched_all = _first_input_below(folder)
+    if below is not None:
+        return KvtraceError(
+            f"{folder}: a folder that is not a kvtrace run (no {MANIFEST}) and holds no runs or "
+            f"torch.profiler traces directly, but it holds {below}: pass that (`kvtrace export {folder} -o "
+            "DIR` reads every input in it)"
+        )
+    where = (
+        "in it or below it" if searched_all else f"in it or the first {_SEARCHED_FOLDERS:,} folders below it"
     )
+    return KvtraceError(
+        f"{folder}: a folder that is not a kvtrace run (no {MANIFEST}) and holds no runs, torch.profiler "
+        f"traces (*.pt.trace.json[.gz]) or snapshots (*.pickle) {where}; pass a run, a trace or a snapshot"
+    )
+
+
+_SEARCHED_FOLDERS = 10_000  # a mistaken `kvtrace report ~` answers in a moment, not after a whole walk
+
+
+def _first_input_below(folder: Path) -> tuple[Path | None, bool]:
+    """The shallowest run, trace or snapshot below `folder`, found by `kvtrace export`'s rules (hidden names
+    skipped, a run not entered), and whether every folder below was searched (at most `_SEARCHED_FOLDERS`)."""
+    from collections import deque
+
+    from kvtrace.format import is_run_dir
+
+    pending = deque([folder])
+    for _ in range(_SEARCHED_FOLDERS):
+        if not pending:
+            break
+        try:
+            children = sorted(pending.popleft().iterdir())
+        except OSError:
+            continue
+        for child in children:
+            if child.name.startswith("."):
+                continue
+            if child.is_dir() and is_run_dir(child):
+                return child, True
+            if child.is_dir():
+                pending.append(child)
+            elif child.name.endswith((*_TRACE_SUFFIXES, ".pickle")) and child.is_file():
+                return child, True
+    return None, not pending
 
 
 def open_source(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:

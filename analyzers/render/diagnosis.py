@@ -43,7 +43,8 @@ def _crossing_rows(d: Diagnosis) -> list[tuple[str, str]]:
         return []
     rows = [("budget (device size)", human_bytes(c.bytes))]
     if not c.crossed:
-        return [*rows, ("headroom at the peak", human_bytes(c.headroom_bytes))]
+        at_most = " (at most)" if d.peak_leaves_out else ""  # the peak is a lower bound
+        return [*rows, (f"headroom at the peak{at_most}", human_bytes(c.headroom_bytes))]
     if c.before_first_step:
         return [*rows, ("already allocated before the first step", human_bytes(c.allocated_after_bytes))]
     if c.step is not None:  # a bare snapshot or trace may have no steps to name
@@ -124,6 +125,8 @@ def _headline(d: Diagnosis) -> str:
             what += f" requesting at most {human_bytes(request_at_most(d.segment_bytes))}"
         return what + (f": {d.message}" if d.message else "")
     c = d.budget_crossing
+    # The figures leave something out: a crossing comes no later, no fit can be told
+    later = f" (or earlier: the figures leave out {d.peak_leaves_out})" if d.peak_leaves_out else ""
     if d.event == "budget" and c is not None:
         size = human_bytes(c.bytes)
         if c.before_first_step:
@@ -132,20 +135,37 @@ def _headline(d: Diagnosis) -> str:
         what = f" {c.request_category}" if c.request_category else ""
         at = f" at step {c.step} ({c.phase})" if c.step is not None else ""  # a bare snapshot has no steps
         return (
-            f"would run out of memory on a {size} device ({where}){at}{layer}: "
+            f"would run out of memory on a {size} device ({where}){at}{layer}{later}: "
             f"a {human_bytes(c.request_bytes)}{what} request with {human_bytes(c.allocated_before_bytes)} "
             "already allocated"
         )
     fits = ""
     if c is not None:
         fits = f"; it fits the {human_bytes(c.bytes)} budget with {human_bytes(c.headroom_bytes)} to spare"
-        if c.partial:
+        if d.peak_leaves_out:
+            fits = (
+                f"; that is {human_bytes(c.headroom_bytes)} under the {human_bytes(c.bytes)} budget, but "
+                "whether the run fits cannot be told"
+            )
+        elif c.partial:
             fits = (
                 f"; its KV cache and weights fit the {human_bytes(c.bytes)} budget with "
                 f"{human_bytes(c.headroom_bytes)} to spare (no allocator events were recorded: other "
                 "allocations unseen)"
             )
-    return f"no OOM recorded; diagnosing the peak on {where} ({human_bytes(d.allocated_bytes)}){fits}"
+    peak = human_bytes(d.allocated_bytes)
+    if d.peak_leaves_out:
+        peak += f", a lower bound: it leaves out {d.peak_leaves_out}"
+    recorded, upto = "no OOM recorded", ""
+    if d.unfinished == "died":
+        recorded += (
+            ", but the run never finished: its process died, perhaps killed for lack of host memory by the "
+            "kernel's OOM killer, which leaves no record"
+        )
+        upto = " up to its last flushed step"
+    elif d.unfinished == "recording":
+        recorded += " so far (the run is still being recorded)"
+    return f"{recorded}; diagnosing the peak{upto} on {where} ({peak}){fits}"
 
 
 def _remedy_mark(fits: bool | None) -> str:

@@ -132,3 +132,43 @@ def test_a_profiler_folder_with_several_traces_reads_the_newest_and_says_so(tmp_
     assert (
         f"{folder} holds 2 profiler traces: read the newest, host_1.200.pt.trace.json.gz" in result["notes"]
     )
+
+
+@pytest.mark.parametrize("command", ["report", "diagnose"])
+def test_a_run_folder_without_its_manifest_names_it_and_the_trace_export_reads(
+    tmp_path: Path, command: str
+) -> None:
+    # GIVEN a copy of a real recorded run whose manifest.json is gone (its KV log and profiler/ still there)
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    (run / "manifest.json").unlink()
+    (trace,) = sorted((run / "profiler").iterdir())
+    # WHEN it is read
+    code, out, err = _cli(command, str(run))
+    # THEN one line says the manifest is missing and names the trace that reads on its own (it said the
+    # folder held no torch.profiler traces)
+    assert (code, out) == (2, "")
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"kvtrace {command}: error: {run}: not a kvtrace run: no manifest.json, which its ")
+    assert err.strip().endswith(f"; its profiler trace reads on its own: pass {trace}")
+    # AND that trace is the one input `kvtrace export` finds in the folder, and it reads
+    from analyzers.tables import find_inputs
+
+    found, problems = find_inputs([run])
+    assert ([inp.path for inp in found], problems) == ([trace.resolve()], [])
+    code, out, err = _cli(command, str(trace), "--json")
+    assert code == 0, err
+
+
+def test_a_folder_with_a_trace_deeper_down_names_it(tmp_path: Path) -> None:
+    # GIVEN a folder whose only input is a real trace two folders down (a TensorBoard log dir's layout)
+    folder = tmp_path / "logs"
+    (folder / "worker0" / "plugins").mkdir(parents=True)
+    (trace,) = sorted((SAMPLES / "dynamic_b2" / "profiler").iterdir())
+    shutil.copy(trace, folder / "worker0" / "plugins" / trace.name)
+    # WHEN it is reported
+    code, out, err = _cli("report", str(folder))
+    # THEN the one line names that trace (it said the folder held none), as export would find it
+    assert (code, out) == (2, "")
+    assert len(err.strip().splitlines()) == 1
+    assert f"but it holds {folder / 'worker0' / 'plugins' / trace.name}: pass that" in err

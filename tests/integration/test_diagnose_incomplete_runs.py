@@ -1,0 +1,181 @@
+"""`kvtrace diagnose` on runs whose record is incomplete gives the reader's notes that `report` gives, and no
+verdict the files cannot back: a real run of the tiny model with its weights table removed (a partial copy),
+and a real run whose process was SIGKILLed inside `record()`, as the kernel's OOM killer does."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import kvtrace
+from kvtrace.cli import main
+from kvtrace.llama import ModelSize
+
+PROMPT, NEW_TOKENS, BATCH = 8, 8, 2
+WEIGHTS_GONE = "the weights, as weights.jsonl is missing"
+
+
+def _weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer storage: what weights.jsonl lists."""
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _kv_peak(size: ModelSize) -> int:
+    """A dynamic cache's live KV bytes at their highest, from the arithmetic alone: prefill writes P tokens
+    per layer's K and V; each decode step replaces K then V of every layer by a copy one token longer (the
+    new storage first, the old one freed right after)."""
+    per_token = BATCH * size.num_kv_heads * (size.hidden_size // size.num_heads) * 4  # float32, one K or V
+    live = peak = 0
+    for step in range(1, NEW_TOKENS + 1):
+        tokens = PROMPT + step - 1
+        for _ in range(size.num_layers * 2):
+            live += per_token * tokens
+            peak = max(peak, live)
+            if step > 1:
+                live -= per_token * (tokens - 1)
+    return peak
+
+
+def _record(model: torch.nn.Module, out: Path, profiler: bool) -> None:
+    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(out, model=model, profiler=profiler):
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+def _run(argv: list[str]) -> str:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(argv) == 0
+    return out.getvalue()
+
+
+def _json(argv: list[str]) -> Any:
+    return json.loads(_run([*argv, "--json"]))
+
+
+@pytest.mark.parametrize("profiler", [False, True])
+def test_a_run_without_its_weights_table_gets_no_fit_verdict_against_a_budget(
+    tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path, profiler: bool
+) -> None:
+    # GIVEN a real run and a copy of it whose weights.jsonl, which its manifest lists, is gone
+    full, copy = tmp_path / "full", tmp_path / "copy"
+    _record(tiny_model, full, profiler)
+    shutil.copytree(full, copy)
+    (copy / "weights.jsonl").unlink()
+    weights = _weights_bytes(tiny_model)
+    full_peak = _json(["diagnose", str(full)])["allocated_bytes"]
+    if not profiler:  # the KV log's events over the weights: the arithmetic gives the peak
+        assert full_peak == weights + _kv_peak(tiny_size)
+    # AND a budget between the copy's figures (the weights left out) and the whole run's peak, which the
+    # whole run would not fit
+    budget = full_peak - weights // 2
+    assert _json(["diagnose", str(full), "--budget", str(budget)])["event"] == "budget"
+
+    # WHEN the copy is diagnosed against that budget
+    diagnosis = _json(["diagnose", str(copy), "--budget", str(budget)])
+
+    # THEN its peak is the run's less the weights, with the reader's note on the missing file, as the
+    # report gives it
+    assert diagnosis["allocated_bytes"] == full_peak - weights
+    missing = f"{copy / 'weights.jsonl'} is listed in the manifest but missing: the weights are not in"
+    assert [n for n in diagnosis["notes"] if n.startswith(missing)], diagnosis["notes"]
+    report_notes = _json(["report", str(copy), "--no-export", "-q"])["notes"]
+    assert [n for n in diagnosis["notes"] if n.startswith(missing)] == [
+        n for n in report_notes if n.startswith(missing)
+    ]
+    # AND no fit verdict: no shortfall, no remedy that fits, the peak said to be a lower bound
+    assert diagnosis["budget_crossing"]["crossed"] is False
+    assert diagnosis["budget_crossing"]["headroom_bytes"] == budget - (full_peak - weights)
+    assert diagnosis["shortfall_bytes"] is None
+    assert [r["fits"] for r in diagnosis["remedies"]] == [None] * len(diagnosis["remedies"])
+    assert diagnosis["peak_leaves_out"] == WEIGHTS_GONE
+    # AND the text's verdict line says the same, with no remedy marked as fitting
+    text = _run(["diagnose", str(copy), "--budget", str(budget)])
+    verdict = text.splitlines()[1]
+    assert verdict.startswith("no OOM recorded; diagnosing the peak on cpu (")
+    assert f", a lower bound: it leaves out {WEIGHTS_GONE})" in verdict
+    assert verdict.endswith("budget, but whether the run fits cannot be told")
+    assert "to spare" not in verdict and "fits]" not in text and ", fits" not in text
+    assert "headroom at the peak (at most)" in text
+    assert f"note: {missing}" in text
+    # AND a budget the copy's own figures cross is crossed at that step or earlier
+    small = _json(["diagnose", str(copy), "--budget", str((full_peak - weights) // 2)])
+    assert small["event"] == "budget" and small["shortfall_bytes"] is None
+    small_text = _run(["diagnose", str(copy), "--budget", str((full_peak - weights) // 2)])
+    assert f"(or earlier: the figures leave out {WEIGHTS_GONE})" in small_text.splitlines()[1]
+
+
+_KILLED = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import torch, kvtrace
+    from kvtrace.llama import ModelSize, build_model
+
+    model = build_model(ModelSize(*map(int, sys.argv[2:7])))
+    ids = torch.randint(3, 1000, ({batch}, {prompt}), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(sys.argv[1], model=model, profiler=False):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens={new},
+                       min_new_tokens={new}, do_sample=False, pad_token_id=0)
+        time.sleep(0.3)  # the writer flushes every 0.1 s: the last step is on disk
+        os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer's way: no exception, no teardown
+    """
+).format(batch=BATCH, prompt=PROMPT, new=NEW_TOKENS)
+
+
+def test_a_run_whose_process_was_killed_is_not_called_free_of_oom(
+    tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
+) -> None:
+    # GIVEN a real run of the tiny model whose process was SIGKILLed inside record(), after generate()
+    run = tmp_path / "run"
+    size = tiny_size
+    shape = (size.hidden_size, size.intermediate_size, size.num_layers, size.num_heads, size.num_kv_heads)
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED, str(run), *map(str, shape)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -9, done.stderr
+    assert json.loads((run / "manifest.json").read_text())["ended"] == {"status": "running"}
+
+    # WHEN it is diagnosed
+    diagnosis = _json(["diagnose", str(run)])
+    text = _run(["diagnose", str(run)])
+
+    # THEN the peak is read up to the last flushed step: the weights and the KV at its peak (profiler=False)
+    assert diagnosis["event"] == "peak"
+    assert diagnosis["allocated_bytes"] == _weights_bytes(tiny_model) + _kv_peak(size)
+    # AND the notes say the run never finished, as the report's do
+    died = "the run never finished (the process died): read up to its last flushed step"
+    assert died in _json(["report", str(run), "--no-export", "-q"])["notes"]
+    assert died in diagnosis["notes"]
+    assert diagnosis["unfinished"] == "died"
+    # AND "no OOM recorded" comes with the caveat that the process may have been killed for host memory
+    verdict = text.splitlines()[1]
+    assert verdict.startswith(
+        "no OOM recorded, but the run never finished: its process died, perhaps killed for lack of host "
+        "memory by the kernel's OOM killer, which leaves no record; diagnosing the peak up to its last "
+        "flushed step on cpu ("
+    ), verdict
+    assert f"note: {died}" in text
