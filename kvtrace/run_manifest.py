@@ -45,6 +45,8 @@ class RunManifest:
     _weights: ModelWeights | None
     _module_tokens_unknown: int
     _forwards_elsewhere: int
+    _forwards_beside: int
+    _ended_mid_forward: bool
     _write_error: str | None
     event_count: int
     events_lost: int
@@ -127,6 +129,22 @@ class RunManifest:
         weights = self._weights
         if weights is not None:
             warnings.extend(weights.warnings())
+        if self._forwards_beside:
+            warnings.append(
+                f"{self._forwards_beside} of {steps} forward passes of the model began while another of its "
+                "forwards was running on another thread (generate() called from several threads at once): "
+                "each forward begins a step, but the log holds one step at a time, so the KV events of "
+                "overlapping forwards carry the step and phase of the one that began last, and the step "
+                "count (a step all of whose writes came later is missing), phases and per-step figures of "
+                "those steps are not reliable"
+            )
+        if self._ended_mid_forward:
+            warnings.append(
+                "the record() block ended while a forward of the model was running on another thread (a "
+                "generate() still going, e.g. beside a TextIteratorStreamer): the last step is partial, "
+                "logged only as far as that forward had got (its layers may hold different token counts), "
+                "and the final KV figures are taken in the middle of it"
+            )
         if self._forwards_elsewhere and self.options.profiler:
             warnings.append(
                 f"{self._forwards_elsewhere} of {steps} forward passes ran on another thread than the one "
