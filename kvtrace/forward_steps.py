@@ -4,6 +4,12 @@ prefill, a forward nested in another), and what its end logs and samples.
 `Recording` inherits `ForwardSteps`, so these run as its own methods: `_pre_forward` and `_post_forward`
 are the hooks around every model forward, the path benchmarks/recorder_overhead.py measures, and plain
 `self.x` access keeps it as cheap as it was inside recorder.py.
+
+Threads: the log holds one step at a time (a step's events come before the next step's). A forward of the
+model that begins on another thread while a step is open (generate() called from two threads at once) is
+not nested in that step: it begins a step of its own ("beside" the open one), but its layer updates and the
+open step's share the log's time line, so each event carries the step and phase of the forward that began
+last, and the manifest warns. Only the open step's thread is compared, and only when a step is open.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from kvtrace.forward_inputs import ForwardSignature, is_prefill, new_tokens
 
 if TYPE_CHECKING:
     from kvtrace.integrations.hf_caches import HfCacheHooks
-    from kvtrace.integrations.hf_generate import GenerateCalls
+    from kvtrace.integrations.hf_generate import CallStart, GenerateCalls
     from kvtrace.integrations.hf_paged import PagedAttentionHooks
     from kvtrace.integrations.module_caches import ModuleCaches
     from kvtrace.kv_tracker import KvTracker
@@ -52,6 +58,9 @@ class ForwardSteps:
     _profiler_on: bool
     _thread: int
     _forwards_elsewhere: int
+    _step_thread: int
+    _beside: dict[int, list[Any]]
+    _forwards_beside: int
 
     if TYPE_CHECKING:
 
@@ -61,6 +70,8 @@ class ForwardSteps:
         if self._paged is not None and self._paged.in_step:  # a continuous-batching step is the step
             if self._profiler_on and threading.get_ident() != self._thread:
                 self._forwards_elsewhere += 1
+            return
+        if (self._step_open or self._beside) and self._forward_beside(args, kwargs):
             return
         hf = self._hf
         cache = kwargs.get("past_key_values")
@@ -90,13 +101,13 @@ class ForwardSteps:
         empty = is_prefill(args, kwargs, cache, hf, held)
         # A generate() call's first forward writes its prompt, also on a cache reused from an earlier call
         # (several tokens per row on a cache that holds some, as assisted decoding's later forwards do)
-        began = not nested and self._calls is not None and self._calls.began()
-        prefill = empty or began
+        call = None if nested or self._calls is None else self._calls.began()
+        prefill = empty or call is not None
         self._begin_step(prefill)
         if nested:
             return
-        if began:
-            self._prompt_start(cache, args, kwargs)
+        if call is not None:
+            self._prompt_start(cache, args, kwargs, call)
         elif continued:
             self._prefill_left = max(self._prefill_left - new_tokens(args, kwargs), 0)
         if modules is not None and modules.owners:
@@ -116,6 +127,8 @@ class ForwardSteps:
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
         if self._paged is not None and self._paged.in_step:
+            return
+        if self._beside and self._beside_end():
             return
         step_cache, self._step_cache = self._step_cache, None
         compared = None
@@ -138,7 +151,65 @@ class ForwardSteps:
         self._prefill_left = 0
         self._end_step(compared)
 
-    def _prompt_start(self, cache: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _forward_beside(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether this forward runs beside the open step's, on another thread (or inside one that does),
+        and is taken here: a step of its own, which the log cannot keep apart from the open one."""
+        thread = threading.get_ident()
+        running = self._beside.get(thread)
+        if running is not None:  # the model's forward called inside a forward beside the step
+            running[0] += 1
+            return True
+        if not self._step_open or thread == self._step_thread:
+            return False  # a forward after a beside one ended, or nested in its own thread's step
+        self._forwards_beside += 1
+        # Each layer update is logged as it happens from now on: a forward deferred to its end would log
+        # its updates after the other thread's, whose new storages may take the addresses it released.
+        self._may_defer = False
+        hf = self._hf
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = kwargs.get("cache")
+        held = self._signature.start_pos(args, kwargs)
+        if held is None and self._modules is not None:
+            held = self._modules.held_tokens()
+        call = self._calls.began() if self._calls is not None else None
+        prefill = call is not None or is_prefill(args, kwargs, cache, hf, held)
+        self._beside[thread] = [1, _weak(cache) if cache is not None else None]
+        tracker = self.tracker
+        tracker.step += 1
+        tracker.phase = "prefill" if prefill else "decode"
+        if prefill:
+            tracker.poll_frees()
+        if hf is not None:
+            if hf.dropped:
+                hf.forget_dead()
+            if cache is not None and isinstance(cache, hf._cache_cls):
+                self._model_caches.add(hf.cache_id(cache))
+        if self._profiler_on and thread != self._thread:
+            self._forwards_elsewhere += 1
+        return True
+
+    def _beside_end(self) -> bool:
+        """Whether this forward's end is one of a forward beside the open step (taken here). Its layer
+        updates were logged as they happened; the step's end, scan and sample are the open step's."""
+        thread = threading.get_ident()
+        running = self._beside.get(thread)
+        if running is None:
+            return False
+        running[0] -= 1
+        if running[0] <= 0:
+            self._beside.pop(thread, None)
+        return True
+
+    def _busy_caches(self) -> tuple[Any, ...]:
+        """The caches of the forwards running beside the open step: a scan now would take their layers
+        half-way through an update for a change made behind the cache's back."""
+        caches = (running[1]() for running in list(self._beside.values()) if running[1] is not None)
+        return tuple(cache for cache in caches if cache is not None)
+
+    def _prompt_start(
+        self, cache: Any, args: tuple[Any, ...], kwargs: dict[str, Any], call: CallStart
+    ) -> None:
         """At a generate() call's first forward: the cache positions its prompt ends at, on an empty cache
         (`_prompt_end`, told in the prefill step's sample: what a first forward writes beyond it are draft
         tokens under verification, assisted decoding's), and the positions a chunked prefill
@@ -146,11 +217,9 @@ class ForwardSteps:
         step, yielding one token."""
         self._prompt_end = None
         self._prefill_left = 0
-        calls, hf = self._calls, self._hf
-        if calls is None:
-            return
-        prompt = calls.prompt
-        if not calls.cache_passed:
+        hf = self._hf
+        prompt, cache_passed = call
+        if not cache_passed:
             past: int | None = 0  # generate() made the cache
         else:
             past = hf.positions_seen(cache) if hf is not None and cache is not None else None
@@ -225,6 +294,7 @@ class ForwardSteps:
             # reused from an earlier call (a new cache object would retire them at its first update).
             hf.forget_dead()
         self._step_open = True
+        self._step_thread = threading.get_ident()
         ranges = self._ranges
         assert ranges is not None
         if ranges.active:  # nobody listening (no NVTX tool, no profiler): no range, no name to build
@@ -234,7 +304,7 @@ class ForwardSteps:
         if not self._step_open:
             return
         if self._hf is not None:
-            self._hf.scan_all(compared=compared)
+            self._hf.scan_all(compared=compared, busy=self._busy_caches() if self._beside else ())
             if self._attention_modules and "kvpress" in sys.modules:  # masks are kvpress's (AdaKV)
                 self._hf.scan_masks(self._attention_modules)
         modules = self._modules

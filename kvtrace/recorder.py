@@ -130,6 +130,12 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._profiler_on = bool(self.options.profiler)
         self._thread = threading.get_ident()  # the one torch.profiler records (the thread entering the block)
         self._forwards_elsewhere = 0  # forwards on other threads (generate() beside a TextIteratorStreamer)
+        self._step_thread = 0  # the thread whose forward opened the open step
+        # Forwards running beside the open step on other threads (generate() called from several threads at
+        # once): thread -> [forwards of the model in progress there, weak reference to the first one's cache]
+        self._beside: dict[int, list[Any]] = {}
+        self._forwards_beside = 0  # forwards that began beside an open step (a warning)
+        self._ended_mid_forward = False  # the block ended inside a step of another thread's forward
         # The logs reach their files from a writer thread every 0.1 s (and at the end of the block), so a
         # decode step neither formats nor writes them (issue 11); `_flush` may run on either thread.
         self._writer: RunWriter | None = None
@@ -311,11 +317,18 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             self._stop_writer()
             if self._ranges is not None:
                 self._ranges.close_all()
+            # A generate() left running on another thread (beside a TextIteratorStreamer) may be inside a
+            # forward: its step is logged as far as it got, and a late end of it must log nothing more.
+            if self._beside or (self._step_open and self._step_thread != threading.get_ident()):
+                self._ended_mid_forward = True
             with contextlib.suppress(Exception):
                 self._settle_deferred()
                 if self._prefill_continues:  # generate() raised between two chunks of its prefill
                     self._prefill_continues = False
                     self._end_step()
+                if self._ended_mid_forward:
+                    self._step_open = False
+                    self._beside.clear()
                 if self._hf is not None:
                     self._hf.scan_all(forget=False)  # a cache dropped by now is freed in phase "end"
                 if self._modules is not None and self._modules.scan("track"):

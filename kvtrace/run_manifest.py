@@ -49,6 +49,8 @@ class RunManifest:
     _model_caches: set[int]
     _caches_in_generate: set[int]
     _calls: GenerateCalls | None
+    _forwards_beside: int
+    _ended_mid_forward: bool
     _write_error: str | None
     event_count: int
     events_lost: int
@@ -144,6 +146,22 @@ class RunManifest:
                 "within the recorded model's steps; tokens held, batch, bytes per token and tokens/s are "
                 "those of the caches the model's forwards were given"
             )
+        if self._forwards_beside:
+            warnings.append(
+                f"{self._forwards_beside} of {steps} forward passes of the model began while another of its "
+                "forwards was running on another thread (generate() called from several threads at once): "
+                "each forward begins a step, but the log holds one step at a time, so the KV events of "
+                "overlapping forwards carry the step and phase of the one that began last, and the step "
+                "count (a step all of whose writes came later is missing), phases and per-step figures of "
+                "those steps are not reliable"
+            )
+        if self._ended_mid_forward:
+            warnings.append(
+                "the record() block ended while a forward of the model was running on another thread (a "
+                "generate() still going, e.g. beside a TextIteratorStreamer): the last step is partial, "
+                "logged only as far as that forward had got (its layers may hold different token counts), "
+                "and the final KV figures are taken in the middle of it"
+            )
         if self._forwards_elsewhere and self.options.profiler:
             warning = (
                 f"{self._forwards_elsewhere} of {steps} forward passes ran on another thread than the one "
@@ -179,7 +197,7 @@ class RunManifest:
         """A cache got its id (`HfCacheHooks.on_new_cache`), on the thread that first used it: one made inside
         the model's generate() on that thread (an assistant's draft cache) is part of the model's work."""
         calls = self._calls
-        if calls is not None and calls.in_call_here():
+        if calls is not None and calls.in_call():
             self._caches_in_generate.add(cache_id)
 
     def _other_caches(self) -> list[int]:

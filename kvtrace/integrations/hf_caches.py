@@ -594,16 +594,17 @@ class HfCacheHooks:
             if signature is not None or hasattr(layer, "_quantized_keys"):
                 signatures[(cid, layer_idx)] = _signature(parts)
 
-    def scan_all(self, forget: bool = True, compared: Any = None) -> None:
+    def scan_all(self, forget: bool = True, compared: Any = None, busy: tuple[Any, ...] = ()) -> None:
         """Catch what changed outside the cache's methods (rebinding by eviction presses); with `forget`,
         also retire the caches that were dropped (`forget_dead`). `compared`: a cache `step_end` has just
-        compared layer by layer, skipped."""
+        compared layer by layer, skipped; `busy`: caches of forwards still running on other threads,
+        skipped (a layer there may be half-way through its update, which logs it)."""
         reason: str | None = None
         dead = False
         for ref, _ in list(self._known.values()):
             cache = ref()
             if cache is not None:
-                if cache is not compared:
+                if cache is not compared and not (busy and any(cache is other for other in busy)):
                     if reason is None:
                         # With grad on, an autograd graph may keep a replaced storage alive: said on the
                         # eviction event.

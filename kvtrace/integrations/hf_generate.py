@@ -7,7 +7,9 @@ tokens and keeps those accepted). The cache's state and the forward's input cann
 (both start at the cache's length and feed several positions); the call can: a call's first forward writes
 its prompt. `GenerateCalls.install` wraps `GenerationMixin.generate` on the class (models whose own
 `generate` calls `super().generate()` reach it too) and `uninstall` puts it back. Only the outermost call
-on the recorded model counts: an assistant model's `generate()` runs inside the model's own.
+on the recorded model counts: an assistant model's `generate()` runs inside the model's own. Calls are
+counted per thread: two threads calling the model's `generate()` at once (a server's workers) make two
+outermost calls, each with its own first forward, on its own thread.
 
 A chunked prefill (`prefill_chunk_size`) writes the prompt over several forwards: the call's prompt length
 (`prompt`) lets the recorder keep them in one prefill step, as they yield one token between them.
@@ -20,21 +22,23 @@ import sys
 import threading
 from typing import Any
 
+CallStart = tuple[int | None, bool]
+"""An outermost `generate()` call, as its first forward needs it: its input positions per row (the prompt,
+`_prompt_length`) and whether it was given a cache (else generate() makes an empty one)."""
+
 
 class GenerateCalls:
-    """Counts the recorded model's `generate()` calls in progress; `began()` says, once per call, that the
-    forward about to run is the call's first."""
+    """Counts the recorded model's `generate()` calls in progress, per thread; `began()` says, once per
+    call, that the forward about to run on the calling thread is the call's first."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self._mixin: Any = None
         self._original: Any = None
         self._lock = threading.Lock()
-        self._depth = 0  # generate() calls on the model in progress, nested ones included
-        self._pending = False  # the outermost call began and none of its forwards has run yet
-        self.prompt: int | None = None  # the outermost call's input positions per row (`_prompt_length`)
-        self.cache_passed = False  # the outermost call was given a cache (else generate() makes an empty one)
-        self._here = threading.local()  # `depth`: the model's calls in progress on this thread
+        self._depth: dict[int, int] = {}  # per thread: generate() calls on the model in progress, nested too
+        # Per thread whose outermost call began and none of its forwards has run yet: that call
+        self._pending: dict[int, CallStart] = {}
 
     @staticmethod
     def available(model: Any) -> bool:
@@ -69,35 +73,35 @@ class GenerateCalls:
         self._mixin = self._original = None
 
     def _enter(self, prompt: int | None, cache_passed: bool) -> None:
-        self._here.depth = getattr(self._here, "depth", 0) + 1
+        thread = threading.get_ident()
         with self._lock:
-            self._depth += 1
-            if self._depth == 1:
-                self._pending = True
-                self.prompt, self.cache_passed = prompt, cache_passed
+            depth = self._depth.get(thread, 0) + 1
+            self._depth[thread] = depth
+            if depth == 1:
+                self._pending[thread] = (prompt, cache_passed)
 
     def _exit(self) -> None:
-        self._here.depth -= 1
+        thread = threading.get_ident()
         with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                self._pending = False  # a call whose forwards kvtrace did not see (continuous batching)
+            depth = self._depth.get(thread, 1) - 1
+            if depth > 0:
+                self._depth[thread] = depth
+            else:
+                self._depth.pop(thread, None)
+                # A call whose forwards kvtrace did not see (continuous batching)
+                self._pending.pop(thread, None)
 
     def in_call(self) -> bool:
-        return self._depth > 0
+        """Whether a call on the model is in progress on this thread."""
+        return threading.get_ident() in self._depth
 
-    def in_call_here(self) -> bool:
-        """Whether one of the model's `generate()` calls is in progress on the calling thread: an assistant's
-        draft cache is made inside it, another model's cache outside (before, after, on another thread)."""
-        return getattr(self._here, "depth", 0) > 0
-
-    def began(self) -> bool:
-        """Whether a call began since the last forward: True once, for its first forward."""
+    def began(self) -> CallStart | None:
+        """The call that began on this thread since its last forward: given once, to its first forward;
+        None for any other forward."""
         if not self._pending:
-            return False
+            return None
         with self._lock:
-            pending, self._pending = self._pending, False
-        return pending
+            return self._pending.pop(threading.get_ident(), None)
 
 
 def _prompt_length(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
