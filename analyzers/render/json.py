@@ -53,6 +53,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "final_allocated_bytes": report.main_device.final_allocated_bytes if report.main_device else 0,
         "size_basis": report.main_device.size_basis if report.main_device else None,
         "categories_at_peak": report.main_device.categories_at_peak if report.main_device else {},
+        "partial": report.partial,
         "kv": {
             "peak_bytes": kv.peak_bytes,
             "final_bytes": kv.final_bytes,

@@ -70,6 +70,7 @@ def _reported_over_the_weights(
     assert device["peak_allocated_bytes"] == weights + kv_peak
     assert device["categories_at_peak"] == {"kv": kv_peak, "weights": weights, "other": 0}
     assert device["final_allocated_bytes"] == weights + final_kv
+    assert report["partial"] is True  # the figures are the KV log's and the weights' only
     return report, weights, kv_peak, final_kv
 
 
@@ -226,6 +227,7 @@ def test_when_only_some_forwards_ran_elsewhere_the_trace_is_read_and_the_warning
     assert not any(note.startswith(ALL_ELSEWHERE) for note in report["notes"])
     (device,) = report["devices"]
     assert device["categories_at_peak"]["other"] > 0  # activations and logits: a KV log has none
+    assert report["partial"] is False
     # ... and the warning says which forwards it misses, and what the measured figures leave out
     (warning,) = [note for note in report["notes"] if "ran on another thread" in note]
     assert warning.startswith("4 of 8 forward passes ran on another thread")
