@@ -202,6 +202,22 @@ def _median(timings: list[Timing], pick: Callable[[Timing], float]) -> float:
     return statistics.median(pick(t) for t in timings)
 
 
+def _counting(spent: list[int], inner: Callable[..., Any], sign: int = 1) -> Callable[..., Any]:
+    """`inner` timed by `perf_counter_ns` (a vDSO read), its time added to `spent[0]` (`sign` -1: taken
+    off, for the work inside kvtrace's wrappers that is not kvtrace's)."""
+    clock = time.perf_counter_ns
+
+    @functools.wraps(inner)  # generate() reads the model's forward signature
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = clock()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[0] += sign * (clock() - started)
+
+    return wrapper
+
+
 def hooks_cpu_per_update(work: Workload, scratch: Path, runs: int = 3, mode: str = "b") -> float:
     """kvtrace's own time per update, timed inside its hooks: the steadiest figure on a shared machine,
     where the difference of two medians moves with the neighbours' load. Covers the whole `Cache.update`
@@ -214,20 +230,9 @@ def hooks_cpu_per_update(work: Workload, scratch: Path, runs: int = 3, mode: str
     from kvtrace import model_forward
     from kvtrace.integrations import hf_caches
 
-    clock = time.perf_counter_ns
     spent = [0]
     patched: list[tuple[Any, str, Any]] = []
-
-    def counting(inner: Callable[..., Any], sign: int = 1) -> Callable[..., Any]:
-        @functools.wraps(inner)  # generate() reads the model's forward signature
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = clock()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                spent[0] += sign * (clock() - started)
-
-        return wrapper
+    counting = functools.partial(_counting, spent)
 
     # The cache's own update, subtracted; kvtrace's wrapper around it (installed at record()), added.
     original_update = Cache.__dict__["update"]
@@ -372,20 +377,9 @@ def bare_floor_per_update(work: Workload, scratch: Path) -> float:
     import torch
     from transformers.cache_utils import Cache
 
-    clock = time.perf_counter_ns
     spent = [0]
+    counting = functools.partial(_counting, spent)
     weak_ref_of, expired = torch.UntypedStorage._weak_ref, torch.UntypedStorage._expired
-
-    def counting(inner: Callable[..., Any], sign: int = 1) -> Callable[..., Any]:
-        @functools.wraps(inner)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = clock()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                spent[0] += sign * (clock() - started)
-
-        return wrapper
 
     seen: dict[tuple[int, int], tuple[Any, int]] = {}
     captured: list[tuple[Any, ...]] = []

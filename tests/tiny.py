@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from kvtrace.llama import ModelSize
 
 HEADS, HIDDEN = 4, 64
@@ -18,3 +21,22 @@ def tiny_size(layers: int, kv_heads: int = 2) -> ModelSize:
         num_kv_heads=kv_heads,
         vocab_size=1000,
     )
+
+
+def record_generate(model: Any, out: Path, batch: int, prompt: int, new_tokens: int, **options: Any) -> None:
+    """`kvtrace.record(out, model=model, **options)` around a greedy `generate()` of exactly `new_tokens` on
+    `batch` rows of `prompt` seeded random ids, without grad."""
+    import torch
+
+    import kvtrace
+
+    ids = torch.randint(3, 1000, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(out, model=model, **options):
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )

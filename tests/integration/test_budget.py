@@ -17,6 +17,7 @@ from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.errors import KvtraceError
 from kvtrace.llama import ModelSize
+from tests.tiny import record_generate
 
 PROMPT, NEW_TOKENS, BATCH = 8, 6, 1
 
@@ -49,16 +50,7 @@ def _kv_allocations(size: ModelSize) -> list[tuple[int, int, str, int, int]]:
 
 
 def _record(model: torch.nn.Module, out: Path, gpu_memory: int | str) -> None:
-    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), kvtrace.record(out, model=model, profiler=False, gpu_memory=gpu_memory):
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-        )
+    record_generate(model, out, BATCH, PROMPT, NEW_TOKENS, profiler=False, gpu_memory=gpu_memory)
 
 
 def _json(argv: list[str]) -> dict:

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import ModelSize
+from tests.tiny import record_generate
 
 PROMPT, NEW_TOKENS, BATCH = 8, 8, 2
 WEIGHTS_GONE = "the weights, as weights.jsonl is missing"
@@ -51,16 +51,7 @@ def _kv_peak(size: ModelSize) -> int:
 
 
 def _record(model: torch.nn.Module, out: Path, profiler: bool) -> None:
-    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), kvtrace.record(out, model=model, profiler=profiler):
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-        )
+    record_generate(model, out, BATCH, PROMPT, NEW_TOKENS, profiler=profiler)
 
 
 def _run(argv: list[str]) -> str:
