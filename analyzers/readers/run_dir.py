@@ -224,6 +224,11 @@ _LACKING = {
     MEMORY_SAMPLES: "no process or device memory samples (RSS, reserved bytes, wall time)",
     KV_EVENTS: "no KV events: the KV figures are empty",
 }
+# The same on a GPU whose trace counts from the process's start: the weights are in the figures, unnamed.
+_WEIGHTS_UNNAMED = (
+    "the weights are in the memory figures (the GPU allocator's totals count them from the process's start) "
+    "but counted as other: nothing names their blocks"
+)
 
 
 def _missing_files_notes(run: Run) -> list[str]:
@@ -366,11 +371,14 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     weights_gone = (
         WEIGHTS_FILE in (run.manifest.get("files") or []) and not (run.path / WEIGHTS_FILE).is_file()
     )
+    weights_counted = False  # a GPU's allocator totals hold the weights the missing table would list
     for dev in source.devices:
         # The weights were allocated before the profiler started, as may some KV
         traced = bool(traces) and not trace_missed_the_model
         if weights_gone and _weights_from_table(dev, traced):  # a partial copy: the peak is a lower bound
             source.meta["peak_leaves_out"] = f"the weights, as {WEIGHTS_FILE} is missing"
+        elif weights_gone:
+            weights_counted = True
         kv_held = _kv_held_before_trace(dev, kv.storages, run.kv_events) if traced else 0
         held = weight_blocks_by_device if sizes_are_blocks(dev) else weights_by_device
         listed = {w.addr: w.storage_bytes for w in run.weights if _normal_device(w.device) == dev.device}
@@ -381,6 +389,13 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             and dev.device.startswith(run.manifest.get("device", {}).get("type", "?"))
         ):
             dev.capacity_bytes = int(total_memory)
+    if weights_counted and "peak_leaves_out" not in source.meta:
+        notes = source.meta.get("input_notes", [])
+        source.meta["input_notes"] = [
+            note.replace(_LACKING[WEIGHTS_FILE], _WEIGHTS_UNNAMED) if note.endswith(_LACKING[WEIGHTS_FILE])
+            else note
+            for note in notes
+        ]
     if not any(m.kind == "step" for m in source.markers):
         for step, start_ns in sorted(kv.step_start_ns.items()):
             phase = kv.step_phase.get(step, "")

@@ -78,6 +78,34 @@ def test_a_cuda_trace_counts_the_weights_loaded_before_it_once(
     assert on_cuda["categories_at_peak"]["weights"] == weights  # type: ignore[index]
 
 
+def test_a_cuda_run_without_its_weights_table_counts_them_as_other_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run as CUDA writes it, its weights table then lost (a partial copy)
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "static_b2", run)
+    weights = _as_cuda(run)
+    whole = _device(run, capsys)
+    (run / "weights.jsonl").unlink()
+    # WHEN it is reported and diagnosed
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert main(["diagnose", str(run), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    # THEN the peak keeps the weights (the allocator's totals count them), as other: nothing names them ...
+    (device,) = report["devices"]
+    assert device["peak_allocated_bytes"] == whole["peak_allocated_bytes"]
+    categories = device["categories_at_peak"]
+    assert categories["weights"] == 0
+    assert categories["other"] == whole["categories_at_peak"]["other"] + weights  # type: ignore[index]
+    # ... and the note says so, not that the figures leave them out; diagnose gives no lower bound
+    (note,) = [n for n in report["notes"] if "weights.jsonl is listed in the manifest but missing" in n]
+    assert note.endswith("the weights are in the memory figures (the GPU allocator's totals count them from "
+                         "the process's start) but counted as other: nothing names their blocks")
+    assert note in diagnosis["notes"]
+    assert diagnosis["peak_leaves_out"] is None
+
+
 def test_a_cuda_trace_counts_the_kv_caches_blocks_as_kv(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
