@@ -53,7 +53,8 @@ def main_cache(
     model's cache is never the run's, however big or late); among those, the ones held at the end (else
     all), those with the recorded model's KV layer count (an assistant model's draft cache has its own), and
     of those the one written last (two generate() outputs of one model: the later)."""
-    caches = [c for c in caches if c.cache in set(given)] or caches
+    listed = set(given)
+    caches = [c for c in caches if c.cache in listed] or caches
     held = [c for c in caches if c.final_bytes] or caches
     layers = _model_layers(geometry)
     shaped = [c for c in held if c.layers == layers] or held
