@@ -118,6 +118,11 @@ class KvLogAnalysis:
     storages: list[tuple[int, int, int, int, int, str, int]] = field(default_factory=list)
     """Every KV storage: (addr, bytes, first_t_ns, last_t_ns, layer, kv, cache); last_t_ns = free time or
     -1."""
+    scanned_after_ns: dict[int, int] = field(default_factory=dict)
+    """The storages a scan found rather than an update (module caches, `source` "module": the recorder
+    compares them at the end of each forward, so a storage's first `t_ns` may come a whole forward after
+    its allocation): index in `storages` -> the `t_ns` of the log's last line before the step that found
+    it, after which that step's forward made it (0: no line before)."""
     caches: list[CacheFigures] = field(default_factory=list)
     """Every cache object with KV data, by id. `per_layer` holds the rows of the caches live at the final
     state (or with evicted tokens); `step_live` and `layer_series` sum a layer index over the caches."""
@@ -138,6 +143,9 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
     live: dict[int, tuple[int, int, str, int]] = {}  # addr -> (bytes, layer, kv, cache)
     open_storage: dict[int, int] = {}  # addr -> index in storages
     storages: list[tuple[int, int, int, int, int, str, int]] = []
+    scanned_after: dict[int, int] = {}  # storage index -> the last line's t_ns before its step
+    last_ns = 0  # the latest line's t_ns so far
+    step_after: tuple[int, int] = (0, 0)  # (step, the latest t_ns before that step's first line)
     live_total = 0
     peak = 0
     peak_t = 0
@@ -202,6 +210,9 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
         step_rows[step] = {cache: rows for cache, rows in rows_by_cache.items() if cache in tokens}
 
     for ev in events:
+        if ev.step != step_after[0]:
+            step_after = (ev.step, last_ns)
+        last_ns = max(last_ns, ev.t_ns)
         ending = ev.phase == "end"
         if open_step is not None and (ending or ev.step != open_step):
             # Steps never go back: the state before this event is the open step's end state.
@@ -232,6 +243,8 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
             cache_layer_live[(ev.cache, ev.layer)] += ev.storage_bytes
             allocated_total += ev.storage_bytes
             open_storage[ev.addr] = len(storages)
+            if ev.source == "module":
+                scanned_after[len(storages)] = step_after[1]
             storages.append((ev.addr, ev.storage_bytes, ev.t_ns, -1, ev.layer, ev.kv, ev.cache))
         if ev.event != "freed" and is_kv_data(ev):
             tokens_by_layer[(ev.cache, ev.layer)] = ev.tokens
@@ -329,6 +342,7 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
         evictions=evictions,
         evicted_by_step=evicted_by_step,
         storages=storages,
+        scanned_after_ns=scanned_after,
         caches=caches,
         step_cache_live=step_cache_live,
         step_tokens=step_tokens,

@@ -311,7 +311,13 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             # the trace's times with the KV log's.
             from analyzers.readers.trace_clock import align_trace_clock
 
-            align_trace_clock(source, kv.storages, trace.meta.get("baseTimeNanoseconds"), _run_span_ns(run))
+            align_trace_clock(
+                source,
+                kv.storages,
+                trace.meta.get("baseTimeNanoseconds"),
+                _run_span_ns(run),
+                kv.scanned_after_ns,
+            )
     elsewhere = bool(traces and run.kv_events) and _forwards_all_elsewhere(run.manifest)
     trace_missed_the_model = bool(traces and run.kv_events) and (
         elsewhere or not any(len(dev) for dev in source.devices)

@@ -9,12 +9,16 @@ counted as other.
 
 The addresses give the clock back. A storage's allocation is one of the trace's allocations of its address
 and size (on a GPU, of a block that can hold it: the caching allocator reports its blocks), and the log
-sees the storage soon after it (tens of µs when the cache's update logs it, more when a scan finds it).
-So under the right shift most storages have an allocation at most `WINDOW_US` before
-their sighting; under a wrong one few do, as an address and size recur only a step or more apart.
-`clock_shift` finds the shifts that cover the most storages and takes the latest of them (a µs later, some
-storage's allocation would follow its sighting), less `MARGIN_US`. A trace already within the window of the
-log's clock (a right base, or an older Kineto that writes Unix-epoch `ts` and no base) is left as read.
+sees the storage after it: tens of µs after when the cache's update logs it, so at most `WINDOW_US`; up to
+a whole forward after when a scan at the forward's end finds it (a module cache: Meta's `cache_k` made by
+the first forward's `.to(xq)` is seen after the output projection, 50-120 ms later on a small model), so at
+most its reach (`sighting_reach_us`: since the log's last line before that forward). Under the right shift
+most storages have an allocation within their reach before their sighting; under a wrong one few do, as an
+address and size recur only a step or more apart. `clock_shift` finds the shifts that cover the most
+storages and takes the latest of them (a µs later, some storage's allocation would follow its sighting),
+less `MARGIN_US`. A trace on which most storages are already seen in time (a right base, or an older
+Kineto that writes Unix-epoch `ts` and no base) is left as read. Scanned storages alone place a trace only
+within a forward: where in it each was made, the log cannot say.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 from analyzers.attribution import JOIN_TOLERANCE_US, block_holds, sizes_are_blocks
 from analyzers.model import DeviceEvents, MemorySource
 
-__all__ = ["ClockShift", "align_trace_clock", "clock_shift"]
+__all__ = ["ClockShift", "align_trace_clock", "clock_shift", "sighting_reach_us"]
 
 # The join's own tolerance: a trace within it of the log's clock is not moved, and a sighting counts for a
 # shift when its allocation is at most this long before it.
@@ -53,8 +57,8 @@ class ClockShift:
     """What the KV log's storages say of the trace's clock."""
 
     shift_us: int  # add to the trace's times to put them on the run's clock
-    covered: int  # sampled storages with an allocation at most WINDOW_US before their sighting, shifted
-    covered_as_read: int  # the same count for the trace's times as read (within WINDOW_US either way)
+    covered: int  # sampled storages with an allocation at most their reach before their sighting, shifted
+    covered_as_read: int  # the same count for the trace's times as read (and up to WINDOW_US after)
     with_allocation: int  # sampled storages with any allocation of their address and size in the trace
 
 
@@ -86,41 +90,67 @@ def _candidates(devices: list[DeviceEvents], storages: list[Storage]) -> dict[tu
     return groups
 
 
-def clock_shift(devices: list[DeviceEvents], storages: list[Storage]) -> ClockShift | None:
+def clock_shift(
+    devices: list[DeviceEvents], storages: list[Storage], reach_us: list[float] | None = None
+) -> ClockShift | None:
     """The shift that puts the trace's allocations just before the KV log's sightings of the storages;
-    None when no storage has an allocation of its address and size (on a GPU, its block) in the trace."""
-    sample = storages[:: max(1, math.ceil(len(storages) / SAMPLE_STORAGES))]
+    None when no storage has an allocation of its address and size (on a GPU, its block) in the trace.
+    `reach_us`, one per storage: how long before its sighting its allocation may be (`sighting_reach_us`);
+    WINDOW_US for every storage when not given."""
+    step = max(1, math.ceil(len(storages) / SAMPLE_STORAGES))
+    sample = storages[::step]
+    reaches = [WINDOW_US] * len(sample) if reach_us is None else reach_us[::step]
     groups = _candidates(devices, sample)
     lags: list[np.ndarray] = []  # sighting - allocation (µs) of each candidate, as read
     owners: list[np.ndarray] = []
+    spans: list[np.ndarray] = []  # the candidate's storage's reach
     for index, (addr, nbytes, first_ns, *_rest) in enumerate(sample):
         times = groups.get((addr, nbytes))
         if times is not None:
             lags.append(first_ns / 1000.0 - times)
             owners.append(np.full(len(times), index, dtype=np.int64))
+            spans.append(np.full(len(times), reaches[index]))
     if not lags:
         return None
     lag = np.concatenate(lags)
     owner = np.concatenate(owners)
-    order = np.argsort(lag, kind="stable")
-    lag, owner = lag[order], owner[order]
-    covered_as_read = len(np.unique(owner[np.abs(lag) <= WINDOW_US]))
-    # Sweep windows [lag[i], lag[i] + WINDOW_US], counting the distinct storages in each.
+    reach = np.concatenate(spans)
+    covered_as_read = len(np.unique(owner[(lag >= -WINDOW_US) & (lag <= reach)]))
+    # A candidate covers the shifts s under which its allocation lands at most its reach before the
+    # sighting: s in [lag - reach, lag]. Sweep those intervals' ends in order (an interval's start before
+    # any end at the same place), counting the distinct storages covered; the count peaks at an end.
+    position = np.concatenate([lag - reach, lag])
+    ends = np.concatenate([np.zeros(len(lag), dtype=np.int8), np.ones(len(lag), dtype=np.int8)])
+    order = np.lexsort((ends, position))
+    whose = np.concatenate([owner, owner])[order].tolist()
     counts: dict[int, int] = {}
-    best, best_start = 0, 0.0
-    end = 0
-    for start in range(len(lag)):
-        while end < len(lag) and lag[end] <= lag[start] + WINDOW_US:
-            counts[int(owner[end])] = counts.get(int(owner[end]), 0) + 1
-            end += 1
-        if len(counts) >= best:  # ties: the latest start, the tightest fit
-            best, best_start = len(counts), float(lag[start])
-        held = counts[int(owner[start])] - 1
+    best, best_at = 0, 0.0
+    for at, is_end, storage in zip(position[order].tolist(), ends[order].tolist(), whose, strict=True):
+        if not is_end:
+            counts[storage] = counts.get(storage, 0) + 1
+            continue
+        if len(counts) >= best:  # ties: the latest shift, the tightest fit
+            best, best_at = len(counts), at
+        held = counts[storage] - 1
         if held:
-            counts[int(owner[start])] = held
+            counts[storage] = held
         else:
-            del counts[int(owner[start])]
-    return ClockShift(math.floor(best_start - MARGIN_US), best, covered_as_read, len(lags))
+            del counts[storage]
+    return ClockShift(math.floor(best_at - MARGIN_US), best, covered_as_read, len(lags))
+
+
+def sighting_reach_us(
+    storages: list[Storage], scanned_after_ns: dict[int, int], run_start_ns: int
+) -> list[float]:
+    """How long (µs) before the KV log's sighting each storage's allocation may be: WINDOW_US for one its
+    update logged (made just before); for one a scan found (`KvLogAnalysis.scanned_after_ns`: a module
+    cache, compared at the end of each forward), since the log's last line before the forward that found
+    it (else the run's start), and WINDOW_US more for the clocks."""
+    reach = [WINDOW_US] * len(storages)
+    for index, after_ns in scanned_after_ns.items():
+        since_ns = after_ns or run_start_ns
+        reach[index] = max(0.0, (storages[index][2] - since_ns) / 1000.0) + WINDOW_US
+    return reach
 
 
 def _base_fault(base_ns: Any) -> str | None:
@@ -135,14 +165,19 @@ def _base_fault(base_ns: Any) -> str | None:
 
 
 def align_trace_clock(
-    source: MemorySource, storages: list[Storage], base_ns: Any, span_ns: tuple[int, int]
+    source: MemorySource,
+    storages: list[Storage],
+    base_ns: Any,
+    span_ns: tuple[int, int],
+    scanned_after_ns: dict[int, int] | None = None,
 ) -> None:
     """Shift the trace's events and markers (already in `source`) onto the run's clock when the KV log's
     storages say its base put them elsewhere; the report's notes say so. When they cannot say while the
-    events lie outside the run (`span_ns`: the KV log's first and last `t_ns`), a note says the trace is
-    off the run's clock."""
+    events lie outside the run (`span_ns`: the run's start and end), a note says the trace is off the
+    run's clock. `scanned_after_ns`: the storages a scan found (`KvLogAnalysis.scanned_after_ns`)."""
     fault = _base_fault(base_ns)
-    found = clock_shift(source.devices, storages)
+    reach = sighting_reach_us(storages, scanned_after_ns or {}, span_ns[0])
+    found = clock_shift(source.devices, storages, reach)
     if found is not None and _moves(found):
         _shift(source, found.shift_us)
         source.meta["trace_clock_shift_us"] = found.shift_us

@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,13 +22,18 @@ fairscale_init = pytest.importorskip("fairscale.nn.model_parallel.initialize")
 llama3_model = pytest.importorskip("llama_models.llama3.model")
 
 DIM, N_LAYERS, N_HEADS, N_KV_HEADS, VOCAB = 64, 2, 4, 2, 256
+LLAMA3_VOCAB = 128256  # the Llama 3 tokenizer's: its output projection is most of a small model's forward
 MAX_BATCH, MAX_SEQ = 2, 32
 PROMPT_LEN, DECODE_STEPS = 6, 3
 
 
 @contextlib.contextmanager
 def _reference_model(
-    tmp_path, watched_models, max_batch: int = MAX_BATCH, dtype: torch.dtype = torch.float32
+    tmp_path,
+    watched_models,
+    max_batch: int = MAX_BATCH,
+    dtype: torch.dtype = torch.float32,
+    vocab: int = VOCAB,
 ) -> Iterator[torch.nn.Module]:
     """The reference Transformer on one CPU process: model parallelism of size 1 over gloo."""
     torch.distributed.init_process_group(
@@ -39,7 +48,7 @@ def _reference_model(
                 n_layers=N_LAYERS,
                 n_heads=N_HEADS,
                 n_kv_heads=N_KV_HEADS,
-                vocab_size=VOCAB,
+                vocab_size=vocab,
                 max_batch_size=max_batch,
                 max_seq_len=MAX_SEQ,
             )
@@ -207,3 +216,54 @@ def test_reference_llama3_tokens_rows_and_steps_follow_the_decode_loop(
     rate_all, rate_row = figures["tokens_per_second"], figures["tokens_per_second_per_row"]
     assert rate_all == pytest.approx(rate_row * batch)
     assert run.manifest["warnings"] == []
+
+
+def _without_clock_base(run_dir: Path, copy: Path) -> None:
+    """A copy of the run whose profiler trace lost its top-level baseTimeNanoseconds (another tool's edit)."""
+    shutil.copytree(run_dir, copy)
+    (path,) = (copy / "profiler").glob("*.pt.trace.json*")
+    opener: Any = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        trace = json.load(fh)
+    del trace["baseTimeNanoseconds"]
+    with opener(path, "wt", encoding="utf-8") as fh:
+        json.dump(trace, fh)
+
+
+def test_reference_llama3_converted_to_bfloat16_keeps_its_trace_clock_and_all_its_kv(
+    tmp_path, watched_models, capsys
+):
+    # GIVEN the reference model converted with `.to(torch.bfloat16)`: its cache_k / cache_v are plain
+    # attributes, made in float32 and left so, which the first forward copies (`self.cache_k.to(xq)`). The
+    # bfloat16 buffers are allocated inside the prefill, in the trace, and the recorder's scan finds them at
+    # the forward's end, after the Llama 3 vocabulary's output projection: long after their allocation.
+    from kvtrace.cli import main
+
+    with _reference_model(tmp_path, watched_models, dtype=torch.bfloat16, vocab=LLAMA3_VOCAB) as model:
+        tokens = torch.randint(0, LLAMA3_VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
+        # WHEN a prefill and decode steps run with the profiler on, as llama_models' generation loop calls
+        with kvtrace.record(tmp_path / "run", model=model, snapshots=False), torch.inference_mode():
+            model.forward(tokens[:, :PROMPT_LEN], 0)
+            for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+                model.forward(tokens[:, pos : pos + 1], pos)
+    _without_clock_base(tmp_path / "run", tmp_path / "no_base")
+    capsys.readouterr()  # fairscale's own lines
+    reports = {}
+    for name in ("run", "no_base"):
+        assert main(["report", str(tmp_path / name), "--json", "--no-export"]) == 0
+        reports[name] = json.loads(capsys.readouterr().out)
+
+    # THEN every bfloat16 buffer, live from the prefill to the end, is KV at the peak: layers x K and V x
+    # max_batch_size x max_seq_len x KV heads x head_dim x 2 bytes, joined by the KV log
+    kv_total = N_LAYERS * 2 * MAX_BATCH * MAX_SEQ * N_KV_HEADS * (DIM // N_HEADS) * 2
+    (device,) = reports["run"]["devices"]
+    assert device["categories_at_peak"]["kv"] == kv_total
+    assert device["attributed_bytes_by_method"]["kv_log"] == kv_total
+    # ... and the trace, whose clock base is right, is read as it is: no note says it was moved
+    assert reports["run"]["notes"] == []
+    # AND a copy whose trace lost its base is put back on the run's clock with every buffer KV, as it says
+    (device,) = reports["no_base"]["devices"]
+    assert device["categories_at_peak"]["kv"] == kv_total
+    assert device["attributed_bytes_by_method"]["kv_log"] == kv_total
+    (note,) = reports["no_base"]["notes"]
+    assert note.startswith("the profiler trace's baseTimeNanoseconds is missing: its events were put on")
