@@ -324,9 +324,11 @@ def write_synthetic_trace(path: Path, events: int, use_gzip: bool, seed: int = 0
 
 def write_big_snapshot(original: Path, path: Path, copies: int) -> None:
     """A snapshot as a long run would dump it: the real one's trace entries repeated `copies` times, each
-    copy shifted in time and address space so its allocs and frees pair up within the copy. Each entry gets
-    its own list of frames, whose frame dicts are shared, as in torch's own dumps. Plain data only, read here
-    with a loader that refuses every global, like kvtrace's."""
+    copy shifted in time and address space so its allocs and frees pair up within the copy. The frees of
+    blocks allocated before the real trace are in the first copy only (a block is freed once: repeated, they
+    would claim more memory live before the trace than the segments hold, which kvtrace refuses). Each entry
+    gets its own list of frames, whose frame dicts are shared, as in torch's own dumps. Plain data only, read
+    here with a loader that refuses every global, like kvtrace's."""
     import pickle
 
     class _DataOnly(pickle.Unpickler):
@@ -337,10 +339,22 @@ def write_big_snapshot(original: Path, path: Path, copies: int) -> None:
         data = _DataOnly(fh).load()
     traces = data.get("device_traces") or [[]]
     trace = traces[0]
+    allocated: set[object] = set()
+    before_trace = set()  # indices of the entries that free a block the trace never allocated
+    for index, entry in enumerate(trace):
+        action, addr = entry.get("action"), entry.get("addr")
+        if action == "alloc":
+            allocated.add(addr)
+        elif action in ("free_requested", "free_completed", "free") and addr not in allocated:
+            before_trace.add(index)
+        if action in ("free_completed", "free"):
+            allocated.discard(addr)
     span = 1 << 40
     repeated = []
     for copy in range(copies):
-        for entry in trace:
+        for index, entry in enumerate(trace):
+            if copy and index in before_trace:
+                continue
             moved = dict(entry)
             if isinstance(moved.get("addr"), int):
                 moved["addr"] += copy * span

@@ -406,7 +406,35 @@ def _weight_from(record: dict[str, Any], path: Path, lineno: int) -> WeightRecor
     if event and event not in WEIGHT_EVENTS:
         said = repr(event[:40])
         raise KvtraceError(f"{path}: line {lineno}: field 'event' is {said}, expected 'added' or 'freed'")
+    # A change line says when (docs/format.md): read without them it would happen at time 0, before the
+    # first step, and move the peak
+    absent = [name for name in ("t_ns", "step") if event and name not in record]
+    if absent:
+        raise KvtraceError(f"{path}: line {lineno}: {event!r} line without {' or '.join(map(repr, absent))}")
     return WeightRecord(**{k: v for k, v in record.items() if k in known})
+
+
+class _WeightLines:
+    """weights.jsonl's lines through `_weight_from`, following the storages held line by line: a `freed`
+    line is for a storage listed above (at the start, or `added`) and not freed since. Any other would be
+    counted as a free of bytes no line held, taking them off the weights and every figure after it."""
+
+    def __init__(self) -> None:
+        self.held: set[tuple[str, int]] = set()  # (device, addr)
+
+    def __call__(self, record: dict[str, Any], path: Path, lineno: int) -> WeightRecord:
+        weight = _weight_from(record, path, lineno)
+        key = (weight.device, weight.addr)
+        if weight.event != "freed":
+            self.held.add(key)
+        elif key in self.held:
+            self.held.remove(key)
+        else:
+            raise KvtraceError(
+                f"{path}: line {lineno}: 'freed' line for a storage that no line above holds "
+                f"(addr {weight.addr} on {weight.device})"
+            )
+        return weight
 
 
 def _sample_from(record: dict[str, Any], path: Path, lineno: int) -> dict[str, Any]:
@@ -478,7 +506,7 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         raise KvtraceError(f"{root}: incomplete run: the recorder failed to write {write_error}{lost_said}")
     events_path = root / KV_EVENTS
     events, cut_events = _read_jsonl(events_path, _event_from)
-    weights, cut_weights = _read_jsonl(root / WEIGHTS, _weight_from)
+    weights, cut_weights = _read_jsonl(root / WEIGHTS, _WeightLines())
     samples, cut_samples = _read_jsonl(root / MEMORY_SAMPLES, _sample_from)
     if manifest.get("ended", {}).get("status") not in (None, "running"):
         # The recorder closed every file and counted the events: a cut or short file was damaged after the

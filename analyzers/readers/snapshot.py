@@ -91,11 +91,25 @@ class _FrameTable:
         return frame_id
 
 
-def _bytes(value: Any, where: str) -> int:
+def _what(value: Any) -> str:
+    """What a value that should be an int is, in the words of the JSON readers' errors."""
+    kinds = {bool: "a boolean", str: "a string", float: "a number with a fraction", type(None): "None"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _integer(value: Any, where: str, field: str) -> int:
+    """A size, address or time as written: an int. torch writes nothing else; int() would read True as 1,
+    "1048576" as 1 MiB and 1.5e9 as 1,500,000,000 (ValueError: the file is reported malformed)."""
+    if type(value) is not int:
+        raise ValueError(f"field {field!r} of {where} is {_what(value)}, expected an integer")
+    return value
+
+
+def _bytes(value: Any, where: str, field: str = "size") -> int:
     """A size field as an int. No allocator writes a negative size: only a damaged or crafted file has
     one, and it would make memory curves go below zero; nor one past any device, whose sums wrap the int64
     columns (ValueError: the file is reported malformed)."""
-    size = int(value)
+    size = _integer(value, where, field)
     if size < 0:
         raise ValueError(f"negative size {size} in {where}")
     if size > MAX_EVENT_BYTES:
@@ -106,20 +120,21 @@ def _bytes(value: Any, where: str) -> int:
 def _block_request_size(block: dict[str, Any]) -> int:
     """Bytes the program asked for: what trace entries carry, so baseline and deltas share a unit."""
     requested = block.get("requested_size")
-    if requested:
-        return _bytes(requested, "a block")
+    if requested is not None and (size := _bytes(requested, "a block", "requested_size")):
+        return size
     history = block.get("history")
-    if history and isinstance(history[0], dict) and history[0].get("real_size"):
-        return _bytes(history[0]["real_size"], "a block's history")
+    real = history[0].get("real_size") if history and isinstance(history[0], dict) else None
+    if real is not None and (size := _bytes(real, "a block's history", "real_size")):
+        return size
     return _bytes(block.get("size", 0), "a block")
 
 
 def _blocks_with_addresses(segment: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     """(address, block) pairs; torch 2.0 blocks have no address, they tile the segment in order."""
-    address = int(segment.get("address", 0))
+    address = _integer(segment.get("address", 0), "a segment", "address")
     pairs = []
     for block in segment.get("blocks", []):
-        pairs.append((int(block.get("address", address)), block))
+        pairs.append((_integer(block.get("address", address), "a block", "address"), block))
         address = pairs[-1][0] + _bytes(block.get("size", 0), "a block")
     return pairs
 
@@ -173,7 +188,9 @@ def _replay_loop(
             size, address = entry.get("size", 0), entry.get("addr", -1)
             when = entry["time_us"] if timed else index
             if type(size) is not int or type(address) is not int or type(when) is not int:
-                size, address, when = int(size), int(address), int(when)
+                where = f"a trace entry ({action})"
+                size, address = _integer(size, where, "size"), _integer(address, where, "addr")
+                when = _integer(when, where, "time_us")
             if size < 0:
                 raise ValueError(f"negative size {size} in a trace entry ({action})")
             if size > MAX_EVENT_BYTES:
@@ -197,7 +214,7 @@ def _replay_loop(
             add_reserved(reserved)
             continue
         size = _bytes(entry.get("size", 0), f"a trace entry ({action})")
-        when = int(entry["time_us"]) if timed else index
+        when = _integer(entry["time_us"], f"a trace entry ({action})", "time_us") if timed else index
         if action in _SEGMENT_GROW:
             reserved += size
         elif action in _SEGMENT_SHRINK:
@@ -237,6 +254,7 @@ _SIZE = methodcaller("get", "size", 0)
 _HAS_TIME = methodcaller("__contains__", "time_us")
 _ADDR = methodcaller("get", "addr", -1)
 _TIME = itemgetter("time_us")
+_ONLY_INT = frozenset({int})
 
 
 def _replay_columns(
@@ -246,14 +264,23 @@ def _replay_columns(
 
     A free matches an alloc when the previous memory entry of its address is an alloc (any free in between
     would have consumed it), exactly as the loop's `live` dict decides. None when a field is not a plain
-    number (the loop then converts it)."""
+    int (the loop then names it)."""
     codes_of: defaultdict[Any, int] = defaultdict(int, _ACTION_CODES)  # unknown actions: 0
     try:
         actions = np.fromiter(map(codes_of.__getitem__, map(_ACTION, trace)), dtype=np.int8, count=len(trace))
-        sizes = np.array(list(map(_SIZE, trace)), dtype=np.int64)
-        addrs_all = np.array(list(map(_ADDR, trace)), dtype=np.int64)
-        times = np.array(list(map(_TIME, trace)), dtype=np.int64) if timed else np.arange(len(trace))
-    except (TypeError, ValueError, OverflowError):  # also an unhashable action
+        columns = [list(map(_SIZE, trace)), list(map(_ADDR, trace))]
+        if timed:
+            columns.append(list(map(_TIME, trace)))
+    except TypeError:  # an unhashable action
+        return None
+    # numpy would read True as 1, "1048576" as 1 MiB and 1.5e9 as an int: only ints are sizes
+    if not all(_ONLY_INT.issuperset(map(type, column)) for column in columns):
+        return None
+    try:
+        sizes = np.array(columns[0], dtype=np.int64)
+        addrs_all = np.array(columns[1], dtype=np.int64)
+        times = np.array(columns[2], dtype=np.int64) if timed else np.arange(len(trace))
+    except OverflowError:  # an int past int64: the loop names it
         return None
     if sizes.ndim != 1 or addrs_all.ndim != 1 or times.ndim != 1:
         return None
@@ -331,7 +358,8 @@ def _replay_device(
     ts, addrs, deltas, reserved_col, frame_ids, live, orphan_bytes, orphan_count, pending_ooms, reserved = (
         replay
     )
-    reserved_at_start = sum(int(s.get("total_size", 0)) for s in segments) - reserved
+    reserved_at_dump = sum(_bytes(s.get("total_size", 0), "a segment", "total_size") for s in segments)
+    reserved_at_start = reserved_at_dump - reserved
     actions = {str(action): count for action, count in Counter(map(_ACTION, trace)).items()}
 
     baseline = orphan_bytes
@@ -354,21 +382,23 @@ def _replay_device(
     # Each size is bounded; many of them still add past int64 (300 of 2**55 printed a peak of 8 million TiB
     # and a negative final figure), the Chrome reader's "not a real trace" case.
     moved = float(baseline) + float(np.abs(delta_arr.astype(np.float64)).sum())
-    reserved_moved = float(sum(int(s.get("total_size", 0)) for s in segments)) + abs(float(reserved))
+    reserved_moved = float(reserved_at_dump) + abs(float(reserved))
     if max(moved, reserved_moved) > MAX_MOVED_BYTES:
         raise KvtraceError(
             f"{source.path}: snapshot whose sizes on {device} add up to {max(moved, reserved_moved):.3g} "
             "bytes: not a real snapshot (damaged or made up)"
         )
+    _refuse_more_than_reserved(source.path, device, trace, baseline, reserved_at_dump)
     running = baseline + np.concatenate(([0], np.cumsum(delta_arr)))
     for done, entry, reserved_then, when in pending_ooms:
-        free = entry.get("device_free", entry.get("addr"))
+        field = "device_free" if "device_free" in entry else "addr"
+        free = entry.get(field)
         source.ooms.append(
             OomInfo(
                 device=device,
                 ts_us=float(when),
                 requested_bytes=int(entry.get("size", 0)),
-                device_free_bytes=None if free is None else int(free),
+                device_free_bytes=None if free is None else _integer(free, "an oom entry", field),
                 allocated_bytes=int(running[done]),
                 reserved_bytes=int(reserved_then) + reserved_at_start,
                 stream=_stream(entry.get("stream")),
@@ -391,6 +421,25 @@ def _replay_device(
     source.meta["timestamps"][device] = "time_us" if timed else "event_index"
     source.meta["trace_actions"][device] = actions
     source.meta["orphan_frees"][device] = orphan_count
+
+
+def _refuse_more_than_reserved(
+    name: str, device: str, trace: list[dict[str, Any]], baseline: int, reserved_at_dump: int
+) -> None:
+    """Every block live when the trace began sat in a segment reserved then, and no moment of the trace
+    reserved more than the dump's segments plus those the trace released (its segment_alloc entries only
+    lower that). A level before the trace above that bound (49 frees of 1 TiB blocks never allocated, on
+    2 MiB of segments, printed a 49 TiB peak) is no state the allocator was ever in: the file is refused."""
+    if baseline <= reserved_at_dump:
+        return  # the usual case, without a pass over the trace
+    released = sum(e.get("size", 0) for e in trace if e.get("action") in _SEGMENT_SHRINK)  # checked ints
+    if baseline > reserved_at_dump + released:
+        raise KvtraceError(
+            f"{name}: not a real snapshot (damaged or made up): on {device} its trace begins with "
+            f"{baseline:,} B allocated (blocks it frees or the dump holds that it never allocates), more "
+            f"than its segments ever reserved ({reserved_at_dump:,} B at the dump, plus {released:,} B the "
+            "trace released)"
+        )
 
 
 def _refuse_shared_containers(name: str, segments: list[Any], traces: list[list[Any]]) -> None:

@@ -480,3 +480,147 @@ def test_an_engine_size_past_any_device_is_named(
     assert main(argv) == 2
     said = f"field {field!r} out of range: {value}, expected {low} to {high}"
     assert _errors(capsys) == [f"kvtrace {command}: error: {run / 'engine.json'}: {said}"]
+
+
+class _BuiltinsOnly(pickle.Unpickler):
+    """The test's own loader of a real snapshot: builtins only, every global refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refused {module}.{name}")
+
+
+def _real_snapshot(name: str) -> dict[str, Any]:
+    path = REAL / "snapshots" / name
+    if not path.is_file():
+        pytest.skip("needs ../shared/real_traces")
+    with open(path, "rb") as fh:
+        return _BuiltinsOnly(fh).load()
+
+
+def _first_block(snap: dict[str, Any]) -> dict[str, Any]:
+    return snap["segments"][0]["blocks"][0]
+
+
+def _first_alloc(snap: dict[str, Any]) -> dict[str, Any]:
+    return next(e for e in snap["device_traces"][0] if e["action"] == "alloc")
+
+
+def _first_free(snap: dict[str, Any]) -> dict[str, Any]:
+    return next(e for e in snap["device_traces"][0] if e["action"] == "free_completed")
+
+
+@pytest.mark.parametrize(
+    ("holder", "field", "value", "said"),
+    [
+        (_first_block, "size", True, "field 'size' of a block is a boolean"),  # read as 1 B
+        (_first_block, "address", "0x7f00", "field 'address' of a block is a string"),
+        (
+            lambda snap: snap["segments"][0],
+            "total_size",
+            2.0**21,
+            "field 'total_size' of a segment is a number",
+        ),
+        (
+            _first_alloc,
+            "size",
+            "1048576",
+            "field 'size' of a trace entry (alloc) is a string",
+        ),  # read as 1 MiB
+        (_first_free, "size", 1.5e9, "field 'size' of a trace entry (free_completed) is a number with a"),
+        (_first_alloc, "addr", False, "field 'addr' of a trace entry (alloc) is a boolean"),
+        (_first_alloc, "time_us", 1.5e15, "field 'time_us' of a trace entry (alloc) is a number with a"),
+    ],
+    ids=[
+        "block-size-bool",
+        "block-address-str",
+        "segment-float",
+        "alloc-str",
+        "free-float",
+        "addr-bool",
+        "time",
+    ],
+)
+@pytest.mark.parametrize("command", ["report", "diagnose"])
+def test_a_snapshot_size_or_address_of_the_wrong_type_is_named(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    holder: Callable[[dict[str, Any]], dict[str, Any]],
+    field: str,
+    value: Any,
+    said: str,
+) -> None:
+    # GIVEN a real torch 2.6 dump with one size, address or time that torch never writes (it writes ints; the
+    # JSON readers refuse these too): True was read as 1 B, "1048576" as 1 MiB, 1.5e9 as 1,500,000,000 B
+    snap = _real_snapshot("memory_forward_bf16_128.pickle")
+    holder(snap)[field] = value
+    path = tmp_path / "damaged.pickle"
+    path.write_bytes(pickle.dumps(snap, protocol=4))
+    # THEN one line names the file and the field, exit 2
+    assert main([command, str(path), "--no-export"] if command == "report" else [command, str(path)]) == 2
+    err = _one_error(capsys)
+    assert f"{path}: malformed snapshot (ValueError: {said}" in err and err.endswith("expected an integer)")
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["all-reserved", "one-byte-more"])
+def test_a_snapshot_whose_level_before_its_trace_is_more_than_was_ever_reserved_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: int
+) -> None:
+    # GIVEN a real dump, its trace given a segment released at its end and, at its start, frees of blocks it
+    # never allocates (live before the trace) that fill every byte ever reserved, or one byte more (49 frees
+    # of 1 TiB on 2 MiB of segments printed a 49 TiB peak, "reserved" 2 MiB)
+    snap = _real_snapshot("memory_forward_bf16_128.pickle")
+    (trace,) = snap["device_traces"]
+    assert {s["device"] for s in snap["segments"]} == {0}
+    assert not [e for e in trace if e["action"].startswith("segment")]
+    reserved_at_dump = sum(s["total_size"] for s in snap["segments"])
+    # What was live before the trace, from the raw file: the blocks held at the dump that the trace does not
+    # leave allocated (it frees no block it did not allocate: checked), by their requested bytes
+    allocated: set[int] = set()
+    for entry in trace:
+        if entry["action"] == "alloc":
+            allocated.add(entry["addr"])
+        elif entry["action"] == "free_completed":
+            allocated.remove(entry["addr"])
+    live = ("active_allocated", "active_pending_free", "active_awaiting_free")
+    before = sum(
+        b["requested_size"]
+        for s in snap["segments"]
+        for b in s["blocks"]
+        if b["state"] in live and b["address"] not in allocated
+    )
+    assert 0 < before < reserved_at_dump
+    released = 64 * 2**20  # a 64 MiB segment freed at the end (empty_cache)
+    unseen = reserved_at_dump + released - before + extra
+    first, last, far = trace[0]["time_us"], trace[-1]["time_us"], 1 << 50
+    pieces = [unseen // 2, unseen - unseen // 2]
+    frees = [
+        {
+            "action": "free_completed",
+            "addr": far + i * (1 << 40),
+            "size": size,
+            "stream": 0,
+            "time_us": first - 1,
+        }
+        for i, size in enumerate(pieces)
+    ]
+    segment_free = {"action": "segment_free", "addr": far - (1 << 40), "size": released, "stream": 0}
+    snap["device_traces"] = [[*frees, *trace, {**segment_free, "time_us": last + 1}]]
+    path = tmp_path / "damaged.pickle"
+    path.write_bytes(pickle.dumps(snap, protocol=4))
+    if not extra:
+        # THEN a level the segments could hold reads, and it is the peak
+        assert main(["report", str(path), "--json", "--no-export"]) == 0
+        (device,) = json.loads(capsys.readouterr().out)["devices"]
+        assert device["peak_allocated_bytes"] == reserved_at_dump + released and device["peak_before_trace"]
+        return
+    # AND one byte more is no state the allocator was in: refused in one line by every command, exit 2
+    level = reserved_at_dump + released + 1
+    for argv in (["report", str(path), "--no-export"], ["diagnose", str(path)]):
+        assert main(argv) == 2
+        assert _one_error(capsys) == (
+            f"kvtrace {argv[0]}: error: {path}: not a real snapshot (damaged or made up): on cuda:0 its "
+            f"trace begins with {level:,} B allocated (blocks it frees or the dump holds that it never "
+            f"allocates), more than its segments ever reserved ({reserved_at_dump:,} B at the dump, plus "
+            f"{released:,} B the trace released)"
+        )

@@ -14,6 +14,7 @@ import torch
 
 import kvtrace
 from analyzers.report import build_report
+from kvtrace.cli import main
 from kvtrace.format import read_run
 from kvtrace.llama import build_model
 from tests.tiny import HEAD_DIM, HEADS, HIDDEN, tiny_size
@@ -170,3 +171,60 @@ def test_a_copy_converted_inside_the_block_is_not_the_models_and_nothing_is_left
     for module in (model, twin, pickled):
         assert "_apply" not in module.__dict__
     assert "_apply" not in type(model).__dict__
+
+
+def _rewrite(path: Path, lines: list[dict[str, object]]) -> None:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_a_freed_line_for_a_storage_no_line_holds_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real run whose model was converted inside the block, read as recorded
+    run, _model, _generated = _record(tmp_path / "run", profiler=False)
+    weights = run / "weights.jsonl"
+    lines = [json.loads(line) for line in weights.read_text().splitlines()]
+    assert main(["report", str(run), "--no-export"]) == 0
+    capsys.readouterr()
+    first_freed = next(line for line in lines if line.get("event") == "freed")
+    listed = {line["addr"] for line in lines}
+    unknown = max(listed) + 4096
+    cases = {
+        # a `freed` line at an address no line lists: it read as 41 storages freed where 40 were held, the
+        # peak 32 MiB higher and the final weights 1.44 MiB where the model held 32.75 MiB
+        "unknown address": [*lines, {**first_freed, "addr": unknown}],
+        # the same storage freed twice: its bytes taken off twice
+        "freed twice": [*lines, first_freed],
+    }
+    for case, edited in cases.items():
+        _rewrite(weights, edited)
+        addr = edited[-1]["addr"]
+        for argv in (["report", str(run), "--no-export"], ["diagnose", str(run)]):
+            # THEN every command refuses the file in one line naming it, the line and the storage, exit 2
+            assert main(argv) == 2, case
+            said = f"{weights}: line {len(edited)}: 'freed' line for a storage that no line above holds"
+            assert f"{said} (addr {addr} on cpu)" in _one_error(capsys), case
+
+
+@pytest.mark.parametrize("field", ["t_ns", "step"])
+def test_a_change_line_without_its_time_or_step_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str
+) -> None:
+    # GIVEN a real run whose model was converted inside the block, its weights.jsonl without `field` on every
+    # line (the start's lines never have it: they stay valid)
+    run, _model, _generated = _record(tmp_path / "run", profiler=False)
+    weights = run / "weights.jsonl"
+    lines = [json.loads(line) for line in weights.read_text().splitlines()]
+    _rewrite(weights, [{k: v for k, v in line.items() if k != field} for line in lines])
+    first_change = next(number for number, line in enumerate(lines, start=1) if "event" in line)
+    assert first_change > 1
+    # THEN the first change line is refused in one line, exit 2 (it read as t_ns 0: a lower peak and a false
+    # "peak before the trace" note; or as step 0: "before the first step")
+    assert main(["report", str(run), "--no-export"]) == 2
+    assert f"{weights}: line {first_change}: 'freed' line without '{field}'" in _one_error(capsys)
