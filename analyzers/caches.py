@@ -19,7 +19,8 @@ __all__ = ["CacheSummary", "cache_summaries", "caches_note", "main_cache", "mode
 
 @dataclass
 class CacheSummary:
-    """One cache object's own figures: its bytes over its own tokens and rows."""
+    """One cache object's own figures: its bytes over its own tokens and rows (preallocated buffers: over
+    their room)."""
 
     cache: int
     layers: int
@@ -29,6 +30,10 @@ class CacheSummary:
     bytes_per_token_measured: float | None
     main: bool  # the cache `tokens_held`, `batch` and the bytes per token describe
     model_shaped: bool | None  # has the recorded model's KV layer count (None: no geometry to tell)
+    capacity_rows: int | None = None
+    capacity_tokens: int | None = None
+    """Preallocated module buffers' room (max_batch_size, max_seq_len): the bytes per token are then its
+    bytes over these slots, not over the tokens and rows written; None for a cache that grows."""
 
 
 def _model_layers(geometry: dict[str, Any] | None) -> int | None:
@@ -61,6 +66,15 @@ def main_cache(
     return max(shaped, key=lambda c: c.last_seq)
 
 
+def _bytes_per_token(c: CacheFigures) -> float | None:
+    """A cache's bytes over its tokens and rows, or over its slots where it is preallocated buffers."""
+    if not c.final_bytes:
+        return None
+    if c.capacity_rows and c.capacity_tokens:
+        return c.final_bytes / (c.capacity_rows * c.capacity_tokens)
+    return c.final_bytes / (c.tokens * c.rows) if c.tokens and c.rows else None
+
+
 def cache_summaries(
     caches: list[CacheFigures], main_id: int, geometry: dict[str, Any] | None
 ) -> list[CacheSummary]:
@@ -73,11 +87,11 @@ def cache_summaries(
             final_bytes=c.final_bytes,
             tokens=c.tokens,
             rows=c.rows or None,
-            bytes_per_token_measured=(
-                c.final_bytes / (c.tokens * c.rows) if c.final_bytes and c.tokens and c.rows else None
-            ),
+            bytes_per_token_measured=_bytes_per_token(c),
             main=c.cache == main_id,
             model_shaped=(c.layers == layers) if layers is not None else None,
+            capacity_rows=c.capacity_rows or None,
+            capacity_tokens=c.capacity_tokens or None,
         )
         for c in caches
     ]

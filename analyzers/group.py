@@ -159,6 +159,15 @@ def _sum_kv(kvs: list[KvSummary], replicas: bool = False) -> KvSummary:
         expected = kvs[0].bytes_per_token_expected
         evicted = sum(kv.evicted_tokens for kv in kvs)
     evictions = [kv.evictions for kv in kvs if kv.evictions]
+    # Preallocated buffers on every rank: a slot's bytes (tensor parallel ranks share the slots, each
+    # holding some heads; replicas each have their own rows)
+    capacity_rows = capacity_tokens = None
+    per_token = (main_final / token_rows) if token_rows else None
+    if all(kv.capacity_rows and kv.capacity_tokens for kv in kvs):
+        room_rows = [kv.capacity_rows or 0 for kv in kvs]
+        capacity_rows = sum(room_rows) if replicas else max(room_rows)
+        capacity_tokens = max(kv.capacity_tokens or 0 for kv in kvs)
+        per_token = main_final / (capacity_rows * capacity_tokens) if main_final else None
     return KvSummary(
         peak_bytes=sum(kv.peak_bytes for kv in kvs),
         final_bytes=final,
@@ -166,11 +175,13 @@ def _sum_kv(kvs: list[KvSummary], replicas: bool = False) -> KvSummary:
         evicted_tokens=evicted,
         per_layer=[layers[k] for k in sorted(layers)],
         measured_from=methods[0] if len(methods) == 1 else "+".join(methods),
-        bytes_per_token_measured=(main_final / token_rows) if token_rows else None,
+        bytes_per_token_measured=per_token,
         bytes_per_token_expected=expected,
         tokens_held=tokens_held,
         batch=batch,
         token_rows=token_rows or None,
+        capacity_rows=capacity_rows,
+        capacity_tokens=capacity_tokens,
         evictions={
             "events": sum(int(e["events"]) for e in evictions),
             "claimed_bytes": sum(int(e["claimed_bytes"]) for e in evictions),

@@ -34,6 +34,20 @@ _KV_DATA_PARTS = (*_WHOLE_PARTS, "q.0", "q._data")
 SEQ_MAJOR_PARTS = ("buffer", "tracked_bshd")
 
 
+def preallocated_capacity(shape: list[int] | None, in_place: bool, tokens: int, rows: int) -> tuple[int, int]:
+    """(rows, positions) a module cache's buffers have room for where they are preallocated (Meta's
+    cache_k/cache_v: [max_batch_size, max_seq_len, kv_heads, head_dim], allocated once and written in
+    place), else (0, 0). `shape`: its last buffer's (None: a cache not made of module buffers alone);
+    `in_place`: a buffer was written in place; `tokens`, `rows`: what it held. A buffer rebound to a grown
+    tensor at every step (torch.cat) is as large as what it holds and never written in place: it follows
+    the tokens, as a dynamic cache does."""
+    if shape is None or len(shape) != 4:
+        return 0, 0
+    if in_place or shape[1] > tokens or shape[0] > rows:
+        return shape[0], shape[1]
+    return 0, 0
+
+
 def event_rows(ev: KvEvent) -> int:
     """Batch rows an event's tokens are per: the rows in use where the log says (a preallocated module
     cache written for a smaller batch), else its tensor's batch dim; 0 without a shape."""
@@ -90,6 +104,10 @@ class CacheFigures:
     beams: int = 0
     """Rows per prompt under beam search (num_beams), from its first reorder's `reason` `beams:N`; 0 when
     the log does not say (no beam search, or a log from before kvtrace recorded it)."""
+    capacity_rows: int = 0
+    capacity_tokens: int = 0
+    """A preallocated module cache's room (`preallocated_capacity`): its buffers' rows and positions, Meta's
+    max_batch_size and max_seq_len; 0 for a cache whose storages follow the rows and tokens it holds."""
 
 
 @dataclass
@@ -178,6 +196,10 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
     generated_rows: dict[int, int] = defaultdict(int)
     reordered: set[int] = set()
     beams: dict[int, int] = {}
+    # Per cache: its last module buffer's shape (None once any other part held its KV), and whether a
+    # buffer was written in place: what `preallocated_capacity` decides on
+    buffer_shape: dict[int, list[int] | None] = {}
+    buffer_in_place: set[int] = set()
 
     def _close_step(step: int) -> None:
         step_live[step] = dict(layer_live)
@@ -252,6 +274,12 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
             written.add((ev.cache, ev.layer))
             if ev.shape:
                 rows_by_cache[ev.cache] = event_rows(ev)
+                if ev.part == "buffer" and buffer_shape.get(ev.cache, ev.shape) is not None:
+                    buffer_shape[ev.cache] = ev.shape
+                    if ev.event == "written":
+                        buffer_in_place.add(ev.cache)
+                else:
+                    buffer_shape[ev.cache] = None
             if ev.event == "reordered":
                 reordered.add(ev.cache)
                 count = ev.reason.removeprefix(BEAMS_REASON)
@@ -290,21 +318,27 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
     final_by_cache: dict[int, int] = defaultdict(int)
     for nbytes, _, _, cache in final_state.values():
         final_by_cache[cache] += nbytes
-    caches = [
-        CacheFigures(
-            cache=cache,
-            layers=len({layer for c, layer in tokens_by_layer if c == cache}),
-            final_bytes=final_by_cache.get(cache, 0),
-            tokens=max(tokens for (c, _), tokens in tokens_by_layer.items() if c == cache),
-            rows=rows_by_cache.get(cache, 0),
-            last_seq=last_seq,
-            generated_tokens=generated.get(cache, 0),
-            generated_row_tokens=generated_rows.get(cache, 0),
-            reordered=cache in reordered,
-            beams=beams.get(cache, 0),
+    caches = []
+    for cache, last_seq in sorted(last_seq_by_cache.items()):
+        tokens = max(tokens for (c, _), tokens in tokens_by_layer.items() if c == cache)
+        rows = rows_by_cache.get(cache, 0)
+        room = preallocated_capacity(buffer_shape.get(cache), cache in buffer_in_place, tokens, rows)
+        caches.append(
+            CacheFigures(
+                cache=cache,
+                layers=len({layer for c, layer in tokens_by_layer if c == cache}),
+                final_bytes=final_by_cache.get(cache, 0),
+                tokens=tokens,
+                rows=rows,
+                last_seq=last_seq,
+                generated_tokens=generated.get(cache, 0),
+                generated_row_tokens=generated_rows.get(cache, 0),
+                reordered=cache in reordered,
+                beams=beams.get(cache, 0),
+                capacity_rows=room[0],
+                capacity_tokens=room[1],
+            )
         )
-        for cache, last_seq in sorted(last_seq_by_cache.items())
-    ]
     # The table's rows: the caches held at the end, and any other whose tokens were evicted (their counts
     # make up the totals); when nothing is held any more, every cache, as last seen.
     slots = set(tokens_by_layer) | {(entry[3], entry[1]) for entry in final_state.values()}

@@ -66,8 +66,15 @@ class KvSummary:
     tokens_held: int | None = None
     batch: int | None = None
     token_rows: int | None = None
-    """Tokens held summed over the rows, the divisor of the measured bytes per token: `tokens_held` x `batch`
-    for one run; a data-parallel group's ranks may hold different tokens, so theirs is the ranks' sum."""
+    """Tokens held summed over the rows, the divisor of the measured bytes per token (but for preallocated
+    buffers, see `capacity_rows`): `tokens_held` x `batch` for one run; a data-parallel group's ranks may
+    hold different tokens, so theirs is the ranks' sum."""
+    capacity_rows: int | None = None
+    capacity_tokens: int | None = None
+    """A main cache of preallocated module buffers (Meta's cache_k/cache_v, KV log part `buffer`): the rows
+    and positions they have room for, max_batch_size and max_seq_len, whatever `batch` and `tokens_held`
+    the forwards wrote. Its bytes follow these, so the measured bytes per token divides by their product
+    (its slots); None for caches that grow with what they hold."""
     evictions: dict[str, Any] | None = None
     evictions_by_reason: dict[str, int] = field(default_factory=dict)
     """Evicted tokens by kind: `window` (the cache's own sliding window), `press` (an eviction library such
@@ -424,6 +431,11 @@ def summarize(
                 kv.token_rows = kv.tokens_held * kv.batch
                 # none when the cache was let go before the end (another model's ran after it): nothing held
                 kv.bytes_per_token_measured = main.final_bytes / kv.token_rows if main.final_bytes else None
+            if main.capacity_rows and main.capacity_tokens:
+                # Buffers allocated for max_batch_size x max_seq_len: a slot's bytes, however few are written
+                kv.capacity_rows, kv.capacity_tokens = main.capacity_rows, main.capacity_tokens
+                slots = main.capacity_rows * main.capacity_tokens
+                kv.bytes_per_token_measured = main.final_bytes / slots if main.final_bytes else None
             layout_note = _layout_note(geometry, last)
         kv.caches = cache_summaries(kv_log.caches, main.cache, geometry)
         kv.main_cache = main.cache

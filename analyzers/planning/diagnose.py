@@ -23,6 +23,7 @@ import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of
 from analyzers.model import MemorySource, request_at_most
+from analyzers.planning.diagnose_buffer_remedies import preallocated_buffers
 from analyzers.planning.diagnose_moment import (
     beams_at_step,
     held_at_step,
@@ -244,6 +245,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "compute_bits": compute_dtype_bits(report),
         "beyond_weights_bytes": beyond_weights,
         "kv_logged": kv_log is not None,  # a run recorded with kvtrace: its KV geometry is known
+        "buffers": preallocated_buffers(report, kv_log),  # a model's own preallocated cache_k/cache_v
     }
     held = [cache for cache in report.kv.caches if cache.final_bytes]
     if len(held) > 1:

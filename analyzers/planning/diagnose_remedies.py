@@ -24,7 +24,9 @@ allocator's expandable segments are offered only for CUDA devices.
 
 The run's figures the prices need (the KV's dtype, the bytes a token of context costs, which layers slide)
 are read here from the report. The remedies that depend on what the cache is (beam search's rows, layers
-that all slide, the int4 QuantizedCache) are priced in analyzers.planning.diagnose_cache_remedies.
+that all slide, the int4 QuantizedCache) are priced in analyzers.planning.diagnose_cache_remedies; a
+model's own preallocated buffers (Meta's cache_k/cache_v), whose KV follows neither the rows in use nor
+the tokens written, in analyzers.planning.diagnose_buffer_remedies.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
+from analyzers.planning.diagnose_buffer_remedies import PreallocatedBuffers, buffer_remedies
 from analyzers.planning.diagnose_cache_remedies import (
     beam_search_remedies,
     fewer_rows,
@@ -172,6 +175,12 @@ def price_remedies(
     assert need is None or isinstance(need, int)
     out: list[Remedy] = []
     unpriced = no_geometry(d)
+    buffers = d.get("buffers")
+    if kv and isinstance(buffers, PreallocatedBuffers):
+        # Preallocated module buffers: priced in their own settings; no static cache to become
+        out += buffer_remedies(kv, buffers, need, kv_bits, on_cuda)
+        out += _allocator_remedies(d, need, on_cuda)
+        return _ranked(out)
 
     beams = d.get("beams")
     beyond_weights = d.get("beyond_weights_bytes")
@@ -292,6 +301,18 @@ def price_remedies(
     else:
         out.append(Remedy("offloading", None, None, None, f"Offloading: {unpriced}."))
 
+    out += _allocator_remedies(d, need, on_cuda)
+    return _ranked(out)
+
+
+def _ranked(out: list[Remedy]) -> list[Remedy]:
+    """Remedies that close the gap first, then by bytes bought; unpriceable ones last."""
+    return sorted(out, key=lambda r: (r.saved_bytes is None, not r.fits, -(r.saved_bytes or 0)))
+
+
+def _allocator_remedies(d: dict[str, object], need: int | None, on_cuda: bool) -> list[Remedy]:
+    """The CUDA caching allocator's expandable segments, whatever the cache."""
+    out: list[Remedy] = []
     frag = d["reserved_unallocated_bytes"]
     if not on_cuda:
         pass  # a setting of the CUDA caching allocator
@@ -316,5 +337,4 @@ def price_remedies(
     else:
         why = "cannot be computed: this input has no reserved-memory figures"
         out.append(Remedy("expandable_segments", None, None, None, f"expandable_segments: {why}."))
-    # Remedies that close the gap first, then by bytes bought; unpriceable ones last.
-    return sorted(out, key=lambda r: (r.saved_bytes is None, not r.fits, -(r.saved_bytes or 0)))
+    return out

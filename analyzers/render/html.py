@@ -354,6 +354,13 @@ def _summary_table(report: Report) -> str:
                 f"{kv['bytes_per_token_measured']:,.1f} vs {'-' if expected is None else f'{expected:,}'}",
             )
         )
+        if kv.get("capacity_rows") and kv.get("capacity_tokens"):  # preallocated buffers: per slot
+            rows.append(
+                (
+                    "KV buffers' slots (max_seq_len x max_batch_size)",
+                    f"{kv['capacity_tokens']:,} positions x {kv['capacity_rows']:,} rows",
+                )
+            )
     held = [cache for cache in kv["caches"] if cache["final_bytes"]]
     if len(held) > 1:  # which cache the figures above describe, and each cache's own
         for cache in held:

@@ -66,6 +66,8 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "tokens_held": kv.tokens_held,
             "batch": kv.batch,
             "token_rows": kv.token_rows,
+            "capacity_rows": kv.capacity_rows,
+            "capacity_tokens": kv.capacity_tokens,
             "evictions": kv.evictions,
             "how_to_attribute": NO_KV_HINT if kv.measured_from == "none" else None,
             "per_layer": [

@@ -14,6 +14,21 @@ def _share(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:5.1f}%" if whole else "    -"
 
 
+def _buffer_slots(kv: Any) -> str:
+    """What the measured bytes per token of preallocated buffers divide by (their slots), and what the
+    tokens written hold each: the buffers' bytes do not follow them."""
+    slots = (
+        f"the buffers' {kv.capacity_tokens} positions x {kv.capacity_rows} "
+        f"{'row' if kv.capacity_rows == 1 else 'rows'} (max_seq_len x max_batch_size)"
+    )
+    held = next((c.final_bytes for c in kv.caches if c.main), kv.final_bytes)
+    if not kv.token_rows or not held:
+        return slots
+    rows = "row" if kv.batch == 1 else "rows"
+    per_written = held / kv.token_rows
+    return f"{slots}; the {kv.tokens_held} tokens x {kv.batch} {rows} written hold {per_written:,.1f} each"
+
+
 def report_to_text(report: Report) -> str:
     lines = [f"kvtrace report: {report.path} ({report.source_kind})"]
     for note in report.notes:
@@ -68,6 +83,8 @@ def report_to_text(report: Report) -> str:
         if kv.token_rows and kv.tokens_held and kv.batch and kv.token_rows != kv.tokens_held * kv.batch:
             # data-parallel ranks holding different tokens: the rows are not all as full as the fullest
             held = f"{kv.token_rows:,} tokens over {kv.batch} rows, up to {kv.tokens_held} a row"
+        if kv.capacity_rows and kv.capacity_tokens:
+            held = _buffer_slots(kv)
         if len([c for c in kv.caches if c.final_bytes]) > 1:
             held += f" of cache {kv.main_cache}"
         lines.append(

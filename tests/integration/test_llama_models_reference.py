@@ -25,6 +25,8 @@ DIM, N_LAYERS, N_HEADS, N_KV_HEADS, VOCAB = 64, 2, 4, 2, 256
 LLAMA3_VOCAB = 128256  # the Llama 3 tokenizer's: its output projection is most of a small model's forward
 MAX_BATCH, MAX_SEQ = 2, 32
 PROMPT_LEN, DECODE_STEPS = 6, 3
+# fp8 buffers and transformers' int4 QuantizedCache (not priced): the quantized remedies of fp32 buffers
+_QUANTIZED = {("quantized_kv", 8), ("quantized_kv", 4)}
 
 
 @contextlib.contextmanager
@@ -216,6 +218,104 @@ def test_reference_llama3_tokens_rows_and_steps_follow_the_decode_loop(
     rate_all, rate_row = figures["tokens_per_second"], figures["tokens_per_second_per_row"]
     assert rate_all == pytest.approx(rate_row * batch)
     assert run.manifest["warnings"] == []
+    # AND a byte per token is a slot's of the buffers (max_batch_size x max_seq_len), the arithmetic
+    assert kv["bytes_per_token_measured"] == kv["final_bytes"] / (max_batch * MAX_SEQ)
+    assert kv["bytes_per_token_measured"] == N_LAYERS * 2 * N_KV_HEADS * (DIM // N_HEADS) * itemsize
+    # AND diagnose offers no static cache: the buffers already are one (bfloat16's transient is the `.to()`
+    # of the float32 buffers, not a dynamic cache's torch.cat)
+    assert main(["diagnose", str(tmp_path / "run"), "--json"]) == 0
+    kinds = {r["kind"] for r in json.loads(capsys.readouterr().out)["remedies"]}
+    assert "static_cache" not in kinds and {"batch", "context"} <= kinds
+
+
+def test_reference_llama3_remedies_are_priced_in_max_batch_size_and_max_seq_len(
+    tmp_path, watched_models, capsys
+):
+    # GIVEN the reference model with room for 4 rows of 32 positions, run on 2 rows: its float32 buffers
+    # are allocated once, whatever the rows and tokens written
+    from kvtrace.cli import main
+
+    max_batch, rows = 4, 2
+    head_dim = DIM // N_HEADS
+    written = PROMPT_LEN + DECODE_STEPS  # tokens per row the forwards wrote
+    per_row = 2 * N_LAYERS * MAX_SEQ * N_KV_HEADS * head_dim * 4  # a row of max_batch_size, K and V
+    per_position = 2 * N_LAYERS * max_batch * N_KV_HEADS * head_dim * 4  # a position of max_seq_len
+    kv_total = max_batch * per_row
+    assert kv_total == MAX_SEQ * per_position == 65536
+    with _reference_model(tmp_path, watched_models, max_batch) as model:
+        tokens = torch.randint(0, VOCAB, (rows, written))
+        # profiler=False: the peak is the weights and the buffers, so a budget gives an exact shortfall
+        with kvtrace.record(tmp_path / "run", model=model, profiler=False):
+            model(tokens[:, :PROMPT_LEN], 0)
+            for pos in range(PROMPT_LEN, written):
+                model(tokens[:, pos : pos + 1], pos)
+    run = tmp_path / "run"
+    weights = sum(w.storage_bytes for w in read_run(run).weights)
+    capsys.readouterr()  # fairscale's own lines
+
+    # THEN the report's bytes per token are a slot's (the buffers over max_batch_size x max_seq_len), the
+    # arithmetic, not the buffers over the 9 tokens x 2 rows written
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    arithmetic = N_LAYERS * 2 * N_KV_HEADS * head_dim * 4
+    assert (kv["batch"], kv["tokens_held"], kv["token_rows"]) == (rows, written, rows * written)
+    assert (kv["capacity_rows"], kv["capacity_tokens"]) == (max_batch, MAX_SEQ)
+    assert kv["bytes_per_token_measured"] == kv_total / (max_batch * MAX_SEQ) == arithmetic == 512
+    assert kv["bytes_per_token_expected"] == arithmetic
+    (cache,) = kv["caches"]
+    assert cache["bytes_per_token_measured"] == 512
+    assert main(["report", str(run), "--no-export"]) == 0
+    text = capsys.readouterr().out
+    per_written = f"{kv_total / (rows * written):,.1f}"
+    assert f"measured 512.0 (the buffers' {MAX_SEQ} positions x {max_batch} rows" in text
+    assert f"the {written} tokens x {rows} rows written hold {per_written} each), arithmetic 512" in text
+
+    def remedies(*flags: str) -> tuple[dict[str, object], dict[tuple[str, object], dict[str, object]]]:
+        assert main(["diagnose", str(run), "--json", *flags]) == 0
+        data = json.loads(capsys.readouterr().out)
+        return data, {(r["kind"], r["setting"]): r for r in data["remedies"]}
+
+    # WHEN the run is diagnosed against a budget 20000 B short of weights + buffers
+    need = 20000
+    data, priced = remedies("--budget", str(weights + kv_total - need))
+    assert (data["shortfall_bytes"], data["kv_bytes"]) == (need, kv_total)
+    # THEN fewer rows or a shorter context are not offered as freeing KV: a smaller max_batch_size is, the
+    # largest that leaves room for the shortfall (4 x (65536 - 20000) / 65536 = 2.8 -> 2), 2 rows of 16 KiB
+    assert set(priced) == {("batch", 2), ("context", 22), ("sliding_window", 22), *_QUANTIZED}
+    batch = priced[("batch", 2)]
+    assert (batch["saved_bytes"], batch["fits"]) == (2 * per_row, True) == (32768, True)
+    assert "Fewer rows in use (this run writes up to 2) free no KV" in str(batch["sentence"])
+    assert "max_batch_size=2 instead of 4 frees 32.00 KiB, enough to fit." in str(batch["sentence"])
+    # ... and a smaller max_seq_len: 32 x 45536 / 65536 = 22.2 -> 22, freeing 10 positions of 2 KiB
+    context = priced[("context", 22)]
+    assert (context["saved_bytes"], context["fits"]) == (10 * per_position, True) == (20480, True)
+    assert "A shorter context frees no KV" in str(context["sentence"])
+    assert "(9 at most in this run). max_seq_len=22 instead of 32 frees 20.00 KiB" in str(context["sentence"])
+    window = priced[("sliding_window", 22)]
+    assert window["saved_bytes"] == 20480 and "needs the model's code changed" in str(window["sentence"])
+    # fp8 buffers keep 8 of the 32 bits (the model's code changed); transformers' int4 cache is no remedy
+    fp8 = priced[("quantized_kv", 8)]
+    assert (fp8["saved_bytes"], fp8["fits"]) == (kv_total * 3 // 4, True)
+    assert "need the model's code changed" in str(fp8["sentence"])
+    assert priced[("quantized_kv", 4)]["saved_bytes"] is None
+
+    # WHEN 50000 B are missing: max_batch_size=1 frees 3 rows, 49152 B, not enough; max_seq_len=7
+    # (32 x 15536 / 65536 = 7.6) frees 25 positions, 51200 B, below the 9 tokens this run writes
+    need = 50000
+    data, priced = remedies("--budget", str(weights + kv_total - need))
+    assert data["shortfall_bytes"] == need
+    batch = priced[("batch", None)]
+    assert (batch["saved_bytes"], batch["fits"]) == (3 * per_row, False) == (49152, False)
+    assert "Even max_batch_size=1 frees only 48.00 KiB" in str(batch["sentence"])
+    context = priced[("context", 7)]
+    assert (context["saved_bytes"], context["fits"]) == (25 * per_position, True) == (51200, True)
+    assert "with at most 7 tokens (this run writes up to 9)" in str(context["sentence"])
+
+    # WHEN there is no budget: the settings the run itself needs, 2 rows and 9 positions
+    data, priced = remedies()
+    assert data["shortfall_bytes"] is None
+    assert priced[("batch", 2)]["saved_bytes"] == 2 * per_row
+    assert priced[("context", 9)]["saved_bytes"] == (MAX_SEQ - 9) * per_position == 47104
 
 
 def _without_clock_base(run_dir: Path, copy: Path) -> None:

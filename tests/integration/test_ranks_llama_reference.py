@@ -85,10 +85,17 @@ def test_rank_kv_bytes_equal_the_rank_cache_tensors_and_the_total_their_sum(grou
         # its arithmetic counts the KV heads its buffers hold ([batch, seq, heads, head_dim]): half of them
         rank_per_token = worker.N_LAYERS * 2 * (worker.N_KV_HEADS // WORLD) * HEAD_DIM * 4
         assert entry["kv"]["bytes_per_token_expected"] == rank_per_token
+        # measured: its buffers over their max_batch_size x max_seq_len slots, the same arithmetic
+        assert entry["kv"]["bytes_per_token_measured"] == RANK_KV_BYTES / (worker.MAX_BATCH * worker.MAX_SEQ)
+        assert entry["kv"]["bytes_per_token_measured"] == rank_per_token
     # ... and the group's figures are their sum.
     total = sum(f["kv_bytes"] for f in facts.values())
     assert data["kv"]["final_bytes"] == data["kv"]["peak_bytes"] == total == WORLD * RANK_KV_BYTES
     assert data["kv"]["bytes_per_token_expected"] == worker.N_LAYERS * 2 * worker.N_KV_HEADS * HEAD_DIM * 4
+    # the ranks' buffers share their slots, each holding half the heads: a slot of the group holds them all
+    slots = worker.MAX_BATCH * worker.MAX_SEQ
+    assert (data["kv"]["capacity_rows"], data["kv"]["capacity_tokens"]) == (worker.MAX_BATCH, worker.MAX_SEQ)
+    assert data["kv"]["bytes_per_token_measured"] == total / slots == data["kv"]["bytes_per_token_expected"]
     # a rank opened on its own gives the same arithmetic as inside the group
     alone = _report(out / "rank-1", capsys, "--no-export")
     assert alone["kv"]["bytes_per_token_expected"] == data["ranks"][1]["kv"]["bytes_per_token_expected"]

@@ -63,7 +63,6 @@ def test_nvml_absent_without_a_driver_is_a_reason_not_an_error() -> None:
     assert sample["cpu_percent"] >= 0
 
 
-
 def test_a_run_that_shows_no_kv_update_says_why_it_may_be(tmp_path: Path) -> None:
     # GIVEN generate() without a cache: every forward recomputes, no KV update is ever made
     ids = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
@@ -148,16 +147,19 @@ def test_a_run_without_model_geometry_reads_dash_not_none(tmp_path: Path) -> Non
     with kvtrace.record(tmp_path / "run", model=model, profiler=False):
         for pos in range(4):
             model(torch.ones(1, 1, 2, 8), pos)
-    # measured: 2 layers x (K, V) x 2 heads x 8 dims x 4 B (float32) for each of the buffers' 32 slots,
-    # over the 4 tokens written
-    per_token = 2 * 2 * 2 * 8 * 4 * 32 / 4
+    # measured: 2 layers x (K, V) x 2 heads x 8 dims x 4 B (float32), a slot of the preallocated buffers
+    # (their bytes over their 32 positions x 1 row); the 4 tokens written hold 32 / 4 times that each
+    per_token = 2 * 2 * 2 * 8 * 4
+    per_written = per_token * 32 / 4
     # WHEN it is reported as text and as HTML
     text = _out(["report", str(tmp_path / "run"), "--no-export"])
     page = tmp_path / "t.html"
     _out(["report", str(tmp_path / "run"), "--no-export", "-q", "-o", str(page)])
     html = page.read_text(encoding="utf-8")
     # THEN both say "-" where the arithmetic is unknown (the HTML said Python's "None"), one row is "row"
-    assert f"    bytes per token: measured {per_token:,.1f} (4 tokens x 1 row), arithmetic -\n" in text
+    slots = "the buffers' 32 positions x 1 row (max_seq_len x max_batch_size)"
+    held = f"the 4 tokens x 1 row written hold {per_written:,.1f} each"
+    assert f"    bytes per token: measured {per_token:,.1f} ({slots}; {held}), arithmetic -\n" in text
     assert f"<th>KV bytes/token measured vs arithmetic</th><td>{per_token:,.1f} vs -</td>" in html
     # AND the CPU banner is one sentence, said once
     banner = "<p class='note'>GPU utilization and device memory (NVML) are absent: the run is not on CUDA</p>"

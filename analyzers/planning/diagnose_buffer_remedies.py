@@ -1,0 +1,209 @@
+"""The remedies for a cache of preallocated module buffers, priced in their own settings. Pure, torch-free.
+
+Meta's reference Llama keeps each layer's K and V in `cache_k`/`cache_v` buffers of [max_batch_size,
+max_seq_len, kv_heads, head_dim], allocated once when the model is built (the KV log's part `buffer`,
+analyzers.kv_log.preallocated_capacity). Their bytes follow those two settings, never the rows a forward
+writes nor the tokens written so far: running fewer rows or a shorter context frees nothing.
+
+* a smaller max_batch_size frees the moment's KV / max_batch_size per row of it, a smaller max_seq_len the
+  KV / max_seq_len per position: every KV storage of the moment has that shape (the copy a `.to(dtype)` of
+  the buffers makes too), so these are exact; the most rows and tokens the run wrote are the smallest
+  settings it still runs at, and a setting below them says so;
+* a sliding window, fp8 buffers and int4 quantization need the model's code changed (its attention writes
+  every position up to max_seq_len, in the buffers' dtype); a sliding window kept as a ring of W positions
+  frees what max_seq_len=W frees, fp8 buffers a quarter or half of the KV; transformers' QuantizedCache and
+  OffloadedCache manage its own caches, not a model's buffers, so they are not priced;
+* a static cache is what these buffers already are: that remedy is left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from analyzers.planning.diagnosis import Remedy, fits
+from analyzers.summary import Report
+from analyzers.units import human_bytes
+
+__all__ = ["PreallocatedBuffers", "buffer_remedies", "preallocated_buffers"]
+
+
+@dataclass(frozen=True)
+class PreallocatedBuffers:
+    """The room of a cache made of preallocated module buffers, and what the run used of it."""
+
+    rows: int  # max_batch_size: the buffers' first dimension
+    positions: int  # max_seq_len: their second
+    rows_used: int | None  # the most rows a forward of the run wrote (None: unknown)
+    tokens_written: int | None  # the most tokens per row the run wrote (None: its forwards did not say)
+
+
+def preallocated_buffers(report: Report, kv_log: Any) -> PreallocatedBuffers | None:
+    """The main cache's buffers where it is preallocated (the report's `capacity_rows`), with the most rows
+    and tokens per row the run's forwards wrote (the KV log's steps); None for any other cache."""
+    kv = report.kv
+    if not kv.capacity_rows or not kv.capacity_tokens:
+        return None
+    rows_used = tokens_written = 0
+    if kv_log is not None:
+        forwards = [s for s, phase in kv_log.step_phase.items() if phase in ("prefill", "decode")]
+        rows_used = max((kv_log.step_rows.get(s, {}).get(kv.main_cache, 0) for s in forwards), default=0)
+        written = (kv_log.step_tokens.get(s, {}).get(kv.main_cache, 0) for s in forwards)
+        tokens_written = max(written, default=0)
+    return PreallocatedBuffers(
+        kv.capacity_rows, kv.capacity_tokens, rows_used or None, tokens_written or None
+    )
+
+
+def _smaller(room: int, kv: int, need: int | None, used: int | None) -> tuple[int, int]:
+    """(the setting to propose, KV bytes it frees) for a buffer dimension of `room` that the KV is linear in:
+    with a shortfall, the largest that leaves room for it (0: even 1 is too many), freeing what going down
+    to it, or to 1, saves; without one, what the run used (`used`), else one fewer; nothing to free when the
+    run fits."""
+    if need is None:
+        target = used if used is not None and 1 <= used < room else room - 1
+        return target, round(kv * (room - target) / room) if target >= 1 else 0
+    target = max(room * (kv - need) // kv, 0)
+    return target, 0 if need <= 0 else round(kv * (room - max(target, 1)) / room)
+
+
+def _below_use(target: int, used: int | None, what: str) -> str:
+    """The condition a setting below what the run used puts on it: `what` names one unit, as "row"."""
+    if used is None or target >= used:
+        return ""
+    return f", with at most {target:,} {what}{'' if target == 1 else 's'} (this run writes up to {used:,})"
+
+
+def _max_batch(kv: int, b: PreallocatedBuffers, need: int | None) -> Remedy:
+    per_row = human_bytes(kv / b.rows)
+    in_use = f" (this run writes up to {b.rows_used})" if b.rows_used else ""
+    idle = (
+        f"Fewer rows in use{in_use} free no KV: the buffers are allocated for max_batch_size={b.rows} "
+        f"({per_row} of KV a row of it), whatever rows a forward writes"
+    )
+    target, saved = _smaller(b.rows, kv, need, b.rows_used)
+    if b.rows == 1:
+        return Remedy("batch", None, 0, fits(0, need), f"{idle}; max_batch_size is 1 already.")
+    if need is not None and need <= 0:
+        text = (
+            f"max_batch_size={b.rows} already fits; the KV alone would leave room up to max_batch_size="
+            f"{target}. {idle}."
+        )
+        return Remedy("batch", target, 0, fits(0, need), text)
+    if target >= 1:
+        enough = ", enough to fit" if need is not None else ""
+        condition = _below_use(target, b.rows_used, "row")
+        text = (
+            f"{idle}. max_batch_size={target} instead of {b.rows} frees {human_bytes(saved)}{enough}"
+            f"{condition}."
+        )
+        return Remedy("batch", target, saved, fits(saved, need), text)
+    assert need is not None
+    text = (
+        f"{idle}. Even max_batch_size=1 frees only {human_bytes(saved)}, less than the "
+        f"{human_bytes(need)} shortfall."
+    )
+    return Remedy("batch", None, saved, fits(saved, need), text)
+
+
+def _max_seq_len(kv: int, b: PreallocatedBuffers, need: int | None) -> tuple[Remedy, Remedy]:
+    """A smaller max_seq_len, and a sliding window kept as a ring (the model's code changed)."""
+    per_position = human_bytes(kv / b.positions)
+    written = f" ({b.tokens_written:,} at most in this run)" if b.tokens_written else ""
+    idle = (
+        f"A shorter context frees no KV: the buffers hold max_seq_len={b.positions:,} positions "
+        f"({per_position} of KV each, over the {b.rows} rows of max_batch_size), however many tokens are "
+        f"written{written}"
+    )
+    ring = (
+        f"A sliding window needs the model's code changed: its attention writes each token at its position "
+        f"in buffers max_seq_len={b.positions:,} long"
+    )
+    target, saved = _smaller(b.positions, kv, need, b.tokens_written)
+    if need is not None and need <= 0:
+        context = (
+            f"max_seq_len={b.positions:,} already fits; the KV alone would leave room up to max_seq_len="
+            f"{target:,}. {idle}."
+        )
+        return (
+            Remedy("context", target, 0, fits(0, need), context),
+            Remedy("sliding_window", None, 0, fits(0, need), f"{ring}; the run already fits."),
+        )
+    if target >= 1:
+        enough = ", enough to fit" if need is not None else ""
+        condition = _below_use(target, b.tokens_written, "token")
+        context = (
+            f"{idle}. max_seq_len={target:,} instead of {b.positions:,} frees {human_bytes(saved)}{enough}"
+            f"{condition}."
+        )
+        window = (
+            f"{ring}; kept as a ring of {target:,} positions, they would cap KV at {human_bytes(kv - saved)} "
+            f"however long generation runs, freeing {human_bytes(saved)}{enough}, at the cost of forgetting "
+            f"older tokens (max_seq_len={target:,} frees as much for contexts that fit in it)."
+        )
+        return (
+            Remedy("context", target, saved, fits(saved, need), context),
+            Remedy("sliding_window", target, saved, fits(saved, need), window),
+        )
+    assert need is not None
+    short = f"less than the {human_bytes(need)} shortfall"
+    return (
+        Remedy(
+            "context",
+            None,
+            saved,
+            fits(saved, need),
+            f"{idle}. Even max_seq_len=1 frees only {human_bytes(saved)}, {short}.",
+        ),
+        Remedy(
+            "sliding_window",
+            None,
+            saved,
+            fits(saved, need),
+            f"{ring}; even a ring of 1 position would free only {human_bytes(saved)}, {short}.",
+        ),
+    )
+
+
+def _quantized(kv: int, kv_bits: int | None, need: int | None) -> list[Remedy]:
+    """fp8 buffers (the model's code changed); transformers' int4 QuantizedCache does not apply."""
+    int4 = Remedy(
+        "quantized_kv",
+        4,
+        None,
+        None,
+        "int4 quantized cache: transformers' QuantizedCache quantizes its own caches, not a model's "
+        "preallocated buffers (cache_k/cache_v): it needs the model's code changed to pack and unpack them.",
+    )
+    if kv_bits is None:
+        why = "cannot be computed: the KV dtype is not recorded"
+        return [Remedy("quantized_kv", None, None, None, f"Quantized KV: {why}."), int4]
+    if kv_bits <= 8:  # 8-bit buffers already are what this remedy proposes
+        return [int4]
+    saved = round(kv * (1 - 8 / kv_bits))
+    text = (
+        f"fp8 buffers save {human_bytes(saved)} of the {human_bytes(kv)} held at {kv_bits} bits, but need "
+        "the model's code changed: it allocates cache_k/cache_v in its own dtype and attends over them as "
+        "they are, so it would have to convert on every write and read."
+    )
+    return [Remedy("quantized_kv", 8, saved, fits(saved, need), text), int4]
+
+
+def buffer_remedies(
+    kv: int,
+    buffers: PreallocatedBuffers,
+    need: int | None,
+    kv_bits: int | None,
+    on_cuda: bool,
+) -> list[Remedy]:
+    """The batch, context, sliding window, quantization and offloading remedies for a moment holding `kv`
+    bytes of preallocated buffers; `need`: the shortfall."""
+    out = [_max_batch(kv, buffers, need), *_max_seq_len(kv, buffers, need)]
+    out += _quantized(kv, kv_bits, need)
+    if on_cuda:
+        text = (
+            "Offloading: transformers' OffloadedCache moves its own caches, not a model's preallocated "
+            "buffers, which the model's code keeps on the device: it needs that code changed."
+        )
+        out.append(Remedy("offloading", None, None, None, text))
+    return out
