@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import MemorySource
+from analyzers.render.engine import no_memory_timeline
 from analyzers.render.event_axis import EventAxis, event_axis
 from analyzers.render.json import NO_KV_HINT, report_to_json
 from analyzers.render.text import budget_line
@@ -371,12 +372,14 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
     from plotly.offline import get_plotlyjs
 
     plot = ""
-    if source.meta.get("engine") is None or max((len(tl.ts_us) for tl in report.timelines), default=0) > 1:
-        # A vLLM run without a trace has one memory event (the pool's allocation): its engine section
-        # below is the timeline, and a chart of one point would only mislead.
+    events = max((len(tl.ts_us) for tl in report.timelines), default=0)
+    # A vLLM run without a trace has one memory event (the pool's allocation): its engine section below is
+    # the timeline, and a chart of one point would only mislead.
+    no_timeline = no_memory_timeline(source.meta.get("engine"), report.engine, events)
+    if no_timeline is None:
         fig = _timeline_figure(source, report)
         plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-timeline")
-    extra_notes = [n for n in (_monitor_note(source),) if n]
+    extra_notes = [n for n in (_monitor_note(source), no_timeline) if n]
     if report.kv.measured_from == "none":
         extra_notes.append(f"KV cache: {NO_KV_HINT}")
     if report.budget is not None:
