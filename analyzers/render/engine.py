@@ -95,15 +95,62 @@ def peak_when(fig: EngineFigures) -> str:
     return "before its first step" if fig.peak_step is None else f"step {fig.peak_step}"
 
 
+def no_memory_timeline(run: EngineRun | None, fig: EngineFigures | None, memory_events: int) -> str | None:
+    """Why an engine's run gets no memory timeline, or None where it gets one. An engine allocates its pool
+    once, before its first step: without a profiler trace, that allocation is the run's one memory event, and
+    a chart of one point would only mislead. The HTML report and the TensorBoard tab both say this."""
+    if run is None or fig is None or memory_events > 1:
+        return None
+    name = f"{fig.name} {fig.version}".strip()
+    if fig.status == "refused_start":
+        return f"No memory timeline and no pool chart: {name} refused to start, and no engine step ran."
+    what = "has no memory event" if memory_events == 0 else "has one memory event, its KV pool's allocation"
+    if len(run.steps) == 0:
+        return f"No memory timeline and no pool chart: this {name} run {what}, and no engine step ran."
+    preempted = f"{fig.preemptions} preemption{'s' if fig.preemptions != 1 else ''}"
+    return (
+        f"No memory timeline: this {name} run {what} (before its first engine step). The KV pool chart below "
+        f"is its timeline: blocks used against the total over {fig.steps:,} engine steps, {preempted}."
+    )
+
+
+def engine_pool_title(fig: EngineFigures) -> str:
+    return f"{fig.name} {fig.version} KV pool".strip()
+
+
+def engine_pool_rows(fig: EngineFigures) -> list[tuple[str, str]]:
+    """The pool's table beside its chart: (label, figure) rows."""
+    return [
+        ("blocks", f"{fig.num_blocks:,} of {fig.block_size} tokens"),
+        ("pool", human_bytes(fig.kv_cache_bytes)),
+        ("requests", requests_phrase(fig)),
+        ("peak blocks used", f"{fig.peak_blocks_used:,} ({peak_when(fig)})"),
+        ("preemptions", f"{fig.preemptions} ({fig.preempted_tokens:,} tokens dropped)"),
+        ("prefix-cache blocks evicted", f"{fig.prefix_cache_evicted_blocks:,}"),
+    ]
+
+
 def engine_html_section(run: EngineRun, fig: EngineFigures) -> str:
+    """The pool's table and chart (`engine_pool_figure`)."""
+    fig_plot = engine_pool_figure(run)
+    if fig_plot is None:
+        return ""
+    div = fig_plot.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-engine-pool")
+    title = html.escape(engine_pool_title(fig))
+    table = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in engine_pool_rows(fig))
+    return f"<h2>{title}</h2><table class='summary'>{table}</table>{div}"
+
+
+def engine_pool_figure(run: EngineRun) -> Any:
     """Pool occupancy over engine steps (blocks used and cached against the total, with preemption and
-    prefix-eviction markers) and the blocks each request held, one lane per request."""
+    prefix-eviction markers) and the blocks each request held, one lane per request: a plotly figure, or
+    None for a run without engine steps. The HTML report and the TensorBoard tab draw this one figure."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     steps = run.steps
     if len(steps) == 0:
-        return ""
+        return None
     x = steps["step"]
     lanes = _request_lanes(run)
     rows = 2 if lanes[0] else 1
@@ -190,18 +237,7 @@ def engine_html_section(run: EngineRun, fig: EngineFigures) -> str:
         legend={"orientation": "h"},
         margin={"t": 50, "l": 80, "r": 30},
     )
-    div = fig_plot.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-engine-pool")
-    title = html.escape(f"{fig.name} {fig.version} KV pool".strip())
-    table_rows = [
-        ("blocks", f"{fig.num_blocks:,} of {fig.block_size} tokens"),
-        ("pool", human_bytes(fig.kv_cache_bytes)),
-        ("requests", requests_phrase(fig)),
-        ("peak blocks used", f"{fig.peak_blocks_used:,} ({peak_when(fig)})"),
-        ("preemptions", f"{fig.preemptions} ({fig.preempted_tokens:,} tokens dropped)"),
-        ("prefix-cache blocks evicted", f"{fig.prefix_cache_evicted_blocks:,}"),
-    ]
-    table = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in table_rows)
-    return f"<h2>{title}</h2><table class='summary'>{table}</table>{div}"
+    return fig_plot
 
 
 def _request_lanes(run: EngineRun) -> tuple[list[str], np.ndarray]:

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import MemorySource
+from analyzers.render.engine import no_memory_timeline
+from analyzers.render.event_axis import EventAxis, event_axis
 from analyzers.render.json import NO_KV_HINT, report_to_json
 from analyzers.render.text import budget_line
 from analyzers.summary import Report
@@ -25,7 +27,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     kv = source.meta.get("kv")
     # A vLLM pool is allocated once (its KV events all at step 0): per-step KV panels would show one column.
     rows = 3 if kv is not None and kv.step_live and source.meta.get("engine") is None else 1
-    titles = ["Memory by category over time"]
+    titles = ["Memory by category over time"]  # or what the event axis says the chart holds, below
     if rows == 3:
         titles += [
             "KV cache bytes over time (exact, from the KV log)",
@@ -46,9 +48,8 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     t0 = _origin_us(report, source, kv, usage)
     # A snapshot whose trace records no times is placed by each entry's order: say so, do not call it time
     untimed = "event_index" in (source.meta.get("timestamps") or {}).values()
-    scale, x_title = 1e6, "seconds from first event"
-    if untimed:
-        scale, x_title = 1.0, "allocator event, in order (this snapshot records no times)"
+    axis = event_axis(report.timelines, t0, untimed, seconds_shared=rows > 1 or usage is not None)
+    fig.layout.annotations[0].text = axis.title
     top = max((float(tl.allocated.max()) for tl in report.timelines if len(tl.allocated)), default=0.0)
     unit, factor = binary_unit(max(top, (report.budget or {}).get("bytes", 0)))
     hover = hover_bytes(unit)
@@ -56,16 +57,12 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         if len(tl.ts_us) == 0:
             continue
         keep = downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us)
-        x = (tl.ts_us[keep] - t0) / scale
-        # From the level before the first event, at its time: a trace that begins by freeing blocks it never
-        # allocated (a snapshot's) peaks there, as the page's figures say.
-        starts = tl.start_allocated != int(tl.allocated[0])
-        if starts:
-            x = np.concatenate([x[:1], x])
+        # From the level before the first event: a trace that begins by freeing blocks it never allocated
+        # (a snapshot's) peaks there, as the page's figures say.
+        x, lined_up = axis.points(tl, keep)
 
-        def points(values: np.ndarray, start: int, keep: np.ndarray = keep, starts: bool = starts) -> Any:
-            picked = values[keep]
-            return (np.concatenate([[start], picked]) if starts else picked) / factor
+        def points(values: np.ndarray, start: int, lined_up: Any = lined_up) -> Any:
+            return lined_up(values, start) / factor
 
         prefix = f"{tl.device} " if len(report.timelines) > 1 else ""
         for name in ("weights", "kv", "other"):
@@ -114,7 +111,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
                 col=1,
             )
     peak_y = top / factor
-    _add_budget(fig, report, t0, factor)
+    _add_budget(fig, report, axis, factor)
     for kind, symbol, color in (
         ("step", "line-ns-open", "#2ca02c"),
         ("eviction", "triangle-down", "#9467bd"),
@@ -125,7 +122,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             continue
         fig.add_trace(
             go.Scatter(
-                x=[(m.ts_us - t0) / 1e6 for m in marks],
+                x=[axis.place(m.ts_us) for m in marks],
                 y=[peak_y * 1.04] * len(marks),
                 mode="markers",
                 name=kind,
@@ -136,7 +133,9 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             1,
             1,
         )
-    fig.update_xaxes(title_text=x_title, row=1, col=1)
+    fig.update_xaxes(title_text=axis.x_title, row=1, col=1)
+    if axis.in_order and axis.instant_events:  # a few events: whole ones, no "0.5" between them
+        fig.update_xaxes(dtick=1, row=1, col=1)
     fig.update_yaxes(title_text=unit, row=1, col=1)
     if rows == 3:
         assert kv is not None  # rows == 3 only when there is a KV log
@@ -199,7 +198,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     return fig
 
 
-def _add_budget(fig: Any, report: Report, t0: float, factor: int) -> None:
+def _add_budget(fig: Any, report: Report, axis: EventAxis, factor: int) -> None:
     """The budget as a line, and an X where the run crosses it (the allocation that would fail)."""
     import plotly.graph_objects as go
 
@@ -223,7 +222,7 @@ def _add_budget(fig: Any, report: Report, t0: float, factor: int) -> None:
         )
         fig.add_trace(
             go.Scatter(
-                x=[(budget["t"] - t0) / 1e6],
+                x=[axis.place(budget["t"])],
                 y=[(budget["allocated_after_bytes"] or budget["bytes"]) / factor],
                 mode="markers",
                 name="runs out here",
@@ -380,12 +379,14 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
     from plotly.offline import get_plotlyjs
 
     plot = ""
-    if source.meta.get("engine") is None or max((len(tl.ts_us) for tl in report.timelines), default=0) > 1:
-        # A vLLM run without a trace has one memory event (the pool's allocation): its engine section
-        # below is the timeline, and a chart of one point would only mislead.
+    events = max((len(tl.ts_us) for tl in report.timelines), default=0)
+    # A vLLM run without a trace has one memory event (the pool's allocation): its engine section below is
+    # the timeline, and a chart of one point would only mislead.
+    no_timeline = no_memory_timeline(source.meta.get("engine"), report.engine, events)
+    if no_timeline is None:
         fig = _timeline_figure(source, report)
         plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-timeline")
-    extra_notes = [n for n in (_monitor_note(source),) if n]
+    extra_notes = [n for n in (_monitor_note(source), no_timeline) if n]
     if report.kv.measured_from == "none":
         extra_notes.append(f"KV cache: {NO_KV_HINT}")
     if report.budget is not None:

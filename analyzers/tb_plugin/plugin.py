@@ -97,6 +97,7 @@ class KvCachePlugin(base_plugin.TBPlugin):
             "/timeline": _wsgi(self._serve_run_data),
             "/layers": _wsgi(self._serve_run_data),
             "/diagnosis": _wsgi(self._serve_run_data),
+            "/pool": _wsgi(self._serve_run_data),
         }
 
     def is_active(self) -> bool:
@@ -151,6 +152,8 @@ class KvCachePlugin(base_plugin.TBPlugin):
             elif endpoint == "layers":
                 steps = _int_arg(request, "steps", DEFAULT_MAX_STEPS, 10, 100_000)
                 payload = self._store.layers(name, max_steps=steps)
+            elif endpoint == "pool":
+                payload = self._store.pool(name)
             else:
                 payload = self._store.diagnosis(name)
         except UnknownRun:

@@ -2,7 +2,8 @@
 
 Kept apart from TensorBoard (no werkzeug, no tensorboard import) so the figures can be tested without a
 server, and so that everything here is the analyzers' own model: the summary is `report_to_json`, the
-timeline is `Report.timelines` cut down by `downsample_indices`, the heatmap is the KV log's `step_live`.
+timeline is `Report.timelines` cut down by `downsample_indices`, the heatmap is the KV log's `step_live`,
+an engine's pool is the HTML report's own figure (`analyzers.render.engine`).
 Nothing is computed twice and nothing imports torch.
 
 A run is parsed once and kept while its files are unchanged: the cache key is (path, manifest mtime,
@@ -254,7 +255,33 @@ class RunStore:
             for m in source.markers
             if m.kind in _MARKER_KINDS
         ]
-        return {"run": name, "t0_us": t0, "devices": devices, "markers": markers}
+        from analyzers.render.engine import no_memory_timeline
+
+        events = max((len(tl.ts_us) for tl in report.timelines), default=0)
+        # Why the page draws no memory chart, in the HTML report's words; None where it draws one.
+        no_chart = no_memory_timeline(source.meta.get("engine"), report.engine, events)
+        return {"run": name, "t0_us": t0, "devices": devices, "markers": markers, "no_chart": no_chart}
+
+    def pool(self, name: str) -> dict[str, Any]:
+        """An engine run's KV pool (vLLM, transformers' continuous batching): the HTML report's pool table
+        and its very figure (blocks used against the total over engine steps, preemptions, blocks per
+        request) as plotly JSON; `figure: null` for a run without engine steps, `title: null` without an
+        engine."""
+        loaded = self.load(name)
+        if loaded.error is not None:
+            return {"error": loaded.error}
+        run, figures = loaded.source.meta.get("engine"), loaded.report.engine
+        if run is None or figures is None:
+            return {"run": name, "title": None, "rows": [], "figure": None}
+        from analyzers.render.engine import engine_pool_figure, engine_pool_rows, engine_pool_title
+
+        figure = engine_pool_figure(run)
+        return {
+            "run": name,
+            "title": engine_pool_title(figures),
+            "rows": [list(row) for row in engine_pool_rows(figures)] if figure is not None else [],
+            "figure": json.loads(figure.to_json()) if figure is not None else None,
+        }
 
     def layers(self, name: str, max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, Any]:
         """KV bytes live per layer at the end of each step (the KV log's `step_live`), and the evictions.

@@ -13,9 +13,11 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from kvtrace.cli import main
+from tests.plotly_figures import page_figure
 
 SNAPSHOTS = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
 NAMES = sorted(p.name for p in SNAPSHOTS.glob("*.pickle")) if SNAPSHOTS.is_dir() else []
@@ -63,6 +65,65 @@ def test_a_block_freed_but_never_allocated_in_the_trace_was_live_at_the_start(na
     assert device["final_allocated_bytes"] == final
     assert device["peak_allocated_bytes"] == final + freed
     assert sum(device["categories_at_peak"].values()) == final + freed
+
+
+@pytest.mark.parametrize("name", ["08fa910_1.3b_snapshot.pickle", "1.3b_snapshot.pickle"])
+def test_the_chart_of_a_single_free_draws_the_level_before_it_and_after_it(name: str, tmp_path: Path) -> None:
+    # GIVEN a torch 2.0 dump whose trace is one free, of a block allocated before the trace began: the peak
+    # is the level before that free
+    raw = _raw(name)
+    ((free,),) = raw["device_traces"]
+    final = sum(_requested(block) for block in _live_blocks(raw))
+    peak = final + free["size"]
+    unit = 2**30 if peak >= 2**30 else 2**20  # the chart's binary unit: GiB for the 3.61 GiB one
+
+    # WHEN its HTML report is written
+    page = tmp_path / "report.html"
+    _cli(["report", str(SNAPSHOTS / name), "-q", "-o", str(page)], as_json=False)
+    traces, layout = page_figure(page.read_text(), "kvtrace-timeline")
+
+    # THEN every series spans the event before the trace (-1) to one after the free (1), stepping at the
+    # free: the areas have a width (they were two dots at x=0, on an empty axis)
+    by_name = {trace["name"]: trace for trace in traces}
+    assert set(by_name) == {"weights", "kv", "other", "allocated", "reserved"}
+    assert all(trace["x"] == [-1, 0, 0, 1] for trace in traces)
+    allocated = [round(y * unit) for y in by_name["allocated"]["y"]]
+    assert allocated == [peak, peak, final, final]
+    stacked = np.sum([by_name[c]["y"] for c in ("weights", "kv", "other")], axis=0)
+    assert np.allclose(stacked, by_name["allocated"]["y"])
+    # the weights area (most of the peak), drawn across the chart at the page's figure for them
+    (device,) = _report(name)["devices"]
+    weights = device["categories_at_peak"]["weights"]
+    assert weights > 0.9 * peak
+    assert [round(y * unit) for y in by_name["weights"]["y"]] == [weights] * 4
+    # AND the chart says what it holds, and what x = -1 is
+    assert layout["annotations"][0]["text"].startswith("Memory by category: the trace holds a single event")
+    assert "-1: the level before the trace" in layout["xaxis"]["title"]["text"]
+
+
+def test_events_at_one_instant_are_drawn_in_order(tmp_path: Path) -> None:
+    # GIVEN a timed snapshot whose trace is two frees at the same microsecond, of blocks allocated before it
+    at = 1_700_000_000_000_000
+    trace = [
+        {"action": "free_completed", "addr": 8192, "size": 4096, "time_us": at},
+        {"action": "free_completed", "addr": 12288, "size": 2048, "time_us": at},
+    ]
+    blocks = [{"address": 0, "size": 1024, "requested_size": 1024, "state": "active_allocated"}]
+    segment = {"device": 0, "address": 0, "total_size": 16384, "allocated_size": 1024, "blocks": blocks}
+    path = tmp_path / "snapshot.pickle"
+    path.write_bytes(pickle.dumps({"segments": [segment], "device_traces": [trace]}, protocol=4))
+
+    # WHEN its HTML report is written
+    page = tmp_path / "report.html"
+    _cli(["report", str(path), "-q", "-o", str(page)], as_json=False)
+    traces, layout = page_figure(page.read_text(), "kvtrace-timeline")
+
+    # THEN the events go in their order, after the level before them and before the level after them
+    (allocated,) = [t for t in traces if t["name"] == "allocated"]
+    assert allocated["x"] == [-1, 0, 0, 1, 2]
+    assert [round(y * 1024) for y in allocated["y"]] == [1024 + 4096 + 2048] * 2 + [1024 + 2048, 1024, 1024]
+    assert layout["annotations"][0]["text"].startswith("Memory by category: the trace's 2 events fall at one")
+    assert layout["xaxis"]["title"]["text"].startswith("allocator event, in order (all at one time")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -156,6 +217,17 @@ def test_peak_time_is_a_time_or_none(tmp_path: Path, timed: bool) -> None:
     # an entry's place in the trace is no time either: the chart's axis says which it is
     assert ("seconds from first event" in page) is timed
     assert ("this snapshot records no times" in page) is not timed
+    # and the OOM's marker is on that axis: seconds from the first alloc, or entries after it (it was at
+    # 4e-06, an entry count divided as if microseconds)
+    first = next(i for i, e in enumerate(raw["device_traces"][0]) if e["action"] == "alloc")
+    oom_index = raw["device_traces"][0].index(oom_entry)
+    expected_x = (
+        (oom_entry["time_us"] - raw["device_traces"][0][first]["time_us"]) / 1e6
+        if timed
+        else oom_index - first
+    )
+    (marker,) = [t for t in page_figure(page, "kvtrace-timeline")[0] if t["name"] == "oom"]
+    assert marker["x"] == [expected_x]
     assert "out of memory" in _cli(["diagnose", str(path)], as_json=False)
 
 

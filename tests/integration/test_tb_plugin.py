@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from kvtrace.cli import main as kvtrace_main
+from tests.plotly_figures import decoded, page_figure
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 PLUGIN = "kvcache"
@@ -183,7 +184,7 @@ def test_runs_lists_good_runs_and_broken_ones_with_their_error(server: str, logd
 
 @pytest.mark.slow
 def test_broken_runs_answer_an_error_and_the_server_keeps_serving(server: str) -> None:
-    for route in ("summary", "timeline", "layers", "diagnosis"):
+    for route in ("summary", "timeline", "layers", "diagnosis", "pool"):
         status, payload = _get_json(_plugin(server, f"{route}?run=broken_manifest"))
         assert status == 200
         assert "corrupt manifest" in payload["error"]
@@ -350,6 +351,58 @@ def test_press_and_crop_markers_count_every_row(tmp_path: Path) -> None:
     assert report["kv"]["evictions_by_reason"] == {"press": press * layers_n, "crop": cropped * layers_n}
 
 
+@pytest.mark.parametrize("name", ["vllm_preempt", "vllm_preempt_mixed"])
+def test_an_engine_run_shows_its_pool_and_says_why_it_has_no_memory_chart(tmp_path: Path, name: str) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+
+    # GIVEN a copy of a vLLM run recorded without a profiler: its one memory event is the pool's allocation
+    run = shutil.copytree(SAMPLES / name, tmp_path / name)
+    steps = [json.loads(line) for line in (run / "engine_steps.jsonl").read_text().splitlines() if line]
+    preempted = [(step["step"], ", ".join(step["preempted"])) for step in steps if step["preempted"]]
+    preemptions = sum(len(step["preempted"]) for step in steps)
+    assert len(steps) > 90 and preempted
+    store = RunStore(tmp_path)
+
+    # WHEN the tab asks for its timeline and its pool
+    timeline = store.timeline(name)
+    pool = store.pool(name)
+
+    # THEN the timeline (one point at t=0) says why the page draws no memory chart, and where to look
+    ((t_s, points),) = [(d["t_s"], d["points"]) for d in timeline["devices"]]
+    assert (t_s, points) == ([0.0], 1)
+    plural = "s" if preemptions != 1 else ""
+    assert timeline["no_chart"] == (
+        "No memory timeline: this vllm 0.32.0 run has one memory event, its KV pool's allocation (before its "
+        "first engine step). The KV pool chart below is its timeline: blocks used against the total over "
+        f"{len(steps)} engine steps, {preemptions} preemption{plural}."
+    )
+    # AND the pool is charted: blocks used against the total at every engine step of the raw log, and its
+    # preemptions at their steps
+    assert pool["title"] == "vllm 0.32.0 KV pool"
+    traces = {trace["name"]: trace for trace in decoded(pool["figure"]["data"])}
+    assert traces["blocks used"]["x"] == [step["step"] for step in steps]
+    assert traces["blocks used"]["y"] == [step["blocks_used"] for step in steps]
+    assert traces["blocks total"]["y"] == [step["blocks_total"] for step in steps]
+    assert list(zip(traces["preemption"]["x"], traces["preemption"]["text"], strict=True)) == preempted
+    # AND it is the figure and the table `kvtrace report -o` draws: one source for both
+    page = tmp_path / "report.html"
+    assert kvtrace_main(["report", str(run), "--no-export", "-q", "-o", str(page)]) == 0
+    html = page.read_text()
+    assert page_figure(html, "kvtrace-engine-pool")[0] == list(traces.values())
+    assert all(f"<tr><th>{label}</th><td>{value}</td></tr>" in html for label, value in pool["rows"])
+    assert ("<p class='note'>" + timeline["no_chart"].replace("'", "&#x27;")) in html
+
+
+def test_a_run_without_an_engine_has_a_memory_chart_and_no_pool(tmp_path: Path) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+
+    shutil.copytree(SAMPLES / "dynamic_b2", tmp_path / "dynamic_b2")
+    store = RunStore(tmp_path)
+
+    assert store.timeline("dynamic_b2")["no_chart"] is None
+    assert store.pool("dynamic_b2") == {"run": "dynamic_b2", "title": None, "rows": [], "figure": None}
+
+
 @pytest.mark.slow
 def test_a_run_written_after_start_appears(server: str, logdir: Path) -> None:
     shutil.copytree(SAMPLES / "static_b2", logdir / "later" / "static_b2")
@@ -481,7 +534,13 @@ def test_chromium_shows_an_engine_pool_and_a_short_runs_steps_as_the_cli_does(
     assert f"<th>KV pool capacity</th><td>{capacity} tokens</td>" in vllm and "null" not in vllm
     assert f"the pool's capacity of {capacity} tokens" in _cli_text(logdir / "vllm_preempt")
     # AND it has no per-step heatmap (as in the HTML report): one column at step 0 of a 96-step run
-    assert "heatmap-plot" not in vllm and vllm.count('class="plot-container plotly"') == 2
+    assert "heatmap-plot" not in vllm
+    # AND no memory chart of its one point (empty axes, once): the panel says why, and draws the pool's
+    # blocks over its 96 engine steps in its place, as the HTML report does
+    assert "timeline-plot" not in vllm and "kv-plot" not in vllm
+    assert "No memory timeline: this vllm 0.32.0 run has one memory event" in vllm
+    assert "pool-plot" in vllm and vllm.count('class="plot-container plotly"') == 1
+    assert "KV pool: blocks used over engine steps" in vllm and "Blocks held per request" in vllm
     # AND the step axes read whole steps, each once: 1 and 2 of the short run, every other one of 16
     assert _heatmap_step_labels(_panel(dom, "short_b1")) == ["1", "2"]
     assert _heatmap_step_labels(_panel(dom, "dynamic_b2")) == [str(n) for n in range(2, 17, 2)]

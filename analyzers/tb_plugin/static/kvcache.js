@@ -131,6 +131,10 @@ function summaryTable(summary) {
       rows.push(['  request that would fail', `${humanBytes(budget.request_bytes)} ${budget.request_category || ''}`.trim()]);
     }
   }
+  return rowsTable(rows);
+}
+
+function rowsTable(rows) {
   const table = el('table', { class: 'summary' });
   for (const [label, value] of rows) {
     table.append(el('tr', {}, el('th', { text: label.replace(/^ {2}/, '\u00a0\u00a0') }), el('td', { text: value })));
@@ -198,8 +202,9 @@ function timelineLayout(timeline, top, budget) {
 
 async function fillPanel(panel, name) {
   const q = encodeURIComponent(name);
-  const [summary, timeline, layers, diagnosis] = await Promise.all([
+  const [summary, timeline, layers, diagnosis, pool] = await Promise.all([
     getJson(`summary?run=${q}`), getJson(`timeline?run=${q}`), getJson(`layers?run=${q}`), getJson(`diagnosis?run=${q}`),
+    getJson(`pool?run=${q}`),
   ]);
   const body = panel.querySelector('.panel-body');
   body.replaceChildren();
@@ -218,10 +223,39 @@ async function fillPanel(panel, name) {
     body.append(el('div', { class: 'error-box', text: `diagnosis: ${diagnosis.error}` }));
   }
   body.append(summaryTable(summary));
+  if (timeline.no_chart) {
+    // An engine's run whose one memory event is its pool's allocation: the pool chart below is its
+    // timeline, and the server says so in the HTML report's words.
+    body.append(el('p', { class: 'note no-chart', text: timeline.no_chart }));
+  } else {
+    await drawTimeline(body, panel, timeline, summary.budget);
+  }
+  panel.dataset.points = String(timeline.devices.reduce((sum, d) => sum + d.points, 0));
+  // An engine allocates its pool once, before its first step (all its KV events at step 0): a per-step
+  // heatmap would be one column, numbered apart from the engine's steps. The HTML report leaves it out too.
+  if (layers.steps.length && !summary.engine) {
+    const heatDiv = el('div', { class: 'plot heatmap-plot' });
+    body.append(heatDiv);
+    const figure = heatmapFigure(layers);
+    await Plotly.newPlot(heatDiv, figure.traces, figure.layout, PLOT_CONFIG);
+  }
+  if (pool.error) {
+    body.append(el('div', { class: 'error-box', text: `pool: ${pool.error}` }));
+  } else if (pool.figure) {
+    // The HTML report's own pool figure: blocks used against the total over engine steps, preemptions.
+    body.append(el('h3', { class: 'pool-title', text: pool.title }), rowsTable(pool.rows));
+    const poolDiv = el('div', { class: 'plot pool-plot' });
+    body.append(poolDiv);
+    await Plotly.newPlot(poolDiv, pool.figure.data, pool.figure.layout, PLOT_CONFIG);
+  }
+  panel.dataset.state = 'ok';
+}
+
+async function drawTimeline(body, panel, timeline, budget) {
   const timelineDiv = el('div', { class: 'plot timeline-plot' });
   body.append(timelineDiv);
   const { traces, top } = timelineTraces(timeline);
-  await Plotly.newPlot(timelineDiv, traces, timelineLayout(timeline, top, summary.budget), PLOT_CONFIG);
+  await Plotly.newPlot(timelineDiv, traces, timelineLayout(timeline, top, budget), PLOT_CONFIG);
   // The KV cache is often a sliver on top of the weights: its own curve, on its own scale.
   const kvDiv = el('div', { class: 'plot kv-plot' });
   body.append(kvDiv);
@@ -237,16 +271,6 @@ async function fillPanel(panel, name) {
   }, PLOT_CONFIG);
   panel.dataset.top = String(top);
   panel.dataset.kvTop = String(kvTop);
-  panel.dataset.points = String(timeline.devices.reduce((sum, d) => sum + d.points, 0));
-  // An engine allocates its pool once, before its first step (all its KV events at step 0): a per-step
-  // heatmap would be one column, numbered apart from the engine's steps. The HTML report leaves it out too.
-  if (layers.steps.length && !summary.engine) {
-    const heatDiv = el('div', { class: 'plot heatmap-plot' });
-    body.append(heatDiv);
-    const figure = heatmapFigure(layers);
-    await Plotly.newPlot(heatDiv, figure.traces, figure.layout, PLOT_CONFIG);
-  }
-  panel.dataset.state = 'ok';
 }
 
 function applySameScale() {
