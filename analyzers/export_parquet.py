@@ -228,7 +228,12 @@ def table_files(export_dir: str | os.PathLike[str], table: str) -> list[Path]:
 
 
 def is_export_dir(path: str | os.PathLike[str]) -> bool:
-    return Path(path).is_dir() and bool(table_files(path, "runs"))
+    """Whether `path` is a folder holding a committed runs part. A folder that cannot be searched is none:
+    read as a folder of inputs, it is named as unreadable itself (not its `runs`, which may not exist)."""
+    try:
+        return Path(path).is_dir() and bool(table_files(path, "runs"))
+    except OSError:
+        return False
 
 
 def check_schema_version(files: list[Path]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +25,12 @@ import pyarrow as pa
 
 from analyzers.engine import cache_dtype_name, model_geometry
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, DeviceEvents, MemorySource
+from analyzers.readers.folders import FolderSearch, Found, unreadable
 from analyzers.readers.sources import ProgressFn, missing
 from kvtrace.format import (  # ENGINE*: vLLM runs' optional files
     ENGINE,
     ENGINE_REQUESTS,
     ENGINE_STEPS,
-    is_run_dir,
     is_run_group,
     rank_dirs,
 )
@@ -39,10 +39,6 @@ SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"kvtrace.schema_version"
 TABLE_KEY = b"kvtrace.table"
 
-
-# Inside a plain folder, files with these names are inputs; other names must be given explicitly.
-_SEARCHED_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz", ".pickle")
-_RUN_SUBDIRS_SKIPPED = frozenset({"profiler", "snapshots", "tb_scalars"})
 
 _I32, _I64, _F64, _STR, _BOOL = pa.int32(), pa.int64(), pa.float64(), pa.string(), pa.bool_()
 
@@ -170,34 +166,15 @@ def parquet_text(text: str) -> str:
     return text
 
 
-def _walk_run(run_dir: Path, shown: Path) -> Iterator[tuple[Path, Path]]:
-    """A run and the run directories inside it (vLLM workers, `worker-<rank>/`), not its own files."""
-    yield run_dir, shown
-    for child in sorted(p for p in run_dir.iterdir() if p.is_dir()):
-        if child.name not in _RUN_SUBDIRS_SKIPPED and is_run_dir(child):
-            yield from _walk_run(child, shown / child.name)
-
-
-def _walk_folder(folder: Path, shown: Path) -> Iterator[tuple[Path, Path]]:
-    if is_run_dir(folder):
-        yield from _walk_run(folder, shown)
-        return
-    for child in sorted(folder.iterdir()):
-        if child.name.startswith("."):
-            continue
-        if child.is_dir():
-            yield from _walk_folder(child, shown / child.name)
-        elif child.name.endswith(_SEARCHED_SUFFIXES) and child.is_file():  # a named pipe would hang the read
-            yield child, shown / child.name
-
-
 def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[tuple[str, str]]]:
-    """Every source under `paths`, and (path, one-line problem) for each path that is missing.
+    """Every source under `paths`, and (path, one-line problem) for each path that is missing or cannot be
+    read, and each folder below them that cannot be listed (its inputs unknown; the others are found).
 
     A run directory is one input (plus any run directories inside it); a run group or any other folder is
-    searched recursively for run directories, `*.pt.trace.json[.gz]` and `*.pickle`; a file named
-    explicitly is read whatever its name. The same file reached twice is exported once. An export directory
-    named among them is a problem, not a folder of no sources: its tables are read on their own.
+    searched recursively for run directories, `*.pt.trace.json[.gz]` and `*.pickle`
+    (analyzers.readers.folders: links followed, each real folder searched once); a file named explicitly is
+    read whatever its name. The same file reached twice is exported once. An export directory named among
+    them is a problem, not a folder of no sources: its tables are read on their own.
     """
     from analyzers.export_parquet import is_export_dir
 
@@ -206,18 +183,22 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[
     seen: set[Path] = set()
     for given in paths:
         root = Path(given)
-        if not root.exists():
-            problems.append((str(root), missing(root)))
+        try:
+            is_folder = stat.S_ISDIR(os.stat(root).st_mode)
+        except OSError as exc:  # missing, or in a folder that cannot be searched (not "no such file")
+            problems.append((str(root), unreadable(root, exc) or missing(root)))
             continue
         if is_export_dir(root):
             problems.append((str(root), export_dir_given(root)))
             continue
-        pairs = _walk_folder(root, root) if root.is_dir() else iter([(root, root)])
-        for path, shown in pairs:
-            resolved = path.resolve()
+        for item in FolderSearch(root) if is_folder else [Found(root)]:
+            if item.problem is not None:
+                problems.append((str(item.path), item.problem))
+                continue
+            resolved = item.path.resolve()
             if resolved not in seen:
                 seen.add(resolved)
-                found.append(Input(resolved, _display(shown)))
+                found.append(Input(resolved, _display(item.path)))
     return found, problems
 
 

@@ -27,7 +27,7 @@ from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
 
-__all__ = ["JsonStream", "ProgressFn", "missing", "open_input", "open_source", "sniff"]
+__all__ = ["JsonStream", "ProgressFn", "describe_read_error", "missing", "open_input", "open_source", "sniff"]
 
 ProgressFn = Callable[[int, int], None]
 """progress(bytes_done, bytes_total), both counted in bytes of the file as stored on disk."""
@@ -107,11 +107,11 @@ def missing(path: str | os.PathLike[str]) -> str:
             return f"{name}: a loop of symbolic links"
         if exc.errno == errno.ENOENT:
             return f"{name}: a symbolic link to nothing ({os.readlink(path)})"
-        return f"{name}: {_describe_read_error(exc)}"
+        return f"{name}: {describe_read_error(exc)}"
     return f"{name}: no such file or directory"
 
 
-def _describe_read_error(exc: BaseException) -> str:
+def describe_read_error(exc: BaseException) -> str:
     """What a low-level decompression/read failure means for the user."""
     if isinstance(exc, EOFError):
         return "truncated: the data ends early (an interrupted copy or a killed writer?)"
@@ -140,7 +140,7 @@ def open_input(
     try:
         disk = open(path, "rb")  # noqa: SIM115 - closed in the finally below
     except OSError as exc:
-        raise KvtraceError(f"{name}: {_describe_read_error(exc)}") from exc
+        raise KvtraceError(f"{name}: {describe_read_error(exc)}") from exc
     try:
         total = os.fstat(disk.fileno()).st_size
         magic = disk.read(2)
@@ -151,7 +151,7 @@ def open_input(
         try:
             yield io.BufferedReader(raw, buffer_size=_BUFFER_BYTES)
         except (EOFError, OSError, zlib.error) as exc:
-            raise KvtraceError(f"{name}: {_describe_read_error(exc)}") from exc
+            raise KvtraceError(f"{name}: {describe_read_error(exc)}") from exc
         raw.report_done()
     finally:
         disk.close()
@@ -409,7 +409,7 @@ def classify_path(path: str | os.PathLike[str]) -> str:
     try:
         entries = list(folder.iterdir())
     except OSError as exc:
-        raise KvtraceError(f"{folder}: {_describe_read_error(exc)}") from None
+        raise KvtraceError(f"{folder}: {describe_read_error(exc)}") from None
     if not entries:
         raise KvtraceError(f"{folder}: empty folder, not a kvtrace run, trace or snapshot")
     if runs_in(folder):
@@ -427,8 +427,17 @@ def _no_input_in(folder: Path) -> KvtraceError:
 
     if (folder / KV_EVENTS).is_file():
         profiler = folder / PROFILER_DIR
-        traces = profiler_traces_in(profiler) if profiler.is_dir() else []
-        trace = f"; its profiler trace reads on its own: pass {traces[-1]}" if traces else ""
+        try:
+            traces = profiler_traces_in(profiler) if profiler.is_dir() else []
+        except (
+            OSError
+        ) as exc:  # the missing manifest stays the news; the folder it could not search is said too
+            trace = (
+                f"; its {PROFILER_DIR}/ folder, which may hold a trace that reads on its own, cannot be "
+                f"searched ({profiler}: {describe_read_error(exc)})"
+            )
+        else:
+            trace = f"; its profiler trace reads on its own: pass {traces[-1]}" if traces else ""
         return KvtraceError(
             f"{folder}: not a kvtrace run: no {MANIFEST}, which its {KV_EVENTS} cannot be read without (a "
             f"partial copy?){trace}"
@@ -453,30 +462,15 @@ _SEARCHED_FOLDERS = 10_000  # a mistaken `kvtrace report ~` answers in a moment,
 
 
 def _first_input_below(folder: Path) -> tuple[Path | None, bool]:
-    """The shallowest run, trace or snapshot below `folder`, found by `kvtrace export`'s rules (hidden names
-    skipped, a run not entered), and whether every folder below was searched (at most `_SEARCHED_FOLDERS`)."""
-    from collections import deque
+    """The shallowest run, trace or snapshot below `folder`, found as `kvtrace export` finds its inputs (one
+    search: analyzers.readers.folders), and whether every folder below was searched (at most
+    `_SEARCHED_FOLDERS` real folders; one reached again through a link is not searched twice). Folders that
+    cannot be listed are passed over: this names an input to pass, it reads none."""
+    from analyzers.readers.folders import FolderSearch
 
-    from kvtrace.format import is_run_dir
-
-    pending = deque([folder])
-    for _ in range(_SEARCHED_FOLDERS):
-        if not pending:
-            break
-        try:
-            children = sorted(pending.popleft().iterdir())
-        except OSError:
-            continue
-        for child in children:
-            if child.name.startswith("."):
-                continue
-            if child.is_dir() and is_run_dir(child):
-                return child, True
-            if child.is_dir():
-                pending.append(child)
-            elif child.name.endswith((*_TRACE_SUFFIXES, ".pickle")) and child.is_file():
-                return child, True
-    return None, not pending
+    search = FolderSearch(folder, shallowest_first=True, max_folders=_SEARCHED_FOLDERS)
+    first = next((item.path for item in search if item.problem is None), None)
+    return first, first is not None or search.complete
 
 
 def open_source(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:

@@ -1,10 +1,14 @@
 """Fixtures of the recorder's integration tests: a tiny real Llama 3, a real left-padded batch, and a guard
-that every test leaves no hook behind (the recorder patches `Cache` methods and hooks the model)."""
+that every test leaves no hook behind (the recorder patches `Cache` methods and hooks the model); for the
+analyzers' tests, files and folders made unreadable."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +156,27 @@ def no_hook_leaks(watched_models: list[torch.nn.Module]) -> Iterator[None]:
             module._forward_pre_hooks.clear()
     kvtrace.recorder._ACTIVE = None
     assert not leaks, f"the test left hooks behind: {leaks}"
+
+
+@pytest.fixture()
+def make_unreadable() -> Iterator[Callable[[Path], None]]:
+    """A function that takes every permission off a file or folder (`chmod 000`), given back after the test.
+    It skips the test where that does not stop this process from reading (root, or a file system that
+    ignores modes): what such a test checks cannot happen there."""
+    taken: list[tuple[Path, int]] = []
+
+    def take_permissions(path: Path) -> None:
+        taken.append((path, stat.S_IMODE(path.stat().st_mode)))
+        path.chmod(0)
+        try:
+            if path.is_dir():
+                os.listdir(path)
+            else:
+                path.open("rb").close()
+        except PermissionError:
+            return
+        pytest.skip(f"{path} is still readable after chmod 000 (run as root?)")
+
+    yield take_permissions
+    for path, mode in reversed(taken):
+        path.chmod(mode)

@@ -11,10 +11,12 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from kvtrace import load_tables
 from kvtrace.cli import main
 from kvtrace.format import read_run
 
@@ -763,6 +765,85 @@ def test_export_counts_a_missing_input_among_the_inputs_given(
     assert main(["export", *given, "-o", str(tmp_path / "j"), "--json"]) == 2
     summary = json.loads(capsys.readouterr().out)
     assert (summary["inputs"], summary["exported"], len(summary["skipped"])) == (2, 1, 1)
+
+
+def test_export_of_a_folder_holding_links_to_itself_reads_each_folder_once(tmp_path: Path) -> None:
+    # GIVEN a folder of a run and a trace one folder down, with two links back to the folder (`current -> .`
+    # as users make them), one from the subfolder up to it, and two inside the run to itself: a walk that
+    # follows links blindly meets 2^40 paths before the system's limit on links stops it
+    runs = tmp_path / "runs"
+    shutil.copytree(SAMPLES / "static_b2", runs / "r1")
+    (trace,) = (SAMPLES / "dynamic_b2" / "profiler").iterdir()
+    (runs / "old").mkdir()
+    shutil.copy(trace, runs / "old" / trace.name)
+    for link, target in (("a", "."), ("b", "."), ("old/up", ".."), ("r1/w-a", "."), ("r1/w-b", ".")):
+        (runs / link).symlink_to(target)
+    # WHEN it is exported and queried, each in a process of its own (a hang is killed: TimeoutExpired)
+    argv = [sys.executable, "-m", "kvtrace.cli"]
+    exported = subprocess.run(
+        [*argv, "export", "runs", "-o", "tables", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    queried = subprocess.run(
+        [*argv, "query", "runs", "--json", "SELECT run_id FROM runs ORDER BY run_id"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # THEN both finish: each input once, named by the path without links, nothing skipped
+    assert exported.returncode == 0, exported.stderr
+    summary = _strict_loads(exported.stdout)
+    assert isinstance(summary, dict)
+    assert (summary["inputs"], summary["exported"], summary["skipped"]) == (2, 2, [])
+    names = [f"runs/old/{trace.name}", "runs/r1"]
+    assert load_tables(tmp_path / "tables").runs.column("run_id").to_pylist() == names
+    rows = [{"run_id": name} for name in names]
+    assert (queried.returncode, _strict_loads(queried.stdout)) == (0, rows), queried.stderr
+
+
+def test_export_of_a_folder_with_an_unreadable_subfolder_skips_it_by_its_path(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make_unreadable: Callable[[Path], None],
+) -> None:
+    # GIVEN a folder holding a run and a subfolder this user may not list, named relative to the cwd
+    shutil.copytree(SAMPLES / "static_b2", tmp_path / "top" / "ok" / "r1")
+    (tmp_path / "top" / "locked").mkdir()
+    make_unreadable(tmp_path / "top" / "locked")
+    monkeypatch.chdir(tmp_path)
+    kv_lines = len((SAMPLES / "static_b2" / "kv_events.jsonl").read_text().splitlines())
+    said = "top/locked: permission denied"
+    # WHEN the folder is exported, or its two subfolders are
+    for given, out_dir in ((["top"], "t1"), (["top/ok", "top/locked"], "t2")):
+        assert main(["export", *given, "-o", out_dir, "-q"]) == 2
+        out, err = capsys.readouterr()
+        # THEN the subfolder is skipped by its own path (not `top/locked/runs`), as a missing input is, and
+        # the run is exported (nothing was, with `error: top/locked: Permission denied`), exit 2
+        assert err == f"kvtrace export: skipped: {said}\n"
+        first, second = out.splitlines()
+        assert first.startswith(
+            f"exported 1 of 2 inputs to {out_dir} (part 0): runs 1, devices 1, kv_events {kv_lines:,},"
+        )
+        assert second == "1 skipped (see the warnings above)"
+    # AND --json lists it under `skipped`
+    assert main(["export", "top", "-o", "t3", "--json"]) == 2
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["inputs"], summary["exported"]) == (2, 1)
+    assert summary["skipped"] == [{"path": "top/locked", "error": said}]
+    # AND query reads the rest, naming it the same way
+    assert main(["query", "top", "--json", "SELECT run_id FROM runs"]) == 2
+    out, err = capsys.readouterr()
+    assert (_strict_loads(out), err) == ([{"run_id": "top/ok/r1"}], f"kvtrace query: skipped: {said}\n")
+    # AND given alone (or a path inside it), it is the one-line error
+    assert main(["export", "top/locked", "-o", "t4"]) == 2
+    assert capsys.readouterr().err == f"kvtrace export: error: {said}\n"
+    assert main(["export", "top/ok", "top/locked/r2", "-o", "t5", "-q"]) == 2
+    assert capsys.readouterr().err == "kvtrace export: skipped: top/locked/r2: permission denied\n"
 
 
 def test_report_writes_two_files_into_a_run_and_says_so(

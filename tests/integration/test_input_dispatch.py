@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,44 @@ def test_a_folder_with_a_trace_deeper_down_names_it(tmp_path: Path) -> None:
     assert (code, out) == (2, "")
     assert len(err.strip().splitlines()) == 1
     assert f"but it holds {folder / 'worker0' / 'plugins' / trace.name}: pass that" in err
+
+
+@pytest.mark.parametrize("command", ["report", "diagnose"])
+def test_a_run_folder_without_its_manifest_and_an_unreadable_profiler_folder_says_both(
+    tmp_path: Path, command: str, make_unreadable: Callable[[Path], None]
+) -> None:
+    # GIVEN a copy of a real run whose manifest.json is gone and whose profiler/ this user may not list
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    (run / "manifest.json").unlink()
+    make_unreadable(run / "profiler")
+    # WHEN it is read
+    code, out, err = _cli(command, str(run))
+    # THEN one line says the manifest is missing, the news, and that profiler/ could not be searched (it said
+    # only `.../profiler: Permission denied`)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"kvtrace {command}: error: {run}: not a kvtrace run: no manifest.json, which its kv_events.jsonl "
+        "cannot be read without (a partial copy?); its profiler/ folder, which may hold a trace that reads "
+        f"on its own, cannot be searched ({run / 'profiler'}: permission denied)\n"
+    )
+
+
+def test_a_folder_with_links_back_to_itself_is_searched_once(tmp_path: Path) -> None:
+    # GIVEN a folder of nothing kvtrace reads: one real subfolder, a link to itself and one from the
+    # subfolder up to it (a walk along the links meets a new path at every step)
+    folder = tmp_path / "logs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "self").symlink_to(".")
+    (folder / "sub" / "up").symlink_to("..")
+    (folder / "readme.txt").write_text("notes\n")
+    # WHEN it is reported
+    code, out, err = _cli("report", str(folder))
+    # THEN the one line says every folder below it was searched: there are two real ones (it said "the
+    # first 10,000 folders below it", counting each visit through a link as a folder)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"kvtrace report: error: {folder}: a folder that is not a kvtrace run (no manifest.json) and holds "
+        "no runs, torch.profiler traces (*.pt.trace.json[.gz]) or snapshots (*.pickle) in it or below it; "
+        "pass a run, a trace or a snapshot\n"
+    )

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from analyzers.model import KV, METHOD_KV_LOG, METHOD_NONE, OTHER, WEIGHTS, DeviceEvents
+from analyzers.readers.folders import FolderSearch
 from analyzers.tables import (
     KV_EVENTS,
     SAMPLES,
@@ -116,3 +117,32 @@ def test_find_inputs_searches_folders_for_runs_traces_and_snapshots(tmp_path: Pa
     ]  # run1 named again: exported once
     assert problems == [(str(tmp_path / "nope"), f"{tmp_path / 'nope'}: no such file or directory")]
     assert all(inp.path.is_absolute() for inp in inputs)
+
+
+def test_folder_search_counts_real_folders_once_whatever_the_links(tmp_path: Path) -> None:
+    # GIVEN three real folders below a folder, two links back to it and one from a subfolder up to it
+    tree = tmp_path / "tree"
+    for name in ("s1", "s2", "s3"):
+        (tree / name).mkdir(parents=True)
+    (tree / "a").symlink_to(".")
+    (tree / "b").symlink_to(".")
+    (tree / "s1" / "up").symlink_to("..")
+    # WHEN it is searched THEN it holds no input, and 3 folders were listed, every one: the links are
+    # folders already searched, not new ones
+    search = FolderSearch(tree)
+    assert (list(search), search.folders, search.complete) == ([], 3, True)
+    # AND a bound of 2 folders stops the search there, saying it did not see every folder
+    bounded = FolderSearch(tree, max_folders=2)
+    assert (list(bounded), bounded.folders, bounded.complete) == ([], 2, False)
+
+
+def test_folder_search_finds_the_nearest_input_first_when_asked(tmp_path: Path) -> None:
+    # GIVEN a snapshot three folders down under the first name, a trace one folder down under the last
+    deep = tmp_path / "a" / "b" / "c" / "oom.pickle"
+    near = tmp_path / "z" / "t.pt.trace.json"
+    for path in (deep, near):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+    # WHEN searched in name order (export's order) THEN the deep one comes first; level by level, the near one
+    assert [found.path for found in FolderSearch(tmp_path)] == [deep, near]
+    assert [found.path for found in FolderSearch(tmp_path, shallowest_first=True)] == [near, deep]
