@@ -16,6 +16,7 @@ from analyzers.kv_log import analyze_kv_log
 from analyzers.model import KV, SMALL_SEGMENT_BYTES, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.readers.sources import ProgressFn
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
+from analyzers.trace_coverage import damaged_memory_events, skipped_events_note
 from kvtrace.errors import KvtraceError
 from kvtrace.format import KV_EVENTS, MEMORY_SAMPLES, PROFILER_DIR, SNAPSHOT_DIR, Run, read_run
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
@@ -58,6 +59,10 @@ PROFILE_MEMORY_OFF_NOTE = (
     "the run was recorded with profile_memory=False, so its profiler trace has no allocator events: memory "
     "figures are the KV log's over the weights, as for a run recorded with profiler=False (activations and "
     "other allocations unseen)"
+)
+DAMAGED_MEMORY_EVENTS_NOTE = (
+    "{damaged}: memory figures are the KV log's over the weights, as for a run recorded with profiler=False "
+    "(activations and other allocations unseen)"
 )
 _NO_TRACE_CAUSES = {
     "profiler_off": "the run was recorded with profiler=False, so no allocator events were recorded",
@@ -294,6 +299,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if missing:
         source.meta.setdefault("input_notes", []).extend(missing)
     traces = run.profiler_traces()
+    memory_damaged = False  # the trace's [memory] events, all skipped as damaged
+    skipped: dict[str, int] | None = None
     if traces:
         from analyzers.readers.chrome_trace import read_chrome_trace
 
@@ -302,6 +309,13 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         source.frames = trace.frames
         source.markers = [m for m in trace.markers if not m.label.startswith("kvtrace/kv_update")]
         source.meta["trace"] = str(traces[-1])
+        skipped = trace.meta.get("skipped_events")
+        if skipped:  # damaged events the reader set aside (a real recorder's trace has none)
+            memory_damaged = not trace.devices and damaged_memory_events(skipped) is not None
+            if not memory_damaged or not all(reason.startswith("[memory]") for reason in skipped):
+                source.meta.setdefault("input_notes", []).append(
+                    skipped_events_note(skipped, trace.meta.get("trace_events"), "the profiler trace: ")
+                )
         if run.manifest.get("options", {}).get("with_stack"):
             from analyzers.readers.trace_stacks import attach_python_stacks
 
@@ -327,8 +341,14 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         # what it misses.
         if memory_off:
             note = PROFILE_MEMORY_OFF_NOTE
+        elif elsewhere:
+            note = FORWARDS_ELSEWHERE_NOTE
+        elif memory_damaged:
+            note = DAMAGED_MEMORY_EVENTS_NOTE.format(
+                damaged=damaged_memory_events(skipped, "the profiler trace's")
+            )
         else:
-            note = FORWARDS_ELSEWHERE_NOTE if elsewhere else NO_MEMORY_EVENTS_NOTE
+            note = NO_MEMORY_EVENTS_NOTE
         source.meta.setdefault("input_notes", []).append(note)
     if not traces or trace_missed_the_model:
         kv_devices = sorted({_normal_device(e.device) for e in run.kv_events if e.device}) or ["cpu"]
@@ -348,6 +368,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             source.meta["events_from"] = "kv_log (recorded with profile_memory=False)"
         elif elsewhere:
             source.meta["events_from"] = "kv_log (the model's forwards ran on another thread)"
+        elif memory_damaged:
+            source.meta["events_from"] = "kv_log (the profiler trace's memory events are damaged)"
         else:
             source.meta["events_from"] = "kv_log (the profiler trace has no memory events)"
     changes = weight_changes(run)
@@ -392,7 +414,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if weights_counted and "peak_leaves_out" not in source.meta:
         notes = source.meta.get("input_notes", [])
         source.meta["input_notes"] = [
-            note.replace(_LACKING[WEIGHTS_FILE], _WEIGHTS_UNNAMED) if note.endswith(_LACKING[WEIGHTS_FILE])
+            note.replace(_LACKING[WEIGHTS_FILE], _WEIGHTS_UNNAMED)
+            if note.endswith(_LACKING[WEIGHTS_FILE])
             else note
             for note in notes
         ]

@@ -1,6 +1,7 @@
 """`kvtrace diagnose` on runs whose record is incomplete gives the reader's notes that `report` gives, and no
 verdict the files cannot back: a real run of the tiny model with its weights table removed (a partial copy),
-and a real run whose process was SIGKILLed inside `record()`, as the kernel's OOM killer does."""
+and a real run whose process was SIGKILLed inside `record()`, as the kernel's OOM killer does. A run whose
+profiler trace is damaged is read with a note that names the damage, not another cause."""
 
 from __future__ import annotations
 
@@ -170,3 +171,55 @@ def test_a_run_whose_process_was_killed_is_not_called_free_of_oom(
         "flushed step on cpu ("
     ), verdict
     assert f"note: {died}" in text
+
+
+def _damage_memory_events(run: Path, damaged: int | None = None) -> int:
+    """Quote the Bytes of the first `damaged` [memory] events of the run's profiler trace (all when None);
+    returns how many [memory] events the trace holds."""
+    import gzip
+
+    (trace,) = (run / "profiler").glob("*.pt.trace.json*")
+    opened = gzip.open if trace.suffix == ".gz" else open
+    with opened(trace, "rt") as file:
+        data = json.load(file)
+    memory = [e for e in data["traceEvents"] if e.get("name") == "[memory]"]
+    for event in memory[:damaged]:
+        event["args"]["Bytes"] = str(event["args"]["Bytes"])
+    with opened(trace, "wt") as file:
+        json.dump(data, file)
+    return len(memory)
+
+
+def test_a_run_whose_trace_memory_events_are_all_damaged_says_so_and_reads_the_kv_log(
+    tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
+) -> None:
+    # GIVEN a real run with its profiler trace, and a copy whose trace's [memory] events all quote their
+    # Bytes (the note asked "was generate() run on another thread?"), and one with 3 of them quoted (no note)
+    run, damaged, partly = tmp_path / "run", tmp_path / "damaged", tmp_path / "partly"
+    _record(tiny_model, run, profiler=True)
+    shutil.copytree(run, damaged)
+    shutil.copytree(run, partly)
+    count = _damage_memory_events(damaged)
+    assert count > 0
+    _damage_memory_events(partly, 3)
+
+    # WHEN both are reported and diagnosed
+    report = _json(["report", str(damaged), "--no-export", "-q"])
+    diagnosis = _json(["diagnose", str(damaged)])
+
+    # THEN the note says the trace's events are damaged, how many and why, and that the figures are the KV
+    # log's: the weights and the KV at its peak, as for a run recorded without the profiler
+    said = (
+        f"the profiler trace's [memory] events are damaged: {count:,} of {count:,} skipped ({count:,} with a "
+        "non-integer Bytes): memory figures are the KV log's over the weights, as for a run recorded with "
+        "profiler=False (activations and other allocations unseen)"
+    )
+    assert said in report["notes"] and said in diagnosis["notes"]
+    assert not [n for n in report["notes"] if "another thread" in n], report["notes"]
+    assert report["partial"] is True
+    assert diagnosis["allocated_bytes"] == _weights_bytes(tiny_model) + _kv_peak(tiny_size)
+    # AND a trace with some damaged events is read, its note saying what was skipped of it
+    notes = _json(["report", str(partly), "--no-export", "-q"])["notes"]
+    skipped = [n for n in notes if n.startswith("the profiler trace: skipped 3 of ")]
+    assert skipped and skipped[0].endswith(" events: 3 [memory] with a non-integer Bytes"), notes
+    assert _json(["report", str(run), "--no-export", "-q"])["notes"] == []
