@@ -10,13 +10,18 @@ from analyzers.attribution import attribute
 from analyzers.model import MemorySource
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import Report, summarize
+from analyzers.trace_coverage import all_memory_events_damaged
 from kvtrace.errors import KvtraceError
 
 
 def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
     """A run directory, a Chrome trace (.json/.json.gz), a profiler folder or a snapshot pickle, attributed.
 
-    The kind comes from `classify_path`; a folder of runs is refused with the list of its runs.
+    The kind comes from `classify_path`; a folder of runs is refused with the list of its runs, and so is a
+    Chrome trace whose `[memory]` events are all damaged, with what was skipped and why: it has no memory
+    figures, and the tools that need them (`diagnose`, `compare`, `export`) say so in one line rather than
+    read it as a trace profiled without `profile_memory=True`. `kvtrace report` reads it (`build_report`
+    with `keep_events=False`) and gives the same in its notes.
     """
     from analyzers.readers.sources import classify_path, open_source, profiler_traces_in, runs_in
     from kvtrace.format import is_run_group
@@ -43,6 +48,9 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
             source.meta.setdefault("input_notes", []).append(_newest_note(path, traces))
     else:
         source = open_source(path, progress=progress)
+    damaged = all_memory_events_damaged(source)
+    if damaged is not None:
+        raise KvtraceError(f"{source.path}: {damaged}: no memory figure can be read from it")
     return attribute(source)
 
 
@@ -54,7 +62,9 @@ def build_report(
     path: str | os.PathLike[str], progress: ProgressFn | None = None, keep_events: bool = True
 ) -> tuple[MemorySource, Report]:
     """`keep_events=False`: a Chrome trace's events may be folded while reading and not kept (bounded
-    memory, analyzers.stream_summary); the source's devices then hold no events, only the report does.
+    memory, analyzers.stream_summary); the source's devices then hold no events, only the report does. A
+    trace whose `[memory]` events are all damaged is then reported, its notes saying so (`load_source`,
+    which `keep_events=True` reads with, refuses it).
 
     A run group gives the group's report, as `kvtrace report` does: every rank's devices, the KV summed
     over ranks, the group's notes, and `report.group` (each rank's report, which rank to look at and why);

@@ -12,7 +12,7 @@ from analyzers.caches import CacheSummary, cache_summaries, caches_note, main_ca
 from analyzers.kv_log import SEQ_MAJOR_PARTS, event_rows, is_kv_data
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
-from analyzers.trace_coverage import coverage_notes
+from analyzers.trace_coverage import all_memory_events_damaged, coverage_notes, skipped_events_note
 
 if TYPE_CHECKING:
     from analyzers.group import GroupReport
@@ -337,12 +337,10 @@ def input_notes(source: MemorySource) -> list[str]:
     """What the reader set aside or chose: skipped events with their reasons, which file of a folder."""
     notes = list(source.meta.get("input_notes", ()))
     skipped: dict[str, int] = source.meta.get("skipped_events") or {}
-    if skipped:
-        total = sum(skipped.values())
-        ranked = sorted(skipped.items(), key=lambda item: -item[1])
-        reasons = ", ".join(f"{count} {reason}" for reason, count in ranked)
-        of = source.meta.get("trace_events")
-        notes.append(f"skipped {total}{f' of {of}' if of else ''} events: {reasons}")
+    # A trace none of whose [memory] events could be read: `coverage_notes` says what was skipped, and why
+    only_memory = all(reason.startswith("[memory]") for reason in skipped)
+    if skipped and not (only_memory and all_memory_events_damaged(source) is not None):
+        notes.append(skipped_events_note(skipped, source.meta.get("trace_events")))
     return notes
 
 
@@ -462,7 +460,7 @@ def summarize(
     notes = ended_notes(source)
     notes.extend(str(w) for w in (manifest or {}).get("warnings") or ())
     notes.extend(input_notes(source))
-    notes.extend(coverage_notes(source.kind, devices))
+    notes.extend(coverage_notes(source.kind, devices, source.meta.get("skipped_events")))
     if held_note:
         notes.append(held_note)
     if layout_note:

@@ -6,7 +6,9 @@
   its history keeps one trace entry by default, the last free before the dump. What the allocator held
   reserved then is what it had cached earlier, at higher levels: not the slack of the run's peak.
 * A Chrome trace without `[memory]` events (profiled without `profile_memory=True`) has no memory figures:
-  its report's are 0 for want of any, not a measured 0.
+  its report's are 0 for want of any, not a measured 0. One whose `[memory]` events are there but all
+  damaged (a `Bytes` that is a string, no `args`, a `ts` that is NaN) has none either, for that reason:
+  profiling again with `profile_memory=True` would not help, so its note says what was skipped and why.
 """
 
 from __future__ import annotations
@@ -14,15 +16,60 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from analyzers.model import MemorySource
     from analyzers.summary import DeviceSummary
 
-__all__ = ["NO_ALLOCATOR_EVENTS_NOTE", "coverage_notes", "peak_before_trace_note"]
+__all__ = [
+    "NO_ALLOCATOR_EVENTS_NOTE",
+    "all_memory_events_damaged",
+    "coverage_notes",
+    "damaged_memory_events",
+    "peak_before_trace_note",
+    "skipped_events_note",
+]
 
 NO_ALLOCATOR_EVENTS_NOTE = (
     "the trace has no allocator events ([memory]): it was profiled without profile_memory=True, so its "
     "memory figures (peak, final, devices) are unknown, not 0; profile with "
     "torch.profiler(profile_memory=True), or record the run with kvtrace.record()"
 )
+
+
+_MEMORY = "[memory] "  # how the Chrome trace reader's skip reasons for allocator events begin
+
+
+def damaged_memory_events(skipped_events: dict[str, int] | None, whose: str = "the trace's") -> str | None:
+    """What was skipped of the `[memory]` events (the reader's `skipped_events`), as "the trace's [memory]
+    events are damaged: 3 of 3 skipped (3 with a non-integer Bytes)"; None when none was. For an input none
+    of whose allocator events was kept: every one was skipped, so the count is of all of them."""
+    damaged = {
+        reason.removeprefix(_MEMORY): count
+        for reason, count in (skipped_events or {}).items()
+        if reason.startswith(_MEMORY) and count
+    }
+    if not damaged:
+        return None
+    total = sum(damaged.values())
+    ranked = sorted(damaged.items(), key=lambda item: (-item[1], item[0]))
+    reasons = ", ".join(f"{count:,} {reason}" for reason, count in ranked)
+    return f"{whose} [memory] events are damaged: {total:,} of {total:,} skipped ({reasons})"
+
+
+def skipped_events_note(skipped_events: dict[str, int], of: int | None, what: str = "") -> str:
+    """The note on the events a reader skipped, with their reasons: "skipped 3 of 6 events: 2 [memory]
+    with a non-integer Bytes, 1 [memory] with a non-numeric ts"; `what` heads it ("the profiler trace: ")."""
+    total = sum(skipped_events.values())
+    ranked = sorted(skipped_events.items(), key=lambda item: -item[1])
+    reasons = ", ".join(f"{count} {reason}" for reason, count in ranked)
+    return f"{what}skipped {total}{f' of {of}' if of else ''} events: {reasons}"
+
+
+def all_memory_events_damaged(source: MemorySource) -> str | None:
+    """`damaged_memory_events` of a Chrome trace whose `[memory]` events were all skipped (no device kept
+    one); None for any other input. Such a trace has no memory figures: tools that need them refuse it."""
+    if source.kind != "chrome_trace" or source.devices:
+        return None
+    return damaged_memory_events(source.meta.get("skipped_events"))
 
 
 def peak_before_trace_note(device: DeviceSummary, source_kind: str) -> str:
@@ -42,9 +89,15 @@ def peak_before_trace_note(device: DeviceSummary, source_kind: str) -> str:
     return note
 
 
-def coverage_notes(source_kind: str, devices: list[DeviceSummary]) -> list[str]:
+def coverage_notes(
+    source_kind: str, devices: list[DeviceSummary], skipped_events: dict[str, int] | None = None
+) -> list[str]:
     """The report's notes on what its events do not cover: one per device that peaks before its trace, or
-    that the trace holds no allocator events at all."""
+    that the trace holds no allocator events at all, or none that could be read (`skipped_events`, the
+    reader's: what it skipped as damaged, and why)."""
     if source_kind == "chrome_trace" and not devices:
+        damaged = damaged_memory_events(skipped_events)
+        if damaged is not None:
+            return [f"{damaged}: its memory figures (peak, final, devices) are unknown, not 0"]
         return [NO_ALLOCATOR_EVENTS_NOTE]
     return [peak_before_trace_note(device, source_kind) for device in devices if device.peak_before_trace]

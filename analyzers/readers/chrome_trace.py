@@ -327,8 +327,10 @@ def _strict_int(value: Any) -> int | None:
 
 def _memory_problem(raw_ts: Any, args: Any) -> str:
     """Why a `[memory]` event cannot be used, in the words of the report's notes."""
-    if not isinstance(args, dict):
+    if args is None:
         return "[memory] without args"
+    if not isinstance(args, dict):
+        return "[memory] whose args is not an object"
     if raw_ts is None:
         return "[memory] without ts"
     return "[memory] with a non-numeric ts"

@@ -4,8 +4,11 @@ evictions, OOM), all on the Unix-epoch microsecond clock."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,9 @@ from analyzers.kv_log import analyze_kv_log
 from analyzers.model import KV, SMALL_SEGMENT_BYTES, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.readers.sources import ProgressFn
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
+from analyzers.trace_coverage import damaged_memory_events, skipped_events_note
 from kvtrace.errors import KvtraceError
-from kvtrace.format import KV_EVENTS, MEMORY_SAMPLES, PROFILER_DIR, SNAPSHOT_DIR, Run, read_run
+from kvtrace.format import KV_EVENTS, MANIFEST, MEMORY_SAMPLES, PROFILER_DIR, SNAPSHOT_DIR, Run, read_run
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
 from kvtrace.run_lock import holder
 
@@ -58,6 +62,10 @@ PROFILE_MEMORY_OFF_NOTE = (
     "the run was recorded with profile_memory=False, so its profiler trace has no allocator events: memory "
     "figures are the KV log's over the weights, as for a run recorded with profiler=False (activations and "
     "other allocations unseen)"
+)
+DAMAGED_MEMORY_EVENTS_NOTE = (
+    "{damaged}: memory figures are the KV log's over the weights, as for a run recorded with profiler=False "
+    "(activations and other allocations unseen)"
 )
 _NO_TRACE_CAUSES = {
     "profiler_off": "the run was recorded with profiler=False, so no allocator events were recorded",
@@ -233,10 +241,21 @@ _WEIGHTS_UNNAMED = (
 
 def _missing_files_notes(run: Run) -> list[str]:
     """One note per file the manifest lists that is not there: the figures are read without it (the peak
-    of a run without its profiler trace or weights table drops, with nothing else saying why)."""
+    of a run without its profiler trace or weights table drops, with nothing else saying why). One more on
+    the entries that cannot be files of the run, naming manifest.json: the run is read all the same."""
     notes = []
-    for name in run.manifest.get("files") or []:
-        if not isinstance(name, str) or (run.path / name).is_file():
+    listed, unusable = _listed_files(run)
+    for name in listed:
+        try:
+            kind = os.stat(run.path / name).st_mode
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # there, perhaps, but cannot be looked at
+                unusable.append((name, f"cannot be looked at: {exc.strerror or exc}"))
+                continue
+        else:
+            if not stat.S_ISREG(kind):
+                what = "a folder" if stat.S_ISDIR(kind) else "not a regular file"
+                notes.append(f"{run.path / name} is listed in the manifest as a file but is {what}")
             continue
         if name.startswith(PROFILER_DIR + "/"):
             lacking = "the profiler's allocator events: memory figures are the KV log's and the weights' only"
@@ -245,7 +264,84 @@ def _missing_files_notes(run: Run) -> list[str]:
         else:
             lacking = _LACKING.get(name, "the figures are read without it")
         notes.append(f"{run.path / name} is listed in the manifest but missing: {lacking}")
+    if unusable:
+        shown = "; ".join(f"{_entry_text(entry)}: {why}" for entry, why in unusable[:_UNUSABLE_SHOWN])
+        more = len(unusable) - _UNUSABLE_SHOWN
+        noun = "entry that cannot be a file" if len(unusable) == 1 else "entries that cannot be files"
+        notes.append(
+            f"{run.path / MANIFEST}: `files` holds {len(unusable):,} {noun} of the run, ignored: {shown}"
+            f"{f'; and {more:,} more' if more > 0 else ''}"
+        )
     return notes
+
+
+_UNUSABLE_SHOWN = 3  # the `files` entries named in the note (a list of thousands is one note, not thousands)
+_ENTRY_SHOWN = 60  # characters of an entry shown
+
+
+def _listed_files(run: Run) -> tuple[list[str], list[tuple[Any, str]]]:
+    """The manifest's `files` entries that name a file of the run (relative paths inside it), and the others
+    with why each cannot: not a string, absolute, outside the run, a name no file can have. The recorder
+    lists plain relative names; anything else was written by hand or damaged, and is never looked at."""
+    listed: list[str] = []
+    unusable: list[tuple[Any, str]] = []
+    for entry in run.manifest.get("files") or []:
+        why = _not_a_file_name(entry)
+        if why is None:
+            listed.append(entry)
+        else:
+            unusable.append((entry, why))
+    return listed, unusable
+
+
+def _not_a_file_name(entry: Any) -> str | None:
+    """Why a `files` entry cannot name a file of the run; None when it can."""
+    if not isinstance(entry, str):
+        return f"{_json_kind(entry)}, not a file name"
+    try:
+        encoded = os.fsencode(entry)
+    except UnicodeEncodeError:  # a lone surrogate JSON allows ("\ud800"): no name on disk is that
+        return "not a file name"
+    if not entry or b"\0" in encoded:
+        return "not a file name"
+    if os.path.isabs(entry):
+        return "an absolute path"
+    normal = os.path.normpath(entry)
+    if normal == os.curdir:
+        return "the run's folder itself"
+    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        return "outside the run"
+    if len(encoded) >= _PATH_MAX or any(len(part) > _NAME_MAX for part in encoded.split(b"/")):
+        return "a name too long for a file"
+    return None
+
+
+# Linux's limits on a name and a path (bytes); a longer one is no file, and looking it up fails (ENAMETOOLONG)
+_NAME_MAX = 255
+_PATH_MAX = 4096
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else "a value"
+
+
+def _entry_text(entry: Any) -> str:
+    """A `files` entry as the note shows it: a string quoted, a long one cut; else what kind of value."""
+    if not isinstance(entry, str):
+        return _json_kind(entry) if isinstance(entry, list | dict) else json.dumps(entry)
+    try:
+        text = json.dumps(entry, ensure_ascii=False).encode("utf-8").decode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: escaped, as printing it would fail
+        text = json.dumps(entry)
+    if len(entry) <= _ENTRY_SHOWN:
+        return text
+    return f'{text[: _ENTRY_SHOWN + 1]}…" ({len(entry):,} characters)'
 
 
 # The recorder's warning, which runs recorded before the manifest had `forwards_on_other_threads` carry
@@ -273,8 +369,7 @@ def _forwards_all_elsewhere(manifest: dict[str, Any]) -> bool:
 
 
 def _lists_profiler_file(run: Run) -> bool:
-    files = run.manifest.get("files") or []
-    return any(isinstance(name, str) and name.startswith(PROFILER_DIR + "/") for name in files)
+    return any(name.startswith(PROFILER_DIR + "/") for name in _listed_files(run)[0])
 
 
 def _normal_device(name: str) -> str:
@@ -294,6 +389,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if missing:
         source.meta.setdefault("input_notes", []).extend(missing)
     traces = run.profiler_traces()
+    memory_damaged = False  # the trace's [memory] events, all skipped as damaged
+    skipped: dict[str, int] | None = None
     if traces:
         from analyzers.readers.chrome_trace import read_chrome_trace
 
@@ -302,6 +399,13 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         source.frames = trace.frames
         source.markers = [m for m in trace.markers if not m.label.startswith("kvtrace/kv_update")]
         source.meta["trace"] = str(traces[-1])
+        skipped = trace.meta.get("skipped_events")
+        if skipped:  # damaged events the reader set aside (a real recorder's trace has none)
+            memory_damaged = not trace.devices and damaged_memory_events(skipped) is not None
+            if not memory_damaged or not all(reason.startswith("[memory]") for reason in skipped):
+                source.meta.setdefault("input_notes", []).append(
+                    skipped_events_note(skipped, trace.meta.get("trace_events"), "the profiler trace: ")
+                )
         if run.manifest.get("options", {}).get("with_stack"):
             from analyzers.readers.trace_stacks import attach_python_stacks
 
@@ -333,8 +437,14 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         # what it misses.
         if memory_off:
             note = PROFILE_MEMORY_OFF_NOTE
+        elif elsewhere:
+            note = FORWARDS_ELSEWHERE_NOTE
+        elif memory_damaged:
+            note = DAMAGED_MEMORY_EVENTS_NOTE.format(
+                damaged=damaged_memory_events(skipped, "the profiler trace's")
+            )
         else:
-            note = FORWARDS_ELSEWHERE_NOTE if elsewhere else NO_MEMORY_EVENTS_NOTE
+            note = NO_MEMORY_EVENTS_NOTE
         source.meta.setdefault("input_notes", []).append(note)
     if not traces or trace_missed_the_model:
         kv_devices = sorted({_normal_device(e.device) for e in run.kv_events if e.device}) or ["cpu"]
@@ -354,6 +464,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             source.meta["events_from"] = "kv_log (recorded with profile_memory=False)"
         elif elsewhere:
             source.meta["events_from"] = "kv_log (the model's forwards ran on another thread)"
+        elif memory_damaged:
+            source.meta["events_from"] = "kv_log (the profiler trace's memory events are damaged)"
         else:
             source.meta["events_from"] = "kv_log (the profiler trace has no memory events)"
     changes = weight_changes(run)
@@ -398,7 +510,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if weights_counted and "peak_leaves_out" not in source.meta:
         notes = source.meta.get("input_notes", [])
         source.meta["input_notes"] = [
-            note.replace(_LACKING[WEIGHTS_FILE], _WEIGHTS_UNNAMED) if note.endswith(_LACKING[WEIGHTS_FILE])
+            note.replace(_LACKING[WEIGHTS_FILE], _WEIGHTS_UNNAMED)
+            if note.endswith(_LACKING[WEIGHTS_FILE])
             else note
             for note in notes
         ]

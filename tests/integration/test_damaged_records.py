@@ -181,6 +181,87 @@ def test_a_memory_event_of_impossible_size_is_skipped_with_a_note(
     assert sum(d["alloc_events"] + d["free_events"] for d in data["devices"]) <= count - 1
 
 
+def _chrome_with_every_memory_event_damaged(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """worker0's real trace with each of its [memory] events damaged, in turn: Bytes quoted, args gone, ts
+    NaN (Python's json writes and reads NaN)."""
+    import gzip
+
+    data = json.loads(gzip.decompress(WORKER0.read_bytes()))
+    memory = [e for e in data["traceEvents"] if e.get("name") == "[memory]"]
+    for index, event in enumerate(memory):
+        if index % 3 == 0:
+            event["args"]["Bytes"] = str(event["args"]["Bytes"])
+        elif index % 3 == 1:
+            del event["args"]
+        else:
+            event["ts"] = float("nan")
+    path = tmp_path / "damaged.pt.trace.json"
+    path.write_text(json.dumps(data))
+    return path, memory
+
+
+def test_a_trace_whose_memory_events_are_all_damaged_is_not_called_profiled_without_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real trace whose 12,838 [memory] events are all damaged: 4,280 (indexes 0, 3, ...) with Bytes
+    # a string, 4,279 without args, 4,279 with ts NaN. `report` said it was "profiled without
+    # profile_memory=True", `diagnose` the same, and `export` wrote a trace of no memory events, exit 0.
+    if not WORKER0.is_file():
+        pytest.skip("needs ../shared/real_traces")
+    path, memory = _chrome_with_every_memory_event_damaged(tmp_path)
+    assert len(memory) == 12_838
+    damaged = (
+        "the trace's [memory] events are damaged: 12,838 of 12,838 skipped (4,280 with a non-integer Bytes, "
+        "4,279 with a non-numeric ts, 4,279 without args)"
+    )
+    # THEN the report says so, what was skipped and why, once; not that the profiler left them out
+    assert main(["report", str(path), "--json", "--no-export"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["devices"] == []
+    figures_unknown = f"{damaged}: its memory figures (peak, final, devices) are unknown, not 0"
+    assert report["notes"] == [figures_unknown]
+    assert main(["report", str(path), "--no-export"]) == 0
+    assert f"note: {figures_unknown}\n" in capsys.readouterr().out
+    # AND diagnose and compare refuse it in one line that says the same
+    refused = f"{path}: {damaged}: no memory figure can be read from it"
+    assert main(["diagnose", str(path)]) == 2
+    assert _one_error(capsys) == f"kvtrace diagnose: error: {refused}"
+    assert main(["compare", str(path), str(WORKER0)]) == 2
+    assert _one_error(capsys) == f"kvtrace compare: error: {refused}"
+    # AND export skips it as it skips any unreadable input (a warning, exit 2), and exports the others
+    out = tmp_path / "tables"
+    assert main(["export", str(path), str(WORKER0), "-o", str(out), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"kvtrace export: skipped: {refused}\n"
+    summary = json.loads(captured.out)
+    assert summary["skipped"] == [{"path": str(path), "error": refused}]
+    assert (summary["inputs"], summary["exported"]) == (2, 1)
+    assert summary["rows"]["memory_events"] == 12_838  # the undamaged trace's, every one
+
+
+def test_a_memory_event_whose_args_is_a_list_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real trace whose first [memory] event has a list for args (said to be "without args")
+    if not WORKER0.is_file():
+        pytest.skip("needs ../shared/real_traces")
+    import gzip
+
+    data = json.loads(gzip.decompress(WORKER0.read_bytes()))
+    memory = [e for e in data["traceEvents"] if e.get("name") == "[memory]"]
+    memory[0]["args"] = list(memory[0]["args"].values())
+    path = tmp_path / "listed.pt.trace.json"
+    path.write_text(json.dumps(data))
+    # THEN the note says what is wrong with it; the other 12,837 are read
+    assert main(["report", str(path), "--json", "--no-export"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (
+        f"skipped 1 of {len(data['traceEvents'])} events: 1 [memory] whose args is not an object"
+        in (report["notes"])
+    )
+    assert sum(d["alloc_events"] + d["free_events"] for d in report["devices"]) == len(memory) - 1
+
+
 def test_memory_events_whose_sizes_add_up_past_int64_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

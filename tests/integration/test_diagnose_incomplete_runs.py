@@ -1,6 +1,7 @@
 """`kvtrace diagnose` on runs whose record is incomplete gives the reader's notes that `report` gives, and no
 verdict the files cannot back: a real run of the tiny model with its weights table removed (a partial copy),
-and a real run whose process was SIGKILLed inside `record()`, as the kernel's OOM killer does."""
+and a real run whose process was SIGKILLed inside `record()`, as the kernel's OOM killer does. A run whose
+manifest or profiler trace is damaged is read with a note that names the damage, not another cause."""
 
 from __future__ import annotations
 
@@ -170,3 +171,111 @@ def test_a_run_whose_process_was_killed_is_not_called_free_of_oom(
         "flushed step on cpu ("
     ), verdict
     assert f"note: {died}" in text
+
+
+def _damage_memory_events(run: Path, damaged: int | None = None) -> int:
+    """Quote the Bytes of the first `damaged` [memory] events of the run's profiler trace (all when None);
+    returns how many [memory] events the trace holds."""
+    import gzip
+
+    (trace,) = (run / "profiler").glob("*.pt.trace.json*")
+    opened = gzip.open if trace.suffix == ".gz" else open
+    with opened(trace, "rt") as file:
+        data = json.load(file)
+    memory = [e for e in data["traceEvents"] if e.get("name") == "[memory]"]
+    for event in memory[:damaged]:
+        event["args"]["Bytes"] = str(event["args"]["Bytes"])
+    with opened(trace, "wt") as file:
+        json.dump(data, file)
+    return len(memory)
+
+
+def test_a_run_whose_trace_memory_events_are_all_damaged_says_so_and_reads_the_kv_log(
+    tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
+) -> None:
+    # GIVEN a real run with its profiler trace, and a copy whose trace's [memory] events all quote their
+    # Bytes (the note asked "was generate() run on another thread?"), and one with 3 of them quoted (no note)
+    run, damaged, partly = tmp_path / "run", tmp_path / "damaged", tmp_path / "partly"
+    _record(tiny_model, run, profiler=True)
+    shutil.copytree(run, damaged)
+    shutil.copytree(run, partly)
+    count = _damage_memory_events(damaged)
+    assert count > 0
+    _damage_memory_events(partly, 3)
+
+    # WHEN both are reported and diagnosed
+    report = _json(["report", str(damaged), "--no-export", "-q"])
+    diagnosis = _json(["diagnose", str(damaged)])
+
+    # THEN the note says the trace's events are damaged, how many and why, and that the figures are the KV
+    # log's: the weights and the KV at its peak, as for a run recorded without the profiler
+    said = (
+        f"the profiler trace's [memory] events are damaged: {count:,} of {count:,} skipped ({count:,} with a "
+        "non-integer Bytes): memory figures are the KV log's over the weights, as for a run recorded with "
+        "profiler=False (activations and other allocations unseen)"
+    )
+    assert said in report["notes"] and said in diagnosis["notes"]
+    assert not [n for n in report["notes"] if "another thread" in n], report["notes"]
+    assert report["partial"] is True
+    assert diagnosis["allocated_bytes"] == _weights_bytes(tiny_model) + _kv_peak(tiny_size)
+    # AND a trace with some damaged events is read, its note saying what was skipped of it
+    notes = _json(["report", str(partly), "--no-export", "-q"])["notes"]
+    skipped = [n for n in notes if n.startswith("the profiler trace: skipped 3 of ")]
+    assert skipped and skipped[0].endswith(" events: 3 [memory] with a non-integer Bytes"), notes
+    assert _json(["report", str(run), "--no-export", "-q"])["notes"] == []
+
+
+def test_a_manifest_listing_names_that_cannot_be_files_of_the_run_is_read_with_a_note(
+    tiny_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    # GIVEN a real run, and a copy whose manifest's `files` also lists a name of 306 characters (report and
+    # diagnose stopped at "File name too long", naming no manifest; export skipped the run), names outside
+    # the run, and values that are no names
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    _record(tiny_model, run, profiler=True)
+    shutil.copytree(run, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    long_name = "x" * 300 + ".jsonl"
+    extra = [
+        long_name,
+        "../../../../etc/passwd",
+        "/etc/shadow",
+        None,
+        7,
+        ["kv_events.jsonl"],
+        ".",
+        "profiler",
+    ]
+    manifest["files"] += extra
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+    # WHEN it is reported, diagnosed and exported
+    report = _json(["report", str(copy), "--no-export", "-q"])
+    diagnosis = _json(["diagnose", str(copy)])
+    exported = _export(copy, tmp_path / "copy_tables")
+
+    # THEN one note names manifest.json and the entries (the first three, then how many more), and one the
+    # folder listed as a file
+    listed = (
+        f"{copy / 'manifest.json'}: `files` holds 7 entries that cannot be files of the run, ignored: "
+        f'"{"x" * 60}…" (306 characters): a name too long for a file; "../../../../etc/passwd": outside the '
+        'run; "/etc/shadow": an absolute path; and 4 more'
+    )
+    folder = f"{copy / 'profiler'} is listed in the manifest as a file but is a folder"
+    assert report["notes"] == [folder, listed]
+    assert [n for n in diagnosis["notes"] if n in (folder, listed)] == [folder, listed]
+    # AND the figures are the run's own, as the untouched run gives them
+    whole = _json(["report", str(run), "--no-export", "-q"])
+    assert {**report, "notes": [], "source": {}} == {**whole, "notes": [], "source": {}}
+    assert diagnosis["allocated_bytes"] == _json(["diagnose", str(run)])["allocated_bytes"]
+    # AND export takes it as it takes the untouched run: the same rows of each table
+    assert (exported["exported"], exported["skipped"]) == (1, [])
+    assert exported["rows"] == _export(run, tmp_path / "run_tables")["rows"]
+    assert exported["rows"]["memory_events"] > 0
+
+
+def _export(run: Path, out: Path) -> Any:
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert main(["export", str(run), "-o", str(out), "--json"]) == 0
+    return json.loads(printed.getvalue())
