@@ -403,3 +403,40 @@ def test_another_model_on_another_thread_has_its_kv_in_the_traced_memory_figures
     assert (
         diagnosis["peak_leaves_out"] == f"another model's activations (cache {m2_cache}'s, on another thread)"
     )
+
+
+def test_text_report_names_another_models_cache_once_the_models_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN m1 (recorded) generating, its output dropped, then m2 generating in the same block: only m2's
+    # cache holds KV at the end, and the headline's cache (m1's) holds nothing
+    m1, m2, a, b = _two_models()
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=m1, profiler=False):
+        first = _generate(m1, a, M1_NEW)
+        del first
+        gc.collect()
+        kept = _generate(m2, b, M2_NEW)
+    assert kept.past_key_values.get_seq_length() == M2_TOKENS
+    rows = _rows_of_caches(run)
+    (m1_cache,) = [c for c, n in rows.items() if n == M1_ROWS]
+    (m2_cache,) = [c for c, n in rows.items() if n == M2_ROWS]
+    k_or_v = kv_bytes(KV_HEADS, HEAD_DIM, M2_TOKENS, M2_ROWS, FP32)  # 4,224 B per layer's K (or V)
+
+    # WHEN the terminal report is printed
+    assert main(["report", str(run), "--no-export"]) == 0
+    text = capsys.readouterr().out
+
+    # THEN the per-layer rows say they are m2's cache, and the caches are listed with m1's as the main one
+    assert "    cache layer      K bytes      V bytes  tokens/row  evicted (all rows)" in text
+    for layer in range(LAYERS):
+        assert f"    {m2_cache:>5} {layer:>5} {k_or_v:>12,} {k_or_v:>12,} {M2_TOKENS:>11} {0:>19}" in text
+    assert f"    {m1_cache:>5} main {LAYERS} layers, 0 B held, {M1_TOKENS} tokens x {M1_ROWS} rows" in text
+    # AND m1's tokens and batch, the headline's, are said though it holds nothing to measure
+    assert (
+        f"bytes per token: measured - ({M1_TOKENS} tokens x {M1_ROWS} row of cache {m1_cache}, which holds "
+        f"nothing at the end), arithmetic {PER_TOKEN:,}"
+    ) in text
+    # AND the notebook's per-layer table has the cache column too
+    _source, report = build_report(run)
+    assert "<th>cache</th><th>layer</th>" in report._repr_html_()
