@@ -14,7 +14,7 @@ from typing import Any
 
 from analyzers.kv_log import CacheFigures
 
-__all__ = ["CacheSummary", "cache_summaries", "caches_note", "main_cache", "model_caches"]
+__all__ = ["CacheSummary", "cache_summaries", "caches_note", "main_cache", "model_caches", "rows_name_caches"]
 
 
 @dataclass
@@ -117,3 +117,11 @@ def caches_note(caches: list[CacheSummary], given: Iterable[int] = ()) -> str | 
         f"cache, or an earlier generate()'s output still referenced): per-layer rows name their cache; "
         f"tokens held and bytes per token are cache {main.cache}'s ({main.layers} layers, {why})"
     )
+
+
+def rows_name_caches(row_caches: Iterable[int | None], main: int | None) -> bool:
+    """Whether per-layer rows of these caches must say whose each is: they hold several caches, or one that
+    is not the main cache (the recorded model's let go before the end, another model's held then), whose
+    tokens and bytes a reader would otherwise take for the recorded model's."""
+    held = set(row_caches)
+    return len(held) > 1 or (main is not None and bool(held) and held != {main})

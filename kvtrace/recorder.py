@@ -121,6 +121,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._prompt_end: int | None = None  # where the running generate() call's prompt ends in its cache
         self._model_caches: set[int] = set()  # the HF caches the model's own forwards were given
         self._caches_in_generate: set[int] = set()  # HF caches first seen inside its generate() (drafts)
+        # HF caches first used on another thread than the one entering the block: torch.profiler records
+        # that thread's memory events only, so another model's there has no allocation in its trace
+        self._caches_elsewhere: set[int] = set()
         # (cache, new tokens, updates seen, deferred, cache empty before it) of the running forward
         self._step_cache: tuple[Any, ...] | None = None
         # Light mode with no NVTX tool listening: a forward's layer updates may be compared once, at its end
@@ -270,8 +273,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             if GenerateCalls.available(self.model):
                 self._calls = GenerateCalls(self.model)
                 self._calls.install()
-                if self._hf is not None:
-                    self._hf.on_new_cache = self._cache_made
+            if self._hf is not None:
+                self._hf.on_new_cache = self._cache_made
         self._modules.scan("track")
         if self.model is not None:
             # HF attention modules carry `layer_idx`; eviction libraries hang their masks on them.

@@ -11,6 +11,7 @@ import contextlib
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,8 @@ class RunManifest:
     _forwards_elsewhere: int
     _model_caches: set[int]
     _caches_in_generate: set[int]
+    _caches_elsewhere: set[int]
+    _thread: int
     _calls: GenerateCalls | None
     _forwards_beside: int
     _ended_mid_forward: bool
@@ -135,17 +138,7 @@ class RunManifest:
             warnings.extend(weights.warnings())
         others = self._other_caches()
         if others:
-            named = ", ".join(str(cid) for cid in others)
-            several = len(others) > 1
-            warnings.append(
-                f"transformers cache{'s' if several else ''} {named} (the KV log's `cache`) "
-                f"{'were' if several else 'was'} updated outside the forwards and generate() calls of the "
-                f"model passed to record() ({type(self.model).__name__}): another model generated in the "
-                f"block. {'Their' if several else 'Its'} KV is counted in the KV totals and the memory "
-                f"figures (the process held it), and {'their' if several else 'its'} updates are logged "
-                "within the recorded model's steps; tokens held, batch, bytes per token and tokens/s are "
-                "those of the caches the model's forwards were given"
-            )
+            warnings.append(self._other_caches_warning(others, steps))
         if self._forwards_beside:
             warnings.append(
                 f"{self._forwards_beside} of {steps} forward passes of the model began while another of its "
@@ -177,15 +170,53 @@ class RunManifest:
             warnings.append(warning)
         return warnings
 
+    def _other_caches_warning(self, others: list[int], steps: int) -> str:
+        """Another model's caches: counted in the KV totals, not the headline's; and, where the profiler's
+        trace is read (not every forward of the model ran elsewhere), those first used on another thread
+        are not in it: what the memory figures hold of them is the readers' to say (a note)."""
+        several = len(others) > 1
+        their, its = ("their", "Their") if several else ("its", "Its")
+        trace_read = self.options.profiler and not 0 < steps <= self._forwards_elsewhere
+        unseen = [cid for cid in others if cid in self._caches_elsewhere] if trace_read else []
+        if not unseen:
+            counted = "in the KV totals and the memory figures (the process held it)"
+        elif len(unseen) < len(others):
+            seen = ", ".join(str(cid) for cid in others if cid not in unseen)
+            counted = f"in the KV totals (the process held it), and cache {seen}'s in the memory figures"
+        else:
+            counted = "in the KV totals (the process held it)"
+        warning = (
+            f"transformers cache{'s' if several else ''} {', '.join(str(cid) for cid in others)} (the KV "
+            f"log's `cache`) {'were' if several else 'was'} updated outside the forwards and generate() "
+            f"calls of the model passed to record() ({type(self.model).__name__}): another model generated "
+            f"in the block. {its} KV is counted {counted}, and {their} updates are logged within the "
+            "recorded model's steps; tokens held, batch, bytes per token and tokens/s are those of the "
+            "caches the model's forwards were given"
+        )
+        if unseen:
+            many = len(unseen) > 1
+            warning += (
+                f". Cache{'s' if many else ''} {', '.join(str(cid) for cid in unseen)} "
+                f"{'were' if many else 'was'} first used on another thread than the one that entered "
+                "record(), the only thread whose memory events torch.profiler records: the trace has none of "
+                "that model's allocations (its KV, its activations), and the measured peak, its categories "
+                "and the budget hold them only as the notes say"
+            )
+        return warning
+
     def _caches_and_threads(self) -> dict[str, Any]:
-        """The manifest's `model_caches`, `other_caches` and `forwards_on_other_threads`, when there are any:
-        which caches the figures describe, and whether the profiler's trace saw the model's forwards."""
+        """The manifest's `model_caches`, `other_caches`, `other_caches_on_other_threads` and
+        `forwards_on_other_threads`, when there are any: which caches the figures describe, and whether the
+        profiler's trace saw the model's forwards and the other caches."""
         facts: dict[str, Any] = {}
         if self._model_caches:
             facts["model_caches"] = sorted(self._model_caches)
         others = self._other_caches()
         if others:
             facts["other_caches"] = others
+            elsewhere = [cid for cid in others if cid in self._caches_elsewhere]
+            if elsewhere:
+                facts["other_caches_on_other_threads"] = elsewhere
         if self._forwards_elsewhere and self.options.profiler:
             facts["forwards_on_other_threads"] = {
                 "forwards": self._forwards_elsewhere,
@@ -195,7 +226,10 @@ class RunManifest:
 
     def _cache_made(self, cache_id: int) -> None:
         """A cache got its id (`HfCacheHooks.on_new_cache`), on the thread that first used it: one made inside
-        the model's generate() on that thread (an assistant's draft cache) is part of the model's work."""
+        the model's generate() on that thread (an assistant's draft cache) is part of the model's work; one
+        first used on another thread than the block's is in no memory event of the profiler's trace."""
+        if threading.get_ident() != self._thread:
+            self._caches_elsewhere.add(cache_id)
         calls = self._calls
         if calls is not None and calls.in_call():
             self._caches_in_generate.add(cache_id)

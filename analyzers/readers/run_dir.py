@@ -18,6 +18,12 @@ from analyzers.attribution import JOIN_TOLERANCE_US, frees_storage, sizes_are_bl
 from analyzers.kv_log import analyze_kv_log
 from analyzers.model import KV, SMALL_SEGMENT_BYTES, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.readers.sources import ProgressFn
+from analyzers.readers.untraced_caches import (
+    add_untraced_kv,
+    adds_untraced_kv,
+    caches_on_other_threads,
+    untraced_note,
+)
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
 from analyzers.trace_coverage import damaged_memory_events, skipped_events_note
 from kvtrace.errors import KvtraceError
@@ -391,6 +397,10 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     traces = run.profiler_traces()
     memory_damaged = False  # the trace's [memory] events, all skipped as damaged
     skipped: dict[str, int] | None = None
+    # Another model's caches on a thread torch.profiler did not record: none of their storages is in the
+    # trace, so they neither place its clock nor count as held before it
+    untraced = caches_on_other_threads(run.manifest) if traces else set()
+    storages = [s for s in kv.storages if s[6] not in untraced]
     if traces:
         from analyzers.readers.chrome_trace import read_chrome_trace
 
@@ -410,14 +420,14 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             from analyzers.readers.trace_stacks import attach_python_stacks
 
             source.meta["allocations_with_stack"] = attach_python_stacks(source, traces[-1])
-        if kv.storages:
+        if storages:
             # After the stacks (matched to ranges on the trace's own clock), before anything that compares
             # the trace's times with the KV log's.
             from analyzers.readers.trace_clock import align_trace_clock
 
             align_trace_clock(
                 source,
-                kv.storages,
+                storages,
                 trace.meta.get("baseTimeNanoseconds"),
                 _run_span_ns(run),
                 kv.scanned_after_ns,
@@ -468,11 +478,28 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             source.meta["events_from"] = "kv_log (the profiler trace's memory events are damaged)"
         else:
             source.meta["events_from"] = "kv_log (the profiler trace has no memory events)"
+    traced = bool(traces) and not trace_missed_the_model
+    if traced and untraced:
+        # On a CPU, their KV storages join the trace's events from the KV log; elsewhere (a GPU's totals
+        # count them already) the note says where their KV is counted
+        added: dict[int, int] = {}
+        for dev in source.devices:
+            for cache, count in add_untraced_kv(dev, run.kv_events, kv.storages, untraced).items():
+                added[cache] = added.get(cache, 0) + count
+        # On a CPU whose trace held every storage of theirs (the caches went on on the recording thread),
+        # nothing is missing: no note
+        if added or not any(adds_untraced_kv(dev) for dev in source.devices):
+            source.meta.setdefault("input_notes", []).append(untraced_note(untraced, added))
+            named = ", ".join(str(c) for c in sorted(untraced))
+            source.meta["peak_leaves_out"] = (
+                f"another model's activations (cache {named}'s, on another thread)"
+                if added
+                else f"what another model held between the recording thread's events (cache {named}'s)"
+            )
     changes = weight_changes(run)
     if changes:
         # The model converted inside the block (`model.to(torch.bfloat16)`): the events of its weights that
         # the device's events lack (all of them in the KV log's; the untraced frees of a CPU trace).
-        traced = bool(traces) and not trace_missed_the_model
         for dev in source.devices:
             add_weight_events(dev, changes, traced, JOIN_TOLERANCE_US)
         source.meta["weight_changes"] = changes
@@ -492,12 +519,11 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     weights_counted = False  # a GPU's allocator totals hold the weights the missing table would list
     for dev in source.devices:
         # The weights were allocated before the profiler started, as may some KV
-        traced = bool(traces) and not trace_missed_the_model
         if weights_gone and _weights_from_table(dev, traced):  # a partial copy: the peak is a lower bound
             source.meta["peak_leaves_out"] = f"the weights, as {WEIGHTS_FILE} is missing"
         elif weights_gone:
             weights_counted = True
-        kv_held = _kv_held_before_trace(dev, kv.storages, run.kv_events) if traced else 0
+        kv_held = _kv_held_before_trace(dev, storages, run.kv_events) if traced else 0
         held = weight_blocks_by_device if sizes_are_blocks(dev) else weights_by_device
         listed = {w.addr: w.storage_bytes for w in run.weights if _normal_device(w.device) == dev.device}
         _held_before_trace(dev, held.get(dev.device, 0), kv_held, listed if traced else None)

@@ -114,10 +114,10 @@ def add_weight_events(
         else:
             inserts.append((at_seen, change.t_us, change.addr, signed))
     if inserts:
-        _insert(dev, inserts)
+        insert_events(dev, inserts)
 
 
-def _insert(dev: DeviceEvents, inserts: list[tuple[int, float, int, int]]) -> None:
+def insert_events(dev: DeviceEvents, inserts: list[tuple[int, float, int, int]]) -> None:
     """Insert events (each before an original one; equal positions in the order given), keeping the
     allocator's running total, where the device has one, consistent with them."""
     inserts.sort(key=lambda row: row[0])  # stable: equal positions keep their order

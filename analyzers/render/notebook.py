@@ -13,6 +13,7 @@ from html import escape
 
 import numpy as np
 
+from analyzers.caches import rows_name_caches
 from analyzers.group import GroupReport
 from analyzers.model import request_at_most
 from analyzers.render.engine import engine_text_lines
@@ -127,7 +128,7 @@ def report_to_notebook_html(report: Report) -> str:
         kv_rows.append(_row("bytes per token (geometry)", f"{kv.bytes_per_token_expected:,}"))
     parts.append("<table>" + "".join(kv_rows) + "</table>")
     if kv.per_layer:
-        several = len({f.cache for f in kv.per_layer}) > 1  # a layer index in several caches
+        several = rows_name_caches((f.cache for f in kv.per_layer), kv.main_cache)
         cache_head: tuple[object, ...] = ("cache",) if several else ()
         head = (*cache_head, "layer", "K", "V", "tokens per row", "evicted tokens (all rows)")
         layer_rows = [_row(*head, header=True)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from analyzers.caches import rows_name_caches
 from analyzers.model import request_at_most
 from analyzers.render.json import METHOD_LABELS, NO_KV_HINT
 from analyzers.summary import Report
@@ -91,6 +92,16 @@ def report_to_text(report: Report) -> str:
             f"    bytes per token: measured {kv.bytes_per_token_measured:,.1f} ({held}), "
             f"arithmetic {expected}"
         )
+    elif kv.tokens_held and kv.batch and report.engine is None:
+        # The main cache was let go before the end (another model's generated after it): its tokens are
+        # still the headline's, with nothing held to measure
+        expected = "-" if kv.bytes_per_token_expected is None else f"{kv.bytes_per_token_expected:,}"
+        of = f" of cache {kv.main_cache}" if kv.main_cache is not None else ""
+        lines.append(
+            f"    bytes per token: measured - ({kv.tokens_held} tokens x {kv.batch} "
+            f"{'row' if kv.batch == 1 else 'rows'}{of}, which holds nothing at the end), "
+            f"arithmetic {expected}"
+        )
     if kv.evicted_tokens or kv.evictions:
         kinds = {"window": "sliding window", "press": "eviction library (press)", "crop": "crop"}
         by_kind = ", ".join(f"{kinds.get(k, k)} {n:,}" for k, n in kv.evictions_by_reason.items())
@@ -110,7 +121,7 @@ def report_to_text(report: Report) -> str:
             reasons[item["explanation"]] = reasons.get(item["explanation"], 0) + 1
         for explanation, count in reasons.items():
             lines.append(f"      {count} freed nothing: {explanation}")
-    several = len({layer.cache for layer in kv.per_layer}) > 1
+    several = rows_name_caches((layer.cache for layer in kv.per_layer), kv.main_cache)
     if several:
         lines.append("    caches (the headline figures are the main cache's):")
         for cache in kv.caches:

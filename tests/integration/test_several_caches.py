@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 import kvtrace
+from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.format import read_run
 from kvtrace.llama import build_model
@@ -339,3 +340,103 @@ def test_another_model_generating_on_another_thread_during_the_recorded_generate
     assert outputs["m1"].past_key_values.get_seq_length() == M1_TOKENS
     # WHEN it is reported THEN m1's cache is the headline's, m2's counted in the totals and named
     _check_another_models_cache(run, True, capsys)
+
+
+SPIKE_BYTES = 64 << 20  # a tensor the recording thread allocates last: the run's peak, far above activations
+UNTRACED = "first used on another thread than the one that entered record()"
+
+
+def test_another_model_on_another_thread_has_its_kv_in_the_traced_memory_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN record(model=m1) with the profiler on, and m2 generating on a second thread while m1 generates
+    # on the recording thread (torch.profiler records that thread's memory events only); both outputs are
+    # kept, and the recording thread then allocates 64 MiB, the run's peak, with both caches held
+    m1, m2, a, b = _two_models()
+    run = tmp_path / "run"
+    outputs: dict[str, Any] = {}
+
+    def other() -> None:
+        with torch.no_grad():
+            outputs["m2"] = _generate(m2, b, M2_NEW)
+
+    with torch.no_grad(), kvtrace.record(run, model=m1):
+        thread = threading.Thread(target=other)
+        thread.start()
+        outputs["m1"] = _generate(m1, a, M1_NEW)
+        thread.join()
+        spike = torch.empty(SPIKE_BYTES, dtype=torch.uint8)
+        del spike
+    assert outputs["m2"].past_key_values.get_seq_length() == M2_TOKENS
+    rows = _rows_of_caches(run)
+    (m1_cache,) = [c for c, n in rows.items() if n == M1_ROWS]
+    (m2_cache,) = [c for c, n in rows.items() if n == M2_ROWS]
+    m1_bytes, m2_bytes = PER_TOKEN * M1_TOKENS * M1_ROWS, PER_TOKEN * M2_TOKENS * M2_ROWS  # 10,240, 33,792
+
+    # WHEN it is reported
+    data = _cli_json(["report", str(run), "--no-export"], capsys)
+
+    # THEN the manifest says which other cache the trace cannot show
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["model_caches"] == [m1_cache]
+    assert manifest["other_caches"] == manifest["other_caches_on_other_threads"] == [m2_cache]
+    # AND the KV at the peak and at the end is both caches', as the KV section has it (m2's from the log)
+    (device,) = data["devices"]
+    assert device["peak_allocated_bytes"] >= SPIKE_BYTES
+    assert data["categories_at_peak"]["kv"] == m1_bytes + m2_bytes == data["kv"]["final_bytes"]
+    _source, report = build_report(run)
+    (timeline,) = report.timelines
+    assert int(timeline.by_category["kv"][-1]) == m1_bytes + m2_bytes
+    # AND the warning no longer says its memory is in the figures; the reader's note says what is
+    (warning,) = [n for n in data["notes"] if OTHER_MODEL in n]
+    assert "Its KV is counted in the KV totals (the process held it)," in warning
+    assert f"Cache {m2_cache} was {UNTRACED}" in warning and "memory figures (the process" not in warning
+    (note,) = [n for n in data["notes"] if n.startswith("the profiler's trace has no allocation of cache")]
+    storages = sum(
+        1 for s in read_run(run).kv_events if s.cache == m2_cache and s.event in ("created", "grown")
+    )
+    assert f"cache {m2_cache} (another model's, {UNTRACED}" in note
+    assert f"its KV ({storages} storages, from the KV log, at the log's times) is added" in note
+    assert "that model's activations are in none of them" in note
+    # AND diagnose takes the peak as a lower bound
+    diagnosis = _cli_json(["diagnose", str(run)], capsys)
+    assert (
+        diagnosis["peak_leaves_out"] == f"another model's activations (cache {m2_cache}'s, on another thread)"
+    )
+
+
+def test_text_report_names_another_models_cache_once_the_models_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN m1 (recorded) generating, its output dropped, then m2 generating in the same block: only m2's
+    # cache holds KV at the end, and the headline's cache (m1's) holds nothing
+    m1, m2, a, b = _two_models()
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=m1, profiler=False):
+        first = _generate(m1, a, M1_NEW)
+        del first
+        gc.collect()
+        kept = _generate(m2, b, M2_NEW)
+    assert kept.past_key_values.get_seq_length() == M2_TOKENS
+    rows = _rows_of_caches(run)
+    (m1_cache,) = [c for c, n in rows.items() if n == M1_ROWS]
+    (m2_cache,) = [c for c, n in rows.items() if n == M2_ROWS]
+    k_or_v = kv_bytes(KV_HEADS, HEAD_DIM, M2_TOKENS, M2_ROWS, FP32)  # 4,224 B per layer's K (or V)
+
+    # WHEN the terminal report is printed
+    assert main(["report", str(run), "--no-export"]) == 0
+    text = capsys.readouterr().out
+
+    # THEN the per-layer rows say they are m2's cache, and the caches are listed with m1's as the main one
+    assert "    cache layer      K bytes      V bytes  tokens/row  evicted (all rows)" in text
+    for layer in range(LAYERS):
+        assert f"    {m2_cache:>5} {layer:>5} {k_or_v:>12,} {k_or_v:>12,} {M2_TOKENS:>11} {0:>19}" in text
+    assert f"    {m1_cache:>5} main {LAYERS} layers, 0 B held, {M1_TOKENS} tokens x {M1_ROWS} rows" in text
+    # AND m1's tokens and batch, the headline's, are said though it holds nothing to measure
+    assert (
+        f"bytes per token: measured - ({M1_TOKENS} tokens x {M1_ROWS} row of cache {m1_cache}, which holds "
+        f"nothing at the end), arithmetic {PER_TOKEN:,}"
+    ) in text
+    # AND the notebook's per-layer table has the cache column too
+    _source, report = build_report(run)
+    assert "<th>cache</th><th>layer</th>" in report._repr_html_()
