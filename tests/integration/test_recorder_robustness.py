@@ -346,12 +346,15 @@ def test_a_module_cache_whose_forward_says_no_position_has_unknown_tokens_not_it
     assert {e.tokens for e in module_events} == {0}
     (warning,) = run.manifest["warnings"]
     assert "(cache_k, cache_v) were written 4 times without saying where" in warning
-    # AND the report leaves the tokens out rather than divide by the capacity, and counts 4 forwards
+    # AND the report leaves the tokens out rather than take the capacity for them, and counts 4 forwards
     assert main(["report", str(tmp_path / "run"), "--json", "--no-export"]) == 0
     report = json.loads(capsys.readouterr().out)
     kv = report["kv"]
     assert kv["final_bytes"] == 2 * batch * max_seq * kv_heads * head_dim * 4
-    assert (kv["tokens_held"], kv["token_rows"], kv["bytes_per_token_measured"]) == (None, None, None)
+    assert (kv["tokens_held"], kv["token_rows"]) == (None, None)
+    # ... while a byte per token is a slot's of the buffers (batch x max_seq), which needs no token count
+    assert kv["bytes_per_token_measured"] == 2 * kv_heads * head_dim * 4
+    assert (kv["capacity_rows"], kv["capacity_tokens"]) == (batch, max_seq)
     assert (report["steps"], kv["batch"]) == (4, batch)
     assert warning in report["notes"]
     assert main(["compare", str(tmp_path / "run"), str(tmp_path / "run"), "--json"]) == 0
