@@ -226,7 +226,8 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
         if weight_changes:
             _join_weight_changes(dev, weight_changes)
         if kv is not None and kv.storages:
-            _join_kv_log(dev, kv.storages)
+            held = (source.meta.get("kv_held_before_trace") or {}).get(dev.device)
+            _join_kv_log(dev, kv.storages, held)
         if dev.baseline_blocks:
             # Blocks live before the trace began (snapshots): their stacks split the baseline too.
             split: dict[int, int] = {}
@@ -235,6 +236,10 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
                 split[category] = split.get(category, 0) + size
             dev.baseline_categories = split
     return source
+
+
+# A KV storage as analyzers.kv_log gives it: addr, bytes, first_ns, freed_ns, layer, kv, cache
+_Storage = tuple[int, int, int, int, int, str, int]
 
 
 def _join_weight_changes(dev: DeviceEvents, changes: list[Any]) -> None:
@@ -274,7 +279,10 @@ def _join_weight_changes(dev: DeviceEvents, changes: list[Any]) -> None:
     dev.method[targets] = METHOD_WEIGHTS_TABLE
 
 
-def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int, str, int]]) -> None:
+def _join_kv_log(dev: DeviceEvents, storages: list[_Storage], held: list[_Storage] | None = None) -> None:
+    """Mark as KV the allocation of each storage of the KV log that the trace holds, and its free; and the
+    free of each storage `held` before the trace (`readers.kv_before_trace`): the first event at its address,
+    the trace's or one the reader added, which takes it out of the level before the first event."""
     kv_addrs = {s[0] for s in storages}
     alloc_mask = dev.delta_bytes > 0
     by_addr: dict[int, list[int]] = {}
@@ -319,7 +327,8 @@ def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int
             layers.append(layer)
             kinds.append(1 if kv == "k" else 2)
             caches.append(cache)
-    if not matched_allocs:
+    held_frees = _held_frees(dev, held)
+    if not matched_allocs and not held_frees:
         return
     # attribute() fills these arrays before joining the KV log.
     assert dev.category is not None and dev.method is not None
@@ -337,3 +346,23 @@ def _join_kv_log(dev: DeviceEvents, storages: list[tuple[int, int, int, int, int
     dev.layer[frees[ok]] = dev.layer[index[ok]]
     dev.kv_kind[frees[ok]] = dev.kv_kind[index[ok]]
     dev.kv_cache[frees[ok]] = dev.kv_cache[index[ok]]
+    for free, (_addr, _nbytes, _first, _freed, layer, kv, cache) in held_frees:
+        dev.category[free] = KV
+        dev.method[free] = METHOD_KV_LOG
+        dev.layer[free] = layer
+        dev.kv_kind[free] = 1 if kv == "k" else 2
+        dev.kv_cache[free] = cache
+
+
+def _held_frees(dev: DeviceEvents, held: list[_Storage] | None) -> list[tuple[int, _Storage]]:
+    """(index, storage) of the free of each storage held before the trace that the log saw go: the first
+    event at its address."""
+    freed = {s[0]: s for s in held or () if s[3] >= 0}
+    if not freed or not len(dev):
+        return []
+    found: list[tuple[int, _Storage]] = []
+    for index in np.flatnonzero(np.isin(dev.addr, np.fromiter(freed, dtype=np.int64))).tolist():
+        storage = freed.pop(int(dev.addr[index]), None)
+        if storage is not None and dev.delta_bytes[index] < 0:
+            found.append((index, storage))
+    return found

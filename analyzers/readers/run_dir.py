@@ -17,6 +17,7 @@ import numpy as np
 from analyzers.attribution import JOIN_TOLERANCE_US, frees_storage, sizes_are_blocks, smallest_block
 from analyzers.kv_log import analyze_kv_log
 from analyzers.model import KV, SMALL_SEGMENT_BYTES, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
+from analyzers.readers.kv_before_trace import add_kv_frees, held_bytes, kv_held_before_trace
 from analyzers.readers.sources import ProgressFn
 from analyzers.readers.untraced_caches import (
     add_untraced_kv,
@@ -148,30 +149,6 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
     )
 
 
-def _kv_held_before_trace(
-    dev: DeviceEvents, storages: list[tuple[int, int, int, int, int, str, int]], events: list[Any]
-) -> int:
-    """Bytes of KV storages allocated before the profiler started (a reference model's preallocated buffers,
-    a cache built before record()): in no allocation of the trace, yet held all along, they join the level
-    before the first event, as KV. Only storages the trace never frees qualify (a free of memory it never
-    saw allocated would take the KV share below zero). On a GPU, their blocks (`smallest_block`), as the
-    allocator counts them."""
-    if not len(dev):
-        return 0
-    device_of = {e.addr: e.device for e in events if e.addr and e.device}
-    first_us = float(dev.ts_us[0])
-    seen = set(dev.addr.tolist())  # any trace event at the address, allocation or free
-    blocks = sizes_are_blocks(dev)
-    return sum(
-        smallest_block(nbytes) if blocks else nbytes
-        for addr, nbytes, first_ns, freed_ns, _layer, _kv, _cache in storages
-        if first_ns / 1000.0 <= first_us
-        and addr not in seen
-        and freed_ns < 0
-        and _normal_device(device_of.get(addr, dev.device)) == dev.device
-    )
-
-
 def _held_before_trace(
     dev: DeviceEvents, weights: int, kv_held: int, listed: dict[int, int] | None = None
 ) -> None:
@@ -190,9 +167,10 @@ def _held_before_trace(
         return
     if listed and len(dev):
         # A trace may show the frees of weights allocated before it began (a GPU's; the CPU's reporter too,
-        # for an address whose size an earlier profiling session left it): the level before the first event
-        # must cover them, and it is the weights' own, not more besides. What else the trace frees without
-        # having seen it allocated is the level beyond the weights.
+        # for an address whose size an earlier profiling session left it), and the KV held then, whose frees
+        # a CPU trace lacks were added: the level before the first event must cover them, and it is their
+        # own, not more besides. What else the trace frees without having seen it allocated is the level
+        # beyond them.
         dev.baseline_bytes = _unseen_beyond(dev, listed)
     dev.baseline_bytes += weights + kv_held
     if listed is not None:
@@ -523,10 +501,15 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             source.meta["peak_leaves_out"] = f"the weights, as {WEIGHTS_FILE} is missing"
         elif weights_gone:
             weights_counted = True
-        kv_held = _kv_held_before_trace(dev, storages, run.kv_events) if traced else 0
+        # (that KV until the log's `freed` line for it: a CPU trace lacks the free, which is added)
+        held_kv = kv_held_before_trace(dev, storages, run.kv_events) if traced else []
+        if any(s[3] >= 0 for s in held_kv):
+            add_kv_frees(dev, held_kv, run.kv_events)
+            source.meta.setdefault("kv_held_before_trace", {})[dev.device] = held_kv
         held = weight_blocks_by_device if sizes_are_blocks(dev) else weights_by_device
         listed = {w.addr: w.storage_bytes for w in run.weights if _normal_device(w.device) == dev.device}
-        _held_before_trace(dev, held.get(dev.device, 0), kv_held, listed if traced else None)
+        listed.update((s[0], s[1]) for s in held_kv)
+        _held_before_trace(dev, held.get(dev.device, 0), held_bytes(dev, held_kv), listed if traced else None)
         if (
             dev.capacity_bytes is None
             and total_memory

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.attribution import frees_storage
+from analyzers.attribution import frees_storage, sizes_are_blocks, smallest_block
 from analyzers.model import DeviceEvents
 from analyzers.units import human_bytes
 
@@ -104,6 +104,8 @@ def add_weight_events(
             continue  # allocated while the profiler ran: its allocation and free are in the trace
         if events and frees_storage(dev, int(-delta[events[0]]), change.nbytes):
             continue  # the trace's first event at its address is its free (CUDA reports those)
+        if sizes_are_blocks(dev):
+            signed = -smallest_block(change.nbytes)  # the block the level before the first event counts
         # `_apply` frees each old storage as soon as its replacement (the storage of that name) is made
         replacement = replacements.get((change.t_us, change.name))
         made = last_allocation(replacement) if replacement is not None else None

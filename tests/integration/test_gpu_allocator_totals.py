@@ -31,27 +31,33 @@ def _block(nbytes: int) -> int:
     return max(512, -(-nbytes // 512) * 512)
 
 
-def _as_cuda(run: Path, blocks: bool = False) -> int:
+def _as_cuda(run: Path, blocks: bool = False, kv_held: int = 0) -> int:
     """Rewrite a CPU run's files as the same run on cuda:0 would read; the weights' bytes. `blocks`: every
-    `[memory]` event's Bytes the block CUDA hands out for it (`_block`), as a real CUDA trace has them."""
+    `[memory]` event's Bytes the block CUDA hands out for it (`_block`), as a real CUDA trace has them.
+    `kv_held`: the bytes of KV the process held when the profiler started (a reference model's buffers),
+    which CUDA's totals count as they do the weights."""
     size = _block if blocks else (lambda nbytes: nbytes)
     weights = [json.loads(line) for line in (run / "weights.jsonl").read_text().splitlines()]
-    held = sum(size(w["storage_bytes"]) for w in weights)
+    held = sum(size(w["storage_bytes"]) for w in weights if "event" not in w)  # the start's (no change lines)
     (run / "weights.jsonl").write_text("".join(json.dumps({**w, "device": "cuda:0"}) + "\n" for w in weights))
     events = [json.loads(line) for line in (run / "kv_events.jsonl").read_text().splitlines()]
     (run / "kv_events.jsonl").write_text(
         "".join(json.dumps({**e, "device": "cuda:0"} if "device" in e else e) + "\n" for e in events)
     )
-    (trace_path,) = (run / "profiler").glob("*.json.gz")
-    trace = json.loads(gzip.decompress(trace_path.read_bytes()))
+    (trace_path,) = (run / "profiler").glob("*.json*")
+    zipped = trace_path.name.endswith(".gz")
+    raw = trace_path.read_bytes()
+    trace = json.loads(gzip.decompress(raw) if zipped else raw)
     memory = [e for e in trace["traceEvents"] if e.get("name") == "[memory]"]
-    total = held  # CUDA's total: what the process holds, the weights loaded before the profiler included
+    # CUDA's total: what the process holds, the weights (and KV) loaded before the profiler included
+    total = held + kv_held
     for event in sorted(memory, key=lambda e: (e["ts"], e["args"]["Ev Idx"])):
         args = event["args"]
         nbytes = size(abs(args["Bytes"])) * (1 if args["Bytes"] > 0 else -1)
         total += nbytes
         args.update({"Bytes": nbytes, "Device Type": 1, "Device Id": 0, "Total Allocated": total})
-    trace_path.write_bytes(gzip.compress(json.dumps(trace).encode()))
+    written = json.dumps(trace).encode()
+    trace_path.write_bytes(gzip.compress(written) if zipped else written)
     return held
 
 
@@ -100,8 +106,10 @@ def test_a_cuda_run_without_its_weights_table_counts_them_as_other_and_says_so(
     assert categories["other"] == whole["categories_at_peak"]["other"] + weights  # type: ignore[index]
     # ... and the note says so, not that the figures leave them out; diagnose gives no lower bound
     (note,) = [n for n in report["notes"] if "weights.jsonl is listed in the manifest but missing" in n]
-    assert note.endswith("the weights are in the memory figures (the GPU allocator's totals count them from "
-                         "the process's start) but counted as other: nothing names their blocks")
+    assert note.endswith(
+        "the weights are in the memory figures (the GPU allocator's totals count them from "
+        "the process's start) but counted as other: nothing names their blocks"
+    )
     assert note in diagnosis["notes"]
     assert diagnosis["peak_leaves_out"] is None
 

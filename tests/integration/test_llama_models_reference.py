@@ -367,3 +367,124 @@ def test_reference_llama3_converted_to_bfloat16_keeps_its_trace_clock_and_all_it
     assert device["attributed_bytes_by_method"]["kv_log"] == kv_total
     (note,) = reports["no_base"]["notes"]
     assert note.startswith("the profiler trace's baseTimeNanoseconds is missing: its events were put on")
+
+
+def _trace_memory(run_dir: Path) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
+    """The run's profiler trace file, its JSON, and its `[memory]` events (in file order)."""
+    (path,) = (run_dir / "profiler").glob("*.pt.trace.json*")
+    raw = path.read_bytes()
+    trace = json.loads(gzip.decompress(raw) if path.name.endswith(".gz") else raw)
+    return path, trace, [e for e in trace["traceEvents"] if e.get("name") == "[memory]"]
+
+
+def _with_buffer_frees(run_dir: Path) -> None:
+    """Give the run's trace the frees a GPU's trace reports of blocks allocated before it started (a CPU's
+    lacks them): each buffer the KV log saw replaced and freed, just after its replacement's allocation (the
+    latest of its address and size by the `replaced` line), where `self.cache_k = self.cache_k.to(xq)` lets
+    the old one go."""
+    events = read_run(run_dir).kv_events
+    replaced = {e.prev_addr: e for e in events if e.event == "replaced"}
+    path, trace, _memory = _trace_memory(run_dir)
+    base_us = trace["baseTimeNanoseconds"] / 1000.0
+    listed = trace["traceEvents"]
+    for freed in (e for e in events if e.event == "freed" and e.addr in replaced):
+        new = replaced[freed.addr]
+        made = [
+            i
+            for i, e in enumerate(listed)
+            if e.get("name") == "[memory]"
+            and (e["args"]["Addr"], e["args"]["Bytes"]) == (new.addr, new.storage_bytes)
+            and base_us + e["ts"] <= new.t_ns / 1000.0
+        ][-1]
+        free = json.loads(json.dumps(listed[made]))
+        free["args"].update({"Addr": freed.addr, "Bytes": -freed.storage_bytes})
+        listed.insert(made + 1, free)
+    written = json.dumps(trace).encode()
+    path.write_bytes(gzip.compress(written) if path.name.endswith(".gz") else written)
+
+
+def test_reference_llama3_converted_inside_the_block_holds_its_float32_buffers_until_the_first_forward(
+    tmp_path, watched_models, capsys
+):
+    # GIVEN the reference model in float32, its cache_k / cache_v allocated with it, before record(), and
+    # converted with `.to(torch.bfloat16)` inside the block: the buffers stay float32 until the first
+    # forward copies them (`self.cache_k.to(xq)`), a free the CPU profiler does not report (it never saw
+    # them allocated)
+    from test_gpu_allocator_totals import _as_cuda, _block
+
+    from kvtrace.cli import main
+
+    max_batch, rows = 4, 2
+    head_dim = DIM // N_HEADS
+    run = tmp_path / "run"
+
+    def storage_bytes(model: torch.nn.Module) -> list[int]:
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in (*model.parameters(), *model.buffers())
+        }
+        return list(storages.values())
+
+    with _reference_model(tmp_path, watched_models, max_batch) as model:
+        weights = storage_bytes(model)
+        tokens = torch.randint(0, VOCAB, (rows, PROMPT_LEN + DECODE_STEPS))
+        # WHEN it is converted and run inside the block, profiler on
+        with kvtrace.record(run, model=model, snapshots=False), torch.inference_mode():
+            model.to(torch.bfloat16)
+            model.forward(tokens[:, :PROMPT_LEN], 0)
+            for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+                model.forward(tokens[:, pos : pos + 1], pos)
+        converted = storage_bytes(model)
+    capsys.readouterr()  # fairscale's own lines
+    buffers = N_LAYERS * 2 * max_batch * MAX_SEQ * N_KV_HEADS * head_dim * 4
+    assert buffers == 65536
+    _path, _trace, memory = _trace_memory(run)
+    first_allocation = min(memory, key=lambda e: e["ts"])["args"]["Bytes"]
+    assert first_allocation > 0
+    first_free_us = min(e.t_ns for e in read_run(run).kv_events if e.event == "freed") / 1000.0
+
+    def figures(run_dir: Path) -> tuple[dict[str, Any], int]:
+        """The run's report device, checked against compare's peak, and the export's level at its start."""
+        assert main(["report", str(run_dir), "--json", "--no-export", "-q"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert main(["compare", str(run_dir), str(run_dir), "--json"]) == 0
+        (compared, _) = json.loads(capsys.readouterr().out)["runs"]
+        assert compared["peak_bytes"] == report["peak_allocated_bytes"]
+        out = run_dir.parent / f"{run_dir.name}_tables"
+        assert main(["export", str(run_dir), "-o", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["query", str(out), "--json", "SELECT baseline_bytes FROM devices"]) == 0
+        ((level,),) = (row.values() for row in json.loads(capsys.readouterr().out))
+        (device,) = report["devices"]
+        return device, level
+
+    # THEN the level at the block's start holds the float32 weights and buffers, ...
+    device, level = figures(run)
+    assert level == sum(weights) + buffers
+    # ... the peak is at least that level and the trace's first allocation (the first bfloat16 weight),
+    # before the buffers go, with all of them KV at the peak
+    assert device["peak_allocated_bytes"] >= level + first_allocation
+    assert device["peak_time"] < first_free_us
+    assert device["categories_at_peak"]["kv"] == buffers
+    # ... and they are gone by the end: the bfloat16 weights and buffers are what is left
+    assert device["final_allocated_bytes"] == sum(converted) + buffers // 2
+
+    # AND as CUDA writes the same run (blocks of 512 B; totals that count from the process's start, the
+    # float32 buffers included), with the buffers' frees in its trace (a GPU reports them) or without,
+    # the buffers count once: in the level at the start (not added to what the totals count), at the
+    # peak, and gone by the end
+    found = []
+    for name, frees in (("cuda_frees", True), ("cuda", False)):
+        shutil.copytree(run, tmp_path / name)
+        if frees:
+            _with_buffer_frees(tmp_path / name)
+        _as_cuda(tmp_path / name, blocks=True, kv_held=buffers)
+        on_cuda, level = figures(tmp_path / name)
+        assert on_cuda["device"] == "cuda:0"
+        assert level == sum(_block(n) for n in weights) + buffers
+        assert on_cuda["peak_allocated_bytes"] >= level + _block(first_allocation)
+        assert on_cuda["peak_time"] < first_free_us
+        assert on_cuda["categories_at_peak"]["kv"] == buffers
+        assert on_cuda["final_allocated_bytes"] == sum(_block(n) for n in converted) + buffers // 2
+        found.append(on_cuda)
+    assert found[0] == found[1]
