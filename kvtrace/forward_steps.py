@@ -115,7 +115,9 @@ class ForwardSteps:
         if self._profiler_on and threading.get_ident() != self._thread:
             self._forwards_elsewhere += 1
         if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):
-            self._model_caches.add(hf.cache_id(cache))  # not an assistant's draft cache
+            # Not an assistant's draft cache. One first seen here holding KV (filled before record()) has
+            # what it holds logged now, in this step, before the forward replaces it.
+            self._model_caches.add(hf.first_sight(cache))
             appended = new_tokens(args, kwargs)
             deferred = False
             if self._may_defer:
@@ -184,7 +186,7 @@ class ForwardSteps:
             if hf.dropped:
                 hf.forget_dead()
             if cache is not None and isinstance(cache, hf._cache_cls):
-                self._model_caches.add(hf.cache_id(cache))
+                self._model_caches.add(hf.first_sight(cache))
         if self._profiler_on and thread != self._thread:
             self._forwards_elsewhere += 1
         return True
@@ -267,10 +269,11 @@ class ForwardSteps:
             return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in self._submodules)
 
-    def _auto_step(self, layer_tokens_before: int) -> None:
-        """Without a model to hook, a layer-0 update starts a step."""
+    def _auto_step(self, layer_tokens_before: int, found: Any = None) -> None:
+        """Without a model to hook, a layer-0 update starts a step. `found`: the update's cache, first seen
+        holding KV; the last step's end leaves it to the update, which logs what it holds in this step."""
         if self._step_open:
-            self._end_step()
+            self._end_step(found)
         self._begin_step(layer_tokens_before == 0)
 
     def _begin_step(self, prefill: bool) -> None:

@@ -84,6 +84,8 @@ _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
 # Events that carry their observation's `reason` without evicting: an eviction's `grad_enabled`, a beam
 # search's first reorder's `beams:N`.
 _REASONED = ("evicted", "reordered")
+# A cache first seen holding KV (`HfCacheHooks.found`): its storages' `created` events carry `reason` "found",
+# held since before kvtrace saw them (filled before record(), or copied by code kvtrace does not follow).
 _EVICTING = ("evicted", "cropped")  # events whose tensor lost tokens (`on_evict`)
 _NO_FREES: list[tuple[str, int, int]] = []  # drain's deferred frees of an update without `both_first`: none
 _P = ParamSpec("_P")
@@ -428,7 +430,7 @@ class KvTracker:
             self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json, addr,
             nbytes, new.view_offset, new.shape_json, new.logical_bytes, new.dtype, new.device, tokens,
             evicted, prev_addr, cache_id, source_json,
-            reason_json if evicted or kind in _REASONED else '""',
+            reason_json if evicted or kind in _REASONED or cause == "found" else '""',
         )
         self.lines.append(with_rows(line, rows, shape) if rows else line)
         if kind in _EVICTING and self._on_evict is not None:

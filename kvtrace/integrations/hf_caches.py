@@ -6,7 +6,9 @@ methods on the `Cache` base class (subclasses that do not override them inherit 
 `uninstall` puts the originals back. Changes made behind the cache's back (eviction libraries rebinding
 `layer.keys` in an attention hook) are caught when the next layer's update arrives, which first looks at
 the layer updated before it, and by `scan_all`, which the recorder runs at the end of every forward (the
-last layer, and whatever changed elsewhere).
+last layer, and whatever changed elsewhere). A cache first seen already holding KV (filled before record())
+has what it holds logged before anything changes it (`found`): its first update then replaces storages the
+log holds, as any later one does.
 """
 
 from __future__ import annotations
@@ -189,7 +191,9 @@ class HfCacheHooks:
         self.dropped = False
         self._last: tuple[Callable[[], Any], int] | None = None
         self.installed = False
-        self.on_first_layer: Callable[[int], None] | None = None
+        # Without a model, a layer-0 update begins a step: called with the tokens layer 0 held before it, and
+        # the cache when it is first seen holding KV (its `found` events belong to the step it begins)
+        self.on_first_layer: Callable[[int, Any], None] | None = None
         self.on_new_cache: Callable[[int], None] | None = None  # called with a cache's id when it gets one
         self._seen_masks: dict[int, Any] = {}
         self._kinds: dict[type, int] = {}
@@ -237,6 +241,35 @@ class HfCacheHooks:
                 self.on_new_cache(self._next_id)
         self._last = entry
         return entry[1]
+
+    def first_sight(self, cache: Any) -> int:
+        """`cache_id`, and for a cache that gets its id here and already holds KV (`found`), what it holds,
+        logged before anything changes it. Once per cache object: a known one costs `cache_id`'s lookup."""
+        seen = self._next_id
+        cid = self.cache_id(cache)
+        if cid > seen:
+            self.found(cache, cid)
+        return cid
+
+    def found(self, cache: Any, cid: int) -> None:
+        """Log what a cache kvtrace sees for the first time already holds (filled before record(), or copied
+        by code kvtrace does not follow): `created` events for its layers' storages, `reason` "found", before
+        its next update. That update then replaces storages the log holds, its new tensor made while the old
+        one is held (`grown`, then the old one's `freed`), as for any cache seen before; without them its
+        first update would seem to make the cache from nothing. The reason tells the analyzers they were held
+        before their sighting (a profiler trace begun before it has no allocation of them). Layers the
+        tracker has seen, and those that hold nothing yet, are left alone. A static layer's count is a
+        tensor: read here, once per layer (a sync), so that its updates count from the tracker's own."""
+        states = self.tracker._layers
+        unseen = {
+            layer_idx
+            for layer_idx, layer in enumerate(getattr(cache, "layers", ()))
+            if (cid, layer_idx) not in states
+            and getattr(layer, "is_initialized", True)
+            and isinstance(getattr(layer, "keys", None), torch.Tensor)
+        }
+        if unseen:
+            self.scan_cache(cache, "found", only=unseen, reason="found")
 
     @property
     def caches_seen(self) -> int:
@@ -334,7 +367,15 @@ class HfCacheHooks:
             if layer_idx == 0:
                 hooks.updates_seen += 1  # a step's updates reached the wrapper (not inside a compiled graph)
                 if hooks.on_first_layer is not None:
-                    hooks.on_first_layer(before if before is not None else layer_tokens(cache.layers[0]))
+                    if before is None:  # a cache first seen holding KV: its step is this update's
+                        hooks.on_first_layer(layer_tokens(cache.layers[0]), cache)
+                    else:
+                        hooks.on_first_layer(before, None)
+            if before is None:
+                # A layer holding KV that kvtrace never saw (a cache filled before record()): what the cache
+                # holds is logged first, so this update replaces storages the log holds, as the allocator did
+                hooks.found(cache, cid)
+                before = hooks.tracker.tokens_or_none(cid, layer_idx)
             push = hooks._push
             if push is None:
                 result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
@@ -434,6 +475,7 @@ class HfCacheHooks:
 
         @functools.wraps(original)
         def wrapper(cache: Any, *args: Any, **kwargs: Any) -> Any:
+            hooks.first_sight(cache)  # a cache first seen here: what it holds before the change
             result = original(cache, *args, **kwargs)
             reason = (
                 hooks._beams_reason(cache, kwargs.get("beam_idx", args[0] if args else None)) if beams else ""
@@ -458,6 +500,7 @@ class HfCacheHooks:
 
         @functools.wraps(original)
         def wrapper(cache: Any, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+            hooks.first_sight(cache)
             result = original(cache, layer_idx, *args, **kwargs)
             # Prefetch moves the next offloaded layer at or after `layer_idx` (wrapping to 0): look at those
             # two rather than rescanning every layer on every update.

@@ -1,0 +1,178 @@
+"""A transformers cache filled before `record()` and continued inside it, on a real tiny Llama 3.
+
+kvtrace sees such a cache first inside the block, holding KV its hooks never saw made. What it holds is
+logged at that first sight (`created`, `reason` "found"), before anything changes it: a dynamic cache's
+first update then grows storages the log holds (`grown`, the old storage `freed` after it), so the first
+torch.cat's transient (its new K made while every old storage is held) is in the KV peak, and what the
+block replaced is in the KV allocated over the run. A static cache is written in place: its bytes are held
+from its first sight on, nothing new is allocated. Every figure is the arithmetic of the cache's storages:
+layers x (K, V) x kv_heads x head_dim x tokens x rows x 4 bytes (float32).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from kvlog_math import assert_addresses_freed_before_reuse, assert_well_ordered, kv_bytes
+from transformers import DynamicCache, StaticCache
+
+import kvtrace
+from kvtrace.cli import main
+from kvtrace.format import read_run
+
+LAYERS, KV_HEADS, HEAD_DIM, F32 = 2, 2, 16, 4  # the `tiny_model` fixture's geometry
+NEW_TOKENS = 3  # decoded inside the block
+
+
+def _report(run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["report", str(run), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _weight_bytes(model: Any) -> int:
+    """The model's parameter and buffer storages, each once (tied weights share one)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def _prefill(model: Any, batch: Any, cache: Any) -> None:
+    """Fill `cache` with the batch's prompt, outside any recording."""
+    with torch.no_grad():
+        model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            cache=cache,
+            use_cache=True,
+        )
+
+
+def _continue(model: Any, batch: Any, cache: Any, how: str) -> None:
+    """`NEW_TOKENS` more tokens on `cache`: one forward each, or one generate() call."""
+    rows, prompt = batch.input_ids.shape
+    mask = torch.cat([batch.attention_mask, torch.ones(rows, NEW_TOKENS, dtype=torch.long)], dim=1)
+    if how == "generate":
+        ids = torch.cat([batch.input_ids, torch.full((rows, 1), 7)], dim=1)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask[:, : prompt + 1],
+            cache=cache,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,  # a random model may draw EOS; the arithmetic needs every step
+            do_sample=False,
+        )
+        return
+    for step in range(NEW_TOKENS):
+        ids = torch.full((rows, 1), 7 + step)
+        model(input_ids=ids, attention_mask=mask[:, : prompt + step + 1], cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("profiler", [True, False], ids=["profiler", "light"])
+@pytest.mark.parametrize("how", ["forwards", "generate", "forwards-no-model"])
+def test_a_dynamic_cache_filled_before_the_block_is_held_from_its_first_sight(
+    tiny_model: Any,
+    prompt_batch: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    how: str,
+    profiler: bool,
+) -> None:
+    rows, prompt = prompt_batch.rows, prompt_batch.prompt_len
+    # GIVEN a DynamicCache filled with the prompt before the recording
+    cache = DynamicCache(config=tiny_model.config)
+    _prefill(tiny_model, prompt_batch, cache)
+    held = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert held == LAYERS * 2 * kv_bytes(KV_HEADS, HEAD_DIM, prompt, rows, F32)
+
+    # WHEN the block continues it (the model's forwards or generate(), or forwards with record() alone)
+    run = tmp_path / "run"
+    model = None if how == "forwards-no-model" else tiny_model
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
+        _continue(tiny_model, prompt_batch, cache, "generate" if how == "generate" else "forwards")
+
+    # THEN its first step logs what the cache held, found, then each layer's growth and the old one's free
+    events = [e for e in read_run(run).kv_events if e.phase != "end"]
+    assert_well_ordered(events)
+    assert_addresses_freed_before_reuse(events)
+    per_storage = kv_bytes(KV_HEADS, HEAD_DIM, prompt, rows, F32)
+    first = [e for e in events if e.step == events[0].step]
+    found = first[: LAYERS * 2]
+    assert [(e.event, e.layer, e.kv, e.reason) for e in found] == [
+        ("created", layer, kv, "found") for layer in range(LAYERS) for kv in "kv"
+    ]
+    assert all(e.prev_addr == 0 and e.tokens == prompt and e.storage_bytes == per_storage for e in found)
+    grown = kv_bytes(KV_HEADS, HEAD_DIM, prompt + 1, rows, F32)
+    address = {(e.layer, e.kv): e.addr for e in found}
+    # (event, layer, kv, storage bytes, the found storage's address: what `grown` replaced, `freed` freed)
+    updates = [
+        (e.event, e.layer, e.kv, e.storage_bytes, e.prev_addr if e.event == "grown" else e.addr)
+        for e in first[LAYERS * 2 :]
+    ]
+    expected: list[tuple[str, int, str, int, int]] = []
+    for layer in range(LAYERS):
+        for kv in "kv":
+            expected.append(("grown", layer, kv, grown, address[(layer, kv)]))
+            expected.append(("freed", layer, kv, per_storage, address[(layer, kv)]))
+    assert updates == expected
+
+    # THEN the KV figures count the storages held from the start: the peak is the last step's last
+    # update (three storages grown, the fourth's new copy made while its old one is held), the run
+    # allocated what was found plus a new copy of every storage at each step
+    final_tokens = prompt + NEW_TOKENS
+    final = LAYERS * 2 * kv_bytes(KV_HEADS, HEAD_DIM, final_tokens, rows, F32)
+    peak = final + kv_bytes(KV_HEADS, HEAD_DIM, final_tokens - 1, rows, F32)
+    allocated = held + sum(
+        LAYERS * 2 * kv_bytes(KV_HEADS, HEAD_DIM, prompt + step, rows, F32)
+        for step in range(1, NEW_TOKENS + 1)
+    )
+    report = _report(run, capsys)
+    kv = report["kv"]
+    assert (kv["final_bytes"], kv["peak_bytes"], kv["allocated_bytes_total"]) == (final, peak, allocated)
+    assert kv["tokens_held"] == final_tokens
+    # Without the profiler the device's figures are the KV log's over the weights (none without a model);
+    # with it they are its trace's, which has no allocation of what was held before it (not checked here)
+    if not profiler:
+        weights = _weight_bytes(tiny_model) if model is not None else 0
+        assert report["devices"][0]["peak_allocated_bytes"] == weights + peak
+    del cache
+
+
+@pytest.mark.parametrize("profiler", [True, False], ids=["profiler", "light"])
+def test_a_static_cache_filled_before_the_block_is_held_from_its_first_sight(
+    tiny_model: Any, prompt_batch: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], profiler: bool
+) -> None:
+    rows, prompt = prompt_batch.rows, prompt_batch.prompt_len
+    max_cache_len = prompt + NEW_TOKENS + 5
+    # GIVEN a StaticCache filled with the prompt before the recording
+    cache = StaticCache(config=tiny_model.config, max_cache_len=max_cache_len)
+    _prefill(tiny_model, prompt_batch, cache)
+
+    # WHEN the model's forwards continue it inside the block
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=tiny_model, profiler=profiler):
+        _continue(tiny_model, prompt_batch, cache, "forwards")
+
+    # THEN its first step logs what it held, found, then each storage written in place (the same address)
+    events = [e for e in read_run(run).kv_events if e.phase != "end"]
+    assert_well_ordered(events)
+    per_storage = kv_bytes(KV_HEADS, HEAD_DIM, max_cache_len, rows, F32)
+    first = [e for e in events if e.step == 1]
+    assert [(e.event, e.layer, e.kv, e.tokens, e.reason) for e in first] == [
+        ("created", layer, kv, prompt, "found") for layer in range(LAYERS) for kv in "kv"
+    ] + [("written", layer, kv, prompt + 1, "") for layer in range(LAYERS) for kv in "kv"]
+    assert all(e.storage_bytes == per_storage for e in first)
+    assert [e.prev_addr for e in first[LAYERS * 2 :]] == [e.addr for e in first[: LAYERS * 2]]
+    assert [e.prev_addr for e in first[: LAYERS * 2]] == [0] * (LAYERS * 2)
+
+    # THEN nothing new was allocated: its bytes are the KV peak, final and allocated over the run
+    whole = LAYERS * 2 * per_storage
+    report = _report(run, capsys)
+    kv = report["kv"]
+    assert (kv["final_bytes"], kv["peak_bytes"], kv["allocated_bytes_total"]) == (whole, whole, whole)
+    assert kv["tokens_held"] == prompt + NEW_TOKENS
+    if not profiler:
+        assert report["devices"][0]["peak_allocated_bytes"] == _weight_bytes(tiny_model) + whole
+    del cache
