@@ -23,6 +23,16 @@ def tiny_size(layers: int, kv_heads: int = 2) -> ModelSize:
     )
 
 
+def weights_bytes(model: Any) -> int:
+    """Bytes of every distinct parameter and buffer storage: what weights.jsonl lists, and what the device
+    holds before the first step."""
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def record_generate(model: Any, out: Path, batch: int, prompt: int, new_tokens: int, **options: Any) -> None:
     """`kvtrace.record(out, model=model, **options)` around a greedy `generate()` of exactly `new_tokens` on
     `batch` rows of `prompt` seeded random ids, without grad."""

@@ -17,18 +17,9 @@ from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.errors import KvtraceError
 from kvtrace.llama import ModelSize
-from tests.tiny import record_generate
+from tests.tiny import record_generate, weights_bytes
 
 PROMPT, NEW_TOKENS, BATCH = 8, 6, 1
-
-
-def _weights_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer storage: what the device holds before the first step."""
-    storages = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 def _kv_allocations(size: ModelSize) -> list[tuple[int, int, str, int, int]]:
@@ -64,7 +55,7 @@ def test_crossing_step_layer_and_request_match_the_arithmetic(
     tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
 ) -> None:
     # GIVEN a budget just under the allocation of layer 1's V at decode step 4, and above every earlier one
-    weights = _weights_bytes(tiny_model)
+    weights = weights_bytes(tiny_model)
     allocations = _kv_allocations(tiny_size)
     target = next(i for i, a in enumerate(allocations) if a[:3] == (4, 1, "v"))
     budget = weights + max(a[4] for a in allocations[:target])
@@ -100,7 +91,7 @@ def test_the_notebook_cell_gives_the_budget_verdict_of_the_text_report(
     tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
 ) -> None:
     # GIVEN a run recorded with a budget that layer 0's K crosses at decode step 3
-    weights = _weights_bytes(tiny_model)
+    weights = weights_bytes(tiny_model)
     allocations = _kv_allocations(tiny_size)
     target = next(i for i, a in enumerate(allocations) if a[:3] == (3, 0, "k"))
     budget = weights + max(a[4] for a in allocations[:target])
@@ -121,7 +112,7 @@ def test_a_budget_that_fits_reports_the_headroom(
     tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
 ) -> None:
     _record(tiny_model, tmp_path / "run", "1GiB")
-    peak = _weights_bytes(tiny_model) + max(a[4] for a in _kv_allocations(tiny_size))
+    peak = weights_bytes(tiny_model) + max(a[4] for a in _kv_allocations(tiny_size))
     crossing = _json(["report", str(tmp_path / "run"), "--json", "-q", "--no-export"])["budget"]
     assert crossing["bytes"] == 2**30 and crossing["crossed"] is False
     assert crossing["headroom_bytes"] == 2**30 - peak and crossing["step"] is None
@@ -193,7 +184,7 @@ def test_plan_context_is_prompt_plus_new_tokens_of_which_the_last_is_never_writt
     assert at["kv_peak_bytes"] == room and at["fits"] is True and past["fits"] is False
     assert (at["max_context"], at["max_batch"]) == (context, batch)
     # AND recordings under the same KV room agree: 33 fits, 34 crosses
-    budget = _weights_bytes(tiny_model) + room
+    budget = weights_bytes(tiny_model) + room
     for tokens, crossed in ((context, False), (context + 1, True)):
         report = _generate(tiny_model, tmp_path / f"c{tokens}", batch, prompt, tokens - prompt, budget)
         assert report["budget"]["crossed"] is crossed
@@ -221,7 +212,7 @@ def test_plan_prices_the_prompt_that_sliding_layers_hold_at_prefill(tmp_path: Pa
     model, layer_token = _mistral(), 512
     model.config.save_pretrained(tmp_path / "config")
     room = (4 * 64 + 8) * layer_token
-    weights = _weights_bytes(model)
+    weights = weights_bytes(model)
     gpu = str(_plan(tmp_path / "config")["weights_bytes"] + room)
 
     def plan_at(*argv: str) -> dict:
@@ -251,7 +242,7 @@ def test_plan_prices_a_sliding_layers_step_as_both_new_tensors(tmp_path: Path) -
     model, layer_token = _mistral(), 512
     model.config.save_pretrained(tmp_path / "config")
     planned = _plan(tmp_path / "config", "--batch", "2", "--prompt", "4", "--context", "16")
-    report = _generate(model, tmp_path / "run", 2, 4, 12, _weights_bytes(model) + 2**30)
+    report = _generate(model, tmp_path / "run", 2, 4, 12, weights_bytes(model) + 2**30)
     # THEN plan's growth peak is both of them, as recorded
     assert planned["kv_bytes"] == report["kv"]["final_bytes"] == 4 * 8 * layer_token
     assert planned["dynamic_realloc_peak_bytes"] == 8 * layer_token  # one layer's K and V of 8 tokens

@@ -20,19 +20,10 @@ import torch
 
 from kvtrace.cli import main
 from kvtrace.llama import ModelSize
-from tests.tiny import record_generate
+from tests.tiny import record_generate, weights_bytes
 
 PROMPT, NEW_TOKENS, BATCH = 8, 8, 2
 WEIGHTS_GONE = "the weights, as weights.jsonl is missing"
-
-
-def _weights_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer storage: what weights.jsonl lists."""
-    storages = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 def _kv_peak(size: ModelSize) -> int:
@@ -75,7 +66,7 @@ def test_a_run_without_its_weights_table_gets_no_fit_verdict_against_a_budget(
     _record(tiny_model, full, profiler)
     shutil.copytree(full, copy)
     (copy / "weights.jsonl").unlink()
-    weights = _weights_bytes(tiny_model)
+    weights = weights_bytes(tiny_model)
     full_peak = _json(["diagnose", str(full)])["allocated_bytes"]
     if not profiler:  # the KV log's events over the weights: the arithmetic gives the peak
         assert full_peak == weights + _kv_peak(tiny_size)
@@ -157,7 +148,7 @@ def test_a_run_whose_process_was_killed_is_not_called_free_of_oom(
 
     # THEN the peak is read up to the last flushed step: the weights and the KV at its peak (profiler=False)
     assert diagnosis["event"] == "peak"
-    assert diagnosis["allocated_bytes"] == _weights_bytes(tiny_model) + _kv_peak(size)
+    assert diagnosis["allocated_bytes"] == weights_bytes(tiny_model) + _kv_peak(size)
     # AND the notes say the run never finished, as the report's do
     died = "the run never finished (the process died): read up to its last flushed step"
     assert died in _json(["report", str(run), "--no-export", "-q"])["notes"]
@@ -217,7 +208,7 @@ def test_a_run_whose_trace_memory_events_are_all_damaged_says_so_and_reads_the_k
     assert said in report["notes"] and said in diagnosis["notes"]
     assert not [n for n in report["notes"] if "another thread" in n], report["notes"]
     assert report["partial"] is True
-    assert diagnosis["allocated_bytes"] == _weights_bytes(tiny_model) + _kv_peak(tiny_size)
+    assert diagnosis["allocated_bytes"] == weights_bytes(tiny_model) + _kv_peak(tiny_size)
     # AND a trace with some damaged events is read, its note saying what was skipped of it
     notes = _json(["report", str(partly), "--no-export", "-q"])["notes"]
     skipped = [n for n in notes if n.startswith("the profiler trace: skipped 3 of ")]

@@ -21,7 +21,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import build_model
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.tiny import HEAD_DIM, tiny_size, weights_bytes
 
 LAYERS, KV_HEADS, PAGE, FLOAT32 = 2, 2, 4, 4
 BLOCK_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * PAGE * FLOAT32  # 2048, also transformers' sector
@@ -35,14 +35,6 @@ def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
     watched_models.append(model)
     return model
 
-
-def _weights_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer storage (tied embeddings once)."""
-    storages = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 def _run(run: Path, model: torch.nn.Module, num_blocks: int, budget: int | None = None) -> None:
@@ -68,7 +60,7 @@ def test_a_budget_the_pool_crosses_names_the_pool_and_prices_num_blocks(
     tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN the weights and a pool of 32 usable blocks, under a budget that fits the weights, not the pool
-    weights = _weights_bytes(cb_model)
+    weights = weights_bytes(cb_model)
     pool = (32 + TRASH) * BLOCK_BYTES
     budget = weights + 30 * BLOCK_BYTES + 1000
     run = tmp_path / "run"
@@ -135,7 +127,7 @@ def test_a_pool_freed_before_the_last_step_is_not_the_final_kv(
     kv, (device,) = report["kv"], report["devices"]
     pool = (32 + TRASH) * BLOCK_BYTES
     assert kv["peak_bytes"] == pool and kv["final_bytes"] == 0
-    assert device["final_allocated_bytes"] == _weights_bytes(cb_model)
+    assert device["final_allocated_bytes"] == weights_bytes(cb_model)
     assert {c["cache"]: c["final_bytes"] for c in kv["caches"]} == {3100: 0}
     assert [(row["k_bytes"], row["v_bytes"]) for row in kv["per_layer"]] == [(0, 0)] * LAYERS
 
