@@ -7,6 +7,7 @@ trace of ten million events costs a few hundred MB, not gigabytes of dicts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,21 @@ class DeviceEvents:
     @property
     def free_events(self) -> int:
         return int(np.count_nonzero(self.delta_bytes < 0))
+
+    def events_at(self, addresses: Iterable[int]) -> dict[int, list[int]]:
+        """The indices of the events at each of `addresses` that has any, in order."""
+        wanted = np.fromiter(set(addresses), dtype=np.int64)
+        at: dict[int, list[int]] = {}
+        if not len(wanted) or not len(self):
+            return at
+        for index in np.flatnonzero(np.isin(self.addr, wanted)).tolist():
+            at.setdefault(int(self.addr[index]), []).append(index)
+        return at
+
+
+def normal_device(name: str) -> str:
+    """A device as the readers name it: a bare "cuda" (a line without an index) is cuda:0."""
+    return "cuda:0" if name == "cuda" else name
 
 
 @dataclass(frozen=True)

@@ -25,25 +25,10 @@ from analyzers.attribution import (
     sizes_are_blocks,
     smallest_block,
 )
-from analyzers.model import DeviceEvents
+from analyzers.model import DeviceEvents, normal_device
 from analyzers.readers.weight_changes import insert_events
 
 Storage = tuple[int, int, int, int, int, str, int]  # analyzers.kv_log: addr, bytes, first_ns, freed_ns, ...
-
-
-def _normal_device(name: str) -> str:
-    return "cuda:0" if name == "cuda" else name
-
-
-def _events_at(dev: DeviceEvents, addresses: set[int]) -> dict[int, list[int]]:
-    """The device's event indices at each of `addresses`, in order."""
-    at: dict[int, list[int]] = {}
-    if not addresses or not len(dev):
-        return at
-    wanted = np.fromiter(addresses, dtype=np.int64)
-    for index in np.flatnonzero(np.isin(dev.addr, wanted)).tolist():
-        at.setdefault(int(dev.addr[index]), []).append(index)
-    return at
 
 
 def _fits(dev: DeviceEvents, allocated: int, storage_bytes: int) -> bool:
@@ -66,9 +51,9 @@ def kv_held_before_trace(dev: DeviceEvents, storages: list[Storage], events: lis
         for s in storages
         if s[2] / 1000.0 <= first_us
         and (s[3] < 0 or s[3] / 1000.0 > first_us)  # still held at the first event
-        and _normal_device(device_of.get(s[0], dev.device)) == dev.device
+        and normal_device(device_of.get(s[0], dev.device)) == dev.device
     ]
-    at = _events_at(dev, {s[0] for s in candidates})
+    at = dev.events_at({s[0] for s in candidates})
     ts, delta = dev.ts_us, dev.delta_bytes
     held = []
     for storage in candidates:
@@ -110,7 +95,7 @@ def add_kv_frees(dev: DeviceEvents, held: list[Storage], events: list[Any]) -> N
         elif ev.event == "freed" and ev.addr in pending:
             replaced_by[(ev.addr, ev.t_ns)] = pending.pop(ev.addr)
     replacements = [replaced_by.get((s[0], s[3])) for s in freed]
-    at = _events_at(dev, {s[0] for s in freed} | {r.addr for r in replacements if r is not None})
+    at = dev.events_at({s[0] for s in freed} | {r.addr for r in replacements if r is not None})
     ts, delta = dev.ts_us, dev.delta_bytes
     blocks = sizes_are_blocks(dev)
     inserts: list[tuple[int, float, int, int]] = []

@@ -4,11 +4,8 @@ evictions, OOM), all on the Unix-epoch microsecond clock."""
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +13,18 @@ import numpy as np
 
 from analyzers.attribution import JOIN_TOLERANCE_US, frees_storage, sizes_are_blocks, smallest_block
 from analyzers.kv_log import analyze_kv_log
-from analyzers.model import KV, SMALL_SEGMENT_BYTES, WEIGHTS, DeviceEvents, Marker, MemorySource, OomInfo
+from analyzers.model import (
+    KV,
+    SMALL_SEGMENT_BYTES,
+    WEIGHTS,
+    DeviceEvents,
+    Marker,
+    MemorySource,
+    OomInfo,
+    normal_device,
+)
 from analyzers.readers.kv_before_trace import add_kv_frees, held_bytes, kv_held_before_trace
+from analyzers.readers.run_files import lists_profiler_file, missing_files_notes, weights_counted_notes
 from analyzers.readers.sources import ProgressFn
 from analyzers.readers.untraced_caches import (
     add_untraced_kv,
@@ -28,8 +35,8 @@ from analyzers.readers.untraced_caches import (
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
 from analyzers.trace_coverage import damaged_memory_events, skipped_events_note
 from kvtrace.errors import KvtraceError
-from kvtrace.format import KV_EVENTS, MANIFEST, MEMORY_SAMPLES, PROFILER_DIR, SNAPSHOT_DIR, Run, read_run
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
+from kvtrace.format import Run, read_run
 from kvtrace.run_lock import holder
 
 
@@ -200,132 +207,12 @@ def _unseen_beyond(dev: DeviceEvents, listed: dict[int, int]) -> int:
     """The bytes the trace frees without having seen them allocated, beyond the listed storages (address:
     bytes) whose free is the first event at their address."""
     delta = dev.delta_bytes.astype(np.int64)
-    first_at: dict[int, int] = {}
-    for index in np.flatnonzero(np.isin(dev.addr, np.fromiter(listed, dtype=np.int64))).tolist():
-        first_at.setdefault(int(dev.addr[index]), index)
+    first_at = {addr: indices[0] for addr, indices in dev.events_at(listed).items()}
     own = [i for addr, i in first_at.items() if frees_storage(dev, int(-delta[i]), listed[addr])]
     if own:
         delta = delta.copy()
         delta[own] = 0
     return max(0, -int(np.cumsum(delta).min())) if len(delta) else 0
-
-
-# What the figures lack when a file the recorder wrote is gone (a partial copy, a clean-up).
-_LACKING = {
-    WEIGHTS_FILE: "the weights are not in the memory figures (peak and final leave them out)",
-    MEMORY_SAMPLES: "no process or device memory samples (RSS, reserved bytes, wall time)",
-    KV_EVENTS: "no KV events: the KV figures are empty",
-}
-# The same on a GPU whose trace counts from the process's start: the weights are in the figures, unnamed.
-_WEIGHTS_UNNAMED = (
-    "the weights are in the memory figures (the GPU allocator's totals count them from the process's start) "
-    "but counted as other: nothing names their blocks"
-)
-
-
-def _missing_files_notes(run: Run) -> list[str]:
-    """One note per file the manifest lists that is not there: the figures are read without it (the peak
-    of a run without its profiler trace or weights table drops, with nothing else saying why). One more on
-    the entries that cannot be files of the run, naming manifest.json: the run is read all the same."""
-    notes = []
-    listed, unusable = _listed_files(run)
-    for name in listed:
-        try:
-            kind = os.stat(run.path / name).st_mode
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # there, perhaps, but cannot be looked at
-                unusable.append((name, f"cannot be looked at: {exc.strerror or exc}"))
-                continue
-        else:
-            if not stat.S_ISREG(kind):
-                what = "a folder" if stat.S_ISDIR(kind) else "not a regular file"
-                notes.append(f"{run.path / name} is listed in the manifest as a file but is {what}")
-            continue
-        if name.startswith(PROFILER_DIR + "/"):
-            lacking = "the profiler's allocator events: memory figures are the KV log's and the weights' only"
-        elif name.startswith(SNAPSHOT_DIR + "/"):
-            lacking = "the allocator snapshot: an OOM's request and segments come from PyTorch's message only"
-        else:
-            lacking = _LACKING.get(name, "the figures are read without it")
-        notes.append(f"{run.path / name} is listed in the manifest but missing: {lacking}")
-    if unusable:
-        shown = "; ".join(f"{_entry_text(entry)}: {why}" for entry, why in unusable[:_UNUSABLE_SHOWN])
-        more = len(unusable) - _UNUSABLE_SHOWN
-        noun = "entry that cannot be a file" if len(unusable) == 1 else "entries that cannot be files"
-        notes.append(
-            f"{run.path / MANIFEST}: `files` holds {len(unusable):,} {noun} of the run, ignored: {shown}"
-            f"{f'; and {more:,} more' if more > 0 else ''}"
-        )
-    return notes
-
-
-_UNUSABLE_SHOWN = 3  # the `files` entries named in the note (a list of thousands is one note, not thousands)
-_ENTRY_SHOWN = 60  # characters of an entry shown
-
-
-def _listed_files(run: Run) -> tuple[list[str], list[tuple[Any, str]]]:
-    """The manifest's `files` entries that name a file of the run (relative paths inside it), and the others
-    with why each cannot: not a string, absolute, outside the run, a name no file can have. The recorder
-    lists plain relative names; anything else was written by hand or damaged, and is never looked at."""
-    listed: list[str] = []
-    unusable: list[tuple[Any, str]] = []
-    for entry in run.manifest.get("files") or []:
-        why = _not_a_file_name(entry)
-        if why is None:
-            listed.append(entry)
-        else:
-            unusable.append((entry, why))
-    return listed, unusable
-
-
-def _not_a_file_name(entry: Any) -> str | None:
-    """Why a `files` entry cannot name a file of the run; None when it can."""
-    if not isinstance(entry, str):
-        return f"{_json_kind(entry)}, not a file name"
-    try:
-        encoded = os.fsencode(entry)
-    except UnicodeEncodeError:  # a lone surrogate JSON allows ("\ud800"): no name on disk is that
-        return "not a file name"
-    if not entry or b"\0" in encoded:
-        return "not a file name"
-    if os.path.isabs(entry):
-        return "an absolute path"
-    normal = os.path.normpath(entry)
-    if normal == os.curdir:
-        return "the run's folder itself"
-    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
-        return "outside the run"
-    if len(encoded) >= _PATH_MAX or any(len(part) > _NAME_MAX for part in encoded.split(b"/")):
-        return "a name too long for a file"
-    return None
-
-
-# Linux's limits on a name and a path (bytes); a longer one is no file, and looking it up fails (ENAMETOOLONG)
-_NAME_MAX = 255
-_PATH_MAX = 4096
-
-
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else "a value"
-
-
-def _entry_text(entry: Any) -> str:
-    """A `files` entry as the note shows it: a string quoted, a long one cut; else what kind of value."""
-    if not isinstance(entry, str):
-        return _json_kind(entry) if isinstance(entry, list | dict) else json.dumps(entry)
-    try:
-        text = json.dumps(entry, ensure_ascii=False).encode("utf-8").decode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: escaped, as printing it would fail
-        text = json.dumps(entry)
-    if len(entry) <= _ENTRY_SHOWN:
-        return text
-    return f'{text[: _ENTRY_SHOWN + 1]}…" ({len(entry):,} characters)'
 
 
 # The recorder's warning, which runs recorded before the manifest had `forwards_on_other_threads` carry
@@ -352,14 +239,6 @@ def _forwards_all_elsewhere(manifest: dict[str, Any]) -> bool:
     return 0 < steps <= forwards
 
 
-def _lists_profiler_file(run: Run) -> bool:
-    return any(name.startswith(PROFILER_DIR + "/") for name in _listed_files(run)[0])
-
-
-def _normal_device(name: str) -> str:
-    return "cuda:0" if name == "cuda" else name
-
-
 def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
     run = read_run(path)
     prompt_ends = {
@@ -369,7 +248,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     }
     kv = analyze_kv_log(run.kv_events, prompt_ends)
     source = MemorySource(kind="run", path=str(Path(path)))
-    missing = _missing_files_notes(run)
+    missing = missing_files_notes(run)
     if missing:
         source.meta.setdefault("input_notes", []).extend(missing)
     traces = run.profiler_traces()
@@ -435,7 +314,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             note = NO_MEMORY_EVENTS_NOTE
         source.meta.setdefault("input_notes", []).append(note)
     if not traces or trace_missed_the_model:
-        kv_devices = sorted({_normal_device(e.device) for e in run.kv_events if e.device}) or ["cpu"]
+        kv_devices = sorted({normal_device(e.device) for e in run.kv_events if e.device}) or ["cpu"]
         source.devices = [_kv_only_device(kv_devices[0], run.kv_events)]
         if not traces:
             source.meta["events_from"] = "kv_log (the run has no profiler trace)"
@@ -444,7 +323,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
                 source.meta.setdefault("input_notes", []).append(
                     _no_trace_note("profiler_off", bool(run.weights))
                 )
-            elif not _lists_profiler_file(run):
+            elif not lists_profiler_file(run):
                 source.meta.setdefault("input_notes", []).append(
                     _no_trace_note("no_trace", bool(run.weights))
                 )
@@ -485,7 +364,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     weights_by_device: dict[str, int] = {}
     weight_blocks_by_device: dict[str, int] = {}  # on a GPU, the allocator's blocks that hold them
     for weight in run.weights:
-        device = _normal_device(weight.device)
+        device = normal_device(weight.device)
         weights_by_device[device] = weights_by_device.get(device, 0) + weight.storage_bytes
         weight_blocks_by_device[device] = weight_blocks_by_device.get(device, 0) + smallest_block(
             weight.storage_bytes
@@ -507,7 +386,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             add_kv_frees(dev, held_kv, run.kv_events)
             source.meta.setdefault("kv_held_before_trace", {})[dev.device] = held_kv
         held = weight_blocks_by_device if sizes_are_blocks(dev) else weights_by_device
-        listed = {w.addr: w.storage_bytes for w in run.weights if _normal_device(w.device) == dev.device}
+        listed = {w.addr: w.storage_bytes for w in run.weights if normal_device(w.device) == dev.device}
         listed.update((s[0], s[1]) for s in held_kv)
         _held_before_trace(dev, held.get(dev.device, 0), held_bytes(dev, held_kv), listed if traced else None)
         if (
@@ -517,13 +396,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         ):
             dev.capacity_bytes = int(total_memory)
     if weights_counted and "peak_leaves_out" not in source.meta:
-        notes = source.meta.get("input_notes", [])
-        source.meta["input_notes"] = [
-            note.replace(_LACKING[WEIGHTS_FILE], _WEIGHTS_UNNAMED)
-            if note.endswith(_LACKING[WEIGHTS_FILE])
-            else note
-            for note in notes
-        ]
+        source.meta["input_notes"] = weights_counted_notes(source.meta.get("input_notes", []))
     if not any(m.kind == "step" for m in source.markers):
         for step, start_ns in sorted(kv.step_start_ns.items()):
             phase = kv.step_phase.get(step, "")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.attribution import frees_storage, sizes_are_blocks, smallest_block
-from analyzers.model import DeviceEvents
+from analyzers.model import DeviceEvents, normal_device
 from analyzers.units import human_bytes
 
 
@@ -38,17 +38,13 @@ class WeightChange:
     from_start: bool  # "freed": a storage listed at the start (allocated before any trace event)
 
 
-def _normal_device(name: str) -> str:
-    return "cuda:0" if name == "cuda" else name
-
-
 def weight_changes(run: Any) -> list[WeightChange]:
     """The run's weight changes, in the order they happened, each freed storage told as one listed at the
     start or one added since."""
     added: set[tuple[str, int]] = set()
     changes = []
     for line in run.weight_changes:
-        device = _normal_device(line.device)
+        device = normal_device(line.device)
         key = (device, line.addr)
         if line.event == "added":
             added.add(key)
@@ -74,10 +70,7 @@ def add_weight_events(
     if not mine:
         return
     ts, delta = dev.ts_us, dev.delta_bytes
-    at: dict[int, list[int]] = {}  # the events at each changed storage's address, in order
-    watched = np.fromiter({c.addr for c in mine}, dtype=np.int64)
-    for index in np.flatnonzero(np.isin(dev.addr, watched)).tolist():
-        at.setdefault(int(dev.addr[index]), []).append(index)
+    at = dev.events_at(c.addr for c in mine)  # the events at each changed storage's address, in order
 
     def last_allocation(change: WeightChange) -> int | None:
         """The allocation of a storage the model took: the latest at its address by the time it was seen."""
