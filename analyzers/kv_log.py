@@ -141,6 +141,10 @@ class KvLogAnalysis:
     compares them at the end of each forward, so a storage's first `t_ns` may come a whole forward after
     its allocation): index in `storages` -> the `t_ns` of the log's last line before the step that found
     it, after which that step's forward made it (0: no line before)."""
+    found_storages: set[int] = field(default_factory=set)
+    """The storages first logged as found (`created`, reason "found": a cache kvtrace first saw holding KV,
+    filled before `record()`): indices in `storages`. Held since before the log's first sight of them,
+    where a trace that began earlier has no allocation of theirs."""
     caches: list[CacheFigures] = field(default_factory=list)
     """Every cache object with KV data, by id. `per_layer` holds the rows of the caches live at the final
     state (or with evicted tokens); `step_live` and `layer_series` sum a layer index over the caches."""
@@ -162,6 +166,7 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
     open_storage: dict[int, int] = {}  # addr -> index in storages
     storages: list[tuple[int, int, int, int, int, str, int]] = []
     scanned_after: dict[int, int] = {}  # storage index -> the last line's t_ns before its step
+    found: set[int] = set()  # storage indices first logged as found
     last_ns = 0  # the latest line's t_ns so far
     step_after: tuple[int, int] = (0, 0)  # (step, the latest t_ns before that step's first line)
     live_total = 0
@@ -267,6 +272,8 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
             open_storage[ev.addr] = len(storages)
             if ev.source == "module":
                 scanned_after[len(storages)] = step_after[1]
+            if ev.reason == "found":
+                found.add(len(storages))
             storages.append((ev.addr, ev.storage_bytes, ev.t_ns, -1, ev.layer, ev.kv, ev.cache))
         if ev.event != "freed" and is_kv_data(ev):
             tokens_by_layer[(ev.cache, ev.layer)] = ev.tokens
@@ -377,6 +384,7 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
         evicted_by_step=evicted_by_step,
         storages=storages,
         scanned_after_ns=scanned_after,
+        found_storages=found,
         caches=caches,
         step_cache_live=step_cache_live,
         step_tokens=step_tokens,

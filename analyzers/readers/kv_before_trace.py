@@ -36,8 +36,12 @@ def _fits(dev: DeviceEvents, allocated: int, storage_bytes: int) -> bool:
     return allocated == storage_bytes or (sizes_are_blocks(dev) and block_holds(allocated, storage_bytes))
 
 
-def kv_held_before_trace(dev: DeviceEvents, storages: list[Storage], events: list[Any]) -> list[Storage]:
-    """The KV storages on `dev` that the log saw no later than its first event, not freed by then, and
+def kv_held_before_trace(
+    dev: DeviceEvents, storages: list[Storage], events: list[Any], found: set[tuple[int, int]] = frozenset()
+) -> list[Storage]:
+    """The KV storages on `dev` that the log saw no later than its first event (or `found`, by (address,
+    first time): first logged where a cache filled before `record()` was first seen, which may be well
+    after the trace began, held since before), not freed by then, and
     whose allocation the trace does not hold: no event at their address, or (one the log saw freed) first
     their own free (a GPU's trace), or first the allocation of their address's next occupant, which the KV
     log's join cannot take for theirs. A storage the log never saw freed whose address the trace uses is
@@ -49,7 +53,7 @@ def kv_held_before_trace(dev: DeviceEvents, storages: list[Storage], events: lis
     candidates = [
         s
         for s in storages
-        if s[2] / 1000.0 <= first_us
+        if (s[2] / 1000.0 <= first_us or (s[0], s[2]) in found)
         and (s[3] < 0 or s[3] / 1000.0 > first_us)  # still held at the first event
         and normal_device(device_of.get(s[0], dev.device)) == dev.device
     ]

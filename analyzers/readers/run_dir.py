@@ -258,6 +258,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     # trace, so they neither place its clock nor count as held before it
     untraced = caches_on_other_threads(run.manifest) if traces else set()
     storages = [s for s in kv.storages if s[6] not in untraced]
+    found = {(kv.storages[i][0], kv.storages[i][2]) for i in kv.found_storages}  # (addr, first t_ns)
     if traces:
         from analyzers.readers.chrome_trace import read_chrome_trace
 
@@ -381,7 +382,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         elif weights_gone:
             weights_counted = True
         # (that KV until the log's `freed` line for it: a CPU trace lacks the free, which is added)
-        held_kv = kv_held_before_trace(dev, storages, run.kv_events) if traced else []
+        held_kv = kv_held_before_trace(dev, storages, run.kv_events, found) if traced else []
         if any(s[3] >= 0 for s in held_kv):
             add_kv_frees(dev, held_kv, run.kv_events)
             source.meta.setdefault("kv_held_before_trace", {})[dev.device] = held_kv

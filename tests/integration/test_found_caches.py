@@ -133,10 +133,13 @@ def test_a_dynamic_cache_filled_before_the_block_is_held_from_its_first_sight(
     assert (kv["final_bytes"], kv["peak_bytes"], kv["allocated_bytes_total"]) == (final, peak, allocated)
     assert kv["tokens_held"] == final_tokens
     # Without the profiler the device's figures are the KV log's over the weights (none without a model);
-    # with it they are its trace's, which has no allocation of what was held before it (not checked here)
+    # with it they are its trace's, which has no allocation of what was held before it: the level before
+    # its first event holds it, as KV, until the log's `freed` line for it
+    weights = _weight_bytes(tiny_model) if model is not None else 0
     if not profiler:
-        weights = _weight_bytes(tiny_model) if model is not None else 0
         assert report["devices"][0]["peak_allocated_bytes"] == weights + peak
+    elif model is not None:
+        assert report["devices"][0]["final_allocated_bytes"] == weights + final
     del cache
 
 
@@ -173,6 +176,12 @@ def test_a_static_cache_filled_before_the_block_is_held_from_its_first_sight(
     kv = report["kv"]
     assert (kv["final_bytes"], kv["peak_bytes"], kv["allocated_bytes_total"]) == (whole, whole, whole)
     assert kv["tokens_held"] == prompt + NEW_TOKENS
+    device = report["devices"][0]
     if not profiler:
-        assert report["devices"][0]["peak_allocated_bytes"] == _weight_bytes(tiny_model) + whole
+        assert device["peak_allocated_bytes"] == _weight_bytes(tiny_model) + whole
+    else:
+        # The trace has no allocation of the cache, first seen after its first event: held from before it,
+        # as KV, at the peak and at the end
+        assert device["categories_at_peak"]["kv"] == whole
+        assert device["final_allocated_bytes"] == _weight_bytes(tiny_model) + whole
     del cache
