@@ -14,6 +14,7 @@ makes that free KV's, so the KV at each moment holds the storage until it goes.
 
 from __future__ import annotations
 
+from collections.abc import Set
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ def _fits(dev: DeviceEvents, allocated: int, storage_bytes: int) -> bool:
 
 
 def kv_held_before_trace(
-    dev: DeviceEvents, storages: list[Storage], events: list[Any], found: set[tuple[int, int]] = frozenset()
+    dev: DeviceEvents, storages: list[Storage], events: list[Any], found: Set[tuple[int, int]] = frozenset()
 ) -> list[Storage]:
     """The KV storages on `dev` that the log saw no later than its first event (or `found`, by (address,
     first time): first logged where a cache filled before `record()` was first seen, which may be well
