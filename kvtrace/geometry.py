@@ -9,7 +9,8 @@ from typing import Any
 def kv_heads_of(get: Callable[[str], Any], heads: int | None) -> int | None:
     """KV heads under every name a config gives them: `num_key_value_heads` (Llama and most), Falcon's
     `num_kv_heads` (with `new_decoder_architecture`), or `multi_query` (Falcon 7B, GPT-BigCode: one KV head
-    shared by all query heads); plain multi-head attention has as many as query heads."""
+    shared by all query heads); plain multi-head attention has as many as query heads. These are the model's
+    own, as vLLM caches them; transformers' cache may hold more (`cached_kv_heads`)."""
     value = get("num_key_value_heads")
     if value:
         return int(value)
@@ -18,6 +19,15 @@ def kv_heads_of(get: Callable[[str], Any], heads: int | None) -> int | None:
     if get("multi_query"):
         return 1
     return heads
+
+
+def cached_kv_heads(get: Callable[[str], Any], heads: int | None, kv_heads: int | None) -> int | None:
+    """KV heads that transformers' cache holds per layer, of a model with `heads` query heads and
+    `kv_heads` KV heads: those, except under Falcon's `new_decoder_architecture` (Falcon-40B, 180B), whose
+    attention repeats its KV heads for every query head before it writes the cache (modeling_falcon.py:
+    `num_kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads`). vLLM caches
+    the model's own `kv_heads`."""
+    return heads if get("new_decoder_architecture") and heads else kv_heads
 
 
 def kv_layer_slides(layer_types: Any) -> tuple[bool, ...] | None:
@@ -48,10 +58,14 @@ def model_geometry(model: Any) -> dict[str, Any] | None:
         heads = getattr(config, "num_attention_heads", None)
         hidden = getattr(config, "hidden_size", None)
         head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+
+        def get(name: str) -> Any:
+            return getattr(config, name, None)
+
         geometry.update(
             num_layers=getattr(config, "num_hidden_layers", None),
             num_attention_heads=heads,
-            num_kv_heads=kv_heads_of(lambda name: getattr(config, name, None), heads),
+            num_kv_heads=cached_kv_heads(get, heads, kv_heads_of(get, heads)),  # as the cache holds them
             head_dim=head_dim,
             hidden_size=hidden,
             vocab_size=getattr(config, "vocab_size", None),

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from analyzers.planning.config_defaults import default_layer_types, tied_by_default, window_on_by_default
+from analyzers.planning.gpt_blocks import gpt_block_fields
 from kvtrace.errors import KvtraceError, too_long_integer
-from kvtrace.geometry import kv_heads_of, kv_layer_slides
+from kvtrace.geometry import cached_kv_heads, kv_heads_of, kv_layer_slides
 
 __all__ = [
     "DTYPE_BITS",
@@ -51,7 +52,8 @@ class MlaShape:
 
 @dataclass(frozen=True)
 class ModelGeometry:
-    """The shape of a decoder-only, Llama-style transformer: all the planner needs to size weights and KV.
+    """The shape of a decoder-only, Llama-style transformer (or GPT-2-style: `gpt_blocks`): all the planner
+    needs to size weights and KV.
 
     `head_dim` is explicit because it is not always hidden_size / num_attention_heads (Llama 3.2 3B and
     many newer models decouple them). `sliding_window` is the model's own attention window, None when
@@ -85,6 +87,16 @@ class ModelGeometry:
     qk_norm: bool = False  # Qwen3's and Gemma 3's RMSNorm of q and k per head (head_dim each)
     layer_norms: int = 2  # norm weight vectors per layer: Gemma 2 and 3 also norm each block's output
     mla: MlaShape | None = None  # multi-head latent attention (DeepSeek-V2/V3)
+    # KV heads transformers' cache holds when not num_kv_heads (Falcon's new decoder architecture repeats
+    # its KV heads for every query head before caching them; vLLM caches num_kv_heads)
+    cached_kv_heads: int | None = None
+    # GPT-2-style blocks (GPT-2, GPT-BigCode, Falcon, OPT: `gpt_blocks`)
+    mlp_matrices: int = 3  # gate, up and down (Llama); 2: up and down
+    linear_bias: bool = False  # every attention projection (q, k, v, output) and MLP matrix has a bias
+    norm_bias: bool = False  # LayerNorms: a bias beside each norm's weight (RMSNorm has none)
+    final_norm: bool = True  # a norm after the last layer (OPT without `do_layer_norm_before`: none)
+    position_embeddings: int = 0  # rows of a learned position table (GPT-2's n_positions; OPT's + 2)
+    embedding_size: int | None = None  # OPT's word_embed_proj_dim: embeddings this wide, projected in/out
     # The longest context the model takes, as vLLM derives its limit on max_model_len from the config: the
     # smallest of max_position_embeddings and its other names (n_positions, max_seq_len, seq_length, ...;
     # model_max_length wins), times the factor of a linear or dynamic RoPE scaling. None: the config gives
@@ -100,7 +112,7 @@ class ModelGeometry:
         """Elements of one layer's K and of its V per token, as transformers' caches hold them."""
         if self.mla is not None:  # the latent as one head: its normed part as K, the rotary key as V
             return self.mla.kv_lora_rank, self.mla.qk_rope_head_dim
-        side = self.num_kv_heads * self.head_dim
+        side = (self.cached_kv_heads or self.num_kv_heads) * self.head_dim
         return side, side
 
     @property
@@ -188,8 +200,10 @@ def _attention_params(geom: ModelGeometry) -> int:
     q_width = heads * geom.head_dim
     kv_width = geom.num_kv_heads * geom.head_dim
     params = 2 * hidden * q_width + 2 * hidden * kv_width
-    if geom.qkv_bias:
+    if geom.qkv_bias or geom.linear_bias:
         params += q_width + 2 * kv_width
+    if geom.linear_bias:  # the output projection's
+        params += hidden
     if geom.qk_norm:
         params += 2 * geom.head_dim
     return params
@@ -203,20 +217,31 @@ def _moe_mlp_params(geom: ModelGeometry) -> int:
 
 
 def param_count(geom: ModelGeometry) -> int:
-    """Exact parameter count of a Llama-style model, its mixture-of-experts and latent-attention variants.
+    """Exact parameter count of a Llama-style model, its mixture-of-experts and latent-attention variants,
+    and the GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon and OPT.
 
-    Counted: token embeddings; per layer the attention projections (with Qwen2's q/k/v biases, Qwen3's q/k
-    norms, or DeepSeek's latent projections and norms), the gate/up/down MLP or, on MoE layers, every
-    expert, the router and the shared experts, and two RMSNorm weight vectors (four in Gemma 2 and 3); the
-    final norm; and the lm_head unless it shares the embedding matrix. Other biases (GPT-OSS) are not counted.
+    Counted: token embeddings (and OPT's projections in and out of narrower ones) and a learned position
+    table; per layer the attention projections (with biases: Qwen2's on q/k/v, the GPT-2 families' on all
+    four; Qwen3's q/k norms, or DeepSeek's latent projections and norms), the gate/up/down MLP (up/down in
+    the GPT-2 families, with biases) or, on MoE layers, every expert, the router and the shared experts, and
+    the norms (two RMSNorm weight vectors; four in Gemma 2 and 3; LayerNorms also have a bias); the final
+    norm; and the lm_head unless it shares the embedding matrix. Other biases (GPT-OSS) are not counted.
     """
     hidden = geom.hidden_size
     dense_layers = geom.num_layers - geom.moe_layers
-    mlp = dense_layers * 3 * hidden * geom.intermediate_size + geom.moe_layers * _moe_mlp_params(geom)
-    per_layer = _attention_params(geom) + geom.layer_norms * hidden
-    embeddings = geom.vocab_size * hidden
-    lm_head = 0 if geom.tie_word_embeddings else embeddings
-    return embeddings + geom.num_layers * per_layer + mlp + hidden + lm_head
+    dense_mlp = geom.mlp_matrices * hidden * geom.intermediate_size
+    if geom.linear_bias:
+        dense_mlp += geom.intermediate_size + hidden
+    mlp = dense_layers * dense_mlp + geom.moe_layers * _moe_mlp_params(geom)
+    norm = 2 * hidden if geom.norm_bias else hidden
+    per_layer = _attention_params(geom) + geom.layer_norms * norm
+    width = geom.embedding_size or hidden
+    embeddings = geom.vocab_size * width + geom.position_embeddings * hidden
+    if width != hidden:  # OPT's project_in and project_out
+        embeddings += 2 * width * hidden
+    lm_head = 0 if geom.tie_word_embeddings else geom.vocab_size * width
+    final_norm = norm if geom.final_norm else 0
+    return embeddings + geom.num_layers * per_layer + mlp + final_norm + lm_head
 
 
 def weights_bytes(geom: ModelGeometry, dtype: str) -> int:
@@ -228,12 +253,12 @@ def weights_bytes(geom: ModelGeometry, dtype: str) -> int:
     return dtype_bytes_for(dtype, param_count(geom))
 
 
-# Other names of the required fields, as transformers maps them (GPT-2 / GPT-BigCode, Falcon, T5-style).
+# Other names of the required fields, as transformers maps them (GPT-2 / GPT-BigCode, Falcon, OPT, T5-style).
 _ALIASES: dict[str, tuple[str, ...]] = {
     "num_hidden_layers": ("n_layer", "num_layers"),
     "num_attention_heads": ("n_head", "num_heads"),
     "hidden_size": ("n_embd", "d_model"),
-    "intermediate_size": ("n_inner", "ffn_hidden_size", "d_ff"),
+    "intermediate_size": ("n_inner", "ffn_hidden_size", "d_ff", "ffn_dim"),  # ffn_dim: OPT's
 }
 _FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
 _REQUIRED_FIELDS = (
@@ -295,6 +320,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     hidden = positive_int("hidden_size", fields["hidden_size"])
     kv_heads_raw = kv_heads_of(fields.get, None)
     kv_heads = heads if kv_heads_raw is None else positive_int("num_key_value_heads", kv_heads_raw)
+    cached_heads = cached_kv_heads(fields.get, heads, kv_heads)
     head_dim_raw = fields.get("head_dim")
     if head_dim_raw is None:
         if hidden % heads:
@@ -320,6 +346,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     slides = kv_layer_slides(layer_types)
     name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
     gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text")
+    block = gpt_block_fields(fields, model_type, hidden, positive_int, str(config_path))
     return ModelGeometry(
         name=str(name),
         num_layers=layers,
@@ -337,9 +364,11 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         **_experts(fields, layers, positive_int),
         qkv_bias=model_type in ("qwen2", "qwen2_moe"),
         qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text"),
-        layer_norms=4 if gemma_norms else 2,
+        layer_norms=block.pop("layer_norms", 4 if gemma_norms else 2),
         mla=_mla(fields, positive_int),
         max_position_embeddings=max_positions(fields, model_type),
+        cached_kv_heads=cached_heads if cached_heads != kv_heads else None,
+        **block,
     )
 
 

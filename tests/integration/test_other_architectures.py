@@ -497,3 +497,102 @@ def test_plan_ties_the_lm_head_when_the_familys_config_class_does() -> None:
         assert tied_by_default(model_type) is bool(default), model_type
         checked += 1
     assert checked > 100
+
+
+def test_a_new_decoder_architecture_falcon_caches_a_kv_head_per_query_head(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a Falcon-40B-style config (new decoder architecture, 4 query heads, 2 KV heads of 16), whose
+    # attention repeats each KV head for its query heads before writing the cache, generating 6 after 11
+    config = transformers.FalconConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, vocab_size=256,
+        new_decoder_architecture=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(config).eval()
+    run = tmp_path / "run"
+    out = _record_generate(model, run)
+    assert {tuple(t.shape) for t in _cache_tensors(out)} == {(1, 4, 16, 16)}
+    per_token = 2 * 2 * 4 * 16 * 4  # layers x K and V x the 4 heads held x head_dim x fp32
+    # WHEN the run is reported
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    # THEN the arithmetic counts the 4 heads the cache holds, as its tensors do
+    assert json.loads((run / "manifest.json").read_text())["model"]["num_kv_heads"] == 4
+    assert kv["bytes_per_token_expected"] == per_token
+    assert kv["final_bytes"] == per_token * 16
+    # and a plan for transformers holds those 4 heads, one for vLLM the model's 2
+    config.save_pretrained(tmp_path / "config")
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--context", "17", "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["kv_bytes_per_token"] == per_token
+    assert planned["kv_bytes"] == sum(t.nbytes for t in _cache_tensors(out))
+    assert main([*argv, "--engine", "vllm"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+
+
+_FALCON = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}
+_GPT2 = {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256, "n_positions": 96}
+_OPT = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 160, "vocab_size": 256,
+    "max_position_embeddings": 96,
+}  # fmt: skip
+_LLAMA = {
+    "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "vocab_size": 256,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        transformers.GPT2Config(**_GPT2),
+        transformers.GPT2Config(**_GPT2, n_inner=96, tie_word_embeddings=False),
+        transformers.GPTBigCodeConfig(**_GPT2, multi_query=True),
+        transformers.GPTBigCodeConfig(**_GPT2, multi_query=False, n_inner=96),
+        transformers.FalconConfig(**_FALCON, multi_query=True),  # Falcon-7B: one shared norm per layer
+        transformers.FalconConfig(**_FALCON, multi_query=False, parallel_attn=False, bias=True, alibi=True),
+        transformers.FalconConfig(**_FALCON, new_decoder_architecture=True, num_kv_heads=2),  # 40B: 2 norms
+        transformers.FalconConfig(**_FALCON, new_decoder_architecture=True, num_ln_in_parallel_attn=1),
+        transformers.FalconConfig(**_FALCON, ffn_hidden_size=96, tie_word_embeddings=False),
+        transformers.OPTConfig(**_OPT),
+        # OPT-350m's shape: embeddings narrower than the layers, norms after the blocks, no final norm
+        transformers.OPTConfig(**_OPT, word_embed_proj_dim=32, do_layer_norm_before=False),
+        transformers.OPTConfig(**_OPT, enable_bias=False, layer_norm_elementwise_affine=False),
+        transformers.OPTConfig(**_OPT, _remove_final_layer_norm=True, tie_word_embeddings=False),
+        transformers.LlamaConfig(**_LLAMA),
+        transformers.MistralConfig(**_LLAMA, sliding_window=8),
+        transformers.Qwen2Config(**_LLAMA),
+        transformers.Qwen3Config(**_LLAMA, head_dim=32),
+    ],
+    ids=[
+        "gpt2", "gpt2-untied", "gpt-bigcode-mqa", "gpt-bigcode-mha", "falcon-7b", "falcon-sequential-bias",
+        "falcon-40b", "falcon-new-one-norm", "falcon-untied", "opt", "opt-350m", "opt-no-bias-no-affine",
+        "opt-no-final-norm", "llama", "mistral", "qwen2", "qwen3",
+    ],
+)  # fmt: skip
+def test_plan_weighs_each_family_as_transformers_builds_it(
+    config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a config as transformers saves it, and the model it builds from it (on the meta device)
+    config.save_pretrained(tmp_path / "config")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    # WHEN it is planned in bf16
+    assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN the weights are the model's parameters at 2 B each (a tied lm_head counted once): GPT-2's,
+    # Falcon's and OPT's MLPs have two matrices, and their biases, LayerNorms' biases, learned positions
+    # (OPT's 2 rows longer) and OPT's projections in and out are there
+    assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.parameters())
+
+
+def test_plan_refuses_a_gpt2_decoder_with_cross_attention(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the GPT-2 decoder of an encoder-decoder model, whose cross-attention a plan does not size
+    transformers.GPT2Config(**_GPT2, add_cross_attention=True).save_pretrained(tmp_path / "config")
+    # WHEN it is planned THEN it is refused, naming why
+    assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) != 0
+    assert "add_cross_attention" in capsys.readouterr().err
