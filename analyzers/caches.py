@@ -32,8 +32,10 @@ class CacheSummary:
     model_shaped: bool | None  # has the recorded model's KV layer count (None: no geometry to tell)
     capacity_rows: int | None = None
     capacity_tokens: int | None = None
-    """Preallocated module buffers' room (max_batch_size, max_seq_len): the bytes per token are then its
-    bytes over these slots, not over the tokens and rows written; None for a cache that grows."""
+    """A preallocated cache's room (module buffers' max_batch_size and max_seq_len, a StaticCache's rows and
+    max_cache_len): the bytes per token are then its bytes over these slots, not over the tokens and rows
+    written; None for a cache that grows."""
+    capacity_of: str | None = None  # "buffers" | "static_cache" (`analyzers.kv_log.CacheFigures`)
 
 
 def _model_layers(geometry: dict[str, Any] | None) -> int | None:
@@ -92,6 +94,7 @@ def cache_summaries(
             model_shaped=(c.layers == layers) if layers is not None else None,
             capacity_rows=c.capacity_rows or None,
             capacity_tokens=c.capacity_tokens or None,
+            capacity_of=c.capacity_of or None,
         )
         for c in caches
     ]

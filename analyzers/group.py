@@ -182,6 +182,7 @@ def _sum_kv(kvs: list[KvSummary], replicas: bool = False) -> KvSummary:
         token_rows=token_rows or None,
         capacity_rows=capacity_rows,
         capacity_tokens=capacity_tokens,
+        capacity_of=kvs[0].capacity_of if capacity_rows else None,
         evictions={
             "events": sum(int(e["events"]) for e in evictions),
             "claimed_bytes": sum(int(e["claimed_bytes"]) for e in evictions),

@@ -48,6 +48,19 @@ def preallocated_capacity(shape: list[int] | None, in_place: bool, tokens: int, 
     return 0, 0
 
 
+def static_capacity(positions: dict[int, int], spare: set[int], rows: int) -> tuple[int, int]:
+    """(rows, positions) of a transformers StaticCache's storages ([batch, kv_heads, max_cache_len,
+    head_dim], allocated at its first update for the batch it is given and written in place), else (0, 0).
+    `positions`: each of its layers' last K/V data tensor's third dimension; `spare`: the layers seen with
+    room beyond the tokens they held, which a cache that grows with its tokens (torch.cat) never has. Only
+    when every layer had room and all have the same length (a hybrid cache's sliding layers are shorter:
+    then no one length is the cache's)."""
+    lengths = set(positions.values())
+    if rows and len(lengths) == 1 and set(positions) <= spare:
+        return rows, lengths.pop()
+    return 0, 0
+
+
 def event_rows(ev: KvEvent) -> int:
     """Batch rows an event's tokens are per: the rows in use where the log says (a preallocated module
     cache written for a smaller batch), else its tensor's batch dim; 0 without a shape."""
@@ -106,8 +119,10 @@ class CacheFigures:
     the log does not say (no beam search, or a log from before kvtrace recorded it)."""
     capacity_rows: int = 0
     capacity_tokens: int = 0
-    """A preallocated module cache's room (`preallocated_capacity`): its buffers' rows and positions, Meta's
-    max_batch_size and max_seq_len; 0 for a cache whose storages follow the rows and tokens it holds."""
+    """A preallocated cache's room: a module cache's buffers' rows and positions, Meta's max_batch_size and
+    max_seq_len (`preallocated_capacity`), or a transformers StaticCache's rows and max_cache_len
+    (`static_capacity`); 0 for a cache whose storages follow the rows and tokens it holds."""
+    capacity_of: str = ""  # "buffers" (module buffers) | "static_cache" (transformers' StaticCache) | ""
 
 
 @dataclass
@@ -205,6 +220,9 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
     # buffer was written in place: what `preallocated_capacity` decides on
     buffer_shape: dict[int, list[int] | None] = {}
     buffer_in_place: set[int] = set()
+    # per cache: {layer: positions of its last K/V data tensor [b, h, t, d]}, and the layers seen with room
+    data_positions: dict[int, dict[int, int]] = defaultdict(dict)
+    data_spare: dict[int, set[int]] = defaultdict(set)
 
     def _close_step(step: int) -> None:
         step_live[step] = dict(layer_live)
@@ -287,6 +305,10 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
                         buffer_in_place.add(ev.cache)
                 else:
                     buffer_shape[ev.cache] = None
+                if ev.part == "data" and len(ev.shape) == 4:
+                    data_positions[ev.cache][ev.layer] = ev.shape[2]
+                    if ev.shape[2] > ev.tokens:
+                        data_spare[ev.cache].add(ev.layer)
             if ev.event == "reordered":
                 reordered.add(ev.cache)
                 count = ev.reason.removeprefix(BEAMS_REASON)
@@ -330,6 +352,10 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
         tokens = max(tokens for (c, _), tokens in tokens_by_layer.items() if c == cache)
         rows = rows_by_cache.get(cache, 0)
         room = preallocated_capacity(buffer_shape.get(cache), cache in buffer_in_place, tokens, rows)
+        room_of = "buffers" if room[0] else ""
+        if not room[0] and cache in data_positions:
+            room = static_capacity(data_positions[cache], data_spare.get(cache, set()), rows)
+            room_of = "static_cache" if room[0] else ""
         caches.append(
             CacheFigures(
                 cache=cache,
@@ -344,6 +370,7 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
                 beams=beams.get(cache, 0),
                 capacity_rows=room[0],
                 capacity_tokens=room[1],
+                capacity_of=room_of,
             )
         )
     # The table's rows: the caches held at the end, and any other whose tokens were evicted (their counts

@@ -74,7 +74,9 @@ class KvSummary:
     """A main cache of preallocated module buffers (Meta's cache_k/cache_v, KV log part `buffer`): the rows
     and positions they have room for, max_batch_size and max_seq_len, whatever `batch` and `tokens_held`
     the forwards wrote. Its bytes follow these, so the measured bytes per token divides by their product
-    (its slots); None for caches that grow with what they hold."""
+    (its slots); None for caches that grow with what they hold. A transformers StaticCache likewise: its
+    rows and max_cache_len (`capacity_of` says which)."""
+    capacity_of: str | None = None  # "buffers" (module buffers) | "static_cache" (transformers' StaticCache)
     evictions: dict[str, Any] | None = None
     evictions_by_reason: dict[str, int] = field(default_factory=dict)
     """Evicted tokens by kind: `window` (the cache's own sliding window), `press` (an eviction library such
@@ -432,6 +434,7 @@ def summarize(
             if main.capacity_rows and main.capacity_tokens:
                 # Buffers allocated for max_batch_size x max_seq_len: a slot's bytes, however few are written
                 kv.capacity_rows, kv.capacity_tokens = main.capacity_rows, main.capacity_tokens
+                kv.capacity_of = main.capacity_of
                 slots = main.capacity_rows * main.capacity_tokens
                 kv.bytes_per_token_measured = main.final_bytes / slots if main.final_bytes else None
             layout_note = _layout_note(geometry, last)

@@ -14,6 +14,12 @@ writes nor the tokens written so far: running fewer rows or a shorter context fr
   frees what max_seq_len=W frees, fp8 buffers a quarter or half of the KV; transformers' QuantizedCache and
   OffloadedCache manage its own caches, not a model's buffers, so they are not priced;
 * a static cache is what these buffers already are: that remedy is left out.
+
+A transformers StaticCache is preallocated the same way along its positions (max_cache_len, allocated at
+its first update and written in place), but its rows are the batch it was first given: a shorter context
+frees nothing, and its context and sliding-window remedies are priced here in max_cache_len
+(`static_cache_context`); a smaller batch frees as for any cache, and a sliding window is the model's
+config (transformers keeps a static sliding layer of that many positions), not a code change.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from analyzers.planning.diagnosis import Remedy, fits
 from analyzers.summary import Report
 from analyzers.units import human_bytes
 
-__all__ = ["PreallocatedBuffers", "buffer_remedies", "preallocated_buffers"]
+__all__ = ["PreallocatedBuffers", "buffer_remedies", "preallocated_buffers", "static_cache_context"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class PreallocatedBuffers:
     positions: int  # max_seq_len: their second
     rows_used: int | None  # the most rows a forward of the run wrote (None: unknown)
     tokens_written: int | None  # the most tokens per row the run wrote (None: its forwards did not say)
+    kind: str = "buffers"  # "buffers" (a model's module buffers) | "static_cache" (transformers' StaticCache)
 
 
 def preallocated_buffers(report: Report, kv_log: Any) -> PreallocatedBuffers | None:
@@ -51,7 +58,11 @@ def preallocated_buffers(report: Report, kv_log: Any) -> PreallocatedBuffers | N
         written = (kv_log.step_tokens.get(s, {}).get(kv.main_cache, 0) for s in forwards)
         tokens_written = max(written, default=0)
     return PreallocatedBuffers(
-        kv.capacity_rows, kv.capacity_tokens, rows_used or None, tokens_written or None
+        kv.capacity_rows,
+        kv.capacity_tokens,
+        rows_used or None,
+        tokens_written or None,
+        kv.capacity_of or "buffers",
     )
 
 
@@ -107,22 +118,35 @@ def _max_batch(kv: int, b: PreallocatedBuffers, need: int | None) -> Remedy:
 
 
 def _max_seq_len(kv: int, b: PreallocatedBuffers, need: int | None) -> tuple[Remedy, Remedy]:
-    """A smaller max_seq_len, and a sliding window kept as a ring (the model's code changed)."""
+    """A smaller max_seq_len, and a sliding window kept as a ring (the model's code changed); for a
+    StaticCache, a smaller max_cache_len and the model's sliding window."""
     per_position = human_bytes(kv / b.positions)
     written = f" ({b.tokens_written:,} at most in this run)" if b.tokens_written else ""
-    idle = (
-        f"A shorter context frees no KV: the buffers hold max_seq_len={b.positions:,} positions "
-        f"({per_position} of KV each, over the {b.rows} rows of max_batch_size), however many tokens are "
-        f"written{written}"
-    )
-    ring = (
-        f"A sliding window needs the model's code changed: its attention writes each token at its position "
-        f"in buffers max_seq_len={b.positions:,} long"
-    )
+    static = b.kind == "static_cache"
+    knob = "max_cache_len" if static else "max_seq_len"
+    if static:
+        idle = (
+            f"A shorter context frees no KV: the StaticCache holds max_cache_len={b.positions:,} positions "
+            f"({per_position} of KV each, over its {b.rows} rows), however many tokens are written{written}"
+        )
+        ring = (
+            "A sliding window (config.sliding_window, on a model trained with one) makes transformers keep "
+            "that many positions a layer"
+        )
+    else:
+        idle = (
+            f"A shorter context frees no KV: the buffers hold max_seq_len={b.positions:,} positions "
+            f"({per_position} of KV each, over the {b.rows} rows of max_batch_size), however many tokens "
+            f"are written{written}"
+        )
+        ring = (
+            f"A sliding window needs the model's code changed: its attention writes each token at its "
+            f"position in buffers max_seq_len={b.positions:,} long"
+        )
     target, saved = _smaller(b.positions, kv, need, b.tokens_written)
     if need is not None and need <= 0:
         context = (
-            f"max_seq_len={b.positions:,} already fits; the KV alone would leave room up to max_seq_len="
+            f"{knob}={b.positions:,} already fits; the KV alone would leave room up to {knob}="
             f"{target:,}. {idle}."
         )
         return (
@@ -133,13 +157,14 @@ def _max_seq_len(kv: int, b: PreallocatedBuffers, need: int | None) -> tuple[Rem
         enough = ", enough to fit" if need is not None else ""
         condition = _below_use(target, b.tokens_written, "token")
         context = (
-            f"{idle}. max_seq_len={target:,} instead of {b.positions:,} frees {human_bytes(saved)}{enough}"
+            f"{idle}. {knob}={target:,} instead of {b.positions:,} frees {human_bytes(saved)}{enough}"
             f"{condition}."
         )
+        kept = f"of {target:,} positions, it" if static else f"kept as a ring of {target:,} positions, they"
         window = (
-            f"{ring}; kept as a ring of {target:,} positions, they would cap KV at {human_bytes(kv - saved)} "
+            f"{ring}; {kept} would cap KV at {human_bytes(kv - saved)} "
             f"however long generation runs, freeing {human_bytes(saved)}{enough}, at the cost of forgetting "
-            f"older tokens (max_seq_len={target:,} frees as much for contexts that fit in it)."
+            f"older tokens ({knob}={target:,} frees as much for contexts that fit in it)."
         )
         return (
             Remedy("context", target, saved, fits(saved, need), context),
@@ -153,16 +178,22 @@ def _max_seq_len(kv: int, b: PreallocatedBuffers, need: int | None) -> tuple[Rem
             None,
             saved,
             fits(saved, need),
-            f"{idle}. Even max_seq_len=1 frees only {human_bytes(saved)}, {short}.",
+            f"{idle}. Even {knob}=1 frees only {human_bytes(saved)}, {short}.",
         ),
         Remedy(
             "sliding_window",
             None,
             saved,
             fits(saved, need),
-            f"{ring}; even a ring of 1 position would free only {human_bytes(saved)}, {short}.",
+            f"{ring}; even {'1 position' if static else 'a ring of 1 position'} would free only "
+            f"{human_bytes(saved)}, {short}.",
         ),
     )
+
+
+def static_cache_context(kv: int, cache: PreallocatedBuffers, need: int | None) -> list[Remedy]:
+    """The context and sliding-window remedies of a StaticCache (`kind` "static_cache"), in max_cache_len."""
+    return list(_max_seq_len(kv, cache, need))
 
 
 def _quantized(kv: int, kv_bits: int | None, need: int | None) -> list[Remedy]:

@@ -117,10 +117,13 @@ def _fewer(kv: int, count: int, need: int | None) -> tuple[int, int]:
     return target, 0 if need <= 0 else round(share * (count - max(target, 1)))
 
 
-def int4_remedy(d: dict[str, object], kv: int, kv_bits: int, need: int | None) -> Remedy:
+def int4_remedy(
+    d: dict[str, object], kv: int, kv_bits: int, need: int | None, preallocated: bool = False
+) -> Remedy:
     """transformers' QuantizedCache at its defaults (int4, a scale and a zero-point per 64 elements,
     residual_length 128) holding this moment's tokens: the prompt quantized, the tokens after it in the
-    compute dtype until 128 are due (analyzers.planning.quantized_cache, as `kvtrace plan` counts it)."""
+    compute dtype until 128 are due (analyzers.planning.quantized_cache, as `kvtrace plan` counts it).
+    `preallocated`: the cache holds room beyond its tokens (a StaticCache), all of which it replaces."""
     batch, tokens, prompt = d["batch"], d["tokens_held"], d.get("prompt_tokens")
     if not isinstance(batch, int) or not isinstance(tokens, int) or not batch or not tokens:
         why = "needs the tokens held, a share of which it keeps at full precision"
@@ -128,7 +131,7 @@ def int4_remedy(d: dict[str, object], kv: int, kv_bits: int, need: int | None) -
     per_token = _bytes_per_token_all_rows(d, kv, batch, tokens)
     # What the cache holds at this moment, without a dynamic cache's transient copy: a quantized cache's
     # updates make larger ones (its quantized layer dequantized, whole K and V returned at full precision).
-    cache = min(kv, round(per_token * tokens))
+    cache = kv if preallocated else min(kv, round(per_token * tokens))
     elements = per_token * 8 / kv_bits  # per position, every row
     compute_bits = d.get("compute_bits")
     compute_bytes = (compute_bits if isinstance(compute_bits, int) else kv_bits) / 8

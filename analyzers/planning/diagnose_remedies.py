@@ -36,7 +36,11 @@ from typing import Any
 
 from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
-from analyzers.planning.diagnose_buffer_remedies import PreallocatedBuffers, buffer_remedies
+from analyzers.planning.diagnose_buffer_remedies import (
+    PreallocatedBuffers,
+    buffer_remedies,
+    static_cache_context,
+)
 from analyzers.planning.diagnose_cache_remedies import (
     beam_search_remedies,
     fewer_rows,
@@ -176,7 +180,8 @@ def price_remedies(
     out: list[Remedy] = []
     unpriced = no_geometry(d)
     buffers = d.get("buffers")
-    if kv and isinstance(buffers, PreallocatedBuffers):
+    static = buffers if isinstance(buffers, PreallocatedBuffers) and buffers.kind == "static_cache" else None
+    if kv and isinstance(buffers, PreallocatedBuffers) and static is None:
         # Preallocated module buffers: priced in their own settings; no static cache to become
         out += buffer_remedies(kv, buffers, need, kv_bits, on_cuda)
         out += _allocator_remedies(d, need, on_cuda)
@@ -218,7 +223,9 @@ def price_remedies(
         cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
         context = tokens - min(cut, tokens)
         saved = round(per_token * (tokens - max(context, 1)))
-        if d.get("windowed"):  # the cache already slides: its size follows the prompt, not the context
+        if static is not None:  # a StaticCache: its bytes follow max_cache_len, not the tokens written
+            out += static_cache_context(kv, static, need)
+        elif d.get("windowed"):  # the cache already slides: its size follows the prompt, not the context
             out += windowed_remedies(kv, tokens, per_token, need, num_layers)
         elif context >= 1:
             text = (
@@ -232,7 +239,7 @@ def price_remedies(
         else:
             text = f"No shorter context fits: all {tokens:,} tokens of KV are only {human_bytes(kv)}."
             window = f"No sliding window fits: even dropping all {human_bytes(kv)} of KV is not enough."
-        if not d.get("windowed"):
+        if not d.get("windowed") and static is None:
             out.append(Remedy("context", context or None, saved, fits(saved, need), text))
             out.append(Remedy("sliding_window", context or None, saved, fits(saved, need), window))
     else:
@@ -275,7 +282,7 @@ def price_remedies(
             )
             out.append(Remedy("quantized_kv", 4, None, None, text))
         else:
-            out.append(int4_remedy(d, kv, kv_bits, need))
+            out.append(int4_remedy(d, kv, kv_bits, need, preallocated=static is not None))
     else:
         if kv:
             why = "cannot be computed: the KV dtype is not recorded"

@@ -356,7 +356,9 @@ def _summary_table(report: Report) -> str:
         if kv.get("capacity_rows") and kv.get("capacity_tokens"):  # preallocated buffers: per slot
             rows.append(
                 (
-                    "KV buffers' slots (max_seq_len x max_batch_size)",
+                    "KV StaticCache's slots (max_cache_len x batch)"
+                    if kv.get("capacity_of") == "static_cache"
+                    else "KV buffers' slots (max_seq_len x max_batch_size)",
                     f"{kv['capacity_tokens']:,} positions x {kv['capacity_rows']:,} rows",
                 )
             )

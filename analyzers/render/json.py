@@ -68,6 +68,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "token_rows": kv.token_rows,
             "capacity_rows": kv.capacity_rows,
             "capacity_tokens": kv.capacity_tokens,
+            "capacity_of": kv.capacity_of,
             "evictions": kv.evictions,
             "how_to_attribute": NO_KV_HINT if kv.measured_from == "none" else None,
             "per_layer": [

@@ -18,10 +18,11 @@ def _share(part: int, whole: int) -> str:
 def _buffer_slots(kv: Any) -> str:
     """What the measured bytes per token of preallocated buffers divide by (their slots), and what the
     tokens written hold each: the buffers' bytes do not follow them."""
-    slots = (
-        f"the buffers' {kv.capacity_tokens} positions x {kv.capacity_rows} "
-        f"{'row' if kv.capacity_rows == 1 else 'rows'} (max_seq_len x max_batch_size)"
-    )
+    room = f"{kv.capacity_tokens} positions x {kv.capacity_rows} {'row' if kv.capacity_rows == 1 else 'rows'}"
+    if kv.capacity_of == "static_cache":
+        slots = f"the StaticCache's {room} (max_cache_len x batch)"
+    else:
+        slots = f"the buffers' {room} (max_seq_len x max_batch_size)"
     held = next((c.final_bytes for c in kv.caches if c.main), kv.final_bytes)
     if not kv.token_rows or not held:
         return slots
