@@ -10,13 +10,13 @@ from typing import Any
 
 from analyzers.engine import EngineFigures, EngineInfo, engine_figures, read_engine
 from analyzers.units import human_bytes
+from kvtrace.format import CB_CACHE_ID, VLLM_CACHE_ID
 
 __all__ = ["bytes_before_trace", "engine_of_source"]
 
-# The `cache` id of an engine pool's KV events: vLLM's (kvtrace.integrations.vllm.VLLM_CACHE_ID) and
-# transformers' continuous batching's (kvtrace.integrations.hf_paged.CB_CACHE_ID).
-POOL_CACHE_IDS = {"transformers-cb": 3100}
-VLLM_POOL_CACHE_ID = 3000
+# The `cache` id of an engine pool's KV events: transformers' continuous batching's, else vLLM's.
+POOL_CACHE_IDS = {"transformers-cb": CB_CACHE_ID}
+VLLM_POOL_CACHE_ID = VLLM_CACHE_ID
 
 
 def engine_of_source(

@@ -108,6 +108,24 @@ class KvEvent:
         return dict(self.__dict__)
 
 
+# A KV event's `cache`: which source's state it changes. Transformers caches count 1, 2, ... and step over
+# the ids kept for the other sources, so that no two sources of one run share an id (the recorder's state
+# per (cache, layer), or a report's figures per cache); runs recorded before this may have both on one id.
+MODULE_CACHE_ID = 1000  # tensors on the model's modules (Meta's `cache_k`/`cache_v`)
+TRACK_CACHE_ID = 2000  # tensors handed to `kvtrace.track()`
+VLLM_CACHE_ID = 3000  # vLLM's paged pool
+CB_CACHE_ID = 3100  # transformers' continuous batching pool
+RESERVED_CACHE_IDS = frozenset({MODULE_CACHE_ID, TRACK_CACHE_ID, VLLM_CACHE_ID, CB_CACHE_ID})
+
+
+def next_cache_id(last: int) -> int:
+    """The id of the transformers cache seen after the one numbered `last` (0 before the first)."""
+    cid = last + 1
+    while cid in RESERVED_CACHE_IDS:
+        cid += 1
+    return cid
+
+
 # What a weights.jsonl line after the first ones says happened to its storage (docs/format.md):
 WEIGHT_EVENTS = (
     "added",  # the model took it during the run (`model.to(torch.bfloat16)`, `.half()`, `.cuda()`)

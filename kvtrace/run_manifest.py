@@ -243,7 +243,7 @@ class RunManifest:
         if hf is None or self.model is None or paged or not self.tracker.step:
             return []
         mine = self._model_caches | self._caches_in_generate
-        return [cid for cid in range(1, hf.caches_seen + 1) if cid not in mine]
+        return [cid for cid in hf.ids_given() if cid not in mine]
 
     def _write_manifest(self) -> None:
         """The final manifest; on a full disk (no room for the atomic write's new file), over the blocks

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from kvtrace.format import next_cache_id
 from kvtrace.kv_tracker import KvTracker
 
 _WRAPPED = {
@@ -185,7 +186,7 @@ class HfCacheHooks:
         self._cache_cls: Any = None
         # id(cache) -> (weak reference, cache id): a new object at a reused address gets a new number.
         self._known: dict[int, tuple[Callable[[], Any], int]] = {}
-        self._next_id = 0
+        self._next_id = 0  # the last id given: they count up, stepping over other sources' (format.py)
         # A cache seen here was collected since the last `forget_dead` (set by its weak reference's callback,
         # on whichever thread let go of it): a step's start retires it before its forward logs anything.
         self.dropped = False
@@ -223,14 +224,14 @@ class HfCacheHooks:
         return True
 
     def cache_id(self, cache: Any) -> int:
-        """A small stable number per cache object seen in this recording."""
+        """A small stable number per cache object seen in this recording, none of another source's."""
         last = self._last
         if last is not None and last[0]() is cache:
             return last[1]
         entry = self._known.get(id(cache))
         if entry is None or entry[0]() is not cache:
             self.forget_dead()  # a new cache: the frees of one dropped before it come first in the log
-            self._next_id += 1
+            self._next_id = next_cache_id(self._next_id)
             try:
                 ref: Callable[[], Any] = weakref.ref(cache, self._on_dropped)
             except TypeError:
@@ -271,10 +272,12 @@ class HfCacheHooks:
         if unseen:
             self.scan_cache(cache, "found", only=unseen, reason="found")
 
-    @property
-    def caches_seen(self) -> int:
-        """How many cache objects got an id: they are numbered 1 to this."""
-        return self._next_id
+    def ids_given(self) -> list[int]:
+        """The ids cache objects got, in order: 1 up to the last one, without other sources' ids."""
+        ids = [next_cache_id(0)] if self._next_id else []
+        while ids and ids[-1] < self._next_id:
+            ids.append(next_cache_id(ids[-1]))
+        return ids
 
     def _on_dropped(self, _ref: Any) -> None:
         self.dropped = True

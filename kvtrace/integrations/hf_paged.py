@@ -35,7 +35,7 @@ from kvtrace.integrations.hf_paged_pool import ENGINE_NAME, pool_document
 from kvtrace.integrations.vllm import after_import
 from kvtrace.integrations.vllm_engine import _Patches, flush_when_due
 
-CB_CACHE_ID = 3100  # the `cache` id of the pool's KV events (vLLM's is 3000)
+CB_CACHE_ID = fmt.CB_CACHE_ID  # the `cache` id of the pool's KV events (vLLM's is fmt.VLLM_CACHE_ID)
 _EMPTIED = ("preempted", "finished")
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kvtrace.format import MODULE_CACHE_ID, TRACK_CACHE_ID
 from kvtrace.kv_tracker import KvTracker
 
 # Attribute names that hold a KV cache, mapped to K or V. Extend by passing `cache_attrs=` to `record()`.
@@ -33,10 +34,6 @@ DEFAULT_CACHE_ATTRS: dict[str, str] = {
     "key_cache": "k",
     "value_cache": "v",
 }
-
-# Custom caches get cache ids from here up, HF caches count from 1.
-MODULE_CACHE_ID = 1000
-TRACK_CACHE_ID = 2000
 
 # A tracked tensor's layout names its log part, so the analyzers (no torch) know which dim holds tokens:
 # "tracked" for Hugging Face's [batch, kv_heads, seq, head_dim], "tracked_bshd" for Meta's and

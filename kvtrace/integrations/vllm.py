@@ -29,7 +29,7 @@ from typing import Any
 
 from kvtrace import format as fmt
 
-VLLM_CACHE_ID = 3000  # the `cache` id of the pool's KV events
+VLLM_CACHE_ID = fmt.VLLM_CACHE_ID  # the `cache` id of the pool's KV events
 _REFUSED_PREFIX = "To serve at least one request with the model's max seq len"
 _CHECK_MODULE = "vllm.v1.core.kv_cache_utils"
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")

@@ -440,3 +440,68 @@ def test_text_report_names_another_models_cache_once_the_models_is_gone(
     # AND the notebook's per-layer table has the cache column too
     _source, report = build_report(run)
     assert "<th>cache</th><th>layer</th>" in report._repr_html_()
+
+
+class _MetaStyleAttention(torch.nn.Module):
+    """Meta's reference layout: preallocated `cache_k`/`cache_v` written in place at `start_pos`."""
+
+    def __init__(self, max_seq: int) -> None:
+        super().__init__()
+        self.cache_k = torch.zeros(1, max_seq, KV_HEADS, HEAD_DIM)
+        self.cache_v = torch.zeros(1, max_seq, KV_HEADS, HEAD_DIM)
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:  # x: [1, seq, kv_heads, head_dim]
+        self.cache_k[:, start_pos : start_pos + x.shape[1]] = x
+        self.cache_v[:, start_pos : start_pos + x.shape[1]] = -x
+        return x
+
+
+def test_thousands_of_caches_never_take_the_module_or_tracked_caches_ids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], watched_models: list[torch.nn.Module]
+) -> None:
+    # GIVEN a model with a Meta-style module cache (16 positions, 4 written), a tracked K of 5 tokens, and
+    # 2000 transformers caches updated once with 3 tokens in layer 0, the 1000th and the 2000th still held
+    hf_caches, max_seq, written, tracked_tokens, tokens = 2000, 16, 4, 5, 3
+    model = _MetaStyleAttention(max_seq).eval()
+    watched_models.append(model)
+    run = tmp_path / "run"
+    held = []
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        model(torch.ones(1, written, KV_HEADS, HEAD_DIM), 0)
+        tracked = torch.zeros(1, KV_HEADS, tracked_tokens, HEAD_DIM)
+        kvtrace.track(tracked, layer=0, kind="k")
+        for number in range(1, hf_caches + 1):
+            cache = DynamicCache()
+            keys = torch.zeros(1, KV_HEADS, tokens, HEAD_DIM)
+            cache.update(keys, torch.zeros_like(keys), 0)
+            if number in (1000, 2000):
+                held.append(cache)
+
+    # THEN the log gives each source ids of its own: the transformers caches count 1 to 2002 without 1000
+    # and 2000, the module cache is 1000 and the tracked tensor 2000, and nothing was evicted
+    recorded = read_run(run)
+    events = recorded.kv_events
+    ids: dict[str, set[int]] = {}
+    for event in events:
+        ids.setdefault(event.source, set()).add(event.cache)
+    hf_ids = [cid for cid in range(1, hf_caches + 3) if cid not in (1000, 2000)]
+    assert ids == {"hf": set(hf_ids), "module": {1000}, "track": {2000}}
+    # ... and the manifest names the transformers caches no forward of the model was given by those ids
+    assert recorded.manifest["other_caches"] == hf_ids
+    assert not [e for e in events if e.event == "evicted" or e.evicted_tokens]
+    tracked_bytes = kv_bytes(KV_HEADS, HEAD_DIM, tracked_tokens, 1, FP32)  # 1x2x5x16x4 = 640
+    assert {(e.event, e.storage_bytes) for e in events if e.source == "track"} == {("created", tracked_bytes)}
+
+    # AND the report holds the arithmetic: the module's two buffers, the tracked K, the two held caches
+    kv = _cli_json(["report", str(run), "--no-export"], capsys)["kv"]
+    buffer_bytes = max_seq * KV_HEADS * HEAD_DIM * FP32
+    hf_bytes = kv_bytes(KV_HEADS, HEAD_DIM, tokens, 1, FP32)  # 1x2x3x16x4 = 384 for K, the same for V
+    assert kv["evicted_tokens"] == 0
+    assert kv["final_bytes"] == 2 * buffer_bytes + tracked_bytes + 2 * 2 * hf_bytes
+    rows = {row["cache"]: (row["k_bytes"], row["v_bytes"], row["tokens"]) for row in kv["per_layer"]}
+    assert rows == {
+        1000: (buffer_bytes, buffer_bytes, written),
+        1001: (hf_bytes, hf_bytes, tokens),
+        2000: (tracked_bytes, 0, tracked_tokens),
+        2002: (hf_bytes, hf_bytes, tokens),
+    }

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvtrace.errors import KvtraceError
-from kvtrace.format import KV_EVENTS, MANIFEST, SCHEMA_VERSION, read_run
+from kvtrace.format import KV_EVENTS, MANIFEST, SCHEMA_VERSION, next_cache_id, read_run
 
 
 def _run(tmp_path: Path, manifest: object, events: str = "") -> Path:
@@ -53,3 +53,14 @@ def test_bad_manifests(tmp_path: Path, manifest: object, message: str) -> None:
 def test_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(KvtraceError, match="not a kvtrace run directory"):
         read_run(tmp_path)
+
+
+def test_transformers_cache_ids_step_over_every_other_sources_id() -> None:
+    # The other sources keep the ids older runs gave them: module caches, track(), vLLM's and CB's pools
+    reserved = (1000, 2000, 3000, 3100)
+    ids = [next_cache_id(0)]
+    while len(ids) < 4000:
+        ids.append(next_cache_id(ids[-1]))
+    # 4000 caches count 1 to 4004, the four ids below that left out: the 1000th cache is 1001, the 3100th 3104
+    assert ids == [cid for cid in range(1, 4000 + len(reserved) + 1) if cid not in reserved]
+    assert (ids[999], ids[1999], ids[2999], ids[3099]) == (1001, 2002, 3003, 3104)
