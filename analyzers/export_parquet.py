@@ -7,7 +7,10 @@ Layout of an export directory (docs/format.md, "Parquet export")::
     ...                                  (devices, memory_events, samples, engine_steps, engine_requests)
 
 Each table is a folder of parts, the layout Spark, DuckDB and pyarrow.dataset read as one table. A later
-export into the same DIR adds the next part and skips sources already in it (same resolved path).
+export into the same DIR adds the next part and skips sources already in it (same resolved path) and
+unchanged since (analyzers.export_state). One that changed since (a run read while it was being recorded)
+is exported again: copy on write, as table formats update rows, the new part takes its fresh rows and the
+other rows of the parts that held it, and replaces those parts as an overwrite replaces all of them.
 Every table gets a part, even with no rows, so its schema is always there to query. Parts are written
 under a temporary name and renamed only when every table's is complete, `runs` last: its part is the mark
 that part N was committed. A killed or failed export (a full disk) thus leaves no runs part, its sources
@@ -18,6 +21,7 @@ old ones, numbered after them, and an empty mark `runs/.overwrite-NNNNN` is made
 renamed into place. From that rename on, readers take the parts below the mark's number as gone; they are
 then removed, and the mark last. A failed, interrupted or empty overwrite thus leaves the earlier export
 whole, and one killed while removing the old parts leaves the new one, whose removal the next export ends.
+A re-export's mark `runs/.replaced-PPPPP-by-NNNNN` takes part P alone as gone once runs part N is there.
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ import contextlib
 import dataclasses
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from analyzers.export_state import Taken, changed_since, recording_now, still_recording, taken_sources
 from analyzers.readers.sources import ProgressFn
 from analyzers.tables import (
     SCHEMA_VERSION,
@@ -52,6 +58,7 @@ ROW_GROUP_ROWS = 1 << 17
 _COMPACT_PIECES = 64
 _PART = re.compile(r"^part-(\d+)\.parquet$")
 _OVERWRITE_MARK = re.compile(r"^\.overwrite-(\d+)$")
+_REPLACED_MARK = re.compile(r"^\.replaced-(\d+)-by-(\d+)$")
 
 InputProgress = Callable[[Input], None]
 """Called after each input, read or skipped (a progress bar's tick)."""
@@ -66,6 +73,8 @@ class ExportSummary:
     already_exported: int = 0
     rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLE_NAMES, 0))
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what is wrong)
+    reexported: list[tuple[str, int]] = field(default_factory=list)  # (run_id, part replaced)
+    recording: list[tuple[str, int]] = field(default_factory=list)  # (run_id, pid): partial in the tables
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +85,8 @@ class ExportSummary:
             "exported": self.exported,
             "already_exported": self.already_exported,
             "skipped": [{"path": path, "error": error} for path, error in self.problems],
+            "reexported": [{"run_id": run_id, "replaced_part": part} for run_id, part in self.reexported],
+            "recording": [{"run_id": run_id, "pid": pid} for run_id, pid in self.recording],
             "rows": self.rows,
         }
 
@@ -145,17 +156,27 @@ def _overwrite_mark(out_dir: Path, part: int) -> Path:
     return out_dir / "runs" / f".overwrite-{part:05d}"
 
 
-def _commit(writers: dict[str, _TableWriter], overwrite: Path | None = None) -> None:
+def _replaced_mark(out_dir: Path, replaced: int, part: int) -> Path:
+    """The mark of a re-export by `part`: once runs' part `part` is there, part `replaced` is gone."""
+    return out_dir / "runs" / f".replaced-{replaced:05d}-by-{part:05d}"
+
+
+def _commit(
+    writers: dict[str, _TableWriter], root: Path, overwrite: bool = False, replaced: Collection[int] = ()
+) -> None:
     """All tables' parts or none: every file is complete before the first rename, and `runs` is renamed
     last, so that a failure anywhere leaves no runs part (the mark of a committed part) behind. With
-    `overwrite` (the export's folder), the earlier parts are replaced in that same last rename, and only
-    then removed."""
+    `overwrite`, the earlier parts are replaced in that same last rename, and only then removed; so are the
+    parts numbered in `replaced` (a re-export's)."""
     runs = writers["runs"]
-    mark = _overwrite_mark(overwrite, runs.part) if overwrite is not None else None
+    if overwrite:
+        marks = [_overwrite_mark(root, runs.part)]
+    else:
+        marks = [_replaced_mark(root, number, runs.part) for number in sorted(replaced)]
     try:
         for writer in writers.values():
             writer.finish()
-        if mark is not None:
+        for mark in marks:
             try:
                 mark.touch()
             except OSError as exc:
@@ -167,15 +188,15 @@ def _commit(writers: dict[str, _TableWriter], overwrite: Path | None = None) -> 
     except BaseException:
         for writer in writers.values():
             writer.discard()
-        if mark is not None:
+        for mark in marks:
             with contextlib.suppress(OSError):
                 mark.unlink(missing_ok=True)
         raise
-    if overwrite is not None:
+    if marks:
         # The new part is committed and the old ones already out of sight: one that cannot be removed now
         # (a permission) is removed by the next export into this folder, which says so if it cannot either.
         with contextlib.suppress(OSError):
-            _remove_uncommitted(overwrite)
+            _remove_uncommitted(root)
 
 
 def _remove_uncommitted(out_dir: Path) -> None:
@@ -184,7 +205,10 @@ def _remove_uncommitted(out_dir: Path) -> None:
     the same number was half-committed by kvtrace 0.1.0, which renamed the tables one by one: it goes
     whole, so that its sources are exported again. Parts an overwrite replaced go too, then its mark."""
     folders = [out_dir / table for table in TABLE_NAMES if (out_dir / table).is_dir()]
-    marks = list((out_dir / "runs").glob(".overwrite-*")) if (out_dir / "runs").is_dir() else []
+    runs_folder = out_dir / "runs"
+    marks = (
+        [*runs_folder.glob(".overwrite-*"), *runs_folder.glob(".replaced-*")] if runs_folder.is_dir() else []
+    )
     leftovers = [p for folder in folders for p in folder.glob(".part-*.parquet.tmp")]
     runs = {p.name for p in table_files(out_dir, "runs")}
     committed = runs - {p.name[1:].removesuffix(".tmp") for p in leftovers}
@@ -198,20 +222,30 @@ def _remove_uncommitted(out_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _replaced_below(runs_parts: list[Path]) -> int:
-    """The number below which runs parts were replaced by a committed overwrite (0: none was)."""
+def _replaced(runs_parts: list[Path]) -> tuple[int, set[int]]:
+    """The parts replaced by a committed overwrite (every one below the number returned, 0: none) or
+    re-export (the set): their marks count once the runs part that replaced them is there."""
     if not runs_parts:
-        return 0
+        return 0, set()
     present = {int(m.group(1)) for p in runs_parts if (m := _PART.match(p.name))}
-    marks = (_OVERWRITE_MARK.match(p.name) for p in runs_parts[0].parent.glob(".overwrite-*"))
-    return max((n for m in marks if m and (n := int(m.group(1))) in present), default=0)
+    floor, single = 0, set()
+    for mark in runs_parts[0].parent.glob(".*"):
+        if (m := _OVERWRITE_MARK.match(mark.name)) and int(m.group(1)) in present:
+            floor = max(floor, int(m.group(1)))
+        elif (m := _REPLACED_MARK.match(mark.name)) and int(m.group(2)) in present:
+            single.add(int(m.group(1)))
+    return floor, single
 
 
 def _not_replaced(parts: list[Path]) -> list[Path]:
-    floor = _replaced_below(parts)
-    if not floor:
+    floor, single = _replaced(parts)
+    if not floor and not single:
         return parts
-    return [p for p in parts if (m := _PART.match(p.name)) and int(m.group(1)) >= floor]
+    return [
+        p
+        for p in parts
+        if (m := _PART.match(p.name)) and int(m.group(1)) >= floor and int(m.group(1)) not in single
+    ]
 
 
 def table_files(export_dir: str | os.PathLike[str], table: str) -> list[Path]:
@@ -251,17 +285,34 @@ def check_schema_version(files: list[Path]) -> None:
             )
 
 
-def _exported(out_dir: Path) -> tuple[set[str], set[str]]:
-    """Resolved paths and run_ids already in the export."""
+def _exported(out_dir: Path) -> tuple[dict[str, list[Taken]], set[str]]:
+    """The sources already in the export (by resolved path) and its run_ids."""
     files = table_files(out_dir, "runs")
     check_schema_version(files)
-    paths: set[str] = set()
-    run_ids: set[str] = set()
-    for file in files:
-        table = pq.read_table(file, columns=["path", "run_id"])
-        paths.update(p for p in table.column("path").to_pylist() if p)
-        run_ids.update(r for r in table.column("run_id").to_pylist() if r)
-    return paths, run_ids
+    return taken_sources(files, {f.name: int(m.group(1)) for f in files if (m := _PART.match(f.name))})
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Rows of an earlier part in the current schema: a column its kvtrace did not write yet is null."""
+    names = set(table.column_names)
+    columns = [table.column(f.name) if f.name in names else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
+
+
+def _carry_over(root: Path, writers: dict[str, _TableWriter], parts: set[int], dropped: set[str]) -> None:
+    """Copy the rows of the parts a re-export replaces into its part, but those of the sources it exported
+    again (`dropped` run_ids), one batch at a time."""
+    names = {f"part-{number:05d}.parquet" for number in parts}
+    left_out = pa.array(sorted(dropped), pa.string())
+    for name, writer in writers.items():
+        for file in table_files(root, name):
+            if file.name not in names:
+                continue
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=ROW_GROUP_ROWS):
+                rows = pa.Table.from_batches([batch])
+                kept = rows.filter(pc.invert(pc.is_in(rows.column("run_id"), value_set=left_out)))
+                if kept.num_rows:
+                    writer.add(_conform(kept, writer.schema))
 
 
 def _unique(inp: Input, taken: set[str]) -> Input:
@@ -284,6 +335,26 @@ def _next_part(out_dir: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def _tell(
+    summary: ExportSummary,
+    inp: Input,
+    earlier: list[Taken],
+    changed: str | None,
+    runs: pa.Table,
+    note: Callable[[str], None] | None,
+) -> None:
+    """Note a source exported again (it changed since), and a run exported while it is being recorded."""
+    row = runs.to_pylist()[0]
+    if earlier:
+        summary.reexported.extend((inp.run_id, t.part) for t in earlier)
+        if note is not None:
+            note(f"note: {inp.run_id}: {changed}: exported again, its rows there replaced")
+    if row.get("recording_pid") is not None:
+        summary.recording.append((inp.run_id, row["recording_pid"]))
+        if note is not None:
+            note(still_recording(inp.run_id, row["recording_pid"], row.get("kv_events")))
+
+
 def export(
     paths: list[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -292,12 +363,15 @@ def export(
     on_inputs_found: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
     progress: ProgressFn | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> ExportSummary:
     """Write every source under `paths` into `out_dir` as one new part per table.
 
     A source that cannot be read is skipped, passed to `warn` and listed in `problems` (the caller decides
     the exit status); the others are exported. `progress(bytes_done, bytes_total)` follows the reading of
-    each input file (for a bar on one big trace). Raises KvtraceError only when `out_dir` itself is unusable.
+    each input file (for a bar on one big trace). `note` gets a line for each run still being recorded
+    (its rows are partial) and each source exported again because it changed since an earlier part took
+    it. Raises KvtraceError only when `out_dir` itself is unusable.
     """
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
@@ -317,7 +391,9 @@ def export(
     except OSError as exc:
         raise cannot_write(root, exc, folder=True) from None
     try:
-        return _export_locked(root, inputs, problems, overwrite, on_input, on_inputs_found, warn, progress)
+        return _export_locked(
+            root, inputs, problems, overwrite, on_input, on_inputs_found, warn, progress, note
+        )
     finally:
         lock.release()
 
@@ -331,6 +407,7 @@ def _export_locked(
     on_inputs_found: Callable[[int], None] | None,
     warn: Callable[[str], None] | None,
     progress: ProgressFn | None,
+    note: Callable[[str], None] | None,
 ) -> ExportSummary:
     try:
         _remove_uncommitted(root)
@@ -338,7 +415,9 @@ def _export_locked(
         raise cannot_write(root, exc, folder=True) from None
     # An overwrite exports every source again, beside the parts it replaces (numbered after them), which
     # stay whole until it is committed (`_commit`).
-    done, taken = (set(), set()) if overwrite else _exported(root)
+    done, taken = ({}, set()) if overwrite else _exported(root)
+    replaced: set[int] = set()  # parts holding a source exported again: replaced by this one
+    dropped: set[str] = set()  # their run_ids, whose rows there are not carried over
     part = _next_part(root)
     summary = ExportSummary(out_dir=str(root), part=part)
     summary.inputs = len(inputs) + len(problems)  # a missing path was given too: "1 of 2 inputs"
@@ -361,10 +440,18 @@ def _export_locked(
     try:
         for inp in inputs:
             problem: str | None = None
-            if parquet_text(str(inp.path)) in done:  # as its `path` column holds it
+            earlier = done.get(parquet_text(str(inp.path)), [])  # as its `path` column holds it
+            changed = next((why for t in earlier if (why := changed_since(inp.path, t)) is not None), None)
+            if earlier and changed is None:
                 summary.already_exported += 1
+                pid = recording_now(inp.path) if earlier[0].ended_status == "running" else None
+                if pid is not None:
+                    summary.recording.append((earlier[0].run_id, pid))
+                    if note is not None:
+                        note(still_recording(earlier[0].run_id, pid, None))
             else:
-                inp = _unique(inp, taken)
+                # exported again under its run_id; else a new source, its name made unique if taken
+                inp = dataclasses.replace(inp, run_id=earlier[0].run_id) if earlier else _unique(inp, taken)
                 try:
                     tables = source_tables(inp, progress=progress)
                 except KvtraceError as exc:
@@ -379,19 +466,24 @@ def _export_locked(
                 else:
                     for name, table in tables.items():
                         writers[name].add(table)
+                        summary.rows[name] += table.num_rows
                     summary.exported += 1
+                    _tell(summary, inp, earlier, changed, tables["runs"], note)
+                    replaced.update(t.part for t in earlier)
+                    dropped.update(t.run_id for t in earlier)
             if on_input is not None:
                 on_input(inp)
+        if replaced:
+            _carry_over(root, writers, replaced, dropped)
     except BaseException:
         for writer in writers.values():
             writer.discard()
         raise
     if summary.exported:
-        _commit(writers, overwrite=root if overwrite else None)
+        _commit(writers, root, overwrite=overwrite, replaced=replaced)
     else:  # every source already there, or unreadable: no empty part is added (nor one replaced)
         for writer in writers.values():
             writer.discard()
-    summary.rows = {name: writer.rows for name, writer in writers.items()}
     if not summary.exported:
         summary.part = None
     return summary

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from analyzers.engine import cache_dtype_name, model_geometry
+from analyzers.export_state import SourceState, source_state
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, DeviceEvents, MemorySource
 from analyzers.readers.folders import FolderSearch, Found, unreadable
 from analyzers.readers.sources import ProgressFn, missing
@@ -66,6 +67,7 @@ RUNS = _schema(
         ("engine_name", _STR), ("engine_version", _STR), ("engine_status", _STR), ("engine_process", _STR),
         ("num_blocks", _I64), ("block_size", _I32), ("bytes_per_block", _I64), ("kv_cache_bytes", _I64),
         ("kv_dtype", _STR), ("manifest_json", _STR), ("engine_json", _STR),
+        ("recording_pid", _I64), ("source_bytes", _I64), ("source_mtime_ns", _I64),
     ],
 )  # fmt: skip
 DEVICES = _schema(
@@ -355,7 +357,12 @@ def _in_a_group(path: Path, source: MemorySource, ranked: dict[str, Any]) -> boo
 
 
 def _run_row(
-    run_id: str, path: Path, source: MemorySource, engine: dict[str, Any], counts: dict[str, int]
+    run_id: str,
+    path: Path,
+    source: MemorySource,
+    engine: dict[str, Any],
+    counts: dict[str, int],
+    state: SourceState | None,
 ) -> dict[str, Any]:
     manifest = _dict(source.meta.get("manifest"))
     device = _dict(manifest.get("device"))
@@ -413,7 +420,17 @@ def _run_row(
         "engine_json": json.dumps(engine, sort_keys=True) if engine else None,
         **{key: engine.get(key) for key in ("num_blocks", "block_size", "bytes_per_block", "kv_cache_bytes")},
         "manifest_json": json.dumps(manifest, sort_keys=True) if manifest else None,
+        "recording_pid": _recording_pid(source.meta.get("recording_pid")),
+        "source_bytes": state.bytes if state else None,
+        "source_mtime_ns": state.mtime_ns if state else None,
     }
+
+
+def _recording_pid(holder: str | None) -> int | None:
+    """The pid of the recording that held the run as it was read (0: one that had not yet written its pid)."""
+    if holder is None:
+        return None
+    return int(holder) if holder.isdigit() else 0
 
 
 def _engine_kv_dtype(engine: dict[str, Any]) -> Any:
@@ -475,6 +492,7 @@ def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, p
     """Every table's rows for one input (tables without rows are absent). Raises KvtraceError."""
     from analyzers.report import load_source
 
+    state = source_state(inp.path)  # before reading: what is written meanwhile shows as a change next time
     source = load_source(inp.path, progress=progress)
     run_id = inp.run_id
     tables: dict[str, pa.Table] = {}
@@ -500,5 +518,5 @@ def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, p
         "engine_steps": len(steps),
     }
     # Coerced column by column: a manifest field of the wrong type becomes null, not an ArrowTypeError.
-    tables["runs"] = records_table(RUNS, run_id, [_run_row(run_id, inp.path, source, engine, counts)])
+    tables["runs"] = records_table(RUNS, run_id, [_run_row(run_id, inp.path, source, engine, counts, state)])
     return {name: table for name, table in tables.items() if table.num_rows}

@@ -17,9 +17,12 @@ class ExportCommand(Command):
     recursively (run directories, *.pt.trace.json[.gz], *.pickle). Tables: runs, devices, kv_events,
     memory_events, samples, engine_steps, engine_requests; each is a folder DIR/<table>/ of parts
     (part-NNNNN.parquet, one per export), which Spark, DuckDB and pyarrow read as one table. Exporting
-    into an existing DIR adds a part and skips sources already in it; --overwrite replaces its parts once
-    the new one is complete (a failed or interrupted overwrite keeps them). One source is read at a time, so
-    memory stays bounded by the largest input, whatever their number.
+    into an existing DIR adds a part and skips sources already in it and unchanged since; a source that
+    changed (a run exported while it was being recorded, which has ended since) is exported again and
+    replaces its earlier rows, with a note. A run still being recorded is exported as it stands, with a
+    warning naming the recording's pid. --overwrite replaces its parts once the new one is complete (a
+    failed or interrupted overwrite keeps them). One source is read at a time, so memory stays bounded by
+    the largest input, whatever their number.
     An unreadable input (or an export directory named as one) is skipped with a one-line warning naming
     it; the others are exported.
     Exit status: 0 on success; 1 when DIR cannot be written, or standard output (the tables are then
@@ -63,9 +66,9 @@ class ExportCommand(Command):
             if state.get("bytes") is not None:
                 state["bytes"](done, total)
 
-        def warn(problem: str) -> None:
+        def warn(problem: str, prefix: str = "skipped: ") -> None:
             bar = state.get("bar")
-            message = f"kvtrace export: skipped: {problem}"
+            message = f"kvtrace export: {prefix}{problem}"
             if bar is not None:
                 bar.write(message, file=sys.stderr)
             else:
@@ -84,6 +87,7 @@ class ExportCommand(Command):
                 on_inputs_found=found,
                 warn=warn,
                 progress=read_progress,
+                note=lambda line: warn(line, prefix=""),
             )
         finally:
             if state.get("bar") is not None:
@@ -101,6 +105,11 @@ class ExportCommand(Command):
                 line = (
                     f"exported {summary.exported} of {summary.inputs} inputs to {summary.out_dir} "
                     f"(part {summary.part}): {rows or 'no rows'}"
+                )
+            if summary.reexported:
+                again = len({run_id for run_id, _ in summary.reexported})
+                line += (
+                    f"\n{again} exported again: changed since an earlier part took it (see the notes above)"
                 )
             if summary.already_exported:
                 line += f"\n{summary.already_exported} already in {summary.out_dir}: not exported again"

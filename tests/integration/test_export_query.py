@@ -441,3 +441,89 @@ def test_exports_into_one_folder_take_turns(tmp_path: Path, capsys: pytest.Captu
         [f"{(SAMPLES / 'dynamic_b2').as_posix()}", SNAPSHOT.as_posix()]
     )
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_a_run_exported_while_recording_is_named_then_exported_again_once_it_ends(
+    tiny_model: Any, tiny_size: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An export of a run still being recorded warns, naming the run and the recording's pid; the next
+    export, once the run has ended, takes it again and replaces its partial rows (a run beside it in the
+    same part keeps its own), and one after that skips both."""
+    import os
+
+    import torch
+
+    import kvtrace
+
+    runs = tmp_path / "runs"
+    shutil.copytree(SAMPLES / "static_b2", runs / "static_b2")
+    run, out = runs / "live", tmp_path / "tables"
+    live_id, other_id = f"{runs.as_posix()}/live", f"{runs.as_posix()}/static_b2"
+    other_lines = len((runs / "static_b2" / "kv_events.jsonl").read_text().splitlines())
+    prompt, new_tokens = 5, 4
+    ids = torch.randint(3, 1000, (BATCH, prompt))
+    # A dynamic cache of L layers holds 2L storages (K, V): created at prefill, then each of the
+    # new_tokens - 1 decode forwards grows every storage into a new one and frees the old (2 lines each);
+    # the block's end frees the 2L last.
+    storages = 2 * tiny_size.num_layers
+    while_recording = storages + (new_tokens - 1) * 2 * storages
+    ended = while_recording + storages
+    export = ["export", str(runs), "-o", str(out), "--json", "-q"]
+    count_sql = "SELECT run_id, count(*) AS n FROM {} GROUP BY 1 ORDER BY 1"
+    # GIVEN the run exported while its block is still open (its lock held by this process)
+    with kvtrace.record(run, model=tiny_model, profiler=False) as recording:
+        tiny_model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        recording._flush()  # what the writer thread does every 0.1 s
+        capsys.readouterr()
+        assert main(export) == 0
+        during = capsys.readouterr()
+    first = json.loads(during.out)
+    # THEN it is exported as it stood, with a warning naming it and the pid recording it
+    assert (first["part"], first["exported"]) == (0, 2)
+    assert first["rows"]["kv_events"] == while_recording + other_lines
+    assert first["recording"] == [{"run_id": live_id, "pid": os.getpid()}]
+    assert during.err.splitlines() == [
+        f"kvtrace export: warning: {live_id} is still being recorded by pid {os.getpid()}: its tables hold "
+        f"what it had written ({while_recording} KV events so far); export again once it ends to replace them"
+    ]
+    tables = ("devices", "kv_events", "memory_events", "samples")
+    before = {t: _cli_json(capsys, "query", str(out), "--json", count_sql.format(t)) for t in tables}
+    # WHEN the run has ended and the folder is exported again
+    capsys.readouterr()
+    assert main(export) == 0
+    after = capsys.readouterr()
+    second = json.loads(after.out)
+    # THEN the run is exported again, saying why, and the part that held it is replaced whole
+    assert (second["part"], second["exported"], second["already_exported"]) == (1, 1, 1)
+    assert second["reexported"] == [{"run_id": live_id, "replaced_part": 0}] and second["recording"] == []
+    assert second["rows"]["kv_events"] == ended
+    assert after.err.splitlines() == [
+        f"kvtrace export: note: {live_id}: it changed since part 0 took it while pid {os.getpid()} was "
+        "recording it: exported again, its rows there replaced"
+    ]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00001.parquet"]
+    rows = _cli_json(
+        capsys, "query", str(out), "--json",
+        "SELECT r.run_id, r.ended_status, r.recording_pid, r.kv_events, count(k.seq) AS kv_rows FROM runs r "
+        "LEFT JOIN kv_events k USING (run_id) GROUP BY ALL ORDER BY r.run_id",
+    )  # fmt: skip
+    assert [tuple(r.values()) for r in rows] == [
+        (live_id, "ok", None, ended, ended),
+        (other_id, "ok", None, other_lines, other_lines),
+    ]
+    # AND the run beside it kept every row it had in the part replaced
+    for table, counted in before.items():
+        now = _cli_json(capsys, "query", str(out), "--json", count_sql.format(table))
+        kept = [r for r in counted if r["run_id"] == other_id]
+        assert kept and [r for r in now if r["run_id"] == other_id] == kept, table
+    # AND a third export finds both unchanged: nothing added
+    third = _cli_json(capsys, *export)
+    assert (third["part"], third["exported"], third["already_exported"]) == (None, 0, 2)
+    assert third["reexported"] == third["recording"] == []

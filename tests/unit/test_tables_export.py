@@ -95,6 +95,51 @@ def test_a_second_export_adds_a_part_and_skips_what_is_there(
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["part-00002.parquet"]
 
 
+def test_a_source_changed_since_its_export_is_exported_again_an_unchanged_one_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run recorded again into the same folder (its KV log now a line shorter) is exported again and
+    replaces its rows; a `kvtrace report` writing its own files into the run changes nothing."""
+    run, out = _small_run(tmp_path / "run"), tmp_path / "out"
+    lines = (run / "kv_events.jsonl").read_text().splitlines(keepends=True)
+    first = _json_out(capsys, ["export", str(run), "-o", str(out), "--json"])
+    assert first["rows"]["kv_events"] == len(lines)
+    assert main(["report", str(run), "-q"]) == 0  # writes kv_counters.trace.json.gz and tb_scalars/ there
+    summary = _json_out(capsys, ["export", str(run), "-o", str(out), "--json"])
+    assert (summary["part"], summary["already_exported"], summary["reexported"]) == (None, 1, [])
+    (run / "kv_events.jsonl").write_text("".join(lines[:-1]))
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "kv_events": len(lines) - 1}))
+    summary = _json_out(capsys, ["export", str(run), "-o", str(out), "--json"])
+    assert (summary["part"], summary["exported"], summary["already_exported"]) == (1, 1, 0)
+    assert summary["reexported"] == [{"run_id": run.as_posix(), "replaced_part": 0}]
+    rows = _json_out(capsys, ["query", str(out), "--json", "SELECT count(*) AS n FROM kv_events"])
+    assert rows == [{"n": len(lines) - 1}]
+
+
+def test_a_run_an_older_kvtrace_exported_while_running_is_exported_again_once_ended(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An export by a kvtrace that kept no source state: its row of a run still `running` is taken as
+    partial once the run's manifest says it ended, and is exported again; until then it is skipped."""
+    run, out = _small_run(tmp_path / "run"), tmp_path / "out"
+    manifest = json.loads((run / "manifest.json").read_text())
+    ended = manifest["ended"]
+    (run / "manifest.json").write_text(json.dumps({**manifest, "ended": {"status": "running"}}))
+    assert _json_out(capsys, ["export", str(run), "-o", str(out), "--json"])["part"] == 0
+    # as kvtrace 0.1.0 wrote the runs part: without the source's state
+    part = out / "runs" / "part-00000.parquet"
+    state_columns = ["recording_pid", "source_bytes", "source_mtime_ns"]
+    pq.write_table(pq.read_table(part).drop_columns(state_columns), part)
+    summary = _json_out(capsys, ["export", str(run), "-o", str(out), "--json"])
+    assert (summary["part"], summary["already_exported"]) == (None, 1)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    summary = _json_out(capsys, ["export", str(run), "-o", str(out), "--json"])
+    assert summary["reexported"] == [{"run_id": run.as_posix(), "replaced_part": 0}]
+    rows = _json_out(capsys, ["query", str(out), "--json", "SELECT run_id, ended_status FROM runs"])
+    assert rows == [{"run_id": run.as_posix(), "ended_status": ended["status"]}]
+
+
 def test_a_bad_input_is_skipped_named_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = _small_run(tmp_path / "in" / "good")
     bad = tmp_path / "in" / "cut.pickle"
