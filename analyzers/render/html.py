@@ -11,6 +11,7 @@ from analyzers.model import MemorySource
 from analyzers.render.engine import no_memory_timeline
 from analyzers.render.event_axis import EventAxis, event_axis
 from analyzers.render.json import NO_KV_HINT, report_to_json
+from analyzers.render.kv_heatmap import layer_grid
 from analyzers.render.text import budget_line
 from analyzers.summary import Report
 from analyzers.timeline import downsample_indices
@@ -28,11 +29,9 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     # A vLLM pool is allocated once (its KV events all at step 0): per-step KV panels would show one column.
     rows = 3 if kv is not None and kv.step_live and source.meta.get("engine") is None else 1
     titles = ["Memory by category over time"]  # or what the event axis says the chart holds, below
-    if rows == 3:
-        titles += [
-            "KV cache bytes over time (exact, from the KV log)",
-            "KV bytes per layer at the end of each step",
-        ]
+    grid = layer_grid(kv) if rows == 3 else None
+    if grid is not None:
+        titles += ["KV cache bytes over time (exact, from the KV log)", grid.title]
     usage = _usage_samples(source)
     if usage:
         titles.append(usage[0])
@@ -138,7 +137,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         fig.update_xaxes(dtick=1, row=1, col=1)
     fig.update_yaxes(title_text=unit, row=1, col=1)
     if rows == 3:
-        assert kv is not None  # rows == 3 only when there is a KV log
+        assert kv is not None and grid is not None  # rows == 3 only when there is a KV log
         series = np.asarray(kv.series_bytes, dtype=np.int64)
         t_ns = np.asarray(kv.series_t_ns, dtype=np.int64)
         keep = downsample_indices(series, MAX_POINTS, t_ns)
@@ -158,35 +157,27 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         )
         fig.update_xaxes(title_text="seconds from first event", matches="x", row=2, col=1)
         fig.update_yaxes(title_text=f"KV ({kv_unit})", rangemode="tozero", row=2, col=1)
-        steps = sorted(kv.step_live)
-        slots = sorted({slot for live in kv.step_cache_live.values() for slot, nbytes in live.items()})
-        if len({cache for cache, _ in slots}) > 1:  # one row per cache's layer, not their sum
-            z = np.array([[kv.step_cache_live.get(s, {}).get(slot, 0) for s in steps] for slot in slots])
-            row_names = [f"cache {cache} L{layer}" for cache, layer in slots]
-        else:
-            layers = sorted({layer for live in kv.step_live.values() for layer in live})
-            z = np.array([[kv.step_live[s].get(layer, 0) for s in steps] for layer in layers])
-            row_names = [f"L{layer}" for layer in layers]
-        z_unit, z_factor = binary_unit(int(z.max()) if z.size else 0)
-        z_max = float(z.max()) / z_factor if z.size else 0.0
+        z_unit, z_factor = binary_unit(int(grid.live_bytes.max()) if grid.live_bytes.size else 0)
+        z_max = float(grid.live_bytes.max()) / z_factor if grid.live_bytes.size else 0.0
         fig.add_trace(
             go.Heatmap(
-                z=z / z_factor,
-                x=steps,
-                y=row_names,
-                text=[[kv.step_phase.get(s, "") for s in steps]] * len(row_names),
+                z=grid.live_bytes / z_factor,  # a power of two: exact in float64
+                x=grid.columns,
+                y=grid.rows,
                 colorscale="Reds",
                 # From zero: a constant cache is one colour, not a gradient across a rounding error.
                 zmin=0,
                 zmax=z_max or 1,
                 colorbar={"title": z_unit, "len": 0.2, "y": 0.3 if usage else 0.1, "tickformat": ",.2f"},
                 name="KV per layer",
-                hovertemplate="step %{x} (%{text})<br>%{y}: %{z:,.2f} " + z_unit + "<extra></extra>",
+                hovertemplate="step %{x}<br>%{y}: %{z:,.2f} " + z_unit + "<extra></extra>",
             ),
             3,
             1,
         )
-        fig.update_xaxes(title_text="step (1 = prefill)", row=3, col=1)
+        # Categories: a column per step of the log, named with its phase (no per-cell text for the hover);
+        # a label every few columns, as on a numeric axis, not thousands of rotated ones
+        fig.update_xaxes(title_text="step and phase", type="category", nticks=12, row=3, col=1)
     if usage:
         _add_usage(fig, usage, t0, len(heights))
     fig.update_layout(

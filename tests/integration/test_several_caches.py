@@ -17,11 +17,13 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 import kvtrace
+from analyzers.render.kv_heatmap import MAX_CACHES_AS_ROWS
 from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.format import read_run
 from kvtrace.llama import build_model
 from tests.integration.kvlog_math import assert_addresses_freed_before_reuse, kv_bytes
+from tests.plotly_figures import page_figure
 from tests.tiny import HEAD_DIM, tiny_size
 
 LAYERS, DRAFT_LAYERS, KV_HEADS, PROMPT, NEW_TOKENS = 4, 2, 2, 12, 10
@@ -152,6 +154,49 @@ def test_two_generate_outputs_held_are_two_caches(tmp_path: Path, capsys: pytest
     assert kv["bytes_per_token_measured"] == _storage_bytes(caches[1]) / tokens == PER_TOKEN
     assert [c["bytes_per_token_measured"] for c in kv["caches"]] == [PER_TOKEN, PER_TOKEN]
     assert kv_bytes(KV_HEADS, HEAD_DIM, tokens, 1, FP32) == kv["per_layer"][0]["k_bytes"]
+
+
+def test_many_generate_calls_heatmap_sums_each_layer_over_the_caches_held(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN more generate() calls than caches that get rows of their own, 2 new tokens each: a cache per
+    # call, dropped when its call returns
+    calls = MAX_CACHES_AS_ROWS + 4
+    model = build_model(tiny_size(LAYERS, KV_HEADS), seed=0)
+    ids = torch.randint(3, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(3))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        for _ in range(calls):
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2, do_sample=False
+            )
+    assert len(_caches_in_log(run)) == calls
+
+    # WHEN the HTML timeline is written
+    page = tmp_path / "report.html"
+    assert main(["report", str(run), "--no-export", "-q", "-o", str(page)]) == 0
+    capsys.readouterr()
+    traces, layout = page_figure(page.read_text(), "kvtrace-timeline")
+    (heatmap,) = [t for t in traces if t["type"] == "heatmap"]
+
+    # THEN a row is a layer summed over the caches held at each step (one at a time here), and a column a
+    # step named with its phase: layers x steps cells, no per-cell text (a row per cache and layer grew
+    # with calls x steps)
+    assert heatmap["y"] == [f"all caches L{layer}" for layer in range(LAYERS)]
+    assert heatmap["x"] == [
+        f"{2 * call + step} {phase}"
+        for call in range(calls)
+        for step, phase in ((1, "prefill"), (2, "decode"))
+    ]
+    assert "text" not in heatmap and "customdata" not in heatmap
+    titles = [a["text"] for a in layout["annotations"]]
+    assert f"summed over the caches held then ({calls} caches, at most 1 at once)" in " ".join(titles)
+    # AND each cell is the layer's live KV at the step's end: K + V of the prompt at prefill, one more
+    # position after the decode step (the cache's storage of the torch.cat), in KiB (the colour bar's unit)
+    assert heatmap["colorbar"]["title"]["text"] == "KiB"
+    per_layer = [2 * kv_bytes(KV_HEADS, HEAD_DIM, tokens, 1, FP32) for tokens in (PROMPT, PROMPT + 1)]
+    assert per_layer == [3072, 3328]
+    assert [[cell * 1024 for cell in row] for row in heatmap["z"]] == [per_layer * calls] * LAYERS
 
 
 @pytest.mark.parametrize("profiler", [False, True], ids=["light", "full"])
