@@ -17,7 +17,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["default_layer_types", "tied_by_default", "window_on_by_default"]
+__all__ = ["default_layer_types", "tied_by_default", "weights_estimate_note", "window_on_by_default"]
+
+# The families whose weights `presets.param_count` counts as transformers builds them (tests check each
+# against the model built on the meta device); any other is counted as a Llama-style decoder, an estimate.
+_WEIGHED_EXACTLY = frozenset(
+    {
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2", "gemma3_text",
+        "deepseek_v2", "deepseek_v3", "phi3", "gemma", "gpt2", "gpt_bigcode", "falcon", "opt",
+    }
+)  # fmt: skip
+
+
+def weights_estimate_note(raw: dict[str, Any], model_type: str) -> str | None:
+    """Why a config's weights figure is an estimate, None where the planner weighs its family exactly:
+    a family laid out otherwise than it counts (biases, fused or extra matrices, other norms), or a
+    multimodal config, whose vision or audio tower it does not count."""
+    towers = [key for key in ("vision_config", "audio_config") if isinstance(raw.get(key), dict)]
+    if towers:
+        return (
+            f"weights: the language model's only; its {' and '.join(towers)} tower is not counted, so the "
+            "weights figure is below the checkpoint's"
+        )
+    if model_type in _WEIGHED_EXACTLY:
+        return None
+    family = f"model_type {model_type!r}" if model_type else "a config without model_type"
+    return (
+        f"weights: {family} is weighed as a Llama-style decoder (three MLP matrices, RMSNorms, no "
+        "biases), an estimate: its own layout may differ"
+    )
 
 # The causal-LM model types (transformers 5.24's MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) whose config class
 # defaults `tie_word_embeddings` to True. Llama, Mistral, Mixtral, Qwen, DeepSeek and the rest: False.

@@ -156,12 +156,15 @@ def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
 
 
 def _notes(req: PlanRequest) -> tuple[str, ...]:
-    """A context past the model's positions: transformers runs it (the memory figures hold), but the model
-    was not trained for it, and vLLM refuses such a max_model_len."""
+    """A weights figure that is an estimate (`ModelGeometry.weights_note`); a context past the model's
+    positions: transformers runs it (the memory figures hold), but the model was not trained for it, and
+    vLLM refuses such a max_model_len."""
+    weights = (req.geometry.weights_note,) if req.geometry.weights_note else ()
     limit = req.geometry.max_position_embeddings
     if limit is None or req.context <= limit:
-        return ()
+        return weights
     return (
+        *weights,
         f"the context of {req.context:,} tokens is beyond the {limit:,} positions {req.geometry.name} takes "
         "(max_position_embeddings): the memory figures hold and transformers runs it, but the model was not "
         "trained that long (RoPE models answer worse past it, learned positions fail), and vLLM refuses "

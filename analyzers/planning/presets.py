@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analyzers.planning.config_defaults import default_layer_types, tied_by_default, window_on_by_default
+from analyzers.planning.config_defaults import (
+    default_layer_types,
+    tied_by_default,
+    weights_estimate_note,
+    window_on_by_default,
+)
 from analyzers.planning.gpt_blocks import gpt_block_fields
 from kvtrace.errors import KvtraceError, too_long_integer
 from kvtrace.geometry import cached_kv_heads, kv_heads_of, kv_layer_slides
@@ -102,6 +107,7 @@ class ModelGeometry:
     # model_max_length wins), times the factor of a linear or dynamic RoPE scaling. None: the config gives
     # none (vLLM then takes any max_model_len typed).
     max_position_embeddings: int | None = None
+    weights_note: str | None = None  # why the weights figure is an estimate (`weights_estimate_note`)
 
     @property
     def layers_with_kv(self) -> int:
@@ -368,6 +374,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         mla=_mla(fields, positive_int),
         max_position_embeddings=max_positions(fields, model_type),
         cached_kv_heads=cached_heads if cached_heads != kv_heads else None,
+        weights_note=weights_estimate_note(raw, model_type),
         **block,
     )
 

@@ -479,6 +479,25 @@ def test_plan_weighs_a_published_config_as_transformers_builds_it(
     # once, and Gemma 2's and 3's four norms per layer are there
     assert config.tie_word_embeddings is True
     assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.parameters())
+    # ... and the plan does not call them an estimate
+    assert not [note for note in planned["notes"] if note.startswith("weights:")]
+
+
+def test_plan_says_its_weights_are_an_estimate_for_a_family_it_does_not_lay_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN GPT-NeoX (two MLP matrices with biases, LayerNorms), a layout the planner does not model
+    config = transformers.GPTNeoXConfig(**{k: v for k, v in _LLAMA.items() if k != "num_key_value_heads"})
+    config.save_pretrained(tmp_path / "config")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    true_bytes = 2 * sum(p.numel() for p in model.parameters())
+    # WHEN it is planned
+    assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN its weights, weighed as a Llama's, are not the model's, and the plan says they are an estimate
+    assert planned["weights_bytes"] != true_bytes
+    assert any("'gpt_neox' is weighed as a Llama-style decoder" in note for note in planned["notes"])
 
 
 def test_plan_ties_the_lm_head_when_the_familys_config_class_does() -> None:
@@ -565,11 +584,15 @@ _LLAMA = {
         transformers.MistralConfig(**_LLAMA, sliding_window=8),
         transformers.Qwen2Config(**_LLAMA),
         transformers.Qwen3Config(**_LLAMA, head_dim=32),
+        transformers.Phi3Config(**_LLAMA, pad_token_id=0),
+        transformers.GemmaConfig(**_LLAMA, head_dim=32),
+        transformers.Gemma2Config(**_LLAMA, head_dim=32),
+        transformers.Gemma3TextConfig(**_LLAMA, head_dim=32),
     ],
     ids=[
         "gpt2", "gpt2-untied", "gpt-bigcode-mqa", "gpt-bigcode-mha", "falcon-7b", "falcon-sequential-bias",
         "falcon-40b", "falcon-new-one-norm", "falcon-untied", "opt", "opt-350m", "opt-no-bias-no-affine",
-        "opt-no-final-norm", "llama", "mistral", "qwen2", "qwen3",
+        "opt-no-final-norm", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3",
     ],
 )  # fmt: skip
 def test_plan_weighs_each_family_as_transformers_builds_it(
