@@ -519,6 +519,7 @@ def read_run(path: str | os.PathLike[str]) -> Run:
     write_error = ended.get("write_error")
     if write_error is not None:
         # The recorder could not write its logs to the end (a full disk): they hold an early part of the run.
+        # (Only its profiler trace unwritten, the logs whole: `ended.trace_error`, and the run reads.)
         lost = ended.get("kv_events_lost")
         lost_said = f"; {lost} KV events were lost" if isinstance(lost, int) else ""
         raise KvtraceError(f"{root}: incomplete run: the recorder failed to write {write_error}{lost_said}")
@@ -606,6 +607,7 @@ _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("ended.type", _text_or_null, "a string"),
     ("ended.message", _text_or_null, "a string"),
     ("ended.write_error", lambda v: type(v) is str, "a string"),
+    ("ended.trace_error", lambda v: type(v) is str, "a string"),
     ("ended.kv_events_lost", _count, "a count"),
     ("model.num_layers", _small_count_or_null, f"a count of at most {_I32}"),
     ("model.num_attention_heads", _small_count_or_null, f"a count of at most {_I32}"),

@@ -3,7 +3,8 @@
 torch's `tensorboard_trace_handler` names the file the same way, but on a full disk kineto only logs
 "Failed to write to log file!", leaves a cut `<trace>.tmp` and returns as if the trace were written: the
 run would go on to blame the next file that fails (the KV log, the manifest), with the disk still full of
-the cut trace. Here the missing trace is named, and the cut file removed, its room given back to the rest.
+the cut trace. Here the missing trace is named, and the cut file emptied and removed, its room given back to
+the rest (kineto still holds the file it failed to write open: removing it alone frees nothing).
 
 The profiler a recording runs is made here too (`make_profiler`), and started and stopped inside
 `kineto_quiet`, which keeps kineto's own lines off the user's terminal.
@@ -22,6 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvtrace.errors import os_reason
+
+try:
+    import resource
+except ImportError:  # Windows: no file size limit to name
+    resource = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from kvtrace.options import RecordOptions
@@ -43,18 +49,37 @@ def trace_handler(folder: Path, use_gzip: bool, failed: Callable[[str], None]) -
         except OSError as exc:  # gzip's own write, the folder
             why = os_reason(exc)
         except BaseException:  # Ctrl-C while it was written: a cut trace would read as a damaged one
-            for cut in (path, path.with_name(path.name + ".tmp")):
-                cut.unlink(missing_ok=True)
+            _remove_cut(path)
             raise
         if why is None and not (path.is_file() and path.stat().st_size > 0):
-            nearly_full = shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
-            why = "No space left on device" if nearly_full else "torch.profiler did not write it"
+            why = _why_unwritten(path)
         if why is not None:
-            for cut in (path, path.with_name(path.name + ".tmp")):
-                cut.unlink(missing_ok=True)
+            _remove_cut(path)
             failed(f"{path}: cannot write ({why})")
 
     return write
+
+
+def _why_unwritten(path: Path) -> str:
+    """Why kineto left `path` unwritten, which it does not say: a full disk, or a file size limit
+    (RLIMIT_FSIZE) that its temporary file reached."""
+    if shutil.disk_usage(path.parent).free < _NEARLY_FULL_BYTES:
+        return "No space left on device"
+    tmp = path.with_name(path.name + ".tmp")
+    if resource is not None and tmp.is_file():
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and tmp.stat().st_size >= limit:
+            return "File too large"
+    return "torch.profiler did not write it"
+
+
+def _remove_cut(path: Path) -> None:
+    """Remove the cut trace and kineto's temporary file, emptied first: kineto still holds the one it failed
+    to write open, so unlinking alone would give none of its room back to the logs written next."""
+    for cut in (path, path.with_name(path.name + ".tmp")):
+        with contextlib.suppress(OSError):
+            os.truncate(cut, 0)
+        cut.unlink(missing_ok=True)
 
 
 def make_profiler(trace_dir: Path, options: RecordOptions, failed: Callable[[str], None]) -> Any:
@@ -76,8 +101,10 @@ def make_profiler(trace_dir: Path, options: RecordOptions, failed: Callable[[str
 
 
 @contextlib.contextmanager
-def kineto_quiet() -> Any:
-    """Keep libkineto's `USDT: ... profiler_start/stop` lines off the user's terminal.
+def kineto_quiet(trace_unwritten: Callable[[], bool] = lambda: False) -> Any:
+    """Keep libkineto's `USDT: ... profiler_start/stop` lines off the user's terminal, and its
+    `ERROR:... Failed to write to log file!` when `trace_unwritten()` says, as the block ends, that kvtrace's
+    own error names the trace it could not write (README: every error is one line).
 
     They are written by C++ straight to file descriptor 2 at profiler start and stop (KINETO_LOG_LEVEL
     does not silence them on torch 2.13), so fd 2 goes to a temporary file for that moment and every
@@ -101,8 +128,18 @@ def kineto_quiet() -> Any:
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            kept = [line for line in captured.read().splitlines(True) if not line.startswith(b"USDT:")]
+            said = trace_unwritten()
+            kept = [line for line in captured.read().splitlines(True) if not _kinetos(line, said)]
             if kept:
                 with contextlib.suppress(OSError, ValueError):
                     sys.stderr.write(b"".join(kept).decode(errors="replace"))
                     sys.stderr.flush()
+
+
+def _kinetos(line: bytes, trace_unwritten: bool) -> bool:
+    """kineto's line at profiler start or stop; or, where kvtrace's own error names the trace
+    (`trace_unwritten`), its line on the trace it could not write (`ERROR:... output_json.cpp:977] ...`)."""
+    if line.startswith(b"USDT:"):
+        return True
+    failed = line.startswith(b"ERROR:") and line.rstrip().endswith(b"] Failed to write to log file!")
+    return trace_unwritten and failed

@@ -144,7 +144,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._writer: RunWriter | None = None
         self._flush_lock = threading.Lock()
         self._write_error: str | None = None  # the first failed write, named by file: the run is incomplete
-        self._trace_error: str | None = None  # the profiler's trace not written (the logs went on)
+        self._trace_error: str | None = None  # the profiler's trace not written first (the logs went on)
+        self._trace_unwritten = False  # the profiler's trace not written, first or after a log
         self.event_count = 0  # KV lines written
         self.events_lost = 0  # KV lines made after a failed write, dropped
         self._sampler: MemorySampler | None = None
@@ -344,7 +345,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                 oom_snapshot = self._snapshots.dump("oom.pickle")
         except BaseException as error:
             raised.append(error)
-        raised.extend(self._teardown())
+        raised.extend(self._teardown(block_raised=exc is not None))
         for step in (self._close_logs, self._complete_manifest):
             try:
                 step()
@@ -354,9 +355,11 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if oom_snapshot is not None:
             ended["oom_snapshot"] = oom_snapshot
         ended["t_ns"] = self._clock()
-        if self._write_error is not None:
-            ended["write_error"] = self._write_error
+        if self._write_error is not None:  # a log lost lines: readers refuse the run
+            ended["write_error"] = self._trace_error or self._write_error  # the first file not written
             ended["kv_events_lost"] = self.events_lost
+        elif self._trace_error is not None:  # the logs are whole: readers read the run without its trace
+            ended["trace_error"] = self._trace_error
         self._manifest["ended"] = ended
         self._write_manifest()
         interrupt = next((error for error in raised if not isinstance(error, Exception)), None)
@@ -367,7 +370,13 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if raised:
             raise raised[0]
         if self._write_error is not None:
-            raise RecordingError(f"{self._write_error}: the run is incomplete", exit_code=1)
+            first = self._trace_error or self._write_error
+            raise RecordingError(f"{first}: the run is incomplete", exit_code=1)
+        if self._trace_error is not None:
+            raise RecordingError(
+                f"{self._trace_error}: the run has no profiler trace (its KV log and samples are whole)",
+                exit_code=1,
+            )
 
     def _close_logs(self) -> None:
         """The exit snapshot and last samples; the caches the block dropped logged as freed; logs closed."""
@@ -397,7 +406,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                 except OSError as error:
                     self._write_failed(appender, error)
         if self._trace_error is not None:
-            self._write_error = self._trace_error
+            self.notes.append(f"profiler trace not written: {self._trace_error}")
 
     def _complete_manifest(self) -> None:
         self._manifest["files"] = sorted(
@@ -425,9 +434,10 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if writer.error is not None:
             self.notes.append(f"writer thread failed: {type(writer.error).__name__}: {writer.error}")
 
-    def _teardown(self) -> list[BaseException]:
+    def _teardown(self, block_raised: bool = False) -> list[BaseException]:
         """Undo every hook; safe to call twice and after a partial start. Each one comes off whatever the
-        others raise (a Ctrl-C while the profiler writes its trace): what was raised is returned."""
+        others raise (a Ctrl-C while the profiler writes its trace): what was raised is returned.
+        `block_raised`: the block's own exception goes on, and no error of kvtrace's names the trace."""
         raised: list[BaseException] = []
         try:
             self._stop_writer()
@@ -436,7 +446,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         profiler, self._profiler = self._profiler, None
         if profiler is not None:
             try:
-                with kineto_quiet():
+                # kineto's line on a trace it could not write says what the block's RecordingError says
+                with kineto_quiet(lambda: self._trace_unwritten and not block_raised):
                     profiler.__exit__(None, None, None)
             except BaseException as error:  # the trace is lost, the run is not
                 raised.append(error)

@@ -30,6 +30,7 @@ class RunLogs:
     _flush_lock: threading.Lock
     _write_error: str | None
     _trace_error: str | None
+    _trace_unwritten: bool
     event_count: int
     events_lost: int
 
@@ -102,5 +103,6 @@ class RunLogs:
     def _trace_failed(self, message: str) -> None:
         # Not `_write_error`: the logs go on (their lines are whole without the trace), but a log that
         # fails after this is not the first file that could not be written, which the error names.
+        self._trace_unwritten = True
         if self._write_error is None and self._trace_error is None:
             self._trace_error = message

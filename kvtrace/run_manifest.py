@@ -55,6 +55,7 @@ class RunManifest:
     _forwards_beside: int
     _ended_mid_forward: bool
     _write_error: str | None
+    _trace_error: str | None
     event_count: int
     events_lost: int
 
@@ -257,7 +258,8 @@ class RunManifest:
             if self._write_error is None:
                 self._write_error = f"{path}: cannot write ({error.strerror or error})"
         ended = self._manifest["ended"]
-        ended["write_error"] = self._write_error
+        ended.pop("trace_error", None)
+        ended["write_error"] = self._trace_error or self._write_error  # the first file not written
         ended["kv_events_lost"] = self.events_lost
         with contextlib.suppress(OSError):  # else it stays "running", as if the process died
             fmt.write_json_in_place(path, self._manifest)

@@ -84,15 +84,18 @@ DAMAGED_MEMORY_EVENTS_NOTE = (
 _NO_TRACE_CAUSES = {
     "profiler_off": "the run was recorded with profiler=False, so no allocator events were recorded",
     "no_trace": "the run has no profiler trace, so no allocator events were read",
+    "unwritten": "the recorder could not write the profiler trace ({why}), so no allocator events were read",
 }
 
 
-def _no_trace_note(cause: str, weights: bool) -> str:
+def _no_trace_note(cause: str, weights: bool, why: str = "") -> str:
     """Why a run without a profiler trace has no measured peak; `weights`: its weights table lists some (a
-    vLLM engine loads its weights before the run: none, and the engine's note says so)."""
+    vLLM engine loads its weights before the run: none, and the engine's note says so); `why`: the
+    manifest's `ended.trace_error`, for "unwritten"."""
     over, counted = (" over the weights", "the KV cache and the weights") if weights else ("", "the KV cache")
+    cause_said = _NO_TRACE_CAUSES[cause].format(why=why)
     return (
-        f"{_NO_TRACE_CAUSES[cause]}: memory figures are the KV log's{over}, and the peak counts only "
+        f"{cause_said}: memory figures are the KV log's{over}, and the peak counts only "
         f"{counted} (activations, logits and other allocations unseen)"
     )
 
@@ -323,6 +326,11 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             if run.manifest.get("options", {}).get("profiler") is False:
                 source.meta.setdefault("input_notes", []).append(
                     _no_trace_note("profiler_off", bool(run.weights))
+                )
+            elif isinstance(trace_error := run.manifest.get("ended", {}).get("trace_error"), str):
+                # its logs are whole (a full disk as the block ended): the KV log's figures are the run's
+                source.meta.setdefault("input_notes", []).append(
+                    _no_trace_note("unwritten", bool(run.weights), trace_error)
                 )
             elif not lists_profiler_file(run):
                 source.meta.setdefault("input_notes", []).append(

@@ -1,8 +1,11 @@
 """A recording on a disk that fills up: once full, no new file can be written (not even the atomic
 manifest's temporary file), so the run must still end with a manifest that says which file could not be
-written, and readers must refuse it in one line rather than take it for a run whose process died.
+written, and readers must refuse it in one line rather than take it for a run whose process died. A run
+whose only unwritten file is the profiler's trace (its logs whole) reads without the trace.
 
-A real full disk: a small tmpfs, which needs root and `mount`; the test is skipped without them."""
+A real full disk: a small tmpfs, which needs root and `mount` (those tests are skipped without them); or a
+file size limit (RLIMIT_FSIZE), under which a write fails with EFBIG as one on a full disk fails with ENOSPC,
+anywhere."""
 
 from __future__ import annotations
 
@@ -155,25 +158,26 @@ def test_a_trace_that_does_not_fit_is_the_file_the_error_names(small_disk, tmp_p
     said = _record(small_disk, tmp_path, prompt_batch, profiler=True, leave_free=256 * 1024)
 
     # THEN the error names the trace (the first file that could not be written), not the log or the
-    # manifest that the cut trace then left no room for
+    # manifest that the cut trace would leave no room for, were its room not given back
     errors = [line for line in said if line.startswith("error:")]
     assert len(errors) == 1, said
     trace = re.fullmatch(
-        r"error: (.+\.pt\.trace\.json): cannot write \(No space left on device\): the run is incomplete",
+        r"error: (.+\.pt\.trace\.json): cannot write \(No space left on device\): the run has no profiler "
+        r"trace \(its KV log and samples are whole\)",
         errors[0],
     )
     assert trace is not None, errors
     assert Path(trace.group(1)).parent == run / "profiler"
-    # AND no cut trace or temporary file is left; the manifest says what failed
+    # AND no cut trace or temporary file is left; the manifest says what failed, and that no log did
     assert sorted(p.name for p in run.rglob("*") if p.is_file() and p.parent.name == "profiler") == []
     assert not [p.name for p in run.rglob("*.tmp")]
     manifest = json.loads((run / MANIFEST).read_text(encoding="utf-8"))
-    assert manifest["ended"]["write_error"] == f"{trace.group(1)}: cannot write (No space left on device)"
-    # AND a report refuses it in one line
+    assert manifest["ended"]["trace_error"] == f"{trace.group(1)}: cannot write (No space left on device)"
+    assert "write_error" not in manifest["ended"]
+    # AND a report reads it, saying that the trace was not written and why
     report = _report(run)
-    assert report.returncode == 2, report.stdout
-    assert len(report.stderr.splitlines()) == 1
-    assert f"incomplete run: the recorder failed to write {trace.group(1)}" in report.stderr
+    assert report.returncode == 0, report.stderr
+    assert f"note: the recorder could not write the profiler trace ({trace.group(1)}: cannot" in report.stdout
 
 
 CUT_WRITE_CHILD = textwrap.dedent(
@@ -241,3 +245,139 @@ def test_a_kv_log_write_cut_by_a_full_disk_counts_as_lost_only_the_lines_not_in_
     assert manifest["ended"]["write_error"] == f"{run / KV_EVENTS}: cannot write (No space left on device)"
     assert manifest["kv_events"] == whole
     assert manifest["ended"]["kv_events_lost"] == made - whole
+
+
+TRACE_LIMIT_CHILD = textwrap.dedent(
+    """
+    import resource, signal, sys
+    import torch
+    import kvtrace
+    import kvtrace.run_writer
+    from kvtrace.llama import build_model
+    from kvtrace.recorder import RecordingError
+    from tests.tiny import tiny_size
+
+    out_dir = sys.argv[1]
+    layers, new_tokens, limit, late_flush = (int(arg) for arg in sys.argv[2:6])
+    if late_flush:  # every KV line reaches the disk in the block's last write, after the trace's
+        kvtrace.run_writer.FLUSH_INTERVAL_S = 3600.0
+    model = build_model(tiny_size(layers), seed=0)
+    ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    # Files may not grow past `limit` bytes: a write beyond it fails with EFBIG, as on a full disk
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=True):
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        print("no error")
+    except RecordingError as exc:
+        print("error:", exc)
+    """
+)
+
+
+def _record_under_limit(
+    run: Path, tmp_path: Path, layers: int, new_tokens: int, limit: int, late_flush: bool
+) -> tuple[list[str], str, str]:
+    """TRACE_LIMIT_CHILD's lines on stdout, its stderr, and the trace the profiler folder would hold."""
+    script = tmp_path / "child.py"
+    script.write_text(TRACE_LIMIT_CHILD, encoding="utf-8")
+    args = [str(run), str(layers), str(new_tokens), str(limit), str(int(late_flush))]
+    child = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    said = child.stdout.splitlines()
+    trace = re.fullmatch(r"error: (.+\.pt\.trace\.json): cannot write \(File too large\): .*", said[-1])
+    assert trace is not None, said
+    assert Path(trace.group(1)).parent == run / "profiler"
+    return said, child.stderr, trace.group(1)
+
+
+def test_a_run_whose_only_unwritten_file_is_its_trace_reads_without_it(tmp_path: Path) -> None:
+    # GIVEN a recording with the profiler whose files may not grow past 256 KiB: its trace (~2 MiB) cannot
+    # be written at the block's end, while the KV log (~16 KiB), the samples and the manifest can
+    layers, new_tokens, kv_heads, head_dim, rows, prompt = 2, 8, 2, 16, 2, 8
+    run = tmp_path / "run"
+    said, stderr, trace = _record_under_limit(run, tmp_path, layers, new_tokens, 256 * 1024, late_flush=False)
+
+    # THEN the block ends with one error naming the trace, saying the logs are whole
+    assert said == [
+        f"error: {trace}: cannot write (File too large): the run has no profiler trace (its KV log and "
+        "samples are whole)"
+    ]
+    # AND kineto's own line on the failed write is not on stderr beside it
+    assert "Failed to write to log file" not in stderr, stderr
+    # AND the manifest names the trace as `trace_error`, with no `write_error`: the logs lost nothing.
+    # A prefill creates K and V per layer, each of the other new_tokens - 1 forwards grows and frees them,
+    # and the dropped cache's last storages are freed: 4 lines per layer and new token
+    manifest = json.loads((run / MANIFEST).read_text(encoding="utf-8"))
+    made = 4 * layers * new_tokens
+    assert manifest["ended"]["trace_error"] == f"{trace}: cannot write (File too large)"
+    assert "write_error" not in manifest["ended"] and "kv_events_lost" not in manifest["ended"]
+    assert manifest["kv_events"] == made
+    assert (run / KV_EVENTS).read_bytes().count(b"\n") == made
+    assert f"profiler trace not written: {trace}: cannot write (File too large)" in manifest["notes"]
+    assert not list((run / "profiler").iterdir())
+
+    # WHEN it is reported, in JSON
+    report = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "report", "--no-export", "--json", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+    # THEN it reads: a note says the trace was not written and why; the figures are the KV log's, the
+    # final cache holding prompt + new_tokens - 1 tokens of K and V per layer and row, in fp32
+    assert report.returncode == 0, report.stderr
+    figures = json.loads(report.stdout)
+    assert figures["kv"]["measured_from"] == "kv_log"
+    tokens = prompt + new_tokens - 1
+    assert figures["kv"]["final_bytes"] == layers * 2 * rows * tokens * kv_heads * head_dim * 4
+    assert figures["notes"][0].startswith(
+        f"the recorder could not write the profiler trace ({trace}: cannot write (File too large)), so no "
+        "allocator events were read: memory figures are the KV log's over the weights"
+    )
+    # AND diagnose reads it too
+    diagnose = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "diagnose", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert diagnose.returncode == 0, diagnose.stderr
+
+
+def test_a_run_whose_trace_and_then_kv_log_failed_is_still_refused(tmp_path: Path) -> None:
+    # GIVEN a recording with the profiler whose files may not grow past 40 KiB, and whose ~60 KiB of KV
+    # lines reach the disk in one write at the block's end, after the trace (which cannot be written)
+    layers, new_tokens = 2, 30
+    run = tmp_path / "run"
+    said, stderr, trace = _record_under_limit(run, tmp_path, layers, new_tokens, 40 * 1024, late_flush=True)
+
+    # THEN the error names the trace, the first file that could not be written, and the run as incomplete
+    assert said == [f"error: {trace}: cannot write (File too large): the run is incomplete"]
+    assert "Failed to write to log file" not in stderr, stderr
+    # AND the manifest counts the KV lines the limit cut off as lost
+    made = 4 * layers * new_tokens
+    whole = (run / KV_EVENTS).read_bytes().count(b"\n")
+    assert 0 < whole < made
+    manifest = json.loads((run / MANIFEST).read_text(encoding="utf-8"))
+    assert manifest["ended"]["write_error"] == f"{trace}: cannot write (File too large)"
+    assert "trace_error" not in manifest["ended"]
+    assert manifest["kv_events"] == whole
+    assert manifest["ended"]["kv_events_lost"] == made - whole
+    # AND a report refuses it in one line: its logs hold only the early part of the run
+    report = _report(run)
+    assert report.returncode == 2, report.stdout
+    assert report.stderr.splitlines() == [
+        f"kvtrace report: error: {run}: incomplete run: the recorder failed to write {trace}: cannot write "
+        f"(File too large); {made - whole} KV events were lost"
+    ]
