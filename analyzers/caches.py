@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from analyzers.kv_log import CacheFigures
+from analyzers.kv_log import CacheFigures, bytes_per_token_row
 
 __all__ = ["CacheSummary", "cache_summaries", "caches_note", "main_cache", "model_caches", "rows_name_caches"]
 
@@ -69,12 +69,13 @@ def main_cache(
 
 
 def _bytes_per_token(c: CacheFigures) -> float | None:
-    """A cache's bytes over its tokens and rows, or over its slots where it is preallocated buffers."""
+    """A cache's bytes over its tokens and rows (each layer's over its own tokens), or over its slots where
+    it is preallocated buffers."""
     if not c.final_bytes:
         return None
     if c.capacity_rows and c.capacity_tokens:
         return c.final_bytes / (c.capacity_rows * c.capacity_tokens)
-    return c.final_bytes / (c.tokens * c.rows) if c.tokens and c.rows else None
+    return bytes_per_token_row(c.bytes_by_tokens, c.rows) if c.tokens and c.rows else None
 
 
 def cache_summaries(

@@ -7,8 +7,10 @@ replay shows the transient copy exactly as it happened.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvtrace.format import KvEvent
 
@@ -123,6 +125,65 @@ class CacheFigures:
     max_seq_len (`preallocated_capacity`), or a transformers StaticCache's rows and max_cache_len
     (`static_capacity`); 0 for a cache whose storages follow the rows and tokens it holds."""
     capacity_of: str = ""  # "buffers" (module buffers) | "static_cache" (transformers' StaticCache) | ""
+    bytes_by_tokens: dict[int, int] = field(default_factory=dict)
+    """Its storages at the final state by the tokens per row their layer holds: one entry where every layer
+    holds as many, several where a sliding window's layers hold fewer. What `bytes_per_token_row` divides."""
+
+
+def bytes_per_token_row(bytes_by_tokens: dict[int, int], rows: int) -> float | None:
+    """KV bytes one token of one row costs across the layers: each layer's storages over its own tokens,
+    summed. Never every layer's bytes over one layer's tokens: a sliding window's layers hold fewer tokens,
+    and so does a layer whose update a cut step did not reach. Layers of unknown tokens (0) are left out;
+    None when none is known."""
+    known = {tokens: nbytes for tokens, nbytes in bytes_by_tokens.items() if tokens > 0}
+    if not known or rows <= 0:
+        return None
+    return sum(nbytes / (tokens * rows) for tokens, nbytes in known.items())
+
+
+@dataclass(frozen=True)
+class CutStep:
+    """The last step of a run that never ended, cut between its layers' updates: the log holds some of
+    them (the process was killed, or the writer had not flushed the rest yet). The figures of the end come
+    from the step before it, the last whole one; the memory timeline still shows what of it was logged."""
+
+    step: int
+    whole_step: int | None  # the last step before it in the log (None: it was the log's first)
+    reached: dict[int, tuple[int, ...]]  # cache -> layers whose update of the step reached the log
+    missing: dict[int, tuple[int, ...]]  # cache -> layers its previous step wrote that this one did not
+
+
+def cut_last_step(events: list[KvEvent]) -> CutStep | None:
+    """The log's last step where it wrote some layers of a cache that the cache's previous step wrote but
+    not all of them (layers update in turn, so a kill between two leaves the first ones written). Layers
+    holding fewer tokens (a sliding window) still update every step, so they tell nothing apart. A cut in a
+    cache's first step (a prefill) cannot be told from the log: a pipeline stage holds some layers only."""
+    last_step = -1
+    current: dict[int, tuple[int, set[int]]] = {}  # cache -> (its latest step, the layers it wrote then)
+    previous: dict[int, set[int]] = {}  # cache -> the layers its step before that wrote
+    for ev in events:
+        if ev.phase == "end":
+            return None  # the run's teardown was logged: it ended
+        last_step = ev.step
+        if ev.event == "freed" or not is_kv_data(ev):
+            continue
+        step, layers = current.get(ev.cache, (-1, set()))
+        if step != ev.step:
+            if step >= 0:
+                previous[ev.cache] = layers
+            layers = set()
+            current[ev.cache] = (ev.step, layers)
+        layers.add(ev.layer)
+    reached: dict[int, tuple[int, ...]] = {}
+    missing: dict[int, tuple[int, ...]] = {}
+    for cache, (step, layers) in current.items():
+        gone = previous.get(cache, set()) - layers
+        if step == last_step and gone:
+            reached[cache], missing[cache] = tuple(sorted(layers)), tuple(sorted(gone))
+    if not missing:
+        return None
+    whole = max((ev.step for ev in events if ev.step < last_step), default=None)
+    return CutStep(step=last_step, whole_step=whole, reached=reached, missing=missing)
 
 
 @dataclass
@@ -171,12 +232,24 @@ class KvLogAnalysis:
     step_rows: dict[int, dict[int, int]] = field(default_factory=dict)
     """Per step: {cache: batch rows of its last shaped KV tensor} at the step's end (beam search and batch
     selection change them)."""
+    cut: CutStep | None = None
+    """A run that never ended whose last step the log holds only part of (`analyze_kv_log(unfinished=...)`):
+    the final state, tokens, rows, evictions and generated tokens are the last whole step's, and the cut
+    step has no end (no `step_live`, `step_tokens`, `step_rows` entry); the series, the peak and the
+    storages keep every logged event."""
 
 
-def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = None) -> KvLogAnalysis:
+def analyze_kv_log(
+    events: list[KvEvent], prompt_ends: dict[int, int] | None = None, unfinished: bool = False
+) -> KvLogAnalysis:
     """`prompt_ends`: prefill step -> the cache positions its generate() call's prompt ends at (the step's
     memory sample says, since kvtrace 0.1's round 3): what the step's cache holds beyond it are draft
-    tokens its forward verified and kept (assisted decoding), yielded besides the prefill's own token."""
+    tokens its forward verified and kept (assisted decoding), yielded besides the prefill's own token.
+    `unfinished`: the run never ended (its manifest still says running): a last step the log holds only
+    part of is left out of the figures of the end (`KvLogAnalysis.cut`)."""
+    cut = cut_last_step(events) if unfinished else None
+    cut_from = next((i for i, ev in enumerate(events) if ev.step == cut.step), -1) if cut else -1
+    whole_end: tuple[Any, ...] = ()  # the state when the cut step began: the last whole step's end
     live: dict[int, tuple[int, int, str, int]] = {}  # addr -> (bytes, layer, kv, cache)
     open_storage: dict[int, int] = {}  # addr -> index in storages
     storages: list[tuple[int, int, int, int, int, str, int]] = []
@@ -254,7 +327,7 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
         step_tokens[step] = tokens
         step_rows[step] = {cache: rows for cache, rows in rows_by_cache.items() if cache in tokens}
 
-    for ev in events:
+    for index, ev in enumerate(events):
         if ev.step != step_after[0]:
             step_after = (ev.step, last_ns)
         last_ns = max(last_ns, ev.t_ns)
@@ -263,6 +336,12 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
             # Steps never go back: the state before this event is the open step's end state.
             _close_step(open_step)
             open_step = None
+        if index == cut_from:
+            whole_end = copy.deepcopy(
+                (live, live_total, tokens_by_layer, rows_by_cache, last_seq_by_cache, evicted_by_layer,
+                 evicted_by_layer_reason, generated, generated_rows, reordered, beams, buffer_shape,
+                 buffer_in_place)
+            )  # fmt: skip
         if ending and final_state is None:
             final_state = dict(live)
             final_total = live_total
@@ -339,7 +418,12 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
         if not ending:
             open_step = ev.step
         layer_series[ev.layer].append(layer_live[ev.layer])
-    if open_step is not None:
+    if whole_end:
+        # The cut step never ended: the end is the last whole step's (its updates stay in the series)
+        (final_state, final_total, tokens_by_layer, rows_by_cache, last_seq_by_cache, evicted_by_layer,
+         evicted_by_layer_reason, generated, generated_rows, reordered, beams, buffer_shape,
+         buffer_in_place) = whole_end  # fmt: skip
+    elif open_step is not None:
         _close_step(open_step)
     if final_state is None:
         final_state, final_total = dict(live), live_total
@@ -347,6 +431,9 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
     final_by_cache: dict[int, int] = defaultdict(int)
     for nbytes, _, _, cache in final_state.values():
         final_by_cache[cache] += nbytes
+    by_tokens: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))  # cache -> tokens -> bytes
+    for nbytes, layer, _, cache in final_state.values():
+        by_tokens[cache][tokens_by_layer.get((cache, layer), 0)] += nbytes
     caches = []
     for cache, last_seq in sorted(last_seq_by_cache.items()):
         tokens = max(tokens for (c, _), tokens in tokens_by_layer.items() if c == cache)
@@ -371,6 +458,7 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
                 capacity_rows=room[0],
                 capacity_tokens=room[1],
                 capacity_of=room_of,
+                bytes_by_tokens=dict(by_tokens.get(cache, {})),
             )
         )
     # The table's rows: the caches held at the end, and any other whose tokens were evicted (their counts
@@ -416,6 +504,7 @@ def analyze_kv_log(events: list[KvEvent], prompt_ends: dict[int, int] | None = N
         step_cache_live=step_cache_live,
         step_tokens=step_tokens,
         step_rows=step_rows,
+        cut=cut,
     )
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of
 from analyzers.caches import CacheSummary, cache_summaries, caches_note, main_cache, model_caches
-from analyzers.kv_log import SEQ_MAJOR_PARTS, event_rows, is_kv_data
+from analyzers.kv_log import SEQ_MAJOR_PARTS, CutStep, bytes_per_token_row, event_rows, is_kv_data
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
 from analyzers.trace_coverage import all_memory_events_damaged, coverage_notes, skipped_events_note
@@ -367,18 +367,56 @@ def raised_note(ended: dict[str, Any]) -> str:
     return f"the recorded block raised {raised}: the figures cover the run up to then"
 
 
+def _layer_list(layers: tuple[int, ...]) -> str:
+    """Layer indices in runs: (0, 1, 2, 5) -> "layers 0-2, 5"; (3,) -> "layer 3"."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    text = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    return f"layer {text}" if len(layers) == 1 else f"layers {text}"
+
+
+def cut_step_note(cut: CutStep) -> str:
+    """Which layers' updates of a cut last step reached the log, and which step's end the figures are."""
+    named = len(cut.missing) > 1  # several caches cut: say whose layers
+    parts = [
+        f"{f'cache {cache}: ' if named else ''}{_layer_list(cut.reached[cache])} reached the log, "
+        f"{_layer_list(missing)} did not"
+        for cache, missing in sorted(cut.missing.items())
+    ]
+    whole = (
+        f"the end of step {cut.whole_step}, the last whole step"
+        if cut.whole_step is not None
+        else "before it (no step came before it)"
+    )
+    return (
+        f"its last step, {cut.step}, was cut between its layers' KV updates ({'; '.join(parts)}): tokens "
+        f"held, bytes per token and generated tokens are those at {whole}; the memory timeline shows what "
+        f"of step {cut.step} was logged"
+    )
+
+
 def ended_notes(source: MemorySource) -> list[str]:
     """How a run's record ends, where it ends short: cut mid-line, still being recorded, its process dead,
-    interrupted, or raised (an OOM has the report's own section). [] for a run that finished and for
-    other inputs."""
+    interrupted, or raised (an OOM has the report's own section); a last step cut between its layers'
+    updates. [] for a run that finished and for other inputs."""
     notes: list[str] = []
     if source.meta.get("truncated"):
         notes.append("the run was interrupted: figures cover the events written before it stopped")
     ended = (source.meta.get("manifest") or {}).get("ended") or {}
     recording = source.meta.get("recording_pid")
+    kv_log = source.meta.get("kv")
+    cut: CutStep | None = kv_log.cut if kv_log is not None else None
     if ended.get("status") == "running" and recording is not None:
         by = f" by pid {recording}" if recording else ""
         notes.append(f"the run is still being recorded{by}: figures cover what it has written so far")
+        if cut is not None:
+            notes.append(cut_step_note(cut))
+    elif ended.get("status") == "running" and cut is not None:
+        notes.append(f"the run never finished (the process died): {cut_step_note(cut)}")
     elif ended.get("status") == "running":
         notes.append("the run never finished (the process died): read up to its last flushed step")
     elif ended.get("status") == "interrupted":
@@ -429,8 +467,9 @@ def summarize(
             )
             if kv.tokens_held and kv.batch:
                 kv.token_rows = kv.tokens_held * kv.batch
-                # none when the cache was let go before the end (another model's ran after it): nothing held
-                kv.bytes_per_token_measured = main.final_bytes / kv.token_rows if main.final_bytes else None
+                # none when the cache was let go before the end (another model's ran after it): nothing held;
+                # each layer's bytes over its own tokens (a sliding window's layers hold fewer)
+                kv.bytes_per_token_measured = bytes_per_token_row(main.bytes_by_tokens, kv.batch)
             if main.capacity_rows and main.capacity_tokens:
                 # Buffers allocated for max_batch_size x max_seq_len: a slot's bytes, however few are written
                 kv.capacity_rows, kv.capacity_tokens = main.capacity_rows, main.capacity_tokens
@@ -444,9 +483,10 @@ def summarize(
     if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):
         _add_evictions(kv, run.kv_events)
     steps = (
-        # forward passes: step 0 is before the first (a module cache's discovery, a cache made before)
-        sum(1 for step in source.meta["kv"].step_start_ns if step > 0)
-        if source.meta.get("kv") is not None
+        # forward passes: step 0 is before the first (a module cache's discovery, a cache made before); a
+        # cut last step is no whole one
+        sum(1 for step in kv_log.step_start_ns if step > 0 and not (kv_log.cut and step == kv_log.cut.step))
+        if kv_log is not None
         else sum(1 for m in source.markers if m.kind == "step")
     )
     oom = None

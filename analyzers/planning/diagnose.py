@@ -179,7 +179,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     kv_peak = report.kv.peak_bytes if kv_log is not None else None
     kv_final = report.kv.final_bytes if kv_log is not None else None
 
-    step = phase = prompt = beams = None
+    step = phase = prompt = beams = held_step = None
     rows_are_beams = False
     top_layers: tuple[tuple[int, int], ...] = ()
     top_cache_layers: tuple[tuple[int, int, int], ...] = ()
@@ -191,9 +191,14 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         started = [s for s, t in kv_log.step_start_ns.items() if when is None or t / 1000.0 <= when]
         step = max(started) if started else min(kv_log.step_start_ns)
         phase = kv_log.step_phase.get(step)
-        batch, tokens_held = held_at_step(report, kv_log, step)
-        beams, rows_are_beams = beams_at_step(report, kv_log, step, batch)
-        prompt = prompt_at_step(report, kv_log, step)
+        held = step
+        if kv_log.cut is not None and step == kv_log.cut.step:
+            # A cut last step never ended: what is held is the last whole step's (the report's end)
+            held_step = held = kv_log.cut.whole_step
+        if held is not None:
+            batch, tokens_held = held_at_step(report, kv_log, held)
+            beams, rows_are_beams = beams_at_step(report, kv_log, held, batch)
+            prompt = prompt_at_step(report, kv_log, held)
         if dev_index is not None and index >= 0 and not at_start:
             by_slot = kv_by_slot_at(source.devices[dev_index], index)
             by_layer: dict[int, int] = {}
@@ -297,6 +302,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         top_cache_layers=top_cache_layers,
         peak_leaves_out=peak_leaves_out,
         unfinished=_unfinished(source),
+        held_step=held_step,
     )
 
 

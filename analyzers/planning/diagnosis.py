@@ -91,6 +91,10 @@ class Diagnosis:
     """"died": the run's manifest still says running and no process records it (killed: perhaps by the
     kernel's OOM killer, for host memory, which leaves no record); "recording": it is being recorded. No
     OOM recorded then does not mean none happened."""
+    held_step: int | None = None
+    """The step whose end `batch` and `tokens_held` are, where it is not `step`: the moment falls in a last
+    step cut between its layers' updates (a run that never ended), which has no end; they are then the
+    last whole step's, as the report's are. None otherwise (they are `step`'s)."""
 
 
 def fits(saved: int | None, shortfall: int | None) -> bool | None:

@@ -249,7 +249,10 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         for sample in run.memory_samples
         if sample.get("phase") == "prefill" and isinstance(sample.get("prompt_end"), int)
     }
-    kv = analyze_kv_log(run.kv_events, prompt_ends)
+    # A run whose manifest still says running (its process died, or it is being recorded) may end inside a
+    # step, some of its layers' updates logged and the rest not
+    unfinished = (run.manifest.get("ended") or {}).get("status") == "running"
+    kv = analyze_kv_log(run.kv_events, prompt_ends, unfinished=unfinished)
     source = MemorySource(kind="run", path=str(Path(path)))
     missing = missing_files_notes(run)
     if missing:

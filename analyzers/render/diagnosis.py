@@ -101,6 +101,8 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
         rows.append(("KV peak / final", f"{human_bytes(d.kv_peak_bytes)} / {human_bytes(d.kv_final_bytes)}"))
     if d.batch is not None:  # at the moment's step: the run may end holding more
         label = f"batch x tokens held (end of step {d.step})" if d.step is not None else "batch x tokens held"
+        if d.held_step is not None:  # the moment's step was cut: it never ended
+            label = f"batch x tokens held (end of step {d.held_step}, the last whole one)"
         beams = f" ({d.batch // d.beams} prompts x {d.beams} beams)" if d.beams else ""
         rows.append((label, f"{d.batch} x {d.tokens_held}{beams}"))
     if d.step is not None:

@@ -85,6 +85,16 @@ def report_to_text(report: Report) -> str:
         if kv.token_rows and kv.tokens_held and kv.batch and kv.token_rows != kv.tokens_held * kv.batch:
             # data-parallel ranks holding different tokens: the rows are not all as full as the fullest
             held = f"{kv.token_rows:,} tokens over {kv.batch} rows, up to {kv.tokens_held} a row"
+        layer_tokens = {
+            layer.tokens
+            for layer in kv.per_layer
+            if layer.cache == kv.main_cache and layer.tokens and layer.k_bytes + layer.v_bytes
+        }
+        if len(layer_tokens) > 1 and kv.batch:  # a sliding window's layers hold fewer
+            held = (
+                f"each layer's bytes over its own tokens, {min(layer_tokens)} to {max(layer_tokens)} a row, "
+                f"x {kv.batch} {'row' if kv.batch == 1 else 'rows'}"
+            )
         if kv.capacity_rows and kv.capacity_tokens:
             held = _buffer_slots(kv)
         if len([c for c in kv.caches if c.final_bytes]) > 1:

@@ -270,3 +270,90 @@ def _export(run: Path, out: Path) -> Any:
     with redirect_stdout(printed):
         assert main(["export", str(run), "-o", str(out), "--json"]) == 0
     return json.loads(printed.getvalue())
+
+
+# Llama 3 of 2 layers, 2 KV heads of head_dim 32, fp32: one token of one row is 2 layers x (K, V) x 2 heads x
+# 32 x 4 B of KV; the child kills itself inside layer 1 of forward CUT_STEP, after layer 0's update of it
+CUT_LAYERS, CUT_KV_HEADS, CUT_HEAD_DIM, CUT_PROMPT, CUT_STEP = 2, 2, 32, 16, 11
+_KILLED_MID_STEP = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import torch, kvtrace
+    from kvtrace.llama import ModelSize, build_model
+
+    model = build_model(ModelSize(hidden_size=128, intermediate_size=256, num_layers={layers}, num_heads=4,
+                                  num_kv_heads={kv_heads}, vocab_size=1000))
+    second, forwards = model.model.layers[1], []
+    forward = second.forward
+
+    def killed_inside(*args, **kwargs):
+        forwards.append(1)
+        if len(forwards) == {cut}:  # layer 0 has updated its K and V in this forward, layer 1 not yet
+            time.sleep(0.3)  # the writer flushes every 0.1 s: layer 0's update is on disk
+            os.kill(os.getpid(), signal.SIGKILL)
+        return forward(*args, **kwargs)
+
+    second.forward = killed_inside
+    ids = torch.randint(3, 1000, (2, {prompt}), generator=torch.Generator().manual_seed(0))
+    # the profiler on: each layer's update is logged as it happens (off, at the end of its forward)
+    with torch.no_grad(), kvtrace.record(sys.argv[1], model=model, profiler=True):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
+                       do_sample=False, pad_token_id=0)
+    """
+).format(layers=CUT_LAYERS, kv_heads=CUT_KV_HEADS, prompt=CUT_PROMPT, cut=CUT_STEP)
+
+
+def test_a_run_killed_between_two_layers_updates_is_read_to_its_last_whole_step(tmp_path: Path) -> None:
+    # GIVEN a real run SIGKILLed inside layer 1 of step 11: layer 0 wrote step 11's token, layer 1 did not
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_STEP, str(run)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == -9, done.stderr
+    held: dict[int, int] = {}  # the tokens each layer's last update in the raw log holds
+    for line in (run / "kv_events.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("shape"):
+            held[event["layer"]] = event["tokens"]
+    whole = CUT_PROMPT + (CUT_STEP - 1) - 1  # step s holds the prompt and s - 1 tokens: 25 at step 10
+    assert held == {0: whole + 1, 1: whole}
+    rows = 2
+    per_token = CUT_LAYERS * 2 * CUT_KV_HEADS * CUT_HEAD_DIM * 4  # 1,024 B a row
+    storage_token = rows * CUT_KV_HEADS * CUT_HEAD_DIM * 4  # a token of one K or V storage, both rows: 512 B
+
+    # WHEN it is reported
+    report = _json(["report", str(run), "--no-export", "-q"])
+
+    # THEN the figures of the end are step 10's, the last whole one: 25 tokens in every layer
+    kv = report["kv"]
+    assert (kv["tokens_held"], kv["batch"], report["steps"]) == (whole, rows, CUT_STEP - 1)
+    assert kv["final_bytes"] == whole * rows * per_token == 51_200
+    assert kv["bytes_per_token_measured"] == kv["bytes_per_token_expected"] == per_token
+    assert [(layer["layer"], layer["tokens"]) for layer in kv["per_layer"]] == [(0, whole), (1, whole)]
+    # AND the KV timeline still has step 11's logged update: layer 0's new 26-token V made next to its old
+    # one, its new K (the old one freed) and layer 1's two 25-token storages
+    assert kv["peak_bytes"] == (2 * (whole + 1) + 3 * whole) * storage_token
+    # AND the note says the last step was cut, and where
+    died = (
+        "the run never finished (the process died): its last step, 11, was cut between its layers' KV "
+        "updates (layer 0 reached the log, layer 1 did not): tokens held, bytes per token and generated "
+        "tokens are those at the end of step 10, the last whole step; the memory timeline shows what of step "
+        "11 was logged"
+    )
+    assert died in report["notes"]
+
+    # AND compare counts the tokens of the 10 whole steps: 1 for the prefill, then 1 a decode step
+    compared = _json(["compare", str(run), str(run)])
+    assert [r["generated_tokens_per_row"] for r in compared["runs"]] == [CUT_STEP - 1] * 2
+
+    # AND diagnose, at the peak inside step 11, prices the tokens held at the end of step 10: a context a
+    # quarter shorter (25 // 4 = 6 tokens) frees 6 x 2 rows x 1,024 B
+    diagnosis = _json(["diagnose", str(run)])
+    assert (diagnosis["step"], diagnosis["held_step"]) == (CUT_STEP, CUT_STEP - 1)
+    assert (diagnosis["batch"], diagnosis["tokens_held"]) == (rows, whole)
+    (context,) = [r for r in diagnosis["remedies"] if r["kind"] == "context"]
+    cut = whole // 4
+    assert (context["setting"], context["saved_bytes"]) == (whole - cut, cut * rows * per_token)
+    text = _run(["diagnose", str(run)])
+    assert "batch x tokens held (end of step 10, the last whole one)  2 x 25" in text
+    assert "frees 12.00 KiB of KV (2.00 KiB per token across the batch)" in text

@@ -124,6 +124,38 @@ def test_diagnose_prices_a_shorter_context_by_the_layers_that_keep_every_token(
     assert context["setting"] == 12 and context["saved_bytes"] == 4 * 2 * 2 * 2 * 48 * 4
 
 
+def test_a_hybrid_caches_bytes_per_token_divide_each_layers_bytes_by_its_own_tokens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN Gemma 2 at batch 2 after 11 + 6 tokens: layers 1 and 3 keep all 16, layers 0 and 2 slide
+    # (window 8: 7 tokens, in storages of 8 positions)
+    config = transformers.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=48, sliding_window=8, vocab_size=256, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    _record_generate(transformers.Gemma2ForCausalLM(config).eval(), run, batch=2)
+    last: dict[tuple[int, str], dict[str, Any]] = {}  # each layer's K and V as the raw log last shows them
+    for line in (run / "kv_events.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("shape"):
+            last[(event["layer"], event["kv"])] = event
+    # WHEN it is reported
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    # THEN a token of a row costs each layer's storages over that layer's own tokens, summed: the global
+    # layers 2 x (K, V) x 2 heads x 48 x 4 B each, the sliding ones 8 positions' bytes over their 7 tokens
+    assert {e["tokens"] for e in last.values()} == {7, 16}
+    per_token = sum(e["storage_bytes"] / (e["tokens"] * 2) for e in last.values())
+    assert per_token == pytest.approx(2 * (2 * 2 * 48 * 4) + 2 * (2 * 8 * 2 * 48 * 4 / 7))
+    assert kv["bytes_per_token_measured"] == pytest.approx(per_token)
+    (cache,) = kv["caches"]
+    assert cache["bytes_per_token_measured"] == pytest.approx(per_token)
+    # never every layer's bytes over the global layers' 16 tokens
+    assert kv["bytes_per_token_measured"] != pytest.approx(kv["final_bytes"] / (16 * 2))
+
+
 def test_diagnose_prices_a_token_of_window_by_the_arithmetic(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
