@@ -3,7 +3,10 @@
 An assistant model's draft cache lives next to the model's own during assisted generation, and two
 generate() outputs still referenced keep two caches of the model. Summing them per layer index, or dividing
 their total by one cache's tokens, describes neither: each cache's figures are its own, and `tokens_held`,
-`batch` and the bytes per token are the main cache's.
+`batch` and the bytes per token are the main cache's. An encoder-decoder model (BART, T5, Whisper) holds
+two caches in one `EncoderDecoderCache`: the decoder's self-attention KV, which grows with every token, and
+the cross-attention KV of the encoder's output, written once at the encoder's length. The first is the main
+cache; the second counts in the totals, named as what it is.
 """
 
 from __future__ import annotations
@@ -14,7 +17,18 @@ from typing import Any
 
 from analyzers.kv_log import CacheFigures, bytes_per_token_row
 
-__all__ = ["CacheSummary", "cache_summaries", "caches_note", "main_cache", "model_caches", "rows_name_caches"]
+__all__ = [
+    "CacheSummary",
+    "cache_roles",
+    "cache_summaries",
+    "caches_note",
+    "main_cache",
+    "model_caches",
+    "rows_name_caches",
+]
+
+CROSS_ATTENTION = "cross_attention"
+SELF_ATTENTION = "self_attention"
 
 
 @dataclass
@@ -36,6 +50,10 @@ class CacheSummary:
     max_cache_len): the bytes per token are then its bytes over these slots, not over the tokens and rows
     written; None for a cache that grows."""
     capacity_of: str | None = None  # "buffers" | "static_cache" (`analyzers.kv_log.CacheFigures`)
+    role: str | None = None
+    """In an encoder-decoder cache: "self_attention" (the decoder's tokens) or "cross_attention" (the
+    encoder's output, held at the encoder's length); None for any other cache."""
+    encoder_decoder: int | None = None  # the id of the encoder-decoder cache it belongs to
 
 
 def _model_layers(geometry: dict[str, Any] | None) -> int | None:
@@ -49,19 +67,45 @@ def model_caches(manifest: dict[str, Any] | None) -> set[int]:
     listed = (manifest or {}).get("model_caches")
     if not isinstance(listed, list):
         return set()
-    return {c for c in listed if isinstance(c, int) and not isinstance(c, bool)}
+    return {c for c in listed if _is_id(c)}
+
+
+def cache_roles(manifest: dict[str, Any] | None) -> dict[int, tuple[str, int]]:
+    """The manifest's `encoder_decoder_caches`: each sub-cache's id -> (its role, "self_attention" or
+    "cross_attention", and the id of the encoder-decoder cache holding it). Empty for runs that do not list
+    them (decoder-only models, runs from before kvtrace recorded them)."""
+    listed = (manifest or {}).get("encoder_decoder_caches")
+    roles: dict[int, tuple[str, int]] = {}
+    for entry in listed if isinstance(listed, list) else ():
+        if not isinstance(entry, dict) or not _is_id(entry.get("cache")):
+            continue
+        for role in (SELF_ATTENTION, CROSS_ATTENTION):
+            if _is_id(entry.get(role)):
+                roles[entry[role]] = (role, entry["cache"])
+    return roles
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def main_cache(
-    caches: list[CacheFigures], geometry: dict[str, Any] | None, given: Iterable[int] = ()
+    caches: list[CacheFigures],
+    geometry: dict[str, Any] | None,
+    given: Iterable[int] = (),
+    roles: dict[int, tuple[str, int]] | None = None,
 ) -> CacheFigures:
     """The cache that `tokens_held`, `batch` and the bytes per token describe: the caches the recorded
     model's forwards were given (`given`, the manifest's `model_caches`), when the run lists them (another
-    model's cache is never the run's, however big or late); among those, the ones held at the end (else
-    all), those with the recorded model's KV layer count (an assistant model's draft cache has its own), and
-    of those the one written last (two generate() outputs of one model: the later)."""
+    model's cache is never the run's, however big or late); not a cross-attention cache (`roles`, from
+    `cache_roles`: it holds the encoder's tokens, not the generated ones, and beam search reorders it last);
+    among those, the ones held at the end (else all), those with the recorded model's KV layer count (an
+    assistant model's draft cache has its own), and of those the one written last (two generate() outputs of
+    one model: the later)."""
     listed = set(given)
     caches = [c for c in caches if c.cache in listed] or caches
+    cross = {cid for cid, (role, _) in (roles or {}).items() if role == CROSS_ATTENTION}
+    caches = [c for c in caches if c.cache not in cross] or caches
     held = [c for c in caches if c.final_bytes] or caches
     layers = _model_layers(geometry)
     shaped = [c for c in held if c.layers == layers] or held
@@ -79,10 +123,14 @@ def _bytes_per_token(c: CacheFigures) -> float | None:
 
 
 def cache_summaries(
-    caches: list[CacheFigures], main_id: int, geometry: dict[str, Any] | None
+    caches: list[CacheFigures],
+    main_id: int,
+    geometry: dict[str, Any] | None,
+    roles: dict[int, tuple[str, int]] | None = None,
 ) -> list[CacheSummary]:
-    """Each cache's own figures; `main_id` is `main_cache(...)`'s."""
+    """Each cache's own figures; `main_id` is `main_cache(...)`'s, `roles` `cache_roles(...)`."""
     layers = _model_layers(geometry)
+    roles = roles or {}
     return [
         CacheSummary(
             cache=c.cache,
@@ -96,6 +144,8 @@ def cache_summaries(
             capacity_rows=c.capacity_rows or None,
             capacity_tokens=c.capacity_tokens or None,
             capacity_of=c.capacity_of or None,
+            role=roles[c.cache][0] if c.cache in roles else None,
+            encoder_decoder=roles[c.cache][1] if c.cache in roles else None,
         )
         for c in caches
     ]
@@ -108,7 +158,36 @@ def caches_note(caches: list[CacheSummary], given: Iterable[int] = ()) -> str | 
     main = next((c for c in caches if c.main), None)
     if len(held) < 2 or main is None:
         return None
-    others = [c for c in held if not c.main]
+    cross = [c for c in held if c.role == CROSS_ATTENTION]
+    others = [c for c in held if not c.main and c.role != CROSS_ATTENTION]
+    if cross:
+        said = _cross_note(cross, main)
+        if not others:
+            return said
+        return f"{said}; {_others_note(held, main, others, given)}"
+    return _others_note(held, main, others, given)
+
+
+def _cross_note(cross: list[CacheSummary], main: CacheSummary) -> str:
+    """The cross-attention caches of encoder-decoder caches, named as such: their KV counts in the totals,
+    held at the encoder's length."""
+    held = ", ".join(
+        f"{c.cache} (of encoder-decoder cache {c.encoder_decoder}: {c.tokens} tokens x {c.rows or '-'} rows)"
+        for c in cross
+    )
+    caches = f"cache {held} holds" if len(cross) == 1 else f"caches {held} hold"
+    own = "the decoder's self-attention KV, " if main.role == SELF_ATTENTION else ""
+    return (
+        f"{caches} the cross-attention KV, the encoder's output at the encoder's length: counted in the KV "
+        f"totals; tokens held and bytes per token are cache {main.cache}'s ({own}{main.layers} layers)"
+    )
+
+
+def _others_note(
+    held: list[CacheSummary], main: CacheSummary, others: list[CacheSummary], given: Iterable[int]
+) -> str:
+    """Several caches held besides the main one (and its cross-attention KV): whose they may be, and why the
+    headline is the main one's."""
     listed = set(given)
     if main.cache in listed and not all(c.cache in listed for c in others):
         why = "given to the recorded model's forwards"
@@ -116,8 +195,9 @@ def caches_note(caches: list[CacheSummary], given: Iterable[int] = ()) -> str | 
         why = "the recorded model's layer count"
     else:
         why = "written last"
+    count = len([c for c in held if c.role != CROSS_ATTENTION])
     return (
-        f"{len(held)} KV caches were held at the end (an assistant model's draft cache, another model's "
+        f"{count} KV caches were held at the end (an assistant model's draft cache, another model's "
         f"cache, or an earlier generate()'s output still referenced): per-layer rows name their cache; "
         f"tokens held and bytes per token are cache {main.cache}'s ({main.layers} layers, {why})"
     )

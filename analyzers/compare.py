@@ -29,7 +29,7 @@ import html
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from analyzers.caches import model_caches
+from analyzers.caches import CROSS_ATTENTION, model_caches
 from analyzers.model import MemorySource
 from analyzers.summary import Report
 from analyzers.units import binary_unit, hover_bytes, human_bytes
@@ -110,7 +110,13 @@ def generated(source: MemorySource, report: Report) -> Generated | None:
     # the same shape is not one; older runs tell drafts by their layer count only
     given = model_caches(manifest)
     drafts = {c.cache for c in report.kv.caches if c.model_shaped is False}
-    mine = [c for c in kv_log.caches if (c.cache in given if given else c.cache not in drafts)]
+    # An encoder-decoder's cross-attention KV holds the encoder's tokens: none of them generated
+    cross = {c.cache for c in report.kv.caches if c.role == CROSS_ATTENTION}
+    mine = [
+        c
+        for c in kv_log.caches
+        if (c.cache in given if given else c.cache not in drafts) and c.cache not in cross
+    ]
     mine = mine or [c for c in kv_log.caches if c.cache == report.kv.main_cache]
     per_row = sum(c.generated_tokens for c in mine)
     if not per_row:

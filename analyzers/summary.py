@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of
-from analyzers.caches import CacheSummary, cache_summaries, caches_note, main_cache, model_caches
+from analyzers.caches import (
+    CacheSummary,
+    cache_roles,
+    cache_summaries,
+    caches_note,
+    main_cache,
+    model_caches,
+)
 from analyzers.kv_log import SEQ_MAJOR_PARTS, CutStep, bytes_per_token_row, event_rows, is_kv_data
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
@@ -451,7 +458,8 @@ def summarize(
     if run is not None and run.kv_events and kv_log is not None and kv_log.caches:
         data_events = [e for e in run.kv_events if is_kv_data(e) and e.event != "freed" and e.shape]
         given = model_caches(manifest)
-        main = main_cache(kv_log.caches, geometry, given)
+        roles = cache_roles(manifest)
+        main = main_cache(kv_log.caches, geometry, given, roles)
         data_events = [e for e in data_events if e.cache == main.cache] or data_events
         if data_events:
             last = data_events[-1]
@@ -477,7 +485,7 @@ def summarize(
                 slots = main.capacity_rows * main.capacity_tokens
                 kv.bytes_per_token_measured = main.final_bytes / slots if main.final_bytes else None
             layout_note = _layout_note(geometry, last)
-        kv.caches = cache_summaries(kv_log.caches, main.cache, geometry)
+        kv.caches = cache_summaries(kv_log.caches, main.cache, geometry, roles)
         kv.main_cache = main.cache
         held_note = caches_note(kv.caches, given)
     if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):

@@ -117,7 +117,7 @@ class ForwardSteps:
         if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):
             # Not an assistant's draft cache. One first seen here holding KV (filled before record()) has
             # what it holds logged now, in this step, before the forward replaces it.
-            self._model_caches.add(hf.first_sight(cache))
+            self._model_caches.update(hf.given(cache))
             appended = new_tokens(args, kwargs)
             deferred = False
             if self._may_defer:
@@ -186,7 +186,7 @@ class ForwardSteps:
             if hf.dropped:
                 hf.forget_dead()
             if cache is not None and isinstance(cache, hf._cache_cls):
-                self._model_caches.add(hf.first_sight(cache))
+                self._model_caches.update(hf.given(cache))
         if self._profiler_on and thread != self._thread:
             self._forwards_elsewhere += 1
         return True

@@ -47,6 +47,39 @@ def layer_kinds(layer_types: Any) -> tuple[int, int] | None:
     return None if slides is None else (len(slides), sum(slides))
 
 
+def _first(config: Any, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _decoder_attention(config: Any) -> tuple[int | None, int | None, int | None] | None:
+    """(layers, query heads, KV heads) of an encoder-decoder config's decoder, the half that holds the KV
+    cache (its self-attention KV, and the cross-attention KV of the encoder's output, both at its head
+    shape); None for any other config. The generic names are the encoder's in most of them (BART's and
+    Whisper's `attribute_map` sends `num_hidden_layers` and `num_attention_heads` to `encoder_*`, Whisper's
+    `num_key_value_heads` too; T5's `num_hidden_layers` is `num_layers`): the decoder's are BART's,
+    Whisper's and Marian's `decoder_layers`/`decoder_attention_heads`, T5's and ProphetNet's
+    `num_decoder_layers` (T5's heads, `num_heads`, are shared), ProphetNet's `num_decoder_attention_heads`,
+    Moonshine's `decoder_num_*`."""
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    layers = _first(config, ("decoder_layers", "num_decoder_layers", "decoder_num_hidden_layers"))
+    own_heads = _first(
+        config, ("decoder_attention_heads", "num_decoder_attention_heads", "decoder_num_attention_heads")
+    )
+    heads: int | None = own_heads
+    kv_heads: int | None = own_heads
+    if own_heads is not None:  # no decoder-only KV head count but Moonshine's: multi-head attention
+        kv_heads = _first(config, ("decoder_num_key_value_heads",)) or own_heads
+    else:
+        heads = getattr(config, "num_attention_heads", None)
+        kv_heads = kv_heads_of(lambda name: getattr(config, name, None), heads)
+    return layers or getattr(config, "num_hidden_layers", None), heads, kv_heads
+
+
 def model_geometry(model: Any) -> dict[str, Any] | None:
     """Geometry of a Hugging Face model (`model.config`) or Meta's reference model (`model.params`)."""
     if model is None:
@@ -56,6 +89,11 @@ def model_geometry(model: Any) -> dict[str, Any] | None:
     if config is not None:
         config = getattr(config, "get_text_config", lambda: config)()
         heads = getattr(config, "num_attention_heads", None)
+        layers = getattr(config, "num_hidden_layers", None)
+        kv_heads = kv_heads_of(lambda name: getattr(config, name, None), heads)
+        decoder = _decoder_attention(config)
+        if decoder is not None:
+            layers, heads, kv_heads = decoder
         hidden = getattr(config, "hidden_size", None)
         head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
 
@@ -63,9 +101,9 @@ def model_geometry(model: Any) -> dict[str, Any] | None:
             return getattr(config, name, None)
 
         geometry.update(
-            num_layers=getattr(config, "num_hidden_layers", None),
+            num_layers=layers,
             num_attention_heads=heads,
-            num_kv_heads=cached_kv_heads(get, heads, kv_heads_of(get, heads)),  # as the cache holds them
+            num_kv_heads=cached_kv_heads(get, heads, kv_heads),  # as the cache holds them
             head_dim=head_dim,
             hidden_size=hidden,
             vocab_size=getattr(config, "vocab_size", None),

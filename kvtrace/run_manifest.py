@@ -206,12 +206,17 @@ class RunManifest:
         return warning
 
     def _caches_and_threads(self) -> dict[str, Any]:
-        """The manifest's `model_caches`, `other_caches`, `other_caches_on_other_threads` and
-        `forwards_on_other_threads`, when there are any: which caches the figures describe, and whether the
-        profiler's trace saw the model's forwards and the other caches."""
+        """The manifest's `model_caches`, `encoder_decoder_caches`, `other_caches`,
+        `other_caches_on_other_threads` and `forwards_on_other_threads`, when there are any: which caches the
+        figures describe, and whether the profiler's trace saw the model's forwards and the other caches."""
         facts: dict[str, Any] = {}
         if self._model_caches:
             facts["model_caches"] = sorted(self._model_caches)
+        if self._hf is not None and self._hf.encoder_decoder:
+            facts["encoder_decoder_caches"] = [
+                {"cache": cid, "self_attention": own, "cross_attention": cross}
+                for cid, (own, cross) in sorted(self._hf.encoder_decoder.items())
+            ]
         others = self._other_caches()
         if others:
             facts["other_caches"] = others

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of
+from analyzers.caches import CROSS_ATTENTION
 from analyzers.model import MemorySource, request_at_most
 from analyzers.planning.diagnose_buffer_remedies import preallocated_buffers
 from analyzers.planning.diagnose_moment import (
@@ -254,9 +255,15 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     }
     held = [cache for cache in report.kv.caches if cache.final_bytes]
     if len(held) > 1:
+        cross = [c for c in held if c.role == CROSS_ATTENTION]
+        named = "".join(
+            f"; cache {c.cache} is the cross-attention KV of encoder-decoder cache {c.encoder_decoder}, "
+            f"held at the encoder's length ({c.tokens} tokens)"
+            for c in cross
+        )
         notes.append(
             f"{len(held)} KV caches were held at the end: the KV at this moment counts them all; tokens held "
-            f"and the price of a token are the main cache's (cache {report.kv.main_cache})"
+            f"and the price of a token are the main cache's (cache {report.kv.main_cache}){named}"
         )
     layers = (report.geometry or {}).get("num_layers")
     on_cuda = device is None or device.startswith("cuda")

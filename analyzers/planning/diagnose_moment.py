@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from analyzers.caches import CROSS_ATTENTION
 from analyzers.model import KV, DeviceEvents
 from analyzers.summary import Report
 
@@ -71,7 +72,7 @@ def _cache_at_step(report: Report, kv_log: Any, step: int) -> int | None:
     cache = report.kv.main_cache
     if not tokens or cache in tokens:
         return cache
-    shaped = {c.cache for c in report.kv.caches if c.model_shaped is not False}
+    shaped = {c.cache for c in report.kv.caches if c.model_shaped is not False and c.role != CROSS_ATTENTION}
     return max((c for c in tokens if c in shaped), default=max(tokens))
 
 

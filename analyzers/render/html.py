@@ -363,6 +363,9 @@ def _summary_table(report: Report) -> str:
             )
             if per_token is not None:
                 figures += f", {per_token:,.1f} B/token"
+            if cache.get("role"):
+                kind = "cross" if cache["role"] == "cross_attention" else "self"
+                figures += f", {kind}-attention KV of encoder-decoder cache {cache.get('encoder_decoder')}"
             rows.append((f"cache {cache['cache']}{' (main)' if cache['main'] else ''}", figures))
     body = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<table class='summary'>{body}</table>"

@@ -144,6 +144,9 @@ def report_to_text(report: Report) -> str:
             )
             if per_token is not None:
                 figures += f", {per_token:,.1f} bytes per token"
+            if cache.role is not None:
+                kind = "cross" if cache.role == "cross_attention" else "self"
+                figures += f", {kind}-attention KV of encoder-decoder cache {cache.encoder_decoder}"
             lines.append(f"    {cache.cache:>5}{role:<5} {figures}")
     if kv.per_layer:
         cache_head = "cache " if several else ""

@@ -214,6 +214,8 @@ class HfCacheHooks:
         self.unexplained: str | None = None  # what made a deferred step turn deferring off, for the manifest
         self._deferrable: dict[tuple[int, int], bool] = {}  # (cache id, layer count) -> all layers plain
         self._beams_read: set[int] = set()  # caches whose first reorder_cache told their beams
+        # An encoder-decoder cache's id -> (its self-attention cache's id, its cross-attention cache's id)
+        self.encoder_decoder: dict[int, tuple[int, int]] = {}
 
     @staticmethod
     def available() -> bool:
@@ -251,6 +253,22 @@ class HfCacheHooks:
         if cid > seen:
             self.found(cache, cid)
         return cid
+
+    def given(self, cache: Any) -> tuple[int, ...]:
+        """`first_sight` of a cache a forward of the recorded model was given. An encoder-decoder cache
+        (`EncoderDecoderCache`) holds no layers itself: the log holds its self-attention cache's updates (the
+        decoder's tokens) and its cross-attention cache's (the encoder's, at its length), so both get their
+        ids here too, and their roles go in `encoder_decoder` for the manifest."""
+        cid = self.first_sight(cache)
+        cross = getattr(cache, "cross_attention_cache", None)
+        if cross is None:
+            return (cid,)
+        own = getattr(cache, "self_attention_cache", None)
+        if not isinstance(own, self._cache_cls) or not isinstance(cross, self._cache_cls):
+            return (cid,)
+        roles = (self.first_sight(own), self.first_sight(cross))
+        self.encoder_decoder[cid] = roles
+        return (cid, *roles)
 
     def found(self, cache: Any, cid: int) -> None:
         """Log what a cache kvtrace sees for the first time already holds (filled before record(), or copied
