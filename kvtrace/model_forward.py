@@ -24,8 +24,11 @@ below is compiled as its own frame.
 from __future__ import annotations
 
 import functools
+import inspect
+import sys
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -152,3 +155,60 @@ def around(before: Before, after: After, model: Any, call: Callable[..., Any], a
     finally:
         after(model, args, output)
     return output
+
+
+# The frame every `module(...)` call runs through; its locals are only `self`, `args` and `kwargs`, which the
+# frame holds until it returns anyway, so reading them (Python < 3.13 copies a frame's locals into a dict
+# that lives as long as the frame) keeps nothing alive longer.
+_MODULE_CALL = getattr(torch.nn.Module, "_wrapped_call_impl", torch.nn.Module._call_impl).__code__
+
+
+@dataclass(frozen=True)
+class SubmoduleCall:
+    """A submodule of the recorded model called directly (`model.model(...)`): its forwards begin no step."""
+
+    path: str  # from the model, as Python reaches it: ".model", ".model.layers[0]"
+    kind: str  # its class's name
+    record_path: str | None  # the module to pass to record() for steps (its decoder); None: takes no cache
+
+
+def running_submodule(model: Any) -> SubmoduleCall | None:
+    """The outermost of `model`'s submodules called (`module(...)`) on this thread's stack, one called
+    directly, outside the model's own forward; None when no submodule of the model runs. Walks the stack:
+    for a cache first updated outside the model's steps, once per cache."""
+    members = {id(module): module for module in model.modules() if module is not model}
+    outermost = None
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _MODULE_CALL:
+            module = frame.f_locals.get("self")
+            if members.get(id(module)) is module:
+                outermost = module
+        frame = frame.f_back
+    if outermost is None:
+        return None
+    paths = {id(module): _python_path(name) for name, module in model.named_modules() if name}
+    decoder = _decoder(model)
+    if decoder is None or not any(module is outermost for module in decoder.modules()):
+        decoder = outermost
+    try:
+        parameters = set(inspect.signature(decoder.forward).parameters)
+    except (TypeError, ValueError):  # no signature to read
+        parameters = set()
+    record_path = paths.get(id(decoder)) if parameters & {"past_key_values", "cache"} else None
+    return SubmoduleCall(paths[id(outermost)], type(outermost).__name__, record_path)
+
+
+def _decoder(model: Any) -> Any:
+    """The model's decoder backbone (`get_decoder()`, transformers' `model.model`), or None."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except Exception:  # a model whose get_decoder does not apply (no decoder)
+        return None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else None
+
+
+def _python_path(name: str) -> str:
+    """`layers.0.self_attn` as Python reaches it from the model: `.layers[0].self_attn`."""
+    return "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split("."))

@@ -33,7 +33,7 @@ from kvtrace.integrations.module_caches import ModuleCaches
 from kvtrace.integrations.vllm import is_vllm_object
 from kvtrace.kv_tracker import KvTracker
 from kvtrace.memory_samples import MemorySampler
-from kvtrace.model_forward import ForwardWrap
+from kvtrace.model_forward import ForwardWrap, SubmoduleCall
 from kvtrace.model_weights import ModelWeights
 from kvtrace.options import RecordOptions
 from kvtrace.profiler_trace import kineto_quiet, make_profiler
@@ -121,6 +121,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._prompt_end: int | None = None  # where the running generate() call's prompt ends in its cache
         self._model_caches: set[int] = set()  # the HF caches the model's own forwards were given
         self._caches_in_generate: set[int] = set()  # HF caches first seen inside its generate() (drafts)
+        # HF caches first updated in a forward of one of the model's submodules called directly (model.model)
+        self._submodule_caches: dict[int, SubmoduleCall] = {}
         # HF caches first used on another thread than the one entering the block: torch.profiler records
         # that thread's memory events only, so another model's there has no allocation in its trace
         self._caches_elsewhere: set[int] = set()

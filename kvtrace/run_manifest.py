@@ -21,6 +21,7 @@ import torch
 
 from kvtrace import format as fmt
 from kvtrace.geometry import model_geometry
+from kvtrace.model_forward import SubmoduleCall, running_submodule
 from kvtrace.options import RecordOptions
 
 if TYPE_CHECKING:
@@ -50,7 +51,11 @@ class RunManifest:
     _model_caches: set[int]
     _caches_in_generate: set[int]
     _caches_elsewhere: set[int]
+    _submodule_caches: dict[int, SubmoduleCall]
     _thread: int
+    _step_open: bool
+    _step_thread: int
+    _beside: dict[int, list[Any]]
     _calls: GenerateCalls | None
     _forwards_beside: int
     _ended_mid_forward: bool
@@ -117,11 +122,7 @@ class RunManifest:
             )
         updated = self._hf.updates_seen if self._hf is not None else 0
         if not steps and updated and self.model is not None and not paged:
-            warnings.append(
-                f"the KV cache was updated at layer 0 {updated} times, but never in a forward of the model "
-                f"passed to record() ({type(self.model).__name__}): another model generated, so the log has "
-                "no steps, and per-step figures and tokens/s are left out"
-            )
+            warnings.append(self._no_steps_warning(updated))
         if self._module_tokens_unknown and self._modules is not None:
             names = ", ".join(sorted({owner.attr for owner in self._modules.owners}))
             warnings.append(
@@ -140,6 +141,8 @@ class RunManifest:
         others = self._other_caches()
         if others:
             warnings.append(self._other_caches_warning(others, steps))
+        if steps and self._submodule_caches:
+            warnings.append(self._submodule_caches_warning())
         if self._forwards_beside:
             warnings.append(
                 f"{self._forwards_beside} of {steps} forward passes of the model began while another of its "
@@ -170,6 +173,43 @@ class RunManifest:
                 )
             warnings.append(warning)
         return warnings
+
+    def _no_steps_warning(self, updated: int) -> str:
+        """The model ran no forward, yet a cache was updated: in forwards of a submodule of the model called
+        directly (`model.model(...)`), when every cache was first updated in one, else another model's."""
+        head = (
+            f"the KV cache was updated at layer 0 {updated} times, but never in a forward of the model "
+            f"passed to record() ({type(self.model).__name__}): "
+        )
+        tail = "so the log has no steps, and per-step figures and tokens/s are left out"
+        caches = len(self._hf.ids_given()) if self._hf is not None else 0
+        if not self._submodule_caches or len(self._submodule_caches) < caches:
+            return f"{head}another model generated, {tail}"
+        call = next(iter(self._submodule_caches.values()))
+        warning = (
+            f"{head}in forwards of its submodule model{call.path} ({call.kind}), called directly, which "
+            f"begin no step, {tail}"
+        )
+        if call.record_path is not None:
+            warning += f"; record(model=model{call.record_path}) has them"
+        return warning
+
+    def _submodule_caches_warning(self) -> str:
+        """Caches first updated in forwards of a submodule of the model called directly, beside the model's
+        own forwards: theirs begin no step, so those updates are logged within the model's steps."""
+        cids = sorted(self._submodule_caches)
+        several = len(cids) > 1
+        call = self._submodule_caches[cids[0]]
+        warning = (
+            f"transformers cache{'s' if several else ''} {', '.join(str(cid) for cid in cids)} (the KV log's "
+            f"`cache`) {'were' if several else 'was'} updated in forwards of submodule model{call.path} "
+            f"({call.kind}) of the model passed to record() ({type(self.model).__name__}), called directly: "
+            "those forwards begin no step, so their updates are logged within the steps of the model's own "
+            "forwards"
+        )
+        if call.record_path is not None:
+            warning += f" (record(model=model{call.record_path}) makes them steps)"
+        return warning
 
     def _other_caches_warning(self, others: list[int], steps: int) -> str:
         """Another model's caches: counted in the KV totals, not the headline's; and, where the profiler's
@@ -233,12 +273,22 @@ class RunManifest:
     def _cache_made(self, cache_id: int) -> None:
         """A cache got its id (`HfCacheHooks.on_new_cache`), on the thread that first used it: one made inside
         the model's generate() on that thread (an assistant's draft cache) is part of the model's work; one
-        first used on another thread than the block's is in no memory event of the profiler's trace."""
-        if threading.get_ident() != self._thread:
+        first updated in a forward of the model on its thread (transformers makes a DynamicCache when none is
+        passed) is the model's own; one updated in a forward of a submodule of the model called directly
+        (`model.model(...)`) is no other model's either. One first used on another thread than the block's
+        is in no memory event of the profiler's trace."""
+        thread = threading.get_ident()
+        if thread != self._thread:
             self._caches_elsewhere.add(cache_id)
         calls = self._calls
         if calls is not None and calls.in_call():
             self._caches_in_generate.add(cache_id)
+        elif (self._step_open and thread == self._step_thread) or thread in self._beside:
+            self._model_caches.add(cache_id)
+        elif self.model is not None:
+            call = running_submodule(self.model)
+            if call is not None:
+                self._submodule_caches[cache_id] = call
 
     def _other_caches(self) -> list[int]:
         """The transformers caches of the log that no forward of the recorded model was given, first used
@@ -248,7 +298,7 @@ class RunManifest:
         paged = self._paged is not None and self._paged.owns_steps
         if hf is None or self.model is None or paged or not self.tracker.step:
             return []
-        mine = self._model_caches | self._caches_in_generate
+        mine = self._model_caches | self._caches_in_generate | self._submodule_caches.keys()
         return [cid for cid in hf.ids_given() if cid not in mine]
 
     def _write_manifest(self) -> None:

@@ -47,7 +47,7 @@ from analyzers.planning.diagnose_cache_remedies import (
     int4_remedy,
     windowed_remedies,
 )
-from analyzers.planning.diagnosis import NO_KV, NO_KV_HELD, Remedy, fits, no_geometry
+from analyzers.planning.diagnosis import NO_KV, NO_KV_HELD, NO_KV_IN_RUN, Remedy, fits, no_geometry
 from analyzers.summary import Report
 from analyzers.units import human_bytes
 
@@ -258,7 +258,8 @@ def price_remedies(
         )
         out.append(Remedy("static_cache", None, churn, fits(churn, need), text))
     else:
-        out.append(Remedy("static_cache", None, None, None, f"Static cache: {NO_KV}."))
+        why = NO_KV_IN_RUN if d.get("kv_logged") and kv_peak == 0 else NO_KV  # recorded, but no KV held
+        out.append(Remedy("static_cache", None, None, None, f"Static cache: {why}."))
 
     if kv and kv_bits:
         fp8 = round(kv * (1 - 8 / kv_bits)) if kv_bits > 8 else 0

@@ -13,7 +13,17 @@ from dataclasses import dataclass, field
 
 from analyzers.budget import BudgetCrossing
 
-__all__ = ["NO_GEOMETRY", "NO_KV", "NO_KV_HELD", "Diagnosis", "Remedy", "StackShare", "fits", "no_geometry"]
+__all__ = [
+    "NO_GEOMETRY",
+    "NO_KV",
+    "NO_KV_HELD",
+    "NO_KV_IN_RUN",
+    "Diagnosis",
+    "Remedy",
+    "StackShare",
+    "fits",
+    "no_geometry",
+]
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,7 @@ def fits(saved: int | None, shortfall: int | None) -> bool | None:
 NO_KV = "cannot be computed: this input has no KV cache figures (record the run with kvtrace.record)"
 NO_GEOMETRY = "cannot be computed: this input has no KV geometry (batch, tokens held; record with kvtrace)"
 NO_KV_HELD = "cannot be computed: no KV cache is held at this moment (the KV log shows none live)"
+NO_KV_IN_RUN = "cannot be computed: no KV cache was held in this run (the KV log shows none)"
 NO_GEOMETRY_HELD = "cannot be computed: the KV log does not say the batch and tokens held at this moment"
 
 

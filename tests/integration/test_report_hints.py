@@ -76,6 +76,24 @@ def test_a_run_that_shows_no_kv_update_says_why_it_may_be(tmp_path: Path) -> Non
     assert said in _out(["diagnose", str(tmp_path / "run2")])
 
 
+def test_diagnose_of_a_run_without_kv_says_none_was_held(tmp_path: Path) -> None:
+    # GIVEN a run recorded with kvtrace.record whose generate() holds no cache (use_cache=False)
+    ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    model = build_model(tiny_size(2))
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=False)
+    # WHEN it is diagnosed
+    data = json.loads(_out(["diagnose", str(tmp_path / "run"), "--json"]))
+    remedies = {r["kind"]: r["sentence"] for r in data["remedies"]}
+    # THEN the static-cache remedy says no KV cache was held, not that the run lacks KV figures
+    assert remedies["static_cache"] == (
+        "Static cache: cannot be computed: no KV cache was held in this run (the KV log shows none)."
+    )
+    assert remedies["quantized_kv"] == (
+        "Quantized KV: cannot be computed: no KV cache is held at this moment (the KV log shows none live)."
+    )
+
+
 def test_forward_passes_on_another_thread_are_counted(tmp_path: Path) -> None:
     # GIVEN generate() on a worker thread (as beside a TextIteratorStreamer), the profiler on
     model = build_model(tiny_size(2))

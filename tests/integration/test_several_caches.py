@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 import kvtrace
@@ -550,3 +550,122 @@ def test_thousands_of_caches_never_take_the_module_or_tracked_caches_ids(
         2000: (tracked_bytes, 0, tracked_tokens),
         2002: (hf_bytes, hf_bytes, tokens),
     }
+# The recorded model's own work, never another model's: B rows of P prompt tokens, then N one-token forwards
+OWN_ROWS, OWN_PROMPT, OWN_NEW = 2, 8, 5
+BASE_CALLED = (
+    "the KV cache was updated at layer 0 {updates} times, but never in a forward of the model passed to "
+    "record() (LlamaForCausalLM): in forwards of its submodule model.model (LlamaModel), called directly, "
+    "which begin no step, so the log has no steps, and per-step figures and tokens/s are left out; "
+    "record(model=model.model) has them"
+)
+
+
+def _own_ids(tokens: int, seed: int = 3) -> torch.Tensor:
+    return torch.randint(3, 1000, (OWN_ROWS, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_cache_made_in_the_models_own_forward_is_the_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    # GIVEN one forward of the recorded model with no cache passed (transformers makes a DynamicCache inside
+    # it): in eval mode without grad, or in train mode with its backward
+    model = build_model(tiny_size(LAYERS, KV_HEADS))
+    ids = _own_ids(OWN_PROMPT)
+    run = tmp_path / "run"
+    with torch.set_grad_enabled(mode == "train"), kvtrace.record(run, model=model, profiler=False):
+        if mode == "train":
+            model.train()
+            output = model(input_ids=ids, labels=ids)
+            output.loss.backward()
+        else:
+            output = model(input_ids=ids)
+    assert output.past_key_values.get_seq_length() == OWN_PROMPT
+    # WHEN it is reported
+    data = _cli_json(["report", str(run), "--no-export"], capsys)
+    manifest = json.loads((run / "manifest.json").read_text())
+    # THEN the cache is the model's own, no other model's: no warning, listed among the model's caches
+    assert manifest["warnings"] == [] and manifest["model_caches"] == [1] and "other_caches" not in manifest
+    assert not any(OTHER_MODEL in note for note in data["notes"])
+    # AND its KV is 1,024 B per position and row: 8 positions x 2 rows
+    kv = data["kv"]
+    assert (data["steps"], kv["tokens_held"], kv["batch"]) == (1, OWN_PROMPT, OWN_ROWS)
+    assert kv["final_bytes"] == PER_TOKEN * OWN_PROMPT * OWN_ROWS == 16_384
+
+
+def _base_model_loop(model: Any, cache: Any) -> None:
+    """The decoder backbone (`model.model`) run directly: a prefill of the prompt, then OWN_NEW one-token
+    forwards, on `cache`, with the cache positions a static cache needs."""
+    backbone = model.model
+    backbone(input_ids=_own_ids(OWN_PROMPT), cache=cache, cache_position=torch.arange(OWN_PROMPT))
+    for i in range(OWN_NEW):
+        position = torch.tensor([OWN_PROMPT + i])
+        backbone(input_ids=_own_ids(1, seed=10 + i), cache=cache, cache_position=position)
+
+
+def _cache_of(kind: str, config: Any, room: int) -> Any:
+    if kind == "dynamic":
+        return DynamicCache(config=config)
+    return StaticCache(config=config, max_cache_len=room)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_the_base_model_called_directly_is_named_not_another_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    # GIVEN record(model=model), and its decoder backbone `model.model` run directly on a cache: a prefill of
+    # 8 tokens and 5 one-token forwards
+    model = build_model(tiny_size(LAYERS, KV_HEADS))
+    config = model.config
+    room = 32
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        cache = _cache_of(kind, config, room)
+        _base_model_loop(model, cache)
+    # WHEN it is reported
+    data = _cli_json(["report", str(run), "--no-export"], capsys)
+    manifest = json.loads((run / "manifest.json").read_text())
+    # THEN the warning names the submodule and what to pass to record(), not another model
+    said = BASE_CALLED.format(updates=1 + OWN_NEW)
+    assert manifest["warnings"] == [said] and said in data["notes"]
+    # AND the KV figures are the cache's: 13 positions x 2 rows, a static cache's 32 slots a row
+    tokens = OWN_PROMPT + OWN_NEW
+    assert data["steps"] == 0
+    assert data["kv"]["final_bytes"] == PER_TOKEN * (tokens if kind == "dynamic" else room) * OWN_ROWS
+
+    # AND the remedy it says works: record(model=model.model) takes each forward for a step
+    again = tmp_path / "again"
+    with torch.no_grad(), kvtrace.record(again, model=model.model, profiler=False):
+        cache = _cache_of(kind, config, room)
+        _base_model_loop(model, cache)
+    data = _cli_json(["report", str(again), "--no-export"], capsys)
+    assert json.loads((again / "manifest.json").read_text())["warnings"] == []
+    assert (data["steps"], data["kv"]["tokens_held"], data["kv"]["batch"]) == (1 + OWN_NEW, tokens, OWN_ROWS)
+
+
+def test_a_cache_of_the_base_model_called_beside_the_models_forwards_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a forward of the recorded model (its own cache, 1), then its backbone run directly on a cache of
+    # its own (2)
+    model = build_model(tiny_size(LAYERS, KV_HEADS))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        own = model(input_ids=_own_ids(OWN_PROMPT)).past_key_values
+        cache = DynamicCache(config=model.config)
+        _base_model_loop(model, cache)
+    assert (own.get_seq_length(), cache.get_seq_length()) == (OWN_PROMPT, OWN_PROMPT + OWN_NEW)
+    # WHEN it is reported
+    data = _cli_json(["report", str(run), "--no-export"], capsys)
+    manifest = json.loads((run / "manifest.json").read_text())
+    # THEN cache 2 is named as the backbone's, called directly, not another model's
+    said = (
+        "transformers cache 2 (the KV log's `cache`) was updated in forwards of submodule model.model "
+        "(LlamaModel) of the model passed to record() (LlamaForCausalLM), called directly: those forwards "
+        "begin no step, so their updates are logged within the steps of the model's own forwards "
+        "(record(model=model.model) makes them steps)"
+    )
+    assert manifest["warnings"] == [said] and said in data["notes"]
+    assert manifest["model_caches"] == [1] and "other_caches" not in manifest
+    # AND both caches' KV is counted: 8 positions x 2 rows, and 13 x 2
+    assert data["kv"]["final_bytes"] == PER_TOKEN * (OWN_PROMPT + OWN_PROMPT + OWN_NEW) * OWN_ROWS
