@@ -26,6 +26,7 @@ mode always follows the same neighbour), medians:
     python benchmarks/recorder_overhead.py --cprofile free      # where kvtrace's time goes
     python benchmarks/recorder_overhead.py --floor --reps 5     # against the least any Python recorder pays
     python benchmarks/recorder_overhead.py --breakdown --reps 5 # the in-hooks time split by part
+    python benchmarks/recorder_overhead.py --cuda-sample        # a CUDA step's allocator read, on a CPU
 
 One intra-op thread: OpenMP spin-waits make a shared 2-core machine noisy, and what kvtrace adds (Python
 per layer update and per step) does not depend on it. No timing is asserted: this prints tables.
@@ -557,6 +558,80 @@ def profile_workload(work: Workload, scratch: Path, top: int) -> None:
     print("ncalls" + text.split("ncalls", 1)[1] if "ncalls" in text else text)
 
 
+# The CUDA caching allocator's stats as torch 2.13 returns them (`torch._C._cuda_memoryStats`): nine
+# per-pool counters and two oversize ones, each {current, peak, allocated, freed}, and six scalars.
+_POOLED_STATS = (
+    "allocation", "segment", "active", "inactive_split", "allocated_bytes", "reserved_bytes", "active_bytes",
+    "inactive_split_bytes", "requested_bytes",
+)  # fmt: skip
+_SCALAR_STATS = (
+    "num_alloc_retries", "num_ooms", "max_split_size", "num_sync_all_streams", "num_device_alloc",
+    "num_device_free",
+)  # fmt: skip
+
+
+def _allocator_stats(_device: Any = None) -> dict[str, Any]:
+    """A fresh nested dict in the layout and size of the allocator's (the C++ side builds one per call)."""
+    counter = {"current": 1 << 30, "peak": 1 << 31, "allocated": 1 << 32, "freed": 1 << 31}
+    stats: dict[str, Any] = {name: 0 for name in _SCALAR_STATS}
+    for name in _POOLED_STATS:
+        stats[name] = {pool: dict(counter) for pool in ("all", "small_pool", "large_pool")}
+    stats["oversize_allocations"] = dict(counter)
+    stats["oversize_segments"] = dict(counter)
+    return stats
+
+
+def cuda_sample_table(calls: int = 20000, rounds: int = 5) -> list[str]:
+    """µs per memory sample of a CUDA run's step, on a CPU: torch's own `memory_allocated`,
+    `memory_reserved` and `max_memory_allocated` (each a `memory_stats`: the allocator's stats flattened in
+    Python) against kvtrace's one `memory_stats_as_nested_dict` read. The C++ read is stood in by a nested
+    dict of the allocator's layout built per call (`_allocator_stats`), whose own cost is given; the torch
+    and kvtrace code timed is the real one. Medians of `rounds`."""
+    import torch
+
+    from kvtrace import memory_samples
+
+    def per_call(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - started) / calls * 1e6)
+        return statistics.median(times)
+
+    def torch_three() -> None:
+        torch.cuda.memory_allocated(0)
+        torch.cuda.memory_reserved(0)
+        torch.cuda.max_memory_allocated(0)
+
+    patched = [
+        (torch._C, "_cuda_memoryStats", _allocator_stats),
+        (torch.cuda.memory, "is_initialized", lambda: True),
+        (memory_samples, "_cuda_ready", lambda: True),
+    ]
+    saved = [(owner, name, getattr(owner, name, None)) for owner, name, _ in patched]
+    for owner, name, value in patched:
+        setattr(owner, name, value)
+    try:
+        stand_in = per_call(_allocator_stats)
+        before = per_call(torch_three)
+        after = per_call(lambda: memory_samples._cuda_fields(0))
+    finally:
+        for owner, name, value in saved:
+            if value is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+    return [
+        f"{'allocator read':<44} {'µs per sample':>14}",
+        f"{'stand-in for the C++ stats (each call)':<44} {stand_in:>14.1f}",
+        f"{'torch: memory_allocated + reserved + peak':<44} {before:>14.1f}",
+        f"{'kvtrace: one memory_stats_as_nested_dict':<44} {after:>14.1f}",
+        f"ratio {after / before:.2f}: {(before - after) / 32:.1f} µs per update less on a 32-layer step",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -575,6 +650,12 @@ def main(argv: list[str] | None = None) -> int:
         "--breakdown",
         action="store_true",
         help="only: in-hooks µs per update split by part (capture, lines, layer read, scan, sample, rest)",
+    )
+    parser.add_argument(
+        "--cuda-sample",
+        action="store_true",
+        help="only: µs per memory sample of a CUDA step's allocator figures, torch's three calls against "
+        "kvtrace's one read (the C++ stats stood in)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument(
@@ -596,6 +677,11 @@ def main(argv: list[str] | None = None) -> int:
     from kvtrace.llama import SIZES, ModelSize
 
     torch.set_num_threads(args.threads)
+    if args.cuda_sample:
+        print("\n0. a CUDA step's memory sample, allocator figures (no GPU: the C++ stats stood in)")
+        for line in cuda_sample_table():
+            print(line)
+        return 0
     started = time.perf_counter()
     print(
         f"kvtrace {kvtrace.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "

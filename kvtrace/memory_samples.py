@@ -62,16 +62,22 @@ def _cuda_fields(device: int | None = None) -> dict[str, Any]:
     """The caching allocator's figures of CUDA device `device` (None: the thread's current device, which
     `model.to("cuda:1")` does not change and a new thread starts at 0). `max_memory_allocated` is the
     device's peak since the process started or since the last `torch.cuda.reset_peak_memory_stats()`, which
-    kvtrace does not call (it would reset the user's own figure): not the recorded block's peak."""
+    kvtrace does not call (it would reset the user's own figure): not the recorded block's peak.
+
+    One read of the allocator's stats per sample (once per step): `torch.cuda.memory_allocated` and its
+    siblings each take `memory_stats`, which flattens the allocator's ~120 nested figures in Python, three
+    times a step (issue 11; `benchmarks/recorder_overhead.py --cuda-sample`). None of these syncs."""
     if not _cuda_ready():
         return {}
     if device is None:
         device = torch.cuda.current_device()
+    stats = torch.cuda.memory_stats_as_nested_dict(device)
+    allocated = stats.get("allocated_bytes", {}).get("all", {})
     return {
         "cuda_device": device,
-        "cuda_allocated_bytes": torch.cuda.memory_allocated(device),
-        "cuda_reserved_bytes": torch.cuda.memory_reserved(device),
-        "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        "cuda_allocated_bytes": allocated.get("current", 0),
+        "cuda_reserved_bytes": stats.get("reserved_bytes", {}).get("all", {}).get("current", 0),
+        "cuda_peak_allocated_bytes": allocated.get("peak", 0),
     }
 
 
