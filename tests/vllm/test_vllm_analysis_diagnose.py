@@ -21,7 +21,7 @@ import pytest
 
 from analyzers.engine import engine_figures, read_engine
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis, diagnose_engine
-from tests.vllm.workload import NEW_TOKENS, PROMPT_TOKENS, write_analysis_model
+from tests.vllm.workload import NEW_TOKENS, PROMPT_TOKENS, fp8_kv_unsupported, write_analysis_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
 
@@ -128,6 +128,7 @@ def test_suggested_max_num_seqs_avoids_every_preemption(
     assert _run(tiny_model, "-", POOL, max_seqs=seqs)["preemptions"] == 0
 
 
+@pytest.mark.skipif(fp8_kv_unsupported() is not None, reason=str(fp8_kv_unsupported()))
 def test_fp8_kv_avoids_every_preemption_as_diagnosed(
     tiny_model: Path, preempted: tuple[PreemptionDiagnosis, dict]
 ) -> None:
@@ -139,6 +140,7 @@ def test_fp8_kv_avoids_every_preemption_as_diagnosed(
     assert result["preemptions"] == 0
 
 
+@pytest.mark.skipif(fp8_kv_unsupported() is not None, reason=str(fp8_kv_unsupported()))
 def test_an_fp8_pool_is_named_fp8_not_its_uint8_storage(tiny_model: Path, tmp_path: Path) -> None:
     # GIVEN a run vLLM served with kv_cache_dtype='fp8': it keeps the pool in uint8 tensors
     _run(tiny_model, str(tmp_path / "fp8"), POOL, kv_dtype="fp8")

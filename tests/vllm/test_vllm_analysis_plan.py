@@ -23,7 +23,7 @@ from analyzers.planning.vllm_plan import (
     tensor_parallel_refusal,
 )
 from kvtrace.cli import main
-from tests.vllm.workload import write_analysis_model
+from tests.vllm.workload import fp8_kv_unsupported, write_analysis_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
 
@@ -117,6 +117,7 @@ print("KVTRACE-RESULT " + json.dumps({"num_gpu_blocks": blocks}), flush=True)
 """
 
 
+@pytest.mark.skipif(fp8_kv_unsupported() is not None, reason=str(fp8_kv_unsupported()))
 def test_plan_from_an_fp8_run_keeps_its_kv_dtype(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,7 +11,9 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvtrace import format as fmt
-from tests.vllm.workload import BLOCK_SIZE, POOL_BYTES, SIZE, run_script
+from tests.vllm.workload import BLOCK_SIZE, POOL_BYTES, SIZE, fp8_kv_unsupported, run_script
+
+pytestmark = pytest.mark.skipif(fp8_kv_unsupported() is not None, reason=str(fp8_kv_unsupported()))
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,17 @@ KV_BYTES_PER_TOKEN = SIZE.num_layers * 2 * SIZE.num_kv_heads * HEAD_DIM * DTYPE_
 BLOCK_BYTES = KV_BYTES_PER_TOKEN * BLOCK_SIZE
 POOL_BYTES = 16 * BLOCK_BYTES  # 16 blocks, one of them vLLM's null block: 15 x 32 = 480 usable tokens
 MAX_MODEL_LEN = 256
+
+
+def fp8_kv_unsupported() -> str | None:
+    """Why vLLM's CPU attention cannot hold an fp8 KV cache on this machine (it raises NotImplementedError
+    without AVX-512 or AMX, `vllm.v1.attention.backends.cpu_attn._get_attn_isa`), None where it can: the
+    same torch checks vLLM makes."""
+    import torch
+
+    if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_supported():
+        return None
+    return "vLLM's CPU build needs AVX-512 or AMX for an fp8 KV cache, and this CPU has neither"
 ROOT = Path(__file__).resolve().parents[2]
 REQUESTS, PROMPT_TOKENS, NEW_TOKENS = 8, 40, 48  # 8 x 88 tokens want 8 x 3 blocks: the pool holds 15
 
