@@ -304,6 +304,7 @@ def window_remedy(
         window = fitting[0] if fitting else 1
     held, peak = sliding_cache_bytes(layer_token, layers, window, prompt)
     saved = max(kv - peak, 0)
+    size = f"{window:,} token{'s' if window > 1 else ''}"
     if hybrid and window == model_window:
         change = (
             f"Making its {layers - sliding:,} full-attention layers slide at the model's own window of "
@@ -311,16 +312,16 @@ def window_remedy(
         )
     elif hybrid:
         change = (
-            f"A sliding window of {window:,} tokens on every layer (its {sliding:,} sliding layers keep "
-            f"{model_window:,} now)"
+            f"A sliding window of {size} on every layer (its {sliding:,} sliding layers' too, down from "
+            f"{model_window:,})"
         )
     else:
-        change = f"A sliding window of {window:,} tokens on every layer"
+        change = f"A sliding window of {size} on every layer"
     why = "each layer makes its new K and V before freeing the old ones"
     if prompt > window:
         why += f", and every layer holds the whole {prompt:,}-token prompt until its first decode step"
     text = (
-        f"{change} holds {human_bytes(held)} of KV at most once generation passes {window:,} tokens, "
+        f"{change} holds {human_bytes(held)} of KV at most once generation passes {size}, "
         f"{human_bytes(peak)} at its peak ({why})"
     )
     if saved:
@@ -332,6 +333,5 @@ def window_remedy(
         shorter = "; a shorter prompt is what lowers it" if prompt > window else ""
         text += f": no less than the {human_bytes(kv)} of KV at this moment{shorter}."
     if need is not None and need > 0 and saved < need:
-        size = f"{window:,} token{'s' if window > 1 else ''}"
         text = f"No sliding window fits, even of {size}: {text[0].lower()}{text[1:]}"
     return Remedy("sliding_window", window, saved, fits(saved, need), text)
