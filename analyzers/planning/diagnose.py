@@ -37,7 +37,9 @@ from analyzers.planning.diagnose_remedies import (
     compute_dtype_bits,
     growing_bytes_per_token,
     kv_dtype_bits,
+    layer_token_bytes,
     price_remedies,
+    sliding_layer_ids,
     sliding_layers,
 )
 from analyzers.planning.diagnose_stacks import freed_from_before, live_by_stack, snapshot_block_stacks
@@ -184,6 +186,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     rows_are_beams = False
     top_layers: tuple[tuple[int, int], ...] = ()
     top_cache_layers: tuple[tuple[int, int, int], ...] = ()
+    by_layer: dict[int, int] = {}
     batch, tokens_held = report.kv.batch, report.kv.tokens_held
     if kv_log is not None and kv_log.step_start_ns:
         # The moment is a timeline time, an event's t_ns / 1000.0 in a run without a trace: a step's start
@@ -202,7 +205,6 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             prompt = prompt_at_step(report, kv_log, held)
         if dev_index is not None and index >= 0 and not at_start:
             by_slot = kv_by_slot_at(source.devices[dev_index], index)
-            by_layer: dict[int, int] = {}
             for (_, layer), nbytes in by_slot.items():
                 by_layer[layer] = by_layer.get(layer, 0) + nbytes
             top_layers = tuple(sorted(by_layer.items(), key=lambda item: (-item[1], item[0])))[:8]
@@ -245,6 +247,13 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "bytes_per_token": growing_bytes_per_token(report),
         "windowed": all_windowed(report),
         "sliding_layers": sliding_layers(report),
+        # what a hybrid cache's layers hold at the moment: its sliding ones may hold the prompt then
+        "sliding_layer_ids": sliding_layer_ids(report),
+        "window": (report.geometry or {}).get("sliding_window"),
+        "layer_token_bytes": layer_token_bytes(report),
+        "kv_layers": len({layer.layer for layer in report.kv.per_layer}) or None,
+        "layer_bytes": by_layer,
+        "step_phase": phase,
         "prompt_tokens": prompt,
         "beams": beams,
         "rows_are_beams": rows_are_beams,

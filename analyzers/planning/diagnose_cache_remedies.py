@@ -1,6 +1,8 @@
 """The remedies whose price depends on what the cache is: rows that are beam search's beams (a smaller
 batch counted in prompts, fewer beams), layers that all slide (a shorter prompt, a smaller window), and
-transformers' int4 QuantizedCache (scales and a full-precision residual). Pure, torch-free.
+transformers' int4 QuantizedCache (scales and a full-precision residual), a hybrid cache's token of context
+(its sliding layers may hold the prompt at the moment), and the sliding window proposed to a cache that does
+not slide on every layer (priced as the all-sliding cache it would become). Pure, torch-free.
 
 analyzers.planning.diagnose_remedies prices the usual remedies and calls these when the run's cache is one
 of those kinds.
@@ -19,7 +21,15 @@ from analyzers.planning.quantized_cache import (
 )
 from analyzers.units import human_bytes
 
-__all__ = ["beam_search_remedies", "fewer_rows", "int4_remedy", "windowed_remedies"]
+__all__ = [
+    "beam_search_remedies",
+    "fewer_rows",
+    "int4_remedy",
+    "moment_bytes_per_token",
+    "sliding_cache_bytes",
+    "window_remedy",
+    "windowed_remedies",
+]
 
 
 def beam_search_remedies(
@@ -175,8 +185,8 @@ def windowed_remedies(
     and V before freeing the old ones; but at prefill its storage is the whole prompt, which it lets go of
     only at its first decode step. KV at the moment above the window's own (every layer's window plus one
     layer's new one) is that prompt: a shorter prompt frees it token by token, a smaller window does not."""
-    window_kv = per_token * (tokens + 1) * (1 + 1 / (num_layers or 1))
-    above = max(kv - round(window_kv), 0)
+    layers = num_layers or 1
+    above = max(kv - sliding_cache_bytes(per_token / layers, layers, tokens + 1, 0)[1], 0)
     out: list[Remedy] = []
     if above >= per_token:  # at least a token of prompt beyond the window
         holds = (
@@ -231,3 +241,97 @@ def windowed_remedies(
         saved, text = 0, "The window holds 1 token: there is no smaller one."
     out.append(Remedy("sliding_window", window if window >= 1 else None, saved, fits(saved, need), text))
     return out
+
+
+def moment_bytes_per_token(d: dict[str, object], batch: int) -> tuple[float, int] | None:
+    """(KV bytes a token of context costs across the batch, sliding layers that count) at the moment of a
+    hybrid cache whose sliding layers hold more than their window then: the prompt at prefill, which a
+    shorter one shrinks too. A sliding layer holding its window (or it and its new copy, mid-step) does not
+    follow the context. None when no sliding layer does, or the figures are missing."""
+    sliding, layer_token, layers = d.get("sliding_layer_ids"), d.get("layer_token_bytes"), d.get("kv_layers")
+    if d.get("windowed") or not isinstance(sliding, tuple) or not sliding:
+        return None
+    if not isinstance(layer_token, float) or not isinstance(layers, int) or not layers:
+        return None
+    one = layer_token * batch
+    held, window = d.get("layer_bytes"), d.get("window")
+    if isinstance(held, dict) and held and isinstance(window, int) and window:
+        at_window = (window, 2 * window)  # in tokens: its window, or it and its new copy mid-step
+        following = [
+            layer for layer in sliding if held.get(layer) and round(held[layer] / one) not in at_window
+        ]
+    elif d.get("step_phase") == "prefill":  # no bytes by layer: at prefill every layer holds the prompt
+        following = list(sliding)
+    else:
+        return None
+    if not following:
+        return None
+    return one * (layers - len(sliding) + len(following)), len(following)
+
+
+def sliding_cache_bytes(layer_token: float, layers: int, window: int, prompt: int) -> tuple[int, int]:
+    """(KV held once generation passes the window, KV peak) of a cache whose `layers` all slide at `window`,
+    `layer_token` the bytes of one token of one layer across the batch. Each layer keeps its window in a
+    storage of `window` positions and makes its new K and V before freeing the old ones; a prompt longer
+    than the window is held whole by every layer until its first decode step, while the first of them
+    makes its new window."""
+    held = layers * window * layer_token
+    peak = (layers * max(prompt, window) + window) * layer_token
+    return round(held), round(peak)
+
+
+def window_remedy(
+    kv: int,
+    layer_token: float,
+    layers: int,
+    target: int,
+    prompt: int,
+    need: int | None,
+    model_window: int | None = None,
+    sliding: int = 0,
+) -> Remedy:
+    """A sliding window for a cache that keeps every token on some layers: every layer sliding at the
+    window, priced as that cache's peak (`sliding_cache_bytes`), not as this moment's KV less the tokens
+    beyond it. `target` is the window a shorter context would propose; a hybrid model's `sliding` layers
+    already keep `model_window`, which a larger window would grow: it is proposed at most that, i.e. its
+    full layers sliding at the model's own window. With a shortfall, the largest window whose peak fits."""
+    hybrid = bool(sliding and model_window)
+    start = min(target, model_window) if hybrid and model_window else target
+    window = max(start, 1)
+    if need is not None and need > 0:
+        peaks = {w: sliding_cache_bytes(layer_token, layers, w, prompt)[1] for w in range(window, 0, -1)}
+        fitting = [w for w, peak in peaks.items() if kv - peak >= need]
+        window = fitting[0] if fitting else 1
+    held, peak = sliding_cache_bytes(layer_token, layers, window, prompt)
+    saved = max(kv - peak, 0)
+    size = f"{window:,} token{'s' if window > 1 else ''}"
+    if hybrid and window == model_window:
+        change = (
+            f"Making its {layers - sliding:,} full-attention layers slide at the model's own window of "
+            f"{window:,} tokens (a larger sliding_window would grow its {sliding:,} sliding layers)"
+        )
+    elif hybrid:
+        change = (
+            f"A sliding window of {size} on every layer (its {sliding:,} sliding layers' too, down from "
+            f"{model_window:,})"
+        )
+    else:
+        change = f"A sliding window of {size} on every layer"
+    why = "each layer makes its new K and V before freeing the old ones"
+    if prompt > window:
+        why += f", and every layer holds the whole {prompt:,}-token prompt until its first decode step"
+    text = (
+        f"{change} holds {human_bytes(held)} of KV at most once generation passes {size}, "
+        f"{human_bytes(peak)} at its peak ({why})"
+    )
+    if saved:
+        text += (
+            f": {human_bytes(saved)} less than the {human_bytes(kv)} at this moment, at the cost of "
+            "forgetting older tokens."
+        )
+    else:
+        shorter = "; a shorter prompt is what lowers it" if prompt > window else ""
+        text += f": no less than the {human_bytes(kv)} of KV at this moment{shorter}."
+    if need is not None and need > 0 and saved < need:
+        text = f"No sliding window fits, even of {size}: {text[0].lower()}{text[1:]}"
+    return Remedy("sliding_window", window, saved, fits(saved, need), text)

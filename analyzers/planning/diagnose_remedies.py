@@ -4,10 +4,14 @@ priced in bytes with this run's own figures. Pure, torch-free.
 * the shortfall a remedy must cover is `request - device_free` at an OOM (the allocator could not find
   a fresh segment that big; the reserved-but-free space is treated as unusable, which is what the OOM
   itself proves without expandable segments), or `peak - budget` when a budget is given;
-* KV scales linearly with batch and with the tokens held, so smaller batch, shorter context and a
-  sliding window are exact proportions of the KV at that moment (activations also shrink; we don't
-  count them, so the figures are lower bounds); batch and tokens are those held at the end of the
-  moment's step (the KV log's per-step figures), not the run's final count;
+* KV scales linearly with batch and with the tokens held, so smaller batch and shorter context are exact
+  proportions of the KV at that moment (activations also shrink; we don't count them, so the figures are
+  lower bounds); batch and tokens are those held at the end of the moment's step (the KV log's per-step
+  figures), not the run's final count; on a hybrid cache a token costs the full layers and the sliding
+  layers that hold more than their window at that moment (the prompt, at prefill);
+* a sliding window is priced as the cache with every layer sliding at it would peak (its new K and V made
+  before the old are freed, the prompt held whole until the first decode step), never as a window that
+  would grow the layers a hybrid model already slides;
 * a static cache removes the dynamic cache's reallocation transient: KV peak - KV final, from the KV log;
 * quantized KV keeps 8 bits an element (fp8), or is transformers' int4 QuantizedCache: int4 plus a scale
   and a zero-point per 64 elements in the model's dtype, the prompt quantized and the tokens after it at
@@ -45,6 +49,8 @@ from analyzers.planning.diagnose_cache_remedies import (
     beam_search_remedies,
     fewer_rows,
     int4_remedy,
+    moment_bytes_per_token,
+    window_remedy,
     windowed_remedies,
 )
 from analyzers.planning.diagnosis import NO_KV, NO_KV_HELD, NO_KV_IN_RUN, Remedy, fits, no_geometry
@@ -56,7 +62,9 @@ __all__ = [
     "compute_dtype_bits",
     "growing_bytes_per_token",
     "kv_dtype_bits",
+    "layer_token_bytes",
     "price_remedies",
+    "sliding_layer_ids",
     "sliding_layers",
 ]
 
@@ -101,6 +109,18 @@ def growing_bytes_per_token(report: Report) -> float | None:
     if not kv.batch:
         return None
     return sum((layer.k_bytes + layer.v_bytes) / layer.tokens for layer in others if layer.tokens) / kv.batch
+
+
+def layer_token_bytes(report: Report) -> float | None:
+    """KV bytes one token costs one layer of one sequence: the arithmetic, shared by the layers holding KV."""
+    layers = {layer.layer for layer in report.kv.per_layer}
+    expected = report.kv.bytes_per_token_expected
+    return expected / len(layers) if expected and layers else None
+
+
+def sliding_layer_ids(report: Report) -> tuple[int, ...]:
+    """The layers whose window let tokens go, by index."""
+    return tuple(sorted({layer.layer for layer in _windowed_layers(report)[0]}))
 
 
 def kv_dtype_bits(source: MemorySource, report: Report) -> int | None:
@@ -220,6 +240,12 @@ def price_remedies(
         # cache's spare room as if they grew with every token.
         steady = d.get("bytes_per_token")
         per_token = steady * batch if isinstance(steady, int | float) and steady and batch else kv / tokens
+        moment = moment_bytes_per_token(d, batch) if batch else None
+        held_too = ""
+        if moment is not None:  # sliding layers holding the prompt shrink with it
+            per_token, following = moment
+            layers_do = f"{following:,} sliding layers hold" if following > 1 else "sliding layer holds"
+            held_too = f"; its {layers_do} more than their window now"
         cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
         context = tokens - min(cut, tokens)
         saved = round(per_token * (tokens - max(context, 1)))
@@ -230,18 +256,13 @@ def price_remedies(
         elif context >= 1:
             text = (
                 f"A context of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
-                f"({human_bytes(per_token)} per token across the batch)."
-            )
-            window = (
-                f"A sliding window of {context:,} tokens caps KV at {human_bytes(kv - saved)} however "
-                "long generation runs, at the cost of forgetting older tokens."
+                f"({human_bytes(per_token)} per token across the batch{held_too})."
             )
         else:
             text = f"No shorter context fits: all {tokens:,} tokens of KV are only {human_bytes(kv)}."
-            window = f"No sliding window fits: even dropping all {human_bytes(kv)} of KV is not enough."
         if not d.get("windowed") and static is None:
             out.append(Remedy("context", context or None, saved, fits(saved, need), text))
-            out.append(Remedy("sliding_window", context or None, saved, fits(saved, need), window))
+            out.append(_window(d, kv, tokens, context, need, num_layers))
     else:
         out.append(Remedy("context", None, None, None, f"Shorter context: {unpriced}."))
         out.append(Remedy("sliding_window", None, None, None, f"Sliding window: {unpriced}."))
@@ -311,6 +332,28 @@ def price_remedies(
 
     out += _allocator_remedies(d, need, on_cuda)
     return _ranked(out)
+
+
+def _window(
+    d: dict[str, object], kv: int, tokens: int, context: int, need: int | None, num_layers: int | None
+) -> Remedy:
+    """The sliding window for a cache that keeps every token on some layers: every layer sliding at
+    (about) the shorter context's length, at most a hybrid model's own window (`window_remedy`)."""
+    layer_token, layers, batch = d.get("layer_token_bytes"), d.get("kv_layers") or num_layers, d["batch"]
+    if not isinstance(layer_token, float) or not isinstance(layers, int) or not isinstance(batch, int):
+        why = "cannot be priced: the KV geometry of a layer is not recorded"
+        return Remedy("sliding_window", None, None, None, f"Sliding window: {why}.")
+    prompt, window, sliding = d.get("prompt_tokens"), d.get("window"), d.get("sliding_layer_ids")
+    return window_remedy(
+        kv,
+        layer_token * batch,
+        layers,
+        tokens if need is not None and need > 0 else max(context, 1),
+        prompt if isinstance(prompt, int) else 0,
+        need,
+        window if isinstance(window, int) else None,
+        len(sliding) if isinstance(sliding, tuple) else 0,
+    )
 
 
 def _ranked(out: list[Remedy]) -> list[Remedy]:

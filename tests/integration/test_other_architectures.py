@@ -70,12 +70,18 @@ def test_plan_reads_the_kv_geometry_of_configs_transformers_writes(
 
 
 def _record_generate(
-    model: Any, run: Path, prompt: int = 11, new: int = 6, batch: int = 1, gpu_memory: int | None = None
+    model: Any,
+    run: Path,
+    prompt: int = 11,
+    new: int = 6,
+    batch: int = 1,
+    gpu_memory: int | None = None,
+    profiler: bool = False,
 ) -> Any:
     """Greedy generate() of `new` tokens after a `prompt`-token prompt (6 after 11 by default), recorded
     into `run` (output and cache)."""
     ids = torch.randint(3, 200, (batch, prompt), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False, gpu_memory=gpu_memory):
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler, gpu_memory=gpu_memory):
         return model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
             do_sample=False, pad_token_id=0, return_dict_in_generate=True,
@@ -122,6 +128,96 @@ def test_diagnose_prices_a_shorter_context_by_the_layers_that_keep_every_token(
     # THEN a context of 12 instead of 16 frees 4 tokens of the two global layers: 4 x 2 x 2 x 2 x 48 x 4 B
     context = remedies["context"]
     assert context["setting"] == 12 and context["saved_bytes"] == 4 * 2 * 2 * 2 * 48 * 4
+
+
+# 4 layers x 2 KV heads x 16 dims, fp32, at batch 2: one layer's K and V of one token of both rows
+_LAYER_TOKEN = 2 * 2 * 2 * 16 * 4  # 512 B
+_SMALL = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, vocab_size=256, max_position_embeddings=256,
+)  # fmt: skip
+
+
+def _gemma2(**overrides: Any) -> Any:
+    torch.manual_seed(0)
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**{**_SMALL, **overrides})).eval()
+
+
+def _diagnosis(run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["diagnose", str(run), "--json"]) == 0
+    return dict(json.loads(capsys.readouterr().out))
+
+
+def _kv(run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    return dict(json.loads(capsys.readouterr().out)["kv"])
+
+
+def test_diagnose_prices_a_hybrid_caches_shorter_prompt_by_every_layer_at_prefill(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN Gemma 2 (layers 0 and 2 slide at 8, 1 and 3 keep every token) at batch 2, a 12-token prompt and
+    # 16 new tokens, profiled: the run peaks at prefill, where every layer holds the whole prompt
+    _record_generate(_gemma2(sliding_window=8), tmp_path / "run", prompt=12, new=16, batch=2, profiler=True)
+    # WHEN it is diagnosed
+    diagnosis = _diagnosis(tmp_path / "run", capsys)
+    assert (diagnosis["step"], diagnosis["step_phase"]) == (1, "prefill")
+    assert diagnosis["kv_bytes"] == 4 * 12 * _LAYER_TOKEN
+    remedies = {r["kind"]: r for r in diagnosis["remedies"]}
+    # THEN a context 3 tokens shorter frees 3 tokens of all 4 layers, the sliding ones included
+    context = remedies["context"]
+    assert context["setting"] == 9 and context["saved_bytes"] == 3 * 4 * _LAYER_TOKEN
+    # AND a prompt of 9 holds that much less at the same moment
+    _record_generate(_gemma2(sliding_window=8), tmp_path / "p9", prompt=9, new=16, batch=2, profiler=True)
+    shorter = _diagnosis(tmp_path / "p9", capsys)
+    assert shorter["step_phase"] == "prefill"
+    assert shorter["kv_bytes"] == diagnosis["kv_bytes"] - context["saved_bytes"]
+    # AND no window helps at prefill: every layer sliding at the model's 8 still holds the prompt, and its
+    # first decode step makes layer 0's new 8 tokens before the prompt goes: (4 x 12 + 8) tokens
+    window = remedies["sliding_window"]
+    assert window["setting"] == 8 and window["saved_bytes"] == 0 and window["fits"] is None
+    assert "28.00 KiB at its peak" in window["sentence"]
+    slides = ["sliding_attention"] * 4
+    every = _gemma2(sliding_window=8, layer_types=slides)
+    _record_generate(every, tmp_path / "w8", prompt=12, new=16, batch=2)
+    assert _kv(tmp_path / "w8", capsys)["peak_bytes"] == (4 * 12 + 8) * _LAYER_TOKEN
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["llama", "gemma2-hybrid"])
+def test_diagnose_prices_a_sliding_window_as_the_cache_that_slides_would_peak(
+    hybrid: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN Llama (no window), or Gemma 2 whose layers 0 and 2 slide at 8, at batch 2 after 12 + 16 tokens
+    torch.manual_seed(0)
+    llama = transformers.LlamaConfig(**_SMALL)
+    model = _gemma2(sliding_window=8) if hybrid else transformers.LlamaForCausalLM(llama)
+    _record_generate(model.eval(), tmp_path / "run", prompt=12, new=16, batch=2)
+    # WHEN it is diagnosed at its KV peak (27 tokens held)
+    diagnosis = _diagnosis(tmp_path / "run", capsys)
+    assert diagnosis["tokens_held"] == 27
+    window = next(r for r in diagnosis["remedies"] if r["kind"] == "sliding_window")
+    # THEN the window proposed is the shorter context's 21 tokens on Llama, but on Gemma 2 the model's own 8
+    # (a larger one would grow its sliding layers): every layer keeps a storage of the window and makes
+    # its new K and V before freeing the old, and a 12-token prompt beyond a window of 8 is held whole
+    # until the first decode step
+    size = 8 if hybrid else 21
+    peak = (4 * max(12, size) + size) * _LAYER_TOKEN  # 28,672 B; 53,760 B
+    assert window["setting"] == size
+    assert window["saved_bytes"] == diagnosis["kv_bytes"] - peak
+    held = 4 * size * _LAYER_TOKEN
+    assert f"holds {held / 1024:.2f} KiB of KV at most" in window["sentence"]
+    assert f"{peak / 1024:.2f} KiB at its peak" in window["sentence"]
+    # AND recorded with every layer sliding at that window, the cache peaks and ends there
+    torch.manual_seed(0)
+    slides = ["sliding_attention"] * 4
+    remedied = (
+        _gemma2(sliding_window=size, layer_types=slides)
+        if hybrid
+        else transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=size, **_SMALL))
+    )
+    _record_generate(remedied.eval(), tmp_path / "slides", prompt=12, new=16, batch=2)
+    kv = _kv(tmp_path / "slides", capsys)
+    assert (kv["peak_bytes"], kv["final_bytes"]) == (peak, held)
 
 
 def test_a_hybrid_caches_bytes_per_token_divide_each_layers_bytes_by_its_own_tokens(
