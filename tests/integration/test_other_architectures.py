@@ -107,6 +107,14 @@ def test_a_multi_query_falcon_run_has_one_kv_head(tmp_path: Path, capsys: pytest
     assert kv["final_bytes"] == 4 * 2 * 1 * 16 * 4 * 16  # 16 tokens held: 11 + 6 - 1
 
 
+def _gemma2_window_8() -> Any:
+    """Gemma 2 of 4 layers, head_dim 48: layers 0 and 2 slide (window 8), layers 1 and 3 keep every token."""
+    return transformers.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=48, sliding_window=8, vocab_size=256, max_position_embeddings=256,
+    )  # fmt: skip
+
+
 def _diagnose_remedies(
     model: Any, run: Path, capsys: pytest.CaptureFixture[str], prompt: int = 11, new: int = 6
 ) -> dict[str, dict[str, Any]]:
@@ -119,10 +127,7 @@ def test_diagnose_prices_a_shorter_context_by_the_layers_that_keep_every_token(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN Gemma 2: layers 0 and 2 slide (window 8: they hold 7 tokens), layers 1 and 3 keep all 16
-    config = transformers.Gemma2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=48, sliding_window=8, vocab_size=256, max_position_embeddings=256,
-    )  # fmt: skip
+    config = _gemma2_window_8()
     torch.manual_seed(0)
     remedies = _diagnose_remedies(transformers.Gemma2ForCausalLM(config).eval(), tmp_path / "run", capsys)
     # THEN a context of 12 instead of 16 frees 4 tokens of the two global layers: 4 x 2 x 2 x 2 x 48 x 4 B
@@ -225,10 +230,7 @@ def test_a_hybrid_caches_bytes_per_token_divide_each_layers_bytes_by_its_own_tok
 ) -> None:
     # GIVEN Gemma 2 at batch 2 after 11 + 6 tokens: layers 1 and 3 keep all 16, layers 0 and 2 slide
     # (window 8: 7 tokens, in storages of 8 positions)
-    config = transformers.Gemma2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=48, sliding_window=8, vocab_size=256, max_position_embeddings=256,
-    )  # fmt: skip
+    config = _gemma2_window_8()
     torch.manual_seed(0)
     run = tmp_path / "run"
     _record_generate(transformers.Gemma2ForCausalLM(config).eval(), run, batch=2)
