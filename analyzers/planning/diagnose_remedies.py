@@ -244,8 +244,11 @@ def price_remedies(
         held_too = ""
         if moment is not None:  # sliding layers holding the prompt shrink with it
             per_token, following = moment
-            layers_do = f"{following:,} sliding layers hold" if following > 1 else "sliding layer holds"
-            held_too = f"; its {layers_do} more than their window now"
+            held_too = (
+                f"; its {following:,} sliding layers hold more than their window now"
+                if following > 1
+                else "; its sliding layer holds more than its window now"
+            )
         cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
         context = tokens - min(cut, tokens)
         saved = round(per_token * (tokens - max(context, 1)))
