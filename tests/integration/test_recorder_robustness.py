@@ -178,23 +178,29 @@ def test_ctrl_c_while_the_profiler_writes_its_trace_still_ends_the_run(
         signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", export_then_ctrl_c)
+    # (Python's own handler: a background job, `pytest &`, inherits SIGINT ignored from its shell, and the
+    # raised signal would then be dropped)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     forward_before = type(tiny_model).__dict__.get("forward")
     out_dir = tmp_path / "run"
     new_tokens = 4
     # WHEN a generate() ends its block normally, and the block's end is interrupted
-    with (
-        pytest.raises(KeyboardInterrupt),
-        torch.no_grad(),
-        kvtrace.record(out_dir, model=tiny_model, gzip_trace=gzip_trace),
-    ):
-        out = tiny_model.generate(
-            input_ids=prompt_batch.input_ids,
-            attention_mask=prompt_batch.attention_mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            return_dict_in_generate=True,
-        )
+    try:
+        with (
+            pytest.raises(KeyboardInterrupt),
+            torch.no_grad(),
+            kvtrace.record(out_dir, model=tiny_model, gzip_trace=gzip_trace),
+        ):
+            out = tiny_model.generate(
+                input_ids=prompt_batch.input_ids,
+                attention_mask=prompt_batch.attention_mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                return_dict_in_generate=True,
+            )
+    finally:
+        signal.signal(signal.SIGINT, handler)
     monkeypatch.undo()
 
     # THEN the Ctrl-C reached the caller, and every hook came off (the autouse fixture checks them all) ...
