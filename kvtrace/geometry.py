@@ -40,6 +40,17 @@ def kv_layer_slides(layer_types: Any) -> tuple[bool, ...] | None:
     return tuple(t.startswith(("sliding", "chunked")) for t in kv)
 
 
+def chunk_window(get: Callable[[str], Any], layer_types: Any) -> Any:
+    """The window a config's chunked-attention layers keep (Llama 4's `attention_chunk_size`), None when no
+    layer is chunked: transformers caches such a layer as a sliding one of that size (cache_utils: "from a
+    cache point of view, sliding and chunked are the same"), so it is the model's window, whatever its
+    `sliding_window` says. No family has both kinds, and the geometry's one window could not hold two."""
+    kinds = layer_types if isinstance(layer_types, list | tuple) else ()
+    if "chunked_attention" in kinds and "sliding_attention" not in kinds:
+        return get("attention_chunk_size")
+    return None
+
+
 def layer_kinds(layer_types: Any) -> tuple[int, int] | None:
     """(layers holding a KV cache, of which sliding or chunked) from a config's `layer_types`; None without
     one."""
@@ -107,7 +118,7 @@ def model_geometry(model: Any) -> dict[str, Any] | None:
             head_dim=head_dim,
             hidden_size=hidden,
             vocab_size=getattr(config, "vocab_size", None),
-            sliding_window=getattr(config, "sliding_window", None),
+            sliding_window=chunk_window(get, get("layer_types")) or get("sliding_window"),
             model_type=getattr(config, "model_type", None),
         )
         kinds = layer_kinds(getattr(config, "layer_types", None))

@@ -17,7 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["default_layer_types", "tied_by_default", "weights_estimate_note", "window_on_by_default"]
+__all__ = [
+    "LLAMA4_CHUNK",
+    "default_layer_types",
+    "tied_by_default",
+    "weights_estimate_note",
+    "window_on_by_default",
+]
 
 # The families whose weights `presets.param_count` counts as transformers builds them (tests check each
 # against the model built on the meta device); any other is counted as a Llama-style decoder, an estimate.
@@ -69,6 +75,10 @@ _TIED_BY_DEFAULT = frozenset(
 # Families whose config class declares `use_sliding_window: bool = False`: their `sliding_window` is only
 # a size until that flag turns it on (Qwen2Config.__post_init__ sets it to None otherwise).
 _WINDOW_OFF_BY_DEFAULT = frozenset({"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3"})
+
+
+# Llama4TextConfig's `attention_chunk_size` when a config leaves it out
+LLAMA4_CHUNK = 8192
 
 
 def tied_by_default(model_type: str) -> bool:
@@ -124,6 +134,13 @@ def default_layer_types(
     if model_type in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"):  # linear attention: no KV
         period = positive_int("full_attention_interval", get("full_attention_interval", 4))
         return ["linear_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+    if model_type in ("llama4", "llama4_text"):  # Llama4TextConfig: its RoPE layers are chunked
+        interval = positive_int("no_rope_layer_interval", get("no_rope_layer_interval", 4))
+        uses_rope = get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+        if not isinstance(uses_rope, list) or len(uses_rope) != layers:
+            return None
+        chunked = get("attention_chunk_size", LLAMA4_CHUNK) is not None
+        return ["chunked_attention" if chunked and rope else "full_attention" for rope in uses_rope]
     if model_type == "smollm3":  # its NoPE layers (`no_rope_layers` 0, every 4th by default) slide
         interval = positive_int("no_rope_layer_interval", get("no_rope_layer_interval", 4))
         no_rope = get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]

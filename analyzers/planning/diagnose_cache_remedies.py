@@ -306,13 +306,16 @@ def window_remedy(
     saved = max(kv - peak, 0)
     size = f"{window:,} token{'s' if window > 1 else ''}"
     if hybrid and window == model_window:
+        full = layers - sliding
         change = (
-            f"Making its {layers - sliding:,} full-attention layers slide at the model's own window of "
-            f"{window:,} tokens (a larger sliding_window would grow its {sliding:,} sliding layers)"
+            f"Making its {full:,} full-attention layer{'s' if full != 1 else ''} slide at the model's own "
+            f"window of {window:,} tokens (a larger sliding_window would grow its {sliding:,} sliding "
+            f"layer{'s' if sliding != 1 else ''})"
         )
     elif hybrid:
+        theirs = "sliding layers'" if sliding != 1 else "sliding layer's"
         change = (
-            f"A sliding window of {size} on every layer (its {sliding:,} sliding layers' too, down from "
+            f"A sliding window of {size} on every layer (its {sliding:,} {theirs} too, down from "
             f"{model_window:,})"
         )
     else:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from analyzers.planning.config_defaults import (
+    LLAMA4_CHUNK,
     default_layer_types,
     tied_by_default,
     weights_estimate_note,
@@ -22,7 +23,7 @@ from analyzers.planning.config_defaults import (
 )
 from analyzers.planning.gpt_blocks import gpt_block_fields
 from kvtrace.errors import KvtraceError, too_long_integer
-from kvtrace.geometry import cached_kv_heads, kv_heads_of, kv_layer_slides
+from kvtrace.geometry import cached_kv_heads, chunk_window, kv_heads_of, kv_layer_slides
 
 __all__ = [
     "DTYPE_BITS",
@@ -350,6 +351,11 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     if layer_types is None:
         layer_types = default_layer_types(fields, model_type, layers, sliding_window, positive_int)
     slides = kv_layer_slides(layer_types)
+    if model_type in ("llama4", "llama4_text"):
+        fields.setdefault("attention_chunk_size", LLAMA4_CHUNK)
+    chunk = chunk_window(fields.get, layer_types)
+    if chunk is not None:  # chunked layers (Llama 4) are cached as sliding ones of the chunk's size
+        sliding_window = positive_int("attention_chunk_size", chunk)
     name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
     gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text")
     block = gpt_block_fields(fields, model_type, hidden, positive_int, str(config_path))

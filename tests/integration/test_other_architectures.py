@@ -375,8 +375,13 @@ def test_plan_keeps_the_models_own_windows(
             num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=2,
             vocab_size=256,
         ),
+        lambda: transformers.Llama4TextConfig(
+            hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_chunk_size=8,
+            num_local_experts=2, vocab_size=256,
+        ),
     ],
-    ids=["gemma2-sliding-first", "qwen2-full-first"],
+    ids=["gemma2-sliding-first", "qwen2-full-first", "llama4-chunked"],
 )  # fmt: skip
 def test_plan_replays_a_step_in_the_models_layer_order(
     make: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -400,6 +405,33 @@ def test_plan_replays_a_step_in_the_models_layer_order(
     head_dim = getattr(config, "head_dim", None) or 64 // 4
     per_layer_token = 2 * 2 * head_dim * 4 * 2  # K and V, 2 heads, 2 rows, fp32
     assert planned["kv_prefill_bytes"] == 4 * 30 * per_layer_token
+    # ... and the run's manifest keeps the window its layers slide at (Llama 4's chunk, 8)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["model"]["sliding_window"] == 8
+
+
+def test_diagnose_offers_a_llama4s_full_layers_its_chunk_as_their_window(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a Llama 4 whose 3 RoPE layers attend in chunks of 8 and whose 4th (NoPE) layer keeps every token
+    config = transformers.Llama4TextConfig(
+        hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_chunk_size=8,
+        num_local_experts=2, vocab_size=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _record_generate(model, tmp_path / "run", prompt=20, new=6, batch=2)
+    # WHEN its peak is diagnosed
+    assert main(["diagnose", str(tmp_path / "run"), "--json"]) == 0
+    remedies = json.loads(capsys.readouterr().out)["remedies"]
+    # THEN the window proposed is the chunk the 3 layers already keep, for the one layer that does not
+    window = next(r for r in remedies if r["kind"] == "sliding_window")
+    assert window["setting"] == 8
+    assert window["sentence"].startswith(
+        "Making its 1 full-attention layer slide at the model's own window of 8 tokens (a larger "
+        "sliding_window would grow its 3 sliding layers)"
+    )
 
 
 def test_the_arithmetic_of_a_latent_attention_cache_follows_its_tensors(
@@ -543,6 +575,8 @@ def _cache_tensors(out: Any) -> list[torch.Tensor]:
         ("qwen2_moe", {"use_sliding_window": True, "max_window_layers": 7, "num_experts": 4}),
         ("qwen3_next", {"full_attention_interval": 3, "num_experts": 4}),
         ("smollm3", {"use_sliding_window": True}),
+        ("llama4_text", {"attention_chunk_size": 6}),  # its RoPE layers chunk, at 6 (not at the window)
+        ("llama4_text", {"no_rope_layer_interval": 3, "num_local_experts": 2}),  # chunks of 8192
         ("mistral", {}),  # no rule: every layer slides
     ],
 )
