@@ -90,19 +90,22 @@ class ModelGeometry:
     shared_intermediate_size: int = 0
     shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert (hidden x 1)
     qkv_bias: bool = False  # Qwen2's q/k/v projections carry biases
-    qk_norm: bool = False  # Qwen3's and Gemma 3's RMSNorm of q and k per head (head_dim each)
+    qk_norm: bool = False  # q and k normed per head (head_dim): Qwen3, Gemma 3 (RMSNorm), Phi (LayerNorm)
     layer_norms: int = 2  # norm weight vectors per layer: Gemma 2 and 3 also norm each block's output
     mla: MlaShape | None = None  # multi-head latent attention (DeepSeek-V2/V3)
     # KV heads transformers' cache holds when not num_kv_heads (Falcon's new decoder architecture repeats
     # its KV heads for every query head before caching them; vLLM caches num_kv_heads)
     cached_kv_heads: int | None = None
-    # GPT-2-style blocks (GPT-2, GPT-BigCode, Falcon, OPT: `gpt_blocks`)
+    # GPT-2-style blocks (GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi: `gpt_blocks`), and bias flags
     mlp_matrices: int = 3  # gate, up and down (Llama); 2: up and down
-    linear_bias: bool = False  # every attention projection (q, k, v, output) and MLP matrix has a bias
+    attention_bias: bool = False  # every attention projection (q, k, v, output) has a bias
+    mlp_bias: bool = False  # every MLP matrix has a bias (dense layers and shared experts)
     norm_bias: bool = False  # LayerNorms: a bias beside each norm's weight (RMSNorm has none)
     final_norm: bool = True  # a norm after the last layer (OPT without `do_layer_norm_before`: none)
     position_embeddings: int = 0  # rows of a learned position table (GPT-2's n_positions; OPT's + 2)
     embedding_size: int | None = None  # OPT's word_embed_proj_dim: embeddings this wide, projected in/out
+    embedding_norm: bool = False  # Bloom's norm of the embeddings, before the first layer
+    lm_head_bias: bool = False  # Phi's lm_head has a bias (its own, even when the weight is tied)
     # The longest context the model takes, as vLLM derives its limit on max_model_len from the config: the
     # smallest of max_position_embeddings and its other names (n_positions, max_seq_len, seq_length, ...;
     # model_max_length wins), times the factor of a linear or dynamic RoPE scaling. None: the config gives
@@ -203,42 +206,51 @@ def _attention_params(geom: ModelGeometry) -> int:
             query = hidden * heads * q_head
         latent = hidden * (mla.kv_lora_rank + mla.qk_rope_head_dim) + mla.kv_lora_rank  # with its RMSNorm
         up = mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim)
-        return query + latent + up + heads * mla.v_head_dim * hidden
+        bias = 0
+        if geom.attention_bias:  # the down-projections' (q and latent) and the output's
+            bias = (mla.q_lora_rank or 0) + mla.kv_lora_rank + mla.qk_rope_head_dim + hidden
+        return query + latent + up + heads * mla.v_head_dim * hidden + bias
     q_width = heads * geom.head_dim
     kv_width = geom.num_kv_heads * geom.head_dim
     params = 2 * hidden * q_width + 2 * hidden * kv_width
-    if geom.qkv_bias or geom.linear_bias:
+    if geom.qkv_bias or geom.attention_bias:
         params += q_width + 2 * kv_width
-    if geom.linear_bias:  # the output projection's
+    if geom.attention_bias:  # the output projection's
         params += hidden
-    if geom.qk_norm:
-        params += 2 * geom.head_dim
+    if geom.qk_norm:  # Phi's are LayerNorms: a bias beside each weight
+        params += 2 * geom.head_dim * (2 if geom.norm_bias else 1)
     return params
+
+
+def _mlp_params(geom: ModelGeometry, intermediate: int, matrices: int) -> int:
+    """One MLP of `intermediate` units: its matrices and, with `mlp_bias`, a bias on each."""
+    bias = (matrices - 1) * intermediate + geom.hidden_size if geom.mlp_bias else 0
+    return matrices * geom.hidden_size * intermediate + bias
 
 
 def _moe_mlp_params(geom: ModelGeometry) -> int:
     hidden = geom.hidden_size
     routed = geom.experts * (3 * hidden * geom.expert_intermediate_size + hidden)  # + its router row
-    shared = 3 * hidden * geom.shared_intermediate_size + (hidden if geom.shared_expert_gate else 0)
-    return routed + shared
+    shared = _mlp_params(geom, geom.shared_intermediate_size, 3) if geom.shared_intermediate_size else 0
+    return routed + shared + (hidden if geom.shared_expert_gate else 0)
 
 
 def param_count(geom: ModelGeometry) -> int:
     """Exact parameter count of a Llama-style model, its mixture-of-experts and latent-attention variants,
-    and the GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon and OPT.
+    and the GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom and Phi.
 
-    Counted: token embeddings (and OPT's projections in and out of narrower ones) and a learned position
-    table; per layer the attention projections (with biases: Qwen2's on q/k/v, the GPT-2 families' on all
-    four; Qwen3's q/k norms, or DeepSeek's latent projections and norms), the gate/up/down MLP (up/down in
-    the GPT-2 families, with biases) or, on MoE layers, every expert, the router and the shared experts, and
-    the norms (two RMSNorm weight vectors; four in Gemma 2 and 3; LayerNorms also have a bias); the final
-    norm; and the lm_head unless it shares the embedding matrix. Other biases (GPT-OSS) are not counted.
+    Counted: token embeddings (and OPT's projections in and out of narrower ones, Bloom's norm of them) and
+    a learned position table; per layer the attention projections (with biases: Qwen2's on q/k/v, the
+    GPT-2 families' and `attention_bias` ones on all four; Qwen3's and Phi's q/k norms, or DeepSeek's latent
+    projections and norms), the gate/up/down MLP (up/down in the GPT-2 families; with `mlp_bias`, biases)
+    or, on MoE layers, every expert, the router and the shared experts, and the norms (two RMSNorm weight
+    vectors; four in Gemma 2 and 3, one in Phi; LayerNorms also have a bias); the final norm; and the
+    lm_head unless it shares the embedding matrix (Phi's bias counted either way). Other biases (GPT-OSS)
+    are not counted.
     """
     hidden = geom.hidden_size
     dense_layers = geom.num_layers - geom.moe_layers
-    dense_mlp = geom.mlp_matrices * hidden * geom.intermediate_size
-    if geom.linear_bias:
-        dense_mlp += geom.intermediate_size + hidden
+    dense_mlp = _mlp_params(geom, geom.intermediate_size, geom.mlp_matrices)
     mlp = dense_layers * dense_mlp + geom.moe_layers * _moe_mlp_params(geom)
     norm = 2 * hidden if geom.norm_bias else hidden
     per_layer = _attention_params(geom) + geom.layer_norms * norm
@@ -246,7 +258,11 @@ def param_count(geom: ModelGeometry) -> int:
     embeddings = geom.vocab_size * width + geom.position_embeddings * hidden
     if width != hidden:  # OPT's project_in and project_out
         embeddings += 2 * width * hidden
+    if geom.embedding_norm:
+        embeddings += norm
     lm_head = 0 if geom.tie_word_embeddings else geom.vocab_size * width
+    if geom.lm_head_bias:
+        lm_head += geom.vocab_size
     final_norm = norm if geom.final_norm else 0
     return embeddings + geom.num_layers * per_layer + mlp + final_norm + lm_head
 
@@ -260,11 +276,12 @@ def weights_bytes(geom: ModelGeometry, dtype: str) -> int:
     return dtype_bytes_for(dtype, param_count(geom))
 
 
-# Other names of the required fields, as transformers maps them (GPT-2 / GPT-BigCode, Falcon, OPT, T5-style).
+# Other names of the required fields, as transformers maps them (GPT-2 / GPT-BigCode, Falcon, OPT, Bloom,
+# T5-style).
 _ALIASES: dict[str, tuple[str, ...]] = {
     "num_hidden_layers": ("n_layer", "num_layers"),
     "num_attention_heads": ("n_head", "num_heads"),
-    "hidden_size": ("n_embd", "d_model"),
+    "hidden_size": ("n_embd", "n_embed", "d_model"),  # n_embed: Bloom's
     "intermediate_size": ("n_inner", "ffn_hidden_size", "d_ff", "ffn_dim"),  # ffn_dim: OPT's
 }
 _FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
@@ -309,8 +326,11 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         for other in others:
             if fields.get(standard) is None and fields.get(other) is not None:
                 fields[standard] = fields[other]
-    if fields.get("intermediate_size") is None and fields.get("hidden_size") and _FOUR_X_MLP & fields.keys():
-        fields["intermediate_size"] = 4 * fields["hidden_size"]  # GPT-2's n_inner / Falcon's default: 4x
+    model_type = str(fields.get("model_type") or "")
+    # GPT-2's n_inner and Falcon's ffn_hidden_size default to 4x; Bloom's MLP is 4x whatever n_inner says
+    four_x = fields.get("intermediate_size") is None and _FOUR_X_MLP & fields.keys()
+    if fields.get("hidden_size") and (four_x or model_type == "bloom"):
+        fields["intermediate_size"] = 4 * fields["hidden_size"]
 
     missing = [name for name in _REQUIRED_FIELDS if fields.get(name) is None]
     if missing:
@@ -339,7 +359,6 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     else:
         head_dim = positive_int("head_dim", head_dim_raw)
 
-    model_type = str(fields.get("model_type") or "")
     window_raw = fields.get("sliding_window")
     window_on = fields.get("use_sliding_window", window_on_by_default(model_type))
     window_enabled = window_on is not False and window_raw != 0  # 0: none
@@ -374,8 +393,8 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         sliding_layers=sum(slides) if slides is not None else None,
         layer_slides=slides,
         **_experts(fields, layers, positive_int),
-        qkv_bias=model_type in ("qwen2", "qwen2_moe"),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text"),
+        qkv_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and bool(fields.get("qkv_bias", True))),
+        qk_norm=block.pop("qk_norm", model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")),
         layer_norms=block.pop("layer_norms", 4 if gemma_norms else 2),
         mla=_mla(fields, positive_int),
         max_position_embeddings=max_positions(fields, model_type),

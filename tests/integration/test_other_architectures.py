@@ -622,16 +622,24 @@ _GEMMA_2_9B = {
 }  # fmt: skip
 
 
+# Bloom as its older configs have it: the width as `n_embed` (BloomConfig reads it as hidden_size), and an
+# `n_inner` its MLP ignores (always 4x); no `tie_word_embeddings` (BloomConfig ties them)
+_BLOOM = {
+    "model_type": "bloom", "n_embed": 64, "n_layer": 2, "num_attention_heads": 4, "n_inner": 96,
+    "vocab_size": 256,
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "raw",
-    [_GEMMA_7B, _GEMMA_2_9B, _published_config("gemma3_text", num_hidden_layers=6)],
-    ids=["gemma-7b", "gemma-2-9b", "gemma3"],
+    [_GEMMA_7B, _GEMMA_2_9B, _published_config("gemma3_text", num_hidden_layers=6), _BLOOM],
+    ids=["gemma-7b", "gemma-2-9b", "gemma3", "bloom-n-embed"],
 )
 def test_plan_weighs_a_published_config_as_transformers_builds_it(
     raw: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN a Gemma config.json that does not say whether the lm_head is tied, and the model transformers
-    # builds from it (on the meta device: only the shapes)
+    # GIVEN a Gemma (or Bloom) config.json that does not say whether the lm_head is tied, and the model
+    # transformers builds from it (on the meta device: only the shapes)
     (tmp_path / "config.json").write_text(json.dumps(raw))
     config = transformers.AutoConfig.for_model(**raw)
     with torch.device("meta"):
@@ -650,8 +658,8 @@ def test_plan_weighs_a_published_config_as_transformers_builds_it(
 def test_plan_says_its_weights_are_an_estimate_for_a_family_it_does_not_lay_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN GPT-NeoX (two MLP matrices with biases, LayerNorms), a layout the planner does not model
-    config = transformers.GPTNeoXConfig(**{k: v for k, v in _LLAMA.items() if k != "num_key_value_heads"})
+    # GIVEN StableLM (a Llama's matrices, but LayerNorms with biases), a layout the planner does not model
+    config = transformers.StableLmConfig(**_LLAMA)
     config.save_pretrained(tmp_path / "config")
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -661,7 +669,7 @@ def test_plan_says_its_weights_are_an_estimate_for_a_family_it_does_not_lay_out(
     planned = json.loads(capsys.readouterr().out)
     # THEN its weights, weighed as a Llama's, are not the model's, and the plan says they are an estimate
     assert planned["weights_bytes"] != true_bytes
-    assert any("'gpt_neox' is weighed as a Llama-style decoder" in note for note in planned["notes"])
+    assert any("'stablelm' is weighed as a Llama-style decoder" in note for note in planned["notes"])
 
 
 def test_plan_ties_the_lm_head_when_the_familys_config_class_does() -> None:
@@ -725,6 +733,13 @@ _LLAMA = {
     "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "vocab_size": 256,
 }  # fmt: skip
+_MHA = {k: v for k, v in _LLAMA.items() if k != "num_key_value_heads"}  # GPT-NeoX has no GQA
+_BLOOM_SHAPE = {"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256}
+_LATENT = {
+    "q_lora_rank": 24, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 24,
+    "n_routed_experts": 4, "n_shared_experts": 2, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+    "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, **_MHA, "num_key_value_heads": 4,
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -752,11 +767,33 @@ _LLAMA = {
         transformers.GemmaConfig(**_LLAMA, head_dim=32),
         transformers.Gemma2Config(**_LLAMA, head_dim=32),
         transformers.Gemma3TextConfig(**_LLAMA, head_dim=32),
+        # Llama-style blocks with the biases their config asks for: q, k, v and output; every MLP matrix
+        transformers.LlamaConfig(**_LLAMA, attention_bias=True),
+        transformers.LlamaConfig(**_LLAMA, mlp_bias=True, tie_word_embeddings=True),
+        transformers.Qwen3Config(**_LLAMA, head_dim=32, attention_bias=True),
+        transformers.Gemma2Config(**_LLAMA, head_dim=32, attention_bias=True),
+        transformers.Qwen2MoeConfig(**_LLAMA, num_experts=4, moe_intermediate_size=32, qkv_bias=False),
+        transformers.DeepseekV2Config(**_LATENT, attention_bias=True, mlp_bias=True),
+        transformers.DeepseekV3Config(**{**_LATENT, "q_lora_rank": None}, attention_bias=True),
+        # GPT-NeoX (Pythia): a fused qkv, an up/down MLP with biases, two LayerNorms a layer
+        transformers.GPTNeoXConfig(**_MHA),
+        transformers.GPTNeoXConfig(**_MHA, attention_bias=False, tie_word_embeddings=True),
+        # Bloom: a LayerNorm of the embeddings, a 4x MLP; tied lm_head
+        transformers.BloomConfig(**_BLOOM_SHAPE),
+        transformers.BloomConfig(
+            hidden_size=96, n_layer=3, n_head=6, vocab_size=128, tie_word_embeddings=False
+        ),
+        # Phi (phi-2): one LayerNorm a layer, biases everywhere, the lm_head's too; LayerNorms of q and k
+        transformers.PhiConfig(**_MHA),
+        transformers.PhiConfig(**_LLAMA, qk_layernorm=True, tie_word_embeddings=True),
     ],
     ids=[
         "gpt2", "gpt2-untied", "gpt-bigcode-mqa", "gpt-bigcode-mha", "falcon-7b", "falcon-sequential-bias",
         "falcon-40b", "falcon-new-one-norm", "falcon-untied", "opt", "opt-350m", "opt-no-bias-no-affine",
         "opt-no-final-norm", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3",
+        "llama-attention-bias", "llama-mlp-bias-tied", "qwen3-attention-bias", "gemma2-attention-bias",
+        "qwen2-moe-no-qkv-bias", "deepseek-v2-biases", "deepseek-v3-attention-bias", "gpt-neox",
+        "gpt-neox-no-attention-bias-tied", "bloom", "bloom-untied", "phi", "phi-qk-layernorm-tied",
     ],
 )  # fmt: skip
 def test_plan_weighs_each_family_as_transformers_builds_it(
@@ -770,9 +807,40 @@ def test_plan_weighs_each_family_as_transformers_builds_it(
     assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) == 0, capsys.readouterr().err
     planned = json.loads(capsys.readouterr().out)
     # THEN the weights are the model's parameters at 2 B each (a tied lm_head counted once): GPT-2's,
-    # Falcon's and OPT's MLPs have two matrices, and their biases, LayerNorms' biases, learned positions
-    # (OPT's 2 rows longer) and OPT's projections in and out are there
+    # Falcon's, OPT's, GPT-NeoX's, Bloom's and Phi's MLPs have two matrices, and their biases, LayerNorms'
+    # biases, learned positions (OPT's 2 rows longer), OPT's projections in and out, Bloom's embedding norm,
+    # Phi's lm_head bias and the biases a Llama-style config asks for are there
     assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.parameters())
+    # ... and the plan does not call them an estimate
+    assert not [note for note in planned["notes"] if note.startswith("weights:")]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        transformers.GPTNeoXConfig(**_MHA),
+        transformers.BloomConfig(**_BLOOM_SHAPE),
+        transformers.PhiConfig(**_LLAMA),
+    ],
+    ids=["gpt-neox", "bloom", "phi-gqa"],
+)
+def test_plan_holds_the_kv_these_families_caches_hold(
+    config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a 5-token prompt through the model, into transformers' cache (Bloom's as every other's now)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    cache = transformers.DynamicCache(config=config)
+    with torch.no_grad():
+        model(torch.randint(3, 200, (1, 5)), past_key_values=cache, use_cache=True)
+    config.save_pretrained(tmp_path / "config")
+    # WHEN it is planned at a context of 6 (the prompt and one new token, which generate() never writes)
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--context", "6", "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    # THEN the KV is what its cache holds: 2 layers x K and V x 5 tokens x its KV heads x 16 x 4 B
+    held = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    assert data["kv_bytes"] == sum(t.nbytes for t in held) == 2 * 2 * 5 * kv_heads * 16 * 4
 
 
 def test_plan_refuses_a_gpt2_decoder_with_cross_attention(
