@@ -40,26 +40,44 @@ from kvtrace.format import Run, read_run
 from kvtrace.run_lock import holder
 
 
-def _kv_only_device(device: str, events: list[Any]) -> DeviceEvents:
+def _kv_only_devices(devices: list[str], events: list[Any]) -> list[DeviceEvents]:
     """Without a profiler trace (profiler=False), the KV log's own alloc/free pairs are the events, in the
     log's order: a replacement's new storage before the old one's free (the transient copy), even when
     both carry the same clock reading. A storage is live from the first event showing its address to its
-    `freed` (as analyzers.kv_log replays it)."""
-    rows: list[tuple[float, int, int]] = []
-    live: dict[int, int] = {}
+    `freed` (as analyzers.kv_log replays it), on the device its event names: a cache split over devices (an
+    offloaded cache, a `device_map` that puts layers on the CPU) counts each layer where it sits. A `freed`
+    line names no device: it frees the storage where its address is live. `devices`: each one a
+    `DeviceEvents`, in this order (those of the weights too, which may hold no KV)."""
+    rows: dict[str, list[tuple[float, int, int]]] = {device: [] for device in devices}
+    live: dict[int, tuple[str, int]] = {}  # address -> (its device, its bytes)
     for ev in events:
         if ev.event == "freed":
-            if ev.addr in live:
-                rows.append((ev.t_ns / 1000.0, ev.addr, -live.pop(ev.addr)))
+            held = live.pop(ev.addr, None)
+            if held is not None:
+                rows[held[0]].append((ev.t_ns / 1000.0, ev.addr, -held[1]))
         elif ev.addr and ev.addr not in live and ev.event != "written":
-            live[ev.addr] = ev.storage_bytes
-            rows.append((ev.t_ns / 1000.0, ev.addr, ev.storage_bytes))
-    return DeviceEvents(
-        device=device,
-        ts_us=np.array([r[0] for r in rows], dtype=np.float64),
-        addr=np.array([r[1] for r in rows], dtype=np.int64),
-        delta_bytes=np.array([r[2] for r in rows], dtype=np.int64),
-    )
+            device = normal_device(ev.device) if ev.device else devices[0]
+            live[ev.addr] = (device, ev.storage_bytes)
+            rows.setdefault(device, []).append((ev.t_ns / 1000.0, ev.addr, ev.storage_bytes))
+    return [
+        DeviceEvents(
+            device=device,
+            ts_us=np.array([r[0] for r in device_rows], dtype=np.float64),
+            addr=np.array([r[1] for r in device_rows], dtype=np.int64),
+            delta_bytes=np.array([r[2] for r in device_rows], dtype=np.int64),
+        )
+        for device, device_rows in rows.items()
+    ]
+
+
+def _kv_log_devices(run: Any) -> list[str]:
+    """The devices a run without allocator events has figures for: those its KV log and its weights name,
+    the run's own device (the manifest's) first; "cpu" when none is named."""
+    named = {normal_device(e.device) for e in run.kv_events if e.device}
+    named |= {normal_device(w.device) for w in run.weights if w.device}
+    own = run.manifest.get("device", {})
+    main = f"{own.get('type')}:{own.get('index', 0)}" if own.get("type") not in (None, "cpu") else "cpu"
+    return sorted(named, key=lambda device: (device != main, device)) or ["cpu"]
 
 
 NO_MEMORY_EVENTS_NOTE = (
@@ -321,8 +339,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             note = NO_MEMORY_EVENTS_NOTE
         source.meta.setdefault("input_notes", []).append(note)
     if not traces or trace_missed_the_model:
-        kv_devices = sorted({normal_device(e.device) for e in run.kv_events if e.device}) or ["cpu"]
-        source.devices = [_kv_only_device(kv_devices[0], run.kv_events)]
+        source.devices = _kv_only_devices(_kv_log_devices(run), run.kv_events)
         if not traces:
             source.meta["events_from"] = "kv_log (the run has no profiler trace)"
             # A listed trace that is missing has its own note (above); else say why the peak is partial.

@@ -225,3 +225,47 @@ def test_a_cpu_runs_curve_is_its_weights_and_the_running_sum_of_bytes(
     assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
     (cpu,) = json.loads(capsys.readouterr().out)["devices"]
     assert (cpu["peak_allocated_bytes"], cpu["final_allocated_bytes"]) == (weights + peak, weights + level)
+
+
+def test_a_run_without_a_trace_counts_each_layers_kv_on_the_device_it_sits_on(tmp_path: Path) -> None:
+    # GIVEN a profiler=False run of a 4-layer model whose cache the caller keeps, its files then set as a GPU
+    # run writes them for a cache split over two devices (an offloaded cache, a `device_map` putting layers
+    # 2-3 on the CPU): the weights and layers 0-1 on cuda:0, layers 2-3 on the CPU
+    size = tiny_size(4, KV_HEADS)
+    model = build_model(size)
+    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+            do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+        )  # fmt: skip
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["device"] = {"type": "cuda", "name": "NVIDIA H200", "index": 0, "total_memory_bytes": 141 << 30}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    weights = [json.loads(line) for line in (run / "weights.jsonl").read_text().splitlines()]
+    (run / "weights.jsonl").write_text("".join(json.dumps({**w, "device": "cuda:0"}) + "\n" for w in weights))
+    events = [json.loads(line) for line in (run / "kv_events.jsonl").read_text().splitlines()]
+    for event in events:
+        if "device" in event:
+            event["device"] = "cuda:0" if event["layer"] < 2 else "cpu"
+    (run / "kv_events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+    # WHEN it is reported
+    text = io.StringIO()
+    with redirect_stdout(text):
+        assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    report = json.loads(text.getvalue())
+
+    # THEN each device holds its own layers' KV (2 of the 4, K and V, prompt + new - 1 tokens), the weights
+    # sit on the GPU, and the run's own device comes first
+    two_layers = 2 * 2 * KV_HEADS * HEAD_DIM * (PROMPT + NEW - 1) * BATCH * 4
+    # on a GPU, as the caching allocator's blocks that hold them: each rounded up to 512 bytes
+    weights_bytes = sum(-(-w["storage_bytes"] // 512) * 512 for w in weights)
+    devices = {d["device"]: d for d in report["devices"]}
+    assert [d["device"] for d in report["devices"]] == ["cuda:0", "cpu"]
+    assert devices["cuda:0"]["final_allocated_bytes"] == weights_bytes + two_layers
+    assert devices["cpu"]["final_allocated_bytes"] == two_layers
+    assert devices["cuda:0"]["categories_at_peak"]["weights"] == weights_bytes
+    assert devices["cpu"]["categories_at_peak"]["weights"] == 0
+    assert len(out.past_key_values.layers) == 4  # the cache was held to the end
