@@ -27,6 +27,7 @@ __all__ = [
     "caches_note",
     "layers_over_caches",
     "main_cache",
+    "measured_bytes_per_token",
     "model_caches",
     "rows_name_caches",
 ]
@@ -119,14 +120,16 @@ def main_cache(
     return max(shaped, key=lambda c: c.last_seq)
 
 
-def _bytes_per_token(c: CacheFigures) -> float | None:
-    """A cache's bytes over its tokens and rows (each layer's over its own tokens), or over its slots where
-    it is preallocated buffers."""
+def measured_bytes_per_token(c: CacheFigures, tokens: int | None, rows: int | None) -> float | None:
+    """The measured bytes per token of a cache holding `tokens` a row in `rows` rows: over its slots where
+    it is preallocated (module buffers, a StaticCache: its bytes follow its room, not what is written),
+    else each layer's bytes over its own tokens (a sliding window's layers hold fewer); None when it holds
+    nothing at the end or its tokens or rows are unknown. The one rule for the headline and each cache."""
     if not c.final_bytes:
         return None
     if c.capacity_rows and c.capacity_tokens:
         return c.final_bytes / (c.capacity_rows * c.capacity_tokens)
-    return bytes_per_token_row(c.bytes_by_tokens, c.rows) if c.tokens and c.rows else None
+    return bytes_per_token_row(c.bytes_by_tokens, rows) if tokens and rows else None
 
 
 def cache_summaries(
@@ -145,7 +148,7 @@ def cache_summaries(
             final_bytes=c.final_bytes,
             tokens=c.tokens,
             rows=c.rows or None,
-            bytes_per_token_measured=_bytes_per_token(c),
+            bytes_per_token_measured=measured_bytes_per_token(c, c.tokens, c.rows),
             main=c.cache == main_id,
             model_shaped=(c.layers == layers) if layers is not None else None,
             capacity_rows=c.capacity_rows or None,
