@@ -13,22 +13,30 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from analyzers.kv_log import CacheFigures, bytes_per_token_row
 
 __all__ = [
+    "MAX_CACHES_AS_ROWS",
     "CacheSummary",
+    "LayerOverCaches",
+    "biggest_caches",
     "cache_roles",
     "cache_summaries",
     "caches_note",
+    "layers_over_caches",
     "main_cache",
+    "measured_bytes_per_token",
     "model_caches",
     "rows_name_caches",
 ]
 
 CROSS_ATTENTION = "cross_attention"
 SELF_ATTENTION = "self_attention"
+
+MAX_CACHES_AS_ROWS = 8
+"""Caches that get rows of their own in a report; with more, each layer's row sums them."""
 
 
 @dataclass
@@ -112,14 +120,16 @@ def main_cache(
     return max(shaped, key=lambda c: c.last_seq)
 
 
-def _bytes_per_token(c: CacheFigures) -> float | None:
-    """A cache's bytes over its tokens and rows (each layer's over its own tokens), or over its slots where
-    it is preallocated buffers."""
+def measured_bytes_per_token(c: CacheFigures, tokens: int | None, rows: int | None) -> float | None:
+    """The measured bytes per token of a cache holding `tokens` a row in `rows` rows: over its slots where
+    it is preallocated (module buffers, a StaticCache: its bytes follow its room, not what is written),
+    else each layer's bytes over its own tokens (a sliding window's layers hold fewer); None when it holds
+    nothing at the end or its tokens or rows are unknown. The one rule for the headline and each cache."""
     if not c.final_bytes:
         return None
     if c.capacity_rows and c.capacity_tokens:
         return c.final_bytes / (c.capacity_rows * c.capacity_tokens)
-    return bytes_per_token_row(c.bytes_by_tokens, c.rows) if c.tokens and c.rows else None
+    return bytes_per_token_row(c.bytes_by_tokens, rows) if tokens and rows else None
 
 
 def cache_summaries(
@@ -138,7 +148,7 @@ def cache_summaries(
             final_bytes=c.final_bytes,
             tokens=c.tokens,
             rows=c.rows or None,
-            bytes_per_token_measured=_bytes_per_token(c),
+            bytes_per_token_measured=measured_bytes_per_token(c, c.tokens, c.rows),
             main=c.cache == main_id,
             model_shaped=(c.layers == layers) if layers is not None else None,
             capacity_rows=c.capacity_rows or None,
@@ -209,3 +219,62 @@ def rows_name_caches(row_caches: Iterable[int | None], main: int | None) -> bool
     tokens and bytes a reader would otherwise take for the recorded model's."""
     held = set(row_caches)
     return len(held) > 1 or (main is not None and bool(held) and held != {main})
+
+
+class _LayerRow(Protocol):
+    """A per-layer row of one cache (`analyzers.summary.LayerSummary`, `analyzers.kv_log.LayerFigures`)."""
+
+    layer: int
+    k_bytes: int
+    v_bytes: int
+    tokens: int
+    evicted_tokens: int
+    cache: int | None
+
+
+@dataclass(frozen=True)
+class LayerOverCaches:
+    """One layer index summed over the caches whose rows hold it."""
+
+    layer: int
+    k_bytes: int
+    v_bytes: int
+    caches: int  # the rows summed: one per cache holding this layer index
+    min_tokens: int  # tokens a row of the emptiest and the fullest of them (0: none holds bytes)
+    max_tokens: int
+    evicted_tokens: int  # all rows, all the caches
+
+
+def layers_over_caches(rows: Iterable[_LayerRow]) -> list[LayerOverCaches]:
+    """Each layer index's rows summed over their caches, by layer index: the per-layer table of a run with
+    too many caches for a row each. The tokens range over the rows that hold bytes (another cache's
+    rows holding none are there only for their evicted tokens)."""
+    by_layer: dict[int, list[_LayerRow]] = {}
+    for row in rows:
+        by_layer.setdefault(row.layer, []).append(row)
+    summed = []
+    for layer in sorted(by_layer):
+        of_layer = by_layer[layer]
+        tokens = [r.tokens for r in of_layer if r.k_bytes + r.v_bytes] or [0]
+        summed.append(
+            LayerOverCaches(
+                layer=layer,
+                k_bytes=sum(r.k_bytes for r in of_layer),
+                v_bytes=sum(r.v_bytes for r in of_layer),
+                caches=len(of_layer),
+                min_tokens=min(tokens),
+                max_tokens=max(tokens),
+                evicted_tokens=sum(r.evicted_tokens for r in of_layer),
+            )
+        )
+    return summed
+
+
+def biggest_caches(caches: list[CacheSummary], count: int = 3) -> list[CacheSummary]:
+    """The main cache, then the `count` others holding the most bytes at the end (the lower id first among
+    equals): the few a summary of many caches names."""
+    main = [c for c in caches if c.main]
+    held = sorted(
+        (c for c in caches if c.final_bytes and not c.main), key=lambda c: (-c.final_bytes, c.cache)
+    )
+    return main + held[:count]

@@ -14,9 +14,10 @@ from analyzers.caches import (
     cache_summaries,
     caches_note,
     main_cache,
+    measured_bytes_per_token,
     model_caches,
 )
-from analyzers.kv_log import SEQ_MAJOR_PARTS, CutStep, bytes_per_token_row, event_rows, is_kv_data
+from analyzers.kv_log import SEQ_MAJOR_PARTS, CutStep, event_rows, is_kv_data
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
 from analyzers.trace_coverage import all_memory_events_damaged, coverage_notes, skipped_events_note
@@ -475,15 +476,12 @@ def summarize(
             )
             if kv.tokens_held and kv.batch:
                 kv.token_rows = kv.tokens_held * kv.batch
-                # none when the cache was let go before the end (another model's ran after it): nothing held;
-                # each layer's bytes over its own tokens (a sliding window's layers hold fewer)
-                kv.bytes_per_token_measured = bytes_per_token_row(main.bytes_by_tokens, kv.batch)
             if main.capacity_rows and main.capacity_tokens:
                 # Buffers allocated for max_batch_size x max_seq_len: a slot's bytes, however few are written
                 kv.capacity_rows, kv.capacity_tokens = main.capacity_rows, main.capacity_tokens
                 kv.capacity_of = main.capacity_of
-                slots = main.capacity_rows * main.capacity_tokens
-                kv.bytes_per_token_measured = main.final_bytes / slots if main.final_bytes else None
+            # none when the cache was let go before the end (another model's ran after it): nothing held
+            kv.bytes_per_token_measured = measured_bytes_per_token(main, kv.tokens_held, kv.batch)
             layout_note = _layout_note(geometry, last)
         kv.caches = cache_summaries(kv_log.caches, main.cache, geometry, roles)
         kv.main_cache = main.cache

@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_CACHES_AS_ROWS", "LayerGrid", "layer_grid"]
+from analyzers.caches import MAX_CACHES_AS_ROWS
 
-MAX_CACHES_AS_ROWS = 8
-"""Caches that get rows of their own; with more, each layer's row sums the caches held at each step."""
+__all__ = ["MAX_CACHES_AS_ROWS", "LayerGrid", "layer_grid"]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from analyzers.caches import rows_name_caches
+from analyzers.caches import MAX_CACHES_AS_ROWS, biggest_caches, layers_over_caches, rows_name_caches
 from analyzers.model import request_at_most
 from analyzers.render.json import METHOD_LABELS, NO_KV_HINT
 from analyzers.summary import Report
@@ -29,6 +29,69 @@ def _buffer_slots(kv: Any) -> str:
     rows = "row" if kv.batch == 1 else "rows"
     per_written = held / kv.token_rows
     return f"{slots}; the {kv.tokens_held} tokens x {kv.batch} {rows} written hold {per_written:,.1f} each"
+
+
+def _cache_line(cache: Any) -> str:
+    per_token = cache.bytes_per_token_measured
+    role = " main" if cache.main else ""
+    figures = (
+        f"{cache.layers} layers, {human_bytes(cache.final_bytes)} held, "
+        f"{cache.tokens} tokens x {cache.rows or '-'} rows"
+    )
+    if per_token is not None:
+        figures += f", {per_token:,.1f} bytes per token"
+    if cache.role is not None:
+        kind = "cross" if cache.role == "cross_attention" else "self"
+        figures += f", {kind}-attention KV of encoder-decoder cache {cache.encoder_decoder}"
+    return f"    {cache.cache:>5}{role:<5} {figures}"
+
+
+def _caches_lines(kv: Any) -> list[str]:
+    """A line per cache; past `MAX_CACHES_AS_ROWS` (a cache per generate() call of a long loop), how many
+    and the main one and the biggest: `--json` lists them all."""
+    if len(kv.caches) <= MAX_CACHES_AS_ROWS:
+        return ["    caches (the headline figures are the main cache's):", *map(_cache_line, kv.caches)]
+    held = [c for c in kv.caches if c.final_bytes]
+    named = biggest_caches(kv.caches)
+    others = len([c for c in named if not c.main])
+    said = {0: "the main one", 1: "the main one and the biggest other"}.get(
+        others, f"the main one and the {others} biggest others"
+    )
+    return [
+        f"    caches: {len(kv.caches):,}, {len(held):,} of them held at the end "
+        f"({human_bytes(sum(c.final_bytes for c in held))}), --json lists every one; the headline figures "
+        f"are the main cache's. {said[0].upper()}{said[1:]}:",
+        *map(_cache_line, named),
+    ]
+
+
+def _per_layer_lines(kv: Any, several: bool) -> list[str]:
+    """The per-layer table: a row per cache's layer, or past `MAX_CACHES_AS_ROWS` caches a row per layer
+    index summed over them (`--json` keeps each cache's rows)."""
+    caches = {layer.cache for layer in kv.per_layer}
+    if len(caches) > MAX_CACHES_AS_ROWS:
+        lines = [
+            f"    per layer, summed over the {len(caches):,} caches (--json has each cache's rows):",
+            "    layer      K bytes      V bytes  caches  tokens/row  evicted (all rows)",
+        ]
+        for row in layers_over_caches(kv.per_layer):
+            tokens = f"{row.min_tokens}"
+            if row.max_tokens != row.min_tokens:
+                tokens += f"-{row.max_tokens}"
+            lines.append(
+                f"    {row.layer:>5} {row.k_bytes:>12,} {row.v_bytes:>12,} {row.caches:>7,} {tokens:>11} "
+                f"{row.evicted_tokens:>19,}"
+            )
+        return lines
+    cache_head = "cache " if several else ""
+    lines = [f"    {cache_head}layer      K bytes      V bytes  tokens/row  evicted (all rows)"]
+    for layer in kv.per_layer:
+        cache_cell = f"{layer.cache:>5} " if several else ""
+        lines.append(
+            f"    {cache_cell}{layer.layer:>5} {layer.k_bytes:>12,} {layer.v_bytes:>12,} "
+            f"{layer.tokens:>11} {layer.evicted_tokens:>19}"
+        )
+    return lines
 
 
 def report_to_text(report: Report) -> str:
@@ -134,29 +197,9 @@ def report_to_text(report: Report) -> str:
             lines.append(f"      {count} freed nothing: {explanation}")
     several = rows_name_caches((layer.cache for layer in kv.per_layer), kv.main_cache)
     if several:
-        lines.append("    caches (the headline figures are the main cache's):")
-        for cache in kv.caches:
-            per_token = cache.bytes_per_token_measured
-            role = " main" if cache.main else ""
-            figures = (
-                f"{cache.layers} layers, {human_bytes(cache.final_bytes)} held, "
-                f"{cache.tokens} tokens x {cache.rows or '-'} rows"
-            )
-            if per_token is not None:
-                figures += f", {per_token:,.1f} bytes per token"
-            if cache.role is not None:
-                kind = "cross" if cache.role == "cross_attention" else "self"
-                figures += f", {kind}-attention KV of encoder-decoder cache {cache.encoder_decoder}"
-            lines.append(f"    {cache.cache:>5}{role:<5} {figures}")
+        lines += _caches_lines(kv)
     if kv.per_layer:
-        cache_head = "cache " if several else ""
-        lines.append(f"    {cache_head}layer      K bytes      V bytes  tokens/row  evicted (all rows)")
-        for layer in kv.per_layer:
-            cache_cell = f"{layer.cache:>5} " if several else ""
-            lines.append(
-                f"    {cache_cell}{layer.layer:>5} {layer.k_bytes:>12,} {layer.v_bytes:>12,} "
-                f"{layer.tokens:>11} {layer.evicted_tokens:>19}"
-            )
+        lines += _per_layer_lines(kv, several)
     if report.engine is not None:
         from analyzers.render.engine import engine_text_lines
 

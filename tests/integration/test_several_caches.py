@@ -199,6 +199,77 @@ def test_many_generate_calls_heatmap_sums_each_layer_over_the_caches_held(
     assert [[cell * 1024 for cell in row] for row in heatmap["z"]] == [per_layer * calls] * LAYERS
 
 
+def test_many_generate_outputs_held_text_report_sums_each_layer_over_the_caches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN more generate() calls than caches that get rows of their own, every output held: call i (0 to
+    # 11) on a prompt of 23 - i tokens, 2 new tokens, so its cache holds 24 - i positions (the last token is
+    # never written back), the first call's the biggest, the last call's (the main cache) the smallest
+    calls = MAX_CACHES_AS_ROWS + 4
+    model = build_model(tiny_size(LAYERS, KV_HEADS), seed=0)
+    ids = torch.randint(3, 1000, (1, PROMPT + calls), generator=torch.Generator().manual_seed(4))
+    run = tmp_path / "run"
+    held = []
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        for call in range(calls):
+            prompt = ids[:, : PROMPT + calls - 1 - call]
+            held.append(
+                model.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=2,
+                    min_new_tokens=2,
+                    do_sample=False,
+                    return_dict_in_generate=True,
+                )
+            )
+    tokens = [PROMPT + calls - call for call in range(calls)]  # 24 down to 13
+    assert [out.past_key_values.get_seq_length() for out in held] == tokens
+    ids_in_log = list(dict.fromkeys(e.cache for e in read_run(run).kv_events))  # in the order of the calls
+    assert len(ids_in_log) == calls
+    k_or_v = [kv_bytes(KV_HEADS, HEAD_DIM, n, 1, FP32) for n in tokens]  # 128 B a position
+    assert [2 * LAYERS * b for b in k_or_v] == [1024 * n for n in tokens]  # a cache: 1 KiB a position
+
+    # WHEN the terminal report is printed
+    assert main(["report", str(run), "--no-export"]) == 0
+    text = capsys.readouterr().out
+
+    # THEN the per-layer table has a row per layer, K and V summed over the 12 caches: 128 B x (24 + 23 +
+    # ... + 13 = 222 positions) = 28,416 B each, 12 caches holding 13 to 24 positions a row
+    assert sum(tokens) == 222 and sum(k_or_v) == 28_416
+    assert "    per layer, summed over the 12 caches (--json has each cache's rows):" in text
+    assert "    layer      K bytes      V bytes  caches  tokens/row  evicted (all rows)" in text
+    for layer in range(LAYERS):
+        assert f"    {layer:>5} {28_416:>12,} {28_416:>12,} {calls:>7} {'13-24':>11} {0:>19}" in text
+    # ... and no row per cache and layer
+    assert "cache layer" not in text
+    # AND the caches are one line of how many, held how much (222 KiB), then the main one and the 3 biggest
+    assert (
+        f"    caches: {calls}, {calls} of them held at the end (222.00 KiB), --json lists every one; the "
+        "headline figures are the main cache's. The main one and the 3 biggest others:"
+    ) in text
+    named = [(ids_in_log[-1], " main", 13), *((ids_in_log[call], "", 24 - call) for call in range(3))]
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("    caches: "))
+    assert lines[start + 1 : start + 5] == [
+        f"    {cache:>5}{role:<5} {LAYERS} layers, {n}.00 KiB held, {n} tokens x 1 rows, "
+        f"{PER_TOKEN:,}.0 bytes per token"
+        for cache, role, n in named
+    ]
+    assert lines[start + 5].startswith("    per layer, summed")
+
+    # AND --json keeps every cache's figures and every cache's layer row
+    kv = _cli_json(["report", str(run), "--no-export"], capsys)["kv"]
+    assert [(c["cache"], c["final_bytes"]) for c in kv["caches"]] == [
+        (cache, 1024 * n) for cache, n in zip(ids_in_log, tokens, strict=True)
+    ]
+    assert [(r["cache"], r["layer"], r["k_bytes"], r["v_bytes"], r["tokens"]) for r in kv["per_layer"]] == [
+        (cache, layer, b, b, n)
+        for cache, b, n in zip(ids_in_log, k_or_v, tokens, strict=True)
+        for layer in range(LAYERS)
+    ]
+
+
 @pytest.mark.parametrize("profiler", [False, True], ids=["light", "full"])
 def test_a_cache_dropped_before_a_reused_caches_next_call_is_freed_before_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], profiler: bool
