@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace import format as fmt
+from kvtrace.geometry import kv_heads_of
 
 VLLM_CACHE_ID = fmt.VLLM_CACHE_ID  # the `cache` id of the pool's KV events
 _REFUSED_PREFIX = "To serve at least one request with the model's max seq len"
@@ -95,6 +96,16 @@ def config_facts(vllm_config: Any) -> dict[str, Any]:
     }
 
 
+def _total_kv_heads(model_config: Any, text: Any, heads: Any) -> Any:
+    """The model's KV heads as vLLM sizes its cache (all ranks together). vLLM's own reading of the config
+    knows the layouts that have no `num_key_value_heads`: Falcon's multi-query (one KV head whatever
+    `num_kv_heads` says) and its new decoder architecture (`num_kv_heads`), ChatGLM, DBRX. kvtrace's own
+    reading of the HF config only where vLLM's model config has no answer."""
+    with contextlib.suppress(Exception):
+        return int(model_config.get_total_num_kv_heads())
+    return kv_heads_of(lambda name: getattr(text, name, None), heads)
+
+
 def model_facts(vllm_config: Any) -> dict[str, Any]:
     hf = vllm_config.model_config.hf_config
     text = getattr(hf, "get_text_config", lambda: hf)()
@@ -106,7 +117,7 @@ def model_facts(vllm_config: Any) -> dict[str, Any]:
         "class": architectures[0],  # the HF class the checkpoint names (the manifest's `model.class`)
         "model_type": getattr(hf, "model_type", None),
         "num_layers": getattr(text, "num_hidden_layers", None),
-        "num_kv_heads": getattr(text, "num_key_value_heads", heads),
+        "num_kv_heads": _total_kv_heads(vllm_config.model_config, text, heads),
         "head_dim": head_dim,
         "dtype": _dtype_name(vllm_config.model_config.dtype),
         "num_attention_heads": heads,

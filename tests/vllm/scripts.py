@@ -4,9 +4,11 @@
     python -m tests.vllm.scripts refused_record MODEL_DIR RUN_DIR
     python -m tests.vllm.scripts refused_plugin MODEL_DIR   # KVTRACE_DIR set by the caller
     python -m tests.vllm.scripts fp8_record MODEL_DIR RUN_DIR
+    python -m tests.vllm.scripts falcon_record MODEL_DIR RUN_DIR  # writes a multi-query Falcon to MODEL_DIR
 
 A fresh interpreter because the engine runs in its own process (vLLM wants the `__main__` guard), and
-because `refused_record` must start its recording before anything imported vllm.
+because `refused_record` must start its recording before anything imported vllm (and a second engine in
+the tests' process would tear down the distributed state the first one still uses).
 """
 
 from __future__ import annotations
@@ -66,12 +68,34 @@ def fp8_record(model_dir: str, run_dir: str) -> dict[str, Any]:
     }
 
 
+def falcon_record(model_dir: str, run_dir: str) -> dict[str, Any]:
+    """Two short requests of a multi-query Falcon recorded in-process, and vLLM's own facts of its pool."""
+    from pathlib import Path
+
+    import kvtrace
+    from tests.vllm.workload import prompts, sampling, write_falcon_model
+
+    llm = make_llm(write_falcon_model(Path(model_dir)), max_model_len=128)
+    with kvtrace.record(run_dir, model=llm, profiler=False):
+        llm.generate(prompts(2, 10), sampling(4), use_tqdm=False)
+    core = llm.llm_engine.engine_core.engine_core
+    kv_cache_config = core.scheduler.kv_cache_config
+    tensors = core.model_executor.driver_worker.worker.model_runner.kv_caches
+    return {
+        "spec_kv_heads": [g.kv_cache_spec.num_kv_heads for g in kv_cache_config.kv_cache_groups],
+        "num_blocks": kv_cache_config.num_blocks,
+        "tensor_shapes": [list(t.shape) for t in tensors],
+    }
+
+
 if __name__ == "__main__":
     mode, model = sys.argv[1], sys.argv[2]
     if mode == "multiprocess":
         result = multiprocess(model)
     elif mode == "fp8_record":
         result = fp8_record(model, sys.argv[3])
+    elif mode == "falcon_record":
+        result = falcon_record(model, sys.argv[3])
     else:
         result = refused(model, sys.argv[3] if mode == "refused_record" else None)
     print("KVTRACE-RESULT " + json.dumps(result), flush=True)

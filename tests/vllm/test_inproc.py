@@ -105,6 +105,52 @@ def test_the_runs_model_class_reaches_the_report_and_export(
     )
 
 
+def test_a_multi_query_falcon_has_the_one_kv_head_vllm_caches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtrace.cli import main
+    from tests.vllm.workload import FALCON_SIZE, run_script
+
+    # GIVEN Falcon 7B's layout, recorded: 4 query heads of 64 share one KV head (the config's num_kv_heads
+    # says 4); vLLM caches that one head, in blocks of layers x K and V x 1 x 64 x 32 tokens x 2 B
+    model_dir, run_dir = tmp_path / "falcon", tmp_path / "run"
+    vllm = run_script("falcon_record", str(model_dir), str(run_dir), kvtrace_dir=None, multiprocess=False)
+    layers = FALCON_SIZE["num_hidden_layers"]
+    head_dim = FALCON_SIZE["hidden_size"] // FALCON_SIZE["num_attention_heads"]
+    per_token = layers * 2 * 1 * head_dim * 2  # 512 B
+    assert vllm["spec_kv_heads"] == [1]
+    assert vllm["tensor_shapes"] == [[vllm["num_blocks"], 1, BLOCK_SIZE, 2 * head_dim]] * layers  # CPU LBHNC
+    # THEN the manifest and the report count one KV head, and their arithmetic is the pool's (was 4: 2,048 B)
+    engine = json.loads((run_dir / fmt.ENGINE).read_text())
+    assert engine["model"]["num_kv_heads"] == 1
+    assert engine["bytes_per_block"] == per_token * BLOCK_SIZE == 16_384
+    assert main(["report", str(run_dir), "--json", "--no-export", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["geometry"]["num_kv_heads"] == 1
+    assert report["kv"]["bytes_per_token_expected"] == report["kv"]["bytes_per_token_measured"] == per_token
+    # AND a plan from the run sizes vLLM's blocks and counts its pool's (was 4 heads: 65,536 B, 16 blocks)
+    assert main(["plan", "--from-run", str(run_dir), "--engine", "vllm", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["bytes_per_block"] == per_token * BLOCK_SIZE
+    assert plan["num_blocks"] == vllm["num_blocks"] == POOL_BYTES // (per_token * BLOCK_SIZE)
+
+
+def test_falcons_new_decoder_records_its_num_kv_heads(tmp_path: Path) -> None:
+    from transformers import FalconConfig
+    from vllm.config import ModelConfig, VllmConfig
+
+    from kvtrace.integrations.vllm import model_facts
+    from tests.vllm.workload import FALCON_SIZE
+
+    # GIVEN Falcon 40B's new decoder: 4 query heads over `num_kv_heads` 2, and no `num_key_value_heads`
+    # (engine.json's model, also written for a refused start, comes from the config alone)
+    new_decoder = {"new_decoder_architecture": True, "num_kv_heads": 2, "alibi": False}
+    FalconConfig(**FALCON_SIZE, **new_decoder).save_pretrained(tmp_path)
+    model_config = ModelConfig(model=str(tmp_path), skip_tokenizer_init=True, dtype="bfloat16")
+    # THEN the recorded KV heads are the 2 vLLM caches (were the 4 query heads)
+    assert model_facts(VllmConfig(model_config=model_config))["num_kv_heads"] == 2
+
+
 def test_preemptions_equal_vllms_counter(recorded: dict[str, Any]) -> None:
     preempted = [e for e in recorded["requests"] if e["event"] == "preempted"]
     # GIVEN a pool that cannot hold every request THEN vLLM preempted, and kvtrace saw each one

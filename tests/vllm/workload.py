@@ -77,6 +77,23 @@ def write_analysis_model(folder: Path) -> Path:
     return folder
 
 
+# Falcon 7B's attention: 4 query heads of 64 share ONE KV head (`multi_query`, the original decoder), which
+# the config does not say in `num_key_value_heads` (it has none) nor in `num_kv_heads` (4).
+FALCON_SIZE = {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 1000}
+
+
+def write_falcon_model(folder: Path) -> Path:
+    """A random-weight multi-query Falcon (Falcon 7B's layout, tiny): 2 layers x 2 x 1 KV head x 64 x 2 B
+    = 512 B of KV per token."""
+    import torch
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(**FALCON_SIZE, multi_query=True, new_decoder_architecture=False, alibi=False)
+    torch.manual_seed(0)
+    FalconForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
 def llm_kwargs(model_path: str | os.PathLike[str], **overrides: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "model": str(model_path),
