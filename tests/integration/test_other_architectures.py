@@ -69,6 +69,21 @@ def test_plan_reads_the_kv_geometry_of_configs_transformers_writes(
     assert _plan_per_token(make(), tmp_path / "config", capsys) == per_token
 
 
+def _plan_after_a_prompt(
+    config: Any, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The model `config` builds, its cache after a 5-token prompt, and `plan --json` of the config at a
+    context of 6: the prompt and one new token, which generate() never writes."""
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    cache = transformers.DynamicCache(config=config)
+    with torch.no_grad():
+        model(torch.randint(3, 200, (1, 5)), past_key_values=cache, use_cache=True)
+    config.save_pretrained(folder / "config")
+    argv = ["plan", "--config", str(folder / "config"), "--dtype", "fp32", "--context", "6", "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    return model, cache, json.loads(capsys.readouterr().out)
+
+
 def _record_generate(
     model: Any,
     run: Path,
@@ -490,17 +505,8 @@ def test_plan_weighs_every_expert_and_latent_projection(
     make: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN a mixture-of-experts config (and DeepSeek's latent attention) as transformers saves it
-    config = make()
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    cache = transformers.DynamicCache(config=config)
-    with torch.no_grad():
-        model(torch.randint(3, 200, (1, 5)), past_key_values=cache, use_cache=True)
-    config.save_pretrained(tmp_path / "config")
-    # a context of 6: the 5-token prompt and one new token, which generate() never writes
-    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--context", "6", "--json"]
     # WHEN it is planned
-    assert main(argv) == 0, capsys.readouterr().err
-    data = json.loads(capsys.readouterr().out)
+    model, cache, data = _plan_after_a_prompt(make(), tmp_path, capsys)
     # THEN the weights are the model's own parameters, every expert resident, and the KV what its cache holds
     assert data["weights_bytes"] == 4 * sum(p.numel() for p in model.parameters())
     held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
@@ -828,15 +834,8 @@ def test_plan_holds_the_kv_these_families_caches_hold(
     config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN a 5-token prompt through the model, into transformers' cache (Bloom's as every other's now)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    cache = transformers.DynamicCache(config=config)
-    with torch.no_grad():
-        model(torch.randint(3, 200, (1, 5)), past_key_values=cache, use_cache=True)
-    config.save_pretrained(tmp_path / "config")
-    # WHEN it is planned at a context of 6 (the prompt and one new token, which generate() never writes)
-    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--context", "6", "--json"]
-    assert main(argv) == 0, capsys.readouterr().err
-    data = json.loads(capsys.readouterr().out)
+    # WHEN it is planned
+    _, cache, data = _plan_after_a_prompt(config, tmp_path, capsys)
     # THEN the KV is what its cache holds: 2 layers x K and V x 5 tokens x its KV heads x 16 x 4 B
     held = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
