@@ -473,3 +473,46 @@ def test_a_trace_without_memory_events_says_its_memory_is_unknown(
     assert f"  note: {note}" in text
     # the JSON keeps its documented shape (docs/format.md: 0, null, {} without a device)
     assert report["devices"] == [] and report["peak_allocated_bytes"] == 0 and report["peak_time"] is None
+
+
+def test_a_budget_crossing_in_a_chrome_trace_names_its_unit_and_profiler_step(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN the V100 ResNet-50 trace (old `[memory]` form: Bytes, the allocator's blocks, no totals) and a
+    # 2 GiB budget: the first CUDA allocation that takes the level above it, replayed by hand
+    path = _require("worker0.1623143089861.pt.trace.json.gz")
+    trace = json.loads(_raw_bytes(path))
+    budget = 2 * 2**30
+    memory = sorted(
+        (e for e in trace["traceEvents"] if e.get("name") == "[memory]" and e["args"]["Device Type"] == 1),
+        key=lambda e: e["ts"],
+    )
+    level = lowest = 0
+    for event in memory:
+        level += event["args"]["Bytes"]
+        lowest = min(lowest, level)
+    level = -lowest  # what was held before the first event
+    for event in memory:
+        if level + event["args"]["Bytes"] > budget:
+            crossing = event
+            break
+        level += event["args"]["Bytes"]
+    steps = [
+        e
+        for e in trace["traceEvents"]
+        if e.get("ph") == "X"
+        and str(e.get("name", "")).startswith("ProfilerStep#")
+        and e.get("cat") != "gpu_user_annotation"
+        and e["ts"] <= crossing["ts"]
+    ]
+    (inside,) = [s for s in steps if crossing["ts"] <= s["ts"] + s["dur"]]
+
+    # WHEN diagnosed against that budget
+    assert main(["diagnose", str(path), "--budget", "2GiB", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["budget_crossing"]
+
+    # THEN the crossing is that allocation, counted in the allocator's block sizes (it said "requested"),
+    # inside the profiler step that was running (step and phase were null)
+    assert (found["request_bytes"], found["allocated_before_bytes"]) == (crossing["args"]["Bytes"], level)
+    assert "the allocator's block sizes" in found["counts"] and "requested" not in found["counts"]
+    assert (found["step"], found["phase"]) == (len(steps), inside["name"]) == (1, "ProfilerStep#5")
