@@ -516,3 +516,37 @@ def test_a_budget_crossing_in_a_chrome_trace_names_its_unit_and_profiler_step(
     assert (found["request_bytes"], found["allocated_before_bytes"]) == (crossing["args"]["Bytes"], level)
     assert "the allocator's block sizes" in found["counts"] and "requested" not in found["counts"]
     assert (found["step"], found["phase"]) == (len(steps), inside["name"]) == (1, "ProfilerStep#5")
+
+
+def test_both_memory_timeline_forms_label_the_same_bytes_alike(tmp_path: Path) -> None:
+    # GIVEN the raw timeline, and its coalesced form as torch's `_coalesce_timeline` builds it: µs times, and
+    # per time a row of running sizes with category index i (7: None, unknown) in column i + 1
+    path = _require("memory_timeline.raw.gz")
+    rows = json.loads(_raw_bytes(path))
+    times: list[int] = []
+    sizes: list[list[int]] = []
+    t_min = -1
+    for ts, _action, nbytes, category in rows:
+        t = int(ts / 1000) if ts != -1 else ts
+        if t_min == -1 or 0 < t < t_min:
+            t_min = t
+        if not times or t != times[-1]:
+            times.append(t)
+            sizes.append(sizes[-1].copy() if sizes else [0] * 9)
+        sizes[-1][category + 1] += nbytes
+    coalesced = tmp_path / "memory_timeline.json"
+    coalesced.write_text(json.dumps([[t_min if t < 0 else t for t in times], sizes]))
+    # the bytes created with no torch category, and with one (version bumps move bytes, create none)
+    unknown = sum(r[2] for r in rows if r[1] == 2 and r[3] == 7)
+    known = sum(r[2] for r in rows if r[1] == 2 and r[3] != 7)
+
+    # WHEN both forms are reported
+    (from_raw,) = summarize(attribute(_open_source(path))).devices
+    (from_coalesced,) = summarize(attribute(_open_source(coalesced))).devices
+
+    # THEN both say which bytes torch could not categorise (the coalesced form called all 65,435,686,400 B
+    # torch's own category, its unknown column included)
+    expected = {"none": unknown, "profiler_category": known}
+    assert (unknown, known) == (29_581_253_120, 35_854_433_280)
+    assert from_raw.bytes_by_method == from_coalesced.bytes_by_method == expected
+    assert from_raw.peak_allocated_bytes == from_coalesced.peak_allocated_bytes
