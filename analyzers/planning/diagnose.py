@@ -42,7 +42,12 @@ from analyzers.planning.diagnose_remedies import (
     sliding_layer_ids,
     sliding_layers,
 )
-from analyzers.planning.diagnose_stacks import freed_from_before, live_by_stack, snapshot_block_stacks
+from analyzers.planning.diagnose_stacks import (
+    freed_from_before,
+    live_by_stack,
+    snapshot_block_stacks,
+    unaddressed_share,
+)
 from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
 from analyzers.summary import Report, clock_time, ended_notes, input_notes
 from analyzers.trace_coverage import peak_before_trace_note
@@ -231,6 +236,11 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         )
         if before > 0:
             stacks.append(StackShare("(weights and others, allocated before the trace began)", before, 0))
+    unaddressed = (
+        unaddressed_share(source.devices[dev_index], allocated, stacks) if dev_index is not None else None
+    )
+    if unaddressed is not None:
+        stacks.append(unaddressed)
     top = tuple(sorted(stacks, key=lambda s: -s.bytes)[:TOP_STACKS])
 
     fields: dict[str, object] = {

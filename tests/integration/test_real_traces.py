@@ -550,3 +550,24 @@ def test_both_memory_timeline_forms_label_the_same_bytes_alike(tmp_path: Path) -
     assert (unknown, known) == (29_581_253_120, 35_854_433_280)
     assert from_raw.bytes_by_method == from_coalesced.bytes_by_method == expected
     assert from_raw.peak_allocated_bytes == from_coalesced.peak_allocated_bytes
+
+
+def test_diagnose_stacks_of_a_memory_timeline_add_up_to_what_is_live(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN torch's raw memory timeline: no addresses, no stacks; its peak and what existed before it, by hand
+    path = _require("memory_timeline.raw.gz")
+    want = expected_timeline(path)
+
+    # WHEN diagnosed at its peak
+    assert main(["diagnose", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+
+    # THEN the rows hold every live byte: what existed before the trace, and one row for the bytes allocated
+    # since, whose allocations the file cannot tell apart (only the first was listed: 316.68 MiB of 2.87 GiB)
+    assert result["event"] == "peak" and result["allocated_bytes"] == want["peak"] == 3_082_832_104
+    rows = {row["stack"]: row["bytes"] for row in result["top_stacks"]}
+    assert sum(rows.values()) == want["peak"]
+    assert rows["(weights and others, allocated before the trace began)"] == want["baseline"] == 332_060_904
+    (unlisted,) = [nbytes for stack, nbytes in rows.items() if stack.startswith("(no stack recorded")]
+    assert unlisted == want["peak"] - want["baseline"]
