@@ -3,12 +3,14 @@
 A budget (`kvtrace.record(..., gpu_memory="8GiB")`, `kvtrace demo --gpu-memory`) costs nothing while
 recording. Afterwards the device's allocated-bytes timeline (weights included) is replayed: the first
 event that takes it above the budget is the allocation that would have failed, the way a real OOM is the
-first request the allocator cannot serve. Its step comes from the step ranges (or the KV log's steps), its
-layer from the KV log: the layer the allocation belongs to when it is KV, else the layer whose KV update
-came last before it (the layer the forward was in).
+first request the allocator cannot serve. Its step comes from kvtrace's step ranges, the KV log's steps, or
+else the trace's own (torch.profiler's `ProfilerStep#N`, counted and named as `diagnose` does), its layer
+from the KV log: the layer the allocation belongs to when it is KV, else the layer whose KV update came last
+before it (the layer the forward was in).
 
-This counts allocated bytes, not the allocator's rounded reserved segments, so a real device of that size
-would run out at this point or a little earlier (fragmentation, CUDA context, other processes). Memory held
+This counts allocated bytes in the source's unit (`counts` says which: requested sizes, or the allocator's
+blocks), not the allocator's rounded reserved segments, so a real device of that size would run out at
+this point or a little earlier (fragmentation, CUDA context, other processes). Memory held
 since before the trace began that its events miss (a vLLM engine's weights, from engine.json) is passed in as
 `unseen_bytes`, a level under the whole timeline.
 """
@@ -23,9 +25,12 @@ import numpy as np
 from analyzers.model import CATEGORY_NAMES, MemorySource
 from analyzers.timeline import DeviceTimeline
 
-__all__ = ["BudgetCrossing", "budget_crossing", "budget_of"]
+__all__ = ["BudgetCrossing", "budget_crossing", "budget_of", "marker_step_at"]
 
 COUNTS = "allocated bytes (requested sizes, weights included), not reserved segments"
+# Kineto's `[memory]` events (a run's, a Chrome trace's) give the sizes the allocator reported: on CUDA its
+# rounded blocks, so a little more than the program asked for (DeviceEvents.size_basis)
+ALLOCATOR_COUNTS = "allocated bytes (the allocator's block sizes, weights included), not reserved segments"
 # Without a profiler trace (profiler=False) the only events are the KV log's: activations, logits and every
 # other allocation are unseen, so a run can cross the budget although these figures fit it.
 KV_ONLY_COUNTS = "KV cache and weights only: other allocations (activations, logits) were not recorded"
@@ -110,7 +115,14 @@ def _step_at(source: MemorySource, t_us: float) -> tuple[int | None, str | None]
         steps = [s for s, t in kv.step_start_ns.items() if t / 1000.0 <= t_us]
         if steps:
             return max(steps), kv.step_phase.get(max(steps))
-    return None, None
+    return marker_step_at(source, t_us)
+
+
+def marker_step_at(source: MemorySource, t_us: float) -> tuple[int | None, str | None]:
+    """(count, label) of the trace's step ranges begun by `t_us`, any labels (torch.profiler's
+    `ProfilerStep#N`): a trace without kvtrace's steps or KV log, as `diagnose` places its moment."""
+    steps = [m for m in source.markers if m.kind == "step" and m.ts_us <= t_us]
+    return (len(steps), steps[-1].label) if steps else (None, None)
 
 
 def _layer_at(source: MemorySource, dev_index: int, index: int, t_us: float) -> tuple[int | None, str | None]:
@@ -148,6 +160,8 @@ def budget_crossing(
     )
     if source.kv_log_only:
         fits = replace(fits, counts=KV_ONLY_COUNTS, partial=True)
+    elif dev.size_basis == "allocator":
+        fits = replace(fits, counts=ALLOCATOR_COUNTS)
     if before_first > budget_bytes:
         t0 = float(timeline.ts_us[0])
         return replace(fits, crossed=True, t=t0, allocated_after_bytes=before_first, before_first_step=True)

@@ -60,21 +60,24 @@ def device_timeline(dev: DeviceEvents, baseline_category: int = OTHER) -> Device
         allocated = np.cumsum(delta) + dev.baseline_bytes
     category = dev.category if dev.category is not None else np.zeros(len(delta), dtype=np.int8)
     by_category: dict[str, np.ndarray] = {}
+    held: dict[str, int] = {}  # each category's bytes before the first event
     for code in (KV, WEIGHTS):
-        series = np.cumsum(np.where(category == code, delta, 0))
+        base = 0
         if dev.baseline_categories is not None:
-            series = series + dev.baseline_categories.get(code, 0)
+            base = dev.baseline_categories.get(code, 0)
         elif code == baseline_category:
             # What the trace's own total counted before its first event stays "other": only the part
             # the reader added (e.g. a run's weights table) belongs to the baseline category.
-            base = dev.baseline_bytes - implied if baseline_category != OTHER else dev.baseline_bytes
-            series = series + max(base, 0)
-        by_category[CATEGORY_NAMES[code]] = series
+            base = max(dev.baseline_bytes - implied if baseline_category != OTHER else dev.baseline_bytes, 0)
+        by_category[CATEGORY_NAMES[code]] = np.cumsum(np.where(category == code, delta, 0)) + base
+        held[CATEGORY_NAMES[code]] = int(base)
     by_category["other"] = allocated - by_category["kv"] - by_category["weights"]
     reserved = None
     if dev.total_reserved is not None and len(dev.total_reserved) == len(delta) and dev.total_reserved.any():
         reserved = dev.total_reserved.astype(np.int64)
-    start_allocated, start_by_category = dev.baseline_bytes, {}
+    # No events (a snapshot whose trace kept none): what was held is all there is to draw
+    held["other"] = dev.baseline_bytes - held["kv"] - held["weights"]
+    start_allocated, start_by_category = dev.baseline_bytes, held
     if len(delta):
         first = int(delta[0])
         start_allocated = int(allocated[0]) - first

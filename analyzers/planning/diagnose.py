@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from analyzers.budget import budget_crossing, budget_of
+from analyzers.budget import budget_crossing, budget_of, marker_step_at
 from analyzers.caches import CROSS_ATTENTION
 from analyzers.model import MemorySource, request_at_most
 from analyzers.planning.diagnose_buffer_remedies import preallocated_buffers
@@ -42,7 +42,12 @@ from analyzers.planning.diagnose_remedies import (
     sliding_layer_ids,
     sliding_layers,
 )
-from analyzers.planning.diagnose_stacks import freed_from_before, live_by_stack, snapshot_block_stacks
+from analyzers.planning.diagnose_stacks import (
+    freed_from_before,
+    live_by_stack,
+    snapshot_block_stacks,
+    unaddressed_share,
+)
 from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
 from analyzers.summary import Report, clock_time, ended_notes, input_notes
 from analyzers.trace_coverage import peak_before_trace_note
@@ -212,9 +217,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
                 ranked = sorted(by_slot.items(), key=lambda item: (-item[1], item[0]))[:8]
                 top_cache_layers = tuple((cache, layer, nbytes) for (cache, layer), nbytes in ranked)
     elif when is not None:
-        steps = [m for m in source.markers if m.kind == "step" and m.ts_us <= when]
-        if steps:
-            step, phase = len(steps), steps[-1].label
+        step, phase = marker_step_at(source, when)
 
     stacks = live_by_stack(source, dev_index, index) if dev_index is not None and not at_start else []
     baseline = source.devices[dev_index].baseline_bytes if dev_index is not None else 0
@@ -233,6 +236,11 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         )
         if before > 0:
             stacks.append(StackShare("(weights and others, allocated before the trace began)", before, 0))
+    unaddressed = (
+        unaddressed_share(source.devices[dev_index], allocated, stacks) if dev_index is not None else None
+    )
+    if unaddressed is not None:
+        stacks.append(unaddressed)
     top = tuple(sorted(stacks, key=lambda s: -s.bytes)[:TOP_STACKS])
 
     fields: dict[str, object] = {

@@ -15,9 +15,10 @@ from analyzers.model import DeviceEvents, MemorySource
 from analyzers.planning.diagnosis import StackShare
 from analyzers.stack_frames import heading, kept_frames
 
-__all__ = ["freed_from_before", "live_by_stack", "snapshot_block_stacks"]
+__all__ = ["freed_from_before", "live_by_stack", "snapshot_block_stacks", "unaddressed_share"]
 
 _NO_STACK = "(no stack recorded: record with with_stack=True)"
+_NO_ADDRESS = "(no stack recorded: the file gives no address or stack per allocation)"
 
 
 def live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[StackShare]:
@@ -49,6 +50,18 @@ def live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[Stack
         entry[0] += int(nbytes)
         entry[1] += 1
     return [_share(text, total, count) for text, (total, count) in grouped.items()]
+
+
+def unaddressed_share(
+    dev: DeviceEvents, live_bytes: int | None, listed: list[StackShare]
+) -> StackShare | None:
+    """The live bytes no row of `listed` holds, where the events carry no addresses (torch's memory
+    timeline, Kineto's old `[memory]` form): which allocations are live is unknown, only their sum, so one
+    row holds it and the rows add up to what is live."""
+    if live_bytes is None or not len(dev) or bool((dev.addr >= 0).any()):
+        return None
+    rest = live_bytes - sum(share.bytes for share in listed)
+    return _share(_NO_ADDRESS, rest, 0) if rest > 0 else None
 
 
 def freed_from_before(dev: DeviceEvents, upto: int) -> int:

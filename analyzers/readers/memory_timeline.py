@@ -5,7 +5,10 @@ Memory timelines (kind "memory_timeline"): `export_memory_timeline_raw` writes a
 4 destroy); pre-existing bytes become the baseline, each version bump's (-n, +n) pair is dropped (no
 memory moves) unless it moves the bytes into or out of the parameters, the rest are events. The coalesced
 `export_memory_timeline` form ``[µs_times, sizes]`` is read as one event per change of the summed sizes
-(per change of the parameters' and the rest's sizes, when the rows have torch's columns). Neither records
+(per change of the parameters', the other known categories' and the unknown column's sizes, when the rows
+have torch's columns). There a version bump is bytes leaving one column for another at one µs: between a
+known category and the unknown column it is dropped, as in the raw form (a free and an allocation of the
+same size at that µs read the same way: the coalesced form cannot tell them apart). Neither form records
 the device: it is "cuda:0" unless told.
 
 The category is torch's `_CATEGORY_TO_INDEX` (torch/profiler/_memory_profiler.py): 0 PARAMETER,
@@ -30,8 +33,10 @@ from kvtrace.errors import KvtraceError
 __all__ = ["read_memory_timeline"]
 
 _PARAMETER, _KNOWN_CATEGORIES = 0, 7  # torch's index of PARAMETER; indices below 7 name a category
-# A coalesced row: a zero column, then one column per category index, each at index + 1.
+# A coalesced row: a zero column, then one column per category index, each at index + 1 (`_coalesce_timeline`
+# adds to `sizes[-1][_CATEGORY_TO_INDEX[category] + 1]`): the last, index 7's, holds the unknown (None) bytes.
 _COALESCED_WIDTH = 1 + _KNOWN_CATEGORIES + 1
+_UNKNOWN_COLUMN = 1 + _KNOWN_CATEGORIES
 
 
 def _stated(torch_category: Any) -> int:
@@ -128,26 +133,45 @@ class _TimelineCollector:
                 raise KvtraceError(f"{self.name}: memory timeline [times, sizes] lists differ in length")
             # torch's rows: a zero column, then one per category; any other width is read as one total.
             by_category = all(isinstance(row, list) and len(row) == _COALESCED_WIDTH for row in sizes)
-            previous_weights = previous_other = 0
+            previous_weights = previous_other = previous_unknown = 0
             for index, (ts, row) in enumerate(zip(times, sizes, strict=True)):
                 total = sum(_as_int(v, 0) for v in row)
                 weights = _as_int(row[1 + _PARAMETER], 0) if by_category else 0
-                other = total - weights
+                # torch's unknown column is left to attribution, as the raw form's category 7 rows are
+                unknown = _as_int(row[_UNKNOWN_COLUMN], 0) if by_category else 0
+                other = total - weights - unknown
                 ts_ns = _as_int(ts, 0) * 1000  # torch writes these in µs (the raw form's are ns)
                 if index == 0:
                     self.baseline, self.baseline_weights = total, weights
                 elif not by_category:
                     self._event(ts_ns, total - previous_other, -1)
                 else:
-                    # Releases first: bytes moving between the two at one instant never raise the peak.
-                    changes = ((weights - previous_weights, WEIGHTS), (other - previous_other, OTHER))
+                    other_change, unknown_change = _without_moves(
+                        other - previous_other, unknown - previous_unknown
+                    )
+                    # Releases first: bytes moving between categories at one instant never raise the peak.
+                    changes = (
+                        (weights - previous_weights, WEIGHTS),
+                        (other_change, OTHER),
+                        (unknown_change, -1),
+                    )
                     for change, category in sorted(changes):
                         if change:
                             self._event(ts_ns, change, category)
-                previous_weights, previous_other = weights, other
+                previous_weights, previous_other, previous_unknown = weights, other, unknown
             return "coalesced"
         self._flush_head()
         return "raw"
+
+
+def _without_moves(other: int, unknown: int) -> tuple[int, int]:
+    """A known category's and the unknown column's changes at one instant, less the bytes that moved from
+    one to the other: a version bump that torch categorises anew (-n in one column, +n in the other), which
+    the raw form's reading drops, keeping the bytes where they were created (not a free and an allocation)."""
+    if other * unknown >= 0:
+        return other, unknown
+    moved = min(abs(other), abs(unknown))
+    return other - moved * (1 if other > 0 else -1), unknown - moved * (1 if unknown > 0 else -1)
 
 
 def _is_coalesced(head: list[Any]) -> bool:

@@ -31,6 +31,7 @@ class EventAxis:
     instant_events: int  # the most events of a device where every device's share one instant, else 0
     title: str
     x_title: str
+    held_only: bool = False  # no device has events: a device's memory held is one level, x = 0 to 1
 
     def place(self, ts_us: float) -> float:
         """A marker's x (a step, an OOM, a budget crossing): its time, or, where the events are drawn in
@@ -46,6 +47,8 @@ class EventAxis:
     ) -> tuple[np.ndarray, Callable[[np.ndarray, int], np.ndarray]]:
         """x of the kept events, with the level before the first event in front, and a function that lines a
         series' values (and its level before the trace) up with that x."""
+        if self.held_only:  # no events: the level before the trace, from 0 to 1
+            return np.array([0.0, 1.0]), lambda series, start: np.full(2, start, dtype=np.int64)
         if self.by_position:
             x = keep.astype(np.float64)
         else:
@@ -66,11 +69,23 @@ class EventAxis:
         return x, values
 
 
-def event_axis(timelines: list[DeviceTimeline], t0: float, untimed: bool, seconds_shared: bool) -> EventAxis:
+def event_axis(
+    timelines: list[DeviceTimeline],
+    t0: float,
+    untimed: bool,
+    seconds_shared: bool,
+    held_at: str = "at its start",
+) -> EventAxis:
     """`untimed`: the events' `ts_us` are their index in the trace (a snapshot without times);
     `seconds_shared`: other charts share this x in seconds (the KV log's, the CPU samples'), so events at
-    one time cannot be laid out in order."""
+    one time cannot be laid out in order; `held_at`: when the memory held without events was seen (a
+    snapshot's, "at the dump")."""
     with_events = [tl for tl in timelines if len(tl.ts_us)]
+    if not with_events and not seconds_shared and any(tl.start_allocated for tl in timelines):
+        # A trace that kept no allocator events (torch 2.0's ring buffer of one "snapshot" entry): the
+        # memory held is one level, drawn across an axis that measures nothing
+        title = f"Memory by category: the trace holds no allocations, only the state {held_at}"
+        return EventAxis(t0, True, False, 0, title, f"no allocator events (the level held {held_at})", True)
     instant = bool(with_events) and all(tl.ts_us[0] == tl.ts_us[-1] for tl in with_events)
     by_position = instant and not untimed and not seconds_shared
     in_order = untimed or by_position

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -47,14 +48,23 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     t0 = _origin_us(report, source, kv, usage)
     # A snapshot whose trace records no times is placed by each entry's order: say so, do not call it time
     untimed = "event_index" in (source.meta.get("timestamps") or {}).values()
-    axis = event_axis(report.timelines, t0, untimed, seconds_shared=rows > 1 or usage is not None)
+    held_at = "at the dump" if source.kind == "snapshot" else "before the trace"
+    axis = event_axis(
+        report.timelines, t0, untimed, seconds_shared=rows > 1 or usage is not None, held_at=held_at
+    )
     fig.layout.annotations[0].text = axis.title
-    top = max((float(tl.allocated.max()) for tl in report.timelines if len(tl.allocated)), default=0.0)
+    # The level before the trace counts: a snapshot whose trace only frees, or holds no events, peaks there
+    top = max(
+        (max(float(tl.allocated.max(initial=0)), tl.start_allocated) for tl in report.timelines), default=0.0
+    )
     unit, factor = binary_unit(max(top, (report.budget or {}).get("bytes", 0)))
     hover = hover_bytes(unit)
     for tl in report.timelines:
-        if len(tl.ts_us) == 0:
+        if len(tl.ts_us) == 0 and not (axis.held_only and tl.start_allocated):
             continue
+        if axis.held_only:  # reserved as the page has it (a snapshot's segments at the dump)
+            reserved = next((d.reserved_at_peak for d in report.devices if d.device == tl.device), None)
+            tl = replace(tl, reserved=None if reserved is None else np.array([reserved], dtype=np.int64))
         keep = downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us)
         # From the level before the first event: a trace that begins by freeing blocks it never allocated
         # (a snapshot's) peaks there, as the page's figures say.
@@ -100,7 +110,9 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
                 1,
                 1,
             )
-        if tl.capacity_bytes and tl.capacity_bytes < 4 * float(tl.allocated.max() or 1):
+        if tl.capacity_bytes and tl.capacity_bytes < 4 * float(
+            max(tl.allocated.max(initial=0), tl.start_allocated) or 1
+        ):
             fig.add_hline(
                 y=tl.capacity_bytes / factor,
                 line_dash="dash",
@@ -135,6 +147,8 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     fig.update_xaxes(title_text=axis.x_title, row=1, col=1)
     if axis.in_order and axis.instant_events:  # a few events: whole ones, no "0.5" between them
         fig.update_xaxes(dtick=1, row=1, col=1)
+    if axis.held_only:  # one level, no events: nothing along x to read
+        fig.update_xaxes(showticklabels=False, row=1, col=1)
     fig.update_yaxes(title_text=unit, row=1, col=1)
     if rows == 3:
         assert kv is not None and grid is not None  # rows == 3 only when there is a KV log

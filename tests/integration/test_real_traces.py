@@ -473,3 +473,101 @@ def test_a_trace_without_memory_events_says_its_memory_is_unknown(
     assert f"  note: {note}" in text
     # the JSON keeps its documented shape (docs/format.md: 0, null, {} without a device)
     assert report["devices"] == [] and report["peak_allocated_bytes"] == 0 and report["peak_time"] is None
+
+
+def test_a_budget_crossing_in_a_chrome_trace_names_its_unit_and_profiler_step(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN the V100 ResNet-50 trace (old `[memory]` form: Bytes, the allocator's blocks, no totals) and a
+    # 2 GiB budget: the first CUDA allocation that takes the level above it, replayed by hand
+    path = _require("worker0.1623143089861.pt.trace.json.gz")
+    trace = json.loads(_raw_bytes(path))
+    budget = 2 * 2**30
+    memory = sorted(
+        (e for e in trace["traceEvents"] if e.get("name") == "[memory]" and e["args"]["Device Type"] == 1),
+        key=lambda e: e["ts"],
+    )
+    level = lowest = 0
+    for event in memory:
+        level += event["args"]["Bytes"]
+        lowest = min(lowest, level)
+    level = -lowest  # what was held before the first event
+    for event in memory:
+        if level + event["args"]["Bytes"] > budget:
+            crossing = event
+            break
+        level += event["args"]["Bytes"]
+    steps = [
+        e
+        for e in trace["traceEvents"]
+        if e.get("ph") == "X"
+        and str(e.get("name", "")).startswith("ProfilerStep#")
+        and e.get("cat") != "gpu_user_annotation"
+        and e["ts"] <= crossing["ts"]
+    ]
+    (inside,) = [s for s in steps if crossing["ts"] <= s["ts"] + s["dur"]]
+
+    # WHEN diagnosed against that budget
+    assert main(["diagnose", str(path), "--budget", "2GiB", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["budget_crossing"]
+
+    # THEN the crossing is that allocation, counted in the allocator's block sizes (it said "requested"),
+    # inside the profiler step that was running (step and phase were null)
+    assert (found["request_bytes"], found["allocated_before_bytes"]) == (crossing["args"]["Bytes"], level)
+    assert "the allocator's block sizes" in found["counts"] and "requested" not in found["counts"]
+    assert (found["step"], found["phase"]) == (len(steps), inside["name"]) == (1, "ProfilerStep#5")
+
+
+def test_both_memory_timeline_forms_label_the_same_bytes_alike(tmp_path: Path) -> None:
+    # GIVEN the raw timeline, and its coalesced form as torch's `_coalesce_timeline` builds it: µs times, and
+    # per time a row of running sizes with category index i (7: None, unknown) in column i + 1
+    path = _require("memory_timeline.raw.gz")
+    rows = json.loads(_raw_bytes(path))
+    times: list[int] = []
+    sizes: list[list[int]] = []
+    t_min = -1
+    for ts, _action, nbytes, category in rows:
+        t = int(ts / 1000) if ts != -1 else ts
+        if t_min == -1 or 0 < t < t_min:
+            t_min = t
+        if not times or t != times[-1]:
+            times.append(t)
+            sizes.append(sizes[-1].copy() if sizes else [0] * 9)
+        sizes[-1][category + 1] += nbytes
+    coalesced = tmp_path / "memory_timeline.json"
+    coalesced.write_text(json.dumps([[t_min if t < 0 else t for t in times], sizes]))
+    # the bytes created with no torch category, and with one (version bumps move bytes, create none)
+    unknown = sum(r[2] for r in rows if r[1] == 2 and r[3] == 7)
+    known = sum(r[2] for r in rows if r[1] == 2 and r[3] != 7)
+
+    # WHEN both forms are reported
+    (from_raw,) = summarize(attribute(_open_source(path))).devices
+    (from_coalesced,) = summarize(attribute(_open_source(coalesced))).devices
+
+    # THEN both say which bytes torch could not categorise (the coalesced form called all 65,435,686,400 B
+    # torch's own category, its unknown column included)
+    expected = {"none": unknown, "profiler_category": known}
+    assert (unknown, known) == (29_581_253_120, 35_854_433_280)
+    assert from_raw.bytes_by_method == from_coalesced.bytes_by_method == expected
+    assert from_raw.peak_allocated_bytes == from_coalesced.peak_allocated_bytes
+
+
+def test_diagnose_stacks_of_a_memory_timeline_add_up_to_what_is_live(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN torch's raw memory timeline: no addresses, no stacks; its peak and what existed before it, by hand
+    path = _require("memory_timeline.raw.gz")
+    want = expected_timeline(path)
+
+    # WHEN diagnosed at its peak
+    assert main(["diagnose", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+
+    # THEN the rows hold every live byte: what existed before the trace, and one row for the bytes allocated
+    # since, whose allocations the file cannot tell apart (only the first was listed: 316.68 MiB of 2.87 GiB)
+    assert result["event"] == "peak" and result["allocated_bytes"] == want["peak"] == 3_082_832_104
+    rows = {row["stack"]: row["bytes"] for row in result["top_stacks"]}
+    assert sum(rows.values()) == want["peak"]
+    assert rows["(weights and others, allocated before the trace began)"] == want["baseline"] == 332_060_904
+    (unlisted,) = [nbytes for stack, nbytes in rows.items() if stack.startswith("(no stack recorded")]
+    assert unlisted == want["peak"] - want["baseline"]

@@ -165,6 +165,34 @@ def test_a_snapshot_without_trace_events_reports_what_its_segments_reserve() -> 
     assert json.loads(out.getvalue())["reserved_bytes"] == reserved
 
 
+def test_the_chart_of_a_snapshot_without_trace_events_draws_what_it_held(tmp_path: Path) -> None:
+    # GIVEN the torch 2.0 near-OOM dump whose trace kept no allocations, only blocks live at the dump
+    raw = _raw("oom_snapshot.pickle")
+    assert not any(entry["action"] in ("alloc", "free_completed") for entry in raw["device_traces"][0])
+    held = sum(_requested(block) for block in _live_blocks(raw))
+    reserved = sum(segment["total_size"] for segment in raw["segments"])
+    assert held >= 2**30  # the chart's unit is GiB
+
+    # WHEN its HTML report is written
+    page = tmp_path / "report.html"
+    _cli(["report", str(SNAPSHOTS / "oom_snapshot.pickle"), "-q", "-o", str(page)], as_json=False)
+    traces, layout = page_figure(page.read_text(), "kvtrace-timeline")
+
+    # THEN the level held is drawn across the chart, in GiB (it was an empty chart in bytes)
+    by_name = {trace["name"]: trace for trace in traces}
+    assert set(by_name) == {"weights", "kv", "other", "allocated", "reserved"}
+    assert all(len(trace["x"]) == 2 for trace in traces)
+    assert layout["yaxis"]["title"]["text"] == "GiB"
+    assert [round(y * 2**30) for y in by_name["allocated"]["y"]] == [held, held]
+    assert [round(y * 2**30) for y in by_name["reserved"]["y"]] == [reserved, reserved]
+    stacked = np.sum([by_name[c]["y"] for c in ("weights", "kv", "other")], axis=0)
+    assert np.allclose(stacked, by_name["allocated"]["y"])
+    # AND the chart says there are no allocations in the trace, only the state at the dump
+    assert layout["annotations"][0]["text"].endswith(
+        "the trace holds no allocations, only the state at the dump"
+    )
+
+
 def _small_snapshot(timed: bool) -> dict[str, Any]:
     """Two allocations, a free, then an allocator OOM; torch < 2.1 wrote no `time_us` in trace entries."""
     trace = [
