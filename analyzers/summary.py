@@ -13,6 +13,7 @@ from analyzers.caches import (
     cache_roles,
     cache_summaries,
     caches_note,
+    cross_attention_parts,
     main_cache,
     model_caches,
 )
@@ -485,7 +486,8 @@ def summarize(
                 slots = main.capacity_rows * main.capacity_tokens
                 kv.bytes_per_token_measured = main.final_bytes / slots if main.final_bytes else None
             layout_note = _layout_note(geometry, last)
-        kv.caches = cache_summaries(kv_log.caches, main.cache, geometry, roles)
+        parts = cross_attention_parts(manifest)
+        kv.caches = cache_summaries(kv_log.caches, main.cache, geometry, roles, parts)
         kv.main_cache = main.cache
         held_note = caches_note(kv.caches, given)
     if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):
