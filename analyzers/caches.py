@@ -6,7 +6,10 @@ their total by one cache's tokens, describes neither: each cache's figures are i
 `batch` and the bytes per token are the main cache's. An encoder-decoder model (BART, T5, Whisper) holds
 two caches in one `EncoderDecoderCache`: the decoder's self-attention KV, which grows with every token, and
 the cross-attention KV of the encoder's output, written once at the encoder's length. The first is the main
-cache; the second counts in the totals, named as what it is.
+cache; the second counts in the totals, named as what it is. Mllama (Llama 3.2 Vision) holds both kinds in
+one cache: its `cross_attention_layers` hold the image's vision tokens, written at prefill and never grown.
+The recorder logs those layers under an id of their own (the manifest's `cross_attention_parts`), a
+cross-attention cache of that cache, which is handled as an encoder-decoder model's is.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ __all__ = [
     "cache_roles",
     "cache_summaries",
     "caches_note",
+    "cross_attention_parts",
+    "layer_list",
     "layers_over_caches",
     "main_cache",
     "measured_bytes_per_token",
@@ -62,6 +67,10 @@ class CacheSummary:
     """In an encoder-decoder cache: "self_attention" (the decoder's tokens) or "cross_attention" (the
     encoder's output, held at the encoder's length); None for any other cache."""
     encoder_decoder: int | None = None  # the id of the encoder-decoder cache it belongs to
+    cross_attention_of: int | None = None
+    """For the cross-attention layers of a model's cache (Mllama's, the image's vision tokens), logged
+    under an id of their own: that cache's id; None for any other cache."""
+    cross_layers: list[int] | None = None  # those layers' indices (`cross_attention_of`'s)
 
 
 def _model_layers(geometry: dict[str, Any] | None) -> int | None:
@@ -90,7 +99,22 @@ def cache_roles(manifest: dict[str, Any] | None) -> dict[int, tuple[str, int]]:
         for role in (SELF_ATTENTION, CROSS_ATTENTION):
             if _is_id(entry.get(role)):
                 roles[entry[role]] = (role, entry["cache"])
+    for part, (owner, _) in cross_attention_parts(manifest).items():
+        roles[part] = (CROSS_ATTENTION, owner)
     return roles
+
+
+def cross_attention_parts(manifest: dict[str, Any] | None) -> dict[int, tuple[int, list[int]]]:
+    """The manifest's `cross_attention_parts`: the id the cross-attention layers of a model's cache are
+    logged under (Mllama's) -> (that cache's id, the layers). Empty for other models and older runs."""
+    listed = (manifest or {}).get("cross_attention_parts")
+    parts: dict[int, tuple[int, list[int]]] = {}
+    for entry in listed if isinstance(listed, list) else ():
+        if isinstance(entry, dict) and _is_id(entry.get("cache")) and _is_id(entry.get("cross_attention")):
+            layers = entry.get("layers")
+            kept = [i for i in layers if _is_id(i)] if isinstance(layers, list) else []
+            parts[entry["cross_attention"]] = (entry["cache"], kept)
+    return parts
 
 
 def _is_id(value: Any) -> bool:
@@ -137,10 +161,13 @@ def cache_summaries(
     main_id: int,
     geometry: dict[str, Any] | None,
     roles: dict[int, tuple[str, int]] | None = None,
+    parts: dict[int, tuple[int, list[int]]] | None = None,
 ) -> list[CacheSummary]:
-    """Each cache's own figures; `main_id` is `main_cache(...)`'s, `roles` `cache_roles(...)`."""
+    """Each cache's own figures; `main_id` is `main_cache(...)`'s, `roles` `cache_roles(...)`, `parts`
+    `cross_attention_parts(...)`."""
     layers = _model_layers(geometry)
     roles = roles or {}
+    parts = parts or {}
     return [
         CacheSummary(
             cache=c.cache,
@@ -150,12 +177,15 @@ def cache_summaries(
             rows=c.rows or None,
             bytes_per_token_measured=measured_bytes_per_token(c, c.tokens, c.rows),
             main=c.cache == main_id,
-            model_shaped=(c.layers == layers) if layers is not None else None,
+            # a cross-attention part has the config's cross-attention layers, not the model's KV layers
+            model_shaped=(c.layers == layers) if layers is not None and c.cache not in parts else None,
             capacity_rows=c.capacity_rows or None,
             capacity_tokens=c.capacity_tokens or None,
             capacity_of=c.capacity_of or None,
             role=roles[c.cache][0] if c.cache in roles else None,
-            encoder_decoder=roles[c.cache][1] if c.cache in roles else None,
+            encoder_decoder=roles[c.cache][1] if c.cache in roles and c.cache not in parts else None,
+            cross_attention_of=parts[c.cache][0] if c.cache in parts else None,
+            cross_layers=parts[c.cache][1] if c.cache in parts else None,
         )
         for c in caches
     ]
@@ -180,7 +210,10 @@ def caches_note(caches: list[CacheSummary], given: Iterable[int] = ()) -> str | 
 
 def _cross_note(cross: list[CacheSummary], main: CacheSummary) -> str:
     """The cross-attention caches of encoder-decoder caches, named as such: their KV counts in the totals,
-    held at the encoder's length."""
+    held at the encoder's length; or the cross-attention layers of the model's cache (Mllama: the image's
+    vision tokens)."""
+    if all(c.cross_attention_of is not None for c in cross):
+        return _image_note(cross, main)
     held = ", ".join(
         f"{c.cache} (of encoder-decoder cache {c.encoder_decoder}: {c.tokens} tokens x {c.rows or '-'} rows)"
         for c in cross
@@ -191,6 +224,28 @@ def _cross_note(cross: list[CacheSummary], main: CacheSummary) -> str:
         f"{caches} the cross-attention KV, the encoder's output at the encoder's length: counted in the KV "
         f"totals; tokens held and bytes per token are cache {main.cache}'s ({own}{main.layers} layers)"
     )
+
+
+def _image_note(cross: list[CacheSummary], main: CacheSummary) -> str:
+    """The cross-attention layers of the model's cache (Mllama's), logged as caches of their own: the KV of
+    the image's vision tokens, a fixed cost written at prefill, counted in the totals but not per token."""
+    held = ", ".join(
+        f"{c.cache} ({layer_list(c.cross_layers or [])} of cache {c.cross_attention_of}: {c.tokens} vision "
+        f"tokens x {c.rows or '-'} rows, {c.final_bytes:,} bytes)"
+        for c in cross
+    )
+    caches = f"cache {held} holds" if len(cross) == 1 else f"caches {held} hold"
+    return (
+        f"{caches} the cross-attention KV of the image(s), written at prefill and never grown: counted in "
+        f"the KV totals, not per token; tokens held and bytes per token are cache {main.cache}'s (its "
+        f"{main.layers} self-attention layers)"
+    )
+
+
+def layer_list(layers: Iterable[int]) -> str:
+    """`layer 2`, `layers 3, 8, 13`."""
+    listed = sorted(layers)
+    return f"layer{'s' if len(listed) != 1 else ''} {', '.join(str(i) for i in listed)}"
 
 
 def _others_note(

@@ -13,6 +13,7 @@ from analyzers.caches import (
     cache_roles,
     cache_summaries,
     caches_note,
+    cross_attention_parts,
     main_cache,
     measured_bytes_per_token,
     model_caches,
@@ -483,7 +484,8 @@ def summarize(
             # none when the cache was let go before the end (another model's ran after it): nothing held
             kv.bytes_per_token_measured = measured_bytes_per_token(main, kv.tokens_held, kv.batch)
             layout_note = _layout_note(geometry, last)
-        kv.caches = cache_summaries(kv_log.caches, main.cache, geometry, roles)
+        parts = cross_attention_parts(manifest)
+        kv.caches = cache_summaries(kv_log.caches, main.cache, geometry, roles, parts)
         kv.main_cache = main.cache
         held_note = caches_note(kv.caches, given)
     if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):

@@ -58,6 +58,25 @@ def layer_kinds(layer_types: Any) -> tuple[int, int] | None:
     return None if slides is None else (len(slides), sum(slides))
 
 
+def cross_attention_layers(get: Callable[[str], Any]) -> tuple[int, ...]:
+    """The layers of a decoder's one cache that hold cross-attention KV (Mllama's `cross_attention_layers`:
+    the image's vision tokens, written at prefill and never grown) rather than its tokens' own; () for any
+    other config."""
+    layers = get("cross_attention_layers")
+    if not isinstance(layers, list | tuple):
+        return ()
+    return tuple(sorted({i for i in layers if isinstance(i, int) and not isinstance(i, bool) and i >= 0}))
+
+
+def model_cross_attention_layers(model: Any) -> frozenset[int]:
+    """`cross_attention_layers` of a Hugging Face model's text config (Mllama); empty for any other model."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return frozenset()
+    text = getattr(config, "get_text_config", lambda: config)()
+    return frozenset(cross_attention_layers(lambda name: getattr(text, name, None)))
+
+
 def _first(config: Any, names: tuple[str, ...]) -> int | None:
     for name in names:
         value = getattr(config, name, None)
@@ -124,6 +143,11 @@ def model_geometry(model: Any) -> dict[str, Any] | None:
         kinds = layer_kinds(getattr(config, "layer_types", None))
         if kinds is not None:
             geometry.update(kv_layers=kinds[0], sliding_layers=kinds[1])
+        cross = cross_attention_layers(get)
+        if cross and isinstance(layers, int) and len(cross) < layers:
+            # Their KV is the image's, a fixed cost: a token of text costs the other layers only
+            own = geometry.get("kv_layers", layers) - len(cross)
+            geometry.update(cross_attention_layers=list(cross), kv_layers=own)
     else:
         params = getattr(model, "params", None)
         if params is not None and hasattr(params, "n_layers"):

@@ -25,7 +25,7 @@ from kvtrace.distributed import rank_facts, run_path
 from kvtrace.errors import KvtraceError, RecordingError
 from kvtrace.forward_inputs import ForwardSignature
 from kvtrace.forward_steps import ForwardSteps
-from kvtrace.geometry import model_geometry
+from kvtrace.geometry import model_cross_attention_layers, model_geometry
 from kvtrace.integrations.hf_caches import HfCacheHooks
 from kvtrace.integrations.hf_generate import GenerateCalls
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
@@ -278,6 +278,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                 self._calls.install()
             if self._hf is not None:
                 self._hf.on_new_cache = self._cache_made
+                self._hf.cross_layers = model_cross_attention_layers(self.model)
         self._modules.scan("track")
         if self.model is not None:
             # HF attention modules carry `layer_idx`; eviction libraries hang their masks on them.

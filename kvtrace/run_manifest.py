@@ -246,7 +246,7 @@ class RunManifest:
         return warning
 
     def _caches_and_threads(self) -> dict[str, Any]:
-        """The manifest's `model_caches`, `encoder_decoder_caches`, `other_caches`,
+        """The manifest's `model_caches`, `encoder_decoder_caches`, `cross_attention_parts`, `other_caches`,
         `other_caches_on_other_threads` and `forwards_on_other_threads`, when there are any: which caches the
         figures describe, and whether the profiler's trace saw the model's forwards and the other caches."""
         facts: dict[str, Any] = {}
@@ -256,6 +256,12 @@ class RunManifest:
             facts["encoder_decoder_caches"] = [
                 {"cache": cid, "self_attention": own, "cross_attention": cross}
                 for cid, (own, cross) in sorted(self._hf.encoder_decoder.items())
+            ]
+        if self._hf is not None and self._hf.cross_parts:
+            layers = sorted(self._hf.cross_layers)
+            facts["cross_attention_parts"] = [
+                {"cache": cid, "cross_attention": part, "layers": layers}
+                for cid, part in sorted(self._hf.cross_parts.items())
             ]
         others = self._other_caches()
         if others:

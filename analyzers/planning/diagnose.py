@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of, marker_step_at
-from analyzers.caches import CROSS_ATTENTION
+from analyzers.caches import CROSS_ATTENTION, layer_list
 from analyzers.model import MemorySource, request_at_most
 from analyzers.planning.diagnose_buffer_remedies import preallocated_buffers
 from analyzers.planning.diagnose_moment import (
@@ -41,6 +41,7 @@ from analyzers.planning.diagnose_remedies import (
     price_remedies,
     sliding_layer_ids,
     sliding_layers,
+    token_layers,
 )
 from analyzers.planning.diagnose_stacks import (
     freed_from_before,
@@ -193,6 +194,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     top_cache_layers: tuple[tuple[int, int, int], ...] = ()
     by_layer: dict[int, int] = {}
     batch, tokens_held = report.kv.batch, report.kv.tokens_held
+    cross_ids = {c.cache for c in report.kv.caches if c.role == CROSS_ATTENTION}
+    # The cross-attention KV (an encoder's output, Mllama's image): a fixed cost that no token remedy touches
+    cross_kv = sum(c.final_bytes for c in report.kv.caches if c.cache in cross_ids)
     if kv_log is not None and kv_log.step_start_ns:
         # The moment is a timeline time, an event's t_ns / 1000.0 in a run without a trace: a step's start
         # goes through the same division (as analyzers.budget does), never the float back to ns, which at
@@ -208,6 +212,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             batch, tokens_held = held_at_step(report, kv_log, held)
             beams, rows_are_beams = beams_at_step(report, kv_log, held, batch)
             prompt = prompt_at_step(report, kv_log, held)
+            live = kv_log.step_cache_live.get(held)
+            if live is not None:
+                cross_kv = sum(nbytes for (cache, _), nbytes in live.items() if cache in cross_ids)
         if dev_index is not None and index >= 0 and not at_start:
             by_slot = kv_by_slot_at(source.devices[dev_index], index)
             for (_, layer), nbytes in by_slot.items():
@@ -259,7 +266,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "sliding_layer_ids": sliding_layer_ids(report),
         "window": (report.geometry or {}).get("sliding_window"),
         "layer_token_bytes": layer_token_bytes(report),
-        "kv_layers": len({layer.layer for layer in report.kv.per_layer}) or None,
+        "kv_layers": len(token_layers(report)) or None,
+        "cross_kv_bytes": min(cross_kv, kv_bytes) if kv_bytes is not None else cross_kv,
         "layer_bytes": by_layer,
         "step_phase": phase,
         "prompt_tokens": prompt,
@@ -274,7 +282,10 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     if len(held) > 1:
         cross = [c for c in held if c.role == CROSS_ATTENTION]
         named = "".join(
-            f"; cache {c.cache} is the cross-attention KV of encoder-decoder cache {c.encoder_decoder}, "
+            f"; cache {c.cache} is the cross-attention KV of the image(s) in {layer_list(c.cross_layers)} of "
+            f"cache {c.cross_attention_of} ({c.tokens} vision tokens), a fixed cost no token remedy shrinks"
+            if c.cross_attention_of is not None and c.cross_layers is not None
+            else f"; cache {c.cache} is the cross-attention KV of encoder-decoder cache {c.encoder_decoder}, "
             f"held at the encoder's length ({c.tokens} tokens)"
             for c in cross
         )

@@ -289,20 +289,26 @@ def window_remedy(
     need: int | None,
     model_window: int | None = None,
     sliding: int = 0,
+    cross: int = 0,
 ) -> Remedy:
     """A sliding window for a cache that keeps every token on some layers: every layer sliding at the
     window, priced as that cache's peak (`sliding_cache_bytes`), not as this moment's KV less the tokens
     beyond it. `target` is the window a shorter context would propose; a hybrid model's `sliding` layers
     already keep `model_window`, which a larger window would grow: it is proposed at most that, i.e. its
-    full layers sliding at the model's own window. With a shortfall, the largest window whose peak fits."""
+    full layers sliding at the model's own window. With a shortfall, the largest window whose peak fits.
+    `cross`: the cross-attention KV at this moment (an encoder's output, Mllama's image), which no window
+    shrinks: held besides the window's, at every figure."""
     hybrid = bool(sliding and model_window)
     start = min(target, model_window) if hybrid and model_window else target
     window = max(start, 1)
     if need is not None and need > 0:
-        peaks = {w: sliding_cache_bytes(layer_token, layers, w, prompt)[1] for w in range(window, 0, -1)}
+        peaks = {
+            w: sliding_cache_bytes(layer_token, layers, w, prompt)[1] + cross for w in range(window, 0, -1)
+        }
         fitting = [w for w, peak in peaks.items() if kv - peak >= need]
         window = fitting[0] if fitting else 1
     held, peak = sliding_cache_bytes(layer_token, layers, window, prompt)
+    held, peak = held + cross, peak + cross
     saved = max(kv - peak, 0)
     size = f"{window:,} token{'s' if window > 1 else ''}"
     if hybrid and window == model_window:
@@ -323,6 +329,8 @@ def window_remedy(
     why = "each layer makes its new K and V before freeing the old ones"
     if prompt > window:
         why += f", and every layer holds the whole {prompt:,}-token prompt until its first decode step"
+    if cross:
+        why += f"; with the {human_bytes(cross)} of cross-attention KV, which no window shrinks"
     text = (
         f"{change} holds {human_bytes(held)} of KV at most once generation passes {size}, "
         f"{human_bytes(peak)} at its peak ({why})"

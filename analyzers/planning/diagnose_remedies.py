@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from analyzers.caches import CROSS_ATTENTION
 from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
 from analyzers.planning.diagnose_buffer_remedies import (
@@ -66,6 +67,7 @@ __all__ = [
     "price_remedies",
     "sliding_layer_ids",
     "sliding_layers",
+    "token_layers",
 ]
 
 _DTYPE_BITS = {
@@ -111,9 +113,17 @@ def growing_bytes_per_token(report: Report) -> float | None:
     return sum((layer.k_bytes + layer.v_bytes) / layer.tokens for layer in others if layer.tokens) / kv.batch
 
 
+def token_layers(report: Report) -> set[int]:
+    """The layers holding the tokens' own KV: not a cross-attention cache's (an encoder's output, Mllama's
+    image), whose KV does not follow the context."""
+    cross = {c.cache for c in report.kv.caches if c.role == CROSS_ATTENTION}
+    return {layer.layer for layer in report.kv.per_layer if layer.cache not in cross}
+
+
 def layer_token_bytes(report: Report) -> float | None:
-    """KV bytes one token costs one layer of one sequence: the arithmetic, shared by the layers holding KV."""
-    layers = {layer.layer for layer in report.kv.per_layer}
+    """KV bytes one token costs one layer of one sequence: the arithmetic, shared by the layers holding the
+    tokens' KV."""
+    layers = token_layers(report)
     expected = report.kv.bytes_per_token_expected
     return expected / len(layers) if expected and layers else None
 
@@ -262,7 +272,9 @@ def price_remedies(
                 f"({human_bytes(per_token)} per token across the batch{held_too})."
             )
         else:
-            text = f"No shorter context fits: all {tokens:,} tokens of KV are only {human_bytes(kv)}."
+            fixed = d.get("cross_kv_bytes")
+            own = kv - fixed if isinstance(fixed, int) else kv
+            text = f"No shorter context fits: all {tokens:,} tokens of KV are only {human_bytes(own)}."
         if not d.get("windowed") and static is None:
             out.append(Remedy("context", context or None, saved, fits(saved, need), text))
             out.append(_window(d, kv, tokens, context, need, num_layers))
@@ -347,6 +359,7 @@ def _window(
         why = "cannot be priced: the KV geometry of a layer is not recorded"
         return Remedy("sliding_window", None, None, None, f"Sliding window: {why}.")
     prompt, window, sliding = d.get("prompt_tokens"), d.get("window"), d.get("sliding_layer_ids")
+    fixed = d.get("cross_kv_bytes")
     return window_remedy(
         kv,
         layer_token * batch,
@@ -356,6 +369,7 @@ def _window(
         need,
         window if isinstance(window, int) else None,
         len(sliding) if isinstance(sliding, tuple) else 0,
+        fixed if isinstance(fixed, int) else 0,
     )
 
 

@@ -156,10 +156,11 @@ def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
 
 
 def _notes(req: PlanRequest) -> tuple[str, ...]:
-    """A weights figure that is an estimate (`ModelGeometry.weights_note`); a context past the model's
+    """A weights figure that is an estimate (`ModelGeometry.weights_note`); layers whose KV is not per token
+    (`kv_note`); a context past the model's
     positions: transformers runs it (the memory figures hold), but the model was not trained for it, and
     vLLM refuses such a max_model_len."""
-    weights = (req.geometry.weights_note,) if req.geometry.weights_note else ()
+    weights = tuple(note for note in (req.geometry.weights_note, req.geometry.kv_note) if note)
     limit = req.geometry.max_position_embeddings
     if limit is None or req.context <= limit:
         return weights

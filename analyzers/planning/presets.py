@@ -23,7 +23,13 @@ from analyzers.planning.config_defaults import (
 )
 from analyzers.planning.gpt_blocks import gpt_block_fields
 from kvtrace.errors import KvtraceError, too_long_integer
-from kvtrace.geometry import cached_kv_heads, chunk_window, kv_heads_of, kv_layer_slides
+from kvtrace.geometry import (
+    cached_kv_heads,
+    chunk_window,
+    cross_attention_layers,
+    kv_heads_of,
+    kv_layer_slides,
+)
 
 __all__ = [
     "DTYPE_BITS",
@@ -112,6 +118,7 @@ class ModelGeometry:
     # none (vLLM then takes any max_model_len typed).
     max_position_embeddings: int | None = None
     weights_note: str | None = None  # why the weights figure is an estimate (`weights_estimate_note`)
+    kv_note: str | None = None  # layers whose KV is not per token (Mllama's cross-attention: the image's)
 
     @property
     def layers_with_kv(self) -> int:
@@ -376,6 +383,18 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     if chunk is not None:  # chunked layers (Llama 4) are cached as sliding ones of the chunk's size
         sliding_window = positive_int("attention_chunk_size", chunk)
     name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
+    kv_layers = len(slides) if slides is not None else None
+    cross = cross_attention_layers(fields.get)
+    kv_note = None
+    if cross and slides is None and len(cross) < layers:
+        kv_layers = layers - len(cross)
+        many = len(cross) > 1
+        kv_note = (
+            f"KV: {'its' if many else 'its one'} cross-attention layer{'s' if many else ''} "
+            f"({', '.join(str(i) for i in cross)}) hold{'' if many else 's'} the image's KV (its vision "
+            f"tokens, written once per image), a fixed cost not counted here: the KV per token is the "
+            f"{kv_layers:,} self-attention layers'"
+        )
     gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text")
     block = gpt_block_fields(fields, model_type, hidden, positive_int, str(config_path))
     return ModelGeometry(
@@ -389,7 +408,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         vocab_size=positive_int("vocab_size", fields["vocab_size"]),
         tie_word_embeddings=bool(fields.get("tie_word_embeddings", tied_by_default(model_type))),
         sliding_window=sliding_window,
-        kv_layers=len(slides) if slides is not None else None,
+        kv_layers=kv_layers,
         sliding_layers=sum(slides) if slides is not None else None,
         layer_slides=slides,
         **_experts(fields, layers, positive_int),
@@ -400,6 +419,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         max_position_embeddings=max_positions(fields, model_type),
         cached_kv_heads=cached_heads if cached_heads != kv_heads else None,
         weights_note=weights_estimate_note(raw, model_type),
+        kv_note=kv_note,
         **block,
     )
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from analyzers.caches import layer_list
 from analyzers.model import MemorySource
 from analyzers.render.engine import no_memory_timeline
 from analyzers.render.event_axis import EventAxis, event_axis
@@ -377,7 +378,13 @@ def _summary_table(report: Report) -> str:
             )
             if per_token is not None:
                 figures += f", {per_token:,.1f} B/token"
-            if cache.get("role"):
+            if cache.get("cross_attention_of") is not None:
+                layers = layer_list(cache.get("cross_layers") or [])
+                figures += (
+                    f", cross-attention KV of the image(s) in {layers} of cache "
+                    f"{cache['cross_attention_of']}, not per token"
+                )
+            elif cache.get("role"):
                 kind = "cross" if cache["role"] == "cross_attention" else "self"
                 figures += f", {kind}-attention KV of encoder-decoder cache {cache.get('encoder_decoder')}"
             rows.append((f"cache {cache['cache']}{' (main)' if cache['main'] else ''}", figures))

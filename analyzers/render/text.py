@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from analyzers.caches import MAX_CACHES_AS_ROWS, biggest_caches, layers_over_caches, rows_name_caches
+from analyzers.caches import (
+    MAX_CACHES_AS_ROWS,
+    biggest_caches,
+    layer_list,
+    layers_over_caches,
+    rows_name_caches,
+)
 from analyzers.model import request_at_most
 from analyzers.render.json import METHOD_LABELS, NO_KV_HINT
 from analyzers.summary import Report
@@ -40,7 +46,11 @@ def _cache_line(cache: Any) -> str:
     )
     if per_token is not None:
         figures += f", {per_token:,.1f} bytes per token"
-    if cache.role is not None:
+    if cache.cross_attention_of is not None:
+        layers = layer_list(cache.cross_layers or [])
+        of = cache.cross_attention_of
+        figures += f", cross-attention KV of the image(s) in {layers} of cache {of}, not per token"
+    elif cache.role is not None:
         kind = "cross" if cache.role == "cross_attention" else "self"
         figures += f", {kind}-attention KV of encoder-decoder cache {cache.encoder_decoder}"
     return f"    {cache.cache:>5}{role:<5} {figures}"
@@ -132,6 +142,11 @@ def report_to_text(report: Report) -> str:
     lines.append(
         f"    final {human_bytes(kv.final_bytes)}, peak {human_bytes(kv.peak_bytes)} (with transient copies)"
     )
+    image = sum(c.final_bytes for c in kv.caches if c.cross_attention_of is not None)
+    if image:  # Mllama's cross-attention layers: the image's KV, held whatever the tokens
+        lines.append(
+            f"    of which cross-attention (image) KV: {human_bytes(image)}, a fixed cost, not per token"
+        )
     if kv.final_bytes:
         churn = kv.allocated_bytes_total / kv.final_bytes
         lines.append(

@@ -216,6 +216,12 @@ class HfCacheHooks:
         self._beams_read: set[int] = set()  # caches whose first reorder_cache told their beams
         # An encoder-decoder cache's id -> (its self-attention cache's id, its cross-attention cache's id)
         self.encoder_decoder: dict[int, tuple[int, int]] = {}
+        # The layers of the model's cache that hold cross-attention KV (Mllama's `cross_attention_layers`:
+        # the image's vision tokens, written at prefill, never grown), set by the recorder from the config;
+        # and each model cache's id -> the id those layers are logged under, so that the log keeps them
+        # apart from its tokens' own KV as it keeps an encoder-decoder cache's cross-attention cache.
+        self.cross_layers: frozenset[int] = frozenset()
+        self.cross_parts: dict[int, int] = {}
 
     @staticmethod
     def available() -> bool:
@@ -245,24 +251,39 @@ class HfCacheHooks:
         self._last = entry
         return entry[1]
 
-    def first_sight(self, cache: Any) -> int:
+    def first_sight(self, cache: Any, cross_part: bool = False) -> int:
         """`cache_id`, and for a cache that gets its id here and already holds KV (`found`), what it holds,
-        logged before anything changes it. Once per cache object: a known one costs `cache_id`'s lookup."""
+        logged before anything changes it. Once per cache object: a known one costs `cache_id`'s lookup.
+        `cross_part`: a cache of the recorded model, whose `cross_layers` get an id of their own first."""
         seen = self._next_id
         cid = self.cache_id(cache)
+        if cross_part and self.cross_layers and cid not in self.cross_parts:
+            self._next_id = next_cache_id(self._next_id)
+            self.cross_parts[cid] = self._next_id
+            if self.on_new_cache is not None:
+                self.on_new_cache(self._next_id)
         if cid > seen:
             self.found(cache, cid)
+        return cid
+
+    def slot_cache(self, cid: int, layer_idx: int) -> int:
+        """The id a layer of cache `cid` is logged under: its cross-attention part's for a cross-attention
+        layer of the model's cache (`cross_parts`), else `cid`."""
+        if self.cross_parts and layer_idx in self.cross_layers:
+            return self.cross_parts.get(cid, cid)
         return cid
 
     def given(self, cache: Any) -> tuple[int, ...]:
         """`first_sight` of a cache a forward of the recorded model was given. An encoder-decoder cache
         (`EncoderDecoderCache`) holds no layers itself: the log holds its self-attention cache's updates (the
         decoder's tokens) and its cross-attention cache's (the encoder's, at its length), so both get their
-        ids here too, and their roles go in `encoder_decoder` for the manifest."""
-        cid = self.first_sight(cache)
+        ids here too, and their roles go in `encoder_decoder` for the manifest. A cache whose
+        `cross_layers` hold cross-attention KV (Mllama) gets an id for those layers (`cross_parts`)."""
         cross = getattr(cache, "cross_attention_cache", None)
+        cid = self.first_sight(cache, cross_part=cross is None)
         if cross is None:
-            return (cid,)
+            part = self.cross_parts.get(cid)
+            return (cid,) if part is None else (cid, part)
         own = getattr(cache, "self_attention_cache", None)
         if not isinstance(own, self._cache_cls) or not isinstance(cross, self._cache_cls):
             return (cid,)
@@ -283,7 +304,7 @@ class HfCacheHooks:
         unseen = {
             layer_idx
             for layer_idx, layer in enumerate(getattr(cache, "layers", ()))
-            if (cid, layer_idx) not in states
+            if (self.slot_cache(cid, layer_idx), layer_idx) not in states
             and getattr(layer, "is_initialized", True)
             and isinstance(getattr(layer, "keys", None), torch.Tensor)
         }
@@ -307,9 +328,11 @@ class HfCacheHooks:
         dead = [key for key, (ref, _) in self._known.items() if ref is not _nothing and ref() is None]
         for key in dead:
             _, cid = self._known.pop(key)
-            self.tracker.retire_cache(cid)
-            for signature_key in [k for k in self._signatures if k[0] == cid]:
-                del self._signatures[signature_key]
+            part = self.cross_parts.get(cid)  # kept: the manifest lists it
+            for gone in (cid,) if part is None else (cid, part):
+                self.tracker.retire_cache(gone)
+                for signature_key in [k for k in self._signatures if k[0] == gone]:
+                    del self._signatures[signature_key]
         if dead:
             self._last = None
             self.tracker.poll_frees()
@@ -369,7 +392,9 @@ class HfCacheHooks:
                 # Did other code rebind the layer updated before this one (an eviction press's attention
                 # hook)? Logged now, before this update, whose new storage may take the address the old one
                 # freed: the log then orders them as the allocator did. One identity test per update.
-                prev_state = tracker_layers.get(previous)
+                prev_state = tracker_layers.get(
+                    (hooks.slot_cache(cid, previous[1]), previous[1]) if hooks.cross_parts else previous
+                )
                 fast = prev_state.fast if prev_state is not None else None
                 layers = cache.layers
                 if fast is not None and previous[1] < len(layers):
@@ -379,7 +404,8 @@ class HfCacheHooks:
                         v_slot.tref() is not getattr(prev_layer, "values", _MISSING)
                     ):
                         hooks._rebound(cache, previous[1])
-            state = tracker_layers.get((cid, layer_idx))
+            slot = hooks.slot_cache(cid, layer_idx) if hooks.cross_parts else cid
+            state = tracker_layers.get((slot, layer_idx))
             before = state.tokens if state is not None else None
             if before is None:  # first sight of this layer: empty unless the cache was used before record()
                 layers = cache.layers
@@ -396,11 +422,11 @@ class HfCacheHooks:
                 # A layer holding KV that kvtrace never saw (a cache filled before record()): what the cache
                 # holds is logged first, so this update replaces storages the log holds, as the allocator did
                 hooks.found(cache, cid)
-                before = hooks.tracker.tokens_or_none(cid, layer_idx)
+                before = hooks.tracker.tokens_or_none(slot, layer_idx)
             push = hooks._push
             if push is None:
                 result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
-                hooks._updated(cache, cid, layer_idx, key_states, before)
+                hooks._updated(cache, slot, layer_idx, key_states, before)
                 hooks._previous = (cid, layer_idx)
                 return result
             names = hooks._update_names
@@ -409,7 +435,7 @@ class HfCacheHooks:
             push(names[layer_idx])
             try:
                 result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
-                if hooks._updated(cache, cid, layer_idx, key_states, before):
+                if hooks._updated(cache, slot, layer_idx, key_states, before):
                     # The window let tokens go: an evict range per K and V, inside the update's range (as
                     # kv_update, one per update: NVTX only, not in the profiler's trace).
                     k_name, v_name = hooks._evict_names(layer_idx)
@@ -571,11 +597,15 @@ class HfCacheHooks:
         tracker = self.tracker
         states = tracker._layers
         kinds = self._kinds
+        part = self.cross_parts.get(cid)
         for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
             if type(keys) is not torch.Tensor or type(values) is not torch.Tensor:
                 continue
-            state = states.get((cid, layer_idx))
+            # A cross-attention layer holds the image's tokens, not `new_tokens`: what it holds is its count
+            cross = part is not None and layer_idx in self.cross_layers
+            slot = part if cross and part is not None else cid
+            state = states.get((slot, layer_idx))
             before = state.tokens if state is not None else (0 if fresh else None)
             layer_type = type(layer)
             kind = kinds.get(layer_type)
@@ -603,7 +633,7 @@ class HfCacheHooks:
                         continue
                 elif not complete and not _written(fast, keys, values, tokens != before):
                     continue
-            expected = _expected_tokens(layer, kind, before, new_tokens) if not written else None
+            expected = None if written or cross else _expected_tokens(layer, kind, before, new_tokens)
             if expected is not None and tokens != expected and (complete or tokens != before):
                 # Changed by something besides the cache's update (an eviction in a forward hook): logged as
                 # an update that lost tokens, and from now on each update is followed as it happens.
@@ -614,12 +644,13 @@ class HfCacheHooks:
                     "and the log shows only the result of that step (later steps: every update)"
                 )
                 lost = expected - tokens if expected > tokens else 0
-                tracker.update(cid, layer_idx, keys, values, tokens, lost, "", kind == _SLIDING, written)
+                tracker.update(slot, layer_idx, keys, values, tokens, lost, "", kind == _SLIDING, written)
                 continue
             evicted = (before or 0) + new_tokens - tokens
-            if evicted < 0:
+            if evicted < 0 or cross:
                 evicted = 0
-            tracker.update(cid, layer_idx, keys, values, tokens, evicted, "window", kind == _SLIDING, written)
+            sliding = kind == _SLIDING
+            tracker.update(slot, layer_idx, keys, values, tokens, evicted, "window", sliding, written)
 
     def scan_cache(self, cache: Any, cause: str, only: set[int] | None = None, reason: str = "") -> None:
         cid = self.cache_id(cache)
@@ -627,9 +658,11 @@ class HfCacheHooks:
         tracker = self.tracker
         states = tracker._layers
         scan = cause == "scan"
+        owner, part = cid, self.cross_parts.get(cid)
         for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
             if only is not None and layer_idx not in only:
                 continue
+            cid = part if part is not None and layer_idx in self.cross_layers else owner
             if scan:
                 # The same K and V tensor objects the update saw (in-place writes are the update's): every
                 # layer of every step lands here, so the test is inline (issue 11).

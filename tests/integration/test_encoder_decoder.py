@@ -1,6 +1,7 @@
 """Encoder-decoder models (BART, T5, Whisper) under the real recorder: their KV is the decoder's, held in one
 `EncoderDecoderCache` as two caches, the self-attention KV of the generated tokens and the cross-attention
-KV of the encoder's output at the encoder's length. Tiny random-weight models; every figure is the
+KV of the encoder's output at the encoder's length. Mllama (Llama 3.2 Vision) holds both kinds in one cache:
+its cross-attention layers hold the image's vision tokens. Tiny random-weight models; every figure is the
 arithmetic decoder layers x 2 x heads x head_dim x 4 bytes (fp32) per token and row.
 """
 
@@ -166,3 +167,116 @@ def test_the_kv_geometry_of_an_encoder_decoder_is_its_decoders(
     per_token = layers * 2 * heads * head_dim * FP32
     assert kv["bytes_per_token_expected"] == kv["bytes_per_token_measured"] == per_token
     assert all(c["model_shaped"] for c in kv["caches"] if c["final_bytes"])
+
+
+
+# Mllama's tiny layout: 5 text layers, layer 2 cross-attention, 2 KV heads of 64 / 4 = 16; one image of 4
+# tiles of 2 x 2 patches and a class token: 20 vision tokens; a 12-token prompt (the image token first)
+MLLAMA_PROMPT, MLLAMA_NEW, MLLAMA_VISION_TOKENS = 12, 4, 1 * 4 * (2 * 2 + 1)
+MLLAMA_SELF_LAYERS, MLLAMA_KV_HEADS, MLLAMA_HEAD_DIM = 4, 2, 16
+MLLAMA_HELD = MLLAMA_PROMPT + MLLAMA_NEW - 1  # the last new token is never written back
+MLLAMA_PER_TOKEN = MLLAMA_SELF_LAYERS * 2 * MLLAMA_KV_HEADS * MLLAMA_HEAD_DIM * FP32  # batch 1
+MLLAMA_SELF_KV = MLLAMA_PER_TOKEN * MLLAMA_HELD
+MLLAMA_CROSS_KV = 1 * 2 * MLLAMA_KV_HEADS * MLLAMA_HEAD_DIM * MLLAMA_VISION_TOKENS * 1 * FP32
+
+
+def _mllama_run(run: Path, profiler: bool) -> Any:
+    """Records Llama 3.2 Vision's layout, tiny: one DynamicCache whose layer 2 holds the cross-attention
+    KV of the image's vision tokens, written at prefill and never grown, and whose other 4 layers hold the
+    text's self-attention KV. Returns the model's config."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}  # fmt: skip
+    text = dict(
+        vocab_size=300, pad_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[2], rope_scaling=rope,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+        image_size=28, patch_size=14, max_num_tiles=4, vision_output_dim=64, intermediate_layers_indices=[0],
+    )  # fmt: skip
+    config = transformers.MllamaConfig(text_config=text, vision_config=vision, image_token_index=299)
+    torch.manual_seed(0)
+    model = transformers.MllamaForConditionalGeneration(config).eval()
+    ids = torch.cat([torch.full((1, 1), 299), torch.randint(3, 290, (1, MLLAMA_PROMPT - 1))], 1)
+    cross_mask = torch.zeros(1, MLLAMA_PROMPT, 1, 4, dtype=torch.long)
+    cross_mask[:, :, 0, 0] = 1
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 1, 4, 3, 28, 28),
+            aspect_ratio_ids=torch.tensor([[1]]), aspect_ratio_mask=torch.tensor([[[1, 0, 0, 0]]]),
+            cross_attention_mask=cross_mask, max_new_tokens=MLLAMA_NEW, min_new_tokens=MLLAMA_NEW,
+            do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+        )  # fmt: skip
+    assert out.past_key_values.layers[2].keys.shape[-2] == MLLAMA_VISION_TOKENS
+    return config
+
+
+@pytest.mark.parametrize("profiler", [False, True], ids=["deferred-updates", "every-update"])
+def test_mllama_cross_attention_layers_hold_the_images_kv_apart_from_the_tokens(
+    profiler: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    _mllama_run(run, profiler)
+
+    # THEN the manifest says which layers of the model's cache are logged apart, and warns of nothing
+    manifest = json.loads((run / "manifest.json").read_text())
+    [part] = manifest["cross_attention_parts"]
+    own, cross = part["cache"], part["cross_attention"]
+    assert part["layers"] == [2] and {own, cross} <= set(manifest["model_caches"])
+    assert not any("held" in w for w in manifest["warnings"])
+    assert manifest["model"]["kv_layers"] == MLLAMA_SELF_LAYERS
+
+    # AND tokens held and bytes per token are the text's; the image's KV counts in the totals, named
+    report = _cli_json(["report", str(run), "--no-export"], capsys)
+    kv = report["kv"]
+    assert (kv["main_cache"], kv["tokens_held"], kv["batch"]) == (own, MLLAMA_HELD, 1)
+    assert kv["bytes_per_token_measured"] == kv["bytes_per_token_expected"] == MLLAMA_PER_TOKEN
+    assert kv["final_bytes"] == MLLAMA_SELF_KV + MLLAMA_CROSS_KV
+    by_id = {c["cache"]: c for c in kv["caches"]}
+    assert by_id[cross]["role"] == "cross_attention"
+    assert (by_id[cross]["cross_attention_of"], by_id[cross]["cross_layers"]) == (own, [2])
+    assert (by_id[cross]["tokens"], by_id[cross]["final_bytes"]) == (MLLAMA_VISION_TOKENS, MLLAMA_CROSS_KV)
+    assert by_id[own]["final_bytes"] == MLLAMA_SELF_KV
+    [note] = [n for n in report["notes"] if "cross-attention" in n]
+    assert f"cache {cross} (layer 2 of cache {own}: {MLLAMA_VISION_TOKENS} vision tokens x 1 rows" in note
+    assert main(["report", str(run), "--no-export"]) == 0
+    said = f"of which cross-attention (image) KV: {MLLAMA_CROSS_KV / 1024:.2f} KiB"
+    assert said in capsys.readouterr().out
+
+
+def test_mllama_diagnose_and_plan_price_tokens_by_the_self_attention_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    config = _mllama_run(run, profiler=False)  # the KV log's moment: the end of the last decode step
+    [part] = json.loads((run / "manifest.json").read_text())["cross_attention_parts"]
+
+    # THEN diagnose prices every token remedy by the text's tokens, the image's KV a fixed cost
+    diagnosis = _cli_json(["diagnose", str(run)], capsys)
+    assert (diagnosis["tokens_held"], diagnosis["kv_final_bytes"]) == (
+        MLLAMA_HELD, MLLAMA_SELF_KV + MLLAMA_CROSS_KV
+    )  # fmt: skip
+    context = next(r for r in diagnosis["remedies"] if r["kind"] == "context")
+    assert f"A context of {context['setting']} tokens instead of {MLLAMA_HELD} " in context["sentence"]
+    assert context["saved_bytes"] == (MLLAMA_HELD - context["setting"]) * MLLAMA_PER_TOKEN
+    int4 = next(r for r in diagnosis["remedies"] if r["kind"] == "quantized_kv" and r["setting"] == 4)
+    assert f"holds these {MLLAMA_HELD} tokens" in int4["sentence"]
+    assert f"instead of {MLLAMA_SELF_KV / 1024:.2f} KiB" in int4["sentence"]
+    # A sliding window on the 4 self-attention layers, the image's KV held besides
+    window = next(r for r in diagnosis["remedies"] if r["kind"] == "sliding_window")
+    size, layer_token = window["setting"], MLLAMA_PER_TOKEN / MLLAMA_SELF_LAYERS
+    held = MLLAMA_SELF_LAYERS * size * layer_token + MLLAMA_CROSS_KV
+    peak = (MLLAMA_SELF_LAYERS * max(MLLAMA_PROMPT, size) + size) * layer_token + MLLAMA_CROSS_KV
+    assert f"holds {held / 1024:.2f} KiB of KV at most" in window["sentence"]
+    assert f"{peak / 1024:.2f} KiB at its peak" in window["sentence"]
+    assert f"with the {MLLAMA_CROSS_KV / 1024:.2f} KiB of cross-attention KV" in window["sentence"]
+    assert "20-token prompt" not in window["sentence"]
+    named = f"cache {part['cross_attention']} is the cross-attention KV of the image(s) in layer 2"
+    assert any(named in n for n in diagnosis["notes"])
+
+    # AND plan --config counts the self-attention layers per token, and says why
+    config.save_pretrained(tmp_path / "config")
+    plan = _cli_json(["plan", "--config", str(tmp_path / "config"), "--context", "15"], capsys)
+    bf16 = 2
+    assert plan["kv_bytes_per_token"] == MLLAMA_SELF_LAYERS * 2 * MLLAMA_KV_HEADS * MLLAMA_HEAD_DIM * bf16
+    assert any("cross-attention layer (2) holds the image's KV" in n for n in plan["notes"])
