@@ -39,6 +39,7 @@ from analyzers.planning.diagnose_remedies import (
     kv_dtype_bits,
     layer_token_bytes,
     price_remedies,
+    quantized_cache,
     sliding_layer_ids,
     sliding_layers,
     token_layers,
@@ -274,6 +275,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "beams": beams,
         "rows_are_beams": rows_are_beams,
         "compute_bits": compute_dtype_bits(report),
+        "model_dtype": (report.geometry or {}).get("dtype"),
+        "quantized_cache": quantized_cache(source),  # a static cache or a window would keep the model's dtype
         "beyond_weights_bytes": beyond_weights,
         "kv_logged": kv_log is not None,  # a run recorded with kvtrace: its KV geometry is known
         "buffers": preallocated_buffers(report, kv_log),  # a model's own preallocated cache_k/cache_v

@@ -1,6 +1,7 @@
 """The remedies whose price depends on what the cache is: rows that are beam search's beams (a smaller
 batch counted in prompts, fewer beams), layers that all slide (a shorter prompt, a smaller window), and
-transformers' int4 QuantizedCache (scales and a full-precision residual), a hybrid cache's token of context
+transformers' int4 QuantizedCache (scales and a full-precision residual), a static cache for a quantized
+cache's run (at the model's dtype, not quantized), a hybrid cache's token of context
 (its sliding layers may hold the prompt at the moment), and the sliding window proposed to a cache that does
 not slide on every layer (priced as the all-sliding cache it would become). Pure, torch-free.
 
@@ -25,8 +26,11 @@ __all__ = [
     "beam_search_remedies",
     "fewer_rows",
     "int4_remedy",
+    "model_dtype_text",
     "moment_bytes_per_token",
+    "quantized_widening",
     "sliding_cache_bytes",
+    "static_cache_at_model_dtype",
     "window_remedy",
     "windowed_remedies",
 ]
@@ -346,3 +350,48 @@ def window_remedy(
     if need is not None and need > 0 and saved < need:
         text = f"No sliding window fits, even of {size}: {text[0].lower()}{text[1:]}"
     return Remedy("sliding_window", window, saved, fits(saved, need), text)
+
+
+def quantized_widening(d: dict[str, object], kv_bits: int | None) -> float | None:
+    """How many times larger a token's KV is at the model's own dtype than in this run's quantized cache
+    (fp8 under a float32 model: 4), which a static cache or a sliding window would keep; None when the
+    run's cache is not quantized, or a dtype is unknown."""
+    compute = d.get("compute_bits")
+    if not d.get("quantized_cache") or not isinstance(compute, int) or not kv_bits or compute <= kv_bits:
+        return None
+    return compute / kv_bits
+
+
+def model_dtype_text(d: dict[str, object]) -> str:
+    dtype = d.get("model_dtype")
+    return f"the model's {dtype}" if dtype else "the model's own dtype"
+
+
+def static_cache_at_model_dtype(
+    d: dict[str, object], kv: int | None, tokens: int | None, kv_bits: int | None, need: int | None
+) -> Remedy:
+    """A static cache for a quantized cache's run: StaticCache keeps K and V at the model's dtype, every
+    position of its max_cache_len allocated at once; its lack of a transient copy does not make up for
+    the wider elements. Priced holding this moment's tokens, against this moment's KV."""
+    widen = quantized_widening(d, kv_bits)
+    layer_token, layers, batch = d.get("layer_token_bytes"), d.get("kv_layers"), d["batch"]
+    if (
+        widen is None
+        or not kv
+        or not tokens
+        or not isinstance(layer_token, float)
+        or not isinstance(layers, int)
+        or not isinstance(batch, int)
+    ):
+        why = "cannot be priced: the KV geometry of a layer is not recorded"
+        return Remedy("static_cache", None, None, None, f"Static cache: {why}.")
+    held = round(layer_token * widen * layers * batch * tokens)
+    change = (
+        f"A static cache (cache_implementation='static', max_cache_len={tokens:,}) holds KV at "
+        f"{model_dtype_text(d)}, not quantized: {human_bytes(held)} for these {tokens:,} tokens"
+    )
+    if held >= kv:
+        text = f"{change}, which adds {human_bytes(held - kv)} to the {human_bytes(kv)} of KV at this moment."
+        return Remedy("static_cache", None, 0, fits(kv - held, need), text)
+    text = f"{change}, {human_bytes(kv - held)} less than the {human_bytes(kv)} of KV at this moment."
+    return Remedy("static_cache", None, kv - held, fits(kv - held, need), text)

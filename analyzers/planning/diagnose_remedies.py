@@ -13,6 +13,8 @@ priced in bytes with this run's own figures. Pure, torch-free.
   before the old are freed, the prompt held whole until the first decode step), never as a window that
   would grow the layers a hybrid model already slides;
 * a static cache removes the dynamic cache's reallocation transient: KV peak - KV final, from the KV log;
+  but a static cache, like a sliding window (which transformers' QuantizedCache refuses), keeps KV at the
+  model's own dtype: on a quantized cache's run both are priced at it, and a static cache adds memory;
 * quantized KV keeps 8 bits an element (fp8), or is transformers' int4 QuantizedCache: int4 plus a scale
   and a zero-point per 64 elements in the model's dtype, the prompt quantized and the tokens after it at
   full precision until `residual_length` (128) are due (analyzers.planning.quantized_cache, as
@@ -36,6 +38,7 @@ the tokens written, in analyzers.planning.diagnose_buffer_remedies.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from analyzers.caches import CROSS_ATTENTION
@@ -50,7 +53,10 @@ from analyzers.planning.diagnose_cache_remedies import (
     beam_search_remedies,
     fewer_rows,
     int4_remedy,
+    model_dtype_text,
     moment_bytes_per_token,
+    quantized_widening,
+    static_cache_at_model_dtype,
     window_remedy,
     windowed_remedies,
 )
@@ -65,6 +71,7 @@ __all__ = [
     "kv_dtype_bits",
     "layer_token_bytes",
     "price_remedies",
+    "quantized_cache",
     "sliding_layer_ids",
     "sliding_layers",
     "token_layers",
@@ -143,6 +150,15 @@ def kv_dtype_bits(source: MemorySource, report: Report) -> int | None:
     if dtype is None and report.geometry:
         dtype = report.geometry.get("dtype")
     return _DTYPE_BITS.get(str(dtype)) if dtype else None
+
+
+def quantized_cache(source: MemorySource) -> bool:
+    """Whether the run's KV is a quantized cache's (its last KV data event is a quantized part, `q.*`)."""
+    run = source.meta.get("run")
+    if run is None:
+        return False
+    parts = [e.part for e in run.kv_events if is_kv_data(e) and e.dtype]
+    return bool(parts) and str(parts[-1]).startswith("q.")
 
 
 def compute_dtype_bits(report: Report) -> int | None:
@@ -277,13 +293,15 @@ def price_remedies(
             text = f"No shorter context fits: all {tokens:,} tokens of KV are only {human_bytes(own)}."
         if not d.get("windowed") and static is None:
             out.append(Remedy("context", context or None, saved, fits(saved, need), text))
-            out.append(_window(d, kv, tokens, context, need, num_layers))
+            out.append(_window(d, kv, tokens, context, need, num_layers, kv_bits))
     else:
         out.append(Remedy("context", None, None, None, f"Shorter context: {unpriced}."))
         out.append(Remedy("sliding_window", None, None, None, f"Sliding window: {unpriced}."))
 
     kv_peak, kv_final = d["kv_peak_bytes"], d["kv_final_bytes"]
-    if isinstance(kv_peak, int) and isinstance(kv_final, int) and kv_peak:
+    if quantized_widening(d, kv_bits) is not None:
+        out.append(static_cache_at_model_dtype(d, kv, tokens, kv_bits, need))
+    elif isinstance(kv_peak, int) and isinstance(kv_final, int) and kv_peak:
         churn = max(kv_peak - kv_final, 0)
         text = (
             f"A static cache (cache_implementation='static') writes in place, removing the "
@@ -350,19 +368,28 @@ def price_remedies(
 
 
 def _window(
-    d: dict[str, object], kv: int, tokens: int, context: int, need: int | None, num_layers: int | None
+    d: dict[str, object],
+    kv: int,
+    tokens: int,
+    context: int,
+    need: int | None,
+    num_layers: int | None,
+    kv_bits: int | None,
 ) -> Remedy:
     """The sliding window for a cache that keeps every token on some layers: every layer sliding at
-    (about) the shorter context's length, at most a hybrid model's own window (`window_remedy`)."""
+    (about) the shorter context's length, at most a hybrid model's own window (`window_remedy`). A
+    quantized cache's run is priced at the model's dtype: transformers' QuantizedCache takes no sliding
+    layers, so a window means a cache that keeps full precision."""
     layer_token, layers, batch = d.get("layer_token_bytes"), d.get("kv_layers") or num_layers, d["batch"]
     if not isinstance(layer_token, float) or not isinstance(layers, int) or not isinstance(batch, int):
         why = "cannot be priced: the KV geometry of a layer is not recorded"
         return Remedy("sliding_window", None, None, None, f"Sliding window: {why}.")
+    widen = quantized_widening(d, kv_bits)
     prompt, window, sliding = d.get("prompt_tokens"), d.get("window"), d.get("sliding_layer_ids")
     fixed = d.get("cross_kv_bytes")
-    return window_remedy(
+    remedy = window_remedy(
         kv,
-        layer_token * batch,
+        layer_token * batch * (widen or 1),
         layers,
         tokens if need is not None and need > 0 else max(context, 1),
         prompt if isinstance(prompt, int) else 0,
@@ -371,6 +398,10 @@ def _window(
         len(sliding) if isinstance(sliding, tuple) else 0,
         fixed if isinstance(fixed, int) else 0,
     )
+    if widen is None:
+        return remedy
+    note = f" QuantizedCache takes no sliding layers: the window's cache keeps KV at {model_dtype_text(d)}."
+    return replace(remedy, sentence=remedy.sentence + note)
 
 
 def _ranked(out: list[Remedy]) -> list[Remedy]:

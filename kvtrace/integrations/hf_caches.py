@@ -84,8 +84,11 @@ def _signature(parts: dict[tuple[str, str], Any]) -> tuple[Any, ...]:
 
 # How a layer class counts its tokens after an update (decided once per class). A dynamic sliding layer
 # counts like a plain one, but its update makes both new K and V (torch.cat) before it lets go of either
-# old tensor: the log shows that transient (`KvTracker.update(both_first=True)`).
-_PLAIN, _STATIC, _STATIC_SLIDING, _OTHER, _SLIDING = range(5)
+# old tensor: the log shows that transient (`KvTracker.update(both_first=True)`). The quantized kinds differ
+# in the same way: transformers' Fp8QuantizedLayer keeps its old quantized K and V in locals until its
+# update returns, after both new ones are made (`_FP8`: frees last); QuantizedLayer (quanto, HQQ) rebinds
+# each attribute as it makes it, its quantized K and V before its full-precision residual (`_RESIDUAL`).
+_PLAIN, _STATIC, _STATIC_SLIDING, _OTHER, _SLIDING, _FP8, _RESIDUAL = range(7)
 
 
 def _layer_kind(layer_type: type) -> int:
@@ -95,7 +98,11 @@ def _layer_kind(layer_type: type) -> int:
         cls = getattr(cu, name, None)
         return isinstance(cls, type) and issubclass(layer_type, cls)
 
-    if is_a("QuantizedLayer") or is_a("BaseQuantizedLayer") or is_a("QuantizedLayerMixin"):
+    if is_a("Fp8QuantizedLayer"):
+        return _FP8
+    if is_a("QuantizedLayer"):
+        return _RESIDUAL
+    if is_a("BaseQuantizedLayer") or is_a("QuantizedLayerMixin"):
         return _OTHER
     if is_a("StaticSlidingWindowLayer"):
         return _STATIC_SLIDING
@@ -500,8 +507,12 @@ class HfCacheHooks:
             self.tracker.update(cid, layer_idx, keys, values, tokens, evicted, "window", kind == _SLIDING)
         else:
             parts = layer_parts(layer)
+            if kind == _RESIDUAL:
+                # A flush makes the quantized K and V while the old residual is held: compared first.
+                parts = {key: parts[key] for key in sorted(parts, key=lambda key: key[1] == "data")}
             self.tracker.observe(
-                cid, layer_idx, parts, "update", tokens, evicted=evicted, evicted_reason="window"
+                cid, layer_idx, parts, "update", tokens, evicted=evicted, evicted_reason="window",
+                frees_last=kind == _FP8,
             )
             self._signatures[(cid, layer_idx)] = _signature(parts)
         return evicted

@@ -222,6 +222,53 @@ def test_diagnose_does_not_propose_what_the_run_already_uses(
     assert "the cache already writes in place" in capsys.readouterr().out
 
 
+def test_diagnose_prices_a_static_cache_and_a_window_at_the_model_dtype_after_an_fp8_cache(
+    tiny_model: LlamaForCausalLM, prompt_batch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a float32 model's run with transformers' fp8 QuantizedCache, recorded without the profiler (the
+    # moment diagnosed is then the KV peak)
+    new = 5
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model=tiny_model, profiler=False):
+        tiny_model.generate(
+            input_ids=prompt_batch.input_ids,
+            attention_mask=prompt_batch.attention_mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            cache_implementation="quantized",
+            cache_config={"backend": "fp8"},
+        )
+    assert main(["diagnose", str(tmp_path / "run"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    layers, kv_heads, rows, prompt = 2, 2, prompt_batch.rows, prompt_batch.prompt_len
+    held = prompt + new - 1
+    fp8_token = kv_heads * HEAD_DIM * rows  # one layer's K (or V), one position, every row: 1 byte each
+    final = layers * 2 * (fp8_token * held + 4)  # and a float32 scale per K and per V
+    moment = final + 2 * fp8_token * (held - 1)  # the last layer's old K and V, held until its update returns
+    assert (d["tokens_held"], d["kv_final_bytes"], d["kv_bytes"]) == (held, final, moment)
+    remedies = {r["kind"]: r for r in d["remedies"]}
+    # THEN a StaticCache of these tokens is priced at float32 (4 bytes an element, K and V, every layer):
+    # it adds memory, and is not counted as a saving (the transient it removes was all it was priced at)
+    static = layers * 2 * fp8_token * 4 * held
+    assert remedies["static_cache"]["saved_bytes"] == 0
+    sentence = remedies["static_cache"]["sentence"]
+    assert f"float32, not quantized: {human_bytes(static)} for these {held} tokens" in sentence
+    assert f"adds {human_bytes(static - moment)}" in sentence
+    # AND the sliding window (QuantizedCache takes no sliding layers) is a float32 cache: the window a
+    # shorter context proposes (a quarter fewer tokens), each layer holding it, the prompt held whole by
+    # every layer until its first decode step, while one makes its new window
+    window = held - held // 4
+    layer_token = 2 * fp8_token * 4
+    window_held = layers * window * layer_token
+    window_peak = (layers * max(prompt, window) + window) * layer_token
+    assert remedies["sliding_window"]["setting"] == window
+    assert remedies["sliding_window"]["saved_bytes"] == max(moment - window_peak, 0)
+    sentence = remedies["sliding_window"]["sentence"]
+    assert f"holds {human_bytes(window_held)} of KV" in sentence
+    assert f"{human_bytes(window_peak)} at its peak" in sentence
+    assert "keeps KV at the model's float32" in sentence
+
+
 def test_diagnose_a_cpu_run(sweep_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = sweep_dir / "runs" / "b2_c16_dynamic"
     assert main(["diagnose", str(run), "--json", "--budget", "1GiB"]) == 0

@@ -189,6 +189,32 @@ def test_fp8_quantized(tiny_model, prompt_batch, tmp_path):
     del cache
 
 
+def test_fp8_quantized_peak_holds_both_old_tensors(tiny_model, prompt_batch, tmp_path):
+    # GIVEN an fp8 QuantizedCache run
+    from analyzers.report import build_report
+
+    rows, prompt_len = prompt_batch.rows, prompt_batch.prompt_len
+    cache, extra = make_cache("fp8", tiny_model, rows, prompt_len + NEW_TOKENS)
+    _generate(tiny_model, prompt_batch, tmp_path / "run", cache, **extra)
+    events = read_run(tmp_path / "run").kv_events
+    # THEN each decode update logs both new quantized storages before the frees of the old ones:
+    # Fp8QuantizedLayer.update keeps the old K and V in locals until it returns, after both torch.cat
+    for step in range(2, NEW_TOKENS + 1):
+        for layer in range(2):
+            mine = [e for e in events if e.step == step and e.layer == layer and e.part == "q.0"]
+            order = [(e.event, e.kv) for e in mine]
+            assert order == [("grown", "k"), ("grown", "v"), ("freed", "k"), ("freed", "v")], (step, layer)
+    # AND the KV peak is the final cache plus the last layer's old K and V at the last step (the peak was
+    # short by one of them): 1-byte elements, a float32 scale per K and per V that is never replaced
+    held = prompt_len + NEW_TOKENS - 1
+    final = 2 * 2 * (kv_bytes(KV_HEADS, HEAD_DIM, held, rows, 1) + 4)
+    old = 2 * kv_bytes(KV_HEADS, HEAD_DIM, held - 1, rows, 1)
+    _source, report = build_report(tmp_path / "run")
+    assert report.kv.final_bytes == final
+    assert report.kv.peak_bytes == final + old
+    del cache
+
+
 @pytest.mark.parametrize("backend", [pytest.param("quanto", marks=pytest.mark.slow), "hqq"])
 def test_integer_quantized(tiny_model, prompt_batch, tmp_path, backend):
     pytest.importorskip("optimum.quanto" if backend == "quanto" else "hqq")
