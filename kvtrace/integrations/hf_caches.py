@@ -370,10 +370,7 @@ class HfCacheHooks:
             count = getattr(layer, name, None)
             if isinstance(count, int) and not isinstance(count, bool):
                 return count
-        layer_type = type(layer)
-        kind = self._kinds.get(layer_type)
-        if kind is None:
-            kind = self._kinds[layer_type] = _layer_kind(layer_type)
+        kind = self._kind(type(layer))
         if kind == _PLAIN:
             keys = getattr(layer, "keys", None)
             return int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() >= 2 else None
@@ -511,7 +508,13 @@ class HfCacheHooks:
                 # A flush makes the quantized K and V while the old residual is held: compared first.
                 parts = {key: parts[key] for key in sorted(parts, key=lambda key: key[1] == "data")}
             self.tracker.observe(
-                cid, layer_idx, parts, "update", tokens, evicted=evicted, evicted_reason="window",
+                cid,
+                layer_idx,
+                parts,
+                "update",
+                tokens,
+                evicted=evicted,
+                evicted_reason="window",
                 frees_last=kind == _FP8,
             )
             self._signatures[(cid, layer_idx)] = _signature(parts)
@@ -663,6 +666,13 @@ class HfCacheHooks:
             sliding = kind == _SLIDING
             tracker.update(slot, layer_idx, keys, values, tokens, evicted, "window", sliding, written)
 
+    def _kind(self, layer_type: type) -> int:
+        """How a layer class counts and replaces its tensors (`_layer_kind`), decided once per class."""
+        kind = self._kinds.get(layer_type)
+        if kind is None:
+            kind = self._kinds[layer_type] = _layer_kind(layer_type)
+        return kind
+
     def scan_cache(self, cache: Any, cause: str, only: set[int] | None = None, reason: str = "") -> None:
         cid = self.cache_id(cache)
         signatures = self._signatures
@@ -695,9 +705,12 @@ class HfCacheHooks:
             parts = layer_parts(layer)
             known = tracker.tokens_or_none(cid, layer_idx) if cause == "scan" else None
             # A scan finds tensors rebound by other code, after the fact: an eviction press makes the kept K
-            # and V before it lets go of either old one, so their frees follow both (the transient peak).
+            # and V before it lets go of either old one, so their frees follow both (the transient peak), as
+            # an fp8 layer's own reorder does (Fp8QuantizedLayer.reorder_cache holds both old tensors in
+            # locals until it returns).
+            frees_last = scan or (cause == "reorder" and self._kind(type(layer)) == _FP8)
             tracker.observe(
-                cid, layer_idx, parts, cause, layer_tokens(layer, known), reason=reason, frees_last=scan
+                cid, layer_idx, parts, cause, layer_tokens(layer, known), reason=reason, frees_last=frees_last
             )
             if signature is not None or hasattr(layer, "_quantized_keys"):
                 signatures[(cid, layer_idx)] = _signature(parts)

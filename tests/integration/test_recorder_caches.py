@@ -251,3 +251,23 @@ def test_beam_search_dynamic(tiny_model, prompt_batch, tmp_path):
         frozenset({"created", "grown", "reordered", "freed"}),
     )
     _check_run(tmp_path / "run", tiny_model, rows, expect, prompt_batch.prompt_len)
+
+
+def test_fp8_quantized_beam_reorder_holds_both_old_tensors(tiny_model, prompt_batch, tmp_path):
+    # GIVEN an fp8 QuantizedCache run with beam search: Fp8QuantizedLayer.reorder_cache makes each layer's
+    # reordered K and V (index_select) while both old tensors stay in its locals until it returns
+    cache, extra = make_cache("fp8", tiny_model, prompt_batch.rows, prompt_batch.prompt_len + NEW_TOKENS)
+    _generate(tiny_model, prompt_batch, tmp_path / "run", cache, num_beams=2, **extra)
+    events = read_run(tmp_path / "run").kv_events
+    # THEN each layer's reorder logs both new storages before the frees of the old ones (it logged new K,
+    # old K freed, new V, old V freed: the KV peak was short by one old tensor)
+    reordered = [e for e in events if e.event == "reordered" and e.part == "q.0"]
+    assert {e.layer for e in reordered} == {0, 1}
+    for step, layer in sorted({(e.step, e.layer) for e in reordered}):
+        made = [e for e in reordered if (e.step, e.layer) == (step, layer)]
+        old = {e.prev_addr: e.kv for e in made}
+        freed = [e for e in events if e.event == "freed" and e.step == step and e.addr in old]
+        order = [(e.event, e.kv) for e in sorted(made + freed, key=lambda e: e.seq)]
+        both_first = [("reordered", "k"), ("reordered", "v"), ("freed", "k"), ("freed", "v")]
+        assert order == both_first, (step, layer)
+    del cache
