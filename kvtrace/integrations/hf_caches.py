@@ -6,9 +6,10 @@ methods on the `Cache` base class (subclasses that do not override them inherit 
 `uninstall` puts the originals back. Changes made behind the cache's back (eviction libraries rebinding
 `layer.keys` in an attention hook) are caught when the next layer's update arrives, which first looks at
 the layer updated before it, and by `scan_all`, which the recorder runs at the end of every forward (the
-last layer, and whatever changed elsewhere). A cache first seen already holding KV (filled before record())
-has what it holds logged before anything changes it (`found`): its first update then replaces storages the
-log holds, as any later one does.
+last layer, and whatever changed elsewhere) and at a generate() call's first forward (what the caller
+changed between calls: a `.to()` of a cache it passes again). A cache first seen already holding KV (filled
+before record()) has what it holds logged before anything changes it (`found`): its first update then
+replaces storages the log holds, as any later one does.
 """
 
 from __future__ import annotations
