@@ -118,6 +118,11 @@ class ForwardSteps:
             # Not an assistant's draft cache. One first seen here holding KV (filled before record()) has
             # what it holds logged now, in this step, before the forward replaces it.
             self._model_caches.update(hf.given(cache))
+            if call is not None:
+                # Between two generate() calls the caller may change a cache it passes again (a `.to()` of
+                # its layers): logged at this call's start, before its updates replace those tensors. Once
+                # per call: a step's start between decode steps scans nothing.
+                hf.scan_all(forget=False)
             appended = new_tokens(args, kwargs)
             deferred = False
             if self._may_defer:

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import torch
 
-from kvtrace.kv_lines import SHAPE_JSON, shape_facts
+from kvtrace.kv_lines import SHAPE_JSON, device_json, dtype_json, shape_facts
 
 K_DATA = ("k", "data")
 V_DATA = ("v", "data")
@@ -33,6 +33,7 @@ class Slot:
         "addr",
         "device",
         "dtype",
+        "dtype_obj",
         "itemsize",
         "logical_bytes",
         "ptr",
@@ -56,6 +57,7 @@ class Slot:
     shape_json: str
     logical_bytes: int
     dtype: str
+    dtype_obj: torch.dtype  # the tensor's own, compared by identity when a new tensor is seen
     device: str
     itemsize: int
 
@@ -116,6 +118,13 @@ def capture(slot: Slot, tensor: torch.Tensor, written: bool = False) -> tuple[An
     if found is None:
         return None
     storage, addr, nbytes = found
+    dtype = tensor.dtype
+    if dtype is not slot.dtype_obj:
+        # A new tensor of another dtype: torch.cat promotes, so a cache the caller made bfloat16 between
+        # two generate() calls is float32 again after its next update. One identity test per new tensor;
+        # the device is read again only here: an update's torch.cat needs both on one device, and moves
+        # (offload, prefetch, a caller's `.to()` between calls) are observed apart.
+        set_dtype(slot, dtype, tensor.device)
     try:
         slot.tref = weakref.ref(tensor)
     except TypeError:
@@ -134,6 +143,14 @@ def capture(slot: Slot, tensor: torch.Tensor, written: bool = False) -> tuple[An
     slot.addr, slot.storage_bytes = addr, nbytes
     return ("replaced" if nbytes <= prev_bytes else "grown", addr, nbytes, ptr - addr, shape, slot.dtype,
             slot.device, slot.itemsize, prev_addr, prev_bytes, old_wref, expired(old_wref))
+
+
+def set_dtype(slot: Slot, dtype: torch.dtype, device: torch.device) -> None:
+    """A slot's dtype facts (JSON, item size, the object compared) and device, from its tensor's own."""
+    slot.dtype_obj = dtype
+    slot.itemsize = dtype.itemsize
+    slot.dtype = dtype_json(dtype)
+    slot.device = device_json(device)
 
 
 def with_rows(line: str, rows: int, shape: Any) -> str:

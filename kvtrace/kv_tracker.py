@@ -45,8 +45,6 @@ from kvtrace.kv_lines import (
     MASKED_LINE,
     NO_STORAGE_LINE,
     SHAPE_JSON,
-    device_json,
-    dtype_json,
     iter_tensors,
     key_json,
     quoted,
@@ -63,6 +61,7 @@ from kvtrace.kv_slots import (
     expired,
     free_weak_ref,
     refresh_fast,
+    set_dtype,
     shape_of,
     storage_of,
     weak_ref_of,
@@ -412,18 +411,18 @@ class KvTracker:
         shape = tensor.shape
         new.shape = shape
         new.shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
-        if slot is not None and cause == "update":
-            # A cache's update keeps a slot's dtype and device (moves are offload/prefetch, seen apart).
-            new.dtype = slot.dtype
-            new.device = slot.device
-            new.itemsize = slot.itemsize
-            new.logical_bytes = count * slot.itemsize
+        dtype = tensor.dtype
+        if slot is not None and cause == "update" and dtype is slot.dtype_obj:
+            # An update keeps a slot's device (moves are offload/prefetch, seen apart), not always its dtype:
+            # torch.cat promotes a cache the caller made bfloat16 back to the float32 of the new states.
+            if new is not slot:
+                new.dtype_obj = dtype
+                new.dtype = slot.dtype
+                new.device = slot.device
+                new.itemsize = slot.itemsize
         else:
-            dtype = tensor.dtype
-            new.itemsize = dtype.itemsize
-            new.logical_bytes = count * new.itemsize
-            new.dtype = dtype_json(dtype)
-            new.device = device_json(tensor.device)
+            set_dtype(new, dtype, tensor.device)
+        new.logical_bytes = count * new.itemsize
         slots[key] = new
         self._seq += 1
         line = EVENT_LINE % (

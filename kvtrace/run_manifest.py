@@ -113,7 +113,14 @@ class RunManifest:
         warnings = []
         steps = self.tracker.step
         paged = self._paged is not None and self._paged.owns_steps  # its pool is logged, its steps counted
-        if steps and not self.event_count and self.model is not None and not paged:
+        no_kv = steps and not self.event_count and self.model is not None and not paged
+        raised = self._hf.update_error if self._hf is not None else None
+        if no_kv and raised:  # the cache is followed, but its own update raised before it could be logged
+            warnings.append(
+                f"no KV was logged in {steps} forward pass{'es' if steps > 1 else ''}: the cache's own "
+                f"update raised ({raised}) before kvtrace could log what it wrote"
+            )
+        elif no_kv:
             warnings.append(
                 f"no KV cache update was seen in {steps} forward passes: use_cache=False, or a cache kvtrace "
                 "does not follow (it follows transformers' Cache classes, and continuous batching's "

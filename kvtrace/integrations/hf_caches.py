@@ -6,9 +6,10 @@ methods on the `Cache` base class (subclasses that do not override them inherit 
 `uninstall` puts the originals back. Changes made behind the cache's back (eviction libraries rebinding
 `layer.keys` in an attention hook) are caught when the next layer's update arrives, which first looks at
 the layer updated before it, and by `scan_all`, which the recorder runs at the end of every forward (the
-last layer, and whatever changed elsewhere). A cache first seen already holding KV (filled before record())
-has what it holds logged before anything changes it (`found`): its first update then replaces storages the
-log holds, as any later one does.
+last layer, and whatever changed elsewhere) and at a generate() call's first forward (what the caller
+changed between calls: a `.to()` of a cache it passes again). A cache first seen already holding KV (filled
+before record()) has what it holds logged before anything changes it (`found`): its first update then
+replaces storages the log holds, as any later one does.
 """
 
 from __future__ import annotations
@@ -211,6 +212,7 @@ class HfCacheHooks:
         # scan skips unchanged layers without the full comparison. Plain layers compare the tracker's slots.
         self._signatures: dict[tuple[int, int], tuple[Any, ...]] = {}
         self.updates_seen = 0  # layer-0 updates that ran through the wrapper (not inside a compiled graph)
+        self.update_error: str | None = None  # "<exception type> at layer <n>": the first update that raised
         # (cache id, layer) of the last update through the wrapper: the next update checks that this layer
         # still holds what its update left (`_rebound`). Ids only: a layer kept here would keep its storages.
         self._previous: tuple[int, int] | None = None
@@ -429,7 +431,11 @@ class HfCacheHooks:
                 before = hooks.tracker.tokens_or_none(slot, layer_idx)
             push = hooks._push
             if push is None:
-                result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
+                try:
+                    result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
+                except Exception as error:
+                    hooks._raised(error, layer_idx)
+                    raise
                 hooks._updated(cache, slot, layer_idx, key_states, before)
                 hooks._previous = (cid, layer_idx)
                 return result
@@ -438,7 +444,11 @@ class HfCacheHooks:
                 names.append(f"kvtrace/kv_update L{len(names)}")
             push(names[layer_idx])
             try:
-                result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
+                try:
+                    result = original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
+                except Exception as error:
+                    hooks._raised(error, layer_idx)
+                    raise
                 if hooks._updated(cache, slot, layer_idx, key_states, before):
                     # The window let tokens go: an evict range per K and V, inside the update's range (as
                     # kv_update, one per update: NVTX only, not in the profiler's trace).
@@ -466,6 +476,12 @@ class HfCacheHooks:
             self._originals[name] = original
             setattr(Cache, name, self._wrap_one_layer(original, cause))
         self.installed = True
+
+    def _raised(self, error: Exception, layer_idx: int) -> None:
+        """A cache's own update raised: the first such error is kept for the manifest's warnings, which
+        otherwise could only say that no update was seen (the update raised before its layer was logged)."""
+        if self.update_error is None:
+            self.update_error = f"{type(error).__name__} at layer {layer_idx}"
 
     def _evict_names(self, layer_idx: int) -> tuple[str, str]:
         names = self._evict_range_names

@@ -189,3 +189,70 @@ def test_a_static_cache_filled_before_the_block_is_held_from_its_first_sight(
         assert device["categories_at_peak"]["kv"] == whole
         assert device["final_allocated_bytes"] == _weight_bytes(tiny_model) + whole
     del cache
+
+
+def test_a_cache_the_caller_converts_between_two_generate_calls_is_logged_in_its_own_dtype(
+    tiny_model: Any, prompt_batch: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows, prompt = prompt_batch.rows, prompt_batch.prompt_len
+    first_new, second_new, BF16 = 3, 2, 2
+    # GIVEN a DynamicCache passed to two generate() calls in one block (two chat turns); between them the
+    # caller converts every layer to bfloat16
+    cache = DynamicCache(config=tiny_model.config)
+    run = tmp_path / "run"
+    gen = {"do_sample": False, "pad_token_id": 0, "cache": cache}
+    with torch.no_grad(), kvtrace.record(run, model=tiny_model, profiler=False):
+        out = tiny_model.generate(
+            prompt_batch.input_ids,
+            attention_mask=prompt_batch.attention_mask,
+            max_new_tokens=first_new,
+            min_new_tokens=first_new,
+            **gen,
+        )
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.to(torch.bfloat16), layer.values.to(torch.bfloat16)
+        mask = torch.cat([prompt_batch.attention_mask, torch.ones(rows, first_new, dtype=torch.long)], dim=1)
+        # WHEN the second call's first update concatenates float32 states to them (torch.cat promotes)
+        tiny_model.generate(
+            out, attention_mask=mask, max_new_tokens=second_new, min_new_tokens=second_new, **gen
+        )
+    assert {layer.keys.dtype for layer in cache.layers} == {torch.float32}
+
+    events = [e for e in read_run(run).kv_events if e.phase != "end"]
+    assert_well_ordered(events)
+    assert_addresses_freed_before_reuse(events)
+    held = prompt + first_new - 1  # the first call's last token never went through the model
+    final_tokens = held + second_new
+    # THEN the second call's first step begins with the caller's copies, in their dtype, and the frees of
+    # the float32 storages the conversion let go: between the turns the cache held half its bytes
+    turn = [e for e in events if e.step == first_new + 1]
+    converted = turn[: LAYERS * 4]
+    copy, old = kv_bytes(KV_HEADS, HEAD_DIM, held, rows, BF16), kv_bytes(KV_HEADS, HEAD_DIM, held, rows, F32)
+    expected: list[tuple[str, int, str, str, int, int]] = []
+    for layer in range(LAYERS):
+        expected += [("replaced", layer, kv, "bfloat16", copy, copy) for kv in "kv"]
+        expected += [("freed", layer, kv, "", old, 0) for kv in "kv"]
+    logged = [(e.event, e.layer, e.kv, e.dtype, e.storage_bytes, e.logical_bytes) for e in converted]
+    assert logged == expected
+    # THEN every update after it is logged in float32, the tensor's own dtype, its logical bytes its storage's
+    updates = [e for e in events if e.event == "grown" and e.step > first_new]
+    assert len(updates) == second_new * LAYERS * 2
+    assert {(e.dtype, e.logical_bytes == e.storage_bytes) for e in updates} == {("float32", True)}
+    assert {e.storage_bytes for e in updates if e.step == first_new + second_new} == {
+        kv_bytes(KV_HEADS, HEAD_DIM, final_tokens, rows, F32)
+    }
+    # THEN the report's bytes per token are float32's: layers x (K, V) x kv_heads x head_dim x 4 B
+    kv = _report(run, capsys)["kv"]
+    per_token = LAYERS * 2 * KV_HEADS * HEAD_DIM * F32
+    assert (kv["bytes_per_token_measured"], kv["bytes_per_token_expected"]) == (per_token, per_token)
+    # THEN diagnose prices fp8 on float32 KV: it saves three quarters of the KV peak (the last update's
+    # new V made while its old one is held)
+    assert main(["diagnose", str(run), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    peak = LAYERS * 2 * kv_bytes(KV_HEADS, HEAD_DIM, final_tokens, rows, F32) + kv_bytes(
+        KV_HEADS, HEAD_DIM, final_tokens - 1, rows, F32
+    )
+    fp8 = next(r for r in diagnosis["remedies"] if r["kind"] == "quantized_kv" and r["setting"] == 8)
+    assert (diagnosis["kv_bytes"], fp8["saved_bytes"]) == (peak, peak * 3 // 4)
+    assert "held at 32 bits" in fp8["sentence"]
+    del cache

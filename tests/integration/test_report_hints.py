@@ -10,6 +10,7 @@ import threading
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import pytest
 import torch
 
 import kvtrace
@@ -74,6 +75,30 @@ def test_a_run_that_shows_no_kv_update_says_why_it_may_be(tmp_path: Path) -> Non
     said = "no KV cache update was seen in 5 forward passes: use_cache=False"
     assert any(note.startswith(said) for note in data["notes"])
     assert said in _out(["diagnose", str(tmp_path / "run2")])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an offloaded cache's update raises only without CUDA")
+@pytest.mark.parametrize("profiler", [True, False], ids=["profiler", "light"])
+def test_a_run_whose_cache_update_raised_says_so(tmp_path: Path, profiler: bool) -> None:
+    # GIVEN generate() with an offloaded cache on a machine without CUDA: transformers' update waits on a
+    # CUDA stream, which raises inside the first layer update, before anything is written
+    ids = torch.randint(3, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = build_model(tiny_size(2))
+    run = kvtrace.record(tmp_path / "run", model=model, profiler=profiler)
+    with pytest.raises(AssertionError), torch.no_grad(), run:
+        model.generate(
+            ids, max_new_tokens=3, do_sample=False, cache_implementation="offloaded", pad_token_id=0
+        )
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["model_caches"] == [1] and manifest["kv_events"] == 0
+    data = json.loads(_out(["report", str(tmp_path / "run"), "--json", "--no-export"]))
+    # THEN the report says the cache's own update raised, in its one forward pass, not that none was seen
+    said = (
+        "no KV was logged in 1 forward pass: the cache's own update raised (AssertionError at layer 0) "
+        "before kvtrace could log what it wrote"
+    )
+    assert said in data["notes"]
+    assert not any("no KV cache update was seen" in note for note in data["notes"])
 
 
 def test_diagnose_of_a_run_without_kv_says_none_was_held(tmp_path: Path) -> None:
