@@ -11,7 +11,6 @@ layers x (K, V) x kv_heads x head_dim x tokens x rows x 4 bytes (float32).
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -91,9 +90,6 @@ def test_a_dynamic_cache_filled_before_the_block_is_held_from_its_first_sight(
     # WHEN the block continues it (the model's forwards or generate(), or forwards with record() alone)
     run = tmp_path / "run"
     model = None if how == "forwards-no-model" else tiny_model
-    # (earlier tests' cyclic garbage collected inside the block would be freed in its CPU trace, at sizes
-    # this process's earlier profiling sessions left the reporter: no part of this test's figures)
-    gc.collect()
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
         _continue(tiny_model, prompt_batch, cache, "generate" if how == "generate" else "forwards")
 
