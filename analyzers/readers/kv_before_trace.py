@@ -71,8 +71,12 @@ def kv_held_before_trace(
             continue
         first = indices[0]
         if delta[first] < 0:
-            if frees_storage(dev, int(-delta[first]), nbytes):
-                held.append(storage)  # its own free: a GPU reports those
+            # Its own free: a GPU reports those. A CPU's reporter does too where an earlier profiling session
+            # of the process left a size for the address (ProfiledCPUMemoryReporter keeps the size of each
+            # block it saw allocated until it sees it freed), maybe another block's: it is this storage's,
+            # which sits at the address until the log's `freed` line, and `add_kv_frees` gives it its size.
+            if frees_storage(dev, int(-delta[first]), nbytes) or not sizes_are_blocks(dev):
+                held.append(storage)
             continue
         limit = first_ns / 1000.0 + JOIN_TOLERANCE_US
         if not any(delta[i] > 0 and ts[i] <= limit and _fits(dev, int(delta[i]), nbytes) for i in indices):
@@ -107,7 +111,10 @@ def add_kv_frees(dev: DeviceEvents, held: list[Storage], events: list[Any]) -> N
     for (addr, nbytes, _first_ns, freed_ns, *_rest), replacement in zip(freed, replacements, strict=True):
         indices = at.get(addr, [])
         if indices and delta[indices[0]] < 0:
-            continue  # the trace's own free (kv_held_before_trace took only those of the storage's size)
+            # the trace's own free; on a CPU, at the size an earlier profiling session left (see above)
+            if not blocks:
+                delta[indices[0]] = -nbytes
+            continue
         freed_us = freed_ns / 1000.0
         # The log sees a free when it next looks, after it happened: before any reuse of the address
         position = int(np.searchsorted(ts, freed_us, side="right"))
