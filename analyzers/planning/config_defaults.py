@@ -31,7 +31,7 @@ _WEIGHED_EXACTLY = frozenset(
     {
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2", "gemma3_text",
         "deepseek_v2", "deepseek_v3", "phi3", "gemma", "gpt2", "gpt_bigcode", "falcon", "opt", "gpt_neox",
-        "bloom", "phi",
+        "bloom", "phi", "llama4_text", "llama4",
     }
 )  # fmt: skip
 

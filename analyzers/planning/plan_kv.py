@@ -24,7 +24,7 @@ peak is highest at this context (for a dynamic cache, the context less one or tw
   Its sliding layers hold min(written, window) tokens.
 - sliding: a static-shaped window (`StaticSlidingWindowLayer`): holds min(written, window) tokens, all
   allocated at the start, no growth peak; its prefill writes the prompt's last window in place.
-- quantized: `QuantizedCache` (quanto/HQQ backends), int4 or int8. `kv_bytes_per_token` stays the packed
+- quantized, int4 or int8: `QuantizedCache` (quanto/HQQ backends). `kv_bytes_per_token` stays the packed
   data figure (int4: half a byte an element). Each group of `quant_group_size` elements also stores a
   scale and a zero-point in the compute dtype (bf16 by default): for int4, group 64 and bf16 that is
   4 bytes per 64 elements, +12.5% over the data, reported apart as `kv_scale_bytes_per_token`. The prompt
@@ -34,6 +34,11 @@ peak is highest at this context (for a dynamic cache, the context less one or tw
   them with the residual, so four full-precision tensors (the dequantized K and V, counted as written-1
   tokens, an upper bound since the residual is not dequantized, and the concatenated K and V of all
   written tokens) are live at once: that is this cache's `dynamic_realloc_peak_bytes`.
+- quantized, fp8: `QuantizedCache(backend="fp8")` (`Fp8QuantizedLayer`). The prompt is quantized at
+  prefill with one float32 scale per K and per V per layer (`FP8_SCALE_BYTES`, kept for good); each new
+  token is quantized with it and `torch.cat`-ed onto the 1-byte store: no residual, no group scales. Its
+  update holds the old K and V in locals until it returns, after both new ones exist, so a step's peak is
+  the cache plus one layer's old K and V (the last layer's at the last step, written - 1 tokens).
 
 fp8, int8 or int4 in a dynamic, static or sliding cache count the data alone: per-tensor scales, as in
 vLLM's fp8 KV cache, are a few bytes per layer.
@@ -52,7 +57,9 @@ from analyzers.planning.presets import dtype_bytes_for, weights_bytes
 from analyzers.planning.quantized_cache import quantized_cache_bytes, residual_tokens
 from kvtrace.errors import KvtraceError
 
-__all__ = ["KvSizes", "blocks", "cache_layout", "kv_per_token", "kv_sizes", "peak_at"]
+__all__ = ["FP8_SCALE_BYTES", "KvSizes", "blocks", "cache_layout", "kv_per_token", "kv_sizes", "peak_at"]
+
+FP8_SCALE_BYTES = 4  # Fp8QuantizedLayer's per-tensor scale: one float32 for K and one for V, per layer
 
 
 def blocks(kv_budget_bytes: int, kv_bytes_per_token: int, block_size: int = 16) -> int:
@@ -84,7 +91,7 @@ def kv_per_token(req: PlanRequest) -> tuple[int, int, int]:
     data = dtype_bytes_for(req.kv_dtype, elements)
     full = dtype_bytes_for(req.effective_compute_dtype, elements)
     scales = 0
-    if req.cache == "quantized":
+    if req.cache == "quantized" and req.kv_dtype != "fp8":  # fp8's scales are per tensor, not per token
         group = req.quant_group_size
         groups = geom.layers_with_kv * (math.ceil(k_width / group) + math.ceil(v_width / group))
         scales = groups * 2 * dtype_bytes_for(req.effective_compute_dtype, 1)  # scale + zero-point
@@ -138,9 +145,25 @@ def _step_peak(slides: list[bool], k: int, v: int, held: int, old: int, new: int
     return peak
 
 
+def _fp8_scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
+    """`_scenario` for the fp8 QuantizedCache: 1-byte K and V plus a fixed float32 scale per tensor; a
+    decode step's old K and V of one layer live until its update returns."""
+    written = prompt + new - 1
+    data, _, _ = kv_per_token(req)
+    scale_bytes = req.geometry.layers_with_kv * 2 * FP8_SCALE_BYTES
+    kv = batch * written * data + scale_bytes
+    prefill = batch * prompt * data + scale_bytes
+    old = 0
+    if new >= 2:  # the last step's last layer: its old K and V of written - 1 tokens beside the new ones
+        old = dtype_bytes_for(req.kv_dtype, batch * (written - 1) * sum(req.geometry.kv_widths))
+    return KvSizes(prompt, written, kv, scale_bytes, 0, prefill, kv + old)
+
+
 def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     """The KV of `batch` sequences of a `prompt`-token prompt and `new` new tokens (`new` >= 1), of which
     generate() writes prompt + new - 1 into the cache."""
+    if req.cache == "quantized" and req.kv_dtype == "fp8":
+        return _fp8_scenario(req, batch, prompt, new)
     data, scales, full_bytes = kv_per_token(req)
     written = prompt + new - 1
     k_width, v_width = req.geometry.kv_widths
@@ -182,11 +205,12 @@ def kv_sizes(req: PlanRequest, batch: int, context: int) -> KvSizes:
     """The request's prompt at `context`, or, without one, the prompt whose KV peak is highest: the
     context less one token (a prompt alone: every sliding layer of a dynamic cache holds it whole) or
     less two (one decode step: the growth copy, and a sliding layer's new K and V beside the prompt); a
-    quantized cache's worst leaves residual_length - 1 tokens unquantized."""
+    quantized cache's worst leaves residual_length - 1 tokens unquantized (fp8's, with no residual, is a
+    dynamic cache's)."""
     written = max(context - 1, 1)
     if req.prompt is not None:
         prompts = [req.prompt]
-    elif req.cache == "quantized":
+    elif req.cache == "quantized" and req.kv_dtype != "fp8":
         prompts = [written - min(req.residual_length - 1, written - 1)]
     else:
         prompts = [written - 1, written] if written >= 2 else [written]

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 CACHE_KINDS = ("dynamic", "static", "sliding", "quantized")
-QUANTIZED_KV_DTYPES = ("int4", "int8")
+QUANTIZED_KV_DTYPES = ("int4", "int8", "fp8")  # quanto/HQQ, and the fp8 backend
 FLOAT_DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_RESERVE_FRACTION = 0.1
 GIB = 2**30
@@ -42,7 +42,8 @@ class PlanRequest:
     the GPU). A larger reserve makes the answer safer and the batch smaller.
     window: tokens a sliding cache keeps (default: the model's own `sliding_window`); only for "sliding".
     quant_group_size / residual_length: QuantizedCache's `q_group_size` (64) and `residual_length` (128);
-    a smaller group means more scales, a longer residual more full-precision tokens.
+    a smaller group means more scales, a longer residual more full-precision tokens. The fp8 backend
+    (kv_dtype "fp8") takes neither: one scale per tensor, no residual.
     compute_dtype: dtype of a quantized cache's scales and residual; default the weights dtype when it is
     a float type, else bf16.
     block_size: tokens per block when counting paged KV blocks (vLLM's default is 16).
@@ -103,7 +104,10 @@ class PlanRequest:
         if self.reserve_fraction is not None and not 0 <= self.reserve_fraction < 1:
             raise KvtraceError(f"reserve fraction must be in [0, 1), got {self.reserve_fraction}")
         if self.cache == "quantized" and self.kv_dtype not in QUANTIZED_KV_DTYPES:
-            raise KvtraceError(f"a quantized cache stores int4 or int8, not {self.kv_dtype}")
+            raise KvtraceError(
+                f"a quantized cache stores int4 or int8 (quanto, HQQ) or fp8 (its fp8 backend), "
+                f"not {self.kv_dtype}"
+            )
         if self.cache != "sliding" and self.window is not None:
             raise KvtraceError("a window only applies to the sliding cache")
         if self.cache == "sliding" and self.effective_window is None:

@@ -87,9 +87,10 @@ class ModelGeometry:
     # Which of those slide, in order (the config's layer_types; None: all alike): a dynamic cache's peak
     # depends on whether a full layer copies itself before or after the sliding ones let go of the prompt
     layer_slides: tuple[bool, ...] | None = None
-    # Mixture of experts (Mixtral, Qwen-MoE, DeepSeek): `moe_layers` of the layers hold `experts` routed
-    # MLPs of `expert_intermediate_size` each and a router (every expert is resident: they all count as
-    # weights, though only a few run per token), plus shared experts of `shared_intermediate_size` in all.
+    # Mixture of experts (Mixtral, Qwen-MoE, DeepSeek, Llama 4): `moe_layers` of the layers hold `experts`
+    # routed MLPs of `expert_intermediate_size` each and a router (every expert is resident: they all count
+    # as weights, though only a few run per token), plus shared experts of `shared_intermediate_size` in
+    # all. The other layers' MLP is `intermediate_size` (Llama 4's `intermediate_size_mlp`).
     moe_layers: int = 0
     experts: int = 0
     expert_intermediate_size: int = 0
@@ -396,6 +397,11 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
             f"{kv_layers:,} self-attention layers'"
         )
     gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text")
+    if model_type in ("llama4", "llama4_text"):
+        experts = _llama4_experts(fields, layers, positive_int)
+    else:
+        experts = _experts(fields, layers, positive_int)
+    dense_size = experts.pop("intermediate_size", None)  # the dense layers' MLP, when not intermediate_size
     block = gpt_block_fields(fields, model_type, hidden, positive_int, str(config_path))
     return ModelGeometry(
         name=str(name),
@@ -404,14 +410,14 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         hidden_size=hidden,
-        intermediate_size=positive_int("intermediate_size", fields["intermediate_size"]),
+        intermediate_size=dense_size or positive_int("intermediate_size", fields["intermediate_size"]),
         vocab_size=positive_int("vocab_size", fields["vocab_size"]),
         tie_word_embeddings=bool(fields.get("tie_word_embeddings", tied_by_default(model_type))),
         sliding_window=sliding_window,
         kv_layers=kv_layers,
         sliding_layers=sum(slides) if slides is not None else None,
         layer_slides=slides,
-        **_experts(fields, layers, positive_int),
+        **experts,
         qkv_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and bool(fields.get("qkv_bias", True))),
         qk_norm=block.pop("qk_norm", model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")),
         layer_norms=block.pop("layer_norms", 4 if gemma_norms else 2),
@@ -503,6 +509,31 @@ def _experts(fields: dict[str, Any], layers: int, positive_int: Callable[[str, A
         "expert_intermediate_size": size,
         "shared_intermediate_size": shared,
         "shared_expert_gate": bool(shared) and not get("n_routed_experts"),
+    }
+
+
+def _llama4_experts(
+    fields: dict[str, Any], layers: int, positive_int: Callable[[str, Any], int]
+) -> dict[str, Any]:
+    """Llama 4's layout (Llama4TextConfig, modeling_llama4.py): each MoE layer's Llama4TextMoe holds
+    `num_local_experts` routed experts of `intermediate_size` (fused gate_up_proj and down_proj: the same
+    three matrices), a router and one ungated shared expert of `intermediate_size`; every other layer
+    has a dense MLP of `intermediate_size_mlp`. The MoE layers are `moe_layers` when listed, else every
+    `interleave_moe_layer_step`-th from step - 1. A key left out takes Llama4TextConfig's default."""
+    get = fields.get
+    listed = get("moe_layers")
+    if isinstance(listed, list):  # as the decoder layer asks: `layer_idx in config.moe_layers`
+        moe = sum(i in listed for i in range(layers))
+    else:
+        step = positive_int("interleave_moe_layer_step", get("interleave_moe_layer_step", 1))
+        moe = len(range(step - 1, layers, step))
+    size = positive_int("intermediate_size", fields["intermediate_size"])
+    return {
+        "moe_layers": moe,
+        "experts": positive_int("num_local_experts", get("num_local_experts", 16)),
+        "expert_intermediate_size": size,
+        "shared_intermediate_size": size,
+        "intermediate_size": positive_int("intermediate_size_mlp", get("intermediate_size_mlp", 16384)),
     }
 
 

@@ -72,7 +72,8 @@ class PlanCommand(Command):
             "--kv-dtype",
             choices=DTYPES,
             help="KV cache dtype (default: --dtype for bf16/fp16/fp32 weights, bf16 for quantized weights, "
-            "which compute in bf16; int4 with --cache quantized, as transformers' default)",
+            "which compute in bf16; int4 with --cache quantized, as transformers' default; int8 too, or fp8 "
+            "for its fp8 backend)",
         )
         parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
         parser.add_argument(

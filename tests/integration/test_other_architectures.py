@@ -740,6 +740,7 @@ _LLAMA = {
     "num_key_value_heads": 2, "vocab_size": 256,
 }  # fmt: skip
 _MHA = {k: v for k, v in _LLAMA.items() if k != "num_key_value_heads"}  # GPT-NeoX has no GQA
+_LLAMA4 = {**_LLAMA, "num_hidden_layers": 4, "head_dim": 16, "intermediate_size_mlp": 96}
 _BLOOM_SHAPE = {"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256}
 _LATENT = {
     "q_lora_rank": 24, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 24,
@@ -792,6 +793,11 @@ _LATENT = {
         # Phi (phi-2): one LayerNorm a layer, biases everywhere, the lm_head's too; LayerNorms of q and k
         transformers.PhiConfig(**_MHA),
         transformers.PhiConfig(**_LLAMA, qk_layernorm=True, tie_word_embeddings=True),
+        # Llama 4: fused experts, a router and a shared expert on its MoE layers (Scout: all; Maverick:
+        # every other one), a dense MLP of intermediate_size_mlp on the rest; its qk norm has no weights
+        transformers.Llama4TextConfig(**_LLAMA4, num_local_experts=4),
+        transformers.Llama4TextConfig(**_LLAMA4, num_local_experts=4, interleave_moe_layer_step=2),
+        transformers.Llama4TextConfig(**_LLAMA4, num_local_experts=3, moe_layers=[0, 3]),
     ],
     ids=[
         "gpt2", "gpt2-untied", "gpt-bigcode-mqa", "gpt-bigcode-mha", "falcon-7b", "falcon-sequential-bias",
@@ -800,6 +806,7 @@ _LATENT = {
         "llama-attention-bias", "llama-mlp-bias-tied", "qwen3-attention-bias", "gemma2-attention-bias",
         "qwen2-moe-no-qkv-bias", "deepseek-v2-biases", "deepseek-v3-attention-bias", "gpt-neox",
         "gpt-neox-no-attention-bias-tied", "bloom", "bloom-untied", "phi", "phi-qk-layernorm-tied",
+        "llama4-scout", "llama4-maverick", "llama4-moe-layers-listed",
     ],
 )  # fmt: skip
 def test_plan_weighs_each_family_as_transformers_builds_it(
@@ -819,6 +826,44 @@ def test_plan_weighs_each_family_as_transformers_builds_it(
     assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.parameters())
     # ... and the plan does not call them an estimate
     assert not [note for note in planned["notes"] if note.startswith("weights:")]
+
+
+def test_plan_weighs_a_llama4_checkpoint_config_as_transformers_builds_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN Llama 4's top-level (multimodal) config, its MoE layers left to interleave_moe_layer_step (no
+    # moe_layers list in the file), and the language model transformers builds from it
+    text = transformers.Llama4TextConfig(**_LLAMA4, num_local_experts=4, interleave_moe_layer_step=2)
+    vision = transformers.Llama4VisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=56,
+        patch_size=14, vision_output_dim=48, projector_input_dim=48, projector_output_dim=48,
+    )  # fmt: skip
+    transformers.Llama4Config(text_config=text.to_dict(), vision_config=vision.to_dict()).save_pretrained(
+        tmp_path / "config"
+    )
+    saved = json.loads((tmp_path / "config" / "config.json").read_text())
+    del saved["text_config"]["moe_layers"]
+    (tmp_path / "config" / "config.json").write_text(json.dumps(saved))
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "config")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    # WHEN it is planned in bf16
+    assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN the weights are the language model's parameters at 2 B each: layers 1 and 3 hold 4 experts of
+    # 160 (3 matrices), a router and a shared expert of 160, layers 0 and 2 a dense MLP of 96
+    assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.parameters())
+    hidden, vocab = 64, 256
+    attention = 2 * hidden * 4 * 16 + 2 * hidden * 2 * 16
+    moe = 4 * 3 * hidden * 160 + hidden * 4 + 3 * hidden * 160
+    dense = 3 * hidden * 96
+    layers = 4 * (attention + 2 * hidden) + 2 * moe + 2 * dense
+    assert planned["weights_bytes"] == 2 * (2 * vocab * hidden + layers + hidden)
+    # ... and the only note on them is the vision tower's, which the figure leaves out
+    assert [note for note in planned["notes"] if note.startswith("weights:")] == [
+        "weights: the language model's only; its vision_config tower is not counted, so the weights figure "
+        "is below the checkpoint's"
+    ]
 
 
 @pytest.mark.parametrize(

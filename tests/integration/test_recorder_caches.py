@@ -215,6 +215,40 @@ def test_fp8_quantized_peak_holds_both_old_tensors(tiny_model, prompt_batch, tmp
     del cache
 
 
+def test_plan_of_an_fp8_quantized_cache_is_the_recording(tiny_model, prompt_batch, tmp_path, capsys):
+    # GIVEN an fp8 QuantizedCache run of 5 new tokens after the batch's prompt
+    import json
+
+    from analyzers.report import build_report
+    from kvtrace.cli import main
+
+    rows, prompt_len = prompt_batch.rows, prompt_batch.prompt_len
+    cache, extra = make_cache("fp8", tiny_model, rows, prompt_len + NEW_TOKENS)
+    _generate(tiny_model, prompt_batch, tmp_path / "run", cache, **extra)
+    recorded = replay_live_bytes(read_run(tmp_path / "run").kv_events, NEW_TOKENS)
+    tiny_model.config.save_pretrained(tmp_path / "config")
+    # WHEN it is planned with --cache quantized --kv-dtype fp8 (refused before: "int4 or int8")
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--batch", str(rows), "--json"]
+    argv += ["--prompt", str(prompt_len), "--context", str(prompt_len + NEW_TOKENS)]
+    assert main([*argv, "--cache", "quantized", "--kv-dtype", "fp8"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN its final, prefill and peak KV are the recording's ...
+    assert planned["kv_bytes"] == sum(recorded.per_step[NEW_TOKENS].values())
+    assert planned["kv_prefill_bytes"] == sum(recorded.per_step[1].values())
+    _source, report = build_report(tmp_path / "run")
+    assert (planned["kv_bytes"], planned["kv_peak_bytes"]) == (report.kv.final_bytes, report.kv.peak_bytes)
+    # ... and the arithmetic: 1-byte K and V of 2 layers, a float32 scale per K and per V per layer that is
+    # fixed at prefill, and at the last step the last layer's old K and V beside its new ones
+    held = prompt_len + NEW_TOKENS - 1
+    scales = 2 * 2 * 4
+    assert planned["kv_bytes"] == 2 * 2 * kv_bytes(KV_HEADS, HEAD_DIM, held, rows, 1) + scales
+    assert planned["kv_prefill_bytes"] == 2 * 2 * kv_bytes(KV_HEADS, HEAD_DIM, prompt_len, rows, 1) + scales
+    old = 2 * kv_bytes(KV_HEADS, HEAD_DIM, held - 1, rows, 1)
+    assert planned["kv_peak_bytes"] == planned["kv_bytes"] + old
+    assert (planned["kv_scale_bytes"], planned["kv_residual_bytes"]) == (scales, 0)
+    del cache
+
+
 @pytest.mark.parametrize("backend", [pytest.param("quanto", marks=pytest.mark.slow), "hqq"])
 def test_integer_quantized(tiny_model, prompt_batch, tmp_path, backend):
     pytest.importorskip("optimum.quanto" if backend == "quanto" else "hqq")
