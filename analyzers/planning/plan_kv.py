@@ -173,7 +173,9 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
         before_last = prompt if new == 2 else min(written - 1, width)
         last = _step_peak(slides, k, v, written - 1, before_last, min(written, width))
         peak = max(peak, first, last)
-    tokens = max(written if whole else 0, kept if windowed else 0)
+    # Tokens held, not storage slots: a sliding layer's view is its last window - 1 tokens, even while its
+    # storage is still the prompt or the window its last cat made
+    tokens = max(written if whole else 0, min(written, width - 1) if windowed else 0)
     as_bytes = [dtype_bytes_for(req.kv_dtype, elements) for elements in (final, prefill, peak)]
     return KvSizes(prompt, tokens, as_bytes[0], 0, 0, as_bytes[1], as_bytes[2])
 

@@ -850,3 +850,36 @@ def test_plan_refuses_a_gpt2_decoder_with_cross_attention(
     # WHEN it is planned THEN it is refused, naming why
     assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) != 0
     assert "add_cross_attention" in capsys.readouterr().err
+
+
+def _mistral(window: int = 8) -> Any:
+    """A tiny Mistral whose 2 layers all slide at `window` (DynamicSlidingWindowLayer in a dynamic cache)."""
+    return transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=256, sliding_window=window,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("new", [1, 7])
+def test_plans_kv_tokens_are_the_tokens_a_sliding_layer_holds(
+    new: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a Mistral whose layers slide at 8, fed a 13-token prompt: after the prefill each layer holds a
+    # view of its last 7 tokens (window - 1) in the prompt's 13-token storage; after decode steps, in an
+    # 8-token one
+    config = _mistral()
+    config.save_pretrained(tmp_path / "config")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    out = _record_generate(model, tmp_path / "run", prompt=13, new=new)
+    assert out.past_key_values.layers[0].keys.shape[-2] == 7
+    assert main(["report", str(tmp_path / "run"), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    # WHEN it is planned
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--prompt", "13", "--json"]
+    assert main([*argv, "--context", str(13 + new)]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN its tokens are those held, as the report counts them, and its bytes the storage
+    assert planned["kv_tokens"] == kv["tokens_held"] == 8 - 1
+    storage = 13 if new == 1 else 8
+    assert planned["kv_bytes"] == kv["final_bytes"] == 2 * storage * 2 * 2 * 16 * 4  # layers, K and V, fp32

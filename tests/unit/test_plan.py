@@ -208,11 +208,12 @@ def test_a_dynamic_caches_sliding_layers_hold_the_whole_prompt_until_the_first_d
     # GIVEN a 10,000-token prompt and 100 new tokens on a model whose 32 layers all keep a 4,096-token window
     given = plan(request(geometry=MISTRAL_LIKE, context=10_100, prompt=10_000))
     # THEN every layer holds the prompt after prefill; at the first decode step layer 0 makes its window's
-    # K and V before it lets go of the prompt; at the end each layer holds its window
+    # K and V before it lets go of the prompt; at the end each layer's storage is its window, a view of whose
+    # last 4,095 tokens it holds (DynamicSlidingWindowLayer keeps window - 1)
     assert given.prompt_tokens == 10_000
     assert given.kv_prefill_bytes == 32 * 10_000 * LAYER_TOKEN
     assert given.kv_peak_bytes == (32 * 10_000 + 4096) * LAYER_TOKEN
-    assert (given.kv_tokens, given.kv_bytes) == (4096, 32 * 4096 * LAYER_TOKEN)
+    assert (given.kv_tokens, given.kv_bytes) == (4095, 32 * 4096 * LAYER_TOKEN)
     assert given.peak_bytes == given.weights_bytes + given.kv_peak_bytes
     assert given.max_context is None  # later steps only slide: the prompt, not the context, sets the peak
     # AND without a prompt the worst one for the context is planned: 10,098 tokens and one decode step
