@@ -593,3 +593,19 @@ def test_planner_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_a_beam_search_plans_whole_prompts_of_beams() -> None:
+    # GIVEN 4 prompts of 3 beams (12 rows) on a GPU with room for the KV peak of 7 rows but not 8
+    rows_room = plan(request(batch=3, beams=3, context=1000))
+    # THEN the largest batch is whole prompts, 6 rows, and a quantized cache is not offered
+    gpu = rows_room.weights_bytes + rows_room.reserve_bytes + 7 * (rows_room.kv_peak_bytes // 3)
+    reserve = rows_room.reserve_bytes
+    tight = plan(request(batch=12, beams=3, context=1000, gpu_memory_bytes=gpu, reserve_bytes=reserve))
+    assert tight.max_batch == 6
+    kinds = {remedy.kind for remedy in tight.remedies}
+    assert "batch" in kinds and "quantized_kv" not in kinds
+    with pytest.raises(KvtraceError, match="prompts x beams"):
+        request(batch=4, beams=3)
+    with pytest.raises(KvtraceError, match="quantized"):
+        request(batch=2, beams=2, cache="quantized", kv_dtype="int4")
