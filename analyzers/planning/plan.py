@@ -85,7 +85,8 @@ def _evaluate(req: PlanRequest) -> PlanResult:
     def context_fits(context: int) -> bool:
         return peak_at(req, req.batch, context) <= gpu
 
-    max_batch = _largest(lambda batch: peak_at(req, batch, req.context) <= gpu)
+    beams = req.beams  # beam search decodes whole prompts: a batch of beams rows at a time
+    max_batch = beams * _largest(lambda prompts: peak_at(req, prompts * beams, req.context) <= gpu)
     shortest = 2 if req.prompt is None else req.prompt + 1  # the prompt (at least 1) and one new token
     steady = _steady_context(req)
     max_context: int | None
@@ -132,7 +133,7 @@ def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
         found.append(Remedy("batch", result.max_batch, peak_at(req, result.max_batch, req.context), True))
     if result.max_context is not None and 1 <= result.max_context < req.context:
         found.append(Remedy("context", result.max_context, peak_at(req, req.batch, result.max_context), True))
-    if req.cache in ("dynamic", "static"):
+    if req.cache in ("dynamic", "static") and req.beams == 1:  # a quantized beam search is not planned
         quantized = replace(req, cache="quantized", kv_dtype="int4")
         peak = peak_at(quantized, req.batch, req.context)
         found.append(Remedy("quantized_kv", None, peak, peak <= gpu))

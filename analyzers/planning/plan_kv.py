@@ -40,6 +40,13 @@ peak is highest at this context (for a dynamic cache, the context less one or tw
   update holds the old K and V in locals until it returns, after both new ones exist, so a step's peak is
   the cache plus one layer's old K and V (the last layer's at the last step, written - 1 tokens).
 
+Beam search (`beams` > 1; the batch is then prompts x beams rows): after every forward, the prefill's and
+the last one's too, `reorder_cache` rebinds each layer's K, then V, to an `index_select` copy while the old
+one is live. A static or sliding cache's peak is its KV plus one layer's K (or V, the wider) whole; a
+dynamic cache's full layers copy all they hold, and its sliding layers copy their view of window - 1 tokens
+into a compact storage, which is what they hold from then on (never the window its cat made), so each
+decode step starts from window - 1 tokens.
+
 fp8, int8 or int4 in a dynamic, static or sliding cache count the data alone: per-tensor scales, as in
 vLLM's fp8 KV cache, are a few bytes per layer.
 
@@ -159,6 +166,21 @@ def _fp8_scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSize
     return KvSizes(prompt, written, kv, scale_bytes, 0, prefill, kv + old)
 
 
+def _reorder_peak(slides: list[bool], k: int, v: int, held: int, storage: int, view: int) -> int:
+    """Elements of KV live at the worst moment of a beam search's `reorder_cache`, with each full layer
+    holding `held` tokens and each sliding layer a view of `view` tokens in a storage of `storage`. The
+    layers are reordered one after another, each by `keys.index_select` then `values.index_select`: the
+    copy (compact, the view's size) is made while the old storage is live, which is then let go of."""
+    live = sum(storage if slides_ else held for slides_ in slides) * (k + v)
+    peak = live
+    for slides_ in slides:
+        for width in (k, v):
+            live += width * (view if slides_ else held)
+            peak = max(peak, live)
+            live -= width * (storage if slides_ else held)
+    return peak
+
+
 def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     """The KV of `batch` sequences of a `prompt`-token prompt and `new` new tokens (`new` >= 1), of which
     generate() writes prompt + new - 1 into the cache."""
@@ -180,23 +202,39 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     whole, windowed, window = cache_layout(req)
     token = batch * (k_width + v_width)  # elements of one layer's K and V per token
     width = window or 0
+    beams = req.beams > 1
     if req.cache != "dynamic":  # allocated whole at the first step, written in place; no cat, no copy
         kept = min(written, width)
         final = (whole * written + windowed * kept) * token
         kv = dtype_bytes_for(req.kv_dtype, final)
-        return KvSizes(prompt, max(written if whole else 0, kept), kv, 0, 0, kv, kv)
-    # A sliding layer's storage: the whole prompt until the first decode step, then its window
-    kept = prompt if new == 1 else min(written, width)
+        # but a beam search's reorder copies each layer's whole K (then V) beside it, the widest the worst
+        longest = written if whole else kept
+        peak = kv + (dtype_bytes_for(req.kv_dtype, batch * max(k_width, v_width) * longest) if beams else 0)
+        return KvSizes(prompt, max(written if whole else 0, kept), kv, 0, 0, kv, peak)
+
+    def view(tokens: int) -> int:  # what a sliding layer keeps of its storage: its last window - 1 tokens
+        return min(tokens, width - 1)
+
+    # A sliding layer's storage: the whole prompt until the first decode step, then its window; a beam
+    # search's reorder after every step (the prefill and the last too) copies its view into a compact storage
+    kept = view(written) if beams else prompt if new == 1 else min(written, width)
     final = (whole * written + windowed * kept) * token
     prefill = (whole + windowed) * prompt * token
     peak = prefill
+    slides, k, v = _slides(req), batch * k_width, batch * v_width
+    if beams:  # the reorder after the prefill, each layer still holding the prompt
+        peak = max(peak, _reorder_peak(slides, k, v, prompt, prompt, view(prompt)))
     if new >= 2:  # the first decode step (the prompt let go of) and the last (the longest copies)
-        slides, k, v = _slides(req), batch * k_width, batch * v_width
-        first = _step_peak(slides, k, v, prompt, prompt, min(prompt + 1, width))
-        before_last = prompt if new == 2 else min(written - 1, width)
+        first = _step_peak(slides, k, v, prompt, view(prompt) if beams else prompt, min(prompt + 1, width))
+        before_last = prompt if new == 2 else min(written - 1, width)  # compact under beams: its view
+        before_last = view(written - 1) if beams else before_last
         last = _step_peak(slides, k, v, written - 1, before_last, min(written, width))
         peak = max(peak, first, last)
-    tokens = max(written if whole else 0, kept if windowed else 0)
+        if beams:  # and the reorder after the last step
+            peak = max(peak, _reorder_peak(slides, k, v, written, min(written, width), view(written)))
+    # Tokens held, not storage slots: a sliding layer's view is its last window - 1 tokens, even while its
+    # storage is still the prompt or the window its last cat made
+    tokens = max(written if whole else 0, min(written, width - 1) if windowed else 0)
     as_bytes = [dtype_bytes_for(req.kv_dtype, elements) for elements in (final, prefill, peak)]
     return KvSizes(prompt, tokens, as_bytes[0], 0, 0, as_bytes[1], as_bytes[2])
 

@@ -86,6 +86,7 @@ def format_text(result: PlanResult) -> str:
     if result.kv_scale_bytes_per_token:
         rows.append(("  + scales per token", f"{result.kv_scale_bytes_per_token:,} B"))
     worst = " (the worst case)" if req.prompt is None else ""
+    beams = f": {req.batch // req.beams} x {req.beams} beams" if req.beams > 1 else ""
     rows += [
         (
             "context",
@@ -93,7 +94,7 @@ def format_text(result: PlanResult) -> str:
             f"of which the cache holds {req.written_tokens:,}",
         ),
         ("weights", _size(result.weights_bytes)),
-        ("KV cache", f"{_size(result.kv_bytes)} ({req.batch} x {result.kv_tokens:,} tokens)"),
+        ("KV cache", f"{_size(result.kv_bytes)} ({req.batch} x {result.kv_tokens:,} tokens{beams})"),
     ]
     if result.kv_prefill_bytes > result.kv_bytes:  # sliding layers holding the whole prompt
         rows.append(
@@ -104,7 +105,10 @@ def format_text(result: PlanResult) -> str:
         )
         rows.append(("KV peak", _size(result.kv_peak_bytes)))
     elif result.dynamic_realloc_peak_bytes:
-        rows.append(("cache growth peak", _size(result.dynamic_realloc_peak_bytes)))
+        label = "cache growth peak" if req.beams == 1 else "growth and beam reorder peak"
+        if req.beams > 1 and req.cache != "dynamic":
+            label = "beam reorder peak"
+        rows.append((label, _size(result.dynamic_realloc_peak_bytes)))
     rows += [
         ("reserve", _size(result.reserve_bytes)),
         ("peak", f"{_size(result.peak_bytes)} of {_size(req.gpu_memory_bytes)}"),

@@ -47,6 +47,10 @@ class PlanRequest:
     compute_dtype: dtype of a quantized cache's scales and residual; default the weights dtype when it is
     a float type, else bf16.
     block_size: tokens per block when counting paged KV blocks (vLLM's default is 16).
+    batch: rows decoded together, prompts x beams under beam search (generate() expands the prompts to that
+    many rows before the prefill). beams: `num_beams`; above 1, each step's `reorder_cache` copies every
+    layer's K and V beside the old ones, and leaves a dynamic cache's sliding layers in compact storages of
+    their window - 1 tokens. Not planned for a quantized cache, whose reorder is deferred to the next step.
     context: tokens per sequence as generate() counts them, prompt plus new tokens, at least 2; the cache
     holds context - 1 of them (the last new token is never fed back).
     prompt: the prompt's tokens, below the context; None plans the worst prompt for the context. It
@@ -69,6 +73,7 @@ class PlanRequest:
     compute_dtype: str | None = None
     block_size: int = 16
     prompt: int | None = None
+    beams: int = 1
 
     def __post_init__(self) -> None:
         for label, dtype in (("weights", self.weights_dtype), ("KV", self.kv_dtype)):
@@ -85,6 +90,7 @@ class PlanRequest:
             )
         for label, value in (
             ("batch", self.batch),
+            ("beams", self.beams),
             ("GPU memory", self.gpu_memory_bytes),
             ("block size", self.block_size),
             ("quantization group size", self.quant_group_size),
@@ -92,6 +98,16 @@ class PlanRequest:
         ):
             if value < 1:
                 raise KvtraceError(f"{label} must be at least 1, got {value}")
+        if self.batch % self.beams:
+            raise KvtraceError(
+                f"batch {self.batch} is not a whole number of prompts of {self.beams} beams: the batch is "
+                f"the rows decoded together, prompts x beams (2 prompts of 4 beams: --batch 8 --beams 4)"
+            )
+        if self.beams > 1 and self.cache == "quantized":
+            raise KvtraceError(
+                "beam search is not planned for a quantized cache: its reorder is deferred to the next "
+                "step's dequantized copies; plan it with --beams 1, or record a run"
+            )
         if self.prompt is not None and not 1 <= self.prompt < self.context:
             raise KvtraceError(
                 f"prompt must be at least 1 and below the context ({self.context}: prompt plus at least one "

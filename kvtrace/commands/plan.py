@@ -75,7 +75,20 @@ class PlanCommand(Command):
             "which compute in bf16; int4 with --cache quantized, as transformers' default; int8 too, or fp8 "
             "for its fp8 backend)",
         )
-        parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+        parser.add_argument(
+            "--batch",
+            type=int,
+            default=1,
+            help="sequences decoded together (default 1); under beam search prompts x beams, the rows",
+        )
+        parser.add_argument(
+            "--beams",
+            type=int,
+            default=1,
+            help="generate()'s num_beams (default 1): each step's beam reorder copies every layer's K and V "
+            "beside the old ones, and a dynamic cache's sliding layers then hold window - 1 tokens; --batch "
+            "must be a multiple of it",
+        )
         parser.add_argument(
             "--context",
             type=int,
@@ -155,6 +168,8 @@ class PlanCommand(Command):
         from analyzers.planning.presets import geometry_from_config, get_preset
 
         if getattr(args, "engine", "hf") == "vllm":
+            if getattr(args, "beams", 1) != 1:  # vLLM's pool is sized per token, whatever samples it
+                raise KvtraceError("--beams plans transformers' caches: it has no meaning with --engine vllm")
             from kvtrace.commands.plan_vllm import run_vllm_plan
 
             return run_vllm_plan(args)
@@ -179,6 +194,14 @@ class PlanCommand(Command):
         )
         if args.batch < 1:
             raise KvtraceError("--batch must be at least 1")
+        if args.beams < 1:
+            raise KvtraceError("--beams must be at least 1")
+        if args.batch % args.beams:
+            raise KvtraceError(
+                f"--batch {args.batch} is not a multiple of --beams {args.beams}: --batch counts the rows "
+                f"decoded together, prompts x beams (2 prompts of {args.beams} beams: "
+                f"--batch {2 * args.beams})"
+            )
         if context < 2:
             raise KvtraceError(
                 "--context must be at least 2: a prompt of at least 1 token plus one new token"
@@ -195,6 +218,7 @@ class PlanCommand(Command):
             cache=args.cache,
             window=args.window,
             prompt=args.prompt,
+            beams=args.beams,
             block_size=args.block_size if args.block_size is not None else 16,
         )
         result = plan(request)

@@ -92,14 +92,17 @@ def _record_generate(
     batch: int = 1,
     gpu_memory: int | None = None,
     profiler: bool = False,
+    beams: int = 1,
+    cache: str = "dynamic",
 ) -> Any:
     """Greedy generate() of `new` tokens after a `prompt`-token prompt (6 after 11 by default), recorded
-    into `run` (output and cache)."""
+    into `run` (output and cache); `beams` > 1 beam-searches, in `batch` x `beams` rows."""
+    extra = {} if cache == "dynamic" else {"cache_implementation": cache}
     ids = torch.randint(3, 200, (batch, prompt), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler, gpu_memory=gpu_memory):
         return model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-            do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+            do_sample=False, pad_token_id=0, return_dict_in_generate=True, num_beams=beams, **extra,
         )  # fmt: skip
 
 
@@ -895,3 +898,93 @@ def test_plan_refuses_a_gpt2_decoder_with_cross_attention(
     # WHEN it is planned THEN it is refused, naming why
     assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) != 0
     assert "add_cross_attention" in capsys.readouterr().err
+
+
+def _mistral(window: int = 8) -> Any:
+    """A tiny Mistral whose 2 layers all slide at `window` (DynamicSlidingWindowLayer in a dynamic cache)."""
+    return transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=256, sliding_window=window,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("new", [1, 7])
+def test_plans_kv_tokens_are_the_tokens_a_sliding_layer_holds(
+    new: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a Mistral whose layers slide at 8, fed a 13-token prompt: after the prefill each layer holds a
+    # view of its last 7 tokens (window - 1) in the prompt's 13-token storage; after decode steps, in an
+    # 8-token one
+    config = _mistral()
+    config.save_pretrained(tmp_path / "config")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    out = _record_generate(model, tmp_path / "run", prompt=13, new=new)
+    assert out.past_key_values.layers[0].keys.shape[-2] == 7
+    assert main(["report", str(tmp_path / "run"), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    # WHEN it is planned
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--prompt", "13", "--json"]
+    assert main([*argv, "--context", str(13 + new)]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN its tokens are those held, as the report counts them, and its bytes the storage
+    assert planned["kv_tokens"] == kv["tokens_held"] == 8 - 1
+    storage = 13 if new == 1 else 8
+    assert planned["kv_bytes"] == kv["final_bytes"] == 2 * storage * 2 * 2 * 16 * 4  # layers, K and V, fp32
+
+
+U = 2 * 2 * 16 * 4  # one layer's K (or V) of one token: 2 rows (1 prompt x 2 beams), 2 heads of 16, fp32
+
+
+@pytest.mark.parametrize(
+    ("family", "cache", "prompt", "new", "final", "peak"),
+    [
+        # 11 tokens written in 2 full layers; the last reorder copies layer 0's 11-token K beside it
+        ("llama", "static", 5, 7, 2 * 2 * 11 * U, (2 * 2 * 11 + 11) * U),
+        ("llama", "dynamic", 5, 7, 2 * 2 * 11 * U, (2 * 2 * 11 + 11) * U),
+        # a static cache's sliding layers hold their 8-token window, copied whole
+        ("mistral", "static", 5, 7, 2 * 2 * 8 * U, (2 * 2 * 8 + 8) * U),
+        # sliding at 8: each reorder leaves a compact 7-token K and V, so the last step's layer 1 makes its
+        # 8-token K and V beside its old 7-token ones and layer 0's new 8-token ones
+        ("mistral", "dynamic", 5, 7, 2 * 2 * 7 * U, (8 + 8 + 7 + 7 + 8 + 8) * U),
+        # a 13-token prompt: the reorder after the prefill copies layer 0's 7-token view beside the prompts
+        ("mistral", "dynamic", 13, 3, 2 * 2 * 7 * U, (2 * 2 * 13 + 7) * U),
+    ],
+)
+def test_plan_of_a_beam_search_is_the_recordings(
+    family: str, cache: str, prompt: int, new: int, final: int, peak: int, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # GIVEN one prompt beam-searched with num_beams=2 (2 rows): after every forward, the prefill's and the
+    # last one's too, reorder_cache rebinds each layer's K, then V, to a copy made while the old one is live
+    if family == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=256,
+        )  # fmt: skip
+    else:
+        config = _mistral()
+    config.save_pretrained(tmp_path / "config")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _record_generate(model, tmp_path / "run", prompt=prompt, new=new, beams=2, cache=cache)
+    assert main(["report", str(tmp_path / "run"), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    # WHEN it is planned as 2 rows of 2 beams
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--batch", "2", "--beams", "2"]
+    argv += ["--prompt", str(prompt), "--context", str(prompt + new), "--cache", cache, "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN its final KV and peak are the recording's, and the arithmetic's
+    assert (planned["kv_bytes"], planned["kv_peak_bytes"]) == (kv["final_bytes"], kv["peak_bytes"])
+    assert (planned["kv_bytes"], planned["kv_peak_bytes"]) == (final, peak)
+
+
+def test_plan_refuses_a_batch_that_is_not_whole_prompts_of_beams(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN 3 rows asked for with 2 beams a prompt
+    argv = ["plan", "--preset", "llama-3-8b", "--batch", "3", "--beams", "2"]
+    # THEN it is refused as bad input, saying what --batch counts
+    assert main(argv) == 2
+    assert "--batch 3 is not a multiple of --beams 2" in capsys.readouterr().err

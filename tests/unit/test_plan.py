@@ -208,11 +208,12 @@ def test_a_dynamic_caches_sliding_layers_hold_the_whole_prompt_until_the_first_d
     # GIVEN a 10,000-token prompt and 100 new tokens on a model whose 32 layers all keep a 4,096-token window
     given = plan(request(geometry=MISTRAL_LIKE, context=10_100, prompt=10_000))
     # THEN every layer holds the prompt after prefill; at the first decode step layer 0 makes its window's
-    # K and V before it lets go of the prompt; at the end each layer holds its window
+    # K and V before it lets go of the prompt; at the end each layer's storage is its window, a view of whose
+    # last 4,095 tokens it holds (DynamicSlidingWindowLayer keeps window - 1)
     assert given.prompt_tokens == 10_000
     assert given.kv_prefill_bytes == 32 * 10_000 * LAYER_TOKEN
     assert given.kv_peak_bytes == (32 * 10_000 + 4096) * LAYER_TOKEN
-    assert (given.kv_tokens, given.kv_bytes) == (4096, 32 * 4096 * LAYER_TOKEN)
+    assert (given.kv_tokens, given.kv_bytes) == (4095, 32 * 4096 * LAYER_TOKEN)
     assert given.peak_bytes == given.weights_bytes + given.kv_peak_bytes
     assert given.max_context is None  # later steps only slide: the prompt, not the context, sets the peak
     # AND without a prompt the worst one for the context is planned: 10,098 tokens and one decode step
@@ -592,3 +593,19 @@ def test_planner_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_a_beam_search_plans_whole_prompts_of_beams() -> None:
+    # GIVEN 4 prompts of 3 beams (12 rows) on a GPU with room for the KV peak of 7 rows but not 8
+    rows_room = plan(request(batch=3, beams=3, context=1000))
+    # THEN the largest batch is whole prompts, 6 rows, and a quantized cache is not offered
+    gpu = rows_room.weights_bytes + rows_room.reserve_bytes + 7 * (rows_room.kv_peak_bytes // 3)
+    reserve = rows_room.reserve_bytes
+    tight = plan(request(batch=12, beams=3, context=1000, gpu_memory_bytes=gpu, reserve_bytes=reserve))
+    assert tight.max_batch == 6
+    kinds = {remedy.kind for remedy in tight.remedies}
+    assert "batch" in kinds and "quantized_kv" not in kinds
+    with pytest.raises(KvtraceError, match="prompts x beams"):
+        request(batch=4, beams=3)
+    with pytest.raises(KvtraceError, match="quantized"):
+        request(batch=2, beams=2, cache="quantized", kv_dtype="int4")
