@@ -106,6 +106,19 @@ def _record_generate(
         )  # fmt: skip
 
 
+def _record_config(
+    config: Any, folder: Path, capsys: pytest.CaptureFixture[str], **generate: Any
+) -> tuple[Any, dict[str, Any]]:
+    """`config` saved in `folder`/config (for `plan --config`), its model built with seed 0 and its
+    `_record_generate(**generate)` recorded in `folder`/run: the output and the report's `kv`."""
+    config.save_pretrained(folder / "config")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    out = _record_generate(model, folder / "run", **generate)
+    assert main(["report", str(folder / "run"), "--json", "--no-export", "-q"]) == 0
+    return out, json.loads(capsys.readouterr().out)["kv"]
+
+
 def test_a_multi_query_falcon_run_has_one_kv_head(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # GIVEN a multi-query Falcon (4 query heads sharing 1 KV head) generating 6 tokens after 11
     config = transformers.FalconConfig(
@@ -408,12 +421,7 @@ def test_plan_replays_a_step_in_the_models_layer_order(
     # prompt with 2 new tokens: at the one decode step the sliding layers let go of the prompt, and a full
     # layer's copy peaks higher when it comes before they do (Qwen2) than after (Gemma 2)
     config = make()
-    config.save_pretrained(tmp_path / "config")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    _record_generate(model, tmp_path / "run", prompt=30, new=2, batch=2)
-    assert main(["report", str(tmp_path / "run"), "--json", "--no-export", "-q"]) == 0
-    kv = json.loads(capsys.readouterr().out)["kv"]
+    _, kv = _record_config(config, tmp_path, capsys, prompt=30, new=2, batch=2)
     # WHEN that run is planned
     argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--batch", "2", "--json"]
     assert main([*argv, "--prompt", "30", "--context", "32"]) == 0, capsys.readouterr().err
@@ -915,14 +923,8 @@ def test_plans_kv_tokens_are_the_tokens_a_sliding_layer_holds(
     # GIVEN a Mistral whose layers slide at 8, fed a 13-token prompt: after the prefill each layer holds a
     # view of its last 7 tokens (window - 1) in the prompt's 13-token storage; after decode steps, in an
     # 8-token one
-    config = _mistral()
-    config.save_pretrained(tmp_path / "config")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    out = _record_generate(model, tmp_path / "run", prompt=13, new=new)
+    out, kv = _record_config(_mistral(), tmp_path, capsys, prompt=13, new=new)
     assert out.past_key_values.layers[0].keys.shape[-2] == 7
-    assert main(["report", str(tmp_path / "run"), "--json", "--no-export", "-q"]) == 0
-    kv = json.loads(capsys.readouterr().out)["kv"]
     # WHEN it is planned
     argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--prompt", "13", "--json"]
     assert main([*argv, "--context", str(13 + new)]) == 0, capsys.readouterr().err
@@ -964,12 +966,7 @@ def test_plan_of_a_beam_search_is_the_recordings(
         )  # fmt: skip
     else:
         config = _mistral()
-    config.save_pretrained(tmp_path / "config")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    _record_generate(model, tmp_path / "run", prompt=prompt, new=new, beams=2, cache=cache)
-    assert main(["report", str(tmp_path / "run"), "--json", "--no-export", "-q"]) == 0
-    kv = json.loads(capsys.readouterr().out)["kv"]
+    _, kv = _record_config(config, tmp_path, capsys, prompt=prompt, new=new, beams=2, cache=cache)
     # WHEN it is planned as 2 rows of 2 beams
     argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--batch", "2", "--beams", "2"]
     argv += ["--prompt", str(prompt), "--context", str(prompt + new), "--cache", cache, "--json"]
