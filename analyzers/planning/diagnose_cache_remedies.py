@@ -363,6 +363,7 @@ def quantized_widening(d: dict[str, object], kv_bits: int | None) -> float | Non
 
 
 def model_dtype_text(d: dict[str, object]) -> str:
+    """The model's dtype as a remedy names it: "the model's float32", or its own dtype when unrecorded."""
     dtype = d.get("model_dtype")
     return f"the model's {dtype}" if dtype else "the model's own dtype"
 
