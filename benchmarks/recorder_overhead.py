@@ -534,7 +534,7 @@ def warm_capture_us(calls: int = 20000, rounds: int = 5) -> float:
         slot = kv_slots.Slot()
         slot.tref, slot.version, slot.ptr, slot.addr, slot.storage_bytes = kv_slots.dead_ref, 0, 0, 0, 0
         slot.wref = kv_slots.weak_ref_of(seed.untyped_storage())
-        slot.dtype, slot.device, slot.itemsize = '"float32"', '"cpu"', 4
+        kv_slots.set_dtype(slot, torch.float32, torch.device("cpu"))
         started = time.perf_counter_ns()
         for i in range(calls):
             facts = kv_slots.capture(slot, tensors[i % 256])
