@@ -18,7 +18,7 @@ import numpy as np
 
 from analyzers.timeline import DeviceTimeline
 
-__all__ = ["EventAxis", "event_axis"]
+__all__ = ["EventAxis", "event_axis", "held_points"]
 
 _BEFORE = "-1: the level before the trace"
 
@@ -48,7 +48,7 @@ class EventAxis:
         """x of the kept events, with the level before the first event in front, and a function that lines a
         series' values (and its level before the trace) up with that x."""
         if self.held_only:  # no events: the level before the trace, from 0 to 1
-            return np.array([0.0, 1.0]), lambda series, start: np.full(2, start, dtype=np.int64)
+            return held_points((0.0, 1.0))
         if self.by_position:
             x = keep.astype(np.float64)
         else:
@@ -67,6 +67,12 @@ class EventAxis:
             )
 
         return x, values
+
+
+def held_points(span: tuple[float, float]) -> tuple[np.ndarray, Callable[[np.ndarray, int], np.ndarray]]:
+    """x and values of a device without events: its level before the trace, one flat line across `span`
+    (the x the devices with events cover), since that level is all that is known of it."""
+    return np.array(span, dtype=np.float64), lambda series, start: np.full(2, start, dtype=np.int64)
 
 
 def event_axis(

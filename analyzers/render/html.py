@@ -11,7 +11,7 @@ import numpy as np
 from analyzers.caches import layer_list
 from analyzers.model import MemorySource
 from analyzers.render.engine import no_memory_timeline
-from analyzers.render.event_axis import EventAxis, event_axis
+from analyzers.render.event_axis import EventAxis, event_axis, held_points
 from analyzers.render.json import NO_KV_HINT, report_to_json
 from analyzers.render.kv_heatmap import layer_grid
 from analyzers.render.text import budget_line
@@ -60,16 +60,24 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     )
     unit, factor = binary_unit(max(top, (report.budget or {}).get("bytes", 0)))
     hover = hover_bytes(unit)
-    for tl in report.timelines:
-        if len(tl.ts_us) == 0 and not (axis.held_only and tl.start_allocated):
-            continue
-        if axis.held_only:  # reserved as the page has it (a snapshot's segments at the dump)
+    # From the level before the first event: a trace that begins by freeing blocks it never allocated
+    # (a snapshot's) peaks there, as the page's figures say.
+    placed = [
+        axis.points(tl, downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us))
+        if len(tl.ts_us) and not axis.held_only
+        else None
+        for tl in report.timelines
+    ]
+    span = _held_span(placed, source, axis)
+    for tl, drawn in zip(report.timelines, placed, strict=True):
+        if drawn is None:
+            # A device without events (the weights' side of a cache offloaded elsewhere, a level held before
+            # the trace) is named by the report, so drawn too: its level across the others' x, with the
+            # reserved bytes as the page has them (a snapshot's segments at the dump).
             reserved = next((d.reserved_at_peak for d in report.devices if d.device == tl.device), None)
             tl = replace(tl, reserved=None if reserved is None else np.array([reserved], dtype=np.int64))
-        keep = downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us)
-        # From the level before the first event: a trace that begins by freeing blocks it never allocated
-        # (a snapshot's) peaks there, as the page's figures say.
-        x, lined_up = axis.points(tl, keep)
+            drawn = held_points(span)
+        x, lined_up = drawn
 
         def points(values: np.ndarray, start: int, lined_up: Any = lined_up) -> Any:
             return lined_up(values, start) / factor
@@ -202,6 +210,15 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         margin={"t": 60, "l": 70, "r": 30},
     )
     return fig
+
+
+def _held_span(placed: list[Any], source: MemorySource, axis: EventAxis) -> tuple[float, float]:
+    """The x a device without events is drawn across: what the devices with events cover; without any, the
+    markers' (steps of a run whose KV log has no allocations), else 0 to 1 (an axis that measures nothing)."""
+    xs = [float(x[i]) for x, _ in (p for p in placed if p is not None) for i in (0, -1)]
+    if not xs and not axis.held_only:
+        xs = [axis.place(m.ts_us) for m in source.markers]
+    return (min(xs), max(xs)) if xs and min(xs) < max(xs) else (0.0, 1.0)
 
 
 def _add_budget(fig: Any, report: Report, axis: EventAxis, factor: int) -> None:

@@ -21,6 +21,7 @@ from analyzers.model import KV, METHOD_KV_LOG
 from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.llama import build_model, make_cache
+from tests.plotly_figures import page_figure
 from tests.tiny import tiny_size
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
@@ -269,3 +270,47 @@ def test_a_run_without_a_trace_counts_each_layers_kv_on_the_device_it_sits_on(tm
     assert devices["cuda:0"]["categories_at_peak"]["weights"] == weights_bytes
     assert devices["cpu"]["categories_at_peak"]["weights"] == 0
     assert len(out.past_key_values.layers) == 4  # the cache was held to the end
+
+
+def test_the_html_draws_a_device_without_events_beside_one_with_them(tmp_path: Path) -> None:
+    # GIVEN a profiler=False run, its files then set as a GPU run with its cache offloaded writes them: the
+    # weights on cuda:0, which has no event (no KV is written there), and every KV storage on the CPU
+    model = build_model(SIZE)
+    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["device"] = {"type": "cuda", "name": "NVIDIA H200", "index": 0, "total_memory_bytes": 141 << 30}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    weights = [json.loads(line) for line in (run / "weights.jsonl").read_text().splitlines()]
+    (run / "weights.jsonl").write_text("".join(json.dumps({**w, "device": "cuda:0"}) + "\n" for w in weights))
+    events = [json.loads(line) for line in (run / "kv_events.jsonl").read_text().splitlines()]
+    assert {e["device"] for e in events if "device" in e} == {"cpu"}
+
+    # WHEN its HTML report is written
+    page = tmp_path / "report.html"
+    with redirect_stdout(io.StringIO()):
+        assert main(["report", str(run), "-o", str(page), "--no-export", "-q"]) == 0
+    traces, layout = page_figure(page.read_text(), "kvtrace-timeline")
+
+    # THEN cuda:0, which the report names, is drawn (it was left out): its weights as a flat line across the
+    # x the CPU's KV events span, at the weights' bytes as the caching allocator's 512-byte blocks hold them
+    weights_bytes = sum(-(-w["storage_bytes"] // 512) * 512 for w in weights)
+    assert weights_bytes < 2**20 and layout["yaxis"]["title"]["text"] == "KiB"
+    by_name = {trace["name"]: trace for trace in traces}
+    cpu_x = by_name["cpu allocated"]["x"]
+    for name, level in (("weights", weights_bytes), ("kv", 0), ("other", 0), ("allocated", weights_bytes)):
+        gpu = by_name[f"cuda:0 {name}"]
+        assert [y * 1024 for y in gpu["y"]] == [level, level]
+        assert gpu["x"] == [min(cpu_x), max(cpu_x)]
+    # AND the CPU's curve peaks in the last forward, as its last storage is grown: the K and V of every
+    # layer over prompt + new - 2 tokens, the others already grown by one token, and the new storage (prompt +
+    # new - 1 tokens) beside the old one it replaces
+    token = KV_HEADS * HEAD_DIM * BATCH * 4
+    held = LAYERS * 2 * (PROMPT + NEW - 2) * token
+    peak = held + (LAYERS * 2 - 1) * token + (PROMPT + NEW - 1) * token
+    assert max(by_name["cpu allocated"]["y"]) * 1024 == peak
