@@ -66,10 +66,20 @@ def unaddressed_share(
 
 def freed_from_before(dev: DeviceEvents, upto: int) -> int:
     """Bytes that events up to `upto` freed of blocks allocated before the trace began: frees that are the
-    first event at their address (sorted by (address, index) as in `live_by_stack`)."""
+    first event at their address (sorted by (address, index) as in `live_by_stack`).
+
+    Events without addresses (torch's memory timeline, Kineto's old `[memory]` form) do not say whose block
+    a free is: what the trace allocated itself is never below zero, so the running total's fall below where
+    it began is what it freed of those blocks, at the least. Only settled levels count (the last event of an
+    instant, and `upto`'s): a version bump's release and re-creation at one instant is no free."""
     if upto < 0:
         return 0
     n = upto + 1
+    if not bool((dev.addr >= 0).any()):
+        running = np.cumsum(dev.delta_bytes[:n].astype(np.int64))
+        times = dev.ts_us[:n]
+        settled = np.append(times[1:] != times[:-1], True)
+        return max(0, -int(running[settled].min()))
     addr = dev.addr[:n]
     order = np.lexsort((np.arange(n), addr))
     first = np.ones(n, dtype=bool)
