@@ -31,7 +31,8 @@ _WEIGHED_EXACTLY = frozenset(
     {
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2", "gemma3_text",
         "deepseek_v2", "deepseek_v3", "phi3", "gemma", "gpt2", "gpt_bigcode", "falcon", "opt", "gpt_neox",
-        "bloom", "phi", "llama4_text", "llama4",
+        "bloom", "phi", "llama4_text", "llama4", "gptj", "codegen", "stablelm", "starcoder2", "olmo", "olmo2",
+        "olmo3", "olmoe", "cohere", "cohere2", "granite", "granitemoe", "phimoe", "mpt",
     }
 )  # fmt: skip
 
@@ -53,6 +54,7 @@ def weights_estimate_note(raw: dict[str, Any], model_type: str) -> str | None:
         f"weights: {family} is weighed as a Llama-style decoder (three MLP matrices, RMSNorms, no "
         "biases), an estimate: its own layout may differ"
     )
+
 
 # The causal-LM model types (transformers 5.24's MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) whose config class
 # defaults `tie_word_embeddings` to True. Llama, Mistral, Mixtral, Qwen, DeepSeek and the rest: False.

@@ -1,15 +1,18 @@
-"""The GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom and Phi, and the bias flags
-of Llama-style ones, as their config.json describes them.
+"""The GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J and CodeGen, the
+Llama-style blocks that differ from a Llama's (StableLM, StarCoder2, OLMo, OLMo 2 and 3, OLMoE, Cohere,
+PhiMoE, MPT), and the bias flags of Llama-style ones, as their config.json describes them.
 
 Their parameters differ from a Llama's in ways a Llama-style count misses: an up/down MLP without a gate
-(two matrices, not three), biases on the projections, LayerNorms with a bias beside each weight, learned
-position tables (OPT's two rows longer: its positions start at 2), OPT's embeddings narrower than its
-layers, projected in and out, Bloom's LayerNorm of the embeddings, Phi's one norm per layer (attention and
-MLP side by side), its LayerNorms of q and k and its lm_head's bias. Llama-style families keep their
-layout, but some take biases from the config: `attention_bias` (Llama, Qwen3, Gemma: q, k, v and output
-projections; DeepSeek: its latent ones) and `mlp_bias` (Llama, DeepSeek-V2: every MLP matrix). The rules
-are transformers 5.24's (`models/<family>/modeling_<family>.py`); a key a config leaves out is its config
-class's default.
+(two matrices, not three: the GPT-2 families, StarCoder2, MPT), biases on the projections, LayerNorms with
+a bias beside each weight, learned position tables (OPT's two rows longer: its positions start at 2),
+OPT's embeddings narrower than its layers, projected in and out, Bloom's LayerNorm of the embeddings, one
+norm per layer where attention and MLP run side by side (Phi, GPT-J, CodeGen, Cohere, StableLM's parallel
+residual), OLMo's norms without weights, norms of q and k (Phi's LayerNorms of head_dim; a weight per head
+in StableLM, OLMo 2 and Cohere) and an lm_head's bias (Phi, GPT-J, CodeGen, PhiMoE's when asked). Llama-style
+families keep their layout, but some take biases from the config: `attention_bias` (Llama, Qwen3, Gemma,
+OLMo, Cohere, Granite: q, k, v and output projections; DeepSeek: its latent ones) and `mlp_bias` (Llama,
+DeepSeek-V2, Granite: every MLP matrix). The rules are transformers 5.24's
+(`models/<family>/modeling_<family>.py`); a key a config leaves out is its config class's default.
 """
 
 from __future__ import annotations
@@ -21,12 +24,20 @@ from kvtrace.errors import KvtraceError
 
 __all__ = ["GPT_FAMILIES", "gpt_block_fields"]
 
-GPT_FAMILIES = frozenset({"gpt2", "gpt_bigcode", "falcon", "opt", "gpt_neox", "bloom", "phi"})
+GPT_FAMILIES = frozenset(
+    {"gpt2", "gpt_bigcode", "falcon", "opt", "gpt_neox", "bloom", "phi", "gptj", "codegen"}
+)
 # Llama-style families whose config class has `attention_bias` or `mlp_bias` (default False), and uses it
 _ATTENTION_BIAS_FLAG = frozenset(
-    {"llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "gemma3_text", "deepseek_v2", "deepseek_v3"}
-)
-_MLP_BIAS_FLAG = frozenset({"llama", "deepseek_v2"})
+    {
+        "llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "gemma3_text", "deepseek_v2",
+        "deepseek_v3", "olmo", "olmo2", "olmo3", "olmoe", "cohere", "cohere2", "granite", "granitemoe",
+        "phimoe",
+    }
+)  # fmt: skip
+_MLP_BIAS_FLAG = frozenset({"llama", "deepseek_v2", "granite"})
+# Llama-style families whose q and k norms hold a weight per head, not one head_dim vector for all heads
+_QK_NORM_PER_HEAD = frozenset({"olmo2", "olmo3", "olmoe"})
 # The keys of the learned position table's length (GPT-2's attribute_map: max_position_embeddings)
 _POSITIONS_KEYS = {
     "gpt2": ("n_positions", "max_position_embeddings"),
@@ -52,11 +63,7 @@ def gpt_block_fields(
     and cache a plan does not size."""
     get = fields.get
     if model_type not in GPT_FAMILIES:
-        flags = {
-            "attention_bias": model_type in _ATTENTION_BIAS_FLAG and bool(get("attention_bias", False)),
-            "mlp_bias": model_type in _MLP_BIAS_FLAG and bool(get("mlp_bias", False)),
-        }
-        return {name: True for name, on in flags.items() if on}
+        return _llama_style_fields(get, model_type)
     if get("add_cross_attention"):
         raise KvtraceError(
             f"{where}: a {model_type} config with add_cross_attention is the decoder of an encoder-decoder "
@@ -69,6 +76,8 @@ def gpt_block_fields(
         return {**block, "embedding_norm": True}
     if model_type == "phi":  # one norm before attention and MLP, which run side by side
         return {**block, "layer_norms": 1, "qk_norm": bool(get("qk_layernorm", False)), "lm_head_bias": True}
+    if model_type in ("gptj", "codegen"):  # Phi's shape: one norm, q, k, v (fused in CodeGen) unbiased
+        return {**block, "layer_norms": 1, "attention_bias": False, "lm_head_bias": True}
     if model_type == "falcon":
         block["attention_bias"] = block["mlp_bias"] = bool(get("bias", False))
         norms_in_parallel = get("num_ln_in_parallel_attn") or (2 if get("new_decoder_architecture") else 1)
@@ -92,4 +101,36 @@ def gpt_block_fields(
             block["embedding_size"] = width
         return block
     block["position_embeddings"] = positions
+    return block
+
+
+def _llama_style_fields(get: Callable[[str, Any], Any], model_type: str) -> dict[str, Any]:
+    """The fields in which a Llama-style `model_type` config's blocks differ from a Llama's: its bias flags,
+    and the layouts of StableLM, StarCoder2, OLMo, OLMo 2 and 3, OLMoE, Cohere, PhiMoE and MPT."""
+    block: dict[str, Any] = {}
+    if model_type in _ATTENTION_BIAS_FLAG and get("attention_bias", False):
+        block["attention_bias"] = True
+    if model_type in _MLP_BIAS_FLAG and get("mlp_bias", False):
+        block["mlp_bias"] = True
+    if model_type in _QK_NORM_PER_HEAD:
+        block.update(qk_norm=True, qk_norm_per_head=True)
+    if model_type == "stablelm":  # LayerNorms; its qk LayerNorms are per head and unbiased
+        block.update(norm_bias=True, qkv_bias=bool(get("use_qkv_bias", False)))
+        if get("qk_layernorm", False):
+            block.update(qk_norm=True, qk_norm_per_head=True)
+        if get("use_parallel_residual", False):  # attention and MLP side by side, after one norm
+            block["layer_norms"] = 1
+    elif model_type == "starcoder2":  # an up/down MLP, LayerNorms; `use_bias` on every projection
+        bias = bool(get("use_bias", True))
+        block.update(mlp_matrices=2, norm_bias=True, attention_bias=bias, mlp_bias=bias)
+    elif model_type == "olmo":  # LayerNorms without weight or bias
+        block.update(layer_norms=0, final_norm=False)
+    elif model_type in ("cohere", "cohere2"):  # one weight-only LayerNorm, attention and MLP side by side
+        block["layer_norms"] = 1
+        if model_type == "cohere" and get("use_qk_norm", False):
+            block.update(qk_norm=True, qk_norm_per_head=True)
+    elif model_type == "phimoe":  # LayerNorms, and an lm_head bias when asked
+        block.update(norm_bias=True, lm_head_bias=bool(get("lm_head_bias", False)))
+    elif model_type == "mpt":  # an up/down MLP; its LayerNorms' biases are removed
+        block["mlp_matrices"] = 2
     return block

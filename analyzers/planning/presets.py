@@ -98,17 +98,22 @@ class ModelGeometry:
     shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert (hidden x 1)
     qkv_bias: bool = False  # Qwen2's q/k/v projections carry biases
     qk_norm: bool = False  # q and k normed per head (head_dim): Qwen3, Gemma 3 (RMSNorm), Phi (LayerNorm)
-    layer_norms: int = 2  # norm weight vectors per layer: Gemma 2 and 3 also norm each block's output
+    # ... with a weight for each head (StableLM, OLMo 2, Cohere): q's norm holds num_attention_heads x
+    # head_dim, k's num_kv_heads x head_dim, and no bias (StableLM's per-head LayerNorms have none)
+    qk_norm_per_head: bool = False
+    # norm weight vectors per layer: Gemma 2 and 3 also norm each block's output; OLMo's norms have none
+    layer_norms: int = 2
     mla: MlaShape | None = None  # multi-head latent attention (DeepSeek-V2/V3)
     # KV heads transformers' cache holds when not num_kv_heads (Falcon's new decoder architecture repeats
     # its KV heads for every query head before caching them; vLLM caches num_kv_heads)
     cached_kv_heads: int | None = None
-    # GPT-2-style blocks (GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi: `gpt_blocks`), and bias flags
+    # GPT-2-style blocks (GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J, CodeGen), Llama-style
+    # ones laid out otherwise (StableLM, StarCoder2, OLMo, Cohere, MPT...: `gpt_blocks`), and bias flags
     mlp_matrices: int = 3  # gate, up and down (Llama); 2: up and down
     attention_bias: bool = False  # every attention projection (q, k, v, output) has a bias
     mlp_bias: bool = False  # every MLP matrix has a bias (dense layers and shared experts)
     norm_bias: bool = False  # LayerNorms: a bias beside each norm's weight (RMSNorm has none)
-    final_norm: bool = True  # a norm after the last layer (OPT without `do_layer_norm_before`: none)
+    final_norm: bool = True  # a norm with weights after the last layer (not OPT's without pre-norms, OLMo's)
     position_embeddings: int = 0  # rows of a learned position table (GPT-2's n_positions; OPT's + 2)
     embedding_size: int | None = None  # OPT's word_embed_proj_dim: embeddings this wide, projected in/out
     embedding_norm: bool = False  # Bloom's norm of the embeddings, before the first layer
@@ -225,7 +230,9 @@ def _attention_params(geom: ModelGeometry) -> int:
         params += q_width + 2 * kv_width
     if geom.attention_bias:  # the output projection's
         params += hidden
-    if geom.qk_norm:  # Phi's are LayerNorms: a bias beside each weight
+    if geom.qk_norm_per_head:
+        params += q_width + kv_width
+    elif geom.qk_norm:  # Phi's are LayerNorms: a bias beside each weight
         params += 2 * geom.head_dim * (2 if geom.norm_bias else 1)
     return params
 
@@ -245,16 +252,17 @@ def _moe_mlp_params(geom: ModelGeometry) -> int:
 
 def param_count(geom: ModelGeometry) -> int:
     """Exact parameter count of a Llama-style model, its mixture-of-experts and latent-attention variants,
-    and the GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom and Phi.
+    the GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J and CodeGen, and
+    the Llama-style ones laid out otherwise (`gpt_blocks`: StableLM, StarCoder2, OLMo, Cohere, MPT...).
 
     Counted: token embeddings (and OPT's projections in and out of narrower ones, Bloom's norm of them) and
     a learned position table; per layer the attention projections (with biases: Qwen2's on q/k/v, the
-    GPT-2 families' and `attention_bias` ones on all four; Qwen3's and Phi's q/k norms, or DeepSeek's latent
-    projections and norms), the gate/up/down MLP (up/down in the GPT-2 families; with `mlp_bias`, biases)
-    or, on MoE layers, every expert, the router and the shared experts, and the norms (two RMSNorm weight
-    vectors; four in Gemma 2 and 3, one in Phi; LayerNorms also have a bias); the final norm; and the
-    lm_head unless it shares the embedding matrix (Phi's bias counted either way). Other biases (GPT-OSS)
-    are not counted.
+    GPT-2 families' and `attention_bias` ones on all four; Qwen3's and Phi's q/k norms, per head in OLMo 2,
+    or DeepSeek's latent projections and norms), the gate/up/down MLP (up/down in the GPT-2 families,
+    StarCoder2 and MPT; with `mlp_bias`, biases) or, on MoE layers, every expert, the router and the shared
+    experts, and the norms (two RMSNorm weight vectors; four in Gemma 2 and 3, one in Phi, none in OLMo;
+    LayerNorms also have a bias); the final norm; and the lm_head unless it shares the embedding matrix
+    (Phi's and GPT-J's bias counted either way). Other biases (GPT-OSS) are not counted.
     """
     hidden = geom.hidden_size
     dense_layers = geom.num_layers - geom.moe_layers
@@ -284,11 +292,11 @@ def weights_bytes(geom: ModelGeometry, dtype: str) -> int:
     return dtype_bytes_for(dtype, param_count(geom))
 
 
-# Other names of the required fields, as transformers maps them (GPT-2 / GPT-BigCode, Falcon, OPT, Bloom,
-# T5-style).
+# Other names of the required fields, as transformers maps them (GPT-2 / GPT-BigCode, GPT-J, Falcon, OPT,
+# Bloom, MPT, T5-style).
 _ALIASES: dict[str, tuple[str, ...]] = {
-    "num_hidden_layers": ("n_layer", "num_layers"),
-    "num_attention_heads": ("n_head", "num_heads"),
+    "num_hidden_layers": ("n_layer", "num_layers", "n_layers"),  # n_layers, n_heads: MPT's
+    "num_attention_heads": ("n_head", "num_heads", "n_heads"),
     "hidden_size": ("n_embd", "n_embed", "d_model"),  # n_embed: Bloom's
     "intermediate_size": ("n_inner", "ffn_hidden_size", "d_ff", "ffn_dim"),  # ffn_dim: OPT's
 }
@@ -335,9 +343,10 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
             if fields.get(standard) is None and fields.get(other) is not None:
                 fields[standard] = fields[other]
     model_type = str(fields.get("model_type") or "")
-    # GPT-2's n_inner and Falcon's ffn_hidden_size default to 4x; Bloom's MLP is 4x whatever n_inner says
+    # GPT-2's n_inner and Falcon's ffn_hidden_size default to 4x; Bloom's MLP is 4x whatever n_inner says,
+    # MPT's whatever expansion_ratio says
     four_x = fields.get("intermediate_size") is None and _FOUR_X_MLP & fields.keys()
-    if fields.get("hidden_size") and (four_x or model_type == "bloom"):
+    if fields.get("hidden_size") and (four_x or model_type in ("bloom", "mpt")):
         fields["intermediate_size"] = 4 * fields["hidden_size"]
 
     missing = [name for name in _REQUIRED_FIELDS if fields.get(name) is None]
@@ -418,7 +427,10 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         sliding_layers=sum(slides) if slides is not None else None,
         layer_slides=slides,
         **experts,
-        qkv_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and bool(fields.get("qkv_bias", True))),
+        qkv_bias=block.pop(
+            "qkv_bias",
+            model_type == "qwen2" or (model_type == "qwen2_moe" and bool(fields.get("qkv_bias", True))),
+        ),
         qk_norm=block.pop("qk_norm", model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")),
         layer_norms=block.pop("layer_norms", 4 if gemma_norms else 2),
         mla=_mla(fields, positive_int),

@@ -675,8 +675,8 @@ def test_plan_weighs_a_published_config_as_transformers_builds_it(
 def test_plan_says_its_weights_are_an_estimate_for_a_family_it_does_not_lay_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN StableLM (a Llama's matrices, but LayerNorms with biases), a layout the planner does not model
-    config = transformers.StableLmConfig(**_LLAMA)
+    # GIVEN Arcee (an up/down MLP without a gate), a layout the planner does not model
+    config = transformers.ArceeConfig(**_LLAMA)
     config.save_pretrained(tmp_path / "config")
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -686,7 +686,7 @@ def test_plan_says_its_weights_are_an_estimate_for_a_family_it_does_not_lay_out(
     planned = json.loads(capsys.readouterr().out)
     # THEN its weights, weighed as a Llama's, are not the model's, and the plan says they are an estimate
     assert planned["weights_bytes"] != true_bytes
-    assert any("'stablelm' is weighed as a Llama-style decoder" in note for note in planned["notes"])
+    assert any("'arcee' is weighed as a Llama-style decoder" in note for note in planned["notes"])
 
 
 def test_plan_ties_the_lm_head_when_the_familys_config_class_does() -> None:
@@ -753,6 +753,7 @@ _LLAMA = {
 _MHA = {k: v for k, v in _LLAMA.items() if k != "num_key_value_heads"}  # GPT-NeoX has no GQA
 _LLAMA4 = {**_LLAMA, "num_hidden_layers": 4, "head_dim": 16, "intermediate_size_mlp": 96}
 _BLOOM_SHAPE = {"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256}
+_MPT = {"d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 256, "max_seq_len": 96}
 _LATENT = {
     "q_lora_rank": 24, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 24,
     "n_routed_experts": 4, "n_shared_experts": 2, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
@@ -809,6 +810,33 @@ _LATENT = {
         transformers.Llama4TextConfig(**_LLAMA4, num_local_experts=4),
         transformers.Llama4TextConfig(**_LLAMA4, num_local_experts=4, interleave_moe_layer_step=2),
         transformers.Llama4TextConfig(**_LLAMA4, num_local_experts=3, moe_layers=[0, 3]),
+        # GPT-J and CodeGen: Phi's shape, but q, k, v (fused in CodeGen) and the output unbiased
+        transformers.GPTJConfig(**_GPT2, rotary_dim=8),
+        transformers.GPTJConfig(**_GPT2, rotary_dim=8, n_inner=96, tie_word_embeddings=True),
+        transformers.CodeGenConfig(**_GPT2, rotary_dim=8),
+        # StableLM: LayerNorms; q, k, v biases, per-head qk LayerNorms, one norm for the parallel residual
+        transformers.StableLmConfig(**_LLAMA),
+        transformers.StableLmConfig(
+            **_LLAMA, use_qkv_bias=True, qk_layernorm=True, use_parallel_residual=True
+        ),
+        # StarCoder2: an up/down MLP, LayerNorms, `use_bias` on every projection; tied
+        transformers.Starcoder2Config(**_LLAMA),
+        transformers.Starcoder2Config(**_LLAMA, use_bias=False, tie_word_embeddings=False),
+        # OLMo: norms without weights; OLMo 2, 3 and OLMoE: q and k normed with a weight per head
+        transformers.OlmoConfig(**_LLAMA),
+        transformers.OlmoConfig(**_LLAMA, attention_bias=True),
+        transformers.Olmo2Config(**_LLAMA),
+        transformers.Olmo3Config(**_LLAMA, sliding_window=8),
+        transformers.OlmoeConfig(**_LLAMA, num_experts=4, num_experts_per_tok=2),
+        # Cohere (Command R): one weight-only LayerNorm a layer, per-head qk norms when asked; tied
+        transformers.CohereConfig(**_LLAMA),
+        transformers.CohereConfig(**_LLAMA, use_qk_norm=True, attention_bias=True),
+        transformers.Cohere2Config(**_LLAMA, sliding_window=8),
+        transformers.GraniteConfig(**_LLAMA, attention_bias=True, mlp_bias=True),
+        transformers.GraniteMoeConfig(**_LLAMA, num_local_experts=4, attention_bias=True),
+        transformers.PhimoeConfig(**_LLAMA, num_local_experts=4, attention_bias=True, lm_head_bias=True),
+        # MPT: its own names (d_model, n_heads, n_layers), a 4x up/down MLP whatever expansion_ratio says
+        transformers.MptConfig(**_MPT, expansion_ratio=2),
     ],
     ids=[
         "gpt2", "gpt2-untied", "gpt-bigcode-mqa", "gpt-bigcode-mha", "falcon-7b", "falcon-sequential-bias",
@@ -817,7 +845,10 @@ _LATENT = {
         "llama-attention-bias", "llama-mlp-bias-tied", "qwen3-attention-bias", "gemma2-attention-bias",
         "qwen2-moe-no-qkv-bias", "deepseek-v2-biases", "deepseek-v3-attention-bias", "gpt-neox",
         "gpt-neox-no-attention-bias-tied", "bloom", "bloom-untied", "phi", "phi-qk-layernorm-tied",
-        "llama4-scout", "llama4-maverick", "llama4-moe-layers-listed",
+        "llama4-scout", "llama4-maverick", "llama4-moe-layers-listed", "gptj", "gptj-tied-n-inner", "codegen",
+        "stablelm", "stablelm-qkv-bias-qk-norm-parallel", "starcoder2", "starcoder2-no-bias-untied", "olmo",
+        "olmo-attention-bias", "olmo2", "olmo3", "olmoe", "cohere", "cohere-qk-norm-attention-bias",
+        "cohere2", "granite-biases", "granitemoe", "phimoe-biases", "mpt",
     ],
 )  # fmt: skip
 def test_plan_weighs_each_family_as_transformers_builds_it(
@@ -831,9 +862,10 @@ def test_plan_weighs_each_family_as_transformers_builds_it(
     assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) == 0, capsys.readouterr().err
     planned = json.loads(capsys.readouterr().out)
     # THEN the weights are the model's parameters at 2 B each (a tied lm_head counted once): GPT-2's,
-    # Falcon's, OPT's, GPT-NeoX's, Bloom's and Phi's MLPs have two matrices, and their biases, LayerNorms'
-    # biases, learned positions (OPT's 2 rows longer), OPT's projections in and out, Bloom's embedding norm,
-    # Phi's lm_head bias and the biases a Llama-style config asks for are there
+    # Falcon's, OPT's, GPT-NeoX's, Bloom's, Phi's, GPT-J's, StarCoder2's and MPT's MLPs have two matrices,
+    # and their biases, LayerNorms' biases (none in OLMo, which has no norm weights), learned positions (OPT's
+    # 2 rows longer), OPT's projections in and out, Bloom's embedding norm, Phi's and GPT-J's lm_head bias,
+    # the per-head qk norms of StableLM, OLMo 2 and Cohere, and the biases a config asks for are there
     assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.parameters())
     # ... and the plan does not call them an estimate
     assert not [note for note in planned["notes"] if note.startswith("weights:")]
@@ -883,8 +915,10 @@ def test_plan_weighs_a_llama4_checkpoint_config_as_transformers_builds_it(
         transformers.GPTNeoXConfig(**_MHA),
         transformers.BloomConfig(**_BLOOM_SHAPE),
         transformers.PhiConfig(**_LLAMA),
+        transformers.GPTJConfig(**_GPT2, rotary_dim=8),
+        transformers.MptConfig(**_MPT),
     ],
-    ids=["gpt-neox", "bloom", "phi-gqa"],
+    ids=["gpt-neox", "bloom", "phi-gqa", "gptj", "mpt"],
 )
 def test_plan_holds_the_kv_these_families_caches_hold(
     config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
