@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 
@@ -30,13 +30,24 @@ def cached_kv_heads(get: Callable[[str], Any], heads: int | None, kv_heads: int 
     return heads if get("new_decoder_architecture") and heads else kv_heads
 
 
-def kv_layer_slides(layer_types: Any) -> tuple[bool, ...] | None:
+def kv_shared_layers(get: Callable[[str], Any], layers: int) -> frozenset[int]:
+    """The layers of a config that reuse an earlier layer's K and V instead of caching their own: the last
+    `num_kv_shared_layers` (Gemma 3n, Gemma 4). transformers gives each a `DummyLayer` that holds nothing
+    (cache_utils `get_layer_types_and_kwargs`: sharing mode "reuse" -> "dummy"); none for other configs."""
+    shared = get("num_kv_shared_layers")
+    if not isinstance(shared, int) or isinstance(shared, bool) or shared <= 0:
+        return frozenset()
+    return frozenset(range(max(layers - shared, 0), layers))
+
+
+def kv_layer_slides(layer_types: Any, reused: Collection[int] = ()) -> tuple[bool, ...] | None:
     """For each layer holding a KV cache, in order, whether it keeps only a window (sliding or chunked),
     from a config's `layer_types`; None without one. Linear-attention and state-space layers (Qwen3-Next,
-    Jamba) hold no KV."""
+    Jamba) hold no KV, nor do the `reused` ones (`kv_shared_layers`), which read another layer's."""
     if not isinstance(layer_types, list | tuple) or not all(isinstance(t, str) for t in layer_types):
         return None
-    kv = [t for t in layer_types if t.endswith("attention") and t != "linear_attention"]
+    own = [t for i, t in enumerate(layer_types) if i not in reused]
+    kv = [t for t in own if t.endswith("attention") and t != "linear_attention"]
     return tuple(t.startswith(("sliding", "chunked")) for t in kv)
 
 
@@ -51,10 +62,10 @@ def chunk_window(get: Callable[[str], Any], layer_types: Any) -> Any:
     return None
 
 
-def layer_kinds(layer_types: Any) -> tuple[int, int] | None:
-    """(layers holding a KV cache, of which sliding or chunked) from a config's `layer_types`; None without
-    one."""
-    slides = kv_layer_slides(layer_types)
+def layer_kinds(layer_types: Any, reused: Collection[int] = ()) -> tuple[int, int] | None:
+    """(layers holding a KV cache, of which sliding or chunked) from a config's `layer_types`, less the
+    `reused` ones (`kv_shared_layers`); None without one."""
+    slides = kv_layer_slides(layer_types, reused)
     return None if slides is None else (len(slides), sum(slides))
 
 
@@ -110,6 +121,16 @@ def _decoder_attention(config: Any) -> tuple[int | None, int | None, int | None]
     return layers or getattr(config, "num_hidden_layers", None), heads, kv_heads
 
 
+def _reused_layers(config: Any, get: Callable[[str], Any], layers: Any) -> frozenset[int]:
+    """The layers of a live config whose cache layer is a `DummyLayer`: those its `kv_sharing_modes` marks
+    "reuse", as transformers' cache reads them (any family that shares KV: Gemma 3n and 4, Mistral Large 4's
+    `kv_source_layers`), else `kv_shared_layers`."""
+    modes = getattr(config, "kv_sharing_modes", None)
+    if isinstance(modes, list | tuple):
+        return frozenset(i for i, mode in enumerate(modes) if mode == "reuse")
+    return kv_shared_layers(get, layers) if isinstance(layers, int) else frozenset()
+
+
 def model_geometry(model: Any) -> dict[str, Any] | None:
     """Geometry of a Hugging Face model (`model.config`) or Meta's reference model (`model.params`)."""
     if model is None:
@@ -140,9 +161,12 @@ def model_geometry(model: Any) -> dict[str, Any] | None:
             sliding_window=chunk_window(get, get("layer_types")) or get("sliding_window"),
             model_type=getattr(config, "model_type", None),
         )
-        kinds = layer_kinds(getattr(config, "layer_types", None))
+        reused = _reused_layers(config, get, layers)
+        kinds = layer_kinds(getattr(config, "layer_types", None), reused)
         if kinds is not None:
             geometry.update(kv_layers=kinds[0], sliding_layers=kinds[1])
+        elif reused and isinstance(layers, int):
+            geometry.update(kv_layers=layers - len(reused))
         cross = cross_attention_layers(get)
         if cross and isinstance(layers, int) and len(cross) < layers:
             # Their KV is the image's, a fixed cost: a token of text costs the other layers only

@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "LLAMA4_CHUNK",
     "default_layer_types",
+    "kv_shared_by_default",
     "tied_by_default",
     "weights_estimate_note",
     "window_on_by_default",
@@ -94,6 +95,12 @@ def window_on_by_default(model_type: str) -> bool:
     return model_type not in _WINDOW_OFF_BY_DEFAULT
 
 
+def kv_shared_by_default(model_type: str) -> int:
+    """`num_kv_shared_layers` of a config that has none: Gemma3nTextConfig's 15 (its last 15 layers reuse
+    an earlier layer's K and V); Gemma4TextConfig's 0, as every other family's."""
+    return 15 if model_type in ("gemma3n", "gemma3n_text") else 0
+
+
 def _kinds(slides: list[bool]) -> list[str]:
     return ["sliding_attention" if slide else "full_attention" for slide in slides]
 
@@ -123,6 +130,10 @@ def default_layer_types(
         return full_every(None, 2)
     if model_type in ("gemma3", "gemma3_text"):  # Gemma3TextConfig: from `sliding_window_pattern`, 6
         return full_every("sliding_window_pattern", 6)
+    if model_type in ("gemma3n", "gemma3n_text"):  # Gemma3nTextConfig: every 5th layer is full
+        return full_every(None, 5)
+    if model_type in ("gemma4", "gemma4_text"):  # Gemma4TextConfig: every 6th, and the last one, are full
+        return [*full_every(None, 6)[:-1], "full_attention"]
     if model_type in ("cohere2", "exaone4"):  # Cohere2Config, Exaone4Config: `sliding_window_pattern`, 4
         # Exaone4Config without a window makes its pattern 0 (and fails): no window, no types needed
         return None if window is None else full_every("sliding_window_pattern", 4)

@@ -17,6 +17,7 @@ from typing import Any
 from analyzers.planning.config_defaults import (
     LLAMA4_CHUNK,
     default_layer_types,
+    kv_shared_by_default,
     tied_by_default,
     weights_estimate_note,
     window_on_by_default,
@@ -29,6 +30,7 @@ from kvtrace.geometry import (
     cross_attention_layers,
     kv_heads_of,
     kv_layer_slides,
+    kv_shared_layers,
 )
 
 __all__ = [
@@ -349,6 +351,10 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     if fields.get("hidden_size") and (four_x or model_type in ("bloom", "mpt")):
         fields["intermediate_size"] = 4 * fields["hidden_size"]
 
+    sizes = fields.get("intermediate_size")
+    if isinstance(sizes, list) and sizes and all(type(n) is int for n in sizes):
+        # Gemma 3n lists one per layer: the weights count their mean (the MLP is linear in it), an estimate
+        fields["intermediate_size"] = sum(sizes) // len(sizes)
     missing = [name for name in _REQUIRED_FIELDS if fields.get(name) is None]
     if missing:
         raise KvtraceError(f"{config_path}: missing field {', '.join(missing)}")
@@ -386,14 +392,16 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     layer_types = fields.get("layer_types")
     if layer_types is None:
         layer_types = default_layer_types(fields, model_type, layers, sliding_window, positive_int)
-    slides = kv_layer_slides(layer_types)
+    fields.setdefault("num_kv_shared_layers", kv_shared_by_default(model_type))
+    reused = kv_shared_layers(fields.get, layers)  # Gemma 3n's and 4's last layers: no KV of their own
+    slides = kv_layer_slides(layer_types, reused)
     if model_type in ("llama4", "llama4_text"):
         fields.setdefault("attention_chunk_size", LLAMA4_CHUNK)
     chunk = chunk_window(fields.get, layer_types)
     if chunk is not None:  # chunked layers (Llama 4) are cached as sliding ones of the chunk's size
         sliding_window = positive_int("attention_chunk_size", chunk)
     name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
-    kv_layers = len(slides) if slides is not None else None
+    kv_layers = len(slides) if slides is not None else (layers - len(reused) if reused else None)
     cross = cross_attention_layers(fields.get)
     kv_note = None
     if cross and slides is None and len(cross) < layers:
