@@ -34,6 +34,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 KV_EVENTS = "kv_events.jsonl"
 WEIGHTS = "weights.jsonl"
+MODEL_CONFIG = "model_config.json"  # the model's Hugging Face config, whole (`kvtrace plan --from-run`)
 MEMORY_SAMPLES = "memory_samples.jsonl"
 PROFILER_DIR = "profiler"
 SNAPSHOT_DIR = "snapshots"
@@ -52,7 +53,7 @@ LOCK_FILE = ".kvtrace.lock"
 DERIVED_FILES = ("kv_counters.trace.json.gz", "timeline.html")
 DERIVED_DIRS = ("tb_scalars",)
 # What a run owns besides its manifest: replacing a run removes these names, and nothing else.
-RUN_FILES = (KV_EVENTS, WEIGHTS, MEMORY_SAMPLES, *ENGINE_FILES, *DERIVED_FILES)
+RUN_FILES = (KV_EVENTS, WEIGHTS, MEMORY_SAMPLES, MODEL_CONFIG, *ENGINE_FILES, *DERIVED_FILES)
 RUN_DIRS = (PROFILER_DIR, SNAPSHOT_DIR, *DERIVED_DIRS)
 
 # The KV event vocabulary (docs/format.md explains each).
@@ -195,7 +196,11 @@ def _json_bytes(payload: dict[str, Any]) -> bytes:
 def write_json_atomic(path: Path, payload: dict[str, Any], reserve: int = 0) -> None:
     """Write via a temporary file and rename, so a reader never sees half a manifest; padded with
     trailing spaces to `reserve` bytes, room for `write_json_in_place` to use later."""
-    data = _json_bytes(payload)
+    write_bytes_atomic(path, _json_bytes(payload), reserve)
+
+
+def write_bytes_atomic(path: Path, data: bytes, reserve: int = 0) -> None:
+    """`data` at `path` via a temporary file and a rename (padded with spaces to `reserve` bytes)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as fh:

@@ -39,7 +39,7 @@ from kvtrace.options import RecordOptions
 from kvtrace.profiler_trace import kineto_quiet, make_profiler
 from kvtrace.run_lock import RunLock, lock_for_recording
 from kvtrace.run_logs import RunLogs
-from kvtrace.run_manifest import RunManifest, device_of
+from kvtrace.run_manifest import RunManifest, device_of, write_model_config
 from kvtrace.run_writer import RunWriter
 from kvtrace.step_ranges import StepRanges
 
@@ -228,6 +228,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             raise RecordingError(
                 f"{manifest_path}: cannot write ({exc.strerror or exc})", exit_code=1
             ) from None
+        config_note = write_model_config(self.path, self.model)
+        if config_note is not None:
+            self.notes.append(config_note)
         self._events = fmt.JsonlAppender(self.path / fmt.KV_EVENTS)
         self._samples = fmt.JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
         tracker = KvTracker(self._clock, on_evict=self._on_evict)

@@ -333,6 +333,26 @@ class RunManifest:
             fmt.write_json_in_place(path, self._manifest)
 
 
+def write_model_config(folder: Path, model: Any) -> str | None:
+    """model_config.json: the model's Hugging Face config as transformers writes a config.json (every field,
+    defaults included), so that `kvtrace plan --from-run` plans this model as `--config` would, layer types
+    and positions included, which the manifest's geometry summarizes. None when written or when the model
+    has no such config (Meta's reference model: the manifest's geometry is all); else a note saying why."""
+    config = getattr(model, "config", None)
+    to_json = getattr(config, "to_json_string", None)
+    if not callable(to_json):
+        return None
+    try:
+        text = to_json(use_diff=False)
+    except Exception as exc:  # a custom config whose fields JSON cannot hold
+        return f"model_config.json not written: the model's config cannot be written as JSON ({exc})"
+    try:
+        fmt.write_bytes_atomic(folder / fmt.MODEL_CONFIG, text.encode("utf-8"))
+    except OSError as exc:
+        return f"model_config.json not written: {exc.strerror or exc}"
+    return None
+
+
 def device_of(model: Any) -> torch.device | None:
     """The device of the model's first parameter; None without a model or a parameter."""
     if model is None:

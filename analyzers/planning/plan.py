@@ -28,7 +28,6 @@ from analyzers.planning.plan_types import (
     PlanResult,
     Remedy,
 )
-from analyzers.planning.presets import weights_bytes
 from analyzers.planning.size_text import parse_size
 
 __all__ = [
@@ -76,7 +75,7 @@ def _largest(fits: Callable[[int], bool], cap: int | None = None) -> int:
 def _evaluate(req: PlanRequest) -> PlanResult:
     data, scales, _ = kv_per_token(req)
     sizes = kv_sizes(req, req.batch, req.context)
-    weights = weights_bytes(req.geometry, req.weights_dtype)
+    weights = req.weights_bytes
     reserve = req.effective_reserve_bytes
     total = weights + sizes.kv_bytes + reserve
     peak = weights + sizes.peak_bytes + reserve
@@ -161,7 +160,8 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
     (`kv_note`); a context past the model's
     positions: transformers runs it (the memory figures hold), but the model was not trained for it, and
     vLLM refuses such a max_model_len."""
-    weights = tuple(note for note in (req.geometry.weights_note, req.geometry.kv_note) if note)
+    estimate = req.geometry.weights_note if req.measured_weights_bytes is None else None  # else measured
+    weights = tuple(note for note in (estimate, req.geometry.kv_note) if note)
     limit = req.geometry.max_position_embeddings
     if limit is None or req.context <= limit:
         return weights

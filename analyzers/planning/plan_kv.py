@@ -60,7 +60,7 @@ import math
 from dataclasses import dataclass
 
 from analyzers.planning.plan_types import PlanRequest
-from analyzers.planning.presets import dtype_bytes_for, weights_bytes
+from analyzers.planning.presets import dtype_bytes_for
 from analyzers.planning.quantized_cache import quantized_cache_bytes, residual_tokens
 from kvtrace.errors import KvtraceError
 
@@ -258,5 +258,5 @@ def kv_sizes(req: PlanRequest, batch: int, context: int) -> KvSizes:
 
 def peak_at(req: PlanRequest, batch: int, context: int) -> int:
     """Bytes the plan needs at its worst moment at `batch` and `context`: weights, reserve and the KV peak."""
-    fixed = weights_bytes(req.geometry, req.weights_dtype) + req.effective_reserve_bytes
+    fixed = req.weights_bytes + req.effective_reserve_bytes
     return fixed + kv_sizes(req, batch, context).peak_bytes

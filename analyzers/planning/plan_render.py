@@ -93,7 +93,10 @@ def format_text(result: PlanResult) -> str:
             f"{req.context:,} tokens: a {result.prompt_tokens:,}-token prompt{worst} and the new tokens, "
             f"of which the cache holds {req.written_tokens:,}",
         ),
-        ("weights", _size(result.weights_bytes)),
+        (
+            "weights",
+            _size(result.weights_bytes) + (" (the run's)" if req.measured_weights_bytes is not None else ""),
+        ),
         ("KV cache", f"{_size(result.kv_bytes)} ({req.batch} x {result.kv_tokens:,} tokens{beams})"),
     ]
     if result.kv_prefill_bytes > result.kv_bytes:  # sliding layers holding the whole prompt

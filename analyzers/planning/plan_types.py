@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from analyzers.planning.presets import DTYPE_BITS, ModelGeometry
+from analyzers.planning.presets import DTYPE_BITS, ModelGeometry, weights_bytes
 from analyzers.planning.quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH
 from kvtrace.errors import KvtraceError
 
@@ -74,6 +74,8 @@ class PlanRequest:
     block_size: int = 16
     prompt: int | None = None
     beams: int = 1
+    # The weights as a run measured them (`plan --from-run`); None: from the geometry and weights_dtype
+    measured_weights_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for label, dtype in (("weights", self.weights_dtype), ("KV", self.kv_dtype)):
@@ -132,6 +134,13 @@ class PlanRequest:
             )
         if self.window is not None and self.window < 1:
             raise KvtraceError(f"window must be at least 1, got {self.window}")
+
+    @property
+    def weights_bytes(self) -> int:
+        """The weights the plan holds: the run's measured figure where given, else the geometry's."""
+        if self.measured_weights_bytes is not None:
+            return self.measured_weights_bytes
+        return weights_bytes(self.geometry, self.weights_dtype)
 
     @property
     def written_tokens(self) -> int:

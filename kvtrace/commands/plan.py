@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_result
@@ -78,28 +80,28 @@ class PlanCommand(Command):
         parser.add_argument(
             "--batch",
             type=int,
-            default=1,
-            help="sequences decoded together (default 1); under beam search prompts x beams, the rows",
+            help="sequences decoded together (default 1, or the run's); under beam search prompts x beams, "
+            "the rows",
         )
         parser.add_argument(
             "--beams",
             type=int,
-            default=1,
-            help="generate()'s num_beams (default 1): each step's beam reorder copies every layer's K and V "
-            "beside the old ones, and a dynamic cache's sliding layers then hold window - 1 tokens; --batch "
-            "must be a multiple of it",
+            help="generate()'s num_beams (default 1, or the run's): each step's beam reorder copies every "
+            "layer's K and V beside the old ones, and a dynamic cache's sliding layers then hold window - 1 "
+            "tokens; --batch must be a multiple of it",
         )
         parser.add_argument(
             "--context",
             type=int,
             help="tokens per sequence as generate() counts them, the prompt plus the new tokens, at least 2 "
-            "(default 8192, Llama 3's native length, or the model's max_position_embeddings when fewer); the "
-            "cache holds one fewer: generate() never writes its last new token",
+            "(default 8192, Llama 3's native length, or the model's max_position_embeddings when fewer; with "
+            "--from-run, the run's); the cache holds one fewer: generate() never writes its last new token",
         )
         parser.add_argument(
             "--prompt",
             type=int,
-            help="the prompt's tokens, below --context (default: the worst prompt for the context). A "
+            help="the prompt's tokens, below --context (default: the worst prompt for the context; with "
+            "--from-run and no --context, the run's). A "
             "dynamic cache's sliding layers (Mistral, Gemma) hold the whole prompt until the first decode "
             "step, so the worst prompt, the context less one or two tokens, gets no help from the window",
         )
@@ -114,7 +116,7 @@ class PlanCommand(Command):
             "of the GPU below 1 (default 0.1, like vLLM's 0.9 utilization) or a size such as 2GiB",
         )
         parser.add_argument(
-            "--cache", default="dynamic", choices=CACHES, help="transformers cache kind (default dynamic)"
+            "--cache", choices=CACHES, help="transformers cache kind (default dynamic, or the run's)"
         )
         parser.add_argument("--window", type=int, help="tokens a sliding cache keeps (sliding only)")
         parser.add_argument(
@@ -157,10 +159,12 @@ class PlanCommand(Command):
         vllm.add_argument(
             "--from-run",
             metavar="RUN",
-            help="a recorded vLLM run: its measured weights, activations, non-torch memory and device total, "
-            "its settings (block size, max_model_len, kv_cache_dtype, kv_cache_memory_bytes, "
-            "num_gpu_blocks_override, utilization, tensor parallel size; a flag you type wins) and its "
-            "model, without --preset/--config",
+            help="a recorded run, without --preset/--config. A transformers run: its model, measured "
+            "weights, device memory, dtypes, cache kind, batch, beams, context and prompt (a flag you type "
+            "wins): with no other flag, the plan of the run itself. A vLLM run (--engine vllm): its measured "
+            "weights, activations, non-torch memory and device total, its settings (block size, "
+            "max_model_len, kv_cache_dtype, kv_cache_memory_bytes, num_gpu_blocks_override, utilization, "
+            "tensor parallel size) and its model",
         )
 
     def run(self, args: argparse.Namespace) -> int:
@@ -168,59 +172,97 @@ class PlanCommand(Command):
         from analyzers.planning.presets import geometry_from_config, get_preset
 
         if getattr(args, "engine", "hf") == "vllm":
-            if getattr(args, "beams", 1) != 1:  # vLLM's pool is sized per token, whatever samples it
+            if args.beams not in (None, 1):  # vLLM's pool is sized per token, whatever samples it
                 raise KvtraceError("--beams plans transformers' caches: it has no meaning with --engine vllm")
             from kvtrace.commands.plan_vllm import run_vllm_plan
 
             return run_vllm_plan(args)
-        if getattr(args, "from_run", None) is not None:
-            raise KvtraceError("--from-run plans a vLLM run's pool: add --engine vllm")
         given = [flag for dest, flag in _VLLM_ONLY if getattr(args, dest, None) is not None]
         if given:  # silently ignored, a --tensor-parallel-size 2 plan read as per GPU while it was for one
             what = "is a vLLM setting" if len(given) == 1 else "are vLLM settings"
             raise KvtraceError(f"{', '.join(given)} {what}: add --engine vllm (a plain plan is one GPU's)")
-        if args.preset is None and args.config is None:
-            raise KvtraceError("give a model: --preset NAME or --config PATH")
-        geometry = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
+        run = None
+        if getattr(args, "from_run", None) is not None:
+            if args.preset is not None or args.config is not None:
+                raise KvtraceError("--from-run plans the run's own model: drop --preset/--config")
+            from analyzers.planning.run_defaults import run_defaults
+            from kvtrace.commands.base import require_input
+
+            require_input(Path(args.from_run))
+            run = run_defaults(args.from_run)
+            geometry = run.geometry
+        elif args.preset is None and args.config is None:
+            raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
+        else:
+            geometry = (
+                get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
+            )
+        # A flag typed wins; else the run's setting; else the flag's default
+        batch = args.batch if args.batch is not None else (run.batch if run and run.batch else 1)
+        beams = args.beams if args.beams is not None else (run.beams if run else 1)
+        cache = args.cache or (run.cache if run else "dynamic")
         # Weight-only quantization (int4/int8 GPTQ/AWQ, fp8 weights) computes in bf16, and the KV cache holds
         # what attention computes: its dtype follows the weights only when they are a float dtype.
-        weights_dtype = args.dtype or "bf16"
+        weights_dtype = args.dtype or (run.weights_dtype if run and run.weights_dtype else "bf16")
         default_kv = weights_dtype if weights_dtype in ("bf16", "fp16", "fp32") else "bf16"
-        kv_dtype = args.kv_dtype or ("int4" if args.cache == "quantized" else default_kv)
+        # The run's KV dtype, where the cache planned is as quantized as the run's was
+        run_kv = run.kv_dtype if run and (cache == "quantized") == (run.cache == "quantized") else None
+        kv_dtype = args.kv_dtype or run_kv or ("int4" if cache == "quantized" else default_kv)
         reserve_bytes, reserve_fraction = parse_reserve(args.reserve)
-        # 8192, Llama 3's native length, unless the model takes fewer positions (Llama 2: 4096)
-        context = (
-            args.context if args.context is not None else min(8192, geometry.max_position_embeddings or 8192)
-        )
-        if args.batch < 1:
+        prompt = args.prompt
+        if args.context is not None:
+            context = args.context
+        elif run is not None and run.context is not None:
+            context = run.context  # the run's, and its prompt unless one is typed
+            prompt = prompt if prompt is not None else run.prompt
+        else:  # 8192, Llama 3's native length, unless the model takes fewer positions (Llama 2: 4096)
+            context = min(8192, geometry.max_position_embeddings or 8192)
+        if batch < 1:
             raise KvtraceError("--batch must be at least 1")
-        if args.beams < 1:
+        if beams < 1:
             raise KvtraceError("--beams must be at least 1")
-        if args.batch % args.beams:
+        if batch % beams:
             raise KvtraceError(
-                f"--batch {args.batch} is not a multiple of --beams {args.beams}: --batch counts the rows "
-                f"decoded together, prompts x beams (2 prompts of {args.beams} beams: "
-                f"--batch {2 * args.beams})"
+                f"--batch {batch} is not a multiple of --beams {beams}: --batch counts the rows "
+                f"decoded together, prompts x beams (2 prompts of {beams} beams: "
+                f"--batch {2 * beams})"
             )
         if context < 2:
             raise KvtraceError(
                 "--context must be at least 2: a prompt of at least 1 token plus one new token"
             )
+        if args.gpu_memory is not None:
+            gpu_memory = parse_size(args.gpu_memory, "--gpu-memory", positive=True)
+        elif run is not None and run.gpu_memory_bytes is not None:
+            gpu_memory = run.gpu_memory_bytes
+        else:
+            gpu_memory = parse_size("80GiB", "--gpu-memory", positive=True)
+            if run is not None:
+                run = replace(
+                    run,
+                    notes=(
+                        *run.notes,
+                        f"the run was on {run.device}: planned for an 80 GiB GPU (--gpu-memory)",
+                    ),
+                )
         request = PlanRequest(
             geometry=geometry,
             weights_dtype=weights_dtype,
             kv_dtype=kv_dtype,
-            batch=args.batch,
+            batch=batch,
             context=context,
-            gpu_memory_bytes=parse_size(args.gpu_memory or "80GiB", "--gpu-memory", positive=True),
+            gpu_memory_bytes=gpu_memory,
             reserve_bytes=reserve_bytes,
             reserve_fraction=reserve_fraction,
-            cache=args.cache,
+            cache=cache,
             window=args.window,
-            prompt=args.prompt,
-            beams=args.beams,
+            prompt=prompt,
+            beams=beams,
             block_size=args.block_size if args.block_size is not None else 16,
+            measured_weights_bytes=run.weights_bytes if run is not None else None,
         )
         result = plan(request)
+        if run is not None:
+            result = replace(result, notes=(*run.notes, *result.notes))
         print_result(args.json, lambda: to_json(result), lambda: format_text(result))
         return 0 if result.fits else 1
