@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "LLAMA4_CHUNK",
     "default_layer_types",
+    "derive_family_fields",
     "kv_shared_by_default",
     "tied_by_default",
     "weights_estimate_note",
@@ -33,7 +34,8 @@ _WEIGHED_EXACTLY = frozenset(
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2", "gemma3_text",
         "deepseek_v2", "deepseek_v3", "phi3", "gemma", "gpt2", "gpt_bigcode", "falcon", "opt", "gpt_neox",
         "bloom", "phi", "llama4_text", "llama4", "gptj", "codegen", "stablelm", "starcoder2", "olmo", "olmo2",
-        "olmo3", "olmoe", "cohere", "cohere2", "granite", "granitemoe", "phimoe", "mpt",
+        "olmo3", "olmoe", "cohere", "cohere2", "granite", "granitemoe", "phimoe", "mpt", "nemotron", "arcee",
+        "apertus", "persimmon", "granitemoeshared", "gpt_oss", "gpt_neo", "jetmoe",
     }
 )  # fmt: skip
 
@@ -83,6 +85,26 @@ _WINDOW_OFF_BY_DEFAULT = frozenset({"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", 
 
 # Llama4TextConfig's `attention_chunk_size` when a config leaves it out
 LLAMA4_CHUNK = 8192
+# JetMoeConfig's defaults for the keys its heads and head_dim derive from, and its experts
+_JETMOE_DEFAULTS = {
+    "num_key_value_heads": 16, "kv_channels": 128, "num_experts_per_tok": 2, "num_local_experts": 8,
+}  # fmt: skip
+
+
+def derive_family_fields(fields: dict[str, Any], model_type: str) -> None:
+    """Set, in `fields`, what a `model_type` config class derives rather than reads. JetMoE's head_dim is
+    `kv_channels` (its attribute_map), not hidden_size / heads, and its attention heads are KV heads x
+    `num_experts_per_tok`, whatever the file says (JetMoeConfig.__post_init__): its cache holds
+    `num_key_value_heads` heads of `kv_channels` per layer."""
+    if model_type != "jetmoe":
+        return
+    for key, default in _JETMOE_DEFAULTS.items():
+        if fields.get(key) is None:
+            fields[key] = fields.get("head_dim", default) if key == "kv_channels" else default
+    fields["head_dim"] = fields["kv_channels"]
+    kv_heads, top_k = fields["num_key_value_heads"], fields["num_experts_per_tok"]
+    if isinstance(kv_heads, int) and isinstance(top_k, int):  # anything else is refused as a head count
+        fields["num_attention_heads"] = kv_heads * top_k
 
 
 def tied_by_default(model_type: str) -> bool:

@@ -1,14 +1,17 @@
-"""The GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J and CodeGen, the
-Llama-style blocks that differ from a Llama's (StableLM, StarCoder2, OLMo, OLMo 2 and 3, OLMoE, Cohere,
-PhiMoE, MPT), and the bias flags of Llama-style ones, as their config.json describes them.
+"""The GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J, CodeGen and
+GPT-Neo, the Llama-style blocks that differ from a Llama's (StableLM, StarCoder2, OLMo, OLMo 2 and 3, OLMoE,
+Cohere, PhiMoE, MPT, Nemotron, Arcee, Apertus, Persimmon, GPT-OSS, JetMoE), and the bias flags of
+Llama-style ones, as their config.json describes them.
 
 Their parameters differ from a Llama's in ways a Llama-style count misses: an up/down MLP without a gate
-(two matrices, not three: the GPT-2 families, StarCoder2, MPT), biases on the projections, LayerNorms with
+(two matrices, not three: the GPT-2 families, StarCoder2, MPT, Nemotron, Arcee, Apertus, Persimmon), biases
+on the projections (GPT-Neo's output projection alone; GPT-OSS's experts and router too), LayerNorms with
 a bias beside each weight, learned position tables (OPT's two rows longer: its positions start at 2),
 OPT's embeddings narrower than its layers, projected in and out, Bloom's LayerNorm of the embeddings, one
 norm per layer where attention and MLP run side by side (Phi, GPT-J, CodeGen, Cohere, StableLM's parallel
 residual), OLMo's norms without weights, norms of q and k (Phi's LayerNorms of head_dim; a weight per head
-in StableLM, OLMo 2 and Cohere) and an lm_head's bias (Phi, GPT-J, CodeGen, PhiMoE's when asked). Llama-style
+in StableLM, OLMo 2 and Cohere), an lm_head's bias (Phi, GPT-J, CodeGen, PhiMoE's when asked), GPT-OSS's
+attention sinks, Apertus' learned activation and JetMoE's attention experts. Llama-style
 families keep their layout, but some take biases from the config: `attention_bias` (Llama, Qwen3, Gemma,
 OLMo, Cohere, Granite: q, k, v and output projections; DeepSeek: its latent ones) and `mlp_bias` (Llama,
 DeepSeek-V2, Granite: every MLP matrix). The rules are transformers 5.24's
@@ -25,17 +28,17 @@ from kvtrace.errors import KvtraceError
 __all__ = ["GPT_FAMILIES", "gpt_block_fields"]
 
 GPT_FAMILIES = frozenset(
-    {"gpt2", "gpt_bigcode", "falcon", "opt", "gpt_neox", "bloom", "phi", "gptj", "codegen"}
+    {"gpt2", "gpt_bigcode", "falcon", "opt", "gpt_neox", "bloom", "phi", "gptj", "codegen", "gpt_neo"}
 )
 # Llama-style families whose config class has `attention_bias` or `mlp_bias` (default False), and uses it
 _ATTENTION_BIAS_FLAG = frozenset(
     {
         "llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "gemma3_text", "deepseek_v2",
         "deepseek_v3", "olmo", "olmo2", "olmo3", "olmoe", "cohere", "cohere2", "granite", "granitemoe",
-        "phimoe",
+        "granitemoeshared", "phimoe", "nemotron", "arcee", "apertus",
     }
 )  # fmt: skip
-_MLP_BIAS_FLAG = frozenset({"llama", "deepseek_v2", "granite"})
+_MLP_BIAS_FLAG = frozenset({"llama", "deepseek_v2", "granite", "nemotron", "arcee"})
 # Llama-style families whose q and k norms hold a weight per head, not one head_dim vector for all heads
 _QK_NORM_PER_HEAD = frozenset({"olmo2", "olmo3", "olmoe"})
 # The keys of the learned position table's length (GPT-2's attribute_map: max_position_embeddings)
@@ -43,8 +46,10 @@ _POSITIONS_KEYS = {
     "gpt2": ("n_positions", "max_position_embeddings"),
     "gpt_bigcode": ("n_positions", "max_position_embeddings"),
     "opt": ("max_position_embeddings",),
+    "gpt_neo": ("max_position_embeddings",),
 }
-_DEFAULT_POSITIONS = {"gpt2": 1024, "gpt_bigcode": 1024, "opt": 2048}  # the config classes' defaults
+# The config classes' defaults
+_DEFAULT_POSITIONS = {"gpt2": 1024, "gpt_bigcode": 1024, "opt": 2048, "gpt_neo": 2048}
 _OPT_POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding: max_position_embeddings + 2 rows
 
 
@@ -78,6 +83,8 @@ def gpt_block_fields(
         return {**block, "layer_norms": 1, "qk_norm": bool(get("qk_layernorm", False)), "lm_head_bias": True}
     if model_type in ("gptj", "codegen"):  # Phi's shape: one norm, q, k, v (fused in CodeGen) unbiased
         return {**block, "layer_norms": 1, "attention_bias": False, "lm_head_bias": True}
+    if model_type == "gpt_neo":  # q, k and v unbiased, the output projection biased
+        block.update(attention_bias=False, output_bias=True)
     if model_type == "falcon":
         block["attention_bias"] = block["mlp_bias"] = bool(get("bias", False))
         norms_in_parallel = get("num_ln_in_parallel_attn") or (2 if get("new_decoder_architecture") else 1)
@@ -106,7 +113,8 @@ def gpt_block_fields(
 
 def _llama_style_fields(get: Callable[[str, Any], Any], model_type: str) -> dict[str, Any]:
     """The fields in which a Llama-style `model_type` config's blocks differ from a Llama's: its bias flags,
-    and the layouts of StableLM, StarCoder2, OLMo, OLMo 2 and 3, OLMoE, Cohere, PhiMoE and MPT."""
+    and the layouts of StableLM, StarCoder2, OLMo, OLMo 2 and 3, OLMoE, Cohere, PhiMoE, MPT, Nemotron, Arcee,
+    Apertus, Persimmon, GPT-OSS and JetMoE."""
     block: dict[str, Any] = {}
     if model_type in _ATTENTION_BIAS_FLAG and get("attention_bias", False):
         block["attention_bias"] = True
@@ -133,4 +141,16 @@ def _llama_style_fields(get: Callable[[str, Any], Any], model_type: str) -> dict
         block.update(norm_bias=True, lm_head_bias=bool(get("lm_head_bias", False)))
     elif model_type == "mpt":  # an up/down MLP; its LayerNorms' biases are removed
         block["mlp_matrices"] = 2
+    elif model_type in ("arcee", "nemotron"):  # an up/down MLP (relu2); Nemotron's LayerNorms have biases
+        block.update(mlp_matrices=2, norm_bias=model_type == "nemotron")
+    elif model_type == "apertus":  # an up/down MLP whose xIELU learns two scalars, q and k RMSNorms
+        xielu = get("hidden_act", "xielu") == "xielu"
+        block.update(mlp_matrices=2, qk_norm=True, activation_params=2 if xielu else 0)
+    elif model_type == "persimmon":  # fused q, k, v and the output biased, a biased up/down MLP, LayerNorms
+        block.update(mlp_matrices=2, attention_bias=True, mlp_bias=True, norm_bias=True)
+        block["qk_norm"] = bool(get("qk_layernorm", True))  # LayerNorms of head_dim, with biases
+    elif model_type == "gpt_oss":  # biased attention by default, a sink per head, biased experts and router
+        block.update(attention_bias=bool(get("attention_bias", True)), attention_sinks=True, expert_bias=True)
+    elif model_type == "jetmoe":  # a mixture of attention experts, a bias on the MoE's output
+        block.update(attention_experts=get("num_local_experts", 0), moe_output_bias=True)
     return block

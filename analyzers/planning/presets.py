@@ -17,6 +17,7 @@ from typing import Any
 from analyzers.planning.config_defaults import (
     LLAMA4_CHUNK,
     default_layer_types,
+    derive_family_fields,
     kv_shared_by_default,
     tied_by_default,
     weights_estimate_note,
@@ -98,6 +99,13 @@ class ModelGeometry:
     expert_intermediate_size: int = 0
     shared_intermediate_size: int = 0
     shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert (hidden x 1)
+    expert_bias: bool = False  # GPT-OSS: a bias on each expert's matrices and on its router
+    moe_output_bias: bool = False  # JetMoE: a bias on the MoE's output (hidden)
+    # JetMoE's mixture of attention: this many experts, each a q and an output projection of num_kv_heads x
+    # head_dim, with a router and a bias on the output; K and V from one projection all experts share
+    attention_experts: int = 0
+    attention_sinks: bool = False  # GPT-OSS: a learned sink logit per attention head
+    activation_params: int = 0  # learned parameters of each MLP's activation (Apertus' xIELU: 2)
     qkv_bias: bool = False  # Qwen2's q/k/v projections carry biases
     qk_norm: bool = False  # q and k normed per head (head_dim): Qwen3, Gemma 3 (RMSNorm), Phi (LayerNorm)
     # ... with a weight for each head (StableLM, OLMo 2, Cohere): q's norm holds num_attention_heads x
@@ -113,6 +121,7 @@ class ModelGeometry:
     # ones laid out otherwise (StableLM, StarCoder2, OLMo, Cohere, MPT...: `gpt_blocks`), and bias flags
     mlp_matrices: int = 3  # gate, up and down (Llama); 2: up and down
     attention_bias: bool = False  # every attention projection (q, k, v, output) has a bias
+    output_bias: bool = False  # the attention's output projection alone has a bias (GPT-Neo)
     mlp_bias: bool = False  # every MLP matrix has a bias (dense layers and shared experts)
     norm_bias: bool = False  # LayerNorms: a bias beside each norm's weight (RMSNorm has none)
     final_norm: bool = True  # a norm with weights after the last layer (not OPT's without pre-norms, OLMo's)
@@ -227,11 +236,15 @@ def _attention_params(geom: ModelGeometry) -> int:
         return query + latent + up + heads * mla.v_head_dim * hidden + bias
     q_width = heads * geom.head_dim
     kv_width = geom.num_kv_heads * geom.head_dim
+    if geom.attention_experts:  # each expert's q and output projections, router row and output bias
+        return geom.attention_experts * (2 * hidden * kv_width + hidden) + hidden + 2 * hidden * kv_width
     params = 2 * hidden * q_width + 2 * hidden * kv_width
     if geom.qkv_bias or geom.attention_bias:
         params += q_width + 2 * kv_width
-    if geom.attention_bias:  # the output projection's
+    if geom.attention_bias or geom.output_bias:  # the output projection's
         params += hidden
+    if geom.attention_sinks:
+        params += heads
     if geom.qk_norm_per_head:
         params += q_width + kv_width
     elif geom.qk_norm:  # Phi's are LayerNorms: a bias beside each weight
@@ -248,8 +261,11 @@ def _mlp_params(geom: ModelGeometry, intermediate: int, matrices: int) -> int:
 def _moe_mlp_params(geom: ModelGeometry) -> int:
     hidden = geom.hidden_size
     routed = geom.experts * (3 * hidden * geom.expert_intermediate_size + hidden)  # + its router row
+    if geom.expert_bias:  # gate and up, down, the router's
+        routed += geom.experts * (2 * geom.expert_intermediate_size + hidden + 1)
     shared = _mlp_params(geom, geom.shared_intermediate_size, 3) if geom.shared_intermediate_size else 0
-    return routed + shared + (hidden if geom.shared_expert_gate else 0)
+    gates_and_biases = (hidden if geom.shared_expert_gate else 0) + (hidden if geom.moe_output_bias else 0)
+    return routed + shared + gates_and_biases
 
 
 def param_count(geom: ModelGeometry) -> int:
@@ -263,13 +279,15 @@ def param_count(geom: ModelGeometry) -> int:
     or DeepSeek's latent projections and norms), the gate/up/down MLP (up/down in the GPT-2 families,
     StarCoder2 and MPT; with `mlp_bias`, biases) or, on MoE layers, every expert, the router and the shared
     experts, and the norms (two RMSNorm weight vectors; four in Gemma 2 and 3, one in Phi, none in OLMo;
-    LayerNorms also have a bias); the final norm; and the lm_head unless it shares the embedding matrix
-    (Phi's and GPT-J's bias counted either way). Other biases (GPT-OSS) are not counted.
+    LayerNorms also have a bias); GPT-OSS's attention sinks and biased experts, JetMoE's attention experts,
+    Apertus' learned activation; the final norm; and the lm_head unless it shares the embedding matrix
+    (Phi's and GPT-J's bias counted either way).
     """
     hidden = geom.hidden_size
     dense_layers = geom.num_layers - geom.moe_layers
     dense_mlp = _mlp_params(geom, geom.intermediate_size, geom.mlp_matrices)
     mlp = dense_layers * dense_mlp + geom.moe_layers * _moe_mlp_params(geom)
+    mlp += geom.num_layers * geom.activation_params
     norm = 2 * hidden if geom.norm_bias else hidden
     per_layer = _attention_params(geom) + geom.layer_norms * norm
     width = geom.embedding_size or hidden
@@ -345,9 +363,11 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
             if fields.get(standard) is None and fields.get(other) is not None:
                 fields[standard] = fields[other]
     model_type = str(fields.get("model_type") or "")
-    # GPT-2's n_inner and Falcon's ffn_hidden_size default to 4x; Bloom's MLP is 4x whatever n_inner says,
-    # MPT's whatever expansion_ratio says
-    four_x = fields.get("intermediate_size") is None and _FOUR_X_MLP & fields.keys()
+    derive_family_fields(fields, model_type)
+    # GPT-2's n_inner, Falcon's ffn_hidden_size and GPT-Neo's intermediate_size default to 4x; Bloom's MLP
+    # is 4x whatever n_inner says, MPT's whatever expansion_ratio says
+    unsized = fields.get("intermediate_size") is None
+    four_x = unsized and (_FOUR_X_MLP & fields.keys() or model_type == "gpt_neo")
     if fields.get("hidden_size") and (four_x or model_type in ("bloom", "mpt")):
         fields["intermediate_size"] = 4 * fields["hidden_size"]
 
@@ -523,12 +543,14 @@ def _experts(fields: dict[str, Any], layers: int, positive_int: Callable[[str, A
         moe = [i not in dense and (i + 1) % step == 0 for i in range(layers)]
         if get("shared_expert_intermediate_size"):
             shared = positive_int("shared_expert_intermediate_size", get("shared_expert_intermediate_size"))
+        elif get("shared_intermediate_size"):  # Granite-MoE-shared's, ungated
+            shared = positive_int("shared_intermediate_size", get("shared_intermediate_size"))
     return {
         "moe_layers": sum(moe),
         "experts": experts,
         "expert_intermediate_size": size,
         "shared_intermediate_size": shared,
-        "shared_expert_gate": bool(shared) and not get("n_routed_experts"),
+        "shared_expert_gate": bool(get("shared_expert_intermediate_size")) and not get("n_routed_experts"),
     }
 
 

@@ -675,8 +675,8 @@ def test_plan_weighs_a_published_config_as_transformers_builds_it(
 def test_plan_says_its_weights_are_an_estimate_for_a_family_it_does_not_lay_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN Arcee (an up/down MLP without a gate), a layout the planner does not model
-    config = transformers.ArceeConfig(**_LLAMA)
+    # GIVEN BioGPT (LayerNorms, biases, learned positions), a layout the planner does not model
+    config = transformers.BioGptConfig(**_MHA)
     config.save_pretrained(tmp_path / "config")
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -686,7 +686,7 @@ def test_plan_says_its_weights_are_an_estimate_for_a_family_it_does_not_lay_out(
     planned = json.loads(capsys.readouterr().out)
     # THEN its weights, weighed as a Llama's, are not the model's, and the plan says they are an estimate
     assert planned["weights_bytes"] != true_bytes
-    assert any("'arcee' is weighed as a Llama-style decoder" in note for note in planned["notes"])
+    assert any("'biogpt' is weighed as a Llama-style decoder" in note for note in planned["notes"])
 
 
 def test_plan_ties_the_lm_head_when_the_familys_config_class_does() -> None:
@@ -754,6 +754,11 @@ _MHA = {k: v for k, v in _LLAMA.items() if k != "num_key_value_heads"}  # GPT-Ne
 _LLAMA4 = {**_LLAMA, "num_hidden_layers": 4, "head_dim": 16, "intermediate_size_mlp": 96}
 _BLOOM_SHAPE = {"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256}
 _MPT = {"d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 256, "max_seq_len": 96}
+# GPT-Neo: global and local layers (the local ones attend to the last window_size tokens)
+_GPT_NEO = {
+    "hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 256, "max_position_embeddings": 96,
+    "attention_types": [[["global", "local"], 1]], "window_size": 2,
+}  # fmt: skip
 _LATENT = {
     "q_lora_rank": 24, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 24,
     "n_routed_experts": 4, "n_shared_experts": 2, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
@@ -837,6 +842,27 @@ _LATENT = {
         transformers.PhimoeConfig(**_LLAMA, num_local_experts=4, attention_bias=True, lm_head_bias=True),
         # MPT: its own names (d_model, n_heads, n_layers), a 4x up/down MLP whatever expansion_ratio says
         transformers.MptConfig(**_MPT, expansion_ratio=2),
+        # Nemotron, Arcee, Apertus: up/down MLPs; Nemotron's LayerNorms biased, Apertus' xIELU learned
+        transformers.NemotronConfig(**_LLAMA),
+        transformers.NemotronConfig(**_LLAMA, attention_bias=True, mlp_bias=True),
+        transformers.ArceeConfig(**_LLAMA),
+        transformers.ArceeConfig(**_LLAMA, mlp_bias=True, tie_word_embeddings=True),
+        transformers.ApertusConfig(**_LLAMA),
+        transformers.ApertusConfig(**_LLAMA, attention_bias=True, hidden_act="silu"),
+        # Persimmon: biased fused q, k, v and MLP, LayerNorms, per-head-dim qk LayerNorms unless turned off
+        transformers.PersimmonConfig(**_MHA),
+        transformers.PersimmonConfig(**_MHA, qk_layernorm=False),
+        # Granite-MoE with its ungated shared expert of shared_intermediate_size
+        transformers.GraniteMoeSharedConfig(**_LLAMA, num_local_experts=4, shared_intermediate_size=48),
+        transformers.GraniteMoeSharedConfig(**_LLAMA, num_local_experts=4, attention_bias=True),
+        # GPT-OSS: biased attention with a sink per head, biased experts and router
+        transformers.GptOssConfig(**_LLAMA, num_local_experts=4, head_dim=16),
+        transformers.GptOssConfig(**_LLAMA, num_local_experts=4, head_dim=24, attention_bias=False),
+        # GPT-Neo: a 4x MLP when intermediate_size is None, learned positions, only the output biased
+        transformers.GPTNeoConfig(**_GPT_NEO),
+        transformers.GPTNeoConfig(**_GPT_NEO, intermediate_size=96, tie_word_embeddings=False),
+        # JetMoE: attention experts of kv_channels-wide heads, a shared K-V projection, MoE with a bias
+        transformers.JetMoeConfig(**_LLAMA, num_local_experts=4, kv_channels=24),
     ],
     ids=[
         "gpt2", "gpt2-untied", "gpt-bigcode-mqa", "gpt-bigcode-mha", "falcon-7b", "falcon-sequential-bias",
@@ -848,7 +874,10 @@ _LATENT = {
         "llama4-scout", "llama4-maverick", "llama4-moe-layers-listed", "gptj", "gptj-tied-n-inner", "codegen",
         "stablelm", "stablelm-qkv-bias-qk-norm-parallel", "starcoder2", "starcoder2-no-bias-untied", "olmo",
         "olmo-attention-bias", "olmo2", "olmo3", "olmoe", "cohere", "cohere-qk-norm-attention-bias",
-        "cohere2", "granite-biases", "granitemoe", "phimoe-biases", "mpt",
+        "cohere2", "granite-biases", "granitemoe", "phimoe-biases", "mpt", "nemotron", "nemotron-biases",
+        "arcee", "arcee-mlp-bias-tied", "apertus", "apertus-attention-bias-silu", "persimmon",
+        "persimmon-no-qk-layernorm", "granitemoeshared", "granitemoeshared-no-shared-attention-bias",
+        "gpt-oss", "gpt-oss-no-attention-bias", "gpt-neo", "gpt-neo-n-inner-untied", "jetmoe",
     ],
 )  # fmt: skip
 def test_plan_weighs_each_family_as_transformers_builds_it(
@@ -917,8 +946,9 @@ def test_plan_weighs_a_llama4_checkpoint_config_as_transformers_builds_it(
         transformers.PhiConfig(**_LLAMA),
         transformers.GPTJConfig(**_GPT2, rotary_dim=8),
         transformers.MptConfig(**_MPT),
+        transformers.GPTNeoConfig(**_GPT_NEO),  # its local layer's window (2) is masked, not cached
     ],
-    ids=["gpt-neox", "bloom", "phi-gqa", "gptj", "mpt"],
+    ids=["gpt-neox", "bloom", "phi-gqa", "gptj", "mpt", "gpt-neo"],
 )
 def test_plan_holds_the_kv_these_families_caches_hold(
     config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -930,6 +960,24 @@ def test_plan_holds_the_kv_these_families_caches_hold(
     held = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     assert data["kv_bytes"] == sum(t.nbytes for t in held) == 2 * 2 * 5 * kv_heads * 16 * 4
+
+
+def test_plan_holds_the_kv_a_jetmoe_cache_holds_after_generate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a JetMoE whose heads are kv_channels (24) wide, not hidden_size / heads (16), generating 6
+    # tokens after 11: its cache holds its 2 KV heads of 24 per layer
+    config = transformers.JetMoeConfig(**_LLAMA, num_local_experts=4, kv_channels=24)
+    out, kv = _record_config(config, tmp_path, capsys)
+    held = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+    # WHEN it is planned for that prompt and context
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--prompt", "11", "--json"]
+    assert main([*argv, "--context", "17"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN its KV per token and final KV are the cache's: 2 layers x K and V x 2 heads x 24 x 4 B, 16 tokens
+    per_token = 2 * 2 * 2 * 24 * 4
+    assert planned["kv_bytes_per_token"] == kv["bytes_per_token_expected"] == per_token
+    assert planned["kv_bytes"] == kv["final_bytes"] == sum(t.nbytes for t in held) == per_token * 16
 
 
 def test_plan_refuses_a_gpt2_decoder_with_cross_attention(
