@@ -50,3 +50,19 @@ def record_generate(model: Any, out: Path, batch: int, prompt: int, new_tokens: 
             do_sample=False,
             pad_token_id=0,
         )
+
+
+def weights_on_cuda0(run: Path) -> list[dict[str, Any]]:
+    """Rewrite a CPU run's files as a GPU run whose cache is offloaded to the CPU writes them: its device
+    cuda:0 (an H200), its weights there, its KV storages left on the CPU, so cuda:0 has no event. Returns
+    the rows of weights.jsonl."""
+    import json
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["device"] = {"type": "cuda", "name": "NVIDIA H200", "index": 0, "total_memory_bytes": 141 << 30}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    weights = [json.loads(line) for line in (run / "weights.jsonl").read_text().splitlines()]
+    (run / "weights.jsonl").write_text("".join(json.dumps({**w, "device": "cuda:0"}) + "\n" for w in weights))
+    events = [json.loads(line) for line in (run / "kv_events.jsonl").read_text().splitlines()]
+    assert {e["device"] for e in events if "device" in e} == {"cpu"}
+    return weights

@@ -11,14 +11,14 @@ after all show.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from analyzers.timeline import DeviceTimeline
 
-__all__ = ["EventAxis", "event_axis", "held_points"]
+__all__ = ["EventAxis", "event_axis", "held_points", "held_span"]
 
 _BEFORE = "-1: the level before the trace"
 
@@ -73,6 +73,13 @@ def held_points(span: tuple[float, float]) -> tuple[np.ndarray, Callable[[np.nda
     """x and values of a device without events: its level before the trace, one flat line across `span`
     (the x the devices with events cover), since that level is all that is known of it."""
     return np.array(span, dtype=np.float64), lambda series, start: np.full(2, start, dtype=np.int64)
+
+
+def held_span(xs: Iterable[float]) -> tuple[float, float]:
+    """The `span` of `held_points`: from the first to the last of `xs` (the x the devices with events are
+    drawn at), or 0 to 1 where they cover no width (an axis that measures nothing)."""
+    xs = list(xs)
+    return (min(xs), max(xs)) if xs and min(xs) < max(xs) else (0.0, 1.0)
 
 
 def event_axis(

@@ -12,6 +12,7 @@ import numpy as np
 from analyzers.group import GroupReport, RankReport
 from analyzers.planning.diagnosis import Diagnosis
 from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
+from analyzers.render.event_axis import event_axis, held_points, held_span
 from analyzers.render.json import report_to_json
 from analyzers.render.text import budget_line, report_to_text
 from analyzers.timeline import downsample_indices
@@ -123,48 +124,66 @@ def _group_figure(group: GroupReport) -> Any:
         vertical_spacing=0.04,
         specs=[[{"secondary_y": True}]] * len(ranks),  # the KV log on its own scale: beside weights, flat
     )
-    starts = [float(tl.ts_us[0]) for r in ranks for tl in r.report.timelines if len(tl.ts_us)]
-    t0 = min(starts, default=0.0)
-    # One unit for every rank (MiB, GiB...), as the rest of the page writes sizes
-    timelines = [tl for r in ranks for tl in r.report.timelines if len(tl.allocated)]
-    unit, factor = binary_unit(max((int(tl.allocated.max()) for tl in timelines), default=0))
+    every = [tl for r in ranks for tl in r.report.timelines]
+    t0 = min((float(tl.ts_us[0]) for tl in every if len(tl.ts_us)), default=0.0)
+    # Each device from the level before its first event, as the single-run page draws it (seconds on the
+    # clock the ranks share); a device without events (None here) is drawn at that level alone, below.
+    axis = event_axis(every, t0, untimed=False, seconds_shared=True)
+    placed = [
+        [
+            axis.points(tl, downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us)) if len(tl.ts_us) else None
+            for tl in r.report.timelines
+        ]
+        for r in ranks
+    ]
+    # One unit for every rank (MiB, GiB...), as the rest of the page writes sizes; the level before the trace
+    # counts (a device without events holds only that: the weights beside a cache offloaded elsewhere)
+    unit, factor = binary_unit(
+        max((max(int(tl.allocated.max(initial=0)), tl.start_allocated) for tl in every), default=0)
+    )
     kv_logs = [r.source.meta.get("kv") for r in ranks]
     kv_top = max((max(kv.series_bytes) for kv in kv_logs if kv is not None and kv.series_bytes), default=0)
     kv_unit, kv_factor = binary_unit(kv_top)
-    for row, r in enumerate(ranks, start=1):
+    legend: set[str] = set()
+    for row, (r, drawn) in enumerate(zip(ranks, placed, strict=True), start=1):
         first = row == 1
-        for tl in r.report.timelines:
-            if len(tl.ts_us) == 0:
-                continue
-            keep = downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us)
-            x = (tl.ts_us[keep] - t0) / 1e6
+        # A device without events is named by the rank's report, so drawn too: its level across the x its
+        # rank's other devices cover (the whole group's where the rank has none)
+        span = held_span(_covered(drawn) or _covered([d for ds in placed for d in ds]))
+        several = len(r.report.timelines) > 1
+        for tl, points in zip(r.report.timelines, drawn, strict=True):
+            x, lined_up = points if points is not None else held_points(span)
+            prefix = f"{tl.device} " if several else ""
             for name in ("weights", "kv", "other"):
                 fig.add_trace(
                     go.Scatter(
                         x=x,
-                        y=tl.by_category[name][keep] / factor,
-                        name=name,
-                        legendgroup=name,
-                        showlegend=first,
+                        y=lined_up(tl.by_category[name], tl.start_by_category.get(name, 0)) / factor,
+                        name=prefix + name,
+                        legendgroup=prefix + name,
+                        showlegend=prefix + name not in legend,
                         stackgroup=f"r{r.rank}{tl.device}",
                         line={"width": 0.5, "color": _COLORS[name]},
-                        hovertemplate=f"rank {r.rank} {name}: " + hover_bytes(unit),
+                        hovertemplate=f"rank {r.rank} {prefix}{name}: " + hover_bytes(unit),
                     ),
                     row,
                     1,
                 )
+                legend.add(prefix + name)
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=tl.allocated[keep] / factor,
-                    name="allocated",
-                    legendgroup="allocated",
-                    showlegend=first,
+                    y=lined_up(tl.allocated, tl.start_allocated) / factor,
+                    name=f"{prefix}allocated",
+                    legendgroup=f"{prefix}allocated",
+                    showlegend=f"{prefix}allocated" not in legend,
                     line={"color": "black", "width": 1},
+                    hovertemplate=f"rank {r.rank} {prefix}allocated: " + hover_bytes(unit),
                 ),
                 row,
                 1,
             )
+            legend.add(f"{prefix}allocated")
         kv = r.source.meta.get("kv")
         if kv is not None and len(kv.series_bytes):
             series = np.asarray(kv.series_bytes, dtype=np.int64)
@@ -196,6 +215,11 @@ def _group_figure(group: GroupReport) -> Any:
         height=160 + 260 * len(ranks), template="plotly_white", legend={"orientation": "h"}, margin={"t": 60}
     )
     return fig
+
+
+def _covered(drawn: list[Any]) -> list[float]:
+    """The first and last x of each device drawn from its events (None: a device without events)."""
+    return [float(points[0][i]) for points in drawn if points is not None for i in (0, -1)]
 
 
 def group_report_to_html(group: GroupReport) -> str:

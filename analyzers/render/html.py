@@ -11,7 +11,7 @@ import numpy as np
 from analyzers.caches import layer_list
 from analyzers.model import MemorySource
 from analyzers.render.engine import no_memory_timeline
-from analyzers.render.event_axis import EventAxis, event_axis, held_points
+from analyzers.render.event_axis import EventAxis, event_axis, held_points, held_span
 from analyzers.render.json import NO_KV_HINT, report_to_json
 from analyzers.render.kv_heatmap import layer_grid
 from analyzers.render.text import budget_line
@@ -218,7 +218,7 @@ def _held_span(placed: list[Any], source: MemorySource, axis: EventAxis) -> tupl
     xs = [float(x[i]) for x, _ in (p for p in placed if p is not None) for i in (0, -1)]
     if not xs and not axis.held_only:
         xs = [axis.place(m.ts_us) for m in source.markers]
-    return (min(xs), max(xs)) if xs and min(xs) < max(xs) else (0.0, 1.0)
+    return held_span(xs)
 
 
 def _add_budget(fig: Any, report: Report, axis: EventAxis, factor: int) -> None:

@@ -214,21 +214,22 @@ class RunStore:
             return {"error": loaded.error}
         import numpy as np
 
+        from analyzers.render.event_axis import held_points, held_span
         from analyzers.timeline import downsample_indices
 
         source, report = loaded.source, loaded.report
         t0 = min((float(tl.ts_us[0]) for tl in report.timelines if len(tl.ts_us)), default=0.0)
-        devices = []
+        devices: list[dict[str, Any] | None] = []
         for tl in report.timelines:
+            n = len(tl.ts_us)
+            if not n:
+                devices.append(None)  # its level, once the x the others span is known
+                continue
             series = {"allocated": tl.allocated, **tl.by_category}
             if tl.reserved is not None:
                 series["reserved"] = tl.reserved
-            n = len(tl.ts_us)
-            if n:
-                keep = np.unique(np.concatenate([downsample_indices(s, max_points) for s in series.values()]))
-            else:
-                keep = np.arange(0)
-            peak_i = int(np.argmax(tl.allocated)) if n else -1
+            keep = np.unique(np.concatenate([downsample_indices(s, max_points) for s in series.values()]))
+            peak_i = int(np.argmax(tl.allocated))
             devices.append(
                 {
                     "device": tl.device,
@@ -241,10 +242,35 @@ class RunStore:
                     "weights": tl.by_category["weights"][keep].tolist(),
                     "other": tl.by_category["other"][keep].tolist(),
                     "capacity_bytes": tl.capacity_bytes,
-                    "peak_allocated_bytes": int(tl.allocated[peak_i]) if n else 0,
-                    "peak_t_s": _rel_seconds([tl.ts_us[peak_i]], t0)[0] if n else None,
+                    "peak_allocated_bytes": int(tl.allocated[peak_i]),
+                    "peak_t_s": _rel_seconds([tl.ts_us[peak_i]], t0)[0],
                 }
             )
+        # A device without events (the weights' side of a cache offloaded elsewhere) is named by the
+        # report, so served too, as the HTML report draws it: its level before the trace, flat across the
+        # seconds the others' events span (the markers' where none has events)
+        xs = [t for d in devices if d is not None for t in d["t_s"]]
+        span = held_span(xs or [_rel_seconds([m.ts_us], t0)[0] for m in source.markers])
+        for i, tl in enumerate(report.timelines):
+            if devices[i] is not None:
+                continue
+            x, level = held_points(span)
+            reserved = next((d.reserved_at_peak for d in report.devices if d.device == tl.device), None)
+            devices[i] = {
+                "device": tl.device,
+                "events": 0,
+                "points": len(x),
+                "t_s": x.tolist(),
+                "allocated": level(tl.allocated, tl.start_allocated).tolist(),
+                "reserved": None if reserved is None else level(tl.allocated, reserved).tolist(),
+                **{
+                    name: level(tl.by_category[name], tl.start_by_category.get(name, 0)).tolist()
+                    for name in ("kv", "weights", "other")
+                },
+                "capacity_bytes": tl.capacity_bytes,
+                "peak_allocated_bytes": tl.start_allocated,  # the report's: all that is known of it
+                "peak_t_s": None,  # held since before the trace: no time is known
+            }
         markers = [
             {
                 "kind": m.kind,

@@ -22,7 +22,7 @@ from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.llama import build_model, make_cache
 from tests.plotly_figures import page_figure
-from tests.tiny import tiny_size
+from tests.tiny import record_generate, tiny_size, weights_on_cuda0
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 
@@ -283,13 +283,7 @@ def test_the_html_draws_a_device_without_events_beside_one_with_them(tmp_path: P
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
             do_sample=False, pad_token_id=0,
         )  # fmt: skip
-    manifest = json.loads((run / "manifest.json").read_text())
-    manifest["device"] = {"type": "cuda", "name": "NVIDIA H200", "index": 0, "total_memory_bytes": 141 << 30}
-    (run / "manifest.json").write_text(json.dumps(manifest))
-    weights = [json.loads(line) for line in (run / "weights.jsonl").read_text().splitlines()]
-    (run / "weights.jsonl").write_text("".join(json.dumps({**w, "device": "cuda:0"}) + "\n" for w in weights))
-    events = [json.loads(line) for line in (run / "kv_events.jsonl").read_text().splitlines()]
-    assert {e["device"] for e in events if "device" in e} == {"cpu"}
+    weights = weights_on_cuda0(run)
 
     # WHEN its HTML report is written
     page = tmp_path / "report.html"
@@ -314,3 +308,51 @@ def test_the_html_draws_a_device_without_events_beside_one_with_them(tmp_path: P
     held = LAYERS * 2 * (PROMPT + NEW - 2) * token
     peak = held + (LAYERS * 2 - 1) * token + (PROMPT + NEW - 1) * token
     assert max(by_name["cpu allocated"]["y"]) * 1024 == peak
+
+
+def test_the_group_html_draws_each_ranks_device_without_events_at_its_level(tmp_path: Path) -> None:
+    # GIVEN a group of two ranks (data parallel: rank r generates for r + 1 rows), each a profiler=False run
+    # of a Llama of 6 layers, its files set as a GPU run with its cache offloaded writes them: the weights on
+    # cuda:0, which has no event, and every KV storage on the CPU
+    layers = 6
+    group = tmp_path / "group"
+    weights = {}
+    for rank in (0, 1):
+        run = group / f"rank-{rank}"
+        record_generate(build_model(tiny_size(layers, KV_HEADS)), run, rank + 1, PROMPT, NEW, profiler=False)
+        weights[rank] = weights_on_cuda0(run)
+        manifest = json.loads((run / "manifest.json").read_text())
+        (run / "manifest.json").write_text(json.dumps({**manifest, "rank": rank, "world_size": 2}))
+
+    # WHEN the group's HTML report and its JSON are written
+    page = tmp_path / "group.html"
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["report", str(group), "-o", str(page), "--no-export", "-q"]) == 0
+        assert main(["report", str(group), "--json", "--no-export", "-q"]) == 0
+    report = json.loads(out.getvalue()[out.getvalue().index("{") :])
+    traces, layout = page_figure(page.read_text(), "kvtrace-ranks")
+
+    # THEN every rank's cuda:0, which its report names, is drawn (it was left out): its weights, as the
+    # caching allocator's 512-byte blocks hold them, flat across the x its CPU's KV events span; over 1 MiB,
+    # they set the page's unit (it was KiB, the CPU's KV alone)
+    assert layout["yaxis"]["title"]["text"] == "MiB" and layout["yaxis3"]["title"]["text"] == "MiB"
+    for rank in (0, 1):
+        held = sum(-(-w["storage_bytes"] // 512) * 512 for w in weights[rank])
+        assert held > 2**20
+        mine = {t["name"]: t for t in traces if t["hovertemplate"].startswith(f"rank {rank} ")}
+        cpu_x = mine["cpu allocated"]["x"]
+        for name, level in (("weights", held), ("kv", 0), ("other", 0), ("allocated", held)):
+            gpu = mine[f"cuda:0 {name}"]
+            assert [y * 2**20 for y in gpu["y"]] == [level, level]
+            assert gpu["x"] == [min(cpu_x), max(cpu_x)]
+        # AND each device's drawn peak is the one the report's JSON gives it: the weights for cuda:0, for the
+        # CPU its last storage grown (K and V of every layer over prompt + new - 2 tokens, the others grown
+        # by one token, the new storage beside the old one it replaces)
+        token = KV_HEADS * HEAD_DIM * (rank + 1) * 4
+        kv_peak = (
+            layers * 2 * (PROMPT + NEW - 2) * token + (layers * 2 - 1) * token + (PROMPT + NEW - 1) * token
+        )
+        peaks = {d["device"]: d["peak_allocated_bytes"] for d in report["devices"] if d["rank"] == rank}
+        drawn = {f"rank{rank}/{dev}": max(mine[f"{dev} allocated"]["y"]) * 2**20 for dev in ("cuda:0", "cpu")}
+        assert drawn == peaks == {f"rank{rank}/cuda:0": held, f"rank{rank}/cpu": kv_peak}

@@ -403,6 +403,44 @@ def test_a_run_without_an_engine_has_a_memory_chart_and_no_pool(tmp_path: Path) 
     assert store.pool("dynamic_b2") == {"run": "dynamic_b2", "title": None, "rows": [], "figure": None}
 
 
+def test_a_device_without_events_is_served_at_its_level_with_the_reports_peak(tmp_path: Path) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+    from kvtrace.llama import build_model
+    from tests.tiny import record_generate, tiny_size, weights_on_cuda0
+
+    # GIVEN a profiler=False run of the tiny Llama, its files then set as a GPU run with its cache offloaded
+    # writes them: the weights on cuda:0, which has no event, and every KV storage on the CPU
+    layers, kv_heads, head_dim, batch, prompt, new = 2, 2, 16, 2, 12, 5
+    run = tmp_path / "offloaded"
+    record_generate(build_model(tiny_size(layers, kv_heads)), run, batch, prompt, new, profiler=False)
+    weights = weights_on_cuda0(run)
+    report = _cli_json("report", str(run), "--json", "--no-export", "-q")
+
+    # WHEN the tab asks for its timeline
+    timeline = RunStore(tmp_path).timeline("offloaded")
+
+    # THEN cuda:0 is served at its weights, as the caching allocator's 512-byte blocks hold them (it had no
+    # point and a peak of 0), flat across the seconds the CPU's KV events span
+    devices = {d["device"]: d for d in timeline["devices"]}
+    held = sum(-(-w["storage_bytes"] // 512) * 512 for w in weights)
+    gpu, cpu = devices["cuda:0"], devices["cpu"]
+    assert (gpu["events"], gpu["points"], gpu["t_s"]) == (0, 2, [min(cpu["t_s"]), max(cpu["t_s"])])
+    assert (gpu["weights"], gpu["kv"], gpu["other"], gpu["allocated"]) == (
+        [held] * 2,
+        [0, 0],
+        [0, 0],
+        [held] * 2,
+    )
+    # AND each device's peak is the one `kvtrace report --json` gives it: the weights for cuda:0, for the CPU
+    # its last storage grown (K and V of every layer over prompt + new - 2 tokens, the others grown by one
+    # token, the new storage beside the old one it replaces)
+    token = kv_heads * head_dim * batch * 4
+    kv_peak = layers * 2 * (prompt + new - 2) * token + (layers * 2 - 1) * token + (prompt + new - 1) * token
+    served = {name: d["peak_allocated_bytes"] for name, d in devices.items()}
+    assert served == {d["device"]: d["peak_allocated_bytes"] for d in report["devices"]}
+    assert served == {"cuda:0": held, "cpu": kv_peak} and max(cpu["allocated"]) == kv_peak
+
+
 @pytest.mark.slow
 def test_a_run_written_after_start_appears(server: str, logdir: Path) -> None:
     shutil.copytree(SAMPLES / "static_b2", logdir / "later" / "static_b2")
