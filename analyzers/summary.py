@@ -265,24 +265,51 @@ def _expected_bytes_per_token(
     """The arithmetic: layers x 2 x KV heads x head_dim x dtype bytes. Layers are those holding KV
     (`kv_layers`, when the config lists layer types: linear-attention layers hold none). A tensor-parallel
     rank's tensors hold a share of the model's KV heads (`heads_held`, a divisor of them): its arithmetic
-    counts those."""
+    counts those. Full layers as wide as their own `global_kv_heads` x `global_head_dim` (Gemma 4's) count
+    at that width, beside the sliding ones."""
     if not geometry or kv_dtype not in _DTYPE_BYTES:
         return None
     try:
         heads = int(geometry["num_kv_heads"])
+        layers = int(geometry.get("kv_layers") or geometry["num_layers"])
+        global_width = _global_width(geometry)
+        if global_width is not None:
+            sliding = int(geometry.get("sliding_layers") or 0)
+            elements = sliding * heads * int(geometry["head_dim"]) + (layers - sliding) * global_width
+            return 2 * elements * _DTYPE_BYTES[kv_dtype]
         if heads_held is not None and 0 < heads_held < heads and heads % heads_held == 0:
             heads = heads_held
-        layers = int(geometry.get("kv_layers") or geometry["num_layers"])
         return layers * 2 * heads * int(geometry["head_dim"]) * (_DTYPE_BYTES[kv_dtype])
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return None
 
 
+def _global_width(geometry: dict[str, Any]) -> int | None:
+    """KV heads x head_dim of a full layer whose width is its own (Gemma 4's `global_head_dim`), else None."""
+    if geometry.get("global_head_dim") is None and geometry.get("global_kv_heads") is None:
+        return None
+    heads = geometry.get("global_kv_heads") or geometry["num_kv_heads"]
+    return int(heads) * int(geometry.get("global_head_dim") or geometry["head_dim"])
+
+
 def _shapes_follow(geometry: dict[str, Any] | None, data_events: list[Any]) -> bool:
-    """Whether every K and V tensor is heads x head_dim wide as the config says (Llama and most); not for
-    multi-head latent attention (DeepSeek-V3), whose K and V widths are their own."""
+    """Whether every K and V tensor is heads x head_dim wide as the config says (Llama and most; Gemma 4's
+    full layers: their own global heads x head_dim); not for multi-head latent attention (DeepSeek-V3),
+    whose K and V widths are their own, nor for a tensor-parallel rank of a model with two widths."""
     head_dim = (geometry or {}).get("head_dim")
-    return not head_dim or all(e.shape[-1] == head_dim for e in data_events if len(e.shape) == 4)
+    if not head_dim:
+        return True
+    assert geometry is not None
+    if _global_width(geometry) is None:
+        return all(e.shape[-1] == head_dim for e in data_events if len(e.shape) == 4)
+    own = {
+        (geometry.get("num_kv_heads"), head_dim),
+        (
+            geometry.get("global_kv_heads") or geometry.get("num_kv_heads"),
+            geometry.get("global_head_dim") or head_dim,
+        ),
+    }
+    return all((heads_held_by(e), e.shape[-1]) in own for e in data_events if len(e.shape) == 4)
 
 
 def _bytes_per_token_of_shapes(data_events: list[Any]) -> int | None:

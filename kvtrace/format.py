@@ -618,6 +618,8 @@ _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.num_attention_heads", _small_count_or_null, f"a count of at most {_I32}"),
     ("model.num_kv_heads", _small_count_or_null, f"a count of at most {_I32}"),
     ("model.head_dim", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.global_kv_heads", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.global_head_dim", _small_count_or_null, f"a count of at most {_I32}"),
     ("model.hidden_size", _small_count_or_null, f"a count of at most {_I32}"),
     ("model.vocab_size", _count_or_null, "a count"),
     ("model.parameters", _count_or_null, "a count"),

@@ -88,15 +88,15 @@ def model_cross_attention_layers(model: Any) -> frozenset[int]:
     return frozenset(cross_attention_layers(lambda name: getattr(text, name, None)))
 
 
-def _first(config: Any, names: tuple[str, ...]) -> int | None:
+def _first(get: Callable[[str], Any], names: tuple[str, ...]) -> int | None:
     for name in names:
-        value = getattr(config, name, None)
+        value = get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
 
 
-def _decoder_attention(config: Any) -> tuple[int | None, int | None, int | None] | None:
+def _decoder_attention(get: Callable[[str], Any]) -> tuple[int | None, int | None, int | None] | None:
     """(layers, query heads, KV heads) of an encoder-decoder config's decoder, the half that holds the KV
     cache (its self-attention KV, and the cross-attention KV of the encoder's output, both at its head
     shape); None for any other config. The generic names are the encoder's in most of them (BART's and
@@ -105,64 +105,152 @@ def _decoder_attention(config: Any) -> tuple[int | None, int | None, int | None]
     Whisper's and Marian's `decoder_layers`/`decoder_attention_heads`, T5's and ProphetNet's
     `num_decoder_layers` (T5's heads, `num_heads`, are shared), ProphetNet's `num_decoder_attention_heads`,
     Moonshine's `decoder_num_*`."""
-    if not getattr(config, "is_encoder_decoder", False):
+    if not get("is_encoder_decoder"):
         return None
-    layers = _first(config, ("decoder_layers", "num_decoder_layers", "decoder_num_hidden_layers"))
+    layers = _first(get, ("decoder_layers", "num_decoder_layers", "decoder_num_hidden_layers"))
     own_heads = _first(
-        config, ("decoder_attention_heads", "num_decoder_attention_heads", "decoder_num_attention_heads")
+        get, ("decoder_attention_heads", "num_decoder_attention_heads", "decoder_num_attention_heads")
     )
     heads: int | None = own_heads
     kv_heads: int | None = own_heads
     if own_heads is not None:  # no decoder-only KV head count but Moonshine's: multi-head attention
-        kv_heads = _first(config, ("decoder_num_key_value_heads",)) or own_heads
+        kv_heads = _first(get, ("decoder_num_key_value_heads",)) or own_heads
     else:
-        heads = getattr(config, "num_attention_heads", None)
-        kv_heads = kv_heads_of(lambda name: getattr(config, name, None), heads)
-    return layers or getattr(config, "num_hidden_layers", None), heads, kv_heads
+        heads = get("num_attention_heads")
+        kv_heads = kv_heads_of(get, heads)
+    return layers or get("num_hidden_layers"), heads, kv_heads
 
 
-def _reused_layers(config: Any, get: Callable[[str], Any], layers: Any) -> frozenset[int]:
+def _reused_layers(get: Callable[[str], Any], layers: Any) -> frozenset[int]:
     """The layers of a live config whose cache layer is a `DummyLayer`: those its `kv_sharing_modes` marks
     "reuse", as transformers' cache reads them (any family that shares KV: Gemma 3n and 4, Mistral Large 4's
     `kv_source_layers`), else `kv_shared_layers`."""
-    modes = getattr(config, "kv_sharing_modes", None)
+    modes = get("kv_sharing_modes")
     if isinstance(modes, list | tuple):
         return frozenset(i for i, mode in enumerate(modes) if mode == "reuse")
     return kv_shared_layers(get, layers) if isinstance(layers, int) else frozenset()
 
 
-def model_geometry(model: Any) -> dict[str, Any] | None:
-    """Geometry of a Hugging Face model (`model.config`) or Meta's reference model (`model.params`)."""
+KvShape = tuple[Any, Any]  # (KV heads, head_dim) of a layer's cache, as its config gives them
+
+
+def kv_shapes_by_kind(
+    layer_get: Callable[[int], Callable[[str], Any]],
+    layer_types: Any,
+    heads: int | None,
+    reused: Collection[int] = (),
+) -> dict[bool, set[KvShape]] | None:
+    """For the layers holding a KV cache, by whether they slide, the (KV heads, head_dim) each caches, read
+    from that layer's own config (`layer_get(i)`): a heterogeneous config's layers may differ (Gemma 4's
+    full layers are `global_head_dim` wide, with `num_global_key_value_heads` under `attention_k_eq_v`).
+    None without `layer_types`."""
+    if kv_layer_slides(layer_types, reused) is None:
+        return None
+    shapes: dict[bool, set[KvShape]] = {}
+    for i, kind in enumerate(layer_types):
+        if i in reused or not kind.endswith("attention") or kind == "linear_attention":
+            continue
+        get = layer_get(i)
+        shape = (kv_heads_of(get, heads), get("head_dim"))
+        shapes.setdefault(kind.startswith(("sliding", "chunked")), set()).add(shape)
+    return shapes
+
+
+def split_kv_shapes(shapes: dict[bool, set[KvShape]] | None) -> tuple[KvShape, KvShape | None] | None:
+    """(the sliding layers' shape, or every layer's when none slides; the full layers' where it differs,
+    else None) of `kv_shapes_by_kind`. None when layers of one kind differ among themselves: one geometry
+    cannot say that, so its head figures are left unknown."""
+    if not shapes or any(len(kind) != 1 for kind in shapes.values()):
+        return None
+    full = next(iter(shapes[False])) if False in shapes else None
+    base = next(iter(shapes[True])) if True in shapes else full
+    assert base is not None
+    return base, full if full != base else None
+
+
+class _ConfigReader:
+    """A config's attributes, read so that none stops a recording: one whose read raises (transformers'
+    `AmbiguousGlobalPerLayerAttributeError` for an attribute that varies by layer, a broken property) is
+    None, and remembered so that the manifest says why the figure is unknown."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.unread: dict[str, str] = {}
+
+    def __call__(self, name: str) -> Any:
+        try:
+            return getattr(self.config, name, None)
+        except Exception as exc:  # anything a config does must not end the user's generate()
+            first = next(iter(str(exc).splitlines()), "").split(". ")[0][:200]
+            self.unread.setdefault(name, f"{type(exc).__name__}: {first}")
+            return None
+
+
+def _text_config(config: Any) -> Any:
+    """The config holding the language model's attributes (a multimodal config's text one), or the config
+    itself when asking raises."""
+    try:
+        return config.get_text_config()
+    except Exception:
+        return config
+
+
+def _layer_shapes(
+    get: Callable[[str], Any], heads: Any, reused: frozenset[int]
+) -> tuple[KvShape, KvShape | None] | None:
+    """`split_kv_shapes` of a live heterogeneous config (transformers' `per_layer_config`), from each layer's
+    own config; None for a homogeneous one, whose global attributes say it all."""
+    if not get("is_heterogeneous"):
+        return None
+    per_layer = get("per_layer_config")
+
+    def layer_get(i: int) -> Callable[[str], Any]:
+        try:
+            return _ConfigReader(per_layer[i])
+        except Exception:
+            return lambda name: None
+
+    return split_kv_shapes(kv_shapes_by_kind(layer_get, get("layer_types"), heads, reused))
+
+
+def model_geometry(model: Any, notes: list[str] | None = None) -> dict[str, Any] | None:
+    """Geometry of a Hugging Face model (`model.config`) or Meta's reference model (`model.params`). A
+    config attribute that cannot be read leaves its figure unknown, with a line in `notes` saying why."""
     if model is None:
         return None
     geometry: dict[str, Any] = {"class": type(model).__name__}
     config = getattr(model, "config", None)
     if config is not None:
-        config = getattr(config, "get_text_config", lambda: config)()
-        heads = getattr(config, "num_attention_heads", None)
-        layers = getattr(config, "num_hidden_layers", None)
-        kv_heads = kv_heads_of(lambda name: getattr(config, name, None), heads)
-        decoder = _decoder_attention(config)
+        get = _ConfigReader(_text_config(config))
+        heads = get("num_attention_heads")
+        layers = get("num_hidden_layers")
+        decoder = _decoder_attention(get)
         if decoder is not None:
             layers, heads, kv_heads = decoder
-        hidden = getattr(config, "hidden_size", None)
-        head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
-
-        def get(name: str) -> Any:
-            return getattr(config, name, None)
-
+        reused = _reused_layers(get, layers)
+        shapes = _layer_shapes(get, heads, reused) if decoder is None else None
+        full: KvShape | None = None
+        if shapes is not None:  # the sliding layers' widths as the model's, the full layers' beside them
+            (kv_heads, head_dim), full = shapes
+        else:
+            if decoder is None:
+                kv_heads = kv_heads_of(get, heads)
+            head_dim = get("head_dim")
+        hidden = get("hidden_size")
+        head_dim = head_dim or (hidden // heads if hidden and heads else None)
         geometry.update(
             num_layers=layers,
             num_attention_heads=heads,
             num_kv_heads=cached_kv_heads(get, heads, kv_heads),  # as the cache holds them
             head_dim=head_dim,
             hidden_size=hidden,
-            vocab_size=getattr(config, "vocab_size", None),
+            vocab_size=get("vocab_size"),
             sliding_window=chunk_window(get, get("layer_types")) or get("sliding_window"),
-            model_type=getattr(config, "model_type", None),
+            model_type=get("model_type"),
         )
-        reused = _reused_layers(config, get, layers)
-        kinds = layer_kinds(getattr(config, "layer_types", None), reused)
+        if full is not None:
+            geometry.update(global_kv_heads=full[0], global_head_dim=full[1])
+        kinds = layer_kinds(get("layer_types"), reused)
         if kinds is not None:
             geometry.update(kv_layers=kinds[0], sliding_layers=kinds[1])
         elif reused and isinstance(layers, int):
@@ -172,6 +260,10 @@ def model_geometry(model: Any) -> dict[str, Any] | None:
             # Their KV is the image's, a fixed cost: a token of text costs the other layers only
             own = geometry.get("kv_layers", layers) - len(cross)
             geometry.update(cross_attention_layers=list(cross), kv_layers=own)
+        for name, error in get.unread.items():
+            note = f"model config: {name} could not be read ({error}); its figures are left unknown"
+            if notes is not None and note not in notes:
+                notes.append(note)
     else:
         params = getattr(model, "params", None)
         if params is not None and hasattr(params, "n_layers"):

@@ -346,7 +346,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             if self._weights is not None:
                 self._weights.finish()  # changes no `model.to()` made, storages released since
                 if self._weights.changes:  # the model as it ended (a `.to(torch.bfloat16)`: its dtype)
-                    self._manifest["model"] = model_geometry(self.model)
+                    self._manifest["model"] = model_geometry(self.model, self.notes)
             if exc is not None and self._snapshots is not None and _is_oom(exc):
                 oom_snapshot = self._snapshots.dump("oom.pickle")
         except BaseException as error:

@@ -63,6 +63,7 @@ class RunManifest:
     _trace_error: str | None
     event_count: int
     events_lost: int
+    notes: list[str]
 
     def _initial_manifest(self) -> dict[str, Any]:
         from kvtrace import __version__
@@ -96,7 +97,7 @@ class RunManifest:
             "platform": platform.platform(),
             "pid": os.getpid(),
             "device": device,
-            "model": model_geometry(self.model),
+            "model": model_geometry(self.model, self.notes),
             "clock": {
                 "kind": "unix_ns",
                 "anchor_unix_ns": anchor_ns,

@@ -22,6 +22,7 @@ __all__ = [
     "default_layer_types",
     "derive_family_fields",
     "kv_shared_by_default",
+    "per_layer_overrides",
     "tied_by_default",
     "weights_estimate_note",
     "window_on_by_default",
@@ -121,6 +122,32 @@ def kv_shared_by_default(model_type: str) -> int:
     """`num_kv_shared_layers` of a config that has none: Gemma3nTextConfig's 15 (its last 15 layers reuse
     an earlier layer's K and V); Gemma4TextConfig's 0, as every other family's."""
     return 15 if model_type in ("gemma3n", "gemma3n_text") else 0
+
+
+# Gemma4TextConfig and its unified sibling make their full layers `global_head_dim` wide (512 unless given)
+_GLOBAL_HEAD_DIM = {"gemma4": 512, "gemma4_text": 512, "gemma4_unified": 512, "gemma4_unified_text": 512}
+
+
+def per_layer_overrides(
+    fields: dict[str, Any], model_type: str, layer_types: Any
+) -> dict[int, dict[str, Any]]:
+    """What each layer's config changes of the global one, by layer index: the config's `per_layer_config`
+    (transformers writes it for a heterogeneous config), else Gemma4TextConfig's rule for one that has
+    none, as published configs do: its full layers are `global_head_dim` wide, with
+    `num_global_key_value_heads` KV heads when `attention_k_eq_v` (a K that is also the V) is set."""
+    given = fields.get("per_layer_config")
+    if isinstance(given, dict):
+        return {
+            int(index): dict(overrides)
+            for index, overrides in given.items()
+            if str(index).isdigit() and isinstance(overrides, dict)
+        }
+    if model_type not in _GLOBAL_HEAD_DIM or not isinstance(layer_types, list | tuple):
+        return {}
+    full: dict[str, Any] = {"head_dim": fields.get("global_head_dim", _GLOBAL_HEAD_DIM[model_type])}
+    if fields.get("attention_k_eq_v") and fields.get("num_global_key_value_heads") is not None:
+        full["num_key_value_heads"] = fields["num_global_key_value_heads"]
+    return {i: full for i, kind in enumerate(layer_types) if kind == "full_attention"}
 
 
 def _kinds(slides: list[bool]) -> list[str]:

@@ -92,15 +92,14 @@ class KvSizes:
 
 def kv_per_token(req: PlanRequest) -> tuple[int, int, int]:
     """(packed KV data, quantization scales, full-precision KV) bytes per token, all layers, K and V."""
-    geom = req.geometry
-    k_width, v_width = geom.kv_widths
-    elements = geom.layers_with_kv * (k_width + v_width)
+    widths = req.geometry.layer_kv_widths
+    elements = sum(k + v for k, v in widths)
     data = dtype_bytes_for(req.kv_dtype, elements)
     full = dtype_bytes_for(req.effective_compute_dtype, elements)
     scales = 0
     if req.cache == "quantized" and req.kv_dtype != "fp8":  # fp8's scales are per tensor, not per token
         group = req.quant_group_size
-        groups = geom.layers_with_kv * (math.ceil(k_width / group) + math.ceil(v_width / group))
+        groups = sum(math.ceil(k / group) + math.ceil(v / group) for k, v in widths)
         scales = groups * 2 * dtype_bytes_for(req.effective_compute_dtype, 1)  # scale + zero-point
     return data, scales, full
 
@@ -120,27 +119,33 @@ def cache_layout(req: PlanRequest) -> tuple[int, int, int | None]:
     return layers - windowed, windowed, geom.sliding_window if windowed else None
 
 
-def _slides(req: PlanRequest) -> list[bool]:
-    """For each layer of the cache planned, in order, whether it keeps a window. The config's order where
-    it gives one; otherwise the layers are all alike, or (a geometry built by hand) the full ones come
-    first, the worst order: they copy themselves while the sliding ones still hold the prompt."""
+Layer = tuple[bool, int, int]  # a layer of the cache planned: whether it keeps a window, K and V elements
+
+
+def _layers(req: PlanRequest, batch: int) -> list[Layer]:
+    """Each layer of the cache planned, in order: whether it keeps a window, and its K and V elements per
+    token across the batch (Gemma 4's full layers wider than its sliding ones). The config's order where it
+    gives one; otherwise the layers are all alike, or (a geometry built by hand) the full ones come first,
+    the worst order: they copy themselves while the sliding ones still hold the prompt."""
     whole, windowed, _ = cache_layout(req)
     order = req.geometry.layer_slides
     if whole and windowed and order is not None and len(order) == whole + windowed and sum(order) == windowed:
-        return list(order)
-    return [False] * whole + [True] * windowed
+        slides = list(order)
+    else:
+        slides = [False] * whole + [True] * windowed
+    widths = req.geometry.layer_kv_widths
+    return [(slides_, batch * k, batch * v) for slides_, (k, v) in zip(slides, widths, strict=True)]
 
 
-def _step_peak(slides: list[bool], k: int, v: int, held: int, old: int, new: int) -> int:
+def _step_peak(layers: list[Layer], held: int, old: int, new: int) -> int:
     """Elements of KV live at the worst moment of one decode step of a dynamic cache, in which each full
     layer grows from `held` tokens to one more and each sliding layer's storage goes from `old` tokens to
-    `new`; `k` and `v` are one layer's K and V elements per token. The layers update one after another. A
-    full layer's cat makes its new K, then frees the old one, then the same for V; a sliding layer makes
-    its new K and V before it frees either old one."""
-    live = sum(old if slides_ else held for slides_ in slides) * (k + v)
+    `new`. The layers update one after another. A full layer's cat makes its new K, then frees the old
+    one, then the same for V; a sliding layer makes its new K and V before it frees either old one."""
+    live = sum((old if slides else held) * (k + v) for slides, k, v in layers)
     peak = live
-    for slides_ in slides:
-        if slides_:
+    for slides, k, v in layers:
+        if slides:
             live += new * (k + v)
             peak = max(peak, live)
             live -= old * (k + v)
@@ -161,23 +166,26 @@ def _fp8_scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSize
     kv = batch * written * data + scale_bytes
     prefill = batch * prompt * data + scale_bytes
     old = 0
-    if new >= 2:  # the last step's last layer: its old K and V of written - 1 tokens beside the new ones
-        old = dtype_bytes_for(req.kv_dtype, batch * (written - 1) * sum(req.geometry.kv_widths))
+    if new >= 2:  # the last step: a layer's old K and V of written - 1 tokens beside the new ones, while
+        # the layers after it still lack their newest token (the last layer's, when all are as wide)
+        token = [k + v for _, k, v in _layers(req, batch)]
+        old = max((written - 1) * width - sum(token[i + 1 :]) for i, width in enumerate(token))
+        old = dtype_bytes_for(req.kv_dtype, old)
     return KvSizes(prompt, written, kv, scale_bytes, 0, prefill, kv + old)
 
 
-def _reorder_peak(slides: list[bool], k: int, v: int, held: int, storage: int, view: int) -> int:
+def _reorder_peak(layers: list[Layer], held: int, storage: int, view: int) -> int:
     """Elements of KV live at the worst moment of a beam search's `reorder_cache`, with each full layer
     holding `held` tokens and each sliding layer a view of `view` tokens in a storage of `storage`. The
     layers are reordered one after another, each by `keys.index_select` then `values.index_select`: the
     copy (compact, the view's size) is made while the old storage is live, which is then let go of."""
-    live = sum(storage if slides_ else held for slides_ in slides) * (k + v)
+    live = sum((storage if slides else held) * (k + v) for slides, k, v in layers)
     peak = live
-    for slides_ in slides:
+    for slides, k, v in layers:
         for width in (k, v):
-            live += width * (view if slides_ else held)
+            live += width * (view if slides else held)
             peak = max(peak, live)
-            live -= width * (storage if slides_ else held)
+            live -= width * (storage if slides else held)
     return peak
 
 
@@ -188,9 +196,9 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
         return _fp8_scenario(req, batch, prompt, new)
     data, scales, full_bytes = kv_per_token(req)
     written = prompt + new - 1
-    k_width, v_width = req.geometry.kv_widths
+    layers = _layers(req, batch)
     if req.cache == "quantized":
-        side = batch * max(k_width, v_width)  # elements of one layer's K (or V, the wider) per token
+        side = max(max(k, v) for _, k, v in layers)  # elements of one layer's K (or V, the widest) per token
         residual = residual_tokens(written, req.residual_length, prompt)  # since the last requantization
         cache = quantized_cache_bytes(written, residual, batch * data, batch * scales, batch * full_bytes)
         scale_bytes, residual_bytes, kv = cache.scale_bytes, cache.residual_bytes, cache.total_bytes
@@ -200,16 +208,15 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
             realloc = 2 * dtype_bytes_for(req.effective_compute_dtype, side * (2 * written - 1))
         return KvSizes(prompt, written, kv, scale_bytes, residual_bytes, prefill, kv + realloc)
     whole, windowed, window = cache_layout(req)
-    token = batch * (k_width + v_width)  # elements of one layer's K and V per token
     width = window or 0
     beams = req.beams > 1
     if req.cache != "dynamic":  # allocated whole at the first step, written in place; no cat, no copy
         kept = min(written, width)
-        final = (whole * written + windowed * kept) * token
+        final = sum((kept if slides else written) * (k + v) for slides, k, v in layers)
         kv = dtype_bytes_for(req.kv_dtype, final)
         # but a beam search's reorder copies each layer's whole K (then V) beside it, the widest the worst
-        longest = written if whole else kept
-        peak = kv + (dtype_bytes_for(req.kv_dtype, batch * max(k_width, v_width) * longest) if beams else 0)
+        copy = max((kept if slides else written) * max(k, v) for slides, k, v in layers)
+        peak = kv + (dtype_bytes_for(req.kv_dtype, copy) if beams else 0)
         return KvSizes(prompt, max(written if whole else 0, kept), kv, 0, 0, kv, peak)
 
     def view(tokens: int) -> int:  # what a sliding layer keeps of its storage: its last window - 1 tokens
@@ -218,20 +225,19 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     # A sliding layer's storage: the whole prompt until the first decode step, then its window; a beam
     # search's reorder after every step (the prefill and the last too) copies its view into a compact storage
     kept = view(written) if beams else prompt if new == 1 else min(written, width)
-    final = (whole * written + windowed * kept) * token
-    prefill = (whole + windowed) * prompt * token
+    final = sum((kept if slides else written) * (k + v) for slides, k, v in layers)
+    prefill = sum(prompt * (k + v) for _, k, v in layers)
     peak = prefill
-    slides, k, v = _slides(req), batch * k_width, batch * v_width
     if beams:  # the reorder after the prefill, each layer still holding the prompt
-        peak = max(peak, _reorder_peak(slides, k, v, prompt, prompt, view(prompt)))
+        peak = max(peak, _reorder_peak(layers, prompt, prompt, view(prompt)))
     if new >= 2:  # the first decode step (the prompt let go of) and the last (the longest copies)
-        first = _step_peak(slides, k, v, prompt, view(prompt) if beams else prompt, min(prompt + 1, width))
+        first = _step_peak(layers, prompt, view(prompt) if beams else prompt, min(prompt + 1, width))
         before_last = prompt if new == 2 else min(written - 1, width)  # compact under beams: its view
         before_last = view(written - 1) if beams else before_last
-        last = _step_peak(slides, k, v, written - 1, before_last, min(written, width))
+        last = _step_peak(layers, written - 1, before_last, min(written, width))
         peak = max(peak, first, last)
         if beams:  # and the reorder after the last step
-            peak = max(peak, _reorder_peak(slides, k, v, written, min(written, width), view(written)))
+            peak = max(peak, _reorder_peak(layers, written, min(written, width), view(written)))
     # Tokens held, not storage slots: a sliding layer's view is its last window - 1 tokens, even while its
     # storage is still the prompt or the window its last cat made
     tokens = max(written if whole else 0, min(written, width - 1) if windowed else 0)

@@ -19,6 +19,7 @@ from analyzers.planning.config_defaults import (
     default_layer_types,
     derive_family_fields,
     kv_shared_by_default,
+    per_layer_overrides,
     tied_by_default,
     weights_estimate_note,
     window_on_by_default,
@@ -31,7 +32,9 @@ from kvtrace.geometry import (
     cross_attention_layers,
     kv_heads_of,
     kv_layer_slides,
+    kv_shapes_by_kind,
     kv_shared_layers,
+    split_kv_shapes,
 )
 
 __all__ = [
@@ -117,6 +120,10 @@ class ModelGeometry:
     # KV heads transformers' cache holds when not num_kv_heads (Falcon's new decoder architecture repeats
     # its KV heads for every query head before caching them; vLLM caches num_kv_heads)
     cached_kv_heads: int | None = None
+    # A full (global) layer's own KV heads and head_dim where they differ from the sliding layers' (Gemma 4:
+    # `global_head_dim`, and `num_global_key_value_heads` under `attention_k_eq_v`); None: the same
+    global_kv_heads: int | None = None
+    global_head_dim: int | None = None
     # GPT-2-style blocks (GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J, CodeGen), Llama-style
     # ones laid out otherwise (StableLM, StarCoder2, OLMo, Cohere, MPT...: `gpt_blocks`), and bias flags
     mlp_matrices: int = 3  # gate, up and down (Llama); 2: up and down
@@ -148,6 +155,17 @@ class ModelGeometry:
             return self.mla.kv_lora_rank, self.mla.qk_rope_head_dim
         side = (self.cached_kv_heads or self.num_kv_heads) * self.head_dim
         return side, side
+
+    @property
+    def layer_kv_widths(self) -> list[tuple[int, int]]:
+        """`kv_widths` of each layer holding KV, in the config's order: the full layers at their own width
+        where the model gives them one (Gemma 4), every layer alike otherwise."""
+        if self.global_kv_heads is None and self.global_head_dim is None:
+            return [self.kv_widths] * self.layers_with_kv
+        full = (self.global_kv_heads or self.num_kv_heads) * (self.global_head_dim or self.head_dim)
+        sliding = self.sliding_layers or 0
+        slides = self.layer_slides or [False] * (self.layers_with_kv - sliding) + [True] * sliding
+        return [self.kv_widths if slides_ else (full, full) for slides_ in slides]
 
     @property
     def windowed_layers(self) -> int:
@@ -415,6 +433,22 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     fields.setdefault("num_kv_shared_layers", kv_shared_by_default(model_type))
     reused = kv_shared_layers(fields.get, layers)  # Gemma 3n's and 4's last layers: no KV of their own
     slides = kv_layer_slides(layer_types, reused)
+    overrides = per_layer_overrides(fields, model_type, layer_types)
+    global_kv_heads = global_head_dim = None
+    if overrides:  # layers of their own width (Gemma 4's full ones): the sliding ones' is the model's
+        base = {**fields, "num_key_value_heads": kv_heads, "head_dim": head_dim}
+        kinds = kv_shapes_by_kind(lambda i: {**base, **overrides.get(i, {})}.get, layer_types, heads, reused)
+        shapes = split_kv_shapes(kinds) if kinds else ((kv_heads, head_dim), None)
+        if shapes is None:
+            raise KvtraceError(
+                f"{config_path}: per_layer_config gives layers of one kind different KV widths"
+            )
+        (base_heads, base_dim), full = shapes
+        kv_heads = positive_int("num_key_value_heads", base_heads)
+        head_dim = positive_int("head_dim", base_dim)
+        if full is not None:
+            global_kv_heads = positive_int("num_global_key_value_heads", full[0])
+            global_head_dim = positive_int("global_head_dim", full[1])
     if model_type in ("llama4", "llama4_text"):
         fields.setdefault("attention_chunk_size", LLAMA4_CHUNK)
     chunk = chunk_window(fields.get, layer_types)
@@ -464,6 +498,8 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         mla=_mla(fields, positive_int),
         max_position_embeddings=max_positions(fields, model_type),
         cached_kv_heads=cached_heads if cached_heads != kv_heads else None,
+        global_kv_heads=global_kv_heads,
+        global_head_dim=global_head_dim,
         weights_note=weights_estimate_note(raw, model_type),
         kv_note=kv_note,
         **block,
