@@ -241,11 +241,7 @@ def test_a_run_without_a_trace_counts_each_layers_kv_on_the_device_it_sits_on(tm
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
             do_sample=False, pad_token_id=0, return_dict_in_generate=True,
         )  # fmt: skip
-    manifest = json.loads((run / "manifest.json").read_text())
-    manifest["device"] = {"type": "cuda", "name": "NVIDIA H200", "index": 0, "total_memory_bytes": 141 << 30}
-    (run / "manifest.json").write_text(json.dumps(manifest))
-    weights = [json.loads(line) for line in (run / "weights.jsonl").read_text().splitlines()]
-    (run / "weights.jsonl").write_text("".join(json.dumps({**w, "device": "cuda:0"}) + "\n" for w in weights))
+    weights = weights_on_cuda0(run)
     events = [json.loads(line) for line in (run / "kv_events.jsonl").read_text().splitlines()]
     for event in events:
         if "device" in event:
