@@ -54,6 +54,7 @@ _STEP_COLUMNS = (
     "t_ns",
     "blocks_total",
     "blocks_used",
+    "blocks_used_in_step",
     "blocks_free",
     "blocks_cached",
     "running",
@@ -360,13 +361,16 @@ def _read_steps(file: Path, counted: int | None, num_blocks: int | None) -> Engi
         where = f"{file}: line {i + 1}"
         for name in _STEP_COLUMNS:
             value = _int(row.get(name), where, name, default=0)
+            if name == "blocks_used_in_step" and row.get(name) is None:
+                value = int(columns["blocks_used"][i])  # runs recorded before kvtrace wrote it
             if not (-_I64 if name == "step" else 0) <= value <= _I64:
                 raise KvtraceError(f"{where}: field {name!r} out of range: {value}")
             columns[name][i] = value
-        if num_blocks is not None and columns["blocks_used"][i] > num_blocks:
-            raise KvtraceError(
-                f"{where}: {columns['blocks_used'][i]} blocks used of a pool of {num_blocks}: not a real step"
-            )
+        for name in ("blocks_used", "blocks_used_in_step"):
+            if num_blocks is not None and columns[name][i] > num_blocks:
+                raise KvtraceError(
+                    f"{where}: {columns[name][i]} blocks used of a pool of {num_blocks}: not a real step"
+                )
         ids = row.get("preempted") or []
         if not isinstance(ids, list):
             raise KvtraceError(f"{where}: field 'preempted' must be a list")
@@ -439,7 +443,8 @@ def _counted_steps(folder: Path) -> int | None:
 
 def engine_figures(run: EngineRun) -> EngineFigures:
     info, steps = run.info, run.steps
-    used = steps["blocks_used"]
+    # held while the step ran: after it, requests that finished in it (max_tokens=1 ones all) hold none
+    used = np.maximum(steps["blocks_used"], steps["blocks_used_in_step"])
     peak_i = int(np.argmax(used)) if len(steps) else -1
     preempt_events = [e for e in run.requests if e.event == "preempted"]
     by_request: dict[str, int] = {}

@@ -83,9 +83,12 @@ def _kv_tokens(e: RequestEvent) -> int:
 
 
 def _final_demand(run: EngineRun, block: int) -> dict[str, int]:
-    """Blocks each request needs at its final length: prompt + output - 1 tokens (at least what it held)."""
+    """Blocks each request needs at its final length: prompt + output - 1 tokens (at least what it held).
+    A request whose first event is its end was aborted before it was scheduled: it never needed a block."""
     demand: dict[str, int] = {}
     for e in run.requests:
+        if e.event == "finished" and e.request_id not in demand:
+            continue
         need = max(blocks_for(_kv_tokens(e), block), e.blocks, e.dropped_blocks)
         demand[e.request_id] = max(demand.get(e.request_id, 0), need)
     return demand
@@ -101,6 +104,8 @@ def _recorded_demand(run: EngineRun, block: int) -> tuple[int, int | None]:
         by_step.setdefault(e.step, []).append(e)
     for step in sorted(by_step):
         for e in by_step[step]:
+            if e.event == "finished" and e.request_id not in tokens:
+                continue  # aborted before it was scheduled: it held nothing
             tokens[e.request_id] = max(tokens.get(e.request_id, 0), _kv_tokens(e))
         # a request finishing in this step still held its blocks while the step ran
         total = sum(blocks_for(t, block) for t in tokens.values())

@@ -83,6 +83,7 @@ class EngineHooks:
         self._request_log: fmt.JsonlAppender | None = None
         self._sched_out: Any = None
         self._step_preempted: list[str] = []
+        self._scheduled_free: int | None = None  # the pool's free blocks once this step's were allocated
         self._prefix_evicted = 0
         self._held: dict[str, int] = {}  # request id -> blocks last logged (requests not finished)
         self._objects: dict[str, Any] = {}  # request id -> its Request, kept until "finished" is logged
@@ -160,6 +161,11 @@ class EngineHooks:
         self._sched_out = out
         started = time.thread_time_ns()
         try:
+            # The step's high point: its blocks are allocated now, and a request that finishes in this step
+            # frees its blocks before the step ends (after the step, a max_tokens=1 request held none).
+            free = self._pool.get_num_free_blocks()
+            if self._scheduled_free is None or free < self._scheduled_free:
+                self._scheduled_free = free
             self._log_scheduled(out.num_scheduled_tokens)
         finally:
             self.overhead_ns += time.thread_time_ns() - started
@@ -202,12 +208,14 @@ class EngineHooks:
     def _finish_hook(self, *args: Any, **kwargs: Any) -> Any:
         """`Scheduler.finish_requests`: how vLLM ends requests from outside its own stop checks (an abort:
         `abort_request`, a client gone, a reset; an error). It may run between steps, when no step follows
-        to notice the request gone: log its end now, with the status vLLM just set."""
+        to notice the request gone: log its end now, with the status vLLM just set. vLLM returns only the
+        requests it ended here, so one never scheduled (aborted while it waited) is logged too, holding no
+        blocks: it is a request of the run, and one that did not complete."""
         finished = self._finish(*args, **kwargs)
         started = time.thread_time_ns()
         try:
             for request in finished or ():
-                if getattr(request, "request_id", None) in self._held:
+                if getattr(request, "request_id", None) is not None:
                     self._log_finished(request)
         finally:
             self.overhead_ns += time.thread_time_ns() - started
@@ -215,7 +223,7 @@ class EngineHooks:
 
     def _log_finished(self, request: Any) -> None:
         request_id = request.request_id
-        del self._held[request_id]
+        self._held.pop(request_id, None)
         self._objects.pop(request_id, None)
         self._dropped.pop(request_id, None)
         extra = {}
@@ -241,6 +249,7 @@ class EngineHooks:
         if ranges is not None:
             ranges.push(f"kvtrace/engine step {tracker.step}")
         self._sched_out = None
+        self._scheduled_free = None
         evicted_before = self._prefix_evicted
         try:
             result = step_fn()
@@ -291,6 +300,7 @@ class EngineHooks:
         running, waiting = self._scheduler.get_request_counts()
         total = pool.num_gpu_blocks
         reserved = 1 if getattr(pool, "null_block", None) is not None else 0
+        scheduled_free = free if self._scheduled_free is None else min(free, self._scheduled_free)
         t_ns = rec._clock()
         assert self._steps is not None
         self._steps.append(
@@ -300,6 +310,7 @@ class EngineHooks:
                 "phase": phase,
                 "blocks_total": total,
                 "blocks_used": total - free - reserved,
+                "blocks_used_in_step": total - scheduled_free - reserved,
                 "blocks_free": free,
                 "blocks_cached": cached,
                 "blocks_reserved": reserved,

@@ -49,6 +49,38 @@ def test_figures_of_the_hand_made_run(tmp_path: Path) -> None:
     assert "5 blocks of 4 tokens" in text and "640 B" in text and "preemptions: 1" in text
 
 
+def test_the_peak_is_what_the_requests_held_while_a_step_ran(tmp_path: Path) -> None:
+    # GIVEN max_tokens=1 requests: two of 6 tokens (2 blocks each) in step 1, one in step 2, each freeing
+    # its blocks in the step that used them, so no step ends with a block in use
+    steps = [
+        {**STEPS[0], "blocks_used": 0, "blocks_free": 4, "blocks_used_in_step": 2 * 2},
+        {**STEPS[1], "blocks_used": 0, "blocks_free": 4, "blocks_used_in_step": 2},
+    ]
+    run = read_engine(write_engine_run(tmp_path / "run", steps=steps, requests=[]))
+    assert run is not None
+    # THEN the peak is step 1's 4 blocks (was 0: the steps' ends)
+    assert (engine_figures(run).peak_blocks_used, engine_figures(run).peak_step) == (4, 1)
+    # AND a run recorded before kvtrace wrote `blocks_used_in_step` reads as it did: the steps' ends
+    old = [{k: v for k, v in row.items() if k != "blocks_used_in_step"} for row in steps]
+    run = read_engine(write_engine_run(tmp_path / "old", steps=old, requests=[]))
+    assert run is not None and engine_figures(run).peak_blocks_used == 0
+
+
+def test_a_request_aborted_before_it_was_scheduled_needs_no_block(tmp_path: Path) -> None:
+    # GIVEN the hand-made run and a request C of 12 prompt tokens aborted while it waited: its one event
+    # is its end, holding nothing
+    requests = [*REQUESTS, _req(2, "C", "finished", 0, 0, 12, 0, finish_reason="abort")]
+    run = read_engine(write_engine_run(tmp_path / "run", requests=requests))
+    assert run is not None
+    fig = engine_figures(run)
+    # THEN it is a request of the run, and an aborted one
+    assert (fig.requests, fig.requests_aborted) == (3, 1)
+    # AND the demand is A's and B's alone, as without it (C's 12 tokens would be 3 more blocks)
+    d = diagnose_preemptions(run)
+    assert d.final_demand_blocks == {"A": 3, "B": 3} and d.demand_bound_blocks == 6
+    assert (d.recorded_peak_demand_blocks, d.recorded_peak_demand_step) == (5, 4)
+
+
 def test_preemptions_counted_from_steps_without_a_request_log(tmp_path: Path) -> None:
     run = read_engine(write_engine_run(tmp_path / "run", requests=[]))
     assert run is not None
@@ -159,6 +191,7 @@ def test_cut_last_line_is_dropped(tmp_path: Path) -> None:
         ("engine.json", json.dumps({**ENGINE_JSON, "num_blocks": "many"}), "num_blocks"),
         ("engine_steps.jsonl", '{"step": 1}\nnot json\n{"step": 3}\n', "line 2"),
         ("engine_steps.jsonl", '{"step": 1, "preempted": "B"}\n', "preempted"),
+        ("engine_steps.jsonl", '{"step": 1, "blocks_used_in_step": 9}\n', "9 blocks used of a pool of 5"),
         ("engine_requests.jsonl", '{"request_id": "A", "event": "exploded"}\n', "unknown request event"),
     ],
 )

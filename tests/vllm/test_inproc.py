@@ -267,6 +267,112 @@ def test_a_request_done_in_its_first_step_is_seen(recorded: dict[str, Any], tmp_
     assert all(e["step"] == 1 and e["prompt_tokens"] == 40 for e in events)
 
 
+def _record_with_vllms_pool(
+    llm: Any, core: Any, run_dir: Path, requests: list[Any], params: Any
+) -> list[int]:
+    """Record `llm.generate(requests, params)`, and return the blocks vLLM's own pool had handed out as each
+    step's output reached the scheduler (`Scheduler.update_from_output`, which kvtrace does not hook): all
+    the blocks the step computed with, before finished requests free theirs."""
+    scheduler = core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    update = scheduler.update_from_output
+    held: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        held.append(pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())  # less vLLM's null block
+        return update(*args, **kwargs)
+
+    scheduler.update_from_output = counted
+    try:
+        with kvtrace.record(run_dir, model=llm, profiler=False):
+            llm.generate(requests, params, use_tqdm=False)
+    finally:
+        del scheduler.update_from_output
+    return held
+
+
+@pytest.mark.parametrize(
+    ("count", "prompt", "new_tokens"),
+    [
+        # GIVEN max_tokens=1: each request takes its blocks and frees them in its one step
+        (3, 100, 1),
+        # GIVEN requests whose last step crosses into a third block (40 + 26 - 1 = 65 tokens of KV)
+        (3, 40, 26),
+    ],
+)
+def test_the_peak_counts_blocks_freed_in_the_step_that_used_them(
+    recorded: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    count: int,
+    prompt: int,
+    new_tokens: int,
+) -> None:
+    from kvtrace.cli import main
+    from tests.vllm.workload import prompts, sampling
+
+    llm = recorded["llm"]
+    llm.reset_prefix_cache()
+    run_dir = tmp_path / "run"
+    held = _record_with_vllms_pool(
+        llm, recorded["core"], run_dir, prompts(count, prompt), sampling(new_tokens)
+    )
+    # a request never holds more than cdiv(prompt + output - 1, block) blocks, and holds them in its last
+    # step: the prompts share no prefix, so all three hold theirs at once (3 x 4 = 12 and 3 x 3 = 9 of 15)
+    peak = count * -(-(prompt + new_tokens - 1) // BLOCK_SIZE)
+    assert max(held) == held[-1] == peak <= recorded["num_gpu_blocks"] - 1
+    steps = _jsonl(run_dir / fmt.ENGINE_STEPS)
+    # THEN each step's blocks in use are vLLM's as the step ran; after it, the finished ones freed theirs
+    assert [s["blocks_used_in_step"] for s in steps] == held
+    assert steps[-1]["blocks_used"] == 0
+    # AND the report and the diagnosis say that peak, at the last step (were 0 and 6: the steps' ends)
+    assert main(["report", str(run_dir), "--json", "--no-export", "-q"]) == 0
+    engine = json.loads(capsys.readouterr().out)["engine"]
+    assert (engine["peak_blocks_used"], engine["peak_step"]) == (peak, steps[-1]["step"])
+    assert main(["diagnose", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak_blocks_used"] == peak
+
+
+def test_a_request_aborted_before_it_was_scheduled_is_counted(
+    recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtrace.cli import main
+    from tests.vllm.workload import prompts, sampling
+
+    llm = recorded["llm"]
+    llm.reset_prefix_cache()
+    engine = llm.llm_engine
+
+    def successes() -> float:  # vLLM's count of requests that completed, over all its finish reasons
+        return sum(m.value for m in llm.get_metrics() if m.name == "vllm:request_success")
+
+    success_before = successes()
+    finish_reasons: dict[str, str] = {}  # vLLM's own, from the outputs it returns
+    run_dir = tmp_path / "aborted"
+    with kvtrace.record(run_dir, model=llm, profiler=False):
+        # GIVEN three requests of 40 prompt tokens; the second is aborted before any engine step
+        ids = [engine.add_request(f"w{i}", prompt, sampling(4)) for i, prompt in enumerate(prompts(3, 40))]
+        engine.abort_request(["w1"])
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    finish_reasons[output.request_id] = output.outputs[0].finish_reason
+    completed = successes() - success_before
+    assert completed == 2 and finish_reasons == {"w0": "length", "w2": "length"}
+    events = _jsonl(run_dir / fmt.ENGINE_REQUESTS)
+    # THEN its one line is its end, holding nothing, with vLLM's finish reason (it had no line)
+    assert [
+        (e["event"], e["blocks"], e.get("finish_reason")) for e in events if e["request_id"] == ids[1]
+    ] == [("finished", 0, "abort")]
+    # AND the report counts it: 3 requests, 1 aborted (were 2 requests, none aborted)
+    assert main(["report", str(run_dir), "--json", "--no-export", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)["engine"]
+    assert report["requests"] == len(ids) == 3
+    assert (report["finish_reasons"], report["requests_aborted"]) == ({"length": completed, "abort": 1}, 1)
+    assert main(["report", str(run_dir), "--no-export", "-q"]) == 0
+    assert "3 requests (2 completed, 1 aborted)" in capsys.readouterr().out
+
+
 def test_an_aborted_request_is_logged_as_aborted(
     recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
