@@ -36,7 +36,9 @@ _WEIGHED_EXACTLY = frozenset(
         "deepseek_v2", "deepseek_v3", "phi3", "gemma", "gpt2", "gpt_bigcode", "falcon", "opt", "gpt_neox",
         "bloom", "phi", "llama4_text", "llama4", "gptj", "codegen", "stablelm", "starcoder2", "olmo", "olmo2",
         "olmo3", "olmoe", "cohere", "cohere2", "granite", "granitemoe", "phimoe", "mpt", "nemotron", "arcee",
-        "apertus", "persimmon", "granitemoeshared", "gpt_oss", "gpt_neo", "jetmoe",
+        "apertus", "persimmon", "granitemoeshared", "gpt_oss", "gpt_neo", "jetmoe", "gemma3n", "gemma3n_text",
+        "gemma4", "gemma4_text", "ctrl", "biogpt", "xglm", "exaone4", "seed_oss", "helium", "bitnet",
+        "diffllama",
     }
 )  # fmt: skip
 

@@ -1,20 +1,23 @@
-"""The GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J, CodeGen and
-GPT-Neo, the Llama-style blocks that differ from a Llama's (StableLM, StarCoder2, OLMo, OLMo 2 and 3, OLMoE,
-Cohere, PhiMoE, MPT, Nemotron, Arcee, Apertus, Persimmon, GPT-OSS, JetMoE), and the bias flags of
-Llama-style ones, as their config.json describes them.
+"""The GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J, CodeGen, GPT-Neo,
+CTRL, BioGPT and XGLM, the Llama-style blocks that differ from a Llama's (StableLM, StarCoder2, OLMo, OLMo
+2 and 3, OLMoE, Cohere, PhiMoE, MPT, Nemotron, Arcee, Apertus, Persimmon, GPT-OSS, JetMoE, EXAONE 4,
+Seed-OSS, Helium, BitNet, DiffLlama), and the bias flags of Llama-style ones, as their config.json
+describes them.
 
-Their parameters differ from a Llama's in ways a Llama-style count misses: an up/down MLP without a gate
-(two matrices, not three: the GPT-2 families, StarCoder2, MPT, Nemotron, Arcee, Apertus, Persimmon), biases
-on the projections (GPT-Neo's output projection alone; GPT-OSS's experts and router too), LayerNorms with
-a bias beside each weight, learned position tables (OPT's two rows longer: its positions start at 2),
-OPT's embeddings narrower than its layers, projected in and out, Bloom's LayerNorm of the embeddings, one
-norm per layer where attention and MLP run side by side (Phi, GPT-J, CodeGen, Cohere, StableLM's parallel
-residual), OLMo's norms without weights, norms of q and k (Phi's LayerNorms of head_dim; a weight per head
-in StableLM, OLMo 2 and Cohere), an lm_head's bias (Phi, GPT-J, CodeGen, PhiMoE's when asked), GPT-OSS's
-attention sinks, Apertus' learned activation and JetMoE's attention experts. Llama-style
-families keep their layout, but some take biases from the config: `attention_bias` (Llama, Qwen3, Gemma,
-OLMo, Cohere, Granite: q, k, v and output projections; DeepSeek: its latent ones) and `mlp_bias` (Llama,
-DeepSeek-V2, Granite: every MLP matrix). The rules are transformers 5.24's
+Their parameters differ from a Llama's in ways a Llama-style count misses: an up/down MLP without a gate (two
+matrices, not three: the GPT-2 families, StarCoder2, MPT, Nemotron, Arcee, Apertus, Persimmon), biases on the
+projections (GPT-Neo's output projection alone; GPT-OSS's experts and router too), LayerNorms with a bias
+beside each weight, learned position tables (OPT's and BioGPT's two rows longer: their positions start at 2;
+CTRL's and XGLM's are sinusoidal, no weights), OPT's embeddings narrower than its layers, projected in and
+out, Bloom's LayerNorm of the embeddings, one norm per layer where attention and MLP run side by side (Phi,
+GPT-J, CodeGen, Cohere, StableLM's parallel residual), OLMo's norms without weights, norms of q and k (Phi's
+LayerNorms of head_dim; a weight per head in StableLM, OLMo 2 and Cohere), an lm_head's bias (Phi, GPT-J,
+CodeGen, CTRL, PhiMoE's when asked), GPT-OSS's attention sinks, Apertus' learned activation, JetMoE's
+attention experts, BitNet's norms of the attention's output and of the MLP's intermediate units, and
+DiffLlama's four lambda vectors of head_dim. Llama-style families keep their layout, but some take biases from
+the config: `attention_bias` (Llama, Qwen3, Gemma, OLMo, Cohere, Granite, Gemma 3n and 4: q, k, v and output
+projections; DeepSeek: its latent ones) and `mlp_bias` (Llama, DeepSeek-V2, Granite: every MLP matrix);
+Seed-OSS's and Helium's `attention_bias` is on q, k and v alone. The rules are transformers 5.24's
 (`models/<family>/modeling_<family>.py`); a key a config leaves out is its config class's default.
 """
 
@@ -28,14 +31,18 @@ from kvtrace.errors import KvtraceError
 __all__ = ["GPT_FAMILIES", "gpt_block_fields"]
 
 GPT_FAMILIES = frozenset(
-    {"gpt2", "gpt_bigcode", "falcon", "opt", "gpt_neox", "bloom", "phi", "gptj", "codegen", "gpt_neo"}
-)
+    {
+        "gpt2", "gpt_bigcode", "falcon", "opt", "gpt_neox", "bloom", "phi", "gptj", "codegen", "gpt_neo",
+        "ctrl", "biogpt", "xglm",
+    }
+)  # fmt: skip
 # Llama-style families whose config class has `attention_bias` or `mlp_bias` (default False), and uses it
 _ATTENTION_BIAS_FLAG = frozenset(
     {
         "llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "gemma3_text", "deepseek_v2",
         "deepseek_v3", "olmo", "olmo2", "olmo3", "olmoe", "cohere", "cohere2", "granite", "granitemoe",
-        "granitemoeshared", "phimoe", "nemotron", "arcee", "apertus",
+        "granitemoeshared", "phimoe", "nemotron", "arcee", "apertus", "gemma3n", "gemma3n_text", "gemma4",
+        "gemma4_text", "bitnet", "diffllama",
     }
 )  # fmt: skip
 _MLP_BIAS_FLAG = frozenset({"llama", "deepseek_v2", "granite", "nemotron", "arcee"})
@@ -47,10 +54,12 @@ _POSITIONS_KEYS = {
     "gpt_bigcode": ("n_positions", "max_position_embeddings"),
     "opt": ("max_position_embeddings",),
     "gpt_neo": ("max_position_embeddings",),
+    "biogpt": ("max_position_embeddings",),
 }
 # The config classes' defaults
-_DEFAULT_POSITIONS = {"gpt2": 1024, "gpt_bigcode": 1024, "opt": 2048, "gpt_neo": 2048}
-_OPT_POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding: max_position_embeddings + 2 rows
+_DEFAULT_POSITIONS = {"gpt2": 1024, "gpt_bigcode": 1024, "opt": 2048, "gpt_neo": 2048, "biogpt": 1024}
+# OPTLearnedPositionalEmbedding and BioGptLearnedPositionalEmbedding: max_position_embeddings + 2 rows
+_OPT_POSITION_OFFSET = 2
 
 
 def gpt_block_fields(
@@ -83,6 +92,10 @@ def gpt_block_fields(
         return {**block, "layer_norms": 1, "qk_norm": bool(get("qk_layernorm", False)), "lm_head_bias": True}
     if model_type in ("gptj", "codegen"):  # Phi's shape: one norm, q, k, v (fused in CodeGen) unbiased
         return {**block, "layer_norms": 1, "attention_bias": False, "lm_head_bias": True}
+    if model_type == "ctrl":  # sinusoidal positions (a buffer, not weights), a biased lm_head
+        return {**block, "lm_head_bias": True}
+    if model_type == "xglm":  # sinusoidal positions too
+        return block
     if model_type == "gpt_neo":  # q, k and v unbiased, the output projection biased
         block.update(attention_bias=False, output_bias=True)
     if model_type == "falcon":
@@ -107,14 +120,14 @@ def gpt_block_fields(
         if width is not None and positive_int("word_embed_proj_dim", width) != hidden:
             block["embedding_size"] = width
         return block
-    block["position_embeddings"] = positions
+    block["position_embeddings"] = positions + (_OPT_POSITION_OFFSET if model_type == "biogpt" else 0)
     return block
 
 
 def _llama_style_fields(get: Callable[[str, Any], Any], model_type: str) -> dict[str, Any]:
     """The fields in which a Llama-style `model_type` config's blocks differ from a Llama's: its bias flags,
     and the layouts of StableLM, StarCoder2, OLMo, OLMo 2 and 3, OLMoE, Cohere, PhiMoE, MPT, Nemotron, Arcee,
-    Apertus, Persimmon, GPT-OSS and JetMoE."""
+    Apertus, Persimmon, GPT-OSS, JetMoE, EXAONE 4, Seed-OSS, Helium, BitNet and DiffLlama."""
     block: dict[str, Any] = {}
     if model_type in _ATTENTION_BIAS_FLAG and get("attention_bias", False):
         block["attention_bias"] = True
@@ -153,4 +166,15 @@ def _llama_style_fields(get: Callable[[str, Any], Any], model_type: str) -> dict
         block.update(attention_bias=bool(get("attention_bias", True)), attention_sinks=True, expert_bias=True)
     elif model_type == "jetmoe":  # a mixture of attention experts, a bias on the MoE's output
         block.update(attention_experts=get("num_local_experts", 0), moe_output_bias=True)
+    elif model_type == "exaone4":  # q and k RMSNorms of head_dim
+        block["qk_norm"] = True
+    elif model_type == "seed_oss":  # q, k and v biased by default, the output when asked
+        block.update(qkv_bias=bool(get("attention_bias", True)), mlp_bias=bool(get("mlp_bias", False)))
+        block["output_bias"] = bool(get("attention_out_bias", False))
+    elif model_type == "helium":  # `attention_bias` on q, k and v only
+        block.update(qkv_bias=bool(get("attention_bias", False)), mlp_bias=bool(get("mlp_bias", False)))
+    elif model_type == "bitnet":  # a norm of the attention's output and one of the MLP's intermediate units
+        block.update(layer_norms=3, mlp_norm=True)
+    elif model_type == "diffllama":  # four learned lambda vectors of head_dim per layer
+        block["head_dim_vectors"] = 4
     return block

@@ -24,6 +24,7 @@ from analyzers.planning.config_defaults import (
     weights_estimate_note,
     window_on_by_default,
 )
+from analyzers.planning.gemma_layers import LayerShape, gemma_layer_fields
 from analyzers.planning.gpt_blocks import gpt_block_fields
 from kvtrace.errors import KvtraceError, too_long_integer
 from kvtrace.geometry import (
@@ -109,6 +110,8 @@ class ModelGeometry:
     attention_experts: int = 0
     attention_sinks: bool = False  # GPT-OSS: a learned sink logit per attention head
     activation_params: int = 0  # learned parameters of each MLP's activation (Apertus' xIELU: 2)
+    mlp_norm: bool = False  # BitNet: an RMSNorm of each MLP's intermediate units
+    head_dim_vectors: int = 0  # learned head_dim vectors in each layer's attention (DiffLlama's lambdas: 4)
     qkv_bias: bool = False  # Qwen2's q/k/v projections carry biases
     qk_norm: bool = False  # q and k normed per head (head_dim): Qwen3, Gemma 3 (RMSNorm), Phi (LayerNorm)
     # ... with a weight for each head (StableLM, OLMo 2, Cohere): q's norm holds num_attention_heads x
@@ -135,6 +138,15 @@ class ModelGeometry:
     position_embeddings: int = 0  # rows of a learned position table (GPT-2's n_positions; OPT's + 2)
     embedding_size: int | None = None  # OPT's word_embed_proj_dim: embeddings this wide, projected in/out
     embedding_norm: bool = False  # Bloom's norm of the embeddings, before the first layer
+    # Gemma 3n and 4 (`gemma_layers`): each layer's attention and MLP widths, where layers differ (None:
+    # every layer as the fields above say); their per-layer inputs (PLE) of this width from a table of this
+    # many rows; Gemma 3n's AltUp streams and LAuReL rank; Gemma 4's experts beside each dense MLP
+    layer_shapes: tuple[LayerShape, ...] | None = None
+    per_layer_input_size: int = 0
+    per_layer_input_vocab: int = 0
+    altup_inputs: int = 0
+    laurel_rank: int = 0
+    moe_beside_mlp: bool = False
     lm_head_bias: bool = False  # Phi's lm_head has a bias (its own, even when the weight is tied)
     # The longest context the model takes, as vLLM derives its limit on max_model_len from the config: the
     # smallest of max_position_embeddings and its other names (n_positions, max_seq_len, seq_length, ...;
@@ -237,7 +249,8 @@ def dtype_bytes_for(dtype: str, elements: int) -> int:
     return math.ceil(elements * bits / 8)
 
 
-def _attention_params(geom: ModelGeometry) -> int:
+def _attention_params(geom: ModelGeometry, layer: LayerShape | None = None) -> int:
+    """One layer's attention: `layer`'s own widths and projections where layers differ (Gemma 3n, 4)."""
     hidden, heads = geom.hidden_size, geom.num_attention_heads
     mla = geom.mla
     if mla is not None:
@@ -252,28 +265,32 @@ def _attention_params(geom: ModelGeometry) -> int:
         if geom.attention_bias:  # the down-projections' (q and latent) and the output's
             bias = (mla.q_lora_rank or 0) + mla.kv_lora_rank + mla.qk_rope_head_dim + hidden
         return query + latent + up + heads * mla.v_head_dim * hidden + bias
-    q_width = heads * geom.head_dim
-    kv_width = geom.num_kv_heads * geom.head_dim
+    head_dim = geom.head_dim if layer is None else layer.head_dim
+    q_width = heads * head_dim
+    kv_width = (geom.num_kv_heads if layer is None else layer.kv_heads) * head_dim
+    kv_projections = 2 if layer is None else layer.own_kv + layer.own_v  # a layer reusing K and V has none
     if geom.attention_experts:  # each expert's q and output projections, router row and output bias
         return geom.attention_experts * (2 * hidden * kv_width + hidden) + hidden + 2 * hidden * kv_width
-    params = 2 * hidden * q_width + 2 * hidden * kv_width
+    params = 2 * hidden * q_width + kv_projections * hidden * kv_width
     if geom.qkv_bias or geom.attention_bias:
-        params += q_width + 2 * kv_width
+        params += q_width + kv_projections * kv_width
     if geom.attention_bias or geom.output_bias:  # the output projection's
         params += hidden
     if geom.attention_sinks:
         params += heads
+    params += geom.head_dim_vectors * head_dim
     if geom.qk_norm_per_head:
         params += q_width + kv_width
-    elif geom.qk_norm:  # Phi's are LayerNorms: a bias beside each weight
-        params += 2 * geom.head_dim * (2 if geom.norm_bias else 1)
+    elif geom.qk_norm:  # Phi's are LayerNorms: a bias beside each weight; no k norm without a k projection
+        normed = 1 if layer is not None and not layer.own_kv else 2
+        params += normed * head_dim * (2 if geom.norm_bias else 1)
     return params
 
 
 def _mlp_params(geom: ModelGeometry, intermediate: int, matrices: int) -> int:
-    """One MLP of `intermediate` units: its matrices and, with `mlp_bias`, a bias on each."""
+    """One MLP of `intermediate` units: its matrices, with `mlp_bias` a bias on each, BitNet's norm."""
     bias = (matrices - 1) * intermediate + geom.hidden_size if geom.mlp_bias else 0
-    return matrices * geom.hidden_size * intermediate + bias
+    return matrices * geom.hidden_size * intermediate + bias + (intermediate if geom.mlp_norm else 0)
 
 
 def _moe_mlp_params(geom: ModelGeometry) -> int:
@@ -283,13 +300,32 @@ def _moe_mlp_params(geom: ModelGeometry) -> int:
         routed += geom.experts * (2 * geom.expert_intermediate_size + hidden + 1)
     shared = _mlp_params(geom, geom.shared_intermediate_size, 3) if geom.shared_intermediate_size else 0
     gates_and_biases = (hidden if geom.shared_expert_gate else 0) + (hidden if geom.moe_output_bias else 0)
+    if geom.moe_beside_mlp:  # Gemma 4's router scales each unit and each expert; 3 norms of its branch
+        gates_and_biases += hidden + geom.experts + 3 * hidden
     return routed + shared + gates_and_biases
+
+
+def _gemma_parts_params(geom: ModelGeometry) -> int:
+    """Gemma 3n's and 4's per-layer inputs (PLE), and Gemma 3n's AltUp and LAuReL (`gemma_layers`)."""
+    hidden, layers, ple = geom.hidden_size, geom.num_layers, geom.per_layer_input_size
+    streams = geom.altup_inputs
+    params = 0
+    if ple:  # the table, the projection into it and its norm; per layer a gate, a projection and a norm
+        params += geom.per_layer_input_vocab * layers * ple + hidden * layers * ple + ple
+        params += layers * (2 * hidden * ple + hidden)
+    if streams:  # per layer: output scale, correction, prediction, router and its norm; projections in, out
+        params += layers * (2 * hidden + streams**2 + streams**3 + hidden * streams)
+        params += 2 * (streams - 1) * hidden * hidden
+    if geom.laurel_rank:  # per layer: two low-rank matrices and a norm
+        params += layers * (2 * hidden * geom.laurel_rank + hidden)
+    return params
 
 
 def param_count(geom: ModelGeometry) -> int:
     """Exact parameter count of a Llama-style model, its mixture-of-experts and latent-attention variants,
     the GPT-2-style blocks of GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J and CodeGen, and
-    the Llama-style ones laid out otherwise (`gpt_blocks`: StableLM, StarCoder2, OLMo, Cohere, MPT...).
+    the Llama-style ones laid out otherwise (`gpt_blocks`: StableLM, StarCoder2, OLMo, Cohere, MPT...), and
+    Gemma 3n's and 4's layers, each of its own widths (`gemma_layers`).
 
     Counted: token embeddings (and OPT's projections in and out of narrower ones, Bloom's norm of them) and
     a learned position table; per layer the attention projections (with biases: Qwen2's on q/k/v, the
@@ -298,16 +334,22 @@ def param_count(geom: ModelGeometry) -> int:
     StarCoder2 and MPT; with `mlp_bias`, biases) or, on MoE layers, every expert, the router and the shared
     experts, and the norms (two RMSNorm weight vectors; four in Gemma 2 and 3, one in Phi, none in OLMo;
     LayerNorms also have a bias); GPT-OSS's attention sinks and biased experts, JetMoE's attention experts,
-    Apertus' learned activation; the final norm; and the lm_head unless it shares the embedding matrix
-    (Phi's and GPT-J's bias counted either way).
+    Apertus' learned activation, BitNet's and DiffLlama's extra norms and vectors; Gemma 3n's and 4's
+    per-layer inputs, AltUp and LAuReL; the final norm; and the lm_head unless it shares the embedding
+    matrix (Phi's and GPT-J's bias counted either way).
     """
     hidden = geom.hidden_size
-    dense_layers = geom.num_layers - geom.moe_layers
-    dense_mlp = _mlp_params(geom, geom.intermediate_size, geom.mlp_matrices)
-    mlp = dense_layers * dense_mlp + geom.moe_layers * _moe_mlp_params(geom)
-    mlp += geom.num_layers * geom.activation_params
+    shapes = geom.layer_shapes
+    if shapes is None:
+        attention = geom.num_layers * _attention_params(geom)
+        dense_layers = geom.num_layers - geom.moe_layers
+        dense = dense_layers * _mlp_params(geom, geom.intermediate_size, geom.mlp_matrices)
+    else:  # layers of their own widths (Gemma 3n, 4), each with a dense MLP (Gemma 4's experts beside it)
+        attention = sum(_attention_params(geom, layer) for layer in shapes)
+        dense = sum(_mlp_params(geom, layer.intermediate_size, geom.mlp_matrices) for layer in shapes)
+    mlp = dense + geom.moe_layers * _moe_mlp_params(geom) + geom.num_layers * geom.activation_params
     norm = 2 * hidden if geom.norm_bias else hidden
-    per_layer = _attention_params(geom) + geom.layer_norms * norm
+    per_layer = geom.layer_norms * norm
     width = geom.embedding_size or hidden
     embeddings = geom.vocab_size * width + geom.position_embeddings * hidden
     if width != hidden:  # OPT's project_in and project_out
@@ -318,7 +360,8 @@ def param_count(geom: ModelGeometry) -> int:
     if geom.lm_head_bias:
         lm_head += geom.vocab_size
     final_norm = norm if geom.final_norm else 0
-    return embeddings + geom.num_layers * per_layer + mlp + final_norm + lm_head
+    layers = attention + geom.num_layers * per_layer + mlp + _gemma_parts_params(geom)
+    return embeddings + layers + final_norm + lm_head
 
 
 def weights_bytes(geom: ModelGeometry, dtype: str) -> int:
@@ -331,13 +374,14 @@ def weights_bytes(geom: ModelGeometry, dtype: str) -> int:
 
 
 # Other names of the required fields, as transformers maps them (GPT-2 / GPT-BigCode, GPT-J, Falcon, OPT,
-# Bloom, MPT, T5-style).
+# Bloom, MPT, XGLM, CTRL, T5-style).
 _ALIASES: dict[str, tuple[str, ...]] = {
     "num_hidden_layers": ("n_layer", "num_layers", "n_layers"),  # n_layers, n_heads: MPT's
-    "num_attention_heads": ("n_head", "num_heads", "n_heads"),
+    "num_attention_heads": ("n_head", "num_heads", "n_heads", "attention_heads"),  # XGLM's attention_heads
     "hidden_size": ("n_embd", "n_embed", "d_model"),  # n_embed: Bloom's
-    "intermediate_size": ("n_inner", "ffn_hidden_size", "d_ff", "ffn_dim"),  # ffn_dim: OPT's
+    "intermediate_size": ("n_inner", "ffn_hidden_size", "d_ff", "ffn_dim", "dff"),  # OPT's, XGLM's; CTRL's
 }
+_QK_NORMED = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")  # q and k RMSNorms of head_dim (and Gemma 3n, 4)
 _FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
 _REQUIRED_FIELDS = (
     "num_hidden_layers",
@@ -390,8 +434,10 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         fields["intermediate_size"] = 4 * fields["hidden_size"]
 
     sizes = fields.get("intermediate_size")
+    mlp_widths = None
     if isinstance(sizes, list) and sizes and all(type(n) is int for n in sizes):
-        # Gemma 3n lists one per layer: the weights count their mean (the MLP is linear in it), an estimate
+        # Gemma 3n lists one per layer (`gemma_layers` weighs each); the geometry's one figure is their mean
+        mlp_widths = sizes
         fields["intermediate_size"] = sum(sizes) // len(sizes)
     missing = [name for name in _REQUIRED_FIELDS if fields.get(name) is None]
     if missing:
@@ -434,10 +480,13 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     reused = kv_shared_layers(fields.get, layers)  # Gemma 3n's and 4's last layers: no KV of their own
     slides = kv_layer_slides(layer_types, reused)
     overrides = per_layer_overrides(fields, model_type, layer_types)
+    read = {**fields, "num_key_value_heads": kv_heads, "head_dim": head_dim}  # each layer's, before overrides
+    gemma = gemma_layer_fields(
+        read, model_type, layer_types, overrides, reused, mlp_widths, positive_int, str(config_path)
+    )
     global_kv_heads = global_head_dim = None
     if overrides:  # layers of their own width (Gemma 4's full ones): the sliding ones' is the model's
-        base = {**fields, "num_key_value_heads": kv_heads, "head_dim": head_dim}
-        kinds = kv_shapes_by_kind(lambda i: {**base, **overrides.get(i, {})}.get, layer_types, heads, reused)
+        kinds = kv_shapes_by_kind(lambda i: {**read, **overrides.get(i, {})}.get, layer_types, heads, reused)
         shapes = split_kv_shapes(kinds) if kinds else ((kv_heads, head_dim), None)
         if shapes is None:
             raise KvtraceError(
@@ -467,9 +516,11 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
             f"tokens, written once per image), a fixed cost not counted here: the KV per token is the "
             f"{kv_layers:,} self-attention layers'"
         )
-    gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text")
+    gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text") or bool(gemma)
     if model_type in ("llama4", "llama4_text"):
         experts = _llama4_experts(fields, layers, positive_int)
+    elif gemma:  # Gemma 4's experts, only under enable_moe_block: `gemma_layers`
+        experts = {}
     else:
         experts = _experts(fields, layers, positive_int)
     dense_size = experts.pop("intermediate_size", None)  # the dense layers' MLP, when not intermediate_size
@@ -493,7 +544,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
             "qkv_bias",
             model_type == "qwen2" or (model_type == "qwen2_moe" and bool(fields.get("qkv_bias", True))),
         ),
-        qk_norm=block.pop("qk_norm", model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")),
+        qk_norm=block.pop("qk_norm", model_type in _QK_NORMED or bool(gemma)),
         layer_norms=block.pop("layer_norms", 4 if gemma_norms else 2),
         mla=_mla(fields, positive_int),
         max_position_embeddings=max_positions(fields, model_type),
@@ -503,6 +554,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         weights_note=weights_estimate_note(raw, model_type),
         kv_note=kv_note,
         **block,
+        **gemma,
     )
 
 

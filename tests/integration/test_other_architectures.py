@@ -675,8 +675,8 @@ def test_plan_weighs_a_published_config_as_transformers_builds_it(
 def test_plan_says_its_weights_are_an_estimate_for_a_family_it_does_not_lay_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN BioGPT (LayerNorms, biases, learned positions), a layout the planner does not model
-    config = transformers.BioGptConfig(**_MHA)
+    # GIVEN GPT-1 (norms after the blocks, biases, learned positions), a layout the planner does not model
+    config = transformers.OpenAIGPTConfig(**_GPT2)
     config.save_pretrained(tmp_path / "config")
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -686,7 +686,7 @@ def test_plan_says_its_weights_are_an_estimate_for_a_family_it_does_not_lay_out(
     planned = json.loads(capsys.readouterr().out)
     # THEN its weights, weighed as a Llama's, are not the model's, and the plan says they are an estimate
     assert planned["weights_bytes"] != true_bytes
-    assert any("'biogpt' is weighed as a Llama-style decoder" in note for note in planned["notes"])
+    assert any("'openai-gpt' is weighed as a Llama-style decoder" in note for note in planned["notes"])
 
 
 def test_plan_ties_the_lm_head_when_the_familys_config_class_does() -> None:
@@ -752,6 +752,17 @@ _LLAMA = {
 }  # fmt: skip
 _MHA = {k: v for k, v in _LLAMA.items() if k != "num_key_value_heads"}  # GPT-NeoX has no GQA
 _LLAMA4 = {**_LLAMA, "num_hidden_layers": 4, "head_dim": 16, "intermediate_size_mlp": 96}
+# Gemma 3n and 4: 6 layers, every other one full, head_dim 16, per-layer inputs (PLE) of 8 from 128 rows
+_GEMMA = {
+    **_LLAMA, "num_hidden_layers": 6, "head_dim": 16, "hidden_size_per_layer_input": 8,
+    "vocab_size_per_layer_input": 128, "layer_types": ["sliding_attention", "full_attention"] * 3,
+}  # fmt: skip
+_GEMMA4 = {**_GEMMA, "global_head_dim": 32}  # its full layers twice as wide
+_CTRL = {"n_embd": 64, "n_layer": 2, "n_head": 4, "dff": 160, "vocab_size": 256, "n_positions": 96}
+_XGLM = {
+    "d_model": 64, "num_layers": 2, "attention_heads": 4, "ffn_dim": 160, "vocab_size": 256,
+    "max_position_embeddings": 96,
+}  # fmt: skip
 _BLOOM_SHAPE = {"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256}
 _MPT = {"d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 256, "max_seq_len": 96}
 # GPT-Neo: global and local layers (the local ones attend to the last window_size tokens)
@@ -863,6 +874,44 @@ _LATENT = {
         transformers.GPTNeoConfig(**_GPT_NEO, intermediate_size=96, tie_word_embeddings=False),
         # JetMoE: attention experts of kv_channels-wide heads, a shared K-V projection, MoE with a bias
         transformers.JetMoeConfig(**_LLAMA, num_local_experts=4, kv_channels=24),
+        # Gemma 4: full layers global_head_dim wide, without a v projection under attention_k_eq_v; the
+        # KV-sharing layers without k and v projections (their MLP twice as wide when asked); per-layer
+        # inputs; experts beside each dense MLP
+        transformers.Gemma4TextConfig(**_GEMMA4),
+        transformers.Gemma4TextConfig(**_GEMMA4, attention_k_eq_v=True, num_global_key_value_heads=1),
+        transformers.Gemma4TextConfig(
+            **{**_GEMMA4, "hidden_size_per_layer_input": 0}, num_kv_shared_layers=2, use_double_wide_mlp=True,
+            attention_k_eq_v=True,
+        ),
+        transformers.Gemma4TextConfig(
+            **_GEMMA4, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+            attention_bias=True,
+        ),
+        # Gemma 3n: per-layer MLP widths and inputs, AltUp, LAuReL, KV-sharing layers
+        transformers.Gemma3nTextConfig(
+            **{**_GEMMA, "intermediate_size": [160, 96, 128, 160, 96, 64]}, num_kv_shared_layers=2,
+            altup_num_inputs=3, laurel_rank=8,
+        ),
+        transformers.Gemma3nTextConfig(
+            **{**_GEMMA, "intermediate_size": 96}, attention_bias=True, num_kv_shared_layers=0
+        ),
+        # CTRL (its own dff), XGLM (its attention_heads): sinusoidal positions; BioGPT's learned ones 2 rows
+        # longer; biases and LayerNorms everywhere, CTRL's lm_head biased too
+        transformers.CTRLConfig(**_CTRL),
+        transformers.CTRLConfig(**_CTRL, tie_word_embeddings=False),
+        transformers.BioGptConfig(**_MHA, max_position_embeddings=96),
+        transformers.BioGptConfig(**_MHA, tie_word_embeddings=False),
+        transformers.XGLMConfig(**_XGLM),
+        # EXAONE 4: q and k norms; Seed-OSS and Helium: attention_bias on q, k and v alone; BitNet: norms of
+        # the attention's output and the MLP's intermediate units; DiffLlama: four lambdas of head_dim a layer
+        transformers.Exaone4Config(**_LLAMA, head_dim=16),
+        transformers.SeedOssConfig(**_LLAMA, head_dim=16),
+        transformers.SeedOssConfig(
+            **_LLAMA, head_dim=16, attention_bias=False, attention_out_bias=True, mlp_bias=True
+        ),
+        transformers.HeliumConfig(**_LLAMA, head_dim=16, attention_bias=True, mlp_bias=True),
+        transformers.BitNetConfig(**_LLAMA, head_dim=16, attention_bias=True),
+        transformers.DiffLlamaConfig(**_LLAMA, head_dim=16, attention_bias=True),
     ],
     ids=[
         "gpt2", "gpt2-untied", "gpt-bigcode-mqa", "gpt-bigcode-mha", "falcon-7b", "falcon-sequential-bias",
@@ -877,7 +926,11 @@ _LATENT = {
         "cohere2", "granite-biases", "granitemoe", "phimoe-biases", "mpt", "nemotron", "nemotron-biases",
         "arcee", "arcee-mlp-bias-tied", "apertus", "apertus-attention-bias-silu", "persimmon",
         "persimmon-no-qk-layernorm", "granitemoeshared", "granitemoeshared-no-shared-attention-bias",
-        "gpt-oss", "gpt-oss-no-attention-bias", "gpt-neo", "gpt-neo-n-inner-untied", "jetmoe",
+        "gpt-oss", "gpt-oss-no-attention-bias", "gpt-neo", "gpt-neo-n-inner-untied", "jetmoe", "gemma4",
+        "gemma4-k-eq-v", "gemma4-kv-shared-double-wide-no-ple", "gemma4-moe-attention-bias", "gemma3n",
+        "gemma3n-attention-bias-defaults", "ctrl", "ctrl-untied", "biogpt", "biogpt-untied", "xglm",
+        "exaone4", "seed-oss", "seed-oss-output-mlp-bias", "helium-biases", "bitnet-attention-bias",
+        "diffllama-attention-bias",
     ],
 )  # fmt: skip
 def test_plan_weighs_each_family_as_transformers_builds_it(
@@ -938,6 +991,31 @@ def test_plan_weighs_a_llama4_checkpoint_config_as_transformers_builds_it(
     ]
 
 
+def test_plan_weighs_a_gemma4_checkpoint_configs_language_model_as_transformers_builds_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN Gemma 4's top-level config (a vision tower beside the language model), its full layers 32 wide
+    # with one KV head that is also their V, its last 2 layers reusing earlier K and V
+    text = {**_GEMMA4, "attention_k_eq_v": True, "num_global_key_value_heads": 1, "num_kv_shared_layers": 2}
+    vision = transformers.Gemma4VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16
+    )
+    config = transformers.Gemma4Config(text_config=text, vision_config=vision.to_dict())
+    config.save_pretrained(tmp_path / "config")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    # WHEN it is planned in bf16
+    assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN the weights are its language model's parameters at 2 B each (the lm_head is tied to them)
+    assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.model.language_model.parameters())
+    # ... and the only note on them is the vision tower's, which the figure leaves out
+    assert [note for note in planned["notes"] if note.startswith("weights:")] == [
+        "weights: the language model's only; its vision_config tower is not counted, so the weights figure "
+        "is below the checkpoint's"
+    ]
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -947,8 +1025,11 @@ def test_plan_weighs_a_llama4_checkpoint_config_as_transformers_builds_it(
         transformers.GPTJConfig(**_GPT2, rotary_dim=8),
         transformers.MptConfig(**_MPT),
         transformers.GPTNeoConfig(**_GPT_NEO),  # its local layer's window (2) is masked, not cached
+        transformers.CTRLConfig(**_CTRL),
+        transformers.BioGptConfig(**_MHA),
+        transformers.XGLMConfig(**_XGLM),
     ],
-    ids=["gpt-neox", "bloom", "phi-gqa", "gptj", "mpt", "gpt-neo"],
+    ids=["gpt-neox", "bloom", "phi-gqa", "gptj", "mpt", "gpt-neo", "ctrl", "biogpt", "xglm"],
 )
 def test_plan_holds_the_kv_these_families_caches_hold(
     config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
