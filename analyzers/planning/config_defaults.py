@@ -28,7 +28,7 @@ __all__ = [
     "window_on_by_default",
 ]
 
-# The families whose weights `presets.param_count` counts as transformers builds them (tests check each
+# The families whose weights `param_count.param_count` counts as transformers builds them (tests check each
 # against the model built on the meta device); any other is counted as a Llama-style decoder, an estimate.
 _WEIGHED_EXACTLY = frozenset(
     {

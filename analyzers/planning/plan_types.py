@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from analyzers.planning.presets import DTYPE_BITS, ModelGeometry, weights_bytes
+from analyzers.planning.param_count import weights_bytes
+from analyzers.planning.presets import DTYPE_BITS, ModelGeometry
 from analyzers.planning.quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH
 from kvtrace.errors import KvtraceError
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from analyzers.kv_log import CacheFigures, analyze_kv_log, is_kv_data
 from analyzers.model import normal_device
-from analyzers.planning.presets import ModelGeometry, geometry_from_config
+from analyzers.planning.hf_config import geometry_from_config
+from analyzers.planning.presets import ModelGeometry
 from kvtrace.errors import KvtraceError
 from kvtrace.format import ENGINE, MODEL_CONFIG, Run, read_run
 

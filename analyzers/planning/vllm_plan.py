@@ -34,7 +34,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from analyzers.planning.presets import ModelGeometry, weights_bytes
+from analyzers.planning.param_count import weights_bytes
+from analyzers.planning.presets import ModelGeometry
 from kvtrace.errors import KvtraceError
 
 __all__ = [

@@ -168,8 +168,9 @@ class PlanCommand(Command):
         )
 
     def run(self, args: argparse.Namespace) -> int:
+        from analyzers.planning.hf_config import geometry_from_config
         from analyzers.planning.plan import PlanRequest, format_text, parse_size, plan, to_json
-        from analyzers.planning.presets import geometry_from_config, get_preset
+        from analyzers.planning.presets import get_preset
 
         if getattr(args, "engine", "hf") == "vllm":
             if args.beams not in (None, 1):  # vLLM's pool is sized per token, whatever samples it

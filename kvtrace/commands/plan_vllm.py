@@ -73,7 +73,8 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
 
 
 def run_vllm_plan(args: argparse.Namespace) -> int:
-    from analyzers.planning.presets import geometry_from_config, get_preset
+    from analyzers.planning.hf_config import geometry_from_config
+    from analyzers.planning.presets import get_preset
     from analyzers.planning.size_text import parse_size
     from analyzers.planning.vllm_plan import VllmPlanRequest, format_vllm_text, plan_vllm, vllm_to_json
 

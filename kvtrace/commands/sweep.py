@@ -47,7 +47,8 @@ def _model_size(args: argparse.Namespace, longest: int) -> tuple[str, Any]:
 
     if args.size is not None:
         return args.size, SIZES[args.size]
-    from analyzers.planning.presets import geometry_from_config, get_preset
+    from analyzers.planning.hf_config import geometry_from_config
+    from analyzers.planning.presets import get_preset
 
     geom = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
     unlike = _not_llama(geom, longest)

@@ -602,7 +602,7 @@ def test_plan_derives_the_layer_types_a_config_leaves_out_as_transformers_does(
 ) -> None:
     from transformers.cache_utils import get_layer_types_and_kwargs
 
-    from analyzers.planning.presets import geometry_from_config
+    from analyzers.planning.hf_config import geometry_from_config
 
     # GIVEN a 12-layer config.json of the family with a window of 8 and no `layer_types`
     raw = {

@@ -11,15 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from analyzers.planning.hf_config import geometry_from_config
+from analyzers.planning.param_count import param_count, weights_bytes
 from analyzers.planning.plan import PlanRequest, blocks, format_text, parse_size, plan, to_json
-from analyzers.planning.presets import (
-    PRESETS,
-    ModelGeometry,
-    geometry_from_config,
-    get_preset,
-    param_count,
-    weights_bytes,
-)
+from analyzers.planning.presets import PRESETS, ModelGeometry, get_preset
 from kvtrace.commands.plan import PlanCommand
 from kvtrace.errors import KvtraceError
 
@@ -589,7 +584,8 @@ def test_a_context_beyond_the_models_positions_is_planned_with_a_note(
 
 def test_planner_never_imports_torch() -> None:
     code = (
-        "import sys, analyzers.planning.plan, analyzers.planning.presets, kvtrace.commands.plan\n"
+        "import sys, analyzers.planning.plan, analyzers.planning.presets, analyzers.planning.hf_config\n"
+        "import analyzers.planning.param_count, analyzers.planning.run_defaults, kvtrace.commands.plan\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from analyzers.engine import read_engine
-from analyzers.planning.presets import ModelGeometry, geometry_from_config, get_preset
+from analyzers.planning.hf_config import geometry_from_config
+from analyzers.planning.presets import ModelGeometry, get_preset
 from analyzers.planning.vllm_diagnose import RefusedDiagnosis, diagnose_engine, diagnose_refused
 from analyzers.planning.vllm_plan import (
     VllmPlanRequest,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.planning.presets import ModelGeometry, geometry_from_config
+from analyzers.planning.hf_config import geometry_from_config
+from analyzers.planning.presets import ModelGeometry
 from analyzers.planning.vllm_plan import (
     VllmPlanRequest,
     max_model_len_refusal,

@@ -1,0 +1,344 @@
+"""A local Hugging Face config.json read into a planner geometry (`ModelGeometry`): the fields each family
+names its own way, the defaults transformers fills in where a config leaves them out, and the longest
+context the model takes."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from analyzers.planning.config_defaults import (
+    LLAMA4_CHUNK,
+    default_layer_types,
+    derive_family_fields,
+    kv_shared_by_default,
+    per_layer_overrides,
+    tied_by_default,
+    weights_estimate_note,
+    window_on_by_default,
+)
+from analyzers.planning.gemma_layers import gemma_layer_fields
+from analyzers.planning.gpt_blocks import gpt_block_fields
+from analyzers.planning.presets import MlaShape, ModelGeometry
+from kvtrace.errors import KvtraceError, too_long_integer
+from kvtrace.geometry import (
+    cached_kv_heads,
+    chunk_window,
+    cross_attention_layers,
+    kv_heads_of,
+    kv_layer_slides,
+    kv_shapes_by_kind,
+    kv_shared_layers,
+    split_kv_shapes,
+)
+
+# Other names of the required fields, as transformers maps them (GPT-2 / GPT-BigCode, GPT-J, Falcon, OPT,
+# Bloom, MPT, XGLM, CTRL, T5-style).
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "num_hidden_layers": ("n_layer", "num_layers", "n_layers"),  # n_layers, n_heads: MPT's
+    "num_attention_heads": ("n_head", "num_heads", "n_heads", "attention_heads"),  # XGLM's attention_heads
+    "hidden_size": ("n_embd", "n_embed", "d_model"),  # n_embed: Bloom's
+    "intermediate_size": ("n_inner", "ffn_hidden_size", "d_ff", "ffn_dim", "dff"),  # OPT's, XGLM's; CTRL's
+}
+_QK_NORMED = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")  # q and k RMSNorms of head_dim (and Gemma 3n, 4)
+_FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
+_REQUIRED_FIELDS = (
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+)
+
+__all__ = ["geometry_from_config", "max_positions"]
+
+
+def geometry_from_config(path: str | Path) -> ModelGeometry:
+    """Read a local Hugging Face config.json (the file, or the folder holding it) into a geometry.
+
+    Multimodal configs nest the language model under `text_config`; its fields win, with the top level as
+    fallback. `num_key_value_heads` defaults to the attention head count (plain multi-head attention) and
+    `head_dim` to hidden_size / num_attention_heads, as transformers does. What else a config leaves out
+    is its family's default in transformers (`config_defaults`): `tie_word_embeddings` (True for Gemma,
+    False for Llama), `use_sliding_window` (False for Qwen2-style configs, which carry a `sliding_window`
+    size all the same) and `layer_types` (Gemma 2 alternates sliding and full layers).
+    """
+    config_path = Path(path)
+    if config_path.is_dir():
+        config_path = config_path / "config.json"
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise KvtraceError(f"{config_path}: cannot read model config: {exc.strerror or exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KvtraceError(f"{config_path}: not a valid JSON config: {exc}") from exc
+    except ValueError:  # CPython's limit on the digits of an int
+        raise KvtraceError(f"{config_path}: not a valid JSON config: {too_long_integer()}") from None
+    except RecursionError:
+        raise KvtraceError(f"{config_path}: not a valid JSON config: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise KvtraceError(f"{config_path}: expected a JSON object at the top level")
+
+    text_config = raw.get("text_config")
+    fields: dict[str, Any] = {**raw, **text_config} if isinstance(text_config, dict) else dict(raw)
+    for standard, others in _ALIASES.items():  # what transformers' `attribute_map`s say (GPT-2, Falcon)
+        for other in others:
+            if fields.get(standard) is None and fields.get(other) is not None:
+                fields[standard] = fields[other]
+    model_type = str(fields.get("model_type") or "")
+    derive_family_fields(fields, model_type)
+    # GPT-2's n_inner, Falcon's ffn_hidden_size and GPT-Neo's intermediate_size default to 4x; Bloom's MLP
+    # is 4x whatever n_inner says, MPT's whatever expansion_ratio says
+    unsized = fields.get("intermediate_size") is None
+    four_x = unsized and (_FOUR_X_MLP & fields.keys() or model_type == "gpt_neo")
+    if fields.get("hidden_size") and (four_x or model_type in ("bloom", "mpt")):
+        fields["intermediate_size"] = 4 * fields["hidden_size"]
+
+    sizes = fields.get("intermediate_size")
+    mlp_widths = None
+    if isinstance(sizes, list) and sizes and all(type(n) is int for n in sizes):
+        # Gemma 3n lists one per layer (`gemma_layers` weighs each); the geometry's one figure is their mean
+        mlp_widths = sizes
+        fields["intermediate_size"] = sum(sizes) // len(sizes)
+    missing = [name for name in _REQUIRED_FIELDS if fields.get(name) is None]
+    if missing:
+        raise KvtraceError(f"{config_path}: missing field {', '.join(missing)}")
+
+    def positive_int(name: str, value: Any) -> int:
+        # bool is an int subclass; `true` as a layer count is a broken file, not 1 layer.
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise KvtraceError(f"{config_path}: field {name} must be a positive integer, got {value!r}")
+        return value
+
+    layers = positive_int("num_hidden_layers", fields["num_hidden_layers"])
+    heads = positive_int("num_attention_heads", fields["num_attention_heads"])
+    hidden = positive_int("hidden_size", fields["hidden_size"])
+    kv_heads_raw = kv_heads_of(fields.get, None)
+    kv_heads = heads if kv_heads_raw is None else positive_int("num_key_value_heads", kv_heads_raw)
+    cached_heads = cached_kv_heads(fields.get, heads, kv_heads)
+    head_dim_raw = fields.get("head_dim")
+    if head_dim_raw is None:
+        if hidden % heads:
+            raise KvtraceError(
+                f"{config_path}: missing field head_dim, and hidden_size {hidden} is not a multiple of "
+                f"num_attention_heads {heads}"
+            )
+        head_dim = hidden // heads
+    else:
+        head_dim = positive_int("head_dim", head_dim_raw)
+
+    window_raw = fields.get("sliding_window")
+    window_on = fields.get("use_sliding_window", window_on_by_default(model_type))
+    window_enabled = window_on is not False and window_raw != 0  # 0: none
+    sliding_window = None
+    if window_enabled and window_raw is not None:
+        sliding_window = positive_int("sliding_window", window_raw)
+
+    layer_types = fields.get("layer_types")
+    if layer_types is None:
+        layer_types = default_layer_types(fields, model_type, layers, sliding_window, positive_int)
+    fields.setdefault("num_kv_shared_layers", kv_shared_by_default(model_type))
+    reused = kv_shared_layers(fields.get, layers)  # Gemma 3n's and 4's last layers: no KV of their own
+    slides = kv_layer_slides(layer_types, reused)
+    overrides = per_layer_overrides(fields, model_type, layer_types)
+    read = {**fields, "num_key_value_heads": kv_heads, "head_dim": head_dim}  # each layer's, before overrides
+    gemma = gemma_layer_fields(
+        read, model_type, layer_types, overrides, reused, mlp_widths, positive_int, str(config_path)
+    )
+    global_kv_heads = global_head_dim = None
+    if overrides:  # layers of their own width (Gemma 4's full ones): the sliding ones' is the model's
+        kinds = kv_shapes_by_kind(lambda i: {**read, **overrides.get(i, {})}.get, layer_types, heads, reused)
+        shapes = split_kv_shapes(kinds) if kinds else ((kv_heads, head_dim), None)
+        if shapes is None:
+            raise KvtraceError(
+                f"{config_path}: per_layer_config gives layers of one kind different KV widths"
+            )
+        (base_heads, base_dim), full = shapes
+        kv_heads = positive_int("num_key_value_heads", base_heads)
+        head_dim = positive_int("head_dim", base_dim)
+        if full is not None:
+            global_kv_heads = positive_int("num_global_key_value_heads", full[0])
+            global_head_dim = positive_int("global_head_dim", full[1])
+    if model_type in ("llama4", "llama4_text"):
+        fields.setdefault("attention_chunk_size", LLAMA4_CHUNK)
+    chunk = chunk_window(fields.get, layer_types)
+    if chunk is not None:  # chunked layers (Llama 4) are cached as sliding ones of the chunk's size
+        sliding_window = positive_int("attention_chunk_size", chunk)
+    name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
+    kv_layers = len(slides) if slides is not None else (layers - len(reused) if reused else None)
+    cross = cross_attention_layers(fields.get)
+    kv_note = None
+    if cross and slides is None and len(cross) < layers:
+        kv_layers = layers - len(cross)
+        many = len(cross) > 1
+        kv_note = (
+            f"KV: {'its' if many else 'its one'} cross-attention layer{'s' if many else ''} "
+            f"({', '.join(str(i) for i in cross)}) hold{'' if many else 's'} the image's KV (its vision "
+            f"tokens, written once per image), a fixed cost not counted here: the KV per token is the "
+            f"{kv_layers:,} self-attention layers'"
+        )
+    gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text") or bool(gemma)
+    if model_type in ("llama4", "llama4_text"):
+        experts = _llama4_experts(fields, layers, positive_int)
+    elif gemma:  # Gemma 4's experts, only under enable_moe_block: `gemma_layers`
+        experts = {}
+    else:
+        experts = _experts(fields, layers, positive_int)
+    dense_size = experts.pop("intermediate_size", None)  # the dense layers' MLP, when not intermediate_size
+    block = gpt_block_fields(fields, model_type, hidden, positive_int, str(config_path))
+    return ModelGeometry(
+        name=str(name),
+        num_layers=layers,
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        intermediate_size=dense_size or positive_int("intermediate_size", fields["intermediate_size"]),
+        vocab_size=positive_int("vocab_size", fields["vocab_size"]),
+        tie_word_embeddings=bool(fields.get("tie_word_embeddings", tied_by_default(model_type))),
+        sliding_window=sliding_window,
+        kv_layers=kv_layers,
+        sliding_layers=sum(slides) if slides is not None else None,
+        layer_slides=slides,
+        **experts,
+        qkv_bias=block.pop(
+            "qkv_bias",
+            model_type == "qwen2" or (model_type == "qwen2_moe" and bool(fields.get("qkv_bias", True))),
+        ),
+        qk_norm=block.pop("qk_norm", model_type in _QK_NORMED or bool(gemma)),
+        layer_norms=block.pop("layer_norms", 4 if gemma_norms else 2),
+        mla=_mla(fields, positive_int),
+        max_position_embeddings=max_positions(fields, model_type),
+        cached_kv_heads=cached_heads if cached_heads != kv_heads else None,
+        global_kv_heads=global_kv_heads,
+        global_head_dim=global_head_dim,
+        weights_note=weights_estimate_note(raw, model_type),
+        kv_note=kv_note,
+        **block,
+        **gemma,
+    )
+
+
+# Where configs give the longest context, as vLLM reads them (`derive_max_model_len_and_key`, vllm 0.32)
+_MAX_LENGTH_KEYS = (
+    "max_position_embeddings",  # most
+    "n_positions",  # GPT-2
+    "max_seq_len",  # MPT
+    "seq_length",  # ChatGLM2
+    "model_max_length",  # Command-R
+    "max_target_positions",  # Whisper
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+# RoPE kinds whose max_position_embeddings already counts their scaling: vLLM does not apply their factor
+_PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def max_positions(fields: dict[str, Any], model_type: str = "") -> int | None:
+    """The longest context a config's model takes, derived as vLLM 0.32 derives its limit on max_model_len
+    (`vllm/config/model.py`, `_get_and_verify_max_len`): the smallest of the length keys it knows
+    (`model_max_length`, when given, wins), times the RoPE scaling factor of the kinds that do not count it
+    already (linear, dynamic; Gemma 3's is counted). None when the config gives no length: vLLM then takes
+    any max_model_len typed. A value that is not a positive integer is not a length (skipped)."""
+
+    def length(value: Any) -> int | None:
+        usable = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        return math.floor(value) if usable and math.isfinite(value) else None
+
+    lengths = [n for n in (length(fields.get(key)) for key in _MAX_LENGTH_KEYS) if n is not None]
+    if not lengths:
+        return None
+    longest: float = length(fields.get("model_max_length")) or min(lengths)
+    rope = fields.get("rope_parameters") or fields.get("rope_scaling")
+    if isinstance(rope, dict) and "gemma3" not in model_type:
+        nested = all(isinstance(value, dict) for value in rope.values())  # one per layer type (Gemma 3)
+        factor: Any = 1.0
+        for params in [value for value in rope.values() if value] if nested else [rope]:
+            kind = params.get("rope_type") or params.get("type") or "default"
+            if kind not in _PRESCALED_ROPE:
+                factor = params.get("factor", factor)
+        if isinstance(factor, int | float) and not isinstance(factor, bool) and factor > 0:
+            longest *= factor
+    return math.floor(longest)
+
+
+def _experts(fields: dict[str, Any], layers: int, positive_int: Callable[[str, Any], int]) -> dict[str, Any]:
+    """The mixture-of-experts fields of a config, under each family's names and layer rules (empty: dense).
+
+    Experts are `num_local_experts` (Mixtral; transformers 5 also saves Qwen-MoE's count so),
+    `num_experts` (Qwen-MoE) or `n_routed_experts` (DeepSeek), of `moe_intermediate_size` when given, else
+    `intermediate_size` (Mixtral). Which layers: DeepSeek from `first_k_dense_replace` on, when i %
+    `moe_layer_freq` is 0, plus `n_shared_experts` ungated; Qwen unless in `mlp_only_layers` and when
+    (i + 1) % `decoder_sparse_step` is 0, plus one gated shared expert; Mixtral every layer."""
+    get = fields.get
+    name = next((key for key in ("num_local_experts", "num_experts", "n_routed_experts") if get(key)), None)
+    if name is None:
+        return {}
+    experts = positive_int(name, get(name))
+    size_name = "moe_intermediate_size" if get("moe_intermediate_size") else "intermediate_size"
+    size = positive_int(size_name, get(size_name))
+    shared = 0
+    if get("n_routed_experts"):
+        first, freq = (
+            get("first_k_dense_replace") or 0,
+            positive_int("moe_layer_freq", get("moe_layer_freq") or 1),
+        )
+        moe = [i >= first and i % freq == 0 for i in range(layers)]
+        shared = (get("n_shared_experts") or 0) * size
+    else:
+        step = positive_int("decoder_sparse_step", get("decoder_sparse_step") or 1)
+        dense = set(get("mlp_only_layers") or ())
+        moe = [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+        if get("shared_expert_intermediate_size"):
+            shared = positive_int("shared_expert_intermediate_size", get("shared_expert_intermediate_size"))
+        elif get("shared_intermediate_size"):  # Granite-MoE-shared's, ungated
+            shared = positive_int("shared_intermediate_size", get("shared_intermediate_size"))
+    return {
+        "moe_layers": sum(moe),
+        "experts": experts,
+        "expert_intermediate_size": size,
+        "shared_intermediate_size": shared,
+        "shared_expert_gate": bool(get("shared_expert_intermediate_size")) and not get("n_routed_experts"),
+    }
+
+
+def _llama4_experts(
+    fields: dict[str, Any], layers: int, positive_int: Callable[[str, Any], int]
+) -> dict[str, Any]:
+    """Llama 4's layout (Llama4TextConfig, modeling_llama4.py): each MoE layer's Llama4TextMoe holds
+    `num_local_experts` routed experts of `intermediate_size` (fused gate_up_proj and down_proj: the same
+    three matrices), a router and one ungated shared expert of `intermediate_size`; every other layer
+    has a dense MLP of `intermediate_size_mlp`. The MoE layers are `moe_layers` when listed, else every
+    `interleave_moe_layer_step`-th from step - 1. A key left out takes Llama4TextConfig's default."""
+    get = fields.get
+    listed = get("moe_layers")
+    if isinstance(listed, list):  # as the decoder layer asks: `layer_idx in config.moe_layers`
+        moe = sum(i in listed for i in range(layers))
+    else:
+        step = positive_int("interleave_moe_layer_step", get("interleave_moe_layer_step", 1))
+        moe = len(range(step - 1, layers, step))
+    size = positive_int("intermediate_size", fields["intermediate_size"])
+    return {
+        "moe_layers": moe,
+        "experts": positive_int("num_local_experts", get("num_local_experts", 16)),
+        "expert_intermediate_size": size,
+        "shared_intermediate_size": size,
+        "intermediate_size": positive_int("intermediate_size_mlp", get("intermediate_size_mlp", 16384)),
+    }
+
+
+def _mla(fields: dict[str, Any], positive_int: Callable[[str, Any], int]) -> MlaShape | None:
+    if not fields.get("kv_lora_rank"):
+        return None
+    q_lora = fields.get("q_lora_rank")
+    return MlaShape(
+        q_lora_rank=positive_int("q_lora_rank", q_lora) if q_lora else None,
+        **{
+            name: positive_int(name, fields.get(name))
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        },
+    )
