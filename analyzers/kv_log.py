@@ -115,6 +115,11 @@ class CacheFigures:
     (net of crops; a window's or a press's evictions added back, as those tokens were generated). The last
     token a run yields is never written back: the prefill's 1 stands for it."""
     generated_row_tokens: int = 0  # the same over every batch row: each step's yield x its rows
+    call_step: int = 0
+    """The step of its last prefill: where the generate() call that wrote it last began (a cache passed
+    to a second call, or kept by transformers for it, has several); 0 when no prefill wrote it."""
+    call_generated_tokens: int = 0
+    """`generated_tokens` since that prefill: what that call yielded per row, its prompt not counted."""
     reordered: bool = False  # rows reordered or selected (beam search, contrastive search): rows are beams
     beams: int = 0
     """Rows per prompt under beam search (num_beams), from its first reorder's `reason` `beams:N`; 0 when
@@ -125,6 +130,11 @@ class CacheFigures:
     max_seq_len (`preallocated_capacity`), or a transformers StaticCache's rows and max_cache_len
     (`static_capacity`); 0 for a cache whose storages follow the rows and tokens it holds."""
     capacity_of: str = ""  # "buffers" (module buffers) | "static_cache" (transformers' StaticCache) | ""
+    static_positions: int = 0
+    """Positions of its longest layer where each K/V data storage was allocated once and written in place
+    (or had room beyond the tokens it held): a transformers StaticCache, a hybrid model's too (its sliding
+    layers shorter, which `static_capacity` leaves out), its max_cache_len; 0 for a cache whose storages
+    are replaced as it grows (torch.cat)."""
     bytes_by_tokens: dict[int, int] = field(default_factory=dict)
     """Its storages at the final state by the tokens per row their layer holds: one entry where every layer
     holds as many, several where a sliding window's layers hold fewer. What `bytes_per_token_row` divides."""
@@ -287,6 +297,8 @@ def analyze_kv_log(
     closed_tokens: dict[tuple[int, int], int] = {}  # a slot's tokens at the end of the last step writing it
     generated: dict[int, int] = defaultdict(int)
     generated_rows: dict[int, int] = defaultdict(int)
+    call_step: dict[int, int] = {}  # cache -> its last prefill's step
+    call_generated: dict[int, int] = defaultdict(int)  # cache -> tokens yielded per row since then
     reordered: set[int] = set()
     beams: dict[int, int] = {}
     # Per cache: its last module buffer's shape (None once any other part held its KV), and whether a
@@ -296,6 +308,11 @@ def analyze_kv_log(
     # per cache: {layer: positions of its last K/V data tensor [b, h, t, d]}, and the layers seen with room
     data_positions: dict[int, dict[int, int]] = defaultdict(dict)
     data_spare: dict[int, set[int]] = defaultdict(set)
+    # per cache: {(layer, kv): its K/V data storage}, the caches where one was replaced (grown), and those
+    # where one was written in place
+    data_storage: dict[int, dict[tuple[int, str], int]] = defaultdict(dict)
+    data_moved: set[int] = set()
+    data_in_place: set[int] = set()
 
     def _close_step(step: int) -> None:
         step_live[step] = dict(layer_live)
@@ -315,6 +332,9 @@ def analyze_kv_log(
                     appended = held - before + step_evicted.get(slot, 0)
                 yields[slot[0]] = max(yields.get(slot[0], 0), appended)
             for cache, count in yields.items():
+                if phase == "prefill":
+                    call_step[cache], call_generated[cache] = step, 0
+                call_generated[cache] += max(count, 0)
                 generated[cache] += max(count, 0)
                 generated_rows[cache] += max(count, 0) * rows_by_cache.get(cache, 1)
         for slot in written:
@@ -339,8 +359,8 @@ def analyze_kv_log(
         if index == cut_from:
             whole_end = copy.deepcopy(
                 (live, live_total, tokens_by_layer, rows_by_cache, last_seq_by_cache, evicted_by_layer,
-                 evicted_by_layer_reason, generated, generated_rows, reordered, beams, buffer_shape,
-                 buffer_in_place)
+                 evicted_by_layer_reason, generated, generated_rows, call_step, call_generated, reordered,
+                 beams, buffer_shape, buffer_in_place)
             )  # fmt: skip
         if ending and final_state is None:
             final_state = dict(live)
@@ -388,6 +408,10 @@ def analyze_kv_log(
                     data_positions[ev.cache][ev.layer] = ev.shape[2]
                     if ev.shape[2] > ev.tokens:
                         data_spare[ev.cache].add(ev.layer)
+                    if data_storage[ev.cache].setdefault((ev.layer, ev.kv), ev.addr) != ev.addr:
+                        data_moved.add(ev.cache)
+                    if ev.event == "written":
+                        data_in_place.add(ev.cache)
             if ev.event == "reordered":
                 reordered.add(ev.cache)
                 count = ev.reason.removeprefix(BEAMS_REASON)
@@ -421,8 +445,8 @@ def analyze_kv_log(
     if whole_end:
         # The cut step never ended: the end is the last whole step's (its updates stay in the series)
         (final_state, final_total, tokens_by_layer, rows_by_cache, last_seq_by_cache, evicted_by_layer,
-         evicted_by_layer_reason, generated, generated_rows, reordered, beams, buffer_shape,
-         buffer_in_place) = whole_end  # fmt: skip
+         evicted_by_layer_reason, generated, generated_rows, call_step, call_generated, reordered, beams,
+         buffer_shape, buffer_in_place) = whole_end  # fmt: skip
     elif open_step is not None:
         _close_step(open_step)
     if final_state is None:
@@ -443,6 +467,9 @@ def analyze_kv_log(
         if not room[0] and cache in data_positions:
             room = static_capacity(data_positions[cache], data_spare.get(cache, set()), rows)
             room_of = "static_cache" if room[0] else ""
+        # Room to spare, or a decode step written in place (a window's layers all full: no room left)
+        in_place = cache in data_positions and cache not in data_moved
+        in_place = in_place and (bool(data_spare.get(cache)) or cache in data_in_place)
         caches.append(
             CacheFigures(
                 cache=cache,
@@ -453,11 +480,14 @@ def analyze_kv_log(
                 last_seq=last_seq,
                 generated_tokens=generated.get(cache, 0),
                 generated_row_tokens=generated_rows.get(cache, 0),
+                call_step=call_step.get(cache, 0),
+                call_generated_tokens=call_generated.get(cache, 0),
                 reordered=cache in reordered,
                 beams=beams.get(cache, 0),
                 capacity_rows=room[0],
                 capacity_tokens=room[1],
                 capacity_of=room_of,
+                static_positions=max(data_positions[cache].values()) if in_place else 0,
                 bytes_by_tokens=dict(by_tokens.get(cache, {})),
             )
         )

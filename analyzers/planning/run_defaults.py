@@ -15,11 +15,12 @@ layers' order does not matter to the figure asked.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from analyzers.kv_log import CacheFigures, analyze_kv_log, is_kv_data
+from analyzers.kv_log import CacheFigures, KvLogAnalysis, analyze_kv_log, is_kv_data
 from analyzers.model import normal_device
 from analyzers.planning.hf_config import geometry_from_config
 from analyzers.planning.presets import ModelGeometry
@@ -29,6 +30,11 @@ from kvtrace.format import ENGINE, MODEL_CONFIG, Run, read_run
 # The model's float dtypes as the planner names them; others (int8 weights) plan their KV in bf16
 _PLAN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
+# A QuantizedCache's packed values (quanto's `q._data._data`, HQQ's `q.0`) and their group scales
+_PACKED_PARTS = ("q._data._data", "q._data", "q.0")
+_SCALE_PARTS = ("q._scale", "q.1.scale")
+_PLAN_BITS = {4: "int4", 8: "int8"}
+
 
 @dataclass(frozen=True)
 class RunDefaults:
@@ -37,15 +43,17 @@ class RunDefaults:
     geometry: ModelGeometry
     weights_bytes: int  # every weight storage the run's devices held at its end
     weights_dtype: str | None  # the model's float dtype (bf16, fp16, fp32)
-    kv_dtype: str | None  # what the cache stored (its last KV data event's dtype)
+    kv_dtype: str | None  # what the cache stored (its last KV data event's dtype; int4/int8 packed)
     cache: str  # dynamic, static or quantized: the transformers cache the log shows
     batch: int | None  # rows of the run's main cache
     beams: int  # num_beams of a beam search (1 otherwise)
-    context: int | None  # prompt + new tokens: the cache's tokens + 1 (generate() never writes its last)
-    prompt: int | None  # the first generate() call's prompt, where its prefill sample says
+    context: int | None  # prompt + new tokens of the call that wrote the main cache (its static length)
+    prompt: int | None  # that call's prompt, where its prefill sample says
     gpu_memory_bytes: int | None  # the CUDA device's memory (None for a run on the CPU)
     device: str  # the run's device type ("cuda", "cpu")
     notes: tuple[str, ...]
+    quant_group_size: int | None = None  # a QuantizedCache's q_group_size, where the log shows it
+    residual_length: int | None = None  # and its residual_length, where it requantized
 
 
 def run_defaults(path: str | Path) -> RunDefaults:
@@ -55,12 +63,12 @@ def run_defaults(path: str | Path) -> RunDefaults:
         raise KvtraceError(f"{root}: a vLLM run; plan its pool with --engine vllm --from-run")
     run = read_run(root)
     notes: list[str] = []
-    geometry = _geometry(run, notes)
-    main = _main_cache(run)
+    main, kv = _main_cache(run)
+    geometry = _geometry(run, notes, main)
     if main is None:
         raise KvtraceError(
-            f"{root}: the run logged no KV cache, so it has no cache, batch or context to plan from; give "
-            "--preset or --config instead"
+            f"{root}: the run logged no KV cache, so it has no cache, batch or context to plan from; plan it "
+            "with --preset or --config instead of --from-run"
         )
     weights, devices = _weights(run)
     if len(devices) > 1:
@@ -73,13 +81,38 @@ def run_defaults(path: str | Path) -> RunDefaults:
         device = {}
     gpu = device.get("total_memory_bytes") if device.get("type") == "cuda" else None
     model = run.manifest.get("model") or {}
-    cache = "static" if main.capacity_of == "static_cache" else "dynamic"
-    kv_dtype = _kv_dtype(run)
-    if kv_dtype == "quantized":
-        cache, kv_dtype = "quantized", None
-        notes.append("a quantized cache: its bits are not in the log; planned at int4 unless --kv-dtype says")
+    prompt, context = _call(run, kv, main)
+    batch = main.rows or None
+    cache, kv_dtype = "dynamic", _kv_dtype(run)
+    quantized = _quantized(run, main, geometry, notes) if kv_dtype != "fp8-quantized" else None
+    if quantized is not None:
+        cache, kv_dtype = "quantized", quantized[0]
     elif kv_dtype == "fp8-quantized":
         cache, kv_dtype = "quantized", "fp8"
+    elif main.capacity_of == "buffers":
+        # Meta's reference code: cache_k/cache_v made once for max_batch_size x max_seq_len, written in
+        # place whatever the rows and positions used, as a StaticCache is
+        cache, batch, context = "static", main.capacity_rows, main.capacity_tokens + 1
+        notes.append(
+            f"the run's cache is a module's preallocated buffers ({main.capacity_rows} rows x "
+            f"{main.capacity_tokens} positions, written in place): planned as a static cache of that size, "
+            f"the planner's closest kind (--batch {batch} --context {context})"
+        )
+    elif main.capacity_of == "static_cache" or main.static_positions:
+        cache = "static"
+        length = main.capacity_tokens or main.static_positions
+        if context is not None and length + 1 > context:
+            notes.append(
+                f"the run's static cache has room for {length} positions, beyond the {context - 1} tokens "
+                f"its call wrote: planned at its length, a context of {length + 1}"
+            )
+            context = length + 1
+    notes.extend(_other_caches(run, kv, main))
+    if (run.manifest.get("ended") or {}).get("status") == "running":
+        notes.append(
+            f"the run was cut short (its manifest still says running): its context is the {context} tokens "
+            "it reached"
+        )
     beams = main.beams if main.reordered and main.beams > 1 else 1
     return RunDefaults(
         geometry=geometry,
@@ -87,17 +120,19 @@ def run_defaults(path: str | Path) -> RunDefaults:
         weights_dtype=_PLAN_DTYPES.get(str(model.get("dtype"))),
         kv_dtype=kv_dtype,
         cache=cache,
-        batch=main.rows or None,
+        batch=batch,
         beams=beams,
-        context=main.tokens + 1 if main.tokens else None,
-        prompt=_prompt(run),
+        context=context,
+        prompt=prompt if prompt is not None and context is not None and prompt < context else None,
         gpu_memory_bytes=int(gpu) if isinstance(gpu, int) and gpu > 0 else None,
         device=str(device.get("type") or "an unknown device"),
         notes=tuple(notes),
+        quant_group_size=quantized[1] if quantized else None,
+        residual_length=quantized[2] if quantized else None,
     )
 
 
-def _geometry(run: Run, notes: list[str]) -> ModelGeometry:
+def _geometry(run: Run, notes: list[str], main: CacheFigures | None) -> ModelGeometry:
     """The run's model_config.json as a config.json, else the manifest's geometry."""
     model = run.manifest.get("model")
     config = run.path / MODEL_CONFIG
@@ -108,12 +143,18 @@ def _geometry(run: Run, notes: list[str]) -> ModelGeometry:
     fields = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
     if not isinstance(model, dict) or any(not isinstance(model.get(name), int) for name in fields):
         raise KvtraceError(
-            f"{run.path / 'manifest.json'}: no model geometry (recorded without model=): give --preset or "
-            "--config"
+            f"{run.path / 'manifest.json'}: no model geometry (recorded without model=): plan it with "
+            "--preset or --config instead of --from-run"
         )
+    # A module cache (Meta's reference code) comes with a model that has no Hugging Face config to write
+    why = (
+        "its model has no Hugging Face config"
+        if main is not None and main.capacity_of == "buffers"
+        else "its model has no Hugging Face config, or kvtrace did not write it yet when it was recorded"
+    )
     notes.append(
-        f"{run.path.name} has no {MODEL_CONFIG} (recorded before kvtrace wrote it): the model is the "
-        "manifest's geometry, whose sliding layers' order is not known"
+        f"{run.path.name} has no {MODEL_CONFIG} ({why}): the model is the manifest's geometry, whose "
+        "sliding layers' order is not known"
     )
     return ModelGeometry(
         name=str(model.get("class") or run.path.name),
@@ -132,10 +173,61 @@ def _geometry(run: Run, notes: list[str]) -> ModelGeometry:
     )
 
 
-def _main_cache(run: Run) -> CacheFigures | None:
-    """The cache written last: the model's own, where an assistant's or an earlier call's may sit beside."""
-    caches = [cache for cache in analyze_kv_log(run.kv_events).caches if cache.tokens]
-    return max(caches, key=lambda cache: cache.last_seq) if caches else None
+def _prompt_ends(run: Run) -> dict[int, int]:
+    """Prefill step -> its generate() call's prompt (the step's memory sample's `prompt_end`)."""
+    ends: dict[int, int] = {}
+    for sample in run.memory_samples:
+        end: Any = sample.get("prompt_end")
+        if sample.get("phase") == "prefill" and isinstance(end, int) and end > 0:
+            ends[sample["step"]] = end
+    return ends
+
+
+def _main_cache(run: Run) -> tuple[CacheFigures | None, KvLogAnalysis]:
+    """The cache written last (the model's own, where an assistant's or an earlier call's may sit beside),
+    of the log read as the report reads it."""
+    unfinished = (run.manifest.get("ended") or {}).get("status") == "running"
+    kv = analyze_kv_log(run.kv_events, _prompt_ends(run), unfinished=unfinished)
+    caches = [cache for cache in kv.caches if cache.tokens]
+    return (max(caches, key=lambda cache: cache.last_seq) if caches else None), kv
+
+
+def _call(run: Run, kv: KvLogAnalysis, main: CacheFigures) -> tuple[int | None, int | None]:
+    """(prompt, context) of the generate() call that wrote the main cache last, not the run's first call:
+    its prompt from its prefill sample (else the tokens the prefill left in the cache), its context that
+    prompt plus the tokens the call yielded, never the tokens held + 1 alone, which a sliding window caps;
+    but at least that (a quantized cache's packed parts, which the yields do not count, hold them)."""
+    events = [ev for ev in run.kv_events if ev.cache == main.cache and ev.event != "freed"]
+    # Its last prefill: a quantized cache's writes it in packed parts, which `call_step` does not count
+    step = max((ev.step for ev in events if ev.phase == "prefill"), default=main.call_step)
+    prompt = _prompt_ends(run).get(step) if step else None
+    if prompt is None and step:
+        prompt = kv.step_tokens.get(step, {}).get(main.cache) or None
+    last = [ev.tokens for ev in events if ev.tokens]
+    held = max(main.tokens, last[-1] if last else 0)
+    yielded = prompt + main.call_generated_tokens if prompt is not None else 0
+    context = max(held + 1 if held else 0, yielded)
+    return prompt, context or None
+
+
+def _other_caches(run: Run, kv: KvLogAnalysis, main: CacheFigures) -> list[str]:
+    """A note for each other cache still held at the run's end, which the plan leaves out: an assistant
+    model's (written during the main cache's call: assisted decoding), or an earlier call's."""
+    notes = []
+    for other in kv.caches:
+        if other.cache == main.cache or not other.final_bytes:
+            continue
+        steps = [ev.step for ev in run.kv_events if ev.cache == other.cache and ev.event != "freed"]
+        whose = (
+            "an assistant model's (assisted decoding), written during the planned cache's call"
+            if steps and max(steps) > main.call_step
+            else "an earlier generate() call's, still referenced"
+        )
+        notes.append(
+            f"another cache held {other.final_bytes:,} B of KV at the run's end, {whose}: the plan is "
+            "the main model's cache alone"
+        )
+    return notes
 
 
 def _weights(run: Run) -> tuple[int, list[str]]:
@@ -167,10 +259,48 @@ def _kv_dtype(run: Run) -> str | None:
     return _PLAN_DTYPES.get(dtype)
 
 
-def _prompt(run: Run) -> int | None:
-    """The prompt's tokens of the run's first generate() call (its prefill sample's `prompt_end`)."""
-    for sample in run.memory_samples:
-        end: Any = sample.get("prompt_end")
-        if sample.get("phase") == "prefill" and isinstance(end, int) and end > 0:
-            return end
-    return None
+def _quantized(
+    run: Run, main: CacheFigures, geometry: ModelGeometry, notes: list[str]
+) -> tuple[str, int | None, int | None] | None:
+    """(KV dtype, q_group_size, residual_length) of a quanto or HQQ QuantizedCache (any `q.` part of the
+    main cache), None for another cache. The bits are the packed bytes over the values they hold (rows x
+    tokens x the layer's K or V width) where a packed tensor is made; the group size those values over the
+    scales; the residual length the tokens one requantization adds. What the log cannot say is planned at
+    transformers' defaults, and a note says so."""
+    parts = [
+        ev
+        for ev in run.kv_events
+        if ev.cache == main.cache and ev.part.startswith("q.") and ev.event not in ("freed", "written")
+    ]
+    if not parts:
+        return None
+    widths = geometry.layer_kv_widths
+    bits = group = residual = None
+    last_tokens: dict[tuple[int, str], int] = {}
+    for ev in parts:
+        if not ev.tokens or not ev.shape or not main.rows:
+            continue
+        width = widths[ev.layer][ev.kv == "v"] if ev.layer < len(widths) else geometry.kv_widths[0]
+        values = main.rows * ev.tokens * width
+        if ev.part in _PACKED_PARTS and bits is None:
+            bits = (ev.logical_bytes or ev.storage_bytes) * 8 / values
+        elif ev.part in _SCALE_PARTS and group is None and values % math.prod(ev.shape) == 0:
+            group = values // math.prod(ev.shape)
+        if ev.part in _PACKED_PARTS:
+            before = last_tokens.get((ev.layer, ev.kv))
+            if before is not None and ev.phase == "decode" and residual is None and ev.tokens > before:
+                residual = ev.tokens - before
+            last_tokens[(ev.layer, ev.kv)] = ev.tokens
+    kv_dtype = _PLAN_BITS.get(int(bits)) if bits is not None and bits.is_integer() else None
+    if kv_dtype is None:
+        said = f"{bits:g} bits a value" if bits is not None else "bits the log does not show"
+        notes.append(f"a quantized cache of {said}: planned at int4 unless --kv-dtype says")
+        kv_dtype = "int4"
+    unknown = [name for name, value in (("q_group_size", group), ("residual_length", residual)) if not value]
+    if unknown:
+        notes.append(
+            f"the quantized cache's {' and '.join(unknown)} not in the log (no "
+            f"{'requantization' if unknown[-1] == 'residual_length' else 'scales'} seen): planned at "
+            "transformers' defaults"
+        )
+    return kv_dtype, group, residual

@@ -6,10 +6,14 @@ import argparse
 from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
+
+if TYPE_CHECKING:
+    from analyzers.planning.run_defaults import RunDefaults
 
 DTYPES = ("bf16", "fp16", "fp32", "fp8", "int8", "int4")
 CACHES = ("dynamic", "static", "sliding", "quantized")
@@ -48,6 +52,16 @@ _VLLM_ONLY = (
     ("activation_peak", "--activation-peak"),
     ("non_torch", "--non-torch"),
 )
+
+
+def _quantized_settings(run: RunDefaults | None, cache: str) -> tuple[int, int]:
+    """(q_group_size, residual_length): the run's QuantizedCache's, where the log shows them and the plan is
+    of a quantized cache too, else transformers' defaults."""
+    from analyzers.planning.quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH
+
+    if run is None or cache != "quantized" or run.cache != "quantized":
+        return DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH
+    return run.quant_group_size or DEFAULT_GROUP_SIZE, run.residual_length or DEFAULT_RESIDUAL_LENGTH
 
 
 class PlanCommand(Command):
@@ -206,8 +220,22 @@ class PlanCommand(Command):
         # what attention computes: its dtype follows the weights only when they are a float dtype.
         weights_dtype = args.dtype or (run.weights_dtype if run and run.weights_dtype else "bf16")
         default_kv = weights_dtype if weights_dtype in ("bf16", "fp16", "fp32") else "bf16"
-        # The run's KV dtype, where the cache planned is as quantized as the run's was
-        run_kv = run.kv_dtype if run and (cache == "quantized") == (run.cache == "quantized") else None
+        # The run's KV dtype, where the cache planned is as quantized as the run's was, and its weights, both
+        # as the run had them only while the weights dtype is the run's: a typed --dtype plans other weights
+        redtyped = run is not None and args.dtype is not None and args.dtype != run.weights_dtype
+        same_kind = run is not None and (cache == "quantized") == (run.cache == "quantized")
+        run_kv = run.kv_dtype if run and same_kind and not redtyped else None
+        measured = run.weights_bytes if run is not None and not redtyped else None
+        if run is not None and redtyped:
+            run = replace(
+                run,
+                notes=(
+                    *run.notes,
+                    f"--dtype {args.dtype} is not the run's ({run.weights_dtype or 'unknown'}): the weights "
+                    f"are the geometry's at {args.dtype}, not the {run.weights_bytes:,} B measured, and the "
+                    "KV follows --dtype unless --kv-dtype says",
+                ),
+            )
         kv_dtype = args.kv_dtype or run_kv or ("int4" if cache == "quantized" else default_kv)
         reserve_bytes, reserve_fraction = parse_reserve(args.reserve)
         prompt = args.prompt
@@ -223,8 +251,9 @@ class PlanCommand(Command):
         if beams < 1:
             raise KvtraceError("--beams must be at least 1")
         if batch % beams:
+            said = f"--batch {batch}" if args.batch is not None else f"the run's batch ({batch} rows)"
             raise KvtraceError(
-                f"--batch {batch} is not a multiple of --beams {beams}: --batch counts the rows "
+                f"{said} is not a multiple of --beams {beams}: --batch counts the rows "
                 f"decoded together, prompts x beams (2 prompts of {beams} beams: "
                 f"--batch {2 * beams})"
             )
@@ -246,6 +275,7 @@ class PlanCommand(Command):
                         f"the run was on {run.device}: planned for an 80 GiB GPU (--gpu-memory)",
                     ),
                 )
+        group_size, residual_length = _quantized_settings(run, cache)
         request = PlanRequest(
             geometry=geometry,
             weights_dtype=weights_dtype,
@@ -260,7 +290,9 @@ class PlanCommand(Command):
             prompt=prompt,
             beams=beams,
             block_size=args.block_size if args.block_size is not None else 16,
-            measured_weights_bytes=run.weights_bytes if run is not None else None,
+            measured_weights_bytes=measured,
+            quant_group_size=group_size,
+            residual_length=residual_length,
         )
         result = plan(request)
         if run is not None:

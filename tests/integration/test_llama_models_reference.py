@@ -494,3 +494,25 @@ def test_reference_llama3_converted_inside_the_block_holds_its_float32_buffers_u
         assert on_cuda["final_allocated_bytes"] == sum(_block(n) for n in converted) + buffers // 2
         found.append(on_cuda)
     assert found[0] == found[1]
+
+
+def test_plan_from_a_reference_run_is_its_preallocated_buffers(reference_model, tmp_path, capsys):
+    from kvtrace.cli import main
+
+    # GIVEN a prefill and a few decode steps of the reference model, its buffers MAX_BATCH x MAX_SEQ
+    model = reference_model
+    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
+    with kvtrace.record(tmp_path / "run", model=model, profiler=False), torch.inference_mode():
+        model.forward(tokens[:, :PROMPT_LEN], 0)
+        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+            model.forward(tokens[:, pos : pos + 1], pos)
+    buffers = N_LAYERS * 2 * MAX_BATCH * MAX_SEQ * N_KV_HEADS * (DIM // N_HEADS) * 4  # float32
+    # WHEN planned from the run alone
+    assert main(["plan", "--from-run", str(tmp_path / "run"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # THEN a static cache of the buffers' rows and positions: the run's own KV, and notes that say why
+    assert (plan["request"]["cache"], plan["request"]["batch"]) == ("static", MAX_BATCH)
+    assert (plan["kv_bytes"], plan["kv_peak_bytes"]) == (buffers, buffers)
+    assert any("preallocated buffers" in note for note in plan["notes"])
+    assert any("no Hugging Face config" in note for note in plan["notes"])
+    assert not any("recorded before" in note for note in plan["notes"])

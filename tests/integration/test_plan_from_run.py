@@ -123,3 +123,183 @@ def test_from_run_refuses_what_it_cannot_plan_in_one_line(
     assert main(["plan", "--from-run", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# Transformers models with sliding windows: 4 layers x 2 KV heads x head_dim 16 (hidden 64 / 4 heads)
+_SLIDING = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=1000, max_position_embeddings=256, sliding_window=8,
+)  # fmt: skip
+WINDOW = 8
+SLIDING_ROW = 2 * 2 * 16 * 4  # one layer's K and V of one token of one row, float32
+
+
+def _mistral() -> Any:
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**_SLIDING)).eval()
+
+
+def _gemma2() -> Any:  # layers 0 and 2 slide, 1 and 3 keep every token
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**_SLIDING, head_dim=16)).eval()
+
+
+def _generate(model: Any, batch: int, prompt: int, new: int, seed: int = 0, **options: Any) -> None:
+    ids = torch.randint(3, 1000, (batch, prompt), generator=torch.Generator().manual_seed(seed))
+    model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+        pad_token_id=0, **options,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("make", "prompt", "new", "static", "final"),
+    [
+        # Mistral: every layer slides; the cache holds the window, the context is prompt + new all the same
+        (_mistral, 6, 12, False, 4 * WINDOW * SLIDING_ROW * BATCH),
+        (_mistral, 11, 6, False, 4 * WINDOW * SLIDING_ROW * BATCH),
+        (_mistral, 11, 6, True, 4 * WINDOW * SLIDING_ROW * BATCH),
+        # Gemma 2's StaticCache: its full layers prompt + new - 1 positions, its sliding ones the window
+        (_gemma2, 6, 12, True, (2 * (6 + 12 - 1) + 2 * WINDOW) * SLIDING_ROW * BATCH),
+    ],
+    ids=["mistral-dynamic-long-decode", "mistral-dynamic-long-prompt", "mistral-static", "gemma2-static"],
+)
+def test_a_plan_from_a_run_with_sliding_layers_is_the_run_itself(
+    make: Any,
+    prompt: int,
+    new: int,
+    static: bool,
+    final: int,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN a generate() of `new` tokens after `prompt` on a model whose layers (some or all) slide
+    model, run = make(), tmp_path / "run"
+    options = {"cache_implementation": "static"} if static else {}
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        _generate(model, BATCH, prompt, new, **options)
+    recorded = _recorded(run, capsys)
+    assert recorded["final_bytes"] == final
+    # WHEN it is planned from the run alone
+    plan = _json(["plan", "--from-run", str(run), "--json"], capsys)
+    # THEN the context is the run's prompt + new tokens (not the window + 1), the cache kind the run's
+    request = plan["request"]
+    assert (request["context"], request["prompt"]) == (prompt + new, prompt)
+    assert request["cache"] == ("static" if static else "dynamic")
+    assert (plan["kv_bytes"], plan["kv_peak_bytes"]) == (final, recorded["peak_bytes"])
+
+
+def test_a_static_cache_with_room_to_spare_is_planned_at_its_length(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import transformers
+
+    # GIVEN a StaticCache made for 32 positions (the torch.compile recipe), 11 + 6 tokens generated in it
+    run = tmp_path / "run"
+    cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        _generate(model, BATCH, PROMPT, NEW, past_key_values=cache)
+    assert _recorded(run, capsys)["final_bytes"] == TOKEN_ROW * BATCH * 32
+    # WHEN planned from the run: THEN the static cache is its 32 positions, and a note says so
+    plan = _json(["plan", "--from-run", str(run), "--json"], capsys)
+    assert (plan["request"]["cache"], plan["request"]["context"]) == ("static", 33)
+    assert (plan["kv_bytes"], plan["kv_peak_bytes"]) == (TOKEN_ROW * BATCH * 32, TOKEN_ROW * BATCH * 32)
+    assert any("room for 32 positions" in note for note in plan["notes"])
+
+
+def test_a_run_of_two_generate_calls_plans_the_call_that_wrote_the_cache_last(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run of a long call (14 + 4) then a short one (5 + 3), each with its own cache
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        _generate(model, BATCH, 14, 4)
+        _generate(model, BATCH, 5, 3, seed=1)
+    # WHEN planned: THEN the prompt and the context are the last call's, and so is its KV
+    plan = _json(["plan", "--from-run", str(run), "--json"], capsys)
+    assert (plan["request"]["prompt"], plan["request"]["context"]) == (5, 8)
+    assert plan["kv_bytes"] == TOKEN_ROW * BATCH * (5 + 3 - 1)
+
+
+def test_a_quantized_caches_bits_group_and_residual_are_read_from_the_log(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("optimum.quanto")
+    # GIVEN a quanto QuantizedCache of 4 bits, groups of 16, a residual of 2, 7 + 5 tokens generated
+    run, prompt, new = tmp_path / "run", 7, 5
+    config = {"backend": "quanto", "nbits": 4, "q_group_size": 16, "residual_length": 2}
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        _generate(model, BATCH, prompt, new, cache_implementation="quantized", cache_config=config)
+    # 11 tokens written, (11 - 7) % 2 = 0 of them in the residual: each layer's K and V packed at half a
+    # byte a value, a float32 scale and shift per group of 16 values
+    values = BATCH * KV_HEADS * HEAD_DIM * (prompt + new - 1)
+    final = LAYERS * 2 * (values // 2 + 2 * (values // 16) * 4)
+    assert _recorded(run, capsys)["final_bytes"] == final
+    # WHEN planned from the run: THEN a quantized int4 cache of the run's group and residual, its KV the run's
+    plan = _json(["plan", "--from-run", str(run), "--json"], capsys)
+    request = plan["request"]
+    assert (request["cache"], request["kv_dtype"], request["context"], request["prompt"]) == (
+        "quantized", "int4", prompt + new, prompt,
+    )  # fmt: skip
+    assert (request["quant_group_size"], request["residual_length"]) == (16, 2)
+    assert plan["kv_bytes"] == final
+
+
+def test_an_assistant_models_cache_is_noted_with_its_bytes(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN assisted decoding (batch 1), the assistant a second tiny model with a cache of its own
+    assistant = build_model(tiny_size(1, KV_HEADS)).eval()
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        _generate(model, 1, PROMPT, NEW, assistant_model=assistant)
+    recorded = _recorded(run, capsys)
+    # WHEN planned: THEN the plan is the main model's cache, and a note gives the assistant's bytes
+    plan = _json(["plan", "--from-run", str(run), "--json"], capsys)
+    assert plan["kv_bytes"] == TOKEN_ROW * (PROMPT + NEW - 1)
+    assistant_bytes = recorded["final_bytes"] - plan["kv_bytes"]
+    assert assistant_bytes > 0
+    assert any(f"{assistant_bytes:,} B" in note and "assistant" in note for note in plan["notes"])
+
+
+def test_a_typed_dtype_plans_the_geometrys_weights_and_its_own_kv(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an fp32 run
+    run = tmp_path / "run"
+    record_generate(model, run, BATCH, PROMPT, NEW, profiler=False)
+    # WHEN planned in bf16: THEN bf16 KV (half the run's), weights not the fp32 ones measured, and a note
+    plan = _json(["plan", "--from-run", str(run), "--dtype", "bf16", "--json"], capsys)
+    assert plan["request"]["kv_dtype"] == "bf16"
+    assert plan["kv_bytes"] == TOKEN_ROW // 2 * BATCH * (PROMPT + NEW - 1)
+    assert plan["weights_bytes"] < weights_bytes(model)
+    assert any("--dtype bf16 is not the run's (fp32)" in note for note in plan["notes"])
+
+
+def test_from_run_says_whose_setting_is_wrong_and_when_the_run_was_cut_short(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    record_generate(model, run, BATCH, PROMPT, NEW, profiler=False)
+    # the run's 2 rows under a typed --beams 3: the batch named as the run's
+    assert main(["plan", "--from-run", str(run), "--beams", "3"]) == 2
+    assert "the run's batch (2 rows) is not a multiple of --beams 3" in capsys.readouterr().err
+    # a run whose manifest still says running (its process was killed): a note says it was cut short
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["ended"] = {"status": "running"}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    plan = _json(["plan", "--from-run", str(run), "--json"], capsys)
+    assert any("cut short" in note for note in plan["notes"])
+    # a run recorded without model=: told to plan with --preset or --config instead of --from-run
+    bare = tmp_path / "bare"
+    ids = torch.randint(3, 1000, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(bare, profiler=False):
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0
+        )
+    assert main(["plan", "--from-run", str(bare)]) == 2
+    assert "instead of --from-run" in capsys.readouterr().err
