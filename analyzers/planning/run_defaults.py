@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from analyzers.kv_log import CacheFigures, analyze_kv_log, is_kv_data
+from analyzers.caches import layer_list
+from analyzers.kv_log import CacheFigures, analyze_run_kv_log, is_kv_data
 from analyzers.model import normal_device
 from analyzers.planning.presets import ModelGeometry, geometry_from_config
 from kvtrace.errors import KvtraceError
@@ -55,7 +56,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
     run = read_run(root)
     notes: list[str] = []
     geometry = _geometry(run, notes)
-    main = _main_cache(run)
+    main = _main_cache(run, notes)
     if main is None:
         raise KvtraceError(
             f"{root}: the run logged no KV cache, so it has no cache, batch or context to plan from; give "
@@ -131,10 +132,48 @@ def _geometry(run: Run, notes: list[str]) -> ModelGeometry:
     )
 
 
-def _main_cache(run: Run) -> CacheFigures | None:
-    """The cache written last: the model's own, where an assistant's or an earlier call's may sit beside."""
-    caches = [cache for cache in analyze_kv_log(run.kv_events).caches if cache.tokens]
-    return max(caches, key=lambda cache: cache.last_seq) if caches else None
+def _main_cache(run: Run, notes: list[str]) -> CacheFigures | None:
+    """The cache written last: the model's own, where an assistant's or an earlier call's may sit beside.
+    Its tokens and rows are those at the end of the last whole step: a run killed part-way through a step,
+    or whose forward raised (an OOM, a Ctrl-C), never held the step's tokens on every layer (nor did it
+    yield its token), and the tokens it would have gone on to are not in the recording."""
+    kv = analyze_run_kv_log(run)
+    caches = [cache for cache in kv.caches if cache.tokens]
+    if not caches:
+        return None
+    main = max(caches, key=lambda cache: cache.last_seq)
+    cut = kv.cut
+    if cut is None or not cut.raised:
+        return main  # a killed run's figures of the end are already its last whole step's
+    what = _how_it_stopped(run.manifest.get("ended") or {})
+    whole = cut.whole_step
+    held = kv.step_tokens.get(whole, {}).get(main.cache) if whole is not None else None
+    if whole is None or not held:  # no whole step before held this cache's KV: its prefill raised
+        reached = cut.reached.get(main.cache, ())
+        notes.append(
+            f"the run {what} in step {cut.step}, its prefill, which never finished: planned as that prefill "
+            f"would have ended, its {main.tokens} tokens a row on every layer (when it stopped "
+            f"{layer_list(reached) if reached else 'no layer'} held them) and one new token; the tokens it "
+            "was to generate are not in the recording (give --context)"
+        )
+        return main
+    rows = kv.step_rows.get(whole, {}).get(main.cache) or main.rows
+    notes.append(
+        f"the run {what} in step {cut.step}, which never finished: planned as at the end of step "
+        f"{whole}, the last whole one ({held} tokens a row held); the tokens it was to generate "
+        "are not in the recording (give --context)"
+    )
+    return replace(main, tokens=held, rows=rows)
+
+
+def _how_it_stopped(ended: dict[str, Any]) -> str:
+    """What a block that stopped inside a step did, from the manifest's `ended`: "ran out of memory"."""
+    kind = str(ended.get("type") or "")
+    if ended.get("status") == "interrupted":
+        return "was interrupted (Ctrl-C)"
+    if "OutOfMemory" in kind or "out of memory" in str(ended.get("message") or "").lower():
+        return "ran out of memory"
+    return f"raised {kind or 'an exception'}"
 
 
 def _weights(run: Run) -> tuple[int, list[str]]:
