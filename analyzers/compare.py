@@ -13,14 +13,16 @@ Definitions, so that the columns mean the same thing for every run:
   rejected draft of assisted or prompt-lookup decoding is appended, then cropped), a sliding window's or
   a press's evictions added back. It equals the new tokens generate() returns per row, whatever the
   tokens per forward (speculative decoding yields several). Only caches with the recorded model's layer
-  count count (an assistant model's draft cache does not), summed over them (two generate() calls);
+  count count (an assistant model's draft cache does not), summed over them (two generate() calls). A step
+  whose forward raised (an OOM, a Ctrl-C part-way through its layers) yields none;
 * tokens/s per row = generated tokens per row / wall time: how fast one sequence grows (under beam search,
   one beam, which is also how fast a returned sequence grows);
 * tokens/s (all rows) = the same over every batch row the cache holds / wall time (throughput). Under beam
   search the rows are beams, not returned sequences: each beam's tokens count, and the table says so;
 * wall time = from the recorder's "start" memory sample (taken once the profiler runs) to the sample at
   the end of the last step, so the profiler's start-up and trace writing are left out; without samples,
-  the manifest's start to end. Compare runs recorded with the same options.
+  the manifest's start to end. A last step whose forward raised (an OOM, a Ctrl-C) generated nothing: the
+  time ends with the step before it. Compare runs recorded with the same options.
 """
 
 from __future__ import annotations
@@ -101,7 +103,14 @@ def generated(source: MemorySource, report: Report) -> Generated | None:
     kv_log = source.meta.get("kv")
     samples = run.memory_samples if run is not None else []
     starts = [s["t_ns"] for s in samples if s.get("phase") == "start"]
-    step_ends = [s["t_ns"] for s in samples if s.get("phase") in ("prefill", "decode")]
+    # A step whose forward raised generated nothing: the time ends with the last whole step
+    cut = kv_log.cut if kv_log is not None else None
+    raised = cut.step if cut is not None and cut.raised else None
+    step_ends = [
+        s["t_ns"]
+        for s in samples
+        if s.get("phase") in ("prefill", "decode") and s.get("raised") is not True and s.get("step") != raised
+    ]
     if starts and step_ends:
         started, ended = starts[0], step_ends[-1]
     if not started or not ended or ended <= started or kv_log is None or not report.kv.batch:
@@ -119,7 +128,8 @@ def generated(source: MemorySource, report: Report) -> Generated | None:
     ]
     mine = mine or [c for c in kv_log.caches if c.cache == report.kv.main_cache]
     per_row = sum(c.generated_tokens for c in mine)
-    if not per_row:
+    # None where the log counts nothing (a module cache that logs no tokens); 0 where the first forward raised
+    if not per_row and raised is None:
         return None
     return Generated(
         tokens_per_row=per_row,

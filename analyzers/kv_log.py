@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvtrace.format import KvEvent
+from kvtrace.format import KvEvent, Run
 
 _NO_NEW_STORAGE = ("freed", "written")
 
@@ -155,25 +156,42 @@ def bytes_per_token_row(bytes_by_tokens: dict[int, int], rows: int) -> float | N
 class CutStep:
     """The last step of a run that never ended, cut between its layers' updates: the log holds some of
     them (the process was killed, or the writer had not flushed the rest yet). The figures of the end come
-    from the step before it, the last whole one; the memory timeline still shows what of it was logged."""
+    from the step before it, the last whole one; the memory timeline still shows what of it was logged.
+
+    Or, `raised`, the last step of a block that raised inside the model's forward (an OOM, a Ctrl-C): the
+    step yielded no token and never ended, but the log holds all it did, so the end stays the moment it
+    raised (the KV held then, its layers' tokens); only what a whole step means leaves it out (generated
+    tokens, the step count, the tokens held at a step's end)."""
 
     step: int
     whole_step: int | None  # the last step before it in the log (None: it was the log's first)
     reached: dict[int, tuple[int, ...]]  # cache -> layers whose update of the step reached the log
     missing: dict[int, tuple[int, ...]]  # cache -> layers its previous step wrote that this one did not
+    raised: bool = False
 
 
-def cut_last_step(events: list[KvEvent]) -> CutStep | None:
+def cut_last_step(
+    events: list[KvEvent], raised: int | None = None, block_raised: bool = False
+) -> CutStep | None:
     """The log's last step where it wrote some layers of a cache that the cache's previous step wrote but
     not all of them (layers update in turn, so a kill between two leaves the first ones written). Layers
     holding fewer tokens (a sliding window) still update every step, so they tell nothing apart. A cut in a
-    cache's first step (a prefill) cannot be told from the log: a pipeline stage holds some layers only."""
+    cache's first step (a prefill) cannot be told from the log: a pipeline stage holds some layers only.
+
+    `raised`: the step whose forward raised, as its memory sample says: cut whichever of its layers the log
+    holds (all of them where it raised after its last layer's update, none where before its first; a
+    prefill too), where no later step followed it (code that caught the error and went on). `block_raised`:
+    the recorded block raised or was interrupted, in a run whose samples do not say in which forward
+    (recorded before they did): its last step is cut where the layers tell, as a killed run's is. Either
+    way the block's logged teardown follows the cut step."""
     last_step = -1
     current: dict[int, tuple[int, set[int]]] = {}  # cache -> (its latest step, the layers it wrote then)
     previous: dict[int, set[int]] = {}  # cache -> the layers its step before that wrote
     for ev in events:
         if ev.phase == "end":
-            return None  # the run's teardown was logged: it ended
+            if raised is None and not block_raised:
+                return None  # the run's teardown was logged: it ended
+            break
         last_step = ev.step
         if ev.event == "freed" or not is_kv_data(ev):
             continue
@@ -184,16 +202,28 @@ def cut_last_step(events: list[KvEvent]) -> CutStep | None:
             layers = set()
             current[ev.cache] = (ev.step, layers)
         layers.add(ev.layer)
+    if raised is not None and raised < last_step:
+        return None
+    cut_step = last_step if raised is None else raised
     reached: dict[int, tuple[int, ...]] = {}
     missing: dict[int, tuple[int, ...]] = {}
     for cache, (step, layers) in current.items():
-        gone = previous.get(cache, set()) - layers
-        if step == last_step and gone:
-            reached[cache], missing[cache] = tuple(sorted(layers)), tuple(sorted(gone))
+        if step == cut_step:
+            gone = previous.get(cache, set()) - layers
+            if gone or raised is not None:
+                reached[cache], missing[cache] = tuple(sorted(layers)), tuple(sorted(gone))
+        elif raised is not None and step == last_step:  # the raised step logged none of its layers
+            reached[cache], missing[cache] = (), tuple(sorted(layers))
     if not missing:
         return None
-    whole = max((ev.step for ev in events if ev.step < last_step), default=None)
-    return CutStep(step=last_step, whole_step=whole, reached=reached, missing=missing)
+    whole = max((ev.step for ev in events if ev.step < cut_step and ev.phase != "end"), default=None)
+    return CutStep(
+        step=cut_step,
+        whole_step=whole,
+        reached=reached,
+        missing=missing,
+        raised=raised is not None or block_raised,
+    )
 
 
 @dataclass
@@ -246,19 +276,38 @@ class KvLogAnalysis:
     """A run that never ended whose last step the log holds only part of (`analyze_kv_log(unfinished=...)`):
     the final state, tokens, rows, evictions and generated tokens are the last whole step's, and the cut
     step has no end (no `step_live`, `step_tokens`, `step_rows` entry); the series, the peak and the
-    storages keep every logged event."""
+    storages keep every logged event. A `raised` one (a block that raised in the model's forward) yields no
+    generated token; the rest is as logged, its end the moment it raised."""
 
 
 def analyze_kv_log(
-    events: list[KvEvent], prompt_ends: dict[int, int] | None = None, unfinished: bool = False
+    events: list[KvEvent],
+    prompt_ends: dict[int, int] | None = None,
+    unfinished: bool = False,
+    raised: Collection[int] = (),
+    block_raised: bool = False,
 ) -> KvLogAnalysis:
     """`prompt_ends`: prefill step -> the cache positions its generate() call's prompt ends at (the step's
     memory sample says, since kvtrace 0.1's round 3): what the step's cache holds beyond it are draft
     tokens its forward verified and kept (assisted decoding), yielded besides the prefill's own token.
     `unfinished`: the run never ended (its manifest still says running): a last step the log holds only
-    part of is left out of the figures of the end (`KvLogAnalysis.cut`)."""
-    cut = cut_last_step(events) if unfinished else None
-    cut_from = next((i for i, ev in enumerate(events) if ev.step == cut.step), -1) if cut else -1
+    part of is left out of the figures of the end (`KvLogAnalysis.cut`). `raised`: the steps whose forward
+    raised (their memory samples say): they yielded no token, and the last, where it is the log's, is a
+    raised cut. `block_raised`: the block raised or was interrupted (its manifest says), in a run whose
+    samples may not say where: a last step whose layers show it cut is one too."""
+    raised_steps = frozenset(raised)
+    if unfinished:
+        cut = cut_last_step(events)
+    elif raised_steps or block_raised:
+        last_raised = max(raised_steps, default=None)
+        cut = cut_last_step(events, last_raised, block_raised=block_raised and last_raised is None)
+    else:
+        cut = None
+    # Steps whose forward never finished: no token came of them, whatever their layers appended
+    no_yield = raised_steps | {cut.step} if cut is not None and cut.raised else raised_steps
+    cut_from = (
+        next((i for i, ev in enumerate(events) if ev.step == cut.step), -1) if cut and not cut.raised else -1
+    )
     whole_end: tuple[Any, ...] = ()  # the state when the cut step began: the last whole step's end
     live: dict[int, tuple[int, int, str, int]] = {}  # addr -> (bytes, layer, kv, cache)
     open_storage: dict[int, int] = {}  # addr -> index in storages
@@ -318,7 +367,7 @@ def analyze_kv_log(
         step_live[step] = dict(layer_live)
         step_cache_live[step] = dict(cache_layer_live)
         phase = step_phase.get(step, "")
-        if phase in ("prefill", "decode"):  # a model forward; step 0 is outside any
+        if phase in ("prefill", "decode") and step not in no_yield:  # a model forward; step 0 is outside any
             yields: dict[int, int] = {}
             for slot in written:
                 before = closed_tokens.get(slot)
@@ -535,6 +584,31 @@ def analyze_kv_log(
         step_tokens=step_tokens,
         step_rows=step_rows,
         cut=cut,
+    )
+
+
+def analyze_run_kv_log(run: Run) -> KvLogAnalysis:
+    """A run's KV log with what its memory samples and manifest say of it: its prefills' prompts, the steps
+    whose forward raised, and how the block ended (a run that never ended, one that raised)."""
+    prompt_ends: dict[int, int] = {}
+    raised: set[int] = set()
+    for sample in run.memory_samples:
+        step, phase = sample.get("step"), sample.get("phase")
+        if type(step) is not int or phase not in ("prefill", "decode"):
+            continue
+        if phase == "prefill" and isinstance(sample.get("prompt_end"), int):
+            prompt_ends[step] = sample["prompt_end"]
+        if sample.get("raised") is True:  # the forward raised (runs recorded since 2026-12-03)
+            raised.add(step)
+    status = (run.manifest.get("ended") or {}).get("status")
+    # A run whose manifest still says running (its process died, or it is being recorded) may end inside a
+    # step, some of its layers' updates logged and the rest not; one whose block raised ended inside one
+    return analyze_kv_log(
+        run.kv_events,
+        prompt_ends,
+        unfinished=status == "running",
+        raised=raised,
+        block_raised=status in ("exception", "interrupted"),
     )
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvtrace.forward_inputs import ForwardSignature, is_prefill, new_tokens
+from kvtrace.model_forward import RAISED
 
 if TYPE_CHECKING:
     from kvtrace.integrations.hf_caches import HfCacheHooks
@@ -137,6 +138,7 @@ class ForwardSteps:
             return
         if self._beside and self._beside_end():
             return
+        raised = output is RAISED  # the hook is always called, also when the forward raised
         step_cache, self._step_cache = self._step_cache, None
         compared = None
         hf = self._hf
@@ -145,18 +147,18 @@ class ForwardSteps:
             cache = ref()
             if cache is None:
                 pass  # dropped during its own forward: its storages' frees are found by the step's end
-            elif deferred:  # `output` is None when the forward raised (the hook is always called)
-                hf.step_end(cache, new_tokens, written=False, complete=output is not None, fresh=empty)
+            elif deferred:
+                hf.step_end(cache, new_tokens, written=False, complete=not raised, fresh=empty)
                 compared = cache
-            elif hf.updates_seen == seen and output is not None and new_tokens:
+            elif hf.updates_seen == seen and not raised and new_tokens:
                 # No update reached the wrapper: they ran in a compiled graph.
                 hf.step_end(cache, new_tokens, written=True, fresh=empty)
                 compared = cache
-        if self._prefill_left > 0 and output is not None:
+        if self._prefill_left > 0 and not raised:
             self._prefill_continues = True  # the step ends with the prefill's last chunk
             return
         self._prefill_left = 0
-        self._end_step(compared)
+        self._end_step(compared, raised)
 
     def _forward_beside(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this forward runs beside the open step's, on another thread (or inside one that does),
@@ -308,7 +310,9 @@ class ForwardSteps:
         if ranges.active:  # nobody listening (no NVTX tool, no profiler): no range, no name to build
             ranges.push("kvtrace/prefill" if prefill else f"kvtrace/decode {self._decode_index}")
 
-    def _end_step(self, compared: Any = None) -> None:
+    def _end_step(self, compared: Any = None, raised: bool = False) -> None:
+        """`raised`: the step's forward raised (an OOM, a Ctrl-C): its sample says so, as the step yielded no
+        token, whichever of its layers' KV updates the log holds."""
         if not self._step_open:
             return
         if self._hf is not None:
@@ -326,10 +330,10 @@ class ForwardSteps:
             self._ranges.pop()
         self._step_open = False
         phase = self.tracker.phase
+        extra: dict[str, Any] = {"raised": True} if raised else {}
         if phase == "prefill" and self._prompt_end is not None:
-            self._sample(phase, prompt_end=self._prompt_end)
-        else:
-            self._sample(phase)
+            extra["prompt_end"] = self._prompt_end
+        self._sample(phase, **extra)
         self._prompt_end = None
 
 

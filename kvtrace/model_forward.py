@@ -40,9 +40,23 @@ Before = Callable[[Any, tuple[Any, ...], dict[str, Any]], None]
 After = Callable[[Any, tuple[Any, ...], Any], None]
 
 
+class _Raised:
+    """The type of `RAISED`: what `after` is given as the output of a forward that raised."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "RAISED"
+
+
+# `after`'s output where the forward raised (an OOM, a Ctrl-C part-way through its layers): not None, which a
+# forward may return, so that the step's end can say its forward never finished.
+RAISED: Any = _Raised()
+
+
 class ForwardWrap:
     """Runs `before(model, args, kwargs)` and `after(model, args, output)` around every forward of `model`;
-    `after` also when the forward raises, with `output` None (as an always-called forward hook)."""
+    `after` also when the forward raises, with `output` `RAISED` (as an always-called forward hook)."""
 
     def __init__(self, model: Any, before: Before, after: After) -> None:
         self.model = model
@@ -147,13 +161,15 @@ class ForwardWrap:
 
 
 def around(before: Before, after: After, model: Any, call: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    """`call(*args, **kwargs)` between `before` and `after`; `after` also when it raises (output None)."""
+    """`call(*args, **kwargs)` between `before` and `after`; `after` also when it raises (output `RAISED`),
+    and the exception goes on."""
     before(model, args, kwargs)
-    output = None
     try:
         output = call(*args, **kwargs)
-    finally:
-        after(model, args, output)
+    except BaseException:
+        after(model, args, RAISED)
+        raise
+    after(model, args, output)
     return output
 
 

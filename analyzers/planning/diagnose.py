@@ -190,7 +190,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     kv_final = report.kv.final_bytes if kv_log is not None else None
 
     step = phase = prompt = beams = held_step = None
-    rows_are_beams = False
+    rows_are_beams = step_cut = False
     top_layers: tuple[tuple[int, int], ...] = ()
     top_cache_layers: tuple[tuple[int, int, int], ...] = ()
     by_layer: dict[int, int] = {}
@@ -207,8 +207,10 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         phase = kv_log.step_phase.get(step)
         held = step
         if kv_log.cut is not None and step == kv_log.cut.step:
-            # A cut last step never ended: what is held is the last whole step's (the report's end)
+            # A cut last step never ended (killed part-way, or its forward raised): what is held at a step's
+            # end is the last whole step's (a killed run's report ends there too)
             held_step = held = kv_log.cut.whole_step
+            step_cut = True
         if held is not None:
             batch, tokens_held = held_at_step(report, kv_log, held)
             beams, rows_are_beams = beams_at_step(report, kv_log, held, batch)
@@ -341,6 +343,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         peak_leaves_out=peak_leaves_out,
         unfinished=_unfinished(source),
         held_step=held_step,
+        step_cut=step_cut,
     )
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from analyzers.kv_log import CacheFigures, KvLogAnalysis, analyze_kv_log, is_kv_data
+from analyzers.caches import layer_list
+from analyzers.kv_log import CacheFigures, KvLogAnalysis, analyze_run_kv_log, is_kv_data
 from analyzers.model import normal_device
 from analyzers.planning.hf_config import geometry_from_config
 from analyzers.planning.presets import ModelGeometry
@@ -63,7 +64,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
         raise KvtraceError(f"{root}: a vLLM run; plan its pool with --engine vllm --from-run")
     run = read_run(root)
     notes: list[str] = []
-    main, kv = _main_cache(run)
+    main, kv = _main_cache(run, notes)
     geometry = _geometry(run, notes, main)
     if main is None:
         raise KvtraceError(
@@ -173,6 +174,50 @@ def _geometry(run: Run, notes: list[str], main: CacheFigures | None) -> ModelGeo
     )
 
 
+def _main_cache(run: Run, notes: list[str]) -> tuple[CacheFigures | None, KvLogAnalysis]:
+    """The cache written last: the model's own, where an assistant's or an earlier call's may sit beside.
+    Its tokens and rows are those at the end of the last whole step: a run killed part-way through a step,
+    or whose forward raised (an OOM, a Ctrl-C), never held the step's tokens on every layer (nor did it
+    yield its token), and the tokens it would have gone on to are not in the recording."""
+    kv = analyze_run_kv_log(run)
+    caches = [cache for cache in kv.caches if cache.tokens]
+    if not caches:
+        return None, kv
+    main = max(caches, key=lambda cache: cache.last_seq)
+    cut = kv.cut
+    if cut is None or not cut.raised:
+        return main, kv  # a killed run's figures of the end are already its last whole step's
+    what = _how_it_stopped(run.manifest.get("ended") or {})
+    whole = cut.whole_step
+    held = kv.step_tokens.get(whole, {}).get(main.cache) if whole is not None else None
+    if whole is None or not held:  # no whole step before held this cache's KV: its prefill raised
+        reached = cut.reached.get(main.cache, ())
+        notes.append(
+            f"the run {what} in step {cut.step}, its prefill, which never finished: planned as that prefill "
+            f"would have ended, its {main.tokens} tokens a row on every layer (when it stopped "
+            f"{layer_list(reached) if reached else 'no layer'} held them) and one new token; the tokens it "
+            "was to generate are not in the recording (give --context)"
+        )
+        return main, kv
+    rows = kv.step_rows.get(whole, {}).get(main.cache) or main.rows
+    notes.append(
+        f"the run {what} in step {cut.step}, which never finished: planned as at the end of step "
+        f"{whole}, the last whole one ({held} tokens a row held); the tokens it was to generate "
+        "are not in the recording (give --context)"
+    )
+    return replace(main, tokens=held, rows=rows), kv
+
+
+def _how_it_stopped(ended: dict[str, Any]) -> str:
+    """What a block that stopped inside a step did, from the manifest's `ended`: "ran out of memory"."""
+    kind = str(ended.get("type") or "")
+    if ended.get("status") == "interrupted":
+        return "was interrupted (Ctrl-C)"
+    if "OutOfMemory" in kind or "out of memory" in str(ended.get("message") or "").lower():
+        return "ran out of memory"
+    return f"raised {kind or 'an exception'}"
+
+
 def _prompt_ends(run: Run) -> dict[int, int]:
     """Prefill step -> its generate() call's prompt (the step's memory sample's `prompt_end`)."""
     ends: dict[int, int] = {}
@@ -183,21 +228,13 @@ def _prompt_ends(run: Run) -> dict[int, int]:
     return ends
 
 
-def _main_cache(run: Run) -> tuple[CacheFigures | None, KvLogAnalysis]:
-    """The cache written last (the model's own, where an assistant's or an earlier call's may sit beside),
-    of the log read as the report reads it."""
-    unfinished = (run.manifest.get("ended") or {}).get("status") == "running"
-    kv = analyze_kv_log(run.kv_events, _prompt_ends(run), unfinished=unfinished)
-    caches = [cache for cache in kv.caches if cache.tokens]
-    return (max(caches, key=lambda cache: cache.last_seq) if caches else None), kv
-
-
 def _call(run: Run, kv: KvLogAnalysis, main: CacheFigures) -> tuple[int | None, int | None]:
     """(prompt, context) of the generate() call that wrote the main cache last, not the run's first call:
     its prompt from its prefill sample (else the tokens the prefill left in the cache), its context that
     prompt plus the tokens the call yielded, never the tokens held + 1 alone, which a sliding window caps;
     but at least that (a quantized cache's packed parts, which the yields do not count, hold them)."""
-    events = [ev for ev in run.kv_events if ev.cache == main.cache and ev.event != "freed"]
+    cut = kv.cut.step if kv.cut is not None and kv.cut.raised else None  # a step whose forward raised
+    events = [ev for ev in run.kv_events if ev.cache == main.cache and ev.event != "freed" and ev.step != cut]
     # Its last prefill: a quantized cache's writes it in packed parts, which `call_step` does not count
     step = max((ev.step for ev in events if ev.phase == "prefill"), default=main.call_step)
     prompt = _prompt_ends(run).get(step) if step else None

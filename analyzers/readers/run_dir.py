@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.attribution import JOIN_TOLERANCE_US, frees_storage, sizes_are_blocks, smallest_block
-from analyzers.kv_log import analyze_kv_log
+from analyzers.kv_log import analyze_run_kv_log
 from analyzers.model import (
     KV,
     SMALL_SEGMENT_BYTES,
@@ -262,15 +262,7 @@ def _forwards_all_elsewhere(manifest: dict[str, Any]) -> bool:
 
 def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
     run = read_run(path)
-    prompt_ends = {
-        sample["step"]: sample["prompt_end"]
-        for sample in run.memory_samples
-        if sample.get("phase") == "prefill" and isinstance(sample.get("prompt_end"), int)
-    }
-    # A run whose manifest still says running (its process died, or it is being recorded) may end inside a
-    # step, some of its layers' updates logged and the rest not
-    unfinished = (run.manifest.get("ended") or {}).get("status") == "running"
-    kv = analyze_kv_log(run.kv_events, prompt_ends, unfinished=unfinished)
+    kv = analyze_run_kv_log(run)
     source = MemorySource(kind="run", path=str(Path(path)))
     missing = missing_files_notes(run)
     if missing:

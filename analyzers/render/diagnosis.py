@@ -103,6 +103,8 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
         label = f"batch x tokens held (end of step {d.step})" if d.step is not None else "batch x tokens held"
         if d.held_step is not None:  # the moment's step was cut: it never ended
             label = f"batch x tokens held (end of step {d.held_step}, the last whole one)"
+        elif d.step_cut:  # and no step came before it: what its layers held then
+            label = f"batch x tokens held (at this moment; step {d.step} never ended)"
         beams = f" ({d.batch // d.beams} prompts x {d.beams} beams)" if d.beams else ""
         rows.append((label, f"{d.batch} x {d.tokens_held}{beams}"))
     if d.step is not None:
