@@ -30,10 +30,12 @@ __all__ = [
     "caches_note",
     "cross_attention_parts",
     "layer_list",
+    "layers_holding",
     "layers_over_caches",
     "main_cache",
     "measured_bytes_per_token",
     "model_caches",
+    "model_kv_layers",
     "rows_name_caches",
 ]
 
@@ -73,7 +75,9 @@ class CacheSummary:
     cross_layers: list[int] | None = None  # those layers' indices (`cross_attention_of`'s)
 
 
-def _model_layers(geometry: dict[str, Any] | None) -> int | None:
+def model_kv_layers(geometry: dict[str, Any] | None) -> int | None:
+    """The recorded model's layers holding KV: the config's `kv_layers` (no linear-attention, KV-shared or
+    cross-attention layers), else all its layers; None without geometry."""
     layers = (geometry or {}).get("kv_layers") or (geometry or {}).get("num_layers")
     return layers if isinstance(layers, int) else None
 
@@ -139,7 +143,7 @@ def main_cache(
     cross = {cid for cid, (role, _) in (roles or {}).items() if role == CROSS_ATTENTION}
     caches = [c for c in caches if c.cache not in cross] or caches
     held = [c for c in caches if c.final_bytes] or caches
-    layers = _model_layers(geometry)
+    layers = model_kv_layers(geometry)
     shaped = [c for c in held if c.layers == layers] or held
     return max(shaped, key=lambda c: c.last_seq)
 
@@ -165,7 +169,7 @@ def cache_summaries(
 ) -> list[CacheSummary]:
     """Each cache's own figures; `main_id` is `main_cache(...)`'s, `roles` `cache_roles(...)`, `parts`
     `cross_attention_parts(...)`."""
-    layers = _model_layers(geometry)
+    layers = model_kv_layers(geometry)
     roles = roles or {}
     parts = parts or {}
     return [
@@ -285,6 +289,13 @@ class _LayerRow(Protocol):
     tokens: int
     evicted_tokens: int
     cache: int | None
+
+
+def layers_holding(rows: Iterable[_LayerRow], cache: int | None) -> set[int]:
+    """The layers of `cache` holding KV and a known count of tokens: those its measured bytes per token
+    count. Fewer than the model's KV layers (`model_kv_layers`) where a run stopped in its first step before
+    the last layers held KV; the arithmetic counts them all."""
+    return {row.layer for row in rows if row.cache == cache and row.tokens and row.k_bytes + row.v_bytes}
 
 
 @dataclass(frozen=True)

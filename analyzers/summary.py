@@ -17,6 +17,7 @@ from analyzers.caches import (
     main_cache,
     measured_bytes_per_token,
     model_caches,
+    model_kv_layers,
 )
 from analyzers.kv_log import SEQ_MAJOR_PARTS, CutStep, event_rows, is_kv_data
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
@@ -312,16 +313,20 @@ def _shapes_follow(geometry: dict[str, Any] | None, data_events: list[Any]) -> b
     return all((heads_held_by(e), e.shape[-1]) in own for e in data_events if len(e.shape) == 4)
 
 
-def _bytes_per_token_of_shapes(data_events: list[Any]) -> int | None:
+def _bytes_per_token_of_shapes(data_events: list[Any], model_layers: int | None = None) -> int | None:
     """The arithmetic from the tensors themselves: per KV layer, K heads x K width + V heads x V width, times
-    the element size, from each slot's last tensor."""
+    the element size, from each slot's last tensor. Like the config's, it counts the model's `model_layers`:
+    a run that stopped in its first step before the last layers held KV has no tensor of theirs, which
+    cost what the layers seen cost on average."""
     last: dict[tuple[int, str], Any] = {}
     for event in data_events:
         if len(event.shape) == 4 and event.dtype in _DTYPE_BYTES:
             last[(event.layer, event.kv)] = event
     if not last:
         return None
-    return sum((heads_held_by(e) or 0) * e.shape[-1] * _DTYPE_BYTES[e.dtype] for e in last.values())
+    seen = sum((heads_held_by(e) or 0) * e.shape[-1] * _DTYPE_BYTES[e.dtype] for e in last.values())
+    layers = len({layer for layer, _ in last})
+    return round(seen * model_layers / layers) if model_layers and layers < model_layers else seen
 
 
 def _add_evictions(kv: KvSummary, events: list[Any]) -> None:
@@ -535,7 +540,7 @@ def summarize(
             kv.bytes_per_token_expected = (
                 _expected_bytes_per_token(geometry, last.dtype, heads_held_by(last))
                 if _shapes_follow(geometry, data_events)
-                else _bytes_per_token_of_shapes(data_events)
+                else _bytes_per_token_of_shapes(data_events, model_kv_layers(geometry))
             )
             if kv.tokens_held and kv.batch:
                 kv.token_rows = kv.tokens_held * kv.batch

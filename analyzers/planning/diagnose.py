@@ -29,6 +29,7 @@ from analyzers.planning.diagnose_moment import (
     beams_at_step,
     held_at_step,
     kv_by_slot_at,
+    layer_tokens_at_step,
     moment_index,
     prompt_at_step,
 )
@@ -37,12 +38,12 @@ from analyzers.planning.diagnose_remedies import (
     compute_dtype_bits,
     growing_bytes_per_token,
     kv_dtype_bits,
+    kv_layers,
     layer_token_bytes,
     price_remedies,
     quantized_cache,
     sliding_layer_ids,
     sliding_layers,
-    token_layers,
 )
 from analyzers.planning.diagnose_stacks import (
     freed_from_before,
@@ -190,6 +191,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     kv_final = report.kv.final_bytes if kv_log is not None else None
 
     step = phase = prompt = beams = held_step = None
+    layer_tokens: dict[int, int] = {}
     rows_are_beams = step_cut = False
     top_layers: tuple[tuple[int, int], ...] = ()
     top_cache_layers: tuple[tuple[int, int, int], ...] = ()
@@ -215,6 +217,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             batch, tokens_held = held_at_step(report, kv_log, held)
             beams, rows_are_beams = beams_at_step(report, kv_log, held, batch)
             prompt = prompt_at_step(report, kv_log, held)
+            layer_tokens = layer_tokens_at_step(report, kv_log, held)
             live = kv_log.step_cache_live.get(held)
             if live is not None:
                 cross_kv = sum(nbytes for (cache, _), nbytes in live.items() if cache in cross_ids)
@@ -269,7 +272,10 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "sliding_layer_ids": sliding_layer_ids(report),
         "window": (report.geometry or {}).get("sliding_window"),
         "layer_token_bytes": layer_token_bytes(report),
-        "kv_layers": len(token_layers(report)) or None,
+        "kv_layers": kv_layers(report),
+        # each layer's tokens then: a step stopped between its layers' updates leaves them holding different
+        # counts, and a prefill's last layers none
+        "layer_tokens": layer_tokens,
         "cross_kv_bytes": min(cross_kv, kv_bytes) if kv_bytes is not None else cross_kv,
         "layer_bytes": by_layer,
         "step_phase": phase,
@@ -297,6 +303,13 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         notes.append(
             f"{len(held)} KV caches were held at the end: the KV at this moment counts them all; tokens held "
             f"and the price of a token are the main cache's (cache {report.kv.main_cache}){named}"
+        )
+    model_layers = kv_layers(report)
+    if layer_tokens and model_layers and len(layer_tokens) < model_layers:
+        notes.append(
+            f"the KV at this moment is on {len(layer_tokens):,} of the model's {model_layers:,} KV layers: "
+            f"step {held_step or step} stopped before the others held any; the remedies price a token at "
+            "every layer's KV, which the step needs, and the shortfall is this moment's, before theirs"
         )
     layers = (report.geometry or {}).get("num_layers")
     on_cuda = device is None or device.startswith("cuda")

@@ -26,6 +26,7 @@ __all__ = [
     "beam_search_remedies",
     "fewer_rows",
     "int4_remedy",
+    "layer_tokens_of",
     "model_dtype_text",
     "moment_bytes_per_token",
     "quantized_widening",
@@ -137,28 +138,37 @@ def int4_remedy(
     """transformers' QuantizedCache at its defaults (int4, a scale and a zero-point per 64 elements,
     residual_length 128) holding this moment's tokens: the prompt quantized, the tokens after it in the
     compute dtype until 128 are due (analyzers.planning.quantized_cache, as `kvtrace plan` counts it).
+    Each layer holds its own tokens (`layer_tokens_of`): a step stopped between its layers' updates leaves
+    the later ones a token short, or at prefill with none, and both caches are priced on what is held.
     `preallocated`: the cache holds room beyond its tokens (a StaticCache), all of which it replaces."""
     batch, tokens, prompt = d["batch"], d["tokens_held"], d.get("prompt_tokens")
     if not isinstance(batch, int) or not isinstance(tokens, int) or not batch or not tokens:
         why = "needs the tokens held, a share of which it keeps at full precision"
         return Remedy("quantized_kv", 4, None, None, f"int4 quantized cache: {no_geometry(d)}; it {why}.")
     per_token = _bytes_per_token_all_rows(d, kv, batch, tokens)
+    counts, layers = layer_tokens_of(d, tokens)
+    per_layer_token = per_token / layers  # one layer's KV of a position, every row
     # What the cache holds at this moment, without a dynamic cache's transient copy: a quantized cache's
     # updates make larger ones (its quantized layer dequantized, whole K and V returned at full precision).
-    cache = kv if preallocated else min(kv, round(per_token * tokens))
-    elements = per_token * 8 / kv_bits  # per position, every row
+    cache = kv if preallocated else min(kv, round(per_layer_token * sum(counts)))
+    elements = per_layer_token * 8 / kv_bits  # per position of one layer, every row
     compute_bits = d.get("compute_bits")
     compute_bytes = (compute_bits if isinstance(compute_bits, int) else kv_bits) / 8
     known = prompt if isinstance(prompt, int) else None
-    residual = residual_tokens(tokens, DEFAULT_RESIDUAL_LENGTH, known)
-    held = quantized_cache_bytes(
-        tokens,
-        residual,
-        data_per_token=elements * 4 / 8,
-        scale_per_token=elements / DEFAULT_GROUP_SIZE * 2 * compute_bytes,
-        full_per_token=elements * compute_bytes,
-    )
-    saved = max(cache - held.total_bytes, 0)
+    per_layer = [
+        quantized_cache_bytes(
+            held_here,
+            residual_tokens(held_here, DEFAULT_RESIDUAL_LENGTH, known),
+            data_per_token=elements * 4 / 8,
+            scale_per_token=elements / DEFAULT_GROUP_SIZE * 2 * compute_bytes,
+            full_per_token=elements * compute_bytes,
+        )
+        for held_here in counts
+    ]
+    held_bytes = sum(q.total_bytes for q in per_layer)
+    fullest = max(per_layer, key=lambda q: q.quantized_tokens + q.residual_tokens)
+    residual = fullest.residual_tokens
+    saved = max(cache - held_bytes, 0)
     after = (
         f"the {residual:,} after the prompt" if known is not None else f"up to {residual:,} (the worst case)"
     )
@@ -167,11 +177,39 @@ def int4_remedy(
         4,
         saved,
         fits(saved, need),
-        f"An int4 quantized cache (QuantizedCache, scales included) holds these {tokens:,} tokens in "
-        f"{human_bytes(held.total_bytes)} instead of {human_bytes(cache)}, saving {human_bytes(saved)}: "
-        f"{held.quantized_tokens:,} in int4, {after} at full precision ({human_bytes(held.residual_bytes)}) "
-        f"until residual_length={DEFAULT_RESIDUAL_LENGTH} are due.",
+        f"An int4 quantized cache (QuantizedCache, scales included) holds these {tokens:,} tokens"
+        f"{_short_layers(counts, tokens, layers)} in {human_bytes(held_bytes)} instead of "
+        f"{human_bytes(cache)}, saving {human_bytes(saved)}: {fullest.quantized_tokens:,} in int4, {after} "
+        f"at full precision ({human_bytes(sum(q.residual_bytes for q in per_layer))}) until "
+        f"residual_length={DEFAULT_RESIDUAL_LENGTH} are due.",
     )
+
+
+def layer_tokens_of(d: dict[str, object], tokens: int) -> tuple[list[int], int]:
+    """(tokens per row of each layer holding KV at the moment, the model's KV layers): the moment's own
+    counts (`layer_tokens`, analyzers.planning.diagnose_moment.layer_tokens_at_step) where its fullest layer
+    holds `tokens`, else `tokens` on every KV layer (a whole step's)."""
+    layers = d.get("kv_layers")
+    layers = layers if isinstance(layers, int) and layers > 0 else 1
+    held = d.get("layer_tokens")
+    if isinstance(held, dict) and held and max(held.values()) == tokens and len(held) <= layers:
+        return [int(n) for n in held.values()], layers
+    return [tokens] * layers, layers
+
+
+def _short_layers(counts: list[int], tokens: int, layers: int) -> str:
+    """What the layers the moment's step had not reached held, where some hold fewer than `tokens`."""
+    fewer: dict[int, int] = {}
+    for held in [*counts, *[0] * (layers - len(counts))]:
+        if held < tokens:
+            fewer[held] = fewer.get(held, 0) + 1
+    if not fewer:
+        return ""
+    said = "; ".join(
+        f"{f'{held:,}' if held else 'none'} on {count:,}"
+        for held, count in sorted(fewer.items(), reverse=True)
+    )
+    return f" ({said} of the {layers:,} KV layers, which the step had not reached)"
 
 
 def _bytes_per_token_all_rows(d: dict[str, object], kv: int, batch: int, tokens: int) -> float:
@@ -386,7 +424,9 @@ def static_cache_at_model_dtype(
     ):
         why = "cannot be priced: the KV geometry of a layer is not recorded"
         return Remedy("static_cache", None, None, None, f"Static cache: {why}.")
-    held = round(layer_token * widen * layers * batch * tokens)
+    # every layer holding KV then, at max_cache_len: a step stopped before its last layers has fewer
+    holding = len(layer_tokens_of(d, tokens)[0])
+    held = round(layer_token * widen * holding * batch * tokens)
     change = (
         f"A static cache (cache_implementation='static', max_cache_len={tokens:,}) holds KV at "
         f"{model_dtype_text(d)}, not quantized: {human_bytes(held)} for these {tokens:,} tokens"

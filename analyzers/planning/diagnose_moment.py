@@ -16,7 +16,14 @@ from analyzers.caches import CROSS_ATTENTION
 from analyzers.model import KV, DeviceEvents
 from analyzers.summary import Report
 
-__all__ = ["beams_at_step", "held_at_step", "kv_by_slot_at", "moment_index", "prompt_at_step"]
+__all__ = [
+    "beams_at_step",
+    "held_at_step",
+    "kv_by_slot_at",
+    "layer_tokens_at_step",
+    "moment_index",
+    "prompt_at_step",
+]
 
 
 def moment_index(ts_us: np.ndarray, when: float | None) -> int:
@@ -64,6 +71,24 @@ def held_at_step(report: Report, kv_log: Any, step: int) -> tuple[int | None, in
         return report.kv.batch, report.kv.tokens_held
     rows = kv_log.step_rows.get(step, {}).get(cache)
     return rows or report.kv.batch, tokens[cache]
+
+
+def layer_tokens_at_step(report: Report, kv_log: Any, step: int) -> dict[int, int]:
+    """{layer: tokens per row} at the end of `step` of the cache `held_at_step` counts, its layers holding
+    KV then. The log's last ended step ends where the report does: its layers' own counts, which differ
+    where the run stopped between their updates (the layers before hold one token more; at prefill the
+    layers after hold none). An earlier step went through every layer: each holds the step's count
+    (a sliding window's would hold fewer; not for a cache with sliding layers)."""
+    cache = _cache_at_step(report, kv_log, step)
+    if step == max(kv_log.step_cache_live, default=None):
+        return {
+            layer.layer: layer.tokens
+            for layer in report.kv.per_layer
+            if layer.cache == cache and layer.tokens and layer.k_bytes + layer.v_bytes
+        }
+    tokens = (kv_log.step_tokens.get(step) or {}).get(cache)
+    live = kv_log.step_cache_live.get(step) or {}
+    return {layer: tokens for (c, layer), nbytes in live.items() if c == cache and nbytes} if tokens else {}
 
 
 def _cache_at_step(report: Report, kv_log: Any, step: int) -> int | None:

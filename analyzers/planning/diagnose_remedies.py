@@ -41,7 +41,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from analyzers.caches import CROSS_ATTENTION
+from analyzers.caches import CROSS_ATTENTION, layers_holding, model_kv_layers
 from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
 from analyzers.planning.diagnose_buffer_remedies import (
@@ -53,6 +53,7 @@ from analyzers.planning.diagnose_cache_remedies import (
     beam_search_remedies,
     fewer_rows,
     int4_remedy,
+    layer_tokens_of,
     model_dtype_text,
     moment_bytes_per_token,
     quantized_widening,
@@ -69,6 +70,7 @@ __all__ = [
     "compute_dtype_bits",
     "growing_bytes_per_token",
     "kv_dtype_bits",
+    "kv_layers",
     "layer_token_bytes",
     "price_remedies",
     "quantized_cache",
@@ -108,10 +110,15 @@ def all_windowed(report: Report) -> bool:
 def growing_bytes_per_token(report: Report) -> float | None:
     """KV bytes one more token of context costs per sequence: the run's own figure (storages over tokens
     held), but for the layers that keep every token only when others slide; a fully sliding cache's token
-    of window costs the arithmetic (its storages keep a spare slot)."""
+    of window costs the arithmetic (its storages keep a spare slot), and so does a token of a run that
+    stopped in its first step before every layer held KV: the run's figure counts the layers that did, and
+    a token costs them all."""
     kv = report.kv
     windowed, others = _windowed_layers(report)
     if not windowed:
+        layers, holding = kv_layers(report), len(layers_holding(kv.per_layer, kv.main_cache))
+        if kv.bytes_per_token_expected and layers and 0 < holding < layers:
+            return kv.bytes_per_token_expected
         return kv.bytes_per_token_measured
     if not others:
         return kv.bytes_per_token_expected or kv.bytes_per_token_measured
@@ -127,12 +134,19 @@ def token_layers(report: Report) -> set[int]:
     return {layer.layer for layer in report.kv.per_layer if layer.cache not in cross}
 
 
+def kv_layers(report: Report) -> int | None:
+    """The layers a token's KV is written to: the model's (`model_kv_layers`), else those holding it, not
+    only those holding KV at the end, which a run that stopped in a step before its last layers has fewer
+    of."""
+    return model_kv_layers(report.geometry) or len(token_layers(report)) or None
+
+
 def layer_token_bytes(report: Report) -> float | None:
-    """KV bytes one token costs one layer of one sequence: the arithmetic, shared by the layers holding the
-    tokens' KV."""
-    layers = token_layers(report)
+    """KV bytes one token costs one layer of one sequence: the arithmetic (every KV layer's), shared by the
+    model's KV layers (`kv_layers`)."""
+    layers = kv_layers(report)
     expected = report.kv.bytes_per_token_expected
-    return expected / len(layers) if expected and layers else None
+    return expected / layers if expected and layers else None
 
 
 def sliding_layer_ids(report: Report) -> tuple[int, ...]:
@@ -275,6 +289,10 @@ def price_remedies(
                 if following > 1
                 else "; its sliding layer holds more than its window now"
             )
+        holding, layers = layer_tokens_of(d, tokens)
+        partial = len(holding) < layers  # a step stopped before its last layers held KV: a token costs all
+        if partial:
+            held_too += f"; every KV layer's, of which the step had reached {len(holding):,} of {layers:,}"
         cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
         context = tokens - min(cut, tokens)
         saved = round(per_token * (tokens - max(context, 1)))
@@ -291,6 +309,12 @@ def price_remedies(
             fixed = d.get("cross_kv_bytes")
             own = kv - fixed if isinstance(fixed, int) else kv
             text = f"No shorter context fits: all {tokens:,} tokens of KV are only {human_bytes(own)}."
+            if partial:  # priced at every layer's KV, of which the moment holds a part
+                text = (
+                    f"No shorter context fits: all {tokens:,} tokens of KV are only "
+                    f"{human_bytes(per_token * tokens)} on every layer ({human_bytes(own)} at this moment, "
+                    f"on the {len(holding):,} of {layers:,} KV layers the step had reached)."
+                )
         if not d.get("windowed") and static is None:
             out.append(Remedy("context", context or None, saved, fits(saved, need), text))
             out.append(_window(d, kv, tokens, context, need, num_layers, kv_bits))

@@ -8,7 +8,9 @@ from analyzers.caches import (
     MAX_CACHES_AS_ROWS,
     biggest_caches,
     layer_list,
+    layers_holding,
     layers_over_caches,
+    model_kv_layers,
     rows_name_caches,
 )
 from analyzers.model import request_at_most
@@ -173,6 +175,11 @@ def report_to_text(report: Report) -> str:
                 f"each layer's bytes over its own tokens, {min(layer_tokens)} to {max(layer_tokens)} a row, "
                 f"x {kv.batch} {'row' if kv.batch == 1 else 'rows'}"
             )
+        holding = len(layers_holding(kv.per_layer, kv.main_cache))
+        model_layers = model_kv_layers(report.geometry)
+        if model_layers and 0 < holding < model_layers and report.engine is None:
+            # a run that stopped in its first step before the last layers held KV: the arithmetic counts them
+            held += f", on the {holding:,} of the model's {model_layers:,} KV layers holding KV at the end"
         if kv.capacity_rows and kv.capacity_tokens:
             held = _buffer_slots(kv)
         if len([c for c in kv.caches if c.final_bytes]) > 1:

@@ -1,0 +1,149 @@
+"""`kvtrace diagnose` on a run whose OutOfMemoryError came in the middle of a step, between two layers'
+KV updates: the layers before it hold the step's tokens, the layers after it one token fewer (a decode
+step) or none (the prefill). A token of context costs every KV layer of the model, not only those that
+held KV when the error came, and the int4 cache is priced on the tokens each layer really holds.
+
+The error is raised with PyTorch's own exception type by a pre-hook on one decoder layer of a tiny Llama 3,
+as the caching allocator would when that layer's KV does not fit. Every expected figure is arithmetic on
+the model's shapes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import kvtrace
+from analyzers.units import human_bytes
+from kvtrace.cli import main
+from kvtrace.llama import build_model
+from tests.tiny import tiny_size
+
+LAYERS, KV_HEADS, HEAD_DIM, BATCH, FP32 = 4, 2, 16, 2, 4
+ELEMENTS = 2 * KV_HEADS * HEAD_DIM  # K and V of one token, one layer, one row
+PER = ELEMENTS * FP32  # their bytes: 256
+# The OOM asks for 3 KiB with nothing free: a shortfall a shorter context can cover
+REQUEST = 3 * 2**10
+MESSAGE = (
+    "CUDA out of memory. Tried to allocate 3.00 KiB. GPU 0 has a total capacity of 79.19 GiB of which 0 "
+    "bytes free."
+)
+
+
+def _record_oom(run: Path, prompt: int, new_tokens: int, forward: int, layer: int) -> None:
+    """generate() that raises torch.OutOfMemoryError at model forward `forward` (0: the prefill), before
+    decoder layer `layer` runs."""
+    model = build_model(tiny_size(LAYERS, KV_HEADS))
+    calls = {"n": 0}
+
+    def count(module: Any, args: Any, kwargs: Any) -> None:
+        calls["n"] += 1
+
+    def fail(module: Any, args: Any) -> None:
+        if calls["n"] - 1 == forward:
+            raise torch.OutOfMemoryError(MESSAGE)
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    model.model.layers[layer].register_forward_pre_hook(fail)
+    ids = torch.randint(3, 1000, (BATCH, prompt), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(torch.OutOfMemoryError), torch.no_grad(), kvtrace.record(run, model=model):
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+def _cli(*argv: str) -> str:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(list(argv)) == 0
+    return out.getvalue()
+
+
+def _remedy(diagnosis: dict[str, Any], kind: str, bits: int | None = None) -> dict[str, Any]:
+    return next(
+        r for r in diagnosis["remedies"] if r["kind"] == kind and (bits is None or r["setting"] == bits)
+    )
+
+
+def _int4_bytes(layer_tokens: list[int], prompt: int) -> int:
+    """transformers' QuantizedCache at its defaults on these layers: the prompt's tokens in int4 with a
+    float32 scale and zero-point per 64 elements, the tokens after it at float32 (fewer than 128 here)."""
+    quantized = ELEMENTS // 2 + ELEMENTS // 64 * 2 * FP32
+    return sum((prompt * quantized + (held - prompt) * PER) * BATCH for held in layer_tokens if held)
+
+
+def test_prefill_oom_prices_a_token_at_every_kv_layer(tmp_path: Path) -> None:
+    # GIVEN an OOM in the prefill of a 16-token prompt, before layer 2: layers 0 and 1 hold the prompt
+    prompt, reached = 16, 2
+    run = tmp_path / "run"
+    _record_oom(run, prompt, new_tokens=6, forward=0, layer=reached)
+    held = [prompt] * reached + [0] * (LAYERS - reached)
+
+    # WHEN it is reported and diagnosed
+    report = json.loads(_cli("report", str(run), "--json", "-q", "--no-export"))
+    text = _cli("report", str(run), "--no-export")
+    diagnosis = json.loads(_cli("diagnose", str(run), "--json"))
+
+    # THEN the measured figure is the two layers', and says so; the arithmetic is every layer's
+    kv = sum(held) * PER * BATCH
+    assert report["kv"]["final_bytes"] == kv
+    assert report["kv"]["bytes_per_token_measured"] == reached * PER
+    assert report["kv"]["bytes_per_token_expected"] == LAYERS * PER
+    assert f"on the {reached} of the model's {LAYERS} KV layers holding KV at the end" in text
+    assert diagnosis["kv_bytes"] == kv
+    assert any(f"is on {reached} of the model's {LAYERS} KV layers" in note for note in diagnosis["notes"])
+
+    # a token of context costs every layer's KV: the shortfall is covered by ceil(3 KiB / 2 KiB) tokens
+    token = LAYERS * PER * BATCH
+    cut = math.ceil(REQUEST / token)
+    context = _remedy(diagnosis, "context")
+    assert (context["setting"], context["saved_bytes"]) == (prompt - cut, cut * token)
+    assert f"{human_bytes(token)} per token across the batch" in context["sentence"]
+
+    # a sliding window of 1 on every layer peaks holding the whole prompt on each, and one new window
+    window = _remedy(diagnosis, "sliding_window")
+    assert window["setting"] == 1
+    assert f"{human_bytes((LAYERS * prompt + 1) * PER * BATCH)} at its peak" in window["sentence"]
+
+    # int4 quantizes what the two layers hold
+    int4 = _remedy(diagnosis, "quantized_kv", 4)
+    assert int4["saved_bytes"] == kv - _int4_bytes(held, prompt)
+
+
+@pytest.mark.parametrize(("prompt", "forward", "layer"), [(16, 5, 1), (8, 3, 2)])
+def test_decode_oom_prices_int4_on_each_layers_tokens(
+    tmp_path: Path, prompt: int, forward: int, layer: int
+) -> None:
+    # GIVEN an OOM at decode forward `forward`, before `layer`: the layers before it hold one token more
+    run = tmp_path / "run"
+    _record_oom(run, prompt, new_tokens=forward + 3, forward=forward, layer=layer)
+    tokens = prompt + forward
+    held = [tokens if index < layer else tokens - 1 for index in range(LAYERS)]
+
+    # WHEN it is diagnosed
+    diagnosis = json.loads(_cli("diagnose", str(run), "--json"))
+
+    # THEN the int4 cache holds each layer's own tokens, against the KV those layers hold
+    kv = sum(held) * PER * BATCH
+    assert (diagnosis["kv_bytes"], diagnosis["tokens_held"]) == (kv, tokens)
+    int4 = _remedy(diagnosis, "quantized_kv", 4)
+    int4_bytes = _int4_bytes(held, prompt)
+    assert int4["saved_bytes"] == kv - int4_bytes
+    assert f"in {human_bytes(int4_bytes)} instead of {human_bytes(kv)}" in int4["sentence"]
+    # a token of context costs every layer's KV, as at any step
+    token = LAYERS * PER * BATCH
+    context = _remedy(diagnosis, "context")
+    assert context["saved_bytes"] == math.ceil(REQUEST / token) * token
+    assert not any("KV layers" in note for note in diagnosis["notes"])
