@@ -32,6 +32,7 @@ from analyzers.planning.diagnose_moment import (
     layer_tokens_at_step,
     moment_index,
     prompt_at_step,
+    report_layer_tokens,
 )
 from analyzers.planning.diagnose_remedies import (
     all_windowed,
@@ -209,10 +210,17 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         phase = kv_log.step_phase.get(step)
         held = step
         if kv_log.cut is not None and step == kv_log.cut.step:
-            # A cut last step never ended (killed part-way, or its forward raised): what is held at a step's
-            # end is the last whole step's (a killed run's report ends there too)
-            held_step = held = kv_log.cut.whole_step
             step_cut = True
+            if kv_log.cut.raised:
+                # Its forward raised (an OOM, a Ctrl-C): the report ends at that moment, each layer holding
+                # what it held then (the ones the step reached a token more), which the remedies price
+                held = None
+                layer_tokens = report_layer_tokens(report, report.kv.main_cache)
+                prompt = prompt_at_step(report, kv_log, step)
+            else:
+                # Killed part-way: what is held at a step's end is the last whole step's (the report ends
+                # there too)
+                held_step = held = kv_log.cut.whole_step
         if held is not None:
             batch, tokens_held = held_at_step(report, kv_log, held)
             beams, rows_are_beams = beams_at_step(report, kv_log, held, batch)

@@ -81,14 +81,21 @@ def layer_tokens_at_step(report: Report, kv_log: Any, step: int) -> dict[int, in
     (a sliding window's would hold fewer; not for a cache with sliding layers)."""
     cache = _cache_at_step(report, kv_log, step)
     if step == max(kv_log.step_cache_live, default=None):
-        return {
-            layer.layer: layer.tokens
-            for layer in report.kv.per_layer
-            if layer.cache == cache and layer.tokens and layer.k_bytes + layer.v_bytes
-        }
+        return report_layer_tokens(report, cache)
     tokens = (kv_log.step_tokens.get(step) or {}).get(cache)
     live = kv_log.step_cache_live.get(step) or {}
     return {layer: tokens for (c, layer), nbytes in live.items() if c == cache and nbytes} if tokens else {}
+
+
+def report_layer_tokens(report: Report, cache: int | None) -> dict[int, int]:
+    """{layer: tokens per row} of `cache`'s layers holding KV where the report ends: at a run's last step,
+    or at the moment a forward raised (an OOM), when the layers before the one it reached hold one token
+    more (at prefill, the layers after it none)."""
+    return {
+        layer.layer: layer.tokens
+        for layer in report.kv.per_layer
+        if layer.cache == cache and layer.tokens and layer.k_bytes + layer.v_bytes
+    }
 
 
 def _cache_at_step(report: Report, kv_log: Any, step: int) -> int | None:

@@ -103,12 +103,12 @@ class Diagnosis:
     OOM recorded then does not mean none happened."""
     held_step: int | None = None
     """The step whose end `batch` and `tokens_held` are, where it is not `step`: the moment falls in a last
-    step cut between its layers' updates (a run that never ended) or whose forward raised (an OOM, a
-    Ctrl-C), which has no end; they are then the last whole step's. None otherwise (they are `step`'s, or
-    the moment's where `step_cut` and no whole step came before it)."""
+    step cut between its layers' updates (a run that never ended, whose report ends at its last whole
+    step), which has no end; they are then the last whole step's. None otherwise (they are `step`'s, or
+    the moment's where `step_cut`)."""
     step_cut: bool = False
-    """The moment's step never ended (`held_step` above): where no step came before it (a prefill that
-    raised), `batch` and `tokens_held` are what its layers held at the moment."""
+    """The moment's step never ended: killed part-way (`held_step` above), or its forward raised (an OOM, a
+    Ctrl-C), when `batch` and `tokens_held` are what its layers held at the moment, as the KV diagnosed."""
 
 
 def fits(saved: int | None, shortfall: int | None) -> bool | None:

@@ -130,13 +130,15 @@ def test_an_oom_inside_a_decode_step_counts_no_token_of_that_step(
         assert compared["steps"] == whole
         assert any(note.startswith(said) for note in compared["notes"])
 
-        # AND diagnose, at the OOM in step 4, counts the tokens held at the end of step 3
+        # AND diagnose, at the OOM in step 4, counts what the layers held at that moment (the fullest 11),
+        # the KV it diagnoses, and says the step never ended
         diagnosis = _json(["diagnose", str(run)])
-        assert (diagnosis["step"], diagnosis["held_step"], diagnosis["step_cut"]) == (RAISED_AT, whole, True)
-        assert (diagnosis["batch"], diagnosis["tokens_held"]) == (ROWS, held)
+        assert (diagnosis["step"], diagnosis["held_step"], diagnosis["step_cut"]) == (RAISED_AT, None, True)
+        assert (diagnosis["batch"], diagnosis["tokens_held"]) == (ROWS, held + 1)
         assert diagnosis["kv_bytes"] == kv["final_bytes"]
         text = _run(["diagnose", str(run)])
-        assert f"batch x tokens held (end of step {whole}, the last whole one)  {ROWS} x {held}" in text
+        label = f"batch x tokens held (at this moment; step {RAISED_AT} never ended)  {ROWS} x {held + 1}"
+        assert label in text
 
         # AND a plan of the run is the run at its last whole step: no KV it never held
         plan = _json(["plan", "--from-run", str(run)])
