@@ -333,6 +333,51 @@ def test_the_peak_counts_blocks_freed_in_the_step_that_used_them(
     assert json.loads(capsys.readouterr().out)["peak_blocks_used"] == peak
 
 
+def test_the_pool_chart_draws_what_the_steps_held_while_they_ran(
+    recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+    from kvtrace.cli import main
+    from tests.plotly_figures import decoded, page_figure
+    from tests.vllm.workload import prompts, sampling
+
+    llm = recorded["llm"]
+    llm.reset_prefix_cache()
+    # GIVEN 3 max_tokens=1 requests of 100 tokens: each takes cdiv(100, 32) = 4 blocks and frees them in the
+    # one step that used them, so no step ends with a block in use
+    run_dir = tmp_path / "runs" / "one-token"
+    held = _record_with_vllms_pool(llm, recorded["core"], run_dir, prompts(3, 100), sampling(1))
+    peak, usable = 3 * -(-100 // BLOCK_SIZE), recorded["num_gpu_blocks"] - 1
+    assert max(held) == peak == 12 and usable == 15
+    steps = _jsonl(run_dir / fmt.ENGINE_STEPS)
+    assert {s["blocks_used"] for s in steps} == {0}
+
+    # WHEN the report draws its HTML page and says its text
+    page = tmp_path / "report.html"
+    assert main(["report", str(run_dir), "--no-export", "-q", "-o", str(page)]) == 0
+    assert main(["report", str(run_dir), "--no-export", "-q"]) == 0
+    text = capsys.readouterr().out
+    traces = page_figure(page.read_text(), "kvtrace-engine-pool")[0]
+    by_name = {trace["name"]: trace for trace in traces}
+
+    # THEN the pool's curve is what vLLM's pool held as each step ran, its top the report's peak (it drew
+    # the pool after each step: 0 throughout, under a table that said peak 12); its hover adds the after
+    used = by_name["blocks used while the step ran"]
+    assert used["x"] == [s["step"] for s in steps] and used["y"] == held and max(used["y"]) == peak
+    assert used["customdata"] == [s["blocks_used"] for s in steps]
+    assert "while it ran" in used["hovertemplate"]
+    assert f"<tr><th>peak blocks used</th><td>{peak} (step {steps[-1]['step']})</td></tr>" in page.read_text()
+    share = round(100 * peak / usable)
+    assert f"peak {peak} of {usable} usable blocks used ({share}%, counted while each step ran)" in text
+    # AND each request's lane holds its 4 blocks through the step it finished in: the lanes add up to it
+    lanes = by_name["blocks per request"]
+    assert [sum(column) for column in zip(*lanes["z"], strict=True)] == held
+    assert sorted(max(row) for row in lanes["z"]) == [4, 4, 4]
+    # AND TensorBoard's KV Cache tab draws that same figure
+    pool = RunStore(tmp_path / "runs").pool("one-token")
+    assert decoded(pool["figure"]["data"]) == traces
+
+
 def test_a_request_aborted_before_it_was_scheduled_is_counted(
     recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
