@@ -98,12 +98,20 @@ class EngineSteps:
 
     columns: dict[str, np.ndarray]
     preempted: tuple[tuple[str, ...], ...]
+    # Whether the log says what each step held while it ran (`blocks_used_in_step`); runs recorded before
+    # kvtrace wrote it read that column as `blocks_used`, the pool after the step.
+    in_step: bool = False
 
     def __len__(self) -> int:
         return len(self.preempted)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.columns[name]
+
+    def blocks_held(self) -> np.ndarray:
+        """Blocks requests held in each step: while it ran where the log says, else after it. After a step,
+        the requests that finished in it (every `max_tokens=1` one) hold none, though the step used them."""
+        return np.maximum(self.columns["blocks_used"], self.columns["blocks_used_in_step"])
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,7 @@ class EngineFigures:
     # says (runs recorded before kvtrace logged it, transformers' continuous batching).
     finish_reasons: dict[str, int] = field(default_factory=dict)
     requests_aborted: int | None = None  # finish reason "abort"; None when the log does not say
+    peak_in_step: bool = False  # the peak counts what steps held while they ran (else: after each step)
 
 
 @dataclass(frozen=True)
@@ -357,12 +366,14 @@ def _read_steps(file: Path, counted: int | None, num_blocks: int | None) -> Engi
         raise KvtraceError(f"{file}: damaged after the run ended: {said}")
     columns = {name: np.zeros(len(rows), dtype=np.int64) for name in _STEP_COLUMNS}
     preempted: list[tuple[str, ...]] = []
+    in_step = bool(rows)
     for i, row in enumerate(rows):
         where = f"{file}: line {i + 1}"
         for name in _STEP_COLUMNS:
             value = _int(row.get(name), where, name, default=0)
             if name == "blocks_used_in_step" and row.get(name) is None:
                 value = int(columns["blocks_used"][i])  # runs recorded before kvtrace wrote it
+                in_step = False
             if not (-_I64 if name == "step" else 0) <= value <= _I64:
                 raise KvtraceError(f"{where}: field {name!r} out of range: {value}")
             columns[name][i] = value
@@ -375,7 +386,7 @@ def _read_steps(file: Path, counted: int | None, num_blocks: int | None) -> Engi
         if not isinstance(ids, list):
             raise KvtraceError(f"{where}: field 'preempted' must be a list")
         preempted.append(tuple(str(x) for x in ids))
-    return EngineSteps(columns, tuple(preempted))
+    return EngineSteps(columns, tuple(preempted), in_step)
 
 
 def _read_requests(file: Path) -> tuple[RequestEvent, ...]:
@@ -443,8 +454,7 @@ def _counted_steps(folder: Path) -> int | None:
 
 def engine_figures(run: EngineRun) -> EngineFigures:
     info, steps = run.info, run.steps
-    # held while the step ran: after it, requests that finished in it (max_tokens=1 ones all) hold none
-    used = np.maximum(steps["blocks_used"], steps["blocks_used_in_step"])
+    used = steps.blocks_held()
     peak_i = int(np.argmax(used)) if len(steps) else -1
     preempt_events = [e for e in run.requests if e.event == "preempted"]
     by_request: dict[str, int] = {}
@@ -488,6 +498,7 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         blocks_reserved=info.blocks_reserved,
         finish_reasons=finish_reasons,
         requests_aborted=finish_reasons.get("abort", 0) if finish_reasons else None,
+        peak_in_step=steps.in_step,
     )
 
 

@@ -107,8 +107,9 @@ ENGINE_STEPS_SCHEMA = _schema(
     "engine_steps",
     [
         ("run_id", _STR), ("step", _I64), ("t_ns", _I64), ("phase", _STR), ("blocks_total", _I64),
-        ("blocks_used", _I64), ("blocks_free", _I64), ("blocks_cached", _I64), ("blocks_reserved", _I64),
-        ("running", _I64), ("waiting", _I64), ("tokens_scheduled", _I64), ("preempted", pa.list_(_STR)),
+        ("blocks_used", _I64), ("blocks_used_in_step", _I64), ("blocks_free", _I64), ("blocks_cached", _I64),
+        ("blocks_reserved", _I64), ("running", _I64), ("waiting", _I64), ("tokens_scheduled", _I64),
+        ("preempted", pa.list_(_STR)),
         ("prefix_evicted_blocks", _I64), ("prefix_hits", _I64), ("prefix_queries", _I64),
         ("prefix_preempted_hits", _I64), ("prefix_preempted_queries", _I64),
     ],

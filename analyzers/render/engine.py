@@ -58,9 +58,10 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
     elif fig.num_blocks:
         usable = max(fig.num_blocks - fig.blocks_reserved, 1)  # vLLM's null block, HF CB's trash sectors
         share = 100.0 * fig.peak_blocks_used / usable
+        counted = "while each step ran" if fig.peak_in_step else "after each step"
         lines.append(
             f"    peak {fig.peak_blocks_used:,} of {usable:,} usable blocks used ({share:.0f}%, counted "
-            f"after each step) at step {fig.peak_step}; prefix-cache blocks evicted: "
+            f"{counted}) at step {fig.peak_step}; prefix-cache blocks evicted: "
             f"{fig.prefix_cache_evicted_blocks:,}"
         )
     if fig.preemptions:
@@ -142,9 +143,10 @@ def engine_html_section(run: EngineRun, fig: EngineFigures) -> str:
 
 
 def engine_pool_figure(run: EngineRun) -> Any:
-    """Pool occupancy over engine steps (blocks used and cached against the total, with preemption and
-    prefix-eviction markers) and the blocks each request held, one lane per request: a plotly figure, or
-    None for a run without engine steps. The HTML report and the TensorBoard tab draw this one figure."""
+    """Pool occupancy over engine steps (blocks used while each step ran, and cached, against the total,
+    with preemption and prefix-eviction markers) and the blocks each request held, one lane per request:
+    a plotly figure, or None for a run without engine steps. The HTML report and the TensorBoard tab draw
+    this one figure."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -163,11 +165,24 @@ def engine_pool_figure(run: EngineRun) -> Any:
         subplot_titles=["KV pool: blocks used over engine steps", "Blocks held per request"][:rows],
     )
     line = {"shape": "hv"}
-    fig_plot.add_trace(
-        go.Scatter(x=x, y=steps["blocks_used"], name="blocks used", line={**line, "color": "#d62728"}),
-        1,
-        1,
-    )
+    # What the requests held while each step ran, the report's peak among them: after the step, those that
+    # finished in it hold none (a run of max_tokens=1 requests would draw 0 throughout). Older logs say
+    # only what was held after each step.
+    used = steps.blocks_held()
+    held: dict[str, Any]
+    if steps.in_step:
+        held = {
+            "name": "blocks used while the step ran",
+            "customdata": steps["blocks_used"],
+            "hovertemplate": "step %{x}: %{y} blocks held while it ran, %{customdata} after it"
+            "<extra></extra>",
+        }
+    else:
+        held = {
+            "name": "blocks used after each step",
+            "hovertemplate": "step %{x}: %{y} blocks held after it<extra></extra>",
+        }
+    fig_plot.add_trace(go.Scatter(x=x, y=used, line={**line, "color": "#d62728"}, **held), 1, 1)
     fig_plot.add_trace(
         go.Scatter(
             x=x, y=steps["blocks_cached"], name="free, prefix-cached", line={**line, "color": "#ff9896"}
@@ -182,7 +197,7 @@ def engine_pool_figure(run: EngineRun) -> Any:
         1,
         1,
     )
-    top = float(max(steps["blocks_total"].max(), steps["blocks_used"].max(), 1))
+    top = float(max(steps["blocks_total"].max(), used.max(), 1))
     preempt_rows = [i for i, ids in enumerate(steps.preempted) if ids]
     if preempt_rows:
         fig_plot.add_trace(
@@ -241,8 +256,9 @@ def engine_pool_figure(run: EngineRun) -> Any:
 
 
 def _request_lanes(run: EngineRun) -> tuple[list[str], np.ndarray]:
-    """Blocks each request held at the end of each step: a (requests x steps) grid, requests in order of
-    first appearance."""
+    """Blocks each request held in each step: a (requests x steps) grid, requests in order of first
+    appearance. As the pool's curve: a request that finished in a step held its blocks while it ran, where
+    the step log says what steps held then (older logs: at the end of each step, when it held none)."""
     step_ids = [int(s) for s in run.steps["step"]]
     column = {s: i for i, s in enumerate(step_ids)}
     order: list[str] = []
@@ -262,6 +278,10 @@ def _request_lanes(run: EngineRun) -> tuple[list[str], np.ndarray]:
         blocks = 0 if e.event == "finished" else e.blocks
         r = row[e.request_id]
         prev = last.get(e.request_id)
+        if prev is not None and e.event == "finished" and run.steps.in_step:
+            z[r, prev[0] : col + 1] = prev[1]  # through the step it finished in: free from the next
+            last[e.request_id] = (col + 1, 0)
+            continue
         if prev is not None:
             z[r, prev[0] : col] = prev[1]
         z[r, col] = blocks

@@ -74,9 +74,10 @@ class PagedAttentionHooks:
         self._reserved = 0
         self._steps: fmt.JsonlAppender | None = None
         self._request_log: fmt.JsonlAppender | None = None
-        # Steps scheduled and not updated yet, oldest first: (step, phase, tokens scheduled, preempted ids).
-        # One at a time in sync mode; async batching schedules batch N+1 before it updates batch N.
-        self._open: deque[tuple[int, str, int, list[str]]] = deque()
+        # Steps scheduled and not updated yet, oldest first: (step, phase, tokens scheduled, preempted ids,
+        # free blocks once the step's were allocated). One at a time in sync mode; async batching schedules
+        # batch N+1 before it updates batch N.
+        self._open: deque[tuple[int, str, int, list[str], int]] = deque()
         self._step_preempted: list[str] = []  # taken out while the next step is being scheduled
         self._prefix_evicted = 0
         # request id -> (hit tokens, prompt tokens) of its last prefix lookup: a waiting request is looked up
@@ -334,14 +335,17 @@ class PagedAttentionHooks:
         )
 
     def _log_scheduled(self, proc: Any, step: int) -> None:
-        """Right after scheduling: this step's blocks are allocated and `current_len()` counts its tokens."""
+        """Right after scheduling: this step's blocks are allocated and `current_len()` counts its tokens.
+        The pool's free blocks now are the step's low point: `update_batch` frees the blocks of the requests
+        that finish in the step before the step's line is written (a max_new_tokens=1 request held none
+        then). A few counters, no pass over the blocks."""
         batch = list(getattr(proc.inputs_and_outputs, "requests_in_batch", ()) or ())
         tokens = sum(int(getattr(f, "query_length", 0) or 0) for f in batch)
         if not tokens:
             tokens = sum(len(f.state.tokens_to_process) for f in batch)
         phase = "prefill" if tokens > len(batch) else "decode"
         self.recording.tracker.phase = phase
-        self._open.append((step, phase, tokens, self._step_preempted))
+        self._open.append((step, phase, tokens, self._step_preempted, self._free_blocks()))
         self._step_preempted = []
         for future in batch:
             state = future.state
@@ -406,7 +410,7 @@ class PagedAttentionHooks:
             del self._held[request_id]
             self._dropped.pop(request_id, None)
             self._log_request(state, "finished", 0)
-        step, phase, tokens, preempted = self._open.popleft()
+        step, phase, tokens, preempted, scheduled_free = self._open.popleft()
         evicted, self._prefix_evicted = self._prefix_evicted, 0
         self.prefix_evicted_blocks += evicted
         hits, queries, resumed_hits, resumed_queries = self._prefix
@@ -422,6 +426,7 @@ class PagedAttentionHooks:
                 "phase": phase,
                 "blocks_total": total,
                 "blocks_used": total - free - self._reserved,
+                "blocks_used_in_step": total - min(free, scheduled_free) - self._reserved,
                 "blocks_free": free,
                 "blocks_cached": self._cached_blocks(self.cache),
                 "blocks_reserved": self._reserved,

@@ -97,11 +97,14 @@ def test_pool_figures_steps_and_requests(
     assert manifest["engine"]["engine_steps"] == len(steps) == 8  # a prefill, then 7 decodes
     used = [s["blocks_used"] for s in steps]
     assert used[0] == sum(math.ceil(len(p) / PAGE) for p in PROMPTS)  # 2 + 2 + 1
-    # counted after each step: the last one finishes every request, so the peak is after step 7, whose KV
-    # holds the prompt and 6 generated tokens (step k writes the token step k-1 produced)
-    held_at_last_decode = sum(math.ceil((len(p) + 6) / PAGE) for p in PROMPTS)
-    assert max(used) == used[-2] == held_at_last_decode > used[0]
+    # after each step: the last one finishes every request, so the most is after step 7, whose KV holds
+    # the prompt and 6 generated tokens (step k writes the token step k-1 produced)
+    held_after_step_7 = sum(math.ceil((len(p) + 6) / PAGE) for p in PROMPTS)
+    assert max(used) == used[-2] == held_after_step_7 > used[0]
     assert used[-1] == 0 and steps[-1]["running"] == 0
+    # while step 8 ran, its KV held the prompt and 7 generated tokens: the run's peak
+    held_at_last_decode = sum(math.ceil((len(p) + 7) / PAGE) for p in PROMPTS)
+    assert steps[-1]["blocks_used_in_step"] == held_at_last_decode > held_after_step_7
     for s in steps:
         assert s["blocks_used"] + s["blocks_free"] + s["blocks_reserved"] == s["blocks_total"]
         assert s["blocks_total"] == engine["num_blocks"]
@@ -136,6 +139,44 @@ def test_pool_figures_steps_and_requests(
     assert main(["export", str(run), "-o", str(tmp_path / "tables"), "--json", "-q"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert (rows["engine_steps"], rows["engine_requests"]) == (len(steps), len(requests))
+
+
+@pytest.mark.parametrize("new_tokens", [1, 8])
+def test_the_peak_counts_blocks_freed_in_the_step_that_used_them(
+    tmp_path: Path,
+    cb_model: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    new_tokens: int,
+) -> None:
+    from transformers.generation.continuous_batching.continuous_api import ContinuousBatchProcessor
+
+    # GIVEN requests that all finish in one step (equal max_new_tokens; with 1, the step that prefills them)
+    # AND the blocks the paged cache's block tables hold while each step's forward runs, read in it
+    held: list[int] = []
+    forward = ContinuousBatchProcessor._generation_step
+
+    def counted(proc: Any, model: Any) -> None:
+        tables = [t for a in proc.cache.cache_allocators.values() for t in a.block_table.values()]
+        held.append(sum(len(t) for t in tables))  # one attention type: one allocator, whole-model blocks
+        forward(proc, model)
+
+    monkeypatch.setattr(ContinuousBatchProcessor, "_generation_step", counted)
+    _record(tmp_path / "run", cb_model, num_blocks=32, new_tokens=new_tokens, monkeypatch=monkeypatch)
+    run = tmp_path / "run"
+    steps = _lines(run / "engine_steps.jsonl")
+    # the last step's KV: each prompt and all but the last generated token (10 blocks for 8, 5 for 1)
+    peak = sum(math.ceil((len(p) + new_tokens - 1) / PAGE) for p in PROMPTS)
+    assert len(held) == len(steps) == new_tokens and max(held) == held[-1] == peak
+
+    # THEN each step's line says what the pool held while it ran; after it, the finished ones freed theirs
+    assert [s["blocks_used_in_step"] for s in steps] == held
+    assert steps[-1]["blocks_used"] == 0
+    # AND the report says that peak, at the last step (was 0 for max_new_tokens=1, and 9 for 8: the most
+    # held after a step)
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    engine = json.loads(capsys.readouterr().out)["engine"]
+    assert (engine["peak_blocks_used"], engine["peak_step"]) == (peak, steps[-1]["step"])
 
 
 def test_a_small_pool_makes_the_scheduler_wait_and_offload(

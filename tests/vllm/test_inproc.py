@@ -333,6 +333,106 @@ def test_the_peak_counts_blocks_freed_in_the_step_that_used_them(
     assert json.loads(capsys.readouterr().out)["peak_blocks_used"] == peak
 
 
+def test_the_pool_chart_draws_what_the_steps_held_while_they_ran(
+    recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+    from kvtrace.cli import main
+    from tests.plotly_figures import decoded, page_figure
+    from tests.vllm.workload import prompts, sampling
+
+    llm = recorded["llm"]
+    llm.reset_prefix_cache()
+    # GIVEN 3 max_tokens=1 requests of 100 tokens: each takes cdiv(100, 32) = 4 blocks and frees them in the
+    # one step that used them, so no step ends with a block in use
+    run_dir = tmp_path / "runs" / "one-token"
+    held = _record_with_vllms_pool(llm, recorded["core"], run_dir, prompts(3, 100), sampling(1))
+    peak, usable = 3 * -(-100 // BLOCK_SIZE), recorded["num_gpu_blocks"] - 1
+    assert max(held) == peak == 12 and usable == 15
+    steps = _jsonl(run_dir / fmt.ENGINE_STEPS)
+    assert {s["blocks_used"] for s in steps} == {0}
+
+    # WHEN the report draws its HTML page and says its text
+    page = tmp_path / "report.html"
+    assert main(["report", str(run_dir), "--no-export", "-q", "-o", str(page)]) == 0
+    assert main(["report", str(run_dir), "--no-export", "-q"]) == 0
+    text = capsys.readouterr().out
+    traces = page_figure(page.read_text(), "kvtrace-engine-pool")[0]
+    by_name = {trace["name"]: trace for trace in traces}
+
+    # THEN the pool's curve is what vLLM's pool held as each step ran, its top the report's peak (it drew
+    # the pool after each step: 0 throughout, under a table that said peak 12); its hover adds the after
+    used = by_name["blocks used while the step ran"]
+    assert used["x"] == [s["step"] for s in steps] and used["y"] == held and max(used["y"]) == peak
+    assert used["customdata"] == [s["blocks_used"] for s in steps]
+    assert "while it ran" in used["hovertemplate"]
+    assert f"<tr><th>peak blocks used</th><td>{peak} (step {steps[-1]['step']})</td></tr>" in page.read_text()
+    share = round(100 * peak / usable)
+    assert f"peak {peak} of {usable} usable blocks used ({share}%, counted while each step ran)" in text
+    # AND each request's lane holds its 4 blocks through the step it finished in: the lanes add up to it
+    lanes = by_name["blocks per request"]
+    assert [sum(column) for column in zip(*lanes["z"], strict=True)] == held
+    assert sorted(max(row) for row in lanes["z"]) == [4, 4, 4]
+    # AND TensorBoard's KV Cache tab draws that same figure
+    pool = RunStore(tmp_path / "runs").pool("one-token")
+    assert decoded(pool["figure"]["data"]) == traces
+
+
+def test_the_export_has_the_blocks_each_step_held_while_it_ran(
+    recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from kvtrace.cli import main
+    from tests.vllm.workload import prompts, sampling
+
+    # GIVEN a sample run recorded before kvtrace wrote `blocks_used_in_step`, in an export DIR whose part was
+    # written by a kvtrace without that column (this part, less the column, with its metadata)
+    old = shutil.copytree(Path(__file__).parents[2] / "sample_traces" / "vllm_preempt", tmp_path / "old")
+    old_steps = _jsonl(old / fmt.ENGINE_STEPS)
+    assert not any("blocks_used_in_step" in s for s in old_steps)
+    out = tmp_path / "tables"
+    assert main(["export", str(old), "-o", str(out), "-q"]) == 0
+    (part,) = (out / "engine_steps").glob("part-*.parquet")
+    table = pq.read_table(part)
+    assert table.column("blocks_used_in_step").null_count == table.num_rows == len(old_steps)
+    pq.write_table(
+        table.drop_columns(["blocks_used_in_step"]).replace_schema_metadata(table.schema.metadata), part
+    )
+    # AND a run of 3 max_tokens=1 requests of 100 tokens (4 blocks each, freed in the step that used them)
+    llm = recorded["llm"]
+    llm.reset_prefix_cache()
+    new = tmp_path / "new"
+    held = _record_with_vllms_pool(llm, recorded["core"], new, prompts(3, 100), sampling(1))
+    peak = 3 * -(-100 // BLOCK_SIZE)
+    assert max(held) == peak == 12
+
+    # WHEN it is exported into the same DIR, and queried
+    assert main(["export", str(new), "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    sql = "SELECT run_id, step, blocks_used, blocks_used_in_step FROM engine_steps ORDER BY run_id, step"
+    assert main(["query", str(out), "--json", sql]) == 0
+    rows = json.loads(capsys.readouterr().out)
+
+    # THEN its rows carry what vLLM's pool held as each step ran, beside the pool after it (the table had
+    # only `blocks_used`: 0 at every step); the old run's are null, not its `blocks_used`
+    new_rows = [r for r in rows if r["run_id"] == new.as_posix()]
+    assert [r["blocks_used_in_step"] for r in new_rows] == held
+    assert {r["blocks_used"] for r in new_rows} == {0}
+    old_rows = [r for r in rows if r["run_id"] == old.as_posix()]
+    assert [r["blocks_used"] for r in old_rows] == [s["blocks_used"] for s in old_steps]
+    assert {r["blocks_used_in_step"] for r in old_rows} == {None}
+    # AND a query's peak per run is the report's peak_blocks_used
+    peak_sql = "SELECT run_id, max(blocks_used_in_step) AS peak FROM engine_steps GROUP BY 1 ORDER BY 1"
+    assert main(["query", str(out), "--json", peak_sql]) == 0
+    peaks = {r["run_id"]: r["peak"] for r in json.loads(capsys.readouterr().out)}
+    assert main(["report", str(new), "--json", "--no-export", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["engine"]["peak_blocks_used"] == peaks[new.as_posix()] == peak
+    assert peaks[old.as_posix()] is None
+
+
 def test_a_request_aborted_before_it_was_scheduled_is_counted(
     recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
