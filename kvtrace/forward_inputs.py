@@ -69,8 +69,10 @@ class ForwardSignature:
 def new_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     """Tokens a forward appends to each row of its cache: the length of its input ids (or embeddings)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
-    if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
-        return int(ids.shape[1])
+    if isinstance(ids, torch.Tensor):
+        shape = ids.shape  # one read (not `dim()` too): this runs at every step, cold (issue 11)
+        if len(shape) >= 2:
+            return int(shape[1])
     embeds = kwargs.get("inputs_embeds")
     if isinstance(embeds, torch.Tensor) and embeds.dim() >= 3:
         return int(embeds.shape[1])

@@ -62,12 +62,16 @@ class ForwardSteps:
     _step_thread: int
     _beside: dict[int, list[Any]]
     _forwards_beside: int
+    _decode_next: tuple[Callable[[], Any], int] | None
 
     if TYPE_CHECKING:
 
         def _sample(self, label: str, **extra: Any) -> None: ...
 
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        offer = self._decode_next
+        if offer is not None and self._decode_step(offer, args, kwargs):
+            return
         if self._paged is not None and self._paged.in_step:  # a continuous-batching step is the step
             if self._profiler_on and threading.get_ident() != self._thread:
                 self._forwards_elsewhere += 1
@@ -140,7 +144,7 @@ class ForwardSteps:
             return
         raised = output is RAISED  # the hook is always called, also when the forward raised
         step_cache, self._step_cache = self._step_cache, None
-        compared = None
+        compared = offer = None
         hf = self._hf
         if step_cache is not None and hf is not None:
             ref, new_tokens, seen, deferred, empty = step_cache
@@ -150,6 +154,16 @@ class ForwardSteps:
             elif deferred:
                 hf.step_end(cache, new_tokens, written=False, complete=not raised, fresh=empty)
                 compared = cache
+                if (
+                    not raised
+                    and self._prefill_left <= 0
+                    and self._may_defer
+                    and self._defer_step
+                    and not self._beside
+                    and not hf.defer_off
+                ):
+                    # The next forward is most likely this cache's next decode step (`_decode_step`)
+                    offer = (ref, hf.cache_id(cache))
             elif hf.updates_seen == seen and not raised and new_tokens:
                 # No update reached the wrapper: they ran in a compiled graph.
                 hf.step_end(cache, new_tokens, written=True, fresh=empty)
@@ -159,6 +173,59 @@ class ForwardSteps:
             return
         self._prefill_left = 0
         self._end_step(compared, raised)
+        self._decode_next = offer  # once the step has ended whole
+
+    def _decode_step(
+        self, offer: tuple[Callable[[], Any], int], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> bool:
+        """The common forward, taken here at half the general path's cost or less (issue 11: on a model
+        with 2 layers, each step's fixed work is shared by 2 updates): the next decode step of the cache
+        whose deferred step just ended (`offer`: its weak reference and id). `_post_forward` offers it
+        only at a step's regular end with no forward beside it; no forward began since (each start takes
+        the offer), so the step logic's own state is as that end left it. What code outside a forward
+        may have changed is checked, as the general path would find it: the same live cache object
+        (`given` has nothing to add), its layers all of the plain kinds (as `defer` found at this
+        count), holding tokens (not a prefill), no generate() call beginning, no continuous-batching
+        step, no module caches to follow. Anything else returns False: the general path takes it."""
+        ref, cid = offer
+        self._decode_next = None
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = kwargs.get("cache")
+        if (
+            cache is None
+            or ref() is not cache
+            or self._step_open  # another thread's forward took the offer first: the general path's race
+            or self._beside
+            or (self._calls is not None and self._calls._pending)
+            or (self._paged is not None and self._paged.in_step)
+            or (self._modules is not None and self._modules.owners)
+            or getattr(cache, "offloading", False)
+        ):
+            return False
+        hf = self._hf
+        assert hf is not None  # offered by a deferred step, whose cache the HF hooks follow
+        layers = getattr(cache, "layers", None)
+        # `HfCacheHooks.defer`'s answer, decided for this cache and layer count at an earlier step
+        if (
+            not layers
+            or not hf._deferrable.get((cid, len(layers)))
+            or not getattr(layers[0], "is_initialized", True)
+        ):
+            return False
+        # `is_prefill`'s answer for a cache kvtrace knows: the tokens its layer 0 holds, as last logged
+        state = self.tracker._layers.get((cid, 0))
+        if state is None or not state.tokens:
+            return False
+        appended = new_tokens(args, kwargs)
+        if appended <= 0:
+            return False
+        self._begin_step(False)
+        if self._profiler_on and threading.get_ident() != self._thread:
+            self._forwards_elsewhere += 1
+        hf.deferred = cache
+        self._step_cache = (ref, appended, hf.updates_seen, True, False)
+        return True
 
     def _forward_beside(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this forward runs beside the open step's, on another thread (or inside one that does),
@@ -296,7 +363,8 @@ class ForwardSteps:
             self._decode_index = 0
             tracker.poll_frees()  # a pool freed since (generate_batch's) is gone before this cache is made
         else:
-            tracker.phase = "decode"
+            if tracker._phase != "decode":  # the setter's own test, without its call at every step
+                tracker.phase = "decode"
             self._decode_index += 1
         if hf is not None and hf.dropped:
             # Caches dropped since the last step (a finished generate()'s): their frees come before this

@@ -114,10 +114,14 @@ def capture(slot: Slot, tensor: torch.Tensor, written: bool = False) -> tuple[An
             addr = slot.addr
             return ("written", addr, slot.storage_bytes, slot.view_offset, slot.shape, slot.dtype,
                     slot.device, slot.itemsize, addr, 0, 0, False)
-    found = storage_of(tensor)
-    if found is None:
+    try:  # `storage_of`, inline: once per new tensor, cold between model steps (issue 11)
+        storage = tensor.untyped_storage()
+        addr = storage.data_ptr()
+        nbytes = storage.nbytes()
+    except (RuntimeError, NotImplementedError):
         return None
-    storage, addr, nbytes = found
+    if not nbytes:
+        return None
     dtype = tensor.dtype
     if dtype is not slot.dtype_obj:
         # A new tensor of another dtype: torch.cat promotes, so a cache the caller made bfloat16 between

@@ -178,6 +178,7 @@ class KvTracker:
         reason: str = "",
         both_first: bool = False,
         written: bool = False,
+        state: LayerState | None = None,
     ) -> None:
         """A cache's own update wrote plain `keys`/`values` tensors of one layer, which now holds `tokens`
         tokens per row; `evicted` of them left a window in this update (reason `window`). `both_first`: the
@@ -191,9 +192,10 @@ class KvTracker:
         takes the lines (every 0.1 s), or before any other event is logged, so the log keeps its order. So
         the model's thread neither formats nor writes a line for these updates (issue 11). A storage the
         update released is logged freed at the update's time; one still held elsewhere is watched, and
-        found by a later poll.
+        found by a later poll. `state`: the layer's, where the caller has just looked it up.
         """
-        state = self._layers.get((cache_id, layer))
+        if state is None:
+            state = self._layers.get((cache_id, layer))
         fast = state.fast if state is not None else None
         if fast is None:
             self._update_now(cache_id, layer, keys, values, tokens, evicted, reason, written)

@@ -106,7 +106,15 @@ class ForwardWrap:
                     return inner(*args, **kwargs)
                 if compiling():  # traced by torch.compile: run eagerly, the graph breaks here
                     return skipped(*args, **kwargs)
-                return run(*args, **kwargs)
+                # `around`, inline: a frame and a copy of the arguments less per forward (issue 11)
+                before(model, args, kwargs)
+                try:
+                    output = call(*args, **kwargs)
+                except BaseException:
+                    after(model, args, RAISED)
+                    raise
+                after(model, args, output)
+                return output
 
         else:
 
@@ -116,7 +124,14 @@ class ForwardWrap:
                     return inner(module, *args, **kwargs)
                 if compiling():
                     return skipped(*args, **kwargs)
-                return run(*args, **kwargs)
+                before(model, args, kwargs)  # `around`, inline
+                try:
+                    output = call(*args, **kwargs)
+                except BaseException:
+                    after(model, args, RAISED)
+                    raise
+                after(model, args, output)
+                return output
 
         forward.kvtrace_wrapper = True  # type: ignore[attr-defined]  # what a leak check looks for
         self.active = True

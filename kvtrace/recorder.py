@@ -140,6 +140,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         # once): thread -> [forwards of the model in progress there, weak reference to the first one's cache]
         self._beside: dict[int, list[Any]] = {}
         self._forwards_beside = 0  # forwards that began beside an open step (a warning)
+        # (weak reference to the cache, its id) after a deferred step: the next forward may be its next decode
+        # step, which `_decode_step` takes on a short path
+        self._decode_next: tuple[Any, int] | None = None
         self._ended_mid_forward = False  # the block ended inside a step of another thread's forward
         # The logs reach their files from a writer thread every 0.1 s (and at the end of the block), so a
         # decode step neither formats nor writes them (issue 11); `_flush` may run on either thread.

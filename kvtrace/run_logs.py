@@ -78,14 +78,18 @@ class RunLogs:
         appender.discard()
 
     def _sample(self, label: str, **extra: Any) -> None:
-        if self._samples is None or self._samples._fh.closed:
-            return
-        if self._sampler is None:
+        samples, sampler = self._samples, self._sampler
+        if samples is None or samples._fh.closed or sampler is None:
             return
         t_ns = self._clock()
-        record = self._sampler.sample(host=label in ("start", "end"), now=t_ns / 1e9)
-        record.update(t_ns=t_ns, step=self.tracker.step, phase=label, **extra)
-        self._samples.append_owned(record)
+        record = sampler.sample(label in ("start", "end"), t_ns / 1e9)
+        # Set one by one, in this order (the line's keys): no keyword dict made per step
+        record["t_ns"] = t_ns
+        record["step"] = self.tracker.step
+        record["phase"] = label
+        if extra:
+            record.update(extra)
+        samples.append_owned(record)
 
     def _sample_host(self) -> None:
         """On the writer thread: the host's figures (and NVML's), as a sample of phase `host`."""

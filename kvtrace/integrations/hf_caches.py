@@ -663,7 +663,12 @@ class HfCacheHooks:
                         continue
                 elif not complete and not _written(fast, keys, values, tokens != before):
                     continue
-            expected = None if written or cross else _expected_tokens(layer, kind, before, new_tokens)
+            if written or cross:
+                expected = None
+            elif kind == _PLAIN:  # `_expected_tokens`, inline for the common layer
+                expected = None if before is None else before + new_tokens
+            else:
+                expected = _expected_tokens(layer, kind, before, new_tokens)
             if expected is not None and tokens != expected and (complete or tokens != before):
                 # Changed by something besides the cache's update (an eviction in a forward hook): logged as
                 # an update that lost tokens, and from now on each update is followed as it happens.
@@ -680,7 +685,7 @@ class HfCacheHooks:
             if evicted < 0 or cross:
                 evicted = 0
             sliding = kind == _SLIDING
-            tracker.update(slot, layer_idx, keys, values, tokens, evicted, "window", sliding, written)
+            tracker.update(slot, layer_idx, keys, values, tokens, evicted, "window", sliding, written, state)
 
     def _kind(self, layer_type: type) -> int:
         """How a layer class counts and replaces its tensors (`_layer_kind`), decided once per class."""
@@ -736,6 +741,12 @@ class HfCacheHooks:
         also retire the caches that were dropped (`forget_dead`). `compared`: a cache `step_end` has just
         compared layer by layer, skipped; `busy`: caches of forwards still running on other threads,
         skipped (a layer there may be half-way through its update, which logs it)."""
+        known = self._known
+        if compared is not None and len(known) == 1:
+            # The common step's end: the one cache known is the one just compared, and it is alive
+            only = next(iter(known.values()))[0]
+            if only() is compared:
+                return
         reason: str | None = None
         dead = False
         for ref, _ in list(self._known.values()):

@@ -24,6 +24,7 @@ from kvlog_math import kv_bytes
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.format import read_run
+from kvtrace.forward_steps import ForwardSteps
 from kvtrace.integrations.hf_caches import HfCacheHooks
 
 NEW_TOKENS = 6
@@ -300,3 +301,106 @@ def test_a_hook_on_any_module_of_the_model_keeps_every_update_followed(
         handle.remove()
     # THEN light mode did not defer: the hook could have changed the cache
     assert step_ends == []
+
+
+def _samples(run: Path) -> list[tuple[Any, ...]]:
+    """Each step's memory sample: its step, phase and prompt end (the writer thread's `host` samples and
+    the figures, the host's, vary)."""
+    lines = (run / "memory_samples.jsonl").read_text().splitlines()
+    samples = [(s["step"], s["phase"], s.get("prompt_end")) for s in map(json.loads, lines)]
+    return [s for s in samples if s[1] not in ("start", "host", "end")]
+
+
+@pytest.fixture
+def short_steps(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What every offer of the decode steps' short path (`ForwardSteps._decode_step`) answered; the method
+    runs as it is."""
+    answers: list[bool] = []
+    original = ForwardSteps._decode_step
+
+    def counted(self: ForwardSteps, offer: Any, args: Any, kwargs: Any) -> bool:
+        answers.append(original(self, offer, args, kwargs))
+        return answers[-1]
+
+    monkeypatch.setattr(ForwardSteps, "_decode_step", counted)
+    return answers
+
+
+def _general_path_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every offer refused: each forward takes the general path, as before the short path existed."""
+    monkeypatch.setattr(ForwardSteps, "_decode_step", lambda self, offer, args, kwargs: False)
+
+
+@pytest.mark.parametrize("extra", [{}, {"cache_implementation": "static"}], ids=["dynamic", "static"])
+def test_decode_steps_take_the_short_path_and_log_what_the_general_path_logs(
+    tiny_model: Any,
+    prompt_batch: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    short_steps: list[bool],
+    extra: dict[str, Any],
+) -> None:
+    # GIVEN a plain generate() recorded in light mode ...
+    _generate(tiny_model, prompt_batch, tmp_path / "short", profiler=False, **extra)
+    # THEN each decode step took the short path (the prefill offers it to the first)
+    assert short_steps == [True] * (NEW_TOKENS - 1)
+    # ... and WHEN the same generate() is recorded with the general path only
+    _general_path_only(monkeypatch)
+    _generate(tiny_model, prompt_batch, tmp_path / "general", profiler=False, **extra)
+    # THEN the two logs are the same events and the same steps and phases
+    short = _events(tmp_path / "short")
+    assert short == _events(tmp_path / "general")
+    assert _samples(tmp_path / "short") == _samples(tmp_path / "general")
+    # ... each decode step one step of its own, and the cache's last figures those of the arithmetic:
+    # prompt + new tokens - 1 positions (the last token is never written), 2 KV heads of 16, 2 rows, fp32
+    rows, prompt = prompt_batch.input_ids.shape
+    assert [s[:2] for s in _samples(tmp_path / "short")] == [(1, "prefill")] + [
+        (step, "decode") for step in range(2, NEW_TOKENS + 1)
+    ]
+    last = {(e["layer"], e["kv"]): e for e in short if e["event"] != "freed" and e["phase"] != "end"}
+    assert sorted(last) == [(layer, kv) for layer in range(2) for kv in ("k", "v")]
+    tokens = prompt + NEW_TOKENS - 1
+    for event in last.values():
+        assert (event["step"], event["tokens"]) == (NEW_TOKENS, tokens)
+        assert event["logical_bytes"] == kv_bytes(2, 16, event["shape"][2], rows, 4)
+        if not extra:  # a dynamic layer's storage is its tokens exactly
+            assert event["storage_bytes"] == kv_bytes(2, 16, tokens, rows, 4)
+
+
+def test_a_generate_call_continuing_a_cache_takes_the_general_path_at_its_first_forward(
+    tiny_model: Any,
+    prompt_batch: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    short_steps: list[bool],
+) -> None:
+    # GIVEN two generate() calls on one cache (a chat's second turn feeds the whole conversation again)
+    def two_turns(run: Path) -> None:
+        with torch.no_grad(), kvtrace.record(run, model=tiny_model, profiler=False):
+            first = tiny_model.generate(
+                input_ids=prompt_batch.input_ids,
+                attention_mask=prompt_batch.attention_mask,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                return_dict_in_generate=True,
+            )
+            tiny_model.generate(
+                input_ids=first.sequences,
+                attention_mask=torch.ones_like(first.sequences),
+                cache=first.past_key_values,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+            )
+
+    two_turns(tmp_path / "short")
+    # THEN the second call's first forward, offered the short path by the first call's last step, wrote
+    # its new prompt tokens as a prefill through the general path; its decode steps took the short path
+    assert short_steps == [True] * (NEW_TOKENS - 1) + [False] + [True] * (NEW_TOKENS - 1)
+    _general_path_only(monkeypatch)
+    two_turns(tmp_path / "general")
+    assert _events(tmp_path / "short") == _events(tmp_path / "general")
+    assert _samples(tmp_path / "short") == _samples(tmp_path / "general")
+    phases = [s[1] for s in _samples(tmp_path / "short")]
+    assert phases == (["prefill"] + ["decode"] * (NEW_TOKENS - 1)) * 2
