@@ -52,6 +52,7 @@ class ForwardSteps:
     _prefill_left: int
     _prefill_continues: bool
     _prompt_end: int | None
+    _call_length: tuple[int, int | None] | None
     _model_caches: set[int]
     _step_cache: tuple[Any, ...] | None
     _may_defer: bool
@@ -290,17 +291,21 @@ class ForwardSteps:
         (`_prompt_end`, told in the prefill step's sample: what a first forward writes beyond it are draft
         tokens under verification, assisted decoding's), and the positions a chunked prefill
         (`prefill_chunk_size`) still has to write after this forward (`_prefill_left`): its chunks are one
-        step, yielding one token."""
+        step, yielding one token; and the length the call was asked to reach (`_call_length`: its
+        max_length and max_new_tokens, told in the same sample), where its input is its whole sequence."""
         self._prompt_end = None
+        self._call_length = None
         self._prefill_left = 0
         hf = self._hf
-        prompt, cache_passed = call
+        prompt, cache_passed, max_length, max_new_tokens = call
         if not cache_passed:
             past: int | None = 0  # generate() made the cache
         else:
             past = hf.positions_seen(cache) if hf is not None and cache is not None else None
         if prompt is None or past is None or prompt < past:
             return  # the call passed only its new tokens (the cache holds the rest), or nothing tells
+        if max_length is not None:
+            self._call_length = (max_length, max_new_tokens)
         if past == 0:
             # On a cache that holds some, the input may be written whole again (prompt lookup does), so
             # where the prompt ends is known on an empty one only
@@ -401,8 +406,12 @@ class ForwardSteps:
         extra: dict[str, Any] = {"raised": True} if raised else {}
         if phase == "prefill" and self._prompt_end is not None:
             extra["prompt_end"] = self._prompt_end
+        if phase == "prefill" and self._call_length is not None:
+            extra["max_length"], new = self._call_length
+            if new is not None:
+                extra["max_new_tokens"] = new
         self._sample(phase, **extra)
-        self._prompt_end = None
+        self._prompt_end = self._call_length = None
 
 
 def _weak(obj: Any) -> Callable[[], Any]:

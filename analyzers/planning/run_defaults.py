@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from analyzers.caches import layer_list
 from analyzers.kv_log import CacheFigures, KvLogAnalysis, analyze_run_kv_log, is_kv_data
@@ -48,7 +48,9 @@ class RunDefaults:
     cache: str  # dynamic, static or quantized: the transformers cache the log shows
     batch: int | None  # rows of the run's main cache
     beams: int  # num_beams of a beam search (1 otherwise)
-    context: int | None  # prompt + new tokens of the call that wrote the main cache (its static length)
+    # prompt + new tokens of the call that wrote the main cache (its static length); of a run cut short, the
+    # length that call asked for
+    context: int | None
     prompt: int | None  # that call's prompt, where its prefill sample says
     gpu_memory_bytes: int | None  # the CUDA device's memory (None for a run on the CPU)
     device: str  # the run's device type ("cuda", "cpu")
@@ -64,7 +66,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
         raise KvtraceError(f"{root}: a vLLM run; plan its pool with --engine vllm --from-run")
     run = read_run(root)
     notes: list[str] = []
-    main, kv = _main_cache(run, notes)
+    main, kv, stopped = _main_cache(run)
     geometry = _geometry(run, notes, main)
     if main is None:
         raise KvtraceError(
@@ -82,7 +84,10 @@ def run_defaults(path: str | Path) -> RunDefaults:
         device = {}
     gpu = device.get("total_memory_bytes") if device.get("type") == "cuda" else None
     model = run.manifest.get("model") or {}
-    prompt, context = _call(run, kv, main)
+    prompt, reached, asked = _call(run, kv, main)
+    context, launched = _as_launched(run, stopped, prompt, reached, asked)
+    if launched is not None:
+        notes.append(launched)
     batch = main.rows or None
     cache, kv_dtype = "dynamic", _kv_dtype(run)
     quantized = _quantized(run, main, geometry, notes) if kv_dtype != "fp8-quantized" else None
@@ -109,11 +114,6 @@ def run_defaults(path: str | Path) -> RunDefaults:
             )
             context = length + 1
     notes.extend(_other_caches(run, kv, main))
-    if (run.manifest.get("ended") or {}).get("status") == "running":
-        notes.append(
-            f"the run was cut short (its manifest still says running): its context is the {context} tokens "
-            "it reached"
-        )
     beams = main.beams if main.reordered and main.beams > 1 else 1
     return RunDefaults(
         geometry=geometry,
@@ -174,38 +174,43 @@ def _geometry(run: Run, notes: list[str], main: CacheFigures | None) -> ModelGeo
     )
 
 
-def _main_cache(run: Run, notes: list[str]) -> tuple[CacheFigures | None, KvLogAnalysis]:
+class _Stop(NamedTuple):
+    """Where a run cut short stopped, as a note begins ("the run ran out of memory in step 4, ...")."""
+
+    said: str
+    in_prefill: bool = False  # in its call's prefill, before its first new token
+
+
+def _main_cache(run: Run) -> tuple[CacheFigures | None, KvLogAnalysis, _Stop | None]:
     """The cache written last: the model's own, where an assistant's or an earlier call's may sit beside.
     Its tokens and rows are those at the end of the last whole step: a run killed part-way through a step,
     or whose forward raised (an OOM, a Ctrl-C), never held the step's tokens on every layer (nor did it
-    yield its token), and the tokens it would have gone on to are not in the recording."""
+    yield its token). With it, for a run whose forward raised, where it stopped and what of it the cache's
+    figures are."""
     kv = analyze_run_kv_log(run)
     caches = [cache for cache in kv.caches if cache.tokens]
     if not caches:
-        return None, kv
+        return None, kv, None
     main = max(caches, key=lambda cache: cache.last_seq)
     cut = kv.cut
     if cut is None or not cut.raised:
-        return main, kv  # a killed run's figures of the end are already its last whole step's
+        return main, kv, None  # a killed run's figures of the end are already its last whole step's
     what = _how_it_stopped(run.manifest.get("ended") or {})
     whole = cut.whole_step
     held = kv.step_tokens.get(whole, {}).get(main.cache) if whole is not None else None
     if whole is None or not held:  # no whole step before held this cache's KV: its prefill raised
         reached = cut.reached.get(main.cache, ())
-        notes.append(
-            f"the run {what} in step {cut.step}, its prefill, which never finished: planned as that prefill "
-            f"would have ended, its {main.tokens} tokens a row on every layer (when it stopped "
-            f"{layer_list(reached) if reached else 'no layer'} held them) and one new token; the tokens it "
-            "was to generate are not in the recording (give --context)"
+        stopped = (
+            f"the run {what} in step {cut.step}, its prefill, which never finished (when it stopped "
+            f"{layer_list(reached) if reached else 'no layer'} held its {main.tokens} tokens a row)"
         )
-        return main, kv
+        return main, kv, _Stop(stopped, in_prefill=True)
     rows = kv.step_rows.get(whole, {}).get(main.cache) or main.rows
-    notes.append(
-        f"the run {what} in step {cut.step}, which never finished: planned as at the end of step "
-        f"{whole}, the last whole one ({held} tokens a row held); the tokens it was to generate "
-        "are not in the recording (give --context)"
+    stopped = (
+        f"the run {what} in step {cut.step}, which never finished; step {whole} was the last whole one "
+        f"({held} tokens a row held)"
     )
-    return replace(main, tokens=held, rows=rows), kv
+    return replace(main, tokens=held, rows=rows), kv, _Stop(stopped)
 
 
 def _how_it_stopped(ended: dict[str, Any]) -> str:
@@ -228,23 +233,97 @@ def _prompt_ends(run: Run) -> dict[int, int]:
     return ends
 
 
-def _call(run: Run, kv: KvLogAnalysis, main: CacheFigures) -> tuple[int | None, int | None]:
-    """(prompt, context) of the generate() call that wrote the main cache last, not the run's first call:
-    its prompt from its prefill sample (else the tokens the prefill left in the cache), its context that
-    prompt plus the tokens the call yielded, never the tokens held + 1 alone, which a sliding window caps;
-    but at least that (a quantized cache's packed parts, which the yields do not count, hold them)."""
-    cut = kv.cut.step if kv.cut is not None and kv.cut.raised else None  # a step whose forward raised
-    events = [ev for ev in run.kv_events if ev.cache == main.cache and ev.event != "freed" and ev.step != cut]
-    # Its last prefill: a quantized cache's writes it in packed parts, which `call_step` does not count
+@dataclass(frozen=True)
+class _Request:
+    """The length a generate() call was asked to reach, as its prefill sample says."""
+
+    max_length: int  # the sequence length it stops at, prompt included
+    max_new_tokens: int | None  # its max_new_tokens, where that set max_length
+
+    def said(self, prompt: int | None) -> str:
+        """How the call asked for it: "its prompt of 8 + max_new_tokens=6"."""
+        if self.max_new_tokens is not None:
+            where = f"its prompt of {prompt} + " if prompt is not None else ""
+            return f"{where}max_new_tokens={self.max_new_tokens}"
+        return f"max_length={self.max_length}, or transformers' default of 20 new tokens"
+
+
+def _request(run: Run, step: int) -> _Request | None:
+    """The request of the call whose prefill is `step` (its sample's `max_length`, `max_new_tokens`), None
+    for a run recorded before kvtrace wrote them, or a call whose input did not show its sequence."""
+    for sample in run.memory_samples:
+        if sample.get("phase") != "prefill" or sample.get("step") != step:
+            continue
+        length: Any = sample.get("max_length")
+        new: Any = sample.get("max_new_tokens")
+        if isinstance(length, int) and length > 1:
+            return _Request(length, new if isinstance(new, int) and new > 0 else None)
+    return None
+
+
+def _call(run: Run, kv: KvLogAnalysis, main: CacheFigures) -> tuple[int | None, int | None, _Request | None]:
+    """(prompt, context, request) of the generate() call that wrote the main cache last, not the run's
+    first call: its prompt from its prefill sample (else the tokens the prefill left in the cache), its
+    context that prompt plus the tokens the call yielded, never the tokens held + 1 alone, which a sliding
+    window caps; but at least that (a quantized cache's packed parts, which the yields do not count, hold
+    them). Its request: the length it was asked to reach, where the recorder noted it."""
+    cut = kv.cut.step if kv.cut is not None else None  # a step whose forward raised, or a kill cut
+    written = [ev for ev in run.kv_events if ev.cache == main.cache and ev.event != "freed"]
+    events = [ev for ev in written if ev.step != cut]
+    # Its last whole prefill: a quantized cache's writes it in packed parts, which `call_step` does not count
     step = max((ev.step for ev in events if ev.phase == "prefill"), default=main.call_step)
-    prompt = _prompt_ends(run).get(step) if step else None
+    # The call's prefill, also one that raised: its sample says its prompt and request all the same
+    call = max((ev.step for ev in written if ev.phase == "prefill"), default=step)
+    prompt = _prompt_ends(run).get(call) if call else None
     if prompt is None and step:
         prompt = kv.step_tokens.get(step, {}).get(main.cache) or None
     last = [ev.tokens for ev in events if ev.tokens]
     held = max(main.tokens, last[-1] if last else 0)
     yielded = prompt + main.call_generated_tokens if prompt is not None else 0
     context = max(held + 1 if held else 0, yielded)
-    return prompt, context or None
+    return prompt, context or None, _request(run, call) if call else None
+
+
+def _as_launched(
+    run: Run, stopped: _Stop | None, prompt: int | None, reached: int | None, asked: _Request | None
+) -> tuple[int | None, str | None]:
+    """The context to plan and a note. A run cut short (its forward raised, or the block raised, was
+    interrupted or killed) is planned as launched: at the length its call asked for, where the recorder
+    noted it, not the tokens it reached before it stopped, which is the run the user wants to fit. A
+    whole run is planned at what it reached, which an end-of-sequence token may have made less."""
+    ended = run.manifest.get("ended") or {}
+    status = ended.get("status")
+    if stopped is None and status in ("exception", "interrupted"):
+        stopped = _Stop(f"the run {_how_it_stopped(ended)}")
+    elif stopped is None and status == "running":
+        stopped = _Stop("the run was cut short (its manifest still says running)")
+    if stopped is None:  # a whole run
+        if asked is None or reached is None or asked.max_length <= reached:
+            return reached, None
+        return reached, (
+            f"its generate() call stopped at a context of {reached} tokens, before the {asked.max_length} "
+            f"it asked for ({asked.said(prompt)}): an end-of-sequence token or a stopping criterion ended "
+            f"it; planned at what it reached (--context {asked.max_length} plans the length asked for)"
+        )
+    if asked is None or reached is None or asked.max_length <= reached:
+        where = (
+            "as that prefill would have ended, its prompt and one new token"
+            if stopped.in_prefill
+            else ("where it stopped")
+        )
+        return reached, (
+            f"{stopped.said}: planned at a context of {reached} tokens, {where}; the tokens it was to "
+            "generate are not in the recording (give --context)"
+        )
+    got = (
+        "it stopped before its first new token"
+        if stopped.in_prefill
+        else (f"it had reached {reached} when it stopped")
+    )
+    return asked.max_length, (
+        f"{stopped.said}: planned as launched, at the context of {asked.max_length} tokens its generate() "
+        f"call asked for ({asked.said(prompt)}); {got}"
+    )
 
 
 def _other_caches(run: Run, kv: KvLogAnalysis, main: CacheFigures) -> list[str]:

@@ -13,6 +13,10 @@ outermost calls, each with its own first forward, on its own thread.
 
 A chunked prefill (`prefill_chunk_size`) writes the prompt over several forwards: the call's prompt length
 (`prompt`) lets the recorder keep them in one prefill step, as they yield one token between them.
+
+Each outermost call's requested length (`max_length`: the sequence length it stops at, prompt included) is
+read once, as the call begins, from its arguments and the model's generation config: a run that ran out of
+memory at step 300 of a `max_new_tokens=2048` call recorded 300 steps, and the planner needs the 2048.
 """
 
 from __future__ import annotations
@@ -20,11 +24,19 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
-CallStart = tuple[int | None, bool]
-"""An outermost `generate()` call, as its first forward needs it: its input positions per row (the prompt,
-`_prompt_length`) and whether it was given a cache (else generate() makes an empty one)."""
+# transformers' length when neither the call nor the model's generation config sets one: 20 new tokens
+_DEFAULT_MAX_LENGTH = 20
+
+
+class CallStart(NamedTuple):
+    """An outermost `generate()` call, as its first forward needs it."""
+
+    prompt: int | None  # its input positions per row (`_prompt_length`)
+    cache_passed: bool  # whether it was given a cache (else generate() makes an empty one)
+    max_length: int | None  # the sequence length it stops at, prompt included (`_requested_length`)
+    max_new_tokens: int | None  # its max_new_tokens, where that set `max_length`
 
 
 class GenerateCalls:
@@ -58,8 +70,12 @@ class GenerateCalls:
         def generate(model: Any, *args: Any, **kwargs: Any) -> Any:
             if model is not calls.model:  # another model's (an assistant's), or a copy's
                 return original(model, *args, **kwargs)
-            passed = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
-            calls._enter(_prompt_length(model, args, kwargs), passed)
+            if calls.in_call():  # a call inside the model's own on this thread: not outermost, read nothing
+                calls._enter(None)
+            else:
+                passed = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
+                prompt = _prompt_length(model, args, kwargs)
+                calls._enter(CallStart(prompt, passed, *_requested_length(model, args, kwargs, prompt)))
             try:
                 return original(model, *args, **kwargs)
             finally:
@@ -72,13 +88,14 @@ class GenerateCalls:
             self._mixin.generate = self._original
         self._mixin = self._original = None
 
-    def _enter(self, prompt: int | None, cache_passed: bool) -> None:
+    def _enter(self, call: CallStart | None) -> None:
+        """`call`: the call beginning, None for one nested in a call in progress (which reads nothing)."""
         thread = threading.get_ident()
         with self._lock:
             depth = self._depth.get(thread, 0) + 1
             self._depth[thread] = depth
-            if depth == 1:
-                self._pending[thread] = (prompt, cache_passed)
+            if depth == 1 and call is not None:
+                self._pending[thread] = call
 
     def _exit(self) -> None:
         thread = threading.get_ident()
@@ -116,3 +133,42 @@ def _prompt_length(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         fed = kwargs.get("inputs_embeds")
     shape = getattr(fed, "shape", None)
     return int(shape[1]) if shape is not None and len(shape) >= 2 else None
+
+
+def _requested_length(
+    model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], prompt: int | None
+) -> tuple[int | None, int | None]:
+    """(max_length, max_new_tokens) of a `generate()` call: the sequence length, prompt included, at which it
+    stops whatever its tokens (an end-of-sequence token may stop it sooner), and its max_new_tokens where
+    that set it. transformers' rule (5.x, `_prepare_generation_config` and `_prepare_generated_length`):
+    each setting comes from the call's keyword arguments, else the `generation_config` it was passed, else
+    the model's `generation_config`; a max_new_tokens counts from the input, and wins over a max_length;
+    a max_length counts the whole sequence; with neither set anywhere, 20 new tokens, capped at the model's
+    max_position_embeddings. (None, None) where the call does not show its input (`prompt` None, an
+    encoder-decoder model) or anything fails: read inside the user's call, this must never raise."""
+    if prompt is None:
+        return None, None
+    try:
+        passed = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        configs = (passed, getattr(model, "generation_config", None))
+
+        def setting(name: str) -> Any:
+            if name in kwargs:  # generate()'s keyword wins, even None (GenerationConfig.update sets it)
+                return kwargs[name]
+            return next((value for c in configs if (value := getattr(c, name, None)) is not None), None)
+
+        # A call fed inputs_embeds alone counts transformers' lengths from an empty input_ids
+        embeds_only = not args and kwargs.get("input_ids", kwargs.get("inputs")) is None
+        ids = 0 if embeds_only else prompt
+        new, length = setting("max_new_tokens"), setting("max_length")
+        if new is not None:
+            return int(new) + prompt, int(new)
+        if length is None:  # transformers' default: 20 new tokens, within the model's positions
+            length = ids + _DEFAULT_MAX_LENGTH
+            positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            if isinstance(positions, int) and positions > 0:
+                length = min(length, positions)
+            return int(length) + prompt - ids, None
+        return int(length), None  # the whole sequence's (less the embeddings fed, counted in it)
+    except Exception:
+        return None, None

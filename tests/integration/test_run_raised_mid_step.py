@@ -1,8 +1,9 @@
 """A recorded generate() that stops inside a step: a real `torch.OutOfMemoryError` (or a Ctrl-C) raised
 before decoder layer 2 of its fourth forward, so layers 0-1 have appended that step's token and layers 2-3
 have not. The step yielded no token: generate() returned 3 per row before it raised. Every figure of a
-whole step (generated tokens, tokens/s, the step count, the tokens held at a step's end, the plan of the
-run) leaves it out; the KV held when it raised, the KV peak and the memory timeline keep what it did.
+whole step (generated tokens, tokens/s, the step count, the tokens held at a step's end) leaves it out; the
+KV held when it raised, the KV peak and the memory timeline keep what it did; the plan of the run is the
+call as launched (its max_new_tokens).
 """
 
 from __future__ import annotations
@@ -140,11 +141,12 @@ def test_an_oom_inside_a_decode_step_counts_no_token_of_that_step(
         label = f"batch x tokens held (at this moment; step {RAISED_AT} never ended)  {ROWS} x {held + 1}"
         assert label in text
 
-        # AND a plan of the run is the run at its last whole step: no KV it never held
+        # AND a plan of the run is the run as launched: its rows at the PROMPT + NEW its call asked for
         plan = _json(["plan", "--from-run", str(run)])
-        assert (plan["request"]["batch"], plan["request"]["context"]) == (ROWS, held + 1)
-        assert plan["kv_bytes"] == held * ROWS * LAYERS * LAYER_TOKEN == 20_480
-        assert any(f"ran out of memory in step {RAISED_AT}" in note for note in plan["notes"])
+        assert (plan["request"]["batch"], plan["request"]["context"]) == (ROWS, PROMPT + NEW)
+        assert plan["kv_bytes"] == (PROMPT + NEW - 1) * ROWS * LAYERS * LAYER_TOKEN == 26_624
+        said = f"ran out of memory in step {RAISED_AT}, which never finished; step {whole} was the last whole"
+        assert any(said in note and f"it had reached {held + 1}" in note for note in plan["notes"])
 
 
 def test_an_oom_inside_the_prefill_generates_nothing(model: Any, tmp_path: Path) -> None:
@@ -163,10 +165,10 @@ def test_an_oom_inside_the_prefill_generates_nothing(model: Any, tmp_path: Path)
     # AND diagnose does not call the prefill's tokens those of its end
     assert (diagnosis["step"], diagnosis["held_step"], diagnosis["step_cut"]) == (1, None, True)
     assert "batch x tokens held (at this moment; step 1 never ended)" in _run(["diagnose", str(run)])
-    # AND the plan is the prefill the run was launched with, and says so
+    # AND the plan is the call the run was launched with, PROMPT + NEW, and says its prefill never finished
     plan = _json(["plan", "--from-run", str(run)])
-    prefilled = PROMPT * ROWS * LAYERS * LAYER_TOKEN  # the prompt on every layer
-    assert (plan["request"]["context"], plan["kv_bytes"]) == (PROMPT + 1, prefilled)
+    launched = (PROMPT + NEW - 1) * ROWS * LAYERS * LAYER_TOKEN
+    assert (plan["request"]["context"], plan["kv_bytes"]) == (PROMPT + NEW, launched)
     assert any("in step 1, its prefill, which never finished" in note for note in plan["notes"])
 
 
