@@ -241,6 +241,7 @@ def _engine_ran_fine(run: Any, as_json: bool, checked: Any = None, raised: list[
     result = {
         "kind": "no_preemption",
         "path": run.path,
+        "engine": figures.name,  # as every other engine diagnosis: scripts tell the engine by this key
         "num_blocks": figures.num_blocks,
         "usable_blocks": usable,
         "peak_blocks_used": figures.peak_blocks_used,

@@ -18,14 +18,15 @@ from kvtrace.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_traces"
 FORMAT = (ROOT / "docs" / "format.md").read_text(encoding="utf-8")
+VLLM_ANALYSIS = (ROOT / "docs" / "vllm-analysis.md").read_text(encoding="utf-8")
 
 
-def _section(title: str) -> str:
-    """The text of one `### title` section of the JSON reference."""
-    start = FORMAT.index(f"### `{title}")
-    end = FORMAT.find("\n## ", start)
-    following = FORMAT.find("\n### ", start + 1)
-    return FORMAT[start : min(p for p in (end, following) if p > 0)]
+def _section(title: str, doc: str = FORMAT, level: str = "###") -> str:
+    """The text of one `### title` section of the JSON reference (or of another doc, at another level)."""
+    start = doc.index(f"{level} `{title}")
+    end = doc.find("\n## ", start + 1)
+    following = doc.find("\n### ", start + 1)
+    return doc[start : min((p for p in (end, following) if p > 0), default=len(doc))]
 
 
 def _json(argv: list[str], status: int = 0) -> Any:
@@ -52,6 +53,14 @@ def test_report_fields_are_documented() -> None:
         assert report["peak_time"] / 1e6 > 1.6e9  # Unix-epoch µs: after 2020
 
 
+@pytest.mark.parametrize("run", ["vllm_preempt", "vllm_override", "vllm_refused"])
+def test_report_engine_fields_are_documented(run: str) -> None:
+    # format.md's `engine` row sends the reader to docs/vllm-analysis.md's table of the engine object
+    report = _json(["report", str(SAMPLES / run), "--json", "-q", "--no-export"])
+    assert _undocumented(report, _section("kvtrace report")) == []
+    assert _undocumented(report["engine"], _section("kvtrace report RUN", VLLM_ANALYSIS, "##")) == []
+
+
 def test_diagnose_fields_are_documented() -> None:
     section = _section("kvtrace diagnose")
     for argv in (
@@ -60,8 +69,12 @@ def test_diagnose_fields_are_documented() -> None:
         [str(SAMPLES / "vllm_preempt")],
         [str(SAMPLES / "vllm_preempt"), "--budget", "17MiB"],
         [str(SAMPLES / "vllm_refused")],
+        [str(SAMPLES / "vllm_override")],  # preempted nothing: kind no_preemption
+        [str(SAMPLES / "vllm_override"), "--budget", "1MiB"],
     ):
         diagnosis = _json(["diagnose", *argv, "--json"])
+        if str(SAMPLES / "vllm") in argv[0]:  # scripts tell the engine apart by one key, whatever the kind
+            assert diagnosis["engine"] == "vllm", diagnosis.get("kind")
         assert _undocumented(diagnosis, section) == []
         for item in diagnosis.get("remedies", []) + diagnosis.get("top_stacks", []):
             assert _undocumented(item, section) == []
