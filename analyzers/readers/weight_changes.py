@@ -97,6 +97,13 @@ def add_weight_events(
             continue  # allocated while the profiler ran: its allocation and free are in the trace
         if events and frees_storage(dev, int(-delta[events[0]]), change.nbytes):
             continue  # the trace's first event at its address is its free (CUDA reports those)
+        if events and delta[events[0]] < 0 and not sizes_are_blocks(dev):
+            # A CPU trace's free of it, at the size an earlier profiling session of the process left at this
+            # address (torch's CPU reporter keeps the size of each block it saw allocated, and reports it
+            # when a later block there goes): nothing else can go there before the storage held from the
+            # start does, so the free is its own, at its own size (as `readers.kv_before_trace` does for KV)
+            delta[events[0]] = -change.nbytes
+            continue
         if sizes_are_blocks(dev):
             signed = -smallest_block(change.nbytes)  # the block the level before the first event counts
         # `_apply` frees each old storage as soon as its replacement (the storage of that name) is made
