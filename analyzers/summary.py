@@ -20,6 +20,7 @@ from analyzers.caches import (
     model_kv_layers,
 )
 from analyzers.kv_log import SEQ_MAJOR_PARTS, CutStep, event_rows, is_kv_data
+from analyzers.kv_widths import global_width, kind_token_bytes, window_storage_note
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
 from analyzers.trace_coverage import all_memory_events_damaged, coverage_notes, skipped_events_note
@@ -89,6 +90,9 @@ class KvSummary:
     capacity_of: str | None = None  # "buffers" (module buffers) | "static_cache" (transformers' StaticCache)
     evictions: dict[str, Any] | None = None
     evictions_by_reason: dict[str, int] = field(default_factory=dict)
+    bytes_per_token_note: str | None = None
+    """Why the measured bytes per token exceeds the arithmetic where a sliding window is the cause
+    (`window_storage_note`: its layers keep window-1 tokens in storages of window positions)."""
     """Evicted tokens by kind: `window` (the cache's own sliding window), `press` (an eviction library such
     as kvpress, or other code rebinding keys/values), `crop` (Cache.crop)."""
     caches: list[CacheSummary] = field(default_factory=list)
@@ -273,10 +277,10 @@ def _expected_bytes_per_token(
     try:
         heads = int(geometry["num_kv_heads"])
         layers = int(geometry.get("kv_layers") or geometry["num_layers"])
-        global_width = _global_width(geometry)
-        if global_width is not None:
+        full_width = global_width(geometry)
+        if full_width is not None:
             sliding = int(geometry.get("sliding_layers") or 0)
-            elements = sliding * heads * int(geometry["head_dim"]) + (layers - sliding) * global_width
+            elements = sliding * heads * int(geometry["head_dim"]) + (layers - sliding) * full_width
             return 2 * elements * _DTYPE_BYTES[kv_dtype]
         if heads_held is not None and 0 < heads_held < heads and heads % heads_held == 0:
             heads = heads_held
@@ -285,12 +289,19 @@ def _expected_bytes_per_token(
         return None
 
 
-def _global_width(geometry: dict[str, Any]) -> int | None:
-    """KV heads x head_dim of a full layer whose width is its own (Gemma 4's `global_head_dim`), else None."""
-    if geometry.get("global_head_dim") is None and geometry.get("global_kv_heads") is None:
-        return None
-    heads = geometry.get("global_kv_heads") or geometry["num_kv_heads"]
-    return int(heads) * int(geometry.get("global_head_dim") or geometry["head_dim"])
+def _window_storage_note(kv: KvSummary, geometry: dict[str, Any] | None) -> str | None:
+    """`window_storage_note` of the main cache's layers whose window let tokens go."""
+    layers = model_kv_layers(geometry) or len(kv.per_layer)
+    kinds = kind_token_bytes(geometry, kv.bytes_per_token_expected, layers)
+    windowed = [
+        (layer.k_bytes + layer.v_bytes, layer.tokens)
+        for layer in kv.per_layer
+        if layer.cache == kv.main_cache and layer.evicted_by_reason.get("window")
+    ]
+    window = (geometry or {}).get("sliding_window")
+    return window_storage_note(
+        windowed, kinds[0] if kinds else None, kv.batch, window if isinstance(window, int) else None
+    )
 
 
 def _shapes_follow(geometry: dict[str, Any] | None, data_events: list[Any]) -> bool:
@@ -301,7 +312,7 @@ def _shapes_follow(geometry: dict[str, Any] | None, data_events: list[Any]) -> b
     if not head_dim:
         return True
     assert geometry is not None
-    if _global_width(geometry) is None:
+    if global_width(geometry) is None:
         return all(e.shape[-1] == head_dim for e in data_events if len(e.shape) == 4)
     own = {
         (geometry.get("num_kv_heads"), head_dim),
@@ -557,6 +568,8 @@ def summarize(
         held_note = caches_note(kv.caches, given)
     if run is not None and any(e.event in ("evicted", "masked") for e in run.kv_events):
         _add_evictions(kv, run.kv_events)
+    if kv.bytes_per_token_measured and kv.batch:
+        kv.bytes_per_token_note = _window_storage_note(kv, geometry)
     steps = (
         # forward passes: step 0 is before the first (a module cache's discovery, a cache made before); a
         # cut last step is no whole one

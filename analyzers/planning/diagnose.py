@@ -40,6 +40,7 @@ from analyzers.planning.diagnose_remedies import (
     growing_bytes_per_token,
     kv_dtype_bits,
     kv_layers,
+    layer_kind_token_bytes,
     layer_token_bytes,
     price_remedies,
     quantized_cache,
@@ -280,6 +281,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "sliding_layer_ids": sliding_layer_ids(report),
         "window": (report.geometry or {}).get("sliding_window"),
         "layer_token_bytes": layer_token_bytes(report),
+        # a sliding layer's and a full layer's: Gemma 4's full layers are wider, and only they follow the
+        # context once the sliding ones hold their window
+        "kind_token_bytes": layer_kind_token_bytes(report),
         "kv_layers": kv_layers(report),
         # each layer's tokens then: a step stopped between its layers' updates leaves them holding different
         # counts, and a prefill's last layers none

@@ -26,7 +26,9 @@ __all__ = [
     "beam_search_remedies",
     "fewer_rows",
     "int4_remedy",
+    "kind_widths",
     "layer_tokens_of",
+    "layer_widths",
     "model_dtype_text",
     "moment_bytes_per_token",
     "quantized_widening",
@@ -228,7 +230,7 @@ def windowed_remedies(
     only at its first decode step. KV at the moment above the window's own (every layer's window plus one
     layer's new one) is that prompt: a shorter prompt frees it token by token, a smaller window does not."""
     layers = num_layers or 1
-    above = max(kv - sliding_cache_bytes(per_token / layers, layers, tokens + 1, 0)[1], 0)
+    above = max(kv - sliding_cache_bytes([per_token / layers] * layers, tokens + 1, 0)[1], 0)
     out: list[Remedy] = []
     if above >= per_token:  # at least a token of prompt beyond the window
         holds = (
@@ -285,22 +287,47 @@ def windowed_remedies(
     return out
 
 
+def kind_widths(d: dict[str, object], batch: int) -> tuple[float, float] | None:
+    """(a sliding layer's, a full layer's) KV bytes of a token across the batch: each kind's own width
+    (`kind_token_bytes`: Gemma 4's full layers are wider), else the layers' average for both (a run whose
+    report has no kinds); None without either."""
+    kinds, layer_token = d.get("kind_token_bytes"), d.get("layer_token_bytes")
+    if isinstance(kinds, tuple) and len(kinds) == 2:
+        return kinds[0] * batch, kinds[1] * batch
+    if isinstance(layer_token, float):
+        return layer_token * batch, layer_token * batch
+    return None
+
+
+def layer_widths(d: dict[str, object], batch: int, layers: int) -> list[float] | None:
+    """Each KV layer's bytes of a token across the batch, in layer order: a sliding layer's width for the
+    layers that slide (`sliding_layer_ids`), a full layer's for the others."""
+    widths = kind_widths(d, batch)
+    if widths is None:
+        return None
+    ids = d.get("sliding_layer_ids")
+    sliding = set(ids) if isinstance(ids, tuple) else set()
+    return [widths[0] if layer in sliding else widths[1] for layer in range(layers)]
+
+
 def moment_bytes_per_token(d: dict[str, object], batch: int) -> tuple[float, int] | None:
     """(KV bytes a token of context costs across the batch, sliding layers that count) at the moment of a
     hybrid cache whose sliding layers hold more than their window then: the prompt at prefill, which a
     shorter one shrinks too. A sliding layer holding its window (or it and its new copy, mid-step) does not
-    follow the context. None when no sliding layer does, or the figures are missing."""
-    sliding, layer_token, layers = d.get("sliding_layer_ids"), d.get("layer_token_bytes"), d.get("kv_layers")
+    follow the context. Each kind is priced at its own width (Gemma 4's sliding layers are narrower than
+    its full ones). None when no sliding layer does, or the figures are missing."""
+    sliding, layers = d.get("sliding_layer_ids"), d.get("kv_layers")
     if d.get("windowed") or not isinstance(sliding, tuple) or not sliding:
         return None
-    if not isinstance(layer_token, float) or not isinstance(layers, int) or not layers:
+    widths = kind_widths(d, batch)
+    if widths is None or not isinstance(layers, int) or not layers:
         return None
-    one = layer_token * batch
+    slide_one, full_one = widths
     held, window = d.get("layer_bytes"), d.get("window")
     if isinstance(held, dict) and held and isinstance(window, int) and window:
         at_window = (window, 2 * window)  # in tokens: its window, or it and its new copy mid-step
         following = [
-            layer for layer in sliding if held.get(layer) and round(held[layer] / one) not in at_window
+            layer for layer in sliding if held.get(layer) and round(held[layer] / slide_one) not in at_window
         ]
     elif d.get("step_phase") == "prefill":  # no bytes by layer: at prefill every layer holds the prompt
         following = list(sliding)
@@ -308,24 +335,28 @@ def moment_bytes_per_token(d: dict[str, object], batch: int) -> tuple[float, int
         return None
     if not following:
         return None
-    return one * (layers - len(sliding) + len(following)), len(following)
+    return full_one * (layers - len(sliding)) + slide_one * len(following), len(following)
 
 
-def sliding_cache_bytes(layer_token: float, layers: int, window: int, prompt: int) -> tuple[int, int]:
-    """(KV held once generation passes the window, KV peak) of a cache whose `layers` all slide at `window`,
-    `layer_token` the bytes of one token of one layer across the batch. Each layer keeps its window in a
-    storage of `window` positions and makes its new K and V before freeing the old ones; a prompt longer
-    than the window is held whole by every layer until its first decode step, while the first of them
-    makes its new window."""
-    held = layers * window * layer_token
-    peak = (layers * max(prompt, window) + window) * layer_token
+def sliding_cache_bytes(layer_tokens: list[float], window: int, prompt: int) -> tuple[int, int]:
+    """(KV held once generation passes the window, KV peak) of a cache whose layers all slide at `window`,
+    `layer_tokens` each layer's bytes of one token across the batch, in layer order. Each layer keeps its
+    window in a storage of `window` positions and makes its new K and V before freeing the old ones; a
+    prompt longer than the window is held whole by every layer until its first decode step, when each in
+    turn makes its new window, the layers before it holding theirs: the peak is the largest of those
+    moments (the first layer's where all are as wide)."""
+    held = window * sum(layer_tokens)
+    longest = max(prompt, window)
+    peak = max(
+        window * sum(layer_tokens[:i]) + longest * sum(layer_tokens[i:]) + window * width
+        for i, width in enumerate(layer_tokens)
+    )
     return round(held), round(peak)
 
 
 def window_remedy(
     kv: int,
-    layer_token: float,
-    layers: int,
+    layer_tokens: list[float],
     target: int,
     prompt: int,
     need: int | None,
@@ -335,7 +366,8 @@ def window_remedy(
 ) -> Remedy:
     """A sliding window for a cache that keeps every token on some layers: every layer sliding at the
     window, priced as that cache's peak (`sliding_cache_bytes`), not as this moment's KV less the tokens
-    beyond it. `target` is the window a shorter context would propose; a hybrid model's `sliding` layers
+    beyond it; `layer_tokens` are each layer's bytes of a token across the batch, in layer order.
+    `target` is the window a shorter context would propose; a hybrid model's `sliding` layers
     already keep `model_window`, which a larger window would grow: it is proposed at most that, i.e. its
     full layers sliding at the model's own window. With a shortfall, the largest window whose peak fits.
     `cross`: the cross-attention KV at this moment (an encoder's output, Mllama's image), which no window
@@ -344,17 +376,15 @@ def window_remedy(
     start = min(target, model_window) if hybrid and model_window else target
     window = max(start, 1)
     if need is not None and need > 0:
-        peaks = {
-            w: sliding_cache_bytes(layer_token, layers, w, prompt)[1] + cross for w in range(window, 0, -1)
-        }
+        peaks = {w: sliding_cache_bytes(layer_tokens, w, prompt)[1] + cross for w in range(window, 0, -1)}
         fitting = [w for w, peak in peaks.items() if kv - peak >= need]
         window = fitting[0] if fitting else 1
-    held, peak = sliding_cache_bytes(layer_token, layers, window, prompt)
+    held, peak = sliding_cache_bytes(layer_tokens, window, prompt)
     held, peak = held + cross, peak + cross
     saved = max(kv - peak, 0)
     size = f"{window:,} token{'s' if window > 1 else ''}"
     if hybrid and window == model_window:
-        full = layers - sliding
+        full = len(layer_tokens) - sliding
         change = (
             f"Making its {full:,} full-attention layer{'s' if full != 1 else ''} slide at the model's own "
             f"window of {window:,} tokens (a larger sliding_window would grow its {sliding:,} sliding "

@@ -8,7 +8,8 @@ priced in bytes with this run's own figures. Pure, torch-free.
   proportions of the KV at that moment (activations also shrink; we don't count them, so the figures are
   lower bounds); batch and tokens are those held at the end of the moment's step (the KV log's per-step
   figures), not the run's final count; on a hybrid cache a token costs the full layers and the sliding
-  layers that hold more than their window at that moment (the prompt, at prefill);
+  layers that hold more than their window at that moment (the prompt, at prefill), each kind at its own
+  width (Gemma 4's sliding layers are narrower than its full ones);
 * a sliding window is priced as the cache with every layer sliding at it would peak (its new K and V made
   before the old are freed, the prompt held whole until the first decode step), never as a window that
   would grow the layers a hybrid model already slides;
@@ -43,6 +44,7 @@ from typing import Any
 
 from analyzers.caches import CROSS_ATTENTION, layers_holding, model_kv_layers
 from analyzers.kv_log import is_kv_data
+from analyzers.kv_widths import kind_token_bytes
 from analyzers.model import MemorySource
 from analyzers.planning.diagnose_buffer_remedies import (
     PreallocatedBuffers,
@@ -54,6 +56,7 @@ from analyzers.planning.diagnose_cache_remedies import (
     fewer_rows,
     int4_remedy,
     layer_tokens_of,
+    layer_widths,
     model_dtype_text,
     moment_bytes_per_token,
     quantized_widening,
@@ -71,6 +74,7 @@ __all__ = [
     "growing_bytes_per_token",
     "kv_dtype_bits",
     "kv_layers",
+    "layer_kind_token_bytes",
     "layer_token_bytes",
     "price_remedies",
     "quantized_cache",
@@ -147,6 +151,12 @@ def layer_token_bytes(report: Report) -> float | None:
     layers = kv_layers(report)
     expected = report.kv.bytes_per_token_expected
     return expected / layers if expected and layers else None
+
+
+def layer_kind_token_bytes(report: Report) -> tuple[float, float] | None:
+    """(a sliding layer's, a full layer's) KV bytes of one token of one sequence: `layer_token_bytes` by
+    each kind's own width (Gemma 4's full layers are wider), for the prices that follow one kind only."""
+    return kind_token_bytes(report.geometry, report.kv.bytes_per_token_expected, kv_layers(report))
 
 
 def sliding_layer_ids(report: Report) -> tuple[int, ...]:
@@ -404,8 +414,9 @@ def _window(
     (about) the shorter context's length, at most a hybrid model's own window (`window_remedy`). A
     quantized cache's run is priced at the model's dtype: transformers' QuantizedCache takes no sliding
     layers, so a window means a cache that keeps full precision."""
-    layer_token, layers, batch = d.get("layer_token_bytes"), d.get("kv_layers") or num_layers, d["batch"]
-    if not isinstance(layer_token, float) or not isinstance(layers, int) or not isinstance(batch, int):
+    layers, batch = d.get("kv_layers") or num_layers, d["batch"]
+    widths = layer_widths(d, batch, layers) if isinstance(layers, int) and isinstance(batch, int) else None
+    if widths is None:
         why = "cannot be priced: the KV geometry of a layer is not recorded"
         return Remedy("sliding_window", None, None, None, f"Sliding window: {why}.")
     widen = quantized_widening(d, kv_bits)
@@ -413,8 +424,7 @@ def _window(
     fixed = d.get("cross_kv_bytes")
     remedy = window_remedy(
         kv,
-        layer_token * batch * (widen or 1),
-        layers,
+        [width * (widen or 1) for width in widths],
         tokens if need is not None and need > 0 else max(context, 1),
         prompt if isinstance(prompt, int) else 0,
         need,

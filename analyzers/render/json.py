@@ -63,6 +63,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "measured_from": kv.measured_from,
             "bytes_per_token_measured": kv.bytes_per_token_measured,
             "bytes_per_token_expected": kv.bytes_per_token_expected,
+            "bytes_per_token_note": kv.bytes_per_token_note,
             "tokens_held": kv.tokens_held,
             "batch": kv.batch,
             "token_rows": kv.token_rows,

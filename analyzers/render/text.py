@@ -188,6 +188,8 @@ def report_to_text(report: Report) -> str:
             f"    bytes per token: measured {kv.bytes_per_token_measured:,.1f} ({held}), "
             f"arithmetic {expected}"
         )
+        if kv.bytes_per_token_note:
+            lines.append(f"      ({kv.bytes_per_token_note})")
     elif kv.tokens_held and kv.batch and report.engine is None:
         # The main cache was let go before the end (another model's generated after it): its tokens are
         # still the headline's, with nothing held to measure
