@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from analyzers.planning.buffers import buffer_fields
 from analyzers.planning.config_defaults import (
     LLAMA4_CHUNK,
     default_layer_types,
@@ -189,6 +190,13 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         experts = _experts(fields, layers, positive_int)
     dense_size = experts.pop("intermediate_size", None)  # the dense layers' MLP, when not intermediate_size
     block = gpt_block_fields(fields, model_type, hidden, positive_int, str(config_path))
+    buffers = buffer_fields(
+        fields, model_type, layers=layers, head_dim=head_dim, full_head_dim=global_head_dim,
+        layer_types=layer_types, moe_layers=experts.get("moe_layers", 0), experts=experts.get("experts", 0),
+        positive_int=positive_int,
+    )  # fmt: skip
+    if model_type in ("deepseek_v2", "deepseek_v3"):  # its routers stay float32 in any dtype
+        buffers["fp32_parameters"] = experts.get("moe_layers", 0) * experts.get("experts", 0) * hidden
     return ModelGeometry(
         name=str(name),
         num_layers=layers,
@@ -217,9 +225,27 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         global_head_dim=global_head_dim,
         weights_note=weights_estimate_note(raw, model_type),
         kv_note=kv_note,
+        cache_off_by=_cache_off_by(config_path, fields),
         **block,
         **gemma,
+        **buffers,
     )
+
+
+def _cache_off_by(config_path: Path, fields: dict[str, Any]) -> str | None:
+    """The file that turns generate()'s KV cache off, None when it caches. As `from_pretrained` reads them
+    (transformers 5.24): a generation_config.json beside the config decides alone (no `use_cache` there:
+    caching); without one, the config's `use_cache` (none: caching)."""
+    generation_path = config_path.parent / "generation_config.json"
+    if generation_path.is_file():
+        try:
+            generation = json.loads(generation_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise KvtraceError(f"{generation_path}: not a valid JSON generation config: {exc}") from None
+        if not isinstance(generation, dict):
+            raise KvtraceError(f"{generation_path}: expected a JSON object at the top level")
+        return generation_path.name if generation.get("use_cache") is False else None
+    return config_path.name if fields.get("use_cache") is False else None
 
 
 # Where configs give the longest context, as vLLM reads them (`derive_max_model_len_and_key`, vllm 0.32)

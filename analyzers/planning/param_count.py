@@ -7,7 +7,9 @@ from __future__ import annotations
 from analyzers.planning.gemma_layers import LayerShape
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
 
-__all__ = ["param_count", "weights_bytes"]
+__all__ = ["buffer_bytes", "param_count", "parameter_bytes", "weights_bytes"]
+
+_FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def _attention_params(geom: ModelGeometry, layer: LayerShape | None = None) -> int:
@@ -125,10 +127,28 @@ def param_count(geom: ModelGeometry) -> int:
     return embeddings + layers + final_norm + lm_head
 
 
-def weights_bytes(geom: ModelGeometry, dtype: str) -> int:
-    """Bytes of all parameters stored in `dtype`.
+def parameter_bytes(geom: ModelGeometry, dtype: str) -> int:
+    """Bytes of all parameters stored in `dtype`, but those the model keeps in float32 (`fp32_parameters`).
 
     Quantized weight formats (int8, int4) also store per-group scales; those are not counted here because
     their layout depends on the quantizer (GPTQ, AWQ, bitsandbytes), so treat int4/int8 as a lower bound.
     """
-    return dtype_bytes_for(dtype, param_count(geom))
+    return dtype_bytes_for(dtype, param_count(geom) - geom.fp32_parameters) + 4 * geom.fp32_parameters
+
+
+def buffer_bytes(geom: ModelGeometry, dtype: str) -> int:
+    """Bytes of the buffers transformers builds beside the parameters of a model whose weights are `dtype`
+    (`buffers`): the float32 ones at 4 B whatever `dtype` says, bool masks at 1 B, the rest in `dtype`
+    (in bf16 under a quantized format: they are not quantized)."""
+    compute = dtype if dtype in _FLOAT_DTYPES else "bf16"
+    return (
+        4 * geom.fp32_buffer_elements
+        + geom.bool_buffer_bytes
+        + dtype_bytes_for(compute, geom.buffer_elements)
+    )
+
+
+def weights_bytes(geom: ModelGeometry, dtype: str) -> int:
+    """Bytes transformers' model holds on the device before its first step, as the recorder counts its
+    weights: the parameters in `dtype` (`parameter_bytes`: a lower bound for int4/int8) and the buffers."""
+    return parameter_bytes(geom, dtype) + buffer_bytes(geom, dtype)

@@ -156,18 +156,28 @@ def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
 
 
 def _notes(req: PlanRequest) -> tuple[str, ...]:
-    """A weights figure that is an estimate (`ModelGeometry.weights_note`); layers whose KV is not per token
-    (`kv_note`); a context past the model's
+    """A config that turns generate()'s cache off (`ModelGeometry.cache_off_by`), first: the plan still
+    sizes the cache, since a run without one recomputes the whole context at every step and whoever plans
+    its KV means to turn it on, but the run they start as is keeps none. A weights figure that is an
+    estimate (`weights_note`); layers whose KV is not per token (`kv_note`); a context past the model's
     positions: transformers runs it (the memory figures hold), but the model was not trained for it, and
     vLLM refuses such a max_model_len."""
-    estimate = req.geometry.weights_note if req.measured_weights_bytes is None else None  # else measured
-    weights = tuple(note for note in (estimate, req.geometry.kv_note) if note)
-    limit = req.geometry.max_position_embeddings
+    geom = req.geometry
+    cache_off = None
+    if geom.cache_off_by is not None:
+        cache_off = (
+            f"KV cache OFF by default: {geom.cache_off_by} sets use_cache: false, so generate() keeps no KV "
+            "cache (0 B of KV, and every step recomputes the whole context) unless called with "
+            "use_cache=True; the KV figures here are for use_cache=True"
+        )
+    estimate = geom.weights_note if req.measured_weights_bytes is None else None  # else measured
+    model_notes = tuple(note for note in (cache_off, estimate, geom.kv_note) if note)
+    limit = geom.max_position_embeddings
     if limit is None or req.context <= limit:
-        return weights
+        return model_notes
     return (
-        *weights,
-        f"the context of {req.context:,} tokens is beyond the {limit:,} positions {req.geometry.name} takes "
+        *model_notes,
+        f"the context of {req.context:,} tokens is beyond the {limit:,} positions {geom.name} takes "
         "(max_position_embeddings): the memory figures hold and transformers runs it, but the model was not "
         "trained that long (RoPE models answer worse past it, learned positions fail), and vLLM refuses "
         "such a max_model_len",

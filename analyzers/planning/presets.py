@@ -120,6 +120,16 @@ class ModelGeometry:
     laurel_rank: int = 0
     moe_beside_mlp: bool = False
     lm_head_bias: bool = False  # Phi's lm_head has a bias (its own, even when the weight is tied)
+    # Buffers transformers registers beside the parameters (`buffers`): on the device from the start, so
+    # weights to the recorder. Elements kept in float32 whatever the weights' dtype (RoPE's inv_freq and
+    # its copy, GPT-J's and CTRL's sinusoidal tables), elements in the weights' dtype (XGLM's table,
+    # Gemma's scales), and bytes of bool causal masks (GPT-Neo's in each layer, GPT-BigCode's)
+    fp32_buffer_elements: int = 0
+    buffer_elements: int = 0
+    bool_buffer_bytes: int = 0
+    # Parameters kept in float32 whatever the weights' dtype (DeepSeek's routers, which transformers'
+    # `_keep_in_fp32_modules_strict` names)
+    fp32_parameters: int = 0
     # The longest context the model takes, as vLLM derives its limit on max_model_len from the config: the
     # smallest of max_position_embeddings and its other names (n_positions, max_seq_len, seq_length, ...;
     # model_max_length wins), times the factor of a linear or dynamic RoPE scaling. None: the config gives
@@ -127,6 +137,9 @@ class ModelGeometry:
     max_position_embeddings: int | None = None
     weights_note: str | None = None  # why the weights figure is an estimate (`weights_estimate_note`)
     kv_note: str | None = None  # layers whose KV is not per token (Mllama's cross-attention: the image's)
+    # The file whose `use_cache: false` makes generate() keep no KV cache unless called with use_cache=True
+    # (MPT's config class defaults to it); None: generate() caches
+    cache_off_by: str | None = None
 
     @property
     def layers_with_kv(self) -> int:
@@ -171,7 +184,8 @@ def _llama3(
     head_dim: int = 128,
     tied: bool = False,
 ) -> ModelGeometry:
-    # Every Llama 3.x model has 8 KV heads (GQA) and the 128,256-token tokenizer.
+    # Every Llama 3.x model has 8 KV heads (GQA) and the 128,256-token tokenizer; its RoPE table, inv_freq
+    # and original_inv_freq, holds head_dim / 2 float32 each.
     return ModelGeometry(
         name=name,
         num_layers=layers,
@@ -183,6 +197,7 @@ def _llama3(
         vocab_size=128256,
         tie_word_embeddings=tied,
         max_position_embeddings=positions,
+        fp32_buffer_elements=head_dim,
     )
 
 

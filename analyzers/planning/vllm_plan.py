@@ -34,8 +34,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from analyzers.planning.param_count import weights_bytes
-from analyzers.planning.presets import ModelGeometry
+from analyzers.planning.param_count import param_count
+from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
 from kvtrace.errors import KvtraceError
 
 __all__ = [
@@ -275,7 +275,9 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
     override = req.num_gpu_blocks_override
     weights = req.weights_bytes
     if weights is None and geom.intermediate_size:
-        weights = math.ceil(weights_bytes(geom, req.model_dtype) / req.tensor_parallel_size)
+        # the parameters alone, all in the model's dtype: vLLM builds its own layers, without the buffers
+        # and float32 routers of transformers' (`param_count.weights_bytes`)
+        weights = math.ceil(dtype_bytes_for(req.model_dtype, param_count(geom)) / req.tensor_parallel_size)
         if req.kv_cache_memory_bytes is None and override is None:
             notes.append("weights computed from the geometry (no embeddings padding, no quantization scales)")
     memory: int | None  # what the memory alone would give; None: unknown, and not needed under an override

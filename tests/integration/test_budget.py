@@ -170,7 +170,7 @@ def test_plan_context_is_prompt_plus_new_tokens_of_which_the_last_is_never_writt
     side = batch * tiny_size.num_kv_heads * (tiny_size.hidden_size // tiny_size.num_heads) * 4  # fp32
     room = (context - 1) * tiny_size.num_layers * 2 * side + (context - 2) * side
     tiny_model.config.save_pretrained(tmp_path / "config")
-    planned_weights = _plan(tmp_path / "config")["weights_bytes"]  # the config's parameters, no buffers
+    planned_weights = _plan(tmp_path / "config")["weights_bytes"]  # its parameters and buffers
 
     def plan_at(tokens: int) -> dict:
         return _plan(

@@ -94,10 +94,14 @@ def _record_generate(
     profiler: bool = False,
     beams: int = 1,
     cache: str = "dynamic",
+    use_cache: bool | None = None,
 ) -> Any:
     """Greedy generate() of `new` tokens after a `prompt`-token prompt (6 after 11 by default), recorded
-    into `run` (output and cache); `beams` > 1 beam-searches, in `batch` x `beams` rows."""
-    extra = {} if cache == "dynamic" else {"cache_implementation": cache}
+    into `run` (output and cache); `beams` > 1 beam-searches, in `batch` x `beams` rows; `use_cache` passed
+    on when given (None: the model's generation config decides)."""
+    extra: dict[str, Any] = {} if cache == "dynamic" else {"cache_implementation": cache}
+    if use_cache is not None:
+        extra["use_cache"] = use_cache
     ids = torch.randint(3, 200, (batch, prompt), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler, gpu_memory=gpu_memory):
         return model.generate(
@@ -315,6 +319,13 @@ def _weights_bytes(model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
+def _meta_weights_bytes(model: torch.nn.Module) -> int:
+    """`_weights_bytes` of a model built on the meta device, whose storages have no address: each distinct
+    parameter and buffer at its own dtype (transformers shares no storage between two of them but a tied
+    lm_head, which `parameters()` lists once)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
 def test_diagnose_prices_a_shorter_prompt_where_sliding_layers_hold_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -518,8 +529,9 @@ def test_plan_weighs_every_expert_and_latent_projection(
     # GIVEN a mixture-of-experts config (and DeepSeek's latent attention) as transformers saves it
     # WHEN it is planned
     model, cache, data = _plan_after_a_prompt(make(), tmp_path, capsys)
-    # THEN the weights are the model's own parameters, every expert resident, and the KV what its cache holds
-    assert data["weights_bytes"] == 4 * sum(p.numel() for p in model.parameters())
+    # THEN the weights are the model's own parameters, every expert resident, and its buffers (RoPE's, the
+    # expert-score bias of DeepSeek-V3), and the KV what its cache holds
+    assert data["weights_bytes"] == _weights_bytes(model)
     held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
     assert data["kv_bytes"] == 4 * held
 
@@ -660,16 +672,38 @@ def test_plan_weighs_a_published_config_as_transformers_builds_it(
     (tmp_path / "config.json").write_text(json.dumps(raw))
     config = transformers.AutoConfig.for_model(**raw)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     # WHEN it is planned in bf16
     assert main(["plan", "--config", str(tmp_path / "config.json"), "--json"]) == 0, capsys.readouterr().err
     planned = json.loads(capsys.readouterr().out)
-    # THEN the weights are the model's parameters at 2 B each: the lm_head is the embedding matrix, counted
-    # once, and Gemma 2's and 3's four norms per layer are there
+    # THEN the weights are the model's parameters at 2 B each (the lm_head is the embedding matrix, counted
+    # once, and Gemma 2's and 3's four norms per layer are there) and its buffers: RoPE's float32 tables,
+    # Gemma's embedding scale
     assert config.tie_word_embeddings is True
-    assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.parameters())
+    assert planned["weights_bytes"] == _meta_weights_bytes(model)
     # ... and the plan does not call them an estimate
     assert not [note for note in planned["notes"] if note.startswith("weights:")]
+
+
+def test_plan_weighs_gpt_neo_2_7b_with_the_causal_mask_each_layer_keeps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN EleutherAI/gpt-neo-2.7B's geometry, and the model transformers builds from it in bf16 (on the
+    # meta device: only the shapes)
+    config = transformers.GPTNeoConfig(
+        hidden_size=2560, num_layers=32, num_heads=20, max_position_embeddings=2048, vocab_size=50257,
+        attention_types=[[["global", "local"], 16]],
+    )  # fmt: skip
+    config.save_pretrained(tmp_path / "config")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    # WHEN it is planned in bf16
+    assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN the weights are its parameters at 2 B each and, in each of its 32 layers, a causal mask of
+    # 2048 x 2048 bools (1 B each): 128 MiB beside the parameters
+    parameters = sum(p.numel() for p in model.parameters())
+    assert planned["weights_bytes"] == 2 * parameters + 32 * 2048 * 2048 == _meta_weights_bytes(model)
 
 
 def test_plan_says_its_weights_are_an_estimate_for_a_family_it_does_not_lay_out(
@@ -936,21 +970,26 @@ _LATENT = {
 def test_plan_weighs_each_family_as_transformers_builds_it(
     config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN a config as transformers saves it, and the model it builds from it (on the meta device)
+    # GIVEN a config as transformers saves it
     config.save_pretrained(tmp_path / "config")
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    # WHEN it is planned in bf16
-    assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) == 0, capsys.readouterr().err
-    planned = json.loads(capsys.readouterr().out)
-    # THEN the weights are the model's parameters at 2 B each (a tied lm_head counted once): GPT-2's,
-    # Falcon's, OPT's, GPT-NeoX's, Bloom's, Phi's, GPT-J's, StarCoder2's and MPT's MLPs have two matrices,
-    # and their biases, LayerNorms' biases (none in OLMo, which has no norm weights), learned positions (OPT's
-    # 2 rows longer), OPT's projections in and out, Bloom's embedding norm, Phi's and GPT-J's lm_head bias,
-    # the per-head qk norms of StableLM, OLMo 2 and Cohere, and the biases a config asks for are there
-    assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.parameters())
-    # ... and the plan does not call them an estimate
-    assert not [note for note in planned["notes"] if note.startswith("weights:")]
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        # ... and the model it builds from it in fp32, and in bf16
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # WHEN it is planned in that dtype
+        argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", name, "--json"]
+        assert main(argv) == 0, capsys.readouterr().err
+        planned = json.loads(capsys.readouterr().out)
+        # THEN the weights are what the recorder counts: every distinct storage of its parameters (a tied
+        # lm_head once: GPT-2's, Falcon's, OPT's, GPT-NeoX's, Bloom's, Phi's, GPT-J's, StarCoder2's and MPT's
+        # MLPs have two matrices, and their biases, LayerNorms' biases (none in OLMo, which has no norm
+        # weights), learned positions (OPT's 2 rows longer), OPT's projections in and out, Bloom's embedding
+        # norm, Phi's and GPT-J's lm_head bias, the per-head qk norms of StableLM, OLMo 2 and Cohere, and the
+        # biases a config asks for are there; DeepSeek's routers stay float32) and of its buffers, each at
+        # its own dtype: RoPE's inv_freq (float32 in bf16 too), GPT-Neo's and GPT-BigCode's bool causal
+        # masks, GPT-J's and CTRL's float32 sinusoidal tables, XGLM's in the model's dtype, Gemma's scales
+        assert planned["weights_bytes"] == _weights_bytes(model), name
+        # ... and the plan does not call them an estimate
+        assert not [note for note in planned["notes"] if note.startswith("weights:")]
 
 
 def test_plan_weighs_a_llama4_checkpoint_config_as_transformers_builds_it(
@@ -970,20 +1009,20 @@ def test_plan_weighs_a_llama4_checkpoint_config_as_transformers_builds_it(
     del saved["text_config"]["moe_layers"]
     (tmp_path / "config" / "config.json").write_text(json.dumps(saved))
     config = transformers.AutoConfig.from_pretrained(tmp_path / "config")
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     # WHEN it is planned in bf16
     assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) == 0, capsys.readouterr().err
     planned = json.loads(capsys.readouterr().out)
     # THEN the weights are the language model's parameters at 2 B each: layers 1 and 3 hold 4 experts of
-    # 160 (3 matrices), a router and a shared expert of 160, layers 0 and 2 a dense MLP of 96
-    assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.parameters())
+    # 160 (3 matrices), a router and a shared expert of 160, layers 0 and 2 a dense MLP of 96; and its RoPE
+    # table, inv_freq and original_inv_freq of head_dim / 2 float32 each
+    assert planned["weights_bytes"] == _weights_bytes(model)
     hidden, vocab = 64, 256
     attention = 2 * hidden * 4 * 16 + 2 * hidden * 2 * 16
     moe = 4 * 3 * hidden * 160 + hidden * 4 + 3 * hidden * 160
     dense = 3 * hidden * 96
     layers = 4 * (attention + 2 * hidden) + 2 * moe + 2 * dense
-    assert planned["weights_bytes"] == 2 * (2 * vocab * hidden + layers + hidden)
+    assert planned["weights_bytes"] == 2 * (2 * vocab * hidden + layers + hidden) + 4 * 2 * (16 // 2)
     # ... and the only note on them is the vision tower's, which the figure leaves out
     assert [note for note in planned["notes"] if note.startswith("weights:")] == [
         "weights: the language model's only; its vision_config tower is not counted, so the weights figure "
@@ -1002,13 +1041,13 @@ def test_plan_weighs_a_gemma4_checkpoint_configs_language_model_as_transformers_
     )
     config = transformers.Gemma4Config(text_config=text, vision_config=vision.to_dict())
     config.save_pretrained(tmp_path / "config")
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     # WHEN it is planned in bf16
     assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) == 0, capsys.readouterr().err
     planned = json.loads(capsys.readouterr().out)
-    # THEN the weights are its language model's parameters at 2 B each (the lm_head is tied to them)
-    assert planned["weights_bytes"] == 2 * sum(p.numel() for p in model.model.language_model.parameters())
+    # THEN the weights are its language model's parameters at 2 B each (the lm_head is tied to them) and
+    # buffers: RoPE's float32 tables, one pair per kind of layer, and its scales in bf16
+    assert planned["weights_bytes"] == _weights_bytes(model.model.language_model)
     # ... and the only note on them is the vision tower's, which the figure leaves out
     assert [note for note in planned["notes"] if note.startswith("weights:")] == [
         "weights: the language model's only; its vision_config tower is not counted, so the weights figure "
@@ -1041,6 +1080,50 @@ def test_plan_holds_the_kv_these_families_caches_hold(
     held = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     assert data["kv_bytes"] == sum(t.nbytes for t in held) == 2 * 2 * 5 * kv_heads * 16 * 4
+
+
+def test_plan_says_generate_keeps_no_cache_where_the_config_turns_it_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN MPT's config as transformers saves it (MptConfig defaults to use_cache=False), and generate() of
+    # 6 tokens after 11 recorded as called by default, and with use_cache=True
+    config = transformers.MptConfig(**_MPT)
+    out, kv = _record_config(config, tmp_path, capsys)
+    cached, cached_kv = _record_config(config, tmp_path / "cached", capsys, use_cache=True)
+    assert json.loads((tmp_path / "config" / "config.json").read_text())["use_cache"] is False
+    # WHEN it is planned for that prompt and context
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--prompt", "11", "--context"]
+    argv.append("17")
+    assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+    planned = json.loads(capsys.readouterr().out)
+    # THEN the run as called keeps no KV, and the plan sizes use_cache=True's: 2 layers x K and V x 4 heads
+    # x 16 x 4 B per token, 16 tokens, as that run's cache holds
+    assert out.past_key_values is None and kv["peak_bytes"] == 0
+    held = [t for layer in cached.past_key_values.layers for t in (layer.keys, layer.values)]
+    assert planned["kv_bytes"] == cached_kv["final_bytes"] == sum(t.nbytes for t in held)
+    assert planned["kv_bytes"] == 2 * 2 * 4 * 16 * 4 * 16
+    # AND its first note says that generate() keeps none unless asked, and which file turns it off
+    off = "KV cache OFF by default: config.json sets use_cache: false, so generate() keeps no KV cache"
+    assert planned["notes"][0].startswith(off)
+    assert main(argv) == 0
+    assert f"note: {off}" in capsys.readouterr().out
+    # AND a generation_config.json beside it decides instead, as from_pretrained reads them: no use_cache
+    # there, or true, caches; false does not
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "saved")
+    ids = torch.randint(3, 200, (1, 4), generator=torch.Generator().manual_seed(0))
+    for generation in ({"use_cache": True}, {"eos_token_id": 0}, {"use_cache": False}):
+        (tmp_path / "saved" / "generation_config.json").write_text(json.dumps(generation))
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+        with torch.no_grad():
+            kept = loaded.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                return_dict_in_generate=True,
+            ).past_key_values  # fmt: skip
+        assert main(["plan", "--config", str(tmp_path / "saved"), "--json"]) == 0, capsys.readouterr().err
+        notes = json.loads(capsys.readouterr().out)["notes"]
+        off = [note for note in notes if note.startswith("KV cache OFF by default: generation_config.json ")]
+        assert (kept is None) is (generation.get("use_cache") is False) is bool(off), generation
 
 
 def test_plan_holds_the_kv_a_jetmoe_cache_holds_after_generate(

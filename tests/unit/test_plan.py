@@ -49,6 +49,13 @@ LLAMA_3_8B_CONFIG = {
 }
 
 
+# Llama 3 8B's RoPE table as transformers builds it: inv_freq and original_inv_freq, head_dim / 2 float32
+# each, whatever the weights' dtype
+ROPE_BYTES = 2 * (128 // 2) * 4
+# Its weights in bf16: 8,030,261,248 parameters at 2 B, and the RoPE table
+LLAMA_3_8B_BF16 = 8_030_261_248 * 2 + ROPE_BYTES
+
+
 def llama_3_8b() -> ModelGeometry:
     return get_preset("llama-3-8b")
 
@@ -96,7 +103,7 @@ def test_llama_3_8b_kv_per_token_and_paged_blocks() -> None:
 
 def test_result_kv_blocks_use_the_budget_after_weights_and_reserve() -> None:
     result = plan(request(gpu_memory_bytes=40 * GIB, reserve_bytes=2 * GIB))
-    budget = 40 * GIB - 2 * GIB - 8_030_261_248 * 2
+    budget = 40 * GIB - 2 * GIB - LLAMA_3_8B_BF16
     assert result.kv_budget_bytes == budget
     assert result.kv_blocks == budget // (131_072 * 16)
 
@@ -138,10 +145,11 @@ def test_param_counts_match_published_figures(name: str, published: int) -> None
 
 
 def test_weights_bytes_scale_with_dtype() -> None:
-    assert weights_bytes(llama_3_8b(), "bf16") == 8_030_261_248 * 2
-    assert weights_bytes(llama_3_8b(), "fp32") == 8_030_261_248 * 4
-    assert weights_bytes(llama_3_8b(), "fp8") == 8_030_261_248
-    assert weights_bytes(llama_3_8b(), "int4") == 8_030_261_248 // 2
+    # the parameters in the dtype; the RoPE table float32 in every one of them
+    assert weights_bytes(llama_3_8b(), "bf16") == 8_030_261_248 * 2 + ROPE_BYTES
+    assert weights_bytes(llama_3_8b(), "fp32") == 8_030_261_248 * 4 + ROPE_BYTES
+    assert weights_bytes(llama_3_8b(), "fp8") == 8_030_261_248 + ROPE_BYTES
+    assert weights_bytes(llama_3_8b(), "int4") == 8_030_261_248 // 2 + ROPE_BYTES
 
 
 def test_unknown_preset_lists_choices() -> None:
@@ -277,7 +285,7 @@ def test_totals_and_headroom() -> None:
     result = plan(
         request(batch=8, context=8192, gpu_memory_bytes=80 * GIB, reserve_bytes=None, reserve_fraction=0.1)
     )
-    weights = 8_030_261_248 * 2
+    weights = LLAMA_3_8B_BF16
     kv = 8 * 8191 * 131_072  # the context's last token is never written
     reserve = 8 * GIB
     growth = 8 * 8190 * 8 * 128 * 2
@@ -291,7 +299,7 @@ def test_totals_and_headroom() -> None:
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_max_batch_is_exact(cache: str) -> None:
     gpu, context = 40 * GIB, 4096
-    weights = 8_030_261_248 * 2
+    weights = LLAMA_3_8B_BF16
     growth_per_seq = (context - 2) * 8 * 128 * 2 if cache == "dynamic" else 0
 
     def peak(batch: int) -> int:
@@ -314,7 +322,7 @@ def test_max_context_is_exact(cache: str) -> None:
     assert plan(request(batch=batch, context=best, gpu_memory_bytes=gpu, cache=cache)).fits
     assert not plan(request(batch=batch, context=best + 1, gpu_memory_bytes=gpu, cache=cache)).fits
     if cache == "static":  # linear: worked out by hand
-        assert best - 1 == (gpu - 8_030_261_248 * 2) // (batch * 131_072)  # tokens written
+        assert best - 1 == (gpu - LLAMA_3_8B_BF16) // (batch * 131_072)  # tokens written
 
 
 def test_quantized_max_context_is_exact() -> None:
@@ -501,7 +509,7 @@ def test_command_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0
     assert payload["kv_bytes_per_token"] == 131_072
     assert payload["kv_bytes"] == 4 * 2047 * 131_072
-    assert payload["weights_bytes"] == 8_030_261_248 * 2
+    assert payload["weights_bytes"] == LLAMA_3_8B_BF16
     assert payload["fits"] is True
     assert payload["request"]["reserve_bytes"] == 8 * GIB  # default: 10% of 80 GiB
     assert {"max_batch", "max_context"} <= payload.keys()
