@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +68,41 @@ def weights_on_cuda0(run: Path) -> list[dict[str, Any]]:
     events = [json.loads(line) for line in (run / "kv_events.jsonl").read_text().splitlines()]
     assert {e["device"] for e in events if "device" in e} == {"cpu"}
     return weights
+
+
+@contextmanager
+def raising_before_layer(model: Any, error: BaseException, forward: int, layer: int) -> Iterator[None]:
+    """Inside it, the model's `forward`-th forward (1: the prefill) raises `error` as its decoder layer
+    `layer` begins: where a real OOM stops a step, the layers before it having written their KV, the others
+    not. Counted from layer 0's forwards, so a direct `model.forward` call (no `model(...)`) counts too."""
+    calls = [0]
+
+    def count(module: Any, args: Any) -> None:
+        calls[0] += 1
+
+    def fail(module: Any, args: Any) -> None:
+        if calls[0] == forward:
+            raise error
+
+    counting = model.model.layers[0].register_forward_pre_hook(count)
+    failing = model.model.layers[layer].register_forward_pre_hook(fail)
+    try:
+        yield
+    finally:
+        counting.remove()
+        failing.remove()
+
+
+def stale_free(events: list[dict[str, Any]], made: int, addr: int, nbytes: int) -> None:
+    """Give a CPU trace's events (`traceEvents`) the free of the block held from before the trace at `addr`
+    at the stale size `nbytes` (torch's CPU reporter keeps the size of each block an earlier profiling session
+    of the process saw at an address, and reports it when a later block there goes): its own free resized
+    where this process's earlier profiling already made the reporter report one, else one just after the
+    event at index `made` (its replacement's allocation)."""
+    at = [e for e in events if e.get("name") == "[memory]" and e["args"]["Addr"] == addr]
+    if at and at[0]["args"]["Bytes"] < 0:
+        at[0]["args"]["Bytes"] = -nbytes
+        return
+    free = {**events[made], "ts": events[made]["ts"] + 0.001}
+    free["args"] = {**free["args"], "Addr": addr, "Bytes": -nbytes}
+    events.insert(made + 1, free)

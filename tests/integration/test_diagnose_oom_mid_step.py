@@ -24,7 +24,7 @@ import kvtrace
 from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.llama import build_model
-from tests.tiny import tiny_size
+from tests.tiny import raising_before_layer, tiny_size
 
 LAYERS, KV_HEADS, HEAD_DIM, BATCH, FP32 = 4, 2, 16, 2, 4
 ELEMENTS = 2 * KV_HEADS * HEAD_DIM  # K and V of one token, one layer, one row
@@ -41,27 +41,18 @@ def _record_oom(run: Path, prompt: int, new_tokens: int, forward: int, layer: in
     """generate() that raises torch.OutOfMemoryError at model forward `forward` (0: the prefill), before
     decoder layer `layer` runs."""
     model = build_model(tiny_size(LAYERS, KV_HEADS))
-    calls = {"n": 0}
-
-    def count(module: Any, args: Any, kwargs: Any) -> None:
-        calls["n"] += 1
-
-    def fail(module: Any, args: Any) -> None:
-        if calls["n"] - 1 == forward:
-            raise torch.OutOfMemoryError(MESSAGE)
-
-    model.register_forward_pre_hook(count, with_kwargs=True)
-    model.model.layers[layer].register_forward_pre_hook(fail)
     ids = torch.randint(3, 1000, (BATCH, prompt), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(torch.OutOfMemoryError), torch.no_grad(), kvtrace.record(run, model=model):
+    oom = torch.OutOfMemoryError(MESSAGE)
+    with (
+        raising_before_layer(model, oom, forward + 1, layer),
+        pytest.raises(torch.OutOfMemoryError),
+        torch.no_grad(),
+        kvtrace.record(run, model=model),
+    ):
         model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
 
 
 def _cli(*argv: str) -> str:

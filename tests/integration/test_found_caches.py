@@ -23,6 +23,7 @@ from transformers import DynamicCache, StaticCache
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.format import read_run
+from tests.tiny import stale_free
 
 LAYERS, KV_HEADS, HEAD_DIM, F32 = 2, 2, 16, 4  # the `tiny_model` fixture's geometry
 NEW_TOKENS = 3  # decoded inside the block
@@ -278,13 +279,7 @@ def test_a_found_storages_free_at_a_stale_size_is_read_at_its_own(
         if e.get("name") == "[memory]" and e["args"]["Addr"] == new.addr
         and e["args"]["Bytes"] == new.storage_bytes
     )  # fmt: skip
-    at_old = [e for e in events if e.get("name") == "[memory]" and e["args"]["Addr"] == old.addr]
-    if at_old and at_old[0]["args"]["Bytes"] < 0:  # this process profiled before: the reporter freed it
-        at_old[0]["args"]["Bytes"] = -(old.storage_bytes + 1024)
-    else:
-        stale = {**events[made], "ts": events[made]["ts"] + 0.001}
-        stale["args"] = {**stale["args"], "Addr": old.addr, "Bytes": -(old.storage_bytes + 1024)}
-        events.insert(made + 1, stale)
+    stale_free(events, made, old.addr, old.storage_bytes + 1024)
     trace_path.write_text(json.dumps(trace))
 
     # WHEN it is reported

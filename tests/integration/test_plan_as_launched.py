@@ -20,7 +20,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import build_model
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.tiny import HEAD_DIM, raising_before_layer, tiny_size
 
 LAYERS, KV_HEADS, ROWS, PROMPT = 2, 2, 2, 8
 TOKEN_ROW = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4  # every layer's K and V of one token of one row, float32
@@ -60,24 +60,14 @@ def _plan(run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
 def _record_raising(model: Any, run: Path, error: BaseException, forward: int, **asked: Any) -> None:
     """Record a greedy generate() asked for a length by `asked`, whose `forward`-th forward (1: the prefill)
     raises `error` as its second decoder layer begins, so layer 0 has written that step's token."""
-    calls = [0]
-
-    def count(module: Any, args: Any) -> None:
-        calls[0] += 1
-
-    def fail(module: Any, args: Any) -> None:
-        if calls[0] == forward:
-            raise error
-
-    counting = model.model.layers[0].register_forward_pre_hook(count)
-    failing = model.model.layers[1].register_forward_pre_hook(fail)
     ids = _ids()
-    try:
-        with pytest.raises(type(error)), torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
-            model.generate(ids, attention_mask=torch.ones_like(ids), **asked)
-    finally:
-        counting.remove()
-        failing.remove()
+    with (
+        raising_before_layer(model, error, forward, 1),
+        pytest.raises(type(error)),
+        torch.no_grad(),
+        kvtrace.record(run, model=model, profiler=False),
+    ):
+        model.generate(ids, attention_mask=torch.ones_like(ids), **asked)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import torch
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import build_model
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.tiny import HEAD_DIM, raising_before_layer, tiny_size
 
 LAYERS, KV_HEADS, ROWS, PROMPT, NEW = 4, 2, 2, 8, 6
 RAISED_AT, BEFORE_LAYER = 4, 2  # the fourth forward (step 4: the prefill is step 1), before layer 2
@@ -47,27 +47,17 @@ def _record_raising(
 ) -> None:
     """Record a greedy generate() of `new` tokens whose `forward`-th forward (1: the prefill) raises `error`
     as decoder layer `layer` begins."""
-    calls = [0]
-
-    def count(module: Any, args: Any) -> None:
-        calls[0] += 1
-
-    def fail(module: Any, args: Any) -> None:
-        if calls[0] == forward:
-            raise error
-
-    counting = model.model.layers[0].register_forward_pre_hook(count)
-    failing = model.model.layers[layer].register_forward_pre_hook(fail)
     ids = torch.randint(3, 1000, (ROWS, PROMPT), generator=torch.Generator().manual_seed(0))
-    try:
-        with pytest.raises(type(error)), torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
-            model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                do_sample=False, pad_token_id=0,
-            )  # fmt: skip
-    finally:
-        counting.remove()
-        failing.remove()
+    with (
+        raising_before_layer(model, error, forward, layer),
+        pytest.raises(type(error)),
+        torch.no_grad(),
+        kvtrace.record(run, model=model, profiler=profiler),
+    ):
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
 
 
 def _run(argv: list[str]) -> str:

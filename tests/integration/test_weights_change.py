@@ -20,7 +20,7 @@ from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.format import read_run
 from kvtrace.llama import build_model
-from tests.tiny import HEAD_DIM, HEADS, HIDDEN, tiny_size
+from tests.tiny import HEAD_DIM, HEADS, HIDDEN, stale_free, tiny_size
 
 LAYERS, KV_HEADS, INTERMEDIATE, VOCAB = 2, 2, 128, 1000
 BATCH, PROMPT, NEW = 2, 5, 4
@@ -252,13 +252,7 @@ def test_a_weights_free_at_a_stale_size_is_read_at_its_own(tmp_path: Path) -> No
         if e.get("name") == "[memory]" and e["args"]["Addr"] == new.addr
         and e["args"]["Bytes"] == new.storage_bytes
     )  # fmt: skip
-    at_old = [e for e in events if e.get("name") == "[memory]" and e["args"]["Addr"] == old.addr]
-    if at_old and at_old[0]["args"]["Bytes"] < 0:  # this process profiled before: the reporter freed it
-        at_old[0]["args"]["Bytes"] = -(old.storage_bytes + 16384)
-    else:
-        stale = {**events[made], "ts": events[made]["ts"] + 0.001}
-        stale["args"] = {**stale["args"], "Addr": old.addr, "Bytes": -(old.storage_bytes + 16384)}
-        events.insert(made + 1, stale)
+    stale_free(events, made, old.addr, old.storage_bytes + 16384)
     with opener(trace_path, "wt") as fh:
         json.dump(trace, fh)
     # WHEN the run is reported
