@@ -25,7 +25,7 @@ import numpy as np
 from analyzers.model import CATEGORY_NAMES, MemorySource
 from analyzers.timeline import DeviceTimeline
 
-__all__ = ["BudgetCrossing", "budget_crossing", "budget_of", "marker_step_at"]
+__all__ = ["BudgetCrossing", "budget_crossing", "budget_of", "manifest_budget", "marker_step_at"]
 
 COUNTS = "allocated bytes (requested sizes, weights included), not reserved segments"
 # Kineto's `[memory]` events (a run's, a Chrome trace's) give the sizes the allocator reported: on CUDA its
@@ -66,7 +66,11 @@ class BudgetCrossing:
 
 def budget_of(source: MemorySource) -> int | None:
     """The budget a run was recorded with (manifest options.gpu_memory), if any."""
-    manifest = source.meta.get("manifest") or {}
+    return manifest_budget(source.meta.get("manifest") or {})
+
+
+def manifest_budget(manifest: dict[str, Any]) -> int | None:
+    """`budget_of` from the manifest alone, for a reader that has no memory source (`plan --from-run`)."""
     value = (manifest.get("options") or {}).get("gpu_memory")
     return int(value) if isinstance(value, int | float) and value > 0 else None
 

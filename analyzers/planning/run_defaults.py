@@ -10,7 +10,9 @@ the run's own settings must give the run's own KV (final and peak), a check that
 The model is the run's model_config.json (the model's whole Hugging Face config, written by the recorder
 since kvtrace 0.1's session 17), read as `plan --config` reads a config.json; a run recorded before it has
 the manifest's geometry only, which plans the KV of a model whose layers are all alike or whose sliding
-layers' order does not matter to the figure asked.
+layers' order does not matter to the figure asked. A cache given a window the model's config lacks (a
+sliding cache built from a config of its own, as `kvtrace demo --cache sliding` does) shows it in the log,
+its window evictions: the model is planned as sliding at that window, as the run's cache did.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from analyzers.budget import manifest_budget
 from analyzers.caches import layer_list
 from analyzers.kv_log import CacheFigures, KvLogAnalysis, analyze_run_kv_log, is_kv_data
 from analyzers.model import normal_device
@@ -53,10 +56,14 @@ class RunDefaults:
     context: int | None
     prompt: int | None  # that call's prompt, where its prefill sample says
     gpu_memory_bytes: int | None  # the CUDA device's memory (None for a run on the CPU)
+    # the budget it was recorded with (record(gpu_memory=...), the manifest's options.gpu_memory): the
+    # memory it was meant to fit, which report and diagnose check it against; it goes before the device's
+    budget_bytes: int | None
     device: str  # the run's device type ("cuda", "cpu")
     notes: tuple[str, ...]
     quant_group_size: int | None = None  # a QuantizedCache's q_group_size, where the log shows it
     residual_length: int | None = None  # and its residual_length, where it requantized
+    window: int | None = None  # a sliding cache's window (cache "sliding"), where the log shows it
 
 
 def run_defaults(path: str | Path) -> RunDefaults:
@@ -113,6 +120,9 @@ def run_defaults(path: str | Path) -> RunDefaults:
                 f"its call wrote: planned at its length, a context of {length + 1}"
             )
             context = length + 1
+    window = None
+    if cache in ("dynamic", "static") and not geometry.windowed_layers:
+        geometry, cache, window = _logged_window(run, main, geometry, cache, notes)
     notes.extend(_other_caches(run, kv, main))
     beams = main.beams if main.reordered and main.beams > 1 else 1
     return RunDefaults(
@@ -126,11 +136,67 @@ def run_defaults(path: str | Path) -> RunDefaults:
         context=context,
         prompt=prompt if prompt is not None and context is not None and prompt < context else None,
         gpu_memory_bytes=int(gpu) if isinstance(gpu, int) and gpu > 0 else None,
+        budget_bytes=manifest_budget(run.manifest),
         device=str(device.get("type") or "an unknown device"),
         notes=tuple(notes),
         quant_group_size=quantized[1] if quantized else None,
         residual_length=quantized[2] if quantized else None,
+        window=window,
     )
+
+
+def _logged_window(
+    run: Run, main: CacheFigures, geometry: ModelGeometry, cache: str, notes: list[str]
+) -> tuple[ModelGeometry, str, int | None]:
+    """The model as the run's cache saw it, where the cache slid at a window the model's config lacks (a
+    sliding cache built from a config of its own): its layers that evicted for a window slide at it. With
+    it the cache kind, and the window of a sliding cache to plan where every layer of a static one slid.
+
+    The window is exact from an evicting update: a DynamicSlidingWindowLayer keeps a view of its last
+    window - 1 tokens in the larger storage its cat made; a StaticSlidingWindowLayer is its storage of
+    max_cache_len positions, min(window, the cache's length), the window once it has evicted. Which of the
+    two is told by the update itself, not the cache's storages: a beam search's reorder moves a static
+    one's, which then reads as a dynamic cache."""
+    held: dict[int, int] = {}
+    views = whole = 0
+    for ev in run.kv_events:
+        if ev.cache != main.cache or ev.reason != "window" or ev.evicted_tokens <= 0 or not ev.tokens:
+            continue
+        held[ev.layer] = max(held.get(ev.layer, 0), ev.tokens)
+        if ev.logical_bytes:  # a log from before kvtrace wrote it: the cache's kind decides
+            views += ev.storage_bytes > ev.logical_bytes
+            whole += ev.storage_bytes <= ev.logical_bytes
+    if not held:
+        return geometry, cache, None
+    static = whole > 0 and not views if views or whole else cache == "static"
+    window = max(held.values()) + (0 if static else 1)
+    layers = geometry.layers_with_kv
+    slides = tuple(layer in held for layer in range(layers))
+    windowed = replace(
+        geometry,
+        sliding_window=window,
+        sliding_layers=len(held),
+        layer_slides=slides if sum(slides) == len(held) else None,  # indices past the KV layers: unordered
+    )
+    every = len(held) >= layers
+    kept = (
+        f"{window} positions, a StaticSlidingWindowLayer's"
+        if static
+        else f"{window - 1} tokens, a DynamicSlidingWindowLayer's window - 1"
+    )
+    planned = (
+        f"planned as a sliding cache of that window (--cache sliding --window {window})"
+        if static and every
+        else "planned with the model's layers sliding at that window"
+    )
+    notes.append(
+        f"the run's cache kept a window of {window} tokens on {'every layer' if every else layer_list(held)} "
+        f"(its window evictions, each layer holding {kept}), a window the model's config does not give: "
+        f"{planned}"
+    )
+    if static and every:
+        return windowed, "sliding", window
+    return windowed, "static" if static else "dynamic", None
 
 
 def _geometry(run: Run, notes: list[str], main: CacheFigures | None) -> ModelGeometry:

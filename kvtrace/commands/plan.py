@@ -64,6 +64,21 @@ def _quantized_settings(run: RunDefaults | None, cache: str) -> tuple[int, int]:
     return run.quant_group_size or DEFAULT_GROUP_SIZE, run.residual_length or DEFAULT_RESIDUAL_LENGTH
 
 
+def _budget_note(budget: int, run: RunDefaults) -> str:
+    """Where the GPU memory of a plan from a run with a recorded budget comes from."""
+    from analyzers.units import human_bytes
+
+    device = (
+        f"not its GPU's {human_bytes(run.gpu_memory_bytes)}"
+        if run.gpu_memory_bytes is not None
+        else f"it ran on {run.device}"
+    )
+    return (
+        f"the GPU memory is the budget the run was recorded with, {human_bytes(budget)} (gpu_memory, in its "
+        f"manifest's options; {device}): --gpu-memory plans another"
+    )
+
+
 class PlanCommand(Command):
     """Plan GPU memory: will a model's weights and KV cache fit at this batch and context?
 
@@ -121,7 +136,8 @@ class PlanCommand(Command):
         )
         parser.add_argument(
             "--gpu-memory",
-            help="memory of one GPU, e.g. 80GiB, 24GB (default 80GiB; with --from-run, the run's)",
+            help="memory of one GPU, e.g. 80GiB, 24GB (default 80GiB; with --from-run, the budget the run "
+            "was recorded with, else its GPU's)",
         )
         parser.add_argument(
             "--reserve",
@@ -132,11 +148,15 @@ class PlanCommand(Command):
         parser.add_argument(
             "--cache", choices=CACHES, help="transformers cache kind (default dynamic, or the run's)"
         )
-        parser.add_argument("--window", type=int, help="tokens a sliding cache keeps (sliding only)")
+        parser.add_argument(
+            "--window",
+            type=int,
+            help="tokens a sliding cache keeps (sliding only; default the model's, or the run's)",
+        )
         parser.add_argument(
             "--block-size",
             type=int,
-            help="tokens per paged KV block (default 16; with --from-run, the run's)",
+            help="tokens per paged KV block (default 16; with --engine vllm --from-run, the run's)",
         )
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
         vllm = parser.add_argument_group(
@@ -263,6 +283,10 @@ class PlanCommand(Command):
             )
         if args.gpu_memory is not None:
             gpu_memory = parse_size(args.gpu_memory, "--gpu-memory", positive=True)
+        elif run is not None and run.budget_bytes is not None:
+            # The memory the run was meant to fit, which report and diagnose check it against
+            gpu_memory = run.budget_bytes
+            run = replace(run, notes=(*run.notes, _budget_note(run.budget_bytes, run)))
         elif run is not None and run.gpu_memory_bytes is not None:
             gpu_memory = run.gpu_memory_bytes
         else:
@@ -276,6 +300,9 @@ class PlanCommand(Command):
                     ),
                 )
         group_size, residual_length = _quantized_settings(run, cache)
+        window = args.window
+        if window is None and run is not None and cache == "sliding":
+            window = run.window  # the window the run's static sliding cache kept, where the log shows it
         request = PlanRequest(
             geometry=geometry,
             weights_dtype=weights_dtype,
@@ -286,7 +313,7 @@ class PlanCommand(Command):
             reserve_bytes=reserve_bytes,
             reserve_fraction=reserve_fraction,
             cache=cache,
-            window=args.window,
+            window=window,
             prompt=prompt,
             beams=beams,
             block_size=args.block_size if args.block_size is not None else 16,

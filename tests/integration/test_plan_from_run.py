@@ -12,7 +12,7 @@ import torch
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.llama import build_model
+from kvtrace.llama import build_model, cache_keyword, make_cache
 from tests.tiny import HEAD_DIM, record_generate, tiny_size, weights_bytes
 
 LAYERS, KV_HEADS, BATCH, PROMPT, NEW = 2, 2, 2, 11, 6
@@ -191,6 +191,89 @@ def test_a_plan_from_a_run_with_sliding_layers_is_the_run_itself(
     assert (request["context"], request["prompt"]) == (prompt + new, prompt)
     assert request["cache"] == ("static" if static else "dynamic")
     assert (plan["kv_bytes"], plan["kv_peak_bytes"]) == (final, recorded["peak_bytes"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "beams", "final", "peak"),
+    [
+        # DynamicSlidingWindowLayer: each layer keeps a view of its last WINDOW - 1 tokens in a storage of
+        # WINDOW (its last cat); the first decode step makes layer 0's new K and V of WINDOW tokens while
+        # every layer still holds the prompt
+        (
+            "sliding",
+            1,
+            TOKEN_ROW * BATCH * WINDOW,
+            TOKEN_ROW * BATCH * PROMPT + TOKEN_ROW // LAYERS * BATCH * WINDOW,
+        ),
+        # StaticSlidingWindowLayer: WINDOW positions allocated at the first step, written in place
+        ("static_sliding", 1, TOKEN_ROW * BATCH * WINDOW, TOKEN_ROW * BATCH * WINDOW),
+        # ... under beam search (2 x BATCH rows), whose reorder copies one layer's K beside it, and moves
+        # the storages, which a static cache's otherwise are told by
+        (
+            "static_sliding",
+            2,
+            TOKEN_ROW * 2 * BATCH * WINDOW,
+            TOKEN_ROW * 2 * BATCH * WINDOW + TOKEN_ROW // (2 * LAYERS) * 2 * BATCH * WINDOW,
+        ),
+    ],
+    ids=["sliding", "static_sliding", "static_sliding-beams"],
+)
+def test_a_cache_given_a_window_its_models_config_lacks_is_planned_at_that_window(
+    model: Any,
+    kind: str,
+    beams: int,
+    final: int,
+    peak: int,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN kvtrace demo's sliding caches, built from a config of their own with a window of WINDOW, on a
+    # Llama whose config has none; a prompt longer than the window, so that every layer evicts
+    assert getattr(model.config, "sliding_window", None) is None and PROMPT > WINDOW
+    run = tmp_path / "run"
+    cache, extra = make_cache(kind, model, BATCH, PROMPT + NEW, window=WINDOW)
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        _generate(model, BATCH, PROMPT, NEW, num_beams=beams, **{cache_keyword(): cache}, **extra)
+    recorded = _recorded(run, capsys)
+    assert (recorded["final_bytes"], recorded["peak_bytes"]) == (final, peak)
+    # WHEN it is planned from the run alone
+    plan = _json(["plan", "--from-run", str(run), "--json"], capsys)
+    # THEN the plan slides at the run's window, exactly, and its KV is the recording's; a note says why
+    request = plan["request"]
+    assert (request["context"], request["prompt"]) == (PROMPT + NEW, PROMPT)
+    assert (request["batch"], request["beams"]) == (beams * BATCH, beams)
+    if kind == "sliding":
+        assert (request["cache"], request["window"]) == ("dynamic", None)
+    else:
+        assert (request["cache"], request["window"]) == ("sliding", WINDOW)
+    assert (plan["kv_bytes"], plan["kv_peak_bytes"]) == (final, peak)
+    assert any(f"a window of {WINDOW} tokens on every layer" in note for note in plan["notes"])
+
+
+def test_the_budget_a_run_was_recorded_with_is_the_plans_gpu_memory(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run recorded with a budget its weights alone exceed (kvtrace demo records with one)
+    run = tmp_path / "run"
+    record_generate(model, run, BATCH, PROMPT, NEW, profiler=False, gpu_memory="512KiB")
+    assert weights_bytes(model) > 1 << 19
+    # WHEN planned from the run alone: THEN for that budget, not an 80 GiB GPU: it does not fit (exit 1)
+    plan = _json(["plan", "--from-run", str(run), "--json"], capsys, code=1)
+    assert (plan["request"]["gpu_memory_bytes"], plan["fits"]) == (1 << 19, False)
+    assert any("the budget the run was recorded with, 512.00 KiB" in note for note in plan["notes"])
+    assert not any("80 GiB" in note for note in plan["notes"])
+    # and a typed --gpu-memory wins, without the note
+    typed = _json(["plan", "--from-run", str(run), "--gpu-memory", "1GiB", "--json"], capsys)
+    assert (typed["request"]["gpu_memory_bytes"], typed["fits"]) == (1 << 30, True)
+    assert not any("budget" in note for note in typed["notes"])
+
+
+def test_block_size_help_says_only_a_vllm_run_gives_it(capsys: pytest.CaptureFixture[str]) -> None:
+    # A transformers run has no paged blocks: its plan's blocks are of 16 unless --block-size says
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "paged KV block (default 16; with --engine vllm --from-run, the run's)" in text
 
 
 def test_a_static_cache_with_room_to_spare_is_planned_at_its_length(
