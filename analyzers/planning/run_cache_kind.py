@@ -1,0 +1,140 @@
+"""What transformers cache a recorded run's KV log shows, where the model's config does not say: a window
+its cache slid at, a QuantizedCache's bits, group size and residual, and the dtype its KV was stored in
+(`kvtrace plan --from-run`, `analyzers.planning.run_defaults`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from analyzers.caches import layer_list
+from analyzers.kv_log import CacheFigures, is_kv_data
+from analyzers.planning.presets import ModelGeometry
+from kvtrace.format import Run
+
+__all__ = ["PLAN_DTYPES", "kv_dtype_of", "logged_window", "quantized_layout"]
+
+# The model's float dtypes as the planner names them; others (int8 weights) plan their KV in bf16
+PLAN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+# A QuantizedCache's packed values (quanto's `q._data._data`, HQQ's `q.0`) and their group scales
+_PACKED_PARTS = ("q._data._data", "q._data", "q.0")
+_SCALE_PARTS = ("q._scale", "q.1.scale")
+_PLAN_BITS = {4: "int4", 8: "int8"}
+
+
+def logged_window(
+    run: Run, main: CacheFigures, geometry: ModelGeometry, cache: str, notes: list[str]
+) -> tuple[ModelGeometry, str, int | None]:
+    """The model as the run's cache saw it, where the cache slid at a window the model's config lacks (a
+    sliding cache built from a config of its own): its layers that evicted for a window slide at it. With
+    it the cache kind, and the window of a sliding cache to plan where every layer of a static one slid.
+
+    The window is exact from an evicting update: a DynamicSlidingWindowLayer keeps a view of its last
+    window - 1 tokens in the larger storage its cat made; a StaticSlidingWindowLayer is its storage of
+    max_cache_len positions, min(window, the cache's length), the window once it has evicted. Which of the
+    two is told by the update itself, not the cache's storages: a beam search's reorder moves a static
+    one's, which then reads as a dynamic cache."""
+    held: dict[int, int] = {}
+    views = whole = 0
+    for ev in run.kv_events:
+        if ev.cache != main.cache or ev.reason != "window" or ev.evicted_tokens <= 0 or not ev.tokens:
+            continue
+        held[ev.layer] = max(held.get(ev.layer, 0), ev.tokens)
+        if ev.logical_bytes:  # a log from before kvtrace wrote it: the cache's kind decides
+            views += ev.storage_bytes > ev.logical_bytes
+            whole += ev.storage_bytes <= ev.logical_bytes
+    if not held:
+        return geometry, cache, None
+    static = whole > 0 and not views if views or whole else cache == "static"
+    window = max(held.values()) + (0 if static else 1)
+    layers = geometry.layers_with_kv
+    slides = tuple(layer in held for layer in range(layers))
+    windowed = replace(
+        geometry,
+        sliding_window=window,
+        sliding_layers=len(held),
+        layer_slides=slides if sum(slides) == len(held) else None,  # indices past the KV layers: unordered
+    )
+    every = len(held) >= layers
+    kept = (
+        f"{window} positions, a StaticSlidingWindowLayer's"
+        if static
+        else f"{window - 1} tokens, a DynamicSlidingWindowLayer's window - 1"
+    )
+    planned = (
+        f"planned as a sliding cache of that window (--cache sliding --window {window})"
+        if static and every
+        else "planned with the model's layers sliding at that window"
+    )
+    notes.append(
+        f"the run's cache kept a window of {window} tokens on {'every layer' if every else layer_list(held)} "
+        f"(its window evictions, each layer holding {kept}), a window the model's config does not give: "
+        f"{planned}"
+    )
+    if static and every:
+        return windowed, "sliding", window
+    return windowed, "static" if static else "dynamic", None
+
+
+def kv_dtype_of(run: Run) -> str | None:
+    """The planner's name of what the cache stored, from its last KV data event: a float dtype, "fp8"
+    (a plain cache in fp8), "quantized" (a QuantizedCache's packed data) or "fp8-quantized" (its fp8
+    backend), None when the log says nothing."""
+    data = [event for event in run.kv_events if is_kv_data(event) and event.dtype]
+    if not data:
+        return None
+    last = data[-1]
+    dtype = str(last.dtype)
+    if str(last.part).startswith("q."):
+        return "fp8-quantized" if dtype.startswith("float8") else "quantized"
+    if dtype.startswith("float8"):
+        return "fp8"
+    return PLAN_DTYPES.get(dtype)
+
+
+def quantized_layout(
+    run: Run, main: CacheFigures, geometry: ModelGeometry, notes: list[str]
+) -> tuple[str, int | None, int | None] | None:
+    """(KV dtype, q_group_size, residual_length) of a quanto or HQQ QuantizedCache (any `q.` part of the
+    main cache), None for another cache. The bits are the packed bytes over the values they hold (rows x
+    tokens x the layer's K or V width) where a packed tensor is made; the group size those values over the
+    scales; the residual length the tokens one requantization adds. What the log cannot say is planned at
+    transformers' defaults, and a note says so."""
+    parts = [
+        ev
+        for ev in run.kv_events
+        if ev.cache == main.cache and ev.part.startswith("q.") and ev.event not in ("freed", "written")
+    ]
+    if not parts:
+        return None
+    widths = geometry.layer_kv_widths
+    bits = group = residual = None
+    last_tokens: dict[tuple[int, str], int] = {}
+    for ev in parts:
+        if not ev.tokens or not ev.shape or not main.rows:
+            continue
+        width = widths[ev.layer][ev.kv == "v"] if ev.layer < len(widths) else geometry.kv_widths[0]
+        values = main.rows * ev.tokens * width
+        if ev.part in _PACKED_PARTS and bits is None:
+            bits = (ev.logical_bytes or ev.storage_bytes) * 8 / values
+        elif ev.part in _SCALE_PARTS and group is None and values % math.prod(ev.shape) == 0:
+            group = values // math.prod(ev.shape)
+        if ev.part in _PACKED_PARTS:
+            before = last_tokens.get((ev.layer, ev.kv))
+            if before is not None and ev.phase == "decode" and residual is None and ev.tokens > before:
+                residual = ev.tokens - before
+            last_tokens[(ev.layer, ev.kv)] = ev.tokens
+    kv_dtype = _PLAN_BITS.get(int(bits)) if bits is not None and bits.is_integer() else None
+    if kv_dtype is None:
+        said = f"{bits:g} bits a value" if bits is not None else "bits the log does not show"
+        notes.append(f"a quantized cache of {said}: planned at int4 unless --kv-dtype says")
+        kv_dtype = "int4"
+    unknown = [name for name, value in (("q_group_size", group), ("residual_length", residual)) if not value]
+    if unknown:
+        notes.append(
+            f"the quantized cache's {' and '.join(unknown)} not in the log (no "
+            f"{'requantization' if unknown[-1] == 'residual_length' else 'scales'} seen): planned at "
+            "transformers' defaults"
+        )
+    return kv_dtype, group, residual
