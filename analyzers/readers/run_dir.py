@@ -226,14 +226,32 @@ def _weights_from_table(dev: DeviceEvents, traced: bool) -> bool:
 
 def _unseen_beyond(dev: DeviceEvents, listed: dict[int, int]) -> int:
     """The bytes the trace frees without having seen them allocated, beyond the listed storages (address:
-    bytes) whose free is the first event at their address."""
+    bytes) whose free is the first event at their address: each such free's own bytes, a block held since
+    before the trace (a notebook's earlier cell's output), all of which the level before the first event
+    holds until its free; not the trace's deepest dip below its start, which a free after the trace's own
+    allocations undercounts, leaving the final level below what is held. Where the trace gives no
+    addresses, that dip."""
     delta = dev.delta_bytes.astype(np.int64)
-    first_at = {addr: indices[0] for addr, indices in dev.events_at(listed).items()}
-    own = [i for addr, i in first_at.items() if frees_storage(dev, int(-delta[i]), listed[addr])]
-    if own:
-        delta = delta.copy()
-        delta[own] = 0
-    return max(0, -int(np.cumsum(delta).min())) if len(delta) else 0
+    if not len(delta):
+        return 0
+    addrs = dev.addr.astype(np.int64) if dev.addr is not None and len(dev.addr) == len(delta) else None
+    if addrs is None or not (addrs > 0).all():
+        first_at = {addr: indices[0] for addr, indices in dev.events_at(listed).items()}
+        own = [i for addr, i in first_at.items() if frees_storage(dev, int(-delta[i]), listed[addr])]
+        if own:
+            delta = delta.copy()
+            delta[own] = 0
+        return max(0, -int(np.cumsum(delta).min()))
+    _, first = np.unique(addrs, return_index=True)  # each address's first event
+    orphans = first[delta[first] < 0]
+    own = [_own_free(dev, listed, int(addrs[i]), int(delta[i])) for i in orphans]
+    return sum(-int(delta[i]) for i, mine in zip(orphans, own, strict=True) if not mine)
+
+
+def _own_free(dev: DeviceEvents, listed: dict[int, int], addr: int, delta: int) -> bool:
+    """Whether a trace's first event at `addr`, a free of -`delta` bytes, is a listed storage's own."""
+    nbytes = listed.get(addr)
+    return nbytes is not None and frees_storage(dev, -delta, nbytes)
 
 
 # The recorder's warning, which runs recorded before the manifest had `forwards_on_other_threads` carry

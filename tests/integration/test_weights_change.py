@@ -269,3 +269,32 @@ def test_a_weights_free_at_a_stale_size_is_read_at_its_own(tmp_path: Path) -> No
     with redirect_stdout(out):
         assert main(["query", str(tables), "--json", "SELECT baseline_bytes FROM devices"]) == 0
     assert json.loads(out.getvalue()) == [{"baseline_bytes": W32}]
+
+
+def test_a_block_that_frees_an_earlier_cells_output_ends_holding_its_own(tmp_path: Path) -> None:
+    # GIVEN a notebook's habit: `out = generate(...)` recorded, then again in the next cell, whose assignment
+    # frees the first output inside the second block, after the second's own allocations (a free of a block
+    # the second trace never saw allocated)
+    model = build_model(SIZE, seed=0)
+    ids = torch.randint(3, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+
+    def generate() -> torch.Tensor:
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+            pad_token_id=0,
+        )  # fmt: skip
+
+    with torch.no_grad():
+        with kvtrace.record(tmp_path / "a", model=model):
+            out = generate()
+        held_before = out.untyped_storage().nbytes()
+        with kvtrace.record(tmp_path / "b", model=model):
+            out = generate()
+    # WHEN the second run is reported
+    _source, report = build_report(tmp_path / "b")
+    device = report.devices[0]
+    # THEN it ends holding the weights and its own output (the cache is gone with generate()), and the first
+    # output was held until its free: the level at the block's start holds it beside the weights
+    assert device.final_allocated_bytes == W32 + out.untyped_storage().nbytes()
+    assert device.peak_allocated_bytes >= W32 + held_before + out.untyped_storage().nbytes()
+    assert held_before == BATCH * (PROMPT + NEW) * 8  # int64 ids
