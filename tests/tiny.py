@@ -93,16 +93,20 @@ def raising_before_layer(model: Any, error: BaseException, forward: int, layer: 
         failing.remove()
 
 
-def stale_free(events: list[dict[str, Any]], made: int, addr: int, nbytes: int) -> None:
+def stale_free(events: list[dict[str, Any]], made: tuple[int, int], addr: int, nbytes: int) -> None:
     """Give a CPU trace's events (`traceEvents`) the free of the block held from before the trace at `addr`
     at the stale size `nbytes` (torch's CPU reporter keeps the size of each block an earlier profiling session
     of the process saw at an address, and reports it when a later block there goes): its own free resized
     where this process's earlier profiling already made the reporter report one, else one just after the
-    event at index `made` (its replacement's allocation)."""
+    allocation `made` (address, bytes: its replacement's)."""
     at = [e for e in events if e.get("name") == "[memory]" and e["args"]["Addr"] == addr]
     if at and at[0]["args"]["Bytes"] < 0:
         at[0]["args"]["Bytes"] = -nbytes
         return
-    free = {**events[made], "ts": events[made]["ts"] + 0.001}
+    index = next(
+        i for i, e in enumerate(events)
+        if e.get("name") == "[memory]" and (e["args"]["Addr"], e["args"]["Bytes"]) == made
+    )  # fmt: skip
+    free = {**events[index], "ts": events[index]["ts"] + 0.001}
     free["args"] = {**free["args"], "Addr": addr, "Bytes": -nbytes}
-    events.insert(made + 1, free)
+    events.insert(index + 1, free)

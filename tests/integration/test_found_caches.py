@@ -274,12 +274,7 @@ def test_a_found_storages_free_at_a_stale_size_is_read_at_its_own(
     (trace_path,) = (run / "profiler").glob("*.pt.trace.json")
     trace = json.loads(trace_path.read_text())
     events = trace["traceEvents"]
-    made = next(
-        i for i, e in enumerate(events)
-        if e.get("name") == "[memory]" and e["args"]["Addr"] == new.addr
-        and e["args"]["Bytes"] == new.storage_bytes
-    )  # fmt: skip
-    stale_free(events, made, old.addr, old.storage_bytes + 1024)
+    stale_free(events, (new.addr, new.storage_bytes), old.addr, old.storage_bytes + 1024)
     trace_path.write_text(json.dumps(trace))
 
     # WHEN it is reported

@@ -247,12 +247,7 @@ def test_a_weights_free_at_a_stale_size_is_read_at_its_own(tmp_path: Path) -> No
     with opener(trace_path, "rt") as fh:
         trace = json.load(fh)
     events = trace["traceEvents"]
-    made = next(
-        i for i, e in enumerate(events)
-        if e.get("name") == "[memory]" and e["args"]["Addr"] == new.addr
-        and e["args"]["Bytes"] == new.storage_bytes
-    )  # fmt: skip
-    stale_free(events, made, old.addr, old.storage_bytes + 16384)
+    stale_free(events, (new.addr, new.storage_bytes), old.addr, old.storage_bytes + 16384)
     with opener(trace_path, "wt") as fh:
         json.dump(trace, fh)
     # WHEN the run is reported
