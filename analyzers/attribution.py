@@ -159,10 +159,10 @@ RULES: list[Rule] = [
 ]
 
 
-def _frame_categories(frames: list[str], rules: list[Rule]) -> tuple[np.ndarray, np.ndarray]:
-    """Category and K/V code for every interned stack text."""
-    categories = np.full(len(frames), -1, dtype=np.int8)
-    kinds = np.zeros(len(frames), dtype=np.int8)
+def frame_rule_matches(frames: list[str], rules: list[Rule]) -> tuple[list[int], list[int]]:
+    """Category (-1: no rule matched) and K/V code (0: neither, 1: K, 2: V) of every interned stack text."""
+    categories = [-1] * len(frames)
+    kinds = [0] * len(frames)
     for index, text in enumerate(frames):
         for rule in rules:
             if rule.needles and not any(needle in text for needle in rule.needles):
@@ -172,6 +172,12 @@ def _frame_categories(frames: list[str], rules: list[Rule]) -> tuple[np.ndarray,
                 kinds[index] = {"k": 1, "v": 2}.get(rule.kv, 0)
                 break
     return categories, kinds
+
+
+def _frame_categories(frames: list[str], rules: list[Rule]) -> tuple[np.ndarray, np.ndarray]:
+    """`frame_rule_matches` as arrays."""
+    categories, kinds = frame_rule_matches(frames, rules)
+    return np.array(categories, dtype=np.int8), np.array(kinds, dtype=np.int8)
 
 
 def _pair_frees(dev: DeviceEvents, alloc_index: np.ndarray) -> np.ndarray:

@@ -59,12 +59,17 @@ def _newest_note(path: str | os.PathLike[str], traces: list[Any]) -> str:
 
 
 def build_report(
-    path: str | os.PathLike[str], progress: ProgressFn | None = None, keep_events: bool = True
+    path: str | os.PathLike[str],
+    progress: ProgressFn | None = None,
+    keep_events: bool = True,
+    timelines: bool = True,
 ) -> tuple[MemorySource, Report]:
     """`keep_events=False`: a Chrome trace's events may be folded while reading and not kept (bounded
     memory, analyzers.stream_summary); the source's devices then hold no events, only the report does. A
     trace whose `[memory]` events are all damaged is then reported, its notes saying so (`load_source`,
-    which `keep_events=True` reads with, refuses it).
+    which `keep_events=True` reads with, refuses it). With `timelines=False` as well (no chart will be
+    drawn), a small snapshot is reported with Python lists and without numpy (analyzers.snapshot_summary):
+    its source holds no devices and its report no timelines.
 
     A run group gives the group's report, as `kvtrace report` does: every rank's devices, the KV summed
     over ranks, the group's notes, and `report.group` (each rank's report, which rank to look at and why);
@@ -84,6 +89,10 @@ def build_report(
         kind = classify_path(path)
         traces: list[Any] = profiler_traces_in(Path(path)) if kind == "profiler_folder" else [path]
         notes = [_newest_note(path, traces)] if len(traces) > 1 else []
+        if kind == "snapshot" and not timelines:
+            from analyzers.snapshot_summary import plain_snapshot_report
+
+            return plain_snapshot_report(str(path), progress)
         if kind in ("chrome_trace", "profiler_folder"):
             from analyzers.stream_summary import stream_report
 

@@ -514,10 +514,13 @@ def ended_notes(source: MemorySource) -> list[str]:
 
 
 def summarize(
-    source: MemorySource, precomputed: tuple[list[DeviceSummary], list[DeviceTimeline]] | None = None
+    source: MemorySource,
+    precomputed: tuple[list[DeviceSummary], list[DeviceTimeline]] | None = None,
+    kv: KvSummary | None = None,
 ) -> Report:
     """Figures of an attributed source (see analyzers.attribution.attribute). `precomputed`: device figures
-    folded while reading, for sources whose events were not kept (analyzers.stream_summary)."""
+    folded while reading, for sources whose events were not kept (analyzers.stream_summary); `kv`, the
+    stack rules' KV figures of such a source, where it has no KV log (analyzers.snapshot_summary)."""
     baseline_category = WEIGHTS if source.kind == "run" else OTHER
     devices: list[DeviceSummary] = []
     timelines: list[DeviceTimeline] = []
@@ -527,7 +530,7 @@ def summarize(
         summary, timeline = _device_summary(source, i, baseline_category)
         devices.append(summary)
         timelines.append(timeline)
-    kv = _kv_from_log(source) or _kv_from_events(source, timelines)
+    kv = _kv_from_log(source) or kv or _kv_from_events(source, timelines)
     manifest = source.meta.get("manifest") or {}
     geometry = manifest.get("model")
     if geometry is None and source.kind == "run":

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way, os_reason, special_output
-from kvtrace.safe_write import replace_atomically
 
 
 def strict_json(value: Any) -> Any:
@@ -166,6 +165,9 @@ def write_replacing(out: Path, content: bytes) -> None:
     """Write a whole output file (creating its folder) by temporary file and rename, so a full disk or
     an interrupt leaves the old file, or none, never a cut one; a failure is one line and exit status 1.
     A named pipe or a device at `out` (or a link to one) is refused, never replaced by a regular file."""
+    # imported here: tempfile and shutil are 3-4 ms of a command that prints only (start-up counts)
+    from kvtrace.safe_write import replace_atomically
+
     check_regular_target(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

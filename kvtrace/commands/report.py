@@ -81,7 +81,10 @@ class ReportCommand(Command):
             return self._run_group(path, args)
         update, close = progress_bar(f"reading {path.name}", args.quiet)
         try:
-            source, report = build_report(path, progress=update, keep_events=False)
+            # Without -o no chart is drawn: a small snapshot is then read without numpy (start-up counts)
+            source, report = build_report(
+                path, progress=update, keep_events=False, timelines=bool(args.output)
+            )
         finally:
             if close is not None:
                 close()

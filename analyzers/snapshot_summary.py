@@ -1,0 +1,165 @@
+"""A small snapshot's report with Python lists: numpy is never imported.
+
+A real CUDA snapshot pickle is often well under a megabyte (a few thousand trace entries), and then
+numpy's import alone (60 ms here) is twice the whole `pickle.load` process. The report needs few figures of
+each device: counts, the running allocated bytes and where they peak, the bytes by category there (the
+stack rules' KV and weights), the reserved bytes, the final level. So for a snapshot of up to
+`PLAIN_MAX_ENTRIES` trace entries whose values are all plain ints (`plain_trace_ok`), the reader's replay is
+kept as lists and those figures are worked out here, by the same rules as the columns path
+(`analyzers.attribution.attribute`, `analyzers.timeline.device_timeline`, `analyzers.summary`); anything
+larger or odd takes the columns path. The report has no timelines: it is for `--json` and text, not HTML.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from itertools import accumulate
+
+from analyzers.attribution import RULES, frame_rule_matches
+from analyzers.model import (
+    CATEGORY_NAMES,
+    KV,
+    METHOD_NAMES,
+    METHOD_NONE,
+    METHOD_STACK_RULE,
+    OTHER,
+    WEIGHTS,
+    MemorySource,
+)
+from analyzers.readers.safe_pickle import gc_paused
+from analyzers.readers.snapshot import (
+    PLAIN_MAX_ENTRIES,
+    PlainDevice,
+    load_snapshot,
+    plain_trace_ok,
+    snapshot_source,
+)
+from analyzers.readers.sources import ProgressFn
+from analyzers.summary import DeviceSummary, KvSummary, Report, clock_time, summarize
+
+__all__ = ["plain_snapshot_report"]
+
+
+def plain_snapshot_report(path: str, progress: ProgressFn | None = None) -> tuple[MemorySource, Report]:
+    """The snapshot's source and report: with lists when it is small and plain, else by the columns path.
+
+    A source read with lists holds no `devices` (the report has their figures) and the report no
+    timelines."""
+    from analyzers.attribution import attribute
+
+    with gc_paused():
+        data = load_snapshot(path, progress)
+        traces = data.get("device_traces") or []
+        if sum(map(len, traces)) > PLAIN_MAX_ENTRIES or not all(map(plain_trace_ok, traces)):
+            source = attribute(snapshot_source(path, data))
+            return source, summarize(source)
+        replayed: list[PlainDevice] = []
+        source = snapshot_source(path, data, plain=replayed.append)
+    categories, kinds = frame_rule_matches(source.frames, RULES)
+    del kinds  # K or V: per-layer figures need a KV log, which a snapshot has not
+    devices = []
+    kv = KvSummary(0, 0, 0, 0, [], "none")
+    for dev in replayed:
+        summary, kv_figures = _device_figures(source, dev, categories)
+        devices.append(summary)
+        if kv_figures is not None:
+            kv.peak_bytes = max(kv.peak_bytes, kv_figures[0])
+            kv.final_bytes += kv_figures[1]
+            kv.allocated_bytes_total += kv_figures[2]
+    kv.measured_from = "stack_rule" if kv.allocated_bytes_total else "none"
+    return source, summarize(source, precomputed=(devices, []), kv=kv)
+
+
+def _event_categories(dev: PlainDevice, frame_category: list[int]) -> tuple[list[int], list[int]]:
+    """Category and method of each event, as `attribute` decides them: an allocation whose stack a rule
+    matches, and the next free of its address after it."""
+    n = len(dev.delta_bytes)
+    category, method = [OTHER] * n, [METHOD_NONE] * n
+    if not frame_category:
+        return category, method
+    matched = [
+        i
+        for i, (delta, frame) in enumerate(zip(dev.delta_bytes, dev.frame_id, strict=True))
+        if delta > 0 and frame >= 0 and frame_category[frame] >= 0
+    ]
+    wanted = {dev.addr[i] for i in matched}
+    frees_at: dict[int, list[int]] = {}
+    for i, (delta, address) in enumerate(zip(dev.delta_bytes, dev.addr, strict=True)):
+        if delta < 0 and address in wanted:
+            frees_at.setdefault(address, []).append(i)
+    for i in matched:
+        category[i], method[i] = frame_category[dev.frame_id[i]], METHOD_STACK_RULE
+    for i in matched:  # in order: a free that two allocations reach takes the later one's, as numpy does
+        frees = frees_at.get(dev.addr[i], [])
+        at = bisect_right(frees, i)
+        if at < len(frees):
+            category[frees[at]], method[frees[at]] = category[i], METHOD_STACK_RULE
+    return category, method
+
+
+def _device_figures(
+    source: MemorySource, dev: PlainDevice, frame_category: list[int]
+) -> tuple[DeviceSummary, tuple[int, int, int] | None]:
+    """The device's summary (`analyzers.summary._device_summary` of a snapshot's device), and its KV
+    figures (peak, final, allocated in all) where it has events."""
+    baseline_categories: dict[int, int] = {}  # blocks live before the trace began: their stacks split it
+    for _address, size, fid in dev.baseline_blocks:
+        found = frame_category[fid] if 0 <= fid < len(frame_category) else -1
+        code = found if found >= 0 else OTHER
+        baseline_categories[code] = baseline_categories.get(code, 0) + size
+    held = {CATEGORY_NAMES[code]: baseline_categories.get(code, 0) for code in (KV, WEIGHTS)}
+    deltas = dev.delta_bytes
+    peak = final = dev.baseline_bytes
+    at_peak = {**held, "other": peak - held["kv"] - held["weights"]}
+    # No trace events: the peak is the state at the dump, whose segments are what was reserved then.
+    reserved = sum(s.total_size for s in source.segments if s.device == dev.device) or None
+    peak_time: float | None = None
+    before_trace = False
+    by_method: dict[str, int] = {}
+    kv_figures = None
+    if deltas:
+        category, method = _event_categories(dev, frame_category)
+        allocated = list(accumulate(deltas, initial=dev.baseline_bytes))[1:]
+        series = {
+            CATEGORY_NAMES[code]: list(
+                accumulate(
+                    (d if c == code else 0 for d, c in zip(deltas, category, strict=True)), initial=base
+                )
+            )[1:]
+            for code, base in ((KV, held["kv"]), (WEIGHTS, held["weights"]))
+        }
+        peak_i = max(range(len(deltas)), key=allocated.__getitem__)  # the first highest, as np.argmax
+        peak, final = allocated[peak_i], allocated[-1]
+        at_peak = {name: values[peak_i] for name, values in series.items()}
+        at_peak["other"] = peak - at_peak["kv"] - at_peak["weights"]
+        before_trace = dev.baseline_bytes > peak
+        if before_trace:  # the level before the first event (blocks the trace frees)
+            peak, peak_i = dev.baseline_bytes, 0
+            at_peak = {name: values[0] for name, values in series.items()}
+            at_peak["other"] = allocated[0] - at_peak["kv"] - at_peak["weights"]
+            at_peak[CATEGORY_NAMES[category[0]]] -= deltas[0]
+        reserved = dev.total_reserved[peak_i] if any(dev.total_reserved) else None
+        peak_time = clock_time(source, dev.device, float(dev.ts_us[peak_i]))
+        for code, name in enumerate(METHOD_NAMES):
+            total = sum(d for d, m in zip(deltas, method, strict=True) if d > 0 and m == code)
+            if total:
+                by_method[name] = total
+        kv_allocated = sum(d for d, c in zip(deltas, category, strict=True) if d > 0 and c == KV)
+        kv_figures = (max(series["kv"]), series["kv"][-1], kv_allocated)
+    summary = DeviceSummary(
+        device=dev.device,
+        alloc_events=sum(1 for d in deltas if d > 0),
+        free_events=sum(1 for d in deltas if d < 0),
+        peak_allocated_bytes=peak,
+        peak_time=peak_time,
+        final_allocated_bytes=final,
+        capacity_bytes=None,
+        categories_at_peak=at_peak,
+        reserved_at_peak=reserved,
+        fragmentation_at_peak_bytes=reserved - peak if reserved is not None and not before_trace else None,
+        bytes_by_method=by_method,
+        size_basis="requested",
+        final_allocated_rounded_bytes=dev.final_rounded_bytes,
+        peak_before_trace=before_trace,
+    )
+    return summary, kv_figures
