@@ -22,6 +22,7 @@ import torch
 from kvlog_math import kv_bytes
 
 import kvtrace
+from kvtrace import forward_steps
 from kvtrace.cli import main
 from kvtrace.format import read_run
 from kvtrace.forward_steps import ForwardSteps
@@ -55,15 +56,24 @@ def _generate_plain(model: Any, batch: Any, **extra: Any) -> None:
 
 @pytest.fixture
 def step_ends(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """The `written` flag of every real `step_end` call (the method runs as it is)."""
+    """The `written` flag of every forward's end that compared the cache's layers: a real `step_end` call,
+    or a planned decode step's `log_planned` (never written) that logged them all; both run as they are."""
     calls: list[bool] = []
     original = HfCacheHooks.step_end
+    planned = forward_steps.log_planned
 
     def counted(self: HfCacheHooks, *args: Any, **kwargs: Any) -> None:
         calls.append(bool(kwargs.get("written", args[2] if len(args) > 2 else False)))
         original(self, *args, **kwargs)
 
+    def counted_plan(*args: Any) -> bool:
+        whole = planned(*args)
+        if whole:  # else `step_end` takes the rest, and is counted
+            calls.append(False)
+        return whole
+
     monkeypatch.setattr(HfCacheHooks, "step_end", counted)
+    monkeypatch.setattr(forward_steps, "log_planned", counted_plan)
     return calls
 
 
