@@ -218,7 +218,7 @@ class ForwardSteps:
             return False
         layers = getattr(cache, "layers", None)
         # `is_prefill`'s answer for a cache kvtrace knows: the tokens its layer 0 holds, as last logged
-        if not layers or not getattr(layers[0], "is_initialized", True) or not plan.rows[0][0].tokens:
+        if not layers or not getattr(layers[0], "is_initialized", True) or not plan.rows[0][1].tokens:
             return False
         ids = kwargs.get("input_ids", args[0] if args else None)  # `new_tokens`, inline for ids
         shape = ids.shape if type(ids) is torch.Tensor else None

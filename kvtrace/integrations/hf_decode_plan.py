@@ -29,23 +29,20 @@ _TENSOR = torch.Tensor
 
 
 class DecodePlan:
-    """A cache's layers as the plan found them: per layer its state and whether it is static."""
+    """A cache's layers as the plan found them: per layer its index, state and class, and whether it is
+    static (written in place)."""
 
-    __slots__ = ("cid", "dynamic", "ref", "rows", "static")
+    __slots__ = ("cid", "ref", "rows")
 
     def __init__(
         self,
         ref: Callable[[], Any],
         cid: int,
-        rows: tuple[tuple[LayerState, bool], ...],
-        dynamic: type,
-        static: type | None,
+        rows: tuple[tuple[int, LayerState, type, bool], ...],
     ) -> None:
         self.ref = ref  # weakly: a plan never keeps a cache alive
         self.cid = cid
-        self.rows = rows  # per layer: (its state, static)
-        self.dynamic = dynamic
-        self.static = static
+        self.rows = rows  # per layer: (its index, its state, its class, whether it is static)
 
 
 def plan_for(
@@ -59,14 +56,14 @@ def plan_for(
     layers = getattr(cache, "layers", None)
     if not isinstance(dynamic, type) or not layers:
         return None
-    rows: list[tuple[LayerState, bool]] = []
+    rows: list[tuple[int, LayerState, type, bool]] = []
     for index, layer in enumerate(layers):
         kind = type(layer)
         state = states.get((cid, index))
         if (kind is not dynamic and kind is not static) or state is None or state.fast is None:
             return None
-        rows.append((state, kind is static))
-    return DecodePlan(ref, cid, tuple(rows), dynamic, static if isinstance(static, type) else None)
+        rows.append((index, state, kind, kind is static))
+    return DecodePlan(ref, cid, tuple(rows))
 
 
 def log_planned(tracker: KvTracker, plan: DecodePlan, layers: Any, new_tokens: int) -> bool:
@@ -77,15 +74,14 @@ def log_planned(tracker: KvTracker, plan: DecodePlan, layers: Any, new_tokens: i
     if len(layers) != len(rows):
         return False
     cid = plan.cid
-    dynamic: Any = plan.dynamic  # Any: a class test must not narrow the layer to `object`
-    static: Any = plan.static
     queue = tracker._queue
-    clock = tracker._clock
+    # One time for the step's layers: logged together at its end, in layer order (their `seq`)
+    t_ns = tracker._clock()
     step, phase_json = tracker.step, tracker._phase_json
-    for index, (state, is_static) in enumerate(rows):
-        layer = layers[index]
+    layer: Any
+    for (index, state, kind, is_static), layer in zip(rows, layers, strict=True):
         fast = state.fast
-        if fast is None or type(layer) is not (static if is_static else dynamic):
+        if fast is None or type(layer) is not kind:
             return False
         keys, values = layer.keys, layer.values
         if type(keys) is not _TENSOR or type(values) is not _TENSOR:
@@ -122,7 +118,7 @@ def log_planned(tracker: KvTracker, plan: DecodePlan, layers: Any, new_tokens: i
         ):
             tracker.poll_frees()  # as `KvTracker.update`: a watched storage released before these were made
         queue.append(
-            (cid, index, clock(), step, phase_json, tokens, evicted, "window", k_facts, v_facts, False)
+            (cid, index, t_ns, step, phase_json, tokens, evicted, "window", k_facts, v_facts, False)
         )
         if k_facts is not None and k_facts[10] and not k_facts[11]:
             tracker._watch(cid, index, K_DATA, k_facts)

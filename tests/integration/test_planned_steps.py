@@ -81,16 +81,19 @@ class _LayerOfItsOwn(DynamicLayer):
 class _RebindLayer(LogitsProcessor):
     """Between two forwards (a logits processor runs after each), at the `at`-th call, change one layer as
     code outside the cache's update may: rebind its K and V to copies (new storages no update made, the same
-    tokens), or make it a layer of another class."""
+    tokens), or make it a layer of another class. The tensors it replaces are kept (`kept`): their storages
+    stay alive, so no new storage of the run can take their addresses (which the allocator decides)."""
 
     def __init__(self, cache: DynamicCache, layer: int, at: int, change: str) -> None:
         self.cache, self.layer, self.at, self.change, self.calls = cache, layer, at, change, 0
+        self.kept: tuple[torch.Tensor, ...] = ()
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.calls == self.at:
             target = self.cache.layers[self.layer]
             if self.change == "copies":
+                self.kept = (target.keys, target.values)
                 target.keys, target.values = target.keys.clone(), target.values.clone()
             else:
                 target.__class__ = _LayerOfItsOwn
