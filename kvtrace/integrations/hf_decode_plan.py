@@ -38,7 +38,7 @@ class DecodePlan:
         self,
         ref: Callable[[], Any],
         cid: int,
-        rows: tuple[tuple[int, LayerState, type, bool], ...],
+        rows: tuple[tuple[int, LayerState, Any, bool], ...],
     ) -> None:
         self.ref = ref  # weakly: a plan never keeps a cache alive
         self.cid = cid
@@ -56,7 +56,7 @@ def plan_for(
     layers = getattr(cache, "layers", None)
     if not isinstance(dynamic, type) or not layers:
         return None
-    rows: list[tuple[int, LayerState, type, bool]] = []
+    rows: list[tuple[int, LayerState, Any, bool]] = []
     for index, layer in enumerate(layers):
         kind = type(layer)
         state = states.get((cid, index))

@@ -21,8 +21,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 
 import kvtrace
-from kvtrace import forward_steps
-from kvtrace.forward_steps import ForwardSteps
+from kvtrace import planned_steps
+from kvtrace.planned_steps import PlannedSteps
 
 NEW_TOKENS = 6
 _VARYING = ("seq", "t_ns", "addr", "prev_addr")
@@ -46,18 +46,18 @@ def _samples(run: Path) -> list[tuple[Any, ...]]:
 def planned(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """What each planned step's `log_planned` answered (True: it logged every layer); it runs as it is."""
     answers: list[bool] = []
-    original = forward_steps.log_planned
+    original = planned_steps.log_planned
 
     def counted(*args: Any) -> bool:
         answers.append(original(*args))
         return answers[-1]
 
-    monkeypatch.setattr(forward_steps, "log_planned", counted)
+    monkeypatch.setattr(planned_steps, "log_planned", counted)
     return answers
 
 
 def _refuse_plans(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ForwardSteps, "_decode_step", lambda self, plan, args, kwargs: False)
+    monkeypatch.setattr(PlannedSteps, "_decode_step", lambda self, plan, args, kwargs: False)
 
 
 def _generate(model: Any, batch: Any, run: Path, cache: Any = None, **extra: Any) -> Any:
