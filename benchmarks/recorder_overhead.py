@@ -26,6 +26,7 @@ mode always follows the same neighbour), medians:
     python benchmarks/recorder_overhead.py --cprofile free      # where kvtrace's time goes
     python benchmarks/recorder_overhead.py --floor --reps 5     # against the least any Python recorder pays
     python benchmarks/recorder_overhead.py --breakdown --reps 5 # the in-hooks time split by part
+    python benchmarks/recorder_overhead.py --interference --reps 9  # the model's forward, slowed?
     python benchmarks/recorder_overhead.py --cuda-sample        # a CUDA step's allocator read, on a CPU
 
 One intra-op thread: OpenMP spin-waits make a shared 2-core machine noisy, and what kvtrace adds (Python
@@ -447,8 +448,9 @@ def floor_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
 
 
 # The parts of kvtrace's in-hooks time that `--breakdown` times apart (inclusive, by `perf_counter_ns`):
-# (label, owner module, class, method).
-_PARTS = (
+# (label, owner module, class (None: a function of the module), method).
+_PARTS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("planned", "kvtrace.planned_steps", None, "log_planned"),  # a planned decode step's layers, whole
     ("capture", "kvtrace.kv_tracker", "KvTracker", "update"),
     ("lines", "kvtrace.kv_tracker", "KvTracker", "drain"),
     ("layer read", "kvtrace.integrations.hf_caches", "HfCacheHooks", "_updated"),
@@ -459,7 +461,9 @@ _PARTS = (
 
 
 def breakdown_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
-    """kvtrace's in-hooks µs per update, split: the tracker's capture of a layer update (`update`), the
+    """kvtrace's in-hooks µs per update, split: a planned decode step's layers (`log_planned`: compared,
+    captured and queued in one loop, `kvtrace.integrations.hf_decode_plan`), the tracker's capture of a layer
+    update on the general path (`update`), the
     JSON lines made from the captures on the model's thread (`drain` before an event logged at once), the
     rest of the update hook or of a deferred forward's end (reading the layers: `_updated` and `step_end`
     minus the capture), the end-of-step scan, the memory sample, and the rest (the `Cache.update` wrapper,
@@ -480,7 +484,8 @@ def breakdown_table(works: list[Workload], reps: int, scratch: Path) -> list[str
     clock = time.perf_counter_ns
 
     for label, module, cls, name in _PARTS:
-        owner = getattr(importlib.import_module(module), cls)
+        found = importlib.import_module(module)
+        owner = found if cls is None else getattr(found, cls)
         original = owner.__dict__[name]
 
         def timed(*args: Any, _original: Any = original, _label: str = label, **kwargs: Any) -> Any:
@@ -517,6 +522,52 @@ def breakdown_table(works: list[Workload], reps: int, scratch: Path) -> list[str
         f"the same capture of one tensor in a warm loop (a fresh tensor per call): {warm_capture_us():.2f} µs"
     )
     print(lines[-1], flush=True)
+    return lines
+
+
+def interference_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
+    """The model's own forward, µs of the main thread's CPU per step, unrecorded and in light mode, rounds
+    alternated, medians: what kvtrace's work between two forwards costs the next forward (the interpreter's
+    and the CPU's caches it leaves cold), which no in-hooks timer sees. The model's whole step (`generate()`'s
+    own code included) is in `+us/upd cpu` of table 1."""
+    import functools
+
+    lines = [f"{'workload':<12} {'forward us/step':>16} {'recorded':>9} {'+us/step':>9} {'+us/upd':>8}"]
+    print(lines[0], flush=True)
+    for work in works:
+        model = work.attach_model
+        if model is None:
+            continue
+        spent = [0]
+        inner = model.forward
+
+        @functools.wraps(inner)  # generate() reads the model's forward signature
+        def counted(*args: Any, _inner: Any = inner, _spent: list[int] = spent, **kwargs: Any) -> Any:
+            started = time.thread_time_ns()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                _spent[0] += time.thread_time_ns() - started
+
+        model.forward = counted  # kvtrace wraps it (an instance's forward) and calls it inside
+        try:
+            run_once("b", work, scratch)
+            per_step: dict[str, list[float]] = {"a": [], "b": []}
+            steps = work.updates / int(model.config.num_hidden_layers)
+            for rep in range(reps):
+                for mode in ("a", "b") if rep % 2 == 0 else ("b", "a"):
+                    spent[0] = 0
+                    run_once(mode, work, scratch)
+                    per_step[mode].append(spent[0] / steps / 1e3)
+        finally:
+            model.__dict__.pop("forward", None)
+        plain, recorded = statistics.median(per_step["a"]), statistics.median(per_step["b"])
+        layers = int(model.config.num_hidden_layers)
+        lines.append(
+            f"{work.name:<12} {plain:>16.1f} {recorded:>9.1f} {recorded - plain:>9.1f} "
+            f"{(recorded - plain) / layers:>8.1f}"
+        )
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -652,6 +703,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only: in-hooks µs per update split by part (capture, lines, layer read, scan, sample, rest)",
     )
     parser.add_argument(
+        "--interference",
+        action="store_true",
+        help="only: the model's own forward, µs per step, unrecorded and in light mode",
+    )
+    parser.add_argument(
         "--cuda-sample",
         action="store_true",
         help="only: µs per memory sample of a CUDA step's allocator figures, torch's three calls against "
@@ -707,6 +763,10 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch_name)
         if args.cprofile:
             profile_workload(next(w for w in light if w.name == args.cprofile), scratch, args.top)
+            return 0
+        if args.interference:
+            print("\n0. light mode: the model's own forward, main thread's CPU µs per step (medians)")
+            interference_table(light, args.reps, scratch)
             return 0
         if args.breakdown:
             print("\n0. light mode, in hooks µs per update, by part (timed inclusive; medians)")

@@ -23,18 +23,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvtrace.forward_inputs import ForwardSignature, is_prefill, new_tokens
+from kvtrace.integrations.hf_decode_plan import DecodePlan
 from kvtrace.model_forward import RAISED
+from kvtrace.planned_steps import PlannedSteps
 
 if TYPE_CHECKING:
+    from kvtrace.format import JsonlAppender
     from kvtrace.integrations.hf_caches import HfCacheHooks
     from kvtrace.integrations.hf_generate import CallStart, GenerateCalls
     from kvtrace.integrations.hf_paged import PagedAttentionHooks
     from kvtrace.integrations.module_caches import ModuleCaches
     from kvtrace.kv_tracker import KvTracker
+    from kvtrace.memory_samples import MemorySampler
     from kvtrace.step_ranges import StepRanges
 
 
-class ForwardSteps:
+class ForwardSteps(PlannedSteps):
     """A recording's steps, told from its model's forwards (a mixin of `Recording`, which sets these)."""
 
     tracker: KvTracker
@@ -63,7 +67,12 @@ class ForwardSteps:
     _step_thread: int
     _beside: dict[int, list[Any]]
     _forwards_beside: int
-    _decode_next: tuple[Callable[[], Any], int] | None
+    _decode_next: DecodePlan | None
+    _planned: DecodePlan | None
+    _last_plan: DecodePlan | None
+    _samples: JsonlAppender | None
+    _sampler: MemorySampler | None
+    _clock: Callable[[], int]
 
     if TYPE_CHECKING:
 
@@ -139,6 +148,11 @@ class ForwardSteps:
             self._step_cache = (_weak(cache), appended, hf.updates_seen, deferred, empty)
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
+        planned = self._planned
+        if planned is not None:
+            self._planned = None
+            if output is not RAISED and not self._beside and self._planned_end(planned):
+                return
         if self._paged is not None and self._paged.in_step:
             return
         if self._beside and self._beside_end():
@@ -164,7 +178,7 @@ class ForwardSteps:
                     and not hf.defer_off
                 ):
                     # The next forward is most likely this cache's next decode step (`_decode_step`)
-                    offer = (ref, hf.cache_id(cache))
+                    offer = self._plan_after(ref, cache)
             elif hf.updates_seen == seen and not raised and new_tokens:
                 # No update reached the wrapper: they ran in a compiled graph.
                 hf.step_end(cache, new_tokens, written=True, fresh=empty)
@@ -175,58 +189,6 @@ class ForwardSteps:
         self._prefill_left = 0
         self._end_step(compared, raised)
         self._decode_next = offer  # once the step has ended whole
-
-    def _decode_step(
-        self, offer: tuple[Callable[[], Any], int], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> bool:
-        """The common forward, taken here at half the general path's cost or less (issue 11: on a model
-        with 2 layers, each step's fixed work is shared by 2 updates): the next decode step of the cache
-        whose deferred step just ended (`offer`: its weak reference and id). `_post_forward` offers it
-        only at a step's regular end with no forward beside it; no forward began since (each start takes
-        the offer), so the step logic's own state is as that end left it. What code outside a forward
-        may have changed is checked, as the general path would find it: the same live cache object
-        (`given` has nothing to add), its layers all of the plain kinds (as `defer` found at this
-        count), holding tokens (not a prefill), no generate() call beginning, no continuous-batching
-        step, no module caches to follow. Anything else returns False: the general path takes it."""
-        ref, cid = offer
-        self._decode_next = None
-        cache = kwargs.get("past_key_values")
-        if cache is None:
-            cache = kwargs.get("cache")
-        if (
-            cache is None
-            or ref() is not cache
-            or self._step_open  # another thread's forward took the offer first: the general path's race
-            or self._beside
-            or (self._calls is not None and self._calls._pending)
-            or (self._paged is not None and self._paged.in_step)
-            or (self._modules is not None and self._modules.owners)
-            or getattr(cache, "offloading", False)
-        ):
-            return False
-        hf = self._hf
-        assert hf is not None  # offered by a deferred step, whose cache the HF hooks follow
-        layers = getattr(cache, "layers", None)
-        # `HfCacheHooks.defer`'s answer, decided for this cache and layer count at an earlier step
-        if (
-            not layers
-            or not hf._deferrable.get((cid, len(layers)))
-            or not getattr(layers[0], "is_initialized", True)
-        ):
-            return False
-        # `is_prefill`'s answer for a cache kvtrace knows: the tokens its layer 0 holds, as last logged
-        state = self.tracker._layers.get((cid, 0))
-        if state is None or not state.tokens:
-            return False
-        appended = new_tokens(args, kwargs)
-        if appended <= 0:
-            return False
-        self._begin_step(False)
-        if self._profiler_on and threading.get_ident() != self._thread:
-            self._forwards_elsewhere += 1
-        hf.deferred = cache
-        self._step_cache = (ref, appended, hf.updates_seen, True, False)
-        return True
 
     def _forward_beside(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this forward runs beside the open step's, on another thread (or inside one that does),

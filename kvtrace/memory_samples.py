@@ -118,7 +118,9 @@ class MemorySampler:
     def __init__(self, cuda_index: int | None, clock: Any = time.perf_counter) -> None:
         self._clock = clock
         self._cuda_index = cuda_index
-        self.host_elsewhere = False  # True while a writer thread reads the host's figures (`sample_host`)
+        self._host_elsewhere = False
+        # A step's sample is its time, step and phase only: no allocator to read, the host read elsewhere
+        self.bare_steps = False
         self._last_wall = clock()
         self._last_cpu = _cpu_seconds()
         self._nvml: _Nvml | None = None
@@ -135,6 +137,18 @@ class MemorySampler:
             reason = f"NVML unavailable: {type(exc).__name__}: {exc}"
             self.nvml_status = {"status": "absent", "reason": reason}
 
+    @property
+    def host_elsewhere(self) -> bool:
+        """True while a writer thread reads the host's figures (`sample_host`)."""
+        return self._host_elsewhere
+
+    @host_elsewhere.setter
+    def host_elsewhere(self, value: bool) -> None:
+        self._host_elsewhere = value
+        if not _CUDA_AVAILABLE:
+            _CUDA_AVAILABLE.append(torch.cuda.is_available())
+        self.bare_steps = value and not _CUDA_AVAILABLE[0]
+
     def sample(self, host: bool = True, now: float | None = None) -> dict[str, Any]:
         """Device allocator figures always; host and NVML figures when `host`, or when `HOST_INTERVAL_S`
         passed and no other thread reads them (`host_elsewhere`). `now`: the caller's reading of `clock`
@@ -144,7 +158,7 @@ class MemorySampler:
         record: dict[str, Any] = {}
         if not _CUDA_AVAILABLE or _CUDA_AVAILABLE[0]:
             record.update(_cuda_fields(self._cuda_index))
-        if not host and (self.host_elsewhere or wall - self._last_wall < HOST_INTERVAL_S):
+        if not host and (self._host_elsewhere or wall - self._last_wall < HOST_INTERVAL_S):
             return record
         return self._read_host(record, wall)
 

@@ -27,6 +27,7 @@ from kvtrace.forward_inputs import ForwardSignature
 from kvtrace.forward_steps import ForwardSteps
 from kvtrace.geometry import model_cross_attention_layers, model_geometry
 from kvtrace.integrations.hf_caches import HfCacheHooks
+from kvtrace.integrations.hf_decode_plan import DecodePlan
 from kvtrace.integrations.hf_generate import GenerateCalls
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
 from kvtrace.integrations.module_caches import ModuleCaches
@@ -141,9 +142,12 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         # once): thread -> [forwards of the model in progress there, weak reference to the first one's cache]
         self._beside: dict[int, list[Any]] = {}
         self._forwards_beside = 0  # forwards that began beside an open step (a warning)
-        # (weak reference to the cache, its id) after a deferred step: the next forward may be its next decode
-        # step, which `_decode_step` takes on a short path
-        self._decode_next: tuple[Any, int] | None = None
+        # After a deferred step, the plan for its cache: the next forward may be its next decode step, which
+        # `_decode_step` takes on a short path (`kvtrace.integrations.hf_decode_plan`); `_planned`: the
+        # forward it took
+        self._decode_next: DecodePlan | None = None
+        self._planned: DecodePlan | None = None
+        self._last_plan: DecodePlan | None = None  # the plan last made, kept while its cache's steps go on
         self._ended_mid_forward = False  # the block ended inside a step of another thread's forward
         # The logs reach their files from a writer thread every 0.1 s (and at the end of the block), so a
         # decode step neither formats nor writes them (issue 11); `_flush` may run on either thread.

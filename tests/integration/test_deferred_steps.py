@@ -22,10 +22,11 @@ import torch
 from kvlog_math import kv_bytes
 
 import kvtrace
+from kvtrace import planned_steps
 from kvtrace.cli import main
 from kvtrace.format import read_run
-from kvtrace.forward_steps import ForwardSteps
 from kvtrace.integrations.hf_caches import HfCacheHooks
+from kvtrace.planned_steps import PlannedSteps
 
 NEW_TOKENS = 6
 _VARYING = ("seq", "t_ns", "addr", "prev_addr")
@@ -55,15 +56,24 @@ def _generate_plain(model: Any, batch: Any, **extra: Any) -> None:
 
 @pytest.fixture
 def step_ends(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """The `written` flag of every real `step_end` call (the method runs as it is)."""
+    """The `written` flag of every forward's end that compared the cache's layers: a real `step_end` call,
+    or a planned decode step's `log_planned` (never written) that logged them all; both run as they are."""
     calls: list[bool] = []
     original = HfCacheHooks.step_end
+    planned = planned_steps.log_planned
 
     def counted(self: HfCacheHooks, *args: Any, **kwargs: Any) -> None:
         calls.append(bool(kwargs.get("written", args[2] if len(args) > 2 else False)))
         original(self, *args, **kwargs)
 
+    def counted_plan(*args: Any) -> bool:
+        whole = planned(*args)
+        if whole:  # else `step_end` takes the rest, and is counted
+            calls.append(False)
+        return whole
+
     monkeypatch.setattr(HfCacheHooks, "step_end", counted)
+    monkeypatch.setattr(planned_steps, "log_planned", counted_plan)
     return calls
 
 
@@ -313,22 +323,22 @@ def _samples(run: Path) -> list[tuple[Any, ...]]:
 
 @pytest.fixture
 def short_steps(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """What every offer of the decode steps' short path (`ForwardSteps._decode_step`) answered; the method
+    """What every offer of the decode steps' short path (`PlannedSteps._decode_step`) answered; the method
     runs as it is."""
     answers: list[bool] = []
-    original = ForwardSteps._decode_step
+    original = PlannedSteps._decode_step
 
-    def counted(self: ForwardSteps, offer: Any, args: Any, kwargs: Any) -> bool:
+    def counted(self: PlannedSteps, offer: Any, args: Any, kwargs: Any) -> bool:
         answers.append(original(self, offer, args, kwargs))
         return answers[-1]
 
-    monkeypatch.setattr(ForwardSteps, "_decode_step", counted)
+    monkeypatch.setattr(PlannedSteps, "_decode_step", counted)
     return answers
 
 
 def _general_path_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every offer refused: each forward takes the general path, as before the short path existed."""
-    monkeypatch.setattr(ForwardSteps, "_decode_step", lambda self, offer, args, kwargs: False)
+    monkeypatch.setattr(PlannedSteps, "_decode_step", lambda self, offer, args, kwargs: False)
 
 
 @pytest.mark.parametrize("extra", [{}, {"cache_implementation": "static"}], ids=["dynamic", "static"])
