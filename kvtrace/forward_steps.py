@@ -23,60 +23,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvtrace.forward_inputs import ForwardSignature, is_prefill, new_tokens
-from kvtrace.integrations.hf_decode_plan import DecodePlan
 from kvtrace.model_forward import RAISED
 from kvtrace.planned_steps import PlannedSteps
 
 if TYPE_CHECKING:
-    from kvtrace.format import JsonlAppender
-    from kvtrace.integrations.hf_caches import HfCacheHooks
-    from kvtrace.integrations.hf_generate import CallStart, GenerateCalls
-    from kvtrace.integrations.hf_paged import PagedAttentionHooks
-    from kvtrace.integrations.module_caches import ModuleCaches
-    from kvtrace.kv_tracker import KvTracker
-    from kvtrace.memory_samples import MemorySampler
-    from kvtrace.step_ranges import StepRanges
+    from kvtrace.integrations.hf_generate import CallStart
 
 
 class ForwardSteps(PlannedSteps):
-    """A recording's steps, told from its model's forwards (a mixin of `Recording`, which sets these)."""
+    """A recording's steps, told from its model's forwards (a mixin of `Recording`, which sets these; the
+    state the planned decode step shares is declared on `PlannedSteps`)."""
 
-    tracker: KvTracker
-    _hf: HfCacheHooks | None
-    _calls: GenerateCalls | None
-    _modules: ModuleCaches | None
-    _paged: PagedAttentionHooks | None
-    _ranges: StepRanges | None
     _signature: ForwardSignature
     _module_tokens_unknown: int
-    _decode_index: int
-    _attention_modules: list[Any]
     _submodules: list[Any]
-    _step_open: bool
-    _prefill_left: int
     _prefill_continues: bool
-    _prompt_end: int | None
-    _call_length: tuple[int, int | None] | None
     _model_caches: set[int]
-    _step_cache: tuple[Any, ...] | None
-    _may_defer: bool
-    _defer_step: bool | None
-    _profiler_on: bool
-    _thread: int
-    _forwards_elsewhere: int
-    _step_thread: int
-    _beside: dict[int, list[Any]]
     _forwards_beside: int
-    _decode_next: DecodePlan | None
-    _planned: DecodePlan | None
-    _last_plan: DecodePlan | None
-    _samples: JsonlAppender | None
-    _sampler: MemorySampler | None
-    _clock: Callable[[], int]
-
-    if TYPE_CHECKING:
-
-        def _sample(self, label: str, **extra: Any) -> None: ...
 
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         offer = self._decode_next
