@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from analyzers.readers import snapshot
+from analyzers.readers import snapshot_replay
 from analyzers.readers.snapshot import read_snapshot
 from kvtrace.errors import KvtraceError
 
@@ -50,7 +50,7 @@ def test_both_replay_paths_give_the_hand_computed_figures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fast = _read(tmp_path, as_text=False)
-    monkeypatch.setattr(snapshot, "_replay_columns", lambda *args: None)  # the entry-by-entry loop
+    monkeypatch.setattr(snapshot_replay, "_replay_columns", lambda *args: None)  # the entry-by-entry loop
     slow = _read(tmp_path, as_text=False)
     for source in (fast, slow):
         (dev,) = source.devices
@@ -73,7 +73,7 @@ def test_numbers_written_as_text_are_refused_by_both_replay_paths(
 ) -> None:
     # torch writes ints only: int() read "4096" as 4096 (and True as 1, 1.5e9 as 1,500,000,000)
     if loop:
-        monkeypatch.setattr(snapshot, "_replay_columns", lambda *args: None)
+        monkeypatch.setattr(snapshot_replay, "_replay_columns", lambda *args: None)
     with pytest.raises(KvtraceError) as refused:
         _read(tmp_path, as_text=True)
     said = "field 'size' of a trace entry (segment_alloc) is a string, expected an integer"

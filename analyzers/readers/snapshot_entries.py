@@ -1,0 +1,181 @@
+"""The pieces of a CUDA caching-allocator snapshot every reader step shares: its actions and block states,
+its frames interned as stack texts, checked integers and byte counts (a damaged or made-up file is refused
+with the field it got wrong), segment records, and the bounds a real dump keeps.
+"""
+
+from __future__ import annotations
+
+from operator import itemgetter, methodcaller
+from typing import Any
+
+from analyzers.model import Segment
+from analyzers.readers.memory_events_fast import MAX_EVENT_BYTES
+from kvtrace.errors import KvtraceError
+
+FREE_ACTIONS = frozenset({"free_completed", "free"})
+LIVE_STATES = frozenset({"active_allocated", "active_pending_free", "active_awaiting_free"})
+SEGMENT_GROW = frozenset({"segment_alloc", "segment_map"})
+SEGMENT_SHRINK = frozenset({"segment_free", "segment_unmap"})
+KNOWN_KEYS = frozenset({"segments", "device_traces"})
+_FRAME_KEYS = itemgetter("filename", "line", "name")
+ACTION = methodcaller("get", "action")
+
+
+class FrameTable:
+    """Interns stacks: one string per distinct stack, shared by every event allocated from it."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self._ids: dict[tuple[tuple[Any, Any, Any], ...], int] = {}
+        # Snapshots share each frame dict among the stacks that hold it (pickle memo): the identities of a
+        # stack's dicts name it without reading them. Valid while the loaded snapshot is alive (the read).
+        self._by_identity: dict[tuple[int, ...], int] = {}
+        # Whole frame lists are shared too (one per call site): one look-up then, not one per frame, so a
+        # long list shared by many entries costs its length once.
+        self._by_list: dict[int, int] = {}
+
+    def intern(self, frames: Any) -> int:
+        if not frames or not isinstance(frames, list):
+            return -1
+        known = self._by_list.get(id(frames))
+        if known is not None:
+            return known
+        identity = tuple(map(id, frames))
+        known = self._by_identity.get(identity)
+        if known is not None:
+            self._by_list[id(frames)] = known
+            return known
+        try:  # the usual frame: a dict with all three keys, read in C
+            key = tuple(map(_FRAME_KEYS, frames))
+        except (KeyError, TypeError):
+            key = tuple((f.get("filename", "?"), f.get("line", 0), f.get("name", "?")) for f in frames)
+        frame_id = self._ids.get(key)
+        if frame_id is None:
+            frame_id = len(self.texts)
+            self._ids[key] = frame_id
+            self.texts.append("\n".join(f"{file}:{line}:{name}" for file, line, name in key))
+        self._by_identity[identity] = frame_id
+        self._by_list[id(frames)] = frame_id
+        return frame_id
+
+
+def _what(value: Any) -> str:
+    """What a value that should be an int is, in the words of the JSON readers' errors."""
+    kinds = {bool: "a boolean", str: "a string", float: "a number with a fraction", type(None): "None"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def integer(value: Any, where: str, field: str) -> int:
+    """A size, address or time as written: an int. torch writes nothing else; int() would read True as 1,
+    "1048576" as 1 MiB and 1.5e9 as 1,500,000,000 (ValueError: the file is reported malformed)."""
+    if type(value) is not int:
+        raise ValueError(f"field {field!r} of {where} is {_what(value)}, expected an integer")
+    return value
+
+
+def checked_bytes(value: Any, where: str, field: str = "size") -> int:
+    """A size field as an int. No allocator writes a negative size: only a damaged or crafted file has
+    one, and it would make memory curves go below zero; nor one past any device, whose sums wrap the int64
+    columns (ValueError: the file is reported malformed)."""
+    size = integer(value, where, field)
+    if size < 0:
+        raise ValueError(f"negative size {size} in {where}")
+    if size > MAX_EVENT_BYTES:
+        raise ValueError(f"size {size} in {where}, more than any device holds")
+    return size
+
+
+def block_request_size(block: dict[str, Any]) -> int:
+    """Bytes the program asked for: what trace entries carry, so baseline and deltas share a unit."""
+    requested = block.get("requested_size")
+    if requested is not None and (size := checked_bytes(requested, "a block", "requested_size")):
+        return size
+    history = block.get("history")
+    real = history[0].get("real_size") if history and isinstance(history[0], dict) else None
+    if real is not None and (size := checked_bytes(real, "a block's history", "real_size")):
+        return size
+    return checked_bytes(block.get("size", 0), "a block")
+
+
+def blocks_with_addresses(segment: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(address, block) pairs; torch 2.0 blocks have no address, they tile the segment in order."""
+    address = integer(segment.get("address", 0), "a segment", "address")
+    pairs = []
+    for block in segment.get("blocks", []):
+        pairs.append((integer(block.get("address", address), "a block", "address"), block))
+        address = pairs[-1][0] + checked_bytes(block.get("size", 0), "a block")
+    return pairs
+
+
+def segment_record(device: str, segment: dict[str, Any]) -> Segment:
+    blocks = [block for _, block in blocks_with_addresses(segment)]
+    allocated = segment.get("allocated_size")
+    if allocated is None:
+        allocated = sum(int(b.get("size", 0)) for b in blocks if b.get("state") in LIVE_STATES)
+    free_sizes = [int(b.get("size", 0)) for b in blocks if b.get("state") == "inactive"]
+    return Segment(
+        device=device,
+        address=int(segment.get("address", 0)),
+        total_size=checked_bytes(segment.get("total_size", 0), "a segment"),
+        allocated_size=checked_bytes(allocated, "a segment"),
+        largest_free_block=max(free_sizes, default=0),
+        segment_type=str(segment.get("segment_type", "")),
+        stream=stream_of(segment.get("stream")),
+    )
+
+
+def refuse_more_than_reserved(
+    name: str, device: str, trace: list[dict[str, Any]], baseline: int, reserved_at_dump: int
+) -> None:
+    """Every block live when the trace began sat in a segment reserved then, and no moment of the trace
+    reserved more than the dump's segments plus those the trace released (its segment_alloc entries only
+    lower that). A level before the trace above that bound (49 frees of 1 TiB blocks never allocated, on
+    2 MiB of segments, printed a 49 TiB peak) is no state the allocator was ever in: the file is refused."""
+    if baseline <= reserved_at_dump:
+        return  # the usual case, without a pass over the trace
+    released = sum(e.get("size", 0) for e in trace if e.get("action") in SEGMENT_SHRINK)  # checked ints
+    if baseline > reserved_at_dump + released:
+        raise KvtraceError(
+            f"{name}: not a real snapshot (damaged or made up): on {device} its trace begins with "
+            f"{baseline:,} B allocated (blocks it frees or the dump holds that it never allocates), more "
+            f"than its segments ever reserved ({reserved_at_dump:,} B at the dump, plus {released:,} B the "
+            "trace released)"
+        )
+
+
+PLAIN_MAX_ENTRIES = 20_000
+_INT64 = range(-(2**63), 2**63)
+_EXACT_FLOAT = 2**53
+
+
+def plain_trace_ok(trace: list[Any]) -> bool:
+    """Whether `replay_device(plain=True)` gives this trace's figures as the columns would: every action
+    hashable and every size, address and time a plain int in int64, no size negative or past any device,
+    and the sizes' sum exact as a float. Anything else (damaged or crafted files) is read with numpy, which
+    names the problem as it always has."""
+    try:
+        set(map(ACTION, trace))
+    except TypeError:  # an unhashable action
+        return False
+    sizes = list(map(SIZE, trace))
+    columns = [sizes, list(map(ADDR, trace))]
+    if trace and all(map(HAS_TIME, trace)):
+        columns.append(list(map(TIME, trace)))
+    if not all(ONLY_INT.issuperset(map(type, column)) for column in columns):
+        return False
+    if any(column and (min(column) not in _INT64 or max(column) not in _INT64) for column in columns):
+        return False
+    if sizes and (min(sizes) < 0 or max(sizes) > MAX_EVENT_BYTES):
+        return False
+    return 2 * sum(sizes) < _EXACT_FLOAT  # a free's delta is its alloc's size: at most twice the sizes
+
+
+SIZE = methodcaller("get", "size", 0)
+HAS_TIME = methodcaller("__contains__", "time_us")
+ADDR = methodcaller("get", "addr", -1)
+TIME = itemgetter("time_us")
+ONLY_INT = frozenset({int})
+
+def stream_of(value: Any) -> int | None:
+    """A stream handle as written (an int); anything else is unknown."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

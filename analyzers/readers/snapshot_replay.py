@@ -1,0 +1,334 @@
+"""Replay a CUDA caching-allocator snapshot's device traces into its allocated and reserved timelines (the
+rules are in `analyzers.readers.snapshot`'s docstring): over columns with numpy, entry by entry for odd
+value types, or over Python lists for a small snapshot of plain ints (`PlainDevice`, no numpy import).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
+
+import numpy as np
+
+from analyzers.model import DeviceEvents, Marker, MemorySource, OomInfo
+from analyzers.readers.memory_events_fast import MAX_EVENT_BYTES, MAX_MOVED_BYTES
+from analyzers.readers.snapshot_entries import (
+    ACTION,
+    ADDR,
+    FREE_ACTIONS,
+    HAS_TIME,
+    LIVE_STATES,
+    ONLY_INT,
+    SEGMENT_GROW,
+    SEGMENT_SHRINK,
+    SIZE,
+    TIME,
+    FrameTable,
+    block_request_size,
+    blocks_with_addresses,
+    checked_bytes,
+    integer,
+    refuse_more_than_reserved,
+    stream_of,
+)
+from kvtrace.errors import KvtraceError
+
+
+def _replay_loop(
+    trace: list[dict[str, Any]], timed: bool, frames: FrameTable, device: str, source: MemorySource
+) -> _Replay:
+    """The trace replayed entry by entry (see `_replay_columns` for the fast path)."""
+    reserved = 0
+    ts: list[int] = []
+    addrs: list[int] = []
+    deltas: list[int] = []
+    reserved_col: list[int] = []
+    frame_ids: list[int] = []
+    live: dict[int, int] = {}  # address -> bytes added by an alloc seen in the trace
+    orphan_bytes = orphan_count = 0
+    pending_ooms: list[tuple[int, dict[str, Any], int, int]] = []
+    intern, pop = frames.intern, live.pop
+    add_ts, add_addr, add_delta, add_reserved, add_frame = (
+        ts.append,
+        addrs.append,
+        deltas.append,
+        reserved_col.append,
+        frame_ids.append,
+    )
+    for index, entry in enumerate(trace):  # the hot loop: one pass, plain ints skip conversions
+        action = entry.get("action")
+        if action == "alloc" or action in FREE_ACTIONS:
+            size, address = entry.get("size", 0), entry.get("addr", -1)
+            when = entry["time_us"] if timed else index
+            if type(size) is not int or type(address) is not int or type(when) is not int:
+                where = f"a trace entry ({action})"
+                size, address = integer(size, where, "size"), integer(address, where, "addr")
+                when = integer(when, where, "time_us")
+            if size < 0:
+                raise ValueError(f"negative size {size} in a trace entry ({action})")
+            if size > MAX_EVENT_BYTES:
+                raise ValueError(f"size {size} in a trace entry ({action}), more than any device holds")
+            if action == "alloc":
+                live[address] = size
+                delta = size
+                # Only allocations need a stack (attribution, diagnose's top stacks); a free has its alloc's.
+                add_frame(intern(entry.get("frames")))
+            else:
+                freed = pop(address, None)
+                if freed is None:
+                    orphan_bytes += size
+                    orphan_count += 1
+                    freed = size
+                delta = -freed
+                add_frame(-1)
+            add_ts(when)
+            add_addr(address)
+            add_delta(delta)
+            add_reserved(reserved)
+            continue
+        size = checked_bytes(entry.get("size", 0), f"a trace entry ({action})")
+        when = integer(entry["time_us"], f"a trace entry ({action})", "time_us") if timed else index
+        if action in SEGMENT_GROW:
+            reserved += size
+        elif action in SEGMENT_SHRINK:
+            reserved -= size
+        elif action == "oom":
+            pending_ooms.append((len(deltas), entry, reserved, when))
+            label = f"OOM requesting {size} bytes"
+            source.markers.append(Marker(kind="oom", ts_us=float(when), label=label, device=device))
+        elif action == "snapshot":
+            source.markers.append(Marker(kind="snapshot", ts_us=float(when), label="snapshot", device=device))
+    return (
+        ts,
+        addrs,
+        deltas,
+        reserved_col,
+        frame_ids,
+        set(live),
+        orphan_bytes,
+        orphan_count,
+        pending_ooms,
+        reserved,
+    )
+
+
+_ACTION_CODES = {
+    "alloc": 1,
+    "free_completed": 2,
+    "free": 2,
+    "segment_alloc": 3,
+    "segment_map": 3,
+    "segment_free": 4,
+    "segment_unmap": 4,
+    "oom": 5,
+    "snapshot": 6,
+}
+
+
+def _replay_columns(
+    trace: list[dict[str, Any]], timed: bool, frames: FrameTable, device: str, source: MemorySource
+) -> _Replay | None:
+    """The trace replayed with numpy: fields pulled out in C, allocs and frees paired by sorting on address.
+
+    A free matches an alloc when the previous memory entry of its address is an alloc (any free in between
+    would have consumed it), exactly as the loop's `live` dict decides. None when a field is not a plain
+    int (the loop then names it)."""
+    codes_of: defaultdict[Any, int] = defaultdict(int, _ACTION_CODES)  # unknown actions: 0
+    try:
+        actions = np.fromiter(map(codes_of.__getitem__, map(ACTION, trace)), dtype=np.int8, count=len(trace))
+        columns = [list(map(SIZE, trace)), list(map(ADDR, trace))]
+        if timed:
+            columns.append(list(map(TIME, trace)))
+    except TypeError:  # an unhashable action
+        return None
+    # numpy would read True as 1, "1048576" as 1 MiB and 1.5e9 as an int: only ints are sizes
+    if not all(ONLY_INT.issuperset(map(type, column)) for column in columns):
+        return None
+    try:
+        sizes = np.array(columns[0], dtype=np.int64)
+        addrs_all = np.array(columns[1], dtype=np.int64)
+        times = np.array(columns[2], dtype=np.int64) if timed else np.arange(len(trace))
+    except OverflowError:  # an int past int64: the loop names it
+        return None
+    if sizes.ndim != 1 or addrs_all.ndim != 1 or times.ndim != 1:
+        return None
+    if sizes.size and sizes.min() < 0:
+        raise ValueError(f"negative size {int(sizes.min())} in a trace entry")
+    if sizes.size and sizes.max() > MAX_EVENT_BYTES:
+        raise ValueError(f"size {int(sizes.max())} in a trace entry, more than any device holds")
+    is_alloc = actions == 1
+    memory = is_alloc | (actions == 2)
+    grow, shrink = actions == 3, actions == 4
+    reserved_after = np.cumsum(np.where(grow, sizes, 0) - np.where(shrink, sizes, 0))
+    at = np.flatnonzero(memory)
+    addr, size, alloc = addrs_all[at], sizes[at], is_alloc[at]
+    order = np.argsort(addr, kind="stable")
+    addr_o, size_o, alloc_o = addr[order], size[order], alloc[order]
+    same = np.zeros(len(at), dtype=bool)
+    same[1:] = addr_o[1:] == addr_o[:-1]
+    after_alloc = np.zeros(len(at), dtype=bool)
+    after_alloc[1:] = alloc_o[:-1]
+    previous_size = np.zeros(len(at), dtype=np.int64)
+    previous_size[1:] = size_o[:-1]
+    matched = ~alloc_o & same & after_alloc
+    orphan = ~alloc_o & ~matched
+    delta = np.empty(len(at), dtype=np.int64)
+    delta[order] = np.where(alloc_o, size_o, np.where(matched, -previous_size, -size_o))
+    last = np.ones(len(at), dtype=bool)
+    last[:-1] = addr_o[1:] != addr_o[:-1]
+    live = set(addr_o[last & alloc_o].tolist())
+    frame_ids = np.full(len(at), -1, dtype=np.int32)
+    intern = frames.intern
+    alloc_rows = np.flatnonzero(alloc)
+    frame_ids[alloc_rows] = [intern(trace[i].get("frames")) for i in at[alloc_rows].tolist()]
+    pending_ooms: list[tuple[int, dict[str, Any], int, int]] = []
+    for index in np.flatnonzero(actions >= 5).tolist():
+        entry, when = trace[index], int(times[index])
+        if entry.get("action") == "oom":
+            done = int(np.searchsorted(at, index))
+            pending_ooms.append((done, entry, int(reserved_after[index]), when))
+            label = f"OOM requesting {int(sizes[index])} bytes"
+            source.markers.append(Marker(kind="oom", ts_us=float(when), label=label, device=device))
+        else:
+            source.markers.append(Marker(kind="snapshot", ts_us=float(when), label="snapshot", device=device))
+    return (
+        times[at],
+        addr,
+        delta,
+        reserved_after[at],
+        frame_ids,
+        live,
+        int(size_o[orphan].sum()),
+        int(np.count_nonzero(orphan)),
+        pending_ooms,
+        int(reserved_after[-1]) if len(trace) else 0,
+    )
+
+
+_Replay = tuple[Any, Any, Any, Any, Any, set[int], int, int, list[tuple[int, dict[str, Any], int, int]], int]
+
+
+@dataclass
+class PlainDevice:
+    """One device's replayed trace as Python lists, where `DeviceEvents` holds arrays: what the report of a
+    small snapshot reads without importing numpy (analyzers.snapshot_summary). Same fields, same figures."""
+
+    device: str
+    ts_us: list[int]
+    addr: list[int]
+    delta_bytes: list[int]
+    total_reserved: list[int]
+    frame_id: list[int]
+    baseline_bytes: int
+    baseline_blocks: list[tuple[int, int, int]]
+    final_rounded_bytes: int
+
+
+def replay_device(
+    device_index: int,
+    trace: list[dict[str, Any]],
+    segments: list[dict[str, Any]],
+    frames: FrameTable,
+    source: MemorySource,
+    plain: bool = False,
+) -> PlainDevice | None:
+    """Turn one device's trace ring buffer plus its final block state into a `DeviceEvents`, appended to
+    `source.devices`; with `plain`, into the `PlainDevice` returned (the trace passed `plain_trace_ok`)."""
+    device = f"cuda:{device_index}"
+    timed = bool(trace) and all(map(HAS_TIME, trace))
+    # Reserved bytes are replayed from 0 and shifted at the end: the dump's segments minus the trace's net
+    # segment growth is what was reserved when the ring buffer began.
+    replay = None if plain else _replay_columns(trace, timed, frames, device, source)
+    if replay is None:  # odd value types: the plain loop converts them one by one
+        replay = _replay_loop(trace, timed, frames, device, source)
+    ts, addrs, deltas, reserved_col, frame_ids, live, orphan_bytes, orphan_count, pending_ooms, reserved = (
+        replay
+    )
+    reserved_at_dump = sum(checked_bytes(s.get("total_size", 0), "a segment", "total_size") for s in segments)
+    reserved_at_start = reserved_at_dump - reserved
+    actions = {str(action): count for action, count in Counter(map(ACTION, trace)).items()}
+
+    baseline = orphan_bytes
+    baseline_blocks: list[tuple[int, int, int]] = []
+    rounded_at_dump = 0  # what torch.cuda.memory_allocated() counted at the dump: whole blocks
+    for segment in segments:
+        for address, block in blocks_with_addresses(segment):
+            if block.get("state") in LIVE_STATES:
+                rounded_at_dump += int(block.get("size", 0))
+            if block.get("state") in LIVE_STATES and address not in live:
+                size = block_request_size(block)
+                baseline += size
+                stack = block.get("frames")
+                history = block.get("history")
+                if not stack and history and isinstance(history[-1], dict):  # torch 2.0 keeps it in history
+                    stack = history[-1].get("frames")
+                baseline_blocks.append((address, size, frames.intern(stack)))
+
+    delta_arr = None if plain else np.asarray(deltas, dtype=np.int64)
+    # Each size is bounded; many of them still add past int64 (300 of 2**55 printed a peak of 8 million TiB
+    # and a negative final figure), the Chrome reader's "not a real trace" case. A plain trace's sum is
+    # below 2**53 (`plain_trace_ok`): exact as floats too, so both sums are the same number.
+    by_events = (
+        float(sum(map(abs, deltas)))
+        if delta_arr is None
+        else float(np.abs(delta_arr.astype(np.float64)).sum())
+    )
+    moved = float(baseline) + by_events
+    reserved_moved = float(reserved_at_dump) + abs(float(reserved))
+    if max(moved, reserved_moved) > MAX_MOVED_BYTES:
+        raise KvtraceError(
+            f"{source.path}: snapshot whose sizes on {device} add up to {max(moved, reserved_moved):.3g} "
+            "bytes: not a real snapshot (damaged or made up)"
+        )
+    refuse_more_than_reserved(source.path, device, trace, baseline, reserved_at_dump)
+    running: Any = (
+        list(accumulate(deltas, initial=baseline))
+        if delta_arr is None
+        else baseline + np.concatenate(([0], np.cumsum(delta_arr)))
+    )
+    for done, entry, reserved_then, when in pending_ooms:
+        field = "device_free" if "device_free" in entry else "addr"
+        free = entry.get(field)
+        source.ooms.append(
+            OomInfo(
+                device=device,
+                ts_us=float(when),
+                requested_bytes=int(entry.get("size", 0)),
+                device_free_bytes=None if free is None else integer(free, "an oom entry", field),
+                allocated_bytes=int(running[done]),
+                reserved_bytes=int(reserved_then) + reserved_at_start,
+                stream=stream_of(entry.get("stream")),
+            )
+        )
+    source.meta["timestamps"][device] = "time_us" if timed else "event_index"
+    source.meta["trace_actions"][device] = actions
+    source.meta["orphan_frees"][device] = orphan_count
+    if delta_arr is None:
+        return PlainDevice(
+            device=device,
+            ts_us=ts,
+            addr=addrs,
+            delta_bytes=deltas,
+            total_reserved=[level + reserved_at_start for level in reserved_col],
+            frame_id=frame_ids,
+            baseline_bytes=int(baseline),
+            baseline_blocks=baseline_blocks,
+            final_rounded_bytes=rounded_at_dump,
+        )
+    source.devices.append(
+        DeviceEvents(
+            device=device,
+            ts_us=np.asarray(ts, dtype=np.int64),
+            addr=np.asarray(addrs, dtype=np.int64),
+            delta_bytes=delta_arr,
+            total_reserved=np.asarray(reserved_col, dtype=np.int64) + reserved_at_start,
+            frame_id=np.asarray(frame_ids, dtype=np.int32),
+            baseline_bytes=int(baseline),
+            baseline_blocks=baseline_blocks,
+            size_basis="requested",
+            final_rounded_bytes=rounded_at_dump,
+        )
+    )
+    return None
