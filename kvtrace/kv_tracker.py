@@ -279,16 +279,30 @@ class KvTracker:
         for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts, pair in batch:
             # with `pair` (both_first): the frees wait for both new storages; no list made otherwise
             later = [] if pair else _NO_FREES
+            # The addresses of the old storages already released, 0 once their free is logged (or queued)
+            k_gone = k_facts[8] if k_facts is not None and k_facts[11] else 0
+            v_gone = v_facts[8] if v_facts is not None and v_facts[11] else 0
             for key, f in ((K_DATA, k_facts), (V_DATA, v_facts)):
                 if f is None:
                     continue
                 (kind, addr, nbytes, view_offset, shape, dtype, device, itemsize, prev_addr, prev_size,
                  old_wref, old_gone) = f
-                lines = templates.get((cid, layer, key, dtype, device))
-                if lines is None:
-                    lines = templates[(cid, layer, key, dtype, device)] = slot_lines(
-                        layer, *KEY_JSON[key], dtype, device, cid, '"hf"'
-                    )
+                lines = templates.get((cid, layer, key, dtype, device)) or self._slot_lines(
+                    cid, layer, key, dtype, device
+                )
+                if addr in (k_gone, v_gone):
+                    # A new storage at a released one's address: that one was released before this update
+                    # made it (the layer was rebound outside the update, see `capture`), so its free goes
+                    # first, as the replay by address needs.
+                    gone_key, gone = (K_DATA, k_facts) if addr == k_gone else (V_DATA, v_facts)
+                    if gone is k_facts:
+                        k_gone = 0
+                    else:
+                        v_gone = 0
+                    free_weak_ref(gone[10])
+                    freed_line = self._slot_lines(cid, layer, gone_key, gone[5], gone[6])[1]
+                    seq += 1
+                    append(freed_line % (seq, t_ns, step, phase_json, addr, gone[9]))
                 shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
                 first = key is K_DATA
                 seq += 1
@@ -300,9 +314,12 @@ class KvTracker:
                         quoted(reason) if first and evicted else '""',
                     )
                 )
-                if old_gone:  # released by the update itself (torch.cat growth): freed at its time
+                if old_gone and prev_addr == (k_gone if first else v_gone):
+                    # released by the update itself (torch.cat growth): freed at its time, after the storage
+                    # made from it; not deferred past a V made at its address
                     free_weak_ref(old_wref)
-                    if pair:
+                    k_gone = 0
+                    if pair and not (first and v_facts is not None and v_facts[1] == prev_addr):
                         later.append((lines[1], prev_addr, prev_size))
                     else:
                         seq += 1
@@ -311,6 +328,17 @@ class KvTracker:
                 seq += 1
                 append(template % (seq, t_ns, step, phase_json, prev_addr, prev_size))
         self._seq = seq
+
+    def _slot_lines(
+        self, cid: int, layer: int, key: tuple[str, str], dtype: str, device: str
+    ) -> tuple[str, str]:
+        """A drained slot's event and freed line templates (`slot_lines`), made at its first line."""
+        lines = self._templates.get((cid, layer, key, dtype, device))
+        if lines is None:
+            lines = self._templates[(cid, layer, key, dtype, device)] = slot_lines(
+                layer, *KEY_JSON[key], dtype, device, cid, '"hf"'
+            )
+        return lines
 
     def _see(
         self,
