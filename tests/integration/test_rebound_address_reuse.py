@@ -27,7 +27,9 @@ from kvtrace.cli import main
 from kvtrace.format import read_run
 
 NEW_TOKENS = 6
-REBOUND_LAYER = 0  # the first to update in the next step: little is allocated before its torch.cat
+# The first to update in the next step: little is allocated before its torch.cat, and no earlier layer's
+# update can take a released address first (that case is not yet logged right in light mode)
+REBOUND_LAYER = 0
 REBIND_AT_CALL = NEW_TOKENS - 1  # before the last step: the final state depends on its update
 ATTEMPTS = 12
 KV_HEADS, HEAD_DIM, F32 = 2, 64 // 4, 4
