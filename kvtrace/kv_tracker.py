@@ -269,6 +269,11 @@ class KvTracker:
             self._drain_locked()
 
     def _drain_locked(self) -> None:
+        """Turn the captured updates into lines, in order. A storage released before the update that
+        replaced it (the layer was rebound outside the update, see `capture`) may have handed its address
+        to a new storage captured before that update (this layer's own, or an earlier layer's in the same
+        step: light mode captures every layer at the forward's end). The log is replayed by address, so such
+        a release's `freed` goes before that new storage's event, at its time."""
         queue = self._queue
         count = len(queue)  # a prefix: the model's thread may append meanwhile, after it
         batch = queue[:count]
@@ -276,33 +281,35 @@ class KvTracker:
         append = self.lines.append
         templates = self._templates
         seq = self._seq
+        # The facts that release a storage, per its address, the next to log last (the batch walked back)
+        releases: dict[int, list[tuple[Any, ...]]] = {}
+        for entry in reversed(batch):
+            for f in (entry[9], entry[8]):
+                if f is not None and f[11]:
+                    at = releases.get(f[8])
+                    if at is None:
+                        releases[f[8]] = [f]
+                    else:
+                        at.append(f)
         for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts, pair in batch:
             # with `pair` (both_first): the frees wait for both new storages; no list made otherwise
             later = [] if pair else _NO_FREES
-            # The addresses of the old storages already released, 0 once their free is logged (or queued)
-            k_gone = k_facts[8] if k_facts is not None and k_facts[11] else 0
-            v_gone = v_facts[8] if v_facts is not None and v_facts[11] else 0
             for key, f in ((K_DATA, k_facts), (V_DATA, v_facts)):
                 if f is None:
                     continue
                 (kind, addr, nbytes, view_offset, shape, dtype, device, itemsize, prev_addr, prev_size,
-                 old_wref, old_gone) = f
+                 old_wref, old_gone, wref) = f
                 lines = templates.get((cid, layer, key, dtype, device)) or self._slot_lines(
                     cid, layer, key, dtype, device
                 )
-                if addr in (k_gone, v_gone):
-                    # A new storage at a released one's address: that one was released before this update
-                    # made it (the layer was rebound outside the update, see `capture`), so its free goes
-                    # first, as the replay by address needs.
-                    gone_key, gone = (K_DATA, k_facts) if addr == k_gone else (V_DATA, v_facts)
-                    if gone is k_facts:
-                        k_gone = 0
-                    else:
-                        v_gone = 0
+                at = releases.get(addr)
+                if at and at[-1][10] != wref:
+                    # The next release at this address is not of the storage made here (the normal case: a
+                    # later step replaces it) but of one released before this update made it: logged first.
+                    gone = at.pop()
                     free_weak_ref(gone[10])
-                    freed_line = self._slot_lines(cid, layer, gone_key, gone[5], gone[6])[1]
                     seq += 1
-                    append(freed_line % (seq, t_ns, step, phase_json, addr, gone[9]))
+                    append(self._released_line(batch, gone) % (seq, t_ns, step, phase_json, addr, gone[9]))
                 shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
                 first = key is K_DATA
                 seq += 1
@@ -314,20 +321,30 @@ class KvTracker:
                         quoted(reason) if first and evicted else '""',
                     )
                 )
-                if old_gone and prev_addr == (k_gone if first else v_gone):
-                    # released by the update itself (torch.cat growth): freed at its time, after the storage
-                    # made from it; not deferred past a V made at its address
-                    free_weak_ref(old_wref)
-                    k_gone = 0
-                    if pair and not (first and v_facts is not None and v_facts[1] == prev_addr):
-                        later.append((lines[1], prev_addr, prev_size))
-                    else:
-                        seq += 1
-                        append(lines[1] % (seq, t_ns, step, phase_json, prev_addr, prev_size))
+                if old_gone:
+                    at = releases[prev_addr]
+                    if at and at[-1] is f:  # else logged already, before a new storage at its address
+                        # released by the update itself (torch.cat growth): freed at its time
+                        at.pop()
+                        free_weak_ref(old_wref)
+                        if pair and not (first and v_facts is not None and v_facts[1] == prev_addr):
+                            later.append((lines[1], prev_addr, prev_size))
+                        else:  # not deferred past a V storage made at its address
+                            seq += 1
+                            append(lines[1] % (seq, t_ns, step, phase_json, prev_addr, prev_size))
             for template, prev_addr, prev_size in later:
                 seq += 1
                 append(template % (seq, t_ns, step, phase_json, prev_addr, prev_size))
         self._seq = seq
+
+    def _released_line(self, batch: list[tuple[Any, ...]], gone: tuple[Any, ...]) -> str:
+        """The `freed` line template of the slot whose captured facts `gone` are, found in `batch` (rare: a
+        release logged before its own update, see `_drain_locked`)."""
+        for entry in batch:
+            if entry[8] is gone or entry[9] is gone:
+                key = K_DATA if entry[8] is gone else V_DATA
+                return self._slot_lines(entry[0], entry[1], key, gone[5], gone[6])[1]
+        raise AssertionError("a release not in its batch")
 
     def _slot_lines(
         self, cid: int, layer: int, key: tuple[str, str], dtype: str, device: str
