@@ -100,8 +100,15 @@ def capture(slot: Slot, tensor: torch.Tensor, written: bool = False) -> tuple[An
     """Compare a tensor with its slot and bring the slot up to date; return what its event needs, or None
     when nothing changed (or it has no storage): (event, storage address, storage bytes, view offset,
     shape, dtype JSON, device JSON, item size, previous address, previous bytes, raw weak reference to the
-    previous storage when it left the slot (else 0), whether that storage is already released). `written`:
-    the tensor was written even if its version says not (a compiled graph's in-place write)."""
+    previous storage when it left the slot (else 0), whether that storage is already released, raw weak
+    reference to the storage now held: the same int as the facts that replace it will hold as the previous
+    one's). `written`: the tensor was written even if its version says not (a compiled graph's in-place
+    write).
+
+    A new storage at the previous one's address is a new storage all the same when that one is released:
+    code outside the cache's update rebound the layer (a logits processor's copies), the old storage died,
+    and the allocator handed its address to the next update (the CUDA caching allocator's common case).
+    Its facts then have that address as both the new and the previous one, and the previous released."""
     try:
         version = tensor._version
     except RuntimeError:  # an inference tensor: in-place writes are invisible
@@ -113,7 +120,7 @@ def capture(slot: Slot, tensor: torch.Tensor, written: bool = False) -> tuple[An
             slot.version = version
             addr = slot.addr
             return ("written", addr, slot.storage_bytes, slot.view_offset, slot.shape, slot.dtype,
-                    slot.device, slot.itemsize, addr, 0, 0, False)
+                    slot.device, slot.itemsize, addr, 0, 0, False, slot.wref)
     try:  # `storage_of`, inline: once per new tensor, cold between model steps (issue 11)
         storage = tensor.untyped_storage()
         addr = storage.data_ptr()
@@ -139,14 +146,14 @@ def capture(slot: Slot, tensor: torch.Tensor, written: bool = False) -> tuple[An
     slot.shape = shape = tensor.shape
     slot.shape_json = ""  # worked out when an event needs it (`shape_of`)
     prev_addr, prev_bytes = slot.addr, slot.storage_bytes
-    if addr == prev_addr:  # a new tensor over the same storage (a view): written, memory kept
+    if addr == prev_addr and not expired(slot.wref):  # a new tensor over the same storage (a view): written
         return ("written", addr, nbytes, ptr - addr, shape, slot.dtype, slot.device, slot.itemsize,
-                addr, 0, 0, False)
+                addr, 0, 0, False, slot.wref)
     old_wref = slot.wref
-    slot.wref = weak_ref_of(storage)
+    slot.wref = wref = weak_ref_of(storage)
     slot.addr, slot.storage_bytes = addr, nbytes
     return ("replaced" if nbytes <= prev_bytes else "grown", addr, nbytes, ptr - addr, shape, slot.dtype,
-            slot.device, slot.itemsize, prev_addr, prev_bytes, old_wref, expired(old_wref))
+            slot.device, slot.itemsize, prev_addr, prev_bytes, old_wref, expired(old_wref), wref)
 
 
 def set_dtype(slot: Slot, dtype: torch.dtype, device: torch.device) -> None:

@@ -269,6 +269,11 @@ class KvTracker:
             self._drain_locked()
 
     def _drain_locked(self) -> None:
+        """Turn the captured updates into lines, in order. A storage released before the update that
+        replaced it (the layer was rebound outside the update, see `capture`) may have handed its address
+        to a new storage captured before that update (this layer's own, or an earlier layer's in the same
+        step: light mode captures every layer at the forward's end). The log is replayed by address, so such
+        a release's `freed` goes before that new storage's event, at its time."""
         queue = self._queue
         count = len(queue)  # a prefix: the model's thread may append meanwhile, after it
         batch = queue[:count]
@@ -276,6 +281,16 @@ class KvTracker:
         append = self.lines.append
         templates = self._templates
         seq = self._seq
+        # The facts that release a storage, per its address, the next to log last (the batch walked back)
+        releases: dict[int, list[tuple[Any, ...]]] = {}
+        for entry in reversed(batch):
+            for f in (entry[9], entry[8]):
+                if f is not None and f[11]:
+                    at = releases.get(f[8])
+                    if at is None:
+                        releases[f[8]] = [f]
+                    else:
+                        at.append(f)
         for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts, pair in batch:
             # with `pair` (both_first): the frees wait for both new storages; no list made otherwise
             later = [] if pair else _NO_FREES
@@ -283,12 +298,18 @@ class KvTracker:
                 if f is None:
                     continue
                 (kind, addr, nbytes, view_offset, shape, dtype, device, itemsize, prev_addr, prev_size,
-                 old_wref, old_gone) = f
-                lines = templates.get((cid, layer, key, dtype, device))
-                if lines is None:
-                    lines = templates[(cid, layer, key, dtype, device)] = slot_lines(
-                        layer, *KEY_JSON[key], dtype, device, cid, '"hf"'
-                    )
+                 old_wref, old_gone, wref) = f
+                lines = templates.get((cid, layer, key, dtype, device)) or self._slot_lines(
+                    cid, layer, key, dtype, device
+                )
+                at = releases.get(addr)
+                if at and at[-1][10] != wref:
+                    # The next release at this address is not of the storage made here (the normal case: a
+                    # later step replaces it) but of one released before this update made it: logged first.
+                    gone = at.pop()
+                    free_weak_ref(gone[10])
+                    seq += 1
+                    append(self._released_line(batch, gone) % (seq, t_ns, step, phase_json, addr, gone[9]))
                 shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
                 first = key is K_DATA
                 seq += 1
@@ -300,17 +321,41 @@ class KvTracker:
                         quoted(reason) if first and evicted else '""',
                     )
                 )
-                if old_gone:  # released by the update itself (torch.cat growth): freed at its time
-                    free_weak_ref(old_wref)
-                    if pair:
-                        later.append((lines[1], prev_addr, prev_size))
-                    else:
-                        seq += 1
-                        append(lines[1] % (seq, t_ns, step, phase_json, prev_addr, prev_size))
+                if old_gone:
+                    at = releases[prev_addr]
+                    if at and at[-1] is f:  # else logged already, before a new storage at its address
+                        # released by the update itself (torch.cat growth): freed at its time
+                        at.pop()
+                        free_weak_ref(old_wref)
+                        if pair and not (first and v_facts is not None and v_facts[1] == prev_addr):
+                            later.append((lines[1], prev_addr, prev_size))
+                        else:  # not deferred past a V storage made at its address
+                            seq += 1
+                            append(lines[1] % (seq, t_ns, step, phase_json, prev_addr, prev_size))
             for template, prev_addr, prev_size in later:
                 seq += 1
                 append(template % (seq, t_ns, step, phase_json, prev_addr, prev_size))
         self._seq = seq
+
+    def _released_line(self, batch: list[tuple[Any, ...]], gone: tuple[Any, ...]) -> str:
+        """The `freed` line template of the slot whose captured facts `gone` are, found in `batch` (rare: a
+        release logged before its own update, see `_drain_locked`)."""
+        for entry in batch:
+            if entry[8] is gone or entry[9] is gone:
+                key = K_DATA if entry[8] is gone else V_DATA
+                return self._slot_lines(entry[0], entry[1], key, gone[5], gone[6])[1]
+        raise AssertionError("a release not in its batch")
+
+    def _slot_lines(
+        self, cid: int, layer: int, key: tuple[str, str], dtype: str, device: str
+    ) -> tuple[str, str]:
+        """A drained slot's event and freed line templates (`slot_lines`), made at its first line."""
+        lines = self._templates.get((cid, layer, key, dtype, device))
+        if lines is None:
+            lines = self._templates[(cid, layer, key, dtype, device)] = slot_lines(
+                layer, *KEY_JSON[key], dtype, device, cid, '"hf"'
+            )
+        return lines
 
     def _see(
         self,

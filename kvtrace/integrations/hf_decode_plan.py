@@ -149,19 +149,7 @@ def _new_tensor(slot: Slot, tensor: torch.Tensor, shape: Any) -> tuple[Any, ...]
     slot.shape = shape
     slot.shape_json = ""
     prev_bytes, old_wref = slot.storage_bytes, slot.wref
-    slot.wref = weak_ref_of(storage)
+    slot.wref = wref = weak_ref_of(storage)
     slot.addr, slot.storage_bytes = addr, nbytes
-    return (
-        "replaced" if nbytes <= prev_bytes else "grown",
-        addr,
-        nbytes,
-        offset,
-        shape,
-        slot.dtype,
-        slot.device,
-        slot.itemsize,
-        prev_addr,
-        prev_bytes,
-        old_wref,
-        expired(old_wref),
-    )
+    return ("replaced" if nbytes <= prev_bytes else "grown", addr, nbytes, offset, shape, slot.dtype,
+            slot.device, slot.itemsize, prev_addr, prev_bytes, old_wref, expired(old_wref), wref)

@@ -1,0 +1,154 @@
+"""A layer rebound between two decode steps by code outside the cache's update (a logits processor that
+copies a layer's K and V), its old storages released: the next step's torch.cat is often handed one of
+their addresses (by malloc here, by the CUDA caching allocator most of the time there), for the rebound
+layer's own new storage or for an earlier layer's, updated before it. The log must say that the old storage
+was freed before a new one is made at its address, not that the old one was written, nor that a new storage
+of an earlier layer sits over one still live, so that its replay by address gives what the cache holds at
+each step's end.
+
+Whether malloc hands the address back is the allocator's choice, so each test generates until it did
+(most generations here), and checks the log of that generation against the addresses the processor saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from kvlog_math import assert_addresses_freed_before_reuse, assert_well_ordered, kv_bytes
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+import kvtrace
+from analyzers.kv_log import analyze_kv_log
+from kvtrace.cli import main
+from kvtrace.format import read_run
+from kvtrace.llama import ModelSize, build_model
+from tests.tiny import HEAD_DIM
+
+NEW_TOKENS = 6
+REBIND_AT_CALL = NEW_TOKENS - 1  # before the last step: the final state depends on its update
+ATTEMPTS = 12
+KV_HEADS, F32 = 2, 4
+
+
+class RebindToCopies(LogitsProcessor):
+    """At its `at_call`-th call, rebinds one layer of `cache` to copies of its K and V, keeping no reference
+    to the old tensors, so their storages are released. At every call it notes each layer's K and V storage
+    addresses (ints only): where each step's storages really are."""
+
+    def __init__(self, cache: DynamicCache, layer: int, at_call: int) -> None:
+        self.cache, self.layer, self.at_call = cache, layer, at_call
+        self.addresses: list[list[tuple[int, int]]] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        layers = self.cache.layers
+        self.addresses.append(
+            [
+                (one.keys.untyped_storage().data_ptr(), one.values.untyped_storage().data_ptr())
+                for one in layers
+            ]
+        )
+        if len(self.addresses) == self.at_call:
+            layer = layers[self.layer]
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+        return scores
+
+
+def _generate_until_reused(
+    model: Any, batch: Any, tmp_path: Path, profiler: bool, rebound: int
+) -> tuple[Path, int]:
+    """Record generations until the step after the rebinding put a new storage of any layer (the rebound
+    one's or an earlier one's) at an address of one of the rebound layer's released ones; that run, and the
+    address."""
+    for attempt in range(ATTEMPTS):
+        run = tmp_path / f"run{attempt}"
+        cache = DynamicCache(config=model.config)
+        rebind = RebindToCopies(cache, rebound, REBIND_AT_CALL)
+        with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
+            model.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                cache=cache,
+                logits_processor=LogitsProcessorList([rebind]),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+            )
+        released = set(rebind.addresses[REBIND_AT_CALL - 1][rebound])
+        reused = released & {addr for layer in rebind.addresses[REBIND_AT_CALL] for addr in layer}
+        if reused:
+            return run, reused.pop()
+    pytest.fail(f"malloc never gave a released K/V address back to the next update in {ATTEMPTS} generations")
+
+
+def _report_kv(run: Path) -> dict[str, Any]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["report", str(run), "--json", "--no-export"]) == 0
+    return json.loads(out.getvalue())["kv"]
+
+
+@pytest.fixture(scope="module")
+def four_layers(tiny_size: ModelSize) -> torch.nn.Module:
+    """The tiny Llama 3 with 4 layers: a middle layer, rebound, has earlier layers updated before it."""
+    return build_model(dataclasses.replace(tiny_size, num_layers=4))
+
+
+# (layers, rebound layer, profiler). Full mode checks the layer updated last before each update (`_rebound`
+# in kvtrace.integrations.hf_caches), so it logs the last layer's copies as they were made, and needs no
+# more. Not a middle layer in full mode: its release is captured at its own update, a few layers after an
+# earlier layer's new storage took the address, and the writer thread's drain (every 0.1 s) may fall
+# between the two (4 of 30 generations on a loaded machine); light mode captures every layer at once.
+CASES = [(2, 0, False), (2, 0, True), (2, 1, False), (2, 1, True), (4, 2, False)]
+
+
+@pytest.mark.parametrize(
+    ("layers", "rebound", "profiler"),
+    CASES,
+    ids=["first-of-2-light", "first-of-2-full", "last-of-2-light", "last-of-2-full", "third-of-4-light"],
+)
+def test_a_new_storage_at_a_released_storage_s_address_is_logged_after_its_free(
+    tiny_model: Any,
+    four_layers: Any,
+    prompt_batch: Any,
+    tmp_path: Path,
+    layers: int,
+    rebound: int,
+    profiler: bool,
+) -> None:
+    # GIVEN a generate() whose logits processor rebinds one layer to copies before the last step, and whose
+    # last step made a new K or V storage of that layer, or of an earlier one, at a released one's address
+    model = tiny_model if layers == 2 else four_layers
+    assert len(model.model.layers) == layers
+    run, reused_addr = _generate_until_reused(model, prompt_batch, tmp_path, profiler, rebound)
+    events = read_run(run).kv_events
+    assert_well_ordered(events)
+    # THEN the released storage is freed before a new storage is logged at its address ...
+    assert_addresses_freed_before_reuse(events)
+    step = REBIND_AT_CALL + 1
+    at_reused = [e.event for e in events if e.step == step and e.phase == "decode" and e.addr == reused_addr]
+    assert at_reused == ["freed", "grown"]
+    # ... every update of this dynamic cache made a new storage: none is written in place
+    # (but the copies themselves, where full mode sees them before the next step's first update)
+    copies = ["replaced"] * 2 if profiler and rebound == layers - 1 else []
+    grown = ["grown"] * 2 * layers
+    updates = [e.event for e in events if e.event in ("created", "grown", "replaced", "written")]
+    assert updates == ["created"] * 2 * layers + grown * (NEW_TOKENS - 2) + copies + grown
+    # ... and the replay by address holds, at every step's end, the K and V of every layer at that step
+    rows, prompt = prompt_batch.rows, prompt_batch.prompt_len
+
+    def held(tokens: int) -> int:
+        return layers * 2 * kv_bytes(KV_HEADS, HEAD_DIM, tokens, rows, F32)
+
+    step_live = analyze_kv_log(events).step_live
+    assert {s: sum(step_live[s].values()) for s in range(1, NEW_TOKENS + 1)} == {
+        s: held(prompt + s - 1) for s in range(1, NEW_TOKENS + 1)
+    }
+    # AND the report's final KV is what the cache held at the end
+    assert _report_kv(run)["final_bytes"] == held(prompt + NEW_TOKENS - 1)
