@@ -6,8 +6,13 @@ was freed before a new one is made at its address, not that the old one was writ
 of an earlier layer sits over one still live, so that its replay by address gives what the cache holds at
 each step's end.
 
-Whether malloc hands the address back is the allocator's choice, so each test generates until it did
-(most generations here), and checks the log of that generation against the addresses the processor saw.
+Whether malloc hands the address back is the allocator's choice, which depends on what the process
+allocated and freed before: each case generates in a fresh interpreter (this file run as a script, its heap
+the same at every run) until malloc did (the first to third generation there), and the test checks the log
+of that generation against the addresses the processor saw. In a process that ran other tests first it may
+not happen in a dozen generations.
+
+    python test_rebound_address_reuse.py LAYERS REBOUND PROFILER OUT_DIR   # prints {"run": ..., "addr": ...}
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +36,10 @@ import kvtrace
 from analyzers.kv_log import analyze_kv_log
 from kvtrace.cli import main
 from kvtrace.format import read_run
-from kvtrace.llama import ModelSize, build_model
+from kvtrace.llama import DEFAULT_PROMPTS, build_model, encode_batch, llama3_tokenizer
 from tests.tiny import HEAD_DIM
+
+REPO = Path(__file__).resolve().parents[2]
 
 NEW_TOKENS = 6
 REBIND_AT_CALL = NEW_TOKENS - 1  # before the last step: the final state depends on its update
@@ -60,20 +70,22 @@ class RebindToCopies(LogitsProcessor):
         return scores
 
 
-def _generate_until_reused(
-    model: Any, batch: Any, tmp_path: Path, profiler: bool, rebound: int
-) -> tuple[Path, int]:
-    """Record generations until the step after the rebinding put a new storage of any layer (the rebound
-    one's or an earlier one's) at an address of one of the rebound layer's released ones; that run, and the
-    address."""
+def _generate_until_reused(layers: int, rebound: int, profiler: bool, out_dir: Path) -> tuple[Path, int]:
+    """Record generations of the tests' tiny Llama 3 with `layers` layers on their two real prompts until the
+    step after the rebinding put a new storage of any layer (the rebound one's or an earlier one's) at an
+    address of one of the rebound layer's released ones; that run, and the address."""
+    from conftest import PAD_ID, TINY
+
+    model = build_model(dataclasses.replace(TINY, num_layers=layers))
+    ids, mask = encode_batch(llama3_tokenizer(), list(DEFAULT_PROMPTS[:2]), PAD_ID)
     for attempt in range(ATTEMPTS):
-        run = tmp_path / f"run{attempt}"
+        run = out_dir / f"run{attempt}"
         cache = DynamicCache(config=model.config)
         rebind = RebindToCopies(cache, rebound, REBIND_AT_CALL)
         with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
             model.generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
+                input_ids=ids,
+                attention_mask=mask,
                 cache=cache,
                 logits_processor=LogitsProcessorList([rebind]),
                 max_new_tokens=NEW_TOKENS,
@@ -84,7 +96,17 @@ def _generate_until_reused(
         reused = released & {addr for layer in rebind.addresses[REBIND_AT_CALL] for addr in layer}
         if reused:
             return run, reused.pop()
-    pytest.fail(f"malloc never gave a released K/V address back to the next update in {ATTEMPTS} generations")
+    raise RuntimeError(f"malloc never gave a released K/V address back to the next update in {ATTEMPTS} runs")
+
+
+def _generate_in_fresh_process(layers: int, rebound: int, profiler: bool, out_dir: Path) -> tuple[Path, int]:
+    """`_generate_until_reused` in an interpreter of its own (this file as a script)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}
+    argv = [sys.executable, __file__, str(layers), str(rebound), str(int(profiler)), str(out_dir)]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    return Path(said["run"]), int(said["addr"])
 
 
 def _report_kv(run: Path) -> dict[str, Any]:
@@ -92,12 +114,6 @@ def _report_kv(run: Path) -> dict[str, Any]:
     with contextlib.redirect_stdout(out):
         assert main(["report", str(run), "--json", "--no-export"]) == 0
     return json.loads(out.getvalue())["kv"]
-
-
-@pytest.fixture(scope="module")
-def four_layers(tiny_size: ModelSize) -> torch.nn.Module:
-    """The tiny Llama 3 with 4 layers: a middle layer, rebound, has earlier layers updated before it."""
-    return build_model(dataclasses.replace(tiny_size, num_layers=4))
 
 
 # (layers, rebound layer, profiler). Full mode checks the layer updated last before each update (`_rebound`
@@ -114,19 +130,11 @@ CASES = [(2, 0, False), (2, 0, True), (2, 1, False), (2, 1, True), (4, 2, False)
     ids=["first-of-2-light", "first-of-2-full", "last-of-2-light", "last-of-2-full", "third-of-4-light"],
 )
 def test_a_new_storage_at_a_released_storage_s_address_is_logged_after_its_free(
-    tiny_model: Any,
-    four_layers: Any,
-    prompt_batch: Any,
-    tmp_path: Path,
-    layers: int,
-    rebound: int,
-    profiler: bool,
+    prompt_batch: Any, tmp_path: Path, layers: int, rebound: int, profiler: bool
 ) -> None:
     # GIVEN a generate() whose logits processor rebinds one layer to copies before the last step, and whose
     # last step made a new K or V storage of that layer, or of an earlier one, at a released one's address
-    model = tiny_model if layers == 2 else four_layers
-    assert len(model.model.layers) == layers
-    run, reused_addr = _generate_until_reused(model, prompt_batch, tmp_path, profiler, rebound)
+    run, reused_addr = _generate_in_fresh_process(layers, rebound, profiler, tmp_path)
     events = read_run(run).kv_events
     assert_well_ordered(events)
     # THEN the released storage is freed before a new storage is logged at its address ...
@@ -152,3 +160,10 @@ def test_a_new_storage_at_a_released_storage_s_address_is_logged_after_its_free(
     }
     # AND the report's final KV is what the cache held at the end
     assert _report_kv(run)["final_bytes"] == held(prompt + NEW_TOKENS - 1)
+
+
+if __name__ == "__main__":
+    found_run, found_addr = _generate_until_reused(
+        int(sys.argv[1]), int(sys.argv[2]), bool(int(sys.argv[3])), Path(sys.argv[4])
+    )
+    print(json.dumps({"run": str(found_run), "addr": found_addr}))
