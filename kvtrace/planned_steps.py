@@ -124,8 +124,8 @@ class PlannedSteps:
         return True
 
     def _planned_end(self, plan: DecodePlan) -> bool:
-        """The end of a forward `_decode_step` took, on the plan's path; False where the general path must
-        take it (the layers the plan logged are up to date, which it skips)."""
+        """The end of a forward `_decode_step` took, on the plan's path (a layer it does not fit, with those
+        after it, logged by `step_end`); False where the general path must take the whole end."""
         cache = plan.ref()
         hf = self._hf
         step_cache = self._step_cache
@@ -137,8 +137,13 @@ class PlannedSteps:
             hf.deferred = None
         if hf.dropped:
             hf.forget_dead()  # as `step_end`: a cache dropped inside this forward is retired first
-        if not log_planned(self.tracker, plan, cache.layers, step_cache[1]):
-            return False
+        layers = cache.layers
+        taken = log_planned(self.tracker, plan, layers, step_cache[1])
+        if taken != len(layers):
+            # A layer the plan does not fit (another class, a count its update does not give): it and those
+            # after it are the general path's, and the plan is made again (or not) for the next step
+            hf.step_end(cache, step_cache[1], written=False, first_layer=taken)
+            self._last_plan = None
         self._step_cache = None
         self._prefill_left = 0
         modules = self._modules
@@ -169,7 +174,7 @@ class PlannedSteps:
                 self._sample(tracker._phase)
             self._prompt_end = self._call_length = None
         if self._may_defer and self._defer_step and not self._beside and not hf.defer_off:
-            self._decode_next = plan
+            self._decode_next = plan if taken == len(layers) else self._plan_after(plan.ref, cache)
         return True
 
     def _plan_after(self, ref: Callable[[], Any], cache: Any) -> DecodePlan | None:

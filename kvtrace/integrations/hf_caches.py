@@ -608,7 +608,13 @@ class HfCacheHooks:
         return plain
 
     def step_end(
-        self, cache: Any, new_tokens: int, written: bool, complete: bool = True, fresh: bool = False
+        self,
+        cache: Any,
+        new_tokens: int,
+        written: bool,
+        complete: bool = True,
+        fresh: bool = False,
+        first_layer: int = 0,
     ) -> None:
         """Log each layer of `cache` that changed in the forward just ended, as an update of `new_tokens`
         tokens per row: after a deferred forward (`defer`), or one whose updates ran inside a compiled graph
@@ -616,7 +622,8 @@ class HfCacheHooks:
         were). New tensors (a dynamic cache) are compared as usual; a static layer, written in place,
         counts its tokens from the tracker's own (reading its count is a device sync), except after a
         forward that raised (not `complete`), where only the layers it reached were written. `fresh`: the
-        cache was empty when the forward began (a prefill)."""
+        cache was empty when the forward began (a prefill). `first_layer`: the layers before it are logged
+        (a planned step's, `kvtrace.integrations.hf_decode_plan`)."""
         if cache is self.deferred:
             self.deferred = None
         if self.dropped:
@@ -629,6 +636,8 @@ class HfCacheHooks:
         kinds = self._kinds
         part = self.cross_parts.get(cid)
         for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
+            if layer_idx < first_layer:
+                continue
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
             if type(keys) is not torch.Tensor or type(values) is not torch.Tensor:
                 continue

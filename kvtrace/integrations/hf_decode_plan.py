@@ -8,8 +8,8 @@ cost more than the comparison itself. A `DecodePlan` decides those once per cach
 logged every layer: each layer is transformers' `DynamicLayer` or `StaticLayer` itself, with one K and one V
 slot. At each later step, `log_planned` re-checks per layer what code outside the cache's update may change
 (the layer object's class, its tensors' class, the slot pair) and leaves a layer that breaks the plan, with
-all after it, to the general path, which skips the layers already brought up to date (same tensor objects,
-same count) and takes that one as it always did.
+all after it, to the general path (`HfCacheHooks.step_end(first_layer=)`), which takes them as it always
+did.
 """
 
 from __future__ import annotations
@@ -66,13 +66,14 @@ def plan_for(
     return DecodePlan(ref, cid, tuple(rows))
 
 
-def log_planned(tracker: KvTracker, plan: DecodePlan, layers: Any, new_tokens: int) -> bool:
+def log_planned(tracker: KvTracker, plan: DecodePlan, layers: Any, new_tokens: int) -> int:
     """Log each layer of the plan's cache that a forward of `new_tokens` tokens per row changed, as
-    `HfCacheHooks.step_end` would; False at the first layer the plan does not fit (that one and those
-    after it are the general path's), or when the cache has another number of layers."""
+    `HfCacheHooks.step_end` would; the number of layers taken: all of them, or the index of the first the
+    plan does not fit (that one and those after it are the general path's: `step_end(first_layer=)`), 0
+    when the cache has another number of layers."""
     rows = plan.rows
     if len(layers) != len(rows):
-        return False
+        return 0
     cid = plan.cid
     queue = tracker._queue
     # One time for the step's layers: logged together at its end, in layer order (their `seq`)
@@ -82,10 +83,10 @@ def log_planned(tracker: KvTracker, plan: DecodePlan, layers: Any, new_tokens: i
     for (index, state, kind, is_static), layer in zip(rows, layers, strict=True):
         fast = state.fast
         if fast is None or type(layer) is not kind:
-            return False
+            return index
         keys, values = layer.keys, layer.values
         if type(keys) is not _TENSOR or type(values) is not _TENSOR:
-            return False
+            return index
         k_slot, v_slot = fast
         before = state.tokens
         if is_static:
@@ -98,14 +99,14 @@ def log_planned(tracker: KvTracker, plan: DecodePlan, layers: Any, new_tokens: i
         else:
             shape = keys.shape
             if len(shape) < 2:
-                return False
+                return index
             tokens = shape[-2]
             if k_slot.tref() is keys and v_slot.tref() is values:
                 if tokens == before:
                     continue  # a layer this forward did not reach
-                return False
+                return index
             if tokens != before + new_tokens:
-                return False  # changed by more than its update: the general path says so
+                return index  # changed by more than its update: the general path says so
             evicted = 0
             k_facts = _new_tensor(k_slot, keys, shape) or capture(k_slot, keys)
             v_facts = _new_tensor(v_slot, values, values.shape) or capture(v_slot, values)
@@ -124,7 +125,7 @@ def log_planned(tracker: KvTracker, plan: DecodePlan, layers: Any, new_tokens: i
             tracker._watch(cid, index, K_DATA, k_facts)
         if v_facts is not None and v_facts[10] and not v_facts[11]:
             tracker._watch(cid, index, V_DATA, v_facts)
-    return True
+    return len(rows)
 
 
 def _new_tensor(slot: Slot, tensor: torch.Tensor, shape: Any) -> tuple[Any, ...] | None:

@@ -66,11 +66,11 @@ def step_ends(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         calls.append(bool(kwargs.get("written", args[2] if len(args) > 2 else False)))
         original(self, *args, **kwargs)
 
-    def counted_plan(*args: Any) -> bool:
-        whole = planned(*args)
-        if whole:  # else `step_end` takes the rest, and is counted
+    def counted_plan(*args: Any) -> int:
+        taken = planned(*args)
+        if taken == len(args[2]):  # every layer (else `step_end` takes the rest, and is counted)
             calls.append(False)
-        return whole
+        return taken
 
     monkeypatch.setattr(HfCacheHooks, "step_end", counted)
     monkeypatch.setattr(planned_steps, "log_planned", counted_plan)

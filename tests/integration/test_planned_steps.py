@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 from kvlog_math import kv_bytes
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 import kvtrace
 from kvtrace import planned_steps
@@ -44,13 +44,14 @@ def _samples(run: Path) -> list[tuple[Any, ...]]:
 
 @pytest.fixture
 def planned(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """What each planned step's `log_planned` answered (True: it logged every layer); it runs as it is."""
+    """Whether each planned step's `log_planned` logged every layer of its cache; it runs as it is."""
     answers: list[bool] = []
     original = planned_steps.log_planned
 
-    def counted(*args: Any) -> bool:
-        answers.append(original(*args))
-        return answers[-1]
+    def counted(*args: Any) -> int:
+        taken = original(*args)
+        answers.append(taken == len(args[2]))
+        return taken
 
     monkeypatch.setattr(planned_steps, "log_planned", counted)
     return answers
@@ -78,13 +79,17 @@ class _LayerOfItsOwn(DynamicLayer):
     """A layer class of the caller's, which transformers' cache treats as any dynamic layer."""
 
 
+class _StaticOfItsOwn(StaticLayer):
+    """A static layer class of the caller's."""
+
+
 class _RebindLayer(LogitsProcessor):
     """Between two forwards (a logits processor runs after each), at the `at`-th call, change one layer as
     code outside the cache's update may: rebind its K and V to copies (new storages no update made, the same
     tokens), or make it a layer of another class. The tensors it replaces are kept (`kept`): their storages
     stay alive, so no new storage of the run can take their addresses (which the allocator decides)."""
 
-    def __init__(self, cache: DynamicCache, layer: int, at: int, change: str) -> None:
+    def __init__(self, cache: Any, layer: int, at: int, change: str) -> None:
         self.cache, self.layer, self.at, self.change, self.calls = cache, layer, at, change, 0
         self.kept: tuple[torch.Tensor, ...] = ()
 
@@ -96,15 +101,24 @@ class _RebindLayer(LogitsProcessor):
                 self.kept = (target.keys, target.values)
                 target.keys, target.values = target.keys.clone(), target.values.clone()
             else:
-                target.__class__ = _LayerOfItsOwn
+                target.__class__ = _StaticOfItsOwn if isinstance(target, StaticLayer) else _LayerOfItsOwn
         return scores
 
 
+ROOM = 32  # a static cache's positions
+
+
 @pytest.mark.parametrize(
-    ("change", "answers"),
-    # copies are new tensors the next update grows, as any; a layer of another class is handed to the
-    # general path from then on, after the plan has logged the layers before it
-    [("copies", [True] * (NEW_TOKENS - 1)), ("class", [True, True, False, False, False])],
+    ("cache_kind", "change", "answers"),
+    # copies are new tensors the next update grows (or writes), as any; a layer of another class is handed
+    # to the general path with those after it, after the plan has logged the layers before it, and the next
+    # steps are the general path's (no plan fits the cache any more)
+    [
+        ("dynamic", "copies", [True] * (NEW_TOKENS - 1)),
+        ("dynamic", "class", [True, True, False]),
+        ("static", "copies", [True] * (NEW_TOKENS - 1)),
+        ("static", "class", [True, True, False]),
+    ],
 )
 def test_planned_steps_log_what_the_general_path_logs_with_a_layer_changed_between_steps(
     tiny_model: Any,
@@ -112,12 +126,16 @@ def test_planned_steps_log_what_the_general_path_logs_with_a_layer_changed_betwe
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     planned: list[bool],
+    cache_kind: str,
     change: str,
     answers: list[bool],
 ) -> None:
     # GIVEN a generate() whose cache's layer 1 is changed after its third forward
     def run(path: Path) -> None:
-        cache = DynamicCache(config=tiny_model.config)
+        if cache_kind == "static":
+            cache: Any = StaticCache(config=tiny_model.config, max_cache_len=ROOM)
+        else:
+            cache = DynamicCache(config=tiny_model.config)
         rebind = _RebindLayer(cache, layer=1, at=3, change=change)
         _generate(tiny_model, prompt_batch, path, cache, logits_processor=LogitsProcessorList([rebind]))
         assert rebind.calls == NEW_TOKENS
@@ -132,14 +150,20 @@ def test_planned_steps_log_what_the_general_path_logs_with_a_layer_changed_betwe
     # ... and the two logs are the same events, steps and samples
     assert _events(tmp_path / "planned") == _events(tmp_path / "general")
     assert _samples(tmp_path / "planned") == _samples(tmp_path / "general")
-    # ... each decode step growing every layer's storages to its tokens (2 KV heads of 16, 2 rows, fp32)
+    # ... each decode step growing (writing) every layer's storage to its tokens (2 KV heads of 16, 2 rows,
+    # fp32; a static layer's storage its room), the static copies replacing the storages they were made from
     rows, prompt = prompt_batch.input_ids.shape
+    kinds = ("grown", "written", "replaced")
     for step in range(2, NEW_TOKENS + 1):
-        grown = [e for e in _events(tmp_path / "planned") if e["step"] == step and e["event"] == "grown"]
-        assert [(e["layer"], e["kv"]) for e in grown] == [(0, "k"), (0, "v"), (1, "k"), (1, "v")]
-        for event in grown:
-            assert event["tokens"] == prompt + step - 1
-            assert event["storage_bytes"] == kv_bytes(2, 16, prompt + step - 1, rows, 4)
+        updated = [e for e in _events(tmp_path / "planned") if e["step"] == step and e["event"] in kinds]
+        assert [(e["layer"], e["kv"]) for e in updated] == [(0, "k"), (0, "v"), (1, "k"), (1, "v")]
+        for update in updated:
+            copied = cache_kind == "static" and change == "copies" and step == 4 and update["layer"] == 1
+            event = "replaced" if copied else "written" if cache_kind == "static" else "grown"
+            assert update["event"] == event
+            assert update["tokens"] == prompt + step - 1
+            held = ROOM if cache_kind == "static" else prompt + step - 1
+            assert update["storage_bytes"] == kv_bytes(2, 16, held, rows, 4)
 
 
 def _failing_update(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
