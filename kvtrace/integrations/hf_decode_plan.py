@@ -2,9 +2,9 @@
 compared, logged in one loop, with what the general path (`HfCacheHooks.step_end` -> `KvTracker.update` ->
 `capture`) would log.
 
-On a model with 2 or 4 layers each step's fixed work is shared by few updates, and the general path's per-
-layer decisions (the layer's kind, cross-attention parts, the count it expects, a call with ten arguments)
-cost more than the comparison itself. A `DecodePlan` decides those once per cache, at the end of a step that
+On a model with 2 or 4 layers each step's fixed work is shared by few updates, and the general path's
+decisions per layer (its kind, cross-attention parts, the count it expects, a call with ten arguments) cost
+more than the comparison itself. A `DecodePlan` decides those once per cache, at the end of a step that
 logged every layer: each layer is transformers' `DynamicLayer` or `StaticLayer` itself, with one K and one V
 slot. At each later step, `log_planned` re-checks per layer what code outside the cache's update may change
 (the layer object's class, its tensors' class, the slot pair) and leaves a layer that breaks the plan, with
