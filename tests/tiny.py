@@ -110,3 +110,38 @@ def stale_free(events: list[dict[str, Any]], made: tuple[int, int], addr: int, n
     free = {**events[index], "ts": events[index]["ts"] + 0.001}
     free["args"] = {**free["args"], "Addr": addr, "Bytes": -nbytes}
     events.insert(index + 1, free)
+
+
+def killed_mid_step_script(model: str, cut: int, rows: int, prompt: int, generate: str) -> str:
+    """A child process's code (`python -c CODE RUN_DIR`, run from the repository's root): `model` (a Python
+    expression) generates under `kvtrace.record(RUN_DIR, profiler=True)`, each layer's update logged as it
+    happens, and SIGKILLs itself inside layer 1 of its `cut`-th forward (the OOM killer's way: no exception,
+    no teardown), layer 0's update of that forward on disk. `generate`: generate()'s other arguments."""
+    import textwrap
+
+    return textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        import torch, kvtrace
+        from kvtrace.llama import ModelSize, build_model
+        from tests.tiny import tiny_size
+
+        model = {model}
+        second, forwards = model.model.layers[1], []
+        forward = second.forward
+
+        def killed_inside(*args, **kwargs):
+            forwards.append(1)
+            if len(forwards) == {cut}:  # layer 0 has updated its K and V in this forward, layer 1 not yet
+                time.sleep(0.3)  # the writer flushes every 0.1 s: layer 0's update is on disk
+                os.kill(os.getpid(), signal.SIGKILL)
+            return forward(*args, **kwargs)
+
+        second.forward = killed_inside
+        ids = torch.randint(3, 1000, ({rows}, {prompt}), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), kvtrace.record(sys.argv[1], model=model, profiler=True):
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, {generate}
+            )
+        """
+    )

@@ -20,7 +20,7 @@ import torch
 
 from kvtrace.cli import main
 from kvtrace.llama import ModelSize
-from tests.tiny import record_generate, weights_bytes
+from tests.tiny import killed_mid_step_script, record_generate, weights_bytes
 
 PROMPT, NEW_TOKENS, BATCH = 8, 8, 2
 WEIGHTS_GONE = "the weights, as weights.jsonl is missing"
@@ -275,39 +275,26 @@ def _export(run: Path, out: Path) -> Any:
 # Llama 3 of 2 layers, 2 KV heads of head_dim 32, fp32: one token of one row is 2 layers x (K, V) x 2 heads x
 # 32 x 4 B of KV; the child kills itself inside layer 1 of forward CUT_STEP, after layer 0's update of it
 CUT_LAYERS, CUT_KV_HEADS, CUT_HEAD_DIM, CUT_PROMPT, CUT_STEP = 2, 2, 32, 16, 11
-_KILLED_MID_STEP = textwrap.dedent(
-    """
-    import os, signal, sys, time
-    import torch, kvtrace
-    from kvtrace.llama import ModelSize, build_model
-
-    model = build_model(ModelSize(hidden_size=128, intermediate_size=256, num_layers={layers}, num_heads=4,
-                                  num_kv_heads={kv_heads}, vocab_size=1000))
-    second, forwards = model.model.layers[1], []
-    forward = second.forward
-
-    def killed_inside(*args, **kwargs):
-        forwards.append(1)
-        if len(forwards) == {cut}:  # layer 0 has updated its K and V in this forward, layer 1 not yet
-            time.sleep(0.3)  # the writer flushes every 0.1 s: layer 0's update is on disk
-            os.kill(os.getpid(), signal.SIGKILL)
-        return forward(*args, **kwargs)
-
-    second.forward = killed_inside
-    ids = torch.randint(3, 1000, (2, {prompt}), generator=torch.Generator().manual_seed(0))
-    # the profiler on: each layer's update is logged as it happens (off, at the end of its forward)
-    with torch.no_grad(), kvtrace.record(sys.argv[1], model=model, profiler=True):
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
-                       do_sample=False, pad_token_id=0)
-    """
-).format(layers=CUT_LAYERS, kv_heads=CUT_KV_HEADS, prompt=CUT_PROMPT, cut=CUT_STEP)
+_KILLED_MID_STEP = killed_mid_step_script(
+    f"build_model(ModelSize(hidden_size=128, intermediate_size=256, num_layers={CUT_LAYERS}, num_heads=4, "
+    f"num_kv_heads={CUT_KV_HEADS}, vocab_size=1000))",
+    CUT_STEP,
+    2,
+    CUT_PROMPT,
+    "max_new_tokens=20, min_new_tokens=20",
+)
 
 
 def test_a_run_killed_between_two_layers_updates_is_read_to_its_last_whole_step(tmp_path: Path) -> None:
     # GIVEN a real run SIGKILLed inside layer 1 of step 11: layer 0 wrote step 11's token, layer 1 did not
     run = tmp_path / "run"
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
-        [sys.executable, "-c", _KILLED_MID_STEP, str(run)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _KILLED_MID_STEP, str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
     )
     assert done.returncode == -9, done.stderr
     held: dict[int, int] = {}  # the tokens each layer's last update in the raw log holds

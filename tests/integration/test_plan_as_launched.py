@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import build_model
-from tests.tiny import HEAD_DIM, raising_before_layer, tiny_size
+from tests.tiny import HEAD_DIM, killed_mid_step_script, raising_before_layer, tiny_size
 
 LAYERS, KV_HEADS, ROWS, PROMPT = 2, 2, 2, 8
 TOKEN_ROW = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4  # every layer's K and V of one token of one row, float32
@@ -209,41 +208,13 @@ def test_a_whole_run_stopped_early_is_planned_at_what_it_reached(
     assert not any("as launched" in note for note in plan["notes"])
 
 
-_KILLED_MID_STEP = textwrap.dedent(
-    """
-    import os, signal, sys, time
-    import torch, kvtrace
-    from kvtrace.llama import build_model
-    from tests.tiny import tiny_size
-
-    model = build_model(tiny_size({layers}, {kv_heads})).eval()
-    second, forwards = model.model.layers[1], []
-    forward = second.forward
-
-    def killed_inside(*args, **kwargs):
-        forwards.append(1)
-        if len(forwards) == {cut}:  # layer 0 has updated its K and V in this forward, layer 1 not yet
-            time.sleep(0.3)  # the writer flushes every 0.1 s: layer 0's update is on disk
-            os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer's way: no exception, no teardown
-        return forward(*args, **kwargs)
-
-    second.forward = killed_inside
-    ids = torch.randint(3, 1000, ({rows}, {prompt}), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), kvtrace.record(sys.argv[1], model=model, profiler=True):
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens={new}, do_sample=False,
-                       pad_token_id=0)
-    """
-)
-
-
 def test_a_killed_run_is_planned_at_the_length_asked_for(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN a real run of max_new_tokens=30 SIGKILLed inside layer 1 of step 4: steps 1-3 whole
     run, new, cut = tmp_path / "run", 30, 4
-    script = _KILLED_MID_STEP.format(
-        layers=LAYERS, kv_heads=KV_HEADS, cut=cut, rows=ROWS, prompt=PROMPT, new=new
-    )
+    model = f"build_model(tiny_size({LAYERS}, {KV_HEADS})).eval()"
+    script = killed_mid_step_script(model, cut, ROWS, PROMPT, f"max_new_tokens={new}")
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, "-c", script, str(run)], capture_output=True, text=True, timeout=300, cwd=root
