@@ -24,16 +24,18 @@ peak is highest at this context (for a dynamic cache, the context less one or tw
   Its sliding layers hold min(written, window) tokens.
 - sliding: a static-shaped window (`StaticSlidingWindowLayer`): holds min(written, window) tokens, all
   allocated at the start, no growth peak; its prefill writes the prompt's last window in place.
-- quantized, int4 or int8: `QuantizedCache` (quanto/HQQ backends). `kv_bytes_per_token` stays the packed
-  data figure (int4: half a byte an element). Each group of `quant_group_size` elements also stores a
-  scale and a zero-point in the compute dtype (bf16 by default): for int4, group 64 and bf16 that is
-  4 bytes per 64 elements, +12.5% over the data, reported apart as `kv_scale_bytes_per_token`. The prompt
-  is quantized at prefill; each later token stays unquantized in the compute dtype until
-  `residual_length` of them are (`kv_residual_bytes`: (written - prompt) mod residual_length tokens, at
-  worst residual_length - 1). Every decode step dequantizes one layer's whole K and V and concatenates
-  them with the residual, so four full-precision tensors (the dequantized K and V, counted as written-1
-  tokens, an upper bound since the residual is not dequantized, and the concatenated K and V of all
-  written tokens) are live at once: that is this cache's `dynamic_realloc_peak_bytes`.
+- quantized, int2, int4 or int8: `QuantizedCache` (quanto/HQQ backends, `nbits`). `kv_bytes_per_token` stays
+  the packed data figure (int4: half a byte an element; int2: a quarter, four a byte in both backends).
+  Each group of `quant_group_size` elements also stores a scale and a zero-point in the compute dtype
+  (bf16 by default): for int4, group 64 and bf16 that is 4 bytes per 64 elements, +12.5% over the data,
+  reported apart as `kv_scale_bytes_per_token`. The prompt is quantized at prefill; each later token stays
+  unquantized in the compute dtype until `residual_length` of them are (`kv_residual_bytes`: (written -
+  prompt) mod residual_length tokens, at worst residual_length - 1). Every decode step dequantizes one
+  layer's whole K and V and concatenates them with the residual, so four full-precision tensors (the
+  dequantized K and V, counted as written-1 tokens, an upper bound since the residual is not dequantized,
+  and the concatenated K and V of all written tokens) are live at once: that is this cache's
+  `dynamic_realloc_peak_bytes`. One layer's only: the dequantized pair dies when its update returns, the
+  concatenated pair when its attention does, before the next layer's update.
 - quantized, fp8: `QuantizedCache(backend="fp8")` (`Fp8QuantizedLayer`). The prompt is quantized at
   prefill with one float32 scale per K and per V per layer (`FP8_SCALE_BYTES`, kept for good); each new
   token is quantized with it and `torch.cat`-ed onto the 1-byte store: no residual, no group scales. Its

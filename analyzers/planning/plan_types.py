@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 CACHE_KINDS = ("dynamic", "static", "sliding", "quantized")
-QUANTIZED_KV_DTYPES = ("int4", "int8", "fp8")  # quanto/HQQ, and the fp8 backend
+QUANTIZED_KV_DTYPES = ("int2", "int4", "int8", "fp8")  # quanto/HQQ, and the fp8 backend
 FLOAT_DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_RESERVE_FRACTION = 0.1
 GIB = 2**30
@@ -124,7 +124,7 @@ class PlanRequest:
             raise KvtraceError(f"reserve fraction must be in [0, 1), got {self.reserve_fraction}")
         if self.cache == "quantized" and self.kv_dtype not in QUANTIZED_KV_DTYPES:
             raise KvtraceError(
-                f"a quantized cache stores int4 or int8 (quanto, HQQ) or fp8 (its fp8 backend), "
+                f"a quantized cache stores int2, int4 or int8 (quanto, HQQ) or fp8 (its fp8 backend), "
                 f"not {self.kv_dtype}"
             )
         if self.cache != "sliding" and self.window is not None:

@@ -23,8 +23,9 @@ __all__ = [
     "get_preset",
 ]
 
-# Storage bits per element. Bits rather than bytes because int4 packs two elements into one byte.
-DTYPE_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
+# Storage bits per element. Bits rather than bytes because int4 packs two elements into one byte, int2
+# (a QuantizedCache of nbits=2, quanto or HQQ) four.
+DTYPE_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4, "int2": 2}
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,8 @@ def get_preset(name: str) -> ModelGeometry:
 
 
 def dtype_bytes_for(dtype: str, elements: int) -> int:
-    """Bytes that `elements` values of `dtype` occupy, rounded up to whole bytes (int4 packs two a byte)."""
+    """Bytes that `elements` values of `dtype` occupy, rounded up to whole bytes (int4 packs two a byte, int2
+    four)."""
     bits = DTYPE_BITS.get(dtype)
     if bits is None:
         raise KvtraceError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPE_BITS)}")

@@ -20,7 +20,7 @@ PLAN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # A QuantizedCache's packed values (quanto's `q._data._data`, HQQ's `q.0`) and their group scales
 _PACKED_PARTS = ("q._data._data", "q._data", "q.0")
 _SCALE_PARTS = ("q._scale", "q.1.scale")
-_PLAN_BITS = {4: "int4", 8: "int8"}
+_PLAN_BITS = {2: "int2", 4: "int4", 8: "int8"}  # nbits=2 packs four values a byte, both backends
 
 
 def logged_window(

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from analyzers.planning.run_defaults import RunDefaults
 
 DTYPES = ("bf16", "fp16", "fp32", "fp8", "int8", "int4")
+KV_DTYPES = (*DTYPES, "int2")  # a QuantizedCache of nbits=2; no weights format is planned at 2 bits
 CACHES = ("dynamic", "static", "sliding", "quantized")
 
 
@@ -101,10 +102,10 @@ class PlanCommand(Command):
         )
         parser.add_argument(
             "--kv-dtype",
-            choices=DTYPES,
+            choices=KV_DTYPES,
             help="KV cache dtype (default: --dtype for bf16/fp16/fp32 weights, bf16 for quantized weights, "
-            "which compute in bf16; int4 with --cache quantized, as transformers' default; int8 too, or fp8 "
-            "for its fp8 backend)",
+            "which compute in bf16; int4 with --cache quantized, as transformers' default; int2 and int8 too "
+            "(nbits), or fp8 for its fp8 backend)",
         )
         parser.add_argument(
             "--batch",

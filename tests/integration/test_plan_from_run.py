@@ -332,6 +332,37 @@ def test_a_quantized_caches_bits_group_and_residual_are_read_from_the_log(
     assert plan["kv_bytes"] == final
 
 
+@pytest.mark.parametrize("backend", [pytest.param("quanto", marks=pytest.mark.slow), "hqq"])
+def test_a_2_bit_quantized_cache_is_planned_at_its_2_bits(
+    model: Any, backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("optimum.quanto" if backend == "quanto" else "hqq")
+    # GIVEN a QuantizedCache of nbits=2, groups of 16, a residual of 4, 7 + 6 tokens generated: 12 written,
+    # requantized at 11, so 11 quantized and 1 in the residual
+    run, prompt, new, quantized = tmp_path / "run", 7, 6, 11
+    config = {"backend": backend, "nbits": 2, "q_group_size": 16, "residual_length": 4}
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        _generate(model, BATCH, prompt, new, cache_implementation="quantized", cache_config=config)
+    # each layer's K and V packed at four values a byte, a float32 scale and zero point per group of 16
+    # values, and the residual token in float32
+    values = BATCH * KV_HEADS * HEAD_DIM * quantized
+    residual = BATCH * KV_HEADS * HEAD_DIM * 1 * 4
+    final = LAYERS * 2 * (values // 4 + 2 * (values // 16) * 4 + residual)
+    assert _recorded(run, capsys)["final_bytes"] == final
+    # WHEN planned from the run
+    plan = _json(["plan", "--from-run", str(run), "--json"], capsys)
+    # THEN an int2 cache (it was int4, its packed data twice the run's: 3,840 B planned for 3,136), no note
+    request = plan["request"]
+    assert (request["cache"], request["kv_dtype"]) == ("quantized", "int2")
+    assert (request["quant_group_size"], request["residual_length"]) == (16, 4)
+    assert plan["kv_bytes"] == final
+    assert not any("planned at int4" in note for note in plan["notes"])
+    # and its peak the last step's: one layer's K and V dequantized (11 tokens) beside the two it returns
+    # (12 tokens), float32: one layer's, not both, as a real run holds them
+    one_layer = BATCH * KV_HEADS * HEAD_DIM * 4
+    assert plan["kv_peak_bytes"] == final + 2 * one_layer * (quantized + prompt + new - 1)
+
+
 def test_an_assistant_models_cache_is_noted_with_its_bytes(
     model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

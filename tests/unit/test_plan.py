@@ -273,6 +273,20 @@ def test_quantized_cache_counts_scales_and_residual_apart() -> None:
     assert result.dynamic_realloc_peak_bytes == 2 * 3 * 8 * 128 * 2 * (999 + 1000)
 
 
+def test_a_2_bit_quantized_cache_packs_four_values_a_byte() -> None:
+    # GIVEN a QuantizedCache of nbits=2 (quanto or HQQ: four values a byte), 1000 tokens written
+    result = plan(request(batch=3, context=1001, cache="quantized", kv_dtype="int2"))
+    # THEN its data is a quarter byte a value (it was planned as int4, half a byte: twice this), while the
+    # group scales, the bf16 residual of 127 tokens and one layer's dequantized copies are int4's
+    data = 32 * 2 * 8 * 128 // 4
+    scales = 32 * 2 * (8 * 128 // 64) * 2 * 2
+    residual_tokens, full = 127, 32 * 2 * 8 * 128 * 2
+    kv = 3 * ((1000 - residual_tokens) * (data + scales) + residual_tokens * full)
+    assert (result.kv_bytes_per_token, result.kv_scale_bytes_per_token) == (16_384, scales)
+    assert result.kv_bytes == kv
+    assert result.dynamic_realloc_peak_bytes == 2 * 3 * 8 * 128 * 2 * (999 + 1000)
+
+
 def test_quantized_cache_rejects_float_kv() -> None:
     with pytest.raises(KvtraceError, match="int4 or int8"):
         request(cache="quantized", kv_dtype="bf16")
@@ -527,6 +541,10 @@ def test_command_quantized_defaults_to_int4(tmp_path: Path, capsys: pytest.Captu
     status, out = run_command(["--config", str(config), "--cache", "quantized", "--json"], capsys)
     assert status == 0
     assert json.loads(out)["request"]["kv_dtype"] == "int4"
+    # and --kv-dtype int2 (nbits=2) is taken: a quarter byte a value
+    args = ["--config", str(config), "--cache", "quantized", "--kv-dtype", "int2", "--json"]
+    status, out = run_command(args, capsys)
+    assert (status, json.loads(out)["kv_bytes_per_token"]) == (0, 32 * 2 * 8 * 128 // 4)
 
 
 @pytest.mark.parametrize(
