@@ -229,21 +229,33 @@ class RunStore:
             if tl.reserved is not None:
                 series["reserved"] = tl.reserved
             keep = np.unique(np.concatenate([downsample_indices(s, max_points) for s in series.values()]))
+            # The level before the first event in front, at that event's time, as the HTML report draws
+            # it: a trace that begins by freeing blocks it never allocated peaks there
+            lead = [] if tl.start_allocated == int(tl.allocated[0]) else [0]
+
+            def points(values: Any, start: int, lead: list[int] = lead, keep: Any = keep) -> list[int]:
+                return [start for _ in lead] + values[keep].tolist()
+
+            t_s = _rel_seconds(tl.ts_us[keep], t0)
             peak_i = int(np.argmax(tl.allocated))
+            peak, peak_t = int(tl.allocated[peak_i]), _rel_seconds([tl.ts_us[peak_i]], t0)[0]
+            if tl.start_allocated > peak:
+                peak, peak_t = tl.start_allocated, t_s[0]
             devices.append(
                 {
                     "device": tl.device,
                     "events": n,
-                    "points": len(keep),
-                    "t_s": _rel_seconds(tl.ts_us[keep], t0),
-                    "allocated": tl.allocated[keep].tolist(),
-                    "reserved": tl.reserved[keep].tolist() if tl.reserved is not None else None,
-                    "kv": tl.by_category["kv"][keep].tolist(),
-                    "weights": tl.by_category["weights"][keep].tolist(),
-                    "other": tl.by_category["other"][keep].tolist(),
+                    "points": len(lead) + len(keep),
+                    "t_s": t_s[:1] * len(lead) + t_s,
+                    "allocated": points(tl.allocated, tl.start_allocated),
+                    "reserved": None if tl.reserved is None else points(tl.reserved, int(tl.reserved[0])),
+                    **{
+                        name: points(tl.by_category[name], tl.start_by_category.get(name, 0))
+                        for name in ("kv", "weights", "other")
+                    },
                     "capacity_bytes": tl.capacity_bytes,
-                    "peak_allocated_bytes": int(tl.allocated[peak_i]),
-                    "peak_t_s": _rel_seconds([tl.ts_us[peak_i]], t0)[0],
+                    "peak_allocated_bytes": peak,
+                    "peak_t_s": peak_t,
                 }
             )
         # A device without events (the weights' side of a cache offloaded elsewhere) is named by the

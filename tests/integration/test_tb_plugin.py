@@ -367,9 +367,12 @@ def test_an_engine_run_shows_its_pool_and_says_why_it_has_no_memory_chart(tmp_pa
     timeline = store.timeline(name)
     pool = store.pool(name)
 
-    # THEN the timeline (one point at t=0) says why the page draws no memory chart, and where to look
-    ((t_s, points),) = [(d["t_s"], d["points"]) for d in timeline["devices"]]
-    assert (t_s, points) == ([0.0], 1)
+    # THEN the timeline (at t=0 the level before the trace, nothing, then the pool's blocks x bytes per
+    # block) says why the page draws no memory chart, and where to look
+    engine = json.loads((run / "engine.json").read_text())
+    ((device,),) = [timeline["devices"]]
+    assert (device["t_s"], device["points"]) == ([0.0, 0.0], 2)
+    assert device["allocated"] == device["kv"] == [0, engine["num_blocks"] * engine["bytes_per_block"]]
     plural = "s" if preemptions != 1 else ""
     assert timeline["no_chart"] == (
         "No memory timeline: this vllm 0.32.0 run has one memory event, its KV pool's allocation (before its "
@@ -402,6 +405,29 @@ def test_a_run_without_an_engine_has_a_memory_chart_and_no_pool(tmp_path: Path) 
 
     assert store.timeline("dynamic_b2")["no_chart"] is None
     assert store.pool("dynamic_b2") == {"run": "dynamic_b2", "title": None, "rows": [], "figure": None}
+
+
+def test_the_timeline_begins_at_the_level_held_before_the_trace(tmp_path: Path) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+
+    # GIVEN a profiled run whose model's weights were loaded before record(): held before the first event
+    run = shutil.copytree(SAMPLES / "dynamic_b2", tmp_path / "dynamic_b2")
+    weights = [json.loads(line) for line in (run / "weights.jsonl").read_text().splitlines() if line]
+    held = sum(w["storage_bytes"] for w in weights)
+
+    # WHEN the tab asks for its timeline
+    (device,) = RunStore(tmp_path).timeline("dynamic_b2")["devices"]
+
+    # THEN its first point, at the first event's time, is that level, all weights, as the HTML report draws
+    # it; the next is the first event's
+    assert device["t_s"][0] == device["t_s"][1] == 0.0 and device["points"] == len(device["t_s"])
+    assert (device["allocated"][0], device["weights"][0], device["kv"][0], device["other"][0]) == (
+        held, held, 0, 0
+    )
+    assert device["allocated"][1] != held
+    # AND its peak is the report's
+    report = _cli_json("report", str(run), "--json", "--no-export", "-q")
+    assert device["peak_allocated_bytes"] == report["devices"][0]["peak_allocated_bytes"]
 
 
 def test_a_device_without_events_is_served_at_its_level_with_the_reports_peak(tmp_path: Path) -> None:
