@@ -112,8 +112,21 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     element = _ELEMENT_BYTES.get(info.kv_dtype)
     kv.bytes_per_token_expected = None
     if element and all(isinstance(model.get(k), int) for k in ("num_layers", "num_kv_heads", "head_dim")):
-        per_layer_token = 2 * model["num_kv_heads"] * model["head_dim"] * element
+        from analyzers.planning.vllm_plan import kv_heads_per_worker
+
+        # engine.json is the first worker's: under tensor parallelism its pool holds its share of the heads
+        tp = info.config.get("tensor_parallel_size")
+        tp = tp if isinstance(tp, int) and tp > 1 else 1
+        heads = kv_heads_per_worker(model["num_kv_heads"], tp)
+        per_layer_token = 2 * heads * model["head_dim"] * element
         kv.bytes_per_token_expected = model["num_layers"] * per_layer_token
+        if tp > 1:
+            notes.insert(
+                0,
+                f"tensor parallel {tp}: the KV figures are one worker's (engine.json describes the first), "
+                f"holding {heads} of the model's {model['num_kv_heads']} KV heads; each of the {tp} workers "
+                f"holds a pool of this size, {human_bytes(pool * tp)} in all",
+            )
     if layers:
         held = 0 if freed else 1  # a freed pool's layers hold nothing at the end
         kv.per_layer = [

@@ -1,6 +1,7 @@
 """Runs one vLLM scenario in a fresh interpreter and prints vLLM's own figures as one JSON line.
 
     python -m tests.vllm.scripts multiprocess MODEL_DIR     # KVTRACE_DIR set by the caller
+    python -m tests.vllm.scripts tensor_parallel MODEL_DIR  # the same over 2 workers; KVTRACE_DIR too
     python -m tests.vllm.scripts refused_record MODEL_DIR RUN_DIR
     python -m tests.vllm.scripts refused_plugin MODEL_DIR   # KVTRACE_DIR set by the caller
     python -m tests.vllm.scripts fp8_record MODEL_DIR RUN_DIR
@@ -32,6 +33,19 @@ def multiprocess(model_dir: str) -> dict[str, Any]:
         "request_preemptions": metric(llm, "vllm:request_num_preemptions"),
     }
     llm.llm_engine.engine_core.shutdown()  # the engine core finishes its run before we report
+    return figures
+
+
+def tensor_parallel(model_dir: str) -> dict[str, Any]:
+    """The workload over 2 tensor-parallel workers (each one CPU core), each given the same KV memory:
+    vLLM's figures of the pool each worker holds."""
+    llm = make_llm(model_dir, tensor_parallel_size=2, distributed_executor_backend="mp")
+    run_workload(llm)
+    figures = {
+        "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+        "preemptions": metric(llm, "vllm:num_preemptions"),
+    }
+    llm.llm_engine.engine_core.shutdown()
     return figures
 
 
@@ -92,6 +106,8 @@ if __name__ == "__main__":
     mode, model = sys.argv[1], sys.argv[2]
     if mode == "multiprocess":
         result = multiprocess(model)
+    elif mode == "tensor_parallel":
+        result = tensor_parallel(model)
     elif mode == "fp8_record":
         result = fp8_record(model, sys.argv[3])
     elif mode == "falcon_record":

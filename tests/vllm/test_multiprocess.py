@@ -14,8 +14,17 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from analyzers.units import human_bytes
 from kvtrace import format as fmt
-from tests.vllm.workload import BLOCK_BYTES, POOL_BYTES, SIZE, run_script
+from tests.vllm.workload import (
+    BLOCK_BYTES,
+    BLOCK_SIZE,
+    DTYPE_BYTES,
+    HEAD_DIM,
+    POOL_BYTES,
+    SIZE,
+    run_script,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,3 +77,36 @@ def test_kvtrace_report_reads_it(plugin_run: dict[str, Any]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["kv"]["peak_bytes"] == POOL_BYTES
+
+
+def test_a_tensor_parallel_run_reads_as_one_workers_share(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the workload over 2 tensor-parallel workers (one core each), recorded by the plugin: engine.json
+    # is the first worker's, whose pool holds half the model's KV heads
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    run_dir = tmp_path / "run"
+    figures = run_script("tensor_parallel", str(tiny_model_dir), kvtrace_dir=run_dir, multiprocess=True)
+    worker_token = SIZE.num_layers * 2 * (SIZE.num_kv_heads // 2) * HEAD_DIM * DTYPE_BYTES
+    engine = json.loads((run_dir / fmt.ENGINE).read_text())
+    assert engine["config"]["tensor_parallel_size"] == 2
+    assert engine["num_blocks"] == figures["num_gpu_blocks"] == POOL_BYTES // (worker_token * BLOCK_SIZE)
+
+    # WHEN it is reported
+    done = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "report", str(run_dir), "--json", "--no-export"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+
+    # THEN its bytes per token, measured and by arithmetic, are the worker's (it had the model's whole
+    # 2 KV heads in the arithmetic: twice the measured), and a note says so, with the 2 workers' total
+    kv = report["kv"]
+    assert kv["bytes_per_token_measured"] == kv["bytes_per_token_expected"] == worker_token
+    (note,) = [n for n in report["notes"] if n.startswith("tensor parallel 2:")]
+    assert f"holding {SIZE.num_kv_heads // 2} of the model's {SIZE.num_kv_heads} KV heads" in note
+    assert note.endswith(f"{human_bytes(2 * POOL_BYTES)} in all")
