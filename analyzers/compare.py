@@ -23,6 +23,9 @@ Definitions, so that the columns mean the same thing for every run:
   the end of the last step, so the profiler's start-up and trace writing are left out; without samples,
   the manifest's start to end. A last step whose forward raised (an OOM, a Ctrl-C) generated nothing: the
   time ends with the step before it. Compare runs recorded with the same options.
+* an engine run (vLLM, transformers' continuous batching) has requests, not rows: tokens/s (all rows) is
+  the output tokens of every request (each at its last event, preemptions recomputed once) over the time
+  from its first request event to its last step's end; the per-row columns have no meaning there ("-").
 """
 
 from __future__ import annotations
@@ -139,11 +142,31 @@ def generated(source: MemorySource, report: Report) -> Generated | None:
     )
 
 
+def engine_generated(source: MemorySource) -> tuple[int, float] | None:
+    """An engine run's output tokens, every request's at its last event, and the seconds from its first
+    request event to its last step's end (see the module docstring); None without requests or steps."""
+    run = source.meta.get("engine")
+    requests = getattr(run, "requests", ())
+    if not requests or not len(run.steps):
+        return None
+    output: dict[str, int] = {}
+    for event in requests:
+        output[event.request_id] = max(output.get(event.request_id, 0), event.output_tokens)
+    started = min(event.t_ns for event in requests)
+    ended = int(run.steps["t_ns"].max())
+    if ended <= started:
+        return None
+    return sum(output.values()), (ended - started) / 1e9
+
+
 def tokens_per_second(source: MemorySource, report: Report) -> float | None:
-    """Generated tokens over every batch row / wall time of the recording (see the module docstring);
-    None when unknown."""
+    """Generated tokens over every batch row (an engine's requests) / wall time of the recording (see the
+    module docstring); None when unknown."""
     figures = generated(source, report)
-    return figures.tokens_all_rows / figures.seconds if figures is not None else None
+    if figures is None:
+        made = engine_generated(source)
+        return made[0] / made[1] if made is not None else None
+    return figures.tokens_all_rows / figures.seconds
 
 
 def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
@@ -177,14 +200,14 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
         kv_final_bytes=kv.final_bytes if kv_known else None,
         churn=(kv.allocated_bytes_total / kv.final_bytes) if kv_known and kv.final_bytes else None,
         fragmentation_bytes=main.fragmentation_at_peak_bytes if main else None,
-        tokens_per_second=made.tokens_all_rows / made.seconds if made is not None else None,
+        tokens_per_second=tokens_per_second(source, report),
         evicted_tokens=kv.evicted_tokens if kv_log is not None else None,
         steps=report.steps,
         batch=kv.batch,
         step_axis=steps,
         kv_by_step=kv_by_step,
         notes=notes,
-        engine=_engine_figures(report.engine),
+        engine=_engine_figures(report.engine, engine_generated(source)),
         tokens_per_second_per_row=made.tokens_per_row / made.seconds if made is not None else None,
         generated_tokens_per_row=made.tokens_per_row if made is not None else None,
         rows_are_beams=made.rows_are_beams if made is not None else False,
@@ -199,7 +222,7 @@ def _peak_counts(main: Any) -> str:
     return "weights + KV" if main.categories_at_peak.get("weights") else "KV"
 
 
-def _engine_figures(fig: Any) -> dict[str, Any] | None:
+def _engine_figures(fig: Any, made: tuple[int, float] | None) -> dict[str, Any] | None:
     if fig is None:
         return None
     figures = {
@@ -212,6 +235,7 @@ def _engine_figures(fig: Any) -> dict[str, Any] | None:
         "preempted_tokens": fig.preempted_tokens,
         "prefix_hit_tokens": fig.prefix_hit_tokens,
         "prefix_query_tokens": fig.prefix_query_tokens,
+        "output_tokens": made[0] if made is not None else None,  # every request's (the module docstring)
     }
     if fig.status == "refused_start":  # no pool was allocated and no step ran: unknown, not 0
         figures.update(dict.fromkeys([key for key in figures if key not in ("name", "status")]))
@@ -290,6 +314,7 @@ _ENGINE_ROWS = (  # worded for any engine: a run may be vLLM's, another transfor
     ("engine", _engine_cell("name")),
     ("engine pool (blocks)", _pool_cell),
     ("engine peak blocks used", _engine_cell("peak_blocks_used")),
+    ("engine output tokens (all requests)", _engine_cell("output_tokens")),
     ("engine preemptions", _engine_cell("preemptions")),
     ("engine preempted tokens", _engine_cell("preempted_tokens")),
     ("engine prefix-cache hit tokens", _engine_cell("prefix_hit_tokens")),

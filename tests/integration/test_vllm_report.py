@@ -370,6 +370,26 @@ def test_compare_shows_the_vllm_pool_beside_other_runs(capsys: pytest.CaptureFix
     assert row.split()[2:] == [f"{engine['preemptions']:,}", "-"]
 
 
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_compare_gives_a_vllm_runs_throughput_over_its_requests(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.vllm.workload import NEW_TOKENS, REQUESTS
+
+    # GIVEN the vLLM run that preempted: 8 requests of 48 new tokens each, its raw logs read here
+    requests = [json.loads(line) for line in (PREEMPT / "engine_requests.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (PREEMPT / "engine_steps.jsonl").read_text().splitlines()]
+    output: dict[str, int] = {}
+    for event in requests:
+        output[event["request_id"]] = max(output.get(event["request_id"], 0), event["output_tokens"])
+    seconds = (max(s["t_ns"] for s in steps) - min(e["t_ns"] for e in requests)) / 1e9
+    # WHEN it is compared
+    vllm, _hf = _json_of(["compare", str(PREEMPT), str(SAMPLES / "dynamic_b2"), "--json"], capsys)["runs"]
+    # THEN its throughput is every request's output tokens over the time from its first request to its last
+    # step (it had none), and the per-row figures of a run without rows stay unknown
+    assert vllm["engine"]["output_tokens"] == sum(output.values()) == REQUESTS * NEW_TOKENS
+    assert vllm["tokens_per_second"] == pytest.approx(REQUESTS * NEW_TOKENS / seconds)
+    assert vllm["tokens_per_second_per_row"] is None and vllm["generated_tokens_per_row"] is None
+
+
 @pytest.mark.skipif(not (PREEMPT.is_dir() and REFUSED.is_dir()), reason="vLLM samples not generated yet")
 def test_compare_says_a_start_was_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     # GIVEN a start vLLM refused (no pool, no step) beside a run that preempted
