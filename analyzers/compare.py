@@ -147,7 +147,7 @@ def engine_generated(source: MemorySource) -> tuple[int, float] | None:
     request event to its last step's end (see the module docstring); None without requests or steps."""
     run = source.meta.get("engine")
     requests = getattr(run, "requests", ())
-    if not requests or not len(run.steps):
+    if run is None or not requests or not len(run.steps):
         return None
     output: dict[str, int] = {}
     for event in requests:
