@@ -115,7 +115,8 @@ def buffer_fields(
         elements += 4 + layers
     elif model_type in ("gemma4", "gemma4_text"):  # and each layer's scalar, the per-layer inputs' scale
         elements += 1 + layers + (1 if get("hidden_size_per_layer_input", 256) else 0)
-    elif model_type == "deepseek_v3":  # each MoE layer's expert-score correction, kept in float32
+    elif model_type in ("deepseek_v3", "dots1", "glm4_moe", "glm4_moe_lite"):
+        # each MoE layer's expert-score correction, kept in float32
         fp32 += moe_layers * experts
     elif model_type == "apertus" and get("hidden_act", "xielu") == "xielu":  # xIELU's beta and eps
         elements += 2 * layers

@@ -38,7 +38,8 @@ _WEIGHED_EXACTLY = frozenset(
         "olmo3", "olmoe", "cohere", "cohere2", "granite", "granitemoe", "phimoe", "mpt", "nemotron", "arcee",
         "apertus", "persimmon", "granitemoeshared", "gpt_oss", "gpt_neo", "jetmoe", "gemma3n", "gemma3n_text",
         "gemma4", "gemma4_text", "ctrl", "biogpt", "xglm", "exaone4", "seed_oss", "helium", "bitnet",
-        "diffllama",
+        "diffllama", "ministral", "smollm3", "internlm3", "glm", "glm4", "glm4_moe", "glm4_moe_lite", "dots1",
+        "hunyuan_v1_dense", "hunyuan_v1_moe", "ernie4_5", "ernie4_5_moe", "dbrx",
     }
 )  # fmt: skip
 
@@ -94,11 +95,40 @@ _JETMOE_DEFAULTS = {
 }  # fmt: skip
 
 
+# Config classes whose `head_dim` defaults to a width, not to hidden_size / num_attention_heads: a config.json
+# that leaves it out gets these heads (and their KV)
+_HEAD_DIM_BY_DEFAULT = {"glm": 128, "glm4": 128, "internlm3": 128, "ernie4_5": 128}
+# Config classes whose `sliding_window` defaults to a window, not to none (MinistralConfig slides every
+# layer over it; Dots1Config only its layers from `max_window_layers` on: `default_layer_types`)
+_WINDOW_BY_DEFAULT = {"ministral": 4096, "dots1": 4096}
+# Other names a family's config class maps to the standard ones (its attribute_map)
+_FAMILY_ALIASES = {
+    "internlm3": {"attention_bias": "qkv_bias", "mlp_bias": "bias"},
+    "ernie4_5_moe": {"num_experts": "moe_num_experts"},
+    "glm4_moe_lite": {"head_dim": "qk_rope_head_dim"},  # its latent attention's rotary key
+}
+
+
 def derive_family_fields(fields: dict[str, Any], model_type: str) -> None:
-    """Set, in `fields`, what a `model_type` config class derives rather than reads. JetMoE's head_dim is
-    `kv_channels` (its attribute_map), not hidden_size / heads, and its attention heads are KV heads x
-    `num_experts_per_tok`, whatever the file says (JetMoeConfig.__post_init__): its cache holds
-    `num_key_value_heads` heads of `kv_channels` per layer."""
+    """Set, in `fields`, what a `model_type` config class derives rather than reads: the defaults above,
+    its own names of standard keys, DBRX's nested `attn_config` (KV heads) and `ffn_config` (its experts
+    and their width). JetMoE's head_dim is `kv_channels` (its attribute_map), not hidden_size / heads, and
+    its attention heads are KV heads x `num_experts_per_tok`, whatever the file says
+    (JetMoeConfig.__post_init__): its cache holds `num_key_value_heads` heads of `kv_channels` per layer."""
+    if model_type in _HEAD_DIM_BY_DEFAULT:
+        fields.setdefault("head_dim", _HEAD_DIM_BY_DEFAULT[model_type])
+    if model_type in _WINDOW_BY_DEFAULT:
+        fields.setdefault("sliding_window", _WINDOW_BY_DEFAULT[model_type])
+    for standard, other in _FAMILY_ALIASES.get(model_type, {}).items():
+        if fields.get(standard) is None and fields.get(other) is not None:
+            fields[standard] = fields[other]
+    if model_type == "dbrx":  # DbrxConfig's sub-configs, and their classes' defaults
+        attention, ffn = fields.get("attn_config"), fields.get("ffn_config")
+        attention = attention if isinstance(attention, dict) else {}
+        ffn = ffn if isinstance(ffn, dict) else {}
+        fields.setdefault("num_key_value_heads", attention.get("kv_n_heads", 1))
+        fields.setdefault("intermediate_size", ffn.get("ffn_hidden_size", 3584))
+        fields.setdefault("num_local_experts", ffn.get("moe_num_experts", 4))
     if model_type != "jetmoe":
         return
     for key, default in _JETMOE_DEFAULTS.items():
@@ -192,6 +222,9 @@ def default_layer_types(
         return full_every(None, 4)
     if model_type in ("qwen2", "qwen3"):  # the layers from `max_window_layers` on slide
         first = layer_count("max_window_layers", 28)
+        return _kinds([window is not None and i >= first for i in range(layers)])
+    if model_type == "dots1":  # Dots1Config: the layers from `max_window_layers` (62) on slide
+        first = layer_count("max_window_layers", 62)
         return _kinds([window is not None and i >= first for i in range(layers)])
     if model_type == "qwen2_moe":  # the even layers below `max_window_layers` slide
         below = layer_count("max_window_layers", 28)

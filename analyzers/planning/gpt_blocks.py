@@ -17,8 +17,10 @@ attention experts, BitNet's norms of the attention's output and of the MLP's int
 DiffLlama's four lambda vectors of head_dim. Llama-style families keep their layout, but some take biases from
 the config: `attention_bias` (Llama, Qwen3, Gemma, OLMo, Cohere, Granite, Gemma 3n and 4: q, k, v and output
 projections; DeepSeek: its latent ones) and `mlp_bias` (Llama, DeepSeek-V2, Granite: every MLP matrix);
-Seed-OSS's and Helium's `attention_bias` is on q, k and v alone. The rules are transformers 5.24's
-(`models/<family>/modeling_<family>.py`); a key a config leaves out is its config class's default.
+Seed-OSS's, Helium's, GLM's (by default) and GLM-4-MoE's `attention_bias` is on q, k and v alone, ERNIE 4.5's
+`use_bias` on every projection; GLM-4 norms each block's output too, HunYuan and dots1 norm q and k. The
+rules are transformers 5.24's (`models/<family>/modeling_<family>.py`); a key a config leaves out is its
+config class's default.
 """
 
 from __future__ import annotations
@@ -42,10 +44,16 @@ _ATTENTION_BIAS_FLAG = frozenset(
         "llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "gemma3_text", "deepseek_v2",
         "deepseek_v3", "olmo", "olmo2", "olmo3", "olmoe", "cohere", "cohere2", "granite", "granitemoe",
         "granitemoeshared", "phimoe", "nemotron", "arcee", "apertus", "gemma3n", "gemma3n_text", "gemma4",
-        "gemma4_text", "bitnet", "diffllama",
+        "gemma4_text", "bitnet", "diffllama", "smollm3", "internlm3", "hunyuan_v1_dense", "hunyuan_v1_moe",
+        "dots1", "glm4_moe_lite",
     }
 )  # fmt: skip
-_MLP_BIAS_FLAG = frozenset({"llama", "deepseek_v2", "granite", "nemotron", "arcee"})
+_MLP_BIAS_FLAG = frozenset({"llama", "deepseek_v2", "granite", "nemotron", "arcee", "smollm3", "internlm3"})
+# Llama-style families whose `attention_bias` is on q, k and v alone, and its default in their config class
+_QKV_BIAS_FLAG = {"glm": True, "glm4": True, "glm4_moe": False}
+# Llama-style families with q and k RMSNorms of head_dim, always (HunYuan's query_layernorm and
+# key_layernorm, dots1's q_norm and k_norm)
+_QK_NORMED = frozenset({"hunyuan_v1_dense", "hunyuan_v1_moe", "dots1"})
 # Llama-style families whose q and k norms hold a weight per head, not one head_dim vector for all heads
 _QK_NORM_PER_HEAD = frozenset({"olmo2", "olmo3", "olmoe"})
 # The keys of the learned position table's length (GPT-2's attribute_map: max_position_embeddings)
@@ -133,8 +141,12 @@ def _llama_style_fields(get: Callable[[str, Any], Any], model_type: str) -> dict
         block["attention_bias"] = True
     if model_type in _MLP_BIAS_FLAG and get("mlp_bias", False):
         block["mlp_bias"] = True
+    if model_type in _QKV_BIAS_FLAG:
+        block["qkv_bias"] = bool(get("attention_bias", _QKV_BIAS_FLAG[model_type]))
     if model_type in _QK_NORM_PER_HEAD:
         block.update(qk_norm=True, qk_norm_per_head=True)
+    if model_type in _QK_NORMED or (model_type == "glm4_moe" and get("use_qk_norm", False)):
+        block["qk_norm"] = True
     if model_type == "stablelm":  # LayerNorms; its qk LayerNorms are per head and unbiased
         block.update(norm_bias=True, qkv_bias=bool(get("use_qkv_bias", False)))
         if get("qk_layernorm", False):
@@ -177,4 +189,9 @@ def _llama_style_fields(get: Callable[[str, Any], Any], model_type: str) -> dict
         block.update(layer_norms=3, mlp_norm=True)
     elif model_type == "diffllama":  # four learned lambda vectors of head_dim per layer
         block["head_dim_vectors"] = 4
+    elif model_type == "glm4":  # a norm after the attention and one after the MLP too
+        block["layer_norms"] = 4
+    elif model_type in ("ernie4_5", "ernie4_5_moe"):  # `use_bias` on every projection; the MoE's lm_head too
+        bias = bool(get("use_bias", False))
+        block.update(attention_bias=bias, mlp_bias=bias, lm_head_bias=bias and model_type == "ernie4_5_moe")
     return block

@@ -45,6 +45,11 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "intermediate_size": ("n_inner", "ffn_hidden_size", "d_ff", "ffn_dim", "dff"),  # OPT's, XGLM's; CTRL's
 }
 _QK_NORMED = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")  # q and k RMSNorms of head_dim (and Gemma 3n, 4)
+# Families whose routers are float32 parameters whatever the model's dtype (`_keep_in_fp32_modules_strict`,
+# or an `nn.Linear(..., dtype=torch.float32)`)
+_FP32_ROUTERS = frozenset(
+    {"deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe", "ernie4_5_moe"}
+)
 _FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
 _REQUIRED_FIELDS = (
     "num_hidden_layers",
@@ -187,7 +192,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     elif gemma:  # Gemma 4's experts, only under enable_moe_block: `gemma_layers`
         experts = {}
     else:
-        experts = _experts(fields, layers, positive_int)
+        experts = _experts(fields, model_type, layers, positive_int)
     dense_size = experts.pop("intermediate_size", None)  # the dense layers' MLP, when not intermediate_size
     block = gpt_block_fields(fields, model_type, hidden, positive_int, str(config_path))
     buffers = buffer_fields(
@@ -195,8 +200,9 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         layer_types=layer_types, moe_layers=experts.get("moe_layers", 0), experts=experts.get("experts", 0),
         positive_int=positive_int,
     )  # fmt: skip
-    if model_type in ("deepseek_v2", "deepseek_v3"):  # its routers stay float32 in any dtype
-        buffers["fp32_parameters"] = experts.get("moe_layers", 0) * experts.get("experts", 0) * hidden
+    if model_type in _FP32_ROUTERS:  # its routers (and ERNIE's score corrections) stay float32 in any dtype
+        router = hidden + (1 if experts.get("expert_score_bias") else 0)
+        buffers["fp32_parameters"] = experts.get("moe_layers", 0) * experts.get("experts", 0) * router
     return ModelGeometry(
         name=str(name),
         num_layers=layers,
@@ -292,14 +298,22 @@ def max_positions(fields: dict[str, Any], model_type: str = "") -> int | None:
     return math.floor(longest)
 
 
-def _experts(fields: dict[str, Any], layers: int, positive_int: Callable[[str, Any], int]) -> dict[str, Any]:
+_ERNIE_MOE_RANGE = (("moe_layer_start_index", 1), ("moe_layer_end_index", -1))  # -1: the last layer
+
+
+def _experts(
+    fields: dict[str, Any], model_type: str, layers: int, positive_int: Callable[[str, Any], int]
+) -> dict[str, Any]:
     """The mixture-of-experts fields of a config, under each family's names and layer rules (empty: dense).
 
-    Experts are `num_local_experts` (Mixtral; transformers 5 also saves Qwen-MoE's count so),
-    `num_experts` (Qwen-MoE) or `n_routed_experts` (DeepSeek), of `moe_intermediate_size` when given, else
-    `intermediate_size` (Mixtral). Which layers: DeepSeek from `first_k_dense_replace` on, when i %
-    `moe_layer_freq` is 0, plus `n_shared_experts` ungated; Qwen unless in `mlp_only_layers` and when
-    (i + 1) % `decoder_sparse_step` is 0, plus one gated shared expert; Mixtral every layer."""
+    Experts are `num_local_experts` (Mixtral, DBRX; transformers 5 also saves Qwen-MoE's count so),
+    `num_experts` (Qwen-MoE, HunYuan, ERNIE 4.5's `moe_num_experts`) or `n_routed_experts` (DeepSeek, dots1,
+    GLM-4-MoE), of `moe_intermediate_size` when given, else `intermediate_size` (Mixtral). Which layers: as
+    `mlp_layer_types` says where it lists them ("sparse"); DeepSeek's from `first_k_dense_replace` on, when
+    i % `moe_layer_freq` is 0, plus `n_shared_experts` ungated; ERNIE's from `moe_layer_start_index` to
+    `moe_layer_end_index`, every `moe_layer_interval`-th, plus `moe_num_shared_experts` ungated; Qwen's
+    unless in `mlp_only_layers` and when (i + 1) % `decoder_sparse_step` is 0, plus one gated shared
+    expert; HunYuan's every layer with an ungated shared MLP of `intermediate_size`; Mixtral's every layer."""
     get = fields.get
     name = next((key for key in ("num_local_experts", "num_experts", "n_routed_experts") if get(key)), None)
     if name is None:
@@ -315,6 +329,15 @@ def _experts(fields: dict[str, Any], layers: int, positive_int: Callable[[str, A
         )
         moe = [i >= first and i % freq == 0 for i in range(layers)]
         shared = (get("n_shared_experts") or 0) * size
+    elif model_type == "ernie4_5_moe":  # Ernie4_5_MoeConfig's defaults: from layer 1 to the last
+        start, end = (get(name, default) for name, default in _ERNIE_MOE_RANGE)
+        for (name, _), index in zip(_ERNIE_MOE_RANGE, (start, end), strict=True):
+            if isinstance(index, bool) or not isinstance(index, int):
+                positive_int(name, index)  # refuses it
+        interval = positive_int("moe_layer_interval", get("moe_layer_interval", 1))
+        end = layers - 1 if end == -1 else end
+        moe = [(i + 1) % interval == 0 and start <= i <= end for i in range(layers)]
+        shared = (get("moe_num_shared_experts", 2) or 0) * size
     else:
         step = positive_int("decoder_sparse_step", get("decoder_sparse_step") or 1)
         dense = set(get("mlp_only_layers") or ())
@@ -323,12 +346,18 @@ def _experts(fields: dict[str, Any], layers: int, positive_int: Callable[[str, A
             shared = positive_int("shared_expert_intermediate_size", get("shared_expert_intermediate_size"))
         elif get("shared_intermediate_size"):  # Granite-MoE-shared's, ungated
             shared = positive_int("shared_intermediate_size", get("shared_intermediate_size"))
+        elif model_type == "hunyuan_v1_moe":  # its shared MLP, as wide as its experts
+            shared = size
+    kinds = get("mlp_layer_types")  # GLM-4-MoE-Lite's: "dense" or "sparse" per layer
+    if isinstance(kinds, list) and len(kinds) == layers:
+        moe = [kind == "sparse" for kind in kinds]
     return {
         "moe_layers": sum(moe),
         "experts": experts,
         "expert_intermediate_size": size,
         "shared_intermediate_size": shared,
         "shared_expert_gate": bool(get("shared_expert_intermediate_size")) and not get("n_routed_experts"),
+        "expert_score_bias": model_type == "ernie4_5_moe",  # its float32 score correction, a parameter
     }
 
 

@@ -59,6 +59,8 @@ def _mlp_params(geom: ModelGeometry, intermediate: int, matrices: int) -> int:
 def _moe_mlp_params(geom: ModelGeometry) -> int:
     hidden = geom.hidden_size
     routed = geom.experts * (3 * hidden * geom.expert_intermediate_size + hidden)  # + its router row
+    if geom.expert_score_bias:
+        routed += geom.experts
     if geom.expert_bias:  # gate and up, down, the router's
         routed += geom.experts * (2 * geom.expert_intermediate_size + hidden + 1)
     shared = _mlp_params(geom, geom.shared_intermediate_size, 3) if geom.shared_intermediate_size else 0

@@ -78,6 +78,7 @@ class ModelGeometry:
     shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert (hidden x 1)
     expert_bias: bool = False  # GPT-OSS: a bias on each expert's matrices and on its router
     moe_output_bias: bool = False  # JetMoE: a bias on the MoE's output (hidden)
+    expert_score_bias: bool = False  # ERNIE 4.5: a learned correction of each expert's routing score
     # JetMoE's mixture of attention: this many experts, each a q and an output projection of num_kv_heads x
     # head_dim, with a router and a bias on the output; K and V from one projection all experts share
     attention_experts: int = 0
