@@ -98,9 +98,13 @@ _JETMOE_DEFAULTS = {
 # Config classes whose `head_dim` defaults to a width, not to hidden_size / num_attention_heads: a config.json
 # that leaves it out gets these heads (and their KV)
 _HEAD_DIM_BY_DEFAULT = {"glm": 128, "glm4": 128, "internlm3": 128, "ernie4_5": 128}
-# Config classes whose `sliding_window` defaults to a window, not to none (MinistralConfig slides every
-# layer over it; Dots1Config only its layers from `max_window_layers` on: `default_layer_types`)
-_WINDOW_BY_DEFAULT = {"ministral": 4096, "dots1": 4096}
+# Config classes whose `sliding_window` defaults to a window, not to none (MinistralConfig and MistralConfig
+# slide every layer over it; the others the layers `default_layer_types` gives: Dots1Config's from
+# `max_window_layers` on, Gemma 2's every other one, Gemma 3's, Cohere 2's and EXAONE 4's by their pattern)
+_WINDOW_BY_DEFAULT = {
+    "ministral": 4096, "dots1": 4096, "mistral": 4096, "gemma2": 4096, "gemma3": 4096, "gemma3_text": 4096,
+    "cohere2": 4096, "exaone4": 4096,
+}  # fmt: skip
 # Other names a family's config class maps to the standard ones (its attribute_map)
 _FAMILY_ALIASES = {
     "internlm3": {"attention_bias": "qkv_bias", "mlp_bias": "bias"},

@@ -106,8 +106,18 @@ _PUBLISHED = {k: v for k, v in _LLAMA.items() if k != "head_dim"}  # heads 16 wi
         {"model_type": "ministral", **_LLAMA},
         # Dots1Config: only the layers from max_window_layers on slide
         {"model_type": "dots1", **_LLAMA, **_DEEPSEEK_MOE, "sliding_window": 8, "max_window_layers": 1},
+        # MistralConfig, Gemma2Config, Gemma3TextConfig, Cohere2Config, Exaone4Config, GptOssConfig: a
+        # window (4096; gpt-oss's 128) when a config leaves it out, on the layers each family slides
+        {"model_type": "mistral", **_LLAMA},
+        {"model_type": "gemma2", **_LLAMA},
+        {"model_type": "gemma3_text", **_LLAMA},
+        {"model_type": "cohere2", **_LLAMA},
+        {"model_type": "exaone4", **_LLAMA},
     ],
-    ids=["glm", "glm4", "internlm3", "ernie4_5", "ministral-window", "dots1-layer-types"],
+    ids=[
+        "glm", "glm4", "internlm3", "ernie4_5", "ministral-window", "dots1-layer-types", "mistral-window",
+        "gemma2-window", "gemma3-window", "cohere2-window", "exaone4-window",
+    ],
 )
 def test_plan_holds_the_kv_of_a_config_that_leaves_out_its_familys_defaults(
     raw: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
