@@ -85,6 +85,27 @@ def refresh_fast(state: LayerState) -> None:
     state.fast = (k_slot, v_slot) if len(slots) == 2 and k_slot is not None and v_slot is not None else None
 
 
+def released_slots(layers: dict[tuple[int, int], LayerState]) -> dict[int, tuple[Any, ...]]:
+    """The storages that updated (K, V) slots still hold though the allocator has released them, by address:
+    (cache, layer, key, raw weak reference, bytes, dtype JSON, device JSON). A storage is there between
+    its release by other code (a layer rebound between two steps) and the capture of the slot's next
+    update, which is still to come. Read on the writer thread while the model's thread captures: `capture`
+    writes a slot's weak reference before its address and bytes, so they are read here the other way
+    round, and a released weak reference comes with its own storage's address and bytes."""
+    found: dict[int, tuple[Any, ...]] = {}
+    for (cache_id, layer), state in list(layers.items()):
+        fast = state.fast
+        if fast is None:
+            continue
+        for key, slot in ((K_DATA, fast[0]), (V_DATA, fast[1])):
+            nbytes = slot.storage_bytes
+            addr = slot.addr
+            wref = slot.wref
+            if expired(wref):
+                found[addr] = (cache_id, layer, key, wref, nbytes, slot.dtype, slot.device)
+    return found
+
+
 def storage_of(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
     """A tensor's storage, its address and bytes; None without one (meta, fake) or when empty."""
     try:

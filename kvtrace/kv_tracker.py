@@ -61,6 +61,7 @@ from kvtrace.kv_slots import (
     expired,
     free_weak_ref,
     refresh_fast,
+    released_slots,
     set_dtype,
     shape_of,
     storage_of,
@@ -121,6 +122,9 @@ class KvTracker:
         self._pending: list[tuple[int, int, str, str, int, int, int]] = []
         # Their addresses: a new storage at one of them means that storage was released first (`update`).
         self._pending_addrs: set[int] = set()
+        # Raw weak references of storages whose `freed` the writer thread's drain logged before their slot's
+        # next capture, at a new storage at their address (`_drain_locked`): not logged again after it.
+        self._freed_early: set[int] = set()
         self._frees_held = False  # inside an `observe(frees_last=True)`: its frees wait for its new storages
         self.lines: list[str] = []
         self.lock = threading.RLock()  # around `_seq` and `lines`: the writer thread drains too
@@ -147,7 +151,8 @@ class KvTracker:
     def take_lines(self) -> list[str]:
         """The lines logged so far, the captured updates included; safe from the writer thread."""
         with self.lock:
-            self.drain()
+            if self._queue:
+                self._drain_locked(released=True)
             lines, self.lines = self.lines, []
         return lines
 
@@ -268,12 +273,19 @@ class KvTracker:
         with self.lock:
             self._drain_locked()
 
-    def _drain_locked(self) -> None:
+    def _drain_locked(self, released: bool = False) -> None:
         """Turn the captured updates into lines, in order. A storage released before the update that
         replaced it (the layer was rebound outside the update, see `capture`) may have handed its address
         to a new storage captured before that update (this layer's own, or an earlier layer's in the same
         step: light mode captures every layer at the forward's end). The log is replayed by address, so such
-        a release's `freed` goes before that new storage's event, at its time."""
+        a release's `freed` goes before that new storage's event, at its time.
+
+        `released` (the writer thread's drain, every 0.1 s, which may fall between that new storage's
+        capture and the update that captures the release): the slots are searched too for storages released
+        but not yet captured (`released_slots`), before the queue's prefix is taken, so that a release
+        captured meanwhile is in the batch. A new storage at one's address logs its `freed` first, and the
+        slot's later capture (or poll) logs none. O(layers) per such drain, nothing on the model's thread."""
+        unlogged = released_slots(self._layers) if released else None
         queue = self._queue
         count = len(queue)  # a prefix: the model's thread may append meanwhile, after it
         batch = queue[:count]
@@ -283,14 +295,17 @@ class KvTracker:
         seq = self._seq
         # The facts that release a storage, per its address, the next to log last (the batch walked back)
         releases: dict[int, list[tuple[Any, ...]]] = {}
+        early = self._freed_early
         for entry in reversed(batch):
             for f in (entry[9], entry[8]):
-                if f is not None and f[11]:
+                if f is not None and f[11] and not (early and f[10] in early):
                     at = releases.get(f[8])
                     if at is None:
                         releases[f[8]] = [f]
                     else:
                         at.append(f)
+        # Those made in this batch: a new storage at their address before they were made is not after them
+        made_here = self._unlogged_in(batch, unlogged, releases) if unlogged else set()
         for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts, pair in batch:
             # with `pair` (both_first): the frees wait for both new storages; no list made otherwise
             later = [] if pair else _NO_FREES
@@ -310,6 +325,20 @@ class KvTracker:
                     free_weak_ref(gone[10])
                     seq += 1
                     append(self._released_line(batch, gone) % (seq, t_ns, step, phase_json, addr, gone[9]))
+                if unlogged and old_wref and addr in unlogged:
+                    held = unlogged[addr]
+                    if held[3] == wref:  # its own event: a new storage here after it follows its release
+                        made_here.discard(wref)
+                    elif held[3] not in made_here:
+                        # Released (by other code) before this storage was made at its address, and its slot's
+                        # update, which captures that, is still to come: its `freed` now, once.
+                        del unlogged[addr]
+                        early.add(held[3])
+                        seq += 1
+                        append(
+                            self._slot_lines(held[0], held[1], held[2], held[5], held[6])[1]
+                            % (seq, t_ns, step, phase_json, addr, held[4])
+                        )
                 shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
                 first = key is K_DATA
                 seq += 1
@@ -321,7 +350,10 @@ class KvTracker:
                         quoted(reason) if first and evicted else '""',
                     )
                 )
-                if old_gone:
+                if old_gone and early and old_wref in early:
+                    early.discard(old_wref)  # logged by an earlier drain, before a new storage at its address
+                    free_weak_ref(old_wref)
+                elif old_gone:
                     at = releases[prev_addr]
                     if at and at[-1] is f:  # else logged already, before a new storage at its address
                         # released by the update itself (torch.cat growth): freed at its time
@@ -336,6 +368,19 @@ class KvTracker:
                 seq += 1
                 append(template % (seq, t_ns, step, phase_json, prev_addr, prev_size))
         self._seq = seq
+
+    @staticmethod
+    def _unlogged_in(
+        batch: list[tuple[Any, ...]], unlogged: dict[int, tuple[Any, ...]], releases: dict[int, Any]
+    ) -> set[int]:
+        """Drop from `unlogged` the storages whose release `batch` captures (logged by its own rules); return
+        the weak references of those left that `batch` made as new storages (their own event comes first)."""
+        for addr, held in list(unlogged.items()):
+            if any(f[10] == held[3] for f in releases.get(addr, ())):
+                del unlogged[addr]
+        wanted = {held[3] for held in unlogged.values()}
+        facts = [f for entry in batch for f in (entry[8], entry[9]) if f is not None]
+        return {f[12] for f in facts if f[10] and f[12] in wanted}
 
     def _released_line(self, batch: list[tuple[Any, ...]], gone: tuple[Any, ...]) -> str:
         """The `freed` line template of the slot whose captured facts `gone` are, found in `batch` (rare: a
@@ -414,14 +459,17 @@ class KvTracker:
                 # cache dropped and made again): its free comes first, as the replay by address needs.
                 released = True
                 free_weak_ref(slot.wref)
-                self._seq += 1
-                self.lines.append(
-                    FREED_LINE
-                    % (
-                        self._seq, t_ns, self.step, self._phase_json, layer, kv_json, part_json, addr,
-                        slot.storage_bytes, cache_id,
+                if slot.wref in self._freed_early:  # logged by the writer's drain (`_drain_locked`)
+                    self._freed_early.discard(slot.wref)
+                else:
+                    self._seq += 1
+                    self.lines.append(
+                        FREED_LINE
+                        % (
+                            self._seq, t_ns, self.step, self._phase_json, layer, kv_json, part_json, addr,
+                            slot.storage_bytes, cache_id,
+                        )
                     )
-                )
             else:
                 same_storage = True
         if slot is None:
@@ -710,11 +758,15 @@ class KvTracker:
     def _poll_locked(self, t_ns: int) -> None:
         self.drain()  # the queued events come first: a free found now is logged after them
         pending = self._pending
+        early = self._freed_early
         still: list[tuple[int, int, str, str, int, int, int]] = []
         for item in pending:
             wref = item[0]
             if expired(wref):
                 free_weak_ref(wref)
+                if wref in early:  # logged by the writer's drain, before a new storage at its address
+                    early.discard(wref)
+                    continue
                 if not t_ns:
                     t_ns = self._clock()
                 self._seq += 1
@@ -738,6 +790,7 @@ class KvTracker:
             free_weak_ref(item[0])
         self._pending = []
         self._pending_addrs = set()
+        self._freed_early.clear()
         for state in self._layers.values():
             for slot in state.slots.values():
                 free_weak_ref(slot.wref)

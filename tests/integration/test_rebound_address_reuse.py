@@ -12,7 +12,11 @@ the same at every run) until malloc did (the first to third generation there), a
 of that generation against the addresses the processor saw. In a process that ran other tests first it may
 not happen in a dozen generations.
 
-    python test_rebound_address_reuse.py LAYERS REBOUND PROFILER OUT_DIR   # prints {"run": ..., "addr": ...}
+Full mode captures each layer's update as it happens and its writer thread drains the captures every 0.1 s,
+which may fall between an earlier layer's new storage and the rebound layer's update that captures the
+release: the `-drained` case makes the writer's drain (`Recording._flush`) run after every layer update.
+
+    python test_rebound_address_reuse.py LAYERS REBOUND PROFILER DRAINED OUT_DIR  # prints {"run":, "addr":}
 """
 
 from __future__ import annotations
@@ -70,10 +74,26 @@ class RebindToCopies(LogitsProcessor):
         return scores
 
 
-def _generate_until_reused(layers: int, rebound: int, profiler: bool, out_dir: Path) -> tuple[Path, int]:
+def _flush_after_each_update(recording: kvtrace.Recording) -> None:
+    """Run the writer thread's drain (`Recording._flush`, the real one) after every layer update the tracker
+    captures, as the writer thread may by chance at any of them."""
+    tracker = recording.tracker
+    update = tracker.update
+
+    def update_then_flush(*args: Any, **kwargs: Any) -> None:
+        update(*args, **kwargs)
+        recording._flush()
+
+    tracker.update = update_then_flush  # type: ignore[method-assign]
+
+
+def _generate_until_reused(
+    layers: int, rebound: int, profiler: bool, drained: bool, out_dir: Path
+) -> tuple[Path, int]:
     """Record generations of the tests' tiny Llama 3 with `layers` layers on their two real prompts until the
-    step after the rebinding put a new storage of any layer (the rebound one's or an earlier one's) at an
-    address of one of the rebound layer's released ones; that run, and the address."""
+    step after the rebinding put a new storage of any layer (the rebound one's or an earlier one's; with
+    `drained`, an earlier one's, so that a drain falls between the two) at an address of one of the rebound
+    layer's released ones; that run, and the address."""
     from conftest import PAD_ID, TINY
 
     model = build_model(dataclasses.replace(TINY, num_layers=layers))
@@ -82,7 +102,9 @@ def _generate_until_reused(layers: int, rebound: int, profiler: bool, out_dir: P
         run = out_dir / f"run{attempt}"
         cache = DynamicCache(config=model.config)
         rebind = RebindToCopies(cache, rebound, REBIND_AT_CALL)
-        with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
+        with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler) as recording:
+            if drained:
+                _flush_after_each_update(recording)
             model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -93,16 +115,20 @@ def _generate_until_reused(layers: int, rebound: int, profiler: bool, out_dir: P
                 do_sample=False,
             )
         released = set(rebind.addresses[REBIND_AT_CALL - 1][rebound])
-        reused = released & {addr for layer in rebind.addresses[REBIND_AT_CALL] for addr in layer}
+        now = rebind.addresses[REBIND_AT_CALL]
+        reused = released & {addr for layer in (now[:rebound] if drained else now) for addr in layer}
         if reused:
             return run, reused.pop()
     raise RuntimeError(f"malloc never gave a released K/V address back to the next update in {ATTEMPTS} runs")
 
 
-def _generate_in_fresh_process(layers: int, rebound: int, profiler: bool, out_dir: Path) -> tuple[Path, int]:
+def _generate_in_fresh_process(
+    layers: int, rebound: int, profiler: bool, drained: bool, out_dir: Path
+) -> tuple[Path, int]:
     """`_generate_until_reused` in an interpreter of its own (this file as a script)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}
-    argv = [sys.executable, __file__, str(layers), str(rebound), str(int(profiler)), str(out_dir)]
+    flags = [str(layers), str(rebound), str(int(profiler)), str(int(drained))]
+    argv = [sys.executable, __file__, *flags, str(out_dir)]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     said = json.loads(done.stdout.strip().splitlines()[-1])
@@ -116,25 +142,42 @@ def _report_kv(run: Path) -> dict[str, Any]:
     return json.loads(out.getvalue())["kv"]
 
 
-# (layers, rebound layer, profiler). Full mode checks the layer updated last before each update (`_rebound`
-# in kvtrace.integrations.hf_caches), so it logs the last layer's copies as they were made, and needs no
-# more. Not a middle layer in full mode: its release is captured at its own update, a few layers after an
-# earlier layer's new storage took the address, and the writer thread's drain (every 0.1 s) may fall
-# between the two (4 of 30 generations on a loaded machine); light mode captures every layer at once.
-CASES = [(2, 0, False), (2, 0, True), (2, 1, False), (2, 1, True), (4, 2, False)]
+# (layers, rebound layer, profiler, drained). Full mode checks the layer updated last before each update
+# (`_rebound` in kvtrace.integrations.hf_caches), so it logs the last layer's copies as they were made. A
+# middle layer's release is captured at its own update, a few layers after an earlier layer's new storage
+# took the address; the writer thread's drain may fall between the two (4 of 30 generations on a loaded
+# machine before it searched the slots for released storages): `-drained` makes it fall there every time.
+CASES = [
+    (2, 0, False, False),
+    (2, 0, True, False),
+    (2, 1, False, False),
+    (2, 1, True, False),
+    (4, 2, False, False),
+    (4, 2, True, False),
+    (4, 2, True, True),
+]
 
 
 @pytest.mark.parametrize(
-    ("layers", "rebound", "profiler"),
+    ("layers", "rebound", "profiler", "drained"),
     CASES,
-    ids=["first-of-2-light", "first-of-2-full", "last-of-2-light", "last-of-2-full", "third-of-4-light"],
+    ids=[
+        "first-of-2-light",
+        "first-of-2-full",
+        "last-of-2-light",
+        "last-of-2-full",
+        "third-of-4-light",
+        "third-of-4-full",
+        "third-of-4-full-drained",
+    ],
 )
 def test_a_new_storage_at_a_released_storage_s_address_is_logged_after_its_free(
-    prompt_batch: Any, tmp_path: Path, layers: int, rebound: int, profiler: bool
+    prompt_batch: Any, tmp_path: Path, layers: int, rebound: int, profiler: bool, drained: bool
 ) -> None:
     # GIVEN a generate() whose logits processor rebinds one layer to copies before the last step, and whose
     # last step made a new K or V storage of that layer, or of an earlier one, at a released one's address
-    run, reused_addr = _generate_in_fresh_process(layers, rebound, profiler, tmp_path)
+    # (drained: an earlier one's, with the writer's drain after each layer update, so between the two)
+    run, reused_addr = _generate_in_fresh_process(layers, rebound, profiler, drained, tmp_path)
     events = read_run(run).kv_events
     assert_well_ordered(events)
     # THEN the released storage is freed before a new storage is logged at its address ...
@@ -164,6 +207,6 @@ def test_a_new_storage_at_a_released_storage_s_address_is_logged_after_its_free(
 
 if __name__ == "__main__":
     found_run, found_addr = _generate_until_reused(
-        int(sys.argv[1]), int(sys.argv[2]), bool(int(sys.argv[3])), Path(sys.argv[4])
+        int(sys.argv[1]), int(sys.argv[2]), bool(int(sys.argv[3])), bool(int(sys.argv[4])), Path(sys.argv[5])
     )
     print(json.dumps({"run": str(found_run), "addr": found_addr}))
