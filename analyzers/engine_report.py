@@ -53,12 +53,21 @@ def bytes_before_trace(source: Any, devices: Sequence[Any]) -> int:
     source.meta["engine"] = run
     at_peak = [getattr(d, "categories_at_peak", None) or {} for d in devices]
     missing = 0
-    weights = run.info.memory_profile.get("weights_bytes")
-    if isinstance(weights, int) and weights > 0 and not any(c.get("weights") for c in at_peak):
-        missing += weights
+    if not any(c.get("weights") for c in at_peak):
+        missing += sum(_loaded_with_model(run.info))
     if devices and not any(c.get("kv") for c in at_peak):
         missing += int(run.info.kv_cache_bytes or 0)
     return missing
+
+
+def _loaded_with_model(info: EngineInfo) -> tuple[int, int]:
+    """(weights, vLLM's own buffers) engine.json gives, in bytes; 0 for a figure it lacks (buffers: runs
+    recorded before kvtrace kept them apart, whose weights figure may hold them)."""
+    weights, buffers = (info.memory_profile.get(key) for key in ("weights_bytes", "buffers_bytes"))
+    return (
+        weights if isinstance(weights, int) and weights > 0 else 0,
+        buffers if isinstance(buffers, int) and buffers > 0 else 0,
+    )
 
 
 def _split_pool_by_layer(kv_log: Any, pool: int, layers: Sequence[tuple[int, int, int]]) -> None:
@@ -181,10 +190,16 @@ def _before_trace_notes(info: EngineInfo, devices: Sequence[Any]) -> list[str]:
     start from the first recorded allocation): the weights, and the pool when nothing logged it."""
     notes = []
     at_peak = [getattr(d, "categories_at_peak", None) or {} for d in devices]
-    weights = info.memory_profile.get("weights_bytes")
-    if isinstance(weights, int) and weights > 0 and not any(c.get("weights") for c in at_peak):
+    weights, buffers = _loaded_with_model(info)
+    if (weights or buffers) and not any(c.get("weights") for c in at_peak):
+        own = (
+            f" and vLLM's own buffers ({human_bytes(buffers)}: the rotary cos/sin cache, attention scales, "
+            "packed copies of weights it also keeps)"
+            if buffers
+            else ""
+        )
         notes.append(
-            f"the model's weights ({human_bytes(weights)}, engine.json) were loaded before the trace "
+            f"the model's weights ({human_bytes(weights)}, engine.json){own} were loaded before the trace "
             "began: the device figures leave them out"
         )
     if devices and not any(c.get("kv") for c in at_peak):

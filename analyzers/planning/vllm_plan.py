@@ -191,7 +191,9 @@ class VllmPlanRequest:
     """A vLLM deployment to size. kv_cache_memory_bytes, when given, replaces the profile arithmetic
     (it is what vLLM then uses, on GPU and CPU). weights_bytes None: computed from the geometry (split over
     the tensor-parallel ranks); activation_peak_bytes and non_torch_bytes default to 0, which makes the
-    blocks an upper bound (give them, or take them from a recorded run with --from-run).
+    blocks an upper bound (give them, or take them from a recorded run with --from-run). buffers_bytes:
+    what vLLM builds beside the weights when it loads the model (the rotary cos/sin cache, packed copies
+    of weights on CPU), which its profile counts with them; a recorded run's, else 0.
     num_gpu_blocks_override, when given, is the pool's block count whatever the memory (vLLM's knob)."""
 
     geometry: ModelGeometry
@@ -203,6 +205,7 @@ class VllmPlanRequest:
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = 1
     weights_bytes: int | None = None
+    buffers_bytes: int = 0
     activation_peak_bytes: int = 0
     non_torch_bytes: int = 0
     kv_cache_memory_bytes: int | None = None
@@ -229,6 +232,7 @@ class VllmPlanRequest:
             )
         optional_sizes: tuple[tuple[str, int | None], ...] = (
             ("weights", self.weights_bytes),
+            ("vLLM's buffers", self.buffers_bytes),
             ("activation peak", self.activation_peak_bytes),
             ("non-torch memory", self.non_torch_bytes),
             ("kv_cache_memory_bytes", self.kv_cache_memory_bytes),
@@ -291,7 +295,7 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         memory = available_kv_bytes(
             req.gpu_memory_bytes,
             req.gpu_memory_utilization,
-            weights,
+            weights + req.buffers_bytes,
             req.activation_peak_bytes,
             req.non_torch_bytes,
         )
@@ -397,6 +401,11 @@ def format_vllm_text(result: VllmPlan) -> str:
                 readable_bytes(math.ceil(req.gpu_memory_bytes * req.gpu_memory_utilization)),
             ),
             ("  - weights", readable_bytes(result.weights_bytes or 0)),
+            *(
+                [("  - vLLM's buffers (rotary cache, ...)", readable_bytes(req.buffers_bytes))]
+                if req.buffers_bytes
+                else []
+            ),
             ("  - activation peak", readable_bytes(req.activation_peak_bytes)),
             ("  - non-torch", readable_bytes(req.non_torch_bytes)),
             ("available KV memory", readable_bytes(result.available_kv_bytes)),

@@ -38,6 +38,7 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     profile, model, config = run.info.memory_profile, run.info.model, run.info.config
     figures = {
         "weights_bytes": profile.get("weights_bytes"),
+        "buffers_bytes": profile.get("buffers_bytes"),  # null in runs recorded before kvtrace kept it apart
         "activation_peak_bytes": profile.get("activation_peak_bytes"),
         "non_torch_bytes": profile.get("non_torch_bytes"),
         "gpu_memory_bytes": profile.get("total_device_bytes"),
@@ -162,6 +163,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         kv_cache_dtype=str(setting(args.kv_cache_dtype, "kv_cache_dtype", "auto")),
         tensor_parallel_size=int(setting(args.tensor_parallel_size, "tensor_parallel_size", 1)),
         weights_bytes=pick(args.weights_bytes, "weights_bytes", None, "--weights-bytes"),
+        buffers_bytes=int(measured.get("buffers_bytes") or 0),
         activation_peak_bytes=activation_peak or 0,
         non_torch_bytes=pick(args.non_torch, "non_torch_bytes", 0, "--non-torch") or 0,
         kv_cache_memory_bytes=kv_cache_memory,

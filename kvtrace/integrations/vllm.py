@@ -29,6 +29,7 @@ from typing import Any
 
 from kvtrace import format as fmt
 from kvtrace.geometry import kv_heads_of
+from kvtrace.integrations.vllm_weights import weight_facts
 
 VLLM_CACHE_ID = fmt.VLLM_CACHE_ID  # the `cache` id of the pool's KV events
 _REFUSED_PREFIX = "To serve at least one request with the model's max seq len"
@@ -173,15 +174,15 @@ def worker_kv_facts(worker: Any, names: list[str], num_blocks: int, head_size: i
         k, v = split_kv(tensor, num_blocks, head_size)
         facts["parts"] = {"k": _tensor_facts(k)} | ({"v": _tensor_facts(v)} if v is not None else {})
         layers[name] = facts
-    result: dict[str, Any] = {"layers": layers, "num_params": None, "weights_bytes": None}
+    result: dict[str, Any] = {
+        "layers": layers,
+        "num_params": None,
+        "weights_bytes": None,
+        "buffers_bytes": None,
+    }
     with contextlib.suppress(Exception):
-        model = runner.get_model()
-        # On CPU, vLLM repacks linear weights into buffers: count parameters and buffers, storages once.
-        seen: dict[int, Any] = {}
-        for tensor in [*model.parameters(), *model.buffers()]:
-            seen.setdefault(tensor.untyped_storage().data_ptr(), tensor)
-        result["num_params"] = sum(t.numel() for t in seen.values())
-        result["weights_bytes"] = sum(t.untyped_storage().nbytes() for t in seen.values())
+        # on CPU the linear weights are held by each layer's `cpu_linear`, not its parameters (vllm_weights)
+        result.update(weight_facts(runner.get_model()))
     return result
 
 
@@ -270,6 +271,7 @@ def engine_document(core: Any, kv_cache_config: Any, process: str) -> tuple[dict
         **pool,
         "memory_profile": {
             "weights_bytes": worker_facts.get("weights_bytes"),
+            "buffers_bytes": worker_facts.get("buffers_bytes"),  # vLLM's own: rotary cache, packed copies
             "activation_peak_bytes": None,
             "non_torch_bytes": None,
             "total_device_bytes": None,

@@ -448,7 +448,8 @@ def test_plan_from_a_run_takes_typed_flags_over_the_runs_settings(capsys: pytest
     assert data["request"]["gpu_memory_utilization"] == info["config"]["gpu_memory_utilization"] == 0.92
     assert data["request"]["tensor_parallel_size"] == info["config"]["tensor_parallel_size"]
     assert data["request"]["kv_cache_memory_bytes"] is None
-    assert data["available_kv_bytes"] == math.ceil(2**30 * 0.92) - info["memory_profile"]["weights_bytes"]
+    loaded = info["memory_profile"]["weights_bytes"] + (info["memory_profile"].get("buffers_bytes") or 0)
+    assert data["available_kv_bytes"] == math.ceil(2**30 * 0.92) - loaded
 
 
 @pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")

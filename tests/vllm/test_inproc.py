@@ -78,6 +78,46 @@ def test_pool_equals_vllms_own(recorded: dict[str, Any]) -> None:
     assert engine["model"]["num_kv_heads"] == SIZE.num_kv_heads and engine["kv_dtype"] == "bfloat16"
 
 
+def test_weights_are_the_checkpoints_and_vllms_buffers_apart(
+    recorded: dict[str, Any], tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import math
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvtrace.cli import main
+
+    # GIVEN the checkpoint's parameter count, from its config by transformers on the meta device
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    with torch.device("meta"):
+        checkpoint_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    head_dim = hidden // config.num_attention_heads
+    # vLLM pads the vocabulary to a multiple of 64 rows: the embedding it holds (tied: the lm_head too)
+    padded_rows = math.ceil(vocab / 64) * 64 - vocab
+    held_params = checkpoint_params + padded_rows * hidden * (1 if config.tie_word_embeddings else 2)
+    # its own buffers: the rotary cos/sin cache (max positions x head_dim), 4 float32 scales per attention,
+    # and on CPU 0 to 2 packed copies of the embedding matrix (embedding and tied lm_head) beside it
+    rotary = config.max_position_embeddings * head_dim * 2
+    scales = layers * 4 * 4
+    embedding_copy = (vocab + padded_rows) * hidden * 2
+    engine = recorded["engine"]
+    # THEN engine.json counts the checkpoint's parameters, the weights held in bfloat16 (on vLLM's CPU build
+    # the linear layers' are in their packed copies, not in any parameter), the buffers apart
+    assert engine["model"]["num_params"] == checkpoint_params
+    assert engine["memory_profile"]["weights_bytes"] == held_params * 2
+    buffers = engine["memory_profile"]["buffers_bytes"]
+    assert buffers - rotary - scales in (0, embedding_copy, 2 * embedding_copy)
+    # AND the report gives the parameters, and names both figures where it says what the trace missed
+    assert main(["report", str(recorded["dir"]), "--json", "--no-export", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["geometry"]["parameters"] == checkpoint_params
+    notes = " ".join(report["notes"])
+    assert f"the model's weights ({held_params * 2 / 2**20:.2f} MiB" in notes
+    assert f"vLLM's own buffers ({buffers / 2**20:.2f} MiB" in notes
+
+
 def test_the_runs_model_class_reaches_the_report_and_export(
     recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
