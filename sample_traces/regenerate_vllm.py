@@ -2,7 +2,8 @@
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python sample_traces/regenerate_vllm.py [NAME]  # ~1-2 min
 
-(a run named is recorded alone, but vllm_preempt and vllm_refused, recorded together.)
+(a run named is recorded alone, but vllm_preempt and vllm_refused, recorded together; with no name, each in
+its own interpreter.)
 
 vllm_preempt/  the tests' workload (tests/vllm/workload.py): a tiny Llama 3-shaped model (random weights,
                written with save_pretrained), a 16-block pool of 32 tokens, 8 requests of 40 prompt tokens
@@ -173,6 +174,17 @@ def _record_mixed(model_dir: Path) -> None:
 
 
 def main(names: list[str]) -> int:
+    if not names:
+        # One interpreter per run: an engine made after another's teardown in the same process finds
+        # vLLM's distributed state gone ("pipeline model parallel group is not initialized")
+        import subprocess
+
+        for name in (n for n in NAMES if n != "vllm_refused"):  # recorded with vllm_preempt
+            done = subprocess.run([sys.executable, __file__, name], check=False)
+            if done.returncode:
+                print(f"regenerate_vllm.py: {name} failed (exit {done.returncode})", file=sys.stderr)
+                return done.returncode
+        return 0
     import kvtrace
     from tests.vllm.scripts import REFUSED_MAX_MODEL_LEN, REFUSED_POOL_BYTES
     from tests.vllm.workload import BLOCK_BYTES, make_llm, prompts, run_workload, sampling, write_model

@@ -693,9 +693,13 @@ def test_vllm_first_run_mistakes_are_refused_without_touching_a_run(
     assert main(["plan", "--from-run", str(SAMPLES / "vllm_preempt")]) == 2
     assert "a vLLM run; plan its pool with --engine vllm --from-run" in capsys.readouterr().err
     assert (run_copy / "manifest.json").read_bytes() == manifest
-    # a refused run recorded without the model's MLP size: its pool was sized by kv_cache_memory_bytes,
-    # which needs no weights, so it is planned as vLLM refused it (exit 1), the weights left unknown
-    refused = SAMPLES / "vllm_refused"
+    # a refused run recorded without the model's MLP size (as kvtrace wrote engine.json before it kept it):
+    # its pool was sized by kv_cache_memory_bytes, which needs no weights, so it is planned as vLLM refused
+    # it (exit 1), the weights left unknown
+    refused = shutil.copytree(SAMPLES / "vllm_refused", tmp_path / "vllm_refused")
+    older = json.loads((refused / "engine.json").read_text())
+    del older["model"]["intermediate_size"]
+    (refused / "engine.json").write_text(json.dumps(older))
     assert main(["plan", "--engine", "vllm", "--from-run", str(refused), "--json"]) == 1
     planned = json.loads(capsys.readouterr().out)
     engine = json.loads((refused / "engine.json").read_text())

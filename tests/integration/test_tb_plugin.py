@@ -379,13 +379,15 @@ def test_an_engine_run_shows_its_pool_and_says_why_it_has_no_memory_chart(tmp_pa
         "first engine step). The KV pool chart below is its timeline: blocks used against the total over "
         f"{len(steps)} engine steps, {preemptions} preemption{plural}."
     )
-    # AND the pool is charted: blocks used against the total at every engine step of the raw log (recorded
-    # before kvtrace logged what a step held while it ran: after each step, as the legend says), and its
-    # preemptions at their steps
+    # AND the pool is charted: blocks used against the total at every engine step of the raw log (what each
+    # step held while it ran, or after it where that is more, as the legend says), and its preemptions at
+    # their steps
     assert pool["title"] == "vllm 0.32.0 KV pool"
     traces = {trace["name"]: trace for trace in decoded(pool["figure"]["data"])}
-    assert traces["blocks used after each step"]["x"] == [step["step"] for step in steps]
-    assert traces["blocks used after each step"]["y"] == [step["blocks_used"] for step in steps]
+    used = traces["blocks used while the step ran"]
+    assert used["x"] == [step["step"] for step in steps]
+    assert used["y"] == [max(step["blocks_used_in_step"], step["blocks_used"]) for step in steps]
+    assert used["customdata"] == [step["blocks_used"] for step in steps]
     assert traces["blocks total"]["y"] == [step["blocks_total"] for step in steps]
     assert list(zip(traces["preemption"]["x"], traces["preemption"]["text"], strict=True)) == preempted
     # AND it is the figure and the table `kvtrace report -o` draws: one source for both
