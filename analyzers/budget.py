@@ -3,10 +3,10 @@
 A budget (`kvtrace.record(..., gpu_memory="8GiB")`, `kvtrace demo --gpu-memory`) costs nothing while
 recording. Afterwards the device's allocated-bytes timeline (weights included) is replayed: the first
 event that takes it above the budget is the allocation that would have failed, the way a real OOM is the
-first request the allocator cannot serve. Its step comes from kvtrace's step ranges, the KV log's steps, or
-else the trace's own (torch.profiler's `ProfilerStep#N`, counted and named as `diagnose` does), its layer
-from the KV log: the layer the allocation belongs to when it is KV, else the layer whose KV update came last
-before it (the layer the forward was in).
+first request the allocator cannot serve. Its step comes from kvtrace's step ranges (an engine's name its
+own step numbers), the KV log's steps, or else the trace's own (torch.profiler's `ProfilerStep#N`, counted
+and named as `diagnose` does), its layer from the KV log: the layer the allocation belongs to when it is KV,
+else the layer whose KV update came last before it (the layer the forward was in).
 
 This counts allocated bytes in the source's unit (`counts` says which: requested sizes, or the allocator's
 blocks), not the allocator's rounded reserved segments, so a real device of that size would run out at
@@ -27,6 +27,9 @@ from analyzers.timeline import DeviceTimeline
 
 __all__ = ["BudgetCrossing", "budget_crossing", "budget_of", "manifest_budget", "marker_step_at"]
 
+# An engine's step range (vLLM, transformers' continuous batching): it names its own step number, as the
+# engine_steps.jsonl rows do; an engine step mixes prefill and decode requests, so it names no phase
+ENGINE_STEP = "kvtrace/engine step "
 COUNTS = "allocated bytes (requested sizes, weights included), not reserved segments"
 # Kineto's `[memory]` events (a run's, a Chrome trace's) give the sizes the allocator reported: on CUDA its
 # rounded blocks, so a little more than the program asked for (DeviceEvents.size_basis)
@@ -94,7 +97,7 @@ def _step_starts(source: MemorySource) -> list[tuple[float, str]]:
         (m.ts_us, m.label)
         for m in source.markers
         if m.kind == "step"
-        and (m.label == "kvtrace/prefill" or m.label.startswith(("kvtrace/decode", "step ")))
+        and (m.label == "kvtrace/prefill" or m.label.startswith(("kvtrace/decode", ENGINE_STEP, "step ")))
     )
 
 
@@ -113,6 +116,8 @@ def _step_at(source: MemorySource, t_us: float) -> tuple[int | None, str | None]
             number, _, phase = last[5:].partition(" ")
             if number.isdigit():
                 return int(number), phase or None
+        if last.startswith(ENGINE_STEP) and last[len(ENGINE_STEP) :].isdigit():
+            return int(last[len(ENGINE_STEP) :]), None
         return len(started), ("prefill" if "prefill" in last else "decode")
     kv = source.meta.get("kv")
     if kv is not None and kv.step_start_ns:
@@ -140,7 +145,9 @@ def _layer_at(source: MemorySource, dev_index: int, index: int, t_us: float) -> 
     for event in run.kv_events:
         if event.t_ns / 1000.0 > t_us:
             break
-        if event.event != "freed" and event.phase != "end":
+        # only a forward's updates say which layer it was in: not a cache made at setup, nor an engine's
+        # pool (vLLM logs its layers' views once, at its start, and no update after)
+        if event.event != "freed" and event.phase not in ("", "end"):
             last = event.layer
     if last is None:
         return None, None

@@ -18,14 +18,20 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
   largest max_num_seqs that avoids every preemption in the present pool, and whether fp8 KV (1 byte an
   element: twice the blocks for bf16 in the same memory) would. The demand on the recorded schedule
   (requests in flight per step, each at the length it had reached) is reported beside it.
+
+  Against a memory budget (analyzers.planning.engine_budget), a remedy fits only if its pool does too: the
+  pool is held at the peak, so the peak moves by what the pool grows or shrinks (peak = other_bytes + pool),
+  and a pool over `room_bytes` takes it over the budget. Where the pool that avoids every preemption does
+  not fit, the largest pool that does is priced with the max_num_seqs that avoids them in it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from analyzers.engine import EngineRun, HeldRequest, RequestEvent, blocks_for, engine_figures, held_at
+from analyzers.planning.engine_budget import EngineBudget
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
 from analyzers.planning.vllm_refused import RefusedDiagnosis, VllmRemedy, diagnose_refused
 
@@ -128,7 +134,76 @@ def _largest_seqs(demands: list[int], usable: int) -> int:
     return count
 
 
-def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
+def _against_budget(remedy: VllmRemedy, pool_bytes: int, budget: EngineBudget | None) -> VllmRemedy:
+    """`remedy`, marked not to fit where the pool it leaves (`pool_bytes`) takes the peak over the budget."""
+    if budget is None or pool_bytes <= budget.room_bytes:
+        return remedy
+    peak = budget.other_bytes + pool_bytes
+    room = (
+        f"a pool of at most {readable_bytes(budget.room_bytes)} fits it"
+        if budget.room_bytes > 0
+        else "no pool fits it"
+    )
+    return replace(
+        remedy,
+        fits=False,
+        sentence=(
+            f"{remedy.sentence.removesuffix('.')}; but with a {readable_bytes(pool_bytes)} pool the peak is "
+            f"{readable_bytes(peak)}, {readable_bytes(peak - budget.budget_bytes)} over the "
+            f"{readable_bytes(budget.budget_bytes)} budget ({room})."
+        ),
+    )
+
+
+def _pool_within_budget(
+    budget: EngineBudget, demand: list[int], num_blocks: int, bytes_per_block: int, override: Any
+) -> VllmRemedy | None:
+    """The largest pool that fits the budget, with the max_num_seqs that avoids every preemption in it: what
+    does both where the pool that avoids them all does not fit. None where that pool is the present one
+    (the max_num_seqs remedy prices it)."""
+    blocks = budget.room_bytes // bytes_per_block if bytes_per_block and budget.room_bytes > 0 else 0
+    if blocks == num_blocks:
+        return None
+    knob = "num_gpu_blocks_override" if override else "kv_cache_memory_bytes"
+    pool = blocks * bytes_per_block
+    size = f"{knob}={blocks if override else pool} ({readable_bytes(pool)}: {blocks:,} blocks)"
+    within = f"the most that fit the {readable_bytes(budget.budget_bytes)} budget"
+    if blocks <= NULL_BLOCKS:
+        left = (
+            f"the {readable_bytes(budget.other_bytes)} besides the pool exceed it on their own"
+            if budget.room_bytes <= 0
+            else f"the {readable_bytes(budget.room_bytes)} it leaves the pool hold no usable block"
+        )
+        return VllmRemedy(
+            f"{knob}+max_num_seqs",
+            None,
+            False,
+            f"No {knob} within the {readable_bytes(budget.budget_bytes)} budget avoids every preemption: "
+            f"{left}.",
+        )
+    seqs = _largest_seqs(demand, blocks - NULL_BLOCKS)
+    if seqs < 1:
+        return VllmRemedy(
+            f"{knob}+max_num_seqs",
+            None,
+            False,
+            f"{size}, {within}, cannot hold the largest request's {max(demand, default=0):,} blocks: no "
+            "setting within the budget avoids every preemption.",
+        )
+    largest = "the largest request fits" if seqs == 1 else f"the {seqs} largest requests fit together"
+    return VllmRemedy(
+        f"{knob}+max_num_seqs",
+        {knob: blocks if override else pool, "max_num_seqs": seqs},
+        True,
+        f"{size}, {within} (peak {readable_bytes(budget.other_bytes + pool)}), with max_num_seqs={seqs}: "
+        f"{largest} in its {blocks - NULL_BLOCKS:,} usable blocks, so none is preempted (the others wait "
+        "instead).",
+    )
+
+
+def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> PreemptionDiagnosis:
+    """The run's preemptions and the settings that avoid them; with `budget` (the run's memory budget, priced
+    by analyzers.planning.engine_budget), each setting also said to fit it or not (the module docstring)."""
     info = run.info
     figures = engine_figures(run)
     if figures.first_preemption_step is None:
@@ -154,7 +229,7 @@ def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
     element = kv_dtype_bytes(str(info.config.get("kv_cache_dtype") or "auto"), info.kv_dtype or "bfloat16")
     fp8_blocks = num_blocks * element if element > 1 else None
     override = info.config.get("num_gpu_blocks_override")
-    remedies: list[VllmRemedy] = [
+    grow = (
         VllmRemedy(
             "num_gpu_blocks_override",
             needed_blocks,
@@ -172,16 +247,24 @@ def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
             f"{needed_blocks:,} blocks, {max(needed_blocks - num_blocks, 0):,} more, "
             f"+{readable_bytes(max(needed_bytes - kv_bytes, 0))}) avoids every preemption of this run.",
         )
-    ]
+    )
+    remedies = [_against_budget(grow, needed_bytes, budget)]
+    if budget is not None and not remedies[0].fits:
+        within = _pool_within_budget(budget, list(demand.values()), num_blocks, bytes_per_block, override)
+        remedies += [within] if within is not None else []
     if seqs >= 1:
         now = f" (now {max_seqs})" if max_seqs else ""
         remedies.append(
-            VllmRemedy(
-                "max_num_seqs",
-                seqs,
-                True,
-                f"max_num_seqs={seqs}{now}: the {seqs} largest requests fit together in the "
-                f"{usable:,} usable blocks, so none is preempted (the others wait instead).",
+            _against_budget(
+                VllmRemedy(
+                    "max_num_seqs",
+                    seqs,
+                    True,
+                    f"max_num_seqs={seqs}{now}: the {seqs} largest requests fit together in the "
+                    f"{usable:,} usable blocks, so none is preempted (the others wait instead).",
+                ),
+                kv_bytes,
+                budget,
             )
         )
     else:
@@ -212,12 +295,16 @@ def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
                     "preempts."
                 )
         remedies.append(
-            VllmRemedy(
-                "kv_cache_dtype",
-                "fp8",
-                fits8,
-                f"kv_cache_dtype='fp8' halves the bytes per block ({element} → 1 byte an element): the same "
-                f"{readable_bytes(kv_bytes)} holds {fp8_blocks:,} blocks, which {verdict}",
+            _against_budget(
+                VllmRemedy(
+                    "kv_cache_dtype",
+                    "fp8",
+                    fits8,
+                    f"kv_cache_dtype='fp8' halves the bytes per block ({element} → 1 byte an element): the "
+                    f"same {readable_bytes(kv_bytes)} holds {fp8_blocks:,} blocks, which {verdict}",
+                ),
+                kv_bytes,
+                budget,
             )
         )
     model = (
@@ -267,11 +354,14 @@ def diagnose_preemptions(run: EngineRun) -> PreemptionDiagnosis:
     )
 
 
-def diagnose_engine(run: EngineRun) -> RefusedDiagnosis | PreemptionDiagnosis | None:
+def diagnose_engine(
+    run: EngineRun, budget: EngineBudget | None = None
+) -> RefusedDiagnosis | PreemptionDiagnosis | None:
     """The engine's own diagnosis, or None when there is nothing engine-specific to explain (the pool
-    never preempted and the start was not refused)."""
+    never preempted and the start was not refused). `budget`: the run's memory budget, which the remedies
+    of a run that preempted must fit too."""
     if run.info.status == "refused_start" or run.info.refused:
         return diagnose_refused(run)
     if engine_figures(run).first_preemption_step is not None:
-        return diagnose_preemptions(run)
+        return diagnose_preemptions(run, budget)
     return None

@@ -96,7 +96,7 @@ def _diagnose_engine_run(path: Path, as_json: bool, budget: int | None = None) -
     if run.info.name != "vllm" and run.info.status == "ok":
         _other_engine(run, as_json, checked, raised)  # vLLM's remedies are priced in vLLM's knobs
         return True
-    diagnosis = diagnose_engine(run)
+    diagnosis = diagnose_engine(run, checked)  # its remedies must fit the budget too
     if diagnosis is None:  # the pool held every request: transformers' remedies (context, batch) do not apply
         _engine_ran_fine(run, as_json, checked, raised)
         return True

@@ -99,3 +99,74 @@ def test_diagnose_prices_the_pool_that_fits_a_budget_in_vllms_knobs(
         and f"would run out of memory on a {human_bytes(budget)}" in text
     )
     assert f"kv_cache_memory_bytes={fitting}" in text and "vLLM preempted 2 time(s)" in text
+
+
+def _final_demands(folder: Path, block_size: int) -> list[int]:
+    """Blocks each request of the run needs at its final length, from engine_requests.jsonl: its last
+    sampled token gets no KV, so cdiv(prompt + output - 1, block_size)."""
+    final: dict[str, int] = {}
+    for line in (folder / "engine_requests.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event["event"] == "finished":
+            tokens = event["prompt_tokens"] + event["output_tokens"] - 1
+            final[event["request_id"]] = -(-tokens // block_size)
+    return sorted(final.values(), reverse=True)
+
+
+def test_a_preemption_remedy_that_grows_the_pool_past_the_budget_does_not_fit_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = json.loads((PREEMPT / "engine.json").read_text())
+    weights, pool, per_block = (
+        engine["memory_profile"]["weights_bytes"],
+        engine["kv_cache_bytes"],
+        engine["bytes_per_block"],
+    )
+    num_blocks, max_seqs = engine["num_blocks"], engine["config"]["max_num_seqs"]
+    demands = _final_demands(PREEMPT, engine["block_size"])
+    needed = sum(demands[:max_seqs]) + 1  # the largest max_num_seqs demands together, and the null block
+    # GIVEN a budget the recorded pool fits with one block to spare, and the pool that avoids every
+    # preemption does not (profiler off: the peak is the weights and the pool)
+    budget = weights + pool + per_block
+    assert weights + needed * per_block > budget and pool == num_blocks * per_block
+    for argv in (
+        ["diagnose", str(PREEMPT), "--budget", f"{budget}B"],
+        ["diagnose", str(_recorded_with_budget(tmp_path, budget))],
+    ):
+        # WHEN diagnosed (the budget given, or recorded)
+        said = _json_of(argv, capsys)
+        assert said["kind"] == "preemption" and not said["budget"]["crossed"]
+        remedies = {r["knob"]: r for r in said["remedies"]}
+        # THEN the pool that avoids every preemption is said not to fit, with the peak it would make
+        grow = remedies["kv_cache_memory_bytes"]
+        assert grow["setting"] == needed * per_block and grow["fits"] is False
+        over = weights + needed * per_block - budget
+        assert f"over the {budget / MIB:.2f} MiB budget" in grow["sentence"]
+        assert over < MIB and f"{over / 1024:.2f} KiB over" in grow["sentence"]
+        # AND the largest pool within the budget is priced with the max_num_seqs that avoids them in it:
+        # the most requests whose largest demands fit its usable blocks together
+        blocks = (budget - weights) // per_block
+        seqs = max(m for m in range(len(demands) + 1) if sum(demands[:m]) <= blocks - 1)
+        both = remedies["kv_cache_memory_bytes+max_num_seqs"]
+        assert both["fits"] is True and weights + blocks * per_block <= budget
+        assert both["setting"] == {"kv_cache_memory_bytes": blocks * per_block, "max_num_seqs": seqs}
+        # AND max_num_seqs alone keeps the recorded pool, which fits
+        assert remedies["max_num_seqs"]["fits"] is True
+
+    # GIVEN a budget the recorded pool does not fit: the remedies that keep it do not fit either
+    budget = weights + pool - per_block
+    said = _json_of(["diagnose", str(PREEMPT), "--budget", f"{budget}B"], capsys)
+    remedies = {r["knob"]: r for r in said["remedies"]}
+    assert remedies["max_num_seqs"]["fits"] is False and remedies["kv_cache_dtype"]["fits"] is False
+    blocks = (budget - weights) // per_block
+    seqs = max(m for m in range(len(demands) + 1) if sum(demands[:m]) <= blocks - 1)
+    assert remedies["kv_cache_memory_bytes+max_num_seqs"]["setting"] == {
+        "kv_cache_memory_bytes": blocks * per_block,
+        "max_num_seqs": seqs,
+    }
+    capsys.readouterr()
+    assert main(["diagnose", str(PREEMPT), "--budget", f"{budget}B"]) == 0
+    text = capsys.readouterr().out
+    assert f"[fits] kv_cache_memory_bytes={blocks * per_block} " in text
+    assert f"with max_num_seqs={seqs}: " in text
+    assert f"[no]   kv_cache_memory_bytes={needed * per_block} " in text
