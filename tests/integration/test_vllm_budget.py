@@ -122,6 +122,7 @@ def test_a_preemption_remedy_that_grows_the_pool_past_the_budget_does_not_fit_it
         engine["kv_cache_bytes"],
         engine["bytes_per_block"],
     )
+    weights += engine["memory_profile"].get("buffers_bytes") or 0  # vLLM's own, held beside the weights
     num_blocks, max_seqs = engine["num_blocks"], engine["config"]["max_num_seqs"]
     demands = _final_demands(PREEMPT, engine["block_size"])
     needed = sum(demands[:max_seqs]) + 1  # the largest max_num_seqs demands together, and the null block

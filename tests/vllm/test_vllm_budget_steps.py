@@ -38,7 +38,9 @@ def _first_new_peak_in_a_step(run_dir: Path) -> dict[str, int]:
     """Replays the trace: the first allocation inside an engine step that takes the device above every level
     before it, with that level (the budget it is the first to cross) and the step whose range holds it."""
     engine = json.loads((run_dir / fmt.ENGINE).read_text())
-    held = engine["memory_profile"]["weights_bytes"] + engine["kv_cache_bytes"]  # allocated before the trace
+    # allocated before the trace: the weights, vLLM's own buffers (rotary cache, ...) and the pool
+    profile = engine["memory_profile"]
+    held = profile["weights_bytes"] + (profile.get("buffers_bytes") or 0) + engine["kv_cache_bytes"]
     events = _trace_events(run_dir)
     steps = [e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith(ENGINE_STEP)]
     memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: float(e["ts"]))
@@ -120,6 +122,7 @@ def test_the_pool_priced_within_a_budget_avoids_every_preemption(
         engine["kv_cache_bytes"],
         engine["bytes_per_block"],
     )
+    weights += engine["memory_profile"].get("buffers_bytes") or 0  # vLLM's own, held beside the weights
     budget = weights + pool - per_block
     # WHEN diagnosed against it
     said = _json(["diagnose", str(PREEMPT), "--budget", f"{budget}B"], capsys)
