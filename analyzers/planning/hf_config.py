@@ -50,6 +50,8 @@ _QK_NORMED = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")  # q and k RMSNorms
 _FP32_ROUTERS = frozenset(
     {"deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe", "ernie4_5_moe"}
 )
+# Decoder families whose transformers model keeps no cache (OpenAIGPTModel.forward takes no past_key_values)
+_NO_KV_CACHE = frozenset({"openai-gpt"})
 _FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
 _REQUIRED_FIELDS = (
     "num_hidden_layers",
@@ -109,6 +111,11 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         # Gemma 3n lists one per layer (`gemma_layers` weighs each); the geometry's one figure is their mean
         mlp_widths = sizes
         fields["intermediate_size"] = sum(sizes) // len(sizes)
+    if model_type in _NO_KV_CACHE:
+        raise KvtraceError(
+            f"{config_path}: model_type {model_type!r} keeps no KV cache in transformers (its forward takes "
+            "no past_key_values: each step runs the whole context again), so there is no KV to plan"
+        )
     missing = [name for name in _REQUIRED_FIELDS if fields.get(name) is None]
     if missing:
         raise KvtraceError(f"{config_path}: missing field {', '.join(missing)}")

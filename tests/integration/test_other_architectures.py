@@ -709,18 +709,37 @@ def test_plan_weighs_gpt_neo_2_7b_with_the_causal_mask_each_layer_keeps(
 def test_plan_says_its_weights_are_an_estimate_for_a_family_it_does_not_lay_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN GPT-1 (norms after the blocks, biases, learned positions), a layout the planner does not model
-    config = transformers.OpenAIGPTConfig(**_GPT2)
+    # GIVEN MiniCPM3 (its scaled embeddings' int64 buffer), a layout the planner does not model exactly
+    config = transformers.MiniCPM3Config(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=256, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16,
+    )  # fmt: skip
     config.save_pretrained(tmp_path / "config")
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    true_bytes = 2 * sum(p.numel() for p in model.parameters())
+    true_bytes = _meta_weights_bytes(model)
     # WHEN it is planned
     assert main(["plan", "--config", str(tmp_path / "config"), "--json"]) == 0, capsys.readouterr().err
     planned = json.loads(capsys.readouterr().out)
     # THEN its weights, weighed as a Llama's, are not the model's, and the plan says they are an estimate
     assert planned["weights_bytes"] != true_bytes
-    assert any("'openai-gpt' is weighed as a Llama-style decoder" in note for note in planned["notes"])
+    assert any("'minicpm3' is weighed as a Llama-style decoder" in note for note in planned["notes"])
+
+
+def test_plan_refuses_a_family_that_keeps_no_kv_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN GPT-1, whose transformers model takes no past_key_values: each step runs the whole context again
+    transformers.OpenAIGPTConfig(**_GPT2).save_pretrained(tmp_path / "config")
+    model = transformers.AutoModelForCausalLM.from_config(transformers.OpenAIGPTConfig(**_GPT2))
+    with torch.no_grad():
+        out = model(torch.randint(0, 256, (1, 5)), use_cache=True)
+    assert getattr(out, "past_key_values", None) is None
+    # WHEN it is planned THEN it is refused in one line (it planned 1,024 B of KV per token it never holds)
+    assert main(["plan", "--config", str(tmp_path / "config")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model_type 'openai-gpt' keeps no KV cache in transformers" in err
 
 
 def test_plan_ties_the_lm_head_when_the_familys_config_class_does() -> None:
