@@ -13,6 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from analyzers.kv_views import SharedStorages, Slot, held_by_slot, layer_shares
 from kvtrace.format import KvEvent, Run
 
 _NO_NEW_STORAGE = ("freed", "written")
@@ -29,18 +30,24 @@ BEAMS_REASON = "beams:"
 # heads, dim]: SEQ_MAJOR_PARTS): full-precision data, module buffers, tracked tensors, and the quantized data
 # of fp8 (`q.0`, next to its scale `q.1`) and quanto (`q._data`). Their dtype is the cache's, their first
 # dimension the batch. hqq's packed `q.0` is 2-D, so the shape test leaves it out.
-_WHOLE_PARTS = ("data", "buffer", "tracked", "tracked_bshd")
+_WHOLE_PARTS = ("data", "buffer", "buffer_bhsd", "tracked", "tracked_bshd")
 _KV_DATA_PARTS = (*_WHOLE_PARTS, "q.0", "q._data")
 
 # Parts laid out [batch, tokens, kv_heads, head_dim]: module buffers (Meta's reference code) and tensors
-# given to `kvtrace.track(..., layout="bshd")`. Logs before the layout keyword have only `tracked`.
+# given to `kvtrace.track(..., layout="bshd")`. Logs before the layout keyword have only `tracked`; logs
+# before module caches had a layout have only `buffer`.
 SEQ_MAJOR_PARTS = ("buffer", "tracked_bshd")
+
+# Module buffers by the dim of their positions: Meta's [batch, tokens, kv_heads, head_dim] (`buffer`),
+# gpt-fast's [batch, kv_heads, tokens, head_dim] (`buffer_bhsd`).
+BUFFER_PARTS = {"buffer": 1, "buffer_bhsd": 2}
 
 
 def preallocated_capacity(shape: list[int] | None, in_place: bool, tokens: int, rows: int) -> tuple[int, int]:
     """(rows, positions) a module cache's buffers have room for where they are preallocated (Meta's
     cache_k/cache_v: [max_batch_size, max_seq_len, kv_heads, head_dim], allocated once and written in
-    place), else (0, 0). `shape`: its last buffer's (None: a cache not made of module buffers alone);
+    place), else (0, 0). `shape`: its last buffer's as [batch, seq, ...] (`buffer_shape`; None: a cache not
+    made of module buffers alone);
     `in_place`: a buffer was written in place; `tokens`, `rows`: what it held. A buffer rebound to a grown
     tensor at every step (torch.cat) is as large as what it holds and never written in place: it follows
     the tokens, as a dynamic cache does."""
@@ -68,6 +75,14 @@ def event_rows(ev: KvEvent) -> int:
     """Batch rows an event's tokens are per: the rows in use where the log says (a preallocated module
     cache written for a smaller batch), else its tensor's batch dim; 0 without a shape."""
     return ev.rows or (ev.shape[0] if ev.shape else 0)
+
+
+def buffer_shape(ev: KvEvent) -> list[int]:
+    """A module buffer's shape with its positions at dim 1, whatever its layout (`BUFFER_PARTS`)."""
+    shape = list(ev.shape)
+    if BUFFER_PARTS.get(ev.part) == 2 and len(shape) >= 3:
+        shape[1], shape[2] = shape[2], shape[1]
+    return shape
 
 
 def is_kv_data(ev: KvEvent) -> bool:
@@ -257,6 +272,9 @@ class KvLogAnalysis:
     compares them at the end of each forward, so a storage's first `t_ns` may come a whole forward after
     its allocation): index in `storages` -> the `t_ns` of the log's last line before the step that found
     it, after which that step's forward made it (0: no line before)."""
+    storage_shares: dict[int, dict[tuple[int, int], int]] = field(default_factory=dict)
+    """The storages several layers' views share (one preallocated tensor for every layer): index in
+    `storages` -> {(cache, layer): its views' bytes}, as last split (`kv_views`)."""
     found_storages: set[int] = field(default_factory=set)
     """The storages first logged as found (`created`, reason "found": a cache kvtrace first saw holding KV,
     filled before `record()`): indices in `storages`. Held since before the log's first sight of them,
@@ -314,6 +332,7 @@ def analyze_kv_log(
     storages: list[tuple[int, int, int, int, int, str, int]] = []
     scanned_after: dict[int, int] = {}  # storage index -> the last line's t_ns before its step
     found: set[int] = set()  # storage indices first logged as found
+    storage_shares: dict[int, dict[tuple[int, int], int]] = {}
     last_ns = 0  # the latest line's t_ns so far
     step_after: tuple[int, int] = (0, 0)  # (step, the latest t_ns before that step's first line)
     live_total = 0
@@ -337,6 +356,9 @@ def analyze_kv_log(
     evictions: list[KvEvent] = []
     evicted_by_step: dict[int, dict[int, dict[str, int]]] = {}  # step -> layer -> kind -> tokens, all rows
     final_state: dict[int, tuple[int, int, str, int]] | None = None
+    # storages several slots are views of, split by view in the per-layer figures (the totals count each once)
+    shared = SharedStorages()
+    final_shares: dict[int, dict[Slot, int]] = {}
     final_total = 0
     open_step: int | None = None  # the step whose end state is not recorded yet
     step_tokens: dict[int, dict[int, int]] = {}
@@ -350,9 +372,9 @@ def analyze_kv_log(
     call_generated: dict[int, int] = defaultdict(int)  # cache -> tokens yielded per row since then
     reordered: set[int] = set()
     beams: dict[int, int] = {}
-    # Per cache: its last module buffer's shape (None once any other part held its KV), and whether a
-    # buffer was written in place: what `preallocated_capacity` decides on
-    buffer_shape: dict[int, list[int] | None] = {}
+    # Per cache: its last module buffer's shape, positions at dim 1 (None once any other part held its KV),
+    # and whether a buffer was written in place: what `preallocated_capacity` decides on
+    buffer_shapes: dict[int, list[int] | None] = {}
     buffer_in_place: set[int] = set()
     # per cache: {layer: positions of its last K/V data tensor [b, h, t, d]}, and the layers seen with room
     data_positions: dict[int, dict[int, int]] = defaultdict(dict)
@@ -362,6 +384,14 @@ def analyze_kv_log(
     data_storage: dict[int, dict[tuple[int, str], int]] = defaultdict(dict)
     data_moved: set[int] = set()
     data_in_place: set[int] = set()
+
+    def _add_shares(changes: dict[Slot, int]) -> None:
+        for (cache, layer, _), change in changes.items():
+            layer_live[layer] += change
+            slot = (cache, layer)
+            cache_layer_live[slot] += change
+            if not cache_layer_live[slot]:  # only live slots: a long run's dropped caches cost no step
+                del cache_layer_live[slot]
 
     def _close_step(step: int) -> None:
         step_live[step] = dict(layer_live)
@@ -409,10 +439,11 @@ def analyze_kv_log(
             whole_end = copy.deepcopy(
                 (live, live_total, tokens_by_layer, rows_by_cache, last_seq_by_cache, evicted_by_layer,
                  evicted_by_layer_reason, generated, generated_rows, call_step, call_generated, reordered,
-                 beams, buffer_shape, buffer_in_place)
+                 beams, buffer_shapes, buffer_in_place, shared.shares)
             )  # fmt: skip
         if ending and final_state is None:
             final_state = dict(live)
+            final_shares = copy.deepcopy(shared.shares)
             final_total = live_total
         if not ending:
             step_phase.setdefault(ev.step, ev.phase)
@@ -421,11 +452,7 @@ def analyze_kv_log(
             entry = live.pop(ev.addr, None)
             if entry is not None:
                 live_total -= entry[0]
-                layer_live[entry[1]] -= entry[0]
-                slot = (entry[3], entry[1])
-                cache_layer_live[slot] -= entry[0]
-                if not cache_layer_live[slot]:  # only live slots: a long run's dropped caches cost no step
-                    del cache_layer_live[slot]
+                _add_shares({slot: -nbytes for slot, nbytes in shared.release(ev.addr, entry).items()})
                 index = open_storage.pop(ev.addr)
                 addr, nbytes, first, _, layer, kv, cache = storages[index]
                 storages[index] = (addr, nbytes, first, ev.t_ns, layer, kv, cache)
@@ -441,18 +468,27 @@ def analyze_kv_log(
             if ev.reason == "found":
                 found.add(len(storages))
             storages.append((ev.addr, ev.storage_bytes, ev.t_ns, -1, ev.layer, ev.kv, ev.cache))
+        if ev.event != "freed" and ev.logical_bytes and ev.addr in live:
+            changes = shared.see(
+                ev.addr, live[ev.addr], (ev.cache, ev.layer, ev.kv), ev.part, ev.logical_bytes
+            )
+            if changes:
+                _add_shares(changes)
+                split = shared.shares.get(ev.addr)
+                if split is not None:
+                    storage_shares[open_storage[ev.addr]] = layer_shares(split)
         if ev.event != "freed" and is_kv_data(ev):
             tokens_by_layer[(ev.cache, ev.layer)] = ev.tokens
             last_seq_by_cache[ev.cache] = ev.seq
             written.add((ev.cache, ev.layer))
             if ev.shape:
                 rows_by_cache[ev.cache] = event_rows(ev)
-                if ev.part == "buffer" and buffer_shape.get(ev.cache, ev.shape) is not None:
-                    buffer_shape[ev.cache] = ev.shape
+                if ev.part in BUFFER_PARTS and buffer_shapes.get(ev.cache, ev.shape) is not None:
+                    buffer_shapes[ev.cache] = buffer_shape(ev)
                     if ev.event == "written":
                         buffer_in_place.add(ev.cache)
                 else:
-                    buffer_shape[ev.cache] = None
+                    buffer_shapes[ev.cache] = None
                 if ev.part == "data" and len(ev.shape) == 4:
                     data_positions[ev.cache][ev.layer] = ev.shape[2]
                     if ev.shape[2] > ev.tokens:
@@ -495,23 +531,23 @@ def analyze_kv_log(
         # The cut step never ended: the end is the last whole step's (its updates stay in the series)
         (final_state, final_total, tokens_by_layer, rows_by_cache, last_seq_by_cache, evicted_by_layer,
          evicted_by_layer_reason, generated, generated_rows, call_step, call_generated, reordered, beams,
-         buffer_shape, buffer_in_place) = whole_end  # fmt: skip
+         buffer_shapes, buffer_in_place, final_shares) = whole_end  # fmt: skip
     elif open_step is not None:
         _close_step(open_step)
     if final_state is None:
-        final_state, final_total = dict(live), live_total
+        final_state, final_total, final_shares = dict(live), live_total, shared.shares
 
     final_by_cache: dict[int, int] = defaultdict(int)
-    for nbytes, _, _, cache in final_state.values():
+    for nbytes, _, _, cache in held_by_slot(final_state, final_shares):
         final_by_cache[cache] += nbytes
     by_tokens: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))  # cache -> tokens -> bytes
-    for nbytes, layer, _, cache in final_state.values():
+    for nbytes, layer, _, cache in held_by_slot(final_state, final_shares):
         by_tokens[cache][tokens_by_layer.get((cache, layer), 0)] += nbytes
     caches = []
     for cache, last_seq in sorted(last_seq_by_cache.items()):
         tokens = max(tokens for (c, _), tokens in tokens_by_layer.items() if c == cache)
         rows = rows_by_cache.get(cache, 0)
-        room = preallocated_capacity(buffer_shape.get(cache), cache in buffer_in_place, tokens, rows)
+        room = preallocated_capacity(buffer_shapes.get(cache), cache in buffer_in_place, tokens, rows)
         room_of = "buffers" if room[0] else ""
         if not room[0] and cache in data_positions:
             room = static_capacity(data_positions[cache], data_spare.get(cache, set()), rows)
@@ -542,7 +578,7 @@ def analyze_kv_log(
         )
     # The table's rows: the caches held at the end, and any other whose tokens were evicted (their counts
     # make up the totals); when nothing is held any more, every cache, as last seen.
-    slots = set(tokens_by_layer) | {(entry[3], entry[1]) for entry in final_state.values()}
+    slots = set(tokens_by_layer) | {(entry[3], entry[1]) for entry in held_by_slot(final_state, final_shares)}
     held = {cache for cache, nbytes in final_by_cache.items() if nbytes}
     shown = (held or {cache for cache, _ in slots}) | {cache for cache, _ in evicted_by_layer}
     per_layer: dict[tuple[int, int], LayerFigures] = {}
@@ -554,7 +590,7 @@ def analyze_kv_log(
             evicted_by_reason=dict(evicted_by_layer_reason.get((cache, layer), {})),
             cache=cache,
         )
-    for nbytes, layer, kv, cache in final_state.values():
+    for nbytes, layer, kv, cache in held_by_slot(final_state, final_shares):
         figures = per_layer.setdefault((cache, layer), LayerFigures(layer=layer, cache=cache))
         if kv == "k":
             figures.k_bytes += nbytes
@@ -579,6 +615,7 @@ def analyze_kv_log(
         storages=storages,
         scanned_after_ns=scanned_after,
         found_storages=found,
+        storage_shares=storage_shares,
         caches=caches,
         step_cache_live=step_cache_live,
         step_tokens=step_tokens,

@@ -20,6 +20,7 @@ from analyzers.caches import (
     model_kv_layers,
 )
 from analyzers.kv_log import SEQ_MAJOR_PARTS, CutStep, event_rows, is_kv_data
+from analyzers.kv_views import tracked_length_note
 from analyzers.kv_widths import global_width, kind_token_bytes, window_storage_note
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.timeline import DeviceTimeline, device_timeline
@@ -537,7 +538,7 @@ def summarize(
         geometry = _engine_geometry(source)
     run = source.meta.get("run")
     kv_log = source.meta.get("kv")
-    held_note = layout_note = None
+    held_note = layout_note = length_note = None
     if run is not None and run.kv_events and kv_log is not None and kv_log.caches:
         data_events = [e for e in run.kv_events if is_kv_data(e) and e.event != "freed" and e.shape]
         given = model_caches(manifest)
@@ -565,6 +566,7 @@ def summarize(
             # none when the cache was let go before the end (another model's ran after it): nothing held
             kv.bytes_per_token_measured = measured_bytes_per_token(main, kv.tokens_held, kv.batch)
             layout_note = _layout_note(geometry, last)
+            length_note = tracked_length_note(data_events, kv.tokens_held)
         parts = cross_attention_parts(manifest)
         kv.caches = cache_summaries(kv_log.caches, main.cache, geometry, roles, parts)
         kv.main_cache = main.cache
@@ -599,6 +601,8 @@ def summarize(
         notes.append(held_note)
     if layout_note:
         notes.append(layout_note)
+    if length_note:
+        notes.append(length_note)
     budget = None
     budget_bytes = budget_of(source)
     if budget_bytes is not None:

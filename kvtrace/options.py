@@ -29,6 +29,18 @@ _UNITS = {
 MAX_SIZE = 2**64  # bytes: larger is a typo (1e99), and would overflow the float arithmetic of reports
 
 
+def _cache_attr_value(value: Any) -> bool:
+    """`cache_attrs`' value: "k"/"v", or (kind, layout) where the layout is "bhsd" or "bshd"."""
+    if isinstance(value, str):
+        return value in ("k", "v")
+    return (
+        isinstance(value, tuple | list)
+        and len(value) == 2
+        and value[0] in ("k", "v")
+        and value[1] in ("bhsd", "bshd")
+    )
+
+
 def memory_size(value: int | float | str, option: str) -> int:
     """Bytes from 8 * 2**30, "8GiB" (binary), "8GB" (decimal) or "1.5e9". Bare K/M/G are refused: they
     differ by 7% at 80 GiB depending on who reads them. A byte count must be whole: "1.5B" is refused (it
@@ -78,8 +90,9 @@ class RecordOptions:
     """Ring-buffer size of the CUDA allocator history: more entries, more host memory."""
     gzip_trace: bool = False
     """Write the profiler trace as .json.gz (5-10x smaller, both TensorBoard and kvtrace read it)."""
-    cache_attrs: dict[str, str] | None = None
-    """Attribute names of custom caches -> "k"/"v" (default: cache_k/cache_v, k_cache/v_cache, ...)."""
+    cache_attrs: dict[str, str | tuple[str, str]] | None = None
+    """Attribute names of custom caches -> "k"/"v", or ("k", "bhsd") to say the layout too (default:
+    cache_k/cache_v, k_cache/v_cache, ...). A wrong layout reads the heads as positions."""
     overwrite: bool = False
     """Replace an existing run in the same directory instead of refusing."""
     gpu_memory: int | str | None = None
@@ -101,10 +114,11 @@ class RecordOptions:
         attrs = self.cache_attrs
         if attrs is not None and (
             not isinstance(attrs, dict)
-            or not all(isinstance(k, str) and v in ("k", "v") for k, v in attrs.items())
+            or not all(isinstance(k, str) and _cache_attr_value(v) for k, v in attrs.items())
         ):
             raise KvtraceError(
-                f"record(cache_attrs=...): a dict of attribute names to 'k' or 'v', got {attrs!r}"
+                "record(cache_attrs=...): a dict of attribute names to 'k' or 'v', or to ('k', 'bhsd') "
+                f"with a layout ('bhsd' or 'bshd'), got {attrs!r}"
             )
         if self.gpu_memory is not None:
             object.__setattr__(self, "gpu_memory", memory_size(self.gpu_memory, "record(gpu_memory=...)"))

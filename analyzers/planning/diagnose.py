@@ -23,6 +23,7 @@ import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of, marker_step_at
 from analyzers.caches import CROSS_ATTENTION, layer_list
+from analyzers.kv_views import split_by_view
 from analyzers.model import MemorySource, request_at_most
 from analyzers.planning.diagnose_buffer_remedies import preallocated_buffers
 from analyzers.planning.diagnose_moment import (
@@ -232,6 +233,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
                 cross_kv = sum(nbytes for (cache, _), nbytes in live.items() if cache in cross_ids)
         if dev_index is not None and index >= 0 and not at_start:
             by_slot = kv_by_slot_at(source.devices[dev_index], index)
+            if kv_log.storage_shares:  # storages shared by several layers' views, placed whole by the join
+                at_us = float(source.devices[dev_index].ts_us[index])
+                by_slot = split_by_view(by_slot, kv_log.storages, kv_log.storage_shares, at_us)
             for (_, layer), nbytes in by_slot.items():
                 by_layer[layer] = by_layer.get(layer, 0) + nbytes
             top_layers = tuple(sorted(by_layer.items(), key=lambda item: (-item[1], item[0])))[:8]

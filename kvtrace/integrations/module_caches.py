@@ -9,6 +9,10 @@ A preallocated buffer's shape says its capacity, not what it holds. The tokens w
 the forward itself, as transformers' StaticCache's come from its updates: Meta's forward takes `start_pos`
 and writes `start_pos + seqlen` tokens into the input's rows (`ForwardSignature.progress`), so no tensor is
 read. A forward that does not say leaves the tokens unknown, logged as 0 and named in the run's warnings.
+
+A module cache's layout says which dim holds the positions (`module_cache_layout`): Meta's `cache_k`/`cache_v`
+are [batch, seq, kv_heads, head_dim], gpt-fast's `KVCache.k_cache`/`v_cache` [batch, kv_heads, seq, head_dim].
+Read the wrong way, a buffer's capacity is its heads count (gpt-fast's 32 positions read as 2).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import torch
 from kvtrace.format import MODULE_CACHE_ID, TRACK_CACHE_ID
 from kvtrace.kv_tracker import KvTracker
 
-# Attribute names that hold a KV cache, mapped to K or V. Extend by passing `cache_attrs=` to `record()`.
+# Attribute names that hold a KV cache, mapped to K or V. Extend by passing `cache_attrs=` to `record()`,
+# where a name may map to ("k", "bhsd") to say its layout too.
 DEFAULT_CACHE_ATTRS: dict[str, str] = {
     "cache_k": "k",
     "cache_v": "v",
@@ -40,6 +45,19 @@ DEFAULT_CACHE_ATTRS: dict[str, str] = {
 # flash-attn's [batch, seq, kv_heads, head_dim] (the layout module `buffer`s have).
 TRACK_LAYOUTS: dict[str, str] = {"bhsd": "tracked", "bshd": "tracked_bshd"}
 
+# A module cache's layout names its log part as a tracked tensor's does: "buffer" for [batch, seq, kv_heads,
+# head_dim] (Meta's, and any cache whose layout nothing tells), "buffer_bhsd" for [batch, kv_heads, seq,
+# head_dim].
+MODULE_LAYOUTS: dict[str, str] = {"bshd": "buffer", "bhsd": "buffer_bhsd"}
+
+# Pairs of names whose code has one layout, where a module holds both: gpt-fast's KVCache.
+CONVENTION_LAYOUTS: dict[frozenset[str], str] = {frozenset(("k_cache", "v_cache")): "bhsd"}
+
+# Where models keep their KV heads count: Meta's and gpt-fast's attention (`n_local_kv_heads`, `n_kv_heads`),
+# Meta's ModelArgs, transformers' configs.
+_KV_HEADS_ATTRS = ("n_local_kv_heads", "n_kv_heads", "num_key_value_heads", "num_kv_heads")
+_CONFIG_ATTRS = ("config", "params", "args")
+
 _LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -49,6 +67,59 @@ class _Owner:
     attr: str
     kv: str
     layer: int
+    layout: str = ""  # "bhsd" | "bshd"; "" until the first tensor decides (`module_cache_layout`)
+    heads: tuple[int, ...] = ()  # the KV heads counts its model and modules say, nearest first
+
+
+def split_cache_attrs(cache_attrs: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """`record(cache_attrs=...)` as (name -> "k"/"v", name -> the layout said): a name maps to "k" or "v",
+    or to ("k", "bhsd") / ("v", "bshd") where the user says the layout."""
+    kinds: dict[str, str] = {}
+    layouts: dict[str, str] = {}
+    for attr, said in cache_attrs.items():
+        if isinstance(said, str):
+            kinds[attr] = said
+        else:
+            kinds[attr], layouts[attr] = said
+    return kinds, layouts
+
+
+def kv_heads_hints(model: torch.nn.Module, name: str) -> tuple[int, ...]:
+    """The KV heads counts said on the modules from `name` up to `model`, then on the model's config
+    (`config`, Meta's `params`): a 4-D cache whose dim 1 or 2 (not both) is that count has its heads there."""
+    modules = [model]
+    for part in name.split(".") if name else ():
+        child = getattr(modules[-1], part, None)
+        if not isinstance(child, torch.nn.Module):
+            break
+        modules.append(child)
+    holders: list[Any] = modules[::-1]
+    holders += [getattr(model, attr, None) for attr in _CONFIG_ATTRS]
+    hints: list[int] = []
+    for holder in holders:
+        for attr in _KV_HEADS_ATTRS:
+            value = getattr(holder, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                hints.append(value)
+    return tuple(hints)
+
+
+def module_cache_layout(owner: _Owner, shape: tuple[int, ...], said: str | None) -> str:
+    """The layout of `owner`'s cache: the user's (`cache_attrs`); else the dim, 1 or 2, that the model's KV
+    heads count matches alone; else its names' convention (`CONVENTION_LAYOUTS`: both names on the module);
+    else Meta's [batch, seq, kv_heads, head_dim], as module caches were always read."""
+    if said is not None:
+        return said
+    if len(shape) == 4 and shape[1] != shape[2]:
+        for heads in owner.heads:
+            if (shape[1] == heads) != (shape[2] == heads):
+                return "bhsd" if shape[1] == heads else "bshd"
+    for names, layout in CONVENTION_LAYOUTS.items():
+        if owner.attr in names and all(
+            isinstance(getattr(owner.module, other, None), torch.Tensor) for other in names
+        ):
+            return layout
+    return "bshd"
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:
@@ -71,9 +142,11 @@ def layer_from_name(name: str, fallback: int) -> int:
 class ModuleCaches:
     """Finds cache tensors held as module attributes or buffers and reports their changes to the tracker."""
 
-    def __init__(self, tracker: KvTracker, cache_attrs: dict[str, str] | None = None) -> None:
+    def __init__(self, tracker: KvTracker, cache_attrs: dict[str, Any] | None = None) -> None:
         self.tracker = tracker
-        self.cache_attrs = dict(DEFAULT_CACHE_ATTRS if cache_attrs is None else cache_attrs)
+        self.cache_attrs, self.said_layouts = split_cache_attrs(
+            DEFAULT_CACHE_ATTRS if cache_attrs is None else cache_attrs
+        )
         self.owners: list[_Owner] = []
         # layer -> kind -> (weak ref, layout, storage address when tracked)
         self._tracked: dict[int, dict[str, tuple[Callable[[], torch.Tensor | None], str, int]]] = {}
@@ -93,7 +166,8 @@ class ModuleCaches:
             for attr, kv in self.cache_attrs.items():
                 value = module._buffers.get(attr) if attr in module._buffers else module.__dict__.get(attr)
                 if isinstance(value, torch.Tensor):
-                    self.owners.append(_Owner(module, attr, kv, layer_from_name(name, order)))
+                    layer = layer_from_name(name, order)
+                    self.owners.append(_Owner(module, attr, kv, layer, heads=kv_heads_hints(model, name)))
                     found = True
             order += found
         return len(self.owners)
@@ -181,7 +255,11 @@ class ModuleCaches:
         by_layer: dict[int, dict[tuple[str, str], Any]] = {}
         for owner in self.owners:
             tensor = getattr(owner.module, owner.attr, None)
-            by_layer.setdefault(owner.layer, {})[(owner.kv, "buffer")] = tensor
+            if not owner.layout and isinstance(tensor, torch.Tensor):
+                said = self.said_layouts.get(owner.attr)
+                owner.layout = module_cache_layout(owner, tuple(tensor.shape), said)
+            part = MODULE_LAYOUTS[owner.layout or "bshd"]
+            by_layer.setdefault(owner.layer, {})[(owner.kv, part)] = tensor
         tokens, rows = self.progress or (0, 0)
         tracker = self.tracker
         changed = False

@@ -523,9 +523,19 @@ def test_record_into_a_folder_that_is_not_a_run_keeps_the_users_files(tmp_path):
         (lambda p: kvtrace.record(p, profiler="no"), "record(profiler=...): True or False, got 'no'"),
         (lambda p: kvtrace.record(p, gpu_memory=1.5), "a size in bytes must be a whole number, got 1.5"),
         (lambda p: kvtrace.record(p, cache_attrs=["foo"]), "record(cache_attrs=...): a dict of attribute"),
+        (lambda p: kvtrace.record(p, cache_attrs={"kc": ("k", "hsbd")}), "('k', 'bhsd') with a layout"),
         (lambda p: kvtrace.record(p, max_snapshot_entries=0), "max_snapshot_entries=...): a positive"),
     ],
-    ids=["model-function", "model-str", "no-path", "profiler-str", "fraction", "cache-attrs", "entries"],
+    ids=[
+        "model-function",
+        "model-str",
+        "no-path",
+        "profiler-str",
+        "fraction",
+        "cache-attrs",
+        "cache-attrs-layout",
+        "entries",
+    ],
 )
 def test_record_refuses_a_bad_argument_before_writing_anything(tmp_path, call, said):
     with pytest.raises(RecordingError) as raised, call(tmp_path / "run"):

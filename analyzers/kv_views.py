@@ -1,0 +1,147 @@
+"""Storages that several cache slots are views of: who holds which bytes of them.
+
+One preallocated tensor kv[layers, 2, batch, heads, seq, head_dim] whose per-layer K and V views are tracked
+is one storage, logged under the slot that showed it first. Counted once in the totals, it is split by view
+in the per-layer figures: each slot holds its view's bytes (`logical_bytes`) where the views cover the
+storage, a share in proportion to them where they cover part of it (views cut to the tokens written), so
+that the layers add up to the storage (as `engine_report._split_pool_by_layer` splits a vLLM pool by its
+layers' views). Views that overlap (more view bytes than the storage) are not split: the first slot keeps it
+all, as before this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from analyzers.units import human_bytes
+
+_TRACKED_PARTS = ("tracked", "tracked_bshd")
+
+# (cache, layer, kv): one slot of one cache
+Slot = tuple[int, int, str]
+# live storage: addr -> (bytes, layer, kv, cache) of the slot that showed it first
+Entry = tuple[int, int, str, int]
+
+
+class SharedStorages:
+    """The views seen at each live storage, and the shares of the storages split between several slots."""
+
+    def __init__(self) -> None:
+        self.views: dict[int, dict[tuple[Slot, str], int]] = {}  # addr -> {(slot, part): view bytes}
+        self.shares: dict[int, dict[Slot, int]] = {}  # addr -> {slot: bytes}, for split storages only
+
+    def see(self, addr: int, entry: Entry, slot: Slot, part: str, view_bytes: int) -> dict[Slot, int]:
+        """A view of `slot` at the live storage `addr` (`entry`: its first slot's); returns what each slot's
+        share changed by (empty: nothing)."""
+        views = self.views.setdefault(addr, {})
+        if views.get((slot, part)) == view_bytes:
+            return {}
+        views[(slot, part)] = view_bytes
+        before = self.shares.get(addr) or _whole(entry)
+        after = _split(views, entry)
+        if len(after) > 1:
+            self.shares[addr] = after
+        else:
+            self.shares.pop(addr, None)
+        return _delta(before, after)
+
+    def release(self, addr: int, entry: Entry) -> dict[Slot, int]:
+        """The storage was freed: the shares its slots held."""
+        self.views.pop(addr, None)
+        return self.shares.pop(addr, None) or _whole(entry)
+
+
+def held_by_slot(state: dict[int, Entry], shares: dict[int, dict[Slot, int]]) -> Iterator[Entry]:
+    """The storages of `state` as (bytes, layer, kv, cache) per slot: a split one's share by share."""
+    for addr, entry in state.items():
+        split = shares.get(addr)
+        if split is None:
+            yield entry
+            continue
+        for (cache, layer, kv), nbytes in split.items():
+            yield nbytes, layer, kv, cache
+
+
+def layer_shares(shares: dict[Slot, int]) -> dict[tuple[int, int], int]:
+    """A split storage's shares by (cache, layer), K and V together."""
+    by_layer: dict[tuple[int, int], int] = {}
+    for (cache, layer, _), nbytes in shares.items():
+        by_layer[(cache, layer)] = by_layer.get((cache, layer), 0) + nbytes
+    return by_layer
+
+
+def split_by_view(
+    by_slot: dict[tuple[int, int], int],
+    storages: list[tuple[int, int, int, int, int, str, int]],
+    storage_shares: dict[int, dict[tuple[int, int], int]],
+    at_us: float,
+) -> dict[tuple[int, int], int]:
+    """KV bytes by (cache, layer) at a moment (`at_us`, a storage's `t_ns` / 1000), each split storage live
+    then moved from its first slot, where the allocator's events placed it whole, to its views' slots."""
+    split = dict(by_slot)
+    for index, shares in storage_shares.items():
+        _, nbytes, first_ns, last_ns, layer, _, cache = storages[index]
+        owner = (cache, layer)
+        live = first_ns / 1000.0 <= at_us and (last_ns < 0 or last_ns / 1000.0 > at_us)
+        if not live or split.get(owner, 0) < nbytes:
+            continue
+        split[owner] -= nbytes
+        for slot, share in shares.items():
+            split[slot] = split.get(slot, 0) + share
+    return {slot: nbytes for slot, nbytes in split.items() if nbytes > 0}
+
+
+def tracked_length_note(events: Iterable[Any], tokens: int | None) -> str | None:
+    """A tracked tensor's tokens are its length along its seq dim (`kvtrace.track`): the tokens it holds for
+    a tensor that grows with them (torch.cat), the room preallocated for one that does not: views that
+    together make up a whole storage (one kv[layers, 2, ...] tensor), or a tensor written in place. `events`:
+    the main cache's KV data events; their last view per slot decides."""
+    views: dict[int, dict[Slot, int]] = {}
+    storage: dict[int, int] = {}
+    in_place = False
+    for ev in events:
+        if ev.part not in _TRACKED_PARTS:
+            continue
+        in_place |= ev.event == "written"
+        views.setdefault(ev.addr, {})[(ev.cache, ev.layer, ev.kv)] = ev.logical_bytes
+        storage[ev.addr] = ev.storage_bytes
+    whole = [addr for addr, slots in views.items() if len(slots) > 1 and sum(slots.values()) == storage[addr]]
+    if not tokens or not (whole or in_place):
+        return None
+    why = (
+        f"views that together make up one {human_bytes(storage[whole[0]])} tensor"
+        if whole
+        else "written in place"
+    )
+    return (
+        f"tokens per row ({tokens}) are the tracked tensors' length along their seq dim, {why}: the room "
+        "preallocated, not the tokens written (bytes per token divide by it); for the tokens held, track "
+        "views cut to them (kv[layer, 0, :, :, :pos]) again after each forward"
+    )
+
+
+def _whole(entry: Entry) -> dict[Slot, int]:
+    nbytes, layer, kv, cache = entry
+    return {(cache, layer, kv): nbytes}
+
+
+def _split(views: dict[tuple[Slot, str], int], entry: Entry) -> dict[Slot, int]:
+    by_slot: dict[Slot, int] = {}
+    for (slot, _), nbytes in views.items():
+        by_slot[slot] = by_slot.get(slot, 0) + nbytes
+    storage, layer, kv, cache = entry
+    covered = sum(by_slot.values())
+    if len(by_slot) < 2 or covered > storage:
+        return _whole(entry)
+    # Views cut to the tokens written (kv[l, 0, :, :, :pos]) cover part of the storage: each slot's room is
+    # in proportion to its view, the rounding's bytes the first slot's
+    shares = {slot: storage * nbytes // covered for slot, nbytes in by_slot.items()}
+    first = (cache, layer, kv)
+    shares[first] = shares.get(first, 0) + storage - sum(shares.values())
+    return shares
+
+
+def _delta(before: dict[Slot, int], after: dict[Slot, int]) -> dict[Slot, int]:
+    changes = {slot: after.get(slot, 0) - before.get(slot, 0) for slot in before.keys() | after.keys()}
+    return {slot: change for slot, change in changes.items() if change}
