@@ -5,7 +5,10 @@ result and compute nothing.
 
 A plan fits when weights + the KV peak + reserve <= GPU memory. The reserve stands for everything
 the planner cannot see (CUDA context, cuBLAS workspaces, activations, allocator fragmentation); its
-default of 10% of the GPU mirrors vLLM's `gpu_memory_utilization=0.9`.
+default of 10% of the GPU mirrors vLLM's `gpu_memory_utilization=0.9`. A plan from a recorded run
+(`PlanRequest.recorded`) sees the activations: its peak is the run's measured one, moved to the batch,
+context and cache planned (analyzers.planning.plan_kv's `recorded_peak_at`), and the measured activations
+replace the reserve's guess (`kvtrace plan --from-run` keeps none unless --reserve is typed, on top).
 
 This module decides whether a request fits and searches for what would: the largest batch, the longest
 context, the remedies. The rest is split by role: the request and result types
@@ -78,7 +81,8 @@ def _evaluate(req: PlanRequest) -> PlanResult:
     weights = req.weights_bytes
     reserve = req.effective_reserve_bytes
     total = weights + sizes.kv_bytes + reserve
-    peak = weights + sizes.peak_bytes + reserve
+    peak = peak_at(req, req.batch, req.context)
+    activations = peak - weights - sizes.peak_bytes - reserve  # a recorded run's; else 0
     gpu = req.gpu_memory_bytes
 
     def context_fits(context: int) -> bool:
@@ -95,7 +99,7 @@ def _evaluate(req: PlanRequest) -> PlanResult:
         cap = None if steady is None else steady - shortest + 1
         longer = _largest(lambda extra: context_fits(shortest - 1 + extra), cap=cap)
         max_context = shortest - 1 + longer if longer else 0
-    budget = gpu - weights - reserve
+    budget = gpu - weights - reserve - activations
     return PlanResult(
         request=req,
         kv_bytes_per_token=data,
@@ -119,6 +123,7 @@ def _evaluate(req: PlanRequest) -> PlanResult:
         max_context=max_context,
         kv_budget_bytes=budget,
         kv_blocks=blocks(budget, data + scales, req.block_size),
+        activations_bytes=activations,
     )
 
 

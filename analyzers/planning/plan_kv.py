@@ -59,9 +59,9 @@ batches, contexts and windows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from analyzers.planning.plan_types import PlanRequest
+from analyzers.planning.plan_types import PlanRequest, RecordedPeak
 from analyzers.planning.presets import dtype_bytes_for
 from analyzers.planning.quantized_cache import quantized_cache_bytes, residual_tokens
 from kvtrace.errors import KvtraceError
@@ -265,6 +265,77 @@ def kv_sizes(req: PlanRequest, batch: int, context: int) -> KvSizes:
 
 
 def peak_at(req: PlanRequest, batch: int, context: int) -> int:
-    """Bytes the plan needs at its worst moment at `batch` and `context`: weights, reserve and the KV peak."""
+    """Bytes the plan needs at its worst moment at `batch` and `context`: weights, reserve and the KV peak,
+    and a recorded run's activations (`recorded_peak_at`)."""
     fixed = req.weights_bytes + req.effective_reserve_bytes
+    if req.recorded is not None:
+        return req.effective_reserve_bytes + recorded_peak_at(req, batch, context)
     return fixed + kv_sizes(req, batch, context).peak_bytes
+
+
+def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
+    """The peak a recorded run would reach at `batch` and `context`, priced as `kvtrace diagnose` prices
+    its remedies from the run's peak moment (analyzers.planning.diagnose_remedies): the KV of that moment
+    moves as the arithmetic says, the activations stay as measured when the batch or context shrinks (they
+    shrink too: an upper bound) and grow in proportion when either grows (an upper bound where they are a
+    fixed part plus parts per row and per token). The run's own settings give its own peak exactly.
+
+    Another cache kind, KV dtype, window or beams moves the moment (a static cache's prefill attends over
+    all of its length, a dynamic cache peaks at its growth copy): its KV peak plus the run's activations,
+    an estimate (analyzers.planning.run_peak's note says so)."""
+    rec = req.recorded
+    assert rec is not None
+    run = _run_request(req, rec)
+    grown = max(batch / rec.batch, 1.0) * max(_attended(req, context) / _attended(run, rec.context), 1.0)
+    growth = math.ceil(rec.activations_bytes * (grown - 1))
+    floor = req.weights_bytes + kv_sizes(req, batch, context).peak_bytes  # the KV peak's moment
+    if not same_cache_as_run(req):
+        return floor + rec.activations_bytes + growth
+    moved = _moment_kv(req, rec, batch, context) - _moment_kv(run, rec, rec.batch, rec.context)
+    return max(rec.peak_bytes + (req.weights_bytes - rec.weights_bytes) + moved + growth, floor)
+
+
+def same_cache_as_run(req: PlanRequest) -> bool:
+    """Whether the request keeps the recorded run's cache (kind, KV dtype, window, beams, quantization) and
+    weights, whose peak moment then stays where the run's was: only its batch, context or prompt differ."""
+    rec = req.recorded
+    if rec is None:
+        return False
+    return req == replace(_run_request(req, rec), batch=req.batch, context=req.context, prompt=req.prompt)
+
+
+def _run_request(req: PlanRequest, rec: RecordedPeak) -> PlanRequest:
+    """The request of the recorded run itself: the plan's model, weights and memory, the run's settings."""
+    return replace(
+        req,
+        batch=rec.batch,
+        context=rec.context,
+        prompt=rec.prompt,
+        cache=rec.cache,
+        kv_dtype=rec.kv_dtype,
+        window=rec.window,
+        beams=rec.beams,
+        quant_group_size=rec.quant_group_size,
+        residual_length=rec.residual_length,
+        measured_weights_bytes=rec.weights_bytes,
+    )
+
+
+def _attended(req: PlanRequest, context: int) -> int:
+    """Tokens a step attends over, which the activations beside the KV follow: the context, or a window
+    when every layer keeps one."""
+    whole, _, window = cache_layout(req)
+    return context if whole or window is None else min(context, window + 1)
+
+
+def _moment_kv(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """KV held at the run's peak moment, at `batch` and `context`: at prefill the prompt's (a preallocated
+    cache's: all of it); later, a moment holding all of the run's tokens holds all of this context's, and
+    one earlier in the run its tokens, at most this context's."""
+    sizes = kv_sizes(req, batch, context)
+    if rec.phase == "prefill":
+        return sizes.prefill_bytes
+    if req.cache in ("static", "sliding") or rec.tokens >= rec.context - 1:
+        return sizes.kv_bytes
+    tokens = min(rec.tokens, context - 1)
+    return kv_sizes(replace(req, prompt=None), batch, tokens + 1).kv_bytes if tokens >= 1 else 0

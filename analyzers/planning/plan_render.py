@@ -112,6 +112,13 @@ def format_text(result: PlanResult) -> str:
         if req.beams > 1 and req.cache != "dynamic":
             label = "beam reorder peak"
         rows.append((label, _size(result.dynamic_realloc_peak_bytes)))
+    if req.recorded is not None:
+        rows.append(
+            (
+                "activations",
+                f"{_size(result.activations_bytes)} (the rest of the run's peak, scaled to this plan)",
+            )
+        )
     rows += [
         ("reserve", _size(result.reserve_bytes)),
         ("peak", f"{_size(result.peak_bytes)} of {_size(req.gpu_memory_bytes)}"),

@@ -24,6 +24,7 @@ __all__ = [
     "QUANTIZED_KV_DTYPES",
     "PlanRequest",
     "PlanResult",
+    "RecordedPeak",
     "Remedy",
 ]
 
@@ -36,11 +37,39 @@ MIB = 2**20
 
 
 @dataclass(frozen=True, kw_only=True)
+class RecordedPeak:
+    """The peak a recorded transformers run reached, as `kvtrace report` measures it, and the settings it ran
+    with: what a plan from the run prices the memory beside its weights and KV from (activations, logits,
+    temporaries), which the planner cannot derive from a config (analyzers.planning.plan_kv's `peak_at`).
+
+    phase and tokens place the moment, as `kvtrace diagnose` finds it: at prefill the cache held the prompt
+    (a preallocated cache: all of it), later `tokens` a row.
+    """
+
+    peak_bytes: int  # the device's peak allocated bytes, the report's
+    activations_bytes: int  # at that moment, beside the weights and the KV: the report's other
+    weights_bytes: int  # the weights the run held, the plan's measured figure
+    phase: str | None  # the moment's step's phase: "prefill", "decode"
+    tokens: int  # tokens a row the main cache held at the end of the moment's step
+    # the run's own settings, which the plan of the run itself repeats
+    batch: int
+    context: int
+    prompt: int | None
+    cache: str
+    kv_dtype: str
+    window: int | None
+    beams: int
+    quant_group_size: int
+    residual_length: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class PlanRequest:
     """What to plan for. Invalid combinations raise KvtraceError when the request is built.
 
     reserve_bytes / reserve_fraction: memory kept out of the plan; give at most one (neither: 10% of
-    the GPU). A larger reserve makes the answer safer and the batch smaller.
+    the GPU, which stands for the activations among the rest; `kvtrace plan --from-run` measures those and
+    keeps no reserve unless one is typed). A larger reserve makes the answer safer and the batch smaller.
     window: tokens a sliding cache keeps (default: the model's own `sliding_window`); only for "sliding".
     quant_group_size / residual_length: QuantizedCache's `q_group_size` (64) and `residual_length` (128);
     a smaller group means more scales, a longer residual more full-precision tokens. The fp8 backend
@@ -77,6 +106,9 @@ class PlanRequest:
     beams: int = 1
     # The weights as a run measured them (`plan --from-run`); None: from the geometry and weights_dtype
     measured_weights_bytes: int | None = None
+    # The run's measured peak (`plan --from-run` of a run recorded with allocator events): the plan's peak
+    # then counts the run's activations, scaled to the batch and context planned, beside weights and KV
+    recorded: RecordedPeak | None = None
 
     def __post_init__(self) -> None:
         for label, dtype in (("weights", self.weights_dtype), ("KV", self.kv_dtype)):
@@ -218,3 +250,6 @@ class PlanResult:
     remedies: tuple[Remedy, ...] = field(default=())
     # What the figures do not say: a context beyond the positions the model takes (they still hold)
     notes: tuple[str, ...] = field(default=())
+    # Beside weights and KV at the peak: a recorded run's activations, scaled to this batch and context
+    # (`PlanRequest.recorded`); 0 without a recording, where the reserve stands for them
+    activations_bytes: int = 0

@@ -13,7 +13,9 @@ from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
 
 if TYPE_CHECKING:
+    from analyzers.planning.plan_types import RecordedPeak
     from analyzers.planning.run_defaults import RunDefaults
+    from analyzers.planning.run_peak import PeakMoment
 
 DTYPES = ("bf16", "fp16", "fp32", "fp8", "int8", "int4")
 KV_DTYPES = (*DTYPES, "int2")  # a QuantizedCache of nbits=2; no weights format is planned at 2 bits
@@ -80,6 +82,32 @@ def _budget_note(budget: int, run: RunDefaults) -> str:
     )
 
 
+def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
+    """The run's peak with the settings it ran with: those a plan with no flag but --from-run repeats."""
+    from analyzers.planning.plan_types import RecordedPeak
+
+    weights_dtype = run.weights_dtype or "bf16"
+    default_kv = weights_dtype if weights_dtype in ("bf16", "fp16", "fp32") else "bf16"
+    group_size, residual_length = _quantized_settings(run, run.cache)
+    assert run.context is not None
+    return RecordedPeak(
+        peak_bytes=moment.peak_bytes,
+        activations_bytes=moment.activations_bytes,
+        weights_bytes=run.weights_bytes,
+        phase=moment.phase,
+        tokens=moment.tokens,
+        batch=run.batch or 1,
+        context=run.context,
+        prompt=run.prompt,
+        cache=run.cache,
+        kv_dtype=run.kv_dtype or ("int4" if run.cache == "quantized" else default_kv),
+        window=run.window if run.cache == "sliding" else None,
+        beams=run.beams,
+        quant_group_size=group_size,
+        residual_length=residual_length,
+    )
+
+
 class PlanCommand(Command):
     """Plan GPU memory: will a model's weights and KV cache fit at this batch and context?
 
@@ -142,9 +170,10 @@ class PlanCommand(Command):
         )
         parser.add_argument(
             "--reserve",
-            default="0.1",
             help="memory kept out of the plan for CUDA context, activations and fragmentation: a fraction "
-            "of the GPU below 1 (default 0.1, like vLLM's 0.9 utilization) or a size such as 2GiB",
+            "of the GPU below 1 (default 0.1, like vLLM's 0.9 utilization) or a size such as 2GiB; with "
+            "--from-run of a run recorded with allocator events, default 0: the run's measured activations "
+            "replace the guess, and a typed reserve is kept on top of them",
         )
         parser.add_argument(
             "--cache", choices=CACHES, help="transformers cache kind (default dynamic, or the run's)"
@@ -258,7 +287,18 @@ class PlanCommand(Command):
                 ),
             )
         kv_dtype = args.kv_dtype or run_kv or ("int4" if cache == "quantized" else default_kv)
-        reserve_bytes, reserve_fraction = parse_reserve(args.reserve)
+        moment = None
+        if run is not None and run.context is not None:
+            from analyzers.planning.run_peak import peak_moment
+
+            found = peak_moment(args.from_run)
+            if isinstance(found, str):
+                run = replace(run, notes=(*run.notes, found))
+            else:
+                moment = found
+        # A run's measured activations replace the reserve's guess at them; a typed reserve goes on top
+        reserve_text = args.reserve if args.reserve is not None else ("0" if moment is not None else "0.1")
+        reserve_bytes, reserve_fraction = parse_reserve(reserve_text)
         prompt = args.prompt
         if args.context is not None:
             context = args.context
@@ -322,6 +362,13 @@ class PlanCommand(Command):
             quant_group_size=group_size,
             residual_length=residual_length,
         )
+        if run is not None and moment is not None:
+            request = replace(request, recorded=_recorded(run, moment))
+            from analyzers.planning.plan_kv import same_cache_as_run
+            from analyzers.planning.run_peak import recorded_note
+
+            note = recorded_note(moment, same_cache_as_run(request), args.reserve is not None)
+            run = replace(run, notes=(*run.notes, note))
         result = plan(request)
         if run is not None:
             result = replace(result, notes=(*run.notes, *result.notes))

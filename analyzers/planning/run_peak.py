@@ -1,0 +1,85 @@
+"""The peak a recorded transformers run reached, for `kvtrace plan --from-run`: the report's device peak,
+what it held beside the weights and KV (activations, logits, temporaries), and where it fell, as
+`kvtrace diagnose` places its moment. Pure, torch-free.
+
+Why: a plan's KV and weights are exact arithmetic, but the rest of a step's memory is not in a config; a
+run measured it. Without it the plan of the run itself said 95.17 MiB where the run peaked at 111.87 MiB
+(`kvtrace demo --cache static`: its prefill attends over all of max_cache_len, 10.38 MiB a layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from analyzers.units import human_bytes
+
+__all__ = ["PeakMoment", "peak_moment", "recorded_note"]
+
+
+@dataclass(frozen=True)
+class PeakMoment:
+    """The run's peak: bytes, what beside weights and KV, the phase and tokens a row of its step."""
+
+    peak_bytes: int
+    activations_bytes: int
+    phase: str | None
+    tokens: int
+    batch: int | None
+    cut_short: bool  # the run stopped (an OOM, an exception): its peak is what it reached
+
+
+def peak_moment(path: str | Path) -> PeakMoment | str:
+    """The run's peak moment, or why it has none to plan from (a sentence for the plan's notes)."""
+    from analyzers.planning.diagnose import diagnose
+    from analyzers.report import build_report
+
+    source, report = build_report(path, timelines=True)
+    main = report.main_device
+    if source.kv_log_only or main is None:
+        return (
+            "the run has no allocator events (recorded with profiler=False or profile_memory=False): its "
+            "activations are unseen, so the reserve stands for them"
+        )
+    leaves_out = source.meta.get("peak_leaves_out")
+    if leaves_out:
+        return f"the run's peak leaves out {leaves_out}: the reserve stands for its activations"
+    diagnosis = diagnose(source, report)
+    at_peak = main.categories_at_peak
+    beside = main.peak_allocated_bytes - at_peak.get("weights", 0) - at_peak.get("kv", 0)
+    return PeakMoment(
+        peak_bytes=main.peak_allocated_bytes,
+        activations_bytes=max(beside, 0),
+        phase=diagnosis.step_phase,
+        tokens=diagnosis.tokens_held or 0,
+        batch=diagnosis.batch,
+        cut_short=diagnosis.event == "oom" or diagnosis.step_cut,
+    )
+
+
+def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool) -> str:
+    """How the plan's peak counts the run's activations, and what the reserve is then."""
+    measured = (
+        f"the peak counts the run's activations as recorded ({human_bytes(moment.activations_bytes)} beside "
+        f"the weights and KV at its {human_bytes(moment.peak_bytes)} peak, "
+        f"{moment.phase or 'its'} step)"
+    )
+    how = (
+        ": the run's own settings plan its own peak; a smaller batch or context keeps them (an upper bound, "
+        "they shrink too), a larger one grows them in proportion"
+        if same_cache
+        else ": added to this cache's KV peak, an estimate (another cache moves the peak: a static or "
+        "sliding cache's prefill attends over its whole length); record it to be sure"
+    )
+    reserve = (
+        "; the --reserve typed is kept out on top"
+        if reserve_typed
+        else "; they replace the reserve's guess, so none is kept (--reserve keeps memory out on top for "
+        "the CUDA context and allocator fragmentation, which allocated bytes do not count)"
+    )
+    cut = (
+        "; the run stopped before its end, so its peak is what it reached, a lower bound"
+        if moment.cut_short
+        else ""
+    )
+    return measured + how + reserve + cut
