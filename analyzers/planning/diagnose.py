@@ -13,8 +13,9 @@ would have been on a device of that size: the step, layer and request that cross
 
 This module picks the moment and puts its figures together; the rest is split by role, each in its own
 module: the data model (analyzers.planning.diagnosis), where the moment falls in the run and what the KV
-held then (diagnose_moment), the stacks live then (diagnose_stacks), and the remedies' prices
-(diagnose_remedies, and diagnose_cache_remedies for beam search, sliding windows and int4 caches).
+held then (diagnose_moment), the stacks live then (diagnose_stacks), the activations a smaller batch
+shrinks (diagnose_rows), and the remedies' prices (diagnose_remedies, and diagnose_cache_remedies for beam
+search, sliding windows and int4 caches).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from analyzers.budget import budget_crossing, budget_of, marker_step_at
 from analyzers.caches import CROSS_ATTENTION, layer_list
 from analyzers.kv_views import split_by_view
-from analyzers.model import MemorySource, request_at_most
+from analyzers.model import OTHER, MemorySource, request_at_most
 from analyzers.planning.diagnose_buffer_remedies import preallocated_buffers
 from analyzers.planning.diagnose_moment import (
     beams_at_step,
@@ -44,13 +45,17 @@ from analyzers.planning.diagnose_remedies import (
     layer_kind_token_bytes,
     layer_token_bytes,
     price_remedies,
+    quantized_bits,
     quantized_cache,
     sliding_layer_ids,
     sliding_layers,
+    token_elements,
 )
+from analyzers.planning.diagnose_rows import fixed_sizes, row_activation_bytes, row_units
 from analyzers.planning.diagnose_stacks import (
     freed_from_before,
     live_by_stack,
+    live_sizes,
     snapshot_block_stacks,
     unaddressed_share,
 )
@@ -193,7 +198,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     kv_peak = report.kv.peak_bytes if kv_log is not None else None
     kv_final = report.kv.final_bytes if kv_log is not None else None
 
-    step = phase = prompt = beams = held_step = None
+    step = phase = prompt = beams = held_step = stored = None
     layer_tokens: dict[int, int] = {}
     rows_are_beams = step_cut = False
     top_layers: tuple[tuple[int, int], ...] = ()
@@ -231,6 +236,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             live = kv_log.step_cache_live.get(held)
             if live is not None:
                 cross_kv = sum(nbytes for (cache, _), nbytes in live.items() if cache in cross_ids)
+                stored = sum(live.values())
         if dev_index is not None and index >= 0 and not at_start:
             by_slot = kv_by_slot_at(source.devices[dev_index], index)
             if kv_log.storage_shares:  # storages shared by several layers' views, placed whole by the join
@@ -268,6 +274,13 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     if unaddressed is not None:
         stacks.append(unaddressed)
     top = tuple(sorted(stacks, key=lambda s: -s.bytes)[:TOP_STACKS])
+    # The activations live then that a smaller batch shrinks besides its KV (logits, attention's copies)
+    row_activations = None
+    if dev_index is not None and index >= 0 and not at_start and batch and source.kind == "run":
+        positions = max(tokens_held or 0, report.kv.tokens_held or 0, report.kv.capacity_tokens or 0) + 1
+        others = live_sizes(source.devices[dev_index], index, OTHER)
+        units, fixed = row_units(report.geometry), fixed_sizes(report.geometry)
+        row_activations = row_activation_bytes(others, batch, units, positions, fixed)
 
     fields: dict[str, object] = {
         "kv_bytes": kv_bytes,
@@ -301,6 +314,11 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "compute_bits": compute_dtype_bits(report),
         "model_dtype": (report.geometry or {}).get("dtype"),
         "quantized_cache": quantized_cache(source),  # a static cache or a window would keep the model's dtype
+        "quantized_bits": quantized_bits(source, report),  # its packed values' bits: int4 or fp8
+        # what the cache stores at the end of the moment's step, without its updates' transient copies
+        "kv_stored_bytes": stored,
+        "token_elements": token_elements(report, kv_dtype_bits(source, report)),
+        "row_activation_bytes": row_activations,
         "beyond_weights_bytes": beyond_weights,
         "kv_logged": kv_log is not None,  # a run recorded with kvtrace: its KV geometry is known
         "buffers": preallocated_buffers(report, kv_log),  # a model's own preallocated cache_k/cache_v

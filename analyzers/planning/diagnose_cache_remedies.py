@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from analyzers.planning.diagnose_buffer_remedies import PreallocatedBuffers
 from analyzers.planning.diagnosis import Remedy, fits, no_geometry
 from analyzers.planning.quantized_cache import (
     DEFAULT_GROUP_SIZE,
@@ -25,6 +26,8 @@ from analyzers.units import human_bytes
 __all__ = [
     "beam_search_remedies",
     "fewer_rows",
+    "fp8_after_quantized",
+    "fp8_for_static",
     "int4_remedy",
     "kind_widths",
     "layer_tokens_of",
@@ -103,24 +106,33 @@ def _fewer_text(change: str, one: str, target: int, basis: str, saved: int, per_
 
 
 def fewer_rows(
-    kv: int, count: int, need: int | None, beyond_weights: int | None
+    kv: int, count: int, need: int | None, beyond_weights: int | None, activations: int = 0
 ) -> tuple[int, int, str, int]:
     """(the setting to propose, bytes it frees, what those bytes are, KV bytes it frees) for a count the
     memory is linear in (batch, beams).
 
-    The KV alone first ("kv", see `_fewer`). When it cannot cover the shortfall even at 1, the moment's
+    The KV first, with the `activations` of the moment known to follow the rows (analyzers.planning.
+    diagnose_rows: logits, attention's copies), which a smaller count frees in proportion too ("rows"; "kv"
+    without them, see `_fewer`). When they cannot cover the shortfall even at 1, the moment's
     whole memory beyond the weights (`beyond_weights`: KV, activations, logits) prices it, since the
     activations shrink with the rows too: a row's share of it is an upper bound of what a row holds (some of
     it does not follow the rows: buffers, workspaces), so the count it finds is an estimate ("estimate"),
     and when even 1 is too many by it, no count fits ("bound", what going down to 1 would free at most).
     Without that figure (no weights recorded), or with one no larger than the KV (a run recorded without
     allocator events sees only the KV beyond the weights), the KV's answer stands."""
-    target, saved = _fewer(kv, count, need)
-    if need is None or need <= 0 or target >= 1 or not beyond_weights or beyond_weights <= kv:
+    if need is None or need <= 0:
+        target, saved = _fewer(kv, count, need)
         return target, saved, "kv", saved
+    rows = kv + max(activations, 0)
+    target, saved = _fewer(rows, count, need)
+    kv_saved = round(kv / count * (count - max(target, 1)))
+    if target >= 1:
+        return target, saved, "rows" if rows > kv else "kv", kv_saved
+    if not beyond_weights or beyond_weights <= rows:
+        return target, kv_saved, "kv", kv_saved
     whole_target = max(math.floor(count * (beyond_weights - need) / beyond_weights), 0)
     whole_saved = round(beyond_weights / count * (count - max(whole_target, 1)))
-    return whole_target, whole_saved, "estimate" if whole_target >= 1 else "bound", saved
+    return whole_target, whole_saved, "estimate" if whole_target >= 1 else "bound", kv_saved
 
 
 def _fewer(kv: int, count: int, need: int | None) -> tuple[int, int]:
@@ -135,25 +147,36 @@ def _fewer(kv: int, count: int, need: int | None) -> tuple[int, int]:
 
 
 def int4_remedy(
-    d: dict[str, object], kv: int, kv_bits: int, need: int | None, preallocated: bool = False
+    d: dict[str, object],
+    kv: int,
+    kv_bits: int,
+    need: int | None,
+    preallocated: PreallocatedBuffers | None = None,
 ) -> Remedy:
     """transformers' QuantizedCache at its defaults (int4, a scale and a zero-point per 64 elements,
     residual_length 128) holding this moment's tokens: the prompt quantized, the tokens after it in the
     compute dtype until 128 are due (analyzers.planning.quantized_cache, as `kvtrace plan` counts it).
     Each layer holds its own tokens (`layer_tokens_of`): a step stopped between its layers' updates leaves
     the later ones a token short, or at prefill with none, and both caches are priced on what is held.
-    `preallocated`: the cache holds room beyond its tokens (a StaticCache), all of which it replaces."""
+    `preallocated`: a StaticCache, whose room the QuantizedCache replaces; that cache holds the same bytes
+    from its first update on, the QuantizedCache grows, so it is priced at the run's final context (the
+    most tokens a row of the run wrote), not at the moment's, which a peak at prefill holds few of."""
     batch, tokens, prompt = d["batch"], d["tokens_held"], d.get("prompt_tokens")
     if not isinstance(batch, int) or not isinstance(tokens, int) or not batch or not tokens:
         why = "needs the tokens held, a share of which it keeps at full precision"
         return Remedy("quantized_kv", 4, None, None, f"int4 quantized cache: {no_geometry(d)}; it {why}.")
-    per_token = _bytes_per_token_all_rows(d, kv, batch, tokens)
+    final = preallocated.tokens_written if preallocated is not None else None
+    if preallocated is not None and final:
+        per_token = kv / preallocated.positions  # a StaticCache's bytes are its positions' (every row's)
+        tokens = final
+    else:
+        per_token = _bytes_per_token_all_rows(d, kv, batch, tokens)
     counts, layers = layer_tokens_of(d, tokens)
     per_layer_token = per_token / layers  # one layer's KV of a position, every row
     # What the cache holds at this moment, without a dynamic cache's transient copy: a quantized cache's
     # updates make larger ones (its quantized layer dequantized, whole K and V returned at full precision).
-    cache = kv if preallocated else min(kv, round(per_layer_token * sum(counts)))
-    elements = per_layer_token * 8 / kv_bits  # per position of one layer, every row
+    cache = kv if preallocated is not None else min(kv, round(per_layer_token * sum(counts)))
+    elements = _layer_elements(d, batch, layers) or per_layer_token * 8 / kv_bits  # a position of a layer
     compute_bits = d.get("compute_bits")
     compute_bytes = (compute_bits if isinstance(compute_bits, int) else kv_bits) / 8
     known = prompt if isinstance(prompt, int) else None
@@ -174,17 +197,80 @@ def int4_remedy(
     after = (
         f"the {residual:,} after the prompt" if known is not None else f"up to {residual:,} (the worst case)"
     )
-    return Remedy(
-        "quantized_kv",
-        4,
-        saved,
-        fits(saved, need),
-        f"An int4 quantized cache (QuantizedCache, scales included) holds these {tokens:,} tokens"
-        f"{_short_layers(counts, tokens, layers)} in {human_bytes(held_bytes)} instead of "
-        f"{human_bytes(cache)}, saving {human_bytes(saved)}: {fullest.quantized_tokens:,} in int4, {after} "
-        f"at full precision ({human_bytes(sum(q.residual_bytes for q in per_layer))}) until "
-        f"residual_length={DEFAULT_RESIDUAL_LENGTH} are due.",
+    split = (
+        f"{fullest.quantized_tokens:,} in int4, {after} at full precision "
+        f"({human_bytes(sum(q.residual_bytes for q in per_layer))}) until "
+        f"residual_length={DEFAULT_RESIDUAL_LENGTH} are due"
     )
+    if preallocated is not None and final:
+        text = (
+            f"An int4 quantized cache (QuantizedCache, scales included) grows with the tokens, where this "
+            f"StaticCache holds its {preallocated.positions:,} positions from its first update: by the "
+            f"run's end it holds its {tokens:,} tokens in {human_bytes(held_bytes)} instead of "
+            f"{human_bytes(cache)}, saving {human_bytes(saved)}: {split}."
+        )
+    else:
+        text = (
+            f"An int4 quantized cache (QuantizedCache, scales included) holds these {tokens:,} tokens"
+            f"{_short_layers(counts, tokens, layers)} in {human_bytes(held_bytes)} instead of "
+            f"{human_bytes(cache)}, saving {human_bytes(saved)}: {split}."
+        )
+    return Remedy("quantized_kv", 4, saved, fits(saved, need), text)
+
+
+def _layer_elements(d: dict[str, object], batch: int, layers: int) -> float | None:
+    """KV elements of one position of one layer, every row: the arithmetic (`token_elements`), which does
+    not depend on how the run's cache stores them."""
+    per_row = d.get("token_elements")
+    return per_row * batch / layers if isinstance(per_row, int | float) and per_row else None
+
+
+def fp8_for_static(
+    d: dict[str, object], kv: int, kv_bits: int, static: PreallocatedBuffers, need: int | None
+) -> Remedy:
+    """An fp8 cache for a StaticCache's run: transformers' QuantizedCache(backend="fp8") keeps every token
+    in 8 bits, and grows with them: priced at the run's final context (the most tokens a row wrote) against
+    the StaticCache's room, which it holds whatever the moment (`int4_remedy`)."""
+    tokens = static.tokens_written or static.positions
+    held = round(kv / static.positions * tokens * 8 / kv_bits)
+    saved = max(kv - held, 0)
+    grows = (
+        f"grows with the tokens, where this StaticCache holds its {static.positions:,} positions from its "
+        "first update"
+    )
+    text = (
+        f"An fp8 KV cache (QuantizedCache(backend='fp8'), 8 bits a value) {grows}: by the run's end it "
+        f"holds its {tokens:,} tokens in {human_bytes(held)} instead of {human_bytes(kv)} at {kv_bits} bits, "
+        f"saving {human_bytes(saved)}."
+    )
+    return Remedy("quantized_kv", 8, saved, fits(saved, need), text)
+
+
+def fp8_after_quantized(d: dict[str, object], kv: int, packed: int, need: int | None) -> Remedy:
+    """An fp8 cache for an int4 QuantizedCache's run: every token in 8 bits, against what the run's cache
+    stores at the end of the moment's step (`kv_stored_bytes`: its packed values, their scales and its
+    residual at full precision), both without their updates' transient copies. Its width comes from the
+    arithmetic (`token_elements`), not from the run's storage, whose last dtype is its residual's."""
+    batch, tokens = d["batch"], d["tokens_held"]
+    layers = d.get("kv_layers")
+    elements = (
+        _layer_elements(d, batch, layers) if isinstance(batch, int) and isinstance(layers, int) else None
+    )
+    if not isinstance(tokens, int) or not tokens or elements is None or not isinstance(layers, int):
+        why = "cannot be priced: the KV geometry of a layer is not recorded"
+        return Remedy("quantized_kv", 8, None, None, f"fp8 KV cache: {why}.")
+    stored = d.get("kv_stored_bytes")
+    stored = min(stored, kv) if isinstance(stored, int) and stored else kv
+    counts, _ = layer_tokens_of(d, tokens)
+    held = round(elements * sum(counts))  # a byte a value
+    saved = max(stored - held, 0)
+    text = (
+        f"An fp8 KV cache (QuantizedCache(backend='fp8'), 8 bits a value, every token) holds these "
+        f"{tokens:,} tokens in {human_bytes(held)} instead of the {human_bytes(stored)} this int{packed} "
+        f"cache stores (its residual at full precision), saving {human_bytes(saved)}; both without their "
+        "updates' transient copies."
+    )
+    return Remedy("quantized_kv", 8, saved, fits(saved, need), text)
 
 
 def layer_tokens_of(d: dict[str, object], tokens: int) -> tuple[list[int], int]:
@@ -421,11 +507,12 @@ def window_remedy(
 
 
 def quantized_widening(d: dict[str, object], kv_bits: int | None) -> float | None:
-    """How many times larger a token's KV is at the model's own dtype than in this run's quantized cache
-    (fp8 under a float32 model: 4), which a static cache or a sliding window would keep; None when the
-    run's cache is not quantized, or a dtype is unknown."""
+    """How many times larger a token's KV is at the model's own dtype than the run's arithmetic counts it
+    (`kv_bits`, the dtype of its last KV data event: fp8 under a float32 model, 4; an int4 cache's residual,
+    already the model's dtype, 1), which a static cache or a sliding window would keep; None when the run's
+    cache is not quantized, or a dtype is unknown."""
     compute = d.get("compute_bits")
-    if not d.get("quantized_cache") or not isinstance(compute, int) or not kv_bits or compute <= kv_bits:
+    if not d.get("quantized_cache") or not isinstance(compute, int) or not kv_bits or compute < kv_bits:
         return None
     return compute / kv_bits
 

@@ -5,17 +5,22 @@ priced in bytes with this run's own figures. Pure, torch-free.
   a fresh segment that big; the reserved-but-free space is treated as unusable, which is what the OOM
   itself proves without expandable segments), or `peak - budget` when a budget is given;
 * KV scales linearly with batch and with the tokens held, so smaller batch and shorter context are exact
-  proportions of the KV at that moment (activations also shrink; we don't count them, so the figures are
-  lower bounds); batch and tokens are those held at the end of the moment's step (the KV log's per-step
-  figures), not the run's final count; on a hybrid cache a token costs the full layers and the sliding
-  layers that hold more than their window at that moment (the prompt, at prefill), each kind at its own
-  width (Gemma 4's sliding layers are narrower than its full ones);
+  proportions of the KV at that moment; a smaller batch also frees its share of the moment's activations
+  whose sizes are batch-first (logits, attention's copies, masks: analyzers.planning.diagnose_rows), the
+  others counted as fixed, so its figure is a lower bound; batch and tokens are those held at the end of
+  the moment's step (the KV log's per-step figures), not the run's final count; on a hybrid cache a token
+  costs the full layers and the sliding layers that hold more than their window at that moment (the
+  prompt, at prefill), each kind at its own width (Gemma 4's sliding layers are narrower than its full
+  ones);
 * a sliding window is priced as the cache with every layer sliding at it would peak (its new K and V made
   before the old are freed, the prompt held whole until the first decode step), never as a window that
   would grow the layers a hybrid model already slides;
 * a static cache removes the dynamic cache's reallocation transient: KV peak - KV final, from the KV log;
   but a static cache, like a sliding window (which transformers' QuantizedCache refuses), keeps KV at the
   model's own dtype: on a quantized cache's run both are priced at it, and a static cache adds memory;
+* a StaticCache's room is held from its first update, but the quantized caches that would replace it grow:
+  they are priced at the run's final context, not at a prefill peak's few tokens; a run that is already a
+  quantized cache is not offered its own kind, and the others are priced from what it stores;
 * quantized KV keeps 8 bits an element (fp8), or is transformers' int4 QuantizedCache: int4 plus a scale
   and a zero-point per 64 elements in the model's dtype, the prompt quantized and the tokens after it at
   full precision until `residual_length` (128) are due (analyzers.planning.quantized_cache, as
@@ -54,6 +59,8 @@ from analyzers.planning.diagnose_buffer_remedies import (
 from analyzers.planning.diagnose_cache_remedies import (
     beam_search_remedies,
     fewer_rows,
+    fp8_after_quantized,
+    fp8_for_static,
     int4_remedy,
     layer_tokens_of,
     layer_widths,
@@ -77,11 +84,15 @@ __all__ = [
     "layer_kind_token_bytes",
     "layer_token_bytes",
     "price_remedies",
+    "quantized_bits",
     "quantized_cache",
     "sliding_layer_ids",
     "sliding_layers",
+    "token_elements",
     "token_layers",
 ]
+# A QuantizedCache's packed values: quanto's `q._data._data`, HQQ's `q.0` (also the fp8 backend's data)
+_PACKED_PARTS = ("q._data._data", "q._data", "q.0")
 
 _DTYPE_BITS = {
     "float32": 32,
@@ -177,12 +188,52 @@ def kv_dtype_bits(source: MemorySource, report: Report) -> int | None:
 
 
 def quantized_cache(source: MemorySource) -> bool:
-    """Whether the run's KV is a quantized cache's (its last KV data event is a quantized part, `q.*`)."""
+    """Whether the run's KV is a quantized cache's: any KV data event is a quantized part (`q.*`). Not only
+    its last: quanto's and HQQ's caches write their full-precision residual (`data`) at every step, their
+    packed values only when they quantize."""
+    return _packed_event(source) is not None
+
+
+def _packed_event(source: MemorySource) -> Any:
+    """The first event making a quantized part (`q.*`: the packed values holding tokens first, else a
+    scale), None for a cache that quantizes nothing."""
     run = source.meta.get("run")
     if run is None:
-        return False
-    parts = [e.part for e in run.kv_events if is_kv_data(e) and e.dtype]
-    return bool(parts) and str(parts[-1]).startswith("q.")
+        return None
+    parts = [
+        e
+        for e in run.kv_events
+        if str(e.part).startswith("q.") and e.dtype and e.event not in ("freed", "written")
+    ]
+    packed = [e for e in parts if e.part in _PACKED_PARTS and e.tokens]
+    return (packed or parts or [None])[0]
+
+
+def quantized_bits(source: MemorySource, report: Report) -> int | None:
+    """Bits a quantized cache packs a value in (4: quanto's or HQQ's int4; 8: the fp8 backend), None for a
+    cache that quantizes nothing or whose packed size does not divide into whole bits: the packed bytes over
+    the values they hold (rows x tokens x a layer's K or V width)."""
+    event = _packed_event(source)
+    if event is None:
+        return None
+    if str(event.dtype).startswith("float8"):
+        return 8
+    geometry = report.geometry or {}
+    heads, head_dim, rows = geometry.get("num_kv_heads"), geometry.get("head_dim"), report.kv.batch
+    nbytes = event.logical_bytes or event.storage_bytes
+    if not all(isinstance(n, int) and n > 0 for n in (heads, head_dim, rows, event.tokens, nbytes)):
+        return None
+    values = rows * event.tokens * heads * head_dim
+    return nbytes * 8 // values if nbytes * 8 % values == 0 else None
+
+
+def token_elements(report: Report, kv_bits: int | None) -> float | None:
+    """KV elements of one token of one sequence, every layer's K and V: the arithmetic of the report
+    (`bytes_per_token_expected`, in the dtype of the run's last KV data event) over that dtype's bytes.
+    The other caches' prices start from it, not from the run's storage, which a quantized cache keeps at
+    two widths (its packed values, its residual at full precision)."""
+    expected = report.kv.bytes_per_token_expected
+    return expected * 8 / kv_bits if expected and kv_bits else None
 
 
 def compute_dtype_bits(report: Report) -> int | None:
@@ -213,6 +264,13 @@ def _smaller_batch_text(
         return "The run is at batch 1 already: a smaller batch is no remedy."
     if basis == "kv" and target >= 1:
         return f"Batch {target} instead of {batch} frees {human_bytes(saved)} of KV, enough to fit."
+    if basis == "rows":
+        return (
+            f"Batch {target} instead of {batch} frees {human_bytes(saved)}, enough to fit: "
+            f"{human_bytes(kv_saved)} of KV and {human_bytes(saved - kv_saved)} of the activations that "
+            "shrink with the rows (the logits, attention's copies: the allocations at this moment that are "
+            "the batch times a model width long)."
+        )
     shortfall = f"the {human_bytes(need)} shortfall"
     if basis == "kv":  # what the activations would free is unknown: no verdict on the whole peak
         return (
@@ -234,6 +292,18 @@ def _smaller_batch_text(
     return (
         f"Even batch 1 does not fit: were all of {whole} to shrink with the batch, batch 1 would free "
         f"{human_bytes(saved)}, less than {shortfall}."
+    )
+
+
+def _fixed_beyond(beyond: int | None, kv: int, acts: int) -> str:
+    """What a batch remedy priced by its rows ("rows", `fewer_rows`) counts as fixed: the memory beyond the
+    weights that is neither KV nor an allocation of a batch-first size, a part of which may shrink too."""
+    fixed = beyond - kv - acts if beyond is not None else 0
+    if fixed <= 0:
+        return ""
+    return (
+        f" The other {human_bytes(fixed)} beyond the weights is counted as fixed (the recording gives sizes, "
+        "not shapes): a lower bound of what it frees."
     )
 
 
@@ -273,8 +343,12 @@ def price_remedies(
             saved = 0
             text = f"Batch {batch} already fits; the KV alone would leave room up to batch {target}."
         else:
-            target, saved, basis, kv_saved = fewer_rows(kv, batch, need, beyond_weights)
+            acts = d.get("row_activation_bytes")
+            acts = acts if isinstance(acts, int) else 0
+            target, saved, basis, kv_saved = fewer_rows(kv, batch, need, beyond_weights, acts)
             text = _smaller_batch_text(target, batch, saved, basis, kv_saved, kv, need, beyond_weights)
+            if basis == "rows":
+                text += _fixed_beyond(beyond_weights, kv, acts)
         if d.get("rows_are_beams"):  # how many per prompt, the log does not say
             text += (
                 f" These {batch} cache rows are beam search's (prompts x num_beams): lower either, so that "
@@ -350,8 +424,14 @@ def price_remedies(
         out.append(Remedy("static_cache", None, None, None, f"Static cache: {why}."))
 
     if kv and kv_bits:
-        fp8 = round(kv * (1 - 8 / kv_bits)) if kv_bits > 8 else 0
-        if kv_bits > 8:  # an 8-bit cache already is what this remedy proposes
+        packed = d.get("quantized_bits")
+        packed = packed if isinstance(packed, int) else None
+        if packed is not None and packed < 8:  # priced from what the int4 cache stores, not its last dtype
+            out.append(fp8_after_quantized(d, kv, packed, need))
+        elif packed is None and static is not None and kv_bits > 8:
+            out.append(fp8_for_static(d, kv, kv_bits, static, need))
+        elif packed is None and kv_bits > 8:  # an 8-bit cache already is what this remedy proposes
+            fp8 = round(kv * (1 - 8 / kv_bits))
             out.append(
                 Remedy(
                     "quantized_kv",
@@ -363,7 +443,9 @@ def price_remedies(
                 )
             )
         sliding = d.get("sliding_layers")
-        if isinstance(sliding, int) and sliding:
+        if packed is not None and packed <= 4:
+            pass  # the run's cache already is an int4 (or narrower) QuantizedCache: nothing to propose
+        elif isinstance(sliding, int) and sliding:
             text = (
                 f"int4 quantized cache: transformers' QuantizedCache takes models whose layers all keep full "
                 f"attention, and this one has {sliding:,} sliding layer{'s' if sliding > 1 else ''} (it "
@@ -371,7 +453,7 @@ def price_remedies(
             )
             out.append(Remedy("quantized_kv", 4, None, None, text))
         else:
-            out.append(int4_remedy(d, kv, kv_bits, need, preallocated=static is not None))
+            out.append(int4_remedy(d, kv, kv_bits, need, preallocated=static))
     else:
         if kv:
             why = "cannot be computed: the KV dtype is not recorded"

@@ -15,7 +15,7 @@ from analyzers.model import DeviceEvents, MemorySource
 from analyzers.planning.diagnosis import StackShare
 from analyzers.stack_frames import heading, kept_frames
 
-__all__ = ["freed_from_before", "live_by_stack", "snapshot_block_stacks", "unaddressed_share"]
+__all__ = ["freed_from_before", "live_by_stack", "live_sizes", "snapshot_block_stacks", "unaddressed_share"]
 
 _NO_STACK = "(no stack recorded: record with with_stack=True)"
 _NO_ADDRESS = "(no stack recorded: the file gives no address or stack per allocation)"
@@ -31,11 +31,7 @@ def live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[Stack
     if upto < 0:
         return []
     n = upto + 1
-    addr = dev.addr[:n]
-    order = np.lexsort((np.arange(n), addr))
-    same_next = np.zeros(n, dtype=bool)
-    same_next[order[:-1]] = addr[order[:-1]] == addr[order[1:]]
-    live = (dev.delta_bytes[:n] > 0) & ~same_next & (addr >= 0)
+    live = _live(dev, upto)
     grouped: dict[str, list[int]] = {}
     frame_ids = dev.frame_id if dev.frame_id is not None else np.full(len(dev), -1, dtype=np.int32)
     kept: dict[int, str] = {}  # frame_id -> its stack without the frames memory_viz leaves out
@@ -50,6 +46,25 @@ def live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[Stack
         entry[0] += int(nbytes)
         entry[1] += 1
     return [_share(text, total, count) for text, (total, count) in grouped.items()]
+
+
+def _live(dev: DeviceEvents, upto: int) -> np.ndarray:
+    """Which of the events up to `upto` are allocations still live after it (see `live_by_stack`)."""
+    n = upto + 1
+    addr = dev.addr[:n]
+    order = np.lexsort((np.arange(n), addr))
+    same_next = np.zeros(n, dtype=bool)
+    same_next[order[:-1]] = addr[order[:-1]] == addr[order[1:]]
+    return (dev.delta_bytes[:n] > 0) & ~same_next & (addr >= 0)
+
+
+def live_sizes(dev: DeviceEvents, upto: int, category: int) -> list[int]:
+    """The sizes of the allocations of `category` (analyzers.model's codes) live after event `upto`: empty
+    where the events carry no addresses or categories (which allocations are live is then unknown)."""
+    if upto < 0 or dev.category is None or not len(dev):
+        return []
+    live = _live(dev, upto) & (dev.category[: upto + 1] == category)
+    return [int(nbytes) for nbytes in dev.delta_bytes[: upto + 1][live].tolist()]
 
 
 def unaddressed_share(

@@ -566,6 +566,36 @@ def test_a_quanto_cache_holds_what_the_int4_remedy_counts(
     assert report["kv"]["final_bytes"] == Q_QUANTIZED + Q_RESIDUAL and report["budget"]["crossed"] is True
 
 
+def test_diagnose_of_a_quanto_run_offers_no_int4_and_prices_fp8_from_what_it_stores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the run with a real int4 QuantizedCache (quanto), whose last KV data is its float32 residual
+    pytest.importorskip("optimum.quanto")
+    from transformers import QuantizedCache
+
+    _record_over_budget(tmp_path / "quanto", lambda model: QuantizedCache("quanto", model.config))
+    # WHEN it is diagnosed
+    assert main(["diagnose", str(tmp_path / "quanto"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # THEN int4, the kind it already uses, is not offered
+    quantized = {r["setting"]: r for r in data["remedies"] if r["kind"] == "quantized_kv"}
+    assert set(quantized) == {8}
+    # AND fp8 (a byte a value, every token) is priced against what the int4 cache stores: its prompt packed
+    # in int4 with its scales, the tokens after it in float32; not as if all of it were 32-bit
+    stored, fp8 = Q_QUANTIZED + Q_RESIDUAL, Q_HELD * Q_ELEMENTS
+    assert quantized[8]["saved_bytes"] == stored - fp8
+    assert f"instead of the {human_bytes(stored)} this int4 cache stores" in quantized[8]["sentence"]
+    # AND a StaticCache keeps the model's float32: it adds memory
+    (static,) = [r for r in data["remedies"] if r["kind"] == "static_cache"]
+    assert static["saved_bytes"] == 0 and "float32, not quantized" in static["sentence"]
+
+    # AND re-recorded with the fp8 backend, the cache ends holding that byte a value (and a float32 scale
+    # per layer's K and V)
+    _record_over_budget(tmp_path / "fp8", lambda model: QuantizedCache("fp8", model.config))
+    assert main(["report", str(tmp_path / "fp8"), "--json", "--no-export"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv"]["final_bytes"] == fp8 + Q_LAYERS * 2 * 4
+
+
 def _kv_peak_of(run: Path) -> int:
     """The KV log's peak, replayed from the raw file: a storage is live from its first event to `freed`."""
     live: dict[int, int] = {}

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import kvtrace
+from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.llama import build_model
 from tests.tiny import tiny_size
@@ -63,10 +64,14 @@ def test_oom_is_reraised_recorded_and_diagnosed(tmp_path: Path) -> None:
     kv_bytes = LAYERS * 2 * KV_HEADS * HEAD_DIM * (PROMPT + 1) * BATCH * 4
     assert diagnosis["kv_bytes"] == kv_bytes
     batch = next(r for r in diagnosis["remedies"] if r["kind"] == "batch")
-    # the request must be freed: each row dropped frees kv_bytes / BATCH
+    # the request must be freed: each row dropped frees its KV, kv_bytes / BATCH (two rows by the KV alone),
+    # and its activations live then, among them the last step's logits (a row's: vocabulary x float32),
+    # which make one row enough
     per_row = kv_bytes // BATCH
-    rows_needed = -(-8 * 2**10 // per_row)
-    expected = BATCH - rows_needed
-    assert expected == 2
-    assert batch["setting"] == expected
+    assert -(-8 * 2**10 // per_row) == 2
+    logits_row = SIZE.vocab_size * 4
+    assert per_row + logits_row >= 8 * 2**10
+    assert batch["setting"] == BATCH - 1
+    assert batch["saved_bytes"] >= per_row + logits_row
+    assert f"{human_bytes(per_row)} of KV and " in batch["sentence"]
     assert batch["fits"] is True

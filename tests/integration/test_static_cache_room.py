@@ -3,8 +3,9 @@
 Its storages are [batch, kv_heads, max_cache_len, head_dim], allocated at its first update for the batch it
 is given and written in place: its bytes follow max_cache_len and the rows, not the tokens written. So the
 report's bytes per token divide by its slots (max_cache_len x rows), which is the arithmetic figure, and
-`diagnose` prices a shorter context as a smaller max_cache_len (a shorter prompt frees nothing) and an int4
-QuantizedCache against the whole buffer it would replace. Every figure is arithmetic: layers x (K, V) x
+`diagnose` prices a shorter context as a smaller max_cache_len (a shorter prompt frees nothing), and an int4
+or fp8 QuantizedCache, which grows with the tokens, at the run's end against the whole buffer it would
+replace. Every figure is arithmetic: layers x (K, V) x
 kv_heads x head_dim x positions x rows x 4 bytes (float32).
 """
 
@@ -24,6 +25,11 @@ from tests.tiny import HEAD_DIM, tiny_size
 
 LAYERS, KV_HEADS, ROWS, PROMPT, NEW_TOKENS, MAX_CACHE_LEN = 3, 2, 2, 7, 9, 64
 SLOT = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4  # bytes of one position of one row, every layer's K and V
+ELEMENTS = SLOT // 4 * ROWS  # KV values of one position, every row and layer
+WRITTEN = PROMPT + NEW_TOKENS - 1  # the last token generated is not written back
+# transformers' QuantizedCache at the run's end: the prompt in int4 (a scale and a zero-point in float32 per
+# 64 values), the tokens after it in float32 until residual_length=128 are due
+INT4_AT_THE_END = PROMPT * (ELEMENTS // 2 + ELEMENTS // 64 * 2 * 4) + (WRITTEN - PROMPT) * ELEMENTS * 4
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +87,28 @@ def test_diagnose_prices_a_shorter_context_as_a_smaller_max_cache_len(
     assert remedies[("sliding_window", written)]["saved_bytes"] == context["saved_bytes"]
     # a row dropped frees its share, as for any cache: the StaticCache is made for the batch it is given
     assert remedies[("batch", ROWS - 1)]["saved_bytes"] == whole // ROWS
-    # int4 replaces the whole buffer: the moment is the prefill (the buffer's allocation, its peak), whose
-    # 7 tokens QuantizedCache holds in int4 (a scale and a zero-point in float32 per 64 elements)
-    elements = SLOT // 4 * ROWS  # per position, every row and layer
-    int4 = PROMPT * (elements // 2 + elements // 64 * 2 * 4)
-    assert remedies[("quantized_kv", 4)]["saved_bytes"] == whole - int4
+    # int4 replaces the whole buffer, which the StaticCache holds from its first update (the moment is the
+    # prefill, its allocation); a QuantizedCache grows, so it is priced at the run's end, holding every
+    # token written: the 7 of the prompt in int4 (a scale and a zero-point in float32 per 64 elements), the
+    # 8 after it in float32 until residual_length=128 are due
+    assert remedies[("quantized_kv", 4)]["saved_bytes"] == whole - INT4_AT_THE_END
+    # AND fp8 (QuantizedCache's fp8 backend: a byte a value, every token) too, at the run's end
+    assert remedies[("quantized_kv", 8)]["saved_bytes"] == whole - ELEMENTS * written
+
+
+def test_diagnose_says_an_int4_cache_does_not_fit_where_the_prompt_alone_would(
+    static_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a budget whose shortfall the int4 cache of the prompt alone (the moment's 7 tokens) would cover,
+    # but not the int4 cache the run ends with
+    whole = SLOT * MAX_CACHE_LEN * ROWS
+    prompt_only = PROMPT * (ELEMENTS // 2 + ELEMENTS // 64 * 2 * 4)
+    allocated = _json(["diagnose", str(static_run)], capsys)["allocated_bytes"]
+    need = (whole - INT4_AT_THE_END + whole - prompt_only) // 2
+    # WHEN it is diagnosed under it
+    diagnosis = _json(["diagnose", str(static_run), "--budget", str(allocated - need)], capsys)
+    assert diagnosis["shortfall_bytes"] == need
+    # THEN int4 does not fit, and says it holds every token written by the run's end
+    (int4,) = [r for r in diagnosis["remedies"] if (r["kind"], r["setting"]) == ("quantized_kv", 4)]
+    assert (int4["saved_bytes"], int4["fits"]) == (whole - INT4_AT_THE_END, False)
+    assert f"by the run's end it holds its {WRITTEN} tokens in " in int4["sentence"]
