@@ -36,7 +36,7 @@ class ForwardSteps(PlannedSteps):
 
     _signature: ForwardSignature
     _module_tokens_unknown: int
-    _submodules: list[Any]
+    model: Any
     _prefill_continues: bool
     _model_caches: set[int]
     _forwards_beside: int
@@ -88,7 +88,7 @@ class ForwardSteps(PlannedSteps):
             self._prompt_start(cache, args, kwargs, call)
         elif continued:
             self._prefill_left = max(self._prefill_left - new_tokens(args, kwargs), 0)
-        if modules is not None and modules.owners:
+        if modules is not None and (modules.owners or prefill):  # a prefill may make them (lazy caches)
             modules.progress = self._signature.progress(args, kwargs)
         if self._profiler_on and threading.get_ident() != self._thread:
             self._forwards_elsewhere += 1
@@ -271,7 +271,10 @@ class ForwardSteps(PlannedSteps):
             for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
         ):
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._submodules)
+        # The model's modules as they are now (a submodule replaced since the start has its own hooks), and
+        # no list kept of them: one the model drops must die as it would unrecorded
+        model = self.model
+        return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if m is not model)
 
     def _auto_step(self, layer_tokens_before: int, found: Any = None) -> None:
         """Without a model to hook, a layer-0 update starts a step. `found`: the update's cache, first seen
@@ -318,8 +321,12 @@ class ForwardSteps(PlannedSteps):
             if self._attention_modules and "kvpress" in sys.modules:  # masks are kvpress's (AdaKV)
                 self._hf.scan_masks(self._attention_modules)
         modules = self._modules
-        if modules is not None and (modules.owners or modules._tracked):
-            if modules.scan("track"):
+        if modules is not None:
+            if self.tracker._phase == "prefill":
+                # Caches made or re-made since the last look (`setup_caches()` before this generation, a lazy
+                # cache this forward allocated): looked for once per generation, not per decode step
+                modules.rediscover()
+            if (modules.owners or modules._tracked) and modules.scan("track"):
                 self._module_tokens_unknown += 1
             modules.progress = None  # writes seen after this forward are not its own
         self.tracker.poll_frees()

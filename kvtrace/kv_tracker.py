@@ -721,6 +721,25 @@ class KvTracker:
         refresh_fast(state)
         self._poll_locked(self._clock())
 
+    @_locked
+    def release_dead_at(self, cache_id: int, addrs: set[int]) -> None:
+        """The slots of `cache_id` at one of `addrs` whose storage was released unseen leave their slots,
+        logged freed now: new storages sit there, maybe another layer's (a cache module the model re-made
+        after dropping the old one), whose events must come after these frees."""
+        self.drain()
+        released = False
+        for (owner, layer), state in self._layers.items():
+            if owner != cache_id:
+                continue
+            dead = [key for key, slot in state.slots.items() if slot.addr in addrs and expired(slot.wref)]
+            for key in dead:
+                self._retire(cache_id, layer, key, state.slots.pop(key))
+            if dead:
+                refresh_fast(state)
+                released = True
+        if released:
+            self._poll_locked(self._clock())
+
     def _retire(self, cache_id: int, layer: int, key: tuple[str, str], old: Slot) -> None:
         """Watch a storage that left its slot until the allocator releases it."""
         kv_json, part_json = KEY_JSON.get(key) or key_json(key)

@@ -115,7 +115,6 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._manifest: dict[str, Any] = {}
         self._decode_index = 0
         self._attention_modules: list[Any] = []
-        self._submodules: list[Any] = []  # the model's modules but itself (its hooks run outside its forward)
         self._step_open = False
         self._prefill_left = 0  # prompt positions a chunked prefill has still to write (one step for all)
         self._prefill_continues = False  # the open step is a chunked prefill's, ended by its last chunk
@@ -294,7 +293,6 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if self.model is not None:
             # HF attention modules carry `layer_idx`; eviction libraries hang their masks on them.
             self._attention_modules = [m for m in self.model.modules() if hasattr(m, "layer_idx")]
-            self._submodules = [m for m in self.model.modules() if m is not self.model]
         self._snapshots = CudaSnapshots(self.path / fmt.SNAPSHOT_DIR, self.options.max_snapshot_entries)
         if self.options.snapshots:
             self._manifest["snapshots"] = self._snapshots.start()
@@ -349,8 +347,10 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                     self._beside.clear()
                 if self._hf is not None:
                     self._hf.scan_all(forget=False)  # a cache dropped by now is freed in phase "end"
-                if self._modules is not None and self._modules.scan("track"):
-                    self._module_tokens_unknown += 1  # written outside any forward kvtrace saw
+                if self._modules is not None:
+                    self._modules.rediscover()  # caches made after the last generation's first step
+                    if self._modules.scan("track"):
+                        self._module_tokens_unknown += 1  # written outside any forward kvtrace saw
             if self._weights is not None:
                 self._weights.finish()  # changes no `model.to()` made, storages released since
                 if self._weights.changes:  # the model as it ended (a `.to(torch.bfloat16)`: its dtype)

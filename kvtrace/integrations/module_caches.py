@@ -63,12 +63,19 @@ _LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 @dataclass
 class _Owner:
-    module: torch.nn.Module
+    # Weakly: a cache module the model drops (gpt-fast's `setup_caches()` called again) must die, and free
+    # its buffers, as it would unrecorded
+    module_ref: weakref.ref[torch.nn.Module]
     attr: str
     kv: str
     layer: int
     layout: str = ""  # "bhsd" | "bshd"; "" until the first tensor decides (`module_cache_layout`)
     heads: tuple[int, ...] = ()  # the KV heads counts its model and modules say, nearest first
+
+    def tensor(self) -> Any:
+        """What the attribute holds now; None once its module is gone."""
+        module = self.module_ref()
+        return None if module is None else getattr(module, self.attr, None)
 
 
 def split_cache_attrs(cache_attrs: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
@@ -104,7 +111,9 @@ def kv_heads_hints(model: torch.nn.Module, name: str) -> tuple[int, ...]:
     return tuple(hints)
 
 
-def module_cache_layout(owner: _Owner, shape: tuple[int, ...], said: str | None) -> str:
+def module_cache_layout(
+    owner: _Owner, module: torch.nn.Module, shape: tuple[int, ...], said: str | None
+) -> str:
     """The layout of `owner`'s cache: the user's (`cache_attrs`); else the dim, 1 or 2, that the model's KV
     heads count matches alone; else its names' convention (`CONVENTION_LAYOUTS`: both names on the module);
     else Meta's [batch, seq, kv_heads, head_dim], as module caches were always read."""
@@ -116,7 +125,7 @@ def module_cache_layout(owner: _Owner, shape: tuple[int, ...], said: str | None)
                 return "bhsd" if shape[1] == heads else "bshd"
     for names, layout in CONVENTION_LAYOUTS.items():
         if owner.attr in names and all(
-            isinstance(getattr(owner.module, other, None), torch.Tensor) for other in names
+            isinstance(getattr(module, other, None), torch.Tensor) for other in names
         ):
             return layout
     return "bshd"
@@ -148,6 +157,9 @@ class ModuleCaches:
             DEFAULT_CACHE_ATTRS if cache_attrs is None else cache_attrs
         )
         self.owners: list[_Owner] = []
+        self._model: weakref.ref[torch.nn.Module] | None = None  # where `rediscover` looks
+        self._module_layers: set[int] = set()  # layers the last scan logged module caches for
+        self._remade = False  # `rediscover` found other owners: the next scan frees dead slots in the way
         # layer -> kind -> (weak ref, layout, storage address when tracked)
         self._tracked: dict[int, dict[str, tuple[Callable[[], torch.Tensor | None], str, int]]] = {}
         # storage address -> (layer, kind) tracked there: a new tensor at the address of one dropped unseen
@@ -159,7 +171,9 @@ class ModuleCaches:
         self.progress: tuple[int, int] | None = None
 
     def discover(self, model: torch.nn.Module) -> int:
-        """Find cache tensors on `model`'s modules; returns how many were found."""
+        """Find cache tensors on `model`'s modules (in place of those found before); returns how many."""
+        self._model = weakref.ref(model)
+        owners = []
         order = 0
         for name, module in model.named_modules():
             found = False
@@ -167,14 +181,31 @@ class ModuleCaches:
                 value = module._buffers.get(attr) if attr in module._buffers else module.__dict__.get(attr)
                 if isinstance(value, torch.Tensor):
                     layer = layer_from_name(name, order)
-                    self.owners.append(_Owner(module, attr, kv, layer, heads=kv_heads_hints(model, name)))
+                    heads = kv_heads_hints(model, name)
+                    owners.append(_Owner(weakref.ref(module), attr, kv, layer, heads=heads))
                     found = True
             order += found
-        return len(self.owners)
+        self.owners = owners
+        return len(owners)
+
+    def rediscover(self) -> None:
+        """Look for the caches again where they may have appeared since the last look: made inside the block
+        (`setup_caches()` before a generation, a lazy `cache_k = None` its first forward allocates) or
+        re-made (a new cache module in place of the old). Called at a generation's first step, at the block's
+        end and where a scan finds an owning module gone, never per decode step otherwise."""
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return
+        before = [(owner.module_ref(), owner.attr, owner.layer) for owner in self.owners]
+        self.discover(model)
+        self._remade |= before != [(owner.module_ref(), owner.attr, owner.layer) for owner in self.owners]
 
     def weight_exclusions(self) -> set[int]:
-        """Storage addresses that are caches, not weights (a cache registered as a buffer)."""
-        return {getattr(o.module, o.attr).untyped_storage().data_ptr() for o in self.owners}
+        """Storage addresses that are caches, not weights (a cache registered as a buffer). Looked for again
+        first: a `.to()` may come after caches made inside the block, before a step found them."""
+        self.rediscover()
+        tensors = (owner.tensor() for owner in self.owners)
+        return {_storage_addr(t) for t in tensors if isinstance(t, torch.Tensor)}
 
     def track(self, tensor: torch.Tensor, layer: int, kind: str, layout: str = "bhsd") -> None:
         """Follow `tensor` as the `kind` ("k"/"v") cache of `layer`, through a weak reference: a tracked
@@ -252,14 +283,22 @@ class ModuleCaches:
         """Compare every custom cache tensor with its last state; the first scan logs them as created.
         Module caches hold the tokens of `progress` (0: unknown). Returns whether a module cache's event
         was logged while its tokens were unknown."""
-        by_layer: dict[int, dict[tuple[str, str], Any]] = {}
-        for owner in self.owners:
-            tensor = getattr(owner.module, owner.attr, None)
-            if not owner.layout and isinstance(tensor, torch.Tensor):
-                said = self.said_layouts.get(owner.attr)
-                owner.layout = module_cache_layout(owner, tuple(tensor.shape), said)
-            part = MODULE_LAYOUTS[owner.layout or "bshd"]
-            by_layer.setdefault(owner.layer, {})[(owner.kv, part)] = tensor
+        by_layer = self._module_parts()
+        if by_layer is None:  # a module holding a cache is gone: the model re-made its caches
+            self.rediscover()
+            by_layer = self._module_parts() or {}
+        for layer in self._module_layers - by_layer.keys():  # no longer the model's: its slots let go
+            by_layer[layer] = {}
+        self._module_layers = {layer for layer, parts in by_layer.items() if parts}
+        if self._remade:
+            # A new cache at the address of an old one released unseen, maybe another layer's (the old
+            # modules all dropped first): that one's free comes first. The others are logged freed after
+            # their own layer's new storage, which names them (`replaced`, `grown`): the analyzers place
+            # such a free where the new storage was made, as a re-made module lets the old one go.
+            self._remade = False
+            values = [value for parts in by_layer.values() for value in parts.values()]
+            addrs = {_storage_addr(t) for t in values if isinstance(t, torch.Tensor)}
+            self.tracker.release_dead_at(MODULE_CACHE_ID, addrs)
         tokens, rows = self.progress or (0, 0)
         tracker = self.tracker
         changed = False
@@ -274,3 +313,18 @@ class ModuleCaches:
         for layer in list(self._tracked):
             self._observe_tracked(layer, cause)
         return unknown
+
+    def _module_parts(self) -> dict[int, dict[tuple[str, str], Any]] | None:
+        """The module caches' tensors now, by layer; None when an owning module is gone."""
+        by_layer: dict[int, dict[tuple[str, str], Any]] = {}
+        for owner in self.owners:
+            module = owner.module_ref()
+            if module is None:
+                return None
+            tensor = getattr(module, owner.attr, None)
+            if not owner.layout and isinstance(tensor, torch.Tensor):
+                said = self.said_layouts.get(owner.attr)
+                owner.layout = module_cache_layout(owner, module, tuple(tensor.shape), said)
+            part = MODULE_LAYOUTS[owner.layout or "bshd"]
+            by_layer.setdefault(owner.layer, {})[(owner.kv, part)] = tensor
+        return by_layer
