@@ -204,7 +204,8 @@ def _quantized(kv: int, kv_bits: int | None, need: int | None) -> list[Remedy]:
         None,
         None,
         "int4 quantized cache: transformers' QuantizedCache quantizes its own caches, not a model's "
-        "preallocated buffers (cache_k/cache_v): it needs the model's code changed to pack and unpack them.",
+        "preallocated K and V buffers (Meta's cache_k/cache_v, gpt-fast's k_cache/v_cache): it needs the "
+        "model's code changed to pack and unpack them.",
     )
     if kv_bits is None:
         why = "cannot be computed: the KV dtype is not recorded"
@@ -214,8 +215,8 @@ def _quantized(kv: int, kv_bits: int | None, need: int | None) -> list[Remedy]:
     saved = round(kv * (1 - 8 / kv_bits))
     text = (
         f"fp8 buffers save {human_bytes(saved)} of the {human_bytes(kv)} held at {kv_bits} bits, but need "
-        "the model's code changed: it allocates cache_k/cache_v in its own dtype and attends over them as "
-        "they are, so it would have to convert on every write and read."
+        "the model's code changed: it allocates its K and V buffers in its own dtype and attends over them "
+        "as they are, so it would have to convert on every write and read."
     )
     return [Remedy("quantized_kv", 8, saved, fits(saved, need), text), int4]
 
