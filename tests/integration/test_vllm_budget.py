@@ -37,14 +37,20 @@ def _recorded_with_budget(tmp_path: Path, budget: int) -> Path:
     return run
 
 
+def _held_pool_block(engine: dict[str, Any]) -> tuple[int, int, int]:
+    """What the engine held beside its pool (the weights and vLLM's own buffers: rotary cache, ...; runs
+    recorded before kvtrace kept the buffers apart have none, their weights figure holds them), the pool,
+    and a block's bytes."""
+    profile = engine["memory_profile"]
+    held = profile["weights_bytes"] + (profile.get("buffers_bytes") or 0)
+    return held, engine["kv_cache_bytes"], engine["bytes_per_block"]
+
+
 def test_the_weights_vllm_loaded_before_the_trace_count_against_the_budget(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     engine = json.loads((PREEMPT / "engine.json").read_text())
-    weights, pool = engine["memory_profile"]["weights_bytes"], engine["kv_cache_bytes"]
-    # vLLM's own buffers (rotary cache, ...) were loaded with them; a run recorded before kvtrace kept them
-    # apart has none (its weights figure holds the rotary cache)
-    weights += engine["memory_profile"].get("buffers_bytes") or 0
+    weights, pool, _ = _held_pool_block(engine)
     # GIVEN a 2 MiB budget: the 1 MiB pool fits it, the weights and vLLM's buffers (22 MiB) do not
     assert pool < 2 * MIB < weights
     run = _recorded_with_budget(tmp_path, 2 * MIB)
@@ -62,14 +68,7 @@ def test_diagnose_prices_the_pool_that_fits_a_budget_in_vllms_knobs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     engine = json.loads((PREEMPT / "engine.json").read_text())
-    weights, pool, per_block = (
-        engine["memory_profile"]["weights_bytes"],
-        engine["kv_cache_bytes"],
-        engine["bytes_per_block"],
-    )
-    # vLLM's own buffers (rotary cache, ...) are held beside the weights (runs recorded before kvtrace kept
-    # them apart have none: their weights figure holds them)
-    weights += engine["memory_profile"].get("buffers_bytes") or 0
+    weights, pool, per_block = _held_pool_block(engine)
     # GIVEN a budget the weights fit and the weights and the pool do not
     budget = (weights + pool // 2) // 1024 * 1024
     assert weights < budget < weights + pool
@@ -117,12 +116,7 @@ def test_a_preemption_remedy_that_grows_the_pool_past_the_budget_does_not_fit_it
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     engine = json.loads((PREEMPT / "engine.json").read_text())
-    weights, pool, per_block = (
-        engine["memory_profile"]["weights_bytes"],
-        engine["kv_cache_bytes"],
-        engine["bytes_per_block"],
-    )
-    weights += engine["memory_profile"].get("buffers_bytes") or 0  # vLLM's own, held beside the weights
+    weights, pool, per_block = _held_pool_block(engine)
     num_blocks, max_seqs = engine["num_blocks"], engine["config"]["max_num_seqs"]
     demands = _final_demands(PREEMPT, engine["block_size"])
     needed = sum(demands[:max_seqs]) + 1  # the largest max_num_seqs demands together, and the null block

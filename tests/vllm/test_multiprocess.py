@@ -66,16 +66,21 @@ def test_pool_and_preemptions_equal_vllms_own(plugin_run: dict[str, Any]) -> Non
     assert {e.get("finish_reason") for e in finished} == {"length"}
 
 
-def test_kvtrace_report_reads_it(plugin_run: dict[str, Any]) -> None:
+def _report_json(run_dir: Path) -> dict[str, Any]:
+    """`kvtrace report RUN --json` in a fresh interpreter (this one has vLLM's state), as a user runs it."""
     done = subprocess.run(
-        [sys.executable, "-m", "kvtrace.cli", "report", str(plugin_run["dir"]), "--json"],
+        [sys.executable, "-m", "kvtrace.cli", "report", str(run_dir), "--json", "--no-export"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    return dict(json.loads(done.stdout))
+
+
+def test_kvtrace_report_reads_it(plugin_run: dict[str, Any]) -> None:
+    report = _report_json(plugin_run["dir"])
     assert report["kv"]["peak_bytes"] == POOL_BYTES
 
 
@@ -93,15 +98,7 @@ def test_a_tensor_parallel_run_reads_as_one_workers_share(
     assert engine["num_blocks"] == figures["num_gpu_blocks"] == POOL_BYTES // (worker_token * BLOCK_SIZE)
 
     # WHEN it is reported
-    done = subprocess.run(
-        [sys.executable, "-m", "kvtrace.cli", "report", str(run_dir), "--json", "--no-export"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report = _report_json(run_dir)
 
     # THEN its bytes per token, measured and by arithmetic, are the worker's (it had the model's whole
     # 2 KV heads in the arithmetic: twice the measured), and a note says so, with the 2 workers' total
