@@ -102,6 +102,19 @@ def eviction_reason(ev: KvEvent) -> str:
 
 
 @dataclass
+class BufferStorage:
+    """One module buffer's storage (Meta's cache_k/cache_v): its own shape and dtype, and what forwards wrote
+    into it. A run that re-makes its caches holds buffers of several shapes in turn, so a moment's settings
+    are those of the buffers live then, never the last ones'."""
+
+    rows: int  # max_batch_size: its first dimension
+    positions: int  # max_seq_len: its positions' dimension (`buffer_shape`)
+    dtype: str
+    rows_written: int = 0  # the most rows a forward wrote into it (0: no forward wrote it)
+    tokens_written: int = 0  # the most tokens per row it held after a forward's write
+
+
+@dataclass
 class LayerFigures:
     """One layer of one cache object: several caches can hold the same layer index (an assistant model's
     draft next to the model's own, or two generate() outputs still referenced)."""
@@ -272,6 +285,9 @@ class KvLogAnalysis:
     compares them at the end of each forward, so a storage's first `t_ns` may come a whole forward after
     its allocation): index in `storages` -> the `t_ns` of the log's last line before the step that found
     it, after which that step's forward made it (0: no line before)."""
+    buffer_storages: dict[int, BufferStorage] = field(default_factory=dict)
+    """The storages of module buffers of [batch, seq, ...] shape (`BUFFER_PARTS`): index in `storages` ->
+    their shape, dtype and what was written into them (`buffers_live_at` picks a moment's)."""
     storage_shares: dict[int, dict[tuple[int, int], int]] = field(default_factory=dict)
     """The storages several layers' views share (one preallocated tensor for every layer): index in
     `storages` -> {(cache, layer): its views' bytes}, as last split (`kv_views`)."""
@@ -333,6 +349,7 @@ def analyze_kv_log(
     scanned_after: dict[int, int] = {}  # storage index -> the last line's t_ns before its step
     found: set[int] = set()  # storage indices first logged as found
     storage_shares: dict[int, dict[tuple[int, int], int]] = {}
+    buffer_storages: dict[int, BufferStorage] = {}
     last_ns = 0  # the latest line's t_ns so far
     step_after: tuple[int, int] = (0, 0)  # (step, the latest t_ns before that step's first line)
     live_total = 0
@@ -487,6 +504,8 @@ def analyze_kv_log(
                     buffer_shapes[ev.cache] = buffer_shape(ev)
                     if ev.event == "written":
                         buffer_in_place.add(ev.cache)
+                if ev.part in BUFFER_PARTS and len(ev.shape) == 4 and ev.addr in open_storage:
+                    _see_buffer(buffer_storages, open_storage[ev.addr], ev)
                 else:
                     buffer_shapes[ev.cache] = None
                 if ev.part == "data" and len(ev.shape) == 4:
@@ -616,12 +635,41 @@ def analyze_kv_log(
         scanned_after_ns=scanned_after,
         found_storages=found,
         storage_shares=storage_shares,
+        buffer_storages=buffer_storages,
         caches=caches,
         step_cache_live=step_cache_live,
         step_tokens=step_tokens,
         step_rows=step_rows,
         cut=cut,
     )
+
+
+def _see_buffer(buffers: dict[int, BufferStorage], index: int, ev: KvEvent) -> None:
+    """Note a module buffer event of storage `index`: its shape and dtype, in a forward what it wrote."""
+    shape = buffer_shape(ev)
+    entry = buffers.get(index)
+    if entry is None:
+        entry = buffers[index] = BufferStorage(shape[0], shape[1], ev.dtype)
+    entry.rows, entry.positions, entry.dtype = shape[0], shape[1], ev.dtype or entry.dtype
+    if ev.phase in ("prefill", "decode"):
+        entry.rows_written = max(entry.rows_written, event_rows(ev))
+        entry.tokens_written = max(entry.tokens_written, ev.tokens)
+
+
+def buffers_live_at(kv_log: KvLogAnalysis, cache: int, at_us: float) -> dict[int, BufferStorage]:
+    """`cache`'s module buffer storages live at a moment (`at_us`, a storage's `t_ns` / 1000, as
+    `kv_views.split_by_view` reads them): index in `storages` -> its facts. A storage a scan found counts
+    from just after the log's last line before the step that found it (`scanned_after_ns`), where code
+    before that forward may have made it: a moment of a trace inside that span can hold both a re-made
+    buffer and the one it replaced."""
+    live: dict[int, BufferStorage] = {}
+    for index, facts in kv_log.buffer_storages.items():
+        _, _, first_ns, last_ns, _, _, owner = kv_log.storages[index]
+        after_ns = kv_log.scanned_after_ns.get(index, 0)
+        began = after_ns / 1000.0 < at_us if after_ns else first_ns / 1000.0 <= at_us
+        if owner == cache and began and (last_ns < 0 or last_ns / 1000.0 > at_us):
+            live[index] = facts
+    return live
 
 
 def analyze_run_kv_log(run: Run) -> KvLogAnalysis:

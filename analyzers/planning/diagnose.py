@@ -26,7 +26,11 @@ from analyzers.budget import budget_crossing, budget_of, marker_step_at
 from analyzers.caches import CROSS_ATTENTION, layer_list
 from analyzers.kv_views import split_by_view
 from analyzers.model import OTHER, MemorySource, request_at_most
-from analyzers.planning.diagnose_buffer_remedies import preallocated_buffers
+from analyzers.planning.diagnose_buffer_remedies import (
+    PreallocatedBuffers,
+    other_buffers_note,
+    preallocated_buffers,
+)
 from analyzers.planning.diagnose_moment import (
     beams_at_step,
     held_at_step,
@@ -321,8 +325,14 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "row_activation_bytes": row_activations,
         "beyond_weights_bytes": beyond_weights,
         "kv_logged": kv_log is not None,  # a run recorded with kvtrace: its KV geometry is known
-        "buffers": preallocated_buffers(report, kv_log),  # a model's own preallocated cache_k/cache_v
+        # a model's own preallocated cache_k/cache_v, as live at the moment
+        "buffers": preallocated_buffers(report, kv_log, None if at_start else when),
     }
+    buffers = fields["buffers"]
+    if isinstance(buffers, PreallocatedBuffers) and buffers.held_bytes and kv_bytes:
+        note = other_buffers_note(buffers, kv_bytes)
+        if note:
+            notes.append(note)
     held = [cache for cache in report.kv.caches if cache.final_bytes]
     if len(held) > 1:
         cross = [c for c in held if c.role == CROSS_ATTENTION]

@@ -5,10 +5,14 @@ max_seq_len, kv_heads, head_dim], allocated once when the model is built (the KV
 analyzers.kv_log.preallocated_capacity). Their bytes follow those two settings, never the rows a forward
 writes nor the tokens written so far: running fewer rows or a shorter context frees nothing.
 
-* a smaller max_batch_size frees the moment's KV / max_batch_size per row of it, a smaller max_seq_len the
-  KV / max_seq_len per position: every KV storage of the moment has that shape (the copy a `.to(dtype)` of
-  the buffers makes too), so these are exact; the most rows and tokens the run wrote are the smallest
-  settings it still runs at, and a setting below them says so;
+* the settings are those of the buffers live at the diagnosed moment (`analyzers.kv_log.buffers_live_at`),
+  never the run's last ones: a run that re-makes its caches (`rediscover()`) holds buffers of several shapes
+  in turn. A smaller max_batch_size frees their bytes / max_batch_size per row of it, a smaller max_seq_len
+  their bytes / max_seq_len per position, exact where every KV storage of the moment has that shape (the
+  copy a `.to(dtype)` of the buffers makes too); where the moment holds KV in other shapes as well (a
+  re-made buffer's predecessor not yet freed), they price the largest shape's buffers only, and the
+  diagnosis says so. The most rows and tokens forwards wrote into those buffers are the smallest settings
+  the run still runs at, and a setting below them says so;
 * a sliding window, fp8 buffers and int4 quantization need the model's code changed (its attention writes
   every position up to max_seq_len, in the buffers' dtype); a sliding window kept as a ring of W positions
   frees what max_seq_len=W frees, fp8 buffers a quarter or half of the KV; transformers' QuantizedCache and
@@ -24,14 +28,22 @@ config (transformers keeps a static sliding layer of that many positions), not a
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from analyzers.kv_log import buffers_live_at
 from analyzers.planning.diagnosis import Remedy, fits
 from analyzers.summary import Report
 from analyzers.units import human_bytes
 
-__all__ = ["PreallocatedBuffers", "buffer_remedies", "preallocated_buffers", "static_cache_context"]
+__all__ = [
+    "PreallocatedBuffers",
+    "buffer_remedies",
+    "other_buffers_note",
+    "preallocated_buffers",
+    "static_cache_context",
+]
 
 
 @dataclass(frozen=True)
@@ -43,14 +55,52 @@ class PreallocatedBuffers:
     rows_used: int | None  # the most rows a forward of the run wrote (None: unknown)
     tokens_written: int | None  # the most tokens per row the run wrote (None: its forwards did not say)
     kind: str = "buffers"  # "buffers" (a model's module buffers) | "static_cache" (transformers' StaticCache)
+    held_bytes: int | None = None
+    """Bytes of the buffers of this shape live at the moment, the KV these remedies divide (None: the
+    moment's buffers are unknown, and the moment's KV is taken to be all of the run's last shape)."""
+    dtype: str = ""  # those buffers' dtype ("": unknown, the run's KV dtype applies)
+    other_shapes: tuple[tuple[int, int], ...] = ()  # (rows, positions) of other buffers live then
 
 
-def preallocated_buffers(report: Report, kv_log: Any) -> PreallocatedBuffers | None:
-    """The main cache's buffers where it is preallocated (the report's `capacity_rows`), with the most rows
-    and tokens per row the run's forwards wrote (the KV log's steps); None for any other cache."""
+def _buffers_at(kv_log: Any, cache: int, at_us: float) -> PreallocatedBuffers | None:
+    """The buffers of `cache` live at `at_us` with the shape holding the most bytes of them, and what
+    forwards wrote into those; None where the log places none of its buffers at that moment."""
+    live = buffers_live_at(kv_log, cache, at_us)
+    by_shape: dict[tuple[int, int], int] = defaultdict(int)
+    by_dtype: dict[str, int] = defaultdict(int)
+    for index, facts in live.items():
+        by_shape[(facts.rows, facts.positions)] += kv_log.storages[index][1]
+    if not by_shape:
+        return None
+    shape = max(by_shape, key=lambda s: (by_shape[s], s))
+    own = [(index, facts) for index, facts in live.items() if (facts.rows, facts.positions) == shape]
+    for index, facts in own:
+        by_dtype[facts.dtype] += kv_log.storages[index][1]
+    return PreallocatedBuffers(
+        shape[0],
+        shape[1],
+        max(facts.rows_written for _, facts in own) or None,
+        max(facts.tokens_written for _, facts in own) or None,
+        held_bytes=by_shape[shape],
+        dtype=max(by_dtype, key=lambda d: (by_dtype[d], d)),
+        other_shapes=tuple(sorted(s for s in by_shape if s != shape)),
+    )
+
+
+def preallocated_buffers(
+    report: Report, kv_log: Any, at_us: float | None = None
+) -> PreallocatedBuffers | None:
+    """The main cache's buffers where it is preallocated (the report's `capacity_rows`, the run's last
+    buffers): module buffers as live at the moment `at_us` (a timeline time) where the log places them, else
+    the last ones, with the most rows and tokens per row the run's forwards wrote (the KV log's steps); None
+    for any other cache."""
     kv = report.kv
     if not kv.capacity_rows or not kv.capacity_tokens:
         return None
+    if kv_log is not None and at_us is not None and kv.capacity_of == "buffers" and kv.main_cache is not None:
+        at_moment = _buffers_at(kv_log, kv.main_cache, at_us)
+        if at_moment is not None:
+            return at_moment
     rows_used = tokens_written = 0
     if kv_log is not None:
         forwards = [s for s, phase in kv_log.step_phase.items() if phase in ("prefill", "decode")]
@@ -63,6 +113,22 @@ def preallocated_buffers(report: Report, kv_log: Any) -> PreallocatedBuffers | N
         rows_used or None,
         tokens_written or None,
         kv.capacity_of or "buffers",
+    )
+
+
+def other_buffers_note(buffers: PreallocatedBuffers, kv: int) -> str:
+    """Why the buffer remedies of a moment are not exact: KV held then beyond the buffers they price (a
+    re-made buffer's predecessor not yet freed, at the same instant or in another shape); "" when none."""
+    other = kv - buffers.held_bytes if buffers.held_bytes else 0
+    if other <= 0 and not buffers.other_shapes:
+        return ""
+    shapes = ", ".join(f"{rows} x {positions}" for rows, positions in buffers.other_shapes)
+    where = f"buffers of other shapes (max_batch_size x max_seq_len {shapes})" if shapes else "other storages"
+    extra = f"another {human_bytes(other)} of KV in" if other > 0 else "KV in"
+    return (
+        f"this moment holds {human_bytes(buffers.held_bytes or 0)} of KV in buffers of max_batch_size="
+        f"{buffers.rows} x max_seq_len={buffers.positions:,} and {extra} {where} (a cache re-made while "
+        "its old buffers were held): the buffer remedies price the first only, so they are not exact"
     )
 
 

@@ -322,8 +322,11 @@ def price_remedies(
     buffers = d.get("buffers")
     static = buffers if isinstance(buffers, PreallocatedBuffers) and buffers.kind == "static_cache" else None
     if kv and isinstance(buffers, PreallocatedBuffers) and static is None:
-        # Preallocated module buffers: priced in their own settings; no static cache to become
-        out += buffer_remedies(kv, buffers, need, kv_bits, on_cuda)
+        # Preallocated module buffers: priced in their own settings (those live at the moment, over their
+        # bytes and dtype then); no static cache to become
+        held = min(kv, buffers.held_bytes) if buffers.held_bytes else kv
+        bits = _DTYPE_BITS.get(buffers.dtype, kv_bits) if buffers.dtype else kv_bits
+        out += buffer_remedies(held, buffers, need, bits, on_cuda)
         out += _allocator_remedies(d, need, on_cuda)
         return _ranked(out)
 
