@@ -280,28 +280,76 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     shrink too: an upper bound) and grow in proportion when either grows (an upper bound where they are a
     fixed part plus parts per row and per token). The run's own settings give its own peak exactly.
 
+    The plan's own worst moments can be unlike the run's (a longer prompt's prefill, a last decode step the
+    run never reached): each carries the activations the run allows it (`_moment_floors`).
+
     Another cache kind, KV dtype, window or beams moves the moment (a static cache's prefill attends over
     all of its length, a dynamic cache peaks at its growth copy): its KV peak plus the run's activations,
     an estimate (analyzers.planning.run_peak's note says so)."""
     rec = req.recorded
     assert rec is not None
     run = _run_request(req, rec)
-    grown = max(batch / rec.batch, 1.0) * max(_attended(req, context) / _attended(run, rec.context), 1.0)
+    rows = max(batch / rec.batch, 1.0)
+    grown = rows * max(_attended(req, context) / _attended(run, rec.context), 1.0)
     growth = math.ceil(rec.activations_bytes * (grown - 1))
-    floor = req.weights_bytes + kv_sizes(req, batch, context).peak_bytes  # the KV peak's moment
+    floors = _moment_floors(req, run, rec, batch, context)
     if not same_cache_as_run(req):
-        return floor + rec.activations_bytes + growth
+        sizes = kv_sizes(req, batch, context)
+        prompt_grown = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
+        return (
+            req.weights_bytes + sizes.peak_bytes + math.ceil(rec.activations_bytes * max(grown, prompt_grown))
+        )
     moved = _moment_kv(req, rec, batch, context) - _moment_kv(run, rec, rec.batch, rec.context)
-    return max(rec.peak_bytes + (req.weights_bytes - rec.weights_bytes) + moved + growth, floor)
+    return max(rec.peak_bytes + (req.weights_bytes - rec.weights_bytes) + moved + growth, *floors)
+
+
+def _prefill_growth(
+    req: PlanRequest, run: PlanRequest, rec: RecordedPeak, prompt: int, context: int
+) -> float:
+    """How much a prefill's activations grow from the run's to the plan's, for a row: they follow the
+    prompt's length, whatever the window (a prefill attends over the whole prompt), and a static cache's
+    whole length (its prefill attends over all of it)."""
+    run_prompt = kv_sizes(run, rec.batch, rec.context).prompt
+    attended = _attended(req, context) / _attended(run, rec.context) if req.cache == "static" else 1.0
+    return max(prompt / run_prompt, attended, 1.0)
+
+
+def _moment_floors(
+    req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int
+) -> list[int]:
+    """The plan's prefill and its KV peak, each with the activations the run allows that moment, grown as
+    it grows. The run reached its prefill, so the memory beside its weights and prefill KV there was at most
+    its peak less those; a finished run reached its KV peak too, likewise. A run cut short never reached its
+    last steps: its measured activations stand for theirs (an estimate: a step's activations are a prefill's
+    at most where the prefill processes more tokens than a step, as in the tour's runs)."""
+    sizes = kv_sizes(req, batch, context)
+    run_sizes = kv_sizes(run, rec.batch, rec.context)
+    rows = max(batch / rec.batch, 1.0)
+    beside_prefill = max(rec.peak_bytes - rec.weights_bytes - run_sizes.prefill_bytes, 0)
+    if rec.phase == "prefill":  # measured there: its KV may differ from the arithmetic's prompt
+        beside_prefill = max(beside_prefill, rec.activations_bytes)
+    if rec.cut_short:
+        beside_peak = max(rec.activations_bytes, beside_prefill)
+    else:
+        beside_peak = max(rec.peak_bytes - rec.weights_bytes - run_sizes.peak_bytes, 0)
+    late = rows * max(_attended(req, context) / _attended(run, rec.context), 1.0)
+    early = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
+    return [
+        req.weights_bytes + sizes.prefill_bytes + math.ceil(beside_prefill * early),
+        req.weights_bytes + sizes.peak_bytes + math.ceil(beside_peak * max(late, early)),
+    ]
 
 
 def same_cache_as_run(req: PlanRequest) -> bool:
     """Whether the request keeps the recorded run's cache (kind, KV dtype, window, beams, quantization) and
-    weights, whose peak moment then stays where the run's was: only its batch, context or prompt differ."""
+    weights, whose peak moment then stays where the run's was: only its batch, context or prompt differ.
+    Compared field by field: the run's beams with the plan's batch need not make a valid request."""
     rec = req.recorded
     if rec is None:
         return False
-    return req == replace(_run_request(req, rec), batch=req.batch, context=req.context, prompt=req.prompt)
+    run = (rec.cache, rec.kv_dtype, rec.window, rec.beams, rec.quant_group_size, rec.residual_length)
+    planned = (req.cache, req.kv_dtype, req.window, req.beams, req.quant_group_size, req.residual_length)
+    return planned == run and req.measured_weights_bytes == rec.weights_bytes
 
 
 def _run_request(req: PlanRequest, rec: RecordedPeak) -> PlanRequest:

@@ -61,6 +61,8 @@ class RecordedPeak:
     beams: int
     quant_group_size: int
     residual_length: int
+    # the run stopped before its end (an OOM, an exception): its later, larger moments were never reached
+    cut_short: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,7 +138,8 @@ class PlanRequest:
         if self.batch % self.beams:
             raise KvtraceError(
                 f"batch {self.batch} is not a whole number of prompts of {self.beams} beams: the batch is "
-                f"the rows decoded together, prompts x beams (2 prompts of 4 beams: --batch 8 --beams 4)"
+                f"the rows decoded together, prompts x beams (2 prompts of {self.beams} beams: --batch "
+                f"{2 * self.beams} --beams {self.beams})"
             )
         if self.beams > 1 and self.cache == "quantized":
             raise KvtraceError(

@@ -66,7 +66,9 @@ def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool) -> 
     )
     how = (
         ": the run's own settings plan its own peak; a smaller batch or context keeps them (an upper bound, "
-        "they shrink too), a larger one grows them in proportion"
+        "they shrink too), a larger one grows them in proportion, a longer prompt's prefill with the prompt "
+        "(but where every layer slides, generate()'s ids and mask still grow with a longer context, a few "
+        "bytes a token that a plan at the run's prompt does not count)"
         if same_cache
         else ": added to this cache's KV peak, an estimate (another cache moves the peak: a static or "
         "sliding cache's prefill attends over its whole length); record it to be sure"

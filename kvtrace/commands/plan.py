@@ -105,6 +105,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         beams=run.beams,
         quant_group_size=group_size,
         residual_length=residual_length,
+        cut_short=moment.cut_short,
     )
 
 

@@ -102,3 +102,78 @@ def test_a_plan_in_another_batch_or_context_bounds_its_own_recording(
     shorter = _plan(run, capsys, "--context", str(PROMPT + NEW - 3), "--prompt", str(PROMPT))
     assert shorter["peak_bytes"] == measured["shorter"]["peak_allocated_bytes"] == peak
     assert shorter["kv_bytes"] == TOKEN_ROW * BATCH * (PROMPT + NEW - 4)
+
+
+def test_a_run_cut_short_plans_as_launched_above_the_whole_runs_peak(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a generate() of 30 new tokens stopped by an OOM at its 5th step, and the same run to its end
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class OomAt(LogitsProcessor):
+        def __init__(self, step: int) -> None:
+            self.step, self.calls = step, 0
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == self.step:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (simulated)")
+            return scores
+
+    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    runs = {"cut": tmp_path / "cut", "whole": tmp_path / "whole"}
+    for name, step in (("cut", 5), ("whole", 0)):
+        try:
+            with torch.no_grad(), kvtrace.record(runs[name], model=model):
+                model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, min_new_tokens=30,
+                    do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([OomAt(step)]),
+                )  # fmt: skip
+        except torch.OutOfMemoryError:
+            assert name == "cut"
+    whole = _report(runs["whole"], capsys)["peak_allocated_bytes"]
+    # WHEN the cut run is planned as it was launched
+    plan = _plan(runs["cut"], capsys)
+    # THEN its KV is the whole run's, and its peak counts activations beside it: at least the whole run's
+    assert plan["kv_bytes"] == TOKEN_ROW * BATCH * (PROMPT + 30 - 1)
+    assert plan["activations_bytes"] > 0
+    assert plan["peak_bytes"] >= whole
+
+
+def test_a_sliding_window_run_planned_at_a_longer_context_bounds_the_long_prompts_recording(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the demo's sliding-window run (a window of 16, a 20-token prompt), and the same model recorded
+    # with the 122-token prompt a plan at context 124 assumes at worst
+    short, long = tmp_path / "short", tmp_path / "long"
+    sliding = ["--cache", "sliding", "--window", "16", "--batch", "2", "--no-report"]
+    assert main(["demo", "--out", str(short), *sliding, "--new-tokens", "4"]) == 0
+    prompt = " ".join(["hello"] * 121)  # 122 tokens with the BOS
+    prompts = ["--prompt", prompt, "--prompt", prompt]
+    assert main(["demo", "--out", str(long), *sliding, *prompts, "--new-tokens", "2"]) == 0
+    capsys.readouterr()
+    measured = _report(long, capsys)["peak_allocated_bytes"]
+    # WHEN the short run is planned at context 124
+    plan = _plan(short, capsys, "--context", "124")
+    # THEN the long prompt's prefill is priced with its activations, grown with the prompt: an upper bound
+    assert plan["prompt_tokens"] == 122
+    assert plan["activations_bytes"] > 0
+    assert plan["peak_bytes"] >= measured
+
+
+def test_a_beam_search_run_plans_other_beams(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a beam search of 3 beams on 2 prompts (6 rows)
+    run = tmp_path / "run"
+    ids = torch.randint(3, 1000, (2, PROMPT), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(run, model=model):
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW, num_beams=3,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    # WHEN it is planned with 2 beams on 2 prompts, or with greedy search: both are accepted, their KV exact
+    for beams, batch in ((2, 4), (1, 2)):
+        plan = _plan(run, capsys, "--beams", str(beams), "--batch", str(batch))
+        assert plan["kv_bytes"] == TOKEN_ROW * batch * (PROMPT + NEW - 1)
+        assert plan["request"]["beams"] == beams
