@@ -55,7 +55,7 @@ from analyzers.planning.diagnose_remedies import (
     sliding_layers,
     token_elements,
 )
-from analyzers.planning.diagnose_rows import fixed_sizes, row_activation_bytes, row_units
+from analyzers.planning.diagnose_rows import fixed_sizes, fixed_vector_bytes, row_activation_bytes, row_units
 from analyzers.planning.diagnose_stacks import (
     freed_from_before,
     live_by_stack,
@@ -279,12 +279,13 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         stacks.append(unaddressed)
     top = tuple(sorted(stacks, key=lambda s: -s.bytes)[:TOP_STACKS])
     # The activations live then that a smaller batch shrinks besides its KV (logits, attention's copies)
-    row_activations = None
+    row_activations = fixed_vectors = None
     if dev_index is not None and index >= 0 and not at_start and batch and source.kind == "run":
         positions = max(tokens_held or 0, report.kv.tokens_held or 0, report.kv.capacity_tokens or 0) + 1
         others = live_sizes(source.devices[dev_index], index, OTHER)
         units, fixed = row_units(report.geometry), fixed_sizes(report.geometry)
         row_activations = row_activation_bytes(others, batch, units, positions, fixed)
+        fixed_vectors = fixed_vector_bytes(others, batch, units, positions, fixed)
 
     fields: dict[str, object] = {
         "kv_bytes": kv_bytes,
@@ -323,6 +324,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "kv_stored_bytes": stored,
         "token_elements": token_elements(report, kv_dtype_bits(source, report)),
         "row_activation_bytes": row_activations,
+        "fixed_vector_bytes": fixed_vectors,  # the logits processors' vectors over the vocabulary
         "beyond_weights_bytes": beyond_weights,
         "kv_logged": kv_log is not None,  # a run recorded with kvtrace: its KV geometry is known
         # a model's own preallocated cache_k/cache_v, as live at the moment

@@ -257,9 +257,18 @@ def sliding_layers(report: Report) -> int:
 
 
 def _smaller_batch_text(
-    target: int, batch: int, saved: int, basis: str, kv_saved: int, kv: int, need: int, beyond: int | None
+    target: int,
+    batch: int,
+    saved: int,
+    basis: str,
+    kv_saved: int,
+    kv: int,
+    need: int,
+    beyond: int | None,
+    vectors: int = 0,
 ) -> str:
-    """The batch remedy's sentence when there is a shortfall, by what priced it (`fewer_rows`)."""
+    """The batch remedy's sentence when there is a shortfall, by what priced it (`fewer_rows`); `beyond`
+    is the memory beyond the weights less the `vectors` over the vocabulary that no batch shrinks."""
     if batch == 1:
         return "The run is at batch 1 already: a smaller batch is no remedy."
     if basis == "kv" and target >= 1:
@@ -279,8 +288,14 @@ def _smaller_batch_text(
             "batch 1 to know whether it fits."
         )
     assert beyond is not None
+    besides = (
+        f", less {human_bytes(vectors)} of vectors over the vocabulary no batch shrinks"
+        if vectors > 0
+        else ""
+    )
     whole = (
-        f"the {human_bytes(beyond)} beyond the weights ({human_bytes(beyond / batch)} a row: KV, activations)"
+        f"the {human_bytes(beyond + vectors)} beyond the weights{besides} ({human_bytes(beyond / batch)} a "
+        "row: KV, activations)"
     )
     if basis == "estimate":
         return (
@@ -348,8 +363,13 @@ def price_remedies(
         else:
             acts = d.get("row_activation_bytes")
             acts = acts if isinstance(acts, int) else 0
-            target, saved, basis, kv_saved = fewer_rows(kv, batch, need, beyond_weights, acts)
-            text = _smaller_batch_text(target, batch, saved, basis, kv_saved, kv, need, beyond_weights)
+            # The vocabulary-long vectors are the moment's, whatever the batch: out of what a row's share
+            # of the memory beyond the weights prices ("estimate", "bound"), or it overstates what goes
+            vectors = d.get("fixed_vector_bytes")
+            vectors = vectors if isinstance(vectors, int) and beyond_weights else 0
+            pool = beyond_weights - vectors if beyond_weights else beyond_weights
+            target, saved, basis, kv_saved = fewer_rows(kv, batch, need, pool, acts)
+            text = _smaller_batch_text(target, batch, saved, basis, kv_saved, kv, need, pool, vectors)
             if basis == "rows":
                 text += _fixed_beyond(beyond_weights, kv, acts)
         if d.get("rows_are_beams"):  # how many per prompt, the log does not say

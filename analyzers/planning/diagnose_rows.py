@@ -9,8 +9,10 @@ cache's positions), and the int64 token ids, attention mask and positions (a wid
 such a size is counted as the batch's; any other (the MLP's intermediate width the run's geometry does not
 give, scalars) is counted as fixed, and so is any of a size a vocabulary-long vector has (the logits
 processors' arange and masks, whatever the batch), so that the figure is at most what a smaller batch
-frees. A fixed allocation that happens to have a batch-first size would be counted too: the widths are the
-model's own and the positions at most the cache's, which keeps that rare.
+frees; where a batch-first tensor has that size too (at batch 2 the float32 logits), one allocation of it
+is the vector's and the others the batch's. A fixed allocation that happens to have a batch-first size
+would be counted too: the widths are the model's own and the positions at most the cache's, which keeps
+that rare.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["fixed_sizes", "row_activation_bytes", "row_units"]
+__all__ = ["fixed_sizes", "fixed_vector_bytes", "row_activation_bytes", "row_units"]
 
 _FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _INT64_BYTES = 8  # token ids, attention masks, position ids
@@ -55,14 +57,41 @@ def row_activation_bytes(
     sizes: Iterable[int], rows: int, units: set[int], positions: int, fixed: set[int] | None = None
 ) -> int:
     """Bytes of the allocations among `sizes` that are `rows` x a unit of `units` x 1 to `positions`
-    positions, and not of a size in `fixed`: those a smaller batch shrinks in proportion."""
-    if rows < 1 or positions < 1 or not units:
-        return 0
-    total = 0
+    positions, and not of a size in `fixed`: those a smaller batch shrinks in proportion.
+
+    Where a size is both (at batch 2 the float32 logits are as long as an int64 vector over the
+    vocabulary), one allocation of it is counted as fixed and the others as the batch's: the logits
+    processors make one such vector at a step, generate keeps several copies of the logits."""
+    return _split(sizes, rows, units, positions, fixed or set())[0]
+
+
+def fixed_vector_bytes(
+    sizes: Iterable[int], rows: int, units: set[int], positions: int, fixed: set[int] | None = None
+) -> int:
+    """Bytes of the allocations among `sizes` taken as the vocabulary-long vectors of `fixed`, which no
+    smaller batch frees (`row_activation_bytes` counts the rest of a size both can be)."""
+    return _split(sizes, max(rows, 1), units, max(positions, 1), fixed or set())[1]
+
+
+def _split(
+    sizes: Iterable[int], rows: int, units: set[int], positions: int, fixed: set[int]
+) -> tuple[int, int]:
+    """(bytes that follow the rows, bytes of the fixed sizes) among `sizes`."""
+    if rows < 1 or positions < 1:
+        return 0, 0
+    follow, still, fixed_seen = 0, 0, set()
     for nbytes in sizes:
-        if nbytes <= 0 or nbytes % rows or nbytes in (fixed or ()):
+        if nbytes <= 0:
             continue
-        per_row = nbytes // rows
-        if any(per_row % unit == 0 and per_row // unit <= positions for unit in units):
-            total += nbytes
-    return total
+        batch_first = bool(units) and nbytes % rows == 0 and _is_row(nbytes // rows, units, positions)
+        if nbytes in fixed and (not batch_first or nbytes not in fixed_seen):
+            fixed_seen.add(nbytes)
+            still += nbytes
+        elif batch_first:
+            follow += nbytes
+    return follow, still
+
+
+def _is_row(per_row: int, units: set[int], positions: int) -> bool:
+    """Whether one row's bytes are a unit of `units` x 1 to `positions` positions."""
+    return any(per_row % unit == 0 and per_row // unit <= positions for unit in units)

@@ -67,3 +67,30 @@ def test_a_smaller_batch_frees_its_rows_activations_as_a_re_recording_shows(
     (batch,) = [r for r in json.loads(capsys.readouterr().out)["remedies"] if r["kind"] == "batch"]
     assert (batch["setting"], batch["fits"]) == (BATCH - 2, True)
     assert batch["saved_bytes"] == peaks[BATCH] - peaks[BATCH - 2]
+
+
+def test_at_batch_2_the_logits_as_long_as_a_vocabulary_vector_still_follow_the_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN generate() recorded at batch 2 and 1: at 2 the float32 logits (2 x vocabulary x 4 B) are as long
+    # as the int64 vector over the vocabulary the logits processors make at a step (vocabulary x 8 B)
+    peaks = {}
+    for rows in (2, 1):
+        record_generate(build_model(SIZE), tmp_path / f"b{rows}", rows, PROMPT, NEW_TOKENS)
+        peaks[rows] = _peak(tmp_path / f"b{rows}", capsys)
+    assert 2 * VOCAB * 4 == VOCAB * 8
+
+    # WHEN batch 2 is diagnosed under batch 1's own peak, THEN batch 1 is proposed, freeing exactly what
+    # its recording shows: the logits' copies count as the batch's, the one vector as fixed
+    assert main(["diagnose", str(tmp_path / "b2"), "--json", "--budget", str(peaks[1])]) == 0
+    (batch,) = [r for r in json.loads(capsys.readouterr().out)["remedies"] if r["kind"] == "batch"]
+    assert (batch["setting"], batch["fits"], batch["saved_bytes"]) == (1, True, peaks[2] - peaks[1])
+
+    # AND under a budget an int64 vocabulary vector's half below it, which batch 1's recording crosses,
+    # no batch fits: a row's share of the memory beyond the weights leaves out the vectors no batch shrinks
+    budget = peaks[1] - VOCAB * 8 // 2
+    assert peaks[1] > budget
+    assert main(["diagnose", str(tmp_path / "b2"), "--json", "--budget", str(budget)]) == 0
+    (batch,) = [r for r in json.loads(capsys.readouterr().out)["remedies"] if r["kind"] == "batch"]
+    assert batch["fits"] is False, batch["sentence"]
+    assert batch["sentence"].startswith("Even batch 1 does not fit")
