@@ -334,10 +334,12 @@ def _moment_floors(
         beside_peak = max(rec.peak_bytes - rec.weights_bytes - run_sizes.peak_bytes, 0)
     late = rows * max(_attended(req, context) / _attended(run, rec.context), 1.0)
     early = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
-    return [
-        req.weights_bytes + sizes.prefill_bytes + math.ceil(beside_prefill * early),
-        req.weights_bytes + sizes.peak_bytes + math.ceil(beside_peak * max(late, early)),
-    ]
+    floors = [req.weights_bytes + sizes.peak_bytes + math.ceil(beside_peak * max(late, early))]
+    if early > 1.0:
+        # A prefill of more rows or tokens than the run's: its own moment. Not otherwise: the bound
+        # `beside_prefill` holds the run's later KV too (its peak was later), far above a smaller prefill's
+        floors.append(req.weights_bytes + sizes.prefill_bytes + math.ceil(beside_prefill * early))
+    return floors
 
 
 def same_cache_as_run(req: PlanRequest) -> bool:

@@ -177,3 +177,29 @@ def test_a_beam_search_run_plans_other_beams(
         plan = _plan(run, capsys, "--beams", str(beams), "--batch", str(batch))
         assert plan["kv_bytes"] == TOKEN_ROW * batch * (PROMPT + NEW - 1)
         assert plan["request"]["beams"] == beams
+
+
+def test_a_smaller_batch_of_a_run_that_peaked_decoding_moves_its_peak_by_the_kv_alone(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run whose peak is its last decode step (a short prompt, many new tokens)
+    prompt, new = 3, 40
+
+    def recorded(batch: int, name: str) -> dict[str, Any]:
+        ids = torch.randint(3, 1000, (batch, prompt), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), kvtrace.record(tmp_path / name, model=model):
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+        return _report(tmp_path / name, capsys)
+
+    report = recorded(BATCH, "run")
+    assert report["kv"]["final_bytes"] == BATCH * (prompt + new - 1) * TOKEN_ROW
+    # WHEN it is planned at one row
+    planned = _plan(tmp_path / "run", capsys, "--batch", "1")
+    # THEN its peak is the run's less the KV the other rows held at that moment (the prefill is no later
+    # moment: the run's own was smaller than its peak, and so is one row's), and bounds one row's recording
+    held_less = (BATCH - 1) * (prompt + new - 1) * TOKEN_ROW
+    assert planned["peak_bytes"] <= report["peak_allocated_bytes"] - held_less
+    assert planned["peak_bytes"] >= recorded(1, "one_row")["peak_allocated_bytes"]
