@@ -35,6 +35,27 @@ def weights_bytes(model: Any) -> int:
     return sum(storages.values())
 
 
+def plan_weighs_as_built(config: Any, folder: Path, capsys: Any) -> None:
+    """Asserts that `kvtrace plan --config` weighs `config`, saved as transformers saves it, as the model
+    transformers builds from it holds (`weights_bytes`), in fp32 and in bf16, and does not call the weights
+    an estimate."""
+    import json
+
+    import torch
+    import transformers
+
+    from kvtrace.cli import main
+
+    config.save_pretrained(folder)
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        argv = ["plan", "--config", str(folder), "--dtype", name, "--json"]
+        assert main(argv) == 0, capsys.readouterr().err
+        planned = json.loads(capsys.readouterr().out)
+        assert planned["weights_bytes"] == weights_bytes(model), name
+        assert not [note for note in planned["notes"] if note.startswith("weights:")], name
+
+
 def record_generate(model: Any, out: Path, batch: int, prompt: int, new_tokens: int, **options: Any) -> None:
     """`kvtrace.record(out, model=model, **options)` around a greedy `generate()` of exactly `new_tokens` on
     `batch` rows of `prompt` seeded random ids, without grad."""

@@ -16,6 +16,7 @@ import transformers
 
 import kvtrace
 from kvtrace.cli import main
+from tests.tiny import plan_weighs_as_built, weights_bytes
 
 
 def _plan_per_token(config: Any, folder: Path, capsys: pytest.CaptureFixture[str]) -> int:
@@ -312,15 +313,8 @@ def _mistral_config() -> Any:
     )  # fmt: skip
 
 
-def _weights_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer storage: what a recording's device holds first."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.parameters()}
-    storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.buffers()})
-    return sum(storages.values())
-
-
 def _meta_weights_bytes(model: torch.nn.Module) -> int:
-    """`_weights_bytes` of a model built on the meta device, whose storages have no address: each distinct
+    """`weights_bytes` of a model built on the meta device, whose storages have no address: each distinct
     parameter and buffer at its own dtype (transformers shares no storage between two of them but a tied
     lm_head, which `parameters()` lists once)."""
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -337,7 +331,7 @@ def test_diagnose_prices_a_shorter_prompt_where_sliding_layers_hold_it(
     model = transformers.MistralForCausalLM(_mistral_config()).eval()
     layer_token, per_token = 2 * 256, 4 * 2 * 256  # one layer, all layers: one token of both rows
     peak = (4 * 64 + 8) * layer_token
-    budget = _weights_bytes(model) + 30_000
+    budget = weights_bytes(model) + 30_000
     _record_generate(model, tmp_path / "run", prompt=64, new=4, batch=2, gpu_memory=budget)
     # WHEN the run is diagnosed
     assert main(["diagnose", str(tmp_path / "run"), "--json"]) == 0
@@ -531,7 +525,7 @@ def test_plan_weighs_every_expert_and_latent_projection(
     model, cache, data = _plan_after_a_prompt(make(), tmp_path, capsys)
     # THEN the weights are the model's own parameters, every expert resident, and its buffers (RoPE's, the
     # expert-score bias of DeepSeek-V3), and the KV what its cache holds
-    assert data["weights_bytes"] == _weights_bytes(model)
+    assert data["weights_bytes"] == weights_bytes(model)
     held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
     assert data["kv_bytes"] == 4 * held
 
@@ -989,26 +983,18 @@ _LATENT = {
 def test_plan_weighs_each_family_as_transformers_builds_it(
     config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN a config as transformers saves it
-    config.save_pretrained(tmp_path / "config")
-    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        # ... and the model it builds from it in fp32, and in bf16
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        # WHEN it is planned in that dtype
-        argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", name, "--json"]
-        assert main(argv) == 0, capsys.readouterr().err
-        planned = json.loads(capsys.readouterr().out)
-        # THEN the weights are what the recorder counts: every distinct storage of its parameters (a tied
-        # lm_head once: GPT-2's, Falcon's, OPT's, GPT-NeoX's, Bloom's, Phi's, GPT-J's, StarCoder2's and MPT's
-        # MLPs have two matrices, and their biases, LayerNorms' biases (none in OLMo, which has no norm
-        # weights), learned positions (OPT's 2 rows longer), OPT's projections in and out, Bloom's embedding
-        # norm, Phi's and GPT-J's lm_head bias, the per-head qk norms of StableLM, OLMo 2 and Cohere, and the
-        # biases a config asks for are there; DeepSeek's routers stay float32) and of its buffers, each at
-        # its own dtype: RoPE's inv_freq (float32 in bf16 too), GPT-Neo's and GPT-BigCode's bool causal
-        # masks, GPT-J's and CTRL's float32 sinusoidal tables, XGLM's in the model's dtype, Gemma's scales
-        assert planned["weights_bytes"] == _weights_bytes(model), name
-        # ... and the plan does not call them an estimate
-        assert not [note for note in planned["notes"] if note.startswith("weights:")]
+    # GIVEN a config as transformers saves it, and the model it builds from it in fp32 and in bf16
+    # WHEN it is planned in that dtype
+    # THEN the weights are what the recorder counts: every distinct storage of its parameters (a tied
+    # lm_head once: GPT-2's, Falcon's, OPT's, GPT-NeoX's, Bloom's, Phi's, GPT-J's, StarCoder2's and MPT's
+    # MLPs have two matrices, and their biases, LayerNorms' biases (none in OLMo, which has no norm
+    # weights), learned positions (OPT's 2 rows longer), OPT's projections in and out, Bloom's embedding
+    # norm, Phi's and GPT-J's lm_head bias, the per-head qk norms of StableLM, OLMo 2 and Cohere, and the
+    # biases a config asks for are there; DeepSeek's routers stay float32) and of its buffers, each at
+    # its own dtype: RoPE's inv_freq (float32 in bf16 too), GPT-Neo's and GPT-BigCode's bool causal
+    # masks, GPT-J's and CTRL's float32 sinusoidal tables, XGLM's in the model's dtype, Gemma's scales
+    # ... and the plan does not call them an estimate
+    plan_weighs_as_built(config, tmp_path / "config", capsys)
 
 
 def test_plan_weighs_a_llama4_checkpoint_config_as_transformers_builds_it(
@@ -1035,7 +1021,7 @@ def test_plan_weighs_a_llama4_checkpoint_config_as_transformers_builds_it(
     # THEN the weights are the language model's parameters at 2 B each: layers 1 and 3 hold 4 experts of
     # 160 (3 matrices), a router and a shared expert of 160, layers 0 and 2 a dense MLP of 96; and its RoPE
     # table, inv_freq and original_inv_freq of head_dim / 2 float32 each
-    assert planned["weights_bytes"] == _weights_bytes(model)
+    assert planned["weights_bytes"] == weights_bytes(model)
     hidden, vocab = 64, 256
     attention = 2 * hidden * 4 * 16 + 2 * hidden * 2 * 16
     moe = 4 * 3 * hidden * 160 + hidden * 4 + 3 * hidden * 160
@@ -1066,7 +1052,7 @@ def test_plan_weighs_a_gemma4_checkpoint_configs_language_model_as_transformers_
     planned = json.loads(capsys.readouterr().out)
     # THEN the weights are its language model's parameters at 2 B each (the lm_head is tied to them) and
     # buffers: RoPE's float32 tables, one pair per kind of layer, and its scales in bf16
-    assert planned["weights_bytes"] == _weights_bytes(model.model.language_model)
+    assert planned["weights_bytes"] == weights_bytes(model.model.language_model)
     # ... and the only note on them is the vision tower's, which the figure leaves out
     assert [note for note in planned["notes"] if note.startswith("weights:")] == [
         "weights: the language model's only; its vision_config tower is not counted, so the weights figure "

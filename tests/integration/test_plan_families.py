@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from kvtrace.cli import main
-from tests.tiny import weights_bytes
+from tests.tiny import plan_weighs_as_built
 
 _LLAMA = {
     "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -76,19 +76,11 @@ _DBRX = {
 def test_plan_weighs_these_families_as_transformers_builds_them(
     config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN a config as transformers saves it
-    config.save_pretrained(tmp_path / "config")
-    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        # ... and the model it builds from it in that dtype
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        # WHEN it is planned in that dtype
-        argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", name, "--json"]
-        assert main(argv) == 0, capsys.readouterr().err
-        planned = json.loads(capsys.readouterr().out)
-        # THEN the weights are every distinct storage of its parameters and buffers, each at its own dtype
-        # (routers and score corrections float32 in bf16 too), and the plan does not call them an estimate
-        assert planned["weights_bytes"] == weights_bytes(model), name
-        assert not [note for note in planned["notes"] if note.startswith("weights:")], name
+    # GIVEN a config as transformers saves it, and the model it builds from it in fp32 and in bf16
+    # WHEN it is planned in that dtype
+    # THEN the weights are every distinct storage of its parameters and buffers, each at its own dtype
+    # (routers and score corrections float32 in bf16 too), and the plan does not call them an estimate
+    plan_weighs_as_built(config, tmp_path / "config", capsys)
 
 
 _PUBLISHED = {k: v for k, v in _LLAMA.items() if k != "head_dim"}  # heads 16 wide by hidden_size / heads
@@ -118,7 +110,7 @@ _PUBLISHED = {k: v for k, v in _LLAMA.items() if k != "head_dim"}  # heads 16 wi
         "glm", "glm4", "internlm3", "ernie4_5", "ministral-window", "dots1-layer-types", "mistral-window",
         "gemma2-window", "gemma3-window", "cohere2-window", "exaone4-window",
     ],
-)
+)  # fmt: skip
 def test_plan_holds_the_kv_of_a_config_that_leaves_out_its_familys_defaults(
     raw: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
