@@ -40,21 +40,7 @@ from analyzers.planning.diagnose_moment import (
     prompt_at_step,
     report_layer_tokens,
 )
-from analyzers.planning.diagnose_remedies import (
-    all_windowed,
-    compute_dtype_bits,
-    growing_bytes_per_token,
-    kv_dtype_bits,
-    kv_layers,
-    layer_kind_token_bytes,
-    layer_token_bytes,
-    price_remedies,
-    quantized_bits,
-    quantized_cache,
-    sliding_layer_ids,
-    sliding_layers,
-    token_elements,
-)
+from analyzers.planning.diagnose_remedies import price_remedies
 from analyzers.planning.diagnose_rows import fixed_sizes, fixed_vector_bytes, row_activation_bytes, row_units
 from analyzers.planning.diagnose_stacks import (
     freed_from_before,
@@ -64,6 +50,20 @@ from analyzers.planning.diagnose_stacks import (
     unaddressed_share,
 )
 from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
+from analyzers.planning.run_kv_facts import (
+    all_windowed,
+    compute_dtype_bits,
+    growing_bytes_per_token,
+    kv_dtype_bits,
+    kv_layers,
+    layer_kind_token_bytes,
+    layer_token_bytes,
+    quantized_bits,
+    quantized_cache,
+    sliding_layer_ids,
+    sliding_layers,
+    token_elements,
+)
 from analyzers.summary import Report, clock_time, ended_notes, input_notes
 from analyzers.trace_coverage import peak_before_trace_note
 from analyzers.units import human_bytes

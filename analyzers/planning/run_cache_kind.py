@@ -10,6 +10,7 @@ from dataclasses import replace
 from analyzers.caches import layer_list
 from analyzers.kv_log import CacheFigures, is_kv_data
 from analyzers.planning.presets import ModelGeometry
+from analyzers.planning.run_kv_facts import PACKED_PARTS
 from kvtrace.format import Run
 
 __all__ = ["PLAN_DTYPES", "kv_dtype_of", "logged_window", "quantized_layout"]
@@ -17,8 +18,7 @@ __all__ = ["PLAN_DTYPES", "kv_dtype_of", "logged_window", "quantized_layout"]
 # The model's float dtypes as the planner names them; others (int8 weights) plan their KV in bf16
 PLAN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
-# A QuantizedCache's packed values (quanto's `q._data._data`, HQQ's `q.0`) and their group scales
-_PACKED_PARTS = ("q._data._data", "q._data", "q.0")
+# A QuantizedCache's group scales (its packed values: `PACKED_PARTS`)
 _SCALE_PARTS = ("q._scale", "q.1.scale")
 _PLAN_BITS = {2: "int2", 4: "int4", 8: "int8"}  # nbits=2 packs four values a byte, both backends
 
@@ -116,11 +116,11 @@ def quantized_layout(
             continue
         width = widths[ev.layer][ev.kv == "v"] if ev.layer < len(widths) else geometry.kv_widths[0]
         values = main.rows * ev.tokens * width
-        if ev.part in _PACKED_PARTS and bits is None:
+        if ev.part in PACKED_PARTS and bits is None:
             bits = (ev.logical_bytes or ev.storage_bytes) * 8 / values
         elif ev.part in _SCALE_PARTS and group is None and values % math.prod(ev.shape) == 0:
             group = values // math.prod(ev.shape)
-        if ev.part in _PACKED_PARTS:
+        if ev.part in PACKED_PARTS:
             before = last_tokens.get((ev.layer, ev.kv))
             if before is not None and ev.phase == "decode" and residual is None and ev.tokens > before:
                 residual = ev.tokens - before
