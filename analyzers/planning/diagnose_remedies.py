@@ -55,17 +55,19 @@ from analyzers.planning.diagnose_buffer_remedies import (
 from analyzers.planning.diagnose_cache_remedies import (
     beam_search_remedies,
     fewer_rows,
+    layer_widths,
+    moment_bytes_per_token,
+    window_remedy,
+    windowed_remedies,
+)
+from analyzers.planning.diagnose_quantized_remedies import (
     fp8_after_quantized,
     fp8_for_static,
     int4_remedy,
     layer_tokens_of,
-    layer_widths,
     model_dtype_text,
-    moment_bytes_per_token,
     quantized_widening,
     static_cache_at_model_dtype,
-    window_remedy,
-    windowed_remedies,
 )
 from analyzers.planning.diagnosis import NO_KV, NO_KV_HELD, NO_KV_IN_RUN, Remedy, fits, no_geometry
 from analyzers.planning.run_kv_facts import DTYPE_BITS

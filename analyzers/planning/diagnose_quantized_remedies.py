@@ -1,0 +1,239 @@
+"""The remedies whose price depends on a quantized KV: transformers' int4 QuantizedCache (int4 values, a
+scale and a zero-point per group in the model's dtype, the tokens since the last quantization at full
+precision), fp8 KV for a static cache or after a quantized one, and a static cache for a quantized cache's
+run (at the model's dtype, not quantized). Pure, torch-free.
+
+analyzers.planning.diagnose_remedies prices the usual remedies and calls these where they apply.
+"""
+
+from __future__ import annotations
+
+from analyzers.planning.diagnose_buffer_remedies import PreallocatedBuffers
+from analyzers.planning.diagnosis import Remedy, fits, no_geometry
+from analyzers.planning.quantized_cache import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_RESIDUAL_LENGTH,
+    quantized_cache_bytes,
+    residual_tokens,
+)
+from analyzers.units import human_bytes
+
+__all__ = [
+    "fp8_after_quantized",
+    "fp8_for_static",
+    "int4_remedy",
+    "layer_tokens_of",
+    "model_dtype_text",
+    "quantized_widening",
+    "static_cache_at_model_dtype",
+]
+
+
+def int4_remedy(
+    d: dict[str, object],
+    kv: int,
+    kv_bits: int,
+    need: int | None,
+    preallocated: PreallocatedBuffers | None = None,
+) -> Remedy:
+    """transformers' QuantizedCache at its defaults (int4, a scale and a zero-point per 64 elements,
+    residual_length 128) holding this moment's tokens: the prompt quantized, the tokens after it in the
+    compute dtype until 128 are due (analyzers.planning.quantized_cache, as `kvtrace plan` counts it).
+    Each layer holds its own tokens (`layer_tokens_of`): a step stopped between its layers' updates leaves
+    the later ones a token short, or at prefill with none, and both caches are priced on what is held.
+    `preallocated`: a StaticCache, whose room the QuantizedCache replaces; that cache holds the same bytes
+    from its first update on, the QuantizedCache grows, so it is priced at the run's final context (the
+    most tokens a row of the run wrote), not at the moment's, which a peak at prefill holds few of."""
+    batch, tokens, prompt = d["batch"], d["tokens_held"], d.get("prompt_tokens")
+    if not isinstance(batch, int) or not isinstance(tokens, int) or not batch or not tokens:
+        why = "needs the tokens held, a share of which it keeps at full precision"
+        return Remedy("quantized_kv", 4, None, None, f"int4 quantized cache: {no_geometry(d)}; it {why}.")
+    final = preallocated.tokens_written if preallocated is not None else None
+    if preallocated is not None and final:
+        per_token = kv / preallocated.positions  # a StaticCache's bytes are its positions' (every row's)
+        tokens = final
+    else:
+        per_token = _bytes_per_token_all_rows(d, kv, batch, tokens)
+    counts, layers = layer_tokens_of(d, tokens)
+    per_layer_token = per_token / layers  # one layer's KV of a position, every row
+    # What the cache holds at this moment, without a dynamic cache's transient copy: a quantized cache's
+    # updates make larger ones (its quantized layer dequantized, whole K and V returned at full precision).
+    cache = kv if preallocated is not None else min(kv, round(per_layer_token * sum(counts)))
+    elements = _layer_elements(d, batch, layers) or per_layer_token * 8 / kv_bits  # a position of a layer
+    compute_bits = d.get("compute_bits")
+    compute_bytes = (compute_bits if isinstance(compute_bits, int) else kv_bits) / 8
+    known = prompt if isinstance(prompt, int) else None
+    per_layer = [
+        quantized_cache_bytes(
+            held_here,
+            residual_tokens(held_here, DEFAULT_RESIDUAL_LENGTH, known),
+            data_per_token=elements * 4 / 8,
+            scale_per_token=elements / DEFAULT_GROUP_SIZE * 2 * compute_bytes,
+            full_per_token=elements * compute_bytes,
+        )
+        for held_here in counts
+    ]
+    held_bytes = sum(q.total_bytes for q in per_layer)
+    fullest = max(per_layer, key=lambda q: q.quantized_tokens + q.residual_tokens)
+    residual = fullest.residual_tokens
+    saved = max(cache - held_bytes, 0)
+    after = (
+        f"the {residual:,} after the prompt" if known is not None else f"up to {residual:,} (the worst case)"
+    )
+    split = (
+        f"{fullest.quantized_tokens:,} in int4, {after} at full precision "
+        f"({human_bytes(sum(q.residual_bytes for q in per_layer))}) until "
+        f"residual_length={DEFAULT_RESIDUAL_LENGTH} are due"
+    )
+    if preallocated is not None and final:
+        text = (
+            f"An int4 quantized cache (QuantizedCache, scales included) grows with the tokens, where this "
+            f"StaticCache holds its {preallocated.positions:,} positions from its first update: by the "
+            f"run's end it holds its {tokens:,} tokens in {human_bytes(held_bytes)} instead of "
+            f"{human_bytes(cache)}, saving {human_bytes(saved)}: {split}."
+        )
+    else:
+        text = (
+            f"An int4 quantized cache (QuantizedCache, scales included) holds these {tokens:,} tokens"
+            f"{_short_layers(counts, tokens, layers)} in {human_bytes(held_bytes)} instead of "
+            f"{human_bytes(cache)}, saving {human_bytes(saved)}: {split}."
+        )
+    return Remedy("quantized_kv", 4, saved, fits(saved, need), text)
+
+
+def _layer_elements(d: dict[str, object], batch: int, layers: int) -> float | None:
+    """KV elements of one position of one layer, every row: the arithmetic (`token_elements`), which does
+    not depend on how the run's cache stores them."""
+    per_row = d.get("token_elements")
+    return per_row * batch / layers if isinstance(per_row, int | float) and per_row else None
+
+
+def fp8_for_static(
+    d: dict[str, object], kv: int, kv_bits: int, static: PreallocatedBuffers, need: int | None
+) -> Remedy:
+    """An fp8 cache for a StaticCache's run: transformers' QuantizedCache(backend="fp8") keeps every token
+    in 8 bits, and grows with them: priced at the run's final context (the most tokens a row wrote) against
+    the StaticCache's room, which it holds whatever the moment (`int4_remedy`)."""
+    tokens = static.tokens_written or static.positions
+    held = round(kv / static.positions * tokens * 8 / kv_bits)
+    saved = max(kv - held, 0)
+    grows = (
+        f"grows with the tokens, where this StaticCache holds its {static.positions:,} positions from its "
+        "first update"
+    )
+    text = (
+        f"An fp8 KV cache (QuantizedCache(backend='fp8'), 8 bits a value) {grows}: by the run's end it "
+        f"holds its {tokens:,} tokens in {human_bytes(held)} instead of {human_bytes(kv)} at {kv_bits} bits, "
+        f"saving {human_bytes(saved)}."
+    )
+    return Remedy("quantized_kv", 8, saved, fits(saved, need), text)
+
+
+def fp8_after_quantized(d: dict[str, object], kv: int, packed: int, need: int | None) -> Remedy:
+    """An fp8 cache for an int4 QuantizedCache's run: every token in 8 bits, against what the run's cache
+    stores at the end of the moment's step (`kv_stored_bytes`: its packed values, their scales and its
+    residual at full precision), both without their updates' transient copies. Its width comes from the
+    arithmetic (`token_elements`), not from the run's storage, whose last dtype is its residual's."""
+    batch, tokens = d["batch"], d["tokens_held"]
+    layers = d.get("kv_layers")
+    elements = (
+        _layer_elements(d, batch, layers) if isinstance(batch, int) and isinstance(layers, int) else None
+    )
+    if not isinstance(tokens, int) or not tokens or elements is None or not isinstance(layers, int):
+        why = "cannot be priced: the KV geometry of a layer is not recorded"
+        return Remedy("quantized_kv", 8, None, None, f"fp8 KV cache: {why}.")
+    stored = d.get("kv_stored_bytes")
+    stored = min(stored, kv) if isinstance(stored, int) and stored else kv
+    counts, _ = layer_tokens_of(d, tokens)
+    held = round(elements * sum(counts))  # a byte a value
+    saved = max(stored - held, 0)
+    text = (
+        f"An fp8 KV cache (QuantizedCache(backend='fp8'), 8 bits a value, every token) holds these "
+        f"{tokens:,} tokens in {human_bytes(held)} instead of the {human_bytes(stored)} this int{packed} "
+        f"cache stores (its residual at full precision), saving {human_bytes(saved)}; both without their "
+        "updates' transient copies."
+    )
+    return Remedy("quantized_kv", 8, saved, fits(saved, need), text)
+
+
+def layer_tokens_of(d: dict[str, object], tokens: int) -> tuple[list[int], int]:
+    """(tokens per row of each layer holding KV at the moment, the model's KV layers): the moment's own
+    counts (`layer_tokens`, analyzers.planning.diagnose_moment.layer_tokens_at_step) where its fullest layer
+    holds `tokens`, else `tokens` on every KV layer (a whole step's)."""
+    layers = d.get("kv_layers")
+    layers = layers if isinstance(layers, int) and layers > 0 else 1
+    held = d.get("layer_tokens")
+    if isinstance(held, dict) and held and max(held.values()) == tokens and len(held) <= layers:
+        return [int(n) for n in held.values()], layers
+    return [tokens] * layers, layers
+
+
+def _short_layers(counts: list[int], tokens: int, layers: int) -> str:
+    """What the layers the moment's step had not reached held, where some hold fewer than `tokens`."""
+    fewer: dict[int, int] = {}
+    for held in [*counts, *[0] * (layers - len(counts))]:
+        if held < tokens:
+            fewer[held] = fewer.get(held, 0) + 1
+    if not fewer:
+        return ""
+    said = "; ".join(
+        f"{f'{held:,}' if held else 'none'} on {count:,}"
+        for held, count in sorted(fewer.items(), reverse=True)
+    )
+    return f" ({said} of the {layers:,} KV layers, which the step had not reached)"
+
+
+def _bytes_per_token_all_rows(d: dict[str, object], kv: int, batch: int, tokens: int) -> float:
+    """KV bytes of one position across the batch and all layers: the run's own figure at the end (its
+    storages over the tokens they hold), else the moment's KV over its tokens."""
+    steady = d.get("bytes_per_token")
+    return steady * batch if isinstance(steady, int | float) and steady else kv / tokens
+
+
+def quantized_widening(d: dict[str, object], kv_bits: int | None) -> float | None:
+    """How many times larger a token's KV is at the model's own dtype than the run's arithmetic counts it
+    (`kv_bits`, the dtype of its last KV data event: fp8 under a float32 model, 4; an int4 cache's residual,
+    already the model's dtype, 1), which a static cache or a sliding window would keep; None when the run's
+    cache is not quantized, or a dtype is unknown."""
+    compute = d.get("compute_bits")
+    if not d.get("quantized_cache") or not isinstance(compute, int) or not kv_bits or compute < kv_bits:
+        return None
+    return compute / kv_bits
+
+
+def model_dtype_text(d: dict[str, object]) -> str:
+    """The model's dtype as a remedy names it: "the model's float32", or its own dtype when unrecorded."""
+    dtype = d.get("model_dtype")
+    return f"the model's {dtype}" if dtype else "the model's own dtype"
+
+
+def static_cache_at_model_dtype(
+    d: dict[str, object], kv: int | None, tokens: int | None, kv_bits: int | None, need: int | None
+) -> Remedy:
+    """A static cache for a quantized cache's run: StaticCache keeps K and V at the model's dtype, every
+    position of its max_cache_len allocated at once; its lack of a transient copy does not make up for
+    the wider elements. Priced holding this moment's tokens, against this moment's KV."""
+    widen = quantized_widening(d, kv_bits)
+    layer_token, layers, batch = d.get("layer_token_bytes"), d.get("kv_layers"), d["batch"]
+    if (
+        widen is None
+        or not kv
+        or not tokens
+        or not isinstance(layer_token, float)
+        or not isinstance(layers, int)
+        or not isinstance(batch, int)
+    ):
+        why = "cannot be priced: the KV geometry of a layer is not recorded"
+        return Remedy("static_cache", None, None, None, f"Static cache: {why}.")
+    # every layer holding KV then, at max_cache_len: a step stopped before its last layers has fewer
+    holding = len(layer_tokens_of(d, tokens)[0])
+    held = round(layer_token * widen * holding * batch * tokens)
+    change = (
+        f"A static cache (cache_implementation='static', max_cache_len={tokens:,}) holds KV at "
+        f"{model_dtype_text(d)}, not quantized: {human_bytes(held)} for these {tokens:,} tokens"
+    )
+    if held >= kv:
+        text = f"{change}, which adds {human_bytes(held - kv)} to the {human_bytes(kv)} of KV at this moment."
+        return Remedy("static_cache", None, 0, fits(kv - held, need), text)
+    text = f"{change}, {human_bytes(kv - held)} less than the {human_bytes(kv)} of KV at this moment."
+    return Remedy("static_cache", None, kv - held, fits(kv - held, need), text)
