@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from analyzers.kv_log import CacheFigures, bytes_per_token_row
+if TYPE_CHECKING:
+    from analyzers.kv_log import CacheFigures
 
 __all__ = [
     "MAX_CACHES_AS_ROWS",
@@ -157,6 +158,10 @@ def measured_bytes_per_token(c: CacheFigures, tokens: int | None, rows: int | No
         return None
     if c.capacity_rows and c.capacity_tokens:
         return c.final_bytes / (c.capacity_rows * c.capacity_tokens)
+    # Here, not at the top: the text renderer uses this module on every report, a snapshot's too, and
+    # a snapshot has no KV log to load the log's analyzers for (issue 11)
+    from analyzers.kv_log import bytes_per_token_row
+
     return bytes_per_token_row(c.bytes_by_tokens, rows) if tokens and rows else None
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from analyzers.kv_log import is_kv_data
 from analyzers.model import MemorySource
-from analyzers.summary import Report, heads_held_by
+from analyzers.run_kv import heads_held_by
+from analyzers.summary import Report
 
 __all__ = ["holds_all_kv_heads", "sharded_attention"]
 

@@ -24,7 +24,7 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
     with `keep_events=False`) and gives the same in its notes.
     """
     from analyzers.readers.sources import classify_path, open_source, profiler_traces_in, runs_in
-    from kvtrace.format import is_run_group
+    from kvtrace.run_layout import is_run_group
 
     if is_run_group(path):  # one run per rank: the rank that ran out, failed or peaked (analyzers.group)
         from analyzers.group import load_group_focus
@@ -74,7 +74,7 @@ def build_report(
     A run group gives the group's report, as `kvtrace report` does: every rank's devices, the KV summed
     over ranks, the group's notes, and `report.group` (each rank's report, which rank to look at and why);
     the source is that rank's (`source.meta["run_group"]`)."""
-    from kvtrace.format import is_run_group
+    from kvtrace.run_layout import is_run_group
 
     if is_run_group(path):
         import dataclasses

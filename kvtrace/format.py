@@ -30,8 +30,15 @@ from typing import IO, Any
 
 from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
 
+# Which folders are runs and run groups is part of the format, in a module of its own so that a command can
+# ask it of any input cheaply (kvtrace.run_layout): its names are the format's too.
+from kvtrace.run_layout import GROUP_FORMAT as GROUP_FORMAT
+from kvtrace.run_layout import GROUP_MARKER as GROUP_MARKER
+from kvtrace.run_layout import MANIFEST, RANK_DIR_PREFIX, rank_dirs
+from kvtrace.run_layout import is_run_dir as is_run_dir
+from kvtrace.run_layout import is_run_group as is_run_group
+
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 KV_EVENTS = "kv_events.jsonl"
 WEIGHTS = "weights.jsonl"
 MODEL_CONFIG = "model_config.json"  # the model's Hugging Face config, whole (`kvtrace plan --from-run`)
@@ -629,38 +636,3 @@ _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.dtype", _text_or_null, "a string"),
     ("options.gpu_memory", _size_or_null, f"a size of at most {MAX_BYTES} bytes"),
 )
-
-
-def is_run_dir(path: str | os.PathLike[str]) -> bool:
-    """A folder holding a manifest (one that is not a readable file is refused when read, not skipped)."""
-    return os.path.lexists(Path(path) / MANIFEST)
-
-
-# A run group: one run directory per rank of a torch.distributed job, `<group>/rank-<r>/`. The marker
-# file is written by rank 0 and informative only: a folder with rank-<r>/manifest.json children is a
-# group whether or not rank 0 lived to write it.
-RANK_DIR_PREFIX = "rank-"
-GROUP_MARKER = "group.json"
-GROUP_FORMAT = "kvtrace-run-group"
-
-
-def rank_dirs(path: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """(rank, directory) of every `rank-<r>` child holding a manifest, in rank order."""
-    root = Path(path)
-    found: list[tuple[int, Path]] = []
-    try:
-        children = list(root.iterdir())
-    except OSError:
-        return []
-    for child in children:
-        suffix = child.name[len(RANK_DIR_PREFIX) :]
-        is_rank = child.name.startswith(RANK_DIR_PREFIX) and suffix.isascii() and suffix.isdigit()
-        if is_rank and (child / MANIFEST).is_file():
-            found.append((int(suffix), child))
-    return sorted(found)
-
-
-def is_run_group(path: str | os.PathLike[str]) -> bool:
-    """A folder that is not itself a run and holds at least one rank run directory."""
-    root = Path(path)
-    return root.is_dir() and not is_run_dir(root) and bool(rank_dirs(root))

@@ -9,7 +9,7 @@ from typing import Any
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
-from kvtrace.format import is_run_group
+from kvtrace.run_layout import is_run_group
 
 
 class DiagnoseCommand(Command):

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import check_html_target, print_result, write_html
 from kvtrace.errors import KvtraceError, cannot_write, missing_dependency
-from kvtrace.format import is_run_group
+from kvtrace.run_layout import is_run_group
+
+if TYPE_CHECKING:
+    from analyzers.summary import Report
 
 
 def progress_bar(label: str, quiet: bool):
@@ -71,7 +75,6 @@ class ReportCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from analyzers.render.json import report_to_json
-        from analyzers.render.text import report_to_text
         from analyzers.report import build_report
 
         check_html_target(args.output)
@@ -91,7 +94,7 @@ class ReportCommand(Command):
         self.last_report = report  # for `kvtrace demo`, which reports its own run
         if source.kind == "run" and not getattr(args, "no_export", False):
             self._export(path, source)
-        print_result(args.json, lambda: report_to_json(report), lambda: report_to_text(report))
+        print_result(args.json, lambda: report_to_json(report), lambda: _text(report))
         if args.output:
             from analyzers.render.html import report_to_html
 
@@ -160,6 +163,13 @@ class ReportCommand(Command):
             _not_exported(exc)
         except OSError as exc:
             _not_exported(cannot_write(path / SCALARS_DIR, exc, folder=True))
+
+
+def _text(report: Report) -> str:
+    """The terminal summary; its renderer is imported only here, as `--json` needs none of its helpers."""
+    from analyzers.render.text import report_to_text
+
+    return report_to_text(report)
 
 
 def _not_exported(problem: KvtraceError) -> None:

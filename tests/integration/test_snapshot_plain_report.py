@@ -146,3 +146,53 @@ def test_snapshot_report_imports_no_numpy_and_matches_the_html_path(tmp_path: Pa
     plain, columns = result["outs"][: len(REAL)], result["outs"][len(REAL) :]
     assert plain == columns
     assert all(json.loads(out)["source"]["kind"] == "snapshot" for out in plain)
+
+
+# What a snapshot's report has no use for: a run's KV-log analyzers, its budget, the timelines (numpy
+# columns, for -o) and the format's event records. `--json` needs no text renderer, which loads `caches`.
+RUN_ONLY = [
+    "analyzers.budget",
+    "analyzers.kv_log",
+    "analyzers.kv_views",
+    "analyzers.kv_widths",
+    "analyzers.run_kv",
+    "analyzers.timeline",
+    "kvtrace.format",
+]
+TEXT_ONLY = ["analyzers.caches", "analyzers.render.text"]
+
+
+def test_snapshot_report_imports_only_what_a_snapshot_needs() -> None:
+    # GIVEN every real snapshot WHEN `kvtrace report --json`, then `kvtrace report`, reads each in a fresh
+    # interpreter, and both again once every module a run's report needs is imported
+    code = (
+        "import importlib, io, json, sys, contextlib\n"
+        "from kvtrace.cli import main\n"
+        f"paths, watched = {[str(p) for p in REAL]!r}, {RUN_ONLY + TEXT_ONLY!r}\n"
+        "def outputs(flags):\n"
+        "    outs = []\n"
+        "    for path in paths:\n"
+        "        out = io.StringIO()\n"
+        "        with contextlib.redirect_stdout(out):\n"
+        "            assert main(['report', *flags, path]) == 0\n"
+        "        outs.append(out.getvalue())\n"
+        "    return outs, sorted(m for m in watched if m in sys.modules)\n"
+        "json_outs, after_json = outputs(['--json'])\n"
+        "text_outs, after_text = outputs([])\n"
+        "for name in watched:\n"
+        "    importlib.import_module(name)\n"
+        "eager = [outputs(['--json'])[0], outputs([])[0]]\n"
+        "print(json.dumps({'lazy': [json_outs, text_outs], 'eager': eager,"
+        " 'after_json': after_json, 'after_text': after_text}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    # THEN the JSON reports loaded none of the run-only modules nor the text renderer, the text ones only that
+    assert result["after_json"] == []
+    assert result["after_text"] == TEXT_ONLY
+    # and each output is byte for byte what it is with all of them imported
+    assert result["lazy"] == result["eager"]
+    # and its allocations are the snapshot's, counted from the file
+    for path, out in zip(REAL, result["lazy"][0], strict=True):
+        allocs = sum(e["action"] == "alloc" for trace in _load(path)["device_traces"] for e in trace)
+        assert sum(d["alloc_events"] for d in json.loads(out)["devices"]) == allocs
