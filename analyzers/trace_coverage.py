@@ -9,6 +9,8 @@
   its report's are 0 for want of any, not a measured 0. One whose `[memory]` events are there but all
   damaged (a `Bytes` that is a string, no `args`, a `ts` that is NaN) has none either, for that reason:
   profiling again with `profile_memory=True` would not help, so its note says what was skipped and why.
+* A snapshot whose trace holds no alloc or free (no `device_traces`, or history recorded too briefly) has
+  only the state at its dump: that moment is its "peak", which a note says.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "all_memory_events_damaged",
     "coverage_notes",
     "damaged_memory_events",
+    "dump_only_note",
     "peak_before_trace_note",
     "skipped_events_note",
 ]
@@ -100,4 +103,19 @@ def coverage_notes(
         if damaged is not None:
             return [f"{damaged}: its memory figures (peak, final, devices) are unknown, not 0"]
         return [NO_ALLOCATOR_EVENTS_NOTE]
-    return [peak_before_trace_note(device, source_kind) for device in devices if device.peak_before_trace]
+    notes = [peak_before_trace_note(device, source_kind) for device in devices if device.peak_before_trace]
+    if source_kind == "snapshot":
+        untraced = [device for device in devices if not device.alloc_events + device.free_events]
+        notes.extend(map(dump_only_note, untraced))
+    return notes
+
+
+def dump_only_note(device: DeviceSummary) -> str:
+    """The note on a snapshot device whose trace holds no alloc or free: its figures are the blocks held at
+    the dump, one moment, which the report would otherwise give as a peak like any other."""
+    return (
+        f"{device.device}: the snapshot's trace holds no allocs or frees: the peak and final are what was "
+        "allocated at the dump, one moment; the run's peak is not seen (torch.cuda.memory."
+        "_record_memory_history(max_entries=...) before the run records a trace; trace_alloc_max_entries "
+        "in torch 2.0)"
+    )

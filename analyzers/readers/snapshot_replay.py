@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import accumulate
+from operator import methodcaller
 from typing import Any
 
 import numpy as np
@@ -16,21 +17,21 @@ from analyzers.model import DeviceEvents, Marker, MemorySource, OomInfo
 from analyzers.readers.memory_events_fast import MAX_EVENT_BYTES, MAX_MOVED_BYTES
 from analyzers.readers.snapshot_entries import (
     ACTION,
-    ADDR,
     FREE_ACTIONS,
     HAS_TIME,
     LIVE_STATES,
     ONLY_INT,
     SEGMENT_GROW,
     SEGMENT_SHRINK,
-    SIZE,
     TIME,
     FrameTable,
     block_request_size,
     blocks_with_addresses,
     checked_bytes,
     integer,
+    lacking_fields,
     refuse_more_than_reserved,
+    segment_bytes,
     stream_of,
 )
 from kvtrace.errors import KvtraceError
@@ -48,6 +49,7 @@ def _replay_loop(
     frame_ids: list[int] = []
     live: dict[int, int] = {}  # address -> bytes added by an alloc seen in the trace
     orphan_bytes = orphan_count = 0
+    skipped: Counter[str] = Counter()
     pending_ooms: list[tuple[int, dict[str, Any], int, int]] = []
     intern, pop = frames.intern, live.pop
     add_ts, add_addr, add_delta, add_reserved, add_frame = (
@@ -60,7 +62,10 @@ def _replay_loop(
     for index, entry in enumerate(trace):  # the hot loop: one pass, plain ints skip conversions
         action = entry.get("action")
         if action == "alloc" or action in FREE_ACTIONS:
-            size, address = entry.get("size", 0), entry.get("addr", -1)
+            if "size" not in entry or "addr" not in entry:  # damaged: left out, as `_replay_columns` does
+                skipped[lacking_fields(entry) or ""] += 1
+                continue
+            size, address = entry["size"], entry["addr"]
             when = entry["time_us"] if timed else index
             if type(size) is not int or type(address) is not int or type(when) is not int:
                 where = f"a trace entry ({action})"
@@ -111,6 +116,7 @@ def _replay_loop(
         orphan_count,
         pending_ooms,
         reserved,
+        skipped,
     )
 
 
@@ -138,7 +144,7 @@ def _replay_columns(
     codes_of: defaultdict[Any, int] = defaultdict(int, _ACTION_CODES)  # unknown actions: 0
     try:
         actions = np.fromiter(map(codes_of.__getitem__, map(ACTION, trace)), dtype=np.int8, count=len(trace))
-        columns = [list(map(SIZE, trace)), list(map(ADDR, trace))]
+        columns = [list(map(_SIZE_OR_ABSENT, trace)), list(map(_ADDR_OR_ABSENT, trace))]
         if timed:
             columns.append(list(map(TIME, trace)))
     except TypeError:  # an unhashable action
@@ -154,6 +160,19 @@ def _replay_columns(
         return None
     if sizes.ndim != 1 or addrs_all.ndim != 1 or times.ndim != 1:
         return None
+    skipped: Counter[str] = Counter()
+    # A missing size or addr reads as ABSENT, one pass in C; those few entries are then looked at by key.
+    for index in np.flatnonzero((sizes == ABSENT) | (addrs_all == ABSENT)).tolist():
+        entry = trace[index]
+        reason = lacking_fields(entry)
+        if reason is None:
+            continue  # ABSENT written as a value: a negative size refused below, or an address
+        if actions[index] in (1, 2):  # an alloc or free that cannot be replayed: left out, as the loop does
+            skipped[reason] += 1
+            actions[index] = 0
+            sizes[index] = 0
+        elif "size" not in entry:
+            sizes[index] = 0  # a segment, oom or snapshot entry without a size: 0, as the loop reads it
     if sizes.size and sizes.min() < 0:
         raise ValueError(f"negative size {int(sizes.min())} in a trace entry")
     if sizes.size and sizes.max() > MAX_EVENT_BYTES:
@@ -204,10 +223,18 @@ def _replay_columns(
         int(np.count_nonzero(orphan)),
         pending_ooms,
         int(reserved_after[-1]) if len(trace) else 0,
+        skipped,
     )
 
 
-_Replay = tuple[Any, Any, Any, Any, Any, set[int], int, int, list[tuple[int, dict[str, Any], int, int]], int]
+# A field an entry lacks, in the columns: no size (negative, refused) or address (a pointer) torch writes.
+ABSENT = -(2**63)
+_SIZE_OR_ABSENT = methodcaller("get", "size", ABSENT)
+_ADDR_OR_ABSENT = methodcaller("get", "addr", ABSENT)
+
+_Replay = tuple[
+    Any, Any, Any, Any, Any, set[int], int, int, list[tuple[int, dict[str, Any], int, int]], int, Counter[str]
+]
 
 
 @dataclass
@@ -243,10 +270,31 @@ def replay_device(
     replay = None if plain else _replay_columns(trace, timed, frames, device, source)
     if replay is None:  # odd value types: the plain loop converts them one by one
         replay = _replay_loop(trace, timed, frames, device, source)
-    ts, addrs, deltas, reserved_col, frame_ids, live, orphan_bytes, orphan_count, pending_ooms, reserved = (
-        replay
-    )
-    reserved_at_dump = sum(checked_bytes(s.get("total_size", 0), "a segment", "total_size") for s in segments)
+    (
+        ts,
+        addrs,
+        deltas,
+        reserved_col,
+        frame_ids,
+        live,
+        orphan_bytes,
+        orphan_count,
+        pending_ooms,
+        reserved,
+        skipped,
+    ) = replay
+    if skipped:  # said in the report's notes, as the Chrome trace reader's skipped events are
+        tally = source.meta.setdefault("skipped_events", {})
+        for reason, count in skipped.items():
+            tally[f"{device} {reason}"] = count
+    reserved_at_dump = sum(map(segment_bytes, segments))
+    untotalled = [segment for segment in segments if "total_size" not in segment]
+    if untotalled:
+        derived = sum(map(segment_bytes, untotalled))
+        source.meta.setdefault("input_notes", []).append(
+            f"{device}: {len(untotalled)} of its {len(segments)} segments have no total_size: each counted "
+            f"as the sum of its blocks ({derived:,} B in all), which tile a segment"
+        )
     reserved_at_start = reserved_at_dump - reserved
     actions = {str(action): count for action, count in Counter(map(ACTION, trace)).items()}
 
