@@ -10,7 +10,10 @@ Four methods, and each event says which one decided it (`DeviceEvents.method`):
 - **weights_table**: a run's weights table says which storages its model took or let go during the run
   (`model.to(torch.bfloat16)` inside the block): their allocations and frees, found by address and time.
 - **stack_rule**: for traces and snapshots from anyone, the allocation's stack frames are matched against
-  `RULES` (first match wins). Add your own with `attribute(..., rules=RULES + [...])`.
+  `RULES` (first match wins). Add your own with `attribute(..., rules=RULES + [...])`. Where a KV log is
+  joined, its KV rules stand aside: the log names every KV storage, and what else a cache's `update()`
+  allocates (an fp8 cache's dequantized copies, a sliding window's `roll`) is its transient work, other
+  as in a run recorded without stacks, so that stacks never change the figures by category.
 """
 
 from __future__ import annotations
@@ -204,6 +207,7 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
     rules = RULES if rules is None else rules
     frame_cat, frame_kind = _frame_categories(source.frames, rules)
     kv = source.meta.get("kv")
+    kv_storages = kv.storages if kv is not None else []
     weight_changes = source.meta.get("weight_changes")  # a run's model converted inside the block
     for dev in source.devices:
         n = len(dev)
@@ -220,7 +224,8 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
         if dev.frame_id is not None and len(source.frames):
             has_frame = allocs[dev.frame_id[allocs] >= 0]
             cats = frame_cat[dev.frame_id[has_frame]]
-            matched = has_frame[cats >= 0]
+            # With a KV log, only the log says what is KV (see the module's docstring).
+            matched = has_frame[(cats >= 0) & (cats != KV)] if kv_storages else has_frame[cats >= 0]
             dev.category[matched] = frame_cat[dev.frame_id[matched]]
             dev.kv_kind[matched] = frame_kind[dev.frame_id[matched]]
             dev.method[matched] = METHOD_STACK_RULE
@@ -231,9 +236,9 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
             dev.method[frees[ok]] = METHOD_STACK_RULE
         if weight_changes:
             _join_weight_changes(dev, weight_changes)
-        if kv is not None and kv.storages:
+        if kv_storages:
             held = (source.meta.get("kv_held_before_trace") or {}).get(dev.device)
-            _join_kv_log(dev, kv.storages, held)
+            _join_kv_log(dev, kv_storages, held)
         if dev.baseline_blocks:
             # Blocks live before the trace began (snapshots): their stacks split the baseline too.
             split: dict[int, int] = {}

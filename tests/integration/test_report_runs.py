@@ -17,7 +17,7 @@ import torch
 
 import kvtrace
 from analyzers.attribution import RULES, _frame_categories
-from analyzers.model import KV, METHOD_KV_LOG
+from analyzers.model import KV, METHOD_KV_LOG, METHOD_STACK_RULE
 from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.llama import build_model, make_cache
@@ -147,6 +147,43 @@ def test_kv_log_join_and_stack_rules_agree(tmp_path: Path) -> None:
     storages = len(source.meta["kv"].storages)
     assert int(by_log.sum()) == storages == LAYERS * 2 * NEW
     assert np.array_equal(by_log, by_rule)
+
+
+def _kv_category_bytes(run: Path) -> tuple[int, int, int]:
+    """(allocated, peak live, final live) of the events attribution calls KV, from the device's events."""
+    source, _ = build_report(run)
+    device = source.devices[0]
+    kv_deltas = np.where(device.category == KV, device.delta_bytes, 0)
+    live = np.cumsum(kv_deltas)
+    return int(kv_deltas[kv_deltas > 0].sum()), int(live.max()), int(live[-1])
+
+
+@pytest.mark.parametrize("kind", ["fp8", "static_sliding"])
+def test_stacks_leave_the_kv_category_to_the_kv_log(tmp_path: Path, kind: str) -> None:
+    # GIVEN caches whose update() allocates temporaries beside the KV storage (an fp8 cache's dequantized
+    # copies, a sliding window's roll), recorded with and without Python stacks
+    plain = _record(tmp_path / "plain", kind)
+    stacked = _record(tmp_path / "stacks", kind, with_stack=True)
+    # the stacks do name those temporaries as the cache's update: more allocations than the log's storages
+    source, _ = build_report(stacked)
+    device = source.devices[0]
+    categories, _ = _frame_categories(source.frames, RULES)
+    in_update = (device.delta_bytes > 0) & (device.frame_id >= 0)
+    in_update &= categories[np.maximum(device.frame_id, 0)] == KV
+    assert int(in_update.sum()) > len(source.meta["kv"].storages)
+    # THEN the KV category holds the KV log's storages alone, with stacks or without: the arithmetic
+    per_token_row = KV_HEADS * HEAD_DIM * BATCH  # elements of one token of K (or V), every row
+    if kind == "fp8":
+        # every step quantizes K and V anew (1 byte an element); the float32 scales are made once
+        allocated = LAYERS * 2 * (per_token_row * sum(PROMPT + step - 1 for step in range(1, NEW + 1)) + 4)
+        final = LAYERS * _expected_layer_bytes("fp8", NEW)
+        # the last step's last layer holds its previous K and V data until the new ones are made
+        peak = final + 2 * per_token_row * (PROMPT + NEW - 2)
+    else:
+        # one buffer per layer's K and V, min(window, every token fed) positions, float32, written in place
+        allocated = peak = final = LAYERS * 2 * per_token_row * min(WINDOW, PROMPT + NEW - 1) * 4
+    assert _kv_category_bytes(plain) == _kv_category_bytes(stacked) == (allocated, peak, final)
+    assert not (device.method[device.category == KV] == METHOD_STACK_RULE).any()
 
 
 def test_every_kv_storage_joins_an_allocation(runs: dict[str, Path]) -> None:
