@@ -42,13 +42,14 @@ import pyarrow.parquet as pq
 from analyzers.export_state import Taken, changed_since, recording_now, still_recording, taken_sources
 from analyzers.readers.sources import ProgressFn
 from analyzers.tables import (
+    READ_ERRORS,
     SCHEMA_VERSION,
     SCHEMAS,
     TABLE_NAMES,
     Input,
     find_inputs,
-    named_as_given,
     parquet_text,
+    read_problem,
     source_tables,
 )
 from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way
@@ -143,12 +144,15 @@ class _TableWriter:
             raise cannot_write(self.final, exc) from None
 
     def discard(self) -> None:
-        """Drop the part, committed or not; never raises (it runs while another error goes up)."""
+        """Drop the part, committed or not, and the table's folder if that leaves it empty (a failed first
+        export leaves no empty folders behind); never raises (it runs while another error goes up)."""
         with contextlib.suppress(OSError, pa.ArrowException):
             self._writer.close()  # on a full disk the footer fails too
         for path in (self.tmp, self.final):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # fails, as it should, while the folder holds earlier parts
+            self.final.parent.rmdir()
 
 
 def _overwrite_mark(out_dir: Path, part: int) -> Path:
@@ -385,6 +389,7 @@ def export(
     # Another export into this folder would take the same part number and remove this one's unfinished
     # files as leftovers: exports into one folder take turns.
     lock = RunLock(root)
+    created = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock.acquire(wait=True)
@@ -396,6 +401,9 @@ def export(
         )
     finally:
         lock.release()
+        if created:  # nothing committed (a full disk, no readable input): no empty folder is left either
+            with contextlib.suppress(OSError):
+                root.rmdir()
 
 
 def _export_locked(
@@ -434,6 +442,8 @@ def _export_locked(
     except OSError as exc:
         for writer in writers.values():
             writer.discard()
+        with contextlib.suppress(OSError):  # the folder made for the writer that failed, if empty
+            (root / name).rmdir()
         if file_in_the_way(root, folder=True) is not None:  # named as such, not as a table's folder
             raise cannot_write(root, exc, folder=True) from None
         raise cannot_write(root / name / f"part-{part:05d}.parquet", exc) from None
@@ -454,11 +464,8 @@ def _export_locked(
                 inp = dataclasses.replace(inp, run_id=earlier[0].run_id) if earlier else _unique(inp, taken)
                 try:
                     tables = source_tables(inp, progress=progress)
-                except KvtraceError as exc:
-                    problem = named_as_given(inp, str(exc))
-                except (OSError, ValueError, TypeError, KeyError, IndexError, pa.ArrowException) as exc:
-                    # A reader that trips on an input nobody foresaw: skip it, the fleet goes on.
-                    problem = f"{inp.run_id}: unreadable ({type(exc).__name__}: {exc})"
+                except READ_ERRORS as exc:
+                    problem = read_problem(inp, exc)
                 if problem is not None:
                     summary.problems.append((inp.run_id, problem))
                     if warn is not None:

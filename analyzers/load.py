@@ -20,7 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analyzers.export_parquet import check_schema_version, is_export_dir, table_files
-from analyzers.tables import SCHEMAS, TABLE_NAMES, find_inputs, named_as_given, source_tables
+from analyzers.tables import (
+    READ_ERRORS,
+    SCHEMAS,
+    TABLE_NAMES,
+    find_inputs,
+    named_as_given,
+    read_problem,
+    source_tables,
+)
 from kvtrace.errors import KvtraceError
 
 if TYPE_CHECKING:
@@ -120,11 +128,13 @@ def load_tables(
     for inp in inputs:
         try:
             produced = source_tables(inp)
-        except KvtraceError as exc:
+        except READ_ERRORS as exc:
             if strict:
+                if not isinstance(exc, KvtraceError):
+                    raise
                 raise KvtraceError(named_as_given(inp, str(exc)), exit_code=exc.exit_code) from None
             if on_skip is not None:
-                on_skip(named_as_given(inp, str(exc)))
+                on_skip(read_problem(inp, exc))
             continue
         for name, table in produced.items():
             collected[name].append(table)

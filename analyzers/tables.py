@@ -28,6 +28,7 @@ from analyzers.export_state import SourceState, source_state
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, DeviceEvents, MemorySource
 from analyzers.readers.folders import FolderSearch, Found, unreadable
 from analyzers.readers.sources import ProgressFn, missing
+from kvtrace.errors import KvtraceError
 from kvtrace.format import (  # ENGINE*: vLLM runs' optional files
     ENGINE,
     ENGINE_REQUESTS,
@@ -152,6 +153,31 @@ def named_as_given(inp: Input, message: str) -> str:
     # the input itself (`path: ...`) or a file of a run directory (`path/kv_events.jsonl: ...`)
     inside = message.startswith(resolved) and message[len(resolved) : len(resolved) + 1] in (":", os.sep)
     return inp.run_id + message[len(resolved) :] if inside else message
+
+
+# What reading one input may raise: its readers' own one-line refusal, or an error on an input nobody
+# foresaw (a crafted trace, JSON nested deeper than the C decoder goes). That input is skipped with
+# `read_problem`'s line, and the others are read: the fleet goes on.
+READ_ERRORS: tuple[type[Exception], ...] = (
+    KvtraceError,
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    RecursionError,
+    pa.ArrowException,
+)
+
+
+def read_problem(inp: Input, exc: Exception) -> str:
+    """The one line for an input `source_tables` could not read (one of `READ_ERRORS`), naming it as the
+    user did: a warning that names no file helps nobody."""
+    if isinstance(exc, KvtraceError):
+        return named_as_given(inp, str(exc))
+    if isinstance(exc, RecursionError):  # its own text names no file and no reason a user can act on
+        return f"{inp.run_id}: unreadable (nested too deeply)"
+    return f"{inp.run_id}: unreadable ({type(exc).__name__}: {exc})"
 
 
 def _display(path: Path) -> str:
@@ -472,7 +498,7 @@ def _read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, A
     the report's one-line error, not exported as if whole. The rows are then the files' own lines: a field
     the log leaves out stays null in the tables."""
     from analyzers.engine import read_engine
-    from kvtrace.errors import KvtraceError, too_long_integer
+    from kvtrace.errors import too_long_integer
     from kvtrace.format import _read_jsonl  # the format's one JSONL reader: tolerates a cut last line
 
     engine: Any = {}

@@ -4,7 +4,8 @@
 `kvtrace report` and `diagnose`, handed a folder that is no run, name the shallowest one. Both search the
 same way: hidden names are skipped; a run directory is an input (with the run directories inside it: a vLLM
 engine's workers), never a folder searched for more; a regular file named `*.pt.trace.json[.gz]` or
-`*.pickle` is an input (a named pipe would make the read wait forever).
+`*.pickle` is an input (a named pipe would make the read wait forever). A folder holding the recorder's logs
+but no manifest (a partial copy of a run) is a problem, not searched: its trace alone would pass for the run.
 
 Symbolic links are followed (a `data -> /mnt/runs` link is how a user adds a folder), but each real folder,
 known by its device and inode, is entered once: two `current -> .` links used to make the walk 2^40 paths
@@ -22,14 +23,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from analyzers.readers.sources import describe_read_error
-from kvtrace.format import is_run_dir
+from analyzers.readers.sources import describe_read_error, run_without_manifest
+from kvtrace.format import KV_EVENTS, MEMORY_SAMPLES, WEIGHTS, is_run_dir
 
 __all__ = ["FolderSearch", "Found", "unreadable"]
 
 _SEARCHED_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz", ".pickle")
 # A run's own files: its trace and snapshots are read as part of the run, not as inputs of their own.
 _RUN_SUBDIRS_SKIPPED = frozenset({"profiler", "snapshots", "tb_scalars"})
+# The recorder's logs: a folder holding one but no manifest is a damaged run, found as a problem.
+_RUN_LOGS = frozenset({KV_EVENTS, MEMORY_SAMPLES, WEIGHTS})
 # What stat says of a name that is no input and no problem: a link to nothing, a loop of links.
 _NOTHING_THERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 
@@ -131,6 +134,11 @@ class FolderSearch:
                 names = sorted(entry.name for entry in listing)
         except OSError as exc:
             return Found(folder, unreadable(folder, exc) or f"{folder}: gone while it was searched")
+        if not in_run and not _RUN_LOGS.isdisjoint(names):
+            # a run whose manifest is gone: its trace alone is not the run (its KV log would go unread)
+            partial = run_without_manifest(folder)
+            if partial is not None:
+                return Found(folder, partial)
         # hidden names (.git, .cache) hold no inputs; in a run, only runs are looked for, whatever their names
         names = [name for name in names if in_run or not name.startswith(".")]
         entries = [(folder / name, in_run) for name in names]

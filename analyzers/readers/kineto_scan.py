@@ -204,6 +204,8 @@ def _decode(block: bytes, start: int, end: int, path: str) -> Any:
         raise KvtraceError(f"{path}: corrupt JSON ({what}) inside traceEvents") from None
     except ValueError:  # CPython's limit on the digits of an int
         raise KvtraceError(f"{path}: corrupt JSON ({too_long_integer()}) inside traceEvents") from None
+    except RecursionError:  # the C decoder's depth limit (~1,000 levels)
+        raise KvtraceError(f"{path}: JSON nested too deeply to read inside traceEvents") from None
 
 
 class _Scanner:

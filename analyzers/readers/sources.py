@@ -228,6 +228,8 @@ class JsonStream:
                 continue
             except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
                 raise self.error(f"corrupt JSON: {too_long_integer()} inside {where}") from None
+            except RecursionError:  # the C decoder's depth limit (~1,000 levels): of this file, not the run
+                raise self.error(f"JSON nested too deeply to read inside {where}") from None
             if end > len(self.buf) - _LOOKAHEAD and not self.eof:
                 self._fill()
                 continue
@@ -302,8 +304,8 @@ class JsonStream:
                             continue
                 try:
                     obj, end = scan(buf, pos)
-                except (StopIteration, ValueError):  # JSONDecodeError, or an int of too many digits
-                    break  # let the slow path decide: cut by the window's edge, or corrupt
+                except (StopIteration, ValueError, RecursionError):  # JSONDecodeError, too many digits
+                    break  # let the slow path decide: cut by the window's edge, corrupt, or too deep
                 after = whitespace(buf, end).end()  # type: ignore[union-attr]
                 if after >= limit:
                     break
@@ -419,29 +421,40 @@ def classify_path(path: str | os.PathLike[str]) -> str:
     raise _no_input_in(folder)
 
 
+def run_without_manifest(folder: Path) -> str | None:
+    """The one line for a folder holding a log the recorder writes (the KV log first) but no manifest (a
+    partial copy), else None. Every command refuses it: its trace alone would be read as the whole run,
+    without the KV events and samples the folder holds, and nothing would say so."""
+    from kvtrace.format import KV_EVENTS, MANIFEST, MEMORY_SAMPLES, PROFILER_DIR, WEIGHTS, is_run_dir
+
+    log = next((name for name in (KV_EVENTS, MEMORY_SAMPLES, WEIGHTS) if (folder / name).is_file()), None)
+    if log is None or is_run_dir(folder):
+        return None
+    profiler = folder / PROFILER_DIR
+    try:
+        traces = profiler_traces_in(profiler) if profiler.is_dir() else []
+    except OSError as exc:  # the missing manifest stays the news; the folder it could not search is said too
+        trace = (
+            f"; its {PROFILER_DIR}/ folder, which may hold a trace that reads on its own, cannot be "
+            f"searched ({profiler}: {describe_read_error(exc)})"
+        )
+    else:
+        trace = f"; its profiler trace reads on its own: pass {traces[-1]}" if traces else ""
+    return (
+        f"{folder}: not a kvtrace run: no {MANIFEST}, which its {log} cannot be read without (a partial "
+        f"copy?){trace}"
+    )
+
+
 def _no_input_in(folder: Path) -> KvtraceError:
     """The one line for a folder that is no run and holds no runs or traces directly: a run whose manifest
     is gone (its profiler trace still reads on its own), or what lies deeper (`kvtrace export` searches
     folders all the way down; a report reads one input), or nothing of ours."""
-    from kvtrace.format import KV_EVENTS, MANIFEST, PROFILER_DIR
+    from kvtrace.format import MANIFEST
 
-    if (folder / KV_EVENTS).is_file():
-        profiler = folder / PROFILER_DIR
-        try:
-            traces = profiler_traces_in(profiler) if profiler.is_dir() else []
-        except (
-            OSError
-        ) as exc:  # the missing manifest stays the news; the folder it could not search is said too
-            trace = (
-                f"; its {PROFILER_DIR}/ folder, which may hold a trace that reads on its own, cannot be "
-                f"searched ({profiler}: {describe_read_error(exc)})"
-            )
-        else:
-            trace = f"; its profiler trace reads on its own: pass {traces[-1]}" if traces else ""
-        return KvtraceError(
-            f"{folder}: not a kvtrace run: no {MANIFEST}, which its {KV_EVENTS} cannot be read without (a "
-            f"partial copy?){trace}"
-        )
+    partial = run_without_manifest(folder)
+    if partial is not None:
+        return KvtraceError(partial)
     below, searched_all = _first_input_below(folder)
     if below is not None:
         return KvtraceError(

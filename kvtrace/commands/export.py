@@ -23,8 +23,8 @@ class ExportCommand(Command):
     warning naming the recording's pid. --overwrite replaces its parts once the new one is complete (a
     failed or interrupted overwrite keeps them). One source is read at a time, so memory stays bounded by
     the largest input, whatever their number.
-    An unreadable input (or an export directory named as one) is skipped with a one-line warning naming
-    it; the others are exported.
+    An unreadable input (or an export directory named as one, or a run folder whose manifest.json is gone)
+    is skipped with a one-line warning naming it; the others are exported.
     Exit status: 0 on success; 1 when DIR cannot be written, or standard output (the tables are then
     written all the same, and the line says so); 2 when any input was unreadable or missing (the rest are
     still written), or for bad flags.
