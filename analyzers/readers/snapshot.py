@@ -59,6 +59,7 @@ __all__ = [
     "snapshot_source",
 ]
 
+
 def _refuse_shared_containers(name: str, segments: list[Any], traces: list[list[Any]]) -> None:
     """A real dump builds each segment, block list, block, device trace and trace entry once. A pickle can
     list one object many times for a few bytes each (its memo), and the segment x block walks then grow
