@@ -14,7 +14,9 @@ rules are the same (`analyzers.timeline.device_timeline`, `analyzers.summary._de
 * the peak is the highest level, the level before the first event included.
 
 Events out of time order (Kineto writes them in order) would need a sort: `Unsorted` is raised, and the
-caller reads the file into columns instead. Runs (KV log join) and snapshots keep the columns path.
+caller reads the file into columns instead. So are events that `readers.impossible_events` may rule out
+(a free larger than every earlier total, a span past `FAR_US`): dropping one changes the figures before it,
+already folded. Runs (KV log join) and snapshots keep the columns path.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import MemorySource
+from analyzers.readers.impossible_events import FAR_US, oversized_frees
 from analyzers.readers.kineto_scan import as_int64
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import DeviceSummary, Report, summarize
@@ -34,7 +37,8 @@ __all__ = ["DeviceFold", "PeakExactSampler", "Unsorted", "stream_report"]
 
 
 class Unsorted(Exception):
-    """A device's events are not in time order: summarize from sorted columns instead."""
+    """A device's events are not in time order, or hold one that `impossible_events` may rule out (judged
+    on the whole device): summarize from sorted columns instead."""
 
 
 def _extremes(index: np.ndarray, values: np.ndarray, bucket: int) -> np.ndarray:
@@ -105,6 +109,7 @@ class DeviceFold:
         self.first: tuple[float, int, int] | None = None  # (ts, Bytes, Total Allocated) of the first event
         self.last_ts = -np.inf
         self.last_running = self.last_allocated = 0
+        self.most_allocated = -1  # the largest 'Total Allocated' so far (-1: none known)
         self.by_sum = PeakExactSampler()  # running sum, ts, reserved
         self.by_total = PeakExactSampler()  # allocator's total, ts, reserved
 
@@ -117,6 +122,9 @@ class DeviceFold:
             raise Unsorted(self.device)
         if self.first is None:
             self.first = (float(ts[0]), int(delta[0]), int(allocated[0]))
+        oversized, self.most_allocated = oversized_frees(delta, allocated, self.most_allocated)
+        if float(ts[-1]) - self.first[0] > FAR_US or bool(oversized.any()):
+            raise Unsorted(self.device)
         running = np.cumsum(delta) + self.running
         self.by_sum.add(self.count, running, ts, reserved)
         self.all_allocated = self.all_allocated and allocated_known

@@ -13,7 +13,8 @@ What we keep from a trace (kind "chrome_trace"):
 * ``baseline_bytes``: with totals, the first event's ``Total Allocated - Bytes`` (memory held when
   profiling began); without, the smallest baseline that keeps the running sum >= 0 (frees of memory
   allocated before the profiler started are normal). allocated(t) = baseline + cumsum(delta); the peak
-  is its maximum, baseline included.
+  is its maximum, baseline included. Events that the trace's own other events rule out (a free larger than
+  any earlier total, a ts far outside the others) are dropped and counted (`impossible_events`).
 * ``ProfilerStep#N`` and ``kvtrace/...`` ranges (ph X, or B/E pairs) -> ``Marker(kind="step")``; the
   GPU-side copies (cat ``gpu_user_annotation``) are skipped so each step appears once.
 * Timestamps: ``ts`` in microseconds, integer or float. When the top level has ``baseTimeNanoseconds``
@@ -36,6 +37,12 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import DeviceEvents, Marker, MemorySource
+from analyzers.readers.impossible_events import (
+    FAR_TS_REASON,
+    OVERSIZED_FREE_REASON,
+    far_timestamps,
+    oversized_frees,
+)
 from analyzers.readers.kineto_scan import PYTHON_FUNCTION, MemoryBlock, NotKineto, as_int64, scan_kineto
 from analyzers.readers.memory_events_fast import (
     MAX_EVENT_BYTES,
@@ -385,6 +392,30 @@ def _baseline(delta: np.ndarray, total_allocated: np.ndarray | None) -> int:
     return max(0, -int(np.cumsum(delta).min()))
 
 
+def _in_time_order(
+    columns: tuple[np.ndarray, ...], several_processes: bool, skipped: Counter[str]
+) -> tuple[np.ndarray, ...]:
+    """A device's columns (ts, addr, delta, allocated, reserved) in time order, without the events that
+    `impossible_events` rules out (counted in `skipped`). A free is judged against the totals before it in
+    time, hence after the sort; with several processes, whose totals are their own, it is not judged."""
+    far = far_timestamps(columns[0])
+    if far is not None:
+        skipped[FAR_TS_REASON] += int(np.count_nonzero(far))
+        columns = tuple(column[~far] for column in columns)
+    raw_ts = columns[0]
+    # Kineto writes memory events in time order; sorting (and copying every column) only when it did not
+    # keeps the peak at one copy of the columns.
+    if not bool(np.all(raw_ts[1:] >= raw_ts[:-1])):
+        order = np.argsort(raw_ts, kind="stable")
+        columns = tuple(column[order] for column in columns)
+    if not several_processes:
+        oversized, _ = oversized_frees(columns[2], columns[3])
+        if oversized.any():
+            skipped[OVERSIZED_FREE_REASON] += int(np.count_nonzero(oversized))
+            columns = tuple(column[~oversized] for column in columns)
+    return columns
+
+
 def _capacities(device_properties: Any) -> dict[str, int]:
     capacities: dict[str, int] = {}
     for props in device_properties if isinstance(device_properties, list) else []:
@@ -445,17 +476,15 @@ def _source_of(
     source = MemorySource(kind="chrome_trace", path=name)
     for device in sorted(collector.devices, key=_device_order):
         chunks = collector.devices[device]
-        raw_ts, addr, delta, allocated, reserved = chunks.arrays()
-        count = len(raw_ts)
-        # Kineto writes memory events in time order; sorting (and copying every column) only when it did not
-        # keeps the peak at one copy of the columns.
-        order: Any = (
-            slice(None) if bool(np.all(raw_ts[1:] >= raw_ts[:-1])) else np.argsort(raw_ts, kind="stable")
-        )
-        delta, allocated, reserved = delta[order], allocated[order], reserved[order]
+        columns = chunks.arrays()
+        count = len(columns[0])
         trusted = chunks.totals_trusted
-        full_allocated = allocated if count and chunks.with_allocated == count and trusted else None
-        if len(chunks.pids) > 1:
+        all_allocated = count > 0 and chunks.with_allocated == count and trusted
+        all_reserved = count > 0 and chunks.with_reserved == count and trusted
+        several = len(chunks.pids) > 1
+        raw_ts, addr, delta, allocated, reserved = _in_time_order(columns, several, collector.skipped)
+        full_allocated = allocated if all_allocated else None
+        if several:
             source.meta.setdefault("input_notes", []).append(SEVERAL_PROCESSES_NOTE.format(
                 device=device, count=len(chunks.pids)
             ))  # fmt: skip
@@ -467,11 +496,11 @@ def _source_of(
         source.devices.append(
             DeviceEvents(
                 device=device,
-                ts_us=timestamps(raw_ts[order], base_ns, integral),
-                addr=addr[order],
+                ts_us=timestamps(raw_ts, base_ns, integral),
+                addr=addr,
                 delta_bytes=delta,
                 total_allocated=full_allocated,
-                total_reserved=reserved if count and chunks.with_reserved == count and trusted else None,
+                total_reserved=reserved if all_reserved else None,
                 capacity_bytes=capacities.get(device),
                 baseline_bytes=_baseline(delta, full_allocated),
             )
