@@ -352,3 +352,37 @@ def test_the_group_html_draws_each_ranks_device_without_events_at_its_level(tmp_
         peaks = {d["device"]: d["peak_allocated_bytes"] for d in report["devices"] if d["rank"] == rank}
         drawn = {f"rank{rank}/{dev}": max(mine[f"{dev} allocated"]["y"]) * 2**20 for dev in ("cuda:0", "cpu")}
         assert drawn == peaks == {f"rank{rank}/cuda:0": held, f"rank{rank}/cpu": kv_peak}
+
+
+@pytest.mark.parametrize("profiler", [True, False])
+def test_the_pages_step_markers_number_steps_from_the_prefill_with_or_without_the_profiler(
+    tmp_path: Path, profiler: bool
+) -> None:
+    # GIVEN a run of two generate() calls of NEW tokens each, recorded with the profiler on (its trace holds
+    # the recorder's ranges "kvtrace/prefill", "kvtrace/decode 1", ... which restart at each prefill) or off
+    model = build_model(SIZE)
+    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
+        for _ in range(2):
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+
+    # WHEN its HTML report is written
+    page = tmp_path / "report.html"
+    with redirect_stdout(io.StringIO()):
+        assert main(["report", str(run), "-o", str(page), "--no-export", "-q"]) == 0
+    traces, _ = page_figure(page.read_text(), "kvtrace-timeline")
+
+    # THEN the step markers say "step N phase" with step 1 = the first prefill, as the rest of the page and
+    # the text report number them: each call's NEW forwards (a prefill, then NEW - 1 decodes), the second
+    # call's prefill step NEW + 1 (its range "kvtrace/prefill", its first decode's "kvtrace/decode 1")
+    markers = next(trace for trace in traces if trace["name"] == "step")["text"]
+    expected = [
+        f"step {call * NEW + forward} {'prefill' if forward == 1 else 'decode'}"
+        for call in range(2)
+        for forward in range(1, NEW + 1)
+    ]
+    assert markers == expected
