@@ -14,7 +14,7 @@ from analyzers.render.engine import no_memory_timeline
 from analyzers.render.event_axis import EventAxis, event_axis, held_points, held_span
 from analyzers.render.json import NO_KV_HINT, report_to_json
 from analyzers.render.kv_heatmap import layer_grid
-from analyzers.render.text import budget_line
+from analyzers.render.text import budget_line, evicted_tokens
 from analyzers.summary import Report
 from analyzers.timeline import downsample_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes
@@ -365,15 +365,17 @@ def _summary_table(report: Report) -> str:
         ("KV final", human_bytes(kv["final_bytes"])),
         ("KV peak (transient copies)", human_bytes(kv["peak_bytes"])),
         ("KV allocated over the run", human_bytes(kv["allocated_bytes_total"])),
-        ("evicted tokens (all rows and layers)", f"{kv['evicted_tokens']:,}"),
+        ("evicted tokens (all rows and layers)", evicted_tokens(report.kv)),
         ("measured from", kv["measured_from"]),
     ]
     if kv["bytes_per_token_measured"] is not None:
         expected = kv["bytes_per_token_expected"]  # None without model geometry: "-", as the text report
+        note = kv["bytes_per_token_note"]  # why the two differ (a window's spare positions), as the text says
         rows.append(
             (
                 "KV bytes/token measured vs arithmetic",
-                f"{kv['bytes_per_token_measured']:,.1f} vs {'-' if expected is None else f'{expected:,}'}",
+                f"{kv['bytes_per_token_measured']:,.1f} vs {'-' if expected is None else f'{expected:,}'}"
+                + (f" ({note})" if note else ""),
             )
         )
         if kv.get("capacity_rows") and kv.get("capacity_tokens"):  # preallocated buffers: per slot

@@ -386,3 +386,51 @@ def test_the_pages_step_markers_number_steps_from_the_prefill_with_or_without_th
         for forward in range(1, NEW + 1)
     ]
     assert markers == expected
+
+
+def _summary_cell(page: str, heading: str) -> str:
+    """The text of the summary table's cell beside `heading`."""
+    import html as html_text
+    import re
+
+    cell = re.search(f"<th>{re.escape(heading)}</th><td>(.*?)</td>", page)
+    assert cell is not None, f"no summary row {heading!r}"
+    return html_text.unescape(cell.group(1))
+
+
+def test_the_page_explains_a_sliding_windows_bytes_per_token_and_its_evictions(tmp_path: Path) -> None:
+    # GIVEN the sliding_b2 sample: batch 2, a prompt of `prompt` tokens, 16 new, a window of 16 on every layer
+    run = SAMPLES / "sliding_b2"
+    manifest = json.loads((run / "manifest.json").read_text())
+    geometry = manifest["model"]
+    layers, window, batch, new = geometry["num_layers"], 16, 2, 16
+    row_bytes = geometry["num_kv_heads"] * geometry["head_dim"] * 4  # a token of one row of K, float32
+    token_bytes = layers * 2 * row_bytes  # K and V
+    # the prefill's storage holds the whole prompt (its view, the last window - 1 tokens)
+    prompt = json.loads((run / "kv_events.jsonl").read_text().splitlines()[0])["storage_bytes"] // (
+        batch * row_bytes
+    )
+
+    # WHEN its HTML report is written
+    page = tmp_path / "report.html"
+    with redirect_stdout(io.StringIO()):
+        assert main(["report", str(run), "-o", str(page), "--no-export", "-q"]) == 0
+    text = page.read_text()
+
+    # THEN the bytes per token say why measured and arithmetic differ, as the text report does: each layer
+    # holds window - 1 tokens in a storage of `window` positions, the spare one's bytes spread over the tokens
+    held = window - 1
+    measured = token_bytes * window / held
+    per_token = _summary_cell(text, "KV bytes/token measured vs arithmetic")
+    assert per_token.startswith(f"{measured:,.1f} vs {token_bytes:,} (")
+    assert (
+        f"their spare positions are {measured - token_bytes:,.1f} of the measured bytes per token"
+        in per_token
+    )
+    # AND the evicted tokens say what evicted them: every token fed but the window - 1 kept, on each row and
+    # layer, by the sliding window
+    evicted = (prompt + new - 1 - held) * batch * layers
+    assert (
+        _summary_cell(text, "evicted tokens (all rows and layers)")
+        == f"{evicted:,} (sliding window {evicted:,})"
+    )
