@@ -433,12 +433,15 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
         from analyzers.render.engine import engine_html_section
 
         sections = engine_html_section(source.meta["engine"], report.engine) + sections
+    # plotly's script (4.6 MB) only on a page that draws with it: a vLLM start refused has no chart at all
+    drawn = "Plotly.newPlot" in plot + sections
+    script = f'<script type="text/javascript">{get_plotlyjs()}</script>' if drawn else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>kvtrace: {html.escape(report.path)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px}} table.summary{{border-collapse:collapse}}
 table.summary th{{text-align:left;padding:2px 12px 2px 0;font-weight:normal;color:#444}}
 table.summary td{{font-family:monospace;text-align:right}} .note{{color:#a60}}</style>
-<script type="text/javascript">{get_plotlyjs()}</script></head>
+{script}</head>
 <body><h1>kvtrace: {html.escape(report.path)}</h1><p>source: {report.source_kind}, {report.steps} steps</p>
 {notes}{_summary_table(report)}{sections}{plot}</body></html>
 """
