@@ -23,13 +23,25 @@ MAX_POINTS = 20_000
 _COLORS = {"kv": "#d62728", "weights": "#1f77b4", "other": "#7f7f7f"}
 
 
+def _kv_panels(source: MemorySource) -> bool:
+    """Whether the chart gets the KV log's panels (bytes over time, per layer and step). Not for a vLLM
+    pool, allocated once (its KV events all at step 0): per-step panels would show one column."""
+    kv = source.meta.get("kv")
+    return kv is not None and bool(kv.step_live) and source.meta.get("engine") is None
+
+
+def _draws_nothing(source: MemorySource, report: Report) -> bool:
+    """No device's memory, no KV log and no usage samples: a trace profiled without profile_memory, whose
+    figures are unknown (its note says so). Its chart would be an empty axis with the steps at "0 B"."""
+    return not report.timelines and not _kv_panels(source) and _usage_samples(source) is None
+
+
 def _timeline_figure(source: MemorySource, report: Report) -> Any:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     kv = source.meta.get("kv")
-    # A vLLM pool is allocated once (its KV events all at step 0): per-step KV panels would show one column.
-    rows = 3 if kv is not None and kv.step_live and source.meta.get("engine") is None else 1
+    rows = 3 if _kv_panels(source) else 1
     titles = ["Memory by category over time"]  # or what the event axis says the chart holds, below
     grid = layer_grid(kv) if rows == 3 else None
     if grid is not None:
@@ -419,7 +431,7 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
     # A vLLM run without a trace has one memory event (the pool's allocation): its engine section below is
     # the timeline, and a chart of one point would only mislead.
     no_timeline = no_memory_timeline(source.meta.get("engine"), report.engine, events)
-    if no_timeline is None:
+    if no_timeline is None and not _draws_nothing(source, report):
         fig = _timeline_figure(source, report)
         plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-timeline")
     extra_notes = [n for n in (_monitor_note(source), no_timeline) if n]
