@@ -33,7 +33,7 @@ from typing import Any
 from analyzers.engine import EngineRun, HeldRequest, RequestEvent, blocks_for, engine_figures, held_at
 from analyzers.planning.engine_budget import EngineBudget
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
-from analyzers.planning.vllm_refused import RefusedDiagnosis, VllmRemedy, diagnose_refused
+from analyzers.planning.vllm_refused import RefusedDiagnosis, VllmRemedy, diagnose_refused, refused_start
 
 __all__ = [
     "NULL_BLOCKS",
@@ -360,7 +360,7 @@ def diagnose_engine(
     """The engine's own diagnosis, or None when there is nothing engine-specific to explain (the pool
     never preempted and the start was not refused). `budget`: the run's memory budget, which the remedies
     of a run that preempted must fit too."""
-    if run.info.status == "refused_start" or run.info.refused:
+    if refused_start(run):
         return diagnose_refused(run)
     if engine_figures(run).first_preemption_step is not None:
         return diagnose_preemptions(run, budget)

@@ -32,7 +32,7 @@ from analyzers.planning.vllm_plan import (
 )
 from kvtrace.errors import KvtraceError
 
-__all__ = ["RefusedDiagnosis", "VllmRemedy", "diagnose_refused", "engine_geometry"]
+__all__ = ["RefusedDiagnosis", "VllmRemedy", "diagnose_refused", "engine_geometry", "refused_start"]
 
 _TP_CHOICES = (2, 4, 8, 16)
 
@@ -83,6 +83,12 @@ def engine_geometry(run: EngineRun) -> tuple[int, int, int, int]:
     dtype = str(model.get("dtype") or "bfloat16")
     element = kv_dtype_bytes(str(config.get("kv_cache_dtype") or "auto"), dtype)
     return int(model["num_layers"]), heads, int(model["head_dim"]), element
+
+
+def refused_start(run: EngineRun) -> bool:
+    """Whether the engine refused to start: its status says so, or engine.json records the refusal (a run
+    whose block raised before the status was written)."""
+    return run.info.status == "refused_start" or bool(run.info.refused)
 
 
 def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:

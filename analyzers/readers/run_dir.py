@@ -4,8 +4,10 @@ evictions, OOM), all on the Unix-epoch microsecond clock."""
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -436,6 +438,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             dev.capacity_bytes = int(total_memory)
     if weights_counted and "peak_leaves_out" not in source.meta:
         source.meta["input_notes"] = weights_counted_notes(source.meta.get("input_notes", []))
+    if traces:
+        source.markers = _numbered_steps(source.markers, kv.step_start_ns, kv.step_phase)
     if not any(m.kind == "step" for m in source.markers):
         for step, start_ns in sorted(kv.step_start_ns.items()):
             phase = kv.step_phase.get(step, "")
@@ -466,6 +470,30 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if ended.get("status") == "running":  # a recording in progress, or one whose process died
         source.meta["recording_pid"] = holder(run.path)
     return source
+
+
+def _numbered_steps(markers: list[Marker], start_ns: dict[int, int], phases: dict[int, str]) -> list[Marker]:
+    """The recorder's step ranges ("kvtrace/prefill", "kvtrace/decode N", N counting the decodes since the
+    last prefill: the names Nsight shows) labelled "step N phase" in the KV log's numbering (1 = the first
+    prefill), as a run recorded without the profiler has them, so that the page numbers steps one way with
+    the profiler on or off. A range takes the KV log step that began inside it; one that holds none (a
+    forward with no KV update), the step after the previous range's."""
+    starts = sorted((t_ns / 1000.0, step) for step, t_ns in start_ns.items())
+    numbered: list[Marker] = []
+    previous = 0
+    for marker in markers:
+        name = marker.label
+        if marker.kind != "step" or not (name == "kvtrace/prefill" or name.startswith("kvtrace/decode ")):
+            numbered.append(marker)
+            continue
+        end_us = marker.ts_us if marker.end_us is None else marker.end_us
+        at = bisect.bisect_left(starts, (marker.ts_us, -1))
+        step = starts[at][1] if at < len(starts) and starts[at][0] <= end_us else previous + 1
+        previous = step
+        phase = phases.get(step) or ("prefill" if name == "kvtrace/prefill" else "decode")
+        detail = {**marker.detail, "range": name}
+        numbered.append(replace(marker, label=f"step {step} {phase}", detail=detail))
+    return numbered
 
 
 def _run_span_ns(run: Any) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from analyzers.render.engine import no_memory_timeline
 from analyzers.render.event_axis import EventAxis, event_axis, held_points, held_span
 from analyzers.render.json import NO_KV_HINT, report_to_json
 from analyzers.render.kv_heatmap import layer_grid
-from analyzers.render.text import budget_line
+from analyzers.render.text import budget_line, evicted_tokens
 from analyzers.summary import Report
 from analyzers.timeline import downsample_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes
@@ -23,13 +23,25 @@ MAX_POINTS = 20_000
 _COLORS = {"kv": "#d62728", "weights": "#1f77b4", "other": "#7f7f7f"}
 
 
+def _kv_panels(source: MemorySource) -> bool:
+    """Whether the chart gets the KV log's panels (bytes over time, per layer and step). Not for a vLLM
+    pool, allocated once (its KV events all at step 0): per-step panels would show one column."""
+    kv = source.meta.get("kv")
+    return kv is not None and bool(kv.step_live) and source.meta.get("engine") is None
+
+
+def _draws_nothing(source: MemorySource, report: Report) -> bool:
+    """No device's memory, no KV log and no usage samples: a trace profiled without profile_memory, whose
+    figures are unknown (its note says so). Its chart would be an empty axis with the steps at "0 B"."""
+    return not report.timelines and not _kv_panels(source) and _usage_samples(source) is None
+
+
 def _timeline_figure(source: MemorySource, report: Report) -> Any:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     kv = source.meta.get("kv")
-    # A vLLM pool is allocated once (its KV events all at step 0): per-step KV panels would show one column.
-    rows = 3 if kv is not None and kv.step_live and source.meta.get("engine") is None else 1
+    rows = 3 if _kv_panels(source) else 1
     titles = ["Memory by category over time"]  # or what the event axis says the chart holds, below
     grid = layer_grid(kv) if rows == 3 else None
     if grid is not None:
@@ -365,15 +377,17 @@ def _summary_table(report: Report) -> str:
         ("KV final", human_bytes(kv["final_bytes"])),
         ("KV peak (transient copies)", human_bytes(kv["peak_bytes"])),
         ("KV allocated over the run", human_bytes(kv["allocated_bytes_total"])),
-        ("evicted tokens (all rows and layers)", f"{kv['evicted_tokens']:,}"),
+        ("evicted tokens (all rows and layers)", evicted_tokens(report.kv)),
         ("measured from", kv["measured_from"]),
     ]
     if kv["bytes_per_token_measured"] is not None:
         expected = kv["bytes_per_token_expected"]  # None without model geometry: "-", as the text report
+        note = kv["bytes_per_token_note"]  # why the two differ (a window's spare positions), as the text says
         rows.append(
             (
                 "KV bytes/token measured vs arithmetic",
-                f"{kv['bytes_per_token_measured']:,.1f} vs {'-' if expected is None else f'{expected:,}'}",
+                f"{kv['bytes_per_token_measured']:,.1f} vs {'-' if expected is None else f'{expected:,}'}"
+                + (f" ({note})" if note else ""),
             )
         )
         if kv.get("capacity_rows") and kv.get("capacity_tokens"):  # preallocated buffers: per slot
@@ -417,7 +431,7 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
     # A vLLM run without a trace has one memory event (the pool's allocation): its engine section below is
     # the timeline, and a chart of one point would only mislead.
     no_timeline = no_memory_timeline(source.meta.get("engine"), report.engine, events)
-    if no_timeline is None:
+    if no_timeline is None and not _draws_nothing(source, report):
         fig = _timeline_figure(source, report)
         plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-timeline")
     extra_notes = [n for n in (_monitor_note(source), no_timeline) if n]
@@ -431,12 +445,15 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
         from analyzers.render.engine import engine_html_section
 
         sections = engine_html_section(source.meta["engine"], report.engine) + sections
+    # plotly's script (4.6 MB) only on a page that draws with it: a vLLM start refused has no chart at all
+    drawn = "Plotly.newPlot" in plot + sections
+    script = f'<script type="text/javascript">{get_plotlyjs()}</script>' if drawn else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>kvtrace: {html.escape(report.path)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px}} table.summary{{border-collapse:collapse}}
 table.summary th{{text-align:left;padding:2px 12px 2px 0;font-weight:normal;color:#444}}
 table.summary td{{font-family:monospace;text-align:right}} .note{{color:#a60}}</style>
-<script type="text/javascript">{get_plotlyjs()}</script></head>
+{script}</head>
 <body><h1>kvtrace: {html.escape(report.path)}</h1><p>source: {report.source_kind}, {report.steps} steps</p>
 {notes}{_summary_table(report)}{sections}{plot}</body></html>
 """

@@ -15,7 +15,7 @@ from analyzers.caches import (
 )
 from analyzers.model import request_at_most
 from analyzers.render.json import METHOD_LABELS, NO_KV_HINT
-from analyzers.summary import Report
+from analyzers.summary import KvSummary, Report
 from analyzers.units import human_bytes
 
 
@@ -201,10 +201,7 @@ def report_to_text(report: Report) -> str:
             f"arithmetic {expected}"
         )
     if kv.evicted_tokens or kv.evictions:
-        kinds = {"window": "sliding window", "press": "eviction library (press)", "crop": "crop"}
-        by_kind = ", ".join(f"{kinds.get(k, k)} {n:,}" for k, n in kv.evictions_by_reason.items())
-        kinds_said = f" ({by_kind})" if by_kind else ""
-        lines.append(f"    evicted tokens (all rows and layers): {kv.evicted_tokens:,}{kinds_said}")
+        lines.append(f"    evicted tokens (all rows and layers): {evicted_tokens(kv)}")
     if kv.evictions:
         ev = kv.evictions
         released = ev.get("released_bytes", ev["freed_bytes"])
@@ -241,6 +238,14 @@ def report_to_text(report: Report) -> str:
             f"free {human_bytes(oom['device_free_bytes'])}  (see `kvtrace diagnose`)"
         )
     return "\n".join(lines)
+
+
+def evicted_tokens(kv: KvSummary) -> str:
+    """The evicted-token count with what evicted them ("160 (sliding window 160)"), as the text report and
+    the HTML page say it."""
+    kinds = {"window": "sliding window", "press": "eviction library (press)", "crop": "crop"}
+    by_kind = ", ".join(f"{kinds.get(k, k)} {n:,}" for k, n in kv.evictions_by_reason.items())
+    return f"{kv.evicted_tokens:,}" + (f" ({by_kind})" if by_kind else "")
 
 
 def budget_line(budget: dict[str, Any], engine: Any = None) -> str:

@@ -1,7 +1,9 @@
-"""A vLLM diagnosis (refused start or preemptions) as text and JSON. Computes nothing."""
+"""A vLLM diagnosis (refused start or preemptions) as text and JSON, a refused start as HTML too. Computes
+nothing."""
 
 from __future__ import annotations
 
+import html
 from dataclasses import asdict
 from typing import Any
 
@@ -18,26 +20,68 @@ def _remedy_lines(d: RefusedDiagnosis | PreemptionDiagnosis) -> list[str]:
     return [f"  {marks[r.fits]} {r.sentence}" for r in d.remedies]
 
 
-def _refused_text(d: RefusedDiagnosis) -> list[str]:
+def _refused_headline(d: RefusedDiagnosis) -> str:
+    return f"vLLM refused to start, not enough KV memory for max_model_len {d.max_model_len:,}"
+
+
+def _refused_figures(d: RefusedDiagnosis) -> list[tuple[str, str, str]]:
+    """(label, bytes, how they are made up) of what one request needs and what vLLM had."""
+    layer_bytes = d.bytes_per_block // max(d.num_layers, 1)
+    return [
+        (
+            "needed",
+            readable_bytes(d.needed_bytes),
+            f"{d.needed_blocks:,} blocks x {readable_bytes(d.bytes_per_block)}; a block: {d.block_size} "
+            f"tokens over all {d.num_layers} layers, {readable_bytes(layer_bytes)} a layer",
+        ),
+        ("available", readable_bytes(d.available_bytes), f"{d.available_bytes:,} B"),
+        ("short by", readable_bytes(d.needed_bytes - d.available_bytes), ""),
+    ]
+
+
+def _largest_that_fits(d: RefusedDiagnosis) -> str:
     vllm_estimate = (
         ""
         if d.vllm_estimated_max_model_len is None
         else f" (vLLM's own estimate: {d.vllm_estimated_max_model_len:,})"
     )
-    lines = [
-        f"kvtrace diagnose: {d.path}: vLLM refused to start, not enough KV memory for max_model_len "
-        f"{d.max_model_len:,}",
-        f"  needed     {readable_bytes(d.needed_bytes):>12}  ({d.needed_blocks:,} blocks x "
-        f"{readable_bytes(d.bytes_per_block)}; a block: {d.block_size} tokens over all {d.num_layers} "
-        f"layers, {readable_bytes(d.bytes_per_block // max(d.num_layers, 1))} a layer)",
-        f"  available  {readable_bytes(d.available_bytes):>12}  ({d.available_bytes:,} B)",
-        f"  short by   {readable_bytes(d.needed_bytes - d.available_bytes):>12}",
-        f"  largest max_model_len that fits: {d.estimated_max_model_len:,}{vllm_estimate}",
+    return f"{d.estimated_max_model_len:,}{vllm_estimate}"
+
+
+def _refused_text(d: RefusedDiagnosis) -> list[str]:
+    lines = [f"kvtrace diagnose: {d.path}: {_refused_headline(d)}"]
+    lines += [
+        f"  {label:<10} {value:>12}" + (f"  ({detail})" if detail else "")
+        for label, value, detail in _refused_figures(d)
     ]
+    lines.append(f"  largest max_model_len that fits: {_largest_that_fits(d)}")
     if d.message:
         lines.append(f"  vLLM said: {d.message.strip()}")  # whole: it is what is being diagnosed
     lines.append("Remedies, in vLLM's settings:")
     return lines + _remedy_lines(d)
+
+
+def refused_to_html(d: RefusedDiagnosis) -> str:
+    """The refusal's diagnosis as the report page's <section>, with the figures and remedies of `kvtrace
+    diagnose`: a refused start has no chart and no memory to show, so this is the page's answer."""
+    esc = html.escape
+    rows = [
+        (label, f"{value} ({detail})" if detail else value) for label, value, detail in _refused_figures(d)
+    ]
+    rows.append(("largest max_model_len that fits", _largest_that_fits(d)))
+    if d.message:
+        rows.append(("vLLM said", d.message.strip()))
+    figures = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
+    marks = {True: "[fits]", False: "[no]", None: "[?]"}
+    remedies = "".join(
+        f"<li><b>{esc(r.knob)}</b> {marks[r.fits]}: {esc(r.sentence)}</li>" for r in d.remedies
+    )
+    notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in d.notes)
+    return (
+        "<section class='diagnosis' id='kvtrace-diagnosis'>"
+        f"<h2>Diagnosis</h2><p>{esc(_refused_headline(d))}</p><table class='summary'>{figures}</table>"
+        f"<h3>Remedies, in vLLM's settings</h3><ol>{remedies}</ol>{notes}</section>"
+    )
 
 
 def _preemption_text(d: PreemptionDiagnosis) -> list[str]:

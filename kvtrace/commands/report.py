@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import check_html_target, print_result, write_html
@@ -108,6 +108,8 @@ class ReportCommand(Command):
                     diagnosis_html_for = None  # type: ignore[assignment]
                 if diagnosis_html_for is not None:
                     sections.append(diagnosis_html_for(source, report))
+            elif source.meta.get("engine") is not None:
+                sections += _refused_section(source.meta["engine"])
             write_html(out, report_to_html(source, report, sections), quiet=args.json)
         return 0
 
@@ -177,3 +179,18 @@ def _not_exported(problem: KvtraceError) -> None:
         f"kvtrace report: warning: {problem}; the report is complete (--no-export skips this)",
         file=sys.stderr,
     )
+
+
+def _refused_section(engine: Any) -> list[str]:
+    """The page's diagnosis of an engine that refused to start (what `kvtrace diagnose` says): its page
+    has no memory and no chart, so the answer is this section. None where the refusal cannot be priced
+    (`kvtrace diagnose` says why)."""
+    from analyzers.planning.vllm_refused import diagnose_refused, refused_start
+    from analyzers.render.vllm_diagnosis import refused_to_html
+
+    if not refused_start(engine):
+        return []
+    try:
+        return [refused_to_html(diagnose_refused(engine))]
+    except KvtraceError:
+        return []

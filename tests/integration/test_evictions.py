@@ -251,6 +251,8 @@ def test_evict_ranges_in_the_trace_are_not_steps(tmp_path: Path) -> None:
     ]
     assert sum(name.startswith("kvtrace/evict") for name in ranges) == 2 * ORDER_LAYERS  # K and V per layer
     source, report = build_report(run)
-    assert [m.label for m in source.markers if m.kind == "step"] == ["kvtrace/prefill"]
+    assert [(m.label, m.detail["range"]) for m in source.markers if m.kind == "step"] == [
+        ("step 1 prefill", "kvtrace/prefill")
+    ]
     assert sum(m.kind == "eviction" for m in source.markers) == ORDER_LAYERS
     assert report.steps == 1

@@ -480,6 +480,26 @@ def test_a_trace_without_memory_events_says_its_memory_is_unknown(
     assert report["devices"] == [] and report["peak_allocated_bytes"] == 0 and report["peak_time"] is None
 
 
+@pytest.mark.parametrize("path", CHROME, ids=[p.name for p in CHROME])
+def test_a_trace_without_memory_events_gets_no_memory_chart(path: Path, tmp_path: Path) -> None:
+    # GIVEN a real Chrome trace, and its [memory] events counted with json.load
+    trace = json.loads(_raw_bytes(path))
+    memory_events = sum(1 for e in trace["traceEvents"] if e.get("name") == "[memory]")
+
+    # WHEN its HTML report is written
+    out = tmp_path / "report.html"
+    assert main(["report", str(path), "-o", str(out), "--no-export", "-q"]) == 0
+    page = out.read_text()
+
+    # THEN a trace with them gets its chart; one without draws none (an empty "B" axis from -1 to 1, its
+    # steps at 0 B), and its note says the figures are unknown
+    if memory_events:
+        assert page.count("Plotly.newPlot") == 1
+        return
+    assert "Plotly.newPlot" not in page and "Memory by category over time" not in page
+    assert "unknown, not 0" in page
+
+
 def test_a_budget_crossing_in_a_chrome_trace_names_its_unit_and_profiler_step(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -389,3 +389,85 @@ def test_the_group_html_draws_each_ranks_device_without_events_at_its_level(tmp_
         peaks = {d["device"]: d["peak_allocated_bytes"] for d in report["devices"] if d["rank"] == rank}
         drawn = {f"rank{rank}/{dev}": max(mine[f"{dev} allocated"]["y"]) * 2**20 for dev in ("cuda:0", "cpu")}
         assert drawn == peaks == {f"rank{rank}/cuda:0": held, f"rank{rank}/cpu": kv_peak}
+
+
+@pytest.mark.parametrize("profiler", [True, False])
+def test_the_pages_step_markers_number_steps_from_the_prefill_with_or_without_the_profiler(
+    tmp_path: Path, profiler: bool
+) -> None:
+    # GIVEN a run of two generate() calls of NEW tokens each, recorded with the profiler on (its trace holds
+    # the recorder's ranges "kvtrace/prefill", "kvtrace/decode 1", ... which restart at each prefill) or off
+    model = build_model(SIZE)
+    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
+        for _ in range(2):
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+
+    # WHEN its HTML report is written
+    page = tmp_path / "report.html"
+    with redirect_stdout(io.StringIO()):
+        assert main(["report", str(run), "-o", str(page), "--no-export", "-q"]) == 0
+    traces, _ = page_figure(page.read_text(), "kvtrace-timeline")
+
+    # THEN the step markers say "step N phase" with step 1 = the first prefill, as the rest of the page and
+    # the text report number them: each call's NEW forwards (a prefill, then NEW - 1 decodes), the second
+    # call's prefill step NEW + 1 (its range "kvtrace/prefill", its first decode's "kvtrace/decode 1")
+    markers = next(trace for trace in traces if trace["name"] == "step")["text"]
+    expected = [
+        f"step {call * NEW + forward} {'prefill' if forward == 1 else 'decode'}"
+        for call in range(2)
+        for forward in range(1, NEW + 1)
+    ]
+    assert markers == expected
+
+
+def _summary_cell(page: str, heading: str) -> str:
+    """The text of the summary table's cell beside `heading`."""
+    import html as html_text
+    import re
+
+    cell = re.search(f"<th>{re.escape(heading)}</th><td>(.*?)</td>", page)
+    assert cell is not None, f"no summary row {heading!r}"
+    return html_text.unescape(cell.group(1))
+
+
+def test_the_page_explains_a_sliding_windows_bytes_per_token_and_its_evictions(tmp_path: Path) -> None:
+    # GIVEN the sliding_b2 sample: batch 2, a prompt of `prompt` tokens, 16 new, a window of 16 on every layer
+    run = SAMPLES / "sliding_b2"
+    manifest = json.loads((run / "manifest.json").read_text())
+    geometry = manifest["model"]
+    layers, window, batch, new = geometry["num_layers"], 16, 2, 16
+    row_bytes = geometry["num_kv_heads"] * geometry["head_dim"] * 4  # a token of one row of K, float32
+    token_bytes = layers * 2 * row_bytes  # K and V
+    # the prefill's storage holds the whole prompt (its view, the last window - 1 tokens)
+    prompt = json.loads((run / "kv_events.jsonl").read_text().splitlines()[0])["storage_bytes"] // (
+        batch * row_bytes
+    )
+
+    # WHEN its HTML report is written
+    page = tmp_path / "report.html"
+    with redirect_stdout(io.StringIO()):
+        assert main(["report", str(run), "-o", str(page), "--no-export", "-q"]) == 0
+    text = page.read_text()
+
+    # THEN the bytes per token say why measured and arithmetic differ, as the text report does: each layer
+    # holds window - 1 tokens in a storage of `window` positions, the spare one's bytes spread over the tokens
+    held = window - 1
+    measured = token_bytes * window / held
+    per_token = _summary_cell(text, "KV bytes/token measured vs arithmetic")
+    assert per_token.startswith(f"{measured:,.1f} vs {token_bytes:,} (")
+    assert (
+        f"their spare positions are {measured - token_bytes:,.1f} of the measured bytes per token"
+        in per_token
+    )
+    # AND the evicted tokens say what evicted them: every token fed but the window - 1 kept, on each row and
+    # layer, by the sliding window
+    evicted = (prompt + new - 1 - held) * batch * layers
+    assert (
+        _summary_cell(text, "evicted tokens (all rows and layers)")
+        == f"{evicted:,} (sliding window {evicted:,})"
+    )

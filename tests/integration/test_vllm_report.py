@@ -483,3 +483,35 @@ def test_a_vllm_runs_page_shows_the_pool_not_one_point_charts(tmp_path: Path) ->
     # THEN the pool's own panel is the chart, and no chart of one point or one step is drawn
     assert 'id="kvtrace-engine-pool"' in html
     assert "kvtrace-timeline" not in html and "KV bytes per layer at the end of each step" not in html
+
+
+@pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
+def test_the_page_of_a_refused_start_holds_its_diagnosis(tmp_path: Path) -> None:
+    # GIVEN the refused sample: vLLM compared one request of max_model_len tokens with its KV memory
+    engine = json.loads((REFUSED / "engine.json").read_text())
+    model, config, refused = engine["model"], engine["config"], engine["refused"]
+    layer_page = (
+        2 * config["block_size"] * model["num_kv_heads"] * model["head_dim"] * _DTYPE_BYTES[model["dtype"]]
+    )
+    blocks = math.ceil(config["max_model_len"] / config["block_size"])
+    needed = blocks * model["num_layers"] * layer_page
+
+    # WHEN its HTML report is written
+    out = tmp_path / "report.html"
+    assert main(["report", str(REFUSED), "-o", str(out), "--no-export", "-q"]) == 0
+    page = out.read_text()
+
+    # THEN the page has the diagnosis `kvtrace diagnose` gives: what one request needs (blocks x a block's
+    # bytes over all layers), what vLLM had (its own figure), the largest max_model_len vLLM estimated
+    (section,) = re.findall(r"<section class='diagnosis' id='kvtrace-diagnosis'>.*?</section>", page)
+    text = html.unescape(re.sub(r"<[^>]+>", "\n", section))
+    assert f"not enough KV memory for max_model_len {config['max_model_len']}" in text
+    assert needed == 2**20 and refused["available_bytes"] == 960 * 1024
+    assert f"1.00 MiB ({blocks} blocks x {model['num_layers'] * layer_page // 1024}.00 KiB;" in text
+    assert f"960.00 KiB ({refused['available_bytes']:,} B)" in text
+    vllm_estimate = re.search(r"estimated maximum model length is (\d+)", refused["message"]).group(1)
+    assert f"{refused['estimated_max_model_len']} (vLLM's own estimate: {vllm_estimate})" in text
+    # AND its remedies, the first a max_model_len of what fits
+    assert f"max_model_len={vllm_estimate}: one request then needs" in text
+    # AND no chart is drawn, so plotly's script is left out
+    assert "Plotly.newPlot" not in page and "plotly.js" not in page.lower()
