@@ -343,30 +343,6 @@ def test_a_memory_timeline_says_its_device_is_assumed(capsys: pytest.CaptureFixt
     assert any("does not say which device" in note and "cuda:0" in note for note in data["notes"])
 
 
-def test_a_trace_without_memory_events_is_charted_from_its_first_event() -> None:
-    """rank0 (an A100 trace with no `[memory]` events) has only its ProfilerStep markers to chart: they sit
-    at seconds from the trace's first event, not at Unix-epoch seconds."""
-    import gzip
-    import json
-
-    from analyzers.render.html import _timeline_figure
-
-    path = _require("rank0.json.gz")
-    with gzip.open(path, "rb") as fh:
-        events = json.load(fh)["traceEvents"]
-    steps = sorted(
-        e["ts"] for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("ProfilerStep#")
-    )
-    first = min(e["ts"] for e in events if isinstance(e.get("ts"), int | float))
-    source = attribute(_open_source(path))
-    report = summarize(source)
-    assert not report.timelines or not any(len(t.ts_us) for t in report.timelines)
-    (marks,) = [t for t in _timeline_figure(source, report).data if t.name == "step"]
-    # THEN the markers are the steps' start times, in seconds from the earliest of them (the axis origin)
-    assert np.allclose(np.asarray(marks.x), [(ts - steps[0]) / 1e6 for ts in steps])
-    assert max(marks.x) < 10 and steps[0] >= first
-
-
 def test_a_clock_base_beyond_int64_is_no_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # GIVEN the real ResNet trace (integral Unix-epoch ts, no base) with a base no Kineto writes (int64 ns)
     original = _require("worker0.1623143089861.pt.trace.json.gz")
