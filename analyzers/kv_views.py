@@ -95,18 +95,27 @@ def split_by_view(
 def tracked_length_note(events: Iterable[Any], tokens: int | None) -> str | None:
     """A tracked tensor's tokens are its length along its seq dim (`kvtrace.track`): the tokens it holds for
     a tensor that grows with them (torch.cat), the room preallocated for one that does not: views that
-    together make up a whole storage (one kv[layers, 2, ...] tensor), or a tensor written in place. `events`:
-    the main cache's KV data events; their last view per slot decides."""
+    together make up a whole storage (one kv[layers, 2, ...] tensor), or a tensor written in place at its
+    length. A view tracked again longer over the same storage (kv[l, 0, :, :, :pos], as the README advises)
+    is also logged `written`, but its length is the tokens written: such a slot is no room preallocated.
+    `events`: the main cache's KV data events; their last view per slot decides."""
     views: dict[int, dict[Slot, int]] = {}
     storage: dict[int, int] = {}
-    in_place = False
+    written: set[Slot] = set()
+    cut: set[Slot] = set()
     for ev in events:
         if ev.part not in _TRACKED_PARTS:
             continue
-        in_place |= ev.event == "written"
-        views.setdefault(ev.addr, {})[(ev.cache, ev.layer, ev.kv)] = ev.logical_bytes
+        slot = (ev.cache, ev.layer, ev.kv)
+        slots = views.setdefault(ev.addr, {})
+        if ev.event == "written":
+            written.add(slot)
+            if slots.get(slot, ev.logical_bytes) != ev.logical_bytes:
+                cut.add(slot)
+        slots[slot] = ev.logical_bytes
         storage[ev.addr] = ev.storage_bytes
     whole = [addr for addr, slots in views.items() if len(slots) > 1 and sum(slots.values()) == storage[addr]]
+    in_place = bool(written - cut)
     if not tokens or not (whole or in_place):
         return None
     why = (

@@ -22,6 +22,14 @@ class KvtraceError(Exception):
         self.exit_code = exit_code
 
 
+class MissingPart(KvtraceError):
+    """An optional part this command needs is not installed (vLLM, kvpress, a quantized cache's backend):
+    status 1, as for the extras `missing_dependency` names; the input and flags were right (not 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=1)
+
+
 class RecordingError(KvtraceError):
     """What `kvtrace.record()` raises: a bad option or run folder (before anything is written), misuse
     (nested record(), track() outside record()), or a run that could not be written (a full disk: raised

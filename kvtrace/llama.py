@@ -128,12 +128,10 @@ def device_unavailable(device: str) -> str | None:
 
 
 def cache_unavailable(kind: str, device: str) -> str | None:
-    """Why a cache kind cannot run here (said before a model is built), or None.
+    """Why a cache kind cannot run on this device (said before a model is built), or None.
 
     transformers fails deep inside the first layer update otherwise: the offloaded cache syncs CUDA streams
-    ("Torch not compiled with CUDA enabled" on a CPU build), quanto and hqq import their backend."""
-    import importlib.util
-
+    ("Torch not compiled with CUDA enabled" on a CPU build)."""
     import torch
 
     if kind == "offloaded" and torch.device(device).type != "cuda":
@@ -141,15 +139,22 @@ def cache_unavailable(kind: str, device: str) -> str | None:
             f"--cache offloaded needs a CUDA device (--device cuda, not {device}): transformers' offloaded "
             "cache moves each layer between the GPU and the CPU on CUDA streams"
         )
-    if kind in _CACHE_PACKAGES:
-        module, package = _CACHE_PACKAGES[kind]
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:  # the parent package (optimum) is missing
-            found = False
-        if not found:
-            return f"--cache {kind} needs the {package} package: pip install {package}"
     return None
+
+
+def cache_package_missing(kind: str) -> str | None:
+    """What to install for a cache kind whose backend is not here (quanto, hqq: transformers imports it at
+    the first layer update), or None. Apart from `cache_unavailable`: a part not installed is status 1."""
+    import importlib.util
+
+    if kind not in _CACHE_PACKAGES:
+        return None
+    module, package = _CACHE_PACKAGES[kind]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent package (optimum) is missing
+        found = False
+    return None if found else f"--cache {kind} needs the {package} package: pip install {package}"
 
 
 def make_cache(

@@ -9,7 +9,7 @@ from typing import Any
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import check_html_target
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, MissingPart
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # The demo's story: weights 44 MiB, KV 64 KiB per token and sequence (41.5 MiB for 8 x 83 tokens), a
@@ -96,12 +96,15 @@ class DemoCommand(Command):
         import torch
 
         import kvtrace
-        from kvtrace.llama import cache_unavailable, device_unavailable
+        from kvtrace.llama import cache_package_missing, cache_unavailable, device_unavailable
         from kvtrace.options import memory_size
 
         problem = device_unavailable(args.device) or cache_unavailable(args.cache, args.device)
         if problem is not None:
             raise KvtraceError(problem)
+        missing = cache_package_missing(args.cache)
+        if missing is not None:
+            raise MissingPart(missing)
 
         gpu_memory = args.gpu_memory  # flags first: a bad value is named whatever --out holds
         if gpu_memory is None and args.size == "demo":

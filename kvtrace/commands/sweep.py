@@ -12,7 +12,7 @@ from typing import Any
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import check_regular_target, page_bytes, print_after_writing, write_replacing
-from kvtrace.errors import KvtraceError, cannot_write
+from kvtrace.errors import KvtraceError, MissingPart, cannot_write
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -143,8 +143,8 @@ class SweepCommand(Command):
     directory under OUT/runs/. With --gpu-memory (or --budget), rows say whether the measured peak fits
     and, when not, the step and layer where a device of that size would run out. On CUDA an OOM inside a
     point is caught, recorded, diagnosed and the sweep goes on. A progress bar is drawn on stderr when it
-    is a terminal (-q: none). Exit status: 0 on success; 1 when OUT cannot be created, or standard output
-    cannot be written (OUT is then written all the same, and the line says so); 2 for bad input or flags.
+    is a terminal (-q: none). Exit status: 0 on success; 1 when OUT cannot be created, a --cache's package is
+    not installed, or standard output cannot be written (OUT is then written all the same, and the line says so); 2 for bad input or flags.
     """
 
     name = "sweep"
@@ -217,6 +217,7 @@ class SweepCommand(Command):
         from kvtrace.llama import (
             build_model,
             cache_keyword,
+            cache_package_missing,
             cache_unavailable,
             device_unavailable,
             llama3_config,
@@ -238,6 +239,9 @@ class SweepCommand(Command):
             problem = problem or cache_unavailable(kind, device)
         if problem is not None:
             raise KvtraceError(problem)
+        missing = next(filter(None, map(cache_package_missing, caches)), None)
+        if missing is not None:
+            raise MissingPart(missing)
         out = Path(args.out)
         for name in ("sweep.json", "sweep.html"):  # before the points are recorded, not after
             check_regular_target(out / name)

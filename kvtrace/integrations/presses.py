@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, MissingPart
 
 PRESS_NAMES = (
     "streaming_llm",
@@ -30,7 +30,7 @@ def make_press(name: str, compression: float, interval: int = 4, target_size: in
     try:
         import kvpress
     except ImportError:
-        raise KvtraceError(
+        raise MissingPart(
             "--press needs NVIDIA's kvpress, which pins transformers<5.3: install it in its own environment "
             "(pip install kvpress) and run kvtrace from there"
         ) from None

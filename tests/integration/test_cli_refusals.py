@@ -7,6 +7,7 @@ run's manifest, a hand-edited manifest, an empty SQL string) and used to end in 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -943,4 +944,31 @@ def test_a_sweep_of_a_config_a_llama_cannot_build_is_refused(
     err = capsys.readouterr().err
     assert code == 2 and said in err, err
     assert f"kvtrace plan --config {config} sizes it without running" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "said"),
+    [
+        ("vllm", ["demo", "--engine", "vllm"], "kvtrace demo: error: --engine vllm needs vLLM in this"),
+        (
+            "kvpress",
+            ["demo", "--size", "tiny", "--new-tokens", "2", "--no-profiler", "--press", "streaming_llm"],
+            "kvtrace demo: error: --press needs NVIDIA's kvpress",
+        ),
+    ],
+    ids=["vllm", "kvpress"],
+)
+def test_a_part_not_installed_is_one_line_and_status_1(
+    module: str, argv: list[str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a flag whose part is not installed here: vLLM, kvpress (a quantized cache's backend: test_demo.py)
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+    out = tmp_path / "out"
+    # WHEN the command runs THEN one line names the part, with status 1, as the README's exit-status table
+    # says for a part not installed (the flags were right: not 2), and nothing is recorded
+    assert main([*argv, "--no-report", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.count("\n") == 1, err
     assert not out.exists()

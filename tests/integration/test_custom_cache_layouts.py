@@ -208,3 +208,37 @@ def test_views_of_one_preallocated_tensor_are_split_by_layer(tmp_path, watched_m
     assert diagnosis["top_layers"] == [
         {"layer": layer, "kv_bytes": 2 * LAYER_BYTES} for layer in range(LAYERS)
     ]
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["views-cut-to-tokens", "whole-buffers"])
+def test_room_note_only_for_tracked_tensors_that_keep_their_length(tmp_path, capsys, cut):
+    # GIVEN the README's advice followed on a plain tensor cache, no model: the tokens written in place each
+    # step, then every layer's K and V tracked again, as views cut to them (kv[l, 0, :, :, :pos]) or as
+    # whole preallocated per-layer buffers of MAX_SEQ positions
+    kv = torch.zeros(LAYERS, 2, BATCH, KV_HEADS, MAX_SEQ, HEAD_DIM)
+    buffers = [[torch.zeros(BATCH, KV_HEADS, MAX_SEQ, HEAD_DIM) for _ in "kv"] for _ in range(LAYERS)]
+    written = PROMPT + DECODE
+    with kvtrace.record(tmp_path / "run", profiler=False):
+        for end in [PROMPT, *range(PROMPT + 1, written + 1)]:
+            kv[..., :end, :] = 1.0
+            for layer in range(LAYERS):
+                for index, kind in enumerate("kv"):
+                    if cut:
+                        kvtrace.track(kv[layer, index, :, :, :end], layer=layer, kind=kind)
+                    else:
+                        buffers[layer][index][:, :, :end] = 1.0
+                        kvtrace.track(buffers[layer][index], layer=layer, kind=kind)
+
+    # THEN the KV held is the whole preallocated room either way: 3 layers x K,V x 8,192 B
+    report = _report(tmp_path / "run", capsys)
+    assert report["kv"]["final_bytes"] == LAYERS * 2 * LAYER_BYTES == 49152
+    notes = [note for note in report["notes"] if note.startswith("tokens per row")]
+    if cut:
+        # AND the views' length is the 13 tokens written, which no note calls the room preallocated
+        assert report["kv"]["tokens_held"] == written == 13
+        assert notes == []
+    else:
+        # AND the whole buffers' length is their 32 positions, which the note says are the room preallocated
+        assert report["kv"]["tokens_held"] == MAX_SEQ
+        assert len(notes) == 1 and f"tokens per row ({MAX_SEQ})" in notes[0]
+        assert "written in place" in notes[0]

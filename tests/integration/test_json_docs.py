@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from kvtrace.cli import main
+from kvtrace.format import read_run
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_traces"
@@ -116,3 +117,52 @@ def test_plan_fields_are_documented(argv: list[str]) -> None:
 def test_export_fields_are_documented(tmp_path: Path) -> None:
     summary = _json(["export", str(SAMPLES / "static_b2"), "-o", str(tmp_path / "t"), "--json", "-q"])
     assert _undocumented(summary, _section("kvtrace export")) == []
+
+
+def _chapter(title: str) -> str:
+    """The text of one `## title` chapter of docs/format.md, its `###` sections included."""
+    start = FORMAT.index(f"\n## {title}\n")
+    end = FORMAT.find("\n## ", start + 1)
+    return FORMAT[start : end if end > 0 else len(FORMAT)]
+
+
+def _unnamed(keys: Any, text: str) -> list[str]:
+    """Keys that `text` names neither in backticks (tables) nor quoted (its JSON examples)."""
+    named = set(re.findall(r"`([a-z0-9_]+)`", text)) | set(re.findall(r'"([a-z0-9_]+)"', text))
+    return sorted(set(keys) - named)
+
+
+@pytest.mark.parametrize("run", ["dynamic_b2", "sliding_b2", "static_b2"])
+def test_manifest_fields_are_documented(run: str) -> None:
+    # GIVEN a real run's manifest.json; THEN its chapter names every key, its model's geometry too
+    manifest = json.loads((SAMPLES / run / "manifest.json").read_text(encoding="utf-8"))
+    chapter = _chapter("manifest.json")
+    assert _unnamed(manifest, chapter) == []
+    assert _unnamed(manifest["model"], chapter) == []
+
+
+@pytest.mark.parametrize("run", ["vllm_preempt", "vllm_override", "vllm_refused"])
+def test_engine_json_fields_are_documented(run: str) -> None:
+    # GIVEN a real vLLM run's engine.json and manifest; THEN the vLLM chapter's example and tables name
+    # every key of each object
+    engine = json.loads((SAMPLES / run / "engine.json").read_text(encoding="utf-8"))
+    manifest = json.loads((SAMPLES / run / "manifest.json").read_text(encoding="utf-8"))
+    chapter = _chapter("vLLM runs")
+    objects = [engine, engine["model"], engine["config"], engine["memory_profile"], manifest["engine"]]
+    objects += engine["layers"][:1] + engine["storage"][:1]
+    objects += [engine["refused"]] if engine["refused"] else []
+    for obj in objects:
+        assert _unnamed(obj, chapter) == []
+
+
+def test_kv_event_sources_are_documented() -> None:
+    # GIVEN the `source` of every event the sample runs logged (transformers' own cache, vLLM's pool), and
+    # the one continuous batching's pool logs (its engine's name)
+    from kvtrace.integrations.hf_paged_pool import ENGINE_NAME
+
+    runs = [read_run(SAMPLES / run) for run in ("dynamic_b2", "vllm_preempt")]
+    sources = {event.source for run in runs for event in run.kv_events}
+    sources |= {ENGINE_NAME}
+    # THEN the KV log's `source` row names each one
+    row = next(line for line in _chapter("kv_events.jsonl").splitlines() if line.startswith("| `source` |"))
+    assert sorted(sources - set(re.findall(r"`([a-z0-9_-]+)`", row))) == []
