@@ -403,6 +403,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         unfinished=_unfinished(source),
         held_step=held_step,
         step_cut=step_cut,
+        row_activation_bytes=row_activations,
     )
 
 

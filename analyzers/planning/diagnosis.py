@@ -109,6 +109,11 @@ class Diagnosis:
     step_cut: bool = False
     """The moment's step never ended: killed part-way (`held_step` above), or its forward raised (an OOM, a
     Ctrl-C), when `batch` and `tokens_held` are what its layers held at the moment, as the KV diagnosed."""
+    row_activation_bytes: int | None = None
+    """Bytes of the allocations beside the KV live at the moment whose size is batch-first (the rows times a
+    model width: logits, attention's copies, ids and masks; analyzers.planning.diagnose_rows), which a
+    smaller batch frees in proportion: the batch remedy's figure, and `kvtrace plan --from-run`'s for a
+    smaller batch. None where the moment has no rows or the input no allocator events."""
 
 
 def fits(saved: int | None, shortfall: int | None) -> bool | None:

@@ -276,9 +276,11 @@ def peak_at(req: PlanRequest, batch: int, context: int) -> int:
 def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     """The peak a recorded run would reach at `batch` and `context`, priced as `kvtrace diagnose` prices
     its remedies from the run's peak moment (analyzers.planning.diagnose_remedies): the KV of that moment
-    moves as the arithmetic says, the activations stay as measured when the batch or context shrinks (they
-    shrink too: an upper bound) and grow in proportion when either grows (an upper bound where they are a
-    fixed part plus parts per row and per token). The run's own settings give its own peak exactly.
+    moves as the arithmetic says; a smaller batch frees the moment's batch-first activations in proportion
+    (`_rows_freed`, diagnose's figure for that batch), the rest stay as measured, as all do where the rows
+    are not told apart and when the context shrinks (they shrink too: an upper bound); they grow in
+    proportion when the batch or context grows (an upper bound where they are a fixed part plus parts per
+    row and per token). The run's own settings give its own peak exactly.
 
     The plan's own worst moments can be unlike the run's (a longer prompt's prefill, a last decode step the
     run never reached): each carries the activations the run allows it (`_moment_floors`).
@@ -291,16 +293,27 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     run = _run_request(req, rec)
     rows = max(batch / rec.batch, 1.0)
     grown = rows * max(_attended(req, context) / _attended(run, rec.context), 1.0)
-    growth = math.ceil(rec.activations_bytes * (grown - 1))
+    freed = _rows_freed(rec, batch)
+    activations = rec.activations_bytes - freed  # at the plan's rows, before the context grows them
+    growth = math.ceil(activations * (grown - 1))
     floors = _moment_floors(req, run, rec, batch, context)
     if not same_cache_as_run(req):
         sizes = kv_sizes(req, batch, context)
         prompt_grown = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
-        return (
-            req.weights_bytes + sizes.peak_bytes + math.ceil(rec.activations_bytes * max(grown, prompt_grown))
-        )
+        return req.weights_bytes + sizes.peak_bytes + math.ceil(activations * max(grown, prompt_grown))
     moved = _moment_kv(req, rec, batch, context) - _moment_kv(run, rec, rec.batch, rec.context)
-    return max(rec.peak_bytes + (req.weights_bytes - rec.weights_bytes) + moved + growth, *floors)
+    return max(rec.peak_bytes + (req.weights_bytes - rec.weights_bytes) + moved - freed + growth, *floors)
+
+
+def _rows_freed(rec: RecordedPeak, batch: int) -> int:
+    """Bytes of the run's peak moment's activations that `batch` rows, fewer than the run's, free: the
+    batch-first ones (`RecordedPeak.row_activation_bytes`, diagnose_rows' split) in proportion to the rows
+    dropped, as `kvtrace diagnose` prices its smaller batch, so that both give one figure. None freed where
+    the recording does not tell them apart, or for as many rows or more."""
+    row_bytes = rec.row_activation_bytes
+    if row_bytes is None or batch >= rec.batch:
+        return 0
+    return round(min(row_bytes, rec.activations_bytes) * (rec.batch - batch) / rec.batch)
 
 
 def _prefill_growth(
@@ -325,6 +338,8 @@ def _moment_floors(
     sizes = kv_sizes(req, batch, context)
     run_sizes = kv_sizes(run, rec.batch, rec.context)
     rows = max(batch / rec.batch, 1.0)
+    # fewer rows keep the share of the peak moment's activations that stays (`_rows_freed`), at each moment
+    kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
     beside_prefill = max(rec.peak_bytes - rec.weights_bytes - run_sizes.prefill_bytes, 0)
     if rec.phase == "prefill":  # measured there: its KV may differ from the arithmetic's prompt
         beside_prefill = max(beside_prefill, rec.activations_bytes)
@@ -334,11 +349,11 @@ def _moment_floors(
         beside_peak = max(rec.peak_bytes - rec.weights_bytes - run_sizes.peak_bytes, 0)
     late = rows * max(_attended(req, context) / _attended(run, rec.context), 1.0)
     early = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
-    floors = [req.weights_bytes + sizes.peak_bytes + math.ceil(beside_peak * max(late, early))]
+    floors = [req.weights_bytes + sizes.peak_bytes + math.ceil(beside_peak * kept * max(late, early))]
     if early > 1.0:
         # A prefill of more rows or tokens than the run's: its own moment. Not otherwise: the bound
         # `beside_prefill` holds the run's later KV too (its peak was later), far above a smaller prefill's
-        floors.append(req.weights_bytes + sizes.prefill_bytes + math.ceil(beside_prefill * early))
+        floors.append(req.weights_bytes + sizes.prefill_bytes + math.ceil(beside_prefill * kept * early))
     return floors
 
 

@@ -63,6 +63,9 @@ class RecordedPeak:
     residual_length: int
     # the run stopped before its end (an OOM, an exception): its later, larger moments were never reached
     cut_short: bool = False
+    # of `activations_bytes`, those batch-first (logits, attention's copies), which fewer rows free in
+    # proportion, as `kvtrace diagnose` finds them (analyzers.planning.diagnose_rows); None: not told apart
+    row_activation_bytes: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

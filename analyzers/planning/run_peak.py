@@ -27,6 +27,8 @@ class PeakMoment:
     tokens: int
     batch: int | None
     cut_short: bool  # the run stopped (an OOM, an exception): its peak is what it reached
+    # of activations_bytes, the batch-first ones, which fewer rows free in proportion (diagnose's figure)
+    row_activation_bytes: int | None = None
 
 
 def peak_moment(path: str | Path) -> PeakMoment | str:
@@ -54,19 +56,31 @@ def peak_moment(path: str | Path) -> PeakMoment | str:
         tokens=diagnosis.tokens_held or 0,
         batch=diagnosis.batch,
         cut_short=diagnosis.event == "oom" or diagnosis.step_cut,
+        row_activation_bytes=diagnosis.row_activation_bytes,
     )
 
 
-def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool) -> str:
-    """How the plan's peak counts the run's activations, and what the reserve is then."""
+def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, rows_told: bool) -> str:
+    """How the plan's peak counts the run's activations, and what the reserve is then; `rows_told`: the plan
+    frees the moment's batch-first activations for a smaller batch (`RecordedPeak.row_activation_bytes`)."""
     measured = (
         f"the peak counts the run's activations as recorded ({human_bytes(moment.activations_bytes)} beside "
         f"the weights and KV at its {human_bytes(moment.peak_bytes)} peak, "
         f"{moment.phase or 'its'} step)"
     )
+    row_bytes = human_bytes(moment.row_activation_bytes or 0)
+    smaller = (
+        f"a smaller batch frees the {row_bytes} of them that are batch-first "
+        "(the logits, attention's copies: allocations the rows times a model width long) in proportion, as "
+        "`kvtrace diagnose` prices it, and keeps the rest (an upper bound); a smaller context keeps them (an "
+        "upper bound, they shrink too)"
+        if rows_told
+        else "a smaller batch or context keeps them (an upper bound, they shrink too; the recording does not "
+        "tell which follow the rows)"
+    )
     how = (
-        ": the run's own settings plan its own peak; a smaller batch or context keeps them (an upper bound, "
-        "they shrink too), a larger one grows them in proportion, a longer prompt's prefill with the prompt "
+        f": the run's own settings plan its own peak; {smaller}; a larger batch or context grows them in "
+        "proportion, a longer prompt's prefill with the prompt "
         "(but where every layer slides, generate()'s ids and mask still grow with a longer context, a few "
         "bytes a token that a plan at the run's prompt does not count)"
         if same_cache

@@ -106,6 +106,24 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         quant_group_size=group_size,
         residual_length=residual_length,
         cut_short=moment.cut_short,
+        # diagnose's rows are the moment's; a moment of another row count than the run's cache (a module's
+        # buffers planned at their capacity) leaves the activations as measured
+        row_activation_bytes=moment.row_activation_bytes if moment.batch == (run.batch or 1) else None,
+    )
+
+
+def _run_prompt_at(run: RunDefaults, context: int) -> tuple[int | None, str | None]:
+    """The prompt a plan from `run` at a typed --context (and no --prompt) assumes, and a note when it is
+    not the run's. The run's prompt while the context leaves it room for a new token: --context then
+    changes the new tokens alone, one setting, as the plan's own 'max context' and remedy price it (the
+    planner's worst prompt, context less one or two tokens, would also lengthen the prefill, whose
+    activations follow it). A context too short for that prompt plans the worst prompt for it, an upper
+    bound over the prompts it can hold."""
+    if run.prompt is None or run.prompt < context:
+        return run.prompt, None
+    return None, (
+        f"--context {context} leaves no room for the run's prompt of {run.prompt} tokens and a new token: "
+        "planned at the worst prompt for that context (--prompt plans another)"
     )
 
 
@@ -154,13 +172,15 @@ class PlanCommand(Command):
             type=int,
             help="tokens per sequence as generate() counts them, the prompt plus the new tokens, at least 2 "
             "(default 8192, Llama 3's native length, or the model's max_position_embeddings when fewer; with "
-            "--from-run, the run's); the cache holds one fewer: generate() never writes its last new token",
+            "--from-run, the run's, and a --context typed keeps the run's prompt, changing the new tokens "
+            "alone, unless it leaves no room for it); the cache holds one fewer: generate() never writes its "
+            "last new token",
         )
         parser.add_argument(
             "--prompt",
             type=int,
             help="the prompt's tokens, below --context (default: the worst prompt for the context; with "
-            "--from-run and no --context, the run's). A "
+            "--from-run, the run's, unless --context is too short for it). A "
             "dynamic cache's sliding layers (Mistral, Gemma) hold the whole prompt until the first decode "
             "step, so the worst prompt, the context less one or two tokens, gets no help from the window",
         )
@@ -303,6 +323,10 @@ class PlanCommand(Command):
         prompt = args.prompt
         if args.context is not None:
             context = args.context
+            if run is not None and prompt is None:
+                prompt, said = _run_prompt_at(run, context)
+                if said:
+                    run = replace(run, notes=(*run.notes, said))
         elif run is not None and run.context is not None:
             context = run.context  # the run's, and its prompt unless one is typed
             prompt = prompt if prompt is not None else run.prompt
@@ -364,11 +388,13 @@ class PlanCommand(Command):
             residual_length=residual_length,
         )
         if run is not None and moment is not None:
-            request = replace(request, recorded=_recorded(run, moment))
+            recorded = _recorded(run, moment)
+            request = replace(request, recorded=recorded)
             from analyzers.planning.plan_kv import same_cache_as_run
             from analyzers.planning.run_peak import recorded_note
 
-            note = recorded_note(moment, same_cache_as_run(request), args.reserve is not None)
+            rows_told = recorded.row_activation_bytes is not None
+            note = recorded_note(moment, same_cache_as_run(request), args.reserve is not None, rows_told)
             run = replace(run, notes=(*run.notes, note))
         result = plan(request)
         if run is not None:

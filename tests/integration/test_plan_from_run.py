@@ -89,11 +89,12 @@ def test_flags_typed_after_from_run_win_and_an_older_run_plans_from_its_manifest
     # WHEN a batch, context and GPU are typed
     argv = ["plan", "--from-run", str(run), "--batch", "8", "--context", "1025", "--gpu-memory", "1GiB"]
     plan = _json([*argv, "--json"], capsys)
-    # THEN those win (the prompt then is the worst one for that context), the weights stay the run's
+    # THEN those win (the prompt stays the run's: the context changes the new tokens), the weights stay
+    # the run's
     assert (plan["request"]["batch"], plan["request"]["context"], plan["request"]["prompt"]) == (
         8,
         1025,
-        None,
+        PROMPT,
     )
     assert plan["kv_bytes"] == TOKEN_ROW * 8 * 1024
     assert plan["weights_bytes"] == weights_bytes(model)

@@ -87,12 +87,11 @@ def test_a_plan_in_another_batch_or_context_bounds_its_own_recording(
     # The tiny model peaks at its prefill (the logits of every prompt token): its KV then is the prompt's
     assert measured["run"]["categories_at_peak"]["kv"] == TOKEN_ROW * BATCH * PROMPT
     run = runs["run"]
-    # WHEN half the batch is planned: the moment's KV falls by half, the activations are kept as measured
+    # WHEN half the batch is planned: the moment's KV falls by half, and its batch-first activations (the
+    # logits) by half too (test_plan_from_run_one_setting checks the figure against diagnose's)
     half = _plan(run, capsys, "--batch", str(BATCH // 2))["peak_bytes"]
-    # THEN that is the run's peak less half the prompt's KV: an upper bound of the recording (activations
-    # shrink with the rows too), well under the run's own peak
-    assert half == peak - TOKEN_ROW * (BATCH // 2) * PROMPT
-    assert measured["half"]["peak_allocated_bytes"] <= half < peak
+    # THEN that is below the run's peak less half the prompt's KV: an upper bound of the recording
+    assert measured["half"]["peak_allocated_bytes"] <= half < peak - TOKEN_ROW * (BATCH // 2) * PROMPT
     # WHEN twice the batch is planned: the activations grow in proportion, an upper bound again
     double = _plan(run, capsys, "--batch", str(BATCH * 2))["peak_bytes"]
     activations = peak - measured["run"]["categories_at_peak"]["weights"] - TOKEN_ROW * BATCH * PROMPT
@@ -144,7 +143,7 @@ def test_a_sliding_window_run_planned_at_a_longer_context_bounds_the_long_prompt
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN the demo's sliding-window run (a window of 16, a 20-token prompt), and the same model recorded
-    # with the 122-token prompt a plan at context 124 assumes at worst
+    # with the 122-token prompt, the worst at context 124
     short, long = tmp_path / "short", tmp_path / "long"
     sliding = ["--cache", "sliding", "--window", "16", "--batch", "2", "--no-report"]
     assert main(["demo", "--out", str(short), *sliding, "--new-tokens", "4"]) == 0
@@ -153,8 +152,8 @@ def test_a_sliding_window_run_planned_at_a_longer_context_bounds_the_long_prompt
     assert main(["demo", "--out", str(long), *sliding, *prompts, "--new-tokens", "2"]) == 0
     capsys.readouterr()
     measured = _report(long, capsys)["peak_allocated_bytes"]
-    # WHEN the short run is planned at context 124
-    plan = _plan(short, capsys, "--context", "124")
+    # WHEN the short run is planned at context 124 with that prompt (--context alone keeps the run's)
+    plan = _plan(short, capsys, "--context", "124", "--prompt", "122")
     # THEN the long prompt's prefill is priced with its activations, grown with the prompt: an upper bound
     assert plan["prompt_tokens"] == 122
     assert plan["activations_bytes"] > 0
