@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +65,7 @@ def record_generate(model: Any, out: Path, batch: int, prompt: int, new_tokens: 
     import kvtrace
 
     ids = torch.randint(3, 1000, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    gc.collect()  # tensors earlier tests left in cycles, freed mid-recording, are not this run's (as sweep)
     with torch.no_grad(), kvtrace.record(out, model=model, **options):
         model.generate(
             ids,
