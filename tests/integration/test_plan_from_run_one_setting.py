@@ -10,14 +10,13 @@ recording said 93.92 MiB).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kvtrace.cli import main
 from kvtrace.llama import build_model
+from tests.cli_json import cli_json, plan_json, report_json
 from tests.tiny import HEAD_DIM, record_generate, tiny_size
 
 LAYERS, KV_HEADS, BATCH = 2, 2, 4
@@ -29,21 +28,6 @@ def model() -> Any:
     return build_model(tiny_size(LAYERS, KV_HEADS)).eval()
 
 
-def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    main(argv)
-    captured = capsys.readouterr()
-    assert captured.out, captured.err
-    return json.loads(captured.out)
-
-
-def _report(run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    return _json(["report", str(run), "--json", "--no-export", "-q"], capsys)
-
-
-def _plan(run: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, Any]:
-    return _json(["plan", "--from-run", str(run), *flags, "--json"], capsys)
-
-
 def test_a_shorter_context_keeps_the_runs_prompt_and_its_own_max_context_fits(
     model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -52,12 +36,12 @@ def test_a_shorter_context_keeps_the_runs_prompt_and_its_own_max_context_fits(
     context = prompt + new
     run = tmp_path / "run"
     record_generate(model, run, BATCH, prompt, new)
-    report = _report(run, capsys)
+    report = report_json(run, capsys)
     peak, at_peak = report["peak_allocated_bytes"], report["categories_at_peak"]
     assert at_peak["kv"] == TOKEN_ROW * BATCH * (context - 1)  # the moment holds every token written
     # WHEN it is planned at a context of 30 with no --prompt
     shorter = 30
-    plan = _plan(run, capsys, "--context", str(shorter))
+    plan = plan_json(run, capsys, "--context", str(shorter))
     # THEN the prompt is the run's (13 new tokens fewer, not a 28-token prompt), the KV the arithmetic's at
     # that context, and the rest of the run's peak beside weights and KV (activations, the growth copy) as
     # measured: the peak moves by the KV alone, an upper bound of the same run recorded at that context
@@ -66,21 +50,21 @@ def test_a_shorter_context_keeps_the_runs_prompt_and_its_own_max_context_fits(
     assert plan["peak_bytes"] - plan["weights_bytes"] - plan["kv_bytes"] == at_peak["other"]
     assert plan["peak_bytes"] == peak - TOKEN_ROW * BATCH * (context - shorter)
     record_generate(model, tmp_path / "shorter", BATCH, prompt, shorter - prompt)
-    assert _report(tmp_path / "shorter", capsys)["peak_allocated_bytes"] <= plan["peak_bytes"] < peak
+    assert report_json(tmp_path / "shorter", capsys)["peak_allocated_bytes"] <= plan["peak_bytes"] < peak
 
     # WHEN the run is planned on a GPU 10 tokens of KV short of its peak, then at the context its plan names
     gpu = str(peak - TOKEN_ROW * BATCH * 10)
-    whole = _plan(run, capsys, "--gpu-memory", gpu)
+    whole = plan_json(run, capsys, "--gpu-memory", gpu)
     assert not whole["fits"] and prompt < whole["max_context"] < context
     (remedy,) = [r for r in whole["remedies"] if r["kind"] == "context"]
     assert remedy["setting"] == whole["max_context"]
-    typed = _plan(run, capsys, "--gpu-memory", gpu, "--context", str(whole["max_context"]))
+    typed = plan_json(run, capsys, "--gpu-memory", gpu, "--context", str(whole["max_context"]))
     # THEN that plan fits, at the peak the remedy said, and one token more does not
     assert typed["fits"] and typed["peak_bytes"] == remedy["peak_bytes"]
-    assert not _plan(run, capsys, "--gpu-memory", gpu, "--context", str(whole["max_context"] + 1))["fits"]
+    assert not plan_json(run, capsys, "--gpu-memory", gpu, "--context", str(whole["max_context"] + 1))["fits"]
 
     # WHEN the context leaves no room for the run's prompt and a new token
-    plan = _plan(run, capsys, "--context", str(prompt))
+    plan = plan_json(run, capsys, "--context", str(prompt))
     # THEN the worst prompt for it is planned, and a note says so
     assert plan["request"]["prompt"] is None and plan["prompt_tokens"] < prompt
     assert any(note.startswith(f"--context {prompt} leaves no room") for note in plan["notes"])
@@ -99,11 +83,11 @@ def test_a_smaller_batch_frees_the_rows_activations_as_diagnose_prices_them(
     run = tmp_path / "run"
     record_generate(model, run, BATCH, prompt, new)
     record_generate(model, tmp_path / "half", rows, prompt, new)
-    report = _report(run, capsys)
+    report = report_json(run, capsys)
     peak, at_peak = report["peak_allocated_bytes"], report["categories_at_peak"]
-    recorded = _report(tmp_path / "half", capsys)["peak_allocated_bytes"]
+    recorded = report_json(tmp_path / "half", capsys)["peak_allocated_bytes"]
     # WHEN it is planned at batch 2
-    planned = _plan(run, capsys, "--batch", str(rows))
+    planned = plan_json(run, capsys, "--batch", str(rows))
     # THEN the peak bounds the batch-2 recording, and lies below the old bound, which kept every activation
     # as measured and moved the moment's KV alone
     assert at_peak["kv"] == TOKEN_ROW * BATCH * held
@@ -111,7 +95,7 @@ def test_a_smaller_batch_frees_the_rows_activations_as_diagnose_prices_them(
     assert recorded <= planned["peak_bytes"] < peak - kv_freed
     # AND it is diagnose's figure: diagnosed under a budget of that peak, its remedy is batch 2, freeing
     # exactly the run's peak less the plan's
-    diagnosis = _json(["diagnose", str(run), "--json", "--budget", str(planned["peak_bytes"])], capsys)
+    diagnosis = cli_json(["diagnose", str(run), "--json", "--budget", str(planned["peak_bytes"])], capsys)
     (batch,) = [r for r in diagnosis["remedies"] if r["kind"] == "batch"]
     assert (batch["setting"], batch["fits"]) == (rows, True)
     assert batch["saved_bytes"] == peak - planned["peak_bytes"]

@@ -6,7 +6,6 @@ recording. Before, its peak was weights + KV peak + a 10% reserve, whatever the 
 from __future__ import annotations
 
 import gc
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import build_model
+from tests.cli_json import plan_json, report_json
 from tests.tiny import HEAD_DIM, record_generate, tiny_size
 
 LAYERS, KV_HEADS, BATCH, PROMPT, NEW = 2, 2, 4, 11, 6
@@ -25,21 +25,6 @@ TOKEN_ROW = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4  # every layer's K and V of one
 @pytest.fixture(scope="module")
 def model() -> Any:
     return build_model(tiny_size(LAYERS, KV_HEADS)).eval()
-
-
-def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    main(argv)
-    captured = capsys.readouterr()
-    assert captured.out, captured.err
-    return json.loads(captured.out)
-
-
-def _report(run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    return _json(["report", str(run), "--json", "--no-export", "-q"], capsys)
-
-
-def _plan(run: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, Any]:
-    return _json(["plan", "--from-run", str(run), *flags, "--json"], capsys)
 
 
 @pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
@@ -55,11 +40,11 @@ def test_the_plan_of_the_run_itself_peaks_where_the_recording_did(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
             pad_token_id=0, **options,
         )  # fmt: skip
-    report = _report(run, capsys)
+    report = report_json(run, capsys)
     peak = report["peak_allocated_bytes"]
     assert report["categories_at_peak"]["other"] > 0  # activations and logits beside weights and KV
     # WHEN it is planned from the run alone
-    plan = _plan(run, capsys)
+    plan = plan_json(run, capsys)
     # THEN its KV is the arithmetic's, and its peak the recording's, activations included, no reserve beside
     assert plan["kv_bytes"] == TOKEN_ROW * BATCH * (PROMPT + NEW - 1)
     assert plan["peak_bytes"] == peak
@@ -70,7 +55,7 @@ def test_the_plan_of_the_run_itself_peaks_where_the_recording_did(
     assert main(["plan", "--from-run", str(run)]) == 1
     assert "activations" in capsys.readouterr().out
     # a typed reserve goes on top of the measured peak
-    reserved = _plan(run, capsys, "--reserve", "64KiB")
+    reserved = plan_json(run, capsys, "--reserve", "64KiB")
     assert reserved["peak_bytes"] == peak + (64 << 10)
 
 
@@ -83,23 +68,23 @@ def test_a_plan_in_another_batch_or_context_bounds_its_own_recording(
     record_generate(model, runs["half"], BATCH // 2, PROMPT, NEW)
     record_generate(model, runs["double"], BATCH * 2, PROMPT, NEW)
     record_generate(model, runs["shorter"], BATCH, PROMPT, NEW - 3)
-    measured = {name: _report(path, capsys) for name, path in runs.items()}
+    measured = {name: report_json(path, capsys) for name, path in runs.items()}
     peak = measured["run"]["peak_allocated_bytes"]
     # The tiny model peaks at its prefill (the logits of every prompt token): its KV then is the prompt's
     assert measured["run"]["categories_at_peak"]["kv"] == TOKEN_ROW * BATCH * PROMPT
     run = runs["run"]
     # WHEN half the batch is planned: the moment's KV falls by half, and its batch-first activations (the
     # logits) by half too (test_plan_from_run_one_setting checks the figure against diagnose's)
-    half = _plan(run, capsys, "--batch", str(BATCH // 2))["peak_bytes"]
+    half = plan_json(run, capsys, "--batch", str(BATCH // 2))["peak_bytes"]
     # THEN that is below the run's peak less half the prompt's KV: an upper bound of the recording
     assert measured["half"]["peak_allocated_bytes"] <= half < peak - TOKEN_ROW * (BATCH // 2) * PROMPT
     # WHEN twice the batch is planned: the activations grow in proportion, an upper bound again
-    double = _plan(run, capsys, "--batch", str(BATCH * 2))["peak_bytes"]
+    double = plan_json(run, capsys, "--batch", str(BATCH * 2))["peak_bytes"]
     activations = peak - measured["run"]["categories_at_peak"]["weights"] - TOKEN_ROW * BATCH * PROMPT
     assert double == peak + TOKEN_ROW * BATCH * PROMPT + activations
     assert measured["double"]["peak_allocated_bytes"] <= double
     # WHEN a shorter context on the same prompt is planned: the prefill moment is unchanged, exactly
-    shorter = _plan(run, capsys, "--context", str(PROMPT + NEW - 3), "--prompt", str(PROMPT))
+    shorter = plan_json(run, capsys, "--context", str(PROMPT + NEW - 3), "--prompt", str(PROMPT))
     assert shorter["peak_bytes"] == measured["shorter"]["peak_allocated_bytes"] == peak
     assert shorter["kv_bytes"] == TOKEN_ROW * BATCH * (PROMPT + NEW - 4)
 
@@ -131,9 +116,9 @@ def test_a_run_cut_short_plans_as_launched_above_the_whole_runs_peak(
                 )  # fmt: skip
         except torch.OutOfMemoryError:
             assert name == "cut"
-    whole = _report(runs["whole"], capsys)["peak_allocated_bytes"]
+    whole = report_json(runs["whole"], capsys)["peak_allocated_bytes"]
     # WHEN the cut run is planned as it was launched
-    plan = _plan(runs["cut"], capsys)
+    plan = plan_json(runs["cut"], capsys)
     # THEN its KV is the whole run's, and its peak counts activations beside it: at least the whole run's
     assert plan["kv_bytes"] == TOKEN_ROW * BATCH * (PROMPT + 30 - 1)
     assert plan["activations_bytes"] > 0
@@ -152,9 +137,9 @@ def test_a_sliding_window_run_planned_at_a_longer_context_bounds_the_long_prompt
     prompts = ["--prompt", prompt, "--prompt", prompt]
     assert main(["demo", "--out", str(long), *sliding, *prompts, "--new-tokens", "2"]) == 0
     capsys.readouterr()
-    measured = _report(long, capsys)["peak_allocated_bytes"]
+    measured = report_json(long, capsys)["peak_allocated_bytes"]
     # WHEN the short run is planned at context 124 with that prompt (--context alone keeps the run's)
-    plan = _plan(short, capsys, "--context", "124", "--prompt", "122")
+    plan = plan_json(short, capsys, "--context", "124", "--prompt", "122")
     # THEN the long prompt's prefill is priced with its activations, grown with the prompt: an upper bound
     assert plan["prompt_tokens"] == 122
     assert plan["activations_bytes"] > 0
@@ -174,7 +159,7 @@ def test_a_beam_search_run_plans_other_beams(
         )  # fmt: skip
     # WHEN it is planned with 2 beams on 2 prompts, or with greedy search: both are accepted, their KV exact
     for beams, batch in ((2, 4), (1, 2)):
-        plan = _plan(run, capsys, "--beams", str(beams), "--batch", str(batch))
+        plan = plan_json(run, capsys, "--beams", str(beams), "--batch", str(batch))
         assert plan["kv_bytes"] == TOKEN_ROW * batch * (PROMPT + NEW - 1)
         assert plan["request"]["beams"] == beams
 
@@ -193,12 +178,12 @@ def test_a_smaller_batch_of_a_run_that_peaked_decoding_moves_its_peak_by_the_kv_
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                 do_sample=False, pad_token_id=0,
             )  # fmt: skip
-        return _report(tmp_path / name, capsys)
+        return report_json(tmp_path / name, capsys)
 
     report = recorded(BATCH, "run")
     assert report["kv"]["final_bytes"] == BATCH * (prompt + new - 1) * TOKEN_ROW
     # WHEN it is planned at one row
-    planned = _plan(tmp_path / "run", capsys, "--batch", "1")
+    planned = plan_json(tmp_path / "run", capsys, "--batch", "1")
     # THEN its peak is the run's less the KV the other rows held at that moment (the prefill is no later
     # moment: the run's own was smaller than its peak, and so is one row's), and bounds one row's recording
     held_less = (BATCH - 1) * (prompt + new - 1) * TOKEN_ROW

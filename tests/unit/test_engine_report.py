@@ -61,6 +61,6 @@ def test_demo_engine_vllm_without_vllm_is_one_line(capsys: pytest.CaptureFixture
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here: tests/vllm runs the demo")
-    assert main(["demo", "--engine", "vllm", "--out", "unused"]) == 2
+    assert main(["demo", "--engine", "vllm", "--out", "unused"]) == 1  # a part not installed (README)
     err = capsys.readouterr().err.strip()
     assert "needs vLLM" in err and "\n" not in err
