@@ -9,7 +9,8 @@ allocated-bytes timeline the way PyTorch's memory_viz does (`process_alloc_data`
   the memory is still unusable until ``free_completed``, so that is when it leaves the timeline.
 * A free of an address that was allocated inside the trace removes exactly the bytes that alloc added.
   A free with no matching alloc ("orphan") freed memory allocated before the ring buffer began: normal,
-  its size counts as live from the start.
+  its size counts as live from the start. A free whose ``size`` is lost (a damaged file) frees its
+  alloc's bytes; an orphan one, or one without ``addr``, is left out with a note.
 * Blocks still allocated at the dump (``active_allocated``, and ``active_pending_free`` alias
   ``active_awaiting_free``, whose free has not completed) that no alloc in the trace explains were live
   from the start too. ``baseline_bytes`` = orphan frees + those blocks, using the request size

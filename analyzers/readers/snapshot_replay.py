@@ -20,6 +20,8 @@ from analyzers.readers.snapshot_entries import (
     FREE_ACTIONS,
     HAS_TIME,
     LIVE_STATES,
+    LOST_SIZE_UNKNOWN,
+    LOST_SIZE_USED,
     ONLY_INT,
     SEGMENT_GROW,
     SEGMENT_SHRINK,
@@ -50,6 +52,7 @@ def _replay_loop(
     live: dict[int, int] = {}  # address -> bytes added by an alloc seen in the trace
     orphan_bytes = orphan_count = 0
     skipped: Counter[str] = Counter()
+    repaired: Counter[str] = Counter()
     pending_ooms: list[tuple[int, dict[str, Any], int, int]] = []
     intern, pop = frames.intern, live.pop
     add_ts, add_addr, add_delta, add_reserved, add_frame = (
@@ -62,10 +65,18 @@ def _replay_loop(
     for index, entry in enumerate(trace):  # the hot loop: one pass, plain ints skip conversions
         action = entry.get("action")
         if action == "alloc" or action in FREE_ACTIONS:
-            if "size" not in entry or "addr" not in entry:  # damaged: left out, as `_replay_columns` does
-                skipped[lacking_fields(entry) or ""] += 1
-                continue
-            size, address = entry["size"], entry["addr"]
+            if "size" in entry and "addr" in entry:
+                size, address = entry["size"], entry["addr"]
+            else:  # damaged: read as `_replay_columns` reads it
+                if action == "alloc" or "addr" not in entry:  # left out
+                    skipped[lacking_fields(entry) or ""] += 1
+                    continue
+                address = integer(entry["addr"], f"a trace entry ({action})", "addr")
+                if address not in live:  # a free of a block allocated before the trace: its size is lost
+                    skipped[LOST_SIZE_UNKNOWN.format(action=action)] += 1
+                    continue
+                repaired[LOST_SIZE_USED.format(action=action)] += 1
+                size = live[address]  # the size its free would have repeated
             when = entry["time_us"] if timed else index
             if type(size) is not int or type(address) is not int or type(when) is not int:
                 where = f"a trace entry ({action})"
@@ -117,6 +128,7 @@ def _replay_loop(
         pending_ooms,
         reserved,
         skipped,
+        repaired,
     )
 
 
@@ -161,13 +173,18 @@ def _replay_columns(
     if sizes.ndim != 1 or addrs_all.ndim != 1 or times.ndim != 1:
         return None
     skipped: Counter[str] = Counter()
+    repaired: Counter[str] = Counter()
+    lost_size = np.zeros(len(trace), dtype=bool)  # frees without size: their alloc's, once paired below
     # A missing size or addr reads as ABSENT, one pass in C; those few entries are then looked at by key.
     for index in np.flatnonzero((sizes == ABSENT) | (addrs_all == ABSENT)).tolist():
         entry = trace[index]
         reason = lacking_fields(entry)
         if reason is None:
             continue  # ABSENT written as a value: a negative size refused below, or an address
-        if actions[index] in (1, 2):  # an alloc or free that cannot be replayed: left out, as the loop does
+        if actions[index] == 2 and "addr" in entry:  # a free without size: as the loop reads it, below
+            lost_size[index] = True
+            sizes[index] = 0
+        elif actions[index] in (1, 2):  # an alloc or free that cannot be replayed: left out, as the loop does
             skipped[reason] += 1
             actions[index] = 0
             sizes[index] = 0
@@ -198,6 +215,19 @@ def _replay_columns(
     last = np.ones(len(at), dtype=bool)
     last[:-1] = addr_o[1:] != addr_o[:-1]
     live = set(addr_o[last & alloc_o].tolist())
+    if lost_size.any():
+        # A matched free without size frees its alloc's bytes (the -previous_size above); an orphan one is
+        # left out. Dropping an orphan pairs no other entry anew: the one after it at its address still
+        # follows no alloc, and it was never an address's last alloc (`live`).
+        lost_o = lost_size[at][order]
+        unknown = np.zeros(len(at), dtype=bool)
+        unknown[order] = lost_o & orphan
+        for index, was_matched in zip(at[order][lost_o].tolist(), matched[lost_o].tolist(), strict=True):
+            template = LOST_SIZE_USED if was_matched else LOST_SIZE_UNKNOWN
+            (repaired if was_matched else skipped)[template.format(action=trace[index]["action"])] += 1
+        orphan &= ~lost_o
+        keep = ~unknown
+        at, addr, delta, alloc = at[keep], addr[keep], delta[keep], alloc[keep]
     frame_ids = np.full(len(at), -1, dtype=np.int32)
     intern = frames.intern
     alloc_rows = np.flatnonzero(alloc)
@@ -224,6 +254,7 @@ def _replay_columns(
         pending_ooms,
         int(reserved_after[-1]) if len(trace) else 0,
         skipped,
+        repaired,
     )
 
 
@@ -233,7 +264,18 @@ _SIZE_OR_ABSENT = methodcaller("get", "size", ABSENT)
 _ADDR_OR_ABSENT = methodcaller("get", "addr", ABSENT)
 
 _Replay = tuple[
-    Any, Any, Any, Any, Any, set[int], int, int, list[tuple[int, dict[str, Any], int, int]], int, Counter[str]
+    Any,
+    Any,
+    Any,
+    Any,
+    Any,
+    set[int],
+    int,
+    int,
+    list[tuple[int, dict[str, Any], int, int]],
+    int,
+    Counter[str],
+    Counter[str],
 ]
 
 
@@ -282,11 +324,14 @@ def replay_device(
         pending_ooms,
         reserved,
         skipped,
+        repaired,
     ) = replay
     if skipped:  # said in the report's notes, as the Chrome trace reader's skipped events are
         tally = source.meta.setdefault("skipped_events", {})
-        for reason, count in skipped.items():
+        for reason, count in sorted(skipped.items()):  # sorted: the loop and the columns meet them apart
             tally[f"{device} {reason}"] = count
+    for reason, count in sorted(repaired.items()):  # read, not skipped: a note of its own
+        source.meta.setdefault("input_notes", []).append(f"{device}: {count} {reason}")
     reserved_at_dump = sum(map(segment_bytes, segments))
     untotalled = [segment for segment in segments if "total_size" not in segment]
     if untotalled:

@@ -1,7 +1,8 @@
 """A real snapshot with one field lost (an alloc's `addr` or `size`, the segments' `total_size`, the whole
 `device_traces`): the report gives the figures the rest of the file supports and says what was lost, the
 same by the lists path and the columns path. Booking an alloc without `addr` at address -1 had its free
-never match: 512 MiB counted twice, a peak of 3.53 GiB above the 3.52 GiB reserved, and no note.
+never match: 512 MiB counted twice, a peak of 3.53 GiB above the 3.52 GiB reserved, and no note. A free
+that lost only its `size` frees its alloc's bytes (skipped, it kept them in the final).
 
 Expected figures come from the raw file: the segments' own sums, and the undamaged trace replayed here.
 """
@@ -109,28 +110,117 @@ def test_an_alloc_without_addr_is_left_out_and_noted(tmp_path: Path) -> None:
     assert f"skipped 1 of {len(trace)} events: 1 cuda:0 alloc entry without addr" in report["notes"]
 
 
-@pytest.mark.parametrize("field", ["addr", "size"])
-def test_an_entry_without_a_field_reads_as_the_file_without_that_entry(tmp_path: Path, field: str) -> None:
-    # GIVEN the snapshot with one alloc and, separately, one free lacking `field`, and the same files with
-    # those entries deleted instead
+def _free_of(trace: list[dict[str, Any]], alloc: int) -> int:
+    """The index of the free that completes the alloc at index `alloc`."""
+    address = trace[alloc]["addr"]
+    return next(
+        i for i in range(alloc + 1, len(trace)) if trace[i]["action"] in FREES and trace[i]["addr"] == address
+    )
+
+
+@pytest.mark.parametrize(("action", "field"), [("alloc", "addr"), ("alloc", "size"), ("free", "addr")])
+def test_an_entry_without_a_field_reads_as_the_file_without_that_entry(
+    tmp_path: Path, action: str, field: str
+) -> None:
+    # GIVEN the snapshot with one alloc or its free lacking `field`, and the same file with that entry deleted
     raw = _raw("mem_snapshot.pickle")
     (trace,) = raw["device_traces"]
     alloc = _biggest_alloc(trace)
-    free = next(i for i, e in enumerate(trace) if e["action"] in FREES and e["addr"] == trace[alloc]["addr"])
-    for index in (alloc, free):
-        damaged, deleted = copy.deepcopy(raw), copy.deepcopy(raw)
-        del damaged["device_traces"][0][index][field]
-        del deleted["device_traces"][0][index]
+    index = alloc if action == "alloc" else _free_of(trace, alloc)
+    damaged, deleted = copy.deepcopy(raw), copy.deepcopy(raw)
+    del damaged["device_traces"][0][index][field]
+    del deleted["device_traces"][0][index]
 
-        # WHEN both are reported
-        with_hole = _report(_write(tmp_path, f"without_{field}.pickle", damaged))
-        without = _report(_write(tmp_path, "deleted.pickle", deleted))
+    # WHEN both are reported
+    with_hole = _report(_write(tmp_path, f"without_{field}.pickle", damaged))
+    without = _report(_write(tmp_path, "deleted.pickle", deleted))
 
-        # THEN their figures are the same, and only the damaged one has a note
-        assert [_figures(d) for d in with_hole["devices"]] == [_figures(d) for d in without["devices"]]
-        action = trace[index]["action"]
-        assert f"1 cuda:0 {action} entry without {field}" in " ".join(with_hole["notes"])
-        assert without["notes"] == []
+    # THEN their figures are the same, and only the damaged one has a note
+    assert [_figures(d) for d in with_hole["devices"]] == [_figures(d) for d in without["devices"]]
+    reason = f"1 cuda:0 {trace[index]['action']} entry without {field}"
+    if action == "free":  # AND a free's note says its block stays counted: in the final, 512 MiB too high
+        reason += ": the block it freed stays counted (the final may hold it)"
+        (device,) = with_hole["devices"]
+        assert device["final_allocated_bytes"] == _held_at_dump(raw) + trace[alloc]["size"]
+    assert f"skipped 1 of {len(trace)} events: {reason}" in with_hole["notes"]
+    assert without["notes"] == []
+
+
+@pytest.mark.parametrize("name", ["mem_snapshot.pickle", "memory_forward_bf16_128.pickle"])
+@pytest.mark.parametrize("stripped", [("free_completed",), ("free_requested", "free_completed")])
+def test_a_free_without_size_frees_its_allocation(
+    tmp_path: Path, name: str, stripped: tuple[str, ...]
+) -> None:
+    # GIVEN a real snapshot whose biggest alloc's free (and, in the tester's file, its free_requested too)
+    # lost its size, the address intact. Leaving that free out kept the block in the final: 542.25 MiB for
+    # mem_snapshot.pickle's 30.25 MiB, 504.05 MiB for memory_forward_bf16_128.pickle's 499.55 MiB.
+    raw = _raw(name)
+    (trace,) = raw["device_traces"]
+    alloc = _biggest_alloc(trace)
+    address = trace[alloc]["addr"]
+    free = _free_of(trace, alloc)
+    damaged = copy.deepcopy(raw)
+    lost = [
+        i
+        for i in range(alloc + 1, free + 1)
+        if trace[i]["action"] in stripped and trace[i]["addr"] == address
+    ]
+    assert trace[free]["action"] in stripped and trace[alloc]["size"] > 0
+    for index in lost:
+        del damaged["device_traces"][0][index]["size"]
+    final = _held_at_dump(raw)
+    peak, _ = _peak_of(trace, final)
+
+    # WHEN it is reported, by lists and by columns
+    report = _report(_write(tmp_path, "free_without_size.pickle", damaged))
+    intact = _report(SNAPSHOTS / name)
+
+    # THEN the free frees its alloc's bytes: every figure is the undamaged file's
+    (device,) = report["devices"]
+    assert device["final_allocated_bytes"] == final
+    assert device["peak_allocated_bytes"] == peak
+    assert device["alloc_events"] == sum(e["action"] == "alloc" for e in trace)
+    assert device["free_events"] == sum(e["action"] in FREES for e in trace)
+    assert _figures(device) == _figures(intact["devices"][0])
+    # AND a note says the entry was read with its allocation's size, none that it was skipped
+    action = trace[free]["action"]
+    assert f"cuda:0: 1 {action} entry without size: its allocation's size used" in report["notes"]
+    assert not any(note.startswith("skipped") for note in report["notes"])
+
+
+def test_a_free_without_size_of_a_block_from_before_the_trace_is_left_out(tmp_path: Path) -> None:
+    # GIVEN the snapshot whose biggest free of a block allocated before its trace began lost its size, and
+    # the same file with that free deleted
+    raw = _raw("memory_snapshot.pickle")
+    (trace,) = raw["device_traces"]
+    live: set[int] = set()
+    orphans = []  # frees of an address no alloc of the trace holds then
+    for index, entry in enumerate(trace):
+        if entry["action"] == "alloc":
+            live.add(entry["addr"])
+        elif entry["action"] in FREES and entry["addr"] not in live:
+            orphans.append(index)
+        elif entry["action"] in FREES:
+            live.remove(entry["addr"])
+    free = max(orphans, key=lambda i: trace[i]["size"])  # 327,680,000 B
+    damaged, deleted = copy.deepcopy(raw), copy.deepcopy(raw)
+    del damaged["device_traces"][0][free]["size"]
+    del deleted["device_traces"][0][free]
+
+    # WHEN both are reported
+    with_hole = _report(_write(tmp_path, "orphan_without_size.pickle", damaged))
+    without = _report(_write(tmp_path, "deleted.pickle", deleted))
+
+    # THEN its size cannot be known: the free is left out, the final is still the dump's, and the note says
+    # the levels before it lack its block
+    assert [_figures(d) for d in with_hole["devices"]] == [_figures(d) for d in without["devices"]]
+    (device,) = with_hole["devices"]
+    assert device["final_allocated_bytes"] == _held_at_dump(raw)
+    reason = (
+        f"1 cuda:0 {trace[free]['action']} entry without size at an address no alloc in the trace holds: the "
+        "levels before it lack the block it freed (the peak may be higher)"
+    )
+    assert f"skipped 1 of {len(trace)} events: {reason}" in with_hole["notes"]
 
 
 def test_segments_without_total_size_reserve_their_blocks(tmp_path: Path) -> None:

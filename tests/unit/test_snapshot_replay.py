@@ -78,3 +78,38 @@ def test_numbers_written_as_text_are_refused_by_both_replay_paths(
         _read(tmp_path, as_text=True)
     said = "field 'size' of a trace entry (segment_alloc) is a string, expected an integer"
     assert str(refused.value).endswith(f"malformed snapshot (ValueError: {said})")
+
+
+def test_both_replay_paths_give_a_free_without_size_its_allocations_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the small snapshot whose two free_completed entries lost their size: one frees the 512 B alloc
+    # at address 0 of the trace, the other (the orphan) a block from before the trace, of a size now unknown
+    data = _snapshot(as_text=False)
+    (trace,) = data["device_traces"]
+    del trace[1]["size"], trace[5]["size"]
+    path = tmp_path / "free_without_size.pickle"
+    path.write_bytes(pickle.dumps(data, protocol=4))
+
+    # WHEN it is read by the columns and by the loop
+    fast = read_snapshot(path)
+    monkeypatch.setattr(snapshot_replay, "_replay_columns", lambda *args: None)
+    slow = read_snapshot(path)
+
+    # THEN the first free takes its alloc's 512 B, the orphan is left out (its 100 B not in the baseline)
+    for source in (fast, slow):
+        (dev,) = source.devices
+        assert dev.delta_bytes.tolist() == [512, 1024, -512, 256]
+        assert dev.ts_us.tolist() == [3, 4, 6, 8]
+        assert dev.baseline_bytes == 2560
+        (oom,) = source.ooms
+        assert oom.allocated_bytes == 2560 + 512 + 1024 - 512
+        assert source.meta["orphan_frees"] == {"cuda:0": 0}
+        assert source.meta["input_notes"] == [
+            "cuda:0: 1 free_completed entry without size: its allocation's size used"
+        ]
+        (reason,) = source.meta["skipped_events"]
+        assert reason.startswith(
+            "cuda:0 free_completed entry without size at an address no alloc in the trace"
+        )
+    assert fast.meta == slow.meta and fast.markers == slow.markers
