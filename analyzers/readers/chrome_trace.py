@@ -364,11 +364,16 @@ def timestamps(raw: np.ndarray, base_ns: Any, integral: bool) -> np.ndarray:
     return raw.astype(np.float64) + offset
 
 
+def clock_base(base_ns: Any) -> bool:
+    """Whether a `baseTimeNanoseconds` is a clock base: an int64, Kineto's type. Another (a string, a float,
+    NaN, 1e40) added to every `ts` would overflow or round the times away."""
+    return isinstance(base_ns, int) and not isinstance(base_ns, bool) and -(2**63) < base_ns < 2**63
+
+
 def offset_us(base_ns: Any, integral: bool) -> int | float:
-    """What `timestamps` adds to a raw `ts`: an int where both are whole µs, else a float. A base that is
-    no int64 (Kineto's type) is no clock base: added, it would overflow or round every `ts` away."""
-    usable = isinstance(base_ns, int) and not isinstance(base_ns, bool) and -(2**63) < base_ns < 2**63
-    base_ns = base_ns if usable else 0
+    """What `timestamps` adds to a raw `ts`: an int where both are whole µs, else a float; 0 for a base
+    that is no clock base (`clock_base`)."""
+    base_ns = base_ns if clock_base(base_ns) else 0
     return base_ns // 1000 if integral and base_ns % 1000 == 0 else base_ns / 1000.0
 
 
@@ -377,6 +382,10 @@ _STACKS_PEEK = 1 << 20  # bytes looked at for python_function ranges (the JSON r
 SEVERAL_PROCESSES_NOTE = (
     "{device}: [memory] events of {count} processes; each counts its own 'Total Allocated', so the device's "
     "curve is the running sum of their 'Bytes'"
+)
+NO_CLOCK_BASE_NOTE = (
+    "'baseTimeNanoseconds' is {value}, no clock base (Kineto writes an int64): ignored, times are the "
+    "trace's own 'ts' microseconds, not Unix-epoch ones"
 )
 NEGATIVE_TOTAL_NOTE = (
     "{device}: 'Total Allocated' below zero in the trace (no allocator writes that): ignored, the curve is "
@@ -474,6 +483,9 @@ def _source_of(
     base_ns = top.get("baseTimeNanoseconds")
     capacities = _capacities(top.get("deviceProperties"))
     source = MemorySource(kind="chrome_trace", path=name)
+    if "baseTimeNanoseconds" in top and not clock_base(base_ns):
+        value = repr(base_ns) if len(repr(base_ns)) <= 40 else f"{repr(base_ns)[:37]}..."
+        source.meta.setdefault("input_notes", []).append(NO_CLOCK_BASE_NOTE.format(value=value))
     for device in sorted(collector.devices, key=_device_order):
         chunks = collector.devices[device]
         columns = chunks.arrays()

@@ -343,12 +343,19 @@ def test_a_memory_timeline_says_its_device_is_assumed(capsys: pytest.CaptureFixt
     assert any("does not say which device" in note and "cuda:0" in note for note in data["notes"])
 
 
-def test_a_clock_base_beyond_int64_is_no_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "base",
+    [10**30, 1.6e18, float("nan"), "1623143089861000000", True],
+    ids=["int", "float", "nan", "str", "bool"],
+)
+def test_a_clock_base_no_int64_is_no_base_and_said(
+    base: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # GIVEN the real ResNet trace (integral Unix-epoch ts, no base) with a base no Kineto writes (int64 ns)
     original = _require("worker0.1623143089861.pt.trace.json.gz")
     trace = json.loads(_raw_bytes(original))
     assert "baseTimeNanoseconds" not in trace
-    trace["baseTimeNanoseconds"] = 10**30
+    trace["baseTimeNanoseconds"] = base
     path = tmp_path / "worker0.json"
     path.write_text(json.dumps(trace))
 
@@ -358,8 +365,11 @@ def test_a_clock_base_beyond_int64_is_no_base(tmp_path: Path, capsys: pytest.Cap
     assert main(["report", str(path), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
 
-    # THEN the base is left out, as if absent (it overflowed int64 or rounded every ts away before): the
-    # same figures, the same Unix-epoch peak time
+    # THEN the base is left out, as if absent (it would overflow int64 or round every ts away): the same
+    # figures, the same Unix-epoch peak time, and one more note that says the base was ignored
+    (said,) = [note for note in got["notes"] if note not in want["notes"]]
+    assert said.startswith(f"'baseTimeNanoseconds' is {base!r}"[:40]) and "ignored" in said
+    got["notes"].remove(said)
     want["source"]["path"] = got["source"]["path"]
     assert got == want
 
