@@ -22,7 +22,14 @@ from collections.abc import Callable
 from dataclasses import replace
 
 # `blocks`, the types, the renderers and `parse_size` are re-exported: one import for the planner.
-from analyzers.planning.plan_kv import blocks, cache_layout, kv_per_token, kv_sizes, peak_at
+from analyzers.planning.plan_kv import (
+    blocks,
+    cache_layout,
+    kv_per_token,
+    kv_sizes,
+    peak_at,
+    prefill_bound_note,
+)
 from analyzers.planning.plan_render import format_text, to_json
 from analyzers.planning.plan_types import (
     CACHE_KINDS,
@@ -176,7 +183,8 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
             "use_cache=True; the KV figures here are for use_cache=True"
         )
     estimate = geom.weights_note if req.measured_weights_bytes is None else None  # else measured
-    model_notes = tuple(note for note in (cache_off, estimate, geom.kv_note) if note)
+    prefill = prefill_bound_note(req)  # a recorded run's prefill priced from its peak, not measured
+    model_notes = tuple(note for note in (cache_off, estimate, geom.kv_note, prefill) if note)
     limit = geom.max_position_embeddings
     if limit is None or req.context <= limit:
         return model_notes

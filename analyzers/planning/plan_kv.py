@@ -66,7 +66,16 @@ from analyzers.planning.presets import dtype_bytes_for
 from analyzers.planning.quantized_cache import quantized_cache_bytes, residual_tokens
 from kvtrace.errors import KvtraceError
 
-__all__ = ["FP8_SCALE_BYTES", "KvSizes", "blocks", "cache_layout", "kv_per_token", "kv_sizes", "peak_at"]
+__all__ = [
+    "FP8_SCALE_BYTES",
+    "KvSizes",
+    "blocks",
+    "cache_layout",
+    "kv_per_token",
+    "kv_sizes",
+    "peak_at",
+    "prefill_bound_note",
+]
 
 FP8_SCALE_BYTES = 4  # Fp8QuantizedLayer's per-tensor scale: one float32 for K and one for V, per layer
 
@@ -331,16 +340,20 @@ def _moment_floors(
     req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int
 ) -> list[int]:
     """The plan's prefill and its KV peak, each with the activations the run allows that moment, grown as
-    it grows. The run reached its prefill, so the memory beside its weights and prefill KV there was at most
-    its peak less those; a finished run reached its KV peak too, likewise. A run cut short never reached its
-    last steps: its measured activations stand for theirs (an estimate: a step's activations are a prefill's
-    at most where the prefill processes more tokens than a step, as in the tour's runs)."""
+    it grows. The prefill's are what the run held beside its weights and KV during its prefill, where the
+    allocator's events tell it (`RecordedPeak.prefill_activations_bytes`); else at most its peak less its
+    weights and prefill KV (`prefill_bound_note`). A finished run reached its KV peak, so the memory beside
+    its weights and KV there was at most its peak less those. A run cut short never reached its last steps:
+    its measured activations stand for theirs (an estimate: a step's activations are a prefill's at most
+    where the prefill processes more tokens than a step, as in the tour's runs)."""
     sizes = kv_sizes(req, batch, context)
     run_sizes = kv_sizes(run, rec.batch, rec.context)
     rows = max(batch / rec.batch, 1.0)
     # fewer rows keep the share of the peak moment's activations that stays (`_rows_freed`), at each moment
     kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
-    beside_prefill = max(rec.peak_bytes - rec.weights_bytes - run_sizes.prefill_bytes, 0)
+    beside_prefill = rec.prefill_activations_bytes
+    if beside_prefill is None:
+        beside_prefill = max(rec.peak_bytes - rec.weights_bytes - run_sizes.prefill_bytes, 0)
     if rec.phase == "prefill":  # measured there: its KV may differ from the arithmetic's prompt
         beside_prefill = max(beside_prefill, rec.activations_bytes)
     if rec.cut_short:
@@ -351,10 +364,29 @@ def _moment_floors(
     early = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
     floors = [req.weights_bytes + sizes.peak_bytes + math.ceil(beside_peak * kept * max(late, early))]
     if early > 1.0:
-        # A prefill of more rows or tokens than the run's: its own moment. Not otherwise: the bound
-        # `beside_prefill` holds the run's later KV too (its peak was later), far above a smaller prefill's
+        # A prefill of more rows or tokens than the run's: its own moment. Not otherwise: the run's own
+        # prefill is within its peak, and the measured figure is the most beside the KV at any moment of
+        # it, with the whole prefill KV beside that (an upper bound where its KV was still filling then)
         floors.append(req.weights_bytes + sizes.prefill_bytes + math.ceil(beside_prefill * kept * early))
     return floors
+
+
+def prefill_bound_note(req: PlanRequest) -> str | None:
+    """Why the plan's prefill may be priced high: its rows or prompt outgrow the run's, and the run does not
+    tell what it held beside the KV at its prefill, so the bound for it, the run's peak less its weights and
+    prefill KV, holds whatever KV the run held later too (its decode steps' and their growth copies)."""
+    rec = req.recorded
+    if rec is None or rec.prefill_activations_bytes is not None or not same_cache_as_run(req):
+        return None
+    run = _run_request(req, rec)
+    prompt = kv_sizes(req, req.batch, req.context).prompt
+    if max(req.batch / rec.batch, 1.0) * _prefill_growth(req, run, rec, prompt, req.context) <= 1.0:
+        return None
+    return (
+        "the run does not tell what it held beside its KV at its prefill (no whole prefill step in its KV "
+        "log): this larger prefill counts the run's peak less its weights and prefill KV as activations, "
+        "which holds the KV the run held later too (an upper bound, far above where its peak came late)"
+    )
 
 
 def same_cache_as_run(req: PlanRequest) -> bool:

@@ -66,6 +66,9 @@ class RecordedPeak:
     # of `activations_bytes`, those batch-first (logits, attention's copies), which fewer rows free in
     # proportion, as `kvtrace diagnose` finds them (analyzers.planning.diagnose_rows); None: not told apart
     row_activation_bytes: int | None = None
+    # the most held beside the weights and KV during the run's prefill, which a larger prefill is priced
+    # from (analyzers.planning.run_peak's `prefill_beside`); None: not told, the peak's remainder bounds it
+    prefill_activations_bytes: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

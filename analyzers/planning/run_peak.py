@@ -11,10 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from analyzers.units import human_bytes
 
-__all__ = ["PeakMoment", "peak_moment", "recorded_note"]
+if TYPE_CHECKING:
+    from analyzers.model import MemorySource
+    from analyzers.summary import Report
+
+__all__ = ["PeakMoment", "peak_moment", "prefill_beside", "recorded_note"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,8 @@ class PeakMoment:
     cut_short: bool  # the run stopped (an OOM, an exception): its peak is what it reached
     # of activations_bytes, the batch-first ones, which fewer rows free in proportion (diagnose's figure)
     row_activation_bytes: int | None = None
+    # the most held beside the weights and KV during the run's prefill (`prefill_beside`); None: not told
+    prefill_activations_bytes: int | None = None
 
 
 def peak_moment(path: str | Path) -> PeakMoment | str:
@@ -57,7 +66,38 @@ def peak_moment(path: str | Path) -> PeakMoment | str:
         batch=diagnosis.batch,
         cut_short=diagnosis.event == "oom" or diagnosis.step_cut,
         row_activation_bytes=diagnosis.row_activation_bytes,
+        prefill_activations_bytes=prefill_beside(source, report),
     )
+
+
+def prefill_beside(source: MemorySource, report: Report) -> int | None:
+    """The most the main device held beside its weights and KV during the run's prefill steps (the KV log's
+    steps of phase "prefill", from the step's first KV write to the next step's): what a plan prices a
+    larger prefill with. The run's peak less its weights and prefill KV bounds it too, but where the peak
+    came late that holds the run's decode KV and its growth copy as well (the tour's demo planned at batch
+    12, context 40: 66.35 MiB of "activations" where the batch-12 recording held 36.34 MiB). The
+    prefill's embedding and first projections, made just before its first KV write, are live after it.
+    None where the run does not tell: no step of its log a whole prefill (cut short in it), no timeline."""
+    kv_log = source.meta.get("kv")
+    main = report.main_device
+    if kv_log is None or main is None or not report.timelines:
+        return None
+    dev_index = next((i for i, d in enumerate(source.devices) if d.device == main.device), None)
+    if dev_index is None or dev_index >= len(report.timelines):
+        return None
+    timeline = report.timelines[dev_index]
+    beside = timeline.by_category["other"]  # allocated less weights and KV, after each event
+    starts = sorted((t_ns / 1000.0, step) for step, t_ns in kv_log.step_start_ns.items())
+    cut_step = kv_log.cut.step if kv_log.cut is not None else None
+    found: int | None = None
+    for i, (start_us, step) in enumerate(starts):
+        if kv_log.step_phase.get(step) != "prefill" or step == cut_step:
+            continue
+        end_us = starts[i + 1][0] if i + 1 < len(starts) else np.inf
+        inside = (timeline.ts_us >= start_us) & (timeline.ts_us < end_us)
+        if inside.any():
+            found = max(found or 0, int(beside[inside].max()))
+    return found
 
 
 def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, rows_told: bool) -> str:

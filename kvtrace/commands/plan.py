@@ -109,6 +109,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         # diagnose's rows are the moment's; a moment of another row count than the run's cache (a module's
         # buffers planned at their capacity) leaves the activations as measured
         row_activation_bytes=moment.row_activation_bytes if moment.batch == (run.batch or 1) else None,
+        prefill_activations_bytes=moment.prefill_activations_bytes,
     )
 
 

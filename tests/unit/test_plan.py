@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from analyzers.planning.hf_config import geometry_from_config
 from analyzers.planning.param_count import param_count, weights_bytes
 from analyzers.planning.plan import PlanRequest, blocks, format_text, parse_size, plan, to_json
+from analyzers.planning.plan_types import PlanResult, RecordedPeak
 from analyzers.planning.presets import PRESETS, ModelGeometry, get_preset
 from kvtrace.commands.plan import PlanCommand
 from kvtrace.errors import KvtraceError
@@ -389,6 +391,49 @@ def test_format_text_shows_gib() -> None:
     text = format_text(plan(request(batch=1, context=8193)))
     assert "1.00 GiB" in text  # 8192 x 131,072 B of KV
     assert "131,072 B" in text
+
+
+def test_a_larger_prefill_is_priced_from_the_runs_prefill_where_it_tells() -> None:
+    # GIVEN a bf16 Llama 3 8B run of 1 row, a 10-token prompt and a context of 100, that peaked at its last
+    # decode step with 1 GiB beside its weights, KV and growth copy (one layer's K of 98 tokens)
+    kv_token = 32 * 2 * 8 * 128 * 2
+    growth = 98 * 8 * 128 * 2
+    activations = GIB
+    recorded = RecordedPeak(
+        peak_bytes=LLAMA_3_8B_BF16 + 99 * kv_token + growth + activations,
+        activations_bytes=activations,
+        weights_bytes=LLAMA_3_8B_BF16,
+        phase="decode",
+        tokens=99,
+        batch=1,
+        context=100,
+        prompt=10,
+        cache="dynamic",
+        kv_dtype="bf16",
+        window=None,
+        beams=1,
+        quant_group_size=64,
+        residual_length=128,
+    )
+    told = replace(recorded, prefill_activations_bytes=4 * GIB)  # its prefill held 4 GiB beside its KV
+
+    def planned(rec: RecordedPeak, batch: int) -> PlanResult:
+        return plan(
+            request(
+                batch=batch, context=100, prompt=10, recorded=rec, measured_weights_bytes=rec.weights_bytes
+            )
+        )
+
+    # WHEN it is planned at 2 rows, from a run that tells its prefill's activations
+    # THEN the prefill is the peak: the weights, 2 rows of the prompt's KV, and twice the prefill's 4 GiB
+    result = planned(told, 2)
+    assert result.peak_bytes == LLAMA_3_8B_BF16 + 2 * 10 * kv_token + 2 * 4 * GIB
+    assert not [note for note in result.notes if "does not tell" in note]
+    # WHEN the run does not tell them: the bound (its peak less its weights and prefill KV) stands, and a
+    # note says what it holds; not for the run's own batch, whose prefill is within its peak
+    bound = planned(recorded, 2)
+    assert [note for note in bound.notes if "does not tell what it held beside its KV" in note]
+    assert not [note for note in planned(recorded, 1).notes if "does not tell" in note]
 
 
 # --- config.json --------------------------------------------------------------------------------------
