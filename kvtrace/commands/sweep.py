@@ -144,7 +144,8 @@ class SweepCommand(Command):
     and, when not, the step and layer where a device of that size would run out. On CUDA an OOM inside a
     point is caught, recorded, diagnosed and the sweep goes on. A progress bar is drawn on stderr when it
     is a terminal (-q: none). Exit status: 0 on success; 1 when OUT cannot be created, a --cache's package is
-    not installed, or standard output cannot be written (OUT is then written all the same, and the line says so); 2 for bad input or flags.
+    not installed, or standard output cannot be written (OUT is then written all the same, and the line says
+    so); 2 for bad input or flags.
     """
 
     name = "sweep"
