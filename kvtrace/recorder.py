@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -113,6 +114,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._module_tokens_unknown = 0  # steps that wrote a module cache without saying where
         self._snapshots: CudaSnapshots | None = None
         self._manifest: dict[str, Any] = {}
+        self._made = False  # this start wrote the first manifest: a failed start removes what it wrote
         self._decode_index = 0
         self._attention_modules: list[Any] = []
         self._step_open = False
@@ -174,6 +176,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             self._start()
         except BaseException:
             self._teardown()
+            self._unmake()
             self._run_lock.release()
             with _ACTIVE_LOCK:
                 _ACTIVE = None
@@ -229,17 +232,16 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                 shutil.rmtree(self.path / folder)
         self._manifest = self._initial_manifest()
         self._manifest.update(facts or {})
-        try:  # with room for the final manifest, should the disk be full by then
+        with _written_at_start(manifest_path):  # with room for the final manifest, should the disk fill
             fmt.write_json_atomic(manifest_path, self._manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
-        except OSError as exc:
-            raise RecordingError(
-                f"{manifest_path}: cannot write ({exc.strerror or exc})", exit_code=1
-            ) from None
+        self._made = True
         config_note = write_model_config(self.path, self.model)
         if config_note is not None:
             self.notes.append(config_note)
-        self._events = fmt.JsonlAppender(self.path / fmt.KV_EVENTS)
-        self._samples = fmt.JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
+        with _written_at_start(self.path / fmt.KV_EVENTS):
+            self._events = fmt.JsonlAppender(self.path / fmt.KV_EVENTS)
+        with _written_at_start(self.path / fmt.MEMORY_SAMPLES):
+            self._samples = fmt.JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
         tracker = KvTracker(self._clock, on_evict=self._on_evict)
         self.tracker = tracker
         self._ranges = StepRanges(self.options.nvtx, self.options.profiler)
@@ -276,7 +278,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                 lambda: tracker.step,
                 modules.weight_exclusions,
             )
-            self._weights.write_start()
+            with _written_at_start(self._weights.path):
+                self._weights.write_start()
             # Around the model's `_apply` (`model.to(dtype)`, `.half()`, `.cuda()`): the storages it replaces
             self._weights.install()
             # Around `model.forward` itself, which Meta's Llama3.generate calls directly (no forward hook
@@ -322,6 +325,23 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._sampler.host_elsewhere = True
         self._writer = RunWriter(self._flush, self._sample_host)
         self._writer.start()
+
+    def _unmake(self) -> None:
+        """After a start that failed once its first manifest was written (a full disk): the files it wrote
+        go, as when that first write fails, so that the half-made run is neither read as one whose process
+        died (a manifest still "running") nor refuses the retry as a run already there. Only the names
+        the format owns, which this start found absent or removed; the folder and the user's files stay."""
+        for appender in (self._events, self._samples):
+            if appender is not None:
+                with contextlib.suppress(OSError):
+                    appender.close()
+        if not self._made:
+            return
+        for name in (fmt.MANIFEST, *fmt.RUN_FILES):
+            with contextlib.suppress(OSError):
+                (self.path / name).unlink(missing_ok=True)
+        for folder in fmt.RUN_DIRS:
+            shutil.rmtree(self.path / folder, ignore_errors=True)
 
     def _finish(self, exc: BaseException | None) -> None:
         # Whatever is raised while the block ends (Ctrl-C while the profiler writes its trace, a hook that
@@ -555,3 +575,13 @@ def track(tensor: torch.Tensor, layer: int, kind: str, layout: str = "bhsd") -> 
     if layout not in ("bhsd", "bshd"):
         raise RecordingError(f"kvtrace.track(layout=...): 'bhsd' or 'bshd', got {layout!r}")
     recording._modules.track(tensor, layer, kind, layout)  # written by the writer thread within 0.1 s
+
+
+@contextlib.contextmanager
+def _written_at_start(path: Path) -> Iterator[None]:
+    """A file the start writes: a failure (a full disk) refuses the recording in one line naming the file and
+    the problem, not an OSError's traceback; `Recording._unmake` then removes what the start wrote."""
+    try:
+        yield
+    except OSError as exc:
+        raise RecordingError(f"{path}: cannot write ({exc.strerror or exc})", exit_code=1) from None

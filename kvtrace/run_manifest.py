@@ -317,14 +317,24 @@ class RunManifest:
 
     def _write_manifest(self) -> None:
         """The final manifest; on a full disk (no room for the atomic write's new file), over the blocks
-        the first one reserved, saying that the run failed to write: readers then refuse it in one line,
-        instead of taking it for a run whose process died."""
+        the first one reserved. With every log whole, that manifest is complete and so is the run (a note
+        says the write fell back); after a log that lost lines, or when the manifest cannot be written at
+        all, it says that the run failed to write: readers then refuse it in one line, instead of taking it
+        for a run whose process died."""
         path = self.path / fmt.MANIFEST
         try:
             fmt.write_json_atomic(path, self._manifest)
             return
         except OSError as error:
-            if self._write_error is None:
+            why = error.strerror or str(error)
+        if self._write_error is None:
+            note = f"{fmt.MANIFEST} written over the room reserved at start: its atomic write failed ({why})"
+            self.notes.append(note)
+            try:
+                fmt.write_json_in_place(path, self._manifest)
+                return
+            except OSError as error:
+                self.notes.remove(note)
                 self._write_error = f"{path}: cannot write ({error.strerror or error})"
         ended = self._manifest["ended"]
         ended.pop("trace_error", None)

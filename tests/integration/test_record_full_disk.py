@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtrace.format import KV_EVENTS, MANIFEST, MEMORY_SAMPLES
+from kvtrace.format import KV_EVENTS, MANIFEST, MEMORY_SAMPLES, WEIGHTS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,13 +75,21 @@ CHILD = textwrap.dedent(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs mounted under tmp_path."""
+    yield from _mounted(tmp_path, "size=4m")
+
+
+@pytest.fixture
+def few_inodes_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of 64 inodes (files and folders) mounted under tmp_path: quick to fill with files."""
+    yield from _mounted(tmp_path, "size=4m,nr_inodes=64")
+
+
+def _mounted(tmp_path: Path, options: str) -> Iterator[Path]:
     disk = tmp_path / "disk"
     disk.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("a full disk needs root and mount (a tmpfs)")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True
-    )
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode(errors='replace').strip()}")
     try:
@@ -381,3 +389,146 @@ def test_a_run_whose_trace_and_then_kv_log_failed_is_still_refused(tmp_path: Pat
         f"kvtrace report: error: {run}: incomplete run: the recorder failed to write {trace}: cannot write "
         f"(File too large); {made - whole} KV events were lost"
     ]
+
+
+# The children's inode filler: empty files beside out_dir until the disk can hold no new file, then
+# `leave_free` of them removed; returns the others, for the child to remove before it retries.
+FILL_INODES = textwrap.dedent(
+    """
+    import os
+
+    def fill_inodes(out_dir, leave_free):
+        fillers = []
+        while True:
+            filler = os.path.join(os.path.dirname(out_dir), f"filler-{len(fillers)}")
+            try:
+                open(filler, "wb").close()
+            except OSError:
+                break
+            fillers.append(filler)
+        kept = len(fillers) - leave_free
+        for filler in fillers[kept:]:
+            os.unlink(filler)
+        return fillers[:kept]
+    """
+)
+
+INODES_CHILD = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import kvtrace
+    from kvtrace.llama import build_model
+    from kvtrace.recorder import RecordingError
+    from tests.tiny import tiny_size
+
+    out_dir, when = sys.argv[1], sys.argv[2]
+    layers, rows, prompt, new_tokens, leave_free = (int(arg) for arg in sys.argv[3:8])
+    model = build_model(tiny_size(layers), seed=0)
+    ids = torch.randint(3, 1000, (rows, prompt), generator=torch.Generator().manual_seed(0))
+
+    def record(fill_at_end):
+        with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            if fill_at_end:  # the final manifest's temporary file can have no inode
+                fill_inodes(out_dir, 0)
+
+    fillers = fill_inodes(out_dir, leave_free) if when == "start" else []
+    try:
+        record(fill_at_end=when == "end")
+        print("no error")
+    except RecordingError as exc:
+        print("error:", exc)
+    if when == "start":
+        print("left:", sorted(os.listdir(out_dir)))
+        for filler in fillers:  # room again: the same call is retried
+            os.unlink(filler)
+        record(fill_at_end=False)
+        print("retried")
+    """
+)
+
+LAYERS, ROWS, PROMPT, NEW_TOKENS, KV_HEADS, HEAD_DIM = 2, 2, 8, 4, 2, 16
+
+
+def _record_with_inodes(run: Path, tmp_path: Path, when: str, leave_free: int) -> list[str]:
+    """INODES_CHILD's lines on stdout: its disk's inodes filled at the block's start or end."""
+    script = tmp_path / "child.py"
+    script.write_text(FILL_INODES + INODES_CHILD, encoding="utf-8")
+    sizes = (LAYERS, ROWS, PROMPT, NEW_TOKENS, leave_free)
+    child = subprocess.run(
+        [sys.executable, str(script), str(run), when, *(str(n) for n in sizes)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "Traceback" not in child.stderr
+    return child.stdout.splitlines()
+
+
+def _final_kv_bytes(run: Path) -> int:
+    report = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "report", "--no-export", "--json", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert report.returncode == 0, report.stderr
+    return int(json.loads(report.stdout)["kv"]["final_bytes"])
+
+
+# The start makes the run folder, its lock, manifest.json (via a temporary file), model_config.json (likewise;
+# not written, a note), then kv_events.jsonl, memory_samples.jsonl and weights.jsonl, in that order.
+@pytest.mark.parametrize(("leave_free", "unwritten"), [(3, KV_EVENTS), (5, MEMORY_SAMPLES), (6, WEIGHTS)])
+def test_a_full_disk_at_the_start_refuses_in_one_line_and_leaves_no_run_to_block_the_retry(
+    few_inodes_disk: Path, tmp_path: Path, leave_free: int, unwritten: str
+) -> None:
+    # GIVEN a disk with room for the run folder, its lock and its first manifest, and too few inodes for
+    # one of the files the start writes after them
+    run = few_inodes_disk / "run"
+
+    # WHEN a recording starts there, and is retried once the disk has room
+    said = _record_with_inodes(run, tmp_path, "start", leave_free)
+
+    # THEN the start is refused in one line naming the file and the problem
+    assert said[0] == f"error: {run / unwritten}: cannot write (No space left on device)"
+    # AND what the start wrote is gone (no manifest "running" to read as a dead process); the folder stays
+    assert said[1] == "left: []"
+    # AND the same call, retried, is not refused as a run already there, and records the whole run
+    assert said[2:] == ["retried"]
+    manifest = json.loads((run / MANIFEST).read_text(encoding="utf-8"))
+    assert manifest["ended"]["status"] == "ok" and "write_error" not in manifest["ended"]
+    tokens = PROMPT + NEW_TOKENS - 1
+    assert _final_kv_bytes(run) == LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * ROWS * 4
+
+
+def test_a_final_manifest_written_in_place_on_a_full_disk_is_a_complete_run(
+    few_inodes_disk: Path, tmp_path: Path
+) -> None:
+    # GIVEN a recording whose disk can hold no new file when its block ends: the final manifest's atomic
+    # write (a temporary file, renamed) fails, while every log was written whole
+    run = few_inodes_disk / "run"
+    said = _record_with_inodes(run, tmp_path, "end", 0)
+
+    # THEN the block ends without an error: the manifest is written over the room reserved at the start
+    assert said == ["no error"]
+    manifest = json.loads((run / MANIFEST).read_text(encoding="utf-8"))
+    assert manifest["ended"]["status"] == "ok"
+    assert "write_error" not in manifest["ended"] and "kv_events_lost" not in manifest["ended"]
+    assert manifest["notes"][-1] == (
+        "manifest.json written over the room reserved at start: its atomic write failed "
+        "(No space left on device)"
+    )
+    assert not [p.name for p in run.rglob("*.tmp")]
+    # AND its KV log is whole: a prefill creates K and V per layer, each of the other new tokens' forwards
+    # grows and frees them, and the dropped cache's last storages are freed: 4 lines per layer and new token
+    made = 4 * LAYERS * NEW_TOKENS
+    assert manifest["kv_events"] == made
+    assert (run / KV_EVENTS).read_bytes().count(b"\n") == made
+    # AND a report reads it: the final cache holds prompt + new tokens - 1 tokens of K and V per layer and
+    # row, in fp32
+    tokens = PROMPT + NEW_TOKENS - 1
+    assert _final_kv_bytes(run) == LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * ROWS * 4
