@@ -103,17 +103,16 @@ def _record(disk: Path, tmp_path: Path, prompt_batch, profiler: bool, leave_free
     torch.save(
         {"input_ids": prompt_batch.input_ids, "attention_mask": prompt_batch.attention_mask}, batch_file
     )
+    args = (disk / "run", batch_file, int(profiler), leave_free)
+    return _child_lines(tmp_path, FILL_DISK + CHILD, *args)
+
+
+def _child_lines(tmp_path: Path, source: str, *args: object) -> list[str]:
+    """The lines a child script (`source`, run with `args`) prints; it must exit 0 without a traceback."""
     script = tmp_path / "child.py"
-    script.write_text(FILL_DISK + CHILD, encoding="utf-8")
+    script.write_text(source, encoding="utf-8")
     child = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(disk / "run"),
-            str(batch_file),
-            str(int(profiler)),
-            str(leave_free),
-        ],
+        [sys.executable, str(script), *(str(arg) for arg in args)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -453,19 +452,9 @@ LAYERS, ROWS, PROMPT, NEW_TOKENS, KV_HEADS, HEAD_DIM = 2, 2, 8, 4, 2, 16
 
 def _record_with_inodes(run: Path, tmp_path: Path, when: str, leave_free: int) -> list[str]:
     """INODES_CHILD's lines on stdout: its disk's inodes filled at the block's start or end."""
-    script = tmp_path / "child.py"
-    script.write_text(FILL_INODES + INODES_CHILD, encoding="utf-8")
-    sizes = (LAYERS, ROWS, PROMPT, NEW_TOKENS, leave_free)
-    child = subprocess.run(
-        [sys.executable, str(script), str(run), when, *(str(n) for n in sizes)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    return _child_lines(
+        tmp_path, FILL_INODES + INODES_CHILD, run, when, LAYERS, ROWS, PROMPT, NEW_TOKENS, leave_free
     )
-    assert child.returncode == 0, child.stderr[-3000:]
-    assert "Traceback" not in child.stderr
-    return child.stdout.splitlines()
 
 
 def _final_kv_bytes(run: Path) -> int:
