@@ -41,6 +41,13 @@ from analyzers.model import (
 # How far (µs) an allocation may follow the KV log's first sighting of its storage: the two clocks agree
 # to ~0.15 ms (FIELD_NOTES), and the log observes a storage only after the op that made it.
 JOIN_TOLERANCE_US = 2000.0
+# How far before the tightest fit to the log's sightings a trace's allocations are put when its clock is
+# found off. At the tightest fit, a storage sighted even sooner after its allocation than the one that
+# fixed it would take a same-sized block freed just before at its address (the prefill's projection or
+# RoPE output, then the cache's storage). Half a millisecond earlier, an allocation would be taken for a
+# storage only if it came that soon after the sighting at the same address and size: the next occupant of
+# a KV storage's address comes a step or more later.
+SIGHTING_MARGIN_US = 500.0
 
 # A GPU's caching allocator reports to the profiler the block it hands out (`reportMemoryUsageToProfiler(
 # block->ptr, block->size, ...)` in c10/cuda/CUDACachingAllocator.cpp's `malloc`; XPU's allocator is the
@@ -309,6 +316,7 @@ def _join_kv_log(dev: DeviceEvents, storages: list[_Storage], held: list[_Storag
     caches: list[int] = []
     ts = dev.ts_us
     blocks = sizes_are_blocks(dev)
+    lead = _trace_lead_us(dev, storages, by_addr, blocks)
     for addr, nbytes, first_ns, _last_ns, layer, kv, cache in storages:
         candidates = by_addr.get(addr)
         if not candidates:
@@ -316,8 +324,8 @@ def _join_kv_log(dev: DeviceEvents, storages: list[_Storage], held: list[_Storag
         # The storage's allocation is the one of its size (on a GPU, a block that can hold it) still live
         # when the log saw it: the latest by the sighting whose free (if any) is not before it, else the
         # first within the clocks' tolerance after it. A later one at the same address, inside the
-        # tolerance, is the next step's.
-        seen = first_ns / 1000.0
+        # tolerance, is the next step's. The sighting is read on the trace's clock: `lead` later.
+        seen = first_ns / 1000.0 + lead
         limit = seen + JOIN_TOLERANCE_US
         released = frees_at.get(addr, [])
         best = -1
@@ -363,6 +371,34 @@ def _join_kv_log(dev: DeviceEvents, storages: list[_Storage], held: list[_Storag
         dev.layer[free] = layer
         dev.kv_kind[free] = 1 if kv == "k" else 2
         dev.kv_cache[free] = cache
+
+
+def _trace_lead_us(
+    dev: DeviceEvents, storages: list[_Storage], by_addr: dict[int, list[int]], blocks: bool
+) -> float:
+    """How far (µs, at most JOIN_TOLERANCE_US) the trace's clock runs ahead of the KV log's, as the storages
+    prove it: a storage is made before the log sees it, so one whose only allocation of its address and
+    size within the tolerance comes after its sighting puts the trace at least that much ahead, and
+    SIGHTING_MARGIN_US more for storages the log saw sooner after theirs. 0 where none does. Without it,
+    a storage the log saw sooner after its allocation than the clocks' error would take an earlier
+    occupant of its address (a same-sized projection output freed just before; the clocks agree to ~0.15
+    ms, and a prefill storage is seen 0.02-0.2 ms after it is made)."""
+    times = {addr: dev.ts_us[idx].tolist() for addr, idx in by_addr.items()}
+    lead = 0.0
+    for addr, nbytes, first_ns, *_rest in storages:
+        at = times.get(addr)
+        if not at:
+            continue
+        seen = first_ns / 1000.0
+        lo = bisect.bisect_left(at, seen - JOIN_TOLERANCE_US)
+        hi = bisect.bisect_right(at, seen + JOIN_TOLERANCE_US)
+        sizes = dev.delta_bytes[by_addr[addr][lo:hi]].tolist()
+        near = [
+            j for j, size in enumerate(sizes, lo) if size == nbytes or (blocks and block_holds(size, nbytes))
+        ]
+        if len(near) == 1:
+            lead = max(lead, at[near[0]] - seen)
+    return min(lead + SIGHTING_MARGIN_US, JOIN_TOLERANCE_US) if lead > 0 else 0.0
 
 
 def _held_frees(dev: DeviceEvents, held: list[_Storage] | None) -> list[tuple[int, _Storage]]:

@@ -16,7 +16,7 @@ most its reach (`sighting_reach_us`: since the log's last line before that forwa
 most storages have an allocation within their reach before their sighting; under a wrong one few do, as an
 address and size recur only a step or more apart. `clock_shift` finds the shifts that cover the most
 storages and takes the latest of them (a µs later, some storage's allocation would follow its sighting),
-less `MARGIN_US`. A trace on which most storages are already seen in time (a right base, or an older
+less `SIGHTING_MARGIN_US`. A trace on which most storages are already seen in time (a right base, or an older
 Kineto that writes Unix-epoch `ts` and no base) is left as read. Scanned storages alone place a trace only
 within a forward: where in it each was made, the log cannot say.
 """
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.attribution import JOIN_TOLERANCE_US, block_holds, sizes_are_blocks
+from analyzers.attribution import JOIN_TOLERANCE_US, SIGHTING_MARGIN_US, block_holds, sizes_are_blocks
 from analyzers.model import DeviceEvents, MemorySource
 
 __all__ = ["ClockShift", "align_trace_clock", "clock_shift", "sighting_reach_us"]
@@ -42,12 +42,6 @@ WINDOW_US = JOIN_TOLERANCE_US
 SAMPLE_STORAGES = 512
 # An address and size allocated more often than this says little about when the storage was: left out.
 MAX_CANDIDATES = 4096
-# How far before the tightest fit the trace is put. At the tightest fit, a storage sighted even sooner after
-# its allocation takes a same-sized block freed just before at its address (the prefill's RoPE output, then
-# the cat into the cache), which still ends before the sighting. Half a millisecond earlier, an allocation
-# would be taken for a storage only if it came that soon after the sighting at the same address and size:
-# the next occupant of a KV storage's address comes a step or more later.
-MARGIN_US = 500.0
 
 Storage = tuple[int, int, int, int, int, str, int]  # analyzers.kv_log: addr, bytes, first_ns, freed_ns, ...
 
@@ -136,7 +130,7 @@ def clock_shift(
             counts[storage] = held
         else:
             del counts[storage]
-    return ClockShift(math.floor(best_at - MARGIN_US), best, covered_as_read, len(lags))
+    return ClockShift(math.floor(best_at - SIGHTING_MARGIN_US), best, covered_as_read, len(lags))
 
 
 def sighting_reach_us(
