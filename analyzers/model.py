@@ -81,6 +81,11 @@ class DeviceEvents:
         return at
 
 
+UNKNOWN_DEVICE = "unknown"
+"""The device of an input that does not name one (torch's `export_memory_timeline` files): a guess such as
+"cuda:0" would read as a fact in the report and the export tables, and a CPU timeline is as likely."""
+
+
 def normal_device(name: str) -> str:
     """A device as the readers name it: a bare "cuda" (a line without an index) is cuda:0."""
     return "cuda:0" if name == "cuda" else name

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from analyzers.engine import cache_dtype_name, model_geometry
 from analyzers.export_state import SourceState, source_state
-from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, DeviceEvents, MemorySource
+from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, UNKNOWN_DEVICE, DeviceEvents, MemorySource
 from analyzers.readers.folders import FolderSearch, Found, unreadable
 from analyzers.readers.sources import ProgressFn, missing
 from kvtrace.errors import KvtraceError
@@ -400,7 +400,9 @@ def _run_row(
     # A Kineto trace of a distributed job names its rank; its devices are in deviceProperties.
     distributed = _dict(source.meta.get("distributedInfo"))
     main_device = _main_device(source)
-    device_type, _, index_text = main_device.device.partition(":") if main_device else ("", "", "")
+    # A memory timeline names no device: its row leaves the type and index null rather than guess them.
+    named = main_device if main_device and main_device.device != UNKNOWN_DEVICE else None
+    device_type, _, index_text = named.device.partition(":") if named else ("", "", "")
     device_index = int(index_text) if index_text.isdigit() else None
     gpu = _gpu_properties(source.meta.get("deviceProperties"), device_index) if device_type != "cpu" else {}
     ranked = {key: manifest.get(key, distributed.get(key)) for key in ("rank", "world_size", "backend")}

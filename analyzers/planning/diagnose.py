@@ -25,7 +25,7 @@ import numpy as np
 from analyzers.budget import budget_crossing, budget_of, marker_step_at
 from analyzers.caches import CROSS_ATTENTION, layer_list
 from analyzers.kv_views import split_by_view
-from analyzers.model import OTHER, MemorySource, request_at_most
+from analyzers.model import OTHER, UNKNOWN_DEVICE, MemorySource, request_at_most
 from analyzers.planning.diagnose_buffer_remedies import (
     PreallocatedBuffers,
     other_buffers_note,
@@ -358,7 +358,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             "every layer's KV, which the step needs, and the shortfall is this moment's, before theirs"
         )
     layers = (report.geometry or {}).get("num_layers")
-    on_cuda = device is None or device.startswith("cuda")
+    # A device the input does not name (a memory timeline's) may be a GPU: its remedies stay offered.
+    on_cuda = device is None or device == UNKNOWN_DEVICE or device.startswith("cuda")
     if not on_cuda:
         notes.append(
             f"the run is on {device}: offloading KV to the CPU and CUDA allocator settings do not apply"

@@ -9,7 +9,8 @@ memory moves) unless it moves the bytes into or out of the parameters, the rest 
 have torch's columns). There a version bump is bytes leaving one column for another at one µs: between a
 known category and the unknown column it is dropped, as in the raw form (a free and an allocation of the
 same size at that µs read the same way: the coalesced form cannot tell them apart). Neither form records
-the device: it is "cuda:0" unless told.
+the device: it is "unknown" unless told (torch writes the one asked for, by default cuda:0 where CUDA is
+available and the CPU elsewhere, so no guess holds).
 
 The category is torch's `_CATEGORY_TO_INDEX` (torch/profiler/_memory_profiler.py): 0 PARAMETER,
 1 OPTIMIZER_STATE, 2 INPUT, 3 TEMPORARY, 4 ACTIVATION, 5 GRADIENT, 6 AUTOGRAD_DETAIL, 7 unknown (None).
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.model import OTHER, WEIGHTS, DeviceEvents, MemorySource
+from analyzers.model import OTHER, UNKNOWN_DEVICE, WEIGHTS, DeviceEvents, MemorySource
 from analyzers.readers.memory_events_fast import MAX_EVENT_BYTES, MAX_MOVED_BYTES
 from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.sources import JsonStream, ProgressFn, open_input
@@ -184,7 +185,7 @@ def _is_coalesced(head: list[Any]) -> bool:
 
 
 def read_memory_timeline(
-    path: str | os.PathLike[str], progress: ProgressFn | None = None, device: str = "cuda:0"
+    path: str | os.PathLike[str], progress: ProgressFn | None = None, device: str = UNKNOWN_DEVICE
 ) -> MemorySource:
     """A `MemorySource` (kind "memory_timeline") from torch.profiler `export_memory_timeline[_raw]` JSON.
 
@@ -232,8 +233,8 @@ def read_memory_timeline(
             "device_assumed": device,
             "version_bumps": collector.bump_rows >> 1,
             "input_notes": [
-                f"a memory timeline does not say which device it describes (torch writes the one asked for, "
-                f"a CUDA device by default): shown as {device}"
+                "a memory timeline does not say which device it describes (torch writes the one asked for, "
+                f"by default cuda:0 where CUDA is available and the CPU elsewhere): shown as {device}"
             ],
         }
     )

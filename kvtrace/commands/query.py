@@ -13,19 +13,31 @@ from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import strict_json
 from kvtrace.errors import KvtraceError
 
-_MAX_CELL = 60
+_MAX_WIDTH = 60
+"""Characters a table cell shows by default: a run's manifest_json (1,600+) would push every other column
+off the screen. `--max-width 0` shows every value whole."""
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, max_width: int) -> tuple[str, bool]:
+    """The cell's text, and whether it was cut (its last character is then "…", within `max_width`)."""
     if value is None:
-        return ""
+        return "", False
     text = json.dumps(value) if isinstance(value, list | dict) else str(value)
-    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
+    if not max_width or len(text) <= max_width:
+        return text, False
+    return text[: max_width - 1] + "…", True
 
 
-def format_table(columns: list[str], rows: list[list[Any]]) -> str:
-    """Aligned columns, numbers to the right; long cells cut (use --json or --csv for everything)."""
-    cells = [[_cell(value) for value in row] for row in rows]
+def format_table(columns: list[str], rows: list[list[Any]], max_width: int = _MAX_WIDTH) -> str:
+    """Aligned columns, numbers to the right; cells longer than `max_width` characters (0: no limit) cut
+    with "…", and the last line says how many were cut and how to see them whole: two run_ids alike in
+    their first 59 characters must not pass for one."""
+    cut = 0
+    cells: list[list[str]] = []
+    for row in rows:
+        shown = [_cell(value, max_width) for value in row]
+        cut += sum(was_cut for _, was_cut in shown)
+        cells.append([text for text, _ in shown])
     numeric = [
         all(isinstance(r[i], int | float) and not isinstance(r[i], bool) for r in rows if r[i] is not None)
         for i in range(len(columns))
@@ -39,8 +51,23 @@ def format_table(columns: list[str], rows: list[list[Any]]) -> str:
 
     out = [line(columns), line(["-" * w for w in widths])]
     out += [line(row) for row in cells]
-    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    count = f"{len(rows)} row{'s' if len(rows) != 1 else ''}"
+    if cut:
+        values = f"{cut:,} value{'s' if cut != 1 else ''}"
+        count += f"; {values} cut at {max_width} characters: --max-width 0, --json or --csv show them whole"
+    out.append(f"({count})")
     return "\n".join(out)
+
+
+def _width(text: str) -> int:
+    """--max-width's value: characters per cell, 0 for no limit (2 is the least that shows a character)."""
+    try:
+        width = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if width < 0 or width == 1:
+        raise argparse.ArgumentTypeError(f"{width}: give 0 (no limit) or at least 2 characters")
+    return width
 
 
 class QueryCommand(Command):
@@ -74,6 +101,14 @@ class QueryCommand(Command):
             help="print a JSON list of row objects (a repeated column name gets _1, _2, as DuckDB names it)",
         )
         group.add_argument("--csv", action="store_true", help="print CSV with a header row")
+        parser.add_argument(
+            "--max-width",
+            type=_width,
+            default=_MAX_WIDTH,
+            metavar="N",
+            help=f"the table's cells: at most N characters, longer ones cut with … and counted in the last "
+            f"line (default {_MAX_WIDTH}; 0 shows every value whole; --json and --csv never cut)",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         from analyzers.export_parquet import is_export_dir
@@ -132,5 +167,5 @@ class QueryCommand(Command):
             for row in result.plain_rows():
                 writer.writerow([json.dumps(v) if isinstance(v, list | dict) else v for v in row])
         else:
-            print(format_table(result.names, result.plain_rows()))
+            print(format_table(result.names, result.plain_rows(), args.max_width))
         return 2 if skipped else 0
