@@ -26,7 +26,7 @@ from typing import Any
 from analyzers.engine import EngineRun, engine_figures
 from analyzers.units import human_bytes
 
-__all__ = ["EngineBudget", "KnobRemedy", "engine_budget"]
+__all__ = ["EngineBudget", "KnobRemedy", "engine_budget", "run_engine_budget"]
 
 TRASH_SECTORS = 2  # transformers' PagedAttentionCache: two trash sectors before the data sectors
 NULL_BLOCKS = 1  # vLLM's null block (analyzers.planning.vllm_diagnose.NULL_BLOCKS)
@@ -119,6 +119,20 @@ def engine_budget(run: EngineRun, crossing: dict[str, Any], device_total: int | 
         unseen_bytes=int(crossing.get("unseen_bytes") or 0),
         remedies=tuple(remedies),
     )
+
+
+def run_engine_budget(
+    run: EngineRun, crossing: dict[str, Any] | None, manifest: dict[str, Any]
+) -> EngineBudget | None:
+    """`engine_budget` of a recorded run: its report's crossing, its manifest's device total. None where there
+    is nothing to weigh: no budget, no memory events (the crossing names no device), no pool (a refused
+    start). One function, so that `kvtrace diagnose` and the report page price the same remedies."""
+    if crossing is None or crossing.get("device") is None:
+        return None
+    if run.info.status != "ok" or not run.info.kv_cache_bytes:
+        return None
+    total = (manifest.get("device") or {}).get("total_memory_bytes")
+    return engine_budget(run, crossing, total if isinstance(total, int) else None)
 
 
 def _held(usable: int, used: int, largest: int) -> str:

@@ -1,4 +1,4 @@
-"""A vLLM diagnosis (refused start or preemptions) as text and JSON, a refused start as HTML too. Computes
+"""A vLLM diagnosis (refused start or preemptions) as text, JSON and the report page's HTML section. Computes
 nothing."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import html
 from dataclasses import asdict
 from typing import Any
 
+from analyzers.engine import HeldRequest
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis
 from analyzers.planning.vllm_plan import readable_bytes
 
@@ -64,13 +65,24 @@ def _refused_text(d: RefusedDiagnosis) -> list[str]:
 def refused_to_html(d: RefusedDiagnosis) -> str:
     """The refusal's diagnosis as the report page's <section>, with the figures and remedies of `kvtrace
     diagnose`: a refused start has no chart and no memory to show, so this is the page's answer."""
-    esc = html.escape
     rows = [
         (label, f"{value} ({detail})" if detail else value) for label, value, detail in _refused_figures(d)
     ]
     rows.append(("largest max_model_len that fits", _largest_that_fits(d)))
     if d.message:
         rows.append(("vLLM said", d.message.strip()))
+    return _section(_refused_headline(d), rows, "", "Remedies, in vLLM's settings", d)
+
+
+def _section(
+    headline: str,
+    rows: list[tuple[str, str]],
+    middle: str,
+    remedies_title: str,
+    d: RefusedDiagnosis | PreemptionDiagnosis,
+) -> str:
+    """The page's diagnosis <section>: headline, figures, `middle` (more HTML), remedies, notes."""
+    esc = html.escape
     figures = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
     marks = {True: "[fits]", False: "[no]", None: "[?]"}
     remedies = "".join(
@@ -79,33 +91,77 @@ def refused_to_html(d: RefusedDiagnosis) -> str:
     notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in d.notes)
     return (
         "<section class='diagnosis' id='kvtrace-diagnosis'>"
-        f"<h2>Diagnosis</h2><p>{esc(_refused_headline(d))}</p><table class='summary'>{figures}</table>"
-        f"<h3>Remedies, in vLLM's settings</h3><ol>{remedies}</ol>{notes}</section>"
+        f"<h2>Diagnosis</h2><p>{esc(headline)}</p><table class='summary'>{figures}</table>{middle}"
+        f"<h3>{esc(remedies_title)}</h3><ol>{remedies}</ol>{notes}</section>"
     )
+
+
+def _preemption_headline(d: PreemptionDiagnosis) -> str:
+    return (
+        f"vLLM preempted {d.preemptions} time(s), {d.preempted_tokens:,} KV tokens dropped, "
+        f"{d.recomputed_tokens:,} recomputed"
+    )
+
+
+def _pool(d: PreemptionDiagnosis) -> str:
+    return (
+        f"{d.num_blocks:,} blocks of {d.block_size} tokens ({d.usable_blocks:,} usable), "
+        f"{readable_bytes(d.kv_cache_bytes)}, {readable_bytes(d.bytes_per_block)} a block"
+    )
+
+
+def _held_as_of(d: PreemptionDiagnosis, held: HeldRequest) -> str:
+    return "" if held.as_of_step == d.first_preemption_step else f", as of step {held.as_of_step}"
+
+
+def _demand(d: PreemptionDiagnosis) -> str:
+    return (
+        f"{d.demand_bound_blocks:,} blocks (+{d.blocks_needed - d.demand_bound_blocks} null = "
+        f"{d.blocks_needed:,}); on the recorded schedule it peaked at {d.recorded_peak_demand_blocks:,}"
+    )
+
+
+def preemption_to_html(d: PreemptionDiagnosis) -> str:
+    """The preemptions' diagnosis as the report page's <section>, with the figures and remedies of `kvtrace
+    diagnose`: what the pool held when vLLM first preempted, what the requests needed, what to change."""
+    esc = html.escape
+    held = sum(h.blocks for h in d.held_at_first)
+    rows = [
+        ("pool", _pool(d)),
+        (
+            f"held at the first preemption (step {d.first_preemption_step})",
+            f"{held:,} of {d.usable_blocks:,} usable blocks, {len(d.held_at_first)} requests",
+        ),
+        ("demand if nothing were preempted", _demand(d)),
+        ("model", d.model),
+    ]
+    requests = "".join(
+        f"<tr><td>{esc(h.request_id)}</td><td>{h.blocks:,}</td><td>{h.tokens:,}</td>"
+        f"<td>prompt {h.prompt_tokens:,}, output {h.output_tokens:,}{esc(_held_as_of(d, h))}</td></tr>"
+        for h in d.held_at_first
+    )
+    middle = (
+        f"<h3>The pool at the first preemption (step {d.first_preemption_step})</h3><table class='held'>"
+        f"<tr><th>request</th><th>blocks</th><th>tokens</th><th></th></tr>{requests}"
+        f"<tr><td>total</td><td>{held:,}</td><td></td><td></td></tr></table>"
+    )
+    return _section(_preemption_headline(d), rows, middle, "Would have avoided every preemption", d)
 
 
 def _preemption_text(d: PreemptionDiagnosis) -> list[str]:
     lines = [
-        f"kvtrace diagnose: {d.path}: vLLM preempted {d.preemptions} time(s), "
-        f"{d.preempted_tokens:,} KV tokens dropped, {d.recomputed_tokens:,} recomputed",
-        f"  pool: {d.num_blocks:,} blocks of {d.block_size} tokens ({d.usable_blocks:,} usable), "
-        f"{readable_bytes(d.kv_cache_bytes)}, {readable_bytes(d.bytes_per_block)} a block",
+        f"kvtrace diagnose: {d.path}: {_preemption_headline(d)}",
+        f"  pool: {_pool(d)}",
         f"  at the first preemption (step {d.first_preemption_step}) the pool held:",
     ]
     for held in d.held_at_first:
-        as_of = "" if held.as_of_step == d.first_preemption_step else f", as of step {held.as_of_step}"
         lines.append(
             f"    request {held.request_id:<10} {held.blocks:>5} blocks {held.tokens:>7,} tokens "
-            f"(prompt {held.prompt_tokens:,}, output {held.output_tokens:,}{as_of})"
+            f"(prompt {held.prompt_tokens:,}, output {held.output_tokens:,}{_held_as_of(d, held)})"
         )
     total = sum(h.blocks for h in d.held_at_first)
     lines.append(f"    total      {'':<10} {total:>5} blocks")
-    lines += [
-        f"  demand if nothing were preempted: {d.demand_bound_blocks:,} blocks "
-        f"(+{d.blocks_needed - d.demand_bound_blocks} null = {d.blocks_needed:,}); "
-        f"on the recorded schedule it peaked at {d.recorded_peak_demand_blocks:,}",
-        f"  model: {d.model}",
-    ]
+    lines += [f"  demand if nothing were preempted: {_demand(d)}", f"  model: {d.model}"]
     lines += [f"  note: {n}" for n in d.notes]
     lines.append("Would have avoided every preemption:")
     return lines + _remedy_lines(d)

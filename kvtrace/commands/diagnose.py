@@ -128,7 +128,7 @@ def _manifest(path: Path) -> dict[str, Any]:
 def _budget_of_engine(path: Path, run: Any, manifest: dict[str, Any], budget: int | None) -> Any:
     """The engine's pool against the memory budget (`budget`, else the one recorded): an EngineBudget, None
     without a budget or a pool."""
-    from analyzers.planning.engine_budget import engine_budget
+    from analyzers.planning.engine_budget import run_engine_budget
 
     recorded = (manifest.get("options") or {}).get("gpu_memory")
     recorded_bytes = recorded if isinstance(recorded, int | float) and not isinstance(recorded, bool) else 0
@@ -146,10 +146,7 @@ def _budget_of_engine(path: Path, run: Any, manifest: dict[str, Any], budget: in
 
         unseen = bytes_before_trace(source, report.devices)
         crossing = budget_crossing(source, report.timelines, budget, unseen).to_json()
-    if crossing is None or crossing.get("device") is None:  # no memory events to weigh against it
-        return None
-    total = (manifest.get("device") or {}).get("total_memory_bytes")
-    return engine_budget(run, crossing, total if isinstance(total, int) else None)
+    return run_engine_budget(run, crossing, manifest)
 
 
 def _with_budget(result: dict[str, Any], checked: Any, raised: list[str]) -> dict[str, Any]:

@@ -109,7 +109,7 @@ class ReportCommand(Command):
                 if diagnosis_html_for is not None:
                     sections.append(diagnosis_html_for(source, report))
             elif source.meta.get("engine") is not None:
-                sections += _refused_section(source.meta["engine"])
+                sections += _engine_section(source, report)
             write_html(out, report_to_html(source, report, sections), quiet=args.json)
         return 0
 
@@ -181,16 +181,26 @@ def _not_exported(problem: KvtraceError) -> None:
     )
 
 
-def _refused_section(engine: Any) -> list[str]:
-    """The page's diagnosis of an engine that refused to start (what `kvtrace diagnose` says): its page
-    has no memory and no chart, so the answer is this section. None where the refusal cannot be priced
+def _engine_section(source: Any, report: Report) -> list[str]:
+    """The page's diagnosis of a vLLM run that was refused its start or preempted requests: what `kvtrace
+    diagnose` says, its remedies priced against the recorded budget as there. [] where there is nothing to
+    explain (the pool held every request), another engine's run, or a refusal that cannot be priced
     (`kvtrace diagnose` says why)."""
-    from analyzers.planning.vllm_refused import diagnose_refused, refused_start
-    from analyzers.render.vllm_diagnosis import refused_to_html
+    from analyzers.planning.engine_budget import run_engine_budget
+    from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, diagnose_engine
+    from analyzers.planning.vllm_refused import refused_start
+    from analyzers.render.vllm_diagnosis import preemption_to_html, refused_to_html
 
-    if not refused_start(engine):
+    engine = source.meta["engine"]
+    if engine.info.name != "vllm" and not refused_start(engine):  # priced in vLLM's knobs only
         return []
+    budget = run_engine_budget(engine, report.budget, source.meta.get("manifest") or {})
     try:
-        return [refused_to_html(diagnose_refused(engine))]
+        diagnosis = diagnose_engine(engine, budget)
     except KvtraceError:
         return []
+    if diagnosis is None:
+        return []
+    if isinstance(diagnosis, PreemptionDiagnosis):
+        return [preemption_to_html(diagnosis)]
+    return [refused_to_html(diagnosis)]

@@ -515,3 +515,22 @@ def test_the_page_of_a_refused_start_holds_its_diagnosis(tmp_path: Path) -> None
     assert f"max_model_len={vllm_estimate}: one request then needs" in text
     # AND no chart is drawn, so plotly's script is left out
     assert "Plotly.newPlot" not in page and "plotly.js" not in page.lower()
+
+
+@pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
+def test_the_refused_pages_summary_says_what_was_never_measured_is_unknown(tmp_path: Path) -> None:
+    # GIVEN the refused sample, recorded without the profiler: no memory event, no KV entry at all
+    manifest = json.loads((REFUSED / "manifest.json").read_text())
+    assert manifest["options"]["profiler"] is False and not _lines(REFUSED / "kv_events.jsonl")
+    # WHEN its HTML report is written
+    out = tmp_path / "report.html"
+    assert main(["report", str(REFUSED), "-o", str(out), "--no-export", "-q"]) == 0
+    summary = re.search(r"<table class='summary'>(.*?)</table>", out.read_text(), flags=re.S)
+    assert summary is not None
+    # THEN every figure of its summary is unknown ("-", as for any figure the page does not know), not "0 B"
+    cells = [
+        html.unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<t[hd]>(.*?)</t[hd]>", summary[1])
+    ]
+    rows = dict(zip(cells[::2], cells[1::2], strict=True))
+    assert any(label.endswith(" peak allocated") for label in rows) and "KV final" in rows
+    assert {value for label, value in rows.items() if label != "measured from"} == {"-"}

@@ -4,11 +4,14 @@
   workload rerun with the kv_cache_memory_bytes it suggests, or with the max_num_seqs it suggests, sees
   zero preemptions (and one block less than suggested still preempts: the figure is tight here);
 * a refused start: bytes needed and available, and vLLM's own largest max_model_len.
+* the HTML page of each (`kvtrace report -o`): the preemptions' diagnosis, as `diagnose` gives it; a refused
+  start's KV figures, never measured, said unknown.
 
 Each engine runs in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=0 inside it)."""
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import os
@@ -21,6 +24,8 @@ import pytest
 
 from analyzers.engine import engine_figures, read_engine
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis, diagnose_engine
+from kvtrace import format as fmt
+from kvtrace.cli import main
 from tests.vllm.workload import NEW_TOKENS, PROMPT_TOKENS, fp8_kv_unsupported, write_analysis_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
@@ -87,9 +92,23 @@ def _run(
 
 
 @pytest.fixture(scope="module")
-def preempted(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[PreemptionDiagnosis, dict]:
+def preempted_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The workload recorded once in a pool too small for it: (run directory, vLLM's own figures)."""
     out = tmp_path_factory.mktemp("vllm_preempt") / "run"
-    result = _run(tiny_model, str(out), POOL)
+    return out, _run(tiny_model, str(out), POOL)
+
+
+@pytest.fixture(scope="module")
+def refused_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A start refused, recorded once: 1 MiB at block 32 is 16 blocks, 15 usable after the null block;
+    512 tokens need 16. (run directory, vLLM's message)."""
+    out = tmp_path_factory.mktemp("vllm_refused") / "refused"
+    return out, _run(tiny_model, str(out), 2**20)["refused"]
+
+
+@pytest.fixture(scope="module")
+def preempted(preempted_run: tuple[Path, dict]) -> tuple[PreemptionDiagnosis, dict]:
+    out, result = preempted_run
     run = read_engine(out)
     assert run is not None
     diagnosis = diagnose_engine(run)
@@ -163,11 +182,10 @@ def test_an_fp8_pool_is_named_fp8_not_its_uint8_storage(tiny_model: Path, tmp_pa
     )
 
 
-def test_refused_start_diagnosis_uses_vllms_figures(tiny_model: Path, tmp_path: Path) -> None:
+def test_refused_start_diagnosis_uses_vllms_figures(tiny_model: Path, refused_run: tuple[Path, str]) -> None:
     # 1 MiB at block 32: 16 blocks, 15 usable after the null block; 512 tokens need 16
-    result = _run(tiny_model, str(tmp_path / "refused"), 2**20)
-    message = result["refused"]
-    run = read_engine(tmp_path / "refused")
+    out, message = refused_run
+    run = read_engine(out)
     assert run is not None
     diagnosis = diagnose_engine(run)
     assert isinstance(diagnosis, RefusedDiagnosis)
@@ -180,6 +198,90 @@ def test_refused_start_diagnosis_uses_vllms_figures(tiny_model: Path, tmp_path: 
     assert remedies["kv_cache_memory_bytes"].setting == 17 * BYTES_PER_BLOCK
     # the priced remedy really starts: 17 blocks hold one 512-token request plus the null block
     assert _run(tiny_model, "start", remedies["kv_cache_memory_bytes"].setting) == {"started": True}
+
+
+def _page(run_dir: Path, tmp_path: Path) -> str:
+    """The run's page as `kvtrace report -o` writes it, less plotly's script (megabytes of no interest)."""
+    out = tmp_path / "report.html"
+    assert main(["report", str(run_dir), "-o", str(out), "--no-export", "-q"]) == 0
+    return re.sub(r"<script.*?</script>", "", out.read_text(), flags=re.S)
+
+
+def _cells(page: str, pattern: str) -> list[str]:
+    """The text of every element `pattern` matches (one per match), tags removed, entities unescaped."""
+    return [html.unescape(re.sub(r"<[^>]+>", " ", m)) for m in re.findall(pattern, page, flags=re.S)]
+
+
+def test_the_page_of_a_preempted_run_holds_its_diagnosis(
+    preempted_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the workload recorded in 32 blocks of 64 KiB (31 usable): 8 requests of 40..47 prompt + 100
+    # output tokens need at most 139..146 tokens of KV each, 5 blocks of 32, so 40 together, 41 with the
+    # null block, and 31 // 5 = 6 of them fit at once
+    out, result = preempted_run
+    requests = [json.loads(line) for line in (out / fmt.ENGINE_REQUESTS).read_text().splitlines()]
+    preemptions = sum(e["event"] == "preempted" for e in requests)
+    assert preemptions == result["preemptions"] > 0  # vLLM's own count
+
+    # WHEN its HTML report is written
+    page = _page(out, tmp_path)
+
+    # THEN the page has a diagnosis section: what preempted, how much of the pool, what to change
+    (section,) = _cells(page, r"<section class='diagnosis' id='kvtrace-diagnosis'>.*?</section>")
+    text = " ".join(section.split())
+    assert f"vLLM preempted {preemptions} time(s)" in text
+    blocks, pool_mib = POOL // BYTES_PER_BLOCK, POOL / 2**20
+    assert (
+        f"{blocks} blocks of {BLOCK} tokens ({blocks - 1} usable), {pool_mib:.2f} MiB, "
+        f"{BYTES_PER_BLOCK // 1024}.00 KiB a block" in text
+    )
+    # vLLM preempts when the pool is full: every usable block held at the first preemption
+    assert "31 of 31 usable blocks" in text
+    assert "40 blocks (+1 null = 41)" in text
+    assert f"kv_cache_memory_bytes={41 * BYTES_PER_BLOCK} " in text
+    assert f"max_num_seqs={31 // 5} (now 8)" in text
+    # AND the figures and remedies are `kvtrace diagnose`'s own, word for word
+    capsys.readouterr()
+    assert main(["diagnose", str(out)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    remedies = [line.split("] ", 1)[1] for line in said if line.startswith("  [")]
+    assert len(remedies) == 3 and all(" ".join(r.split()) in text for r in remedies)
+    pool_line = next(line for line in said if line.startswith("  pool: "))
+    assert pool_line.removeprefix("  pool: ") in text
+    assert said[0].removeprefix(f"kvtrace diagnose: {out}: ") in text
+
+
+def _summary(page: str) -> dict[str, str]:
+    """The page's summary table: label -> cell, as a reader sees them."""
+    summary = re.search(r"<table class='summary'>(.*?)</table>", page, flags=re.S)
+    assert summary is not None
+    labels, values = _cells(summary.group(1), r"<th>(.*?)</th>"), _cells(summary.group(1), r"<td>(.*?)</td>")
+    return dict(zip(labels, values, strict=True))
+
+
+def test_the_page_of_a_refused_start_says_its_kv_is_unknown(
+    refused_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    # GIVEN a start vLLM refused: no pool made, no step run; the profiler saw vLLM load its weights
+    out, _ = refused_run
+    # WHEN its HTML report is written
+    page = _page(out, tmp_path)
+    # THEN the summary says the KV figures, never measured, are unknown ("-"), not "0 B"
+    rows = _summary(page)
+    kv_rows = ["KV final", "KV peak (transient copies)", "KV allocated over the run"]
+    assert {label: rows[label] for label in kv_rows} == dict.fromkeys(kv_rows, "-")
+    assert rows["evicted tokens (all rows and layers)"] == "-"
+    # AND what the profiler did measure (the weights' loading) is still shown
+    (peak,) = [value for label, value in rows.items() if label.endswith(" peak allocated")]
+    assert peak not in ("-", "0 B")
+    # AND its diagnosis is still the page's answer: 16 blocks needed, 15 there
+    (section,) = _cells(page, r"<section class='diagnosis' id='kvtrace-diagnosis'>.*?</section>")
+    available = 2**20 - BYTES_PER_BLOCK  # vLLM holds the null block back
+    assert (
+        16 * BYTES_PER_BLOCK == 2**20
+        and f"1.00 MiB (16 blocks x {BYTES_PER_BLOCK // 1024}.00 KiB;" in section
+    )
+    assert f"{available // 1024}.00 KiB ({available:,} B)" in section
 
 
 _SAMPLE_CHILD = r"""
