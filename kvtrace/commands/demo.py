@@ -115,6 +115,11 @@ class DemoCommand(Command):
             raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
         if not args.no_report:  # the page the report ends with: a pipe there is refused before recording
             check_html_target(str(out / "timeline.html"))
+        press = None
+        if args.press:  # before the model is built: kvpress not installed is said at once
+            from kvtrace.integrations.presses import make_press
+
+            press = make_press(args.press, args.compression if args.compression is not None else 0.5)
         from kvtrace.llama import (
             DEFAULT_PROMPTS,
             build_model,
@@ -136,12 +141,7 @@ class DemoCommand(Command):
         cache, extra = make_cache(args.cache, model, args.batch * args.beams, max_len, window=window)
         if cache is not None:
             extra[cache_keyword()] = cache
-        press_context: Any = contextlib.nullcontext()
-        if args.press:
-            from kvtrace.integrations.presses import make_press
-
-            compression = args.compression if args.compression is not None else 0.5
-            press_context = make_press(args.press, compression)(model)
+        press_context: Any = contextlib.nullcontext() if press is None else press(model)
         budget_text = f", budget {gpu_memory}" if budget is not None else ""
         print(
             f"kvtrace demo: Llama 3 '{args.size}' ({sum(p.numel() for p in model.parameters()):,} params, "

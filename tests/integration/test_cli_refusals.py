@@ -972,3 +972,23 @@ def test_a_part_not_installed_is_one_line_and_status_1(
     err = capsys.readouterr().err
     assert err.startswith(said) and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_a_press_without_kvpress_is_refused_before_the_model_is_built(tmp_path: Path) -> None:
+    # GIVEN kvpress not installed here, and a demo asked to evict with a press
+    if importlib.util.find_spec("kvpress") is not None:
+        pytest.skip("kvpress is installed here")
+    out = tmp_path / "out"
+    probe = (
+        "import sys\n"
+        "from kvtrace.cli import main\n"
+        f"code = main(['demo', '--size', 'tiny', '--press', 'knorm', '--no-report', '--out', {str(out)!r}])\n"
+        "print(code, any(m.startswith('transformers.models.llama') for m in sys.modules))\n"
+    )
+    # WHEN it runs in a fresh process
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    # THEN it is refused with status 1 before the Llama model was ever built (its modeling module loaded),
+    # not after a model, a tokenizer and the prompts were made for nothing
+    assert done.stdout.split() == ["1", "False"], (done.stdout, done.stderr)
+    assert "--press needs NVIDIA's kvpress" in done.stderr
+    assert not out.exists()
