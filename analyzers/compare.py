@@ -441,6 +441,12 @@ def sweep_to_text(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
     return "\n".join(lines)
 
 
+# One color per cache kind for its peak (solid), its KV (dotted) and its tokens/s, none of them the budget
+# line's red: plotly's default second color, a red too, made a cache's KV line read as the budget.
+_BUDGET_COLOR = "red"
+_CACHE_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f", "#bcbd22")
+
+
 def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: str) -> str:
     """The sweep's table and one plot: measured peak and KV (on an axis of its own, so that it is not a
     flat line beside the weights) and tokens/s per grid point, per cache."""
@@ -462,12 +468,19 @@ def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
     )
     peak_unit, peak_factor = binary_unit(max([r["peak_bytes"] for r in rows] + [budget_bytes or 0]))
     kv_unit, kv_factor = binary_unit(max((r["kv_peak_bytes"] or 0 for r in rows), default=0))
-    for cache in sorted({row["cache"] for row in rows}):
+    for number, cache in enumerate(sorted({row["cache"] for row in rows})):
         mine = [r for r in rows if r["cache"] == cache]
+        color = _CACHE_COLORS[number % len(_CACHE_COLORS)]
         x = [f"batch {r['batch']}, {r['context']} tok" for r in mine]
         peak_y = [r["peak_bytes"] / peak_factor for r in mine]
         fig.add_trace(
-            go.Scatter(x=x, y=peak_y, name=f"{cache}: peak allocated", hovertemplate=hover_bytes(peak_unit)),
+            go.Scatter(
+                x=x,
+                y=peak_y,
+                name=f"{cache}: peak allocated",
+                line={"color": color},
+                hovertemplate=hover_bytes(peak_unit),
+            ),
             row=1,
             col=1,
             secondary_y=False,
@@ -478,7 +491,7 @@ def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
                 x=x,
                 y=kv_y,
                 name=f"{cache}: KV at the end (right axis)",
-                line={"dash": "dot"},
+                line={"dash": "dot", "color": color},
                 hovertemplate=hover_bytes(kv_unit),
             ),
             row=1,
@@ -486,13 +499,17 @@ def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
             secondary_y=True,
         )
         fig.add_trace(
-            go.Bar(x=x, y=[r["tokens_per_second"] for r in mine], name=f"{cache}: tokens/s"), row=1, col=2
+            go.Bar(
+                x=x, y=[r["tokens_per_second"] for r in mine], name=f"{cache}: tokens/s", marker_color=color
+            ),
+            row=1,
+            col=2,
         )
     if budget_bytes is not None:
         fig.add_hline(
             y=budget_bytes / peak_factor,
             line_dash="dash",
-            line_color="red",
+            line_color=_BUDGET_COLOR,
             annotation_text=f"budget {human_bytes(budget_bytes)}",
             annotation_position="top left",  # clear of the right axis' ticks
             row=1,

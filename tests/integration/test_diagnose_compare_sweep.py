@@ -26,6 +26,7 @@ from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.format import read_run
 from kvtrace.llama import build_model, llama3_config
+from tests.plotly_figures import page_figure
 from tests.tiny import HEAD_DIM, tiny_size
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
@@ -116,6 +117,31 @@ def test_sweep_writes_json_and_html(sweep_dir: Path) -> None:
         assert row["kv_final_bytes"] == 1024 * row["batch"] * (16 + NEW_TOKENS - 1)
         assert row["peak_bytes"] > row["kv_peak_bytes"] >= row["kv_final_bytes"]
     _chromium_check(sweep_dir / "sweep.html")
+
+
+def _reddish(color: str) -> bool:
+    """Whether a "#rrggbb" or named color reads as red: its red channel above its green and blue together."""
+    if not color.startswith("#"):
+        return color.lower() in ("red", "crimson", "darkred", "firebrick", "tomato", "orangered")
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return r > g + b
+
+
+def test_sweep_page_tells_the_kv_line_from_the_budget(sweep_dir: Path) -> None:
+    # GIVEN a sweep recorded with a budget: the page draws the budget as a red dashed line
+    traces, layout = page_figure((sweep_dir / "sweep.html").read_text(), "kvtrace-sweep")
+    (budget,) = [shape for shape in layout["shapes"] if shape.get("line", {}).get("dash") == "dash"]
+    assert _reddish(budget["line"]["color"])
+    # THEN each cache's peak, KV and tokens/s share one color, and it is no red the budget could pass for
+    by_cache: dict[str, set[str]] = {}
+    for trace in traces:
+        color = (trace.get("line") or trace.get("marker") or {}).get("color")
+        assert color is not None, f"{trace['name']}: drawn in plotly's default colors, whose second is red"
+        by_cache.setdefault(trace["name"].split(":")[0], set()).add(color)
+    assert set(by_cache) == {"dynamic"}
+    for colors in by_cache.values():
+        (color,) = colors
+        assert not _reddish(color), color
 
 
 def test_compare_two_runs(sweep_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
