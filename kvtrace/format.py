@@ -176,6 +176,11 @@ class Run:
     weights: list[WeightRecord]  # the storages held when the recording began
     memory_samples: list[dict[str, Any]]
     truncated: bool = False  # the last line of a log was cut (the process died mid-write)
+    # kv_events.jsonl's lines set aside as read (`_KvEventLines`), for the readers' notes: per event name
+    # that is not of `EVENT_KINDS` (cut to 40 characters), the lines skipped
+    unknown_kv_events: dict[str, int] = field(default_factory=dict)
+    # lines whose `storage_bytes` was smaller than their own tensor, read at the least it can hold
+    short_kv_storages: int = 0
     # What the model's weights did afterwards (`WEIGHT_EVENTS`), in the order it happened
     weight_changes: list[WeightRecord] = field(default_factory=list)
 
@@ -297,9 +302,9 @@ class JsonlAppender:
 def _read_jsonl(
     path: Path, check: Callable[[dict[str, Any], Path, int], Any] | None = None
 ) -> tuple[list[Any], bool]:
-    """Every complete line (through `check(record, path, lineno)`, which returns what to keep or raises); a
-    cut last line (killed writer) is dropped and reported, corrupt lines elsewhere are an error naming the
-    file and line."""
+    """Every complete line (through `check(record, path, lineno)`, which returns what to keep, None to skip
+    the line, or raises); a cut last line (killed writer) is dropped and reported, corrupt lines elsewhere
+    are an error naming the file and line."""
     if not path.exists():
         return [], False
     records: list[Any] = []
@@ -327,7 +332,9 @@ def _read_jsonl(
             raise KvtraceError(f"{path}: line {lineno} is nested too deeply") from None
         if not isinstance(value, dict):
             raise KvtraceError(f"{path}: line {lineno} is not a JSON object")
-        records.append(value if check is None else check(value, path, lineno))
+        kept = value if check is None else check(value, path, lineno)
+        if kept is not None:
+            records.append(kept)
     return records, truncated
 
 
@@ -424,6 +431,63 @@ def _event_from(record: dict[str, Any], path: Path, lineno: int = 0) -> KvEvent:
         said = repr(event.kv[:40])
         raise KvtraceError(f"{path}: line {lineno}: field 'kv' is {said}, expected 'k' or 'v'")
     return event
+
+
+# Bytes per element of the dtypes a KV tensor is logged with (`str(dtype)` without "torch."). Others (sub-byte
+# kinds such as uint4) are left unchecked: a size this module is not sure of would flag true lines.
+DTYPE_BYTES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1,
+    "bool": 1,
+    "complex128": 16, "complex64": 8,
+}  # fmt: skip
+
+
+def least_storage_bytes(event: KvEvent) -> int:
+    """The fewest bytes the storage of an event's tensor can hold: its `view_offset` plus its shape's elements
+    x its dtype's size. Its elements lie at distinct places from the view's start to the storage's end, so
+    that holds for a view, a preallocated buffer, a pool's per-layer view and a quantized part alike (they
+    may hold more, never less); only a tensor that repeats its elements (`expand`) could, which no cache
+    keeps. 0 where the line does not say: no storage (`addr` 0), a `freed` line, no shape, a dtype not in
+    `DTYPE_BYTES`."""
+    itemsize = DTYPE_BYTES.get(event.dtype, 0)
+    if not event.addr or event.event == "freed" or not event.shape or not itemsize:
+        return 0
+    elements = 1
+    for size in event.shape:
+        elements *= size
+    return event.view_offset + elements * itemsize if elements else 0
+
+
+class _KvEventLines:
+    """kv_events.jsonl's lines through `_event_from`, setting aside what the replay cannot take as written,
+    counted for the readers' notes (`Run.unknown_kv_events`, `Run.short_kv_storages`): a line whose
+    `event` is not of `EVENT_KINDS` (a newer kvtrace's kind, or damage) is skipped, as no rule says what it
+    does to its storage; a storage smaller than its own tensor (`least_storage_bytes`), impossible, is read
+    at that least size rather than skipped: skipping would drop the whole storage and orphan its `freed`
+    line, while the least size is exact for a fresh contiguous tensor (a dynamic cache's) and a lower bound
+    for a view."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self.unknown: dict[str, int] = {}
+        self.short_storages = 0
+
+    def __call__(self, record: dict[str, Any], path: Path, lineno: int) -> KvEvent | None:
+        self.lines += 1
+        kind = record.get("event")
+        if type(kind) is str and kind not in EVENT_KINDS:
+            self.unknown[kind[:40]] = self.unknown.get(kind[:40], 0) + 1
+            return None
+        event = _event_from(record, path, lineno)
+        least = least_storage_bytes(event)
+        # Only where its `logical_bytes` says the same tensor size as its shape: two fields against one. Where
+        # they disagree, the shape may be the damaged field, and the line is read as it is.
+        if event.storage_bytes < least <= MAX_BYTES and least - event.view_offset == event.logical_bytes:
+            event.storage_bytes = least
+            self.short_storages += 1
+        return event
 
 
 def _weight_from(record: dict[str, Any], path: Path, lineno: int) -> WeightRecord:
@@ -536,7 +600,13 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         lost_said = f"; {lost} KV events were lost" if isinstance(lost, int) else ""
         raise KvtraceError(f"{root}: incomplete run: the recorder failed to write {write_error}{lost_said}")
     events_path = root / KV_EVENTS
-    events, cut_events = _read_jsonl(events_path, _event_from)
+    kv_lines = _KvEventLines()
+    events, cut_events = _read_jsonl(events_path, kv_lines)
+    if kv_lines.unknown and not events:
+        raise KvtraceError(
+            f"{events_path}: none of its {kv_lines.lines:,} lines is a KV event this kvtrace knows "
+            f"({unknown_kinds_text(kv_lines.unknown)}): written by a newer kvtrace (upgrade it), or damaged"
+        )
     weights, cut_weights = _read_jsonl(root / WEIGHTS, _WeightLines())
     samples, cut_samples = _read_jsonl(root / MEMORY_SAMPLES, _sample_from)
     if manifest.get("ended", {}).get("status") not in (None, "running"):
@@ -545,11 +615,11 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         count = manifest.get("kv_events")
         if isinstance(count, int) and count and not events_path.is_file():
             raise KvtraceError(f"{events_path}: missing, while the manifest counts {count} KV events")
-        short = isinstance(count, int) and count != len(events)
+        short = isinstance(count, int) and count != kv_lines.lines  # skipped lines were written all the same
         if cut_events or short:
             counted = f" of the {count} the manifest counts" if isinstance(count, int) else ""
             raise KvtraceError(
-                f"{events_path}: damaged after the run ended: {len(events)} complete events{counted}"
+                f"{events_path}: damaged after the run ended: {kv_lines.lines} complete events{counted}"
             )
         for name, cut in ((WEIGHTS, cut_weights), (MEMORY_SAMPLES, cut_samples)):
             if cut:
@@ -562,7 +632,24 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         memory_samples=samples,
         truncated=cut_events or cut_weights or cut_samples,
         weight_changes=[w for w in weights if w.event],
+        unknown_kv_events=kv_lines.unknown,
+        short_kv_storages=kv_lines.short_storages,
     )
+
+
+_UNKNOWN_KINDS_SHOWN = 5  # event names a message lists (a damaged log may hold thousands of distinct ones)
+
+
+def unknown_kinds_text(unknown: dict[str, int]) -> str:
+    """The unknown event names of `Run.unknown_kv_events`, most lines first: "'growed' on 2 lines, 'spill'
+    on 1 line", and how many more names."""
+    ranked = sorted(unknown.items(), key=lambda item: (-item[1], item[0]))
+    shown = ", ".join(
+        f"{name!r} on {count:,} line{'s' if count != 1 else ''}"
+        for name, count in ranked[:_UNKNOWN_KINDS_SHOWN]
+    )
+    more = len(ranked) - _UNKNOWN_KINDS_SHOWN
+    return shown + (f", and {more:,} more names" if more > 0 else "")
 
 
 # Manifest fields that readers open as objects or lists, with the types they may hold when present (a

@@ -28,6 +28,7 @@ from analyzers.model import normal_device
 from analyzers.planning.hf_config import geometry_from_config
 from analyzers.planning.presets import ModelGeometry
 from analyzers.planning.run_cache_kind import PLAN_DTYPES, kv_dtype_of, logged_window, quantized_layout
+from analyzers.readers.run_files import kv_log_notes
 from kvtrace.errors import KvtraceError
 from kvtrace.format import ENGINE, MODEL_CONFIG, Run, read_run
 
@@ -64,7 +65,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
     if (root / ENGINE).exists():
         raise KvtraceError(f"{root}: a vLLM run; plan its pool with --engine vllm --from-run")
     run = read_run(root)
-    notes: list[str] = []
+    notes: list[str] = kv_log_notes(run)
     main, kv, stopped = _main_cache(run)
     geometry = _geometry(run, notes, main)
     if main is None:

@@ -26,7 +26,12 @@ from analyzers.model import (
     normal_device,
 )
 from analyzers.readers.kv_before_trace import add_kv_frees, held_bytes, kv_held_before_trace
-from analyzers.readers.run_files import lists_profiler_file, missing_files_notes, weights_counted_notes
+from analyzers.readers.run_files import (
+    kv_log_notes,
+    lists_profiler_file,
+    missing_files_notes,
+    weights_counted_notes,
+)
 from analyzers.readers.sources import ProgressFn
 from analyzers.readers.untraced_caches import (
     add_untraced_kv,
@@ -284,7 +289,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     run = read_run(path)
     kv = analyze_run_kv_log(run)
     source = MemorySource(kind="run", path=str(Path(path)))
-    missing = missing_files_notes(run)
+    missing = missing_files_notes(run) + kv_log_notes(run)
     if missing:
         source.meta.setdefault("input_notes", []).extend(missing)
     traces = run.profiler_traces()

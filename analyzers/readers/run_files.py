@@ -10,7 +10,15 @@ import os
 import stat
 from typing import Any
 
-from kvtrace.format import KV_EVENTS, MANIFEST, MEMORY_SAMPLES, PROFILER_DIR, SNAPSHOT_DIR, Run
+from kvtrace.format import (
+    KV_EVENTS,
+    MANIFEST,
+    MEMORY_SAMPLES,
+    PROFILER_DIR,
+    SNAPSHOT_DIR,
+    Run,
+    unknown_kinds_text,
+)
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
 
 # What the figures lack when a file the recorder wrote is gone (a partial copy, a clean-up).
@@ -58,6 +66,30 @@ def missing_files_notes(run: Run) -> list[str]:
         notes.append(
             f"{run.path / MANIFEST}: `files` holds {len(unusable):,} {noun} of the run, ignored: {shown}"
             f"{f'; and {more:,} more' if more > 0 else ''}"
+        )
+    return notes
+
+
+def kv_log_notes(run: Run) -> list[str]:
+    """The notes on the KV log's lines `read_run` set aside or read otherwise than written (as a trace's
+    skipped events are noted): without them the figures would leave those lines out, or take a size that no
+    storage can have, with nothing saying so."""
+    notes = []
+    path = run.path / KV_EVENTS
+    if run.unknown_kv_events:
+        skipped = sum(run.unknown_kv_events.values())
+        total = len(run.kv_events) + skipped
+        notes.append(
+            f"{path}: skipped {skipped:,} of {total:,} lines whose event is not one this kvtrace knows "
+            f"({unknown_kinds_text(run.unknown_kv_events)}): the KV figures leave them out (a newer "
+            "kvtrace's log, or damage)"
+        )
+    if run.short_kv_storages:
+        count = run.short_kv_storages
+        lines = "1 line gives" if count == 1 else f"{count:,} lines give"
+        notes.append(
+            f"{path}: {lines} a storage_bytes smaller than the tensor it describes (view_offset + shape x "
+            "dtype size), which no storage can be (damage): read at that size, the least the storage holds"
         )
     return notes
 
