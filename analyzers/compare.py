@@ -176,7 +176,10 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
     kv_by_step = tuple(sum(kv_log.step_live[s].values()) for s in steps) if kv_log is not None else ()
     kv = report.kv
     # A bare trace or snapshot with nothing marking KV allocations shows "-", not 0 B: unknown, not empty.
-    kv_known = kv.measured_from != "none"
+    # Nor are the figures of a refused vLLM start, which made no pool (Report.kv_measured, device_measured)
+    kv_known = kv.measured_from != "none" and report.kv_measured
+    if main is not None and not report.device_measured(main):
+        main = None
     made = generated(source, report)
     # The report's notes say what its figures lack: a block that raised, a run still recording, a peak
     # without allocator events, a missing file
@@ -201,7 +204,7 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
         churn=(kv.allocated_bytes_total / kv.final_bytes) if kv_known and kv.final_bytes else None,
         fragmentation_bytes=main.fragmentation_at_peak_bytes if main else None,
         tokens_per_second=tokens_per_second(source, report),
-        evicted_tokens=kv.evicted_tokens if kv_log is not None else None,
+        evicted_tokens=kv.evicted_tokens if kv_log is not None and report.kv_measured else None,
         steps=report.steps,
         batch=kv.batch,
         step_axis=steps,

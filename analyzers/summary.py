@@ -111,6 +111,21 @@ class Report:
         """The device with the highest peak (the one that runs out first)."""
         return max(self.devices, key=lambda d: d.peak_allocated_bytes, default=None)
 
+    def device_measured(self, device: DeviceSummary) -> bool:
+        """False where a device's byte figures are 0 for want of any event, not a measured 0: a vLLM start
+        refused for lack of KV memory made no pool and ran no step, so unless a profiler saw events (vLLM
+        loading its weights) its devices measured nothing. Renderers say such figures are unknown."""
+        return not self._refused_start or bool(device.alloc_events or device.free_events)
+
+    @property
+    def kv_measured(self) -> bool:
+        """False where the KV figures are 0 for want of any KV entry (a refused vLLM start: no pool made)."""
+        return not self._refused_start or bool(self.kv.per_layer)
+
+    @property
+    def _refused_start(self) -> bool:
+        return self.engine is not None and self.engine.status == "refused_start"
+
     def _repr_html_(self) -> str:
         """Jupyter shows a report as its tables and a small timeline (analyzers.render.notebook); a run
         group's, its ranks side by side first."""

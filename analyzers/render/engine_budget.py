@@ -1,14 +1,16 @@
-"""An engine run's memory budget (analyzers.planning.engine_budget) as text lines. Computes nothing."""
+"""An engine run's memory budget (analyzers.planning.engine_budget) as text lines and the report page's HTML
+section, in the same sentences. Computes nothing."""
 
 from __future__ import annotations
+
+import html
 
 from analyzers.planning.engine_budget import EngineBudget
 from analyzers.units import human_bytes
 
 
-def engine_budget_lines(b: EngineBudget, name: str) -> list[str]:
-    """The crossing in one sentence, then the pool that fits and the knobs that make it; one line when the
-    run fits. `name`: the engine as the diagnosis names it (e.g. "transformers-cb 5.24.0")."""
+def _crossing_sentence(b: EngineBudget, name: str) -> str:
+    """The crossing (or the fit) in one sentence."""
     size = human_bytes(b.budget_bytes)
     counted = []
     if b.unseen_bytes:
@@ -19,10 +21,10 @@ def engine_budget_lines(b: EngineBudget, name: str) -> list[str]:
         counted.append("the KV cache and weights only: no allocator events were recorded, activations unseen")
     told = f" ({'; '.join(counted)})" if counted else ""
     if not b.crossed:
-        return [
+        return (
             f"budget {size}: the run fits, peak {human_bytes(b.peak_bytes)} leaves "
             f"{human_bytes(-b.over_bytes)}{told}."
-        ]
+        )
     if b.crossed_by == "pool":
         what = (
             f"its KV pool ({human_bytes(b.pool_bytes)}), allocated at the engine's start before its first "
@@ -42,18 +44,38 @@ def engine_budget_lines(b: EngineBudget, name: str) -> list[str]:
             f"a {human_bytes(b.request_bytes)}{kind} allocation{at} on top of "
             f"{human_bytes(b.allocated_before_bytes)} takes it over"
         )
-    lines = [
+    return (
         f"{name} would run out of memory on a {size} device: {what}; the run peaks at "
-        f"{human_bytes(b.peak_bytes)}, {human_bytes(b.over_bytes)} over{told}.",
-    ]
+        f"{human_bytes(b.peak_bytes)}, {human_bytes(b.over_bytes)} over{told}."
+    )
+
+
+def _room_sentence(b: EngineBudget) -> str:
+    """The pool that fits a crossed budget, which the remedies below it make."""
     if b.room_bytes > 0:
-        lines.append(
-            f"  a pool of at most {human_bytes(b.room_bytes)} fits beside the {human_bytes(b.other_bytes)} "
+        return (
+            f"a pool of at most {human_bytes(b.room_bytes)} fits beside the {human_bytes(b.other_bytes)} "
             f"its size does not change (now {human_bytes(b.pool_bytes)}):"
         )
-    else:
-        lines.append(
-            f"  no pool fits: the {human_bytes(b.other_bytes)} besides it exceed the budget on their own:"
-        )
-    lines += [f"    {remedy.sentence}" for remedy in b.remedies]
-    return lines
+    return f"no pool fits: the {human_bytes(b.other_bytes)} besides it exceed the budget on their own:"
+
+
+def engine_budget_lines(b: EngineBudget, name: str) -> list[str]:
+    """The crossing in one sentence, then the pool that fits and the knobs that make it; one line when the
+    run fits. `name`: the engine as the diagnosis names it (e.g. "transformers-cb 5.24.0")."""
+    lines = [_crossing_sentence(b, name)]
+    if not b.crossed:
+        return lines
+    lines.append(f"  {_room_sentence(b)}")
+    return lines + [f"    {remedy.sentence}" for remedy in b.remedies]
+
+
+def engine_budget_to_html(b: EngineBudget, name: str) -> str:
+    """The budget as the report page's <section>, in `kvtrace diagnose`'s sentences (engine_budget_lines),
+    so that the page and diagnose say the same of a run that crossed it."""
+    esc = html.escape
+    body = f"<p>{esc(_crossing_sentence(b, name))}</p>"
+    if b.crossed:
+        remedies = "".join(f"<li>{esc(remedy.sentence)}</li>" for remedy in b.remedies)
+        body += f"<p>{esc(_room_sentence(b))}</p><ul>{remedies}</ul>"
+    return f"<section class='diagnosis' id='kvtrace-budget'><h2>Memory budget</h2>{body}</section>"

@@ -361,34 +361,24 @@ def _monitor_note(source: MemorySource) -> str | None:
     return f"GPU utilization and device memory (NVML) are absent: {reason}"
 
 
-def _figure(value: int, measured: bool) -> str:
-    """Bytes, or "-" (human_bytes' unknown, as the page says an unknown figure elsewhere) for a figure the run
-    never measured: its 0 is for want of any event, not a measured 0."""
-    return human_bytes(value if measured else None)
-
-
 def _summary_table(report: Report) -> str:
+    # A figure never measured (a refused vLLM start's) is null in the JSON: "-" here, as any unknown figure
     data = report_to_json(report)
     rows: list[tuple[str, str]] = []
-    # A vLLM start refused for lack of KV memory made no pool and ran no step: unless a profiler saw events
-    # (the weights' loading), its devices and KV log measured nothing
-    refused = report.engine is not None and report.engine.status == "refused_start"
     for dev in data["devices"]:
-        measured = not refused or bool(dev["alloc_events"] or dev["free_events"])
-        rows.append((f"{dev['device']} peak allocated", _figure(dev["peak_allocated_bytes"], measured)))
+        rows.append((f"{dev['device']} peak allocated", human_bytes(dev["peak_allocated_bytes"])))
         for name, value in dev["categories_at_peak"].items():
-            rows.append((f"&nbsp;&nbsp;{name} at peak", _figure(value, measured)))
+            rows.append((f"&nbsp;&nbsp;{name} at peak", human_bytes(value)))
         if dev["fragmentation_at_peak_bytes"] is not None:
             rows.append(
                 ("&nbsp;&nbsp;reserved but unallocated", human_bytes(dev["fragmentation_at_peak_bytes"]))
             )
     kv = data["kv"]
-    kv_measured = not refused or bool(kv["per_layer"])
     rows += [
-        ("KV final", _figure(kv["final_bytes"], kv_measured)),
-        ("KV peak (transient copies)", _figure(kv["peak_bytes"], kv_measured)),
-        ("KV allocated over the run", _figure(kv["allocated_bytes_total"], kv_measured)),
-        ("evicted tokens (all rows and layers)", evicted_tokens(report.kv) if kv_measured else "-"),
+        ("KV final", human_bytes(kv["final_bytes"])),
+        ("KV peak (transient copies)", human_bytes(kv["peak_bytes"])),
+        ("KV allocated over the run", human_bytes(kv["allocated_bytes_total"])),
+        ("evicted tokens (all rows and layers)", evicted_tokens(report.kv) if report.kv_measured else "-"),
         ("measured from", kv["measured_from"]),
     ]
     if kv["bytes_per_token_measured"] is not None:

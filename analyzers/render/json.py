@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from analyzers.summary import Report
+from analyzers.summary import DeviceSummary, Report
 
 JSON_VERSION = 1
 
@@ -26,39 +26,25 @@ METHOD_LABELS = {
 
 def report_to_json(report: Report) -> dict[str, Any]:
     kv = report.kv
+    devices = [_device_json(report, d) for d in report.devices]
+    main_device = report.main_device
+    main = next((dev for d, dev in zip(report.devices, devices, strict=True) if d is main_device), None)
+    measured = report.kv_measured  # a figure never measured is null, not 0
     return {
         "version": JSON_VERSION,
         "source": {"kind": report.source_kind, "path": report.path},
-        "devices": [
-            {
-                "device": d.device,
-                "alloc_events": d.alloc_events,
-                "free_events": d.free_events,
-                "peak_allocated_bytes": d.peak_allocated_bytes,
-                "peak_time": d.peak_time,
-                "final_allocated_bytes": d.final_allocated_bytes,
-                "size_basis": d.size_basis,
-                "final_allocated_rounded_bytes": d.final_allocated_rounded_bytes,
-                "capacity_bytes": d.capacity_bytes,
-                "categories_at_peak": d.categories_at_peak,
-                "reserved_at_peak_bytes": d.reserved_at_peak,
-                "fragmentation_at_peak_bytes": d.fragmentation_at_peak_bytes,
-                "peak_before_trace": d.peak_before_trace,
-                "attributed_bytes_by_method": d.bytes_by_method,
-            }
-            for d in report.devices
-        ],
-        "peak_allocated_bytes": report.main_device.peak_allocated_bytes if report.main_device else 0,
-        "peak_time": report.main_device.peak_time if report.main_device else None,
-        "final_allocated_bytes": report.main_device.final_allocated_bytes if report.main_device else 0,
-        "size_basis": report.main_device.size_basis if report.main_device else None,
-        "categories_at_peak": report.main_device.categories_at_peak if report.main_device else {},
+        "devices": devices,
+        "peak_allocated_bytes": main["peak_allocated_bytes"] if main is not None else 0,
+        "peak_time": main["peak_time"] if main is not None else None,
+        "final_allocated_bytes": main["final_allocated_bytes"] if main is not None else 0,
+        "size_basis": main["size_basis"] if main is not None else None,
+        "categories_at_peak": main["categories_at_peak"] if main is not None else {},
         "partial": report.partial,
         "kv": {
-            "peak_bytes": kv.peak_bytes,
-            "final_bytes": kv.final_bytes,
-            "allocated_bytes_total": kv.allocated_bytes_total,
-            "evicted_tokens": kv.evicted_tokens,
+            "peak_bytes": kv.peak_bytes if measured else None,
+            "final_bytes": kv.final_bytes if measured else None,
+            "allocated_bytes_total": kv.allocated_bytes_total if measured else None,
+            "evicted_tokens": kv.evicted_tokens if measured else None,
             "evictions_by_reason": kv.evictions_by_reason,
             "measured_from": kv.measured_from,
             "bytes_per_token_measured": kv.bytes_per_token_measured,
@@ -93,6 +79,27 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "engine": _engine_json(report),
         "budget": report.budget,
         "notes": report.notes,
+    }
+
+
+def _device_json(report: Report, d: DeviceSummary) -> dict[str, Any]:
+    """One device; its byte figures null where it measured nothing (Report.device_measured)."""
+    measured = report.device_measured(d)
+    return {
+        "device": d.device,
+        "alloc_events": d.alloc_events,
+        "free_events": d.free_events,
+        "peak_allocated_bytes": d.peak_allocated_bytes if measured else None,
+        "peak_time": d.peak_time,
+        "final_allocated_bytes": d.final_allocated_bytes if measured else None,
+        "size_basis": d.size_basis,
+        "final_allocated_rounded_bytes": d.final_allocated_rounded_bytes,
+        "capacity_bytes": d.capacity_bytes,
+        "categories_at_peak": d.categories_at_peak if measured else dict.fromkeys(d.categories_at_peak),
+        "reserved_at_peak_bytes": d.reserved_at_peak,
+        "fragmentation_at_peak_bytes": d.fragmentation_at_peak_bytes,
+        "peak_before_trace": d.peak_before_trace,
+        "attributed_bytes_by_method": d.bytes_by_method,
     }
 
 

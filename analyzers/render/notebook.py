@@ -100,26 +100,21 @@ def report_to_notebook_html(report: Report) -> str:
         )
     ]
     for dev in report.devices:
+        measured = report.device_measured(dev)  # a refused vLLM start's may not be: "-", as the report's HTML
         at_peak = dev.categories_at_peak
-        rows.append(
-            _row(
-                dev.device,
-                human_bytes(dev.peak_allocated_bytes),
-                human_bytes(at_peak.get("kv", 0)),
-                human_bytes(at_peak.get("weights", 0)),
-                human_bytes(at_peak.get("other", 0)),
-                human_bytes(dev.final_allocated_bytes),
-                human_bytes(dev.capacity_bytes),
-            )
-        )
+        figures = [dev.peak_allocated_bytes, *(at_peak.get(name, 0) for name in ("kv", "weights", "other"))]
+        figures.append(dev.final_allocated_bytes)
+        cells = [human_bytes(value if measured else None) for value in figures]
+        rows.append(_row(dev.device, *cells, human_bytes(dev.capacity_bytes)))
     parts.append("<table>" + "".join(rows) + "</table>")
     kv = report.kv
+    measured = report.kv_measured
     kv_rows = [
         _row("KV cache", "", header=True),
-        _row("peak", human_bytes(kv.peak_bytes)),
-        _row("final", human_bytes(kv.final_bytes)),
-        _row("allocated over the run", human_bytes(kv.allocated_bytes_total)),
-        _row("evicted tokens (all rows and layers)", f"{kv.evicted_tokens:,}"),
+        _row("peak", human_bytes(kv.peak_bytes if measured else None)),
+        _row("final", human_bytes(kv.final_bytes if measured else None)),
+        _row("allocated over the run", human_bytes(kv.allocated_bytes_total if measured else None)),
+        _row("evicted tokens (all rows and layers)", f"{kv.evicted_tokens:,}" if measured else "-"),
         _row("measured from", kv.measured_from),
     ]
     if kv.bytes_per_token_measured is not None:

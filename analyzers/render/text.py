@@ -112,6 +112,12 @@ def report_to_text(report: Report) -> str:
         lines.append(f"  note: {note}")
     for dev in report.devices:
         cap = f" of {human_bytes(dev.capacity_bytes)}" if dev.capacity_bytes else ""
+        if not report.device_measured(dev):  # its 0s are for want of any event: unknown, as the HTML's "-"
+            lines.append(
+                f"  {dev.device}: peak -{cap}, final - (not measured), "
+                f"{dev.alloc_events:,} allocs / {dev.free_events:,} frees"
+            )
+            continue
         lines.append(
             f"  {dev.device}: peak {human_bytes(dev.peak_allocated_bytes)}{cap}, final "
             f"{human_bytes(dev.final_allocated_bytes)}, "
@@ -141,9 +147,11 @@ def report_to_text(report: Report) -> str:
     lines.append(f"  KV cache ({kv.measured_from}):")
     if kv.measured_from == "none":
         lines.append(f"    no KV attribution: {NO_KV_HINT}")
-    lines.append(
-        f"    final {human_bytes(kv.final_bytes)}, peak {human_bytes(kv.peak_bytes)} (with transient copies)"
-    )
+    if report.kv_measured:
+        held = f"final {human_bytes(kv.final_bytes)}, peak {human_bytes(kv.peak_bytes)}"
+        lines.append(f"    {held} (with transient copies)")
+    else:
+        lines.append("    final -, peak - (not measured: no KV entry, the engine made no pool)")
     image = sum(c.final_bytes for c in kv.caches if c.cross_attention_of is not None)
     if image:  # Mllama's cross-attention layers: the image's KV, held whatever the tokens
         lines.append(

@@ -1,5 +1,5 @@
-"""A vLLM diagnosis (refused start or preemptions) as text, JSON and the report page's HTML section. Computes
-nothing."""
+"""A vLLM diagnosis (refused start, preemptions, or a run the pool served whole) as text, JSON and the report
+page's HTML section. Computes nothing beyond a share for its sentence."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import html
 from dataclasses import asdict
 from typing import Any
 
-from analyzers.engine import HeldRequest
+from analyzers.engine import EngineRun, HeldRequest
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis
 from analyzers.planning.vllm_plan import readable_bytes
 
@@ -171,3 +171,41 @@ def vllm_diagnosis_to_text(d: RefusedDiagnosis | PreemptionDiagnosis) -> str:
     lines = _refused_text(d) if isinstance(d, RefusedDiagnosis) else _preemption_text(d)
     lines += [f"  note: {n}" for n in d.notes] if isinstance(d, RefusedDiagnosis) else []
     return "\n".join(lines)
+
+
+def ran_fine_to_json(run: EngineRun, over_budget: bool = False) -> dict[str, Any]:
+    """A vLLM run that neither preempted nor was refused: no request ran short of blocks. Its pool was
+    allocated at start, so a shorter context or a smaller batch would not have changed its size. What
+    `kvtrace diagnose` says of it (`sentence`), and the report page beside the budget it crossed
+    (`over_budget`: then "nothing ran out" is not said)."""
+    from analyzers.engine import engine_figures
+    from analyzers.planning.vllm_diagnose import NULL_BLOCKS
+    from analyzers.render.engine import peak_when  # numpy: not for diagnose's other paths
+
+    figures = engine_figures(run)
+    usable = max((figures.num_blocks or 0) - NULL_BLOCKS, 0)
+    share = f" ({100 * figures.peak_blocks_used / usable:.0f}% of the {usable:,} usable)" if usable else ""
+    sentence = (
+        f"vLLM preempted nothing and started normally{'' if over_budget else ': nothing ran out'}. Peak "
+        f"{figures.peak_blocks_used:,} blocks used{share} at {peak_when(figures)}; the pool is allocated at "
+        f"start, so context and batch do not change its size (size one: kvtrace plan --engine vllm "
+        f"--from-run {run.path})."
+    )
+    return {
+        "kind": "no_preemption",
+        "path": run.path,
+        "engine": figures.name,  # as every other engine diagnosis: scripts tell the engine by this key
+        "num_blocks": figures.num_blocks,
+        "usable_blocks": usable,
+        "peak_blocks_used": figures.peak_blocks_used,
+        "peak_step": figures.peak_step,
+        "sentence": sentence,
+    }
+
+
+def ran_fine_to_html(result: dict[str, Any]) -> str:
+    """`ran_fine_to_json`'s sentence as the report page's diagnosis <section>."""
+    return (
+        "<section class='diagnosis' id='kvtrace-diagnosis'>"
+        f"<h2>Diagnosis</h2><p>{html.escape(result['sentence'])}</p></section>"
+    )

@@ -218,34 +218,14 @@ def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str
 
 
 def _engine_ran_fine(run: Any, as_json: bool, checked: Any = None, raised: list[str] | None = None) -> None:
-    """A vLLM run that neither preempted nor was refused: no request ran short of blocks. Its pool was
-    allocated at start, so a shorter context or a smaller batch would not have changed its size."""
-    from analyzers.engine import engine_figures
-    from analyzers.planning.vllm_diagnose import NULL_BLOCKS
-    from analyzers.render.engine import peak_when
+    """A vLLM run that neither preempted nor was refused (analyzers.render.vllm_diagnosis.ran_fine_to_json),
+    after the budget's lines when there is one."""
+    from analyzers.render.vllm_diagnosis import ran_fine_to_json
 
     raised = raised or []
-    figures = engine_figures(run)
-    usable = max((figures.num_blocks or 0) - NULL_BLOCKS, 0)
-    share = f" ({100 * figures.peak_blocks_used / usable:.0f}% of the {usable:,} usable)" if usable else ""
-    over = checked is not None and checked.crossed
-    sentence = (
-        f"vLLM preempted nothing and started normally{'' if over else ': nothing ran out'}. Peak "
-        f"{figures.peak_blocks_used:,} blocks used{share} at {peak_when(figures)}; the pool is allocated at "
-        f"start, so context and batch do not change its size (size one: kvtrace plan --engine vllm "
-        f"--from-run {run.path})."
-    )
-    result = {
-        "kind": "no_preemption",
-        "path": run.path,
-        "engine": figures.name,  # as every other engine diagnosis: scripts tell the engine by this key
-        "num_blocks": figures.num_blocks,
-        "usable_blocks": usable,
-        "peak_blocks_used": figures.peak_blocks_used,
-        "peak_step": figures.peak_step,
-        "sentence": sentence,
-    }
+    result = ran_fine_to_json(run, over_budget=checked is not None and checked.crossed)
     _with_budget(result, checked, raised)
     budget_lines = _budget_text(run.path, checked, f"vLLM {run.info.version}".strip())
+    sentence = result["sentence"]
     text = [*budget_lines, f"  {sentence}"] if budget_lines else [f"kvtrace diagnose: {run.path}: {sentence}"]
     print_result(as_json, lambda: result, lambda: "\n".join(text + _notes_text(raised)))

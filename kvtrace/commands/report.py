@@ -99,17 +99,19 @@ class ReportCommand(Command):
             from analyzers.render.html import report_to_html
 
             out = Path(args.output)
-            sections: list[str] = []
+            # A vLLM run's page says what `kvtrace diagnose` says of it, a budget it crossed included
+            engine = source.meta.get("engine") if report.oom is None else None
+            sections = _engine_section(source, report) if engine is not None else None
             crossed = report.budget is not None and report.budget["crossed"]
-            if report.oom is not None or crossed:  # a budget crossing is explained as an OOM would be
-                try:
-                    from analyzers.render.diagnosis import diagnosis_html_for
-                except ImportError:
-                    diagnosis_html_for = None  # type: ignore[assignment]
-                if diagnosis_html_for is not None:
-                    sections.append(diagnosis_html_for(source, report))
-            elif source.meta.get("engine") is not None:
-                sections += _engine_section(source, report)
+            if sections is None:
+                sections = []
+                if report.oom is not None or crossed:  # a budget crossing is explained as an OOM would be
+                    try:
+                        from analyzers.render.diagnosis import diagnosis_html_for
+                    except ImportError:
+                        diagnosis_html_for = None  # type: ignore[assignment]
+                    if diagnosis_html_for is not None:
+                        sections.append(diagnosis_html_for(source, report))
             write_html(out, report_to_html(source, report, sections), quiet=args.json)
         return 0
 
@@ -181,26 +183,37 @@ def _not_exported(problem: KvtraceError) -> None:
     )
 
 
-def _engine_section(source: Any, report: Report) -> list[str]:
-    """The page's diagnosis of a vLLM run that was refused its start or preempted requests: what `kvtrace
-    diagnose` says, its remedies priced against the recorded budget as there. [] where there is nothing to
-    explain (the pool held every request), another engine's run, or a refusal that cannot be priced
-    (`kvtrace diagnose` says why)."""
+def _engine_section(source: Any, report: Report) -> list[str] | None:
+    """The page's diagnosis of a vLLM run, what `kvtrace diagnose` says of it: the recorded budget first where
+    there is one (crossed or not), priced in vLLM's knobs; then the refusal, the preemptions, or (beside a
+    budget) that the pool served every request. None for another engine's run that was not refused (its
+    budget crossing is explained as an OOM would be); [] where there is nothing to explain (no budget, the
+    pool held every request) or a refusal that cannot be priced (`kvtrace diagnose` says why)."""
     from analyzers.planning.engine_budget import run_engine_budget
     from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, diagnose_engine
     from analyzers.planning.vllm_refused import refused_start
-    from analyzers.render.vllm_diagnosis import preemption_to_html, refused_to_html
+    from analyzers.render.engine_budget import engine_budget_to_html
+    from analyzers.render.vllm_diagnosis import (
+        preemption_to_html,
+        ran_fine_to_html,
+        ran_fine_to_json,
+        refused_to_html,
+    )
 
     engine = source.meta["engine"]
     if engine.info.name != "vllm" and not refused_start(engine):  # priced in vLLM's knobs only
-        return []
+        return None
     budget = run_engine_budget(engine, report.budget, source.meta.get("manifest") or {})
+    name = f"vLLM {engine.info.version}".strip()  # as `kvtrace diagnose` names it
+    sections = [] if budget is None else [engine_budget_to_html(budget, name)]
     try:
         diagnosis = diagnose_engine(engine, budget)
     except KvtraceError:
-        return []
+        return sections
     if diagnosis is None:
-        return []
+        if budget is None:
+            return []
+        return [*sections, ran_fine_to_html(ran_fine_to_json(engine, over_budget=budget.crossed))]
     if isinstance(diagnosis, PreemptionDiagnosis):
-        return [preemption_to_html(diagnosis)]
-    return [refused_to_html(diagnosis)]
+        return [*sections, preemption_to_html(diagnosis)]
+    return [*sections, refused_to_html(diagnosis)]

@@ -403,6 +403,9 @@ def test_compare_says_a_start_was_refused(capsys: pytest.CaptureFixture[str], tm
     refused, ran = _json_of(["compare", str(REFUSED), str(PREEMPT), "--json"], capsys)["runs"]
     assert refused["engine"]["status"] == "refused_start" and ran["engine"]["status"] == "ok"
     assert {key for key, value in refused["engine"].items() if value is not None} == {"name", "status"}
+    # nor a device or KV figure: no memory event and no KV entry was recorded (profiler=False, no pool)
+    unknown = ["peak_bytes", "kv_peak_bytes", "kv_final_bytes", "evicted_tokens"]
+    assert {key: refused[key] for key in unknown} == dict.fromkeys(unknown)
     assert any("refused to start" in note for note in refused["notes"])
     # the run that ran has its report's notes only (profiler=False: the peak is its KV pool's)
     assert ran["notes"] == _json_of(["report", str(PREEMPT), "--json", "--no-export", "-q"], capsys)["notes"]
@@ -416,6 +419,7 @@ def test_compare_says_a_start_was_refused(capsys: pytest.CaptureFixture[str], tm
     assert rows["engine pool (blocks)"] == ["refused start", str(ran["engine"]["num_blocks"])]
     assert rows["engine preemptions"] == ["-", f"{ran['engine']['preemptions']:,}"]
     assert rows["engine peak blocks used"][0] == "-"
+    assert [rows[label][0] for label in ("peak allocated", "KV peak", "KV final")] == ["-"] * 3
     assert "note: vllm_refused: vLLM refused to start for lack of KV memory" in text
     page = tmp_path / "compare.html"
     assert main(["compare", str(REFUSED), str(PREEMPT), "-o", str(page)]) == 0
@@ -534,3 +538,35 @@ def test_the_refused_pages_summary_says_what_was_never_measured_is_unknown(tmp_p
     rows = dict(zip(cells[::2], cells[1::2], strict=True))
     assert any(label.endswith(" peak allocated") for label in rows) and "KV final" in rows
     assert {value for label, value in rows.items() if label != "measured from"} == {"-"}
+
+
+@pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
+def test_a_refused_starts_text_and_json_say_what_was_never_measured_is_unknown(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN the refused sample, recorded without the profiler: no memory event, no KV entry, no pool
+    manifest = json.loads((REFUSED / "manifest.json").read_text())
+    assert manifest["options"]["profiler"] is False and not _lines(REFUSED / "kv_events.jsonl")
+    assert json.loads((REFUSED / "engine.json").read_text())["status"] == "refused_start"
+    # WHEN reported as JSON THEN its device and KV figures are null (unknown), not 0
+    data = _json_of(["report", str(REFUSED), "--json", "--no-export", "-q"], capsys)
+    (device,) = data["devices"]
+    assert (device["alloc_events"], device["free_events"]) == (0, 0)
+    assert device["peak_allocated_bytes"] is None and device["final_allocated_bytes"] is None
+    assert set(device["categories_at_peak"].values()) == {None}
+    assert (data["peak_allocated_bytes"], data["final_allocated_bytes"]) == (None, None)
+    assert set(data["categories_at_peak"].values()) == {None}
+    kv = data["kv"]
+    never = ["final_bytes", "peak_bytes", "allocated_bytes_total", "evicted_tokens"]
+    assert {key: kv[key] for key in never} == dict.fromkeys(never)
+    # what was measured is kept: the device's memory, from the manifest
+    assert device["capacity_bytes"] == manifest["device"]["total_memory_bytes"] > 0
+    # AND the text report says "-" (not measured) where it said "0 B"
+    assert main(["report", str(REFUSED), "--no-export", "-q"]) == 0
+    text = capsys.readouterr().out
+    (device_line,) = [line for line in text.splitlines() if line.startswith(f"  {device['device']}: peak")]
+    assert device_line.startswith(f"  {device['device']}: peak - of ")
+    assert "final - (not measured)" in device_line
+    (kv_line,) = [line for line in text.splitlines() if line.strip().startswith("final ")]
+    assert kv_line.strip().startswith("final -, peak - (not measured")
+    assert "0 B" not in device_line + kv_line

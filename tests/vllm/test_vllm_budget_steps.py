@@ -10,7 +10,9 @@ test."""
 from __future__ import annotations
 
 import gzip
+import html
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,40 @@ def test_a_budget_crossed_inside_an_engine_step_is_placed_in_that_step(
     assert (crossing["step"], crossing["request_bytes"]) == (expected["step"], expected["request"])
     # the KV log's only layers are the pool's, logged at the engine's start: no forward's layer to name
     assert crossing["layer"] is None
+
+
+def _page_text(section_html: str) -> str:
+    """A page section's words as a reader sees them: tags dropped, entities read, spaces collapsed."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", section_html)).split())
+
+
+def test_the_page_of_a_run_over_its_recorded_budget_says_what_diagnose_says(
+    profiled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the profiled run, recorded with a budget that an allocation inside engine step N is the first to
+    # cross, by the trace's own events (record(gpu_memory=...): the manifest's option)
+    expected = _first_new_peak_in_a_step(profiled)
+    budget = expected["before"] + expected["request"] - 1
+    run = tmp_path / "run"
+    shutil.copytree(profiled, run)
+    manifest = json.loads((run / fmt.MANIFEST).read_text())
+    manifest["options"]["gpu_memory"] = budget
+    (run / fmt.MANIFEST).write_text(json.dumps(manifest))
+    # WHEN diagnosed, and its HTML report written
+    capsys.readouterr()
+    assert main(["diagnose", str(run)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    page = tmp_path / "report.html"
+    assert main(["report", str(run), "-o", str(page), "--no-export", "-q"]) == 0
+    sections = re.findall(r"<section class='diagnosis'.*?</section>", page.read_text(), flags=re.S)
+    shown = _page_text("".join(sections))
+    # THEN diagnose heads with the budget vLLM crossed at that step, then vLLM's own diagnosis
+    assert f"allocation at step {expected['step']} on top of" in said[0] and "vLLM" in said[0]
+    # AND the page says every line of it, in the same words: no generic diagnosis that contradicts it
+    for line in said:
+        words = " ".join(line.removeprefix(f"kvtrace diagnose: {run}: ").split())
+        assert words.removeprefix("note: ") in shown, words
+    assert "Remedies, ranked" not in shown and "no OOM recorded" not in shown  # the generic diagnosis'
 
 
 def test_the_pool_priced_within_a_budget_avoids_every_preemption(

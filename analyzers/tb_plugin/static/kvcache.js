@@ -109,7 +109,7 @@ function summaryTable(summary) {
   rows.push(['KV final', humanBytes(kv.final_bytes)]);
   rows.push(['KV peak (transient copies)', humanBytes(kv.peak_bytes)]);
   rows.push(['KV allocated over the run', humanBytes(kv.allocated_bytes_total)]);
-  rows.push(['evicted tokens', grouped(kv.evicted_tokens)]);
+  rows.push(['evicted tokens', kv.evicted_tokens === null ? '-' : grouped(kv.evicted_tokens)]);
   // An engine's pool (vLLM) has no batch: its tokens are the pool's capacity, as `kvtrace report` says.
   if (kv.tokens_held !== null && kv.batch !== null) {
     rows.push(['tokens held × batch', `${kv.tokens_held} × ${kv.batch}`]);
