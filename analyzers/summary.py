@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
+from analyzers.readers.unescaped_names import unescaped_names_note
 from analyzers.trace_coverage import all_memory_events_damaged, coverage_notes, skipped_events_note
 
 if TYPE_CHECKING:
@@ -250,6 +251,9 @@ def input_notes(source: MemorySource) -> list[str]:
     only_memory = all(reason.startswith("[memory]") for reason in skipped)
     if skipped and not (only_memory and all_memory_events_damaged(source) is not None):
         notes.append(skipped_events_note(skipped, source.meta.get("trace_events")))
+    if source.meta.get("unescaped_names"):
+        what = "" if source.kind == "chrome_trace" else "the profiler trace: "
+        notes.append(unescaped_names_note(source.meta["unescaped_names"], what))
     return notes
 
 

@@ -53,6 +53,7 @@ from analyzers.readers.memory_events_fast import (
 from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.memory_timeline import read_memory_timeline  # re-exported: one import for both
 from analyzers.readers.sources import JsonStream, ProgressFn, open_input
+from analyzers.readers.unescaped_names import merge_unescaped_names
 from kvtrace.errors import KvtraceError
 
 __all__ = ["ChunkSink", "read_chrome_trace", "read_memory_timeline", "timestamps"]
@@ -463,17 +464,20 @@ def read_chrome_trace(
                 str(path), collector, result.top, collector.all_integral, result.events, "byte_scan"
             )
             source.meta["python_stacks"] = result.python_stacks
+            merge_unescaped_names(source.meta, result.unescaped_names)
             return source
     name = str(path)
     collector = _TraceCollector(sink_for, name)
     memory_runs = MemoryRunReader(collector.columns_for, collector.saw_pids)
     with open_input(path, progress) as binary:
         python_stacks = PYTHON_FUNCTION in binary.peek(_STACKS_PEEK)[:_STACKS_PEEK]
-        top, skipped = _walk_trace(JsonStream(binary, name), collector, memory_runs)
+        stream = JsonStream(binary, name)
+        top, skipped = _walk_trace(stream, collector, memory_runs)
     integral = collector.all_integral and memory_runs.all_integral
     events = collector.events + memory_runs.events + skipped
     source = _source_of(name, collector, top, integral, events, "json_stream")
     source.meta["python_stacks"] = python_stacks or bool(top.get("with_stack"))
+    merge_unescaped_names(source.meta, stream.unescaped_names)
     return source
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.readers.sources import ProgressFn, open_input
+from analyzers.readers.unescaped_names import repair_event
 from kvtrace.errors import KvtraceError, too_long_integer
 
 __all__ = ["MemoryBlock", "NotKineto", "ScanResult", "as_int64", "scan_kineto"]
@@ -127,6 +129,7 @@ class ScanResult:
     top: dict[str, Any] = field(default_factory=dict)
     events: int = 0
     python_stacks: bool = False  # a trace taken with_stack=True (python_function ranges to attribute by)
+    unescaped_names: Counter[str] = field(default_factory=Counter)  # names repaired (`unescaped_names`)
 
 
 def _blocks_of(columns: dict[str, np.ndarray], count: int) -> list[MemoryBlock]:
@@ -196,10 +199,21 @@ def _event_at(block: bytes, at: int) -> tuple[int, int]:
     return start + 3, end + 4
 
 
-def _decode(block: bytes, start: int, end: int, path: str) -> Any:
+def _repaired(event: bytes) -> tuple[Any, list[str]] | None:
+    try:
+        return repair_event(event.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+
+
+def _decode(block: bytes, start: int, end: int, path: str, unescaped: Counter[str]) -> Any:
     try:
         return json.loads(block[start:end])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        repaired = _repaired(block[start:end]) if isinstance(exc, json.JSONDecodeError) else None
+        if repaired is not None:  # a name torch wrote with unescaped quotes (`unescaped_names`)
+            unescaped.update(repaired[1])
+            return repaired[0]
         what = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
         raise KvtraceError(f"{path}: corrupt JSON ({what}) inside traceEvents") from None
     except ValueError:  # CPython's limit on the digits of an int
@@ -268,7 +282,7 @@ class _Scanner:
                     found[event_start] = event_end
                     hit = needle.search(block, event_end, end)
         for event_start in sorted(found):  # file order
-            event = _decode(block, event_start, found[event_start], self.path)
+            event = _decode(block, event_start, found[event_start], self.path, self.result.unescaped_names)
             is_memory = isinstance(event, dict) and event.get("name") == "[memory]"
             if is_memory or _NEEDLE not in block[event_start : found[event_start]]:
                 (self.on_odd_memory if is_memory else self.on_event)(event)

@@ -308,6 +308,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         source.frames = trace.frames
         source.markers = [m for m in trace.markers if not m.label.startswith("kvtrace/kv_update")]
         source.meta["trace"] = str(traces[-1])
+        if trace.meta.get("unescaped_names"):
+            source.meta["unescaped_names"] = trace.meta["unescaped_names"]
         skipped = trace.meta.get("skipped_events")
         if skipped:  # damaged events the reader set aside (a real recorder's trace has none)
             memory_damaged = not trace.devices and damaged_memory_events(skipped) is not None

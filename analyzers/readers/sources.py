@@ -17,11 +17,13 @@ import json
 import os
 import re
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from analyzers.readers.unescaped_names import repair_event
 from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
 
 if TYPE_CHECKING:
@@ -174,6 +176,7 @@ class JsonStream:
         self.buf = ""
         self.pos = 0
         self.eof = False
+        self.unescaped_names: Counter[str] = Counter()  # names read with their quotes escaped, per name
 
     def error(self, what: str) -> KvtraceError:
         return KvtraceError(f"{self._path}: {what}")
@@ -319,9 +322,29 @@ class JsonStream:
                 pos = after + 1
             self.pos = pos
             # Slow path for the element at the window's edge: decode it with refills.
-            on_element(self.value(where))
+            on_element(self._element(where))
             if self.expect(",]", where) == "]":
                 return skipped
+
+    def _element(self, where: str) -> Any:
+        """The array element here; one that does not decode is read with its name's quotes escaped if it is
+        a whole Kineto-layout event whose name torch wrote unescaped (`unescaped_names`), else reported."""
+        try:
+            return self.value(where)
+        except KvtraceError:
+            if not self.buf.startswith(_KINETO_OPEN, self.pos):
+                raise
+            close = self.buf.find(_KINETO_CLOSE, self.pos)
+            while close < 0 and not self.eof and len(self.buf) - self.pos <= _MAX_VALUE_CHARS:
+                self._fill()
+                close = self.buf.find(_KINETO_CLOSE, self.pos)
+            end = close + len(_KINETO_CLOSE)
+            repaired = repair_event(self.buf[self.pos : end]) if close >= 0 else None
+            if repaired is None:
+                raise
+            self.unescaped_names.update(repaired[1])
+            self.pos = end
+            return repaired[0]
 
     def end(self) -> None:
         if self.peek():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from analyzers.model import MemorySource
 from analyzers.readers.chrome_trace import offset_us
 from analyzers.readers.sources import JsonStream, open_input
+from analyzers.readers.unescaped_names import merge_unescaped_names
 
 _FRAME = re.compile(r"^(?P<file>.*)\((?P<line>\d+)\): (?P<func>.*)$")
 
@@ -27,7 +29,7 @@ def _normalise(name: str) -> str:
     return f"{match['file']}:{match['line']}:{match['func']}" if match else name
 
 
-def _collect(path: str | os.PathLike[str]) -> tuple[list[tuple[float, float, str]], Any]:
+def _collect(path: str | os.PathLike[str]) -> tuple[list[tuple[float, float, str]], Any, Counter[str]]:
     ranges: list[tuple[float, float, str]] = []
     top: dict[str, Any] = {}
 
@@ -39,7 +41,7 @@ def _collect(path: str | os.PathLike[str]) -> tuple[list[tuple[float, float, str
     with open_input(path, None) as binary:
         stream = JsonStream(binary, str(path))
         if stream.peek() != "{":
-            return ranges, None
+            return ranges, None, stream.unescaped_names
         stream.pos += 1
         while stream.peek() != "}":
             key = stream.value("the top-level object")
@@ -50,13 +52,14 @@ def _collect(path: str | os.PathLike[str]) -> tuple[list[tuple[float, float, str
                 top[key] = stream.value("a top-level field")
             if stream.expect(",}", "the top-level object") == "}":
                 break
-    return ranges, top.get("baseTimeNanoseconds")
+    return ranges, top.get("baseTimeNanoseconds"), stream.unescaped_names
 
 
 def attach_python_stacks(source: MemorySource, path: str | os.PathLike[str]) -> int:
     """Fill `frame_id` of every device's events from the trace's python_function ranges; returns how many
     allocation events got a stack (0 when the trace was recorded without stacks)."""
-    ranges, base_ns = _collect(path)
+    ranges, base_ns, unescaped = _collect(path)
+    merge_unescaped_names(source.meta, unescaped)
     if not ranges:
         return 0
     offset = float(offset_us(base_ns, False))  # the reader's own, so that both clocks agree
