@@ -16,7 +16,8 @@ What we keep from a trace (kind "chrome_trace"):
   is its maximum, baseline included. Events that the trace's own other events rule out (a free larger than
   any earlier total, a ts far outside the others) are dropped and counted (`impossible_events`).
 * ``ProfilerStep#N`` and ``kvtrace/...`` ranges (ph X, or B/E pairs) -> ``Marker(kind="step")``; the
-  GPU-side copies (cat ``gpu_user_annotation``) are skipped so each step appears once.
+  GPU-side copies (cat ``gpu_user_annotation``) are skipped so each step appears once, and so are Python
+  frames (cat ``python_function``) of kvtrace's own files, which `with_stack` names ``kvtrace/...`` too.
 * Timestamps: ``ts`` in microseconds, integer or float. When the top level has ``baseTimeNanoseconds``
   (newer Kineto writes ``ts`` relative to it; it may come after ``traceEvents``) we add it / 1000 so
   every ``ts_us`` is Unix-epoch microseconds. int64 when all values are integral, else float64.
@@ -276,7 +277,7 @@ class _TraceCollector:
             chunks.pending.add(ts, args)
         elif phase == "B" or phase == "E":
             self._begin_end(event, phase)
-        elif phase == "X" and _is_step(name) and event.get("cat") != "gpu_user_annotation":
+        elif phase == "X" and _is_step(name, event.get("cat")):
             ts = self._ts(event)
             if ts is not None:
                 dur = event.get("dur")
@@ -317,7 +318,7 @@ class _TraceCollector:
             stack.append((event.get("name"), ts if ts is not None else float("nan")))
         elif stack:
             name, start = stack.pop()
-            if _is_step(name) and ts is not None and event.get("cat") != "gpu_user_annotation":
+            if _is_step(name, event.get("cat")) and ts is not None:
                 self.ranges.append((str(name), start, ts, _range_detail(event)))
 
 
@@ -347,9 +348,20 @@ def _memory_problem(raw_ts: Any, args: Any) -> str:
 _NOT_STEPS = ("kvtrace/evict", "kvtrace/kv_update")  # kvtrace's ranges inside a step, not steps
 
 
-def _is_step(name: Any) -> bool:
-    return isinstance(name, str) and (
-        name.startswith("ProfilerStep#") or (name.startswith("kvtrace/") and not name.startswith(_NOT_STEPS))
+# Categories of ranges that share a step's name without being one: a step's GPU-side copy, and with
+# `with_stack=True` a Python frame of kvtrace's own files, which torch names by its path below sys.path
+# ("kvtrace/kv_lines.py(106): iter_tensors") where kvtrace is installed in site-packages.
+_NOT_STEP_CATEGORIES = ("gpu_user_annotation", "python_function")
+
+
+def _is_step(name: Any, category: Any) -> bool:
+    return (
+        isinstance(name, str)
+        and (
+            name.startswith("ProfilerStep#")
+            or (name.startswith("kvtrace/") and not name.startswith(_NOT_STEPS))
+        )
+        and category not in _NOT_STEP_CATEGORIES
     )
 
 
