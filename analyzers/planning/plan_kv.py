@@ -306,8 +306,9 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     run never reached): each carries the activations the run allows it (`_moment_floors`).
 
     Another cache kind, KV dtype, window or beams moves the moment (a static cache's prefill attends over
-    all of its length, a dynamic cache peaks at its growth copy): its KV peak plus the run's activations,
-    an estimate (analyzers.planning.run_peak's note says so)."""
+    all of its length, a dynamic cache peaks at its growth copy): its KV with the run's peak activations, or
+    its KV peak with what the run held at its own KV peak (`RecordedPeak.update_activations_bytes`), the
+    larger, an estimate (analyzers.planning.run_peak's note says so)."""
     rec = req.recorded
     assert rec is not None
     run = _run_request(req, rec)
