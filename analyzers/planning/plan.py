@@ -29,6 +29,7 @@ from analyzers.planning.plan_kv import (
     kv_sizes,
     peak_at,
     prefill_bound_note,
+    quantized_prefill_note,
 )
 from analyzers.planning.plan_render import format_text, to_json
 from analyzers.planning.plan_types import (
@@ -184,7 +185,8 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
         )
     estimate = geom.weights_note if req.measured_weights_bytes is None else None  # else measured
     prefill = prefill_bound_note(req)  # a recorded run's prefill priced from its peak, not measured
-    model_notes = tuple(note for note in (cache_off, estimate, geom.kv_note, prefill) if note)
+    quantize = quantized_prefill_note(req)  # a quantized prefill's temporaries, which no other run makes
+    model_notes = tuple(note for note in (cache_off, estimate, geom.kv_note, prefill, quantize) if note)
     limit = geom.max_position_embeddings
     if limit is None or req.context <= limit:
         return model_notes

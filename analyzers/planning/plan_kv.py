@@ -31,11 +31,15 @@ peak is highest at this context (for a dynamic cache, the context less one or tw
   reported apart as `kv_scale_bytes_per_token`. The prompt is quantized at prefill; each later token stays
   unquantized in the compute dtype until `residual_length` of them are (`kv_residual_bytes`: (written -
   prompt) mod residual_length tokens, at worst residual_length - 1). Every decode step dequantizes one
-  layer's whole K and V and concatenates them with the residual, so four full-precision tensors (the
-  dequantized K and V, counted as written-1 tokens, an upper bound since the residual is not dequantized,
-  and the concatenated K and V of all written tokens) are live at once: that is this cache's
-  `dynamic_realloc_peak_bytes`. One layer's only: the dequantized pair dies when its update returns, the
-  concatenated pair when its attention does, before the next layer's update.
+  layer's quantized K and V, concatenates them with the residual and the new token (the K and V it
+  returns, all written tokens), then grows the residual by `torch.cat`, its new V made beside the old:
+  at the last step that is the dequantized pair, the returned pair and the old residual V, in the compute
+  dtype, this cache's `dynamic_realloc_peak_bytes` (measured: the demo's shape at batch 12, a 20-token
+  prompt and 63 in the residual, held 3.75 + 15.56 + 5.81 MiB of them in its last layer's update, hqq and
+  quanto alike). A step that requantizes makes the quantized copy of all it held instead: priced at the
+  dequantized and returned pairs of every token, a bound for the backend's own temporaries. One layer's
+  only: the dequantized pair dies when its update returns, the returned pair when its attention does,
+  before the next layer's update.
 - quantized, fp8: `QuantizedCache(backend="fp8")` (`Fp8QuantizedLayer`). The prompt is quantized at
   prefill with one float32 scale per K and per V per layer (`FP8_SCALE_BYTES`, kept for good); each new
   token is quantized with it and `torch.cat`-ed onto the 1-byte store: no residual, no group scales. Its
@@ -75,6 +79,7 @@ __all__ = [
     "kv_sizes",
     "peak_at",
     "prefill_bound_note",
+    "quantized_prefill_note",
 ]
 
 FP8_SCALE_BYTES = 4  # Fp8QuantizedLayer's per-tensor scale: one float32 for K and one for V, per layer
@@ -215,8 +220,14 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
         scale_bytes, residual_bytes, kv = cache.scale_bytes, cache.residual_bytes, cache.total_bytes
         prefill = batch * prompt * (data + scales)
         realloc = 0
-        if new >= 2:  # a decode step dequantizes one layer's K and V and concatenates them
-            realloc = 2 * dtype_bytes_for(req.effective_compute_dtype, side * (2 * written - 1))
+        if new >= 2:  # the last decode step: one layer's update, the last layer's (all are alike)
+            before = residual_tokens(written - 1, req.residual_length, prompt)  # its residual, unquantized
+            if residual == 0:  # it requantizes: the quantized copy of all of it is made beside the old one
+                copies = 2 * (written - 1) + 2 * written  # (not measured: a bound for the backends' own)
+            else:  # dequantized K and V of its quantized tokens, the K and V it returns (all written
+                # tokens), and its old residual V beside the new one (the old K is gone by then)
+                copies = 2 * (written - 1 - before) + 2 * written + before
+            realloc = dtype_bytes_for(req.effective_compute_dtype, side * copies)
         return KvSizes(prompt, written, kv, scale_bytes, residual_bytes, prefill, kv + realloc)
     whole, windowed, window = cache_layout(req)
     width = window or 0
@@ -295,8 +306,9 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     run never reached): each carries the activations the run allows it (`_moment_floors`).
 
     Another cache kind, KV dtype, window or beams moves the moment (a static cache's prefill attends over
-    all of its length, a dynamic cache peaks at its growth copy): its KV peak plus the run's activations,
-    an estimate (analyzers.planning.run_peak's note says so)."""
+    all of its length, a dynamic cache peaks at its growth copy): its KV with the run's peak activations, or
+    its KV peak with what the run held at its own KV peak (`RecordedPeak.update_activations_bytes`), the
+    larger, an estimate (analyzers.planning.run_peak's note says so)."""
     rec = req.recorded
     assert rec is not None
     run = _run_request(req, rec)
@@ -309,9 +321,28 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     if not same_cache_as_run(req):
         sizes = kv_sizes(req, batch, context)
         prompt_grown = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
-        return req.weights_bytes + sizes.peak_bytes + math.ceil(activations * max(grown, prompt_grown))
+        at_peak = math.ceil(activations * max(grown, prompt_grown))
+        beside_update = rec.update_activations_bytes
+        if beside_update is None or (req.cache == "quantized" and _prefill_peaks(rec, grown, prompt_grown)):
+            return req.weights_bytes + sizes.peak_bytes + at_peak  # the update's copies beside them: a bound
+        # Two moments, never live together: the run's peak (a step's end, its logits) holding this cache's
+        # KV, and this cache's KV peak (inside an update, or a beam search's reorder) beside what the run
+        # held at its own KV peak; fewer rows keep the share of them that `_rows_freed` keeps at the peak
+        kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
+        in_update = math.ceil(beside_update * kept * max(grown, prompt_grown))
+        held = max(sizes.kv_bytes, sizes.prefill_bytes)
+        return req.weights_bytes + max(held + at_peak, sizes.peak_bytes + in_update)
     moved = _moment_kv(req, rec, batch, context) - _moment_kv(run, rec, rec.batch, rec.context)
     return max(rec.peak_bytes + (req.weights_bytes - rec.weights_bytes) + moved - freed + growth, *floors)
+
+
+def _prefill_peaks(rec: RecordedPeak, grown: float, prompt_grown: float) -> bool:
+    """Whether a plan's peak is its prefill as far as the run tells: the run peaked at its own, or the plan's
+    prefill grows more than its steps (a longer prompt). A quantized cache's prefill then makes the
+    backend's quantize temporaries, which no run on another cache measured (`quantized_prefill_note`):
+    such a plan keeps its update's copies on top of the peak's activations, a bound that covers them where
+    measured (the tiny Llama, hqq, a 40-token prompt: recorded 1,908,648 B, planned 1,942,424)."""
+    return rec.phase == "prefill" or prompt_grown > grown
 
 
 def _rows_freed(rec: RecordedPeak, batch: int) -> int:
@@ -386,6 +417,19 @@ def prefill_bound_note(req: PlanRequest) -> str | None:
         "the run does not tell what it held beside its KV at its prefill (no whole prefill step in its KV "
         "log): this larger prefill counts the run's peak less its weights and prefill KV as activations, "
         "which holds the KV the run held later too (an upper bound, far above where its peak came late)"
+    )
+
+
+def quantized_prefill_note(req: PlanRequest) -> str | None:
+    """Why a quantized plan from a run on another cache may be priced low: the prefill's quantize
+    temporaries are the backend's own (hqq's grow to a few times the layer's K), never in such a run."""
+    if req.recorded is None or req.cache != "quantized" or same_cache_as_run(req):
+        return None
+    return (
+        "the quantized cache's prefill quantizes each layer's prompt K and V through temporaries that depend "
+        "on the backend (hqq, quanto, fp8), which this run did not make: they are not priced (where this "
+        "run peaked at its prefill, or the plan's prompt is longer, its update's copies are kept on top of "
+        "the run's activations instead, a bound); record a run with the quantized cache to be sure"
     )
 
 

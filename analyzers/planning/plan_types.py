@@ -69,6 +69,10 @@ class RecordedPeak:
     # the most held beside the weights and KV during the run's prefill, which a larger prefill is priced
     # from (analyzers.planning.run_peak's `prefill_beside`); None: not told, the peak's remainder bounds it
     prefill_activations_bytes: int | None = None
+    # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies
+    # (run_peak's `update_beside`): what another cache's update copies are priced beside, rather than the
+    # peak moment's activations (the logits at a step's end); None: not told
+    update_activations_bytes: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from analyzers.model import MemorySource
     from analyzers.summary import Report
 
-__all__ = ["PeakMoment", "peak_moment", "prefill_beside", "recorded_note"]
+__all__ = ["PeakMoment", "peak_moment", "prefill_beside", "recorded_note", "update_beside"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class PeakMoment:
     row_activation_bytes: int | None = None
     # the most held beside the weights and KV during the run's prefill (`prefill_beside`); None: not told
     prefill_activations_bytes: int | None = None
+    # held beside the weights and KV at the KV log's peak, a cache update's transient (`update_beside`)
+    update_activations_bytes: int | None = None
 
 
 def peak_moment(path: str | Path) -> PeakMoment | str:
@@ -67,7 +69,27 @@ def peak_moment(path: str | Path) -> PeakMoment | str:
         cut_short=diagnosis.event == "oom" or diagnosis.step_cut,
         row_activation_bytes=diagnosis.row_activation_bytes,
         prefill_activations_bytes=prefill_beside(source, report),
+        update_activations_bytes=update_beside(source, report),
     )
+
+
+def update_beside(source: MemorySource, report: Report) -> int | None:
+    """What the main device held beside its weights and KV at the KV log's peak, where that peak is a cache
+    update's transient (above the final KV: a dynamic cache's growth copy): the activations alive during a
+    decode step's cache update. Another cache's update copies (a QuantizedCache's dequantized and returned
+    K and V) sit beside these, not beside the run's peak moment's, which are the logits a step ends with
+    (the tour's demo at batch 8: 8.12 MiB at its update, 24.61 MiB at its peak). None where the run does not
+    tell: no transient, no timeline."""
+    kv_log = source.meta.get("kv")
+    main = report.main_device
+    if kv_log is None or main is None or not report.timelines or kv_log.peak_bytes <= kv_log.final_bytes:
+        return None
+    dev_index = next((i for i, d in enumerate(source.devices) if d.device == main.device), None)
+    if dev_index is None or dev_index >= len(report.timelines):
+        return None
+    timeline = report.timelines[dev_index]
+    at = int(np.searchsorted(timeline.ts_us, kv_log.peak_t_ns / 1000.0, side="right")) - 1
+    return int(timeline.by_category["other"][at]) if at >= 0 else None
 
 
 def prefill_beside(source: MemorySource, report: Report) -> int | None:
@@ -124,8 +146,10 @@ def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, row
         "(but where every layer slides, generate()'s ids and mask still grow with a longer context, a few "
         "bytes a token that a plan at the run's prompt does not count)"
         if same_cache
-        else ": added to this cache's KV peak, an estimate (another cache moves the peak: a static or "
-        "sliding cache's prefill attends over its whole length); record it to be sure"
+        else ": beside this cache's KV at the run's peak, or, the larger, its KV peak (inside a cache "
+        "update) beside what the run held at its own KV peak, where the run tells it (else added to that KV "
+        "peak), an estimate (another cache moves the peak: a static or sliding cache's prefill attends over "
+        "its whole length); record it to be sure"
     )
     reserve = (
         "; the --reserve typed is kept out on top"

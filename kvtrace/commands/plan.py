@@ -110,6 +110,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         # buffers planned at their capacity) leaves the activations as measured
         row_activation_bytes=moment.row_activation_bytes if moment.batch == (run.batch or 1) else None,
         prefill_activations_bytes=moment.prefill_activations_bytes,
+        update_activations_bytes=moment.update_activations_bytes,
     )
 
 

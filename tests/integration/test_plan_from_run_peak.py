@@ -190,3 +190,36 @@ def test_a_smaller_batch_of_a_run_that_peaked_decoding_moves_its_peak_by_the_kv_
     assert planned["peak_bytes"] <= report["peak_allocated_bytes"] - held_less
     one_row = recorded(1, "one_row")
     assert planned["peak_bytes"] >= one_row["peak_allocated_bytes"], one_row["categories_at_peak"]
+
+
+def test_a_beam_search_run_plans_another_beam_count_at_that_counts_recorded_peak(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN beam searches of 4 and of 2 beams on 2 prompts, each peaking at a step's end (its logits), a
+    # short prompt and many new tokens
+    prompts, prompt, new = 2, 3, 40
+    written = prompt + new - 1
+    recorded = {}
+    for beams in (4, 2):
+        run = tmp_path / f"beams{beams}"
+        ids = torch.randint(3, 1000, (prompts, prompt), generator=torch.Generator().manual_seed(0))
+        gc.collect()  # tensors other tests left in cycles, freed mid-recording, are not this run's
+        with torch.no_grad(), kvtrace.record(run, model=model):
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                num_beams=beams, do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+        report = report_json(run, capsys)
+        assert report["kv"]["final_bytes"] == prompts * beams * written * TOKEN_ROW
+        recorded[beams] = report["peak_allocated_bytes"]
+    for run_beams, beams in ((4, 2), (2, 4)):
+        # WHEN one is planned at the other's beams and rows
+        rows = prompts * beams
+        plan = plan_json(tmp_path / f"beams{run_beams}", capsys, "--beams", str(beams), "--batch", str(rows))
+        # THEN its peak is the other's recording, from above, by less than a reorder's copy of one layer's K
+        # (all written tokens of every row): the run's step-end activations that do not follow the rows are
+        # kept whole. The copy and the growth copies live inside a cache update or a reorder, never beside
+        # the logits the step ends with; before, they were added on top of those, and the plan was over by
+        # more than the copy (4 -> 2 beams: 24,304 B over 753,126; 2 -> 4: 52,086 B over 944,918)
+        one_layer_k = rows * written * KV_HEADS * HEAD_DIM * 4
+        assert recorded[beams] <= plan["peak_bytes"] < recorded[beams] + one_layer_k, (run_beams, beams)

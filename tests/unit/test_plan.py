@@ -270,9 +270,14 @@ def test_quantized_cache_counts_scales_and_residual_apart() -> None:
     assert result.kv_scale_bytes == 3 * (1000 - residual_tokens) * scales
     assert result.kv_residual_bytes == 3 * residual_tokens * full
     assert result.kv_bytes == 3 * ((1000 - residual_tokens) * (data + scales) + residual_tokens * full)
-    # One layer's K and V dequantized (999 tokens) and concatenated (1000 tokens), in bf16.
     assert result.prompt_tokens == 1000 - residual_tokens  # the worst prompt: 127 tokens since quantizing
-    assert result.dynamic_realloc_peak_bytes == 2 * 3 * 8 * 128 * 2 * (999 + 1000)
+    # The last step's update, in bf16, per row one layer's K (or V) of 8 x 128 a token: the dequantized K and
+    # V of its quantized tokens (the 873 of the prompt), the K and V it returns (all 1000 written), and its
+    # old residual V (126 tokens) beside the new one its cat makes (the new one is in kv_bytes)
+    quantized, written, old_residual = 1000 - residual_tokens, 1000, residual_tokens - 1
+    side = 3 * 8 * 128 * 2
+    copies = 2 * quantized + 2 * written + old_residual
+    assert result.dynamic_realloc_peak_bytes == side * copies == side * (2 * 873 + 2 * 1000 + 126)
 
 
 def test_a_2_bit_quantized_cache_packs_four_values_a_byte() -> None:
@@ -286,7 +291,8 @@ def test_a_2_bit_quantized_cache_packs_four_values_a_byte() -> None:
     kv = 3 * ((1000 - residual_tokens) * (data + scales) + residual_tokens * full)
     assert (result.kv_bytes_per_token, result.kv_scale_bytes_per_token) == (16_384, scales)
     assert result.kv_bytes == kv
-    assert result.dynamic_realloc_peak_bytes == 2 * 3 * 8 * 128 * 2 * (999 + 1000)
+    # side x (2 x quantized + 2 x written + old residual), as int4's: the copies are in bf16 whatever the bits
+    assert result.dynamic_realloc_peak_bytes == 3 * 8 * 128 * 2 * (2 * 873 + 2 * 1000 + 126)
 
 
 def test_quantized_cache_rejects_float_kv() -> None:
