@@ -25,7 +25,7 @@ import numpy as np
 from analyzers.model import CATEGORY_NAMES, MemorySource
 from analyzers.timeline import DeviceTimeline
 
-__all__ = ["BudgetCrossing", "budget_crossing", "budget_of", "manifest_budget", "marker_step_at"]
+__all__ = ["BudgetCrossing", "budget_crossing", "budget_of", "manifest_budget", "marker_step_at", "step_at"]
 
 # An engine's step range (vLLM, transformers' continuous batching): it names its own step number, as the
 # engine_steps.jsonl rows do; an engine step mixes prefill and decode requests, so it names no phase
@@ -106,8 +106,11 @@ def _has_steps(source: MemorySource) -> bool:
     return bool(_step_starts(source)) or (kv is not None and bool(kv.step_start_ns))
 
 
-def _step_at(source: MemorySource, t_us: float) -> tuple[int | None, str | None]:
-    """Step number (1 = prefill) and phase of the step running at `t_us`."""
+def step_at(source: MemorySource, t_us: float) -> tuple[int | None, str | None]:
+    """Step number (1 = prefill) and phase of the step running at `t_us`, the one way every figure of a
+    run names a moment's step. The step ranges come first: they open when a forward begins, where the KV
+    log's first line of a step may come only at its end (a module's cache, `cache_k`, is scanned after the
+    forward), which would place the forward's own allocations in the step before."""
     starts = _step_starts(source)
     started = [label for ts, label in starts if ts <= t_us]
     if started:
@@ -181,7 +184,7 @@ def budget_crossing(
         return fits
     index = int(over[0])
     t_us = float(timeline.ts_us[index])
-    step, phase = _step_at(source, t_us)
+    step, phase = step_at(source, t_us)
     if step is None and _has_steps(source):  # before every step began: step 0, record()'s setup
         step = 0
     layer, layer_from = _layer_at(source, dev_index, index, t_us)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from analyzers.budget import budget_crossing, budget_of, marker_step_at
+from analyzers.budget import budget_crossing, budget_of, marker_step_at, step_at
 from analyzers.caches import CROSS_ATTENTION, layer_list
 from analyzers.kv_views import split_by_view
 from analyzers.model import OTHER, UNKNOWN_DEVICE, MemorySource, request_at_most
@@ -213,13 +213,14 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     # The cross-attention KV (an encoder's output, Mllama's image): a fixed cost that no token remedy touches
     cross_kv = sum(c.final_bytes for c in report.kv.caches if c.cache in cross_ids)
     if kv_log is not None and kv_log.step_start_ns:
-        # The moment is a timeline time, an event's t_ns / 1000.0 in a run without a trace: a step's start
-        # goes through the same division (as analyzers.budget does), never the float back to ns, which at
-        # epoch magnitudes (0.25 µs apart) can land before the event that both opens the step and peaks.
-        started = [s for s, t in kv_log.step_start_ns.items() if when is None or t / 1000.0 <= when]
-        step = max(started) if started else min(kv_log.step_start_ns)
-        phase = kv_log.step_phase.get(step)
-        held = step
+        # The moment's step as the budget crossing names it (the step ranges first, then the KV log's steps)
+        step, phase = step_at(source, when) if when is not None else (max(kv_log.step_start_ns), None)
+        if step is None:  # before every step began
+            step = min(kv_log.step_start_ns)
+        phase = kv_log.step_phase.get(step) or phase
+        # What is held at its end is the log's: the last step of it up to this one (a forward with no KV
+        # update has none of its own)
+        held = max((s for s in kv_log.step_start_ns if s <= step), default=step)
         if kv_log.cut is not None and step == kv_log.cut.step:
             step_cut = True
             if kv_log.cut.raised:
