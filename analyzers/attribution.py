@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass
+from itertools import accumulate, chain
 from typing import Any
 
 import numpy as np
@@ -173,15 +174,62 @@ def frame_rule_matches(frames: list[str], rules: list[Rule]) -> tuple[list[int],
     """Category (-1: no rule matched) and K/V code (0: neither, 1: K, 2: V) of every interned stack text."""
     categories = [-1] * len(frames)
     kinds = [0] * len(frames)
-    for index, text in enumerate(frames):
-        for rule in rules:
-            if rule.needles and not any(needle in text for needle in rule.needles):
-                continue
-            if rule.pattern.search(text):
-                categories[index] = rule.category
-                kinds[index] = {"k": 1, "v": 2}.get(rule.kv, 0)
+    codes = [{"k": 1, "v": 2}.get(rule.kv, 0) for rule in rules]
+    for index, tried in enumerate(_rules_to_try(frames, rules)):
+        while tried:  # bit r: rule r; the lowest first, as first match wins
+            lowest = tried & -tried
+            rule_index = lowest.bit_length() - 1
+            if rules[rule_index].pattern.search(frames[index]):
+                categories[index] = rules[rule_index].category
+                kinds[index] = codes[rule_index]
                 break
+            tried ^= lowest
     return categories, kinds
+
+
+def _rules_to_try(frames: list[str], rules: list[Rule]) -> list[int]:
+    """For each stack text, a bit mask of the rules whose pattern must run on it: those with no needles,
+    and those holding one of their needles.
+
+    A needle without a line break is in a stack text exactly when it is in one of its lines, and stacks
+    share their lines (a real snapshot's 78 stacks of 7 KB have 340 distinct lines): each distinct line is
+    searched once, in one string, instead of every needle over every whole text (4 ms there)."""
+    always = 0
+    by_text: list[tuple[int, tuple[str, ...]]] = []  # needles with a line break: looked for in each text
+    line_needles: dict[str, int] = {}  # needle -> the rules that list it
+    for rule_index, rule in enumerate(rules):
+        bit = 1 << rule_index
+        if not rule.needles:
+            always |= bit
+        elif any("\n" in needle for needle in rule.needles):
+            by_text.append((bit, rule.needles))
+        else:
+            for needle in rule.needles:
+                line_needles[needle] = line_needles.get(needle, 0) | bit
+    tried = [always] * len(frames)
+    for bit, needles in by_text:
+        for index, text in enumerate(frames):
+            if any(needle in text for needle in needles):
+                tried[index] |= bit
+    if not line_needles or not frames:
+        return tried
+    lines_of = [text.split("\n") for text in frames]
+    distinct = list(set(chain.from_iterable(lines_of)))
+    ends = list(accumulate(len(line) + 1 for line in distinct))  # each line's end in `joined`, past its "\n"
+    joined = "\n".join(distinct)
+    line_rules: dict[str, int] = {}  # the few lines that hold a needle -> the rules that list it
+    for needle, bits in line_needles.items():
+        at = joined.find(needle)
+        while at >= 0:
+            line_index = bisect.bisect_right(ends, at)
+            line = distinct[line_index]
+            line_rules[line] = line_rules.get(line, 0) | bits
+            at = joined.find(needle, ends[line_index])  # the next line: one hit per line is enough
+    if line_rules:
+        for index, lines in enumerate(lines_of):
+            for line in line_rules.keys() & lines:
+                tried[index] |= line_rules[line]
+    return tried
 
 
 def _frame_categories(frames: list[str], rules: list[Rule]) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -147,3 +148,27 @@ def test_a_gpu_block_holds_a_storage_as_the_caching_allocator_rounds_it() -> Non
     # past max_split_size_mb (> 20 MiB): a cached block of less than 20 MiB more
     assert block_holds(30 * mib + 20 * mib - 512, 30 * mib)
     assert not block_holds(30 * mib + 20 * mib, 30 * mib)
+
+
+def test_rules_with_line_breaks_or_no_needles_match_as_run_on_every_text() -> None:
+    # GIVEN custom rules the line-by-line needle search cannot serve: a needle and a pattern spanning two
+    # lines, a rule without needles, and a needle that only a later rule than a matching one holds
+    from analyzers.attribution import Rule, frame_rule_matches
+
+    rules = [
+        Rule(re.compile(r"a\.py:1:f\nb\.py"), KV, "two lines", "k", needles=("f\nb.py",)),
+        Rule(re.compile(r"helper"), WEIGHTS, "no needles"),
+        Rule(re.compile(r"v_cache"), KV, "v", "v", needles=("v_cache",)),
+    ]
+    texts = [
+        "a.py:1:f\nb.py:2:g",
+        "a.py:1:f\nc.py:2:g\nb.py:3:h",
+        "x.py:1:helper\ny.py:2:v_cache",
+        "y.py:2:v_cache",
+    ]
+    texts += ["", "b.py:2:g\na.py:1:f"]
+    # WHEN categories are given with the needles and with every pattern run on every whole text
+    fast = frame_rule_matches(texts, rules)
+    full = frame_rule_matches(texts, [replace(rule, needles=()) for rule in rules])
+    # THEN they are the same: the two-line rule, the rule without needles first, the v rule
+    assert fast == full == ([KV, -1, WEIGHTS, KV, -1, -1], [1, 0, 0, 2, 0, 0])
