@@ -16,8 +16,11 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
   run shared blocks, or when the demand on the recorded schedule (below) fits it. A pool sized by
   `num_gpu_blocks_override` is grown by that knob. From it: the blocks and bytes of KV memory to add, the
   largest max_num_seqs that avoids every preemption in the present pool, and whether fp8 KV (1 byte an
-  element: twice the blocks for bf16 in the same memory) would. The demand on the recorded schedule
-  (requests in flight per step, each at the length it had reached) is reported beside it.
+  element: twice the blocks for bf16 in the same memory) would. Where the run shared blocks, that
+  max_num_seqs is a lower bound (sure to avoid them, a larger one may too: the engine files count blocks
+  per request, not which are shared, so the shared ones cannot be counted once), said `[?]`. The demand
+  on the recorded schedule (requests in flight per step, each at the length it had reached) is reported
+  beside it.
 
   Against a memory budget (analyzers.planning.engine_budget), a remedy fits only if its pool does too: the
   pool is held at the peak, so the peak moves by what the pool grows or shrinks (peak = other_bytes + pool),
@@ -72,6 +75,7 @@ class PreemptionDiagnosis:
     kv_cache_memory_bytes_needed: int
     extra_bytes: int
     max_num_seqs_without_preemption: int
+    max_num_seqs_lower_bound: bool  # the run shared blocks: a larger max_num_seqs may avoid them too
     fp8_blocks: int | None
     remedies: tuple[VllmRemedy, ...]
     model: str
@@ -134,6 +138,21 @@ def _largest_seqs(demands: list[int], usable: int) -> int:
     return count
 
 
+def _shared_caveat(remedy: VllmRemedy, lower_bound: bool) -> VllmRemedy:
+    """`remedy` (a max_num_seqs that avoids every preemption), said unknown where it is only a lower bound:
+    its demand counts a shared block once per request, so a larger setting may avoid them too."""
+    if not lower_bound or not remedy.fits:
+        return remedy
+    return replace(
+        remedy,
+        fits=None,
+        sentence=(
+            f"{remedy.sentence} The run shared blocks between requests (prefix caching), counted here once "
+            "per request: a larger max_num_seqs may avoid every preemption too; rerun with one to know."
+        ),
+    )
+
+
 def _against_budget(remedy: VllmRemedy, pool_bytes: int, budget: EngineBudget | None) -> VllmRemedy:
     """`remedy`, marked not to fit where the pool it leaves (`pool_bytes`) takes the peak over the budget."""
     if budget is None or pool_bytes <= budget.room_bytes:
@@ -156,11 +175,18 @@ def _against_budget(remedy: VllmRemedy, pool_bytes: int, budget: EngineBudget | 
 
 
 def _pool_within_budget(
-    budget: EngineBudget, demand: list[int], num_blocks: int, bytes_per_block: int, override: Any
+    budget: EngineBudget,
+    demand: list[int],
+    num_blocks: int,
+    bytes_per_block: int,
+    override: Any,
+    shared: bool,
+    running_at_most: int,
 ) -> VllmRemedy | None:
     """The largest pool that fits the budget, with the max_num_seqs that avoids every preemption in it: what
     does both where the pool that avoids them all does not fit. None where that pool is the present one
-    (the max_num_seqs remedy prices it)."""
+    (the max_num_seqs remedy prices it). `shared`: the run shared blocks, so that max_num_seqs is a lower
+    bound below `running_at_most`."""
     blocks = budget.room_bytes // bytes_per_block if bytes_per_block and budget.room_bytes > 0 else 0
     if blocks == num_blocks:
         return None
@@ -191,13 +217,16 @@ def _pool_within_budget(
             "setting within the budget avoids every preemption.",
         )
     largest = "the largest request fits" if seqs == 1 else f"the {seqs} largest requests fit together"
-    return VllmRemedy(
-        f"{knob}+max_num_seqs",
-        {knob: blocks if override else pool, "max_num_seqs": seqs},
-        True,
-        f"{size}, {within} (peak {readable_bytes(budget.other_bytes + pool)}), with max_num_seqs={seqs}: "
-        f"{largest} in its {blocks - NULL_BLOCKS:,} usable blocks, so none is preempted (the others wait "
-        "instead).",
+    return _shared_caveat(
+        VllmRemedy(
+            f"{knob}+max_num_seqs",
+            {knob: blocks if override else pool, "max_num_seqs": seqs},
+            True,
+            f"{size}, {within} (peak {readable_bytes(budget.other_bytes + pool)}), with max_num_seqs={seqs}: "
+            f"{largest} in its {blocks - NULL_BLOCKS:,} usable blocks, so none is preempted (the others wait "
+            "instead).",
+        ),
+        shared and seqs < running_at_most,
     )
 
 
@@ -226,6 +255,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
     needed_blocks = bound + NULL_BLOCKS
     needed_bytes = needed_blocks * bytes_per_block
     seqs = _largest_seqs(list(demand.values()), usable)
+    seqs_lower_bound = bool(shared_tokens) and 1 <= seqs < running_at_most
     element = kv_dtype_bytes(str(info.config.get("kv_cache_dtype") or "auto"), info.kv_dtype or "bfloat16")
     fp8_blocks = num_blocks * element if element > 1 else None
     override = info.config.get("num_gpu_blocks_override")
@@ -250,21 +280,32 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
     )
     remedies = [_against_budget(grow, needed_bytes, budget)]
     if budget is not None and not remedies[0].fits:
-        within = _pool_within_budget(budget, list(demand.values()), num_blocks, bytes_per_block, override)
+        within = _pool_within_budget(
+            budget,
+            list(demand.values()),
+            num_blocks,
+            bytes_per_block,
+            override,
+            bool(shared_tokens),
+            running_at_most,
+        )
         remedies += [within] if within is not None else []
     if seqs >= 1:
         now = f" (now {max_seqs})" if max_seqs else ""
         remedies.append(
-            _against_budget(
-                VllmRemedy(
-                    "max_num_seqs",
-                    seqs,
-                    True,
-                    f"max_num_seqs={seqs}{now}: the {seqs} largest requests fit together in the "
-                    f"{usable:,} usable blocks, so none is preempted (the others wait instead).",
+            _shared_caveat(
+                _against_budget(
+                    VllmRemedy(
+                        "max_num_seqs",
+                        seqs,
+                        True,
+                        f"max_num_seqs={seqs}{now}: the {seqs} largest requests fit together in the "
+                        f"{usable:,} usable blocks, so none is preempted (the others wait instead).",
+                    ),
+                    kv_bytes,
+                    budget,
                 ),
-                kv_bytes,
-                budget,
+                seqs_lower_bound,
             )
         )
     else:
@@ -347,6 +388,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         kv_cache_memory_bytes_needed=needed_bytes,
         extra_bytes=max(needed_bytes - kv_bytes, 0),
         max_num_seqs_without_preemption=seqs,
+        max_num_seqs_lower_bound=seqs_lower_bound,
         fp8_blocks=fp8_blocks,
         remedies=tuple(remedies),
         model=model,
