@@ -23,14 +23,16 @@ from typing import Any, NamedTuple
 
 from analyzers.budget import manifest_budget
 from analyzers.caches import layer_list
+from analyzers.engine import read_engine
 from analyzers.kv_log import CacheFigures, KvLogAnalysis, analyze_run_kv_log
 from analyzers.model import normal_device
+from analyzers.planning.engine_run_refusal import not_a_vllm_pool
 from analyzers.planning.hf_config import geometry_from_config
 from analyzers.planning.presets import ModelGeometry
 from analyzers.planning.run_cache_kind import PLAN_DTYPES, kv_dtype_of, logged_window, quantized_layout
 from analyzers.readers.run_files import kv_log_notes
 from kvtrace.errors import KvtraceError
-from kvtrace.format import ENGINE, MODEL_CONFIG, Run, read_run
+from kvtrace.format import MODEL_CONFIG, Run, read_run
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,10 @@ class RunDefaults:
 def run_defaults(path: str | Path) -> RunDefaults:
     """Read a transformers run directory (KvtraceError naming the file and the problem otherwise)."""
     root = Path(path)
-    if (root / ENGINE).exists():
-        raise KvtraceError(f"{root}: a vLLM run; plan its pool with --engine vllm --from-run")
+    engine = read_engine(root)
+    if engine is not None:  # a serving engine's pool, which this planner of generate()'s caches does not size
+        refusal = not_a_vllm_pool(root, engine.info)
+        raise KvtraceError(refusal or f"{root}: a vLLM run; plan its pool with --engine vllm --from-run")
     run = read_run(root)
     notes: list[str] = kv_log_notes(run)
     main, kv, stopped = _main_cache(run)

@@ -251,7 +251,8 @@ class PlanCommand(Command):
             "wins): with no other flag, the plan of the run itself. A vLLM run (--engine vllm): its measured "
             "weights, activations, non-torch memory and device total, its settings (block size, "
             "max_model_len, kv_cache_dtype, kv_cache_memory_bytes, num_gpu_blocks_override, utilization, "
-            "tensor parallel size) and its model",
+            "tensor parallel size) and its model. A transformers continuous-batching run (generate_batch) "
+            "is not planned: `kvtrace diagnose RUN --budget SIZE` prices its pool",
         )
 
     def run(self, args: argparse.Namespace) -> int:

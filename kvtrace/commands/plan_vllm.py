@@ -29,12 +29,16 @@ def _size(text: str | None, flag: str, positive: bool = False) -> int | None:
 def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     """(memory figures and settings, geometry or None) from a recorded vLLM run's engine.json."""
     from analyzers.engine import read_engine
+    from analyzers.planning.engine_run_refusal import not_a_vllm_pool
     from analyzers.planning.presets import ModelGeometry
 
     require_input(Path(path))  # a path mistyped is said as every command says it, not as a run's lack
     run = read_engine(Path(path))
     if run is None:
         raise KvtraceError(f"{path}: not a vLLM run (no engine.json)")
+    refusal = not_a_vllm_pool(Path(path), run.info)  # transformers' continuous batching: not vLLM's rules
+    if refusal is not None:
+        raise KvtraceError(refusal)
     profile, model, config = run.info.memory_profile, run.info.model, run.info.config
     figures = {
         "weights_bytes": profile.get("weights_bytes"),

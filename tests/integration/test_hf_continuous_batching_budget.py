@@ -172,3 +172,27 @@ def test_a_run_that_ended_before_its_first_engine_step(
     assert diagnosis["notes"] == [
         "the recorded block raised RuntimeError: requests failed: the figures cover the run up to then"
     ]
+
+
+@pytest.mark.parametrize("engine", [[], ["--engine", "vllm"]], ids=["plain", "engine-vllm"])
+def test_plan_from_a_continuous_batching_run_names_its_engine_and_pool_not_vllm(
+    tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str], engine: list[str]
+) -> None:
+    # GIVEN a generate_batch run with a pool of 32 usable 4-token blocks, plus transformers' trash sectors
+    run = tmp_path / "run"
+    _run(run, cb_model, num_blocks=32)
+    usable_bytes = 32 * BLOCK_BYTES  # 32 x 4 tokens x 2 layers x K and V x 2 KV heads x 16 x 4 B = 64 KiB
+
+    # WHEN planned from the run, as the refusal of a vLLM run advised (--engine vllm) or not
+    capsys.readouterr()
+    code = main(["plan", *engine, "--from-run", str(run)])
+    out, err = capsys.readouterr()
+
+    # THEN one line refuses it as transformers' continuous batching, with its own pool, and sends to diagnose;
+    # it used to say "a vLLM run", then plan 34 blocks by vLLM's rules and refuse an 8,192-token request
+    assert (code, out, err.count("\n")) == (2, "", 1)
+    assert f"{run}: a transformers continuous-batching run (transformers-cb)" in err
+    pool = f"its pool 32 usable {PAGE}-token blocks ({usable_bytes / 1024:.2f} KiB) + {TRASH} trash sectors"
+    assert pool in err
+    assert f"kvtrace diagnose {run} --budget SIZE" in err
+    assert "vLLM run" not in err and "max_model_len" not in err and "Traceback" not in err
