@@ -25,7 +25,15 @@ import numpy as np
 from analyzers.model import CATEGORY_NAMES, MemorySource
 from analyzers.timeline import DeviceTimeline
 
-__all__ = ["BudgetCrossing", "budget_crossing", "budget_of", "manifest_budget", "marker_step_at", "step_at"]
+__all__ = [
+    "BudgetCrossing",
+    "budget_crossing",
+    "budget_of",
+    "manifest_budget",
+    "marker_step_at",
+    "step_at",
+    "step_starts",
+]
 
 # An engine's step range (vLLM, transformers' continuous batching): it names its own step number, as the
 # engine_steps.jsonl rows do; an engine step mixes prefill and decode requests, so it names no phase
@@ -106,22 +114,41 @@ def _has_steps(source: MemorySource) -> bool:
     return bool(_step_starts(source)) or (kv is not None and bool(kv.step_start_ns))
 
 
+def _named_step(label: str, count: int) -> tuple[int, str | None]:
+    """The step number and phase a step range names, `count`: the ranges begun up to it, this one included."""
+    if label.startswith("step "):  # a run's own steps ("step N phase"): step 0 is the setup before any
+        number, _, phase = label[5:].partition(" ")
+        if number.isdigit():
+            return int(number), phase or None
+    if label.startswith(ENGINE_STEP) and label[len(ENGINE_STEP) :].isdigit():
+        return int(label[len(ENGINE_STEP) :]), None
+    return count, ("prefill" if "prefill" in label else "decode")
+
+
+def step_starts(source: MemorySource) -> list[tuple[float, int, str | None]]:
+    """(start µs, step, phase) of the run's steps in time order, where each began as `step_at` counts it:
+    the step ranges (the profiler's, else a run's own from its samples' `started_ns`, the forward's start),
+    else the KV log's first line of each step. Every per-step window and stamp (a prefill's activations,
+    the exported counters) takes these, so that a step's own allocations fall in it."""
+    starts = _step_starts(source)
+    if starts:
+        return [(ts, *_named_step(label, i + 1)) for i, (ts, label) in enumerate(starts)]
+    kv = source.meta.get("kv")
+    if kv is None:
+        return []
+    return sorted((t_ns / 1000.0, step, kv.step_phase.get(step)) for step, t_ns in kv.step_start_ns.items())
+
+
 def step_at(source: MemorySource, t_us: float) -> tuple[int | None, str | None]:
     """Step number (1 = prefill) and phase of the step running at `t_us`, the one way every figure of a
     run names a moment's step. The step ranges come first: they open when a forward begins, where the KV
     log's first line of a step may come only at its end (a module's cache, `cache_k`, is scanned after the
-    forward), which would place the forward's own allocations in the step before."""
+    forward), which would place the forward's own allocations in the step before. A run recorded without
+    the profiler has its ranges from its samples' `started_ns` (analyzers.readers.run_dir)."""
     starts = _step_starts(source)
     started = [label for ts, label in starts if ts <= t_us]
     if started:
-        last = started[-1]
-        if last.startswith("step "):  # a run's own steps ("step N phase"): step 0 is the setup before any
-            number, _, phase = last[5:].partition(" ")
-            if number.isdigit():
-                return int(number), phase or None
-        if last.startswith(ENGINE_STEP) and last[len(ENGINE_STEP) :].isdigit():
-            return int(last[len(ENGINE_STEP) :]), None
-        return len(started), ("prefill" if "prefill" in last else "decode")
+        return _named_step(started[-1], len(started))
     kv = source.meta.get("kv")
     if kv is not None and kv.step_start_ns:
         steps = [s for s, t in kv.step_start_ns.items() if t / 1000.0 <= t_us]

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from analyzers.budget import step_starts
 from analyzers.kv_log import KvLogAnalysis
+from analyzers.model import MemorySource
 from kvtrace.errors import KvtraceError
 from kvtrace.safe_write import not_our_file, replace_atomically
 
@@ -44,10 +46,28 @@ def _base_ns(trace_path: str | None) -> int:
     return base_ns if base_ns < 2**63 else 0  # as the trace reader: Kineto's base is an int64
 
 
+def step_start_ns(source: MemorySource) -> dict[int, int]:
+    """step -> when it began (the run's clock, ns) for the per-step exports, as `diagnose` counts steps
+    (`analyzers.budget.step_starts`): a module cache's first KV line of a step comes at its forward's end."""
+    return {step: round(start_us * 1000) for start_us, step, _ in step_starts(source)}
+
+
+def _step_ns(kv: KvLogAnalysis, starts: dict[int, int] | None, step: int) -> int:
+    """When `step` began: from `starts` (`step_start_ns`), else the KV log's first line of it."""
+    began = starts.get(step) if starts is not None else None
+    return began if began is not None else kv.step_start_ns.get(step, 0)
+
+
 def write_counters(
-    run_dir: Path, kv: KvLogAnalysis, trace_path: str | None, pid: int, clock_shift_us: int = 0
+    run_dir: Path,
+    kv: KvLogAnalysis,
+    trace_path: str | None,
+    pid: int,
+    clock_shift_us: int = 0,
+    starts: dict[int, int] | None = None,
 ) -> Path:
-    """Chrome-trace counter events ("ph": "C"): total KV bytes and per-layer bytes after every KV event.
+    """Chrome-trace counter events ("ph": "C"): total KV bytes and per-layer bytes after every KV event,
+    the latter at each step's start (`starts`, from `step_start_ns`).
 
     `clock_shift_us`: what the report added to the trace's times to put them on the run's clock (its base
     missing or wrong: analyzers.readers.trace_clock); taken off here so that the counters line up with the
@@ -64,7 +84,7 @@ def write_counters(
     steps = sorted(kv.step_live)
     for step in steps:
         layer_live = kv.step_live[step]
-        ts = (kv.step_start_ns.get(step, 0) - origin_ns) / 1000.0
+        ts = (_step_ns(kv, starts, step) - origin_ns) / 1000.0
         events.append(
             {
                 "name": "KV bytes per layer",
@@ -89,8 +109,9 @@ def write_counters(
     return target
 
 
-def write_scalars(run_dir: Path, kv: KvLogAnalysis) -> Path:
-    """TensorBoard scalars `kv/total_bytes` and `kv/layer_N_bytes`, one point per generation step."""
+def write_scalars(run_dir: Path, kv: KvLogAnalysis, starts: dict[int, int] | None = None) -> Path:
+    """TensorBoard scalars `kv/total_bytes` and `kv/layer_N_bytes`, one point per generation step, its wall
+    time the step's start (`starts`, from `step_start_ns`)."""
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.summary.writer.record_writer import RecordWriter
@@ -115,7 +136,7 @@ def write_scalars(run_dir: Path, kv: KvLogAnalysis) -> Path:
                     Summary.Value(tag=f"kv/layer_{layer}_bytes", simple_value=float(v))
                     for layer, v in sorted(live.items())
                 ]
-                wall = kv.step_start_ns.get(step, 0) / 1e9
+                wall = _step_ns(kv, starts, step) / 1e9
                 event = Event(wall_time=wall, step=step, summary=Summary(value=values))
                 records.write(event.SerializeToString())
     except BaseException:

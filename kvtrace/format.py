@@ -371,6 +371,7 @@ _WEIGHT_REQUIRED = ("name", "addr", "storage_bytes", "dtype", "device", "shape")
 _SAMPLE_INTS = (
     ("t_ns", 0, _I64),
     ("step", -_I32 - 1, _I32),
+    ("started_ns", 0, _I64),
     ("rss_bytes", 0, MAX_BYTES),
     ("cuda_device", 0, _MAX_LAYER),
     ("cuda_allocated_bytes", 0, MAX_BYTES),

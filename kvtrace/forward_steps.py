@@ -291,6 +291,10 @@ class ForwardSteps(PlannedSteps):
                 hf.forget_dead()
             return
         tracker.step += 1
+        # Before anything this step logs: a module's cache (`cache_k`) is logged only by the scan at the
+        # forward's end, so its first KV line does not tell when the forward began (issue 11: one clock
+        # read per step, none per layer)
+        self._step_began_ns = self._clock()
         if prefill:
             tracker.phase = "prefill"
             self._decode_index = 0
@@ -335,7 +339,9 @@ class ForwardSteps(PlannedSteps):
             self._ranges.pop()
         self._step_open = False
         phase = self.tracker.phase
-        extra: dict[str, Any] = {"raised": True} if raised else {}
+        extra: dict[str, Any] = {"started_ns": self._step_began_ns}
+        if raised:
+            extra["raised"] = True
         if phase == "prefill" and self._prompt_end is not None:
             extra["prompt_end"] = self._prompt_end
         if phase == "prefill" and self._call_length is not None:

@@ -43,6 +43,7 @@ class PlannedSteps:
     _clock: Callable[[], int]
     _attention_modules: list[Any]
     _decode_index: int
+    _step_began_ns: int
     _step_open: bool
     _step_thread: int
     _step_cache: tuple[Any, ...] | None
@@ -106,6 +107,7 @@ class PlannedSteps:
         # `_begin_step(False)`, inline
         tracker = self.tracker
         tracker.step += 1
+        self._step_began_ns = self._clock()
         if tracker._phase != "decode":
             tracker.phase = "decode"
         self._decode_index += 1
@@ -169,9 +171,12 @@ class PlannedSteps:
             if sampler is not None and sampler.bare_steps and samples is not None and not samples._fh.closed:
                 # `_sample`, inline where the sample is the step's time alone (no CUDA allocator to read)
                 t_ns = self._clock()
-                samples._pending.append({"t_ns": t_ns, "step": tracker.step, "phase": tracker._phase})
+                began = self._step_began_ns
+                samples._pending.append(
+                    {"t_ns": t_ns, "step": tracker.step, "phase": tracker._phase, "started_ns": began}
+                )
             else:
-                self._sample(tracker._phase)
+                self._sample(tracker._phase, started_ns=self._step_began_ns)
             self._prompt_end = self._call_length = None
         if self._may_defer and self._defer_step and not self._beside and not hf.defer_off:
             self._decode_next = plan if taken == len(layers) else self._plan_after(plan.ref, cache)

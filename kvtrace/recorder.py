@@ -116,6 +116,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._manifest: dict[str, Any] = {}
         self._made = False  # this start wrote the first manifest: a failed start removes what it wrote
         self._decode_index = 0
+        # When the open step's forward began (the run's clock): its end sample's `started_ns`
+        self._step_began_ns = 0
         self._attention_modules: list[Any] = []
         self._step_open = False
         self._prefill_left = 0  # prompt positions a chunked prefill has still to write (one step for all)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from analyzers.budget import step_starts
 from analyzers.units import human_bytes
 
 if TYPE_CHECKING:
@@ -94,12 +95,11 @@ def update_beside(source: MemorySource, report: Report) -> int | None:
 
 def prefill_beside(source: MemorySource, report: Report) -> int | None:
     """The most the main device held beside its weights and KV during the run's prefill steps (the KV log's
-    steps of phase "prefill", from the step's first KV write to the next step's): what a plan prices a
+    steps of phase "prefill", from the step's start to the next step's, `step_starts`): what a plan prices a
     larger prefill with. The run's peak less its weights and prefill KV bounds it too, but where the peak
     came late that holds the run's decode KV and its growth copy as well (the tour's demo planned at batch
-    12, context 40: 66.35 MiB of "activations" where the batch-12 recording held 36.34 MiB). The
-    prefill's embedding and first projections, made just before its first KV write, are live after it.
-    None where the run does not tell: no step of its log a whole prefill (cut short in it), no timeline."""
+    12, context 40: 66.35 MiB of "activations" where the batch-12 recording held 36.34 MiB). None where
+    the run does not tell: no step of its log a whole prefill (cut short in it), no timeline."""
     kv_log = source.meta.get("kv")
     main = report.main_device
     if kv_log is None or main is None or not report.timelines:
@@ -109,11 +109,14 @@ def prefill_beside(source: MemorySource, report: Report) -> int | None:
         return None
     timeline = report.timelines[dev_index]
     beside = timeline.by_category["other"]  # allocated less weights and KV, after each event
-    starts = sorted((t_ns / 1000.0, step) for step, t_ns in kv_log.step_start_ns.items())
+    # Where each step began as `diagnose` counts it: a module cache's first KV line (`cache_k`, scanned at
+    # the forward's end) would put the prefill's own activations outside its window and the next decode
+    # forward's inside it
+    starts = step_starts(source)
     cut_step = kv_log.cut.step if kv_log.cut is not None else None
     found: int | None = None
-    for i, (start_us, step) in enumerate(starts):
-        if kv_log.step_phase.get(step) != "prefill" or step == cut_step:
+    for i, (start_us, step, phase) in enumerate(starts):
+        if (kv_log.step_phase.get(step) or phase) != "prefill" or step == cut_step:
             continue
         end_us = starts[i + 1][0] if i + 1 < len(starts) else np.inf
         inside = (timeline.ts_us >= start_us) & (timeline.ts_us < end_us)

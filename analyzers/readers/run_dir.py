@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.attribution import JOIN_TOLERANCE_US, frees_storage, sizes_are_blocks, smallest_block
-from analyzers.kv_log import analyze_run_kv_log
+from analyzers.kv_log import KvLogAnalysis, analyze_run_kv_log
 from analyzers.model import (
     KV,
     SMALL_SEGMENT_BYTES,
@@ -448,8 +448,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if traces:
         source.markers = _numbered_steps(source.markers, kv.step_start_ns, kv.step_phase)
     if not any(m.kind == "step" for m in source.markers):
-        for step, start_ns in sorted(kv.step_start_ns.items()):
-            phase = kv.step_phase.get(step, "")
+        for step, (start_ns, phase) in sorted(_run_step_starts(kv, run.memory_samples).items()):
             source.markers.append(Marker(kind="step", ts_us=start_ns / 1000.0, label=f"step {step} {phase}"))
     for ev in kv.evictions:
         source.markers.append(
@@ -477,6 +476,19 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if ended.get("status") == "running":  # a recording in progress, or one whose process died
         source.meta["recording_pid"] = holder(run.path)
     return source
+
+
+def _run_step_starts(kv: KvLogAnalysis, samples: list[dict[str, Any]]) -> dict[int, tuple[int, str]]:
+    """step -> (when it began, phase) in a run without step ranges (recorded with the profiler off): the
+    forward's start where the step's sample tells it (`started_ns`), else the KV log's first line of the
+    step, which a module's cache (`cache_k`, scanned at the forward's end) logs only when the forward ends."""
+    starts = {step: (start_ns, kv.step_phase.get(step, "")) for step, start_ns in kv.step_start_ns.items()}
+    for sample in samples:
+        step, phase, began = sample.get("step"), sample.get("phase"), sample.get("started_ns")
+        if type(step) is int and type(began) is int and phase in ("prefill", "decode"):
+            logged = starts.get(step)
+            starts[step] = (min(began, logged[0]), logged[1] or phase) if logged else (began, phase)
+    return starts
 
 
 def _numbered_steps(markers: list[Marker], start_ns: dict[int, int], phases: dict[int, str]) -> list[Marker]:

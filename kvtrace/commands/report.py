@@ -137,7 +137,7 @@ class ReportCommand(Command):
 
     @staticmethod
     def _export(path: Path, source: object) -> None:
-        from analyzers.export import COUNTERS_FILE, SCALARS_DIR, write_counters, write_scalars
+        from analyzers.export import COUNTERS_FILE, SCALARS_DIR, step_start_ns, write_counters, write_scalars
 
         meta = source.meta  # type: ignore[attr-defined]
         if meta.get("recording_pid") is not None:  # still being written: its figures are not final
@@ -151,13 +151,16 @@ class ReportCommand(Command):
         # each file that could not be written gets one line.
         try:
             pid = int(meta["manifest"].get("pid", 0))
-            write_counters(path, meta["kv"], meta.get("trace"), pid, meta.get("trace_clock_shift_us", 0))
+            starts = step_start_ns(source)  # type: ignore[arg-type]
+            write_counters(
+                path, meta["kv"], meta.get("trace"), pid, meta.get("trace_clock_shift_us", 0), starts
+            )
         except KvtraceError as exc:  # a link or a folder where the file goes
             _not_exported(exc)
         except OSError as exc:
             _not_exported(cannot_write(path / COUNTERS_FILE, exc))
         try:
-            write_scalars(path, meta["kv"])
+            write_scalars(path, meta["kv"], step_start_ns(source))  # type: ignore[arg-type]
         except ImportError as exc:
             needs = missing_dependency(exc)
             if needs is None:

@@ -75,9 +75,9 @@ class PagedAttentionHooks:
         self._steps: fmt.JsonlAppender | None = None
         self._request_log: fmt.JsonlAppender | None = None
         # Steps scheduled and not updated yet, oldest first: (step, phase, tokens scheduled, preempted ids,
-        # free blocks once the step's were allocated). One at a time in sync mode; async batching schedules
-        # batch N+1 before it updates batch N.
-        self._open: deque[tuple[int, str, int, list[str], int]] = deque()
+        # free blocks once the step's were allocated, when its scheduling began). One at a time in sync mode;
+        # async batching schedules batch N+1 before it updates batch N.
+        self._open: deque[tuple[int, str, int, list[str], int, int]] = deque()
         self._step_preempted: list[str] = []  # taken out while the next step is being scheduled
         self._prefix_evicted = 0
         # request id -> (hit tokens, prompt tokens) of its last prefix lookup: a waiting request is looked up
@@ -308,6 +308,7 @@ class PagedAttentionHooks:
         rec = self.recording
         tracker = rec.tracker
         tracker.step += 1  # a preemption while scheduling belongs to the step being scheduled
+        began = rec._clock()  # the step sample's `started_ns`
         ranges = rec._ranges
         if ranges is not None and ranges.active:
             ranges.push(f"kvtrace/engine step {tracker.step}")
@@ -320,7 +321,7 @@ class PagedAttentionHooks:
                 if ranges is not None and ranges.active:
                     ranges.pop()
         if scheduled:
-            self._timed(self._log_scheduled, proc, tracker.step)
+            self._timed(self._log_scheduled, proc, tracker.step, began)
         return scheduled
 
     def _step_failed(self) -> None:
@@ -334,7 +335,7 @@ class PagedAttentionHooks:
             f"continuous batching: engine step {step} failed in its forward; the figures end there"
         )
 
-    def _log_scheduled(self, proc: Any, step: int) -> None:
+    def _log_scheduled(self, proc: Any, step: int, began: int) -> None:
         """Right after scheduling: this step's blocks are allocated and `current_len()` counts its tokens.
         The pool's free blocks now are the step's low point: `update_batch` frees the blocks of the requests
         that finish in the step before the step's line is written (a max_new_tokens=1 request held none
@@ -345,7 +346,7 @@ class PagedAttentionHooks:
             tokens = sum(len(f.state.tokens_to_process) for f in batch)
         phase = "prefill" if tokens > len(batch) else "decode"
         self.recording.tracker.phase = phase
-        self._open.append((step, phase, tokens, self._step_preempted, self._free_blocks()))
+        self._open.append((step, phase, tokens, self._step_preempted, self._free_blocks(), began))
         self._step_preempted = []
         for future in batch:
             state = future.state
@@ -410,7 +411,7 @@ class PagedAttentionHooks:
             del self._held[request_id]
             self._dropped.pop(request_id, None)
             self._log_request(state, "finished", 0)
-        step, phase, tokens, preempted, scheduled_free = self._open.popleft()
+        step, phase, tokens, preempted, scheduled_free, began = self._open.popleft()
         evicted, self._prefix_evicted = self._prefix_evicted, 0
         self.prefix_evicted_blocks += evicted
         hits, queries, resumed_hits, resumed_queries = self._prefix
@@ -445,7 +446,7 @@ class PagedAttentionHooks:
         ranges = rec._ranges
         if ranges is not None and ranges.active:
             ranges.pop()
-        rec._sample(phase)
+        rec._sample(phase, started_ns=began)
         self._flushed_ns = flush_when_due(self._flushed_ns, t_ns, rec, self._steps, self._request_log)
 
     def _log_request(self, state: Any, event: str, blocks: int, **extra: Any) -> None:

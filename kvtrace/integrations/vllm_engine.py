@@ -84,6 +84,7 @@ class EngineHooks:
         self._sched_out: Any = None
         self._step_preempted: list[str] = []
         self._scheduled_free: int | None = None  # the pool's free blocks once this step's were allocated
+        self._step_began_ns = 0  # when the running step began (the run's clock)
         self._prefix_evicted = 0
         self._held: dict[str, int] = {}  # request id -> blocks last logged (requests not finished)
         self._objects: dict[str, Any] = {}  # request id -> its Request, kept until "finished" is logged
@@ -245,6 +246,7 @@ class EngineHooks:
         rec = self.recording
         tracker = rec.tracker
         tracker.step += 1
+        self._step_began_ns = rec._clock()  # the step sample's `started_ns`
         ranges = rec._ranges
         if ranges is not None:
             ranges.push(f"kvtrace/engine step {tracker.step}")
@@ -325,7 +327,7 @@ class EngineHooks:
                 "prefix_preempted_queries": preempted_queries,
             }
         )
-        rec._sample(phase)
+        rec._sample(phase, started_ns=self._step_began_ns)
         self._flushed_ns = flush_when_due(self._flushed_ns, t_ns, rec, self._steps, self._request_log)
 
     def _log_request(self, request: Any, event: str, blocks: int, **extra: Any) -> None:
