@@ -50,6 +50,7 @@ from analyzers.planning.diagnose_stacks import (
     unaddressed_share,
 )
 from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
+from analyzers.planning.run_cache_kind import logged_quantization
 from analyzers.planning.run_kv_facts import (
     all_windowed,
     compute_dtype_bits,
@@ -58,6 +59,7 @@ from analyzers.planning.run_kv_facts import (
     kv_layers,
     layer_kind_token_bytes,
     layer_token_bytes,
+    prefill_packed_tokens,
     quantized_bits,
     quantized_cache,
     sliding_layer_ids,
@@ -255,6 +257,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
                 top_cache_layers = tuple((cache, layer, nbytes) for (cache, layer), nbytes in ranked)
     elif when is not None:
         step, phase = marker_step_at(source, when)
+    if prompt == 0 and step is not None:  # a quantized cache's prefill holds its prompt packed, not as data
+        prompt = prefill_packed_tokens(source, report.kv.main_cache, step) or prompt
 
     stacks = live_by_stack(source, dev_index, index) if dev_index is not None and not at_start else []
     baseline = source.devices[dev_index].baseline_bytes if dev_index is not None else 0
@@ -321,6 +325,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "model_dtype": (report.geometry or {}).get("dtype"),
         "quantized_cache": quantized_cache(source),  # a static cache or a window would keep the model's dtype
         "quantized_bits": quantized_bits(source, report),  # its packed values' bits: int4 or fp8
+        "quantized_layout": logged_quantization(source, report),  # (q_group_size, residual_length) logged
         # what the cache stores at the end of the moment's step, without its updates' transient copies
         "kv_stored_bytes": stored,
         "token_elements": token_elements(report, kv_dtype_bits(source, report)),

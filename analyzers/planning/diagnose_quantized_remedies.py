@@ -13,6 +13,8 @@ from analyzers.planning.diagnosis import Remedy, fits, no_geometry
 from analyzers.planning.quantized_cache import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_RESIDUAL_LENGTH,
+    QuantizedBytes,
+    group_scale_bytes,
     quantized_cache_bytes,
     residual_tokens,
 )
@@ -24,6 +26,7 @@ __all__ = [
     "int4_remedy",
     "layer_tokens_of",
     "model_dtype_text",
+    "quantized_context",
     "quantized_widening",
     "static_cache_at_model_dtype",
 ]
@@ -68,7 +71,7 @@ def int4_remedy(
             held_here,
             residual_tokens(held_here, DEFAULT_RESIDUAL_LENGTH, known),
             data_per_token=elements * 4 / 8,
-            scale_per_token=elements / DEFAULT_GROUP_SIZE * 2 * compute_bytes,
+            scale_per_token=group_scale_bytes(elements, DEFAULT_GROUP_SIZE, compute_bytes),
             full_per_token=elements * compute_bytes,
         )
         for held_here in counts
@@ -99,6 +102,68 @@ def int4_remedy(
             f"{human_bytes(cache)}, saving {human_bytes(saved)}: {split}."
         )
     return Remedy("quantized_kv", 4, saved, fits(saved, need), text)
+
+
+def quantized_context(d: dict[str, object], tokens: int, need: int | None) -> tuple[int, int, str] | None:
+    """(context, bytes freed, text) of a shorter context for a quanto or HQQ QuantizedCache's run, priced on
+    what the cache holds at either length, every KV layer holding it (analyzers.planning.quantized_cache,
+    as `kvtrace plan` prices it): the tokens after the prompt stay at full precision until residual_length
+    are due, so the last ones dropped free a full-precision token each, not the run's average of packed and
+    full-precision ones. The context is the longest that frees `need`, else a quarter fewer tokens; 0 when
+    none does. None for another cache, or where the moment's geometry is not recorded."""
+    packed, batch, prompt, compute_bits = (
+        d.get("quantized_bits"), d["batch"], d.get("prompt_tokens"), d.get("compute_bits")
+    )  # fmt: skip
+    if not isinstance(packed, int) or packed >= 8 or not isinstance(batch, int) or not batch:
+        return None  # fp8's QuantizedCache keeps every token at 8 bits: the run's average is its price
+    if not isinstance(compute_bits, int):
+        return None
+    layers = layer_tokens_of(d, tokens)[1]
+    elements = _layer_elements(d, batch, layers)
+    if elements is None:
+        return None
+    logged = d.get("quantized_layout")
+    group, residual_length = logged if isinstance(logged, tuple) else (None, None)
+    group = group or DEFAULT_GROUP_SIZE
+    residual_length = residual_length or DEFAULT_RESIDUAL_LENGTH
+    known = prompt if isinstance(prompt, int) else None
+    everywhere = elements * layers  # a position's KV elements, every layer and row
+    compute_bytes = compute_bits / 8
+
+    def held(length: int) -> QuantizedBytes:  # a shorter prompt where the context is shorter than it
+        residual = residual_tokens(length, residual_length, min(known, length) if known else None)
+        return quantized_cache_bytes(
+            length,
+            residual,
+            data_per_token=everywhere * packed / 8,
+            scale_per_token=group_scale_bytes(everywhere, group, compute_bytes),
+            full_per_token=everywhere * compute_bytes,
+        )
+
+    now = held(tokens)
+    if need is not None and need > 0:
+        context = next(
+            (n for n in range(tokens - 1, 0, -1) if now.total_bytes - held(n).total_bytes >= need), 0
+        )
+    else:
+        context = tokens - min(max(tokens // 4, 1), tokens - 1)
+    if context < 1:
+        text = (
+            f"No shorter context fits: all {tokens:,} tokens of this int{packed} QuantizedCache are only "
+            f"{human_bytes(now.total_bytes)} on every layer."
+        )
+        return 0, now.total_bytes, text
+    then = held(context)
+    saved = now.total_bytes - then.total_bytes
+    quantized_token = everywhere * packed / 8 + group_scale_bytes(everywhere, group, compute_bytes)
+    text = (
+        f"A context of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV: this "
+        f"int{packed} QuantizedCache keeps the tokens after the prompt at full precision "
+        f"({human_bytes(everywhere * compute_bytes)} a token across the batch, a quantized one "
+        f"{human_bytes(quantized_token)} with its scales) until residual_length={residual_length:,} are "
+        f"due: {now.residual_tokens:,} of them now, {then.residual_tokens:,} at {context:,} tokens."
+    )
+    return context, saved, text
 
 
 def _layer_elements(d: dict[str, object], batch: int, layers: int) -> float | None:

@@ -66,6 +66,7 @@ from analyzers.planning.diagnose_quantized_remedies import (
     int4_remedy,
     layer_tokens_of,
     model_dtype_text,
+    quantized_context,
     quantized_widening,
     static_cache_at_model_dtype,
 )
@@ -227,16 +228,20 @@ def price_remedies(
         cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
         context = tokens - min(cut, tokens)
         saved = round(per_token * (tokens - max(context, 1)))
+        # a quanto or HQQ QuantizedCache: the last tokens dropped are its residual's, at full precision
+        quantized = quantized_context(d, tokens, need)
+        if quantized is not None:
+            context, saved, text = quantized
         if static is not None:  # a StaticCache: its bytes follow max_cache_len, not the tokens written
             out += static_cache_context(kv, static, need)
         elif d.get("windowed"):  # the cache already slides: its size follows the prompt, not the context
             out += windowed_remedies(kv, tokens, per_token, need, num_layers)
-        elif context >= 1:
+        elif quantized is None and context >= 1:
             text = (
                 f"A context of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
                 f"({human_bytes(per_token)} per token across the batch{held_too})."
             )
-        else:
+        elif quantized is None:  # else priced and worded by quantized_context
             fixed = d.get("cross_kv_bytes")
             own = kv - fixed if isinstance(fixed, int) else kv
             text = f"No shorter context fits: all {tokens:,} tokens of KV are only {human_bytes(own)}."

@@ -18,6 +18,7 @@ rendering (analyzers.planning.plan_render). `parse_size` (analyzers.planning.siz
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -90,7 +91,7 @@ def _evaluate(req: PlanRequest) -> PlanResult:
     reserve = req.effective_reserve_bytes
     total = weights + sizes.kv_bytes + reserve
     peak = peak_at(req, req.batch, req.context)
-    activations = peak - weights - sizes.peak_bytes - reserve  # a recorded run's; else 0
+    activations = peak - weights - sizes.step_peak_bytes - reserve  # a recorded run's; else 0
     gpu = req.gpu_memory_bytes
 
     def context_fits(context: int) -> bool:
@@ -111,7 +112,7 @@ def _evaluate(req: PlanRequest) -> PlanResult:
     return PlanResult(
         request=req,
         kv_bytes_per_token=data,
-        kv_scale_bytes_per_token=scales,
+        kv_scale_bytes_per_token=math.ceil(scales),
         prompt_tokens=sizes.prompt,
         kv_tokens=sizes.kv_tokens,
         kv_bytes=sizes.kv_bytes,
@@ -123,14 +124,14 @@ def _evaluate(req: PlanRequest) -> PlanResult:
         weights_bytes=weights,
         reserve_bytes=reserve,
         total_bytes=total,
-        dynamic_realloc_peak_bytes=sizes.peak_bytes - sizes.kv_bytes,
+        dynamic_realloc_peak_bytes=sizes.step_peak_bytes - sizes.kv_bytes,
         peak_bytes=peak,
         headroom_bytes=gpu - peak,
         fits=peak <= gpu,
         max_batch=max_batch,
         max_context=max_context,
         kv_budget_bytes=budget,
-        kv_blocks=blocks(budget, data + scales, req.block_size),
+        kv_blocks=blocks(budget, math.ceil(data + scales), req.block_size),
         activations_bytes=activations,
     )
 

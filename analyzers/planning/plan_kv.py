@@ -28,16 +28,22 @@ peak is highest at this context (for a dynamic cache, the context less one or tw
   the packed data figure (int4: half a byte an element; int2: a quarter, four a byte in both backends).
   Each group of `quant_group_size` elements also stores a scale and a zero-point in the compute dtype
   (bf16 by default): for int4, group 64 and bf16 that is 4 bytes per 64 elements, +12.5% over the data,
-  reported apart as `kv_scale_bytes_per_token`. The prompt is quantized at prefill; each later token stays
-  unquantized in the compute dtype until `residual_length` of them are (`kv_residual_bytes`: (written -
-  prompt) mod residual_length tokens, at worst residual_length - 1). Every decode step dequantizes one
+  reported apart as `kv_scale_bytes_per_token`. The groups run over a layer's whole K (or V) tensor,
+  flattened (`group_scale_bytes`), so a layer narrower than a group pays a fraction of one a token. The
+  prompt is quantized at prefill; each later token stays unquantized in the compute dtype until
+  `residual_length` of them are (`kv_residual_bytes`: (written - prompt) mod residual_length tokens, at
+  worst residual_length - 1). Every decode step dequantizes one
   layer's quantized K and V, concatenates them with the residual and the new token (the K and V it
   returns, all written tokens), then grows the residual by `torch.cat`, its new V made beside the old:
   at the last step that is the dequantized pair, the returned pair and the old residual V, in the compute
   dtype, this cache's `dynamic_realloc_peak_bytes` (measured: the demo's shape at batch 12, a 20-token
   prompt and 63 in the residual, held 3.75 + 15.56 + 5.81 MiB of them in its last layer's update, hqq and
-  quanto alike). A step that requantizes makes the quantized copy of all it held instead: priced at the
-  dequantized and returned pairs of every token, a bound for the backend's own temporaries. One layer's
+  quanto alike). Only the old residual V is the cache's own storage, and only it is in the KV peak, as
+  a recorded run's KV peak counts the cache's storages: the dequantized and returned pairs are the
+  update's (`KvSizes.step_peak_bytes` counts them). A step that requantizes makes the quantized copy of
+  all it held instead: its copies priced at the dequantized and returned pairs of every token, a bound for
+  the backend's own temporaries, and its KV at the first layer's new quantized K and V beside what all
+  layers held (`_quantized_step`); the last such step after the prompt is priced too. One layer's
   only: the dequantized pair dies when its update returns, the returned pair when its attention does,
   before the next layer's update.
 - quantized, fp8: `QuantizedCache(backend="fp8")` (`Fp8QuantizedLayer`). The prompt is quantized at
@@ -67,7 +73,7 @@ from dataclasses import dataclass, replace
 
 from analyzers.planning.plan_types import PlanRequest, RecordedPeak
 from analyzers.planning.presets import dtype_bytes_for
-from analyzers.planning.quantized_cache import quantized_cache_bytes, residual_tokens
+from analyzers.planning.quantized_cache import group_scale_bytes, quantized_cache_bytes, residual_tokens
 from kvtrace.errors import KvtraceError
 
 __all__ = [
@@ -95,7 +101,10 @@ def blocks(kv_budget_bytes: int, kv_bytes_per_token: int, block_size: int = 16) 
 
 @dataclass(frozen=True)
 class KvSizes:
-    """One scenario's KV in bytes: at the end, once the prompt is in, and the most live at once."""
+    """One scenario's KV in bytes: at the end, once the prompt is in, and the most the cache's own storages
+    hold at once (`peak_bytes`, as a recorded run's KV peak counts them). A quantized cache's update makes
+    full-precision copies that are not the cache's (its dequantized K and V, the K and V it returns):
+    `step_peak_bytes` is the most of both live at once, what a peak of the memory counts."""
 
     prompt: int
     kv_tokens: int
@@ -104,19 +113,25 @@ class KvSizes:
     kv_residual_bytes: int
     prefill_bytes: int
     peak_bytes: int
+    with_copies_bytes: int | None = None  # the KV and the update's copies at their worst; None: no copies
+
+    @property
+    def step_peak_bytes(self) -> int:
+        """The most KV and update copies live at once: the KV peak, for a cache whose updates copy nothing
+        beside their storages."""
+        return self.peak_bytes if self.with_copies_bytes is None else self.with_copies_bytes
 
 
-def kv_per_token(req: PlanRequest) -> tuple[int, int, int]:
-    """(packed KV data, quantization scales, full-precision KV) bytes per token, all layers, K and V."""
-    widths = req.geometry.layer_kv_widths
-    elements = sum(k + v for k, v in widths)
+def kv_per_token(req: PlanRequest) -> tuple[int, float, int]:
+    """(packed KV data, quantization scales, full-precision KV) bytes per token, all layers, K and V. The
+    scales are a fraction of a token's where a layer is narrower than a group (`group_scale_bytes`)."""
+    elements = sum(k + v for k, v in req.geometry.layer_kv_widths)
     data = dtype_bytes_for(req.kv_dtype, elements)
     full = dtype_bytes_for(req.effective_compute_dtype, elements)
-    scales = 0
+    scales = 0.0
     if req.cache == "quantized" and req.kv_dtype != "fp8":  # fp8's scales are per tensor, not per token
-        group = req.quant_group_size
-        groups = sum(math.ceil(k / group) + math.ceil(v / group) for k, v in widths)
-        scales = groups * 2 * dtype_bytes_for(req.effective_compute_dtype, 1)  # scale + zero-point
+        compute = dtype_bytes_for(req.effective_compute_dtype, 1)
+        scales = group_scale_bytes(elements, req.quant_group_size, compute)
     return data, scales, full
 
 
@@ -205,6 +220,36 @@ def _reorder_peak(layers: list[Layer], held: int, storage: int, view: int) -> in
     return peak
 
 
+def _quantized_step(
+    req: PlanRequest, layers: list[Layer], per_token: tuple[float, float, float], prompt: int, tokens: int
+) -> tuple[int, int]:
+    """(the cache's storages at their worst, the update's copies beside them) in the decode step of a
+    quanto or HQQ QuantizedCache that makes it hold `tokens` a row. `per_token`: a token's packed data,
+    scales and full-precision bytes, every layer and row. One layer's update at a time, all alike.
+
+    A step that keeps the new token in the residual: the last layer's, its residual's cat making the new V
+    beside the old (the old K is gone by then); outside the cache, its dequantized K and V of the quantized
+    tokens and the K and V it returns (all `tokens`). A step that requantizes: the first layer's, the others
+    still holding their residual, its new quantized K and V made before its old V is let go of (its old K
+    goes as the new one is bound), a bound for the recorder's part-by-part view; its copies priced at the
+    dequantized and returned pairs of every token, a bound for the backend's own temporaries."""
+    compute = req.effective_compute_dtype
+    side = max(max(k, v) for _, k, v in layers)  # elements of one layer's K (or V, the widest) a token
+    share = side / sum(k + v for _, k, v in layers)  # of a token's bytes, one layer's K (or V)
+    before = residual_tokens(tokens - 1, req.residual_length, prompt)  # the residual it starts from
+    residual = residual_tokens(tokens, req.residual_length, prompt)
+    if residual:
+        held = quantized_cache_bytes(tokens, residual, *per_token).total_bytes
+        copies = dtype_bytes_for(compute, side * (2 * (tokens - 1 - before) + 2 * tokens))
+        return held + dtype_bytes_for(compute, side * before), copies
+    held = quantized_cache_bytes(tokens - 1, before, *per_token).total_bytes
+    data, scales, _ = per_token
+    new_pair = 2 * share * tokens * (data + scales)
+    old_k = share * (tokens - 1 - before) * (data + scales)
+    copies = dtype_bytes_for(compute, side * (2 * (tokens - 1) + 2 * tokens))
+    return held + round(new_pair - old_k), copies
+
+
 def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     """The KV of `batch` sequences of a `prompt`-token prompt and `new` new tokens (`new` >= 1), of which
     generate() writes prompt + new - 1 into the cache."""
@@ -214,21 +259,19 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     written = prompt + new - 1
     layers = _layers(req, batch)
     if req.cache == "quantized":
-        side = max(max(k, v) for _, k, v in layers)  # elements of one layer's K (or V, the widest) per token
         residual = residual_tokens(written, req.residual_length, prompt)  # since the last requantization
-        cache = quantized_cache_bytes(written, residual, batch * data, batch * scales, batch * full_bytes)
+        per_token = (batch * data, batch * scales, batch * full_bytes)
+        cache = quantized_cache_bytes(written, residual, *per_token)
         scale_bytes, residual_bytes, kv = cache.scale_bytes, cache.residual_bytes, cache.total_bytes
-        prefill = batch * prompt * (data + scales)
-        realloc = 0
-        if new >= 2:  # the last decode step: one layer's update, the last layer's (all are alike)
-            before = residual_tokens(written - 1, req.residual_length, prompt)  # its residual, unquantized
-            if residual == 0:  # it requantizes: the quantized copy of all of it is made beside the old one
-                copies = 2 * (written - 1) + 2 * written  # (not measured: a bound for the backends' own)
-            else:  # dequantized K and V of its quantized tokens, the K and V it returns (all written
-                # tokens), and its old residual V beside the new one (the old K is gone by then)
-                copies = 2 * (written - 1 - before) + 2 * written + before
-            realloc = dtype_bytes_for(req.effective_compute_dtype, side * copies)
-        return KvSizes(prompt, written, kv, scale_bytes, residual_bytes, prefill, kv + realloc)
+        prefill = quantized_cache_bytes(prompt, 0, *per_token).total_bytes
+        peak = with_copies = kv
+        if new >= 2:  # the last decode step, and the last that requantized, where it came after the prompt
+            requantized = written - residual
+            steps = {written, requantized} if requantized > prompt else {written}
+            for tokens in steps:
+                held, copies = _quantized_step(req, layers, per_token, prompt, tokens)
+                peak, with_copies = max(peak, held), max(with_copies, held + copies)
+        return KvSizes(prompt, written, kv, scale_bytes, residual_bytes, prefill, peak, with_copies)
     whole, windowed, window = cache_layout(req)
     width = window or 0
     beams = req.beams > 1
@@ -281,7 +324,7 @@ def kv_sizes(req: PlanRequest, batch: int, context: int) -> KvSizes:
     else:
         prompts = [written - 1, written] if written >= 2 else [written]
     scenarios = [_scenario(req, batch, prompt, written - prompt + 1) for prompt in prompts]
-    return max(scenarios, key=lambda sizes: sizes.peak_bytes)
+    return max(scenarios, key=lambda sizes: sizes.step_peak_bytes)
 
 
 def peak_at(req: PlanRequest, batch: int, context: int) -> int:
@@ -290,7 +333,7 @@ def peak_at(req: PlanRequest, batch: int, context: int) -> int:
     fixed = req.weights_bytes + req.effective_reserve_bytes
     if req.recorded is not None:
         return req.effective_reserve_bytes + recorded_peak_at(req, batch, context)
-    return fixed + kv_sizes(req, batch, context).peak_bytes
+    return fixed + kv_sizes(req, batch, context).step_peak_bytes
 
 
 def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
@@ -324,14 +367,14 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         at_peak = math.ceil(activations * max(grown, prompt_grown))
         beside_update = rec.update_activations_bytes
         if beside_update is None or (req.cache == "quantized" and _prefill_peaks(rec, grown, prompt_grown)):
-            return req.weights_bytes + sizes.peak_bytes + at_peak  # the update's copies beside them: a bound
+            return req.weights_bytes + sizes.step_peak_bytes + at_peak  # the update's copies beside: a bound
         # Two moments, never live together: the run's peak (a step's end, its logits) holding this cache's
         # KV, and this cache's KV peak (inside an update, or a beam search's reorder) beside what the run
         # held at its own KV peak; fewer rows keep the share of them that `_rows_freed` keeps at the peak
         kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
         in_update = math.ceil(beside_update * kept * max(grown, prompt_grown))
         held = max(sizes.kv_bytes, sizes.prefill_bytes)
-        return req.weights_bytes + max(held + at_peak, sizes.peak_bytes + in_update)
+        return req.weights_bytes + max(held + at_peak, sizes.step_peak_bytes + in_update)
     moved = _moment_kv(req, rec, batch, context) - _moment_kv(run, rec, rec.batch, rec.context)
     return max(rec.peak_bytes + (req.weights_bytes - rec.weights_bytes) + moved - freed + growth, *floors)
 
@@ -390,10 +433,10 @@ def _moment_floors(
     if rec.cut_short:
         beside_peak = max(rec.activations_bytes, beside_prefill)
     else:
-        beside_peak = max(rec.peak_bytes - rec.weights_bytes - run_sizes.peak_bytes, 0)
+        beside_peak = max(rec.peak_bytes - rec.weights_bytes - run_sizes.step_peak_bytes, 0)
     late = rows * max(_attended(req, context) / _attended(run, rec.context), 1.0)
     early = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
-    floors = [req.weights_bytes + sizes.peak_bytes + math.ceil(beside_peak * kept * max(late, early))]
+    floors = [req.weights_bytes + sizes.step_peak_bytes + math.ceil(beside_peak * kept * max(late, early))]
     if early > 1.0:
         # A prefill of more rows or tokens than the run's: its own moment. Not otherwise: the run's own
         # prefill is within its peak, and the measured figure is the most beside the KV at any moment of

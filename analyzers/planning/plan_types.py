@@ -235,7 +235,10 @@ class PlanResult:
 
     prompt_tokens: the prompt the figures assume (the request's, else the worst for this context).
     kv_tokens / kv_bytes: what the cache holds at the end; kv_prefill_bytes: once the prompt is in;
-    kv_peak_bytes: the most KV live at once (kv_bytes + dynamic_realloc_peak_bytes).
+    kv_peak_bytes: the most the cache's storages hold at once, as a recorded run's KV peak counts them.
+    dynamic_realloc_peak_bytes: what the moment of that peak holds above kv_bytes: the cache's growth copies
+    (kv_peak_bytes - kv_bytes), and, for a quanto or HQQ QuantizedCache, its update's dequantized and
+    returned K and V too, which are not the cache's storages and so not in kv_peak_bytes.
     """
 
     request: PlanRequest

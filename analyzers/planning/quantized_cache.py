@@ -6,6 +6,9 @@ compute dtype, in a residual of at most `residual_length - 1` tokens: the update
 `residual_length` long quantizes everything held (residual and new token included) and empties it. So
 after `prompt + n` tokens, one per decode step, `n % residual_length` of them are unquantized; every
 quantized group of `q_group_size` elements also keeps a scale and a zero-point in the compute dtype.
+Both backends group a K or V tensor's elements flattened whole (rows x heads x tokens x head_dim), not
+each token's row: quanto's `_scale` of a (2, 2, 12, 16) K at groups of 64 is (12, 1), 768 / 64 groups, so
+a layer 32 wide costs half a group a token, not a whole one (`group_scale_bytes`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ __all__ = [
     "DEFAULT_GROUP_SIZE",
     "DEFAULT_RESIDUAL_LENGTH",
     "QuantizedBytes",
+    "group_scale_bytes",
     "quantized_cache_bytes",
     "residual_tokens",
 ]
@@ -49,6 +53,13 @@ def residual_tokens(tokens: int, residual_length: int, prompt: int | None = None
     if prompt is None or not 1 <= prompt <= tokens:
         return min(residual_length - 1, tokens - 1)
     return (tokens - prompt) % residual_length
+
+
+def group_scale_bytes(elements: float, group_size: int, compute_bytes: float) -> float:
+    """Bytes of the scales and zero-points of `elements` quantized values: one of each per `group_size` of
+    them, in the compute dtype. Per token a fraction where a layer's K is narrower than a group: the groups
+    run across tokens and rows, as both backends flatten the whole tensor before grouping it."""
+    return elements / group_size * 2 * compute_bytes
 
 
 def quantized_cache_bytes(

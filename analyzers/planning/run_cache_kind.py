@@ -5,15 +5,18 @@ its cache slid at, a QuantizedCache's bits, group size and residual, and the dty
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 from analyzers.caches import layer_list
 from analyzers.kv_log import CacheFigures, is_kv_data
+from analyzers.model import MemorySource
 from analyzers.planning.presets import ModelGeometry
 from analyzers.planning.run_kv_facts import PACKED_PARTS
+from analyzers.summary import Report
 from kvtrace.format import Run
 
-__all__ = ["PLAN_DTYPES", "kv_dtype_of", "logged_window", "quantized_layout"]
+__all__ = ["PLAN_DTYPES", "kv_dtype_of", "logged_quantization", "logged_window", "quantized_layout"]
 
 # The model's float dtypes as the planner names them; others (int8 weights) plan their KV in bf16
 PLAN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -93,29 +96,39 @@ def kv_dtype_of(run: Run) -> str | None:
     return PLAN_DTYPES.get(dtype)
 
 
-def quantized_layout(
-    run: Run, main: CacheFigures, geometry: ModelGeometry, notes: list[str]
-) -> tuple[str, int | None, int | None] | None:
-    """(KV dtype, q_group_size, residual_length) of a quanto or HQQ QuantizedCache (any `q.` part of the
-    main cache), None for another cache. The bits are the packed bytes over the values they hold (rows x
-    tokens x the layer's K or V width) where a packed tensor is made; the group size those values over the
-    scales; the residual length the tokens one requantization adds. What the log cannot say is planned at
-    transformers' defaults, and a note says so."""
+def logged_quantization(source: MemorySource, report: Report) -> tuple[int | None, int | None]:
+    """(q_group_size, residual_length) of the run's quanto or HQQ QuantizedCache (its main cache) as its
+    log shows them, each None where it does not (no scales, no requantization), both for another cache or
+    another source. Its layers are all as wide: a QuantizedCache takes no sliding or mixed-width layers."""
+    run, geometry = source.meta.get("run"), report.geometry or {}
+    heads, head_dim, rows = geometry.get("num_kv_heads"), geometry.get("head_dim"), report.kv.batch
+    if not isinstance(run, Run) or not isinstance(heads, int) or not isinstance(head_dim, int) or not rows:
+        return None, None
+    logged = _logged_layout(run, report.kv.main_cache, rows, lambda layer, kv: heads * head_dim)
+    return (None, None) if logged is None else logged[1:]
+
+
+def _logged_layout(
+    run: Run, cache: int | None, rows: int, width_of: Callable[[int, str], int]
+) -> tuple[float | None, int | None, int | None] | None:
+    """(bits a value, group size, residual length) of `cache`'s quantized parts (`q.*`), each None where
+    the log does not show it; None for a cache without any. The bits are the packed bytes over the values
+    they hold (rows x tokens x the layer's K or V width); the group size those values over the scales; the
+    residual length the tokens one requantization adds."""
     parts = [
         ev
         for ev in run.kv_events
-        if ev.cache == main.cache and ev.part.startswith("q.") and ev.event not in ("freed", "written")
+        if ev.cache == cache and ev.part.startswith("q.") and ev.event not in ("freed", "written")
     ]
     if not parts:
         return None
-    widths = geometry.layer_kv_widths
-    bits = group = residual = None
+    bits: float | None = None
+    group = residual = None
     last_tokens: dict[tuple[int, str], int] = {}
     for ev in parts:
-        if not ev.tokens or not ev.shape or not main.rows:
+        if not ev.tokens or not ev.shape or not rows:
             continue
-        width = widths[ev.layer][ev.kv == "v"] if ev.layer < len(widths) else geometry.kv_widths[0]
-        values = main.rows * ev.tokens * width
+        values = rows * ev.tokens * width_of(ev.layer, ev.kv)
         if ev.part in PACKED_PARTS and bits is None:
             bits = (ev.logical_bytes or ev.storage_bytes) * 8 / values
         elif ev.part in _SCALE_PARTS and group is None and values % math.prod(ev.shape) == 0:
@@ -125,6 +138,24 @@ def quantized_layout(
             if before is not None and ev.phase == "decode" and residual is None and ev.tokens > before:
                 residual = ev.tokens - before
             last_tokens[(ev.layer, ev.kv)] = ev.tokens
+    return bits, group, residual
+
+
+def quantized_layout(
+    run: Run, main: CacheFigures, geometry: ModelGeometry, notes: list[str]
+) -> tuple[str, int | None, int | None] | None:
+    """(KV dtype, q_group_size, residual_length) of a quanto or HQQ QuantizedCache (any `q.` part of the
+    main cache, read as `_logged_layout` says), None for another cache. What the log cannot say is planned
+    at transformers' defaults, and a note says so."""
+    widths = geometry.layer_kv_widths
+
+    def width_of(layer: int, kv: str) -> int:
+        return widths[layer][kv == "v"] if layer < len(widths) else geometry.kv_widths[0]
+
+    logged = _logged_layout(run, main.cache, main.rows, width_of)
+    if logged is None:
+        return None
+    bits, group, residual = logged
     kv_dtype = _PLAN_BITS.get(int(bits)) if bits is not None and bits.is_integer() else None
     if kv_dtype is None:
         said = f"{bits:g} bits a value" if bits is not None else "bits the log does not show"

@@ -22,6 +22,7 @@ __all__ = [
     "kv_layers",
     "layer_kind_token_bytes",
     "layer_token_bytes",
+    "prefill_packed_tokens",
     "quantized_bits",
     "quantized_cache",
     "sliding_layer_ids",
@@ -143,6 +144,26 @@ def _packed_event(source: MemorySource) -> Any:
     ]
     packed = [e for e in parts if e.part in PACKED_PARTS and e.tokens]
     return (packed or parts or [None])[0]
+
+
+def prefill_packed_tokens(source: MemorySource, cache: int | None, step: int) -> int | None:
+    """Tokens per row that `cache`'s last prefill up to `step` quantized whole: a quanto or HQQ
+    QuantizedCache's prompt, which the KV log's count of held data misses (its residual is empty then, its
+    packed values are no KV data). None where no prefill packed any."""
+    run = source.meta.get("run")
+    if run is None:
+        return None
+    packed = [
+        e.tokens
+        for e in run.kv_events
+        if e.cache == cache
+        and e.phase == "prefill"
+        and e.step <= step
+        and e.part in PACKED_PARTS
+        and e.tokens
+        and e.event not in ("freed", "written")
+    ]
+    return packed[-1] if packed else None
 
 
 def quantized_bits(source: MemorySource, report: Report) -> int | None:

@@ -333,6 +333,13 @@ def test_a_quantized_caches_bits_group_and_residual_are_read_from_the_log(
     assert plan["kv_bytes"] == final
 
 
+def _int2_packed(tokens: int) -> int:
+    """One layer's K (or V) of `tokens` quantized at 2 bits in groups of 16: values, float32 scales and
+    zero points."""
+    values = BATCH * KV_HEADS * HEAD_DIM * tokens
+    return values // 4 + 2 * (values // 16) * 4
+
+
 @pytest.mark.parametrize("backend", [pytest.param("quanto", marks=pytest.mark.slow), "hqq"])
 def test_a_2_bit_quantized_cache_is_planned_at_its_2_bits(
     model: Any, backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -358,10 +365,14 @@ def test_a_2_bit_quantized_cache_is_planned_at_its_2_bits(
     assert (request["quant_group_size"], request["residual_length"]) == (16, 4)
     assert plan["kv_bytes"] == final
     assert not any("planned at int4" in note for note in plan["notes"])
-    # and its peak the last step's: one layer's K and V dequantized (11 tokens) beside the two it returns
-    # (12 tokens), float32: one layer's, not both, as a real run holds them
-    one_layer = BATCH * KV_HEADS * HEAD_DIM * 4
-    assert plan["kv_peak_bytes"] == final + 2 * one_layer * (quantized + prompt + new - 1)
+    # and its KV peak the cache's storages' at the step that requantized (11 tokens), the recording's KV
+    # peak (its dequantized and returned K and V, not the cache's, are not KV): a bound, the first layer's
+    # new quantized K and V made beside all 10 tokens held (7 quantized, 3 in the residual), less its old
+    # quantized K, let go of as the new one is bound
+    one_layer = BATCH * KV_HEADS * HEAD_DIM * 4  # a token of one layer's K (or V) in the residual
+    before = LAYERS * 2 * (_int2_packed(prompt) + 3 * one_layer)
+    assert plan["kv_peak_bytes"] == before + 2 * _int2_packed(quantized) - _int2_packed(prompt)
+    assert plan["kv_peak_bytes"] >= _recorded(run, capsys)["peak_bytes"]
 
 
 def test_an_assistant_models_cache_is_noted_with_its_bytes(

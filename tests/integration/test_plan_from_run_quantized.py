@@ -84,3 +84,76 @@ def test_a_prefill_peaked_run_keeps_the_quantized_prefill_bound_and_says_so(
     # temporaries out, planned 1,561,496 B for 1,908,648 recorded), and a note says what it does not price
     assert plan["peak_bytes"] >= recorded
     assert any("temporaries that depend on the backend" in note for note in plan["notes"])
+
+
+def _cache_storage_bytes(cache: Any) -> int:
+    """Bytes of the distinct storages a QuantizedCache's layers hold: the residual's K and V and the
+    quantized tensors' own plain tensors (quanto's `_data`, `_scale`, `_shift`; HQQ's packed values and
+    meta), found by flattening each tensor subclass, as torch itself does."""
+    import torch
+
+    storages: dict[int, int] = {}
+
+    def walk(obj: Any) -> None:
+        if (
+            isinstance(obj, torch.Tensor)
+            and type(obj) is not torch.Tensor
+            and hasattr(obj, "__tensor_flatten__")
+        ):
+            for name in obj.__tensor_flatten__()[0]:
+                walk(getattr(obj, name))
+        elif isinstance(obj, torch.Tensor):
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        elif isinstance(obj, list | tuple):
+            for item in obj:
+                walk(item)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                walk(item)
+
+    for layer in cache.layers:
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            walk(getattr(layer, name, None))
+    storages.pop(0, None)  # the emptied residual's storage, which holds nothing
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("backend", ["quanto", "hqq"])
+def test_a_quantized_run_is_planned_and_diagnosed_at_its_caches_own_bytes(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _backend(backend)
+    import torch
+    from transformers import QuantizedCache
+
+    import kvtrace
+    from tests.cli_json import cli_json
+
+    # GIVEN a 3-layer tiny Llama 3 (layers 32 wide, narrower than a group of 64), 2 rows, a 12-token
+    # prompt, generated with transformers' default QuantizedCache for 8 new tokens (19 held) and for 4 (15)
+    model = build_model(tiny_size(3, 2)).eval()
+    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    held = {}
+    for new in (8, 4):
+        cache = QuantizedCache(backend=backend, config=model.config)
+        with torch.no_grad(), kvtrace.record(tmp_path / f"new{new}", model=model, profiler=False):
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                do_sample=False, pad_token_id=0, cache=cache,
+            )  # fmt: skip
+        held[new] = _cache_storage_bytes(cache)
+    # the arithmetic: a layer's quantized K of 2 x 2 x 12 x 16 values (384 B packed, 12 groups of a float32
+    # scale and zero-point), and 7 (or 3) tokens in the float32 residual
+    values, token = 2 * 2 * 12 * HEAD_DIM, 3 * 2 * 2 * 2 * HEAD_DIM * 4
+    packed = 3 * 2 * (values // 2 + values // 64 * 2 * 4)
+    assert (held[8], held[4]) == (packed + 7 * token, packed + 3 * token)
+    recorded = report_json(tmp_path / "new8", capsys)["kv"]
+    # WHEN the longer run is planned with no other flag: THEN its KV final and peak are the recording's
+    # (it was 14,208 and 31,616 B for 13,632 and 15,168)
+    plan = plan_json(tmp_path / "new8", capsys)
+    assert (plan["kv_bytes"], plan["kv_peak_bytes"]) == (recorded["final_bytes"], recorded["peak_bytes"])
+    assert plan["kv_bytes"] == held[8]
+    # and diagnosed: a context of 15 frees what the shorter run's cache holds less (it was 2.80 KiB)
+    diagnosis = cli_json(["diagnose", str(tmp_path / "new8"), "--json"], capsys)
+    context = next(r for r in diagnosis["remedies"] if r["kind"] == "context")
+    assert (context["setting"], context["saved_bytes"]) == (15, held[8] - held[4])

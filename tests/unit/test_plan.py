@@ -280,6 +280,35 @@ def test_quantized_cache_counts_scales_and_residual_apart() -> None:
     assert result.dynamic_realloc_peak_bytes == side * copies == side * (2 * 873 + 2 * 1000 + 126)
 
 
+# The tour's tiny Llama 3: 3 layers, 2 KV heads of 16, float32; 2 rows, a 12-token prompt, 8 new tokens
+TINY_LLAMA = ModelGeometry("tiny", 3, 4, 2, 16, 64, 128, 1000, False)
+
+
+def test_a_quantized_cache_narrower_than_a_group_is_priced_as_quanto_lays_it_out() -> None:
+    # GIVEN the int4 QuantizedCache at transformers' defaults (groups of 64, residual 128) of a model whose
+    # layers' K are 32 wide, 2 rows, 19 tokens written (12 of the prompt quantized, 7 in the residual)
+    result = plan(
+        request(geometry=TINY_LLAMA, batch=2, context=20, prompt=12, cache="quantized", kv_dtype="int4",
+                weights_dtype="fp32")
+    )  # fmt: skip
+    # THEN a layer's K is quanto's tensor of 2 x 2 x 12 x 16 = 768 values: 384 B packed, and 768 / 64 = 12
+    # groups of a float32 scale and shift (its _scale is (12, 1)), 96 B: the groups run across tokens, so
+    # a token's row pays half a group a layer's K, not a whole one (it was priced 14,208 B)
+    values = 2 * 2 * 12 * 16
+    quantized = 3 * 2 * (values // 2 + values // 64 * 2 * 4)
+    residual_row = 2 * 2 * 16 * 4  # a token of one layer's K (or V), both rows, float32
+    residual = 3 * 2 * 7 * residual_row
+    assert result.kv_scale_bytes_per_token == 3 * 2 * 32 // 64 * 2 * 4 == 24
+    assert result.kv_bytes == quantized + residual == 13_632
+    # and its KV peak is what the cache's storages hold at most: the last update's cat makes the last
+    # layer's new residual V of 7 tokens beside the old one of 6 (as a recording's KV peak counts them; it
+    # was 31,616 B, the update's dequantized and returned K and V counted as KV)
+    assert result.kv_peak_bytes == result.kv_bytes + 6 * residual_row == 15_168
+    # while the peak still counts those copies beside it: one layer's K and V dequantized (the 12 quantized
+    # tokens) and returned (all 19)
+    assert result.dynamic_realloc_peak_bytes == residual_row * (6 + 2 * 12 + 2 * 19)
+
+
 def test_a_2_bit_quantized_cache_packs_four_values_a_byte() -> None:
     # GIVEN a QuantizedCache of nbits=2 (quanto or HQQ: four values a byte), 1000 tokens written
     result = plan(request(batch=3, context=1001, cache="quantized", kv_dtype="int2"))

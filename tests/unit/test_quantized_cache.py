@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from analyzers.planning.diagnose_quantized_remedies import quantized_context
 from analyzers.planning.quantized_cache import quantized_cache_bytes, residual_tokens
 from kvtrace.integrations.hf_caches import rows_per_prompt
 
@@ -24,6 +25,49 @@ from kvtrace.integrations.hf_caches import rows_per_prompt
 )
 def test_residual_tokens(tokens: int, prompt: int | None, residual: int) -> None:
     assert residual_tokens(tokens, 128, prompt) == residual
+
+
+def _moment(**overrides: object) -> dict[str, object]:
+    """What `kvtrace diagnose` knows of the tour's quanto int4 run at its end: a tiny Llama 3 (3 layers, 2
+    KV heads of 16, float32), 2 rows, a 12-token prompt and 8 new tokens, 19 held; groups of 64 (its
+    scales' shape), no requantization seen (the residual length is transformers' 128)."""
+    moment: dict[str, object] = {
+        "batch": 2,
+        "kv_layers": 3,
+        "layer_tokens": {0: 19, 1: 19, 2: 19},
+        "token_elements": 3 * 2 * 2 * 16,
+        "compute_bits": 32,
+        "quantized_bits": 4,
+        "quantized_layout": (64, None),
+        "prompt_tokens": 12,
+    }
+    moment.update(overrides)
+    return moment
+
+
+def test_a_shorter_context_of_a_quantized_run_frees_its_residuals_full_precision_tokens() -> None:
+    # GIVEN the run's 19 tokens: the prompt's 12 in int4, quanto's layout (a layer's K of 2 x 2 x 12 x 16
+    # values: 384 B packed, 12 groups of a float32 scale and shift, 96 B), and 7 in the float32 residual
+    values = 2 * 2 * 12 * 16
+    packed = 3 * 2 * (values // 2 + values // 64 * 2 * 4)
+    token = 3 * 2 * 2 * 2 * 16 * 4  # a residual token, every layer's K and V, both rows
+    assert packed + 7 * token == 13_632  # the cache's own storages after generate()
+    # WHEN a quarter fewer tokens are priced: 15, the 4 dropped all in the residual (3 left in it)
+    context, saved, text = quantized_context(_moment(), 19, None) or (0, 0, "")
+    # THEN they free 4 full-precision tokens (it was the run's average, 2.80 KiB, 717 B a token), which a
+    # recording with 4 new tokens holds less: 7,488 B
+    assert (context, saved) == (15, 4 * token) == (15, 13_632 - (packed + 3 * token))
+    assert "residual_length=128" in text and "7 of them now, 3 at 15 tokens" in text
+    # and a need is met by the longest context that frees it: 2 tokens for 2 residual tokens' worth
+    assert quantized_context(_moment(), 19, 2 * token)[:2] == (17, 2 * token)  # type: ignore[index]
+    # and below the prompt, the prompt's tokens free their packed bytes: 8 tokens hold the 8 packed only
+    eight = 3 * 2 * (2 * 2 * 8 * 16 // 2 + 2 * 2 * 8 * 16 // 64 * 2 * 4)
+    assert quantized_context(_moment(), 19, 13_632 - eight)[:2] == (8, 13_632 - eight)  # type: ignore[index]
+
+
+def test_a_shorter_context_is_not_priced_so_for_an_fp8_cache() -> None:
+    # fp8's QuantizedCache keeps every token at 8 bits, no residual: the run's average prices it
+    assert quantized_context(_moment(quantized_bits=8), 19, None) is None
 
 
 def test_quantized_cache_bytes() -> None:
