@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from analyzers.kv_log import KvLogAnalysis
+from analyzers.kv_log_figures import KvLogAnalysis
 from kvtrace.errors import KvtraceError
 from kvtrace.safe_write import not_our_file, replace_atomically
 

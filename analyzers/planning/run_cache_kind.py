@@ -8,7 +8,8 @@ import math
 from dataclasses import replace
 
 from analyzers.caches import layer_list
-from analyzers.kv_log import CacheFigures, is_kv_data
+from analyzers.kv_events import is_kv_data
+from analyzers.kv_log_figures import CacheFigures
 from analyzers.planning.presets import ModelGeometry
 from analyzers.planning.run_kv_facts import PACKED_PARTS
 from kvtrace.format import Run
