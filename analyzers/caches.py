@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from analyzers.kv_log import CacheFigures
+    from analyzers.kv_log_figures import CacheFigures
 
 __all__ = [
     "MAX_CACHES_AS_ROWS",
@@ -65,7 +65,7 @@ class CacheSummary:
     """A preallocated cache's room (module buffers' max_batch_size and max_seq_len, a StaticCache's rows and
     max_cache_len): the bytes per token are then its bytes over these slots, not over the tokens and rows
     written; None for a cache that grows."""
-    capacity_of: str | None = None  # "buffers" | "static_cache" (`analyzers.kv_log.CacheFigures`)
+    capacity_of: str | None = None  # "buffers" | "static_cache" (`analyzers.kv_log_figures.CacheFigures`)
     role: str | None = None
     """In an encoder-decoder cache: "self_attention" (the decoder's tokens) or "cross_attention" (the
     encoder's output, held at the encoder's length); None for any other cache."""
@@ -160,7 +160,7 @@ def measured_bytes_per_token(c: CacheFigures, tokens: int | None, rows: int | No
         return c.final_bytes / (c.capacity_rows * c.capacity_tokens)
     # Here, not at the top: the text renderer uses this module on every report, a snapshot's too, and
     # a snapshot has no KV log to load the log's analyzers for (issue 11)
-    from analyzers.kv_log import bytes_per_token_row
+    from analyzers.kv_log_figures import bytes_per_token_row
 
     return bytes_per_token_row(c.bytes_by_tokens, rows) if tokens and rows else None
 
@@ -286,7 +286,8 @@ def rows_name_caches(row_caches: Iterable[int | None], main: int | None) -> bool
 
 
 class _LayerRow(Protocol):
-    """A per-layer row of one cache (`analyzers.summary.LayerSummary`, `analyzers.kv_log.LayerFigures`)."""
+    """A per-layer row of one cache (`analyzers.summary.LayerSummary`,
+    `analyzers.kv_log_figures.LayerFigures`)."""
 
     layer: int
     k_bytes: int

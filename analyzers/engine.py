@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
-from kvtrace.format import MAX_BYTES
+from kvtrace.run_checks import MAX_BYTES
 
 _I64 = 2**63 - 1
 _I32 = 2**31 - 1  # the export's int32 columns (block_size, the model's geometry)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from analyzers.kv_log import event_rows
+from analyzers.kv_events import event_rows
 from kvtrace.format import KvEvent
 
 REASONS = {

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from analyzers.budget import step_starts
-from analyzers.kv_log import KvLogAnalysis
+from analyzers.kv_log_figures import KvLogAnalysis
 from analyzers.model import MemorySource
 from kvtrace.errors import KvtraceError
 from kvtrace.safe_write import not_our_file, replace_atomically

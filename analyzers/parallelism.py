@@ -9,7 +9,7 @@ KV heads its query heads need), when only its attention weights show the split.
 
 from __future__ import annotations
 
-from analyzers.kv_log import is_kv_data
+from analyzers.kv_events import is_kv_data
 from analyzers.model import MemorySource
 from analyzers.run_kv import heads_held_by
 from analyzers.summary import Report

@@ -20,12 +20,12 @@ from analyzers.caches import (
     model_caches,
     model_kv_layers,
 )
-from analyzers.kv_log import SEQ_MAJOR_PARTS, event_rows, is_kv_data
+from analyzers.kv_events import SEQ_MAJOR_PARTS, event_rows, is_kv_data
 from analyzers.kv_views import tracked_length_note
 from analyzers.kv_widths import global_width, kind_token_bytes, window_storage_note
 
 if TYPE_CHECKING:
-    from analyzers.kv_log import KvLogAnalysis
+    from analyzers.kv_log_figures import KvLogAnalysis
     from analyzers.summary import KvSummary
     from kvtrace.format import Run
 

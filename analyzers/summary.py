@@ -14,7 +14,7 @@ from analyzers.trace_coverage import all_memory_events_damaged, coverage_notes, 
 if TYPE_CHECKING:
     from analyzers.caches import CacheSummary
     from analyzers.group import GroupReport
-    from analyzers.kv_log import CutStep
+    from analyzers.kv_cut_step import CutStep
     from analyzers.timeline import DeviceTimeline
 
 
@@ -74,7 +74,7 @@ class KvSummary:
     the forwards wrote. Its bytes follow these, so the measured bytes per token divides by their product
     (its slots); None for caches that grow with what they hold. A transformers StaticCache likewise: its
     rows and max_cache_len (`capacity_of` says which). The run's last buffers: a cache re-made inside the
-    block had others before (`diagnose` prices a moment in those live then, `kv_log.buffers_live_at`)."""
+    block had others before (`diagnose` prices a moment in those live then, `kv_capacity.buffers_live_at`)."""
     capacity_of: str | None = None  # "buffers" (module buffers) | "static_cache" (transformers' StaticCache)
     evictions: dict[str, Any] | None = None
     evictions_by_reason: dict[str, int] = field(default_factory=dict)

@@ -501,7 +501,7 @@ def _read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, A
     the log leaves out stays null in the tables."""
     from analyzers.engine import read_engine
     from kvtrace.errors import too_long_integer
-    from kvtrace.format import _read_jsonl  # the format's one JSONL reader: tolerates a cut last line
+    from kvtrace.run_reader import _read_jsonl  # the format's one JSONL reader: tolerates a cut last line
 
     engine: Any = {}
     engine_path = run_path / ENGINE

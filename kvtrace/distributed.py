@@ -20,6 +20,7 @@ from typing import Any
 
 from kvtrace import format as fmt
 from kvtrace.errors import RecordingError
+from kvtrace.json_writes import write_json_atomic
 from kvtrace.run_lock import lock_for_recording
 
 
@@ -93,7 +94,7 @@ def run_path(out_dir: Path, facts: dict[str, Any] | None, overwrite: bool) -> Pa
             "world_size": world_size,
             "backend": facts.get("backend"),
         }
-        fmt.write_json_atomic(out_dir / fmt.GROUP_MARKER, marker)
+        write_json_atomic(out_dir / fmt.GROUP_MARKER, marker)
     return out_dir / f"{fmt.RANK_DIR_PREFIX}{rank}"
 
 

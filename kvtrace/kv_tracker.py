@@ -13,7 +13,7 @@ the log by address, and malloc hands a released address to the next tensor at on
 
 Cost (issue 11): a layer update runs once per layer and step, so on a GPU it must cost microseconds.
 Events are written straight into JSON lines with one `%` format (same keys as `KvEvent`, read back by
-`kvtrace.format.read_run`), per-slot facts (dtype, device, storage, shape) are kept and reused while the
+`kvtrace.run_reader.read_run`), per-slot facts (dtype, device, storage, shape) are kept and reused while the
 tensor object is the same, storages are watched through raw weak references, and nothing here reads a
 tensor's values: no `.item()`, no `int(tensor)`, no `.cpu()`, so no device sync. A cache's update of a
 layer already seen is compared at once and only captured (a tuple of facts); the tuples become lines when

@@ -19,11 +19,11 @@ from kvtrace.forward_inputs import new_tokens
 from kvtrace.integrations.hf_decode_plan import DecodePlan, log_planned, plan_for
 
 if TYPE_CHECKING:
-    from kvtrace.format import JsonlAppender
     from kvtrace.integrations.hf_caches import HfCacheHooks
     from kvtrace.integrations.hf_generate import GenerateCalls
     from kvtrace.integrations.hf_paged import PagedAttentionHooks
     from kvtrace.integrations.module_caches import ModuleCaches
+    from kvtrace.json_writes import JsonlAppender
     from kvtrace.kv_tracker import KvTracker
     from kvtrace.memory_samples import MemorySampler
     from kvtrace.step_ranges import StepRanges

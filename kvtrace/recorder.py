@@ -33,6 +33,7 @@ from kvtrace.integrations.hf_generate import GenerateCalls
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
 from kvtrace.integrations.module_caches import ModuleCaches
 from kvtrace.integrations.vllm import is_vllm_object
+from kvtrace.json_writes import JsonlAppender, write_json_atomic
 from kvtrace.kv_tracker import KvTracker
 from kvtrace.memory_samples import MemorySampler
 from kvtrace.model_forward import ForwardWrap, SubmoduleCall
@@ -101,8 +102,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self.options = options or RecordOptions()
         self.notes: list[str] = []
         self._clock = self.options.clock
-        self._events: fmt.JsonlAppender | None = None
-        self._samples: fmt.JsonlAppender | None = None
+        self._events: JsonlAppender | None = None
+        self._samples: JsonlAppender | None = None
         self._forward: ForwardWrap | None = None
         self._weights: ModelWeights | None = None  # weights.jsonl, and the storages `model.to()` replaces
         self._profiler: Any = None
@@ -235,15 +236,15 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._manifest = self._initial_manifest()
         self._manifest.update(facts or {})
         with _written_at_start(manifest_path):  # with room for the final manifest, should the disk fill
-            fmt.write_json_atomic(manifest_path, self._manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
+            write_json_atomic(manifest_path, self._manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
         self._made = True
         config_note = write_model_config(self.path, self.model)
         if config_note is not None:
             self.notes.append(config_note)
         with _written_at_start(self.path / fmt.KV_EVENTS):
-            self._events = fmt.JsonlAppender(self.path / fmt.KV_EVENTS)
+            self._events = JsonlAppender(self.path / fmt.KV_EVENTS)
         with _written_at_start(self.path / fmt.MEMORY_SAMPLES):
-            self._samples = fmt.JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
+            self._samples = JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
         tracker = KvTracker(self._clock, on_evict=self._on_evict)
         self.tracker = tracker
         self._ranges = StepRanges(self.options.nvtx, self.options.profiler)

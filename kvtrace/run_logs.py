@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kvtrace import format as fmt
+from kvtrace.json_writes import JsonlAppender
 
 if TYPE_CHECKING:
     from kvtrace.kv_tracker import KvTracker
@@ -24,8 +24,8 @@ class RunLogs:
     tracker: KvTracker
     _clock: Callable[[], int]
     _ranges: StepRanges | None
-    _events: fmt.JsonlAppender | None
-    _samples: fmt.JsonlAppender | None
+    _events: JsonlAppender | None
+    _samples: JsonlAppender | None
     _sampler: MemorySampler | None
     _flush_lock: threading.Lock
     _write_error: str | None
@@ -72,7 +72,7 @@ class RunLogs:
                 except OSError as exc:
                     self._write_failed(samples, exc)
 
-    def _write_failed(self, appender: fmt.JsonlAppender, exc: OSError) -> None:
+    def _write_failed(self, appender: JsonlAppender, exc: OSError) -> None:
         if self._write_error is None:
             self._write_error = f"{appender.path}: cannot write ({exc.strerror or exc})"
         appender.discard()

@@ -21,6 +21,7 @@ import torch
 
 from kvtrace import format as fmt
 from kvtrace.geometry import model_geometry
+from kvtrace.json_writes import write_bytes_atomic, write_json_atomic, write_json_in_place
 from kvtrace.model_forward import SubmoduleCall, running_submodule
 from kvtrace.options import RecordOptions
 
@@ -323,7 +324,7 @@ class RunManifest:
         for a run whose process died."""
         path = self.path / fmt.MANIFEST
         try:
-            fmt.write_json_atomic(path, self._manifest)
+            write_json_atomic(path, self._manifest)
             return
         except OSError as error:
             why = error.strerror or str(error)
@@ -331,7 +332,7 @@ class RunManifest:
             note = f"{fmt.MANIFEST} written over the room reserved at start: its atomic write failed ({why})"
             self.notes.append(note)
             try:
-                fmt.write_json_in_place(path, self._manifest)
+                write_json_in_place(path, self._manifest)
                 return
             except OSError as error:
                 self.notes.remove(note)
@@ -341,7 +342,7 @@ class RunManifest:
         ended["write_error"] = self._trace_error or self._write_error  # the first file not written
         ended["kv_events_lost"] = self.events_lost
         with contextlib.suppress(OSError):  # else it stays "running", as if the process died
-            fmt.write_json_in_place(path, self._manifest)
+            write_json_in_place(path, self._manifest)
 
 
 def write_model_config(folder: Path, model: Any) -> str | None:
@@ -358,7 +359,7 @@ def write_model_config(folder: Path, model: Any) -> str | None:
     except Exception as exc:  # a custom config whose fields JSON cannot hold
         return f"model_config.json not written: the model's config cannot be written as JSON ({exc})"
     try:
-        fmt.write_bytes_atomic(folder / fmt.MODEL_CONFIG, text.encode("utf-8"))
+        write_bytes_atomic(folder / fmt.MODEL_CONFIG, text.encode("utf-8"))
     except OSError as exc:
         return f"model_config.json not written: {exc.strerror or exc}"
     return None

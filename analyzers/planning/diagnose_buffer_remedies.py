@@ -2,10 +2,10 @@
 
 Meta's reference Llama keeps each layer's K and V in `cache_k`/`cache_v` buffers of [max_batch_size,
 max_seq_len, kv_heads, head_dim], allocated once when the model is built (the KV log's part `buffer`,
-analyzers.kv_log.preallocated_capacity). Their bytes follow those two settings, never the rows a forward
+analyzers.kv_capacity.preallocated_capacity). Their bytes follow those two settings, never the rows a forward
 writes nor the tokens written so far: running fewer rows or a shorter context frees nothing.
 
-* the settings are those of the buffers live at the diagnosed moment (`analyzers.kv_log.buffers_live_at`),
+* the settings are those of the buffers live at the diagnosed moment (`kv_capacity.buffers_live_at`),
   never the run's last ones: a run that re-makes its caches (`rediscover()`) holds buffers of several shapes
   in turn. A smaller max_batch_size frees their bytes / max_batch_size per row of it, a smaller max_seq_len
   their bytes / max_seq_len per position, exact where every KV storage of the moment has that shape (the
@@ -32,7 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from analyzers.kv_log import buffers_live_at
+from analyzers.kv_capacity import buffers_live_at
 from analyzers.planning.diagnosis import Remedy, fits
 from analyzers.summary import Report
 from analyzers.units import human_bytes

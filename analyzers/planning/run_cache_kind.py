@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from analyzers.caches import layer_list
-from analyzers.kv_log import CacheFigures, is_kv_data
+from analyzers.kv_events import is_kv_data
+from analyzers.kv_log_figures import CacheFigures
 from analyzers.model import MemorySource
 from analyzers.planning.presets import ModelGeometry
 from analyzers.planning.run_kv_facts import PACKED_PARTS

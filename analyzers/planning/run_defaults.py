@@ -24,7 +24,8 @@ from typing import Any, NamedTuple
 from analyzers.budget import manifest_budget
 from analyzers.caches import layer_list
 from analyzers.engine import read_engine
-from analyzers.kv_log import CacheFigures, KvLogAnalysis, analyze_run_kv_log
+from analyzers.kv_log import analyze_run_kv_log
+from analyzers.kv_log_figures import CacheFigures, KvLogAnalysis
 from analyzers.model import normal_device
 from analyzers.planning.engine_run_refusal import not_a_vllm_pool
 from analyzers.planning.hf_config import geometry_from_config
@@ -32,7 +33,8 @@ from analyzers.planning.presets import ModelGeometry
 from analyzers.planning.run_cache_kind import PLAN_DTYPES, kv_dtype_of, logged_window, quantized_layout
 from analyzers.readers.run_files import kv_log_notes
 from kvtrace.errors import KvtraceError
-from kvtrace.format import MODEL_CONFIG, Run, read_run
+from kvtrace.format import MODEL_CONFIG, Run
+from kvtrace.run_reader import read_run
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from analyzers.caches import CROSS_ATTENTION, layers_holding, model_kv_layers
-from analyzers.kv_log import is_kv_data
+from analyzers.kv_events import is_kv_data
 from analyzers.kv_widths import kind_token_bytes
 from analyzers.model import MemorySource
 from analyzers.summary import Report

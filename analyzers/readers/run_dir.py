@@ -43,8 +43,9 @@ from analyzers.readers.weight_changes import add_weight_events, weight_changes, 
 from analyzers.trace_coverage import damaged_memory_events, skipped_events_note
 from kvtrace.errors import KvtraceError
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
-from kvtrace.format import Run, read_run
+from kvtrace.format import Run
 from kvtrace.run_lock import holder
+from kvtrace.run_reader import read_run
 
 
 def _kv_only_devices(devices: list[str], events: list[Any]) -> list[DeviceEvents]:

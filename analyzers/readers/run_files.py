@@ -17,9 +17,9 @@ from kvtrace.format import (
     PROFILER_DIR,
     SNAPSHOT_DIR,
     Run,
-    unknown_kinds_text,
 )
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
+from kvtrace.run_reader import unknown_kinds_text
 
 # What the figures lack when a file the recorder wrote is gone (a partial copy, a clean-up).
 _LACKING = {

@@ -386,7 +386,7 @@ def _eviction_markers(
 ) -> list[dict[str, Any]]:
     """The KV log's evictions per step and layer (all rows), summed into the column that ends at or after
     each step (the last column for any later one)."""
-    from analyzers.kv_log import EVICTION_REASONS
+    from analyzers.kv_events import EVICTION_REASONS
 
     summed: dict[tuple[int, int], dict[str, int]] = {}
     for step, by_layer in evicted_by_step.items():

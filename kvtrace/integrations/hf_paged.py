@@ -34,6 +34,7 @@ from kvtrace import format as fmt
 from kvtrace.integrations.hf_paged_pool import ENGINE_NAME, pool_document
 from kvtrace.integrations.vllm import after_import
 from kvtrace.integrations.vllm_engine import _Patches, flush_when_due
+from kvtrace.json_writes import JsonlAppender, write_json_atomic
 
 CB_CACHE_ID = fmt.CB_CACHE_ID  # the `cache` id of the pool's KV events (vLLM's is fmt.VLLM_CACHE_ID)
 _EMPTIED = ("preempted", "finished")
@@ -72,8 +73,8 @@ class PagedAttentionHooks:
         self.document: dict[str, Any] = {}
         self._bytes_per_block = 0
         self._reserved = 0
-        self._steps: fmt.JsonlAppender | None = None
-        self._request_log: fmt.JsonlAppender | None = None
+        self._steps: JsonlAppender | None = None
+        self._request_log: JsonlAppender | None = None
         # Steps scheduled and not updated yet, oldest first: (step, phase, tokens scheduled, preempted ids,
         # free blocks once the step's were allocated, when its scheduling began). One at a time in sync mode;
         # async batching schedules batch N+1 before it updates batch N.
@@ -242,9 +243,9 @@ class PagedAttentionHooks:
         self.document = pool_document(cache, rec.model)
         self._bytes_per_block = self.document["bytes_per_block"]
         self._reserved = self.document["blocks_reserved"]
-        fmt.write_json_atomic(rec.path / fmt.ENGINE, self.document)
-        self._steps = fmt.JsonlAppender(rec.path / fmt.ENGINE_STEPS)
-        self._request_log = fmt.JsonlAppender(rec.path / fmt.ENGINE_REQUESTS)
+        write_json_atomic(rec.path / fmt.ENGINE, self.document)
+        self._steps = JsonlAppender(rec.path / fmt.ENGINE_STEPS)
+        self._request_log = JsonlAppender(rec.path / fmt.ENGINE_REQUESTS)
         tracker = rec.tracker
         with tracker.lock:  # the recorder's writer thread takes the tracker's lines meanwhile
             tracker.drain()

@@ -30,6 +30,7 @@ from typing import Any
 from kvtrace import format as fmt
 from kvtrace.geometry import kv_heads_of
 from kvtrace.integrations.vllm_weights import weight_facts
+from kvtrace.json_writes import write_json_atomic
 
 VLLM_CACHE_ID = fmt.VLLM_CACHE_ID  # the `cache` id of the pool's KV events
 _REFUSED_PREFIX = "To serve at least one request with the model's max seq len"
@@ -317,7 +318,7 @@ def write_refused(path: Path, process: str, refused: dict[str, Any], vllm_config
         "memory_profile": {"available_kv_bytes": refused.get("available_bytes")},
         "refused": refused,
     }
-    fmt.write_json_atomic(path / fmt.ENGINE, document)
+    write_json_atomic(path / fmt.ENGINE, document)
 
 
 class RefusalWatch:

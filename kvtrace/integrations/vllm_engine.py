@@ -21,6 +21,7 @@ from kvtrace.integrations.vllm import (
     engine_document,
     write_refused,
 )
+from kvtrace.json_writes import JsonlAppender, write_json_atomic
 
 _EMPTIED = ("preempted", "finished")  # request events after which it holds no KV
 # Logs reach their files at most this often (and at the end): a step can take a millisecond on a GPU, and
@@ -79,8 +80,8 @@ class EngineHooks:
         self._pool = manager.block_pool
         self._managers = list(manager.coordinator.single_type_managers)
         self._requests: dict[str, Any] = scheduler.requests
-        self._steps: fmt.JsonlAppender | None = None
-        self._request_log: fmt.JsonlAppender | None = None
+        self._steps: JsonlAppender | None = None
+        self._request_log: JsonlAppender | None = None
         self._sched_out: Any = None
         self._step_preempted: list[str] = []
         self._scheduled_free: int | None = None  # the pool's free blocks once this step's were allocated
@@ -100,10 +101,10 @@ class EngineHooks:
     def install(self) -> None:
         rec = self.recording
         self.document, worker_facts = engine_document(self.core, self._kv_cache_config, self.process)
-        fmt.write_json_atomic(rec.path / fmt.ENGINE, self.document)
+        write_json_atomic(rec.path / fmt.ENGINE, self.document)
         self._log_pool(worker_facts)
-        self._steps = fmt.JsonlAppender(rec.path / fmt.ENGINE_STEPS)
-        self._request_log = fmt.JsonlAppender(rec.path / fmt.ENGINE_REQUESTS)
+        self._steps = JsonlAppender(rec.path / fmt.ENGINE_STEPS)
+        self._request_log = JsonlAppender(rec.path / fmt.ENGINE_REQUESTS)
         patches = self._patches
         self._schedule = patches.set(self._scheduler, "schedule", self._schedule_hook)
         self._preempt = patches.set(self._scheduler, "_preempt_request", self._preempt_hook)

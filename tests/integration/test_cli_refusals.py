@@ -19,7 +19,7 @@ import pytest
 
 from kvtrace import load_tables
 from kvtrace.cli import main
-from kvtrace.format import read_run
+from kvtrace.run_reader import read_run
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 

@@ -13,8 +13,8 @@ import torch
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.format import read_run
 from kvtrace.llama import ModelSize, build_model
+from kvtrace.run_reader import read_run
 
 PROMPT = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10]  # repeats: prompt lookup finds drafts in it
 NEW_TOKENS, BEAMS = 20, 3

@@ -16,8 +16,8 @@ from torch._dynamo.utils import counters
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.format import read_run
 from kvtrace.llama import build_model
+from kvtrace.run_reader import read_run
 from tests.tiny import HEAD_DIM, tiny_size
 
 LAYERS, KV_HEADS, PROMPT, NEW = 4, 2, 10, 6

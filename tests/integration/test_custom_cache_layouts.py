@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.format import read_run
+from kvtrace.run_reader import read_run
 
 LAYERS, DIM, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 3, 64, 4, 2, 16, 128
 BATCH, MAX_SEQ, PROMPT, DECODE = 2, 32, 8, 5

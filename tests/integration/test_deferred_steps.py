@@ -24,9 +24,9 @@ from kvlog_math import kv_bytes
 import kvtrace
 from kvtrace import planned_steps
 from kvtrace.cli import main
-from kvtrace.format import read_run
 from kvtrace.integrations.hf_caches import HfCacheHooks
 from kvtrace.planned_steps import PlannedSteps
+from kvtrace.run_reader import read_run
 
 NEW_TOKENS = 6
 _VARYING = ("seq", "t_ns", "addr", "prev_addr")

@@ -24,8 +24,8 @@ from transformers import LlamaForCausalLM
 import kvtrace
 from analyzers.units import human_bytes
 from kvtrace.cli import main
-from kvtrace.format import read_run
 from kvtrace.llama import build_model, llama3_config
+from kvtrace.run_reader import read_run
 from tests.plotly_figures import page_figure
 from tests.tiny import HEAD_DIM, tiny_size
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.format import read_run
+from kvtrace.run_reader import read_run
 
 LAYERS, DIM, HEADS, KV_HEADS, VOCAB = 3, 32, 4, 2, 64
 HEAD_DIM = DIM // HEADS

@@ -17,8 +17,9 @@ from test_recorder_profiler_join import cpu_allocations, load_trace, match
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.format import KvEvent, read_run
+from kvtrace.format import KvEvent
 from kvtrace.llama import build_model
+from kvtrace.run_reader import read_run
 from tests.tiny import tiny_size
 
 LAYERS, KV_HEADS, HEAD_DIM, BATCH, PROMPT, KEEP = 2, 2, 16, 2, 17, 8

@@ -22,7 +22,7 @@ from transformers import DynamicCache, StaticCache
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.format import read_run
+from kvtrace.run_reader import read_run
 from tests.tiny import stale_free
 
 LAYERS, KV_HEADS, HEAD_DIM, F32 = 2, 2, 16, 4  # the `tiny_model` fixture's geometry

@@ -20,8 +20,8 @@ from transformers import TextIteratorStreamer
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.format import read_run
 from kvtrace.llama import build_model
+from kvtrace.run_reader import read_run
 from tests.tiny import HEAD_DIM, tiny_size
 
 LAYERS, KV_HEADS, PROMPT, NEW_TOKENS = 4, 2, 10, 12

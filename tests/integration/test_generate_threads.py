@@ -24,8 +24,8 @@ from kvlog_math import assert_addresses_freed_before_reuse, assert_well_ordered
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.format import read_run
 from kvtrace.llama import build_model
+from kvtrace.run_reader import read_run
 from tests.tiny import HEAD_DIM, tiny_size
 
 LAYERS, KV_HEADS = 2, 2

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kvtrace.cli import main
-from kvtrace.format import read_run
+from kvtrace.run_reader import read_run
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_traces"

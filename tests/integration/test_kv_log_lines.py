@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from kvtrace.cli import main
-from kvtrace.format import read_run
 from kvtrace.llama import build_model
+from kvtrace.run_reader import read_run
 from tests.cli_json import report_json
 from tests.tiny import HEAD_DIM, record_generate, tiny_size
 

@@ -16,7 +16,7 @@ import torch
 from kvlog_math import assert_well_ordered
 
 import kvtrace
-from kvtrace.format import read_run
+from kvtrace.run_reader import read_run
 
 fairscale_init = pytest.importorskip("fairscale.nn.model_parallel.initialize")
 llama3_model = pytest.importorskip("llama_models.llama3.model")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import kvtrace
-from kvtrace.format import read_run
 from kvtrace.llama import build_model
+from kvtrace.run_reader import read_run
 from tests.tiny import tiny_size
 
 LAYERS, PROMPT, NEW = 2, 6, 3

@@ -15,7 +15,7 @@ from kvlog_math import assert_addresses_freed_before_reuse, assert_well_ordered,
 from torch import nn
 
 import kvtrace
-from kvtrace.format import read_run
+from kvtrace.run_reader import read_run
 
 LAYERS, DIM, HEADS, KV_HEADS, VOCAB = 3, 64, 4, 2, 128
 HEAD_DIM = DIM // HEADS

@@ -13,7 +13,7 @@ import ranks_worker as worker
 from analyzers.render.json import report_to_json
 from analyzers.report import build_report
 from kvtrace.cli import main
-from kvtrace.format import read_run
+from kvtrace.run_reader import read_run
 
 WORLD = 2
 HEAD_DIM = worker.DIM // worker.N_HEADS

@@ -15,7 +15,7 @@ import pytest
 import ranks_worker as worker
 
 from kvtrace.cli import main
-from kvtrace.format import read_run
+from kvtrace.run_reader import read_run
 
 pytest.importorskip("transformers.distributed")
 

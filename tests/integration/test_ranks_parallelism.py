@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from analyzers.group import build_group_report
-from kvtrace.format import MANIFEST, WEIGHTS, read_run
+from kvtrace.format import MANIFEST, WEIGHTS
+from kvtrace.run_reader import read_run
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample_traces" / "dynamic_b2"
 

@@ -39,8 +39,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 import kvtrace
 from analyzers.kv_log import analyze_kv_log
 from kvtrace.cli import main
-from kvtrace.format import read_run
 from kvtrace.llama import DEFAULT_PROMPTS, build_model, encode_batch, llama3_tokenizer
+from kvtrace.run_reader import read_run
 from tests.tiny import HEAD_DIM
 
 REPO = Path(__file__).resolve().parents[2]

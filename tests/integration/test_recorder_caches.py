@@ -23,8 +23,8 @@ from kvlog_math import (
 from transformers import StaticCache
 
 import kvtrace
-from kvtrace.format import read_run
 from kvtrace.llama import make_cache
+from kvtrace.run_reader import read_run
 
 NEW_TOKENS = 5  # one prefill step and four decode steps
 WINDOW = 8  # sliding window, shorter than the prompt

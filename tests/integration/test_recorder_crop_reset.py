@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 import kvtrace
-from kvtrace.format import read_run
 from kvtrace.llama import build_model
+from kvtrace.run_reader import read_run
 from tests.tiny import HEAD_DIM, tiny_size
 
 LAYERS, KV_HEADS, BATCH, PROMPT = 2, 2, 1, 9

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import kvtrace
-from kvtrace.format import LOCK_FILE, read_run
+from kvtrace.format import LOCK_FILE
 from kvtrace.llama import build_model
 from kvtrace.recorder import RecordingError
+from kvtrace.run_reader import read_run
 from tests.tiny import tiny_size
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

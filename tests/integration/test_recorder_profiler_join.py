@@ -26,8 +26,8 @@ from analyzers.attribution import JOIN_TOLERANCE_US
 from analyzers.planning.diagnose import diagnose
 from analyzers.report import build_report
 from kvtrace.cli import main as kvtrace_main
-from kvtrace.format import read_run
 from kvtrace.llama import cache_keyword, make_cache
+from kvtrace.run_reader import read_run
 
 NEW_TOKENS = 4
 # The profiler's clock and time.time_ns() agree within ~0.15 ms on these machines.

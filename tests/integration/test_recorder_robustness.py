@@ -18,8 +18,9 @@ import torch
 from kvlog_math import assert_well_ordered, kv_bytes, replay_live_bytes
 
 import kvtrace
-from kvtrace.format import KV_EVENTS, MANIFEST, MEMORY_SAMPLES, read_run
+from kvtrace.format import KV_EVENTS, MANIFEST, MEMORY_SAMPLES
 from kvtrace.recorder import RecordingError
+from kvtrace.run_reader import read_run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAIL_AT_FORWARD = 3  # the decode forward in which the failure strikes

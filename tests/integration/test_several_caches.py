@@ -20,8 +20,8 @@ import kvtrace
 from analyzers.render.kv_heatmap import MAX_CACHES_AS_ROWS
 from analyzers.report import build_report
 from kvtrace.cli import main
-from kvtrace.format import read_run
 from kvtrace.llama import build_model
+from kvtrace.run_reader import read_run
 from tests.integration.kvlog_math import assert_addresses_freed_before_reuse, kv_bytes
 from tests.plotly_figures import page_figure
 from tests.tiny import HEAD_DIM, tiny_size

@@ -152,12 +152,18 @@ def test_snapshot_report_imports_no_numpy_and_matches_the_html_path(tmp_path: Pa
 # columns, for -o) and the format's event records. `--json` needs no text renderer, which loads `caches`.
 RUN_ONLY = [
     "analyzers.budget",
+    "analyzers.kv_capacity",
+    "analyzers.kv_cut_step",
+    "analyzers.kv_events",
     "analyzers.kv_log",
+    "analyzers.kv_log_figures",
     "analyzers.kv_views",
     "analyzers.kv_widths",
     "analyzers.run_kv",
     "analyzers.timeline",
     "kvtrace.format",
+    "kvtrace.run_checks",
+    "kvtrace.run_reader",
 ]
 TEXT_ONLY = ["analyzers.caches", "analyzers.render.text"]
 

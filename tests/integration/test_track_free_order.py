@@ -14,7 +14,7 @@ import torch
 
 import kvtrace
 from analyzers.kv_log import analyze_kv_log
-from kvtrace.format import read_run
+from kvtrace.run_reader import read_run
 from tests.integration.kvlog_math import assert_addresses_freed_before_reuse, assert_well_ordered
 
 LAYERS, ROWS, KV_HEADS, HEAD_DIM, PROMPT, NEW = 2, 2, 2, 16, 5, 4

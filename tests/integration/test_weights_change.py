@@ -18,8 +18,8 @@ import torch
 import kvtrace
 from analyzers.report import build_report
 from kvtrace.cli import main
-from kvtrace.format import read_run
 from kvtrace.llama import build_model
+from kvtrace.run_reader import read_run
 from tests.tiny import HEAD_DIM, HEADS, HIDDEN, stale_free, tiny_size
 
 LAYERS, KV_HEADS, INTERMEDIATE, VOCAB = 2, 2, 128, 1000

@@ -24,8 +24,8 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.format import read_run
 from kvtrace.llama import llama3_config, make_cache
+from kvtrace.run_reader import read_run
 from tests.tiny import tiny_size
 
 LAYERS, BATCH, PROMPT, NEW, WINDOW = 2, 2, 13, 6, 8

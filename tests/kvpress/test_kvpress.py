@@ -20,9 +20,9 @@ import torch  # noqa: E402
 import kvtrace  # noqa: E402
 from analyzers.render.json import report_to_json  # noqa: E402
 from analyzers.report import build_report  # noqa: E402
-from kvtrace.format import read_run  # noqa: E402
 from kvtrace.integrations.presses import make_press  # noqa: E402
 from kvtrace.llama import build_model  # noqa: E402
+from kvtrace.run_reader import read_run  # noqa: E402
 from tests.tiny import tiny_size  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM, CONTEXT = 4, 2, 16, 513

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvtrace.errors import KvtraceError
-from kvtrace.format import KV_EVENTS, MANIFEST, SCHEMA_VERSION, next_cache_id, read_run
+from kvtrace.format import KV_EVENTS, MANIFEST, SCHEMA_VERSION, next_cache_id
+from kvtrace.run_reader import read_run
 
 
 def _run(tmp_path: Path, manifest: object, events: str = "") -> Path:

@@ -15,8 +15,9 @@ from analyzers.model import METHOD_WEIGHTS_TABLE, OTHER, WEIGHTS, DeviceEvents, 
 from analyzers.readers.weight_changes import add_weight_events, weight_changes
 from analyzers.timeline import device_timeline
 from kvtrace.errors import KvtraceError
-from kvtrace.format import MANIFEST, SCHEMA_VERSION, read_run
+from kvtrace.format import MANIFEST, SCHEMA_VERSION
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
+from kvtrace.run_reader import read_run
 
 GOOD = {"format": "kvtrace-run", "schema_version": SCHEMA_VERSION, "ended": {"status": "running"}}
 OLD_A, OLD_B, NEW_A, NEW_B, OTHER_ADDR = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000

@@ -12,6 +12,7 @@ pytest.importorskip("vllm")
 
 import kvtrace
 from kvtrace import format as fmt
+from kvtrace.run_reader import read_run
 from tests.vllm.workload import (
     BLOCK_SIZE,
     NEW_TOKENS,
@@ -245,7 +246,7 @@ def test_blocks_used_is_what_the_requests_hold(recorded: dict[str, Any]) -> None
 def test_kv_log_counts_the_pool_once(recorded: dict[str, Any]) -> None:
     from analyzers.kv_log import analyze_kv_log
 
-    run = fmt.read_run(recorded["dir"])
+    run = read_run(recorded["dir"])
     created = [e for e in run.kv_events if e.event == "created"]
     assert len(created) == 2 * SIZE.num_layers
     assert {e.storage_bytes for e in created} == {POOL_BYTES}
@@ -276,7 +277,7 @@ def test_engine_steps_are_profiler_ranges(recorded: dict[str, Any], tmp_path: Pa
         llm.generate(prompts(2, 8), sampling(3), use_tqdm=False)
     steps = _jsonl(run_dir / fmt.ENGINE_STEPS)
     assert [s["step"] for s in steps] == list(range(1, len(steps) + 1)) and len(steps) >= 3
-    traces = fmt.read_run(run_dir).profiler_traces()
+    traces = read_run(run_dir).profiler_traces()
     assert traces
     raw = traces[0].read_bytes()
     text = (gzip.decompress(raw) if traces[0].suffix == ".gz" else raw).decode()

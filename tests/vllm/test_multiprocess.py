@@ -16,6 +16,7 @@ pytest.importorskip("vllm")
 
 from analyzers.units import human_bytes
 from kvtrace import format as fmt
+from kvtrace.run_reader import read_run
 from tests.vllm.workload import (
     BLOCK_BYTES,
     BLOCK_SIZE,
@@ -41,7 +42,7 @@ def plugin_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_the_engine_core_records_a_complete_run(plugin_run: dict[str, Any]) -> None:
-    run = fmt.read_run(plugin_run["dir"])
+    run = read_run(plugin_run["dir"])
     assert run.manifest["ended"]["status"] == "ok"  # finished at the engine's shutdown
     assert run.manifest["engine"]["process"] == "engine_core"
     assert run.manifest["pid"] != os.getpid()

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvtrace import format as fmt
+from kvtrace.run_reader import read_run
 from tests.vllm.scripts import REFUSED_MAX_MODEL_LEN, REFUSED_POOL_BYTES
 from tests.vllm.workload import BLOCK_BYTES, BLOCK_SIZE, run_script
 
@@ -32,7 +33,7 @@ def _check_refused(run_dir: Path, message: str, process: str) -> dict[str, Any]:
     assert refused["available_bytes"] == REFUSED_POOL_BYTES - BLOCK_BYTES
     assert estimate == refused["available_bytes"] // BLOCK_BYTES * BLOCK_SIZE
     assert engine["config"]["kv_cache_memory_bytes"] == REFUSED_POOL_BYTES
-    manifest = fmt.read_run(run_dir).manifest
+    manifest = read_run(run_dir).manifest
     assert manifest["ended"]["status"] == "exception" and manifest["ended"]["type"] == "ValueError"
     return engine
 

@@ -24,6 +24,7 @@ pytest.importorskip("vllm")
 import kvtrace
 from kvtrace import format as fmt
 from kvtrace.cli import main
+from kvtrace.run_reader import read_run
 from tests.vllm.workload import make_llm, metric, prompts, run_workload, sampling
 
 ENGINE_STEP = "kvtrace/engine step "
@@ -31,7 +32,7 @@ PREEMPT = Path(__file__).resolve().parents[2] / "sample_traces" / "vllm_preempt"
 
 
 def _trace_events(run_dir: Path) -> list[dict[str, Any]]:
-    (trace,) = fmt.read_run(run_dir).profiler_traces()
+    (trace,) = read_run(run_dir).profiler_traces()
     raw = trace.read_bytes()
     return list(json.loads(gzip.decompress(raw) if trace.suffix == ".gz" else raw)["traceEvents"])
 

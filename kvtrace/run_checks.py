@@ -1,0 +1,295 @@
+"""What each line of a run's logs and each field of its manifest may hold, checked as `read_run` reads
+them: a value the analyzers could not compute with (a size no device holds, a string for a count, a layer
+past their int16 columns) is refused in one line naming the file and the line. Stdlib only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kvtrace.errors import KvtraceError
+from kvtrace.format import EVENT_KINDS, WEIGHT_EVENTS, KvEvent, WeightRecord
+
+# What a record's numbers may be. Sizes above 2**56 bytes (64 PiB) and addresses past 2**63 are damage, not
+# memory: they would overflow the analyzers' int64 columns, or print as figures no device holds. Steps and
+# cache ids are int32 columns of the export (docs/format.md), so a larger one is refused here, where every
+# command reads it, rather than by `export` and `query` alone.
+_I64 = 2**63 - 1
+_I32 = 2**31 - 1
+MAX_BYTES = 2**56
+_MAX_LAYER = 2**15 - 1  # the analyzers keep layers in int16
+KV_KINDS = ("k", "v")
+_EVENT_INTS: tuple[tuple[str, int, int], ...] = (
+    ("seq", -_I64, _I64),
+    ("t_ns", 0, _I64),
+    ("step", -_I32 - 1, _I32),
+    ("layer", 0, _MAX_LAYER),
+    ("addr", 0, _I64),
+    ("storage_bytes", 0, MAX_BYTES),
+    ("view_offset", 0, MAX_BYTES),
+    ("logical_bytes", 0, MAX_BYTES),
+    ("tokens", 0, _I64),
+    ("evicted_tokens", 0, _I64),
+    ("prev_addr", 0, _I64),
+    ("cache", -_I32 - 1, _I32),
+    ("rows", 0, _I64),
+    ("masked_entries", 0, _I64),
+)
+_EVENT_STRS = ("phase", "event", "kv", "part", "dtype", "device", "source", "reason")
+_WEIGHT_INTS = (("addr", 0, _I64), ("storage_bytes", 0, MAX_BYTES), ("t_ns", 0, _I64), ("step", 0, _I32))
+_WEIGHT_STRS = ("name", "dtype", "device", "event")
+_WEIGHT_REQUIRED = ("name", "addr", "storage_bytes", "dtype", "device", "shape")
+# memory_samples.jsonl: the keys analyzers compute with, when present
+_SAMPLE_INTS = (
+    ("t_ns", 0, _I64),
+    ("step", -_I32 - 1, _I32),
+    ("started_ns", 0, _I64),
+    ("rss_bytes", 0, MAX_BYTES),
+    ("cuda_device", 0, _MAX_LAYER),
+    ("cuda_allocated_bytes", 0, MAX_BYTES),
+    ("cuda_reserved_bytes", 0, MAX_BYTES),
+    ("cuda_peak_allocated_bytes", 0, MAX_BYTES),
+    ("gpu_memory_used_bytes", 0, MAX_BYTES),
+    ("gpu_memory_total_bytes", 0, MAX_BYTES),
+)
+_SAMPLE_NUMBERS = ("cpu_percent", "gpu_utilization_percent")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return f"{value}" if abs(value) < 10**30 else "an integer of more than 30 digits"
+    return {str: "a string", float: "a number with a fraction", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _bad(path: Path, lineno: int, name: str, value: Any, low: int, high: int) -> KvtraceError:
+    want = "an integer" if type(value) is not int else f"an integer from {low} to {high}"
+    return KvtraceError(f"{path}: line {lineno}: field {name!r} is {_kind(value)}, expected {want}")
+
+
+def _check_fields(
+    record: dict[str, Any],
+    path: Path,
+    lineno: int,
+    ints: tuple[tuple[str, int, int], ...],
+    strs: tuple[str, ...],
+) -> None:
+    for name, low, high in ints:
+        value = record.get(name, 0)
+        if type(value) is not int or not low <= value <= high:
+            raise _bad(path, lineno, name, value, low, high)
+    for name in strs:
+        value = record.get(name, "")
+        if type(value) is not str:
+            raise KvtraceError(f"{path}: line {lineno}: field {name!r} is {_kind(value)}, expected a string")
+    shape = record.get("shape", [])
+    if type(shape) is not list or not all(type(n) is int and 0 <= n <= _I64 for n in shape):
+        said = _kind(shape)
+        raise KvtraceError(f"{path}: line {lineno}: field 'shape' is {said}, expected a list of sizes")
+
+
+def _event_from(record: dict[str, Any], path: Path, lineno: int = 0) -> KvEvent:
+    known = KvEvent.__dataclass_fields__
+    try:
+        event = KvEvent(**{k: v for k, v in record.items() if k in known})
+    except TypeError as exc:
+        raise KvtraceError(f"{path}: line {lineno}: KV event missing fields ({exc})") from None
+    _check_fields(event.__dict__, path, lineno, _EVENT_INTS, _EVENT_STRS)
+    if event.kv not in KV_KINDS:  # any other value was counted as V
+        said = repr(event.kv[:40])
+        raise KvtraceError(f"{path}: line {lineno}: field 'kv' is {said}, expected 'k' or 'v'")
+    return event
+
+
+# Bytes per element of the dtypes a KV tensor is logged with (`str(dtype)` without "torch."). Others (sub-byte
+# kinds such as uint4) are left unchecked: a size this module is not sure of would flag true lines.
+DTYPE_BYTES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1,
+    "bool": 1,
+    "complex128": 16, "complex64": 8,
+}  # fmt: skip
+
+
+def least_storage_bytes(event: KvEvent) -> int:
+    """The fewest bytes the storage of an event's tensor can hold: its `view_offset` plus its shape's elements
+    x its dtype's size. Its elements lie at distinct places from the view's start to the storage's end, so
+    that holds for a view, a preallocated buffer, a pool's per-layer view and a quantized part alike (they
+    may hold more, never less); only a tensor that repeats its elements (`expand`) could, which no cache
+    keeps. 0 where the line does not say: no storage (`addr` 0), a `freed` line, no shape, a dtype not in
+    `DTYPE_BYTES`."""
+    itemsize = DTYPE_BYTES.get(event.dtype, 0)
+    if not event.addr or event.event == "freed" or not event.shape or not itemsize:
+        return 0
+    elements = 1
+    for size in event.shape:
+        elements *= size
+    return event.view_offset + elements * itemsize if elements else 0
+
+
+class _KvEventLines:
+    """kv_events.jsonl's lines through `_event_from`, setting aside what the replay cannot take as written,
+    counted for the readers' notes (`Run.unknown_kv_events`, `Run.short_kv_storages`): a line whose
+    `event` is not of `EVENT_KINDS` (a newer kvtrace's kind, or damage) is skipped, as no rule says what it
+    does to its storage; a storage smaller than its own tensor (`least_storage_bytes`), impossible, is read
+    at that least size rather than skipped: skipping would drop the whole storage and orphan its `freed`
+    line, while the least size is exact for a fresh contiguous tensor (a dynamic cache's) and a lower bound
+    for a view."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self.unknown: dict[str, int] = {}
+        self.short_storages = 0
+
+    def __call__(self, record: dict[str, Any], path: Path, lineno: int) -> KvEvent | None:
+        self.lines += 1
+        kind = record.get("event")
+        if type(kind) is str and kind not in EVENT_KINDS:
+            self.unknown[kind[:40]] = self.unknown.get(kind[:40], 0) + 1
+            return None
+        event = _event_from(record, path, lineno)
+        least = least_storage_bytes(event)
+        # Only where its `logical_bytes` says the same tensor size as its shape: two fields against one. Where
+        # they disagree, the shape may be the damaged field, and the line is read as it is.
+        if event.storage_bytes < least <= MAX_BYTES and least - event.view_offset == event.logical_bytes:
+            event.storage_bytes = least
+            self.short_storages += 1
+        return event
+
+
+def _weight_from(record: dict[str, Any], path: Path, lineno: int) -> WeightRecord:
+    known = WeightRecord.__dataclass_fields__
+    missing = [name for name in _WEIGHT_REQUIRED if name not in record]
+    if missing:
+        raise KvtraceError(f"{path}: line {lineno}: weight record without {', '.join(map(repr, missing))}")
+    _check_fields(record, path, lineno, _WEIGHT_INTS, _WEIGHT_STRS)
+    event = record.get("event", "")
+    if event and event not in WEIGHT_EVENTS:
+        said = repr(event[:40])
+        raise KvtraceError(f"{path}: line {lineno}: field 'event' is {said}, expected 'added' or 'freed'")
+    # A change line says when (docs/format.md): read without them it would happen at time 0, before the
+    # first step, and move the peak
+    absent = [name for name in ("t_ns", "step") if event and name not in record]
+    if absent:
+        raise KvtraceError(f"{path}: line {lineno}: {event!r} line without {' or '.join(map(repr, absent))}")
+    return WeightRecord(**{k: v for k, v in record.items() if k in known})
+
+
+class _WeightLines:
+    """weights.jsonl's lines through `_weight_from`, following the storages held line by line: a `freed`
+    line is for a storage listed above (at the start, or `added`) and not freed since. Any other would be
+    counted as a free of bytes no line held, taking them off the weights and every figure after it."""
+
+    def __init__(self) -> None:
+        self.held: set[tuple[str, int]] = set()  # (device, addr)
+
+    def __call__(self, record: dict[str, Any], path: Path, lineno: int) -> WeightRecord:
+        weight = _weight_from(record, path, lineno)
+        key = (weight.device, weight.addr)
+        if weight.event != "freed":
+            self.held.add(key)
+        elif key in self.held:
+            self.held.remove(key)
+        else:
+            raise KvtraceError(
+                f"{path}: line {lineno}: 'freed' line for a storage that no line above holds "
+                f"(addr {weight.addr} on {weight.device})"
+            )
+        return weight
+
+
+def _sample_from(record: dict[str, Any], path: Path, lineno: int) -> dict[str, Any]:
+    for name, low, high in _SAMPLE_INTS:
+        value = record.get(name)
+        if value is not None and (type(value) is not int or not low <= value <= high):
+            raise _bad(path, lineno, name, value, low, high)
+    for name in _SAMPLE_NUMBERS:
+        value = record.get(name)
+        if value is not None and (type(value) not in (int, float) or not 0 <= value <= 1e6):
+            said = _kind(value)
+            raise KvtraceError(f"{path}: line {lineno}: field {name!r} is {said}, expected a percentage")
+    phase = record.get("phase", "")
+    if type(phase) is not str:
+        raise KvtraceError(f"{path}: line {lineno}: field 'phase' is {_kind(phase)}, expected a string")
+    return record
+
+
+# Manifest fields that readers open as objects or lists, with the types they may hold when present (a
+# model-less recording writes `"model": null`); anything else is a damaged or hand-edited manifest.
+_MANIFEST_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
+    ("device", (dict,), "an object"),
+    ("ended", (dict,), "an object"),
+    ("options", (dict,), "an object"),
+    ("clock", (dict,), "an object"),
+    ("snapshots", (dict,), "an object"),
+    ("monitors", (dict,), "an object"),
+    ("engine", (dict,), "an object"),
+    ("model", (dict, type(None)), "an object or null"),
+    ("files", (list,), "a list"),
+    ("notes", (list,), "a list"),
+    ("warnings", (list,), "a list"),
+)
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _I64
+
+
+def _size_or_null(value: Any) -> bool:
+    return value is None or (type(value) is int and 0 <= value <= MAX_BYTES)
+
+
+def _count_or_null(value: Any) -> bool:
+    return value is None or _count(value)
+
+
+def _small_count_or_null(value: Any) -> bool:
+    """A count the export keeps in int32 (ranks, device index, model geometry)."""
+    return value is None or (type(value) is int and 0 <= value <= _I32)
+
+
+def _text_or_null(value: Any) -> bool:
+    return value is None or type(value) is str
+
+
+# Values inside the manifest that analyzers compute with, when present: (dotted key, test, expected).
+_MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("started_ns", _count_or_null, "a time in ns"),
+    ("kv_events", _count, "a count"),
+    ("rank", _small_count_or_null, f"a rank of at most {_I32}"),
+    ("local_rank", _small_count_or_null, f"a rank of at most {_I32}"),
+    ("world_size", _small_count_or_null, f"a count of at most {_I32}"),
+    ("device.type", lambda v: type(v) is str, "a string"),
+    ("device.name", _text_or_null, "a string"),
+    ("device.index", _small_count_or_null, f"a device index of at most {_I32}"),
+    ("device.total_memory_bytes", _size_or_null, f"a size of at most {MAX_BYTES} bytes"),
+    ("ended.status", lambda v: type(v) is str, "a string"),
+    ("ended.t_ns", _count, "a time in ns"),
+    ("ended.type", _text_or_null, "a string"),
+    ("ended.message", _text_or_null, "a string"),
+    ("ended.write_error", lambda v: type(v) is str, "a string"),
+    ("ended.trace_error", lambda v: type(v) is str, "a string"),
+    ("ended.kv_events_lost", _count, "a count"),
+    ("model.num_layers", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.num_attention_heads", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.num_kv_heads", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.head_dim", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.global_kv_heads", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.global_head_dim", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.hidden_size", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.vocab_size", _count_or_null, "a count"),
+    ("model.parameters", _count_or_null, "a count"),
+    ("model.sliding_window", _count_or_null, "a count"),
+    ("model.kv_layers", _count_or_null, "a count"),
+    ("model.sliding_layers", _count_or_null, "a count"),
+    ("model.dtype", _text_or_null, "a string"),
+    ("options.gpu_memory", _size_or_null, f"a size of at most {MAX_BYTES} bytes"),
+)

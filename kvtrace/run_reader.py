@@ -1,0 +1,176 @@
+"""Reading a run directory back (`read_run`): its manifest and every complete line of its logs, each
+checked (`kvtrace.run_checks`); a last line cut by a killed writer is dropped and said. Stdlib only: the
+analyzers read runs on a laptop without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
+from kvtrace.format import (
+    KV_EVENTS,
+    MANIFEST,
+    MEMORY_SAMPLES,
+    RANK_DIR_PREFIX,
+    SCHEMA_VERSION,
+    WEIGHTS,
+    Run,
+    rank_dirs,
+)
+from kvtrace.run_checks import (
+    _MANIFEST_FIELDS,
+    _MANIFEST_VALUES,
+    _kind,
+    _KvEventLines,
+    _sample_from,
+    _WeightLines,
+)
+
+
+def _read_jsonl(
+    path: Path, check: Callable[[dict[str, Any], Path, int], Any] | None = None
+) -> tuple[list[Any], bool]:
+    """Every complete line (through `check(record, path, lineno)`, which returns what to keep, None to skip
+    the line, or raises); a cut last line (killed writer) is dropped and reported, corrupt lines elsewhere
+    are an error naming the file and line."""
+    if not path.exists():
+        return [], False
+    records: list[Any] = []
+    truncated = False
+    refuse_special_file(path)
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:  # a BOM an editor added, as manifests
+            lines = fh.read().split("\n")
+    except OSError as exc:  # a folder of that name, no permission
+        raise KvtraceError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    last = len(lines) - 1
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno - 1 == last:
+                truncated = True
+                break
+            raise KvtraceError(f"{path}: line {lineno} is not valid JSON") from None
+        except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
+            raise KvtraceError(f"{path}: line {lineno} holds {too_long_integer()}") from None
+        except RecursionError:
+            raise KvtraceError(f"{path}: line {lineno} is nested too deeply") from None
+        if not isinstance(value, dict):
+            raise KvtraceError(f"{path}: line {lineno} is not a JSON object")
+        kept = value if check is None else check(value, path, lineno)
+        if kept is not None:
+            records.append(kept)
+    return records, truncated
+
+
+def read_run(path: str | os.PathLike[str]) -> Run:
+    """Read a run directory written by any schema version up to ours.
+
+    A run that was interrupted (manifest still says "running", or a cut last line) is read up to its last
+    complete event; `Run.truncated` and the manifest's `ended` say so.
+    """
+    root = Path(path)
+    manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise KvtraceError(f"{root}: not a directory")
+    if not manifest_path.exists():
+        group = f"; a run group, one run per rank: {RANK_DIR_PREFIX}<r>/" if rank_dirs(root) else ""
+        raise KvtraceError(f"{root}: not a kvtrace run directory (no {MANIFEST}){group}")
+    refuse_special_file(manifest_path)
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8-sig"))  # a BOM an editor added
+    except OSError as exc:  # a folder of that name, no permission
+        raise KvtraceError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KvtraceError(f"{manifest_path}: corrupt manifest ({exc.__class__.__name__})") from None
+    except ValueError:  # CPython's limit on the digits of an int
+        raise KvtraceError(f"{manifest_path}: corrupt manifest (it holds {too_long_integer()})") from None
+    except RecursionError:
+        raise KvtraceError(f"{manifest_path}: corrupt manifest (nested too deeply)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "kvtrace-run":
+        raise KvtraceError(f"{manifest_path}: not a kvtrace manifest")
+    version = manifest.get("schema_version")
+    if type(version) is not int or version < 1:
+        raise KvtraceError(f"{manifest_path}: missing or invalid schema_version")
+    if version > SCHEMA_VERSION:
+        raise KvtraceError(
+            f"{manifest_path}: schema version {version} is newer than this kvtrace reads ({SCHEMA_VERSION}); "
+            "upgrade kvtrace"
+        )
+    for key, types, what in _MANIFEST_FIELDS:
+        if key in manifest and not isinstance(manifest[key], types):
+            found = "null" if manifest[key] is None else type(manifest[key]).__name__
+            raise KvtraceError(f"{manifest_path}: field {key!r} is {found}, expected {what}")
+    for dotted, check, what in _MANIFEST_VALUES:
+        outer, _, inner = dotted.partition(".")
+        holder = manifest.get(outer) if inner else manifest
+        name = inner or outer
+        if isinstance(holder, dict) and name in holder and not check(holder[name]):
+            raise KvtraceError(f"{manifest_path}: field {dotted!r} is {_kind(holder[name])}, expected {what}")
+    ended = manifest.get("ended") or {}
+    write_error = ended.get("write_error")
+    if write_error is not None:
+        # The recorder could not write its logs to the end (a full disk): they hold an early part of the run.
+        # (Only its profiler trace unwritten, the logs whole: `ended.trace_error`, and the run reads.)
+        lost = ended.get("kv_events_lost")
+        lost_said = f"; {lost} KV events were lost" if isinstance(lost, int) else ""
+        raise KvtraceError(f"{root}: incomplete run: the recorder failed to write {write_error}{lost_said}")
+    events_path = root / KV_EVENTS
+    kv_lines = _KvEventLines()
+    events, cut_events = _read_jsonl(events_path, kv_lines)
+    if kv_lines.unknown and not events:
+        raise KvtraceError(
+            f"{events_path}: none of its {kv_lines.lines:,} lines is a KV event this kvtrace knows "
+            f"({unknown_kinds_text(kv_lines.unknown)}): written by a newer kvtrace (upgrade it), or damaged"
+        )
+    weights, cut_weights = _read_jsonl(root / WEIGHTS, _WeightLines())
+    samples, cut_samples = _read_jsonl(root / MEMORY_SAMPLES, _sample_from)
+    if manifest.get("ended", {}).get("status") not in (None, "running"):
+        # The recorder closed every file and counted the events: a cut or short file was damaged after the
+        # run (a partial copy, a full disk), and figures from it would be wrong, not merely early.
+        count = manifest.get("kv_events")
+        if isinstance(count, int) and count and not events_path.is_file():
+            raise KvtraceError(f"{events_path}: missing, while the manifest counts {count} KV events")
+        short = isinstance(count, int) and count != kv_lines.lines  # skipped lines were written all the same
+        if cut_events or short:
+            counted = f" of the {count} the manifest counts" if isinstance(count, int) else ""
+            raise KvtraceError(
+                f"{events_path}: damaged after the run ended: {kv_lines.lines} complete events{counted}"
+            )
+        for name, cut in ((WEIGHTS, cut_weights), (MEMORY_SAMPLES, cut_samples)):
+            if cut:
+                raise KvtraceError(f"{root / name}: damaged after the run ended: its last line is cut")
+    return Run(
+        path=root,
+        manifest=manifest,
+        kv_events=events,
+        weights=[w for w in weights if not w.event],
+        memory_samples=samples,
+        truncated=cut_events or cut_weights or cut_samples,
+        weight_changes=[w for w in weights if w.event],
+        unknown_kv_events=kv_lines.unknown,
+        short_kv_storages=kv_lines.short_storages,
+    )
+
+
+_UNKNOWN_KINDS_SHOWN = 5  # event names a message lists (a damaged log may hold thousands of distinct ones)
+
+
+def unknown_kinds_text(unknown: dict[str, int]) -> str:
+    """The unknown event names of `Run.unknown_kv_events`, most lines first: "'growed' on 2 lines, 'spill'
+    on 1 line", and how many more names."""
+    ranked = sorted(unknown.items(), key=lambda item: (-item[1], item[0]))
+    shown = ", ".join(
+        f"{name!r} on {count:,} line{'s' if count != 1 else ''}"
+        for name, count in ranked[:_UNKNOWN_KINDS_SHOWN]
+    )
+    more = len(ranked) - _UNKNOWN_KINDS_SHOWN
+    return shown + (f", and {more:,} more names" if more > 0 else "")
