@@ -424,10 +424,11 @@ def _join_kv_log(dev: DeviceEvents, storages: list[_Storage], held: list[_Storag
 def _trace_lead_us(
     dev: DeviceEvents, storages: list[_Storage], by_addr: dict[int, list[int]], blocks: bool
 ) -> float:
-    """How far (µs, at most JOIN_TOLERANCE_US) the trace's clock runs ahead of the KV log's, as the storages
-    prove it: a storage is made before the log sees it, so one whose only allocation of its address and
-    size within the tolerance comes after its sighting puts the trace at least that much ahead, and
-    SIGHTING_MARGIN_US more for storages the log saw sooner after theirs. 0 where none does. Without it,
+    """How far (µs) the trace's clock runs ahead of the KV log's, as the storages prove it: a storage is made
+    before the log sees it, so one whose only allocation of its address and size within the tolerance comes
+    after its sighting puts the trace at least that much ahead, and SIGHTING_MARGIN_US more for storages the
+    log saw sooner after theirs (not capped at the tolerance: a lead just past it, which half the storages
+    still fit as read, is one `readers.trace_clock` leaves to the join). 0 where none does. Without it,
     a storage the log saw sooner after its allocation than the clocks' error would take an earlier
     occupant of its address (a same-sized projection output freed just before; the clocks agree to ~0.15
     ms, and a prefill storage is seen 0.02-0.2 ms after it is made)."""
@@ -446,7 +447,7 @@ def _trace_lead_us(
         ]
         if len(near) == 1:
             lead = max(lead, at[near[0]] - seen)
-    return min(lead + SIGHTING_MARGIN_US, JOIN_TOLERANCE_US) if lead > 0 else 0.0
+    return lead + SIGHTING_MARGIN_US if lead > 0 else 0.0
 
 
 def _held_frees(dev: DeviceEvents, held: list[_Storage] | None) -> list[tuple[int, _Storage]]:
