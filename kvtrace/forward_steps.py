@@ -330,7 +330,7 @@ class ForwardSteps(PlannedSteps):
                 # Caches made or re-made since the last look (`setup_caches()` before this generation, a lazy
                 # cache this forward allocated): looked for once per generation, not per decode step
                 modules.rediscover()
-            if (modules.owners or modules._tracked) and modules.scan("track"):
+            if (modules.owners or modules._tracked) and modules.scan("track", raised):
                 self._module_tokens_unknown += 1
             modules.progress = None  # writes seen after this forward are not its own
         self.tracker.poll_frees()

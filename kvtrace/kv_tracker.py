@@ -165,6 +165,28 @@ class KvTracker:
         state = self._layers.get((cache_id, layer))
         return None if state is None else state.tokens
 
+    @_locked
+    def written_since(self, cache_id: int, layer: int, parts: dict[tuple[str, str], Any]) -> bool:
+        """Whether a tensor of `parts` shows a write since the layer was last logged: the very tensor of its
+        slot, its version counter moved. False where nothing shows one (an inference tensor counts no
+        version; a tensor rebound or never seen tells nothing of what it holds). For a forward that raised,
+        which may have stopped before the layer's write: every version is read, so never per decode step
+        (issue 11)."""
+        state = self._layers.get((cache_id, layer))
+        if state is None:
+            return False
+        for (kv, part), value in parts.items():
+            for name, tensor in iter_tensors(value, part):
+                slot = state.slots.get((kv, name))
+                if slot is None or slot.tref() is not tensor:
+                    continue
+                try:
+                    if tensor._version != slot.version:
+                        return True
+                except RuntimeError:  # an inference tensor
+                    continue
+        return False
+
     def _state(self, cache_id: int, layer: int) -> LayerState:
         state = self._layers.get((cache_id, layer))
         if state is None:

@@ -279,10 +279,12 @@ class ModuleCaches:
         if not refs:
             del self._tracked[layer]
 
-    def scan(self, cause: str = "track") -> bool:
+    def scan(self, cause: str = "track", raised: bool = False) -> bool:
         """Compare every custom cache tensor with its last state; the first scan logs them as created.
-        Module caches hold the tokens of `progress` (0: unknown). Returns whether a module cache's event
-        was logged while its tokens were unknown."""
+        Module caches hold the tokens of `progress` (0: unknown). `raised`: the forward raised, maybe
+        before some layers wrote (an OOM in its embedding or its layer 1): a layer holds the new tokens only
+        where a version counter shows its write, else it keeps those it held. Returns whether a module
+        cache's event was logged while its tokens were unknown."""
         by_layer = self._module_parts()
         if by_layer is None:  # a module holding a cache is gone: the model re-made its caches
             self.rediscover()
@@ -306,8 +308,12 @@ class ModuleCaches:
             # A forward that says it wrote new positions did write them, even where no version counter
             # shows it: Meta's forward runs in inference mode, whose `.to(dtype)` copy is an inference tensor
             written = self.progress is not None and tracker.tokens_or_none(MODULE_CACHE_ID, layer) != tokens
+            held = tokens
+            if raised and written and not tracker.written_since(MODULE_CACHE_ID, layer, parts):
+                # Not shown written: claimed, its tokens would be the forward's, as if it had finished
+                held, written = tracker.tokens(MODULE_CACHE_ID, layer), False
             changed |= tracker.observe(
-                MODULE_CACHE_ID, layer, parts, cause, tokens, source="module", rows=rows, written=written
+                MODULE_CACHE_ID, layer, parts, cause, held, source="module", rows=rows, written=written
             )
         unknown = changed and self.progress is None
         for layer in list(self._tracked):
