@@ -302,7 +302,7 @@ def _cut_layers(cut: CutStep) -> str:
         if reached and missing:
             said = f"{_layer_list(reached)} reached the log, {_layer_list(missing)} did not"
         elif missing:  # a forward that raised before its first layer's update
-            said = f"no layer's update reached the log, {_layer_list(missing)} did not"
+            said = f"no layer's update reached the log ({_layer_list(missing)})"
         else:  # one that raised after its last layer's, or a prefill (no step before it to compare)
             said = f"{_layer_list(reached)} reached the log"
         parts.append(f"{f'cache {cache}: ' if named else ''}{said}")

@@ -97,6 +97,12 @@ def test_a_raised_forward_logs_only_the_layers_it_wrote(
     # AND report's per-layer tokens are those, and diagnose, at the OOM, holds the fullest layer's tokens
     report = _json(["report", str(tmp_path / "run"), "--no-export", "-q"])
     assert [layer["tokens"] for layer in report["kv"]["per_layer"]] == reached
+    # ... and its note says which layers' updates reached the log, without saying one thing twice
+    (cut,) = [note for note in report["notes"] if "reached the log" in note]
+    if layers_written:
+        assert "(layer 0 reached the log, layer 1 did not)" in cut, cut
+    else:
+        assert "(no layer's update reached the log (layers 0-1))" in cut and "did not" not in cut, cut
     diagnosis = _json(["diagnose", str(tmp_path / "run")])
     assert (diagnosis["step"], diagnosis["held_step"], diagnosis["step_cut"]) == (RAISED_STEP, None, True)
     assert (diagnosis["batch"], diagnosis["tokens_held"]) == (ROWS, max(reached))
