@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from analyzers.kv_events import is_kv_data
+from analyzers.kv_events import holds_tokens
 from kvtrace.format import KvEvent
 
 
@@ -51,7 +51,7 @@ def cut_last_step(
                 return None  # the run's teardown was logged: it ended
             break
         last_step = ev.step
-        if ev.event == "freed" or not is_kv_data(ev):
+        if ev.event == "freed" or not holds_tokens(ev):
             continue
         step, layers = current.get(ev.cache, (-1, set()))
         if step != ev.step:

@@ -53,6 +53,17 @@ def is_kv_data(ev: KvEvent) -> bool:
     return ev.part in _KV_DATA_PARTS and len(ev.shape or ()) >= 4
 
 
+# A QuantizedCache's packed values whatever their shape: hqq's 2-D `q.0` and quanto's `q._data._data` too
+_PACKED_PARTS = ("q.0", "q._data", "q._data._data")
+
+
+def holds_tokens(ev: KvEvent) -> bool:
+    """Whether the event tells the tokens its cache holds: its KV data, or a QuantizedCache's packed values,
+    whose `tokens` are the layer's too. They alone say it for a cache that requantizes every step
+    (`residual_length=1`), which never keeps a full-precision `data` part. Their shape tells no rows."""
+    return is_kv_data(ev) or (ev.part in _PACKED_PARTS and ev.tokens > 0)
+
+
 def eviction_reason(ev: KvEvent) -> str:
     """The kind of eviction an event with `evicted_tokens` reports (runs before the window kind: press)."""
     if ev.reason == "window":

@@ -21,6 +21,7 @@ from analyzers.kv_events import (
     buffer_shape,
     event_rows,
     eviction_reason,
+    holds_tokens,
     is_kv_data,
 )
 from analyzers.kv_log_figures import CacheFigures, KvLogAnalysis, LayerFigures
@@ -210,10 +211,11 @@ def analyze_kv_log(
                 split = shared.shares.get(ev.addr)
                 if split is not None:
                     storage_shares[open_storage[ev.addr]] = layer_shares(split)
-        if ev.event != "freed" and is_kv_data(ev):
+        if ev.event != "freed" and holds_tokens(ev):
             tokens_by_layer[(ev.cache, ev.layer)] = ev.tokens
             last_seq_by_cache[ev.cache] = ev.seq
             written.add((ev.cache, ev.layer))
+        if ev.event != "freed" and is_kv_data(ev):
             if ev.shape:
                 rows_by_cache[ev.cache] = event_rows(ev)
                 if ev.part in BUFFER_PARTS and buffer_shapes.get(ev.cache, ev.shape) is not None:

@@ -265,9 +265,14 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
         scale_bytes, residual_bytes, kv = cache.scale_bytes, cache.residual_bytes, cache.total_bytes
         prefill = quantized_cache_bytes(prompt, 0, *per_token).total_bytes
         peak = with_copies = kv
-        if new >= 2:  # the last decode step, and the last that requantized, where it came after the prompt
+        if new >= 2:  # the last decode step, the last that requantized, and the one before it, which grew
+            # the residual to its fullest: its last layer's cat holds the old V beside the new while every
+            # layer holds residual_length - 1 tokens at full precision, more than a later, shorter residual
+            # (recorded: hqq int4, group 64, residual 8, 2 rows, 8 + 12 tokens: 9,984 B at 15 tokens, the
+            # last step's 19 fewer); where they came after the prompt
             requantized = written - residual
-            steps = {written, requantized} if requantized > prompt else {written}
+            steps = {written, requantized, requantized - 1}
+            steps = {tokens for tokens in steps if tokens == written or tokens > prompt}
             for tokens in steps:
                 held, copies = _quantized_step(req, layers, per_token, prompt, tokens)
                 peak, with_copies = max(peak, held), max(with_copies, held + copies)

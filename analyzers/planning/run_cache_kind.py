@@ -127,12 +127,12 @@ def _logged_layout(
     group = residual = None
     last_tokens: dict[tuple[int, str], int] = {}
     for ev in parts:
-        if not ev.tokens or not ev.shape or not rows:
+        if not ev.tokens or not ev.shape:
             continue
-        values = rows * ev.tokens * width_of(ev.layer, ev.kv)
-        if ev.part in PACKED_PARTS and bits is None:
+        values = rows * ev.tokens * width_of(ev.layer, ev.kv)  # 0 without rows: no bits, no group
+        if ev.part in PACKED_PARTS and bits is None and values:
             bits = (ev.logical_bytes or ev.storage_bytes) * 8 / values
-        elif ev.part in _SCALE_PARTS and group is None and values % math.prod(ev.shape) == 0:
+        elif ev.part in _SCALE_PARTS and group is None and values and values % math.prod(ev.shape) == 0:
             group = values // math.prod(ev.shape)
         if ev.part in PACKED_PARTS:
             before = last_tokens.get((ev.layer, ev.kv))
@@ -156,6 +156,12 @@ def quantized_layout(
     logged = _logged_layout(run, main.cache, main.rows, width_of)
     if logged is None:
         return None
+    if not main.rows:  # a cache that requantizes every step has no full-precision part to show its rows
+        notes.append(
+            "the quantized cache kept no full-precision tokens (residual_length=1), whose shape alone shows "
+            "the batch: planned at 1 row, its bits and group size unknown, unless --batch, --kv-dtype and "
+            "--quant-group-size say"
+        )
     bits, group, residual = logged
     kv_dtype = _PLAN_BITS.get(int(bits)) if bits is not None and bits.is_integer() else None
     if kv_dtype is None:
