@@ -21,6 +21,8 @@ __all__ = [
     "QuantizedBytes",
     "group_scale_bytes",
     "quantized_cache_bytes",
+    "quantized_kv_peak",
+    "quantized_step_bytes",
     "residual_tokens",
 ]
 
@@ -80,3 +82,61 @@ def quantized_cache_bytes(
         scale_bytes=round(quantized * scale_per_token),
         residual_bytes=round(residual * full_per_token),
     )
+
+
+def quantized_step_bytes(
+    per_token: tuple[float, float, float], layer_share: float, layer_full_bytes: int, residual_length: int,
+    prompt: int, tokens: int,
+) -> tuple[int, int]:  # fmt: skip
+    """(the cache's storages at their worst, the update's copies beside them) in the decode step that makes
+    the cache hold `tokens` a row. `per_token`: a token's packed data, scales and full-precision bytes, every
+    layer and row; `layer_share`: one layer's K (or V, the widest) of a token's elements; `layer_full_bytes`:
+    that K a token in the compute dtype, every row. One layer's update at a time, all alike.
+
+    A step that keeps the new token in the residual: the last layer's, its residual's cat making the new V
+    beside the old (the old K is gone by then); outside the cache, its dequantized K and V of the quantized
+    tokens and the K and V it returns (all `tokens`). A step that requantizes: the first layer's, the others
+    still holding their residual, its new quantized K and V made before its old V is let go of (its old K
+    goes as the new one is bound), a bound for the recorder's part-by-part view; its copies priced at the
+    dequantized and returned pairs of every token, a bound for the backend's own temporaries."""
+    before = residual_tokens(tokens - 1, residual_length, prompt)  # the residual it starts from
+    residual = residual_tokens(tokens, residual_length, prompt)
+    if residual:
+        held = quantized_cache_bytes(tokens, residual, *per_token).total_bytes
+        copies = layer_full_bytes * (2 * (tokens - 1 - before) + 2 * tokens)
+        return held + layer_full_bytes * before, copies
+    held = quantized_cache_bytes(tokens - 1, before, *per_token).total_bytes
+    data, scales, _ = per_token
+    new_pair = 2 * layer_share * tokens * (data + scales)
+    old_k = layer_share * (tokens - 1 - before) * (data + scales)
+    copies = layer_full_bytes * (2 * (tokens - 1) + 2 * tokens)
+    return held + round(new_pair - old_k), copies
+
+
+def quantized_kv_peak(
+    per_token: tuple[float, float, float], layer_share: float, layer_full_bytes: int, residual_length: int,
+    prompt: int, written: int,
+) -> tuple[int, int]:  # fmt: skip
+    """(the most the cache's storages hold at once, the most with the update's copies beside them) over a
+    run that quantizes a `prompt`-token prompt and writes up to `written` tokens a row, one a decode step
+    (arguments as `quantized_step_bytes`). The end, the last decode step, the last that requantized and the
+    one before it, which grew the residual to its fullest: its last layer's cat holds the old V beside the
+    new while every layer holds residual_length - 1 tokens at full precision, more than a later, shorter
+    residual (recorded: hqq int4, group 64, residual 8, 2 rows, 8 + 12 tokens: 9,984 B at 15 tokens, the
+    last step's 19 fewer); the steps that came after the prompt. A run one token shorter can peak higher:
+    it may end on the step that requantizes."""
+    residual = residual_tokens(written, residual_length, prompt)
+    peak = with_copies = quantized_cache_bytes(written, residual, *per_token).total_bytes
+    if written > prompt:
+        requantized = written - residual
+        steps = {
+            tokens
+            for tokens in (written, requantized, requantized - 1)
+            if tokens == written or tokens > prompt
+        }
+        for tokens in steps:
+            held, copies = quantized_step_bytes(
+                per_token, layer_share, layer_full_bytes, residual_length, prompt, tokens
+            )
+            peak, with_copies = max(peak, held), max(with_copies, held + copies)
+    return peak, with_copies

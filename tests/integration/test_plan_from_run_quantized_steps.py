@@ -64,3 +64,26 @@ def test_a_plans_kv_peak_is_the_recorded_step_that_fills_the_residual(
     values, row_token = 3 * KV_HEADS * 8 * HEAD_DIM, 3 * KV_HEADS * HEAD_DIM * FP32
     layer = values // 2 + values // 64 * 2 * FP32 + 7 * row_token
     assert plan["kv_peak_bytes"] == recorded == LAYERS * 2 * layer + 6 * row_token == 14_976
+
+
+@pytest.mark.parametrize("backend", ["hqq", "quanto"])
+def test_a_shorter_context_said_to_fit_fits_when_recorded(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.cli_json import cli_json
+
+    # GIVEN 2 rows, an 8-token prompt, 12 new tokens (19 held), groups of 16, residual 3: at 17 tokens the
+    # cache requantizes at its last step, its first layer's new quantized K and V beside all it held
+    _record(backend, tmp_path / "run", rows=2, prompt=8, new=12, group=16, residual=3)
+    peak = report_json(tmp_path / "run", capsys)["peak_allocated_bytes"]
+    budget = peak - 1500
+    # WHEN diagnosed 1,500 B over budget
+    diagnosis = cli_json(["diagnose", str(tmp_path / "run"), "--json", "--budget", f"{budget}B"], capsys)
+    context = next(r for r in diagnosis["remedies"] if r["kind"] == "context")
+    # THEN the context it says fits does, recorded (it said 17 tokens freed 2,048 B, the ends' difference,
+    # and a run to 17 peaked at 558,624 B, over a budget of 557,412 B: its KV peak only 288 B lower)
+    assert context["fits"] and context["setting"] < 17
+    _record(
+        backend, tmp_path / "short", rows=2, prompt=8, new=context["setting"] - 8 + 1, group=16, residual=3
+    )
+    assert report_json(tmp_path / "short", capsys)["peak_allocated_bytes"] <= budget
