@@ -72,8 +72,9 @@ import math
 from dataclasses import dataclass, replace
 
 from analyzers.planning.plan_types import PlanRequest, RecordedPeak
-from analyzers.planning.presets import dtype_bytes_for
+from analyzers.planning.presets import DTYPE_BITS, dtype_bytes_for
 from analyzers.planning.quantized_cache import (
+    QuantoPadding,
     group_scale_bytes,
     quantized_cache_bytes,
     quantized_kv_peak,
@@ -225,6 +226,15 @@ def _reorder_peak(layers: list[Layer], held: int, storage: int, view: int) -> in
     return peak
 
 
+def _quanto_padding(req: PlanRequest, layers: int, side: int) -> QuantoPadding | None:
+    """What quanto's packing adds to a quanto or HQQ QuantizedCache of `layers` layers, each K or V `side`
+    values a token (every row): none for HQQ, which packs its values as they are; quanto's where the backend
+    is quanto or not known, the upper bound of the two."""
+    if req.cache != "quantized" or req.quant_backend == "hqq" or req.kv_dtype not in ("int4", "int2"):
+        return None
+    return QuantoPadding(2 * layers, side, req.quant_group_size, DTYPE_BITS[req.kv_dtype])
+
+
 def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     """The KV of `batch` sequences of a `prompt`-token prompt and `new` new tokens (`new` >= 1), of which
     generate() writes prompt + new - 1 into the cache."""
@@ -236,14 +246,15 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     if req.cache == "quantized":
         residual = residual_tokens(written, req.residual_length, prompt)  # since the last requantization
         per_token = (batch * data, batch * scales, batch * full_bytes)
-        cache = quantized_cache_bytes(written, residual, *per_token)
-        scale_bytes, residual_bytes, kv = cache.scale_bytes, cache.residual_bytes, cache.total_bytes
-        prefill = quantized_cache_bytes(prompt, 0, *per_token).total_bytes
         side = max(max(k, v) for _, k, v in layers)  # elements of one layer's K (or V, the widest) a token
         share = side / sum(k + v for _, k, v in layers)
+        padding = _quanto_padding(req, len(layers), side)
+        cache = quantized_cache_bytes(written, residual, *per_token, padding)
+        scale_bytes, residual_bytes, kv = cache.scale_bytes, cache.residual_bytes, cache.total_bytes
+        prefill = quantized_cache_bytes(prompt, 0, *per_token, padding).total_bytes
         side_bytes = dtype_bytes_for(req.effective_compute_dtype, side)
         peak, with_copies = quantized_kv_peak(
-            per_token, share, side_bytes, req.residual_length, prompt, written
+            per_token, share, side_bytes, req.residual_length, prompt, written, padding
         )
         return KvSizes(prompt, written, kv, scale_bytes, residual_bytes, prefill, peak, with_copies)
     whole, windowed, window = cache_layout(req)

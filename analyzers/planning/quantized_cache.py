@@ -9,16 +9,22 @@ quantized group of `q_group_size` elements also keeps a scale and a zero-point i
 Both backends group a K or V tensor's elements flattened whole (rows x heads x tokens x head_dim), not
 each token's row: quanto's `_scale` of a (2, 2, 12, 16) K at groups of 64 is (12, 1), 768 / 64 groups, so
 a layer 32 wide costs half a group a token, not a whole one (`group_scale_bytes`).
+quanto (transformers' axis=0) then packs the (groups, q_group_size) values along the groups, 8 / bits
+groups a byte row (optimum.quanto.tensor.packed.pack_weights): a tensor's packed bytes are
+ceil(groups / (8 / bits)) x q_group_size, a whole number of 2 groups at int4, of 4 at int2 (39 groups of 32
+at int4: 20 x 32 = 640 B, not 624); HQQ packs the values as they are (`QuantoPadding`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
     "DEFAULT_RESIDUAL_LENGTH",
     "QuantizedBytes",
+    "QuantoPadding",
     "group_scale_bytes",
     "quantized_cache_bytes",
     "quantized_kv_peak",
@@ -46,6 +52,28 @@ class QuantizedBytes:
         return self.data_bytes + self.scale_bytes + self.residual_bytes
 
 
+@dataclass(frozen=True)
+class QuantoPadding:
+    """The bytes quanto's packing adds to a QuantizedCache's packed data: it packs each K or V tensor's
+    groups 8 / bits to a byte row, padding the last row with whole groups. None of it for HQQ; where the
+    backend is not known a plan counts it, the larger of the two."""
+
+    tensors: int  # K and V tensors, every layer
+    tensor_values: float  # values of one of them a token, every row
+    group_size: int
+    bits: int
+
+    def of_tensor(self, tokens: int) -> int:
+        """Padding bytes of one tensor of `tokens` quantized tokens."""
+        values = tokens * self.tensor_values
+        groups, per_byte = math.ceil(values / self.group_size), 8 // self.bits
+        return round(math.ceil(groups / per_byte) * self.group_size - values * self.bits / 8)
+
+    def of_cache(self, tokens: int) -> int:
+        """Padding bytes of every tensor holding `tokens` quantized tokens."""
+        return self.tensors * self.of_tensor(tokens)
+
+
 def residual_tokens(tokens: int, residual_length: int, prompt: int | None = None) -> int:
     """Of `tokens` held per row, those in the unquantized residual. With the prompt known (one token per
     decode step after it): `(tokens - prompt) % residual_length`. Without it, the worst case over prompt
@@ -70,6 +98,7 @@ def quantized_cache_bytes(
     data_per_token: float,
     scale_per_token: float,
     full_per_token: float,
+    padding: QuantoPadding | None = None,
 ) -> QuantizedBytes:
     """Bytes of a quantized cache holding `tokens` positions, `residual` of them unquantized. The per-token
     figures cover every layer, K and V, and the rows counted (a plan's batch, a run's): the packed data and
@@ -78,7 +107,7 @@ def quantized_cache_bytes(
     return QuantizedBytes(
         quantized_tokens=quantized,
         residual_tokens=residual,
-        data_bytes=round(quantized * data_per_token),
+        data_bytes=round(quantized * data_per_token) + (padding.of_cache(quantized) if padding else 0),
         scale_bytes=round(quantized * scale_per_token),
         residual_bytes=round(residual * full_per_token),
     )
@@ -86,7 +115,7 @@ def quantized_cache_bytes(
 
 def quantized_step_bytes(
     per_token: tuple[float, float, float], layer_share: float, layer_full_bytes: int, residual_length: int,
-    prompt: int, tokens: int,
+    prompt: int, tokens: int, padding: QuantoPadding | None = None,
 ) -> tuple[int, int]:  # fmt: skip
     """(the cache's storages at their worst, the update's copies beside them) in the decode step that makes
     the cache hold `tokens` a row. `per_token`: a token's packed data, scales and full-precision bytes, every
@@ -102,20 +131,21 @@ def quantized_step_bytes(
     before = residual_tokens(tokens - 1, residual_length, prompt)  # the residual it starts from
     residual = residual_tokens(tokens, residual_length, prompt)
     if residual:
-        held = quantized_cache_bytes(tokens, residual, *per_token).total_bytes
+        held = quantized_cache_bytes(tokens, residual, *per_token, padding).total_bytes
         copies = layer_full_bytes * (2 * (tokens - 1 - before) + 2 * tokens)
         return held + layer_full_bytes * before, copies
-    held = quantized_cache_bytes(tokens - 1, before, *per_token).total_bytes
+    held = quantized_cache_bytes(tokens - 1, before, *per_token, padding).total_bytes
     data, scales, _ = per_token
-    new_pair = 2 * layer_share * tokens * (data + scales)
+    new_pair = 2 * layer_share * tokens * (data + scales) + (2 * padding.of_tensor(tokens) if padding else 0)
     old_k = layer_share * (tokens - 1 - before) * (data + scales)
+    old_k += padding.of_tensor(tokens - 1 - before) if padding else 0
     copies = layer_full_bytes * (2 * (tokens - 1) + 2 * tokens)
     return held + round(new_pair - old_k), copies
 
 
 def quantized_kv_peak(
     per_token: tuple[float, float, float], layer_share: float, layer_full_bytes: int, residual_length: int,
-    prompt: int, written: int,
+    prompt: int, written: int, padding: QuantoPadding | None = None,
 ) -> tuple[int, int]:  # fmt: skip
     """(the most the cache's storages hold at once, the most with the update's copies beside them) over a
     run that quantizes a `prompt`-token prompt and writes up to `written` tokens a row, one a decode step
@@ -126,7 +156,7 @@ def quantized_kv_peak(
     last step's 19 fewer); the steps that came after the prompt. A run one token shorter can peak higher:
     it may end on the step that requantizes."""
     residual = residual_tokens(written, residual_length, prompt)
-    peak = with_copies = quantized_cache_bytes(written, residual, *per_token).total_bytes
+    peak = with_copies = quantized_cache_bytes(written, residual, *per_token, padding).total_bytes
     if written > prompt:
         requantized = written - residual
         steps = {
@@ -136,7 +166,7 @@ def quantized_kv_peak(
         }
         for tokens in steps:
             held, copies = quantized_step_bytes(
-                per_token, layer_share, layer_full_bytes, residual_length, prompt, tokens
+                per_token, layer_share, layer_full_bytes, residual_length, prompt, tokens, padding
             )
             peak, with_copies = max(peak, held), max(with_copies, held + copies)
     return peak, with_copies
