@@ -16,6 +16,7 @@ from analyzers.planning.quantized_cache import (
     QuantizedBytes,
     group_scale_bytes,
     quantized_cache_bytes,
+    quantized_kv_peak,
     residual_tokens,
 )
 from analyzers.units import human_bytes
@@ -106,11 +107,16 @@ def int4_remedy(
 
 def quantized_context(d: dict[str, object], tokens: int, need: int | None) -> tuple[int, int, str] | None:
     """(context, bytes freed, text) of a shorter context for a quanto or HQQ QuantizedCache's run, priced on
-    what the cache holds at either length, every KV layer holding it (analyzers.planning.quantized_cache,
-    as `kvtrace plan` prices it): the tokens after the prompt stay at full precision until residual_length
-    are due, so the last ones dropped free a full-precision token each, not the run's average of packed and
-    full-precision ones. The context is the longest that frees `need`, else a quarter fewer tokens; 0 when
-    none does. None for another cache, or where the moment's geometry is not recorded."""
+    the KV peak of a run to either length, every KV layer holding it (`quantized_kv_peak`, as `kvtrace plan`
+    prices it): the tokens after the prompt stay at full precision until residual_length are due, so the
+    last ones dropped free a full-precision token each, not the run's average of packed and full-precision
+    ones, but a run that ends on the step that requantizes holds the new quantized K and V beside the old
+    residual, and frees little (hqq int4, group 16, residual 3, 2 rows, 8 + 12 tokens: 6,656 B of KV at its
+    peak, 6,368 B at 17 tokens, not the 4,352 B that 17 tokens hold at the end). What is freed is counted
+    from the moment's KV where it holds less than the model's peak, so that the model's bound on the
+    shorter run's peak never makes it free more. The context is the longest that frees `need`, else a
+    quarter fewer tokens; 0 when none does. None for another cache, or where the moment's geometry is not
+    recorded."""
     packed, batch, prompt, compute_bits = (
         d.get("quantized_bits"), d["batch"], d.get("prompt_tokens"), d.get("compute_bits")
     )  # fmt: skip
@@ -129,39 +135,51 @@ def quantized_context(d: dict[str, object], tokens: int, need: int | None) -> tu
     known = prompt if isinstance(prompt, int) else None
     everywhere = elements * layers  # a position's KV elements, every layer and row
     compute_bytes = compute_bits / 8
+    per_token = (
+        everywhere * packed / 8,
+        group_scale_bytes(everywhere, group, compute_bytes),
+        everywhere * compute_bytes,
+    )
 
-    def held(length: int) -> QuantizedBytes:  # a shorter prompt where the context is shorter than it
-        residual = residual_tokens(length, residual_length, min(known, length) if known else None)
+    def prompt_at(length: int) -> int:  # a shorter prompt where the context is shorter than it; unknown:
+        # the worst, residual_length - 1 tokens after it (`residual_tokens`)
+        return min(known, length) if known else length - min(residual_length - 1, length - 1)
+
+    def held(length: int) -> QuantizedBytes:  # at the end of a run to `length` tokens
         return quantized_cache_bytes(
-            length,
-            residual,
-            data_per_token=everywhere * packed / 8,
-            scale_per_token=group_scale_bytes(everywhere, group, compute_bytes),
-            full_per_token=everywhere * compute_bytes,
+            length, residual_tokens(length, residual_length, prompt_at(length)), *per_token
         )
 
+    def peak(length: int) -> int:  # one layer's K (or V) is half a layer's elements
+        side = round(elements / 2 * compute_bytes)
+        return quantized_kv_peak(
+            per_token, 1 / (2 * layers), side, residual_length, prompt_at(length), length
+        )[0]
+
+    moment = d.get("kv_bytes")
+    highest = peak(tokens)
+    highest = min(highest, moment) if isinstance(moment, int) and moment > 0 else highest
     now = held(tokens)
     if need is not None and need > 0:
-        context = next(
-            (n for n in range(tokens - 1, 0, -1) if now.total_bytes - held(n).total_bytes >= need), 0
-        )
+        context = next((n for n in range(tokens - 1, 0, -1) if highest - peak(n) >= need), 0)
     else:
         context = tokens - min(max(tokens // 4, 1), tokens - 1)
     if context < 1:
         text = (
             f"No shorter context fits: all {tokens:,} tokens of this int{packed} QuantizedCache are only "
-            f"{human_bytes(now.total_bytes)} on every layer."
+            f"{human_bytes(highest)} at their peak on every layer."
         )
-        return 0, now.total_bytes, text
+        return 0, highest, text
     then = held(context)
-    saved = now.total_bytes - then.total_bytes
-    quantized_token = everywhere * packed / 8 + group_scale_bytes(everywhere, group, compute_bytes)
+    saved = max(highest - peak(context), 0)
+    quantized_token = per_token[0] + per_token[1]
     text = (
-        f"A context of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV: this "
-        f"int{packed} QuantizedCache keeps the tokens after the prompt at full precision "
-        f"({human_bytes(everywhere * compute_bytes)} a token across the batch, a quantized one "
+        f"A context of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
+        f"at its peak: this int{packed} QuantizedCache keeps the tokens after the prompt at full precision "
+        f"({human_bytes(per_token[2])} a token across the batch, a quantized one "
         f"{human_bytes(quantized_token)} with its scales) until residual_length={residual_length:,} are "
-        f"due: {now.residual_tokens:,} of them now, {then.residual_tokens:,} at {context:,} tokens."
+        f"due: {now.residual_tokens:,} of them now, {then.residual_tokens:,} at {context:,} tokens; the "
+        f"step that requantizes holds the new quantized K and V beside the old."
     )
     return context, saved, text
 

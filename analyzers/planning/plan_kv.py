@@ -43,7 +43,7 @@ peak is highest at this context (for a dynamic cache, the context less one or tw
   update's (`KvSizes.step_peak_bytes` counts them). A step that requantizes makes the quantized copy of
   all it held instead: its copies priced at the dequantized and returned pairs of every token, a bound for
   the backend's own temporaries, and its KV at the first layer's new quantized K and V beside what all
-  layers held (`_quantized_step`); the last such step after the prompt is priced too. One layer's
+  layers held (`quantized_step_bytes`); the last such step after the prompt is priced too. One layer's
   only: the dequantized pair dies when its update returns, the returned pair when its attention does,
   before the next layer's update.
 - quantized, fp8: `QuantizedCache(backend="fp8")` (`Fp8QuantizedLayer`). The prompt is quantized at
@@ -72,8 +72,14 @@ import math
 from dataclasses import dataclass, replace
 
 from analyzers.planning.plan_types import PlanRequest, RecordedPeak
-from analyzers.planning.presets import dtype_bytes_for
-from analyzers.planning.quantized_cache import group_scale_bytes, quantized_cache_bytes, residual_tokens
+from analyzers.planning.presets import DTYPE_BITS, dtype_bytes_for
+from analyzers.planning.quantized_cache import (
+    QuantoPadding,
+    group_scale_bytes,
+    quantized_cache_bytes,
+    quantized_kv_peak,
+    residual_tokens,
+)
 from kvtrace.errors import KvtraceError
 
 __all__ = [
@@ -220,34 +226,13 @@ def _reorder_peak(layers: list[Layer], held: int, storage: int, view: int) -> in
     return peak
 
 
-def _quantized_step(
-    req: PlanRequest, layers: list[Layer], per_token: tuple[float, float, float], prompt: int, tokens: int
-) -> tuple[int, int]:
-    """(the cache's storages at their worst, the update's copies beside them) in the decode step of a
-    quanto or HQQ QuantizedCache that makes it hold `tokens` a row. `per_token`: a token's packed data,
-    scales and full-precision bytes, every layer and row. One layer's update at a time, all alike.
-
-    A step that keeps the new token in the residual: the last layer's, its residual's cat making the new V
-    beside the old (the old K is gone by then); outside the cache, its dequantized K and V of the quantized
-    tokens and the K and V it returns (all `tokens`). A step that requantizes: the first layer's, the others
-    still holding their residual, its new quantized K and V made before its old V is let go of (its old K
-    goes as the new one is bound), a bound for the recorder's part-by-part view; its copies priced at the
-    dequantized and returned pairs of every token, a bound for the backend's own temporaries."""
-    compute = req.effective_compute_dtype
-    side = max(max(k, v) for _, k, v in layers)  # elements of one layer's K (or V, the widest) a token
-    share = side / sum(k + v for _, k, v in layers)  # of a token's bytes, one layer's K (or V)
-    before = residual_tokens(tokens - 1, req.residual_length, prompt)  # the residual it starts from
-    residual = residual_tokens(tokens, req.residual_length, prompt)
-    if residual:
-        held = quantized_cache_bytes(tokens, residual, *per_token).total_bytes
-        copies = dtype_bytes_for(compute, side * (2 * (tokens - 1 - before) + 2 * tokens))
-        return held + dtype_bytes_for(compute, side * before), copies
-    held = quantized_cache_bytes(tokens - 1, before, *per_token).total_bytes
-    data, scales, _ = per_token
-    new_pair = 2 * share * tokens * (data + scales)
-    old_k = share * (tokens - 1 - before) * (data + scales)
-    copies = dtype_bytes_for(compute, side * (2 * (tokens - 1) + 2 * tokens))
-    return held + round(new_pair - old_k), copies
+def _quanto_padding(req: PlanRequest, layers: int, side: int) -> QuantoPadding | None:
+    """What quanto's packing adds to a quanto or HQQ QuantizedCache of `layers` layers, each K or V `side`
+    values a token (every row): none for HQQ, which packs its values as they are; quanto's where the backend
+    is quanto or not known, the upper bound of the two."""
+    if req.cache != "quantized" or req.quant_backend == "hqq" or req.kv_dtype not in ("int4", "int2"):
+        return None
+    return QuantoPadding(2 * layers, side, req.quant_group_size, DTYPE_BITS[req.kv_dtype])
 
 
 def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
@@ -261,21 +246,16 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     if req.cache == "quantized":
         residual = residual_tokens(written, req.residual_length, prompt)  # since the last requantization
         per_token = (batch * data, batch * scales, batch * full_bytes)
-        cache = quantized_cache_bytes(written, residual, *per_token)
+        side = max(max(k, v) for _, k, v in layers)  # elements of one layer's K (or V, the widest) a token
+        share = side / sum(k + v for _, k, v in layers)
+        padding = _quanto_padding(req, len(layers), side)
+        cache = quantized_cache_bytes(written, residual, *per_token, padding)
         scale_bytes, residual_bytes, kv = cache.scale_bytes, cache.residual_bytes, cache.total_bytes
-        prefill = quantized_cache_bytes(prompt, 0, *per_token).total_bytes
-        peak = with_copies = kv
-        if new >= 2:  # the last decode step, the last that requantized, and the one before it, which grew
-            # the residual to its fullest: its last layer's cat holds the old V beside the new while every
-            # layer holds residual_length - 1 tokens at full precision, more than a later, shorter residual
-            # (recorded: hqq int4, group 64, residual 8, 2 rows, 8 + 12 tokens: 9,984 B at 15 tokens, the
-            # last step's 19 fewer); where they came after the prompt
-            requantized = written - residual
-            steps = {written, requantized, requantized - 1}
-            steps = {tokens for tokens in steps if tokens == written or tokens > prompt}
-            for tokens in steps:
-                held, copies = _quantized_step(req, layers, per_token, prompt, tokens)
-                peak, with_copies = max(peak, held), max(with_copies, held + copies)
+        prefill = quantized_cache_bytes(prompt, 0, *per_token, padding).total_bytes
+        side_bytes = dtype_bytes_for(req.effective_compute_dtype, side)
+        peak, with_copies = quantized_kv_peak(
+            per_token, share, side_bytes, req.residual_length, prompt, written, padding
+        )
         return KvSizes(prompt, written, kv, scale_bytes, residual_bytes, prefill, peak, with_copies)
     whole, windowed, window = cache_layout(req)
     width = window or 0

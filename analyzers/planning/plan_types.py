@@ -86,6 +86,8 @@ class PlanRequest:
     quant_group_size / residual_length: QuantizedCache's `q_group_size` (64) and `residual_length` (128);
     a smaller group means more scales, a longer residual more full-precision tokens. The fp8 backend
     (kv_dtype "fp8") takes neither: one scale per tensor, no residual.
+    quant_backend: "quanto" pads each tensor's packed groups to a whole byte row (2 groups at int4, 4 at
+    int2), "hqq" does not; None (not known) prices quanto's, the larger.
     compute_dtype: dtype of a quantized cache's scales and residual; default the weights dtype when it is
     a float type, else bf16.
     block_size: tokens per block when counting paged KV blocks (vLLM's default is 16).
@@ -112,6 +114,8 @@ class PlanRequest:
     window: int | None = None
     quant_group_size: int = DEFAULT_GROUP_SIZE
     residual_length: int = DEFAULT_RESIDUAL_LENGTH
+    # the QuantizedCache's backend ("quanto", "hqq"); None: not known, priced at quanto's packing, the larger
+    quant_backend: str | None = None
     compute_dtype: str | None = None
     block_size: int = 16
     prompt: int | None = None

@@ -17,7 +17,14 @@ from analyzers.planning.run_kv_facts import PACKED_PARTS
 from analyzers.summary import Report
 from kvtrace.format import Run
 
-__all__ = ["PLAN_DTYPES", "kv_dtype_of", "logged_quantization", "logged_window", "quantized_layout"]
+__all__ = [
+    "PLAN_DTYPES",
+    "kv_dtype_of",
+    "logged_quantization",
+    "logged_quantized_backend",
+    "logged_window",
+    "quantized_layout",
+]
 
 # The model's float dtypes as the planner names them; others (int8 weights) plan their KV in bf16
 PLAN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -140,6 +147,20 @@ def _logged_layout(
                 residual = ev.tokens - before
             last_tokens[(ev.layer, ev.kv)] = ev.tokens
     return bits, group, residual
+
+
+# The recorder's names of each backend's packed values (kvtrace.integrations.hf_caches): quanto's
+# QBitsTensor packs into `_data` (a PackedTensor, its own `_data`), HQQ's `quantize` returns (W_q, meta)
+_BACKEND_PARTS = {"q._data._data": "quanto", "q._data": "quanto", "q.0": "hqq"}
+
+
+def logged_quantized_backend(run: Run, cache: int | None) -> str | None:
+    """ "quanto" or "hqq": the backend of `cache`'s QuantizedCache, as its packed values' part names say;
+    None where none is logged."""
+    return next(
+        (_BACKEND_PARTS[ev.part] for ev in run.kv_events if ev.cache == cache and ev.part in _BACKEND_PARTS),
+        None,
+    )
 
 
 def quantized_layout(

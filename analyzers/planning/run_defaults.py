@@ -30,7 +30,13 @@ from analyzers.model import normal_device
 from analyzers.planning.engine_run_refusal import not_a_vllm_pool
 from analyzers.planning.hf_config import geometry_from_config
 from analyzers.planning.presets import ModelGeometry
-from analyzers.planning.run_cache_kind import PLAN_DTYPES, kv_dtype_of, logged_window, quantized_layout
+from analyzers.planning.run_cache_kind import (
+    PLAN_DTYPES,
+    kv_dtype_of,
+    logged_quantized_backend,
+    logged_window,
+    quantized_layout,
+)
 from analyzers.readers.run_files import kv_log_notes
 from kvtrace.errors import KvtraceError
 from kvtrace.format import MODEL_CONFIG, Run
@@ -60,6 +66,7 @@ class RunDefaults:
     notes: tuple[str, ...]
     quant_group_size: int | None = None  # a QuantizedCache's q_group_size, where the log shows it
     residual_length: int | None = None  # and its residual_length, where it requantized
+    quant_backend: str | None = None  # and its backend ("quanto", "hqq"), as its packed parts' names say
     window: int | None = None  # a sliding cache's window (cache "sliding"), where the log shows it
 
 
@@ -140,6 +147,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
         notes=tuple(notes),
         quant_group_size=quantized[1] if quantized else None,
         residual_length=quantized[2] if quantized else None,
+        quant_backend=logged_quantized_backend(run, main.cache) if quantized else None,
         window=window,
     )
 

@@ -389,6 +389,8 @@ class PlanCommand(Command):
             measured_weights_bytes=measured,
             quant_group_size=group_size,
             residual_length=residual_length,
+            # the run's backend where the plan keeps its quantized cache; else quanto's packing, the larger
+            quant_backend=run.quant_backend if run is not None and cache == "quantized" else None,
         )
         if run is not None and moment is not None:
             recorded = _recorded(run, moment)

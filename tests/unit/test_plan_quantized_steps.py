@@ -44,3 +44,46 @@ def test_a_quantized_plans_kv_peak_prices_the_step_that_fills_the_residual(
     row_token = rows * KV_HEADS * HEAD_DIM  # values of one layer's K (or V), one token, every row
     layer = _quantized(8 * row_token, bits, group) + 7 * row_token * FP32
     assert result.kv_peak_bytes == LAYERS * 2 * layer + 6 * row_token * FP32
+
+
+def _packed(values: int, bits: int, group: int, backend: str) -> int:
+    """One tensor's packed bytes. HQQ: the values as they are, `bits` each. quanto (transformers' axis=0):
+    the tensor grouped into (values / group, group) and packed along the groups, 8 / bits of them a byte row
+    (optimum.quanto.tensor.packed.pack_weights), so ceil(groups / (8 / bits)) x group bytes: a whole number
+    of 2 groups at int4, of 4 at int2."""
+    groups, per_byte = values // group, 8 // bits
+    return values * bits // 8 if backend == "hqq" else -(-groups // per_byte) * group
+
+
+@pytest.mark.parametrize("backend", ["quanto", "hqq", None])
+def test_a_quantized_plan_pads_quantos_packed_groups(backend: str | None) -> None:
+    # GIVEN int4, groups of 32, residual 5, 3 rows, an 8-token prompt and 9 new (16 held): 13 quantized
+    # tokens, a tensor of 3 x 2 x 13 x 16 = 1,248 values, 39 groups; 3 in the float32 residual
+    req = PlanRequest(
+        geometry=TINY_LLAMA, weights_dtype="fp32", batch=3, context=17, prompt=8, cache="quantized",
+        kv_dtype="int4", quant_group_size=32, residual_length=5, reserve_bytes=0, quant_backend=backend,
+    )  # fmt: skip
+    # WHEN planned: THEN each of its 4 tensors packs 20 x 32 = 640 B with quanto, or where the backend is not
+    # known (the larger), and 624 B with HQQ (recorded: 8,416 B quanto, 8,352 B hqq; planned 8,352 for both)
+    row_token = 3 * KV_HEADS * HEAD_DIM
+    packed = _packed(13 * row_token, 4, 32, backend or "quanto")
+    assert packed == (624 if backend == "hqq" else 640)
+    tensor = packed + 13 * row_token // 32 * 2 * FP32 + 3 * row_token * FP32
+    assert plan(req).kv_bytes == LAYERS * 2 * tensor == (8_352 if backend == "hqq" else 8_416)
+
+
+@pytest.mark.parametrize("backend", ["quanto", "hqq"])
+def test_a_quantized_plans_kv_peak_pads_quantos_packed_groups(backend: str) -> None:
+    # GIVEN int2, groups of 32, residual 5, 2 rows, an 8-token prompt and 12 new: its KV peak is the step to
+    # 17 tokens, 13 of them quantized (a tensor of 2 x 2 x 13 x 16 = 832 values, 26 groups), 4 in the residual
+    req = PlanRequest(
+        geometry=TINY_LLAMA, weights_dtype="fp32", batch=2, context=20, prompt=8, cache="quantized",
+        kv_dtype="int2", quant_group_size=32, residual_length=5, reserve_bytes=0, quant_backend=backend,
+    )  # fmt: skip
+    # WHEN planned: THEN quanto packs those 26 groups in 7 rows of 4, 224 B a tensor, HQQ in 208 B; with
+    # every tensor's scales and residual, and the last layer's old V of 3 tokens (recorded: quanto 6,592 B,
+    # hqq 6,528 B; planned 6,528 for both)
+    row_token = 2 * KV_HEADS * HEAD_DIM
+    tensor = _packed(13 * row_token, 2, 32, backend) + 13 * row_token // 32 * 2 * FP32 + 4 * row_token * FP32
+    assert plan(req).kv_peak_bytes == LAYERS * 2 * tensor + 3 * row_token * FP32
+    assert plan(req).kv_peak_bytes == (6_592 if backend == "quanto" else 6_528)

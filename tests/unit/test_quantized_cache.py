@@ -52,17 +52,21 @@ def test_a_shorter_context_of_a_quantized_run_frees_its_residuals_full_precision
     packed = 3 * 2 * (values // 2 + values // 64 * 2 * 4)
     token = 3 * 2 * 2 * 2 * 16 * 4  # a residual token, every layer's K and V, both rows
     assert packed + 7 * token == 13_632  # the cache's own storages after generate()
+    # and its KV peak, the last step's: the last layer's residual cat makes its new V beside the old of 6
+    old_v = 2 * 2 * 16 * 4  # one layer's V a token, both rows
+    peak = packed + 7 * token + 6 * old_v
+    assert peak == 15_168  # the recording's KV peak
     # WHEN a quarter fewer tokens are priced: 15, the 4 dropped all in the residual (3 left in it)
     context, saved, text = quantized_context(_moment(), 19, None) or (0, 0, "")
-    # THEN they free 4 full-precision tokens (it was the run's average, 2.80 KiB, 717 B a token), which a
-    # recording with 4 new tokens holds less: 7,488 B
-    assert (context, saved) == (15, 4 * token) == (15, 13_632 - (packed + 3 * token))
+    # THEN they free 4 full-precision tokens and the old V's 4 (it was the run's average, 2.80 KiB, 717 B a
+    # token, then the ends' 6,144 B), which a recording with 4 new tokens peaks lower by: 8,000 B
+    assert (context, saved) == (15, 4 * (token + old_v)) == (15, peak - (packed + 3 * token + 2 * old_v))
     assert "residual_length=128" in text and "7 of them now, 3 at 15 tokens" in text
     # and a need is met by the longest context that frees it: 2 tokens for 2 residual tokens' worth
-    assert quantized_context(_moment(), 19, 2 * token)[:2] == (17, 2 * token)  # type: ignore[index]
+    assert quantized_context(_moment(), 19, 2 * token)[:2] == (17, 2 * (token + old_v))  # type: ignore[index]
     # and below the prompt, the prompt's tokens free their packed bytes: 8 tokens hold the 8 packed only
     eight = 3 * 2 * (2 * 2 * 8 * 16 // 2 + 2 * 2 * 8 * 16 // 64 * 2 * 4)
-    assert quantized_context(_moment(), 19, 13_632 - eight)[:2] == (8, 13_632 - eight)  # type: ignore[index]
+    assert quantized_context(_moment(), 19, peak - eight)[:2] == (8, peak - eight)  # type: ignore[index]
 
 
 def test_a_shorter_context_is_not_priced_so_for_an_fp8_cache() -> None:
