@@ -47,7 +47,14 @@ def _first_new_peak_in_a_step(run_dir: Path) -> dict[str, int]:
     events = _trace_events(run_dir)
     steps = [e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith(ENGINE_STEP)]
     memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: float(e["ts"]))
-    level = highest = held
+    # ... and whatever else the process held that the trace frees before it allocates more (a tensor of an
+    # earlier test collected while recording): the least that keeps the running sum from going below 0, as
+    # docs/format.md says a trace without trusted totals is read
+    running = lowest = 0
+    for event in memory:
+        running += int(event["args"]["Bytes"])
+        lowest = min(lowest, running)
+    level = highest = held - lowest
     for event in memory:
         size = int(event["args"]["Bytes"])
         ts = float(event["ts"])
