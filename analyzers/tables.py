@@ -101,7 +101,9 @@ SAMPLES = _schema(
     [
         ("run_id", _STR), ("t_ns", _I64), ("step", _I32), ("phase", _STR), ("rss_bytes", _I64),
         ("cuda_device", _I32), ("cuda_allocated_bytes", _I64), ("cuda_reserved_bytes", _I64),
-        ("cuda_peak_allocated_bytes", _I64),
+        ("cuda_peak_allocated_bytes", _I64), ("started_ns", _I64), ("raised", _BOOL),
+        ("prompt_end", _I64), ("max_length", _I64), ("max_new_tokens", _I64), ("cpu_percent", _F64),
+        ("gpu_memory_used_bytes", _I64), ("gpu_memory_total_bytes", _I64), ("gpu_utilization_percent", _F64),
     ],
 )  # fmt: skip
 ENGINE_STEPS_SCHEMA = _schema(
@@ -269,6 +271,8 @@ def _column(records: list[dict[str, Any]], name: str, kind: pa.DataType) -> pa.A
         return pa.array([_int(v, kind.bit_width) for v in values], kind)
     if pa.types.is_boolean(kind):
         return pa.array([v if isinstance(v, bool) else None for v in values], kind)
+    if pa.types.is_floating(kind):
+        return pa.array([float(v) if type(v) in (int, float) else None for v in values], kind)
     if pa.types.is_list(kind) and pa.types.is_integer(kind.value_type):
         return pa.array([[_int(x) for x in v] if isinstance(v, list) else None for v in values], kind)
     if pa.types.is_list(kind):

@@ -527,3 +527,31 @@ def test_a_run_exported_while_recording_is_named_then_exported_again_once_it_end
     third = _cli_json(capsys, *export)
     assert (third["part"], third["exported"], third["already_exported"]) == (None, 0, 2)
     assert third["reexported"] == third["recording"] == []
+
+
+def test_samples_table_keeps_every_field_of_the_samples_log(
+    tiny_model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each sample's step start (`started_ns`), the prefill's prompt and length, and the host figures go
+    into the `samples` table as memory_samples.jsonl holds them: a per-step duration in SQL needs
+    `started_ns`, which the table used to drop."""
+    from tests.tiny import record_generate
+
+    prompt = 5
+    run, out = tmp_path / "run", tmp_path / "out"
+    record_generate(tiny_model, run, 1, prompt, 4, profiler=False)
+    logged = [json.loads(line) for line in (run / "memory_samples.jsonl").read_text().splitlines()]
+    assert main(["export", str(run), "-o", str(out)]) == 0
+    rows = sorted(pq.read_table(out / "samples").to_pylist(), key=lambda r: (r["t_ns"], r["phase"]))
+    logged.sort(key=lambda r: (r["t_ns"], r["phase"]))
+    fields = ("started_ns", "prompt_end", "max_length", "max_new_tokens", "cpu_percent", "rss_bytes")
+    fields += ("raised",)
+    assert [{k: r[k] for k in fields} for r in rows] == [{k: s.get(k) for k in fields} for s in logged]
+    steps = [r for r in rows if r["phase"] in ("prefill", "decode")]
+    assert len(steps) == 4 and all(r["started_ns"] is not None for r in steps)
+    assert [r["prompt_end"] for r in steps] == [prompt, None, None, None]
+    assert any(r["cpu_percent"] is not None for r in rows)
+    capsys.readouterr()
+    sql = "SELECT count(*) AS n FROM samples WHERE t_ns >= started_ns"
+    assert main(["query", str(out), "--json", sql]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"n": len(steps)}]
