@@ -405,8 +405,9 @@ def _run_row(
     distributed = _dict(source.meta.get("distributedInfo"))
     main_device = _main_device(source)
     # A memory timeline names no device: its row leaves the type and index null rather than guess them.
-    named = main_device if main_device and main_device.device != UNKNOWN_DEVICE else None
-    device_type, _, index_text = named.device.partition(":") if named else ("", "", "")
+    # (`is not None`: a device's events define its length, and one with none is still the source's device)
+    named = main_device if main_device is not None and main_device.device != UNKNOWN_DEVICE else None
+    device_type, _, index_text = named.device.partition(":") if named is not None else ("", "", "")
     device_index = int(index_text) if index_text.isdigit() else None
     gpu = _gpu_properties(source.meta.get("deviceProperties"), device_index) if device_type != "cpu" else {}
     ranked = {key: manifest.get(key, distributed.get(key)) for key in ("rank", "world_size", "backend")}
@@ -423,7 +424,7 @@ def _run_row(
         "device_index": device.get("index", device_index),
         "total_memory_bytes": device.get("total_memory_bytes")
         or gpu.get("totalGlobalMem")
-        or (main_device.capacity_bytes if main_device else None),
+        or (main_device.capacity_bytes if main_device is not None else None),
         "model_class": model.get("class"),
         **{key: model.get(key) for key in ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")},
         **{key: model.get(key) for key in ("hidden_size", "vocab_size", "sliding_window", "parameters")},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,33 @@ def test_a_cpu_memory_timeline_exports_no_guessed_gpu(
     assert run_row["source_kind"] == "memory_timeline"
     assert (run_row["device_type"], run_row["device_index"]) == (None, None)
     assert any("does not say which device" in note for note in report["notes"])
+
+
+class _DataOnly(pickle.Unpickler):
+    """Plain containers only: a snapshot holds dicts, lists, strings and numbers."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name} refused")
+
+
+OOM_SNAPSHOT = (
+    Path(__file__).resolve().parents[3] / "shared" / "real_traces" / "snapshots" / "oom_snapshot.pickle"
+)
+
+
+@pytest.mark.skipif(not OOM_SNAPSHOT.exists(), reason="../shared/real_traces")
+def test_a_snapshot_without_trace_events_exports_its_gpu(tmp_path: Path) -> None:
+    # GIVEN a real snapshot taken without memory history: segments on one GPU, no alloc or free event
+    with OOM_SNAPSHOT.open("rb") as fh:
+        snapshot = _DataOnly(fh).load()
+    (gpu,) = {segment["device"] for segment in snapshot["segments"]}
+    assert not any(
+        event["action"] in ("alloc", "free_completed") for t in snapshot["device_traces"] for event in t
+    )
+    # WHEN it is exported
+    assert main(["export", str(OOM_SNAPSHOT), "-o", str(tmp_path / "out")]) == 0
+    # THEN its runs row names that GPU, as its devices row does (a device with no events is still its device)
+    (row,) = pq.read_table(tmp_path / "out" / "runs").to_pylist()
+    (device,) = pq.read_table(tmp_path / "out" / "devices").to_pylist()
+    assert (row["device_type"], row["device_index"]) == ("cuda", gpu)
+    assert device["device"] == f"cuda:{gpu}"
