@@ -17,6 +17,19 @@ _DTYPES = ("float32", "bfloat16", "float16")
 DEMO_GPU_MEMORY = "96MiB"
 
 
+def refuse_occupied(out: Path, overwrite: bool) -> None:
+    """Refuse, before a model is built, a folder that holds a recording (a run, or a run group's ranks):
+    only `--overwrite` replaces one, as `kvtrace.record` would say after the build."""
+    from kvtrace.run_layout import is_run_dir, rank_dirs
+
+    if overwrite:
+        return
+    if is_run_dir(out):
+        raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
+    if rank_dirs(out):
+        raise KvtraceError(f"{out}: already holds a run group; pass --overwrite to replace it, or --out DIR")
+
+
 def default_out(cache: str, press: str | None) -> str:
     """Each kind of demo its own folder, so that a second demo leaves the first to `kvtrace compare`."""
     return f"runs/demo-{cache}" + (f"-{press}" if press else "")
@@ -111,8 +124,7 @@ class DemoCommand(Command):
             gpu_memory = DEMO_GPU_MEMORY
         budget = None if gpu_memory in (None, "none") else memory_size(gpu_memory, "--gpu-memory")
         out = Path(args.out or default_out(args.cache, args.press))
-        if (out / "manifest.json").exists() and not args.overwrite:
-            raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
+        refuse_occupied(out, args.overwrite)
         if not args.no_report:  # the page the report ends with: a pipe there is refused before recording
             check_html_target(str(out / "timeline.html"))
         press = None
@@ -156,7 +168,7 @@ class DemoCommand(Command):
                 model=model,
                 profiler=not args.no_profiler,
                 with_stack=args.with_stack,
-                overwrite=True,
+                overwrite=args.overwrite,  # checked above; record() checks again, under its lock
                 gpu_memory=budget,
             ) as recording,
             press_context,

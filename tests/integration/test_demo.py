@@ -38,6 +38,33 @@ def test_each_demo_keeps_its_own_folder_and_a_second_one_refuses(
     assert json.loads(first.read_text())["started_ns"] != started
 
 
+def test_a_demo_into_a_run_group_refuses_and_keeps_its_ranks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a folder holding a run group: two real runs as rank-0/ and rank-1/
+    group = tmp_path / "grp"
+    for rank in (0, 1):
+        assert (
+            main(["demo", *FAST, "--size", "tiny", "--no-profiler", "--out", str(group / f"rank-{rank}")])
+            == 0
+        )
+    manifests = {p: p.read_bytes() for p in group.glob("rank-*/manifest.json")}
+    assert len(manifests) == 2
+    # WHEN a demo is told to write there without --overwrite THEN it refuses, naming the group and the flag
+    capsys.readouterr()
+    assert main(["demo", *FAST, "--size", "tiny", "--no-profiler", "--out", str(group)]) == 2
+    err = capsys.readouterr().err
+    assert "run group" in err and "--overwrite" in err and "Traceback" not in err
+    # AND both ranks are as they were, and no plain run was written beside them
+    assert {p: p.read_bytes() for p in group.glob("rank-*/manifest.json")} == manifests
+    assert not (group / "manifest.json").exists()
+    # AND a demo's manifest says overwrite only when it was asked for
+    assert json.loads(manifests[group / "rank-0" / "manifest.json"])["options"]["overwrite"] is False
+    assert main(["demo", *FAST, "--size", "tiny", "--no-profiler", "--out", str(group), "--overwrite"]) == 0
+    assert json.loads((group / "manifest.json").read_text())["options"]["overwrite"] is True
+    assert not list(group.glob("rank-*"))
+
+
 def test_demo_kv_is_a_large_share_and_the_budget_is_crossed(tmp_path: Path) -> None:
     # GIVEN the demo's defaults (profiler on: activations and logits count towards the budget too)
     out = io.StringIO()
