@@ -70,7 +70,7 @@ def run_path(out_dir: Path, facts: dict[str, Any] | None, overwrite: bool) -> Pa
             )
         if overwrite:
             for folder in ranks:
-                _remove_run(folder)
+                remove_run(folder)
             if (out_dir / fmt.GROUP_MARKER).is_file():
                 _unlink(out_dir / fmt.GROUP_MARKER)
         return out_dir
@@ -81,13 +81,13 @@ def run_path(out_dir: Path, facts: dict[str, Any] | None, overwrite: bool) -> Pa
                 f"{out_dir}: already holds a kvtrace run (pass overwrite=True to replace it)"
             )
         if rank == 0:
-            _remove_run(out_dir, keep_folder=True)  # the other ranks may be making their folders in it
+            remove_run(out_dir, keep_folder=True)  # the other ranks may be making their folders in it
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for other, folder in fmt.rank_dirs(out_dir):
                 if other >= world_size:
-                    _remove_run(folder)
+                    remove_run(folder)
         marker = {
             "format": fmt.GROUP_FORMAT,
             "schema_version": fmt.SCHEMA_VERSION,
@@ -98,7 +98,7 @@ def run_path(out_dir: Path, facts: dict[str, Any] | None, overwrite: bool) -> Pa
     return out_dir / f"{fmt.RANK_DIR_PREFIX}{rank}"
 
 
-def _remove_run(folder: Path, keep_folder: bool = False) -> None:
+def remove_run(folder: Path, keep_folder: bool = False) -> None:
     """Remove the run in `folder`: the files a run owns (its manifest last, so that a removal cut short
     still reads as a run, which `overwrite` replaces), then the folder once empty. Anything else in it is
     the user's and stays, with the folder. A folder another recording is writing is refused."""

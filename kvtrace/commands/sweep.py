@@ -105,6 +105,32 @@ def _forget_generate_state(model: Any) -> None:
             delattr(model, name)
 
 
+def _point_runs(out: Path) -> list[Path]:
+    """The point runs a sweep before this one left in OUT/runs/, finished or cut short: replaced whole by
+    --overwrite, so that no export or query of OUT mixes them with this sweep's points."""
+    from kvtrace.run_layout import is_run_dir
+
+    try:
+        children = sorted((out / "runs").iterdir())
+    except OSError:  # none yet
+        return []
+    return [child for child in children if child.is_dir() and is_run_dir(child)]
+
+
+def _remove_sweep(out: Path, points: list[Path]) -> None:
+    """What --overwrite replaces, before any point is recorded: the old table and page (a sweep cut short
+    must not list points that are gone), then each old point's run files (a user's own files stay)."""
+    from kvtrace.distributed import remove_run
+
+    for name in ("sweep.json", "sweep.html"):
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise cannot_write(out / name, exc, verb="remove") from None
+    for folder in points:
+        remove_run(folder)
+
+
 def _point_row(run_dir: Path, budget: int | None, status: str) -> dict[str, Any]:
     """Measured figures of one recorded point (an OOM point is diagnosed too)."""
     from analyzers.compare import tokens_per_second
@@ -246,12 +272,15 @@ class SweepCommand(Command):
         out = Path(args.out)
         for name in ("sweep.json", "sweep.html"):  # before the points are recorded, not after
             check_regular_target(out / name)
-        if (out / "sweep.json").exists() and not args.overwrite:  # as `demo` does: no silent loss
+        old_points = _point_runs(out)
+        if ((out / "sweep.json").exists() or old_points) and not args.overwrite:  # as `demo`: no silent loss
             raise KvtraceError(f"{out}: already holds a sweep; pass --overwrite to replace it, or --out DIR")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise cannot_write(out, exc, verb="create", folder=True) from None
+        if args.overwrite:
+            _remove_sweep(out, old_points)
         on_cuda = device.startswith("cuda") and torch.cuda.is_available()
         model = build_model(size, dtype=getattr(torch, args.dtype), device=device)
         pad_id = model.config.pad_token_id

@@ -127,6 +127,30 @@ def _reddish(color: str) -> bool:
     return r > g + b
 
 
+def test_sweep_overwrite_replaces_the_old_points_and_a_cut_sweep_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a 2-point sweep (batch 1 and 2) in OUT
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--size", "tiny", "--context", "8", "--cache", "dynamic", "--new-tokens", "2", "-q"]
+    assert main([*argv, "--batch", "1,2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["b1_c8_dynamic", "b2_c8_dynamic"]
+    # WHEN it is replaced by a 1-point sweep (batch 1) with --overwrite
+    assert main([*argv, "--batch", "1", "--out", str(out), "--overwrite"]) == 0
+    # THEN OUT holds that point's run only, as sweep.json lists it, and an export of OUT finds one run
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [(r["batch"], r["context"]) for r in rows] == [(1, 8)]
+    assert [p.name for p in (out / "runs").iterdir()] == ["b1_c8_dynamic"]
+    capsys.readouterr()
+    assert main(["export", str(out), "-o", str(tmp_path / "tables"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"]["runs"] == 1
+    # AND a sweep cut short (its point runs there, no sweep.json yet) is refused without --overwrite
+    (out / "sweep.json").unlink()
+    assert main([*argv, "--batch", "2", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in (out / "runs").iterdir()] == ["b1_c8_dynamic"]
+
+
 def test_sweep_page_tells_the_kv_line_from_the_budget(sweep_dir: Path) -> None:
     # GIVEN a sweep recorded with a budget: the page draws the budget as a red dashed line
     traces, layout = page_figure((sweep_dir / "sweep.html").read_text(), "kvtrace-sweep")
