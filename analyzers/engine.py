@@ -3,26 +3,17 @@
 vLLM allocates its KV cache once, as a pool of fixed-size blocks shared by every request; kvtrace's vLLM
 integration writes three files next to the usual run files (docs/format.md, "vLLM runs"), and so does its
 integration of transformers' continuous batching (engine `transformers-cb`, same files). This module
-reads them into one typed, immutable result (`EngineRun`) and derives the figures every renderer and the
-diagnosis use (`EngineFigures`). Stdlib and numpy only: no torch, no vllm.
+holds them as one typed, immutable result (`EngineRun`, read by `analyzers.readers.engine_files`) and derives
+the figures every renderer and the diagnosis use (`EngineFigures`). Stdlib and numpy only: no torch, no vllm.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
-from kvtrace.run_checks import MAX_BYTES
-
-_I64 = 2**63 - 1
-_I32 = 2**31 - 1  # the export's int32 columns (block_size, the model's geometry)
 
 __all__ = [
     "ENGINE",
@@ -37,11 +28,9 @@ __all__ = [
     "blocks_for",
     "cache_dtype_name",
     "engine_figures",
-    "has_engine",
     "held_at",
     "kv_dtype_name",
     "model_geometry",
-    "read_engine",
 ]
 
 # The names kvtrace.format gives these files (the contract with the recorder, docs/format.md).
@@ -49,21 +38,6 @@ ENGINE = "engine.json"
 ENGINE_STEPS = "engine_steps.jsonl"
 ENGINE_REQUESTS = "engine_requests.jsonl"
 
-_STEP_COLUMNS = (
-    "step",
-    "t_ns",
-    "blocks_total",
-    "blocks_used",
-    "blocks_used_in_step",
-    "blocks_free",
-    "blocks_cached",
-    "running",
-    "waiting",
-    "tokens_scheduled",
-    "prefix_evicted_blocks",
-    "prefix_hits",
-    "prefix_queries",
-)
 REQUEST_EVENTS = ("scheduled", "blocks", "preempted", "resumed", "finished")
 _EMPTIED = ("preempted", "finished")  # request events after which it holds no KV
 
@@ -186,11 +160,6 @@ class HeldRequest:
     as_of_step: int
 
 
-def has_engine(path: str | os.PathLike[str]) -> bool:
-    """Whether the run has engine files (an engine.json that is not a file is read, and refused)."""
-    return os.path.lexists(Path(path) / ENGINE)
-
-
 # engine.json's model keys that the manifest's `model` names alike; its `num_params` is `parameters`
 _GEOMETRY_KEYS = (
     "class",
@@ -216,240 +185,6 @@ def model_geometry(model: Any) -> dict[str, Any] | None:
     if model.get("num_params") is not None:
         geometry["parameters"] = model["num_params"]
     return geometry or None
-
-
-def _int(value: Any, where: str, name: str, default: int | None = None) -> int:
-    if value is None and default is not None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise KvtraceError(f"{where}: field {name!r} must be an integer, got {value!r}")
-    return value
-
-
-def _opt_int(value: Any, where: str, name: str) -> int | None:
-    return None if value is None else _int(value, where, name)
-
-
-def _read_info(file: Path) -> EngineInfo:
-    refuse_special_file(file)
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise KvtraceError(f"{file}: cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KvtraceError(f"{file}: not valid JSON ({exc})") from None
-    except ValueError:  # CPython's limit on the digits of an int
-        raise KvtraceError(f"{file}: not valid JSON (it holds {too_long_integer()})") from None
-    except RecursionError:
-        raise KvtraceError(f"{file}: not valid JSON (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise KvtraceError(f"{file}: expected a JSON object")
-    where = str(file)
-    refused = data.get("refused")
-    if refused is not None and not isinstance(refused, dict):
-        raise KvtraceError(f"{file}: field 'refused' must be an object or null")
-    for name in ("model", "config", "memory_profile"):
-        if data.get(name) is not None and not isinstance(data[name], dict):
-            raise KvtraceError(f"{file}: field {name!r} must be an object")
-    for name, low, high in _INFO_INTS:
-        _in_range(data.get(name), where, name, low, high)
-    config = data.get("config") or {}
-    for name in _CONFIG_INTS:
-        high = MAX_BYTES if name.endswith("_bytes") else _I64
-        _in_range(config.get(name), where, f"config.{name}", 0, high)
-    model = data.get("model") or {}
-    for name, high in _MODEL_INTS:
-        _in_range(model.get(name), where, f"model.{name}", 0, high)
-    util = config.get("gpu_memory_utilization")
-    if util is not None and (type(util) not in (int, float) or not 0 < util <= 1):
-        raise KvtraceError(f"{file}: field 'config.gpu_memory_utilization' must be in (0, 1], got {util!r}")
-    return EngineInfo(
-        name=str(data.get("name", "")),
-        version=str(data.get("version", "")),
-        status=str(data.get("status", "ok")),
-        process=str(data.get("process", "")),
-        model=dict(data.get("model") or {}),
-        config=dict(data.get("config") or {}),
-        num_blocks=_opt_int(data.get("num_blocks"), where, "num_blocks"),
-        block_size=_opt_int(data.get("block_size"), where, "block_size"),
-        bytes_per_block=_opt_int(data.get("bytes_per_block"), where, "bytes_per_block"),
-        kv_cache_bytes=_opt_int(data.get("kv_cache_bytes"), where, "kv_cache_bytes"),
-        kv_dtype=str(data["kv_dtype"]) if data.get("kv_dtype") is not None else "",  # "": not recorded
-        layout=str(data.get("layout", "")),
-        layers=tuple(x for x in data.get("layers") or () if isinstance(x, dict)),
-        storage=tuple(x for x in data.get("storage") or () if isinstance(x, dict)),
-        memory_profile=dict(data.get("memory_profile") or {}),
-        refused=refused,
-        blocks_reserved=_int(data.get("blocks_reserved"), where, "blocks_reserved", default=1),
-        bytes_per_sector=_opt_int(data.get("bytes_per_sector"), where, "bytes_per_sector") or None,
-    )
-
-
-def _in_range(value: Any, where: str, name: str, low: int, high: int) -> None:
-    """An optional integer field of engine.json, refused when out of [low, high]: sizes past 2**56 bytes
-    (as every size the run's other files hold) printed pools of 9e17 TiB; int32 fields past 2**31 stopped
-    `export` and `query` alone."""
-    checked = _opt_int(value, where, name)
-    if checked is not None and not low <= checked <= high:
-        raise KvtraceError(f"{where}: field {name!r} out of range: {checked}, expected {low} to {high}")
-
-
-# engine.json's own integers, when present: (name, lowest, highest)
-_INFO_INTS = (
-    ("num_blocks", 0, MAX_BYTES),  # a block holds at least a byte
-    ("block_size", 1, _I32),
-    ("bytes_per_block", 0, MAX_BYTES),
-    ("kv_cache_bytes", 0, MAX_BYTES),
-    ("blocks_reserved", 0, MAX_BYTES),
-    ("bytes_per_sector", 0, MAX_BYTES),
-)
-# engine.json `model` integers, when present: the runs table keeps the geometry in int32
-_MODEL_INTS = (
-    ("num_layers", _I32),
-    ("num_attention_heads", _I32),
-    ("num_kv_heads", _I32),
-    ("head_dim", _I32),
-    ("hidden_size", _I32),
-    ("vocab_size", _I64),
-    ("num_params", _I64),
-)
-# engine.json `config` fields the planners compute with, when present
-_CONFIG_INTS = (
-    "block_size",
-    "max_num_seqs",
-    "max_model_len",
-    "max_num_batched_tokens",
-    "tensor_parallel_size",
-    "kv_cache_memory_bytes",
-    "num_gpu_blocks_override",
-)
-
-
-def _jsonl(file: Path) -> tuple[list[dict[str, Any]], bool]:
-    """Complete lines of a JSON-lines log, and whether its last line was cut (the process died mid-write:
-    dropped); a corrupt line elsewhere is an error naming the file and line."""
-    if not os.path.lexists(file):
-        return [], False
-    refuse_special_file(file)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise KvtraceError(f"{file}: cannot read ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise KvtraceError(f"{file}: not UTF-8 text") from None
-    lines = text.split("\n")
-    rows: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines) and not text.endswith("\n"):
-                return rows, True  # the last line was cut
-            raise KvtraceError(f"{file}: line {number} is not valid JSON") from None
-        except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
-            raise KvtraceError(f"{file}: line {number} holds {too_long_integer()}") from None
-        except RecursionError:
-            raise KvtraceError(f"{file}: line {number} is nested too deeply") from None
-        if not isinstance(row, dict):
-            raise KvtraceError(f"{file}: line {number} is not a JSON object")
-        rows.append(row)
-    return rows, False
-
-
-def _read_steps(file: Path, counted: int | None, num_blocks: int | None) -> EngineSteps:
-    """The step log; `counted`: the steps the finished run's manifest counts (None: still running)."""
-    rows, cut = _jsonl(file)
-    if counted is not None and (cut or len(rows) != counted):
-        said = f"{len(rows)} complete steps of the {counted} counted"
-        raise KvtraceError(f"{file}: damaged after the run ended: {said}")
-    columns = {name: np.zeros(len(rows), dtype=np.int64) for name in _STEP_COLUMNS}
-    preempted: list[tuple[str, ...]] = []
-    in_step = bool(rows)
-    for i, row in enumerate(rows):
-        where = f"{file}: line {i + 1}"
-        for name in _STEP_COLUMNS:
-            value = _int(row.get(name), where, name, default=0)
-            if name == "blocks_used_in_step" and row.get(name) is None:
-                value = int(columns["blocks_used"][i])  # runs recorded before kvtrace wrote it
-                in_step = False
-            if not (-_I64 if name == "step" else 0) <= value <= _I64:
-                raise KvtraceError(f"{where}: field {name!r} out of range: {value}")
-            columns[name][i] = value
-        for name in ("blocks_used", "blocks_used_in_step"):
-            if num_blocks is not None and columns[name][i] > num_blocks:
-                raise KvtraceError(
-                    f"{where}: {columns[name][i]} blocks used of a pool of {num_blocks}: not a real step"
-                )
-        ids = row.get("preempted") or []
-        if not isinstance(ids, list):
-            raise KvtraceError(f"{where}: field 'preempted' must be a list")
-        preempted.append(tuple(str(x) for x in ids))
-    return EngineSteps(columns, tuple(preempted), in_step)
-
-
-def _read_requests(file: Path) -> tuple[RequestEvent, ...]:
-    events: list[RequestEvent] = []
-    for i, row in enumerate(_jsonl(file)[0]):
-        where = f"{file}: line {i + 1}"
-        event = row.get("event")
-        if event not in REQUEST_EVENTS:
-            raise KvtraceError(f"{where}: unknown request event {event!r}")
-        if row.get("request_id") is None:
-            raise KvtraceError(f"{where}: no request_id")
-        events.append(
-            RequestEvent(
-                t_ns=_int(row.get("t_ns"), where, "t_ns", default=0),
-                step=_int(row.get("step"), where, "step", default=0),
-                request_id=str(row["request_id"]),
-                event=str(event),
-                blocks=_int(row.get("blocks"), where, "blocks", default=0),
-                tokens=_int(row.get("tokens"), where, "tokens", default=0),
-                prompt_tokens=_int(row.get("prompt_tokens"), where, "prompt_tokens", default=0),
-                output_tokens=_int(row.get("output_tokens"), where, "output_tokens", default=0),
-                dropped_blocks=_int(row.get("dropped_blocks"), where, "dropped_blocks", default=0),
-                dropped_tokens=_int(row.get("dropped_tokens"), where, "dropped_tokens", default=0),
-                recomputed_tokens=_int(row.get("recomputed_tokens"), where, "recomputed_tokens", default=0),
-                finish_reason=_opt_str(row.get("finish_reason"), where, "finish_reason"),
-            )
-        )
-    return tuple(events)
-
-
-def _opt_str(value: Any, where: str, name: str) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise KvtraceError(f"{where}: field {name!r} must be a string, got {value!r}")
-    return value
-
-
-def read_engine(path: str | os.PathLike[str]) -> EngineRun | None:
-    """The engine files of a run directory; None when the run has no engine.json (an HF run)."""
-    folder = Path(path)
-    if not has_engine(folder):
-        return None
-    info = _read_info(folder / ENGINE)
-    return EngineRun(
-        path=str(folder),
-        info=info,
-        steps=_read_steps(folder / ENGINE_STEPS, _counted_steps(folder), info.num_blocks),
-        requests=_read_requests(folder / ENGINE_REQUESTS),
-    )
-
-
-def _counted_steps(folder: Path) -> int | None:
-    """Engine steps the manifest of a finished run counts; None while it runs (or without a count)."""
-    try:
-        refuse_special_file(folder / "manifest.json")
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError, RecursionError, KvtraceError):
-        return None  # the run reader says what is wrong with it
-    ended = manifest.get("ended") if isinstance(manifest, dict) else None
-    if not isinstance(ended, dict) or ended.get("status") in (None, "running"):
-        return None
-    engine = manifest.get("engine")
-    counted = engine.get("engine_steps") if isinstance(engine, dict) else None
-    return counted if type(counted) is int else None
 
 
 def engine_figures(run: EngineRun) -> EngineFigures:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from analyzers.engine import EngineFigures, EngineInfo, engine_figures, read_engine
+from analyzers.engine import EngineFigures, EngineInfo, engine_figures
+from analyzers.readers.engine_files import read_engine
 from analyzers.units import human_bytes
 from kvtrace.format import CB_CACHE_ID, VLLM_CACHE_ID
 

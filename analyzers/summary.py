@@ -260,7 +260,8 @@ def input_notes(source: MemorySource) -> list[str]:
 def _engine_geometry(source: MemorySource) -> dict[str, Any] | None:
     """A vLLM run's model, from engine.json (its manifest has none); None for runs without an engine. The
     read files are kept for engine_of_source, which reads them next."""
-    from analyzers.engine import model_geometry, read_engine
+    from analyzers.engine import model_geometry
+    from analyzers.readers.engine_files import read_engine
 
     run = source.meta.get("engine") or read_engine(source.path)
     if run is None:

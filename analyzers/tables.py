@@ -272,7 +272,8 @@ def _column(records: list[dict[str, Any]], name: str, kind: pa.DataType) -> pa.A
     if pa.types.is_boolean(kind):
         return pa.array([v if isinstance(v, bool) else None for v in values], kind)
     if pa.types.is_floating(kind):
-        return pa.array([float(v) if type(v) in (int, float) else None for v in values], kind)
+        numbers = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in values]
+        return pa.array([None if v is None else float(v) for v in numbers], kind)
     if pa.types.is_list(kind) and pa.types.is_integer(kind.value_type):
         return pa.array([[_int(x) for x in v] if isinstance(v, list) else None for v in values], kind)
     if pa.types.is_list(kind):
@@ -500,11 +501,11 @@ def _kv_event_rows(events: list[dict[str, Any]], engine: dict[str, Any]) -> list
 def _read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """engine.json and the engine's step and request logs (vLLM and continuous-batching runs; else empty).
 
-    A run with engine.json is first read as `kvtrace report` reads it (analyzers.engine.read_engine), so
+    A run with engine.json is first read as `kvtrace report` reads it (`read_engine`), so
     that a damaged one (a step log cut or short after the run ended, a field out of range) is refused with
     the report's one-line error, not exported as if whole. The rows are then the files' own lines: a field
     the log leaves out stays null in the tables."""
-    from analyzers.engine import read_engine
+    from analyzers.readers.engine_files import read_engine
     from kvtrace.errors import too_long_integer
     from kvtrace.run_reader import _read_jsonl  # the format's one JSONL reader: tolerates a cut last line
 

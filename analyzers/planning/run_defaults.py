@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 
 from analyzers.budget import manifest_budget
 from analyzers.caches import layer_list
-from analyzers.engine import read_engine
 from analyzers.kv_log import analyze_run_kv_log
 from analyzers.kv_log_figures import CacheFigures, KvLogAnalysis
 from analyzers.model import normal_device
@@ -37,6 +36,7 @@ from analyzers.planning.run_cache_kind import (
     logged_window,
     quantized_layout,
 )
+from analyzers.readers.engine_files import read_engine
 from analyzers.readers.run_files import kv_log_notes
 from kvtrace.errors import KvtraceError
 from kvtrace.format import MODEL_CONFIG, Run

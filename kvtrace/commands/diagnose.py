@@ -78,8 +78,8 @@ def _diagnose_engine_run(path: Path, as_json: bool, budget: int | None = None) -
     """An engine run (vLLM, transformers' continuous batching): its engine diagnosis, priced in its own knobs
     (analyzers.planning.vllm_diagnose), after the memory budget (`budget`, else the recorded one) when there
     is one (analyzers.planning.engine_budget). False when the run has no engine."""
-    from analyzers.engine import read_engine
     from analyzers.planning.vllm_diagnose import diagnose_engine
+    from analyzers.readers.engine_files import read_engine
     from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_json, vllm_diagnosis_to_text
 
     run = read_engine(path)

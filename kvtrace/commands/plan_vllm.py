@@ -28,9 +28,9 @@ def _size(text: str | None, flag: str, positive: bool = False) -> int | None:
 
 def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     """(memory figures and settings, geometry or None) from a recorded vLLM run's engine.json."""
-    from analyzers.engine import read_engine
     from analyzers.planning.engine_run_refusal import not_a_vllm_pool
     from analyzers.planning.presets import ModelGeometry
+    from analyzers.readers.engine_files import read_engine
 
     require_input(Path(path))  # a path mistyped is said as every command says it, not as a run's lack
     run = read_engine(Path(path))

@@ -213,7 +213,7 @@ def test_a_refused_start_reads_as_arithmetic_and_vllms_message_is_whole_or_marke
 def test_request_lanes_add_up_to_the_blocks_used() -> None:
     # the HTML's per-request lanes, step by step, hold what the step log says was used (no request shares
     # a prefix block in this sample: vLLM counted 0 prefix-cache hits)
-    from analyzers.engine import read_engine
+    from analyzers.readers.engine_files import read_engine
     from analyzers.render.engine import _request_lanes
 
     vllm_figures = json.loads((PREEMPT / "vllm_figures.json").read_text())

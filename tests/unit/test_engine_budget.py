@@ -9,8 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from analyzers.engine import read_engine
 from analyzers.planning.engine_budget import engine_budget
+from analyzers.readers.engine_files import read_engine
 from tests.engine_files import ENGINE_JSON, write_engine_run
 
 

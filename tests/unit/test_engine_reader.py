@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.engine import engine_figures, held_at, read_engine
+from analyzers.engine import engine_figures, held_at
 from analyzers.planning.vllm_diagnose import diagnose_engine, diagnose_preemptions
+from analyzers.readers.engine_files import read_engine
 from analyzers.render.engine import engine_text_lines, engine_to_json
 from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_json, vllm_diagnosis_to_text
 from kvtrace.errors import KvtraceError

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.engine import read_engine
 from analyzers.planning.hf_config import geometry_from_config
 from analyzers.planning.presets import ModelGeometry, get_preset
 from analyzers.planning.vllm_diagnose import RefusedDiagnosis, diagnose_engine, diagnose_refused
@@ -25,6 +24,7 @@ from analyzers.planning.vllm_plan import (
     readable_bytes,
     vllm_to_json,
 )
+from analyzers.readers.engine_files import read_engine
 from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_text
 from kvtrace.errors import KvtraceError
 from tests.engine_files import refused_engine, write_engine_run

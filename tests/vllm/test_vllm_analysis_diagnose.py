@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.engine import engine_figures, read_engine
+from analyzers.engine import engine_figures
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis, diagnose_engine
+from analyzers.readers.engine_files import read_engine
 from kvtrace import format as fmt
 from kvtrace.cli import main
 from tests.vllm.workload import NEW_TOKENS, PROMPT_TOKENS, fp8_kv_unsupported, write_analysis_model

@@ -24,8 +24,8 @@ import pytest
 pytest.importorskip("vllm")
 
 import kvtrace
-from analyzers.engine import read_engine
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, diagnose_engine
+from analyzers.readers.engine_files import read_engine
 from tests.vllm.workload import BLOCK_BYTES, make_llm, metric, prompts, sampling
 
 
