@@ -14,7 +14,10 @@ other rows of the parts that held it, and replaces those parts as an overwrite r
 Every table gets a part, even with no rows, so its schema is always there to query. Parts are written
 under a temporary name and renamed only when every table's is complete, `runs` last: its part is the mark
 that part N was committed. A killed or failed export (a full disk) thus leaves no runs part, its sources
-are not "already exported", and the next export removes what it left (temporary files, parts without runs).
+are not "already exported", and the next export removes what it left: an empty `runs/.pending-NNNNN`, made
+before any file of part N and removed after its runs part, proves them its own. Nothing else in DIR is
+removed: a file there that is not a kvtrace part (a user's own dataset), or a kvtrace part without its runs
+part and without that mark (a damaged export), is refused in one line and kept.
 
 `--overwrite` never removes a part before its replacement is committed: the new part is written beside the
 old ones, numbered after them, and an empty mark `runs/.overwrite-NNNNN` is made before its runs part is
@@ -45,6 +48,7 @@ from analyzers.tables import (
     READ_ERRORS,
     SCHEMA_VERSION,
     SCHEMAS,
+    TABLE_KEY,
     TABLE_NAMES,
     Input,
     find_inputs,
@@ -60,6 +64,9 @@ _COMPACT_PIECES = 64
 _PART = re.compile(r"^part-(\d+)\.parquet$")
 _OVERWRITE_MARK = re.compile(r"^\.overwrite-(\d+)$")
 _REPLACED_MARK = re.compile(r"^\.replaced-(\d+)-by-(\d+)$")
+_PENDING_MARK = re.compile(r"^\.pending-(\d+)$")
+_TMP_PART = re.compile(r"^\.part-(\d+)\.parquet\.tmp$")
+_MARKS = (_OVERWRITE_MARK, _REPLACED_MARK, _PENDING_MARK)
 
 InputProgress = Callable[[Input], None]
 """Called after each input, read or skipped (a progress bar's tick)."""
@@ -190,39 +197,118 @@ def _commit(
                 writer.commit()
         runs.commit()
     except BaseException:
-        for writer in writers.values():
-            writer.discard()
-        for mark in marks:
-            with contextlib.suppress(OSError):
-                mark.unlink(missing_ok=True)
+        _abandon(writers, root, runs.part, marks)
         raise
+    with contextlib.suppress(OSError):  # else the next export removes it: its runs part is there
+        _pending_mark(root, runs.part).unlink()
     if marks:
         # The new part is committed and the old ones already out of sight: one that cannot be removed now
         # (a permission) is removed by the next export into this folder, which says so if it cannot either.
+        with contextlib.suppress(OSError, KvtraceError):
+            _remove_uncommitted(root, overwrite)
+
+
+def _abandon(writers: dict[str, _TableWriter], root: Path, part: int, marks: Collection[Path] = ()) -> None:
+    """Drop an uncommitted part: its files and `marks`, then its pending mark (last: a kill before leaves
+    the files provably the next export's to remove), then the runs folder if that leaves it empty; never
+    raises (it runs while another error goes up)."""
+    for writer in writers.values():
+        writer.discard()
+    pending = _pending_mark(root, part)
+    for mark in [*marks, pending]:
         with contextlib.suppress(OSError):
-            _remove_uncommitted(root)
+            mark.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        pending.parent.rmdir()
 
 
-def _remove_uncommitted(out_dir: Path) -> None:
-    """What a killed or failed export left: temporary files, and parts whose runs part is missing (the
-    runs part is renamed last). A part whose runs part is there beside another table's temporary file of
-    the same number was half-committed by kvtrace 0.1.0, which renamed the tables one by one: it goes
-    whole, so that its sources are exported again. Parts an overwrite replaced go too, then its mark."""
+def _pending_mark(out_dir: Path, part: int) -> Path:
+    """Made before any file of part `part` and removed once its runs part is renamed into place: while it is
+    there without that runs part, the part's files are those of an export that was killed."""
+    return out_dir / "runs" / f".pending-{part:05d}"
+
+
+def _footer_table(path: Path) -> bytes | None:
+    """The table a Parquet file's footer names (`kvtrace.table`), read without its data; None for a file
+    kvtrace did not write. A file that cannot be read is refused: it is not provably kvtrace's."""
+    try:
+        return (pq.read_schema(path).metadata or {}).get(TABLE_KEY)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise KvtraceError(f"{path}: not a readable Parquet file ({exc}), left as it is") from None
+
+
+def _check_part(path: Path) -> int:
+    """The number of a part in a table's folder, which must be kvtrace's part of that table (by its name and
+    its footer): a user's own Parquet file there (pyarrow's `part-0.parquet`, Spark's
+    `part-00000-<uuid>.snappy.parquet`) is refused, never read as a part nor removed as a leftover."""
+    table = path.parent.name
+    m = _PART.match(path.name)
+    if (
+        m is None
+        or path.name != f"part-{int(m.group(1)):05d}.parquet"
+        or _footer_table(path) != table.encode()
+    ):
+        raise KvtraceError(
+            f"{path}: not a kvtrace {table} part, left as it is; export into a folder of kvtrace's own "
+            "(a new -o DIR)"
+        )
+    return int(m.group(1))
+
+
+def _remove_uncommitted(out_dir: Path, overwrite: bool = False) -> None:
+    """Remove what a killed or failed export left, and nothing else: the files of a part whose `.pending`
+    mark is there without its runs part (the runs part is renamed last, the mark removed after it); other
+    temporary files whose footer says they are kvtrace's; parts a committed overwrite or re-export replaced;
+    and the whole of a part whose runs part is there beside another table's temporary file of its number
+    (kvtrace 0.1.0 renamed the tables one by one: it goes whole, so that its sources are exported again).
+    The marks go last: until every part they replaced is gone, readers need them.
+
+    Anything else is refused in one line before a file is touched: a Parquet file in a table's folder that is
+    not kvtrace's part of that table, an unfinished temporary file without its mark, and a kvtrace part
+    whose runs part is missing with no mark to say why (a damaged export: a copy that left runs out, a stray
+    rm), unless `overwrite` is to replace it (it is then left for `_commit`, numbered below the new part)."""
     folders = [out_dir / table for table in TABLE_NAMES if (out_dir / table).is_dir()]
     runs_folder = out_dir / "runs"
-    marks = (
-        [*runs_folder.glob(".overwrite-*"), *runs_folder.glob(".replaced-*")] if runs_folder.is_dir() else []
-    )
-    leftovers = [p for folder in folders for p in folder.glob(".part-*.parquet.tmp")]
-    runs = {p.name for p in table_files(out_dir, "runs")}
-    committed = runs - {p.name[1:].removesuffix(".tmp") for p in leftovers}
+    dotted = list(runs_folder.glob(".*")) if runs_folder.is_dir() else []
+    marks = [p for p in dotted if any(r.match(p.name) for r in _MARKS)]
+    pending = {int(m.group(1)) for p in marks if (m := _PENDING_MARK.match(p.name))}
+    parts = {
+        p: _check_part(p) for folder in folders for p in sorted(folder.glob("*.parquet")) if p.name[0] != "."
+    }
+    runs_parts = sorted(p for p in parts if p.parent == runs_folder)
+    floor, single = _replaced(runs_parts)
+    committed = {p.name for p in _not_replaced(runs_parts)}
+    leftovers: list[Path] = []
+    unfinished: set[int] = set()  # 0.1.0's half-committed parts
     for folder in folders:
-        for path in folder.glob("part-*.parquet"):
-            if path.name not in committed:
-                path.unlink(missing_ok=True)
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    for path in marks:  # last: until every part it replaced is gone, readers need it
+        for path in folder.glob(".*"):
+            if (m := _TMP_PART.match(path.name)) is None:
+                continue
+            number = int(m.group(1))
+            try:  # killed while writing: no footer yet, the mark alone says whose it is
+                ours = number in pending or _footer_table(path) == folder.name.encode()
+            except KvtraceError:
+                ours = False
+            if not ours:
+                raise KvtraceError(
+                    f"{path}: an unfinished part without its export's mark "
+                    f"({_pending_mark(out_dir, number)}), left as it is; remove it, or export into a new "
+                    "-o DIR"
+                )
+            if f"part-{number:05d}.parquet" in committed:
+                unfinished.add(number)
+            leftovers.append(path)
+    for path, number in parts.items():
+        if path.name in committed and number not in unfinished:
+            continue
+        if number in pending or number in unfinished or number < floor or number in single:
+            leftovers.append(path)
+        elif not overwrite:
+            raise KvtraceError(
+                f"{path}: a kvtrace part whose runs part ({runs_folder / path.name}) is missing: a damaged "
+                "export, left as it is; export into a new -o DIR, or replace it with --overwrite"
+            )
+    for path in [*leftovers, *marks]:
         path.unlink(missing_ok=True)
 
 
@@ -330,10 +416,12 @@ def _unique(inp: Input, taken: set[str]) -> Input:
 
 
 def _next_part(out_dir: Path) -> int:
+    """One past every part there, committed or not (a damaged one an overwrite replaces): a new part never
+    takes the name of a file already in the folder."""
     numbers = [
         int(match.group(1))
         for table in TABLE_NAMES
-        for file in table_files(out_dir, table)
+        for file in (out_dir / table).glob("part-*.parquet")
         if (match := _PART.match(file.name))
     ]
     return max(numbers, default=-1) + 1
@@ -418,7 +506,7 @@ def _export_locked(
     note: Callable[[str], None] | None,
 ) -> ExportSummary:
     try:
-        _remove_uncommitted(root)
+        _remove_uncommitted(root, overwrite)
     except OSError as exc:
         raise cannot_write(root, exc, folder=True) from None
     # An overwrite exports every source again, beside the parts it replaces (numbered after them), which
@@ -436,12 +524,15 @@ def _export_locked(
     if on_inputs_found is not None:
         on_inputs_found(len(inputs))
     writers: dict[str, _TableWriter] = {}
+    name = "runs"
     try:
+        pending = _pending_mark(root, part)  # before any file of the part: whose they are, if it is killed
+        pending.parent.mkdir(exist_ok=True)
+        pending.touch()
         for name, schema in SCHEMAS.items():
             writers[name] = _TableWriter(root / name, part, schema)
     except OSError as exc:
-        for writer in writers.values():
-            writer.discard()
+        _abandon(writers, root, part)
         with contextlib.suppress(OSError):  # the folder made for the writer that failed, if empty
             (root / name).rmdir()
         if file_in_the_way(root, folder=True) is not None:  # named as such, not as a table's folder
@@ -483,14 +574,12 @@ def _export_locked(
         if replaced:
             _carry_over(root, writers, replaced, dropped)
     except BaseException:
-        for writer in writers.values():
-            writer.discard()
+        _abandon(writers, root, part)
         raise
     if summary.exported:
         _commit(writers, root, overwrite=overwrite, replaced=replaced)
     else:  # every source already there, or unreadable: no empty part is added (nor one replaced)
-        for writer in writers.values():
-            writer.discard()
+        _abandon(writers, root, part)
     if not summary.exported:
         summary.part = None
     return summary

@@ -27,7 +27,9 @@ class ExportCommand(Command):
     is skipped with a one-line warning naming it; the others are exported.
     Exit status: 0 on success; 1 when DIR cannot be written, or standard output (the tables are then
     written all the same, and the line says so); 2 when any input was unreadable or missing (the rest are
-    still written), or for bad flags.
+    still written), for bad flags, or when DIR's table folders hold a Parquet file that is not kvtrace's or
+    a part whose runs part is missing (a damaged export; --overwrite replaces it): nothing is written or
+    removed.
     """
 
     name = "export"

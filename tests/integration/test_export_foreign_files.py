@@ -1,0 +1,192 @@
+"""`kvtrace export -o DIR` into a folder that holds files it did not write, or an export that lost its runs
+part: it used to remove them as "parts without their runs part" (the user's own pyarrow or Spark datasets,
+every earlier run of a damaged export), exit 0. Only files provably an interrupted export's own are removed;
+anything else is refused in one line and kept byte for byte. Real exports of the sample runs; row counts are
+counted from the raw files.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from kvtrace.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = REPO_ROOT / "sample_traces"
+TABLES = ("runs", "devices", "kv_events", "memory_events", "samples", "engine_steps", "engine_requests")
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (an export's lock aside) and its bytes."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".kvtrace.lock"
+    }
+
+
+def _kv_lines(*runs: Path) -> int:
+    return sum(len((run / "kv_events.jsonl").read_text().splitlines()) for run in runs)
+
+
+def _kv_rows(out: Path) -> dict[str, int]:
+    """kv_events rows per run_id, read with pyarrow from every part file there (not through kvtrace)."""
+    counts: dict[str, int] = {}
+    for part in sorted((out / "kv_events").glob("part-*.parquet")):
+        for run_id in pq.read_table(part, columns=["run_id"]).column("run_id").to_pylist():
+            counts[run_id] = counts.get(run_id, 0) + 1
+    return counts
+
+
+def _users_datasets(folder: Path, writer: str) -> Path:
+    """The user's own Parquet datasets in folders named as kvtrace's tables (and one that is not), as
+    pyarrow writes them (`part-0.parquet`) or Spark names them (`part-00000-<uuid>.snappy.parquet`)."""
+    table = pa.table({"id": list(range(1000))})
+    for name in ("samples", "devices", "other"):
+        if writer == "pyarrow":
+            ds.write_dataset(table, folder / name, format="parquet")
+        else:
+            (folder / name).mkdir(parents=True)
+            pq.write_table(
+                table, folder / name / "part-00000-8c1f3a52-0b7e-4d0e-9a53-2f1e7c6d4b10-c000.snappy.parquet"
+            )
+    return folder
+
+
+@pytest.mark.parametrize("writer", ["pyarrow", "spark"])
+def test_an_export_into_a_folder_of_the_users_own_datasets_is_refused_and_keeps_them(
+    tmp_path: Path, writer: str
+) -> None:
+    # GIVEN a folder holding the user's own Parquet datasets, two of them in folders named as kvtrace's tables
+    out = _users_datasets(tmp_path / "data", writer)
+    before = _files(out)
+    (devices_part,) = (out / "devices").glob("*.parquet")
+
+    # WHEN a sample run is exported into it
+    code, stdout, stderr = _cli("export", str(SAMPLES / "static_b2"), "-o", str(out), "-q")
+
+    # THEN one line names the first file that is not kvtrace's, exit status 2, nothing exported
+    assert code == 2
+    assert stderr.splitlines() == [
+        f"kvtrace export: error: {devices_part}: not a kvtrace devices part, left as it is; "
+        "export into a folder of kvtrace's own (a new -o DIR)"
+    ]
+    assert stdout == ""
+    # AND every file of the user's is there byte for byte, and no other file was added
+    assert _files(out) == before
+
+
+def test_an_export_missing_its_runs_part_is_refused_then_replaced_only_with_overwrite(tmp_path: Path) -> None:
+    # GIVEN an export of two sample runs (one part) that has lost its runs part (a partial copy, a stray rm)
+    out = tmp_path / "tables"
+    first = [SAMPLES / "dynamic_b2", SAMPLES / "static_b2"]
+    assert _cli("export", *map(str, first), "-o", str(out), "-q")[0] == 0
+    (out / "runs" / "part-00000.parquet").unlink()
+    before = _files(out)
+    assert _kv_rows(out) == {run.as_posix(): _kv_lines(run) for run in first}
+
+    # WHEN another run is exported into it
+    other = SAMPLES / "sliding_b2"
+    code, _, stderr = _cli("export", str(other), "-o", str(out), "-q")
+
+    # THEN one line names the first orphaned part and says what to do, exit status 2
+    assert code == 2
+    assert stderr.splitlines() == [
+        f"kvtrace export: error: {out / 'devices' / 'part-00000.parquet'}: a kvtrace part whose runs part "
+        f"({out / 'runs' / 'part-00000.parquet'}) is missing: a damaged export, left as it is; export into a "
+        "new -o DIR, or replace it with --overwrite"
+    ]
+    # AND the earlier runs' rows are all there, byte for byte (they used to be removed, exit 0)
+    assert _files(out) == before
+    assert _kv_rows(out) == {run.as_posix(): _kv_lines(run) for run in first}
+
+    # WHEN the user asks for --overwrite
+    code, _, stderr = _cli("export", str(other), "-o", str(out), "-q", "--overwrite")
+
+    # THEN the damaged part is replaced: the new part alone, numbered after it, holds the run
+    assert (code, stderr) == (0, "")
+    assert sorted(_files(out)) == [f"{table}/part-00001.parquet" for table in sorted(TABLES)]
+    assert _kv_rows(out) == {other.as_posix(): _kv_lines(other)}
+
+
+def test_a_symbolic_link_loop_in_place_of_the_runs_part_is_refused(tmp_path: Path) -> None:
+    # GIVEN an export whose runs part is a link to itself
+    out = tmp_path / "tables"
+    assert _cli("export", str(SAMPLES / "static_b2"), "-o", str(out), "-q")[0] == 0
+    runs_part = out / "runs" / "part-00000.parquet"
+    runs_part.unlink()
+    runs_part.symlink_to(runs_part.name)
+    before = _files(out)
+
+    # WHEN another run is exported into it, even with --overwrite
+    for flags in ([], ["--overwrite"]):
+        code, _, stderr = _cli("export", str(SAMPLES / "sliding_b2"), "-o", str(out), "-q", *flags)
+
+        # THEN one line names the link as not a readable Parquet file, exit 2, and every part is kept
+        assert code == 2
+        (line,) = stderr.splitlines()
+        assert line.startswith(f"kvtrace export: error: {runs_part}: not a readable Parquet file (")
+        assert line.endswith("), left as it is")
+        assert _files(out) == before
+        assert runs_part.is_symlink()
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+import analyzers.export_parquet as export_parquet
+
+def kill(*_args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+out, moment, sources = sys.argv[1], sys.argv[2], sys.argv[3:]
+if moment == "renaming":  # every other table's part renamed into place, not yet the runs part
+    commit = export_parquet._TableWriter.commit
+    export_parquet._TableWriter.commit = lambda w: kill() if w.final.parent.name == "runs" else commit(w)
+export_parquet.export(sources, out, on_input=kill if moment == "writing" else None)
+"""
+
+
+@pytest.mark.parametrize("moment", ["writing", "renaming"])
+def test_an_export_killed_mid_way_is_removed_by_the_next_one(tmp_path: Path, moment: str) -> None:
+    # GIVEN an export of one run, then one of another killed (SIGKILL) while it writes its temporary files
+    # (no footer yet), or once its other tables' parts are renamed into place, before its runs part is
+    out = tmp_path / "tables"
+    first, second = SAMPLES / "dynamic_b2", SAMPLES / "static_b2"
+    assert _cli("export", str(first), "-o", str(out), "-q")[0] == 0
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_EXPORT, str(out), moment, str(second)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert killed.returncode == -9, killed.stderr
+    left = "kv_events/.part-00001.parquet.tmp" if moment == "writing" else "kv_events/part-00001.parquet"
+    assert (out / left).is_file()
+    assert not (out / "runs" / "part-00001.parquet").exists()
+
+    # WHEN the second run is exported again
+    code, stdout, stderr = _cli("export", str(second), "-o", str(out), "-q")
+
+    # THEN the killed export's files go, the run is exported in full as part 1, and the first is kept
+    assert (code, stderr) == (0, "")
+    assert "(part 1)" in stdout
+    assert sorted(_files(out)) == sorted(f"{t}/part-0000{n}.parquet" for t in TABLES for n in (0, 1))
+    assert _kv_rows(out) == {first.as_posix(): _kv_lines(first), second.as_posix(): _kv_lines(second)}
