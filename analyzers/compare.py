@@ -21,8 +21,8 @@ Definitions, so that the columns mean the same thing for every run:
   search the rows are beams, not returned sequences: each beam's tokens count, and the table says so;
 * wall time = from the recorder's "start" memory sample (taken once the profiler runs) to the sample at
   the end of the last step, so the profiler's start-up and trace writing are left out; without samples,
-  the manifest's start to end. A last step whose forward raised (an OOM, a Ctrl-C) generated nothing: the
-  time ends with the step before it. Compare runs recorded with the same options.
+  the manifest's start to end, and a note says so. A last step whose forward raised (an OOM, a Ctrl-C)
+  generated nothing: the time ends with the step before it. Compare runs recorded with the same options.
 * an engine run (vLLM, transformers' continuous batching) has requests, not rows: tokens/s (all rows) is
   the output tokens of every request (each at its last event, preemptions recomputed once) over the time
   from its first request event to its last step's end; the per-row columns have no meaning there ("-").
@@ -96,6 +96,8 @@ class Generated:
     tokens_all_rows: int
     seconds: float
     rows_are_beams: bool
+    # Where the time is not the samples' (none of the start, or of a step's end): what span it is instead
+    span_note: str | None = None
 
 
 def generated(source: MemorySource, report: Report) -> Generated | None:
@@ -114,10 +116,20 @@ def generated(source: MemorySource, report: Report) -> Generated | None:
         for s in samples
         if s.get("phase") in ("prefill", "decode") and s.get("raised") is not True and s.get("step") != raised
     ]
+    span_note = None
     if starts and step_ends:
         started, ended = starts[0], step_ends[-1]
     if not started or not ended or ended <= started or kv_log is None or not report.kv.batch:
         return None
+    if not (starts and step_ends):
+        # The whole recording, 2x the steps' time on a tiny model: compared with a run timed by its samples,
+        # its tokens/s would read as half as fast
+        lacking = "start sample" if not starts else "step-end sample"
+        span_note = (
+            f"tokens/s: memory_samples.jsonl has no {lacking}, so the time is the manifest's started_ns to "
+            f"ended.t_ns ({(ended - started) / 1e9:.3f} s), which also counts the recorder's start-up and "
+            "the profiler trace's writing: slower than a run timed by its samples"
+        )
     # The caches the recorded model's forwards were given (kvtrace >= round 3): an assistant's draft cache of
     # the same shape is not one; older runs tell drafts by their layer count only
     given = model_caches(manifest)
@@ -139,6 +151,7 @@ def generated(source: MemorySource, report: Report) -> Generated | None:
         tokens_all_rows=sum(c.generated_row_tokens for c in mine),
         seconds=(ended - started) / 1e9,
         rows_are_beams=any(c.reordered for c in mine),
+        span_note=span_note,
     )
 
 
@@ -184,6 +197,8 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
     # The report's notes say what its figures lack: a block that raised, a run still recording, a peak
     # without allocator events, a missing file
     notes = tuple(report.notes)
+    if made is not None and made.span_note is not None:
+        notes += (made.span_note,)
     if made is not None and made.rows_are_beams:
         notes += (
             "the cache's rows were reordered (beam search): tokens/s (all rows) counts every beam's tokens; "

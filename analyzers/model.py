@@ -166,3 +166,11 @@ class MemorySource:
         profile_memory=False, or a trace without the model thread's memory events), so the peak and the
         memory by category count only the KV cache and the weights, never activations or logits."""
         return str(self.meta.get("events_from", "")).startswith("kv_log")
+
+    @property
+    def kv_log_cause(self) -> str | None:
+        """Why the device events are the KV log's alone, in the reader's words (a clause: "it was recorded
+        with profiler=False", "its profiler trace, listed in the manifest, is missing"), for a command that
+        says so apart from the report's notes; None when they are not, or the reader gave no cause."""
+        said = str(self.meta.get("events_from", ""))
+        return said[len("kv_log (") : -1] if said.startswith("kv_log (") and said.endswith(")") else None

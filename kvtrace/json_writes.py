@@ -64,6 +64,8 @@ class JsonlAppender:
         # Of the lines a `flush()` that raised had taken, those that reached the file whole before the error:
         # a full disk may take part of a write (tmpfs: the pages it still had), cutting a line.
         self.lines_before_error = 0
+        # Lines that reached the file whole: the count the final manifest gives readers to check the file by
+        self.lines = 0
 
     def append(self, record: dict[str, Any]) -> None:
         self._pending.append(_encode_compact(record))
@@ -93,7 +95,9 @@ class JsonlAppender:
                     data = data[written:]
             except OSError:
                 self.lines_before_error = encoded.count(b"\n", 0, len(encoded) - len(data))
+                self.lines += self.lines_before_error
                 raise
+            self.lines += count
 
     def buffered(self) -> int:
         return len(self._pending)

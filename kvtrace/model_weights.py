@@ -116,6 +116,9 @@ class ModelWeights:
         self.unread = 0  # tensors kvtrace could not read, left out (the most any scan found)
         self._patch: AttrPatch | None = None  # kvtrace's `_apply`, to put back
         self.active = False
+        # Lines written to weights.jsonl, for the final manifest (readers check the file by it); None once a
+        # write failed part-way, when what reached the file is not known
+        self.lines: int | None = 0
 
     # -- the table ---------------------------------------------------------------------------------
     def write_start(self) -> None:
@@ -123,6 +126,7 @@ class ModelWeights:
             for addr, (record, storage) in self._scan().items():
                 fh.write(json.dumps(record.to_json(), separators=(",", ":")) + "\n")
                 self.held[addr] = (record, _ref_of(storage))
+        self.lines = len(self.held)  # a failed write refuses the recording's start
 
     def _scan(self) -> dict[int, tuple[fmt.WeightRecord, Any]]:
         """The model's weight storages now, by address, in the order they are named (tied weights once,
@@ -231,11 +235,15 @@ class ModelWeights:
             if not freed and not added:
                 return
             t_ns = self._clock()
+            written = self.lines
+            self.lines = None  # until the lines are in the file whole
             with open(self.path, "a", encoding="utf-8") as fh:
                 for event, records in (("freed", freed), ("added", added)):
                     for record in records:
                         line = {**record.to_json(), "event": event, "t_ns": t_ns, "step": step}
                         fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+            if written is not None:
+                self.lines = written + len(freed) + len(added)
         except Exception as exc:  # the user's `.to()` goes on; the report says the table stops here
             self.error = f"{type(exc).__name__}: {exc}"
             return

@@ -452,6 +452,11 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             if p.is_file() and p.suffix != ".tmp" and p.name != fmt.LOCK_FILE
         )
         self._manifest["kv_events"] = self.event_count
+        # As `kv_events`: the lines that reached each log whole, which readers check a finished run's files by
+        if self._samples is not None:
+            self._manifest["memory_samples_lines"] = self._samples.lines
+        if self._weights is not None and self._weights.lines is not None:
+            self._manifest["weights_lines"] = self._weights.lines
         self._manifest.update(self._caches_and_threads())
         self._manifest["notes"] = self.notes
         self._manifest["warnings"] = self._warnings()

@@ -264,6 +264,8 @@ def _text_or_null(value: Any) -> bool:
 _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("started_ns", _count_or_null, "a time in ns"),
     ("kv_events", _count, "a count"),
+    ("weights_lines", _count, "a count"),
+    ("memory_samples_lines", _count, "a count"),
     ("rank", _small_count_or_null, f"a rank of at most {_I32}"),
     ("local_rank", _small_count_or_null, f"a rank of at most {_I32}"),
     ("world_size", _small_count_or_null, f"a count of at most {_I32}"),

@@ -71,6 +71,10 @@ def _read_jsonl(
     return records, truncated
 
 
+# The manifest's count of each log's lines besides `kv_events` (written by the recorder as it ends)
+_LINE_COUNTS = {WEIGHTS: "weights_lines", MEMORY_SAMPLES: "memory_samples_lines"}
+
+
 def read_run(path: str | os.PathLike[str]) -> Run:
     """Read a run directory written by any schema version up to ours.
 
@@ -145,9 +149,20 @@ def read_run(path: str | os.PathLike[str]) -> Run:
             raise KvtraceError(
                 f"{events_path}: damaged after the run ended: {kv_lines.lines} complete events{counted}"
             )
-        for name, cut in ((WEIGHTS, cut_weights), (MEMORY_SAMPLES, cut_samples)):
-            if cut:
-                raise KvtraceError(f"{root / name}: damaged after the run ended: its last line is cut")
+        # The other logs by the same rule where the manifest counts their lines (older runs do not); a
+        # missing one is left to the readers' note (`missing_files_notes`), which says what the figures lack
+        for name, lines, cut in ((WEIGHTS, weights, cut_weights), (MEMORY_SAMPLES, samples, cut_samples)):
+            written = manifest.get(_LINE_COUNTS[name])
+            short = isinstance(written, int) and (root / name).is_file() and written != len(lines)
+            if cut and isinstance(written, int):
+                said = f"{len(lines)} complete lines of the {written} the manifest counts, the last one cut"
+            elif cut:
+                said = "its last line is cut"
+            elif short:
+                said = f"{len(lines)} complete lines of the {written} the manifest counts"
+            else:
+                continue
+            raise KvtraceError(f"{root / name}: damaged after the run ended: {said}")
     return Run(
         path=root,
         manifest=manifest,

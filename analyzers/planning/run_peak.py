@@ -51,10 +51,11 @@ def peak_moment(path: str | Path) -> PeakMoment | str:
     source, report = build_report(path, timelines=True)
     main = report.main_device
     if source.kv_log_only or main is None:
-        return (
-            "the run has no allocator events (recorded with profiler=False or profile_memory=False): its "
-            "activations are unseen, so the reserve stands for them"
-        )
+        # Why, as the report's note says it: a run recorded with the profiler on may have lost its trace
+        cause = source.kv_log_cause if source.kv_log_only else None
+        why = f" ({cause})" if cause else ""
+        unseen = "its activations are unseen, so the reserve stands for them"
+        return f"the run has no allocator events{why}: {unseen}"
     leaves_out = source.meta.get("peak_leaves_out")
     if leaves_out:
         return f"the run's peak leaves out {leaves_out}: the reserve stands for its activations"

@@ -361,23 +361,28 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if not traces or trace_missed_the_model:
         source.devices = _kv_only_devices(_kv_log_devices(run), run.kv_events)
         if not traces:
-            source.meta["events_from"] = "kv_log (the run has no profiler trace)"
             # A listed trace that is missing has its own note (above); else say why the peak is partial.
+            # `events_from` says the same cause in a clause (`MemorySource.kv_log_cause`: plan's note).
             if run.manifest.get("options", {}).get("profiler") is False:
+                source.meta["events_from"] = "kv_log (it was recorded with profiler=False)"
                 source.meta.setdefault("input_notes", []).append(
                     _no_trace_note("profiler_off", bool(run.weights))
                 )
             elif isinstance(trace_error := run.manifest.get("ended", {}).get("trace_error"), str):
                 # its logs are whole (a full disk as the block ended): the KV log's figures are the run's
+                source.meta["events_from"] = "kv_log (the recorder could not write its profiler trace)"
                 source.meta.setdefault("input_notes", []).append(
                     _no_trace_note("unwritten", bool(run.weights), trace_error)
                 )
             elif not lists_profiler_file(run):
+                source.meta["events_from"] = "kv_log (it has no profiler trace)"
                 source.meta.setdefault("input_notes", []).append(
                     _no_trace_note("no_trace", bool(run.weights))
                 )
+            else:
+                source.meta["events_from"] = "kv_log (its profiler trace, listed in the manifest, is missing)"
         elif memory_off:
-            source.meta["events_from"] = "kv_log (recorded with profile_memory=False)"
+            source.meta["events_from"] = "kv_log (it was recorded with profile_memory=False)"
         elif elsewhere:
             source.meta["events_from"] = "kv_log (the model's forwards ran on another thread)"
         elif memory_damaged:
