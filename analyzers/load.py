@@ -29,7 +29,7 @@ from analyzers.tables import (
     read_problem,
     source_tables,
 )
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, refuse_unnamed_path
 
 if TYPE_CHECKING:
     import pandas
@@ -113,6 +113,8 @@ def load_tables(
     """
     if not paths:
         raise KvtraceError("load_tables: give at least one path")
+    for path in paths:  # first: "" would read the current folder as an export directory
+        refuse_unnamed_path(path)
     if len(paths) == 1 and is_export_dir(paths[0]):
         return Tables(**_read_export(paths[0]))
     inputs, problems = find_inputs(list(paths))

@@ -28,7 +28,7 @@ from analyzers.export_state import SourceState, source_state
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, UNKNOWN_DEVICE, DeviceEvents, MemorySource
 from analyzers.readers.folders import FolderSearch, Found, unreadable
 from analyzers.readers.sources import ProgressFn, missing
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, unnamed_path
 from kvtrace.format import (  # ENGINE*: vLLM runs' optional files
     ENGINE,
     ENGINE_REQUESTS,
@@ -213,6 +213,10 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()
     for given in paths:
+        unnamed = unnamed_path(given)  # before pathlib reads "" as the current folder
+        if unnamed is not None:
+            problems.append((os.fsdecode(os.fspath(given)), unnamed))
+            continue
         root = Path(given)
         try:
             is_folder = stat.S_ISDIR(os.stat(root).st_mode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -90,6 +91,41 @@ def os_reason(exc: OSError) -> str:
     if code is not None and (not exc.strerror or _ERRNO_IN_TEXT.search(said)):
         return os.strerror(code)
     return said
+
+
+def unnamed_path(path: str | os.PathLike[str]) -> str | None:
+    """The one line for a path that can name no file, else None. pathlib reads "" as ".", so an unset
+    variable would record into, or read, whatever folder the process runs in; a NUL byte makes every OS
+    call raise a bare ValueError ("embedded null byte") that names nothing."""
+    text = os.fsdecode(os.fspath(path))
+    if not text:
+        return "an empty path ('') names no file or folder"
+    if "\x00" in text:
+        return f"{text!r}: a path cannot hold a NUL byte"
+    return None
+
+
+def refuse_unnamed_path(path: str | os.PathLike[str]) -> None:
+    """Raise the one-line `KvtraceError` of `unnamed_path`, if any."""
+    said = unnamed_path(path)
+    if said is not None:
+        raise KvtraceError(said)
+
+
+def link_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a symbolic link at `path` leads to no file ("a loop of symbolic links", "a symbolic link to
+    nothing (target)"), else None: `Path.exists` calls both missing, which reads as if nothing were there."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a loop of symbolic links"
+        if exc.errno == errno.ENOENT:
+            return f"a symbolic link to nothing ({os.readlink(path)})"
+        return f"cannot read ({os_reason(exc)})"
+    return None
 
 
 def file_in_the_way(path: Path, folder: bool = False) -> Path | None:

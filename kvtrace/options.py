@@ -47,8 +47,11 @@ def memory_size(value: int | float | str, option: str) -> int:
     reads as 1.5 billion to some), not one byte. Errors start with `option`, the name the user typed."""
     if isinstance(value, bool):
         raise KvtraceError(f"{option}: not a size: {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # said "too large" of nan, of -inf
+        raise KvtraceError(f"{option}: not a number of bytes: {value!r}")
     if isinstance(value, int | float):
-        number, unit = float(value), ""
+        # Clamped: float() of a 400-digit int raises OverflowError; refused below as too large (or negative)
+        number, unit = float(max(-1, min(value, 2 * MAX_SIZE))), ""
     else:
         match = _SIZE.fullmatch(str(value).strip())
         if match is None or match.group(2).lower() not in _UNITS:

@@ -23,7 +23,7 @@ import torch
 from kvtrace import format as fmt
 from kvtrace.cuda_snapshots import CudaSnapshots
 from kvtrace.distributed import rank_facts, run_path
-from kvtrace.errors import KvtraceError, RecordingError
+from kvtrace.errors import KvtraceError, RecordingError, unnamed_path
 from kvtrace.forward_inputs import ForwardSignature
 from kvtrace.forward_steps import ForwardSteps
 from kvtrace.geometry import model_cross_attention_layers, model_geometry
@@ -77,6 +77,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
     ):
         if not isinstance(out_dir, str | os.PathLike):
             raise RecordingError(f"record(): the run folder must be a path, got {type(out_dir).__name__}")
+        unnamed = unnamed_path(out_dir)  # "" would record into the current folder
+        if unnamed is not None:
+            raise RecordingError(f"record(): {unnamed}")
         self.path = Path(out_dir)
         if model is not None and not isinstance(model, torch.nn.Module) and not is_vllm_object(model):
             # Checked before anything is written: a half-made run would block the retry.

@@ -11,7 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
+from kvtrace.errors import (
+    KvtraceError,
+    link_problem,
+    refuse_special_file,
+    refuse_unnamed_path,
+    too_long_integer,
+)
 from kvtrace.format import (
     KV_EVENTS,
     MANIFEST,
@@ -81,10 +87,14 @@ def read_run(path: str | os.PathLike[str]) -> Run:
     A run that was interrupted (manifest still says "running", or a cut last line) is read up to its last
     complete event; `Run.truncated` and the manifest's `ended` say so.
     """
+    refuse_unnamed_path(path)  # before pathlib reads "" as the current folder
     root = Path(path)
     manifest_path = root / MANIFEST
     if not root.is_dir():
         raise KvtraceError(f"{root}: not a directory")
+    link = link_problem(manifest_path)
+    if link is not None:  # there, but leading nowhere: not "no manifest.json"
+        raise KvtraceError(f"{manifest_path}: cannot read ({link})")
     if not manifest_path.exists():
         group = f"; a run group, one run per rank: {RANK_DIR_PREFIX}<r>/" if rank_dirs(root) else ""
         raise KvtraceError(f"{root}: not a kvtrace run directory (no {MANIFEST}){group}")

@@ -10,7 +10,6 @@ name the file. Readers are imported lazily by `open_source` because they import 
 from __future__ import annotations
 
 import codecs
-import errno
 import gzip
 import io
 import json
@@ -24,7 +23,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from analyzers.readers.unescaped_names import repair_event
-from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
+from kvtrace.errors import (
+    KvtraceError,
+    link_problem,
+    os_reason,
+    refuse_special_file,
+    refuse_unnamed_path,
+    too_long_integer,
+)
 
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
@@ -99,18 +105,7 @@ def _whole_events(text: str, start: int, end: int, count: int) -> bool:
 def missing(path: str | os.PathLike[str]) -> str:
     """Why `path`, which does not exist as far as `Path.exists` says, cannot be opened: nothing there, a
     link to nothing, or a loop of links (both of which `exists` also calls missing)."""
-    name = str(path)
-    if not os.path.islink(path):
-        return f"{name}: no such file or directory"
-    try:
-        os.stat(path)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return f"{name}: a loop of symbolic links"
-        if exc.errno == errno.ENOENT:
-            return f"{name}: a symbolic link to nothing ({os.readlink(path)})"
-        return f"{name}: {describe_read_error(exc)}"
-    return f"{name}: no such file or directory"
+    return f"{path}: {link_problem(path) or 'no such file or directory'}"
 
 
 def describe_read_error(exc: BaseException) -> str:
@@ -125,6 +120,8 @@ def describe_read_error(exc: BaseException) -> str:
         return "no such file"
     if isinstance(exc, PermissionError):
         return "permission denied"
+    if isinstance(exc, OSError):  # what the OS said, without "[Errno 5]"
+        return f"cannot read ({os_reason(exc)})"
     return f"cannot read ({exc})"
 
 
@@ -138,15 +135,19 @@ def open_input(
     `KvtraceError(f"{path}: ...")`; `KvtraceError`s pass through untouched.
     """
     name = str(path)
+    refuse_unnamed_path(path)
     refuse_special_file(path)
     try:
         disk = open(path, "rb")  # noqa: SIM115 - closed in the finally below
     except OSError as exc:
         raise KvtraceError(f"{name}: {describe_read_error(exc)}") from exc
     try:
-        total = os.fstat(disk.fileno()).st_size
-        magic = disk.read(2)
-        disk.seek(0)
+        try:
+            total = os.fstat(disk.fileno()).st_size
+            magic = disk.read(2)
+            disk.seek(0)
+        except OSError as exc:  # the first read fails as later ones would (EIO: /proc/self/mem, a bad disk)
+            raise KvtraceError(f"{name}: {describe_read_error(exc)}") from exc
         inner: IO[bytes] = gzip.GzipFile(fileobj=disk, mode="rb") if magic == GZIP_MAGIC else disk  # type: ignore[assignment]
         raw = _ProgressRaw(inner, disk, total, progress)
         raw.report_start()
@@ -424,6 +425,7 @@ def classify_path(path: str | os.PathLike[str]) -> str:
     "run" (a kvtrace run directory), "runs_folder" (a folder holding runs), "profiler_folder" (a folder
     of torch.profiler traces), or a file kind of `sniff`. Anything else raises a one-line `KvtraceError`.
     """
+    refuse_unnamed_path(path)  # before pathlib reads "" as the current folder
     folder = Path(path)
     if not folder.is_dir():
         return sniff(path)

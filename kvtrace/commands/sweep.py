@@ -12,7 +12,7 @@ from typing import Any
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import check_regular_target, page_bytes, print_after_writing, write_replacing
-from kvtrace.errors import KvtraceError, MissingPart, cannot_write
+from kvtrace.errors import KvtraceError, MissingPart, cannot_write, unnamed_path
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -115,6 +115,22 @@ def _point_runs(out: Path) -> list[Path]:
     except OSError:  # none yet
         return []
     return [child for child in children if child.is_dir() and is_run_dir(child)]
+
+
+def _refuse_a_run_as_out(given: str) -> None:
+    """Refuse an OUT that is no sweep's folder, even with --overwrite (which replaces a sweep): "" (the
+    current folder), and a run or a run group, whose folder would then mix one recording with a sweep's
+    table and point runs."""
+    from kvtrace.run_layout import is_run_dir, rank_dirs
+
+    unnamed = unnamed_path(given)
+    if unnamed is not None:
+        raise KvtraceError(f"--out: {unnamed}")
+    kind = "run" if is_run_dir(given) else "run group" if rank_dirs(given) else None
+    if kind is not None:
+        raise KvtraceError(
+            f"{given}: a kvtrace {kind}, not a sweep's folder (sweep.json, runs/); pass another --out DIR"
+        )
 
 
 def _remove_sweep(out: Path, points: list[Path]) -> None:
@@ -269,6 +285,7 @@ class SweepCommand(Command):
         missing = next(filter(None, map(cache_package_missing, caches)), None)
         if missing is not None:
             raise MissingPart(missing)
+        _refuse_a_run_as_out(args.out)
         out = Path(args.out)
         for name in ("sweep.json", "sweep.html"):  # before the points are recorded, not after
             check_regular_target(out / name)

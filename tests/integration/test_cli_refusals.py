@@ -94,6 +94,10 @@ def test_a_size_too_large_for_any_device_is_refused(
         ),
         (["demo", "--no-report", "--gpu-memory", "70M"], "--gpu-memory: cannot read size '70M'"),
         (["demo", "--no-report", "--gpu-memory", "1.5B"], "--gpu-memory: a size in bytes must be"),
+        (["demo", "--no-report", "--gpu-memory", "nan"], "--gpu-memory: cannot read size 'nan'"),
+        (["demo", "--no-report", "--gpu-memory", "inf"], "--gpu-memory: cannot read size 'inf'"),
+        (["sweep", "--out", "unused", "--gpu-memory", "nan"], "--gpu-memory: cannot read size 'nan'"),
+        (["sweep", "--out", "unused", "--gpu-memory", "inf"], "--gpu-memory: cannot read size 'inf'"),
     ],
     ids=[
         "plan",
@@ -107,6 +111,10 @@ def test_a_size_too_large_for_any_device_is_refused(
         "sweep-gpu-memory",
         "demo",
         "demo-fraction",
+        "demo-nan",
+        "demo-inf",
+        "sweep-nan",
+        "sweep-inf",
     ],
 )
 def test_a_bad_size_is_refused_naming_its_flag(
