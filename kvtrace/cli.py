@@ -88,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         parser.print_help()
         return 2
+    empty = _empty_path(args)
+    if empty is not None:  # pathlib reads "" as ".": an unset shell variable would read or write the cwd
+        print(
+            f"kvtrace {command.name}: error: {empty}: an empty path ('') names no file or folder",
+            file=sys.stderr,
+        )
+        return 2
     stdout = sys.stdout
     sys.stdout = GuardedStdout(stdout)  # type: ignore[assignment]
     try:
@@ -139,6 +146,28 @@ _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 def _output_failed(exc: OSError) -> bool:
     return os_errno(exc) in _OUTPUT_ERRNOS
+
+
+# Arguments that name files or folders, by their argparse dest, as the message names them
+_PATH_ARGS = {
+    "path": "PATH",
+    "paths": "PATH",
+    "runs": "RUN",
+    "dir": "DIR",
+    "output": "--output",
+    "out": "--out",
+    "from_run": "--from-run",
+    "config": "--config",
+}
+
+
+def _empty_path(args: argparse.Namespace) -> str | None:
+    """The argument given as an empty path, if any."""
+    for dest, said in _PATH_ARGS.items():
+        value = getattr(args, dest, None)
+        if value == "" or (isinstance(value, list) and "" in value):
+            return said
+    return None
 
 
 def _inputs(args: argparse.Namespace) -> str:

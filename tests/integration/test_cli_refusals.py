@@ -1000,3 +1000,36 @@ def test_a_press_without_kvpress_is_refused_before_the_model_is_built(tmp_path: 
     assert done.stdout.split() == ["1", "False"], (done.stdout, done.stderr)
     assert "--press needs NVIDIA's kvpress" in done.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["report", ""], "PATH"),
+        (["diagnose", ""], "PATH"),
+        (["compare", "", "x"], "RUN"),
+        (["plan", "--from-run", ""], "--from-run"),
+        (["plan", "--config", ""], "--config"),
+        (["query", "", "SELECT 1"], "DIR"),
+        (["export", "x", "-o", ""], "--output"),
+        (["report", "x", "-o", ""], "--output"),
+        (["demo", "--out", ""], "--out"),
+    ],
+)
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(
+    argv: list[str],
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN the current folder holding a real run (what "" would read, as pathlib makes it ".")
+    shutil.copytree(SAMPLES / "static_b2", tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    # WHEN a path argument is given empty (an unset shell variable) THEN one line names it, status 2
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"error: {named}: an empty path ('') names no file or folder") and "\n" not in err
+    # AND nothing was read as a run or written in the current folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
