@@ -293,6 +293,9 @@ class RunStore:
             for m in source.markers
             if m.kind in _MARKER_KINDS
         ]
+        crossing = _budget_marker(report.budget, t0)
+        if crossing is not None:
+            markers.append(crossing)
         from analyzers.render.engine import no_memory_timeline
 
         events = max((len(tl.ts_us) for tl in report.timelines), default=0)
@@ -379,6 +382,26 @@ class RunStore:
             "diagnosis": diagnosis_to_json(result),
             "html": diagnosis_to_html(result),
         }
+
+
+def _budget_marker(budget: dict[str, Any] | None, t0: float) -> dict[str, Any] | None:
+    """Where a run crossing its budget would have run out, as the HTML report marks it ("runs out here"): at
+    the allocation that took the device over, drawn at the level it took it to."""
+    if budget is None or not budget["crossed"] or budget["t"] is None:
+        return None
+    from analyzers.units import human_bytes
+
+    layer = f", layer {budget['layer']}" if budget["layer"] is not None else ""
+    return {
+        "kind": "budget",
+        "t_s": _rel_seconds([budget["t"]], t0)[0],
+        "label": (
+            f"would run out on a {human_bytes(budget['bytes'])} device: step {budget['step']} "
+            f"({budget['phase']}){layer}, a {human_bytes(budget['request_bytes'])} request"
+        ),
+        "device": budget["device"],
+        "bytes": budget["allocated_after_bytes"] or budget["bytes"],
+    }
 
 
 def _eviction_markers(

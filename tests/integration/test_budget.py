@@ -14,6 +14,7 @@ import torch
 
 import kvtrace
 from analyzers.report import build_report
+from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.errors import KvtraceError
 from kvtrace.llama import ModelSize
@@ -275,3 +276,27 @@ def test_a_bad_budget_is_one_line_naming_gpu_memory(bad: object, said: str, tmp_
 @pytest.mark.parametrize(("given", "stored"), [("12345B", 12345), ("1.5e3B", 1500), ("0.5KiB", 512)])
 def test_a_whole_byte_budget_keeps_every_byte(given: str, stored: int, tmp_path: Path) -> None:
     assert kvtrace.record(tmp_path / "run", gpu_memory=given).options.gpu_memory == stored
+
+
+def test_the_tensorboard_timeline_marks_where_the_run_runs_out(
+    tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
+) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+
+    # GIVEN a run crossing a budget set just under layer 1's V allocation of decode step 4
+    weights = weights_bytes(tiny_model)
+    allocations = _kv_allocations(tiny_size)
+    target = next(i for i, a in enumerate(allocations) if a[:3] == (4, 1, "v"))
+    budget = weights + max(a[4] for a in allocations[:target])
+    step, layer, _, request, after = allocations[target]
+    _record(tiny_model, tmp_path / "run", budget)
+    # WHEN the TensorBoard tab's timeline is served at full resolution
+    timeline = RunStore(tmp_path).timeline("run", max_points=10**6)
+    # THEN it holds one "runs out here" marker, as the HTML report draws it: at the first moment the device
+    # holds more than the budget, at the level that allocation took it to, naming its step and layer
+    (mark,) = [m for m in timeline["markers"] if m["kind"] == "budget"]
+    (device,) = timeline["devices"]
+    first_over = next(i for i, b in enumerate(device["allocated"]) if b > budget)
+    assert mark["t_s"] == device["t_s"][first_over]
+    assert mark["bytes"] == device["allocated"][first_over] == weights + after
+    assert f"step {step} (decode), layer {layer}, a {human_bytes(request)} request" in mark["label"]

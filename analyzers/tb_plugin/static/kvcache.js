@@ -177,6 +177,12 @@ function timelineTraces(timeline) {
       marker: { symbol: style.symbol, size: 10, color: style.color }, hovertemplate: '%{text}<extra></extra>',
     });
   }
+  for (const mark of timeline.markers.filter((m) => m.kind === 'budget')) {
+    traces.push({
+      type: 'scatter', mode: 'markers', name: 'runs out here', x: [mark.t_s], y: [mark.bytes], text: [mark.label],
+      marker: { symbol: 'x', size: 14, color: '#d62728' }, hovertemplate: '%{text}<extra></extra>',
+    });
+  }
   return { traces, top };
 }
 
