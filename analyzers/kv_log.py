@@ -26,7 +26,7 @@ from analyzers.kv_events import (
 )
 from analyzers.kv_log_figures import CacheFigures, KvLogAnalysis, LayerFigures
 from analyzers.kv_views import SharedStorages, Slot, held_by_slot, layer_shares
-from kvtrace.format import KvEvent, Run
+from kvtrace.format import NO_BEAMS_REASON, KvEvent, Run
 
 _NO_NEW_STORAGE = ("freed", "written")
 
@@ -234,7 +234,7 @@ def analyze_kv_log(
                         data_moved.add(ev.cache)
                     if ev.event == "written":
                         data_in_place.add(ev.cache)
-            if ev.event == "reordered":
+            if ev.event == "reordered" and ev.reason != NO_BEAMS_REASON:
                 reordered.add(ev.cache)
                 count = ev.reason.removeprefix(BEAMS_REASON)
                 if (

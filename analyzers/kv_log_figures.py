@@ -46,7 +46,9 @@ class CacheFigures:
     to a second call, or kept by transformers for it, has several); 0 when no prefill wrote it."""
     call_generated_tokens: int = 0
     """`generated_tokens` since that prefill: what that call yielded per row, its prompt not counted."""
-    reordered: bool = False  # rows reordered or selected (beam search, contrastive search): rows are beams
+    reordered: bool = False
+    """Rows reordered or selected (beam search, contrastive search): rows are beams. Not a caller's
+    `reorder_cache` outside beam search (`reason` `no_beams`), whose rows stay the batch's sequences."""
     beams: int = 0
     """Rows per prompt under beam search (num_beams), from its first reorder's `reason` `beams:N`; 0 when
     the log does not say (no beam search, or a log from before kvtrace recorded it)."""

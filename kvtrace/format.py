@@ -77,6 +77,9 @@ EVENT_KINDS = (
     "masked",  # tokens hidden in place (kvpress AdaKV): no storage change, nothing released
     "freed",  # the storage was released (no tensor refers to it any more)
 )
+# The `reason` of a `reorder_cache`'s `reordered` events outside beam search (a caller permuting its rows):
+# the analyzers do not read its rows as beams.
+NO_BEAMS_REASON = "no_beams"
 
 
 @dataclass

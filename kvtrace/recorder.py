@@ -295,6 +295,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             if GenerateCalls.available(self.model):
                 self._calls = GenerateCalls(self.model)
                 self._calls.install()
+                if self._hf is not None:
+                    self._hf.beam_search = self._calls.beam_search
             if self._hf is not None:
                 self._hf.on_new_cache = self._cache_made
                 self._hf.cross_layers = model_cross_attention_layers(self.model)

@@ -16,6 +16,7 @@ from analyzers.planning.diagnosis import Remedy, fits
 from analyzers.units import human_bytes
 
 __all__ = [
+    "at_batch_one",
     "beam_search_remedies",
     "fewer_rows",
     "kind_widths",
@@ -37,7 +38,11 @@ def beam_search_remedies(
     beams_target, beams_saved, beams_basis, _ = fewer_rows(kv, beams, need, beyond_weights)
     per_prompt, per_beam = human_bytes(kv / prompts), human_bytes(kv / beams)
     if need is None:
-        batch_text = f"Each prompt dropped from the batch of {prompts} ({each}) frees {per_prompt} of KV."
+        batch_text = (
+            f"Each prompt dropped from the batch of {prompts} ({each}) frees {per_prompt} of KV."
+            if prompts > 1
+            else at_batch_one(each)
+        )
         beams_text = f"Each beam dropped (num_beams={beams}, batch {prompts}) frees {per_beam} of KV."
     elif need <= 0:
         room = "the KV alone would leave room up to"
@@ -66,6 +71,13 @@ def beam_search_remedies(
         Remedy("batch", batch_target or None, batch_saved, fits(batch_saved, need), batch_text),
         Remedy("beams", beams_target or None, beams_saved, fits(beams_saved, need), beams_text),
     ]
+
+
+def at_batch_one(each: str = "") -> str:
+    """The batch remedy's sentence for a run at batch 1 (in prompts, of `each` beams under beam search):
+    there is no sequence to drop, which the remedy's figures say too (no setting, nothing saved)."""
+    said = f" ({each})" if each else ""
+    return f"The run is at batch 1 already{said}: a smaller batch is no remedy."
 
 
 def _fewer_text(change: str, one: str, target: int, basis: str, saved: int, per_one: str, need: int) -> str:

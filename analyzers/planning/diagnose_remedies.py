@@ -53,6 +53,7 @@ from analyzers.planning.diagnose_buffer_remedies import (
     static_cache_context,
 )
 from analyzers.planning.diagnose_cache_remedies import (
+    at_batch_one,
     beam_search_remedies,
     fewer_rows,
     layer_widths,
@@ -95,7 +96,7 @@ def _smaller_batch_text(
     """The batch remedy's sentence when there is a shortfall, by what priced it (`fewer_rows`); `beyond`
     is the memory beyond the weights less the `vectors` over the vocabulary that no batch shrinks."""
     if batch == 1:
-        return "The run is at batch 1 already: a smaller batch is no remedy."
+        return at_batch_one()
     if basis == "kv" and target >= 1:
         return f"Batch {target} instead of {batch} frees {human_bytes(saved)} of KV, enough to fit."
     if basis == "rows":
@@ -180,7 +181,11 @@ def price_remedies(
         if need is None:
             target = batch - 1
             saved = round(per_seq) if target >= 1 else 0
-            text = f"Each sequence dropped from the batch of {batch} frees {human_bytes(per_seq)} of KV."
+            text = (
+                f"Each sequence dropped from the batch of {batch} frees {human_bytes(per_seq)} of KV."
+                if batch > 1
+                else at_batch_one()
+            )
         elif need <= 0:
             target = math.floor(batch * (kv - need) / kv)
             saved = 0

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kvtrace.format import next_cache_id
+from kvtrace.format import NO_BEAMS_REASON, next_cache_id
 from kvtrace.kv_tracker import KvTracker
 
 _WRAPPED = {
@@ -222,7 +222,11 @@ class HfCacheHooks:
         self.defer_off = False
         self.unexplained: str | None = None  # what made a deferred step turn deferring off, for the manifest
         self._deferrable: dict[tuple[int, int], bool] = {}  # (cache id, layer count) -> all layers plain
-        self._beams_read: set[int] = set()  # caches whose first reorder_cache told their beams
+        self._beams_read: set[int] = set()  # caches whose first beam-search reorder_cache told their beams
+        # Whether the recorded model's generate() call in progress on this thread beam-searches, set by the
+        # recorder where it sees those calls (`GenerateCalls.beam_search`). None (record() without a
+        # model): a reorder_cache is read as beam search's, the only one transformers' generate() makes.
+        self.beam_search: Callable[[], bool] | None = None
         # An encoder-decoder cache's id -> (its self-attention cache's id, its cross-attention cache's id)
         self.encoder_decoder: dict[int, tuple[int, int]] = {}
         # The layers of the model's cache that hold cross-attention KV (Mllama's `cross_attention_layers`:
@@ -564,7 +568,11 @@ class HfCacheHooks:
 
     def _beams_reason(self, cache: Any, beam_idx: Any) -> str:
         """`beams:N` at a cache's first beam-search reorder (N rows per prompt, N > 1), else "". Read once per
-        cache: the indices are on the device, and reading them waits for it."""
+        cache: the indices are on the device, and reading them waits for it. A reorder outside beam search
+        (a caller permuting its rows between generate() calls) is `no_beams`: its rows stay the batch's
+        sequences, and a later beam search on the cache still tells its beams."""
+        if self.beam_search is not None and not self.beam_search():
+            return NO_BEAMS_REASON
         cid = self.cache_id(cache)
         if cid in self._beams_read or not isinstance(beam_idx, torch.Tensor) or beam_idx.dim() != 1:
             return ""

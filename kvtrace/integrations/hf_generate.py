@@ -16,7 +16,9 @@ A chunked prefill (`prefill_chunk_size`) writes the prompt over several forwards
 
 Each outermost call's requested length (`max_length`: the sequence length it stops at, prompt included) is
 read once, as the call begins, from its arguments and the model's generation config: a run that ran out of
-memory at step 300 of a `max_new_tokens=2048` call recorded 300 steps, and the planner needs the 2048.
+memory at step 300 of a `max_new_tokens=2048` call recorded 300 steps, and the planner needs the 2048. So is
+its `num_beams`, for the whole call: a `reorder_cache` during a beam search says how many rows each prompt
+has, and one outside it (a caller reordering its own rows) says nothing of beams (`beam_search`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class GenerateCalls:
         self._depth: dict[int, int] = {}  # per thread: generate() calls on the model in progress, nested too
         # Per thread whose outermost call began and none of its forwards has run yet: that call
         self._pending: dict[int, CallStart] = {}
+        self._beams: dict[int, int] = {}  # per thread: the num_beams of its outermost call in progress
 
     @staticmethod
     def available(model: Any) -> bool:
@@ -75,7 +78,8 @@ class GenerateCalls:
             else:
                 passed = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
                 prompt = _prompt_length(model, args, kwargs)
-                calls._enter(CallStart(prompt, passed, *_requested_length(model, args, kwargs, prompt)))
+                call = CallStart(prompt, passed, *_requested_length(model, args, kwargs, prompt))
+                calls._enter(call, _num_beams(model, args, kwargs))
             try:
                 return original(model, *args, **kwargs)
             finally:
@@ -88,14 +92,16 @@ class GenerateCalls:
             self._mixin.generate = self._original
         self._mixin = self._original = None
 
-    def _enter(self, call: CallStart | None) -> None:
-        """`call`: the call beginning, None for one nested in a call in progress (which reads nothing)."""
+    def _enter(self, call: CallStart | None, beams: int = 1) -> None:
+        """`call`: the call beginning, None for one nested in a call in progress (which reads nothing);
+        `beams`: its num_beams."""
         thread = threading.get_ident()
         with self._lock:
             depth = self._depth.get(thread, 0) + 1
             self._depth[thread] = depth
             if depth == 1 and call is not None:
                 self._pending[thread] = call
+                self._beams[thread] = beams
 
     def _exit(self) -> None:
         thread = threading.get_ident()
@@ -105,12 +111,18 @@ class GenerateCalls:
                 self._depth[thread] = depth
             else:
                 self._depth.pop(thread, None)
+                self._beams.pop(thread, None)
                 # A call whose forwards kvtrace did not see (continuous batching)
                 self._pending.pop(thread, None)
 
     def in_call(self) -> bool:
         """Whether a call on the model is in progress on this thread."""
         return threading.get_ident() in self._depth
+
+    def beam_search(self) -> bool:
+        """Whether the model's outermost generate() call in progress on this thread beam-searches
+        (num_beams > 1); False outside any call. A dict lookup: asked at each `reorder_cache`."""
+        return self._beams.get(threading.get_ident(), 1) > 1
 
     def began(self) -> CallStart | None:
         """The call that began on this thread since its last forward: given once, to its first forward;
@@ -135,6 +147,27 @@ def _prompt_length(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     return int(shape[1]) if shape is not None and len(shape) >= 2 else None
 
 
+def _setting(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
+    """A generation setting of a `generate()` call as transformers resolves it (5.x,
+    `_prepare_generation_config`): the call's keyword, even None (GenerationConfig.update sets it), else
+    the `generation_config` it was passed, else the model's; None where none sets it (its global default)."""
+    if name in kwargs:
+        return kwargs[name]
+    passed = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+    configs = (passed, getattr(model, "generation_config", None))
+    return next((value for c in configs if (value := getattr(c, name, None)) is not None), None)
+
+
+def _num_beams(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """A `generate()` call's num_beams (`_setting`; transformers' default 1). 1 where it cannot be read:
+    read inside the user's call, this must never raise."""
+    try:
+        beams = _setting(model, args, kwargs, "num_beams")
+        return int(beams) if beams is not None else 1
+    except Exception:
+        return 1
+
+
 def _requested_length(
     model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], prompt: int | None
 ) -> tuple[int | None, int | None]:
@@ -149,18 +182,11 @@ def _requested_length(
     if prompt is None:
         return None, None
     try:
-        passed = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
-        configs = (passed, getattr(model, "generation_config", None))
-
-        def setting(name: str) -> Any:
-            if name in kwargs:  # generate()'s keyword wins, even None (GenerationConfig.update sets it)
-                return kwargs[name]
-            return next((value for c in configs if (value := getattr(c, name, None)) is not None), None)
-
         # A call fed inputs_embeds alone counts transformers' lengths from an empty input_ids
         embeds_only = not args and kwargs.get("input_ids", kwargs.get("inputs")) is None
         ids = 0 if embeds_only else prompt
-        new, length = setting("max_new_tokens"), setting("max_length")
+        new = _setting(model, args, kwargs, "max_new_tokens")
+        length = _setting(model, args, kwargs, "max_length")
         if new is not None:
             return int(new) + prompt, int(new)
         if length is None:  # transformers' default: 20 new tokens, within the model's positions
