@@ -37,6 +37,7 @@ def analyze_kv_log(
     unfinished: bool = False,
     raised: Collection[int] = (),
     block_raised: bool = False,
+    step_ends: dict[int, int] | None = None,
 ) -> KvLogAnalysis:
     """`prompt_ends`: prefill step -> the cache positions its generate() call's prompt ends at (the step's
     memory sample says, since kvtrace 0.1's round 3): what the step's cache holds beyond it are draft
@@ -45,7 +46,11 @@ def analyze_kv_log(
     part of is left out of the figures of the end (`KvLogAnalysis.cut`). `raised`: the steps whose forward
     raised (their memory samples say): they yielded no token, and the last, where it is the log's, is a
     raised cut. `block_raised`: the block raised or was interrupted (its manifest says), in a run whose
-    samples may not say where: a last step whose layers show it cut is one too."""
+    samples may not say where: a last step whose layers show it cut is one too. `step_ends`: step -> its
+    end sample's `t_ns` (memory_samples.jsonl): a line after it, though it carries that step's number (a
+    crop or reorder between two generate() calls), came in the gap before the next step, so the step's end
+    figures (`step_live`, `step_tokens`, ...) are taken before it; its generated tokens still count it
+    (assisted decoding crops its rejected drafts there)."""
     raised_steps = frozenset(raised)
     if unfinished:
         cut = cut_last_step(events)
@@ -95,6 +100,9 @@ def analyze_kv_log(
     final_shares: dict[int, dict[Slot, int]] = {}
     final_total = 0
     open_step: int | None = None  # the step whose end state is not recorded yet
+    ends = step_ends or {}
+    ended: int | None = None  # the open step, once its end sample's time is past: its end state is taken
+    gap_evicted: dict[int, dict[str, int]] = {}  # layer -> kind -> tokens evicted since then, all rows
     step_tokens: dict[int, dict[int, int]] = {}
     step_rows: dict[int, dict[int, int]] = {}
     written: set[tuple[int, int]] = set()  # (cache, layer) slots written in the open step
@@ -127,9 +135,18 @@ def analyze_kv_log(
             if not cache_layer_live[slot]:  # only live slots: a long run's dropped caches cost no step
                 del cache_layer_live[slot]
 
-    def _close_step(step: int) -> None:
+    def _end_state(step: int) -> None:
         step_live[step] = dict(layer_live)
         step_cache_live[step] = dict(cache_layer_live)
+        tokens: dict[int, int] = {}
+        for slot in cache_layer_live:  # the slots holding KV now
+            tokens[slot[0]] = max(tokens.get(slot[0], 0), tokens_by_layer.get(slot, 0))
+        step_tokens[step] = tokens
+        step_rows[step] = {cache: rows for cache, rows in rows_by_cache.items() if cache in tokens}
+
+    def _close_step(step: int) -> None:
+        if ended != step:
+            _end_state(step)
         phase = step_phase.get(step, "")
         if phase in ("prefill", "decode") and step not in no_yield:  # a model forward; step 0 is outside any
             yields: dict[int, int] = {}
@@ -154,11 +171,6 @@ def analyze_kv_log(
             closed_tokens[slot] = tokens_by_layer.get(slot, 0)
         written.clear()
         step_evicted.clear()
-        tokens: dict[int, int] = {}
-        for slot in cache_layer_live:  # the slots holding KV now
-            tokens[slot[0]] = max(tokens.get(slot[0], 0), tokens_by_layer.get(slot, 0))
-        step_tokens[step] = tokens
-        step_rows[step] = {cache: rows for cache, rows in rows_by_cache.items() if cache in tokens}
 
     for index, ev in enumerate(events):
         if ev.step != step_after[0]:
@@ -168,7 +180,14 @@ def analyze_kv_log(
         if open_step is not None and (ending or ev.step != open_step):
             # Steps never go back: the state before this event is the open step's end state.
             _close_step(open_step)
-            open_step = None
+            # What the gap evicted counts in the step after it, whose figures show it gone (after the last
+            # step, in the step it follows)
+            _merge_evicted(evicted_by_step, open_step if ending else ev.step, gap_evicted)
+            open_step = ended = None
+        elif open_step is not None and ended != open_step and ev.t_ns > ends.get(open_step, ev.t_ns):
+            # Past the step's end sample: the state before this line is the one its forward ended with
+            _end_state(open_step)
+            ended = open_step
         if index == cut_from:
             whole_end = copy.deepcopy(
                 (live, live_total, tokens_by_layer, rows_by_cache, last_seq_by_cache, evicted_by_layer,
@@ -251,7 +270,8 @@ def analyze_kv_log(
             by_reason = evicted_by_layer_reason[slot]
             reason = eviction_reason(ev)
             by_reason[reason] = by_reason.get(reason, 0) + ev.evicted_tokens * rows
-            in_step = evicted_by_step.setdefault(ev.step, {}).setdefault(ev.layer, {})
+            by_layer = gap_evicted if ended is not None else evicted_by_step.setdefault(ev.step, {})
+            in_step = by_layer.setdefault(ev.layer, {})
             in_step[reason] = in_step.get(reason, 0) + ev.evicted_tokens * rows
             if reason != "crop":
                 step_evicted[slot] += ev.evicted_tokens
@@ -271,6 +291,7 @@ def analyze_kv_log(
          buffer_shapes, buffer_in_place, final_shares) = whole_end  # fmt: skip
     elif open_step is not None:
         _close_step(open_step)
+        _merge_evicted(evicted_by_step, open_step, gap_evicted)
     if final_state is None:
         final_state, final_total, final_shares = dict(live), live_total, shared.shares
 
@@ -376,13 +397,17 @@ def _see_buffer(buffers: dict[int, BufferStorage], index: int, ev: KvEvent) -> N
 
 def analyze_run_kv_log(run: Run) -> KvLogAnalysis:
     """A run's KV log with what its memory samples and manifest say of it: its prefills' prompts, the steps
-    whose forward raised, and how the block ended (a run that never ended, one that raised)."""
+    whose forward raised, when each step ended, and how the block ended (a run that never ended, one that
+    raised)."""
     prompt_ends: dict[int, int] = {}
     raised: set[int] = set()
+    step_ends: dict[int, int] = {}
     for sample in run.memory_samples:
         step, phase = sample.get("step"), sample.get("phase")
         if type(step) is not int or phase not in ("prefill", "decode"):
             continue
+        if type(sample.get("t_ns")) is int:
+            step_ends[step] = max(step_ends.get(step, 0), sample["t_ns"])
         if phase == "prefill" and isinstance(sample.get("prompt_end"), int):
             prompt_ends[step] = sample["prompt_end"]
         if sample.get("raised") is True:  # the forward raised (runs recorded since 2026-12-03)
@@ -396,7 +421,19 @@ def analyze_run_kv_log(run: Run) -> KvLogAnalysis:
         unfinished=status == "running",
         raised=raised,
         block_raised=status in ("exception", "interrupted"),
+        step_ends=step_ends,
     )
+
+
+def _merge_evicted(
+    evicted_by_step: dict[int, dict[int, dict[str, int]]], step: int, gap: dict[int, dict[str, int]]
+) -> None:
+    """Add the tokens a gap between two steps evicted (`gap`, emptied) to `step`'s."""
+    for layer, by_reason in gap.items():
+        into = evicted_by_step.setdefault(step, {}).setdefault(layer, {})
+        for reason, count in by_reason.items():
+            into[reason] = into.get(reason, 0) + count
+    gap.clear()
 
 
 def _total_by_reason(by_layer: dict[tuple[int, int], dict[str, int]]) -> dict[str, int]:

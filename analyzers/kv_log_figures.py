@@ -91,7 +91,9 @@ class KvLogAnalysis:
     per_layer: list[LayerFigures]
     evicted_by_reason: dict[str, int] = field(default_factory=dict)
     """Evicted tokens (all rows, all layers) by kind: window, press, crop (see EVICTION_REASONS)."""
-    # One point per event: (t_ns, live KV bytes); and per step: {layer: live bytes} at the step's end.
+    # One point per event: (t_ns, live KV bytes); and per step: {layer: live bytes} at the step's end. A
+    # step ends at its end sample (memory_samples.jsonl): the lines after it that carry its number (a crop or
+    # reorder between two generate() calls) came between two steps, and count in the next step's figures.
     series_t_ns: list[int] = field(default_factory=list)
     series_bytes: list[int] = field(default_factory=list)
     layer_series: dict[int, list[int]] = field(default_factory=dict)
@@ -101,7 +103,7 @@ class KvLogAnalysis:
     evictions: list[KvEvent] = field(default_factory=list)
     evicted_by_step: dict[int, dict[int, dict[str, int]]] = field(default_factory=dict)
     """Per step: {layer: {kind: evicted tokens, all rows}}, every kind (window, press, crop) and cache: the
-    per-layer figure of the report, step by step."""
+    per-layer figure of the report, step by step. What was evicted between two steps is the next one's."""
     storages: list[tuple[int, int, int, int, int, str, int]] = field(default_factory=list)
     """Every KV storage: (addr, bytes, first_t_ns, last_t_ns, layer, kv, cache); last_t_ns = free time or
     -1."""
