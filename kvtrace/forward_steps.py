@@ -130,7 +130,9 @@ class ForwardSteps(PlannedSteps):
             if cache is None:
                 pass  # dropped during its own forward: its storages' frees are found by the step's end
             elif deferred:
-                hf.step_end(cache, new_tokens, written=False, complete=not raised, fresh=empty)
+                # No update of the deferred cache reached the wrapper: they ran in a compiled graph
+                compiled = not raised and not hf.deferred_reached
+                hf.step_end(cache, new_tokens, written=compiled, complete=not raised, fresh=empty)
                 compared = cache
                 if (
                     not raised

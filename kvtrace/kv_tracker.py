@@ -92,6 +92,15 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+def _held(facts: tuple[Any, ...] | None, other: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    """A compiled graph's update facts whose released storage is to be watched (logged freed by the next
+    poll, after the step's other new storages) rather than logged freed with the update; unchanged where a
+    new storage of the layer sits at its address, which proves it was released before that one was made."""
+    if facts is None or not facts[11] or facts[1] == facts[8] or (other is not None and other[1] == facts[8]):
+        return facts
+    return (*facts[:11], False, facts[12])
+
+
 def _locked(method: Callable[Concatenate[KvTracker, _P], _R]) -> Callable[Concatenate[KvTracker, _P], _R]:
     """Run a method that numbers or appends lines under the tracker's lock (the writer thread drains)."""
 
@@ -211,7 +220,10 @@ class KvTracker:
         tokens per row; `evicted` of them left a window in this update (reason `window`). `both_first`: the
         update made both new tensors before releasing either old one (a sliding layer), so the frees of the
         old storages are logged after both new ones, not each after its own. `written`: the update ran in a
-        compiled graph, whose in-place writes may leave the version counters as they were.
+        compiled graph, whose in-place writes may leave the version counters as they were, and which made
+        every layer's new storages before releasing any old one (dynamo rebinds the layers' attributes after
+        the graph): a storage it replaced is watched, not logged freed with this update, and the caller polls
+        (`poll_frees`) after the step's last layer, so that all the step's frees follow all its new storages.
 
         A layer seen before, holding one K and one V tensor, is compared here and only captured: the slots
         are brought up to date and the facts each event needs go into a queue as tuples, with the time,
@@ -233,6 +245,8 @@ class KvTracker:
         v_facts = capture(fast[1], values, written)
         if k_facts is None and v_facts is None:
             return  # the very same tensors, not written since
+        if written:
+            k_facts, v_facts = _held(k_facts, v_facts), _held(v_facts, k_facts)
         reused = self._pending_addrs
         if reused and (
             (k_facts is not None and k_facts[1] in reused) or (v_facts is not None and v_facts[1] in reused)

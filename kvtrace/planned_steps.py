@@ -121,6 +121,7 @@ class PlannedSteps:
         if self._profiler_on and thread != self._thread:
             self._forwards_elsewhere += 1
         hf.deferred = cache
+        hf.deferred_reached = False
         self._step_cache = (plan.ref, appended, hf.updates_seen, True, False)
         self._planned = plan
         return True
@@ -140,12 +141,16 @@ class PlannedSteps:
         if hf.dropped:
             hf.forget_dead()  # as `step_end`: a cache dropped inside this forward is retired first
         layers = cache.layers
-        taken = log_planned(self.tracker, plan, layers, step_cache[1])
+        # No update reached the wrapper: they ran in a compiled graph, which made every layer's new K and V
+        # before any old one went, an order the plan's per-layer lines do not give: the general path's
+        compiled = not hf.deferred_reached
+        taken = 0 if compiled else log_planned(self.tracker, plan, layers, step_cache[1])
         if taken != len(layers):
             # A layer the plan does not fit (another class, a count its update does not give): it and those
             # after it are the general path's, and the plan is made again (or not) for the next step
-            hf.step_end(cache, step_cache[1], written=False, first_layer=taken)
-            self._last_plan = None
+            hf.step_end(cache, step_cache[1], written=compiled, first_layer=taken)
+            if not compiled:
+                self._last_plan = None
         self._step_cache = None
         self._prefill_left = 0
         modules = self._modules

@@ -175,6 +175,12 @@ _MISSING = object()  # an attribute a layer lacks (never identical to a tracked 
 # True while torch.compile traces: the graph then gets the cache's plain update, without kvtrace's
 # bookkeeping (which would break the graph and guard on every layer index); the step's end sees the result.
 compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+# True only while dynamo traces (torch.export's non-strict mode runs the Python eagerly): a plain function
+# returning False otherwise, a third of `compiling`'s cost, and folded to True in a trace, so a store behind
+# it is never replayed after a compiled graph (dynamo applies a traced attribute store after the graph)
+dynamo_compiling: Callable[[], bool] = getattr(
+    getattr(torch, "compiler", None), "is_dynamo_compiling", compiling
+)
 
 
 class HfCacheHooks:
@@ -219,6 +225,10 @@ class HfCacheHooks:
         # The cache whose layer updates the running forward leaves to `step_end` (see `defer`), and whether
         # deferring stopped for good (a forward changed a layer in a way its updates do not explain).
         self.deferred: Any = None
+        # An update of the deferred cache reached the wrapper since it was deferred: the forward's updates ran
+        # eagerly. Still False at its end: they ran in a compiled graph, whose updates never reach the wrapper
+        # at run time, and whose frees all follow its new storages (`step_end`'s `written`).
+        self.deferred_reached = False
         self.defer_off = False
         self.unexplained: str | None = None  # what made a deferred step turn deferring off, for the manifest
         self._deferrable: dict[tuple[int, int], bool] = {}  # (cache id, layer count) -> all layers plain
@@ -393,7 +403,11 @@ class HfCacheHooks:
 
         @functools.wraps(original_update)
         def update(cache: Any, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any):
-            if cache is hooks.deferred or compiling():  # taken at the step's end, or inside a compiled graph
+            if cache is hooks.deferred:  # taken at the step's end
+                if not hooks.deferred_reached and not dynamo_compiling():
+                    hooks.deferred_reached = True  # once per step: the step's updates run eagerly
+                return original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
+            if compiling():  # inside a compiled graph: the step's end sees the result
                 return original_update(cache, key_states, value_states, layer_idx, *args, **kwargs)
             last = hooks._last  # the cache of the previous update, almost always this one
             cid = last[1] if last is not None and last[0]() is cache else hooks.cache_id(cache)
@@ -613,6 +627,7 @@ class HfCacheHooks:
             plain = self._deferrable[key] = all(type(layer) in _deferrable_types() for layer in layers)
         if plain:
             self.deferred = cache
+            self.deferred_reached = False
         return plain
 
     def step_end(
@@ -627,7 +642,9 @@ class HfCacheHooks:
         """Log each layer of `cache` that changed in the forward just ended, as an update of `new_tokens`
         tokens per row: after a deferred forward (`defer`), or one whose updates ran inside a compiled graph
         (none reached the wrapper; `written`: its in-place writes may leave the version counters as they
-        were). New tensors (a dynamic cache) are compared as usual; a static layer, written in place,
+        were, and it made every layer's new K and V before any old one went: dynamo rebinds `layer.keys`
+        after the graph, so the old storages are logged freed after all the step's new ones, the peak the
+        allocator saw). New tensors (a dynamic cache) are compared as usual; a static layer, written in place,
         counts its tokens from the tracker's own (reading its count is a device sync), except after a
         forward that raised (not `complete`), where only the layers it reached were written. `fresh`: the
         cache was empty when the forward began (a prefill). `first_layer`: the layers before it are logged
@@ -703,6 +720,8 @@ class HfCacheHooks:
                 evicted = 0
             sliding = kind == _SLIDING
             tracker.update(slot, layer_idx, keys, values, tokens, evicted, "window", sliding, written, state)
+        if written and tracker._pending:
+            tracker.poll_frees()  # the storages `update` held back, freed after the step's last new one
 
     def _kind(self, layer_type: type) -> int:
         """How a layer class counts and replaces its tensors (`_layer_kind`), decided once per class."""

@@ -4,6 +4,7 @@ layers x 2 x KV heads x head_dim x tokens x rows x 4 bytes (fp32)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from pathlib import Path
@@ -199,3 +200,61 @@ def test_a_call_compiled_whole_breaks_only_at_kvtraces_forward(tmp_path: Path) -
     # AND every step is logged: the prompt's tokens, then one more per step
     events = [e for e in read_run(tmp_path / "run").kv_events if e.kv == "k" and e.layer == 0 and e.tokens]
     assert [e.tokens for e in events] == list(range(PROMPT, PROMPT + NEW))
+
+
+def _kv_peak_in_trace(run: Path) -> int:
+    """The peak of the KV storages' bytes as the profiler's allocator events show them, read with plain
+    `json`: the allocations at a KV storage's address and size (`[memory]` events, in time order), each
+    counted from its allocation to its free."""
+    storages = {(e.addr, e.storage_bytes) for e in read_run(run).kv_events if e.event != "freed" and e.addr}
+    (path,) = (run / "profiler").glob("*.pt.trace.json*")
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as fh:
+        events = [e for e in json.load(fh)["traceEvents"] if e.get("name") == "[memory]"]
+    held: dict[int, int] = {}
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e["ts"]):
+        addr, nbytes = event["args"]["Addr"], event["args"]["Bytes"]
+        if nbytes > 0 and (addr, nbytes) in storages:
+            held[addr] = nbytes
+            live += nbytes
+            peak = max(peak, live)
+        elif nbytes < 0 and addr in held:
+            live -= held.pop(addr)
+    return peak
+
+
+@pytest.mark.parametrize("profiler", [True, False], ids=["profiler", "light"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_the_kv_peak_is_the_allocators_order_of_a_steps_new_and_old_storages(
+    compiled: bool, profiler: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a model whose forward is compiled (and warmed up), or the same model eager, decoding 2 rows: a
+    # compiled graph makes every layer's new K and V before dynamo rebinds `layer.keys` after it, so all the
+    # old storages are held with all the new ones; eager, each old one goes as soon as its layer's update
+    # made its replacement. With the profiler on each update is logged as it happens (the graph's reach
+    # none: logged at the step's end); without it the steps are deferred (and planned) to their end.
+    torch._dynamo.reset()
+    rows = 2
+    model = _model("eager") if compiled else build_model(tiny_size(LAYERS, KV_HEADS), seed=0)
+    ids = torch.randint(3, 1000, (rows, PROMPT), generator=torch.Generator().manual_seed(1))
+    options: dict[str, Any] = dict(
+        attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+        pad_token_id=0,
+    )  # fmt: skip
+    with torch.no_grad():
+        model.generate(ids, **options)
+        # WHEN it generates inside the block
+        with kvtrace.record(tmp_path / "run", model=model, profiler=profiler):
+            model.generate(ids, **options)
+    assert main(["report", str(tmp_path / "run"), "--json", "--no-export", "-q"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    # THEN the peak is at the last step: what the cache holds then, and what that step replaced (every
+    # layer's K and V compiled, one tensor eager); one layer's K (or V) is KV_HEADS x HEAD_DIM x tokens x
+    # rows x 4 bytes
+    tensor_per_token = KV_HEADS * HEAD_DIM * rows * 4
+    final = LAYERS * 2 * tensor_per_token * (PROMPT + NEW - 1)
+    replaced = (LAYERS * 2 if compiled else 1) * tensor_per_token * (PROMPT + NEW - 2)
+    assert kv["final_bytes"] == final
+    assert kv["peak_bytes"] == final + replaced
+    if profiler:  # AND it is the peak of the allocator's own events for those storages, in the run's trace
+        assert _kv_peak_in_trace(tmp_path / "run") == final + replaced
