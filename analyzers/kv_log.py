@@ -49,8 +49,11 @@ def analyze_kv_log(
     samples may not say where: a last step whose layers show it cut is one too. `step_ends`: step -> its
     end sample's `t_ns` (memory_samples.jsonl): a line after it, though it carries that step's number (a
     crop or reorder between two generate() calls), came in the gap before the next step, so the step's end
-    figures (`step_live`, `step_tokens`, ...) are taken before it; its generated tokens still count it
-    (assisted decoding crops its rejected drafts there)."""
+    figures (`step_live`, `step_tokens`, ...) are taken before it. Its generated tokens count such a crop
+    only where it is a draft rejection (assisted decoding and prompt lookup crop the drafts their forward
+    verified there): the slot's first crop after that sample, taking back no more than the forward wrote
+    beyond its own token. Any other (a chat's "regenerate" cropping the answer between two calls) took
+    tokens the step had generated: they stay generated."""
     raised_steps = frozenset(raised)
     if unfinished:
         cut = cut_last_step(events)
@@ -108,6 +111,8 @@ def analyze_kv_log(
     written: set[tuple[int, int]] = set()  # (cache, layer) slots written in the open step
     step_evicted: dict[tuple[int, int], int] = defaultdict(int)  # per row, crops left out
     closed_tokens: dict[tuple[int, int], int] = {}  # a slot's tokens at the end of the last step writing it
+    draft_room: dict[tuple[int, int], int] = {}  # per row, drafts its forward wrote
+    gap_cropped: dict[tuple[int, int], int] = defaultdict(int)  # per row, cropped past its end, not drafts
     generated: dict[int, int] = defaultdict(int)
     generated_rows: dict[int, int] = defaultdict(int)
     call_step: dict[int, int] = {}  # cache -> its last prefill's step
@@ -143,6 +148,13 @@ def analyze_kv_log(
             tokens[slot[0]] = max(tokens.get(slot[0], 0), tokens_by_layer.get(slot, 0))
         step_tokens[step] = tokens
         step_rows[step] = {cache: rows for cache, rows in rows_by_cache.items() if cache in tokens}
+        prefill = step_phase.get(step) == "prefill"
+        prompt_end = prompt_ends.get(step) if prompt_ends and prefill else None
+        for slot in written:  # the most a draft rejection may crop: what the forward wrote beyond its token
+            before = closed_tokens.get(slot)
+            drafts_from = prompt_end if prefill else before + 1 if before is not None else None
+            held = tokens_by_layer.get(slot, 0)
+            draft_room[slot] = max(held - drafts_from, 0) if drafts_from is not None else 0
 
     def _close_step(step: int) -> None:
         if ended != step:
@@ -152,7 +164,7 @@ def analyze_kv_log(
             yields: dict[int, int] = {}
             for slot in written:
                 before = closed_tokens.get(slot)
-                held = tokens_by_layer.get(slot, 0)
+                held = tokens_by_layer.get(slot, 0) + gap_cropped.get(slot, 0)
                 if not held:  # none held, or unknown (a module cache whose forward does not say where)
                     appended = 0
                 elif phase == "prefill" or before is None:
@@ -171,6 +183,8 @@ def analyze_kv_log(
             closed_tokens[slot] = tokens_by_layer.get(slot, 0)
         written.clear()
         step_evicted.clear()
+        draft_room.clear()
+        gap_cropped.clear()
 
     for index, ev in enumerate(events):
         if ev.step != step_after[0]:
@@ -275,6 +289,8 @@ def analyze_kv_log(
             in_step[reason] = in_step.get(reason, 0) + ev.evicted_tokens * rows
             if reason != "crop":
                 step_evicted[slot] += ev.evicted_tokens
+            elif ended is not None and ev.evicted_tokens > draft_room.pop(slot, 0):  # drafts are cropped once
+                gap_cropped[slot] += ev.evicted_tokens
         if ev.event in ("evicted", "cropped") and ev.kv == "k":
             evictions.append(ev)
         if live_total > peak:

@@ -38,8 +38,9 @@ class CacheFigures:
     last_seq: int  # `seq` of its last KV data event: the cache written last has the highest
     generated_tokens: int = 0
     """Tokens its forwards yielded per row: 1 per prefill, then per decode step the tokens appended per row
-    (net of crops; a window's or a press's evictions added back, as those tokens were generated). The last
-    token a run yields is never written back: the prefill's 1 stands for it."""
+    (net of crops of rejected drafts; a window's or a press's evictions, and a caller's crop between two
+    generate() calls, added back, as those tokens were generated). The last token a run yields is never
+    written back: the prefill's 1 stands for it."""
     generated_row_tokens: int = 0  # the same over every batch row: each step's yield x its rows
     call_step: int = 0
     """The step of its last prefill: where the generate() call that wrote it last began (a cache passed

@@ -1,7 +1,8 @@
 """A cache cropped or reordered between two generate() calls (a chat's "regenerate"). The recorder logs those
 lines with the number of the last forward, after that forward's end sample: they belong to the gap before
 the next step, so each step's KV figures (the exported counters and scalars, `compare`'s `kv_by_step`) are
-the cache as its forward ended, and a diagnosis of a moment in a step prices what was held then."""
+the cache as its forward ended, and a diagnosis of a moment in a step prices what was held then. A crop
+there takes back tokens the calls had generated: `compare` still counts every token each call returned."""
 
 from __future__ import annotations
 
@@ -84,11 +85,13 @@ def test_a_crop_between_calls_leaves_the_peaks_step_holding_what_its_forward_end
     try:
         with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
             seq = _generate(model, ids, cache, first)
+            returned = seq.shape[1] - ids.shape[1]
             cache.crop(-dropped)
             seq = seq[:, : prompt + first - dropped + 1]  # the kept tokens and the next one fed again
-            _generate(model, seq, cache, second)
+            returned += _generate(model, seq, cache, second).shape[1] - seq.shape[1]
     finally:
         hook.remove()
+    assert returned == first + second == 10
     peak_step = first
     tokens = [prompt + step for step in range(first)]  # 9 .. 16
     kept = prompt + first - 1 - dropped
@@ -98,8 +101,13 @@ def test_a_crop_between_calls_leaves_the_peaks_step_holding_what_its_forward_end
     # WHEN the per-step figures are exported and the peak diagnosed
     scalars, counters = _per_step_exports(run, capsys)
     diagnosis = cli_json(["diagnose", str(run), "--json"], capsys)
+    row = cli_json(["compare", str(run), str(run), "--json"], capsys)["runs"][0]
 
-    # THEN every step is the cache its forward ended with, and the peak's step held 16 tokens (not the 8
+    # THEN the run generated what the two calls returned per row, in each of its rows: the crop took back
+    # 8 tokens, 1 of them the first call's last step's, which still generated it
+    assert row["generated_tokens_per_row"] == returned
+    assert row["tokens_per_second"] == pytest.approx(row["tokens_per_second_per_row"] * BATCH)
+    # AND every step is the cache its forward ended with, and the peak's step held 16 tokens (not the 8
     # the crop left after it), with the 16-token cache and the 15-token tensor its last growth copied live
     expected = [_kv_bytes(count) for count in tokens]
     assert scalars == list(enumerate(expected, start=1))
@@ -132,13 +140,17 @@ def test_a_crop_and_reorder_between_calls_count_in_the_next_step(
     try:
         with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
             seq = _generate(model, ids, cache, new)
+            returned = seq.shape[1] - ids.shape[1]
             turn = torch.cat([seq, torch.randint(3, 1000, (BATCH, follow_up), generator=generator)], 1)
             seq = _generate(model, turn, cache, new)
+            returned += seq.shape[1] - turn.shape[1]
             cache.crop(-dropped)
             cache.reorder_cache(torch.tensor([1, 0]))
-            _generate(model, seq[[1, 0], :-dropped], cache, last)
+            kept = seq[[1, 0], :-dropped]
+            returned += _generate(model, kept, cache, last).shape[1] - kept.shape[1]
     finally:
         hook.remove()
+    assert returned == new + new + last == 11
     tokens = [prompt + step for step in range(new)]  # 6 .. 9
     # the second call's prefill writes the last token the first returned and the follow-up
     tokens += [prompt + new + follow_up + step for step in range(new)]  # 13 .. 16
@@ -159,3 +171,8 @@ def test_a_crop_and_reorder_between_calls_count_in_the_next_step(
     assert [by_step[str(step)] for step in range(1, len(tokens) + 1)] == expected
     peak_step = 2 * new  # the growth to 16 tokens
     assert (diagnosis["step"], diagnosis["tokens_held"]) == (peak_step, tokens[peak_step - 1])
+    # AND the run generated what the three calls returned per row, in each row: the crop took back the
+    # second call's last token with 4 it held before, yet that call's last step still generated it
+    row = report["runs"][0]
+    assert row["generated_tokens_per_row"] == returned
+    assert row["tokens_per_second"] == pytest.approx(row["tokens_per_second_per_row"] * BATCH)

@@ -64,3 +64,28 @@ def test_a_beam_search_reorder_says_its_beams() -> None:
     # THEN the first has 3 beams per prompt; the other's rows are beams, how many the log does not say
     assert (caches[1].reordered, caches[1].beams) == (True, 3)
     assert (caches[2].reordered, caches[2].beams) == (True, 0)
+
+
+def test_a_crop_after_a_steps_end_takes_back_only_its_rejected_drafts() -> None:
+    # GIVEN a prefill of a 10-token prompt, a decode step verifying 3 drafts (it writes its token and them:
+    # 14 held), the rejection of 2 after its end sample (12), the caller's crop(-5) before the next call (7),
+    # and that call's prefill writing 2 positions
+    prompt, drafts, rejected, cut, fed = 10, 3, 2, 5, 2
+    verified = prompt + 1 + drafts
+    kept = verified - rejected
+    events = [
+        ev(1, "created", 0, "k", 0xA, 64, tokens=prompt),
+        ev(2, "grown", 0, "k", 0xB, 64, step=2, phase="decode", tokens=verified),
+        ev(3, "freed", 0, "k", 0xA, 64, step=2, phase="decode"),
+        ev(5, "cropped", 0, "k", 0xB, 64, step=2, phase="decode", tokens=kept, evicted_tokens=rejected),
+        ev(6, "cropped", 0, "k", 0xB, 64, step=2, phase="decode", tokens=kept - cut, evicted_tokens=cut),
+        ev(7, "grown", 0, "k", 0xC, 64, step=3, phase="prefill", tokens=kept - cut + fed),
+        ev(8, "freed", 0, "k", 0xB, 64, step=3, phase="prefill"),
+    ]
+    # WHEN replayed with each step's end sample (t_ns = seq x 1000) and each call's prompt end
+    step_ends = {1: 1500, 2: 4000, 3: 8500}
+    kv = analyze_kv_log(events, prompt_ends={1: prompt, 3: kept - cut + fed}, step_ends=step_ends)
+    # THEN the verifying step generated its token and the 1 draft kept (the rejection counts against it, the
+    # caller's crop not), and each prefill 1
+    accepted = drafts - rejected
+    assert kv.caches[0].generated_tokens == 1 + (1 + accepted) + 1 == 4
