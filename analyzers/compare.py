@@ -185,8 +185,7 @@ def tokens_per_second(source: MemorySource, report: Report) -> float | None:
 def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
     main = report.main_device
     kv_log = source.meta.get("kv")
-    steps = tuple(sorted(kv_log.step_live)) if kv_log is not None else ()
-    kv_by_step = tuple(sum(kv_log.step_live[s].values()) for s in steps) if kv_log is not None else ()
+    steps, kv_by_step = _kv_by_step(source)
     kv = report.kv
     # A bare trace or snapshot with nothing marking KV allocations shows "-", not 0 B: unknown, not empty.
     # Nor are the figures of a refused vLLM start, which made no pool (Report.kv_measured, device_measured)
@@ -232,6 +231,23 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
         partial=partial,
         peak_counts=_peak_counts(main) if partial else None,
     )
+
+
+def _kv_by_step(source: MemorySource) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The steps of the chart's axis and the KV bytes held at the end of each. A serving engine (vLLM,
+    transformers' continuous batching) allocates its pool once, before its first step, and holds it whole
+    through every step, whatever its requests use: its engine steps (engine_steps.jsonl), each at the pool's
+    bytes (engine.json). Its KV log has the pool at step 0 only, which would draw one dot before any step.
+    Otherwise the KV log's steps (1 = prefill); none without either."""
+    run = source.meta.get("engine")
+    if run is not None and run.info.status == "ok" and run.info.kv_cache_bytes and len(run.steps):
+        steps = tuple(sorted({int(step) for step in run.steps["step"].tolist()}))
+        return steps, (int(run.info.kv_cache_bytes),) * len(steps)
+    kv_log = source.meta.get("kv")
+    if kv_log is None:
+        return (), ()
+    steps = tuple(sorted(kv_log.step_live))
+    return steps, tuple(sum(kv_log.step_live[s].values()) for s in steps)
 
 
 def _peak_counts(main: Any) -> str:
@@ -395,12 +411,14 @@ def comparison_to_html(comparison: Comparison) -> str:
                 y=[b / factor for b in run.kv_by_step],
                 mode="lines+markers",
                 name=run.label,
-                hovertemplate="step %{x}: " + hover_bytes(unit),
+                hovertemplate=("engine step" if _on_engine_steps(run) else "step")
+                + " %{x}: "
+                + hover_bytes(unit),
             )
         )
     fig.update_layout(
         title="KV bytes held at the end of each step",
-        xaxis_title="step (1 = prefill)",
+        xaxis_title=_step_axis_title(comparison),
         yaxis_title=unit,
         template="plotly_white",
         height=520,
@@ -409,6 +427,23 @@ def comparison_to_html(comparison: Comparison) -> str:
     table = f"<table><tr><th></th>{head}</tr>{body}</table>"
     notes = "".join(f"<p>note: {esc(r.label)}: {esc(note)}</p>" for r in comparison.runs for note in r.notes)
     return _page("kvtrace compare", table + notes + plot)
+
+
+def _on_engine_steps(run: RunFigures) -> bool:
+    """A serving engine's run, drawn on its engine steps (see `_kv_by_step`)."""
+    return run.engine is not None and run.engine["status"] == "ok" and bool(run.step_axis)
+
+
+def _step_axis_title(comparison: Comparison) -> str:
+    """The shared x axis: generate()'s steps (1 = its prefill), an engine's steps (a step schedules prefills
+    and decodes of many requests at once: none is "the" prefill), or both, each said."""
+    drawn = [run for run in comparison.runs if run.step_axis]
+    engines = sum(_on_engine_steps(run) for run in drawn)
+    if not engines:
+        return "step (1 = prefill)"
+    if engines == len(drawn):
+        return "engine step"
+    return "step (1 = prefill; a serving engine's run: its engine step)"
 
 
 # The sweep table's columns: (JSON key, heading people read, cell formatter).

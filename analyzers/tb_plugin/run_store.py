@@ -359,12 +359,17 @@ class RunStore:
         }
 
     def diagnosis(self, name: str) -> dict[str, Any]:
-        """`kvtrace diagnose RUN --json` (and its HTML section) when the run ended in an OOM or crossed
-        the memory budget it was recorded with;
-        `diagnosis: null` otherwise (a peak diagnosis without a budget prices nothing to headline)."""
+        """`kvtrace diagnose RUN --json` and the HTML sections `kvtrace report -o` adds, when the page adds
+        any: for an engine run (vLLM), its engine diagnosis (its budget, crossed or not; its refusal or
+        preemptions), chosen as the page chooses it; for another run, when it ended in an OOM or crossed
+        the memory budget it was recorded with. `diagnosis: null` otherwise (a peak diagnosis without a
+        budget prices nothing to headline)."""
         loaded = self.load(name)
         if loaded.error is not None:
             return {"error": loaded.error}
+        engine = self._engine_diagnosis(name, loaded)
+        if engine is not None:
+            return engine
         budget = loaded.report.budget
         if loaded.report.oom is None and not (budget is not None and budget["crossed"]):
             return {"run": name, "oom": None, "diagnosis": None}
@@ -382,6 +387,31 @@ class RunStore:
             "diagnosis": diagnosis_to_json(result),
             "html": diagnosis_to_html(result),
         }
+
+    @staticmethod
+    def _engine_diagnosis(name: str, loaded: _Loaded) -> dict[str, Any] | None:
+        """An engine run's payload, the report page's sections (analyzers.planning.engine_run_diagnosis
+        chooses them for both); None for a run the page explains as the Hugging Face diagnosis does."""
+        from analyzers.planning.engine_run_diagnosis import engine_run_diagnosis
+        from analyzers.render.engine_run_diagnosis import (
+            engine_run_diagnosis_to_html,
+            engine_run_diagnosis_to_json,
+        )
+
+        try:
+            explained = engine_run_diagnosis(loaded.source, loaded.report)
+            if explained is None:
+                return None
+            sections = engine_run_diagnosis_to_html(explained)
+            result = engine_run_diagnosis_to_json(explained)
+        except Exception as exc:  # the summary still stands without the diagnosis
+            return {"run": name, "oom": None, "error": _error_text(exc)}
+        if not sections:  # nothing to explain: no budget, the pool held every request
+            return {"run": name, "oom": None, "diagnosis": None}
+        payload = {"run": name, "oom": None, "diagnosis": result, "html": "".join(sections)}
+        if explained.unpriced is not None:  # the budget's section, and why the refusal is not priced
+            payload["error"] = explained.unpriced
+        return payload
 
 
 def _budget_marker(budget: dict[str, Any] | None, t0: float) -> dict[str, Any] | None:

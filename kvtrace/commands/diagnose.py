@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
 from kvtrace.run_layout import is_run_group
+
+if TYPE_CHECKING:
+    from analyzers.planning.engine_run_diagnosis import EngineRunDiagnosis
 
 
 class DiagnoseCommand(Command):
@@ -78,35 +81,33 @@ def _diagnose_engine_run(path: Path, as_json: bool, budget: int | None = None) -
     """An engine run (vLLM, transformers' continuous batching): its engine diagnosis, priced in its own knobs
     (analyzers.planning.vllm_diagnose), after the memory budget (`budget`, else the recorded one) when there
     is one (analyzers.planning.engine_budget). False when the run has no engine."""
-    from analyzers.planning.vllm_diagnose import diagnose_engine
+    from analyzers.planning.engine_run_diagnosis import explain_engine_run, raised_notes
     from analyzers.readers.engine_files import read_engine
-    from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_json, vllm_diagnosis_to_text
+    from analyzers.render.engine_run_diagnosis import engine_run_diagnosis_to_json
+    from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_text
 
     run = read_engine(path)
     if run is None:
         return False
     manifest = _manifest(path)
-    ended = manifest.get("ended") or {}
-    raised = []
-    if ended.get("status") == "exception":
-        from analyzers.summary import raised_note
-
-        raised = [raised_note(ended)]
+    raised = list(raised_notes(manifest))
     checked = _budget_of_engine(path, run, manifest, budget)
     if run.info.name != "vllm" and run.info.status == "ok":
         _other_engine(run, as_json, checked, raised)  # vLLM's remedies are priced in vLLM's knobs
         return True
-    diagnosis = diagnose_engine(run, checked)  # its remedies must fit the budget too
+    # The report page and the TensorBoard tab explain the run by the same choice and JSON
+    explained = explain_engine_run(run, checked, tuple(raised))  # its remedies must fit the budget too
+    diagnosis = explained.diagnosis
     if diagnosis is None:  # the pool held every request: transformers' remedies (context, batch) do not apply
-        _engine_ran_fine(run, as_json, checked, raised)
+        _engine_ran_fine(explained, as_json)
         return True
-    budget_lines = _budget_text(run.path, checked, f"vLLM {run.info.version}".strip())
+    budget_lines = _budget_text(run.path, checked, explained.name)
     text = vllm_diagnosis_to_text(diagnosis)
     if budget_lines:  # the budget heads the diagnosis; the engine's own follows
         text = "  " + text.removeprefix(f"kvtrace diagnose: {run.path}: ")
     print_result(
         as_json,
-        lambda: _with_budget(vllm_diagnosis_to_json(diagnosis), checked, raised),
+        lambda: engine_run_diagnosis_to_json(explained),
         lambda: "\n".join([*budget_lines, text, *_notes_text(raised)]),
     )
     return True
@@ -149,14 +150,6 @@ def _budget_of_engine(path: Path, run: Any, manifest: dict[str, Any], budget: in
     return run_engine_budget(run, crossing, manifest)
 
 
-def _with_budget(result: dict[str, Any], checked: Any, raised: list[str]) -> dict[str, Any]:
-    if checked is not None:
-        result["budget"] = checked.to_json()
-    if raised:
-        result["notes"] = [*result.get("notes", ()), *raised]
-    return result
-
-
 def _budget_text(path: str, checked: Any, name: str) -> list[str]:
     """The budget's lines, first line headed as the diagnosis is ([] without a budget)."""
     if checked is None:
@@ -178,6 +171,7 @@ def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str
     from analyzers.engine import engine_figures
     from analyzers.planning.vllm_diagnose import diagnose_preemptions
     from analyzers.render.engine import peak_when
+    from analyzers.render.engine_run_diagnosis import with_budget
 
     raised = raised or []
     figures = engine_figures(run)
@@ -211,21 +205,21 @@ def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str
             sentence += f" (ContinuousBatchingConfig(num_blocks={demand}) counts usable blocks alike)"
         sentence += "."
     result["sentence"] = sentence
-    _with_budget(result, checked, raised)
+    with_budget(result, checked, tuple(raised))
     budget_lines = _budget_text(run.path, checked, name)
     text = [*budget_lines, f"  {sentence}"] if budget_lines else [f"kvtrace diagnose: {run.path}: {sentence}"]
     print_result(as_json, lambda: result, lambda: "\n".join(text + _notes_text(raised)))
 
 
-def _engine_ran_fine(run: Any, as_json: bool, checked: Any = None, raised: list[str] | None = None) -> None:
+def _engine_ran_fine(explained: EngineRunDiagnosis, as_json: bool) -> None:
     """A vLLM run that neither preempted nor was refused (analyzers.render.vllm_diagnosis.ran_fine_to_json),
     after the budget's lines when there is one."""
-    from analyzers.render.vllm_diagnosis import ran_fine_to_json
+    from analyzers.render.engine_run_diagnosis import engine_run_diagnosis_to_json
 
-    raised = raised or []
-    result = ran_fine_to_json(run, over_budget=checked is not None and checked.crossed)
-    _with_budget(result, checked, raised)
-    budget_lines = _budget_text(run.path, checked, f"vLLM {run.info.version}".strip())
+    result = engine_run_diagnosis_to_json(explained)
+    assert result is not None  # priced: explain_engine_run raises where it cannot be
+    run, checked = explained.run, explained.budget
+    budget_lines = _budget_text(run.path, checked, explained.name)
     sentence = result["sentence"]
     text = [*budget_lines, f"  {sentence}"] if budget_lines else [f"kvtrace diagnose: {run.path}: {sentence}"]
-    print_result(as_json, lambda: result, lambda: "\n".join(text + _notes_text(raised)))
+    print_result(as_json, lambda: result, lambda: "\n".join(text + _notes_text(list(explained.notes))))

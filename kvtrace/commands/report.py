@@ -100,8 +100,7 @@ class ReportCommand(Command):
 
             out = Path(args.output)
             # A vLLM run's page says what `kvtrace diagnose` says of it, a budget it crossed included
-            engine = source.meta.get("engine") if report.oom is None else None
-            sections = _engine_section(source, report) if engine is not None else None
+            sections = _engine_section(source, report)
             crossed = report.budget is not None and report.budget["crossed"]
             if sections is None:
                 sections = []
@@ -187,36 +186,12 @@ def _not_exported(problem: KvtraceError) -> None:
 
 
 def _engine_section(source: Any, report: Report) -> list[str] | None:
-    """The page's diagnosis of a vLLM run, what `kvtrace diagnose` says of it: the recorded budget first where
-    there is one (crossed or not), priced in vLLM's knobs; then the refusal, the preemptions, or (beside a
-    budget) that the pool served every request. None for another engine's run that was not refused (its
-    budget crossing is explained as an OOM would be); [] where there is nothing to explain (no budget, the
-    pool held every request) or a refusal that cannot be priced (`kvtrace diagnose` says why)."""
-    from analyzers.planning.engine_budget import run_engine_budget
-    from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, diagnose_engine
-    from analyzers.planning.vllm_refused import refused_start
-    from analyzers.render.engine_budget import engine_budget_to_html
-    from analyzers.render.vllm_diagnosis import (
-        preemption_to_html,
-        ran_fine_to_html,
-        ran_fine_to_json,
-        refused_to_html,
-    )
+    """The page's diagnosis of an engine run, what `kvtrace diagnose` says of it and what the TensorBoard tab
+    shows (analyzers.planning.engine_run_diagnosis chooses it for all three). None where the run is not
+    explained as an engine's (its budget crossing, or OOM, is explained as the Hugging Face diagnosis does);
+    [] where there is nothing to explain."""
+    from analyzers.planning.engine_run_diagnosis import engine_run_diagnosis
+    from analyzers.render.engine_run_diagnosis import engine_run_diagnosis_to_html
 
-    engine = source.meta["engine"]
-    if engine.info.name != "vllm" and not refused_start(engine):  # priced in vLLM's knobs only
-        return None
-    budget = run_engine_budget(engine, report.budget, source.meta.get("manifest") or {})
-    name = f"vLLM {engine.info.version}".strip()  # as `kvtrace diagnose` names it
-    sections = [] if budget is None else [engine_budget_to_html(budget, name)]
-    try:
-        diagnosis = diagnose_engine(engine, budget)
-    except KvtraceError:
-        return sections
-    if diagnosis is None:
-        if budget is None:
-            return []
-        return [*sections, ran_fine_to_html(ran_fine_to_json(engine, over_budget=budget.crossed))]
-    if isinstance(diagnosis, PreemptionDiagnosis):
-        return [*sections, preemption_to_html(diagnosis)]
-    return [*sections, refused_to_html(diagnosis)]
+    diagnosis = engine_run_diagnosis(source, report)
+    return None if diagnosis is None else engine_run_diagnosis_to_html(diagnosis)

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import redirect_stdout
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -399,6 +400,77 @@ def test_an_engine_run_shows_its_pool_and_says_why_it_has_no_memory_chart(tmp_pa
     assert ("<p class='note'>" + timeline["no_chart"].replace("'", "&#x27;")) in html
 
 
+def _page_sections(run: Path, tmp_path: Path) -> str:
+    """The HTML `kvtrace report -o` writes for the run."""
+    page = tmp_path / f"{run.name}.html"
+    assert kvtrace_main(["report", str(run), "--no-export", "-q", "-o", str(page)]) == 0
+    return page.read_text()
+
+
+def test_a_vllm_run_over_its_budget_gets_the_engine_diagnosis_in_the_tab(tmp_path: Path) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+
+    # GIVEN the vLLM run as record(gpu_memory="22.5MiB") would have written it: what vLLM held before the
+    # trace (weights and its buffers, engine.json) fits that budget; with the pool allocated at its start,
+    # it does not
+    mib = 1 << 20
+    budget = int(22.5 * mib)
+    run = shutil.copytree(SAMPLES / "vllm_preempt", tmp_path / "logs" / "vllm_budget")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["options"]["gpu_memory"] = budget
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    engine = json.loads((run / "engine.json").read_text())
+    held = engine["memory_profile"]["weights_bytes"] + engine["memory_profile"]["buffers_bytes"]
+    pool, per_block = engine["num_blocks"] * engine["bytes_per_block"], engine["bytes_per_block"]
+    assert held < budget < held + pool
+
+    # WHEN the tab asks for its diagnosis
+    payload = RunStore(tmp_path / "logs").diagnosis("vllm_budget")
+
+    # THEN it is `kvtrace diagnose --json`'s: the pool took the peak over the budget, priced in vLLM's knob
+    said = json.loads(json.dumps(payload["diagnosis"]))
+    assert said == _cli_json("diagnose", str(run.resolve()), "--json")
+    over = said["budget"]
+    assert over["crossed"] and over["crossed_by"] == "pool"
+    assert (over["pool_bytes"], over["peak_bytes"]) == (pool, held + pool)
+    assert over["over_bytes"] == held + pool - budget
+    fitting = (budget - held) // per_block * per_block
+    assert {r["knob"]: r["setting"] for r in over["remedies"]}["kv_cache_memory_bytes"] == fitting
+    # AND its HTML is the report page's budget and preemption sections, not the Hugging Face diagnosis
+    text = unescape(payload["html"])
+    assert f"kv_cache_memory_bytes={fitting}" in text and "vLLM preempted 2 time(s)" in text
+    assert "batch x tokens held" not in text and "sliding window" not in text
+    assert payload["html"] in _page_sections(run, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["vllm_preempt", "vllm_refused"])
+def test_a_preempted_or_refused_vllm_run_gets_its_diagnosis_in_the_tab(tmp_path: Path, name: str) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+
+    # GIVEN a vLLM run recorded without a budget, that preempted or whose start vLLM refused
+    run = shutil.copytree(SAMPLES / name, tmp_path / "logs" / name)
+    engine = json.loads((run / "engine.json").read_text())
+
+    # WHEN the tab asks for its diagnosis
+    payload = RunStore(tmp_path / "logs").diagnosis(name)
+
+    # THEN it is `kvtrace diagnose --json`'s, and its HTML the report page's section
+    said = json.loads(json.dumps(payload["diagnosis"]))
+    assert said == _cli_json("diagnose", str(run.resolve()), "--json")
+    assert payload["html"] in _page_sections(run, tmp_path)
+    if engine["status"] == "refused_start":
+        assert said["kind"] == "refused_start"
+        assert (said["needed_bytes"], said["available_bytes"]) == (
+            engine["refused"]["needed_bytes"],
+            engine["refused"]["available_bytes"],
+        )
+    else:
+        steps = [json.loads(line) for line in (run / "engine_steps.jsonl").read_text().splitlines() if line]
+        assert said["kind"] == "preemption"
+        assert said["preemptions"] == sum(len(step["preempted"]) for step in steps) > 0
+        assert said["first_preemption_step"] == min(step["step"] for step in steps if step["preempted"])
+
+
 def test_a_run_without_an_engine_has_a_memory_chart_and_no_pool(tmp_path: Path) -> None:
     from analyzers.tb_plugin.run_store import RunStore
 
@@ -598,7 +670,11 @@ def test_chromium_shows_an_engine_pool_and_a_short_runs_steps_as_the_cli_does(
     # THEN the vLLM run's tokens are its pool's capacity, as `kvtrace report` says, with no batch
     vllm = _panel(dom, "vllm_preempt")
     assert 'data-state="ok"' in vllm
-    assert f"<th>KV pool capacity</th><td>{capacity} tokens</td>" in vllm and "null" not in vllm
+    # (its diagnosis, first, names vLLM's null block: the rest has no JavaScript null)
+    diagnosis = re.search(r'<div class="diagnosis">.*?</section></div>', vllm, flags=re.S)
+    assert diagnosis is not None and "vLLM preempted 2 time(s)" in diagnosis.group(0)
+    summary = vllm.replace(diagnosis.group(0), "")
+    assert f"<th>KV pool capacity</th><td>{capacity} tokens</td>" in summary and "null" not in summary
     assert f"the pool's capacity of {capacity} tokens" in _cli_text(logdir / "vllm_preempt")
     # AND it has no per-step heatmap (as in the HTML report): one column at step 0 of a 96-step run
     assert "heatmap-plot" not in vllm

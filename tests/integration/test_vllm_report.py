@@ -375,6 +375,38 @@ def test_compare_shows_the_vllm_pool_beside_other_runs(capsys: pytest.CaptureFix
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_compare_draws_a_vllm_pool_held_at_every_engine_step(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from tests.plotly_figures import page_figure
+
+    # GIVEN two vLLM runs, each pool (engine.json's blocks x bytes a block) allocated before the engine's
+    # first step and held through its last (engine_steps.jsonl), beside a generate() run
+    runs = [PREEMPT, SAMPLES / "vllm_override"]
+    pools, steps = [], []
+    for run in runs:
+        engine = json.loads((run / "engine.json").read_text())
+        pools.append(engine["num_blocks"] * engine["bytes_per_block"])
+        steps.append([step["step"] for step in _lines(run / "engine_steps.jsonl")])
+    assert [len(s) for s in steps] == [96, 8] and pools == [1 << 20, 640 << 10]
+    # WHEN compared THEN the KV held at the end of each step is the whole pool at every engine step
+    compared = _json_of(["compare", *map(str, runs), str(SAMPLES / "dynamic_b2"), "--json"], capsys)["runs"]
+    for row, pool, numbers in zip(compared, pools, steps, strict=False):
+        assert row["kv_by_step"] == {str(step): pool for step in numbers}
+    # AND the chart draws each over its engine steps, on an axis that says which steps are whose
+    page = tmp_path / "compare.html"
+    assert main(["compare", *map(str, runs), str(SAMPLES / "dynamic_b2"), "-o", str(page)]) == 0
+    traces, layout = page_figure(page.read_text(), "kvtrace-compare")
+    for trace, pool, numbers in zip(traces, pools, steps, strict=False):
+        assert trace["x"] == numbers and trace["y"] == [pool / (1 << 20)] * len(numbers)
+        assert trace["hovertemplate"].startswith("engine step %{x}")
+    assert traces[2]["hovertemplate"].startswith("step %{x}")  # generate()'s steps
+    assert layout["xaxis"]["title"]["text"] == "step (1 = prefill; a serving engine's run: its engine step)"
+    assert main(["compare", *map(str, runs), "-o", str(page)]) == 0
+    assert page_figure(page.read_text(), "kvtrace-compare")[1]["xaxis"]["title"]["text"] == "engine step"
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
 def test_compare_gives_a_vllm_runs_throughput_over_its_requests(capsys: pytest.CaptureFixture[str]) -> None:
     from tests.vllm.workload import NEW_TOKENS, REQUESTS
 
