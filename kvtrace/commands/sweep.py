@@ -6,6 +6,7 @@ import argparse
 import gc
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from kvtrace.commands.output import check_regular_target, page_bytes, print_afte
 from kvtrace.errors import KvtraceError, MissingPart, cannot_write, unnamed_path
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# How a sweep names its points' run folders under OUT/runs/ (`b{batch}_c{context}_{cache}`)
+_POINT_RUN = re.compile(r"b\d+_c\d+_[a-z0-9_]+")
 
 
 class _AsTyped(argparse.Action):
@@ -107,14 +110,37 @@ def _forget_generate_state(model: Any) -> None:
 
 def _point_runs(out: Path) -> list[Path]:
     """The point runs a sweep before this one left in OUT/runs/, finished or cut short: replaced whole by
-    --overwrite, so that no export or query of OUT mixes them with this sweep's points."""
+    --overwrite, so that no export or query of OUT mixes them with this sweep's points. Only folders named
+    as a sweep names its points and, where the old sweep.json can be read, listed in it: a run of another
+    name there is the user's, and a symbolic link's run lies elsewhere; both are kept."""
     from kvtrace.run_layout import is_run_dir
 
     try:
         children = sorted((out / "runs").iterdir())
     except OSError:  # none yet
         return []
-    return [child for child in children if child.is_dir() and is_run_dir(child)]
+    listed = _listed_points(out / "sweep.json")
+    return [
+        child
+        for child in children
+        if _POINT_RUN.fullmatch(child.name)
+        and (listed is None or child.name in listed)
+        and not child.is_symlink()
+        and child.is_dir()
+        and is_run_dir(child)
+    ]
+
+
+def _listed_points(table: Path) -> set[str] | None:
+    """The run folders a sweep.json lists; None where there is none, or it cannot be read."""
+    try:
+        rows = json.loads(table.read_text(encoding="utf-8")).get("rows")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(rows, list):
+        return None
+    runs = [row.get("run") for row in rows if isinstance(row, dict)]
+    return {Path(run).name for run in runs if isinstance(run, str)}
 
 
 def _refuse_a_run_as_out(given: str) -> None:

@@ -151,6 +151,38 @@ def test_sweep_overwrite_replaces_the_old_points_and_a_cut_sweep_is_refused(
     assert [p.name for p in (out / "runs").iterdir()] == ["b1_c8_dynamic"]
 
 
+def test_sweep_overwrite_keeps_the_users_runs_and_never_follows_a_link(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a 1-point sweep in OUT, beside which the user keeps runs of their own in OUT/runs/: a run copied
+    # in, one that a `kvtrace demo` would name, and a symbolic link to a run kept outside OUT
+    out, precious = tmp_path / "sweep", tmp_path / "precious"
+    argv = ["sweep", "--size", "tiny", "--context", "8", "--cache", "dynamic", "--new-tokens", "2", "-q"]
+    assert main([*argv, "--batch", "1", "--out", str(out)]) == 0
+    point = out / "runs" / "b1_c8_dynamic"
+    shutil.copytree(point, precious / "baseline")
+    shutil.copytree(point, out / "runs" / "mine")
+    shutil.copytree(point, out / "runs" / "demo-dynamic")
+    (out / "runs" / "baseline").symlink_to(precious / "baseline", target_is_directory=True)
+    kept = {p: p.read_bytes() for p in [*precious.rglob("*"), *(out / "runs").rglob("*")] if p.is_file()}
+    kept = {p: b for p, b in kept.items() if point not in p.parents}
+    # WHEN the sweep is replaced with --overwrite
+    assert main([*argv, "--batch", "2", "--out", str(out), "--overwrite"]) == 0
+    # THEN only the old point's run went; the user's runs and the linked one are byte for byte as they were
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "b2_c8_dynamic",
+        "baseline",
+        "demo-dynamic",
+        "mine",
+    ]
+    assert {p: p.read_bytes() for p in kept} == kept
+    # AND a folder holding only a user's runs under runs/ (no sweep ever wrote there) is no sweep to refuse
+    project = tmp_path / "project"
+    shutil.copytree(point.parent.parent / "runs" / "mine", project / "runs" / "demo-dynamic")
+    assert main([*argv, "--batch", "1", "--out", str(project)]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (project / "runs").iterdir()) == ["b1_c8_dynamic", "demo-dynamic"]
+
+
 def test_sweep_page_tells_the_kv_line_from_the_budget(sweep_dir: Path) -> None:
     # GIVEN a sweep recorded with a budget: the page draws the budget as a red dashed line
     traces, layout = page_figure((sweep_dir / "sweep.html").read_text(), "kvtrace-sweep")
