@@ -37,7 +37,7 @@ def rank_dirs(path: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     for child in children:
         suffix = child.name[len(RANK_DIR_PREFIX) :]
         is_rank = child.name.startswith(RANK_DIR_PREFIX) and suffix.isascii() and suffix.isdigit()
-        if is_rank and (child / MANIFEST).is_file():
+        if is_rank and is_run_dir(child):  # a manifest that cannot be read is named when read, not skipped
             found.append((int(suffix), child))
     return sorted(found)
 

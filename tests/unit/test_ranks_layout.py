@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,21 @@ def test_overwrite_refuses_a_rank_folder_another_recording_is_writing(tmp_path):
     finally:
         lock.release()
     assert is_run_dir(out / "rank-0")
+
+
+def test_a_rank_whose_manifest_is_a_link_loop_is_named_not_called_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtrace.cli import main
+
+    # GIVEN a group of a real rank 0 (the sample run) and a rank 1 whose manifest is a loop of links
+    sample = Path(__file__).resolve().parents[2] / "sample_traces" / "dynamic_b2"
+    shutil.copytree(sample, tmp_path / "rank-0")
+    (tmp_path / "rank-1").mkdir()
+    (tmp_path / "rank-1" / MANIFEST).symlink_to(MANIFEST)
+    # THEN the group holds both ranks, and its report names rank 1's manifest and why it cannot be read
+    assert [rank for rank, _ in rank_dirs(tmp_path)] == [0, 1]
+    assert main(["report", str(tmp_path), "--no-export"]) == 0
+    out = capsys.readouterr().out
+    said = f"rank 1 left out: {tmp_path / 'rank-1' / MANIFEST}: cannot read (a loop of symbolic links)"
+    assert said in out and "stopped before record() started" not in out
