@@ -234,7 +234,10 @@ def _footer_table(path: Path) -> bytes | None:
     try:
         return (pq.read_schema(path).metadata or {}).get(TABLE_KEY)
     except (OSError, pa.ArrowInvalid) as exc:
-        raise KvtraceError(f"{path}: not a readable Parquet file ({exc}), left as it is") from None
+        raise KvtraceError(
+            f"{path}: not a readable Parquet file ({exc}), left as it is; move it out of the export's table "
+            "folders, or export into a new -o DIR"
+        ) from None
 
 
 def _check_part(path: Path) -> int:
@@ -263,10 +266,12 @@ def _remove_uncommitted(out_dir: Path, overwrite: bool = False) -> None:
     (kvtrace 0.1.0 renamed the tables one by one: it goes whole, so that its sources are exported again).
     The marks go last: until every part they replaced is gone, readers need them.
 
-    Anything else is refused in one line before a file is touched: a Parquet file in a table's folder that is
-    not kvtrace's part of that table, an unfinished temporary file without its mark, and a kvtrace part
-    whose runs part is missing with no mark to say why (a damaged export: a copy that left runs out, a stray
-    rm), unless `overwrite` is to replace it (it is then left for `_commit`, numbered below the new part)."""
+    A temporary file of kvtrace's own hidden name (`.part-NNNNN.parquet.tmp`) goes whatever mark is there: an
+    export of an earlier kvtrace, killed, left it without one. Anything else is refused in one line before a
+    file is touched: a Parquet file in a table's folder that is not kvtrace's part of that table, and the
+    parts whose runs part is missing with no mark to say why (a damaged export: a copy that left runs out, a
+    stray rm; every file of the first is named), unless `overwrite` is to replace them (they are then left
+    for `_commit`, numbered below the new part)."""
     folders = [out_dir / table for table in TABLE_NAMES if (out_dir / table).is_dir()]
     runs_folder = out_dir / "runs"
     dotted = list(runs_folder.glob(".*")) if runs_folder.is_dir() else []
@@ -282,32 +287,32 @@ def _remove_uncommitted(out_dir: Path, overwrite: bool = False) -> None:
     unfinished: set[int] = set()  # 0.1.0's half-committed parts
     for folder in folders:
         for path in folder.glob(".*"):
+            # Killed while writing (by this kvtrace, whose mark names it, or by an earlier one, which made
+            # none): a hidden temporary file of kvtrace's own name, which no reader takes for a part
             if (m := _TMP_PART.match(path.name)) is None:
                 continue
             number = int(m.group(1))
-            try:  # killed while writing: no footer yet, the mark alone says whose it is
-                ours = number in pending or _footer_table(path) == folder.name.encode()
-            except KvtraceError:
-                ours = False
-            if not ours:
-                raise KvtraceError(
-                    f"{path}: an unfinished part without its export's mark "
-                    f"({_pending_mark(out_dir, number)}), left as it is; remove it, or export into a new "
-                    "-o DIR"
-                )
             if f"part-{number:05d}.parquet" in committed:
                 unfinished.add(number)
             leftovers.append(path)
+    damaged: dict[int, list[Path]] = {}
     for path, number in parts.items():
         if path.name in committed and number not in unfinished:
             continue
         if number in pending or number in unfinished or number < floor or number in single:
             leftovers.append(path)
         elif not overwrite:
-            raise KvtraceError(
-                f"{path}: a kvtrace part whose runs part ({runs_folder / path.name}) is missing: a damaged "
-                "export, left as it is; export into a new -o DIR, or replace it with --overwrite"
-            )
+            damaged.setdefault(number, []).append(path)
+    if damaged:
+        number, files = min(damaged.items())
+        others = f" (and {len(damaged) - 1} other part(s) alike)" if len(damaged) > 1 else ""
+        missing = runs_folder / f"part-{number:05d}.parquet"
+        named = ", ".join(str(f.relative_to(out_dir)) for f in sorted(files))
+        raise KvtraceError(
+            f"{out_dir}: part {number}'s runs part ({missing}) is missing{others}: a damaged export, left as "
+            f"it is; its rows name no run. Remove its {len(files)} files ({named}) to export into it again, "
+            "or export into a new -o DIR"
+        )
     for path in [*leftovers, *marks]:
         path.unlink(missing_ok=True)
 

@@ -106,12 +106,14 @@ def test_an_export_missing_its_runs_part_is_refused_then_replaced_only_with_over
     other = SAMPLES / "sliding_b2"
     code, _, stderr = _cli("export", str(other), "-o", str(out), "-q")
 
-    # THEN one line names the first orphaned part and says what to do, exit status 2
+    # THEN one line names every file of the orphaned part and says what to do (not --overwrite, which would
+    # drop the earlier runs' rows), exit status 2
     assert code == 2
+    orphans = sorted(f"{table}/part-00000.parquet" for table in TABLES if table != "runs")
     assert stderr.splitlines() == [
-        f"kvtrace export: error: {out / 'devices' / 'part-00000.parquet'}: a kvtrace part whose runs part "
-        f"({out / 'runs' / 'part-00000.parquet'}) is missing: a damaged export, left as it is; export into a "
-        "new -o DIR, or replace it with --overwrite"
+        f"kvtrace export: error: {out}: part 0's runs part ({out / 'runs' / 'part-00000.parquet'}) is "
+        f"missing: a damaged export, left as it is; its rows name no run. Remove its {len(orphans)} files "
+        f"({', '.join(orphans)}) to export into it again, or export into a new -o DIR"
     ]
     # AND the earlier runs' rows are all there, byte for byte (they used to be removed, exit 0)
     assert _files(out) == before
@@ -143,7 +145,9 @@ def test_a_symbolic_link_loop_in_place_of_the_runs_part_is_refused(tmp_path: Pat
         assert code == 2
         (line,) = stderr.splitlines()
         assert line.startswith(f"kvtrace export: error: {runs_part}: not a readable Parquet file (")
-        assert line.endswith("), left as it is")
+        assert line.endswith(
+            "), left as it is; move it out of the export's table folders, or export into a new -o DIR"
+        )
         assert _files(out) == before
         assert runs_part.is_symlink()
 
@@ -190,3 +194,20 @@ def test_an_export_killed_mid_way_is_removed_by_the_next_one(tmp_path: Path, mom
     assert "(part 1)" in stdout
     assert sorted(_files(out)) == sorted(f"{t}/part-0000{n}.parquet" for t in TABLES for n in (0, 1))
     assert _kv_rows(out) == {first.as_posix(): _kv_lines(first), second.as_posix(): _kv_lines(second)}
+
+
+def test_an_earlier_kvtraces_killed_export_leaves_temporary_files_the_next_one_removes(
+    tmp_path: Path,
+) -> None:
+    # GIVEN an export of one run, beside which an earlier kvtrace's export killed mid-write left its hidden
+    # temporary files of part 1 (cut short: no footer yet) and no pending mark (that kvtrace made none)
+    out = tmp_path / "tables"
+    assert _cli("export", str(SAMPLES / "dynamic_b2"), "-o", str(out), "-q")[0] == 0
+    for table in ("kv_events", "samples"):
+        (out / table / ".part-00001.parquet.tmp").write_bytes(b"PAR1\x00cut")
+    # WHEN another run is exported into it THEN the leftovers go and both runs' rows are there
+    code, _, stderr = _cli("export", str(SAMPLES / "static_b2"), "-o", str(out), "-q")
+    assert (code, stderr) == (0, "")
+    assert not list(out.glob("*/.part-*"))
+    runs = [SAMPLES / "dynamic_b2", SAMPLES / "static_b2"]
+    assert _kv_rows(out) == {run.as_posix(): _kv_lines(run) for run in runs}
