@@ -30,6 +30,14 @@ def refuse_occupied(out: Path, overwrite: bool) -> None:
         raise KvtraceError(f"{out}: already holds a run group; pass --overwrite to replace it, or --out DIR")
 
 
+def refuse_a_sweep(out: Path) -> None:
+    """A sweep's folder (its sweep.json) is no run's, even with --overwrite: a run there would mix one
+    recording with the sweep's table and point runs, as `kvtrace sweep` refuses a run's folder."""
+    if (out / "sweep.json").exists():
+        said = "a sweep's folder (sweep.json, runs/), not a run's; pass another --out DIR"
+        raise KvtraceError(f"{out}: {said}")
+
+
 def default_out(cache: str, press: str | None) -> str:
     """Each kind of demo its own folder, so that a second demo leaves the first to `kvtrace compare`."""
     return f"runs/demo-{cache}" + (f"-{press}" if press else "")
@@ -124,6 +132,7 @@ class DemoCommand(Command):
             gpu_memory = DEMO_GPU_MEMORY
         budget = None if gpu_memory in (None, "none") else memory_size(gpu_memory, "--gpu-memory")
         out = Path(args.out or default_out(args.cache, args.press))
+        refuse_a_sweep(out)
         refuse_occupied(out, args.overwrite)
         if not args.no_report:  # the page the report ends with: a pipe there is refused before recording
             check_html_target(str(out / "timeline.html"))

@@ -204,3 +204,23 @@ def test_the_demo_points_to_diagnose_only_when_the_budget_is_crossed(
     data = json.loads(_report_json(tmp_path / "d"))
     assert data["budget"]["crossed"] is crossed
     assert ("why it would run out on" in out.getvalue()) is crossed
+
+
+def test_a_demo_into_a_sweeps_folder_is_refused_even_with_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real one-point sweep in OUT
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--size", "tiny", "--batch", "1", "--context", "8", "--cache", "dynamic"]
+    assert main([*argv, "--new-tokens", "2", "-q", "--out", str(out)]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # WHEN a demo is told to record into OUT THEN it refuses in one line, --overwrite or not; OUT is as it was
+    said = (
+        f"kvtrace demo: error: {out}: a sweep's folder (sweep.json, runs/), not a run's; pass another --out"
+    )
+    said += " DIR"
+    for flags in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert main(["demo", *FAST, "--size", "tiny", "--no-profiler", "--out", str(out), *flags]) == 2
+        assert capsys.readouterr().err.strip() == said
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
