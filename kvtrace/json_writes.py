@@ -1,5 +1,6 @@
 """Writing a run's files: a JSON document whole (a temporary file renamed over it, or, on a full disk, in
-place within the room reserved for it) and a JSON-lines log appended. Stdlib only, as the format is.
+place within the room reserved for it) and a JSON-lines log appended (buffered, or a batch all or none).
+Stdlib only, as the format is.
 """
 
 from __future__ import annotations
@@ -49,6 +50,23 @@ def write_json_in_place(path: Path, payload: dict[str, Any]) -> None:
 
 # One encoder for every line: json.dumps with options builds a new JSONEncoder on each call.
 _encode_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def append_lines_whole(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append `records` as JSON lines in one unbuffered write, all or none: a failed write (a full disk, a
+    file size limit) may take part of it and cut a line, so the file is cut back to its size before and
+    the error raised. A log that goes on after a failure (the weights' table stops at the last change
+    written whole) then holds whole lines only, which its finished run's readers require."""
+    data = memoryview(("\n".join(_encode_compact(record) for record in records) + "\n").encode())
+    with open(path, "ab", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            while data:  # a raw write may be short
+                data = data[fh.write(data) or 0 :]
+        except BaseException:  # a Ctrl-C mid-write too: never a cut line
+            with contextlib.suppress(OSError):
+                os.ftruncate(fh.fileno(), size)
+            raise
 
 
 class JsonlAppender:

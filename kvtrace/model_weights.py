@@ -38,6 +38,7 @@ import torch
 from kvtrace import format as fmt
 from kvtrace.attr_patch import AttrPatch
 from kvtrace.distributed import local_tensor
+from kvtrace.json_writes import append_lines_whole
 from kvtrace.kv_lines import iter_tensors
 from kvtrace.kv_slots import expired, free_weak_ref, weak_ref_of
 
@@ -116,9 +117,9 @@ class ModelWeights:
         self.unread = 0  # tensors kvtrace could not read, left out (the most any scan found)
         self._patch: AttrPatch | None = None  # kvtrace's `_apply`, to put back
         self.active = False
-        # Lines written to weights.jsonl, for the final manifest (readers check the file by it); None once a
-        # write failed part-way, when what reached the file is not known
-        self.lines: int | None = 0
+        self.lines = 0  # lines in weights.jsonl, for the final manifest (readers check the file by it)
+        # (freed, added, step) of the change whose lines could not be written (a full disk), the table's last
+        self.unwritten: tuple[int, int, int] | None = None
 
     # -- the table ---------------------------------------------------------------------------------
     def write_start(self) -> None:
@@ -235,15 +236,19 @@ class ModelWeights:
             if not freed and not added:
                 return
             t_ns = self._clock()
-            written = self.lines
-            self.lines = None  # until the lines are in the file whole
-            with open(self.path, "a", encoding="utf-8") as fh:
-                for event, records in (("freed", freed), ("added", added)):
-                    for record in records:
-                        line = {**record.to_json(), "event": event, "t_ns": t_ns, "step": step}
-                        fh.write(json.dumps(line, separators=(",", ":")) + "\n")
-            if written is not None:
-                self.lines = written + len(freed) + len(added)
+            lines = [
+                {**record.to_json(), "event": event, "t_ns": t_ns, "step": step}
+                for event, records in (("freed", freed), ("added", added))
+                for record in records
+            ]
+            try:
+                # All or none: a cut line would make readers refuse the whole run
+                append_lines_whole(self.path, lines)
+            except OSError as exc:  # a full disk: the table stops before this change, the run goes on
+                self.error = f"{self.path}: cannot write ({exc.strerror or exc})"
+                self.unwritten = (len(freed), len(added), step)
+                return
+            self.lines += len(lines)
         except Exception as exc:  # the user's `.to()` goes on; the report says the table stops here
             self.error = f"{type(exc).__name__}: {exc}"
             return
@@ -268,7 +273,15 @@ class ModelWeights:
     def warnings(self) -> list[str]:
         """What leaves the weights' figures off the memory as it was (for the manifest's `warnings`)."""
         warnings = []
-        if self.error is not None:
+        if self.unwritten is not None:
+            freed, added, step = self.unwritten
+            warnings.append(
+                f"the model's weights changed at step {step} ({freed} storages freed, {added} added), and "
+                f"those {freed + added} lines could not be written ({self.error}): weights.jsonl stops "
+                "before that change (and logs no later one), so from then on the memory figures count the "
+                "weights the model held before it"
+            )
+        elif self.error is not None:
             warnings.append(
                 f"the model's weights could not be followed after a change ({self.error}): weights.jsonl "
                 "stops there, and the memory figures may count weights the model no longer held"

@@ -460,7 +460,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         # As `kv_events`: the lines that reached each log whole, which readers check a finished run's files by
         if self._samples is not None:
             self._manifest["memory_samples_lines"] = self._samples.lines
-        if self._weights is not None and self._weights.lines is not None:
+        if self._weights is not None:
             self._manifest["weights_lines"] = self._weights.lines
         self._manifest.update(self._caches_and_threads())
         self._manifest["notes"] = self.notes
