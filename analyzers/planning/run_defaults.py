@@ -79,6 +79,8 @@ def run_defaults(path: str | Path) -> RunDefaults:
         raise KvtraceError(refusal or f"{root}: a vLLM run; plan its pool with --engine vllm --from-run")
     run = read_run(root)
     notes: list[str] = kv_log_notes(run)
+    # What the recorder warned of (a weights table cut by a full disk, ...), as `report` says it
+    notes.extend(str(warning) for warning in run.manifest.get("warnings") or ())
     main, kv, stopped = _main_cache(run)
     geometry = _geometry(run, notes, main)
     if main is None:

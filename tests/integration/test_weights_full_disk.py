@@ -109,3 +109,13 @@ def test_a_weights_change_cut_by_a_full_disk_leaves_a_run_that_reads(tmp_path: P
     kv_final = LAYERS * 2 * KV_HEADS * HEAD_DIM * (PROMPT + NEW - 1) * ROWS * 4
     assert figures["kv"]["final_bytes"] == kv_final
     assert figures["devices"][0]["final_allocated_bytes"] == w32 // 2 + kv_final
+    # AND a plan from it says the same, as its weights are the table's
+    plan = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "plan", "--from-run", str(run), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert plan.returncode in (0, 1), plan.stderr  # 1: does not fit, a plan all the same
+    assert manifest["warnings"][0] in json.loads(plan.stdout)["notes"]
