@@ -11,8 +11,9 @@ Definitions, so that the columns mean the same thing for every run:
 * generated tokens per row = what the KV log shows the model's forwards yielded in each batch row of its
   cache: 1 for the prefill, then the tokens each decode step appended to the row, net of crops (a
   rejected draft of assisted or prompt-lookup decoding is appended, then cropped), a sliding window's or
-  a press's evictions added back. It equals the new tokens generate() returns per row, whatever the
-  tokens per forward (speculative decoding yields several). Only caches with the recorded model's layer
+  a press's evictions, and a caller's crop between two generate() calls, added back. It equals the new
+  tokens generate() returns per row, whatever the tokens per forward (speculative decoding yields
+  several). Only caches with the recorded model's layer
   count count (an assistant model's draft cache does not), summed over them (two generate() calls). A step
   whose forward raised (an OOM, a Ctrl-C part-way through its layers) yields none;
 * tokens/s per row = generated tokens per row / wall time: how fast one sequence grows (under beam search,

@@ -26,7 +26,7 @@ from analyzers.kv_events import (
 )
 from analyzers.kv_log_figures import CacheFigures, KvLogAnalysis, LayerFigures
 from analyzers.kv_views import SharedStorages, Slot, held_by_slot, layer_shares
-from kvtrace.format import NO_BEAMS_REASON, KvEvent, Run
+from kvtrace.format import CALLER_REASON, NO_BEAMS_REASON, KvEvent, Run
 
 _NO_NEW_STORAGE = ("freed", "written")
 
@@ -51,9 +51,12 @@ def analyze_kv_log(
     crop or reorder between two generate() calls), came in the gap before the next step, so the step's end
     figures (`step_live`, `step_tokens`, ...) are taken before it. Its generated tokens count such a crop
     only where it is a draft rejection (assisted decoding and prompt lookup crop the drafts their forward
-    verified there): the slot's first crop after that sample, taking back no more than the forward wrote
-    beyond its own token. Any other (a chat's "regenerate" cropping the answer between two calls) took
-    tokens the step had generated: they stay generated."""
+    verified there, inside their generate() call). A crop the recorder saw made outside the model's calls
+    (`reason` `CALLER_REASON`: a chat's "regenerate" cropping the answer between two calls) never is, with
+    or without an end sample, however few tokens it takes. Of the rest (made inside a call, or in a run
+    that does not say: recorded without the model, or before that reason), the slot's first crop after the
+    end sample, taking back no more than the forward wrote beyond its own token, is taken for one. Any
+    other took tokens the step had generated: they stay generated."""
     raised_steps = frozenset(raised)
     if unfinished:
         cut = cut_last_step(events)
@@ -289,6 +292,9 @@ def analyze_kv_log(
             in_step[reason] = in_step.get(reason, 0) + ev.evicted_tokens * rows
             if reason != "crop":
                 step_evicted[slot] += ev.evicted_tokens
+            elif ev.reason == CALLER_REASON:  # made outside the model's generate() calls: never a rejection
+                draft_room.pop(slot, None)
+                gap_cropped[slot] += ev.evicted_tokens
             elif ended is not None and ev.evicted_tokens > draft_room.pop(slot, 0):  # drafts are cropped once
                 gap_cropped[slot] += ev.evicted_tokens
         if ev.event in ("evicted", "cropped") and ev.kv == "k":

@@ -80,6 +80,9 @@ EVENT_KINDS = (
 # The `reason` of a `reorder_cache`'s `reordered` events outside beam search (a caller permuting its rows):
 # the analyzers do not read its rows as beams.
 NO_BEAMS_REASON = "no_beams"
+# The `reason` of the events of a `crop` or `reset` made while no `generate()` call of the recorded model runs
+# on that thread (a chat's "regenerate" between two calls): the caller's, never a draft rejection.
+CALLER_REASON = "caller"
 
 
 @dataclass

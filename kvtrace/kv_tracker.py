@@ -82,8 +82,9 @@ _CAUSE_EVENTS: dict[str, tuple[str, str]] = {
 }
 
 # Events that carry their observation's `reason` without evicting: an eviction's `grad_enabled`, a beam
-# search's first reorder's `beams:N`.
-_REASONED = ("evicted", "reordered")
+# search's first reorder's `beams:N`, a crop's or reset's `caller` (made outside the model's generate()
+# calls).
+_REASONED = ("evicted", "reordered", "cropped", "reset")
 # A cache first seen holding KV (`HfCacheHooks.found`): its storages' `created` events carry `reason` "found",
 # held since before kvtrace saw them (filled before record(), or copied by code kvtrace does not follow).
 _EVICTING = ("evicted", "cropped")  # events whose tensor lost tokens (`on_evict`)
@@ -672,7 +673,8 @@ class KvTracker:
                         self._seq, t_ns, self.step, self._phase_json,
                         "reset" if cause == "reset" else "evicted", layer, quoted(key[0]), quoted(key[1]),
                         tokens,
-                        evicted if first else 0, old.addr, cache_id, source_json, '""',
+                        evicted if first else 0, old.addr, cache_id, source_json,
+                        reason_json if cause == "reset" else '""',
                     )
                 )
                 if cause != "reset" and self._on_evict is not None:

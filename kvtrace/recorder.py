@@ -297,6 +297,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                 self._calls.install()
                 if self._hf is not None:
                     self._hf.beam_search = self._calls.beam_search
+                    self._hf.in_call = self._calls.in_call
             if self._hf is not None:
                 self._hf.on_new_cache = self._cache_made
                 self._hf.cross_layers = model_cross_attention_layers(self.model)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kvtrace.format import NO_BEAMS_REASON, next_cache_id
+from kvtrace.format import CALLER_REASON, NO_BEAMS_REASON, next_cache_id
 from kvtrace.kv_tracker import KvTracker
 
 _WRAPPED = {
@@ -237,6 +237,10 @@ class HfCacheHooks:
         # recorder where it sees those calls (`GenerateCalls.beam_search`). None (record() without a
         # model): a reorder_cache is read as beam search's, the only one transformers' generate() makes.
         self.beam_search: Callable[[], bool] | None = None
+        # Whether a generate() call of the recorded model is in progress on this thread
+        # (`GenerateCalls.in_call`): a crop or reset outside one is the caller's (`CALLER_REASON`). None
+        # (record() without a model): the calls are not seen, and the reason stays "".
+        self.in_call: Callable[[], bool] | None = None
         # An encoder-decoder cache's id -> (its self-attention cache's id, its cross-attention cache's id)
         self.encoder_decoder: dict[int, tuple[int, int]] = {}
         # The layers of the model's cache that hold cross-attention KV (Mllama's `cross_attention_layers`:
@@ -565,16 +569,22 @@ class HfCacheHooks:
         self, original: Callable[..., Any], cause: str, beams: bool = False
     ) -> Callable[..., Any]:
         """`beams`: the method is `reorder_cache(beam_idx)`, whose first call on a cache says how many rows
-        each prompt has (`rows_per_prompt`): its events carry it as `reason` `beams:N`."""
+        each prompt has (`rows_per_prompt`): its events carry it as `reason` `beams:N`. A crop or reset made
+        outside the recorded model's generate() calls carries `CALLER_REASON`: the analyzers then never take
+        it for a draft rejection (assisted decoding's crops run inside a call)."""
         hooks = self
+        by_caller = cause in ("crop", "reset")
 
         @functools.wraps(original)
         def wrapper(cache: Any, *args: Any, **kwargs: Any) -> Any:
             hooks.first_sight(cache)  # a cache first seen here: what it holds before the change
             result = original(cache, *args, **kwargs)
-            reason = (
-                hooks._beams_reason(cache, kwargs.get("beam_idx", args[0] if args else None)) if beams else ""
-            )
+            if beams:
+                reason = hooks._beams_reason(cache, kwargs.get("beam_idx", args[0] if args else None))
+            elif by_caller and hooks.in_call is not None and not hooks.in_call():  # one check per crop
+                reason = CALLER_REASON
+            else:
+                reason = ""
             hooks.scan_cache(cache, cause, reason=reason)
             return result
 

@@ -2,7 +2,9 @@
 lines with the number of the last forward, after that forward's end sample: they belong to the gap before
 the next step, so each step's KV figures (the exported counters and scalars, `compare`'s `kv_by_step`) are
 the cache as its forward ended, and a diagnosis of a moment in a step prices what was held then. A crop
-there takes back tokens the calls had generated: `compare` still counts every token each call returned."""
+there takes back tokens the calls had generated: `compare` still counts every token each call returned,
+however few it takes (one, after an assisted-decoding call whose last forward kept drafts: no draft
+rejection)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def _kv_bytes(tokens: int) -> int:
     return LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * BATCH * FP32
 
 
-def _generate(model: Any, ids: torch.Tensor, cache: DynamicCache, new: int) -> torch.Tensor:
+def _generate(model: Any, ids: torch.Tensor, cache: DynamicCache, new: int, **kwargs: Any) -> torch.Tensor:
     return model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -38,6 +40,7 @@ def _generate(model: Any, ids: torch.Tensor, cache: DynamicCache, new: int) -> t
         do_sample=False,
         pad_token_id=0,
         cache=cache,
+        **kwargs,
     )
 
 
@@ -176,3 +179,46 @@ def test_a_crop_and_reorder_between_calls_count_in_the_next_step(
     row = report["runs"][0]
     assert row["generated_tokens_per_row"] == returned
     assert row["tokens_per_second"] == pytest.approx(row["tokens_per_second_per_row"] * BATCH)
+
+
+def test_a_one_token_crop_after_an_assisted_call_takes_no_generated_tokens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an assisted-decoding call of 6 tokens (a 1-layer assistant; its last forward verified drafts and
+    # kept them all, so generate() cropped nothing after it), then the caller's cache.crop(-1) (a
+    # "regenerate" of the last token), then a greedy call of 4 tokens
+    prompt, first, second = 15, 6, 4
+    model = build_model(tiny_size(LAYERS, KV_HEADS), seed=0)
+    assistant = build_model(tiny_size(1, KV_HEADS), seed=0)
+    base = torch.randint(3, 1000, (1, 5), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([base, base, base], 1)  # repeated: the assistant's drafts are accepted
+    cache = DynamicCache(config=model.config)
+    run = tmp_path / "run"
+    held, hook = _forward_end_tokens(model)
+    try:
+        with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+            seq = _generate(model, ids, cache, first, assistant_model=assistant)
+            returned = seq.shape[1] - ids.shape[1]
+            first_forwards, after_first = len(held), cache.get_seq_length()
+            cache.crop(-1)
+            kept = seq[:, : cache.get_seq_length() + 1]  # the kept tokens and the next one fed again
+            returned += _generate(model, kept, cache, second).shape[1] - kept.shape[1]
+    finally:
+        hook.remove()
+    assert ids.shape[1] == prompt and returned == first + second == 10
+    # the case: the first call's last forward grew the cache by more than its own token (a draft at least:
+    # it held no more before that forward than after the one before) and kept them all, so the caller's
+    # 1-token crop is no larger than those drafts
+    assert held[first_forwards - 1] - held[first_forwards - 2] > 1
+    assert held[first_forwards - 1] == after_first
+
+    # WHEN the run is compared
+    row = cli_json(["compare", str(run), str(run), "--json"], capsys)["runs"][0]
+
+    # THEN it generated what the two calls returned per row: the caller's crop rejected no draft
+    assert row["generated_tokens_per_row"] == returned
+    # AND the crop's events say it was the caller's (made outside the model's generate() calls)
+    lines = [json.loads(line) for line in (run / "kv_events.jsonl").read_text().splitlines()]
+    crops = [line for line in lines if line["event"] == "cropped"]
+    assert [line["reason"] for line in crops] == ["caller"] * LAYERS * 2
+    assert sum(line["evicted_tokens"] for line in crops) == LAYERS * 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from analyzers.kv_log import analyze_kv_log
 from kvtrace.format import KvEvent
 
@@ -89,3 +91,33 @@ def test_a_crop_after_a_steps_end_takes_back_only_its_rejected_drafts() -> None:
     # caller's crop not), and each prefill 1
     accepted = drafts - rejected
     assert kv.caches[0].generated_tokens == 1 + (1 + accepted) + 1 == 4
+
+
+@pytest.mark.parametrize("with_end_samples", [True, False])
+@pytest.mark.parametrize(("reason", "read_as_rejection"), [("caller", False), ("", True)])
+def test_a_callers_crop_is_never_a_draft_rejection(
+    reason: str, read_as_rejection: bool, with_end_samples: bool
+) -> None:
+    # GIVEN a prefill of a 10-token prompt, a decode step verifying 3 drafts and keeping them all (its token
+    # and them: 14 held), a crop(-1) after it, and the next call's prefill writing 2 positions; the crop has
+    # reason "caller" (the recorder saw it made outside the model's generate() calls), or "" (a run recorded
+    # before that reason, or without the model)
+    prompt, drafts, cut, fed = 10, 3, 1, 2
+    verified = prompt + 1 + drafts
+    events = [
+        ev(1, "created", 0, "k", 0xA, 64, tokens=prompt),
+        ev(2, "grown", 0, "k", 0xB, 64, step=2, phase="decode", tokens=verified),
+        ev(3, "freed", 0, "k", 0xA, 64, step=2, phase="decode"),
+        ev(5, "cropped", 0, "k", 0xB, 64, step=2, phase="decode", tokens=verified - cut, evicted_tokens=cut,
+           reason=reason),
+        ev(7, "grown", 0, "k", 0xC, 64, step=3, phase="prefill", tokens=verified - cut + fed),
+        ev(8, "freed", 0, "k", 0xB, 64, step=3, phase="prefill"),
+    ]  # fmt: skip
+    # WHEN replayed, with each step's end sample (t_ns = seq x 1000) or without (a run without samples)
+    step_ends = {1: 1500, 2: 4000, 3: 8500} if with_end_samples else None
+    kv = analyze_kv_log(events, prompt_ends={1: prompt, 3: verified - cut + fed}, step_ends=step_ends)
+    # THEN the caller's crop takes none of the verifying step's tokens (its own and the 3 drafts); a crop that
+    # does not say whose it is, no larger than those drafts, is read as a rejection where it follows the
+    # step's end sample, and without one counts against the step as any crop inside it
+    generated = 1 + (1 + drafts) + 1
+    assert kv.caches[0].generated_tokens == (generated - cut if read_as_rejection else generated)
