@@ -130,3 +130,21 @@ def storage_lives(events: Iterable[KvEvent]) -> list[StorageLife]:
         else:
             open_lives[key] = StorageLife(key, event.storage_bytes, event.t_ns, event.t_ns)
     return done + list(open_lives.values())
+
+
+def dynamic_kv_peak(
+    kv_heads: int, head_dim: int, layers: int, rows: int, prompt: int, new_tokens: int
+) -> int:
+    """A dynamic cache's live KV bytes (float32) at their highest, from the arithmetic alone: prefill writes
+    `prompt` tokens per layer's K and V; each decode step replaces K then V of every layer by a copy one
+    token longer (the new storage first, the old one freed right after)."""
+    per_token = kv_bytes(kv_heads, head_dim, 1, rows, 4)  # one K or V
+    live = peak = 0
+    for step in range(1, new_tokens + 1):
+        tokens = prompt + step - 1
+        for _ in range(layers * 2):
+            live += per_token * tokens
+            peak = max(peak, live)
+            if step > 1:
+                live -= per_token * (tokens - 1)
+    return peak

@@ -21,6 +21,7 @@ import torch
 
 from kvtrace.cli import main
 from kvtrace.llama import ModelSize
+from tests.integration.kvlog_math import dynamic_kv_peak
 from tests.integration.test_json_docs import _chapter, _unnamed
 from tests.tiny import killed_mid_step_script, record_generate, weights_bytes
 
@@ -29,19 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _kv_peak(size: ModelSize) -> int:
-    """A dynamic cache's live KV bytes at their highest, from the arithmetic alone: prefill writes P tokens
-    per layer's K and V; each decode step replaces K then V of every layer by a copy one token longer (the
-    new storage first, the old one freed right after)."""
-    per_token = BATCH * size.num_kv_heads * (size.hidden_size // size.num_heads) * 4  # float32, one K or V
-    live = peak = 0
-    for step in range(1, NEW_TOKENS + 1):
-        tokens = PROMPT + step - 1
-        for _ in range(size.num_layers * 2):
-            live += per_token * tokens
-            peak = max(peak, live)
-            if step > 1:
-                live -= per_token * (tokens - 1)
-    return peak
+    """A dynamic cache's live KV bytes at their highest (`dynamic_kv_peak`), for this file's generate()."""
+    head_dim = size.hidden_size // size.num_heads
+    return dynamic_kv_peak(size.num_kv_heads, head_dim, size.num_layers, BATCH, PROMPT, NEW_TOKENS)
 
 
 def _storages(model: torch.nn.Module) -> int:
