@@ -41,6 +41,16 @@ def _kv_allocations(size: ModelSize) -> list[tuple[int, int, str, int, int]]:
     return out
 
 
+def _budget_under(
+    size: ModelSize, weights: int, which: tuple[int, int, str]
+) -> tuple[int, tuple[int, int, str, int, int]]:
+    """A budget just under the KV allocation `which` (step, layer, kv), above every one before it: the
+    budget, and that allocation (`_kv_allocations`' row)."""
+    allocations = _kv_allocations(size)
+    target = next(i for i, a in enumerate(allocations) if a[:3] == which)
+    return weights + max(a[4] for a in allocations[:target]), allocations[target]
+
+
 def _record(model: torch.nn.Module, out: Path, gpu_memory: int | str) -> None:
     record_generate(model, out, BATCH, PROMPT, NEW_TOKENS, profiler=False, gpu_memory=gpu_memory)
 
@@ -57,10 +67,8 @@ def test_crossing_step_layer_and_request_match_the_arithmetic(
 ) -> None:
     # GIVEN a budget just under the allocation of layer 1's V at decode step 4, and above every earlier one
     weights = weights_bytes(tiny_model)
+    budget, (step, layer, _, request, after) = _budget_under(tiny_size, weights, (4, 1, "v"))
     allocations = _kv_allocations(tiny_size)
-    target = next(i for i, a in enumerate(allocations) if a[:3] == (4, 1, "v"))
-    budget = weights + max(a[4] for a in allocations[:target])
-    step, layer, _, request, after = allocations[target]
     assert weights + after > budget  # the test's own premise: this allocation is the first over the line
     # WHEN the run is recorded with that budget and reported
     _record(tiny_model, tmp_path / "run", budget)
@@ -92,10 +100,7 @@ def test_the_notebook_cell_gives_the_budget_verdict_of_the_text_report(
     tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
 ) -> None:
     # GIVEN a run recorded with a budget that layer 0's K crosses at decode step 3
-    weights = weights_bytes(tiny_model)
-    allocations = _kv_allocations(tiny_size)
-    target = next(i for i, a in enumerate(allocations) if a[:3] == (3, 0, "k"))
-    budget = weights + max(a[4] for a in allocations[:target])
+    budget, _ = _budget_under(tiny_size, weights_bytes(tiny_model), (3, 0, "k"))
     _record(tiny_model, tmp_path / "run", budget)
     text = io.StringIO()
     with redirect_stdout(text):
@@ -285,10 +290,7 @@ def test_the_tensorboard_timeline_marks_where_the_run_runs_out(
 
     # GIVEN a run crossing a budget set just under layer 1's V allocation of decode step 4
     weights = weights_bytes(tiny_model)
-    allocations = _kv_allocations(tiny_size)
-    target = next(i for i, a in enumerate(allocations) if a[:3] == (4, 1, "v"))
-    budget = weights + max(a[4] for a in allocations[:target])
-    step, layer, _, request, after = allocations[target]
+    budget, (step, layer, _, request, after) = _budget_under(tiny_size, weights, (4, 1, "v"))
     _record(tiny_model, tmp_path / "run", budget)
     # WHEN the TensorBoard tab's timeline is served at full resolution
     timeline = RunStore(tmp_path).timeline("run", max_points=10**6)
