@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from typing import Any
 
@@ -122,7 +123,10 @@ class MemorySampler:
         # A step's sample is its time, step and phase only: no allocator to read, the host read elsewhere
         self.bare_steps = False
         self._last_wall = clock()
-        self._last_cpu = _cpu_seconds()
+        # CPU % over the span between two host reads, on a clock read beside the CPU time (never a caller's
+        # earlier stamp), under a lock: the writer thread and the model's thread both read the host
+        self._cpu_lock = threading.Lock()
+        self._last_cpu = (time.perf_counter(), _cpu_seconds())
         self._nvml: _Nvml | None = None
         if cuda_index is None:
             self.nvml_status: dict[str, Any] = {
@@ -168,10 +172,13 @@ class MemorySampler:
         return self._read_host({}, self._clock() if now is None else now)
 
     def _read_host(self, record: dict[str, Any], wall: float) -> dict[str, Any]:
-        elapsed = wall - self._last_wall
-        cpu = time.process_time()
-        percent = 100.0 * (cpu - self._last_cpu) / elapsed if elapsed > 0 else 0.0
-        self._last_wall, self._last_cpu = wall, cpu
+        with self._cpu_lock:
+            now, cpu = time.perf_counter(), _cpu_seconds()
+            last_now, last_cpu = self._last_cpu
+            self._last_cpu = (now, cpu)
+            self._last_wall = max(self._last_wall, wall)
+        elapsed = now - last_now
+        percent = 100.0 * (cpu - last_cpu) / elapsed if elapsed > 0 else 0.0
         record["rss_bytes"] = rss_bytes()
         record["cpu_percent"] = round(max(percent, 0.0), 1)
         if self._nvml is not None:
