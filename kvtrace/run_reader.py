@@ -28,6 +28,7 @@ from kvtrace.format import (
     Run,
     rank_dirs,
 )
+from kvtrace.json_reads import read_json_file
 from kvtrace.run_checks import (
     _MANIFEST_FIELDS,
     _MANIFEST_VALUES,
@@ -98,17 +99,8 @@ def read_run(path: str | os.PathLike[str]) -> Run:
     if not manifest_path.exists():
         group = f"; a run group, one run per rank: {RANK_DIR_PREFIX}<r>/" if rank_dirs(root) else ""
         raise KvtraceError(f"{root}: not a kvtrace run directory (no {MANIFEST}){group}")
-    refuse_special_file(manifest_path)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8-sig"))  # a BOM an editor added
-    except OSError as exc:  # a folder of that name, no permission
-        raise KvtraceError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KvtraceError(f"{manifest_path}: corrupt manifest ({exc.__class__.__name__})") from None
-    except ValueError:  # CPython's limit on the digits of an int
-        raise KvtraceError(f"{manifest_path}: corrupt manifest (it holds {too_long_integer()})") from None
-    except RecursionError:
-        raise KvtraceError(f"{manifest_path}: corrupt manifest (nested too deeply)") from None
+    # utf-8-sig: a BOM an editor added
+    manifest = read_json_file(manifest_path, "corrupt manifest", encoding="utf-8-sig")
     if not isinstance(manifest, dict) or manifest.get("format") != "kvtrace-run":
         raise KvtraceError(f"{manifest_path}: not a kvtrace manifest")
     version = manifest.get("schema_version")

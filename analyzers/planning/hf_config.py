@@ -4,7 +4,6 @@ context the model takes."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from analyzers.planning.config_defaults import (
 from analyzers.planning.gemma_layers import gemma_layer_fields
 from analyzers.planning.gpt_blocks import gpt_block_fields
 from analyzers.planning.presets import MlaShape, ModelGeometry
-from kvtrace.errors import KvtraceError, too_long_integer
+from kvtrace.errors import KvtraceError
 from kvtrace.geometry import (
     cached_kv_heads,
     chunk_window,
@@ -35,6 +34,7 @@ from kvtrace.geometry import (
     kv_shared_layers,
     split_kv_shapes,
 )
+from kvtrace.json_reads import read_json_file
 
 # Other names of the required fields, as transformers maps them (GPT-2 / GPT-BigCode, GPT-J, Falcon, OPT,
 # Bloom, MPT, XGLM, CTRL, T5-style).
@@ -77,16 +77,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     config_path = Path(path)
     if config_path.is_dir():
         config_path = config_path / "config.json"
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise KvtraceError(f"{config_path}: cannot read model config: {exc.strerror or exc}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KvtraceError(f"{config_path}: not a valid JSON config: {exc}") from exc
-    except ValueError:  # CPython's limit on the digits of an int
-        raise KvtraceError(f"{config_path}: not a valid JSON config: {too_long_integer()}") from None
-    except RecursionError:
-        raise KvtraceError(f"{config_path}: not a valid JSON config: nested too deeply") from None
+    raw = read_json_file(config_path, "not a valid JSON config")
     if not isinstance(raw, dict):
         raise KvtraceError(f"{config_path}: expected a JSON object at the top level")
 
@@ -251,10 +242,7 @@ def _cache_off_by(config_path: Path, fields: dict[str, Any]) -> str | None:
     caching); without one, the config's `use_cache` (none: caching)."""
     generation_path = config_path.parent / "generation_config.json"
     if generation_path.is_file():
-        try:
-            generation = json.loads(generation_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            raise KvtraceError(f"{generation_path}: not a valid JSON generation config: {exc}") from None
+        generation = read_json_file(generation_path, "not a valid JSON generation config")
         if not isinstance(generation, dict):
             raise KvtraceError(f"{generation_path}: expected a JSON object at the top level")
         return generation_path.name if generation.get("use_cache") is False else None

@@ -22,6 +22,7 @@ from analyzers.engine import (
     RequestEvent,
 )
 from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
+from kvtrace.json_reads import read_json_file
 from kvtrace.run_checks import MAX_BYTES
 
 __all__ = ["has_engine", "read_engine"]
@@ -64,17 +65,7 @@ def _opt_int(value: Any, where: str, name: str) -> int | None:
 
 
 def _read_info(file: Path) -> EngineInfo:
-    refuse_special_file(file)
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise KvtraceError(f"{file}: cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KvtraceError(f"{file}: not valid JSON ({exc})") from None
-    except ValueError:  # CPython's limit on the digits of an int
-        raise KvtraceError(f"{file}: not valid JSON (it holds {too_long_integer()})") from None
-    except RecursionError:
-        raise KvtraceError(f"{file}: not valid JSON (nested too deeply)") from None
+    data = read_json_file(file, "not valid JSON")
     if not isinstance(data, dict):
         raise KvtraceError(f"{file}: expected a JSON object")
     where = str(file)
@@ -273,9 +264,8 @@ def read_engine(path: str | os.PathLike[str]) -> EngineRun | None:
 def _counted_steps(folder: Path) -> int | None:
     """Engine steps the manifest of a finished run counts; None while it runs (or without a count)."""
     try:
-        refuse_special_file(folder / "manifest.json")
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError, RecursionError, KvtraceError):
+        manifest = read_json_file(folder / "manifest.json", "corrupt manifest", encoding="utf-8-sig")
+    except KvtraceError:
         return None  # the run reader says what is wrong with it
     ended = manifest.get("ended") if isinstance(manifest, dict) else None
     if not isinstance(ended, dict) or ended.get("status") in (None, "running"):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from kvtrace.cli import main
+from tests.unit.test_plan import LLAMA_3_8B_CONFIG
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 REPO = SAMPLES.parent
@@ -158,6 +159,25 @@ def test_a_named_pipe_among_the_inputs_is_skipped_or_refused_never_waited_on(tmp
         assert done.returncode == 2, done.stderr
         assert done.stderr.endswith(f"{pipe}: a named pipe, not a regular file; kvtrace reads files\n")
         assert done.stderr.count("\n") == 1
+
+
+def test_a_model_config_that_is_a_named_pipe_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # GIVEN a model folder whose config.json is a named pipe
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text(json.dumps(LLAMA_3_8B_CONFIG))
+    piped = tmp_path / "piped"
+    piped.mkdir()
+    os.mkfifo(piped / "config.json")
+    # WHEN plan reads the model's config from that folder
+    done = _kvtrace_on_a_full_disk(["plan", "--config", str(piped)], None, 60)
+    # THEN one line names the pipe (opening it used to wait for a writer that never comes)
+    assert done.returncode == 2, done.stderr
+    pipe = piped / "config.json"
+    assert done.stderr.endswith(f"{pipe}: a named pipe, not a regular file; kvtrace reads files\n")
+    assert done.stderr.count("\n") == 1
+    # (and the same folder with plain files plans)
+    assert _kvtrace_on_a_full_disk(["plan", "--config", str(real)], None, 60).returncode == 0
 
 
 def test_a_named_pipe_given_as_an_output_is_refused_never_replaced(tmp_path: Path) -> None:
