@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -21,13 +23,32 @@ def kv_heads_of(get: Callable[[str], Any], heads: int | None) -> int | None:
     return heads
 
 
-def cached_kv_heads(get: Callable[[str], Any], heads: int | None, kv_heads: int | None) -> int | None:
+# The transformers release whose Falcon attention caches the model's own KV heads under
+# `new_decoder_architecture` (Falcon-40B, 180B); earlier ones repeated them for every query head first
+FALCON_OWN_KV_HEADS_SINCE = (5, 25)
+
+
+def cached_kv_heads(
+    get: Callable[[str], Any],
+    heads: int | None,
+    kv_heads: int | None,
+    transformers_version: tuple[int, int] | None = None,
+) -> int | None:
     """KV heads that transformers' cache holds per layer, of a model with `heads` query heads and
-    `kv_heads` KV heads: those, except under Falcon's `new_decoder_architecture` (Falcon-40B, 180B), whose
-    attention repeats its KV heads for every query head before it writes the cache (modeling_falcon.py:
-    `num_kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads`). vLLM caches
-    the model's own `kv_heads`."""
-    return heads if get("new_decoder_architecture") and heads else kv_heads
+    `kv_heads` KV heads: those, as vLLM caches them, except under Falcon's `new_decoder_architecture` in a
+    transformers before 5.25, whose attention repeated its KV heads for every query head before it wrote
+    the cache (modeling_falcon.py: `num_kv_heads = self.num_heads if self.new_decoder_architecture else
+    self.num_kv_heads`). `transformers_version` (major, minor) is the one the model runs under; None (a plan,
+    with no model at hand) is the newest."""
+    repeats = transformers_version is not None and transformers_version < FALCON_OWN_KV_HEADS_SINCE
+    return heads if repeats and get("new_decoder_architecture") and heads else kv_heads
+
+
+def transformers_version() -> tuple[int, int] | None:
+    """(major, minor) of the transformers this process has imported; None where it has not."""
+    module = sys.modules.get("transformers")
+    found = re.match(r"(\d+)\.(\d+)", str(getattr(module, "__version__", "")))
+    return (int(found.group(1)), int(found.group(2))) if module is not None and found else None
 
 
 def kv_shared_layers(get: Callable[[str], Any], layers: int) -> frozenset[int]:
@@ -241,7 +262,8 @@ def model_geometry(model: Any, notes: list[str] | None = None) -> dict[str, Any]
         geometry.update(
             num_layers=layers,
             num_attention_heads=heads,
-            num_kv_heads=cached_kv_heads(get, heads, kv_heads),  # as the cache holds them
+            # as the cache holds them
+            num_kv_heads=cached_kv_heads(get, heads, kv_heads, transformers_version()),
             head_dim=head_dim,
             hidden_size=hidden,
             vocab_size=get("vocab_size"),

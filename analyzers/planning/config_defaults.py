@@ -63,7 +63,7 @@ def weights_estimate_note(raw: dict[str, Any], model_type: str) -> str | None:
     )
 
 
-# The causal-LM model types (transformers 5.24's MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) whose config class
+# The causal-LM model types (transformers 5.25's MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) whose config class
 # defaults `tie_word_embeddings` to True. Llama, Mistral, Mixtral, Qwen, DeepSeek and the rest: False.
 _TIED_BY_DEFAULT = frozenset(
     {
@@ -75,7 +75,7 @@ _TIED_BY_DEFAULT = frozenset(
         "gemma4_unified_text", "got_ocr2", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox_japanese",
         "granite_swa", "jetmoe", "lara_mini", "lfm2", "lfm2_moe", "lfm3", "mamba", "marian", "mbart",
         "megatron-bert", "minicpm3", "modernbert-decoder", "moss_transcribe_diarize", "mpt", "mvp",
-        "openai-gpt", "opt", "pegasus", "plbart", "prophetnet", "recurrent_gemma", "roberta",
+        "openai-gpt", "opt", "param2moe", "pegasus", "plbart", "prophetnet", "recurrent_gemma", "roberta",
         "roberta-prelayernorm", "roc_bert", "roformer", "smollm3", "starcoder2", "trocr", "vaultgemma",
         "whisper", "xglm", "xlm", "xlm-roberta", "xlm-roberta-xl", "xlnet", "xmod", "youtu", "zamba",
         "zamba2", "zaya",

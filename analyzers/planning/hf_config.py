@@ -184,6 +184,12 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
             f"tokens, written once per image), a fixed cost not counted here: the KV per token is the "
             f"{kv_layers:,} self-attention layers'"
         )
+    elif fields.get("new_decoder_architecture") and kv_heads < heads:
+        kv_note = (
+            f"KV: {kv_heads} KV heads a layer, as transformers 5.25 and later and vLLM cache Falcon's new "
+            f"decoder architecture; an earlier transformers caches one per query head, {heads}: "
+            f"{heads / kv_heads:g}x this KV"
+        )
     gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text") or bool(gemma)
     if model_type in ("llama4", "llama4_text"):
         experts = _llama4_experts(fields, layers, positive_int)

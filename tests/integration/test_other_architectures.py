@@ -754,11 +754,12 @@ def test_plan_ties_the_lm_head_when_the_familys_config_class_does() -> None:
     assert checked > 100
 
 
-def test_a_new_decoder_architecture_falcon_caches_a_kv_head_per_query_head(
+def test_a_new_decoder_architecture_falcon_counts_the_kv_heads_its_cache_holds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN a Falcon-40B-style config (new decoder architecture, 4 query heads, 2 KV heads of 16), whose
-    # attention repeats each KV head for its query heads before writing the cache, generating 6 after 11
+    # attention in transformers before 5.25 repeated each KV head for its query heads before writing the
+    # cache (4 held), and from 5.25 caches its own 2, generating 6 after 11
     config = transformers.FalconConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, vocab_size=256,
         new_decoder_architecture=True,
@@ -767,22 +768,28 @@ def test_a_new_decoder_architecture_falcon_caches_a_kv_head_per_query_head(
     model = transformers.FalconForCausalLM(config).eval()
     run = tmp_path / "run"
     out = _record_generate(model, run)
-    assert {tuple(t.shape) for t in _cache_tensors(out)} == {(1, 4, 16, 16)}
-    per_token = 2 * 2 * 4 * 16 * 4  # layers x K and V x the 4 heads held x head_dim x fp32
+    shapes = {tuple(t.shape) for t in _cache_tensors(out)}
+    assert len(shapes) == 1
+    held = next(iter(shapes))[1]
+    assert next(iter(shapes)) == (1, held, 16, 16) and held in (2, 4)
+    per_token = 2 * 2 * held * 16 * 4  # layers x K and V x the heads held x head_dim x fp32
     # WHEN the run is reported
     assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
     kv = json.loads(capsys.readouterr().out)["kv"]
-    # THEN the arithmetic counts the 4 heads the cache holds, as its tensors do
-    assert json.loads((run / "manifest.json").read_text())["model"]["num_kv_heads"] == 4
+    # THEN the arithmetic counts the heads the cache holds, as its tensors do
+    assert json.loads((run / "manifest.json").read_text())["model"]["num_kv_heads"] == held
     assert kv["bytes_per_token_expected"] == per_token
     assert kv["final_bytes"] == per_token * 16
-    # and a plan for transformers holds those 4 heads, one for vLLM the model's 2
+    # and a plan (no transformers at hand: the newest's) holds the model's 2, with a note for older ones,
+    # as vLLM does
     config.save_pretrained(tmp_path / "config")
     argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--context", "17", "--json"]
     assert main(argv) == 0, capsys.readouterr().err
     planned = json.loads(capsys.readouterr().out)
-    assert planned["kv_bytes_per_token"] == per_token
-    assert planned["kv_bytes"] == sum(t.nbytes for t in _cache_tensors(out))
+    assert planned["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert planned["kv_bytes"] * held // 2 == sum(t.nbytes for t in _cache_tensors(out))
+    said = "an earlier transformers caches one per query head, 4: 2x this KV"
+    assert any(said in note for note in planned["notes"])
     assert main([*argv, "--engine", "vllm"]) == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
 
