@@ -51,11 +51,13 @@ def add_log_figures(
         data_events = [e for e in data_events if e.cache == main.cache] or data_events
         if data_events:
             last = data_events[-1]
-            kv.batch = event_rows(last)
             # A module cache whose forward does not say where it writes (no `start_pos`) logs 0 tokens:
             # unknown (the manifest's warnings say why), not a cache that holds none.
             unknown = not main.tokens and all(e.source == "module" for e in data_events)
             kv.tokens_held = None if unknown else main.tokens
+            # Its rows are those its input said (logged as `rows` then, all of the tensor's included), else
+            # unknown: a buffer's first dim is its capacity, not the batch
+            kv.batch = (last.rows or None) if unknown else event_rows(last)
             kv.bytes_per_token_expected = (
                 _expected_bytes_per_token(geometry, last.dtype, heads_held_by(last))
                 if _shapes_follow(geometry, data_events)

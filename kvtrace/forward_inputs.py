@@ -60,10 +60,22 @@ class ForwardSignature:
         start_pos = self.start_pos(args, kwargs)
         if start_pos is None:
             return None
-        fed = args[0] if args else kwargs.get(self.first) if self.first else None
-        if not isinstance(fed, torch.Tensor) or fed.dim() < 2:
+        fed = self._fed(args, kwargs)
+        if fed is None:
             return None
         return start_pos + int(fed.shape[1]), int(fed.shape[0])
+
+    def rows(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        """The rows of the forward's input ([batch, seq] ids or [batch, seq, hidden] states), whose rows its
+        cache is written for, also where it does not say where (gpt-fast's `forward(idx, input_pos)`); 0
+        when its first argument is no such tensor."""
+        fed = self._fed(args, kwargs)
+        return 0 if fed is None else int(fed.shape[0])
+
+    def _fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """The forward's first argument where it is a tensor of at least 2 dims; else None."""
+        fed = args[0] if args else kwargs.get(self.first) if self.first else None
+        return fed if isinstance(fed, torch.Tensor) and fed.dim() >= 2 else None
 
 
 def new_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

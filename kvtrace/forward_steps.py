@@ -90,6 +90,7 @@ class ForwardSteps(PlannedSteps):
             self._prefill_left = max(self._prefill_left - new_tokens(args, kwargs), 0)
         if modules is not None and (modules.owners or prefill):  # a prefill may make them (lazy caches)
             modules.progress = self._signature.progress(args, kwargs)
+            modules.rows = 0 if modules.progress is not None else self._signature.rows(args, kwargs)
         if self._profiler_on and threading.get_ident() != self._thread:
             self._forwards_elsewhere += 1
         if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):
@@ -335,6 +336,7 @@ class ForwardSteps(PlannedSteps):
             if (modules.owners or modules._tracked) and modules.scan("track", raised):
                 self._module_tokens_unknown += 1
             modules.progress = None  # writes seen after this forward are not its own
+            modules.rows = 0
         self.tracker.poll_frees()
         assert self._ranges is not None
         if self._ranges.active:

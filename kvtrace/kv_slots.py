@@ -185,10 +185,11 @@ def set_dtype(slot: Slot, dtype: torch.dtype, device: torch.device) -> None:
     slot.device = device_json(device)
 
 
-def with_rows(line: str, rows: int, shape: Any) -> str:
+def with_rows(line: str, rows: int, shape: Any, always: bool = False) -> str:
     """An event line with `rows` added, where they are fewer than the tensor's batch dim: the rows a
-    preallocated buffer's forward used (Meta's `cache_k[:bsz]`), whose tokens are per row of those."""
-    if not shape or rows >= shape[0]:
+    preallocated buffer's forward used (Meta's `cache_k[:bsz]`), whose tokens are per row of those.
+    `always`: added where they are all its rows too (said by a forward that does not say its tokens)."""
+    if not shape or rows > shape[0] or (rows == shape[0] and not always):
         return line
     return f'{line[:-1]},"rows":{rows}}}'
 

@@ -178,8 +178,10 @@ class KvTracker:
     @_locked
     def written_since(self, cache_id: int, layer: int, parts: dict[tuple[str, str], Any]) -> bool:
         """Whether a tensor of `parts` shows a write since the layer was last logged: the very tensor of its
-        slot, its version counter moved. False where nothing shows one (an inference tensor counts no
-        version; a tensor rebound or never seen tells nothing of what it holds). For a forward that raised,
+        slot, its version counter moved, or a tensor on a new storage in place of its slot's (the forward
+        made it: a cache grown by torch.cat). False where nothing shows one (an inference tensor counts no
+        version; a layer never seen, or a new view of its slot's storage, tells nothing of what it holds). For
+        a forward that raised,
         which may have stopped before the layer's write: every version is read, so never per decode step
         (issue 11)."""
         state = self._layers.get((cache_id, layer))
@@ -188,7 +190,12 @@ class KvTracker:
         for (kv, part), value in parts.items():
             for name, tensor in iter_tensors(value, part):
                 slot = state.slots.get((kv, name))
-                if slot is None or slot.tref() is not tensor:
+                if slot is None:
+                    continue
+                if slot.tref() is not tensor:
+                    found = storage_of(tensor)
+                    if found is not None and (found[1] != slot.addr or expired(slot.wref)):
+                        return True
                     continue
                 try:
                     if tensor._version != slot.version:
@@ -455,9 +462,11 @@ class KvTracker:
         prev_tokens: int = -1,
         written: bool = False,
         rows: int = 0,
+        say_rows: bool = False,
     ) -> bool:
         """Compare one tensor with its slot, log what changed; False when it has no storage (skipped).
-        `rows`: the batch rows in use, when known to be fewer than the tensor's (`with_rows`)."""
+        `rows`: the batch rows in use, when known to be fewer than the tensor's, or with `say_rows`
+        (`with_rows`)."""
         slot = slots.get(key)
         try:
             version = tensor._version
@@ -480,7 +489,7 @@ class KvTracker:
                     slot.logical_bytes, slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id,
                     source_json, reason_json if evicted or kind in _REASONED else '""',
                 )
-                self.lines.append(with_rows(line, rows, slot.shape) if rows else line)
+                self.lines.append(with_rows(line, rows, slot.shape, say_rows) if rows else line)
                 if kind in _EVICTING and self._on_evict is not None:
                     self._on_evict(layer, key[0])
                 return True
@@ -563,7 +572,7 @@ class KvTracker:
             evicted, prev_addr, cache_id, source_json,
             reason_json if evicted or kind in _REASONED or cause == "found" else '""',
         )
-        self.lines.append(with_rows(line, rows, shape) if rows else line)
+        self.lines.append(with_rows(line, rows, shape, say_rows) if rows else line)
         if kind in _EVICTING and self._on_evict is not None:
             self._on_evict(layer, key[0])
         if slot is not None and not same_storage and not released:
@@ -594,6 +603,7 @@ class KvTracker:
         rows: int = 0,
         written: bool = False,
         frees_last: bool = False,
+        say_rows: bool = False,
     ) -> bool:
         """Compare the current tensors of one layer with the last seen ones; log what changed, and return
         whether anything of the layer did (frees of other storages found meanwhile aside).
@@ -604,11 +614,14 @@ class KvTracker:
         `whole_layer`, `parts` are only some of the layer's slots (one `track()`): the others are left as
         they are, not taken for vanished. `rows`: the batch rows the tokens are held in, when the caller
         knows them (0: every row of the tensors); an event logs them where they are fewer than its tensor's
-        (a preallocated buffer, partly used). `written`: the caller knows the tensors were written, even if
-        their version says not (an inference tensor's in-place write, which no version counter shows).
-        `frees_last`: the tensors were rebound by other code, seen only afterwards; its old storages are
-        logged freed after all its new ones (an eviction press makes the kept K and V, then rebinds both),
-        unless a new storage took an old one's address, which proves that one was released first.
+        (a preallocated buffer, partly used), or with `say_rows` always (said by a forward that does not say
+        its tokens: the analyzers then know the rows were said). `written`: the caller knows the tensors
+        were written, even if their version says not (an inference tensor's in-place write, which no
+        version counter shows). `frees_last`: the tensors were rebound by other code, seen only afterwards,
+        which made all the new ones before releasing an old one; its old storages are logged freed after all
+        its new ones (an eviction press makes the kept K and V, then rebinds both; a module cache's layer
+        keeps its old K and V in locals until it returns, `ModuleCaches.scan`), unless a new storage took
+        an old one's address, which proves that one was released first.
 
         Storages watched since an earlier observation and released by now are logged freed first, before
         this observation's new storages: they were released since that observation, and a hand-written
@@ -656,6 +669,7 @@ class KvTracker:
                         prev_tokens,
                         written=written,
                         rows=rows,
+                        say_rows=say_rows,
                     ):
                         seen.add(key)
         finally:

@@ -10,6 +10,13 @@ the forward itself, as transformers' StaticCache's come from its updates: Meta's
 and writes `start_pos + seqlen` tokens into the input's rows (`ForwardSignature.progress`), so no tensor is
 read. A forward that does not say leaves the tokens unknown, logged as 0 and named in the run's warnings.
 
+A cache grown by torch.cat is a new storage at every step, and the moment its old one is released decides
+the step's KV peak: `self.k_cache = torch.cat([self.k_cache, k], 2)` releases the old K as the new one is
+bound, before V's copy is made, while `kc = self.k_cache` keeps it until the layer returns, after both
+copies. The scan comes after the forward, so each logged storage is watched through a weak reference whose
+callback CPython runs at its very release: it notes whether a slot logged after it in its layer already held
+its new tensor, and the scan then logs that layer's frees after all its new storages (`ModuleCaches.scan`).
+
 A module cache's layout says which dim holds the positions (`module_cache_layout`): Meta's `cache_k`/`cache_v`
 are [batch, seq, kv_heads, head_dim], gpt-fast's `KVCache.k_cache`/`v_cache` [batch, kv_heads, seq, head_dim].
 Read the wrong way, a buffer's capacity is its heads count (gpt-fast's 32 positions read as 2).
@@ -27,6 +34,7 @@ from typing import Any
 import torch
 
 from kvtrace.format import MODULE_CACHE_ID, TRACK_CACHE_ID
+from kvtrace.kv_slots import dead_ref
 from kvtrace.kv_tracker import KvTracker
 
 # Attribute names that hold a KV cache, mapped to K or V. Extend by passing `cache_attrs=` to `record()`,
@@ -61,7 +69,7 @@ _CONFIG_ATTRS = ("config", "params", "args")
 _LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Owner:
     # Weakly: a cache module the model drops (gpt-fast's `setup_caches()` called again) must die, and free
     # its buffers, as it would unrecorded
@@ -71,6 +79,19 @@ class _Owner:
     layer: int
     layout: str = ""  # "bhsd" | "bshd"; "" until the first tensor decides (`module_cache_layout`)
     heads: tuple[int, ...] = ()  # the KV heads counts its model and modules say, nearest first
+    # The slots of its layer that the scan logs after it (`_released`): where one holds a new tensor when
+    # this one's storage is released, the layer made its new storages before letting the old ones go
+    after: tuple[_Owner, ...] = ()
+    seen: Callable[[], Any] = dead_ref  # the tensor last logged, weakly
+    watch: weakref.ref[Any] | None = None  # its storage, weakly, with `_released` as the callback
+
+    def rebound(self) -> bool:
+        """Whether the attribute holds a tensor other than the one last logged (made since)."""
+        module = self.module_ref()
+        if module is None:
+            return False
+        tensor = getattr(module, self.attr, None)
+        return isinstance(tensor, torch.Tensor) and tensor is not self.seen()
 
     def tensor(self) -> Any:
         """What the attribute holds now; None once its module is gone."""
@@ -142,6 +163,18 @@ def _storage_addr(tensor: torch.Tensor) -> int:
         return 0
 
 
+def _released(owner: _Owner, late: set[int], ref: weakref.ref[Any]) -> None:
+    """Run by CPython as the storage `owner` last logged is released: where a slot its layer's scan logs
+    after it holds its new tensor by then (the old K kept in a local until the layer returns, after V's
+    copy), `owner`'s layer goes into `late`, and the scan logs that layer's frees after all its new
+    storages. A storage released as its own slot is rebound logs its free right after its new one."""
+    if owner.watch is not ref:  # a storage the owner no longer watches
+        return
+    owner.watch = None
+    if any(later.rebound() for later in owner.after):
+        late.add(owner.layer)
+
+
 def layer_from_name(name: str, fallback: int) -> int:
     """`layers.3.attention` -> 3; modules without a number keep their discovery order."""
     match = _LAYER_NUMBER.search(name)
@@ -169,6 +202,13 @@ class ModuleCaches:
         # (tokens per row, rows) the running forward leaves in the module caches, set by the recorder at
         # each forward; None when unknown (outside a forward, or a forward without `start_pos`)
         self.progress: tuple[int, int] | None = None
+        # The running forward's input rows where it says them but not where it writes (no `start_pos`): 0
+        # when unknown, or when `progress` says them
+        self.rows = 0
+        # Layers whose old storages were released after a later slot of theirs held its new tensor
+        # (`_released`): their frees are logged after all their new storages at the next scan
+        self._late_frees: set[int] = set()
+        self._scanned: list[Any] = []  # the tensors `_module_parts` found, in `owners`' order
 
     def discover(self, model: torch.nn.Module) -> int:
         """Find cache tensors on `model`'s modules (in place of those found before); returns how many."""
@@ -185,6 +225,10 @@ class ModuleCaches:
                     owners.append(_Owner(weakref.ref(module), attr, kv, layer, heads=heads))
                     found = True
             order += found
+        for at, owner in enumerate(owners):
+            owner.after = tuple(later for later in owners[at + 1 :] if later.layer == owner.layer)
+        for old in self.owners:
+            old.watch = None  # its callback, which holds it, must not outlive it: the new owners watch
         self.owners = owners
         return len(owners)
 
@@ -283,8 +327,10 @@ class ModuleCaches:
         """Compare every custom cache tensor with its last state; the first scan logs them as created.
         Module caches hold the tokens of `progress` (0: unknown). `raised`: the forward raised, maybe
         before some layers wrote (an OOM in its embedding or its layer 1): a layer holds the new tokens only
-        where a version counter shows its write, else it keeps those it held. Returns whether a module
-        cache's event was logged while its tokens were unknown."""
+        where a version counter or a new storage shows its write, else it keeps those it held. A layer whose
+        old storage was released once a slot logged after it held its new tensor (`_released`) has its
+        frees logged after all its new storages. Returns whether a module cache's event was logged while
+        its tokens were unknown."""
         by_layer = self._module_parts()
         if by_layer is None:  # a module holding a cache is gone: the model re-made its caches
             self.rediscover()
@@ -301,8 +347,13 @@ class ModuleCaches:
             values = [value for parts in by_layer.values() for value in parts.values()]
             addrs = {_storage_addr(t) for t in values if isinstance(t, torch.Tensor)}
             self.tracker.release_dead_at(MODULE_CACHE_ID, addrs)
-        tokens, rows = self.progress or (0, 0)
+        tokens, rows = self.progress or (0, self.rows)
+        # Rows said without tokens are logged even where they are all the tensor's: the analyzers then
+        # know them said, and do not take a buffer's capacity for the batch
+        say_rows = self.progress is None and rows > 0
         tracker = self.tracker
+        late = set(self._late_frees)  # emptied, not replaced: the watches' callbacks hold this set
+        self._late_frees.clear()
         changed = False
         for layer, parts in by_layer.items():
             # A forward that says it wrote new positions did write them, even where no version counter
@@ -313,21 +364,50 @@ class ModuleCaches:
                 # Not shown written: claimed, its tokens would be the forward's, as if it had finished
                 held, written = tracker.tokens(MODULE_CACHE_ID, layer), False
             changed |= tracker.observe(
-                MODULE_CACHE_ID, layer, parts, cause, held, source="module", rows=rows, written=written
+                MODULE_CACHE_ID,
+                layer,
+                parts,
+                cause,
+                held,
+                source="module",
+                rows=rows,
+                written=written,
+                frees_last=layer in late,
+                say_rows=say_rows,
             )
+        self._watch_logged(self._scanned)
+        self._scanned = []
         unknown = changed and self.progress is None
         for layer in list(self._tracked):
             self._observe_tracked(layer, cause)
         return unknown
 
+    def _watch_logged(self, tensors: list[Any]) -> None:
+        """Watch the storage of each module cache tensor just logged (`tensors`, in `owners`' order) that is
+        new since the last scan (`_released`): one identity test per slot where nothing changed, a weak
+        reference per new tensor."""
+        for owner, tensor in zip(self.owners, tensors, strict=False):
+            if not isinstance(tensor, torch.Tensor) or tensor is owner.seen():
+                continue
+            try:
+                owner.seen = weakref.ref(tensor)
+                storage = tensor.untyped_storage()
+                if owner.watch is None or owner.watch() is not storage:
+                    owner.watch = weakref.ref(storage, functools.partial(_released, owner, self._late_frees))
+            except (TypeError, RuntimeError, NotImplementedError):  # no weak reference, or no storage (meta)
+                owner.seen, owner.watch = dead_ref, None
+
     def _module_parts(self) -> dict[int, dict[tuple[str, str], Any]] | None:
-        """The module caches' tensors now, by layer; None when an owning module is gone."""
+        """The module caches' tensors now, by layer (and in `owners`' order in `_scanned`, for the watches);
+        None when an owning module is gone."""
         by_layer: dict[int, dict[tuple[str, str], Any]] = {}
+        scanned = self._scanned = []
         for owner in self.owners:
             module = owner.module_ref()
             if module is None:
                 return None
             tensor = getattr(module, owner.attr, None)
+            scanned.append(tensor)
             if not owner.layout and isinstance(tensor, torch.Tensor):
                 said = self.said_layouts.get(owner.attr)
                 owner.layout = module_cache_layout(owner, module, tuple(tensor.shape), said)
