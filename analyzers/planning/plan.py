@@ -36,6 +36,7 @@ from analyzers.planning.plan_render import format_text, to_json
 from analyzers.planning.plan_types import (
     CACHE_KINDS,
     DEFAULT_RESERVE_FRACTION,
+    PREALLOCATED_CACHES,
     PlanRequest,
     PlanResult,
     Remedy,
@@ -63,7 +64,7 @@ def _steady_context(req: PlanRequest) -> int | None:
     whole, _, window = cache_layout(req)
     if whole or window is None:
         return None
-    if req.cache == "dynamic":
+    if req.cache not in PREALLOCATED_CACHES:  # dynamic, or sliding (a DynamicCache too)
         return None if req.prompt is None else max(req.prompt, window) + 2
     return window + 1  # min(written, window) tokens: written = context - 1
 
@@ -120,7 +121,7 @@ def _evaluate(req: PlanRequest) -> PlanResult:
         kv_peak_bytes=sizes.peak_bytes,
         kv_scale_bytes=sizes.kv_scale_bytes,
         kv_residual_bytes=sizes.kv_residual_bytes,
-        kv_preallocated_bytes=sizes.kv_bytes if req.cache in ("static", "sliding") else 0,
+        kv_preallocated_bytes=sizes.kv_bytes if req.cache in PREALLOCATED_CACHES else 0,
         weights_bytes=weights,
         reserve_bytes=reserve,
         total_bytes=total,
@@ -158,13 +159,14 @@ def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
     if req.geometry.sliding_window is not None:  # its own window is the static cache's line
         longest = min(longest, req.geometry.sliding_window - 1)
     if req.cache in ("dynamic", "static") and longest >= 1:
-
+        # a static window: a dynamic one holds the whole prompt until its first decode step, so at the worst
+        # prompt it saves nothing
         def window_fits(window: int) -> bool:
-            return peak_at(replace(req, cache="sliding", window=window), req.batch, req.context) <= gpu
+            return peak_at(replace(req, cache="static_sliding", window=window), req.batch, req.context) <= gpu
 
         window = _largest(window_fits, cap=longest)
         if window >= 1:
-            peak = peak_at(replace(req, cache="sliding", window=window), req.batch, req.context)
+            peak = peak_at(replace(req, cache="static_sliding", window=window), req.batch, req.context)
             found.append(Remedy("sliding_window", window, peak, True))
     return tuple(found)
 

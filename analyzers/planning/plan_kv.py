@@ -22,8 +22,12 @@ peak is highest at this context (for a dynamic cache, the context less one or tw
 - static: `StaticCache`. The whole `batch * written` is allocated on the first step and written in place:
   the same final KV as dynamic, no growth peak, but all of it from the start (`kv_preallocated_bytes`).
   Its sliding layers hold min(written, window) tokens.
-- sliding: a static-shaped window (`StaticSlidingWindowLayer`): holds min(written, window) tokens, all
-  allocated at the start, no growth peak; its prefill writes the prompt's last window in place.
+- sliding: a `DynamicCache` whose every layer slides at the window (`--window`, else the model's): what
+  `kvtrace demo --cache sliding` records, the dynamic cache's sliding layers above on all layers, the
+  prompt held whole until the first decode step.
+- static_sliding: a `StaticCache` whose every layer slides (`StaticSlidingWindowLayer`): holds
+  min(written, window) tokens, all allocated at the start, no growth peak; its prefill writes the prompt's
+  last window in place. `kvtrace plan` called this one "sliding" before: now the names are demo's.
 - quantized, int2, int4 or int8: `QuantizedCache` (quanto/HQQ backends, `nbits`). `kv_bytes_per_token` stays
   the packed data figure (int4: half a byte an element; int2: a quarter, four a byte in both backends).
   Each group of `quant_group_size` elements also stores a scale and a zero-point in the compute dtype
@@ -54,13 +58,13 @@ peak is highest at this context (for a dynamic cache, the context less one or tw
 
 Beam search (`beams` > 1; the batch is then prompts x beams rows): after every forward, the prefill's and
 the last one's too, `reorder_cache` rebinds each layer's K, then V, to an `index_select` copy while the old
-one is live. A static or sliding cache's peak is its KV plus one layer's K (or V, the wider) whole; a
-dynamic cache's full layers copy all they hold, and its sliding layers copy their view of window - 1 tokens
-into a compact storage, which is what they hold from then on (never the window its cat made), so each
-decode step starts from window - 1 tokens.
+one is live. A static or static_sliding cache's peak is its KV plus one layer's K (or V, the wider) whole;
+a dynamic (or sliding) cache's full layers copy all they hold, and its sliding layers copy their view of
+window - 1 tokens into a compact storage, which is what they hold from then on (never the window its cat
+made), so each decode step starts from window - 1 tokens.
 
-fp8, int8 or int4 in a dynamic, static or sliding cache count the data alone: per-tensor scales, as in
-vLLM's fp8 KV cache, are a few bytes per layer.
+fp8, int8 or int4 in a dynamic, static or sliding cache (either kind) count the data alone: per-tensor
+scales, as in vLLM's fp8 KV cache, are a few bytes per layer.
 
 Apart from the search for what fits (analyzers.planning.plan), which asks for these figures at many
 batches, contexts and windows.
@@ -71,7 +75,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from analyzers.planning.plan_types import PlanRequest, RecordedPeak
+from analyzers.planning.plan_types import PREALLOCATED_CACHES, SLIDING_CACHES, PlanRequest, RecordedPeak
 from analyzers.planning.presets import DTYPE_BITS, dtype_bytes_for
 from analyzers.planning.quantized_cache import (
     QuantoPadding,
@@ -80,6 +84,7 @@ from analyzers.planning.quantized_cache import (
     quantized_kv_peak,
     residual_tokens,
 )
+from analyzers.planning.recorded_dtype import in_compute_dtype
 from kvtrace.errors import KvtraceError
 
 __all__ = [
@@ -143,14 +148,14 @@ def kv_per_token(req: PlanRequest) -> tuple[int, float, int]:
 
 def cache_layout(req: PlanRequest) -> tuple[int, int, int | None]:
     """(layers keeping every token, layers keeping a window, that window) of the cache planned. A sliding
-    cache asked with --window keeps that window on every layer; otherwise the model's own layers decide
-    (Mistral: all slide; Gemma 2: every other one), as transformers' caches do. A quantized cache keeps
-    every token."""
+    cache (either kind) asked with --window keeps that window on every layer; otherwise the model's own
+    layers decide (Mistral: all slide; Gemma 2: every other one), as transformers' caches do. A quantized
+    cache keeps every token."""
     geom = req.geometry
     layers = geom.layers_with_kv
     if req.cache == "quantized":
         return layers, 0, None
-    if req.cache == "sliding" and (req.window is not None or not geom.windowed_layers):
+    if req.cache in SLIDING_CACHES and (req.window is not None or not geom.windowed_layers):
         return 0, layers, req.effective_window
     windowed = geom.windowed_layers
     return layers - windowed, windowed, geom.sliding_window if windowed else None
@@ -260,7 +265,7 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     whole, windowed, window = cache_layout(req)
     width = window or 0
     beams = req.beams > 1
-    if req.cache != "dynamic":  # allocated whole at the first step, written in place; no cat, no copy
+    if req.cache in PREALLOCATED_CACHES:  # allocated whole at the first step, written in place; no cat
         kept = min(written, width)
         final = sum((kept if slides else written) * (k + v) for slides, k, v in layers)
         kv = dtype_bytes_for(req.kv_dtype, final)
@@ -336,9 +341,12 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     Another cache kind, KV dtype, window or beams moves the moment (a static cache's prefill attends over
     all of its length, a dynamic cache peaks at its growth copy): its KV with the run's peak activations, or
     its KV peak with what the run held at its own KV peak (`RecordedPeak.update_activations_bytes`), the
-    larger, an estimate (analyzers.planning.run_peak's note says so)."""
-    rec = req.recorded
-    assert rec is not None
+    larger, an estimate (analyzers.planning.run_peak's note says so).
+
+    A compute dtype wider than the run's (`--dtype fp32` of a bf16 run) grows the activations first, all
+    but those in no model dtype (`in_compute_dtype`)."""
+    assert req.recorded is not None
+    rec = in_compute_dtype(req.recorded, req.effective_compute_dtype)  # a wider dtype's activations
     run = _run_request(req, rec)
     rows = max(batch / rec.batch, 1.0)
     grown = rows * max(_attended(req, context) / _attended(run, rec.context), 1.0)
@@ -504,7 +512,7 @@ def _moment_kv(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) ->
     sizes = kv_sizes(req, batch, context)
     if rec.phase == "prefill":
         return sizes.prefill_bytes
-    if req.cache in ("static", "sliding") or rec.tokens >= rec.context - 1:
+    if req.cache in PREALLOCATED_CACHES or rec.tokens >= rec.context - 1:
         return sizes.kv_bytes
     tokens = min(rec.tokens, context - 1)
     return kv_sizes(replace(req, prompt=None), batch, tokens + 1).kv_bytes if tokens >= 1 else 0

@@ -8,7 +8,15 @@ from dataclasses import asdict
 from typing import Any
 
 from analyzers.planning.plan_kv import cache_layout
-from analyzers.planning.plan_types import DEFAULT_RESERVE_FRACTION, GIB, MIB, PlanRequest, PlanResult, Remedy
+from analyzers.planning.plan_types import (
+    DEFAULT_RESERVE_FRACTION,
+    GIB,
+    MIB,
+    PREALLOCATED_CACHES,
+    PlanRequest,
+    PlanResult,
+    Remedy,
+)
 
 __all__ = ["format_text", "to_json"]
 
@@ -68,8 +76,9 @@ def _sentence(fix: Remedy, req: PlanRequest) -> str:
             f"peak becomes {_size(fix.peak_bytes)}, which {outcome}."
         )
     return (
-        f"Keep only the last {fix.setting:,} tokens with a sliding-window cache (--cache sliding --window "
-        f"{fix.setting}); a model not trained with that window answers worse beyond it."
+        f"Keep only the last {fix.setting:,} tokens with a static sliding-window cache (--cache "
+        f"static_sliding --window {fix.setting}); a model not trained with that window answers worse beyond "
+        "it."
     )
 
 
@@ -109,7 +118,7 @@ def format_text(result: PlanResult) -> str:
         rows.append(("KV peak", _size(result.kv_peak_bytes)))
     elif result.dynamic_realloc_peak_bytes:
         label = "cache growth peak" if req.beams == 1 else "growth and beam reorder peak"
-        if req.beams > 1 and req.cache != "dynamic":
+        if req.beams > 1 and req.cache in PREALLOCATED_CACHES:
             label = "beam reorder peak"
         rows.append((label, _size(result.dynamic_realloc_peak_bytes)))
     if req.recorded is not None:

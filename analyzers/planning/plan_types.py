@@ -21,14 +21,22 @@ __all__ = [
     "FLOAT_DTYPES",
     "GIB",
     "MIB",
+    "PREALLOCATED_CACHES",
     "QUANTIZED_KV_DTYPES",
+    "SLIDING_CACHES",
     "PlanRequest",
     "PlanResult",
     "RecordedPeak",
     "Remedy",
 ]
 
-CACHE_KINDS = ("dynamic", "static", "sliding", "quantized")
+# The names `kvtrace demo` and `record` give them: "sliding" is a DynamicCache whose every layer slides
+# (DynamicSlidingWindowLayer: it holds the whole prompt until the first decode step and grows by cat),
+# "static_sliding" a StaticCache whose every layer does (StaticSlidingWindowLayer: its window allocated at
+# the start, written in place). One name, one cache, in every subcommand.
+CACHE_KINDS = ("dynamic", "static", "sliding", "static_sliding", "quantized")
+SLIDING_CACHES = ("sliding", "static_sliding")  # those that take a window
+PREALLOCATED_CACHES = ("static", "static_sliding")  # allocated whole at the first step, no growth copy
 QUANTIZED_KV_DTYPES = ("int2", "int4", "int8", "fp8")  # quanto/HQQ, and the fp8 backend
 FLOAT_DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_RESERVE_FRACTION = 0.1
@@ -73,6 +81,15 @@ class RecordedPeak:
     # (run_peak's `update_beside`): what another cache's update copies are priced beside, rather than the
     # peak moment's activations (the logits at a step's end); None: not told
     update_activations_bytes: int | None = None
+    # the float dtype the run computed in (its model's: bf16, fp16, fp32), that of its activations; a plan
+    # in a wider one grows them (analyzers.planning.recorded_dtype); None: not known, kept as measured
+    compute_dtype: str | None = None
+    # of `activations_bytes`, `prefill_activations_bytes` and `update_activations_bytes`, those in no model
+    # dtype (generate's float32 logits, the vocabulary-long vectors: run_peak's `dtype_fixed_bytes`), which
+    # another compute dtype leaves as they are; None: not told apart, all follow the dtype
+    dtype_fixed_bytes: int | None = None
+    prefill_dtype_fixed_bytes: int | None = None
+    update_dtype_fixed_bytes: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +99,8 @@ class PlanRequest:
     reserve_bytes / reserve_fraction: memory kept out of the plan; give at most one (neither: 10% of
     the GPU, which stands for the activations among the rest; `kvtrace plan --from-run` measures those and
     keeps no reserve unless one is typed). A larger reserve makes the answer safer and the batch smaller.
-    window: tokens a sliding cache keeps (default: the model's own `sliding_window`); only for "sliding".
+    window: tokens a sliding cache keeps on every layer (default: the model's own `sliding_window`); only for
+    "sliding" (the dynamic one kvtrace demo and record name so) and "static_sliding".
     quant_group_size / residual_length: QuantizedCache's `q_group_size` (64) and `residual_length` (128);
     a smaller group means more scales, a longer residual more full-precision tokens. The fp8 backend
     (kv_dtype "fp8") takes neither: one scale per tensor, no residual.
@@ -176,9 +194,9 @@ class PlanRequest:
                 f"a quantized cache stores int2, int4 or int8 (quanto, HQQ) or fp8 (its fp8 backend), "
                 f"not {self.kv_dtype}"
             )
-        if self.cache != "sliding" and self.window is not None:
-            raise KvtraceError("a window only applies to the sliding cache")
-        if self.cache == "sliding" and self.effective_window is None:
+        if self.cache not in SLIDING_CACHES and self.window is not None:
+            raise KvtraceError("a window only applies to a sliding cache (sliding, static_sliding)")
+        if self.cache in SLIDING_CACHES and self.effective_window is None:
             raise KvtraceError(
                 f"{self.geometry.name} has no sliding window: give one with --window (tokens kept)"
             )
@@ -206,7 +224,7 @@ class PlanRequest:
 
     @property
     def effective_window(self) -> int | None:
-        if self.cache != "sliding":
+        if self.cache not in SLIDING_CACHES:
             return None
         return self.window if self.window is not None else self.geometry.sliding_window
 

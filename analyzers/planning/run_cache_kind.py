@@ -39,7 +39,9 @@ def logged_window(
 ) -> tuple[ModelGeometry, str, int | None]:
     """The model as the run's cache saw it, where the cache slid at a window the model's config lacks (a
     sliding cache built from a config of its own): its layers that evicted for a window slide at it. With
-    it the cache kind, and the window of a sliding cache to plan where every layer of a static one slid.
+    it the cache kind, and the window to plan where every layer slid: "sliding" for a DynamicCache's,
+    "static_sliding" for a StaticCache's, the names `kvtrace demo --cache` gives the two, so that the plan
+    of the run prices what was recorded and a typed --window or --cache keeps its meaning.
 
     The window is exact from an evicting update: a DynamicSlidingWindowLayer keeps a view of its last
     window - 1 tokens in the larger storage its cat made; a StaticSlidingWindowLayer is its storage of
@@ -73,9 +75,11 @@ def logged_window(
         if static
         else f"{window - 1} tokens, a DynamicSlidingWindowLayer's window - 1"
     )
+    kind = ("static_sliding" if static else "sliding") if every else None
     planned = (
-        f"planned as a sliding cache of that window (--cache sliding --window {window})"
-        if static and every
+        f"planned as a {'static ' if static else ''}sliding cache of that window (--cache {kind} --window "
+        f"{window})"
+        if kind
         else "planned with the model's layers sliding at that window"
     )
     notes.append(
@@ -83,8 +87,8 @@ def logged_window(
         f"(its window evictions, each layer holding {kept}), a window the model's config does not give: "
         f"{planned}"
     )
-    if static and every:
-        return windowed, "sliding", window
+    if kind:
+        return windowed, kind, window
     return windowed, "static" if static else "dynamic", None
 
 

@@ -51,7 +51,9 @@ class RunDefaults:
     weights_bytes: int  # every weight storage the run's devices held at its end
     weights_dtype: str | None  # the model's float dtype (bf16, fp16, fp32)
     kv_dtype: str | None  # what the cache stored (its last KV data event's dtype; int4/int8 packed)
-    cache: str  # dynamic, static or quantized: the transformers cache the log shows
+    # dynamic, static, sliding, static_sliding or quantized: the transformers cache the log shows (the
+    # sliding ones where every layer evicted for a window the model's config lacks, `logged_window`)
+    cache: str
     batch: int | None  # rows of the run's main cache
     beams: int  # num_beams of a beam search (1 otherwise)
     # prompt + new tokens of the call that wrote the main cache (its static length); of a run cut short, the
@@ -67,7 +69,7 @@ class RunDefaults:
     quant_group_size: int | None = None  # a QuantizedCache's q_group_size, where the log shows it
     residual_length: int | None = None  # and its residual_length, where it requantized
     quant_backend: str | None = None  # and its backend ("quanto", "hqq"), as its packed parts' names say
-    window: int | None = None  # a sliding cache's window (cache "sliding"), where the log shows it
+    window: int | None = None  # a sliding cache's window (sliding, static_sliding), where the log shows it
 
 
 def run_defaults(path: str | Path) -> RunDefaults:

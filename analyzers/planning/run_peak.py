@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +22,16 @@ if TYPE_CHECKING:
     from analyzers.model import MemorySource
     from analyzers.summary import Report
 
-__all__ = ["PeakMoment", "peak_moment", "prefill_beside", "recorded_note", "update_beside"]
+__all__ = [
+    "PeakMoment",
+    "dtype_fixed_bytes",
+    "peak_moment",
+    "prefill_beside",
+    "recorded_note",
+    "update_beside",
+]
+
+_HALF_FLOATS = {"bfloat16": 2, "float16": 2}  # a model's 16-bit compute dtypes, whose bytes an element
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,11 @@ class PeakMoment:
     prefill_activations_bytes: int | None = None
     # held beside the weights and KV at the KV log's peak, a cache update's transient (`update_beside`)
     update_activations_bytes: int | None = None
+    # of the activations at the peak, at the prefill's and at the update's, those in no model dtype
+    # (`dtype_fixed_bytes`): a wider compute dtype grows the rest; None: not told apart
+    dtype_fixed_bytes: int | None = None
+    prefill_dtype_fixed_bytes: int | None = None
+    update_dtype_fixed_bytes: int | None = None
 
 
 def peak_moment(path: str | Path) -> PeakMoment | str:
@@ -62,6 +76,10 @@ def peak_moment(path: str | Path) -> PeakMoment | str:
     diagnosis = diagnose(source, report)
     at_peak = main.categories_at_peak
     beside = main.peak_allocated_bytes - at_peak.get("weights", 0) - at_peak.get("kv", 0)
+    prefill, prefill_at = _prefill_beside_at(source, report)
+    update, update_at = _update_beside_at(source, report)
+    timeline = _main_timeline(source, report)
+    peak_at = int(np.argmax(timeline[1].allocated)) if timeline and len(timeline[1].ts_us) else None
     return PeakMoment(
         peak_bytes=main.peak_allocated_bytes,
         activations_bytes=max(beside, 0),
@@ -70,9 +88,46 @@ def peak_moment(path: str | Path) -> PeakMoment | str:
         batch=diagnosis.batch,
         cut_short=diagnosis.event == "oom" or diagnosis.step_cut,
         row_activation_bytes=diagnosis.row_activation_bytes,
-        prefill_activations_bytes=prefill_beside(source, report),
-        update_activations_bytes=update_beside(source, report),
+        prefill_activations_bytes=prefill,
+        update_activations_bytes=update,
+        dtype_fixed_bytes=dtype_fixed_bytes(source, report, peak_at),
+        prefill_dtype_fixed_bytes=dtype_fixed_bytes(source, report, prefill_at),
+        update_dtype_fixed_bytes=dtype_fixed_bytes(source, report, update_at),
     )
+
+
+def dtype_fixed_bytes(source: MemorySource, report: Report, index: int | None) -> int | None:
+    """Bytes of the allocations beside the weights and KV live after the main device's event `index` that
+    keep their size whatever the model computes in: generate()'s float32 copies of the last position's
+    logits (rows x vocab x 4: it upcasts them) and the logits processors' vectors over the vocabulary
+    (bool, float32, int64). A plan in a wider compute dtype than the run's (`--dtype fp32` of a bf16 run)
+    grows the rest. Their sizes tell them from the model's own tensors only in a 16-bit model (in a
+    float32 one every float is float32), so None for another, or where the events carry no addresses;
+    the model's own logits (rows x vocab in its dtype) are never counted, whatever their size."""
+    from analyzers.model import OTHER
+    from analyzers.planning.diagnose_stacks import live_sizes
+
+    geometry, main, rows = report.geometry or {}, report.main_device, report.kv.batch
+    element = _HALF_FLOATS.get(str(geometry.get("dtype")))
+    vocab = geometry.get("vocab_size")
+    if index is None or index < 0 or main is None or not element or not isinstance(vocab, int) or not rows:
+        return None
+    dev = next((d for d in source.devices if d.device == main.device), None)
+    if dev is None or not bool((dev.addr >= 0).any()):
+        return None
+    fixed = {rows * vocab * 4, vocab, vocab * 4, vocab * 8} - {rows * vocab * element}
+    return sum(nbytes for nbytes in live_sizes(dev, index, OTHER) if nbytes in fixed)
+
+
+def _main_timeline(source: MemorySource, report: Report) -> tuple[int, Any] | None:
+    """(index among the source's devices, timeline) of the report's main device; None without one."""
+    main = report.main_device
+    if main is None or not report.timelines:
+        return None
+    dev_index = next((i for i, d in enumerate(source.devices) if d.device == main.device), None)
+    if dev_index is None or dev_index >= len(report.timelines):
+        return None
+    return dev_index, report.timelines[dev_index]
 
 
 def update_beside(source: MemorySource, report: Report) -> int | None:
@@ -82,16 +137,17 @@ def update_beside(source: MemorySource, report: Report) -> int | None:
     K and V) sit beside these, not beside the run's peak moment's, which are the logits a step ends with
     (the tour's demo at batch 8: 8.12 MiB at its update, 24.61 MiB at its peak). None where the run does not
     tell: no transient, no timeline."""
+    return _update_beside_at(source, report)[0]
+
+
+def _update_beside_at(source: MemorySource, report: Report) -> tuple[int | None, int | None]:
+    """`update_beside`, and the main device's event index it was read at (None where not told)."""
     kv_log = source.meta.get("kv")
-    main = report.main_device
-    if kv_log is None or main is None or not report.timelines or kv_log.peak_bytes <= kv_log.final_bytes:
-        return None
-    dev_index = next((i for i, d in enumerate(source.devices) if d.device == main.device), None)
-    if dev_index is None or dev_index >= len(report.timelines):
-        return None
-    timeline = report.timelines[dev_index]
-    at = int(np.searchsorted(timeline.ts_us, kv_log.peak_t_ns / 1000.0, side="right")) - 1
-    return int(timeline.by_category["other"][at]) if at >= 0 else None
+    timeline = _main_timeline(source, report)
+    if kv_log is None or timeline is None or kv_log.peak_bytes <= kv_log.final_bytes:
+        return None, None
+    at = int(np.searchsorted(timeline[1].ts_us, kv_log.peak_t_ns / 1000.0, side="right")) - 1
+    return (int(timeline[1].by_category["other"][at]), at) if at >= 0 else (None, None)
 
 
 def prefill_beside(source: MemorySource, report: Report) -> int | None:
@@ -101,29 +157,34 @@ def prefill_beside(source: MemorySource, report: Report) -> int | None:
     came late that holds the run's decode KV and its growth copy as well (the tour's demo planned at batch
     12, context 40: 66.35 MiB of "activations" where the batch-12 recording held 36.34 MiB). None where
     the run does not tell: no step of its log a whole prefill (cut short in it), no timeline."""
+    return _prefill_beside_at(source, report)[0]
+
+
+def _prefill_beside_at(source: MemorySource, report: Report) -> tuple[int | None, int | None]:
+    """`prefill_beside`, and the main device's event index of that most (None where not told)."""
     kv_log = source.meta.get("kv")
-    main = report.main_device
-    if kv_log is None or main is None or not report.timelines:
-        return None
-    dev_index = next((i for i, d in enumerate(source.devices) if d.device == main.device), None)
-    if dev_index is None or dev_index >= len(report.timelines):
-        return None
-    timeline = report.timelines[dev_index]
+    found = _main_timeline(source, report)
+    if kv_log is None or found is None:
+        return None, None
+    timeline = found[1]
     beside = timeline.by_category["other"]  # allocated less weights and KV, after each event
     # Where each step began as `diagnose` counts it: a module cache's first KV line (`cache_k`, scanned at
     # the forward's end) would put the prefill's own activations outside its window and the next decode
     # forward's inside it
     starts = step_starts(source)
     cut_step = kv_log.cut.step if kv_log.cut is not None else None
-    found: int | None = None
+    most: int | None = None
+    most_at: int | None = None
     for i, (start_us, step, phase) in enumerate(starts):
         if (kv_log.step_phase.get(step) or phase) != "prefill" or step == cut_step:
             continue
         end_us = starts[i + 1][0] if i + 1 < len(starts) else np.inf
-        inside = (timeline.ts_us >= start_us) & (timeline.ts_us < end_us)
-        if inside.any():
-            found = max(found or 0, int(beside[inside].max()))
-    return found
+        inside = np.flatnonzero((timeline.ts_us >= start_us) & (timeline.ts_us < end_us))
+        if len(inside):
+            at = int(inside[np.argmax(beside[inside])])
+            if most is None or int(beside[at]) > most:
+                most, most_at = int(beside[at]), at
+    return most, most_at
 
 
 def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, rows_told: bool) -> str:

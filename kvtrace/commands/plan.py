@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 DTYPES = ("bf16", "fp16", "fp32", "fp8", "int8", "int4")
 KV_DTYPES = (*DTYPES, "int2")  # a QuantizedCache of nbits=2; no weights format is planned at 2 bits
-CACHES = ("dynamic", "static", "sliding", "quantized")
+# demo's and record's names: sliding a DynamicCache's window, static_sliding a StaticCache's
+CACHES = ("dynamic", "static", "sliding", "static_sliding", "quantized")
 
 
 def parse_reserve(text: str) -> tuple[int | None, float | None]:
@@ -101,7 +102,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         prompt=run.prompt,
         cache=run.cache,
         kv_dtype=run.kv_dtype or ("int4" if run.cache == "quantized" else default_kv),
-        window=run.window if run.cache == "sliding" else None,
+        window=run.window if run.cache in ("sliding", "static_sliding") else None,
         beams=run.beams,
         quant_group_size=group_size,
         residual_length=residual_length,
@@ -111,6 +112,10 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         row_activation_bytes=moment.row_activation_bytes if moment.batch == (run.batch or 1) else None,
         prefill_activations_bytes=moment.prefill_activations_bytes,
         update_activations_bytes=moment.update_activations_bytes,
+        compute_dtype=run.weights_dtype,  # a float dtype, the model's, where the run says
+        dtype_fixed_bytes=moment.dtype_fixed_bytes,
+        prefill_dtype_fixed_bytes=moment.prefill_dtype_fixed_bytes,
+        update_dtype_fixed_bytes=moment.update_dtype_fixed_bytes,
     )
 
 
@@ -199,12 +204,19 @@ class PlanCommand(Command):
             "replace the guess, and a typed reserve is kept on top of them",
         )
         parser.add_argument(
-            "--cache", choices=CACHES, help="transformers cache kind (default dynamic, or the run's)"
+            "--cache",
+            choices=CACHES,
+            help="transformers cache kind (default dynamic, or the run's), named as `kvtrace demo --cache` "
+            "names them: sliding is a DynamicCache whose every layer keeps a window (it holds the whole "
+            "prompt until the first decode step, and grows by copies), static_sliding a StaticCache whose "
+            "every layer does (the window allocated at the start, no growth copy; what plan called sliding "
+            "until the names were made demo's)",
         )
         parser.add_argument(
             "--window",
             type=int,
-            help="tokens a sliding cache keeps (sliding only; default the model's, or the run's)",
+            help="tokens a sliding or static_sliding cache keeps on every layer (default the model's, or the "
+            "run's)",
         )
         parser.add_argument(
             "--block-size",
@@ -370,8 +382,8 @@ class PlanCommand(Command):
                 )
         group_size, residual_length = _quantized_settings(run, cache)
         window = args.window
-        if window is None and run is not None and cache == "sliding":
-            window = run.window  # the window the run's static sliding cache kept, where the log shows it
+        if window is None and run is not None and cache in ("sliding", "static_sliding"):
+            window = run.window  # the window the run's sliding cache kept, where the log shows it
         request = PlanRequest(
             geometry=geometry,
             weights_dtype=weights_dtype,

@@ -175,12 +175,18 @@ def test_dynamic_and_static_hold_the_same_kv_but_only_dynamic_has_a_growth_peak(
 
 
 def test_sliding_window_caps_the_tokens_held() -> None:
-    long = plan(request(batch=2, context=10_000, cache="sliding", window=4096))
-    short = plan(request(batch=2, context=1000, cache="sliding", window=4096))
+    long = plan(request(batch=2, context=10_000, cache="static_sliding", window=4096))
+    short = plan(request(batch=2, context=1000, cache="static_sliding", window=4096))
     assert long.kv_bytes == 2 * 4096 * 131_072
     assert short.kv_bytes == 2 * 999 * 131_072  # the last of the 1000 tokens is never written
     assert long.dynamic_realloc_peak_bytes == 0
     assert long.max_context is None  # the window caps the KV, so any context fits
+    # The dynamic one (demo's `sliding`) holds the worst prompt, 9,998 tokens, until its first decode step,
+    # when layer 0 makes its window's K and V beside it
+    dynamic = plan(request(batch=2, context=10_000, cache="sliding", window=4096))
+    assert dynamic.kv_bytes == long.kv_bytes and dynamic.kv_preallocated_bytes == 0
+    assert dynamic.kv_peak_bytes == 2 * 9998 * 131_072 + 2 * 4096 * 131_072 // 32
+    assert dynamic.max_context is not None  # the worst prompt grows with the context
 
 
 def test_sliding_window_defaults_to_the_models_own() -> None:
@@ -408,7 +414,7 @@ def test_remedies_when_kv_does_not_fit() -> None:
     text = format_text(result)
     assert "NO" in text
     assert f"Lower the batch to {result.max_batch}" in text
-    assert "--cache quantized" in text and "--cache sliding" in text
+    assert "--cache quantized" in text and "--cache static_sliding" in text
     assert plan(request()).remedies == ()
 
 
