@@ -7,7 +7,8 @@ Definitions, so that a group's JSON reads the same whatever the parallelism:
   row sums each rank's main cache: cache ids are each process's own, never matched across ranks.
 * Token counts (tokens held, evicted tokens, batch) are the largest rank's: tensor-parallel ranks hold the
   same tokens, each for its own KV heads, so adding them up would count each token once per rank. Data
-  parallel ranks (all KV heads, whole attention weights) add them up.
+  parallel ranks (different rows or tokens, or all KV heads and whole attention weights) add them up. When
+  the runs cannot tell which (`parallelism.group_reading`), the figures that depend on it are left unknown.
 * A rank's arithmetic bytes per token counts the KV heads its cache tensors hold (a tensor-parallel rank
   holds a share of the model's); the group's is the sum over ranks.
 * The group's memory peak (`peak_allocated_bytes`, `categories_at_peak`) is the peak rank's: the device
@@ -26,7 +27,7 @@ from typing import Any
 from analyzers.attribution import attribute
 from analyzers.compare import RunFigures, generated, run_figures
 from analyzers.model import MemorySource
-from analyzers.parallelism import holds_all_kv_heads, sharded_attention
+from analyzers.parallelism import Reading, group_reading, holds_all_kv_heads, sharded_attention
 from analyzers.readers.run_group import RankRun, read_run_group
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import KvSummary, LayerSummary, Report, summarize
@@ -77,7 +78,8 @@ class GroupReport:
     focus_rank: int
     focus_reason: str  # "ran out of memory" | "raised <Type>" | "never finished" | "peaked"
     notes: list[str] = field(default_factory=list)
-    replicas: bool = False  # every rank holds all KV heads: data parallel, each rank its own sequences
+    replicas: bool = False  # data parallel: each rank its own sequences (see parallelism.group_reading)
+    reading: Reading = "tensor"  # how token figures combine; "unknown": batch, token rows, tokens/s not given
 
     def rank(self, rank: int) -> RankReport:
         return next(r for r in self.ranks if r.rank == rank)
@@ -102,15 +104,6 @@ def _rank_report(run: RankRun) -> RankReport:
     )
 
 
-def _replicas(ranks: list[RankReport]) -> bool:
-    """Whether the ranks are data parallel (each its own sequences), not tensor parallel (the same
-    sequences, each rank a share of the heads): every rank holds all KV heads and no rank's attention
-    weights are a share of the model's. Tensor parallelism over more ranks than KV heads (Llama 3 70B at
-    TP 16, a single-KV-head model at TP 2) gives every rank copies of the KV heads it needs: all of them
-    when there is one, so the heads alone cannot tell."""
-    return _all_heads(ranks) and not any(sharded_attention(r.report, r.source) for r in ranks)
-
-
 def _replicated_heads(ranks: list[RankReport]) -> bool:
     """Tensor parallel with every rank holding all KV heads (copies): its attention weights are shares."""
     return _all_heads(ranks) and any(sharded_attention(r.report, r.source) for r in ranks)
@@ -120,9 +113,10 @@ def _all_heads(ranks: list[RankReport]) -> bool:
     return len(ranks) >= 2 and all(holds_all_kv_heads(r.report, r.source) for r in ranks)
 
 
-def _sum_kv(kvs: list[KvSummary], replicas: bool = False) -> KvSummary:
+def _sum_kv(kvs: list[KvSummary], reading: Reading = "tensor") -> KvSummary:
     """KV figures of the ranks together. Bytes add up either way; tokens and rows do only for replicas
-    (data parallel: the ranks' sequences are different ones), whose bytes per token are one rank's.
+    (data parallel: the ranks' sequences are different ones), whose bytes per token are one rank's. An
+    unknown reading gives no batch, token rows nor bytes per token: one rank's and the sum differ.
 
     One row per layer: each rank's main cache (the one its tokens and batch describe), summed over the
     ranks. Cache ids are each process's own count (rank 0's second generate() call and rank 1's first can
@@ -153,6 +147,7 @@ def _sum_kv(kvs: list[KvSummary], replicas: bool = False) -> KvSummary:
         else None
     )
     evicted = max((kv.evicted_tokens for kv in kvs), default=0)
+    replicas = reading == "data"
     if replicas:
         batch = sum(kv.batch or 0 for kv in kvs) or None
         token_rows = sum((kv.tokens_held or 0) * (kv.batch or 0) for kv in kvs)
@@ -168,6 +163,9 @@ def _sum_kv(kvs: list[KvSummary], replicas: bool = False) -> KvSummary:
         capacity_rows = sum(room_rows) if replicas else max(room_rows)
         capacity_tokens = max(kv.capacity_tokens or 0 for kv in kvs)
         per_token = main_final / (capacity_rows * capacity_tokens) if main_final else None
+    if reading == "unknown":
+        batch = expected = per_token = capacity_rows = capacity_tokens = None
+        token_rows = 0
     return KvSummary(
         peak_bytes=sum(kv.peak_bytes for kv in kvs),
         final_bytes=final,
@@ -227,7 +225,7 @@ def _stopped_ns(rank: RankReport) -> float:
     return max(last, default=float("inf"))
 
 
-def _total(path: str, ranks: list[RankReport], replicas: bool) -> Report:
+def _total(path: str, ranks: list[RankReport], reading: Reading, reading_note: str | None) -> Report:
     devices = [
         dataclasses.replace(dev, device=f"rank{r.rank}/{dev.device}")
         for r in ranks
@@ -237,11 +235,8 @@ def _total(path: str, ranks: list[RankReport], replicas: bool) -> Report:
     ooms = [r for r in ranks if r.report.oom is not None]
     oom = {**ooms[0].report.oom, "rank": ooms[0].rank} if ooms else None  # type: ignore[dict-item]
     notes = [f"rank {r.rank}: {note}" for r in ranks for note in r.report.notes]
-    if replicas:
-        notes.append(
-            "every rank holds all KV heads (data parallel: each its own sequences): bytes per token are one "
-            "rank's, batch and evicted tokens the ranks' sum"
-        )
+    if reading_note is not None:
+        notes.append(reading_note)
     elif _replicated_heads(ranks):
         notes.append(
             "every rank holds all KV heads, but a share of the attention weights (tensor parallel, each rank "
@@ -258,7 +253,7 @@ def _total(path: str, ranks: list[RankReport], replicas: bool) -> Report:
         source_kind="run_group",
         path=path,
         devices=devices,
-        kv=_sum_kv([r.report.kv for r in ranks], replicas),
+        kv=_sum_kv([r.report.kv for r in ranks], reading),
         geometry=first.geometry,
         steps=max(r.report.steps for r in ranks),
         markers=sum(r.report.markers for r in ranks),
@@ -291,8 +286,8 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
     ooms = [r for r in ranks if r.report.oom is not None]
     oom_rank = min(ooms, key=lambda r: (r.report.oom or {}).get("time") or 0.0).rank if ooms else None
     focus_rank, reason = _focus(ranks, oom_rank, peak.rank)
-    replicas = _replicas(ranks)
-    total = _total(str(group.path), ranks, replicas)
+    reading, reading_note = group_reading(ranks)
+    total = _total(str(group.path), ranks, reading, reading_note)
     return GroupReport(
         path=str(group.path),
         world_size=group.world_size,
@@ -305,7 +300,8 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
         focus_rank=focus_rank,
         focus_reason=reason,
         notes=group.notes + total.notes,
-        replicas=replicas,
+        replicas=reading == "data",
+        reading=reading,
     )
 
 
@@ -352,6 +348,10 @@ def group_figures(group: GroupReport, label: str) -> RunFigures:
     figures = run_figures(base.source, group.total, label)
     if group.replicas:
         figures = dataclasses.replace(figures, **_replica_rates(group))
+    elif group.reading == "unknown":  # rank 0's rate or the ranks' sum: which, the runs do not say
+        figures = dataclasses.replace(
+            figures, tokens_per_second=None, tokens_per_second_per_row=None, generated_tokens_per_row=None
+        )
     logs = [kv for kv in (rank.source.meta.get("kv") for rank in group.ranks) if kv is not None]
     steps = tuple(sorted({step for kv_log in logs for step in kv_log.step_live}))
     # A rank with no event at a step (it died, or writes in place) still holds what it held before.

@@ -303,7 +303,42 @@ def model_geometry(model: Any, notes: list[str] | None = None) -> dict[str, Any]
     try:
         first = next(model.parameters())
         geometry["dtype"] = str(first.dtype).removeprefix("torch.")
-        geometry["parameters"] = sum(p.numel() for p in model.parameters())
+        own = sum(p.numel() for p in model.parameters())
+        whole = own + _unseen_shares(model)
+        geometry["parameters"] = whole
+        if whole != own:
+            geometry["parameters_per_rank"] = own
     except (StopIteration, AttributeError, TypeError):
         pass
     return geometry
+
+
+# Tensor-parallel layers (fairscale's and Megatron's) keep the whole size beside this rank's share: the
+# attribute of the share, the names of the whole, and the dimension of their weight it splits. A 1-D
+# parameter of a layer split along its input (a row-parallel bias) is whole on every rank.
+_SPLIT_SIZES = (
+    ("output_size_per_partition", ("out_features", "output_size"), 0),
+    ("num_embeddings_per_partition", ("num_embeddings",), 0),
+    ("input_size_per_partition", ("in_features", "input_size"), 1),
+    ("embedding_dim_per_partition", ("embedding_dim",), 1),
+)
+
+
+def _unseen_shares(model: Any) -> int:
+    """Parameters the other tensor-parallel ranks hold and this one does not: the model's count is its
+    whole, as a single process or a Hugging Face `tp_plan` (DTensor weights count their global size) gives
+    it, consistent with the whole model's heads beside it. Each split layer's own parameters cut along the
+    split dimension count once per share."""
+    unseen = 0
+    for module in model.modules():
+        for share_name, whole_names, dim in _SPLIT_SIZES:
+            share = getattr(module, share_name, None)
+            wholes = (getattr(module, name, None) for name in whole_names)
+            whole = next((size for size in wholes if isinstance(size, int)), 0)
+            if not (isinstance(share, int) and 0 < share < whole and whole % share == 0):
+                continue
+            for param in module.parameters(recurse=False):
+                if param.dim() > dim and param.shape[dim] == share:
+                    unseen += param.numel() * (whole // share - 1)
+            break
+    return unseen

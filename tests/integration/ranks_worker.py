@@ -13,7 +13,8 @@ and given to `kvtrace.track`: OUT_DIR/said with `layout="bshd"`, OUT_DIR/unsaid 
 `hf-tp-replicated-kv` (a Hugging Face Llama of one KV head split by hand: each rank half the query heads
 and a copy of the KV head), `hf-dp-overwrite` (`hf-dp` recorded with `overwrite=True`), `hf-dp-two-caches`
 (`hf-dp`, rank 0 with two caches one after the other) or `hf-dp-kill-first` (`hf-dp`, the last rank
-SIGKILLed first, rank 0 a second later). Each rank
+SIGKILLed first, rank 0 a second later), `module-dp-uneven` / `module-dp-even` (a hand-written decoder with
+no geometry, data parallel; see ranks_module_dp.py). Each rank
 writes FACTS_DIR/rank-<r>.json: what it measured on its own cache tensors, independently of kvtrace, for
 the test to compare with `kvtrace report --json`.
 """
@@ -70,6 +71,7 @@ def reference_cache_facts(model: torch.nn.Module) -> dict[str, object]:
         "shapes": [list(t.shape) for t in tensors],
         "dtype_bytes": tensors[0].element_size(),
         "storages": len({t.untyped_storage().data_ptr() for t in tensors}),
+        "parameters": sum(p.numel() for p in model.parameters()),  # this rank's shards and copies
     }
 
 
@@ -385,6 +387,10 @@ def main() -> None:
             run_hf_data_parallel_killed(out_dir, facts_dir)
         elif mode == "track-bshd":
             run_tracked_bshd(out_dir, facts_dir)
+        elif mode in ("module-dp-uneven", "module-dp-even"):
+            from ranks_module_dp import run_module_data_parallel
+
+            run_module_data_parallel(out_dir, facts_dir, uneven=mode == "module-dp-uneven")
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     finally:

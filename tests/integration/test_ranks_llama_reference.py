@@ -108,6 +108,33 @@ def test_rank_kv_bytes_equal_the_rank_cache_tensors_and_the_total_their_sum(grou
     assert [d["rank"] for d in data["devices"]] == list(range(WORLD))
 
 
+def _whole_model_parameters() -> int:
+    """The reference Llama's parameters in one process, from its code's shapes: the embedding and output
+    (vocab x dim), per layer wq, wk, wv, wo, the SwiGLU's w1, w2, w3 (dim x hidden, hidden from 4 x dim:
+    2/3 of it rounded up to multiple_of 256) and two RMSNorms, then the final norm."""
+    hidden = 256 * ((int(2 * 4 * worker.DIM / 3) + 255) // 256)
+    attention = 2 * worker.DIM * worker.N_HEADS * HEAD_DIM + 2 * worker.DIM * worker.N_KV_HEADS * HEAD_DIM
+    layer = attention + 3 * worker.DIM * hidden + 2 * worker.DIM
+    return 2 * worker.VOCAB * worker.DIM + worker.N_LAYERS * layer + worker.DIM
+
+
+def test_geometry_counts_the_whole_models_parameters_beside_its_whole_heads(group, capsys):
+    out, facts_dir = group
+    facts = [json.loads((facts_dir / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+    whole = _whole_model_parameters()
+    assert whole == 155968
+    # each rank holds half of every split layer and a copy of each norm (5 of dim): more than half the model
+    assert [f["parameters"] for f in facts] == [(whole + (WORLD - 1) * 5 * worker.DIM) // WORLD] * WORLD
+    # WHEN the group is reported, THEN its geometry is the whole model's, parameters as its heads ...
+    data = _report(out, capsys, "--no-export")
+    geometry = data["geometry"]
+    assert (geometry["num_kv_heads"], geometry["parameters"]) == (worker.N_KV_HEADS, whole)
+    # ... and each rank's manifest says what it holds itself
+    for rank, rank_facts in enumerate(facts):
+        model = json.loads((out / f"rank-{rank}" / "manifest.json").read_text())["model"]
+        assert (model["parameters"], model["parameters_per_rank"]) == (whole, rank_facts["parameters"])
+
+
 def test_group_html_diagnose_and_compare(group, capsys, tmp_path):
     out, _facts = group
     page = tmp_path / "group.html"
