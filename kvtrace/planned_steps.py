@@ -81,14 +81,14 @@ class PlannedSteps:
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = kwargs.get("cache")
-        modules = self._modules
+        modules, paged = self._modules, self._paged
         if (
             cache is None
             or plan.ref() is not cache
             or self._step_open  # another thread's forward took the offer first: the general path's race
             or self._beside
             or (self._calls is not None and self._calls._pending)
-            or (self._paged is not None and self._paged.in_step)
+            or (paged is not None and paged._open and not paged._closed)  # `in_step`, inline
             or (modules is not None and (modules.owners or modules._tracked))
             or getattr(cache, "offloading", False)
         ):
@@ -134,7 +134,8 @@ class PlannedSteps:
         step_cache = self._step_cache
         if cache is None or hf is None or step_cache is None:
             return False
-        if self._paged is not None and self._paged.in_step:
+        paged = self._paged
+        if paged is not None and paged._open and not paged._closed:  # `in_step`, inline
             return False
         if cache is hf.deferred:
             hf.deferred = None
@@ -163,7 +164,9 @@ class PlannedSteps:
         else:
             # `_end_step(cache)`, inline: no other cache to scan when the one known is this one
             known = hf._known
-            if len(known) != 1 or next(iter(known.values()))[0]() is not cache:
+            # The one cache known is this one (kept under its own id, as `cache_id` keeps every cache)
+            sole = known.get(id(cache)) if len(known) == 1 else None
+            if sole is None or sole[0]() is not cache:
                 hf.scan_all(compared=cache)
             tracker = self.tracker
             if tracker._pending:

@@ -192,7 +192,8 @@ class PagedAttentionHooks:
 
     @property
     def in_step(self) -> bool:
-        """Between a batch's scheduling and its update: the model's forward there is this engine step."""
+        """Between a batch's scheduling and its update: the model's forward there is this engine step. (A
+        planned decode step reads these two fields inline, `kvtrace.planned_steps`: keep them alike.)"""
         return bool(self._open) and not self._closed
 
     def summary(self) -> dict[str, Any] | None:

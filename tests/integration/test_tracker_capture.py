@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -148,3 +149,60 @@ def test_a_captured_update_at_a_watched_storage_s_address_comes_after_its_free()
     at_addr = [(e["event"], e["layer"]) for e in events if e["addr"] == addr]
     assert at_addr == [("created", 0), ("freed", 0), ("replaced", 1)]  # same bytes as its old one
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+def _loop_by(pass_update: Any, run: Path) -> list[dict[str, Any]]:
+    """The same cache loop as above, each update made by `pass_update(cache, keys, values, layer)`."""
+    config = llama3_config(
+        ModelSize(hidden_size=32, intermediate_size=64, num_layers=LAYERS, num_heads=2, num_kv_heads=KV_HEADS)
+    )
+    cache = DynamicCache(config=config)
+    prompt = torch.randn(1, KV_HEADS, PROMPT, HEAD_DIM)
+    token = torch.randn(1, KV_HEADS, 1, HEAD_DIM)
+    with torch.no_grad(), kvtrace.record(run, profiler=False):
+        for step in range(STEPS):
+            for layer in range(LAYERS):
+                new = prompt if step == 0 else token
+                keys, _ = pass_update(cache, new, new, layer)
+                assert keys.shape[-2] == PROMPT + step  # the cache's own answer, passed back
+    return [
+        {k: v for k, v in e.items() if k not in ("seq", "t_ns", "addr", "prev_addr")} for e in _events(run)
+    ]
+
+
+def test_an_update_given_its_arguments_by_name_is_logged_as_one_given_them_in_order(tmp_path: Path) -> None:
+    # GIVEN the wrapper of `Cache.update`, which reads the cache, keys and layer index of each call
+    # WHEN the same loop passes them in order, by name, and half and half
+    in_order = _loop_by(lambda cache, k, v, layer: cache.update(k, v, layer), tmp_path / "in_order")
+    by_name = _loop_by(
+        lambda cache, k, v, layer: cache.update(key_states=k, value_states=v, layer_idx=layer),
+        tmp_path / "by_name",
+    )
+    mixed = _loop_by(lambda cache, k, v, layer: cache.update(k, v, layer_idx=layer), tmp_path / "mixed")
+    # THEN each logs every layer's growth at its step, the same events
+    grown = [e for e in in_order if e["event"] != "freed"]
+    assert [(e["step"], e["layer"], e["kv"], e["tokens"]) for e in grown] == [
+        (step + 1, layer, kv, PROMPT + step)
+        for step in range(STEPS)
+        for layer in range(LAYERS)
+        for kv in "kv"
+    ]
+    assert by_name == in_order
+    assert mixed == in_order
+
+
+def test_an_update_missing_an_argument_raises_as_the_cache_s_own_does(tmp_path: Path) -> None:
+    config = llama3_config(
+        ModelSize(hidden_size=32, intermediate_size=64, num_layers=LAYERS, num_heads=2, num_kv_heads=KV_HEADS)
+    )
+    cache = DynamicCache(config=config)
+    token = torch.randn(1, KV_HEADS, 1, HEAD_DIM)
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", profiler=False):
+        with pytest.raises(TypeError):
+            cache.update(token, token)  # no layer index
+        cache.update(token, token, 0)
+    events = _events(tmp_path / "run")
+    assert [(e["event"], e["layer"], e["kv"], e["tokens"]) for e in events] == [
+        ("created", 0, "k", 1),
+        ("created", 0, "v", 1),
+    ]
