@@ -12,11 +12,13 @@ vLLM (V1, read in vllm 0.32: `vllm/v1/core/kv_cache_utils.py`, `vllm/v1/kv_cache
    the dtype of `kv_cache_dtype` (auto: the model's; fp8: 1 byte);
 3. the blocks (`get_num_blocks`): `available // page_size // num_layers`;
 4. what one request can need (`max_memory_usage_bytes`): `cdiv(max_model_len, block_size)` pages per
-   layer. The engine refuses to start when that exceeds the available memory less one block of all
-   layers (the "null block" the block pool keeps back; vLLM's message prints that reduced figure as
-   "available"), and then estimates the largest max_model_len that fits in it by bisection
-   (`estimate_max_model_len`). The log's "Maximum concurrency for N tokens per request" is
-   `num_blocks / cdiv(N, block_size)` and its "KV cache size" is `int(concurrency * N)` tokens.
+   layer for full attention; for layers that slide, the window and the tokens in flight (the blocks of
+   each kind and the groups vLLM forms of them: analyzers.planning.vllm_specs). The engine refuses to
+   start when that exceeds the available memory less one block of all layers (the "null block" the
+   block pool keeps back; vLLM's message prints that reduced figure as "available"), and then estimates
+   the largest max_model_len that fits in it by bisection (`estimate_max_model_len`). The log's "Maximum
+   concurrency for N tokens per request" is `num_blocks / blocks one request holds` (`cdiv(N,
+   block_size)` for full attention) and its "KV cache size" is `int(concurrency * N)` tokens.
 
 `num_gpu_blocks_override` replaces steps 1 and 3 (`get_kv_cache_configs`): the pool is that many blocks
 whatever the memory and the dtype, and vLLM takes `override * bytes_per_block` as the available memory, so
@@ -36,6 +38,14 @@ from typing import Any
 
 from analyzers.planning.param_count import param_count
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
+from analyzers.planning.vllm_specs import (
+    KvGroups,
+    blocks_per_request,
+    default_max_num_batched_tokens,
+    kv_groups,
+    max_concurrent_batches,
+    model_kv_groups,
+)
 from kvtrace.errors import KvtraceError
 
 __all__ = [
@@ -44,6 +54,7 @@ __all__ = [
     "VllmPlanRequest",
     "available_kv_bytes",
     "estimate_max_model_len",
+    "estimate_max_model_len_of",
     "format_vllm_text",
     "kv_dtype_bytes",
     "max_memory_usage_bytes",
@@ -143,11 +154,26 @@ def num_blocks(available_bytes: int, page_size: int, num_layers: int) -> int:
 def estimate_max_model_len(
     available_bytes: int, num_layers: int, page_size: int, block_size: int, max_model_len: int
 ) -> int:
-    """The largest length in [1, max_model_len] whose blocks fit, 0 if none: vLLM's bisection, replayed
-    exactly (so the answer is the number its error message prints)."""
+    """The largest length in [1, max_model_len] whose blocks fit, 0 if none, every layer full attention."""
+    return estimate_max_model_len_of(
+        available_bytes, page_size * num_layers, kv_groups(num_layers, 0, None), block_size, max_model_len, 0
+    )
+
+
+def estimate_max_model_len_of(
+    available_bytes: int,
+    bytes_per_block: int,
+    groups: KvGroups,
+    block_size: int,
+    max_model_len: int,
+    max_in_flight_tokens: int,
+) -> int:
+    """The largest length in [1, max_model_len] whose blocks (of every group, `bytes_per_block` each) fit,
+    0 if none: vLLM's bisection, replayed exactly (so the answer is the number its error message prints)."""
 
     def fits(model_len: int) -> bool:
-        return max_memory_usage_bytes(num_layers, page_size, block_size, model_len) <= available_bytes
+        blocks = blocks_per_request(groups, block_size, model_len, max_in_flight_tokens)
+        return blocks * bytes_per_block <= available_bytes
 
     left, right = 1, max_model_len
     if not fits(left):
@@ -194,7 +220,9 @@ class VllmPlanRequest:
     blocks an upper bound (give them, or take them from a recorded run with --from-run). buffers_bytes:
     what vLLM builds beside the weights when it loads the model (the rotary cos/sin cache, packed copies
     of weights on CPU), which its profile counts with them; a recorded run's, else 0.
-    num_gpu_blocks_override, when given, is the pool's block count whatever the memory (vLLM's knob)."""
+    num_gpu_blocks_override, when given, is the pool's block count whatever the memory (vLLM's knob).
+    max_num_batched_tokens and async_scheduling size what a sliding layer holds (the tokens in flight);
+    None: vLLM 0.32's defaults for `LLM(...)` on `device` ("cuda", or "cpu": no async scheduling)."""
 
     geometry: ModelGeometry
     model_dtype: str = "bf16"
@@ -210,6 +238,9 @@ class VllmPlanRequest:
     non_torch_bytes: int = 0
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
+    max_num_batched_tokens: int | None = None
+    async_scheduling: bool | None = None
+    device: str = "cuda"
 
     def __post_init__(self) -> None:
         for label, value in (
@@ -220,6 +251,10 @@ class VllmPlanRequest:
         ):
             if value < 1:
                 raise KvtraceError(f"{label} must be at least 1, got {value}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise KvtraceError(
+                f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}"
+            )
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise KvtraceError(
                 f"num_gpu_blocks_override must be at least 1, got {self.num_gpu_blocks_override}"
@@ -263,6 +298,10 @@ class VllmPlan:
     starts: bool  # False: vLLM refuses to start (a refusal below, or "To serve at least one request ...")
     estimated_max_model_len: int | None  # when the KV memory is too small: vLLM's own estimate
     notes: tuple[str, ...]
+    kv_groups: KvGroups  # how vLLM groups the layers: full attention, sliding, hybrid
+    blocks_per_request: int  # blocks of the pool one request of max_model_len may hold
+    max_num_batched_tokens: int  # the request's, or vLLM's default
+    max_in_flight_tokens: int  # what a sliding layer holds beyond its window: batches in flight x the above
     # Why vLLM refuses the configuration before it sizes any memory (max_model_len, tensor parallel size)
     refusals: tuple[str, ...] = ()
 
@@ -303,13 +342,17 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
             notes.append(
                 "activation peak and non-torch memory not given (counted as 0): the blocks are an upper bound"
             )
+    groups, unmodelled = model_kv_groups(geom)
+    notes += [unmodelled] if unmodelled else []
+    block_bytes = page * groups.layers_per_group  # one block of the pool: a page of each layer of a group
+    batched, in_flight = _in_flight(req, groups, notes)
     if override is not None:
         # vLLM sizes the pool, its start check and its estimate by the override (get_kv_cache_configs)
-        available = override * page * geom.num_layers
+        available = override * block_bytes
         by_memory = (
             ""
             if memory is None
-            else f"; the KV memory alone would give {_memory_blocks(memory, page, geom.num_layers):,}"
+            else f"; the KV memory alone would give {_memory_blocks(memory, block_bytes, 1):,}"
         )
         notes.append(
             f"num_gpu_blocks_override={override} sets the pool at {override:,} blocks "
@@ -318,13 +361,16 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
     else:
         assert memory is not None
         available = memory
-    blocks = num_blocks(available, page, geom.num_layers) if available > 0 else 0
-    needed = max_memory_usage_bytes(geom.num_layers, page, req.block_size, req.max_model_len)
-    check = check_memory_bytes(available, page * geom.num_layers)
+    blocks = num_blocks(available, block_bytes, 1) if available > 0 else 0
+    per_request = blocks_per_request(groups, req.block_size, req.max_model_len, in_flight)
+    needed = per_request * block_bytes
+    check = check_memory_bytes(available, block_bytes)
     fits = check > 0 and needed <= check
     estimate = None
     if not fits and check > 0:
-        estimate = estimate_max_model_len(check, geom.num_layers, page, req.block_size, req.max_model_len)
+        estimate = estimate_max_model_len_of(
+            check, block_bytes, groups, req.block_size, req.max_model_len, in_flight
+        )
     refusals = tuple(
         reason
         for reason in (
@@ -335,13 +381,13 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         )
         if reason is not None
     )
-    concurrency = blocks / math.ceil(req.max_model_len / req.block_size)
+    concurrency = blocks / per_request
     return VllmPlan(
         request=req,
         kv_heads_per_worker=heads,
         kv_dtype_bytes=dtype_bytes,
         page_size_bytes=page,
-        bytes_per_block=page * geom.num_layers,
+        bytes_per_block=block_bytes,
         kv_bytes_per_token=page * geom.num_layers // req.block_size,
         weights_bytes=weights,
         available_kv_bytes=available,
@@ -353,8 +399,49 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         starts=fits and not refusals,
         estimated_max_model_len=estimate,
         notes=tuple(notes),
+        kv_groups=groups,
+        blocks_per_request=per_request,
+        max_num_batched_tokens=batched,
+        max_in_flight_tokens=in_flight,
         refusals=refusals,
     )
+
+
+def _in_flight(req: VllmPlanRequest, groups: KvGroups, notes: list[str]) -> tuple[int, int]:
+    """(max_num_batched_tokens, tokens in flight): the request's or vLLM's defaults, said in a note where a
+    sliding layer's blocks depend on them."""
+    batched = req.max_num_batched_tokens
+    if batched is None:
+        batched = default_max_num_batched_tokens(
+            req.device, req.gpu_memory_bytes, req.max_model_len, req.tensor_parallel_size
+        )
+    overlap = req.async_scheduling if req.async_scheduling is not None else req.device != "cpu"
+    in_flight = max_concurrent_batches(overlap) * batched
+    if groups.window is not None:
+        where = "CPU" if req.device == "cpu" else f"a {readable_bytes(req.gpu_memory_bytes)} GPU"
+        default = (
+            f" (vLLM 0.32's default for LLM() on {where}; --max-num-batched-tokens sets it)"
+            if req.max_num_batched_tokens is None
+            else ""
+        )
+        batches = (
+            "two batches in flight (async scheduling, vLLM's default on GPU; --no-async-scheduling: one)"
+            if overlap
+            else "one batch in flight (no async scheduling)"
+        )
+        notes.append(
+            f"sliding window {groups.window:,}: a request holds its last {groups.window - 1:,} tokens and "
+            f"the {in_flight:,} in flight, {batches} of max_num_batched_tokens {batched:,}{default}"
+        )
+    if groups.kind == "hybrid":
+        padding = f", {groups.padding_layers} of them padding" if groups.padding_layers else ""
+        notes.append(
+            f"hybrid model: vLLM's hybrid KV cache manager (its default) groups the layers "
+            f"{groups.layers_per_group} a group, {groups.full_groups} full and {groups.sliding_groups} "
+            f"sliding group(s){padding}; a block is a page of each layer of a group "
+            "(--disable-hybrid-kv-cache-manager would count every layer as full attention)"
+        )
+    return batched, in_flight
 
 
 # --- rendering: computes nothing -------------------------------------------------------------------
@@ -382,6 +469,24 @@ def vllm_to_json(result: VllmPlan) -> dict[str, Any]:
         "refusals": refusals,
         "notes": list(result.notes),
     }
+
+
+def _block_label(groups: KvGroups) -> str:
+    if groups.kind == "hybrid":
+        return f"one block ({groups.layers_per_group} layers a group)"
+    return "one block, all layers"
+
+
+def _sliding_rows(result: VllmPlan) -> list[tuple[str, str]]:
+    """The rows a sliding window adds: what one request holds of the pool."""
+    groups = result.kv_groups
+    if not groups.sliding_groups:
+        return []
+    kind = "every layer" if groups.kind == "sliding" else "hybrid"
+    return [
+        ("sliding window", f"{groups.window:,} tokens ({kind})"),
+        ("blocks one request holds", f"{result.blocks_per_request:,}"),
+    ]
 
 
 def format_vllm_text(result: VllmPlan) -> str:
@@ -412,8 +517,9 @@ def format_vllm_text(result: VllmPlan) -> str:
         ]
     rows += [
         ("KV per token (this worker)", f"{result.kv_bytes_per_token:,} B"),
-        ("one block, all layers", readable_bytes(result.bytes_per_block)),
+        (_block_label(result.kv_groups), readable_bytes(result.bytes_per_block)),
         ("KV blocks", f"{result.num_blocks:,}"),
+        *_sliding_rows(result),
         ("KV cache size", f"{result.kv_tokens:,} tokens"),
         (
             f"max concurrency @ {req.max_model_len:,}",

@@ -1,11 +1,16 @@
 """A vLLM start refused for lack of KV memory, priced in vLLM's own knobs. Pure: reads the engine files.
 
 vLLM checks that one request of `max_model_len` tokens fits: `num_layers * cdiv(max_model_len,
-block_size)` pages of `2 * block_size * kv_heads * head_dim * dtype` bytes (analyzers.planning.vllm_plan
-mirrors that code), against its KV memory less the null block. We recompute the bytes needed, take the
-bytes compared from the recorded refusal, replay vLLM's bisection for the largest max_model_len, and price
-each remedy: max_model_len, kv_cache_memory_bytes / gpu_memory_utilization, kv_cache_dtype fp8,
-tensor_parallel_size (KV heads split over ranks), and say why max_num_seqs does not enter this check.
+block_size)` pages of `2 * block_size * kv_heads * head_dim * dtype` bytes with full attention, fewer where
+layers slide (the window and the tokens in flight: analyzers.planning.vllm_specs, from engine.json's model
+and config), against its KV memory less the null block. The refusal records vLLM's own figures: the bytes
+one request needs (whole blocks), the bytes compared, its estimate of the largest max_model_len. Those are
+the diagnosis's figures and the ground of its verdicts (the specs' where the refusal lacks them, or where
+its bytes are not whole blocks of this geometry): a request takes as many blocks whatever their dtype or
+the split of the heads over ranks, so fp8 and tensor_parallel_size are priced on vLLM's block count. The
+remedies: max_model_len, kv_cache_memory_bytes / gpu_memory_utilization, max_num_batched_tokens (a
+sliding model's), kv_cache_dtype fp8, tensor_parallel_size (KV heads split over ranks), and why
+max_num_seqs does not enter this check.
 
 Under `num_gpu_blocks_override` vLLM takes the override's blocks as the memory (`get_kv_cache_configs`):
 the pool is that many blocks whatever kv_cache_memory_bytes, the utilization, the dtype or the split over
@@ -16,20 +21,21 @@ null block) or none, where vLLM sizes the pool by the memory again.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from analyzers.engine import EngineRun
 from analyzers.planning.vllm_plan import (
     check_memory_bytes,
-    estimate_max_model_len,
+    estimate_max_model_len_of,
     kv_dtype_bytes,
     kv_heads_per_worker,
-    max_memory_usage_bytes,
     page_size_bytes,
     readable_bytes,
     tensor_parallel_refusal,
 )
+from analyzers.planning.vllm_specs import KvGroups, blocks_per_request, engine_kv_groups
 from kvtrace.errors import KvtraceError
 
 __all__ = ["RefusedDiagnosis", "VllmRemedy", "diagnose_refused", "engine_geometry", "refused_start"]
@@ -64,6 +70,8 @@ class RefusedDiagnosis:
     remedies: tuple[VllmRemedy, ...]
     notes: tuple[str, ...] = ()
     num_gpu_blocks_override: int | None = None  # set: the pool's blocks, whatever the memory
+    kv_groups: KvGroups | None = None  # how vLLM grouped the layers (full, sliding, hybrid), as recorded
+    max_in_flight_tokens: int = 0  # what a sliding layer holds beyond its window
     kind: str = "refused_start"
 
 
@@ -101,32 +109,33 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
     if max_len < 1 or block < 1:
         raise KvtraceError(f"{run.path}/engine.json: the refusal records no max_model_len or block size")
     page = page_size_bytes(heads, head_dim, element, block)
-    needed = max_memory_usage_bytes(layers, page, block, max_len)
+    groups, in_flight = engine_kv_groups(info.model, config)
+    spec = _Spec(groups, in_flight, block, page * groups.layers_per_group)
     notes: list[str] = []
-    available, pool = _check_memory(run, page * layers, notes)
-    estimate = estimate_max_model_len(available, layers, page, block, max_len) if available > 0 else 0
-    recorded_needed = refused.get("needed_bytes")
-    if recorded_needed is not None and int(recorded_needed) != needed:
-        notes.append(
-            f"vLLM reported {int(recorded_needed):,} B needed; the geometry gives {needed:,} B "
-            "(hybrid or padded KV specs are not modelled)"
-        )
+    available, pool = _check_memory(run, spec.bytes_per_block, notes)
+    blocks, modelled = _blocks_needed(refused, spec, max_len, notes)
+    needed = blocks * spec.bytes_per_block
+    estimate = spec.estimate(available, max_len) if available > 0 else 0
+    vllm_estimate = refused.get("estimated_max_model_len")
+    if isinstance(vllm_estimate, int) and not isinstance(vllm_estimate, bool) and vllm_estimate >= 0:
+        if vllm_estimate != estimate and modelled:
+            notes.append(f"vLLM estimated {vllm_estimate:,}; the KV specs give {estimate:,}")
+        estimate = vllm_estimate  # vLLM's own bisection over its own specs: what it would accept
     override = config.get("num_gpu_blocks_override")
     remedies: list[VllmRemedy] = []
     if estimate >= 1:
-        remedies.append(
-            VllmRemedy(
-                "max_model_len",
-                estimate,
-                True,
-                f"max_model_len={estimate}: one request then needs "
-                f"{readable_bytes(max_memory_usage_bytes(layers, page, block, estimate))}, which fits in "
-                f"{readable_bytes(available)}.",
-            )
+        at_estimate = (
+            f"one request then needs {readable_bytes(spec.needed(estimate))}, which fits in "
+            f"{readable_bytes(available)}"
+            if modelled
+            else f"vLLM's own estimate of what fits in {readable_bytes(available)}"
         )
-    pool_needed = needed + page * layers  # one request plus the null block
+        remedies.append(
+            VllmRemedy("max_model_len", estimate, True, f"max_model_len={estimate}: {at_estimate}.")
+        )
+    pool_needed = needed + spec.bytes_per_block  # one request plus the null block
     if override:
-        remedies += _override_remedies(run, int(override), page * layers, needed, max_len, block)
+        remedies += _override_remedies(run, int(override), spec.bytes_per_block, needed, max_len, blocks)
     else:
         remedies.append(
             VllmRemedy(
@@ -138,7 +147,9 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
                 f"now); each further request of that length needs {readable_bytes(needed)} more.",
             )
         )
-        remedies.append(_utilization_remedy(run, needed + page * layers, pool))
+        remedies.append(_utilization_remedy(run, pool_needed, pool))
+    if modelled and groups.sliding_groups and not override and config.get("max_num_batched_tokens"):
+        remedies.append(_batched_tokens_remedy(run, spec, available, max_len))
     if element > 1 and override:
         remedies.append(
             VllmRemedy(
@@ -147,20 +158,21 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
                 False,
                 f"kv_cache_dtype='fp8' halves the bytes of a block, but num_gpu_blocks_override={override} "
                 f"keeps the pool at {int(override):,} blocks: one request still needs "
-                f"{math.ceil(max_len / block):,}, and {int(override) - 1:,} are left beside the null block.",
+                f"{blocks:,}, and {int(override) - 1:,} are left beside the null block.",
             )
         )
     elif element > 1:
-        page8 = page_size_bytes(heads, head_dim, 1, block)
-        needed8 = max_memory_usage_bytes(layers, page8, block, max_len)
-        check8 = check_memory_bytes(pool, page8 * layers)  # the same memory, a smaller null block
+        # a request takes as many blocks whatever their dtype: fp8 shrinks each block, not their count
+        spec8 = replace(spec, bytes_per_block=spec.bytes_per_block // element)
+        needed8 = blocks * spec8.bytes_per_block
+        check8 = check_memory_bytes(pool, spec8.bytes_per_block)  # the same memory, a smaller null block
         fits8 = needed8 <= check8
-        tail = (
-            "which fits"
-            if fits8
-            else f"still too much; the largest max_model_len would be "
-            f"{estimate_max_model_len(check8, layers, page8, block, max_len)}"
-        )
+        if fits8:
+            tail = "which fits"
+        elif modelled:
+            tail = f"still too much; the largest max_model_len would be {spec8.estimate(check8, max_len)}"
+        else:
+            tail = "still too much"
         remedies.append(
             VllmRemedy(
                 "kv_cache_dtype",
@@ -191,16 +203,16 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
             )
         )
     else:
-        remedies.append(_tensor_parallel_remedy(run, layers, head_dim, element, block, max_len, pool))
+        remedies.append(_tensor_parallel_remedy(run, spec, head_dim, element, blocks, pool))
     return RefusedDiagnosis(
         path=run.path,
         message=str(refused.get("message", "")),
         max_model_len=max_len,
         block_size=block,
         num_layers=layers,
-        bytes_per_block=page * layers,
+        bytes_per_block=spec.bytes_per_block,
         needed_bytes=needed,
-        needed_blocks=math.ceil(max_len / block),
+        needed_blocks=blocks,
         available_bytes=available,
         estimated_max_model_len=estimate,
         vllm_estimated_max_model_len=(
@@ -211,15 +223,115 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
         remedies=tuple(remedies),
         notes=tuple(notes),
         num_gpu_blocks_override=int(override) if override else None,
+        kv_groups=groups,
+        max_in_flight_tokens=in_flight,
     )
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """What one request of a length takes of the pool, as the run's KV specs say (vllm_specs)."""
+
+    groups: KvGroups
+    in_flight: int
+    block_size: int
+    bytes_per_block: int
+
+    def blocks(self, max_model_len: int) -> int:
+        return blocks_per_request(self.groups, self.block_size, max_model_len, self.in_flight)
+
+    def needed(self, max_model_len: int) -> int:
+        return self.blocks(max_model_len) * self.bytes_per_block
+
+    def estimate(self, check: int, max_model_len: int) -> int:
+        return estimate_max_model_len_of(
+            check, self.bytes_per_block, self.groups, self.block_size, max_model_len, self.in_flight
+        )
+
+
+def _blocks_needed(refused: dict[str, Any], spec: _Spec, max_len: int, notes: list[str]) -> tuple[int, bool]:
+    """(blocks one request of max_len takes, whether the run's KV specs give them): vLLM's own figure where
+    the refusal records it (its needed bytes over a block's), the specs' otherwise."""
+    modelled = spec.blocks(max_len)
+    recorded = refused.get("needed_bytes")
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded <= 0:
+        return modelled, True
+    if recorded == modelled * spec.bytes_per_block:
+        return modelled, True
+    if recorded % spec.bytes_per_block:  # not whole blocks of this geometry: its pages are not vLLM's
+        notes.append(
+            f"vLLM reported {recorded:,} B needed, not a whole number of the geometry's "
+            f"{spec.bytes_per_block:,} B blocks; the geometry gives {modelled * spec.bytes_per_block:,} B "
+            "(padded KV specs are not modelled)"
+        )
+        return modelled, True
+    blocks = recorded // spec.bytes_per_block
+    notes.append(
+        f"vLLM reported {recorded:,} B needed ({blocks:,} blocks); the KV specs engine.json gives "
+        f"({_specs_text(spec.groups)}) make {modelled * spec.bytes_per_block:,} B: vLLM's figure is used, "
+        "and what depends on the length (the largest max_model_len at other settings) is not priced"
+    )
+    return blocks, False
+
+
+def _specs_text(groups: KvGroups) -> str:
+    if groups.kind == "full":
+        return "every layer full attention"
+    if groups.kind == "sliding":
+        return f"every layer sliding over {groups.window:,} tokens"
+    return f"hybrid, {groups.full_groups} full and {groups.sliding_groups} sliding groups"
+
+
+def _batched_tokens_remedy(run: EngineRun, spec: _Spec, available: int, max_len: int) -> VllmRemedy:
+    """A smaller max_num_batched_tokens: a sliding layer holds the tokens in flight beside its window."""
+    config = run.info.config
+    now = int(config.get("max_num_batched_tokens") or 0)
+    batches = spec.in_flight // now if now else 1
+    floor = max(int(config.get("max_num_seqs") or 1), 1)  # vLLM refuses fewer tokens than sequences
+
+    def fits(tokens: int) -> bool:
+        return replace(spec, in_flight=batches * tokens).needed(max_len) <= available
+
+    best = _largest_fitting(fits, floor, now - 1)
+    if best is None:
+        return VllmRemedy(
+            "max_num_batched_tokens",
+            None,
+            False,
+            f"max_num_batched_tokens: even {floor} (max_num_seqs, the least vLLM takes) leaves one request "
+            f"more than {readable_bytes(available)}: what it holds besides the batch does not fit.",
+        )
+    held = replace(spec, in_flight=batches * best).blocks(max_len)
+    return VllmRemedy(
+        "max_num_batched_tokens",
+        best,
+        True,
+        f"max_num_batched_tokens={best} (now {now}): a sliding layer holds its window and the tokens in "
+        f"flight, so one request then takes {held:,} blocks ({readable_bytes(held * spec.bytes_per_block)}), "
+        f"which fit in {readable_bytes(available)} (prefill runs in more chunks; chunked prefill must be on, "
+        "vLLM's default).",
+    )
+
+
+def _largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int | None:
+    """The largest value in [low, high] that `fits` (monotone: smaller fits too), None if none does."""
+    if high < low or not fits(low):
+        return None
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 def _override_remedies(
-    run: EngineRun, override: int, bytes_per_block: int, needed: int, max_len: int, block: int
+    run: EngineRun, override: int, bytes_per_block: int, needed: int, max_len: int, request_blocks: int
 ) -> list[VllmRemedy]:
     """A larger num_gpu_blocks_override, and none: vLLM then sizes the pool by kv_cache_memory_bytes (or the
     memory it profiles, which a refused start under an override does not record)."""
-    blocks_needed = math.ceil(max_len / block) + 1  # one request plus the null block
+    blocks_needed = request_blocks + 1  # one request plus the null block
     remedies = [
         VllmRemedy(
             "num_gpu_blocks_override",
@@ -329,7 +441,7 @@ def _utilization_remedy(run: EngineRun, pool_needed: int, pool: int) -> VllmReme
 
 
 def _tensor_parallel_remedy(
-    run: EngineRun, layers: int, head_dim: int, element: int, block: int, max_len: int, pool: int
+    run: EngineRun, spec: _Spec, head_dim: int, element: int, request_blocks: int, pool: int
 ) -> VllmRemedy:
     model, config = run.info.model, run.info.config
     tp_now = int(config.get("tensor_parallel_size") or 1)
@@ -338,9 +450,11 @@ def _tensor_parallel_remedy(
     # only the sizes vLLM accepts: whole attention heads per rank, whole KV heads or even replicas of them
     accepted = (t for t in _TP_CHOICES if tensor_parallel_refusal(attention_heads, kv_heads, t) is None)
     for tp in (t for t in accepted if t > tp_now):
-        page = page_size_bytes(kv_heads_per_worker(kv_heads, tp), head_dim, element, block)
-        needed = max_memory_usage_bytes(layers, page, block, max_len)
-        if needed <= check_memory_bytes(pool, page * layers):
+        # each rank holds fewer heads in a block; a request takes as many blocks
+        page = page_size_bytes(kv_heads_per_worker(kv_heads, tp), head_dim, element, spec.block_size)
+        per_block = page * spec.groups.layers_per_group
+        needed = request_blocks * per_block
+        if needed <= check_memory_bytes(pool, per_block):
             return VllmRemedy(
                 "tensor_parallel_size",
                 tp,

@@ -27,13 +27,22 @@ def _refused_headline(d: RefusedDiagnosis) -> str:
 
 def _refused_figures(d: RefusedDiagnosis) -> list[tuple[str, str, str]]:
     """(label, bytes, how they are made up) of what one request needs and what vLLM had."""
-    layer_bytes = d.bytes_per_block // max(d.num_layers, 1)
+    groups = d.kv_groups
+    layers = groups.layers_per_group if groups is not None else d.num_layers
+    layer_bytes = d.bytes_per_block // max(layers, 1)
+    over = f"all {layers} layers" if layers == d.num_layers else f"the {layers} layers of a group"
+    window = ""
+    if groups is not None and groups.window is not None:
+        window = (
+            f"; the sliding layers hold their last {groups.window - 1:,} tokens and the "
+            f"{d.max_in_flight_tokens:,} in flight"
+        )
     return [
         (
             "needed",
             readable_bytes(d.needed_bytes),
             f"{d.needed_blocks:,} blocks x {readable_bytes(d.bytes_per_block)}; a block: {d.block_size} "
-            f"tokens over all {d.num_layers} layers, {readable_bytes(layer_bytes)} a layer",
+            f"tokens over {over}, {readable_bytes(layer_bytes)} a layer{window}",
         ),
         ("available", readable_bytes(d.available_bytes), f"{d.available_bytes:,} B"),
         ("short by", readable_bytes(d.needed_bytes - d.available_bytes), ""),
@@ -41,11 +50,12 @@ def _refused_figures(d: RefusedDiagnosis) -> list[tuple[str, str, str]]:
 
 
 def _largest_that_fits(d: RefusedDiagnosis) -> str:
-    vllm_estimate = (
-        ""
-        if d.vllm_estimated_max_model_len is None
-        else f" (vLLM's own estimate: {d.vllm_estimated_max_model_len:,})"
-    )
+    if d.vllm_estimated_max_model_len is None:
+        vllm_estimate = ""
+    elif d.vllm_estimated_max_model_len == d.estimated_max_model_len:
+        vllm_estimate = " (vLLM's own estimate)"
+    else:
+        vllm_estimate = f" (vLLM's own estimate: {d.vllm_estimated_max_model_len:,})"
     return f"{d.estimated_max_model_len:,}{vllm_estimate}"
 
 

@@ -52,6 +52,8 @@ _VLLM_ONLY = (
     ("tensor_parallel_size", "--tensor-parallel-size"),
     ("kv_cache_memory", "--kv-cache-memory"),
     ("num_gpu_blocks_override", "--num-gpu-blocks-override"),
+    ("max_num_batched_tokens", "--max-num-batched-tokens"),
+    ("async_scheduling", "--async-scheduling"),
     ("weights_bytes", "--weights-bytes"),
     ("activation_peak", "--activation-peak"),
     ("non_torch", "--non-torch"),
@@ -252,6 +254,20 @@ class PlanCommand(Command):
             help="vLLM's num_gpu_blocks_override: the pool is N blocks whatever the memory (default: the "
             "run's; 0 plans without the run's override)",
         )
+        vllm.add_argument(
+            "--max-num-batched-tokens",
+            type=int,
+            metavar="N",
+            help="vLLM's max_num_batched_tokens: with a sliding window, a request holds the window and the "
+            "tokens in flight (default: the run's, else vLLM 0.32's default for LLM(): 16384 on a GPU of "
+            "70 GiB or more, 8192 below, 4096 on CPU)",
+        )
+        vllm.add_argument(
+            "--async-scheduling",
+            action=argparse.BooleanOptionalAction,
+            help="vLLM's async scheduling, two batches in flight (default: the run's, else on, as vLLM on "
+            "GPU; off on CPU)",
+        )
         vllm.add_argument("--weights-bytes", help="weights per GPU (default: from the geometry)")
         vllm.add_argument("--activation-peak", help="activation peak of vLLM's profile run (default 0)")
         vllm.add_argument("--non-torch", help="memory outside torch: CUDA context, NCCL (default 0)")
@@ -263,8 +279,9 @@ class PlanCommand(Command):
             "wins): with no other flag, the plan of the run itself. A vLLM run (--engine vllm): its measured "
             "weights, activations, non-torch memory and device total, its settings (block size, "
             "max_model_len, kv_cache_dtype, kv_cache_memory_bytes, num_gpu_blocks_override, utilization, "
-            "tensor parallel size) and its model. A transformers continuous-batching run (generate_batch) "
-            "is not planned: `kvtrace diagnose RUN --budget SIZE` prices its pool",
+            "tensor parallel size, max_num_batched_tokens, async scheduling) and its model. A transformers "
+            "continuous-batching run (generate_batch) is not planned: `kvtrace diagnose RUN --budget SIZE` "
+            "prices its pool",
         )
 
     def run(self, args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ memory); `--num-gpu-blocks-override 0` plans without it.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,16 @@ def _size(text: str | None, flag: str, positive: bool = False) -> int | None:
     from analyzers.planning.size_text import parse_size
 
     return None if text is None else parse_size(text, flag, positive=positive)
+
+
+def _positive(value: Any) -> int | None:
+    """A positive int from engine.json, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _count(value: Any) -> int | None:
+    """A count (0 or more) from engine.json, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _from_run(path: str) -> tuple[dict[str, Any], Any]:
@@ -55,9 +66,15 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
         "tensor_parallel_size": config.get("tensor_parallel_size"),
         # what the run configured: a refused start allocated nothing, yet vLLM sized its check by this
         "kv_cache_memory_bytes": config.get("kv_cache_memory_bytes"),
+        "model": model,
+        "status": run.info.status,
         # vLLM's pool is this many blocks whatever the memory: the figures it logged at start came from it
         "num_gpu_blocks_override": config.get("num_gpu_blocks_override"),
         "kv_cache_bytes": run.info.kv_cache_bytes,
+        # what a sliding layer holds beyond its window: the batches in flight (recorded since kvtrace kept
+        # async_scheduling; before, vLLM's default: off on CPU, on elsewhere)
+        "max_num_batched_tokens": config.get("max_num_batched_tokens"),
+        "async_scheduling": config.get("async_scheduling"),
     }
     geometry = None
     try:
@@ -71,6 +88,8 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
             intermediate_size=int(model.get("intermediate_size") or 0),
             vocab_size=int(model.get("vocab_size") or 0),
             tie_word_embeddings=bool(model.get("tie_word_embeddings", False)),
+            sliding_window=_positive(model.get("sliding_window")),
+            sliding_layers=_count(model.get("sliding_layers")),
         )
     except (KeyError, TypeError, ValueError):
         geometry = None
@@ -124,6 +143,11 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         value = measured.get(key)
         return value if value is not None else default
 
+    def pick_count(flag: int | None, key: str) -> int | None:
+        """A count typed, else the run's, else None (vLLM's default)."""
+        value = flag if flag is not None else measured.get(key)
+        return int(value) if value is not None else None
+
     gpu_memory = pick(args.gpu_memory, "gpu_memory_bytes", None, "--gpu-memory", positive=True)
     gpu_memory = gpu_memory or parse_size("80GiB")
     max_model_len = args.max_model_len if args.max_model_len is not None else args.context
@@ -172,7 +196,25 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         non_torch_bytes=pick(args.non_torch, "non_torch_bytes", 0, "--non-torch") or 0,
         kv_cache_memory_bytes=kv_cache_memory,
         num_gpu_blocks_override=override,
+        max_num_batched_tokens=pick_count(args.max_num_batched_tokens, "max_num_batched_tokens"),
+        async_scheduling=setting(args.async_scheduling, "async_scheduling", None),
+        device="cpu" if measured.get("device") == "cpu" else "cuda",
     )
     result = plan_vllm(request)
+    if geometry is run_geometry and "sliding_window" not in (measured.get("model") or {}):
+        started = (
+            "; vLLM started this run, which this plan refuses: its layers may slide"
+            if measured.get("status") == "ok" and not result.starts and not result.refusals
+            else ""
+        )
+        result = replace(
+            result,
+            notes=(
+                *result.notes,
+                f"{args.from_run}: engine.json does not say whether the model's attention slides (recorded "
+                "before kvtrace kept `sliding_window`): planned as full attention; --config PATH (the "
+                f"model's config.json) plans its window{started}",
+            ),
+        )
     print_result(args.json, lambda: vllm_to_json(result), lambda: format_vllm_text(result))
     return 0 if result.starts else 1

@@ -95,6 +95,8 @@ def config_facts(vllm_config: Any) -> dict[str, Any]:
         "tensor_parallel_size": parallel.tensor_parallel_size,
         "pipeline_parallel_size": parallel.pipeline_parallel_size,
         "device": str(device) if device is not None else None,
+        # two batches in flight when on: what a sliding layer holds beyond its window (vllm_specs)
+        "async_scheduling": getattr(sched, "async_scheduling", None),
     }
 
 
@@ -106,6 +108,29 @@ def _total_kv_heads(model_config: Any, text: Any, heads: Any) -> Any:
     with contextlib.suppress(Exception):
         return int(model_config.get_total_num_kv_heads())
     return kv_heads_of(lambda name: getattr(text, name, None), heads)
+
+
+def _sliding_facts(vllm_config: Any, text: Any) -> dict[str, Any]:
+    """The window and how many attention layers keep only it, as vLLM built them: its attention layers'
+    own `sliding_window` (the static forward context, where the model lives in this process), else the
+    config's `layer_types`; `sliding_layers` None: not known (every layer, if there is a window)."""
+    window: Any = None
+    with contextlib.suppress(Exception):
+        window = vllm_config.model_config.get_sliding_window()
+    sliding: int | None = None
+    with contextlib.suppress(Exception):
+        context = vllm_config.compilation_config.static_forward_context
+        layers = [m for m in context.values() if hasattr(m, "sliding_window") and hasattr(m, "attn_type")]
+        if layers:
+            windows = [m.sliding_window for m in layers if m.sliding_window is not None]
+            sliding, window = len(windows), (windows[0] if windows else None)
+    if sliding is None and window is not None:
+        kinds = getattr(text, "layer_types", None)
+        if isinstance(kinds, list | tuple):
+            sliding = sum(1 for kind in kinds if kind == "sliding_attention")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        window, sliding = None, 0 if sliding is not None else None
+    return {"sliding_window": window, "sliding_layers": sliding}
 
 
 def model_facts(vllm_config: Any) -> dict[str, Any]:
@@ -127,6 +152,7 @@ def model_facts(vllm_config: Any) -> dict[str, Any]:
         "vocab_size": getattr(text, "vocab_size", None),
         "intermediate_size": getattr(text, "intermediate_size", None),  # for plan --from-run's weights
         "tie_word_embeddings": bool(getattr(text, "tie_word_embeddings", False)),
+        **_sliding_facts(vllm_config, text),
         "num_params": None,
     }
 
