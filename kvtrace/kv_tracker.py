@@ -642,6 +642,8 @@ class KvTracker:
         logged = self._seq  # frees of other storages found by that poll aside
         source_json = quoted(source)
         slots = state.slots
+        if any(expired(slot.wref) for slot in slots.values()):
+            parts = self._givers_first(slots, parts)
         seen: set[tuple[str, str]] = set()
         reason_json = quoted(evicted_reason) if evicted_reason else quoted(reason)
         self._frees_held = frees_last
@@ -697,6 +699,29 @@ class KvTracker:
         changed = self._seq != logged
         self.poll_frees(t_ns)
         return changed
+
+    @staticmethod
+    def _givers_first(
+        slots: dict[tuple[str, str], Slot], parts: dict[tuple[str, str], Any]
+    ) -> dict[tuple[str, str], Any]:
+        """`parts` with the slots whose released storage's address another slot's new tensor took moved
+        first (V rebound before K: the new K sits where old V was). Their new storage and free are then
+        logged before the taker's event, never a free after a creation at its address (the log is replayed
+        by address), and in the order the layer made them, so the replay meets its true peak."""
+        taken: dict[int, tuple[str, str]] = {}
+        for (kv, part), value in parts.items():
+            for _name, tensor in iter_tensors(value, part):
+                found = storage_of(tensor)
+                if found is not None:
+                    taken[found[1]] = (kv, part)
+        givers = set()
+        for key, slot in slots.items():
+            at = taken.get(slot.addr)
+            if at is not None and at[0] != key[0] and expired(slot.wref):
+                givers.update(k for k in parts if k[0] == key[0])
+        if not givers:
+            return parts
+        return {**{k: v for k, v in parts.items() if k in givers}, **parts}
 
     def pool_view_created(
         self, t_ns: int, layer: int, kv: str, storage: dict[str, Any], tokens: int, cache: int, source: str

@@ -14,8 +14,10 @@ A cache grown by torch.cat is a new storage at every step, and the moment its ol
 the step's KV peak: `self.k_cache = torch.cat([self.k_cache, k], 2)` releases the old K as the new one is
 bound, before V's copy is made, while `kc = self.k_cache` keeps it until the layer returns, after both
 copies. The scan comes after the forward, so each logged storage is watched through a weak reference whose
-callback CPython runs at its very release: it notes whether a slot logged after it in its layer already held
-its new tensor, and the scan then logs that layer's frees after all its new storages (`ModuleCaches.scan`).
+callback CPython runs at its very release: it notes whether another slot of its layer already held its new
+tensor while that slot's old storage was still alive too (two olds beside a new one), and the scan then logs
+that layer's frees after all its new storages (`ModuleCaches.scan`). `self.v_cache = torch.cat(...)` before
+K's, each direct, is not such a layer: old V is gone before K's cat is made.
 
 A module cache's layout says which dim holds the positions (`module_cache_layout`): Meta's `cache_k`/`cache_v`
 are [batch, seq, kv_heads, head_dim], gpt-fast's `KVCache.k_cache`/`v_cache` [batch, kv_heads, seq, head_dim].
@@ -79,9 +81,10 @@ class _Owner:
     layer: int
     layout: str = ""  # "bhsd" | "bshd"; "" until the first tensor decides (`module_cache_layout`)
     heads: tuple[int, ...] = ()  # the KV heads counts its model and modules say, nearest first
-    # The slots of its layer that the scan logs after it (`_released`): where one holds a new tensor when
-    # this one's storage is released, the layer made its new storages before letting the old ones go
-    after: tuple[_Owner, ...] = ()
+    # The other slots of its layer (`_released`): where one holds a new tensor beside its still-alive old
+    # storage when this one's storage is released, the layer made its new storages before letting the old
+    # ones go
+    siblings: tuple[_Owner, ...] = ()
     seen: Callable[[], Any] = dead_ref  # the tensor last logged, weakly
     watch: weakref.ref[Any] | None = None  # its storage, weakly, with `_released` as the callback
 
@@ -92,6 +95,17 @@ class _Owner:
             return False
         tensor = getattr(module, self.attr, None)
         return isinstance(tensor, torch.Tensor) and tensor is not self.seen()
+
+    def rebound_beside_old(self) -> bool:
+        """Whether the attribute holds a new tensor while the storage last logged is still alive apart
+        from it (kept in a local, or by the torch.cat still running): both were held at once."""
+        if not self.rebound() or self.watch is None:
+            return False
+        old = self.watch()
+        tensor = self.tensor()
+        if old is None or not isinstance(tensor, torch.Tensor):
+            return False
+        return _storage_addr(tensor) != int(old.data_ptr())
 
     def tensor(self) -> Any:
         """What the attribute holds now; None once its module is gone."""
@@ -164,14 +178,16 @@ def _storage_addr(tensor: torch.Tensor) -> int:
 
 
 def _released(owner: _Owner, late: set[int], ref: weakref.ref[Any]) -> None:
-    """Run by CPython as the storage `owner` last logged is released: where a slot its layer's scan logs
-    after it holds its new tensor by then (the old K kept in a local until the layer returns, after V's
-    copy), `owner`'s layer goes into `late`, and the scan logs that layer's frees after all its new
-    storages. A storage released as its own slot is rebound logs its free right after its new one."""
+    """Run by CPython as the storage `owner` last logged is released: where another slot of its layer
+    holds its new tensor by then while that slot's old storage is still alive (the old K and V kept in
+    locals until the layer returns), two old storages were held beside a new one: `owner`'s layer goes
+    into `late`, and the scan logs that layer's frees after all its new storages. Not where the other
+    slot's old storage went first (V rebound, then K, each directly: old V was freed before K's cat), nor
+    for a storage released as its own slot is rebound: its free is logged right after its new one."""
     if owner.watch is not ref:  # a storage the owner no longer watches
         return
     owner.watch = None
-    if any(later.rebound() for later in owner.after):
+    if any(other.rebound_beside_old() for other in owner.siblings):
         late.add(owner.layer)
 
 
@@ -205,8 +221,9 @@ class ModuleCaches:
         # The running forward's input rows where it says them but not where it writes (no `start_pos`): 0
         # when unknown, or when `progress` says them
         self.rows = 0
-        # Layers whose old storages were released after a later slot of theirs held its new tensor
-        # (`_released`): their frees are logged after all their new storages at the next scan
+        # Layers whose old storages were released while another slot of theirs held its new tensor beside
+        # its still-alive old one (`_released`): their frees are logged after all their new storages at the
+        # next scan
         self._late_frees: set[int] = set()
         self._scanned: list[Any] = []  # the tensors `_module_parts` found, in `owners`' order
 
@@ -225,8 +242,10 @@ class ModuleCaches:
                     owners.append(_Owner(weakref.ref(module), attr, kv, layer, heads=heads))
                     found = True
             order += found
-        for at, owner in enumerate(owners):
-            owner.after = tuple(later for later in owners[at + 1 :] if later.layer == owner.layer)
+        for owner in owners:
+            owner.siblings = tuple(
+                other for other in owners if other.layer == owner.layer and other is not owner
+            )
         for old in self.owners:
             old.watch = None  # its callback, which holds it, must not outlive it: the new owners watch
         self.owners = owners
@@ -328,9 +347,9 @@ class ModuleCaches:
         Module caches hold the tokens of `progress` (0: unknown). `raised`: the forward raised, maybe
         before some layers wrote (an OOM in its embedding or its layer 1): a layer holds the new tokens only
         where a version counter or a new storage shows its write, else it keeps those it held. A layer whose
-        old storage was released once a slot logged after it held its new tensor (`_released`) has its
-        frees logged after all its new storages. Returns whether a module cache's event was logged while
-        its tokens were unknown."""
+        old storage was released while another slot held its new tensor beside its old one (`_released`)
+        has its frees logged after all its new storages. Returns whether a module cache's event was logged
+        while its tokens were unknown."""
         by_layer = self._module_parts()
         if by_layer is None:  # a module holding a cache is gone: the model re-made its caches
             self.rediscover()

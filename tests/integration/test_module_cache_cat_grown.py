@@ -2,9 +2,10 @@
 decoder), scanned at the forward's end: the KV peak is the moment the step's copies and the storages they
 replace are alive together, which depends on when the code lets the old ones go. Kept in locals until the
 layer returns, both old K and V live beside both new ones; rebound directly, the old K is gone before V's
-copy is made. A forward that raises part-way leaves the layers it grew holding their new tokens. And a
-preallocated cache whose forward does not say where it writes (gpt-fast's `input_pos`, not `start_pos`) has
-its batch from the forward's input, not from its buffers' capacity."""
+copy is made (and the old V before K's, V rebound first). A forward that raises part-way leaves the layers
+it grew holding their new tokens. And a preallocated cache whose forward does not say where it writes
+(gpt-fast's `input_pos`, not `start_pos`) has its batch from the forward's input, not from its buffers'
+capacity."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -29,11 +31,13 @@ TOKEN_BYTES = ROWS * KV_HEADS * HEAD_DIM * FLOAT32  # one token of one layer's K
 class CatAttention(nn.Module):
     """K and V appended by torch.cat, the old tensors kept in locals (`kept`) or rebound at once."""
 
-    def __init__(self, kept: bool, live: LiveStorages, raise_at: int | None = None) -> None:
+    def __init__(
+        self, kept: bool, live: LiveStorages, raise_at: int | None = None, v_first: bool = False
+    ) -> None:
         super().__init__()
         self.k = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM)
         self.v = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM)
-        self.kept, self.live, self.raise_at = kept, live, raise_at
+        self.kept, self.live, self.raise_at, self.v_first = kept, live, raise_at, v_first
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -52,6 +56,10 @@ class CatAttention(nn.Module):
             self.v_cache = torch.cat([old_v, v], 2)
             self.live.born(self.v_cache)
             return x
+        elif self.v_first:  # V rebound first, then K, each directly: old V is gone before K's cat
+            self.v_cache = self.live.born(torch.cat([self.v_cache, v], 2))
+            self.k_cache = self.live.born(torch.cat([self.k_cache, k], 2))
+            return x
         else:  # each old tensor released as its new one is bound, counted alive from its making
             self.k_cache = self.live.born(torch.cat([self.k_cache, k], 2))
             self.v_cache = self.live.born(torch.cat([self.v_cache, v], 2))
@@ -62,10 +70,17 @@ class CatAttention(nn.Module):
 
 
 class CatDecoder(nn.Module):
-    def __init__(self, kept: bool, live: LiveStorages, raise_in_layer_1_at: int | None = None) -> None:
+    def __init__(
+        self,
+        kept: bool,
+        live: LiveStorages,
+        raise_in_layer_1_at: int | None = None,
+        v_first: bool = False,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            CatAttention(kept, live, raise_in_layer_1_at if layer == 1 else None) for layer in range(LAYERS)
+            CatAttention(kept, live, raise_in_layer_1_at if layer == 1 else None, v_first)
+            for layer in range(LAYERS)
         )
 
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -130,6 +145,88 @@ def test_the_kv_peak_counts_the_old_storages_as_long_as_the_layer_keeps_them(
     # ... and the end holds every layer's T tokens
     assert kv["final_bytes"] == LAYERS * 2 * held * TOKEN_BYTES
     assert [layer["tokens"] for layer in kv["per_layer"]] == [held] * LAYERS
+
+
+V_FIRST_RUNS = 6  # the allocator may hand old V's address to the new K: several runs meet more orders
+
+
+def test_v_rebound_before_k_counts_old_v_gone_before_the_k_copy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a decoder whose layers rebind V, then K, each directly to its torch.cat: old V is released
+    # before K's copy is made, old K as the new one is bound; recorded several times
+    for run_idx in range(V_FIRST_RUNS):
+        live = LiveStorages()
+        run = tmp_path / f"run{run_idx}"
+        _record(run, CatDecoder(False, live, v_first=True))
+
+        # WHEN the report reads its KV log
+        kv = report_json(run, capsys)["kv"]
+
+        # THEN its KV peak is the last layer's K copy (T tokens) beside old K (T-1) and new V (T), the
+        # layers before it grown: old V is not counted beside them
+        held = PROMPT + DECODES
+        peak = ((LAYERS - 1) * 2 * held + held + (held - 1) + held) * TOKEN_BYTES
+        assert peak == 14592
+        assert (kv["peak_bytes"], live.peak) == (peak, peak), run_idx
+        # ... and the end holds every layer's T tokens, the new K kept even where it took old V's address
+        final = LAYERS * 2 * held * TOKEN_BYTES
+        assert final == 12672
+        assert (kv["final_bytes"], live.now) == (final, final), run_idx
+        assert [layer["tokens"] for layer in kv["per_layer"]] == [held] * LAYERS
+
+
+class PooledVFirstAttention(nn.Module):
+    """V rebound before K, each copy placed in host memory the layer keeps (three numpy pools, one free):
+    the new V in the free pool, then the new K where the old V was, as an allocator reusing that address
+    would place it, every step."""
+
+    def __init__(self, live: LiveStorages) -> None:
+        super().__init__()
+        self.k = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM)
+        self.v = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM)
+        self.live = live
+        size = ROWS * KV_HEADS * (PROMPT + DECODES) * HEAD_DIM
+        self.pools = [np.zeros(size, dtype=np.float32) for _ in range(3)]
+        self.v_pool, self.k_pool, self.free_pool = 0, 1, 2
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def _placed(self, pool: int, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` copied into the start of `pools[pool]`, a storage of its own at the pool's address."""
+        held = torch.from_numpy(self.pools[pool][: tensor.numel()]).view(tensor.shape)
+        return self.live.born(held.copy_(tensor))
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        rows, seq, _ = x.shape
+        k = self.k(x).view(rows, seq, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        v = self.v(x).view(rows, seq, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        if self.k_cache is None or self.v_cache is None:
+            self.k_cache, self.v_cache = self._placed(self.k_pool, k), self._placed(self.v_pool, v)
+            return x
+        self.v_cache = self._placed(self.free_pool, torch.cat([self.v_cache, v], 2))  # old V released
+        self.k_cache = self._placed(self.v_pool, torch.cat([self.k_cache, k], 2))  # where old V was
+        self.v_pool, self.k_pool, self.free_pool = self.free_pool, self.v_pool, self.k_pool
+        return x
+
+
+def test_a_new_k_at_the_address_old_v_left_keeps_its_bytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the V-first decoder whose every new K takes the address its layer's old V was released from
+    live = LiveStorages()
+    model = CatDecoder(False, live)
+    model.layers = nn.ModuleList(PooledVFirstAttention(live) for _ in range(LAYERS))
+    _record(tmp_path / "run", model)
+
+    # WHEN the report replays its KV log by address
+    kv = report_json(tmp_path / "run", capsys)["kv"]
+
+    # THEN old V's free comes before the new K made at its address: the end holds every layer's T tokens
+    held = PROMPT + DECODES
+    assert kv["final_bytes"] == live.now == LAYERS * 2 * held * TOKEN_BYTES == 12672
+    # ... and the peak is the last layer's new K beside its old K and new V, as the storages' lives say
+    assert kv["peak_bytes"] == live.peak == ((LAYERS - 1) * 2 * held + 3 * held - 1) * TOKEN_BYTES == 14592
 
 
 def test_a_raised_forward_leaves_the_layers_it_grew_holding_their_new_tokens(
