@@ -59,6 +59,7 @@ from analyzers.planning.run_kv_facts import (
     kv_layers,
     layer_kind_token_bytes,
     layer_token_bytes,
+    model_sliding_layers,
     prefill_packed_tokens,
     quantized_bits,
     quantized_cache,
@@ -304,6 +305,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "bytes_per_token": growing_bytes_per_token(report),
         "windowed": all_windowed(report),
         "sliding_layers": sliding_layers(report),
+        "model_sliding_layers": model_sliding_layers(report),  # the config's: a cache's own window is not
         # what a hybrid cache's layers hold at the moment: its sliding ones may hold the prompt then
         "sliding_layer_ids": sliding_layer_ids(report),
         "window": (report.geometry or {}).get("sliding_window"),

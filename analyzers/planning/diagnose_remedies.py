@@ -299,7 +299,7 @@ def price_remedies(
                     "bits.",
                 )
             )
-        sliding = d.get("sliding_layers")
+        sliding = d.get("model_sliding_layers")
         if packed is not None and packed <= 4:
             pass  # the run's cache already is an int4 (or narrower) QuantizedCache: nothing to propose
         elif isinstance(sliding, int) and sliding:
@@ -307,6 +307,15 @@ def price_remedies(
                 f"int4 quantized cache: transformers' QuantizedCache takes models whose layers all keep full "
                 f"attention, and this one has {sliding:,} sliding layer{'s' if sliding > 1 else ''} (it "
                 "raises ValueError)."
+            )
+            out.append(Remedy("quantized_kv", 4, None, None, text))
+        elif d.get("sliding_layers"):
+            # The window was the cache's own (a sliding cache on a full-attention model): a QuantizedCache
+            # takes the model, but keeps every token, which these windowed tokens held do not price
+            text = (
+                "int4 quantized cache: transformers' QuantizedCache keeps every token, where this run's "
+                "cache kept a window the model's config does not give, so the tokens held here do not price "
+                "it; `kvtrace plan --from-run RUN --cache quantized` does."
             )
             out.append(Remedy("quantized_kv", 4, None, None, text))
         else:

@@ -70,6 +70,10 @@ class RunDefaults:
     residual_length: int | None = None  # and its residual_length, where it requantized
     quant_backend: str | None = None  # and its backend ("quanto", "hqq"), as its packed parts' names say
     window: int | None = None  # a sliding cache's window (sliding, static_sliding), where the log shows it
+    # The model as its config has it, where `geometry` carries a window only the run's cache slid at
+    # (`logged_window`): a typed --cache of a kind that keeps every token plans it. None where the two are one
+    config_geometry: ModelGeometry | None = None
+    window_note: str | None = None  # the note (in `notes`) that says the run's cache slid at that window
 
 
 def run_defaults(path: str | Path) -> RunDefaults:
@@ -130,9 +134,14 @@ def run_defaults(path: str | Path) -> RunDefaults:
                 f"its call wrote: planned at its length, a context of {length + 1}"
             )
             context = length + 1
-    window = None
+    window = config_geometry = window_note = None
     if cache in ("dynamic", "static") and not geometry.windowed_layers:
-        geometry, cache, window = logged_window(run, main, geometry, cache, notes)
+        said: list[str] = []
+        windowed, cache, window = logged_window(run, main, geometry, cache, said)
+        if windowed is not geometry:
+            config_geometry, geometry = geometry, windowed
+            window_note = said[0] if said else None
+        notes.extend(said)
     notes.extend(_other_caches(run, kv, main))
     beams = main.beams if main.reordered and main.beams > 1 else 1
     return RunDefaults(
@@ -153,6 +162,8 @@ def run_defaults(path: str | Path) -> RunDefaults:
         residual_length=quantized[2] if quantized else None,
         quant_backend=logged_quantized_backend(run, main.cache) if quantized else None,
         window=window,
+        config_geometry=config_geometry,
+        window_note=window_note,
     )
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "kv_layers",
     "layer_kind_token_bytes",
     "layer_token_bytes",
+    "model_sliding_layers",
     "prefill_packed_tokens",
     "quantized_bits",
     "quantized_cache",
@@ -211,3 +212,14 @@ def sliding_layers(report: Report) -> int:
     if geometry.get("sliding_window") and isinstance(layers, int):
         return layers
     return len(_windowed_layers(report)[0])
+
+
+def model_sliding_layers(report: Report) -> int:
+    """The model's own sliding layers, which a QuantizedCache refuses: the config's count (`sliding_layers`),
+    none where it gives no window. A cache that slid on its own (a sliding cache built from a config of its
+    own, `kvtrace demo --cache sliding`) leaves the model's layers full; only a run without the model's
+    config (its geometry lacks the field) is told by the layers whose window let tokens go."""
+    geometry = report.geometry or {}
+    if not isinstance(geometry.get("sliding_layers"), int) and "sliding_window" in geometry:
+        return 0 if not geometry["sliding_window"] else sliding_layers(report)
+    return sliding_layers(report)

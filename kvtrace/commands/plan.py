@@ -21,6 +21,7 @@ DTYPES = ("bf16", "fp16", "fp32", "fp8", "int8", "int4")
 KV_DTYPES = (*DTYPES, "int2")  # a QuantizedCache of nbits=2; no weights format is planned at 2 bits
 # demo's and record's names: sliding a DynamicCache's window, static_sliding a StaticCache's
 CACHES = ("dynamic", "static", "sliding", "static_sliding", "quantized")
+_SLIDING = ("sliding", "static_sliding")  # the kinds that keep a window (plan_types.SLIDING_CACHES)
 
 
 def parse_reserve(text: str) -> tuple[int | None, float | None]:
@@ -68,6 +69,15 @@ def _quantized_settings(run: RunDefaults | None, cache: str) -> tuple[int, int]:
     if run is None or cache != "quantized" or run.cache != "quantized":
         return DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH
     return run.quant_group_size or DEFAULT_GROUP_SIZE, run.residual_length or DEFAULT_RESIDUAL_LENGTH
+
+
+def _config_window_note(run: RunDefaults, cache: str) -> str:
+    """What a typed --cache of a kind that keeps every token plans of a run whose cache slid at a window
+    the model's config lacks."""
+    return (
+        f"the run's cache slid at a window of {run.geometry.sliding_window} tokens, which the model's config "
+        f"does not give: --cache {cache} plans the model's layers as its config has them"
+    )
 
 
 def _budget_note(budget: int, run: RunDefaults) -> str:
@@ -319,6 +329,19 @@ class PlanCommand(Command):
         batch = args.batch if args.batch is not None else (run.batch if run and run.batch else 1)
         beams = args.beams if args.beams is not None else (run.beams if run else 1)
         cache = args.cache or (run.cache if run else "dynamic")
+        if (
+            run is not None
+            and run.config_geometry is not None
+            and args.cache not in (None, run.cache, *_SLIDING)
+        ):
+            # The window was the run's cache's, not the model's: another kind typed is built from the config
+            geometry = run.config_geometry
+            run = replace(
+                run,
+                notes=tuple(
+                    _config_window_note(run, cache) if note == run.window_note else note for note in run.notes
+                ),
+            )
         # Weight-only quantization (int4/int8 GPTQ/AWQ, fp8 weights) computes in bf16, and the KV cache holds
         # what attention computes: its dtype follows the weights only when they are a float dtype.
         weights_dtype = args.dtype or (run.weights_dtype if run and run.weights_dtype else "bf16")
@@ -327,7 +350,10 @@ class PlanCommand(Command):
         # as the run had them only while the weights dtype is the run's: a typed --dtype plans other weights
         redtyped = run is not None and args.dtype is not None and args.dtype != run.weights_dtype
         same_kind = run is not None and (cache == "quantized") == (run.cache == "quantized")
-        run_kv = run.kv_dtype if run and same_kind and not redtyped else None
+        # A QuantizedCache's KV dtype is its own setting (nbits, or the fp8 backend), not the weights': it
+        # stays under another --dtype
+        kept_kv = not redtyped or cache == "quantized"
+        run_kv = run.kv_dtype if run and same_kind and kept_kv else None
         measured = run.weights_bytes if run is not None and not redtyped else None
         if run is not None and redtyped:
             run = replace(
@@ -336,7 +362,11 @@ class PlanCommand(Command):
                     *run.notes,
                     f"--dtype {args.dtype} is not the run's ({run.weights_dtype or 'unknown'}): the weights "
                     f"are the geometry's at {args.dtype}, not the {run.weights_bytes:,} B measured, and the "
-                    "KV follows --dtype unless --kv-dtype says",
+                    + (
+                        f"quantized cache keeps the run's {run_kv} KV unless --kv-dtype says"
+                        if run_kv is not None
+                        else "KV follows --dtype unless --kv-dtype says"
+                    ),
                 ),
             )
         kv_dtype = args.kv_dtype or run_kv or ("int4" if cache == "quantized" else default_kv)
