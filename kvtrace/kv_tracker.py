@@ -714,7 +714,7 @@ class KvTracker:
                 found = storage_of(tensor)
                 if found is not None:
                     taken[found[1]] = (kv, part)
-        givers = set()
+        givers: set[tuple[str, str]] = set()
         for key, slot in slots.items():
             at = taken.get(slot.addr)
             if at is not None and at[0] != key[0] and expired(slot.wref):
