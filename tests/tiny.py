@@ -57,14 +57,30 @@ def plan_weighs_as_built(config: Any, folder: Path, capsys: Any) -> None:
         assert not [note for note in planned["notes"] if note.startswith("weights:")], name
 
 
-def record_generate(model: Any, out: Path, batch: int, prompt: int, new_tokens: int, **options: Any) -> None:
+def record_generate(
+    model: Any,
+    out: Path,
+    batch: int,
+    prompt: int,
+    new_tokens: int,
+    cache: str | None = None,
+    window: int | None = None,
+    **options: Any,
+) -> None:
     """`kvtrace.record(out, model=model, **options)` around a greedy `generate()` of exactly `new_tokens` on
-    `batch` rows of `prompt` seeded random ids, without grad."""
+    `batch` rows of `prompt` seeded random ids, without grad; with `cache`, the cache `kvtrace demo --cache`
+    builds of that kind (and `window`)."""
     import torch
 
     import kvtrace
+    from kvtrace.llama import cache_keyword, make_cache
 
     ids = torch.randint(3, 1000, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    given: dict[str, Any] = {}
+    if cache is not None:
+        sized = {} if window is None else {"window": window}
+        made, extra = make_cache(cache, model, batch, prompt + new_tokens, **sized)
+        given = {cache_keyword(): made, **extra} if made is not None else dict(extra)
     gc.collect()  # tensors earlier tests left in cycles, freed mid-recording, are not this run's (as sweep)
     with torch.no_grad(), kvtrace.record(out, model=model, **options):
         model.generate(
@@ -74,6 +90,7 @@ def record_generate(model: Any, out: Path, batch: int, prompt: int, new_tokens: 
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
+            **given,
         )
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import kvtrace
-from kvtrace.llama import build_model, cache_keyword, make_cache
+from kvtrace.llama import build_model
 from tests.cli_json import cli_json, plan_json, report_json
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.tiny import HEAD_DIM, record_generate, tiny_size
 
 LAYERS, KV_HEADS, BATCH, PROMPT, NEW, WINDOW = 2, 2, 2, 6, 6, 4
 TOKEN_ROW = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4  # every layer's K and V of one token of one row, float32
@@ -38,17 +37,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same generate() recorded with each cache `kvtrace demo --cache` builds (the model in float32; the
     fp8 QuantizedCache in bfloat16 too), on a model whose config gives no window."""
     folder = tmp_path_factory.mktemp("run_cache_settings")
-    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     for name, (kind, dtype) in RUNS.items():
         model = build_model(tiny_size(LAYERS, KV_HEADS)).eval().to(dtype)
         assert getattr(model.config, "sliding_window", None) is None
-        cache, extra = make_cache(kind, model, BATCH, PROMPT + NEW, window=WINDOW)
-        given = {cache_keyword(): cache} if cache is not None else {}
-        with torch.no_grad(), kvtrace.record(folder / name, model=model):
-            model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
-                do_sample=False, pad_token_id=0, **given, **extra,
-            )  # fmt: skip
+        record_generate(model, folder / name, BATCH, PROMPT, NEW, cache=kind, window=WINDOW)
     return {name: folder / name for name in RUNS}
 
 

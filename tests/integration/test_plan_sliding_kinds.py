@@ -9,12 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-import kvtrace
-from kvtrace.llama import build_model, cache_keyword, make_cache
+from kvtrace.llama import build_model
 from tests.cli_json import plan_json, report_json
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.tiny import HEAD_DIM, record_generate, tiny_size
 
 LAYERS, KV_HEADS, BATCH, PROMPT, NEW, WINDOW = 2, 2, 4, 40, 6, 8
 TOKEN_ROW = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4  # every layer's K and V of one token of one row, float32
@@ -26,16 +24,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same generate() recorded with each of kvtrace demo's cache kinds, as demo builds them."""
     model = build_model(tiny_size(LAYERS, KV_HEADS)).eval()
     folder = tmp_path_factory.mktemp("sliding_kinds")
-    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     found = {}
     for kind in KINDS:
-        cache, extra = make_cache(kind, model, BATCH, PROMPT + NEW, window=WINDOW)
-        given = {cache_keyword(): cache} if cache is not None else {}
-        with torch.no_grad(), kvtrace.record(folder / kind, model=model):
-            model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
-                do_sample=False, pad_token_id=0, **given, **extra,
-            )  # fmt: skip
+        record_generate(model, folder / kind, BATCH, PROMPT, NEW, cache=kind, window=WINDOW)
         found[kind] = folder / kind
     return found
 
