@@ -125,10 +125,13 @@ class KvEvent:
 # the ids kept for the other sources, so that no two sources of one run share an id (the recorder's state
 # per (cache, layer), or a report's figures per cache); runs recorded before this may have both on one id.
 MODULE_CACHE_ID = 1000  # tensors on the model's modules (Meta's `cache_k`/`cache_v`)
+# A layer with several cache-holding modules (`layers.N.self_attn` and `layers.N.cross_attn`) logs each one's
+# under its own id, 1000 + its rank among its layer's: on one id the second's slots overwrote the first's
+MODULE_CACHE_IDS = range(MODULE_CACHE_ID, MODULE_CACHE_ID + 100)
 TRACK_CACHE_ID = 2000  # tensors handed to `kvtrace.track()`
 VLLM_CACHE_ID = 3000  # vLLM's paged pool
 CB_CACHE_ID = 3100  # transformers' continuous batching pool
-RESERVED_CACHE_IDS = frozenset({MODULE_CACHE_ID, TRACK_CACHE_ID, VLLM_CACHE_ID, CB_CACHE_ID})
+RESERVED_CACHE_IDS = frozenset({*MODULE_CACHE_IDS, TRACK_CACHE_ID, VLLM_CACHE_ID, CB_CACHE_ID})
 
 
 def next_cache_id(last: int) -> int:

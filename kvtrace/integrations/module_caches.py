@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from kvtrace.format import MODULE_CACHE_ID, TRACK_CACHE_ID
+from kvtrace.format import MODULE_CACHE_ID, MODULE_CACHE_IDS, TRACK_CACHE_ID
 from kvtrace.kv_slots import dead_ref
 from kvtrace.kv_tracker import KvTracker
 
@@ -79,11 +79,13 @@ class _Owner:
     attr: str
     kv: str
     layer: int
+    # Its KV log `cache`: 1000 + the module's rank among its layer's cache-holding modules (MODULE_CACHE_IDS)
+    cache: int = MODULE_CACHE_ID
     layout: str = ""  # "bhsd" | "bshd"; "" until the first tensor decides (`module_cache_layout`)
     heads: tuple[int, ...] = ()  # the KV heads counts its model and modules say, nearest first
-    # The other slots of its layer (`_released`): where one holds a new tensor beside its still-alive old
-    # storage when this one's storage is released, the layer made its new storages before letting the old
-    # ones go
+    # The other slots of its layer and cache (`_released`): where one holds a new tensor beside its
+    # still-alive old storage when this one's storage is released, the layer made its new storages before
+    # letting the old ones go
     siblings: tuple[_Owner, ...] = ()
     seen: Callable[[], Any] = dead_ref  # the tensor last logged, weakly
     watch: weakref.ref[Any] | None = None  # its storage, weakly, with `_released` as the callback
@@ -177,18 +179,19 @@ def _storage_addr(tensor: torch.Tensor) -> int:
         return 0
 
 
-def _released(owner: _Owner, late: set[int], ref: weakref.ref[Any]) -> None:
+def _released(owner: _Owner, late: set[tuple[int, int]], ref: weakref.ref[Any]) -> None:
     """Run by CPython as the storage `owner` last logged is released: where another slot of its layer
     holds its new tensor by then while that slot's old storage is still alive (the old K and V kept in
     locals until the layer returns), two old storages were held beside a new one: `owner`'s layer goes
-    into `late`, and the scan logs that layer's frees after all its new storages. Not where the other
-    slot's old storage went first (V rebound, then K, each directly: old V was freed before K's cat), nor
-    for a storage released as its own slot is rebound: its free is logged right after its new one."""
+    into `late` (as (cache, layer)), and the scan logs that layer's frees after all its new storages. Not
+    where the other slot's old storage went first (V rebound, then K, each directly: old V was freed before
+    K's cat), nor for a storage released as its own slot is rebound: its free is logged right after its new
+    one."""
     if owner.watch is not ref:  # a storage the owner no longer watches
         return
     owner.watch = None
     if any(other.rebound_beside_old() for other in owner.siblings):
-        late.add(owner.layer)
+        late.add((owner.cache, owner.layer))
 
 
 def layer_from_name(name: str, fallback: int) -> int:
@@ -207,7 +210,7 @@ class ModuleCaches:
         )
         self.owners: list[_Owner] = []
         self._model: weakref.ref[torch.nn.Module] | None = None  # where `rediscover` looks
-        self._module_layers: set[int] = set()  # layers the last scan logged module caches for
+        self._module_layers: set[tuple[int, int]] = set()  # (cache, layer)s the last scan logged
         self._remade = False  # `rediscover` found other owners: the next scan frees dead slots in the way
         # layer -> kind -> (weak ref, layout, storage address when tracked)
         self._tracked: dict[int, dict[str, tuple[Callable[[], torch.Tensor | None], str, int]]] = {}
@@ -232,19 +235,26 @@ class ModuleCaches:
         self._model = weakref.ref(model)
         owners = []
         order = 0
+        modules_of_layer: dict[int, int] = {}  # layer -> its cache-holding modules found so far
         for name, module in model.named_modules():
             found = False
             for attr, kv in self.cache_attrs.items():
                 value = module._buffers.get(attr) if attr in module._buffers else module.__dict__.get(attr)
                 if isinstance(value, torch.Tensor):
                     layer = layer_from_name(name, order)
+                    if not found:
+                        rank = modules_of_layer.get(layer, 0)
+                        modules_of_layer[layer] = rank + 1
+                    cache = MODULE_CACHE_IDS[min(rank, len(MODULE_CACHE_IDS) - 1)]
                     heads = kv_heads_hints(model, name)
-                    owners.append(_Owner(weakref.ref(module), attr, kv, layer, heads=heads))
+                    owners.append(_Owner(weakref.ref(module), attr, kv, layer, cache, heads=heads))
                     found = True
             order += found
         for owner in owners:
             owner.siblings = tuple(
-                other for other in owners if other.layer == owner.layer and other is not owner
+                other
+                for other in owners
+                if other.layer == owner.layer and other.cache == owner.cache and other is not owner
             )
         for old in self.owners:
             old.watch = None  # its callback, which holds it, must not outlive it: the new owners watch
@@ -354,9 +364,9 @@ class ModuleCaches:
         if by_layer is None:  # a module holding a cache is gone: the model re-made its caches
             self.rediscover()
             by_layer = self._module_parts() or {}
-        for layer in self._module_layers - by_layer.keys():  # no longer the model's: its slots let go
-            by_layer[layer] = {}
-        self._module_layers = {layer for layer, parts in by_layer.items() if parts}
+        for key in self._module_layers - by_layer.keys():  # no longer the model's: its slots let go
+            by_layer[key] = {}
+        self._module_layers = {key for key, parts in by_layer.items() if parts}
         if self._remade:
             # A new cache at the address of an old one released unseen, maybe another layer's (the old
             # modules all dropped first): that one's free comes first. The others are logged freed after
@@ -365,7 +375,8 @@ class ModuleCaches:
             self._remade = False
             values = [value for parts in by_layer.values() for value in parts.values()]
             addrs = {_storage_addr(t) for t in values if isinstance(t, torch.Tensor)}
-            self.tracker.release_dead_at(MODULE_CACHE_ID, addrs)
+            for cache_id in sorted({cache_id for cache_id, _ in by_layer}):
+                self.tracker.release_dead_at(cache_id, addrs)
         tokens, rows = self.progress or (0, self.rows)
         # Rows said without tokens are logged even where they are all the tensor's: the analyzers then
         # know them said, and do not take a buffer's capacity for the batch
@@ -374,16 +385,16 @@ class ModuleCaches:
         late = set(self._late_frees)  # emptied, not replaced: the watches' callbacks hold this set
         self._late_frees.clear()
         changed = False
-        for layer, parts in by_layer.items():
+        for (cache_id, layer), parts in by_layer.items():
             # A forward that says it wrote new positions did write them, even where no version counter
             # shows it: Meta's forward runs in inference mode, whose `.to(dtype)` copy is an inference tensor
-            written = self.progress is not None and tracker.tokens_or_none(MODULE_CACHE_ID, layer) != tokens
+            written = self.progress is not None and tracker.tokens_or_none(cache_id, layer) != tokens
             held = tokens
-            if raised and written and not tracker.written_since(MODULE_CACHE_ID, layer, parts):
+            if raised and written and not tracker.written_since(cache_id, layer, parts):
                 # Not shown written: claimed, its tokens would be the forward's, as if it had finished
-                held, written = tracker.tokens(MODULE_CACHE_ID, layer), False
+                held, written = tracker.tokens(cache_id, layer), False
             changed |= tracker.observe(
-                MODULE_CACHE_ID,
+                cache_id,
                 layer,
                 parts,
                 cause,
@@ -391,7 +402,7 @@ class ModuleCaches:
                 source="module",
                 rows=rows,
                 written=written,
-                frees_last=layer in late,
+                frees_last=(cache_id, layer) in late,
                 say_rows=say_rows,
             )
         self._watch_logged(self._scanned)
@@ -416,10 +427,10 @@ class ModuleCaches:
             except (TypeError, RuntimeError, NotImplementedError):  # no weak reference, or no storage (meta)
                 owner.seen, owner.watch = dead_ref, None
 
-    def _module_parts(self) -> dict[int, dict[tuple[str, str], Any]] | None:
-        """The module caches' tensors now, by layer (and in `owners`' order in `_scanned`, for the watches);
-        None when an owning module is gone."""
-        by_layer: dict[int, dict[tuple[str, str], Any]] = {}
+    def _module_parts(self) -> dict[tuple[int, int], dict[tuple[str, str], Any]] | None:
+        """The module caches' tensors now, by (cache, layer), each cache-holding module of a layer its own
+        cache (and in `owners`' order in `_scanned`, for the watches); None when an owning module is gone."""
+        by_layer: dict[tuple[int, int], dict[tuple[str, str], Any]] = {}
         scanned = self._scanned = []
         for owner in self.owners:
             module = owner.module_ref()
@@ -431,5 +442,5 @@ class ModuleCaches:
                 said = self.said_layouts.get(owner.attr)
                 owner.layout = module_cache_layout(owner, module, tuple(tensor.shape), said)
             part = MODULE_LAYOUTS[owner.layout or "bshd"]
-            by_layer.setdefault(owner.layer, {})[(owner.kv, part)] = tensor
+            by_layer.setdefault((owner.cache, owner.layer), {})[(owner.kv, part)] = tensor
         return by_layer

@@ -342,3 +342,59 @@ def test_a_buffer_written_without_start_pos_has_its_input_rows_not_its_capacity_
     # ... its tokens are unknown, and a warning says why
     assert kv["tokens_held"] is None
     assert any("token counts are unknown" in note for note in report["notes"])
+
+
+class TwoCacheBlock(nn.Module):
+    """A layer holding two cache-holding modules, `layers.N.self_attn` and `layers.N.cross_attn`, each its
+    own `k_cache`/`v_cache`."""
+
+    def __init__(self, kept: bool, live: LiveStorages, v_first: bool) -> None:
+        super().__init__()
+        self.self_attn = CatAttention(kept, live, v_first=v_first)
+        self.cross_attn = CatAttention(kept, live, v_first=v_first)
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return self.cross_attn(self.self_attn(x, start_pos), start_pos)
+
+
+class TwoCacheDecoder(CatDecoder):
+    def __init__(self, kept: bool, live: LiveStorages, v_first: bool) -> None:
+        nn.Module.__init__(self)
+        self.layers = nn.ModuleList(TwoCacheBlock(kept, live, v_first) for _ in range(LAYERS))
+
+
+@pytest.mark.parametrize(
+    ("kept", "v_first"),
+    [(False, True), (False, False), (True, False)],
+    ids=["v-rebound-first", "rebound-at-once", "old-kept-in-locals"],
+)
+def test_two_cache_modules_in_a_layer_are_each_logged_as_their_own_cache(
+    kept: bool, v_first: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a decoder whose every layer holds two modules with their own K and V grown by torch.cat
+    # (self_attn, then cross_attn), recorded over a prefill and DECODES decode steps
+    live = LiveStorages()
+    model = TwoCacheDecoder(kept, live, v_first)  # kept alive: its caches are the end's KV
+    _record(tmp_path / "run", model)
+
+    # WHEN the report reads its KV log
+    kv = report_json(tmp_path / "run", capsys)["kv"]
+
+    # THEN the end holds both modules' T tokens in every layer: 2 x 12,672 bytes
+    held = PROMPT + DECODES
+    final = 2 * LAYERS * 2 * held * TOKEN_BYTES
+    assert final == 25344
+    assert (kv["final_bytes"], live.now) == (final, final)
+    # ... its peak is the last module's copy at the last step beside the five other modules grown, as the
+    # storages' own lives, measured without kvtrace, say
+    others = (2 * LAYERS - 1) * 2 * held
+    copy = 2 * (held - 1) + 2 * held if kept else held + (held - 1) + held
+    peak = (others + copy) * TOKEN_BYTES
+    assert peak == (29184 if kept else 27264)
+    assert (kv["peak_bytes"], live.peak) == (peak, peak)
+    # ... and each module is a cache of its own, 1000 and 1001, every layer's T tokens in both
+    caches = {cache["cache"]: cache for cache in kv["caches"]}
+    assert sorted(caches) == [1000, 1001]
+    assert [caches[cid]["final_bytes"] for cid in (1000, 1001)] == [final // 2] * 2
+    rows = sorted((row["cache"], row["layer"], row["tokens"]) for row in kv["per_layer"])
+    assert rows == [(cid, layer, held) for cid in (1000, 1001) for layer in range(LAYERS)]

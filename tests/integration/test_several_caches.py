@@ -593,14 +593,16 @@ def test_thousands_of_caches_never_take_the_module_or_tracked_caches_ids(
             if number in (1000, 2000):
                 held.append(cache)
 
-    # THEN the log gives each source ids of its own: the transformers caches count 1 to 2002 without 1000
-    # and 2000, the module cache is 1000 and the tracked tensor 2000, and nothing was evicted
+    # THEN the log gives each source ids of its own: the transformers caches count 1 to 2101 without 1000 to
+    # 1099 (the module caches', one per cache-holding module of a layer) and 2000, the module cache is 1000
+    # and the tracked tensor 2000, and nothing was evicted
     recorded = read_run(run)
     events = recorded.kv_events
     ids: dict[str, set[int]] = {}
     for event in events:
         ids.setdefault(event.source, set()).add(event.cache)
-    hf_ids = [cid for cid in range(1, hf_caches + 3) if cid not in (1000, 2000)]
+    hf_ids = [cid for cid in range(1, hf_caches + 102) if not 1000 <= cid < 1100 and cid != 2000]
+    assert len(hf_ids) == hf_caches
     assert ids == {"hf": set(hf_ids), "module": {1000}, "track": {2000}}
     # ... and the manifest names the transformers caches no forward of the model was given by those ids
     assert recorded.manifest["other_caches"] == hf_ids
@@ -617,9 +619,9 @@ def test_thousands_of_caches_never_take_the_module_or_tracked_caches_ids(
     rows = {row["cache"]: (row["k_bytes"], row["v_bytes"], row["tokens"]) for row in kv["per_layer"]}
     assert rows == {
         1000: (buffer_bytes, buffer_bytes, written),
-        1001: (hf_bytes, hf_bytes, tokens),
+        hf_ids[999]: (hf_bytes, hf_bytes, tokens),  # the 1000th, 1100
         2000: (tracked_bytes, 0, tracked_tokens),
-        2002: (hf_bytes, hf_bytes, tokens),
+        hf_ids[-1]: (hf_bytes, hf_bytes, tokens),  # the 2000th, 2101
     }
 # The recorded model's own work, never another model's: B rows of P prompt tokens, then N one-token forwards
 OWN_ROWS, OWN_PROMPT, OWN_NEW = 2, 8, 5

@@ -58,10 +58,11 @@ def test_not_a_run(tmp_path: Path) -> None:
 
 def test_transformers_cache_ids_step_over_every_other_sources_id() -> None:
     # The other sources keep the ids older runs gave them: module caches, track(), vLLM's and CB's pools
-    reserved = (1000, 2000, 3000, 3100)
+    # (module caches 1000 to 1099: one id per cache-holding module of a layer)
+    reserved = (*range(1000, 1100), 2000, 3000, 3100)
     ids = [next_cache_id(0)]
     while len(ids) < 4000:
         ids.append(next_cache_id(ids[-1]))
-    # 4000 caches count 1 to 4004, the four ids below that left out: the 1000th cache is 1001, the 3100th 3104
+    # 4000 caches count 1 to 4103, the 103 ids below that left out: the 1000th cache is 1100, the 3100th 3203
     assert ids == [cid for cid in range(1, 4000 + len(reserved) + 1) if cid not in reserved]
-    assert (ids[999], ids[1999], ids[2999], ids[3099]) == (1001, 2002, 3003, 3104)
+    assert (ids[999], ids[1999], ids[2999], ids[3099]) == (1100, 2101, 3103, 3203)
