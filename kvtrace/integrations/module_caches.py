@@ -227,7 +227,7 @@ class ModuleCaches:
         # Layers whose old storages were released while another slot of theirs held its new tensor beside
         # its still-alive old one (`_released`): their frees are logged after all their new storages at the
         # next scan
-        self._late_frees: set[int] = set()
+        self._late_frees: set[tuple[int, int]] = set()
         self._scanned: list[Any] = []  # the tensors `_module_parts` found, in `owners`' order
 
     def discover(self, model: torch.nn.Module) -> int:
