@@ -341,7 +341,9 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     Another cache kind, KV dtype, window or beams moves the moment (a static cache's prefill attends over
     all of its length, a dynamic cache peaks at its growth copy): its KV with the run's peak activations, or
     its KV peak with what the run held at its own KV peak (`RecordedPeak.update_activations_bytes`), the
-    larger, an estimate (analyzers.planning.run_peak's note says so).
+    larger, an estimate (analyzers.planning.run_peak's note says so). Either grows from the run's context as
+    the planned cache's attended tokens do (`_context_growth`), and generate()'s token tensors with every
+    token where that is less (`_token_growth`).
 
     A compute dtype wider than the run's (`--dtype fp32` of a bf16 run) grows the activations first, all
     but those in no model dtype (`in_compute_dtype`)."""
@@ -349,7 +351,8 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     rec = in_compute_dtype(req.recorded, req.effective_compute_dtype)  # a wider dtype's activations
     run = _run_request(req, rec)
     rows = max(batch / rec.batch, 1.0)
-    grown = rows * max(_attended(req, context) / _attended(run, rec.context), 1.0)
+    grown = rows * _context_growth(req, rec, context)
+    tokens = _token_growth(req, rec, batch, context)  # generate()'s ids and mask, where `grown` misses them
     freed = _rows_freed(rec, batch)
     activations = rec.activations_bytes - freed  # at the plan's rows, before the context grows them
     growth = math.ceil(activations * (grown - 1))
@@ -360,16 +363,55 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         at_peak = math.ceil(activations * max(grown, prompt_grown))
         beside_update = rec.update_activations_bytes
         if beside_update is None or (req.cache == "quantized" and _prefill_peaks(rec, grown, prompt_grown)):
-            return req.weights_bytes + sizes.step_peak_bytes + at_peak  # the update's copies beside: a bound
+            # the update's copies beside: a bound
+            return req.weights_bytes + sizes.step_peak_bytes + at_peak + tokens
         # Two moments, never live together: the run's peak (a step's end, its logits) holding this cache's
         # KV, and this cache's KV peak (inside an update, or a beam search's reorder) beside what the run
         # held at its own KV peak; fewer rows keep the share of them that `_rows_freed` keeps at the peak
         kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
         in_update = math.ceil(beside_update * kept * max(grown, prompt_grown))
+        in_update += _update_token_growth(rec, batch, context, kept * max(grown, prompt_grown))
         held = max(sizes.kv_bytes, sizes.prefill_bytes)
-        return req.weights_bytes + max(held + at_peak, sizes.step_peak_bytes + in_update)
+        return req.weights_bytes + max(held + at_peak + tokens, sizes.step_peak_bytes + in_update)
     moved = _moment_kv(req, rec, batch, context) - _moment_kv(run, rec, rec.batch, rec.context)
-    return max(rec.peak_bytes + (req.weights_bytes - rec.weights_bytes) + moved - freed + growth, *floors)
+    grew = (req.weights_bytes - rec.weights_bytes) + moved - freed + growth + tokens
+    return max(rec.peak_bytes + grew, *floors)
+
+
+def _context_growth(req: PlanRequest, rec: RecordedPeak, context: int) -> float:
+    """How much a row's activations grow from the run's context to `context`: as the tokens the planned
+    cache attends over at each (at least 1: a shorter context keeps them, an upper bound). Measured from the
+    run's context in the planned cache, not in the run's: at one context a step ends holding the same
+    logits, ids and mask whatever the cache, so a sliding run planned on a full cache at its own context
+    keeps its activations (before, they grew by context / (window + 1): on the tiny Llama at batch 2,
+    context 12, window 8, +19,186 B, +3.1%, over the full cache's recording; the demo's, +88%)."""
+    return max(_attended(req, context) / _attended(req, rec.context), 1.0)
+
+
+def _update_token_growth(rec: RecordedPeak, batch: int, context: int, scale: float) -> int:
+    """Bytes generate()'s token tensors add to what the run held at its KV peak (`update_token_bytes`,
+    grown by `scale`) in a plan whose KV peak is its last step's, `context` tokens a row at most: a sliding
+    run's KV peak comes while its window fills, its ids short (the tiny Llama at batch 2, context 206: 288 B
+    of them where the full cache's last update held 6,560)."""
+    if not rec.token_row_bytes or rec.update_token_bytes is None:
+        return 0
+    return max(rec.token_row_bytes * batch * context - math.ceil(rec.update_token_bytes * scale), 0)
+
+
+def _token_growth(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """Bytes generate()'s token tensors (input ids, attention mask, position ids: `token_row_bytes` a row
+    and token) add at `batch` and `context` beyond what the activations' `_context_growth` gives them: they
+    grow by a token at every step whatever the cache, while a window stops the attended tokens. None where
+    the growth is the context's (a full cache); `(context - window - 1)` tokens a row where every layer
+    slides (before, none: the tiny Llama at batch 2, planned from context 12 at 206, was 6,208 B below
+    its recording, 2 rows x 194 tokens x 16 B)."""
+    per_token = rec.token_row_bytes
+    if not per_token:
+        return 0
+    attended, at_run = _attended(req, context), _attended(req, rec.context)
+    # tokens a row the growth misses: context - rec.context * growth, over `at_run` to stay in integers
+    missed = context * at_run - rec.context * max(attended, at_run)
+    return -(-per_token * batch * missed // at_run) if missed > 0 else 0
 
 
 def _prefill_peaks(rec: RecordedPeak, grown: float, prompt_grown: float) -> bool:
@@ -427,9 +469,10 @@ def _moment_floors(
         beside_peak = max(rec.activations_bytes, beside_prefill)
     else:
         beside_peak = max(rec.peak_bytes - rec.weights_bytes - run_sizes.step_peak_bytes, 0)
-    late = rows * max(_attended(req, context) / _attended(run, rec.context), 1.0)
+    late = rows * _context_growth(req, rec, context)
     early = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
-    floors = [req.weights_bytes + sizes.step_peak_bytes + math.ceil(beside_peak * kept * max(late, early))]
+    beside_late = math.ceil(beside_peak * kept * max(late, early)) + _token_growth(req, rec, batch, context)
+    floors = [req.weights_bytes + sizes.step_peak_bytes + beside_late]
     if early > 1.0:
         # A prefill of more rows or tokens than the run's: its own moment. Not otherwise: the run's own
         # prefill is within its peak, and the measured figure is the most beside the KV at any moment of

@@ -90,6 +90,11 @@ class RecordedPeak:
     dtype_fixed_bytes: int | None = None
     prefill_dtype_fixed_bytes: int | None = None
     update_dtype_fixed_bytes: int | None = None
+    # at a decode peak, the bytes generate()'s token tensors (ids, mask) gain per row and token, which grow
+    # with the context whatever the cache's window (run_peak's `token_row_bytes`); None: not told
+    token_row_bytes: int | None = None
+    # of `update_activations_bytes`, generate()'s token tensors (run_peak's `token_tensors`); None: not told
+    update_token_bytes: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

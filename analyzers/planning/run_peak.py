@@ -28,10 +28,13 @@ __all__ = [
     "peak_moment",
     "prefill_beside",
     "recorded_note",
+    "token_row_bytes",
+    "token_tensors",
     "update_beside",
 ]
 
 _HALF_FLOATS = {"bfloat16": 2, "float16": 2}  # a model's 16-bit compute dtypes, whose bytes an element
+_INT64_BYTES = 8  # an element of generate()'s token ids, attention mask and position ids
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,16 @@ class PeakMoment:
     dtype_fixed_bytes: int | None = None
     prefill_dtype_fixed_bytes: int | None = None
     update_dtype_fixed_bytes: int | None = None
+    # bytes generate()'s token tensors live at a decode peak gain per row and token (`token_row_bytes`)
+    token_row_bytes: int | None = None
+    # of `update_activations_bytes`, those generate()'s token tensors (`token_tensors`): the update of a
+    # sliding run's KV peak comes early, when they were short; None: not told
+    update_token_bytes: int | None = None
 
 
-def peak_moment(path: str | Path) -> PeakMoment | str:
-    """The run's peak moment, or why it has none to plan from (a sentence for the plan's notes)."""
+def peak_moment(path: str | Path, prompt: int | None = None, context: int | None = None) -> PeakMoment | str:
+    """The run's peak moment, or why it has none to plan from (a sentence for the plan's notes); `prompt`
+    and `context`, the run's generate() call's, tell its token tensors apart (`token_row_bytes`)."""
     from analyzers.planning.diagnose import diagnose
     from analyzers.report import build_report
 
@@ -80,6 +89,8 @@ def peak_moment(path: str | Path) -> PeakMoment | str:
     update, update_at = _update_beside_at(source, report)
     timeline = _main_timeline(source, report)
     peak_at = int(np.argmax(timeline[1].allocated)) if timeline and len(timeline[1].ts_us) else None
+    at_peak_tokens = token_tensors(source, report, peak_at, diagnosis.batch, prompt, context)
+    at_update_tokens = token_tensors(source, report, update_at, diagnosis.batch, prompt, context)
     return PeakMoment(
         peak_bytes=main.peak_allocated_bytes,
         activations_bytes=max(beside, 0),
@@ -93,7 +104,51 @@ def peak_moment(path: str | Path) -> PeakMoment | str:
         dtype_fixed_bytes=dtype_fixed_bytes(source, report, peak_at),
         prefill_dtype_fixed_bytes=dtype_fixed_bytes(source, report, prefill_at),
         update_dtype_fixed_bytes=dtype_fixed_bytes(source, report, update_at),
+        token_row_bytes=token_row_bytes(at_peak_tokens) if diagnosis.step_phase == "decode" else None,
+        update_token_bytes=sum(at_update_tokens) if at_update_tokens is not None else None,
     )
+
+
+def token_row_bytes(tensors: list[int] | None) -> int | None:
+    """Bytes a row and token adds to generate()'s token tensors among `tensors` (`token_tensors`): 8 for
+    each, an int64 a token longer at every step. Where every layer keeps a window, they are what still
+    grows with the context (the tiny Llama at batch 2, context 12 to 206: +6,208 B, 2 x 194 x 16)."""
+    return None if tensors is None else _INT64_BYTES * len(tensors)
+
+
+def token_tensors(
+    source: MemorySource,
+    report: Report,
+    index: int | None,
+    rows: int | None,
+    prompt: int | None,
+    context: int | None,
+) -> list[int] | None:
+    """Sizes of the allocations beside the weights and KV live after the main device's event `index` that
+    are generate()'s token tensors: int64, `rows` x n, n longer than the prompt and at most the context (its
+    input_ids and attention mask, and the position ids some models derive from the mask, each a token
+    longer at every step; the caller's own prompt ids and mask are the prompt's length), and not one
+    position of a model width (a decode step's hidden states, queries: `row_units`), which an id tensor of
+    that many tokens would be taken for too. None where the events carry no addresses or the run does not
+    say its prompt and context."""
+    from analyzers.model import OTHER
+    from analyzers.planning.diagnose_rows import fixed_sizes, row_units
+    from analyzers.planning.diagnose_stacks import live_sizes
+
+    main = report.main_device
+    if index is None or index < 0 or main is None or not rows or prompt is None or context is None:
+        return None
+    dev = next((d for d in source.devices if d.device == main.device), None)
+    if dev is None or not bool((dev.addr >= 0).any()):
+        return None
+    # the logits processors' vectors over the vocabulary, and a position of a model width
+    other = fixed_sizes(report.geometry) | {rows * unit for unit in row_units(report.geometry)}
+    row = rows * _INT64_BYTES
+    return [
+        nbytes
+        for nbytes in live_sizes(dev, index, OTHER)
+        if nbytes % row == 0 and prompt < nbytes // row <= context and nbytes not in other
+    ]
 
 
 def dtype_fixed_bytes(source: MemorySource, report: Report, index: int | None) -> int | None:
@@ -208,8 +263,8 @@ def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, row
     how = (
         f": the run's own settings plan its own peak; {smaller}; a larger batch or context grows them in "
         "proportion, a longer prompt's prefill with the prompt "
-        "(but where every layer slides, generate()'s ids and mask still grow with a longer context, a few "
-        "bytes a token that a plan at the run's prompt does not count)"
+        "(where every layer slides, by generate()'s ids and mask alone, a few bytes a token, as the run's "
+        "peak shows them)"
         if same_cache
         else ": beside this cache's KV at the run's peak, or, the larger, its KV peak (inside a cache "
         "update) beside what the run held at its own KV peak, where the run tells it (else added to that KV "

@@ -128,6 +128,8 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         dtype_fixed_bytes=moment.dtype_fixed_bytes,
         prefill_dtype_fixed_bytes=moment.prefill_dtype_fixed_bytes,
         update_dtype_fixed_bytes=moment.update_dtype_fixed_bytes,
+        token_row_bytes=moment.token_row_bytes,
+        update_token_bytes=moment.update_token_bytes,
     )
 
 
@@ -374,7 +376,7 @@ class PlanCommand(Command):
         if run is not None and run.context is not None:
             from analyzers.planning.run_peak import peak_moment
 
-            found = peak_moment(args.from_run)
+            found = peak_moment(args.from_run, run.prompt, run.context)
             if isinstance(found, str):
                 run = replace(run, notes=(*run.notes, found))
             else:
