@@ -32,7 +32,7 @@ import functools
 import json
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
@@ -136,6 +136,9 @@ class KvTracker:
         # next capture, at a new storage at their address (`_drain_locked`): not logged again after it.
         self._freed_early: set[int] = set()
         self._frees_held = False  # inside an `observe(frees_last=True)`: its frees wait for its new storages
+        # Storages that left their slot, kept out of `_pending` until a later layer's new storages are logged
+        # (`observe(hold=...)`, `release_held`), by the token they wait for
+        self._held: dict[Hashable, list[tuple[int, int, str, str, int, int, int]]] = {}
         self.lines: list[str] = []
         self.lock = threading.RLock()  # around `_seq` and `lines`: the writer thread drains too
         # Captured layer updates waiting for `drain`: (cache, layer, t_ns, step, phase JSON, tokens,
@@ -604,6 +607,7 @@ class KvTracker:
         written: bool = False,
         frees_last: bool = False,
         say_rows: bool = False,
+        hold: dict[tuple[str, str], Hashable] | None = None,
     ) -> bool:
         """Compare the current tensors of one layer with the last seen ones; log what changed, and return
         whether anything of the layer did (frees of other storages found meanwhile aside).
@@ -621,7 +625,9 @@ class KvTracker:
         which made all the new ones before releasing an old one; its old storages are logged freed after all
         its new ones (an eviction press makes the kept K and V, then rebinds both; a module cache's layer
         keeps its old K and V in locals until it returns, `ModuleCaches.scan`), unless a new storage took
-        an old one's address, which proves that one was released first.
+        an old one's address, which proves that one was released first. `hold`: slots whose old storage
+        outlived later layers' new storages (module caches kept on a list until the step ends), each mapped
+        to a token: its free waits for `release_held(token)`.
 
         Storages watched since an earlier observation and released by now are logged freed first, before
         this observation's new storages: they were released since that observation, and a hand-written
@@ -656,6 +662,10 @@ class KvTracker:
                         found = storage_of(tensor)
                         if found is not None and any(item[4] == found[1] for item in self._pending):
                             self._poll_locked(t_ns)  # made where a held one was: that one was released first
+                    token = hold.get(key) if hold else None
+                    old = slots.get(key) if token is not None else None
+                    if old is not None:
+                        self._frees_held = True  # its free, if released by now, waits past later layers
                     if self._see(
                         slots,
                         cache_id,
@@ -674,6 +684,9 @@ class KvTracker:
                         say_rows=say_rows,
                     ):
                         seen.add(key)
+                    if old is not None:
+                        self._frees_held = frees_last
+                        self._hold(old.wref, token)
         finally:
             self._frees_held = False
         # Slots of this layer that vanished (reset, a quantized residual flushed to an empty tensor).
@@ -699,6 +712,29 @@ class KvTracker:
         changed = self._seq != logged
         self.poll_frees(t_ns)
         return changed
+
+    def _hold(self, wref: int, token: Hashable) -> None:
+        """Move the storage `wref` from `_pending` to those held for `token` (`release_held`)."""
+        for index, item in enumerate(self._pending):
+            if item[0] == wref:
+                self._held.setdefault(token, []).append(self._pending.pop(index))
+                self._pending_addrs = {item[4] for item in self._pending}
+                return
+
+    @_locked
+    def release_held(self, token: Hashable | None = None) -> None:
+        """The storages held for `token` (all, with None) are watched again, their frees logged now if
+        released: the new storages they outlived are logged."""
+        if not self._held:
+            return
+        held = [self._held.pop(token, [])] if token is not None else list(self._held.values())
+        if token is None:
+            self._held.clear()
+        for items in held:
+            self._pending.extend(items)
+            self._pending_addrs.update(item[4] for item in items)
+        if self._pending:
+            self._poll_locked(self._clock())
 
     @staticmethod
     def _givers_first(
@@ -882,9 +918,10 @@ class KvTracker:
     def close(self) -> None:
         """Let go of the weak references still held (storages the caller keeps alive after the run)."""
         self.drain()
-        for item in self._pending:
+        for item in self._pending + [item for items in self._held.values() for item in items]:
             free_weak_ref(item[0])
         self._pending = []
+        self._held.clear()
         self._pending_addrs = set()
         self._freed_early.clear()
         for state in self._layers.values():

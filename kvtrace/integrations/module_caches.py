@@ -13,11 +13,9 @@ read. A forward that does not say leaves the tokens unknown, logged as 0 and nam
 A cache grown by torch.cat is a new storage at every step, and the moment its old one is released decides
 the step's KV peak: `self.k_cache = torch.cat([self.k_cache, k], 2)` releases the old K as the new one is
 bound, before V's copy is made, while `kc = self.k_cache` keeps it until the layer returns, after both
-copies. The scan comes after the forward, so each logged storage is watched through a weak reference whose
-callback CPython runs at its very release: it notes whether another slot of its layer already held its new
-tensor while that slot's old storage was still alive too (two olds beside a new one), and the scan then logs
-that layer's frees after all its new storages (`ModuleCaches.scan`). `self.v_cache = torch.cat(...)` before
-K's, each direct, is not such a layer: old V is gone before K's cat is made.
+copies, and a list of past caches kept until the step ends keeps every layer's. The scan comes after the
+forward, so each logged storage is watched through a weak reference whose callback CPython runs at its very
+release (`cache_releases`), and the scan logs its free after the new storages that were made by then.
 
 A module cache's layout says which dim holds the positions (`module_cache_layout`): Meta's `cache_k`/`cache_v`
 are [batch, seq, kv_heads, head_dim], gpt-fast's `KVCache.k_cache`/`v_cache` [batch, kv_heads, seq, head_dim].
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 
 from kvtrace.format import MODULE_CACHE_ID, MODULE_CACHE_IDS, TRACK_CACHE_ID
+from kvtrace.integrations.cache_releases import Releases
 from kvtrace.kv_slots import dead_ref
 from kvtrace.kv_tracker import KvTracker
 
@@ -83,12 +82,13 @@ class _Owner:
     cache: int = MODULE_CACHE_ID
     layout: str = ""  # "bhsd" | "bshd"; "" until the first tensor decides (`module_cache_layout`)
     heads: tuple[int, ...] = ()  # the KV heads counts its model and modules say, nearest first
-    # The other slots of its layer and cache (`_released`): where one holds a new tensor beside its
+    # The other slots of its layer and cache (`Releases.released`): where one holds a new tensor beside its
     # still-alive old storage when this one's storage is released, the layer made its new storages before
     # letting the old ones go
     siblings: tuple[_Owner, ...] = ()
+    after: int = 0  # the index in `ModuleCaches.owners` of the first slot past its module's
     seen: Callable[[], Any] = dead_ref  # the tensor last logged, weakly
-    watch: weakref.ref[Any] | None = None  # its storage, weakly, with `_released` as the callback
+    watch: weakref.ref[Any] | None = None  # its storage, weakly, with `Releases.released` as the callback
 
     def rebound(self) -> bool:
         """Whether the attribute holds a tensor other than the one last logged (made since)."""
@@ -179,21 +179,6 @@ def _storage_addr(tensor: torch.Tensor) -> int:
         return 0
 
 
-def _released(owner: _Owner, late: set[tuple[int, int]], ref: weakref.ref[Any]) -> None:
-    """Run by CPython as the storage `owner` last logged is released: where another slot of its layer
-    holds its new tensor by then while that slot's old storage is still alive (the old K and V kept in
-    locals until the layer returns), two old storages were held beside a new one: `owner`'s layer goes
-    into `late` (as (cache, layer)), and the scan logs that layer's frees after all its new storages. Not
-    where the other slot's old storage went first (V rebound, then K, each directly: old V was freed before
-    K's cat), nor for a storage released as its own slot is rebound: its free is logged right after its new
-    one."""
-    if owner.watch is not ref:  # a storage the owner no longer watches
-        return
-    owner.watch = None
-    if any(other.rebound_beside_old() for other in owner.siblings):
-        late.add((owner.cache, owner.layer))
-
-
 def layer_from_name(name: str, fallback: int) -> int:
     """`layers.3.attention` -> 3; modules without a number keep their discovery order."""
     match = _LAYER_NUMBER.search(name)
@@ -224,10 +209,8 @@ class ModuleCaches:
         # The running forward's input rows where it says them but not where it writes (no `start_pos`): 0
         # when unknown, or when `progress` says them
         self.rows = 0
-        # Layers whose old storages were released while another slot of theirs held its new tensor beside
-        # its still-alive old one (`_released`): their frees are logged after all their new storages at the
-        # next scan
-        self._late_frees: set[tuple[int, int]] = set()
+        # What the old storages' releases told since the last scan: which frees come after which new storages
+        self._releases = Releases()
         self._scanned: list[Any] = []  # the tensors `_module_parts` found, in `owners`' order
 
     def discover(self, model: torch.nn.Module) -> int:
@@ -250,15 +233,18 @@ class ModuleCaches:
                     owners.append(_Owner(weakref.ref(module), attr, kv, layer, cache, heads=heads))
                     found = True
             order += found
-        for owner in owners:
+        for index, owner in enumerate(owners):
             owner.siblings = tuple(
                 other
                 for other in owners
                 if other.layer == owner.layer and other.cache == owner.cache and other is not owner
             )
+            owner.after = index + 1
+            while owner.after < len(owners) and owners[owner.after].module_ref() is owner.module_ref():
+                owner.after += 1
         for old in self.owners:
             old.watch = None  # its callback, which holds it, must not outlive it: the new owners watch
-        self.owners = owners
+        self.owners = self._releases.owners = owners
         return len(owners)
 
     def rediscover(self) -> None:
@@ -382,8 +368,7 @@ class ModuleCaches:
         # know them said, and do not take a buffer's capacity for the batch
         say_rows = self.progress is None and rows > 0
         tracker = self.tracker
-        late = set(self._late_frees)  # emptied, not replaced: the watches' callbacks hold this set
-        self._late_frees.clear()
+        late, holds = self._released_since(by_layer)
         changed = False
         for (cache_id, layer), parts in by_layer.items():
             # A forward that says it wrote new positions did write them, even where no version counter
@@ -404,13 +389,37 @@ class ModuleCaches:
                 written=written,
                 frees_last=(cache_id, layer) in late,
                 say_rows=say_rows,
+                hold=holds.get((cache_id, layer)) if holds else None,
             )
+            if holds:
+                tracker.release_held((cache_id, layer))  # the frees held until this layer's new storages
+        if holds:
+            tracker.release_held()  # those held until a layer no longer the model's
         self._watch_logged(self._scanned)
         self._scanned = []
         unknown = changed and self.progress is None
         for layer in list(self._tracked):
             self._observe_tracked(layer, cause)
         return unknown
+
+    def _released_since(
+        self, by_layer: dict[tuple[int, int], Any]
+    ) -> tuple[set[tuple[int, int]], dict[tuple[int, int], dict[tuple[str, str], tuple[int, int]]]]:
+        """What the releases since the last scan told (`Releases`), for this scan: the (cache, layer)s whose
+        frees come after all their new storages, and per (cache, layer) the slots whose free waits for a
+        later layer's new storages, each with that layer's (cache, layer), the hold's token."""
+        releases = self._releases
+        late = set(releases.late)
+        holds: dict[tuple[int, int], dict[tuple[str, str], tuple[int, int]]] = {}
+        if releases.holds:
+            position = {key: index for index, key in enumerate(by_layer)}
+            for owner, until in releases.holds.values():
+                own = (owner.cache, owner.layer)
+                if position.get(until, -1) > position.get(own, len(position)):
+                    slot = (owner.kv, MODULE_LAYOUTS[owner.layout or "bshd"])
+                    holds.setdefault(own, {})[slot] = until
+        releases.clear()  # emptied, not replaced: the watches' callbacks hold it
+        return late, holds
 
     def _watch_logged(self, tensors: list[Any]) -> None:
         """Watch the storage of each module cache tensor just logged (`tensors`, in `owners`' order) that is
@@ -423,7 +432,7 @@ class ModuleCaches:
                 owner.seen = weakref.ref(tensor)
                 storage = tensor.untyped_storage()
                 if owner.watch is None or owner.watch() is not storage:
-                    owner.watch = weakref.ref(storage, functools.partial(_released, owner, self._late_frees))
+                    owner.watch = weakref.ref(storage, functools.partial(self._releases.released, owner))
             except (TypeError, RuntimeError, NotImplementedError):  # no weak reference, or no storage (meta)
                 owner.seen, owner.watch = dead_ref, None
 
