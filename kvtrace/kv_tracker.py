@@ -32,7 +32,7 @@ import functools
 import json
 import threading
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
@@ -607,7 +607,7 @@ class KvTracker:
         written: bool = False,
         frees_last: bool = False,
         say_rows: bool = False,
-        hold: dict[tuple[str, str], Hashable] | None = None,
+        hold: Mapping[tuple[str, str], Hashable] | None = None,
     ) -> bool:
         """Compare the current tensors of one layer with the last seen ones; log what changed, and return
         whether anything of the layer did (frees of other storages found meanwhile aside).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dis
 import sys
-from types import CodeType
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -86,7 +86,8 @@ def stores_made_value(
     stores `sibling` next from a value it made already. `verdicts` keeps each (code, offset)'s answer, by
     the code's id (a code object hashes its whole bytecode) beside the code itself, which keeps that id its
     own: one dict look-up per frame after the first step."""
-    frame = sys._getframe(2)  # the frame whose store let the storage go, or Module.__setattr__ under it
+    # the frame whose store let the storage go, or Module.__setattr__ under it
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(_FRAMES_UP):
         if frame is None:
             return False
