@@ -472,7 +472,7 @@ def export(
     """
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
-        raise KvtraceError(f"{root}: exists and is not a directory")
+        raise cannot_write(root, None, folder=True)  # exit 1, as every output that cannot be written
     inputs, problems = find_inputs(paths)
     if not inputs:
         where = ", ".join(str(p) for p in paths)

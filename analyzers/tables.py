@@ -351,7 +351,10 @@ def _ts_kind(source: MemorySource, device: str) -> str:
     return "trace_us"
 
 
-def _devices_table(run_id: str, source: MemorySource) -> pa.Table:
+def _devices_table(run_id: str, source: MemorySource, refused_start: bool = False) -> pa.Table:
+    """A row per device. `refused_start` (a vLLM start refused for lack of KV memory: no pool, no step):
+    a device without events measured nothing, so its baseline is null, as the report's figures are (a
+    measured 0 would make the README's peak query say 0 where the report says unknown)."""
     rows = [
         {
             "run_id": run_id,
@@ -359,7 +362,11 @@ def _devices_table(run_id: str, source: MemorySource) -> pa.Table:
             "events": len(dev),
             "alloc_events": dev.alloc_events,
             "free_events": dev.free_events,
-            "baseline_bytes": int(dev.baseline_bytes),
+            "baseline_bytes": (
+                None
+                if refused_start and not (dev.alloc_events or dev.free_events)
+                else int(dev.baseline_bytes)
+            ),
             "capacity_bytes": dev.capacity_bytes,
             "ts_kind": _ts_kind(source, dev.device),
         }
@@ -549,7 +556,7 @@ def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, p
     memory = [memory_events_table(run_id, dev) for dev in source.devices]
     if memory:
         tables["memory_events"] = pa.concat_tables(memory)
-    tables["devices"] = _devices_table(run_id, source)
+    tables["devices"] = _devices_table(run_id, source, engine.get("status") == "refused_start")
     counts = {
         "kv_events": len(run.kv_events) if run is not None else 0,
         "memory_events": sum(len(dev) for dev in source.devices),

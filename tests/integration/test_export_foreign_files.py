@@ -211,3 +211,20 @@ def test_an_earlier_kvtraces_killed_export_leaves_temporary_files_the_next_one_r
     assert not list(out.glob("*/.part-*"))
     runs = [SAMPLES / "dynamic_b2", SAMPLES / "static_b2"]
     assert _kv_rows(out) == {run.as_posix(): _kv_lines(run) for run in runs}
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_export_into_a_file_is_an_output_that_cannot_be_written(tmp_path: Path, below: str) -> None:
+    # GIVEN a file where the output folder (or a parent of it) would be
+    blocker = tmp_path / "afile"
+    blocker.write_bytes(b"the user's own\n")
+    out = blocker / below if below else blocker
+
+    # WHEN a sample run is exported there
+    code, stdout, stderr = _cli("export", str(SAMPLES / "static_b2"), "-o", str(out), "-q")
+
+    # THEN exit 1, as `export --help` says for a DIR that cannot be written, in one line naming the file
+    why = "it is a file" if not below else f"a parent of the path is a file: {blocker}"
+    assert (code, stdout) == (1, "")
+    assert stderr.splitlines() == [f"kvtrace export: error: {out}: cannot write ({why})"]
+    assert blocker.read_bytes() == b"the user's own\n"

@@ -344,6 +344,35 @@ def test_vllm_sample_runs(run: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     check_vllm_run(run, tmp_path / "out", capsys)
 
 
+# The README's peak query, as a user copies it
+README_PEAK_SQL = """SELECT d.run_id, d.device,
+         d.baseline_bytes + greatest(0, coalesce(max(m.running), 0)) AS peak
+  FROM devices d LEFT JOIN (SELECT run_id, device, sum(delta_bytes) OVER (
+         PARTITION BY run_id, device ORDER BY seq) AS running FROM memory_events) m USING (run_id, device)
+  GROUP BY d.run_id, d.device, d.baseline_bytes"""
+REFUSED_RUNS = [
+    p.parent
+    for p in sorted(SAMPLES.glob("*/engine.json"))
+    if json.loads(p.read_text()).get("status") == "refused_start"
+]
+
+
+@pytest.mark.skipif(not REFUSED_RUNS, reason="no refused vLLM start in sample_traces/")
+@pytest.mark.parametrize("run", REFUSED_RUNS, ids=[p.name for p in REFUSED_RUNS])
+def test_a_refused_start_exports_no_measured_peak(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a vLLM start refused for lack of KV memory (no pool, no step), exported
+    out = tmp_path / "out"
+    assert main(["export", str(run), "-o", str(out), "-q"]) == 0
+    # WHEN the README's peak query asks its devices' peaks
+    peaks = {r["device"]: r["peak"] for r in _cli_json(capsys, "query", str(out), README_PEAK_SQL, "--json")}
+    # THEN each is what the report says: unknown (null), not a measured 0
+    report = _cli_json(capsys, "report", str(run), "--json", "--no-export", "-q")
+    assert peaks == {d["device"]: d["peak_allocated_bytes"] for d in report["devices"]}
+    assert set(peaks.values()) == {None}
+
+
 def test_a_distributed_trace_names_its_rank(tmp_path: Path) -> None:
     trace = REAL / "chrome" / "rank0.json.gz"
     raw = json.loads(gzip.decompress(trace.read_bytes()))
