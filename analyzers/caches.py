@@ -37,6 +37,7 @@ __all__ = [
     "measured_bytes_per_token",
     "model_caches",
     "model_kv_layers",
+    "module_cache_names",
     "rows_name_caches",
 ]
 
@@ -74,6 +75,9 @@ class CacheSummary:
     """For the cross-attention layers of a model's cache (Mllama's, the image's vision tokens), logged
     under an id of their own: that cache's id; None for any other cache."""
     cross_layers: list[int] | None = None  # those layers' indices (`cross_attention_of`'s)
+    module: str | None = None
+    """For a cache held on the model's own modules: which module and attributes (`module_cache_names`), as
+    `layers.*.cross_attn (k_cache, v_cache)`; None for other caches and runs from before kvtrace said it."""
 
 
 def model_kv_layers(geometry: dict[str, Any] | None) -> int | None:
@@ -120,6 +124,23 @@ def cross_attention_parts(manifest: dict[str, Any] | None) -> dict[int, tuple[in
             kept = [i for i in layers if _is_id(i)] if isinstance(layers, list) else []
             parts[entry["cross_attention"]] = (entry["cache"], kept)
     return parts
+
+
+def module_cache_names(manifest: dict[str, Any] | None) -> dict[int, str]:
+    """The manifest's `module_caches`: each module cache's id -> its module path (the layer number as `*`)
+    and its K and V attributes, `layers.*.self_attn (k_cache, v_cache)`; several such modules under one id
+    (layers whose paths differ) joined by `; `. Empty for runs without module caches and older runs."""
+    listed = (manifest or {}).get("module_caches")
+    named: dict[int, list[str]] = {}
+    for entry in listed if isinstance(listed, list) else ():
+        if not isinstance(entry, dict) or not _is_id(entry.get("cache")):
+            continue
+        module = entry.get("module")
+        attrs = [a for a in (entry.get("k"), entry.get("v")) if isinstance(a, str) and a]
+        label = f"{module if isinstance(module, str) and module else '(the model)'} ({', '.join(attrs)})"
+        if label not in named.setdefault(entry["cache"], []):
+            named[entry["cache"]].append(label)
+    return {cache: "; ".join(labels) for cache, labels in named.items()}
 
 
 def _is_id(value: Any) -> bool:
@@ -171,12 +192,14 @@ def cache_summaries(
     geometry: dict[str, Any] | None,
     roles: dict[int, tuple[str, int]] | None = None,
     parts: dict[int, tuple[int, list[int]]] | None = None,
+    modules: dict[int, str] | None = None,
 ) -> list[CacheSummary]:
     """Each cache's own figures; `main_id` is `main_cache(...)`'s, `roles` `cache_roles(...)`, `parts`
-    `cross_attention_parts(...)`."""
+    `cross_attention_parts(...)`, `modules` `module_cache_names(...)`."""
     layers = model_kv_layers(geometry)
     roles = roles or {}
     parts = parts or {}
+    modules = modules or {}
     return [
         CacheSummary(
             cache=c.cache,
@@ -195,6 +218,7 @@ def cache_summaries(
             encoder_decoder=roles[c.cache][1] if c.cache in roles and c.cache not in parts else None,
             cross_attention_of=parts[c.cache][0] if c.cache in parts else None,
             cross_layers=parts[c.cache][1] if c.cache in parts else None,
+            module=modules.get(c.cache),
         )
         for c in caches
     ]
@@ -270,6 +294,13 @@ def _others_note(
     else:
         why = "written last"
     count = len([c for c in held if c.role != CROSS_ATTENTION])
+    if all(c.module for c in (main, *others)):  # the model's own modules, each named
+        named = ", ".join(f"{c.cache} {c.module}" for c in sorted((main, *others), key=lambda c: c.cache))
+        return (
+            f"{count} KV caches were held at the end, on the model's own modules: {named}; per-layer rows "
+            f"name their cache; tokens held and bytes per token are cache {main.cache}'s ({main.layers} "
+            f"layers, {why})"
+        )
     return (
         f"{count} KV caches were held at the end (an assistant model's draft cache, another model's "
         f"cache, or an earlier generate()'s output still referenced): per-layer rows name their cache; "

@@ -19,6 +19,7 @@ from analyzers.caches import (
     measured_bytes_per_token,
     model_caches,
     model_kv_layers,
+    module_cache_names,
 )
 from analyzers.kv_events import SEQ_MAJOR_PARTS, event_rows, is_kv_data
 from analyzers.kv_views import tracked_length_note
@@ -74,7 +75,8 @@ def add_log_figures(
             layout_note = _layout_note(geometry, last)
             length_note = tracked_length_note(data_events, kv.tokens_held)
         parts = cross_attention_parts(manifest)
-        kv.caches = cache_summaries(kv_log.caches, main.cache, geometry, roles, parts)
+        modules = module_cache_names(manifest)
+        kv.caches = cache_summaries(kv_log.caches, main.cache, geometry, roles, parts, modules)
         kv.main_cache = main.cache
         held_note = caches_note(kv.caches, given)
     if any(e.event in ("evicted", "masked") for e in run.kv_events):

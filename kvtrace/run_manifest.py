@@ -255,9 +255,10 @@ class RunManifest:
         return warning
 
     def _caches_and_threads(self) -> dict[str, Any]:
-        """The manifest's `model_caches`, `encoder_decoder_caches`, `cross_attention_parts`, `other_caches`,
-        `other_caches_on_other_threads` and `forwards_on_other_threads`, when there are any: which caches the
-        figures describe, and whether the profiler's trace saw the model's forwards and the other caches."""
+        """The manifest's `model_caches`, `encoder_decoder_caches`, `cross_attention_parts`, `module_caches`,
+        `other_caches`, `other_caches_on_other_threads` and `forwards_on_other_threads`, when there are any:
+        which caches the figures describe (a module cache's module), and whether the profiler's trace saw the
+        model's forwards and the other caches."""
         facts: dict[str, Any] = {}
         if self._model_caches:
             facts["model_caches"] = sorted(self._model_caches)
@@ -271,6 +272,11 @@ class RunManifest:
             facts["cross_attention_parts"] = [
                 {"cache": cid, "cross_attention": part, "layers": layers}
                 for cid, part in sorted(self._hf.cross_parts.items())
+            ]
+        if self._modules is not None and self._modules.named:
+            facts["module_caches"] = [
+                {"cache": cache, "module": module, "k": k_attr, "v": v_attr}
+                for cache, module, k_attr, v_attr in self._modules.named
             ]
         others = self._other_caches()
         if others:

@@ -354,6 +354,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             f"held at the encoder's length ({c.tokens} tokens)"
             for c in cross
         )
+        named += "".join(f"; cache {c.cache} is {c.module}" for c in held if c.module)
         notes.append(
             f"{len(held)} KV caches were held at the end: the KV at this moment counts them all; tokens held "
             f"and the price of a token are the main cache's (cache {report.kv.main_cache}){named}"

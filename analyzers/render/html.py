@@ -419,6 +419,8 @@ def _summary_table(report: Report) -> str:
             elif cache.get("role"):
                 kind = "cross" if cache["role"] == "cross_attention" else "self"
                 figures += f", {kind}-attention KV of encoder-decoder cache {cache.get('encoder_decoder')}"
+            if cache.get("module"):  # a module cache: which of the model's modules holds it
+                figures = f"{cache['module']}: {figures}"
             rows.append((f"cache {cache['cache']}{' (main)' if cache['main'] else ''}", figures))
     body = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<table class='summary'>{body}</table>"

@@ -55,7 +55,8 @@ def _cache_line(cache: Any) -> str:
     elif cache.role is not None:
         kind = "cross" if cache.role == "cross_attention" else "self"
         figures += f", {kind}-attention KV of encoder-decoder cache {cache.encoder_decoder}"
-    return f"    {cache.cache:>5}{role:<5} {figures}"
+    module = f"{cache.module}: " if cache.module else ""
+    return f"    {cache.cache:>5}{role:<5} {module}{figures}"
 
 
 def _caches_lines(kv: Any) -> list[str]:

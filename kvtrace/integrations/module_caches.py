@@ -68,6 +68,7 @@ _KV_HEADS_ATTRS = ("n_local_kv_heads", "n_kv_heads", "num_key_value_heads", "num
 _CONFIG_ATTRS = ("config", "params", "args")
 
 _LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_KV_WORDS = frozenset(("k", "v", "key", "value", "keys", "values"))
 
 
 @dataclass(eq=False)
@@ -78,7 +79,7 @@ class _Owner:
     attr: str
     kv: str
     layer: int
-    # Its KV log `cache`: 1000 + the module's rank among its layer's cache-holding modules (MODULE_CACHE_IDS)
+    # Its KV log `cache`: 1000 + its K/V pair's rank among its layer's (`pair_cache_attrs`; MODULE_CACHE_IDS)
     cache: int = MODULE_CACHE_ID
     layout: str = ""  # "bhsd" | "bshd"; "" until the first tensor decides (`module_cache_layout`)
     heads: tuple[int, ...] = ()  # the KV heads counts its model and modules say, nearest first
@@ -179,6 +180,39 @@ def _storage_addr(tensor: torch.Tensor) -> int:
         return 0
 
 
+def module_pattern(name: str) -> str:
+    """`layers.3.cross_attn` -> `layers.*.cross_attn`: the path of a layer's module, whatever the layer."""
+    match = _LAYER_NUMBER.search(name)
+    return name if match is None else f"{name[: match.start(1)]}*{name[match.end(1) :]}"
+
+
+def _attr_stem(attr: str) -> str:
+    """`k_cache_local` -> `cache_local`: the name without its K or V word, shared by a pair's two names."""
+    return "_".join(word for word in attr.split("_") if word.lower() not in _KV_WORDS)
+
+
+def pair_cache_attrs(held: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """A module's cache attributes (name, "k"/"v", in `cache_attrs`' order) as K/V pairs, each pair a cache
+    of its own: a module may hold two (`k_cache`/`v_cache` beside `k_cache_local`/`v_cache_local`), whose
+    tensors would overwrite each other's in one slot. A K pairs with the V named as it is but for its K/V
+    word, else with the next V left; one left alone is a cache of its own."""
+    keys = [attr for attr, kv in held if kv == "k"]
+    values = [attr for attr, kv in held if kv != "k"]
+    pairs: list[list[str]] = []
+    for key in list(keys):
+        twin = next((v for v in values if _attr_stem(v) == _attr_stem(key)), None)
+        if twin is not None:
+            pairs.append([key, twin])
+            keys.remove(key)
+            values.remove(twin)
+    pairs += [[key, value] for key, value in zip(keys, values, strict=False)]
+    pairs += [[attr] for attr in keys[len(values) :] + values[len(keys) :]]
+    kinds = dict(held)
+    order = {attr: index for index, (attr, _) in enumerate(held)}
+    pairs.sort(key=lambda pair: min(order[attr] for attr in pair))
+    return [[(attr, kinds[attr]) for attr in pair] for pair in pairs]
+
+
 def layer_from_name(name: str, fallback: int) -> int:
     """`layers.3.attention` -> 3; modules without a number keep their discovery order."""
     match = _LAYER_NUMBER.search(name)
@@ -212,27 +246,39 @@ class ModuleCaches:
         # What the old storages' releases told since the last scan: which frees come after which new storages
         self._releases = Releases()
         self._scanned: list[Any] = []  # the tensors `_module_parts` found, in `owners`' order
+        # (cache, module path with its layer number as `*`, K attribute, V attribute) of every module cache
+        # found, in the order found: which module each id is (the manifest's `module_caches`)
+        self.named: dict[tuple[int, str, str | None, str | None], None] = {}
 
     def discover(self, model: torch.nn.Module) -> int:
         """Find cache tensors on `model`'s modules (in place of those found before); returns how many."""
         self._model = weakref.ref(model)
         owners = []
         order = 0
-        modules_of_layer: dict[int, int] = {}  # layer -> its cache-holding modules found so far
+        caches_of_layer: dict[int, int] = {}  # layer -> its module caches (K/V pairs) found so far
         for name, module in model.named_modules():
-            found = False
-            for attr, kv in self.cache_attrs.items():
-                value = module._buffers.get(attr) if attr in module._buffers else module.__dict__.get(attr)
-                if isinstance(value, torch.Tensor):
-                    layer = layer_from_name(name, order)
-                    if not found:
-                        rank = modules_of_layer.get(layer, 0)
-                        modules_of_layer[layer] = rank + 1
-                    cache = MODULE_CACHE_IDS[min(rank, len(MODULE_CACHE_IDS) - 1)]
-                    heads = kv_heads_hints(model, name)
+            held = [
+                (attr, kv)
+                for attr, kv in self.cache_attrs.items()
+                if isinstance(
+                    module._buffers.get(attr) if attr in module._buffers else module.__dict__.get(attr),
+                    torch.Tensor,
+                )
+            ]
+            if not held:
+                continue
+            layer = layer_from_name(name, order)
+            rank = caches_of_layer.get(layer, 0)
+            pairs = pair_cache_attrs(held)
+            caches_of_layer[layer] = rank + len(pairs)
+            heads = kv_heads_hints(model, name)
+            for index, pair in enumerate(pairs):
+                cache = MODULE_CACHE_IDS[min(rank + index, len(MODULE_CACHE_IDS) - 1)]
+                for attr, kv in pair:
                     owners.append(_Owner(weakref.ref(module), attr, kv, layer, cache, heads=heads))
-                    found = True
-            order += found
+                said = {kv: attr for attr, kv in pair}
+                self.named[(cache, module_pattern(name), said.get("k"), said.get("v"))] = None
+            order += 1
         for index, owner in enumerate(owners):
             owner.siblings = tuple(
                 other

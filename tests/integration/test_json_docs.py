@@ -132,6 +132,15 @@ def _unnamed(keys: Any, text: str) -> list[str]:
     return sorted(set(keys) - named)
 
 
+def test_report_cache_fields_are_documented() -> None:
+    # GIVEN a real run's report; THEN "KV figures of the report" names every key of each of its `caches`
+    report = _json(["report", str(SAMPLES / "dynamic_b2"), "--json", "-q", "--no-export"])
+    chapter = _chapter("KV figures of the report (`kvtrace report --json`, `kv`)")
+    assert report["kv"]["caches"]
+    for cache in report["kv"]["caches"]:
+        assert _undocumented(cache, chapter) == []
+
+
 @pytest.mark.parametrize("run", ["dynamic_b2", "sliding_b2", "static_b2"])
 def test_manifest_fields_are_documented(run: str) -> None:
     # GIVEN a real run's manifest.json; THEN its chapter names every key, its model's geometry too
