@@ -117,7 +117,7 @@ def _first(get: Callable[[str], Any], names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _decoder_attention(get: Callable[[str], Any]) -> tuple[int | None, int | None, int | None] | None:
+def decoder_attention(get: Callable[[str], Any]) -> tuple[int | None, int | None, int | None] | None:
     """(layers, query heads, KV heads) of an encoder-decoder config's decoder, the half that holds the KV
     cache (its self-attention KV, and the cross-attention KV of the encoder's output, both at its head
     shape); None for any other config. The generic names are the encoder's in most of them (BART's and
@@ -245,7 +245,7 @@ def model_geometry(model: Any, notes: list[str] | None = None) -> dict[str, Any]
         get = _ConfigReader(_text_config(config))
         heads = get("num_attention_heads")
         layers = get("num_hidden_layers")
-        decoder = _decoder_attention(get)
+        decoder = decoder_attention(get)
         if decoder is not None:
             layers, heads, kv_heads = decoder
         reused = _reused_layers(get, layers)

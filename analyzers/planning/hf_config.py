@@ -20,6 +20,7 @@ from analyzers.planning.config_defaults import (
     weights_estimate_note,
     window_on_by_default,
 )
+from analyzers.planning.encoder_decoder import EncoderDecoderShape, decoder_fields, encoder_decoder_note
 from analyzers.planning.gemma_layers import gemma_layer_fields
 from analyzers.planning.gpt_blocks import gpt_block_fields
 from analyzers.planning.presets import MlaShape, ModelGeometry
@@ -89,6 +90,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
                 fields[standard] = fields[other]
     model_type = str(fields.get("model_type") or "")
     derive_family_fields(fields, model_type)
+    encoder_decoder = decoder_fields(fields)  # T5, BART, Whisper: the decoder's layers hold the KV
     # GPT-2's n_inner, Falcon's ffn_hidden_size and GPT-Neo's intermediate_size default to 4x; Bloom's MLP
     # is 4x whatever n_inner says, MPT's whatever expansion_ratio says
     unsized = fields.get("intermediate_size") is None
@@ -190,6 +192,8 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
             f"decoder architecture; an earlier transformers caches one per query head, {heads}: "
             f"{heads / kv_heads:g}x this KV"
         )
+    if encoder_decoder is not None:
+        kv_note = encoder_decoder_note(encoder_decoder)
     gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text") or bool(gemma)
     if model_type in ("llama4", "llama4_text"):
         experts = _llama4_experts(fields, layers, positive_int)
@@ -233,13 +237,28 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         cached_kv_heads=cached_heads if cached_heads != kv_heads else None,
         global_kv_heads=global_kv_heads,
         global_head_dim=global_head_dim,
-        weights_note=weights_estimate_note(raw, model_type),
+        weights_note=_weights_note(raw, model_type, encoder_decoder),
         kv_note=kv_note,
+        cross_kv_layers=encoder_decoder.decoder_layers if encoder_decoder is not None else 0,
+        encoder_length=encoder_decoder.encoder_length if encoder_decoder is not None else None,
         cache_off_by=_cache_off_by(config_path, fields),
         **block,
         **gemma,
         **buffers,
     )
+
+
+def _weights_note(raw: dict[str, Any], model_type: str, shape: EncoderDecoderShape | None) -> str | None:
+    """`weights_estimate_note`, and for an encoder-decoder model what its weights figure leaves out: the
+    planner lays out its decoder's layers alone."""
+    note = weights_estimate_note(raw, model_type)
+    if shape is None:
+        return note
+    left_out = (
+        "weights: the decoder's layers only; the encoder's and the cross-attention projections are not "
+        "counted, so the weights figure is below the checkpoint's (--from-run measures them)"
+    )
+    return left_out if note is None else f"{note}; {left_out}"
 
 
 def _cache_off_by(config_path: Path, fields: dict[str, Any]) -> str | None:

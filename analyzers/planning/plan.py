@@ -26,6 +26,7 @@ from dataclasses import replace
 from analyzers.planning.plan_kv import (
     blocks,
     cache_layout,
+    cross_kv_per_token,
     kv_per_token,
     kv_sizes,
     peak_at,
@@ -134,6 +135,9 @@ def _evaluate(req: PlanRequest) -> PlanResult:
         kv_budget_bytes=budget,
         kv_blocks=blocks(budget, math.ceil(data + scales), req.block_size),
         activations_bytes=activations,
+        kv_cross_attention_bytes=sizes.cross_bytes,
+        kv_cross_attention_bytes_per_token=cross_kv_per_token(req),
+        encoder_tokens=req.effective_encoder_tokens or None,
     )
 
 

@@ -92,6 +92,7 @@ __all__ = [
     "KvSizes",
     "blocks",
     "cache_layout",
+    "cross_kv_per_token",
     "kv_per_token",
     "kv_sizes",
     "peak_at",
@@ -125,6 +126,7 @@ class KvSizes:
     prefill_bytes: int
     peak_bytes: int
     with_copies_bytes: int | None = None  # the KV and the update's copies at their worst; None: no copies
+    cross_bytes: int = 0  # of kv_bytes, prefill_bytes and peak_bytes: an encoder-decoder's cross-attention KV
 
     @property
     def step_peak_bytes(self) -> int:
@@ -314,7 +316,40 @@ def kv_sizes(req: PlanRequest, batch: int, context: int) -> KvSizes:
     else:
         prompts = [written - 1, written] if written >= 2 else [written]
     scenarios = [_scenario(req, batch, prompt, written - prompt + 1) for prompt in prompts]
-    return max(scenarios, key=lambda sizes: sizes.step_peak_bytes)
+    return _with_cross_attention(req, batch, max(scenarios, key=lambda sizes: sizes.step_peak_bytes))
+
+
+def cross_kv_per_token(req: PlanRequest) -> int:
+    """Bytes of an encoder-decoder model's cross-attention KV per encoder token and row: every decoder
+    layer's K and V of the encoder's output (0 for a decoder-only model). A quantized cache quantizes the
+    self-attention KV alone: generate() pairs it with a DynamicCache for the cross-attention, in the compute
+    dtype."""
+    k, v = req.geometry.kv_widths
+    dtype = req.effective_compute_dtype if req.cache == "quantized" else req.kv_dtype
+    return dtype_bytes_for(dtype, req.geometry.cross_kv_layers * (k + v))
+
+
+def _with_cross_attention(req: PlanRequest, batch: int, sizes: KvSizes) -> KvSizes:
+    """`sizes` of the self-attention KV with an encoder-decoder model's cross-attention KV beside it, held
+    whole from the prefill on at the encoder's length. A beam search's reorder copies it too, after the
+    self-attention cache (`EncoderDecoderCache.reorder_cache`): one decoder layer's K (or V) of it beside
+    all the rest, the self-attention KV at its end."""
+    per_token = cross_kv_per_token(req)
+    if not per_token:
+        return sizes
+    cross = batch * req.effective_encoder_tokens * per_token
+    peak = sizes.peak_bytes + cross
+    if req.beams > 1:
+        peak = max(peak, sizes.kv_bytes + cross + cross // (2 * req.geometry.cross_kv_layers))
+    copies = None if sizes.with_copies_bytes is None else sizes.with_copies_bytes + cross
+    return replace(
+        sizes,
+        kv_bytes=sizes.kv_bytes + cross,
+        prefill_bytes=sizes.prefill_bytes + cross,
+        peak_bytes=peak,
+        with_copies_bytes=copies,
+        cross_bytes=cross,
+    )
 
 
 def peak_at(req: PlanRequest, batch: int, context: int) -> int:
@@ -538,6 +573,7 @@ def _run_request(req: PlanRequest, rec: RecordedPeak) -> PlanRequest:
         quant_group_size=rec.quant_group_size,
         residual_length=rec.residual_length,
         measured_weights_bytes=rec.weights_bytes,
+        encoder_tokens=rec.encoder_tokens if rec.encoder_tokens is not None else req.encoder_tokens,
     )
 
 

@@ -108,6 +108,18 @@ def format_text(result: PlanResult) -> str:
         ),
         ("KV cache", f"{_size(result.kv_bytes)} ({req.batch} x {result.kv_tokens:,} tokens{beams})"),
     ]
+    if result.kv_cross_attention_bytes:
+        own = result.kv_bytes - result.kv_cross_attention_bytes
+        rows[-1] = ("KV cache", f"{_size(result.kv_bytes)}, of which:")
+        rows += [
+            ("  self-attention", f"{_size(own)} ({req.batch} x {result.kv_tokens:,} tokens{beams})"),
+            (
+                "  cross-attention",
+                f"{_size(result.kv_cross_attention_bytes)} ({req.batch} x {result.encoder_tokens:,} encoder "
+                f"tokens x {result.kv_cross_attention_bytes_per_token:,} B: grows with the encoder's input "
+                "length and the batch, not with the context)",
+            ),
+        ]
     if result.kv_prefill_bytes > result.kv_bytes:  # sliding layers holding the whole prompt
         rows.append(
             (

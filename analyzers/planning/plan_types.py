@@ -95,6 +95,8 @@ class RecordedPeak:
     token_row_bytes: int | None = None
     # of `update_activations_bytes`, generate()'s token tensors (run_peak's `token_tensors`); None: not told
     update_token_bytes: int | None = None
+    # an encoder-decoder run's encoder input length, the tokens a row its cross-attention cache held
+    encoder_tokens: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +125,8 @@ class PlanRequest:
     prompt: the prompt's tokens, below the context; None plans the worst prompt for the context. It
     matters for a dynamic cache's sliding layers (they hold the whole prompt until the first decode step)
     and a quantized cache's residual.
+    encoder_tokens: an encoder-decoder model's (`geometry.cross_kv_layers`) encoder input length, which its
+    cross-attention KV follows (`effective_encoder_tokens`); refused for any other model.
     """
 
     geometry: ModelGeometry
@@ -143,6 +147,7 @@ class PlanRequest:
     block_size: int = 16
     prompt: int | None = None
     beams: int = 1
+    encoder_tokens: int | None = None
     # The weights as a run measured them (`plan --from-run`); None: from the geometry and weights_dtype
     measured_weights_bytes: int | None = None
     # The run's measured peak (`plan --from-run` of a run recorded with allocator events): the plan's peak
@@ -207,6 +212,12 @@ class PlanRequest:
             )
         if self.window is not None and self.window < 1:
             raise KvtraceError(f"window must be at least 1, got {self.window}")
+        if self.encoder_tokens is not None and not self.geometry.cross_kv_layers:
+            raise KvtraceError(
+                f"{self.geometry.name} is not an encoder-decoder model: it has no encoder input length"
+            )
+        if self.encoder_tokens is not None and self.encoder_tokens < 1:
+            raise KvtraceError(f"encoder tokens must be at least 1, got {self.encoder_tokens}")
 
     @property
     def weights_bytes(self) -> int:
@@ -232,6 +243,16 @@ class PlanRequest:
         if self.cache not in SLIDING_CACHES:
             return None
         return self.window if self.window is not None else self.geometry.sliding_window
+
+    @property
+    def effective_encoder_tokens(self) -> int:
+        """The encoder input length an encoder-decoder plan's cross-attention KV is held at: the request's,
+        else the model's fixed one (Whisper's), else the context, an input as long as the decoder's
+        sequence; 0 for a decoder-only model. Fixed whatever context the planner tries: the cross-attention
+        KV does not follow the tokens generated."""
+        if not self.geometry.cross_kv_layers:
+            return 0
+        return self.encoder_tokens or self.geometry.encoder_length or self.context
 
     @property
     def effective_compute_dtype(self) -> str:
@@ -293,6 +314,11 @@ class PlanResult:
     remedies: tuple[Remedy, ...] = field(default=())
     # What the figures do not say: a context beyond the positions the model takes (they still hold)
     notes: tuple[str, ...] = field(default=())
+    # An encoder-decoder model's cross-attention KV (in kv_bytes, kv_prefill_bytes and kv_peak_bytes): the
+    # encoder's `encoder_tokens` a row, at `kv_cross_attention_bytes_per_token` a token and row; 0 otherwise
+    kv_cross_attention_bytes: int = 0
+    kv_cross_attention_bytes_per_token: int = 0
+    encoder_tokens: int | None = None
     # Beside weights and KV at the peak: a recorded run's activations, scaled to this batch and context
     # (`PlanRequest.recorded`); 0 without a recording, where the reserve stands for them
     activations_bytes: int = 0

@@ -139,6 +139,12 @@ class ModelGeometry:
     max_position_embeddings: int | None = None
     weights_note: str | None = None  # why the weights figure is an estimate (`weights_estimate_note`)
     kv_note: str | None = None  # layers whose KV is not per token (Mllama's cross-attention: the image's)
+    # An encoder-decoder model's (T5, BART, Whisper) decoder layers, each also holding the cross-attention
+    # K and V of the encoder's output at its KV width (`kv_widths`), written once at the prefill for the
+    # encoder's input length (`analyzers.planning.encoder_decoder`); 0 for a decoder-only model
+    cross_kv_layers: int = 0
+    # The encoder's output length where the model fixes it (Whisper's max_source_positions); None: the input's
+    encoder_length: int | None = None
     # The file whose `use_cache: false` makes generate() keep no KV cache unless called with use_cache=True
     # (MPT's config class defaults to it); None: generate() caches
     cache_off_by: str | None = None

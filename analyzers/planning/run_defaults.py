@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from analyzers.budget import manifest_budget
-from analyzers.caches import layer_list
+from analyzers.caches import CROSS_ATTENTION, cache_roles, cross_attention_parts, layer_list
 from analyzers.kv_log import analyze_run_kv_log
 from analyzers.kv_log_figures import CacheFigures, KvLogAnalysis
 from analyzers.model import normal_device
@@ -74,6 +74,8 @@ class RunDefaults:
     # (`logged_window`): a typed --cache of a kind that keeps every token plans it. None where the two are one
     config_geometry: ModelGeometry | None = None
     window_note: str | None = None  # the note (in `notes`) that says the run's cache slid at that window
+    # an encoder-decoder run's encoder input length: the tokens a row of its cross-attention cache
+    encoder_tokens: int | None = None
 
 
 def run_defaults(path: str | Path) -> RunDefaults:
@@ -142,7 +144,13 @@ def run_defaults(path: str | Path) -> RunDefaults:
             config_geometry, geometry = geometry, windowed
             window_note = said[0] if said else None
         notes.extend(said)
-    notes.extend(_other_caches(run, kv, main))
+    cross = _cross_attention_cache(run, kv, main)
+    encoder_tokens = None
+    if cross is not None and cross.tokens:
+        encoder_tokens = cross.tokens
+        if not geometry.cross_kv_layers:  # a run without model_config.json: the cache says its layers
+            geometry = replace(geometry, cross_kv_layers=cross.layers)
+    notes.extend(_other_caches(run, kv, main, cross))
     beams = main.beams if main.reordered and main.beams > 1 else 1
     return RunDefaults(
         geometry=geometry,
@@ -164,6 +172,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
         window=window,
         config_geometry=config_geometry,
         window_note=window_note,
+        encoder_tokens=encoder_tokens,
     )
 
 
@@ -222,7 +231,10 @@ def _main_cache(run: Run) -> tuple[CacheFigures | None, KvLogAnalysis, _Stop | N
     yield its token). With it, for a run whose forward raised, where it stopped and what of it the cache's
     figures are."""
     kv = analyze_run_kv_log(run)
-    caches = [cache for cache in kv.caches if cache.tokens]
+    # not a cross-attention cache (an encoder's output: its tokens are the encoder's, and a beam search
+    # reorders it last, after the decoder's own)
+    cross = {cid for cid, (role, _) in cache_roles(run.manifest).items() if role == CROSS_ATTENTION}
+    caches = [cache for cache in kv.caches if cache.tokens and cache.cache not in cross]
     if not caches:
         return None, kv, None
     main = max(caches, key=lambda cache: cache.last_seq)
@@ -360,12 +372,33 @@ def _as_launched(
     )
 
 
-def _other_caches(run: Run, kv: KvLogAnalysis, main: CacheFigures) -> list[str]:
+def _cross_attention_cache(run: Run, kv: KvLogAnalysis, main: CacheFigures) -> CacheFigures | None:
+    """The cross-attention cache of the encoder-decoder cache holding `main` (the manifest's
+    `encoder_decoder_caches`), which the plan holds at the encoder's length; None for any other run."""
+    roles = cache_roles(run.manifest)
+    _, owner = roles.get(main.cache, (None, None))
+    if owner is None or main.cache in cross_attention_parts(run.manifest):
+        return None
+    partner = [cid for cid, (kind, of) in roles.items() if of == owner and kind == CROSS_ATTENTION]
+    return next((c for c in kv.caches if c.cache in partner), None)
+
+
+def _other_caches(run: Run, kv: KvLogAnalysis, main: CacheFigures, cross: CacheFigures | None) -> list[str]:
     """A note for each other cache still held at the run's end, which the plan leaves out: an assistant
-    model's (written during the main cache's call: assisted decoding), or an earlier call's."""
+    model's (written during the main cache's call: assisted decoding), the cross-attention layers of a
+    model's cache (Mllama's image), or an earlier call's. Not the main cache's cross-attention partner in
+    an encoder-decoder cache, which the plan holds."""
     notes = []
+    parts = cross_attention_parts(run.manifest)
     for other in kv.caches:
-        if other.cache == main.cache or not other.final_bytes:
+        if other.cache == main.cache or not other.final_bytes or other is cross:
+            continue
+        if other.cache in parts and parts[other.cache][0] == main.cache:
+            notes.append(
+                f"the cross-attention layers ({layer_list(parts[other.cache][1])}) of the planned cache held "
+                f"{other.final_bytes:,} B of KV at the run's end, the image's ({other.tokens} vision tokens "
+                "a row): a fixed cost the plan leaves out"
+            )
             continue
         steps = [ev.step for ev in run.kv_events if ev.cache == other.cache and ev.event != "freed"]
         whose = (

@@ -130,6 +130,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         update_dtype_fixed_bytes=moment.update_dtype_fixed_bytes,
         token_row_bytes=moment.token_row_bytes,
         update_token_bytes=moment.update_token_bytes,
+        encoder_tokens=run.encoder_tokens,
     )
 
 
@@ -204,6 +205,15 @@ class PlanCommand(Command):
             "--from-run, the run's, unless --context is too short for it). A "
             "dynamic cache's sliding layers (Mistral, Gemma) hold the whole prompt until the first decode "
             "step, so the worst prompt, the context less one or two tokens, gets no help from the window",
+        )
+        parser.add_argument(
+            "--encoder-tokens",
+            type=int,
+            metavar="N",
+            help="an encoder-decoder model's (T5, BART, Whisper) encoder input length, tokens a row: its "
+            "cross-attention KV, every decoder layer's K and V of the encoder's output, grows with it and "
+            "the batch, not with --context (default: the run's; Whisper's max_source_positions; else "
+            "--context, an input as long as the decoder's sequence)",
         )
         parser.add_argument(
             "--gpu-memory",
@@ -430,6 +440,9 @@ class PlanCommand(Command):
                     ),
                 )
         group_size, residual_length = _quantized_settings(run, cache)
+        encoder_tokens = args.encoder_tokens
+        if encoder_tokens is None and run is not None:
+            encoder_tokens = run.encoder_tokens
         window = args.window
         if window is None and run is not None and cache in ("sliding", "static_sliding"):
             window = run.window  # the window the run's sliding cache kept, where the log shows it
@@ -446,6 +459,7 @@ class PlanCommand(Command):
             window=window,
             prompt=prompt,
             beams=beams,
+            encoder_tokens=encoder_tokens,
             block_size=args.block_size if args.block_size is not None else 16,
             measured_weights_bytes=measured,
             quant_group_size=group_size,
@@ -463,6 +477,12 @@ class PlanCommand(Command):
             note = recorded_note(moment, same_cache_as_run(request), args.reserve is not None, rows_told)
             run = replace(run, notes=(*run.notes, note))
         result = plan(request)
+        if encoder_tokens is None and geometry.cross_kv_layers and not geometry.encoder_length:
+            said = (
+                f"the encoder's input length is not given: its cross-attention KV is planned for "
+                f"{request.effective_encoder_tokens:,} tokens a row, the context (--encoder-tokens)"
+            )
+            result = replace(result, notes=(*result.notes, said))
         if run is not None:
             result = replace(result, notes=(*run.notes, *result.notes))
         print_result(args.json, lambda: to_json(result), lambda: format_text(result))
