@@ -37,6 +37,15 @@ from analyzers.engine import EngineRun, HeldRequest, RequestEvent, blocks_for, e
 from analyzers.planning.engine_budget import EngineBudget
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
 from analyzers.planning.vllm_refused import RefusedDiagnosis, VllmRemedy, diagnose_refused, refused_start
+from analyzers.planning.vllm_specs import (
+    KvGroups,
+    engine_kv_groups,
+    kv_groups,
+    max_concurrent_batches,
+    sliding_blocks,
+    sliding_blocks_held,
+    sliding_peak_blocks,
+)
 
 __all__ = [
     "NULL_BLOCKS",
@@ -92,22 +101,72 @@ def _kv_tokens(e: RequestEvent) -> int:
     return e.prompt_tokens + e.output_tokens
 
 
-def _final_demand(run: EngineRun, block: int) -> dict[str, int]:
+@dataclass(frozen=True)
+class _RequestBlocks:
+    """How many pool blocks a request holds at a length: full attention keeps every token's block, a
+    sliding group (analyzers.planning.vllm_specs) frees those before its window."""
+
+    block: int
+    groups: KvGroups
+    lag: int  # decode tokens in flight (async scheduling): a sliding layer frees their window's blocks later
+    admission: int  # vLLM's cap on a sliding group's blocks a request, its window and a batch in flight
+
+    def final(self, prompt: int, tokens: int) -> int:
+        """The most blocks a request of `prompt` tokens grown to `tokens` KV tokens held, never preempted."""
+        blocks = self.groups.full_groups * blocks_for(tokens, self.block)
+        if self.groups.sliding_groups:
+            assert self.groups.window is not None
+            blocks += self.groups.sliding_groups * sliding_peak_blocks(
+                prompt, tokens, self.groups.window, self.block, self.lag, self.admission
+            )
+        return blocks
+
+    def at(self, prompt: int, tokens: int) -> int:
+        """Blocks held at `tokens` KV tokens (the prompt's prefill bounded by the admission cap)."""
+        blocks = self.groups.full_groups * blocks_for(tokens, self.block)
+        if self.groups.sliding_groups:
+            assert self.groups.window is not None
+            held = (
+                min(blocks_for(tokens, self.block), self.admission)
+                if tokens <= prompt
+                else sliding_blocks_held(tokens, self.groups.window, self.block, self.lag)
+            )
+            blocks += self.groups.sliding_groups * held
+        return blocks
+
+
+def _request_blocks(run: EngineRun, block: int) -> _RequestBlocks:
+    """The run's per-request block arithmetic, from the groups its engine.json records."""
+    groups, in_flight = engine_kv_groups(run.info.model, run.info.config)
+    if groups.kind == "full" or not groups.layers_per_group:
+        return _RequestBlocks(block, kv_groups(1, 0, None), 0, 0)
+    max_len = int(run.info.config.get("max_model_len") or 0) or 2**62
+    lag = max_concurrent_batches(bool(run.info.config.get("async_scheduling"))) - 1
+    assert groups.window is not None
+    return _RequestBlocks(block, groups, lag, sliding_blocks(groups.window, block, in_flight, max_len))
+
+
+def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> dict[str, int]:
     """Blocks each request needs at its final length: prompt + output - 1 tokens (at least what it held).
-    A request whose first event is its end was aborted before it was scheduled: it never needed a block."""
+    A request whose first event is its end was aborted before it was scheduled: it never needed a block.
+    A sliding run's logged blocks count the null blocks that stand in for the freed ones (vLLM keeps them
+    in the request's block list): there the window's arithmetic alone says what it held."""
     demand: dict[str, int] = {}
+    full = not sizes.groups.sliding_groups
     for e in run.requests:
         if e.event == "finished" and e.request_id not in demand:
             continue
-        need = max(blocks_for(_kv_tokens(e), block), e.blocks, e.dropped_blocks)
+        need = sizes.final(e.prompt_tokens, _kv_tokens(e))
+        if full:
+            need = max(need, e.blocks, e.dropped_blocks)
         demand[e.request_id] = max(demand.get(e.request_id, 0), need)
     return demand
 
 
-def _recorded_demand(run: EngineRun, block: int) -> tuple[int, int | None]:
+def _recorded_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[int, int | None]:
     """Peak over steps of what the requests in flight (admitted, not finished) would have held had none
     been preempted, each at the length it had reached (blocks for its KV tokens so far)."""
-    tokens: dict[str, int] = {}
+    tokens: dict[str, tuple[int, int]] = {}  # request id -> (KV tokens so far, prompt tokens)
     peak, peak_step = 0, None
     by_step: dict[int, list[Any]] = {}
     for e in run.requests:
@@ -116,15 +175,31 @@ def _recorded_demand(run: EngineRun, block: int) -> tuple[int, int | None]:
         for e in by_step[step]:
             if e.event == "finished" and e.request_id not in tokens:
                 continue  # aborted before it was scheduled: it held nothing
-            tokens[e.request_id] = max(tokens.get(e.request_id, 0), _kv_tokens(e))
+            reached = max(tokens.get(e.request_id, (0, 0))[0], _kv_tokens(e))
+            tokens[e.request_id] = (reached, e.prompt_tokens)
         # a request finishing in this step still held its blocks while the step ran
-        total = sum(blocks_for(t, block) for t in tokens.values())
+        total = sum(sizes.at(prompt, reached) for reached, prompt in tokens.values())
         if total > peak:
             peak, peak_step = total, step
         for e in by_step[step]:
             if e.event == "finished":
                 tokens.pop(e.request_id, None)
     return peak, peak_step
+
+
+def _need_text(sizes: _RequestBlocks) -> str:
+    """The model's per-request figure, in words: a sliding group holds its window, not every token."""
+    full = f"cdiv(prompt + output tokens - 1, {sizes.block}) blocks (its last sampled token gets no KV)"
+    groups = sizes.groups
+    if not groups.sliding_groups:
+        return full
+    window = (
+        f"the blocks of its last {groups.window:,} tokens, +1 where the window starts inside a block "
+        f"(at most {sizes.admission} a prefill; vLLM frees the blocks before the window)"
+    )
+    if groups.kind == "sliding":
+        return f"{window}, every layer sliding"
+    return f"{groups.full_groups} x {full} and {groups.sliding_groups} x {window}"
 
 
 def _largest_seqs(demands: list[int], usable: int) -> int:
@@ -242,7 +317,8 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
     bytes_per_block = int(info.bytes_per_block or 0)
     kv_bytes = int(info.kv_cache_bytes or num_blocks * bytes_per_block)
     usable = num_blocks - NULL_BLOCKS
-    demand = _final_demand(run, block)
+    sizes = _request_blocks(run, block)
+    demand = _final_demand(run, sizes)
     max_seqs = info.config.get("max_num_seqs")
     running_at_most = min(int(max_seqs), len(demand)) if max_seqs else len(demand)
     if len(run.steps):  # never more than were in the engine at once (successive generate() calls)
@@ -251,7 +327,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
             running_at_most = min(running_at_most, in_engine)
     shared_tokens = int(run.steps["prefix_hits"].sum()) if len(run.steps) else 0
     bound = sum(sorted(demand.values(), reverse=True)[:running_at_most])
-    recorded_peak, recorded_step = _recorded_demand(run, block)
+    recorded_peak, recorded_step = _recorded_demand(run, sizes)
     needed_blocks = bound + NULL_BLOCKS
     needed_bytes = needed_blocks * bytes_per_block
     seqs = _largest_seqs(list(demand.values()), usable)
@@ -349,8 +425,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
             )
         )
     model = (
-        f"each request needs at most cdiv(prompt + output tokens - 1, {block}) blocks (its last sampled "
-        f"token gets no KV); at most "
+        f"each request needs at most {_need_text(sizes)}; at most "
         f"{running_at_most} run together (max_num_seqs {max_seqs}, {len(demand)} requests); "
         f"{NULL_BLOCKS} block is vLLM's null block"
     )

@@ -33,8 +33,7 @@ when it neither divides the KV heads nor is a multiple of them (`QKVParallelLine
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from analyzers.planning.param_count import param_count
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
@@ -55,7 +54,6 @@ __all__ = [
     "available_kv_bytes",
     "estimate_max_model_len",
     "estimate_max_model_len_of",
-    "format_vllm_text",
     "kv_dtype_bytes",
     "max_memory_usage_bytes",
     "max_model_len_refusal",
@@ -64,7 +62,6 @@ __all__ = [
     "plan_vllm",
     "readable_bytes",
     "tensor_parallel_refusal",
-    "vllm_to_json",
 ]
 
 # vLLM's `kv_cache_dtype` choices that change the bytes per element ("auto" keeps the model's dtype).
@@ -444,9 +441,6 @@ def _in_flight(req: VllmPlanRequest, groups: KvGroups, notes: list[str]) -> tupl
     return batched, in_flight
 
 
-# --- rendering: computes nothing -------------------------------------------------------------------
-
-
 def readable_bytes(num_bytes: int | float) -> str:
     """Binary units, the unit chosen so the figure reads: never "0.0 GiB" for a small pool."""
     sign, size = ("-", -float(num_bytes)) if num_bytes < 0 else ("", float(num_bytes))
@@ -455,93 +449,3 @@ def readable_bytes(num_bytes: int | float) -> str:
             return f"{sign}{size:.0f} B" if unit == "B" else f"{sign}{size:.2f} {unit}"
         size /= 1024
     return f"{sign}{size:.2f} TiB"
-
-
-def vllm_to_json(result: VllmPlan) -> dict[str, Any]:
-    request = {k: v for k, v in asdict(result.request).items() if k != "geometry"}
-    request["geometry"] = asdict(result.request.geometry)
-    figures = {k: v for k, v in asdict(result).items() if k not in ("request", "notes", "refusals")}
-    refusals = list(result.refusals)
-    return {
-        "engine": "vllm",
-        "request": request,
-        **figures,
-        "refusals": refusals,
-        "notes": list(result.notes),
-    }
-
-
-def _block_label(groups: KvGroups) -> str:
-    if groups.kind == "hybrid":
-        return f"one block ({groups.layers_per_group} layers a group)"
-    return "one block, all layers"
-
-
-def _sliding_rows(result: VllmPlan) -> list[tuple[str, str]]:
-    """The rows a sliding window adds: what one request holds of the pool."""
-    groups = result.kv_groups
-    if not groups.sliding_groups:
-        return []
-    kind = "every layer" if groups.kind == "sliding" else "hybrid"
-    return [
-        ("sliding window", f"{groups.window:,} tokens ({kind})"),
-        ("blocks one request holds", f"{result.blocks_per_request:,}"),
-    ]
-
-
-def format_vllm_text(result: VllmPlan) -> str:
-    req = result.request
-    kv_dtype = req.kv_cache_dtype if req.kv_cache_dtype != "auto" else f"auto ({req.model_dtype})"
-    tp = f", tensor parallel {req.tensor_parallel_size}" if req.tensor_parallel_size > 1 else ""
-    lines = [f"{req.geometry.name} on vLLM: KV {kv_dtype}, block size {req.block_size}{tp}"]
-    rows: list[tuple[str, str]] = []
-    if req.num_gpu_blocks_override is not None:  # the memory does not size this pool
-        rows.append(("KV memory (num_gpu_blocks_override)", readable_bytes(result.available_kv_bytes)))
-    elif req.kv_cache_memory_bytes is not None:
-        rows.append(("KV memory (kv_cache_memory_bytes)", readable_bytes(result.available_kv_bytes)))
-    else:
-        rows += [
-            (
-                f"GPU x {req.gpu_memory_utilization:g}",
-                readable_bytes(math.ceil(req.gpu_memory_bytes * req.gpu_memory_utilization)),
-            ),
-            ("  - weights", readable_bytes(result.weights_bytes or 0)),
-            *(
-                [("  - vLLM's buffers (rotary cache, ...)", readable_bytes(req.buffers_bytes))]
-                if req.buffers_bytes
-                else []
-            ),
-            ("  - activation peak", readable_bytes(req.activation_peak_bytes)),
-            ("  - non-torch", readable_bytes(req.non_torch_bytes)),
-            ("available KV memory", readable_bytes(result.available_kv_bytes)),
-        ]
-    rows += [
-        ("KV per token (this worker)", f"{result.kv_bytes_per_token:,} B"),
-        (_block_label(result.kv_groups), readable_bytes(result.bytes_per_block)),
-        ("KV blocks", f"{result.num_blocks:,}"),
-        *_sliding_rows(result),
-        ("KV cache size", f"{result.kv_tokens:,} tokens"),
-        (
-            f"max concurrency @ {req.max_model_len:,}",
-            f"{result.max_concurrency:.2f}x",
-        ),
-        ("one request at max_model_len", readable_bytes(result.needed_bytes)),
-    ]
-    width = max(len(label) for label, _ in rows)
-    lines += [f"  {label:<{width}}  {value}" for label, value in rows]
-    lines += [f"vLLM would refuse to start: {reason}." for reason in result.refusals]
-    if result.check_bytes <= 0 or result.needed_bytes > result.check_bytes:  # the KV memory too small
-        if result.check_bytes <= 0:
-            lines.append(
-                "vLLM would refuse to start: not even one block beside the null block fits "
-                '("No available memory for the cache blocks").'
-            )
-        else:
-            lines.append(
-                f"vLLM would refuse to start: one request of {req.max_model_len:,} tokens needs "
-                f"{readable_bytes(result.needed_bytes)}, more than the "
-                f"{readable_bytes(result.check_bytes)} available (less the null block); the largest "
-                f"max_model_len that fits is {result.estimated_max_model_len:,}."
-            )
-    lines += [f"  note: {note}" for note in result.notes]
-    return "\n".join(lines)

@@ -40,6 +40,8 @@ __all__ = [
     "max_concurrent_batches",
     "model_kv_groups",
     "sliding_blocks",
+    "sliding_blocks_held",
+    "sliding_peak_blocks",
 ]
 
 GIB = 2**30
@@ -54,6 +56,34 @@ def sliding_blocks(window: int, block_size: int, max_in_flight_tokens: int, max_
     """`SlidingWindowSpec.max_admission_blocks_per_request`: the window's last `window - 1` tokens and the
     tokens in flight, at most max_model_len, plus the block the window may start inside."""
     return math.ceil(min(window - 1 + max_in_flight_tokens, max_model_len) / block_size) + 1
+
+
+def sliding_blocks_held(slots: int, window: int, block_size: int, lag: int = 0) -> int:
+    """Blocks a sliding layer's request holds, in the pool, once a decode step gave it `slots` tokens' KV
+    slots: vLLM's `remove_skipped_blocks` has freed (to its null block) the whole blocks before the window of
+    the settled tokens, `slots - 1 - lag` (`lag`: tokens still in flight, one under async scheduling)."""
+    skipped = max(0, slots - 1 - lag - window + 1) // block_size
+    return math.ceil(slots / block_size) - skipped
+
+
+def sliding_peak_blocks(
+    prompt: int, final: int, window: int, block_size: int, lag: int, admission: int
+) -> int:
+    """The most blocks a sliding layer's request of `prompt` tokens, grown to `final` KV tokens, holds at
+    once when never preempted: its prefill (all of the prompt at most, never more than vLLM's admission cap
+    `admission`: its window and a batch in flight), then each decode step (`sliding_blocks_held`). Past the
+    window the held count repeats every block, so one block's worth of steps finds the most."""
+    peak = min(math.ceil(min(prompt, final) / block_size), admission)
+    lo, hi = prompt + 1, final
+    if lo > hi:
+        return peak
+    edge = min(hi, window + lag)  # up to here nothing is skipped: the count only grows
+    if edge >= lo:
+        peak = max(peak, sliding_blocks_held(edge, window, block_size, lag))
+    start = max(lo, window + lag + 1)
+    for slots in range(start, min(hi, start + block_size - 1) + 1):
+        peak = max(peak, sliding_blocks_held(slots, window, block_size, lag))
+    return peak
 
 
 def max_concurrent_batches(async_scheduling: bool) -> int:

@@ -100,7 +100,8 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     from analyzers.planning.hf_config import geometry_from_config
     from analyzers.planning.presets import get_preset
     from analyzers.planning.size_text import parse_size
-    from analyzers.planning.vllm_plan import VllmPlanRequest, format_vllm_text, plan_vllm, vllm_to_json
+    from analyzers.planning.vllm_plan import VllmPlanRequest, plan_vllm
+    from analyzers.render.vllm_plan import format_vllm_text, vllm_to_json
 
     # transformers-side flags that vLLM's arithmetic has its own names for: refused rather than ignored
     if args.kv_dtype is not None:

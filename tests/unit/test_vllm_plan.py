@@ -16,16 +16,10 @@ import pytest
 from analyzers.planning.hf_config import geometry_from_config
 from analyzers.planning.presets import ModelGeometry, get_preset
 from analyzers.planning.vllm_diagnose import RefusedDiagnosis, diagnose_engine, diagnose_refused
-from analyzers.planning.vllm_plan import (
-    VllmPlanRequest,
-    estimate_max_model_len,
-    format_vllm_text,
-    plan_vllm,
-    readable_bytes,
-    vllm_to_json,
-)
+from analyzers.planning.vllm_plan import VllmPlanRequest, estimate_max_model_len, plan_vllm, readable_bytes
 from analyzers.readers.engine_files import read_engine
 from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_text
+from analyzers.render.vllm_plan import format_vllm_text, vllm_to_json
 from kvtrace.errors import KvtraceError
 from tests.engine_files import refused_engine, write_engine_run
 

@@ -22,9 +22,10 @@ import pytest
 
 from analyzers.planning.presets import ModelGeometry
 from analyzers.planning.vllm_diagnose import RefusedDiagnosis, diagnose_engine
-from analyzers.planning.vllm_plan import VllmPlanRequest, format_vllm_text, plan_vllm
+from analyzers.planning.vllm_plan import VllmPlanRequest, plan_vllm
 from analyzers.readers.engine_files import read_engine
 from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_text
+from analyzers.render.vllm_plan import format_vllm_text
 from kvtrace.cli import main
 from tests.engine_files import refused_engine, write_engine_run
 

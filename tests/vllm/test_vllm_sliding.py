@@ -2,7 +2,11 @@
 .venv-vllm): a tiny Mistral (4 layers, 2 KV heads of 64, bf16, sliding_window 64) on a 1 MiB pool of
 32-token blocks, max_model_len 1024, max_num_batched_tokens 128. vLLM's SlidingWindowSpec holds a request's
 last 63 tokens and the 128 in flight (no async scheduling on CPU): cdiv(191, 32) + 1 = 7 blocks, where full
-attention would take 32, more than the 15 usable. One engine, recorded, in its own process."""
+attention would take 32, more than the 15 usable. One engine, recorded, in its own process.
+
+And `kvtrace diagnose` of the same model preempting: a sliding layer frees the blocks before its window, so
+a request's blocks stop growing at its window's, and the remedies are priced on that (each checked on vLLM
+itself, one engine a process)."""
 
 from __future__ import annotations
 
@@ -41,6 +45,44 @@ print("KVTRACE-RESULT " + json.dumps({"num_gpu_blocks": blocks}), flush=True)
 _LOG = re.compile(
     r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x"
 )
+
+
+_PREEMPT_CHILD = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+import contextlib
+import kvtrace
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+model, run, pool, seqs, requests, prompt, new = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+llm = LLM(model=model, skip_tokenizer_init=True, kv_cache_memory_bytes=pool, block_size=32,
+          max_model_len=1024, max_num_seqs=seqs, max_num_batched_tokens=128, dtype="bfloat16",
+          enforce_eager=True, disable_log_stats=False, enable_prefix_caching=False)
+params = SamplingParams(max_tokens=new, ignore_eos=True, detokenize=False, temperature=0.0)
+ids = [[(7 * i + j) % 900 + 5 for j in range(prompt)] for i in range(requests)]
+prompts = [TokensPrompt(prompt_token_ids=one) for one in ids]
+with kvtrace.record(run, model=llm, profiler=False) if run != "-" else contextlib.nullcontext():
+    llm.generate(prompts, params, use_tqdm=False)
+preempted = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+print("KVTRACE-RESULT " + json.dumps({"num_gpu_blocks": blocks, "preemptions": preempted}), flush=True)
+"""
+REQUESTS, PROMPT, NEW, BLOCK_BYTES = 8, 40, 120, 65_536
+
+
+def _serve(model: Path, run: str, pool: int, max_num_seqs: int) -> dict:
+    """The workload on vLLM in its own process, recorded into `run` unless "-": vLLM's pool, preemptions."""
+    argv = [str(model), run, *map(str, (pool, max_num_seqs, REQUESTS, PROMPT, NEW))]
+    done = subprocess.run(
+        [sys.executable, "-c", _PREEMPT_CHILD, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        timeout=600,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
+    assert lines, (done.stdout + done.stderr)[-3000:]
+    return json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))
 
 
 def _write_mistral(folder: Path) -> Path:
@@ -107,3 +149,40 @@ def test_a_sliding_model_is_planned_as_vllm_sizes_it(
         assert plan["kv_tokens"] == int(logged.group(1).replace(",", "")) == 2340
         assert int(logged.group(2).replace(",", "")) == MAX_LEN
         assert f"{plan['max_concurrency']:.2f}" == logged.group(3)
+
+
+def test_preemptions_of_a_sliding_model_are_priced_by_its_window(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN 8 requests of 40 prompt tokens and 120 new on the 1 MiB pool (16 blocks of 64 KiB, 15 usable),
+    # all running at once (max_num_seqs 8), recorded: vLLM preempts
+    model, run = _write_mistral(tmp_path / "mistral"), tmp_path / "run"
+    recorded = _serve(model, str(run), POOL, REQUESTS)
+    assert recorded["num_gpu_blocks"] == POOL // BLOCK_BYTES == 16
+    assert recorded["preemptions"] > 0
+
+    # WHEN the run is diagnosed
+    assert main(["diagnose", str(run), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+
+    # THEN the demand is the window's, by hand: a request ends at 40 + 120 - 1 = 159 KV tokens, 5 blocks of
+    # full attention; a sliding layer holds at most 3: at its 65th token's step the 64 settled tokens are
+    # all in the window of the next (nothing skipped) and 65 slots take cdiv(65, 32) = 3 blocks; from the
+    # 97th, (96 - 63) // 32 = 1 block lies before it and cdiv(97, 32) - 1 = 3 again. 8 x 3 + the null block
+    per_request = -(-(WINDOW + 1) // BLOCK)
+    assert per_request == 3 and -(-(PROMPT + NEW - 1) // BLOCK) == 5
+    assert diagnosis["preemptions"] == recorded["preemptions"]
+    assert set(diagnosis["final_demand_blocks"].values()) == {per_request}
+    assert diagnosis["demand_bound_blocks"] == REQUESTS * per_request == 24
+    assert diagnosis["blocks_needed"] == 25  # full attention's arithmetic said 8 x 5 + 1 = 41
+    assert diagnosis["kv_cache_memory_bytes_needed"] == 25 * BLOCK_BYTES
+    assert diagnosis["max_num_seqs_without_preemption"] == 15 // per_request == 5  # it said 3
+    remedies = {r["knob"]: r for r in diagnosis["remedies"]}
+    assert remedies["kv_cache_dtype"]["fits"] is True  # 32 blocks, 31 usable >= 24 (it said "likely")
+
+    # AND vLLM agrees, and both figures are tight: 25 blocks preempt nothing, 24 still preempt;
+    # max_num_seqs=5 preempts nothing, 6 still preempt
+    assert _serve(model, "-", 25 * BLOCK_BYTES, REQUESTS)["preemptions"] == 0
+    assert _serve(model, "-", 24 * BLOCK_BYTES, REQUESTS)["preemptions"] > 0
+    assert _serve(model, "-", POOL, 5)["preemptions"] == 0
+    assert _serve(model, "-", POOL, 6)["preemptions"] > 0
