@@ -548,6 +548,8 @@ class KvTracker:
         except TypeError:
             new.tref = dead_ref
         new.ptr = ptr = tensor.data_ptr()
+        if ptr < addr:  # an empty view (DeepSeek-V4's drained compressor buffer) has data_ptr 0
+            ptr = addr + int(tensor.storage_offset()) * tensor.element_size()
         new.version = version
         new.addr = addr
         new.storage_bytes = nbytes
@@ -744,17 +746,25 @@ class KvTracker:
         first (V rebound before K: the new K sits where old V was). Their new storage and free are then
         logged before the taker's event, never a free after a creation at its address (the log is replayed
         by address), and in the order the layer made them, so the replay meets its true peak."""
-        taken: dict[int, tuple[str, str]] = {}
+        taken: dict[int, tuple[str, str]] = {}  # address -> the slot whose new tensor is there
+        owners: dict[tuple[str, str], tuple[str, str]] = {}  # slot -> the part it is in
         for (kv, part), value in parts.items():
-            for _name, tensor in iter_tensors(value, part):
+            for name, tensor in iter_tensors(value, part):
+                owners[(kv, name)] = (kv, part)
                 found = storage_of(tensor)
                 if found is not None:
-                    taken[found[1]] = (kv, part)
+                    taken[found[1]] = (kv, name)
         givers: set[tuple[str, str]] = set()
         for key, slot in slots.items():
             at = taken.get(slot.addr)
-            if at is not None and at[0] != key[0] and expired(slot.wref):
+            if at is None or at == key or not expired(slot.wref):
+                continue
+            if at[0] != key[0]:
                 givers.update(k for k in parts if k[0] == key[0])
+            elif key in owners and owners[key] != owners.get(at):
+                # One auxiliary part's new tensor where another's old one was (DeepSeek-V4's compressed
+                # entries where its drained buffer was): the giver's part first
+                givers.add(owners[key])
         if not givers:
             return parts
         return {**{k: v for k, v in parts.items() if k in givers}, **parts}

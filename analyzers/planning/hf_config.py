@@ -43,7 +43,8 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "num_hidden_layers": ("n_layer", "num_layers", "n_layers"),  # n_layers, n_heads: MPT's
     "num_attention_heads": ("n_head", "num_heads", "n_heads", "attention_heads"),  # XGLM's attention_heads
     "hidden_size": ("n_embd", "n_embed", "d_model"),  # n_embed: Bloom's
-    "intermediate_size": ("n_inner", "ffn_hidden_size", "d_ff", "ffn_dim", "dff"),  # OPT's, XGLM's; CTRL's
+    # OPT's, XGLM's; CTRL's; last, all-MoE families (DeepSeek-V4) whose attribute_map makes it the experts'
+    "intermediate_size": ("n_inner", "ffn_hidden_size", "d_ff", "ffn_dim", "dff", "moe_intermediate_size"),
 }
 _QK_NORMED = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")  # q and k RMSNorms of head_dim (and Gemma 3n, 4)
 # Families whose routers are float32 parameters whatever the model's dtype (`_keep_in_fp32_modules_strict`,
@@ -233,6 +234,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         qk_norm=block.pop("qk_norm", model_type in _QK_NORMED or bool(gemma)),
         layer_norms=block.pop("layer_norms", 4 if gemma_norms else 2),
         mla=_mla(fields, positive_int),
+        indexer_head_dim=_indexer_head_dim(fields, model_type, layer_types, positive_int),
         max_position_embeddings=max_positions(fields, model_type),
         cached_kv_heads=cached_heads if cached_heads != kv_heads else None,
         global_kv_heads=global_kv_heads,
@@ -404,6 +406,22 @@ def _llama4_experts(
         "shared_intermediate_size": size,
         "intermediate_size": positive_int("intermediate_size_mlp", get("intermediate_size_mlp", 16384)),
     }
+
+
+# Families whose every layer is `indexed_attention` when the config lists no layer_types (their config
+# classes' default), each caching its indexer's keys (`index_head_dim`, 128 by default) beside the latent
+_INDEXED_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
+
+
+def _indexer_head_dim(
+    fields: dict[str, Any], model_type: str, layer_types: Any, positive_int: Callable[[str, Any], int]
+) -> int:
+    """Elements a token's indexer keys take in each layer's cache (transformers' DynamicIndexedLayer), 0 for
+    a model without sparse attention's indexer cache."""
+    listed = isinstance(layer_types, list) and "indexed_attention" in layer_types
+    if not listed and (model_type not in _INDEXED_FAMILIES or isinstance(fields.get("layer_types"), list)):
+        return 0
+    return positive_int("index_head_dim", fields.get("index_head_dim", 128))
 
 
 def _mla(fields: dict[str, Any], positive_int: Callable[[str, Any], int]) -> MlaShape | None:

@@ -101,6 +101,9 @@ class ModelGeometry:
     # `global_head_dim`, and `num_global_key_value_heads` under `attention_k_eq_v`); None: the same
     global_kv_heads: int | None = None
     global_head_dim: int | None = None
+    # Sparse attention's indexer keys (DeepSeek-V3.2, GLM-MoE-DSA: `index_head_dim`), one head a token that
+    # each indexed layer caches beside its K/V (transformers' DynamicIndexedLayer): counted with K
+    indexer_head_dim: int = 0
     # GPT-2-style blocks (GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J, CodeGen), Llama-style
     # ones laid out otherwise (StableLM, StarCoder2, OLMo, Cohere, MPT...: `gpt_blocks`), and bias flags
     mlp_matrices: int = 3  # gate, up and down (Llama); 2: up and down
@@ -157,9 +160,9 @@ class ModelGeometry:
     def kv_widths(self) -> tuple[int, int]:
         """Elements of one layer's K and of its V per token, as transformers' caches hold them."""
         if self.mla is not None:  # the latent as one head: its normed part as K, the rotary key as V
-            return self.mla.kv_lora_rank, self.mla.qk_rope_head_dim
+            return self.mla.kv_lora_rank + self.indexer_head_dim, self.mla.qk_rope_head_dim
         side = (self.cached_kv_heads or self.num_kv_heads) * self.head_dim
-        return side, side
+        return side + self.indexer_head_dim, side
 
     @property
     def layer_kv_widths(self) -> list[tuple[int, int]]:

@@ -33,8 +33,36 @@ _WRAPPED = {
 }
 
 
+# State some layer classes hold beside their K/V, growing with the context, logged as `aux.<name>` parts:
+# sparse attention's indexer keys (DynamicIndexedLayer / StaticIndexedLayer: DeepSeek-V3.2, GLM-MoE-DSA) and
+# their positions; DeepSeek-V4's compressed KV entries, the source tokens waiting for a full window, and CSA's
+# overlap state (dicts by entry name). Their counters (`indexer_cumulative_length`, `entry_count`) are not KV.
+_AUX_STATE = (
+    "indexer_keys",
+    "indexer_position_ids",
+    "compressed_kv",
+    "buffer_kv",
+    "buffer_gate",
+    "overlap_kv",
+    "overlap_gate",
+)
+AUX_PREFIX = "aux."
+_AUX_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def aux_state_names(layer: Any) -> tuple[str, ...]:
+    """The `_AUX_STATE` attributes a layer's class holds, found on its first instance seen (they are set in
+    `__init__`, so the class alone does not tell), then looked up by class."""
+    layer_type = type(layer)
+    names = _AUX_NAMES.get(layer_type)
+    if names is None:
+        names = _AUX_NAMES[layer_type] = tuple(name for name in _AUX_STATE if hasattr(layer, name))
+    return names
+
+
 def layer_parts(layer: Any) -> dict[tuple[str, str], Any]:
-    """The attributes of a cache layer that hold KV memory, by (kv, part)."""
+    """The attributes of a cache layer that hold KV memory, by (kv, part). Auxiliary state (`_AUX_STATE`) is
+    logged under K: DeepSeek-V4's compressed entries are K and V at once, and the indexer's keys are keys."""
     parts: dict[tuple[str, str], Any] = {
         ("k", "data"): getattr(layer, "keys", None),
         ("v", "data"): getattr(layer, "values", None),
@@ -42,6 +70,8 @@ def layer_parts(layer: Any) -> dict[tuple[str, str], Any]:
     if hasattr(layer, "_quantized_keys"):
         parts[("k", "q")] = layer._quantized_keys
         parts[("v", "q")] = layer._quantized_values
+    for name in aux_state_names(layer):
+        parts[("k", AUX_PREFIX + name)] = getattr(layer, name, None)
     return parts
 
 
@@ -90,6 +120,15 @@ def _signature(parts: dict[tuple[str, str], Any]) -> tuple[Any, ...]:
 # update returns, after both new ones are made (`_FP8`: frees last); QuantizedLayer (quanto, HQQ) rebinds
 # each attribute as it makes it, its quantized K and V before its full-precision residual (`_RESIDUAL`).
 _PLAIN, _STATIC, _STATIC_SLIDING, _OTHER, _SLIDING, _FP8, _RESIDUAL = range(7)
+# Added to a class's kind when its layers hold auxiliary state (`aux_state_names`): no kind above equals it,
+# so the per-update tests of the plain kinds send such layers to the comparison of all their parts, and the
+# common layer pays nothing for the test (issue 11). `kind - _AUX` counts its tokens.
+_AUX = 16
+
+
+def _kind_of(layer: Any) -> int:
+    """`_layer_kind` of a layer's class, plus `_AUX` where its layers hold auxiliary state."""
+    return _layer_kind(type(layer)) + (_AUX if aux_state_names(layer) else 0)
 
 
 def _layer_kind(layer_type: type) -> int:
@@ -129,6 +168,29 @@ def _deferrable_types() -> frozenset[type]:
     return _DEFERRABLE[0]
 
 
+def _kv_as_logged(states: dict[tuple[int, int], Any], cid: int, layer_idx: int, layer: Any) -> bool:
+    """Whether a layer's K and V are the tensor objects its slots last logged."""
+    state = states.get((cid, layer_idx))
+    if state is None:
+        return False
+    k_slot, v_slot = state.slots.get(("k", "data")), state.slots.get(("v", "data"))
+    return (
+        k_slot is not None
+        and v_slot is not None
+        and k_slot.tref() is getattr(layer, "keys", _MISSING)
+        and v_slot.tref() is getattr(layer, "values", _MISSING)
+    )
+
+
+def _slow_path_only(tracker: KvTracker, cid: int, layer_idx: int) -> None:
+    """Keep a layer holding auxiliary state off the (K, V) fast path, which the tracker gives any layer whose
+    logged slots are just K and V (its auxiliary state still empty): the identity tests of K and V alone
+    would then miss the state the model writes after the layer's update."""
+    state = tracker._layers.get((cid, layer_idx))
+    if state is not None:
+        state.fast = None
+
+
 def _written(fast: tuple[Any, Any], keys: torch.Tensor, values: torch.Tensor, moved: bool) -> bool:
     """Whether a static layer's K or V was written in place since its slots last saw it; `moved`: whether
     its token count moved, the answer for inference tensors, which have no version counter."""
@@ -152,6 +214,15 @@ def _expected_tokens(layer: Any, kind: int, before: int | None, new_tokens: int)
             return None
         return min(before + new_tokens, window - 1)
     return None
+
+
+def _aux_layer_tokens(layer: Any, base: int, before: int | None, new_tokens: int) -> int:
+    """Tokens a layer holding auxiliary state holds after its update of `new_tokens`, counted as its plain
+    kind `base` counts them: a static layer's from the tracker's count, as reading its own tensor syncs."""
+    if base in (_STATIC, _STATIC_SLIDING) and before is not None:
+        window = getattr(layer, "sliding_window", None) or layer.max_cache_len
+        return layer_tokens(layer, min(before + new_tokens, int(window)))
+    return layer_tokens(layer)
 
 
 def rows_per_prompt(sources: list[int]) -> int:
@@ -399,7 +470,7 @@ class HfCacheHooks:
             count = getattr(layer, name, None)
             if isinstance(count, int) and not isinstance(count, bool):
                 return count
-        kind = self._kind(type(layer))
+        kind = self._kind(layer) % _AUX
         if kind == _PLAIN:
             keys = getattr(layer, "keys", None)
             return int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() >= 2 else None
@@ -447,6 +518,13 @@ class HfCacheHooks:
                         v_slot.tref() is not getattr(prev_layer, "values", _MISSING)
                     ):
                         hooks._rebound(cache, previous[1])
+                elif prev_state is not None and previous[1] < len(layers):
+                    # No fast slots: a quantized layer, or one holding auxiliary state, which the model
+                    # writes after the layer's update (DSA's indexer keys, DeepSeek-V4's compressed
+                    # entries): logged now, as that layer's update. One class lookup, never for a plain layer.
+                    prev_layer = layers[previous[1]]
+                    if hooks._kinds.get(type(prev_layer), 0) >= _AUX:
+                        hooks._aux_written(cache, hooks.slot_cache(cid, previous[1]), previous[1])
             slot = hooks.slot_cache(cid, layer_idx) if hooks.cross_parts else cid
             state = tracker_layers.get((slot, layer_idx))
             before = state.tokens if state is not None else None
@@ -533,7 +611,7 @@ class HfCacheHooks:
         layer_type = type(layer)
         kind = self._kinds.get(layer_type)
         if kind is None:
-            kind = self._kinds[layer_type] = _layer_kind(layer_type)
+            kind = self._kinds[layer_type] = _kind_of(layer)
         keys: Any = getattr(layer, "keys", None)
         values: Any = getattr(layer, "values", None)
         plain = type(keys) is torch.Tensor and type(values) is torch.Tensor
@@ -544,8 +622,11 @@ class HfCacheHooks:
             tokens = min(layer.cumulative_length_int, layer.max_cache_len)
         elif plain and kind == _STATIC and before is not None:
             tokens = min(before + key_states.shape[-2], layer.max_cache_len)
-        else:
+        elif kind < _AUX:
             tokens = layer_tokens(layer)
+            plain = False
+        else:
+            tokens = _aux_layer_tokens(layer, kind - _AUX, before, key_states.shape[-2])
             plain = False
         evicted = 0
         if before is not None:
@@ -570,8 +651,19 @@ class HfCacheHooks:
                 evicted_reason="window",
                 frees_last=kind == _FP8,
             )
+            if kind >= _AUX:
+                _slow_path_only(self.tracker, cid, layer_idx)
             self._signatures[(cid, layer_idx)] = _signature(parts)
         return evicted
+
+    def _aux_written(self, cache: Any, cid: int, layer_idx: int) -> None:
+        """Log what the model wrote into a layer's auxiliary state since the layer's own update (the indexer's
+        keys, compressed entries: written by the attention after `Cache.update`) as part of that update."""
+        known = self.tracker.tokens_or_none(cid, layer_idx)
+        if known is None:
+            return
+        self.tracker.observe(cid, layer_idx, layer_parts(cache.layers[layer_idx]), "update", known)
+        _slow_path_only(self.tracker, cid, layer_idx)
 
     def _rebound(self, cache: Any, layer_idx: int) -> None:
         """Layer `layer_idx` of `cache` no longer holds the K/V tensors its last update left: other code
@@ -699,7 +791,7 @@ class HfCacheHooks:
             layer_type = type(layer)
             kind = kinds.get(layer_type)
             if kind is None:
-                kind = kinds[layer_type] = _layer_kind(layer_type)
+                kind = kinds[layer_type] = _kind_of(layer)
             if kind in (_PLAIN, _SLIDING):
                 shape = keys.shape
                 tokens = shape[-2] if len(shape) >= 2 else 0
@@ -710,8 +802,13 @@ class HfCacheHooks:
                 else:
                     window = getattr(layer, "sliding_window", None) or layer.max_cache_len
                     tokens = min(before + new_tokens, int(window))
-            else:
+            elif kind < _AUX:
                 tokens = layer_tokens(layer)
+            else:  # a layer holding auxiliary state: all its parts compared (it is never deferred)
+                tokens = _aux_layer_tokens(layer, kind - _AUX, before, new_tokens)
+                tracker.observe(slot, layer_idx, layer_parts(layer), "update", tokens, written=written)
+                _slow_path_only(tracker, slot, layer_idx)
+                continue
             fast = state.fast if state is not None and not written else None
             if fast is not None and fast[0].tref() is keys and fast[1].tref() is values:
                 # The same tensor objects: a layer the forward did not reach? A dynamic layer's update makes
@@ -748,11 +845,12 @@ class HfCacheHooks:
         if written and tracker._pending:
             tracker.poll_frees()  # the storages `update` held back, freed after the step's last new one
 
-    def _kind(self, layer_type: type) -> int:
-        """How a layer class counts and replaces its tensors (`_layer_kind`), decided once per class."""
+    def _kind(self, layer: Any) -> int:
+        """How a layer's class counts and replaces its tensors (`_kind_of`), decided once per class."""
+        layer_type = type(layer)
         kind = self._kinds.get(layer_type)
         if kind is None:
-            kind = self._kinds[layer_type] = _layer_kind(layer_type)
+            kind = self._kinds[layer_type] = _kind_of(layer)
         return kind
 
     def scan_cache(self, cache: Any, cause: str, only: set[int] | None = None, reason: str = "") -> None:
@@ -786,14 +884,27 @@ class HfCacheHooks:
                     continue
             parts = layer_parts(layer)
             known = tracker.tokens_or_none(cid, layer_idx) if cause == "scan" else None
+            if (
+                scan
+                and known is not None
+                and self._kind(layer) >= _AUX
+                and _kv_as_logged(states, cid, layer_idx, layer)
+            ):
+                # Only its auxiliary state changed: the model's attention writes it after the layer's update
+                # (the last layer's is seen here, at the forward's end), so it is logged as that update.
+                tracker.observe(cid, layer_idx, parts, "update", known, reason=reason)
+                _slow_path_only(tracker, cid, layer_idx)
+                continue
             # A scan finds tensors rebound by other code, after the fact: an eviction press makes the kept K
             # and V before it lets go of either old one, so their frees follow both (the transient peak), as
             # an fp8 layer's own reorder does (Fp8QuantizedLayer.reorder_cache holds both old tensors in
             # locals until it returns).
-            frees_last = scan or (cause == "reorder" and self._kind(type(layer)) == _FP8)
+            frees_last = scan or (cause == "reorder" and self._kind(layer) == _FP8)
             tracker.observe(
                 cid, layer_idx, parts, cause, layer_tokens(layer, known), reason=reason, frees_last=frees_last
             )
+            if self._kind(layer) >= _AUX:
+                _slow_path_only(tracker, cid, layer_idx)
             if signature is not None or hasattr(layer, "_quantized_keys"):
                 signatures[(cid, layer_idx)] = _signature(parts)
 

@@ -1,0 +1,143 @@
+"""Cache layers that hold state beside K/V, on real tiny random-weight models (transformers 5.25+).
+
+DSA models (DeepSeek-V3.2: DynamicIndexedLayer, StaticIndexedLayer) cache the indexer's keys, [batch,
+tokens, index_head_dim], next to the MLA latent; DeepSeek-V4's layers keep compressed KV entries (and the
+compressor's pending window and overlap state) beside the sliding K=V window. The log carries them as
+`aux.*` parts, so the report's KV equals the distinct storages the returned cache holds, and the planner
+counts the indexer keys per token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+import kvtrace
+from kvtrace.cli import main
+from kvtrace.run_reader import read_run
+
+LAYERS, KV_LORA, ROPE, INDEX_DIM, F32 = 4, 16, 8, 16, 4
+BATCH, PROMPT, NEW = 2, 7, 5
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(transformers.cache_utils, "DynamicIndexedLayer"), reason="transformers without DSA caches"
+)
+
+
+def _dsa_config() -> Any:
+    return transformers.AutoConfig.for_model(
+        "deepseek_v32", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=KV_LORA, q_lora_rank=16,
+        qk_rope_head_dim=ROPE, qk_nope_head_dim=16, v_head_dim=12, head_dim=8, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, moe_intermediate_size=32,
+        index_topk=4, index_head_dim=INDEX_DIM, index_n_heads=2,
+    )  # fmt: skip
+
+
+def _dsv4_config() -> Any:
+    return transformers.AutoConfig.for_model(
+        "deepseek_v4", vocab_size=1000, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=16, num_experts_per_tok=2,
+        n_routed_experts=4, sliding_window=4, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16,
+        index_topk=2, hc_mult=2, partial_rotary_factor=0.25,
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+    )  # fmt: skip
+
+
+def _held_bytes(cache: Any) -> int:
+    """Distinct storages of every tensor the cache's layers hold (scalar counters aside), each once."""
+    storages: dict[int, int] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for layer in cache.layers:
+        walk(vars(layer))
+    return sum(storages.values())
+
+
+def _record(config: Any, run: Path, new: int, **generate: Any) -> Any:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            pad_token_id=0, return_dict_in_generate=True, **generate,
+        )  # fmt: skip
+    return out.past_key_values
+
+
+def _report(run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_dsa_indexer_keys_are_logged_and_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cache: str
+) -> None:
+    # GIVEN a DeepSeek-V3.2 model whose layers cache the latent (K: kv_lora_rank, V: the rotary key) and
+    # the indexer's keys, each [batch, tokens, index_head_dim]
+    run = tmp_path / cache
+    past = _record(_dsa_config(), run, NEW, cache_implementation=cache)
+    tokens = PROMPT + NEW - 1  # generate() never writes its last token (a static cache: max_cache_len)
+    want = LAYERS * (KV_LORA + ROPE + INDEX_DIM) * tokens * BATCH * F32  # 14,080 B (K/V alone: 8,448)
+    # WHEN the run is reported
+    report = _report(run, capsys)
+    # THEN its KV is what the cache holds, indexer keys included
+    assert _held_bytes(past) == want
+    assert report["kv"]["final_bytes"] == want
+    events = read_run(run).kv_events
+    for layer in range(LAYERS):
+        mine = [e for e in events if e.part == "aux.indexer_keys" and e.layer == layer]
+        assert mine and mine[0].event == "created" and mine[0].kv == "k"
+        shape = list([e for e in mine if e.shape][-1].shape)
+        assert shape[0] == BATCH and shape[-1] == INDEX_DIM
+        if cache == "dynamic":
+            assert shape[1] == tokens
+        if cache == "dynamic":  # grown by torch.cat every step, the old storage freed
+            assert sum(e.event == "grown" for e in mine) == NEW - 1
+            assert sum(e.event == "freed" for e in mine) == NEW - 1
+
+
+@pytest.mark.parametrize("new", [1, 8, 40])
+def test_dsv4_compressed_entries_are_logged_and_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], new: int
+) -> None:
+    # GIVEN DeepSeek-V4, whose compressed KV entries grow with the context beside its sliding K=V window
+    run = tmp_path / f"v4-{new}"
+    past = _record(_dsv4_config(), run, new)
+    window = sum(layer.keys.untyped_storage().nbytes() for layer in past.layers)
+    # WHEN the run is reported THEN its KV is every distinct storage the layers hold, not the window alone
+    report = _report(run, capsys)
+    held = _held_bytes(past)
+    assert held > window
+    assert report["kv"]["final_bytes"] == held
+    parts = {e.part for e in read_run(run).kv_events}
+    assert {"aux.compressed_kv.compressor", "aux.compressed_kv.indexer"} <= parts
+
+
+def test_plan_counts_indexer_keys_and_takes_dsv4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN the two models' config.json files, as save_pretrained writes them
+    _dsa_config().save_pretrained(tmp_path / "dsa")
+    _dsv4_config().save_pretrained(tmp_path / "dsv4")
+    # WHEN planned at bf16 THEN a DSA token costs its latent, rotary key and indexer keys in every layer
+    assert main(["plan", "--config", str(tmp_path / "dsa"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["kv_bytes_per_token"] == LAYERS * (KV_LORA + ROPE + INDEX_DIM) * 2  # 320 (was 192)
+    # AND DeepSeek-V4's config, which names its MLP width moe_intermediate_size only, is planned
+    assert main(["plan", "--config", str(tmp_path / "dsv4"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["request"]["geometry"]["intermediate_size"] == 32
