@@ -95,6 +95,11 @@ class RecordedPeak:
     token_row_bytes: int | None = None
     # of `update_activations_bytes`, generate()'s token tensors (run_peak's `token_tensors`); None: not told
     update_token_bytes: int | None = None
+    # bytes the activations at a decode peak and at the update (`update_activations_bytes`) gain per row and
+    # token attended (ids, masks, attention over the context: run_peak's `context_token_bytes`); the rest
+    # follow the rows alone; None: not told apart, all grow with the context in proportion (an upper bound)
+    context_token_bytes: int | None = None
+    update_context_token_bytes: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -130,6 +130,8 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         update_dtype_fixed_bytes=moment.update_dtype_fixed_bytes,
         token_row_bytes=moment.token_row_bytes,
         update_token_bytes=moment.update_token_bytes,
+        context_token_bytes=moment.context_token_bytes,
+        update_context_token_bytes=moment.update_context_token_bytes,
     )
 
 
