@@ -386,16 +386,24 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     rec = in_compute_dtype(req.recorded, req.effective_compute_dtype)  # a wider dtype's activations
     run = _run_request(req, rec)
     rows = max(batch / rec.batch, 1.0)
-    grown = rows * _context_growth(req, rec, context)
+    stretch = _context_growth(req, rec, context)
+    grown = rows * stretch
+    gain = _Gain(rows, stretch, max(batch, rec.batch), _attended_gain(req, rec, context))
     tokens = _token_growth(req, rec, batch, context)  # generate()'s ids and mask, where `grown` misses them
     freed = _rows_freed(rec, batch)
     activations = rec.activations_bytes - freed  # at the plan's rows, before the context grows them
-    growth = math.ceil(activations * (grown - 1))
+    growth = gain.grown(activations, rec.context_token_bytes) - activations
     floors = _moment_floors(req, run, rec, batch, context)
     if not same_cache_as_run(req):
         sizes = kv_sizes(req, batch, context)
         prompt_grown = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
-        at_peak = math.ceil(activations * max(grown, prompt_grown))
+        # a step's end, holding this cache's KV, holds what the run held at its own step's end: where the
+        # run peaked elsewhere (a dynamic cache's growth copy), at most its peak less its weights and final
+        # KV, the logits it ended with unseen at its peak (a sliding cache planned from a dynamic run at its
+        # context 206 was 27,740 B, 4.4%, below the recording), grown as all are (an upper bound)
+        unseen = _unseen_at_end(run, rec)
+        at_end = activations + growth + gain.grown(unseen, None)
+        at_peak = max(at_end, math.ceil((activations + unseen) * prompt_grown))
         beside_update = rec.update_activations_bytes
         if beside_update is None or (req.cache == "quantized" and _prefill_peaks(rec, grown, prompt_grown)):
             # the update's copies beside: a bound
@@ -404,7 +412,10 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         # KV, and this cache's KV peak (inside an update, or a beam search's reorder) beside what the run
         # held at its own KV peak; fewer rows keep the share of them that `_rows_freed` keeps at the peak
         kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
-        in_update = math.ceil(beside_update * kept * max(grown, prompt_grown))
+        in_update = max(
+            gain.grown(beside_update * kept, rec.update_context_token_bytes),
+            math.ceil(beside_update * kept * prompt_grown),
+        )
         in_update += _update_token_growth(rec, batch, context, kept * max(grown, prompt_grown))
         held = max(sizes.kv_bytes, sizes.prefill_bytes)
         return req.weights_bytes + max(held + at_peak + tokens, sizes.step_peak_bytes + in_update)
@@ -421,6 +432,44 @@ def _context_growth(req: PlanRequest, rec: RecordedPeak, context: int) -> float:
     keeps its activations (before, they grew by context / (window + 1): on the tiny Llama at batch 2,
     context 12, window 8, +19,186 B, +3.1%, over the full cache's recording; the demo's, +88%)."""
     return max(_attended(req, context) / _attended(req, rec.context), 1.0)
+
+
+def _unseen_at_end(run: PlanRequest, rec: RecordedPeak) -> int:
+    """Bytes a finished run may have held beside its weights and KV at its last step's end beyond those it
+    held at its peak moment: its peak less its weights, final KV and the peak's activations (none where the
+    peak was that moment, or the run was cut short and never reached it)."""
+    if rec.cut_short:
+        return 0
+    final_kv = kv_sizes(run, rec.batch, rec.context).kv_bytes
+    return max(rec.peak_bytes - rec.weights_bytes - final_kv - rec.activations_bytes, 0)
+
+
+@dataclass(frozen=True)
+class _Gain:
+    """How a plan grows a moment's activations from the run's: `rows` times the run's rows, `stretch`
+    times the tokens it attends over (`_context_growth`), `row_count` rows of `tokens` tokens more."""
+
+    rows: float
+    stretch: float
+    row_count: int
+    tokens: int
+
+    def grown(self, activations: float, token_bytes: int | None) -> int:
+        """`activations` at the plan: all follow the rows, and where the run tells the bytes a row and
+        token adds (`token_bytes`: run_peak's `context_token_bytes`), those grow by the tokens attended
+        more; the logits, a position's hidden states and generate()'s float32 copies of the last position
+        stay (before, all grew with the context: the tiny Llama's dynamic cache planned from context 12
+        at 206 was +918,539 B, +109.4%, over its recording). Not told: all grow in proportion to the
+        context too (an upper bound)."""
+        if token_bytes is None:
+            return math.ceil(activations * self.rows * self.stretch)
+        return math.ceil(activations * self.rows) + token_bytes * self.row_count * self.tokens
+
+
+def _attended_gain(req: PlanRequest, rec: RecordedPeak, context: int) -> int:
+    """Tokens a step attends over more at `context` than at the run's, in the planned cache (none fewer:
+    a shorter context keeps the activations, an upper bound)."""
+    return max(_attended(req, context) - _attended(req, rec.context), 0)
 
 
 def _update_token_growth(rec: RecordedPeak, batch: int, context: int, scale: float) -> int:
@@ -444,8 +493,10 @@ def _token_growth(req: PlanRequest, rec: RecordedPeak, batch: int, context: int)
     if not per_token:
         return 0
     attended, at_run = _attended(req, context), _attended(req, rec.context)
-    # tokens a row the growth misses: context - rec.context * growth, over `at_run` to stay in integers
+    # tokens a row the growth misses: context - rec.context * growth, over `at_run` to stay in integers;
+    # where the activations grow by the tokens attended more (`_Gain`), context - rec.context less those
     missed = context * at_run - rec.context * max(attended, at_run)
+    missed = max(missed, (context - rec.context - max(attended - at_run, 0)) * at_run)
     return -(-per_token * batch * missed // at_run) if missed > 0 else 0
 
 
@@ -500,13 +551,24 @@ def _moment_floors(
         beside_prefill = max(rec.peak_bytes - rec.weights_bytes - run_sizes.prefill_bytes, 0)
     if rec.phase == "prefill":  # measured there: its KV may differ from the arithmetic's prompt
         beside_prefill = max(beside_prefill, rec.activations_bytes)
+    token_bytes: int | None = None  # what a token adds to `beside_peak`; None: not told, all grow
     if rec.cut_short:
         beside_peak = max(rec.activations_bytes, beside_prefill)
+    elif rec.update_activations_bytes is not None and rec.update_context_token_bytes is not None:
+        # measured at the run's KV peak, which the plan's KV peak repeats (the bound also holds the logits
+        # of the step's end, which come after the update)
+        beside_peak, token_bytes = rec.update_activations_bytes, rec.update_context_token_bytes
     else:
         beside_peak = max(rec.peak_bytes - rec.weights_bytes - run_sizes.step_peak_bytes, 0)
-    late = rows * _context_growth(req, rec, context)
+        if rec.update_activations_bytes is None and _moment_kv(run, rec, rec.batch, rec.context) >= (
+            run_sizes.step_peak_bytes
+        ):
+            token_bytes = rec.context_token_bytes  # the peak moment held the KV peak: its activations
+    stretch = _context_growth(req, rec, context)
+    gain = _Gain(rows, stretch, max(batch, rec.batch), _attended_gain(req, rec, context))
     early = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
-    beside_late = math.ceil(beside_peak * kept * max(late, early)) + _token_growth(req, rec, batch, context)
+    late = max(gain.grown(beside_peak * kept, token_bytes), math.ceil(beside_peak * kept * early))
+    beside_late = late + _token_growth(req, rec, batch, context)
     floors = [req.weights_bytes + sizes.step_peak_bytes + beside_late]
     if early > 1.0:
         # A prefill of more rows or tokens than the run's: its own moment. Not otherwise: the run's own

@@ -97,6 +97,11 @@ class RecordedPeak:
     update_token_bytes: int | None = None
     # an encoder-decoder run's encoder input length, the tokens a row its cross-attention cache held
     encoder_tokens: int | None = None
+    # bytes the activations at a decode peak and at the update (`update_activations_bytes`) gain per row and
+    # token attended (ids, masks, attention over the context: run_peak's `context_token_bytes`); the rest
+    # follow the rows alone; None: not told apart, all grow with the context in proportion (an upper bound)
+    context_token_bytes: int | None = None
+    update_context_token_bytes: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

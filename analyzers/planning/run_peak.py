@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PeakMoment",
+    "context_token_bytes",
     "dtype_fixed_bytes",
     "peak_moment",
     "prefill_beside",
@@ -63,6 +64,10 @@ class PeakMoment:
     # of `update_activations_bytes`, those generate()'s token tensors (`token_tensors`): the update of a
     # sliding run's KV peak comes early, when they were short; None: not told
     update_token_bytes: int | None = None
+    # bytes the activations at a decode peak and at the update gain per row and token of the context
+    # (`context_token_bytes`); the rest are a step's fixed share (the logits, a position's hidden states)
+    context_token_bytes: int | None = None
+    update_context_token_bytes: int | None = None
 
 
 def peak_moment(path: str | Path, prompt: int | None = None, context: int | None = None) -> PeakMoment | str:
@@ -91,6 +96,9 @@ def peak_moment(path: str | Path, prompt: int | None = None, context: int | None
     peak_at = int(np.argmax(timeline[1].allocated)) if timeline and len(timeline[1].ts_us) else None
     at_peak_tokens = token_tensors(source, report, peak_at, diagnosis.batch, prompt, context)
     at_update_tokens = token_tensors(source, report, update_at, diagnosis.batch, prompt, context)
+    at_peak_context = context_token_bytes(source, report, peak_at, diagnosis.batch, prompt, context)
+    at_update_context = context_token_bytes(source, report, update_at, diagnosis.batch, prompt, context)
+    decode = diagnosis.step_phase == "decode"
     return PeakMoment(
         peak_bytes=main.peak_allocated_bytes,
         activations_bytes=max(beside, 0),
@@ -104,8 +112,10 @@ def peak_moment(path: str | Path, prompt: int | None = None, context: int | None
         dtype_fixed_bytes=dtype_fixed_bytes(source, report, peak_at),
         prefill_dtype_fixed_bytes=dtype_fixed_bytes(source, report, prefill_at),
         update_dtype_fixed_bytes=dtype_fixed_bytes(source, report, update_at),
-        token_row_bytes=token_row_bytes(at_peak_tokens) if diagnosis.step_phase == "decode" else None,
+        token_row_bytes=token_row_bytes(at_peak_tokens) if decode else None,
         update_token_bytes=sum(at_update_tokens) if at_update_tokens is not None else None,
+        context_token_bytes=at_peak_context if decode else None,
+        update_context_token_bytes=at_update_context,
     )
 
 
@@ -149,6 +159,60 @@ def token_tensors(
         for nbytes in live_sizes(dev, index, OTHER)
         if nbytes % row == 0 and prompt < nbytes // row <= context and nbytes not in other
     ]
+
+
+def context_token_bytes(
+    source: MemorySource,
+    report: Report,
+    index: int | None,
+    rows: int | None,
+    prompt: int | None,
+    context: int | None,
+) -> int | None:
+    """Bytes a row and token of the context adds to the allocations beside the weights and KV live after the
+    main device's event `index`: those that are `rows` x n x a width a token, n longer than the prompt and
+    at most the context, each counted at the widest width its size fits (the fewest tokens: an upper
+    bound). The widths: generate()'s int64 ids and mask (`token_tensors`), a mask's element (bool, the
+    model's dtype, float32), and attention's over the context, its scores (query heads) and its K and V
+    copied or expanded to the query heads (KV heads or heads x head_dim), in the model's dtype or float32.
+    All else (the logits, a position's hidden states, queries and MLP, the vocabulary-long vectors) is a
+    step's fixed share, whatever the context: on the tiny Llama at batch 2 planned from context 12 at 206,
+    growing it all with the context (57,556 B at the peak, 368 of them the ids and mask) was +918,539 B,
+    +109%, over the recording. A size both fixed and one of these (one position of a model width, a
+    vocabulary-long vector) counts as fixed, as in `token_tensors`. None where the events carry no
+    addresses, the geometry no heads, or the run does not say its prompt and context."""
+    from analyzers.model import OTHER
+    from analyzers.planning.diagnose_rows import fixed_sizes, row_units
+    from analyzers.planning.diagnose_stacks import live_sizes
+
+    main = report.main_device
+    widths = _token_widths(report.geometry or {})
+    if index is None or index < 0 or main is None or not rows or prompt is None or context is None:
+        return None
+    dev = next((d for d in source.devices if d.device == main.device), None)
+    if not widths or dev is None or not bool((dev.addr >= 0).any()):
+        return None
+    other = fixed_sizes(report.geometry) | {rows * unit for unit in row_units(report.geometry)}
+
+    def widest(nbytes: int) -> int:
+        fits = [w for w in widths if nbytes % (rows * w) == 0 and prompt < nbytes // (rows * w) <= context]
+        return max(fits, default=0)
+
+    return sum(widest(nbytes) for nbytes in live_sizes(dev, index, OTHER) if nbytes not in other)
+
+
+def _token_widths(geometry: dict[str, Any]) -> set[int]:
+    """Bytes a row and token of each tensor a decode step makes over the context (`context_token_bytes`);
+    empty where the geometry does not give its heads."""
+    head_dim, heads, kv_heads = (
+        geometry.get(key) for key in ("head_dim", "num_attention_heads", "num_kv_heads")
+    )
+    if not all(isinstance(value, int) and value > 0 for value in (head_dim, heads, kv_heads)):
+        return set()
+    assert isinstance(head_dim, int) and isinstance(heads, int) and isinstance(kv_heads, int)
+    elements = {4, _HALF_FLOATS.get(str(geometry.get("dtype")), 4)}
+    widths = (1, heads, heads * head_dim, kv_heads * head_dim)
+    return {_INT64_BYTES, 1} | {width * element for width in widths for element in elements}
 
 
 def dtype_fixed_bytes(source: MemorySource, report: Report, index: int | None) -> int | None:
@@ -261,8 +325,9 @@ def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, row
         "tell which follow the rows)"
     )
     how = (
-        f": the run's own settings plan its own peak; {smaller}; a larger batch or context grows them in "
-        "proportion, a longer prompt's prefill with the prompt "
+        f": the run's own settings plan its own peak; {smaller}; a larger batch grows them in proportion, "
+        "a larger context those over it (ids, masks, attention's) by the tokens added, a longer prompt's "
+        "prefill with the prompt "
         "(where every layer slides, by generate()'s ids and mask alone, a few bytes a token, as the run's "
         "peak shows them)"
         if same_cache

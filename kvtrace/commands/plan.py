@@ -131,6 +131,8 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         token_row_bytes=moment.token_row_bytes,
         update_token_bytes=moment.update_token_bytes,
         encoder_tokens=run.encoder_tokens,
+        context_token_bytes=moment.context_token_bytes,
+        update_context_token_bytes=moment.update_context_token_bytes,
     )
 
 
