@@ -153,7 +153,7 @@ def _logged_layout(
     return bits, group, residual
 
 
-# The recorder's names of each backend's packed values (kvtrace.integrations.hf_caches): quanto's
+# The recorder's names of each backend's packed values (kvtrace.integrations.hf_layers): quanto's
 # QBitsTensor packs into `_data` (a PackedTensor, its own `_data`), HQQ's `quantize` returns (W_q, meta)
 _BACKEND_PARTS = {"q._data._data": "quanto", "q._data": "quanto", "q.0": "hqq"}
 

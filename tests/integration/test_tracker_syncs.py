@@ -18,7 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import kvtrace
-from kvtrace.integrations.hf_caches import layer_tokens
+from kvtrace.integrations.hf_layers import layer_tokens
 from kvtrace.llama import make_cache
 
 NEW_TOKENS = 6
@@ -80,7 +80,7 @@ def test_the_counter_sees_a_sync_made_by_kvtrace(tiny_model):
     with SyncCounter() as counter:
         assert layer_tokens(cache.layers[0]) == 5
         assert layer_tokens(cache.layers[0], known=5) == 5  # with the tracker's own count: no read
-    assert counter.from_kvtrace() == {"kvtrace.integrations.hf_caches": 1}
+    assert counter.from_kvtrace() == {"kvtrace.integrations.hf_layers": 1}
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "static", "sliding", "static_sliding"])
