@@ -10,6 +10,7 @@ the figures every renderer and the diagnosis use (`EngineFigures`). Stdlib and n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,14 +251,17 @@ def cache_dtype_name(storage_dtype: str, config: Any) -> str:
     return asked if isinstance(asked, str) and asked.startswith("fp8") else storage_dtype
 
 
-def held_at(run: EngineRun, step: int) -> list[HeldRequest]:
+def held_at(
+    run: EngineRun, step: int, blocks_at: Callable[[int, int], int] | None = None
+) -> list[HeldRequest]:
     """The pool when the scheduler first preempted at `step`: each request's last event before that step,
     a request preempted at `step` with what it held just before losing it, and the blocks that requests
     scheduled ahead of the preemption took in that same step (`_grown_before_preemption`). Blocks are
     exact. A request that grew shows the tokens its blocks were allocated for (this step's included).
     "blocks" events are logged only on a change, so the other requests' tokens are brought forward from
     their next event when one follows (`_tokens_at_start`); otherwise they are as of their last event
-    (`as_of_step`)."""
+    (`as_of_step`). `blocks_at(prompt_tokens, tokens)`: the blocks a request holds at a length (a sliding
+    window's fewer than its tokens' blocks), for that check; by default every token's block."""
     state: dict[str, RequestEvent] = {}
     for e in run.requests:
         if e.step < step:
@@ -286,7 +290,7 @@ def held_at(run: EngineRun, step: int) -> list[HeldRequest]:
         if e.step == step - 1 and e.event in ("scheduled", "blocks", "resumed"):
             as_of = step  # logged after the step just before: what it held when this step began
         elif e.event != "held":
-            found = _tokens_at_start(run, e, step)
+            found = _tokens_at_start(run, e, step, blocks_at)
             if found is not None:
                 tokens, as_of = found, step
         output = (
@@ -326,11 +330,14 @@ def _grown_before_preemption(
     return grown
 
 
-def _tokens_at_start(run: EngineRun, last: RequestEvent, step: int) -> int | None:
+def _tokens_at_start(
+    run: EngineRun, last: RequestEvent, step: int, blocks_at: Callable[[int, int], int] | None = None
+) -> int | None:
     """KV tokens of a decoding request at the start of `step`, from its next event at or after `step`:
     a "blocks" event logs the tokens after its step (one token a decode step before it), a "preempted"
     event the tokens it dropped (held before its step). Kept only when the figure agrees with the blocks
-    it held (`last.blocks` whole blocks), and the request was not preempted in between."""
+    it held (`last.blocks`: by `blocks_at`, else whole blocks), and the request was not preempted in
+    between."""
     block = run.info.block_size or 0
     for e in run.requests:
         if e.request_id != last.request_id or e.step < step or e.t_ns < last.t_ns:
@@ -341,7 +348,13 @@ def _tokens_at_start(run: EngineRun, last: RequestEvent, step: int) -> int | Non
             tokens = e.dropped_tokens - (e.step - step)
         else:
             return None
-        if block and blocks_for(tokens, block) == last.blocks and tokens >= last.tokens:
+        if blocks_at is not None:
+            held = blocks_at(last.prompt_tokens, tokens)
+        elif block:
+            held = blocks_for(tokens, block)
+        else:
+            return None
+        if held == last.blocks and tokens >= last.tokens:
             return tokens
         return None
     return None

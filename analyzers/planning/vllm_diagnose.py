@@ -149,8 +149,9 @@ def _request_blocks(run: EngineRun, block: int) -> _RequestBlocks:
 def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> dict[str, int]:
     """Blocks each request needs at its final length: prompt + output - 1 tokens (at least what it held).
     A request whose first event is its end was aborted before it was scheduled: it never needed a block.
-    A sliding run's logged blocks count the null blocks that stand in for the freed ones (vLLM keeps them
-    in the request's block list): there the window's arithmetic alone says what it held."""
+    A sliding run's logged blocks include a resumed request's prefill chunks (more than it holds at its final
+    length), and in runs recorded before kvtrace left them out, vLLM's null blocks standing in for the freed
+    ones: there the window's arithmetic alone says what it needs."""
     demand: dict[str, int] = {}
     full = not sizes.groups.sliding_groups
     for e in run.requests:
@@ -451,7 +452,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         preempted_tokens=figures.preempted_tokens,
         recomputed_tokens=figures.recomputed_tokens,
         first_preemption_step=figures.first_preemption_step,
-        held_at_first=tuple(held_at(run, figures.first_preemption_step)),
+        held_at_first=tuple(held_at(run, figures.first_preemption_step, sizes.at)),
         requests=len(demand),
         max_num_seqs=int(max_seqs) if max_seqs else None,
         final_demand_blocks=demand,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from operator import attrgetter
 from typing import Any
 
 from kvtrace import format as fmt
@@ -24,6 +25,7 @@ from kvtrace.integrations.vllm import (
 from kvtrace.json_writes import JsonlAppender, write_json_atomic
 
 _EMPTIED = ("preempted", "finished")  # request events after which it holds no KV
+_IS_NULL = attrgetter("is_null")  # vLLM's placeholder block (`BlockPool.null_block`)
 # Logs reach their files at most this often (and at the end): a step can take a millisecond on a GPU, and
 # four write(2) calls per step would be most of the recorder's cost. A killed engine loses the last 0.1 s.
 _FLUSH_NS = 100_000_000
@@ -194,7 +196,14 @@ class EngineHooks:
             self._held[request_id] = blocks
 
     def _blocks_of(self, request_id: str) -> int:
-        return sum(len(m.req_to_blocks.get(request_id, ())) for m in self._managers)
+        """Pool blocks the request holds, over its KV cache groups (each group's manager lists its own). A
+        group may list vLLM's one null block in place of blocks it freed (a sliding window's before the
+        window, R-SWA's gap, Mamba's retired states), keeping positions; those hold nothing of the request."""
+        held = 0
+        for manager in self._managers:
+            blocks = manager.req_to_blocks.get(request_id, ())
+            held += len(blocks) - sum(map(_IS_NULL, blocks))
+        return held
 
     def _preempt_hook(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         request_id = request.request_id

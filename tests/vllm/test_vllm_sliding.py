@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from analyzers.engine import held_at
+from analyzers.readers.engine_files import read_engine
 from kvtrace.cli import main
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
@@ -61,11 +63,19 @@ llm = LLM(model=model, skip_tokenizer_init=True, kv_cache_memory_bytes=pool, blo
 params = SamplingParams(max_tokens=new, ignore_eos=True, detokenize=False, temperature=0.0)
 ids = [[(7 * i + j) % 900 + 5 for j in range(prompt)] for i in range(requests)]
 prompts = [TokensPrompt(prompt_token_ids=one) for one in ids]
+scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+pool, used = scheduler.kv_cache_manager.block_pool, []
+def schedule(*args, _schedule=scheduler.schedule, **kwargs):  # vLLM's own count once each step is scheduled
+    out = _schedule(*args, **kwargs)
+    used.append(pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())  # less the null block
+    return out
+scheduler.schedule = schedule  # before the recording, whose hook then calls it
 with kvtrace.record(run, model=llm, profiler=False) if run != "-" else contextlib.nullcontext():
     llm.generate(prompts, params, use_tqdm=False)
 preempted = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
 blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
-print("KVTRACE-RESULT " + json.dumps({"num_gpu_blocks": blocks, "preemptions": preempted}), flush=True)
+result = {"num_gpu_blocks": blocks, "preemptions": preempted, "pool_used_when_scheduled": used}
+print("KVTRACE-RESULT " + json.dumps(result), flush=True)
 """
 REQUESTS, PROMPT, NEW, BLOCK_BYTES = 8, 40, 120, 65_536
 
@@ -186,3 +196,49 @@ def test_preemptions_of_a_sliding_model_are_priced_by_its_window(
     assert _serve(model, "-", 24 * BLOCK_BYTES, REQUESTS)["preemptions"] > 0
     assert _serve(model, "-", POOL, 5)["preemptions"] == 0
     assert _serve(model, "-", POOL, 6)["preemptions"] > 0
+
+
+def test_a_sliding_request_is_logged_with_the_blocks_it_holds_in_the_pool(tmp_path: Path) -> None:
+    # GIVEN the preempting workload recorded, and vLLM's own pool (blocks in use, less its null block) read
+    # right after each step was scheduled, when the recorder logs the requests' blocks
+    model, run = _write_mistral(tmp_path / "mistral"), tmp_path / "run"
+    recorded = _serve(model, str(run), POOL, REQUESTS)
+    events = [json.loads(line) for line in (run / "engine_requests.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (run / "engine_steps.jsonl").read_text().splitlines()]
+    pool_used = recorded["pool_used_when_scheduled"]
+    assert len(pool_used) == len(steps) and recorded["preemptions"] > 0
+
+    # WHEN each step's requests are summed as logged: each one's last event up to the step ("finished" is
+    # logged after its step, when it frees its blocks; "preempted" holds none)
+    def logged_at(step: int) -> int:
+        held: dict[str, int] = {}
+        for e in events:
+            if e["step"] < step or (e["step"] == step and e["event"] != "finished"):
+                held[e["request_id"]] = 0 if e["event"] in ("preempted", "finished") else e["blocks"]
+        return sum(held.values())
+
+    # THEN every step's sum is vLLM's pool (no prefix caching: no block is shared), also past the window,
+    # where vLLM lists its null block in place of each freed block (they counted: 18 logged for 15 in use)
+    assert [logged_at(row["step"]) for row in steps] == pool_used
+    assert [row["blocks_used_in_step"] for row in steps] == pool_used
+
+    # AND a decoding request is logged with the window's blocks, by hand: at 129 KV slots, 128 settled, of
+    # which 128 - 63 = 65 lie before the window, 2 whole blocks freed: cdiv(129, 32) - 2 = 3 (they said 5)
+    def sliding_blocks(tokens: int) -> int:
+        return -(-tokens // BLOCK) - max(0, tokens - 1 - (WINDOW - 1)) // BLOCK
+
+    assert sliding_blocks(129) == 3
+    decoding = [e for e in events if e["event"] == "blocks" and e["tokens"] > PROMPT]
+    assert any(e["tokens"] > WINDOW + BLOCK for e in decoding)
+    assert all(e["blocks"] == sliding_blocks(e["tokens"]) for e in decoding)
+    assert max(e["blocks"] for e in events) == 3
+
+    # AND at each preemption the pool as diagnosed brings every request's tokens to that step (as it did
+    # when the null blocks made a request's blocks those of all its tokens): their blocks agree with the
+    # window's arithmetic, and sum to vLLM's pool as the step began
+    read = read_engine(run)
+    assert read is not None
+    for row in (r for r in steps if r["preempted"]):
+        held = held_at(read, row["step"], lambda prompt, tokens: sliding_blocks(tokens))
+        assert all(h.as_of_step == row["step"] for h in held), held
+        assert all(h.blocks == sliding_blocks(h.tokens) for h in held if h.tokens > PROMPT), held
