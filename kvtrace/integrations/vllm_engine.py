@@ -81,6 +81,10 @@ class EngineHooks:
         self._kv_cache_config = manager.kv_cache_config
         self._pool = manager.block_pool
         self._managers = list(manager.coordinator.single_type_managers)
+        # (a group's manager, whether it may list null blocks): full attention never skips a token, so its
+        # lists hold none and their length is the count (O(1) a request: Llama 3's groups at 128k context
+        # list thousands of blocks a request, read every step)
+        self._block_lists = [(m, type(m).__name__ != "FullAttentionManager") for m in self._managers]
         self._requests: dict[str, Any] = scheduler.requests
         self._steps: JsonlAppender | None = None
         self._request_log: JsonlAppender | None = None
@@ -200,9 +204,9 @@ class EngineHooks:
         group may list vLLM's one null block in place of blocks it freed (a sliding window's before the
         window, R-SWA's gap, Mamba's retired states), keeping positions; those hold nothing of the request."""
         held = 0
-        for manager in self._managers:
+        for manager, may_skip in self._block_lists:
             blocks = manager.req_to_blocks.get(request_id, ())
-            held += len(blocks) - sum(map(_IS_NULL, blocks))
+            held += len(blocks) - sum(map(_IS_NULL, blocks)) if may_skip else len(blocks)
         return held
 
     def _preempt_hook(self, request: Any, *args: Any, **kwargs: Any) -> Any:
