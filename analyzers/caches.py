@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kvtrace.format import MODULE_CACHE_IDS
+
 if TYPE_CHECKING:
     from analyzers.kv_log_figures import CacheFigures
 
@@ -39,6 +41,7 @@ __all__ = [
     "model_kv_layers",
     "module_cache_names",
     "rows_name_caches",
+    "written_last",
 ]
 
 CROSS_ATTENTION = "cross_attention"
@@ -167,7 +170,19 @@ def main_cache(
     held = [c for c in caches if c.final_bytes] or caches
     layers = model_kv_layers(geometry)
     shaped = [c for c in held if c.layers == layers] or held
-    return max(shaped, key=lambda c: c.last_seq)
+    return written_last(shaped)
+
+
+def written_last(caches: list[CacheFigures]) -> CacheFigures:
+    """The cache written last; where it is a module cache, the one holding the most tokens of the module
+    caches written in its step: a model's module caches are all written by each forward, one after
+    another, and the main one is the cache that grows with the decode, not a ring buffer or a window of a
+    few positions written after it."""
+    last = max(caches, key=lambda c: c.last_seq)
+    if last.cache not in MODULE_CACHE_IDS:
+        return last
+    peers = [c for c in caches if c.cache in MODULE_CACHE_IDS and c.last_step == last.last_step]
+    return max(peers, key=lambda c: (c.tokens, c.last_seq))
 
 
 def measured_bytes_per_token(c: CacheFigures, tokens: int | None, rows: int | None) -> float | None:

@@ -98,6 +98,7 @@ def analyze_kv_log(
     tokens_by_layer: dict[tuple[int, int], int] = {}
     rows_by_cache: dict[int, int] = {}
     last_seq_by_cache: dict[int, int] = {}
+    last_step_by_cache: dict[int, int] = {}  # the step of that event: caches written in one step are peers
     evictions: list[KvEvent] = []
     evicted_by_step: dict[int, dict[int, dict[str, int]]] = {}  # step -> layer -> kind -> tokens, all rows
     final_state: dict[int, tuple[int, int, str, int]] | None = None
@@ -209,7 +210,7 @@ def analyze_kv_log(
             whole_end = copy.deepcopy(
                 (live, live_total, tokens_by_layer, rows_by_cache, last_seq_by_cache, evicted_by_layer,
                  evicted_by_layer_reason, generated, generated_rows, call_step, call_generated, reordered,
-                 beams, buffer_shapes, buffer_in_place, shared.shares)
+                 beams, buffer_shapes, buffer_in_place, shared.shares, last_step_by_cache)
             )  # fmt: skip
         if ending and final_state is None:
             final_state = dict(live)
@@ -250,6 +251,7 @@ def analyze_kv_log(
         if ev.event != "freed" and holds_tokens(ev):
             tokens_by_layer[(ev.cache, ev.layer)] = ev.tokens
             last_seq_by_cache[ev.cache] = ev.seq
+            last_step_by_cache[ev.cache] = ev.step
             written.add((ev.cache, ev.layer))
         if ev.event != "freed" and is_kv_data(ev):
             if ev.shape:
@@ -310,7 +312,7 @@ def analyze_kv_log(
         # The cut step never ended: the end is the last whole step's (its updates stay in the series)
         (final_state, final_total, tokens_by_layer, rows_by_cache, last_seq_by_cache, evicted_by_layer,
          evicted_by_layer_reason, generated, generated_rows, call_step, call_generated, reordered, beams,
-         buffer_shapes, buffer_in_place, final_shares) = whole_end  # fmt: skip
+         buffer_shapes, buffer_in_place, final_shares, last_step_by_cache) = whole_end  # fmt: skip
     elif open_step is not None:
         _close_step(open_step)
         _merge_evicted(evicted_by_step, open_step, gap_evicted)
@@ -343,6 +345,7 @@ def analyze_kv_log(
                 tokens=tokens,
                 rows=rows,
                 last_seq=last_seq,
+                last_step=last_step_by_cache.get(cache, 0),
                 generated_tokens=generated.get(cache, 0),
                 generated_row_tokens=generated_rows.get(cache, 0),
                 call_step=call_step.get(cache, 0),

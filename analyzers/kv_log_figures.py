@@ -36,6 +36,7 @@ class CacheFigures:
     tokens: int  # tokens per row of its fullest layer, as last seen
     rows: int  # batch rows of its last shaped KV tensor (0: none had a shape)
     last_seq: int  # `seq` of its last KV data event: the cache written last has the highest
+    last_step: int = 0  # `step` of that event
     generated_tokens: int = 0
     """Tokens its forwards yielded per row: 1 per prefill, then per decode step the tokens appended per row
     (net of crops of rejected drafts; a window's or a press's evictions, and a caller's crop between two

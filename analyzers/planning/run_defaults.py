@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from analyzers.budget import manifest_budget
-from analyzers.caches import CROSS_ATTENTION, cache_roles, cross_attention_parts, layer_list
+from analyzers.caches import CROSS_ATTENTION, cache_roles, cross_attention_parts, layer_list, written_last
 from analyzers.kv_log import analyze_run_kv_log
 from analyzers.kv_log_figures import CacheFigures, KvLogAnalysis
 from analyzers.model import normal_device
@@ -237,7 +237,7 @@ def _main_cache(run: Run) -> tuple[CacheFigures | None, KvLogAnalysis, _Stop | N
     caches = [cache for cache in kv.caches if cache.tokens and cache.cache not in cross]
     if not caches:
         return None, kv, None
-    main = max(caches, key=lambda cache: cache.last_seq)
+    main = written_last(caches)
     cut = kv.cut
     if cut is None or not cut.raised:
         return main, kv, None  # a killed run's figures of the end are already its last whole step's

@@ -89,6 +89,7 @@ class _Owner:
     siblings: tuple[_Owner, ...] = ()
     after: int = 0  # the index in `ModuleCaches.owners` of the first slot past its module's
     seen: Callable[[], Any] = dead_ref  # the tensor last logged, weakly
+    version: int = -1  # its `_version` at the last scan (-1: unreadable, an inference tensor)
     watch: weakref.ref[Any] | None = None  # its storage, weakly, with `Releases.released` as the callback
 
     def rebound(self) -> bool:
@@ -114,6 +115,29 @@ class _Owner:
         """What the attribute holds now; None once its module is gone."""
         module = self.module_ref()
         return None if module is None else getattr(module, self.attr, None)
+
+
+@dataclass(eq=False)
+class _Extent:
+    """What one scan saw of a module cache's tensors (K and V), to bound the tokens its forward said."""
+
+    positions: int | None = None  # the fewest positions along a tensor's sequence dim (None: not 4-D)
+    unchanged: bool = True  # every tensor the one last scanned, its version readable and unmoved
+    made: bool = True  # every tensor new since the last scan, never written in place (version 0)
+
+    def see(self, owner: _Owner, tensor: torch.Tensor) -> None:
+        """Add `owner`'s `tensor`, and remember its version for the next scan: one read per slot."""
+        if tensor.dim() == 4:
+            seq = int(tensor.shape[2 if owner.layout == "bhsd" else 1])
+            self.positions = seq if self.positions is None else min(self.positions, seq)
+        try:
+            version = tensor._version
+        except RuntimeError:  # an inference tensor: its in-place writes are invisible
+            version = -1
+        same = tensor is owner.seen()
+        self.unchanged &= same and version >= 0 and version == owner.version
+        self.made &= not same and version == 0
+        owner.version = version
 
 
 def split_cache_attrs(cache_attrs: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
@@ -246,6 +270,8 @@ class ModuleCaches:
         # What the old storages' releases told since the last scan: which frees come after which new storages
         self._releases = Releases()
         self._scanned: list[Any] = []  # the tensors `_module_parts` found, in `owners`' order
+        # (cache, layer) -> what `_module_parts` saw of its tensors (`_Extent`), for the scan that called it
+        self._extents: dict[tuple[int, int], _Extent] = {}
         # (cache, module path with its layer number as `*`, K attribute, V attribute) of every module cache
         # found, in the order found: which module each id is (the manifest's `module_caches`)
         self.named: dict[tuple[int, str, str | None, str | None], None] = {}
@@ -410,6 +436,7 @@ class ModuleCaches:
             for cache_id in sorted({cache_id for cache_id, _ in by_layer}):
                 self.tracker.release_dead_at(cache_id, addrs)
         tokens, rows = self.progress or (0, self.rows)
+        extents, self._extents = self._extents, {}
         # Rows said without tokens are logged even where they are all the tensor's: the analyzers then
         # know them said, and do not take a buffer's capacity for the batch
         say_rows = self.progress is None and rows > 0
@@ -421,6 +448,9 @@ class ModuleCaches:
             # shows it: Meta's forward runs in inference mode, whose `.to(dtype)` copy is an inference tensor
             written = self.progress is not None and tracker.tokens_or_none(cache_id, layer) != tokens
             held = tokens
+            extent = extents.get((cache_id, layer)) if self.progress is not None else None
+            if extent is not None:
+                held, written = self._held_tokens(extent, cache_id, layer, written, raised)
             if raised and written and not tracker.written_since(cache_id, layer, parts):
                 # Not shown written: claimed, its tokens would be the forward's, as if it had finished
                 held, written = tracker.tokens(cache_id, layer), False
@@ -482,11 +512,30 @@ class ModuleCaches:
             except (TypeError, RuntimeError, NotImplementedError):  # no weak reference, or no storage (meta)
                 owner.seen, owner.watch = dead_ref, None
 
+    def _held_tokens(
+        self, extent: _Extent, cache_id: int, layer: int, written: bool, raised: bool
+    ) -> tuple[int, bool]:
+        """(tokens held, written) of a module cache whose forward said `progress`: the forward's tokens
+        are every cache's it writes, not a cache it does not (a cross-attention cache made once from the
+        encoder's positions) nor one with less room (a ring buffer, a window kept by slicing). A cache whose
+        every tensor is the one last scanned, its version unmoved, was not written: it keeps its tokens. One
+        made in this forward and not written in place since (version 0) holds all its positions. Else it
+        holds the forward's tokens, at most its positions."""
+        tokens = self.progress[0] if self.progress is not None else 0
+        if extent.unchanged:
+            return self.tracker.tokens(cache_id, layer), False
+        if extent.positions is None:
+            return tokens, written
+        if extent.made and not raised:
+            return extent.positions, written
+        return min(tokens, extent.positions), written
+
     def _module_parts(self) -> dict[tuple[int, int], dict[tuple[str, str], Any]] | None:
         """The module caches' tensors now, by (cache, layer), each cache-holding module of a layer its own
         cache (and in `owners`' order in `_scanned`, for the watches); None when an owning module is gone."""
         by_layer: dict[tuple[int, int], dict[tuple[str, str], Any]] = {}
         scanned = self._scanned = []
+        self._extents = {}
         for owner in self.owners:
             module = owner.module_ref()
             if module is None:
@@ -497,5 +546,11 @@ class ModuleCaches:
                 said = self.said_layouts.get(owner.attr)
                 owner.layout = module_cache_layout(owner, module, tuple(tensor.shape), said)
             part = MODULE_LAYOUTS[owner.layout or "bshd"]
-            by_layer.setdefault((owner.cache, owner.layer), {})[(owner.kv, part)] = tensor
+            key = (owner.cache, owner.layer)
+            by_layer.setdefault(key, {})[(owner.kv, part)] = tensor
+            if isinstance(tensor, torch.Tensor):
+                extent = self._extents.get(key)
+                if extent is None:
+                    extent = self._extents[key] = _Extent()
+                extent.see(owner, tensor)
         return by_layer
