@@ -8,9 +8,12 @@ logged storage is watched through a weak reference whose callback CPython runs a
   V kept in locals until the layer returns): the layer's frees are logged after all its new storages;
 - a sibling not rebound yet, but whose new tensor the running statement made already and stores next
   (`self.k_cache, self.v_cache = torch.cat(...), torch.cat(...)`, both copies made before either store):
-  the same, read from the frame's bytecode (`stores_made_value`), once per statement;
+  the same, read from the frame's bytecode (`store_verdict`), once per statement;
 - later layers' slots holding their new tensors (old caches kept on a list until the step ends): this
-  storage's free is logged after the new storages of the furthest of them (`Releases.holds`).
+  storage's free is logged after the new storages of the furthest of them (`Releases.holds`), unless it is
+  released by its own slot's store (`store_verdict`): then those layers ran before its own (layers run in
+  another order than registered, `for layer in self.layers[::-1]`), and the scan logs the layers in the
+  order of their releases (`Releases.reordered`), each free after its own new storage.
 """
 
 from __future__ import annotations
@@ -79,18 +82,19 @@ def _store_verdict(code: CodeType, lasti: int, attr: str, sibling: str) -> bool 
     return False
 
 
-def stores_made_value(
+def store_verdict(
     attr: str, sibling: str, verdicts: dict[tuple[int, int, str, str], tuple[CodeType, bool | None]]
-) -> bool:
-    """Whether the statement now storing `attr` (a few frames up: the release runs inside that store)
-    stores `sibling` next from a value it made already. `verdicts` keeps each (code, offset)'s answer, by
-    the code's id (a code object hashes its whole bytecode) beside the code itself, which keeps that id its
-    own: one dict look-up per frame after the first step."""
+) -> bool | None:
+    """None when no statement a few frames up (the release runs inside its store, `Module.__setattr__`
+    maybe between) is storing `attr`; else whether it stores `sibling` next from a value it made already.
+    Called by `Releases.released` itself: the frames counted from there. `verdicts` keeps each (code,
+    offset)'s answer, by the code's id (a code object hashes its whole bytecode) beside the code itself,
+    which keeps that id its own: one dict look-up per frame after the first step."""
     # the frame whose store let the storage go, or Module.__setattr__ under it
     frame: FrameType | None = sys._getframe(2)
     for _ in range(_FRAMES_UP):
         if frame is None:
-            return False
+            return None
         code = frame.f_code
         key = (id(code), frame.f_lasti, attr, sibling)
         known = verdicts.get(key)
@@ -99,7 +103,7 @@ def stores_made_value(
         if known[1] is not None:
             return known[1]
         frame = frame.f_back
-    return False
+    return None
 
 
 class Releases:
@@ -111,12 +115,17 @@ class Releases:
         # id(owner) -> (owner, the (cache, layer) of the furthest later slot holding its new tensor by then)
         self.holds: dict[int, tuple[_Owner, tuple[int, int]]] = {}
         self.owners: list[_Owner] = []
+        # The owners whose logged storage was released, in the order released (`ModuleCaches._run_order`)
+        self.gone: list[_Owner] = []
+        self.reordered = False  # a slot released by its own store after a later-registered one was rebound
         self._rebound = (0, 0)  # [start, end) of `owners` seen rebound since the last scan (they stay so)
         self._verdicts: dict[tuple[int, int, str, str], tuple[CodeType, bool | None]] = {}
 
     def clear(self) -> None:
         self.late.clear()
         self.holds.clear()
+        self.gone.clear()
+        self.reordered = False
         self._rebound = (0, 0)
 
     def released(self, owner: _Owner, ref: weakref.ref[Any]) -> None:
@@ -127,11 +136,12 @@ class Releases:
         if owner.watch is not ref:  # a storage the owner no longer watches
             return
         owner.watch = None
+        self.gone.append(owner)
         for other in owner.siblings:
             if other.rebound_beside_old() or (
                 other.watch is not None
                 and not other.rebound()
-                and stores_made_value(owner.attr, other.attr, self._verdicts)
+                and store_verdict(owner.attr, other.attr, self._verdicts) is True
             ):
                 self.late.add((owner.cache, owner.layer))
                 break
@@ -143,6 +153,13 @@ class Releases:
         while index < len(owners) and owners[index].rebound():
             index += 1
         self._rebound = (begin, index) if begin <= start <= end else (start, index)
-        if index > start:
+        # Released by its own store (`self.k_cache = ...`) while a slot registered later holds its new tensor
+        # already: that one ran first (layers run in another order than registered, a module's second
+        # K/V pair grown first), its new storages made before this one's, not beside an old one kept
+        # until the step ends. The scan then logs in the order of the releases (`ModuleCaches._run_order`).
+        ahead = index > start or any(other.rebound() for other in owner.later_pairs)
+        if ahead and store_verdict(owner.attr, "", self._verdicts) is not None:
+            self.reordered = True
+        elif index > start:
             last = owners[index - 1]
             self.holds[id(owner)] = (owner, (last.cache, last.layer))

@@ -88,9 +88,11 @@ class _Owner:
     # letting the old ones go
     siblings: tuple[_Owner, ...] = ()
     after: int = 0  # the index in `ModuleCaches.owners` of the first slot past its module's
+    later_pairs: tuple[_Owner, ...] = ()  # the slots of its module's K/V pairs ranked after its own
     seen: Callable[[], Any] = dead_ref  # the tensor last logged, weakly
     version: int = -1  # its `_version` at the last scan (-1: unreadable, an inference tensor)
     watch: weakref.ref[Any] | None = None  # its storage, weakly, with `Releases.released` as the callback
+    addr: int = 0  # that storage's address
 
     def rebound(self) -> bool:
         """Whether the attribute holds a tensor other than the one last logged (made since)."""
@@ -237,6 +239,22 @@ def pair_cache_attrs(held: list[tuple[str, str]]) -> list[list[tuple[str, str]]]
     return [[(attr, kinds[attr]) for attr in pair] for pair in pairs]
 
 
+def _place(
+    key: tuple[int, int],
+    givers: dict[tuple[int, int], list[tuple[int, int]]],
+    order: dict[tuple[int, int], None],
+    path: set[tuple[int, int]],
+) -> None:
+    """Append `key` to `order` after the givers it must follow, theirs first (a chain: layer 2's old V where
+    layer 0's new V is, layer 0's old K where layer 1's new K is); a cycle is broken where it closes."""
+    if key in order or key in path:
+        return
+    path.add(key)
+    for giver in givers.get(key, ()):
+        _place(giver, givers, order, path)
+    order[key] = None
+
+
 def layer_from_name(name: str, fallback: int) -> int:
     """`layers.3.attention` -> 3; modules without a number keep their discovery order."""
     match = _LAYER_NUMBER.search(name)
@@ -310,6 +328,11 @@ class ModuleCaches:
                 other
                 for other in owners
                 if other.layer == owner.layer and other.cache == owner.cache and other is not owner
+            )
+            owner.later_pairs = tuple(
+                other
+                for other in owners
+                if other.module_ref() is owner.module_ref() and other.cache > owner.cache
             )
             owner.after = index + 1
             while owner.after < len(owners) and owners[owner.after].module_ref() is owner.module_ref():
@@ -441,6 +464,8 @@ class ModuleCaches:
         # know them said, and do not take a buffer's capacity for the batch
         say_rows = self.progress is None and rows > 0
         tracker = self.tracker
+        if self._releases.gone:
+            by_layer = self._run_order(by_layer)
         late, holds = self._released_since(by_layer)
         changed = False
         for (cache_id, layer), parts in by_layer.items():
@@ -497,6 +522,47 @@ class ModuleCaches:
         releases.clear()  # emptied, not replaced: the watches' callbacks hold it
         return late, holds
 
+    def _run_order(
+        self, by_layer: dict[tuple[int, int], dict[tuple[str, str], Any]]
+    ) -> dict[tuple[int, int], dict[tuple[str, str], Any]]:
+        """`by_layer` in the order the caches ran where the releases tell it (`Releases.reordered`: one
+        released by its own store after a later-registered one's was rebound; `for layer in
+        self.layers[::-1]`, a module's second cache run first): the order of their first releases. And
+        with each (cache, layer) whose released storage's address another's new tensor took before that
+        one (a beam reorder between steps releases every layer's storage before the forward): the log is
+        replayed by address, so such a free must come before that tensor's event. One pass over the
+        slots, an address per new tensor, and only in a scan after releases."""
+        releases = self._releases
+        gone = releases.gone
+        at = {owner.addr: owner for owner in gone if owner.addr}
+        # taker -> the (cache, layer)s whose released storage's address its new tensors took, with the slot
+        takes: dict[tuple[int, int], list[tuple[_Owner, int]]] = {}
+        for owner, tensor in zip(self.owners, self._scanned, strict=False):
+            if isinstance(tensor, torch.Tensor) and tensor is not owner.seen():
+                addr = _storage_addr(tensor)
+                giver = at.get(addr)
+                taker = (owner.cache, owner.layer)
+                if giver is not None and (giver.cache, giver.layer) != taker:
+                    takes.setdefault(taker, []).append((giver, addr))
+        if not takes and not releases.reordered:
+            return by_layer
+        givers = {taker: [(g.cache, g.layer) for g, _ in taken] for taker, taken in takes.items()}
+        ran = ((owner.cache, owner.layer) for owner in gone) if releases.reordered else by_layer
+        order: dict[tuple[int, int], None] = {}
+        for key in dict.fromkeys(ran):
+            _place(key, givers, order, set())
+        position = {key: index for index, key in enumerate(order)}
+        for taker, taken in takes.items():
+            for giver, addr in taken:
+                if position.get((giver.cache, giver.layer), -1) > position.get(taker, len(position)):
+                    # A cycle (every layer's storage released before the forward, a beam reorder): no
+                    # order logs every free first, so this one is logged now, its slot let go
+                    slot = (giver.kv, MODULE_LAYOUTS[giver.layout or "bshd"])
+                    self.tracker.release_slot_at(giver.cache, giver.layer, slot, addr)
+        if all(a == b for a, b in zip(order, by_layer, strict=False)):
+            return by_layer
+        return {**{key: by_layer[key] for key in order if key in by_layer}, **by_layer}
+
     def _watch_logged(self, tensors: list[Any]) -> None:
         """Watch the storage of each module cache tensor just logged (`tensors`, in `owners`' order) that is
         new since the last scan (`_released`): one identity test per slot where nothing changed, a weak
@@ -509,6 +575,7 @@ class ModuleCaches:
                 storage = tensor.untyped_storage()
                 if owner.watch is None or owner.watch() is not storage:
                     owner.watch = weakref.ref(storage, functools.partial(self._releases.released, owner))
+                    owner.addr = int(storage.data_ptr())
             except (TypeError, RuntimeError, NotImplementedError):  # no weak reference, or no storage (meta)
                 owner.seen, owner.watch = dead_ref, None
 
