@@ -87,8 +87,9 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     """The report's KV figures for a paged pool: its storage (once); per layer, the layer's view split into
     K and V by the layout (halves when it holds both, all K otherwise, as the recorder logs it), so that the
     layers add up to the pool. There is no batch (the pool is shared by whatever requests run): `batch` is
-    None and `tokens_held` is the pool's token capacity (num_blocks x block_size); bytes per token measured =
-    pool bytes / that capacity, beside vLLM's arithmetic layers x 2 x kv_heads x head_dim x dtype bytes.
+    None and `tokens_held` is the pool's token capacity (num_blocks x block_size, over a hybrid model's cache
+    groups: each token takes a slot in every group); bytes per token measured = pool bytes / that capacity,
+    beside vLLM's arithmetic layers x 2 x kv_heads x head_dim x dtype bytes.
 
     The final figures are the KV log's, as for any cache: a pool held at the end of the run's last step
     counts (freed at the block's end, in phase `end`, as a returned generate()'s cache is), one the log saw
@@ -103,11 +104,12 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     # Other caches (a plain generate() in the same block) may add to the KV log's peak: never below the pool
     kv.peak_bytes = max(int(kv.peak_bytes or 0), pool)
     capacity = (info.num_blocks or 0) * (info.block_size or 0)
-    _caches_as_pool(kv, pool, capacity, pool_cache)
+    groups = _cache_groups(info)
+    _caches_as_pool(kv, pool, capacity // groups, pool_cache)
     layers = _pool_layers(info)
     covered = sum(k_bytes + v_bytes for _, k_bytes, v_bytes in layers)
     notes = []
-    if layers and covered != pool:
+    if layers and covered != pool * groups:  # a hybrid model's groups overlay the one storage
         notes.append(f"the engine's {len(layers)} layer views cover {covered:,} B of its {pool:,} B KV pool")
     if freed and kv.final_bytes:  # other caches held KV at the end: the headline figures are theirs
         return notes
@@ -115,9 +117,9 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
         kv.final_bytes = pool
         kv.measured_from = "engine"
     kv.batch = None
-    kv.tokens_held = capacity or None
+    kv.tokens_held = capacity // groups or None
     kv.token_rows = None
-    kv.bytes_per_token_measured = pool / capacity if capacity else None
+    kv.bytes_per_token_measured = pool * groups / capacity if capacity else None
     model = info.model
     element = _ELEMENT_BYTES.get(info.kv_dtype)
     kv.bytes_per_token_expected = None
@@ -144,6 +146,18 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
             for layer, k_bytes, v_bytes in layers
         ]
     return notes
+
+
+def _cache_groups(info: EngineInfo) -> int:
+    """How many of vLLM's KV cache groups a token takes a block in (1 for one attention type): a hybrid
+    model's groups (Gemma 2: 2, sliding and full) share the pool's block ids, so a token of a request holds
+    a block's slot in each, and the pool holds its slots' tokens over the groups."""
+    if info.name != "vllm":
+        return 1
+    from analyzers.planning.vllm_specs import engine_kv_groups
+
+    groups, _ = engine_kv_groups(info.model, info.config)
+    return max(groups.full_groups + groups.sliding_groups, 1)
 
 
 def _pool_layers(info: EngineInfo) -> list[tuple[int, int, int]]:

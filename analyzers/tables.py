@@ -407,6 +407,8 @@ def _run_row(
     counts: dict[str, int],
     state: SourceState | None,
 ) -> dict[str, Any]:
+    from analyzers.readers.engine_files import block_bytes
+
     manifest = _dict(source.meta.get("manifest"))
     device = _dict(manifest.get("device"))
     # a vLLM run's manifest has no model: engine.json holds it
@@ -464,7 +466,8 @@ def _run_row(
         "engine_process": engine.get("process"),
         "kv_dtype": _engine_kv_dtype(engine),
         "engine_json": json.dumps(engine, sort_keys=True) if engine else None,
-        **{key: engine.get(key) for key in ("num_blocks", "block_size", "bytes_per_block", "kv_cache_bytes")},
+        **{key: engine.get(key) for key in ("num_blocks", "block_size", "kv_cache_bytes")},
+        "bytes_per_block": block_bytes(engine) if engine else None,  # a hybrid's older runs: corrected
         "manifest_json": json.dumps(manifest, sort_keys=True) if manifest else None,
         "recording_pid": _recording_pid(source.meta.get("recording_pid")),
         "source_bytes": state.bytes if state else None,

@@ -25,7 +25,7 @@ from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
 from kvtrace.json_reads import read_json_file
 from kvtrace.run_checks import MAX_BYTES
 
-__all__ = ["has_engine", "read_engine"]
+__all__ = ["block_bytes", "has_engine", "read_engine"]
 
 _I64 = 2**63 - 1
 _I32 = 2**31 - 1  # the export's int32 columns (block_size, the model's geometry)
@@ -96,7 +96,7 @@ def _read_info(file: Path) -> EngineInfo:
         config=dict(data.get("config") or {}),
         num_blocks=_opt_int(data.get("num_blocks"), where, "num_blocks"),
         block_size=_opt_int(data.get("block_size"), where, "block_size"),
-        bytes_per_block=_opt_int(data.get("bytes_per_block"), where, "bytes_per_block"),
+        bytes_per_block=block_bytes(data, where),
         kv_cache_bytes=_opt_int(data.get("kv_cache_bytes"), where, "kv_cache_bytes"),
         kv_dtype=str(data["kv_dtype"]) if data.get("kv_dtype") is not None else "",  # "": not recorded
         layout=str(data.get("layout", "")),
@@ -107,6 +107,21 @@ def _read_info(file: Path) -> EngineInfo:
         blocks_reserved=_int(data.get("blocks_reserved"), where, "blocks_reserved", default=1),
         bytes_per_sector=_opt_int(data.get("bytes_per_sector"), where, "bytes_per_sector") or None,
     )
+
+
+def block_bytes(data: dict[str, Any], where: str = "engine.json") -> int | None:
+    """engine.json's `bytes_per_block`, what one block id costs. kvtrace's vLLM recorder once summed the
+    `KVCacheTensor`s of a hybrid model (Gemma 2, 3), each of them the whole allocation its cache groups
+    share: its blocks came out 2x or 6x too big, more than the measured storage holds. Such a run's block
+    is its storage over its blocks (what vLLM divided by), so that diagnoses and plans price real blocks."""
+    recorded = _opt_int(data.get("bytes_per_block"), where, "bytes_per_block")
+    num_blocks = _opt_int(data.get("num_blocks"), where, "num_blocks")
+    storage = _opt_int(data.get("kv_cache_bytes"), where, "kv_cache_bytes")
+    measured = data.get("pool_source") in ("kv_tensors", "kv_tensors_rpc")  # not the summed config's
+    vllm = data.get("name") == "vllm" and measured
+    if vllm and recorded and num_blocks and storage and recorded * num_blocks > storage:
+        return storage // num_blocks
+    return recorded
 
 
 def _in_range(value: Any, where: str, name: str, low: int, high: int) -> None:

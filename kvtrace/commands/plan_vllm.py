@@ -71,6 +71,9 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
         # vLLM's pool is this many blocks whatever the memory: the figures it logged at start came from it
         "num_gpu_blocks_override": config.get("num_gpu_blocks_override"),
         "kv_cache_bytes": run.info.kv_cache_bytes,
+        # the KV memory vLLM measured (on CPU, the node's free memory or VLLM_CPU_KVCACHE_SPACE), before an
+        # override, if any, replaced it with its blocks' bytes
+        "available_kv_bytes": _positive(profile.get("available_kv_bytes")),
         # what a sliding layer holds beyond its window: the batches in flight (recorded since kvtrace kept
         # async_scheduling; before, vLLM's default: off on CPU, on elsewhere)
         "max_num_batched_tokens": config.get("max_num_batched_tokens"),
@@ -168,6 +171,15 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         # kv_cache_memory_bytes sizes the pool, as it did in vLLM (on GPU and CPU alike)
         if measured.get("kv_cache_memory_bytes"):
             kv_cache_memory = int(measured["kv_cache_memory_bytes"])
+        elif measured.get("device") == "cpu" and measured.get("num_gpu_blocks_override"):
+            # the override made the pool, whatever the memory: the memory vLLM measured for KV before it
+            # (engine.json's available_kv_bytes) is what a plan without the override sizes by
+            kv_cache_memory = measured.get("available_kv_bytes") or None
+            if kv_cache_memory is None and override is None:
+                raise KvtraceError(
+                    f"{args.from_run}: num_gpu_blocks_override sized its pool and its engine.json does not "
+                    "give the KV memory vLLM measured on CPU: add --kv-cache-memory SIZE"
+                )
         elif measured.get("device") == "cpu" and measured.get("kv_cache_bytes"):
             # an older run's engine.json without the setting: vLLM on CPU sizes its pool by it, not by a
             # GPU's memory, so the pool it allocated is that setting

@@ -245,11 +245,22 @@ def gather_kv_facts(core: Any, kv_cache_config: Any) -> tuple[dict[str, Any], st
         return {}, f"kv_cache_config ({type(exc).__name__}: {exc})"[:300]
 
 
+def allocation_bytes(kv_cache_tensors: Any) -> int:
+    """The bytes vLLM allocates for its `KVCacheTensor`s. Since vLLM placed every tensor in one backing
+    allocation (they carry `layer_stride`), each one's `size` is that whole allocation: a hybrid model's cache
+    groups overlay it, so summing them counted it once per group (2x for Gemma 2, 6x for Gemma 3). Older
+    tensors (`shared_by`) were allocations of their own, which add up."""
+    tensors = list(kv_cache_tensors)
+    if tensors and all(hasattr(t, "layer_stride") for t in tensors):
+        return max(int(t.size) for t in tensors)
+    return sum(int(t.size) for t in tensors)
+
+
 def pool_facts(kv_cache_config: Any, worker_facts: dict[str, Any], source: str) -> dict[str, Any]:
     """engine.json's pool fields from the KV cache config and the worker's tensors (storage counted once)."""
     groups = kv_cache_config.kv_cache_groups
     spec = groups[0].kv_cache_spec if groups else None
-    configured_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
+    configured_bytes = allocation_bytes(kv_cache_config.kv_cache_tensors)
     tensors = worker_facts.get("layers", {})
     layers: list[dict[str, Any]] = []
     storages: dict[int, dict[str, Any]] = {}
@@ -268,6 +279,7 @@ def pool_facts(kv_cache_config: Any, worker_facts: dict[str, Any], source: str) 
     return {
         "num_blocks": num_blocks,
         "block_size": getattr(spec, "block_size", None),
+        # what one block id costs: the same id is a block of every cache group, all in the one allocation
         "bytes_per_block": configured_bytes // num_blocks if num_blocks else 0,
         "kv_cache_bytes": sum(s["bytes"] for s in storages.values()) if storages else configured_bytes,
         "configured_kv_cache_bytes": configured_bytes,
@@ -401,13 +413,19 @@ class RefusalWatch:
             with contextlib.suppress(Exception):
                 refused["estimated_max_model_len"] = int(estimate(available_memory))
             with contextlib.suppress(Exception):
-                groups = get_needed_memory.args[1]
-                refused["bytes_per_block"] = sum(
-                    g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups
-                )
+                refused["bytes_per_block"] = _refused_block_bytes(self._module, *get_needed_memory.args[:2])
             with contextlib.suppress(Exception):
                 self._on_refused(refused, vllm_config)
             raise
+
+
+def _refused_block_bytes(module: Any, vllm_config: Any, groups: Any) -> int:
+    """One block of the pool vLLM would have made: vLLM's own divisor where it has one, else the largest
+    group's pages (cache groups share a block id, so their pages are not added up)."""
+    pool_block = getattr(module, "_pool_bytes_per_block", None)
+    if pool_block is not None:
+        return int(pool_block(vllm_config, groups))
+    return max(g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
