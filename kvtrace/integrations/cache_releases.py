@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from kvtrace.integrations.module_caches import _Owner
 
 # Instructions that make no tensor: between two stores, they show the second store's value made before
-# the first store ran (a local, a constant, the stack reordered)
+# the first store ran (a local, the stack reordered). Not a constant: `self.k_cache = None; self.v_cache =
+# None` stores one, no tensor made before
 _MAKES_NOTHING = frozenset(
     [
         "CACHE",
@@ -39,7 +40,6 @@ _MAKES_NOTHING = frozenset(
         "EXTENDED_ARG",
         "LOAD_ATTR",
         "LOAD_CLOSURE",
-        "LOAD_CONST",
         "LOAD_DEREF",
         "LOAD_FAST",
         "LOAD_FAST_AND_CLEAR",
@@ -49,7 +49,6 @@ _MAKES_NOTHING = frozenset(
         "LOAD_FAST_LOAD_FAST",
         "LOAD_GLOBAL",
         "LOAD_NAME",
-        "LOAD_SMALL_INT",
         "NOP",
         "POP_TOP",
         "ROT_FOUR",
@@ -132,11 +131,15 @@ class Releases:
         """Run by CPython as the storage `owner` last logged is released. Not where a sibling's old storage
         went first (V rebound, then K, each directly: old V was freed before K's cat), nor for a storage
         released as its own slot is rebound and nothing else new is bound: its free is logged right after
-        its new one."""
+        its new one. Nor where its slot now holds no tensor (`self.k_cache = None`, `del self.k_cache`: the
+        attribute's new value is in place before the old one is dropped): a cache let go, not regrown, its
+        free logged where it happened, before anything made since."""
         if owner.watch is not ref:  # a storage the owner no longer watches
             return
         owner.watch = None
         self.gone.append(owner)
+        if owner.cleared():
+            return
         for other in owner.siblings:
             if other.rebound_beside_old() or (
                 other.watch is not None

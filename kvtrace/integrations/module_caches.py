@@ -82,6 +82,10 @@ class _Owner:
     # Its KV log `cache`: 1000 + its K/V pair's rank among its layer's (`pair_cache_attrs`; MODULE_CACHE_IDS)
     cache: int = MODULE_CACHE_ID
     layout: str = ""  # "bhsd" | "bshd"; "" until the first tensor decides (`module_cache_layout`)
+    # Its layout Meta's by default, nothing having told it: its sequence dim unknown but where it changes
+    # between scans (`_Extent.see`)
+    guessed: bool = False
+    shape: tuple[int, ...] = ()  # its tensor's shape at the last scan
     heads: tuple[int, ...] = ()  # the KV heads counts its model and modules say, nearest first
     # The other slots of its layer and cache (`Releases.released`): where one holds a new tensor beside its
     # still-alive old storage when this one's storage is released, the layer made its new storages before
@@ -101,6 +105,11 @@ class _Owner:
             return False
         tensor = getattr(module, self.attr, None)
         return isinstance(tensor, torch.Tensor) and tensor is not self.seen()
+
+    def cleared(self) -> bool:
+        """Whether the attribute holds no tensor now (set to None, deleted), its module alive."""
+        module = self.module_ref()
+        return module is not None and not isinstance(getattr(module, self.attr, None), torch.Tensor)
 
     def rebound_beside_old(self) -> bool:
         """Whether the attribute holds a new tensor while the storage last logged is still alive apart
@@ -129,8 +138,11 @@ class _Extent:
 
     def see(self, owner: _Owner, tensor: torch.Tensor) -> None:
         """Add `owner`'s `tensor`, and remember its version for the next scan: one read per slot."""
-        if tensor.dim() == 4:
-            seq = int(tensor.shape[2 if owner.layout == "bhsd" else 1])
+        shape = tuple(tensor.shape)
+        seq_dim = _seq_dim(owner, shape)
+        owner.shape = shape
+        if seq_dim is not None:
+            seq = shape[seq_dim]
             self.positions = seq if self.positions is None else min(self.positions, seq)
         try:
             version = tensor._version
@@ -175,12 +187,30 @@ def kv_heads_hints(model: torch.nn.Module, name: str) -> tuple[int, ...]:
     return tuple(hints)
 
 
+def _seq_dim(owner: _Owner, shape: tuple[int, ...]) -> int | None:
+    """The dim of a 4-D `shape` that holds `owner`'s positions, where known: its layout's when something
+    told it; for a guessed one, the one of dims 1 and 2 that changed since the last scan (a cache grown by
+    torch.cat), its heads never changing. None otherwise: a guess read as positions would take a
+    [batch, kv_heads, seq, head_dim] cache's heads for its tokens."""
+    if len(shape) != 4:
+        return None
+    if not owner.guessed:
+        return 2 if owner.layout == "bhsd" else 1
+    last = owner.shape
+    if len(last) != 4 or last[0] != shape[0] or last[3] != shape[3]:
+        return None
+    if (last[1] != shape[1]) == (last[2] != shape[2]):
+        return None
+    return 1 if last[1] != shape[1] else 2
+
+
 def module_cache_layout(
     owner: _Owner, module: torch.nn.Module, shape: tuple[int, ...], said: str | None
-) -> str:
+) -> str | None:
     """The layout of `owner`'s cache: the user's (`cache_attrs`); else the dim, 1 or 2, that the model's KV
     heads count matches alone; else its names' convention (`CONVENTION_LAYOUTS`: both names on the module);
-    else Meta's [batch, seq, kv_heads, head_dim], as module caches were always read."""
+    else None: nothing tells, and the cache is read as Meta's [batch, seq, kv_heads, head_dim], as module
+    caches always were, its positions unknown."""
     if said is not None:
         return said
     if len(shape) == 4 and shape[1] != shape[2]:
@@ -192,7 +222,7 @@ def module_cache_layout(
             isinstance(getattr(module, other, None), torch.Tensor) for other in names
         ):
             return layout
-    return "bshd"
+    return None
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:
@@ -611,7 +641,8 @@ class ModuleCaches:
             scanned.append(tensor)
             if not owner.layout and isinstance(tensor, torch.Tensor):
                 said = self.said_layouts.get(owner.attr)
-                owner.layout = module_cache_layout(owner, module, tuple(tensor.shape), said)
+                layout = module_cache_layout(owner, module, tuple(tensor.shape), said)
+                owner.layout, owner.guessed = layout or "bshd", layout is None
             part = MODULE_LAYOUTS[owner.layout or "bshd"]
             key = (owner.cache, owner.layer)
             by_layer.setdefault(key, {})[(owner.kv, part)] = tensor

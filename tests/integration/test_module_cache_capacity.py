@@ -2,7 +2,9 @@
 takes `start_pos` writes `start_pos + seqlen` tokens into the caches it grows, not into a cross-attention
 cache made once from the encoder's positions (never written again), nor beyond the room of a 4-position
 ring buffer or a window kept by slicing after torch.cat. The headline's main cache is the one that grows
-with the decode, not such a fixed one written after it."""
+with the decode, not such a fixed one written after it. A cache whose layout nothing tells (no KV heads
+count on the model, names of no convention) is bounded only where its positions show, never by a dim
+guessed to hold them."""
 
 from __future__ import annotations
 
@@ -125,6 +127,42 @@ class Decoder(nn.Module):
         return x
 
 
+class HeadsFirstAttention(nn.Module):
+    """[rows, heads, seq, head_dim] K and V grown by torch.cat into `key_cache`/`value_cache`, on a model
+    that says no KV heads count: nothing tells which dim holds the positions."""
+
+    def __init__(self, heads: int, live: LiveStorages) -> None:
+        super().__init__()
+        self.heads, self.live = heads, live
+        self.k = nn.Linear(HIDDEN, heads * HEAD_DIM)
+        self.v = nn.Linear(HIDDEN, heads * HEAD_DIM)
+        self.key_cache: torch.Tensor | None = None
+        self.value_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        rows, seq, _ = x.shape
+        k = self.k(x).view(rows, seq, self.heads, HEAD_DIM).transpose(1, 2)
+        v = self.v(x).view(rows, seq, self.heads, HEAD_DIM).transpose(1, 2)
+        if self.key_cache is None or self.value_cache is None:
+            self.key_cache = self.live.born(k.contiguous())
+            self.value_cache = self.live.born(v.contiguous())
+        else:
+            self.key_cache = self.live.born(torch.cat([self.key_cache, k], 2))
+            self.value_cache = self.live.born(torch.cat([self.value_cache, v], 2))
+        return x
+
+
+class HeadsFirstDecoder(nn.Module):
+    def __init__(self, heads: int, live: LiveStorages) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(HeadsFirstAttention(heads, live) for _ in range(LAYERS))
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, start_pos)
+        return x
+
+
 def _record(run: Path, model: nn.Module, *extra: torch.Tensor, **options: object) -> None:
     """A prefill of PROMPT tokens at start_pos 0, then DECODES one-token forwards at their positions."""
     x = torch.randn(ROWS, PROMPT + DECODES, HIDDEN)
@@ -201,3 +239,34 @@ def test_a_cache_never_holds_more_tokens_than_its_positions(
         assert report["kv"]["tokens_held"] == HELD
     else:
         assert report["kv"]["tokens_held"] == WINDOW
+
+
+@pytest.mark.parametrize("heads", [KV_HEADS, 16], ids=["2-heads", "16-heads"])
+def test_a_cache_whose_layout_nothing_tells_holds_the_forwards_tokens_not_its_heads(
+    heads: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a decoder growing [rows, heads, seq, head_dim] caches by torch.cat, on a model that says no
+    # KV heads count, under names of no layout convention (key_cache/value_cache)
+    live = LiveStorages()
+    _record(tmp_path / "run", HeadsFirstDecoder(heads, live))
+
+    # WHEN its report is read
+    report = report_json(tmp_path / "run", capsys)
+    kv = report["kv"]
+
+    # THEN every layer holds the HELD tokens its forwards wrote, not its heads count read as positions
+    token = ROWS * heads * HEAD_DIM * FLOAT32  # one token of one layer's K (or V), over the rows
+    assert _per_layer(report) == {(1000, layer): (HELD, HELD * token) for layer in range(LAYERS)}
+    assert kv["tokens_held"] == HELD
+    # ... and the bytes held at the end are the storages' alive, measured without kvtrace
+    final = LAYERS * 2 * HELD * token
+    assert (kv["final_bytes"], live.now) == (final, final)
+    if heads < HELD:  # 16 heads read as a buffer's 16 positions: its bytes per token are a capacity's
+        # ... each row's token of K and V over the layers
+        assert kv["bytes_per_token_measured"] == 2 * LAYERS * heads * HEAD_DIM * FLOAT32 == 384
+        # ... and diagnose's moment holds ROWS x HELD, its KV the storages' peak (the last layer's copies
+        # beside old K, the layers before grown)
+        moment = cli_json(["diagnose", str(tmp_path / "run"), "--json"], capsys)
+        peak = ((LAYERS - 1) * 2 * HELD + HELD + (HELD - 1) + HELD) * token
+        assert (moment["batch"], moment["tokens_held"]) == (ROWS, HELD)
+        assert (moment["kv_peak_bytes"], live.peak) == (peak, peak) == (14592, 14592)
