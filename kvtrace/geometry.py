@@ -272,6 +272,11 @@ def model_geometry(model: Any, notes: list[str] | None = None) -> dict[str, Any]
         )
         if full is not None:
             geometry.update(global_kv_heads=full[0], global_head_dim=full[1])
+        # which attention ran: eager's decode step holds K and V expanded to the query heads and the scores
+        # over the whole context, which a plan at a longer context must price (`kvtrace plan --from-run`)
+        implementation = getattr(config, "_attn_implementation", None)
+        if isinstance(implementation, str):
+            geometry.update(attn_implementation=implementation)
         kinds = layer_kinds(get("layer_types"), reused)
         if kinds is not None:
             geometry.update(kv_layers=kinds[0], sliding_layers=kinds[1])

@@ -362,6 +362,12 @@ def peak_at(req: PlanRequest, batch: int, context: int) -> int:
 
 
 def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
+    """`_recorded_peak_at`, and no less than a decode step's attention over the longer context holding its
+    copies of the KV beside the final KV and the peak's activations (`_attention_floor`)."""
+    return max(_recorded_peak_at(req, batch, context), _attention_floor(req, batch, context))
+
+
+def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     """The peak a recorded run would reach at `batch` and `context`, priced as `kvtrace diagnose` prices
     its remedies from the run's peak moment (analyzers.planning.diagnose_remedies): the KV of that moment
     moves as the arithmetic says; a smaller batch frees the moment's batch-first activations in proportion
@@ -422,6 +428,55 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     moved = _moment_kv(req, rec, batch, context) - _moment_kv(run, rec, rec.batch, rec.context)
     grew = (req.weights_bytes - rec.weights_bytes) + moved - freed + growth + tokens
     return max(rec.peak_bytes + grew, *floors)
+
+
+def _attention_floor(req: PlanRequest, batch: int, context: int) -> int:
+    """A plan's last decode step while one layer attends over a longer context than the run's: its weights,
+    the final KV, the run's peak activations grown as `_recorded_peak_at` grows them (an upper bound: the
+    logits are not live then) and that layer's copies of the KV (`_attention_copies`). The run's peak
+    moment need not hold those copies: at a short context they are smaller than the logits, and the
+    tokens a row its activations gain (`context_token_bytes`) leave them out, yet at a long one they are
+    the peak (the tiny Llama with eager attention, planned from context 12 at 240, was 13.3% below its
+    recording; an fp8 cache 4.9%, 19.2% planned from a dynamic run). 0 at the run's context and cache:
+    its peak is measured."""
+    assert req.recorded is not None
+    rec = in_compute_dtype(req.recorded, req.effective_compute_dtype)
+    fp8_new = req.cache == "quantized" and req.kv_dtype == "fp8" and not (
+        rec.cache == "quantized" and rec.kv_dtype == "fp8"
+    )
+    copies = _attention_copies(req, rec, batch, context)
+    if not copies or (not _attended_gain(req, rec, context) and not fp8_new):
+        return 0
+    rows, more = max(batch / rec.batch, 1.0), _attended_gain(req, rec, context)
+    gain = _Gain(rows, _context_growth(req, rec, context), max(batch, rec.batch), more)
+    activations = gain.grown(rec.activations_bytes - _rows_freed(rec, batch), rec.context_token_bytes)
+    tokens = _token_growth(req, rec, batch, context)
+    return req.weights_bytes + kv_sizes(req, batch, context).kv_bytes + activations + tokens + copies
+
+
+def _attention_copies(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """Bytes one layer's attention holds over the attended tokens at a decode step beyond the cache's own
+    storages, where they grow with the context: eager attention (the run's `attn_implementation`) expands K
+    and V to the query heads (`repeat_kv`, where there are fewer KV heads) and makes the scores, its
+    softmax in float32 (3 copies of heads x tokens, at 4 bytes: a bound); an fp8 cache dequantizes K and V
+    to float32 (`Fp8QuantizedLayer._dequantize`: 3 of K's or V's copies live at once, measured), a
+    quanto or HQQ cache returns its K and V in the compute dtype. 0 for other attention (sdpa's kernels
+    take the KV heads as they are) and a run that does not say its own."""
+    geom = req.geometry
+    attended = _attended(req, context)
+    compute = dtype_bytes_for(req.effective_compute_dtype, 1)
+    side = max(max(k, v) for k, v in geom.layer_kv_widths)  # one layer's K (or V) elements a token
+    per_token = 0
+    if req.cache == "quantized" and req.kv_dtype == "fp8":
+        per_token += 3 * side * 4
+    eager = rec.attn_implementation == "eager"
+    if eager:
+        head_dim = max(geom.head_dim, geom.global_head_dim or 0)
+        expanded = geom.num_attention_heads * head_dim
+        if req.cache == "quantized" and req.kv_dtype != "fp8":
+            per_token += 2 * side * compute
+        per_token += (2 * expanded * compute if expanded > side else 0) + 3 * geom.num_attention_heads * 4
+    return batch * attended * per_token
 
 
 def _context_growth(req: PlanRequest, rec: RecordedPeak, context: int) -> float:

@@ -102,6 +102,8 @@ class RecordedPeak:
     # follow the rows alone; None: not told apart, all grow with the context in proportion (an upper bound)
     context_token_bytes: int | None = None
     update_context_token_bytes: int | None = None
+    # the attention the run's model ran (eager, sdpa...: the manifest's); None: not told
+    attn_implementation: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -68,6 +68,8 @@ class PeakMoment:
     # (`context_token_bytes`); the rest are a step's fixed share (the logits, a position's hidden states)
     context_token_bytes: int | None = None
     update_context_token_bytes: int | None = None
+    # the attention the model ran (the manifest's `attn_implementation`: eager, sdpa...); None: not told
+    attn_implementation: str | None = None
 
 
 def peak_moment(path: str | Path, prompt: int | None = None, context: int | None = None) -> PeakMoment | str:
@@ -116,6 +118,7 @@ def peak_moment(path: str | Path, prompt: int | None = None, context: int | None
         update_token_bytes=sum(at_update_tokens) if at_update_tokens is not None else None,
         context_token_bytes=at_peak_context if decode else None,
         update_context_token_bytes=at_update_context,
+        attn_implementation=_attn_implementation(report.geometry),
     )
 
 
@@ -199,6 +202,12 @@ def context_token_bytes(
         return max(fits, default=0)
 
     return sum(widest(nbytes) for nbytes in live_sizes(dev, index, OTHER) if nbytes not in other)
+
+
+def _attn_implementation(geometry: dict[str, Any] | None) -> str | None:
+    """The attention the recorded model ran, as its manifest says (runs before kvtrace wrote it: None)."""
+    implementation = (geometry or {}).get("attn_implementation")
+    return implementation if isinstance(implementation, str) else None
 
 
 def _token_widths(geometry: dict[str, Any]) -> set[int]:

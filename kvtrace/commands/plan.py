@@ -133,6 +133,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         encoder_tokens=run.encoder_tokens,
         context_token_bytes=moment.context_token_bytes,
         update_context_token_bytes=moment.update_context_token_bytes,
+        attn_implementation=moment.attn_implementation,
     )
 
 
