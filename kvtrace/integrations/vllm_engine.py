@@ -9,6 +9,7 @@ runs"); a request finished from outside a step (an abort) is logged when it happ
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import time
 from operator import attrgetter
@@ -26,6 +27,12 @@ from kvtrace.json_writes import JsonlAppender, write_json_atomic
 
 _EMPTIED = ("preempted", "finished")  # request events after which it holds no KV
 _IS_NULL = attrgetter("is_null")  # vLLM's placeholder block (`BlockPool.null_block`)
+_NONE, _PREFIX, _SCATTERED = 0, 1, 2  # where a group's block lists may hold null blocks
+_NULL_LAYOUT = {"FullAttentionManager": _NONE, "SlidingWindowManager": _PREFIX}
+
+
+def _not_null(block: Any) -> bool:
+    return not block.is_null
 # Logs reach their files at most this often (and at the end): a step can take a millisecond on a GPU, and
 # four write(2) calls per step would be most of the recorder's cost. A killed engine loses the last 0.1 s.
 _FLUSH_NS = 100_000_000
@@ -81,10 +88,12 @@ class EngineHooks:
         self._kv_cache_config = manager.kv_cache_config
         self._pool = manager.block_pool
         self._managers = list(manager.coordinator.single_type_managers)
-        # (a group's manager, whether it may list null blocks): full attention never skips a token, so its
-        # lists hold none and their length is the count (O(1) a request: Llama 3's groups at 128k context
-        # list thousands of blocks a request, read every step)
-        self._block_lists = [(m, type(m).__name__ != "FullAttentionManager") for m in self._managers]
+        # (a group's manager, how its lists hold null blocks): full attention never skips a token, so its
+        # lists hold none and their length is the count; a sliding window's hold them as a prefix (vLLM 0.32
+        # pads skipped prefix-cache hits at the front and nulls [0, skipped blocks) as the window moves),
+        # counted by bisection. Both O(log n) or better a request, read every step: a request at 128k tokens
+        # lists 8,192 blocks of 16, ~0.2 ms to scan each. Other kinds (R-SWA's middle gap, Mamba) are scanned.
+        self._block_lists = [(m, _NULL_LAYOUT.get(type(m).__name__, _SCATTERED)) for m in self._managers]
         self._requests: dict[str, Any] = scheduler.requests
         self._steps: JsonlAppender | None = None
         self._request_log: JsonlAppender | None = None
@@ -204,9 +213,14 @@ class EngineHooks:
         group may list vLLM's one null block in place of blocks it freed (a sliding window's before the
         window, R-SWA's gap, Mamba's retired states), keeping positions; those hold nothing of the request."""
         held = 0
-        for manager, may_skip in self._block_lists:
+        for manager, nulls in self._block_lists:
             blocks = manager.req_to_blocks.get(request_id, ())
-            held += len(blocks) - sum(map(_IS_NULL, blocks)) if may_skip else len(blocks)
+            if nulls == _NONE:
+                held += len(blocks)
+            elif nulls == _PREFIX:
+                held += len(blocks) - bisect.bisect_left(blocks, True, key=_not_null)
+            else:
+                held += len(blocks) - sum(map(_IS_NULL, blocks))
         return held
 
     def _preempt_hook(self, request: Any, *args: Any, **kwargs: Any) -> Any:
