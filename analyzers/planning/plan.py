@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 # `blocks`, the types, the renderers and `parse_size` are re-exported: one import for the planner.
+from analyzers.planning.encoder_pass import encoder_pass_note
 from analyzers.planning.plan_kv import (
     blocks,
     cache_layout,
@@ -193,7 +194,9 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
     estimate = geom.weights_note if req.measured_weights_bytes is None else None  # else measured
     prefill = prefill_bound_note(req)  # a recorded run's prefill priced from its peak, not measured
     quantize = quantized_prefill_note(req)  # a quantized prefill's temporaries, which no other run makes
-    model_notes = tuple(note for note in (cache_off, estimate, geom.kv_note, prefill, quantize) if note)
+    encoder = encoder_pass_note(req)  # an encoder-decoder's encoder pass, grown to the encoder length
+    notes = (cache_off, estimate, geom.kv_note, prefill, quantize, encoder)
+    model_notes = tuple(note for note in notes if note)
     limit = geom.max_position_embeddings
     if limit is None or req.context <= limit:
         return model_notes

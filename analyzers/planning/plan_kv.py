@@ -75,6 +75,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from analyzers.planning.encoder_pass import encoder_pass_bytes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, SLIDING_CACHES, PlanRequest, RecordedPeak
 from analyzers.planning.presets import DTYPE_BITS, dtype_bytes_for
 from analyzers.planning.quantized_cache import (
@@ -363,8 +364,11 @@ def peak_at(req: PlanRequest, batch: int, context: int) -> int:
 
 def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     """`_recorded_peak_at`, and no less than a decode step's attention over the longer context holding its
-    copies of the KV beside the final KV and the peak's activations (`_attention_floor`)."""
-    return max(_recorded_peak_at(req, batch, context), _attention_floor(req, batch, context))
+    copies of the KV beside the final KV and the peak's activations (`_attention_floor`), nor than an
+    encoder-decoder model's encoder pass at the planned encoder length, before any KV
+    (`encoder_pass_bytes`)."""
+    encoder = req.weights_bytes + encoder_pass_bytes(replace(req, batch=batch))
+    return max(_recorded_peak_at(req, batch, context), _attention_floor(req, batch, context), encoder)
 
 
 def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:

@@ -104,6 +104,9 @@ class RecordedPeak:
     update_context_token_bytes: int | None = None
     # the attention the run's model ran (eager, sdpa...: the manifest's); None: not told
     attn_implementation: str | None = None
+    # an encoder-decoder run's encoder pass: (bytes growing with the encoder length squared, with it)
+    # beside the weights at each of its moments (analyzers.planning.encoder_pass); None: not told
+    encoder_pass: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

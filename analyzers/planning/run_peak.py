@@ -70,12 +70,19 @@ class PeakMoment:
     update_context_token_bytes: int | None = None
     # the attention the model ran (the manifest's `attn_implementation`: eager, sdpa...); None: not told
     attn_implementation: str | None = None
+    # an encoder-decoder run's encoder pass, split by how it grows with the encoder length
+    # (analyzers.planning.encoder_pass); None: not told
+    encoder_pass: tuple[tuple[int, int], ...] | None = None
 
 
-def peak_moment(path: str | Path, prompt: int | None = None, context: int | None = None) -> PeakMoment | str:
+def peak_moment(
+    path: str | Path, prompt: int | None = None, context: int | None = None, encoder_tokens: int | None = None
+) -> PeakMoment | str:
     """The run's peak moment, or why it has none to plan from (a sentence for the plan's notes); `prompt`
-    and `context`, the run's generate() call's, tell its token tensors apart (`token_row_bytes`)."""
+    and `context`, the run's generate() call's, tell its token tensors apart (`token_row_bytes`);
+    `encoder_tokens`, an encoder-decoder run's input length, its encoder pass's (`encoder_pass_moments`)."""
     from analyzers.planning.diagnose import diagnose
+    from analyzers.planning.encoder_pass import encoder_pass_moments
     from analyzers.report import build_report
 
     source, report = build_report(path, timelines=True)
@@ -119,6 +126,7 @@ def peak_moment(path: str | Path, prompt: int | None = None, context: int | None
         context_token_bytes=at_peak_context if decode else None,
         update_context_token_bytes=at_update_context,
         attn_implementation=_attn_implementation(report.geometry),
+        encoder_pass=encoder_pass_moments(source, report, encoder_tokens),
     )
 
 

@@ -134,6 +134,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         context_token_bytes=moment.context_token_bytes,
         update_context_token_bytes=moment.update_context_token_bytes,
         attn_implementation=moment.attn_implementation,
+        encoder_pass=moment.encoder_pass,
     )
 
 
@@ -389,7 +390,7 @@ class PlanCommand(Command):
         if run is not None and run.context is not None:
             from analyzers.planning.run_peak import peak_moment
 
-            found = peak_moment(args.from_run, run.prompt, run.context)
+            found = peak_moment(args.from_run, run.prompt, run.context, run.encoder_tokens)
             if isinstance(found, str):
                 run = replace(run, notes=(*run.notes, found))
             else:
