@@ -845,16 +845,27 @@ class KvTracker:
         self._poll_locked(self._clock())
 
     @_locked
-    def release_dead_at(self, cache_id: int, addrs: set[int]) -> None:
+    def release_dead_at(
+        self, cache_id: int, addrs: Mapping[int, int], rank: Callable[[int], int]
+    ) -> None:
         """The slots of `cache_id` at one of `addrs` whose storage was released unseen leave their slots,
         logged freed now: new storages sit there, maybe another layer's (a cache module the model re-made
-        after dropping the old one), whose events must come after these frees."""
+        after dropping the old one), whose events must come after these frees. `addrs` maps each address to
+        the rank in the caller's log order of the layer whose new storage is there, `rank` a layer of
+        `cache_id` to its own: a slot whose layer is logged first stays, its next event naming it as the
+        storage it replaced and its free logged right after, still before the new storage at its address
+        (`setup_caches()` making layer 1's new K where layer 0's old K was, layer 0's new K made first)."""
         self.drain()
         released = False
         for (owner, layer), state in self._layers.items():
             if owner != cache_id:
                 continue
-            dead = [key for key, slot in state.slots.items() if slot.addr in addrs and expired(slot.wref)]
+            own = rank(layer)
+            dead = [
+                key
+                for key, slot in state.slots.items()
+                if addrs.get(slot.addr, own + 1) <= own and expired(slot.wref)
+            ]
             for key in dead:
                 self._retire(cache_id, layer, key, state.slots.pop(key))
             if dead:

@@ -285,6 +285,11 @@ def _place(
     order[key] = None
 
 
+def _position_of(position: dict[tuple[int, int], int], cache_id: int, layer: int) -> int:
+    """Where `cache_id`'s `layer` is logged in a scan (`position`); past every one where it is not."""
+    return position.get((cache_id, layer), len(position))
+
+
 def layer_from_name(name: str, fallback: int) -> int:
     """`layers.3.attention` -> 3; modules without a number keep their discovery order."""
     match = _LAYER_NUMBER.search(name)
@@ -478,16 +483,6 @@ class ModuleCaches:
         for key in self._module_layers - by_layer.keys():  # no longer the model's: its slots let go
             by_layer[key] = {}
         self._module_layers = {key for key, parts in by_layer.items() if parts}
-        if self._remade:
-            # A new cache at the address of an old one released unseen, maybe another layer's (the old
-            # modules all dropped first): that one's free comes first. The others are logged freed after
-            # their own layer's new storage, which names them (`replaced`, `grown`): the analyzers place
-            # such a free where the new storage was made, as a re-made module lets the old one go.
-            self._remade = False
-            values = [value for parts in by_layer.values() for value in parts.values()]
-            addrs = {_storage_addr(t) for t in values if isinstance(t, torch.Tensor)}
-            for cache_id in sorted({cache_id for cache_id, _ in by_layer}):
-                self.tracker.release_dead_at(cache_id, addrs)
         tokens, rows = self.progress or (0, self.rows)
         extents, self._extents = self._extents, {}
         # Rows said without tokens are logged even where they are all the tensor's: the analyzers then
@@ -496,6 +491,9 @@ class ModuleCaches:
         tracker = self.tracker
         if self._releases.gone:
             by_layer = self._run_order(by_layer)
+        if self._remade:
+            self._remade = False
+            self._free_taken(by_layer)
         late, holds = self._released_since(by_layer)
         changed = False
         for (cache_id, layer), parts in by_layer.items():
@@ -592,6 +590,24 @@ class ModuleCaches:
         if all(a == b for a, b in zip(order, by_layer, strict=False)):
             return by_layer
         return {**{key: by_layer[key] for key in order if key in by_layer}, **by_layer}
+
+    def _free_taken(self, by_layer: dict[tuple[int, int], dict[tuple[str, str], Any]]) -> None:
+        """After `rediscover` found the caches re-made: a new cache at the address of an old one released
+        unseen, its own layer's or one logged before (the old modules all dropped first), has that one's
+        free logged first. An old one whose layer is logged earlier (`setup_caches()` making each layer's
+        new cache before dropping its old: layer 1's new K where layer 0's old K was) stays in its slot: its
+        layer's new storage names it (`replaced`) and its free follows, before the taker's event. So are
+        the others, at no address taken: the analyzers place such a free where the new storage was made, as
+        a re-made module lets the old one go."""
+        position = {key: index for index, key in enumerate(by_layer)}
+        taken: dict[int, int] = {}  # address of a new tensor -> the position of its (cache, layer)
+        for key, parts in by_layer.items():
+            for tensor in parts.values():
+                if isinstance(tensor, torch.Tensor):
+                    taken.setdefault(_storage_addr(tensor), position[key])
+        for cache_id in sorted({cache_id for cache_id, _ in by_layer}):
+            rank = functools.partial(_position_of, position, cache_id)
+            self.tracker.release_dead_at(cache_id, taken, rank)
 
     def _watch_logged(self, tensors: list[Any]) -> None:
         """Watch the storage of each module cache tensor just logged (`tensors`, in `owners`' order) that is

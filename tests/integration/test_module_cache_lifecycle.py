@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,6 +175,82 @@ def test_caches_remade_between_requests_are_freed_found_as_kv_and_not_kept_alive
     assert sum(w.storage_bytes for w in run.weights if not w.event) == _parameter_bytes(model)
     assert [w for w in run.weights if w.event] == [], "the new caches are not weights"
     assert not any("weights changed" in w for w in run.manifest["warnings"])
+
+
+class _Arena:
+    """A caching allocator's reuse, as CUDA's makes it and CPU malloc only sometimes: a released block of
+    the size asked for is handed out again, the lowest address first. Tensors over one numpy buffer, so
+    which new cache lands where an old one was is decided here, not by the earlier tests' allocations."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.memory = np.zeros(nbytes, np.uint8)
+        self.top = 0
+        self.released: list[tuple[int, int]] = []  # (offset, bytes) of blocks whose tensor was let go
+
+    def zeros(self, *shape: int) -> torch.Tensor:
+        nbytes = int(np.prod(shape)) * FLOAT32
+        fits = sorted(block for block in self.released if block[1] == nbytes)
+        if fits:
+            self.released.remove(fits[0])
+            offset = fits[0][0]
+        else:
+            offset, self.top = self.top, self.top + nbytes
+        block = self.memory[offset : offset + nbytes]
+        block[:] = 0
+        weakref.finalize(block, self.released.append, (offset, nbytes))  # the tensor's storage holds it
+        return torch.from_numpy(block).view(torch.float32).view(shape)
+
+
+@pytest.mark.parametrize("old_dropped_first", [False, True], ids=["replaced", "dropped-then-made"])
+def test_caches_remade_where_old_ones_were_free_them_first_and_name_those_they_replaced(
+    tmp_path, monkeypatch, old_dropped_first
+):
+    # GIVEN gpt-fast's caches over an allocator that reuses released blocks: setup_caches() makes layer 0's
+    # new K and V, drops layer 0's old module, then makes layer 1's new K and V where layer 0's old were
+    arena = _Arena(1 << 20)
+
+    class ArenaKVCache(KVCache):
+        def __init__(self, batch: int, max_seq: int) -> None:
+            nn.Module.__init__(self)
+            self.register_buffer("k_cache", arena.zeros(batch, KV_HEADS, max_seq, HEAD_DIM))
+            self.register_buffer("v_cache", arena.zeros(batch, KV_HEADS, max_seq, HEAD_DIM))
+
+    monkeypatch.setitem(globals(), "KVCache", ArenaKVCache)  # what setup_caches() makes
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    model.setup_caches(2, 32)
+    old_addrs = {key: t.untyped_storage().data_ptr() for key, t in _cache_tensors(model).items()}
+
+    # WHEN a first request runs, then setup_caches() makes caches of the same size for a second one
+    with kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        _generate(model, rows=2, prompt=8, new_tokens=6)
+        if old_dropped_first:
+            for block in model.layers:
+                block.attention.kv_cache = None
+        model.setup_caches(2, 32)
+        _generate(model, rows=2, prompt=6, new_tokens=4)
+    new_addrs = {key: t.untyped_storage().data_ptr() for key, t in _cache_tensors(model).items()}
+    if old_dropped_first:  # every block released before any new one: each comes back where it was
+        assert new_addrs == old_addrs
+    else:  # each layer's old blocks released after its new ones are made: the next layer takes them
+        assert [new_addrs[(layer + 1, kv)] for layer in range(LAYERS - 1) for kv in "kv"] == [
+            old_addrs[(layer, kv)] for layer in range(LAYERS - 1) for kv in "kv"
+        ]
+
+    # THEN the log frees every old buffer before its address is used again, at the second prefill (step 7)
+    run = read_run(tmp_path / "run")
+    events = run.kv_events
+    assert_well_ordered(events)
+    assert_addresses_freed_before_reuse(events)
+    assert {(e.layer, e.kv): e.addr for e in events if e.event == "freed"} == old_addrs
+    assert {e.step for e in events if e.event == "freed"} == {7}
+    made = [e for e in events if e.step == 7 and e.event in ("created", "grown", "replaced")]
+    assert {(e.layer, e.kv): e.addr for e in made} == new_addrs
+    if not old_dropped_first:  # ... and each new buffer names the old one it stands for: made while it lived
+        assert {(e.layer, e.kv): e.prev_addr for e in made} == old_addrs
+    kv = kv_bytes(KV_HEADS, HEAD_DIM, 32, 2, FLOAT32)
+    live = replay_live_bytes(events)
+    assert live.per_step[6] == live.per_step[7] == live.final == dict.fromkeys(range(LAYERS), 2 * kv)
 
 
 def test_caches_set_up_inside_the_block_are_kv_not_weights(tmp_path):
