@@ -18,8 +18,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kvtrace.format import MODULE_CACHE_IDS
-
 if TYPE_CHECKING:
     from analyzers.kv_log_figures import CacheFigures
 
@@ -178,6 +176,8 @@ def written_last(caches: list[CacheFigures]) -> CacheFigures:
     caches written in its step: a model's module caches are all written by each forward, one after
     another, and the main one is the cache that grows with the decode, not a ring buffer or a window of a
     few positions written after it."""
+    from kvtrace.format import MODULE_CACHE_IDS  # a run's figures only: a snapshot's report never loads it
+
     last = max(caches, key=lambda c: c.last_seq)
     if last.cache not in MODULE_CACHE_IDS:
         return last
