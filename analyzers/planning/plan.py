@@ -7,13 +7,15 @@ A plan fits when weights + the KV peak + reserve <= GPU memory. The reserve stan
 the planner cannot see (CUDA context, cuBLAS workspaces, activations, allocator fragmentation); its
 default of 10% of the GPU mirrors vLLM's `gpu_memory_utilization=0.9`. A plan from a recorded run
 (`PlanRequest.recorded`) sees the activations: its peak is the run's measured one, moved to the batch,
-context and cache planned (analyzers.planning.plan_kv's `recorded_peak_at`), and the measured activations
-replace the reserve's guess (`kvtrace plan --from-run` keeps none unless --reserve is typed, on top).
+context and cache planned (analyzers.planning.recorded_growth's `recorded_peak_at`), and the measured
+activations replace the reserve's guess (`kvtrace plan --from-run` keeps none unless --reserve is typed,
+on top).
 
 This module decides whether a request fits and searches for what would: the largest batch, the longest
 context, the remedies. The rest is split by role: the request and result types
-(analyzers.planning.plan_types), the KV each cache kind holds (analyzers.planning.plan_kv), and the
-rendering (analyzers.planning.plan_render). `parse_size` (analyzers.planning.size_text) is re-exported here.
+(analyzers.planning.plan_types), the KV each cache kind holds (analyzers.planning.plan_kv), a recorded
+run's peak moved to the plan (analyzers.planning.recorded_growth), and the rendering
+(analyzers.planning.plan_render). `parse_size` (analyzers.planning.size_text) is re-exported here.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ from analyzers.planning.plan_kv import (
     kv_per_token,
     kv_sizes,
     peak_at,
-    prefill_bound_note,
-    quantized_prefill_note,
 )
 from analyzers.planning.plan_render import format_text, to_json
 from analyzers.planning.plan_types import (
@@ -43,6 +43,7 @@ from analyzers.planning.plan_types import (
     PlanResult,
     Remedy,
 )
+from analyzers.planning.recorded_growth import prefill_bound_note, quantized_prefill_note
 from analyzers.planning.size_text import parse_size
 
 __all__ = [

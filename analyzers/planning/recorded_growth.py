@@ -1,0 +1,384 @@
+"""A plan from a recorded run's peak (`kvtrace plan --from-run`): the run's measured peak moved to another
+batch, context or cache, its activations grown with the rows and the tokens attended (`recorded_peak_at`),
+and floors for the plan's own worst moments the run never reached (its prefill, its last decode step's
+attention copies, an encoder pass). Pure arithmetic, no torch.
+
+A module of its own because it prices a measurement, not a config: it reads a `RecordedPeak` and leans on
+the KV arithmetic of each cache kind (analyzers.planning.plan_kv's `kv_sizes`) for the KV at each moment,
+whereas plan_kv derives all from the geometry. plan_kv's `peak_at` calls `recorded_peak_at` when the request
+carries a recording (imported there at call time: this module imports plan_kv).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from analyzers.planning.encoder_pass import encoder_pass_bytes
+from analyzers.planning.plan_kv import cache_layout, kv_sizes
+from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, RecordedPeak
+from analyzers.planning.presets import dtype_bytes_for
+from analyzers.planning.recorded_dtype import in_compute_dtype
+
+__all__ = [
+    "prefill_bound_note",
+    "quantized_prefill_note",
+    "recorded_peak_at",
+    "same_cache_as_run",
+]
+
+
+def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
+    """`_recorded_peak_at`, and no less than a decode step's attention over the longer context holding its
+    copies of the KV beside the final KV and the peak's activations (`_attention_floor`), nor than an
+    encoder-decoder model's encoder pass at the planned encoder length, before any KV
+    (`encoder_pass_bytes`)."""
+    encoder = req.weights_bytes + encoder_pass_bytes(replace(req, batch=batch))
+    return max(_recorded_peak_at(req, batch, context), _attention_floor(req, batch, context), encoder)
+
+
+def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
+    """The peak a recorded run would reach at `batch` and `context`, priced as `kvtrace diagnose` prices
+    its remedies from the run's peak moment (analyzers.planning.diagnose_remedies): the KV of that moment
+    moves as the arithmetic says; a smaller batch frees the moment's batch-first activations in proportion
+    (`_rows_freed`, diagnose's figure for that batch), the rest stay as measured, as all do where the rows
+    are not told apart and when the context shrinks (they shrink too: an upper bound); they grow in
+    proportion when the batch or context grows (an upper bound where they are a fixed part plus parts per
+    row and per token). The run's own settings give its own peak exactly.
+
+    The plan's own worst moments can be unlike the run's (a longer prompt's prefill, a last decode step the
+    run never reached): each carries the activations the run allows it (`_moment_floors`).
+
+    Another cache kind, KV dtype, window or beams moves the moment (a static cache's prefill attends over
+    all of its length, a dynamic cache peaks at its growth copy): its KV with the run's peak activations, or
+    its KV peak with what the run held at its own KV peak (`RecordedPeak.update_activations_bytes`), the
+    larger, an estimate (analyzers.planning.run_peak's note says so). Either grows from the run's context as
+    the planned cache's attended tokens do (`_context_growth`), and generate()'s token tensors with every
+    token where that is less (`_token_growth`).
+
+    A compute dtype wider than the run's (`--dtype fp32` of a bf16 run) grows the activations first, all
+    but those in no model dtype (`in_compute_dtype`)."""
+    assert req.recorded is not None
+    rec = in_compute_dtype(req.recorded, req.effective_compute_dtype)  # a wider dtype's activations
+    run = _run_request(req, rec)
+    rows = max(batch / rec.batch, 1.0)
+    stretch = _context_growth(req, rec, context)
+    grown = rows * stretch
+    gain = _Gain(rows, stretch, max(batch, rec.batch), _attended_gain(req, rec, context))
+    tokens = _token_growth(req, rec, batch, context)  # generate()'s ids and mask, where `grown` misses them
+    freed = _rows_freed(rec, batch)
+    activations = rec.activations_bytes - freed  # at the plan's rows, before the context grows them
+    growth = gain.grown(activations, rec.context_token_bytes) - activations
+    floors = _moment_floors(req, run, rec, batch, context)
+    if not same_cache_as_run(req):
+        sizes = kv_sizes(req, batch, context)
+        prompt_grown = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
+        # a step's end, holding this cache's KV, holds what the run held at its own step's end: where the
+        # run peaked elsewhere (a dynamic cache's growth copy), at most its peak less its weights and final
+        # KV, the logits it ended with unseen at its peak (a sliding cache planned from a dynamic run at its
+        # context 206 was 27,740 B, 4.4%, below the recording), grown as all are (an upper bound)
+        unseen = _unseen_at_end(run, rec)
+        at_end = activations + growth + gain.grown(unseen, None)
+        at_peak = max(at_end, math.ceil((activations + unseen) * prompt_grown))
+        beside_update = rec.update_activations_bytes
+        if beside_update is None or (req.cache == "quantized" and _prefill_peaks(rec, grown, prompt_grown)):
+            # the update's copies beside: a bound
+            return req.weights_bytes + sizes.step_peak_bytes + at_peak + tokens
+        # Two moments, never live together: the run's peak (a step's end, its logits) holding this cache's
+        # KV, and this cache's KV peak (inside an update, or a beam search's reorder) beside what the run
+        # held at its own KV peak; fewer rows keep the share of them that `_rows_freed` keeps at the peak
+        kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
+        in_update = max(
+            gain.grown(beside_update * kept, rec.update_context_token_bytes),
+            math.ceil(beside_update * kept * prompt_grown),
+        )
+        in_update += _update_token_growth(rec, batch, context, kept * max(grown, prompt_grown))
+        held = max(sizes.kv_bytes, sizes.prefill_bytes)
+        return req.weights_bytes + max(held + at_peak + tokens, sizes.step_peak_bytes + in_update)
+    moved = _moment_kv(req, rec, batch, context) - _moment_kv(run, rec, rec.batch, rec.context)
+    grew = (req.weights_bytes - rec.weights_bytes) + moved - freed + growth + tokens
+    return max(rec.peak_bytes + grew, *floors)
+
+
+def _attention_floor(req: PlanRequest, batch: int, context: int) -> int:
+    """A plan's last decode step while one layer attends over a longer context than the run's: its weights,
+    the final KV, the run's peak activations grown as `_recorded_peak_at` grows them (an upper bound: the
+    logits are not live then) and that layer's copies of the KV (`_attention_copies`). The run's peak
+    moment need not hold those copies: at a short context they are smaller than the logits, and the
+    tokens a row its activations gain (`context_token_bytes`) leave them out, yet at a long one they are
+    the peak (the tiny Llama with eager attention, planned from context 12 at 240, was 13.3% below its
+    recording; an fp8 cache 4.9%, 19.2% planned from a dynamic run). 0 at the run's context and cache:
+    its peak is measured."""
+    assert req.recorded is not None
+    rec = in_compute_dtype(req.recorded, req.effective_compute_dtype)
+    fp8_new = req.cache == "quantized" and req.kv_dtype == "fp8" and not (
+        rec.cache == "quantized" and rec.kv_dtype == "fp8"
+    )
+    copies = _attention_copies(req, rec, batch, context)
+    if not copies or (not _attended_gain(req, rec, context) and not fp8_new):
+        return 0
+    rows, more = max(batch / rec.batch, 1.0), _attended_gain(req, rec, context)
+    gain = _Gain(rows, _context_growth(req, rec, context), max(batch, rec.batch), more)
+    activations = gain.grown(rec.activations_bytes - _rows_freed(rec, batch), rec.context_token_bytes)
+    tokens = _token_growth(req, rec, batch, context)
+    return req.weights_bytes + kv_sizes(req, batch, context).kv_bytes + activations + tokens + copies
+
+
+def _attention_copies(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """Bytes one layer's attention holds over the attended tokens at a decode step beyond the cache's own
+    storages, where they grow with the context: eager attention (the run's `attn_implementation`) expands K
+    and V to the query heads (`repeat_kv`, where there are fewer KV heads) and makes the scores, its
+    softmax in float32 (3 copies of heads x tokens, at 4 bytes: a bound); an fp8 cache dequantizes K and V
+    to float32 (`Fp8QuantizedLayer._dequantize`: 3 of K's or V's copies live at once, measured), a
+    quanto or HQQ cache returns its K and V in the compute dtype. 0 for other attention (sdpa's kernels
+    take the KV heads as they are) and a run that does not say its own."""
+    geom = req.geometry
+    attended = _attended(req, context)
+    compute = dtype_bytes_for(req.effective_compute_dtype, 1)
+    side = max(max(k, v) for k, v in geom.layer_kv_widths)  # one layer's K (or V) elements a token
+    per_token = 0
+    if req.cache == "quantized" and req.kv_dtype == "fp8":
+        per_token += 3 * side * 4
+    eager = rec.attn_implementation == "eager"
+    if eager:
+        head_dim = max(geom.head_dim, geom.global_head_dim or 0)
+        expanded = geom.num_attention_heads * head_dim
+        if req.cache == "quantized" and req.kv_dtype != "fp8":
+            per_token += 2 * side * compute
+        per_token += (2 * expanded * compute if expanded > side else 0) + 3 * geom.num_attention_heads * 4
+    return batch * attended * per_token
+
+
+def _context_growth(req: PlanRequest, rec: RecordedPeak, context: int) -> float:
+    """How much a row's activations grow from the run's context to `context`: as the tokens the planned
+    cache attends over at each (at least 1: a shorter context keeps them, an upper bound). Measured from the
+    run's context in the planned cache, not in the run's: at one context a step ends holding the same
+    logits, ids and mask whatever the cache, so a sliding run planned on a full cache at its own context
+    keeps its activations (before, they grew by context / (window + 1): on the tiny Llama at batch 2,
+    context 12, window 8, +19,186 B, +3.1%, over the full cache's recording; the demo's, +88%)."""
+    return max(_attended(req, context) / _attended(req, rec.context), 1.0)
+
+
+def _unseen_at_end(run: PlanRequest, rec: RecordedPeak) -> int:
+    """Bytes a finished run may have held beside its weights and KV at its last step's end beyond those it
+    held at its peak moment: its peak less its weights, final KV and the peak's activations (none where the
+    peak was that moment, or the run was cut short and never reached it)."""
+    if rec.cut_short:
+        return 0
+    final_kv = kv_sizes(run, rec.batch, rec.context).kv_bytes
+    return max(rec.peak_bytes - rec.weights_bytes - final_kv - rec.activations_bytes, 0)
+
+
+@dataclass(frozen=True)
+class _Gain:
+    """How a plan grows a moment's activations from the run's: `rows` times the run's rows, `stretch`
+    times the tokens it attends over (`_context_growth`), `row_count` rows of `tokens` tokens more."""
+
+    rows: float
+    stretch: float
+    row_count: int
+    tokens: int
+
+    def grown(self, activations: float, token_bytes: int | None) -> int:
+        """`activations` at the plan: all follow the rows, and where the run tells the bytes a row and
+        token adds (`token_bytes`: run_peak's `context_token_bytes`), those grow by the tokens attended
+        more; the logits, a position's hidden states and generate()'s float32 copies of the last position
+        stay (before, all grew with the context: the tiny Llama's dynamic cache planned from context 12
+        at 206 was +918,539 B, +109.4%, over its recording). Not told: all grow in proportion to the
+        context too (an upper bound)."""
+        if token_bytes is None:
+            return math.ceil(activations * self.rows * self.stretch)
+        return math.ceil(activations * self.rows) + token_bytes * self.row_count * self.tokens
+
+
+def _attended_gain(req: PlanRequest, rec: RecordedPeak, context: int) -> int:
+    """Tokens a step attends over more at `context` than at the run's, in the planned cache (none fewer:
+    a shorter context keeps the activations, an upper bound)."""
+    return max(_attended(req, context) - _attended(req, rec.context), 0)
+
+
+def _update_token_growth(rec: RecordedPeak, batch: int, context: int, scale: float) -> int:
+    """Bytes generate()'s token tensors add to what the run held at its KV peak (`update_token_bytes`,
+    grown by `scale`) in a plan whose KV peak is its last step's, `context` tokens a row at most: a sliding
+    run's KV peak comes while its window fills, its ids short (the tiny Llama at batch 2, context 206: 288 B
+    of them where the full cache's last update held 6,560)."""
+    if not rec.token_row_bytes or rec.update_token_bytes is None:
+        return 0
+    return max(rec.token_row_bytes * batch * context - math.ceil(rec.update_token_bytes * scale), 0)
+
+
+def _token_growth(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """Bytes generate()'s token tensors (input ids, attention mask, position ids: `token_row_bytes` a row
+    and token) add at `batch` and `context` beyond what the activations' `_context_growth` gives them: they
+    grow by a token at every step whatever the cache, while a window stops the attended tokens. None where
+    the growth is the context's (a full cache); `(context - window - 1)` tokens a row where every layer
+    slides (before, none: the tiny Llama at batch 2, planned from context 12 at 206, was 6,208 B below
+    its recording, 2 rows x 194 tokens x 16 B)."""
+    per_token = rec.token_row_bytes
+    if not per_token:
+        return 0
+    attended, at_run = _attended(req, context), _attended(req, rec.context)
+    # tokens a row the growth misses: context - rec.context * growth, over `at_run` to stay in integers;
+    # where the activations grow by the tokens attended more (`_Gain`), context - rec.context less those
+    missed = context * at_run - rec.context * max(attended, at_run)
+    missed = max(missed, (context - rec.context - max(attended - at_run, 0)) * at_run)
+    return -(-per_token * batch * missed // at_run) if missed > 0 else 0
+
+
+def _prefill_peaks(rec: RecordedPeak, grown: float, prompt_grown: float) -> bool:
+    """Whether a plan's peak is its prefill as far as the run tells: the run peaked at its own, or the plan's
+    prefill grows more than its steps (a longer prompt). A quantized cache's prefill then makes the
+    backend's quantize temporaries, which no run on another cache measured (`quantized_prefill_note`):
+    such a plan keeps its update's copies on top of the peak's activations, a bound that covers them where
+    measured (the tiny Llama, hqq, a 40-token prompt: recorded 1,908,648 B, planned 1,942,424)."""
+    return rec.phase == "prefill" or prompt_grown > grown
+
+
+def _rows_freed(rec: RecordedPeak, batch: int) -> int:
+    """Bytes of the run's peak moment's activations that `batch` rows, fewer than the run's, free: the
+    batch-first ones (`RecordedPeak.row_activation_bytes`, diagnose_rows' split) in proportion to the rows
+    dropped, as `kvtrace diagnose` prices its smaller batch, so that both give one figure. None freed where
+    the recording does not tell them apart, or for as many rows or more."""
+    row_bytes = rec.row_activation_bytes
+    if row_bytes is None or batch >= rec.batch:
+        return 0
+    return round(min(row_bytes, rec.activations_bytes) * (rec.batch - batch) / rec.batch)
+
+
+def _prefill_growth(
+    req: PlanRequest, run: PlanRequest, rec: RecordedPeak, prompt: int, context: int
+) -> float:
+    """How much a prefill's activations grow from the run's to the plan's, for a row: they follow the
+    prompt's length, whatever the window (a prefill attends over the whole prompt), and a static cache's
+    whole length (its prefill attends over all of it)."""
+    run_prompt = kv_sizes(run, rec.batch, rec.context).prompt
+    attended = _attended(req, context) / _attended(run, rec.context) if req.cache == "static" else 1.0
+    return max(prompt / run_prompt, attended, 1.0)
+
+
+def _moment_floors(
+    req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int
+) -> list[int]:
+    """The plan's prefill and its KV peak, each with the activations the run allows that moment, grown as
+    it grows. The prefill's are what the run held beside its weights and KV during its prefill, where the
+    allocator's events tell it (`RecordedPeak.prefill_activations_bytes`); else at most its peak less its
+    weights and prefill KV (`prefill_bound_note`). A finished run reached its KV peak, so the memory beside
+    its weights and KV there was at most its peak less those. A run cut short never reached its last steps:
+    its measured activations stand for theirs (an estimate: a step's activations are a prefill's at most
+    where the prefill processes more tokens than a step, as in the tour's runs)."""
+    sizes = kv_sizes(req, batch, context)
+    run_sizes = kv_sizes(run, rec.batch, rec.context)
+    rows = max(batch / rec.batch, 1.0)
+    # fewer rows keep the share of the peak moment's activations that stays (`_rows_freed`), at each moment
+    kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
+    beside_prefill = rec.prefill_activations_bytes
+    if beside_prefill is None:
+        beside_prefill = max(rec.peak_bytes - rec.weights_bytes - run_sizes.prefill_bytes, 0)
+    if rec.phase == "prefill":  # measured there: its KV may differ from the arithmetic's prompt
+        beside_prefill = max(beside_prefill, rec.activations_bytes)
+    token_bytes: int | None = None  # what a token adds to `beside_peak`; None: not told, all grow
+    if rec.cut_short:
+        beside_peak = max(rec.activations_bytes, beside_prefill)
+    elif rec.update_activations_bytes is not None and rec.update_context_token_bytes is not None:
+        # measured at the run's KV peak, which the plan's KV peak repeats (the bound also holds the logits
+        # of the step's end, which come after the update)
+        beside_peak, token_bytes = rec.update_activations_bytes, rec.update_context_token_bytes
+    else:
+        beside_peak = max(rec.peak_bytes - rec.weights_bytes - run_sizes.step_peak_bytes, 0)
+        if rec.update_activations_bytes is None and _moment_kv(run, rec, rec.batch, rec.context) >= (
+            run_sizes.step_peak_bytes
+        ):
+            token_bytes = rec.context_token_bytes  # the peak moment held the KV peak: its activations
+    stretch = _context_growth(req, rec, context)
+    gain = _Gain(rows, stretch, max(batch, rec.batch), _attended_gain(req, rec, context))
+    early = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
+    late = max(gain.grown(beside_peak * kept, token_bytes), math.ceil(beside_peak * kept * early))
+    beside_late = late + _token_growth(req, rec, batch, context)
+    floors = [req.weights_bytes + sizes.step_peak_bytes + beside_late]
+    if early > 1.0:
+        # A prefill of more rows or tokens than the run's: its own moment. Not otherwise: the run's own
+        # prefill is within its peak, and the measured figure is the most beside the KV at any moment of
+        # it, with the whole prefill KV beside that (an upper bound where its KV was still filling then)
+        floors.append(req.weights_bytes + sizes.prefill_bytes + math.ceil(beside_prefill * kept * early))
+    return floors
+
+
+def prefill_bound_note(req: PlanRequest) -> str | None:
+    """Why the plan's prefill may be priced high: its rows or prompt outgrow the run's, and the run does not
+    tell what it held beside the KV at its prefill, so the bound for it, the run's peak less its weights and
+    prefill KV, holds whatever KV the run held later too (its decode steps' and their growth copies)."""
+    rec = req.recorded
+    if rec is None or rec.prefill_activations_bytes is not None or not same_cache_as_run(req):
+        return None
+    run = _run_request(req, rec)
+    prompt = kv_sizes(req, req.batch, req.context).prompt
+    if max(req.batch / rec.batch, 1.0) * _prefill_growth(req, run, rec, prompt, req.context) <= 1.0:
+        return None
+    return (
+        "the run does not tell what it held beside its KV at its prefill (no whole prefill step in its KV "
+        "log): this larger prefill counts the run's peak less its weights and prefill KV as activations, "
+        "which holds the KV the run held later too (an upper bound, far above where its peak came late)"
+    )
+
+
+def quantized_prefill_note(req: PlanRequest) -> str | None:
+    """Why a quantized plan from a run on another cache may be priced low: the prefill's quantize
+    temporaries are the backend's own (hqq's grow to a few times the layer's K), never in such a run."""
+    if req.recorded is None or req.cache != "quantized" or same_cache_as_run(req):
+        return None
+    return (
+        "the quantized cache's prefill quantizes each layer's prompt K and V through temporaries that depend "
+        "on the backend (hqq, quanto, fp8), which this run did not make: they are not priced (where this "
+        "run peaked at its prefill, or the plan's prompt is longer, its update's copies are kept on top of "
+        "the run's activations instead, a bound); record a run with the quantized cache to be sure"
+    )
+
+
+def same_cache_as_run(req: PlanRequest) -> bool:
+    """Whether the request keeps the recorded run's cache (kind, KV dtype, window, beams, quantization) and
+    weights, whose peak moment then stays where the run's was: only its batch, context or prompt differ.
+    Compared field by field: the run's beams with the plan's batch need not make a valid request."""
+    rec = req.recorded
+    if rec is None:
+        return False
+    run = (rec.cache, rec.kv_dtype, rec.window, rec.beams, rec.quant_group_size, rec.residual_length)
+    planned = (req.cache, req.kv_dtype, req.window, req.beams, req.quant_group_size, req.residual_length)
+    return planned == run and req.measured_weights_bytes == rec.weights_bytes
+
+
+def _run_request(req: PlanRequest, rec: RecordedPeak) -> PlanRequest:
+    """The request of the recorded run itself: the plan's model, weights and memory, the run's settings."""
+    return replace(
+        req,
+        batch=rec.batch,
+        context=rec.context,
+        prompt=rec.prompt,
+        cache=rec.cache,
+        kv_dtype=rec.kv_dtype,
+        window=rec.window,
+        beams=rec.beams,
+        quant_group_size=rec.quant_group_size,
+        residual_length=rec.residual_length,
+        measured_weights_bytes=rec.weights_bytes,
+        encoder_tokens=rec.encoder_tokens if rec.encoder_tokens is not None else req.encoder_tokens,
+    )
+
+
+def _attended(req: PlanRequest, context: int) -> int:
+    """Tokens a step attends over, which the activations beside the KV follow: the context, or a window
+    when every layer keeps one."""
+    whole, _, window = cache_layout(req)
+    return context if whole or window is None else min(context, window + 1)
+
+
+def _moment_kv(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """KV held at the run's peak moment, at `batch` and `context`: at prefill the prompt's (a preallocated
+    cache's: all of it); later, a moment holding all of the run's tokens holds all of this context's, and
+    one earlier in the run its tokens, at most this context's."""
+    sizes = kv_sizes(req, batch, context)
+    if rec.phase == "prefill":
+        return sizes.prefill_bytes
+    if req.cache in PREALLOCATED_CACHES or rec.tokens >= rec.context - 1:
+        return sizes.kv_bytes
+    tokens = min(rec.tokens, context - 1)
+    return kv_sizes(replace(req, prompt=None), batch, tokens + 1).kv_bytes if tokens >= 1 else 0
