@@ -650,8 +650,11 @@ class KvTracker:
         logged = self._seq  # frees of other storages found by that poll aside
         source_json = quoted(source)
         slots = state.slots
+        # Released storages of this layer by address: a new tensor at one's address logs its free first
+        dead_at: dict[int, tuple[str, str]] = {}
         if any(expired(slot.wref) for slot in slots.values()):
             parts = self._givers_first(slots, parts)
+            dead_at = {slot.addr: key for key, slot in slots.items() if expired(slot.wref)}
         seen: set[tuple[str, str]] = set()
         reason_json = quoted(evicted_reason) if evicted_reason else quoted(reason)
         self._frees_held = frees_last
@@ -664,6 +667,8 @@ class KvTracker:
                         found = storage_of(tensor)
                         if found is not None and any(item[4] == found[1] for item in self._pending):
                             self._poll_locked(t_ns)  # made where a held one was: that one was released first
+                    if dead_at:
+                        self._giver_freed(slots, dead_at, cache_id, layer, key, tensor, t_ns)
                     token = hold.get(key) if hold else None
                     old = slots.get(key) if token is not None else None
                     if old is not None:
@@ -714,6 +719,39 @@ class KvTracker:
         changed = self._seq != logged
         self.poll_frees(t_ns)
         return changed
+
+    def _giver_freed(
+        self,
+        slots: dict[tuple[str, str], Slot],
+        dead_at: dict[int, tuple[str, str]],
+        cache_id: int,
+        layer: int,
+        key: tuple[str, str],
+        tensor: torch.Tensor,
+        t_ns: int,
+    ) -> None:
+        """Log freed, now, the released storage of another slot of this layer at `tensor`'s address, before
+        `tensor`'s event: the replay by address must meet that free first. `_givers_first` orders the parts
+        so that this rarely has to happen, but parts can give to each other both ways (DeepSeek-V4's
+        `buffer_kv` taking `buffer_gate`'s address while `overlap_kv` takes `buffer_kv`'s). The slot's own
+        later release (its next storage's event, or its retirement) then logs no second free."""
+        found = storage_of(tensor)
+        giver = dead_at.pop(found[1], None) if found is not None else None
+        slot = slots.get(giver) if giver is not None and giver != key else None
+        if slot is None or found is None or slot.addr != found[1] or not expired(slot.wref):
+            return  # its own slot's address (`_see` logs that free), or a giver already logged
+        if slot.wref in self._freed_early:
+            return  # logged by the writer's drain already
+        self._freed_early.add(slot.wref)
+        kv_json, part_json = KEY_JSON.get(giver) or key_json(giver)  # type: ignore[arg-type]
+        self._seq += 1
+        self.lines.append(
+            FREED_LINE
+            % (
+                self._seq, t_ns, self.step, self._phase_json, layer, kv_json, part_json, slot.addr,
+                slot.storage_bytes, cache_id,
+            )
+        )
 
     def _hold(self, wref: int, token: Hashable) -> None:
         """Move the storage `wref` from `_pending` to those held for `token` (`release_held`)."""
