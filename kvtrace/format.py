@@ -24,15 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvtrace.run_layout import DERIVED_DIRS as DERIVED_DIRS
+
 # Which folders are runs and run groups is part of the format, in a module of its own so that a command can
 # ask it of any input cheaply (kvtrace.run_layout): its names are the format's too.
 from kvtrace.run_layout import GROUP_FORMAT as GROUP_FORMAT
 from kvtrace.run_layout import GROUP_MARKER as GROUP_MARKER
 from kvtrace.run_layout import MANIFEST as MANIFEST
+from kvtrace.run_layout import PROFILER_DIR as PROFILER_DIR
 from kvtrace.run_layout import RANK_DIR_PREFIX as RANK_DIR_PREFIX
+from kvtrace.run_layout import RUN_DIRS as RUN_DIRS
+from kvtrace.run_layout import SNAPSHOT_DIR as SNAPSHOT_DIR
 from kvtrace.run_layout import is_run_dir as is_run_dir
 from kvtrace.run_layout import is_run_group as is_run_group
 from kvtrace.run_layout import rank_dirs as rank_dirs
+from kvtrace.run_layout import searched_for_runs as searched_for_runs
 
 if TYPE_CHECKING:
     from kvtrace.run_reader import read_run as read_run
@@ -42,8 +48,6 @@ KV_EVENTS = "kv_events.jsonl"
 WEIGHTS = "weights.jsonl"
 MODEL_CONFIG = "model_config.json"  # the model's Hugging Face config, whole (`kvtrace plan --from-run`)
 MEMORY_SAMPLES = "memory_samples.jsonl"
-PROFILER_DIR = "profiler"
-SNAPSHOT_DIR = "snapshots"
 # vLLM runs (docs/format.md, "vLLM runs"): the engine's paged KV pool, its steps and its requests.
 ENGINE = "engine.json"
 ENGINE_STEPS = "engine_steps.jsonl"
@@ -56,11 +60,9 @@ MANIFEST_RESERVE_BYTES = 32 * 1024
 # Held (flock) by the recording that writes the folder, removed at its end; not part of the run (run_lock.py)
 LOCK_FILE = ".kvtrace.lock"
 
-DERIVED_FILES = ("kv_counters.trace.json.gz", "timeline.html")
-DERIVED_DIRS = ("tb_scalars",)
-# What a run owns besides its manifest: replacing a run removes these names, and nothing else.
+DERIVED_FILES = ("kv_counters.trace.json.gz", "timeline.html")  # DERIVED_DIRS: kvtrace.run_layout
+# What a run owns besides its manifest: replacing a run removes these names (and RUN_DIRS), and nothing else.
 RUN_FILES = (KV_EVENTS, WEIGHTS, MEMORY_SAMPLES, MODEL_CONFIG, *ENGINE_FILES, *DERIVED_FILES)
-RUN_DIRS = (PROFILER_DIR, SNAPSHOT_DIR, *DERIVED_DIRS)
 
 # The KV event vocabulary (docs/format.md explains each).
 EVENT_KINDS = (

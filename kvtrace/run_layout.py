@@ -1,5 +1,6 @@
 """Which folders are kvtrace runs: a run directory (a folder holding manifest.json) and a run group (one
-run directory per rank of a torch.distributed job, `<group>/rank-<r>/`).
+run directory per rank of a torch.distributed job, `<group>/rank-<r>/`); and which folders a search for runs
+looks in, one rule for every reader that looks (`kvtrace export`, `report` on a folder, TensorBoard's tab).
 
 Part of the on-disk format (`kvtrace.format` re-exports every name here), kept apart because a command
 asks it of every input before reading a byte: a snapshot's or a trace's report then loads none of the
@@ -12,6 +13,13 @@ import os
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+PROFILER_DIR = "profiler"
+SNAPSHOT_DIR = "snapshots"
+# Written into a run by `kvtrace report` (and the demo), replaced when the run is recorded again.
+DERIVED_DIRS = ("tb_scalars",)
+# The folders a run owns: replacing a run removes them; a search for runs never looks in them (a long run's
+# profiler/ holds thousands of trace files, none of them a run).
+RUN_DIRS = (PROFILER_DIR, SNAPSHOT_DIR, *DERIVED_DIRS)
 
 # A run group: one run directory per rank of a torch.distributed job, `<group>/rank-<r>/`. The marker
 # file is written by rank 0 and informative only: a folder with rank-<r>/manifest.json children is a
@@ -46,3 +54,15 @@ def is_run_group(path: str | os.PathLike[str]) -> bool:
     """A folder that is not itself a run and holds at least one rank run directory."""
     root = Path(path)
     return root.is_dir() and not is_run_dir(root) and bool(rank_dirs(root))
+
+
+def searched_for_runs(folder: str | os.PathLike[str], parent_is_run: bool) -> bool:
+    """Whether a search for runs looks in `folder`, met in a folder that is (`parent_is_run`) or is not a
+    run. In a run, only the runs inside it (a vLLM engine's `worker-<rank>/`), never the run's own folders.
+    Anywhere else, every folder but a hidden one (.git, .cache), at any depth and whatever its name: a
+    folder named `profiler/` or `snapshots/` that is no run's may hold runs (TensorBoard's tab skipped those
+    names at every depth, and lost them)."""
+    path = Path(folder)
+    if parent_is_run:
+        return path.name not in RUN_DIRS and is_run_dir(path)
+    return not path.name.startswith(".")

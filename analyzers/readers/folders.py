@@ -24,13 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analyzers.readers.sources import describe_read_error, run_without_manifest
-from kvtrace.format import KV_EVENTS, MEMORY_SAMPLES, WEIGHTS, is_run_dir
+from kvtrace.format import KV_EVENTS, MEMORY_SAMPLES, RUN_DIRS, WEIGHTS, is_run_dir, searched_for_runs
 
 __all__ = ["FolderSearch", "Found", "unreadable"]
 
 _SEARCHED_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz", ".pickle")
-# A run's own files: its trace and snapshots are read as part of the run, not as inputs of their own.
-_RUN_SUBDIRS_SKIPPED = frozenset({"profiler", "snapshots", "tb_scalars"})
 # The recorder's logs: a folder holding one but no manifest is a damaged run, found as a problem.
 _RUN_LOGS = frozenset({KV_EVENTS, MEMORY_SAMPLES, WEIGHTS})
 # What stat says of a name that is no input and no problem: a link to nothing, a loop of links.
@@ -96,7 +94,7 @@ class FolderSearch:
             yield refused
         while pending:
             path, in_run = take()
-            if in_run and path.name in _RUN_SUBDIRS_SKIPPED:
+            if in_run and path.name in RUN_DIRS:  # its trace and snapshots are read as part of the run
                 continue
             try:
                 entry = os.stat(path)
@@ -109,9 +107,9 @@ class FolderSearch:
                 if not in_run and stat.S_ISREG(entry.st_mode) and path.name.endswith(_SEARCHED_SUFFIXES):
                     yield Found(path)
                 continue
-            is_run = is_run_dir(path)
-            if in_run and not is_run:  # a run's other folders hold its own files
+            if not searched_for_runs(path, in_run):  # a run's other folders hold its own files
                 continue
+            is_run = is_run_dir(path)
             real = (entry.st_dev, entry.st_ino)
             if real in visited:  # reached again through a link: searched already
                 continue

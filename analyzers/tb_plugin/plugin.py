@@ -1,4 +1,5 @@
-"""The "KV Cache" TensorBoard tab: kvtrace runs under `--logdir`, next to the PyTorch Profiler's tab.
+"""The "KV Cache" TensorBoard tab: kvtrace runs under `--logdir` (or `--logdir_spec`), next to the PyTorch
+Profiler's tab.
 
 TensorBoard finds `KvCachePluginLoader` through the `tensorboard_plugins` entry point of the kvtrace
 distribution, so the tab exists as soon as kvtrace is installed. The tab is an iframe: TensorBoard imports
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import threading
 import traceback
 from collections.abc import Callable, Iterable
@@ -36,6 +39,41 @@ _STATIC_FILES = {
     "charts.js": "text/javascript; charset=utf-8",  # imported by kvcache.js: units, axes, heatmap
 }
 _HEADERS = [("X-Content-Type-Options", "nosniff")]
+# A spec entry starting so is a URI (gs://bucket/logs), not a `name:` entry: TensorBoard's own test.
+_URI = re.compile("[a-zA-Z][0-9a-zA-Z.]*://.*")
+
+
+def parse_logdir_spec(spec: str) -> dict[str, str | None]:
+    """`--logdir_spec` as TensorBoard reads it: directory -> entry name (None for an entry without one).
+
+    TensorBoard's own parser is private (`data_ingester._parse_event_files_spec`), so its rule is kept
+    here and a test holds the two equal: `name:dir` entries split by commas; an entry starting with `/`, a
+    Windows drive or a URI scheme has no name; the name ends at the first colon."""
+    entries: dict[str, str | None] = {}
+    for entry in spec.split(","):
+        name: str | None = None
+        folder = entry
+        if (
+            _URI.match(entry) is None
+            and ":" in entry
+            and entry[0] != "/"
+            and not os.path.splitdrive(entry)[0]
+        ):
+            name, _, folder = entry.partition(":")
+        if _URI.match(folder) is None:
+            folder = os.path.realpath(os.path.expanduser(folder))
+        entries[folder] = name
+    return entries
+
+
+def _store_for(context: base_plugin.TBContext) -> RunStore:
+    """The runs of `--logdir`, or of every directory of `--logdir_spec` (TensorBoard leaves
+    `context.logdir` empty then; the spec is only in its flags)."""
+    logdir = getattr(context, "logdir", None)
+    spec = getattr(getattr(context, "flags", None), "logdir_spec", None)
+    if logdir or not spec:
+        return RunStore(logdir or None)
+    return RunStore(None, logdir_spec=parse_logdir_spec(spec))
 
 
 def _finite(value: Any) -> Any:
@@ -75,13 +113,13 @@ def _int_arg(request: Request, name: str, default: int, low: int, high: int) -> 
 
 
 class KvCachePlugin(base_plugin.TBPlugin):
-    """Serves the KV Cache dashboard and its data for the runs under the log directory."""
+    """Serves the KV Cache dashboard and its data for the runs under the log directory (directories)."""
 
     plugin_name = PLUGIN_NAME
 
     def __init__(self, context: base_plugin.TBContext) -> None:
         super().__init__(context)
-        self._store = RunStore(getattr(context, "logdir", None) or None)
+        self._store = _store_for(context)
         self._plotly_js: bytes | None = None
         self._plotly_lock = threading.Lock()
 
@@ -135,8 +173,8 @@ class KvCachePlugin(base_plugin.TBPlugin):
             runs = self._store.list_runs()
         except Exception as exc:
             traceback.print_exc()
-            return _json({"logdir": str(self._store.logdir), "runs": [], "error": f"{exc}"})
-        return _json({"logdir": str(self._store.logdir), "runs": runs})
+            return _json({"logdir": self._store.shown_logdir, "runs": [], "error": f"{exc}"})
+        return _json({"logdir": self._store.shown_logdir, "runs": runs})
 
     def _serve_run_data(self, request: Request) -> Response:
         name = request.args.get("run")

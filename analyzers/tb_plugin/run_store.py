@@ -1,10 +1,15 @@
-"""The KV Cache plugin's data: which kvtrace runs are under the log directory, and their figures as JSON.
+"""The KV Cache plugin's data: which kvtrace runs are under the log directories, and their figures as JSON.
 
 Kept apart from TensorBoard (no werkzeug, no tensorboard import) so the figures can be tested without a
 server, and so that everything here is the analyzers' own model: the summary is `report_to_json`, the
 timeline is `Report.timelines` cut down by `downsample_indices`, the heatmap is the KV log's `step_live`,
 an engine's pool is the HTML report's own figure (`analyzers.render.engine`).
 Nothing is computed twice and nothing imports torch.
+
+Runs are found as `kvtrace export` finds them (kvtrace.run_layout.searched_for_runs: at any depth, the runs
+inside a run included, never in a run's own profiler/, snapshots/, tb_scalars/). Under `--logdir_spec
+name:dir,...` a run's name starts with its entry's name (its directory, for an entry without one), as
+TensorBoard names runs there, so two entries' runs never share a name.
 
 A run is parsed once and kept while its files are unchanged: the cache key is (path, manifest mtime,
 kv_events.jsonl size), so a run still being recorded (the log grows every step, the manifest is rewritten
@@ -20,19 +25,21 @@ import os
 import threading
 import traceback
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvtrace.errors import KvtraceError
-from kvtrace.format import KV_EVENTS, MANIFEST, SCHEMA_VERSION
+from kvtrace.format import KV_EVENTS, MANIFEST, SCHEMA_VERSION, is_run_dir, searched_for_runs
 
 __all__ = ["DEFAULT_MAX_POINTS", "DEFAULT_MAX_STEPS", "RunStore", "UnknownRun"]
 
 DEFAULT_MAX_POINTS = 5_000
 DEFAULT_MAX_STEPS = 1_000
-# Folders no run lives in; skipping them keeps a scan of a big log directory cheap.
-_SKIP_DIRS = frozenset({"profiler", "snapshots", "tb_scalars", "__pycache__", ".git", "node_modules"})
+# Tools' folders that no run lives in, never walked (a log directory may be a checkout), on top of the
+# shared rule's skips (hidden folders, a run's own).
+_TOOL_DIRS = frozenset({"__pycache__", "node_modules"})
 _MARKER_KINDS = ("step", "eviction", "oom", "snapshot")
 
 
@@ -97,46 +104,80 @@ def _manifest_info(path: Path) -> dict[str, Any]:
     }
 
 
+def _run_dirs(root: Path) -> Iterator[Path]:
+    """The run directories below `root` (itself included), in walk order, by the rule `kvtrace export`
+    searches with. Links are not followed (a scan runs on every request); an unreadable folder is passed
+    over."""
+    if not root.is_dir():
+        return
+    for folder, dirs, _files in os.walk(root, followlinks=False):
+        path = Path(folder)
+        in_run = is_run_dir(path)
+        if in_run:
+            yield path
+        dirs[:] = sorted(d for d in dirs if d not in _TOOL_DIRS and searched_for_runs(path / d, in_run))
+
+
 def _rel_seconds(ts_us: Any, t0_us: float) -> list[float]:
     """Seconds from the run's first event, rounded to the microsecond the clock has."""
     return [round((float(t) - t0_us) / 1e6, 6) for t in ts_us]
 
 
 class RunStore:
-    """The kvtrace runs under one log directory, scanned on demand and parsed lazily, at most
-    `max_cached` at a time (a parsed run holds its event columns: tens of MB for a long one)."""
+    """The kvtrace runs under one log directory (or the directories of a `--logdir_spec`), scanned on
+    demand and parsed lazily, at most `max_cached` at a time (a parsed run holds its event columns: tens of
+    MB for a long one).
 
-    def __init__(self, logdir: str | os.PathLike[str] | None, max_cached: int = 8) -> None:
-        self.logdir = Path(logdir).expanduser().resolve() if logdir else None
+    `logdir_spec` is TensorBoard's parsed `--logdir_spec`: directory -> its entry's name (None for an entry
+    given without one); given, it replaces `logdir`."""
+
+    def __init__(
+        self,
+        logdir: str | os.PathLike[str] | None,
+        max_cached: int = 8,
+        *,
+        logdir_spec: Mapping[str, str | None] | None = None,
+    ) -> None:
+        self.logdir = Path(logdir).expanduser().resolve() if logdir and not logdir_spec else None
+        # (prefix of its runs' names, directory): no prefix for a plain log directory
+        self._roots: list[tuple[str | None, Path]] = []
+        if logdir_spec:
+            for folder, name in logdir_spec.items():
+                path = Path(folder).expanduser().resolve()
+                self._roots.append((name or str(path), path))
+        elif self.logdir is not None:
+            self._roots.append((None, self.logdir))
         self._max_cached = max_cached
         self._cache: OrderedDict[tuple[str, int, int], _Loaded] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._path_locks: dict[str, threading.Lock] = {}
 
     # -- discovery ---------------------------------------------------------------------------------
+    @property
+    def shown_logdir(self) -> str:
+        """What the tab shows as its log directory: the directory, or the spec's entries as name:dir."""
+        if self.logdir is not None:
+            return str(self.logdir)
+        return ",".join(f"{prefix}:{path}" for prefix, path in self._roots)
+
     def scan(self) -> dict[str, Path]:
-        """Run name (path relative to the log directory, "." for the log directory itself) -> path.
-        Walked afresh on every call so that runs written after TensorBoard started appear."""
-        if self.logdir is None or not self.logdir.is_dir():
-            return {}
+        """Run name (path relative to the log directory, "." for the log directory itself; under a spec, the
+        entry's name and that path, "name" for its directory itself) -> path. Walked afresh on every call so
+        that runs written after TensorBoard started appear."""
         runs: dict[str, Path] = {}
-        for root, dirs, files in os.walk(self.logdir, followlinks=False):
-            if MANIFEST in files:
-                path = Path(root)
-                runs[path.relative_to(self.logdir).as_posix()] = path
-                dirs[:] = []  # a run's subfolders (profiler/, snapshots/) hold no further runs
-                continue
-            dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        for prefix, root in self._roots:
+            for path in _run_dirs(root):
+                rel = path.relative_to(root).as_posix()
+                name = rel if prefix is None else prefix if rel == "." else f"{prefix}/{rel}"
+                taken, n = name, 1
+                while taken in runs:  # two entries of one name (a:/x,a:/y) holding runs of one path
+                    n += 1
+                    taken = f"{name}#{n}"
+                runs[taken] = path
         return dict(sorted(runs.items()))
 
     def has_runs(self) -> bool:
-        if self.logdir is None or not self.logdir.is_dir():
-            return False
-        for _root, dirs, files in os.walk(self.logdir, followlinks=False):
-            if MANIFEST in files:
-                return True
-            dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")]
-        return False
+        return any(next(_run_dirs(root), None) is not None for _prefix, root in self._roots)
 
     def list_runs(self) -> list[dict[str, Any]]:
         """Every run with what the selector shows; a run whose manifest is unreadable, or whose last

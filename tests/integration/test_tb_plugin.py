@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from html import unescape
 from pathlib import Path
 from typing import Any
@@ -112,17 +112,16 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def server(logdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real TensorBoard on 127.0.0.1 and a free port; always terminated."""
+@contextmanager
+def _tensorboard(logdir_args: list[str], log_path: Path) -> Iterator[str]:
+    """A real TensorBoard on 127.0.0.1 and a free port, serving `logdir_args`; always terminated."""
     port = _free_port()
     # This interpreter's tensorboard, not whichever `tensorboard` is first on PATH (another environment's
     # may not see this checkout's plugin).
     command = [sys.executable, "-m", "tensorboard.main"]
-    log_path = tmp_path_factory.mktemp("tb_server") / "tensorboard.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [*command, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
+            [*command, *logdir_args, "--host", "127.0.0.1", "--port", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -148,6 +147,14 @@ def server(logdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(logdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real TensorBoard on the log directory."""
+    log_path = tmp_path_factory.mktemp("tb_server") / "tensorboard.log"
+    with _tensorboard(["--logdir", str(logdir)], log_path) as base:
+        yield base
 
 
 def _plugin(server: str, route: str) -> str:
@@ -552,6 +559,102 @@ def test_a_run_written_after_start_appears(server: str, logdir: Path) -> None:
         assert summary["kv"]["measured_from"] == "kv_log"
     finally:
         shutil.rmtree(logdir / "later")
+
+
+def test_runs_in_folders_named_like_a_runs_own_are_listed_as_export_finds_them(tmp_path: Path) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+
+    # GIVEN runs under folders named profiler/, snapshots/, tb_scalars/ that are no run's own, a run with a
+    # worker's run inside it, and a run-shaped copy in a run's own snapshots/ (the run's files, no run)
+    logdir = tmp_path / "tb"
+    shutil.copytree(SAMPLES / "dynamic_b2", logdir / "snapshots" / "r1")
+    shutil.copytree(SAMPLES / "sliding_b2", logdir / "a" / "profiler" / "r2")
+    shutil.copytree(SAMPLES / "static_b2", logdir / "tb_scalars" / "deep" / "r3")
+    run = shutil.copytree(SAMPLES / "static_b2", logdir / "plain")
+    shutil.copytree(SAMPLES / "vllm_preempt", run / "worker-1")
+    shutil.copytree(SAMPLES / "dynamic_b2", run / "snapshots" / "inside")
+    only_nested = tmp_path / "only_nested"
+    shutil.copytree(SAMPLES / "sliding_b2", only_nested / "snapshots" / "r")
+
+    # WHEN the tab lists the runs, and `kvtrace query` exports the same folder
+    listed = RunStore(logdir).list_runs()
+    exported = _cli_json("query", str(logdir), "SELECT path FROM runs", "--json")
+
+    # THEN every run is listed, readable, exactly the runs export finds
+    names = {"snapshots/r1", "a/profiler/r2", "tb_scalars/deep/r3", "plain", "plain/worker-1"}
+    assert {r["name"] for r in listed} == names
+    assert [r["error"] for r in listed] == [None] * len(names)
+    assert {r["path"] for r in listed} == {str((logdir / n).resolve()) for n in names}
+    assert {str(Path(row["path"]).resolve()) for row in exported} == {r["path"] for r in listed}
+    # and a log directory whose only run is under snapshots/ turns the tab on
+    store = RunStore(only_nested)
+    assert store.has_runs() and list(store.scan()) == ["snapshots/r"]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "first:/a/b,second:relative/c",
+        "/abs/no_name,plain_no_name",
+        "name:/path:with/a/colon,C:\\windows\\path",
+        "gs://bucket/logs,uri:s3://bucket/x",
+        "one:~/runs,one:/other",
+    ],
+)
+def test_the_logdir_spec_is_read_as_tensorboard_reads_it(spec: str) -> None:
+    from tensorboard.backend.event_processing.data_ingester import _parse_event_files_spec
+
+    from analyzers.tb_plugin.plugin import parse_logdir_spec
+
+    assert parse_logdir_spec(spec) == _parse_event_files_spec(spec)
+
+
+def test_runs_of_every_logdir_spec_entry_are_named_apart(tmp_path: Path) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+
+    # GIVEN three spec entries holding a run of one name: two entries of one name, one without a name
+    for folder in ("x", "y", "z"):
+        shutil.copytree(SAMPLES / "sliding_b2", tmp_path / folder / "run")
+    spec = {str(tmp_path / "x"): "a", str(tmp_path / "y"): "a", str(tmp_path / "z"): None}
+
+    # WHEN the tab lists them
+    runs = RunStore(None, logdir_spec=spec).scan()
+
+    # THEN each has a name of its own: the entry's name (its directory, unnamed) then the run's path
+    z_run = f"{(tmp_path / 'z').resolve()}/run"
+    assert runs == {
+        "a/run": (tmp_path / "x" / "run").resolve(),
+        "a/run#2": (tmp_path / "y" / "run").resolve(),
+        z_run: (tmp_path / "z" / "run").resolve(),
+    }
+
+
+@pytest.mark.slow
+def test_the_tab_lists_every_run_of_a_logdir_spec(tmp_path: Path) -> None:
+    # GIVEN two directories, each holding a different run under the same folder name
+    shutil.copytree(SAMPLES / "dynamic_b2", tmp_path / "dir1" / "run")
+    shutil.copytree(SAMPLES / "sliding_b2", tmp_path / "dir2" / "run")
+    spec = f"first:{tmp_path / 'dir1'},second:{tmp_path / 'dir2'}"
+
+    # WHEN TensorBoard serves them with --logdir_spec
+    with _tensorboard(["--logdir_spec", spec], tmp_path / "tensorboard.log") as base:
+        _, listing = _get_json(f"{base}/data/plugins_listing")
+        _, runs = _get_json(_plugin(base, "runs"))
+        summaries = {
+            name: _get_json(_plugin(base, f"summary?run={name}"))[1] for name in ("first/run", "second/run")
+        }
+
+    # THEN the tab is on and lists both runs, named by their entry, each serving its own run's figures
+    assert listing[PLUGIN]["enabled"] is True
+    assert {r["name"]: r["path"] for r in runs["runs"]} == {
+        "first/run": str((tmp_path / "dir1" / "run").resolve()),
+        "second/run": str((tmp_path / "dir2" / "run").resolve()),
+    }
+    assert runs["logdir"] == f"first:{(tmp_path / 'dir1').resolve()},second:{(tmp_path / 'dir2').resolve()}"
+    for name, folder in (("first/run", "dir1"), ("second/run", "dir2")):
+        report = _cli_json("report", str(tmp_path / folder / "run"), "--json", "--no-export", "-q")
+        assert summaries[name] == report
+    assert summaries["first/run"] != summaries["second/run"]
 
 
 @pytest.mark.slow
