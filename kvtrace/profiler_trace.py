@@ -4,7 +4,9 @@ torch's `tensorboard_trace_handler` names the file the same way, but on a full d
 "Failed to write to log file!", leaves a cut `<trace>.tmp` and returns as if the trace were written: the
 run would go on to blame the next file that fails (the KV log, the manifest), with the disk still full of
 the cut trace. Here the missing trace is named, and the cut file emptied and removed, its room given back to
-the rest (kineto still holds the file it failed to write open: removing it alone frees nothing).
+the rest (kineto still holds the file it failed to write open: removing it alone frees nothing). torch
+takes the trace's name as UTF-8 only, so a run folder whose name is not (`os.fsdecode(b"run\\xff")`) has its
+trace written under a UTF-8 name and renamed into place.
 
 The profiler a recording runs is made here too (`make_profiler`), and started and stopped inside
 `kineto_quiet`, which keeps kineto's own lines off the user's terminal.
@@ -13,12 +15,13 @@ The profiler a recording runs is made here too (`make_profiler`), and started an
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,22 +45,69 @@ def trace_handler(folder: Path, use_gzip: bool, failed: Callable[[str], None]) -
     def write(prof: Any) -> None:
         name = f"{socket.gethostname()}_{os.getpid()}.{time.time_ns()}.pt.trace.json"
         path = folder / (name + ".gz" if use_gzip else name)
+        written = path  # where torch writes it: `path`, or a UTF-8 name beside it (`_utf8_detour`)
         why: str | None = None
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(path))
-        except OSError as exc:  # gzip's own write, the folder
+            with _utf8_detour(path) as (written, torch_path):
+                prof.export_chrome_trace(torch_path)
+                if written != path and written.is_file() and written.stat().st_size > 0:
+                    os.replace(written, path)
+                    written = path
+        except OSError as exc:  # gzip's own write, the folder, the detour's link
             why = os_reason(exc)
+        except Exception as exc:  # torch refused to write it: the trace is lost, the block did not raise
+            said = str(exc).splitlines()
+            why = f"{type(exc).__name__}: {said[0]}" if said else type(exc).__name__
         except BaseException:  # Ctrl-C while it was written: a cut trace would read as a damaged one
-            _remove_cut(path)
+            _remove_cut(written)
             raise
-        if why is None and not (path.is_file() and path.stat().st_size > 0):
-            why = _why_unwritten(path)
+        if why is None and not (written.is_file() and written.stat().st_size > 0):
+            why = _why_unwritten(written)
         if why is not None:
-            _remove_cut(path)
+            _remove_cut(written)
             failed(f"{path}: cannot write ({why})")
 
     return write
+
+
+def _utf8_text(path: str) -> bool:
+    """Whether torch's C++ can take `path`: pybind11 encodes a str as strict UTF-8, which a name that is not
+    UTF-8 on disk (read by Python as lone surrogates, `os.fsdecode(b"run\\xff")`) fails with a TypeError."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _utf8_detour(path: Path) -> Iterator[tuple[Path, str]]:
+    """Yields (where the trace lands, the name to give torch). For a path that is not UTF-8 text: a UTF-8
+    name in the same folder, reached through a symbolic link to that folder in a temporary folder of its
+    own, so that the trace is written on the run's own disk and then renamed into place with Python's os
+    calls, which take any name the file system does."""
+    if _utf8_text(str(path)):
+        yield path, str(path)
+        return
+    suffix = ".json.gz" if path.name.endswith(".gz") else ".json"  # torch gzips by the name's end
+    # Not a `*.pt.trace.json` name: left behind by a killed process, no reader takes it for a trace.
+    written = path.with_name(f"kvtrace-writing.{os.getpid()}.{time.time_ns()}{suffix}")
+    import tempfile
+
+    links = tempfile.mkdtemp(prefix="kvtrace-trace-")
+    link = os.path.join(links, "profiler")
+    try:
+        if not _utf8_text(link):  # TMPDIR's own name is not UTF-8 either
+            said = f"torch.profiler takes UTF-8 names only; the temporary folder {links!r} is not one"
+            raise OSError(errno.EILSEQ, said)
+        os.symlink(os.path.abspath(path.parent), link)
+        yield written, os.path.join(link, written.name)
+    finally:
+        with contextlib.suppress(OSError):  # the link and its folder, never the folder it leads to
+            os.unlink(link)
+        with contextlib.suppress(OSError):
+            os.rmdir(links)
 
 
 def _why_unwritten(path: Path) -> str:
