@@ -6,6 +6,8 @@ shape (GQA, llama3 RoPE scaling) shows exactly the KV-cache memory a trained one
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -13,6 +15,9 @@ from typing import Any, cast
 # torch is imported inside the functions: the CLI reads SIZES and CACHE_KINDS to build --help.
 
 CACHE_KINDS = ("dynamic", "static", "sliding", "static_sliding", "fp8", "quanto", "hqq", "offloaded")
+SLIDING_KINDS = ("sliding", "static_sliding")
+# The window a sliding cache keeps on a model whose config has none (`--window` overrides it)
+DEFAULT_WINDOW = 16
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -158,7 +163,7 @@ def cache_package_missing(kind: str) -> str | None:
 
 
 def make_cache(
-    kind: str, model: Any, batch: int, max_len: int, window: int = 16
+    kind: str, model: Any, batch: int, max_len: int, window: int = DEFAULT_WINDOW
 ) -> tuple[Any, dict[str, Any]]:
     """(cache object or None, extra generate() kwargs) for a cache kind; `max_len` = prompt + new tokens."""
     from transformers import DynamicCache, QuantizedCache, StaticCache
@@ -174,7 +179,7 @@ def make_cache(
         return StaticCache(config=config, max_cache_len=_static_len(max_len)), {}
     if kind == "offloaded":
         return None, {"cache_implementation": "offloaded"}
-    if kind in ("sliding", "static_sliding"):
+    if kind in SLIDING_KINDS:
         sliding = llama3_config(_size_of(config), sliding_window=window)
         if kind == "sliding":
             return DynamicCache(config=sliding), {}
@@ -184,6 +189,32 @@ def make_cache(
     if kind in ("fp8", "quanto", "hqq"):
         return QuantizedCache(backend=kind, config=config), {}
     raise ValueError(f"unknown cache kind {kind!r}; choose from {', '.join(CACHE_KINDS)}")
+
+
+@contextlib.contextmanager
+def window_on_config(model: Any, kind: str, window: int) -> Iterator[None]:
+    """For a sliding cache kind, the model's config says the window `make_cache` gives its cache, on every
+    layer, as `llama3_config(size, sliding_window=window)` would; as it was again after the block. Enter
+    `kvtrace.record()` inside it, and generate after it: the recording's start reads the config for the
+    manifest's geometry and model_config.json (a plain Llama's has no window, so they said
+    `sliding_window: null` of a cache that slid), while generate() must not see it, as it would build
+    per-layer-type masks for a static cache, which Llama's forward cannot take."""
+    if kind not in SLIDING_KINDS:
+        yield
+        return
+    config = model.config
+    fields = ("sliding_window", "layer_types")
+    before = {name: vars(config)[name] for name in fields if name in vars(config)}
+    config.sliding_window = window
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    try:
+        yield
+    finally:
+        for name in fields:
+            if name in before:
+                setattr(config, name, before[name])
+            else:
+                delattr(config, name)
 
 
 def _static_len(max_len: int) -> int:

@@ -150,10 +150,10 @@ class DemoCommand(Command):
             make_cache,
         )
 
-        prompts = args.prompt or list(DEFAULT_PROMPTS)
+        tokenizer = llama3_tokenizer()
+        prompts, prompt_note = _prompts(args, press, tokenizer, DEFAULT_PROMPTS)
         prompts = [prompts[i % len(prompts)] for i in range(args.batch)]
         model = build_model(args.size, dtype=getattr(torch, args.dtype), device=args.device)
-        tokenizer = llama3_tokenizer()
         pad_id = model.config.pad_token_id
         input_ids, mask = encode_batch(tokenizer, prompts, pad_id)
         input_ids, mask = input_ids.to(args.device), mask.to(args.device)
@@ -169,6 +169,8 @@ class DemoCommand(Command):
             f"{args.dtype}), batch {args.batch}, prompt {input_ids.shape[1]} tokens, "
             f"{args.new_tokens} new, {args.cache} cache{budget_text}"
         )
+        if prompt_note:
+            print(f"  note: {prompt_note}")
         started = time.perf_counter()
         with (
             torch.no_grad(),
@@ -215,6 +217,48 @@ class DemoCommand(Command):
         if crossing is not None and crossing.budget is not None and crossing.budget["crossed"]:
             print(f"why it would run out on {gpu_memory}, and what each remedy buys: kvtrace diagnose {out}")
         return status
+
+
+def _prompts(
+    args: argparse.Namespace, press: Any, tokenizer: Any, built_in: tuple[str, ...]
+) -> tuple[list[str], str]:
+    """The prompts, and a note when the built-in ones were lengthened. A press that scores with the last
+    tokens of its prefill's query (kvpress's SnapKV: 64) asserts the query is longer, which the built-in
+    prompts (about 20 tokens) are not: each is followed by the next ones until it is; a --prompt too short
+    is refused, naming the length it needs, before the model is built."""
+    if press is None:
+        return list(args.prompt or built_in), ""
+    from kvtrace.integrations.presses import query_window
+
+    window = query_window(press)
+    if window is None:
+        return list(args.prompt or built_in), ""
+    needed = window + 1  # the query: the ids generate() feeds at prefill, the BOS token included
+
+    def length(prompt: str) -> int:
+        return len(tokenizer.encode(prompt, bos=True, eos=False))
+
+    if args.prompt:
+        longest = max(map(length, args.prompt))
+        if longest < needed:
+            raise KvtraceError(
+                f"--press {args.press} scores with the prompt's last {window} tokens, so it needs a prompt "
+                f"of at least {needed} tokens (the BOS token included); the longest --prompt has {longest}: "
+                "pass a longer --prompt, or none for built-in ones long enough"
+            )
+        return list(args.prompt), ""
+    prompts = []
+    for first in range(len(built_in)):
+        prompt, following = built_in[first], first + 1
+        while length(prompt) < needed:
+            prompt += " " + built_in[following % len(built_in)]
+            following += 1
+        prompts.append(prompt)
+    note = (
+        f"--press {args.press} scores with the prompt's last {window} tokens: each built-in prompt is "
+        f"followed by the next ones until it has at least {needed} tokens"
+    )
+    return prompts, note
 
 
 def _check_flags(args: argparse.Namespace) -> None:

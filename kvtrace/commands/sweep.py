@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -43,13 +44,13 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def _model_size(args: argparse.Namespace, longest: int) -> tuple[str, Any]:
-    """(name, kvtrace.llama.ModelSize) from --size, --preset or --config; `longest`: the most tokens a
-    point holds."""
+def _model_size(args: argparse.Namespace, longest: int) -> tuple[str, Any, int | None]:
+    """(name, kvtrace.llama.ModelSize, the model's own sliding window or None) from --size, --preset or
+    --config; `longest`: the most tokens a point holds."""
     from kvtrace.llama import SIZES, ModelSize
 
     if args.size is not None:
-        return args.size, SIZES[args.size]
+        return args.size, SIZES[args.size], None
     from analyzers.planning.hf_config import geometry_from_config
     from analyzers.planning.presets import get_preset
 
@@ -78,7 +79,7 @@ def _model_size(args: argparse.Namespace, longest: int) -> tuple[str, Any]:
         tie_embeddings=geom.tie_word_embeddings,
         head_dim=geom.head_dim,  # may differ from hidden_size / heads (Qwen3, Gemma): llama builds it
     )
-    return geom.name, size
+    return geom.name, size, geom.sliding_window
 
 
 def _not_llama(geom: Any, longest: int) -> str:
@@ -207,6 +208,8 @@ class SweepCommand(Command):
     Each point runs generate() on a random-weights Llama 3 model (--size, a --preset or a --config
     shape) under kvtrace.record with the profiler on; context is the prompt length in random tokens.
     Every point is recorded with a cache of its own, so each equals a standalone run of its settings.
+    The sliding caches keep --window tokens: by default the model's own sliding_window where its --config
+    or --preset has one, else 16; each point's manifest gives the window its cache kept.
     Prints the table, and writes OUT/sweep.json (one row per point), OUT/sweep.html and each point's run
     directory under OUT/runs/. With --gpu-memory (or --budget), rows say whether the measured peak fits
     and, when not, the step and layer where a device of that size would run out. On CUDA an OOM inside a
@@ -219,7 +222,7 @@ class SweepCommand(Command):
     name = "sweep"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from kvtrace.llama import CACHE_KINDS, SIZES
+        from kvtrace.llama import CACHE_KINDS, DEFAULT_WINDOW, SIZES
 
         model = parser.add_mutually_exclusive_group()
         model.add_argument("--size", choices=sorted(SIZES), help="kvtrace.llama model shape (default: tiny)")
@@ -233,6 +236,12 @@ class SweepCommand(Command):
             "--cache",
             default="dynamic,static",
             help=f"comma-separated, of {', '.join(CACHE_KINDS)} (default dynamic,static)",
+        )
+        parser.add_argument(
+            "--window",
+            type=int,
+            help=f"tokens a sliding or static_sliding cache keeps (default: the model's sliding_window "
+            f"from --config or --preset, else {DEFAULT_WINDOW})",
         )
         parser.add_argument(
             "--new-tokens", type=int, default=8, help="tokens generated per point (default 8)"
@@ -256,7 +265,7 @@ class SweepCommand(Command):
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
-        from kvtrace.llama import CACHE_KINDS
+        from kvtrace.llama import CACHE_KINDS, DEFAULT_WINDOW, SLIDING_KINDS
 
         batches = _int_list(args.batch, "--batch")
         contexts = _int_list(args.context, "--context")
@@ -269,6 +278,11 @@ class SweepCommand(Command):
             raise KvtraceError(f"--cache lists a kind twice: {args.cache!r}")
         if args.new_tokens < 1:
             raise KvtraceError("--new-tokens must be at least 1")
+        if args.window is not None:  # as `kvtrace demo --window`
+            if args.window < 1:
+                raise KvtraceError("--window must be at least 1")
+            if not set(caches) & set(SLIDING_KINDS):
+                raise KvtraceError(f"--window applies to --cache sliding or static_sliding, not {args.cache}")
         budget = None
         if args.budget is not None:
             from analyzers.planning.size_text import parse_size
@@ -278,7 +292,9 @@ class SweepCommand(Command):
             )
         if args.size is None and args.preset is None and args.config is None:
             args.size = "tiny"
-        model_name, size = _model_size(args, max(contexts) + args.new_tokens)
+        model_name, size, model_window = _model_size(args, max(contexts) + args.new_tokens)
+        # The model's own window, as `kvtrace plan` keeps it: a 16-token one shrank a Mistral's 4096
+        window = args.window or model_window or DEFAULT_WINDOW
         import torch
         from tqdm import tqdm
 
@@ -291,6 +307,7 @@ class SweepCommand(Command):
             device_unavailable,
             llama3_config,
             make_cache,
+            window_on_config,
         )
 
         device = args.device
@@ -340,15 +357,16 @@ class SweepCommand(Command):
             generator = torch.Generator().manual_seed(batch * 100_003 + context)
             ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
             _forget_generate_state(model)
-            cache, extra = make_cache(cache_kind, model, batch, context + args.new_tokens)
+            cache, extra = make_cache(cache_kind, model, batch, context + args.new_tokens, window=window)
             if cache is not None:
                 extra[cache_keyword()] = cache
             status = "ok"
             try:
-                with (
-                    torch.no_grad(),
-                    kvtrace.record(run_dir, model=model, overwrite=True, gpu_memory=budget),
-                ):
+                with torch.no_grad(), contextlib.ExitStack() as block:
+                    with window_on_config(model, cache_kind, window):  # the manifest's: the cache's window
+                        block.enter_context(
+                            kvtrace.record(run_dir, model=model, overwrite=True, gpu_memory=budget)
+                        )
                     model.generate(
                         ids,
                         attention_mask=torch.ones_like(ids),
@@ -371,13 +389,21 @@ class SweepCommand(Command):
             row = {"batch": batch, "context": context, "cache": cache_kind}
             row.update(_point_row(run_dir, budget, status))
             rows.append(row)
-        self._write(out, rows, budget, model_name, args, device)
+        slid = window if set(caches) & set(SLIDING_KINDS) else None
+        self._write(out, rows, budget, model_name, args, device, slid)
         return 0
 
     @staticmethod
     def _write(
-        out: Path, rows: list[dict[str, Any]], budget: int | None, model_name: str, args: Any, device: str
+        out: Path,
+        rows: list[dict[str, Any]],
+        budget: int | None,
+        model_name: str,
+        args: Any,
+        device: str,
+        window: int | None,
     ) -> None:
+        """sweep.json, sweep.html and the table; `window`: the sliding caches' (None: no sliding kind)."""
         from analyzers.compare import sweep_to_html, sweep_to_text
 
         summary = {
@@ -394,7 +420,8 @@ class SweepCommand(Command):
             "rows": rows,
         }
         write_replacing(out / "sweep.json", json.dumps(summary, indent=2).encode("utf-8"))
-        title = f"kvtrace sweep: {model_name} ({args.dtype}, {device}, {args.new_tokens} new tokens)"
+        slides = "" if window is None else f", a {window}-token window"
+        title = f"kvtrace sweep: {model_name} ({args.dtype}, {device}, {args.new_tokens} new tokens{slides})"
         write_replacing(out / "sweep.html", page_bytes(sweep_to_html(rows, budget, title)))
         files = f"{out / 'sweep.json'} and {out / 'sweep.html'}"
 

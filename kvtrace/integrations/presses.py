@@ -56,3 +56,17 @@ def make_press(name: str, compression: float, interval: int = 4, target_size: in
             base_press=kvpress.KnormPress(), compression_interval=interval, target_size=target_size
         )
     raise KvtraceError(f"unknown press {name!r}; choose from {', '.join(PRESS_NAMES)}")
+
+
+def query_window(press: Any) -> int | None:
+    """The tokens a press scores with at the end of its prefill's query, which that query must be longer
+    than (kvpress's SnapKV, and PyramidKV and AdaKV over it, assert so: 64 by default); None for a press
+    without one. ThinK's window takes what the query has, so it needs no length."""
+    import kvpress
+
+    scorer = press
+    while not isinstance(scorer, kvpress.SnapKVPress):
+        scorer = getattr(scorer, "press", None) or getattr(scorer, "base_press", None)
+        if scorer is None:
+            return None
+    return int(scorer.window_size)
