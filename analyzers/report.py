@@ -45,7 +45,7 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
         traces = profiler_traces_in(Path(path))
         source = open_source(traces[-1], progress=progress)
         if len(traces) > 1:
-            source.meta.setdefault("input_notes", []).append(_newest_note(path, traces))
+            source.meta.setdefault("input_notes", []).append(_last_trace_note(path, traces))
     else:
         source = open_source(path, progress=progress)
     damaged = all_memory_events_damaged(source)
@@ -54,8 +54,13 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
     return attribute(source)
 
 
-def _newest_note(path: str | os.PathLike[str], traces: list[Any]) -> str:
-    return f"{path} holds {len(traces)} profiler traces: read the newest, {Path(traces[-1]).name}"
+def _last_trace_note(path: str | os.PathLike[str], traces: list[Any]) -> str:
+    """Which trace of a folder was read. "The newest" it is only when one worker wrote them all (names
+    then differ by their time); telling it by time means opening every trace, so the note says the rule."""
+    return (
+        f"{path} holds {len(traces)} profiler traces: read the last by name, {Path(traces[-1]).name} "
+        "(name a trace to read another)"
+    )
 
 
 def build_report(
@@ -88,7 +93,7 @@ def build_report(
 
         kind = classify_path(path)
         traces: list[Any] = profiler_traces_in(Path(path)) if kind == "profiler_folder" else [path]
-        notes = [_newest_note(path, traces)] if len(traces) > 1 else []
+        notes = [_last_trace_note(path, traces)] if len(traces) > 1 else []
         if kind == "snapshot" and not timelines:
             from analyzers.snapshot_summary import plain_snapshot_report
 

@@ -8,11 +8,11 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.lazy_numpy import numpy_at_first_use
-from kvtrace.commands.output import GuardedStdout
+from kvtrace.commands.output import GuardedStdout, StdoutError, discard_unwritten
 from kvtrace.errors import KvtraceError, missing_dependency, os_errno, os_reason
 
 # (name, module, class): imported when the parser is built, so each module keeps torch/plotly imports
@@ -80,13 +80,37 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    stdout = sys.stdout
+    sys.stdout = GuardedStdout(stdout)  # type: ignore[assignment]
+    try:
+        return _main(argv, stdout)
+    except StdoutError as exc:  # --help or --version printed into a full disk or a closed stdout
+        discard_unwritten(stdout)
+        named = next(iter(argv), None)
+        prog = f"kvtrace {named}" if named in {name for name, _, _ in _COMMANDS} else "kvtrace"
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:  # `kvtrace --version | true`: the reader has gone, as for a command's output
+        discard_unwritten(stdout)
+        return 0
+    finally:
+        if isinstance(sys.stdout, GuardedStdout):
+            sys.stdout = stdout
+
+
+def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
     parser = build_parser(argv)
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except SystemExit:  # --help, --version: what they printed fails here, not unsaid at the exit
+        sys.stdout.flush()
+        raise
     command: Command | None = getattr(args, "_command", None)
     if unknown:  # said with the usage of the command they were given to, not kvtrace's own
         (getattr(args, "_parser", None) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if command is None:
         parser.print_help()
+        sys.stdout.flush()
         return 2
     empty = _empty_path(args)
     if empty is not None:  # pathlib reads "" as ".": an unset shell variable would read or write the cwd
@@ -95,8 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    stdout = sys.stdout
-    sys.stdout = GuardedStdout(stdout)  # type: ignore[assignment]
     try:
         if command.defers_numpy:
             with numpy_at_first_use():
@@ -106,12 +128,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # what is still buffered fails here, named, not at the interpreter's exit
         return status
     except KvtraceError as exc:
+        if isinstance(exc, StdoutError):
+            discard_unwritten(stdout)
         print(f"kvtrace {command.name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"kvtrace {command.name}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        discard_unwritten(stdout)  # else written again at exit: "Exception ignored", exit status 120
         return 0
     except OSError as exc:  # a path the readers did not expect to fail (permissions, a folder, a full disk)
         where = f"{exc.filename}: " if exc.filename else ""
@@ -135,9 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 70  # EX_SOFTWARE
-    finally:
-        if isinstance(sys.stdout, GuardedStdout):
-            sys.stdout = stdout
 
 
 # A write that failed for want of room or a writable disk: the output, not the input, is at fault.

@@ -138,14 +138,15 @@ def file_in_the_way(path: Path, folder: bool = False) -> Path | None:
 def cannot_write(path: Path, exc: OSError | None, verb: str = "write", folder: bool = False) -> KvtraceError:
     """The one-line error, exit status 1, for an output that cannot be written. When a file stands in the
     way, the OS says "File exists" or "Not a directory", which reads as if the output were there already:
-    name the file instead."""
+    name the file instead, and what it is when not a regular file (a named pipe, /dev/full)."""
     blocker = file_in_the_way(path, folder)
+    kind = special_output(blocker) if blocker is not None else None
     if blocker is None:
         why = os_reason(exc) if exc is not None else "unknown cause"
     elif blocker == path:
-        why = "it is a file"
+        why = "it is a file" if kind is None else f"{kind}, not a folder"
     else:
-        why = f"a parent of the path is a file: {blocker}"
+        why = f"a parent of the path is {kind or 'a file'}: {blocker}"
     return KvtraceError(f"{path}: cannot {verb} ({why})", exit_code=1)
 
 

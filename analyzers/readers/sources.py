@@ -415,7 +415,9 @@ def runs_in(folder: Path) -> list[Path]:
 
 def profiler_traces_in(folder: Path) -> list[Path]:
     """torch.profiler traces (`*.pt.trace.json[.gz]`) directly inside `folder`, sorted by name: Kineto
-    names them host_pid.<ns since boot>, so the last is the newest, as `Run.profiler_traces` assumes."""
+    names them <worker>.<ns since the epoch>, so of one worker's the last is the newest, as
+    `Run.profiler_traces` assumes. Traces of several workers (host_pid by default, or worker0, rank-34)
+    sort by worker, not by time."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_TRACE_SUFFIXES))
 
 

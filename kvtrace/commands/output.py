@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +49,11 @@ class GuardedStdout:
     `> file`, /dev/full), or a write to a closed one (`>&-`: Python then has no sys.stdout), is the one-line
     error "standard output: cannot write (...)", exit status 1. The OS's bare "No space left on device"
     named no file, and read as if an input were at fault. A closed pipe (`| head`) passes through: the CLI
-    ends quietly on it."""
+    ends quietly on it.
+
+    An unbuffered standard output (PYTHONUNBUFFERED, `python -u`: common in containers) is written here,
+    byte count checked: its text layer drops what a short write (the last room on a disk, a file size
+    limit) left over, and raises nothing, so a `--json` cut at the first 1024 bytes exited 0."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -55,13 +62,38 @@ class GuardedStdout:
         if self._stream is None:
             raise StdoutError("standard output: cannot write (it is closed)")
         try:
-            return self._stream.write(text)
+            if self._unbuffered() is None:
+                return self._stream.write(text)
+            encoding = getattr(self._stream, "encoding", None) or "utf-8"
+            errors = getattr(self._stream, "errors", None) or "strict"
+            self._write_bytes(text.replace("\n", os.linesep).encode(encoding, errors))
+            return len(text)
         except UnicodeEncodeError:
             return self._write_file_names(text)
         except BrokenPipeError:
             raise
         except OSError as exc:
             raise _stdout_failed(exc) from None
+
+    def _unbuffered(self) -> io.RawIOBase | None:
+        """The stream's binary layer when it is the file itself, with no buffer between (which would
+        write a short write's rest, or raise)."""
+        buffer = getattr(self._stream, "buffer", None)
+        return buffer if isinstance(buffer, io.RawIOBase) else None
+
+    def _write_bytes(self, data: bytes) -> None:
+        """`data` on the stream's binary layer, whole: a raw file takes what it has room for and says how
+        much, so the rest is written again, where the OS then says why it cannot (ENOSPC, EFBIG)."""
+        buffer = self._stream.buffer
+        self._stream.flush()  # what the text layer holds goes first
+        rest = memoryview(data)
+        while rest:
+            written = buffer.write(rest)
+            if written is None:  # a non-blocking standard output that is full: the rest would be lost
+                raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            if written <= 0:  # no room and no error: writing again would loop forever
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            rest = rest[written:]
 
     def _write_file_names(self, text: str) -> int:
         """Text holding a file name that is not UTF-8, on a standard output that refuses such text (a UTF-8
@@ -76,8 +108,7 @@ class GuardedStdout:
         except UnicodeEncodeError:
             data = text.encode(encoding, "backslashreplace")
         try:
-            self._stream.flush()  # what the text layer holds goes first
-            buffer.write(data)
+            self._write_bytes(data)
         except BrokenPipeError:
             raise
         except OSError as exc:
@@ -99,6 +130,21 @@ class GuardedStdout:
 
     def __getattr__(self, name: str) -> Any:  # encoding, fileno...: the stream's own
         return getattr(self._stream, name)
+
+
+def discard_unwritten(stream: Any) -> None:
+    """After standard output failed: point its file at /dev/null, so that what its buffer still holds is
+    dropped there. The interpreter writes it again at exit, fails again, and then exits 120 with an
+    "Exception ignored ... OSError" after the one line (the fix Python's docs give for a closed pipe)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # closed, or not a file (a test's captured output)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _stdout_failed(exc: OSError) -> StdoutError:

@@ -31,6 +31,8 @@ def parse_reserve(text: str) -> tuple[int | None, float | None]:
         number = Decimal(text.strip())
     except InvalidOperation:
         number = None
+    if number is not None and number.is_nan():  # NaN cannot be compared (it raises): refused as a size
+        number = None
     if number is not None and number.is_finite() and 0 <= number < 1:
         return None, float(number)
     if number is not None and number < 0:

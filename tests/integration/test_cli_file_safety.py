@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -241,15 +243,27 @@ def test_a_named_pipe_given_as_an_output_is_refused_never_replaced(tmp_path: Pat
     assert sorted(p.name for p in sweep_out.iterdir()) == ["sweep.json"]
 
 
+def _env(unbuffered: bool) -> dict[str, str]:
+    """The environment of a `kvtrace` process, its standard output buffered (Python's default) or not
+    (PYTHONUNBUFFERED, common in containers): each loses a failed write in its own way."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return {**env, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"} | (
+        {"PYTHONUNBUFFERED": "1"} if unbuffered else {}
+    )
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("unbuffered", [True, False], ids=["unbuffered", "buffered"])
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
-def test_standard_output_on_a_full_disk_is_named_in_one_line(as_json: bool) -> None:
+def test_standard_output_on_a_full_disk_is_named_in_one_line(as_json: bool, unbuffered: bool) -> None:
     # GIVEN a real snapshot, and standard output on a full disk (`> file` there; /dev/full says ENOSPC)
     snapshot = REPO.parent / "shared" / "real_traces" / "snapshots" / "mem_snapshot.pickle"
     if not snapshot.exists():
         snapshot = SAMPLES / "static_b2"
     argv = [sys.executable, "-m", "kvtrace.cli", "report", str(snapshot), "--no-export", "-q"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    # (buffered, the interpreter wrote the rest again at exit: exit status 120, "Exception ignored" after
+    # the line)
+    env = _env(unbuffered)
     with open("/dev/full", "w") as full:
         done = subprocess.run(
             argv + (["--json"] if as_json else []), stdout=full, stderr=subprocess.PIPE, text=True, env=env
@@ -257,6 +271,121 @@ def test_standard_output_on_a_full_disk_is_named_in_one_line(as_json: bool) -> N
     # THEN one line naming standard output (the OS's bare "No space left on device" named nothing), status 1
     assert done.returncode == 1, done.stderr
     assert done.stderr == "kvtrace report: error: standard output: cannot write (No space left on device)\n"
+
+
+def _file_size_limit(max_file_bytes: int) -> Callable[[], None]:
+    """A child's limit on the size of any file it writes (a disk with that much room): a write past it
+    is cut short, the next fails with EFBIG (Python ignores SIGXFSZ)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, resource.RLIM_INFINITY))
+
+    return limit
+
+
+@pytest.mark.parametrize("unbuffered", [True, False], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["report", str(SAMPLES / "vllm_preempt"), "--no-export", "-q", "--json"],
+        ["report", str(SAMPLES / "vllm_preempt"), "--no-export", "-q"],
+        ["diagnose", str(SAMPLES / "vllm_preempt"), "--json"],
+        ["compare", str(SAMPLES / "static_b2"), str(SAMPLES / "dynamic_b2"), "--json"],
+        ["plan", "--preset", "llama-3-8b", "--json"],
+        ["query", str(SAMPLES / "static_b2"), "--json", "SELECT * FROM kv_events"],
+    ],
+    ids=["report-json", "report-text", "diagnose-json", "compare-json", "plan-json", "query-json"],
+)
+def test_standard_output_cut_short_by_a_full_disk_is_named_in_one_line(
+    argv: list[str], unbuffered: bool, tmp_path: Path
+) -> None:
+    # GIVEN standard output into a file on a disk with room for 1 KiB, less than the command prints
+    limit = 1024
+    whole = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", *argv], capture_output=True, env=_env(unbuffered), timeout=120
+    )
+    assert whole.returncode == 0 and len(whole.stdout) > limit, whole.stderr
+    # WHEN the command prints its result there
+    out = tmp_path / "out"
+    with out.open("wb") as stdout:
+        done = subprocess.run(
+            [sys.executable, "-m", "kvtrace.cli", *argv],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(unbuffered),
+            preexec_fn=_file_size_limit(limit),
+            timeout=120,
+        )
+    # THEN the output cut at 1 KiB is said in one line, exit status 1: unbuffered, the OS took the first
+    # 1,024 bytes of the one write of the JSON, Python dropped the rest without a word, and it exited 0
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"kvtrace {argv[0]}: error: standard output: cannot write (File too large)\n"
+    assert out.read_bytes() == whole.stdout[:limit]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("unbuffered", [True, False], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--version"], ["plan", "--help"], []], ids=["help", "version", "plan-help", "none"]
+)
+def test_help_and_version_on_a_full_disk_are_named_in_one_line(argv: list[str], unbuffered: bool) -> None:
+    # WHEN the help or the version is printed onto a full disk
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "kvtrace.cli", *argv],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(unbuffered),
+            timeout=120,
+        )
+    # THEN one line and exit status 1, as every command gives (argparse swallowed the error: exit status 0,
+    # nothing said; buffered, 120 and "Exception ignored")
+    prog = "kvtrace plan" if argv[:1] == ["plan"] else "kvtrace"
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"{prog}: error: standard output: cannot write (No space left on device)\n"
+
+
+@pytest.mark.parametrize("unbuffered", [True, False], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize("argv", [["--version"], ["plan", "--preset", "llama-3-8b"]], ids=["version", "plan"])
+def test_a_reader_gone_before_the_output_ends_it_quietly(argv: list[str], unbuffered: bool) -> None:
+    # GIVEN standard output into a pipe whose reader has gone before kvtrace writes (`| true`; `| head -1`
+    # when head has its line): the read end is closed while the interpreter is still starting
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvtrace.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(unbuffered),
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    # THEN it ends quietly, exit status 0 (buffered, the interpreter wrote the rest again at exit: an
+    # "Exception ignored ... BrokenPipeError" and exit status 120; `--version` a traceback)
+    assert (proc.returncode, err.decode()) == (0, "")
+
+
+def test_an_export_folder_that_is_a_pipe_or_a_device_says_what_it_is(tmp_path: Path) -> None:
+    # GIVEN a named pipe, a link to it, and a file below it, where the export folder goes
+    pipe = tmp_path / "tables"
+    os.mkfifo(pipe)
+    link = tmp_path / "link"
+    link.symlink_to(pipe)
+    refused = [
+        (pipe, "a named pipe, not a folder"),
+        (link, "a symbolic link to a named pipe, not a folder"),
+        (pipe / "below", f"a parent of the path is a named pipe: {pipe}"),
+    ]
+    if Path("/dev/full").exists():
+        refused.append((Path("/dev/full"), "a character device, not a folder"))
+    for out, said in refused:
+        # WHEN a run is exported there
+        done = _kvtrace_on_a_full_disk(["export", str(SAMPLES / "static_b2"), "-q", "-o", str(out)], None)
+        # THEN one line says what stands there ("it is a file", as for a regular file, it used to say)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == f"kvtrace export: error: {out}: cannot write ({said})\n"
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and link.is_symlink()
 
 
 def _kvtrace_with_stdout_closed(argv: list[str]) -> subprocess.CompletedProcess[str]:

@@ -70,6 +70,10 @@ def test_a_size_too_large_for_any_device_is_refused(
         (["plan", "--preset", "llama-3-8b", "--gpu-memory", "70M"], "--gpu-memory: cannot read size '70M'"),
         (["plan", "--preset", "llama-3-8b", "--gpu-memory", "1.5B"], "--gpu-memory: a size in bytes must be"),
         (["plan", "--preset", "llama-3-8b", "--reserve", "70M"], "--reserve: cannot read size '70M'"),
+        # a NaN compared as a fraction raised decimal's InvalidOperation: an "internal error", exit status 70
+        (["plan", "--preset", "llama-3-8b", "--reserve", "nan"], "--reserve: cannot read size 'nan'"),
+        (["plan", "--preset", "llama-3-8b", "--reserve", "sNaN"], "--reserve: cannot read size 'sNaN'"),
+        (["plan", "--preset", "llama-3-8b", "--reserve=-NaN"], "--reserve: cannot read size '-NaN'"),
         (
             ["plan", "--preset", "llama-3-8b", "--engine", "vllm", "--gpu-memory", "0"],
             "--gpu-memory 0: a memory size must be positive",
@@ -103,6 +107,9 @@ def test_a_size_too_large_for_any_device_is_refused(
         "plan",
         "plan-fraction",
         "plan-reserve",
+        "plan-reserve-nan",
+        "plan-reserve-snan",
+        "plan-reserve-minus-nan",
         "plan-vllm-zero",
         "plan-vllm-kv",
         "plan-vllm-weights",

@@ -118,21 +118,33 @@ def test_events_with_wrong_types_are_counted_with_their_reason_in_notes(tmp_path
     assert "1 [memory] with a non-numeric ts" in skipped[0]
 
 
-def test_a_profiler_folder_with_several_traces_reads_the_newest_and_says_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("first_name", "last_name"),
+    [
+        # one worker's traces, as torch.profiler names them: the last by name is the newest
+        ("host_1.100.pt.trace.json.gz", "host_1.200.pt.trace.json.gz"),
+        # two workers' (as in real_traces/chrome): the last by name, worker0's, is the older one
+        ("rank-34.200.pt.trace.json.gz", "worker0.100.pt.trace.json.gz"),
+    ],
+    ids=["one-worker", "two-workers"],
+)
+def test_a_profiler_folder_with_several_traces_reads_the_last_by_name_and_says_so(
+    tmp_path: Path, first_name: str, last_name: str
+) -> None:
     folder = tmp_path / "profiler"
     folder.mkdir()
     runs = [SAMPLES / name / "profiler" for name in ("static_b2", "dynamic_b2")]
-    older, newer = (sorted(run.iterdir())[0] for run in runs)
-    shutil.copy(older, folder / "host_1.100.pt.trace.json.gz")
-    shutil.copy(newer, folder / "host_1.200.pt.trace.json.gz")
+    first, last = (sorted(run.iterdir())[0] for run in runs)
+    shutil.copy(first, folder / first_name)
+    shutil.copy(last, folder / last_name)
     code, out, err = _cli("report", str(folder), "--json", "-q")
     assert code == 0, err
     result = json.loads(out)
-    _, alone, _ = _cli("report", str(newer), "--json", "-q")
+    _, alone, _ = _cli("report", str(last), "--json", "-q")
     assert result["devices"] == json.loads(alone)["devices"]
-    assert (
-        f"{folder} holds 2 profiler traces: read the newest, host_1.200.pt.trace.json.gz" in result["notes"]
-    )
+    # the note says the rule it followed: "the newest" was untrue of the second folder
+    said = f"{folder} holds 2 profiler traces: read the last by name, {last_name}"
+    assert f"{said} (name a trace to read another)" in result["notes"]
 
 
 @pytest.mark.parametrize("command", ["report", "diagnose"])
