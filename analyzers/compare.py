@@ -37,6 +37,7 @@ from typing import Any
 
 from analyzers.caches import CROSS_ATTENTION, model_caches
 from analyzers.model import MemorySource
+from analyzers.render.plotly_div import figure_div
 from analyzers.summary import Report
 from analyzers.units import binary_unit, hover_bytes, human_bytes
 
@@ -424,7 +425,7 @@ def comparison_to_html(comparison: Comparison) -> str:
         template="plotly_white",
         height=520,
     )
-    plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-compare")
+    plot = figure_div(fig, "kvtrace-compare")
     table = f"<table><tr><th></th>{head}</tr>{body}</table>"
     notes = "".join(f"<p>note: {esc(r.label)}: {esc(note)}</p>" for r in comparison.runs for note in r.notes)
     return _page("kvtrace compare", table + notes + plot)
@@ -580,6 +581,6 @@ def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
     fig.update_layout(
         template="plotly_white", height=640, legend={"orientation": "h", "y": -0.32}, margin={"b": 150}
     )
-    plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-sweep")
+    plot = figure_div(fig, "kvtrace-sweep")
     budget = f"<p>budget: {human_bytes(budget_bytes)}</p>" if budget_bytes is not None else ""
     return _page(title, f"{budget}<table><tr>{header}</tr>{''.join(lines)}</table>{plot}")

@@ -2,11 +2,14 @@
 
 A timeline of ten million events cannot be drawn point by point; averaging would lower the peaks the
 user came to see. `downsample_indices` keeps, per bucket, the first, lowest, highest and last point, so
-the drawn curve reaches exactly the same heights as the full one.
+the drawn curve reaches exactly the same heights as the full one. Series drawn at shared x (a device's
+categories, stacked) are cut by `downsample_together`, which keeps each series' own extremes, not only
+those of the one that chose the points.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,3 +132,28 @@ def downsample_indices(values: np.ndarray, max_points: int, times: np.ndarray | 
     min_pos[bucket_of[is_min][rev]] = idx[is_min][rev]
     keep += [max_pos, min_pos]
     return sorted_unique(np.concatenate(keep))
+
+
+def downsample_together(
+    series: Sequence[np.ndarray], max_points: int, times: np.ndarray | None = None
+) -> np.ndarray:
+    """Indices, shared by several aligned series, at which each keeps its own per-bucket max and min.
+
+    The union of `downsample_indices` of every series, since the indices one series picks miss another's
+    peak (the KV bytes peak where allocated does not, when other memory was freed in between). All cut the
+    same buckets, whose first and last points they share: a bucket keeps at most 2 + 2 per series, so
+    the buckets are as many as keep the union within `max_points`."""
+    n = int(series[0].shape[0]) if series else 0
+    if n <= max_points:
+        return np.arange(n)
+    share = max(4, 4 * max_points // (2 + 2 * len(series)))  # downsample_indices: max_points // 4 buckets
+    return sorted_unique(np.concatenate([downsample_indices(values, share, times) for values in series]))
+
+
+def timeline_indices(timeline: DeviceTimeline, max_points: int) -> np.ndarray:
+    """`downsample_together` of what a chart draws of one device at the same x: allocated, each category
+    and reserved, cut with the events' times."""
+    series = [timeline.allocated, *timeline.by_category.values()]
+    if timeline.reserved is not None:
+        series.append(timeline.reserved)
+    return downsample_together(series, max_points, timeline.ts_us)

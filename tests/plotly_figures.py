@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["decoded", "page_figure"]
+__all__ = ["decoded", "page_configs", "page_figure"]
 
 
 def decoded(value: Any) -> Any:
@@ -40,3 +40,19 @@ def page_figure(page: str, div_id: str) -> tuple[list[dict[str, Any]], dict[str,
     assert comma is not None
     layout, _ = decoder.raw_decode(page, comma.end())
     return decoded(traces), decoded(layout)
+
+
+def page_configs(page: str) -> list[dict[str, Any]]:
+    """The config (newPlot's fourth argument, after the data and the layout) of every plot a page draws."""
+    decoder = json.JSONDecoder()
+    comma = re.compile(r"\s*,\s*")
+    configs = []
+    for call in re.finditer(r'Plotly\.newPlot\(\s*"[^"]*",\s*', page):
+        end = call.end()
+        for _ in range(2):  # skip the data, then the layout
+            end = decoder.raw_decode(page, end)[1]
+            after = comma.match(page, end)
+            assert after is not None, "a newPlot call without a config"
+            end = after.end()
+        configs.append(decoder.raw_decode(page, end)[0])
+    return configs

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.engine import EngineFigures, EngineRun
+from analyzers.render.plotly_div import figure_div
 from analyzers.units import human_bytes
 
 
@@ -136,7 +137,7 @@ def engine_html_section(run: EngineRun, fig: EngineFigures) -> str:
     fig_plot = engine_pool_figure(run)
     if fig_plot is None:
         return ""
-    div = fig_plot.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-engine-pool")
+    div = figure_div(fig_plot, "kvtrace-engine-pool")
     title = html.escape(engine_pool_title(fig))
     table = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in engine_pool_rows(fig))
     return f"<h2>{title}</h2><table class='summary'>{table}</table>{div}"

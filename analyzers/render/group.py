@@ -14,8 +14,9 @@ from analyzers.planning.diagnosis import Diagnosis
 from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
 from analyzers.render.event_axis import event_axis, held_points, held_span
 from analyzers.render.json import report_to_json
+from analyzers.render.plotly_div import figure_div
 from analyzers.render.text import budget_line, report_to_text
-from analyzers.timeline import downsample_indices
+from analyzers.timeline import downsample_indices, timeline_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes
 
 __all__ = [
@@ -131,7 +132,7 @@ def _group_figure(group: GroupReport) -> Any:
     axis = event_axis(every, t0, untimed=False, seconds_shared=True)
     placed = [
         [
-            axis.points(tl, downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us)) if len(tl.ts_us) else None
+            axis.points(tl, timeline_indices(tl, MAX_POINTS)) if len(tl.ts_us) else None
             for tl in r.report.timelines
         ]
         for r in ranks
@@ -243,7 +244,7 @@ def group_report_to_html(group: GroupReport) -> str:
     notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in group.notes)
     if group.total.budget is not None:  # the rank that crossed the recorded budget first
         notes += f"<p class='note'>{esc(budget_line(group.total.budget).strip())}</p>"
-    plot = _group_figure(group).to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-ranks")
+    plot = figure_div(_group_figure(group), "kvtrace-ranks")
     title = f"kvtrace: {group.path}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>

@@ -14,9 +14,10 @@ from analyzers.render.engine import no_memory_timeline
 from analyzers.render.event_axis import EventAxis, event_axis, held_points, held_span
 from analyzers.render.json import NO_KV_HINT, report_to_json
 from analyzers.render.kv_heatmap import layer_grid
-from analyzers.render.text import budget_line, evicted_tokens
+from analyzers.render.plotly_div import figure_div
+from analyzers.render.text import budget_line, budget_marker_label, evicted_tokens
 from analyzers.summary import Report
-from analyzers.timeline import downsample_indices
+from analyzers.timeline import downsample_indices, timeline_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes
 
 MAX_POINTS = 20_000
@@ -73,11 +74,9 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     unit, factor = binary_unit(max(top, (report.budget or {}).get("bytes", 0)))
     hover = hover_bytes(unit)
     # From the level before the first event: a trace that begins by freeing blocks it never allocated
-    # (a snapshot's) peaks there, as the page's figures say.
+    # (a snapshot's) peaks there, as the page's figures say. Each series drawn keeps its own peak.
     placed = [
-        axis.points(tl, downsample_indices(tl.allocated, MAX_POINTS, tl.ts_us))
-        if len(tl.ts_us) and not axis.held_only
-        else None
+        axis.points(tl, timeline_indices(tl, MAX_POINTS)) if len(tl.ts_us) and not axis.held_only else None
         for tl in report.timelines
     ]
     span = _held_span(placed, source, axis)
@@ -250,11 +249,7 @@ def _add_budget(fig: Any, report: Report, axis: EventAxis, factor: int) -> None:
         col=1,
     )
     if budget["crossed"] and budget["t"] is not None:
-        layer = f", layer {budget['layer']}" if budget["layer"] is not None else ""
-        label = (
-            f"would run out on a {size} device: step {budget['step']} ({budget['phase']}){layer}, "
-            f"a {human_bytes(budget['request_bytes'])} request"
-        )
+        label = budget_marker_label(budget)
         fig.add_trace(
             go.Scatter(
                 x=[axis.place(budget["t"])],
@@ -436,7 +431,7 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
     no_timeline = no_memory_timeline(source.meta.get("engine"), report.engine, events)
     if no_timeline is None and not _draws_nothing(source, report):
         fig = _timeline_figure(source, report)
-        plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id="kvtrace-timeline")
+        plot = figure_div(fig, "kvtrace-timeline")
     extra_notes = [n for n in (_monitor_note(source), no_timeline) if n]
     if report.kv.measured_from == "none":
         extra_notes.append(f"KV cache: {NO_KV_HINT}")

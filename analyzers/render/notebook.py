@@ -20,7 +20,7 @@ from analyzers.render.engine import engine_text_lines
 from analyzers.render.group import rank_cells
 from analyzers.render.text import budget_line
 from analyzers.summary import Report
-from analyzers.timeline import DeviceTimeline, downsample_indices
+from analyzers.timeline import DeviceTimeline, downsample_together
 from analyzers.units import human_bytes
 
 _WIDTH, _HEIGHT, _POINTS = 480, 90, 400
@@ -47,7 +47,7 @@ def _sparkline(timeline: DeviceTimeline) -> str:
     n = int(timeline.allocated.shape[0])
     if n < 2:
         return ""
-    keep = downsample_indices(timeline.allocated, _POINTS)
+    keep = downsample_together([timeline.allocated, timeline.by_category["kv"]], _POINTS)
     x = np.asarray(timeline.ts_us, dtype=np.float64)[keep]
     top = float(timeline.allocated.max())
     lines = _polyline(x, timeline.allocated[keep].astype(np.float64), top, "#777")

@@ -302,3 +302,27 @@ def budget_line(budget: dict[str, Any], engine: Any = None) -> str:
         f"  budget {size}: would run out{at}{layer}: a {request}{what} allocation on top of {before} "
         f"(peak {peak}{unseen}; see `kvtrace diagnose`)"
     )
+
+
+def budget_marker_label(budget: dict[str, Any]) -> str:
+    """The hover text of a chart's "runs out here" mark on a crossed budget (the HTML report's and the
+    TensorBoard tab's): the allocation that would fail where there is one, with only the step, phase and
+    layer known. Crossed before the first step by what was already held, there is no request to name."""
+    size = human_bytes(budget["bytes"])
+    if budget.get("request_bytes") is None:
+        held = budget["allocated_after_bytes"]
+        over = human_bytes(held - budget["bytes"])  # the two sizes alone can round to one figure
+        return (
+            f"exceeded on a {size} device before the first step: "
+            f"{human_bytes(held)} already allocated, {over} over"
+        )
+    where = []
+    if budget.get("before_first_step"):  # step 0: record()'s setup or an engine's start, no phase
+        where.append("before the first step")
+    elif budget.get("step") is not None:
+        phase = f" ({budget['phase']})" if budget.get("phase") else ""
+        where.append(f"step {budget['step']}{phase}")
+    if budget.get("layer") is not None:
+        where.append(f"layer {budget['layer']}")
+    where.append(f"a {human_bytes(budget['request_bytes'])} request")
+    return f"would run out on a {size} device: {', '.join(where)}"

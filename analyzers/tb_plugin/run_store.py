@@ -460,16 +460,12 @@ def _budget_marker(budget: dict[str, Any] | None, t0: float) -> dict[str, Any] |
     the allocation that took the device over, drawn at the level it took it to."""
     if budget is None or not budget["crossed"] or budget["t"] is None:
         return None
-    from analyzers.units import human_bytes
+    from analyzers.render.text import budget_marker_label
 
-    layer = f", layer {budget['layer']}" if budget["layer"] is not None else ""
     return {
         "kind": "budget",
         "t_s": _rel_seconds([budget["t"]], t0)[0],
-        "label": (
-            f"would run out on a {human_bytes(budget['bytes'])} device: step {budget['step']} "
-            f"({budget['phase']}){layer}, a {human_bytes(budget['request_bytes'])} request"
-        ),
+        "label": budget_marker_label(budget),
         "device": budget["device"],
         "bytes": budget["allocated_after_bytes"] or budget["bytes"],
     }

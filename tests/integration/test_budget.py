@@ -302,3 +302,28 @@ def test_the_tensorboard_timeline_marks_where_the_run_runs_out(
     assert mark["t_s"] == device["t_s"][first_over]
     assert mark["bytes"] == device["allocated"][first_over] == weights + after
     assert f"step {step} (decode), layer {layer}, a {human_bytes(request)} request" in mark["label"]
+
+
+def test_a_budget_the_weights_exceed_is_marked_before_the_first_step(
+    tiny_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    from analyzers.render.html import report_to_html
+    from analyzers.tb_plugin.run_store import RunStore
+
+    # GIVEN a run whose weights alone are a byte over its budget: no step and no request crossed it
+    weights = weights_bytes(tiny_model)
+    budget = weights - 1
+    _record(tiny_model, tmp_path / "run", budget)
+    crossing = _json(["report", str(tmp_path / "run"), "--json", "-q", "--no-export"])["budget"]
+    assert crossing["before_first_step"] and crossing["step"] is None and crossing["request_bytes"] is None
+    # WHEN the HTML report and the TensorBoard tab mark where the run runs out
+    page = report_to_html(*build_report(tmp_path / "run"))
+    (mark,) = [m for m in RunStore(tmp_path).timeline("run")["markers"] if m["kind"] == "budget"]
+    # THEN both say what the text report says, with the figures of the weights, and no "step None (None)"
+    said = (
+        f"exceeded on a {human_bytes(budget)} device before the first step: "
+        f"{human_bytes(weights)} already allocated, {human_bytes(1)} over"
+    )
+    assert mark["label"] == said and mark["bytes"] == weights
+    assert f'"text":["{said}"]' in page and "runs out here" in page
+    assert "None" not in page.split("kvtrace-timeline", 1)[1]

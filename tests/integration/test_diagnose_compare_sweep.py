@@ -104,6 +104,8 @@ def _chromium_check(html_path: Path) -> None:
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
     assert not console, console
     assert "plot-container" in done.stdout and "scatterlayer" in done.stdout
+    # a page that may hold private traces offers no button posting them to cloud.plotly.com, no logo link
+    assert 'data-title="Share chart' not in done.stdout and 'data-title="Produced with' not in done.stdout
 
 
 def test_sweep_writes_json_and_html(sweep_dir: Path) -> None:

@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import kvtrace
+from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.llama import build_model
 from tests.tiny import HEAD_DIM, tiny_size, weights_bytes
@@ -75,6 +76,13 @@ def test_a_budget_the_pool_crosses_names_the_pool_and_prices_num_blocks(
     line = next(line for line in text.splitlines() if line.startswith("  budget "))
     assert "exceeded before the first step by the transformers-cb KV pool" in line
     assert "weights and what the process held before" not in line
+    # AND the charts' "runs out here" mark says so too (it read "step 0 (None)"), at the pool's level
+    from analyzers.tb_plugin.run_store import RunStore
+
+    (mark,) = [m for m in RunStore(tmp_path).timeline("run")["markers"] if m["kind"] == "budget"]
+    assert mark["bytes"] == weights + pool
+    assert mark["label"].startswith(f"would run out on a {human_bytes(budget)} device: before the first step")
+    assert mark["label"].endswith(f", a {human_bytes(pool)} request") and "None" not in mark["label"]
 
     # WHEN diagnosed THEN the budget is explained: the pool crossed it, by the peak's excess
     diagnosis = _json(["diagnose", str(run)], capsys)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from analyzers.model import KV, WEIGHTS, DeviceEvents
-from analyzers.timeline import device_timeline, downsample_indices
+from analyzers.timeline import device_timeline, downsample_indices, downsample_together
 
 
 @pytest.mark.parametrize("n", [10, 4_001, 1_000_003])
@@ -51,3 +51,16 @@ def test_the_value_held_before_a_pause_is_kept_for_a_step_line() -> None:
     # and every bucket's extremes are still there
     assert keep[-2] == n - 2 and len(keep) <= 1100
     assert values[keep].max() == values.max() and values[keep].min() == values.min()
+
+
+def test_downsampling_together_keeps_every_series_extremes_within_the_points() -> None:
+    # GIVEN four aligned series of a million points, each with its own peaks and lows
+    rng = np.random.default_rng(3)
+    series = [np.cumsum(rng.integers(-1000, 1000, 1_000_003)) for _ in range(4)]
+    times = np.cumsum(rng.integers(1, 50, 1_000_003))
+    # WHEN cut together to 20,000 points
+    keep = downsample_together(series, 20_000, times)
+    # THEN the points are about that many, in order, and every series keeps its own max and min
+    assert len(keep) <= 20_000 + 8 and np.all(np.diff(keep) > 0)
+    for values in series:
+        assert values[keep].max() == values.max() and values[keep].min() == values.min()
