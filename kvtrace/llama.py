@@ -18,6 +18,9 @@ CACHE_KINDS = ("dynamic", "static", "sliding", "static_sliding", "fp8", "quanto"
 SLIDING_KINDS = ("sliding", "static_sliding")
 # The window a sliding cache keeps on a model whose config has none (`--window` overrides it)
 DEFAULT_WINDOW = 16
+# transformers' dynamic sliding layer keeps `states[..., -window + 1:, :]`: at a window of 1 that is every
+# token (`-0:`), so its cache never slides
+MIN_WINDOW = 2
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

@@ -261,13 +261,27 @@ def _prompts(
     return prompts, note
 
 
+def window_refusal(window: int) -> str:
+    """Why `--window` is refused below `MIN_WINDOW` (transformers' sliding cache would keep every token)."""
+    from kvtrace.llama import MIN_WINDOW
+
+    return (
+        f"--window must be at least {MIN_WINDOW}, got {window}: transformers' sliding cache keeps every "
+        "token at a window of 1"
+    )
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse values out of range and flags that would do nothing with the others given (a window without
     a sliding cache, a compression without a press, stacks without the profiler, more prompts than rows)."""
-    for flag in ("batch", "new_tokens", "window", "beams"):
+    from kvtrace.llama import MIN_WINDOW
+
+    for flag in ("batch", "new_tokens", "beams"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise KvtraceError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.window is not None and args.window < MIN_WINDOW:
+        raise KvtraceError(window_refusal(args.window))
     if args.window is not None and args.cache not in ("sliding", "static_sliding"):
         raise KvtraceError(f"--window applies to --cache sliding or static_sliding, not {args.cache}")
     if args.compression is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import errno
 import io
 import json
@@ -57,6 +59,7 @@ class GuardedStdout:
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
+        self._encoder: codecs.IncrementalEncoder | None = None
 
     def write(self, text: str) -> int:
         if self._stream is None:
@@ -64,9 +67,8 @@ class GuardedStdout:
         try:
             if self._unbuffered() is None:
                 return self._stream.write(text)
-            encoding = getattr(self._stream, "encoding", None) or "utf-8"
             errors = getattr(self._stream, "errors", None) or "strict"
-            self._write_bytes(text.replace("\n", os.linesep).encode(encoding, errors))
+            self._write_bytes(self._encode(text.replace("\n", os.linesep), errors))
             return len(text)
         except UnicodeEncodeError:
             return self._write_file_names(text)
@@ -74,6 +76,27 @@ class GuardedStdout:
             raise
         except OSError as exc:
             raise _stdout_failed(exc) from None
+
+    def _encode(self, text: str, errors: str) -> bytes:
+        """`text` in the stream's encoding, by one encoder for the whole output, as the text layer encodes:
+        an encoding that begins with a byte order mark (utf-8-sig, utf-16) writes it once, at the start of
+        the output (none after the start of a file, `>>`), not before every `print()`'s newline. A failed
+        encode leaves the encoder as it was (the caller writes the text again, escaped)."""
+        encoder = self._encoder
+        if encoder is None:
+            encoding = getattr(self._stream, "encoding", None) or "utf-8"
+            encoder = self._encoder = codecs.getincrementalencoder(encoding)()
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                buffer = self._stream.buffer
+                if buffer.seekable() and buffer.tell() != 0:
+                    encoder.setstate(0)  # as io.TextIOWrapper: no byte order mark past a file's start
+        state = encoder.getstate()
+        encoder.errors = errors
+        try:
+            return encoder.encode(text)
+        except UnicodeEncodeError:
+            encoder.setstate(state)
+            raise
 
     def _unbuffered(self) -> io.RawIOBase | None:
         """The stream's binary layer when it is the file itself, with no buffer between (which would
@@ -103,10 +126,16 @@ class GuardedStdout:
         buffer = getattr(self._stream, "buffer", None)
         if buffer is None:
             return int(self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding)))
+        # Unbuffered, the output's one encoder (its byte order mark once); else the text layer wrote any mark
+        encode = (
+            self._encode
+            if self._unbuffered() is not None
+            else lambda text, errors: text.encode(encoding, errors)
+        )
         try:
-            data = text.encode(encoding, "surrogateescape")
+            data = encode(text, "surrogateescape")
         except UnicodeEncodeError:
-            data = text.encode(encoding, "backslashreplace")
+            data = encode(text, "backslashreplace")
         try:
             self._write_bytes(data)
         except BrokenPipeError:

@@ -265,7 +265,8 @@ class SweepCommand(Command):
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
-        from kvtrace.llama import CACHE_KINDS, DEFAULT_WINDOW, SLIDING_KINDS
+        from kvtrace.commands.demo import window_refusal
+        from kvtrace.llama import CACHE_KINDS, DEFAULT_WINDOW, MIN_WINDOW, SLIDING_KINDS
 
         batches = _int_list(args.batch, "--batch")
         contexts = _int_list(args.context, "--context")
@@ -279,8 +280,8 @@ class SweepCommand(Command):
         if args.new_tokens < 1:
             raise KvtraceError("--new-tokens must be at least 1")
         if args.window is not None:  # as `kvtrace demo --window`
-            if args.window < 1:
-                raise KvtraceError("--window must be at least 1")
+            if args.window < MIN_WINDOW:
+                raise KvtraceError(window_refusal(args.window))
             if not set(caches) & set(SLIDING_KINDS):
                 raise KvtraceError(f"--window applies to --cache sliding or static_sliding, not {args.cache}")
         budget = None

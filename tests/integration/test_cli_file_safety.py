@@ -8,6 +8,7 @@ overwritten through a link) or to hang. A full disk is a real file-size limit (R
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import resource
@@ -496,3 +497,30 @@ def test_a_run_whose_folder_name_is_not_utf8_is_read_written_and_exported(
     done = subprocess.run(argv, capture_output=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == b"kvtrace report: " + os.fsencode(run) + b" (run)"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+@pytest.mark.parametrize("appended", [False, True], ids=["new-file", "appended"])
+def test_an_output_encoding_with_a_byte_order_mark_writes_it_once(
+    encoding: str, appended: bool, tmp_path: Path
+) -> None:
+    # GIVEN an output encoding that begins with a byte order mark, and a text report of several prints,
+    # written to a new file, or appended to one that holds a line already
+    argv = [sys.executable, "-m", "kvtrace.cli", "report", str(SAMPLES / "dynamic_b2"), "--no-export", "-q"]
+    outputs = {}
+    for unbuffered in (False, True):
+        out = tmp_path / f"{unbuffered}.txt"
+        out.write_bytes(b"before\n" if appended else b"")
+        env = _env(unbuffered) | {"PYTHONIOENCODING": encoding}
+        # WHEN it is printed with standard output buffered (Python's text layer encodes) and unbuffered
+        with open(out, "ab") as sink:
+            done = subprocess.run(argv, stdout=sink, stderr=subprocess.PIPE, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        outputs[unbuffered] = out.read_bytes()
+    # THEN both are the same bytes: the mark once at the start of a new file, none after a file's start
+    # (it was written again before every print's newline, unbuffered)
+    assert outputs[True] == outputs[False]
+    mark = codecs.BOM_UTF8 if encoding == "utf-8-sig" else codecs.BOM_UTF16
+    body = outputs[True].removeprefix(b"before\n")
+    assert body.count(mark) == (0 if appended else 1)
+    assert body.decode(encoding).count("\n") > 5

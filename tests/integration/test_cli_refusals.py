@@ -1040,3 +1040,20 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(
     assert err.endswith(f"error: {named}: an empty path ('') names no file or folder") and "\n" not in err
     # AND nothing was read as a run or written in the current folder
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", ["demo", "sweep"])
+def test_a_window_of_one_token_is_refused(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a sliding cache of one token: transformers' sliding layer keeps `states[..., -window + 1:, :]`,
+    # every token at a window of 1 (`-0:`), so the run never slid (23 of 23 tokens held) while its manifest
+    # said a 1-token window and `plan --from-run` planned one
+    out = tmp_path / "r"
+    flags = ["--no-report"] if command == "demo" else ["--batch", "1", "--context", "8", "-q"]
+    # WHEN it is asked for THEN it is refused in one line, before anything is recorded
+    assert main([command, "--cache", "sliding", "--window", "1", "--out", str(out), *flags]) == 2
+    assert capsys.readouterr().err.endswith(
+        "--window must be at least 2, got 1: transformers' sliding cache keeps every token at a window of 1\n"
+    )
+    assert not out.exists()
