@@ -90,6 +90,12 @@ class RecordedPeak:
     dtype_fixed_bytes: int | None = None
     prefill_dtype_fixed_bytes: int | None = None
     update_dtype_fixed_bytes: int | None = None
+    # of `activations_bytes`, `prefill_activations_bytes` and `update_activations_bytes`, those a larger
+    # batch keeps: the logits processors' vectors over the vocabulary (run_peak's `batch_fixed_bytes`);
+    # None: not told apart, all grow with the rows
+    batch_fixed_bytes: int | None = None
+    prefill_batch_fixed_bytes: int | None = None
+    update_batch_fixed_bytes: int | None = None
     # at a decode peak, the bytes generate()'s token tensors (ids, mask) gain per row and token, which grow
     # with the context whatever the cache's window (run_peak's `token_row_bytes`); None: not told
     token_row_bytes: int | None = None

@@ -68,7 +68,8 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     tokens = _token_growth(req, rec, batch, context)  # generate()'s ids and mask, where `grown` misses them
     freed = _rows_freed(rec, batch)
     activations = rec.activations_bytes - freed  # at the plan's rows, before the context grows them
-    growth = gain.grown(activations, rec.context_token_bytes) - activations
+    fixed = rec.batch_fixed_bytes  # the vocabulary-long vectors, which more rows keep
+    growth = gain.grown(activations, rec.context_token_bytes, fixed) - activations
     floors = _moment_floors(req, run, rec, batch, context)
     if not same_cache_as_run(req):
         sizes = kv_sizes(req, batch, context)
@@ -79,7 +80,7 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         # context 206 was 27,740 B, 4.4%, below the recording), grown as all are (an upper bound)
         unseen = _unseen_at_end(run, rec)
         at_end = activations + growth + gain.grown(unseen, None)
-        at_peak = max(at_end, math.ceil((activations + unseen) * prompt_grown))
+        at_peak = max(at_end, _scaled(activations + unseen, fixed, prompt_grown))
         beside_update = rec.update_activations_bytes
         if beside_update is None or (req.cache == "quantized" and _prefill_peaks(rec, grown, prompt_grown)):
             # the update's copies beside: a bound
@@ -88,9 +89,10 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         # KV, and this cache's KV peak (inside an update, or a beam search's reorder) beside what the run
         # held at its own KV peak; fewer rows keep the share of them that `_rows_freed` keeps at the peak
         kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
+        update_fixed = rec.update_batch_fixed_bytes
         in_update = max(
-            gain.grown(beside_update * kept, rec.update_context_token_bytes),
-            math.ceil(beside_update * kept * prompt_grown),
+            gain.grown(beside_update * kept, rec.update_context_token_bytes, update_fixed),
+            _scaled(beside_update * kept, update_fixed, prompt_grown),
         )
         in_update += _update_token_growth(rec, batch, context, kept * max(grown, prompt_grown))
         held = max(sizes.kv_bytes, sizes.prefill_bytes)
@@ -119,7 +121,9 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> int:
         return 0
     rows, more = max(batch / rec.batch, 1.0), _attended_gain(req, rec, context)
     gain = _Gain(rows, _context_growth(req, rec, context), max(batch, rec.batch), more)
-    activations = gain.grown(rec.activations_bytes - _rows_freed(rec, batch), rec.context_token_bytes)
+    activations = gain.grown(
+        rec.activations_bytes - _rows_freed(rec, batch), rec.context_token_bytes, rec.batch_fixed_bytes
+    )
     tokens = _token_growth(req, rec, batch, context)
     return req.weights_bytes + kv_sizes(req, batch, context).kv_bytes + activations + tokens + copies
 
@@ -179,16 +183,25 @@ class _Gain:
     row_count: int
     tokens: int
 
-    def grown(self, activations: float, token_bytes: int | None) -> int:
+    def grown(self, activations: float, token_bytes: int | None, fixed: int | None = None) -> int:
         """`activations` at the plan: all follow the rows, and where the run tells the bytes a row and
         token adds (`token_bytes`: run_peak's `context_token_bytes`), those grow by the tokens attended
         more; the logits, a position's hidden states and generate()'s float32 copies of the last position
         stay (before, all grew with the context: the tiny Llama's dynamic cache planned from context 12
         at 206 was +918,539 B, +109.4%, over its recording). Not told: all grow in proportion to the
-        context too (an upper bound)."""
+        context too (an upper bound). `fixed` of them (the vocabulary-long vectors: run_peak's
+        `batch_fixed_bytes`) stay whatever the rows and tokens."""
         if token_bytes is None:
-            return math.ceil(activations * self.rows * self.stretch)
-        return math.ceil(activations * self.rows) + token_bytes * self.row_count * self.tokens
+            return _scaled(activations, fixed, self.rows * self.stretch)
+        return _scaled(activations, fixed, self.rows) + token_bytes * self.row_count * self.tokens
+
+
+def _scaled(activations: float, fixed: int | None, factor: float) -> int:
+    """`activations` grown by `factor` (more rows, a longer prompt), all but `fixed` of them, which no row
+    count changes (the logits processors' vectors over the vocabulary: run_peak's `batch_fixed_bytes`);
+    the run's own figure where `factor` is 1."""
+    kept = min(fixed or 0, math.floor(activations))
+    return kept + math.ceil((activations - kept) * factor)
 
 
 def _attended_gain(req: PlanRequest, rec: RecordedPeak, context: int) -> int:
@@ -274,32 +287,45 @@ def _moment_floors(
     beside_prefill = rec.prefill_activations_bytes
     if beside_prefill is None:
         beside_prefill = max(rec.peak_bytes - rec.weights_bytes - run_sizes.prefill_bytes, 0)
-    if rec.phase == "prefill":  # measured there: its KV may differ from the arithmetic's prompt
-        beside_prefill = max(beside_prefill, rec.activations_bytes)
+    # at a prefill peak, measured there: its KV may differ from the arithmetic's prompt (taken below)
     token_bytes: int | None = None  # what a token adds to `beside_peak`; None: not told, all grow
+    # of `beside_prefill` and `beside_peak`, the vocabulary-long vectors, which more rows keep
+    prefill_fixed = rec.prefill_batch_fixed_bytes if rec.prefill_activations_bytes is not None else None
+    if rec.phase == "prefill" and beside_prefill < rec.activations_bytes:
+        prefill_fixed = rec.batch_fixed_bytes
+    beside_prefill = max(beside_prefill, rec.activations_bytes) if rec.phase == "prefill" else beside_prefill
+    peak_fixed: int | None = None
     if rec.cut_short:
         beside_peak = max(rec.activations_bytes, beside_prefill)
+        peak_fixed = rec.batch_fixed_bytes if beside_peak == rec.activations_bytes else prefill_fixed
     elif rec.update_activations_bytes is not None and rec.update_context_token_bytes is not None:
         # measured at the run's KV peak, which the plan's KV peak repeats (the bound also holds the logits
         # of the step's end, which come after the update)
         beside_peak, token_bytes = rec.update_activations_bytes, rec.update_context_token_bytes
+        peak_fixed = rec.update_batch_fixed_bytes
     else:
         beside_peak = max(rec.peak_bytes - rec.weights_bytes - run_sizes.step_peak_bytes, 0)
         if rec.update_activations_bytes is None and _moment_kv(run, rec, rec.batch, rec.context) >= (
             run_sizes.step_peak_bytes
         ):
             token_bytes = rec.context_token_bytes  # the peak moment held the KV peak: its activations
+        # the peak's activations are within it (the run's peak less its weights and KV there): its vectors
+        peak_fixed = rec.batch_fixed_bytes if beside_peak >= rec.activations_bytes else None
     stretch = _context_growth(req, rec, context)
     gain = _Gain(rows, stretch, max(batch, rec.batch), _attended_gain(req, rec, context))
     early = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
-    late = max(gain.grown(beside_peak * kept, token_bytes), math.ceil(beside_peak * kept * early))
+    late = max(
+        gain.grown(beside_peak * kept, token_bytes, peak_fixed),
+        _scaled(beside_peak * kept, peak_fixed, early),
+    )
     beside_late = late + _token_growth(req, rec, batch, context)
     floors = [req.weights_bytes + sizes.step_peak_bytes + beside_late]
     if early > 1.0:
         # A prefill of more rows or tokens than the run's: its own moment. Not otherwise: the run's own
         # prefill is within its peak, and the measured figure is the most beside the KV at any moment of
         # it, with the whole prefill KV beside that (an upper bound where its KV was still filling then)
-        floors.append(req.weights_bytes + sizes.prefill_bytes + math.ceil(beside_prefill * kept * early))
+        prefill = _scaled(beside_prefill * kept, prefill_fixed, early)
+        floors.append(req.weights_bytes + sizes.prefill_bytes + prefill)
     return floors
 
 

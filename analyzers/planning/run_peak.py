@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PeakMoment",
+    "batch_fixed_bytes",
     "context_token_bytes",
     "dtype_fixed_bytes",
     "peak_moment",
@@ -59,6 +60,11 @@ class PeakMoment:
     dtype_fixed_bytes: int | None = None
     prefill_dtype_fixed_bytes: int | None = None
     update_dtype_fixed_bytes: int | None = None
+    # of the activations at the peak, at the prefill's and at the update's, those a larger batch keeps: the
+    # logits processors' vectors over the vocabulary (`batch_fixed_bytes`); None: not told apart, all grow
+    batch_fixed_bytes: int | None = None
+    prefill_batch_fixed_bytes: int | None = None
+    update_batch_fixed_bytes: int | None = None
     # bytes generate()'s token tensors live at a decode peak gain per row and token (`token_row_bytes`)
     token_row_bytes: int | None = None
     # of `update_activations_bytes`, those generate()'s token tensors (`token_tensors`): the update of a
@@ -108,6 +114,10 @@ def peak_moment(
     at_peak_context = context_token_bytes(source, report, peak_at, diagnosis.batch, prompt, context)
     at_update_context = context_token_bytes(source, report, update_at, diagnosis.batch, prompt, context)
     decode = diagnosis.step_phase == "decode"
+
+    def batch_fixed(index: int | None) -> int | None:
+        return batch_fixed_bytes(source, report, index, diagnosis.batch, prompt, context)
+
     return PeakMoment(
         peak_bytes=main.peak_allocated_bytes,
         activations_bytes=max(beside, 0),
@@ -121,6 +131,9 @@ def peak_moment(
         dtype_fixed_bytes=dtype_fixed_bytes(source, report, peak_at),
         prefill_dtype_fixed_bytes=dtype_fixed_bytes(source, report, prefill_at),
         update_dtype_fixed_bytes=dtype_fixed_bytes(source, report, update_at),
+        batch_fixed_bytes=batch_fixed(peak_at),
+        prefill_batch_fixed_bytes=batch_fixed(prefill_at),
+        update_batch_fixed_bytes=batch_fixed(update_at),
         token_row_bytes=token_row_bytes(at_peak_tokens) if decode else None,
         update_token_bytes=sum(at_update_tokens) if at_update_tokens is not None else None,
         context_token_bytes=at_peak_context if decode else None,
@@ -255,6 +268,50 @@ def dtype_fixed_bytes(source: MemorySource, report: Report, index: int | None) -
     return sum(nbytes for nbytes in live_sizes(dev, index, OTHER) if nbytes in fixed)
 
 
+def batch_fixed_bytes(
+    source: MemorySource,
+    report: Report,
+    index: int | None,
+    rows: int | None,
+    prompt: int | None,
+    context: int | None,
+) -> int | None:
+    """Bytes of the allocations beside the weights and KV live after the main device's event `index` that a
+    larger batch keeps: the vectors over the vocabulary generate()'s logits processors make, whatever the
+    rows (an int64 `arange`, bool masks: diagnose_rows' `fixed_sizes`), where their size is no batch-first
+    tensor's. A batch-first one is `rows` x a model width (`row_units`) x positions: the vocabulary's
+    logits over one position (generate() keeps the last one's) or the prompt's (a model computing them all
+    at its prefill), the other widths over at most the context. A size both (at batch 1 the float32 logits
+    are a float32 vector's) counts as the rows', so the batch grows it: an upper bound. Before, a larger
+    batch grew them too: the demo's tiny Llama at batch 1, planned at batch 8, held 33,831,072 B beside its
+    weights and KV where the batch-8 recording held 25,790,108 (+8.5% on its peak), 1,154,304 of the 4,233,236
+    it held at batch 1 being those vectors. None where the events carry no addresses or the run does not
+    say its rows, prompt and context."""
+    from analyzers.model import OTHER
+    from analyzers.planning.diagnose_rows import fixed_sizes, row_units
+    from analyzers.planning.diagnose_stacks import live_sizes
+
+    geometry, main = report.geometry or {}, report.main_device
+    vocab = geometry.get("vocab_size")
+    if index is None or index < 0 or main is None or not rows or prompt is None or context is None:
+        return None
+    dev = next((d for d in source.devices if d.device == main.device), None)
+    if not isinstance(vocab, int) or dev is None or not bool((dev.addr >= 0).any()):
+        return None
+    vocab_units = {vocab * 4, vocab * _HALF_FLOATS.get(str(geometry.get("dtype")), 4)}
+    batch_first = {rows * unit * positions for unit in vocab_units for positions in {1, prompt}}
+    other_units = row_units(geometry) - vocab_units
+
+    def follows_rows(nbytes: int) -> bool:
+        if nbytes in batch_first:
+            return True
+        per_row, left = divmod(nbytes, rows)
+        return not left and any(not per_row % unit and per_row // unit <= context for unit in other_units)
+
+    fixed = fixed_sizes(geometry)
+    return sum(n for n in live_sizes(dev, index, OTHER) if n in fixed and not follows_rows(n))
+
+
 def _main_timeline(source: MemorySource, report: Report) -> tuple[int, Any] | None:
     """(index among the source's devices, timeline) of the report's main device; None without one."""
     main = report.main_device
@@ -342,7 +399,8 @@ def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, row
         "tell which follow the rows)"
     )
     how = (
-        f": the run's own settings plan its own peak; {smaller}; a larger batch grows them in proportion, "
+        f": the run's own settings plan its own peak; {smaller}; a larger batch grows them in proportion "
+        "but for the logits processors' vectors over the vocabulary, which no row count changes, "
         "a larger context those over it (ids, masks, attention's) by the tokens added, a longer prompt's "
         "prefill with the prompt "
         "(where every layer slides, by generate()'s ids and mask alone, a few bytes a token, as the run's "

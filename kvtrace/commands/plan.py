@@ -105,6 +105,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
     default_kv = weights_dtype if weights_dtype in ("bf16", "fp16", "fp32") else "bf16"
     group_size, residual_length = _quantized_settings(run, run.cache)
     assert run.context is not None
+    same_rows = moment.batch == (run.batch or 1)
     return RecordedPeak(
         peak_bytes=moment.peak_bytes,
         activations_bytes=moment.activations_bytes,
@@ -123,13 +124,17 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         cut_short=moment.cut_short,
         # diagnose's rows are the moment's; a moment of another row count than the run's cache (a module's
         # buffers planned at their capacity) leaves the activations as measured
-        row_activation_bytes=moment.row_activation_bytes if moment.batch == (run.batch or 1) else None,
+        row_activation_bytes=moment.row_activation_bytes if same_rows else None,
         prefill_activations_bytes=moment.prefill_activations_bytes,
         update_activations_bytes=moment.update_activations_bytes,
         compute_dtype=run.weights_dtype,  # a float dtype, the model's, where the run says
         dtype_fixed_bytes=moment.dtype_fixed_bytes,
         prefill_dtype_fixed_bytes=moment.prefill_dtype_fixed_bytes,
         update_dtype_fixed_bytes=moment.update_dtype_fixed_bytes,
+        # told by the moment's rows, as row_activation_bytes
+        batch_fixed_bytes=moment.batch_fixed_bytes if same_rows else None,
+        prefill_batch_fixed_bytes=moment.prefill_batch_fixed_bytes if same_rows else None,
+        update_batch_fixed_bytes=moment.update_batch_fixed_bytes if same_rows else None,
         token_row_bytes=moment.token_row_bytes,
         update_token_bytes=moment.update_token_bytes,
         encoder_tokens=run.encoder_tokens,
