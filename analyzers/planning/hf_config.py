@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from analyzers.planning.buffers import buffer_fields
+from analyzers.planning.compressed_kv import compressed_shape
 from analyzers.planning.config_defaults import (
     LLAMA4_CHUNK,
     default_layer_types,
@@ -174,6 +175,10 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     chunk = chunk_window(fields.get, layer_types)
     if chunk is not None:  # chunked layers (Llama 4) are cached as sliding ones of the chunk's size
         sliding_window = positive_int("attention_chunk_size", chunk)
+    compressed = compressed_shape(fields, model_type, layers, positive_int)
+    if compressed is not None:  # DeepSeek-V4: every layer keeps a window (its default 128) beside the rest
+        sliding_window = positive_int("sliding_window", fields.get("sliding_window", 128))
+        slides = (True,) * layers
     name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
     kv_layers = len(slides) if slides is not None else (layers - len(reused) if reused else None)
     cross = cross_attention_layers(fields.get)
@@ -244,6 +249,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         cross_kv_layers=encoder_decoder.decoder_layers if encoder_decoder is not None else 0,
         encoder_length=encoder_decoder.encoder_length if encoder_decoder is not None else None,
         cache_off_by=_cache_off_by(config_path, fields),
+        compressed=compressed,
         **block,
         **gemma,
         **buffers,

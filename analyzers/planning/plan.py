@@ -65,7 +65,7 @@ def _steady_context(req: PlanRequest) -> int | None:
     layer keeps a window, and a dynamic cache's only once the prompt is fixed (its sliding layers hold the
     prompt, and the worst prompt grows with the context)."""
     whole, _, window = cache_layout(req)
-    if whole or window is None:
+    if whole or window is None or req.geometry.compressed is not None:  # DeepSeek-V4's entries grow too
         return None
     if req.cache not in PREALLOCATED_CACHES:  # dynamic, or sliding (a DynamicCache too)
         return None if req.prompt is None else max(req.prompt, window) + 2
@@ -138,6 +138,7 @@ def _evaluate(req: PlanRequest) -> PlanResult:
         kv_blocks=blocks(budget, math.ceil(data + scales), req.block_size),
         activations_bytes=activations,
         kv_cross_attention_bytes=sizes.cross_bytes,
+        kv_parts=dict(sizes.parts) or None,
         kv_cross_attention_bytes_per_token=cross_kv_per_token(req),
         encoder_tokens=req.effective_encoder_tokens or None,
     )
@@ -153,6 +154,8 @@ def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
         found.append(Remedy("batch", result.max_batch, peak_at(req, result.max_batch, req.context), True))
     if result.max_context is not None and 1 <= result.max_context < req.context:
         found.append(Remedy("context", result.max_context, peak_at(req, req.batch, result.max_context), True))
+    if req.geometry.compressed is not None:  # DeepSeek-V4's layers run in their own DynamicCache alone
+        return tuple(found)
     if req.cache in ("dynamic", "static") and req.beams == 1:  # a quantized beam search is not planned
         quantized = replace(req, cache="quantized", kv_dtype="int4")
         peak = peak_at(quantized, req.batch, req.context)

@@ -73,8 +73,10 @@ batches, contexts and windows, and from a plan priced from a recorded run's peak
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
+from analyzers.planning.compressed_kv import compressed_growth_bytes, compressed_sizes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, SLIDING_CACHES, PlanRequest
 from analyzers.planning.presets import DTYPE_BITS, dtype_bytes_for
 from analyzers.planning.quantized_cache import (
@@ -124,6 +126,9 @@ class KvSizes:
     peak_bytes: int
     with_copies_bytes: int | None = None  # the KV and the update's copies at their worst; None: no copies
     cross_bytes: int = 0  # of kv_bytes, prefill_bytes and peak_bytes: an encoder-decoder's cross-attention KV
+    # DeepSeek-V4's kv_bytes by part (`compressed_kv.PART_NAMES`): its window, compressed entries, indexer
+    # keys and compressor state; empty for any other cache
+    parts: tuple[tuple[str, int], ...] = ()
 
     @property
     def step_peak_bytes(self) -> int:
@@ -134,7 +139,14 @@ class KvSizes:
 
 def kv_per_token(req: PlanRequest) -> tuple[int, float, int]:
     """(packed KV data, quantization scales, full-precision KV) bytes per token, all layers, K and V. The
-    scales are a fraction of a token's where a layer is narrower than a group (`group_scale_bytes`)."""
+    scales are a fraction of a token's where a layer is narrower than a group (`group_scale_bytes`).
+    DeepSeek-V4's cache (`compressed_kv`) grows by its compressed entries and indexer keys alone, a fraction
+    of a token's K each layer, rounded up: its window and compressor state do not grow."""
+    compressed = req.geometry.compressed
+    if compressed is not None and _plans_compressed(req):
+        growth = compressed_growth_bytes(compressed, req.geometry.head_dim, req.kv_dtype)
+        full = compressed_growth_bytes(compressed, req.geometry.head_dim, req.effective_compute_dtype)
+        return max(math.ceil(growth), 1), 0.0, max(math.ceil(full), 1)
     elements = sum(k + v for k, v in req.geometry.layer_kv_widths)
     data = dtype_bytes_for(req.kv_dtype, elements)
     full = dtype_bytes_for(req.effective_compute_dtype, elements)
@@ -239,9 +251,40 @@ def _quanto_padding(req: PlanRequest, layers: int, side: int) -> QuantoPadding |
     return QuantoPadding(2 * layers, side, req.quant_group_size, DTYPE_BITS[req.kv_dtype])
 
 
+def _plans_compressed(req: PlanRequest) -> bool:
+    """Whether `req` is DeepSeek-V4's own cache, planned by `compressed_kv`: a DynamicCache at the model's
+    window. Its layers refuse a StaticCache, and a quantized cache or another window is not what they hold."""
+    if req.geometry.compressed is None or req.cache not in ("dynamic", "sliding"):
+        return False
+    return req.cache == "dynamic" or req.window in (None, req.geometry.sliding_window)
+
+
+def _compressed_scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
+    """`_scenario` for DeepSeek-V4's cache (`compressed_kv`). A beam search's reorder, which copies every
+    part compact, is not planned."""
+    shape, window = req.geometry.compressed, req.geometry.sliding_window
+    if shape is None or window is None:  # `_plans_compressed` said it is one; hf_config gives it a window
+        raise KvtraceError("not a DeepSeek-V4 geometry with a window")
+    if req.beams > 1:
+        raise KvtraceError("a beam search of DeepSeek-V4's compressed cache is not planned: plan --beams 1")
+    sizes = compressed_sizes(shape, req.geometry.head_dim, window, batch, prompt, new, req.kv_dtype)
+    written = prompt + new - 1
+    return KvSizes(
+        prompt, written, sizes.final_bytes, 0, 0, sizes.prefill_bytes, sizes.peak_bytes, parts=sizes.parts
+    )
+
+
 def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     """The KV of `batch` sequences of a `prompt`-token prompt and `new` new tokens (`new` >= 1), of which
     generate() writes prompt + new - 1 into the cache."""
+    if _plans_compressed(req):
+        return _compressed_scenario(req, batch, prompt, new)
+    if req.geometry.compressed is not None:
+        raise KvtraceError(
+            "DeepSeek-V4's cache layers keep their compressed state in their own DynamicCache: --cache "
+            f"{req.cache}{'' if req.window is None else f' --window {req.window}'} is not a cache it runs "
+            "with; plan --cache dynamic"
+        )
     if req.cache == "quantized" and req.kv_dtype == "fp8":
         return _fp8_scenario(req, batch, prompt, new)
     data, scales, full_bytes = kv_per_token(req)

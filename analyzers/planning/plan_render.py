@@ -82,6 +82,33 @@ def _sentence(fix: Remedy, req: PlanRequest) -> str:
     )
 
 
+# DeepSeek-V4's cache parts (`compressed_kv`), each with what it holds
+_PART_LINES = {
+    "window": ("  sliding window", "{window}-token window of K = V, held once"),
+    "compressed_entries": (
+        "  compressed entries",
+        "one a CSA layer's every {csa} tokens, an HCA layer's every {hca}",
+    ),
+    "indexer_keys": ("  indexer keys", "the CSA layers' indexer, one key of {index} a CSA entry"),
+    "compressor_state": ("  compressor state", "tokens pending the next entry, and CSA's overlap state"),
+}
+
+
+def _compressed_rows(req: PlanRequest, parts: dict[str, int]) -> list[tuple[str, str]]:
+    shape = req.geometry.compressed
+    said = {
+        "window": req.geometry.sliding_window,
+        "csa": shape.csa_rate if shape else None,
+        "hca": shape.hca_rate if shape else None,
+        "index": shape.index_head_dim if shape else None,
+    }
+    return [
+        (label, f"{_size(parts[name])} ({what.format(**said)})")
+        for name, (label, what) in _PART_LINES.items()
+        if name in parts
+    ]
+
+
 def format_text(result: PlanResult) -> str:
     """A compact table for a terminal, then one sentence per remedy when the plan does not fit."""
     req = result.request
@@ -120,11 +147,18 @@ def format_text(result: PlanResult) -> str:
                 "length and the batch, not with the context)",
             ),
         ]
+    if result.kv_parts:
+        rows[-1] = (
+            "KV cache",
+            f"{_size(result.kv_bytes)} ({req.batch} x {result.kv_tokens:,} tokens), of which:",
+        )
+        rows += _compressed_rows(req, result.kv_parts)
     if result.kv_prefill_bytes > result.kv_bytes:  # sliding layers holding the whole prompt
+        held = "the prompt's window and compressor projections" if result.kv_parts else "the prompt"
         rows.append(
             (
                 "KV at prefill",
-                f"{_size(result.kv_prefill_bytes)} (the prompt in every layer, until the first decode step)",
+                f"{_size(result.kv_prefill_bytes)} ({held} in every layer, until the first decode step)",
             )
         )
         rows.append(("KV peak", _size(result.kv_peak_bytes)))

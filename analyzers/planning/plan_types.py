@@ -338,3 +338,6 @@ class PlanResult:
     # Beside weights and KV at the peak: a recorded run's activations, scaled to this batch and context
     # (`PlanRequest.recorded`); 0 without a recording, where the reserve stands for them
     activations_bytes: int = 0
+    # DeepSeek-V4's kv_bytes by part (`compressed_kv`): "window", "compressed_entries", "indexer_keys",
+    # "compressor_state"; None for any other model
+    kv_parts: dict[str, int] | None = None

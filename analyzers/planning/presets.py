@@ -43,6 +43,19 @@ class MlaShape:
 
 
 @dataclass(frozen=True)
+class CompressedShape:
+    """DeepSeek-V4's cache layers (DeepseekV4HCACache, DeepseekV4CSACache): each keeps a sliding window of
+    one K = V head of head_dim, held once, and a compressed layer also one entry of head_dim every `rate`
+    tokens, a CSA layer its indexer's compressed keys of `index_head_dim` too (`compressed_kv`).
+    `layer_kinds` is each layer's "sliding", "csa" or "hca", in order."""
+
+    layer_kinds: tuple[str, ...]
+    csa_rate: int
+    hca_rate: int
+    index_head_dim: int
+
+
+@dataclass(frozen=True)
 class ModelGeometry:
     """The shape of a decoder-only, Llama-style transformer (or GPT-2-style: `gpt_blocks`): all the planner
     needs to size weights and KV.
@@ -151,6 +164,8 @@ class ModelGeometry:
     # The file whose `use_cache: false` makes generate() keep no KV cache unless called with use_cache=True
     # (MPT's config class defaults to it); None: generate() caches
     cache_off_by: str | None = None
+    # DeepSeek-V4's compressed attention (`compressed_kv`): its cache is planned by layer kind; None otherwise
+    compressed: CompressedShape | None = None
 
     @property
     def layers_with_kv(self) -> int:

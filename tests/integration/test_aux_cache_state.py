@@ -40,13 +40,13 @@ def _dsa_config() -> Any:
     )  # fmt: skip
 
 
-def _dsv4_config() -> Any:
+def _dsv4_config(**fields: Any) -> Any:
     return transformers.AutoConfig.for_model(
         "deepseek_v4", vocab_size=1000, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=LAYERS,
         num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=16, num_experts_per_tok=2,
         n_routed_experts=4, sliding_window=4, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16,
         index_topk=2, hc_mult=2, partial_rotary_factor=0.25,
-        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4}, **fields,
     )  # fmt: skip
 
 
@@ -69,9 +69,9 @@ def _held_bytes(cache: Any) -> int:
     return sum(storages.values())
 
 
-def _record(config: Any, run: Path, new: int, **generate: Any) -> Any:
+def _record(config: Any, run: Path, new: int, dtype: torch.dtype = torch.float32, **generate: Any) -> Any:
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
         out = model.generate(
@@ -130,6 +130,70 @@ def test_dsv4_compressed_entries_are_logged_and_counted(
     events = read_run(run).kv_events
     parts = {e.part for e in events}
     assert {"aux.compressed_kv.compressor", "aux.compressed_kv.indexer"} <= parts
+
+
+def _storages(tensors: Any) -> int:
+    """Bytes of the distinct storages of `tensors`, each once (None skipped)."""
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(seen.values())
+
+
+# A V4 whose first layer is a plain sliding one (DynamicSlidingWindowLayer: K and V apart), then HCA, CSA, HCA
+_WITH_SLIDING = [
+    "sliding_attention", "heavily_compressed_attention", "compressed_sparse_attention",
+    "heavily_compressed_attention",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("new", "layer_types", "dtype"),
+    [
+        (1, None, "fp32"),
+        (8, None, "fp32"),
+        (40, None, "fp32"),
+        (8, _WITH_SLIDING, "fp32"),
+        (41, None, "bf16"),
+    ],
+)
+def test_plan_of_dsv4_is_what_its_cache_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], new: int, layer_types: list[str] | None, dtype: str
+) -> None:
+    # GIVEN a DeepSeek-V4 run (every layer a 4-token K = V window; CSA entries every 2 tokens with indexer
+    # keys, HCA's every 4; the CSA overlap gate float32 in a bf16 model too) and its config.json
+    config = _dsv4_config(**({"layer_types": layer_types} if layer_types else {}))
+    run = tmp_path / "run"
+    past = _record(config, run, new, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    config.save_pretrained(tmp_path / "config")
+    report = _report(run, capsys)
+    # WHEN its config is planned at the run's batch, prompt, context and dtype, and the run itself
+    context = PROMPT + new
+    shape = ["--batch", str(BATCH), "--context", str(context), "--prompt", str(PROMPT), "--dtype", dtype]
+    assert main(["plan", "--config", str(tmp_path / "config"), *shape, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--from-run", str(run), "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    # THEN both plans' KV is every storage the cache holds, as the run's final KV (was the window's alone,
+    # K and V counted apart: 4 layers x 2 x 3 tokens x 32 x 2 rows x 4 B = 6,144 B, flat)
+    held = _held_bytes(past)
+    assert plan["kv_bytes"] == from_run["kv_bytes"] == report["kv"]["final_bytes"] == held
+    # AND each part is what those storages hold: the windows, each kind of compressed state
+    layers = past.layers
+    parts = plan["kv_parts"]
+    assert parts["window"] == sum(_storages([layer.keys, layer.values]) for layer in layers)
+    assert parts["compressed_entries"] == _storages(
+        [getattr(layer, "compressed_kv", {}).get("compressor") for layer in layers]
+    )
+    assert parts["indexer_keys"] == _storages(
+        [getattr(layer, "compressed_kv", {}).get("indexer") for layer in layers]
+    )
+    assert sum(parts.values()) == held
+    # AND the KV peak planned bounds the run's (each step's new storages beside the old, at most)
+    assert plan["kv_peak_bytes"] >= report["kv"]["peak_bytes"]
+    # AND a token adds the compressed entries and indexer keys, a fraction a layer: (32 + 16) / 2 for the
+    # CSA layer, 32 / 4 for each HCA one, x 4 B (bf16: 2)
+    hca = (layer_types or config.layer_types).count("heavily_compressed_attention")
+    element = F32 if dtype == "fp32" else 2
+    assert plan["kv_bytes_per_token"] == ((32 + INDEX_DIM) // 2 + hca * 32 // 4) * element
 
 
 def test_plan_counts_indexer_keys_and_takes_dsv4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
