@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from analyzers.caches import CacheSummary
     from analyzers.group import GroupReport
     from analyzers.kv_cut_step import CutStep
+    from analyzers.kv_log_figures import KvLogAnalysis
     from analyzers.timeline import DeviceTimeline
 
 
@@ -390,6 +391,26 @@ def _budget_crossing(
     return budget_crossing(source, timelines, budget_bytes, unseen).to_json()
 
 
+def _forward_passes(source: MemorySource, kv_log: KvLogAnalysis | None) -> int:
+    """The steps: forward passes of the model. A run's KV log has a line in each forward that updated a
+    cache (step 0 is before the first: a module cache's discovery, a cache made before; a cut last step
+    is no whole one). Where none did (`use_cache=False`, a cache kvtrace does not follow), the forwards
+    that ended whole each left a step-end sample. Other inputs count their step ranges."""
+    if kv_log is None:
+        return sum(1 for m in source.markers if m.kind == "step")
+    cut = kv_log.cut
+    steps = sum(1 for step in kv_log.step_start_ns if step > 0 and not (cut and step == cut.step))
+    run = source.meta.get("run")
+    if steps or run is None:
+        return steps
+    ended = {
+        sample.get("step")
+        for sample in run.memory_samples
+        if sample.get("phase") in ("prefill", "decode") and sample.get("raised") is not True
+    }
+    return sum(1 for step in ended if isinstance(step, int) and step > 0)
+
+
 def summarize(
     source: MemorySource,
     precomputed: tuple[list[DeviceSummary], list[DeviceTimeline]] | None = None,
@@ -419,13 +440,7 @@ def summarize(
         from analyzers.run_kv import add_log_figures
 
         log_notes = add_log_figures(kv, run, kv_log, manifest, geometry)
-    steps = (
-        # forward passes: step 0 is before the first (a module cache's discovery, a cache made before); a
-        # cut last step is no whole one
-        sum(1 for step in kv_log.step_start_ns if step > 0 and not (kv_log.cut and step == kv_log.cut.step))
-        if kv_log is not None
-        else sum(1 for m in source.markers if m.kind == "step")
-    )
+    steps = _forward_passes(source, kv_log)
     oom = None
     if source.ooms:
         first = source.ooms[0]

@@ -61,8 +61,15 @@ MANIFEST_RESERVE_BYTES = 32 * 1024
 LOCK_FILE = ".kvtrace.lock"
 
 DERIVED_FILES = ("kv_counters.trace.json.gz", "timeline.html")  # DERIVED_DIRS: kvtrace.run_layout
+# What a recording writes besides its manifest: the names, and the folders whose every file is its own. The
+# manifest's `files` lists those there at its end, never a file of the user's that shares the folder.
+RECORDED_FILES = (KV_EVENTS, WEIGHTS, MEMORY_SAMPLES, MODEL_CONFIG, *ENGINE_FILES)
+RECORDED_DIRS = (PROFILER_DIR, SNAPSHOT_DIR)
 # What a run owns besides its manifest: replacing a run removes these names (and RUN_DIRS), and nothing else.
-RUN_FILES = (KV_EVENTS, WEIGHTS, MEMORY_SAMPLES, MODEL_CONFIG, *ENGINE_FILES, *DERIVED_FILES)
+RUN_FILES = (*RECORDED_FILES, *DERIVED_FILES)
+# The largest layer index: the analyzers keep layers in int16 columns; readers refuse a larger one, and
+# `kvtrace.track()` refuses it before anything is logged.
+MAX_LAYER = 2**15 - 1
 
 # The KV event vocabulary (docs/format.md explains each).
 EVENT_KINDS = (

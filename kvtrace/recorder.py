@@ -452,11 +452,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             self.notes.append(f"profiler trace not written: {self._trace_error}")
 
     def _complete_manifest(self) -> None:
-        self._manifest["files"] = sorted(
-            str(p.relative_to(self.path))
-            for p in self.path.rglob("*")
-            if p.is_file() and p.suffix != ".tmp" and p.name != fmt.LOCK_FILE
-        )
+        self._manifest["files"] = recorded_files(self.path)
         self._manifest["kv_events"] = self.event_count
         # As `kv_events`: the lines that reached each log whole, which readers check a finished run's files by
         if self._samples is not None:
@@ -582,13 +578,31 @@ def track(tensor: torch.Tensor, layer: int, kind: str, layout: str = "bhsd") -> 
         raise RecordingError("kvtrace.track() called outside a kvtrace.record() block")
     if not isinstance(tensor, torch.Tensor):
         raise RecordingError(f"kvtrace.track(tensor=...): a torch.Tensor, got {type(tensor).__name__}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise RecordingError(f"kvtrace.track(layer=...): a layer index (an int >= 0), got {layer!r}")
+    # Checked here as the readers check it: a layer past their int16 columns would make the run unreadable
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= fmt.MAX_LAYER:
+        raise RecordingError(
+            f"kvtrace.track(layer=...): a layer index (an int from 0 to {fmt.MAX_LAYER}), got {layer!r}"
+        )
     if kind not in ("k", "v"):
         raise RecordingError(f"kvtrace.track(kind=...): 'k' or 'v', got {kind!r}")
     if layout not in ("bhsd", "bshd"):
         raise RecordingError(f"kvtrace.track(layout=...): 'bhsd' or 'bshd', got {layout!r}")
     recording._modules.track(tensor, layer, kind, layout)  # written by the writer thread within 0.1 s
+
+
+def recorded_files(folder: Path) -> list[str]:
+    """The files of the run in `folder`, as the manifest's `files` lists them: the names the recording
+    writes and every file in its own folders (profiler/, snapshots/). Anything else in the folder is the
+    user's (notes, another tool's output): listed, it would be read as a file of the run, its deletion
+    noted as one the figures lack."""
+    names = [name for name in (fmt.MANIFEST, *fmt.RECORDED_FILES) if (folder / name).is_file()]
+    for sub in fmt.RECORDED_DIRS:
+        names.extend(
+            str(path.relative_to(folder))
+            for path in (folder / sub).rglob("*")
+            if path.is_file() and path.suffix != ".tmp"
+        )
+    return sorted(names)
 
 
 @contextlib.contextmanager

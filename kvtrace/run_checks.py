@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.errors import KvtraceError
-from kvtrace.format import EVENT_KINDS, WEIGHT_EVENTS, KvEvent, WeightRecord
+from kvtrace.format import EVENT_KINDS, MAX_LAYER, WEIGHT_EVENTS, KvEvent, WeightRecord
 
 # What a record's numbers may be. Sizes above 2**56 bytes (64 PiB) and addresses past 2**63 are damage, not
 # memory: they would overflow the analyzers' int64 columns, or print as figures no device holds. Steps and
@@ -19,13 +19,12 @@ from kvtrace.format import EVENT_KINDS, WEIGHT_EVENTS, KvEvent, WeightRecord
 _I64 = 2**63 - 1
 _I32 = 2**31 - 1
 MAX_BYTES = 2**56
-_MAX_LAYER = 2**15 - 1  # the analyzers keep layers in int16
 KV_KINDS = ("k", "v")
 _EVENT_INTS: tuple[tuple[str, int, int], ...] = (
     ("seq", -_I64, _I64),
     ("t_ns", 0, _I64),
     ("step", -_I32 - 1, _I32),
-    ("layer", 0, _MAX_LAYER),
+    ("layer", 0, MAX_LAYER),
     ("addr", 0, _I64),
     ("storage_bytes", 0, MAX_BYTES),
     ("view_offset", 0, MAX_BYTES),
@@ -47,7 +46,7 @@ _SAMPLE_INTS = (
     ("step", -_I32 - 1, _I32),
     ("started_ns", 0, _I64),
     ("rss_bytes", 0, MAX_BYTES),
-    ("cuda_device", 0, _MAX_LAYER),
+    ("cuda_device", 0, MAX_LAYER),  # an int16 column too
     ("cuda_allocated_bytes", 0, MAX_BYTES),
     ("cuda_reserved_bytes", 0, MAX_BYTES),
     ("cuda_peak_allocated_bytes", 0, MAX_BYTES),

@@ -3,6 +3,7 @@ recordings into one folder at once are refused (the second), not mixed."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from kvtrace.format import LOCK_FILE
 from kvtrace.llama import build_model
 from kvtrace.recorder import RecordingError
 from kvtrace.run_reader import read_run
+from tests.cli_json import report_json
 from tests.tiny import tiny_size
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,3 +109,48 @@ def test_a_lock_file_left_by_a_killed_recording_blocks_nothing(tmp_path: Path) -
     with kvtrace.record(folder, profiler=False):
         kvtrace.track(torch.zeros(1, 2, 4, 8), layer=0, kind="k")
     assert read_run(folder).manifest["ended"]["status"] == "ok"
+
+
+def _generate(model: torch.nn.Module, run: Path, **options: bool) -> None:
+    ids = torch.randint(3, 1000, (1, 5))
+    with torch.no_grad(), kvtrace.record(run, model=model, **options):
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0
+        )
+
+
+def test_the_manifest_lists_the_runs_files_not_the_users(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a folder holding a file of the user's, recorded into; then a run replaced (overwrite=True) in a
+    # folder where the user has put a file in a folder of their own
+    model = build_model(tiny_size(2))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("my notes")
+    _generate(model, run, profiler=False)
+    first = json.loads((run / "manifest.json").read_text())["files"]
+    (run / "sub").mkdir()
+    (run / "sub" / "x").write_text("mine")
+    _generate(model, run, overwrite=True)
+    second = json.loads((run / "manifest.json").read_text())["files"]
+
+    # THEN each manifest lists the files the recording wrote, and neither of the user's
+    recorder_files = [
+        "kv_events.jsonl",
+        "manifest.json",
+        "memory_samples.jsonl",
+        "model_config.json",
+        "weights.jsonl",
+    ]
+    assert first == recorder_files
+    traces = sorted(f"profiler/{p.name}" for p in (run / "profiler").iterdir())
+    assert len(traces) == 1 and second == sorted(recorder_files + traces)
+    on_disk = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert on_disk == sorted([*second, "notes.txt", "sub/x"])
+
+    # AND once the user deletes their files, the report notes nothing missing
+    (run / "notes.txt").unlink()
+    (run / "sub" / "x").unlink()
+    notes = report_json(run, capsys)["notes"]
+    assert not any("listed in the manifest but missing" in note for note in notes), notes

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from kvlog_math import assert_well_ordered, kv_bytes, replay_live_bytes
@@ -21,6 +22,7 @@ import kvtrace
 from kvtrace.format import KV_EVENTS, MANIFEST, MEMORY_SAMPLES
 from kvtrace.recorder import RecordingError
 from kvtrace.run_reader import read_run
+from tests.cli_json import report_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAIL_AT_FORWARD = 3  # the decode forward in which the failure strikes
@@ -477,8 +479,11 @@ def test_a_re_tracked_custom_cache_is_not_kept_alive(tmp_path):
     [
         (([1, 2], 0, "k"), "tensor=...): a torch.Tensor, got list"),
         ((None, 0, "k"), "tensor=...): a torch.Tensor, got NoneType"),
-        (("t", -1, "k"), "layer=...): a layer index (an int >= 0), got -1"),
-        (("t", "a", "k"), "layer=...): a layer index (an int >= 0), got 'a'"),
+        (("t", -1, "k"), "layer=...): a layer index (an int from 0 to 32767), got -1"),
+        (("t", "a", "k"), "layer=...): a layer index (an int from 0 to 32767), got 'a'"),
+        # past the readers' int16 layer columns: the run would be unreadable, so refused before it is logged
+        (("t", 40000, "k"), "layer=...): a layer index (an int from 0 to 32767), got 40000"),
+        (("t", 2**15, "k"), "layer=...): a layer index (an int from 0 to 32767), got 32768"),
         (("t", 0, "key"), "kind=...): 'k' or 'v', got 'key'"),
     ],
 )
@@ -493,6 +498,17 @@ def test_track_names_a_bad_argument_and_logs_nothing(tmp_path, args, said):
         kvtrace.track(tensor, layer=1, kind="v")
     seqs = [e.seq for e in read_run(tmp_path / "run").kv_events]
     assert seqs == list(range(1, len(seqs) + 1))  # no number used up by the refused call
+
+
+def test_track_takes_the_last_layer_the_readers_take(tmp_path, capsys):
+    # GIVEN a tensor tracked at the largest layer an int16 column holds
+    last = int(np.iinfo(np.int16).max)
+    with kvtrace.record(tmp_path / "run", profiler=False):
+        kvtrace.track(torch.zeros(1, 2, 4, 8), layer=last, kind="k")
+    # WHEN the run is reported THEN it reads: that layer held the tensor's 4 tokens, its fp32 bytes the peak
+    data = report_json(tmp_path / "run", capsys)
+    assert [(row["layer"], row["tokens"]) for row in data["kv"]["per_layer"]] == [(last, 4)]
+    assert data["kv"]["peak_bytes"] == 1 * 2 * 4 * 8 * 4
 
 
 def test_record_into_a_folder_that_is_not_a_run_keeps_the_users_files(tmp_path):

@@ -77,6 +77,28 @@ def test_a_run_that_shows_no_kv_update_says_why_it_may_be(tmp_path: Path) -> Non
     assert said in _out(["diagnose", str(tmp_path / "run2")])
 
 
+@pytest.mark.parametrize("profiler", [True, False], ids=["profiler", "light"])
+def test_forward_passes_without_a_cache_are_the_steps(tmp_path: Path, profiler: bool) -> None:
+    # GIVEN generate() without a cache, 4 new tokens: 4 forwards, none of which updates a KV cache
+    ids = torch.randint(3, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    model = build_model(tiny_size(2))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
+        model.generate(
+            ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0
+        )
+    lines = [json.loads(line) for line in (run / "memory_samples.jsonl").read_text().splitlines()]
+    ended = [sample["step"] for sample in lines if sample["phase"] in ("prefill", "decode")]
+    assert ended == [1, 2, 3, 4] and (run / "kv_events.jsonl").read_text() == ""
+    # WHEN it is reported and compared
+    report = json.loads(_out(["report", str(run), "--json", "--no-export"]))
+    compared = json.loads(_out(["compare", str(run), str(run), "--json"]))
+    # THEN its steps are its 4 forward passes, as the note on them says
+    assert report["steps"] == 4
+    assert any(note.startswith("no KV cache update was seen in 4 forward passes") for note in report["notes"])
+    assert [figures["steps"] for figures in compared["runs"]] == [4, 4]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an offloaded cache's update raises only without CUDA")
 @pytest.mark.parametrize("profiler", [True, False], ids=["profiler", "light"])
 def test_a_run_whose_cache_update_raised_says_so(tmp_path: Path, profiler: bool) -> None:
