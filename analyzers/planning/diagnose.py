@@ -15,7 +15,7 @@ This module picks the moment and puts its figures together; the rest is split by
 module: the data model (analyzers.planning.diagnosis), where the moment falls in the run and what the KV
 held then (diagnose_moment), the stacks live then (diagnose_stacks), the activations a smaller batch
 shrinks (diagnose_rows), and the remedies' prices (diagnose_remedies, and diagnose_cache_remedies for beam
-search, sliding windows and int4 caches).
+search, sliding windows and int4 caches, diagnose_compressed_remedies for DeepSeek-V4's cache).
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ from analyzers.planning.diagnose_buffer_remedies import (
     PreallocatedBuffers,
     other_buffers_note,
     preallocated_buffers,
+)
+from analyzers.planning.diagnose_compressed_remedies import (
+    NOT_ITS_CACHE,
+    compressed_run,
+    prompt_and_written,
 )
 from analyzers.planning.diagnose_moment import (
     beams_at_step,
@@ -205,7 +210,10 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     kv_peak = report.kv.peak_bytes if kv_log is not None else None
     kv_final = report.kv.final_bytes if kv_log is not None else None
 
-    step = phase = prompt = beams = held_step = stored = None
+    step = phase = prompt = beams = held_step = stored = written = None
+    # DeepSeek-V4's cache (its run's model_config.json says): priced by part, as `kvtrace plan` counts it
+    model_dtype = (report.geometry or {}).get("dtype")
+    compressed = compressed_run(source.path, model_dtype) if source.kind == "run" else None
     layer_tokens: dict[int, int] = {}
     rows_are_beams = step_cut = False
     top_layers: tuple[tuple[int, int], ...] = ()
@@ -256,6 +264,13 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             if len({cache for cache, _ in by_slot}) > 1:
                 ranked = sorted(by_slot.items(), key=lambda item: (-item[1], item[0]))[:8]
                 top_cache_layers = tuple((cache, layer, nbytes) for (cache, layer), nbytes in ranked)
+        if compressed is not None:  # its prompt and tokens written, of which its window holds a few
+            run = source.meta.get("run")
+            samples = run.memory_samples if run is not None else []
+            moment = prompt_and_written(
+                samples, kv_log.step_phase, held if held is not None else step, prompt
+            )
+            prompt, written = moment if moment is not None else (prompt, None)
     elif when is not None:
         step, phase = marker_step_at(source, when)
     if prompt == 0 and step is not None:  # a quantized cache's prefill holds its prompt packed, not as data
@@ -337,7 +352,11 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "kv_logged": kv_log is not None,  # a run recorded with kvtrace: its KV geometry is known
         # a model's own preallocated cache_k/cache_v, as live at the moment
         "buffers": preallocated_buffers(report, kv_log, None if at_start else when),
+        "compressed": compressed,  # DeepSeek-V4's cache (`diagnose_compressed_remedies`), None otherwise
+        "tokens_written": written,  # its tokens written a row at the moment's step
     }
+    if compressed is not None:
+        notes.append(NOT_ITS_CACHE)
     buffers = fields["buffers"]
     if isinstance(buffers, PreallocatedBuffers) and buffers.held_bytes and kv_bytes:
         note = other_buffers_note(buffers, kv_bytes)

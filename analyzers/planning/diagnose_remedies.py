@@ -39,7 +39,8 @@ are read from the report in analyzers.planning.run_kv_facts. The remedies that d
 is (beam search's rows, layers that all slide, the int4 QuantizedCache) are priced in
 analyzers.planning.diagnose_cache_remedies; a model's own preallocated buffers (Meta's cache_k/cache_v),
 whose KV follows neither the rows in use nor the tokens written, in
-analyzers.planning.diagnose_buffer_remedies.
+analyzers.planning.diagnose_buffer_remedies; DeepSeek-V4's, whose cache runs as a DynamicCache only and
+whose KV is not K and V per token, in analyzers.planning.diagnose_compressed_remedies.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from analyzers.planning.diagnose_cache_remedies import (
     window_remedy,
     windowed_remedies,
 )
+from analyzers.planning.diagnose_compressed_remedies import CompressedRun, compressed_remedies
 from analyzers.planning.diagnose_quantized_remedies import (
     fp8_after_quantized,
     fp8_for_static,
@@ -210,6 +212,15 @@ def price_remedies(
         out.append(Remedy("batch", target if target >= 1 else None, saved, fits(saved, need), text))
     else:
         out.append(Remedy("batch", None, None, None, f"Smaller batch: {unpriced}."))
+
+    compressed, written, prompt = d.get("compressed"), d.get("tokens_written"), d.get("prompt_tokens")
+    if isinstance(compressed, CompressedRun):  # DeepSeek-V4: no static, quantized or sliding cache to become
+        if kv and batch and isinstance(written, int) and isinstance(prompt, int):
+            out += compressed_remedies(compressed, kv, batch, prompt, written, need, num_layers, on_cuda)
+        else:
+            out.append(Remedy("context", None, None, None, f"Shorter context: {unpriced}."))
+        out += _allocator_remedies(d, need, on_cuda)
+        return _ranked(out)
 
     if kv and tokens:
         # Bytes per position across the whole batch and all layers: the run's own figure at the end (its

@@ -254,3 +254,64 @@ def test_aux_parts_that_take_each_others_addresses_keep_their_bytes(
     window = min(steps, config.sliding_window) * 32
     assert held == LAYERS * (window + 3 * rows * steps * dim) * F32 == 4352
     assert report["kv"]["final_bytes"] == held
+
+
+def _dsv4_prefill_bytes(prompt: int, layer_types: list[str], element: int = F32) -> int:
+    """DeepSeek-V4's cache of the test's batch once a `prompt`-token prefill is in (head_dim 32, CSA every
+    2 tokens with 16-wide indexer keys, HCA every 4): each layer's K = V window holds the whole prompt, its
+    compressor the prompt's kv and gate projections (CSA's two series each, of head_dim + index_head_dim),
+    its compressed entries one a rate; a CSA layer with an entry its overlap state too, the gate float32."""
+    per_row = 0
+    for kind in layer_types:
+        rate = 2 if kind == "compressed_sparse_attention" else 4
+        entries = prompt // rate
+        if kind == "compressed_sparse_attention":
+            overlap = rate * (32 + INDEX_DIM) if entries else 0
+            elements = prompt * 32 + entries * (32 + INDEX_DIM) + 2 * prompt * 2 * (32 + INDEX_DIM) + overlap
+            per_row += elements * element + overlap * F32
+        else:
+            per_row += (prompt * 32 + entries * 32 + 2 * prompt * 32) * element
+    return per_row * BATCH
+
+
+def test_diagnose_of_dsv4_offers_what_its_cache_runs_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a DeepSeek-V4 run (a DynamicCache of its own layers: transformers 5.25 gives it no static or
+    # quantized cache, and its window is the config's) and its config.json
+    config = _dsv4_config()
+    run = tmp_path / "run"
+    _record(config, run, 8)
+    config.save_pretrained(tmp_path / "config")
+    report = _report(run, capsys)
+    # WHEN it is diagnosed
+    assert main(["diagnose", str(run), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    remedies = {remedy["kind"]: remedy for remedy in found["remedies"]}
+    # THEN no static cache, quantized cache or sliding window is offered (were: a static cache for the
+    # torch.cat transient, fp8 and int4 KV, a smaller window), and on the CPU no offloading either
+    assert {"static_cache", "quantized_kv", "sliding_window"}.isdisjoint(remedies)
+    assert set(remedies) == {"batch", "context"}
+    assert found["kv_bytes"] == report["kv"]["peak_bytes"]
+    # AND a shorter context is priced as the plan counts V4's cache at it: the peak is the first decode
+    # step's (step 1 the prefill), a context of prompt + 2; a quarter of it cut, the prompt a token shorter,
+    # whose peak is its prefill's (the whole prompt held beside the window's new storage: none yet)
+    assert (found["step"], found["step_phase"]) == (2, "decode")
+    context = PROMPT + 2
+    shorter = context - context // 4
+    prompt = shorter - 1
+    planned = _dsv4_prefill_bytes(prompt, config.layer_types)  # 28,032 B
+    shape = ["--batch", str(BATCH), "--context", str(shorter), "--prompt", str(prompt), "--dtype", "fp32"]
+    assert main(["plan", "--config", str(tmp_path / "config"), *shape, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["kv_peak_bytes"] == planned
+    context_remedy = remedies["context"]
+    assert context_remedy["setting"] == shorter
+    assert context_remedy["saved_bytes"] == found["kv_bytes"] - planned
+    # AND a token of context costs what the plan says, the compressed entries and indexer keys: (32 + 16) / 2
+    # for the CSA layer, 32 / 4 for each HCA one, x 4 B, x the batch (was the window's K and V a token)
+    hca = config.layer_types.count("heavily_compressed_attention")
+    per_token = ((32 + INDEX_DIM) // 2 + hca * 32 // 4) * F32
+    assert plan["kv_bytes_per_token"] == per_token
+    assert f"grow {per_token * BATCH} B a token across the batch" in context_remedy["sentence"]
+    assert any("DynamicCache only" in note for note in found["notes"])
