@@ -205,6 +205,9 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
             "the cache's rows were reordered (beam search): tokens/s (all rows) counts every beam's tokens; "
             "a returned sequence grows at the per-row rate",
         )
+    rate = tokens_per_second(source, report)
+    if rate is None and made is None and kv_log is not None and report.engine is None:
+        notes += _untimed_note(report)
     if report.engine is not None and report.engine.status == "refused_start":
         notes += (
             "vLLM refused to start for lack of KV memory: no pool was allocated and nothing ran, so its "
@@ -219,7 +222,7 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
         kv_final_bytes=kv.final_bytes if kv_known else None,
         churn=(kv.allocated_bytes_total / kv.final_bytes) if kv_known and kv.final_bytes else None,
         fragmentation_bytes=main.fragmentation_at_peak_bytes if main else None,
-        tokens_per_second=tokens_per_second(source, report),
+        tokens_per_second=rate,
         evicted_tokens=kv.evicted_tokens if kv_log is not None and report.kv_measured else None,
         steps=report.steps,
         batch=kv.batch,
@@ -232,6 +235,20 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
         rows_are_beams=made.rows_are_beams if made is not None else False,
         partial=partial,
         peak_counts=_peak_counts(main) if partial else None,
+    )
+
+
+def _untimed_note(report: Report) -> tuple[str, ...]:
+    """Why a run's forwards have no tokens/s where none of them updated a cache (`use_cache=False`): the
+    KV log is what counts the tokens and rows they yielded, and a forward alone says neither."""
+    if not report.steps or report.kv.batch:
+        return ()
+    passes = "forward pass" if report.steps == 1 else f"{report.steps} forward passes"
+    return (
+        f"tokens/s, generated tokens and batch unknown: kvtrace counts the tokens a forward generated, and "
+        f"the rows it ran, from its KV cache's updates, and its {passes} made none (use_cache=False, "
+        "or a cache kvtrace does not follow): a forward alone does not say what it yielded (a token per row "
+        "in generate(), none in a scoring pass)",
     )
 
 

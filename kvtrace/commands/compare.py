@@ -16,7 +16,8 @@ class CompareCommand(Command):
     """Compare runs side by side: peak, KV peak, churn, reserved but unallocated, tokens/s, evicted tokens.
 
     Each RUN is a kvtrace run directory (or any input `kvtrace report` reads; step-axis timelines and
-    tokens/s need a run directory). tokens/s = the tokens the KV log shows the model generated (1 per
+    tokens/s need a run directory, tokens/s one whose forwards updated a KV cache: a note says why where
+    none did, as with use_cache=False). tokens/s = the tokens the KV log shows the model generated (1 per
     prefill, then what each step appended per row, net of crops: right for speculative decoding) / the
     recording's wall time, recorder overhead included; per row, and over every batch row (under beam search
     the rows are beams: the table says so). Run groups compare by their totals (tokens/s: rank 0's under

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,11 @@ def print_result(as_json: bool, payload: Callable[[], Any], text: Callable[[], s
         sys.stdout.write(json.dumps(strict_json(payload()), indent=2, allow_nan=False) + "\n")
     else:
         print(text())
+
+
+# How Python holds a file name's bytes that are not UTF-8 (surrogateescape): text no byte order mark
+# encoding (utf-8-sig, utf-16, utf-32) takes unless its errors handler says how
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class StdoutError(KvtraceError):
@@ -66,6 +72,11 @@ class GuardedStdout:
             raise StdoutError("standard output: cannot write (it is closed)")
         try:
             if self._unbuffered() is None:
+                if not text.isascii() and _LONE_SURROGATE.search(text) is not None:
+                    # A file name that is not UTF-8, tried here: the text layer's failed write would use up
+                    # the byte order mark it owes the output's start, and write none after
+                    encoding = getattr(self._stream, "encoding", None) or "utf-8"
+                    text.encode(encoding, getattr(self._stream, "errors", None) or "strict")
                 return self._stream.write(text)
             errors = getattr(self._stream, "errors", None) or "strict"
             self._write_bytes(self._encode(text.replace("\n", os.linesep), errors))
@@ -126,16 +137,14 @@ class GuardedStdout:
         buffer = getattr(self._stream, "buffer", None)
         if buffer is None:
             return int(self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding)))
-        # Unbuffered, the output's one encoder (its byte order mark once); else the text layer wrote any mark
-        encode = (
-            self._encode
-            if self._unbuffered() is not None
-            else lambda text, errors: text.encode(encoding, errors)
-        )
+        # Unbuffered, the output's one encoder (its byte order mark once). Buffered, the text layer writes the
+        # mark: these bytes follow it, without one of their own, in its byte order
+        encode = self._encode if self._unbuffered() is not None else self._past_start(encoding)
+        lines = text.replace("\n", os.linesep)
         try:
-            data = encode(text, "surrogateescape")
+            data = encode(lines, "surrogateescape")
         except UnicodeEncodeError:
-            data = encode(text, "backslashreplace")
+            data = encode(lines, "backslashreplace")
         try:
             self._write_bytes(data)
         except BrokenPipeError:
@@ -143,6 +152,19 @@ class GuardedStdout:
         except OSError as exc:
             raise _stdout_failed(exc) from None
         return len(text)
+
+    def _past_start(self, encoding: str) -> Callable[[str, str], bytes]:
+        """Encoding as a buffered text layer does past the start of its output: it wrote any byte order mark
+        (`str.encode` would write another mid-output), and wrote it first (the empty write makes it, when
+        nothing was written yet), in the byte order it chose (utf-16 without a mark, on a pipe: native)."""
+        self._stream.write("")
+
+        def encode(text: str, errors: str) -> bytes:
+            encoder = codecs.getincrementalencoder(encoding)(errors)
+            encoder.setstate(0)  # as io.TextIOWrapper past a file's start: no mark, native byte order
+            return encoder.encode(text)
+
+        return encode
 
     def flush(self) -> None:
         if self._stream is None:  # nothing was written: nothing is lost

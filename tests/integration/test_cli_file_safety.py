@@ -524,3 +524,46 @@ def test_an_output_encoding_with_a_byte_order_mark_writes_it_once(
     body = outputs[True].removeprefix(b"before\n")
     assert body.count(mark) == (0 if appended else 1)
     assert body.decode(encoding).count("\n") > 5
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+@pytest.mark.parametrize("appended", [False, True], ids=["new-file", "appended"])
+def test_a_file_name_that_is_not_utf8_adds_no_byte_order_mark(
+    encoding: str, appended: bool, tmp_path: Path
+) -> None:
+    # GIVEN a run in a folder named with a byte that is not UTF-8, and its page named after it: the text
+    # report's first line names the run, its last the page it wrote, and neither is text the output
+    # encoding takes as it stands (they are written as the name's bytes, or escaped where it has none)
+    run = Path(os.fsdecode(os.fsencode(tmp_path) + b"/run\xff"))
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    page = Path(str(run) + ".html")
+    argv = [sys.executable, "-m", "kvtrace.cli", "report", str(run), "--no-export", "-q", "-o", str(page)]
+    outputs = {}
+    for unbuffered in (False, True):
+        out = tmp_path / f"{unbuffered}.txt"
+        out.write_bytes(b"before\n" if appended else b"")
+        env = _env(unbuffered) | {"PYTHONIOENCODING": encoding}
+        # WHEN it is printed with standard output buffered (Python's text layer encodes) and unbuffered
+        with open(out, "ab") as sink:
+            done = subprocess.run(argv, stdout=sink, stderr=subprocess.PIPE, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        outputs[unbuffered] = out.read_bytes().removeprefix(b"before\n")
+    # THEN both are the same bytes, with the byte order mark once at the start of a new file and none
+    # after a file's start: buffered, each line naming the run wrote one more of its own (before the first
+    # line, after the text layer's own; before the last, mid-output)
+    assert outputs[False] == outputs[True]
+    mark = codecs.BOM_UTF8 if encoding == "utf-8-sig" else codecs.BOM_UTF16
+    body = outputs[False]
+    assert body.count(mark) == (0 if appended else 1)
+    assert body.startswith(mark) is not appended
+    # AND the names read back: utf-8-sig holds the name's own bytes, utf-16 (no byte stands alone in it)
+    # the name escaped, as kvtrace's messages print it
+    if encoding == "utf-8-sig":
+        text, name = body.decode("utf-8-sig", "surrogateescape"), str(run)
+    else:
+        native = "utf-16-le" if sys.byteorder == "little" else "utf-16-be"  # the mark's order, or none
+        text = body.removeprefix(mark).decode(native)
+        name = str(tmp_path / "run\\udcff")
+    lines = text.splitlines()
+    assert lines[0] == f"kvtrace report: {name} (run)"
+    assert lines[-1].startswith(f"wrote {name}.html (") and len(lines) > 5

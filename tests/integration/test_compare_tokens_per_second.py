@@ -301,3 +301,50 @@ def test_assisted_decoding_counts_what_generate_returned(
         e for e in recorded.kv_events if e.cache == mine and e.layer == 0 and e.kv == "k" and e.step == 1
     ]
     assert first[0].tokens > ids.shape[1], "the first forward verifies drafts beyond the prompt"
+
+
+def test_a_run_without_a_cache_says_why_it_has_no_tokens_per_second(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN one model generating 4 tokens for 2 rows with its cache, and without (use_cache=False)
+    model = build_model(ModelSize(64, 128, 2, 4, 2, vocab_size=1000, tie_embeddings=False))
+    ids = torch.randint(3, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    for name, use_cache in (("cached", True), ("uncached", False)):
+        with torch.no_grad(), kvtrace.record(tmp_path / name, model=model, profiler=False):
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                do_sample=False, use_cache=use_cache, pad_token_id=0,
+            )  # fmt: skip
+    runs = [str(tmp_path / "cached"), str(tmp_path / "uncached")]
+    # its 4 forwards each ended whole, and none wrote a KV line
+    uncached = read_run(tmp_path / "uncached")
+    ended = [s["step"] for s in uncached.memory_samples if s["phase"] in ("prefill", "decode")]
+    assert ended == [1, 2, 3, 4] and uncached.kv_events == []
+
+    # WHEN they are compared
+    assert main(["compare", *runs, "--json"]) == 0
+    cached_row, uncached_row = json.loads(capsys.readouterr().out)["runs"]
+
+    # THEN the cached run's rates are its KV log's: 4 tokens per row, 2 rows, over its samples' time
+    seconds = _seconds(tmp_path / "cached")
+    assert cached_row["generated_tokens_per_row"] == 4
+    assert cached_row["tokens_per_second"] == pytest.approx(4 * 2 / seconds)
+    # AND the uncached run's are unknown (a forward without a cache does not say what it yielded, nor its
+    # rows), and its notes say why, where they were a bare null
+    assert uncached_row["steps"] == 4
+    unknown = ("tokens_per_second", "tokens_per_second_per_row", "generated_tokens_per_row", "batch")
+    assert [uncached_row[key] for key in unknown] == [None, None, None, None]
+    said = (
+        "tokens/s, generated tokens and batch unknown: kvtrace counts the tokens a forward generated, and "
+        "the rows it ran, from its KV cache's updates, and its 4 forward passes made none (use_cache=False, "
+        "or a cache kvtrace does not follow): a forward alone does not say what it yielded (a token per "
+        "row in generate(), none in a scoring pass)"
+    )
+    assert said in uncached_row["notes"]
+    assert not any(note.startswith("tokens/s") for note in cached_row["notes"])
+    # AND the table's blank cells are explained by a note under it
+    assert main(["compare", *runs]) == 0
+    table = capsys.readouterr().out.splitlines()
+    per_row = next(line for line in table if line.startswith("tokens/s per row"))
+    assert per_row.split()[-1] == "-"
+    assert f"note: uncached: {said}" in table
