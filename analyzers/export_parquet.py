@@ -473,6 +473,13 @@ def export(
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise cannot_write(root, None, folder=True)  # exit 1, as every output that cannot be written
+    try:
+        str(root.absolute()).encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8 (Python holds its bytes as lone surrogates)
+        raise KvtraceError(
+            f"{root}: the export folder's path is not UTF-8, which Parquet's writer and DuckDB's reader "
+            "cannot open: choose a folder whose path is"
+        ) from None
     inputs, problems = find_inputs(paths)
     if not inputs:
         where = ", ".join(str(p) for p in paths)

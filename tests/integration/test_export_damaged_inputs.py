@@ -191,3 +191,22 @@ def test_an_export_that_adds_nothing_leaves_no_folder(tmp_path: Path) -> None:
         f"kvtrace export: skipped: {nested}: JSON nested too deeply to read inside traceEvents"
     ]
     assert not out.exists()
+
+
+def test_an_export_folder_whose_path_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -> None:
+    # GIVEN a sample run, and an export folder whose name holds a byte that is not UTF-8 (Linux allows it;
+    # Python holds the byte as a lone surrogate, which pyarrow cannot encode)
+    out = tmp_path / "tables\udcff"
+
+    # WHEN the run is exported there
+    code, stdout, err = _cli("export", "-q", str(SAMPLES / "dynamic_b2"), "-o", str(out))
+
+    # THEN one line names the folder and the problem, exit 2 (it was an "internal error", exit 70), and
+    # nothing is left behind
+    assert code == 2
+    assert stdout == ""
+    assert err.splitlines() == [
+        f"kvtrace export: error: {out}: the export folder's path is not UTF-8, which Parquet's writer "
+        "and DuckDB's reader cannot open: choose a folder whose path is"
+    ]
+    assert not out.exists()
