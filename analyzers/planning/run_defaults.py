@@ -29,6 +29,7 @@ from analyzers.model import normal_device
 from analyzers.planning.engine_run_refusal import not_a_vllm_pool
 from analyzers.planning.hf_config import geometry_from_config
 from analyzers.planning.presets import ModelGeometry
+from analyzers.planning.rank_share import rank_geometry
 from analyzers.planning.run_cache_kind import (
     PLAN_DTYPES,
     kv_dtype_of,
@@ -96,6 +97,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
             f"{root}: the run logged no KV cache, so it has no cache, batch or context to plan from; plan it "
             "with --preset or --config instead of --from-run"
         )
+    geometry = rank_geometry(run, main, geometry, notes)  # one tensor-parallel rank: its share of the heads
     weights, devices = _weights(run)
     if len(devices) > 1:
         notes.append(

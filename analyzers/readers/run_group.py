@@ -3,7 +3,10 @@
 A group is recognised by its `rank-<r>/manifest.json` children alone (kvtrace.format.is_run_group): the
 marker file rank 0 writes is read when present and never required, since rank 0 may be the rank that died.
 A rank that raised or was killed still has a readable run (its manifest says how it ended); a rank whose
-files cannot be read is named in the notes and left out, so the other ranks still report.
+files cannot be read is named in the notes and left out, so the other ranks still report. So is a folder
+whose manifest says another rank than its name (a copy of a rank's folder), a rank its own world size does
+not have, or a second folder for a rank already read (`rank-01` beside `rank-1`): summed in, it would count
+a rank's KV twice.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 from analyzers.model import MemorySource
 from analyzers.readers.sources import ProgressFn
 from kvtrace.errors import KvtraceError
-from kvtrace.format import GROUP_MARKER, rank_dirs
+from kvtrace.format import GROUP_MARKER, LOCK_FILE, RANK_DIR_PREFIX, rank_dirs
 
 __all__ = ["RankRun", "RunGroup", "read_run_group"]
 
@@ -76,6 +79,7 @@ def read_run_group(path: str | os.PathLike[str], progress: ProgressFn | None = N
             notes.append(f"rank {rank} left out: {exc}")
             continue
         ranks.append(RankRun(rank, folder, source, source.meta.get("manifest") or {}))
+    ranks, claimed = _own_ranks(ranks, notes)
     if not ranks:
         raise KvtraceError(f"{root}: no rank of this run group could be read")
     sizes = {int(r.manifest["world_size"]) for r in ranks if isinstance(r.manifest.get("world_size"), int)}
@@ -86,8 +90,66 @@ def read_run_group(path: str | os.PathLike[str], progress: ProgressFn | None = N
         world_size = int(marker["world_size"])
     present = {r.rank for r in ranks}
     missing = [r for r in range(world_size or 0) if r not in present]
-    silent = [r for r in missing if r not in unreadable]
-    if silent:
-        names = ", ".join(str(r) for r in silent)
+    # A rank a left-out folder's manifest claims is named in that folder's note
+    silent = [r for r in missing if r not in unreadable and r not in claimed]
+    unrecorded = []
+    for rank in silent:
+        held = _files_without_manifest(root / f"{RANK_DIR_PREFIX}{rank}")
+        if held:
+            notes.append(
+                f"rank {rank} left out: {RANK_DIR_PREFIX}{rank}/ holds {held} but no manifest.json, which "
+                "record() writes before any other file: a partial copy, or its manifest was removed"
+            )
+        else:
+            unrecorded.append(rank)
+    if unrecorded:
+        names = ", ".join(str(r) for r in unrecorded)
         notes.append(f"no run from rank {names}: it stopped before record() started, or wrote elsewhere")
     return RunGroup(root, ranks, world_size, marker, missing, notes)
+
+
+def _said(manifest: dict[str, Any], key: str) -> int | None:
+    value = manifest.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _own_ranks(ranks: list[RankRun], notes: list[str]) -> tuple[list[RankRun], set[int]]:
+    """The ranks whose folder is their own: each folder's rank is the one its manifest says (a run written
+    outside a group says none), below the world size it says, and no other folder's (the recorder writes
+    `rank-<r>`; `rank-01` is another name for rank 1). The others are left out, each with a note naming its
+    folder; with them the ranks their manifests claim, which are not missing unseen."""
+    kept: dict[int, RankRun] = {}
+    claimed: set[int] = set()
+    # the recorder's own name first, so that a second name for the rank is the one left out
+    for run in sorted(ranks, key=lambda r: (r.rank, r.path.name != f"{RANK_DIR_PREFIX}{r.rank}")):
+        said, world_size = _said(run.manifest, "rank"), _said(run.manifest, "world_size")
+        if said is not None and said != run.rank:
+            of = f" of {world_size}" if world_size is not None else ""
+            why = f"its manifest says rank {said}{of} (a copy of that rank's run?)"
+            claimed.add(said)
+        elif world_size is not None and run.rank >= world_size:
+            why = f"its manifest's world size is {world_size}, which has no rank {run.rank}"
+        elif run.rank in kept:
+            why = f"{kept[run.rank].path.name}/ holds rank {run.rank} already"
+        else:
+            kept[run.rank] = run
+            continue
+        notes.append(f"{run.path.name}/ left out: {why}; its KV is not in the group's figures")
+    return [kept[rank] for rank in sorted(kept)], claimed
+
+
+def _files_without_manifest(folder: Path) -> str | None:
+    """What a rank folder without a manifest holds ("kv_events.jsonl, profiler/ and 3 more"), None when it
+    holds nothing but the recording's lock (its recording stopped before it wrote anything) or is absent."""
+    try:
+        names = sorted(
+            f"{child.name}/" if child.is_dir() else child.name
+            for child in folder.iterdir()
+            if child.name != LOCK_FILE
+        )
+    except OSError:
+        return None
+    if not names:
+        return None
+    shown = ", ".join(names[:3])
+    return f"{shown} and {len(names) - 3} more" if len(names) > 3 else shown

@@ -6,7 +6,8 @@ rank: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK in the environme
 MODE is `reference` (Meta's reference Llama 3, fairscale model parallel over gloo), `reference-raise`
 (the same; the last rank's allocation fails inside `kvtrace.record()` after its last step),
 `reference-kill` (the same; the last rank is SIGKILLed there instead), `hf-tp` (a Hugging Face Llama
-sharded by its `tp_plan="auto"`), `hf-dp` (the whole model on every rank, each with its own batch),
+sharded by its `tp_plan="auto"`; `hf-tp-profiled`: recorded with the profiler, its allocator events),
+`hf-dp` (the whole model on every rank, each with its own batch),
 `hf-dp-uneven` (the same, rank r with r + 2 rows of a PROMPT_LEN + 2r token prompt) or `track-bshd`
 (Meta-style attention sharded by hand, its caches grown by torch.cat as [batch, seq, kv_heads, head_dim]
 and given to `kvtrace.track`: OUT_DIR/said with `layout="bshd"`, OUT_DIR/unsaid without),
@@ -141,6 +142,7 @@ def _record_steps(
     prompt: int = PROMPT_LEN,
     caches: int = 1,
     overwrite: bool = False,
+    profiler: bool = False,
 ) -> list[torch.Tensor]:
     """A prefill of `prompt` tokens and DECODE_STEPS single-token steps of `rows` rows, recorded, on each
     of `caches` caches in turn (each dropped when the next is made, as generate() drops its own); the last
@@ -149,7 +151,7 @@ def _record_steps(
 
     torch.manual_seed(1)
     tokens = torch.randint(0, VOCAB, (rows, prompt + DECODE_STEPS))
-    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False, overwrite=overwrite):
+    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=profiler, overwrite=overwrite):
         for _ in range(caches):
             cache = DynamicCache(config=model.config)
             model(input_ids=tokens[:, :prompt], cache=cache, use_cache=True)
@@ -158,10 +160,10 @@ def _record_steps(
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
-def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path) -> None:
+def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path, profiler: bool = False) -> None:
     rank = dist.get_rank()
     model = hf_tensor_parallel_model()
-    tensors = _record_steps(model, out_dir, MAX_BATCH)
+    tensors = _record_steps(model, out_dir, MAX_BATCH, profiler=profiler)
     facts = {
         "rank": rank,
         "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors),
@@ -371,8 +373,8 @@ def main() -> None:
     try:
         if mode in ("reference", "reference-raise", "reference-kill"):
             run_reference(out_dir, facts_dir, failure=mode.removeprefix("reference").lstrip("-"))
-        elif mode == "hf-tp":
-            run_hf_tensor_parallel(out_dir, facts_dir)
+        elif mode in ("hf-tp", "hf-tp-profiled"):
+            run_hf_tensor_parallel(out_dir, facts_dir, profiler=mode == "hf-tp-profiled")
         elif mode == "hf-tp-replicated-kv":
             run_hf_tensor_parallel_replicated_kv(out_dir, facts_dir)
         elif mode in ("hf-dp", "hf-dp-uneven", "hf-dp-overwrite", "hf-dp-two-caches"):

@@ -1,0 +1,126 @@
+"""One tensor-parallel rank planned on its own, and a group's rank folders that are not the runs their names
+say: a Hugging Face Llama sharded by its own `tp_plan="auto"` on 2 gloo ranks on CPU, recorded once with the
+profiler (its allocator events give the plan the run's activations), then copied and edited per test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ranks_worker as worker
+
+from kvtrace.cli import main
+from kvtrace.format import MANIFEST
+
+pytest.importorskip("transformers.distributed")
+
+WORLD = 2
+HEAD_DIM = worker.DIM // worker.N_HEADS
+TOKENS = worker.PROMPT_LEN + worker.DECODE_STEPS
+LOCAL_KV_HEADS = worker.N_KV_HEADS // WORLD
+# A rank's cache: layers x K,V x its KV heads (half the model's) x head_dim x fp32, per token of a row.
+RANK_PER_TOKEN = worker.N_LAYERS * 2 * LOCAL_KV_HEADS * HEAD_DIM * 4
+RANK_KV_BYTES = RANK_PER_TOKEN * TOKENS * worker.MAX_BATCH
+
+
+@pytest.fixture(scope="module")
+def tp_group(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """The recorded group and each rank's facts (measured on its own cache tensors)."""
+    root = tmp_path_factory.mktemp("tp")
+    facts = worker.launch_facts("hf-tp-profiled", root / "group", root / "facts", WORLD)
+    for rank_facts in facts:
+        assert rank_facts["weight_type"] == "DTensor"  # really sharded
+        assert rank_facts["kv_bytes"] == RANK_KV_BYTES == 4608
+    return root / "group", facts
+
+
+def _json(capsys: pytest.CaptureFixture[str], argv: list[str], status: int = 0) -> dict[str, Any]:
+    assert main(argv) == status
+    data: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return data
+
+
+def _copy(tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tp_group[0], tmp_path / "group"))
+
+
+def test_plan_from_one_tensor_parallel_rank_plans_that_rank(
+    tp_group: tuple[Path, list[dict[str, Any]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN rank 0 of the group, whose cache holds 1 of the model's 2 KV heads
+    rank = tp_group[0] / "rank-0"
+    report = _json(capsys, ["report", str(rank), "--no-export", "--json"])
+    assert report["kv"]["final_bytes"] == RANK_KV_BYTES
+    # WHEN it is planned with no other flag (the run itself, on one GPU)
+    planned = _json(capsys, ["plan", "--from-run", str(rank), "--json"])
+    # THEN its KV is the rank's, as recorded: the rank's KV heads, not the whole model's
+    assert planned["kv_bytes_per_token"] == RANK_PER_TOKEN == 256
+    assert planned["kv_tokens"] == TOKENS
+    assert planned["kv_bytes"] == RANK_KV_BYTES
+    assert planned["kv_peak_bytes"] == report["kv"]["peak_bytes"]
+    # AND its peak is the run's, activations the rest of it beside the weights and the KV peak (not shrunk
+    # to make room for KV the rank never held)
+    assert planned["peak_bytes"] == report["peak_allocated_bytes"]
+    weights = report["categories_at_peak"]["weights"]
+    assert planned["weights_bytes"] == weights
+    rest = report["peak_allocated_bytes"] - weights - report["kv"]["peak_bytes"]
+    assert planned["activations_bytes"] == rest
+    said = "rank-0 is rank 0 of 2 (tensor parallel): its cache holds 1 of the model's 2 KV heads"
+    assert any(note.startswith(said) for note in planned["notes"])
+    assert main(["plan", "--from-run", str(rank)]) == 0
+    text = capsys.readouterr().out
+    assert "KV per token           0.25 KiB (256 B)" in text
+    assert "KV cache               4.50 KiB (2 x 9 tokens)" in text
+
+
+def test_rank_folders_whose_manifest_says_another_rank_are_left_out(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the group with three folders that are not runs of their own rank: a copy of rank 1 as rank-3,
+    # a second name for rank 1 (rank-01), and a rank-2 whose manifest says rank 2 of a world of 2
+    group = _copy(tp_group, tmp_path)
+    shutil.copytree(group / "rank-1", group / "rank-3")
+    shutil.copytree(group / "rank-1", group / "rank-01")
+    shutil.copytree(group / "rank-1", group / "rank-2")
+    manifest = json.loads((group / "rank-2" / MANIFEST).read_text())
+    manifest["rank"] = 2
+    (group / "rank-2" / MANIFEST).write_text(json.dumps(manifest))
+    # WHEN the group is reported
+    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    # THEN only the two ranks' own folders are summed, and each other folder is named with why
+    assert data["world_size"] == WORLD
+    assert [entry["rank"] for entry in data["ranks"]] == [0, 1]
+    assert data["kv"]["final_bytes"] == sum(f["kv_bytes"] for f in tp_group[1]) == 2 * RANK_KV_BYTES
+    notes = data["notes"]
+    assert any(n.startswith("rank-3/ left out: its manifest says rank 1 of 2") for n in notes), notes
+    assert any(n.startswith("rank-01/ left out: rank-1/ holds rank 1 already") for n in notes), notes
+    no_rank_2 = "rank-2/ left out: its manifest's world size is 2, which has no rank 2"
+    assert any(n.startswith(no_rank_2) for n in notes), notes
+    assert not any("no run from rank" in n for n in notes)
+
+
+def test_rank_folder_without_its_manifest_is_called_what_it_is(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the group whose rank 1 lost its manifest (a partial copy): its logs and profiler trace remain
+    group = _copy(tp_group, tmp_path)
+    (group / "rank-1" / MANIFEST).unlink()
+    assert (group / "rank-1" / "profiler").is_dir()
+    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    # THEN rank 0 alone is reported, and the note says rank 1's folder holds files but no manifest, which
+    # record() writes first: not a rank that never started recording
+    assert [entry["rank"] for entry in data["ranks"]] == [0]
+    said = (
+        "rank 1 left out: rank-1/ holds kv_events.jsonl, memory_samples.jsonl, model_config.json and 2 more "
+        "but no manifest.json, which record() writes before any other file"
+    )
+    assert any(note.startswith(said) for note in data["notes"]), data["notes"]
+    assert not any("stopped before record() started" in note for note in data["notes"])
+    # AND a rank folder left empty is one that never recorded, as before
+    shutil.rmtree(group / "rank-1")
+    (group / "rank-1").mkdir()
+    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    assert "no run from rank 1: it stopped before record() started, or wrote elsewhere" in data["notes"]
