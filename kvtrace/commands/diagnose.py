@@ -70,6 +70,11 @@ class DiagnoseCommand(Command):
 
         group = build_group_report(path)
         focus = group.rank(group.focus_rank)
+        if not focus.report.devices and not focus.source.ooms:  # no rank has figures (the focus would)
+            raise KvtraceError(
+                f"{path}: no rank has memory figures to diagnose; rank {focus.rank}, which "
+                f"{group.focus_reason}: {_empty_run_cause(focus.source.meta)}"
+            )
         diagnosis = diagnose(focus.source, focus.report, budget_bytes=budget)
         print_result(
             as_json,

@@ -147,3 +147,19 @@ def test_a_rank_without_figures_is_not_the_focus_when_another_has_them(tmp_path:
     assert (diagnosis["device"], diagnosis["allocated_bytes"]) == ("cpu", facts[0]["weights"] + kv_peak)
     first = _run(["diagnose", str(out)]).splitlines()[0]
     assert f"diagnosing rank 0, which {reason}" in first
+
+
+def test_a_group_without_figures_on_any_rank_is_refused_saying_why(tmp_path: Path) -> None:
+    # GIVEN every rank raises at once inside a record() given no model
+    out, facts_dir = tmp_path / "group", tmp_path / "facts"
+    worker.launch_facts("hf-dp-raise-all-bare", out, facts_dir, WORLD)
+
+    # WHEN the group is diagnosed, THEN it is refused in one line naming what the focus rank lacks, not a
+    # diagnosis of "? (-)"
+    out_text, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out_text), redirect_stderr(err):
+        assert main(["diagnose", str(out)]) == 2
+    assert "? (-)" not in out_text.getvalue()
+    said = err.getvalue()
+    assert "no rank has memory figures to diagnose; rank " in said
+    assert "no allocator event, no weights (record(model=...) lists them) and no KV" in said
