@@ -14,7 +14,8 @@ Definitions, so that a group's JSON reads the same whatever the parallelism:
 * The group's memory peak (`peak_allocated_bytes`, `categories_at_peak`) is the peak rank's: the device
   that runs out first.
 * The rank to diagnose (`focus`): the rank that ran out of memory, else the first rank that raised or
-  died (a killed rank at the last line of its logs), else the rank that peaked.
+  died (a killed rank at the last line of its logs), else the rank that peaked. A rank without memory
+  figures (no devices) is passed over for one that has them, and the reason says so.
 """
 
 from __future__ import annotations
@@ -201,14 +202,30 @@ def _focus(ranks: list[RankReport], oom_rank: int | None, peak_rank: int | None)
     failed = [r for r in ranks if r.status != "ok"]
     if failed:
         # The first to fail: the others often fail after it, waiting on a collective it never joined.
-        first = min(failed, key=lambda r: (_stopped_ns(r), r.rank))
-        if first.status == "running" and first.source.meta.get("recording_pid") is not None:
-            return first.rank, "is still being recorded"
-        if first.status == "running":
-            return first.rank, "never finished (the process died)"
-        return first.rank, f"raised {first.ended.get('type') or first.status}"
+        ordered = sorted(failed, key=lambda r: (_stopped_ns(r), r.rank))
+        first = ordered[0]
+        if first.report.devices or not any(r.report.devices for r in ranks):
+            return first.rank, _failed_reason(first)
+        # A rank without memory figures (no allocator event, no weights, no KV) has nothing to diagnose: the
+        # first failed rank that has them, else the one that peaked, saying why the first is not the one
+        without = f"rank {first.rank} failed first ({_failed_reason(first)}) but has no memory figures"
+        with_figures = next((r for r in ordered if r.report.devices), None)
+        if with_figures is not None:
+            return with_figures.rank, f"{_failed_reason(with_figures)} ({without})"
+        measured = [r for r in ranks if r.report.devices]
+        peaked = max(measured, key=lambda r: (r.peak_allocated_bytes, -r.rank))
+        return peaked.rank, f"peaked ({without})"
     assert peak_rank is not None
     return peak_rank, "peaked"
+
+
+def _failed_reason(rank: RankReport) -> str:
+    """How a rank that did not end well stopped, as the focus says it."""
+    if rank.status == "running" and rank.source.meta.get("recording_pid") is not None:
+        return "is still being recorded"
+    if rank.status == "running":
+        return "never finished (the process died)"
+    return f"raised {rank.ended.get('type') or rank.status}"
 
 
 def _stopped_ns(rank: RankReport) -> float:

@@ -430,10 +430,25 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         top_cache_layers=top_cache_layers,
         peak_leaves_out=peak_leaves_out,
         unfinished=_unfinished(source),
+        before_first_step=_before_first_step(source, report),
         held_step=held_step,
         step_cut=step_cut,
         row_activation_bytes=row_activations,
     )
+
+
+def _before_first_step(source: MemorySource, report: Report) -> str | None:
+    """`Diagnosis.before_first_step`: the exception's type for a run whose block raised (or was
+    interrupted) before any step, its KV log empty and no OOM recorded: there was no inference to diagnose,
+    only what the run held."""
+    run = source.meta.get("run")
+    ended = (source.meta.get("manifest") or {}).get("ended") or {}
+    if run is None or run.kv_events or report.steps or source.ooms:
+        return None
+    if ended.get("status") not in ("exception", "interrupted"):
+        return None
+    kind = ended.get("type")
+    return kind if isinstance(kind, str) and kind else "an exception"
 
 
 def _unfinished(source: MemorySource) -> str | None:

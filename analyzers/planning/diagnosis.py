@@ -109,6 +109,9 @@ class Diagnosis:
     step_cut: bool = False
     """The moment's step never ended: killed part-way (`held_step` above), or its forward raised (an OOM, a
     Ctrl-C), when `batch` and `tokens_held` are what its layers held at the moment, as the KV diagnosed."""
+    before_first_step: str | None = None
+    """The exception's type when the recorded block raised (or was interrupted) before its first step, no
+    KV logged: the moment is what the run held then (its weights), not an inference's peak. None otherwise."""
     row_activation_bytes: int | None = None
     """Bytes of the allocations beside the KV live at the moment whose size is batch-first (the rows times a
     model width: logits, attention's copies, ids and masks; analyzers.planning.diagnose_rows), which a

@@ -126,6 +126,32 @@ def _no_trace_note(cause: str, weights: bool, why: str = "") -> str:
     )
 
 
+def _before_allocating_clause(manifest: dict[str, Any]) -> str:
+    """Why a run's trace has no memory events and its KV log no line, in a clause: its block raised (the
+    manifest's `ended`) or stopped before allocating anything, or allocated nothing."""
+    ended = manifest.get("ended") or {}
+    status = ended.get("status") if isinstance(ended, dict) else None
+    if status == "exception":
+        kind = ended.get("type")
+        raised = f"raised {kind}" if isinstance(kind, str) and kind else "raised"
+        return f"the block {raised} before its first allocation"
+    if status == "interrupted":
+        return "the block was interrupted before its first allocation"
+    if status == "running":
+        return "the block stopped (its process died or is still recording) before its first allocation"
+    return "the block allocated nothing while it was recorded"
+
+
+def _before_allocating_note(manifest: dict[str, Any]) -> str:
+    """The note on a run whose trace has no memory events and whose KV log has no line (see
+    `_before_allocating_clause`): its figures are its weights, held since before the block."""
+    return (
+        f"the profiler trace has no memory events and the KV log no line: "
+        f"{_before_allocating_clause(manifest)}, so no step ran; memory figures are the weights it held, "
+        "as for a run recorded with profiler=False"
+    )
+
+
 _SIZE_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _SIZE = r"(\d{1,15}(?:\.\d{1,6})?) (B|bytes|KiB|MiB|GiB|TiB)\b"  # c10's format_size: "2.00 MiB", "0 bytes"
 _TRIED = re.compile(r"Tried to allocate " + _SIZE)
@@ -335,11 +361,19 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
                 kv.scanned_after_ns,
             )
     elsewhere = bool(traces and run.kv_events) and _forwards_all_elsewhere(run.manifest)
-    trace_missed_the_model = bool(traces and run.kv_events) and (
-        elsewhere or not any(len(dev) for dev in source.devices)
-    )
+    trace_empty = bool(traces) and not any(len(dev) for dev in source.devices)
+    # A block that ended before its first allocation (it raised at once) leaves a trace without memory
+    # events and a KV log without a line: the weights, resident since before the block, are what it held,
+    # as a run recorded with profiler=False reports them, not an empty device list
+    ended_before_allocating = trace_empty and not run.kv_events and bool(run.weights)
+    trace_missed_the_model = bool(traces and run.kv_events) and (elsewhere or trace_empty)
     memory_off = run.manifest.get("options", {}).get("profile_memory") is False
-    if trace_missed_the_model:
+    if ended_before_allocating and not memory_off:
+        source.meta.setdefault("input_notes", []).append(_before_allocating_note(run.manifest))
+    elif ended_before_allocating:
+        source.meta.setdefault("input_notes", []).append(PROFILE_MEMORY_OFF_NOTE)
+    trace_missed_the_model = trace_missed_the_model or ended_before_allocating
+    if trace_missed_the_model and not ended_before_allocating:
         # A trace taken with profile_memory=False has no allocator events at all. With them on,
         # torch.profiler records the memory events of the thread that started it: a generate() run on
         # another thread (a TextIteratorStreamer, a server's worker) leaves it none of the model's, though
@@ -383,6 +417,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
                 source.meta["events_from"] = "kv_log (its profiler trace, listed in the manifest, is missing)"
         elif memory_off:
             source.meta["events_from"] = "kv_log (it was recorded with profile_memory=False)"
+        elif ended_before_allocating:
+            source.meta["events_from"] = f"kv_log ({_before_allocating_clause(run.manifest)})"
         elif elsewhere:
             source.meta["events_from"] = "kv_log (the model's forwards ran on another thread)"
         elif memory_damaged:

@@ -169,6 +169,11 @@ def _headline(d: Diagnosis) -> str:
         upto = " up to its last flushed step"
     elif d.unfinished == "recording":
         recorded += " so far (the run is still being recorded)"
+    if d.before_first_step:
+        return (
+            f"{recorded}: the recorded block raised {d.before_first_step} before its first step (no "
+            f"inference ran); what the run held then on {where}: {peak}{fits}"
+        )
     return f"{recorded}; diagnosing the peak{upto} on {where} ({peak}){fits}"
 
 

@@ -51,6 +51,8 @@ class DiagnoseCommand(Command):
             return 0
         source, report = build_report(path)
         if not report.devices and not source.ooms:
+            if source.kind == "run":  # recorded with kvtrace.record() already: say what it lacks
+                raise KvtraceError(f"{path}: no memory figures to diagnose: {_empty_run_cause(source.meta)}")
             raise KvtraceError(
                 f"{path}: no memory events to diagnose (profile with torch.profiler(profile_memory=True), or "
                 "record the run with kvtrace.record())"
@@ -68,6 +70,11 @@ class DiagnoseCommand(Command):
 
         group = build_group_report(path)
         focus = group.rank(group.focus_rank)
+        if not focus.report.devices and not focus.source.ooms:  # no rank has figures (the focus would)
+            raise KvtraceError(
+                f"{path}: no rank has memory figures to diagnose; rank {focus.rank}, which "
+                f"{group.focus_reason}: {_empty_run_cause(focus.source.meta)}"
+            )
         diagnosis = diagnose(focus.source, focus.report, budget_bytes=budget)
         print_result(
             as_json,
@@ -75,6 +82,15 @@ class DiagnoseCommand(Command):
             lambda: group_diagnosis_to_text(group, diagnosis),
         )
         return 0
+
+
+def _empty_run_cause(meta: dict[str, Any]) -> str:
+    """Why a kvtrace run has no device figures: nothing it recorded names a byte, and how its block ended."""
+    ended = (meta.get("manifest") or {}).get("ended") or {}
+    raised = ""
+    if ended.get("status") in ("exception", "interrupted"):
+        raised = f" (its block raised {ended.get('type') or 'an exception'})"
+    return f"the run recorded no allocator event, no weights (record(model=...) lists them) and no KV{raised}"
 
 
 def _diagnose_engine_run(path: Path, as_json: bool, budget: int | None = None) -> bool:

@@ -14,8 +14,10 @@ and given to `kvtrace.track`: OUT_DIR/said with `layout="bshd"`, OUT_DIR/unsaid 
 `hf-tp-replicated-kv` (a Hugging Face Llama of one KV head split by hand: each rank half the query heads
 and a copy of the KV head), `hf-dp-overwrite` (`hf-dp` recorded with `overwrite=True`), `hf-dp-two-caches`
 (`hf-dp`, rank 0 with two caches one after the other) or `hf-dp-kill-first` (`hf-dp`, the last rank
-SIGKILLed first, rank 0 a second later), `module-dp-uneven` / `module-dp-even` (a hand-written decoder with
-no geometry, data parallel; see ranks_module_dp.py). Each rank
+SIGKILLed first, rank 0 a second later), `hf-dp-raise-first` (`hf-dp`, the last rank's block raising
+before its first allocation, the profiler on; `-bare`: recorded without the model; `hf-dp-raise-all-bare`:
+every rank so), `module-dp-uneven` /
+`module-dp-even` (a hand-written decoder with no geometry, data parallel; see ranks_module_dp.py). Each rank
 writes FACTS_DIR/rank-<r>.json: what it measured on its own cache tensors, independently of kvtrace, for
 the test to compare with `kvtrace report --json`.
 """
@@ -223,6 +225,30 @@ def run_hf_data_parallel_killed(out_dir: Path, facts_dir: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def run_hf_data_parallel_raised_first(
+    out_dir: Path, facts_dir: Path, bare: bool = False, every_rank: bool = False
+) -> None:
+    """Data parallelism; the last rank's block raises at once, before its first allocation, with the
+    profiler on (record()'s default; `bare`: recorded without the model, so no weights table); the others
+    record their steps (`every_rank`: they raise as it does). Each rank writes its model's parameter and
+    buffer storage bytes, counted on it."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = hf_model()
+    tensors = [*model.parameters(), *model.buffers()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    if rank != world_size - 1 and not every_rank:
+        _record_steps(model, out_dir, rank + 1)
+    else:
+        try:
+            with kvtrace.record(out_dir, model=None if bare else model):
+                raise RuntimeError(f"stopped on rank {rank} before generate")
+        except RuntimeError as exc:
+            (facts_dir / f"rank-{rank}.error").write_text(str(exc))
+    (facts_dir / f"rank-{rank}.json").write_text(
+        json.dumps({"rank": rank, "weights": sum(storages.values())})
+    )
+
+
 def run_hf_data_parallel(
     out_dir: Path, facts_dir: Path, uneven: bool = False, overwrite: bool = False, two_caches: bool = False
 ) -> None:
@@ -387,6 +413,10 @@ def main() -> None:
             )
         elif mode == "hf-dp-kill-first":
             run_hf_data_parallel_killed(out_dir, facts_dir)
+        elif mode in ("hf-dp-raise-first", "hf-dp-raise-first-bare", "hf-dp-raise-all-bare"):
+            run_hf_data_parallel_raised_first(
+                out_dir, facts_dir, bare=mode.endswith("-bare"), every_rank=mode == "hf-dp-raise-all-bare"
+            )
         elif mode == "track-bshd":
             run_tracked_bshd(out_dir, facts_dir)
         elif mode in ("module-dp-uneven", "module-dp-even"):
