@@ -114,7 +114,7 @@ ENGINE_STEPS_SCHEMA = _schema(
         ("blocks_reserved", _I64), ("running", _I64), ("waiting", _I64), ("tokens_scheduled", _I64),
         ("preempted", pa.list_(_STR)),
         ("prefix_evicted_blocks", _I64), ("prefix_hits", _I64), ("prefix_queries", _I64),
-        ("prefix_preempted_hits", _I64), ("prefix_preempted_queries", _I64),
+        ("prefix_preempted_hits", _I64), ("prefix_preempted_queries", _I64), ("raised", _BOOL),
     ],
 )  # fmt: skip
 ENGINE_REQUESTS_SCHEMA = _schema(

@@ -6,11 +6,16 @@ context, a smaller batch) prices nothing there: a vLLM run is explained in vLLM'
 memory budget where there is one, crossed or not (analyzers.planning.engine_budget), then the engine's own
 diagnosis: the refused start, the preemptions (whose remedies must fit that budget too), or none where the
 pool held every request (analyzers.planning.vllm_diagnose).
+
+A run that stopped before its end (its process died, its block raised or was interrupted) shows the run up
+to then, said in a note as the Hugging Face diagnosis says it. Its requests still in the engine then had not
+reached their final lengths, which vLLM's remedies are priced on: a remedy that avoids every preemption of
+what was recorded is then said unknown ("[?]"), never "fits".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from analyzers.engine import EngineRun
@@ -19,7 +24,14 @@ from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnos
 from analyzers.planning.vllm_refused import refused_start
 from kvtrace.errors import KvtraceError
 
-__all__ = ["EngineRunDiagnosis", "engine_run_diagnosis", "explain_engine_run", "raised_notes"]
+__all__ = [
+    "EngineRunDiagnosis",
+    "ended_notes",
+    "engine_run_diagnosis",
+    "explain_engine_run",
+    "raised_notes",
+    "stopped_short",
+]
 
 
 @dataclass(frozen=True)
@@ -30,7 +42,7 @@ class EngineRunDiagnosis:
     run: EngineRun
     budget: EngineBudget | None
     diagnosis: RefusedDiagnosis | PreemptionDiagnosis | None
-    notes: tuple[str, ...] = ()  # the exception the recorded block raised, as `kvtrace diagnose` notes it
+    notes: tuple[str, ...] = ()  # how the run stopped short (`ended_notes`), as `kvtrace diagnose` notes it
     unpriced: str | None = None
 
     @property
@@ -49,11 +61,82 @@ def raised_notes(manifest: dict[str, Any]) -> tuple[str, ...]:
     return (raised_note(ended),)
 
 
+def stopped_short(manifest: dict[str, Any], recording_pid: str | None = None) -> str | None:
+    """How the recorded run stopped before its end: "died" (the manifest still says running and no process
+    records it: killed), "recording" (`recording_pid` holds it: it goes on), "exception", "interrupted".
+    None for a block that ended well."""
+    ended = manifest.get("ended")
+    status = ended.get("status") if isinstance(ended, dict) else None
+    if status == "running":
+        return "died" if recording_pid is None else "recording"
+    return status if status in ("exception", "interrupted") else None
+
+
+def ended_notes(manifest: dict[str, Any], recording_pid: str | None = None) -> tuple[str, ...]:
+    """The note on a run that stopped short (`stopped_short`), in the words of the Hugging Face report's
+    (analyzers.summary.ended_notes): engine steps reach their file at most every 0.1 s, so a killed run
+    ends at its last flushed step. None for one that ended well."""
+    stopped = stopped_short(manifest, recording_pid)
+    if stopped == "died":
+        return ("the run never finished (the process died): read up to its last flushed step",)
+    if stopped == "recording":
+        by = f" by pid {recording_pid}" if recording_pid else ""
+        return (f"the run is still being recorded{by}: figures cover what it has written so far",)
+    if stopped == "interrupted":
+        return ("the recorded block was interrupted (Ctrl-C): the figures cover the run up to then",)
+    return raised_notes(manifest)
+
+
+def in_engine_at_end(run: EngineRun) -> int:
+    """Requests still in the engine at the run's last recorded step: those whose events never say finished,
+    or the step's running and waiting (a request that waited from the start has no event), the more."""
+    unfinished: set[str] = set()
+    for event in run.requests:
+        if event.event == "finished":
+            unfinished.discard(event.request_id)
+        else:
+            unfinished.add(event.request_id)
+    last = 0
+    if len(run.steps):
+        last = int(run.steps["running"][-1]) + int(run.steps["waiting"][-1])
+    return max(len(unfinished), last)
+
+
+def _short_of_final(
+    diagnosis: RefusedDiagnosis | PreemptionDiagnosis | None, run: EngineRun, stopped: str | None
+) -> RefusedDiagnosis | PreemptionDiagnosis | None:
+    """`diagnosis` with each remedy that avoids every recorded preemption said unknown where the run stopped
+    with requests in the engine: their demand is counted at the lengths they had reached, so the run's own
+    demand may be larger. A remedy found short stays short: more demand cannot make it fit."""
+    if stopped is None or not isinstance(diagnosis, PreemptionDiagnosis):
+        return diagnosis
+    left = in_engine_at_end(run)
+    if not left:
+        return diagnosis
+    how = {
+        "died": "its process died",
+        "recording": "it is still being recorded",
+        "exception": "its block raised",
+        "interrupted": "it was interrupted",
+    }[stopped]
+    caveat = (
+        f" The run stopped with {left} request(s) unfinished ({how}), counted at the lengths they had "
+        "reached, not their final ones: whether it avoids the preemptions to come cannot be told; rerun to "
+        "completion to know."
+    )
+    remedies = tuple(
+        replace(r, fits=None, sentence=r.sentence + caveat) if r.fits else r for r in diagnosis.remedies
+    )
+    return replace(diagnosis, remedies=remedies)
+
+
 def explain_engine_run(
-    run: EngineRun, budget: EngineBudget | None, notes: tuple[str, ...] = ()
+    run: EngineRun, budget: EngineBudget | None, notes: tuple[str, ...] = (), stopped: str | None = None
 ) -> EngineRunDiagnosis:
-    """The engine's diagnosis against `budget`. Raises KvtraceError where a refusal cannot be priced."""
-    return EngineRunDiagnosis(run, budget, diagnose_engine(run, budget), notes)
+    """The engine's diagnosis against `budget`; `stopped`: how the run stopped short (`stopped_short`).
+    Raises KvtraceError where a refusal cannot be priced."""
+    diagnosis = _short_of_final(diagnose_engine(run, budget), run, stopped)
+    return EngineRunDiagnosis(run, budget, diagnosis, notes)
 
 
 def engine_run_diagnosis(source: Any, report: Any) -> EngineRunDiagnosis | None:
@@ -68,8 +151,9 @@ def engine_run_diagnosis(source: Any, report: Any) -> EngineRunDiagnosis | None:
         return None
     manifest = source.meta.get("manifest") or {}
     budget = run_engine_budget(engine, report.budget, manifest)
-    notes = raised_notes(manifest)
+    recording = source.meta.get("recording_pid")
+    notes = ended_notes(manifest, recording)
     try:
-        return explain_engine_run(engine, budget, notes)
+        return explain_engine_run(engine, budget, notes, stopped_short(manifest, recording))
     except KvtraceError as exc:  # `kvtrace diagnose` says why; the budget still stands
         return EngineRunDiagnosis(engine, budget, None, notes, unpriced=str(exc))

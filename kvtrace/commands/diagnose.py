@@ -97,22 +97,26 @@ def _diagnose_engine_run(path: Path, as_json: bool, budget: int | None = None) -
     """An engine run (vLLM, transformers' continuous batching): its engine diagnosis, priced in its own knobs
     (analyzers.planning.vllm_diagnose), after the memory budget (`budget`, else the recorded one) when there
     is one (analyzers.planning.engine_budget). False when the run has no engine."""
-    from analyzers.planning.engine_run_diagnosis import explain_engine_run, raised_notes
+    from analyzers.planning.engine_run_diagnosis import ended_notes, explain_engine_run, stopped_short
     from analyzers.readers.engine_files import read_engine
     from analyzers.render.engine_run_diagnosis import engine_run_diagnosis_to_json
     from analyzers.render.vllm_diagnosis import vllm_diagnosis_to_text
+    from kvtrace.run_lock import holder
 
     run = read_engine(path)
     if run is None:
         return False
     manifest = _manifest(path)
-    raised = list(raised_notes(manifest))
+    # A run that stopped short (killed, raised, still recorded) is said so, as the report says it
+    recording = holder(path) if stopped_short(manifest) == "died" else None
+    stopped = stopped_short(manifest, recording)
+    raised = list(ended_notes(manifest, recording))
     checked = _budget_of_engine(path, run, manifest, budget)
     if run.info.name != "vllm" and run.info.status == "ok":
         _other_engine(run, as_json, checked, raised)  # vLLM's remedies are priced in vLLM's knobs
         return True
     # The report page and the TensorBoard tab explain the run by the same choice and JSON
-    explained = explain_engine_run(run, checked, tuple(raised))  # its remedies must fit the budget too
+    explained = explain_engine_run(run, checked, tuple(raised), stopped)  # remedies must fit the budget too
     diagnosis = explained.diagnosis
     if diagnosis is None:  # the pool held every request: transformers' remedies (context, batch) do not apply
         _engine_ran_fine(explained, as_json)

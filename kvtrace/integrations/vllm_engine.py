@@ -33,6 +33,8 @@ _NULL_LAYOUT = {"FullAttentionManager": _NONE, "SlidingWindowManager": _PREFIX}
 
 def _not_null(block: Any) -> bool:
     return not block.is_null
+
+
 # Logs reach their files at most this often (and at the end): a step can take a millisecond on a GPU, and
 # four write(2) calls per step would be most of the recorder's cost. A killed engine loses the last 0.1 s.
 _FLUSH_NS = 100_000_000
@@ -109,6 +111,10 @@ class EngineHooks:
         self.preemptions = 0
         self.prefix_evicted_blocks = 0  # in recorded steps
         self.overhead_ns = 0  # CPU time of the per-step bookkeeping (benchmarks/vllm_overhead.py)
+        # The first exception a step let out, kept where no `with` block sees it (the plugin: not wrapping
+        # `step_fn`): vLLM's engine-core process dies of it, and its run must end saying so, not "ok". Not
+        # kept in-process, where the block's exit says it and its traceback would hold the step's frames.
+        self.raised: BaseException | None = None
         self._flushed_ns = 0
         self.document: dict[str, Any] = {}
 
@@ -283,23 +289,39 @@ class EngineHooks:
         evicted_before = self._prefix_evicted
         try:
             result = step_fn()
+        except BaseException as exc:
+            if not self._wrap_step and self.raised is None:
+                self.raised = exc
+            # The model's forward (or vLLM after it) raised: the step still held the blocks it scheduled, and
+            # is often the run's fullest; left out, the run's peak would be the step before's, or none.
+            if self._sched_out is None:
+                tracker.step -= 1
+            else:
+                with contextlib.suppress(Exception):  # the engine's exception goes on, not one of ours
+                    self._end_step(tracker.step, None, self._prefix_evicted - evicted_before, raised=True)
+            raise
         finally:
             if ranges is not None:
                 ranges.pop()
         if self._sched_out is None:  # nothing to schedule: not a step
             tracker.step -= 1
             return result
+        self._end_step(tracker.step, result, self._prefix_evicted - evicted_before)
+        return result
+
+    def _end_step(self, step: int, result: Any, prefix_evicted: int, raised: bool = False) -> None:
         started = time.thread_time_ns()  # CPU time: what we cost, whatever else runs on the machine
         try:
-            self._after_step(tracker.step, result, self._prefix_evicted - evicted_before)
+            self._after_step(step, result, prefix_evicted, raised)
         finally:
             self._step_preempted = []
             self._sched_out = None
             self.overhead_ns += time.thread_time_ns() - started
-        return result
 
     # -- per step ----------------------------------------------------------------------------------------
-    def _after_step(self, step: int, result: Any, prefix_evicted: int) -> None:
+    def _after_step(self, step: int, result: Any, prefix_evicted: int, raised: bool = False) -> None:
+        """The step's line and sample. `raised`: the step raised before it returned outputs (no tokens, no
+        prefix-cache stats): the pool as it stood then, with `"raised": true`."""
         rec = self.recording
         out = self._sched_out
         scheduled: dict[str, int] = out.num_scheduled_tokens
@@ -333,28 +355,30 @@ class EngineHooks:
         scheduled_free = free if self._scheduled_free is None else min(free, self._scheduled_free)
         t_ns = rec._clock()
         assert self._steps is not None
-        self._steps.append(
-            {
-                "step": step,
-                "t_ns": t_ns,
-                "phase": phase,
-                "blocks_total": total,
-                "blocks_used": total - free - reserved,
-                "blocks_used_in_step": total - scheduled_free - reserved,
-                "blocks_free": free,
-                "blocks_cached": cached,
-                "blocks_reserved": reserved,
-                "running": running,
-                "waiting": waiting,
-                "tokens_scheduled": out.total_num_scheduled_tokens,
-                "preempted": list(self._step_preempted),
-                "prefix_evicted_blocks": prefix_evicted,
-                "prefix_hits": hits,
-                "prefix_queries": queries,
-                "prefix_preempted_hits": preempted_hits,
-                "prefix_preempted_queries": preempted_queries,
-            }
-        )
+        line: dict[str, Any] = {
+            "step": step,
+            "t_ns": t_ns,
+            "phase": phase,
+            "blocks_total": total,
+            "blocks_used": total - free - reserved,
+            "blocks_used_in_step": total - scheduled_free - reserved,
+            "blocks_free": free,
+            "blocks_cached": cached,
+            "blocks_reserved": reserved,
+            "running": running,
+            "waiting": waiting,
+            "tokens_scheduled": out.total_num_scheduled_tokens,
+            "preempted": list(self._step_preempted),
+            "prefix_evicted_blocks": prefix_evicted,
+            "prefix_hits": hits,
+            "prefix_queries": queries,
+            "prefix_preempted_hits": preempted_hits,
+            "prefix_preempted_queries": preempted_queries,
+        }
+        if raised:
+            line["raised"] = True
+        self._steps.append(line)
+        # Not the sample's `raised`: that one says which KV layer updates a Hugging Face forward reached
         rec._sample(phase, started_ns=self._step_began_ns)
         self._flushed_ns = flush_when_due(self._flushed_ns, t_ns, rec, self._steps, self._request_log)
 

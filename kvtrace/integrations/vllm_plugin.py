@@ -123,13 +123,15 @@ def _hooks_for(core: Any) -> Any:
 
 
 def finish(core: Any) -> None:
-    """Close the engine core's run (idempotent): hooks undone, files complete, manifest `ended`."""
+    """Close the engine core's run (idempotent): hooks undone, files complete, manifest `ended`: `exception`
+    where a step raised (vLLM's engine core dies of it, then shuts down), else `ok`."""
     recording = core.__dict__.pop("_kvtrace_recording", None)
-    core.__dict__.pop("_kvtrace_hooks", None)
+    hooks = core.__dict__.pop("_kvtrace_hooks", None)
     if recording is not None:
         core.__dict__["_kvtrace_off"] = True
+        raised = getattr(hooks, "raised", None)
         with contextlib.suppress(Exception):
-            recording.__exit__(None, None, None)
+            recording.__exit__(type(raised) if raised is not None else None, raised, None)
 
 
 def _on_refused(refused: dict[str, Any], vllm_config: Any) -> None:

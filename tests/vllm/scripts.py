@@ -6,6 +6,9 @@
     python -m tests.vllm.scripts refused_plugin MODEL_DIR   # KVTRACE_DIR set by the caller
     python -m tests.vllm.scripts fp8_record MODEL_DIR RUN_DIR
     python -m tests.vllm.scripts falcon_record MODEL_DIR RUN_DIR  # writes a multi-query Falcon to MODEL_DIR
+    python -m tests.vllm.scripts raise_record MODEL_DIR RUN_DIR CALL  # the model raises in forward CALL
+    python -m tests.vllm.scripts kill_record MODEL_DIR RUN_DIR CALL   # the process SIGKILLs itself there
+    python -m tests.vllm.scripts raise_plugin MODEL_DIR CALL  # raise_record's, multiprocess; KVTRACE_DIR set
 
 A fresh interpreter because the engine runs in its own process (vLLM wants the `__main__` guard), and
 because `refused_record` must start its recording before anything imported vllm (and a second engine in
@@ -14,6 +17,7 @@ the tests' process would tear down the distributed state the first one still use
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any
@@ -102,6 +106,91 @@ def falcon_record(model_dir: str, run_dir: str) -> dict[str, Any]:
     }
 
 
+def _on_forward(llm: Any, call: int, action: Any) -> None:
+    """`action()` inside the engine's `call`th model forward from now (a forward hook on the first decoder
+    layer: vLLM runs the model once per engine step)."""
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    calls = [0]
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        calls[0] += 1
+        if calls[0] == call:
+            action()
+
+    runner.model.model.layers[0].register_forward_hook(hook)
+
+
+def raise_record(model_dir: str, run_dir: str, call: int) -> dict[str, Any]:
+    """Four requests of one full block of prompt each, recorded in-process, the model raising in its
+    CALLth forward: vLLM's exception, as the recorded block let it go on."""
+    import kvtrace
+    from tests.vllm.workload import BLOCK_SIZE, prompts, sampling
+
+    llm = make_llm(model_dir)
+
+    def fail() -> None:
+        raise RuntimeError(f"forward {call} failed")
+
+    _on_forward(llm, call, fail)
+    try:
+        with kvtrace.record(run_dir, model=llm, profiler=False):
+            llm.generate(prompts(4, BLOCK_SIZE), sampling(8), use_tqdm=False)
+    except RuntimeError as exc:
+        return {"type": type(exc).__name__, "message": str(exc)}
+    return {"type": None, "message": ""}
+
+
+def _raise_in_forward(worker: Any, call: int) -> None:
+    """On vLLM's worker (a `collective_rpc`): its model raises in its `call`th forward from now."""
+    calls = [0]
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        calls[0] += 1
+        if calls[0] == call:
+            raise RuntimeError(f"forward {call} failed")
+
+    worker.model_runner.model.model.layers[0].register_forward_hook(hook)
+
+
+def raise_plugin(model_dir: str, call: int) -> dict[str, Any]:
+    """`raise_record`'s workload with the engine in its own process, recorded by the plugin: what the front
+    end got (vLLM reports the engine core dead)."""
+    import os
+
+    from tests.vllm.workload import BLOCK_SIZE, prompts, sampling
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the hook goes to the worker as a pickled function
+    llm = make_llm(model_dir)
+    llm.collective_rpc(_raise_in_forward, args=(call,))
+    try:
+        llm.generate(prompts(4, BLOCK_SIZE), sampling(8), use_tqdm=False)
+    except Exception as exc:
+        result = {"type": type(exc).__name__, "message": str(exc)}
+    else:
+        result = {"type": None, "message": ""}
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()  # the engine core finishes its run before we report
+    return result
+
+
+def kill_record(model_dir: str, run_dir: str, call: int) -> dict[str, Any]:
+    """The workload (it preempts) recorded in-process, the process killing itself (SIGKILL) in the model's
+    CALLth forward. The forward before it waits 0.2 s, so that the step before reaches the files (the engine
+    logs are flushed at a step's end, at most every 0.1 s): the run holds exactly the steps before CALL."""
+    import os
+    import signal
+    import time
+
+    import kvtrace
+
+    llm = make_llm(model_dir)
+    _on_forward(llm, call - 1, lambda: time.sleep(0.2))
+    _on_forward(llm, call, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    with kvtrace.record(run_dir, model=llm, profiler=False):
+        run_workload(llm)
+    return {"killed": False}
+
+
 if __name__ == "__main__":
     mode, model = sys.argv[1], sys.argv[2]
     if mode == "multiprocess":
@@ -112,6 +201,12 @@ if __name__ == "__main__":
         result = fp8_record(model, sys.argv[3])
     elif mode == "falcon_record":
         result = falcon_record(model, sys.argv[3])
+    elif mode == "raise_record":
+        result = raise_record(model, sys.argv[3], int(sys.argv[4]))
+    elif mode == "raise_plugin":
+        result = raise_plugin(model, int(sys.argv[3]))
+    elif mode == "kill_record":
+        result = kill_record(model, sys.argv[3], int(sys.argv[4]))
     else:
         result = refused(model, sys.argv[3] if mode == "refused_record" else None)
     print("KVTRACE-RESULT " + json.dumps(result), flush=True)

@@ -1,0 +1,151 @@
+"""vLLM runs that stopped before their end, recorded in-process in a fresh interpreter (tests/vllm/scripts):
+
+* the model raises in the second engine step (the first decode): that step is recorded, with the blocks it
+  had allocated, so the report's and the diagnosis' peak is what the request events show; recorded by the
+  plugin in vLLM's engine-core process, which dies of it, the run ends as `exception` too;
+* the process is SIGKILLed in the 30th step of a workload that preempts (from step 26): `kvtrace diagnose`
+  says the process died, in the report's words, and no remedy is said to fit on requests cut short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvtrace import format as fmt
+from kvtrace.cli import main
+from tests.vllm.workload import BLOCK_SIZE, NEW_TOKENS, POOL_BYTES, PROMPT_TOKENS, REQUESTS, ROOT, run_script
+
+KILLED_AT = 30  # the step whose forward kills the process: the workload first preempts at step 26
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def test_step_whose_forward_raised_is_recorded(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN 4 requests of one full block of prompt each, whose model raises in its 2nd forward (step 2)
+    run_dir = tmp_path / "raised"
+    argv = ("raise_record", str(tiny_model_dir), str(run_dir), "2")
+    raised = run_script(*argv, kvtrace_dir=None, multiprocess=False)
+    assert raised == {"type": "RuntimeError", "message": "forward 2 failed"}
+    # In step 2 each request computes its 33rd token: cdiv(33, 32) = 2 blocks each
+    held_in_step_2 = 4 * _cdiv(BLOCK_SIZE + 1, BLOCK_SIZE)
+    requests = _jsonl(run_dir / fmt.ENGINE_REQUESTS)
+    last_blocks: dict[str, int] = {}
+    for event in requests:
+        if event["step"] <= 2:
+            last_blocks[event["request_id"]] = event["blocks"]
+    assert sum(last_blocks.values()) == held_in_step_2 == 8
+    # THEN the step that raised is in engine_steps.jsonl, said so, with the pool as it stood
+    steps = _jsonl(run_dir / fmt.ENGINE_STEPS)
+    assert [s["step"] for s in steps] == [1, 2]
+    assert steps[1]["raised"] is True and "raised" not in steps[0]
+    assert steps[1]["blocks_used_in_step"] == steps[1]["blocks_used"] == held_in_step_2
+    assert steps[1]["running"] == 4 and steps[1]["tokens_scheduled"] == 4
+    manifest = json.loads((run_dir / fmt.MANIFEST).read_text())
+    assert manifest["ended"]["status"] == "exception" and manifest["ended"]["type"] == "RuntimeError"
+    assert manifest["engine"]["engine_steps"] == 2
+    # AND the report and the diagnosis give the peak the request events show
+    report = _cli_json(capsys, "report", str(run_dir), "--no-export", "-q")
+    assert (report["engine"]["peak_blocks_used"], report["engine"]["peak_step"]) == (held_in_step_2, 2)
+    assert report["engine"]["steps"] == 2
+    diagnosis = _cli_json(capsys, "diagnose", str(run_dir))
+    assert (diagnosis["peak_blocks_used"], diagnosis["peak_step"]) == (held_in_step_2, 2)
+    assert diagnosis["notes"] == [
+        "the recorded block raised RuntimeError: forward 2 failed: the figures cover the run up to then"
+    ]
+
+
+def test_step_that_raised_in_the_engine_core_process_ends_the_run_as_raised(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # GIVEN the same workload in a multiprocess engine, recorded by the plugin, the worker's model raising
+    # in its 2nd forward: the engine core dies of it, then shuts down (which ends the run)
+    run_dir = tmp_path / "raised-mp"
+    front = run_script("raise_plugin", str(tiny_model_dir), "2", kvtrace_dir=run_dir, multiprocess=True)
+    assert front["type"] == "EngineDeadError"
+    # THEN the run says the block raised, with the worker's error, not "ok"
+    manifest = json.loads((run_dir / fmt.MANIFEST).read_text())
+    ended = manifest["ended"]
+    assert ended["status"] == "exception" and ended["type"] == "RuntimeError"
+    assert "forward 2 failed" in ended["message"]
+    # AND its step 2 is recorded as the one that raised, holding what the request events say (requests
+    # reach a multiprocess engine one by one: how many step 1 took depends on timing)
+    steps = _jsonl(run_dir / fmt.ENGINE_STEPS)
+    assert [s["step"] for s in steps] == [1, 2] and manifest["engine"]["engine_steps"] == 2
+    assert steps[1]["raised"] is True
+    held: dict[str, int] = {}
+    for event in _jsonl(run_dir / fmt.ENGINE_REQUESTS):
+        if event["event"] != "finished":  # an abort as the engine went down would say 0
+            held[event["request_id"]] = event["blocks"]
+    assert steps[1]["blocks_used_in_step"] == sum(held.values()) > steps[0]["blocks_used_in_step"]
+
+
+@pytest.fixture(scope="module")
+def killed_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workload recorded until its process SIGKILLs itself in step KILLED_AT's forward."""
+    run_dir = tmp_path_factory.mktemp("vllm-killed") / "run"
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.pop("KVTRACE_DIR", None)
+    argv = ["kill_record", str(tiny_model_dir), str(run_dir), str(KILLED_AT)]
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.vllm.scripts", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == -9, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return run_dir
+
+
+def test_killed_run_is_said_to_have_died(killed_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a run killed in step 30: its manifest still says running, its files end at step 29
+    manifest = json.loads((killed_run / fmt.MANIFEST).read_text())
+    assert manifest["ended"] == {"status": "running"}
+    steps = _jsonl(killed_run / fmt.ENGINE_STEPS)
+    assert [s["step"] for s in steps] == list(range(1, KILLED_AT))
+    requests = _jsonl(killed_run / fmt.ENGINE_REQUESTS)
+    assert not [e for e in requests if e["event"] == "finished"]  # 48 new tokens each: none got there
+    preempted = [e for e in requests if e["event"] == "preempted"]
+    assert preempted and min(e["step"] for e in preempted) == 26
+    # WHEN it is diagnosed, and reported
+    diagnosis = _cli_json(capsys, "diagnose", str(killed_run))
+    report = _cli_json(capsys, "report", str(killed_run), "--no-export", "-q")
+    # THEN the diagnosis says the process died, in the report's words (as a Hugging Face run's)
+    died = "the run never finished (the process died): read up to its last flushed step"
+    assert died in report["notes"]
+    assert diagnosis["kind"] == "preemption" and diagnosis["notes"] == [died]
+    # AND no remedy is said to fit: every request was still in the engine, short of its final length
+    assert diagnosis["remedies"] and all(r["fits"] is None for r in diagnosis["remedies"])
+    unfinished = f"The run stopped with {REQUESTS} request(s) unfinished (its process died)"
+    assert all(unfinished in r["sentence"] for r in diagnosis["remedies"])
+    # the pool it prices is short of what the whole workload needs: 8 x cdiv(40 + 48 - 1, 32) + the null block
+    whole_run_blocks = REQUESTS * _cdiv(PROMPT_TOKENS + NEW_TOKENS - 1, BLOCK_SIZE) + 1
+    assert diagnosis["blocks_needed"] < whole_run_blocks == 25
+    assert diagnosis["kv_cache_bytes"] == POOL_BYTES
+    # AND the text says so too: no "[fits]", the note last
+    assert main(["diagnose", str(killed_run)]) == 0
+    text = capsys.readouterr().out
+    assert "[fits]" not in text and text.rstrip().endswith(f"note: {died}")
