@@ -478,7 +478,7 @@ def export(
     except UnicodeEncodeError:  # a name that is not UTF-8 (Python holds its bytes as lone surrogates)
         raise KvtraceError(
             f"{root}: the export folder's path is not UTF-8, which Parquet's writer and DuckDB's reader "
-            "cannot open: choose a folder whose path is"
+            "cannot open: choose a folder whose path is UTF-8"
         ) from None
     inputs, problems = find_inputs(paths)
     if not inputs:

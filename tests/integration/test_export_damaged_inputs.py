@@ -207,6 +207,6 @@ def test_an_export_folder_whose_path_is_not_utf8_is_refused_in_one_line(tmp_path
     assert stdout == ""
     assert err.splitlines() == [
         f"kvtrace export: error: {out}: the export folder's path is not UTF-8, which Parquet's writer "
-        "and DuckDB's reader cannot open: choose a folder whose path is"
+        "and DuckDB's reader cannot open: choose a folder whose path is UTF-8"
     ]
     assert not out.exists()
