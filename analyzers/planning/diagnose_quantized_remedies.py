@@ -9,7 +9,7 @@ analyzers.planning.diagnose_remedies prices the usual remedies and calls these w
 from __future__ import annotations
 
 from analyzers.planning.diagnose_buffer_remedies import PreallocatedBuffers
-from analyzers.planning.diagnosis import Remedy, fits, no_geometry
+from analyzers.planning.diagnosis import CONTEXT_COUNTED, Remedy, fits, no_geometry
 from analyzers.planning.quantized_cache import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_RESIDUAL_LENGTH,
@@ -174,12 +174,12 @@ def quantized_context(d: dict[str, object], tokens: int, need: int | None) -> tu
     saved = max(highest - peak(context), 0)
     quantized_token = per_token[0] + per_token[1]
     text = (
-        f"A context of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
-        f"at its peak: this int{packed} QuantizedCache keeps the tokens after the prompt at full precision "
-        f"({human_bytes(per_token[2])} a token across the batch, a quantized one "
+        f"A context of {context + 1:,} tokens instead of {tokens + 1:,} ({CONTEXT_COUNTED}) frees "
+        f"{human_bytes(saved)} of KV at its peak: this int{packed} QuantizedCache keeps the tokens after the "
+        f"prompt at full precision ({human_bytes(per_token[2])} a token across the batch, a quantized one "
         f"{human_bytes(quantized_token)} with its scales) until residual_length={residual_length:,} are "
-        f"due: {now.residual_tokens:,} of them now, {then.residual_tokens:,} at {context:,} tokens; the "
-        f"step that requantizes holds the new quantized K and V beside the old."
+        f"due: {now.residual_tokens:,} of them now, {then.residual_tokens:,} at a context of "
+        f"{context + 1:,}; the step that requantizes holds the new quantized K and V beside the old."
     )
     return context, saved, text
 

@@ -73,7 +73,15 @@ from analyzers.planning.diagnose_quantized_remedies import (
     quantized_widening,
     static_cache_at_model_dtype,
 )
-from analyzers.planning.diagnosis import NO_KV, NO_KV_HELD, NO_KV_IN_RUN, Remedy, fits, no_geometry
+from analyzers.planning.diagnosis import (
+    CONTEXT_COUNTED,
+    NO_KV,
+    NO_KV_HELD,
+    NO_KV_IN_RUN,
+    Remedy,
+    fits,
+    no_geometry,
+)
 from analyzers.planning.run_kv_facts import DTYPE_BITS
 from analyzers.units import human_bytes
 
@@ -253,9 +261,11 @@ def price_remedies(
         elif d.get("windowed"):  # the cache already slides: its size follows the prompt, not the context
             out += windowed_remedies(kv, tokens, per_token, need, num_layers)
         elif quantized is None and context >= 1:
+            # Named as `kvtrace plan --context` takes it, prompt + new tokens: one more than the cache holds
+            # (generate() never feeds back its last token), so that the remedy's figure plans as typed
             text = (
-                f"A context of {context:,} tokens instead of {tokens:,} frees {human_bytes(saved)} of KV "
-                f"({human_bytes(per_token)} per token across the batch{held_too})."
+                f"A context of {context + 1:,} tokens instead of {tokens + 1:,} ({CONTEXT_COUNTED}) frees "
+                f"{human_bytes(saved)} of KV ({human_bytes(per_token)} per token across the batch{held_too})."
             )
         elif quantized is None:  # else priced and worded by quantized_context
             fixed = d.get("cross_kv_bytes")
@@ -268,7 +278,7 @@ def price_remedies(
                     f"on the {len(holding):,} of {layers:,} KV layers the step had reached)."
                 )
         if not d.get("windowed") and static is None:
-            out.append(Remedy("context", context or None, saved, fits(saved, need), text))
+            out.append(Remedy("context", context + 1 if context else None, saved, fits(saved, need), text))
             out.append(_window(d, kv, tokens, context, need, num_layers, kv_bits))
     else:
         out.append(Remedy("context", None, None, None, f"Shorter context: {unpriced}."))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from analyzers.budget import BudgetCrossing
 
 __all__ = [
+    "CONTEXT_COUNTED",
     "NO_GEOMETRY",
     "NO_KV",
     "NO_KV_HELD",
@@ -126,6 +127,8 @@ def fits(saved: int | None, shortfall: int | None) -> bool | None:
     return saved >= shortfall
 
 
+# How a context remedy counts its tokens: as `kvtrace plan --context` takes them, so the figure plans as typed
+CONTEXT_COUNTED = "prompt + new tokens, as `kvtrace plan --context` counts them; the cache holds one fewer"
 # A Remedy's sentence when the input lacks the figure (its `saved_bytes` None)
 NO_KV = "cannot be computed: this input has no KV cache figures (record the run with kvtrace.record)"
 NO_GEOMETRY = "cannot be computed: this input has no KV geometry (batch, tokens held; record with kvtrace)"

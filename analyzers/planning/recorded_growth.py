@@ -73,14 +73,20 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     floors = _moment_floors(req, run, rec, batch, context)
     if not same_cache_as_run(req):
         sizes = kv_sizes(req, batch, context)
-        prompt_grown = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
+        unseen = _unseen_at_end(run, rec)
+        prompt_grown = rows * _prefill_growth(run, rec, sizes.prompt)
+        # a static cache's prefill: the run's step-end activations grown with the prompt, and attention's
+        # tensors over the cache's length, which the run's prefill did not make
+        at_prefill = _scaled(activations + unseen, fixed, prompt_grown) + _static_prefill_bytes(
+            req, run, rec, batch, context, sizes.prompt
+        )
         # a step's end, holding this cache's KV, holds what the run held at its own step's end: where the
         # run peaked elsewhere (a dynamic cache's growth copy), at most its peak less its weights and final
         # KV, the logits it ended with unseen at its peak (a sliding cache planned from a dynamic run at its
         # context 206 was 27,740 B, 4.4%, below the recording), grown as all are (an upper bound)
-        unseen = _unseen_at_end(run, rec)
-        at_end = activations + growth + gain.grown(unseen, None)
-        at_peak = max(at_end, _scaled(activations + unseen, fixed, prompt_grown))
+        mask = _static_mask_bytes(req, run, rec, batch, context)
+        at_end = activations + growth + gain.grown(unseen, None) + mask
+        at_peak = max(at_end, at_prefill)
         beside_update = rec.update_activations_bytes
         if beside_update is None or (req.cache == "quantized" and _prefill_peaks(rec, grown, prompt_grown)):
             # the update's copies beside: a bound
@@ -258,15 +264,61 @@ def _rows_freed(rec: RecordedPeak, batch: int) -> int:
     return round(min(row_bytes, rec.activations_bytes) * (rec.batch - batch) / rec.batch)
 
 
-def _prefill_growth(
-    req: PlanRequest, run: PlanRequest, rec: RecordedPeak, prompt: int, context: int
-) -> float:
+def _prefill_growth(run: PlanRequest, rec: RecordedPeak, prompt: int) -> float:
     """How much a prefill's activations grow from the run's to the plan's, for a row: they follow the
-    prompt's length, whatever the window (a prefill attends over the whole prompt), and a static cache's
-    whole length (its prefill attends over all of it)."""
+    prompt's length, whatever the window (a prefill attends over the whole prompt). A static cache's prefill
+    may attend over all of its length too, yet only attention's tensors over it grow with it, where they do
+    (`_static_prefill_bytes`): before, all grew in proportion to it, and so did the decode steps' bound
+    from them (the demo's tiny Llama 3, bf16, batch 1, 20-token prompt, static, planned from context 44 at
+    220: 14.56 MiB of activations where the recording held 3.80 MiB)."""
     run_prompt = kv_sizes(run, rec.batch, rec.context).prompt
-    attended = _attended(req, context) / _attended(run, rec.context) if req.cache == "static" else 1.0
-    return max(prompt / run_prompt, attended, 1.0)
+    return max(prompt / run_prompt, 1.0)
+
+
+def _static_prefill_bytes(
+    req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int, prompt: int
+) -> int:
+    """Bytes a static cache's prefill of `prompt` tokens holds over the cache's positions the run's prefill
+    did not attend over (a static run's: beyond its own length; another's: all of them). Eager attention
+    takes all of the cache's positions: its mask has a row of them a prompt token, K and V are expanded to
+    the query heads (`repeat_kv`, where there are fewer KV heads), and it makes the scores and their
+    float32 softmax (3 copies of heads x prompt, at 4 bytes: a bound, as `_attention_copies`), each in one
+    layer at a time, added to the most the run held at its prefill wherever that was: an upper bound (the
+    tiny Llama, 2 rows, 3-token prompt, context 12 to 206: +259,184 B where its recording held 212,104 B
+    more). sdpa's prefill of unpadded prompts takes no mask and cuts K and V to the prompt (transformers'
+    `is_causal` path), and flash attention's neither: none (a padded batch's mask would send sdpa to
+    `repeat_kv` too, which the run does not tell). A run that does not say its attention is priced as
+    eager. 0 for another cache or where the plan's is no longer."""
+    if req.cache != "static" or rec.attn_implementation not in ("eager", None):
+        return 0
+    held = _attended(run, rec.context) if run.cache == "static" else 0
+    more = _attended(req, context) - held
+    if more <= 0:
+        return 0
+    geom = req.geometry
+    compute = dtype_bytes_for(req.effective_compute_dtype, 1)
+    side = max(max(k, v) for k, v in geom.layer_kv_widths)  # one layer's K (or V) elements a token
+    expanded = geom.num_attention_heads * max(geom.head_dim, geom.global_head_dim or 0)
+    expansions = 2 * expanded * compute if expanded > side else 0
+    return batch * more * (prompt * compute + expansions + 3 * geom.num_attention_heads * prompt * 4)
+
+
+def _static_mask_bytes(
+    req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int
+) -> int:
+    """Bytes a static cache's decode step holds in its attention mask, a row over every position of the
+    cache, which the run's cache may not have made (a sliding cache's covers its window, a dynamic cache's
+    sdpa takes none at a decode step): all of them, beyond a static run's own; a bool a position under
+    sdpa, else an element of the compute dtype (eager's, a bound for another attention). The tiny Llama,
+    2 rows, context 12, planned static from a run with a window of 4 was 22 B below the static recording,
+    its mask over 11 positions (the static prefill's growth with its length had covered it before). 0 for
+    another cache, or the run's own."""
+    if req.cache != "static" or same_cache_as_run(req):
+        return 0
+    held = _attended(run, rec.context) if run.cache == "static" else 0
+    more = _attended(req, context) - held
+    element = 1 if rec.attn_implementation == "sdpa" else dtype_bytes_for(req.effective_compute_dtype, 1)
+    return batch * more * element if more > 0 else 0
 
 
 def _moment_floors(
@@ -313,18 +365,20 @@ def _moment_floors(
         peak_fixed = rec.batch_fixed_bytes if beside_peak >= rec.activations_bytes else None
     stretch = _context_growth(req, rec, context)
     gain = _Gain(rows, stretch, max(batch, rec.batch), _attended_gain(req, rec, context))
-    early = rows * _prefill_growth(req, run, rec, sizes.prompt, context)
+    early = rows * _prefill_growth(run, rec, sizes.prompt)
+    attention = _static_prefill_bytes(req, run, rec, batch, context, sizes.prompt)
     late = max(
         gain.grown(beside_peak * kept, token_bytes, peak_fixed),
         _scaled(beside_peak * kept, peak_fixed, early),
     )
     beside_late = late + _token_growth(req, rec, batch, context)
     floors = [req.weights_bytes + sizes.step_peak_bytes + beside_late]
-    if early > 1.0:
-        # A prefill of more rows or tokens than the run's: its own moment. Not otherwise: the run's own
-        # prefill is within its peak, and the measured figure is the most beside the KV at any moment of
-        # it, with the whole prefill KV beside that (an upper bound where its KV was still filling then)
-        prefill = _scaled(beside_prefill * kept, prefill_fixed, early)
+    if early > 1.0 or attention:
+        # A prefill of more rows or tokens than the run's, or over a longer static cache: its own moment.
+        # Not otherwise: the run's own prefill is within its peak, and the measured figure is the most
+        # beside the KV at any moment of it, with the whole prefill KV beside that (an upper bound where its
+        # KV was still filling then)
+        prefill = _scaled(beside_prefill * kept, prefill_fixed, early) + attention
         floors.append(req.weights_bytes + sizes.prefill_bytes + prefill)
     return floors
 
@@ -338,7 +392,10 @@ def prefill_bound_note(req: PlanRequest) -> str | None:
         return None
     run = _run_request(req, rec)
     prompt = kv_sizes(req, req.batch, req.context).prompt
-    if max(req.batch / rec.batch, 1.0) * _prefill_growth(req, run, rec, prompt, req.context) <= 1.0:
+    rows = max(req.batch / rec.batch, 1.0)
+    if rows * _prefill_growth(run, rec, prompt) <= 1.0 and not _static_prefill_bytes(
+        req, run, rec, req.batch, req.context, prompt
+    ):
         return None
     return (
         "the run does not tell what it held beside its KV at its prefill (no whole prefill step in its KV "

@@ -580,8 +580,9 @@ def test_diagnose_prices_remedies_with_the_tokens_held_at_its_moment(
     assert (data["batch"], data["tokens_held"]) == (1, prompt)
     (context,) = [r for r in data["remedies"] if r["kind"] == "context"]
     cut = prompt // 4
-    assert (context["setting"], context["saved_bytes"]) == (prompt - cut, per_token * cut)
-    assert f"A context of {prompt - cut} tokens instead of {prompt} " in context["sentence"]
+    # named as plan's --context: prompt + new tokens, one more than the cache holds
+    assert (context["setting"], context["saved_bytes"]) == (prompt - cut + 1, per_token * cut)
+    assert f"A context of {prompt - cut + 1} tokens instead of {prompt + 1} " in context["sentence"]
     # AND the text says which step that count is of
     assert main(["diagnose", str(run)]) == 0
     out = capsys.readouterr().out

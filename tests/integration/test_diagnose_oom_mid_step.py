@@ -100,7 +100,7 @@ def test_prefill_oom_prices_a_token_at_every_kv_layer(tmp_path: Path) -> None:
     token = LAYERS * PER * BATCH
     cut = math.ceil(REQUEST / token)
     context = _remedy(diagnosis, "context")
-    assert (context["setting"], context["saved_bytes"]) == (prompt - cut, cut * token)
+    assert (context["setting"], context["saved_bytes"]) == (prompt - cut + 1, cut * token)
     assert f"{human_bytes(token)} per token across the batch" in context["sentence"]
 
     # a sliding window of 1 on every layer peaks holding the whole prompt on each, and one new window

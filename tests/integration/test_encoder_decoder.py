@@ -119,8 +119,8 @@ def test_beam_search_headlines_the_decoders_self_attention_kv_not_the_encoders_c
     diagnosis = _cli_json(["diagnose", str(run)], capsys)
     assert diagnosis["tokens_held"] == decoder_tokens
     [context] = [r for r in diagnosis["remedies"] if r["kind"] == "context"]
-    assert f"instead of {decoder_tokens} " in context["sentence"]
-    assert context["saved_bytes"] == (decoder_tokens - context["setting"]) * per_token * rows
+    assert f"instead of {decoder_tokens + 1} " in context["sentence"]  # as plan's --context: one more
+    assert context["saved_bytes"] == (decoder_tokens + 1 - context["setting"]) * per_token * rows
 
 
 def test_a_run_without_the_encoder_decoder_caches_field_still_reads(
@@ -257,8 +257,8 @@ def test_mllama_diagnose_and_plan_price_tokens_by_the_self_attention_layers(
         MLLAMA_HELD, MLLAMA_SELF_KV + MLLAMA_CROSS_KV
     )  # fmt: skip
     context = next(r for r in diagnosis["remedies"] if r["kind"] == "context")
-    assert f"A context of {context['setting']} tokens instead of {MLLAMA_HELD} " in context["sentence"]
-    assert context["saved_bytes"] == (MLLAMA_HELD - context["setting"]) * MLLAMA_PER_TOKEN
+    assert f"A context of {context['setting']} tokens instead of {MLLAMA_HELD + 1} " in context["sentence"]
+    assert context["saved_bytes"] == (MLLAMA_HELD + 1 - context["setting"]) * MLLAMA_PER_TOKEN
     int4 = next(r for r in diagnosis["remedies"] if r["kind"] == "quantized_kv" and r["setting"] == 4)
     assert f"holds these {MLLAMA_HELD} tokens" in int4["sentence"]
     assert f"instead of {MLLAMA_SELF_KV / 1024:.2f} KiB" in int4["sentence"]

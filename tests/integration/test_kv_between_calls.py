@@ -124,7 +124,7 @@ def test_a_crop_between_calls_leaves_the_peaks_step_holding_what_its_forward_end
         peak_tokens,
     )
     (context,) = [r for r in diagnosis["remedies"] if r["kind"] == "context"]
-    assert f"instead of {peak_tokens} " in context["sentence"]
+    assert f"instead of {peak_tokens + 1} " in context["sentence"]  # as plan's --context
 
 
 def test_a_crop_and_reorder_between_calls_count_in_the_next_step(

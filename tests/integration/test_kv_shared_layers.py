@@ -83,7 +83,7 @@ def test_shared_kv_layers_hold_no_kv_in_the_recording_report_and_plan(
     context = next(r for r in diagnosis["remedies"] if r["kind"] == "context")
     held_tokens = diagnosis["tokens_held"]
     caching = 4 if held_tokens == PROMPT else 2  # at prefill every caching layer holds the whole prompt
-    assert context["saved_bytes"] == (held_tokens - context["setting"]) * caching * 2 * U
+    assert context["saved_bytes"] == (held_tokens + 1 - context["setting"]) * caching * 2 * U
     # AND the plan of that run is the recording: per token, final and peak
     argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--batch", str(ROWS)]
     planned = _json([*argv, "--prompt", str(PROMPT), "--context", str(PROMPT + NEW), "--json"], capsys)
@@ -174,7 +174,7 @@ def test_gemma4_full_layers_count_at_their_own_width(
     context = next(r for r in diagnosis["remedies"] if r["kind"] == "context")
     held_tokens = diagnosis["tokens_held"]
     following = 3 * 2 * full_side + (3 * 2 * sliding_side if held_tokens == PROMPT else 0)
-    assert context["saved_bytes"] == (held_tokens - context["setting"]) * following
+    assert context["saved_bytes"] == (held_tokens + 1 - context["setting"]) * following
     # AND the plan of its config.json is the recording: per token, final and peak
     argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--batch", str(ROWS)]
     planned = _json([*argv, "--prompt", str(PROMPT), "--context", str(PROMPT + NEW), "--json"], capsys)

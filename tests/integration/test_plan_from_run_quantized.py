@@ -153,12 +153,12 @@ def test_a_quantized_run_is_planned_and_diagnosed_at_its_caches_own_bytes(
     plan = plan_json(tmp_path / "new8", capsys)
     assert (plan["kv_bytes"], plan["kv_peak_bytes"]) == (recorded["final_bytes"], recorded["peak_bytes"])
     assert plan["kv_bytes"] == held[8]
-    # and diagnosed: a context of 15 frees what the shorter run's KV peak holds less (it was 2.80 KiB, then
-    # the two ends' 6,144 B): the cache's bytes, and, in the last layer's residual cat, the old V of 6
-    # tokens beside the new, not of 2 (one layer's V a token: 2 rows x 2 heads x 16 x float32)
+    # and diagnosed: a context of 16 (15 tokens held) frees what the shorter run's KV peak holds less (it was
+    # 2.80 KiB, then the two ends' 6,144 B): the cache's bytes, and, in the last layer's residual cat, the old
+    # V of 6 tokens beside the new, not of 2 (one layer's V a token: 2 rows x 2 heads x 16 x float32)
     diagnosis = cli_json(["diagnose", str(tmp_path / "new8"), "--json"], capsys)
     context = next(r for r in diagnosis["remedies"] if r["kind"] == "context")
     old_v = 2 * 2 * HEAD_DIM * 4
-    assert (context["setting"], context["saved_bytes"]) == (15, held[8] - held[4] + (6 - 2) * old_v)
+    assert (context["setting"], context["saved_bytes"]) == (16, held[8] - held[4] + (6 - 2) * old_v)
     shorter = report_json(tmp_path / "new4", capsys)["kv"]["peak_bytes"]
     assert context["saved_bytes"] == recorded["peak_bytes"] - shorter

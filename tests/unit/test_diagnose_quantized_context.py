@@ -47,7 +47,7 @@ def test_a_shorter_context_frees_what_the_kv_peak_holds_less() -> None:
     # on the step that requantizes; nor 14 to 16, each a run through the requantizing step at 14 (5,952 B)
     assert (context, saved) == (13, now - _growing(13, 2)) == (13, 1_536)
     assert now - _requantizing(17) < 1_500 and now - _requantizing(14) < 1_500
-    assert "13 tokens instead of 19" in text
+    assert "14 tokens instead of 20" in text  # prompt + new tokens, as plan's --context
 
 
 def test_a_shorter_context_never_frees_more_than_the_moment_holds() -> None:
