@@ -52,6 +52,15 @@ def _size(num_bytes: int) -> str:
     return f"{sign}{magnitude / 1024:.2f} KiB"
 
 
+def _weights_source(req: PlanRequest) -> str:
+    """Whose the weights figure is: the run's as measured, or a tensor-parallel rank's measured shard
+    re-stored at another dtype (the recorded peak's weights are the run's own)."""
+    if req.measured_weights_bytes is None:
+        return ""
+    restored = req.recorded is not None and req.recorded.weights_bytes != req.measured_weights_bytes
+    return f" (the run's, at {req.weights_dtype})" if restored else " (the run's)"
+
+
 def _sentence(fix: Remedy, req: PlanRequest) -> str:
     outcome = "fits" if fix.fits else "still does not fit"
     if fix.kind == "weights":
@@ -131,7 +140,7 @@ def format_text(result: PlanResult) -> str:
         ),
         (
             "weights",
-            _size(result.weights_bytes) + (" (the run's)" if req.measured_weights_bytes is not None else ""),
+            _size(result.weights_bytes) + _weights_source(req),
         ),
         ("KV cache", f"{_size(result.kv_bytes)} ({req.batch} x {result.kv_tokens:,} tokens{beams})"),
     ]

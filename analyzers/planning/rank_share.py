@@ -5,7 +5,9 @@ The run's config is the whole model's, but a tensor-parallel rank's cache holds 
 rank's KV, twice the recording on 2 ranks. A plain plan is one GPU's, so a rank is planned as the shard it
 recorded: its KV heads as its cache tensors hold them (what `kvtrace report` counts a rank's bytes per token
 by, `heads_held_by`), its query heads in the same proportion. A rank holding all the KV heads (data
-parallel, or tensor parallel over more ranks than KV heads, each rank a copy) is planned as it is.
+parallel, or tensor parallel over more ranks than KV heads, each rank a copy) is planned as it is. Its
+weights at another dtype are its measured shard's, re-stored (`rank_weights_at`): the config's geometry
+would weigh the whole model's MLP, embeddings and lm_head, which tensor parallelism splits as well.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from dataclasses import replace
 
 from analyzers.kv_events import is_kv_data
 from analyzers.kv_log_figures import CacheFigures
-from analyzers.planning.presets import ModelGeometry
+from analyzers.planning.param_count import buffer_bytes
+from analyzers.planning.presets import DTYPE_BITS, ModelGeometry, dtype_bytes_for
 from analyzers.run_kv import heads_held_by
 from kvtrace.format import Run
 
-__all__ = ["rank_geometry"]
+__all__ = ["rank_geometry", "rank_weights_at"]
 
 
 def _count(value: object) -> int | None:
@@ -63,3 +66,15 @@ def rank_geometry(run: Run, main: CacheFigures, geometry: ModelGeometry, notes: 
         num_attention_heads=query,
         cached_kv_heads=geometry.cached_kv_heads // shards if geometry.cached_kv_heads else None,
     )
+
+
+def rank_weights_at(measured: int, geometry: ModelGeometry, run_dtype: str | None, dtype: str) -> int | None:
+    """A rank's weights stored in `dtype`: the parameters it measured in `run_dtype`, re-stored, and the
+    buffers its model builds (rotary inv_freq, kept at fp32 whatever the weights: `buffer_bytes`), which
+    every rank holds whole. None where the run's dtype is not known or its parameters are no whole number
+    of that dtype's elements (not stored as the run says): no share to scale."""
+    bits = DTYPE_BITS.get(run_dtype or "")
+    parameters = measured - buffer_bytes(geometry, run_dtype) if bits and run_dtype else -1
+    if bits is None or parameters < 0 or (parameters * 8) % bits:
+        return None
+    return dtype_bytes_for(dtype, parameters * 8 // bits) + buffer_bytes(geometry, dtype)

@@ -77,6 +77,9 @@ class RunDefaults:
     window_note: str | None = None  # the note (in `notes`) that says the run's cache slid at that window
     # an encoder-decoder run's encoder input length: the tokens a row of its cross-attention cache
     encoder_tokens: int | None = None
+    # a tensor-parallel rank's shards (`rank_geometry` cut `geometry` to its share): its weights at another
+    # dtype are its measured ones re-stored (`rank_weights_at`), not the whole model's geometry's
+    rank_shards: int | None = None
 
 
 def run_defaults(path: str | Path) -> RunDefaults:
@@ -97,7 +100,9 @@ def run_defaults(path: str | Path) -> RunDefaults:
             f"{root}: the run logged no KV cache, so it has no cache, batch or context to plan from; plan it "
             "with --preset or --config instead of --from-run"
         )
+    whole = geometry
     geometry = rank_geometry(run, main, geometry, notes)  # one tensor-parallel rank: its share of the heads
+    shards = whole.num_kv_heads // geometry.num_kv_heads if geometry is not whole else None
     weights, devices = _weights(run)
     if len(devices) > 1:
         notes.append(
@@ -175,6 +180,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
         config_geometry=config_geometry,
         window_note=window_note,
         encoder_tokens=encoder_tokens,
+        rank_shards=shards,
     )
 
 

@@ -4,9 +4,10 @@ A group is recognised by its `rank-<r>/manifest.json` children alone (kvtrace.fo
 marker file rank 0 writes is read when present and never required, since rank 0 may be the rank that died.
 A rank that raised or was killed still has a readable run (its manifest says how it ended); a rank whose
 files cannot be read is named in the notes and left out, so the other ranks still report. So is a folder
-whose manifest says another rank than its name (a copy of a rank's folder), a rank its own world size does
+whose manifest says a rank another folder holds (a copy of a rank's folder), a rank its own world size does
 not have, or a second folder for a rank already read (`rank-01` beside `rank-1`): summed in, it would count
-a rank's KV twice.
+a rank's KV twice. A folder whose manifest says a rank no other folder holds (renamed or swapped folders)
+is read as the rank its manifest says, with a note: its run is whole.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def read_run_group(path: str | os.PathLike[str], progress: ProgressFn | None = N
             notes.append(f"rank {rank} left out: {exc}")
             continue
         ranks.append(RankRun(rank, folder, source, source.meta.get("manifest") or {}))
-    ranks, claimed = _own_ranks(ranks, notes)
+    ranks, named = _own_ranks(ranks, notes)
     if not ranks:
         raise KvtraceError(f"{root}: no rank of this run group could be read")
     sizes = {int(r.manifest["world_size"]) for r in ranks if isinstance(r.manifest.get("world_size"), int)}
@@ -90,8 +91,9 @@ def read_run_group(path: str | os.PathLike[str], progress: ProgressFn | None = N
         world_size = int(marker["world_size"])
     present = {r.rank for r in ranks}
     missing = [r for r in range(world_size or 0) if r not in present]
-    # A rank a left-out folder's manifest claims is named in that folder's note
-    silent = [r for r in missing if r not in unreadable and r not in claimed]
+    # a rank a moved folder's note names (its folder's, its manifest's) is not missing unseen, and its folder
+    # has a manifest
+    silent = [r for r in missing if r not in unreadable and r not in named]
     unrecorded = []
     for rank in silent:
         held = _files_without_manifest(root / f"{RANK_DIR_PREFIX}{rank}")
@@ -114,20 +116,22 @@ def _said(manifest: dict[str, Any], key: str) -> int | None:
 
 
 def _own_ranks(ranks: list[RankRun], notes: list[str]) -> tuple[list[RankRun], set[int]]:
-    """The ranks whose folder is their own: each folder's rank is the one its manifest says (a run written
-    outside a group says none), below the world size it says, and no other folder's (the recorder writes
-    `rank-<r>`; `rank-01` is another name for rank 1). The others are left out, each with a note naming its
-    folder; with them the ranks their manifests claim, which are not missing unseen."""
+    """The ranks each read under the rank its manifest says (a run written outside a group says none, and is
+    its folder's), below the world size it says, and no other folder's (the recorder writes `rank-<r>`;
+    `rank-01` is another name for rank 1). A folder whose manifest says another rank is read as that rank
+    when no folder holds it by name and no other claims it (renamed or swapped folders: the run is whole);
+    a copy of a rank already held is left out. Each of these folders gets a note naming it; with them come
+    the ranks the notes name (the folder's and its manifest's), which are not missing unseen."""
     kept: dict[int, RankRun] = {}
-    claimed: set[int] = set()
+    named: set[int] = set()
+    moved: list[tuple[RankRun, int, int | None]] = []
     # the recorder's own name first, so that a second name for the rank is the one left out
     for run in sorted(ranks, key=lambda r: (r.rank, r.path.name != f"{RANK_DIR_PREFIX}{r.rank}")):
         said, world_size = _said(run.manifest, "rank"), _said(run.manifest, "world_size")
         if said is not None and said != run.rank:
-            of = f" of {world_size}" if world_size is not None else ""
-            why = f"its manifest says rank {said}{of} (a copy of that rank's run?)"
-            claimed.add(said)
-        elif world_size is not None and run.rank >= world_size:
+            moved.append((run, said, world_size))
+            continue
+        if world_size is not None and run.rank >= world_size:
             why = f"its manifest's world size is {world_size}, which has no rank {run.rank}"
         elif run.rank in kept:
             why = f"{kept[run.rank].path.name}/ holds rank {run.rank} already"
@@ -135,7 +139,20 @@ def _own_ranks(ranks: list[RankRun], notes: list[str]) -> tuple[list[RankRun], s
             kept[run.rank] = run
             continue
         notes.append(f"{run.path.name}/ left out: {why}; its KV is not in the group's figures")
-    return [kept[rank] for rank in sorted(kept)], claimed
+    claims = [said for _, said, _ in moved]
+    for run, said, world_size in moved:
+        named.update((run.rank, said))
+        of = f" of {world_size}" if world_size is not None else ""
+        if said not in kept and claims.count(said) == 1 and 0 <= said < (world_size or said + 1):
+            kept[said] = RankRun(said, run.path, run.source, run.manifest)
+            notes.append(
+                f"{run.path.name}/ read as rank {said}: its manifest says rank {said}{of}, and no other "
+                "folder holds that rank (the group's folders were renamed or swapped)"
+            )
+            continue
+        why = f"its manifest says rank {said}{of} (a copy of that rank's run?)"
+        notes.append(f"{run.path.name}/ left out: {why}; its KV is not in the group's figures")
+    return [kept[rank] for rank in sorted(kept)], named
 
 
 def _files_without_manifest(folder: Path) -> str | None:

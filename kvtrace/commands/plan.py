@@ -379,12 +379,28 @@ class PlanCommand(Command):
         run_kv = run.kv_dtype if run and same_kind and kept_kv else None
         measured = run.weights_bytes if run is not None and not redtyped else None
         if run is not None and redtyped:
+            from analyzers.planning.rank_share import rank_weights_at
+
+            # a tensor-parallel rank's geometry is cut to its heads alone: its weights are its measured
+            # shard's, re-stored
+            restored = (
+                rank_weights_at(run.weights_bytes, run.geometry, run.weights_dtype, args.dtype)
+                if run.rank_shards is not None
+                else None
+            )
+            measured = restored
+            weighed = (
+                f"are the rank's measured {run.weights_bytes:,} B re-stored at {args.dtype}, {restored:,} B "
+                "(its parameters re-stored, its buffers as the model builds them)"
+                if restored is not None
+                else f"are the geometry's at {args.dtype}, not the {run.weights_bytes:,} B measured"
+            )
             run = replace(
                 run,
                 notes=(
                     *run.notes,
                     f"--dtype {args.dtype} is not the run's ({run.weights_dtype or 'unknown'}): the weights "
-                    f"are the geometry's at {args.dtype}, not the {run.weights_bytes:,} B measured, and the "
+                    f"{weighed}, and the "
                     + (
                         f"quantized cache keeps the run's {run_kv} KV unless --kv-dtype says"
                         if run_kv is not None

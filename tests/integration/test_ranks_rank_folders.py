@@ -124,3 +124,70 @@ def test_rank_folder_without_its_manifest_is_called_what_it_is(
     (group / "rank-1").mkdir()
     data = _json(capsys, ["report", str(group), "--no-export", "--json"])
     assert "no run from rank 1: it stopped before record() started, or wrote elsewhere" in data["notes"]
+
+
+def test_rank_folder_holding_another_ranks_run_gets_one_note(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the group whose rank-1/ holds a copy of rank 0's run (its manifest says rank 0 of 2)
+    group = _copy(tp_group, tmp_path)
+    shutil.rmtree(group / "rank-1")
+    shutil.copytree(group / "rank-0", group / "rank-1")
+    # WHEN the group is reported
+    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    # THEN rank 0 alone is summed, and rank-1/ has the one note that says what it holds: not also one that
+    # calls it a folder without a manifest, nor a rank that never recorded
+    assert [entry["rank"] for entry in data["ranks"]] == [0]
+    assert data["kv"]["final_bytes"] == RANK_KV_BYTES
+    about_rank_1 = [n for n in data["notes"] if "rank 1" in n or "rank-1" in n]
+    assert len(about_rank_1) == 1, data["notes"]
+    said = "rank-1/ left out: its manifest says rank 0 of 2 (a copy of that rank's run?)"
+    assert about_rank_1[0].startswith(said), about_rank_1
+
+
+def test_swapped_rank_folders_are_read_as_their_manifests_say(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the group with its two rank folders swapped (rank-0/ holds rank 1's run), group.json kept
+    group = _copy(tp_group, tmp_path)
+    (group / "rank-0").rename(group / "swap")
+    (group / "rank-1").rename(group / "rank-0")
+    (group / "swap").rename(group / "rank-1")
+    assert json.loads((group / "rank-0" / MANIFEST).read_text())["rank"] == 1
+    # WHEN the group is reported and diagnosed
+    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    # THEN each run is read as the rank its manifest says, whole, and a note names each renamed folder
+    assert data["world_size"] == WORLD
+    folders = [(entry["rank"], Path(entry["path"]).name) for entry in data["ranks"]]
+    assert folders == [(0, "rank-1"), (1, "rank-0")]
+    assert data["kv"]["final_bytes"] == sum(f["kv_bytes"] for f in tp_group[1]) == 2 * RANK_KV_BYTES
+    for folder, rank in (("rank-0", 1), ("rank-1", 0)):
+        said = f"{folder}/ read as rank {rank}: its manifest says rank {rank} of 2, and no other folder holds"
+        assert any(n.startswith(said) for n in data["notes"]), data["notes"]
+    assert not any("left out" in n or "no run from rank" in n for n in data["notes"]), data["notes"]
+    assert main(["diagnose", str(group)]) == 0
+    assert "no rank of this run group could be read" not in capsys.readouterr().err
+
+
+def test_plan_of_a_tensor_parallel_rank_at_another_dtype_weighs_its_shard(
+    tp_group: tuple[Path, list[dict[str, Any]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN rank 0's weights as its weights.jsonl lists them: fp32 parameters (its shard) and the rotary
+    # inv_freq buffers, which transformers keeps at fp32 whatever the weights' dtype
+    rank = tp_group[0] / "rank-0"
+    lines = [json.loads(line) for line in (rank / "weights.jsonl").read_text().splitlines()]
+    assert {line["dtype"] for line in lines} == {"float32"}
+    buffers = sum(line["storage_bytes"] for line in lines if line["name"].endswith("inv_freq"))
+    parameters = sum(line["storage_bytes"] for line in lines) - buffers
+    assert (parameters, buffers) == (214_272, 64)
+    report = _json(capsys, ["report", str(rank), "--no-export", "--json"])
+    assert report["categories_at_peak"]["weights"] == parameters + buffers
+    # WHEN it is planned at bf16
+    planned = _json(capsys, ["plan", "--from-run", str(rank), "--dtype", "bf16", "--json"])
+    # THEN the weights are its shard's parameters at 2 B an element beside the same buffers, not the whole
+    # model's MLP, embeddings and lm_head beside its attention heads
+    assert planned["weights_bytes"] == parameters // 2 + buffers == 107_200
+    said = "--dtype bf16 is not the run's (fp32): the weights are the rank's measured 214,336 B re-stored"
+    assert any(note.startswith(said) for note in planned["notes"]), planned["notes"]
+    assert main(["plan", "--from-run", str(rank), "--dtype", "bf16"]) == 0
+    assert "weights                104.69 KiB (the run's, at bf16)" in capsys.readouterr().out
