@@ -49,7 +49,7 @@ class EngineInfo:
 
     name: str
     version: str
-    status: str  # "ok" | "refused_start"
+    status: str  # "ok" | "refused_start" | "failed" (transformers' continuous batching stopped on an error)
     process: str
     model: dict[str, Any]
     config: dict[str, Any]
@@ -65,6 +65,9 @@ class EngineInfo:
     refused: dict[str, Any] | None
     blocks_reserved: int = 1  # blocks never given to a request: vLLM's null block; HF CB's trash sectors
     bytes_per_sector: int | None = None  # HF CB: its pool grows by sectors (vLLM: absent)
+    # HF CB, status "failed": engine.json's `failure` (step, reason, error, blocks_needed, usable_blocks,
+    # requests)
+    failure: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ def _diagnose_engine_run(path: Path, as_json: bool, budget: int | None = None) -
     stopped = stopped_short(manifest, recording)
     raised = list(ended_notes(manifest, recording))
     checked = _budget_of_engine(path, run, manifest, budget)
-    if run.info.name != "vllm" and run.info.status == "ok":
+    if run.info.name != "vllm" and run.info.status in ("ok", "failed"):
         _other_engine(run, as_json, checked, raised)  # vLLM's remedies are priced in vLLM's knobs
         return True
     # The report page and the TensorBoard tab explain the run by the same choice and JSON
@@ -155,7 +155,7 @@ def _budget_of_engine(path: Path, run: Any, manifest: dict[str, Any], budget: in
     recorded_bytes = recorded if isinstance(recorded, int | float) and not isinstance(recorded, bool) else 0
     if budget is None and recorded_bytes <= 0:  # no budget, given or recorded
         return None
-    if run.info.status != "ok" or not run.info.kv_cache_bytes:
+    if run.info.status not in ("ok", "failed") or not run.info.kv_cache_bytes:
         return None
     from analyzers.report import build_report
 
@@ -184,6 +184,21 @@ def _notes_text(notes: list[str]) -> list[str]:
     return [f"  note: {note}" for note in notes]
 
 
+def _ran_out_sentence(name: str, failure: dict[str, Any], block_size: int | None, preemptions: int) -> str:
+    """transformers' scheduler could place no request in the pool and failed the run: the request that
+    outgrew it, what it needed against the usable blocks, and the requests that failed with it."""
+    needed, usable = failure.get("blocks_needed"), failure.get("usable_blocks")
+    requests = list(failure.get("requests") or ())
+    taken = f" (after taking {preemptions} request(s) out)" if preemptions else ""
+    return (
+        f"{name} ran out of its pool and failed the run at engine step {failure.get('step')}{taken}: request "
+        f"{failure.get('request')} needed {needed} blocks of {block_size} tokens and {usable} are usable; "
+        f"{len(requests)} request(s) failed ({', '.join(map(str, requests[:5]))}"
+        f"{', ...' if len(requests) > 5 else ''}). ContinuousBatchingConfig(num_blocks=...) counts usable "
+        f"blocks: at least {needed} to schedule it, more for the tokens it has yet to generate."
+    )
+
+
 def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str] | None = None) -> None:
     """Another engine's paged pool (transformers' continuous batching): what ran out and the requests'
     demand in its blocks, without vLLM's knobs (kv_cache_memory_bytes, max_num_seqs, fp8); first, a memory
@@ -203,7 +218,14 @@ def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str
         num_blocks=figures.num_blocks, usable_blocks=usable, peak_blocks_used=figures.peak_blocks_used
     )
     over = checked is not None and checked.crossed
-    if figures.peak_step is None:
+    failure = run.info.failure
+    if failure is not None and failure.get("reason") == "no_blocks":
+        sentence = _ran_out_sentence(name, failure, figures.block_size, figures.preemptions)
+        result.update(
+            kind="failed_no_blocks", failed_step=failure.get("step"), failed_request=failure.get("request")
+        )
+        result.update(blocks_needed=failure.get("blocks_needed"), failed_requests=failure.get("requests"))
+    elif figures.peak_step is None:
         sentence = (
             f"{name} ran no engine step: the run ended before its first step, with its pool made "
             f"({usable:,} usable blocks, none used)."

@@ -14,6 +14,9 @@ on uninstall:
   and `update_batch` (after the forward; requests finish there): one engine step = one kvtrace step;
 - `OffloadingManager.offload_requests`: the requests it takes out of the pool (to the CPU swap pool, or a
   soft reset that recomputes them), vLLM's "preempted";
+- `ContinuousBatchProcessor.fail_all_requests`: the requests transformers fails when its loop stops on an
+  error (a forward that raised, or a scheduler that could place no request in the pool), `finished` with
+  `finish_reason` `error`;
 - `PagedAttentionCache.evict_cached_blocks` and `search_prefix_match`: prefix-sharing blocks given back
   under pressure, and prefix hits.
 
@@ -94,6 +97,8 @@ class PagedAttentionHooks:
         self.overhead_ns = 0
         self._flushed_ns = 0
         self.ignored_pools = 0
+        # Why transformers stopped the run, when it did: engine.json's and the manifest's `failure`
+        self.failure: dict[str, Any] | None = None
         self.warnings: list[str] = []  # what leaves the engine files incomplete: the manifest's `warnings`
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -111,10 +116,11 @@ class PagedAttentionHooks:
         manager_cls = offloading.OffloadingManager
         hooks = self
         init, evict, search = cache_cls.__init__, cache_cls.evict_cached_blocks, cache_cls.search_prefix_match
-        prepare, update, forward = (
+        prepare, update, forward, fail_all = (
             processor.prepare_next_batch,
             processor.update_batch,
             processor._generation_step,
+            processor.fail_all_requests,
         )
         offload = manager_cls.offload_requests
 
@@ -139,6 +145,16 @@ class PagedAttentionHooks:
             update(proc)
             if proc.cache is hooks.cache and hooks._open and not hooks._closed:
                 hooks._timed(hooks._after_step, proc)
+
+        def fail_all_hook(proc: Any, error: Exception) -> None:
+            ours = proc.cache is hooks.cache and not hooks._closed
+            scheduler = proc.scheduler
+            # Before transformers drops them: afterwards the scheduler holds neither list
+            states = [*scheduler.active_requests.values(), *scheduler.waiting_requests.values()]
+            states = states if ours else []
+            fail_all(proc, error)
+            if ours:
+                hooks._timed(hooks._log_failed, states)
 
         def offload_hook(manager: Any) -> bool:
             if manager.cache is not hooks.cache or hooks._closed:
@@ -166,6 +182,7 @@ class PagedAttentionHooks:
         patches.set(processor, "prepare_next_batch", prepare_hook)
         patches.set(processor, "update_batch", update_hook)
         patches.set(processor, "_generation_step", forward_hook)
+        patches.set(processor, "fail_all_requests", fail_all_hook)
         patches.set(manager_cls, "offload_requests", offload_hook)
 
     def uninstall(self) -> None:
@@ -204,7 +221,8 @@ class PagedAttentionHooks:
             "name": ENGINE_NAME,
             "version": self.document.get("version"),
             "process": "inproc",
-            "status": "ok",
+            "status": self.document.get("status", "ok"),
+            **({"failure": self.failure} if self.failure is not None else {}),
             "num_blocks": self.document.get("num_blocks"),
             "kv_cache_bytes": self.document.get("kv_cache_bytes"),
             "engine_steps": self.engine_steps,
@@ -317,6 +335,9 @@ class PagedAttentionHooks:
         scheduled = False
         try:
             scheduled = bool(prepare(proc))
+        except Exception as exc:
+            self._timed(self._schedule_failed, proc, tracker.step, exc)
+            raise
         finally:
             if not scheduled:
                 tracker.step -= 1
@@ -336,6 +357,58 @@ class PagedAttentionHooks:
         self.warnings.append(
             f"continuous batching: engine step {step} failed in its forward; the figures end there"
         )
+
+    def _schedule_failed(self, proc: Any, step: int, exc: Exception) -> None:
+        """`prepare_next_batch` raised: with no block free and no request to offload, transformers' scheduler
+        places none ("No requests can be scheduled and no requests can be offloaded.") and the loop fails
+        every request. The step that could not be scheduled is no step (no line, as vLLM's); the most a
+        request needed for its next tokens (a waiting one: its whole prompt), against the usable blocks, is
+        what `diagnose` reports."""
+        scheduler = proc.scheduler
+        block_size = int(self.document["block_size"])
+        needed: dict[str, int] = {}
+        for request_id, state in [*scheduler.active_requests.items(), *scheduler.waiting_requests.items()]:
+            tokens = int(state.current_len()) + len(getattr(state, "tokens_to_process", ()) or ())
+            tokens = max(tokens, len(getattr(state, "initial_tokens", ()) or ()))
+            needed[str(request_id)] = math.ceil(tokens / block_size)
+        largest = max(needed, key=lambda rid: needed[rid]) if needed else None
+        usable = int(self.document["usable_blocks"])
+        self.failure = {
+            "step": step,
+            "reason": "no_blocks" if largest is not None and needed[largest] > usable else "error",
+            "error": f"{type(exc).__name__}: {exc}"[:300],
+            "blocks_needed": needed[largest] if largest is not None else None,
+            "request": largest,
+            "usable_blocks": usable,
+            "requests": list(needed),
+        }
+        most = f"; request {largest} needed {needed[largest]} blocks" if largest is not None else ""
+        self.warnings.append(
+            f"continuous batching: the run failed at engine step {step}: its scheduler could place no "
+            f"request in the pool of {usable} usable blocks{most} ({type(exc).__name__}: {exc})"[:500]
+        )
+
+    def _log_failed(self, states: list[Any]) -> None:
+        """transformers failed these requests and dropped them: each leaves the engine (`finished`, reason
+        `error`, vLLM's word for a request an engine error ended) with the tokens it had generated, at the
+        step that could not be scheduled (after that step's preemptions), else the step that raised."""
+        step = {"step": self.failure["step"]} if self.failure is not None else {}
+        for state in states:
+            request_id = state.request_id
+            self._held.pop(request_id, None)
+            self._dropped.pop(request_id, None)
+            self._states.pop(request_id, None)
+            self._log_request(state, "finished", 0, finish_reason="error", **step)
+        if not states:
+            return
+        if self.failure is None:  # the forward raised (`_step_failed` said which step)
+            self.failure = {"step": self.recording.tracker.step, "reason": "error"}
+        self.failure["requests"] = [str(state.request_id) for state in states]
+        self.document["status"] = "failed"
+        self.document["failure"] = self.failure
+        write_json_atomic(self.recording.path / fmt.ENGINE, self.document)
+        assert self._request_log is not None
+        self._request_log.flush()
 
     def _log_scheduled(self, proc: Any, step: int, began: int) -> None:
         """Right after scheduling: this step's blocks are allocated and `current_len()` counts its tokens.
