@@ -219,6 +219,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     top_layers: tuple[tuple[int, int], ...] = ()
     top_cache_layers: tuple[tuple[int, int, int], ...] = ()
     by_layer: dict[int, int] = {}
+    # The KV at the moment in the other caches beside the main one (an assistant model's draft cache, an
+    # earlier call's), which the main model's cache settings do not reach
+    other_kv = 0
     batch, tokens_held = report.kv.batch, report.kv.tokens_held
     cross_ids = {c.cache for c in report.kv.caches if c.role == CROSS_ATTENTION}
     # The cross-attention KV (an encoder's output, Mllama's image): a fixed cost that no token remedy touches
@@ -261,6 +264,11 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             for (_, layer), nbytes in by_slot.items():
                 by_layer[layer] = by_layer.get(layer, 0) + nbytes
             top_layers = tuple(sorted(by_layer.items(), key=lambda item: (-item[1], item[0])))[:8]
+            other_kv = sum(
+                nbytes
+                for (cache, _), nbytes in by_slot.items()
+                if cache != report.kv.main_cache and cache not in cross_ids
+            )
             if len({cache for cache, _ in by_slot}) > 1:
                 ranked = sorted(by_slot.items(), key=lambda item: (-item[1], item[0]))[:8]
                 top_cache_layers = tuple((cache, layer, nbytes) for (cache, layer), nbytes in ranked)
@@ -333,6 +341,11 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         # counts, and a prefill's last layers none
         "layer_tokens": layer_tokens,
         "cross_kv_bytes": min(cross_kv, kv_bytes) if kv_bytes is not None else cross_kv,
+        # the other caches' KV then (an assistant's draft cache), and a token of context in those that
+        # follow it (written during the call): a window, quantization or offloading on the model's cache
+        # leave them as they are, a shorter context shrinks those too (`_other_caches`)
+        "other_cache_kv_bytes": min(other_kv, kv_bytes) if kv_bytes is not None else other_kv,
+        "other_cache_token_bytes": _other_token_bytes(report, kv_log, cross_ids) if other_kv else 0.0,
         "layer_bytes": by_layer,
         "step_phase": phase,
         "prompt_tokens": prompt,
@@ -435,6 +448,24 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         step_cut=step_cut,
         row_activation_bytes=row_activations,
     )
+
+
+def _other_token_bytes(report: Report, kv_log: object, cross: set[int]) -> float:
+    """KV bytes a token of context costs across the rows in the caches beside the main one that were
+    written during its call (an assistant model's draft cache, which holds the same sequence): those whose
+    bytes grew since the main cache's first step. An earlier call's cache, written before, does not follow
+    this call's context."""
+    main = report.kv.main_cache
+    live = getattr(kv_log, "step_cache_live", None) or {}
+    steps = sorted(s for s, slots in live.items() if any(c == main for c, _ in slots))
+    total = 0.0
+    for c in report.kv.caches:
+        if c.cache == main or c.cache in cross or not c.bytes_per_token_measured or not steps:
+            continue
+        held = [sum(n for (cache, _), n in live[s].items() if cache == c.cache) for s in steps]
+        if len(set(held)) > 1:  # it grew (or was cropped) while the main cache was written
+            total += c.bytes_per_token_measured * (c.rows or 1)
+    return total
 
 
 def _before_first_step(source: MemorySource, report: Report) -> str | None:

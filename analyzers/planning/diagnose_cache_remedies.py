@@ -285,6 +285,7 @@ def window_remedy(
     model_window: int | None = None,
     sliding: int = 0,
     cross: int = 0,
+    others: int = 0,
 ) -> Remedy:
     """A sliding window for a cache that keeps every token on some layers: every layer sliding at the
     window, priced as that cache's peak (`sliding_cache_bytes`), not as this moment's KV less the tokens
@@ -293,10 +294,12 @@ def window_remedy(
     already keep `model_window`, which a larger window would grow: it is proposed at most that, i.e. its
     full layers sliding at the model's own window. With a shortfall, the largest window whose peak fits.
     `cross`: the cross-attention KV at this moment (an encoder's output, Mllama's image), which no window
-    shrinks: held besides the window's, at every figure."""
+    shrinks: held besides the window's, at every figure; `others` likewise, the KV of the caches beside the
+    model's (an assistant model's draft cache), which a window on the model's cache leaves as it is."""
     hybrid = bool(sliding and model_window)
     start = min(target, model_window) if hybrid and model_window else target
     window = max(start, 1)
+    cross += others
     if need is not None and need > 0:
         peaks = {w: sliding_cache_bytes(layer_tokens, w, prompt)[1] + cross for w in range(window, 0, -1)}
         fitting = [w for w, peak in peaks.items() if kv - peak >= need]
@@ -323,8 +326,13 @@ def window_remedy(
     why = "each layer makes its new K and V before freeing the old ones"
     if prompt > window:
         why += f", and every layer holds the whole {prompt:,}-token prompt until its first decode step"
-    if cross:
-        why += f"; with the {human_bytes(cross)} of cross-attention KV, which no window shrinks"
+    if cross - others:
+        why += f"; with the {human_bytes(cross - others)} of cross-attention KV, which no window shrinks"
+    if others:
+        why += (
+            f"; with the {human_bytes(others)} of KV in other caches (an assistant model's draft cache, an "
+            "earlier call's), which a window on the model's cache leaves as it is"
+        )
     text = (
         f"{change} holds {human_bytes(held)} of KV at most once generation passes {size}, "
         f"{human_bytes(peak)} at its peak ({why})"

@@ -26,6 +26,10 @@ priced in bytes with this run's own figures. Pure, torch-free.
   full precision until `residual_length` (128) are due (analyzers.planning.quantized_cache, as
   `kvtrace plan --cache quantized` counts it);
 * offloading (transformers' OffloadedCache) keeps about two layers' KV on the device;
+* KV in caches beside the model's (an assistant model's draft cache in assisted decoding, an earlier call's)
+  is left as it is by a remedy that changes the model's cache (a window, fp8, int4, offloading:
+  transformers builds the assistant's cache without the model's cache_implementation), held besides it;
+  a shorter context shrinks a draft cache written during the call too, which holds the same sequence;
 * `expandable_segments:True` lets the allocator grow segments in place instead of stranding free blocks:
   it recovers up to reserved - allocated; not priced when the moment is the level before the trace's first
   event, whose reserved memory the allocator had cached earlier (analyzers.trace_coverage).
@@ -230,6 +234,12 @@ def price_remedies(
         out += _allocator_remedies(d, need, on_cuda)
         return _ranked(out)
 
+    # The KV in caches beside the main one (an assistant model's draft cache): the main model's cache
+    # settings do not reach them, so a remedy that changes the cache prices the main one's KV alone
+    other = d.get("other_cache_kv_bytes")
+    others = other if isinstance(other, int) and kv and 0 < other < kv else 0
+    own_kv = kv - others if kv else kv
+    besides = _besides(others)
     if kv and tokens:
         # Bytes per position across the whole batch and all layers: the run's own figure at the end (its
         # storages over the tokens they hold), not the peak's, which counts transient copies and a sliding
@@ -244,6 +254,12 @@ def price_remedies(
                 f"; its {following:,} sliding layers hold more than their window now"
                 if following > 1
                 else "; its sliding layer holds more than its window now"
+            )
+        drafts = d.get("other_cache_token_bytes")
+        if isinstance(drafts, float) and drafts > 0:  # an assistant's draft cache holds the sequence too
+            per_token += drafts
+            held_too += (
+                f"; {human_bytes(drafts)} of it in the assistant model's draft cache, which follows it"
             )
         holding, layers = layer_tokens_of(d, tokens)
         partial = len(holding) < layers  # a step stopped before its last layers held KV: a token costs all
@@ -279,7 +295,7 @@ def price_remedies(
                 )
         if not d.get("windowed") and static is None:
             out.append(Remedy("context", context + 1 if context else None, saved, fits(saved, need), text))
-            out.append(_window(d, kv, tokens, context, need, num_layers, kv_bits))
+            out.append(_window(d, kv, tokens, context, need, num_layers, kv_bits, others))
     else:
         out.append(Remedy("context", None, None, None, f"Shorter context: {unpriced}."))
         out.append(Remedy("sliding_window", None, None, None, f"Sliding window: {unpriced}."))
@@ -309,15 +325,17 @@ def price_remedies(
         elif packed is None and static is not None and kv_bits > 8:
             out.append(fp8_for_static(d, kv, kv_bits, static, need))
         elif packed is None and kv_bits > 8:  # an 8-bit cache already is what this remedy proposes
-            fp8 = round(kv * (1 - 8 / kv_bits))
+            assert own_kv is not None
+            fp8 = round(own_kv * (1 - 8 / kv_bits))
+            held_by = f"the model's cache holds at {kv_bits} bits" if others else f"held at {kv_bits} bits"
             out.append(
                 Remedy(
                     "quantized_kv",
                     8,
                     fp8,
                     fits(fp8, need),
-                    f"An fp8 KV cache saves {human_bytes(fp8)} of the {human_bytes(kv)} held at {kv_bits} "
-                    "bits.",
+                    f"An fp8 KV cache saves {human_bytes(fp8)} of the {human_bytes(own_kv)} {held_by}."
+                    + besides,
                 )
             )
         sliding = d.get("model_sliding_layers")
@@ -340,7 +358,10 @@ def price_remedies(
             )
             out.append(Remedy("quantized_kv", 4, None, None, text))
         else:
-            out.append(int4_remedy(d, kv, kv_bits, need, preallocated=static))
+            int4 = int4_remedy(d, kv, kv_bits, need, preallocated=static)
+            if others and int4.saved_bytes is not None:
+                int4 = replace(int4, sentence=int4.sentence + besides)
+            out.append(int4)
     else:
         if kv:
             why = "cannot be computed: the KV dtype is not recorded"
@@ -350,8 +371,8 @@ def price_remedies(
 
     if not on_cuda:
         pass  # the KV cache already lives in host memory: there is nowhere to offload it
-    elif kv and num_layers and num_layers > _OFFLOAD_LAYERS_ON_DEVICE:
-        saved = round(kv * (1 - _OFFLOAD_LAYERS_ON_DEVICE / num_layers))
+    elif own_kv and num_layers and num_layers > _OFFLOAD_LAYERS_ON_DEVICE:
+        saved = round(own_kv * (1 - _OFFLOAD_LAYERS_ON_DEVICE / num_layers))
         out.append(
             Remedy(
                 "offloading",
@@ -360,7 +381,7 @@ def price_remedies(
                 fits(saved, need),
                 f"Offloading the KV cache to CPU (cache_implementation='offloaded') keeps about "
                 f"{_OFFLOAD_LAYERS_ON_DEVICE} of {num_layers} layers on the device: {human_bytes(saved)} "
-                "less, paid in PCIe transfers every step.",
+                f"less, paid in PCIe transfers every step.{besides}",
             )
         )
     else:
@@ -378,11 +399,13 @@ def _window(
     need: int | None,
     num_layers: int | None,
     kv_bits: int | None,
+    others: int = 0,
 ) -> Remedy:
     """The sliding window for a cache that keeps every token on some layers: every layer sliding at
     (about) the shorter context's length, at most a hybrid model's own window (`window_remedy`). A
     quantized cache's run is priced at the model's dtype: transformers' QuantizedCache takes no sliding
-    layers, so a window means a cache that keeps full precision."""
+    layers, so a window means a cache that keeps full precision. `others`: the KV of the caches beside the
+    model's (an assistant's draft cache), which a window on the model's cache leaves as it is."""
     layers, batch = d.get("kv_layers") or num_layers, d["batch"]
     widths = layer_widths(d, batch, layers) if isinstance(layers, int) and isinstance(batch, int) else None
     if widths is None:
@@ -400,11 +423,24 @@ def _window(
         window if isinstance(window, int) else None,
         len(sliding) if isinstance(sliding, tuple) else 0,
         fixed if isinstance(fixed, int) else 0,
+        others,
     )
     if widen is None:
         return remedy
     note = f" QuantizedCache takes no sliding layers: the window's cache keeps KV at {model_dtype_text(d)}."
     return replace(remedy, sentence=remedy.sentence + note)
+
+
+def _besides(others: int) -> str:
+    """What a remedy on the model's cache leaves as it is: the `others` bytes of KV in the caches beside it
+    at the moment (an assistant model's draft cache), which transformers builds without the model's
+    cache_implementation or cache_config (candidate_generator sets the assistant's to None)."""
+    if not others:
+        return ""
+    return (
+        f" The other {human_bytes(others)} of KV at this moment is in other caches (an assistant model's "
+        "draft cache, an earlier call's), which the model's cache settings do not reach: left as it is."
+    )
 
 
 def _ranked(out: list[Remedy]) -> list[Remedy]:

@@ -115,7 +115,8 @@ def test_an_assistant_models_cache_is_not_summed_into_the_models(
     html = page.read_text()
     assert f"cache {model_cache} (main)" in html and f"cache {draft_cache} L0" in html
 
-    # AND diagnose prices a token of context at the model's cache's figure, per cache and layer
+    # AND diagnose prices a token of context at the model's cache's figure plus the draft cache's, which
+    # holds the same sequence (a shorter context shrinks both), per cache and layer
     diagnosis = _cli_json(["diagnose", str(run)], capsys)
     # the model's cache's tokens at the end of the diagnosed step, from the raw log
     held = [
@@ -126,7 +127,9 @@ def test_an_assistant_models_cache_is_not_summed_into_the_models(
     assert diagnosis["tokens_held"] == held
     (context,) = [r for r in diagnosis["remedies"] if r["kind"] == "context"]
     cut = max(held // 4, 1)
-    assert context["saved_bytes"] == round(_storage_bytes(cache) / tokens * cut)
+    draft_token = draft_bytes / by_id[draft_cache]["tokens"]
+    assert draft_token == DRAFT_LAYERS * 2 * KV_HEADS * HEAD_DIM * FP32
+    assert context["saved_bytes"] == round((_storage_bytes(cache) / tokens + draft_token) * cut)
     assert {row["cache"] for row in diagnosis["top_layers"]} == {model_cache, draft_cache}
 
 
