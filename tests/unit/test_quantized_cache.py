@@ -61,7 +61,9 @@ def test_a_shorter_context_of_a_quantized_run_frees_its_residuals_full_precision
     # THEN they free 4 full-precision tokens and the old V's 4 (it was the run's average, 2.80 KiB, 717 B a
     # token, then the ends' 6,144 B), which a recording with 4 new tokens peaks lower by: 8,000 B
     assert (context, saved) == (15, 4 * (token + old_v)) == (15, peak - (packed + 3 * token + 2 * old_v))
-    assert "residual_length=128" in text and "7 of them now, 3 at 15 tokens" in text
+    # (the sentence counts context as `kvtrace plan` does, prompt + new tokens: one more than the 15 held)
+    assert "residual_length=128" in text and "7 of them now, 3 at a context of 16" in text
+    assert text.startswith("A context of 16 tokens instead of 20 (prompt + new tokens")
     # and a need is met by the longest context that frees it: 2 tokens for 2 residual tokens' worth
     assert quantized_context(_moment(), 19, 2 * token)[:2] == (17, 2 * (token + old_v))  # type: ignore[index]
     # and below the prompt, the prompt's tokens free their packed bytes: 8 tokens hold the 8 packed only
