@@ -141,6 +141,18 @@ class Shape:
 
 
 @dataclass(frozen=True)
+class TimingShape:
+    """A generate() shape timed in the given modes (keys of MODES)."""
+
+    shape: Shape
+    modes: tuple[str, ...]
+
+
+LIGHT_MODES = ("a", "b", "b+s")
+ALL_MODES = ("a", "b", "b+s", "c", "d")
+
+
+@dataclass(frozen=True)
 class Plan:
     size_name: str
     device: str
@@ -149,7 +161,7 @@ class Plan:
     oom_new: int
     oom_kv_budget_bytes: int
     """Memory cap = weights + this: KV growth in decode, not prefill activations, must cross it."""
-    timing: Shape
+    timing: tuple[TimingShape, ...]
     timing_reps: int
     archive_prefix: str
 
@@ -172,7 +184,12 @@ def gpu_plan(device_name: str) -> Plan:
         oom_prompt=128,
         oom_new=192,  # decode longer than the prompt: KV growth, not prefill activations, hits the cap
         oom_kv_budget_bytes=10 * GiB,
-        timing=Shape(batch=16, prompt=1024, new=32),
+        # Batch 1 is where a decode step is shortest (launch-bound), so the KV log's cost shows most there:
+        # the light modes only; the profiler modes at batch 16.
+        timing=(
+            TimingShape(Shape(batch=1, prompt=1024, new=64), LIGHT_MODES),
+            TimingShape(Shape(batch=16, prompt=1024, new=32), ALL_MODES),
+        ),
         timing_reps=3,
         archive_prefix=prefix,
     )
@@ -187,7 +204,10 @@ def dry_plan() -> Plan:
         oom_prompt=8,
         oom_new=24,
         oom_kv_budget_bytes=64 * 1024,
-        timing=Shape(batch=2, prompt=16, new=8),
+        timing=(
+            TimingShape(Shape(batch=1, prompt=16, new=8), LIGHT_MODES),
+            TimingShape(Shape(batch=2, prompt=16, new=8), ALL_MODES),
+        ),
         timing_reps=2,
         archive_prefix="cpu_",
     )
@@ -891,12 +911,19 @@ def _mode(mode: str, work: Workload, out_dir: Path) -> Iterator[None]:
             yield
 
 
-def timing_step(results: Results, work: Workload, work_dir: Path) -> dict[str, Any]:
+def timing_step(results: Results, work: Workload, work_dir: Path) -> list[dict[str, Any]]:
+    """tokens/s of each mode per timing shape, interleaved, and kvtrace's µs per KV layer update:
+    (median generate() time with the KV log - without) / (layers x forwards), issue 11's measure."""
+    return [_time_shape(results, work, work_dir, timed) for timed in work.plan.timing]
+
+
+def _time_shape(results: Results, work: Workload, work_dir: Path, timed: TimingShape) -> dict[str, Any]:
     import shutil
 
-    shape = work.plan.timing
+    shape, order = timed.shape, list(timed.modes)
     tokens = shape.batch * shape.new
-    times: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    updates = work.geometry["num_layers"] * shape.new  # one update per layer per forward (prefill + decode)
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in order}
 
     def once(mode: str) -> tuple[float, float]:
         out_dir = work_dir / f"timing_{mode.replace('+', '_')}"
@@ -912,34 +939,48 @@ def timing_step(results: Results, work: Workload, work_dir: Path) -> dict[str, A
         shutil.rmtree(out_dir, ignore_errors=True)
         return gen_s, block_s
 
-    order = list(MODES)
-    for mode in order:  # warm-up: first profiler session, first hook install
+    for mode in order:  # warm-up: first profiler session, first hook install, this shape's kernels
         once(mode)
     for rep in range(work.plan.timing_reps):
         for offset in range(len(order)):
             mode = order[(rep + offset) % len(order)]
             times[mode].append(once(mode))
     rows: list[dict[str, Any]] = []
-    for mode, label in MODES.items():
+    median_gen = {m: statistics.median(g for g, _ in times[m]) for m in order}
+    for mode in order:
         gen = statistics.median(tokens / g for g, _ in times[mode])
         block = statistics.median(tokens / b for _, b in times[mode])
-        rows.append(
-            {"mode": mode, "label": label, "generate_tok_s": round(gen, 1), "block_tok_s": round(block, 1)}
-        )
+        row = {
+            "mode": mode,
+            "label": MODES[mode],
+            "generate_tok_s": round(gen, 1),
+            "block_tok_s": round(block, 1),
+            "generate_s": [round(g, 4) for g, _ in times[mode]],
+        }
+        if mode in ("b", "b+s"):
+            row["us_per_kv_update"] = round((median_gen[mode] - median_gen["a"]) / updates * 1e6, 2)
+        rows.append(row)
     by = {r["mode"]: r for r in rows}
+    pairs = [("b", "a"), ("b+s", "a"), ("d", "c"), ("c", "a"), ("d", "a")]
     ratios = {
-        "b/a": by["b"]["generate_tok_s"] / by["a"]["generate_tok_s"],
-        "b+s/a": by["b+s"]["generate_tok_s"] / by["a"]["generate_tok_s"],
-        "d/c": by["d"]["generate_tok_s"] / by["c"]["generate_tok_s"],
-        "c/a": by["c"]["generate_tok_s"] / by["a"]["generate_tok_s"],
-        "d/a": by["d"]["generate_tok_s"] / by["a"]["generate_tok_s"],
+        f"{x}/{y}": by[x]["generate_tok_s"] / by[y]["generate_tok_s"] for x, y in pairs if x in by and y in by
     }
-    table = {"shape": asdict(shape), "reps": work.plan.timing_reps, "rows": rows, "ratios": ratios}
+    step_ms = median_gen["a"] / shape.new * 1e3
+    table = {
+        "shape": asdict(shape),
+        "reps": work.plan.timing_reps,
+        "kv_updates": updates,
+        "plain_ms_per_forward": round(step_ms, 3),
+        "rows": rows,
+        "ratios": ratios,
+    }
     verdict = (
-        f"b/a {ratios['b/a']:.3f} (goal >= 0.97), d/c {ratios['d/c']:.3f} (goal >= 0.95); "
-        f"median of {work.plan.timing_reps} interleaved runs"
+        f"batch {shape.batch} x {shape.prompt} + {shape.new}: plain {step_ms:.2f} ms per forward; "
+        f"KV log {by['b']['us_per_kv_update']:.1f} µs per update (goal <= 10), b/a {ratios['b/a']:.3f}"
+        + (f", d/c {ratios['d/c']:.3f} (goal >= 0.95)" if "d/c" in ratios else "")
+        + f"; median of {work.plan.timing_reps} interleaved runs"
     )
-    results.add("timing", "info", verdict, **table)
+    results.add(f"timing.b{shape.batch}", "info", verdict, **table)
     return table
 
 
@@ -1024,11 +1065,19 @@ def write_markdown(results: Results, out: Path) -> str:
                 f"{gib('torch_peak_allocated_bytes')} | {gib('report_peak_allocated_bytes')} | "
                 f"{gib('kv_final_bytes')} | {gib('kv_peak_bytes')} | {row['seconds']} |"
             )
-    timing = results.tables.get("timing")
-    if timing:
-        lines += ["", "| mode | generate() tok/s | whole block tok/s |", "|---|---|---|"]
+    for timing in results.tables.get("timing") or []:
+        shape = timing["shape"]
         lines += [
-            f"| ({r['mode']}) {r['label']} | {r['generate_tok_s']} | {r['block_tok_s']} |"
+            "",
+            f"batch {shape['batch']} x prompt {shape['prompt']} + {shape['new']} new "
+            f"(plain {timing['plain_ms_per_forward']} ms per forward, {timing['kv_updates']} KV updates):",
+            "",
+            "| mode | generate() tok/s | whole block tok/s | µs per KV update |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| ({r['mode']}) {r['label']} | {r['generate_tok_s']} | {r['block_tok_s']} | "
+            f"{r.get('us_per_kv_update', '-')} |"
             for r in timing["rows"]
         ]
         lines.append("")
@@ -1133,11 +1182,11 @@ def main(argv: list[str] | None = None) -> int:
     prefix = plan.archive_prefix
     cache_rows: list[dict[str, Any]] = []
     results.tables["caches"] = cache_rows
-    order = ["dynamic", "OOM", "timing", "static", "fp8", "quanto", "hqq", "offloaded", "static_compiled"]
+    order = ["dynamic", "timing", "OOM", "static", "fp8", "quanto", "hqq", "offloaded", "static_compiled"]
     needs = {
         "dynamic": 60,
         "OOM": 90,
-        "timing": 80,
+        "timing": 150,
         "static": 60,
         "fp8": 60,
         "quanto": 60,

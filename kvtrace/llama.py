@@ -226,11 +226,15 @@ def _static_len(max_len: int) -> int:
 
 
 def cache_keyword() -> str:
-    """`generate()`'s keyword for a cache: `cache` from transformers 5.3, `past_key_values` before."""
-    import transformers
+    """`generate()`'s keyword for a cache: `cache` where transformers renamed it (5.25 did; 5.17 still takes
+    `past_key_values` and refuses `cache` as an unused model kwarg). Read from the signature generate() passes
+    it to, not from a version number: the rename's release is not one kvtrace can name."""
+    import inspect
 
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return "cache" if (major, minor) >= (5, 3) else "past_key_values"
+    from transformers.generation.utils import GenerationMixin
+
+    parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _size_of(config: Any) -> ModelSize:

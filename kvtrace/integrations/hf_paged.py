@@ -53,12 +53,18 @@ def _modules() -> tuple[Any, Any, Any] | None:
     except Exception:
         return None
     needed = (
-        (cache, "PagedAttentionCache"),
-        (continuous_api, "ContinuousBatchProcessor"),
-        (offloading_manager, "OffloadingManager"),
+        (cache, "PagedAttentionCache", ("__init__", "search_prefix_match")),
+        (
+            continuous_api,
+            "ContinuousBatchProcessor",
+            ("prepare_next_batch", "update_batch", "_generation_step", "fail_all_requests"),
+        ),
+        (offloading_manager, "OffloadingManager", ("offload_requests",)),
     )
-    if not all(hasattr(module, name) for module, name in needed):
-        return None
+    for module, name, methods in needed:
+        cls = getattr(module, name, None)
+        if cls is None or not all(hasattr(cls, method) for method in methods):
+            return None
     return cache, continuous_api, offloading_manager
 
 
@@ -115,7 +121,9 @@ class PagedAttentionHooks:
         cache_cls, processor = cache_mod.PagedAttentionCache, api.ContinuousBatchProcessor
         manager_cls = offloading.OffloadingManager
         hooks = self
-        init, evict, search = cache_cls.__init__, cache_cls.evict_cached_blocks, cache_cls.search_prefix_match
+        init, search = cache_cls.__init__, cache_cls.search_prefix_match
+        # transformers 5.17 has no prefix-block eviction under pressure: nothing to count there
+        evict: Any = getattr(cache_cls, "evict_cached_blocks", None)
         prepare, update, forward, fail_all = (
             processor.prepare_next_batch,
             processor.update_batch,
@@ -177,7 +185,8 @@ class PagedAttentionHooks:
 
         patches = self._patches
         patches.set(cache_cls, "__init__", init_hook)
-        patches.set(cache_cls, "evict_cached_blocks", evict_hook)
+        if evict is not None:
+            patches.set(cache_cls, "evict_cached_blocks", evict_hook)
         patches.set(cache_cls, "search_prefix_match", search_hook)
         patches.set(processor, "prepare_next_batch", prepare_hook)
         patches.set(processor, "update_batch", update_hook)

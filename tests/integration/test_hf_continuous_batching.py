@@ -509,3 +509,22 @@ def test_a_pool_without_per_layer_views_is_not_said_to_be_vllms(
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert not any("vLLM" in note for note in notes), notes
     assert any(note.startswith("the transformers-cb KV pool") for note in notes), notes
+
+
+def test_a_transformers_without_prefix_eviction_records_the_pool(
+    tmp_path: Path, cb_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the PagedAttentionCache of a transformers that has no prefix-block eviction (5.17, the version on
+    # the GPU machine: record() raised AttributeError there on entry, before any generate() could run)
+    monkeypatch.delattr(cb_cache.PagedAttentionCache, "evict_cached_blocks")
+    outputs, said = _record(tmp_path / "run", cb_model, num_blocks=32, new_tokens=8, monkeypatch=monkeypatch)
+    # THEN every request ran and the pool is recorded as on a transformers that has it
+    run = tmp_path / "run"
+    engine = json.loads((run / "engine.json").read_text())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert len(outputs) == len(PROMPTS) and manifest["ended"]["status"] == "ok"
+    assert engine["kv_cache_bytes"] == (said["num_sectors"] + 2) * said["bytes_per_sector"]
+    assert manifest["engine"]["engine_steps"] == len(_lines(run / "engine_steps.jsonl")) == 8
+    assert manifest["engine"]["prefix_evicted_blocks"] == 0
+    # AND the block added no method the class did not have
+    assert not hasattr(cb_cache.PagedAttentionCache, "evict_cached_blocks")
