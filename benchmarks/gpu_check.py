@@ -187,7 +187,7 @@ def gpu_plan(device_name: str) -> Plan:
         # Batch 1 is where a decode step is shortest (launch-bound), so the KV log's cost shows most there:
         # the light modes only; the profiler modes at batch 16.
         timing=(
-            TimingShape(Shape(batch=1, prompt=1024, new=64), LIGHT_MODES),
+            TimingShape(Shape(batch=1, prompt=1024, new=128), LIGHT_MODES),
             TimingShape(Shape(batch=16, prompt=1024, new=32), ALL_MODES),
         ),
         timing_reps=3,
@@ -1103,6 +1103,9 @@ def write_markdown(results: Results, out: Path) -> str:
 
 
 # -- main ------------------------------------------------------------------------------------------------
+STEPS = ("dynamic", "timing", "OOM", "static", "fp8", "quanto", "hqq", "offloaded", "static_compiled")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1113,7 +1116,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget-s", type=float, default=440.0, help="skip later steps past this (default 440)"
     )
+    parser.add_argument(
+        "--steps",
+        default="",
+        help=f"comma-separated steps to run, in this order (default all: {','.join(STEPS)})",
+    )
     args = parser.parse_args(argv)
+    order = [s for s in args.steps.split(",") if s] or list(STEPS)
+    unknown = sorted(set(order) - set(STEPS))
+    if unknown:
+        parser.error(f"--steps: unknown {', '.join(unknown)} (known: {', '.join(STEPS)})")
 
     wall = time.perf_counter()
     out, work_dir = Path(args.out), Path(args.work)
@@ -1182,7 +1194,6 @@ def main(argv: list[str] | None = None) -> int:
     prefix = plan.archive_prefix
     cache_rows: list[dict[str, Any]] = []
     results.tables["caches"] = cache_rows
-    order = ["dynamic", "timing", "OOM", "static", "fp8", "quanto", "hqq", "offloaded", "static_compiled"]
     needs = {
         "dynamic": 60,
         "OOM": 90,

@@ -11,4 +11,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv; \
   python3 -c 'import torch, transformers, plotly; print("torch", torch.__version__, "transformers", transformers.__version__, "plotly", plotly.__version__)'; } 2>&1 | tee "$OUT/log.txt"
-PYTHONUNBUFFERED=1 timeout 470 python3 benchmarks/gpu_check.py --out "$OUT" 2>&1 | tee -a "$OUT/log.txt"
+# BUDGET_S: seconds after which no step starts (default 440); STEPS: which steps, in order (default all).
+BUDGET_S=${BUDGET_S:-440}
+PYTHONUNBUFFERED=1 timeout $((BUDGET_S + 30)) python3 benchmarks/gpu_check.py --out "$OUT" --budget-s "$BUDGET_S" \
+  ${STEPS:+--steps "$STEPS"} 2>&1 | tee -a "$OUT/log.txt"
