@@ -1,0 +1,236 @@
+"""Where the KV log's time goes on a CUDA GPU: one command for a short device lease (issue 11 / 14).
+
+The H200 check (benchmarks/gpu_check.py) measured the light recorder at 331 µs per KV update on a Llama 3
+8B-shaped model at batch 1, where the CPU benchmarks give 5-20. This probe splits that cost on the GPU:
+
+  1. generate() plain, and under `record(profiler=False, snapshots=False)` with parts of the recorder
+     switched off one at a time (the writer thread; its host/NVML sampling; the per-step allocator sample),
+     and with a shorter GIL switch interval; interleaved, medians, µs per update for each;
+  2. one recorded generate() under cProfile (the model's thread): the top functions by own time;
+  3. one recorded generate() under `torch.cuda.set_sync_debug_mode("warn")`: each synchronizing call whose
+     stack passes through kvtrace, counted by place.
+
+Switching parts off patches kvtrace's classes in this process only: a probe, not a recording mode.
+
+    python benchmarks/gpu_overhead_probe.py --out "$OUT"             # on the GPU, about 2 minutes
+    python benchmarks/gpu_overhead_probe.py --dry-run --out /tmp/p   # CPU, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import pstats
+import shutil
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _variants() -> dict[str, Callable[[], contextlib.AbstractContextManager[Any]]]:
+    """Context managers entered around `record()`: what each switches off."""
+    from kvtrace import memory_samples, recorder, run_writer
+
+    def no_writer() -> contextlib.AbstractContextManager[Any]:
+        stack = contextlib.ExitStack()
+        stack.enter_context(_patched(run_writer.RunWriter, "start", lambda self: None))
+        return stack
+
+    def no_host_sample() -> contextlib.AbstractContextManager[Any]:
+        return _patched(recorder.Recording, "_sample_host", lambda self: None)
+
+    def no_step_sample() -> contextlib.AbstractContextManager[Any]:
+        return _patched(memory_samples, "_cuda_fields", lambda device=None: {})
+
+    @contextlib.contextmanager
+    def fast_switch() -> Iterator[None]:
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(0.0002)
+        try:
+            yield
+        finally:
+            sys.setswitchinterval(old)
+
+    return {
+        "b": contextlib.nullcontext,
+        "b_no_writer": no_writer,
+        "b_no_host_sample": no_host_sample,
+        "b_no_step_sample": no_step_sample,
+        "b_switch_0.2ms": fast_switch,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="gpu_probe_out")
+    parser.add_argument("--work", default="/tmp/kvtrace_gpu_probe")
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args(argv)
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    import kvtrace
+    from kvtrace.llama import SIZES, build_model
+
+    device = "cpu" if args.dry_run else "cuda"
+    size = SIZES["tiny" if args.dry_run else "llama-3-8b"]
+    batch, prompt, new = (1, 16, 16) if args.dry_run else (1, 1024, 32)
+    model = build_model(size, dtype=torch.bfloat16, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(3, 100_000 if not args.dry_run else 1000, (batch, prompt), generator=generator).to(
+        device
+    )
+    pad = int(model.config.pad_token_id)
+    updates = size.num_layers * new
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shape": [batch, prompt, new],
+        "updates": updates,
+    }
+
+    def generate() -> None:
+        with torch.no_grad():
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=pad,
+                disable_compile=True,
+            )
+        _sync()
+
+    def once(variant: str) -> float:
+        run_dir = work / "run"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if variant == "a":
+            started = time.perf_counter()
+            generate()
+            return time.perf_counter() - started
+        with (
+            _variants()[variant](),
+            kvtrace.record(run_dir, model=model, profiler=False, snapshots=False, overwrite=True),
+        ):
+            started = time.perf_counter()
+            generate()
+            return time.perf_counter() - started
+
+    names = ["a", *_variants()]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for n in names:
+        once(n)  # warm-up
+    for rep in range(args.reps):
+        for k in range(len(names)):
+            n = names[(rep + k) % len(names)]
+            times[n].append(once(n))
+    medians = {n: statistics.median(t) for n, t in times.items()}
+    result["variants"] = {
+        n: {
+            "median_s": round(medians[n], 4),
+            "runs_s": [round(t, 4) for t in times[n]],
+            "us_per_update": round((medians[n] - medians["a"]) / updates * 1e6, 1),
+        }
+        for n in names
+    }
+    for n in names:
+        print(
+            f"{n:18s} {medians[n] * 1e3:9.1f} ms  {result['variants'][n]['us_per_update']:8.1f} µs/update "
+            f"runs {[round(t * 1e3) for t in times[n]]}",
+            flush=True,
+        )
+
+    # 2. cProfile of one recorded generate (the model's thread)
+    profile = cProfile.Profile()
+    run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with kvtrace.record(run_dir, model=model, profiler=False, snapshots=False, overwrite=True):
+        profile.enable()
+        generate()
+        profile.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profile, stream=text)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats("kvtrace", 30)
+    (out / "cprofile.txt").write_text(text.getvalue(), encoding="utf-8")
+    print(text.getvalue()[:6000], flush=True)
+
+    # 3. synchronizing calls whose stack passes through kvtrace
+    places: Counter[str] = Counter()
+    total = 0
+    if device == "cuda":
+        shutil.rmtree(run_dir, ignore_errors=True)
+        original = warnings.showwarning
+
+        def show(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+            nonlocal total
+            total += 1
+            ours = [
+                f"{f.filename.split('kvtrace/')[-1]}:{f.lineno} {f.name}"
+                for f in traceback.extract_stack()
+                if "/kvtrace/" in f.filename and "gpu_overhead_probe" not in f.filename
+            ]
+            if ours:
+                places[" <- ".join(ours[-3:])] += 1
+
+        warnings.showwarning = show
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = show
+                with kvtrace.record(run_dir, model=model, profiler=False, snapshots=False, overwrite=True):
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        generate()
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+        finally:
+            warnings.showwarning = original
+    result["syncs_total"] = total
+    result["syncs_in_kvtrace"] = dict(places.most_common(20))
+    print(f"synchronizing calls: {total}, through kvtrace: {sum(places.values())}", flush=True)
+    for place, count in places.most_common(20):
+        print(f"  {count:6d}  {place}", flush=True)
+    (out / "probe.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
