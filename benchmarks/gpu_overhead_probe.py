@@ -58,19 +58,50 @@ def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
 
 
 def _variants() -> dict[str, Callable[[], contextlib.AbstractContextManager[Any]]]:
-    """Context managers entered around `record()`: what each switches off."""
+    """Context managers entered around `record()`: what each switches off or moves."""
     from kvtrace import memory_samples, recorder, run_writer
 
     def no_writer() -> contextlib.AbstractContextManager[Any]:
-        stack = contextlib.ExitStack()
-        stack.enter_context(_patched(run_writer.RunWriter, "start", lambda self: None))
-        return stack
+        return _patched(run_writer.RunWriter, "start", lambda self: None)
 
     def no_host_sample() -> contextlib.AbstractContextManager[Any]:
         return _patched(recorder.Recording, "_sample_host", lambda self: None)
 
     def no_step_sample() -> contextlib.AbstractContextManager[Any]:
         return _patched(memory_samples, "_cuda_fields", lambda device=None: {})
+
+    def no_nvml() -> contextlib.AbstractContextManager[Any]:
+        # the host read without its NVML part (RSS and CPU % only)
+        return _patched(memory_samples._Nvml, "read", lambda self: {})
+
+    @contextlib.contextmanager
+    def host_every(seconds: float) -> Iterator[None]:
+        with (
+            _patched(memory_samples, "HOST_INTERVAL_S", seconds),
+            _patched(run_writer, "HOST_INTERVAL_S", seconds),
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def host_on_model_thread() -> Iterator[None]:
+        # the writer only flushes; the model's thread reads the host figures in a step's sample, every 20 ms
+        init = run_writer.RunWriter.__init__
+
+        def flush_only(self: Any, flush: Any, sample: Any = None) -> None:
+            init(self, flush, None)
+
+        start = recorder.Recording._start
+
+        def start_then_model_thread(self: Any) -> None:
+            start(self)
+            if self._sampler is not None:
+                self._sampler._host_elsewhere = False
+
+        with (
+            _patched(run_writer.RunWriter, "__init__", flush_only),
+            _patched(recorder.Recording, "_start", start_then_model_thread),
+        ):
+            yield
 
     @contextlib.contextmanager
     def fast_switch() -> Iterator[None]:
@@ -83,8 +114,11 @@ def _variants() -> dict[str, Callable[[], contextlib.AbstractContextManager[Any]
 
     return {
         "b": contextlib.nullcontext,
-        "b_no_writer": no_writer,
         "b_no_host_sample": no_host_sample,
+        "b_no_nvml": no_nvml,
+        "b_host_100ms": lambda: host_every(0.1),
+        "b_host_model_thread": host_on_model_thread,
+        "b_no_writer": no_writer,
         "b_no_step_sample": no_step_sample,
         "b_switch_0.2ms": fast_switch,
     }
@@ -98,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/kvtrace_gpu_probe")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--variants", default="", help="comma-separated variants (default: all)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the cProfile and sync-debug runs")
     args = parser.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             generate()
             return time.perf_counter() - started
 
-    names = ["a", *_variants()]
+    chosen = [v for v in args.variants.split(",") if v]
+    names = ["a", *(chosen or _variants())]
     times: dict[str, list[float]] = {n: [] for n in names}
     for n in names:
         once(n)  # warm-up
@@ -177,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+    (out / "probe.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    if args.no_profile:
+        return 0
     # 2. cProfile of one recorded generate (the model's thread)
     profile = cProfile.Profile()
     run_dir = work / "run"
