@@ -84,7 +84,7 @@ def _variants() -> dict[str, Callable[[], contextlib.AbstractContextManager[Any]
 
     @contextlib.contextmanager
     def host_on_model_thread() -> Iterator[None]:
-        # the writer only flushes; the model's thread reads the host figures in a step's sample, every 20 ms
+        # the writer only flushes; the model's thread reads the host figures in a step's sample
         init = run_writer.RunWriter.__init__
 
         def flush_only(self: Any, flush: Any, sample: Any = None) -> None:
@@ -116,7 +116,7 @@ def _variants() -> dict[str, Callable[[], contextlib.AbstractContextManager[Any]
         "b": contextlib.nullcontext,
         "b_no_host_sample": no_host_sample,
         "b_no_nvml": no_nvml,
-        "b_host_100ms": lambda: host_every(0.1),
+        "b_host_20ms": lambda: host_every(0.02),  # the cadence before 2026-12-04
         "b_host_model_thread": host_on_model_thread,
         "b_no_writer": no_writer,
         "b_no_step_sample": no_step_sample,
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/kvtrace_gpu_probe")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new", type=int, default=32, help="new tokens per generate()")
     parser.add_argument("--variants", default="", help="comma-separated variants (default: all)")
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile and sync-debug runs")
     args = parser.parse_args(argv)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cpu" if args.dry_run else "cuda"
     size = SIZES["tiny" if args.dry_run else "llama-3-8b"]
-    batch, prompt, new = (1, 16, 16) if args.dry_run else (1, 1024, 32)
+    batch, prompt, new = (args.batch, 16, args.new) if args.dry_run else (args.batch, 1024, args.new)
     model = build_model(size, dtype=torch.bfloat16, device=device)
     generator = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(3, 100_000 if not args.dry_run else 1000, (batch, prompt), generator=generator).to(
@@ -204,17 +206,20 @@ def main(argv: list[str] | None = None) -> int:
             "median_s": round(medians[n], 4),
             "runs_s": [round(t, 4) for t in times[n]],
             "us_per_update": round((medians[n] - medians["a"]) / updates * 1e6, 1),
+            "us_per_update_min": round((min(times[n]) - min(times["a"])) / updates * 1e6, 1),
         }
         for n in names
     }
     for n in names:
         print(
-            f"{n:18s} {medians[n] * 1e3:9.1f} ms  {result['variants'][n]['us_per_update']:8.1f} µs/update "
-            f"runs {[round(t * 1e3) for t in times[n]]}",
+            f"batch {batch} {n:20s} median {medians[n] * 1e3:8.1f} ms "
+            f"{result['variants'][n]['us_per_update']:7.1f} µs/update; min {min(times[n]) * 1e3:8.1f} ms "
+            f"{result['variants'][n]['us_per_update_min']:7.1f} µs/update; "
+            f"runs {sorted(round(t * 1e3) for t in times[n])}",
             flush=True,
         )
 
-    (out / "probe.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    (out / f"probe_b{batch}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     if args.no_profile:
         return 0
     # 2. cProfile of one recorded generate (the model's thread)

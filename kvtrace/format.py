@@ -10,7 +10,7 @@ Layout of a run directory::
     manifest.json         run metadata; rewritten atomically at start and at end
     kv_events.jsonl       one KV event per line, appended, flushed by the writer thread every 0.1 s
     weights.jsonl         one parameter/buffer storage per line; later, what the model took or let go
-    memory_samples.jsonl  process/device memory, one sample per step; host figures every 20 ms
+    memory_samples.jsonl  process/device memory, one sample per step; host figures every 100 ms
     profiler/             torch.profiler Chrome trace(s) (tensorboard_trace_handler)
     snapshots/            CUDA allocator snapshot pickles (exit.pickle, oom.pickle)
 

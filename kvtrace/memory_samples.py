@@ -1,11 +1,13 @@
 """Process and device memory, CPU and GPU use: cheap figures that need no profiler.
 
 The CUDA allocator's figures are read every step (in-process counters, no system call). The host's (RSS,
-CPU %) and NVML's are read at the start and end of a run, and in between every `HOST_INTERVAL_S` (20 ms,
-50 a second) by the recorder's writer thread (`sample_host`): each is a system call or a driver ioctl,
-5-60 us between model steps (issue 11), more than all the KV bookkeeping of a short step. NVML itself
-averages GPU utilization over 1/6 s or more, so reading it faster adds nothing. Samples without them leave
-the keys out.
+CPU %) and NVML's are read at the start and end of a run, and in between every `HOST_INTERVAL_S` (100 ms,
+as the writer thread flushes the log) by that thread (`sample_host`): each is a system call or a driver
+ioctl, 5-60 us between model steps (issue 11), more than all the KV bookkeeping of a short step. Off the
+model's thread they are not free either: each call that releases the GIL hands it back and forth with the
+model's thread, and on an H200 under gVisor reads every 20 ms cost the model's thread more than the KV log
+did (benchmarks/gpu_overhead_probe.py, docs/benchmarks.md). NVML averages GPU utilization over 1/6 s or
+more, so reading it faster adds nothing. Samples without them leave the keys out.
 
 CPU % is this process's CPU time (user + system, all threads) over the wall time since the previous
 sample, so 100 is one core kept busy. GPU utilization and device memory come from NVML (the
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-HOST_INTERVAL_S = 0.020
+HOST_INTERVAL_S = 0.100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 

@@ -322,7 +322,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             cuda_index = model_device.index or 0
         elif self.model is None and torch.cuda.is_available() and torch.cuda.is_initialized():
             cuda_index = torch.cuda.current_device()
-        # The sampler's 20 ms cadence counts on the samples' own clock (`t_ns`), read once per sample.
+        # The sampler's 100 ms cadence counts on the samples' own clock (`t_ns`), read once per sample.
         self._sampler = MemorySampler(cuda_index, clock=self._clock_s)
         self._manifest["monitors"] = {
             "cpu_percent": "process CPU time (user + system) / wall time since the last sample; 100 = a core",
@@ -330,7 +330,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         }
         self._sample("start")
         self._flush()
-        # From here the writer thread reads the host's figures every 20 ms; steps sample the allocator's.
+        # From here the writer thread reads the host's figures every 100 ms; steps sample the allocator's.
         self._sampler.host_elsewhere = True
         self._writer = RunWriter(self._flush, self._sample_host)
         self._writer.start()

@@ -5,9 +5,11 @@ figures (RSS, CPU %, NVML). All of it off the model's thread.
 Why a thread (issue 11): formatting a step's events, writing them and reading the host's figures (a
 system call or a driver ioctl each, 5-60 µs between model steps) cost several µs per layer update when
 done between model steps, on the thread that launches the model's work. Here they run while that thread
-is inside torch ops that release the GIL (a CUDA sync, a CPU matmul), so on a GPU they mostly cost
-nothing. The recording's `flush` and `sample_host` are thread-safe (see `KvTracker` and `JsonlAppender`);
-this module only paces them and stops them.
+is inside torch ops that release the GIL (a CUDA sync, a CPU matmul). Not for nothing: every wake and
+every call here that releases the GIL passes it back and forth with the model's thread, so the thread wakes
+once per `FLUSH_INTERVAL_S` and does both there (`HOST_INTERVAL_S` is no shorter). The recording's `flush`
+and `sample_host` are thread-safe (see `KvTracker` and `JsonlAppender`); this module only paces them and
+stops them.
 
 A failing flush (a full disk) is the recording's to report: it keeps the error and stops writing, and this
 thread keeps running so that the lines made meanwhile are taken and dropped, not held in memory.

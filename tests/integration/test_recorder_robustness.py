@@ -605,7 +605,7 @@ def test_a_failed_log_write_ends_the_block_with_an_error_naming_the_file(tiny_si
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
     # THEN the generation ran to its end, and the block ended with one error naming the log and the cause
-    # (the KV log, or on a slow machine the host samples taken every 20 ms, reaches the limit first)
+    # (the KV log, or on a slow machine the host samples taken every 100 ms, reaches the limit first)
     assert child.returncode == 0, child.stderr[-3000:]
     assert f"generated {prompt_batch.prompt_len + 48}" in child.stdout
     said = [line for line in child.stdout.splitlines() if line.startswith("error:")]

@@ -16,7 +16,7 @@ from analyzers.render.html import report_to_html
 from analyzers.report import build_report
 from kvtrace.memory_samples import HOST_INTERVAL_S
 
-NEW_TOKENS = 12  # steps of several ms: some carry host figures (read at most every 20 ms)
+NEW_TOKENS = 12  # steps of several ms: some carry host figures (read at most every HOST_INTERVAL_S)
 
 
 @pytest.fixture(scope="module")
