@@ -9,6 +9,9 @@ process only:
   every step is then recorded;
 - `EngineCore.shutdown`: finishes the run (manifest `ended`) before the engine tears down; an `atexit`
   handler does it if shutdown never comes;
+- `EngineCoreProc._send_engine_dead`: an engine core dying of an exception finishes its run (`exception`)
+  before vLLM tells the front end, whose shutdown SIGTERMs this process as soon as it hears: vLLM has put
+  SIGTERM back to its default action by then, so the process dies before `shutdown` or `atexit` runs;
 - vLLM's KV-memory check (`kv_cache_utils._check_enough_kv_cache_memory`): a refused start leaves a run
   whose engine.json has status `refused_start`.
 
@@ -24,6 +27,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import sys
 from typing import Any
 
 ENV_DIR = "KVTRACE_DIR"
@@ -82,6 +86,16 @@ def _patch_engine_core(module: Any) -> None:
         return original_shutdown(self, *args, **kwargs)
 
     cls.shutdown = shutdown
+    proc_cls: Any = getattr(module, "EngineCoreProc", None)
+    original_send_dead = getattr(proc_cls, "_send_engine_dead", None)
+    if original_send_dead is not None:
+
+        def send_engine_dead(self: Any, *args: Any, **kwargs: Any) -> Any:
+            # Called in run_engine_core's `except Exception`: the exception the engine core dies of
+            finish(self, sys.exc_info()[1])
+            return original_send_dead(self, *args, **kwargs)
+
+        proc_cls._send_engine_dead = send_engine_dead
 
 
 def _wrap_step(original: Any) -> Any:
@@ -122,14 +136,15 @@ def _hooks_for(core: Any) -> Any:
     return vllm.hooks
 
 
-def finish(core: Any) -> None:
+def finish(core: Any, error: BaseException | None = None) -> None:
     """Close the engine core's run (idempotent): hooks undone, files complete, manifest `ended`: `exception`
-    where a step raised (vLLM's engine core dies of it, then shuts down), else `ok`."""
+    where a step raised (vLLM's engine core dies of it) or `error` is the one the engine core dies of, else
+    `ok`."""
     recording = core.__dict__.pop("_kvtrace_recording", None)
     hooks = core.__dict__.pop("_kvtrace_hooks", None)
     if recording is not None:
         core.__dict__["_kvtrace_off"] = True
-        raised = getattr(hooks, "raised", None)
+        raised = getattr(hooks, "raised", None) or error
         with contextlib.suppress(Exception):
             recording.__exit__(type(raised) if raised is not None else None, raised, None)
 

@@ -8,7 +8,8 @@
     python -m tests.vllm.scripts falcon_record MODEL_DIR RUN_DIR  # writes a multi-query Falcon to MODEL_DIR
     python -m tests.vllm.scripts raise_record MODEL_DIR RUN_DIR CALL  # the model raises in forward CALL
     python -m tests.vllm.scripts kill_record MODEL_DIR RUN_DIR CALL   # the process SIGKILLs itself there
-    python -m tests.vllm.scripts raise_plugin MODEL_DIR CALL  # raise_record's, multiprocess; KVTRACE_DIR set
+    python -m tests.vllm.scripts raise_plugin MODEL_DIR CALL [STALL_S]  # raise_record's, multiprocess;
+                                                                        # KVTRACE_DIR set
 
 A fresh interpreter because the engine runs in its own process (vLLM wants the `__main__` guard), and
 because `refused_record` must start its recording before anything imported vllm (and a second engine in
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from typing import Any
 
@@ -26,6 +28,7 @@ from tests.vllm.workload import BLOCK_BYTES, make_llm, metric, run_workload
 
 REFUSED_POOL_BYTES = 16 * BLOCK_BYTES  # 480 usable tokens after the null block
 REFUSED_MAX_MODEL_LEN = 512
+STALL_ENV = "KVTRACE_TEST_ENGINE_CORE_STALL_S"  # raise_plugin's STALL_S, for the engine core vLLM spawns
 
 
 def multiprocess(model_dir: str) -> dict[str, Any]:
@@ -152,14 +155,34 @@ def _raise_in_forward(worker: Any, call: int) -> None:
     worker.model_runner.model.model.layers[0].register_forward_hook(hook)
 
 
-def raise_plugin(model_dir: str, call: int) -> dict[str, Any]:
-    """`raise_record`'s workload with the engine in its own process, recorded by the plugin: what the front
-    end got (vLLM reports the engine core dead)."""
-    import os
+def _stall_after_sigterm_default(stall_s: float) -> None:
+    """Once vLLM's `run_engine_core` has told the front end that the engine died and put SIGTERM back to its
+    default action, and before it shuts the engine down, the engine core stalls `stall_s`: the front end's
+    shutdown SIGTERMs it there and it dies at once. A loaded machine loses that race now and then; this
+    loses it every time. Installed before the engine core starts: a forked one inherits it, a spawned one
+    (vLLM's CPU platform spawns) imports this module again (as `__mp_main__`) where STALL_ENV says so."""
+    import time
 
+    from vllm.v1.engine.utils import SignalCallback
+
+    stop = SignalCallback.stop  # run_engine_core's next call after restoring SIGTERM's default action
+
+    def stop_then_stall(self: Any) -> None:
+        stop(self)
+        time.sleep(stall_s)
+
+    SignalCallback.stop = stop_then_stall  # type: ignore[method-assign]
+
+
+def raise_plugin(model_dir: str, call: int, stall_s: float = 0.0) -> dict[str, Any]:
+    """`raise_record`'s workload with the engine in its own process, recorded by the plugin: what the front
+    end got (vLLM reports the engine core dead). `stall_s`: see `_stall_after_sigterm_default`."""
     from tests.vllm.workload import BLOCK_SIZE, prompts, sampling
 
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the hook goes to the worker as a pickled function
+    if stall_s:
+        os.environ[STALL_ENV] = str(stall_s)
+        _stall_after_sigterm_default(stall_s)
     llm = make_llm(model_dir)
     llm.collective_rpc(_raise_in_forward, args=(call,))
     try:
@@ -177,7 +200,6 @@ def kill_record(model_dir: str, run_dir: str, call: int) -> dict[str, Any]:
     """The workload (it preempts) recorded in-process, the process killing itself (SIGKILL) in the model's
     CALLth forward. The forward before it waits 0.2 s, so that the step before reaches the files (the engine
     logs are flushed at a step's end, at most every 0.1 s): the run holds exactly the steps before CALL."""
-    import os
     import signal
     import time
 
@@ -190,6 +212,9 @@ def kill_record(model_dir: str, run_dir: str, call: int) -> dict[str, Any]:
         run_workload(llm)
     return {"killed": False}
 
+
+if __name__ == "__mp_main__" and os.environ.get(STALL_ENV):  # vLLM's engine core, spawned
+    _stall_after_sigterm_default(float(os.environ[STALL_ENV]))
 
 if __name__ == "__main__":
     mode, model = sys.argv[1], sys.argv[2]
@@ -204,7 +229,7 @@ if __name__ == "__main__":
     elif mode == "raise_record":
         result = raise_record(model, sys.argv[3], int(sys.argv[4]))
     elif mode == "raise_plugin":
-        result = raise_plugin(model, int(sys.argv[3]))
+        result = raise_plugin(model, int(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)
     elif mode == "kill_record":
         result = kill_record(model, sys.argv[3], int(sys.argv[4]))
     else:

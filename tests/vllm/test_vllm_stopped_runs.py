@@ -2,7 +2,8 @@
 
 * the model raises in the second engine step (the first decode): that step is recorded, with the blocks it
   had allocated, so the report's and the diagnosis' peak is what the request events show; recorded by the
-  plugin in vLLM's engine-core process, which dies of it, the run ends as `exception` too;
+  plugin in vLLM's engine-core process, which dies of it, the run ends as `exception` too, even where the
+  front end's shutdown kills that process before vLLM shuts the engine down;
 * the process is SIGKILLed in the 30th step of a workload that preempts (from step 26): `kvtrace diagnose`
   says the process died, in the report's words, and no remedy is said to fit on requests cut short.
 """
@@ -25,6 +26,7 @@ from kvtrace.cli import main
 from tests.vllm.workload import BLOCK_SIZE, NEW_TOKENS, POOL_BYTES, PROMPT_TOKENS, REQUESTS, ROOT, run_script
 
 KILLED_AT = 30  # the step whose forward kills the process: the workload first preempts at step 26
+STALL_S = 60  # longer than the front end takes to SIGTERM a dead engine core (its SIGTERM ends the stall)
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -80,9 +82,13 @@ def test_step_that_raised_in_the_engine_core_process_ends_the_run_as_raised(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     # GIVEN the same workload in a multiprocess engine, recorded by the plugin, the worker's model raising
-    # in its 2nd forward: the engine core dies of it, then shuts down (which ends the run)
+    # in its 2nd forward: the engine core dies of it. vLLM tells the front end so, puts SIGTERM back to its
+    # default action, then shuts the engine down; the front end's shutdown SIGTERMs the core as soon as it
+    # hears. Here the core stalls between the two (as a loaded machine's may), so that SIGTERM kills it
+    # there, every time: the run must have ended before vLLM told the front end
     run_dir = tmp_path / "raised-mp"
-    front = run_script("raise_plugin", str(tiny_model_dir), "2", kvtrace_dir=run_dir, multiprocess=True)
+    argv = ("raise_plugin", str(tiny_model_dir), "2", str(STALL_S))
+    front = run_script(*argv, kvtrace_dir=run_dir, multiprocess=True)
     assert front["type"] == "EngineDeadError"
     # THEN the run says the block raised, with the worker's error, not "ok"
     manifest = json.loads((run_dir / fmt.MANIFEST).read_text())
