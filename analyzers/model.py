@@ -127,6 +127,9 @@ class OomInfo:
     message: str | None = None
     stream: int | None = None  # the CUDA stream of the request (snapshots): only its segments can serve it
     segment_bytes: int | None = None
+    # The per-process cap in PyTorch's message ("24.96 GiB allowed;", set_per_process_memory_fraction), to
+    # its two decimals: the allocator may reserve no more than this, whatever the device has free
+    limit_bytes: int | None = None
 
 
 def request_at_most(segment_bytes: int) -> int:

@@ -450,6 +450,7 @@ def summarize(
             "requested_bytes": first.requested_bytes,
             "segment_bytes": first.segment_bytes,
             "device_free_bytes": first.device_free_bytes,
+            "limit_bytes": first.limit_bytes,
             "message": first.message,
         }
     notes = ended_notes(source)

@@ -161,21 +161,50 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             f"reserve for the request, not the request: that was at most {at_most} (a snapshot, recorded "
             "with snapshots=True, gives it exactly); the shortfall is the segment's"
         )
+    limit = oom.limit_bytes if oom is not None else None
+    free_within_limit = room = None
+    if limit is not None and reserved is not None:
+        # Under a per-process cap the allocator may reserve only up to it, however much the device has free
+        free_within_limit = max(limit - reserved, 0)
+        room = free_within_limit if free is None else min(free, free_within_limit)
+        notes.append(
+            f"a per-process limit applied (torch.cuda.set_per_process_memory_fraction): PyTorch's message "
+            f"says {human_bytes(limit)} allowed, so the allocator could reserve only "
+            f"{human_bytes(free_within_limit)} more (allowed less reserved), not the device's free memory; "
+            "the allowed figure is the message's, to two decimals (within half a unit of its last digit), so "
+            "the free memory within it and the shortfall are approximate by as much"
+        )
+    else:
+        room = free
     fragmented = None
+    # Room enough for a new segment, yet the request failed: a cap the input does not give (a bare snapshot
+    # does not record it), or the rounding of the one it gives, left less; whether fragmentation caused it
+    # cannot be told then (None), nor denied.
     if requested is not None and largest_free is not None and reserved_unallocated is not None:
-        total_free = reserved_unallocated + (free or 0)
-        fragmented = total_free >= requested > max(largest_free, free or 0)
+        unexplained = room is not None and room >= requested
+        total_free = reserved_unallocated + (room or 0)
+        fragmented = None if unexplained else total_free >= requested > max(largest_free, room or 0)
 
     shortfall = None
-    if needed is not None and free is not None:
-        shortfall = needed - free
+    if needed is not None and room is not None and limit is not None and needed <= room:
+        # The message's rounded cap leaves room for it, yet the allocation failed: the rounding hides the
+        # shortfall, which is then at most the request (no less free than none within the cap)
+        what = "the request" if requested is not None else f"the {human_bytes(needed)} segment"
+        notes.append(
+            f"the allowed figure, rounded in PyTorch's message, leaves room for {what}: the shortfall is "
+            f"taken as {what} itself (at most that much was missing)"
+        )
+        shortfall = needed
+    elif needed is not None and room is not None:
+        shortfall = needed - room
         if shortfall <= 0:
             # The allocation failed although the device reports enough free memory: a cap such as
-            # set_per_process_memory_fraction or another limit applies. At least the request was missing.
+            # set_per_process_memory_fraction or another limit applies. At most the request was missing.
             what = "the request" if requested is not None else f"the {human_bytes(needed)} segment"
             notes.append(
                 f"the device reported enough free memory for {what}, so a per-process limit applied: "
-                f"the shortfall is taken as {what} itself (a lower bound)"
+                f"the shortfall is taken as {what} itself (an upper bound: what the limit, which this input "
+                "does not give, left free would lessen it)"
             )
             shortfall = needed
     elif needed is not None and oom is not None:
@@ -324,6 +353,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "kv_peak_bytes": kv_peak,
         "kv_final_bytes": kv_final,
         "reserved_unallocated_bytes": reserved_unallocated,
+        # no free block held the request though the bytes were there: a remedy that frees bytes must then
+        # fit even if none of the reserved-but-unallocated ones is reused (diagnose_fragments)
+        "fragmented": fragmented,
         "reserved_before_trace": at_start,  # what the allocator had cached earlier: no slack of a peak
         "bytes_per_token": growing_bytes_per_token(report),
         "windowed": all_windowed(report),
@@ -419,6 +451,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         allocated_bytes=allocated,
         reserved_bytes=reserved,
         free_bytes=free,
+        limit_bytes=limit,
+        free_within_limit_bytes=free_within_limit,
         capacity_bytes=capacity,
         reserved_unallocated_bytes=reserved_unallocated,
         largest_free_block_bytes=largest_free,

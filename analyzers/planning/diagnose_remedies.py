@@ -3,7 +3,9 @@ priced in bytes with this run's own figures. Pure, torch-free.
 
 * the shortfall a remedy must cover is `request - device_free` at an OOM (the allocator could not find
   a fresh segment that big; the reserved-but-free space is treated as unusable, which is what the OOM
-  itself proves without expandable segments), or `peak - budget` when a budget is given;
+  itself proves without expandable segments), under a per-process cap `request - (allowed - reserved)`,
+  or `peak - budget` when a budget is given; where fragmentation caused the OOM, a remedy that frees bytes
+  fits only if it frees the bytes stranded in fragments too (analyzers.planning.diagnose_fragments);
 * KV scales linearly with batch and with the tokens held, so smaller batch and shorter context are exact
   proportions of the KV at that moment; a smaller batch also frees its share of the moment's activations
   whose sizes are batch-first (logits, attention's copies, masks: analyzers.planning.diagnose_rows), the
@@ -67,6 +69,11 @@ from analyzers.planning.diagnose_cache_remedies import (
     windowed_remedies,
 )
 from analyzers.planning.diagnose_compressed_remedies import CompressedRun, compressed_remedies
+from analyzers.planning.diagnose_fragments import (
+    FRAGMENTS_REMEDY,
+    priced_past_fragments,
+    stranded_bytes,
+)
 from analyzers.planning.diagnose_quantized_remedies import (
     fp8_after_quantized,
     fp8_for_static,
@@ -165,7 +172,24 @@ def _fixed_beyond(beyond: int | None, kv: int, acts: int) -> str:
 def price_remedies(
     d: dict[str, object], kv_bits: int | None, num_layers: int | None, on_cuda: bool = True
 ) -> list[Remedy]:
-    """Price every remedy at the moment described by `d` (the Diagnosis fields computed so far)."""
+    """Price every remedy at the moment described by `d` (the Diagnosis fields computed so far), ranked.
+    Where fragmentation caused the OOM, those that free bytes are priced twice, against the shortfall and
+    against it plus the bytes stranded in fragments, which only the second can be sure of
+    (analyzers.planning.diagnose_fragments)."""
+    stranded = stranded_bytes(d)
+    if not stranded:
+        return _ranked(_priced(d, kv_bits, num_layers, on_cuda))
+    need = d["shortfall_bytes"]
+    assert isinstance(need, int)
+    tight = _priced(d, kv_bits, num_layers, on_cuda)
+    safe = _priced({**d, "shortfall_bytes": need + stranded}, kv_bits, num_layers, on_cuda)
+    return _ranked(priced_past_fragments(safe, tight, need, stranded), lead=FRAGMENTS_REMEDY)
+
+
+def _priced(
+    d: dict[str, object], kv_bits: int | None, num_layers: int | None, on_cuda: bool = True
+) -> list[Remedy]:
+    """Every remedy at the moment described by `d`, against its `shortfall_bytes`, unranked."""
     kv = d["kv_bytes"]
     batch, tokens, need = d["batch"], d["tokens_held"], d["shortfall_bytes"]
     assert kv is None or isinstance(kv, int)
@@ -183,7 +207,7 @@ def price_remedies(
         bits = DTYPE_BITS.get(buffers.dtype, kv_bits) if buffers.dtype else kv_bits
         out += buffer_remedies(held, buffers, need, bits, on_cuda)
         out += _allocator_remedies(d, need, on_cuda)
-        return _ranked(out)
+        return out
 
     beams = d.get("beams")
     beyond_weights = d.get("beyond_weights_bytes")
@@ -232,7 +256,7 @@ def price_remedies(
         else:
             out.append(Remedy("context", None, None, None, f"Shorter context: {unpriced}."))
         out += _allocator_remedies(d, need, on_cuda)
-        return _ranked(out)
+        return out
 
     # The KV in caches beside the main one (an assistant model's draft cache): the main model's cache
     # settings do not reach them, so a remedy that changes the cache prices the main one's KV alone
@@ -388,7 +412,7 @@ def price_remedies(
         out.append(Remedy("offloading", None, None, None, f"Offloading: {unpriced}."))
 
     out += _allocator_remedies(d, need, on_cuda)
-    return _ranked(out)
+    return out
 
 
 def _window(
@@ -443,9 +467,12 @@ def _besides(others: int) -> str:
     )
 
 
-def _ranked(out: list[Remedy]) -> list[Remedy]:
-    """Remedies that close the gap first, then by bytes bought; unpriceable ones last."""
-    return sorted(out, key=lambda r: (r.saved_bytes is None, not r.fits, -(r.saved_bytes or 0)))
+def _ranked(out: list[Remedy], lead: str | None = None) -> list[Remedy]:
+    """Remedies that close the gap first, then by bytes bought; unpriceable ones last. `lead`: the kind that
+    goes first among those that close it, the one aimed at what caused the OOM."""
+    return sorted(
+        out, key=lambda r: (r.saved_bytes is None, not r.fits, r.kind != lead, -(r.saved_bytes or 0))
+    )
 
 
 def _allocator_remedies(d: dict[str, object], need: int | None, on_cuda: bool) -> list[Remedy]:

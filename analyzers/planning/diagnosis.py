@@ -113,11 +113,28 @@ class Diagnosis:
     before_first_step: str | None = None
     """The exception's type when the recorded block raised (or was interrupted) before its first step, no
     KV logged: the moment is what the run held then (its weights), not an inference's peak. None otherwise."""
+    limit_bytes: int | None = None
+    """At an OOM under a per-process cap (torch.cuda.set_per_process_memory_fraction): the figure PyTorch's
+    message says is allowed ("24.96 GiB allowed"), to its two decimals, so approximate. None without one."""
+    free_within_limit_bytes: int | None = None
+    """`limit_bytes` less `reserved_bytes`, at least 0: what the allocator could still reserve under the cap
+    (the device's `free_bytes` is not, there). The fragmentation verdict and the shortfall use it (the
+    smaller of the two where both are known)."""
     row_activation_bytes: int | None = None
     """Bytes of the allocations beside the KV live at the moment whose size is batch-first (the rows times a
     model width: logits, attention's copies, ids and masks; analyzers.planning.diagnose_rows), which a
     smaller batch frees in proportion: the batch remedy's figure, and `kvtrace plan --from-run`'s for a
     smaller batch. None where the moment has no rows or the input no allocator events."""
+
+    @property
+    def reservable_bytes(self) -> int | None:
+        """What the allocator could still reserve at the moment: the device's free memory, no more than a
+        per-process cap leaves (`free_within_limit_bytes`)."""
+        if self.free_within_limit_bytes is None:
+            return self.free_bytes
+        if self.free_bytes is None:
+            return self.free_within_limit_bytes
+        return min(self.free_bytes, self.free_within_limit_bytes)
 
 
 def fits(saved: int | None, shortfall: int | None) -> bool | None:

@@ -159,10 +159,21 @@ _TRIED = re.compile(r"Tried to allocate " + _SIZE)
 _SEGMENT_MESSAGE = re.compile(r"\b(?:CUDA|HIP) out of memory\. Tried to allocate ")
 # "... of which 6.00 MiB is free." (torch 2.1 on), "(GPU 0; 79.19 GiB total capacity; ...; 6.00 MiB free; ..."
 _FREE = re.compile(r"of which " + _SIZE + r" is free|; " + _SIZE + r" free;")
+# "... this process has 25.58 GiB memory in use. 24.96 GiB allowed; Of the allocated memory ...": the cap
+# torch.cuda.set_per_process_memory_fraction set (c10's allowed_memory_maximum), which bounds what the
+# caching allocator may reserve, however much the device has free
+_ALLOWED = re.compile(_SIZE + r" allowed;")
 
 
 def _size_of(number: str, unit: str) -> int:
     return int(float(number) * _SIZE_UNITS[unit])
+
+
+def _limit_of(message: str) -> int | None:
+    """The per-process cap PyTorch's CUDA message names ("24.96 GiB allowed;"), to its two decimals; None
+    where no cap was set (the message then has no such figure)."""
+    match = _ALLOWED.search(message)
+    return _size_of(match.group(1), match.group(2)) if match else None
 
 
 def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySource) -> OomInfo:
@@ -170,7 +181,8 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
     PyTorch's message ("Tried to allocate 2.00 GiB"), whose two decimals make it approximate. The CUDA
     caching allocator's message names the segment it tried to reserve (`OomInfo.segment_bytes`), never
     less than 2 MiB (`kSmallBuffer`), and the device's free memory; a smaller figure, or another
-    allocator's message, is taken as the request."""
+    allocator's message, is taken as the request. The per-process cap ("X allowed") is only in the message
+    (a snapshot does not record it): it is read from there in either case."""
     device = run.manifest.get("device", {})
     name = f"cuda:{device.get('index', 0)}" if device.get("type") == "cuda" else "cpu"
     oom_pickle = run.path / "snapshots" / "oom.pickle"
@@ -193,6 +205,7 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
                     found.allocated_bytes,
                     found.reserved_bytes,
                     message,
+                    limit_bytes=_limit_of(message),
                 )
     requested = segment = free = None
     match = _TRIED.search(message)
@@ -207,7 +220,13 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
         )
         free = _size_of(number, unit)
     return OomInfo(
-        name, ended.get("t_ns", 0) / 1000.0, requested, free, message=message, segment_bytes=segment
+        name,
+        ended.get("t_ns", 0) / 1000.0,
+        requested,
+        free,
+        message=message,
+        segment_bytes=segment,
+        limit_bytes=_limit_of(message),
     )
 
 

@@ -81,16 +81,17 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
         ("reserved", human_bytes(d.reserved_bytes)),
         ("reserved but unallocated", human_bytes(d.reserved_unallocated_bytes)),
         ("free on the device", human_bytes(d.free_bytes)),
-        ("largest free block in reserved segments", human_bytes(d.largest_free_block_bytes)),
     ]
+    if d.limit_bytes is not None:  # a per-process cap: what the allocator could reserve, not the device
+        rows += [
+            ("per-process limit (PyTorch's 'allowed', 2 decimals)", f"about {human_bytes(d.limit_bytes)}"),
+            ("free within the limit (allowed - reserved)", f"about {human_bytes(d.free_within_limit_bytes)}"),
+        ]
+    rows.append(("largest free block in reserved segments", human_bytes(d.largest_free_block_bytes)))
     if d.device is not None and not d.device.startswith("cuda"):
         rows = [(label, value) for label, value in rows if value != "-"]  # no allocator figures off CUDA
-    if d.fragmented is not None:
-        verdict = "yes: enough free bytes in total, no block large enough"
-        if not d.fragmented:
-            total_free = (d.reserved_unallocated_bytes or 0) + (d.free_bytes or 0)
-            short = d.requested_bytes is not None and total_free < d.requested_bytes
-            verdict = "no: not enough free memory in total" if short else "no: a large enough block was free"
+    verdict = _fragmentation_verdict(d)
+    if verdict is not None:
         rows.append(("fragmentation caused it", verdict))
     if d.shortfall_bytes is not None:
         rows.append(("shortfall to cover", human_bytes(d.shortfall_bytes)))
@@ -117,6 +118,31 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
             shares = [f"cache {cache} L{layer} {human_bytes(b)}" for cache, layer, b in d.top_cache_layers]
         rows.append((label, ", ".join(shares)))
     return rows
+
+
+def _fragmentation_verdict(d: Diagnosis) -> str | None:
+    """Whether fragmentation caused the OOM: where not, what caused it instead (too few free bytes in total)
+    or what was large enough (a free block); where the figures show room for a new segment, that they
+    cannot tell. None where there is no verdict to give (no request, no segments)."""
+    request, room, largest = d.requested_bytes, d.reservable_bytes, d.largest_free_block_bytes
+    within = " within the limit" if d.limit_bytes is not None else ""
+    if d.fragmented is None:
+        if d.event != "oom" or request is None or room is None or largest is None or room < request:
+            return None
+        why = (
+            "the allowed figure's rounding in PyTorch's message hides how little was left"
+            if d.limit_bytes is not None
+            else "a per-process limit this input does not give refused it (PyTorch's OOM message names it: "
+            '"... allowed")'
+        )
+        where = within or " on the device"
+        return f"cannot tell: {human_bytes(room)} was free{where}, yet the request failed: {why}"
+    if d.fragmented:
+        return "yes: enough free bytes in total, no block large enough"
+    if request is None or (d.reserved_unallocated_bytes or 0) + (room or 0) < request:
+        return f"no: not enough free memory in total{within}"
+    assert largest is not None  # fragmented is False: the request fitted a free block
+    return f"no: a free block of {human_bytes(largest)} in the reserved segments was large enough"
 
 
 def _headline(d: Diagnosis) -> str:

@@ -242,9 +242,11 @@ def report_to_text(report: Report) -> str:
         if oom["requested_bytes"] is None and oom.get("segment_bytes") is not None:
             segment = oom["segment_bytes"]
             requested = f"at most {human_bytes(request_at_most(segment))} (a {human_bytes(segment)} segment)"
+        # a per-process cap (set_per_process_memory_fraction) bounds what it could reserve, not the device
+        cap = f", {human_bytes(oom['limit_bytes'])} allowed" if oom.get("limit_bytes") is not None else ""
         lines.append(
             f"  OOM on {oom['device']}: requested {requested}, "
-            f"free {human_bytes(oom['device_free_bytes'])}  (see `kvtrace diagnose`)"
+            f"free {human_bytes(oom['device_free_bytes'])}{cap}  (see `kvtrace diagnose`)"
         )
     return "\n".join(lines)
 

@@ -116,3 +116,37 @@ def test_an_oom_is_served_only_by_its_own_streams_segments(tmp_path: Path, strea
     text = diagnosis_to_text(d)
     if not d.fragmented:
         assert ("not enough free memory in total" in text) is (total_free < request)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "device_free", "verdict"),
+    [
+        (2**20, 0, "no: a free block of 1.98 MiB in the reserved segments was large enough"),
+        (
+            3 * 2**20,
+            10 * 2**20,
+            "cannot tell: 10.00 MiB was free on the device, yet the request failed: a per-process limit this "
+            'input does not give refused it (PyTorch\'s OOM message names it: "... allowed")',
+        ),
+        (2**30, 0, "no: not enough free memory in total"),
+    ],
+)
+def test_a_verdict_other_than_yes_says_why(
+    tmp_path: Path, request_bytes: int, device_free: int, verdict: str
+) -> None:
+    # GIVEN the real snapshot (largest free block 2,080,768 B, 4,554,752 B free in its segments) with an
+    # allocator `oom` entry that no fragmentation explains
+    raw = _raw()
+    blocks = [b for s in raw["segments"] for b in s["blocks"]]
+    assert max(b["size"] for b in blocks if b["state"] == "inactive") == 2_080_768
+    entry = {"action": "oom", "size": request_bytes, "device_free": device_free, "addr": 0, "stream": 0}
+    raw["device_traces"][0].append({**entry, "frames": []})
+    path = tmp_path / "oom.pickle"
+    path.write_bytes(pickle.dumps(raw, protocol=4))
+    # WHEN diagnosed
+    d = diagnose(*build_report(path))
+    # THEN the verdict names what held (or would have held) the request, and no per-process cap is invented
+    assert d.fragmented is (None if device_free >= request_bytes else False)
+    row = next(line for line in diagnosis_to_text(d).splitlines() if "fragmentation caused it" in line)
+    assert row.split("fragmentation caused it")[1].strip() == verdict
+    assert diagnosis_to_json(d)["limit_bytes"] is None and d.free_within_limit_bytes is None

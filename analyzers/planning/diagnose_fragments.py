@@ -1,0 +1,99 @@
+"""Remedies at an OOM that fragmentation caused: what "fits" can promise there. Pure, torch-free.
+
+At such an OOM the bytes were there (reserved but unallocated, plus what the allocator could still
+reserve) but no free block held the request. A remedy that frees bytes (a smaller batch, a shorter
+context, a window, fp8...) covers the shortfall on paper, yet the run it makes allocates other sizes, and
+nothing says the allocator will reuse its fragments any better: a real run at the batch that covered the
+shortfall ran out again, with more stranded (sample_traces/h200: batch 266 ran out with 1.30 GiB reserved
+but unallocated, the batch 261 its shortfall called enough with 1.53 GiB, the dynamic cache's torch.cat
+leaving each layer's previous block one token short of the next). So "fits" means here: frees the
+shortfall plus every byte stranded at the failure, enough even if the allocator reuses none of them; the
+setting that covers the shortfall alone is still given, as the one the fragments decide. The allocator's
+expandable segments, the remedy aimed at the cause, goes first among those that fit.
+
+analyzers.planning.diagnose_remedies prices every remedy twice, against each need, and this module merges
+the two: the sure price where it fits, else the tight one, marked not enough.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from analyzers.planning.diagnosis import Remedy
+from analyzers.units import human_bytes
+
+__all__ = ["FRAGMENTS_REMEDY", "priced_past_fragments", "stranded_bytes"]
+
+FRAGMENTS_REMEDY = "expandable_segments"  # the allocator setting that lets segments grow in place
+_ENOUGH = "enough to fit"
+# A knob a sentence names its setting by (a model's own buffers, beam search), rather than the kind's word
+_KNOB = re.compile(r"\b(max_[a-z_]+|num_beams)=")
+_SETTING_WORDS = {
+    "batch": "Batch {:,}",
+    "beams": "num_beams={:,}",
+    "context": "A context of {:,} tokens",
+    "sliding_window": "A window of {:,} tokens",
+}
+
+
+def stranded_bytes(d: dict[str, object]) -> int:
+    """The bytes reserved but unallocated at an OOM that fragmentation caused (the Diagnosis fields `d`),
+    which a remedy that frees bytes must free on top of the shortfall to be sure; 0 where fragmentation
+    did not cause it, or there is no shortfall to cover."""
+    need, stranded = d.get("shortfall_bytes"), d.get("reserved_unallocated_bytes")
+    if d.get("fragmented") is not True or not isinstance(need, int) or not isinstance(stranded, int):
+        return 0
+    return stranded if need > 0 and stranded > 0 else 0
+
+
+def priced_past_fragments(safe: list[Remedy], tight: list[Remedy], need: int, stranded: int) -> list[Remedy]:
+    """Merge the remedies priced against `need` + `stranded` (`safe`) and against `need` alone (`tight`),
+    the same remedies in the same order (priced from the same moment: only their figures differ)."""
+    if [r.kind for r in safe] != [r.kind for r in tight]:  # not expected; then the sure prices alone
+        return [_merged(remedy, None, need, stranded) for remedy in safe]
+    return [_merged(s, t, need, stranded) for s, t in zip(safe, tight, strict=True)]
+
+
+def _merged(safe: Remedy, tight: Remedy | None, need: int, stranded: int) -> Remedy:
+    frag = human_bytes(stranded)
+    if safe.kind == FRAGMENTS_REMEDY:  # it recovers the stranded bytes themselves: priced on the shortfall
+        aimed = tight or safe
+        return replace(
+            aimed,
+            sentence=aimed.sentence
+            + f" It is aimed at this OOM's cause: fragmentation (no free block held the request, though "
+            f"{frag} was reserved but unallocated); what it recovers depends on the allocator.",
+        )
+    if safe.saved_bytes is None:
+        return safe
+    if safe.fits:
+        sure = f"enough even if none of the {frag} stranded in fragments is reused"
+        whole = human_bytes(need + stranded)
+        unused = f"the {whole} needed if none of the {frag} stranded in fragments is reused"
+        sentence = safe.sentence.replace(f"the {whole} shortfall", unused)
+        sentence = sentence.replace(_ENOUGH, sure) if _ENOUGH in sentence else f"{sentence} That is {sure}."
+        if tight is not None and tight.fits and tight.setting is not None and tight.setting != safe.setting:
+            sentence += (
+                f" {_setting_named(tight, safe.sentence)} covers only the {human_bytes(need)} shortfall, if "
+                "the allocator finds a block among those fragments."
+            )
+        return replace(safe, sentence=sentence)
+    if tight is None or not tight.fits:
+        return tight or safe
+    return replace(
+        tight,
+        fits=False,
+        sentence=tight.sentence.replace(_ENOUGH, "enough for the shortfall")
+        + f" It fits only if the allocator finds a block among the {frag} stranded in fragments: with none "
+        f"of them reused it needs {human_bytes(need + stranded)}.",
+    )
+
+
+def _setting_named(remedy: Remedy, sentence: str) -> str:
+    """A remedy's setting as its sentence names it: `max_batch_size=3` (a model's own buffers), `Batch 3`."""
+    assert remedy.setting is not None
+    knob = _KNOB.search(sentence)
+    if knob:
+        return f"{knob.group(1)}={remedy.setting:,}"
+    return _SETTING_WORDS.get(remedy.kind, "A setting of {:,}").format(remedy.setting)
