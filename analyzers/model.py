@@ -130,6 +130,9 @@ class OomInfo:
     # The per-process cap in PyTorch's message ("24.96 GiB allowed;", set_per_process_memory_fraction), to
     # its two decimals: the allocator may reserve no more than this, whatever the device has free
     limit_bytes: int | None = None
+    # `allocated_bytes` and `reserved_bytes` are PyTorch's message's ("X is allocated by PyTorch, and Y is
+    # reserved by PyTorch but unallocated": reserved X + Y), to two decimals each, for want of a snapshot
+    held_from_message: bool = False
 
 
 def request_at_most(segment_bytes: int) -> int:

@@ -149,6 +149,17 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     if segments and not at_dump:
         notes.append("segments describe the dump, not this moment: no largest-free-block figure")
     reserved_unallocated = reserved - allocated if reserved is not None and allocated is not None else None
+    held_from_message = oom is not None and oom.held_from_message and not at_start
+    if held_from_message:
+        assert reserved_unallocated is not None
+        notes.append(
+            f"no OOM snapshot (recorded with snapshots=True, it gives them exactly): allocated and "
+            f"reserved memory at the failure are PyTorch's message's, {human_bytes(allocated)} allocated by "
+            f"PyTorch and {human_bytes(reserved_unallocated)} reserved but unallocated, reserved their sum; "
+            "each is to two decimals (within half a unit of its last digit: 5.12 MiB for GiB), so what "
+            "follows from them (the free memory within a per-process limit, the shortfall) is approximate "
+            "by as much, and there is no largest free block"
+        )
     requested = oom.requested_bytes if oom is not None else None
     segment = oom.segment_bytes if oom is not None else None
     # What the failed allocation needed from the device: the request, or where CUDA's message names only the
@@ -176,7 +187,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         )
     else:
         room = free
-    fragmented = None
+    fragmented = possibly = None
     # Room enough for a new segment, yet the request failed: a cap the input does not give (a bare snapshot
     # does not record it), or the rounding of the one it gives, left less; whether fragmentation caused it
     # cannot be told then (None), nor denied.
@@ -184,6 +195,20 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         unexplained = room is not None and room >= requested
         total_free = reserved_unallocated + (room or 0)
         fragmented = None if unexplained else total_free >= requested > max(largest_free, room or 0)
+        possibly = fragmented
+    elif oom is not None and largest_free is None and reserved_unallocated is not None and needed is not None:
+        # No largest free block (no snapshot): enough free bytes in total, the reserved-but-unallocated
+        # ones and what could still be reserved, leave fragmentation possible, not sure (PyTorch's own
+        # message points there: "If reserved but unallocated memory is large try ... expandable_segments");
+        # too few rule it out. A request known only by its segment (at most that) is compared at the segment
+        # for "possible", where it cannot be ruled out.
+        total_free = reserved_unallocated + (room or 0)
+        if room is not None and room >= needed:
+            possibly = None  # room for a new segment, yet it failed: cannot tell, as above
+        elif total_free >= needed:
+            possibly = True
+        elif requested is not None:
+            fragmented = possibly = False
 
     shortfall = None
     if needed is not None and room is not None and limit is not None and needed <= room:
@@ -356,6 +381,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         # no free block held the request though the bytes were there: a remedy that frees bytes must then
         # fit even if none of the reserved-but-unallocated ones is reused (diagnose_fragments)
         "fragmented": fragmented,
+        "fragmentation_possible": possibly,
         "reserved_before_trace": at_start,  # what the allocator had cached earlier: no slack of a peak
         "bytes_per_token": growing_bytes_per_token(report),
         "windowed": all_windowed(report),
@@ -457,6 +483,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         reserved_unallocated_bytes=reserved_unallocated,
         largest_free_block_bytes=largest_free,
         fragmented=fragmented,
+        fragmentation_possible=possibly,
+        held_from_message=held_from_message,
         shortfall_bytes=shortfall,
         budget_bytes=budget_bytes,
         kv_bytes=kv_bytes,

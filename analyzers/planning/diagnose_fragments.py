@@ -11,6 +11,13 @@ shortfall plus every byte stranded at the failure, enough even if the allocator 
 setting that covers the shortfall alone is still given, as the one the fragments decide. The allocator's
 expandable segments, the remedy aimed at the cause, goes first among those that fit.
 
+Without a snapshot there is no largest free block, only PyTorch's message's reserved-but-unallocated
+figure: where it and what could still be reserved reach the request, fragmentation may have caused the OOM
+(`fragmentation_possible`), not surely. The remedies are priced past those bytes all the same, since a user
+who follows PyTorch's own hint ("If reserved but unallocated memory is large try ... expandable_segments")
+wants a "fits" that holds whether or not they were stranded; the sentences call them reserved but
+unallocated rather than stranded, and say that a snapshot would tell.
+
 analyzers.planning.diagnose_remedies prices every remedy twice, against each need, and this module merges
 the two: the sure price where it fits, else the tight one, marked not enough.
 """
@@ -38,45 +45,58 @@ _SETTING_WORDS = {
 
 
 def stranded_bytes(d: dict[str, object]) -> int:
-    """The bytes reserved but unallocated at an OOM that fragmentation caused (the Diagnosis fields `d`),
-    which a remedy that frees bytes must free on top of the shortfall to be sure; 0 where fragmentation
-    did not cause it, or there is no shortfall to cover."""
+    """The bytes reserved but unallocated at an OOM that fragmentation caused, or may have caused (no
+    largest free block to tell: `fragmentation_possible`) (the Diagnosis fields `d`), which a remedy that
+    frees bytes must free on top of the shortfall to be sure; 0 where fragmentation did not cause it, or
+    there is no shortfall to cover."""
     need, stranded = d.get("shortfall_bytes"), d.get("reserved_unallocated_bytes")
-    if d.get("fragmented") is not True or not isinstance(need, int) or not isinstance(stranded, int):
+    caused = d.get("fragmented") is True or d.get("fragmentation_possible") is True
+    if not caused or not isinstance(need, int) or not isinstance(stranded, int):
         return 0
     return stranded if need > 0 and stranded > 0 else 0
 
 
-def priced_past_fragments(safe: list[Remedy], tight: list[Remedy], need: int, stranded: int) -> list[Remedy]:
+def priced_past_fragments(
+    safe: list[Remedy], tight: list[Remedy], need: int, stranded: int, sure: bool = True
+) -> list[Remedy]:
     """Merge the remedies priced against `need` + `stranded` (`safe`) and against `need` alone (`tight`),
-    the same remedies in the same order (priced from the same moment: only their figures differ)."""
+    the same remedies in the same order (priced from the same moment: only their figures differ). `sure`:
+    fragmentation caused the OOM (False: it may have; no largest free block tells)."""
     if [r.kind for r in safe] != [r.kind for r in tight]:  # not expected; then the sure prices alone
-        return [_merged(remedy, None, need, stranded) for remedy in safe]
-    return [_merged(s, t, need, stranded) for s, t in zip(safe, tight, strict=True)]
+        return [_merged(remedy, None, need, stranded, sure) for remedy in safe]
+    return [_merged(s, t, need, stranded, sure) for s, t in zip(safe, tight, strict=True)]
 
 
-def _merged(safe: Remedy, tight: Remedy | None, need: int, stranded: int) -> Remedy:
+def _merged(safe: Remedy, tight: Remedy | None, need: int, stranded: int, caused: bool) -> Remedy:
     frag = human_bytes(stranded)
+    # Bytes a snapshot shows stranded; without one, only that they were reserved but unallocated
+    held = "stranded in fragments" if caused else "reserved but unallocated"
     if safe.kind == FRAGMENTS_REMEDY:  # it recovers the stranded bytes themselves: priced on the shortfall
         aimed = tight or safe
+        cause = (
+            f"this OOM's cause: fragmentation (no free block held the request, though {frag} was reserved "
+            "but unallocated)"
+            if caused
+            else f"what may have caused this OOM: fragmentation ({frag} was reserved but unallocated, enough "
+            "for the request with what could still be reserved; without a snapshot, recorded with "
+            "snapshots=True, no largest free block says whether one held it)"
+        )
         return replace(
             aimed,
-            sentence=aimed.sentence
-            + f" It is aimed at this OOM's cause: fragmentation (no free block held the request, though "
-            f"{frag} was reserved but unallocated); what it recovers depends on the allocator.",
+            sentence=aimed.sentence + f" It is aimed at {cause}; what it recovers depends on the allocator.",
         )
     if safe.saved_bytes is None:
         return safe
     if safe.fits:
-        sure = f"enough even if none of the {frag} stranded in fragments is reused"
+        sure = f"enough even if none of the {frag} {held} is reused"
         whole = human_bytes(need + stranded)
-        unused = f"the {whole} needed if none of the {frag} stranded in fragments is reused"
+        unused = f"the {whole} needed if none of the {frag} {held} is reused"
         sentence = safe.sentence.replace(f"the {whole} shortfall", unused)
         sentence = sentence.replace(_ENOUGH, sure) if _ENOUGH in sentence else f"{sentence} That is {sure}."
         if tight is not None and tight.fits and tight.setting is not None and tight.setting != safe.setting:
             sentence += (
                 f" {_setting_named(tight, safe.sentence)} covers only the {human_bytes(need)} shortfall, if "
-                "the allocator finds a block among those fragments."
+                f"the allocator finds a block among those {'fragments' if caused else 'bytes'}."
             )
         return replace(safe, sentence=sentence)
     if tight is None or not tight.fits:
@@ -85,7 +105,7 @@ def _merged(safe: Remedy, tight: Remedy | None, need: int, stranded: int) -> Rem
         tight,
         fits=False,
         sentence=tight.sentence.replace(_ENOUGH, "enough for the shortfall")
-        + f" It fits only if the allocator finds a block among the {frag} stranded in fragments: with none "
+        + f" It fits only if the allocator finds a block among the {frag} {held}: with none "
         f"of them reused it needs {human_bytes(need + stranded)}.",
     )
 

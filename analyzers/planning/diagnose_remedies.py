@@ -173,9 +173,9 @@ def price_remedies(
     d: dict[str, object], kv_bits: int | None, num_layers: int | None, on_cuda: bool = True
 ) -> list[Remedy]:
     """Price every remedy at the moment described by `d` (the Diagnosis fields computed so far), ranked.
-    Where fragmentation caused the OOM, those that free bytes are priced twice, against the shortfall and
-    against it plus the bytes stranded in fragments, which only the second can be sure of
-    (analyzers.planning.diagnose_fragments)."""
+    Where fragmentation caused the OOM (or may have: `fragmentation_possible`), those that free bytes are
+    priced twice, against the shortfall and against it plus the bytes stranded in fragments (reserved but
+    unallocated), which only the second can be sure of (analyzers.planning.diagnose_fragments)."""
     stranded = stranded_bytes(d)
     if not stranded:
         return _ranked(_priced(d, kv_bits, num_layers, on_cuda))
@@ -183,7 +183,8 @@ def price_remedies(
     assert isinstance(need, int)
     tight = _priced(d, kv_bits, num_layers, on_cuda)
     safe = _priced({**d, "shortfall_bytes": need + stranded}, kv_bits, num_layers, on_cuda)
-    return _ranked(priced_past_fragments(safe, tight, need, stranded), lead=FRAGMENTS_REMEDY)
+    sure = d.get("fragmented") is True
+    return _ranked(priced_past_fragments(safe, tight, need, stranded, sure), lead=FRAGMENTS_REMEDY)
 
 
 def _priced(

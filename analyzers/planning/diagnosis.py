@@ -120,6 +120,14 @@ class Diagnosis:
     """`limit_bytes` less `reserved_bytes`, at least 0: what the allocator could still reserve under the cap
     (the device's `free_bytes` is not, there). The fragmentation verdict and the shortfall use it (the
     smaller of the two where both are known)."""
+    fragmentation_possible: bool | None = None
+    """Whether the figures leave fragmentation as this OOM's cause: `fragmented` where that is known; where
+    no largest free block is (no snapshot), True when the reserved-but-unallocated bytes and what could still
+    be reserved reach the request (it may have, not sure), False when they fall short of it. None where
+    nothing can be told."""
+    held_from_message: bool = False
+    """`allocated_bytes` and `reserved_bytes` (and so `reserved_unallocated_bytes`) are PyTorch's OOM
+    message's, for want of a snapshot: to two decimals each, so approximate."""
     row_activation_bytes: int | None = None
     """Bytes of the allocations beside the KV live at the moment whose size is batch-first (the rows times a
     model width: logits, attention's copies, ids and masks; analyzers.planning.diagnose_rows), which a

@@ -163,6 +163,13 @@ _FREE = re.compile(r"of which " + _SIZE + r" is free|; " + _SIZE + r" free;")
 # torch.cuda.set_per_process_memory_fraction set (c10's allowed_memory_maximum), which bounds what the
 # caching allocator may reserve, however much the device has free
 _ALLOWED = re.compile(_SIZE + r" allowed;")
+# "Of the allocated memory 23.58 GiB is allocated by PyTorch, and 1.29 GiB is reserved by PyTorch but
+# unallocated." (torch 2.1 on): the allocator's state at the failure, which the reserved memory is the sum
+# of. A message that names memory in private pools (CUDA graphs) between the two does not match: how c10
+# counts those bytes in the other two is not settled here, so its figures are left unknown.
+_HELD = re.compile(
+    _SIZE + r" is allocated by PyTorch, and " + _SIZE + r" is reserved by PyTorch but unallocated\."
+)
 
 
 def _size_of(number: str, unit: str) -> int:
@@ -176,13 +183,26 @@ def _limit_of(message: str) -> int | None:
     return _size_of(match.group(1), match.group(2)) if match else None
 
 
+def _held_of(message: str) -> tuple[int, int] | None:
+    """Allocated and reserved at the failure as PyTorch's CUDA message gives them ("X is allocated by
+    PyTorch, and Y is reserved by PyTorch but unallocated": reserved X + Y), to two decimals each; None
+    where the message has no such sentence."""
+    match = _HELD.search(message)
+    if not match:
+        return None
+    allocated = _size_of(match.group(1), match.group(2))
+    return allocated, allocated + _size_of(match.group(3), match.group(4))
+
+
 def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySource) -> OomInfo:
     """The failed request: from the OOM snapshot the recorder dumped (CUDA) when there is one, else from
     PyTorch's message ("Tried to allocate 2.00 GiB"), whose two decimals make it approximate. The CUDA
     caching allocator's message names the segment it tried to reserve (`OomInfo.segment_bytes`), never
     less than 2 MiB (`kSmallBuffer`), and the device's free memory; a smaller figure, or another
     allocator's message, is taken as the request. The per-process cap ("X allowed") is only in the message
-    (a snapshot does not record it): it is read from there in either case."""
+    (a snapshot does not record it): it is read from there in either case. Without a snapshot, allocated and
+    reserved memory at the failure are the message's too (`OomInfo.held_from_message`); a snapshot's exact
+    figures win where there is one."""
     device = run.manifest.get("device", {})
     name = f"cuda:{device.get('index', 0)}" if device.get("type") == "cuda" else "cpu"
     oom_pickle = run.path / "snapshots" / "oom.pickle"
@@ -219,14 +239,18 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
             (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
         )
         free = _size_of(number, unit)
+    held = _held_of(message)
     return OomInfo(
         name,
         ended.get("t_ns", 0) / 1000.0,
         requested,
         free,
+        held[0] if held else None,
+        held[1] if held else None,
         message=message,
         segment_bytes=segment,
         limit_bytes=_limit_of(message),
+        held_from_message=held is not None,
     )
 
 

@@ -76,12 +76,14 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
     elif d.segment_bytes is not None:
         rows.append(("request that failed", f"at most {human_bytes(request_at_most(d.segment_bytes))}"))
         rows.append(("segment it needed", f"{human_bytes(d.segment_bytes)} ({d.segment_bytes:,} B)"))
-    rows += [
+    held = [
         ("allocated", human_bytes(d.allocated_bytes)),
         ("reserved", human_bytes(d.reserved_bytes)),
         ("reserved but unallocated", human_bytes(d.reserved_unallocated_bytes)),
-        ("free on the device", human_bytes(d.free_bytes)),
     ]
+    if d.held_from_message:  # no snapshot: PyTorch's message's figures, to two decimals
+        held = [(label, f"about {value} (PyTorch's message)") for label, value in held]
+    rows += [*held, ("free on the device", human_bytes(d.free_bytes))]
     if d.limit_bytes is not None:  # a per-process cap: what the allocator could reserve, not the device
         rows += [
             ("per-process limit (PyTorch's 'allowed', 2 decimals)", f"about {human_bytes(d.limit_bytes)}"),
@@ -123,9 +125,16 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
 def _fragmentation_verdict(d: Diagnosis) -> str | None:
     """Whether fragmentation caused the OOM: where not, what caused it instead (too few free bytes in total)
     or what was large enough (a free block); where the figures show room for a new segment, that they
-    cannot tell. None where there is no verdict to give (no request, no segments)."""
+    cannot tell; without a largest free block (no snapshot), that it may have where the free bytes in total
+    reach the request. None where there is no verdict to give (no request, no segments)."""
     request, room, largest = d.requested_bytes, d.reservable_bytes, d.largest_free_block_bytes
     within = " within the limit" if d.limit_bytes is not None else ""
+    if d.fragmented is None and d.fragmentation_possible:  # no largest free block: it may have
+        return (
+            f"maybe: {human_bytes(d.reserved_unallocated_bytes)} reserved but unallocated and "
+            f"{human_bytes(room)} free{within or ' on the device'} together reach the request, but without a "
+            "snapshot (snapshots=True) no largest free block says whether one did"
+        )
     if d.fragmented is None:
         if d.event != "oom" or request is None or room is None or largest is None or room < request:
             return None

@@ -39,7 +39,26 @@ def _figures(run: Path) -> dict[str, int]:
     (oom,) = [e for trace in raw["device_traces"] for e in trace if e["action"] == "oom"]
     blocks = [b for s in raw["segments"] for b in s["blocks"]]
     message = json.loads((run / "manifest.json").read_text())["ended"]["message"]
-    number, unit = re.search(r"(\d+\.\d\d) (MiB|GiB) allowed;", message).groups()  # type: ignore[union-attr]
+    return {
+        "request": oom["size"],
+        "device_free": oom["device_free"],
+        "reserved": sum(s["total_size"] for s in raw["segments"]),
+        "allocated": sum(b.get("requested_size") or b["size"] for b in blocks if b["state"] in LIVE),
+        "largest_free": max(b["size"] for b in blocks if b["state"] == "inactive"),
+        "limit": _size_in(message, "allowed;"),
+        **_kv_at_end(run),
+    }
+
+
+def _size_in(message: str, before: str) -> int:
+    """The figure PyTorch's message puts just before `before` ("24.96 GiB allowed;"), in bytes."""
+    found = re.search(r"(\d+\.\d\d) (MiB|GiB) " + re.escape(before), message)
+    assert found, before
+    return int(float(found.group(1)) * UNITS[found.group(2)])
+
+
+def _kv_at_end(run: Path) -> dict[str, int]:
+    """The KV live at the end of the run's KV log, and its batch (the rows of the last storage logged)."""
     live: dict[int, int] = {}
     batch = 0
     for line in (run / "kv_events.jsonl").read_text().splitlines():
@@ -49,16 +68,7 @@ def _figures(run: Path) -> dict[str, int]:
             batch = event["shape"][0]
         elif event["event"] == "freed":
             live.pop(event["addr"], None)
-    return {
-        "request": oom["size"],
-        "device_free": oom["device_free"],
-        "reserved": sum(s["total_size"] for s in raw["segments"]),
-        "allocated": sum(b.get("requested_size") or b["size"] for b in blocks if b["state"] in LIVE),
-        "largest_free": max(b["size"] for b in blocks if b["state"] == "inactive"),
-        "limit": int(float(number) * UNITS[unit]),
-        "kv": sum(live.values()),
-        "batch": batch,
-    }
+    return {"kv": sum(live.values()), "batch": batch}
 
 
 @pytest.mark.parametrize("name", ["oom_b266", "oom_b261_fit"])
@@ -111,3 +121,80 @@ def _text(run: Path, capsys: Any) -> str:
 
     assert main(["diagnose", str(run)]) == 0
     return str(capsys.readouterr().out)
+
+
+def _as_if_without_snapshots(run: Path) -> None:
+    """Make a copy of a run look recorded with snapshots=False: no snapshots/ folder, and the manifest as
+    the recorder writes it then (no snapshot listed, the snapshots section absent)."""
+    shutil.rmtree(run / "snapshots")
+    path = run / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"] = [f for f in manifest["files"] if not f.startswith("snapshots/")]
+    manifest["ended"].pop("oom_snapshot")
+    manifest["snapshots"] = {"status": "absent", "reason": "snapshots=False"}
+    manifest["options"]["snapshots"] = False
+    path.write_text(json.dumps(manifest, indent=1))
+
+
+def test_capped_oom_without_snapshot_takes_reserved_from_the_message(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a copy of the batch-266 OOM as if recorded with snapshots=False: PyTorch's message is all that
+    # says what the allocator held ("23.58 GiB is allocated by PyTorch, and 1.29 GiB is reserved by PyTorch
+    # but unallocated"), and it names the segment it tried to reserve, not the request
+    run = tmp_path / "oom_b266"
+    shutil.copytree(H200 / "oom_b266", run)
+    _as_if_without_snapshots(run)
+    message = json.loads((run / "manifest.json").read_text())["ended"]["message"]
+    allocated = _size_in(message, "is allocated by PyTorch")
+    stranded = _size_in(message, "is reserved by PyTorch but unallocated")
+    segment = _tried(message)
+    limit = _size_in(message, "allowed;")
+    held = _kv_at_end(run)
+    kv, batch = held["kv"], held["batch"]
+    # WHEN diagnosed
+    d = cli_json(["diagnose", str(run), "--json"], capsys)
+    # THEN reserved is the message's two figures together, and the free memory within the cap follows
+    reserved = allocated + stranded
+    within = limit - reserved
+    assert d["allocated_bytes"] == allocated and d["reserved_bytes"] == reserved
+    assert d["held_from_message"] is True
+    assert d["reserved_unallocated_bytes"] == stranded
+    assert d["limit_bytes"] == limit and d["free_within_limit_bytes"] == within
+    assert d["segment_bytes"] == segment and d["requested_bytes"] is None
+    shortfall = segment - within
+    assert d["shortfall_bytes"] == shortfall > 0
+    # no largest free block: fragmentation is possible (the bytes were there in total), not sure
+    assert d["largest_free_block_bytes"] is None
+    assert stranded + within >= segment
+    assert d["fragmented"] is None and d["fragmentation_possible"] is True
+    # so "fits" is priced past the reserved-but-unallocated bytes, as with a snapshot
+    sure = shortfall + stranded
+    target = math.floor(batch * (kv - sure) / kv)
+    tight = math.floor(batch * (kv - shortfall) / kv)
+    (remedy,) = [r for r in d["remedies"] if r["kind"] == "batch"]
+    assert remedy["setting"] == target < SEEN_TO_FAIL and remedy["fits"] is True
+    assert remedy["saved_bytes"] == round(kv / batch * (batch - target)) >= sure
+    assert f"Batch {target} instead of {batch} frees" in remedy["sentence"]
+    assert "reserved but unallocated is reused" in remedy["sentence"]
+    assert f"Batch {tight} covers only the" in remedy["sentence"] and tight > target
+    lead = d["remedies"][0]
+    assert lead["kind"] == "expandable_segments" and lead["fits"] is True and lead["saved_bytes"] == stranded
+    assert "what may have caused this OOM" in lead["sentence"]
+    for r in d["remedies"]:
+        if r["fits"] and r["kind"] != "expandable_segments":
+            assert r["saved_bytes"] >= sure, r
+    # and the text says where the figures come from, and "maybe", not "yes"
+    text = _text(run, capsys)
+    assert f"about {_gib(reserved)} (PyTorch's message)" in text and "fragmentation caused it" in text
+    assert "maybe: " in text and "yes: enough free bytes" not in text
+    assert "no OOM snapshot" in text
+
+
+def _tried(message: str) -> int:
+    """The figure after "Tried to allocate" in PyTorch's message, in bytes."""
+    found = re.search(r"Tried to allocate (\d+\.\d\d) (MiB|GiB)", message)
+    assert found
+    return int(float(found.group(1)) * UNITS[found.group(2)])
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
