@@ -155,6 +155,8 @@ def cache_package_missing(kind: str) -> str | None:
     the first layer update), or None. Apart from `cache_unavailable`: a part not installed is status 1."""
     import importlib.util
 
+    if kind == "fp8":
+        return _fp8_cache_missing()
     if kind not in _CACHE_PACKAGES:
         return None
     module, package = _CACHE_PACKAGES[kind]
@@ -163,6 +165,21 @@ def cache_package_missing(kind: str) -> str | None:
     except ModuleNotFoundError:  # the parent package (optimum) is missing
         found = False
     return None if found else f"--cache {kind} needs the {package} package: pip install {package}"
+
+
+def _fp8_cache_missing() -> str | None:
+    """What to install where transformers has no fp8 quantized cache, or None. Its backend is transformers'
+    own `Fp8QuantizedLayer` (5.17 has none: `QuantizedCache(backend="fp8")` raises deep in the demo), so the
+    class's presence is the feature, not a version number."""
+    import transformers
+    import transformers.cache_utils
+
+    if hasattr(transformers.cache_utils, "Fp8QuantizedLayer"):
+        return None
+    return (
+        f"--cache fp8 needs a transformers with the fp8 quantized cache (Fp8QuantizedLayer), which "
+        f"transformers {transformers.__version__} has not: pip install -U transformers"
+    )
 
 
 def make_cache(

@@ -115,7 +115,9 @@ class RunManifest:
         warnings = []
         steps = self.tracker.step
         paged = self._paged is not None and self._paged.owns_steps  # its pool is logged, its steps counted
-        no_kv = steps and not self.event_count and self.model is not None and not paged
+        # A pool whose layout kvtrace does not read says so itself: the generic "no KV" advice would mislead
+        unread = self._paged is not None and self._paged.unread_pool
+        no_kv = steps and not self.event_count and self.model is not None and not paged and not unread
         raised = self._hf.update_error if self._hf is not None else None
         if no_kv and raised:  # the cache is followed, but its own update raised before it could be logged
             warnings.append(

@@ -44,6 +44,9 @@ _EMPTIED = ("preempted", "finished")
 
 
 _API = "transformers.generation.continuous_batching.continuous_api"
+# What `pool_document` and the per-step figures read on a PagedAttentionCache: one flat pool cut into sectors,
+# with an allocator per attention type. Instance attributes, so tested on the pool once it is made.
+_POOL_FIELDS = ("cache_tensor", "cache_allocators", "pool", "num_sectors", "bytes_per_sector")
 
 
 def _modules() -> tuple[Any, Any, Any] | None:
@@ -103,6 +106,7 @@ class PagedAttentionHooks:
         self.overhead_ns = 0
         self._flushed_ns = 0
         self.ignored_pools = 0
+        self._layout_said = False  # the warning for a pool whose layout kvtrace does not read, given once
         # Why transformers stopped the run, when it did: engine.json's and the manifest's `failure`
         self.failure: dict[str, Any] | None = None
         self.warnings: list[str] = []  # what leaves the engine files incomplete: the manifest's `warnings`
@@ -212,6 +216,11 @@ class PagedAttentionHooks:
         return self._cache_ref() if self._cache_ref is not None else None
 
     @property
+    def unread_pool(self) -> bool:
+        """Whether a pool of a layout kvtrace does not read was made in the block (said in `warnings`)."""
+        return self._layout_said
+
+    @property
     def owns_steps(self) -> bool:
         """Whether a pool is recorded: its engine steps are then the run's steps."""
         return self._cache_ref is not None
@@ -258,6 +267,19 @@ class PagedAttentionHooks:
 
     # -- the pool ------------------------------------------------------------------------------------------
     def _on_pool(self, cache: Any) -> None:
+        if not all(hasattr(cache, name) for name in _POOL_FIELDS):
+            # An older pool layout (transformers 5.17: per-layer key_cache/value_cache tensors and a
+            # BlockManager): said plainly, and the pool left unclaimed so that no hook reads it, rather
+            # than an AttributeError from `pool_document` and an engine entry of null figures
+            if not self._layout_said:
+                self._layout_said = True
+                self.warnings.append(
+                    "continuous batching: this transformers' PagedAttentionCache is not one flat "
+                    "`cache_tensor` pool with `cache_allocators` (per-layer key_cache/value_cache instead), "
+                    "a layout kvtrace does not read: the pool's KV, engine steps and requests are not "
+                    "recorded"
+                )
+            return
         if self._cache_ref is not None:  # a second pool (another generate_batch): the run keeps the first
             self.ignored_pools += 1
             if self.ignored_pools == 1:

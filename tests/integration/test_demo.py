@@ -192,6 +192,27 @@ def test_a_demo_this_machine_cannot_run_is_refused_in_one_line_before_building_a
     assert not (tmp_path / "s").exists()
 
 
+def test_an_fp8_cache_this_transformers_lacks_is_a_missing_part_not_an_internal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import transformers.cache_utils
+
+    # GIVEN a transformers without the fp8 quantized cache, as 5.17 is: no Fp8QuantizedLayer, so that
+    # QuantizedCache(backend="fp8") fails inside the demo (an internal error, status 70, before the fix)
+    monkeypatch.delattr(transformers.cache_utils, "Fp8QuantizedLayer", raising=False)
+    for command, out in (("demo", tmp_path / "d"), ("sweep", tmp_path / "s")):
+        argv = [command, "--cache", "fp8", "--out", str(out)]
+        argv += [*FAST, "--no-profiler"] if command == "demo" else ["--batch", "1", "--context", "8", "-q"]
+        # WHEN a user asks the demo or a sweep for an fp8 cache
+        status = main(argv)
+        # THEN status 1 (a part not installed), one line that says what to install, and no folder left
+        err = capsys.readouterr().err
+        assert status == 1, err
+        assert err.count("\n") == 1 and "--cache fp8 needs a transformers with the fp8 quantized cache" in err
+        assert "pip install -U transformers" in err
+        assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "crossed"), [([], True), (["--no-profiler", "--gpu-memory", "8GiB"], False)]
 )

@@ -528,3 +528,40 @@ def test_a_transformers_without_prefix_eviction_records_the_pool(
     assert manifest["engine"]["prefix_evicted_blocks"] == 0
     # AND the block added no method the class did not have
     assert not hasattr(cb_cache.PagedAttentionCache, "evict_cached_blocks")
+
+
+# transformers 5.17's PagedAttentionCache: per-layer key_cache/value_cache tensors and a BlockManager, sized
+# by `infer_max_batch_tokens_and_num_blocks`; the sector pool kvtrace reads came later (`..._num_sectors`).
+SECTOR_POOL = hasattr(cb_cache.PagedAttentionMemoryHandler, "infer_max_batch_tokens_and_num_sectors")
+
+
+@pytest.mark.skipif(SECTOR_POOL, reason="this transformers' pool is the sector pool the tests above record")
+def test_a_pool_of_a_layout_kvtrace_does_not_read_is_said_so_in_one_warning(
+    tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # transformers sizes a CPU pool from the free memory psutil reads (it refuses the pool without it)
+    pytest.importorskip("psutil")
+    # GIVEN a real generate_batch on the older pool layout (5.17: `block_size`, not `page_size`)
+    generation = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=64, block_size=PAGE)  # type: ignore[call-arg]
+    run = tmp_path / "run"
+    with kvtrace.record(run, model=cb_model, profiler=False):
+        outputs = cb_model.generate_batch(
+            inputs=PROMPTS, generation_config=generation, continuous_batching_config=batching
+        )
+    # THEN every request ran, and the manifest says in one warning that the pool is not recorded, in place
+    # of an AttributeError from reading it, an engine of null figures, or advice to start the manager inside
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert len(outputs) == len(PROMPTS) and manifest["ended"]["status"] == "ok"
+    assert manifest["warnings"] == [
+        "continuous batching: this transformers' PagedAttentionCache is not one flat `cache_tensor` pool "
+        "with `cache_allocators` (per-layer key_cache/value_cache instead), a layout kvtrace does not read: "
+        "the pool's KV, engine steps and requests are not recorded"
+    ]
+    assert "engine" not in manifest and not (run / "engine.json").exists()
+    # AND the report prints it, with no engine and no KV claimed
+    capsys.readouterr()
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert manifest["warnings"][0] in report["notes"]
+    assert report["engine"] is None and report["kv"]["final_bytes"] == report["kv"]["peak_bytes"] == 0
