@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from analyzers.render.html import report_to_html
 from analyzers.report import build_report
 from kvtrace.memory_samples import HOST_INTERVAL_S
 
-NEW_TOKENS = 12  # steps of several ms: some carry host figures (read at most every HOST_INTERVAL_S)
+NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,9 @@ def run_dir(tiny_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactor
             do_sample=False,
             pad_token_id=0,
         )
+        # The writer thread reads the host's figures every HOST_INTERVAL_S whatever the model does: a pause
+        # of a few intervals gives host samples between the start and the end however fast the steps ran
+        time.sleep(3.5 * HOST_INTERVAL_S)
     return out
 
 
