@@ -54,7 +54,7 @@ from analyzers.planning.diagnose_stacks import (
     snapshot_block_stacks,
     unaddressed_share,
 )
-from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
+from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare, reservable  # re-exported for callers
 from analyzers.planning.run_cache_kind import logged_quantization
 from analyzers.planning.run_kv_facts import (
     all_windowed,
@@ -173,11 +173,10 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             "with snapshots=True, gives it exactly); the shortfall is the segment's"
         )
     limit = oom.limit_bytes if oom is not None else None
-    free_within_limit = room = None
+    free_within_limit = None
     if limit is not None and reserved is not None:
         # Under a per-process cap the allocator may reserve only up to it, however much the device has free
         free_within_limit = max(limit - reserved, 0)
-        room = free_within_limit if free is None else min(free, free_within_limit)
         notes.append(
             f"a per-process limit applied (torch.cuda.set_per_process_memory_fraction): PyTorch's message "
             f"says {human_bytes(limit)} allowed, so the allocator could reserve only "
@@ -185,8 +184,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             "the allowed figure is the message's, to two decimals (within half a unit of its last digit), so "
             "the free memory within it and the shortfall are approximate by as much"
         )
-    else:
-        room = free
+    room = reservable(free, free_within_limit)
     fragmented = possibly = None
     # Room enough for a new segment, yet the request failed: a cap the input does not give (a bare snapshot
     # does not record it), or the rounding of the one it gives, left less; whether fragmentation caused it

@@ -138,11 +138,15 @@ class Diagnosis:
     def reservable_bytes(self) -> int | None:
         """What the allocator could still reserve at the moment: the device's free memory, no more than a
         per-process cap leaves (`free_within_limit_bytes`)."""
-        if self.free_within_limit_bytes is None:
-            return self.free_bytes
-        if self.free_bytes is None:
-            return self.free_within_limit_bytes
-        return min(self.free_bytes, self.free_within_limit_bytes)
+        return reservable(self.free_bytes, self.free_within_limit_bytes)
+
+
+def reservable(free: int | None, free_within_limit: int | None) -> int | None:
+    """What the allocator could still reserve: the device's free memory, no more than a per-process cap
+    leaves; whichever is known where only one is."""
+    if free_within_limit is None:
+        return free
+    return free_within_limit if free is None else min(free, free_within_limit)
 
 
 def fits(saved: int | None, shortfall: int | None) -> bool | None:
