@@ -95,12 +95,7 @@ def test_capped_fragmented_oom_is_priced_past_its_fragments(name: str, tmp_path:
     # a batch that fits must free the shortfall and every stranded byte: below the batch seen to fail
     batch, kv = f["batch"], f["kv"]
     sure = shortfall + stranded
-    target = math.floor(batch * (kv - sure) / kv)
-    tight = math.floor(batch * (kv - shortfall) / kv)
-    (remedy,) = [r for r in d["remedies"] if r["kind"] == "batch"]
-    assert remedy["setting"] == target < SEEN_TO_FAIL and remedy["fits"] is True
-    assert remedy["saved_bytes"] == round(kv / batch * (batch - target)) >= sure
-    assert f"Batch {target} instead of {batch} frees" in remedy["sentence"]
+    remedy, target, tight = _batch_remedy(d, batch, kv, shortfall, sure)
     assert f"Batch {tight} covers only the" in remedy["sentence"] and tight > target
     # the allocator setting aimed at the cause leads; a static cache, which frees less, does not fit
     assert d["remedies"][0]["kind"] == "expandable_segments" and d["remedies"][0]["fits"] is True
@@ -114,6 +109,20 @@ def test_capped_fragmented_oom_is_priced_past_its_fragments(name: str, tmp_path:
     assert "fragmentation caused it" in cli_json_text and "yes: enough free bytes in total" in cli_json_text
     assert "per-process limit" in cli_json_text and "a per-process limit applied" in cli_json_text
     assert "the shortfall is taken as the request itself" not in cli_json_text
+
+
+def _batch_remedy(
+    d: dict[str, Any], batch: int, kv: int, shortfall: int, sure: int
+) -> tuple[dict[str, Any], int, int]:
+    """The batch remedy, checked to free `sure` bytes of KV (below the batch seen to fail) and to say so;
+    with the batch that frees `sure` and the one that frees only the shortfall."""
+    target = math.floor(batch * (kv - sure) / kv)
+    tight = math.floor(batch * (kv - shortfall) / kv)
+    (remedy,) = [r for r in d["remedies"] if r["kind"] == "batch"]
+    assert remedy["setting"] == target < SEEN_TO_FAIL and remedy["fits"] is True
+    assert remedy["saved_bytes"] == round(kv / batch * (batch - target)) >= sure
+    assert f"Batch {target} instead of {batch} frees" in remedy["sentence"]
+    return remedy, target, tight
 
 
 def _text(run: Path, capsys: Any) -> str:
@@ -168,12 +177,7 @@ def test_capped_oom_without_snapshot_takes_reserved_from_the_message(tmp_path: P
     assert d["fragmented"] is None and d["fragmentation_possible"] is True
     # so "fits" is priced past the reserved-but-unallocated bytes, as with a snapshot
     sure = shortfall + stranded
-    target = math.floor(batch * (kv - sure) / kv)
-    tight = math.floor(batch * (kv - shortfall) / kv)
-    (remedy,) = [r for r in d["remedies"] if r["kind"] == "batch"]
-    assert remedy["setting"] == target < SEEN_TO_FAIL and remedy["fits"] is True
-    assert remedy["saved_bytes"] == round(kv / batch * (batch - target)) >= sure
-    assert f"Batch {target} instead of {batch} frees" in remedy["sentence"]
+    remedy, target, tight = _batch_remedy(d, batch, kv, shortfall, sure)
     assert "reserved but unallocated is reused" in remedy["sentence"]
     assert f"Batch {tight} covers only the" in remedy["sentence"] and tight > target
     lead = d["remedies"][0]
