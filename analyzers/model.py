@@ -133,6 +133,11 @@ class OomInfo:
     # `allocated_bytes` and `reserved_bytes` are PyTorch's message's ("X is allocated by PyTorch, and Y is
     # reserved by PyTorch but unallocated": reserved X + Y), to two decimals each, for want of a snapshot
     held_from_message: bool = False
+    # Where `held_from_message`: the bytes the message says are "allocated in private pools (e.g., CUDA
+    # Graphs)", 0 where it names none (torch 2.4 on names them whenever there are any). c10 sums the blocks
+    # cached free in the graphs' pools and counts them in X, so they are in `allocated_bytes` (and
+    # `reserved_bytes`), not in the reserved-but-unallocated Y: only their graphs can use them
+    private_pool_bytes: int | None = None
 
 
 def request_at_most(segment_bytes: int) -> int:

@@ -36,6 +36,7 @@ from analyzers.planning.diagnose_compressed_remedies import (
     compressed_run,
     prompt_and_written,
 )
+from analyzers.planning.diagnose_fragments import private_pools_note
 from analyzers.planning.diagnose_moment import (
     beams_at_step,
     held_at_step,
@@ -150,6 +151,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         notes.append("segments describe the dump, not this moment: no largest-free-block figure")
     reserved_unallocated = reserved - allocated if reserved is not None and allocated is not None else None
     held_from_message = oom is not None and oom.held_from_message and not at_start
+    private_pools = oom.private_pool_bytes if oom is not None and held_from_message else None
     if held_from_message:
         assert reserved_unallocated is not None
         notes.append(
@@ -160,6 +162,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             "follows from them (the free memory within a per-process limit, the shortfall) is approximate "
             "by as much, and there is no largest free block"
         )
+    if private_pools and allocated is not None:
+        notes.append(private_pools_note(private_pools, allocated))
     requested = oom.requested_bytes if oom is not None else None
     segment = oom.segment_bytes if oom is not None else None
     # What the failed allocation needed from the device: the request, or where CUDA's message names only the
@@ -483,6 +487,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         fragmented=fragmented,
         fragmentation_possible=possibly,
         held_from_message=held_from_message,
+        private_pool_bytes=private_pools,
         shortfall_bytes=shortfall,
         budget_bytes=budget_bytes,
         kv_bytes=kv_bytes,

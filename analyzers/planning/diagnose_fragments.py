@@ -20,6 +20,10 @@ unallocated rather than stranded, and say that a snapshot would tell.
 
 analyzers.planning.diagnose_remedies prices every remedy twice, against each need, and this module merges
 the two: the sure price where it fits, else the tight one, marked not enough.
+
+Blocks cached free in CUDA graphs' private pools are no such bytes: only their graphs can use them. PyTorch's
+message (torch 2.4 on) names them apart and counts them as allocated, and so does the diagnosis
+(`private_pools_note`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import replace
 from analyzers.planning.diagnosis import Remedy
 from analyzers.units import human_bytes
 
-__all__ = ["FRAGMENTS_REMEDY", "priced_past_fragments", "stranded_bytes"]
+__all__ = ["FRAGMENTS_REMEDY", "priced_past_fragments", "private_pools_note", "stranded_bytes"]
 
 FRAGMENTS_REMEDY = "expandable_segments"  # the allocator setting that lets segments grow in place
 _ENOUGH = "enough to fit"
@@ -42,6 +46,21 @@ _SETTING_WORDS = {
     "context": "A context of {:,} tokens",
     "sliding_window": "A window of {:,} tokens",
 }
+
+
+def private_pools_note(private_pools: int, allocated: int) -> str:
+    """The note on an OOM whose PyTorch message names bytes in private pools: where they are counted, why
+    they do not count as free, and what releases them (the pool keeps its blocks until the graphs captured
+    into it are destroyed)."""
+    return (
+        f"PyTorch's message counts {human_bytes(private_pools)} cached free in private pools (CUDA graphs: "
+        'torch.compile\'s mode="reduce-overhead", torch.cuda.graph) as allocated, and so does this '
+        "diagnosis: only their own graphs can use those blocks, so they could not serve the request and "
+        "are not among the reserved but unallocated bytes (expandable_segments does not recover them "
+        "either); they are released only with the graphs that own them (fewer captured graphs, e.g. fewer "
+        "distinct input shapes, or compiling without CUDA graphs). torch.cuda.memory_allocated() leaves "
+        f"them out: about {human_bytes(allocated - private_pools)}"
+    )
 
 
 def stranded_bytes(d: dict[str, object]) -> int:

@@ -128,6 +128,12 @@ class Diagnosis:
     held_from_message: bool = False
     """`allocated_bytes` and `reserved_bytes` (and so `reserved_unallocated_bytes`) are PyTorch's OOM
     message's, for want of a snapshot: to two decimals each, so approximate."""
+    private_pool_bytes: int | None = None
+    """Where `held_from_message`: the bytes PyTorch's message says are "allocated in private pools (e.g.,
+    CUDA Graphs)" (0 where it names none): blocks cached free for captured graphs, which only those graphs
+    can use. The message counts them in its allocated figure, and so `allocated_bytes` does, not
+    `reserved_unallocated_bytes` (they could not serve the request, nor does expandable_segments recover
+    them). None without the message's figures (a snapshot's segments hold them unseparated)."""
     row_activation_bytes: int | None = None
     """Bytes of the allocations beside the KV live at the moment whose size is batch-first (the rows times a
     model width: logits, attention's copies, ids and masks; analyzers.planning.diagnose_rows), which a

@@ -164,11 +164,25 @@ _FREE = re.compile(r"of which " + _SIZE + r" is free|; " + _SIZE + r" free;")
 # caching allocator may reserve, however much the device has free
 _ALLOWED = re.compile(_SIZE + r" allowed;")
 # "Of the allocated memory 23.58 GiB is allocated by PyTorch, and 1.29 GiB is reserved by PyTorch but
-# unallocated." (torch 2.1 on): the allocator's state at the failure, which the reserved memory is the sum
-# of. A message that names memory in private pools (CUDA graphs) between the two does not match: how c10
-# counts those bytes in the other two is not settled here, so its figures are left unknown.
+# unallocated." (torch 2.1 on), and from torch 2.4 (pytorch/pytorch#124673), where a private pool holds free
+# blocks, "... is allocated by PyTorch, with 1.27 GiB allocated in private pools (e.g., CUDA Graphs), and
+# 21.91 MiB is reserved by PyTorch but unallocated." ("HIP Graphs" on ROCm). How c10 counts them
+# (pytorch/pytorch c10/cuda/CUDACachingAllocator.cpp, DeviceCachingAllocator::malloc, its OOM branch): the
+# pools' figure sums the sizes of the blocks in every graph pool's large_blocks and small_blocks sets, which
+# hold unallocated cached blocks only ("unallocated cached blocks larger than 1 MB", the members' comments),
+# so it is bytes cached *free* for the graphs' replays, not their live tensors (those are in the
+# allocated_bytes stat already). The first figure is the allocated_bytes stat plus the pools' bytes, the last
+# the reserved_bytes stat less both (the TORCH_CHECK_WITH(OutOfMemoryError, ...) that builds the message).
+# Reserved is then still the two figures' sum, the pools' bytes counted in the allocated one as c10's message
+# counts them: only their own graphs can use them (Note [Interaction with CUDA graph capture]: the pool keeps
+# them until its graphs are destroyed), so, unlike the unallocated figure, they could not serve the request.
 _HELD = re.compile(
-    _SIZE + r" is allocated by PyTorch, and " + _SIZE + r" is reserved by PyTorch but unallocated\."
+    _SIZE
+    + r" is allocated by PyTorch, (?:with "
+    + _SIZE
+    + r" allocated in private pools \(e\.g\., (?:CUDA|HIP) Graphs\), )?and "
+    + _SIZE
+    + r" is reserved by PyTorch but unallocated\."
 )
 
 
@@ -183,15 +197,17 @@ def _limit_of(message: str) -> int | None:
     return _size_of(match.group(1), match.group(2)) if match else None
 
 
-def _held_of(message: str) -> tuple[int, int] | None:
-    """Allocated and reserved at the failure as PyTorch's CUDA message gives them ("X is allocated by
-    PyTorch, and Y is reserved by PyTorch but unallocated": reserved X + Y), to two decimals each; None
-    where the message has no such sentence."""
+def _held_of(message: str) -> tuple[int, int, int] | None:
+    """Allocated, reserved and private pools' bytes at the failure as PyTorch's CUDA message gives them ("X
+    is allocated by PyTorch, [with P allocated in private pools (e.g., CUDA Graphs), ]and Y is reserved by
+    PyTorch but unallocated": reserved X + Y, P within X; P 0 where the clause is absent, as c10 leaves it out
+    when there are none), to two decimals each; None where the message has no such sentence."""
     match = _HELD.search(message)
     if not match:
         return None
     allocated = _size_of(match.group(1), match.group(2))
-    return allocated, allocated + _size_of(match.group(3), match.group(4))
+    pools = _size_of(match.group(3), match.group(4)) if match.group(3) else 0
+    return allocated, allocated + _size_of(match.group(5), match.group(6)), pools
 
 
 def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySource) -> OomInfo:
@@ -251,6 +267,7 @@ def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySou
         segment_bytes=segment,
         limit_bytes=_limit_of(message),
         held_from_message=held is not None,
+        private_pool_bytes=held[2] if held else None,
     )
 
 

@@ -81,6 +81,9 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
         ("reserved", human_bytes(d.reserved_bytes)),
         ("reserved but unallocated", human_bytes(d.reserved_unallocated_bytes)),
     ]
+    if d.private_pool_bytes:  # cached free for CUDA graphs: held, not reusable (PyTorch's message names them)
+        pools = human_bytes(d.private_pool_bytes)
+        held.insert(1, ("in private pools (CUDA graphs), counted in allocated", pools))
     if d.held_from_message:  # no snapshot: PyTorch's message's figures, to two decimals
         held = [(label, f"about {value} (PyTorch's message)") for label, value in held]
     rows += [*held, ("free on the device", human_bytes(d.free_bytes))]
