@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "COMPLETED_REASONS",
     "ENGINE",
     "ENGINE_REQUESTS",
     "ENGINE_STEPS",
@@ -41,6 +42,8 @@ ENGINE_REQUESTS = "engine_requests.jsonl"
 
 REQUEST_EVENTS = ("scheduled", "blocks", "preempted", "resumed", "finished")
 _EMPTIED = ("preempted", "finished")  # request events after which it holds no KV
+# vLLM's finish reasons of a request that ran to its end (its stop condition, its length, a repeated pattern)
+COMPLETED_REASONS = ("stop", "length", "repetition")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class RequestEvent:
     dropped_tokens: int = 0
     recomputed_tokens: int = 0
     finish_reason: str | None = None  # on "finished": vLLM's (stop, length, abort, ...); None: not recorded
+    error: str | None = None  # on "finished", reason "error", where recorded: the exception that failed it
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,11 @@ class EngineFigures:
     # says (runs recorded before kvtrace logged it, transformers' continuous batching).
     finish_reasons: dict[str, int] = field(default_factory=dict)
     requests_aborted: int | None = None  # finish reason "abort"; None when the log does not say
+    # Requests that ran to their end: vLLM's completed reasons, or no reason (transformers' continuous
+    # batching says none but `error`); the report's "(6 completed, 2 failed)"
+    requests_completed: int = 0
+    # (request id, its error or None) of each request that finished with reason "error", in log order
+    failed_requests: tuple[tuple[str, str | None], ...] = ()
     peak_in_step: bool = False  # the peak counts what steps held while they ran (else: after each step)
 
 
@@ -209,9 +218,17 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         first_rows = [int(steps["step"][i]) for i, ids in enumerate(steps.preempted) if ids]
         first = first_rows[0] if first_rows else None
     finish_reasons: dict[str, int] = {}
+    completed = 0
+    failed: list[tuple[str, str | None]] = []
     for e in run.requests:
-        if e.event == "finished" and e.finish_reason is not None:
+        if e.event != "finished":
+            continue
+        if e.finish_reason is not None:
             finish_reasons[e.finish_reason] = finish_reasons.get(e.finish_reason, 0) + 1
+        if e.finish_reason is None or e.finish_reason in COMPLETED_REASONS:
+            completed += 1
+        elif e.finish_reason == "error":
+            failed.append((e.request_id, e.error))
     return EngineFigures(
         name=info.name,
         version=info.version,
@@ -237,6 +254,8 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         blocks_reserved=info.blocks_reserved,
         finish_reasons=finish_reasons,
         requests_aborted=finish_reasons.get("abort", 0) if finish_reasons else None,
+        requests_completed=completed,
+        failed_requests=tuple(failed),
         peak_in_step=steps.in_step,
     )
 

@@ -252,6 +252,7 @@ def _read_requests(file: Path) -> tuple[RequestEvent, ...]:
                 dropped_tokens=_int(row.get("dropped_tokens"), where, "dropped_tokens", default=0),
                 recomputed_tokens=_int(row.get("recomputed_tokens"), where, "recomputed_tokens", default=0),
                 finish_reason=_opt_str(row.get("finish_reason"), where, "finish_reason"),
+                error=_opt_str(row.get("error"), where, "error"),
             )
         )
     return tuple(events)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.engine import EngineFigures, EngineRun
+from analyzers.engine import COMPLETED_REASONS, EngineFigures, EngineRun
 from analyzers.render.plotly_div import figure_div
 from analyzers.units import human_bytes
 
@@ -76,19 +76,15 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
     return lines
 
 
-# vLLM's finish reasons of a request that ran to its end (its stop condition, its length, a repeated pattern)
-_COMPLETED = ("stop", "length", "repetition")
-
-
 def requests_phrase(fig: EngineFigures) -> str:
     """The requests, and how they ended when some did not complete: `8 requests (6 completed, 2 aborted)`."""
     reasons = fig.finish_reasons
     phrase = f"{fig.requests} requests"
-    if not set(reasons) - set(_COMPLETED):
+    if not set(reasons) - set(COMPLETED_REASONS):
         return phrase
-    parts = [f"{sum(reasons.get(r, 0) for r in _COMPLETED)} completed"]
+    parts = [f"{fig.requests_completed} completed"]
     named = {"abort": "aborted", "error": "failed"}
-    parts += [f"{n} {named.get(r, r)}" for r, n in sorted(reasons.items()) if r not in _COMPLETED]
+    parts += [f"{n} {named.get(r, r)}" for r, n in sorted(reasons.items()) if r not in COMPLETED_REASONS]
     return f"{phrase} ({', '.join(parts)})"
 
 

@@ -199,6 +199,36 @@ def _ran_out_sentence(name: str, failure: dict[str, Any], block_size: int | None
     )
 
 
+def _cut(text: str, limit: int = 150) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _failed_phrase(failed: tuple[tuple[str, str | None], ...], failure: dict[str, Any] | None) -> str:
+    """The requests transformers failed that the sentence has not named: those its loop's stop on an error
+    failed (engine.json's `failure`, a forward that raised; a pool that ran out says its own), and those it
+    failed on their own while the run went on (a `generate_batch` that returns: its block ends `ok`)."""
+    if not failed:
+        return ""
+    with_run = set(failure.get("requests") or ()) if failure is not None else set()
+    stopped = [(rid, error) for rid, error in failed if rid in with_run]
+    alone = [(rid, error) for rid, error in failed if rid not in with_run]
+    phrase = ""
+    if stopped and failure is not None and failure.get("reason") != "no_blocks":
+        error = next((e for _, e in stopped if e), None)
+        phrase += (
+            f" transformers failed the run at engine step {failure.get('step')}"
+            f"{f' ({_cut(error)})' if error else ''}: {len(stopped)} request(s) failed ("
+            f"{', '.join(rid for rid, _ in stopped[:5])}{', ...' if len(stopped) > 5 else ''})."
+        )
+    if alone:
+        named = "; ".join(f"{rid}{f' ({_cut(error)})' if error else ''}" for rid, error in alone[:3])
+        phrase += (
+            f" {len(alone)} request(s) failed on their own and the run went on: {named}"
+            f"{f'; and {len(alone) - 3} more' if len(alone) > 3 else ''} (engine_requests.jsonl lists each)."
+        )
+    return phrase
+
+
 def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str] | None = None) -> None:
     """Another engine's paged pool (transformers' continuous batching): what ran out and the requests'
     demand in its blocks, without vLLM's knobs (kv_cache_memory_bytes, max_num_seqs, fp8); first, a memory
@@ -219,6 +249,10 @@ def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str
     )
     over = checked is not None and checked.crossed
     failure = run.info.failure
+    # A run transformers failed on an error other than its pool's (a forward that raised) did run out of
+    # something, maybe memory: "nothing ran out" is not said of it
+    raised_in_run = failure is not None and failure.get("reason") != "no_blocks"
+    result["failed_requests"] = [rid for rid, _ in figures.failed_requests]
     if failure is not None and failure.get("reason") == "no_blocks":
         sentence = _ran_out_sentence(name, failure, figures.block_size, figures.preemptions)
         result.update(
@@ -231,7 +265,7 @@ def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str
             f"({usable:,} usable blocks, none used)."
         )
     elif figures.first_preemption_step is None:
-        ran_out = "" if over else ": nothing ran out"
+        ran_out = "" if over or raised_in_run else ": nothing ran out"
         sentence = f"{name} took no request out of its pool{ran_out} ({peak})."
     else:
         demand = diagnose_preemptions(run).demand_bound_blocks
@@ -246,6 +280,7 @@ def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str
         if figures.name == "transformers-cb":
             sentence += f" (ContinuousBatchingConfig(num_blocks={demand}) counts usable blocks alike)"
         sentence += "."
+    sentence += _failed_phrase(figures.failed_requests, failure)
     result["sentence"] = sentence
     with_budget(result, checked, tuple(raised))
     budget_lines = _budget_text(run.path, checked, name)

@@ -14,9 +14,11 @@ on uninstall:
   and `update_batch` (after the forward; requests finish there): one engine step = one kvtrace step;
 - `OffloadingManager.offload_requests`: the requests it takes out of the pool (to the CPU swap pool, or a
   soft reset that recomputes them), vLLM's "preempted";
-- `ContinuousBatchProcessor.fail_all_requests`: the requests transformers fails when its loop stops on an
-  error (a forward that raised, or a scheduler that could place no request in the pool), `finished` with
-  `finish_reason` `error`;
+- `ContinuousBatchProcessor._handle_request_error`: every request transformers fails, `finished` with
+  `finish_reason` `error` and the error: one it refuses on its own while the loop goes on (a logits-processor
+  argument it cannot apply), or those it fails when its loop stops on an error;
+- `ContinuousBatchProcessor.fail_all_requests`: that stop (a forward that raised, or a scheduler that could
+  place no request in the pool), the run's `failure`;
 - `PagedAttentionCache.evict_cached_blocks` and `search_prefix_match`: prefix-sharing blocks given back
   under pressure, and prefix hits.
 
@@ -60,7 +62,13 @@ def _modules() -> tuple[Any, Any, Any] | None:
         (
             continuous_api,
             "ContinuousBatchProcessor",
-            ("prepare_next_batch", "update_batch", "_generation_step", "fail_all_requests"),
+            (
+                "prepare_next_batch",
+                "update_batch",
+                "_generation_step",
+                "fail_all_requests",
+                "_handle_request_error",
+            ),
         ),
         (offloading_manager, "OffloadingManager", ("offload_requests",)),
     )
@@ -109,7 +117,14 @@ class PagedAttentionHooks:
         self._layout_said = False  # the warning for a pool whose layout kvtrace does not read, given once
         # Why transformers stopped the run, when it did: engine.json's and the manifest's `failure`
         self.failure: dict[str, Any] | None = None
-        self.warnings: list[str] = []  # what leaves the engine files incomplete: the manifest's `warnings`
+        self._warnings: list[str] = []  # what leaves the engine files incomplete: the manifest's `warnings`
+        # Requests transformers failed: those its loop's stop failed (the run's `failure`), and those it
+        # refused on its own while the loop went on, with their errors (said in `warnings`)
+        self.failed_requests = 0
+        self._failed_ids: set[str] = set()
+        self._stop_failed: list[str] = []
+        self._failed_alone: list[tuple[str, str]] = []
+        self._failing_all = False  # inside fail_all_requests: its requests fail with the run
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -128,11 +143,12 @@ class PagedAttentionHooks:
         init, search = cache_cls.__init__, cache_cls.search_prefix_match
         # transformers 5.17 has no prefix-block eviction under pressure: nothing to count there
         evict: Any = getattr(cache_cls, "evict_cached_blocks", None)
-        prepare, update, forward, fail_all = (
+        prepare, update, forward, fail_all, request_error = (
             processor.prepare_next_batch,
             processor.update_batch,
             processor._generation_step,
             processor.fail_all_requests,
+            processor._handle_request_error,
         )
         offload = manager_cls.offload_requests
 
@@ -158,15 +174,20 @@ class PagedAttentionHooks:
             if proc.cache is hooks.cache and hooks._open and not hooks._closed:
                 hooks._timed(hooks._after_step, proc)
 
+        def request_error_hook(proc: Any, error: Exception, state: Any) -> None:
+            request_error(proc, error, state)  # fills the state's tokens and error, then delivers it
+            if proc.cache is hooks.cache and not hooks._closed:
+                hooks._timed(hooks._request_failed, proc, state, error)
+
         def fail_all_hook(proc: Any, error: Exception) -> None:
             ours = proc.cache is hooks.cache and not hooks._closed
-            scheduler = proc.scheduler
-            # Before transformers drops them: afterwards the scheduler holds neither list
-            states = [*scheduler.active_requests.values(), *scheduler.waiting_requests.values()]
-            states = states if ours else []
-            fail_all(proc, error)
+            hooks._failing_all = ours
+            try:
+                fail_all(proc, error)  # each request through `_handle_request_error`
+            finally:
+                hooks._failing_all = False
             if ours:
-                hooks._timed(hooks._log_failed, states)
+                hooks._timed(hooks._run_failed, error)
 
         def offload_hook(manager: Any) -> bool:
             if manager.cache is not hooks.cache or hooks._closed:
@@ -196,6 +217,7 @@ class PagedAttentionHooks:
         patches.set(processor, "update_batch", update_hook)
         patches.set(processor, "_generation_step", forward_hook)
         patches.set(processor, "fail_all_requests", fail_all_hook)
+        patches.set(processor, "_handle_request_error", request_error_hook)
         patches.set(manager_cls, "offload_requests", offload_hook)
 
     def uninstall(self) -> None:
@@ -214,6 +236,25 @@ class PagedAttentionHooks:
     def cache(self) -> Any:
         """The recorded pool while it lives; None before it is made and once it is freed."""
         return self._cache_ref() if self._cache_ref is not None else None
+
+    @property
+    def warnings(self) -> list[str]:
+        """The manifest's `warnings` from this pool: what leaves the engine files incomplete, and the requests
+        transformers failed on their own while the run went on (the block ends `ok` all the same)."""
+        said = list(self._warnings)
+        if self._failed_alone:
+            count = len(self._failed_alone)
+            named = "; ".join(
+                f"{rid} ({error if len(error) <= 150 else error[:147].rstrip() + '...'})"
+                for rid, error in self._failed_alone[:5]
+            )
+            more = f"; and {count - 5} more" if count > 5 else ""
+            said.append(
+                f"continuous batching: {count} request(s) failed on their own and the run went on "
+                f"(transformers returned them with their error; engine_requests.jsonl lists each): "
+                f"{named}{more}"[:700]
+            )
+        return said
 
     @property
     def unread_pool(self) -> bool:
@@ -241,6 +282,7 @@ class PagedAttentionHooks:
             "process": "inproc",
             "status": self.document.get("status", "ok"),
             **({"failure": self.failure} if self.failure is not None else {}),
+            "failed_requests": self.failed_requests,
             "num_blocks": self.document.get("num_blocks"),
             "kv_cache_bytes": self.document.get("kv_cache_bytes"),
             "engine_steps": self.engine_steps,
@@ -258,7 +300,7 @@ class PagedAttentionHooks:
             work(*args)
         except Exception as exc:
             self._closed = True
-            self.warnings.append(
+            self._warnings.append(
                 f"continuous batching: recording stopped at step {self.recording.tracker.step} "
                 f"({type(exc).__name__}: {exc}); the engine files end there"[:500]
             )
@@ -273,7 +315,7 @@ class PagedAttentionHooks:
             # than an AttributeError from `pool_document` and an engine entry of null figures
             if not self._layout_said:
                 self._layout_said = True
-                self.warnings.append(
+                self._warnings.append(
                     "continuous batching: this transformers' PagedAttentionCache is not one flat "
                     "`cache_tensor` pool with `cache_allocators` (per-layer key_cache/value_cache instead), "
                     "a layout kvtrace does not read: the pool's KV, engine steps and requests are not "
@@ -283,7 +325,7 @@ class PagedAttentionHooks:
         if self._cache_ref is not None:  # a second pool (another generate_batch): the run keeps the first
             self.ignored_pools += 1
             if self.ignored_pools == 1:
-                self.warnings.append(
+                self._warnings.append(
                     "a second continuous-batching pool (another generate_batch) is left out: the engine "
                     "files record the first only (one generate_batch per record())"
                 )
@@ -385,7 +427,7 @@ class PagedAttentionHooks:
         ranges = self.recording._ranges
         if ranges is not None and ranges.active:
             ranges.pop()
-        self.warnings.append(
+        self._warnings.append(
             f"continuous batching: engine step {step} failed in its forward; the figures end there"
         )
 
@@ -414,27 +456,51 @@ class PagedAttentionHooks:
             "requests": list(needed),
         }
         most = f"; request {largest} needed {needed[largest]} blocks" if largest is not None else ""
-        self.warnings.append(
+        self._warnings.append(
             f"continuous batching: the run failed at engine step {step}: its scheduler could place no "
             f"request in the pool of {usable} usable blocks{most} ({type(exc).__name__}: {exc})"[:500]
         )
 
-    def _log_failed(self, states: list[Any]) -> None:
-        """transformers failed these requests and dropped them: each leaves the engine (`finished`, reason
-        `error`, vLLM's word for a request an engine error ended) with the tokens it had generated, at the
-        step that could not be scheduled (after that step's preemptions), else the step that raised."""
-        step = {"step": self.failure["step"]} if self.failure is not None else {}
-        for state in states:
-            request_id = state.request_id
-            self._held.pop(request_id, None)
-            self._dropped.pop(request_id, None)
-            self._states.pop(request_id, None)
-            self._log_request(state, "finished", 0, finish_reason="error", **step)
-        if not states:
+    def _request_failed(self, proc: Any, state: Any, error: Exception) -> None:
+        """transformers failed this request and dropped it: it leaves the engine (`finished`, reason `error`,
+        vLLM's word for a request an engine error ended) with the tokens it had generated and the error. One
+        its loop's stop fails (inside `fail_all_requests`, or waiting in the input queue once the loop is
+        hard-stopping) is logged at the step that could not be scheduled (after that step's preemptions),
+        else the step that raised; one refused on its own (the loop goes on) at the step being scheduled."""
+        request_id = str(state.request_id)
+        if request_id in self._failed_ids:
             return
-        if self.failure is None:  # the forward raised (`_step_failed` said which step)
-            self.failure = {"step": self.recording.tracker.step, "reason": "error"}
-        self.failure["requests"] = [str(state.request_id) for state in states]
+        self._failed_ids.add(request_id)
+        self.failed_requests += 1
+        with_run = self._failing_all or _hard_stopping(proc)
+        self._held.pop(request_id, None)
+        self._dropped.pop(request_id, None)
+        self._states.pop(request_id, None)
+        self._prefix_lookup.pop(request_id, None)
+        text = f"{type(error).__name__}: {error}"[:300]
+        step = {"step": self.failure["step"]} if with_run and self.failure is not None else {}
+        self._log_request(state, "finished", 0, finish_reason="error", error=text, **step)
+        if with_run:
+            self._stop_failed.append(request_id)
+        else:
+            self._failed_alone.append((request_id, text))
+
+    def _run_failed(self, error: Exception) -> None:
+        """transformers' loop stopped on an error and failed every request left: the run's `failure`. A
+        normal end goes through `fail_all_requests` too, with no request left: nothing failed then."""
+        failed, self._stop_failed = self._stop_failed, []
+        if not failed:
+            return
+        if self.failure is None:  # the forward raised (`_step_failed` said which step), or a hard stop
+            step = self.recording.tracker.step
+            text = f"{type(error).__name__}: {error}"[:300]
+            self.failure = {"step": step, "reason": "error", "error": text}
+            named = ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else "")
+            self._warnings.append(
+                f"continuous batching: transformers stopped the run at engine step {step} ({text}) and "
+                f"failed {len(failed)} request(s) ({named}), with the tokens each had generated"[:500]
+            )
+        self.failure["requests"] = failed
         self.document["status"] = "failed"
         self.document["failure"] = self.failure
         write_json_atomic(self.recording.path / fmt.ENGINE, self.document)
@@ -573,3 +639,12 @@ class PagedAttentionHooks:
         }
         record.update(extra)
         self._request_log.append(record)
+
+
+def _hard_stopping(proc: Any) -> bool:
+    """Whether the processor's loop is stopping hard (an error in it, or the user's hard stop): transformers
+    then fails the requests still in its input queue, then every request left, with the one error."""
+    status = getattr(proc, "background_thread_status", None)
+    hard = getattr(type(status), "HARD_STOP", None)
+    local = getattr(status, "local_status", None)
+    return isinstance(hard, int) and isinstance(local, int) and local >= hard
