@@ -31,7 +31,7 @@ from analyzers.readers.impossible_events import FAR_US, oversized_frees
 from analyzers.readers.kineto_scan import as_int64
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import DeviceSummary, Report, summarize
-from analyzers.timeline import DeviceTimeline, run_starts, sorted_unique
+from analyzers.timeline import PAGE_POINTS, DeviceTimeline, run_starts, sorted_unique
 
 __all__ = ["DeviceFold", "PeakExactSampler", "Unsorted", "stream_report"]
 
@@ -57,9 +57,10 @@ def _extremes(index: np.ndarray, values: np.ndarray, bucket: int) -> np.ndarray:
 
 
 class PeakExactSampler:
-    """At most ~`max_points` points of a series fed in chunks, keeping per bucket its first, last, highest
-    and lowest point: the drawn curve reaches exactly the heights of the full one. Buckets double in size
-    when the points outgrow the limit; the extremes of two buckets are among theirs, so it stays exact."""
+    """About `max_points` points of a series fed in chunks (from half to twice as many), keeping per bucket
+    its first, last, highest and lowest point: the drawn curve reaches exactly the heights of the full one.
+    Buckets double in size when the points outgrow twice the limit; the extremes of two buckets are among
+    theirs, so it stays exact."""
 
     def __init__(self, max_points: int = 4000) -> None:
         self.max_points = max_points
@@ -110,8 +111,10 @@ class DeviceFold:
         self.last_ts = -np.inf
         self.last_running = self.last_allocated = 0
         self.most_allocated = -1  # the largest 'Total Allocated' so far (-1: none known)
-        self.by_sum = PeakExactSampler()  # running sum, ts, reserved
-        self.by_total = PeakExactSampler()  # allocator's total, ts, reserved
+        # A sampler holds between about half and twice its points: twice the page's leaves the page's own
+        # cut (analyzers.timeline.timeline_indices) at least the points it draws, not a fifth of them
+        self.by_sum = PeakExactSampler(2 * PAGE_POINTS)  # running sum, ts, reserved
+        self.by_total = PeakExactSampler(2 * PAGE_POINTS)  # allocator's total, ts, reserved
 
     def add(self, chunk: tuple[np.ndarray, ...], allocated_known: bool, reserved_known: bool) -> None:
         ts, _addr, delta, allocated, reserved = chunk
@@ -176,6 +179,8 @@ class DeviceFold:
             peak, peak_time = baseline, float(ts_us[0])
             reserved_at_peak = int(reserved_series[0]) if reserved_series is not None else None
         zeros = np.zeros(len(index), dtype=np.int64)
+        # The level before the first event is the baseline (the weights a trace begins holding), as
+        # `device_timeline` has it: a chart starting from 0 would draw them freed and allocated again
         timeline = DeviceTimeline(
             self.device,
             ts_us,
@@ -183,6 +188,8 @@ class DeviceFold:
             reserved_series,
             {"kv": zeros, "weights": zeros, "other": allocated},
             capacity,
+            start_allocated=baseline,
+            start_by_category={"kv": 0, "weights": 0, "other": baseline},
         )
         summary = DeviceSummary(
             device=self.device,

@@ -17,10 +17,10 @@ from analyzers.render.kv_heatmap import layer_grid
 from analyzers.render.plotly_div import figure_div
 from analyzers.render.text import budget_line, budget_marker_label, evicted_tokens
 from analyzers.summary import Report
-from analyzers.timeline import downsample_indices, timeline_indices
+from analyzers.timeline import PAGE_POINTS, downsample_indices, timeline_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes
 
-MAX_POINTS = 20_000
+MAX_POINTS = PAGE_POINTS
 _COLORS = {"kv": "#d62728", "weights": "#1f77b4", "other": "#7f7f7f"}
 
 

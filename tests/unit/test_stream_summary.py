@@ -33,6 +33,21 @@ def test_streamed_report_equals_the_columns_report_on_real_traces(path: Path) ->
     assert streamed == full
 
 
+# and the H200 run's trace, whose GPU began holding the weights
+STARTED = [*TRACES, *sorted(ROOT.glob("sample_traces/h200/*/profiler/*.pt.trace.json.gz"))]
+
+
+@pytest.mark.parametrize("path", STARTED, ids=[p.name[:40] for p in STARTED])
+def test_a_streamed_timeline_starts_from_the_level_the_columns_one_does(path: Path) -> None:
+    # The level before the first event is what a chart draws first: the H200 trace began holding 15 GiB
+    # of weights, which the streamed timeline put at 0 B
+    streamed_source, streamed = build_report(path, keep_events=False)
+    _, full = build_report(path)
+    assert streamed_source.meta.get("streamed")
+    starts = [(tl.device, tl.start_allocated, tl.start_by_category) for tl in streamed.timelines]
+    assert starts == [(tl.device, tl.start_allocated, tl.start_by_category) for tl in full.timelines]
+
+
 def test_sampler_keeps_exact_extremes_in_bounded_points() -> None:
     rng = np.random.default_rng(3)
     series = np.cumsum(rng.integers(-1000, 1000, 200_000))
