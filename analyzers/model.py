@@ -156,6 +156,11 @@ class Segment:
     largest_free_block: int
     segment_type: str = ""
     stream: int | None = None  # the caching allocator serves a stream's requests from its own segments only
+    # Its free blocks' bytes where a private pool owns it (the snapshot's `segment_pool_id` is not (0, 0):
+    # a CUDA graph's pool, a torch.cuda.MemPool), else 0. Only that pool's allocations can use them: c10's
+    # OOM message counts them as allocated ("allocated in private pools (e.g., CUDA Graphs)"), not free
+    private_pool_free: int = 0
+    private_pool: bool = False
 
 
 @dataclass

@@ -135,11 +135,20 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     free = oom.device_free_bytes if oom is not None else None
     if free is None and capacity is not None and reserved is not None and source.kind != "run":
         free = capacity - reserved
-    largest_free = max((s.largest_free_block for s in segments), default=None) if at_dump else None
+    # A private pool's segments (CUDA graphs') serve only its own allocations: their free blocks are held,
+    # as PyTorch's OOM message counts them, never free memory the request could use
+    shared = [s for s in segments if not s.private_pool]
+    largest_free = (
+        max((s.largest_free_block for s in shared), default=0 if segments else None) if at_dump else None
+    )
+    held_from_message = oom is not None and oom.held_from_message and not at_start
+    in_pools = sum(s.private_pool_free for s in segments) if at_dump and not held_from_message else 0
+    if in_pools and allocated is not None:
+        allocated += in_pools  # then reserved less allocated leaves them out, as c10's message does
     stream = oom.stream if oom is not None else None
     if largest_free is not None and stream is not None and any(s.stream is not None for s in segments):
         # The caching allocator serves a request from the segments of its own stream only.
-        own = max((s.largest_free_block for s in segments if s.stream == stream), default=0)
+        own = max((s.largest_free_block for s in shared if s.stream == stream), default=0)
         if own < largest_free:
             notes.append(
                 f"the largest free block, {human_bytes(largest_free)}, is in another stream's segment: the "
@@ -150,8 +159,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     if segments and not at_dump:
         notes.append("segments describe the dump, not this moment: no largest-free-block figure")
     reserved_unallocated = reserved - allocated if reserved is not None and allocated is not None else None
-    held_from_message = oom is not None and oom.held_from_message and not at_start
-    private_pools = oom.private_pool_bytes if oom is not None and held_from_message else None
+    private_pools = oom.private_pool_bytes if oom is not None and held_from_message else in_pools or None
     if held_from_message:
         assert reserved_unallocated is not None
         notes.append(
@@ -163,7 +171,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             "by as much, and there is no largest free block"
         )
     if private_pools and allocated is not None:
-        notes.append(private_pools_note(private_pools, allocated))
+        notes.append(private_pools_note(private_pools, allocated, from_snapshot=not held_from_message))
     requested = oom.requested_bytes if oom is not None else None
     segment = oom.segment_bytes if oom is not None else None
     # What the failed allocation needed from the device: the request, or where CUDA's message names only the

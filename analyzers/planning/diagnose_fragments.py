@@ -23,7 +23,8 @@ the two: the sure price where it fits, else the tight one, marked not enough.
 
 Blocks cached free in CUDA graphs' private pools are no such bytes: only their graphs can use them. PyTorch's
 message (torch 2.4 on) names them apart and counts them as allocated, and so does the diagnosis
-(`private_pools_note`).
+(`private_pools_note`); a snapshot tells them apart by its segments' `segment_pool_id`, and the diagnosis
+counts them so there too, none of them the largest free block.
 """
 
 from __future__ import annotations
@@ -48,18 +49,35 @@ _SETTING_WORDS = {
 }
 
 
-def private_pools_note(private_pools: int, allocated: int) -> str:
-    """The note on an OOM whose PyTorch message names bytes in private pools: where they are counted, why
-    they do not count as free, and what releases them (the pool keeps its blocks until the graphs captured
-    into it are destroyed)."""
+def private_pools_note(private_pools: int, allocated: int, from_snapshot: bool = False) -> str:
+    """The note on an OOM with bytes cached free in private pools, as PyTorch's message names them or, with
+    a snapshot, as its segments' `segment_pool_id` tells them apart: where they are counted, why they do not
+    count as free, and what releases them (the pool keeps its blocks until the graphs captured into it are
+    destroyed)."""
+    pools = human_bytes(private_pools)
+    graphs = 'CUDA graphs: torch.compile\'s mode="reduce-overhead", torch.cuda.graph'
+    if from_snapshot:
+        counted = (
+            f"the snapshot's segments owned by private pools (segment_pool_id other than (0, 0); {graphs}) "
+            f"hold {pools} in free blocks, counted as allocated here as PyTorch's OOM message counts them"
+        )
+        without = f"Without them, allocated is {human_bytes(allocated - private_pools)} (the live blocks)"
+    else:
+        counted = (
+            f"PyTorch's message counts {pools} cached free in private pools ({graphs}) as allocated, and so "
+            "does this diagnosis"
+        )
+        without = (
+            f"torch.cuda.memory_allocated() leaves them out: about {human_bytes(allocated - private_pools)}"
+        )
+    recovers = "expandable_segments does not recover them either"
+    if from_snapshot:
+        recovers += ", nor is any of them the largest free block"
     return (
-        f"PyTorch's message counts {human_bytes(private_pools)} cached free in private pools (CUDA graphs: "
-        'torch.compile\'s mode="reduce-overhead", torch.cuda.graph) as allocated, and so does this '
-        "diagnosis: only their own graphs can use those blocks, so they could not serve the request and "
-        "are not among the reserved but unallocated bytes (expandable_segments does not recover them "
-        "either); they are released only with the graphs that own them (fewer captured graphs, e.g. fewer "
-        "distinct input shapes, or compiling without CUDA graphs). torch.cuda.memory_allocated() leaves "
-        f"them out: about {human_bytes(allocated - private_pools)}"
+        f"{counted}: only their own graphs can use those blocks, so they could not serve the request and are "
+        f"not among the reserved but unallocated bytes ({recovers}); they are released only with the graphs "
+        "that own them (fewer captured graphs, e.g. fewer distinct input shapes, or compiling without CUDA "
+        f"graphs). {without}"
     )
 
 

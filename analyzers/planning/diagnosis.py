@@ -133,7 +133,9 @@ class Diagnosis:
     CUDA Graphs)" (0 where it names none): blocks cached free for captured graphs, which only those graphs
     can use. The message counts them in its allocated figure, and so `allocated_bytes` does, not
     `reserved_unallocated_bytes` (they could not serve the request, nor does expandable_segments recover
-    them). None without the message's figures (a snapshot's segments hold them unseparated)."""
+    them). With a snapshot's segments at the moment: the free blocks of those a private pool owns
+    (`segment_pool_id` not (0, 0)), counted the same way, and none of them `largest_free_block_bytes`;
+    None where there are none."""
     row_activation_bytes: int | None = None
     """Bytes of the allocations beside the KV live at the moment whose size is batch-first (the rows times a
     model width: logits, attention's copies, ids and masks; analyzers.planning.diagnose_rows), which a

@@ -149,6 +149,7 @@ def segment_record(device: str, segment: dict[str, Any]) -> Segment:
     if allocated is None:
         allocated = sum(int(b.get("size", 0)) for b in blocks if b.get("state") in LIVE_STATES)
     free_sizes = [int(b.get("size", 0)) for b in blocks if b.get("state") == "inactive"]
+    private = private_pool(segment.get("segment_pool_id"))
     return Segment(
         device=device,
         address=int(segment.get("address", 0)),
@@ -157,7 +158,19 @@ def segment_record(device: str, segment: dict[str, Any]) -> Segment:
         largest_free_block=max(free_sizes, default=0),
         segment_type=str(segment.get("segment_type", "")),
         stream=stream_of(segment.get("stream")),
+        private_pool_free=sum(free_sizes) if private else 0,
+        private_pool=private,
     )
+
+
+def private_pool(pool_id: Any) -> bool:
+    """Whether a segment's `segment_pool_id` names a private pool. c10 writes its `SegmentInfo`'s
+    `owner_private_pool_id` there, a pair of ints that stays {0, 0} (the default pool) unless a private
+    pool owns the segment (c10/core/CachingDeviceAllocator.h; a CUDA graph's capture id, or a MemPool's);
+    torch 2.0's snapshots have no such key. Anything but a pair of ints is taken as the default pool."""
+    if not isinstance(pool_id, tuple | list) or len(pool_id) != 2:
+        return False
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in pool_id) and any(pool_id)
 
 
 def refuse_more_than_reserved(

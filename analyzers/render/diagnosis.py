@@ -92,7 +92,10 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
             ("per-process limit (PyTorch's 'allowed', 2 decimals)", f"about {human_bytes(d.limit_bytes)}"),
             ("free within the limit (allowed - reserved)", f"about {human_bytes(d.free_within_limit_bytes)}"),
         ]
-    rows.append(("largest free block in reserved segments", human_bytes(d.largest_free_block_bytes)))
+    largest = "largest free block in reserved segments"
+    if d.private_pool_bytes and d.largest_free_block_bytes is not None:  # a snapshot's: theirs left out
+        largest += " outside private pools"
+    rows.append((largest, human_bytes(d.largest_free_block_bytes)))
     if d.device is not None and not d.device.startswith("cuda"):
         rows = [(label, value) for label, value in rows if value != "-"]  # no allocator figures off CUDA
     verdict = _fragmentation_verdict(d)
