@@ -452,7 +452,7 @@ def floor_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
 _PARTS: tuple[tuple[str, str, str | None, str], ...] = (
     ("planned", "kvtrace.planned_steps", None, "log_planned"),  # a planned decode step's layers, whole
     ("capture", "kvtrace.kv_tracker", "KvTracker", "update"),
-    ("lines", "kvtrace.kv_tracker", "KvTracker", "drain"),
+    ("lines", "kvtrace.kv_drain", "KvDrain", "drain"),
     ("layer read", "kvtrace.integrations.hf_caches", "HfCacheHooks", "_updated"),
     ("layer read", "kvtrace.integrations.hf_caches", "HfCacheHooks", "step_end"),  # a deferred forward's
     ("step scan", "kvtrace.integrations.hf_caches", "HfCacheHooks", "scan_all"),
