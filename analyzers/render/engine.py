@@ -45,35 +45,51 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
     if fig.status == "refused_start":
         return [f"  {name}: the engine refused to start for lack of KV memory (see `kvtrace diagnose`)"]
     lines = [
-        f"  {name} KV pool: {fig.num_blocks:,} blocks of {fig.block_size} tokens, "
-        f"{human_bytes(fig.kv_cache_bytes)} ({fig.kv_dtype or 'KV dtype not recorded'}), "
-        f"{fig.steps:,} engine steps, "
-        f"{requests_phrase(fig)}"
+        f"  {name} KV pool: {fig.num_blocks:,} blocks of {fig.block_size} tokens, {pool_phrase(fig)}, "
+        f"{fig.steps:,} engine steps, {requests_phrase(fig)}"
     ]
     if fig.num_blocks and fig.peak_step is None:  # the pool was made, and the run ended before a step
-        usable = max(fig.num_blocks - fig.blocks_reserved, 1)
-        lines.append(
-            f"    no engine step ran: the run ended before its first step, none of {usable:,} usable "
-            "blocks used"
-        )
+        lines.append(f"    {peak_phrase(fig)}")
     elif fig.num_blocks:
-        usable = max(fig.num_blocks - fig.blocks_reserved, 1)  # vLLM's null block, HF CB's trash sectors
-        share = 100.0 * fig.peak_blocks_used / usable
-        counted = "while each step ran" if fig.peak_in_step else "after each step"
         lines.append(
-            f"    peak {fig.peak_blocks_used:,} of {usable:,} usable blocks used ({share:.0f}%, counted "
-            f"{counted}) at step {fig.peak_step}; prefix-cache blocks evicted: "
-            f"{fig.prefix_cache_evicted_blocks:,}"
+            f"    peak {peak_phrase(fig)}; prefix-cache blocks evicted: {fig.prefix_cache_evicted_blocks:,}"
         )
-    if fig.preemptions:
-        lines.append(
-            f"    preemptions: {fig.preemptions} (first at step {fig.first_preemption_step}), "
-            f"{fig.preempted_tokens:,} tokens dropped, {fig.recomputed_tokens:,} recomputed  "
-            "(see `kvtrace diagnose`)"
-        )
-    else:
-        lines.append("    preemptions: none")
+    see = "  (see `kvtrace diagnose`)" if fig.preemptions else ""
+    lines.append(f"    preemptions: {preemptions_phrase(fig)}{see}")
     return lines
+
+
+def pool_phrase(fig: EngineFigures) -> str:
+    """The pool's bytes and KV dtype: `1.00 MiB (bfloat16)`."""
+    return f"{human_bytes(fig.kv_cache_bytes)} ({fig.kv_dtype or 'KV dtype not recorded'})"
+
+
+def peak_phrase(fig: EngineFigures) -> str:
+    """The pool's peak against what requests could take, as the text report and the page both say it:
+    `15 of 15 usable blocks used (100%, counted while each step ran) at step 26`. Usable leaves out what the
+    engine keeps back (vLLM's null block, transformers' trash sectors), so a full pool reads 100%."""
+    usable = max((fig.num_blocks or 0) - fig.blocks_reserved, 1)
+    if fig.peak_step is None:
+        return (
+            f"no engine step ran: the run ended before its first step, none of {usable:,} usable blocks used"
+        )
+    share = 100.0 * fig.peak_blocks_used / usable
+    counted = "while each step ran" if fig.peak_in_step else "after each step"
+    return (
+        f"{fig.peak_blocks_used:,} of {usable:,} usable blocks used ({share:.0f}%, counted {counted}) "
+        f"at step {fig.peak_step}"
+    )
+
+
+def preemptions_phrase(fig: EngineFigures) -> str:
+    """`2 (first at step 26), 128 tokens dropped, 128 recomputed`, or `none`: what preempting cost the run
+    (the tokens recomputed are what it paid again), in the text report's and the page's words."""
+    if not fig.preemptions:
+        return "none"
+    return (
+        f"{fig.preemptions} (first at step {fig.first_preemption_step}), "
+        f"{fig.preempted_tokens:,} tokens dropped, {fig.recomputed_tokens:,} recomputed"
+    )
 
 
 def requests_phrase(fig: EngineFigures) -> str:
@@ -117,23 +133,26 @@ def engine_pool_title(fig: EngineFigures) -> str:
 
 
 def engine_pool_rows(fig: EngineFigures) -> list[tuple[str, str]]:
-    """The pool's table beside its chart: (label, figure) rows."""
+    """The pool's table beside its chart: (label, figure) rows, the text report's engine lines cell by cell
+    (the same phrases), so that a reader of the page alone misses none of them."""
     return [
         ("blocks", f"{fig.num_blocks:,} of {fig.block_size} tokens"),
-        ("pool", human_bytes(fig.kv_cache_bytes)),
+        ("pool", pool_phrase(fig)),
+        ("engine steps", f"{fig.steps:,}"),
         ("requests", requests_phrase(fig)),
-        ("peak blocks used", f"{fig.peak_blocks_used:,} ({peak_when(fig)})"),
-        ("preemptions", f"{fig.preemptions} ({fig.preempted_tokens:,} tokens dropped)"),
+        ("peak", peak_phrase(fig)),
+        ("preemptions", preemptions_phrase(fig)),
         ("prefix-cache blocks evicted", f"{fig.prefix_cache_evicted_blocks:,}"),
     ]
 
 
 def engine_html_section(run: EngineRun, fig: EngineFigures) -> str:
-    """The pool's table and chart (`engine_pool_figure`)."""
+    """The pool's table and chart (`engine_pool_figure`). A pool made by a run that ended before its first
+    step gets its table alone, as the text report gives its lines; a refused start has no pool to show."""
     fig_plot = engine_pool_figure(run)
-    if fig_plot is None:
+    if fig_plot is None and (fig.status == "refused_start" or not fig.num_blocks):
         return ""
-    div = figure_div(fig_plot, "kvtrace-engine-pool")
+    div = figure_div(fig_plot, "kvtrace-engine-pool") if fig_plot is not None else ""
     title = html.escape(engine_pool_title(fig))
     table = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in engine_pool_rows(fig))
     return f"<h2>{title}</h2><table class='summary'>{table}</table>{div}"

@@ -24,6 +24,7 @@ import kvtrace
 from kvtrace.cli import main
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
 from kvtrace.llama import build_model
+from tests.engine_page import expected_pool_rows, pool_table
 from tests.tiny import HEAD_DIM, tiny_size
 
 LAYERS, KV_HEADS, PAGE, FLOAT32 = 2, 2, 4, 4
@@ -231,6 +232,30 @@ def test_a_small_pool_makes_the_scheduler_wait_and_offload(
     _record(tmp_path / "sized", cb_model, num_blocks=demand, new_tokens=12, monkeypatch=monkeypatch)
     sized = _lines(tmp_path / "sized" / "engine_requests.jsonl")
     assert not [r for r in sized if r["event"] == "preempted"]
+
+
+def test_the_page_of_a_small_pool_says_its_preemptions_as_the_text_does(
+    tmp_path: Path,
+    cb_model: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN 8 usable blocks for three requests that grow past them: the scheduler takes some out
+    _record(tmp_path / "run", cb_model, num_blocks=8, new_tokens=12, monkeypatch=monkeypatch)
+    run = tmp_path / "run"
+    assert [r for r in _lines(run / "engine_requests.jsonl") if r["event"] == "preempted"]
+    expected = expected_pool_rows(run)
+    # WHEN the report is written as a page, and said as text
+    page = tmp_path / "report.html"
+    assert main(["report", str(run), "--no-export", "-q", "-o", str(page)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(run), "--no-export", "-q"]) == 0
+    text = capsys.readouterr().out
+    # THEN the page's pool table holds the raw files' figures (8 of 8 usable blocks, 100%; the first
+    # preemption's step, the tokens dropped and recomputed), the ones the text report's lines give
+    assert pool_table(page.read_text()) == expected
+    assert expected["peak"].startswith("8 of 8 usable blocks used (100%, ")
+    assert f"    peak {expected['peak']}; " in text and f"    preemptions: {expected['preemptions']}" in text
 
 
 def test_the_hooks_are_gone_and_generate_is_recorded_as_before(

@@ -22,6 +22,7 @@ import kvtrace
 from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.llama import build_model
+from tests.engine_page import pool_table
 from tests.tiny import HEAD_DIM, tiny_size, weights_bytes
 
 LAYERS, KV_HEADS, PAGE, FLOAT32 = 2, 2, 4, 4
@@ -171,6 +172,16 @@ def test_a_run_that_ended_before_its_first_engine_step(
     text = _cli(["report", str(run), "--no-export"], capsys)
     assert "step None" not in text
     assert f"no engine step ran: the run ended before its first step, none of {usable} usable blocks" in text
+    # AND its page shows the pool the text describes, with no chart of steps it never ran
+    page = tmp_path / "report.html"
+    assert main(["report", str(run), "--no-export", "-q", "-o", str(page)]) == 0
+    rows = pool_table(page.read_text())
+    assert rows["blocks"] == f"{8 + TRASH} of {PAGE} tokens" and rows["engine steps"] == "0"
+    assert rows["pool"] == f"{(8 + TRASH) * BLOCK_BYTES / 1024:.2f} KiB (float32)"
+    assert rows["peak"] == (
+        f"no engine step ran: the run ended before its first step, none of {usable} usable blocks used"
+    )
+    assert rows["preemptions"] == "none" and 'id="kvtrace-engine-pool"' not in page.read_text()
 
     # WHEN diagnosed THEN it says so, and that the block raised
     text = _cli(["diagnose", str(run)], capsys)

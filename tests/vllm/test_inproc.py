@@ -407,9 +407,10 @@ def test_the_pool_chart_draws_what_the_steps_held_while_they_ran(
     assert used["x"] == [s["step"] for s in steps] and used["y"] == held and max(used["y"]) == peak
     assert used["customdata"] == [s["blocks_used"] for s in steps]
     assert "while it ran" in used["hovertemplate"]
-    assert f"<tr><th>peak blocks used</th><td>{peak} (step {steps[-1]['step']})</td></tr>" in page.read_text()
     share = round(100 * peak / usable)
-    assert f"peak {peak} of {usable} usable blocks used ({share}%, counted while each step ran)" in text
+    said = f"{peak} of {usable} usable blocks used ({share}%, counted while each step ran)"
+    said += f" at step {steps[-1]['step']}"
+    assert f"<tr><th>peak</th><td>{said}</td></tr>" in page.read_text() and f"peak {said};" in text
     # AND each request's lane holds its 4 blocks through the step it finished in: the lanes add up to it
     lanes = by_name["blocks per request"]
     assert [sum(column) for column in zip(*lanes["z"], strict=True)] == held
