@@ -208,6 +208,12 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
     rate = tokens_per_second(source, report)
     if rate is None and made is None and kv_log is not None and report.engine is None:
         notes += _untimed_note(report)
+    engine = report.engine
+    if engine is not None and engine.status != "refused_start" and _failed_requests(engine, source) is None:
+        notes += (
+            "engine failed requests unknown: the run was recorded before kvtrace logged how each request "
+            "ended (no finish reasons in engine_requests.jsonl, no failed_requests in the manifest)",
+        )
     if report.engine is not None and report.engine.status == "refused_start":
         notes += (
             "vLLM refused to start for lack of KV memory: no pool was allocated and nothing ran, so its "
@@ -229,7 +235,7 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
         step_axis=steps,
         kv_by_step=kv_by_step,
         notes=notes,
-        engine=_engine_figures(report.engine, engine_generated(source)),
+        engine=_engine_figures(report.engine, engine_generated(source), source),
         tokens_per_second_per_row=made.tokens_per_row / made.seconds if made is not None else None,
         generated_tokens_per_row=made.tokens_per_row if made is not None else None,
         rows_are_beams=made.rows_are_beams if made is not None else False,
@@ -275,12 +281,38 @@ def _peak_counts(main: Any) -> str:
     return "weights + KV" if main.categories_at_peak.get("weights") else "KV"
 
 
-def _engine_figures(fig: Any, made: tuple[int, float] | None) -> dict[str, Any] | None:
+def _failed_requests(fig: Any, source: MemorySource) -> int | None:
+    """Requests the engine failed: those its request log ends with reason "error" (the report's "2 failed").
+    None where the log cannot say: a transformers-cb run recorded before kvtrace logged every failed request
+    (its manifest's engine has no `failed_requests`: transformers gives no reason to the others), a vLLM run
+    whose finished requests have no reason (recorded before kvtrace logged vLLM's)."""
+    if fig.status == "refused_start":
+        return None
+    if fig.name == "transformers-cb":
+        engine = (source.meta.get("manifest") or {}).get("engine")
+        if not isinstance(engine, dict) or "failed_requests" not in engine:
+            return None
+    elif not fig.finish_reasons and any(e.event == "finished" for e in _requests(source)):
+        return None
+    return len(fig.failed_requests)
+
+
+def _requests(source: MemorySource) -> tuple[Any, ...]:
+    return tuple(getattr(source.meta.get("engine"), "requests", ()))
+
+
+def _engine_figures(fig: Any, made: tuple[int, float] | None, source: MemorySource) -> dict[str, Any] | None:
     if fig is None:
         return None
+    run = source.meta.get("engine")
+    failure = run.info.failure if run is not None and fig.status == "failed" else None
     figures = {
         "name": fig.name,  # vllm or transformers-cb: the rows below are that engine's
         "status": fig.status,
+        # engine.json's: the step the engine stopped the run at, why, its error, the requests it failed
+        "failure": dict(failure) if isinstance(failure, dict) else None,
+        "requests": fig.requests,
+        "failed_requests": _failed_requests(fig, source),
         "num_blocks": fig.num_blocks,
         "block_size": fig.block_size,
         "peak_blocks_used": fig.peak_blocks_used,
@@ -363,8 +395,32 @@ def _pool_cell(r: RunFigures) -> str:
     return _engine_cell("num_blocks")(r)
 
 
+def _engine_name_cell(r: RunFigures) -> str:
+    """The engine row says why a run's engine cells are "-": it ran none (generate(), a trace)."""
+    return "- (no engine)" if r.engine is None else _engine_cell("name")(r)
+
+
+def _status_cell(r: RunFigures) -> str:
+    """How the engine's run ended: ok, refused start, or the step it failed at and why (the notes have
+    the whole error)."""
+    engine = r.engine or {}
+    status = engine.get("status")
+    if status == "refused_start":
+        return "refused start"
+    if status != "failed":
+        return "-" if status is None else str(status)
+    failure = engine.get("failure") or {}
+    at = f" at engine step {failure['step']}" if failure.get("step") is not None else ""
+    error = str(failure.get("error") or "")
+    why = "no blocks" if failure.get("reason") == "no_blocks" else error.split(":", 1)[0] or "error"
+    return f"failed{at} ({why})"
+
+
 _ENGINE_ROWS = (  # worded for any engine: a run may be vLLM's, another transformers' continuous batching
-    ("engine", _engine_cell("name")),
+    ("engine", _engine_name_cell),
+    ("engine status", _status_cell),
+    ("engine requests", _engine_cell("requests")),
+    ("engine failed requests", _engine_cell("failed_requests")),
     ("engine pool (blocks)", _pool_cell),
     ("engine peak blocks used", _engine_cell("peak_blocks_used")),
     ("engine output tokens (all requests)", _engine_cell("output_tokens")),

@@ -347,8 +347,9 @@ class RunStore:
     def pool(self, name: str) -> dict[str, Any]:
         """An engine run's KV pool (vLLM, transformers' continuous batching): the HTML report's pool table
         and its very figure (blocks used against the total over engine steps, preemptions, blocks per
-        request) as plotly JSON; `figure: null` for a run without engine steps, `title: null` without an
-        engine."""
+        request) as plotly JSON. A pool made by a run that ended before its first engine step has its rows
+        and `figure: null`, as the page shows its table alone; a refused start (no pool) has neither, and a
+        run without an engine `title: null` too."""
         loaded = self.load(name)
         if loaded.error is not None:
             return {"error": loaded.error}
@@ -358,10 +359,12 @@ class RunStore:
         from analyzers.render.engine import engine_pool_figure, engine_pool_rows, engine_pool_title
 
         figure = engine_pool_figure(run)
+        # The page's rule (engine_html_section): the table wherever there is a pool, chart or not
+        pool_made = figure is not None or (figures.status != "refused_start" and bool(figures.num_blocks))
         return {
             "run": name,
             "title": engine_pool_title(figures),
-            "rows": [list(row) for row in engine_pool_rows(figures)] if figure is not None else [],
+            "rows": [list(row) for row in engine_pool_rows(figures)] if pool_made else [],
             "figure": json.loads(figure.to_json()) if figure is not None else None,
         }
 

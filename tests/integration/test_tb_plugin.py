@@ -478,6 +478,83 @@ def test_a_preempted_or_refused_vllm_run_gets_its_diagnosis_in_the_tab(tmp_path:
         assert said["first_preemption_step"] == min(step["step"] for step in steps if step["preempted"])
 
 
+def _record_ended_before_its_first_engine_step(run: Path) -> None:
+    """A real `generate_batch` of the tiny Llama whose first forward raises: transformers makes its pool (8
+    usable 4-token blocks, plus its 2 trash sectors), fails both requests before any engine step, and the
+    user's code raises on the failed outputs inside the block (as test_hf_continuous_batching_budget.py)."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    import kvtrace
+    from kvtrace.llama import build_model
+    from tests.tiny import tiny_size
+
+    model = build_model(tiny_size(2, 2), dtype=torch.float32)
+
+    def raises(module: Any, args: Any) -> None:
+        raise RuntimeError("boom")
+
+    model.model.layers[0].register_forward_pre_hook(raises)
+    generation = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=8, page_size=4, max_batch_tokens=64)
+    with (
+        pytest.raises(RuntimeError, match="requests failed"),
+        kvtrace.record(run, model=model, profiler=False),
+    ):
+        outputs = model.generate_batch(
+            [[1, 2, 3, 4, 5, 6], [7, 8, 9]],
+            generation_config=generation,
+            continuous_batching_config=batching,
+            progress_bar=False,
+        )
+        if any(output.error for output in outputs.values()):
+            raise RuntimeError("requests failed")
+
+
+@pytest.mark.slow
+def test_a_pool_made_before_the_first_engine_step_is_listed_without_a_chart(tmp_path: Path) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+    from tests.engine_page import pool_table
+
+    # GIVEN a real continuous-batching run that made its pool and ended before its first engine step
+    logs = tmp_path / "logs"
+    run = logs / "before_first_step"
+    _record_ended_before_its_first_engine_step(run)
+    assert (run / "engine_steps.jsonl").read_text().strip() == ""
+    engine = json.loads((run / "engine.json").read_text())
+    blocks, block_bytes = engine["num_blocks"], engine["bytes_per_block"]
+    # 8 usable blocks + 2 trash sectors, each 2 layers x K and V x 2 KV heads x head_dim 16 x 4 tokens x 4 B
+    assert (blocks, block_bytes, engine["block_size"]) == (8 + 2, 2 * 2 * 2 * 16 * 4 * 4, 4)
+
+    # WHEN the tab asks for its pool
+    pool = RunStore(logs).pool("before_first_step")
+
+    # THEN it lists the pool's rows, with no chart of steps it never ran: the rows the HTML page shows
+    assert pool["title"] == f"transformers-cb {engine['version']} KV pool" and pool["figure"] is None
+    rows = dict(pool["rows"])
+    assert rows["blocks"] == f"{blocks} of 4 tokens" and rows["engine steps"] == "0"
+    assert rows["pool"] == f"{blocks * block_bytes / 1024:.2f} KiB (float32)"
+    assert (
+        rows["peak"]
+        == "no engine step ran: the run ended before its first step, none of 8 usable blocks used"
+    )
+    assert rows["preemptions"] == "none" and rows["requests"] == "2 requests (0 completed, 2 failed)"
+    assert rows == pool_table(_page_sections(run, tmp_path))
+    # AND the tab, in a real TensorBoard, draws that table and no pool chart
+    if CHROMIUM is None:
+        return
+    with _tensorboard(["--logdir", str(logs)], tmp_path / "tensorboard.log") as base:
+        url = f"{base}/data/plugin/{PLUGIN}/index.html?runs=before_first_step"
+        dom, stderr, _ = _chromium(url, tmp_path, "--dump-dom")
+    panel = _panel(dom, "before_first_step")
+    assert 'data-state="ok"' in panel and "pool-plot" not in panel
+    assert f'<h3 class="pool-title">{pool["title"]}</h3>' in panel
+    for label, value in pool["rows"]:
+        assert f"<th>{label}</th><td>{value}</td>" in panel
+    assert [line for line in stderr.splitlines() if ":CONSOLE" in line] == []
+
+
 def test_a_run_without_an_engine_has_a_memory_chart_and_no_pool(tmp_path: Path) -> None:
     from analyzers.tb_plugin.run_store import RunStore
 

@@ -247,12 +247,15 @@ async function fillPanel(panel, name) {
   }
   if (pool.error) {
     body.append(el('div', { class: 'error-box', text: `pool: ${pool.error}` }));
-  } else if (pool.figure) {
-    // The HTML report's own pool figure: blocks used against the total over engine steps, preemptions.
+  } else if (pool.rows.length) {
+    // The HTML report's own pool table and figure: blocks used against the total over engine steps,
+    // preemptions. A pool made by a run that ended before its first engine step has its table alone.
     body.append(el('h3', { class: 'pool-title', text: pool.title }), rowsTable(pool.rows));
-    const poolDiv = el('div', { class: 'plot pool-plot' });
-    body.append(poolDiv);
-    await Plotly.newPlot(poolDiv, pool.figure.data, pool.figure.layout, PLOT_CONFIG);
+    if (pool.figure) {
+      const poolDiv = el('div', { class: 'plot pool-plot' });
+      body.append(poolDiv);
+      await Plotly.newPlot(poolDiv, pool.figure.data, pool.figure.layout, PLOT_CONFIG);
+    }
   }
   panel.dataset.state = 'ok';
 }
