@@ -12,10 +12,12 @@ would have been on a device of that size: the step, layer and request that cross
 (analyzers.budget), with the remedies priced at the run's peak, which must fit under the budget.
 
 This module picks the moment and puts its figures together; the rest is split by role, each in its own
-module: the data model (analyzers.planning.diagnosis), where the moment falls in the run and what the KV
-held then (diagnose_moment), the stacks live then (diagnose_stacks), the activations a smaller batch
-shrinks (diagnose_rows), and the remedies' prices (diagnose_remedies, and diagnose_cache_remedies for beam
-search, sliding windows and int4 caches, diagnose_compressed_remedies for DeepSeek-V4's cache).
+module: the data model (analyzers.planning.diagnosis), what the allocator held and lacked then (allocated,
+reserved, free, fragmentation, a per-process limit, the shortfall: diagnose_allocator), where the moment
+falls in the run and what the KV held then (diagnose_moment), the stacks live then (diagnose_stacks), the
+activations a smaller batch shrinks (diagnose_rows), how an unfinished run ended (diagnose_run_end), and the
+remedies' prices (diagnose_remedies, and diagnose_cache_remedies for beam search and sliding windows,
+diagnose_quantized_remedies for int4 and fp8 caches, diagnose_compressed_remedies for DeepSeek-V4's cache).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import numpy as np
 from analyzers.budget import budget_crossing, budget_of, marker_step_at, step_at
 from analyzers.caches import CROSS_ATTENTION, layer_list
 from analyzers.kv_views import split_by_view
-from analyzers.model import OTHER, UNKNOWN_DEVICE, MemorySource, request_at_most
+from analyzers.model import OTHER, UNKNOWN_DEVICE, MemorySource
+from analyzers.planning.diagnose_allocator import allocator_facts
 from analyzers.planning.diagnose_buffer_remedies import (
     PreallocatedBuffers,
     other_buffers_note,
@@ -36,26 +39,21 @@ from analyzers.planning.diagnose_compressed_remedies import (
     compressed_run,
     prompt_and_written,
 )
-from analyzers.planning.diagnose_fragments import private_pools_note
 from analyzers.planning.diagnose_moment import (
     beams_at_step,
     held_at_step,
     kv_by_slot_at,
     layer_tokens_at_step,
     moment_index,
+    other_token_bytes,
     prompt_at_step,
     report_layer_tokens,
 )
 from analyzers.planning.diagnose_remedies import price_remedies
 from analyzers.planning.diagnose_rows import fixed_sizes, fixed_vector_bytes, row_activation_bytes, row_units
-from analyzers.planning.diagnose_stacks import (
-    freed_from_before,
-    live_by_stack,
-    live_sizes,
-    snapshot_block_stacks,
-    unaddressed_share,
-)
-from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare, reservable  # re-exported for callers
+from analyzers.planning.diagnose_run_end import before_first_step, unfinished
+from analyzers.planning.diagnose_stacks import live_sizes, moment_stacks
+from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
 from analyzers.planning.run_cache_kind import logged_quantization
 from analyzers.planning.run_kv_facts import (
     all_windowed,
@@ -74,12 +72,9 @@ from analyzers.planning.run_kv_facts import (
     token_elements,
 )
 from analyzers.summary import Report, clock_time, ended_notes, input_notes
-from analyzers.trace_coverage import peak_before_trace_note
 from analyzers.units import human_bytes
 
 __all__ = ["Diagnosis", "Remedy", "StackShare", "diagnose"]
-
-TOP_STACKS = 10
 
 
 def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = None) -> Diagnosis:
@@ -115,137 +110,15 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     # report's peak is then that level, and the moment is the trace's start, not any event's state.
     at_start = oom is None and summary is not None and summary.peak_before_trace and index >= 0
 
-    allocated = oom.allocated_bytes if oom is not None else None
-    reserved = oom.reserved_bytes if oom is not None else None
     if at_start:
-        assert summary is not None
         index = 0
-        allocated, reserved = summary.peak_allocated_bytes, summary.reserved_at_peak
-        notes.append(peak_before_trace_note(summary, source.kind))
-    if allocated is None and timeline is not None:
-        peak = summary.peak_allocated_bytes if summary else None
-        allocated = int(timeline.allocated[index]) if index >= 0 else peak
-    if reserved is None and timeline is not None and timeline.reserved is not None and index >= 0:
-        reserved = int(timeline.reserved[index])
-    segments = [s for s in source.segments if s.device == device]
     at_dump = not at_start and (timeline is None or index >= len(timeline.ts_us) - 1)
-    if reserved is None and segments and at_dump:
-        reserved = sum(s.total_size for s in segments)
-    capacity = summary.capacity_bytes if summary else None
-    free = oom.device_free_bytes if oom is not None else None
-    if free is None and capacity is not None and reserved is not None and source.kind != "run":
-        free = capacity - reserved
-    # A private pool's segments (CUDA graphs') serve only its own allocations: their free blocks are held,
-    # as PyTorch's OOM message counts them, never free memory the request could use
-    shared = [s for s in segments if not s.private_pool]
-    largest_free = (
-        max((s.largest_free_block for s in shared), default=0 if segments else None) if at_dump else None
+    mem = allocator_facts(
+        source, oom, summary, timeline, index, device, at_start, at_dump, budget_bytes, peak_leaves_out
     )
-    held_from_message = oom is not None and oom.held_from_message and not at_start
-    in_pools = sum(s.private_pool_free for s in segments) if at_dump and not held_from_message else 0
-    if in_pools and allocated is not None:
-        allocated += in_pools  # then reserved less allocated leaves them out, as c10's message does
-    stream = oom.stream if oom is not None else None
-    if largest_free is not None and stream is not None and any(s.stream is not None for s in segments):
-        # The caching allocator serves a request from the segments of its own stream only.
-        own = max((s.largest_free_block for s in shared if s.stream == stream), default=0)
-        if own < largest_free:
-            notes.append(
-                f"the largest free block, {human_bytes(largest_free)}, is in another stream's segment: the "
-                f"allocator serves stream {stream}'s requests from its own segments, whose largest is "
-                f"{human_bytes(own)}"
-            )
-        largest_free = own
-    if segments and not at_dump:
-        notes.append("segments describe the dump, not this moment: no largest-free-block figure")
-    reserved_unallocated = reserved - allocated if reserved is not None and allocated is not None else None
-    private_pools = oom.private_pool_bytes if oom is not None and held_from_message else in_pools or None
-    if held_from_message:
-        assert reserved_unallocated is not None
-        notes.append(
-            f"no OOM snapshot (recorded with snapshots=True, it gives them exactly): allocated and "
-            f"reserved memory at the failure are PyTorch's message's, {human_bytes(allocated)} allocated by "
-            f"PyTorch and {human_bytes(reserved_unallocated)} reserved but unallocated, reserved their sum; "
-            "each is to two decimals (within half a unit of its last digit: 5.12 MiB for GiB), so what "
-            "follows from them (the free memory within a per-process limit, the shortfall) is approximate "
-            "by as much, and there is no largest free block"
-        )
-    if private_pools and allocated is not None:
-        notes.append(private_pools_note(private_pools, allocated, from_snapshot=not held_from_message))
-    requested = oom.requested_bytes if oom is not None else None
-    segment = oom.segment_bytes if oom is not None else None
-    # What the failed allocation needed from the device: the request, or where CUDA's message names only the
-    # segment it tried to reserve for it (the request unknown, at most that), the segment.
-    needed = requested if requested is not None else segment
-    if requested is None and segment is not None:
-        at_most = human_bytes(request_at_most(segment))
-        notes.append(
-            f"PyTorch's message names the {human_bytes(segment)} segment the CUDA caching allocator tried to "
-            f"reserve for the request, not the request: that was at most {at_most} (a snapshot, recorded "
-            "with snapshots=True, gives it exactly); the shortfall is the segment's"
-        )
-    limit = oom.limit_bytes if oom is not None else None
-    free_within_limit = None
-    if limit is not None and reserved is not None:
-        # Under a per-process cap the allocator may reserve only up to it, however much the device has free
-        free_within_limit = max(limit - reserved, 0)
-        notes.append(
-            f"a per-process limit applied (torch.cuda.set_per_process_memory_fraction): PyTorch's message "
-            f"says {human_bytes(limit)} allowed, so the allocator could reserve only "
-            f"{human_bytes(free_within_limit)} more (allowed less reserved), not the device's free memory; "
-            "the allowed figure is the message's, to two decimals (within half a unit of its last digit), so "
-            "the free memory within it and the shortfall are approximate by as much"
-        )
-    room = reservable(free, free_within_limit)
-    fragmented = possibly = None
-    # Room enough for a new segment, yet the request failed: a cap the input does not give (a bare snapshot
-    # does not record it), or the rounding of the one it gives, left less; whether fragmentation caused it
-    # cannot be told then (None), nor denied.
-    if requested is not None and largest_free is not None and reserved_unallocated is not None:
-        unexplained = room is not None and room >= requested
-        total_free = reserved_unallocated + (room or 0)
-        fragmented = None if unexplained else total_free >= requested > max(largest_free, room or 0)
-        possibly = fragmented
-    elif oom is not None and largest_free is None and reserved_unallocated is not None and needed is not None:
-        # No largest free block (no snapshot): enough free bytes in total, the reserved-but-unallocated
-        # ones and what could still be reserved, leave fragmentation possible, not sure (PyTorch's own
-        # message points there: "If reserved but unallocated memory is large try ... expandable_segments");
-        # too few rule it out. A request known only by its segment (at most that) is compared at the segment
-        # for "possible", where it cannot be ruled out.
-        total_free = reserved_unallocated + (room or 0)
-        if room is not None and room >= needed:
-            possibly = None  # room for a new segment, yet it failed: cannot tell, as above
-        elif total_free >= needed:
-            possibly = True
-        elif requested is not None:
-            fragmented = possibly = False
+    notes.extend(mem.notes)
+    allocated = mem.allocated_bytes
 
-    shortfall = None
-    if needed is not None and room is not None and limit is not None and needed <= room:
-        # The message's rounded cap leaves room for it, yet the allocation failed: the rounding hides the
-        # shortfall, which is then at most the request (no less free than none within the cap)
-        what = "the request" if requested is not None else f"the {human_bytes(needed)} segment"
-        notes.append(
-            f"the allowed figure, rounded in PyTorch's message, leaves room for {what}: the shortfall is "
-            f"taken as {what} itself (at most that much was missing)"
-        )
-        shortfall = needed
-    elif needed is not None and room is not None:
-        shortfall = needed - room
-        if shortfall <= 0:
-            # The allocation failed although the device reports enough free memory: a cap such as
-            # set_per_process_memory_fraction or another limit applies. At most the request was missing.
-            what = "the request" if requested is not None else f"the {human_bytes(needed)} segment"
-            notes.append(
-                f"the device reported enough free memory for {what}, so a per-process limit applied: "
-                f"the shortfall is taken as {what} itself (an upper bound: what the limit, which this input "
-                "does not give, left free would lessen it)"
-            )
-            shortfall = needed
-    elif needed is not None and oom is not None:
-        shortfall = needed  # an OOM without a free figure: at least the request was missing
-    elif budget_bytes is not None and allocated is not None and not peak_leaves_out:
-        shortfall = allocated - budget_bytes  # unknown when the peak is a lower bound: no remedy "fits"
     crossing = None
     if oom is None and budget_bytes is not None:
         crossing = budget_crossing(source, report.timelines, budget_bytes)
@@ -270,7 +143,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     # all of which a smaller batch shrinks. Unknown without a weights figure.
     beyond_weights = None
     if weights and allocated is not None:
-        beyond_weights = allocated + (needed or 0) - weights
+        beyond_weights = allocated + (mem.needed_bytes or 0) - weights
     kv_peak = report.kv.peak_bytes if kv_log is not None else None
     kv_final = report.kv.final_bytes if kv_log is not None else None
 
@@ -348,29 +221,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     if prompt == 0 and step is not None:  # a quantized cache's prefill holds its prompt packed, not as data
         prompt = prefill_packed_tokens(source, report.kv.main_cache, step) or prompt
 
-    stacks = live_by_stack(source, dev_index, index) if dev_index is not None and not at_start else []
-    baseline = source.devices[dev_index].baseline_bytes if dev_index is not None else 0
-    if source.kind == "snapshot" and at_dump:
-        stacks = snapshot_block_stacks(source.path)  # every block live at the dump, with its stack
-    elif source.kind == "snapshot" and at_start and summary is not None and summary.alloc_events == 0:
-        # Nothing allocated since the start: what was live then is the dump's blocks plus what the trace freed
-        stacks = snapshot_block_stacks(source.path)
-        freed = (allocated or 0) - summary.final_allocated_bytes
-        if freed > 0:
-            stacks.append(StackShare("(freed by the trace before the dump)", freed, 0))
-    elif baseline:
-        # What was allocated before the trace and is still live: the trace may have freed some of it first
-        before = baseline - (
-            freed_from_before(source.devices[dev_index], index) if dev_index is not None else 0
-        )
-        if before > 0:
-            stacks.append(StackShare("(weights and others, allocated before the trace began)", before, 0))
-    unaddressed = (
-        unaddressed_share(source.devices[dev_index], allocated, stacks) if dev_index is not None else None
-    )
-    if unaddressed is not None:
-        stacks.append(unaddressed)
-    top = tuple(sorted(stacks, key=lambda s: -s.bytes)[:TOP_STACKS])
+    top = moment_stacks(source, dev_index, index, at_start, at_dump, summary, allocated)
     # The activations live then that a smaller batch shrinks besides its KV (logits, attention's copies)
     row_activations = fixed_vectors = None
     if dev_index is not None and index >= 0 and not at_start and batch and source.kind == "run":
@@ -384,14 +235,14 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "kv_bytes": kv_bytes,
         "batch": batch,
         "tokens_held": tokens_held,
-        "shortfall_bytes": shortfall,
+        "shortfall_bytes": mem.shortfall_bytes,
         "kv_peak_bytes": kv_peak,
         "kv_final_bytes": kv_final,
-        "reserved_unallocated_bytes": reserved_unallocated,
+        "reserved_unallocated_bytes": mem.reserved_unallocated_bytes,
         # no free block held the request though the bytes were there: a remedy that frees bytes must then
         # fit even if none of the reserved-but-unallocated ones is reused (diagnose_fragments)
-        "fragmented": fragmented,
-        "fragmentation_possible": possibly,
+        "fragmented": mem.fragmented,
+        "fragmentation_possible": mem.fragmentation_possible,
         "reserved_before_trace": at_start,  # what the allocator had cached earlier: no slack of a peak
         "bytes_per_token": growing_bytes_per_token(report),
         "windowed": all_windowed(report),
@@ -413,7 +264,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         # follow it (written during the call): a window, quantization or offloading on the model's cache
         # leave them as they are, a shorter context shrinks those too (`_other_caches`)
         "other_cache_kv_bytes": min(other_kv, kv_bytes) if kv_bytes is not None else other_kv,
-        "other_cache_token_bytes": _other_token_bytes(report, kv_log, cross_ids) if other_kv else 0.0,
+        "other_cache_token_bytes": other_token_bytes(report, kv_log, cross_ids) if other_kv else 0.0,
         "layer_bytes": by_layer,
         "step_phase": phase,
         "prompt_tokens": prompt,
@@ -482,21 +333,21 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         device=device,
         event=event,
         ts_us=clock_time(source, device, when) if device is not None else when,
-        requested_bytes=requested,
-        segment_bytes=segment,
+        requested_bytes=mem.requested_bytes,
+        segment_bytes=mem.segment_bytes,
         allocated_bytes=allocated,
-        reserved_bytes=reserved,
-        free_bytes=free,
-        limit_bytes=limit,
-        free_within_limit_bytes=free_within_limit,
-        capacity_bytes=capacity,
-        reserved_unallocated_bytes=reserved_unallocated,
-        largest_free_block_bytes=largest_free,
-        fragmented=fragmented,
-        fragmentation_possible=possibly,
-        held_from_message=held_from_message,
-        private_pool_bytes=private_pools,
-        shortfall_bytes=shortfall,
+        reserved_bytes=mem.reserved_bytes,
+        free_bytes=mem.free_bytes,
+        limit_bytes=mem.limit_bytes,
+        free_within_limit_bytes=mem.free_within_limit_bytes,
+        capacity_bytes=mem.capacity_bytes,
+        reserved_unallocated_bytes=mem.reserved_unallocated_bytes,
+        largest_free_block_bytes=mem.largest_free_block_bytes,
+        fragmented=mem.fragmented,
+        fragmentation_possible=mem.fragmentation_possible,
+        held_from_message=mem.held_from_message,
+        private_pool_bytes=mem.private_pool_bytes,
+        shortfall_bytes=mem.shortfall_bytes,
         budget_bytes=budget_bytes,
         kv_bytes=kv_bytes,
         kv_share=(kv_bytes / allocated) if kv_bytes is not None and allocated else None,
@@ -515,48 +366,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         beams=beams,
         top_cache_layers=top_cache_layers,
         peak_leaves_out=peak_leaves_out,
-        unfinished=_unfinished(source),
-        before_first_step=_before_first_step(source, report),
+        unfinished=unfinished(source),
+        before_first_step=before_first_step(source, report),
         held_step=held_step,
         step_cut=step_cut,
         row_activation_bytes=row_activations,
     )
-
-
-def _other_token_bytes(report: Report, kv_log: object, cross: set[int]) -> float:
-    """KV bytes a token of context costs across the rows in the caches beside the main one that were
-    written during its call (an assistant model's draft cache, which holds the same sequence): those whose
-    bytes grew since the main cache's first step. An earlier call's cache, written before, does not follow
-    this call's context."""
-    main = report.kv.main_cache
-    live = getattr(kv_log, "step_cache_live", None) or {}
-    steps = sorted(s for s, slots in live.items() if any(c == main for c, _ in slots))
-    total = 0.0
-    for c in report.kv.caches:
-        if c.cache == main or c.cache in cross or not c.bytes_per_token_measured or not steps:
-            continue
-        held = [sum(n for (cache, _), n in live[s].items() if cache == c.cache) for s in steps]
-        if len(set(held)) > 1:  # it grew (or was cropped) while the main cache was written
-            total += c.bytes_per_token_measured * (c.rows or 1)
-    return total
-
-
-def _before_first_step(source: MemorySource, report: Report) -> str | None:
-    """`Diagnosis.before_first_step`: the exception's type for a run whose block raised (or was
-    interrupted) before any step, its KV log empty and no OOM recorded: there was no inference to diagnose,
-    only what the run held."""
-    run = source.meta.get("run")
-    ended = (source.meta.get("manifest") or {}).get("ended") or {}
-    if run is None or run.kv_events or report.steps or source.ooms:
-        return None
-    if ended.get("status") not in ("exception", "interrupted"):
-        return None
-    kind = ended.get("type")
-    return kind if isinstance(kind, str) and kind else "an exception"
-
-
-def _unfinished(source: MemorySource) -> str | None:
-    """`Diagnosis.unfinished`: "died" or "recording" for a run whose manifest still says running."""
-    if ((source.meta.get("manifest") or {}).get("ended") or {}).get("status") != "running":
-        return None
-    return "died" if source.meta.get("recording_pid") is None else "recording"

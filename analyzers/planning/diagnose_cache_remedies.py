@@ -11,7 +11,9 @@ of those kinds.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+from analyzers.planning.diagnose_quantized_remedies import model_dtype_text, quantized_widening
 from analyzers.planning.diagnosis import Remedy, fits
 from analyzers.units import human_bytes
 
@@ -23,6 +25,7 @@ __all__ = [
     "layer_widths",
     "moment_bytes_per_token",
     "sliding_cache_bytes",
+    "sliding_window_remedy",
     "window_remedy",
     "windowed_remedies",
 ]
@@ -348,3 +351,43 @@ def window_remedy(
     if need is not None and need > 0 and saved < need:
         text = f"No sliding window fits, even of {size}: {text[0].lower()}{text[1:]}"
     return Remedy("sliding_window", window, saved, fits(saved, need), text)
+
+
+def sliding_window_remedy(
+    d: dict[str, object],
+    kv: int,
+    tokens: int,
+    context: int,
+    need: int | None,
+    num_layers: int | None,
+    kv_bits: int | None,
+    others: int = 0,
+) -> Remedy:
+    """The sliding window for a cache that keeps every token on some layers: every layer sliding at
+    (about) the shorter context's length, at most a hybrid model's own window (`window_remedy`). A
+    quantized cache's run is priced at the model's dtype: transformers' QuantizedCache takes no sliding
+    layers, so a window means a cache that keeps full precision. `others`: the KV of the caches beside the
+    model's (an assistant's draft cache), which a window on the model's cache leaves as it is."""
+    layers, batch = d.get("kv_layers") or num_layers, d["batch"]
+    widths = layer_widths(d, batch, layers) if isinstance(layers, int) and isinstance(batch, int) else None
+    if widths is None:
+        why = "cannot be priced: the KV geometry of a layer is not recorded"
+        return Remedy("sliding_window", None, None, None, f"Sliding window: {why}.")
+    widen = quantized_widening(d, kv_bits)
+    prompt, window, sliding = d.get("prompt_tokens"), d.get("window"), d.get("sliding_layer_ids")
+    fixed = d.get("cross_kv_bytes")
+    remedy = window_remedy(
+        kv,
+        [width * (widen or 1) for width in widths],
+        tokens if need is not None and need > 0 else max(context, 1),
+        prompt if isinstance(prompt, int) else 0,
+        need,
+        window if isinstance(window, int) else None,
+        len(sliding) if isinstance(sliding, tuple) else 0,
+        fixed if isinstance(fixed, int) else 0,
+        others,
+    )
+    if widen is None:
+        return remedy
+    note = f" QuantizedCache takes no sliding layers: the window's cache keeps KV at {model_dtype_text(d)}."
+    return replace(remedy, sentence=remedy.sentence + note)

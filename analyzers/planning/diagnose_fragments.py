@@ -25,6 +25,9 @@ Blocks cached free in CUDA graphs' private pools are no such bytes: only their g
 message (torch 2.4 on) names them apart and counts them as allocated, and so does the diagnosis
 (`private_pools_note`); a snapshot tells them apart by its segments' `segment_pool_id`, and the diagnosis
 counts them so there too, none of them the largest free block.
+
+The expandable-segments remedy itself (`allocator_remedies`) is priced here too, at the bytes reserved but
+unallocated that it could recover, whatever the cache.
 """
 
 from __future__ import annotations
@@ -32,10 +35,16 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from analyzers.planning.diagnosis import Remedy
+from analyzers.planning.diagnosis import Remedy, fits
 from analyzers.units import human_bytes
 
-__all__ = ["FRAGMENTS_REMEDY", "priced_past_fragments", "private_pools_note", "stranded_bytes"]
+__all__ = [
+    "FRAGMENTS_REMEDY",
+    "allocator_remedies",
+    "priced_past_fragments",
+    "private_pools_note",
+    "stranded_bytes",
+]
 
 FRAGMENTS_REMEDY = "expandable_segments"  # the allocator setting that lets segments grow in place
 _ENOUGH = "enough to fit"
@@ -154,3 +163,33 @@ def _setting_named(remedy: Remedy, sentence: str) -> str:
     if knob:
         return f"{knob.group(1)}={remedy.setting:,}"
     return _SETTING_WORDS.get(remedy.kind, "A setting of {:,}").format(remedy.setting)
+
+
+def allocator_remedies(d: dict[str, object], need: int | None, on_cuda: bool) -> list[Remedy]:
+    """The CUDA caching allocator's expandable segments, whatever the cache."""
+    out: list[Remedy] = []
+    frag = d["reserved_unallocated_bytes"]
+    if not on_cuda:
+        pass  # a setting of the CUDA caching allocator
+    elif isinstance(frag, int) and d.get("reserved_before_trace"):
+        why = (
+            f"cannot be priced: the peak is the level before the trace's first event, and the "
+            f"{human_bytes(frag)} reserved but not allocated then is what the allocator had cached earlier, "
+            "not fragmentation at a peak"
+        )
+        out.append(Remedy("expandable_segments", None, None, None, f"expandable_segments: {why}."))
+    elif isinstance(frag, int):
+        out.append(
+            Remedy(
+                "expandable_segments",
+                None,
+                frag,
+                fits(frag, need),
+                f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lets segments grow in place, recovering "
+                f"up to the {human_bytes(frag)} reserved but not allocated.",
+            )
+        )
+    else:
+        why = "cannot be computed: this input has no reserved-memory figures"
+        out.append(Remedy("expandable_segments", None, None, None, f"expandable_segments: {why}."))
+    return out

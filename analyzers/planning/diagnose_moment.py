@@ -1,6 +1,7 @@
 """Where a diagnosis's moment sits in the run: the event at or before it, the KV live then by cache and
 layer, and the KV log's step it falls in (the rows and tokens held at its end, beam search's beams, the
-prompt before it). Pure, torch-free.
+prompt before it), and what a token of context costs in the caches beside the main one that follow it (an
+assistant's draft cache). Pure, torch-free.
 
 The remedies are priced with these figures, not the run's final ones: a peak at prefill holds the prompt,
 not every token the run went on to generate.
@@ -22,6 +23,7 @@ __all__ = [
     "kv_by_slot_at",
     "layer_tokens_at_step",
     "moment_index",
+    "other_token_bytes",
     "prompt_at_step",
 ]
 
@@ -126,3 +128,21 @@ def prompt_at_step(report: Report, kv_log: Any, step: int) -> int | None:
     if not prefills:
         return None
     return held_at_step(report, kv_log, max(prefills))[1]
+
+
+def other_token_bytes(report: Report, kv_log: object, cross: set[int]) -> float:
+    """KV bytes a token of context costs across the rows in the caches beside the main one that were
+    written during its call (an assistant model's draft cache, which holds the same sequence): those whose
+    bytes grew since the main cache's first step. An earlier call's cache, written before, does not follow
+    this call's context."""
+    main = report.kv.main_cache
+    live = getattr(kv_log, "step_cache_live", None) or {}
+    steps = sorted(s for s, slots in live.items() if any(c == main for c, _ in slots))
+    total = 0.0
+    for c in report.kv.caches:
+        if c.cache == main or c.cache in cross or not c.bytes_per_token_measured or not steps:
+            continue
+        held = [sum(n for (cache, _), n in live[s].items() if cache == c.cache) for s in steps]
+        if len(set(held)) > 1:  # it grew (or was cropped) while the main cache was written
+            total += c.bytes_per_token_measured * (c.rows or 1)
+    return total

@@ -46,7 +46,10 @@ is (beam search's rows, layers that all slide, the int4 QuantizedCache) are pric
 analyzers.planning.diagnose_cache_remedies; a model's own preallocated buffers (Meta's cache_k/cache_v),
 whose KV follows neither the rows in use nor the tokens written, in
 analyzers.planning.diagnose_buffer_remedies; DeepSeek-V4's, whose cache runs as a DynamicCache only and
-whose KV is not K and V per token, in analyzers.planning.diagnose_compressed_remedies.
+whose KV is not K and V per token, in analyzers.planning.diagnose_compressed_remedies. The smaller
+batch's sentences are analyzers.planning.diagnose_batch_text's, the sliding window proposed to a cache
+that keeps every token is priced in diagnose_cache_remedies, and the allocator's expandable segments in
+diagnose_fragments, beside the fragmentation it is aimed at; this module prices the rest and ranks them.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from analyzers.planning.diagnose_batch_text import fixed_beyond, smaller_batch_text
 from analyzers.planning.diagnose_buffer_remedies import (
     PreallocatedBuffers,
     buffer_remedies,
@@ -63,14 +67,14 @@ from analyzers.planning.diagnose_cache_remedies import (
     at_batch_one,
     beam_search_remedies,
     fewer_rows,
-    layer_widths,
     moment_bytes_per_token,
-    window_remedy,
+    sliding_window_remedy,
     windowed_remedies,
 )
 from analyzers.planning.diagnose_compressed_remedies import CompressedRun, compressed_remedies
 from analyzers.planning.diagnose_fragments import (
     FRAGMENTS_REMEDY,
+    allocator_remedies,
     priced_past_fragments,
     stranded_bytes,
 )
@@ -79,7 +83,6 @@ from analyzers.planning.diagnose_quantized_remedies import (
     fp8_for_static,
     int4_remedy,
     layer_tokens_of,
-    model_dtype_text,
     quantized_context,
     quantized_widening,
     static_cache_at_model_dtype,
@@ -98,75 +101,7 @@ from analyzers.units import human_bytes
 
 __all__ = ["price_remedies"]
 
-# Why a smaller batch's activations cannot be priced: the weights or what lies beyond the KV are not seen
-_UNPRICED = "it has no weights figure, or no allocations beside the KV"
 _OFFLOAD_LAYERS_ON_DEVICE = 2  # the layer computing and the one being prefetched
-
-
-def _smaller_batch_text(
-    target: int,
-    batch: int,
-    saved: int,
-    basis: str,
-    kv_saved: int,
-    kv: int,
-    need: int,
-    beyond: int | None,
-    vectors: int = 0,
-) -> str:
-    """The batch remedy's sentence when there is a shortfall, by what priced it (`fewer_rows`); `beyond`
-    is the memory beyond the weights less the `vectors` over the vocabulary that no batch shrinks."""
-    if batch == 1:
-        return at_batch_one()
-    if basis == "kv" and target >= 1:
-        return f"Batch {target} instead of {batch} frees {human_bytes(saved)} of KV, enough to fit."
-    if basis == "rows":
-        return (
-            f"Batch {target} instead of {batch} frees {human_bytes(saved)}, enough to fit: "
-            f"{human_bytes(kv_saved)} of KV and {human_bytes(saved - kv_saved)} of the activations that "
-            "shrink with the rows (the logits, attention's copies: the allocations at this moment that are "
-            "the batch times a model width long)."
-        )
-    shortfall = f"the {human_bytes(need)} shortfall"
-    if basis == "kv":  # what the activations would free is unknown: no verdict on the whole peak
-        return (
-            f"Batch 1 frees {human_bytes(kv_saved)} of the {human_bytes(kv)} of KV, less than {shortfall}; "
-            f"the activations shrink with the batch too, which this input cannot price ({_UNPRICED}): record "
-            "batch 1 to know whether it fits."
-        )
-    assert beyond is not None
-    besides = (
-        f", less {human_bytes(vectors)} of vectors over the vocabulary no batch shrinks"
-        if vectors > 0
-        else ""
-    )
-    whole = (
-        f"the {human_bytes(beyond + vectors)} beyond the weights{besides} ({human_bytes(beyond / batch)} a "
-        "row: KV, activations)"
-    )
-    if basis == "estimate":
-        return (
-            f"Batch {target} instead of {batch} likely fits: its KV frees only {human_bytes(kv_saved)}, but "
-            f"the activations shrink with the batch too, and {whole} falls by about {human_bytes(saved)}, "
-            f"more than {shortfall} (an estimate: a part of that memory does not follow the batch; record "
-            f"batch {target} to be sure)."
-        )
-    return (
-        f"Even batch 1 does not fit: were all of {whole} to shrink with the batch, batch 1 would free "
-        f"{human_bytes(saved)}, less than {shortfall}."
-    )
-
-
-def _fixed_beyond(beyond: int | None, kv: int, acts: int) -> str:
-    """What a batch remedy priced by its rows ("rows", `fewer_rows`) counts as fixed: the memory beyond the
-    weights that is neither KV nor an allocation of a batch-first size, a part of which may shrink too."""
-    fixed = beyond - kv - acts if beyond is not None else 0
-    if fixed <= 0:
-        return ""
-    return (
-        f" The other {human_bytes(fixed)} beyond the weights is counted as fixed (the recording gives sizes, "
-        "not shapes): a lower bound of what it frees."
-    )
 
 
 def price_remedies(
@@ -207,7 +142,7 @@ def _priced(
         held = min(kv, buffers.held_bytes) if buffers.held_bytes else kv
         bits = DTYPE_BITS.get(buffers.dtype, kv_bits) if buffers.dtype else kv_bits
         out += buffer_remedies(held, buffers, need, bits, on_cuda)
-        out += _allocator_remedies(d, need, on_cuda)
+        out += allocator_remedies(d, need, on_cuda)
         return out
 
     beams = d.get("beams")
@@ -238,9 +173,9 @@ def _priced(
             vectors = vectors if isinstance(vectors, int) and beyond_weights else 0
             pool = beyond_weights - vectors if beyond_weights else beyond_weights
             target, saved, basis, kv_saved = fewer_rows(kv, batch, need, pool, acts)
-            text = _smaller_batch_text(target, batch, saved, basis, kv_saved, kv, need, pool, vectors)
+            text = smaller_batch_text(target, batch, saved, basis, kv_saved, kv, need, pool, vectors)
             if basis == "rows":
-                text += _fixed_beyond(beyond_weights, kv, acts)
+                text += fixed_beyond(beyond_weights, kv, acts)
         if d.get("rows_are_beams"):  # how many per prompt, the log does not say
             text += (
                 f" These {batch} cache rows are beam search's (prompts x num_beams): lower either, so that "
@@ -256,7 +191,7 @@ def _priced(
             out += compressed_remedies(compressed, kv, batch, prompt, written, need, num_layers, on_cuda)
         else:
             out.append(Remedy("context", None, None, None, f"Shorter context: {unpriced}."))
-        out += _allocator_remedies(d, need, on_cuda)
+        out += allocator_remedies(d, need, on_cuda)
         return out
 
     # The KV in caches beside the main one (an assistant model's draft cache): the main model's cache
@@ -320,7 +255,7 @@ def _priced(
                 )
         if not d.get("windowed") and static is None:
             out.append(Remedy("context", context + 1 if context else None, saved, fits(saved, need), text))
-            out.append(_window(d, kv, tokens, context, need, num_layers, kv_bits, others))
+            out.append(sliding_window_remedy(d, kv, tokens, context, need, num_layers, kv_bits, others))
     else:
         out.append(Remedy("context", None, None, None, f"Shorter context: {unpriced}."))
         out.append(Remedy("sliding_window", None, None, None, f"Sliding window: {unpriced}."))
@@ -412,48 +347,8 @@ def _priced(
     else:
         out.append(Remedy("offloading", None, None, None, f"Offloading: {unpriced}."))
 
-    out += _allocator_remedies(d, need, on_cuda)
+    out += allocator_remedies(d, need, on_cuda)
     return out
-
-
-def _window(
-    d: dict[str, object],
-    kv: int,
-    tokens: int,
-    context: int,
-    need: int | None,
-    num_layers: int | None,
-    kv_bits: int | None,
-    others: int = 0,
-) -> Remedy:
-    """The sliding window for a cache that keeps every token on some layers: every layer sliding at
-    (about) the shorter context's length, at most a hybrid model's own window (`window_remedy`). A
-    quantized cache's run is priced at the model's dtype: transformers' QuantizedCache takes no sliding
-    layers, so a window means a cache that keeps full precision. `others`: the KV of the caches beside the
-    model's (an assistant's draft cache), which a window on the model's cache leaves as it is."""
-    layers, batch = d.get("kv_layers") or num_layers, d["batch"]
-    widths = layer_widths(d, batch, layers) if isinstance(layers, int) and isinstance(batch, int) else None
-    if widths is None:
-        why = "cannot be priced: the KV geometry of a layer is not recorded"
-        return Remedy("sliding_window", None, None, None, f"Sliding window: {why}.")
-    widen = quantized_widening(d, kv_bits)
-    prompt, window, sliding = d.get("prompt_tokens"), d.get("window"), d.get("sliding_layer_ids")
-    fixed = d.get("cross_kv_bytes")
-    remedy = window_remedy(
-        kv,
-        [width * (widen or 1) for width in widths],
-        tokens if need is not None and need > 0 else max(context, 1),
-        prompt if isinstance(prompt, int) else 0,
-        need,
-        window if isinstance(window, int) else None,
-        len(sliding) if isinstance(sliding, tuple) else 0,
-        fixed if isinstance(fixed, int) else 0,
-        others,
-    )
-    if widen is None:
-        return remedy
-    note = f" QuantizedCache takes no sliding layers: the window's cache keeps KV at {model_dtype_text(d)}."
-    return replace(remedy, sentence=remedy.sentence + note)
 
 
 def _besides(others: int) -> str:
@@ -474,33 +369,3 @@ def _ranked(out: list[Remedy], lead: str | None = None) -> list[Remedy]:
     return sorted(
         out, key=lambda r: (r.saved_bytes is None, not r.fits, r.kind != lead, -(r.saved_bytes or 0))
     )
-
-
-def _allocator_remedies(d: dict[str, object], need: int | None, on_cuda: bool) -> list[Remedy]:
-    """The CUDA caching allocator's expandable segments, whatever the cache."""
-    out: list[Remedy] = []
-    frag = d["reserved_unallocated_bytes"]
-    if not on_cuda:
-        pass  # a setting of the CUDA caching allocator
-    elif isinstance(frag, int) and d.get("reserved_before_trace"):
-        why = (
-            f"cannot be priced: the peak is the level before the trace's first event, and the "
-            f"{human_bytes(frag)} reserved but not allocated then is what the allocator had cached earlier, "
-            "not fragmentation at a peak"
-        )
-        out.append(Remedy("expandable_segments", None, None, None, f"expandable_segments: {why}."))
-    elif isinstance(frag, int):
-        out.append(
-            Remedy(
-                "expandable_segments",
-                None,
-                frag,
-                fits(frag, need),
-                f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lets segments grow in place, recovering "
-                f"up to the {human_bytes(frag)} reserved but not allocated.",
-            )
-        )
-    else:
-        why = "cannot be computed: this input has no reserved-memory figures"
-        out.append(Remedy("expandable_segments", None, None, None, f"expandable_segments: {why}."))
-    return out

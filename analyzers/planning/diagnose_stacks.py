@@ -2,7 +2,8 @@
 
 From the attributed events (an allocation is live until an event reuses its address), and for a snapshot
 diagnosed at its dump, from the pickle's own blocks, whose stacks the snapshot reader does not keep. Stacks
-are shown without the frames torch's memory_viz leaves out (analyzers.stack_frames).
+are shown without the frames torch's memory_viz leaves out (analyzers.stack_frames). What no event places
+is listed too, as its own line: what was allocated before the trace began, and the bytes no address holds.
 """
 
 from __future__ import annotations
@@ -14,8 +15,18 @@ import numpy as np
 from analyzers.model import DeviceEvents, MemorySource
 from analyzers.planning.diagnosis import StackShare
 from analyzers.stack_frames import heading, kept_frames
+from analyzers.summary import DeviceSummary
 
-__all__ = ["freed_from_before", "live_by_stack", "live_sizes", "snapshot_block_stacks", "unaddressed_share"]
+__all__ = [
+    "freed_from_before",
+    "live_by_stack",
+    "live_sizes",
+    "moment_stacks",
+    "snapshot_block_stacks",
+    "unaddressed_share",
+]
+
+TOP_STACKS = 10  # the stacks a diagnosis lists, most live bytes first
 
 _NO_STACK = "(no stack recorded: record with with_stack=True)"
 _NO_ADDRESS = "(no stack recorded: the file gives no address or stack per allocation)"
@@ -144,3 +155,41 @@ _LIVE_STATES = ("active_allocated", "active_pending_free", "active_awaiting_free
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
+
+
+def moment_stacks(
+    source: MemorySource,
+    dev_index: int | None,
+    index: int,
+    at_start: bool,
+    at_dump: bool,
+    summary: DeviceSummary | None,
+    allocated: int | None,
+) -> tuple[StackShare, ...]:
+    """The TOP_STACKS stacks that held the most live bytes at the moment (event `index` of device
+    `dev_index`; the level before the trace's first event when `at_start`, the snapshot's dump when
+    `at_dump`), with what the events cannot place: what was allocated before the trace and is still live,
+    and the allocated bytes no address accounts for."""
+    stacks = live_by_stack(source, dev_index, index) if dev_index is not None and not at_start else []
+    baseline = source.devices[dev_index].baseline_bytes if dev_index is not None else 0
+    if source.kind == "snapshot" and at_dump:
+        stacks = snapshot_block_stacks(source.path)  # every block live at the dump, with its stack
+    elif source.kind == "snapshot" and at_start and summary is not None and summary.alloc_events == 0:
+        # Nothing allocated since the start: what was live then is the dump's blocks plus what the trace freed
+        stacks = snapshot_block_stacks(source.path)
+        freed = (allocated or 0) - summary.final_allocated_bytes
+        if freed > 0:
+            stacks.append(StackShare("(freed by the trace before the dump)", freed, 0))
+    elif baseline:
+        # What was allocated before the trace and is still live: the trace may have freed some of it first
+        before = baseline - (
+            freed_from_before(source.devices[dev_index], index) if dev_index is not None else 0
+        )
+        if before > 0:
+            stacks.append(StackShare("(weights and others, allocated before the trace began)", before, 0))
+    unaddressed = (
+        unaddressed_share(source.devices[dev_index], allocated, stacks) if dev_index is not None else None
+    )
+    if unaddressed is not None:
+        stacks.append(unaddressed)
+    return tuple(sorted(stacks, key=lambda s: -s.bytes)[:TOP_STACKS])
