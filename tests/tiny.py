@@ -65,17 +65,20 @@ def record_generate(
     new_tokens: int,
     cache: str | None = None,
     window: int | None = None,
+    padded: int = 0,
     **options: Any,
 ) -> None:
     """`kvtrace.record(out, model=model, **options)` around a greedy `generate()` of exactly `new_tokens` on
     `batch` rows of `prompt` seeded random ids, without grad; with `cache`, the cache `kvtrace demo --cache`
-    builds of that kind (and `window`)."""
+    builds of that kind (and `window`); the first row's first `padded` ids left padding, masked out."""
     import torch
 
     import kvtrace
     from kvtrace.llama import cache_keyword, make_cache
 
     ids = torch.randint(3, 1000, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[0, :padded], mask[0, :padded] = 0, 0  # pad_token_id 0, as generate() is told below
     given: dict[str, Any] = {}
     if cache is not None:
         sized = {} if window is None else {"window": window}
@@ -85,7 +88,7 @@ def record_generate(
     with torch.no_grad(), kvtrace.record(out, model=model, **options):
         model.generate(
             ids,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=mask,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,

@@ -279,7 +279,10 @@ def _static_prefill_bytes(
     req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int, prompt: int
 ) -> int:
     """Bytes a static cache's prefill of `prompt` tokens holds over the cache's positions the run's prefill
-    did not attend over (a static run's: beyond its own length; another's: all of them). Eager attention
+    did not attend over (a static run's: beyond its own length; another's: beyond its prompt, over which
+    its own prefill made all of the below, within its measured prefill: before, all of the positions were
+    priced, and the tiny Llama, bf16, 8 rows, 20-token prompt, planned static from its eager dynamic run at
+    its context 36, was 35.9% over the static recording, 9.0% after). Eager attention
     takes all of the cache's positions: its mask has a row of them a prompt token, K and V are expanded to
     the query heads (`repeat_kv`, where there are fewer KV heads), and it makes the scores and their
     float32 softmax (3 copies of heads x prompt, at 4 bytes: a bound, as `_attention_copies`), each in one
@@ -291,7 +294,8 @@ def _static_prefill_bytes(
     eager. 0 for another cache or where the plan's is no longer."""
     if req.cache != "static" or rec.attn_implementation not in ("eager", None):
         return 0
-    held = _attended(run, rec.context) if run.cache == "static" else 0
+    # another cache's prefill attended over its prompt's positions (none where the run does not say it)
+    held = _attended(run, rec.context) if run.cache == "static" else rec.prompt or 0
     more = _attended(req, context) - held
     if more <= 0:
         return 0

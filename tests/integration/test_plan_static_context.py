@@ -21,7 +21,8 @@ TOKEN_ROW = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4  # every layer's K and V of one
 # How far above its recording a plan from the short run may be. sdpa: only generate()'s token tensors and
 # the decode mask grow, each size counted at the widest width it fits (an upper bound, 0.9% here). Eager:
 # its prefill's attention over the cache is priced by arithmetic on top of the most the run held at its
-# prefill, its scores as 3 float32 copies (4.6% from a static run, 7.0% from a dynamic one, which made none).
+# prefill, its scores as 3 float32 copies (4.6% from a static run; 6.6% from a dynamic one, which made them
+# over its 3-token prompt alone: 7.0% before those were priced again on top of its prefill).
 WITHIN = {"sdpa": 0.01, "eager": 0.08}
 
 
