@@ -39,6 +39,7 @@ from analyzers.planning.diagnose_compressed_remedies import (
     compressed_run,
     prompt_and_written,
 )
+from analyzers.planning.diagnose_engine_pool import pool_without_engine_files
 from analyzers.planning.diagnose_moment import (
     beams_at_step,
     held_at_step,
@@ -327,6 +328,10 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     remedies = price_remedies(
         fields, kv_dtype_bits(source, report), layers if isinstance(layers, int) else None, on_cuda
     )
+    pool = pool_without_engine_files(source, report)
+    if pool is not None:  # an engine's pool: its rows are blocks, and no generate() remedy resizes it
+        notes.append(pool)
+        remedies, batch, tokens_held, beams = [], None, None, None
     return Diagnosis(
         path=source.path,
         source_kind=source.kind,

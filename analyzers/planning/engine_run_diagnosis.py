@@ -10,7 +10,8 @@ pool held every request (analyzers.planning.vllm_diagnose).
 A run that stopped before its end (its process died, its block raised or was interrupted) shows the run up
 to then, said in a note as the Hugging Face diagnosis says it. Its requests still in the engine then had not
 reached their final lengths, which vLLM's remedies are priced on: a remedy that avoids every preemption of
-what was recorded is then said unknown ("[?]"), never "fits".
+what was recorded is then said unknown ("[?]"), never "fits"; transformers' continuous batching's demand in
+blocks (`kvtrace diagnose`) is then said "at least", with no num_blocks named (`unfinished_at_stop` for both).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from kvtrace.errors import KvtraceError
 
 __all__ = [
     "EngineRunDiagnosis",
+    "Unfinished",
     "ended_notes",
     "engine_run_diagnosis",
     "explain_engine_run",
     "raised_notes",
     "stopped_short",
+    "unfinished_at_stop",
 ]
 
 
@@ -102,25 +105,50 @@ def in_engine_at_end(run: EngineRun) -> int:
     return max(len(unfinished), last)
 
 
+@dataclass(frozen=True)
+class Unfinished:
+    """Requests still in the engine when the run stopped short. They are counted at the lengths they had
+    reached, not their final ones, so any demand read from the run is a lower bound: every engine's
+    diagnosis says so through this one place (vLLM's remedies, transformers' num_blocks)."""
+
+    requests: int
+    how: str  # why it stopped, as a clause: "its process died"
+
+    def clause(self) -> str:
+        """The requests as the sentences say them: "3 request(s) unfinished (its process died)"."""
+        return f"{self.requests} request(s) unfinished ({self.how})"
+
+
+_HOW_STOPPED = {
+    "died": "its process died",
+    "recording": "it is still being recorded",
+    "exception": "its block raised",
+    "interrupted": "it was interrupted",
+}
+
+
+def unfinished_at_stop(run: EngineRun, stopped: str | None) -> Unfinished | None:
+    """The requests left in the engine by a run that stopped short (`stopped`: `stopped_short`), None for a
+    run that ended well or left none."""
+    if stopped not in _HOW_STOPPED:
+        return None
+    left = in_engine_at_end(run)
+    return Unfinished(left, _HOW_STOPPED[stopped]) if left else None
+
+
 def _short_of_final(
     diagnosis: RefusedDiagnosis | PreemptionDiagnosis | None, run: EngineRun, stopped: str | None
 ) -> RefusedDiagnosis | PreemptionDiagnosis | None:
     """`diagnosis` with each remedy that avoids every recorded preemption said unknown where the run stopped
-    with requests in the engine: their demand is counted at the lengths they had reached, so the run's own
-    demand may be larger. A remedy found short stays short: more demand cannot make it fit."""
-    if stopped is None or not isinstance(diagnosis, PreemptionDiagnosis):
+    with requests in the engine (`unfinished_at_stop`): the run's own demand may be larger. A remedy found
+    short stays short: more demand cannot make it fit."""
+    if not isinstance(diagnosis, PreemptionDiagnosis):
         return diagnosis
-    left = in_engine_at_end(run)
-    if not left:
+    left = unfinished_at_stop(run, stopped)
+    if left is None:
         return diagnosis
-    how = {
-        "died": "its process died",
-        "recording": "it is still being recorded",
-        "exception": "its block raised",
-        "interrupted": "it was interrupted",
-    }[stopped]
     caveat = (
-        f" The run stopped with {left} request(s) unfinished ({how}), counted at the lengths they had "
+        f" The run stopped with {left.clause()}, counted at the lengths they had "
         "reached, not their final ones: whether it avoids the preemptions to come cannot be told; rerun to "
         "completion to know."
     )

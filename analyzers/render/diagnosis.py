@@ -233,7 +233,8 @@ def diagnosis_to_text(d: Diagnosis) -> str:
         for share in d.top_stacks:
             count = share.allocations or ""
             lines.append(f"  {human_bytes(share.bytes):>12}  {count:>6}  {_first_frames(share)}")
-    lines += ["", "remedies, ranked by what they buy on this run:"]
+    # none where the diagnosis prices none (an engine's pool read without its files): a note says why
+    lines += ["", "remedies, ranked by what they buy on this run:" if d.remedies else "remedies: none priced"]
     for rank, remedy in enumerate(d.remedies, 1):
         mark = _remedy_mark(remedy.fits)
         lines.append(f"  {rank}. [{remedy.kind}{', ' + mark if mark else ''}] {remedy.sentence}")

@@ -113,7 +113,7 @@ def _diagnose_engine_run(path: Path, as_json: bool, budget: int | None = None) -
     raised = list(ended_notes(manifest, recording))
     checked = _budget_of_engine(path, run, manifest, budget)
     if run.info.name != "vllm" and run.info.status in ("ok", "failed"):
-        _other_engine(run, as_json, checked, raised)  # vLLM's remedies are priced in vLLM's knobs
+        _other_engine(run, as_json, checked, raised, stopped)  # vLLM's remedies are priced in vLLM's knobs
         return True
     # The report page and the TensorBoard tab explain the run by the same choice and JSON
     explained = explain_engine_run(run, checked, tuple(raised), stopped)  # remedies must fit the budget too
@@ -229,11 +229,19 @@ def _failed_phrase(failed: tuple[tuple[str, str | None], ...], failure: dict[str
     return phrase
 
 
-def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str] | None = None) -> None:
+def _other_engine(
+    run: Any,
+    as_json: bool,
+    checked: Any = None,
+    raised: list[str] | None = None,
+    stopped: str | None = None,
+) -> None:
     """Another engine's paged pool (transformers' continuous batching): what ran out and the requests'
     demand in its blocks, without vLLM's knobs (kv_cache_memory_bytes, max_num_seqs, fp8); first, a memory
-    budget the run crossed, priced in num_blocks and max_memory_percent."""
+    budget the run crossed, priced in num_blocks and max_memory_percent. `stopped`: how the run stopped
+    short (`stopped_short`): requests it left in the engine make the demand a lower bound."""
     from analyzers.engine import engine_figures
+    from analyzers.planning.engine_run_diagnosis import unfinished_at_stop
     from analyzers.planning.vllm_diagnose import diagnose_preemptions
     from analyzers.render.engine import peak_when
     from analyzers.render.engine_run_diagnosis import with_budget
@@ -253,6 +261,8 @@ def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str
     # something, maybe memory: "nothing ran out" is not said of it
     raised_in_run = failure is not None and failure.get("reason") != "no_blocks"
     result["failed_requests"] = [rid for rid, _ in figures.failed_requests]
+    left = unfinished_at_stop(run, stopped)
+    result["unfinished_requests"] = left.requests if left is not None else 0
     if failure is not None and failure.get("reason") == "no_blocks":
         sentence = _ran_out_sentence(name, failure, figures.block_size, figures.preemptions)
         result.update(
@@ -274,12 +284,25 @@ def _other_engine(run: Any, as_json: bool, checked: Any = None, raised: list[str
         sentence = (
             f"{name} took {figures.preemptions} request(s) out of its pool (first at step "
             f"{figures.first_preemption_step}), {figures.preempted_tokens:,} KV tokens dropped, "
-            f"{figures.recomputed_tokens:,} recomputed; {peak}. Had none been taken out, the requests would "
-            f"have needed at most {demand:,} blocks of {figures.block_size} tokens"
+            f"{figures.recomputed_tokens:,} recomputed; {peak}."
         )
-        if figures.name == "transformers-cb":
-            sentence += f" (ContinuousBatchingConfig(num_blocks={demand}) counts usable blocks alike)"
-        sentence += "."
+        if left is not None:
+            # counted at the lengths they had reached: their final demand is larger, by how much is unknown
+            knob = "ContinuousBatchingConfig(num_blocks=...)" if figures.name == "transformers-cb" else "pool"
+            sentence += (
+                f" The run stopped with {left.clause()}, counted at the lengths they had reached: had none "
+                f"been taken out, the requests would have needed at least {demand:,} blocks of "
+                f"{figures.block_size} tokens, maybe more at their final lengths, so the {knob} that avoids "
+                "every preemption cannot be told from this run; rerun to completion to know."
+            )
+        else:
+            sentence += (
+                f" Had none been taken out, the requests would have needed at most {demand:,} blocks of "
+                f"{figures.block_size} tokens"
+            )
+            if figures.name == "transformers-cb":
+                sentence += f" (ContinuousBatchingConfig(num_blocks={demand}) counts usable blocks alike)"
+            sentence += "."
     sentence += _failed_phrase(figures.failed_requests, failure)
     result["sentence"] = sentence
     with_budget(result, checked, tuple(raised))

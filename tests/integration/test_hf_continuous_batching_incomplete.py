@@ -1,0 +1,188 @@
+"""transformers' continuous batching runs that `kvtrace diagnose` reads incomplete: a process that died with
+every request still in the engine, and a run copied without its engine.json.
+
+A real `generate_batch` on the tiny random Llama 3 (2 layers, 2 KV heads, head_dim 16, float32) with a pool
+of 8 usable 4-token blocks for three requests that grow to 17, 16 and 14 KV tokens: the scheduler takes one
+out at step 7. Expected figures come from the block arithmetic and the raw files, never from the code under
+test."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+import kvtrace
+from kvtrace.cli import main
+from kvtrace.llama import build_model
+from tests.tiny import tiny_size
+
+LAYERS, KV_HEADS, PAGE, NEW_TOKENS, USABLE = 2, 2, 4, 12, 8
+PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11], [12, 13, 14]]
+DIES_AT = 10  # the engine step in which the process dies, with no request finished
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "sample_traces"
+
+# Step DIES_AT - 1 lasts longer than the engine files' 0.1 s flush, so its end writes every step up to it;
+# then the process exits in step DIES_AT as a kill -9 (or the OOM killer) would: no exception, no teardown.
+_DIES = textwrap.dedent(
+    f"""
+    import os, sys, time
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    import transformers.generation.continuous_batching.continuous_api as api
+    import kvtrace
+    from kvtrace.llama import build_model
+    from tests.tiny import tiny_size
+
+    model = build_model(tiny_size({LAYERS}, {KV_HEADS}), dtype=torch.float32)
+    step, steps = api.ContinuousBatchProcessor._generation_step, [0]
+
+    def dying(self, model):
+        steps[0] += 1
+        if steps[0] == {DIES_AT} - 1:
+            time.sleep(0.15)
+        if steps[0] == {DIES_AT}:
+            os._exit(1)
+        return step(self, model)
+
+    api.ContinuousBatchProcessor._generation_step = dying
+    generation = GenerationConfig(max_new_tokens={NEW_TOKENS}, do_sample=False, eos_token_id=-1,
+                                  pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks={USABLE}, page_size={PAGE}, max_batch_tokens=64)
+    with kvtrace.record(sys.argv[1], model=model, profiler=False):
+        model.generate_batch({PROMPTS}, generation_config=generation, continuous_batching_config=batching,
+                             progress_bar=False)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
+    model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
+    watched_models.append(model)
+    return model
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _diagnose(run: Path, capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, Any], str]:
+    capsys.readouterr()
+    assert main(["diagnose", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert main(["diagnose", str(run)]) == 0
+    return result, capsys.readouterr().out
+
+
+def _record(path: Path, model: torch.nn.Module, num_blocks: int) -> None:
+    generation = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=num_blocks, page_size=PAGE, max_batch_tokens=64)
+    with kvtrace.record(path, model=model, profiler=False):
+        model.generate_batch(
+            PROMPTS, generation_config=generation, continuous_batching_config=batching, progress_bar=False
+        )
+
+
+def test_a_run_that_died_with_requests_unfinished_gives_its_demand_as_a_lower_bound(
+    tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run whose process died in step 10, after the pool took a request out at step 7
+    run = tmp_path / "died"
+    done = subprocess.run(
+        [sys.executable, "-c", _DIES, str(run)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert done.returncode == 1, done.stderr
+    assert json.loads((run / "manifest.json").read_text())["ended"] == {"status": "running"}
+    requests = _lines(run / "engine_requests.jsonl")
+    assert [s["step"] for s in _lines(run / "engine_steps.jsonl")] == list(range(1, DIES_AT))
+    assert not [e for e in requests if e["event"] == "finished"]  # 0 of 3 finished
+    assert [e["step"] for e in requests if e["event"] == "preempted"] == [7]
+    # what they held at the lengths they had reached (every token so far has KV: none had finished)
+    reached: dict[str, int] = {}
+    for e in requests:
+        blocks = math.ceil((e["prompt_tokens"] + e["output_tokens"]) / PAGE)
+        reached[e["request_id"]] = max(reached.get(e["request_id"], 0), blocks)
+    at_least = sum(reached.values())
+    assert at_least == 4 + 4 + 3  # 13, 13 and 9 tokens
+
+    # WHEN it is diagnosed
+    diagnosis, text = _diagnose(run, capsys)
+
+    # THEN the demand is the lengths reached, said as a lower bound with the requests left unfinished
+    assert (diagnosis["kind"], diagnosis["demand_blocks"]) == ("preemption", at_least)
+    assert diagnosis["unfinished_requests"] == len(PROMPTS)
+    sentence = diagnosis["sentence"]
+    assert (
+        f"The run stopped with {len(PROMPTS)} request(s) unfinished (its process died), counted at the "
+        "lengths they had reached: had none been taken out, the requests would have needed at least "
+        f"{at_least} blocks of {PAGE} tokens, maybe more at their final lengths, so the "
+        "ContinuousBatchingConfig(num_blocks=...) that avoids every preemption cannot be told from this run; "
+        "rerun to completion to know."
+    ) in sentence
+    assert "at most" not in sentence and f"num_blocks={at_least}" not in sentence
+    assert f"at least {at_least} blocks" in text and "at most" not in text
+    assert text.rstrip().endswith(
+        "note: the run never finished (the process died): read up to its last flushed step"
+    )
+
+    # AND that is right: the whole workload in a pool of that many blocks still takes a request out, while
+    # its final demand (the last sampled token gets no KV: 5 + 4 + 4 blocks) takes none
+    _record(tmp_path / "at_least", cb_model, at_least)
+    assert [e for e in _lines(tmp_path / "at_least" / "engine_requests.jsonl") if e["event"] == "preempted"]
+    final = sum(math.ceil((len(p) + NEW_TOKENS - 1) / PAGE) for p in PROMPTS)
+    assert final == 13 > at_least
+    _record(tmp_path / "final", cb_model, final)
+    assert not [e for e in _lines(tmp_path / "final" / "engine_requests.jsonl") if e["event"] == "preempted"]
+
+
+@pytest.mark.parametrize("engine", ["transformers-cb", "vllm"])
+def test_a_pool_read_without_engine_json_is_priced_in_no_generate_remedy(
+    engine: str, tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real engine run (recorded here, or vLLM's sample) copied without its engine.json
+    whole = tmp_path / "whole"
+    if engine == "transformers-cb":
+        _record(whole, cb_model, USABLE)
+    else:
+        shutil.copytree(SAMPLES / "vllm_preempt", whole)
+    pool = json.loads((whole / "engine.json").read_text())
+    copy = tmp_path / "copy"
+    shutil.copytree(whole, copy)
+    (copy / "engine.json").unlink()
+    events = _lines(copy / "kv_events.jsonl")
+    (cache,) = {e["cache"] for e in events}
+    assert {e["source"] for e in events if e["event"] == "created"} == {engine}  # the pool's
+    assert cache == {"transformers-cb": 3100, "vllm": 3000}[engine]
+
+    # WHEN it is diagnosed
+    diagnosis, text = _diagnose(copy, capsys)
+
+    # THEN the pool's bytes are the KV, but its blocks are not read as a batch, and no generate() cache's
+    # remedy (a smaller batch, a shorter context, a window) is priced on it: a note says why, naming the file
+    assert diagnosis["kv_bytes"] == pool["kv_cache_bytes"]
+    assert (diagnosis["batch"], diagnosis["tokens_held"], diagnosis["remedies"]) == (None, None, [])
+    named = {
+        "transformers-cb": "transformers' continuous batching pool (transformers-cb)",
+        "vllm": "vLLM's pool",
+    }
+    note = (
+        f"cache {cache} in the KV log is {named[engine]}, read without engine.json: its blocks, requests "
+        "and preemptions are unknown, and the pool is allocated whole at the engine's start, so a smaller "
+        "batch, a shorter context, a window or a quantized cache would not change its size: no remedy is "
+        "priced (restore engine.json for the engine's diagnosis in its blocks)"
+    )
+    assert note in diagnosis["notes"]
+    assert "batch x tokens" not in text and "remedies: none priced" in text and f"note: {note}" in text
