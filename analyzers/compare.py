@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from analyzers.caches import CROSS_ATTENTION, model_caches
+from analyzers.engine import failed_requests_unknown
 from analyzers.model import MemorySource
 from analyzers.render.plotly_div import figure_div
 from analyzers.summary import Report
@@ -208,12 +209,9 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
     rate = tokens_per_second(source, report)
     if rate is None and made is None and kv_log is not None and report.engine is None:
         notes += _untimed_note(report)
-    engine = report.engine
-    if engine is not None and engine.status != "refused_start" and _failed_requests(engine, source) is None:
-        notes += (
-            "engine failed requests unknown: the run was recorded before kvtrace logged how each request "
-            "ended (no finish reasons in engine_requests.jsonl, no failed_requests in the manifest)",
-        )
+    unknown = _failed_requests_unknown(report.engine, source)
+    if unknown is not None:
+        notes += (f"engine failed requests unknown: {unknown}",)
     if report.engine is not None and report.engine.status == "refused_start":
         notes += (
             "vLLM refused to start for lack of KV memory: no pool was allocated and nothing ran, so its "
@@ -281,24 +279,20 @@ def _peak_counts(main: Any) -> str:
     return "weights + KV" if main.categories_at_peak.get("weights") else "KV"
 
 
-def _failed_requests(fig: Any, source: MemorySource) -> int | None:
-    """Requests the engine failed: those its request log ends with reason "error" (the report's "2 failed").
-    None where the log cannot say: a transformers-cb run recorded before kvtrace logged every failed request
-    (its manifest's engine has no `failed_requests`: transformers gives no reason to the others), a vLLM run
-    whose finished requests have no reason (recorded before kvtrace logged vLLM's)."""
-    if fig.status == "refused_start":
+def _failed_requests_unknown(fig: Any, source: MemorySource) -> str | None:
+    """Why the run's request log cannot count its failed requests (`failed_requests_unknown`), or None."""
+    run = source.meta.get("engine")
+    if fig is None or run is None or fig.status == "refused_start":
         return None
-    if fig.name == "transformers-cb":
-        engine = (source.meta.get("manifest") or {}).get("engine")
-        if not isinstance(engine, dict) or "failed_requests" not in engine:
-            return None
-    elif not fig.finish_reasons and any(e.event == "finished" for e in _requests(source)):
+    return failed_requests_unknown(fig, run, source.meta.get("manifest") or {})
+
+
+def _failed_requests(fig: Any, source: MemorySource) -> int | None:
+    """Requests the engine failed: those its request log ends with reason "error", as the report and diagnose
+    count them ("2 failed"). None for a refused start, and where the log cannot say (the note says why)."""
+    if fig.status == "refused_start" or _failed_requests_unknown(fig, source) is not None:
         return None
     return len(fig.failed_requests)
-
-
-def _requests(source: MemorySource) -> tuple[Any, ...]:
-    return tuple(getattr(source.meta.get("engine"), "requests", ()))
 
 
 def _engine_figures(fig: Any, made: tuple[int, float] | None, source: MemorySource) -> dict[str, Any] | None:

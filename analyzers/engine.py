@@ -30,6 +30,7 @@ __all__ = [
     "blocks_for",
     "cache_dtype_name",
     "engine_figures",
+    "failed_requests_unknown",
     "held_at",
     "kv_dtype_name",
     "model_geometry",
@@ -257,6 +258,33 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         requests_completed=completed,
         failed_requests=tuple(failed),
         peak_in_step=steps.in_step,
+    )
+
+
+def failed_requests_unknown(fig: EngineFigures, run: EngineRun, manifest: dict[str, Any]) -> str | None:
+    """Why engine_requests.jsonl cannot count the requests the engine failed, or None when it can: the count
+    is then `fig.failed_requests`, as the report's "(0 completed, 1 failed)" and diagnose's. The manifest's
+    `engine` is written at the block's end only, so a run whose process died has none: the log decides."""
+    if fig.name != "transformers-cb":
+        if not fig.finish_reasons and any(e.event == "finished" for e in run.requests):
+            return "its finished requests carry no finish reason (recorded before kvtrace logged vLLM's)"
+        return None
+    engine = manifest.get("engine")
+    if isinstance(engine, dict) and "failed_requests" in engine:
+        return None
+    # A failed request's line carries its `error` since kvtrace logs every request transformers fails; before,
+    # only those of a stopped run had a line, and none its error
+    if any(e.finish_reason == "error" and e.error is not None for e in run.requests if e.event == "finished"):
+        return None
+    if engine is None and (manifest.get("ended") or {}).get("status") == "running":
+        return (
+            "the run never finished, so its manifest does not count them, and engine_requests.jsonl names no "
+            "request failed with its error: none failed, or it was recorded before kvtrace logged every "
+            "request transformers failed"
+        )
+    return (
+        "the run was recorded before kvtrace logged every request transformers failed (no failed_requests "
+        "in its manifest's engine, no error on a failed request in engine_requests.jsonl)"
     )
 
 

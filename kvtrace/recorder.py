@@ -107,6 +107,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._clock = self.options.clock
         self._events: JsonlAppender | None = None
         self._samples: JsonlAppender | None = None
+        self._engine_logs: tuple[JsonlAppender, ...] = ()  # an engine's step and request logs, if any
         self._forward: ForwardWrap | None = None
         self._weights: ModelWeights | None = None  # weights.jsonl, and the storages `model.to()` replaces
         self._profiler: Any = None

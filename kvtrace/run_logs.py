@@ -1,5 +1,6 @@
-"""The recording's logs reaching their files: the KV events and memory samples, flushed by the writer thread
-(`RunWriter`) or at the block's end, and the first write that failed, which makes the run incomplete.
+"""The recording's logs reaching their files: the KV events, memory samples and an engine's step and request
+logs, flushed by the writer thread (`RunWriter`) or at the block's end, and the first write that failed,
+which makes the run incomplete.
 
 `Recording` inherits `RunLogs`; `_sample` runs at the end of every step.
 """
@@ -26,6 +27,7 @@ class RunLogs:
     _ranges: StepRanges | None
     _events: JsonlAppender | None
     _samples: JsonlAppender | None
+    _engine_logs: tuple[JsonlAppender, ...]
     _sampler: MemorySampler | None
     _flush_lock: threading.Lock
     _write_error: str | None
@@ -41,9 +43,9 @@ class RunLogs:
             self._ranges.pop()
 
     def _flush(self) -> None:
-        """Write what the tracker and the sampler hold, in one write per file; on the writer thread or
-        this one. After a failed write (a full disk) nothing more is written: the lines are dropped and
-        counted, and the block ends with a `RecordingError` naming the file."""
+        """Write what the tracker, the sampler and an engine hold, in one write per file; on the writer
+        thread or this one. After a failed write (a full disk) nothing more is written: the lines are
+        dropped and counted, and the block ends with a `RecordingError` naming the file."""
         with self._flush_lock:
             events, samples = self._events, self._samples
             if events is not None:
@@ -63,14 +65,27 @@ class RunLogs:
                         self.events_lost += count - events.lines_before_error
                     else:
                         self.event_count += count
-            if samples is not None:
+            for log in (samples, *self._engine_logs) if samples is not None else self._engine_logs:
                 if self._write_error is not None:
-                    samples.discard()
-                    return
+                    log.discard()
+                    continue
                 try:
-                    samples.flush()
+                    log.flush()
                 except OSError as exc:
-                    self._write_failed(samples, exc)
+                    self._write_failed(log, exc)
+
+    def _add_engine_logs(self, *logs: JsonlAppender) -> None:
+        """An engine's step and request logs, from here flushed with the others (on the writer thread every
+        0.1 s): a step that hangs before the process is killed must not take the steps before it along.
+        Only `_flush` flushes them, under its lock: two flushes of one appender at once could write its
+        lines twice."""
+        with self._flush_lock:
+            self._engine_logs = (*self._engine_logs, *logs)
+
+    def _remove_engine_logs(self, *logs: JsonlAppender) -> None:
+        """Before the engine closes them: what is appended to a closed log is dropped, not written."""
+        with self._flush_lock:
+            self._engine_logs = tuple(log for log in self._engine_logs if log not in logs)
 
     def _write_failed(self, appender: JsonlAppender, exc: OSError) -> None:
         if self._write_error is None:

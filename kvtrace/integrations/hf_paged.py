@@ -193,6 +193,9 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
         write_json_atomic(rec.path / fmt.ENGINE, self.document)
         self._steps = JsonlAppender(rec.path / fmt.ENGINE_STEPS)
         self._request_log = JsonlAppender(rec.path / fmt.ENGINE_REQUESTS)
+        # Written with the recording's logs, by its writer thread every 0.1 s: not only at a step's end, or a
+        # step that hangs before the process is killed would take the lines of the steps before it along
+        rec._add_engine_logs(self._steps, self._request_log)
         tracker = rec.tracker
         with tracker.lock:  # the recorder's writer thread takes the tracker's lines meanwhile
             tracker.drain()

@@ -164,7 +164,7 @@ class PagedSteps:
         if ranges is not None and ranges.active:
             ranges.pop()
         rec._sample(phase, started_ns=began)
-        self._flushed_ns = flush_when_due(self._flushed_ns, t_ns, rec, self._steps, self._request_log)
+        self._flushed_ns = flush_when_due(self._flushed_ns, t_ns, rec)
 
     def _step_failed(self) -> None:
         """The forward raised: transformers fails the requests and stops, `update_batch` never runs. The
@@ -226,5 +226,4 @@ class PagedSteps:
         self.document["status"] = "failed"
         self.document["failure"] = self.failure
         write_json_atomic(self.recording.path / fmt.ENGINE, self.document)
-        assert self._request_log is not None
-        self._request_log.flush()
+        self.recording._flush()  # with the failed requests' lines (under its lock, as the writer thread's)

@@ -70,6 +70,7 @@ def _modules() -> tuple[Any, Any, Any] | None:
 class PagedWrappers:
     """Install and uninstall (a mixin of `PagedAttentionHooks`, whose state it shares)."""
 
+    recording: Any
     _patches: _Patches
     _finder: Any
     _closed: bool
@@ -204,6 +205,7 @@ class PagedWrappers:
                 sys.meta_path.remove(self._finder)
             self._finder = None
         self._patches.undo()
-        for log in (self._steps, self._request_log):
-            if log is not None:
-                log.close()
+        logs = [log for log in (self._steps, self._request_log) if log is not None]
+        self.recording._remove_engine_logs(*logs)
+        for log in logs:
+            log.close()

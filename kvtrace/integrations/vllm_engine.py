@@ -35,20 +35,19 @@ def _not_null(block: Any) -> bool:
     return not block.is_null
 
 
-# Logs reach their files at most this often (and at the end): a step can take a millisecond on a GPU, and
-# four write(2) calls per step would be most of the recorder's cost. A killed engine loses the last 0.1 s.
+# A step's end also writes the logs when the last write is this old: the writer thread writes them every
+# 0.1 s whatever the steps do, but a step that ends after a long one (whose lines waited) then has its own
+# line on disk at once, before a kill in the next. Not every step: four write(2) calls per step, each a
+# millisecond on a GPU, would be most of the recorder's cost.
 _FLUSH_NS = 100_000_000
 
 
-def flush_when_due(last_ns: int, t_ns: int, recording: Any, *logs: Any) -> int:
-    """At most every `_FLUSH_NS`: the recording's logs and an engine's step and request logs reach their
-    files. Returns the time of the last flush."""
+def flush_when_due(last_ns: int, t_ns: int, recording: Any) -> int:
+    """At most every `_FLUSH_NS`: the recording's logs, the engine's among them, reach their files (under
+    the recording's flush lock: the writer thread flushes the same logs). Returns the last flush's time."""
     if t_ns - last_ns < _FLUSH_NS:
         return last_ns
     recording._flush()
-    for log in logs:
-        if log is not None:
-            log.flush()
     return t_ns
 
 
@@ -126,6 +125,9 @@ class EngineHooks:
         self._log_pool(worker_facts)
         self._steps = JsonlAppender(rec.path / fmt.ENGINE_STEPS)
         self._request_log = JsonlAppender(rec.path / fmt.ENGINE_REQUESTS)
+        # Written with the recording's logs, by its writer thread every 0.1 s: not only at a step's end, or a
+        # step that hangs before the process is killed would take the lines of the steps before it along
+        rec._add_engine_logs(self._steps, self._request_log)
         patches = self._patches
         self._schedule = patches.set(self._scheduler, "schedule", self._schedule_hook)
         self._preempt = patches.set(self._scheduler, "_preempt_request", self._preempt_hook)
@@ -136,9 +138,10 @@ class EngineHooks:
 
     def uninstall(self) -> None:
         self._patches.undo()
-        for log in (self._steps, self._request_log):
-            if log is not None:
-                log.close()
+        logs = [log for log in (self._steps, self._request_log) if log is not None]
+        self.recording._remove_engine_logs(*logs)
+        for log in logs:
+            log.close()
 
     def summary(self) -> dict[str, Any]:
         """The manifest's `engine` entry."""
@@ -380,7 +383,7 @@ class EngineHooks:
         self._steps.append(line)
         # Not the sample's `raised`: that one says which KV layer updates a Hugging Face forward reached
         rec._sample(phase, started_ns=self._step_began_ns)
-        self._flushed_ns = flush_when_due(self._flushed_ns, t_ns, rec, self._steps, self._request_log)
+        self._flushed_ns = flush_when_due(self._flushed_ns, t_ns, rec)
 
     def _log_request(self, request: Any, event: str, blocks: int, **extra: Any) -> None:
         assert self._request_log is not None

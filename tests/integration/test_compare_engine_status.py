@@ -17,6 +17,9 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,8 @@ FAILED_STEP = 1 + (USABLE * PAGE - len(PROMPT)) + 1  # prefill, 2 decodes, then 
 NEEDED = math.ceil((USABLE * PAGE + 1) / PAGE)  # 4
 ALONE = {"good_0": [1, 2, 3, 4, 5], "bad_1": [6, 7, 8], "good_2": [9, 10, 11, 12]}
 RUNS = ("no_blocks", "one_failed", "vllm_preempt", "static_b2")
+DIED_STEP = 8
+DIED_PROMPTS = {f"r{i}": list(range(10 * i + 1, 10 * i + 6)) for i in range(4)}
 
 
 def _generation() -> GenerationConfig:
@@ -193,19 +198,102 @@ def test_compare_text_and_page_have_a_row_per_engine_fact(runs: Path, tmp_path: 
 def test_a_continuous_batching_run_recorded_before_failed_requests_were_counted_says_unknown(
     runs: Path, tmp_path: Path
 ) -> None:
-    # GIVEN the run that failed a request on its own, its manifest as kvtrace wrote it before it counted them
+    # GIVEN the run that failed a request on its own, its files as kvtrace wrote them before it counted them:
+    # no failed_requests in the manifest, and no line for the request failed on its own
     old = shutil.copytree(runs / "one_failed", tmp_path / "old_one_failed")
     manifest = json.loads((old / "manifest.json").read_text())
     del manifest["engine"]["failed_requests"]
     (old / "manifest.json").write_text(json.dumps(manifest))
+    log = old / "engine_requests.jsonl"
+    kept = [line for line in log.read_text().splitlines() if json.loads(line)["request_id"] != "bad_1"]
+    log.write_text("\n".join(kept) + "\n")
 
     # WHEN compared
     compared = json.loads(_cli(["compare", str(old), str(runs / "one_failed"), "--json"]))
 
     # THEN its failed requests are unknown (null, "-"), not 0, and a note says why
     assert [run["engine"]["failed_requests"] for run in compared["runs"]] == [None, 1]
-    assert any(note.startswith("engine failed requests unknown") for note in compared["runs"][0]["notes"])
+    assert (
+        "engine failed requests unknown: the run was recorded before kvtrace logged every request "
+        "transformers failed (no failed_requests in its manifest's engine, no error on a failed request in "
+        "engine_requests.jsonl)"
+    ) in compared["runs"][0]["notes"]
+    assert not any("failed requests unknown" in note for note in compared["runs"][1]["notes"])
     assert _table(_cli(["compare", str(old), str(runs / "one_failed")]))["engine failed requests"] == [
         "-",
         "1",
     ]
+
+
+_DIED = textwrap.dedent(
+    f"""
+    import os, sys
+    import torch
+    import transformers.generation.continuous_batching.continuous_api as ca
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    import kvtrace
+    from kvtrace.llama import build_model
+    from tests.tiny import tiny_size
+
+    torch.manual_seed(0)
+    model = build_model(tiny_size(2, 2), dtype=torch.float32)
+    generation_step = ca.ContinuousBatchProcessor._generation_step
+    steps = []
+
+    def step(self, model):
+        steps.append(1)
+        if len(steps) == {DIED_STEP}:
+            os._exit(1)  # the process dies mid-run (a kill -9, a crash): no block end, no engine summary
+        return generation_step(self, model)
+
+    ca.ContinuousBatchProcessor._generation_step = step
+    generation = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=64, page_size={PAGE}, max_batch_tokens=64)
+    with kvtrace.record(sys.argv[1], model=model, profiler=False):
+        manager = model.init_continuous_batching(
+            generation_config=generation, continuous_batching_config=batching
+        )
+        manager.start()
+        for request_id, prompt in {DIED_PROMPTS}.items():
+            refused = {{"bogus_kwarg": 1}} if request_id == "r1" else {{}}  # a kwarg it cannot apply
+            manager.add_request(prompt, request_id=request_id, **refused)
+        while True:
+            manager.get_result(timeout=60)
+    """
+)
+
+
+def test_a_run_whose_process_died_counts_its_failed_requests_from_its_log(tmp_path: Path) -> None:
+    # GIVEN a real continuous-batching run whose process died at engine step 8, after transformers failed r1
+    # on its own (a logits-processor argument it cannot apply): the manifest never got its `engine` count
+    run = tmp_path / "died"
+    done = subprocess.run(
+        [sys.executable, "-c", _DIED, str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=SAMPLES.parent,
+    )
+    assert done.returncode == 1, done.stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert (manifest["ended"], "engine" in manifest) == ({"status": "running"}, False)
+    failed = [
+        r["request_id"]
+        for r in _lines(run / "engine_requests.jsonl")
+        if r["event"] == "finished" and r.get("finish_reason") == "error"
+    ]
+    assert failed == ["r1"]
+
+    # WHEN it is compared, reported and diagnosed
+    compared = json.loads(_cli(["compare", str(run), str(run), "--json"]))
+    report = _cli(["report", str(run), "--no-export"])
+    diagnosis = json.loads(_cli(["diagnose", str(run), "--json"]))
+
+    # THEN compare counts r1 failed, as its log, the report and diagnose do, with no note calling it unknown
+    assert compared["runs"][0]["engine"]["failed_requests"] == len(failed) == 1
+    assert compared["runs"][0]["engine"]["requests"] == len(DIED_PROMPTS)
+    assert not any("failed requests unknown" in note for note in compared["runs"][0]["notes"])
+    assert diagnosis["failed_requests"] == failed
+    assert _table(_cli(["compare", str(run), str(run)]))["engine failed requests"] == ["1", "1"]
+    assert f"{len(DIED_PROMPTS)} requests (0 completed, 1 failed)" in report

@@ -7,7 +7,8 @@
     python -m tests.vllm.scripts fp8_record MODEL_DIR RUN_DIR
     python -m tests.vllm.scripts falcon_record MODEL_DIR RUN_DIR  # writes a multi-query Falcon to MODEL_DIR
     python -m tests.vllm.scripts raise_record MODEL_DIR RUN_DIR CALL  # the model raises in forward CALL
-    python -m tests.vllm.scripts kill_record MODEL_DIR RUN_DIR CALL   # the process SIGKILLs itself there
+    python -m tests.vllm.scripts kill_record MODEL_DIR RUN_DIR CALL [HANG_S]  # the process SIGKILLs itself
+                                                                        # there (after HANG_S in it)
     python -m tests.vllm.scripts raise_plugin MODEL_DIR CALL [STALL_S]  # raise_record's, multiprocess;
                                                                         # KVTRACE_DIR set
 
@@ -196,18 +197,25 @@ def raise_plugin(model_dir: str, call: int, stall_s: float = 0.0) -> dict[str, A
     return result
 
 
-def kill_record(model_dir: str, run_dir: str, call: int) -> dict[str, Any]:
+def kill_record(model_dir: str, run_dir: str, call: int, hang_s: float = 0.0) -> dict[str, Any]:
     """The workload (it preempts) recorded in-process, the process killing itself (SIGKILL) in the model's
-    CALLth forward. The forward before it waits 0.2 s, so that the step before reaches the files (the engine
-    logs are flushed at a step's end, at most every 0.1 s): the run holds exactly the steps before CALL."""
+    CALLth forward. The forward before it waits 0.2 s, so that the step before reaches the files at its end
+    (a step's end writes the logs when the last write is 0.1 s old): the run holds exactly the steps before
+    CALL. `hang_s`: CALL's forward hangs that long before the kill, and the forward before waits not (the
+    writer thread writes the logs every 0.1 s meanwhile)."""
     import signal
     import time
 
     import kvtrace
 
+    def hang_then_kill() -> None:
+        time.sleep(hang_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
     llm = make_llm(model_dir)
-    _on_forward(llm, call - 1, lambda: time.sleep(0.2))
-    _on_forward(llm, call, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    if not hang_s:
+        _on_forward(llm, call - 1, lambda: time.sleep(0.2))
+    _on_forward(llm, call, hang_then_kill)
     with kvtrace.record(run_dir, model=llm, profiler=False):
         run_workload(llm)
     return {"killed": False}
@@ -231,7 +239,8 @@ if __name__ == "__main__":
     elif mode == "raise_plugin":
         result = raise_plugin(model, int(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)
     elif mode == "kill_record":
-        result = kill_record(model, sys.argv[3], int(sys.argv[4]))
+        hang_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+        result = kill_record(model, sys.argv[3], int(sys.argv[4]), hang_s)
     else:
         result = refused(model, sys.argv[3] if mode == "refused_record" else None)
     print("KVTRACE-RESULT " + json.dumps(result), flush=True)

@@ -155,3 +155,33 @@ def test_killed_run_is_said_to_have_died(killed_run: Path, capsys: pytest.Captur
     assert main(["diagnose", str(killed_run)]) == 0
     text = capsys.readouterr().out
     assert "[fits]" not in text and text.rstrip().endswith(f"note: {died}")
+
+
+HUNG_AT = 26  # the step whose scheduling first preempts: its forward hangs, then the process is killed
+
+
+def test_a_run_killed_in_a_hanging_step_keeps_the_lines_made_before_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # GIVEN the workload recorded until step 26's forward hangs 0.5 s and the process is SIGKILLed there:
+    # step 26's scheduling preempted, and no step ended after it (whose end would have written the logs)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.pop("KVTRACE_DIR", None)
+    argv = ["kill_record", str(tiny_model_dir), str(run_dir), str(HUNG_AT), "0.5"]
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.vllm.scripts", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == -9, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    # THEN the writer thread wrote every step that ended, and the preemptions of step 26's scheduling
+    steps = _jsonl(run_dir / fmt.ENGINE_STEPS)
+    assert [s["step"] for s in steps] == list(range(1, HUNG_AT))
+    requests = _jsonl(run_dir / fmt.ENGINE_REQUESTS)
+    preempted = [e for e in requests if e["event"] == "preempted"]
+    assert preempted and {e["step"] for e in preempted} == {HUNG_AT}
+    assert max(e["step"] for e in requests) == HUNG_AT
