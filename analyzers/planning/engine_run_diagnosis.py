@@ -11,7 +11,8 @@ A run that stopped before its end (its process died, its block raised or was int
 to then, said in a note as the Hugging Face diagnosis says it. Its requests still in the engine then had not
 reached their final lengths, which vLLM's remedies are priced on: a remedy that avoids every preemption of
 what was recorded is then said unknown ("[?]"), never "fits"; transformers' continuous batching's demand in
-blocks (`kvtrace diagnose`) is then said "at least", with no num_blocks named (`unfinished_at_stop` for both).
+blocks (`kvtrace diagnose`) is then said "at least", with no num_blocks named, and so is vLLM's demand if
+nothing were preempted (`unfinished_at_stop` for both).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class EngineRunDiagnosis:
     diagnosis: RefusedDiagnosis | PreemptionDiagnosis | None
     notes: tuple[str, ...] = ()  # how the run stopped short (`ended_notes`), as `kvtrace diagnose` notes it
     unpriced: str | None = None
+    unfinished_requests: int = 0  # left in the engine by a run that stopped short (`unfinished_at_stop`)
 
     @property
     def name(self) -> str:
@@ -155,7 +157,7 @@ def _short_of_final(
     remedies = tuple(
         replace(r, fits=None, sentence=r.sentence + caveat) if r.fits else r for r in diagnosis.remedies
     )
-    return replace(diagnosis, remedies=remedies)
+    return replace(diagnosis, remedies=remedies, unfinished_requests=left.requests)
 
 
 def explain_engine_run(
@@ -164,7 +166,8 @@ def explain_engine_run(
     """The engine's diagnosis against `budget`; `stopped`: how the run stopped short (`stopped_short`).
     Raises KvtraceError where a refusal cannot be priced."""
     diagnosis = _short_of_final(diagnose_engine(run, budget), run, stopped)
-    return EngineRunDiagnosis(run, budget, diagnosis, notes)
+    left = unfinished_at_stop(run, stopped)
+    return EngineRunDiagnosis(run, budget, diagnosis, notes, unfinished_requests=left.requests if left else 0)
 
 
 def engine_run_diagnosis(source: Any, report: Any) -> EngineRunDiagnosis | None:

@@ -90,6 +90,9 @@ class PreemptionDiagnosis:
     model: str
     notes: tuple[str, ...] = field(default_factory=tuple)
     kind: str = "preemption"
+    # requests a run that stopped short left in the engine (analyzers.planning.engine_run_diagnosis): counted
+    # at the lengths they had reached, so the demand above is a lower bound where not 0
+    unfinished_requests: int = 0
 
 
 def _kv_tokens(e: RequestEvent) -> int:

@@ -40,6 +40,7 @@ def engine_run_diagnosis_to_json(d: EngineRunDiagnosis) -> dict[str, Any] | None
         result = ran_fine_to_json(d.run, over_budget=d.budget is not None and d.budget.crossed)
     else:
         result = vllm_diagnosis_to_json(d.diagnosis)
+    result["unfinished_requests"] = d.unfinished_requests  # every kind, as transformers' diagnosis gives it
     return with_budget(result, d.budget, d.notes)
 
 

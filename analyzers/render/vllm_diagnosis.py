@@ -125,9 +125,14 @@ def _held_as_of(d: PreemptionDiagnosis, held: HeldRequest) -> str:
 
 
 def _demand(d: PreemptionDiagnosis) -> str:
+    """What the requests would have needed; "at least" where the run stopped with requests unfinished: they
+    are counted at the lengths they had reached, not their final ones."""
+    short = d.unfinished_requests
+    bound = "at least " if short else ""
+    left = f", counting the {short} unfinished request(s) at the lengths they had reached" if short else ""
     return (
-        f"{d.demand_bound_blocks:,} blocks (+{d.blocks_needed - d.demand_bound_blocks} null = "
-        f"{d.blocks_needed:,}); on the recorded schedule it peaked at {d.recorded_peak_demand_blocks:,}"
+        f"{bound}{d.demand_bound_blocks:,} blocks (+{d.blocks_needed - d.demand_bound_blocks} null = "
+        f"{d.blocks_needed:,}){left}; on the recorded schedule it peaked at {d.recorded_peak_demand_blocks:,}"
     )
 
 

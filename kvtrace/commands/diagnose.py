@@ -274,6 +274,12 @@ def _other_engine(
             f"{name} ran no engine step: the run ended before its first step, with its pool made "
             f"({usable:,} usable blocks, none used)."
         )
+    elif figures.first_preemption_step is None and left is not None:
+        # the requests stopped short of their final lengths: whether the pool would have held them is unknown
+        sentence = (
+            f"{name} took no request out of its pool before the run stopped, with {left.clause()}: whether "
+            f"the pool would have sufficed cannot be told from this run ({peak})."
+        )
     elif figures.first_preemption_step is None:
         ran_out = "" if over or raised_in_run else ": nothing ran out"
         sentence = f"{name} took no request out of its pool{ran_out} ({peak})."

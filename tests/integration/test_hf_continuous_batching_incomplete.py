@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -33,8 +34,9 @@ DIES_AT = 10  # the engine step in which the process dies, with no request finis
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_traces"
 
-# Step DIES_AT - 1 lasts longer than the engine files' 0.1 s flush, so its end writes every step up to it;
-# then the process exits in step DIES_AT as a kill -9 (or the OOM killer) would: no exception, no teardown.
+# Step DIES_AT (argv[2], the step in which the process dies) - 1 lasts longer than the engine files' 0.1 s
+# flush, so its end writes every step up to it; then the process exits in step DIES_AT as a kill -9 (or the
+# OOM killer) would: no exception, no teardown.
 _DIES = textwrap.dedent(
     f"""
     import os, sys, time
@@ -49,11 +51,13 @@ _DIES = textwrap.dedent(
     model = build_model(tiny_size({LAYERS}, {KV_HEADS}), dtype=torch.float32)
     step, steps = api.ContinuousBatchProcessor._generation_step, [0]
 
+    dies_at = int(sys.argv[2])
+
     def dying(self, model):
         steps[0] += 1
-        if steps[0] == {DIES_AT} - 1:
+        if steps[0] == dies_at - 1:
             time.sleep(0.15)
-        if steps[0] == {DIES_AT}:
+        if steps[0] == dies_at:
             os._exit(1)
         return step(self, model)
 
@@ -102,7 +106,11 @@ def test_a_run_that_died_with_requests_unfinished_gives_its_demand_as_a_lower_bo
     # GIVEN a run whose process died in step 10, after the pool took a request out at step 7
     run = tmp_path / "died"
     done = subprocess.run(
-        [sys.executable, "-c", _DIES, str(run)], capture_output=True, text=True, timeout=300, cwd=ROOT
+        [sys.executable, "-c", _DIES, str(run), str(DIES_AT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert done.returncode == 1, done.stderr
     assert json.loads((run / "manifest.json").read_text())["ended"] == {"status": "running"}
@@ -146,6 +154,48 @@ def test_a_run_that_died_with_requests_unfinished_gives_its_demand_as_a_lower_bo
     assert final == 13 > at_least
     _record(tmp_path / "final", cb_model, final)
     assert not [e for e in _lines(tmp_path / "final" / "engine_requests.jsonl") if e["event"] == "preempted"]
+
+
+def test_a_run_that_died_before_taking_a_request_out_does_not_say_nothing_ran_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run whose process died in step 5, before the pool took any request out (it would at step 7)
+    run, dies_at = tmp_path / "died_early", 5
+    done = subprocess.run(
+        [sys.executable, "-c", _DIES, str(run), str(dies_at)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 1, done.stderr
+    steps = _lines(run / "engine_steps.jsonl")
+    assert [s["step"] for s in steps] == list(range(1, dies_at))
+    requests = _lines(run / "engine_requests.jsonl")
+    assert not [e for e in requests if e["event"] in ("finished", "preempted")]
+    peak = max(s["blocks_used"] for s in steps)
+    peak_step = next(s["step"] for s in steps if s["blocks_used"] == peak)
+    # the three prompts have grown by 3 tokens each by step 4: 9, 8 and 6 KV tokens in 4-token blocks
+    assert (peak, peak_step) == (3 + 2 + 2, 4)
+
+    # WHEN it is diagnosed
+    diagnosis, text = _diagnose(run, capsys)
+
+    # THEN it says no request was taken out before it stopped, with its requests unfinished: whether the pool
+    # would have sufficed is unknown, so "nothing ran out" is not said
+    assert (diagnosis["kind"], diagnosis["unfinished_requests"]) == ("no_preemption", len(PROMPTS))
+    sentence = (
+        f"transformers-cb {transformers.__version__} took no request out of its pool before the "
+        f"run stopped, with {len(PROMPTS)} request(s) unfinished (its process died): whether the pool "
+        f"would have sufficed cannot be told from this run (peak {peak} of {USABLE} usable blocks at step "
+        f"{peak_step})."
+    )
+    assert diagnosis["sentence"] == sentence
+    assert "nothing ran out" not in text
+    assert text.splitlines() == [
+        f"kvtrace diagnose: {run}: {sentence}",
+        "  note: the run never finished (the process died): read up to its last flushed step",
+    ]
 
 
 @pytest.mark.parametrize("engine", ["transformers-cb", "vllm"])

@@ -157,6 +157,32 @@ def test_killed_run_is_said_to_have_died(killed_run: Path, capsys: pytest.Captur
     assert "[fits]" not in text and text.rstrip().endswith(f"note: {died}")
 
 
+def test_killed_run_gives_its_demand_as_a_lower_bound(
+    killed_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the run killed in step 30, every request unfinished: 7 ran (the 8th waited from the start), and
+    # those preempted at step 26 had 40 + 25 tokens, whose next one needs a 3rd block: each of the 7 needs 3
+    requests = _jsonl(killed_run / fmt.ENGINE_REQUESTS)
+    ran = {e["request_id"] for e in requests}
+    preempted = [e for e in requests if e["event"] == "preempted"]
+    blocks_each = {_cdiv(e["prompt_tokens"] + e["output_tokens"], BLOCK_SIZE) for e in preempted}
+    assert (len(ran), blocks_each) == (REQUESTS - 1, {3})
+    at_least = len(ran) * 3
+    # WHEN it is diagnosed
+    diagnosis = _cli_json(capsys, "diagnose", str(killed_run))
+    assert main(["diagnose", str(killed_run)]) == 0
+    text = capsys.readouterr().out
+    # THEN the JSON gives the requests left unfinished, as transformers' diagnosis does
+    assert diagnosis["unfinished_requests"] == REQUESTS
+    assert (diagnosis["demand_bound_blocks"], diagnosis["blocks_needed"]) == (at_least, at_least + 1)
+    # AND the text says the demand is a lower bound, and why
+    assert (
+        f"  demand if nothing were preempted: at least {at_least} blocks (+1 null = {at_least + 1}), "
+        f"counting the {REQUESTS} unfinished request(s) at the lengths they had reached; on the recorded "
+        f"schedule it peaked at {at_least}\n"
+    ) in text
+
+
 HUNG_AT = 26  # the step whose scheduling first preempts: its forward hangs, then the process is killed
 
 
