@@ -48,17 +48,8 @@ def write_json_in_place(path: Path, payload: dict[str, Any]) -> None:
         fh.write(data + b" " * (size - len(data)))
 
 
-def _written_value(value: object) -> Any:
-    """A value whose figure is read only as its line is written (`json_value()`: a device value, read on
-    the writer thread rather than the model's); anything else is refused as json refuses it."""
-    read = getattr(value, "json_value", None)
-    if read is None:
-        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-    return read()
-
-
 # One encoder for every line: json.dumps with options builds a new JSONEncoder on each call.
-_encode_compact = json.JSONEncoder(separators=(",", ":"), default=_written_value).encode
+_encode_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def append_lines_whole(path: Path, records: list[dict[str, Any]]) -> None:

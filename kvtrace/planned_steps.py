@@ -20,7 +20,7 @@ from kvtrace.integrations.hf_decode_plan import DecodePlan, log_planned, plan_fo
 
 if TYPE_CHECKING:
     from kvtrace.integrations.hf_caches import HfCacheHooks
-    from kvtrace.integrations.hf_generate import GenerateCalls, PaddedFlag
+    from kvtrace.integrations.hf_generate import GenerateCalls
     from kvtrace.integrations.hf_paged import PagedAttentionHooks
     from kvtrace.integrations.module_caches import ModuleCaches
     from kvtrace.json_writes import JsonlAppender
@@ -50,7 +50,7 @@ class PlannedSteps:
     _prefill_left: int
     _prompt_end: int | None
     _call_length: tuple[int, int | None] | None
-    _call_padded: PaddedFlag | bool | None
+    _call_padded: bool | None
     _may_defer: bool
     _defer_step: bool | None
     _profiler_on: bool

@@ -41,7 +41,7 @@ class CallStart(NamedTuple):
     cache_passed: bool  # whether it was given a cache (else generate() makes an empty one)
     max_length: int | None  # the sequence length it stops at, prompt included (`_requested_length`)
     max_new_tokens: int | None  # its max_new_tokens, where that set `max_length`
-    padded: PaddedFlag | bool | None = None  # whether its attention_mask masks a position out (`_padded`)
+    padded: bool | None = None  # whether its attention_mask masks a position out (`_padded`); None: not told
 
 
 class GenerateCalls:
@@ -151,35 +151,17 @@ def _prompt_length(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     return int(shape[1]) if shape is not None and len(shape) >= 2 else None
 
 
-class PaddedFlag:
-    """Whether a call's prompts were padded, known only when its sample line is written: `mask.all()` is
-    queued on the mask's device beside the model's work, and its value is read by the writer thread's flush
-    (or as the block ends), never on the model's thread inside the call, which would wait for the device
-    there (issue 11: no host read of a tensor's value during generate(), `test_tracker_syncs`)."""
-
-    __slots__ = ("_all",)
-
-    def __init__(self, all_kept: Any) -> None:
-        self._all = all_kept  # a 0-d bool tensor: every position of the mask kept
-
-    def json_value(self) -> bool | None:
-        """The value a sample line holds (`kvtrace.json_writes`): None where it cannot be read."""
-        try:
-            return not bool(self._all)
-        except Exception:
-            return None
-
-
-def _padded(kwargs: dict[str, Any]) -> PaddedFlag | bool | None:
-    """Whether a `generate()` call's prompts were padded: its `attention_mask` masks out a position, read
-    later (`PaddedFlag`); one reduction a call, never per step. None where the call passes no mask tensor
-    (transformers may still infer one from the pad token); inside the user's call, this never raises."""
+def _padded(kwargs: dict[str, Any]) -> bool | None:
+    """Whether a `generate()` call's prompts were padded: its `attention_mask` masks out a position. One
+    reduction and one device sync per call (its mask is a GPU tensor), never per step; None, reading
+    nothing, where the call passes no mask tensor (transformers may still infer one from the pad token) or
+    it cannot be read: read inside the user's call, this must never raise."""
     mask = kwargs.get("attention_mask")
     torch = sys.modules.get("torch")  # loaded: the model is a torch module
     if torch is None or not isinstance(mask, torch.Tensor):
         return None
     try:
-        return PaddedFlag(mask.all()) if mask.numel() > 0 else False
+        return mask.numel() > 0 and not bool(mask.all())
     except Exception:
         return None
 
