@@ -104,7 +104,6 @@ SAMPLES = _schema(
         ("cuda_peak_allocated_bytes", _I64), ("started_ns", _I64), ("raised", _BOOL),
         ("prompt_end", _I64), ("max_length", _I64), ("max_new_tokens", _I64), ("cpu_percent", _F64),
         ("gpu_memory_used_bytes", _I64), ("gpu_memory_total_bytes", _I64), ("gpu_utilization_percent", _F64),
-        ("padded", _BOOL),
     ],
 )  # fmt: skip
 ENGINE_STEPS_SCHEMA = _schema(

@@ -220,14 +220,12 @@ class ForwardSteps(PlannedSteps):
         tokens under verification, assisted decoding's), and the positions a chunked prefill
         (`prefill_chunk_size`) still has to write after this forward (`_prefill_left`): its chunks are one
         step, yielding one token; and the length the call was asked to reach (`_call_length`: its
-        max_length and max_new_tokens, told in the same sample), where its input is its whole sequence;
-        whether its prompts were padded (`_call_padded`, told there too), whatever its input."""
+        max_length and max_new_tokens, told in the same sample), where its input is its whole sequence."""
         self._prompt_end = None
         self._call_length = None
-        self._call_padded = call.padded
         self._prefill_left = 0
         hf = self._hf
-        prompt, cache_passed, max_length, max_new_tokens, _ = call
+        prompt, cache_passed, max_length, max_new_tokens = call
         if not cache_passed:
             past: int | None = 0  # generate() made the cache
         else:
@@ -354,10 +352,8 @@ class ForwardSteps(PlannedSteps):
             extra["max_length"], new = self._call_length
             if new is not None:
                 extra["max_new_tokens"] = new
-        if phase == "prefill" and self._call_padded is not None:
-            extra["padded"] = self._call_padded
         self._sample(phase, **extra)
-        self._prompt_end = self._call_length = self._call_padded = None
+        self._prompt_end = self._call_length = None
 
 
 def _weak(obj: Any) -> Callable[[], Any]:

@@ -50,7 +50,6 @@ class PlannedSteps:
     _prefill_left: int
     _prompt_end: int | None
     _call_length: tuple[int, int | None] | None
-    _call_padded: bool | None
     _may_defer: bool
     _defer_step: bool | None
     _profiler_on: bool
@@ -186,7 +185,7 @@ class PlannedSteps:
                 )
             else:
                 self._sample(tracker._phase, started_ns=self._step_began_ns)
-            self._prompt_end = self._call_length = self._call_padded = None
+            self._prompt_end = self._call_length = None
         if self._may_defer and self._defer_step and not self._beside and not hf.defer_off:
             self._decode_next = plan if taken == len(layers) else self._plan_after(plan.ref, cache)
         return True

@@ -129,7 +129,6 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._prefill_continues = False  # the open step is a chunked prefill's, ended by its last chunk
         self._prompt_end: int | None = None  # where the running generate() call's prompt ends in its cache
         self._call_length: tuple[int, int | None] | None = None  # its max_length and max_new_tokens
-        self._call_padded: bool | None = None  # whether its attention_mask masks a position out
         self._model_caches: set[int] = set()  # the HF caches the model's own forwards were given
         self._caches_in_generate: set[int] = set()  # HF caches first seen inside its generate() (drafts)
         # HF caches first updated in a forward of one of the model's submodules called directly (model.model)

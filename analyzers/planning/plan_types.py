@@ -110,10 +110,6 @@ class RecordedPeak:
     update_context_token_bytes: int | None = None
     # the attention the run's model ran (eager, sdpa...: the manifest's); None: not told
     attn_implementation: str | None = None
-    # whether the run's generate() call had padded prompts (its prefill sample's `padded`): under sdpa a
-    # static prefill then makes a mask and K and V expanded over the cache (analyzers.planning
-    # .recorded_growth's `_static_prefill_bytes`); None: not told (planned as padded)
-    padded: bool | None = None
     # an encoder-decoder run's encoder pass: (bytes growing with the encoder length squared, with it)
     # beside the weights at each of its moments (analyzers.planning.encoder_pass); None: not told
     encoder_pass: tuple[tuple[int, int], ...] | None = None

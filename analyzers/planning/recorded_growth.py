@@ -288,22 +288,11 @@ def _static_prefill_bytes(
     float32 softmax (3 copies of heads x prompt, at 4 bytes: a bound, as `_attention_copies`), each in one
     layer at a time, added to the most the run held at its prefill wherever that was: an upper bound (the
     tiny Llama, 2 rows, 3-token prompt, context 12 to 206: +259,184 B where its recording held 212,104 B
-    more). sdpa's prefill of unpadded prompts takes no mask and keeps K and V to the KV heads (transformers
-    5.x `masking_utils._ignore_causal_mask_sdpa` skips the mask where every position past the prompt is the
-    static cache's empty future, and sdpa_attention's `use_gqa_in_sdpa` then passes `enable_gqa`), and flash
-    attention's neither: none. Padded prompts (`RecordedPeak.padded`; a run that does not say it is planned
-    as padded, the safe side) make sdpa's prefill a bool mask over all of the cache's positions, a byte a
-    prompt token, held across the layers (`sdpa_mask`); with a mask, `use_gqa_in_sdpa` is false on CUDA and
-    CPU, so each layer expands K and V to the query heads over them (`repeat_kv`), and torch's sdpa turns the
-    bool mask into one of the compute dtype (`aten::where`, measured on CPU), one layer at a time; no scores
-    (sdpa's kernels do not hold them). The tiny Llama, fp32, 2 rows, 20-token prompt half padded, planned
-    static from its dynamic run at its context 36: 528 B below the static recording before (its mask beyond
-    the prompt unpriced), 2.7% above after, the layer's copies priced beside the run's prefill peak, which
-    did not hold them. A run that does not say its attention is priced as eager. 0 for another cache or where
-    the plan's is no longer."""
-    eager = rec.attn_implementation in ("eager", None)
-    padded_sdpa = rec.attn_implementation == "sdpa" and rec.padded is not False
-    if req.cache != "static" or not (eager or padded_sdpa):
+    more). sdpa's prefill of unpadded prompts takes no mask and cuts K and V to the prompt (transformers'
+    `is_causal` path), and flash attention's neither: none (a padded batch's mask would send sdpa to
+    `repeat_kv` too, which the run does not tell). A run that does not say its attention is priced as
+    eager. 0 for another cache or where the plan's is no longer."""
+    if req.cache != "static" or rec.attn_implementation not in ("eager", None):
         return 0
     # another cache's prefill attended over its prompt's positions (none where the run does not say it)
     held = _attended(run, rec.context) if run.cache == "static" else rec.prompt or 0
@@ -315,8 +304,6 @@ def _static_prefill_bytes(
     side = max(max(k, v) for k, v in geom.layer_kv_widths)  # one layer's K (or V) elements a token
     expanded = geom.num_attention_heads * max(geom.head_dim, geom.global_head_dim or 0)
     expansions = 2 * expanded * compute if expanded > side else 0
-    if not eager:  # sdpa's: a bool a prompt token and its compute-dtype copy, the expansions, no scores
-        return batch * more * (prompt * (1 + compute) + expansions)
     return batch * more * (prompt * compute + expansions + 3 * geom.num_attention_heads * prompt * 4)
 
 

@@ -80,9 +80,6 @@ class RunDefaults:
     # a tensor-parallel rank's shards (`rank_geometry` cut `geometry` to its share): its weights at another
     # dtype are its measured ones re-stored (`rank_weights_at`), not the whole model's geometry's
     rank_shards: int | None = None
-    # whether that call's prompts were padded (its prefill sample's `padded`); None: not told (runs before
-    # kvtrace wrote it, a call passed no attention_mask tensor)
-    padded: bool | None = None
 
 
 def run_defaults(path: str | Path) -> RunDefaults:
@@ -117,7 +114,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
         device = {}
     gpu = device.get("total_memory_bytes") if device.get("type") == "cuda" else None
     model = run.manifest.get("model") or {}
-    prompt, reached, asked, padded = _call(run, kv, main)
+    prompt, reached, asked = _call(run, kv, main)
     context, launched = _as_launched(run, stopped, prompt, reached, asked)
     if launched is not None:
         notes.append(launched)
@@ -184,7 +181,6 @@ def run_defaults(path: str | Path) -> RunDefaults:
         window_note=window_note,
         encoder_tokens=encoder_tokens,
         rank_shards=shards,
-        padded=padded,
     )
 
 
@@ -319,25 +315,12 @@ def _request(run: Run, step: int) -> _Request | None:
     return None
 
 
-def _padded(run: Run, step: int) -> bool | None:
-    """Whether the call whose prefill is `step` had padded prompts, as its sample says (`padded`); None for a
-    run recorded before kvtrace wrote it, or a call that passed no attention_mask tensor."""
-    for sample in run.memory_samples:
-        if sample.get("phase") == "prefill" and sample.get("step") == step:
-            padded: Any = sample.get("padded")
-            return padded if isinstance(padded, bool) else None
-    return None
-
-
-def _call(
-    run: Run, kv: KvLogAnalysis, main: CacheFigures
-) -> tuple[int | None, int | None, _Request | None, bool | None]:
-    """(prompt, context, request, padded) of the generate() call that wrote the main cache last, not the run's
+def _call(run: Run, kv: KvLogAnalysis, main: CacheFigures) -> tuple[int | None, int | None, _Request | None]:
+    """(prompt, context, request) of the generate() call that wrote the main cache last, not the run's
     first call: its prompt from its prefill sample (else the tokens the prefill left in the cache), its
     context that prompt plus the tokens the call yielded, never the tokens held + 1 alone, which a sliding
     window caps; but at least that (a quantized cache's packed parts, which the yields do not count, hold
-    them). Its request: the length it was asked to reach, where the recorder noted it; padded: whether its
-    prompts were (`_padded`)."""
+    them). Its request: the length it was asked to reach, where the recorder noted it."""
     cut = kv.cut.step if kv.cut is not None else None  # a step whose forward raised, or a kill cut
     written = [ev for ev in run.kv_events if ev.cache == main.cache and ev.event != "freed"]
     events = [ev for ev in written if ev.step != cut]
@@ -352,8 +335,7 @@ def _call(
     held = max(main.tokens, last[-1] if last else 0)
     yielded = prompt + main.call_generated_tokens if prompt is not None else 0
     context = max(held + 1 if held else 0, yielded)
-    padded = _padded(run, call) if call else None
-    return prompt, context or None, _request(run, call) if call else None, padded
+    return prompt, context or None, _request(run, call) if call else None
 
 
 def _as_launched(

@@ -18,9 +18,7 @@ Each outermost call's requested length (`max_length`: the sequence length it sto
 read once, as the call begins, from its arguments and the model's generation config: a run that ran out of
 memory at step 300 of a `max_new_tokens=2048` call recorded 300 steps, and the planner needs the 2048. So is
 its `num_beams`, for the whole call: a `reorder_cache` during a beam search says how many rows each prompt
-has, and one outside it (a caller reordering its own rows) says nothing of beams (`beam_search`). So is
-whether its prompts were padded (`padded`): a static cache's prefill over padded prompts makes an attention
-mask over every cache position, which the planner prices, and nothing else in the run tells it.
+has, and one outside it (a caller reordering its own rows) says nothing of beams (`beam_search`).
 """
 
 from __future__ import annotations
@@ -41,7 +39,6 @@ class CallStart(NamedTuple):
     cache_passed: bool  # whether it was given a cache (else generate() makes an empty one)
     max_length: int | None  # the sequence length it stops at, prompt included (`_requested_length`)
     max_new_tokens: int | None  # its max_new_tokens, where that set `max_length`
-    padded: bool | None = None  # whether its attention_mask masks a position out (`_padded`); None: not told
 
 
 class GenerateCalls:
@@ -81,8 +78,7 @@ class GenerateCalls:
             else:
                 passed = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
                 prompt = _prompt_length(model, args, kwargs)
-                length = _requested_length(model, args, kwargs, prompt)
-                call = CallStart(prompt, passed, *length, _padded(kwargs))
+                call = CallStart(prompt, passed, *_requested_length(model, args, kwargs, prompt))
                 calls._enter(call, _num_beams(model, args, kwargs))
             try:
                 return original(model, *args, **kwargs)
@@ -149,21 +145,6 @@ def _prompt_length(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         fed = kwargs.get("inputs_embeds")
     shape = getattr(fed, "shape", None)
     return int(shape[1]) if shape is not None and len(shape) >= 2 else None
-
-
-def _padded(kwargs: dict[str, Any]) -> bool | None:
-    """Whether a `generate()` call's prompts were padded: its `attention_mask` masks out a position. One
-    reduction and one device sync per call (its mask is a GPU tensor), never per step; None, reading
-    nothing, where the call passes no mask tensor (transformers may still infer one from the pad token) or
-    it cannot be read: read inside the user's call, this must never raise."""
-    mask = kwargs.get("attention_mask")
-    torch = sys.modules.get("torch")  # loaded: the model is a torch module
-    if torch is None or not isinstance(mask, torch.Tensor):
-        return None
-    try:
-        return mask.numel() > 0 and not bool(mask.all())
-    except Exception:
-        return None
 
 
 def _setting(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
