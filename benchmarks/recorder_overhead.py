@@ -353,18 +353,23 @@ def _tracking_off() -> Iterator[None]:
     def nothing(*args: Any, **kwargs: Any) -> None:
         return None
 
+    # Set on the class itself (`step_end` and `scan_all` are inherited from `CacheScans`); put back as
+    # they were: the class's own, or removed so that the inherited one shows again.
     saved = [
-        (hf_caches.HfCacheHooks, name, hf_caches.HfCacheHooks.__dict__[name])
+        (hf_caches.HfCacheHooks, name, hf_caches.HfCacheHooks.__dict__.get(name))
         for name in ("_updated", "step_end", "scan_all")
     ]
-    saved.append((run_logs.RunLogs, "_sample", run_logs.RunLogs.__dict__["_sample"]))
+    saved.append((run_logs.RunLogs, "_sample", run_logs.RunLogs.__dict__.get("_sample")))
     for owner, name, _ in saved:
         setattr(owner, name, nothing)
     try:
         yield
     finally:
         for owner, name, original in saved:
-            setattr(owner, name, original)
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
 
 
 def bare_floor_per_update(work: Workload, scratch: Path) -> float:

@@ -10,19 +10,21 @@ last layer, and whatever changed elsewhere) and at a generate() call's first for
 changed between calls: a `.to()` of a cache it passes again). A cache first seen already holding KV (filled
 before record()) has what it holds logged before anything changes it (`found`): its first update then
 replaces storages the log holds, as any later one does. What a layer holds, how many tokens and of which
-kind it is, is read by `kvtrace.integrations.hf_layers`.
+kind it is, is read by `kvtrace.integrations.hf_layers`; which cache is which, by
+`kvtrace.integrations.hf_cache_ids`; the comparisons after a forward (`step_end`, the scans), by
+`kvtrace.integrations.hf_cache_scans`. Here: the wrappers, and what an update logs as it happens.
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from kvtrace.format import CALLER_REASON, NO_BEAMS_REASON, next_cache_id
+from kvtrace.format import CALLER_REASON, NO_BEAMS_REASON
+from kvtrace.integrations.hf_cache_scans import CacheScans, _slow_path_only
 from kvtrace.integrations.hf_layers import (
     _AUX,
     _FP8,
@@ -34,11 +36,8 @@ from kvtrace.integrations.hf_layers import (
     _STATIC_SLIDING,
     _aux_layer_tokens,
     _deferrable_types,
-    _expected_tokens,
     _kind_of,
-    _kv_as_logged,
     _signature,
-    _written,
     layer_parts,
     layer_tokens,
 )
@@ -53,15 +52,6 @@ _WRAPPED = {
 }
 
 
-def _slow_path_only(tracker: KvTracker, cid: int, layer_idx: int) -> None:
-    """Keep a layer holding auxiliary state off the (K, V) fast path, which the tracker gives any layer whose
-    logged slots are just K and V (its auxiliary state still empty): the identity tests of K and V alone
-    would then miss the state the model writes after the layer's update."""
-    state = tracker._layers.get((cid, layer_idx))
-    if state is not None:
-        state.fast = None
-
-
 def rows_per_prompt(sources: list[int]) -> int:
     """The smallest block of rows a reorder keeps within (row r's new content comes from a row of r's own
     block), given each row's source row. transformers' beam search reorders within each prompt's beams, and
@@ -74,10 +64,6 @@ def rows_per_prompt(sources: list[int]) -> int:
     return rows
 
 
-def _nothing() -> None:
-    return None
-
-
 # What `Cache.update`'s wrapper reads of its arguments, and the names they may be passed by
 _UPDATE_NAMES = frozenset(("key_states", "value_states", "layer_idx"))
 
@@ -87,6 +73,7 @@ def _update_arguments(
 ) -> tuple[Any, Any, int]:
     """The cache, new keys and layer index of a `Cache.update` call, however they were passed."""
     return cache, key_states, layer_idx
+
 
 # True while torch.compile traces: the graph then gets the cache's plain update, without kvtrace's
 # bookkeeping (which would break the graph and guard on every layer index); the step's end sees the result.
@@ -99,7 +86,7 @@ dynamo_compiling: Callable[[], bool] = getattr(
 )
 
 
-class HfCacheHooks:
+class HfCacheHooks(CacheScans):
     """Wraps `transformers.cache_utils.Cache` methods; `range_push`/`range_pop` let the recorder open NVTX
     and profiler ranges around each layer update (None when neither is listening: no cost at all)."""
 
@@ -173,144 +160,6 @@ class HfCacheHooks:
         except ImportError:
             return False
         return True
-
-    def cache_id(self, cache: Any) -> int:
-        """A small stable number per cache object seen in this recording, none of another source's."""
-        last = self._last
-        if last is not None and last[0]() is cache:
-            return last[1]
-        entry = self._known.get(id(cache))
-        if entry is None or entry[0]() is not cache:
-            self.forget_dead()  # a new cache: the frees of one dropped before it come first in the log
-            self._next_id = next_cache_id(self._next_id)
-            try:
-                ref: Callable[[], Any] = weakref.ref(cache, self._on_dropped)
-            except TypeError:
-                ref = _nothing
-            entry = (ref, self._next_id)
-            self._known[id(cache)] = entry
-            if self.on_new_cache is not None:
-                self.on_new_cache(self._next_id)
-        self._last = entry
-        return entry[1]
-
-    def first_sight(self, cache: Any, cross_part: bool = False) -> int:
-        """`cache_id`, and for a cache that gets its id here and already holds KV (`found`), what it holds,
-        logged before anything changes it. Once per cache object: a known one costs `cache_id`'s lookup.
-        `cross_part`: a cache of the recorded model, whose `cross_layers` get an id of their own first."""
-        seen = self._next_id
-        cid = self.cache_id(cache)
-        if cross_part and self.cross_layers and cid not in self.cross_parts:
-            self._next_id = next_cache_id(self._next_id)
-            self.cross_parts[cid] = self._next_id
-            if self.on_new_cache is not None:
-                self.on_new_cache(self._next_id)
-        if cid > seen:
-            self.found(cache, cid)
-        return cid
-
-    def slot_cache(self, cid: int, layer_idx: int) -> int:
-        """The id a layer of cache `cid` is logged under: its cross-attention part's for a cross-attention
-        layer of the model's cache (`cross_parts`), else `cid`."""
-        if self.cross_parts and layer_idx in self.cross_layers:
-            return self.cross_parts.get(cid, cid)
-        return cid
-
-    def given(self, cache: Any) -> tuple[int, ...]:
-        """`first_sight` of a cache a forward of the recorded model was given. An encoder-decoder cache
-        (`EncoderDecoderCache`) holds no layers itself: the log holds its self-attention cache's updates (the
-        decoder's tokens) and its cross-attention cache's (the encoder's, at its length), so both get their
-        ids here too, and their roles go in `encoder_decoder` for the manifest. A cache whose
-        `cross_layers` hold cross-attention KV (Mllama) gets an id for those layers (`cross_parts`)."""
-        cross = getattr(cache, "cross_attention_cache", None)
-        cid = self.first_sight(cache, cross_part=cross is None)
-        if cross is None:
-            part = self.cross_parts.get(cid)
-            return (cid,) if part is None else (cid, part)
-        own = getattr(cache, "self_attention_cache", None)
-        if not isinstance(own, self._cache_cls) or not isinstance(cross, self._cache_cls):
-            return (cid,)
-        roles = (self.first_sight(own), self.first_sight(cross))
-        self.encoder_decoder[cid] = roles
-        return (cid, *roles)
-
-    def found(self, cache: Any, cid: int) -> None:
-        """Log what a cache kvtrace sees for the first time already holds (filled before record(), or copied
-        by code kvtrace does not follow): `created` events for its layers' storages, `reason` "found", before
-        its next update. That update then replaces storages the log holds, its new tensor made while the old
-        one is held (`grown`, then the old one's `freed`), as for any cache seen before; without them its
-        first update would seem to make the cache from nothing. The reason tells the analyzers they were held
-        before their sighting (a profiler trace begun before it has no allocation of them). Layers the
-        tracker has seen, and those that hold nothing yet, are left alone. A static layer's count is a
-        tensor: read here, once per layer (a sync), so that its updates count from the tracker's own."""
-        states = self.tracker._layers
-        unseen = {
-            layer_idx
-            for layer_idx, layer in enumerate(getattr(cache, "layers", ()))
-            if (self.slot_cache(cid, layer_idx), layer_idx) not in states
-            and getattr(layer, "is_initialized", True)
-            and isinstance(getattr(layer, "keys", None), torch.Tensor)
-        }
-        if unseen:
-            self.scan_cache(cache, "found", only=unseen, reason="found")
-
-    def ids_given(self) -> list[int]:
-        """The ids cache objects got, in order: 1 up to the last one, without other sources' ids."""
-        ids = [next_cache_id(0)] if self._next_id else []
-        while ids and ids[-1] < self._next_id:
-            ids.append(next_cache_id(ids[-1]))
-        return ids
-
-    def _on_dropped(self, _ref: Any) -> None:
-        self.dropped = True
-
-    def forget_dead(self) -> None:
-        """Caches that were dropped (a finished `generate()`): their storages are watched until released and
-        logged freed then, instead of counting as held until the recording ends."""
-        self.dropped = False
-        dead = [key for key, (ref, _) in self._known.items() if ref is not _nothing and ref() is None]
-        for key in dead:
-            _, cid = self._known.pop(key)
-            part = self.cross_parts.get(cid)  # kept: the manifest lists it
-            for gone in (cid,) if part is None else (cid, part):
-                self.tracker.retire_cache(gone)
-                for signature_key in [k for k in self._signatures if k[0] == gone]:
-                    del self._signatures[signature_key]
-        if dead:
-            self._last = None
-            self.tracker.poll_frees()
-
-    def held_tokens(self, cache: Any) -> int | None:
-        """Tokens layer 0 of `cache` holds, without a device sync; None when unknown here."""
-        layers = getattr(cache, "layers", None)
-        if layers is None:
-            return None
-        if not layers or not getattr(layers[0], "is_initialized", True):
-            return 0
-        entry = self._known.get(id(cache))
-        if entry is not None and entry[0]() is cache:
-            return self.tracker.tokens_or_none(entry[1], 0)
-        return None
-
-    def positions_seen(self, cache: Any) -> int | None:
-        """Positions layer 0 of `cache` has been written at (what transformers' `get_seq_length` returns),
-        read without a device sync: a sliding layer's running count, a dynamic layer's length, a static
-        layer's tokens as the tracker counted them; None when unknown here."""
-        layers = getattr(cache, "layers", None)
-        if layers is None:
-            return None
-        if not layers or not getattr(layers[0], "is_initialized", True):
-            return 0
-        layer = layers[0]
-        for name in ("cumulative_length_int", "cumulative_length"):
-            count = getattr(layer, name, None)
-            if isinstance(count, int) and not isinstance(count, bool):
-                return count
-        kind = self._kind(layer) % _AUX
-        if kind == _PLAIN:
-            keys = getattr(layer, "keys", None)
-            return int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() >= 2 else None
-        return self.held_tokens(cache) if kind == _STATIC else None
 
     def install(self) -> None:
         from transformers.cache_utils import Cache
@@ -582,207 +431,6 @@ class HfCacheHooks:
             self.deferred = cache
             self.deferred_reached = False
         return plain
-
-    def step_end(
-        self,
-        cache: Any,
-        new_tokens: int,
-        written: bool,
-        complete: bool = True,
-        fresh: bool = False,
-        first_layer: int = 0,
-    ) -> None:
-        """Log each layer of `cache` that changed in the forward just ended, as an update of `new_tokens`
-        tokens per row: after a deferred forward (`defer`), or one whose updates ran inside a compiled graph
-        (none reached the wrapper; `written`: its in-place writes may leave the version counters as they
-        were, and it made every layer's new K and V before any old one went: dynamo rebinds `layer.keys`
-        after the graph, so the old storages are logged freed after all the step's new ones, the peak the
-        allocator saw). New tensors (a dynamic cache) are compared as usual; a static layer, written in place,
-        counts its tokens from the tracker's own (reading its count is a device sync), except after a
-        forward that raised (not `complete`), where only the layers it reached were written. `fresh`: the
-        cache was empty when the forward began (a prefill). `first_layer`: the layers before it are logged
-        (a planned step's, `kvtrace.integrations.hf_decode_plan`)."""
-        if cache is self.deferred:
-            self.deferred = None
-        if self.dropped:
-            # A cache dropped inside this forward: its frees come before the storages this forward made (its
-            # new addresses may be the dropped cache's), as when each update is logged as it happens.
-            self.forget_dead()
-        cid = self.cache_id(cache)
-        tracker = self.tracker
-        states = tracker._layers
-        kinds = self._kinds
-        part = self.cross_parts.get(cid)
-        for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
-            if layer_idx < first_layer:
-                continue
-            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if type(keys) is not torch.Tensor or type(values) is not torch.Tensor:
-                continue
-            # A cross-attention layer holds the image's tokens, not `new_tokens`: what it holds is its count
-            cross = part is not None and layer_idx in self.cross_layers
-            slot = part if cross and part is not None else cid
-            state = states.get((slot, layer_idx))
-            before = state.tokens if state is not None else (0 if fresh else None)
-            layer_type = type(layer)
-            kind = kinds.get(layer_type)
-            if kind is None:
-                kind = kinds[layer_type] = _kind_of(layer)
-            if kind in (_PLAIN, _SLIDING):
-                shape = keys.shape
-                tokens = shape[-2] if len(shape) >= 2 else 0
-            elif kind in (_STATIC, _STATIC_SLIDING):
-                if not complete or before is None:
-                    # A sync: on the error path, or for a cache filled before the recording began
-                    tokens = layer_tokens(layer)
-                else:
-                    window = getattr(layer, "sliding_window", None) or layer.max_cache_len
-                    tokens = min(before + new_tokens, int(window))
-            elif kind < _AUX:
-                tokens = layer_tokens(layer)
-            else:  # a layer holding auxiliary state: all its parts compared (it is never deferred)
-                tokens = _aux_layer_tokens(layer, kind - _AUX, before, new_tokens)
-                tracker.observe(slot, layer_idx, layer_parts(layer), "update", tokens, written=written)
-                _slow_path_only(tracker, slot, layer_idx)
-                continue
-            fast = state.fast if state is not None and not written else None
-            if fast is not None and fast[0].tref() is keys and fast[1].tref() is values:
-                # The same tensor objects: a layer the forward did not reach? A dynamic layer's update makes
-                # new ones; a static layer is written in place, which only a forward that raised can skip,
-                # and which its version counters show (inference tensors have none: then its count).
-                if kind in (_PLAIN, _SLIDING):
-                    if tokens == before:
-                        continue
-                elif not complete and not _written(fast, keys, values, tokens != before):
-                    continue
-            if written or cross:
-                expected = None
-            elif kind == _PLAIN:  # `_expected_tokens`, inline for the common layer
-                expected = None if before is None else before + new_tokens
-            else:
-                expected = _expected_tokens(layer, kind, before, new_tokens)
-            if expected is not None and tokens != expected and (complete or tokens != before):
-                # Changed by something besides the cache's update (an eviction in a forward hook): logged as
-                # an update that lost tokens, and from now on each update is followed as it happens.
-                self.defer_off = True
-                self.unexplained = (
-                    f"step {tracker.step}: layer {layer_idx} held {tokens} tokens per row where its updates "
-                    f"give {expected}: something besides the cache's update changed it inside the forward, "
-                    "and the log shows only the result of that step (later steps: every update)"
-                )
-                lost = expected - tokens if expected > tokens else 0
-                tracker.update(slot, layer_idx, keys, values, tokens, lost, "", kind == _SLIDING, written)
-                continue
-            evicted = (before or 0) + new_tokens - tokens
-            if evicted < 0 or cross:
-                evicted = 0
-            sliding = kind == _SLIDING
-            tracker.update(slot, layer_idx, keys, values, tokens, evicted, "window", sliding, written, state)
-        if written and tracker._pending:
-            tracker.poll_frees()  # the storages `update` held back, freed after the step's last new one
-
-    def _kind(self, layer: Any) -> int:
-        """How a layer's class counts and replaces its tensors (`_kind_of`), decided once per class."""
-        layer_type = type(layer)
-        kind = self._kinds.get(layer_type)
-        if kind is None:
-            kind = self._kinds[layer_type] = _kind_of(layer)
-        return kind
-
-    def scan_cache(self, cache: Any, cause: str, only: set[int] | None = None, reason: str = "") -> None:
-        cid = self.cache_id(cache)
-        signatures = self._signatures
-        tracker = self.tracker
-        states = tracker._layers
-        scan = cause == "scan"
-        owner, part = cid, self.cross_parts.get(cid)
-        for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
-            if only is not None and layer_idx not in only:
-                continue
-            cid = part if part is not None and layer_idx in self.cross_layers else owner
-            if scan:
-                # The same K and V tensor objects the update saw (in-place writes are the update's): every
-                # layer of every step lands here, so the test is inline (issue 11).
-                state = states.get((cid, layer_idx))
-                fast = state.fast if state is not None else None
-                if (
-                    fast is not None
-                    and fast[0].tref() is getattr(layer, "keys", _MISSING)
-                    and fast[1].tref() is getattr(layer, "values", _MISSING)
-                ):
-                    continue
-            if not hasattr(layer, "keys") and cause != "reset":
-                continue
-            signature: tuple[Any, ...] | None = None
-            if scan and hasattr(layer, "_quantized_keys"):
-                signature = _signature(layer_parts(layer))
-                if signatures.get((cid, layer_idx)) == signature:
-                    continue
-            parts = layer_parts(layer)
-            known = tracker.tokens_or_none(cid, layer_idx) if cause == "scan" else None
-            if (
-                scan
-                and known is not None
-                and self._kind(layer) >= _AUX
-                and _kv_as_logged(states, cid, layer_idx, layer)
-            ):
-                # Only its auxiliary state changed: the model's attention writes it after the layer's update
-                # (the last layer's is seen here, at the forward's end), so it is logged as that update.
-                tracker.observe(cid, layer_idx, parts, "update", known, reason=reason)
-                _slow_path_only(tracker, cid, layer_idx)
-                continue
-            # A scan finds tensors rebound by other code, after the fact: an eviction press makes the kept K
-            # and V before it lets go of either old one, so their frees follow both (the transient peak), as
-            # an fp8 layer's own reorder does (Fp8QuantizedLayer.reorder_cache holds both old tensors in
-            # locals until it returns).
-            frees_last = scan or (cause == "reorder" and self._kind(layer) == _FP8)
-            tracker.observe(
-                cid, layer_idx, parts, cause, layer_tokens(layer, known), reason=reason, frees_last=frees_last
-            )
-            if self._kind(layer) >= _AUX:
-                _slow_path_only(tracker, cid, layer_idx)
-            if signature is not None or hasattr(layer, "_quantized_keys"):
-                signatures[(cid, layer_idx)] = _signature(parts)
-
-    def scan_all(self, forget: bool = True, compared: Any = None, busy: tuple[Any, ...] = ()) -> None:
-        """Catch what changed outside the cache's methods (rebinding by eviction presses); with `forget`,
-        also retire the caches that were dropped (`forget_dead`). `compared`: a cache `step_end` has just
-        compared layer by layer, skipped; `busy`: caches of forwards still running on other threads,
-        skipped (a layer there may be half-way through its update, which logs it)."""
-        known = self._known
-        if compared is not None and len(known) == 1:
-            # The common step's end: the one cache known is the one just compared, and it is alive
-            only = next(iter(known.values()))[0]
-            if only() is compared:
-                return
-        reason: str | None = None
-        dead = False
-        for ref, _ in list(self._known.values()):
-            cache = ref()
-            if cache is not None:
-                if cache is not compared and not (busy and any(cache is other for other in busy)):
-                    if reason is None:
-                        # With grad on, an autograd graph may keep a replaced storage alive: said on the
-                        # eviction event.
-                        reason = "grad_enabled" if torch.is_grad_enabled() else ""
-                    self.scan_cache(cache, "scan", reason=reason)
-            elif ref is not _nothing:
-                dead = forget
-        if dead:
-            self.forget_dead()
-
-    def scan_masks(self, attention_modules: list[Any]) -> None:
-        """kvpress's head-wise presses (AdaKV) leave the cache whole and set `masked_key_indices` on the
-        attention module: tokens are hidden, no memory is released. Log each new mask once."""
-        for module in attention_modules:
-            mask = getattr(module, "masked_key_indices", None)
-            if mask is None or self._seen_masks.get(id(module)) is mask:
-                continue
-            self._seen_masks[id(module)] = mask  # kept here, not on the user's module
-            entries = int(mask[-1].numel()) if isinstance(mask, tuple) and mask else 0
-            layer_idx = int(getattr(module, "layer_idx", -1))
-            cid = next(iter(self._known.values()), (None, 0))[1]
-            self.tracker.masked(cid, layer_idx, entries, self.tracker.tokens(cid, layer_idx))
 
     def uninstall(self) -> None:
         if self._cache_cls is not None:
