@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import weakref
 
-    from kvtrace.integrations.module_caches import _Owner
+    from kvtrace.integrations.module_cache_slots import _Owner
 
 # Instructions that make no tensor: between two stores, they show the second store's value made before
 # the first store ran (a local, the stack reordered). Not a constant: `self.k_cache = None; self.v_cache =
