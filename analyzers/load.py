@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analyzers.export_parquet import check_schema_version, is_export_dir, table_files
+from analyzers.export_parts import check_schema_version, is_export_dir, table_files
 from analyzers.tables import (
     READ_ERRORS,
     SCHEMAS,

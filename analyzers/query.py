@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from analyzers.export_parquet import check_schema_version, is_export_dir, table_files
+from analyzers.export_parts import check_schema_version, is_export_dir, table_files
 from analyzers.tables import TABLE_NAMES
 from kvtrace.errors import KvtraceError
 

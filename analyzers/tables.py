@@ -207,7 +207,7 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[
     read whatever its name. The same file reached twice is exported once. An export directory named among
     them is a problem, not a folder of no sources: its tables are read on their own.
     """
-    from analyzers.export_parquet import is_export_dir
+    from analyzers.export_parts import is_export_dir
 
     found: list[Input] = []
     problems: list[tuple[str, str]] = []

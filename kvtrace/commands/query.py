@@ -111,7 +111,7 @@ class QueryCommand(Command):
         )
 
     def run(self, args: argparse.Namespace) -> int:
-        from analyzers.export_parquet import is_export_dir
+        from analyzers.export_parts import is_export_dir
         from analyzers.query import connect, connect_tables, run_query
 
         path = Path(args.dir)
