@@ -13,25 +13,23 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.attribution import JOIN_TOLERANCE_US, frees_storage, sizes_are_blocks, smallest_block
+from analyzers.attribution import JOIN_TOLERANCE_US, sizes_are_blocks, smallest_block
 from analyzers.kv_log import KvLogAnalysis, analyze_run_kv_log
 from analyzers.model import (
-    KV,
-    SMALL_SEGMENT_BYTES,
-    WEIGHTS,
     DeviceEvents,
     Marker,
     MemorySource,
-    OomInfo,
     normal_device,
 )
 from analyzers.readers.kv_before_trace import add_kv_frees, held_bytes, kv_held_before_trace
+from analyzers.readers.run_baseline import held_before_trace, weights_from_table
 from analyzers.readers.run_files import (
     kv_log_notes,
     lists_profiler_file,
     missing_files_notes,
     weights_counted_notes,
 )
+from analyzers.readers.run_oom import oom_of_run
 from analyzers.readers.sources import ProgressFn
 from analyzers.readers.untraced_caches import (
     add_untraced_kv,
@@ -41,9 +39,7 @@ from analyzers.readers.untraced_caches import (
 )
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
 from analyzers.trace_coverage import damaged_memory_events, skipped_events_note
-from kvtrace.errors import KvtraceError
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
-from kvtrace.format import Run
 from kvtrace.run_lock import holder
 from kvtrace.run_reader import read_run
 
@@ -150,202 +146,6 @@ def _before_allocating_note(manifest: dict[str, Any]) -> str:
         f"{_before_allocating_clause(manifest)}, so no step ran; memory figures are the weights it held, "
         "as for a run recorded with profiler=False"
     )
-
-
-_SIZE_UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-_SIZE = r"(\d{1,15}(?:\.\d{1,6})?) (B|bytes|KiB|MiB|GiB|TiB)\b"  # c10's format_size: "2.00 MiB", "0 bytes"
-_TRIED = re.compile(r"Tried to allocate " + _SIZE)
-# The CUDA caching allocator's message (HIP's on ROCm): its figure is the segment it tried to reserve
-_SEGMENT_MESSAGE = re.compile(r"\b(?:CUDA|HIP) out of memory\. Tried to allocate ")
-# "... of which 6.00 MiB is free." (torch 2.1 on), "(GPU 0; 79.19 GiB total capacity; ...; 6.00 MiB free; ..."
-_FREE = re.compile(r"of which " + _SIZE + r" is free|; " + _SIZE + r" free;")
-# "... this process has 25.58 GiB memory in use. 24.96 GiB allowed; Of the allocated memory ...": the cap
-# torch.cuda.set_per_process_memory_fraction set (c10's allowed_memory_maximum), which bounds what the
-# caching allocator may reserve, however much the device has free
-_ALLOWED = re.compile(_SIZE + r" allowed;")
-# "Of the allocated memory 23.58 GiB is allocated by PyTorch, and 1.29 GiB is reserved by PyTorch but
-# unallocated." (torch 2.1 on), and from torch 2.4 (pytorch/pytorch#124673), where a private pool holds free
-# blocks, "... is allocated by PyTorch, with 1.27 GiB allocated in private pools (e.g., CUDA Graphs), and
-# 21.91 MiB is reserved by PyTorch but unallocated." ("HIP Graphs" on ROCm). How c10 counts them
-# (pytorch/pytorch c10/cuda/CUDACachingAllocator.cpp, DeviceCachingAllocator::malloc, its OOM branch): the
-# pools' figure sums the sizes of the blocks in every graph pool's large_blocks and small_blocks sets, which
-# hold unallocated cached blocks only ("unallocated cached blocks larger than 1 MB", the members' comments),
-# so it is bytes cached *free* for the graphs' replays, not their live tensors (those are in the
-# allocated_bytes stat already). The first figure is the allocated_bytes stat plus the pools' bytes, the last
-# the reserved_bytes stat less both (the TORCH_CHECK_WITH(OutOfMemoryError, ...) that builds the message).
-# Reserved is then still the two figures' sum, the pools' bytes counted in the allocated one as c10's message
-# counts them: only their own graphs can use them (Note [Interaction with CUDA graph capture]: the pool keeps
-# them until its graphs are destroyed), so, unlike the unallocated figure, they could not serve the request.
-_HELD = re.compile(
-    _SIZE
-    + r" is allocated by PyTorch, (?:with "
-    + _SIZE
-    + r" allocated in private pools \(e\.g\., (?:CUDA|HIP) Graphs\), )?and "
-    + _SIZE
-    + r" is reserved by PyTorch but unallocated\."
-)
-
-
-def _size_of(number: str, unit: str) -> int:
-    return int(float(number) * _SIZE_UNITS[unit])
-
-
-def _limit_of(message: str) -> int | None:
-    """The per-process cap PyTorch's CUDA message names ("24.96 GiB allowed;"), to its two decimals; None
-    where no cap was set (the message then has no such figure)."""
-    match = _ALLOWED.search(message)
-    return _size_of(match.group(1), match.group(2)) if match else None
-
-
-def _held_of(message: str) -> tuple[int, int, int] | None:
-    """Allocated, reserved and private pools' bytes at the failure as PyTorch's CUDA message gives them ("X
-    is allocated by PyTorch, [with P allocated in private pools (e.g., CUDA Graphs), ]and Y is reserved by
-    PyTorch but unallocated": reserved X + Y, P within X; P 0 where the clause is absent, as c10 leaves it out
-    when there are none), to two decimals each; None where the message has no such sentence."""
-    match = _HELD.search(message)
-    if not match:
-        return None
-    allocated = _size_of(match.group(1), match.group(2))
-    pools = _size_of(match.group(3), match.group(4)) if match.group(3) else 0
-    return allocated, allocated + _size_of(match.group(5), match.group(6)), pools
-
-
-def _oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySource) -> OomInfo:
-    """The failed request: from the OOM snapshot the recorder dumped (CUDA) when there is one, else from
-    PyTorch's message ("Tried to allocate 2.00 GiB"), whose two decimals make it approximate. The CUDA
-    caching allocator's message names the segment it tried to reserve (`OomInfo.segment_bytes`), never
-    less than 2 MiB (`kSmallBuffer`), and the device's free memory; a smaller figure, or another
-    allocator's message, is taken as the request. The per-process cap ("X allowed") is only in the message
-    (a snapshot does not record it): it is read from there in either case. Without a snapshot, allocated and
-    reserved memory at the failure are the message's too (`OomInfo.held_from_message`); a snapshot's exact
-    figures win where there is one."""
-    device = run.manifest.get("device", {})
-    name = f"cuda:{device.get('index', 0)}" if device.get("type") == "cuda" else "cpu"
-    oom_pickle = run.path / "snapshots" / "oom.pickle"
-    if oom_pickle.is_file():
-        from analyzers.readers.snapshot import read_snapshot
-
-        try:
-            snapshot = read_snapshot(oom_pickle)
-        except KvtraceError as exc:  # refused or damaged: the OOM keeps PyTorch's message, and says why
-            source.meta.setdefault("input_notes", []).append(f"the OOM snapshot was not used: {exc}")
-        else:
-            source.segments.extend(snapshot.segments)
-            if snapshot.ooms:
-                found = snapshot.ooms[-1]
-                return OomInfo(
-                    name,
-                    ended.get("t_ns", 0) / 1000.0,
-                    found.requested_bytes,
-                    found.device_free_bytes,
-                    found.allocated_bytes,
-                    found.reserved_bytes,
-                    message,
-                    limit_bytes=_limit_of(message),
-                )
-    requested = segment = free = None
-    match = _TRIED.search(message)
-    if match:
-        requested = _size_of(match.group(1), match.group(2))
-        if _SEGMENT_MESSAGE.search(message) and requested >= SMALL_SEGMENT_BYTES:
-            requested, segment = None, requested
-    match = _FREE.search(message)
-    if match:
-        number, unit = (
-            (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
-        )
-        free = _size_of(number, unit)
-    held = _held_of(message)
-    return OomInfo(
-        name,
-        ended.get("t_ns", 0) / 1000.0,
-        requested,
-        free,
-        held[0] if held else None,
-        held[1] if held else None,
-        message=message,
-        segment_bytes=segment,
-        limit_bytes=_limit_of(message),
-        held_from_message=held is not None,
-        private_pool_bytes=held[2] if held else None,
-    )
-
-
-def _held_before_trace(
-    dev: DeviceEvents, weights: int, kv_held: int, listed: dict[int, int] | None = None
-) -> None:
-    """Put the weights (and KV) held before the profiler started into the level before the first event.
-
-    A device's allocator total (`Total Allocated`) counts from where its allocator does: the CPU's, from the
-    profiler's start (what was held before is not in it: added here), a GPU's caching allocator from the
-    process's start (the weights are in it already: only which of its bytes they are is said here; adding
-    them would count them twice)."""
-    implied = _allocated_before_first(dev)
-    if implied is not None and not dev.device.startswith("cpu"):
-        counted_weights = min(weights, implied)
-        counted_kv = min(kv_held, implied - counted_weights)
-        if counted_weights or counted_kv:
-            dev.baseline_categories = {KV: counted_kv, WEIGHTS: counted_weights}
-        return
-    if listed and len(dev):
-        # A trace may show the frees of weights allocated before it began (a GPU's; the CPU's reporter too,
-        # for an address whose size an earlier profiling session left it), and the KV held then, whose frees
-        # a CPU trace lacks were added: the level before the first event must cover them, and it is their
-        # own, not more besides. What else the trace frees without having seen it allocated is the level
-        # beyond them.
-        dev.baseline_bytes = _unseen_beyond(dev, listed)
-    dev.baseline_bytes += weights + kv_held
-    if listed is not None:
-        # The weights and KV as listed; what else the trace freed unseen was held besides them (other)
-        dev.baseline_categories = {KV: kv_held, WEIGHTS: weights}
-    elif kv_held:
-        # the weights as device_timeline would give them otherwise: the level beyond the trace's own total
-        beyond_total = dev.baseline_bytes - kv_held - (implied or 0)
-        dev.baseline_categories = {KV: kv_held, WEIGHTS: max(beyond_total, 0)}
-
-
-def _allocated_before_first(dev: DeviceEvents) -> int | None:
-    """What the device's allocator counted before the first event (its `Total Allocated` less the event),
-    None where the trace gives no total for every event."""
-    if dev.total_allocated is not None and len(dev.total_allocated) == len(dev) and len(dev):
-        return max(int(dev.total_allocated[0]) - int(dev.delta_bytes[0]), 0)
-    return None
-
-
-def _weights_from_table(dev: DeviceEvents, traced: bool) -> bool:
-    """Whether the device's figures take the weights from weights.jsonl (as `_held_before_trace` does): a
-    CPU, or any device without a trace's allocator totals. A GPU's totals count them already."""
-    return not traced or dev.device.startswith("cpu") or _allocated_before_first(dev) is None
-
-
-def _unseen_beyond(dev: DeviceEvents, listed: dict[int, int]) -> int:
-    """The bytes the trace frees without having seen them allocated, beyond the listed storages (address:
-    bytes) whose free is the first event at their address: each such free's own bytes, a block held since
-    before the trace (a notebook's earlier cell's output), all of which the level before the first event
-    holds until its free; not the trace's deepest dip below its start, which a free after the trace's own
-    allocations undercounts, leaving the final level below what is held. Where the trace gives no
-    addresses, that dip."""
-    delta = dev.delta_bytes.astype(np.int64)
-    if not len(delta):
-        return 0
-    addrs = dev.addr.astype(np.int64) if dev.addr is not None and len(dev.addr) == len(delta) else None
-    if addrs is None or not (addrs > 0).all():
-        first_at = {addr: indices[0] for addr, indices in dev.events_at(listed).items()}
-        own = [i for addr, i in first_at.items() if frees_storage(dev, int(-delta[i]), listed[addr])]
-        if own:
-            delta = delta.copy()
-            delta[own] = 0
-        return max(0, -int(np.cumsum(delta).min()))
-    _, first = np.unique(addrs, return_index=True)  # each address's first event
-    orphans = first[delta[first] < 0]
-    own = [_own_free(dev, listed, int(addrs[i]), int(delta[i])) for i in orphans]
-    return sum(-int(delta[i]) for i, mine in zip(orphans, own, strict=True) if not mine)
-
-
-def _own_free(dev: DeviceEvents, listed: dict[int, int], addr: int, delta: int) -> bool:
-    """Whether a trace's first event at `addr`, a free of -`delta` bytes, is a listed storage's own."""
-    nbytes = listed.get(addr)
-    return nbytes is not None and frees_storage(dev, -delta, nbytes)
 
 
 # The recorder's warning, which runs recorded before the manifest had `forwards_on_other_threads` carry
@@ -526,7 +326,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     weights_counted = False  # a GPU's allocator totals hold the weights the missing table would list
     for dev in source.devices:
         # The weights were allocated before the profiler started, as may some KV
-        if weights_gone and _weights_from_table(dev, traced):  # a partial copy: the peak is a lower bound
+        if weights_gone and weights_from_table(dev, traced):  # a partial copy: the peak is a lower bound
             source.meta["peak_leaves_out"] = f"the weights, as {WEIGHTS_FILE} is missing"
         elif weights_gone:
             weights_counted = True
@@ -538,7 +338,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         held = weight_blocks_by_device if sizes_are_blocks(dev) else weights_by_device
         listed = {w.addr: w.storage_bytes for w in run.weights if normal_device(w.device) == dev.device}
         listed.update((s[0], s[1]) for s in held_kv)
-        _held_before_trace(dev, held.get(dev.device, 0), held_bytes(dev, held_kv), listed if traced else None)
+        held_before_trace(dev, held.get(dev.device, 0), held_bytes(dev, held_kv), listed if traced else None)
         if (
             dev.capacity_bytes is None
             and total_memory
@@ -566,7 +366,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if ended.get("status") == "exception" and (
         "OutOfMemory" in str(ended.get("type", "")) or "out of memory" in message.lower()
     ):
-        source.ooms.append(_oom_of_run(run, ended, message, source))
+        source.ooms.append(oom_of_run(run, ended, message, source))
         source.markers.append(Marker(kind="oom", ts_us=ended.get("t_ns", 0) / 1000.0, label="OOM"))
     source.meta.update(
         run=run,

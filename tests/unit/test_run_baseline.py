@@ -1,4 +1,4 @@
-"""The level before a run's first traced event (analyzers/readers/run_dir.py `_held_before_trace`): the
+"""The level before a run's first traced event (analyzers/readers/run_dir.py `held_before_trace`): the
 weights listed at the start, and what else the trace frees without having seen it allocated, each once.
 
 A CPU trace shows the free of a block allocated before it began when an earlier profiling session in the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from analyzers.model import KV, WEIGHTS, DeviceEvents
-from analyzers.readers.run_dir import _held_before_trace
+from analyzers.readers.run_baseline import held_before_trace
 from analyzers.timeline import device_timeline
 
 WEIGHT_A, WEIGHT_B, OTHER_ADDR, NEW_ADDR = 0x1000, 0x2000, 0x3000, 0x4000
@@ -33,7 +33,7 @@ def test_frees_of_the_listed_weights_and_of_other_blocks_each_count_once() -> No
     listed = {WEIGHT_A: 400, WEIGHT_B: 40}
     dev = _cpu_trace([(WEIGHT_A, -400), (OTHER_ADDR, -1000), (NEW_ADDR, 200)])
     # WHEN the level before the trace is settled
-    _held_before_trace(dev, 440, 0, listed)
+    held_before_trace(dev, 440, 0, listed)
     # THEN it is the weights and the other block, once each (not the weights twice, nor 1,400 B as weights)
     assert dev.baseline_bytes == 440 + 1000
     assert dev.baseline_categories == {KV: 0, WEIGHTS: 440}
@@ -45,7 +45,7 @@ def test_frees_of_the_listed_weights_and_of_other_blocks_each_count_once() -> No
 def test_a_free_of_another_size_at_a_weights_address_is_not_the_weights() -> None:
     # GIVEN a free of 128,000 B at weight a's address (a block whose size an earlier session left there)
     dev = _cpu_trace([(WEIGHT_A, -128_000)])
-    _held_before_trace(dev, 440, 0, {WEIGHT_A: 400, WEIGHT_B: 40})
+    held_before_trace(dev, 440, 0, {WEIGHT_A: 400, WEIGHT_B: 40})
     # THEN that block is held besides the weights
     assert dev.baseline_bytes == 440 + 128_000
     assert dev.baseline_categories == {KV: 0, WEIGHTS: 440}
