@@ -44,6 +44,7 @@ from analyzers.readers.impossible_events import (
     far_timestamps,
     oversized_frees,
 )
+from analyzers.readers.json_stream import JsonStream
 from analyzers.readers.kineto_scan import PYTHON_FUNCTION, MemoryBlock, NotKineto, as_int64, scan_kineto
 from analyzers.readers.memory_events_fast import (
     MAX_EVENT_BYTES,
@@ -53,7 +54,7 @@ from analyzers.readers.memory_events_fast import (
 )
 from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.memory_timeline import read_memory_timeline  # re-exported: one import for both
-from analyzers.readers.sources import JsonStream, ProgressFn, open_input
+from analyzers.readers.sources import ProgressFn, open_input
 from analyzers.readers.unescaped_names import merge_unescaped_names
 from kvtrace.errors import KvtraceError
 

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import OTHER, UNKNOWN_DEVICE, WEIGHTS, DeviceEvents, MemorySource
+from analyzers.readers.json_stream import JsonStream
 from analyzers.readers.memory_events_fast import MAX_EVENT_BYTES, MAX_MOVED_BYTES
 from analyzers.readers.memory_events_fast import as_int as _as_int
-from analyzers.readers.sources import JsonStream, ProgressFn, open_input
+from analyzers.readers.sources import ProgressFn, open_input
 from kvtrace.errors import KvtraceError
 
 __all__ = ["read_memory_timeline"]

@@ -17,7 +17,8 @@ import numpy as np
 
 from analyzers.model import MemorySource
 from analyzers.readers.chrome_trace import offset_us
-from analyzers.readers.sources import JsonStream, open_input
+from analyzers.readers.json_stream import JsonStream
+from analyzers.readers.sources import open_input
 from analyzers.readers.unescaped_names import merge_unescaped_names
 
 _FRAME = re.compile(r"^(?P<file>.*)\((?P<line>\d+)\): (?P<func>.*)$")

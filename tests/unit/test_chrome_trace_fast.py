@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from analyzers.readers import sources
+from analyzers.readers import json_stream
 from analyzers.readers.chrome_trace import read_chrome_trace
 
 NEW = (
@@ -113,7 +113,7 @@ def test_exact_json_numbers_only(tmp_path: Path) -> None:
 
 
 def test_events_split_across_the_window_edge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sources, "_CHUNK_BYTES", 4096 + 123)  # many windows, events cut at odd places
+    monkeypatch.setattr(json_stream, "_CHUNK_BYTES", 4096 + 123)  # many windows, events cut at odd places
     events = [_event(i, "new" if i % 400 < 300 else "old", f"{i}.{i % 10}") for i in range(2000)]
     _assert_same(_write(tmp_path / "t.json", events))
 

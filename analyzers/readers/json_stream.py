@@ -1,0 +1,231 @@
+"""One JSON value at a time from a byte stream (`JsonStream`), holding only a window of the text.
+
+Why apart from `analyzers.readers.sources` (which opens a file and tells what it is): this is the reader's
+hot loop for Chrome traces of gigabytes, where most events are skipped undecoded by their Kineto layout
+(issue 11: finding the memory events without building every JSON object).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from typing import IO, Any
+
+from analyzers.readers.unescaped_names import repair_event
+from kvtrace.errors import KvtraceError, too_long_integer
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_CHUNK_BYTES = 1 << 20
+_LOOKAHEAD = 64  # chars that must follow a decoded value, so a number cut by a chunk edge is not misread
+_MAX_VALUE_CHARS = 256 << 20  # one JSON value; a hostile one costs ~5x this in memory before it is refused
+_KINETO_OPEN = "{\n    "
+_KINETO_SEP = "\n  },\n  {"
+_KINETO_CLOSE = "\n  }"
+_KINETO_NEXT = "\n  {"
+
+
+def _whole_events(text: str, start: int, end: int, count: int) -> bool:
+    """Whether text[start:end], found by layout, really is `count` whole Kineto-style events: one
+    closing brace at event indentation each, joined by separators only, braces and brackets balanced.
+    Braces inside strings or a lost comma make it fail safe (the events are then decoded)."""
+    return (
+        text.count(_KINETO_CLOSE, start, end) == count
+        and text.count(_KINETO_NEXT, start, end) == count - 1
+        and text.count("{", start, end) == text.count("}", start, end)
+        and text.count("[", start, end) == text.count("]", start, end)
+    )
+
+
+class JsonStream:
+    """One JSON value at a time from a byte stream, holding only a window of the text.
+
+    Chrome traces reach gigabytes; `json.load` would hold every event as a dict. This walks arrays
+    element by element with `json.JSONDecoder.raw_decode` (C speed) over a sliding window, so memory
+    stays flat however long the array is. A value cut by the window's edge is retried after reading more;
+    a decode error anywhere else is corruption and is reported at once, without reading the rest.
+    """
+
+    def __init__(self, binary: IO[bytes], path: str) -> None:
+        self._binary = binary
+        self._path = path
+        self._utf8 = codecs.getincrementaldecoder("utf-8-sig")()
+        self._decoder = json.JSONDecoder()
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+        self.unescaped_names: Counter[str] = Counter()  # names read with their quotes escaped, per name
+
+    def error(self, what: str) -> KvtraceError:
+        return KvtraceError(f"{self._path}: {what}")
+
+    def _fill(self) -> None:
+        # Read at least as much as is pending, so one huge value costs O(n log n), not O(n^2).
+        want = max(_CHUNK_BYTES, len(self.buf) - self.pos)
+        data = self._binary.read(want)
+        try:
+            text = self._utf8.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            raise self.error(f"not UTF-8 text ({exc.reason})") from None
+        self.eof = not data
+        self.buf = self.buf[self.pos :] + text
+        self.pos = 0
+
+    def peek(self) -> str:
+        """The next non-whitespace character without consuming it; "" at the end of the input."""
+        while True:
+            self.pos = _WHITESPACE.match(self.buf, self.pos).end()  # type: ignore[union-attr]
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if self.eof:
+                return ""
+            self._fill()
+
+    def expect(self, allowed: str, where: str) -> str:
+        char = self.peek()
+        if not char:
+            raise self.error(f"truncated: the JSON ends inside {where}")
+        if char not in allowed:
+            raise self.error(f"corrupt JSON: {char!r} at {where}, expected one of {allowed!r}")
+        self.pos += 1
+        return char
+
+    def value(self, where: str) -> Any:
+        self.peek()
+        while True:
+            try:
+                obj, end = self._decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as exc:
+                # Near the window's end the value may just continue in the next chunk; at the end of
+                # the input, only an error at the very end (or an open string) means truncation.
+                edge = len(self.buf.rstrip()) if self.eof else len(self.buf) - _LOOKAHEAD
+                cut = exc.pos >= edge or exc.msg.startswith("Unterminated string")
+                if self.eof or not cut:
+                    what = "truncated: the JSON ends" if self.eof and cut else f"corrupt JSON ({exc.msg})"
+                    raise self.error(f"{what} inside {where}") from None
+                if len(self.buf) - self.pos > _MAX_VALUE_CHARS:
+                    raise self.error(f"corrupt JSON: one value in {where} exceeds 256 MiB") from None
+                self._fill()
+                continue
+            except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
+                raise self.error(f"corrupt JSON: {too_long_integer()} inside {where}") from None
+            except RecursionError:  # the C decoder's depth limit (~1,000 levels): of this file, not the run
+                raise self.error(f"JSON nested too deeply to read inside {where}") from None
+            if end > len(self.buf) - _LOOKAHEAD and not self.eof:
+                self._fill()
+                continue
+            self.pos = end
+            return obj
+
+    def each_element(
+        self,
+        where: str,
+        on_element: Callable[[Any], None],
+        needles: tuple[str, ...] | None = None,
+        read_run: Callable[[str, int, int], int] | None = None,
+    ) -> int:
+        """Call `on_element` with each element of the array that starts here; return how many were
+        skipped undecoded.
+
+        With `needles`, runs of elements laid out the way Kineto writes events ("{\\n    " ... "\\n  }"
+        separated by ",\\n  ") that contain no needle and whose braces and brackets balance are skipped
+        undecoded, often a whole window at once: most events of a big trace are kernels and ops we do
+        not keep. Raw newlines cannot occur inside JSON strings, so that separator is always structure.
+        The price: damage inside an event we skip (garbage between its fields) goes unnoticed; a lost
+        separator, unbalanced braces, truncation and gzip CRC errors are still reported.
+
+        With `read_run` too, a Kineto-layout element holding a needle is first offered to
+        `read_run(buf, pos, limit)`, which may take it and the elements after it without decoding (it must
+        take only whole elements that are each followed by a separator before `limit`) and returns where
+        the next element starts, or `pos` to leave the element to the JSON decoder.
+        """
+        self.expect("[", where)
+        if self.peek() == "]":
+            self.pos += 1
+            return 0
+        skipped = 0
+        scan = self._decoder.scan_once  # type: ignore[attr-defined]
+        whitespace = _WHITESPACE.match
+        while True:
+            buf, pos = self.buf, self.pos
+            limit = len(buf) - _LOOKAHEAD
+            needle_at = -1  # nearest needle at or after pos (len(buf): none in this window)
+            next_needle = [-1] * len(needles or ())
+            bulk_from = pos  # after a failed bulk skip, skip one element at a time up to here
+            while True:  # fast path: whole elements well inside the window
+                pos = whitespace(buf, pos).end()  # type: ignore[union-attr]
+                if pos >= limit:
+                    break
+                if needles is not None and buf.startswith(_KINETO_OPEN, pos):
+                    if needle_at < pos:  # each needle's next position is cached: one pass per window
+                        for index, needle in enumerate(needles):
+                            if next_needle[index] < pos:
+                                found = buf.find(needle, pos)
+                                next_needle[index] = found if found >= 0 else len(buf)
+                        needle_at = min(next_needle)
+                    stop = min(needle_at, limit)
+                    last_sep = buf.rfind(_KINETO_SEP, pos, stop)
+                    if last_sep > pos and pos >= bulk_from:
+                        run = buf.count(_KINETO_SEP, pos, last_sep + len(_KINETO_SEP))
+                        if _whole_events(buf, pos, last_sep + 4, run):
+                            skipped += run
+                            pos = last_sep + 5  # past "}," of the last skipped element
+                            continue
+                    if last_sep > pos:
+                        bulk_from = last_sep
+                        first_sep = buf.find(_KINETO_SEP, pos, stop)
+                        if _whole_events(buf, pos, first_sep + 4, 1):
+                            skipped += 1
+                            pos = first_sep + 5
+                            continue
+                    if read_run is not None and needle_at < limit:
+                        after_run = read_run(buf, pos, limit)
+                        if after_run > pos:
+                            pos = after_run
+                            continue
+                try:
+                    obj, end = scan(buf, pos)
+                except (StopIteration, ValueError, RecursionError):  # JSONDecodeError, too many digits
+                    break  # let the slow path decide: cut by the window's edge, corrupt, or too deep
+                after = whitespace(buf, end).end()  # type: ignore[union-attr]
+                if after >= limit:
+                    break
+                on_element(obj)
+                if buf[after] == "]":
+                    self.pos = after + 1
+                    return skipped
+                if buf[after] != ",":
+                    self.pos = after
+                    raise self.error(f"corrupt JSON: {buf[after]!r} in {where}, expected ',' or ']'")
+                pos = after + 1
+            self.pos = pos
+            # Slow path for the element at the window's edge: decode it with refills.
+            on_element(self._element(where))
+            if self.expect(",]", where) == "]":
+                return skipped
+
+    def _element(self, where: str) -> Any:
+        """The array element here; one that does not decode is read with its name's quotes escaped if it is
+        a whole Kineto-layout event whose name torch wrote unescaped (`unescaped_names`), else reported."""
+        try:
+            return self.value(where)
+        except KvtraceError:
+            if not self.buf.startswith(_KINETO_OPEN, self.pos):
+                raise
+            close = self.buf.find(_KINETO_CLOSE, self.pos)
+            while close < 0 and not self.eof and len(self.buf) - self.pos <= _MAX_VALUE_CHARS:
+                self._fill()
+                close = self.buf.find(_KINETO_CLOSE, self.pos)
+            end = close + len(_KINETO_CLOSE)
+            repaired = repair_event(self.buf[self.pos : end]) if close >= 0 else None
+            if repaired is None:
+                raise
+            self.unescaped_names.update(repaired[1])
+            self.pos = end
+            return repaired[0]
+
+    def end(self) -> None:
+        if self.peek():
+            raise self.error("corrupt JSON: extra data after the top-level value")
