@@ -27,6 +27,7 @@ from kvtrace.model_forward import RAISED
 from kvtrace.planned_steps import PlannedSteps
 
 if TYPE_CHECKING:
+    from kvtrace.call_masks import CallMasks
     from kvtrace.integrations.hf_generate import CallStart
 
 
@@ -40,6 +41,7 @@ class ForwardSteps(PlannedSteps):
     _prefill_continues: bool
     _model_caches: set[int]
     _forwards_beside: int
+    _call_masks: CallMasks
 
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         offer = self._decode_next
@@ -183,6 +185,8 @@ class ForwardSteps(PlannedSteps):
         tracker = self.tracker
         tracker.step += 1
         tracker.phase = "prefill" if prefill else "decode"
+        if call is not None:
+            self._call_masks.began(tracker.step, call.mask)
         if prefill:
             tracker.poll_frees()
         if hf is not None:
@@ -220,12 +224,14 @@ class ForwardSteps(PlannedSteps):
         tokens under verification, assisted decoding's), and the positions a chunked prefill
         (`prefill_chunk_size`) still has to write after this forward (`_prefill_left`): its chunks are one
         step, yielding one token; and the length the call was asked to reach (`_call_length`: its
-        max_length and max_new_tokens, told in the same sample), where its input is its whole sequence."""
+        max_length and max_new_tokens, told in the same sample), where its input is its whole sequence; and
+        its attention_mask, weakly, with this step, read once the block is over (kvtrace.call_masks)."""
         self._prompt_end = None
         self._call_length = None
         self._prefill_left = 0
         hf = self._hf
-        prompt, cache_passed, max_length, max_new_tokens = call
+        self._call_masks.began(self.tracker.step, call.mask)  # read as the block ends, never here
+        prompt, cache_passed, max_length, max_new_tokens, _ = call
         if not cache_passed:
             past: int | None = 0  # generate() made the cache
         else:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from kvtrace import format as fmt
+from kvtrace.call_masks import CallMasks
 from kvtrace.cuda_snapshots import CudaSnapshots
 from kvtrace.distributed import rank_facts, run_path
 from kvtrace.errors import KvtraceError, RecordingError, unnamed_path
@@ -129,6 +130,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._prefill_continues = False  # the open step is a chunked prefill's, ended by its last chunk
         self._prompt_end: int | None = None  # where the running generate() call's prompt ends in its cache
         self._call_length: tuple[int, int | None] | None = None  # its max_length and max_new_tokens
+        self._call_masks = CallMasks()  # each generate() call's prefill step and attention_mask, weakly
         self._model_caches: set[int] = set()  # the HF caches the model's own forwards were given
         self._caches_in_generate: set[int] = set()  # HF caches first seen inside its generate() (drafts)
         # HF caches first updated in a forward of one of the model's submodules called directly (model.model)
@@ -453,6 +455,11 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             self.notes.append(f"profiler trace not written: {self._trace_error}")
 
     def _complete_manifest(self) -> None:
+        # After `_close_logs`, the block's last measurement: reading the calls' masks (a reduction and a
+        # device sync each) falls in nothing the run measures
+        calls = self._call_masks.manifest_calls()
+        if calls:
+            self._manifest["generate_calls"] = calls
         self._manifest["files"] = recorded_files(self.path)
         self._manifest["kv_events"] = self.event_count
         # As `kv_events`: the lines that reached each log whole, which readers check a finished run's files by

@@ -43,7 +43,7 @@ from analyzers.planning.plan_types import (
     PlanResult,
     Remedy,
 )
-from analyzers.planning.recorded_growth import prefill_bound_note, quantized_prefill_note
+from analyzers.planning.recorded_growth import padding_note, prefill_bound_note, quantized_prefill_note
 from analyzers.planning.size_text import parse_size
 
 __all__ = [
@@ -199,7 +199,8 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
     prefill = prefill_bound_note(req)  # a recorded run's prefill priced from its peak, not measured
     quantize = quantized_prefill_note(req)  # a quantized prefill's temporaries, which no other run makes
     encoder = encoder_pass_note(req)  # an encoder-decoder's encoder pass, grown to the encoder length
-    notes = (cache_off, estimate, geom.kv_note, prefill, quantize, encoder)
+    padding = padding_note(req)  # a static sdpa prefill priced as padded: the run does not tell
+    notes = (cache_off, estimate, geom.kv_note, prefill, quantize, encoder, padding)
     model_notes = tuple(note for note in notes if note)
     limit = geom.max_position_embeddings
     if limit is None or req.context <= limit:

@@ -110,6 +110,10 @@ class RecordedPeak:
     update_context_token_bytes: int | None = None
     # the attention the run's model ran (eager, sdpa...: the manifest's); None: not told
     attn_implementation: str | None = None
+    # whether the run's generate() call had padded prompts (the manifest's `generate_calls`): under sdpa a
+    # static prefill then makes a mask and K and V expanded over the cache (analyzers.planning
+    # .static_prefill's `static_prefill_bytes`); None: not told (planned as padded, with a note)
+    padded: bool | None = None
     # an encoder-decoder run's encoder pass: (bytes growing with the encoder length squared, with it)
     # beside the weights at each of its moments (analyzers.planning.encoder_pass); None: not told
     encoder_pass: tuple[tuple[int, int], ...] | None = None

@@ -15,12 +15,15 @@ import math
 from dataclasses import dataclass, replace
 
 from analyzers.planning.encoder_pass import encoder_pass_bytes
-from analyzers.planning.plan_kv import cache_layout, kv_sizes
+from analyzers.planning.plan_kv import kv_sizes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, RecordedPeak
 from analyzers.planning.presets import dtype_bytes_for
 from analyzers.planning.recorded_dtype import in_compute_dtype
+from analyzers.planning.static_prefill import attended as _attended
+from analyzers.planning.static_prefill import static_prefill_bytes, unknown_padding_note
 
 __all__ = [
+    "padding_note",
     "prefill_bound_note",
     "quantized_prefill_note",
     "recorded_peak_at",
@@ -77,7 +80,7 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         prompt_grown = rows * _prefill_growth(run, rec, sizes.prompt)
         # a static cache's prefill: the run's step-end activations grown with the prompt, and attention's
         # tensors over the cache's length, which the run's prefill did not make
-        at_prefill = _scaled(activations + unseen, fixed, prompt_grown) + _static_prefill_bytes(
+        at_prefill = _scaled(activations + unseen, fixed, prompt_grown) + static_prefill_bytes(
             req, run, rec, batch, context, sizes.prompt
         )
         # a step's end, holding this cache's KV, holds what the run held at its own step's end: where the
@@ -268,43 +271,11 @@ def _prefill_growth(run: PlanRequest, rec: RecordedPeak, prompt: int) -> float:
     """How much a prefill's activations grow from the run's to the plan's, for a row: they follow the
     prompt's length, whatever the window (a prefill attends over the whole prompt). A static cache's prefill
     may attend over all of its length too, yet only attention's tensors over it grow with it, where they do
-    (`_static_prefill_bytes`): before, all grew in proportion to it, and so did the decode steps' bound
+    (`static_prefill_bytes`): before, all grew in proportion to it, and so did the decode steps' bound
     from them (the demo's tiny Llama 3, bf16, batch 1, 20-token prompt, static, planned from context 44 at
     220: 14.56 MiB of activations where the recording held 3.80 MiB)."""
     run_prompt = kv_sizes(run, rec.batch, rec.context).prompt
     return max(prompt / run_prompt, 1.0)
-
-
-def _static_prefill_bytes(
-    req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int, prompt: int
-) -> int:
-    """Bytes a static cache's prefill of `prompt` tokens holds over the cache's positions the run's prefill
-    did not attend over (a static run's: beyond its own length; another's: beyond its prompt, over which
-    its own prefill made all of the below, within its measured prefill: before, all of the positions were
-    priced, and the tiny Llama, bf16, 8 rows, 20-token prompt, planned static from its eager dynamic run at
-    its context 36, was 35.9% over the static recording, 9.0% after). Eager attention
-    takes all of the cache's positions: its mask has a row of them a prompt token, K and V are expanded to
-    the query heads (`repeat_kv`, where there are fewer KV heads), and it makes the scores and their
-    float32 softmax (3 copies of heads x prompt, at 4 bytes: a bound, as `_attention_copies`), each in one
-    layer at a time, added to the most the run held at its prefill wherever that was: an upper bound (the
-    tiny Llama, 2 rows, 3-token prompt, context 12 to 206: +259,184 B where its recording held 212,104 B
-    more). sdpa's prefill of unpadded prompts takes no mask and cuts K and V to the prompt (transformers'
-    `is_causal` path), and flash attention's neither: none (a padded batch's mask would send sdpa to
-    `repeat_kv` too, which the run does not tell). A run that does not say its attention is priced as
-    eager. 0 for another cache or where the plan's is no longer."""
-    if req.cache != "static" or rec.attn_implementation not in ("eager", None):
-        return 0
-    # another cache's prefill attended over its prompt's positions (none where the run does not say it)
-    held = _attended(run, rec.context) if run.cache == "static" else rec.prompt or 0
-    more = _attended(req, context) - held
-    if more <= 0:
-        return 0
-    geom = req.geometry
-    compute = dtype_bytes_for(req.effective_compute_dtype, 1)
-    side = max(max(k, v) for k, v in geom.layer_kv_widths)  # one layer's K (or V) elements a token
-    expanded = geom.num_attention_heads * max(geom.head_dim, geom.global_head_dim or 0)
-    expansions = 2 * expanded * compute if expanded > side else 0
-    return batch * more * (prompt * compute + expansions + 3 * geom.num_attention_heads * prompt * 4)
 
 
 def _static_mask_bytes(
@@ -370,7 +341,7 @@ def _moment_floors(
     stretch = _context_growth(req, rec, context)
     gain = _Gain(rows, stretch, max(batch, rec.batch), _attended_gain(req, rec, context))
     early = rows * _prefill_growth(run, rec, sizes.prompt)
-    attention = _static_prefill_bytes(req, run, rec, batch, context, sizes.prompt)
+    attention = static_prefill_bytes(req, run, rec, batch, context, sizes.prompt)
     late = max(
         gain.grown(beside_peak * kept, token_bytes, peak_fixed),
         _scaled(beside_peak * kept, peak_fixed, early),
@@ -397,7 +368,7 @@ def prefill_bound_note(req: PlanRequest) -> str | None:
     run = _run_request(req, rec)
     prompt = kv_sizes(req, req.batch, req.context).prompt
     rows = max(req.batch / rec.batch, 1.0)
-    if rows * _prefill_growth(run, rec, prompt) <= 1.0 and not _static_prefill_bytes(
+    if rows * _prefill_growth(run, rec, prompt) <= 1.0 and not static_prefill_bytes(
         req, run, rec, req.batch, req.context, prompt
     ):
         return None
@@ -406,6 +377,13 @@ def prefill_bound_note(req: PlanRequest) -> str | None:
         "log): this larger prefill counts the run's peak less its weights and prefill KV as activations, "
         "which holds the KV the run held later too (an upper bound, far above where its peak came late)"
     )
+
+
+def padding_note(req: PlanRequest) -> str | None:
+    """Why a static plan of an sdpa run that does not tell whether its prompts were padded is priced as padded
+    (`unknown_padding_note`, for the recorded run's own request)."""
+    rec = req.recorded
+    return unknown_padding_note(req, _run_request(req, rec)) if rec is not None else None
 
 
 def quantized_prefill_note(req: PlanRequest) -> str | None:
@@ -449,13 +427,6 @@ def _run_request(req: PlanRequest, rec: RecordedPeak) -> PlanRequest:
         measured_weights_bytes=rec.weights_bytes,
         encoder_tokens=rec.encoder_tokens if rec.encoder_tokens is not None else req.encoder_tokens,
     )
-
-
-def _attended(req: PlanRequest, context: int) -> int:
-    """Tokens a step attends over, which the activations beside the KV follow: the context, or a window
-    when every layer keeps one."""
-    whole, _, window = cache_layout(req)
-    return context if whole or window is None else min(context, window + 1)
 
 
 def _moment_kv(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:

@@ -37,6 +37,7 @@ from analyzers.planning.run_cache_kind import (
     logged_window,
     quantized_layout,
 )
+from analyzers.planning.run_padding import call_padded
 from analyzers.readers.engine_files import read_engine
 from analyzers.readers.run_files import kv_log_notes
 from kvtrace.errors import KvtraceError
@@ -80,6 +81,9 @@ class RunDefaults:
     # a tensor-parallel rank's shards (`rank_geometry` cut `geometry` to its share): its weights at another
     # dtype are its measured ones re-stored (`rank_weights_at`), not the whole model's geometry's
     rank_shards: int | None = None
+    # whether that call's prompts were padded (the manifest's `generate_calls`); None: not told (its mask
+    # freed before the recording ended, none passed, runs recorded before kvtrace wrote it)
+    padded: bool | None = None
 
 
 def run_defaults(path: str | Path) -> RunDefaults:
@@ -114,7 +118,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
         device = {}
     gpu = device.get("total_memory_bytes") if device.get("type") == "cuda" else None
     model = run.manifest.get("model") or {}
-    prompt, reached, asked = _call(run, kv, main)
+    prompt, reached, asked, padded = _call(run, kv, main)
     context, launched = _as_launched(run, stopped, prompt, reached, asked)
     if launched is not None:
         notes.append(launched)
@@ -181,6 +185,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
         window_note=window_note,
         encoder_tokens=encoder_tokens,
         rank_shards=shards,
+        padded=padded,
     )
 
 
@@ -315,12 +320,15 @@ def _request(run: Run, step: int) -> _Request | None:
     return None
 
 
-def _call(run: Run, kv: KvLogAnalysis, main: CacheFigures) -> tuple[int | None, int | None, _Request | None]:
-    """(prompt, context, request) of the generate() call that wrote the main cache last, not the run's
+def _call(
+    run: Run, kv: KvLogAnalysis, main: CacheFigures
+) -> tuple[int | None, int | None, _Request | None, bool | None]:
+    """(prompt, context, request, padded) of the generate() call that wrote the main cache last, not the run's
     first call: its prompt from its prefill sample (else the tokens the prefill left in the cache), its
     context that prompt plus the tokens the call yielded, never the tokens held + 1 alone, which a sliding
     window caps; but at least that (a quantized cache's packed parts, which the yields do not count, hold
-    them). Its request: the length it was asked to reach, where the recorder noted it."""
+    them). Its request: the length it was asked to reach, where the recorder noted it; padded: whether its
+    prompts were (`call_padded`)."""
     cut = kv.cut.step if kv.cut is not None else None  # a step whose forward raised, or a kill cut
     written = [ev for ev in run.kv_events if ev.cache == main.cache and ev.event != "freed"]
     events = [ev for ev in written if ev.step != cut]
@@ -335,7 +343,8 @@ def _call(run: Run, kv: KvLogAnalysis, main: CacheFigures) -> tuple[int | None, 
     held = max(main.tokens, last[-1] if last else 0)
     yielded = prompt + main.call_generated_tokens if prompt is not None else 0
     context = max(held + 1 if held else 0, yielded)
-    return prompt, context or None, _request(run, call) if call else None
+    padded = call_padded(run.manifest, call) if call else None
+    return prompt, context or None, _request(run, call) if call else None, padded
 
 
 def _as_launched(

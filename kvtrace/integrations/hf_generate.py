@@ -19,6 +19,13 @@ read once, as the call begins, from its arguments and the model's generation con
 memory at step 300 of a `max_new_tokens=2048` call recorded 300 steps, and the planner needs the 2048. So is
 its `num_beams`, for the whole call: a `reorder_cache` during a beam search says how many rows each prompt
 has, and one outside it (a caller reordering its own rows) says nothing of beams (`beam_search`).
+
+Whether a call's prompts were padded (its `attention_mask` masks a position out: a static cache's prefill over
+padded prompts makes a mask over every cache position under sdpa, which the planner prices and nothing else
+in the run tells) is not read here: reading the mask's values inside the call would wait for the device on
+the model's thread, and any tensor made to read it later would sit in the memory being measured. The call
+keeps a weak reference to its mask (`CallStart.mask`), which the recording reads once its block is over
+(kvtrace.call_masks).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import weakref
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 # transformers' length when neither the call nor the model's generation config sets one: 20 new tokens
@@ -39,6 +48,7 @@ class CallStart(NamedTuple):
     cache_passed: bool  # whether it was given a cache (else generate() makes an empty one)
     max_length: int | None  # the sequence length it stops at, prompt included (`_requested_length`)
     max_new_tokens: int | None  # its max_new_tokens, where that set `max_length`
+    mask: Callable[[], Any] | None = None  # a weak reference to its attention_mask tensor (`_mask_ref`)
 
 
 class GenerateCalls:
@@ -78,7 +88,8 @@ class GenerateCalls:
             else:
                 passed = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
                 prompt = _prompt_length(model, args, kwargs)
-                call = CallStart(prompt, passed, *_requested_length(model, args, kwargs, prompt))
+                length = _requested_length(model, args, kwargs, prompt)
+                call = CallStart(prompt, passed, *length, _mask_ref(kwargs))
                 calls._enter(call, _num_beams(model, args, kwargs))
             try:
                 return original(model, *args, **kwargs)
@@ -145,6 +156,20 @@ def _prompt_length(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         fed = kwargs.get("inputs_embeds")
     shape = getattr(fed, "shape", None)
     return int(shape[1]) if shape is not None and len(shape) >= 2 else None
+
+
+def _mask_ref(kwargs: dict[str, Any]) -> Callable[[], Any] | None:
+    """A weak reference to a `generate()` call's `attention_mask` tensor: nothing of it is read, nothing is
+    allocated but the reference, and the mask is not kept alive (a mask the caller drops is told as unknown).
+    None where the call passes no mask tensor (transformers may still infer one from the pad token)."""
+    mask = kwargs.get("attention_mask")
+    torch = sys.modules.get("torch")  # loaded: the model is a torch module
+    if torch is None or not isinstance(mask, torch.Tensor):
+        return None
+    try:
+        return weakref.ref(mask)
+    except TypeError:  # a tensor subclass that takes no weak reference: never kept strongly
+        return None
 
 
 def _setting(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:

@@ -21,7 +21,7 @@ LAYERS, KV_HEADS, BATCH, PROMPT, NEW = 2, 2, 8, 20, 16
 CONTEXT = PROMPT + NEW
 BF16 = 2
 TOKEN_ROW = LAYERS * 2 * KV_HEADS * HEAD_DIM * BF16  # every layer's K and V of one token of one row
-# What eager's static prefill makes a row and cache position (the plan's bound, `_static_prefill_bytes`):
+# What eager's static prefill makes a row and cache position (the plan's bound, `static_prefill_bytes`):
 # a mask element a prompt token, K and V expanded to the query heads, the scores as 3 float32 copies
 POSITION_ROW = PROMPT * BF16 + 2 * HEADS * HEAD_DIM * BF16 + 3 * HEADS * PROMPT * 4
 # How far above the static recording the plan may be: the positions beyond the prompt are priced at the
