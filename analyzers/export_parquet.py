@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from analyzers.export_inputs import READ_ERRORS, Input, find_inputs, parquet_text, read_problem
 from analyzers.export_parts import (
     _PART,
     ROW_GROUP_ROWS,
@@ -34,17 +35,7 @@ from analyzers.export_parts import (
 )
 from analyzers.export_state import Taken, changed_since, recording_now, still_recording, taken_sources
 from analyzers.readers.sources import ProgressFn
-from analyzers.tables import (
-    READ_ERRORS,
-    SCHEMA_VERSION,
-    SCHEMAS,
-    TABLE_NAMES,
-    Input,
-    find_inputs,
-    parquet_text,
-    read_problem,
-    source_tables,
-)
+from analyzers.tables import SCHEMA_VERSION, SCHEMAS, TABLE_NAMES, source_tables
 from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way
 from kvtrace.run_lock import RunLock
 

@@ -19,16 +19,9 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analyzers.export_inputs import READ_ERRORS, find_inputs, named_as_given, read_problem
 from analyzers.export_parts import check_schema_version, is_export_dir, table_files
-from analyzers.tables import (
-    READ_ERRORS,
-    SCHEMAS,
-    TABLE_NAMES,
-    find_inputs,
-    named_as_given,
-    read_problem,
-    source_tables,
-)
+from analyzers.tables import SCHEMAS, TABLE_NAMES, source_tables
 from kvtrace.errors import KvtraceError, refuse_unnamed_path
 
 if TYPE_CHECKING:

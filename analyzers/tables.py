@@ -14,9 +14,6 @@ bounded by the largest single input, whatever the number of inputs (see analyzer
 from __future__ import annotations
 
 import json
-import os
-import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 
 from analyzers.engine import cache_dtype_name, model_geometry
+from analyzers.export_inputs import Input, parquet_text
 from analyzers.export_state import SourceState, source_state
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, UNKNOWN_DEVICE, DeviceEvents, MemorySource
-from analyzers.readers.folders import FolderSearch, Found, unreadable
-from analyzers.readers.sources import ProgressFn, missing
-from kvtrace.errors import KvtraceError, unnamed_path
+from analyzers.readers.sources import ProgressFn
+from kvtrace.errors import KvtraceError
 from kvtrace.format import (  # ENGINE*: vLLM runs' optional files
     ENGINE,
     ENGINE_REQUESTS,
@@ -137,112 +134,6 @@ SCHEMAS: dict[str, pa.Schema] = {
     "engine_requests": ENGINE_REQUESTS_SCHEMA,
 }
 TABLE_NAMES = tuple(SCHEMAS)
-
-
-@dataclass(frozen=True)
-class Input:
-    """One source to export: `path` resolved, `run_id` the path as the user named it (unique per export)."""
-
-    path: Path
-    run_id: str
-
-
-def named_as_given(inp: Input, message: str) -> str:
-    """A reader's one-line error about `inp` with the path as the user named it (the reader was given the
-    resolved path): warnings about a folder's inputs then read `runs/x/...`, not `/home/.../runs/x/...`,
-    as `kvtrace report` names them."""
-    resolved = str(inp.path)
-    # the input itself (`path: ...`) or a file of a run directory (`path/kv_events.jsonl: ...`)
-    inside = message.startswith(resolved) and message[len(resolved) : len(resolved) + 1] in (":", os.sep)
-    return inp.run_id + message[len(resolved) :] if inside else message
-
-
-# What reading one input may raise: its readers' own one-line refusal, or an error on an input nobody
-# foresaw (a crafted trace, JSON nested deeper than the C decoder goes). That input is skipped with
-# `read_problem`'s line, and the others are read: the fleet goes on.
-READ_ERRORS: tuple[type[Exception], ...] = (
-    KvtraceError,
-    OSError,
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    RecursionError,
-    pa.ArrowException,
-)
-
-
-def read_problem(inp: Input, exc: Exception) -> str:
-    """The one line for an input `source_tables` could not read (one of `READ_ERRORS`), naming it as the
-    user did: a warning that names no file helps nobody."""
-    if isinstance(exc, KvtraceError):
-        return named_as_given(inp, str(exc))
-    if isinstance(exc, RecursionError):  # its own text names no file and no reason a user can act on
-        return f"{inp.run_id}: unreadable (nested too deeply)"
-    return f"{inp.run_id}: unreadable ({type(exc).__name__}: {exc})"
-
-
-def _display(path: Path) -> str:
-    return parquet_text(Path(os.path.normpath(path)).as_posix())
-
-
-def parquet_text(text: str) -> str:
-    """`text` as a Parquet string can hold it (UTF-8 only): a file name that is not UTF-8 (Linux allows any
-    bytes; Python holds each byte it cannot decode as a lone surrogate) has those written `\\udcff`, as
-    kvtrace's messages print them. Other text is returned as it is."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[tuple[str, str]]]:
-    """Every source under `paths`, and (path, one-line problem) for each path that is missing or cannot be
-    read, and each folder below them that cannot be listed (its inputs unknown; the others are found).
-
-    A run directory is one input (plus any run directories inside it); a run group or any other folder is
-    searched recursively for run directories, `*.pt.trace.json[.gz]` and `*.pickle`
-    (analyzers.readers.folders: links followed, each real folder searched once); a file named explicitly is
-    read whatever its name. The same file reached twice is exported once. An export directory named among
-    them is a problem, not a folder of no sources: its tables are read on their own.
-    """
-    from analyzers.export_parts import is_export_dir
-
-    found: list[Input] = []
-    problems: list[tuple[str, str]] = []
-    seen: set[Path] = set()
-    for given in paths:
-        unnamed = unnamed_path(given)  # before pathlib reads "" as the current folder
-        if unnamed is not None:
-            problems.append((os.fsdecode(os.fspath(given)), unnamed))
-            continue
-        root = Path(given)
-        try:
-            is_folder = stat.S_ISDIR(os.stat(root).st_mode)
-        except OSError as exc:  # missing, or in a folder that cannot be searched (not "no such file")
-            problems.append((str(root), unreadable(root, exc) or missing(root)))
-            continue
-        if is_export_dir(root):
-            problems.append((str(root), export_dir_given(root)))
-            continue
-        for item in FolderSearch(root) if is_folder else [Found(root)]:
-            if item.problem is not None:
-                problems.append((str(item.path), item.problem))
-                continue
-            resolved = item.path.resolve()
-            if resolved not in seen:
-                seen.add(resolved)
-                found.append(Input(resolved, _display(item.path)))
-    return found, problems
-
-
-def export_dir_given(root: Path) -> str:
-    """The one line for an export directory among other inputs (or as an input to export)."""
-    return (
-        f"{root}: an export directory (Parquet tables), not a run, trace or snapshot: load or query it on "
-        f"its own (kvtrace.load_tables('{root}'), `kvtrace query {root} SQL`), not with other inputs"
-    )
 
 
 # ---- values from JSON written by anyone: a wrong type becomes null, never a crash -----------------

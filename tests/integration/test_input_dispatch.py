@@ -166,7 +166,7 @@ def test_a_run_folder_without_its_manifest_names_it_and_the_trace_that_reads_alo
     assert err.strip().endswith(f"; its profiler trace reads on its own: pass {trace}")
     # AND `kvtrace export` finds the folder as that same problem, not its trace as the run (which lost the
     # KV log without a word); the trace named reads
-    from analyzers.tables import find_inputs
+    from analyzers.export_inputs import find_inputs
 
     found, problems = find_inputs([run])
     assert (found, problems) == ([], [(str(run), err.strip().split(": error: ", 1)[1])])

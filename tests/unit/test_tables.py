@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from analyzers.export_inputs import find_inputs
 from analyzers.model import KV, METHOD_KV_LOG, METHOD_NONE, OTHER, WEIGHTS, DeviceEvents
 from analyzers.readers.folders import FolderSearch
 from analyzers.tables import (
@@ -16,7 +17,6 @@ from analyzers.tables import (
     SAMPLES,
     SCHEMA_VERSION,
     SCHEMAS,
-    find_inputs,
     memory_events_table,
     records_table,
 )
