@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from analyzers.caches import CROSS_ATTENTION, model_caches
-from analyzers.engine import failed_requests_unknown
+from analyzers.engine import aborted_requests_unknown, failed_requests_unknown
 from analyzers.model import MemorySource
 from analyzers.render.plotly_div import figure_div
 from analyzers.summary import Report
@@ -209,9 +209,7 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
     rate = tokens_per_second(source, report)
     if rate is None and made is None and kv_log is not None and report.engine is None:
         notes += _untimed_note(report)
-    unknown = _failed_requests_unknown(report.engine, source)
-    if unknown is not None:
-        notes += (f"engine failed requests unknown: {unknown}",)
+    notes += _requests_unknown_notes(report.engine, source)
     if report.engine is not None and report.engine.status == "refused_start":
         notes += (
             "vLLM refused to start for lack of KV memory: no pool was allocated and nothing ran, so its "
@@ -287,6 +285,33 @@ def _failed_requests_unknown(fig: Any, source: MemorySource) -> str | None:
     return failed_requests_unknown(fig, run, source.meta.get("manifest") or {})
 
 
+def _aborted_requests_unknown(fig: Any, source: MemorySource) -> str | None:
+    """Why the run's request log cannot count its aborted requests (`aborted_requests_unknown`), or None."""
+    run = source.meta.get("engine")
+    if fig is None or run is None or fig.status == "refused_start":
+        return None
+    return aborted_requests_unknown(fig, run)
+
+
+def _requests_unknown_notes(fig: Any, source: MemorySource) -> tuple[str, ...]:
+    """The notes on the engine's request counts its log cannot give: one where failed and aborted are unknown
+    for one reason (a vLLM run recorded before kvtrace logged finish reasons)."""
+    failed, aborted = _failed_requests_unknown(fig, source), _aborted_requests_unknown(fig, source)
+    if failed is not None and failed == aborted:
+        return (f"engine failed and aborted requests unknown: {failed}",)
+    notes = () if failed is None else (f"engine failed requests unknown: {failed}",)
+    return notes + (() if aborted is None else (f"engine aborted requests unknown: {aborted}",))
+
+
+def _aborted_requests(fig: Any, source: MemorySource) -> int | None:
+    """Requests the engine aborted (vLLM's `abort_request`, a client gone): those its request log ends with
+    reason "abort", as the report counts them ("2 aborted"). None for a refused start, and where the log
+    cannot say (the note says why)."""
+    if fig.status == "refused_start" or _aborted_requests_unknown(fig, source) is not None:
+        return None
+    return int(fig.finish_reasons.get("abort", 0))
+
+
 def _failed_requests(fig: Any, source: MemorySource) -> int | None:
     """Requests the engine failed: those its request log ends with reason "error", as the report and diagnose
     count them ("2 failed"). None for a refused start, and where the log cannot say (the note says why)."""
@@ -307,6 +332,7 @@ def _engine_figures(fig: Any, made: tuple[int, float] | None, source: MemorySour
         "failure": dict(failure) if isinstance(failure, dict) else None,
         "requests": fig.requests,
         "failed_requests": _failed_requests(fig, source),
+        "aborted_requests": _aborted_requests(fig, source),
         "num_blocks": fig.num_blocks,
         "block_size": fig.block_size,
         "peak_blocks_used": fig.peak_blocks_used,
@@ -415,6 +441,7 @@ _ENGINE_ROWS = (  # worded for any engine: a run may be vLLM's, another transfor
     ("engine status", _status_cell),
     ("engine requests", _engine_cell("requests")),
     ("engine failed requests", _engine_cell("failed_requests")),
+    ("engine aborted requests", _engine_cell("aborted_requests")),
     ("engine pool (blocks)", _pool_cell),
     ("engine peak blocks used", _engine_cell("peak_blocks_used")),
     ("engine output tokens (all requests)", _engine_cell("output_tokens")),

@@ -27,6 +27,7 @@ __all__ = [
     "EngineSteps",
     "HeldRequest",
     "RequestEvent",
+    "aborted_requests_unknown",
     "blocks_for",
     "cache_dtype_name",
     "engine_figures",
@@ -72,6 +73,9 @@ class EngineInfo:
     # HF CB, status "failed": engine.json's `failure` (step, reason, error, blocks_needed, usable_blocks,
     # requests)
     failure: dict[str, Any] | None = None
+    # HF CB: engine.json says engine_requests.jsonl has a `finished` line (reason "error") for every request
+    # transformers fails, written with the pool: a run without one failed none, even one whose process died
+    failed_requests_logged: bool = False
 
 
 @dataclass(frozen=True)
@@ -264,7 +268,9 @@ def engine_figures(run: EngineRun) -> EngineFigures:
 def failed_requests_unknown(fig: EngineFigures, run: EngineRun, manifest: dict[str, Any]) -> str | None:
     """Why engine_requests.jsonl cannot count the requests the engine failed, or None when it can: the count
     is then `fig.failed_requests`, as the report's "(0 completed, 1 failed)" and diagnose's. The manifest's
-    `engine` is written at the block's end only, so a run whose process died has none: the log decides."""
+    `engine` is written at the block's end only, so a run whose process died has none: engine.json, written
+    with the pool, says whether the log names every failed request (`failed_requests_logged`), else the log
+    decides."""
     if fig.name != "transformers-cb":
         if not fig.finish_reasons and any(e.event == "finished" for e in run.requests):
             return "its finished requests carry no finish reason (recorded before kvtrace logged vLLM's)"
@@ -272,20 +278,36 @@ def failed_requests_unknown(fig: EngineFigures, run: EngineRun, manifest: dict[s
     engine = manifest.get("engine")
     if isinstance(engine, dict) and "failed_requests" in engine:
         return None
+    if run.info.failed_requests_logged:  # a line per failed request: none named is none failed
+        return None
     # A failed request's line carries its `error` since kvtrace logs every request transformers fails; before,
     # only those of a stopped run had a line, and none its error
     if any(e.finish_reason == "error" and e.error is not None for e in run.requests if e.event == "finished"):
         return None
     if engine is None and (manifest.get("ended") or {}).get("status") == "running":
         return (
-            "the run never finished, so its manifest does not count them, and engine_requests.jsonl names no "
-            "request failed with its error: none failed, or it was recorded before kvtrace logged every "
-            "request transformers failed"
+            "the run never finished, so its manifest does not count them, and its engine.json does not say "
+            "that engine_requests.jsonl names every request transformers failed (no failed_requests_logged: "
+            "recorded before kvtrace wrote it): that the log names none failed does not say none failed"
         )
     return (
         "the run was recorded before kvtrace logged every request transformers failed (no failed_requests "
         "in its manifest's engine, no error on a failed request in engine_requests.jsonl)"
     )
+
+
+def aborted_requests_unknown(fig: EngineFigures, run: EngineRun) -> str | None:
+    """Why engine_requests.jsonl cannot count the requests the engine aborted, or None when it can: the count
+    is then `fig.finish_reasons`' "abort" (0 where none), the report's "(6 completed, 2 aborted)"."""
+    if fig.name == "transformers-cb":
+        # its cancel_request empties the request from the scheduler as a finished one does, with no reason
+        return (
+            "transformers' continuous batching logs a request it cancelled (cancel_request) as finished, as "
+            "one that completed"
+        )
+    if not fig.finish_reasons and any(e.event == "finished" for e in run.requests):
+        return "its finished requests carry no finish reason (recorded before kvtrace logged vLLM's)"
+    return None
 
 
 def kv_dtype_name(info: EngineInfo) -> str:

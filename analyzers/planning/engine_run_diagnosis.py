@@ -12,7 +12,8 @@ to then, said in a note as the Hugging Face diagnosis says it. Its requests stil
 reached their final lengths, which vLLM's remedies are priced on: a remedy that avoids every preemption of
 what was recorded is then said unknown ("[?]"), never "fits"; transformers' continuous batching's demand in
 blocks (`kvtrace diagnose`) is then said "at least", with no num_blocks named, and so is vLLM's demand if
-nothing were preempted (`unfinished_at_stop` for both).
+nothing were preempted; an engine that preempted nothing is not said to have run out of nothing: whether its
+pool would have sufficed cannot be told (`unfinished_at_stop` for both).
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ class EngineRunDiagnosis:
     diagnosis: RefusedDiagnosis | PreemptionDiagnosis | None
     notes: tuple[str, ...] = ()  # how the run stopped short (`ended_notes`), as `kvtrace diagnose` notes it
     unpriced: str | None = None
-    unfinished_requests: int = 0  # left in the engine by a run that stopped short (`unfinished_at_stop`)
+    unfinished: Unfinished | None = None  # requests a run that stopped short left: `unfinished_at_stop`
+
+    @property
+    def unfinished_requests(self) -> int:
+        """How many requests the run left in the engine, 0 where it ended well or left none."""
+        return self.unfinished.requests if self.unfinished is not None else 0
 
     @property
     def name(self) -> str:
@@ -167,7 +173,7 @@ def explain_engine_run(
     Raises KvtraceError where a refusal cannot be priced."""
     diagnosis = _short_of_final(diagnose_engine(run, budget), run, stopped)
     left = unfinished_at_stop(run, stopped)
-    return EngineRunDiagnosis(run, budget, diagnosis, notes, unfinished_requests=left.requests if left else 0)
+    return EngineRunDiagnosis(run, budget, diagnosis, notes, unfinished=left)
 
 
 def engine_run_diagnosis(source: Any, report: Any) -> EngineRunDiagnosis | None:

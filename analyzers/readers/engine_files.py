@@ -107,6 +107,7 @@ def _read_info(file: Path) -> EngineInfo:
         blocks_reserved=_int(data.get("blocks_reserved"), where, "blocks_reserved", default=1),
         bytes_per_sector=_opt_int(data.get("bytes_per_sector"), where, "bytes_per_sector") or None,
         failure=dict(data["failure"]) if isinstance(data.get("failure"), dict) else None,
+        failed_requests_logged=data.get("failed_requests_logged") is True,
     )
 
 

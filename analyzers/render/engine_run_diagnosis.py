@@ -37,7 +37,7 @@ def engine_run_diagnosis_to_json(d: EngineRunDiagnosis) -> dict[str, Any] | None
     if d.unpriced is not None:
         return None
     if d.diagnosis is None:
-        result = ran_fine_to_json(d.run, over_budget=d.budget is not None and d.budget.crossed)
+        result = ran_fine_to_json(d.run, d.budget is not None and d.budget.crossed, d.unfinished)
     else:
         result = vllm_diagnosis_to_json(d.diagnosis)
     result["unfinished_requests"] = d.unfinished_requests  # every kind, as transformers' diagnosis gives it
@@ -54,7 +54,7 @@ def engine_run_diagnosis_to_html(d: EngineRunDiagnosis) -> list[str]:
     if d.diagnosis is None:
         if d.budget is None:
             return []
-        return [*sections, ran_fine_to_html(ran_fine_to_json(d.run, over_budget=d.budget.crossed))]
+        return [*sections, ran_fine_to_html(ran_fine_to_json(d.run, d.budget.crossed, d.unfinished))]
     if isinstance(d.diagnosis, PreemptionDiagnosis):
         return [*sections, preemption_to_html(d.diagnosis)]
     return [*sections, refused_to_html(d.diagnosis)]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import html
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analyzers.engine import EngineRun, HeldRequest
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis
 from analyzers.planning.vllm_plan import readable_bytes
+
+if TYPE_CHECKING:
+    from analyzers.planning.engine_run_diagnosis import Unfinished
 
 
 def vllm_diagnosis_to_json(d: RefusedDiagnosis | PreemptionDiagnosis) -> dict[str, Any]:
@@ -188,11 +191,15 @@ def vllm_diagnosis_to_text(d: RefusedDiagnosis | PreemptionDiagnosis) -> str:
     return "\n".join(lines)
 
 
-def ran_fine_to_json(run: EngineRun, over_budget: bool = False) -> dict[str, Any]:
+def ran_fine_to_json(
+    run: EngineRun, over_budget: bool = False, unfinished: Unfinished | None = None
+) -> dict[str, Any]:
     """A vLLM run that neither preempted nor was refused: no request ran short of blocks. Its pool was
     allocated at start, so a shorter context or a smaller batch would not have changed its size. What
     `kvtrace diagnose` says of it (`sentence`), and the report page beside the budget it crossed
-    (`over_budget`: then "nothing ran out" is not said)."""
+    (`over_budget`: then "nothing ran out" is not said). A run that stopped short with requests unfinished
+    (`unfinished`, analyzers.planning.engine_run_diagnosis) had not reached their final lengths: whether
+    the pool would have held them is unknown, as transformers' continuous batching says (kvtrace diagnose)."""
     from analyzers.engine import engine_figures
     from analyzers.planning.vllm_diagnose import NULL_BLOCKS
     from analyzers.render.engine import peak_when  # numpy: not for diagnose's other paths
@@ -200,8 +207,15 @@ def ran_fine_to_json(run: EngineRun, over_budget: bool = False) -> dict[str, Any
     figures = engine_figures(run)
     usable = max((figures.num_blocks or 0) - NULL_BLOCKS, 0)
     share = f" ({100 * figures.peak_blocks_used / usable:.0f}% of the {usable:,} usable)" if usable else ""
+    if unfinished is not None:
+        outcome = (
+            "vLLM started normally and preempted nothing before the run stopped, with "
+            f"{unfinished.clause()}: whether the pool would have sufficed cannot be told from this run."
+        )
+    else:
+        outcome = f"vLLM preempted nothing and started normally{'' if over_budget else ': nothing ran out'}."
     sentence = (
-        f"vLLM preempted nothing and started normally{'' if over_budget else ': nothing ran out'}. Peak "
+        f"{outcome} Peak "
         f"{figures.peak_blocks_used:,} blocks used{share} at {peak_when(figures)}; the pool is allocated at "
         f"start, so context and batch do not change its size (size one: kvtrace plan --engine vllm "
         f"--from-run {run.path})."

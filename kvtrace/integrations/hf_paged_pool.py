@@ -85,6 +85,9 @@ def pool_document(cache: Any, model: Any = None) -> dict[str, Any]:
         "memory_profile": {},
         "refused": None,
         "pool_source": "cache_tensor",
+        # Written with the pool, so that a run whose process dies before its manifest counts the failed
+        # requests still says its request log names each of them: none named is then none failed
+        "failed_requests_logged": True,
     }
 
 

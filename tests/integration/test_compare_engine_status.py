@@ -171,6 +171,8 @@ def test_compare_text_and_page_have_a_row_per_engine_fact(runs: Path, tmp_path: 
     assert rows["engine status"] == [f"failed at engine step {FAILED_STEP} (no blocks)", "ok", "ok", "-"]
     assert rows["engine requests"] == ["1", "3", "8", "-"]
     assert rows["engine failed requests"] == ["1", "1", "0", "-"]
+    # vLLM's sample aborted none; transformers logs a request it cancelled as one that completed: unknown
+    assert rows["engine aborted requests"] == ["-", "-", "0", "-"]
     assert rows["engine preemptions"] == ["0", "0", "2", "-"]
     # AND the notes carry the failure's whole error, and which request failed on its own and why
     assert (
@@ -179,6 +181,13 @@ def test_compare_text_and_page_have_a_row_per_engine_fact(runs: Path, tmp_path: 
         "(RuntimeError: No requests can be scheduled and no requests can be offloaded.)"
     ) in text
     assert "note: one_failed: continuous batching: 1 request(s) failed on their own" in text
+    cancelled = (
+        "engine aborted requests unknown: transformers' continuous batching logs a request it cancelled "
+        "(cancel_request) as finished, as one that completed"
+    )
+    assert [line for line in text.splitlines() if cancelled in line] == [
+        f"note: {name}: {cancelled}" for name in ("no_blocks", "one_failed")
+    ]
     # AND the page's table has the same rows and cells
     cells = re.findall(r"<tr><th>(.*?)</th>((?:<td>.*?</td>)*)</tr>", page.read_text())
     on_page = {
@@ -190,6 +199,7 @@ def test_compare_text_and_page_have_a_row_per_engine_fact(runs: Path, tmp_path: 
         "engine status",
         "engine requests",
         "engine failed requests",
+        "engine aborted requests",
         "engine preemptions",
     ):
         assert on_page[name] == rows[name]
@@ -199,11 +209,15 @@ def test_a_continuous_batching_run_recorded_before_failed_requests_were_counted_
     runs: Path, tmp_path: Path
 ) -> None:
     # GIVEN the run that failed a request on its own, its files as kvtrace wrote them before it counted them:
-    # no failed_requests in the manifest, and no line for the request failed on its own
+    # no failed_requests in the manifest, no failed_requests_logged in engine.json, and no line for the
+    # request failed on its own
     old = shutil.copytree(runs / "one_failed", tmp_path / "old_one_failed")
     manifest = json.loads((old / "manifest.json").read_text())
     del manifest["engine"]["failed_requests"]
     (old / "manifest.json").write_text(json.dumps(manifest))
+    engine = json.loads((old / "engine.json").read_text())
+    del engine["failed_requests_logged"]
+    (old / "engine.json").write_text(json.dumps(engine))
     log = old / "engine_requests.jsonl"
     kept = [line for line in log.read_text().splitlines() if json.loads(line)["request_id"] != "bad_1"]
     log.write_text("\n".join(kept) + "\n")
@@ -227,7 +241,7 @@ def test_a_continuous_batching_run_recorded_before_failed_requests_were_counted_
 
 _DIED = textwrap.dedent(
     f"""
-    import os, sys
+    import os, sys, time
     import torch
     import transformers.generation.continuous_batching.continuous_api as ca
     from transformers import GenerationConfig
@@ -244,6 +258,7 @@ _DIED = textwrap.dedent(
     def step(self, model):
         steps.append(1)
         if len(steps) == {DIED_STEP}:
+            time.sleep(0.15)  # a hanging step: the writer thread writes the lines of those before it
             os._exit(1)  # the process dies mid-run (a kill -9, a crash): no block end, no engine summary
         return generation_step(self, model)
 
@@ -256,7 +271,8 @@ _DIED = textwrap.dedent(
         )
         manager.start()
         for request_id, prompt in {DIED_PROMPTS}.items():
-            refused = {{"bogus_kwarg": 1}} if request_id == "r1" else {{}}  # a kwarg it cannot apply
+            # sys.argv[2] names the request given a kwarg it cannot apply ("" for none)
+            refused = {{"bogus_kwarg": 1}} if request_id == sys.argv[2] else {{}}
             manager.add_request(prompt, request_id=request_id, **refused)
         while True:
             manager.get_result(timeout=60)
@@ -269,7 +285,7 @@ def test_a_run_whose_process_died_counts_its_failed_requests_from_its_log(tmp_pa
     # on its own (a logits-processor argument it cannot apply): the manifest never got its `engine` count
     run = tmp_path / "died"
     done = subprocess.run(
-        [sys.executable, "-c", _DIED, str(run)],
+        [sys.executable, "-c", _DIED, str(run), "r1"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -297,3 +313,49 @@ def test_a_run_whose_process_died_counts_its_failed_requests_from_its_log(tmp_pa
     assert diagnosis["failed_requests"] == failed
     assert _table(_cli(["compare", str(run), str(run)]))["engine failed requests"] == ["1", "1"]
     assert f"{len(DIED_PROMPTS)} requests (0 completed, 1 failed)" in report
+
+
+def test_a_run_whose_process_died_failing_no_request_counts_none_failed(tmp_path: Path) -> None:
+    # GIVEN the same run, every request valid: its process died at engine step 8 with none failed, and its
+    # manifest never got its `engine` count; its engine.json, written with the pool, says the request log
+    # names every request transformers fails
+    run = tmp_path / "died_none_failed"
+    done = subprocess.run(
+        [sys.executable, "-c", _DIED, str(run), ""],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=SAMPLES.parent,
+    )
+    assert done.returncode == 1, done.stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert (manifest["ended"], "engine" in manifest) == ({"status": "running"}, False)
+    requests = _lines(run / "engine_requests.jsonl")
+    assert {r["request_id"] for r in requests} == set(DIED_PROMPTS)
+    assert not [r for r in requests if r["event"] == "finished"]  # 40 new tokens each: none got there
+    assert json.loads((run / "engine.json").read_text())["failed_requests_logged"] is True
+
+    # WHEN it is compared
+    compared = json.loads(_cli(["compare", str(run), str(run), "--json"]))
+
+    # THEN it failed none, known (0, not null), with no note calling it unknown, in the text's row too
+    assert compared["runs"][0]["engine"]["failed_requests"] == 0
+    assert compared["runs"][0]["engine"]["requests"] == len(DIED_PROMPTS)
+    assert not any("failed requests unknown" in note for note in compared["runs"][0]["notes"])
+    rows = _table(_cli(["compare", str(run), str(run)]))
+    assert rows["engine requests"] == [str(len(DIED_PROMPTS))] * 2
+    assert rows["engine failed requests"] == ["0", "0"]
+
+    # AND the same run as kvtrace recorded it before engine.json said so is unknown, and its note says why
+    old = shutil.copytree(run, tmp_path / "old_died")
+    engine = json.loads((old / "engine.json").read_text())
+    del engine["failed_requests_logged"]
+    (old / "engine.json").write_text(json.dumps(engine))
+    compared = json.loads(_cli(["compare", str(old), str(run), "--json"]))
+    assert [r["engine"]["failed_requests"] for r in compared["runs"]] == [None, 0]
+    assert (
+        "engine failed requests unknown: the run never finished, so its manifest does not count them, and "
+        "its engine.json does not say that engine_requests.jsonl names every request transformers failed "
+        "(no failed_requests_logged: recorded before kvtrace wrote it): that the log names none failed does "
+        "not say none failed"
+    ) in compared["runs"][0]["notes"]

@@ -518,18 +518,17 @@ def test_a_request_aborted_before_it_was_scheduled_is_counted(
     assert "3 requests (2 completed, 1 aborted)" in capsys.readouterr().out
 
 
-def test_an_aborted_request_is_logged_as_aborted(
-    recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from vllm.v1.request import RequestStatus
-
-    from kvtrace.cli import main
+@pytest.fixture(scope="module")
+def aborted_run(recorded: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Four requests of 40 prompt tokens, two of them aborted (after their first decode; alone, with no engine
+    step after the abort), recorded: the run, the ids add_request returned, vLLM's own finish reasons and the
+    aborted requests' statuses."""
     from tests.vllm.workload import prompts, sampling
 
     llm = recorded["llm"]
     llm.reset_prefix_cache()
     engine, scheduler = llm.llm_engine, recorded["core"].scheduler
-    run_dir = tmp_path / "aborted"
+    run_dir = tmp_path_factory.mktemp("vllm-aborted") / "aborted"
     finish_reasons: dict[str, str] = {}  # vLLM's own, from the outputs it returns (by the ids we gave)
 
     def step() -> None:
@@ -538,7 +537,7 @@ def test_an_aborted_request_is_logged_as_aborted(
                 finish_reasons[output.request_id] = output.outputs[0].finish_reason
 
     with kvtrace.record(run_dir, model=llm, profiler=False):
-        # GIVEN three requests of 40 prompt tokens; the second is aborted after its prefill and one decode
+        # three requests of 40 prompt tokens; the second is aborted after its prefill and one decode
         ids = [engine.add_request(f"a{i}", prompt, sampling(8)) for i, prompt in enumerate(prompts(3, 40))]
         step(), step()
         aborted = [scheduler.requests[ids[1]]]
@@ -551,9 +550,27 @@ def test_an_aborted_request_is_logged_as_aborted(
         aborted.append(scheduler.requests[ids[3]])
         engine.abort_request(["a3"])
         assert not engine.has_unfinished_requests()
+    return {
+        "dir": run_dir,
+        "ids": ids,
+        "finish_reasons": finish_reasons,
+        "aborted_statuses": [r.status for r in aborted],
+    }
+
+
+def test_an_aborted_request_is_logged_as_aborted(
+    aborted_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vllm.v1.request import RequestStatus
+
+    from kvtrace.cli import main
+
+    # GIVEN three requests of 40 prompt tokens, the second aborted after its prefill and one decode, and a
+    # fourth aborted while it ran alone (aborted_run)
+    run_dir, ids, finish_reasons = aborted_run["dir"], aborted_run["ids"], aborted_run["finish_reasons"]
     # vLLM's own account: two ran to their length, two are FINISHED_ABORTED
     assert finish_reasons == {"a0": "length", "a2": "length"}
-    assert [r.status for r in aborted] == [RequestStatus.FINISHED_ABORTED] * 2
+    assert aborted_run["aborted_statuses"] == [RequestStatus.FINISHED_ABORTED] * 2
     events = _jsonl(run_dir / fmt.ENGINE_REQUESTS)  # by vLLM's internal ids, which add_request returned
     finished = {e["request_id"]: e for e in events if e["event"] == "finished"}
     # THEN each request's last event is its one "finished" line, with vLLM's finish reason
@@ -586,3 +603,36 @@ def test_an_aborted_request_is_logged_as_aborted(
         (rid, e["finish_reason"]) for rid, e in finished.items()
     )
     assert {r["finish_reason"] for r in rows if r["event"] != "finished"} == {None}
+
+
+def test_compare_has_a_row_for_the_requests_vllm_aborted(
+    recorded: dict[str, Any], aborted_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import html
+    import re
+
+    from kvtrace.cli import main
+
+    # GIVEN the run whose two requests vLLM aborted (abort_request), and the workload run, which aborted none:
+    # the counts of `finished` lines with reason "abort" in each request log
+    runs = [aborted_run["dir"], recorded["dir"]]
+    logs = [_jsonl(run / fmt.ENGINE_REQUESTS) for run in runs]
+    aborted = [sum(e["event"] == "finished" and e.get("finish_reason") == "abort" for e in lg) for lg in logs]
+    assert aborted == [2, 0]
+    # WHEN they are compared as JSON, as text and as a page
+    assert main(["compare", *map(str, runs), "--json"]) == 0
+    compared = json.loads(capsys.readouterr().out)
+    page = tmp_path / "compare.html"
+    assert main(["compare", *map(str, runs), "-o", str(page)]) == 0
+    text = capsys.readouterr().out
+    # THEN each run's engine counts its aborted requests, as its log and the report do ("2 aborted")
+    assert [run["engine"]["aborted_requests"] for run in compared["runs"]] == aborted
+    assert [run["engine"]["failed_requests"] for run in compared["runs"]] == [0, 0]
+    assert not any("aborted requests unknown" in note for run in compared["runs"] for note in run["notes"])
+    # AND the text and the page have a row for them, beside the failed requests'
+    row = next(line for line in text.splitlines() if line.startswith("engine aborted requests"))
+    assert row.split()[3:] == [str(n) for n in aborted]
+    cells = re.search(r"<tr><th>engine aborted requests</th>((?:<td>.*?</td>)*)</tr>", page.read_text())
+    assert cells is not None
+    on_page = [html.unescape(cell) for cell in re.findall(r"<td>(.*?)</td>", cells.group(1))]
+    assert on_page == [str(n) for n in aborted]

@@ -23,7 +23,16 @@ pytest.importorskip("vllm")
 
 from kvtrace import format as fmt
 from kvtrace.cli import main
-from tests.vllm.workload import BLOCK_SIZE, NEW_TOKENS, POOL_BYTES, PROMPT_TOKENS, REQUESTS, ROOT, run_script
+from tests.vllm.workload import (
+    BLOCK_BYTES,
+    BLOCK_SIZE,
+    NEW_TOKENS,
+    POOL_BYTES,
+    PROMPT_TOKENS,
+    REQUESTS,
+    ROOT,
+    run_script,
+)
 
 KILLED_AT = 30  # the step whose forward kills the process: the workload first preempts at step 26
 STALL_S = 60  # longer than the front end takes to SIGTERM a dead engine core (its SIGTERM ends the stall)
@@ -107,13 +116,12 @@ def test_step_that_raised_in_the_engine_core_process_ends_the_run_as_raised(
     assert steps[1]["blocks_used_in_step"] == sum(held.values()) > steps[0]["blocks_used_in_step"]
 
 
-@pytest.fixture(scope="module")
-def killed_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The workload recorded until its process SIGKILLs itself in step KILLED_AT's forward."""
+def _killed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, killed_at: int) -> Path:
+    """The workload recorded until its process SIGKILLs itself in step `killed_at`'s forward."""
     run_dir = tmp_path_factory.mktemp("vllm-killed") / "run"
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.pop("KVTRACE_DIR", None)
-    argv = ["kill_record", str(tiny_model_dir), str(run_dir), str(KILLED_AT)]
+    argv = ["kill_record", str(tiny_model_dir), str(run_dir), str(killed_at)]
     done = subprocess.run(
         [sys.executable, "-m", "tests.vllm.scripts", *argv],
         cwd=ROOT,
@@ -124,6 +132,12 @@ def killed_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     )
     assert done.returncode == -9, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def killed_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workload recorded until its process SIGKILLs itself in step KILLED_AT's forward."""
+    return _killed(tiny_model_dir, tmp_path_factory, KILLED_AT)
 
 
 def test_killed_run_is_said_to_have_died(killed_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -181,6 +195,44 @@ def test_killed_run_gives_its_demand_as_a_lower_bound(
         f"counting the {REQUESTS} unfinished request(s) at the lengths they had reached; on the recorded "
         f"schedule it peaked at {at_least}\n"
     ) in text
+
+
+KILLED_EARLY_AT = 10  # a step before the workload's first preemption (26)
+
+
+def test_run_killed_before_preempting_does_not_say_nothing_ran_out(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the workload killed in step 10, before it first preempts: its files end at step 9, no request
+    # preempted or finished (48 new tokens each), so all 8 were still in the engine
+    run = _killed(tiny_model_dir, tmp_path_factory, KILLED_EARLY_AT)
+    steps = _jsonl(run / fmt.ENGINE_STEPS)
+    assert [s["step"] for s in steps] == list(range(1, KILLED_EARLY_AT))
+    requests = _jsonl(run / fmt.ENGINE_REQUESTS)
+    assert not [e for e in requests if e["event"] in ("preempted", "finished")]
+    peak = max(s["blocks_used_in_step"] for s in steps)
+    peak_step = next(s["step"] for s in steps if s["blocks_used_in_step"] == peak)
+    usable = json.loads((run / fmt.ENGINE).read_text())["num_blocks"] - 1  # less vLLM's null block
+    assert usable == POOL_BYTES // BLOCK_BYTES - 1 == 15
+    # WHEN it is diagnosed
+    diagnosis = _cli_json(capsys, "diagnose", str(run))
+    assert main(["diagnose", str(run)]) == 0
+    text = capsys.readouterr().out
+    # THEN it preempted nothing before it stopped, with its requests unfinished: whether the pool would have
+    # sufficed is unknown, so "nothing ran out" is said neither in the JSON nor in the text
+    assert (diagnosis["kind"], diagnosis["unfinished_requests"]) == ("no_preemption", REQUESTS)
+    assert (diagnosis["peak_blocks_used"], diagnosis["peak_step"]) == (peak, peak_step)
+    sentence = (
+        f"vLLM started normally and preempted nothing before the run stopped, with {REQUESTS} request(s) "
+        "unfinished (its process died): whether the pool would have sufficed cannot be told from this run. "
+        f"Peak {peak} blocks used ({100 * peak / usable:.0f}% of the {usable} usable) at step {peak_step}; "
+        "the pool is allocated at start, so context and batch do not change its size (size one: kvtrace plan "
+        f"--engine vllm --from-run {run})."
+    )
+    assert diagnosis["sentence"] == sentence
+    assert "nothing ran out" not in text
+    died = "the run never finished (the process died): read up to its last flushed step"
+    assert text.splitlines() == [f"kvtrace diagnose: {run}: {sentence}", f"  note: {died}"]
 
 
 HUNG_AT = 26  # the step whose scheduling first preempts: its forward hangs, then the process is killed
