@@ -76,6 +76,9 @@ class EngineInfo:
     # HF CB: engine.json says engine_requests.jsonl has a `finished` line (reason "error") for every request
     # transformers fails, written with the pool: a run without one failed none, even one whose process died
     failed_requests_logged: bool = False
+    # HF CB: engine.json says engine_requests.jsonl has a `finished` line (reason "abort") for every request
+    # transformers' scheduler dropped for `cancel_request`: the log then counts the aborted ones
+    aborted_requests_logged: bool = False
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,11 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         prefix_query_tokens=int(steps["prefix_queries"].sum()),
         blocks_reserved=info.blocks_reserved,
         finish_reasons=finish_reasons,
-        requests_aborted=finish_reasons.get("abort", 0) if finish_reasons else None,
+        requests_aborted=(
+            finish_reasons.get("abort", 0)
+            if (finish_reasons and info.name != "transformers-cb") or info.aborted_requests_logged
+            else None
+        ),
         requests_completed=completed,
         failed_requests=tuple(failed),
         peak_in_step=steps.in_step,
@@ -300,10 +307,13 @@ def aborted_requests_unknown(fig: EngineFigures, run: EngineRun) -> str | None:
     """Why engine_requests.jsonl cannot count the requests the engine aborted, or None when it can: the count
     is then `fig.finish_reasons`' "abort" (0 where none), the report's "(6 completed, 2 aborted)"."""
     if fig.name == "transformers-cb":
-        # its cancel_request empties the request from the scheduler as a finished one does, with no reason
+        if run.info.aborted_requests_logged:  # a line per cancelled request: none named is none aborted
+            return None
+        # before, its cancel_request emptied the request from the scheduler as a finished one does
         return (
-            "transformers' continuous batching logs a request it cancelled (cancel_request) as finished, as "
-            "one that completed"
+            "the run was recorded before kvtrace logged the requests transformers' continuous batching "
+            "cancelled (cancel_request; no aborted_requests_logged in its engine.json): they read as "
+            "completed ones"
         )
     if not fig.finish_reasons and any(e.event == "finished" for e in run.requests):
         return "its finished requests carry no finish reason (recorded before kvtrace logged vLLM's)"

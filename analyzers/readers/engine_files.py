@@ -108,6 +108,7 @@ def _read_info(file: Path) -> EngineInfo:
         bytes_per_sector=_opt_int(data.get("bytes_per_sector"), where, "bytes_per_sector") or None,
         failure=dict(data["failure"]) if isinstance(data.get("failure"), dict) else None,
         failed_requests_logged=data.get("failed_requests_logged") is True,
+        aborted_requests_logged=data.get("aborted_requests_logged") is True,
     )
 
 

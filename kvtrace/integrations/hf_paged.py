@@ -86,6 +86,10 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
         self._stop_failed: list[str] = []
         self._failed_alone: list[tuple[str, str]] = []
         self._failing_all = False  # inside fail_all_requests: its requests fail with the run
+        # Requests the scheduler dropped for `cancel_request`, and whether this transformers lets kvtrace see
+        # them (its `Scheduler.clear_cancelled_requests`): engine.json's `aborted_requests_logged`
+        self.aborted_requests = 0
+        self.cancels_followed = False
 
     @property
     def cache(self) -> Any:
@@ -138,6 +142,7 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
             "status": self.document.get("status", "ok"),
             **({"failure": self.failure} if self.failure is not None else {}),
             "failed_requests": self.failed_requests,
+            **({"aborted_requests": self.aborted_requests} if self.cancels_followed else {}),
             "num_blocks": self.document.get("num_blocks"),
             "kv_cache_bytes": self.document.get("kv_cache_bytes"),
             "engine_steps": self.engine_steps,
@@ -188,6 +193,8 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
         self._cache_ref = weakref.ref(cache, self._pool_freed)
         rec = self.recording
         self.document = pool_document(cache, rec.model)
+        if self.cancels_followed:
+            self.document["aborted_requests_logged"] = True
         self._bytes_per_block = self.document["bytes_per_block"]
         self._reserved = self.document["blocks_reserved"]
         write_json_atomic(rec.path / fmt.ENGINE, self.document)

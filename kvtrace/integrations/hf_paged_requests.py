@@ -23,6 +23,7 @@ class PagedRequests:
     failure: dict[str, Any] | None
     preemptions: int
     failed_requests: int
+    aborted_requests: int
     _closed: bool
     _request_log: JsonlAppender | None
     _step_preempted: list[str]
@@ -94,6 +95,22 @@ class PagedRequests:
             self._stop_failed.append(request_id)
         else:
             self._failed_alone.append((request_id, text))
+
+    def _requests_cancelled(self, states: Any) -> None:
+        """The scheduler dropped these requests for `cancel_request` (a client gone), running or waiting,
+        and freed their blocks, as the next batch was prepared: each leaves the engine (`finished`, reason
+        `abort`, vLLM's word for a request aborted before its end) with the tokens it had generated. Without
+        this line a running one left as a completed one does, and a waiting one left no line at all."""
+        for state in states:
+            request_id = str(state.request_id)
+            if request_id in self._failed_ids:
+                continue
+            self.aborted_requests += 1
+            self._held.pop(request_id, None)
+            self._dropped.pop(request_id, None)
+            self._states.pop(request_id, None)
+            self._prefix_lookup.pop(request_id, None)
+            self._log_request(state, "finished", 0, finish_reason="abort")
 
     def _log_request(self, state: Any, event: str, blocks: int, **extra: Any) -> None:
         if self._closed or self._request_log is None:

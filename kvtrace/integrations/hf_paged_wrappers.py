@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from kvtrace.json_writes import JsonlAppender
 
 _API = "transformers.generation.continuous_batching.continuous_api"
+_SCHEDULER = "transformers.generation.continuous_batching.scheduler"  # imported by `_API`
 
 
 def _modules() -> tuple[Any, Any, Any] | None:
@@ -78,6 +79,7 @@ class PagedWrappers:
     _request_log: JsonlAppender | None
     _open: deque[tuple[int, str, int, list[str], int, int]]
     _failing_all: bool
+    cancels_followed: bool
     _prefix_evicted: int
     _prefix_lookup: dict[str, tuple[int, int]]
 
@@ -104,6 +106,8 @@ class PagedWrappers:
 
         def _request_failed(self, proc: Any, state: Any, error: Exception) -> None: ...
 
+        def _requests_cancelled(self, states: Any) -> None: ...
+
     def install(self) -> None:
         """Patch now if transformers' continuous batching is imported, else as soon as it is (a model loaded
         inside the block): a run that never uses it imports nothing more."""
@@ -128,6 +132,10 @@ class PagedWrappers:
             processor._handle_request_error,
         )
         offload = manager_cls.offload_requests
+        # `cancel_request` queues an id; the scheduler drops the request (waiting or running) and frees its
+        # blocks in `clear_cancelled_requests`, at the next batch's preparation, and returns its state
+        scheduler_cls = getattr(sys.modules.get(_SCHEDULER), "Scheduler", None)
+        clear: Any = getattr(scheduler_cls, "clear_cancelled_requests", None)
 
         def init_hook(cache: Any, *args: Any, **kwargs: Any) -> None:
             init(cache, *args, **kwargs)
@@ -185,8 +193,17 @@ class PagedWrappers:
                 hooks._prefix_lookup[request_id] = (hits, len(prompt_ids))
             return hits
 
+        def clear_hook(scheduler: Any) -> Any:
+            cancelled = clear(scheduler)
+            if getattr(scheduler, "cache", None) is hooks.cache and not hooks._closed and cancelled:
+                hooks._timed(hooks._requests_cancelled, cancelled)
+            return cancelled
+
         patches = self._patches
         patches.set(cache_cls, "__init__", init_hook)
+        if clear is not None:
+            patches.set(scheduler_cls, "clear_cancelled_requests", clear_hook)
+            self.cancels_followed = True
         if evict is not None:
             patches.set(cache_cls, "evict_cached_blocks", evict_hook)
         patches.set(cache_cls, "search_prefix_match", search_hook)
