@@ -58,6 +58,10 @@ class DeviceEvents:
     # "allocator" (what the allocator reported: Kineto events, rounded block sizes on CUDA).
     size_basis: str = "allocator"
     final_rounded_bytes: int | None = None  # allocator block sizes live at a snapshot's dump
+    # A snapshot's private pools' (CUDA graphs') reserved-but-unallocated bytes after each event, and at its
+    # dump (analyzers.readers.snapshot_pools); None where no segment is a private pool's
+    private_pool_free: np.ndarray | None = None  # int64
+    private_pool_free_at_dump: int | None = None
 
     def __len__(self) -> int:
         return int(self.ts_us.shape[0])

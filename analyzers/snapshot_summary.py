@@ -34,6 +34,7 @@ from analyzers.readers.snapshot import (
     plain_trace_ok,
     snapshot_source,
 )
+from analyzers.readers.snapshot_pools import peak_slack, pools_at
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import DeviceSummary, KvSummary, Report, clock_time, summarize
 
@@ -146,6 +147,8 @@ def _device_figures(
                 by_method[name] = total
         kv_allocated = sum(d for d, c in zip(deltas, category, strict=True) if d > 0 and c == KV)
         kv_figures = (max(series["kv"]), series["kv"][-1], kv_allocated)
+    pools = pools_at(dev.private_pool_free, dev.private_pool_free_at_dump, peak_i if deltas else -1)
+    fragmentation, in_pools = peak_slack(reserved, peak, before_trace, pools)
     summary = DeviceSummary(
         device=dev.device,
         alloc_events=sum(1 for d in deltas if d > 0),
@@ -156,10 +159,11 @@ def _device_figures(
         capacity_bytes=None,
         categories_at_peak=at_peak,
         reserved_at_peak=reserved,
-        fragmentation_at_peak_bytes=reserved - peak if reserved is not None and not before_trace else None,
+        fragmentation_at_peak_bytes=fragmentation,
         bytes_by_method=by_method,
         size_basis="requested",
         final_allocated_rounded_bytes=dev.final_rounded_bytes,
         peak_before_trace=before_trace,
+        private_pool_free_at_peak=in_pools,
     )
     return summary, kv_figures

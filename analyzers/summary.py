@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
+from analyzers.readers.snapshot_pools import peak_slack, pools_at
 from analyzers.readers.unescaped_names import unescaped_names_note
 from analyzers.trace_coverage import all_memory_events_damaged, coverage_notes, skipped_events_note
 
@@ -38,6 +39,9 @@ class DeviceSummary:
     # allocated): the run peaked then or earlier, unseen, and `reserved_at_peak` is what the allocator had
     # cached by then, so `fragmentation_at_peak_bytes` is None (analyzers.trace_coverage)
     peak_before_trace: bool = False
+    # Of the reserved bytes at the peak, those unallocated in a snapshot's private pools (CUDA graphs'), which
+    # only their pools' allocations can use: left out of `fragmentation_at_peak_bytes`. None: no such pool
+    private_pool_free_at_peak: int | None = None
 
 
 @dataclass
@@ -179,6 +183,8 @@ def _device_summary(
         # No trace events: the peak is the state at the dump, whose segments are what was reserved then
         # (as `diagnose` reads them).
         reserved_at_peak = sum(s.total_size for s in source.segments if s.device == dev.device) or None
+    in_pools = pools_at(dev.private_pool_free, dev.private_pool_free_at_dump, peak_i)
+    fragmentation, in_pools = peak_slack(reserved_at_peak, peak, before_trace, in_pools)
     by_method: dict[str, int] = {}
     if dev.method is not None and n:
         allocs = dev.delta_bytes > 0
@@ -196,13 +202,12 @@ def _device_summary(
         capacity_bytes=dev.capacity_bytes,
         categories_at_peak=at_peak,
         reserved_at_peak=reserved_at_peak,
-        fragmentation_at_peak_bytes=(
-            reserved_at_peak - peak if reserved_at_peak is not None and not before_trace else None
-        ),
+        fragmentation_at_peak_bytes=fragmentation,
         bytes_by_method=by_method,
         size_basis=dev.size_basis,
         final_allocated_rounded_bytes=dev.final_rounded_bytes,
         peak_before_trace=before_trace,
+        private_pool_free_at_peak=in_pools,
     )
     return summary, timeline
 

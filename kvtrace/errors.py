@@ -68,6 +68,12 @@ def missing_dependency(exc: ImportError, command: str = "") -> str | None:
     return f"needs {name}, which is not installed here: pip install '{what}'"
 
 
+def short_error(text: str, limit: int = 150) -> str:
+    """An error's text cut to `limit` characters, marked "..." where cut: a failed request's exception (a
+    traceback's last line can run to kilobytes) quoted inside a sentence of a warning or a diagnosis."""
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def too_long_integer() -> str:
     """What `json.loads` means by a plain ValueError (not a JSONDecodeError): CPython refuses to read an
     integer of more digits than `sys.get_int_max_str_digits()` (4300), a guard against quadratic parsing.

@@ -107,6 +107,13 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         held = max(sizes.kv_bytes, sizes.prefill_bytes)
         return req.weights_bytes + max(held + at_peak + tokens, sizes.step_peak_bytes + in_update)
     moved = _moment_kv(req, rec, batch, context) - _moment_kv(run, rec, rec.batch, rec.context)
+    if rec.phase == "prefill":
+        # The run peaked at its prefill: that moment's activations follow the rows and the prompt, not the
+        # context, and its ids are the prompt's; the longer context's decode steps are `floors`. Before, they
+        # grew with the context: the tiny Llama at batch 2, a 40-token prompt, planned from context 44 at
+        # 206 was 1,606,175 B where the recording peaked at 840,504 (+91%)
+        prompt_grown = rows * _prefill_growth(run, rec, kv_sizes(req, batch, context).prompt)
+        growth, tokens = _scaled(activations, fixed, prompt_grown) - activations, 0
     grew = (req.weights_bytes - rec.weights_bytes) + moved - freed + growth + tokens
     return max(rec.peak_bytes + grew, *floors)
 
@@ -128,6 +135,13 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> int:
     copies = _attention_copies(req, rec, batch, context)
     if not copies or (not _attended_gain(req, rec, context) and not fp8_new):
         return 0
+    if rec.phase == "prefill" and same_cache_as_run(req):
+        # A prefill's activations are no decode step's: the step's are those the run held at its KV peak,
+        # grown to the plan (`_beside_late`). Before, the prefill's grew with the context: the tiny Llama,
+        # eager, batch 2, a 40-token prompt, planned from context 44 at 206 was 2,305,491 B where the
+        # recording peaked at 1,012,460 (+128%)
+        beside = _beside_late(req, _run_request(req, rec), rec, batch, context)
+        return req.weights_bytes + kv_sizes(req, batch, context).kv_bytes + beside + copies
     rows, more = max(batch / rec.batch, 1.0), _attended_gain(req, rec, context)
     gain = _Gain(rows, _context_growth(req, rec, context), max(batch, rec.batch), more)
     activations = gain.grown(
@@ -307,20 +321,46 @@ def _moment_floors(
     its measured activations stand for theirs (an estimate: a step's activations are a prefill's at most
     where the prefill processes more tokens than a step, as in the tour's runs)."""
     sizes = kv_sizes(req, batch, context)
-    run_sizes = kv_sizes(run, rec.batch, rec.context)
-    rows = max(batch / rec.batch, 1.0)
-    # fewer rows keep the share of the peak moment's activations that stays (`_rows_freed`), at each moment
     kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
+    beside_prefill, prefill_fixed = _beside_prefill(run, rec)
+    floors = [req.weights_bytes + sizes.step_peak_bytes + _beside_late(req, run, rec, batch, context)]
+    early = max(batch / rec.batch, 1.0) * _prefill_growth(run, rec, sizes.prompt)
+    attention = static_prefill_bytes(req, run, rec, batch, context, sizes.prompt)
+    if early > 1.0 or attention:
+        # A prefill of more rows or tokens than the run's, or over a longer static cache: its own moment.
+        # Not otherwise: the run's own prefill is within its peak, and the measured figure is the most
+        # beside the KV at any moment of it, with the whole prefill KV beside that (an upper bound where its
+        # KV was still filling then)
+        prefill = _scaled(beside_prefill * kept, prefill_fixed, early) + attention
+        floors.append(req.weights_bytes + sizes.prefill_bytes + prefill)
+    return floors
+
+
+def _beside_prefill(run: PlanRequest, rec: RecordedPeak) -> tuple[int, int | None]:
+    """What the run held beside its weights and KV at its prefill (`_moment_floors`), and the
+    vocabulary-long vectors of it, which more rows keep (None: not told)."""
     beside_prefill = rec.prefill_activations_bytes
     if beside_prefill is None:
+        run_sizes = kv_sizes(run, rec.batch, rec.context)
         beside_prefill = max(rec.peak_bytes - rec.weights_bytes - run_sizes.prefill_bytes, 0)
     # at a prefill peak, measured there: its KV may differ from the arithmetic's prompt (taken below)
-    token_bytes: int | None = None  # what a token adds to `beside_peak`; None: not told, all grow
-    # of `beside_prefill` and `beside_peak`, the vocabulary-long vectors, which more rows keep
     prefill_fixed = rec.prefill_batch_fixed_bytes if rec.prefill_activations_bytes is not None else None
     if rec.phase == "prefill" and beside_prefill < rec.activations_bytes:
         prefill_fixed = rec.batch_fixed_bytes
     beside_prefill = max(beside_prefill, rec.activations_bytes) if rec.phase == "prefill" else beside_prefill
+    return beside_prefill, prefill_fixed
+
+
+def _beside_late(req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """The activations beside the weights and KV at the plan's KV peak, its last decode steps
+    (`_moment_floors`): what the run held at its own KV peak, or the bound of it, grown to the plan."""
+    sizes = kv_sizes(req, batch, context)
+    run_sizes = kv_sizes(run, rec.batch, rec.context)
+    rows = max(batch / rec.batch, 1.0)
+    # fewer rows keep the share of the peak moment's activations that stays (`_rows_freed`), at each moment
+    kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
+    beside_prefill, prefill_fixed = _beside_prefill(run, rec)
+    token_bytes: int | None = None  # what a token adds to `beside_peak`; None: not told, all grow
     peak_fixed: int | None = None
     if rec.cut_short:
         beside_peak = max(rec.activations_bytes, beside_prefill)
@@ -341,21 +381,11 @@ def _moment_floors(
     stretch = _context_growth(req, rec, context)
     gain = _Gain(rows, stretch, max(batch, rec.batch), _attended_gain(req, rec, context))
     early = rows * _prefill_growth(run, rec, sizes.prompt)
-    attention = static_prefill_bytes(req, run, rec, batch, context, sizes.prompt)
     late = max(
         gain.grown(beside_peak * kept, token_bytes, peak_fixed),
         _scaled(beside_peak * kept, peak_fixed, early),
     )
-    beside_late = late + _token_growth(req, rec, batch, context)
-    floors = [req.weights_bytes + sizes.step_peak_bytes + beside_late]
-    if early > 1.0 or attention:
-        # A prefill of more rows or tokens than the run's, or over a longer static cache: its own moment.
-        # Not otherwise: the run's own prefill is within its peak, and the measured figure is the most
-        # beside the KV at any moment of it, with the whole prefill KV beside that (an upper bound where its
-        # KV was still filling then)
-        prefill = _scaled(beside_prefill * kept, prefill_fixed, early) + attention
-        floors.append(req.weights_bytes + sizes.prefill_bytes + prefill)
-    return floors
+    return late + _token_growth(req, rec, batch, context)
 
 
 def prefill_bound_note(req: PlanRequest) -> str | None:

@@ -32,10 +32,12 @@ from analyzers.readers.snapshot_entries import (
     checked_bytes,
     integer,
     lacking_fields,
+    private_pool,
     refuse_more_than_reserved,
     segment_bytes,
     stream_of,
 )
+from analyzers.readers.snapshot_pools import pool_levels
 from kvtrace.errors import KvtraceError
 
 
@@ -54,6 +56,7 @@ def _replay_loop(
     skipped: Counter[str] = Counter()
     repaired: Counter[str] = Counter()
     pending_ooms: list[tuple[int, dict[str, Any], int, int]] = []
+    segment_changes: list[tuple[int, Any, int]] = []  # (memory events before it, address, signed bytes)
     intern, pop = frames.intern, live.pop
     add_ts, add_addr, add_delta, add_reserved, add_frame = (
         ts.append,
@@ -108,8 +111,10 @@ def _replay_loop(
         when = integer(entry["time_us"], f"a trace entry ({action})", "time_us") if timed else index
         if action in SEGMENT_GROW:
             reserved += size
+            segment_changes.append((len(deltas), entry.get("addr"), size))
         elif action in SEGMENT_SHRINK:
             reserved -= size
+            segment_changes.append((len(deltas), entry.get("addr"), -size))
         elif action == "oom":
             pending_ooms.append((len(deltas), entry, reserved, when))
             label = f"OOM requesting {size} bytes"
@@ -129,6 +134,7 @@ def _replay_loop(
         reserved,
         skipped,
         repaired,
+        segment_changes,
     )
 
 
@@ -232,6 +238,15 @@ def _replay_columns(
     intern = frames.intern
     alloc_rows = np.flatnonzero(alloc)
     frame_ids[alloc_rows] = [intern(trace[i].get("frames")) for i in at[alloc_rows].tolist()]
+    changed = np.flatnonzero(grow | shrink)
+    segment_changes = list(
+        zip(
+            np.searchsorted(at, changed).tolist(),
+            addrs_all[changed].tolist(),
+            np.where(grow[changed], sizes[changed], -sizes[changed]).tolist(),
+            strict=True,
+        )
+    )
     pending_ooms: list[tuple[int, dict[str, Any], int, int]] = []
     for index in np.flatnonzero(actions >= 5).tolist():
         entry, when = trace[index], int(times[index])
@@ -255,6 +270,7 @@ def _replay_columns(
         int(reserved_after[-1]) if len(trace) else 0,
         skipped,
         repaired,
+        segment_changes,
     )
 
 
@@ -276,6 +292,7 @@ _Replay = tuple[
     int,
     Counter[str],
     Counter[str],
+    list[tuple[int, Any, int]],
 ]
 
 
@@ -293,6 +310,13 @@ class PlainDevice:
     baseline_bytes: int
     baseline_blocks: list[tuple[int, int, int]]
     final_rounded_bytes: int
+    private_pool_free: list[int] | None = None
+    private_pool_free_at_dump: int | None = None
+
+
+def _as_list(column: Any) -> list[int]:
+    """A replayed column as Python ints: the columns path's arrays, the plain path's lists as they are."""
+    return column.tolist() if hasattr(column, "tolist") else list(column)
 
 
 def replay_device(
@@ -325,6 +349,7 @@ def replay_device(
         reserved,
         skipped,
         repaired,
+        segment_changes,
     ) = replay
     if skipped:  # said in the report's notes, as the Chrome trace reader's skipped events are
         tally = source.meta.setdefault("skipped_events", {})
@@ -341,6 +366,9 @@ def replay_device(
             f"as the sum of its blocks ({derived:,} B in all), which tile a segment"
         )
     reserved_at_start = reserved_at_dump - reserved
+    pools = None
+    if any(private_pool(segment.get("segment_pool_id")) for segment in segments):  # CUDA graphs' (rare)
+        pools = pool_levels(segments, _as_list(addrs), _as_list(deltas), segment_changes)
     actions = {str(action): count for action, count in Counter(map(ACTION, trace)).items()}
 
     baseline = orphan_bytes
@@ -409,6 +437,8 @@ def replay_device(
             baseline_bytes=int(baseline),
             baseline_blocks=baseline_blocks,
             final_rounded_bytes=rounded_at_dump,
+            private_pool_free=None if pools is None else pools.after,
+            private_pool_free_at_dump=None if pools is None else pools.at_dump,
         )
     source.devices.append(
         DeviceEvents(
@@ -422,6 +452,8 @@ def replay_device(
             baseline_blocks=baseline_blocks,
             size_basis="requested",
             final_rounded_bytes=rounded_at_dump,
+            private_pool_free=None if pools is None else np.asarray(pools.after, dtype=np.int64),
+            private_pool_free_at_dump=None if pools is None else pools.at_dump,
         )
     )
     return None

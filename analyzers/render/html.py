@@ -368,6 +368,9 @@ def _summary_table(report: Report) -> str:
             rows.append(
                 ("&nbsp;&nbsp;reserved but unallocated", human_bytes(dev["fragmentation_at_peak_bytes"]))
             )
+        if dev.get("private_pool_free_at_peak_bytes") is not None:  # left out of the row above
+            pools = human_bytes(dev["private_pool_free_at_peak_bytes"])
+            rows.append(("&nbsp;&nbsp;unallocated in private pools (CUDA graphs)", pools))
     kv = data["kv"]
     rows += [
         ("KV final", human_bytes(kv["final_bytes"])),

@@ -85,7 +85,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
 def _device_json(report: Report, d: DeviceSummary) -> dict[str, Any]:
     """One device; its byte figures null where it measured nothing (Report.device_measured)."""
     measured = report.device_measured(d)
-    return {
+    device = {
         "device": d.device,
         "alloc_events": d.alloc_events,
         "free_events": d.free_events,
@@ -101,6 +101,9 @@ def _device_json(report: Report, d: DeviceSummary) -> dict[str, Any]:
         "peak_before_trace": d.peak_before_trace,
         "attributed_bytes_by_method": d.bytes_by_method,
     }
+    if d.private_pool_free_at_peak is not None:  # a snapshot with private pools (CUDA graphs') only
+        device["private_pool_free_at_peak_bytes"] = d.private_pool_free_at_peak
+    return device
 
 
 def _engine_json(report: Report) -> dict[str, Any] | None:

@@ -130,7 +130,14 @@ def report_to_text(report: Report) -> str:
         for name in ("kv", "weights", "other"):
             value = dev.categories_at_peak.get(name, 0)
             lines.append(f"    at peak  {name:<8} {human_bytes(value):>12}  {_share(value, peak)}")
-        if dev.fragmentation_at_peak_bytes is not None:
+        if dev.fragmentation_at_peak_bytes is not None and dev.private_pool_free_at_peak is not None:
+            lines.append(
+                f"    reserved {human_bytes(dev.reserved_at_peak)}: "
+                f"{human_bytes(dev.fragmentation_at_peak_bytes)} reserved but unallocated at the peak "
+                f"outside private pools, {human_bytes(dev.private_pool_free_at_peak)} more in private pools "
+                "(CUDA graphs': only their own allocations can use them)"
+            )
+        elif dev.fragmentation_at_peak_bytes is not None:
             lines.append(
                 f"    reserved {human_bytes(dev.reserved_at_peak)}: "
                 f"{human_bytes(dev.fragmentation_at_peak_bytes)} reserved but unallocated at the peak"

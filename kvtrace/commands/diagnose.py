@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import print_result
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, short_error
 from kvtrace.run_layout import is_run_group
 
 if TYPE_CHECKING:
@@ -199,10 +199,6 @@ def _ran_out_sentence(name: str, failure: dict[str, Any], block_size: int | None
     )
 
 
-def _cut(text: str, limit: int = 150) -> str:
-    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
-
-
 def _failed_phrase(failed: tuple[tuple[str, str | None], ...], failure: dict[str, Any] | None) -> str:
     """The requests transformers failed that the sentence has not named: those its loop's stop on an error
     failed (engine.json's `failure`, a forward that raised; a pool that ran out says its own), and those it
@@ -217,11 +213,11 @@ def _failed_phrase(failed: tuple[tuple[str, str | None], ...], failure: dict[str
         error = next((e for _, e in stopped if e), None)
         phrase += (
             f" transformers failed the run at engine step {failure.get('step')}"
-            f"{f' ({_cut(error)})' if error else ''}: {len(stopped)} request(s) failed ("
+            f"{f' ({short_error(error)})' if error else ''}: {len(stopped)} request(s) failed ("
             f"{', '.join(rid for rid, _ in stopped[:5])}{', ...' if len(stopped) > 5 else ''})."
         )
     if alone:
-        named = "; ".join(f"{rid}{f' ({_cut(error)})' if error else ''}" for rid, error in alone[:3])
+        named = "; ".join(f"{rid}{f' ({short_error(error)})' if error else ''}" for rid, error in alone[:3])
         phrase += (
             f" {len(alone)} request(s) failed on their own and the run went on: {named}"
             f"{f'; and {len(alone) - 3} more' if len(alone) > 3 else ''} (engine_requests.jsonl lists each)."

@@ -25,6 +25,7 @@ from collections import deque
 from typing import Any
 
 from kvtrace import format as fmt
+from kvtrace.errors import short_error
 from kvtrace.integrations.hf_paged_pool import ENGINE_NAME, pool_document
 from kvtrace.integrations.hf_paged_requests import PagedRequests
 from kvtrace.integrations.hf_paged_steps import PagedSteps
@@ -103,10 +104,7 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
         said = list(self._warnings)
         if self._failed_alone:
             count = len(self._failed_alone)
-            named = "; ".join(
-                f"{rid} ({error if len(error) <= 150 else error[:147].rstrip() + '...'})"
-                for rid, error in self._failed_alone[:5]
-            )
+            named = "; ".join(f"{rid} ({short_error(error)})" for rid, error in self._failed_alone[:5])
             more = f"; and {count - 5} more" if count > 5 else ""
             said.append(
                 f"continuous batching: {count} request(s) failed on their own and the run went on "
