@@ -40,7 +40,8 @@ class CompareCommand(Command):
         parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
     def run(self, args: argparse.Namespace) -> int:
-        from analyzers.compare import compare, comparison_to_html, comparison_to_json, comparison_to_text
+        from analyzers.compare import compare, comparison_to_json
+        from analyzers.render.compare import comparison_to_html, comparison_to_text
         from analyzers.report import build_report
 
         check_html_target(args.output)

@@ -405,7 +405,7 @@ class SweepCommand(Command):
         window: int | None,
     ) -> None:
         """sweep.json, sweep.html and the table; `window`: the sliding caches' (None: no sliding kind)."""
-        from analyzers.compare import sweep_to_html, sweep_to_text
+        from analyzers.render.sweep import sweep_to_html, sweep_to_text
 
         summary = {
             "version": 1,

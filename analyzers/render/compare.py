@@ -1,0 +1,193 @@
+"""`kvtrace compare`'s table as text and as one offline HTML page (the runs' figures, then a KV chart per
+step): `analyzers.compare` makes the figures, this only formats them, the same cells in both.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from analyzers.compare import Comparison, RunFigures
+from analyzers.render.plotly_div import figure_div
+from analyzers.units import binary_unit, hover_bytes, human_bytes
+
+
+def _fmt_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _fmt_count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _fmt_all_rows_rate(run: RunFigures) -> str:
+    """Every batch row's tokens; under beam search the rows are beams, and the cell says so."""
+    rate = _fmt_rate(run.tokens_per_second)
+    return f"{rate} (beams)" if run.rows_are_beams and run.tokens_per_second is not None else rate
+
+
+def _fmt_churn(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _fmt_peak(run: RunFigures) -> str:
+    """A peak without allocator events says what it counts: it is no measured peak."""
+    peak = human_bytes(run.peak_bytes)
+    return f"{peak} ({run.peak_counts} only)" if run.partial and run.peak_bytes is not None else peak
+
+
+_COMPARE_ROWS = (
+    ("peak allocated", _fmt_peak),
+    ("KV peak", lambda r: human_bytes(r.kv_peak_bytes)),
+    ("KV final", lambda r: human_bytes(r.kv_final_bytes)),
+    ("KV churn (allocated / final)", lambda r: _fmt_churn(r.churn)),
+    ("reserved but unallocated at the peak", lambda r: human_bytes(r.fragmentation_bytes)),
+    ("tokens/s per row (generation)", lambda r: _fmt_rate(r.tokens_per_second_per_row)),
+    ("tokens/s, all rows (generation)", lambda r: _fmt_all_rows_rate(r)),
+    ("generated tokens per row", lambda r: _fmt_count(r.generated_tokens_per_row)),
+    ("evicted tokens (all rows)", lambda r: _fmt_count(r.evicted_tokens)),
+    ("steps x batch", lambda r: f"{r.steps} x {r.batch if r.batch is not None else '-'}"),
+)
+
+
+def _engine_cell(key: str, unit: str = "") -> Any:
+    def cell(r: RunFigures) -> str:
+        value = (r.engine or {}).get(key)
+        if isinstance(value, str):
+            return value
+        return "-" if value is None else f"{value:,}{unit}"
+
+    return cell
+
+
+def _pool_cell(r: RunFigures) -> str:
+    if (r.engine or {}).get("status") == "refused_start":
+        return "refused start"
+    return _engine_cell("num_blocks")(r)
+
+
+def _engine_name_cell(r: RunFigures) -> str:
+    """The engine row says why a run's engine cells are "-": it ran none (generate(), a trace)."""
+    return "- (no engine)" if r.engine is None else _engine_cell("name")(r)
+
+
+def _status_cell(r: RunFigures) -> str:
+    """How the engine's run ended: ok, refused start, or the step it failed at and why (the notes have
+    the whole error)."""
+    engine = r.engine or {}
+    status = engine.get("status")
+    if status == "refused_start":
+        return "refused start"
+    if status != "failed":
+        return "-" if status is None else str(status)
+    failure = engine.get("failure") or {}
+    at = f" at engine step {failure['step']}" if failure.get("step") is not None else ""
+    error = str(failure.get("error") or "")
+    why = "no blocks" if failure.get("reason") == "no_blocks" else error.split(":", 1)[0] or "error"
+    return f"failed{at} ({why})"
+
+
+_ENGINE_ROWS = (  # worded for any engine: a run may be vLLM's, another transformers' continuous batching
+    ("engine", _engine_name_cell),
+    ("engine status", _status_cell),
+    ("engine requests", _engine_cell("requests")),
+    ("engine failed requests", _engine_cell("failed_requests")),
+    ("engine aborted requests", _engine_cell("aborted_requests")),
+    ("engine pool (blocks)", _pool_cell),
+    ("engine peak blocks used", _engine_cell("peak_blocks_used")),
+    ("engine output tokens (all requests)", _engine_cell("output_tokens")),
+    ("engine preemptions", _engine_cell("preemptions")),
+    ("engine preempted tokens", _engine_cell("preempted_tokens")),
+    ("engine prefix-cache hit tokens", _engine_cell("prefix_hit_tokens")),
+)
+
+
+def _rows(comparison: Comparison) -> tuple[tuple[str, Any], ...]:
+    """The table's rows: the engine's only when a run has one."""
+    return _COMPARE_ROWS + (_ENGINE_ROWS if any(r.engine for r in comparison.runs) else ())
+
+
+def comparison_to_text(comparison: Comparison) -> str:
+    rows = _rows(comparison)
+    width = max(len(name) for name, _ in rows)
+    cells = [(name, [cell(r) for r in comparison.runs]) for name, cell in rows]
+    # each run's column as wide as its widest cell (a partial peak's mark), at least 14
+    cols = [max(14, len(r.label), *(len(row[i]) for _, row in cells)) for i, r in enumerate(comparison.runs)]
+    lines = [
+        " " * width + "  " + "  ".join(f"{r.label:>{c}}" for r, c in zip(comparison.runs, cols, strict=True))
+    ]
+    for name, row in cells:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{v:>{c}}" for v, c in zip(row, cols, strict=True)))
+    lines += [f"note: {r.label}: {note}" for r in comparison.runs for note in r.notes]
+    return "\n".join(lines)
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:24px} table{border-collapse:collapse}"
+    "th,td{padding:3px 10px;border-bottom:1px solid #ddd} td{font-family:monospace;text-align:right}"
+    "th{text-align:left;font-weight:normal;color:#444} tr.over td{color:#b00}"
+)
+
+
+def _page(title: str, body: str) -> str:
+    from plotly.offline import get_plotlyjs
+
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<style>{_STYLE}</style><script type="text/javascript">{get_plotlyjs()}</script></head>'
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    )
+
+
+def comparison_to_html(comparison: Comparison) -> str:
+    """One self-contained page: the table and the runs' KV timelines overlaid on a shared step axis."""
+    import plotly.graph_objects as go
+
+    esc = html.escape
+    head = "".join(f"<th>{esc(r.label)}</th>" for r in comparison.runs)
+    body = "".join(
+        f"<tr><th>{esc(name)}</th>" + "".join(f"<td>{esc(cell(r))}</td>" for r in comparison.runs) + "</tr>"
+        for name, cell in _rows(comparison)
+    )
+    fig = go.Figure()
+    unit, factor = binary_unit(max((max(r.kv_by_step, default=0) for r in comparison.runs), default=0))
+    for run in comparison.runs:
+        fig.add_trace(
+            go.Scatter(
+                x=list(run.step_axis),
+                y=[b / factor for b in run.kv_by_step],
+                mode="lines+markers",
+                name=run.label,
+                hovertemplate=("engine step" if _on_engine_steps(run) else "step")
+                + " %{x}: "
+                + hover_bytes(unit),
+            )
+        )
+    fig.update_layout(
+        title="KV bytes held at the end of each step",
+        xaxis_title=_step_axis_title(comparison),
+        yaxis_title=unit,
+        template="plotly_white",
+        height=520,
+    )
+    plot = figure_div(fig, "kvtrace-compare")
+    table = f"<table><tr><th></th>{head}</tr>{body}</table>"
+    notes = "".join(f"<p>note: {esc(r.label)}: {esc(note)}</p>" for r in comparison.runs for note in r.notes)
+    return _page("kvtrace compare", table + notes + plot)
+
+
+def _on_engine_steps(run: RunFigures) -> bool:
+    """A serving engine's run, drawn on its engine steps (see `_kv_by_step`)."""
+    return run.engine is not None and run.engine["status"] == "ok" and bool(run.step_axis)
+
+
+def _step_axis_title(comparison: Comparison) -> str:
+    """The shared x axis: generate()'s steps (1 = its prefill), an engine's steps (a step schedules prefills
+    and decodes of many requests at once: none is "the" prefill), or both, each said."""
+    drawn = [run for run in comparison.runs if run.step_axis]
+    engines = sum(_on_engine_steps(run) for run in drawn)
+    if not engines:
+        return "step (1 = prefill)"
+    if engines == len(drawn):
+        return "engine step"
+    return "step (1 = prefill; a serving engine's run: its engine step)"
