@@ -72,7 +72,8 @@ from analyzers.planning.run_kv_facts import (
     sliding_layers,
     token_elements,
 )
-from analyzers.summary import Report, clock_time, ended_notes, input_notes
+from analyzers.run_end_notes import ended_notes
+from analyzers.summary import Report, clock_time, input_notes
 from analyzers.units import human_bytes
 
 __all__ = ["Diagnosis", "Remedy", "StackShare", "diagnose"]

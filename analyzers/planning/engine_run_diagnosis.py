@@ -67,7 +67,7 @@ def raised_notes(manifest: dict[str, Any]) -> tuple[str, ...]:
     ended = manifest.get("ended")
     if not isinstance(ended, dict) or ended.get("status") != "exception":
         return ()
-    from analyzers.summary import raised_note
+    from analyzers.run_end_notes import raised_note
 
     return (raised_note(ended),)
 
@@ -85,7 +85,7 @@ def stopped_short(manifest: dict[str, Any], recording_pid: str | None = None) ->
 
 def ended_notes(manifest: dict[str, Any], recording_pid: str | None = None) -> tuple[str, ...]:
     """The note on a run that stopped short (`stopped_short`), in the words of the Hugging Face report's
-    (analyzers.summary.ended_notes): engine steps reach their file at most every 0.1 s, so a killed run
+    (analyzers.run_end_notes.ended_notes): engine steps reach their file at most every 0.1 s, so a killed run
     ends at its last flushed step. None for one that ended well."""
     stopped = stopped_short(manifest, recording_pid)
     if stopped == "died":
