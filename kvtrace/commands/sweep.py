@@ -362,15 +362,20 @@ class SweepCommand(Command):
             if cache is not None:
                 extra[cache_keyword()] = cache
             status = "ok"
+            mask = None
             try:
                 with torch.no_grad(), contextlib.ExitStack() as block:
                     with window_on_config(model, cache_kind, window):  # the manifest's: the cache's window
                         block.enter_context(
                             kvtrace.record(run_dir, model=model, overwrite=True, gpu_memory=budget)
                         )
+                    # Held until the block ends, as a user's inputs are: the recorder reads whether the
+                    # prompts were padded from it then (a mask gone by then is unknown, and `plan --cache
+                    # static` prices such a run's prefill as padded)
+                    mask = torch.ones_like(ids)
                     model.generate(
                         ids,
-                        attention_mask=torch.ones_like(ids),
+                        attention_mask=mask,
                         max_new_tokens=args.new_tokens,
                         min_new_tokens=args.new_tokens,
                         do_sample=False,
@@ -382,7 +387,7 @@ class SweepCommand(Command):
                     raise
                 status = "oom"  # the recorder wrote the exception and an OOM snapshot; go on
             finally:
-                del cache, extra
+                del cache, extra, mask
                 _forget_generate_state(model)
                 gc.collect()
                 if on_cuda:

@@ -185,6 +185,21 @@ def test_sweep_overwrite_keeps_the_users_runs_and_never_follows_a_link(
     assert sorted(p.name for p in (project / "runs").iterdir()) == ["b1_c8_dynamic", "demo-dynamic"]
 
 
+def test_sweep_points_tell_their_prompts_unpadded_so_static_plans_price_no_padded_prefill(
+    sweep_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the sweep's points, each one generate() call on unpadded prompts (a mask of ones)
+    for name in ("b1_c16_dynamic", "b2_c16_dynamic"):
+        run = sweep_dir / "runs" / name
+        # THEN the recorder read the call's mask, still held at the block's end: not padded
+        assert read_run(run).manifest["generate_calls"] == [{"step": 1, "padded": False}]
+        # AND a static plan from the point says nothing of unknown padding (it would price a padded prefill)
+        capsys.readouterr()
+        assert main(["plan", "--from-run", str(run), "--cache", "static", "--json"]) == 0
+        notes = json.loads(capsys.readouterr().out)["notes"]
+        assert not any("were padded" in note for note in notes), notes
+
+
 def test_sweep_page_tells_the_kv_line_from_the_budget(sweep_dir: Path) -> None:
     # GIVEN a sweep recorded with a budget: the page draws the budget as a red dashed line
     traces, layout = page_figure((sweep_dir / "sweep.html").read_text(), "kvtrace-sweep")
