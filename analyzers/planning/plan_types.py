@@ -110,6 +110,9 @@ class RecordedPeak:
     update_context_token_bytes: int | None = None
     # the attention the run's model ran (eager, sdpa...: the manifest's); None: not told
     attn_implementation: str | None = None
+    # the transformers the run was recorded under (the manifest's `transformers_version`), whose attention
+    # code decides what a step copies (analyzers.planning.sdpa_repeats); None: not told
+    transformers_version: str | None = None
     # an encoder-decoder run's encoder pass: (bytes growing with the encoder length squared, with it)
     # beside the weights at each of its moments (analyzers.planning.encoder_pass); None: not told
     encoder_pass: tuple[tuple[int, int], ...] | None = None

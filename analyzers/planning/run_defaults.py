@@ -80,6 +80,9 @@ class RunDefaults:
     # a tensor-parallel rank's shards (`rank_geometry` cut `geometry` to its share): its weights at another
     # dtype are its measured ones re-stored (`rank_weights_at`), not the whole model's geometry's
     rank_shards: int | None = None
+    # the transformers it was recorded under (the manifest's `transformers_version`), whose attention code
+    # the planner prices; None where the manifest does not say
+    transformers_version: str | None = None
 
 
 def run_defaults(path: str | Path) -> RunDefaults:
@@ -181,6 +184,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
         window_note=window_note,
         encoder_tokens=encoder_tokens,
         rank_shards=shards,
+        transformers_version=_transformers_version(run.manifest),
     )
 
 
@@ -275,6 +279,12 @@ def _how_it_stopped(ended: dict[str, Any]) -> str:
     if "OutOfMemory" in kind or "out of memory" in str(ended.get("message") or "").lower():
         return "ran out of memory"
     return f"raised {kind or 'an exception'}"
+
+
+def _transformers_version(manifest: dict[str, Any]) -> str | None:
+    """The manifest's `transformers_version`, where it names one."""
+    version = manifest.get("transformers_version")
+    return version if isinstance(version, str) and version else None
 
 
 def _prompt_ends(run: Run) -> dict[int, int]:

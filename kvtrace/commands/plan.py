@@ -141,6 +141,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         context_token_bytes=moment.context_token_bytes,
         update_context_token_bytes=moment.update_context_token_bytes,
         attn_implementation=moment.attn_implementation,
+        transformers_version=run.transformers_version,
         encoder_pass=moment.encoder_pass,
     )
 
