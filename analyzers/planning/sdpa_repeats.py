@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, RecordedPeak
+from analyzers.planning.presets import dtype_bytes_for
 
 __all__ = ["SDPA_PACKS_GQA_SINCE", "sdpa_copies_unmeasured", "sdpa_repeats_kv"]
 
@@ -33,9 +34,18 @@ def sdpa_repeats_kv(cache: str, rec: RecordedPeak) -> bool:
 
 
 def sdpa_copies_unmeasured(req: PlanRequest, rec: RecordedPeak) -> bool:
-    """Whether the plan's cache makes `sdpa_repeats_kv`'s copies and the run's peak does not hold them: a
-    run of such a cache that peaked at a decode step holds them in its activations, which grow with the
-    positions attended (`context_token_bytes`); counted again, the tiny Llama's static run under 5.17 at
-    context 320 planned at 620 was 45% over its recording (0.4% without)."""
-    own = sdpa_repeats_kv(rec.cache, rec) and rec.phase == "decode"
-    return sdpa_repeats_kv(req.cache, rec) and not own
+    """Whether the plan's cache makes `sdpa_repeats_kv`'s copies and the run's peak does not hold them. A
+    run of such a cache whose peak held a layer's copies counts them among the bytes a row and token adds
+    (`context_token_bytes`, K and V at the query heads' width), which grow with the positions attended:
+    counted again, the tiny Llama's static run under 5.17 at context 320 planned at 620 was 45% over its
+    recording (0.4% without). One that peaked elsewhere (its prefill, a step's end holding the logits)
+    never measured them: planned at a longer context without them, the tiny Llama's static run at context
+    12 (fp32, 2 rows) planned at 206 was 16.5% under its recording."""
+    if not sdpa_repeats_kv(req.cache, rec):
+        return False
+    if not sdpa_repeats_kv(rec.cache, rec) or rec.phase != "decode":
+        return True
+    geom = req.geometry
+    expanded = geom.num_attention_heads * max(geom.head_dim, geom.global_head_dim or 0)
+    compute = dtype_bytes_for(rec.compute_dtype or req.effective_compute_dtype, 1)
+    return (rec.context_token_bytes or 0) < 2 * expanded * compute
