@@ -114,6 +114,9 @@ class RecordedPeak:
     # static prefill then makes a mask and K and V expanded over the cache (analyzers.planning
     # .static_prefill's `static_prefill_bytes`); None: not told (planned as padded, with a note)
     padded: bool | None = None
+    # the transformers the run was recorded under (the manifest's `transformers_version`), whose attention
+    # code decides what a step copies (analyzers.planning.sdpa_repeats); None: not told
+    transformers_version: str | None = None
     # an encoder-decoder run's encoder pass: (bytes growing with the encoder length squared, with it)
     # beside the weights at each of its moments (analyzers.planning.encoder_pass); None: not told
     encoder_pass: tuple[tuple[int, int], ...] | None = None

@@ -19,6 +19,7 @@ from analyzers.planning.plan_kv import kv_sizes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, RecordedPeak
 from analyzers.planning.presets import dtype_bytes_for
 from analyzers.planning.recorded_dtype import in_compute_dtype
+from analyzers.planning.sdpa_repeats import sdpa_copies_unmeasured, sdpa_repeats_kv
 from analyzers.planning.static_prefill import attended as _attended
 from analyzers.planning.static_prefill import static_prefill_bytes, unknown_padding_note
 
@@ -125,15 +126,19 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> int:
     moment need not hold those copies: at a short context they are smaller than the logits, and the
     tokens a row its activations gain (`context_token_bytes`) leave them out, yet at a long one they are
     the peak (the tiny Llama with eager attention, planned from context 12 at 240, was 13.3% below its
-    recording; an fp8 cache 4.9%, 19.2% planned from a dynamic run). 0 at the run's context and cache:
-    its peak is measured."""
+    recording; an fp8 cache 4.9%, 19.2% planned from a dynamic run). At the run's context too where the
+    planned cache makes copies the run's never did (an fp8 cache's; a static cache's under an older
+    transformers' sdpa, `sdpa_repeats_kv`). 0 at the run's context and cache: its peak is measured."""
     assert req.recorded is not None
     rec = in_compute_dtype(req.recorded, req.effective_compute_dtype)
     fp8_new = req.cache == "quantized" and req.kv_dtype == "fp8" and not (
         rec.cache == "quantized" and rec.kv_dtype == "fp8"
     )
+    # a static cache's decode steps repeat K and V under an older transformers' sdpa; a run on another cache
+    # never did, so its peak leaves them out at its own context too
+    repeats_new = sdpa_copies_unmeasured(req, rec) and not sdpa_repeats_kv(rec.cache, rec)
     copies = _attention_copies(req, rec, batch, context)
-    if not copies or (not _attended_gain(req, rec, context) and not fp8_new):
+    if not copies or (not _attended_gain(req, rec, context) and not fp8_new and not repeats_new):
         return 0
     if rec.phase == "prefill" and same_cache_as_run(req):
         # A prefill's activations are no decode step's: the step's are those the run held at its KV peak,
@@ -148,6 +153,18 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> int:
         rec.activations_bytes - _rows_freed(rec, batch), rec.context_token_bytes, rec.batch_fixed_bytes
     )
     tokens = _token_growth(req, rec, batch, context)
+    if repeats_new and rec.update_activations_bytes is not None:
+        # The copies come right after a layer's update, mid-forward: beside them, what the run held at its
+        # KV peak (a dynamic cache's last update), not at its peak, which may be a step's end (its logits
+        # processors' vectors) or its prefill. The tiny Llama (bf16, 8 rows, 20-token prompt, 100 new
+        # tokens) planned static from its dynamic run under 5.17 with the peak's said 1,000,996 B where
+        # the static recording peaked at 862,148 B, 16.1% over; the H200's Llama 3 8B shape, batch 24,
+        # 8,192-token prompt, with its prefill's 23.5 GB, 68.60 GB where the static run peaked at 65.35 GB
+        kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
+        activations = gain.grown(
+            rec.update_activations_bytes * kept, rec.update_context_token_bytes, rec.update_batch_fixed_bytes
+        )
+        tokens = _update_token_growth(rec, batch, context, kept * rows * gain.stretch)
     return req.weights_bytes + kv_sizes(req, batch, context).kv_bytes + activations + tokens + copies
 
 
@@ -157,8 +174,11 @@ def _attention_copies(req: PlanRequest, rec: RecordedPeak, batch: int, context: 
     and V to the query heads (`repeat_kv`, where there are fewer KV heads) and makes the scores, its
     softmax in float32 (3 copies of heads x tokens, at 4 bytes: a bound); an fp8 cache dequantizes K and V
     to float32 (`Fp8QuantizedLayer._dequantize`: 3 of K's or V's copies live at once, measured), a
-    quanto or HQQ cache returns its K and V in the compute dtype. 0 for other attention (sdpa's kernels
-    take the KV heads as they are) and a run that does not say its own."""
+    quanto or HQQ cache returns its K and V in the compute dtype. sdpa's kernels take the KV heads as they
+    are, but for a static cache's decode steps under a transformers before 5.23 (`sdpa_repeats_kv`): K and
+    V expanded to the query heads over every position of the cache, with the step's mask and the kernel's
+    buffers beside, where the run's peak does not hold them. 0 for other attention and a run that does not
+    say its own."""
     geom = req.geometry
     attended = _attended(req, context)
     compute = dtype_bytes_for(req.effective_compute_dtype, 1)
@@ -173,6 +193,13 @@ def _attention_copies(req: PlanRequest, rec: RecordedPeak, batch: int, context: 
         if req.cache == "quantized" and req.kv_dtype != "fp8":
             per_token += 2 * side * compute
         per_token += (2 * expanded * compute if expanded > side else 0) + 3 * geom.num_attention_heads * 4
+    elif sdpa_copies_unmeasured(req, rec):
+        # beside the copies, the step's bool mask a position, torch's copy of it in the compute dtype (sdpa
+        # takes a float mask) and the kernel's own buffers, bounded by the scores' float32 row a head (on the
+        # CPU, flash attention's per-thread buffers: 4,100 B of the tiny Llama's 8 rows x 319 positions)
+        expanded = geom.num_attention_heads * max(geom.head_dim, geom.global_head_dim or 0)
+        if expanded > side:
+            per_token += 2 * expanded * compute + 1 + compute + geom.num_attention_heads * 4
     return batch * attended * per_token
 
 

@@ -84,6 +84,9 @@ class RunDefaults:
     # whether that call's prompts were padded (the manifest's `generate_calls`); None: not told (its mask
     # freed before the recording ended, none passed, runs recorded before kvtrace wrote it)
     padded: bool | None = None
+    # the transformers it was recorded under (the manifest's `transformers_version`), whose attention code
+    # the planner prices; None where the manifest does not say
+    transformers_version: str | None = None
 
 
 def run_defaults(path: str | Path) -> RunDefaults:
@@ -186,6 +189,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
         encoder_tokens=encoder_tokens,
         rank_shards=shards,
         padded=padded,
+        transformers_version=_transformers_version(run.manifest),
     )
 
 
@@ -280,6 +284,12 @@ def _how_it_stopped(ended: dict[str, Any]) -> str:
     if "OutOfMemory" in kind or "out of memory" in str(ended.get("message") or "").lower():
         return "ran out of memory"
     return f"raised {kind or 'an exception'}"
+
+
+def _transformers_version(manifest: dict[str, Any]) -> str | None:
+    """The manifest's `transformers_version`, where it names one."""
+    version = manifest.get("transformers_version")
+    return version if isinstance(version, str) and version else None
 
 
 def _prompt_ends(run: Run) -> dict[int, int]:

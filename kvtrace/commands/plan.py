@@ -142,6 +142,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         update_context_token_bytes=moment.update_context_token_bytes,
         attn_implementation=moment.attn_implementation,
         padded=run.padded,
+        transformers_version=run.transformers_version,
         encoder_pass=moment.encoder_pass,
     )
 

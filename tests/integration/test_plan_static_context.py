@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import transformers
 
 from kvtrace.llama import build_model
 from tests.cli_json import plan_json, report_json
@@ -23,7 +24,11 @@ TOKEN_ROW = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4  # every layer's K and V of one
 # its prefill's attention over the cache is priced by arithmetic on top of the most the run held at its
 # prefill, its scores as 3 float32 copies (4.6% from a static run; 6.6% from a dynamic one, which made them
 # over its 3-token prompt alone: 7.0% before those were priced again on top of its prefill).
-WITHIN = {"sdpa": 0.01, "eager": 0.08}
+# Under a transformers before 5.23, sdpa's static decode steps copy K and V expanded to the query heads, which
+# the short runs' peaks (a step's end) never held: priced over the context with the mask and a bound for the
+# kernel's buffers beside the peak's activations (5.3% over under 5.17; 16.5% under before they were priced).
+OLD_SDPA = tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 23)
+WITHIN = {"sdpa": 0.06 if OLD_SDPA else 0.01, "eager": 0.08}
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
