@@ -274,12 +274,11 @@ _DIED = textwrap.dedent(
 )
 
 
-def test_a_run_whose_process_died_counts_its_failed_requests_from_its_log(tmp_path: Path) -> None:
-    # GIVEN a real continuous-batching run whose process died at engine step 8, after transformers failed r1
-    # on its own (a logits-processor argument it cannot apply): the manifest never got its `engine` count
-    run = tmp_path / "died"
+def _died_run(run: Path, refused: str) -> Path:
+    """`_DIED` recorded into `run` in a child process that dies at engine step 8, `refused` (a request id, or
+    "") failed by transformers on its own first; its manifest never got its `engine` count."""
     done = subprocess.run(
-        [sys.executable, "-c", _DIED, str(run), "r1"],
+        [sys.executable, "-c", _DIED, str(run), refused],
         capture_output=True,
         text=True,
         timeout=300,
@@ -288,6 +287,13 @@ def test_a_run_whose_process_died_counts_its_failed_requests_from_its_log(tmp_pa
     assert done.returncode == 1, done.stderr
     manifest = json.loads((run / "manifest.json").read_text())
     assert (manifest["ended"], "engine" in manifest) == ({"status": "running"}, False)
+    return run
+
+
+def test_a_run_whose_process_died_counts_its_failed_requests_from_its_log(tmp_path: Path) -> None:
+    # GIVEN a real continuous-batching run whose process died at engine step 8, after transformers failed r1
+    # on its own (a logits-processor argument it cannot apply): the manifest never got its `engine` count
+    run = _died_run(tmp_path / "died", "r1")
     failed = [
         r["request_id"]
         for r in _lines(run / "engine_requests.jsonl")
@@ -313,17 +319,7 @@ def test_a_run_whose_process_died_failing_no_request_counts_none_failed(tmp_path
     # GIVEN the same run, every request valid: its process died at engine step 8 with none failed, and its
     # manifest never got its `engine` count; its engine.json, written with the pool, says the request log
     # names every request transformers fails
-    run = tmp_path / "died_none_failed"
-    done = subprocess.run(
-        [sys.executable, "-c", _DIED, str(run), ""],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=SAMPLES.parent,
-    )
-    assert done.returncode == 1, done.stderr
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert (manifest["ended"], "engine" in manifest) == ({"status": "running"}, False)
+    run = _died_run(tmp_path / "died_none_failed", "")
     requests = _lines(run / "engine_requests.jsonl")
     assert {r["request_id"] for r in requests} == set(DIED_PROMPTS)
     assert not [r for r in requests if r["event"] == "finished"]  # 40 new tokens each: none got there

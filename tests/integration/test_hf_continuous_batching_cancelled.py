@@ -28,14 +28,25 @@ LONG = 1000  # a request that cannot end on its own before it is cancelled
 PROMPTS = {"kept": [1, 2, 3, 4, 5], "running": [6, 7, 8], "waiting": [9, 10]}
 
 
-def test_cancelled_requests_leave_the_engine_aborted_and_are_counted_apart(
-    tmp_path: Path, watched_models: list[torch.nn.Module], capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture(scope="module")
+def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
     model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
     watched_models.append(model)
-    run = tmp_path / "run"
+    return model
+
+
+def _configs() -> tuple[GenerationConfig, ContinuousBatchingConfig]:
+    """Greedy MAX_NEW tokens a request (no EOS), and a pool of 64 blocks of PAGE tokens: none preempted."""
     generation = GenerationConfig(max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    batching = ContinuousBatchingConfig(num_blocks=64, page_size=PAGE, max_batch_tokens=64)
+    return generation, ContinuousBatchingConfig(num_blocks=64, page_size=PAGE, max_batch_tokens=64)
+
+
+def test_cancelled_requests_leave_the_engine_aborted_and_are_counted_apart(
+    tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = cb_model
+    run = tmp_path / "run"
+    generation, batching = _configs()
     # GIVEN three requests: "waiting" cancelled before the loop starts (dropped from the waiting queue before
     # it is ever scheduled), "running" cancelled while it decodes (once "kept" has completed)
     with kvtrace.record(run, model=model, profiler=False):
@@ -89,17 +100,14 @@ def test_cancelled_requests_leave_the_engine_aborted_and_are_counted_apart(
 
 
 def test_a_run_recorded_before_cancellations_were_logged_says_its_aborted_count_unknown(
-    tmp_path: Path, watched_models: list[torch.nn.Module], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN a run that cancelled nothing, its engine.json made as kvtrace wrote it before it followed
     # cancellations (no `aborted_requests_logged`)
-    model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
-    watched_models.append(model)
     run = tmp_path / "run"
-    generation = GenerationConfig(max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    batching = ContinuousBatchingConfig(num_blocks=64, page_size=PAGE, max_batch_tokens=64)
-    with kvtrace.record(run, model=model, profiler=False):
-        model.generate_batch(
+    generation, batching = _configs()
+    with kvtrace.record(run, model=cb_model, profiler=False):
+        cb_model.generate_batch(
             [PROMPTS["kept"]],
             generation_config=generation,
             continuous_batching_config=batching,
