@@ -304,7 +304,7 @@ def _aborted_requests(fig: Any, source: MemorySource) -> int | None:
     cannot say (the note says why)."""
     if fig.status == "refused_start" or _aborted_requests_unknown(fig, source) is not None:
         return None
-    return int(fig.finish_reasons.get("abort", 0))
+    return fig.requests_aborted  # the report's count
 
 
 def _failed_requests(fig: Any, source: MemorySource) -> int | None:

@@ -42,7 +42,9 @@ ENGINE = "engine.json"
 ENGINE_STEPS = "engine_steps.jsonl"
 ENGINE_REQUESTS = "engine_requests.jsonl"
 
-REQUEST_EVENTS = ("scheduled", "blocks", "preempted", "resumed", "finished")
+# "waiting": vLLM's scheduler took the request in (add_request), holding nothing yet; runs recorded before
+# kvtrace logged it have none, so a request that never ran had no line, or only its "finished" one
+REQUEST_EVENTS = ("waiting", "scheduled", "blocks", "preempted", "resumed", "finished")
 _EMPTIED = ("preempted", "finished")  # request events after which it holds no KV
 # vLLM's finish reasons of a request that ran to its end (its stop condition, its length, a repeated pattern)
 COMPLETED_REASONS = ("stop", "length", "repetition")
@@ -120,6 +122,7 @@ class RequestEvent:
     recomputed_tokens: int = 0
     finish_reason: str | None = None  # on "finished": vLLM's (stop, length, abort, ...); None: not recorded
     error: str | None = None  # on "finished", reason "error", where recorded: the exception that failed it
+    max_tokens: int | None = None  # on "waiting": the most tokens it may generate (vLLM's max_tokens)
 
 
 @dataclass(frozen=True)
@@ -262,9 +265,9 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         blocks_reserved=info.blocks_reserved,
         finish_reasons=finish_reasons,
         requests_aborted=(
-            finish_reasons.get("abort", 0)
-            if (finish_reasons and info.name != "transformers-cb") or info.aborted_requests_logged
-            else None
+            None
+            if info.status == "refused_start" or _aborted_unknown(info, finish_reasons, run.requests)
+            else finish_reasons.get("abort", 0)
         ),
         requests_completed=completed,
         failed_requests=tuple(failed),
@@ -305,9 +308,19 @@ def failed_requests_unknown(fig: EngineFigures, run: EngineRun, manifest: dict[s
 
 def aborted_requests_unknown(fig: EngineFigures, run: EngineRun) -> str | None:
     """Why engine_requests.jsonl cannot count the requests the engine aborted, or None when it can: the count
-    is then `fig.finish_reasons`' "abort" (0 where none), the report's "(6 completed, 2 aborted)"."""
-    if fig.name == "transformers-cb":
-        if run.info.aborted_requests_logged:  # a line per cancelled request: none named is none aborted
+    is then `fig.requests_aborted` (`fig.finish_reasons`' "abort", 0 where none), the report's "(6 completed,
+    2 aborted)"."""
+    return _aborted_unknown(run.info, fig.finish_reasons, run.requests)
+
+
+def _aborted_unknown(
+    info: EngineInfo, finish_reasons: dict[str, int], requests: tuple[RequestEvent, ...]
+) -> str | None:
+    """`aborted_requests_unknown` from the figures it needs, so `engine_figures` and compare say one count. A
+    vLLM log without a `finished` line (a run killed before any request ended) counts 0 aborted: a request
+    vLLM aborts is logged as it happens."""
+    if info.name == "transformers-cb":
+        if info.aborted_requests_logged:  # a line per cancelled request: none named is none aborted
             return None
         # before, its cancel_request emptied the request from the scheduler as a finished one does
         return (
@@ -315,7 +328,7 @@ def aborted_requests_unknown(fig: EngineFigures, run: EngineRun) -> str | None:
             "cancelled (cancel_request; no aborted_requests_logged in its engine.json): they read as "
             "completed ones"
         )
-    if not fig.finish_reasons and any(e.event == "finished" for e in run.requests):
+    if not finish_reasons and any(e.event == "finished" for e in requests):
         return "its finished requests carry no finish reason (recorded before kvtrace logged vLLM's)"
     return None
 

@@ -2,25 +2,26 @@
 
 Two cases: a refused start (analyzers.planning.vllm_refused) and a run that preempted (here).
 
-* **A run that preempted** (`diagnose_preemptions`). vLLM preempts a running request when it cannot
-  allocate the next block for a running request. The model used here, stated in the output: a request
-  never holds more than `cdiv(prompt + output tokens - 1, block_size)` blocks (its final length: the last
-  sampled token is never fed back, so it gets no KV; a request preempted and resumed needs the same), at
-  most `max_num_seqs` requests run at once, and the pool keeps one block aside (vLLM's null block). So if
-  the usable blocks cover the sum of the largest final demands of as many requests as can run together
-  (`max_num_seqs`, and no more than were ever in the engine at once: running + waiting, so requests of
-  successive `generate()` calls are not counted together), no allocation can fail, whatever the admission
-  order, and nothing is preempted. Prefix sharing (prefix caching, `n > 1` sampling) only lowers the real
-  demand: the figure is an upper bound, exact (one block less preempts) for equal requests admitted
-  together that share no blocks, and a remedy it finds short is said to be unknown, not refused, when the
-  run shared blocks, or when the demand on the recorded schedule (below) fits it. A pool sized by
+* **A run that preempted** (`diagnose_preemptions`). vLLM preempts a running request when it cannot allocate
+  the next block for a running request. The model used here, stated in the output: a request never holds more
+  than `cdiv(prompt + output tokens - 1, block_size)` blocks (its final length: the last sampled token is
+  never fed back, so it gets no KV; a request preempted and resumed needs the same), at most `max_num_seqs`
+  requests run at once, and the pool keeps one block aside (vLLM's null block). So if the usable blocks cover
+  the sum of the largest final demands of as many requests as can run together (`max_num_seqs`, and no more
+  than were ever in the engine at once: running + waiting, so requests of successive `generate()` calls are
+  not counted together), no allocation can fail, whatever the admission order, and nothing is preempted. A
+  request aborted before it was scheduled counts too (a larger pool admits it, and it grows until the abort):
+  at its prompt + `max_tokens` - 1 tokens (its `waiting` line's), or, in runs that did not log them, at its
+  prompt only, and then no remedy is said to fit. Prefix sharing (prefix caching, `n > 1` sampling) only
+  lowers the real demand: the figure is an upper bound, exact (one block less preempts) for equal requests
+  admitted together that share no blocks, and a remedy it finds short is said to be unknown, not refused, when
+  the run shared blocks, or when the demand on the recorded schedule (below) fits it. A pool sized by
   `num_gpu_blocks_override` is grown by that knob. From it: the blocks and bytes of KV memory to add, the
   largest max_num_seqs that avoids every preemption in the present pool, and whether fp8 KV (1 byte an
-  element: twice the blocks for bf16 in the same memory) would. Where the run shared blocks, that
-  max_num_seqs is a lower bound (sure to avoid them, a larger one may too: the engine files count blocks
-  per request, not which are shared, so the shared ones cannot be counted once), said `[?]`. The demand
-  on the recorded schedule (requests in flight per step, each at the length it had reached) is reported
-  beside it.
+  element: twice the blocks for bf16 in the same memory) would. Where the run shared blocks, that max_num_seqs
+  is a lower bound (sure to avoid them, a larger one may too: the engine files count blocks per request, not
+  which are shared, so the shared ones cannot be counted once), said `[?]`. The demand on the recorded
+  schedule (requests in flight per step, each at the length it had reached) is reported beside it.
 
   Against a memory budget (analyzers.planning.engine_budget), a remedy fits only if its pool does too: the
   pool is held at the peak, so the peak moves by what the pool grows or shrinks (peak = other_bytes + pool),
@@ -149,22 +150,53 @@ def _request_blocks(run: EngineRun, block: int) -> _RequestBlocks:
     return _RequestBlocks(block, groups, lag, sliding_blocks(groups.window, block, in_flight, max_len))
 
 
-def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> dict[str, int]:
+def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[dict[str, int], tuple[str, ...]]:
     """Blocks each request needs at its final length: prompt + output - 1 tokens (at least what it held).
-    A request whose first event is its end was aborted before it was scheduled: it never needed a block.
+    A request never scheduled (its `waiting` line, or a `finished` one before any other: aborted while it
+    waited) held nothing here, but a larger pool admits it (`_unscheduled_tokens`). Also returns the ids of
+    those that ended unscheduled whose length the log cannot tell (counted at their prompts only).
     A sliding run's logged blocks include a resumed request's prefill chunks (more than it holds at its final
     length), and in runs recorded before kvtrace left them out, vLLM's null blocks standing in for the freed
     ones: there the window's arithmetic alone says what it needs."""
     demand: dict[str, int] = {}
+    waited: dict[str, RequestEvent] = {}  # never scheduled (yet): its waiting line, else its finished one
+    ended: set[str] = set()
     full = not sizes.groups.sliding_groups
     for e in run.requests:
-        if e.event == "finished" and e.request_id not in demand:
+        if e.event == "waiting" or (e.event == "finished" and e.request_id not in demand):
+            if e.event == "finished":
+                ended.add(e.request_id)
+            waited.setdefault(e.request_id, e)
             continue
         need = sizes.final(e.prompt_tokens, _kv_tokens(e))
         if full:
             need = max(need, e.blocks, e.dropped_blocks)
         demand[e.request_id] = max(demand.get(e.request_id, 0), need)
-    return demand
+    max_len = int(run.info.config.get("max_model_len") or 0) or None
+    unbounded: list[str] = []
+    for request_id, e in waited.items():
+        if request_id in demand:
+            continue
+        tokens = _unscheduled_tokens(e, max_len, request_id in ended)
+        if request_id in ended and e.max_tokens is None:
+            unbounded.append(request_id)
+        demand[request_id] = sizes.final(e.prompt_tokens, tokens)
+    return demand, tuple(unbounded)
+
+
+def _unscheduled_tokens(waiting: RequestEvent, max_len: int | None, ended: bool) -> int:
+    """KV tokens a request never scheduled would reach once admitted. Aborted while it waited, in a rerun
+    with a larger pool it is admitted and grows until the same abort: at most its `max_tokens` (its
+    `waiting` line's) less the last token, which gets no KV, and no further than max_model_len. Without
+    `max_tokens` (runs recorded before kvtrace logged it), and for one still waiting when the run stopped
+    short (whose requests are all counted at the lengths they had reached), its prompt: what it holds at
+    least once admitted."""
+    if not ended or waiting.max_tokens is None or waiting.max_tokens < 1:
+        return waiting.prompt_tokens
+    reach = waiting.prompt_tokens + waiting.max_tokens
+    if max_len is not None:
+        reach = min(reach, max_len)
+    return max(reach - 1, waiting.prompt_tokens)
 
 
 def _recorded_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[int, int | None]:
@@ -177,8 +209,8 @@ def _recorded_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[int, int | 
         by_step.setdefault(e.step, []).append(e)
     for step in sorted(by_step):
         for e in by_step[step]:
-            if e.event == "finished" and e.request_id not in tokens:
-                continue  # aborted before it was scheduled: it held nothing
+            if e.event == "waiting" or (e.event == "finished" and e.request_id not in tokens):
+                continue  # in the queue, or aborted before it was scheduled: it held nothing
             reached = max(tokens.get(e.request_id, (0, 0))[0], _kv_tokens(e))
             tokens[e.request_id] = (reached, e.prompt_tokens)
         # a request finishing in this step still held its blocks while the step ran
@@ -189,6 +221,18 @@ def _recorded_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[int, int | 
             if e.event == "finished":
                 tokens.pop(e.request_id, None)
     return peak, peak_step
+
+
+def _unbounded_caveat(remedies: list[VllmRemedy], count: int) -> list[VllmRemedy]:
+    """`remedies`, each that avoids every preemption said unknown: `count` requests aborted before they were
+    scheduled are counted at their prompts only (their log does not say how long they would grow), and a
+    larger pool admits them. A remedy found short stays short: more demand cannot make it fit."""
+    caveat = (
+        f" {count} request(s) aborted before they were scheduled are counted at their prompts only (the log "
+        "has no max_tokens for them: recorded before kvtrace logged it), and a larger pool admits them: "
+        "whether it avoids every preemption cannot be told; rerun to know."
+    )
+    return [replace(r, fits=None, sentence=r.sentence + caveat) if r.fits else r for r in remedies]
 
 
 def _need_text(sizes: _RequestBlocks) -> str:
@@ -322,7 +366,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
     kv_bytes = int(info.kv_cache_bytes or num_blocks * bytes_per_block)
     usable = num_blocks - NULL_BLOCKS
     sizes = _request_blocks(run, block)
-    demand = _final_demand(run, sizes)
+    demand, unbounded = _final_demand(run, sizes)
     max_seqs = info.config.get("max_num_seqs")
     running_at_most = min(int(max_seqs), len(demand)) if max_seqs else len(demand)
     if len(run.steps):  # never more than were in the engine at once (successive generate() calls)
@@ -439,6 +483,8 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
             f"requests shared {shared_tokens:,} prefix-cached tokens ({shared_tokens // block:,} blocks): "
             "the per-request blocks count a shared block once per request, so they can add up past the pool"
         )
+    if unbounded:
+        remedies = _unbounded_caveat(remedies, len(unbounded))
     if recorded_peak and recorded_peak < bound:
         notes.append(
             f"on the recorded schedule the demand peaked at {recorded_peak:,} blocks; a larger pool admits "

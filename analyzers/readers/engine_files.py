@@ -255,6 +255,7 @@ def _read_requests(file: Path) -> tuple[RequestEvent, ...]:
                 recomputed_tokens=_int(row.get("recomputed_tokens"), where, "recomputed_tokens", default=0),
                 finish_reason=_opt_str(row.get("finish_reason"), where, "finish_reason"),
                 error=_opt_str(row.get("error"), where, "error"),
+                max_tokens=_opt_int(row.get("max_tokens"), where, "max_tokens"),
             )
         )
     return tuple(events)

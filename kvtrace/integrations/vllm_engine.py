@@ -1,10 +1,11 @@
 """The hooks on a running vLLM engine core: one engine step = one kvtrace step.
 
 `EngineHooks.install()` writes engine.json and the pool's KV events, then wraps (instance attributes
-only, removed by `uninstall()`): `EngineCore.step_fn`, `Scheduler.schedule`, `Scheduler._preempt_request`,
-`Scheduler.finish_requests` and `BlockPool._maybe_evict_cached_block`. After each step it appends one line
-to engine_steps.jsonl and the request events of that step to engine_requests.jsonl (docs/format.md, "vLLM
-runs"); a request finished from outside a step (an abort) is logged when it happens.
+only, removed by `uninstall()`): `EngineCore.step_fn`, `Scheduler.add_request`, `Scheduler.schedule`,
+`Scheduler._preempt_request`, `Scheduler.finish_requests` and `BlockPool._maybe_evict_cached_block`. After
+each step it appends one line to engine_steps.jsonl and the request events of that step to
+engine_requests.jsonl (docs/format.md, "vLLM runs"); a request taken in (`waiting`) or finished from outside
+a step (an abort) is logged when it happens.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class EngineHooks:
         # step that hangs before the process is killed would take the lines of the steps before it along
         rec._add_engine_logs(self._steps, self._request_log)
         patches = self._patches
+        self._add = patches.set(self._scheduler, "add_request", self._add_hook)
         self._schedule = patches.set(self._scheduler, "schedule", self._schedule_hook)
         self._preempt = patches.set(self._scheduler, "_preempt_request", self._preempt_hook)
         self._finish = patches.set(self._scheduler, "finish_requests", self._finish_hook)
@@ -182,6 +184,26 @@ class EngineHooks:
                 tracker.pool_view_created(t_ns, entry["layer"], kv, part, capacity, VLLM_CACHE_ID, "vllm")
 
     # -- hooks -------------------------------------------------------------------------------------------
+    def _add_hook(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        """`Scheduler.add_request`: a request enters the waiting queue. Logged now (`waiting`, no blocks), so
+        that every request submitted has a line, one that waits until the process dies or is aborted before
+        it is scheduled included, with the tokens it may grow to (`max_tokens`). A streaming session's later
+        chunks reuse its id: only its first is a new request."""
+        request_id = getattr(request, "request_id", None)
+        new = request_id is not None and request_id not in self._requests
+        result = self._add(request, *args, **kwargs)
+        if new and request_id in self._requests:
+            started = time.thread_time_ns()
+            try:
+                extra = {}
+                max_tokens = getattr(request, "max_tokens", None)
+                if isinstance(max_tokens, int):
+                    extra["max_tokens"] = max_tokens
+                self._log_request(request, "waiting", 0, **extra)
+            finally:
+                self.overhead_ns += time.thread_time_ns() - started
+        return result
+
     def _schedule_hook(self, *args: Any, **kwargs: Any) -> Any:
         out = self._schedule(*args, **kwargs)
         self._sched_out = out

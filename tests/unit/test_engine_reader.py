@@ -67,19 +67,43 @@ def test_the_peak_is_what_the_requests_held_while_a_step_ran(tmp_path: Path) -> 
     assert run is not None and engine_figures(run).peak_blocks_used == 0
 
 
-def test_a_request_aborted_before_it_was_scheduled_needs_no_block(tmp_path: Path) -> None:
-    # GIVEN the hand-made run and a request C of 12 prompt tokens aborted while it waited: its one event
-    # is its end, holding nothing
-    requests = [*REQUESTS, _req(2, "C", "finished", 0, 0, 12, 0, finish_reason="abort")]
-    run = read_engine(write_engine_run(tmp_path / "run", requests=requests))
+def test_a_request_aborted_before_it_was_scheduled_counts_at_what_it_would_need(tmp_path: Path) -> None:
+    # GIVEN the hand-made run and a request C of 12 prompt tokens, max_tokens 2, aborted while it waited:
+    # taken in (its `waiting` line), then its end, never holding a block
+    taken_in = _req(0, "C", "waiting", 0, 0, 12, 0, max_tokens=2)
+    aborted = _req(2, "C", "finished", 0, 0, 12, 0, finish_reason="abort")
+    run = read_engine(write_engine_run(tmp_path / "run", requests=[taken_in, *REQUESTS, aborted]))
     assert run is not None
     fig = engine_figures(run)
     # THEN it is a request of the run, and an aborted one
     assert (fig.requests, fig.requests_aborted) == (3, 1)
-    # AND the demand is A's and B's alone, as without it (C's 12 tokens would be 3 more blocks)
+    # AND a larger pool admits it: it needs its 12 + 2 - 1 = 13 tokens of KV, cdiv(13, 4) = 4 blocks (was
+    # left out: a pool "avoiding every preemption" admitted it and preempted), so the 2 that run together at
+    # most need 4 + 3 = 7 (was 6)
     d = diagnose_preemptions(run)
-    assert d.final_demand_blocks == {"A": 3, "B": 3} and d.demand_bound_blocks == 6
+    assert d.final_demand_blocks == {"A": 3, "B": 3, "C": 4} and d.demand_bound_blocks == 7
+    assert (d.requests, d.blocks_needed) == (3, 8)
+    # it never held a block: the demand on the recorded schedule is A's and B's alone
     assert (d.recorded_peak_demand_blocks, d.recorded_peak_demand_step) == (5, 4)
+    assert d.remedies[0].fits is True
+
+
+def test_a_request_aborted_before_it_was_scheduled_without_its_length_leaves_no_remedy_said_to_fit(
+    tmp_path: Path,
+) -> None:
+    # GIVEN the same request C as kvtrace logged it before `waiting`: its one line is its end, so how long it
+    # would grow once admitted is unknown
+    aborted = _req(2, "C", "finished", 0, 0, 12, 0, finish_reason="abort")
+    run = read_engine(write_engine_run(tmp_path / "run", requests=[*REQUESTS, aborted]))
+    assert run is not None
+    # THEN it counts at its prompt at least: cdiv(12, 4) = 3 blocks
+    d = diagnose_preemptions(run)
+    assert d.final_demand_blocks == {"A": 3, "B": 3, "C": 3} and d.demand_bound_blocks == 6
+    # AND no remedy is said to fit (the pool of 7 was [fits]): each that would is unknown, saying why
+    assert [r.fits for r in d.remedies if r.fits is not False] and not [r for r in d.remedies if r.fits]
+    assert "1 request(s) aborted before they were scheduled are counted at their prompts only" in (
+        d.remedies[0].sentence
+    )
 
 
 def test_preemptions_counted_from_steps_without_a_request_log(tmp_path: Path) -> None:

@@ -212,7 +212,8 @@ def test_every_preempted_request_resumes_and_finishes(recorded: dict[str, Any]) 
         by_request.setdefault(event["request_id"], []).append(event["event"])
     assert len(by_request) == REQUESTS
     for events in by_request.values():
-        assert events[0] == "scheduled" and events[-1] == "finished"
+        assert events[:2] == ["waiting", "scheduled"] and events[-1] == "finished"
+        assert events.count("waiting") == 1
         assert events.count("preempted") == events.count("resumed")
     # each ran to its max_tokens: vLLM's finish reason "length", as its outputs say
     assert {o.outputs[0].finish_reason for o in recorded["outputs"]} == {"length"}
@@ -300,12 +301,16 @@ def test_a_request_done_in_its_first_step_is_seen(recorded: dict[str, Any], tmp_
     events = _jsonl(tmp_path / "one" / fmt.ENGINE_REQUESTS)
     # one step: prefill 40 tokens (2 blocks of 32), sample the only token, free the blocks
     assert [(e["event"], e["blocks"], e["tokens"]) for e in events] == [
+        ("waiting", 0, 0),
+        ("waiting", 0, 0),
         ("scheduled", 2, 40),
         ("scheduled", 2, 40),
         ("finished", 0, 0),
         ("finished", 0, 0),
     ]
-    assert all(e["step"] == 1 and e["prompt_tokens"] == 40 for e in events)
+    # taken in before the first step (step 0), then scheduled and finished in it
+    assert [e["step"] for e in events] == [0, 0, 1, 1, 1, 1]
+    assert all(e["prompt_tokens"] == 40 for e in events)
 
 
 def _record_with_vllms_pool(
@@ -505,10 +510,10 @@ def test_a_request_aborted_before_it_was_scheduled_is_counted(
     completed = successes() - success_before
     assert completed == 2 and finish_reasons == {"w0": "length", "w2": "length"}
     events = _jsonl(run_dir / fmt.ENGINE_REQUESTS)
-    # THEN its one line is its end, holding nothing, with vLLM's finish reason (it had no line)
+    # THEN its lines are its taking in and its end, holding nothing, with vLLM's finish reason (had none)
     assert [
         (e["event"], e["blocks"], e.get("finish_reason")) for e in events if e["request_id"] == ids[1]
-    ] == [("finished", 0, "abort")]
+    ] == [("waiting", 0, None), ("finished", 0, "abort")]
     # AND the report counts it: 3 requests, 1 aborted (were 2 requests, none aborted)
     assert main(["report", str(run_dir), "--json", "--no-export", "-q"]) == 0
     report = json.loads(capsys.readouterr().out)["engine"]

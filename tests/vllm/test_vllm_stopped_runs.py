@@ -156,7 +156,12 @@ def test_killed_run_is_said_to_have_died(killed_run: Path, capsys: pytest.Captur
     # THEN the diagnosis says the process died, in the report's words (as a Hugging Face run's)
     died = "the run never finished (the process died): read up to its last flushed step"
     assert died in report["notes"]
-    assert diagnosis["kind"] == "preemption" and diagnosis["notes"] == [died]
+    # (after the note that a larger pool admits the 8th request, still queued: 7 x 3 ran, + 2 prompt blocks)
+    schedule = (
+        "on the recorded schedule the demand peaked at 21 blocks; a larger pool admits more requests at "
+        "once, so the suggestion covers the worst case of 23"
+    )
+    assert diagnosis["kind"] == "preemption" and diagnosis["notes"] == [schedule, died]
     # AND no remedy is said to fit: every request was still in the engine, short of its final length
     assert diagnosis["remedies"] and all(r["fits"] is None for r in diagnosis["remedies"])
     unfinished = f"The run stopped with {REQUESTS} request(s) unfinished (its process died)"
@@ -175,13 +180,16 @@ def test_killed_run_gives_its_demand_as_a_lower_bound(
     killed_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN the run killed in step 30, every request unfinished: 7 ran (the 8th waited from the start), and
-    # those preempted at step 26 had 40 + 25 tokens, whose next one needs a 3rd block: each of the 7 needs 3
+    # those preempted at step 26 had 40 + 25 tokens, whose next one needs a 3rd block: each of the 7 needs 3;
+    # the 8th, still queued, needs its prompt's cdiv(40, 32) = 2 at least
     requests = _jsonl(killed_run / fmt.ENGINE_REQUESTS)
-    ran = {e["request_id"] for e in requests}
+    ran = {e["request_id"] for e in requests if e["event"] != "waiting"}
     preempted = [e for e in requests if e["event"] == "preempted"]
     blocks_each = {_cdiv(e["prompt_tokens"] + e["output_tokens"], BLOCK_SIZE) for e in preempted}
     assert (len(ran), blocks_each) == (REQUESTS - 1, {3})
-    at_least = len(ran) * 3
+    peaked = len(ran) * 3
+    at_least = peaked + _cdiv(PROMPT_TOKENS, BLOCK_SIZE)
+    assert at_least == 23
     # WHEN it is diagnosed
     diagnosis = _cli_json(capsys, "diagnose", str(killed_run))
     assert main(["diagnose", str(killed_run)]) == 0
@@ -193,8 +201,51 @@ def test_killed_run_gives_its_demand_as_a_lower_bound(
     assert (
         f"  demand if nothing were preempted: at least {at_least} blocks (+1 null = {at_least + 1}), "
         f"counting the {REQUESTS} unfinished request(s) at the lengths they had reached; on the recorded "
-        f"schedule it peaked at {at_least}\n"
+        f"schedule it peaked at {peaked}\n"
     ) in text
+
+
+def test_killed_run_counts_the_request_still_queued(
+    killed_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the run killed in step 30: its last step line has 8 requests in the engine, one never scheduled
+    last = _jsonl(killed_run / fmt.ENGINE_STEPS)[-1]
+    assert last["running"] + last["waiting"] == REQUESTS
+    requests = _jsonl(killed_run / fmt.ENGINE_REQUESTS)
+    # every request submitted has a line from when vLLM's scheduler took it in: holding nothing, with its
+    # prompt and the tokens it may generate (the queued one had no line at all)
+    waiting = [e for e in requests if e["event"] == "waiting"]
+    assert len({e["request_id"] for e in waiting}) == len(waiting) == REQUESTS
+    assert {(e["blocks"], e["tokens"], e["prompt_tokens"], e["max_tokens"]) for e in waiting} == {
+        (0, 0, PROMPT_TOKENS, NEW_TOKENS)
+    }
+    scheduled = {e["request_id"] for e in requests if e["event"] == "scheduled"}
+    assert len(scheduled) == REQUESTS - 1
+    # WHEN reported, compared, exported and diagnosed
+    report = _cli_json(capsys, "report", str(killed_run), "--no-export", "-q")["engine"]
+    compared = _cli_json(capsys, "compare", str(killed_run), str(killed_run))["runs"][0]["engine"]
+    diagnosis = _cli_json(capsys, "diagnose", str(killed_run))
+    assert main(["diagnose", str(killed_run)]) == 0
+    text = capsys.readouterr().out
+    # THEN each counts the 8 requests (were 7: the queued one had no line), none of them aborted: the report
+    # says 0 as compare does (was null beside compare's 0)
+    assert (report["requests"], report["requests_aborted"]) == (REQUESTS, 0)
+    assert (compared["requests"], compared["aborted_requests"]) == (REQUESTS, 0)
+    assert (diagnosis["requests"], diagnosis["unfinished_requests"]) == (REQUESTS, REQUESTS)
+    assert len(diagnosis["final_demand_blocks"]) == REQUESTS
+    assert f"at most {REQUESTS} run together (max_num_seqs {REQUESTS}, {REQUESTS} requests)" in text
+    # AND the queued request is never counted as held: the steps' demand peaked at the 7 that ran, 7 x 3
+    assert diagnosis["recorded_peak_demand_blocks"] == (REQUESTS - 1) * 3
+    assert all(h["request_id"] in scheduled for h in diagnosis["held_at_first"])
+    # AND the export has its rows: 8 distinct requests
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    out = killed_run.parent / "export"
+    assert main(["export", str(killed_run), "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    table = pq.read_table(out / "engine_requests")
+    assert len(set(table.column("request_id").to_pylist())) == REQUESTS
 
 
 KILLED_EARLY_AT = 10  # a step before the workload's first preemption (26)
