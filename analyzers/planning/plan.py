@@ -199,7 +199,7 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
     prefill = prefill_bound_note(req)  # a recorded run's prefill priced from its peak, not measured
     quantize = quantized_prefill_note(req)  # a quantized prefill's temporaries, which no other run makes
     encoder = encoder_pass_note(req)  # an encoder-decoder's encoder pass, grown to the encoder length
-    padding = padding_note(req)  # a static sdpa prefill priced as padded: the run does not tell
+    padding = padding_note(req)  # an sdpa prefill priced as padded (the run does not tell), or unpadded
     notes = (cache_off, estimate, geom.kv_note, prefill, quantize, encoder, padding)
     model_notes = tuple(note for note in notes if note)
     limit = geom.max_position_embeddings

@@ -21,7 +21,11 @@ from analyzers.planning.presets import dtype_bytes_for
 from analyzers.planning.recorded_dtype import in_compute_dtype
 from analyzers.planning.sdpa_repeats import sdpa_copies_unmeasured, sdpa_repeats_kv
 from analyzers.planning.static_prefill import attended as _attended
-from analyzers.planning.static_prefill import static_prefill_bytes, unknown_padding_note
+from analyzers.planning.static_prefill import (
+    prefill_attention_bytes,
+    unknown_padding_note,
+    unpadded_prompts_note,
+)
 
 __all__ = [
     "padding_note",
@@ -81,7 +85,7 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         prompt_grown = rows * _prefill_growth(run, rec, sizes.prompt)
         # a static cache's prefill: the run's step-end activations grown with the prompt, and attention's
         # tensors over the cache's length, which the run's prefill did not make
-        at_prefill = _scaled(activations + unseen, fixed, prompt_grown) + static_prefill_bytes(
+        at_prefill = _scaled(activations + unseen, fixed, prompt_grown) + prefill_attention_bytes(
             req, run, rec, batch, context, sizes.prompt
         )
         # a step's end, holding this cache's KV, holds what the run held at its own step's end: where the
@@ -113,8 +117,11 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         # context, and its ids are the prompt's; the longer context's decode steps are `floors`. Before, they
         # grew with the context: the tiny Llama at batch 2, a 40-token prompt, planned from context 44 at
         # 206 was 1,606,175 B where the recording peaked at 840,504 (+91%)
-        prompt_grown = rows * _prefill_growth(run, rec, kv_sizes(req, batch, context).prompt)
-        growth, tokens = _scaled(activations, fixed, prompt_grown) - activations, 0
+        prompt = kv_sizes(req, batch, context).prompt
+        prompt_grown = rows * _prefill_growth(run, rec, prompt)
+        # and attention's prompt x prompt tensors beyond the run's (`prefill_attention_bytes`)
+        quadratic = prefill_attention_bytes(req, run, rec, batch, context, prompt)
+        growth, tokens = _scaled(activations, fixed, prompt_grown) - activations + quadratic, 0
     grew = (req.weights_bytes - rec.weights_bytes) + moved - freed + growth + tokens
     return max(rec.peak_bytes + grew, *floors)
 
@@ -352,7 +359,7 @@ def _moment_floors(
     beside_prefill, prefill_fixed = _beside_prefill(run, rec)
     floors = [req.weights_bytes + sizes.step_peak_bytes + _beside_late(req, run, rec, batch, context)]
     early = max(batch / rec.batch, 1.0) * _prefill_growth(run, rec, sizes.prompt)
-    attention = static_prefill_bytes(req, run, rec, batch, context, sizes.prompt)
+    attention = prefill_attention_bytes(req, run, rec, batch, context, sizes.prompt)
     if early > 1.0 or attention:
         # A prefill of more rows or tokens than the run's, or over a longer static cache: its own moment.
         # Not otherwise: the run's own prefill is within its peak, and the measured figure is the most
@@ -425,7 +432,7 @@ def prefill_bound_note(req: PlanRequest) -> str | None:
     run = _run_request(req, rec)
     prompt = kv_sizes(req, req.batch, req.context).prompt
     rows = max(req.batch / rec.batch, 1.0)
-    if rows * _prefill_growth(run, rec, prompt) <= 1.0 and not static_prefill_bytes(
+    if rows * _prefill_growth(run, rec, prompt) <= 1.0 and not prefill_attention_bytes(
         req, run, rec, req.batch, req.context, prompt
     ):
         return None
@@ -437,10 +444,11 @@ def prefill_bound_note(req: PlanRequest) -> str | None:
 
 
 def padding_note(req: PlanRequest) -> str | None:
-    """Why a static plan of an sdpa run that does not tell whether its prompts were padded is priced as padded
-    (`unknown_padding_note`, for the recorded run's own request)."""
-    rec = req.recorded
-    return unknown_padding_note(req, _run_request(req, rec)) if rec is not None else None
+    """Why a plan of an sdpa run that does not tell whether its prompts were padded is priced as padded
+    (`unknown_padding_note`), or what padded prompts add where its were not (`unpadded_prompts_note`)."""
+    if req.recorded is None:
+        return None
+    return unknown_padding_note(req, _run_request(req, req.recorded)) or unpadded_prompts_note(req)
 
 
 def quantized_prefill_note(req: PlanRequest) -> str | None:

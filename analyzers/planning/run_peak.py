@@ -402,9 +402,9 @@ def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, row
         f": the run's own settings plan its own peak; {smaller}; a larger batch grows them in proportion "
         "but for the logits processors' vectors over the vocabulary, which no row count changes, "
         "a larger context those over it (ids, masks, attention's) by the tokens added, a longer prompt's "
-        "prefill with the prompt "
-        "(where every layer slides, by generate()'s ids and mask alone, a few bytes a token, as the run's "
-        "peak shows them)"
+        "prefill with the prompt (where every layer slides, by generate()'s ids and mask alone, a few bytes "
+        "a token, as the run's peak shows them), and attention's tensors of prompt x prompt (eager's mask "
+        "and scores, sdpa's mask where prompts are padded) by arithmetic over the pairs beyond the run's"
         if same_cache
         else ": beside this cache's KV at the run's peak, or, the larger, its KV peak (inside a cache "
         "update) beside what the run held at its own KV peak, where the run tells it (else added to that KV "

@@ -1,20 +1,85 @@
-"""What a static cache's prefill holds over the cache's positions that a recorded run's prefill did not attend
-over (`static_prefill_bytes`), for `kvtrace plan --from-run --cache static`: its attention mask over them,
-K and V expanded to the query heads, and eager attention's scores. Whether sdpa makes any of it turns on
-whether the run's prompts were padded, which the recorder tells once per generate() call
-(analyzers.planning.run_padding); a run that does not tell is planned as padded, and said so
-(`unknown_padding_note`). Pure arithmetic, no torch; a module of its own, beside recorded_growth, which
-moves the run's measured peak and adds this on top.
+"""What a plan's prefill holds in attention's tensors that grow with the prompt times the positions it
+attends over, beyond what the recorded run's prefill made (`prefill_attention_bytes`), for `kvtrace plan
+--from-run`: a static cache's over the cache's positions the run's prefill did not attend over
+(`static_prefill_bytes`: its mask, K and V expanded to the query heads, eager's scores), another cache's
+over a longer prompt (`dynamic_prefill_bytes`: its mask and eager's scores, prompt x prompt). Whether sdpa
+makes any of it turns on whether the run's prompts were padded, which the recorder tells once per
+generate() call (analyzers.planning.run_padding); a run that does not tell is planned as padded, and said
+so (`unknown_padding_note`). Pure arithmetic, no torch; a module of its own, beside recorded_growth, which
+moves the run's measured peak (its prefill's in proportion to the prompt) and adds this on top.
 """
 
 from __future__ import annotations
 
 from analyzers.planning.plan_kv import cache_layout, kv_sizes
-from analyzers.planning.plan_types import PlanRequest, RecordedPeak
+from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, RecordedPeak
 from analyzers.planning.presets import dtype_bytes_for
 from analyzers.units import human_bytes
 
-__all__ = ["attended", "static_prefill_bytes", "unknown_padding_note"]
+__all__ = [
+    "attended",
+    "dynamic_prefill_bytes",
+    "prefill_attention_bytes",
+    "static_prefill_bytes",
+    "unknown_padding_note",
+]
+
+
+def prefill_attention_bytes(
+    req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int, prompt: int
+) -> int:
+    """Bytes the plan's prefill of `prompt` tokens holds in attention's tensors over the positions it attends
+    over beyond what the run's measured prefill, grown in proportion to the prompt, holds: a static cache's
+    (`static_prefill_bytes`), another's that fills as it goes (`dynamic_prefill_bytes`); none for a static
+    sliding cache."""
+    if req.cache == "static":
+        return static_prefill_bytes(req, run, rec, batch, context, prompt)
+    if req.cache in PREALLOCATED_CACHES:
+        return 0
+    return dynamic_prefill_bytes(req, run, rec, batch, prompt)
+
+
+def dynamic_prefill_bytes(
+    req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, prompt: int
+) -> int:
+    """Bytes a prefill of `prompt` tokens on a cache that fills as it goes holds in tensors of prompt x
+    prompt a row, beyond the run's: its prefill attends over its prompt's positions (a static run's, over
+    its cache's), and its measured activations, grown in proportion to the prompt, hold those tensors over
+    that many positions for each of the plan's prompt tokens; the positions beyond are priced here (the
+    linear ones, K and V expanded, grow with the prompt within the measured prefill). Eager attention holds
+    its mask (an element of the compute dtype a pair, across the layers) and one layer's scores
+    (`_score_bytes` a head and pair); sdpa's, where the prompts are padded, its bool mask across the layers
+    and its copy in the compute dtype, a layer at a time (static_prefill_bytes' reading of transformers).
+    Before, the whole prefill grew in proportion to the prompt: a Llama of 4 layers and 4 heads, fp32,
+    eager, planned at a 1024-token prompt from a 64-token run said 5.98 MB where the recording peaked at
+    41.37 MB (-85.6%; 41.37 MB after, +660 B); sdpa with padded prompts, 2 rows, planned at 1536 from 256,
+    14.76 MB for 34.67 (-57.4%; 34.43 after, -0.7%: on a CPU torch's flash kernel keeps per-thread blocks
+    that step up at a 768-token prompt, unpriced). A run that does not tell its padding is planned as
+    padded beyond its prompt, as `static_prefill_bytes` plans it, and said so (`unknown_padding_note`)."""
+    eager = rec.attn_implementation in ("eager", None)
+    if not eager and not (rec.attn_implementation == "sdpa" and rec.padded is not False):
+        return 0
+    geom = req.geometry
+    compute = dtype_bytes_for(req.effective_compute_dtype, 1)
+    pair = compute + geom.num_attention_heads * _score_bytes(compute) if eager else 1 + compute
+    held = attended(run, rec.context) if run.cache == "static" else rec.prompt or 0
+    return batch * max(prompt - held, 0) * prompt * pair
+
+
+def _score_bytes(compute: int) -> int:
+    """Bytes one head's eager scores hold a (query, key) pair at their most in a layer: the masked scores
+    in the compute dtype, their float32 cast (none from float32) and the float32 softmax of it
+    (`eager_attention_forward`'s `softmax(..., dtype=float32)`; 8 in float32, 10 in bf16, measured)."""
+    return compute + (4 if compute != 4 else 0) + 4
+
+
+def _expansion_bytes(req: PlanRequest, compute: int) -> int:
+    """Bytes one layer's K and V expanded to the query heads (`repeat_kv`) hold a token and row, where
+    there are fewer KV heads than query heads (0 otherwise)."""
+    geom = req.geometry
+    side = max(max(k, v) for k, v in geom.layer_kv_widths)  # one layer's K (or V) elements a token
+    expanded = geom.num_attention_heads * max(geom.head_dim, geom.global_head_dim or 0)
+    return 2 * expanded * compute if expanded > side else 0
 
 
 def static_prefill_bytes(
@@ -54,9 +119,7 @@ def static_prefill_bytes(
         return 0
     geom = req.geometry
     compute = dtype_bytes_for(req.effective_compute_dtype, 1)
-    side = max(max(k, v) for k, v in geom.layer_kv_widths)  # one layer's K (or V) elements a token
-    expanded = geom.num_attention_heads * max(geom.head_dim, geom.global_head_dim or 0)
-    expansions = 2 * expanded * compute if expanded > side else 0
+    expansions = _expansion_bytes(req, compute)
     if not eager:  # sdpa's: a bool a prompt token and its compute-dtype copy, the expansions, no scores
         return batch * more * (prompt * (1 + compute) + expansions)
     return batch * more * (prompt * compute + expansions + 3 * geom.num_attention_heads * prompt * 4)
@@ -70,21 +133,47 @@ def attended(req: PlanRequest, context: int) -> int:
 
 
 def unknown_padding_note(req: PlanRequest, run: PlanRequest) -> str | None:
-    """Why a static plan of an sdpa run may be priced high: the run does not tell whether its prompts were
-    padded (`RecordedPeak.padded` None), so its static prefill is priced as padded (`static_prefill_bytes`),
-    the side that never plans below a padded batch's recording; unpadded prompts make none of it. None where
-    nothing turns on it. `run`: the recorded run as a request (recorded_growth's `_run_request`)."""
+    """Why a plan of an sdpa run may be priced high: the run does not tell whether its prompts were padded
+    (`RecordedPeak.padded` None), so its prefill beyond the run's is priced as padded
+    (`prefill_attention_bytes`), the side that never plans below a padded batch's recording; unpadded
+    prompts make none of it. None where nothing turns on it. `run`: the recorded run as a request
+    (recorded_growth's `_run_request`)."""
     rec = req.recorded
     if rec is None or rec.padded is not None or rec.attn_implementation != "sdpa":
         return None
     prompt = kv_sizes(req, req.batch, req.context).prompt
-    priced = static_prefill_bytes(req, run, rec, req.batch, req.context, prompt)
+    priced = prefill_attention_bytes(req, run, rec, req.batch, req.context, prompt)
     if not priced:
         return None
+    static = req.cache == "static"
     return (
         "the run does not tell whether its generate() call's prompts were padded (its attention_mask was "
-        "freed before the recording ended, it passed none, or kvtrace did not note it then): the static "
-        f"prefill is priced as padded, {human_bytes(priced)} for sdpa's mask over the cache, its copy in the "
-        "compute dtype and K and V expanded to the query heads, which unpadded prompts never make; keep the "
-        "mask alive until the recording's block ends to have it told"
+        "freed before the recording ended, it passed none, or kvtrace did not note it then): the "
+        f"{'static ' if static else ''}prefill is priced as padded, {human_bytes(priced)} for sdpa's mask "
+        f"over the {'cache' if static else 'prompt'}, its copy in the compute dtype"
+        f"{' and K and V expanded to the query heads' if static else ''}, which unpadded prompts never make; "
+        "keep the mask alive until the recording's block ends to have it told"
+    )
+
+
+def unpadded_prompts_note(req: PlanRequest) -> str | None:
+    """What padded prompts would add to a plan of several rows from an sdpa run whose prompts were not
+    padded (`RecordedPeak.padded` False), which the plan assumes of its own: their prefill makes sdpa's
+    bool mask over the positions it attends over (the prompt's; a static cache's, all of its) and its copy
+    in the compute dtype, and expands K and V to the query heads (`static_prefill_bytes`' reading of
+    transformers), none of which the run measured. None for one row (nothing to pad) or other attention."""
+    rec = req.recorded
+    if rec is None or rec.padded is not False or rec.attn_implementation != "sdpa" or req.batch <= 1:
+        return None
+    if req.cache in PREALLOCATED_CACHES and req.cache != "static":
+        return None
+    prompt = kv_sizes(req, req.batch, req.context).prompt
+    positions = attended(req, req.context) if req.cache == "static" else prompt
+    compute = dtype_bytes_for(req.effective_compute_dtype, 1)
+    padded = req.batch * positions * (prompt * (1 + compute) + _expansion_bytes(req, compute))
+    return (
+        f"the plan assumes its {req.batch} prompts are not padded, as the run's were not: padded ones "
+        f"(an attention_mask with zeros, prompts of unequal lengths) add up to {human_bytes(padded)} at the "
+        "prefill, sdpa's mask over the attended positions, its copy in the compute dtype and K and V "
+        "expanded to the query heads; record a run with padded prompts to plan them"
     )
