@@ -119,9 +119,16 @@ def test_step_that_raised_in_the_engine_core_process_ends_the_run_as_raised(
 def _killed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, killed_at: int) -> Path:
     """The workload recorded until its process SIGKILLs itself in step `killed_at`'s forward."""
     run_dir = tmp_path_factory.mktemp("vllm-killed") / "run"
+    _kill_record(tiny_model_dir, run_dir, killed_at)
+    return run_dir
+
+
+def _kill_record(tiny_model_dir: Path, run_dir: Path, killed_at: int, *hang: str) -> None:
+    """Record the workload into `run_dir` in a child process that SIGKILLs itself in step `killed_at`'s
+    forward (after hanging that many seconds there, `hang`)."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.pop("KVTRACE_DIR", None)
-    argv = ["kill_record", str(tiny_model_dir), str(run_dir), str(killed_at)]
+    argv = ["kill_record", str(tiny_model_dir), str(run_dir), str(killed_at), *hang]
     done = subprocess.run(
         [sys.executable, "-m", "tests.vllm.scripts", *argv],
         cwd=ROOT,
@@ -131,7 +138,6 @@ def _killed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, kill
         timeout=540,
     )
     assert done.returncode == -9, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -295,18 +301,7 @@ def test_a_run_killed_in_a_hanging_step_keeps_the_lines_made_before_it(
     # GIVEN the workload recorded until step 26's forward hangs 0.5 s and the process is SIGKILLed there:
     # step 26's scheduling preempted, and no step ended after it (whose end would have written the logs)
     run_dir = tmp_path / "run"
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    env.pop("KVTRACE_DIR", None)
-    argv = ["kill_record", str(tiny_model_dir), str(run_dir), str(HUNG_AT), "0.5"]
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.vllm.scripts", *argv],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    assert done.returncode == -9, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    _kill_record(tiny_model_dir, run_dir, HUNG_AT, "0.5")
     # THEN the writer thread wrote every step that ended, and the preemptions of step 26's scheduling
     steps = _jsonl(run_dir / fmt.ENGINE_STEPS)
     assert [s["step"] for s in steps] == list(range(1, HUNG_AT))
