@@ -491,6 +491,8 @@ def breakdown_table(works: list[Workload], reps: int, scratch: Path) -> list[str
     for label, module, cls, name in _PARTS:
         found = importlib.import_module(module)
         owner = found if cls is None else getattr(found, cls)
+        if cls is not None:  # the class that defines it: a method may live in a mixin the class inherits
+            owner = next(c for c in owner.__mro__ if name in c.__dict__)
         original = owner.__dict__[name]
 
         def timed(*args: Any, _original: Any = original, _label: str = label, **kwargs: Any) -> Any:
