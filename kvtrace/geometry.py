@@ -44,11 +44,16 @@ def cached_kv_heads(
     return heads if repeats and get("new_decoder_architecture") and heads else kv_heads
 
 
+def major_minor(version: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a version string ("5.17.0", "5.25.0.dev0"); None where it does not begin so."""
+    found = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
 def transformers_version() -> tuple[int, int] | None:
     """(major, minor) of the transformers this process has imported; None where it has not."""
     module = sys.modules.get("transformers")
-    found = re.match(r"(\d+)\.(\d+)", str(getattr(module, "__version__", "")))
-    return (int(found.group(1)), int(found.group(2))) if module is not None and found else None
+    return major_minor(str(getattr(module, "__version__", ""))) if module is not None else None
 
 
 def kv_shared_layers(get: Callable[[str], Any], layers: int) -> frozenset[int]:

@@ -6,10 +6,9 @@ torch.
 
 from __future__ import annotations
 
-import re
-
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, RecordedPeak
 from analyzers.planning.presets import dtype_bytes_for
+from kvtrace.geometry import major_minor
 
 __all__ = ["SDPA_PACKS_GQA_SINCE", "sdpa_copies_unmeasured", "sdpa_repeats_kv"]
 
@@ -29,8 +28,8 @@ def sdpa_repeats_kv(cache: str, rec: RecordedPeak) -> bool:
     transformers is priced with them (an upper bound)."""
     if cache not in PREALLOCATED_CACHES or rec.attn_implementation != "sdpa":
         return False
-    found = re.match(r"(\d+)\.(\d+)", rec.transformers_version or "")
-    return found is None or (int(found.group(1)), int(found.group(2))) < SDPA_PACKS_GQA_SINCE
+    version = major_minor(rec.transformers_version)
+    return version is None or version < SDPA_PACKS_GQA_SINCE
 
 
 def sdpa_copies_unmeasured(req: PlanRequest, rec: RecordedPeak) -> bool:
