@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,6 +40,7 @@ from kvtrace.model_forward import ForwardWrap, SubmoduleCall
 from kvtrace.model_weights import ModelWeights
 from kvtrace.options import RecordOptions
 from kvtrace.profiler_trace import kineto_quiet, make_profiler
+from kvtrace.run_folder import clear_run_folder, make_run_folder, recorded_files, written_at_start
 from kvtrace.run_lock import RunLock, lock_for_recording
 from kvtrace.run_logs import RunLogs
 from kvtrace.run_manifest import RunManifest, device_of, write_model_config
@@ -206,50 +206,22 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
     def _start(self) -> None:
         facts = rank_facts()  # in a process group of several ranks, each records into out_dir/rank-<r>
         self.path = run_path(self.path, facts, self.options.overwrite)
-        existed = self.path.is_dir()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file of that name, a read-only or missing parent, a full disk
-            why = exc.strerror or str(exc)
-            if self.path.exists() and not self.path.is_dir():
-                why = "a file of that name is there, not a folder"
-            message = f"{self.path}: cannot create the run folder ({why})"
-            raise RecordingError(message, exit_code=1) from None
+        existed = make_run_folder(self.path)
         # Before looking at what the folder holds: another recording may be replacing it right now.
         self._run_lock = lock_for_recording(self.path)
+        clear_run_folder(self.path, existed, self.options.overwrite)
         manifest_path = self.path / fmt.MANIFEST
-        replacing = manifest_path.exists()
-        if replacing and not self.options.overwrite:
-            raise RecordingError(
-                f"{self.path}: already holds a kvtrace run (pass overwrite=True to replace it)"
-            )
-        owned, owned_dirs = fmt.RUN_FILES, fmt.RUN_DIRS
-        if not replacing and existed:
-            # Not a run: whatever is here is the user's. A run would write over these names, so refuse.
-            clashes = [name for name in (*owned, *owned_dirs) if (self.path / name).exists()]
-            if clashes:
-                raise RecordingError(
-                    f"{self.path}: not a kvtrace run, but it holds {', '.join(clashes)}, which a run writes: "
-                    "record into a new or empty folder"
-                )
-        # Replacing a run: its old files go, so that no reader mixes two recordings (an old trace in
-        # profiler/ would otherwise sit beside the new one). Only names the format owns are touched.
-        for name in owned if replacing else ():
-            (self.path / name).unlink(missing_ok=True)
-        for folder in owned_dirs if replacing else ():
-            if (self.path / folder).is_dir():
-                shutil.rmtree(self.path / folder)
         self._manifest = self._initial_manifest()
         self._manifest.update(facts or {})
-        with _written_at_start(manifest_path):  # with room for the final manifest, should the disk fill
+        with written_at_start(manifest_path):  # with room for the final manifest, should the disk fill
             write_json_atomic(manifest_path, self._manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
         self._made = True
         config_note = write_model_config(self.path, self.model)
         if config_note is not None:
             self.notes.append(config_note)
-        with _written_at_start(self.path / fmt.KV_EVENTS):
+        with written_at_start(self.path / fmt.KV_EVENTS):
             self._events = JsonlAppender(self.path / fmt.KV_EVENTS)
-        with _written_at_start(self.path / fmt.MEMORY_SAMPLES):
+        with written_at_start(self.path / fmt.MEMORY_SAMPLES):
             self._samples = JsonlAppender(self.path / fmt.MEMORY_SAMPLES)
         tracker = KvTracker(self._clock, on_evict=self._on_evict)
         self.tracker = tracker
@@ -287,7 +259,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                 lambda: tracker.step,
                 modules.weight_exclusions,
             )
-            with _written_at_start(self._weights.path):
+            with written_at_start(self._weights.path):
                 self._weights.write_start()
             # Around the model's `_apply` (`model.to(dtype)`, `.half()`, `.cuda()`): the storages it replaces
             self._weights.install()
@@ -596,28 +568,3 @@ def track(tensor: torch.Tensor, layer: int, kind: str, layout: str = "bhsd") -> 
     if layout not in ("bhsd", "bshd"):
         raise RecordingError(f"kvtrace.track(layout=...): 'bhsd' or 'bshd', got {layout!r}")
     recording._modules.track(tensor, layer, kind, layout)  # written by the writer thread within 0.1 s
-
-
-def recorded_files(folder: Path) -> list[str]:
-    """The files of the run in `folder`, as the manifest's `files` lists them: the names the recording
-    writes and every file in its own folders (profiler/, snapshots/). Anything else in the folder is the
-    user's (notes, another tool's output): listed, it would be read as a file of the run, its deletion
-    noted as one the figures lack."""
-    names = [name for name in (fmt.MANIFEST, *fmt.RECORDED_FILES) if (folder / name).is_file()]
-    for sub in fmt.RECORDED_DIRS:
-        names.extend(
-            str(path.relative_to(folder))
-            for path in (folder / sub).rglob("*")
-            if path.is_file() and path.suffix != ".tmp"
-        )
-    return sorted(names)
-
-
-@contextlib.contextmanager
-def _written_at_start(path: Path) -> Iterator[None]:
-    """A file the start writes: a failure (a full disk) refuses the recording in one line naming the file and
-    the problem, not an OSError's traceback; `Recording._unmake` then removes what the start wrote."""
-    try:
-        yield
-    except OSError as exc:
-        raise RecordingError(f"{path}: cannot write ({exc.strerror or exc})", exit_code=1) from None

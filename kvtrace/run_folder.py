@@ -1,0 +1,78 @@
+"""The run folder a recording writes: made, cleared of an earlier run it replaces, refused where it holds
+what is not a run's; and the files a finished run lists in its manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from kvtrace import format as fmt
+from kvtrace.errors import RecordingError
+
+
+def make_run_folder(path: Path) -> bool:
+    """Create `path` (and its parents); whether it was there already. A failure (a file of that name, a
+    read-only or missing parent, a full disk) refuses the recording in one line."""
+    existed = path.is_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if path.exists() and not path.is_dir():
+            why = "a file of that name is there, not a folder"
+        raise RecordingError(f"{path}: cannot create the run folder ({why})", exit_code=1) from None
+    return existed
+
+
+def clear_run_folder(path: Path, existed: bool, overwrite: bool) -> None:
+    """Make the locked folder `path` ready for a new run: an earlier run's files removed (with
+    `overwrite`; refused without), or refused where a folder that is not a run holds names a run writes.
+    Called under the run's lock: another recording may be replacing the folder right now."""
+    replacing = (path / fmt.MANIFEST).exists()
+    if replacing and not overwrite:
+        raise RecordingError(f"{path}: already holds a kvtrace run (pass overwrite=True to replace it)")
+    owned, owned_dirs = fmt.RUN_FILES, fmt.RUN_DIRS
+    if not replacing:
+        if existed:
+            # Not a run: whatever is here is the user's. A run would write over these names, so refuse.
+            clashes = [name for name in (*owned, *owned_dirs) if (path / name).exists()]
+            if clashes:
+                raise RecordingError(
+                    f"{path}: not a kvtrace run, but it holds {', '.join(clashes)}, which a run writes: "
+                    "record into a new or empty folder"
+                )
+        return
+    # Replacing a run: its old files go, so that no reader mixes two recordings (an old trace in profiler/
+    # would otherwise sit beside the new one). Only names the format owns are touched.
+    for name in owned:
+        (path / name).unlink(missing_ok=True)
+    for folder in owned_dirs:
+        if (path / folder).is_dir():
+            shutil.rmtree(path / folder)
+
+
+def recorded_files(folder: Path) -> list[str]:
+    """The files of the run in `folder`, as the manifest's `files` lists them: the names the recording
+    writes and every file in its own folders (profiler/, snapshots/). Anything else in the folder is the
+    user's (notes, another tool's output): listed, it would be read as a file of the run, its deletion
+    noted as one the figures lack."""
+    names = [name for name in (fmt.MANIFEST, *fmt.RECORDED_FILES) if (folder / name).is_file()]
+    for sub in fmt.RECORDED_DIRS:
+        names.extend(
+            str(path.relative_to(folder))
+            for path in (folder / sub).rglob("*")
+            if path.is_file() and path.suffix != ".tmp"
+        )
+    return sorted(names)
+
+
+@contextlib.contextmanager
+def written_at_start(path: Path) -> Iterator[None]:
+    """A file the start writes: a failure (a full disk) refuses the recording in one line naming the file and
+    the problem, not an OSError's traceback; `Recording._unmake` then removes what the start wrote."""
+    try:
+        yield
+    except OSError as exc:
+        raise RecordingError(f"{path}: cannot write ({exc.strerror or exc})", exit_code=1) from None
