@@ -15,7 +15,6 @@ from __future__ import annotations
 from bisect import bisect_right
 from itertools import accumulate
 
-from analyzers.attribution import RULES, frame_rule_matches
 from analyzers.model import (
     CATEGORY_NAMES,
     KV,
@@ -36,6 +35,7 @@ from analyzers.readers.snapshot import (
 )
 from analyzers.readers.snapshot_pools import peak_slack, pools_at
 from analyzers.readers.sources import ProgressFn
+from analyzers.stack_rules import RULES, frame_rule_matches
 from analyzers.summary import DeviceSummary, KvSummary, Report, clock_time, summarize
 
 __all__ = ["plain_snapshot_report"]

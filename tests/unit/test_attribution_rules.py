@@ -153,7 +153,7 @@ def test_a_gpu_block_holds_a_storage_as_the_caching_allocator_rounds_it() -> Non
 def test_rules_with_line_breaks_or_no_needles_match_as_run_on_every_text() -> None:
     # GIVEN custom rules the line-by-line needle search cannot serve: a needle and a pattern spanning two
     # lines, a rule without needles, and a needle that only a later rule than a matching one holds
-    from analyzers.attribution import Rule, frame_rule_matches
+    from analyzers.stack_rules import Rule, frame_rule_matches
 
     rules = [
         Rule(re.compile(r"a\.py:1:f\nb\.py"), KV, "two lines", "k", needles=("f\nb.py",)),
