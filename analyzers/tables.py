@@ -20,19 +20,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from analyzers.engine import cache_dtype_name, model_geometry
+from analyzers.engine import model_geometry
+from analyzers.export_engine_rows import engine_kv_dtype, kv_event_rows, read_engine_files
 from analyzers.export_inputs import Input, parquet_text
 from analyzers.export_state import SourceState, source_state
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, UNKNOWN_DEVICE, DeviceEvents, MemorySource
 from analyzers.readers.sources import ProgressFn
-from kvtrace.errors import KvtraceError
-from kvtrace.format import (  # ENGINE*: vLLM runs' optional files
-    ENGINE,
-    ENGINE_REQUESTS,
-    ENGINE_STEPS,
-    is_run_group,
-    rank_dirs,
-)
+from kvtrace.format import is_run_group, rank_dirs
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"kvtrace.schema_version"
@@ -355,7 +349,7 @@ def _run_row(
         "engine_version": engine.get("version"),
         "engine_status": engine.get("status"),
         "engine_process": engine.get("process"),
-        "kv_dtype": _engine_kv_dtype(engine),
+        "kv_dtype": engine_kv_dtype(engine),
         "engine_json": json.dumps(engine, sort_keys=True) if engine else None,
         **{key: engine.get(key) for key in ("num_blocks", "block_size", "kv_cache_bytes")},
         "bytes_per_block": block_bytes(engine) if engine else None,  # a hybrid's older runs: corrected
@@ -373,61 +367,6 @@ def _recording_pid(holder: str | None) -> int | None:
     return int(holder) if holder.isdigit() else 0
 
 
-def _engine_kv_dtype(engine: dict[str, Any]) -> Any:
-    """What the engine's KV pool holds, as the report names it: an fp8 pool's tensors are uint8 (engine.json's
-    `kv_dtype`), the config's `kv_cache_dtype` says fp8. engine.json's value otherwise (null when absent)."""
-    stored = engine.get("kv_dtype")
-    return cache_dtype_name(stored, engine.get("config")) if isinstance(stored, str) else stored
-
-
-def _kv_event_rows(events: list[dict[str, Any]], engine: dict[str, Any]) -> list[dict[str, Any]]:
-    """KV events as rows. A `freed` line carries only its storage's identity: its row gets the device of
-    that storage's last event, so that a join on `device` keeps the frees. The views of an engine's pool
-    (their `source` is the engine's name) carry the dtype the pool holds (`_engine_kv_dtype`), not its
-    tensors' (uint8 for fp8); their bytes are the tensors' as logged. Other caches of the run keep theirs."""
-    device_at: dict[int, str] = {}
-    for row in events:
-        addr, device = row.get("addr"), row.get("device")
-        if row.get("event") == "freed":
-            if not device and addr in device_at:
-                row["device"] = device_at[addr]
-        elif device and isinstance(addr, int):
-            device_at[addr] = device
-    stored, held = engine.get("kv_dtype"), _engine_kv_dtype(engine)
-    if not isinstance(stored, str) or held == stored:
-        return events
-    name = engine.get("name")
-    for row in events:
-        if row.get("source") == name and row.get("dtype") == stored:
-            row["dtype"] = held
-    return events
-
-
-def _read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """engine.json and the engine's step and request logs (vLLM and continuous-batching runs; else empty).
-
-    A run with engine.json is first read as `kvtrace report` reads it (`read_engine`), so
-    that a damaged one (a step log cut or short after the run ended, a field out of range) is refused with
-    the report's one-line error, not exported as if whole. The rows are then the files' own lines: a field
-    the log leaves out stays null in the tables."""
-    from analyzers.readers.engine_files import read_engine
-    from kvtrace.errors import too_long_integer
-    from kvtrace.run_reader import _read_jsonl  # the format's one JSONL reader: tolerates a cut last line
-
-    engine: Any = {}
-    engine_path = run_path / ENGINE
-    if read_engine(run_path) is not None:  # raises KvtraceError on a damaged engine file
-        try:
-            engine = json.loads(engine_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:  # changed since it was checked
-            raise KvtraceError(f"{engine_path}: corrupt engine file ({type(exc).__name__})") from None
-        except ValueError:  # CPython's limit on the digits of an int
-            raise KvtraceError(f"{engine_path}: corrupt engine file ({too_long_integer()})") from None
-    steps, _ = _read_jsonl(run_path / ENGINE_STEPS)
-    requests, _ = _read_jsonl(run_path / ENGINE_REQUESTS)
-    return _dict(engine), steps, requests
-
-
 def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, pa.Table]:
     """Every table's rows for one input (tables without rows are absent). Raises KvtraceError."""
     from analyzers.report import load_source
@@ -441,8 +380,8 @@ def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, p
     steps: list[dict[str, Any]] = []
     requests: list[dict[str, Any]] = []
     if run is not None:
-        engine, steps, requests = _read_engine_files(Path(inp.path))
-        kv_rows = _kv_event_rows([e.to_json() for e in run.kv_events], engine)
+        engine, steps, requests = read_engine_files(Path(inp.path))
+        kv_rows = kv_event_rows([e.to_json() for e in run.kv_events], engine)
         tables["kv_events"] = records_table(KV_EVENTS, run_id, kv_rows)
         tables["samples"] = records_table(SAMPLES, run_id, run.memory_samples)
         tables["engine_steps"] = records_table(ENGINE_STEPS_SCHEMA, run_id, steps)
