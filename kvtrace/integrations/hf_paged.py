@@ -4,9 +4,11 @@ written as the engine files kvtrace writes for vLLM (docs/format.md, "vLLM runs"
 
 Continuous batching bypasses transformers' `Cache` classes: a `PagedAttentionCache` allocates one flat uint8
 `cache_tensor` at start (two trash sectors, then the data sectors), cut into blocks of `page_size` tokens of
-every layer's K and V, and a scheduler admits requests while blocks are free. `PagedAttentionHooks` holds
-the recording's state and the pool's life (its engine.json, its KV events, its block counts); its other
-parts are mixins, one module per role:
+every layer's K and V, and a scheduler admits requests while blocks are free. Older transformers (5.17) have
+the layer pool instead: a `key_cache` and a `value_cache` tensor per layer, `num_blocks + 2` blocks of
+`block_size` rows each, and one `BlockManager` handing out block ids (hf_paged_pool.py writes both).
+`PagedAttentionHooks` holds the recording's state and the pool's life (its engine.json, its KV events, its
+block counts); its other parts are mixins, one module per role:
 
 - hf_paged_wrappers.py: what `install` wraps on transformers' classes, and `uninstall` puts back;
 - hf_paged_steps.py: one engine step = one kvtrace step (engine_steps.jsonl), and the run's `failure`;
@@ -26,7 +28,7 @@ from typing import Any
 
 from kvtrace import format as fmt
 from kvtrace.errors import short_error
-from kvtrace.integrations.hf_paged_pool import ENGINE_NAME, pool_document
+from kvtrace.integrations.hf_paged_pool import ENGINE_NAME, layer_pool_document, pool_document
 from kvtrace.integrations.hf_paged_requests import PagedRequests
 from kvtrace.integrations.hf_paged_steps import PagedSteps
 from kvtrace.integrations.hf_paged_wrappers import PagedWrappers
@@ -39,6 +41,15 @@ CB_CACHE_ID = fmt.CB_CACHE_ID  # the `cache` id of the pool's KV events (vLLM's 
 # What `pool_document` and the per-step figures read on a PagedAttentionCache: one flat pool cut into sectors,
 # with an allocator per attention type. Instance attributes, so tested on the pool once it is made.
 _POOL_FIELDS = ("cache_tensor", "cache_allocators", "pool", "num_sectors", "bytes_per_sector")
+# The same for the layer pool (transformers 5.17): a tensor per layer and kind, one BlockManager for the ids
+_LAYER_POOL_FIELDS = (
+    "key_cache",
+    "value_cache",
+    "group_cache_managers",
+    "_block_manager",
+    "num_groups",
+    "get_num_free_blocks",
+)
 
 
 class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
@@ -77,6 +88,8 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
         self._flushed_ns = 0
         self.ignored_pools = 0
         self._layout_said = False  # the warning for a pool whose layout kvtrace does not read, given once
+        # The recorded pool is the layer pool (transformers 5.17), not the sector pool
+        self._layer_pool = False
         # Why transformers stopped the run, when it did: engine.json's and the manifest's `failure`
         self.failure: dict[str, Any] | None = None
         self._warnings: list[str] = []  # what leaves the engine files incomplete: the manifest's `warnings`
@@ -167,17 +180,18 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
 
     # -- the pool ------------------------------------------------------------------------------------------
     def _on_pool(self, cache: Any) -> None:
-        if not all(hasattr(cache, name) for name in _POOL_FIELDS):
-            # An older pool layout (transformers 5.17: per-layer key_cache/value_cache tensors and a
-            # BlockManager): said plainly, and the pool left unclaimed so that no hook reads it, rather
-            # than an AttributeError from `pool_document` and an engine entry of null figures
+        sectors = all(hasattr(cache, name) for name in _POOL_FIELDS)
+        per_layer = not sectors and all(hasattr(cache, name) for name in _LAYER_POOL_FIELDS)
+        if not sectors and not per_layer:
+            # A pool layout neither of these: said plainly, and the pool left unclaimed so that no hook reads
+            # it, rather than an AttributeError from `pool_document` and an engine entry of null figures
             if not self._layout_said:
                 self._layout_said = True
                 self._warnings.append(
-                    "continuous batching: this transformers' PagedAttentionCache is not one flat "
-                    "`cache_tensor` pool with `cache_allocators` (per-layer key_cache/value_cache instead), "
-                    "a layout kvtrace does not read: the pool's KV, engine steps and requests are not "
-                    "recorded"
+                    "continuous batching: this transformers' PagedAttentionCache is neither one flat "
+                    "`cache_tensor` pool with `cache_allocators` nor per-layer key_cache/value_cache tensors "
+                    "with a BlockManager, a layout kvtrace does not read: the pool's KV, engine steps and "
+                    "requests are not recorded"
                 )
             return
         if self._cache_ref is not None:  # a second pool (another generate_batch): the run keeps the first
@@ -189,8 +203,9 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
                 )
             return
         self._cache_ref = weakref.ref(cache, self._pool_freed)
+        self._layer_pool = per_layer
         rec = self.recording
-        self.document = pool_document(cache, rec.model)
+        self.document = (layer_pool_document if per_layer else pool_document)(cache, rec.model)
         if self.cancels_followed:
             self.document["aborted_requests_logged"] = True
         self._bytes_per_block = self.document["bytes_per_block"]
@@ -218,6 +233,9 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
         doc = self.document
         capacity = doc["num_blocks"] * doc["block_size"]
         t_ns = self.recording._clock()
+        if self._layer_pool:
+            self._log_layer_pool_locked(tracker, t_ns, capacity)
+            return
         for layer in doc["layers"]:
             if "bytes" not in layer:  # several attention types: no per-layer view to name
                 continue
@@ -236,13 +254,40 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
                 tracker.pool_view_created(t_ns, layer["layer"], kv, view, capacity, CB_CACHE_ID, ENGINE_NAME)
         tracker.watch_pool(self.cache.cache_tensor.untyped_storage(), 0, "k", CB_CACHE_ID)
 
+    def _log_layer_pool_locked(self, tracker: Any, t_ns: int, capacity: int) -> None:
+        """The layer pool's `created` events: a layer's K and V are tensors of their own, each its storage,
+        logged and watched (freed when generate_batch lets the pool go) one by one."""
+        doc = self.document
+        cache = self.cache
+        for layer in doc["layers"]:
+            if "bytes" not in layer:  # several layer groups share each tensor: no per-layer view to name
+                continue
+            index = layer["layer"]
+            for kv, tensor in (("k", cache.key_cache[index]), ("v", cache.value_cache[index])):
+                storage = tensor.untyped_storage()
+                view = {
+                    "storage_addr": storage.data_ptr(),
+                    "storage_bytes": int(storage.nbytes()),
+                    "view_offset": tensor.data_ptr() - storage.data_ptr(),
+                    "shape": [doc["num_blocks"], doc["block_size"], *tensor.shape[1:]],
+                    "bytes": int(tensor.nbytes),
+                    "dtype": layer["dtype"],
+                    "device": str(tensor.device),
+                }
+                tracker.pool_view_created(t_ns, index, kv, view, capacity, CB_CACHE_ID, ENGINE_NAME)
+                tracker.watch_pool(storage, index, kv, CB_CACHE_ID)
+
     def _cached_blocks(self, cache: Any) -> int:
         """Blocks no request holds but prefix sharing keeps for their content (given back under pressure)."""
+        if self._layer_pool:  # complete blocks kept with their hash: free, and reused on a prefix match
+            return len(cache._block_manager._init_block_ids)
         held = sum(len(a.ledger.cached_blocks) * a.bytes_per_block for a in cache.cache_allocators.values())
         return held // self._bytes_per_block if self._bytes_per_block else 0
 
     def _blocks_of(self, request_id: str) -> int:
         """Whole-model blocks a request's block tables hold (exact with one attention type)."""
+        if self._layer_pool:  # a block id per layer group: whole-model blocks with one group
+            return sum(len(a.block_table.get(request_id, ())) for a in self.cache.group_cache_managers)
         held = sum(
             len(a.block_table.get(request_id, ())) * a.bytes_per_block
             for a in self.cache.cache_allocators.values()
@@ -253,6 +298,8 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
         """Free blocks as the scheduler can use them: free sectors, free blocks in allocated sectors, and the
         blocks kept for prefix sharing (the scheduler evicts them before it offloads a request)."""
         cache = self.cache
+        if self._layer_pool:  # the BlockManager's count holds the prefix-sharing blocks already
+            return int(cache.get_num_free_blocks())
         pool = cache.pool
         free = pool.num_free_sectors * cache.bytes_per_sector
         for allocator in cache.cache_allocators.values():
