@@ -32,7 +32,10 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import build_model
+from tests.cb_versions import SECTOR_POOL
 from tests.tiny import tiny_size
+
+pytestmark = SECTOR_POOL
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 PAGE, USABLE, MAX_NEW = 4, 3, 6

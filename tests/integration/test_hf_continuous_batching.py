@@ -24,8 +24,11 @@ import kvtrace
 from kvtrace.cli import main
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
 from kvtrace.llama import build_model
+from tests.cb_versions import SECTOR_POOL
 from tests.engine_page import expected_pool_rows, pool_table
 from tests.tiny import HEAD_DIM, tiny_size
+
+pytestmark = SECTOR_POOL
 
 LAYERS, KV_HEADS, PAGE, FLOAT32 = 2, 2, 4, 4
 # One block: every layer's K and V for PAGE tokens.

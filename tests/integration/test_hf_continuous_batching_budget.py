@@ -22,8 +22,11 @@ import kvtrace
 from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.llama import build_model
+from tests.cb_versions import SECTOR_POOL
 from tests.engine_page import pool_table
 from tests.tiny import HEAD_DIM, tiny_size, weights_bytes
+
+pytestmark = SECTOR_POOL
 
 LAYERS, KV_HEADS, PAGE, FLOAT32 = 2, 2, 4, 4
 BLOCK_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * PAGE * FLOAT32  # 2048, also transformers' sector
@@ -36,7 +39,6 @@ def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
     model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
     watched_models.append(model)
     return model
-
 
 
 def _run(run: Path, model: torch.nn.Module, num_blocks: int, budget: int | None = None) -> None:

@@ -19,8 +19,11 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import kvtrace
 from kvtrace.llama import build_model
+from tests.cb_versions import SECTOR_POOL
 from tests.cli_json import cli_json, report_json
 from tests.tiny import tiny_size
+
+pytestmark = SECTOR_POOL
 
 LAYERS, KV_HEADS, PAGE = 2, 2, 4
 MAX_NEW = 6

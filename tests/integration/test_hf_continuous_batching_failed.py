@@ -25,7 +25,10 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import build_model
+from tests.cb_versions import SECTOR_POOL
 from tests.tiny import tiny_size
+
+pytestmark = SECTOR_POOL
 
 LAYERS, KV_HEADS, PAGE = 2, 2, 4
 USABLE = 3  # ContinuousBatchingConfig(num_blocks=...) counts usable blocks

@@ -26,7 +26,10 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import build_model
+from tests.cb_versions import SECTOR_POOL
 from tests.tiny import tiny_size
+
+pytestmark = SECTOR_POOL
 
 LAYERS, KV_HEADS, PAGE, NEW_TOKENS, USABLE = 2, 2, 4, 12, 8
 PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11], [12, 13, 14]]

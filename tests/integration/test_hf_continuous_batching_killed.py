@@ -24,6 +24,9 @@ from pathlib import Path
 import pytest
 
 from kvtrace.cli import main
+from tests.cb_versions import SECTOR_POOL
+
+pytestmark = SECTOR_POOL
 
 PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11], [12, 13, 14]]
 PAGE, USABLE, MAX_NEW = 4, 8, 12

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from kvtrace.cli import main as kvtrace_main
+from tests.cb_versions import SECTOR_POOL
 from tests.plotly_figures import decoded, page_figure
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
@@ -513,6 +514,7 @@ def _record_ended_before_its_first_engine_step(run: Path) -> None:
 
 
 @pytest.mark.slow
+@SECTOR_POOL
 def test_a_pool_made_before_the_first_engine_step_is_listed_without_a_chart(tmp_path: Path) -> None:
     from analyzers.tb_plugin.run_store import RunStore
     from tests.engine_page import pool_table
@@ -580,7 +582,10 @@ def test_the_timeline_begins_at_the_level_held_before_the_trace(tmp_path: Path) 
     # it; the next is the first event's
     assert device["t_s"][0] == device["t_s"][1] == 0.0 and device["points"] == len(device["t_s"])
     assert (device["allocated"][0], device["weights"][0], device["kv"][0], device["other"][0]) == (
-        held, held, 0, 0
+        held,
+        held,
+        0,
+        0,
     )
     assert device["allocated"][1] != held
     # AND its peak is the report's
