@@ -37,9 +37,11 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
         source = read_run_source(path, progress=progress)
     elif kind == "runs_folder":
         runs = runs_in(Path(path))
-        listing = "".join(f"\n  {run}" for run in runs)
+        groups = sum(1 for run in runs if is_run_group(run))
+        listing = "".join(f"\n  {run}" + (" (a run group)" if is_run_group(run) else "") for run in runs)
+        of_them = f" ({groups} of them {'run groups' if groups > 1 else 'a run group'})" if groups else ""
         raise KvtraceError(
-            f"{path}: a folder of {len(runs)} kvtrace runs, not one run; pass one of them:{listing}"
+            f"{path}: a folder of {len(runs)} kvtrace runs{of_them}, not one run; pass one of them:{listing}"
         )
     elif kind == "profiler_folder":
         traces = profiler_traces_in(Path(path))

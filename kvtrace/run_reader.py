@@ -97,8 +97,13 @@ def read_run(path: str | os.PathLike[str]) -> Run:
     if link is not None:  # there, but leading nowhere: not "no manifest.json"
         raise KvtraceError(f"{manifest_path}: cannot read ({link})")
     if not manifest_path.exists():
-        group = f"; a run group, one run per rank: {RANK_DIR_PREFIX}<r>/" if rank_dirs(root) else ""
-        raise KvtraceError(f"{root}: not a kvtrace run directory (no {MANIFEST}){group}")
+        ranks = rank_dirs(root)
+        if ranks:  # a run group: this reader takes one run, so one rank's is named to pass
+            raise KvtraceError(
+                f"{root}: a run group ({len(ranks)} {RANK_DIR_PREFIX}<r>/ runs, one per rank), not one run: "
+                f"pass one rank's run, e.g. {ranks[0][1]}"
+            )
+        raise KvtraceError(f"{root}: not a kvtrace run directory (no {MANIFEST})")
     # utf-8-sig: a BOM an editor added
     manifest = read_json_file(manifest_path, "corrupt manifest", encoding="utf-8-sig")
     if not isinstance(manifest, dict) or manifest.get("format") != "kvtrace-run":

@@ -190,10 +190,11 @@ _TRACE_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz")
 
 
 def runs_in(folder: Path) -> list[Path]:
-    """The kvtrace run directories directly inside `folder`, sorted by name."""
-    from kvtrace.format import is_run_dir
+    """The kvtrace runs directly inside `folder`, sorted by name: run directories and run groups (a folder
+    of `rank-<r>` runs, which `kvtrace report` and `compare` read as one input)."""
+    from kvtrace.format import is_run_dir, is_run_group
 
-    return sorted(p for p in folder.iterdir() if p.is_dir() and is_run_dir(p))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (is_run_dir(p) or is_run_group(p)))
 
 
 def profiler_traces_in(folder: Path) -> list[Path]:

@@ -48,6 +48,48 @@ def test_a_folder_of_runs_lists_them_and_says_how_to_pick_one(tmp_path: Path, co
     assert [line.strip() for line in lines[1:]] == [str(folder / name) for name in RUNS]
 
 
+@pytest.mark.parametrize("command", ["report", "diagnose"])
+def test_a_folder_of_runs_lists_its_run_groups_too(tmp_path: Path, command: str) -> None:
+    # GIVEN a folder of two runs and a run group (a folder of rank-<r> runs) beside them
+    folder = tmp_path / "runs"
+    for name in RUNS[:2]:
+        shutil.copytree(SAMPLES / name, folder / name)
+    shutil.copytree(SAMPLES / RUNS[2], folder / "group" / "rank-0")
+    # WHEN it is passed as one input
+    code, out, err = _cli(command, str(folder), "--json")
+    # THEN the group is listed with the runs, as the input it is (report and compare read a group whole)
+    assert (code, out) == (2, "")
+    lines = err.strip().splitlines()
+    assert lines[0] == (
+        f"kvtrace {command}: error: {folder}: a folder of 3 kvtrace runs (1 of them a run group), not one "
+        "run; pass one of them:"
+    )
+    listed = [line.strip() for line in lines[1:]]
+    assert listed == [
+        f"{folder / 'dynamic_b2'}",
+        f"{folder / 'group'} (a run group)",
+        f"{folder / 'sliding_b2'}",
+    ]
+    # AND a group alone is read as the group it is
+    code, out, err = _cli(command, str(folder / "group"), "--json")
+    assert code == 0, err
+
+
+def test_plan_from_a_run_group_names_a_rank_to_pass(tmp_path: Path) -> None:
+    # GIVEN a run group: one run per rank, no manifest of its own
+    group = tmp_path / "group"
+    shutil.copytree(SAMPLES / RUNS[0], group / "rank-0")
+    shutil.copytree(SAMPLES / RUNS[0], group / "rank-1")
+    # WHEN a command that takes one run is given the group
+    code, out, err = _cli("plan", "--from-run", str(group), "--json")
+    # THEN one line says what it is and names a rank's run to pass
+    assert (code, out) == (2, "")
+    assert err.strip() == (
+        f"kvtrace plan: error: {group}: a run group (2 rank-<r>/ runs, one per rank), not one run: pass one "
+        f"rank's run, e.g. {group / 'rank-0'}"
+    )
+
+
 def test_a_profiler_folder_reads_its_trace(tmp_path: Path) -> None:
     profiler = SAMPLES / "dynamic_b2" / "profiler"
     (trace,) = sorted(profiler.iterdir())
