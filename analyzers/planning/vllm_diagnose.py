@@ -12,7 +12,9 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
   not counted together), no allocation can fail, whatever the admission order, and nothing is preempted. A
   request aborted before it was scheduled counts too (a larger pool admits it, and it grows until the abort):
   at its prompt + `max_tokens` - 1 tokens (its `waiting` line's), or, in runs that did not log them, at its
-  prompt only, and then no remedy is said to fit. Prefix sharing (prefix caching, `n > 1` sampling) only
+  prompt only, and then no remedy is said to fit. One aborted while it ran counts at that whole ask too, not
+  at the length the abort cut it at (with a larger pool it is preempted less and runs further before the same
+  abort). Prefix sharing (prefix caching, `n > 1` sampling) only
   lowers the real demand: the figure is an upper bound, exact (one block less preempts) for equal requests
   admitted together that share no blocks, and a remedy it finds short is said to be unknown, not refused, when
   the run shared blocks, or when the demand on the recorded schedule (below) fits it. A pool sized by
@@ -151,10 +153,12 @@ def _request_blocks(run: EngineRun, block: int) -> _RequestBlocks:
 
 
 def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[dict[str, int], tuple[str, ...]]:
-    """Blocks each request needs at its final length: prompt + output - 1 tokens (at least what it held).
-    A request never scheduled (its `waiting` line, or a `finished` one before any other: aborted while it
-    waited) held nothing here, but a larger pool admits it (`_unscheduled_tokens`). Also returns the ids of
-    those that ended unscheduled whose length the log cannot tell (counted at their prompts only).
+    """Blocks each request needs at its final length: prompt + output - 1 tokens (at least what it held);
+    one aborted while it ran, at its whole ask (prompt + max_tokens - 1, its `waiting` line's) where the log
+    has it, not the length the abort cut it at. A request never scheduled (its `waiting` line, or a
+    `finished` one before any other: aborted while it waited) held nothing here, but a larger pool admits it
+    (`_unscheduled_tokens`). Also returns the ids of those that ended unscheduled whose length the log
+    cannot tell (counted at their prompts only).
     A sliding run's logged blocks include a resumed request's prefill chunks (more than it holds at its final
     length), and in runs recorded before kvtrace left them out, vLLM's null blocks standing in for the freed
     ones: there the window's arithmetic alone says what it needs."""
@@ -162,6 +166,7 @@ def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[dict[str, int]
     waited: dict[str, RequestEvent] = {}  # never scheduled (yet): its waiting line, else its finished one
     ended: set[str] = set()
     full = not sizes.groups.sliding_groups
+    max_len = int(run.info.config.get("max_model_len") or 0) or None
     for e in run.requests:
         if e.event == "waiting" or (e.event == "finished" and e.request_id not in demand):
             if e.event == "finished":
@@ -171,8 +176,13 @@ def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[dict[str, int]
         need = sizes.final(e.prompt_tokens, _kv_tokens(e))
         if full:
             need = max(need, e.blocks, e.dropped_blocks)
+        if e.event == "finished" and e.finish_reason == "abort" and e.request_id in waited:
+            # aborted while it ran: the length it had reached was cut short by the pressure (preempted,
+            # recomputed, slowed) as much as by the abort; with a larger pool it runs further before the
+            # same abort, up to its whole ask, as one aborted in the queue is counted
+            ask = _unscheduled_tokens(waited[e.request_id], max_len, True)
+            need = max(need, sizes.final(e.prompt_tokens, ask))
         demand[e.request_id] = max(demand.get(e.request_id, 0), need)
-    max_len = int(run.info.config.get("max_model_len") or 0) or None
     unbounded: list[str] = []
     for request_id, e in waited.items():
         if request_id in demand:

@@ -72,7 +72,13 @@ class RefusedDiagnosis:
     num_gpu_blocks_override: int | None = None  # set: the pool's blocks, whatever the memory
     kv_groups: KvGroups | None = None  # how vLLM grouped the layers (full, sliding, hybrid), as recorded
     max_in_flight_tokens: int = 0  # what a sliding layer holds beyond its window
-    kind: str = "refused_start"
+    kind: str = (
+        "refused_start"  # "node_memory": the CPU pool asked more than its node had (vllm_node_refused)
+    )
+    requested_bytes: int | None = None  # node_memory: the KV space asked; `available_bytes` the node's free
+    requested_by: str = ""  # node_memory: the knob that asked it ("kv_cache_memory_bytes=...")
+    node_total_bytes: int | None = None  # node_memory: the node's memory
+    max_num_seqs_bytes: int | None = None  # node_memory: max_num_seqs requests of max_model_len + null block
 
 
 def engine_geometry(run: EngineRun) -> tuple[int, int, int, int]:
@@ -102,6 +108,10 @@ def refused_start(run: EngineRun) -> bool:
 def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
     info = run.info
     refused = info.refused or {}
+    from analyzers.planning.vllm_node_refused import NODE_MEMORY, diagnose_node_refused
+
+    if refused.get("kind") == NODE_MEMORY:  # on CPU, refused before the max_model_len check
+        return diagnose_node_refused(run)
     config = info.config
     layers, heads, head_dim, element = engine_geometry(run)
     block = int(config.get("block_size") or info.block_size or 16)

@@ -25,11 +25,41 @@ def _remedy_lines(d: RefusedDiagnosis | PreemptionDiagnosis) -> list[str]:
 
 
 def _refused_headline(d: RefusedDiagnosis) -> str:
+    if d.kind == "node_memory" and (d.requested_bytes or 0) <= 0:
+        return f"vLLM refused to start: {d.requested_by}, which leaves no memory for the KV pool"
+    if d.kind == "node_memory":
+        return (
+            f"vLLM refused to start: the KV pool asked ({readable_bytes(d.requested_bytes or 0)}) is "
+            f"more than the memory node had free ({readable_bytes(d.available_bytes)})"
+        )
     return f"vLLM refused to start, not enough KV memory for max_model_len {d.max_model_len:,}"
+
+
+def _node_figures(d: RefusedDiagnosis) -> list[tuple[str, str, str]]:
+    """(label, bytes, how they are made up) of a pool the node could not hold: asked, free, and what one
+    request of max_model_len and max_num_seqs of them take."""
+    total = f"of {readable_bytes(d.node_total_bytes)}" if d.node_total_bytes else ""
+    return [
+        ("asked", readable_bytes(d.requested_bytes or 0), d.requested_by),
+        ("node free", readable_bytes(d.available_bytes), total),
+        (
+            "1 request",
+            readable_bytes(d.needed_bytes),
+            f"max_model_len {d.max_model_len:,}: {d.needed_blocks:,} blocks x "
+            f"{readable_bytes(d.bytes_per_block)}",
+        ),
+        (
+            "full batch",
+            readable_bytes(d.max_num_seqs_bytes or 0),
+            "max_num_seqs such requests + vLLM's null block",
+        ),
+    ]
 
 
 def _refused_figures(d: RefusedDiagnosis) -> list[tuple[str, str, str]]:
     """(label, bytes, how they are made up) of what one request needs and what vLLM had."""
+    if d.kind == "node_memory":
+        return _node_figures(d)
     groups = d.kv_groups
     layers = groups.layers_per_group if groups is not None else d.num_layers
     layer_bytes = d.bytes_per_block // max(layers, 1)
@@ -68,7 +98,8 @@ def _refused_text(d: RefusedDiagnosis) -> list[str]:
         f"  {label:<10} {value:>12}" + (f"  ({detail})" if detail else "")
         for label, value, detail in _refused_figures(d)
     ]
-    lines.append(f"  largest max_model_len that fits: {_largest_that_fits(d)}")
+    if d.kind != "node_memory" or d.estimated_max_model_len < d.max_model_len:
+        lines.append(f"  largest max_model_len that fits: {_largest_that_fits(d)}")
     if d.message:
         lines.append(f"  vLLM said: {d.message.strip()}")  # whole: it is what is being diagnosed
     lines.append("Remedies, in vLLM's settings:")
@@ -81,7 +112,8 @@ def refused_to_html(d: RefusedDiagnosis) -> str:
     rows = [
         (label, f"{value} ({detail})" if detail else value) for label, value, detail in _refused_figures(d)
     ]
-    rows.append(("largest max_model_len that fits", _largest_that_fits(d)))
+    if d.kind != "node_memory" or d.estimated_max_model_len < d.max_model_len:
+        rows.append(("largest max_model_len that fits", _largest_that_fits(d)))
     if d.message:
         rows.append(("vLLM said", d.message.strip()))
     return _section(_refused_headline(d), rows, "", "Remedies, in vLLM's settings", d)

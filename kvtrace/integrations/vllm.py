@@ -10,7 +10,9 @@ figure comes from a public interface and which from an internal one):
 - per request: `Scheduler._preempt_request` (wrapped: blocks and tokens held just before the drop) and
   the coordinator's `req_to_blocks`;
 - prefix-cache evictions: `BlockPool._maybe_evict_cached_block` (wrapped, counts True returns);
-- a refused start: `kv_cache_utils._check_enough_kv_cache_memory` (wrapped: the exact bytes vLLM compared).
+- a refused start: `kv_cache_utils._check_enough_kv_cache_memory` (wrapped: the exact bytes vLLM compared),
+  and on CPU `CPUWorker.determine_available_memory` (kvtrace.integrations.vllm_node_refusal: a pool asked
+  that the memory node cannot hold).
 
 Every wrapper is an instance (or module) attribute set on install and removed on uninstall, in `finally`.
 This module imports vllm only when a vLLM object is handed to it or vllm is already imported.
@@ -373,8 +375,12 @@ class RefusalWatch:
         self._original: Any = None
         self._finder: _AfterImport | None = None
         self._bound = self._wrapper  # one bound method, so that uninstall can recognise it
+        from kvtrace.integrations.vllm_node_refusal import NodeMemoryWatch
+
+        self._node = NodeMemoryWatch(on_refused)  # on CPU, the pool asked more than the memory node has
 
     def install(self) -> None:
+        self._node.install()
         module = sys.modules.get(_CHECK_MODULE)
         if module is not None:
             self._patch(module)
@@ -391,6 +397,7 @@ class RefusalWatch:
             if self._module._check_enough_kv_cache_memory is self._bound:
                 self._module._check_enough_kv_cache_memory = self._original
             self._module = None
+        self._node.uninstall()
 
     def _patch(self, module: Any) -> None:
         if self._module is not None:

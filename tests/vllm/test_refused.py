@@ -67,3 +67,66 @@ def test_refusal_watch_is_undone(tiny_model_dir: Path, tmp_path: Path) -> None:
         )
     assert kv_cache_utils._check_enough_kv_cache_memory is original
     assert json.loads((tmp_path / "r" / fmt.ENGINE).read_text())["status"] == "refused_start"
+
+
+NODE_REFUSED_POOL_BYTES = 1 << 50  # 1 PiB: more than any memory node here has free
+
+
+def test_a_pool_the_memory_node_cannot_hold_is_diagnosed_in_vllms_knobs(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import psutil
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    import kvtrace
+    from kvtrace.cli import main
+    from tests.vllm.workload import MAX_MODEL_LEN, REQUESTS, make_llm
+
+    # GIVEN a start whose kv_cache_memory_bytes the CPU worker refuses: more than its memory node has free
+    original = CPUWorker.determine_available_memory
+    run_dir = tmp_path / "node"
+    with (
+        pytest.raises(ValueError, match="less than requested memory for kv") as raised,
+        kvtrace.record(run_dir, profiler=False),
+    ):
+        make_llm(tiny_model_dir, kv_cache_memory_bytes=NODE_REFUSED_POOL_BYTES)
+    assert CPUWorker.determine_available_memory is original  # the watch is undone
+    engine = json.loads((run_dir / fmt.ENGINE).read_text())
+    refused = engine["refused"]
+    assert engine["status"] == "refused_start" and refused["kind"] == "node_memory"
+    assert refused["requested_kv_bytes"] == refused["kv_cache_memory_bytes"] == NODE_REFUSED_POOL_BYTES
+    assert 0 < refused["node_available_bytes"] <= refused["node_total_bytes"] <= psutil.virtual_memory().total
+    # vLLM's GiB figures, read from its message independently of the recorder
+    free_gib = float(re.search(r"\((\d+\.\d+)/\d+\.\d+ GiB\)", str(raised.value)).group(1))  # type: ignore[union-attr]
+    assert abs(refused["node_available_bytes"] / 2**30 - free_gib) < 1.0
+    # one request of max_model_len: cdiv(256, 32) = 8 blocks of 64 KiB, by vLLM's own specs too
+    one_request = -(-MAX_MODEL_LEN // BLOCK_SIZE) * BLOCK_BYTES
+    assert refused["needed_bytes"] == one_request == 512 * 1024
+    full_batch = REQUESTS * one_request + BLOCK_BYTES  # max_num_seqs of them + the null block: 65 blocks
+    capsys.readouterr()
+    # WHEN it is diagnosed
+    assert main(["diagnose", str(run_dir), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    # THEN in vLLM's knobs, with the run's figures: asked vs free, one request and max_num_seqs of them
+    assert diagnosis["engine"] == "vllm" and diagnosis["kind"] == "node_memory"
+    assert diagnosis["requested_bytes"] == NODE_REFUSED_POOL_BYTES
+    assert diagnosis["available_bytes"] == refused["node_available_bytes"]
+    assert (diagnosis["needed_bytes"], diagnosis["needed_blocks"]) == (one_request, 8)
+    assert diagnosis["max_num_seqs_bytes"] == full_batch == 65 * BLOCK_BYTES
+    by_knob = {r["knob"]: r for r in diagnosis["remedies"]}
+    pool = by_knob["kv_cache_memory_bytes"]
+    assert (pool["setting"], pool["fits"]) == (full_batch, True)
+    assert (by_knob["VLLM_CPU_KVCACHE_SPACE"]["setting"], by_knob["VLLM_CPU_KVCACHE_SPACE"]["fits"]) == (
+        1,
+        True,
+    )
+    for knob in ("gpu_memory_utilization", "max_model_len", "kv_cache_dtype", "max_num_seqs"):
+        assert by_knob[knob]["fits"] is False
+    assert main(["diagnose", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "more than the memory node had free" in text and f"kv_cache_memory_bytes={full_batch} " in text
+    assert "Smaller batch" not in text and "[batch]" not in text  # not generate()'s remedies
+    # AND the pool it names starts: max_num_seqs requests of max_model_len + the null block
+    llm = make_llm(tiny_model_dir, kv_cache_memory_bytes=pool["setting"])
+    assert llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool.num_gpu_blocks == 65
+    llm.llm_engine.engine_core.shutdown()

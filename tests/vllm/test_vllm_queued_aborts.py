@@ -47,9 +47,15 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _record_aborting(model_dir: Path, run_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """The workload recorded with requests 5, 6, 7 aborted after step ABORT_AT: the ids vLLM gave the
-    requests and the requests its scheduler preempted, counted at vLLM's own `_preempt_request` (its
+def _record_aborting(
+    model_dir: Path,
+    run_dir: Path,
+    abort_at: int = ABORT_AT,
+    aborted: tuple[int, ...] = ABORTED,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The workload recorded with requests `aborted` (5, 6, 7) aborted after step `abort_at`: the ids vLLM
+    gave the requests and the requests its scheduler preempted, counted at vLLM's own `_preempt_request` (its
     `vllm:num_preemptions` counter stays 0 in-process without a stat logger)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -70,8 +76,8 @@ def _record_aborting(model_dir: Path, run_dir: Path, **overrides: Any) -> dict[s
             while engine.has_unfinished_requests():
                 engine.step()
                 step += 1
-                if step == ABORT_AT:
-                    engine.abort_request([str(i) for i in ABORTED])
+                if step == abort_at:
+                    engine.abort_request([str(i) for i in aborted])
         engine.engine_core.shutdown()
     finally:
         Scheduler._preempt_request = preempt  # type: ignore[method-assign]
@@ -158,3 +164,33 @@ def test_a_request_aborted_in_the_queue_without_its_max_tokens_leaves_no_remedy_
     assert caveat in grow["sentence"]
     assert main(["diagnose", str(run_dir)]) == 0
     assert "[fits]" not in capsys.readouterr().out
+
+
+RUNNING_ABORT_AT = 3  # request 0 has 40 + 3 tokens then, 2 blocks of the 3 it asked for
+
+
+def test_a_request_aborted_while_it_ran_counts_at_its_whole_ask(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the workload with request 0 aborted early, while it ran, and the pool still preempting the rest
+    run_dir = tmp_path / "run"
+    recorded = _record_aborting(tiny_model_dir, run_dir, abort_at=RUNNING_ABORT_AT, aborted=(0,))
+    assert recorded["preempted"] and recorded["ids"][0] not in recorded["preempted"]
+    first = [e for e in _jsonl(run_dir / fmt.ENGINE_REQUESTS) if e["request_id"] == recorded["ids"][0]]
+    assert first[0]["event"] == "waiting" and first[0]["max_tokens"] == NEW_TOKENS
+    assert any(e["event"] == "scheduled" for e in first)
+    end = first[-1]
+    assert (end["event"], end["finish_reason"]) == ("finished", "abort")
+    # cut at 40 + a few tokens, whose KV fills 2 blocks, short of the 3 its whole ask takes
+    reached = end["prompt_tokens"] + end["output_tokens"] - 1
+    assert end["output_tokens"] < NEW_TOKENS and _cdiv(reached, BLOCK_SIZE) == 2
+    # WHEN it is diagnosed (what vLLM printed while it ran set aside)
+    capsys.readouterr()
+    diagnosis = _diagnosis(run_dir, capsys)
+    # THEN it counts at its whole ask, cdiv(40 + 48 - 1, 32) = 3 (was 2, the length the abort cut it at),
+    # as every other request: 8 x 3 = 24 blocks, +1 null = 25 (was 23 and 24)
+    each = _cdiv(PROMPT_TOKENS + NEW_TOKENS - 1, BLOCK_SIZE)
+    assert diagnosis["final_demand_blocks"][recorded["ids"][0]] == each == 3
+    assert (diagnosis["demand_bound_blocks"], diagnosis["blocks_needed"]) == (REQUESTS * each, 25)
+    grow = diagnosis["remedies"][0]
+    assert (grow["knob"], grow["setting"], grow["fits"]) == ("kv_cache_memory_bytes", 25 * BLOCK_BYTES, True)
