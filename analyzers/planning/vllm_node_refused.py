@@ -19,13 +19,8 @@ from typing import Any
 
 from analyzers.engine import EngineRun
 from analyzers.planning.vllm_plan import check_memory_bytes, page_size_bytes, readable_bytes
-from analyzers.planning.vllm_refused import (
-    RefusedDiagnosis,
-    VllmRemedy,
-    _blocks_needed,
-    _Spec,
-    engine_geometry,
-)
+from analyzers.planning.vllm_refused import RefusedDiagnosis, VllmRemedy, engine_geometry
+from analyzers.planning.vllm_request_spec import RequestSpec, blocks_needed
 from analyzers.planning.vllm_specs import engine_kv_groups
 from kvtrace.errors import KvtraceError
 
@@ -52,11 +47,11 @@ def diagnose_node_refused(run: EngineRun) -> RefusedDiagnosis:
     if max_len < 1:
         raise KvtraceError(f"{run.path}/engine.json: the refusal records no max_model_len")
     groups, in_flight = engine_kv_groups(info.model, config)
-    spec = _Spec(
+    spec = RequestSpec(
         groups, in_flight, block, page_size_bytes(heads, head_dim, element, block) * groups.layers_per_group
     )
     notes: list[str] = []
-    blocks, modelled = _blocks_needed(refused, spec, max_len, notes)
+    blocks, modelled = blocks_needed(refused, spec, max_len, notes)
     per_block = spec.bytes_per_block
     needed = blocks * per_block
     seqs = max(int(config.get("max_num_seqs") or 1), 1)

@@ -28,14 +28,14 @@ from typing import Any
 from analyzers.engine import EngineRun
 from analyzers.planning.vllm_plan import (
     check_memory_bytes,
-    estimate_max_model_len_of,
     kv_dtype_bytes,
     kv_heads_per_worker,
     page_size_bytes,
     readable_bytes,
     tensor_parallel_refusal,
 )
-from analyzers.planning.vllm_specs import KvGroups, blocks_per_request, engine_kv_groups
+from analyzers.planning.vllm_request_spec import RequestSpec, blocks_needed
+from analyzers.planning.vllm_specs import KvGroups, engine_kv_groups
 from kvtrace.errors import KvtraceError
 
 __all__ = ["RefusedDiagnosis", "VllmRemedy", "diagnose_refused", "engine_geometry", "refused_start"]
@@ -120,10 +120,10 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
         raise KvtraceError(f"{run.path}/engine.json: the refusal records no max_model_len or block size")
     page = page_size_bytes(heads, head_dim, element, block)
     groups, in_flight = engine_kv_groups(info.model, config)
-    spec = _Spec(groups, in_flight, block, page * groups.layers_per_group)
+    spec = RequestSpec(groups, in_flight, block, page * groups.layers_per_group)
     notes: list[str] = []
     available, pool = _check_memory(run, spec.bytes_per_block, notes)
-    blocks, modelled = _blocks_needed(refused, spec, max_len, notes)
+    blocks, modelled = blocks_needed(refused, spec, max_len, notes)
     needed = blocks * spec.bytes_per_block
     estimate = spec.estimate(available, max_len) if available > 0 else 0
     vllm_estimate = refused.get("estimated_max_model_len")
@@ -238,61 +238,7 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
     )
 
 
-@dataclass(frozen=True)
-class _Spec:
-    """What one request of a length takes of the pool, as the run's KV specs say (vllm_specs)."""
-
-    groups: KvGroups
-    in_flight: int
-    block_size: int
-    bytes_per_block: int
-
-    def blocks(self, max_model_len: int) -> int:
-        return blocks_per_request(self.groups, self.block_size, max_model_len, self.in_flight)
-
-    def needed(self, max_model_len: int) -> int:
-        return self.blocks(max_model_len) * self.bytes_per_block
-
-    def estimate(self, check: int, max_model_len: int) -> int:
-        return estimate_max_model_len_of(
-            check, self.bytes_per_block, self.groups, self.block_size, max_model_len, self.in_flight
-        )
-
-
-def _blocks_needed(refused: dict[str, Any], spec: _Spec, max_len: int, notes: list[str]) -> tuple[int, bool]:
-    """(blocks one request of max_len takes, whether the run's KV specs give them): vLLM's own figure where
-    the refusal records it (its needed bytes over a block's), the specs' otherwise."""
-    modelled = spec.blocks(max_len)
-    recorded = refused.get("needed_bytes")
-    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded <= 0:
-        return modelled, True
-    if recorded == modelled * spec.bytes_per_block:
-        return modelled, True
-    if recorded % spec.bytes_per_block:  # not whole blocks of this geometry: its pages are not vLLM's
-        notes.append(
-            f"vLLM reported {recorded:,} B needed, not a whole number of the geometry's "
-            f"{spec.bytes_per_block:,} B blocks; the geometry gives {modelled * spec.bytes_per_block:,} B "
-            "(padded KV specs are not modelled)"
-        )
-        return modelled, True
-    blocks = recorded // spec.bytes_per_block
-    notes.append(
-        f"vLLM reported {recorded:,} B needed ({blocks:,} blocks); the KV specs engine.json gives "
-        f"({_specs_text(spec.groups)}) make {modelled * spec.bytes_per_block:,} B: vLLM's figure is used, "
-        "and what depends on the length (the largest max_model_len at other settings) is not priced"
-    )
-    return blocks, False
-
-
-def _specs_text(groups: KvGroups) -> str:
-    if groups.kind == "full":
-        return "every layer full attention"
-    if groups.kind == "sliding":
-        return f"every layer sliding over {groups.window:,} tokens"
-    return f"hybrid, {groups.full_groups} full and {groups.sliding_groups} sliding groups"
-
-
-def _batched_tokens_remedy(run: EngineRun, spec: _Spec, available: int, max_len: int) -> VllmRemedy:
+def _batched_tokens_remedy(run: EngineRun, spec: RequestSpec, available: int, max_len: int) -> VllmRemedy:
     """A smaller max_num_batched_tokens: a sliding layer holds the tokens in flight beside its window."""
     config = run.info.config
     now = int(config.get("max_num_batched_tokens") or 0)
@@ -451,7 +397,7 @@ def _utilization_remedy(run: EngineRun, pool_needed: int, pool: int) -> VllmReme
 
 
 def _tensor_parallel_remedy(
-    run: EngineRun, spec: _Spec, head_dim: int, element: int, request_blocks: int, pool: int
+    run: EngineRun, spec: RequestSpec, head_dim: int, element: int, request_blocks: int, pool: int
 ) -> VllmRemedy:
     model, config = run.info.model, run.info.config
     tp_now = int(config.get("tensor_parallel_size") or 1)
