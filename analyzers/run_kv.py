@@ -59,11 +59,14 @@ def add_log_figures(
             # Its rows are those its input said (logged as `rows` then, all of the tensor's included), else
             # unknown: a buffer's first dim is its capacity, not the batch
             kv.batch = (last.rows or None) if unknown else event_rows(last)
+            follows = _shapes_follow(geometry, data_events)
             kv.bytes_per_token_expected = (
                 _expected_bytes_per_token(geometry, last.dtype, heads_held_by(last))
-                if _shapes_follow(geometry, data_events)
+                if follows
                 else _bytes_per_token_of_shapes(data_events, model_kv_layers(geometry))
             )
+            if follows:
+                kv.rank_heads = _rank_heads(manifest, geometry, last)
             if kv.tokens_held and kv.batch:
                 kv.token_rows = kv.tokens_held * kv.batch
             if main.capacity_rows and main.capacity_tokens:
@@ -93,6 +96,23 @@ def heads_held_by(event: Any) -> int | None:
     if len(shape) != 4:
         return None
     return int(shape[2] if event.part in SEQ_MAJOR_PARTS else shape[1])
+
+
+def _rank_heads(
+    manifest: dict[str, Any], geometry: dict[str, Any] | None, event: Any
+) -> dict[str, int] | None:
+    """Which rank of how many the run is, and the KV heads its cache tensors hold of the model's (what its
+    arithmetic counts: `_expected_bytes_per_token`), so that a rank's report says whose share it shows; None
+    outside a group of 2 or more, or where the tensors' heads are not a divisor of the model's."""
+    rank, world_size = manifest.get("rank"), manifest.get("world_size")
+    heads, held = (geometry or {}).get("num_kv_heads"), heads_held_by(event)
+    if not (isinstance(rank, int) and isinstance(world_size, int) and world_size >= 2):
+        return None
+    if not isinstance(heads, int) or held is None or not 0 < held <= heads or heads % held:
+        return None
+    if geometry and global_width(geometry) is not None:  # two widths: the heads held do not say the share
+        return None
+    return {"rank": rank, "world_size": world_size, "kv_heads_held": held, "model_kv_heads": heads}
 
 
 def _layout_note(geometry: dict[str, Any] | None, event: Any) -> str | None:

@@ -90,6 +90,10 @@ class KvSummary:
     as kvpress, or other code rebinding keys/values), `crop` (Cache.crop)."""
     caches: list[CacheSummary] = field(default_factory=list)
     main_cache: int | None = None
+    rank_heads: dict[str, int] | None = None
+    """One rank of a run group (`rank`, `world_size`): the KV heads its main cache's tensors hold
+    (`kv_heads_held`) of the model's (`model_kv_heads`), which its arithmetic counts; a tensor-parallel
+    rank holds a share. None for a single process and for a group's report (its figures are all ranks')."""
 
 
 @dataclass

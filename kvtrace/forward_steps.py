@@ -42,6 +42,7 @@ class ForwardSteps(PlannedSteps):
     _model_caches: set[int]
     _forwards_beside: int
     _call_masks: CallMasks
+    _raised_step: int | None  # the last step whose forward raised (the manifest's warnings say so)
 
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         offer = self._decode_next
@@ -352,6 +353,7 @@ class ForwardSteps(PlannedSteps):
         extra: dict[str, Any] = {"started_ns": self._step_began_ns}
         if raised:
             extra["raised"] = True
+            self._raised_step = self.tracker.step
         if phase == "prefill" and self._prompt_end is not None:
             extra["prompt_end"] = self._prompt_end
         if phase == "prefill" and self._call_length is not None:

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable, Collection
 from typing import Any
 
+from kvtrace.distributed import local_tensor
+
 
 def kv_heads_of(get: Callable[[str], Any], heads: int | None) -> int | None:
     """KV heads under every name a config gives them: `num_key_value_heads` (Llama and most), Falcon's
@@ -313,8 +315,9 @@ def model_geometry(model: Any, notes: list[str] | None = None) -> dict[str, Any]
     try:
         first = next(model.parameters())
         geometry["dtype"] = str(first.dtype).removeprefix("torch.")
-        own = sum(p.numel() for p in model.parameters())
-        whole = own + _unseen_shares(model)
+        # A DTensor's numel() is its global size; its local tensor is what this rank holds (metadata only)
+        own = sum(local_tensor(p).numel() for p in model.parameters())
+        whole = sum(p.numel() for p in model.parameters()) + _unseen_shares(model)
         geometry["parameters"] = whole
         if whole != own:
             geometry["parameters_per_rank"] = own
@@ -335,10 +338,10 @@ _SPLIT_SIZES = (
 
 
 def _unseen_shares(model: Any) -> int:
-    """Parameters the other tensor-parallel ranks hold and this one does not: the model's count is its
-    whole, as a single process or a Hugging Face `tp_plan` (DTensor weights count their global size) gives
-    it, consistent with the whole model's heads beside it. Each split layer's own parameters cut along the
-    split dimension count once per share."""
+    """Parameters the other tensor-parallel ranks of fairscale or Megatron layers hold and this one does
+    not (a Hugging Face `tp_plan`'s DTensor weights count their global size already), so that the model's
+    count is its whole, consistent with the whole model's heads beside it. Each split layer's own
+    parameters cut along the split dimension count once per share."""
     unseen = 0
     for module in model.modules():
         for share_name, whole_names, dim in _SPLIT_SIZES:

@@ -159,6 +159,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._planned: DecodePlan | None = None
         self._last_plan: DecodePlan | None = None  # the plan last made, kept while its cache's steps go on
         self._ended_mid_forward = False  # the block ended inside a step of another thread's forward
+        self._raised_step: int | None = None  # the last step whose forward raised
         # The logs reach their files from a writer thread every 0.1 s (and at the end of the block), so a
         # decode step neither formats nor writes them (issue 11); `_flush` may run on either thread.
         self._writer: RunWriter | None = None

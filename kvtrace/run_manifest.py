@@ -60,6 +60,7 @@ class RunManifest:
     _calls: GenerateCalls | None
     _forwards_beside: int
     _ended_mid_forward: bool
+    _raised_step: int | None
     _write_error: str | None
     _trace_error: str | None
     event_count: int
@@ -124,9 +125,16 @@ class RunManifest:
                 f"no KV was logged in {steps} forward pass{'es' if steps > 1 else ''}: the cache's own "
                 f"update raised ({raised}) before kvtrace could log what it wrote"
             )
+        elif no_kv and steps == 1 and self._raised_step == 1:
+            # Its only forward raised before any layer reached the cache: nothing tells what cache it had
+            warnings.append(
+                "no KV was logged in 1 forward pass: the model's forward raised in step 1, before any "
+                "layer's KV cache update, so it generated no token (the block's exception says why)"
+            )
         elif no_kv:
             warnings.append(
-                f"no KV cache update was seen in {steps} forward passes: use_cache=False, or a cache kvtrace "
+                f"no KV cache update was seen in {steps} forward pass{'es' if steps > 1 else ''}: "
+                "use_cache=False, or a cache kvtrace "
                 "does not follow (it follows transformers' Cache classes, and continuous batching's "
                 "PagedAttentionCache when it is made inside the block: start the manager there; custom "
                 "caches are not: name them with record(cache_attrs=...) or kvtrace.track())"

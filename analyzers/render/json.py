@@ -50,6 +50,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "bytes_per_token_measured": kv.bytes_per_token_measured,
             "bytes_per_token_expected": kv.bytes_per_token_expected,
             "bytes_per_token_note": kv.bytes_per_token_note,
+            "rank_heads": kv.rank_heads,
             "tokens_held": kv.tokens_held,
             "batch": kv.batch,
             "token_rows": kv.token_rows,

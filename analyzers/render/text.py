@@ -107,6 +107,18 @@ def _per_layer_lines(kv: Any, several: bool) -> list[str]:
     return lines
 
 
+def _rank_heads_line(share: dict[str, int]) -> str:
+    """Whose KV a rank's figures are: a tensor-parallel rank's arithmetic counts only the heads it holds."""
+    held, heads = share["kv_heads_held"], share["model_kv_heads"]
+    who = f"rank {share['rank']} of {share['world_size']}"
+    if held == heads:
+        return f"{who}: its cache holds all the model's {heads} KV heads, which the arithmetic counts"
+    return (
+        f"{who}: its cache holds {held} of the model's {heads} KV heads (a tensor-parallel share), which the "
+        "arithmetic counts; `kvtrace report` on the group gives the model's"
+    )
+
+
 def report_to_text(report: Report) -> str:
     lines = [f"kvtrace report: {report.path} ({report.source_kind})"]
     for note in report.notes:
@@ -216,6 +228,8 @@ def report_to_text(report: Report) -> str:
             f"{'row' if kv.batch == 1 else 'rows'}{of}, which holds nothing at the end), "
             f"arithmetic {expected}"
         )
+    if kv.rank_heads:
+        lines.append(f"    {_rank_heads_line(kv.rank_heads)}")
     if kv.evicted_tokens or kv.evictions:
         lines.append(f"    evicted tokens (all rows and layers): {evicted_tokens(kv)}")
     if kv.evictions:

@@ -173,6 +173,10 @@ def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path, profiler: bool = Fals
         "dtype_bytes": tensors[0].element_size(),
         "storages": len({t.untyped_storage().data_ptr() for t in tensors}),
         "weight_type": type(model.model.layers[0].self_attn.k_proj.weight).__name__,
+        # the elements this rank holds: a DTensor's own shard (its numel() is the global size)
+        "parameters": sum(
+            p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters()
+        ),
     }
     (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
 

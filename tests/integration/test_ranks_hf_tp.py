@@ -25,6 +25,13 @@ TOKENS = worker.PROMPT_LEN + worker.DECODE_STEPS
 LOCAL_KV_HEADS = worker.N_KV_HEADS // WORLD
 # A dynamic cache holds the tokens seen: layers x K,V x this rank's KV heads x head_dim x tokens x batch.
 RANK_KV_BYTES = worker.N_LAYERS * 2 * LOCAL_KV_HEADS * HEAD_DIM * TOKENS * worker.MAX_BATCH * 4
+# The whole model's parameters: embeddings and lm_head (untied), per layer q, k, v, o, the MLP's gate, up
+# and down (intermediate 2 x DIM) and two norms, and the final norm.
+KV_DIM = worker.N_KV_HEADS * HEAD_DIM
+LAYER_PARAMETERS = 2 * worker.DIM * worker.DIM + 2 * worker.DIM * KV_DIM + 3 * worker.DIM * 2 * worker.DIM
+WHOLE_PARAMETERS = (
+    2 * worker.VOCAB * worker.DIM + worker.N_LAYERS * (LAYER_PARAMETERS + 2 * worker.DIM) + worker.DIM
+)
 
 
 def test_hf_tensor_parallel_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,6 +48,15 @@ def test_hf_tensor_parallel_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[
             == [[worker.MAX_BATCH, LOCAL_KV_HEADS, TOKENS, HEAD_DIM]] * 2 * worker.N_LAYERS
         )
         assert rank_facts["kv_bytes"] == RANK_KV_BYTES
+        assert 0 < rank_facts["parameters"] < WHOLE_PARAMETERS  # a shard, not the whole model
+
+    # The manifest counts the whole model and, beside it, the rank's own shard of its DTensor weights.
+    for rank, rank_facts in facts.items():
+        model = json.loads((out / f"rank-{rank}" / "manifest.json").read_text())["model"]
+        assert (model["parameters"], model["parameters_per_rank"]) == (
+            WHOLE_PARAMETERS,
+            rank_facts["parameters"],
+        )
 
     assert main(["report", str(out), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -58,6 +74,25 @@ def test_hf_tensor_parallel_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[
     whole_model = worker.N_LAYERS * 2 * worker.N_KV_HEADS * HEAD_DIM * 4
     assert data["kv"]["bytes_per_token_expected"] == whole_model
     assert data["kv"]["bytes_per_token_measured"] == whole_model
+
+    # One rank's report says whose KV its figures are: rank 1 of 2, holding 1 of the model's 2 KV heads, the
+    # heads its arithmetic counts (the rank's KV bytes over its tokens and rows).
+    assert main(["report", str(out / "rank-1"), "--json"]) == 0
+    rank_kv = json.loads(capsys.readouterr().out)["kv"]
+    assert rank_kv["rank_heads"] == {
+        "rank": 1,
+        "world_size": WORLD,
+        "kv_heads_held": LOCAL_KV_HEADS,
+        "model_kv_heads": worker.N_KV_HEADS,
+    }
+    assert rank_kv["bytes_per_token_expected"] * TOKENS * worker.MAX_BATCH == facts[1]["kv_bytes"]
+    assert main(["report", str(out / "rank-1")]) == 0
+    text = capsys.readouterr().out
+    assert (
+        f"    rank 1 of {WORLD}: its cache holds {LOCAL_KV_HEADS} of the model's {worker.N_KV_HEADS} KV "
+        "heads (a tensor-parallel share), which the arithmetic counts" in text
+    )
+    assert data["kv"]["rank_heads"] is None  # the group's figures are all ranks'
 
     # The weights table holds each rank's own shard of a DTensor weight, not the global shape.
     for rank in range(WORLD):

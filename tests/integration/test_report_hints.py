@@ -123,6 +123,45 @@ def test_a_run_whose_cache_update_raised_says_so(tmp_path: Path, profiler: bool)
     assert not any("no KV cache update was seen" in note for note in data["notes"])
 
 
+def test_a_first_forward_that_raised_before_any_cache_update_says_so(tmp_path: Path) -> None:
+    # GIVEN generate() with transformers' own cache, whose model raises in layer 0 before its attention
+    ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    model = build_model(tiny_size(2))
+
+    def boom(module: torch.nn.Module, args: tuple[object, ...]) -> None:
+        raise RuntimeError("boom in layer 0 before attention")
+
+    model.model.layers[0].register_forward_pre_hook(boom)
+    run = kvtrace.record(tmp_path / "run", model=model, profiler=False)
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), run:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, pad_token_id=0)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["kv_events"] == 0 and manifest["ended"]["status"] == "exception"
+    data = json.loads(_out(["report", str(tmp_path / "run"), "--json", "--no-export"]))
+    # THEN the report says its one forward raised in step 1 before any layer's update, not that its cache
+    # may be one kvtrace does not follow
+    said = (
+        "no KV was logged in 1 forward pass: the model's forward raised in step 1, before any layer's KV "
+        "cache update, so it generated no token"
+    )
+    assert any(note.startswith(said) for note in data["notes"])
+    assert not any("cache_attrs" in note or "use_cache=False" in note for note in data["notes"])
+
+
+def test_one_forward_pass_without_a_cache_is_one_pass(tmp_path: Path) -> None:
+    # GIVEN generate() of 1 new token without a cache: 1 forward pass, which finishes with no KV update
+    ids = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
+    model = build_model(tiny_size(2))
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        model.generate(ids, max_new_tokens=1, do_sample=False, use_cache=False, pad_token_id=0)
+    data = json.loads(_out(["report", str(tmp_path / "run"), "--json", "--no-export"]))
+    # THEN the advice stays, in the singular
+    said = (
+        "no KV cache update was seen in 1 forward pass: use_cache=False, or a cache kvtrace does not follow"
+    )
+    assert any(note.startswith(said) for note in data["notes"])
+
+
 def test_diagnose_of_a_run_without_kv_says_none_was_held(tmp_path: Path) -> None:
     # GIVEN a run recorded with kvtrace.record whose generate() holds no cache (use_cache=False)
     ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
