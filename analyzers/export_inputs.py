@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from analyzers.readers.folders import FolderSearch, Found, unreadable
+from analyzers.readers.folders import LEFT_OUT_WHY, FolderSearch, Found, unreadable
 from analyzers.readers.sources import missing
 from kvtrace.errors import KvtraceError, unnamed_path
 
@@ -77,9 +77,13 @@ def parquet_text(text: str) -> str:
     return text
 
 
-def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[tuple[str, str]]]:
+def find_inputs(
+    paths: list[str | os.PathLike[str]], left_out: list[tuple[str, str]] | None = None
+) -> tuple[list[Input], list[tuple[str, str]]]:
     """Every source under `paths`, and (path, one-line problem) for each path that is missing or cannot be
     read, and each folder below them that cannot be listed (its inputs unknown; the others are found).
+    `left_out` gets (path, why) for each file in a folder that was not read although its name says it may
+    be an input (`rank0.json.gz`: readable when named).
 
     A run directory is one input (plus any run directories inside it); a run group or any other folder is
     searched recursively for run directories, `*.pt.trace.json[.gz]` and `*.pickle`
@@ -92,6 +96,7 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[
     found: list[Input] = []
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()
+    passed_over: list[Path] = []
     for given in paths:
         unnamed = unnamed_path(given)  # before pathlib reads "" as the current folder
         if unnamed is not None:
@@ -106,7 +111,8 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[
         if is_export_dir(root):
             problems.append((str(root), export_dir_given(root)))
             continue
-        for item in FolderSearch(root) if is_folder else [Found(root)]:
+        search = FolderSearch(root) if is_folder else None
+        for item in search if search is not None else [Found(root)]:
             if item.problem is not None:
                 problems.append((str(item.path), item.problem))
                 continue
@@ -114,6 +120,12 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> tuple[list[Input], list[
             if resolved not in seen:
                 seen.add(resolved)
                 found.append(Input(resolved, _display(item.path)))
+        passed_over += search.left_out if search is not None else []
+    if left_out is not None:  # each file once; one passed over in a folder but named too is read
+        unread: dict[Path, Path] = {}
+        for path in passed_over:
+            unread.setdefault(path.resolve(), path)
+        left_out.extend((_display(path), LEFT_OUT_WHY) for real, path in unread.items() if real not in seen)
     return found, problems
 
 

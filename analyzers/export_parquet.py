@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from analyzers.export_groups import GroupIds
 from analyzers.export_inputs import READ_ERRORS, Input, find_inputs, parquet_text, read_problem
 from analyzers.export_parts import (
     _PART,
@@ -54,6 +55,7 @@ class ExportSummary:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what is wrong)
     reexported: list[tuple[str, int]] = field(default_factory=list)  # (run_id, part replaced)
     recording: list[tuple[str, int]] = field(default_factory=list)  # (run_id, pid): partial in the tables
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (path, why): in a folder, not read
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,15 +68,17 @@ class ExportSummary:
             "skipped": [{"path": path, "error": error} for path, error in self.problems],
             "reexported": [{"run_id": run_id, "replaced_part": part} for run_id, part in self.reexported],
             "recording": [{"run_id": run_id, "pid": pid} for run_id, pid in self.recording],
+            "left_out": [{"path": path, "why": why} for path, why in self.left_out],
             "rows": self.rows,
         }
 
 
-def _exported(out_dir: Path) -> tuple[dict[str, list[Taken]], set[str]]:
-    """The sources already in the export (by resolved path) and its run_ids."""
+def _exported(out_dir: Path) -> tuple[dict[str, list[Taken]], set[str], GroupIds]:
+    """The sources already in the export (by resolved path), its run_ids and its groups."""
     files = table_files(out_dir, "runs")
     check_schema_version(files)
-    return taken_sources(files, {f.name: int(m.group(1)) for f in files if (m := _PART.match(f.name))})
+    done, taken = taken_sources(files, {f.name: int(m.group(1)) for f in files if (m := _PART.match(f.name))})
+    return done, taken, GroupIds.of_export(files)
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -158,7 +162,11 @@ def export(
             f"{root}: the export folder's path is not UTF-8, which Parquet's writer and DuckDB's reader "
             "cannot open: choose a folder whose path is UTF-8"
         ) from None
-    inputs, problems = find_inputs(paths)
+    left_out: list[tuple[str, str]] = []
+    inputs, problems = find_inputs(paths, left_out)
+    for path, why in left_out:
+        if note is not None:
+            note(f"note: {path}: {why}")
     if not inputs:
         where = ", ".join(str(p) for p in paths)
         raise KvtraceError(
@@ -174,9 +182,11 @@ def export(
     except OSError as exc:
         raise cannot_write(root, exc, folder=True) from None
     try:
-        return _export_locked(
+        summary = _export_locked(
             root, inputs, problems, overwrite, on_input, on_inputs_found, warn, progress, note
         )
+        summary.left_out = left_out
+        return summary
     finally:
         lock.release()
         if created:  # nothing committed (a full disk, no readable input): no empty folder is left either
@@ -201,7 +211,7 @@ def _export_locked(
         raise cannot_write(root, exc, folder=True) from None
     # An overwrite exports every source again, beside the parts it replaces (numbered after them), which
     # stay whole until it is committed (`_commit`).
-    done, taken = ({}, set()) if overwrite else _exported(root)
+    done, taken, groups = ({}, set(), GroupIds()) if overwrite else _exported(root)
     replaced: set[int] = set()  # parts holding a source exported again: replaced by this one
     dropped: set[str] = set()  # their run_ids, whose rows there are not carried over
     part = _next_part(root)
@@ -244,7 +254,7 @@ def _export_locked(
                 # exported again under its run_id; else a new source, its name made unique if taken
                 inp = dataclasses.replace(inp, run_id=earlier[0].run_id) if earlier else _unique(inp, taken)
                 try:
-                    tables = source_tables(inp, progress=progress)
+                    tables = source_tables(inp, progress=progress, groups=groups)
                 except READ_ERRORS as exc:
                     problem = read_problem(inp, exc)
                 if problem is not None:

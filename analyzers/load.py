@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analyzers.export_groups import GroupIds
 from analyzers.export_inputs import READ_ERRORS, find_inputs, named_as_given, read_problem
 from analyzers.export_parts import check_schema_version, is_export_dir, table_files
 from analyzers.tables import SCHEMAS, TABLE_NAMES, source_tables
@@ -120,9 +121,10 @@ def load_tables(
         where = ", ".join(str(p) for p in paths)
         raise KvtraceError(f"{where}: no run directories, traces or snapshots found (nor an export)")
     collected: dict[str, list[pa.Table]] = {name: [] for name in TABLE_NAMES}
+    groups = GroupIds()  # two groups of one name, or two jobs' traces in one folder, told apart
     for inp in inputs:
         try:
-            produced = source_tables(inp)
+            produced = source_tables(inp, groups=groups)
         except READ_ERRORS as exc:
             if strict:
                 if not isinstance(exc, KvtraceError):

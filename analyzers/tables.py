@@ -22,10 +22,13 @@ import pyarrow as pa
 
 from analyzers.engine import model_geometry
 from analyzers.export_engine_rows import engine_kv_dtype, kv_event_rows, read_engine_files
+from analyzers.export_groups import GroupIds, group_key
 from analyzers.export_inputs import Input, parquet_text
 from analyzers.export_state import SourceState, source_state
+from analyzers.kv_events import is_kv_data
 from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, UNKNOWN_DEVICE, DeviceEvents, MemorySource
 from analyzers.readers.sources import ProgressFn
+from analyzers.run_kv import heads_held_by
 from kvtrace.format import is_run_group, rank_dirs
 
 SCHEMA_VERSION = 1
@@ -49,7 +52,7 @@ RUNS = _schema(
         ("device_type", _STR), ("device_name", _STR), ("device_index", _I32), ("total_memory_bytes", _I64),
         ("model_class", _STR), ("num_layers", _I32), ("num_attention_heads", _I32), ("num_kv_heads", _I32),
         ("head_dim", _I32), ("hidden_size", _I32), ("vocab_size", _I64), ("sliding_window", _I64),
-        ("model_dtype", _STR), ("parameters", _I64),
+        ("model_dtype", _STR), ("parameters", _I64), ("kv_heads_held", _I32),
         ("kvtrace_version", _STR), ("torch_version", _STR), ("transformers_version", _STR),
         ("python_version", _STR), ("platform", _STR), ("pid", _I64), ("run_schema_version", _I32),
         ("started_ns", _I64), ("ended_status", _STR), ("ended_ns", _I64), ("ended_type", _STR),
@@ -284,6 +287,24 @@ def _in_a_group(path: Path, source: MemorySource, ranked: dict[str, Any]) -> boo
     return _int(ranked["rank"]) is not None and _int(ranked["world_size"]) != 1
 
 
+def _group_id(
+    run_id: str, path: Path, source: MemorySource, ranked: dict[str, Any], groups: GroupIds
+) -> str | None:
+    """The source's group (analyzers.export_groups), named after the folder holding it; None: in none."""
+    if not _in_a_group(path, source, ranked):
+        return None
+    key = group_key(path, source.kind, _str(ranked["backend"]), _int(ranked["world_size"]))
+    return groups.id_for(key, Path(run_id).parent.as_posix())
+
+
+def _kv_heads_held(source: MemorySource) -> int | None:
+    """The KV heads the run's cache holds (its last KV data tensor's), as the report's arithmetic counts
+    them: a tensor-parallel rank's share of the model's `num_kv_heads`."""
+    run = source.meta.get("run")
+    data = [e for e in run.kv_events if is_kv_data(e) and e.shape] if run is not None else []
+    return heads_held_by(data[-1]) if data else None
+
+
 def _run_row(
     run_id: str,
     path: Path,
@@ -291,6 +312,7 @@ def _run_row(
     engine: dict[str, Any],
     counts: dict[str, int],
     state: SourceState | None,
+    groups: GroupIds,
 ) -> dict[str, Any]:
     from analyzers.readers.engine_files import block_bytes
 
@@ -314,7 +336,7 @@ def _run_row(
         "run_id": run_id,
         "path": str(path),
         "source_kind": source.kind,
-        "group_id": Path(run_id).parent.as_posix() if _in_a_group(path, source, ranked) else None,
+        "group_id": _group_id(run_id, path, source, ranked, groups),
         **ranked,
         **{key: manifest.get(key) for key in ("local_rank", "hostname")},
         # A trace's deviceProperties list GPUs only, which torch calls "cuda" (ROCm's too).
@@ -328,6 +350,8 @@ def _run_row(
         **{key: model.get(key) for key in ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")},
         **{key: model.get(key) for key in ("hidden_size", "vocab_size", "sliding_window", "parameters")},
         "model_dtype": model.get("dtype"),
+        # an engine's pool views are laid out as its attention backend chooses: heads are not read from them
+        "kv_heads_held": None if engine else _kv_heads_held(source),
         **{
             key: manifest.get(key)
             for key in ("kvtrace_version", "torch_version", "transformers_version", "python_version")
@@ -367,8 +391,13 @@ def _recording_pid(holder: str | None) -> int | None:
     return int(holder) if holder.isdigit() else 0
 
 
-def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, pa.Table]:
-    """Every table's rows for one input (tables without rows are absent). Raises KvtraceError."""
+def source_tables(
+    inp: Input, progress: ProgressFn | None = None, groups: GroupIds | None = None
+) -> dict[str, pa.Table]:
+    """Every table's rows for one input (tables without rows are absent). Raises KvtraceError.
+
+    `groups`: the group_ids handed out so far in the export (its folder's and this export's), so that two
+    groups of one name are told apart; one of its own when not given."""
     from analyzers.report import load_source
 
     state = source_state(inp.path)  # before reading: what is written meanwhile shows as a change next time
@@ -397,5 +426,7 @@ def source_tables(inp: Input, progress: ProgressFn | None = None) -> dict[str, p
         "engine_steps": len(steps),
     }
     # Coerced column by column: a manifest field of the wrong type becomes null, not an ArrowTypeError.
-    tables["runs"] = records_table(RUNS, run_id, [_run_row(run_id, inp.path, source, engine, counts, state)])
+    tables["runs"] = records_table(
+        RUNS, run_id, [_run_row(run_id, inp.path, source, engine, counts, state, groups or GroupIds())]
+    )
     return {name: table for name, table in tables.items() if table.num_rows}

@@ -24,11 +24,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analyzers.readers.sources import describe_read_error, run_without_manifest
-from kvtrace.format import KV_EVENTS, MEMORY_SAMPLES, RUN_DIRS, WEIGHTS, is_run_dir, searched_for_runs
+from kvtrace.format import (
+    KV_EVENTS,
+    MEMORY_SAMPLES,
+    RUN_DIRS,
+    WEIGHTS,
+    is_run_dir,
+    is_run_group,
+    searched_for_runs,
+)
+from kvtrace.run_layout import GROUP_MARKER
 
 __all__ = ["FolderSearch", "Found", "unreadable"]
 
 _SEARCHED_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz", ".pickle")
+# Names of files that may be a trace, snapshot or memory timeline under another name (HTA's `rank0.json.gz`,
+# torch's `export_memory_timeline` output): not read from a folder (a config.json would pass for a trace),
+# but named as left out, since `kvtrace report` and a named `kvtrace export` read them.
+_MAYBE_INPUT_SUFFIXES = (".json", ".gz", ".pkl", ".raw")
+LEFT_OUT_WHY = (
+    "left out: in a folder only run directories, *.pt.trace.json[.gz] and *.pickle are read; name the file "
+    "to export it"
+)
 # The recorder's logs: a folder holding one but no manifest is a damaged run, found as a problem.
 _RUN_LOGS = frozenset({KV_EVENTS, MEMORY_SAMPLES, WEIGHTS})
 # What stat says of a name that is no input and no problem: a link to nothing, a loop of links.
@@ -59,7 +76,8 @@ class FolderSearch:
     level by level, so the first input found is the nearest. `max_folders` bounds the folders listed below
     `folder` (a mistaken `kvtrace report ~` answers in a moment); after the iteration `folders` is how many
     real folders below it were listed, each once, and `complete` whether every one was (False only when
-    stopped at the bound).
+    stopped at the bound). `left_out` lists the files passed over whose names say they may be inputs
+    (`rank0.json.gz`, `memory_timeline.raw.gz`), so that a caller can say so.
     """
 
     def __init__(
@@ -74,6 +92,7 @@ class FolderSearch:
         self.max_folders = max_folders
         self.folders = 0
         self.complete = True
+        self.left_out: list[Path] = []
 
     def __iter__(self) -> Iterator[Found]:
         visited: set[tuple[int, int]] = set()
@@ -104,8 +123,11 @@ class FolderSearch:
                     yield Found(path, problem)
                 continue
             if not stat.S_ISDIR(entry.st_mode):
-                if not in_run and stat.S_ISREG(entry.st_mode) and path.name.endswith(_SEARCHED_SUFFIXES):
-                    yield Found(path)
+                if not in_run and stat.S_ISREG(entry.st_mode):
+                    if path.name.endswith(_SEARCHED_SUFFIXES):
+                        yield Found(path)
+                    elif _maybe_an_input(path):
+                        self.left_out.append(path)
                 continue
             if not searched_for_runs(path, in_run):  # a run's other folders hold its own files
                 continue
@@ -142,3 +164,11 @@ class FolderSearch:
         entries = [(folder / name, in_run) for name in names]
         pending.extend(entries if self.shallowest_first else reversed(entries))
         return None
+
+
+def _maybe_an_input(path: Path) -> bool:
+    """Whether a file a folder search passes over may be a trace, snapshot or timeline (not a run group's
+    own group.json)."""
+    if path.name == GROUP_MARKER and is_run_group(path.parent):
+        return False
+    return path.name.endswith(_MAYBE_INPUT_SUFFIXES)

@@ -14,8 +14,9 @@ class ExportCommand(Command):
     """Write runs, run groups, Chrome traces and snapshots as Parquet tables (schema: docs/format.md).
 
     Each PATH is a run directory, a run group, a Chrome trace, a snapshot pickle, or a folder searched
-    recursively (run directories, *.pt.trace.json[.gz], *.pickle). Tables: runs, devices, kv_events,
-    memory_events, samples, engine_steps, engine_requests; each is a folder DIR/<table>/ of parts
+    recursively (run directories, *.pt.trace.json[.gz], *.pickle; a file it passes over whose name may be
+    an input's, such as rank0.json.gz, is named in a note: name it to export it). Tables: runs, devices,
+    kv_events, memory_events, samples, engine_steps, engine_requests; each is a folder DIR/<table>/ of parts
     (part-NNNNN.parquet, one per export), which Spark, DuckDB and pyarrow read as one table. Exporting
     into an existing DIR adds a part and skips sources already in it and unchanged since; a source that
     changed (a run exported while it was being recorded, which has ended since) is exported again and
@@ -117,6 +118,10 @@ class ExportCommand(Command):
                 line += f"\n{summary.already_exported} already in {summary.out_dir}: not exported again"
             if summary.problems:
                 line += f"\n{len(summary.problems)} skipped (see the warnings above)"
+            if summary.left_out:
+                line += (
+                    f"\n{len(summary.left_out)} left out: files in a folder not read (see the notes above)"
+                )
             return line
 
         if summary.part is None:

@@ -259,10 +259,20 @@ def test_the_readme_notebook_snippet_and_queries_run(
     rows = _json_out(capsys, ["query", str(out), "--json", first])
     # A static cache is allocated at its full length, which the last decode step fills.
     full_length = max(s[2] for s in shapes if s)
-    assert rows == [
-        {"run_id": SAMPLE.as_posix(), "num_kv_heads": model["num_kv_heads"], "tokens": full_length}
-    ]
+    # the KV arithmetic: layers x K,V x KV heads x head_dim x tokens x rows x fp32 bytes, the report's figure
+    batch = max(s[0] for s in shapes if s)
+    arithmetic = model["num_layers"] * 2 * model["num_kv_heads"] * model["head_dim"] * full_length * batch * 4
     report = _json_out(capsys, ["report", str(SAMPLE), "--json", "--no-export", "-q"])
+    assert rows == [
+        {
+            "run_id": SAMPLE.as_posix(),
+            "group_id": None,
+            "kv_heads_held": model["num_kv_heads"],
+            "tokens": full_length,
+            "kv_bytes": arithmetic,
+        }
+    ]
+    assert arithmetic == report["kv"]["final_bytes"]
     peaks = _json_out(capsys, ["query", str(out), "--json", second])
     assert peaks == [
         {"run_id": SAMPLE.as_posix(), "device": "cpu", "peak": report["devices"][0]["peak_allocated_bytes"]}
