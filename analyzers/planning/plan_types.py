@@ -81,6 +81,11 @@ class RecordedPeak:
     # vocabulary, which stay at a longer prompt: what a longer prompt's prefill grows in proportion to it
     # (run_peak's `prefill_prompt_bytes`); None: not told, all of the prefill's grow with the prompt
     prefill_prompt_bytes: int | None = None
+    # the prefill's moments, each (bytes no row count or prompt changes, bytes following the rows alone,
+    # bytes following the rows and the prompt), those no other exceeds in all three: a longer prompt's
+    # prefill is the most of them grown, not its logits' moment plus another's growth (run_peak's
+    # `prefill_moments`); None: not told, `prefill_prompt_bytes` bounds it
+    prefill_moments: tuple[tuple[int, int, int], ...] | None = None
     # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies
     # (run_peak's `update_beside`): what another cache's update copies are priced beside, rather than the
     # peak moment's activations (the logits at a step's end); None: not told

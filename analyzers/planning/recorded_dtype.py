@@ -50,6 +50,7 @@ def in_compute_dtype(rec: RecordedPeak, dtype: str) -> RecordedPeak:
         prefill_activations_bytes=None if prefill is None else grown(prefill, rec.prefill_dtype_fixed_bytes),
         update_activations_bytes=None if update is None else grown(update, rec.update_dtype_fixed_bytes),
         prefill_prompt_bytes=None if prompt_bytes is None else math.ceil(prompt_bytes * factor),
+        prefill_moments=None,  # not told apart by dtype: `prefill_prompt_bytes`' bound stands
         context_token_bytes=None if context is None else math.ceil(context * factor),
         update_context_token_bytes=None if update_context is None else math.ceil(update_context * factor),
     )

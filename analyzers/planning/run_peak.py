@@ -29,6 +29,7 @@ __all__ = [
     "dtype_fixed_bytes",
     "peak_moment",
     "prefill_beside",
+    "prefill_moments",
     "prefill_prompt_bytes",
     "prompt_row_bytes",
     "recorded_note",
@@ -58,6 +59,8 @@ class PeakMoment:
     # of the prefill's, the most beside the vocabulary's one-position allocations, which a longer prompt
     # grows (`prefill_prompt_bytes`); None: not told, all grow
     prefill_prompt_bytes: int | None = None
+    # the prefill's moments split by what they follow (`prefill_moments`); None: not told
+    prefill_moments: tuple[tuple[int, int, int], ...] | None = None
     # held beside the weights and KV at the KV log's peak, a cache update's transient (`update_beside`)
     update_activations_bytes: int | None = None
     # of the activations at the peak, at the prefill's and at the update's, those in no model dtype
@@ -137,6 +140,7 @@ def peak_moment(
         row_activation_bytes=diagnosis.row_activation_bytes,
         prefill_activations_bytes=prefill,
         prefill_prompt_bytes=prefill_prompt_bytes(source, report, diagnosis.batch, prompt),
+        prefill_moments=prefill_moments(source, report, diagnosis.batch, prompt, context),
         update_activations_bytes=update,
         dtype_fixed_bytes=dtype_fixed_bytes(source, report, peak_at),
         prefill_dtype_fixed_bytes=dtype_fixed_bytes(source, report, prefill_at),
@@ -452,8 +456,45 @@ def prefill_prompt_bytes(
     planned from a 16-token prompt at 256, said 111,149,568 B where the recording peaked at 73,190,324
     (+51.9%), the float32 logits' 2.45 MiB grown 16-fold. None where the events carry no addresses or
     categories, or the run does not say its rows and prompt, or has no whole prefill step."""
+    parts = _prefill_parts(source, report, rows, prompt, None)
+    return None if parts is None else max(int(grows.max()) for _, _, grows in parts)
+
+
+def prefill_moments(
+    source: MemorySource, report: Report, rows: int | None, prompt: int | None, context: int | None
+) -> tuple[tuple[int, int, int], ...] | None:
+    """The run's prefill moments as (bytes no row count or prompt changes, bytes that follow the rows alone,
+    bytes that follow the rows and the prompt) beside its weights and KV: the logits processors' vectors
+    over the vocabulary (`batch_fixed_bytes`' sizes), the rest of the vocabulary-long allocations (the last
+    position's logits), the rest (`prefill_prompt_bytes`). Only the moments no other exceeds in all three,
+    the ones that can be a plan's most at some rows and prompt: the logits' moment at the step's end, one
+    inside a layer, whose hidden states and attention a longer prompt grows beyond it (eager's scores at a
+    256-token prompt, 2 rows: 8.4 MB beside no logits). None where `prefill_prompt_bytes` is."""
+    if not context:
+        return None
+    parts = _prefill_parts(source, report, rows, prompt, context)
+    if parts is None:
+        return None
+    triples = {
+        (int(f), int(r), int(g))
+        for fixed, row_only, grows in parts
+        for f, r, g in zip(fixed.tolist(), row_only.tolist(), grows.tolist(), strict=True)
+    }
+    ordered = sorted(triples, reverse=True)  # a moment can be exceeded in all three only by one before it
+    kept: list[tuple[int, int, int]] = []
+    for moment in ordered:
+        if not any(all(a >= b for a, b in zip(other, moment, strict=True)) for other in kept):
+            kept.append(moment)
+    return tuple(kept)
+
+
+def _prefill_parts(
+    source: MemorySource, report: Report, rows: int | None, prompt: int | None, context: int | None
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """For each whole prefill step, at each of its events, the bytes beside the weights and KV split as
+    `prefill_moments` splits them (with no `context`, the first two not told apart: all in the second)."""
     from analyzers.model import OTHER
-    from analyzers.planning.diagnose_rows import fixed_sizes
+    from analyzers.planning.diagnose_rows import fixed_sizes, row_units
 
     geometry, main, found = report.geometry or {}, report.main_device, _main_timeline(source, report)
     vocab = geometry.get("vocab_size")
@@ -468,12 +509,28 @@ def prefill_prompt_bytes(
     vocab_units = {vocab * 4, vocab * _HALF_FLOATS.get(str(geometry.get("dtype")), 4)}
     every_position = {rows * unit * prompt for unit in vocab_units} if prompt > 1 else set()
     stays = (fixed_sizes(geometry) | {rows * unit for unit in vocab_units}) - every_position
+    # of those, the ones no row count changes, as `batch_fixed_bytes` tells them (none without a context)
+    other_units = row_units(geometry) - vocab_units
+
+    def follows_rows(nbytes: int) -> bool:
+        per_row, left = divmod(nbytes, rows)
+        return not left and (
+            nbytes in {rows * unit for unit in vocab_units} | every_position
+            or any(not per_row % unit and per_row // unit <= (context or 0) for unit in other_units)
+        )
+
+    no_rows = {n for n in fixed_sizes(geometry) if context and not follows_rows(n)} & stays
     delta = dev.delta_bytes.astype(np.int64)
-    of_vocab = (dev.category == OTHER) & np.isin(np.abs(delta), list(stays))
-    # live bytes of those sizes after each event: a free carries its block's category and minus its size
-    vocab_live = np.maximum(np.cumsum(np.where(of_vocab, delta, 0)), 0)
+    sizes = np.abs(delta)
+    other = dev.category == OTHER
+
+    def live(of: set[int]) -> np.ndarray:
+        # live bytes of those sizes after each event: a free carries its block's category and minus its size
+        return np.maximum(np.cumsum(np.where(other & np.isin(sizes, list(of)), delta, 0)), 0)
+
+    vocab_live, fixed_live = live(stays), live(no_rows)
     grows = found[1].by_category["other"] - vocab_live
-    return max(int(grows[inside].max()) for inside in windows)
+    return [(fixed_live[at], (vocab_live - fixed_live)[at], grows[at]) for at in windows]
 
 
 def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, rows_told: bool) -> str:
