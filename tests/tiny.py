@@ -66,11 +66,13 @@ def record_generate(
     cache: str | None = None,
     window: int | None = None,
     padded: int = 0,
+    logits_to_keep: int | None = None,
     **options: Any,
 ) -> None:
     """`kvtrace.record(out, model=model, **options)` around a greedy `generate()` of exactly `new_tokens` on
     `batch` rows of `prompt` seeded random ids, without grad; with `cache`, the cache `kvtrace demo --cache`
-    builds of that kind (and `window`); the first row's first `padded` ids left padding, masked out."""
+    builds of that kind (and `window`); the first row's first `padded` ids left padding, masked out;
+    `logits_to_keep` given to generate() where set (0: every position's logits at the prefill)."""
     import torch
 
     import kvtrace
@@ -84,6 +86,8 @@ def record_generate(
         sized = {} if window is None else {"window": window}
         made, extra = make_cache(cache, model, batch, prompt + new_tokens, **sized)
         given = {cache_keyword(): made, **extra} if made is not None else dict(extra)
+    if logits_to_keep is not None:
+        given["logits_to_keep"] = logits_to_keep
     gc.collect()  # tensors earlier tests left in cycles, freed mid-recording, are not this run's (as sweep)
     with torch.no_grad(), kvtrace.record(out, model=model, **options):
         model.generate(

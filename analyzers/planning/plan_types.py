@@ -77,6 +77,15 @@ class RecordedPeak:
     # the most held beside the weights and KV during the run's prefill, which a larger prefill is priced
     # from (analyzers.planning.run_peak's `prefill_beside`); None: not told, the peak's remainder bounds it
     prefill_activations_bytes: int | None = None
+    # of the prefill's, the most beside the logits over its last position and the vectors over the
+    # vocabulary, which stay at a longer prompt: what a longer prompt's prefill grows in proportion to it
+    # (run_peak's `prefill_prompt_bytes`); None: not told, all of the prefill's grow with the prompt
+    prefill_prompt_bytes: int | None = None
+    # the prefill's moments, each (bytes no row count or prompt changes, bytes following the rows alone,
+    # bytes following the rows and the prompt), those no other exceeds in all three: a longer prompt's
+    # prefill is the most of them grown, not its logits' moment plus another's growth (run_peak's
+    # `prefill_moments`); None: not told, `prefill_prompt_bytes` bounds it
+    prefill_moments: tuple[tuple[int, int, int], ...] | None = None
     # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies
     # (run_peak's `update_beside`): what another cache's update copies are priced beside, rather than the
     # peak moment's activations (the logits at a step's end); None: not told
@@ -99,6 +108,10 @@ class RecordedPeak:
     # at a decode peak, the bytes generate()'s token tensors (ids, mask) gain per row and token, which grow
     # with the context whatever the cache's window (run_peak's `token_row_bytes`); None: not told
     token_row_bytes: int | None = None
+    # at a decode peak, the bytes its tensors of the prompt's length (generate()'s int64 copy of it) hold per
+    # row and token of the prompt, which grow with the prompt alone (run_peak's `prompt_row_bytes`); None:
+    # not told
+    prompt_row_bytes: int | None = None
     # of `update_activations_bytes`, generate()'s token tensors (run_peak's `token_tensors`); None: not told
     update_token_bytes: int | None = None
     # an encoder-decoder run's encoder input length, the tokens a row its cross-attention cache held

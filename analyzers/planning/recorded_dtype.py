@@ -42,12 +42,15 @@ def in_compute_dtype(rec: RecordedPeak, dtype: str) -> RecordedPeak:
     prefill, update = rec.prefill_activations_bytes, rec.update_activations_bytes
     # what a token adds grows with the dtype too, as if none were the int64 ids: an upper bound
     context, update_context = rec.context_token_bytes, rec.update_context_token_bytes
+    prompt_bytes = rec.prefill_prompt_bytes  # as if none were the int64 ids or float32: an upper bound
     return replace(
         rec,
         peak_bytes=rec.peak_bytes + activations - rec.activations_bytes,
         activations_bytes=activations,
         prefill_activations_bytes=None if prefill is None else grown(prefill, rec.prefill_dtype_fixed_bytes),
         update_activations_bytes=None if update is None else grown(update, rec.update_dtype_fixed_bytes),
+        prefill_prompt_bytes=None if prompt_bytes is None else math.ceil(prompt_bytes * factor),
+        prefill_moments=None,  # not told apart by dtype: `prefill_prompt_bytes`' bound stands
         context_token_bytes=None if context is None else math.ceil(context * factor),
         update_context_token_bytes=None if update_context is None else math.ceil(update_context * factor),
     )

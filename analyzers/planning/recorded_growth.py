@@ -82,12 +82,13 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     if not same_cache_as_run(req):
         sizes = kv_sizes(req, batch, context)
         unseen = _unseen_at_end(run, rec)
-        prompt_grown = rows * _prefill_growth(run, rec, sizes.prompt)
+        longer = _prefill_growth(run, rec, sizes.prompt)
+        prompt_grown = rows * longer
         # a static cache's prefill: the run's step-end activations grown with the prompt, and attention's
         # tensors over the cache's length, which the run's prefill did not make
-        at_prefill = _scaled(activations + unseen, fixed, prompt_grown) + prefill_attention_bytes(
-            req, run, rec, batch, context, sizes.prompt
-        )
+        at_prefill = _prompt_grown(
+            activations + unseen, fixed, rows, longer, rec.prefill_prompt_bytes
+        ) + prefill_attention_bytes(req, run, rec, batch, context, sizes.prompt)
         # a step's end, holding this cache's KV, holds what the run held at its own step's end: where the
         # run peaked elsewhere (a dynamic cache's growth copy), at most its peak less its weights and final
         # KV, the logits it ended with unseen at its peak (a sliding cache planned from a dynamic run at its
@@ -106,7 +107,7 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         update_fixed = rec.update_batch_fixed_bytes
         in_update = max(
             gain.grown(beside_update * kept, rec.update_context_token_bytes, update_fixed),
-            _scaled(beside_update * kept, update_fixed, prompt_grown),
+            _prompt_grown(beside_update * kept, update_fixed, rows, longer, _kept(rec, kept)),
         )
         in_update += _update_token_growth(rec, batch, context, kept * max(grown, prompt_grown))
         held = max(sizes.kv_bytes, sizes.prefill_bytes)
@@ -118,10 +119,17 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         # grew with the context: the tiny Llama at batch 2, a 40-token prompt, planned from context 44 at
         # 206 was 1,606,175 B where the recording peaked at 840,504 (+91%)
         prompt = kv_sizes(req, batch, context).prompt
-        prompt_grown = rows * _prefill_growth(run, rec, prompt)
+        longer = _prefill_growth(run, rec, prompt)
+        kept = 1 - freed / max(rec.activations_bytes, 1)
         # and attention's prompt x prompt tensors beyond the run's (`prefill_attention_bytes`)
         quadratic = prefill_attention_bytes(req, run, rec, batch, context, prompt)
-        growth, tokens = _scaled(activations, fixed, prompt_grown) - activations + quadratic, 0
+        grown_at_prefill = _prompt_grown(activations, fixed, rows, longer, _kept(rec, kept))
+        moments = _covering(rec, rec.activations_bytes)
+        if moments:
+            # the peak is one of the prefill's moments: by what their most grows (the floor prices each)
+            grown_at_prefill = activations + _moments_grown(moments, rows * kept, longer)
+            grown_at_prefill -= _moments_grown(moments, 1.0, 1.0)
+        growth, tokens = max(grown_at_prefill - activations, 0) + quadratic, 0
     grew = (req.weights_bytes - rec.weights_bytes) + moved - freed + growth + tokens
     return max(rec.peak_bytes + grew, *floors)
 
@@ -138,8 +146,10 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> int:
     transformers' sdpa, `sdpa_repeats_kv`). 0 at the run's context and cache: its peak is measured."""
     assert req.recorded is not None
     rec = in_compute_dtype(req.recorded, req.effective_compute_dtype)
-    fp8_new = req.cache == "quantized" and req.kv_dtype == "fp8" and not (
-        rec.cache == "quantized" and rec.kv_dtype == "fp8"
+    fp8_new = (
+        req.cache == "quantized"
+        and req.kv_dtype == "fp8"
+        and not (rec.cache == "quantized" and rec.kv_dtype == "fp8")
     )
     # a static cache's decode steps repeat K and V under an older transformers' sdpa; a run on another cache
     # never did, so its peak leaves them out at its own context too
@@ -253,6 +263,45 @@ class _Gain:
         return _scaled(activations, fixed, self.rows) + token_bytes * self.row_count * self.tokens
 
 
+def _prompt_grown(
+    activations: float, fixed: int | None, rows: float, longer: float, prompt_bytes: float | None
+) -> int:
+    """A prefill's `activations` at `rows` times the run's rows (all but `fixed` grow with them, `_scaled`)
+    and a prompt `longer` times the run's: where the run tells what its prefill held that grows with the
+    prompt (`prompt_bytes`, run_peak's `prefill_prompt_bytes`), those grow by the tokens added, the logits
+    over the last position and the vectors over the vocabulary stay, as generate() makes them whatever the
+    prompt; not told, all but `fixed` grow with it. Before, all grew: the tiny Llama 3 (128,256-token
+    vocabulary) at batch 1, planned from a 16-token prompt at 256, said 111,149,568 B where the recording
+    peaked at 73,190,324 (+51.9%), its 2.45 MiB of float32 logits over one position grown 16-fold. Each
+    moment of the prefill is within the run's most beside its KV plus its most growing (a moment inside a
+    layer, not the logits', may hold the latter): an upper bound."""
+    if prompt_bytes is None:
+        return _scaled(activations, fixed, rows * longer)
+    return _scaled(activations, fixed, rows) + math.ceil(prompt_bytes * rows * (longer - 1))
+
+
+def _moments_grown(moments: tuple[tuple[int, int, int], ...], rows: float, longer: float) -> int:
+    """The most of the prefill's `moments` (`RecordedPeak.prefill_moments`) at `rows` times the run's rows
+    and a prompt `longer` times its: each its fixed bytes, its rows' grown with them, its prompt's with
+    both. Before, the logits' moment was priced with another moment's growth beside it: the tiny Llama 3
+    with eager attention, batch 2, planned from a 16-token prompt at 256, +9.6% over its recording."""
+    return max(fixed + math.ceil((row_only + grows * longer) * rows) for fixed, row_only, grows in moments)
+
+
+def _covering(rec: RecordedPeak, beside: int) -> tuple[tuple[int, int, int], ...] | None:
+    """The run's prefill moments (`RecordedPeak.prefill_moments`) where the most of them is at least
+    `beside`, the prefill's most as the plan takes it: not where the run peaked in a prefill step it did
+    not finish (cut short), which no moment counts. None: not told, or not covering."""
+    moments = rec.prefill_moments
+    return moments if moments and _moments_grown(moments, 1.0, 1.0) >= beside else None
+
+
+def _kept(rec: RecordedPeak, kept: float) -> float | None:
+    """The run's prefill bytes that grow with the prompt (`RecordedPeak.prefill_prompt_bytes`) at fewer
+    rows, the share `kept` of them that `_rows_freed` keeps; None: not told."""
+    return None if rec.prefill_prompt_bytes is None else rec.prefill_prompt_bytes * kept
+
+
 def _scaled(activations: float, fixed: int | None, factor: float) -> int:
     """`activations` grown by `factor` (more rows, a longer prompt), all but `fixed` of them, which no row
     count changes (the logits processors' vectors over the vocabulary: run_peak's `batch_fixed_bytes`);
@@ -283,16 +332,30 @@ def _token_growth(req: PlanRequest, rec: RecordedPeak, batch: int, context: int)
     grow by a token at every step whatever the cache, while a window stops the attended tokens. None where
     the growth is the context's (a full cache); `(context - window - 1)` tokens a row where every layer
     slides (before, none: the tiny Llama at batch 2, planned from context 12 at 206, was 6,208 B below
-    its recording, 2 rows x 194 tokens x 16 B)."""
+    its recording, 2 rows x 194 tokens x 16 B). And those of the prompt's length, by the tokens a longer
+    prompt adds (`_prompt_token_growth`)."""
+    prompt_tokens = _prompt_token_growth(req, rec, batch, context)
     per_token = rec.token_row_bytes
     if not per_token:
-        return 0
+        return prompt_tokens
     attended, at_run = _attended(req, context), _attended(req, rec.context)
     # tokens a row the growth misses: context - rec.context * growth, over `at_run` to stay in integers;
     # where the activations grow by the tokens attended more (`_Gain`), context - rec.context less those
     missed = context * at_run - rec.context * max(attended, at_run)
     missed = max(missed, (context - rec.context - max(attended - at_run, 0)) * at_run)
-    return -(-per_token * batch * missed // at_run) if missed > 0 else 0
+    return prompt_tokens + (-(-per_token * batch * missed // at_run) if missed > 0 else 0)
+
+
+def _prompt_token_growth(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """Bytes the decode peak's tensors of the prompt's length (`RecordedPeak.prompt_row_bytes` a row and
+    token) add at a longer prompt, `batch` rows of the tokens added (the rows' growth is the activations'):
+    a longer context alone leaves them, and their tokens are no context's (before, the tiny Llama 3 at
+    batch 1 planned from a 16-token prompt at 64 was 384 B below its recording, 48 x 8 B)."""
+    if not rec.prompt_row_bytes:
+        return 0
+    run = _run_request(req, rec)
+    added = kv_sizes(req, batch, context).prompt - kv_sizes(run, rec.batch, rec.context).prompt
+    return rec.prompt_row_bytes * batch * added if added > 0 else 0
 
 
 def _prefill_peaks(rec: RecordedPeak, grown: float, prompt_grown: float) -> bool:
@@ -358,14 +421,19 @@ def _moment_floors(
     kept = 1 - _rows_freed(rec, batch) / max(rec.activations_bytes, 1)
     beside_prefill, prefill_fixed = _beside_prefill(run, rec)
     floors = [req.weights_bytes + sizes.step_peak_bytes + _beside_late(req, run, rec, batch, context)]
-    early = max(batch / rec.batch, 1.0) * _prefill_growth(run, rec, sizes.prompt)
+    rows, longer = max(batch / rec.batch, 1.0), _prefill_growth(run, rec, sizes.prompt)
+    early = rows * longer
     attention = prefill_attention_bytes(req, run, rec, batch, context, sizes.prompt)
     if early > 1.0 or attention:
         # A prefill of more rows or tokens than the run's, or over a longer static cache: its own moment.
         # Not otherwise: the run's own prefill is within its peak, and the measured figure is the most
         # beside the KV at any moment of it, with the whole prefill KV beside that (an upper bound where its
         # KV was still filling then)
-        prefill = _scaled(beside_prefill * kept, prefill_fixed, early) + attention
+        prefill = _prompt_grown(beside_prefill * kept, prefill_fixed, rows, longer, _kept(rec, kept))
+        moments = _covering(rec, beside_prefill)
+        if moments:
+            prefill = _moments_grown(moments, rows * kept, longer)
+        prefill += attention
         floors.append(req.weights_bytes + sizes.prefill_bytes + prefill)
     return floors
 
@@ -414,11 +482,15 @@ def _beside_late(req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: i
         peak_fixed = rec.batch_fixed_bytes if beside_peak >= rec.activations_bytes else None
     stretch = _context_growth(req, rec, context)
     gain = _Gain(rows, stretch, max(batch, rec.batch), _attended_gain(req, rec, context))
-    early = rows * _prefill_growth(run, rec, sizes.prompt)
-    late = max(
-        gain.grown(beside_peak * kept, token_bytes, peak_fixed),
-        _scaled(beside_peak * kept, peak_fixed, early),
-    )
+    longer = _prefill_growth(run, rec, sizes.prompt)
+    early = _prompt_grown(beside_peak * kept, peak_fixed, rows, longer, _kept(rec, kept))
+    if rec.prefill_moments:
+        # a moment of the prefill (a sliding cache's KV peak) grows as the prefill's most does
+        moments = rec.prefill_moments
+        early = _scaled(beside_peak * kept, peak_fixed, rows) + max(
+            _moments_grown(moments, rows * kept, longer) - _moments_grown(moments, rows * kept, 1.0), 0
+        )
+    late = max(gain.grown(beside_peak * kept, token_bytes, peak_fixed), early)
     return late + _token_growth(req, rec, batch, context)
 
 

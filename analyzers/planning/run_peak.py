@@ -29,6 +29,9 @@ __all__ = [
     "dtype_fixed_bytes",
     "peak_moment",
     "prefill_beside",
+    "prefill_moments",
+    "prefill_prompt_bytes",
+    "prompt_row_bytes",
     "recorded_note",
     "token_row_bytes",
     "token_tensors",
@@ -53,6 +56,11 @@ class PeakMoment:
     row_activation_bytes: int | None = None
     # the most held beside the weights and KV during the run's prefill (`prefill_beside`); None: not told
     prefill_activations_bytes: int | None = None
+    # of the prefill's, the most beside the vocabulary's one-position allocations, which a longer prompt
+    # grows (`prefill_prompt_bytes`); None: not told, all grow
+    prefill_prompt_bytes: int | None = None
+    # the prefill's moments split by what they follow (`prefill_moments`); None: not told
+    prefill_moments: tuple[tuple[int, int, int], ...] | None = None
     # held beside the weights and KV at the KV log's peak, a cache update's transient (`update_beside`)
     update_activations_bytes: int | None = None
     # of the activations at the peak, at the prefill's and at the update's, those in no model dtype
@@ -67,6 +75,9 @@ class PeakMoment:
     update_batch_fixed_bytes: int | None = None
     # bytes generate()'s token tensors live at a decode peak gain per row and token (`token_row_bytes`)
     token_row_bytes: int | None = None
+    # bytes the tensors a decode peak holds the prompt's length gain per row and token of the prompt
+    # (`prompt_row_bytes`)
+    prompt_row_bytes: int | None = None
     # of `update_activations_bytes`, those generate()'s token tensors (`token_tensors`): the update of a
     # sliding run's KV peak comes early, when they were short; None: not told
     update_token_bytes: int | None = None
@@ -113,6 +124,7 @@ def peak_moment(
     at_update_tokens = token_tensors(source, report, update_at, diagnosis.batch, prompt, context)
     at_peak_context = context_token_bytes(source, report, peak_at, diagnosis.batch, prompt, context)
     at_update_context = context_token_bytes(source, report, update_at, diagnosis.batch, prompt, context)
+    at_peak_prompt = prompt_row_bytes(source, report, peak_at, diagnosis.batch, prompt)
     decode = diagnosis.step_phase == "decode"
 
     def batch_fixed(index: int | None) -> int | None:
@@ -127,6 +139,8 @@ def peak_moment(
         cut_short=diagnosis.event == "oom" or diagnosis.step_cut,
         row_activation_bytes=diagnosis.row_activation_bytes,
         prefill_activations_bytes=prefill,
+        prefill_prompt_bytes=prefill_prompt_bytes(source, report, diagnosis.batch, prompt),
+        prefill_moments=prefill_moments(source, report, diagnosis.batch, prompt, context),
         update_activations_bytes=update,
         dtype_fixed_bytes=dtype_fixed_bytes(source, report, peak_at),
         prefill_dtype_fixed_bytes=dtype_fixed_bytes(source, report, prefill_at),
@@ -135,6 +149,7 @@ def peak_moment(
         prefill_batch_fixed_bytes=batch_fixed(prefill_at),
         update_batch_fixed_bytes=batch_fixed(update_at),
         token_row_bytes=token_row_bytes(at_peak_tokens) if decode else None,
+        prompt_row_bytes=at_peak_prompt if decode else None,
         update_token_bytes=sum(at_update_tokens) if at_update_tokens is not None else None,
         context_token_bytes=at_peak_context if decode else None,
         update_context_token_bytes=at_update_context,
@@ -148,6 +163,40 @@ def token_row_bytes(tensors: list[int] | None) -> int | None:
     each, an int64 a token longer at every step. Where every layer keeps a window, they are what still
     grows with the context (the tiny Llama at batch 2, context 12 to 206: +6,208 B, 2 x 194 x 16)."""
     return None if tensors is None else _INT64_BYTES * len(tensors)
+
+
+def prompt_row_bytes(
+    source: MemorySource, report: Report, index: int | None, rows: int | None, prompt: int | None
+) -> int | None:
+    """Bytes a row and token of the prompt adds to the allocations beside the weights and KV live after the
+    main device's event `index` that are the prompt's length, `rows` x prompt x a width a token
+    (`context_token_bytes`' widths: generate() keeps an int64 one through its decode steps), not one of a
+    step's fixed sizes (a position of a model width, a vector over the vocabulary): a longer prompt grows
+    them, a longer context alone does not. Before, a decode peak planned at a longer prompt missed them:
+    the tiny Llama 3 at batch 1, planned from a 16-token prompt at 64, was 384 B (48 x 8) below its
+    recording. None where the events carry no addresses, the geometry no heads, or the run does not say
+    its rows and prompt."""
+    from analyzers.model import OTHER
+    from analyzers.planning.diagnose_rows import fixed_sizes
+    from analyzers.planning.diagnose_stacks import live_sizes
+
+    main = report.main_device
+    widths = _token_widths(report.geometry or {})
+    if index is None or index < 0 or main is None or not rows or not prompt:
+        return None
+    dev = next((d for d in source.devices if d.device == main.device), None)
+    if not widths or dev is None or not bool((dev.addr >= 0).any()):
+        return None
+    # a size a position of a model width has too (the tiny Llama's KV width at 16 tokens) counts as the
+    # prompt's, a few bytes a token over at most; a vocabulary-long one never
+    vocab = (report.geometry or {}).get("vocab_size")
+    other = fixed_sizes(report.geometry) | ({rows * vocab * 4} if isinstance(vocab, int) else set())
+
+    def width(nbytes: int) -> int:
+        per_token, left = divmod(nbytes, rows * prompt)
+        return per_token if not left and per_token in widths and nbytes not in other else 0
+
+    return sum(width(nbytes) for nbytes in live_sizes(dev, index, OTHER))
 
 
 def token_tensors(
@@ -355,29 +404,133 @@ def prefill_beside(source: MemorySource, report: Report) -> int | None:
 
 def _prefill_beside_at(source: MemorySource, report: Report) -> tuple[int | None, int | None]:
     """`prefill_beside`, and the main device's event index of that most (None where not told)."""
+    found = _main_timeline(source, report)
+    if found is None:
+        return None, None
+    beside = found[1].by_category["other"]  # allocated less weights and KV, after each event
+    most: int | None = None
+    most_at: int | None = None
+    for inside in _prefill_windows(source, report):
+        at = int(inside[np.argmax(beside[inside])])
+        if most is None or int(beside[at]) > most:
+            most, most_at = int(beside[at]), at
+    return most, most_at
+
+
+def _prefill_windows(source: MemorySource, report: Report) -> list[np.ndarray]:
+    """The main device's event indices of each whole prefill step of the KV log (from the step's start to
+    the next step's, `step_starts`); none where the run has no KV log or timeline."""
     kv_log = source.meta.get("kv")
     found = _main_timeline(source, report)
     if kv_log is None or found is None:
-        return None, None
+        return []
     timeline = found[1]
-    beside = timeline.by_category["other"]  # allocated less weights and KV, after each event
     # Where each step began as `diagnose` counts it: a module cache's first KV line (`cache_k`, scanned at
     # the forward's end) would put the prefill's own activations outside its window and the next decode
     # forward's inside it
     starts = step_starts(source)
     cut_step = kv_log.cut.step if kv_log.cut is not None else None
-    most: int | None = None
-    most_at: int | None = None
+    windows = []
     for i, (start_us, step, phase) in enumerate(starts):
         if (kv_log.step_phase.get(step) or phase) != "prefill" or step == cut_step:
             continue
         end_us = starts[i + 1][0] if i + 1 < len(starts) else np.inf
         inside = np.flatnonzero((timeline.ts_us >= start_us) & (timeline.ts_us < end_us))
         if len(inside):
-            at = int(inside[np.argmax(beside[inside])])
-            if most is None or int(beside[at]) > most:
-                most, most_at = int(beside[at]), at
-    return most, most_at
+            windows.append(inside)
+    return windows
+
+
+def prefill_prompt_bytes(
+    source: MemorySource, report: Report, rows: int | None, prompt: int | None
+) -> int | None:
+    """The most the main device held during the run's prefill steps beside its weights, its KV and the
+    allocations over the vocabulary a position long: what a longer prompt's prefill grows, in proportion to
+    it (its hidden states, MLP and attention over the prompt, generate()'s ids and mask). The vocabulary's
+    stay: the logits processors' vectors, and the logits, which transformers' generate() computes for the
+    last position alone (it passes `logits_to_keep=1` where the model takes it, 5.x) and upcasts to float32.
+    Logits over every position of the prompt (a model without `logits_to_keep`, or a call giving 0) are
+    `rows` x prompt x the vocabulary long, and grow. Each moment counts apart: the most of them may come
+    inside a layer, not where the logits live (the prefill's most beside the KV, `prefill_beside`). Before,
+    a longer prompt grew all of them: the tiny Llama 3 (128,256-token vocabulary, 4 layers) at batch 1,
+    planned from a 16-token prompt at 256, said 111,149,568 B where the recording peaked at 73,190,324
+    (+51.9%), the float32 logits' 2.45 MiB grown 16-fold. None where the events carry no addresses or
+    categories, or the run does not say its rows and prompt, or has no whole prefill step."""
+    parts = _prefill_parts(source, report, rows, prompt, None)
+    return None if parts is None else max(int(grows.max()) for _, _, grows in parts)
+
+
+def prefill_moments(
+    source: MemorySource, report: Report, rows: int | None, prompt: int | None, context: int | None
+) -> tuple[tuple[int, int, int], ...] | None:
+    """The run's prefill moments as (bytes no row count or prompt changes, bytes that follow the rows alone,
+    bytes that follow the rows and the prompt) beside its weights and KV: the logits processors' vectors
+    over the vocabulary (`batch_fixed_bytes`' sizes), the rest of the vocabulary-long allocations (the last
+    position's logits), the rest (`prefill_prompt_bytes`). Only the moments no other exceeds in all three,
+    the ones that can be a plan's most at some rows and prompt: the logits' moment at the step's end, one
+    inside a layer, whose hidden states and attention a longer prompt grows beyond it (eager's scores at a
+    256-token prompt, 2 rows: 8.4 MB beside no logits). None where `prefill_prompt_bytes` is."""
+    if not context:
+        return None
+    parts = _prefill_parts(source, report, rows, prompt, context)
+    if parts is None:
+        return None
+    triples = {
+        (int(f), int(r), int(g))
+        for fixed, row_only, grows in parts
+        for f, r, g in zip(fixed.tolist(), row_only.tolist(), grows.tolist(), strict=True)
+    }
+    ordered = sorted(triples, reverse=True)  # a moment can be exceeded in all three only by one before it
+    kept: list[tuple[int, int, int]] = []
+    for moment in ordered:
+        if not any(all(a >= b for a, b in zip(other, moment, strict=True)) for other in kept):
+            kept.append(moment)
+    return tuple(kept)
+
+
+def _prefill_parts(
+    source: MemorySource, report: Report, rows: int | None, prompt: int | None, context: int | None
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """For each whole prefill step, at each of its events, the bytes beside the weights and KV split as
+    `prefill_moments` splits them (with no `context`, the first two not told apart: all in the second)."""
+    from analyzers.model import OTHER
+    from analyzers.planning.diagnose_rows import fixed_sizes, row_units
+
+    geometry, main, found = report.geometry or {}, report.main_device, _main_timeline(source, report)
+    vocab = geometry.get("vocab_size")
+    if main is None or found is None or not rows or not prompt or not isinstance(vocab, int):
+        return None
+    dev = next((d for d in source.devices if d.device == main.device), None)
+    if dev is None or dev.category is None or not bool((dev.addr >= 0).any()):
+        return None
+    windows = _prefill_windows(source, report)
+    if not windows:
+        return None
+    vocab_units = {vocab * 4, vocab * _HALF_FLOATS.get(str(geometry.get("dtype")), 4)}
+    every_position = {rows * unit * prompt for unit in vocab_units} if prompt > 1 else set()
+    stays = (fixed_sizes(geometry) | {rows * unit for unit in vocab_units}) - every_position
+    # of those, the ones no row count changes, as `batch_fixed_bytes` tells them (none without a context)
+    other_units = row_units(geometry) - vocab_units
+
+    def follows_rows(nbytes: int) -> bool:
+        per_row, left = divmod(nbytes, rows)
+        return not left and (
+            nbytes in {rows * unit for unit in vocab_units} | every_position
+            or any(not per_row % unit and per_row // unit <= (context or 0) for unit in other_units)
+        )
+
+    no_rows = {n for n in fixed_sizes(geometry) if context and not follows_rows(n)} & stays
+    delta = dev.delta_bytes.astype(np.int64)
+    sizes = np.abs(delta)
+    other = dev.category == OTHER
+
+    def live(of: set[int]) -> np.ndarray:
+        # live bytes of those sizes after each event: a free carries its block's category and minus its size
+        return np.maximum(np.cumsum(np.where(other & np.isin(sizes, list(of)), delta, 0)), 0)
+
+    vocab_live, fixed_live = live(stays), live(no_rows)
+    grows = found[1].by_category["other"] - vocab_live
+    return [(fixed_live[at], (vocab_live - fixed_live)[at], grows[at]) for at in windows]
 
 
 def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, rows_told: bool) -> str:
@@ -402,9 +555,11 @@ def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, row
         f": the run's own settings plan its own peak; {smaller}; a larger batch grows them in proportion "
         "but for the logits processors' vectors over the vocabulary, which no row count changes, "
         "a larger context those over it (ids, masks, attention's) by the tokens added, a longer prompt's "
-        "prefill with the prompt (where every layer slides, by generate()'s ids and mask alone, a few bytes "
-        "a token, as the run's peak shows them), and attention's tensors of prompt x prompt (eager's mask "
-        "and scores, sdpa's mask where prompts are padded) by arithmetic over the pairs beyond the run's"
+        "prefill with the prompt but for its vocabulary-long allocations (the last position's logits, the "
+        "processors' vectors), which stay (where every layer slides, by generate()'s ids and mask alone, a "
+        "few bytes a token, as the run's peak shows them), and attention's tensors of prompt x prompt "
+        "(eager's mask and scores, sdpa's mask where prompts are padded) by arithmetic over the pairs beyond "
+        "the run's"
         if same_cache
         else ": beside this cache's KV at the run's peak, or, the larger, its KV peak (inside a cache "
         "update) beside what the run held at its own KV peak, where the run tells it (else added to that KV "

@@ -126,6 +126,8 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         # buffers planned at their capacity) leaves the activations as measured
         row_activation_bytes=moment.row_activation_bytes if same_rows else None,
         prefill_activations_bytes=moment.prefill_activations_bytes,
+        prefill_prompt_bytes=moment.prefill_prompt_bytes if same_rows else None,
+        prefill_moments=moment.prefill_moments if same_rows else None,
         update_activations_bytes=moment.update_activations_bytes,
         compute_dtype=run.weights_dtype,  # a float dtype, the model's, where the run says
         dtype_fixed_bytes=moment.dtype_fixed_bytes,
@@ -136,6 +138,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         prefill_batch_fixed_bytes=moment.prefill_batch_fixed_bytes if same_rows else None,
         update_batch_fixed_bytes=moment.update_batch_fixed_bytes if same_rows else None,
         token_row_bytes=moment.token_row_bytes,
+        prompt_row_bytes=moment.prompt_row_bytes,
         update_token_bytes=moment.update_token_bytes,
         encoder_tokens=run.encoder_tokens,
         context_token_bytes=moment.context_token_bytes,
