@@ -75,32 +75,32 @@ class RecordedPeak:
     # proportion, as `kvtrace diagnose` finds them (analyzers.planning.diagnose_rows); None: not told apart
     row_activation_bytes: int | None = None
     # the most held beside the weights and KV during the run's prefill, which a larger prefill is priced
-    # from (analyzers.planning.run_peak's `prefill_beside`); None: not told, the peak's remainder bounds it
+    # from (analyzers.planning.run_moments' `prefill_beside`); None: not told, the peak's remainder bounds it
     prefill_activations_bytes: int | None = None
     # of the prefill's, the most beside the logits over its last position and the vectors over the
     # vocabulary, which stay at a longer prompt: what a longer prompt's prefill grows in proportion to it
-    # (run_peak's `prefill_prompt_bytes`); None: not told, all of the prefill's grow with the prompt
+    # (run_moments' `prefill_prompt_bytes`); None: not told, all of the prefill's grow with the prompt
     prefill_prompt_bytes: int | None = None
     # the prefill's moments, each (bytes no row count or prompt changes, bytes following the rows alone,
     # bytes following the rows and the prompt), those no other exceeds in all three: a longer prompt's
-    # prefill is the most of them grown, not its logits' moment plus another's growth (run_peak's
+    # prefill is the most of them grown, not its logits' moment plus another's growth (run_moments'
     # `prefill_moments`); None: not told, `prefill_prompt_bytes` bounds it
     prefill_moments: tuple[tuple[int, int, int], ...] | None = None
     # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies
-    # (run_peak's `update_beside`): what another cache's update copies are priced beside, rather than the
+    # (run_moments' `update_beside`): what another cache's update copies are priced beside, rather than the
     # peak moment's activations (the logits at a step's end); None: not told
     update_activations_bytes: int | None = None
     # the float dtype the run computed in (its model's: bf16, fp16, fp32), that of its activations; a plan
     # in a wider one grows them (analyzers.planning.recorded_dtype); None: not known, kept as measured
     compute_dtype: str | None = None
     # of `activations_bytes`, `prefill_activations_bytes` and `update_activations_bytes`, those in no model
-    # dtype (generate's float32 logits, the vocabulary-long vectors: run_peak's `dtype_fixed_bytes`), which
+    # dtype (generate's float32 logits, the vocabulary-long vectors: run_moments' `dtype_fixed_bytes`), which
     # another compute dtype leaves as they are; None: not told apart, all follow the dtype
     dtype_fixed_bytes: int | None = None
     prefill_dtype_fixed_bytes: int | None = None
     update_dtype_fixed_bytes: int | None = None
     # of `activations_bytes`, `prefill_activations_bytes` and `update_activations_bytes`, those a larger
-    # batch keeps: the logits processors' vectors over the vocabulary (run_peak's `batch_fixed_bytes`);
+    # batch keeps: the logits processors' vectors over the vocabulary (run_moments' `batch_fixed_bytes`);
     # None: not told apart, all grow with the rows
     batch_fixed_bytes: int | None = None
     prefill_batch_fixed_bytes: int | None = None

@@ -1,0 +1,271 @@
+"""The moments of a recorded run that `kvtrace plan --from-run` prices apart from its peak (`run_peak`): the
+most held beside the weights and KV during the prefill and at a cache update, the prefill's moments split by
+what they follow (fixed, the batch, the prompt), and the bytes of them a wider dtype or a smaller batch does
+not change. Pure, torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from analyzers.budget import step_starts
+
+if TYPE_CHECKING:
+    from analyzers.model import MemorySource
+    from analyzers.summary import Report
+
+__all__ = [
+    "HALF_FLOATS",
+    "batch_fixed_bytes",
+    "dtype_fixed_bytes",
+    "main_timeline",
+    "prefill_beside",
+    "prefill_beside_at",
+    "prefill_moments",
+    "prefill_prompt_bytes",
+    "update_beside",
+    "update_beside_at",
+]
+
+HALF_FLOATS = {"bfloat16": 2, "float16": 2}  # a model's 16-bit compute dtypes, whose bytes an element
+
+
+def dtype_fixed_bytes(source: MemorySource, report: Report, index: int | None) -> int | None:
+    """Bytes of the allocations beside the weights and KV live after the main device's event `index` that
+    keep their size whatever the model computes in: generate()'s float32 copies of the last position's
+    logits (rows x vocab x 4: it upcasts them) and the logits processors' vectors over the vocabulary
+    (bool, float32, int64). A plan in a wider compute dtype than the run's (`--dtype fp32` of a bf16 run)
+    grows the rest. Their sizes tell them from the model's own tensors only in a 16-bit model (in a
+    float32 one every float is float32), so None for another, or where the events carry no addresses;
+    the model's own logits (rows x vocab in its dtype) are never counted, whatever their size."""
+    from analyzers.model import OTHER
+    from analyzers.planning.diagnose_stacks import live_sizes
+
+    geometry, main, rows = report.geometry or {}, report.main_device, report.kv.batch
+    element = HALF_FLOATS.get(str(geometry.get("dtype")))
+    vocab = geometry.get("vocab_size")
+    if index is None or index < 0 or main is None or not element or not isinstance(vocab, int) or not rows:
+        return None
+    dev = next((d for d in source.devices if d.device == main.device), None)
+    if dev is None or not bool((dev.addr >= 0).any()):
+        return None
+    fixed = {rows * vocab * 4, vocab, vocab * 4, vocab * 8} - {rows * vocab * element}
+    return sum(nbytes for nbytes in live_sizes(dev, index, OTHER) if nbytes in fixed)
+
+
+def batch_fixed_bytes(
+    source: MemorySource,
+    report: Report,
+    index: int | None,
+    rows: int | None,
+    prompt: int | None,
+    context: int | None,
+) -> int | None:
+    """Bytes of the allocations beside the weights and KV live after the main device's event `index` that a
+    larger batch keeps: the vectors over the vocabulary generate()'s logits processors make, whatever the
+    rows (an int64 `arange`, bool masks: diagnose_rows' `fixed_sizes`), where their size is no batch-first
+    tensor's. A batch-first one is `rows` x a model width (`row_units`) x positions: the vocabulary's
+    logits over one position (generate() keeps the last one's) or the prompt's (a model computing them all
+    at its prefill), the other widths over at most the context. A size both (at batch 1 the float32 logits
+    are a float32 vector's) counts as the rows', so the batch grows it: an upper bound. Before, a larger
+    batch grew them too: the demo's tiny Llama at batch 1, planned at batch 8, held 33,831,072 B beside its
+    weights and KV where the batch-8 recording held 25,790,108 (+8.5% on its peak), 1,154,304 of the 4,233,236
+    it held at batch 1 being those vectors. None where the events carry no addresses or the run does not
+    say its rows, prompt and context."""
+    from analyzers.model import OTHER
+    from analyzers.planning.diagnose_rows import fixed_sizes, row_units
+    from analyzers.planning.diagnose_stacks import live_sizes
+
+    geometry, main = report.geometry or {}, report.main_device
+    vocab = geometry.get("vocab_size")
+    if index is None or index < 0 or main is None or not rows or prompt is None or context is None:
+        return None
+    dev = next((d for d in source.devices if d.device == main.device), None)
+    if not isinstance(vocab, int) or dev is None or not bool((dev.addr >= 0).any()):
+        return None
+    vocab_units = {vocab * 4, vocab * HALF_FLOATS.get(str(geometry.get("dtype")), 4)}
+    batch_first = {rows * unit * positions for unit in vocab_units for positions in {1, prompt}}
+    other_units = row_units(geometry) - vocab_units
+
+    def follows_rows(nbytes: int) -> bool:
+        if nbytes in batch_first:
+            return True
+        per_row, left = divmod(nbytes, rows)
+        return not left and any(not per_row % unit and per_row // unit <= context for unit in other_units)
+
+    fixed = fixed_sizes(geometry)
+    return sum(n for n in live_sizes(dev, index, OTHER) if n in fixed and not follows_rows(n))
+
+
+def main_timeline(source: MemorySource, report: Report) -> tuple[int, Any] | None:
+    """(index among the source's devices, timeline) of the report's main device; None without one."""
+    main = report.main_device
+    if main is None or not report.timelines:
+        return None
+    dev_index = next((i for i, d in enumerate(source.devices) if d.device == main.device), None)
+    if dev_index is None or dev_index >= len(report.timelines):
+        return None
+    return dev_index, report.timelines[dev_index]
+
+
+def update_beside(source: MemorySource, report: Report) -> int | None:
+    """What the main device held beside its weights and KV at the KV log's peak, where that peak is a cache
+    update's transient (above the final KV: a dynamic cache's growth copy): the activations alive during a
+    decode step's cache update. Another cache's update copies (a QuantizedCache's dequantized and returned
+    K and V) sit beside these, not beside the run's peak moment's, which are the logits a step ends with
+    (the tour's demo at batch 8: 8.12 MiB at its update, 24.61 MiB at its peak). None where the run does not
+    tell: no transient, no timeline."""
+    return update_beside_at(source, report)[0]
+
+
+def update_beside_at(source: MemorySource, report: Report) -> tuple[int | None, int | None]:
+    """`update_beside`, and the main device's event index it was read at (None where not told)."""
+    kv_log = source.meta.get("kv")
+    timeline = main_timeline(source, report)
+    if kv_log is None or timeline is None or kv_log.peak_bytes <= kv_log.final_bytes:
+        return None, None
+    at = int(np.searchsorted(timeline[1].ts_us, kv_log.peak_t_ns / 1000.0, side="right")) - 1
+    return (int(timeline[1].by_category["other"][at]), at) if at >= 0 else (None, None)
+
+
+def prefill_beside(source: MemorySource, report: Report) -> int | None:
+    """The most the main device held beside its weights and KV during the run's prefill steps (the KV log's
+    steps of phase "prefill", from the step's start to the next step's, `step_starts`): what a plan prices a
+    larger prefill with. The run's peak less its weights and prefill KV bounds it too, but where the peak
+    came late that holds the run's decode KV and its growth copy as well (the tour's demo planned at batch
+    12, context 40: 66.35 MiB of "activations" where the batch-12 recording held 36.34 MiB). None where
+    the run does not tell: no step of its log a whole prefill (cut short in it), no timeline."""
+    return prefill_beside_at(source, report)[0]
+
+
+def prefill_beside_at(source: MemorySource, report: Report) -> tuple[int | None, int | None]:
+    """`prefill_beside`, and the main device's event index of that most (None where not told)."""
+    found = main_timeline(source, report)
+    if found is None:
+        return None, None
+    beside = found[1].by_category["other"]  # allocated less weights and KV, after each event
+    most: int | None = None
+    most_at: int | None = None
+    for inside in _prefill_windows(source, report):
+        at = int(inside[np.argmax(beside[inside])])
+        if most is None or int(beside[at]) > most:
+            most, most_at = int(beside[at]), at
+    return most, most_at
+
+
+def _prefill_windows(source: MemorySource, report: Report) -> list[np.ndarray]:
+    """The main device's event indices of each whole prefill step of the KV log (from the step's start to
+    the next step's, `step_starts`); none where the run has no KV log or timeline."""
+    kv_log = source.meta.get("kv")
+    found = main_timeline(source, report)
+    if kv_log is None or found is None:
+        return []
+    timeline = found[1]
+    # Where each step began as `diagnose` counts it: a module cache's first KV line (`cache_k`, scanned at
+    # the forward's end) would put the prefill's own activations outside its window and the next decode
+    # forward's inside it
+    starts = step_starts(source)
+    cut_step = kv_log.cut.step if kv_log.cut is not None else None
+    windows = []
+    for i, (start_us, step, phase) in enumerate(starts):
+        if (kv_log.step_phase.get(step) or phase) != "prefill" or step == cut_step:
+            continue
+        end_us = starts[i + 1][0] if i + 1 < len(starts) else np.inf
+        inside = np.flatnonzero((timeline.ts_us >= start_us) & (timeline.ts_us < end_us))
+        if len(inside):
+            windows.append(inside)
+    return windows
+
+
+def prefill_prompt_bytes(
+    source: MemorySource, report: Report, rows: int | None, prompt: int | None
+) -> int | None:
+    """The most the main device held during the run's prefill steps beside its weights, its KV and the
+    allocations over the vocabulary a position long: what a longer prompt's prefill grows, in proportion to
+    it (its hidden states, MLP and attention over the prompt, generate()'s ids and mask). The vocabulary's
+    stay: the logits processors' vectors, and the logits, which transformers' generate() computes for the
+    last position alone (it passes `logits_to_keep=1` where the model takes it, 5.x) and upcasts to float32.
+    Logits over every position of the prompt (a model without `logits_to_keep`, or a call giving 0) are
+    `rows` x prompt x the vocabulary long, and grow. Each moment counts apart: the most of them may come
+    inside a layer, not where the logits live (the prefill's most beside the KV, `prefill_beside`). Before,
+    a longer prompt grew all of them: the tiny Llama 3 (128,256-token vocabulary, 4 layers) at batch 1,
+    planned from a 16-token prompt at 256, said 111,149,568 B where the recording peaked at 73,190,324
+    (+51.9%), the float32 logits' 2.45 MiB grown 16-fold. None where the events carry no addresses or
+    categories, or the run does not say its rows and prompt, or has no whole prefill step."""
+    parts = _prefill_parts(source, report, rows, prompt, None)
+    return None if parts is None else max(int(grows.max()) for _, _, grows in parts)
+
+
+def prefill_moments(
+    source: MemorySource, report: Report, rows: int | None, prompt: int | None, context: int | None
+) -> tuple[tuple[int, int, int], ...] | None:
+    """The run's prefill moments as (bytes no row count or prompt changes, bytes that follow the rows alone,
+    bytes that follow the rows and the prompt) beside its weights and KV: the logits processors' vectors
+    over the vocabulary (`batch_fixed_bytes`' sizes), the rest of the vocabulary-long allocations (the last
+    position's logits), the rest (`prefill_prompt_bytes`). Only the moments no other exceeds in all three,
+    the ones that can be a plan's most at some rows and prompt: the logits' moment at the step's end, one
+    inside a layer, whose hidden states and attention a longer prompt grows beyond it (eager's scores at a
+    256-token prompt, 2 rows: 8.4 MB beside no logits). None where `prefill_prompt_bytes` is."""
+    if not context:
+        return None
+    parts = _prefill_parts(source, report, rows, prompt, context)
+    if parts is None:
+        return None
+    triples = {
+        (int(f), int(r), int(g))
+        for fixed, row_only, grows in parts
+        for f, r, g in zip(fixed.tolist(), row_only.tolist(), grows.tolist(), strict=True)
+    }
+    ordered = sorted(triples, reverse=True)  # a moment can be exceeded in all three only by one before it
+    kept: list[tuple[int, int, int]] = []
+    for moment in ordered:
+        if not any(all(a >= b for a, b in zip(other, moment, strict=True)) for other in kept):
+            kept.append(moment)
+    return tuple(kept)
+
+
+def _prefill_parts(
+    source: MemorySource, report: Report, rows: int | None, prompt: int | None, context: int | None
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """For each whole prefill step, at each of its events, the bytes beside the weights and KV split as
+    `prefill_moments` splits them (with no `context`, the first two not told apart: all in the second)."""
+    from analyzers.model import OTHER
+    from analyzers.planning.diagnose_rows import fixed_sizes, row_units
+
+    geometry, main, found = report.geometry or {}, report.main_device, main_timeline(source, report)
+    vocab = geometry.get("vocab_size")
+    if main is None or found is None or not rows or not prompt or not isinstance(vocab, int):
+        return None
+    dev = next((d for d in source.devices if d.device == main.device), None)
+    if dev is None or dev.category is None or not bool((dev.addr >= 0).any()):
+        return None
+    windows = _prefill_windows(source, report)
+    if not windows:
+        return None
+    vocab_units = {vocab * 4, vocab * HALF_FLOATS.get(str(geometry.get("dtype")), 4)}
+    every_position = {rows * unit * prompt for unit in vocab_units} if prompt > 1 else set()
+    stays = (fixed_sizes(geometry) | {rows * unit for unit in vocab_units}) - every_position
+    # of those, the ones no row count changes, as `batch_fixed_bytes` tells them (none without a context)
+    other_units = row_units(geometry) - vocab_units
+
+    def follows_rows(nbytes: int) -> bool:
+        per_row, left = divmod(nbytes, rows)
+        return not left and (
+            nbytes in {rows * unit for unit in vocab_units} | every_position
+            or any(not per_row % unit and per_row // unit <= (context or 0) for unit in other_units)
+        )
+
+    no_rows = {n for n in fixed_sizes(geometry) if context and not follows_rows(n)} & stays
+    delta = dev.delta_bytes.astype(np.int64)
+    sizes = np.abs(delta)
+    other = dev.category == OTHER
+
+    def live(of: set[int]) -> np.ndarray:
+        # live bytes of those sizes after each event: a free carries its block's category and minus its size
+        return np.maximum(np.cumsum(np.where(other & np.isin(sizes, list(of)), delta, 0)), 0)
+
+    vocab_live, fixed_live = live(stays), live(no_rows)
+    grows = found[1].by_category["other"] - vocab_live
+    return [(fixed_live[at], (vocab_live - fixed_live)[at], grows[at]) for at in windows]
