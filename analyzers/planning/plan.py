@@ -43,7 +43,7 @@ from analyzers.planning.plan_types import (
     PlanResult,
     Remedy,
 )
-from analyzers.planning.recorded_growth import padding_note, prefill_bound_note, quantized_prefill_note
+from analyzers.planning.recorded_notes import padding_note, prefill_bound_note, quantized_prefill_note
 from analyzers.planning.size_text import parse_size
 
 __all__ = [

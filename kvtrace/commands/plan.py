@@ -502,7 +502,7 @@ class PlanCommand(Command):
         if run is not None and moment is not None:
             recorded = _recorded(run, moment)
             request = replace(request, recorded=recorded)
-            from analyzers.planning.recorded_growth import same_cache_as_run
+            from analyzers.planning.recorded_run import same_cache_as_run
             from analyzers.planning.run_peak import recorded_note
 
             rows_told = recorded.row_activation_bytes is not None

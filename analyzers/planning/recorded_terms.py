@@ -1,0 +1,256 @@
+"""The terms a recorded run's peak is grown by, for a plan at another batch, context or prompt
+(`recorded_growth`): how its activations follow the rows, the tokens attended and the prompt, what of them
+stays fixed, and the copies and masks a longer context adds. Pure arithmetic on a `RecordedPeak`, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from analyzers.planning.plan_kv import kv_sizes
+from analyzers.planning.plan_types import PlanRequest, RecordedPeak
+from analyzers.planning.presets import dtype_bytes_for
+from analyzers.planning.recorded_run import run_request, same_cache_as_run
+from analyzers.planning.sdpa_repeats import sdpa_copies_unmeasured
+from analyzers.planning.static_prefill import attended as _attended
+
+__all__ = [
+    "Gain",
+    "attended_gain",
+    "attention_copies",
+    "context_growth",
+    "covering_moments",
+    "grown_with_prompt",
+    "moments_grown",
+    "prefill_growth",
+    "prefill_peaks",
+    "prompt_bytes_kept",
+    "prompt_token_growth",
+    "rows_freed",
+    "scaled_activations",
+    "static_mask_bytes",
+    "token_growth",
+    "unseen_at_end",
+    "update_token_growth",
+]
+
+
+def attention_copies(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """Bytes one layer's attention holds over the attended tokens at a decode step beyond the cache's own
+    storages, where they grow with the context: eager attention (the run's `attn_implementation`) expands K
+    and V to the query heads (`repeat_kv`, where there are fewer KV heads) and makes the scores, its
+    softmax in float32 (3 copies of heads x tokens, at 4 bytes: a bound); an fp8 cache dequantizes K and V
+    to float32 (`Fp8QuantizedLayer._dequantize`: 3 of K's or V's copies live at once, measured), a
+    quanto or HQQ cache returns its K and V in the compute dtype. sdpa's kernels take the KV heads as they
+    are, but for a static cache's decode steps under a transformers before 5.23 (`sdpa_repeats_kv`): K and
+    V expanded to the query heads over every position of the cache, with the step's mask and the kernel's
+    buffers beside, where the run's peak does not hold them. 0 for other attention and a run that does not
+    say its own."""
+    geom = req.geometry
+    attended = _attended(req, context)
+    compute = dtype_bytes_for(req.effective_compute_dtype, 1)
+    side = max(max(k, v) for k, v in geom.layer_kv_widths)  # one layer's K (or V) elements a token
+    per_token = 0
+    if req.cache == "quantized" and req.kv_dtype == "fp8":
+        per_token += 3 * side * 4
+    eager = rec.attn_implementation == "eager"
+    if eager:
+        head_dim = max(geom.head_dim, geom.global_head_dim or 0)
+        expanded = geom.num_attention_heads * head_dim
+        if req.cache == "quantized" and req.kv_dtype != "fp8":
+            per_token += 2 * side * compute
+        per_token += (2 * expanded * compute if expanded > side else 0) + 3 * geom.num_attention_heads * 4
+    elif sdpa_copies_unmeasured(req, rec):
+        # beside the copies, the step's bool mask a position, torch's copy of it in the compute dtype (sdpa
+        # takes a float mask) and the kernel's own buffers, bounded by the scores' float32 row a head (on the
+        # CPU, flash attention's per-thread buffers: 4,100 B of the tiny Llama's 8 rows x 319 positions)
+        expanded = geom.num_attention_heads * max(geom.head_dim, geom.global_head_dim or 0)
+        if expanded > side:
+            per_token += 2 * expanded * compute + 1 + compute + geom.num_attention_heads * 4
+    return batch * attended * per_token
+
+
+def context_growth(req: PlanRequest, rec: RecordedPeak, context: int) -> float:
+    """How much a row's activations grow from the run's context to `context`: as the tokens the planned
+    cache attends over at each (at least 1: a shorter context keeps them, an upper bound). Measured from the
+    run's context in the planned cache, not in the run's: at one context a step ends holding the same
+    logits, ids and mask whatever the cache, so a sliding run planned on a full cache at its own context
+    keeps its activations (before, they grew by context / (window + 1): on the tiny Llama at batch 2,
+    context 12, window 8, +19,186 B, +3.1%, over the full cache's recording; the demo's, +88%)."""
+    return max(_attended(req, context) / _attended(req, rec.context), 1.0)
+
+
+def unseen_at_end(run: PlanRequest, rec: RecordedPeak) -> int:
+    """Bytes a finished run may have held beside its weights and KV at its last step's end beyond those it
+    held at its peak moment: its peak less its weights, final KV and the peak's activations (none where the
+    peak was that moment, or the run was cut short and never reached it)."""
+    if rec.cut_short:
+        return 0
+    final_kv = kv_sizes(run, rec.batch, rec.context).kv_bytes
+    return max(rec.peak_bytes - rec.weights_bytes - final_kv - rec.activations_bytes, 0)
+
+
+@dataclass(frozen=True)
+class Gain:
+    """How a plan grows a moment's activations from the run's: `rows` times the run's rows, `stretch`
+    times the tokens it attends over (`context_growth`), `row_count` rows of `tokens` tokens more."""
+
+    rows: float
+    stretch: float
+    row_count: int
+    tokens: int
+
+    def grown(self, activations: float, token_bytes: int | None, fixed: int | None = None) -> int:
+        """`activations` at the plan: all follow the rows, and where the run tells the bytes a row and
+        token adds (`token_bytes`: run_peak's `context_token_bytes`), those grow by the tokens attended
+        more; the logits, a position's hidden states and generate()'s float32 copies of the last position
+        stay (before, all grew with the context: the tiny Llama's dynamic cache planned from context 12
+        at 206 was +918,539 B, +109.4%, over its recording). Not told: all grow in proportion to the
+        context too (an upper bound). `fixed` of them (the vocabulary-long vectors: run_peak's
+        `batch_fixed_bytes`) stay whatever the rows and tokens."""
+        if token_bytes is None:
+            return scaled_activations(activations, fixed, self.rows * self.stretch)
+        return scaled_activations(activations, fixed, self.rows) + token_bytes * self.row_count * self.tokens
+
+
+def grown_with_prompt(
+    activations: float, fixed: int | None, rows: float, longer: float, prompt_bytes: float | None
+) -> int:
+    """A prefill's `activations` at `rows` times the run's rows (all but `fixed` grow with them, `scaled`)
+    and a prompt `longer` times the run's: where the run tells what its prefill held that grows with the
+    prompt (`prompt_bytes`, run_peak's `prefill_prompt_bytes`), those grow by the tokens added, the logits
+    over the last position and the vectors over the vocabulary stay, as generate() makes them whatever the
+    prompt; not told, all but `fixed` grow with it. Before, all grew: the tiny Llama 3 (128,256-token
+    vocabulary) at batch 1, planned from a 16-token prompt at 256, said 111,149,568 B where the recording
+    peaked at 73,190,324 (+51.9%), its 2.45 MiB of float32 logits over one position grown 16-fold. Each
+    moment of the prefill is within the run's most beside its KV plus its most growing (a moment inside a
+    layer, not the logits', may hold the latter): an upper bound."""
+    if prompt_bytes is None:
+        return scaled_activations(activations, fixed, rows * longer)
+    return scaled_activations(activations, fixed, rows) + math.ceil(prompt_bytes * rows * (longer - 1))
+
+
+def moments_grown(moments: tuple[tuple[int, int, int], ...], rows: float, longer: float) -> int:
+    """The most of the prefill's `moments` (`RecordedPeak.prefill_moments`) at `rows` times the run's rows
+    and a prompt `longer` times its: each its fixed bytes, its rows' grown with them, its prompt's with
+    both. Before, the logits' moment was priced with another moment's growth beside it: the tiny Llama 3
+    with eager attention, batch 2, planned from a 16-token prompt at 256, +9.6% over its recording."""
+    return max(fixed + math.ceil((row_only + grows * longer) * rows) for fixed, row_only, grows in moments)
+
+
+def covering_moments(rec: RecordedPeak, beside: int) -> tuple[tuple[int, int, int], ...] | None:
+    """The run's prefill moments (`RecordedPeak.prefill_moments`) where the most of them is at least
+    `beside`, the prefill's most as the plan takes it: not where the run peaked in a prefill step it did
+    not finish (cut short), which no moment counts. None: not told, or not covering."""
+    moments = rec.prefill_moments
+    return moments if moments and moments_grown(moments, 1.0, 1.0) >= beside else None
+
+
+def prompt_bytes_kept(rec: RecordedPeak, kept: float) -> float | None:
+    """The run's prefill bytes that grow with the prompt (`RecordedPeak.prefill_prompt_bytes`) at fewer
+    rows, the share `kept` of them that `rows_freed` keeps; None: not told."""
+    return None if rec.prefill_prompt_bytes is None else rec.prefill_prompt_bytes * kept
+
+
+def scaled_activations(activations: float, fixed: int | None, factor: float) -> int:
+    """`activations` grown by `factor` (more rows, a longer prompt), all but `fixed` of them, which no row
+    count changes (the logits processors' vectors over the vocabulary: run_peak's `batch_fixed_bytes`);
+    the run's own figure where `factor` is 1."""
+    kept = min(fixed or 0, math.floor(activations))
+    return kept + math.ceil((activations - kept) * factor)
+
+
+def attended_gain(req: PlanRequest, rec: RecordedPeak, context: int) -> int:
+    """Tokens a step attends over more at `context` than at the run's, in the planned cache (none fewer:
+    a shorter context keeps the activations, an upper bound)."""
+    return max(_attended(req, context) - _attended(req, rec.context), 0)
+
+
+def update_token_growth(rec: RecordedPeak, batch: int, context: int, scale: float) -> int:
+    """Bytes generate()'s token tensors add to what the run held at its KV peak (`update_token_bytes`,
+    grown by `scale`) in a plan whose KV peak is its last step's, `context` tokens a row at most: a sliding
+    run's KV peak comes while its window fills, its ids short (the tiny Llama at batch 2, context 206: 288 B
+    of them where the full cache's last update held 6,560)."""
+    if not rec.token_row_bytes or rec.update_token_bytes is None:
+        return 0
+    return max(rec.token_row_bytes * batch * context - math.ceil(rec.update_token_bytes * scale), 0)
+
+
+def token_growth(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """Bytes generate()'s token tensors (input ids, attention mask, position ids: `token_row_bytes` a row
+    and token) add at `batch` and `context` beyond what the activations' `context_growth` gives them: they
+    grow by a token at every step whatever the cache, while a window stops the attended tokens. None where
+    the growth is the context's (a full cache); `(context - window - 1)` tokens a row where every layer
+    slides (before, none: the tiny Llama at batch 2, planned from context 12 at 206, was 6,208 B below
+    its recording, 2 rows x 194 tokens x 16 B). And those of the prompt's length, by the tokens a longer
+    prompt adds (`prompt_token_growth`)."""
+    prompt_tokens = prompt_token_growth(req, rec, batch, context)
+    per_token = rec.token_row_bytes
+    if not per_token:
+        return prompt_tokens
+    attended, at_run = _attended(req, context), _attended(req, rec.context)
+    # tokens a row the growth misses: context - rec.context * growth, over `at_run` to stay in integers;
+    # where the activations grow by the tokens attended more (`Gain`), context - rec.context less those
+    missed = context * at_run - rec.context * max(attended, at_run)
+    missed = max(missed, (context - rec.context - max(attended - at_run, 0)) * at_run)
+    return prompt_tokens + (-(-per_token * batch * missed // at_run) if missed > 0 else 0)
+
+
+def prompt_token_growth(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """Bytes the decode peak's tensors of the prompt's length (`RecordedPeak.prompt_row_bytes` a row and
+    token) add at a longer prompt, `batch` rows of the tokens added (the rows' growth is the activations'):
+    a longer context alone leaves them, and their tokens are no context's (before, the tiny Llama 3 at
+    batch 1 planned from a 16-token prompt at 64 was 384 B below its recording, 48 x 8 B)."""
+    if not rec.prompt_row_bytes:
+        return 0
+    run = run_request(req, rec)
+    added = kv_sizes(req, batch, context).prompt - kv_sizes(run, rec.batch, rec.context).prompt
+    return rec.prompt_row_bytes * batch * added if added > 0 else 0
+
+
+def prefill_peaks(rec: RecordedPeak, grown: float, prompt_grown: float) -> bool:
+    """Whether a plan's peak is its prefill as far as the run tells: the run peaked at its own, or the plan's
+    prefill grows more than its steps (a longer prompt). A quantized cache's prefill then makes the
+    backend's quantize temporaries, which no run on another cache measured (`quantized_prefill_note`):
+    such a plan keeps its update's copies on top of the peak's activations, a bound that covers them where
+    measured (the tiny Llama, hqq, a 40-token prompt: recorded 1,908,648 B, planned 1,942,424)."""
+    return rec.phase == "prefill" or prompt_grown > grown
+
+
+def rows_freed(rec: RecordedPeak, batch: int) -> int:
+    """Bytes of the run's peak moment's activations that `batch` rows, fewer than the run's, free: the
+    batch-first ones (`RecordedPeak.row_activation_bytes`, diagnose_rows' split) in proportion to the rows
+    dropped, as `kvtrace diagnose` prices its smaller batch, so that both give one figure. None freed where
+    the recording does not tell them apart, or for as many rows or more."""
+    row_bytes = rec.row_activation_bytes
+    if row_bytes is None or batch >= rec.batch:
+        return 0
+    return round(min(row_bytes, rec.activations_bytes) * (rec.batch - batch) / rec.batch)
+
+
+def prefill_growth(run: PlanRequest, rec: RecordedPeak, prompt: int) -> float:
+    """How much a prefill's activations grow from the run's to the plan's, for a row: they follow the
+    prompt's length, whatever the window (a prefill attends over the whole prompt). A static cache's prefill
+    may attend over all of its length too, yet only attention's tensors over it grow with it, where they do
+    (`static_prefill_bytes`): before, all grew in proportion to it, and so did the decode steps' bound
+    from them (the demo's tiny Llama 3, bf16, batch 1, 20-token prompt, static, planned from context 44 at
+    220: 14.56 MiB of activations where the recording held 3.80 MiB)."""
+    run_prompt = kv_sizes(run, rec.batch, rec.context).prompt
+    return max(prompt / run_prompt, 1.0)
+
+
+def static_mask_bytes(req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """Bytes a static cache's decode step holds in its attention mask, a row over every position of the
+    cache, which the run's cache may not have made (a sliding cache's covers its window, a dynamic cache's
+    sdpa takes none at a decode step): all of them, beyond a static run's own; a bool a position under
+    sdpa, else an element of the compute dtype (eager's, a bound for another attention). The tiny Llama,
+    2 rows, context 12, planned static from a run with a window of 4 was 22 B below the static recording,
+    its mask over 11 positions (the static prefill's growth with its length had covered it before). 0 for
+    another cache, or the run's own."""
+    if req.cache != "static" or same_cache_as_run(req):
+        return 0
+    held = _attended(run, rec.context) if run.cache == "static" else 0
+    more = _attended(req, context) - held
+    element = 1 if rec.attn_implementation == "sdpa" else dtype_bytes_for(req.effective_compute_dtype, 1)
+    return batch * more * element if more > 0 else 0
