@@ -101,7 +101,7 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
     verdict = _fragmentation_verdict(d)
     if verdict is not None:
         rows.append(("fragmentation caused it", verdict))
-    if d.shortfall_bytes is not None:
+    if d.shortfall_bytes is not None and d.shortfall_bytes > 0:  # a run that fits: its headroom is said
         rows.append(("shortfall to cover", human_bytes(d.shortfall_bytes)))
     if d.kv_bytes is not None:
         share = f" ({d.kv_share:.1%} of allocated)" if d.kv_share is not None else ""

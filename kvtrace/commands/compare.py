@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command, require_input
-from kvtrace.commands.output import check_html_target, print_result, write_html
+from kvtrace.commands.output import check_html_target, print_result, said_written, write_html
 from kvtrace.errors import KvtraceError
 from kvtrace.run_layout import is_run_group
 
@@ -62,11 +62,13 @@ class CompareCommand(Command):
             comparison = self._with_groups(paths, labels)
         else:
             comparison = compare([build_report(p) for p in paths], labels)
+        # The page first, said after the result (`said_written`)
+        page = write_html(args.output, comparison_to_html(comparison), quiet=True) if args.output else None
         print_result(
             args.json, lambda: comparison_to_json(comparison), lambda: comparison_to_text(comparison)
         )
-        if args.output:
-            write_html(args.output, comparison_to_html(comparison), quiet=args.json)
+        if page is not None and not args.json:
+            said_written(page)
         return 0
 
     @staticmethod

@@ -239,8 +239,14 @@ def write_html(target: str | Path, html: str, quiet: bool = False) -> Path:
     out = Path(target)
     write_replacing(out, page_bytes(html))
     if not quiet:
-        print(f"wrote {out} ({_binary_size(out.stat().st_size)})")
+        said_written(out)
     return out
+
+
+def said_written(out: Path) -> None:
+    """The line that names a page written. A command writes its page before it prints its result and says
+    so after: a reader that closes stdout early (`| head`) must not cost the page the user asked for."""
+    print(f"wrote {out} ({_binary_size(out.stat().st_size)})")
 
 
 def check_regular_target(out: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvtrace.commands.base import Command, require_input
-from kvtrace.commands.output import check_html_target, print_result, write_html
+from kvtrace.commands.output import check_html_target, print_result, said_written, write_html
 from kvtrace.errors import KvtraceError, cannot_write, missing_dependency
 from kvtrace.run_layout import is_run_group
 
@@ -94,7 +94,7 @@ class ReportCommand(Command):
         self.last_report = report  # for `kvtrace demo`, which reports its own run
         if source.kind == "run" and not getattr(args, "no_export", False):
             self._export(path, source)
-        print_result(args.json, lambda: report_to_json(report), lambda: _text(report))
+        page = None  # written before the result is printed (`said_written`)
         if args.output:
             from analyzers.render.html import report_to_html
 
@@ -111,7 +111,10 @@ class ReportCommand(Command):
                         diagnosis_html_for = None  # type: ignore[assignment]
                     if diagnosis_html_for is not None:
                         sections.append(diagnosis_html_for(source, report))
-            write_html(out, report_to_html(source, report, sections), quiet=args.json)
+            page = write_html(out, report_to_html(source, report, sections), quiet=True)
+        print_result(args.json, lambda: report_to_json(report), lambda: _text(report))
+        if page is not None and not args.json:
+            said_written(page)
         return 0
 
     @staticmethod
@@ -129,9 +132,11 @@ class ReportCommand(Command):
         if not getattr(args, "no_export", False):
             for rank in group.ranks:  # each rank's KV counters and scalars, as for a single run
                 ReportCommand._export(Path(rank.path), rank.source)
+        # The page first, said after the result (`said_written`)
+        page = write_html(Path(args.output), group_report_to_html(group), quiet=True) if args.output else None
         print_result(args.json, lambda: group_report_to_json(group), lambda: group_report_to_text(group))
-        if args.output:
-            write_html(Path(args.output), group_report_to_html(group), quiet=args.json)
+        if page is not None and not args.json:
+            said_written(page)
         return 0
 
     @staticmethod

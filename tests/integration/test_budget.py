@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import re
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -132,6 +133,13 @@ def test_a_budget_that_fits_reports_the_headroom(
     # and a notebook cell says the same
     (verdict,) = [line.strip() for line in text.getvalue().splitlines() if line.startswith("  budget ")]
     assert f"<div>{html.escape(verdict)}</div>" in build_report(tmp_path / "run")[1]._repr_html_()
+    # and diagnose gives the headroom, with no "shortfall to cover" row of minus that headroom
+    text = io.StringIO()
+    with redirect_stdout(text):
+        assert main(["diagnose", str(tmp_path / "run")]) == 0
+    rows = dict(re.findall(r"^  (\S.*?)\s{2,}(\S.*)$", text.getvalue(), flags=re.MULTILINE))
+    assert rows["headroom at the peak"] == human_bytes(2**30 - peak)
+    assert "shortfall to cover" not in rows
 
 
 @pytest.mark.parametrize("bad", ["8G", "lots", "-1GiB", 0])

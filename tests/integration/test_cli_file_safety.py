@@ -367,6 +367,32 @@ def test_a_reader_gone_before_the_output_ends_it_quietly(argv: list[str], unbuff
     assert (proc.returncode, err.decode()) == (0, "")
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["report", str(SAMPLES / "static_b2"), "--no-export", "-q"],
+        ["compare", str(SAMPLES / "static_b2"), str(SAMPLES / "dynamic_b2")],
+    ],
+    ids=["report", "compare"],
+)
+def test_a_reader_gone_early_costs_no_page(argv: list[str], tmp_path: Path) -> None:
+    # GIVEN a page asked for with -o, and standard output into a pipe whose reader has gone (`| true`)
+    page = tmp_path / "page.html"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvtrace.cli", *argv, "-o", str(page)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(True),
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    # THEN the page is written all the same (it was not: the text came first, its broken pipe ended the
+    # command quietly, exit status 0 and no page)
+    assert (proc.returncode, err.decode()) == (0, "")
+    assert page.read_bytes().startswith(b"<!DOCTYPE html>\n<html")
+
+
 def test_an_export_folder_that_is_a_pipe_or_a_device_says_what_it_is(tmp_path: Path) -> None:
     # GIVEN a named pipe, a link to it, and a file below it, where the export folder goes
     pipe = tmp_path / "tables"
