@@ -11,6 +11,7 @@ import numpy as np
 
 from analyzers.group import GroupReport, RankReport
 from analyzers.planning.diagnosis import Diagnosis
+from analyzers.render.budget_marks import add_budget
 from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
 from analyzers.render.event_axis import event_axis, held_points, held_span
 from analyzers.render.json import report_to_json
@@ -111,7 +112,8 @@ def group_report_to_text(group: GroupReport) -> str:
 
 def _group_figure(group: GroupReport) -> Any:
     """One row per rank, all on one time axis (seconds from the group's first event; ranks share the Unix
-    clock): memory by category, allocated, the exact KV log, and where a rank failed."""
+    clock): memory by category, allocated, the exact KV log, the budget and where a rank crosses it, and
+    where a rank failed."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -207,6 +209,8 @@ def _group_figure(group: GroupReport) -> Any:
             )
             kv_axis = {"title_text": f"KV ({kv_unit})", "rangemode": "tozero", "tickmode": "auto"}
             fig.update_yaxes(**kv_axis, showgrid=False, secondary_y=True, row=row, col=1)
+        # Each rank was recorded with the budget (one device each): its line, and where that rank runs out
+        add_budget(fig, r.report.budget, axis.place, factor, row, who=f"rank {r.rank}")
         end_ns = r.ended.get("t_ns")
         if r.status != "ok" and isinstance(end_ns, (int, float)):
             fig.add_vline(x=(end_ns / 1000.0 - t0) / 1e6, line_color="red", line_dash="dash", row=row, col=1)
@@ -223,8 +227,9 @@ def _covered(drawn: list[Any]) -> list[float]:
     return [float(points[0][i]) for points in drawn if points is not None for i in (0, -1)]
 
 
-def group_report_to_html(group: GroupReport) -> str:
-    """One self-contained page: a table of the ranks, then the ranks side by side on one time axis."""
+def group_report_to_html(group: GroupReport, extra_sections: list[str] | None = None) -> str:
+    """One self-contained page: a table of the ranks, `extra_sections` (the focus rank's diagnosis, as
+    `kvtrace report -o` adds it), then the ranks side by side on one time axis."""
     from plotly.offline import get_plotlyjs
 
     esc = html.escape
@@ -245,6 +250,7 @@ def group_report_to_html(group: GroupReport) -> str:
     if group.total.budget is not None:  # the rank that crossed the recorded budget first
         notes += f"<p class='note'>{esc(budget_line(group.total.budget).strip())}</p>"
     plot = figure_div(_group_figure(group), "kvtrace-ranks")
+    sections = "".join(extra_sections or [])
     title = f"kvtrace: {group.path}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
@@ -252,7 +258,7 @@ def group_report_to_html(group: GroupReport) -> str:
 th,td{{padding:2px 10px;border-bottom:1px solid #ddd}} td{{font-family:monospace;text-align:right}}
 .note{{color:#a60}}</style>
 <script type="text/javascript">{get_plotlyjs()}</script></head>
-<body><h1>{esc(title)}</h1>{summary}{notes}<table><tr>{head}</tr>{rows}</table>{plot}</body></html>
+<body><h1>{esc(title)}</h1>{summary}{notes}<table><tr>{head}</tr>{rows}</table>{sections}{plot}</body></html>
 """
 
 

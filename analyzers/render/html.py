@@ -10,12 +10,13 @@ import numpy as np
 
 from analyzers.caches import layer_list
 from analyzers.model import MemorySource
+from analyzers.render.budget_marks import add_budget
 from analyzers.render.engine import no_memory_timeline
 from analyzers.render.event_axis import EventAxis, event_axis, held_points, held_span
 from analyzers.render.json import NO_KV_HINT, report_to_json
-from analyzers.render.kv_heatmap import layer_grid
+from analyzers.render.kv_heatmap import eviction_marks, layer_grid
 from analyzers.render.plotly_div import figure_div
-from analyzers.render.text import budget_line, budget_marker_label, evicted_tokens
+from analyzers.render.text import budget_line, evicted_tokens
 from analyzers.summary import Report
 from analyzers.timeline import PAGE_POINTS, downsample_indices, timeline_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes
@@ -142,7 +143,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
                 col=1,
             )
     peak_y = top / factor
-    _add_budget(fig, report, axis, factor)
+    add_budget(fig, report.budget, axis.place, factor)
     for kind, symbol, color in (
         ("step", "line-ns-open", "#2ca02c"),
         ("eviction", "triangle-down", "#9467bd"),
@@ -209,6 +210,24 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             3,
             1,
         )
+        # The TensorBoard tab's markers, from the same figures (analyzers.eviction_markers)
+        evicted = eviction_marks(kv, grid)
+        if evicted.columns:
+            fig.add_trace(
+                go.Scatter(
+                    x=evicted.columns,
+                    y=evicted.rows,
+                    mode="markers",
+                    name="evicted tokens",
+                    marker={"symbol": "triangle-down", "size": 8, "color": "#9467bd"},
+                    text=evicted.text,
+                    customdata=evicted.evicted_tokens,
+                    hovertemplate="%{text}<extra></extra>",
+                    showlegend=False,
+                ),
+                3,
+                1,
+            )
         # Categories: a column per step of the log, named with its phase (no per-cell text for the hover);
         # a label every few columns, as on a numeric axis, not thousands of rotated ones
         fig.update_xaxes(title_text="step and phase", type="category", nticks=12, row=3, col=1)
@@ -230,39 +249,6 @@ def _held_span(placed: list[Any], source: MemorySource, axis: EventAxis) -> tupl
     if not xs and not axis.held_only:
         xs = [axis.place(m.ts_us) for m in source.markers]
     return held_span(xs)
-
-
-def _add_budget(fig: Any, report: Report, axis: EventAxis, factor: int) -> None:
-    """The budget as a line, and an X where the run crosses it (the allocation that would fail)."""
-    import plotly.graph_objects as go
-
-    budget = report.budget
-    if budget is None:
-        return
-    size = human_bytes(budget["bytes"])
-    fig.add_hline(
-        y=budget["bytes"] / factor,
-        line_dash="dash",
-        line_color="#d62728",
-        annotation_text=f"budget {size}",
-        row=1,
-        col=1,
-    )
-    if budget["crossed"] and budget["t"] is not None:
-        label = budget_marker_label(budget)
-        fig.add_trace(
-            go.Scatter(
-                x=[axis.place(budget["t"])],
-                y=[(budget["allocated_after_bytes"] or budget["bytes"]) / factor],
-                mode="markers",
-                name="runs out here",
-                marker={"symbol": "x", "size": 14, "color": "#d62728"},
-                text=[label],
-                hovertemplate="%{text}<extra></extra>",
-            ),
-            1,
-            1,
-        )
 
 
 def _origin_us(

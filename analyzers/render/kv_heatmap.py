@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from analyzers.caches import MAX_CACHES_AS_ROWS
+from analyzers.eviction_markers import eviction_markers
 
-__all__ = ["MAX_CACHES_AS_ROWS", "LayerGrid", "layer_grid"]
+__all__ = ["MAX_CACHES_AS_ROWS", "EvictionMarks", "LayerGrid", "eviction_marks", "layer_grid"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class LayerGrid:
     columns: list[str]  # "step phase", one per step of the KV log, in order
     rows: list[str]  # "L0", "cache 7 L0" or "all caches L0"
     live_bytes: np.ndarray  # int64 (rows x columns): live KV bytes of the row at the end of the step
+    steps: list[int]  # the KV log's step of each column
+    row_layers: list[int]  # the layer index of each row
 
 
 def layer_grid(kv: Any) -> LayerGrid:
@@ -44,6 +47,8 @@ def layer_grid(kv: Any) -> LayerGrid:
             columns,
             [f"cache {cache} L{layer}" for cache, layer in slots],
             _grid(steps, slots, lambda step: kv.step_cache_live.get(step, {})),
+            steps,
+            [layer for _, layer in slots],
         )
     layers = sorted({layer for live in kv.step_live.values() for layer in live})
     names = [f"L{layer}" for layer in layers]
@@ -54,7 +59,43 @@ def layer_grid(kv: Any) -> LayerGrid:
         )
         title += f", summed over the caches held then ({len(caches):,} caches, at most {at_once:,} at once)"
         names = [f"all caches {name}" for name in names]
-    return LayerGrid(title, columns, names, _grid(steps, layers, lambda step: kv.step_live.get(step, {})))
+    grid = _grid(steps, layers, lambda step: kv.step_live.get(step, {}))
+    return LayerGrid(title, columns, names, grid, steps, layers)
+
+
+@dataclass(frozen=True)
+class EvictionMarks:
+    columns: list[str]  # the grid's column of each marker
+    rows: list[str]  # the grid's row: the layer's (its first cache's, where rows are per cache)
+    text: list[str]  # the hover: steps, layer, tokens evicted over all rows, by kind
+    evicted_tokens: list[int]
+
+
+_KINDS = {"window": "sliding window", "press": "press", "crop": "crop"}
+
+
+def eviction_marks(kv: Any, grid: LayerGrid) -> EvictionMarks:
+    """Where the grid draws the KV log's evictions: `eviction_markers`, the TensorBoard tab's own markers,
+    over the grid's steps. The log counts evictions per layer (summed over caches), so where rows are per
+    cache a marker sits on the layer's first row and its hover says it sums the caches."""
+    row_of: dict[int, str] = {}
+    for name, layer in zip(grid.rows, grid.row_layers, strict=True):
+        row_of.setdefault(layer, name)
+    summed = len(set(grid.row_layers)) < len(grid.row_layers)
+    marks = EvictionMarks([], [], [], [])
+    for marker in eviction_markers(kv.evicted_by_step, grid.steps):
+        step, first = marker["step"], marker["first_step"]
+        where = f"steps {first}-{step}" if first != step else f"step {step}"
+        kinds = ", ".join(f"{_KINDS.get(k, k)} {n:,}" for k, n in marker["by_kind"].items())
+        caches = ", all caches" if summed else ""
+        marks.columns.append(grid.columns[grid.steps.index(step)])
+        marks.rows.append(row_of[marker["layer"]])
+        marks.text.append(
+            f"{where}, L{marker['layer']}: {marker['evicted_tokens']:,} tokens evicted (all rows{caches})"
+            + (f"<br>{kinds}" if kinds else "")
+        )
+        marks.evicted_tokens.append(marker["evicted_tokens"])
+    return marks
 
 
 def _grid(steps: list[int], keys: list[Any], live_at: Callable[[int], Mapping[Any, int]]) -> np.ndarray:

@@ -19,7 +19,6 @@ for that run alone; the store never raises for a run's content.
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import threading
@@ -293,6 +292,7 @@ class RunStore:
             return {"run": name, "steps": [], "phases": [], "layers": [], "kv_bytes": [], "evictions": []}
         import numpy as np
 
+        from analyzers.eviction_markers import eviction_markers
         from analyzers.timeline import downsample_indices
 
         all_steps = sorted(kv.step_live)
@@ -306,7 +306,7 @@ class RunStore:
             "phases": [kv.step_phase.get(s, "") for s in steps],
             "layers": layer_ids,
             "kv_bytes": [[int(kv.step_live[s].get(layer, 0)) for s in steps] for layer in layer_ids],
-            "evictions": _eviction_markers(kv.evicted_by_step, steps),
+            "evictions": eviction_markers(kv.evicted_by_step, steps),
         }
 
     def diagnosis(self, name: str) -> dict[str, Any]:
@@ -363,31 +363,3 @@ class RunStore:
         if explained.unpriced is not None:  # the budget's section, and why the refusal is not priced
             payload["error"] = explained.unpriced
         return payload
-
-
-def _eviction_markers(
-    evicted_by_step: dict[int, dict[int, dict[str, int]]], columns: list[int]
-) -> list[dict[str, Any]]:
-    """The KV log's evictions per step and layer (all rows), summed into the column that ends at or after
-    each step (the last column for any later one)."""
-    from analyzers.kv_events import EVICTION_REASONS
-
-    summed: dict[tuple[int, int], dict[str, int]] = {}
-    for step, by_layer in evicted_by_step.items():
-        at = min(bisect.bisect_left(columns, step), len(columns) - 1)
-        for layer, by_kind in by_layer.items():
-            into = summed.setdefault((at, layer), {})
-            for kind, tokens in by_kind.items():
-                into[kind] = into.get(kind, 0) + tokens
-    markers = []
-    for (at, layer), by_kind in sorted(summed.items()):
-        markers.append(
-            {
-                "step": columns[at],
-                "first_step": columns[at - 1] + 1 if at else columns[0],
-                "layer": layer,
-                "evicted_tokens": sum(by_kind.values()),
-                "by_kind": {kind: by_kind[kind] for kind in EVICTION_REASONS if by_kind.get(kind)},
-            }
-        )
-    return markers

@@ -133,7 +133,10 @@ class ReportCommand(Command):
             for rank in group.ranks:  # each rank's KV counters and scalars, as for a single run
                 ReportCommand._export(Path(rank.path), rank.source)
         # The page first, said after the result (`said_written`)
-        page = write_html(Path(args.output), group_report_to_html(group), quiet=True) if args.output else None
+        page = None
+        if args.output:
+            html = group_report_to_html(group, _group_sections(group))
+            page = write_html(Path(args.output), html, quiet=True)
         print_result(args.json, lambda: group_report_to_json(group), lambda: group_report_to_text(group))
         if page is not None and not args.json:
             said_written(page)
@@ -188,6 +191,21 @@ def _not_exported(problem: KvtraceError) -> None:
         f"kvtrace report: warning: {problem}; the report is complete (--no-export skips this)",
         file=sys.stderr,
     )
+
+
+def _group_sections(group: Any) -> list[str]:
+    """A run group page's diagnosis: the rank `kvtrace diagnose` explains (the one that ran out, else the
+    first that failed, else the peak), where it ran out or crossed its recorded budget, as a single run's
+    page adds it."""
+    focus = group.rank(group.focus_rank)
+    budget = focus.report.budget
+    if focus.report.oom is None and not (budget is not None and budget["crossed"]):
+        return []
+    try:
+        from analyzers.render.diagnosis import diagnosis_html_for
+    except ImportError:  # as for a single run: the page stands without its diagnosis
+        return []
+    return [diagnosis_html_for(focus.source, focus.report)]
 
 
 def _engine_section(source: Any, report: Report) -> list[str] | None:

@@ -13,7 +13,8 @@ sharded by its `tp_plan="auto"`; `hf-tp-profiled`: recorded with the profiler, i
 and given to `kvtrace.track`: OUT_DIR/said with `layout="bshd"`, OUT_DIR/unsaid without),
 `hf-tp-replicated-kv` (a Hugging Face Llama of one KV head split by hand: each rank half the query heads
 and a copy of the KV head), `hf-dp-overwrite` (`hf-dp` recorded with `overwrite=True`), `hf-dp-two-caches`
-(`hf-dp`, rank 0 with two caches one after the other) or `hf-dp-kill-first` (`hf-dp`, the last rank
+(`hf-dp`, rank 0 with two caches one after the other), `hf-dp-budget` (`hf-dp` with the profiler, recorded
+with `gpu_memory=$KVTRACE_TEST_BUDGET`) or `hf-dp-kill-first` (`hf-dp`, the last rank
 SIGKILLed first, rank 0 a second later), `hf-dp-raise-first` (`hf-dp`, the last rank's block raising
 before its first allocation, the profiler on; `-bare`: recorded without the model; `hf-dp-raise-all-bare`:
 every rank so), `module-dp-uneven` /
@@ -145,6 +146,7 @@ def _record_steps(
     caches: int = 1,
     overwrite: bool = False,
     profiler: bool = False,
+    gpu_memory: str | None = None,
 ) -> list[torch.Tensor]:
     """A prefill of `prompt` tokens and DECODE_STEPS single-token steps of `rows` rows, recorded, on each
     of `caches` caches in turn (each dropped when the next is made, as generate() drops its own); the last
@@ -153,7 +155,10 @@ def _record_steps(
 
     torch.manual_seed(1)
     tokens = torch.randint(0, VOCAB, (rows, prompt + DECODE_STEPS))
-    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=profiler, overwrite=overwrite):
+    recording = kvtrace.record(
+        out_dir, model=model, profiler=profiler, overwrite=overwrite, gpu_memory=gpu_memory
+    )
+    with torch.no_grad(), recording:
         for _ in range(caches):
             cache = DynamicCache(config=model.config)
             model(input_ids=tokens[:, :prompt], cache=cache, use_cache=True)
@@ -254,7 +259,12 @@ def run_hf_data_parallel_raised_first(
 
 
 def run_hf_data_parallel(
-    out_dir: Path, facts_dir: Path, uneven: bool = False, overwrite: bool = False, two_caches: bool = False
+    out_dir: Path,
+    facts_dir: Path,
+    uneven: bool = False,
+    overwrite: bool = False,
+    two_caches: bool = False,
+    gpu_memory: str | None = None,
 ) -> None:
     """Data parallelism: every rank the whole model, its own batch (rank r: r + 1 rows; `uneven`: r + 2
     rows of a PROMPT_LEN + 2r token prompt, so the ranks hold different token counts; `two_caches`: rank
@@ -262,7 +272,17 @@ def run_hf_data_parallel(
     rank = dist.get_rank()
     rows, prompt = (rank + 2, PROMPT_LEN + 2 * rank) if uneven else (rank + 1, PROMPT_LEN)
     caches = 2 if two_caches and rank == 0 else 1
-    tensors = _record_steps(hf_model(), out_dir, rows, prompt, caches=caches, overwrite=overwrite)
+    profiler = gpu_memory is not None  # a budget is crossed on the allocator's events
+    tensors = _record_steps(
+        hf_model(),
+        out_dir,
+        rows,
+        prompt,
+        caches=caches,
+        overwrite=overwrite,
+        profiler=profiler,
+        gpu_memory=gpu_memory,
+    )
     facts = {
         "rank": rank,
         "kv_bytes": sum(t.untyped_storage().nbytes() for t in tensors),
@@ -407,13 +427,14 @@ def main() -> None:
             run_hf_tensor_parallel(out_dir, facts_dir, profiler=mode == "hf-tp-profiled")
         elif mode == "hf-tp-replicated-kv":
             run_hf_tensor_parallel_replicated_kv(out_dir, facts_dir)
-        elif mode in ("hf-dp", "hf-dp-uneven", "hf-dp-overwrite", "hf-dp-two-caches"):
+        elif mode in ("hf-dp", "hf-dp-uneven", "hf-dp-overwrite", "hf-dp-two-caches", "hf-dp-budget"):
             run_hf_data_parallel(
                 out_dir,
                 facts_dir,
                 uneven=mode == "hf-dp-uneven",
                 overwrite=mode == "hf-dp-overwrite",
                 two_caches=mode == "hf-dp-two-caches",
+                gpu_memory=os.environ.get("KVTRACE_TEST_BUDGET") if mode == "hf-dp-budget" else None,
             )
         elif mode == "hf-dp-kill-first":
             run_hf_data_parallel_killed(out_dir, facts_dir)
