@@ -31,6 +31,8 @@ __all__ = [
     "caches_note",
     "cross_attention_parts",
     "layer_list",
+    "layer_tokens",
+    "layer_tokens_cell",
     "layers_holding",
     "layers_over_caches",
     "main_cache",
@@ -339,8 +341,23 @@ class _LayerRow(Protocol):
     k_bytes: int
     v_bytes: int
     tokens: int
+    k_tokens: int
+    v_tokens: int
     evicted_tokens: int
     cache: int | None
+
+
+def layer_tokens(row: _LayerRow) -> set[int]:
+    """The tokens per row a layer's K and V hold: one count, or two where a run stopped between its K and
+    V updates; the layer's `tokens` where neither is known, empty where that is not either."""
+    return {tokens for tokens in (row.k_tokens, row.v_tokens) if tokens} or ({row.tokens} - {0})
+
+
+def layer_tokens_cell(row: _LayerRow) -> str:
+    """A per-layer table's tokens per row: the count, or K's and V's where they differ ("K 257 V 256")."""
+    if row.k_tokens and row.v_tokens and row.k_tokens != row.v_tokens:
+        return f"K {row.k_tokens} V {row.v_tokens}"
+    return f"{row.tokens}"
 
 
 def layers_holding(rows: Iterable[_LayerRow], cache: int | None) -> set[int]:
@@ -373,7 +390,7 @@ def layers_over_caches(rows: Iterable[_LayerRow]) -> list[LayerOverCaches]:
     summed = []
     for layer in sorted(by_layer):
         of_layer = by_layer[layer]
-        tokens = [r.tokens for r in of_layer if r.k_bytes + r.v_bytes] or [0]
+        tokens = [t for r in of_layer if r.k_bytes + r.v_bytes for t in layer_tokens(r) or {r.tokens}] or [0]
         summed.append(
             LayerOverCaches(
                 layer=layer,

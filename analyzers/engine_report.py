@@ -34,6 +34,8 @@ def engine_of_source(
         return None
     source.meta["engine"] = run
     figures = engine_figures(run)
+    if figures.status == "refused_start" and not kv.per_layer:
+        kv.measured_from = "none"  # no pool was made: the KV log was read, but it measured no KV
     if run.info.kv_cache_bytes:
         pool_notes = _pool_as_kv(run.info, kv)
         if notes is not None:
@@ -142,7 +144,16 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     if layers:
         held = 0 if freed else 1  # a freed pool's layers hold nothing at the end
         kv.per_layer = [
-            LayerSummary(layer, k_bytes * held, v_bytes * held, 0, capacity, cache=pool_cache)
+            LayerSummary(
+                layer,
+                k_bytes * held,
+                v_bytes * held,
+                0,
+                capacity,
+                cache=pool_cache,
+                k_tokens=capacity,
+                v_tokens=capacity,
+            )
             for layer, k_bytes, v_bytes in layers
         ]
     return notes

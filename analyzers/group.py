@@ -135,6 +135,8 @@ def _sum_kv(kvs: list[KvSummary], reading: Reading = "tensor") -> KvSummary:
             into.v_bytes += item.v_bytes
             into.evicted_tokens = max(into.evicted_tokens, item.evicted_tokens)
             into.tokens = max(into.tokens, item.tokens)
+            into.k_tokens = max(into.k_tokens, item.k_tokens)
+            into.v_tokens = max(into.v_tokens, item.v_tokens)
     methods = sorted({kv.measured_from for kv in kvs})
     tokens_held = max((kv.tokens_held for kv in kvs if kv.tokens_held is not None), default=None)
     batch = max((kv.batch for kv in kvs if kv.batch is not None), default=None)

@@ -96,6 +96,9 @@ def analyze_kv_log(
     evicted_by_layer: dict[tuple[int, int], int] = defaultdict(int)  # (cache, layer) -> tokens, all rows
     evicted_by_layer_reason: dict[tuple[int, int], dict[str, int]] = defaultdict(dict)
     tokens_by_layer: dict[tuple[int, int], int] = {}
+    # K's and V's own: a run cut between a layer's K and V updates (an OOM in V's torch.cat) holds more
+    # tokens in K than in V, and each storage's bytes are over its own tokens
+    tokens_by_kv: dict[tuple[int, int, str], int] = {}
     rows_by_cache: dict[int, int] = {}
     last_seq_by_cache: dict[int, int] = {}
     last_step_by_cache: dict[int, int] = {}  # the step of that event: caches written in one step are peers
@@ -208,9 +211,10 @@ def analyze_kv_log(
             ended = open_step
         if index == cut_from:
             whole_end = copy.deepcopy(
-                (live, live_total, tokens_by_layer, rows_by_cache, last_seq_by_cache, evicted_by_layer,
-                 evicted_by_layer_reason, generated, generated_rows, call_step, call_generated, reordered,
-                 beams, buffer_shapes, buffer_in_place, shared.shares, last_step_by_cache)
+                (live, live_total, tokens_by_layer, tokens_by_kv, rows_by_cache, last_seq_by_cache,
+                 evicted_by_layer, evicted_by_layer_reason, generated, generated_rows, call_step,
+                 call_generated, reordered, beams, buffer_shapes, buffer_in_place, shared.shares,
+                 last_step_by_cache)
             )  # fmt: skip
         if ending and final_state is None:
             final_state = dict(live)
@@ -250,6 +254,7 @@ def analyze_kv_log(
                     storage_shares[open_storage[ev.addr]] = layer_shares(split)
         if ev.event != "freed" and holds_tokens(ev):
             tokens_by_layer[(ev.cache, ev.layer)] = ev.tokens
+            tokens_by_kv[(ev.cache, ev.layer, ev.kv)] = ev.tokens
             last_seq_by_cache[ev.cache] = ev.seq
             last_step_by_cache[ev.cache] = ev.step
             written.add((ev.cache, ev.layer))
@@ -310,9 +315,10 @@ def analyze_kv_log(
         layer_series[ev.layer].append(layer_live[ev.layer])
     if whole_end:
         # The cut step never ended: the end is the last whole step's (its updates stay in the series)
-        (final_state, final_total, tokens_by_layer, rows_by_cache, last_seq_by_cache, evicted_by_layer,
-         evicted_by_layer_reason, generated, generated_rows, call_step, call_generated, reordered, beams,
-         buffer_shapes, buffer_in_place, final_shares, last_step_by_cache) = whole_end  # fmt: skip
+        (final_state, final_total, tokens_by_layer, tokens_by_kv, rows_by_cache, last_seq_by_cache,
+         evicted_by_layer, evicted_by_layer_reason, generated, generated_rows, call_step, call_generated,
+         reordered, beams, buffer_shapes, buffer_in_place, final_shares,
+         last_step_by_cache) = whole_end  # fmt: skip
     elif open_step is not None:
         _close_step(open_step)
         _merge_evicted(evicted_by_step, open_step, gap_evicted)
@@ -323,8 +329,8 @@ def analyze_kv_log(
     for nbytes, _, _, cache in held_by_slot(final_state, final_shares):
         final_by_cache[cache] += nbytes
     by_tokens: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))  # cache -> tokens -> bytes
-    for nbytes, layer, _, cache in held_by_slot(final_state, final_shares):
-        by_tokens[cache][tokens_by_layer.get((cache, layer), 0)] += nbytes
+    for nbytes, layer, kv, cache in held_by_slot(final_state, final_shares):
+        by_tokens[cache][_kv_tokens(tokens_by_kv, tokens_by_layer, cache, layer, kv)] += nbytes
     caches = []
     for cache, last_seq in sorted(last_seq_by_cache.items()):
         tokens = max(tokens for (c, _), tokens in tokens_by_layer.items() if c == cache)
@@ -370,6 +376,8 @@ def analyze_kv_log(
             layer=layer,
             evicted_tokens=evicted_by_layer.get((cache, layer), 0),
             tokens=tokens_by_layer.get((cache, layer), 0),
+            k_tokens=_kv_tokens(tokens_by_kv, tokens_by_layer, cache, layer, "k"),
+            v_tokens=_kv_tokens(tokens_by_kv, tokens_by_layer, cache, layer, "v"),
             evicted_by_reason=dict(evicted_by_layer_reason.get((cache, layer), {})),
             cache=cache,
         )
@@ -406,6 +414,18 @@ def analyze_kv_log(
         step_rows=step_rows,
         cut=cut,
     )
+
+
+def _kv_tokens(
+    by_kv: dict[tuple[int, int, str], int],
+    by_layer: dict[tuple[int, int], int],
+    cache: int,
+    layer: int,
+    kv: str,
+) -> int:
+    """Tokens per row K (or V) of a cache's layer holds as last written; where no event told its own (a
+    storage of a part that holds no tokens, as a scale, in a slot none did), the layer's; 0: unknown."""
+    return by_kv.get((cache, layer, kv), by_layer.get((cache, layer), 0))
 
 
 def _see_buffer(buffers: dict[int, BufferStorage], index: int, ev: KvEvent) -> None:

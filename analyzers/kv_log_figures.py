@@ -23,6 +23,10 @@ class LayerFigures:
     tokens: int = 0
     evicted_by_reason: dict[str, int] = field(default_factory=dict)
     cache: int = 0
+    k_tokens: int = 0
+    v_tokens: int = 0
+    """Tokens per row K and V each hold, as last written: `tokens` for both, but in a run cut between the
+    two updates of a layer (an OOM in V's torch.cat after K's), where K holds one more. 0: unknown."""
 
 
 @dataclass
@@ -66,15 +70,16 @@ class CacheFigures:
     layers shorter, which `static_capacity` leaves out), its max_cache_len; 0 for a cache whose storages
     are replaced as it grows (torch.cat)."""
     bytes_by_tokens: dict[int, int] = field(default_factory=dict)
-    """Its storages at the final state by the tokens per row their layer holds: one entry where every layer
-    holds as many, several where a sliding window's layers hold fewer. What `bytes_per_token_row` divides."""
+    """Its storages at the final state by the tokens per row their layer's K or V holds: one entry where
+    every layer holds as many, several where a sliding window's layers hold fewer, or where a run stopped
+    between a layer's K and V updates. What `bytes_per_token_row` divides."""
 
 
 def bytes_per_token_row(bytes_by_tokens: dict[int, int], rows: int) -> float | None:
-    """KV bytes one token of one row costs across the layers: each layer's storages over its own tokens,
-    summed. Never every layer's bytes over one layer's tokens: a sliding window's layers hold fewer tokens,
-    and so does a layer whose update a cut step did not reach. Layers of unknown tokens (0) are left out;
-    None when none is known."""
+    """KV bytes one token of one row costs across the layers: each layer's K and V storages over their own
+    tokens, summed. Never every layer's bytes over one layer's tokens: a sliding window's layers hold fewer
+    tokens, and so does a layer whose update a cut step did not reach, or its V when the cut fell between
+    its K and V updates. Storages of unknown tokens (0) are left out; None when none is known."""
     known = {tokens: nbytes for tokens, nbytes in bytes_by_tokens.items() if tokens > 0}
     if not known or rows <= 0:
         return None

@@ -54,6 +54,10 @@ class LayerSummary:
     evicted_by_reason: dict[str, int] = field(default_factory=dict)  # window / press / crop
     cache: int | None = 0  # the cache object (the KV log's `cache`): a layer index can be in several;
     # None in a run group whose ranks' main caches have different ids (analyzers.group)
+    k_tokens: int = 0
+    v_tokens: int = 0
+    """Tokens per row its K and V each hold: `tokens` both, but where a run stopped between the layer's K
+    and V updates (an OOM in V's torch.cat), K holding one more. 0: unknown."""
 
 
 @dataclass
@@ -63,7 +67,7 @@ class KvSummary:
     allocated_bytes_total: int
     evicted_tokens: int
     per_layer: list[LayerSummary]
-    measured_from: str  # "kv_log" | "stack_rule" | "none"
+    measured_from: str  # "kv_log" | "engine" | "stack_rule" | "none" (also a refused vLLM start's: no pool)
     bytes_per_token_measured: float | None = None
     bytes_per_token_expected: int | None = None
     tokens_held: int | None = None
@@ -222,7 +226,15 @@ def _kv_from_log(source: MemorySource) -> KvSummary | None:
         return None
     per_layer = [
         LayerSummary(
-            f.layer, f.k_bytes, f.v_bytes, f.evicted_tokens, f.tokens, dict(f.evicted_by_reason), f.cache
+            f.layer,
+            f.k_bytes,
+            f.v_bytes,
+            f.evicted_tokens,
+            f.tokens,
+            dict(f.evicted_by_reason),
+            f.cache,
+            k_tokens=f.k_tokens,
+            v_tokens=f.v_tokens,
         )
         for f in kv.per_layer
     ]

@@ -140,6 +140,45 @@ def raising_before_layer(model: Any, error: BaseException, forward: int, layer: 
         failing.remove()
 
 
+@contextmanager
+def raising_in_values_update(model: Any, error: BaseException, forward: int, layer: int) -> Iterator[None]:
+    """Inside it, the model's `forward`-th forward (1: the prefill) raises `error` from decoder layer
+    `layer`'s V concatenation, its K already grown: where a real OOM in a DynamicCache's torch.cat of the
+    values stops a step (sample_traces/h200/oom_b266, layer 5), K holding a token more than V. Raised by
+    torch.cat itself when given that layer's values, so that the cache's update runs as it does."""
+    import torch
+
+    calls = [0]
+    caches: list[Any] = []
+    concatenate = torch.cat
+
+    def count(module: Any, args: Any) -> None:
+        calls[0] += 1
+
+    def see_cache(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        caches[:] = [kwargs.get("cache", kwargs.get("past_key_values"))]
+
+    def cat(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+        layers = getattr(caches[0], "layers", []) if caches else []
+        if (
+            calls[0] == forward
+            and len(layers) > layer
+            and tensors[0] is getattr(layers[layer], "values", None)
+        ):
+            raise error
+        return concatenate(tensors, *args, **kwargs)
+
+    counting = model.model.layers[0].register_forward_pre_hook(count)
+    seeing = model.model.layers[layer].register_forward_pre_hook(see_cache, with_kwargs=True)
+    torch.cat = cat
+    try:
+        yield
+    finally:
+        torch.cat = concatenate
+        counting.remove()
+        seeing.remove()
+
+
 def stale_free(events: list[dict[str, Any]], made: tuple[int, int], addr: int, nbytes: int) -> None:
     """Give a CPU trace's events (`traceEvents`) the free of the block held from before the trace at `addr`
     at the stale size `nbytes` (torch's CPU reporter keeps the size of each block an earlier profiling session

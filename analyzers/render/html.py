@@ -422,7 +422,7 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
         fig = _timeline_figure(source, report)
         plot = figure_div(fig, "kvtrace-timeline")
     extra_notes = [n for n in (_monitor_note(source), no_timeline) if n]
-    if report.kv.measured_from == "none":
+    if report.kv.measured_from == "none" and report.kv_measured:  # not a refused vLLM start: no pool made
         extra_notes.append(f"KV cache: {NO_KV_HINT}")
     if report.budget is not None:
         extra_notes.append(budget_line(report.budget, report.engine).strip())

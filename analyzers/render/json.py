@@ -58,7 +58,8 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "capacity_tokens": kv.capacity_tokens,
             "capacity_of": kv.capacity_of,
             "evictions": kv.evictions,
-            "how_to_attribute": NO_KV_HINT if kv.measured_from == "none" else None,
+            # a refused vLLM start measured no KV for want of a pool, not of a way to attribute it
+            "how_to_attribute": NO_KV_HINT if kv.measured_from == "none" and measured else None,
             "per_layer": [
                 {
                     "layer": layer.layer,
@@ -67,6 +68,8 @@ def report_to_json(report: Report) -> dict[str, Any]:
                     "evicted_tokens": layer.evicted_tokens,
                     "evicted_by_reason": layer.evicted_by_reason,
                     "tokens": layer.tokens,
+                    "k_tokens": layer.k_tokens,
+                    "v_tokens": layer.v_tokens,
                     "cache": layer.cache,
                 }
                 for layer in kv.per_layer

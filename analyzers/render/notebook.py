@@ -13,7 +13,7 @@ from html import escape
 
 import numpy as np
 
-from analyzers.caches import rows_name_caches
+from analyzers.caches import layer_tokens_cell, rows_name_caches
 from analyzers.group import GroupReport
 from analyzers.model import request_at_most
 from analyzers.render.engine import engine_text_lines
@@ -133,7 +133,7 @@ def report_to_notebook_html(report: Report) -> str:
                 f.layer,
                 human_bytes(f.k_bytes),
                 human_bytes(f.v_bytes),
-                f.tokens,
+                layer_tokens_cell(f),
                 f.evicted_tokens,
             )
             for f in kv.per_layer

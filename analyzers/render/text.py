@@ -8,6 +8,8 @@ from analyzers.caches import (
     MAX_CACHES_AS_ROWS,
     biggest_caches,
     layer_list,
+    layer_tokens,
+    layer_tokens_cell,
     layers_holding,
     layers_over_caches,
     model_kv_layers,
@@ -102,7 +104,7 @@ def _per_layer_lines(kv: Any, several: bool) -> list[str]:
         cache_cell = f"{layer.cache:>5} " if several else ""
         lines.append(
             f"    {cache_cell}{layer.layer:>5} {layer.k_bytes:>12,} {layer.v_bytes:>12,} "
-            f"{layer.tokens:>11} {layer.evicted_tokens:>19}"
+            f"{layer_tokens_cell(layer):>11} {layer.evicted_tokens:>19}"
         )
     return lines
 
@@ -165,7 +167,7 @@ def report_to_text(report: Report) -> str:
                 lines.append(f"      {human_bytes(nbytes):>12}  {METHOD_LABELS.get(method, method)}")
     kv = report.kv
     lines.append(f"  KV cache ({kv.measured_from}):")
-    if kv.measured_from == "none":
+    if kv.measured_from == "none" and report.kv_measured:  # a refused vLLM start: the line below says why
         lines.append(f"    no KV attribution: {NO_KV_HINT}")
     if report.kv_measured:
         held = f"final {human_bytes(kv.final_bytes)}, peak {human_bytes(kv.peak_bytes)}"
@@ -193,14 +195,22 @@ def report_to_text(report: Report) -> str:
         if kv.token_rows and kv.tokens_held and kv.batch and kv.token_rows != kv.tokens_held * kv.batch:
             # data-parallel ranks holding different tokens: the rows are not all as full as the fullest
             held = f"{kv.token_rows:,} tokens over {kv.batch} rows, up to {kv.tokens_held} a row"
-        layer_tokens = {
-            layer.tokens
+        main_layers = [
+            layer
             for layer in kv.per_layer
             if layer.cache == kv.main_cache and layer.tokens and layer.k_bytes + layer.v_bytes
-        }
-        if len(layer_tokens) > 1 and kv.batch:  # a sliding window's layers hold fewer
+        ]
+        held_tokens = {tokens for layer in main_layers for tokens in layer_tokens(layer)}
+        if len(held_tokens) > 1 and kv.batch:  # a sliding window's layers hold fewer
+            # a run cut between a layer's K and V updates: K holds a token more than V
+            split = any(len(layer_tokens(layer)) > 1 for layer in main_layers)
+            whose = (
+                "each layer's K and V bytes over their own tokens"
+                if split
+                else "each layer's bytes over its own tokens"
+            )
             held = (
-                f"each layer's bytes over its own tokens, {min(layer_tokens)} to {max(layer_tokens)} a row, "
+                f"{whose}, {min(held_tokens)} to {max(held_tokens)} a row, "
                 f"x {kv.batch} {'row' if kv.batch == 1 else 'rows'}"
             )
         holding = len(layers_holding(kv.per_layer, kv.main_cache))
