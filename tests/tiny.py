@@ -14,6 +14,15 @@ HEADS, HIDDEN = 4, 64
 HEAD_DIM = HIDDEN // HEADS
 
 
+def cache_arg(cache: Any) -> dict[str, Any]:
+    """`{keyword: cache}` for generate() and a model's forward: `cache` where transformers renamed
+    `past_key_values` (5.25), `past_key_values` before it (5.17 refuses `cache` in generate() and drops it
+    unread in a forward, which then builds a cache of its own)."""
+    from kvtrace.llama import cache_keyword
+
+    return {cache_keyword(): cache}
+
+
 def tiny_size(layers: int, kv_heads: int = 2) -> ModelSize:
     """Hidden 64, 4 query heads (head_dim 16), `kv_heads` KV heads, a 1000-token vocabulary."""
     return ModelSize(

@@ -15,6 +15,7 @@ import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import ModelSize, build_model
 from kvtrace.run_reader import read_run
+from tests.tiny import cache_arg
 
 PROMPT = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10]  # repeats: prompt lookup finds drafts in it
 NEW_TOKENS, BEAMS = 20, 3
@@ -103,7 +104,7 @@ def test_a_cache_reused_across_generate_calls_counts_what_each_call_returned(
         first = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            cache=cache,
+            **cache_arg(cache),
             max_new_tokens=FIRST_NEW,
             min_new_tokens=FIRST_NEW,
             do_sample=False,
@@ -112,7 +113,7 @@ def test_a_cache_reused_across_generate_calls_counts_what_each_call_returned(
         second = model.generate(
             turn,
             attention_mask=torch.ones_like(turn),
-            cache=cache,
+            **cache_arg(cache),
             max_new_tokens=NEXT_NEW,
             min_new_tokens=NEXT_NEW,
             do_sample=False,
@@ -156,9 +157,9 @@ def test_prompt_lookup_on_a_reused_cache_keeps_its_verifications_decode(
     run = tmp_path / "lookup"
     kwargs: dict[str, Any] = {"max_new_tokens": 8, "do_sample": False, "prompt_lookup_num_tokens": 3}
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
-        first = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, **kwargs)
+        first = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_arg(cache), **kwargs)
         turn = torch.cat([first, ids[:, :6]], dim=1)
-        second = model.generate(turn, attention_mask=torch.ones_like(turn), cache=cache, **kwargs)
+        second = model.generate(turn, attention_mask=torch.ones_like(turn), **cache_arg(cache), **kwargs)
     returned = (first.shape[1] - ids.shape[1]) + (second.shape[1] - turn.shape[1])
 
     # WHEN it is compared
@@ -186,11 +187,11 @@ def test_a_generate_call_that_ran_no_forward_leaves_the_next_forward_decode(tmp_
     run = tmp_path / "failed_call"
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=3, min_new_tokens=3
+            ids, attention_mask=torch.ones_like(ids), **cache_arg(cache), max_new_tokens=3, min_new_tokens=3
         )
         with pytest.raises(ValueError):
-            model.generate(out, cache=cache, max_new_tokens=3, num_beams=2, num_return_sequences=3)
-        model(out[:, -1:], cache=cache, use_cache=True)
+            model.generate(out, **cache_arg(cache), max_new_tokens=3, num_beams=2, num_return_sequences=3)
+        model(out[:, -1:], **cache_arg(cache), use_cache=True)
 
     # THEN the generate() call's first forward was a prefill, and the forward outside any call a decode step
     steps = _layer0_steps(run)
@@ -228,7 +229,7 @@ def test_a_chunked_prefill_is_one_prefill_step(
             if cache == "dynamic"
             else StaticCache(config=model.config, max_cache_len=CHUNKED_PROMPT + CHUNKED_NEW)
         )
-        given = {"cache": made}
+        given = cache_arg(made)
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
         out = model.generate(
             ids,

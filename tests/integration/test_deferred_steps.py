@@ -27,6 +27,7 @@ from kvtrace.cli import main
 from kvtrace.integrations.hf_caches import HfCacheHooks
 from kvtrace.planned_steps import PlannedSteps
 from kvtrace.run_reader import read_run
+from tests.tiny import cache_arg
 
 NEW_TOKENS = 6
 _VARYING = ("seq", "t_ns", "addr", "prev_addr")
@@ -398,7 +399,7 @@ def test_a_generate_call_continuing_a_cache_takes_the_general_path_at_its_first_
             tiny_model.generate(
                 input_ids=first.sequences,
                 attention_mask=torch.ones_like(first.sequences),
-                cache=first.past_key_values,
+                **cache_arg(first.past_key_values),
                 max_new_tokens=NEW_TOKENS,
                 min_new_tokens=NEW_TOKENS,
                 do_sample=False,

@@ -26,8 +26,9 @@ from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.llama import build_model, llama3_config
 from kvtrace.run_reader import read_run
+from tests.hf_versions import needs_fp8_cache
 from tests.plotly_figures import page_figure
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.tiny import HEAD_DIM, cache_arg, tiny_size
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
@@ -283,6 +284,7 @@ def _remedies(run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, list[d
     return out
 
 
+@needs_fp8_cache
 def test_diagnose_does_not_propose_what_the_run_already_uses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -321,6 +323,7 @@ def test_diagnose_does_not_propose_what_the_run_already_uses(
     assert "the cache already writes in place" in capsys.readouterr().out
 
 
+@needs_fp8_cache
 def test_diagnose_prices_a_static_cache_and_a_window_at_the_model_dtype_after_an_fp8_cache(
     tiny_model: LlamaForCausalLM, prompt_batch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -619,7 +622,7 @@ def _record_over_budget(run: Path, cache: object = None) -> None:
     model = build_model(tiny_size(Q_LAYERS, Q_KV_HEADS))
     ids = torch.randint(3, 1000, (Q_BATCH, Q_PROMPT), generator=torch.Generator().manual_seed(5))
     weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
-    extra = {} if cache is None else {"cache": cache(model)}  # type: ignore[operator]
+    extra = {} if cache is None else cache_arg(cache(model))  # type: ignore[operator]
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=False, gpu_memory=weights + 150_000):
         model.generate(
             ids,

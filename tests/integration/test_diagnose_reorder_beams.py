@@ -18,7 +18,7 @@ from kvtrace.cli import main
 from kvtrace.llama import build_model
 from kvtrace.run_reader import read_run
 from tests.integration.kvlog_math import kv_bytes
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.tiny import HEAD_DIM, cache_arg, tiny_size
 
 LAYERS, KV_HEADS, F32 = 2, 2, 4
 PROMPT = 6
@@ -75,10 +75,10 @@ def test_a_callers_reorder_cache_between_greedy_calls_is_not_beam_search(
     cache = DynamicCache(config=model.config)
     run = tmp_path / "run"
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
-        seq = _generate(model, _ids(prompts), first, cache=cache)
+        seq = _generate(model, _ids(prompts), first, **cache_arg(cache))
         order = torch.tensor([1, 0, 3, 2])
         cache.reorder_cache(order)
-        _generate(model, seq[order], second, cache=cache)
+        _generate(model, seq[order], second, **cache_arg(cache))
 
     # WHEN it is diagnosed
     data, remedies = _diagnose(run, capsys)

@@ -23,7 +23,7 @@ from transformers import DynamicCache, StaticCache
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.run_reader import read_run
-from tests.tiny import stale_free
+from tests.tiny import cache_arg, stale_free
 
 LAYERS, KV_HEADS, HEAD_DIM, F32 = 2, 2, 16, 4  # the `tiny_model` fixture's geometry
 NEW_TOKENS = 3  # decoded inside the block
@@ -46,7 +46,7 @@ def _prefill(model: Any, batch: Any, cache: Any) -> None:
         model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
-            cache=cache,
+            **cache_arg(cache),
             use_cache=True,
         )
 
@@ -60,7 +60,7 @@ def _continue(model: Any, batch: Any, cache: Any, how: str) -> None:
         model.generate(
             input_ids=ids,
             attention_mask=mask[:, : prompt + 1],
-            cache=cache,
+            **cache_arg(cache),
             max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS,  # a random model may draw EOS; the arithmetic needs every step
             do_sample=False,
@@ -68,7 +68,7 @@ def _continue(model: Any, batch: Any, cache: Any, how: str) -> None:
         return
     for step in range(NEW_TOKENS):
         ids = torch.full((rows, 1), 7 + step)
-        model(input_ids=ids, attention_mask=mask[:, : prompt + step + 1], cache=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask[:, : prompt + step + 1], **cache_arg(cache), use_cache=True)
 
 
 @pytest.mark.parametrize("profiler", [True, False], ids=["profiler", "light"])
@@ -197,7 +197,7 @@ def test_a_cache_the_caller_converts_between_two_generate_calls_is_logged_in_its
     # caller converts every layer to bfloat16
     cache = DynamicCache(config=tiny_model.config)
     run = tmp_path / "run"
-    gen = {"do_sample": False, "pad_token_id": 0, "cache": cache}
+    gen = {"do_sample": False, "pad_token_id": 0, **cache_arg(cache)}
     with torch.no_grad(), kvtrace.record(run, model=tiny_model, profiler=False):
         out = tiny_model.generate(
             prompt_batch.input_ids,

@@ -19,9 +19,9 @@ from transformers import DynamicCache
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.llama import build_model
+from kvtrace.llama import build_model, cache_keyword
 from tests.cli_json import cli_json
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.tiny import HEAD_DIM, cache_arg, tiny_size
 
 LAYERS, KV_HEADS, BATCH, FP32 = 2, 2, 2, 4
 
@@ -39,7 +39,7 @@ def _generate(model: Any, ids: torch.Tensor, cache: DynamicCache, new: int, **kw
         min_new_tokens=new,
         do_sample=False,
         pad_token_id=0,
-        cache=cache,
+        **cache_arg(cache),
         **kwargs,
     )
 
@@ -49,7 +49,7 @@ def _forward_end_tokens(model: Any) -> tuple[list[int], Any]:
     held: list[int] = []
 
     def after(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        held.append(kwargs["cache"].get_seq_length())
+        held.append(kwargs[cache_keyword()].get_seq_length())
 
     return held, model.register_forward_hook(after, with_kwargs=True)
 

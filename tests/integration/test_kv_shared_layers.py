@@ -19,6 +19,7 @@ import transformers
 
 import kvtrace
 from kvtrace.cli import main
+from tests.hf_versions import needs_dummy_layer
 
 LAYERS, SHARED, WINDOW = 6, 2, 8  # layers 4 and 5 reuse layers 2 (sliding) and 3 (full)
 KV_HEADS, HEAD_DIM, ROWS, PROMPT, NEW = 2, 16, 2, 11, 6
@@ -91,6 +92,7 @@ def test_shared_kv_layers_hold_no_kv_in_the_recording_report_and_plan(
     assert (planned["kv_bytes"], planned["kv_peak_bytes"]) == (kv["final_bytes"], kv["peak_bytes"])
 
 
+@needs_dummy_layer
 def test_plan_takes_gemma3ns_default_of_15_shared_layers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

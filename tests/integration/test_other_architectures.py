@@ -621,6 +621,9 @@ def test_plan_derives_the_layer_types_a_config_leaves_out_as_transformers_does(
     config = transformers.AutoConfig.for_model(**raw)
     # THEN the layers holding KV, and which of them keep only a window, are those its caches are built with
     types, per_layer = get_layer_types_and_kwargs(config)
+    if isinstance(per_layer, dict):  # the oracle is each layer's kwargs, which older releases do not give
+        why = f"transformers {transformers.__version__} gives one kwargs dict for all layers, not each one's"
+        pytest.skip(why)
     windows = [
         kwargs.get("sliding_window")
         for t, kwargs in zip(types, per_layer, strict=True)

@@ -14,6 +14,7 @@ import pytest
 
 from kvtrace.llama import build_model
 from tests.cli_json import plan_json, report_json
+from tests.hf_versions import HAS_FP8_CACHE, needs_fp8_cache
 from tests.tiny import record_generate, tiny_size
 
 BATCH, PROMPT, SHORT, LONG = 2, 3, 12, 240
@@ -39,8 +40,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     record_generate(eager, found["eager12"], BATCH, PROMPT, SHORT - PROMPT)
     record_generate(eager, found["eager240"], BATCH, PROMPT, LONG - PROMPT)
     record_generate(model, found["dynamic12"], BATCH, PROMPT, SHORT - PROMPT)
-    record_generate(model, found["fp8_12"], BATCH, PROMPT, SHORT - PROMPT, "fp8")
-    record_generate(model, found["fp8_240"], BATCH, PROMPT, LONG - PROMPT, "fp8")
+    if HAS_FP8_CACHE:
+        record_generate(model, found["fp8_12"], BATCH, PROMPT, SHORT - PROMPT, "fp8")
+        record_generate(model, found["fp8_240"], BATCH, PROMPT, LONG - PROMPT, "fp8")
     return found
 
 
@@ -67,6 +69,7 @@ def test_eager_attention_prices_its_expanded_kv(
     [("fp8_12", ()), ("dynamic12", ("--cache", "quantized", "--kv-dtype", "fp8"))],
     ids=["from_fp8", "from_dynamic"],
 )
+@needs_fp8_cache
 def test_an_fp8_cache_prices_its_dequantized_kv(
     runs: dict[str, Path], capsys: pytest.CaptureFixture[str], run: str, flags: tuple[str, ...]
 ) -> None:

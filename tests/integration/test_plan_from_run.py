@@ -13,6 +13,7 @@ import torch
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import build_model, cache_keyword, make_cache
+from tests.hf_versions import needs_fp8_cache
 from tests.tiny import HEAD_DIM, record_generate, tiny_size, weights_bytes
 
 LAYERS, KV_HEADS, BATCH, PROMPT, NEW = 2, 2, 2, 11, 6
@@ -40,11 +41,12 @@ def _recorded(run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
         # A StaticCache generate() makes: PROMPT + NEW positions (its max_length), one never written
         ({"cache_implementation": "static"}, "static", "fp32", TOKEN_ROW * BATCH * (PROMPT + NEW - 1)),
         # fp8 QuantizedCache: 1 byte an element and a float32 scale per K and per V per layer
-        (
+        pytest.param(
             {"cache_implementation": "quantized", "cache_config": {"backend": "fp8"}},
             "quantized",
             "fp8",
             LAYERS * 2 * (KV_HEADS * HEAD_DIM * BATCH * (PROMPT + NEW - 1) + 4),
+            marks=needs_fp8_cache,
         ),
     ],
     ids=["dynamic", "static", "fp8-quantized"],

@@ -13,7 +13,7 @@ import pytest
 
 from kvtrace.llama import build_model
 from tests.cli_json import plan_json, report_json
-from tests.tiny import HEAD_DIM, record_generate, tiny_size
+from tests.tiny import HEAD_DIM, cache_arg, record_generate, tiny_size
 
 LAYERS = 2
 BACKENDS = {"hqq": "hqq", "quanto": "optimum.quanto"}
@@ -139,7 +139,7 @@ def test_a_quantized_run_is_planned_and_diagnosed_at_its_caches_own_bytes(
         with torch.no_grad(), kvtrace.record(tmp_path / f"new{new}", model=model, profiler=False):
             model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                do_sample=False, pad_token_id=0, cache=cache,
+                do_sample=False, pad_token_id=0, **cache_arg(cache),
             )  # fmt: skip
         held[new] = _cache_storage_bytes(cache)
     # the arithmetic: a layer's quantized K of 2 x 2 x 12 x 16 values (384 B packed, 12 groups of a float32

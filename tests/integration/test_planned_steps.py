@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 import kvtrace
 from kvtrace import planned_steps
 from kvtrace.planned_steps import PlannedSteps
+from tests.tiny import cache_arg
 
 NEW_TOKENS = 6
 _VARYING = ("seq", "t_ns", "addr", "prev_addr")
@@ -70,7 +71,7 @@ def _generate(model: Any, batch: Any, run: Path, cache: Any = None, **extra: Any
             min_new_tokens=NEW_TOKENS,
             do_sample=False,
             return_dict_in_generate=True,
-            **({"cache": cache} if cache is not None else {}),
+            **({**cache_arg(cache)} if cache is not None else {}),
             **extra,
         )
 

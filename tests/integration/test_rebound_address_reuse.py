@@ -41,7 +41,7 @@ from analyzers.kv_log import analyze_kv_log
 from kvtrace.cli import main
 from kvtrace.llama import DEFAULT_PROMPTS, build_model, encode_batch, llama3_tokenizer
 from kvtrace.run_reader import read_run
-from tests.tiny import HEAD_DIM
+from tests.tiny import HEAD_DIM, cache_arg
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -108,7 +108,7 @@ def _generate_until_reused(
             model.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                cache=cache,
+                **cache_arg(cache),
                 logits_processor=LogitsProcessorList([rebind]),
                 max_new_tokens=NEW_TOKENS,
                 min_new_tokens=NEW_TOKENS,

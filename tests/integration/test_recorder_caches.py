@@ -25,6 +25,8 @@ from transformers import StaticCache
 import kvtrace
 from kvtrace.llama import make_cache
 from kvtrace.run_reader import read_run
+from tests.hf_versions import needs_fp8_cache
+from tests.tiny import cache_arg
 
 NEW_TOKENS = 5  # one prefill step and four decode steps
 WINDOW = 8  # sliding window, shorter than the prompt
@@ -45,7 +47,7 @@ class Expect:
 
 def _generate(model: Any, batch: Any, out_dir: Path, cache: Any = None, **kwargs: Any) -> Any:
     if cache is not None:
-        kwargs["cache"] = cache
+        kwargs.update(cache_arg(cache))
     with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
         return model.generate(
             input_ids=batch.input_ids,
@@ -172,6 +174,7 @@ def test_static_sliding_window(tiny_model, prompt_batch, tmp_path):
     del cache
 
 
+@needs_fp8_cache
 def test_fp8_quantized(tiny_model, prompt_batch, tmp_path):
     rows, prompt_len = prompt_batch.rows, prompt_batch.prompt_len
     cache, extra = make_cache("fp8", tiny_model, rows, prompt_len + NEW_TOKENS)
@@ -189,6 +192,7 @@ def test_fp8_quantized(tiny_model, prompt_batch, tmp_path):
     del cache
 
 
+@needs_fp8_cache
 def test_fp8_quantized_peak_holds_both_old_tensors(tiny_model, prompt_batch, tmp_path):
     # GIVEN an fp8 QuantizedCache run
     from analyzers.report import build_report
@@ -215,6 +219,7 @@ def test_fp8_quantized_peak_holds_both_old_tensors(tiny_model, prompt_batch, tmp
     del cache
 
 
+@needs_fp8_cache
 def test_plan_of_an_fp8_quantized_cache_is_the_recording(tiny_model, prompt_batch, tmp_path, capsys):
     # GIVEN an fp8 QuantizedCache run of 5 new tokens after the batch's prompt
     import json
@@ -287,6 +292,7 @@ def test_beam_search_dynamic(tiny_model, prompt_batch, tmp_path):
     _check_run(tmp_path / "run", tiny_model, rows, expect, prompt_batch.prompt_len)
 
 
+@needs_fp8_cache
 def test_fp8_quantized_beam_reorder_holds_both_old_tensors(tiny_model, prompt_batch, tmp_path):
     # GIVEN an fp8 QuantizedCache run with beam search: Fp8QuantizedLayer.reorder_cache makes each layer's
     # reordered K and V (index_select) while both old tensors stay in its locals until it returns

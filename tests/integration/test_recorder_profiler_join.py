@@ -100,7 +100,7 @@ def test_every_kv_storage_is_a_profiled_allocation(tiny_model, prompt_batch, tmp
         kind, tiny_model, prompt_batch.rows, prompt_batch.prompt_len + NEW_TOKENS, window=8
     )
     if cache is not None:
-        extra["cache"] = cache  # kept alive past the block: its last storages are never freed in the trace
+        extra[cache_keyword()] = cache  # kept past the block: its last storages never freed
     out_dir = tmp_path / "run"
     _record_with_memory_events(tiny_model, prompt_batch, out_dir, extra)
     run = read_run(out_dir)

@@ -21,8 +21,9 @@ from analyzers.model import KV, METHOD_KV_LOG, METHOD_STACK_RULE
 from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.llama import build_model, make_cache
+from tests.hf_versions import HAS_FP8_CACHE, needs_fp8_cache
 from tests.plotly_figures import page_figure
-from tests.tiny import record_generate, tiny_size, weights_on_cuda0
+from tests.tiny import cache_arg, record_generate, tiny_size, weights_on_cuda0
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 
@@ -38,7 +39,7 @@ def _record(out: Path, kind: str, window: int = WINDOW, **options: object) -> Pa
     mask[0, :3] = 0  # left padding on the first row
     cache, extra = make_cache(kind, model, BATCH, PROMPT + NEW, window=window)
     if cache is not None:
-        extra["cache"] = cache
+        extra.update(cache_arg(cache))
     with torch.no_grad(), kvtrace.record(out, model=model, **options):
         model.generate(
             ids,
@@ -75,10 +76,14 @@ def _expected_layer_bytes(kind: str, step: int) -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
-    return {kind: _record(root / kind, kind) for kind in ("dynamic", "static", "sliding", "fp8")}
+    return {
+        kind: _record(root / kind, kind)
+        for kind in ("dynamic", "static", "sliding", "fp8")
+        if kind != "fp8" or HAS_FP8_CACHE
+    }
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "static", "sliding", "fp8"])
+@pytest.mark.parametrize("kind", ["dynamic", "static", "sliding", pytest.param("fp8", marks=needs_fp8_cache)])
 def test_report_kv_bytes_equal_arithmetic(runs: dict[str, Path], kind: str) -> None:
     # GIVEN a recorded run WHEN `kvtrace report --json` reads it
     out = io.StringIO()
@@ -158,7 +163,7 @@ def _kv_category_bytes(run: Path) -> tuple[int, int, int]:
     return int(kv_deltas[kv_deltas > 0].sum()), int(live.max()), int(live[-1])
 
 
-@pytest.mark.parametrize("kind", ["fp8", "static_sliding"])
+@pytest.mark.parametrize("kind", [pytest.param("fp8", marks=needs_fp8_cache), "static_sliding"])
 def test_stacks_leave_the_kv_category_to_the_kv_log(tmp_path: Path, kind: str) -> None:
     # GIVEN caches whose update() allocates temporaries beside the KV storage (an fp8 cache's dequantized
     # copies, a sliding window's roll), recorded with and without Python stacks

@@ -24,7 +24,7 @@ from kvtrace.llama import build_model
 from kvtrace.run_reader import read_run
 from tests.integration.kvlog_math import assert_addresses_freed_before_reuse, kv_bytes
 from tests.plotly_figures import page_figure
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.tiny import HEAD_DIM, cache_arg, tiny_size
 
 LAYERS, DRAFT_LAYERS, KV_HEADS, PROMPT, NEW_TOKENS = 4, 2, 2, 12, 10
 FP32 = 4
@@ -300,14 +300,14 @@ def test_a_cache_dropped_before_a_reused_caches_next_call_is_freed_before_it(
         run = tmp_path / f"run{attempt}"
         with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler):
             chat = DynamicCache()
-            first = model.generate(prompt(1, 20, 1), cache=chat, **kwargs)  # chat: 21 positions
+            first = model.generate(prompt(1, 20, 1), **cache_arg(chat), **kwargs)  # chat: 21 positions
             other = model.generate(prompt(3, 30, 2), return_dict_in_generate=True, **kwargs)
             dropped = weakref.ref(other.past_key_values)
             del other
             gc.collect()
             assert dropped() is None
             next_turn = torch.cat([first, prompt(1, 38, 3)], 1)  # 60 tokens, 21 of them held
-            model.generate(next_turn, cache=chat, **kwargs)  # chat: 61 positions
+            model.generate(next_turn, **cache_arg(chat), **kwargs)  # chat: 61 positions
         assert chat.get_seq_length() == 61
 
         # WHEN it is reported
@@ -673,10 +673,10 @@ def _base_model_loop(model: Any, cache: Any) -> None:
     """The decoder backbone (`model.model`) run directly: a prefill of the prompt, then OWN_NEW one-token
     forwards, on `cache`, with the cache positions a static cache needs."""
     backbone = model.model
-    backbone(input_ids=_own_ids(OWN_PROMPT), cache=cache, cache_position=torch.arange(OWN_PROMPT))
+    backbone(input_ids=_own_ids(OWN_PROMPT), **cache_arg(cache), cache_position=torch.arange(OWN_PROMPT))
     for i in range(OWN_NEW):
         position = torch.tensor([OWN_PROMPT + i])
-        backbone(input_ids=_own_ids(1, seed=10 + i), cache=cache, cache_position=position)
+        backbone(input_ids=_own_ids(1, seed=10 + i), **cache_arg(cache), cache_position=position)
 
 
 def _cache_of(kind: str, config: Any, room: int) -> Any:

@@ -21,7 +21,7 @@ from transformers import StaticCache
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import build_model
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.tiny import HEAD_DIM, cache_arg, tiny_size
 
 LAYERS, KV_HEADS, ROWS, PROMPT, NEW_TOKENS, MAX_CACHE_LEN = 3, 2, 2, 7, 9, 64
 SLOT = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4  # bytes of one position of one row, every layer's K and V
@@ -42,7 +42,7 @@ def static_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            cache=cache,
+            **cache_arg(cache),
             max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS,
             do_sample=False,

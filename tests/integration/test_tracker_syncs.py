@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 import kvtrace
 from kvtrace.integrations.hf_layers import layer_tokens
 from kvtrace.llama import make_cache
+from tests.tiny import cache_arg
 
 NEW_TOKENS = 6
 # Everything that copies a value to the host (and so synchronises on CUDA).
@@ -89,7 +90,7 @@ def test_no_host_read_from_kvtrace_during_generate(tiny_model, prompt_batch, tmp
     rows, prompt_len = prompt_batch.rows, prompt_batch.prompt_len
     cache, extra = make_cache(kind, tiny_model, rows, prompt_len + NEW_TOKENS, window=8)
     if cache is not None:
-        extra["cache"] = cache
+        extra.update(cache_arg(cache))
     updates = 0
     original = tiny_model.model.layers[0].self_attn.forward
 

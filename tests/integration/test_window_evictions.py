@@ -26,7 +26,7 @@ import kvtrace
 from kvtrace.cli import main
 from kvtrace.llama import llama3_config, make_cache
 from kvtrace.run_reader import read_run
-from tests.tiny import tiny_size
+from tests.tiny import cache_arg, tiny_size
 
 LAYERS, BATCH, PROMPT, NEW, WINDOW = 2, 2, 13, 6, 8
 SIZE = tiny_size(LAYERS)
@@ -64,7 +64,7 @@ def _expected_per_step(
 def _generate(model: Any, run: Path, cache: Any = None) -> None:
     torch.manual_seed(1)
     ids = torch.randint(3, 1000, (BATCH, PROMPT))
-    kwargs = {"cache": cache} if cache is not None else {}
+    kwargs = cache_arg(cache) if cache is not None else {}
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
         model.generate(
             input_ids=ids,

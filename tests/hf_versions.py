@@ -1,0 +1,25 @@
+"""Skips for what an older transformers lacks: kvtrace's users run 5.17 beside 5.25, and a test of a part
+5.17 has not (the fp8 quantized cache, a model family's config, a cache class) says so, not a traceback."""
+
+from __future__ import annotations
+
+import pytest
+import transformers
+import transformers.cache_utils
+
+from kvtrace.llama import cache_package_missing
+
+_FP8_MISSING = cache_package_missing("fp8")
+HAS_FP8_CACHE = _FP8_MISSING is None
+needs_fp8_cache = pytest.mark.skipif(not HAS_FP8_CACHE, reason=_FP8_MISSING or "")
+
+
+def needs(module: object, name: str) -> pytest.MarkDecorator:
+    """Skips where `module` (transformers or its cache_utils) has no `name`, naming the version."""
+    where = getattr(module, "__name__", "transformers")
+    reason = f"transformers {transformers.__version__} has no {where}.{name}"
+    return pytest.mark.skipif(not hasattr(module, name), reason=reason)
+
+
+needs_internlm3 = needs(transformers, "InternLM3Config")
+needs_dummy_layer = needs(transformers.cache_utils, "DummyLayer")
