@@ -214,7 +214,22 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
     )
 
 
+def _positions_note(req: PlanRequest, result: PlanResult) -> tuple[str, ...]:
+    """Where memory alone would hold a longer context than the model takes (`max_context` past
+    max_position_embeddings), while the plan's own context is within it (past it, `_notes` says so)."""
+    limit = req.geometry.max_position_embeddings
+    longest = result.max_context
+    if limit is None or req.context > limit or (longest is not None and longest <= limit):
+        return ()
+    held = "any context" if longest is None else f"{longest:,} tokens"
+    return (
+        f"max context is what memory holds at batch {req.batch} ({held}); {req.geometry.name} takes "
+        f"{limit:,} positions (max_position_embeddings), the longest context to run it at",
+    )
+
+
 def plan(req: PlanRequest) -> PlanResult:
     """Size weights and KV for `req`, decide whether it fits, and if not, what would make it fit."""
-    result = replace(_evaluate(req), notes=_notes(req))
+    result = _evaluate(req)
+    result = replace(result, notes=(*_notes(req), *_positions_note(req, result)))
     return result if result.fits else replace(result, remedies=_remedies(result))

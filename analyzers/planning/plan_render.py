@@ -191,7 +191,7 @@ def format_text(result: PlanResult) -> str:
         (f"max batch @ {req.context:,}", f"{result.max_batch:,}"),
         (
             f"max context @ batch {req.batch}",
-            "any" if result.max_context is None else f"{result.max_context:,}",
+            _longest_context(result),
         ),
         (f"KV blocks of {req.block_size}", f"{result.kv_blocks:,}"),
     ]
@@ -203,3 +203,12 @@ def format_text(result: PlanResult) -> str:
         lines.append("To make it fit:")
         lines += [f"  - {_sentence(fix, req)}" for fix in result.remedies]
     return "\n".join(lines)
+
+
+def _longest_context(result: PlanResult) -> str:
+    """The max context row: what memory holds, marked where that is past the positions the model takes."""
+    held = "any" if result.max_context is None else f"{result.max_context:,}"
+    limit = result.request.geometry.max_position_embeddings
+    if limit is not None and (result.max_context is None or result.max_context > limit):
+        return f"{held} (memory alone; the model takes {limit:,} positions)"
+    return held

@@ -674,10 +674,20 @@ def test_a_context_beyond_the_models_positions_is_planned_with_a_note(
 ) -> None:
     # GIVEN Llama 3 8B's shape with Llama 2's 4,096 positions
     config = write_config(tmp_path, {**LLAMA_3_8B_CONFIG, "max_position_embeddings": 4096})
-    # WHEN planned without --context, THEN the context is the model's 4,096, not 8,192, with no note
+    # WHEN planned without --context, THEN the context is the model's 4,096, not 8,192, and the one note says
+    # that the max context memory holds (an 80 GB device holds far more) is past the positions the model takes
     status, out = run_command(["--config", str(config), "--json"], capsys)
     payload = json.loads(out)
-    assert (status, payload["request"]["context"], payload["notes"]) == (0, 4096, [])
+    assert (status, payload["request"]["context"]) == (0, 4096)
+    longest = payload["max_context"]
+    assert longest > 4096
+    assert payload["notes"] == [
+        f"max context is what memory holds at batch 1 ({longest:,} tokens); "
+        f"{payload['request']['geometry']['name']} takes 4,096 positions "
+        "(max_position_embeddings), the longest context to run it at"
+    ]
+    status, out = run_command(["--config", str(config)], capsys)
+    assert f"  max context @ batch 1  {longest:,} (memory alone; the model takes 4,096 positions)\n" in out
     assert payload["request"]["geometry"]["max_position_embeddings"] == 4096
     assert payload["kv_bytes"] == 4095 * 131_072
     # AND a context beyond it is planned (transformers runs it; the figures hold) with a note saying so
@@ -689,9 +699,13 @@ def test_a_context_beyond_the_models_positions_is_planned_with_a_note(
     assert "vLLM refuses such a max_model_len" in note
     status, out = run_command(["--config", str(config), "--context", "8192"], capsys)
     assert "  note: the context of 8,192 tokens is beyond the 4,096 positions" in out
-    # AND the model's own 4,096 is not beyond it
+    # AND the model's own 4,096 is not beyond it (the note is the max context's alone)
     status, out = run_command(["--config", str(config), "--context", "4096", "--json"], capsys)
-    assert json.loads(out)["notes"] == []
+    assert [note[:27] for note in json.loads(out)["notes"]] == ["max context is what memory "]
+    # AND a device that holds no more than the model's positions gets no note
+    status, out = run_command(["--config", str(config), "--gpu-memory", "16GiB", "--json"], capsys)
+    payload = json.loads(out)
+    assert payload["max_context"] <= 4096 and payload["notes"] == []
 
 
 def test_planner_never_imports_torch() -> None:
