@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 import kvtrace
-from tests.tiny import cache_arg
+from kvtrace.llama import cache_keyword
 
 # Meta's reference shapes: 2 layers, 4 query heads and 2 KV heads of 16, preallocated for 2 x 64 tokens.
 DIM, N_LAYERS, N_HEADS, N_KV_HEADS, VOCAB = 64, 2, 4, 2, 256
@@ -162,9 +162,9 @@ def _record_steps(
     with torch.no_grad(), recording:
         for _ in range(caches):
             cache = DynamicCache(config=model.config)
-            model(input_ids=tokens[:, :prompt], **cache_arg(cache), use_cache=True)
+            model(input_ids=tokens[:, :prompt], **{cache_keyword(): cache}, use_cache=True)
             for pos in range(prompt, prompt + DECODE_STEPS):
-                model(input_ids=tokens[:, pos : pos + 1], **cache_arg(cache), use_cache=True)
+                model(input_ids=tokens[:, pos : pos + 1], **{cache_keyword(): cache}, use_cache=True)
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
@@ -222,14 +222,14 @@ def run_hf_data_parallel_killed(out_dir: Path, facts_dir: Path) -> None:
     tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS + 1))
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=False):
-        model(input_ids=tokens[:, :PROMPT_LEN], **cache_arg(cache), use_cache=True)
+        model(input_ids=tokens[:, :PROMPT_LEN], **{cache_keyword(): cache}, use_cache=True)
         for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-            model(input_ids=tokens[:, pos : pos + 1], **cache_arg(cache), use_cache=True)
+            model(input_ids=tokens[:, pos : pos + 1], **{cache_keyword(): cache}, use_cache=True)
         dist.barrier()  # from here both ranks keep time together
         if rank != world_size - 1:
             time.sleep(1.0)
             pos = PROMPT_LEN + DECODE_STEPS
-            model(input_ids=tokens[:, pos : pos + 1], **cache_arg(cache), use_cache=True)
+            model(input_ids=tokens[:, pos : pos + 1], **{cache_keyword(): cache}, use_cache=True)
         time.sleep(0.25)  # the writer thread flushes every 0.1 s: the last step is on disk
         (facts_dir / f"rank-{rank}.killed").write_text(str(time.time_ns()))
         os.kill(os.getpid(), signal.SIGKILL)
