@@ -225,7 +225,7 @@ def _join_kv_log(dev: DeviceEvents, storages: list[_Storage], held: list[_Storag
     caches: list[int] = []
     ts = dev.ts_us
     blocks = sizes_are_blocks(dev)
-    lead = _trace_lead_us(dev, storages, by_addr, blocks)
+    lead = _lead_of(dev, storages, by_addr, blocks)
     for addr, nbytes, first_ns, _last_ns, layer, kv, cache in storages:
         candidates = by_addr.get(addr)
         if not candidates:
@@ -282,7 +282,18 @@ def _join_kv_log(dev: DeviceEvents, storages: list[_Storage], held: list[_Storag
         dev.kv_cache[free] = cache
 
 
-def _trace_lead_us(
+def trace_lead_us(dev: DeviceEvents, storages: list[_Storage]) -> float:
+    """How far (µs) the trace's clock runs ahead of the KV log's, as the storages' allocations prove it (see
+    `_lead_of`): the readers that place the log's sightings among the trace's events read them this much
+    later, as the KV log's join does."""
+    wanted = np.fromiter({s[0] for s in storages}, dtype=np.int64)
+    by_addr: dict[int, list[int]] = {}
+    for idx in np.flatnonzero((dev.delta_bytes > 0) & np.isin(dev.addr, wanted)).tolist():
+        by_addr.setdefault(int(dev.addr[idx]), []).append(idx)
+    return _lead_of(dev, storages, by_addr, sizes_are_blocks(dev))
+
+
+def _lead_of(
     dev: DeviceEvents, storages: list[_Storage], by_addr: dict[int, list[int]], blocks: bool
 ) -> float:
     """How far (µs) the trace's clock runs ahead of the KV log's, as the storages prove it: a storage is made

@@ -25,6 +25,7 @@ from analyzers.attribution import (
     frees_storage,
     sizes_are_blocks,
     smallest_block,
+    trace_lead_us,
 )
 from analyzers.model import DeviceEvents, normal_device
 from analyzers.readers.weight_changes import insert_events
@@ -50,11 +51,15 @@ def kv_held_before_trace(
     if not len(dev):
         return []
     device_of = {e.addr: e.device for e in events if e.addr and e.device}
+    # The log's sightings on the trace's clock, as the KV log's join reads them: a trace a little ahead
+    # (within a step of the tolerance) would otherwise put a storage the log saw soon after its allocation
+    # before the trace's first event, and its allocation past the tolerance after the sighting.
+    lead = trace_lead_us(dev, storages)
     first_us = float(dev.ts_us[0])
     candidates = [
         s
         for s in storages
-        if (s[2] / 1000.0 <= first_us or (s[0], s[2]) in found)
+        if (s[2] / 1000.0 + lead <= first_us or (s[0], s[2]) in found)
         and (s[3] < 0 or s[3] / 1000.0 > first_us)  # still held at the first event
         and normal_device(device_of.get(s[0], dev.device)) == dev.device
     ]
@@ -78,7 +83,7 @@ def kv_held_before_trace(
             if frees_storage(dev, int(-delta[first]), nbytes) or not sizes_are_blocks(dev):
                 held.append(storage)
             continue
-        limit = first_ns / 1000.0 + JOIN_TOLERANCE_US
+        limit = first_ns / 1000.0 + lead + JOIN_TOLERANCE_US
         if not any(delta[i] > 0 and ts[i] <= limit and _fits(dev, int(delta[i]), nbytes) for i in indices):
             held.append(storage)
     return held

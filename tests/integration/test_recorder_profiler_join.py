@@ -312,6 +312,56 @@ def test_a_trace_clock_ahead_of_the_logs_within_the_tolerance_keeps_its_kv_figur
     assert got.notes == want.notes == []
 
 
+def _cut_before(run_dir: Path, alloc_us: float) -> None:
+    """Drop the trace's memory events before `alloc_us` (Unix-epoch µs), as a trace whose memory profiling
+    began there: the storages made before it are held before the trace."""
+    path, trace = _trace_of(run_dir)
+    start = alloc_us - trace["baseTimeNanoseconds"] / 1000 - 1.0
+    trace["traceEvents"] = [
+        e for e in trace["traceEvents"] if e.get("name") != "[memory]" or e["ts"] >= start
+    ]
+    _write_trace(path, trace)
+
+
+def test_a_storage_seen_before_a_trace_just_past_the_tolerance_ahead_keeps_its_allocation(
+    run_with_kept_cache, prompt_batch, tmp_path
+):
+    # GIVEN a copy of the run whose trace's memory events begin at the allocation of the storage the log saw
+    # soonest after its own (so, on the log's clock, it was seen before the trace's first event) ...
+    allocations = cpu_allocations(_trace_of(run_with_kept_cache)[1])
+    owned = [(life.first_ns / 1000 - own.alloc_us, own.alloc_us)
+             for life in storage_lives(read_run(run_with_kept_cache).kv_events)
+             if (own := match(life, allocations)) is not None]  # fmt: skip
+    soonest_lag, cut_at = min(owned)
+    lags = sorted((lag for lag, alloc_us in owned if alloc_us >= cut_at), reverse=True)
+    half = lags[(len(lags) + 1) // 2 - 1]  # at least half the storages kept are seen this long after
+    if not soonest_lag < half:
+        pytest.skip("the storages kept were all seen as soon after their allocation")
+    reference = tmp_path / "reference"
+    shutil.copytree(run_with_kept_cache, reference)
+    _cut_before(reference, cut_at)
+    # ... and a copy of that whose trace's clock runs ahead of the log's just past the join's tolerance for
+    # it, while half the storages still fit as read (the trace is not moved)
+    edited = tmp_path / "edited"
+    shutil.copytree(reference, edited)
+    _edit_base(edited, lambda base: base + round((JOIN_TOLERANCE_US + half) * 1000))
+
+    # WHEN both are reported
+    _, want = build_report(reference)
+    _, got = build_report(edited)
+
+    # THEN that storage keeps its own allocation, not a hold from before the trace: the same KV at every
+    # event, the last of it the cache's last storages (conftest's TINY: 2 layers, 2 KV heads of 16 dims,
+    # float32), and no note
+    rows, prompt_len, layers, kv_heads, head_dim = prompt_batch.rows, prompt_batch.prompt_len, 2, 2, 16
+    held_at_end = layers * 2 * kv_bytes(kv_heads, head_dim, prompt_len + NEW_TOKENS - 1, rows, 4)
+    assert int(want.timelines[0].by_category["kv"][-1]) == held_at_end
+    assert got.devices[0].bytes_by_method["kv_log"] == want.devices[0].bytes_by_method["kv_log"] > 0
+    np.testing.assert_array_equal(got.timelines[0].by_category["kv"], want.timelines[0].by_category["kv"])
+    assert got.devices[0].categories_at_peak == want.devices[0].categories_at_peak
+    assert got.notes == want.notes == []
+
+
 def test_a_trace_that_cannot_be_put_on_the_runs_clock_says_so(run_with_kept_cache, tmp_path):
     # GIVEN a copy of the run whose trace lost its clock base and whose allocations are at no KV storage's
     # address (every address moved by 8 bytes), so nothing says where its events belong
