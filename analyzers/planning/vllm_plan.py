@@ -301,6 +301,9 @@ class VllmPlan:
     max_in_flight_tokens: int  # what a sliding layer holds beyond its window: batches in flight x the above
     # Why vLLM refuses the configuration before it sizes any memory (max_model_len, tensor parallel size)
     refusals: tuple[str, ...] = ()
+    # A CPU run vLLM refused for its memory node: the node's free memory then, the ceiling of the KV space
+    # (analyzers.planning.vllm_node_plan); None otherwise
+    node_free_bytes: int | None = None
 
 
 def plan_vllm(req: VllmPlanRequest) -> VllmPlan:

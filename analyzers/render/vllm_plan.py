@@ -71,6 +71,8 @@ def format_vllm_text(result: VllmPlan) -> str:
             ("  - non-torch", readable_bytes(req.non_torch_bytes)),
             ("available KV memory", readable_bytes(result.available_kv_bytes)),
         ]
+    if result.node_free_bytes is not None:
+        rows.append(("memory node free (at the refusal)", readable_bytes(result.node_free_bytes)))
     rows += [
         ("KV per token (this worker)", f"{result.kv_bytes_per_token:,} B"),
         (_block_label(result.kv_groups), readable_bytes(result.bytes_per_block)),

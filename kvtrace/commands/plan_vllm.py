@@ -51,6 +51,7 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     if refusal is not None:
         raise KvtraceError(refusal)
     profile, model, config = run.info.memory_profile, run.info.model, run.info.config
+    refused = run.info.refused or {}
     figures = {
         "weights_bytes": profile.get("weights_bytes"),
         "buffers_bytes": profile.get("buffers_bytes"),  # null in runs recorded before kvtrace kept it apart
@@ -78,6 +79,8 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
         # async_scheduling; before, vLLM's default: off on CPU, on elsewhere)
         "max_num_batched_tokens": config.get("max_num_batched_tokens"),
         "async_scheduling": config.get("async_scheduling"),
+        # a start vLLM's CPU worker refused for its memory node: what it asked and what the node had free
+        "node_refusal": refused if refused.get("kind") == "node_memory" else None,
     }
     geometry = None
     try:
@@ -166,6 +169,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     override = setting(typed_override, "num_gpu_blocks_override", None)
     override = int(override) if override else None  # 0 typed: plan without the run's override
     profiled = args.gpu_memory is not None or args.gpu_memory_utilization is not None
+    node_refusal: dict[str, Any] = measured.get("node_refusal") or {}  # {} but for a node refusal
     if kv_cache_memory is None and not profiled:
         # a GPU or utilization the user typed asks for the profile arithmetic; otherwise the run's own
         # kv_cache_memory_bytes sizes the pool, as it did in vLLM (on GPU and CPU alike)
@@ -180,6 +184,12 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
                     f"{args.from_run}: num_gpu_blocks_override sized its pool and its engine.json does not "
                     "give the KV memory vLLM measured on CPU: add --kv-cache-memory SIZE"
                 )
+        elif _count(node_refusal.get("requested_kv_bytes")) is not None:
+            # kv_cache_memory_bytes unset: the CPU worker asked gpu_memory_utilization of the node less what
+            # the process held, and sizes its pool by that as by an explicit kv_cache_memory_bytes
+            kv_cache_memory = int(node_refusal["requested_kv_bytes"])
+        elif isinstance(node_refusal.get("requested_kv_bytes"), int):
+            kv_cache_memory = 0  # the process held more than the share asked: no KV space at all
         elif measured.get("device") == "cpu" and measured.get("kv_cache_bytes"):
             # an older run's engine.json without the setting: vLLM on CPU sizes its pool by it, not by a
             # GPU's memory, so the pool it allocated is that setting
@@ -214,6 +224,27 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         device="cpu" if measured.get("device") == "cpu" else "cuda",
     )
     result = plan_vllm(request)
+    node_free = _positive(node_refusal.get("node_available_bytes"))
+    if node_free is not None and request.device == "cpu" and (kv_cache_memory is not None or not profiled):
+        from analyzers.planning.vllm_node_plan import with_node_memory
+
+        node = _count(node_refusal.get("node"))
+        result = with_node_memory(result, node_free, node, str(args.from_run))
+        if (
+            kv_cache_memory is not None
+            and args.kv_cache_memory is None
+            and not measured.get("kv_cache_memory_bytes")
+        ):
+            result = replace(
+                result,
+                notes=(
+                    *result.notes,
+                    f"kv_cache_memory_bytes unset: vLLM's CPU worker asked gpu_memory_utilization="
+                    f"{request.gpu_memory_utilization:g} of the node less what the process held "
+                    f"({node_refusal.get('requested_kv_bytes'):,} B), planned as kv_cache_memory_bytes="
+                    f"{kv_cache_memory}",
+                ),
+            )
     if geometry is run_geometry and "sliding_window" not in (measured.get("model") or {}):
         started = (
             "; vLLM started this run, which this plan refuses: its layers may slide"

@@ -126,7 +126,59 @@ def test_a_pool_the_memory_node_cannot_hold_is_diagnosed_in_vllms_knobs(
     text = capsys.readouterr().out
     assert "more than the memory node had free" in text and f"kv_cache_memory_bytes={full_batch} " in text
     assert "Smaller batch" not in text and "[batch]" not in text  # not generate()'s remedies
+    # AND its plan refuses the pool asked, as vLLM did, rather than count the blocks of 1 PiB: the node's
+    # free memory caps kv_cache_memory_bytes (exit status 1, as for any start vLLM would refuse)
+    free = refused["node_available_bytes"]
+    assert main(["plan", "--engine", "vllm", "--from-run", str(run_dir), "--json"]) == 1
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["starts"] is False and plan["node_free_bytes"] == free
+    (refusal,) = plan["refusals"]
+    assert (
+        f"memory node {refused['node']} had free" in refusal
+        and f"kv_cache_memory_bytes={free} at most" in refusal
+    )
+    assert f"holds at most {free // BLOCK_BYTES:,} blocks" in refusal
+    # AND the pool diagnose names plans as vLLM then builds it below: 65 blocks
+    assert (
+        main(["plan", "--engine", "vllm", "--from-run", str(run_dir), "--kv-cache-memory", str(full_batch)])
+        == 0
+    )
+    assert re.search(r"KV blocks +65\n", capsys.readouterr().out)
     # AND the pool it names starts: max_num_seqs requests of max_model_len + the null block
     llm = make_llm(tiny_model_dir, kv_cache_memory_bytes=pool["setting"])
     assert llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool.num_gpu_blocks == 65
     llm.llm_engine.engine_core.shutdown()
+
+
+def test_a_share_of_the_node_that_leaves_no_kv_space_is_planned_as_refused(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kvtrace
+    from kvtrace.cli import main
+    from tests.vllm.workload import make_llm
+
+    # GIVEN a start without kv_cache_memory_bytes whose gpu_memory_utilization asks 0.1% of the node: less
+    # than the process holds already, so vLLM's CPU worker has no KV space to ask, and refuses
+    run_dir = tmp_path / "share"
+    with (
+        pytest.raises(ValueError, match="less than requested memory for kv"),
+        kvtrace.record(run_dir, profiler=False),
+    ):
+        make_llm(tiny_model_dir, kv_cache_memory_bytes=None, gpu_memory_utilization=0.001)
+    refused = json.loads((run_dir / fmt.ENGINE).read_text())["refused"]
+    assert refused["kind"] == "node_memory" and refused["kv_cache_memory_bytes"] is None
+    asked = refused["requested_cpu_memory_bytes"] - refused["consumed_bytes"]
+    assert refused["requested_kv_bytes"] == asked < 0
+    capsys.readouterr()
+    # WHEN it is planned
+    assert main(["plan", "--engine", "vllm", "--from-run", str(run_dir), "--json"]) == 1
+    plan = json.loads(capsys.readouterr().out)
+    # THEN as the CPU worker sized it (no KV space), not as a GPU's profile: refused for the node, with
+    # the blocks its free memory would hold
+    free = refused["node_available_bytes"]
+    assert plan["request"]["kv_cache_memory_bytes"] == 0 and plan["num_blocks"] == 0
+    assert plan["starts"] is False and plan["node_free_bytes"] == free
+    assert any(
+        "left no KV space" in reason and f"holds at most {free // BLOCK_BYTES:,} blocks" in reason
+        for reason in plan["refusals"]
+    )
