@@ -1,16 +1,21 @@
-"""The KV-per-layer heatmap's eviction markers, one source for both places that draw them: the TensorBoard
-tab's heatmap (`layers` JSON) and the HTML report's "KV per layer" grid. Built from the KV log's
-`evicted_by_step` (every reason: a sliding window's, a press's, a crop's; all rows), so the markers add up
-to the report's evicted tokens. Pure, no plotly, no torch."""
+"""The KV log's eviction markers. Per layer and step: the KV-per-layer heatmap's, one source for both places
+that draw them, the TensorBoard tab's heatmap (`layers` JSON) and the HTML report's "KV per layer" grid,
+built from the KV log's `evicted_by_step` (every reason: a sliding window's, a press's, a crop's; all rows),
+so the markers add up to the report's evicted tokens. Per step: a sliding window's on the memory-over-time
+chart (`window_marks`), beside a press's and a crop's, which mark their own `evicted`/`cropped` lines. Pure,
+no plotly, no torch."""
 
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from typing import Any
 
-from analyzers.kv_events import EVICTION_REASONS
+from analyzers.kv_events import EVICTION_REASONS, event_rows
+from analyzers.units import human_bytes
+from kvtrace.format import KvEvent
 
-__all__ = ["eviction_markers"]
+__all__ = ["WindowMark", "eviction_markers", "window_marks"]
 
 
 def eviction_markers(
@@ -40,3 +45,48 @@ def eviction_markers(
             }
         )
     return markers
+
+
+@dataclass(frozen=True)
+class WindowMark:
+    """What a sliding window dropped in one step, every layer and row: a marker on the memory chart."""
+
+    step: int
+    t_ns: int  # the step's first window eviction
+    evicted_tokens: int  # all rows, all layers (a layer's K and V lose the same tokens: counted once)
+    evicted_bytes: int  # K's and V's
+    layers: int
+
+    @property
+    def label(self) -> str:
+        layers = f"{self.layers} layer" + ("s" if self.layers != 1 else "")
+        return (
+            f"sliding window, step {self.step}: {self.evicted_tokens:,} tokens dropped over {layers}, "
+            f"{human_bytes(self.evicted_bytes)} of K and V"
+        )
+
+
+def _dropped_bytes(ev: KvEvent, tokens: int) -> int:
+    """Bytes of `tokens` positions (per row) of the line's tensor, all rows: its bytes over its positions
+    (dim 2 of a [batch, heads, positions, dim] data tensor, which a static window preallocates)."""
+    positions = ev.shape[2] if ev.part == "data" and len(ev.shape) == 4 else ev.tokens
+    return tokens * ev.logical_bytes // positions if positions > 0 else 0
+
+
+def window_marks(window_evictions: list[KvEvent]) -> list[WindowMark]:
+    """One mark per step from the KV log's `window_evictions` (each K line with its evicted tokens, per row,
+    then its slot's V line): the tokens over every row and layer, and the bytes of K and V they held."""
+    by_step: dict[int, dict[str, int]] = {}
+    evicted: dict[tuple[int, int, int], int] = {}  # (cache, layer, step) -> K's tokens a row, for its V
+    for ev in window_evictions:
+        slot = (ev.cache, ev.layer, ev.step)
+        into = by_step.setdefault(ev.step, {"t_ns": ev.t_ns, "tokens": 0, "bytes": 0, "layers": 0})
+        if ev.kv == "k":
+            evicted[slot] = ev.evicted_tokens
+            into["tokens"] += ev.evicted_tokens * (event_rows(ev) or 1)
+            into["layers"] += 1
+        into["bytes"] += _dropped_bytes(ev, evicted.get(slot, 0))
+    return [
+        WindowMark(step, into["t_ns"], into["tokens"], into["bytes"], into["layers"])
+        for step, into in sorted(by_step.items())
+    ]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.attribution import JOIN_TOLERANCE_US, sizes_are_blocks, smallest_block
+from analyzers.eviction_markers import window_marks
 from analyzers.kv_log import KvLogAnalysis, analyze_run_kv_log
 from analyzers.model import (
     DeviceEvents,
@@ -359,6 +360,21 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
                 ts_us=ev.t_ns / 1000.0,
                 label=f"{ev.event} L{ev.layer}",
                 detail={"layer": ev.layer, "evicted_tokens": ev.evicted_tokens, "tokens": ev.tokens},
+            )
+        )
+    for mark in window_marks(kv.window_evictions):  # a window's, every step: one marker a step, all layers
+        source.markers.append(
+            Marker(
+                kind="eviction",
+                ts_us=mark.t_ns / 1000.0,
+                label=mark.label,
+                detail={
+                    "reason": "window",
+                    "step": mark.step,
+                    "evicted_tokens": mark.evicted_tokens,
+                    "evicted_bytes": mark.evicted_bytes,
+                    "layers": mark.layers,
+                },
             )
         )
     ended = run.manifest.get("ended", {})

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+from analyzers.units import human_bytes
 from tests.plotly_figures import page_figure
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
@@ -62,3 +63,60 @@ def test_the_page_marks_a_sliding_windows_evictions_as_the_tab_does(tmp_path: Pa
     assert sorted(
         (column[m["step"]], f"L{m['layer']}", m["evicted_tokens"]) for m in tab["evictions"]
     ) == sorted(zip(marks["x"], marks["y"], marks["customdata"], strict=True))
+
+
+def test_the_memory_chart_marks_a_sliding_windows_evictions_with_what_they_dropped(tmp_path: Path) -> None:
+    import torch
+
+    import kvtrace
+    from kvtrace.cli import main
+    from kvtrace.llama import build_model, make_cache
+    from tests.tiny import HEAD_DIM, cache_arg, tiny_size
+
+    # GIVEN a real recording of `kvtrace demo --cache sliding`'s cache (a DynamicCache of window 8, which
+    # keeps the last 7 tokens) over a 13-token prompt and 6 new tokens, 2 rows, 2 layers of 2 KV heads
+    layers, rows, prompt, new, window, kv_heads = 2, 2, 13, 6, 8, 2
+    torch.manual_seed(0)
+    model = build_model(tiny_size(layers, kv_heads))
+    cache, _ = make_cache("sliding", model, rows, prompt + new, window=window)
+    ids = torch.randint(3, 1000, (rows, prompt))
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            **cache_arg(cache),
+        )
+    # the window drops 13 - 7 = 6 tokens a row at the prefill, then 1 at each of the 5 decode steps (the
+    # last new token is never fed back), on every layer; a token a row is 2 heads x 16 x 4 B in K, as in V
+    per_row = {1: prompt - (window - 1), **{step: 1 for step in range(2, new + 1)}}
+    token_bytes = 2 * kv_heads * HEAD_DIM * 4  # K and V
+    assert _window_evictions_from_the_raw_log(run) == {
+        (step, layer): n * rows for step, n in per_row.items() for layer in range(layers)
+    }
+
+    # WHEN its page is written
+    out = tmp_path / "s.html"
+    assert main(["report", str(run), "--no-export", "-q", "-o", str(out)]) == 0
+    traces, _ = page_figure(out.read_text(), "kvtrace-timeline")
+
+    # THEN the memory chart (the first row's axes) marks each step the window evicted from, as it marks a
+    # press's or a crop's evictions, its hover saying the tokens (all rows and layers) and K's and V's bytes
+    (marks,) = [t for t in traces if t.get("name") == "eviction"]
+    assert (marks["xaxis"], marks["yaxis"]) == ("x", "y") and marks["hovertemplate"].startswith("%{text}")
+    expected = [
+        f"sliding window, step {step}: {n * rows * layers:,} tokens dropped over {layers} layers, "
+        f"{human_bytes(n * rows * layers * token_bytes)} of K and V"
+        for step, n in per_row.items()
+    ]
+    assert marks["text"] == expected
+    assert expected[0].endswith("24 tokens dropped over 2 layers, 6.00 KiB of K and V")
+    assert expected[1].endswith("4 tokens dropped over 2 layers, 1.00 KiB of K and V")
+    # AND in time order, at or after the step markers of their steps
+    (steps,) = [t for t in traces if t.get("name") == "step"]
+    assert marks["x"] == sorted(marks["x"]) and len(steps["x"]) == new
+    assert all(at >= start for at, start in zip(marks["x"], steps["x"], strict=True))
