@@ -1,9 +1,10 @@
 """The KV log's eviction markers. Per layer and step: the KV-per-layer heatmap's, one source for both places
 that draw them, the TensorBoard tab's heatmap (`layers` JSON) and the HTML report's "KV per layer" grid,
 built from the KV log's `evicted_by_step` (every reason: a sliding window's, a press's, a crop's; all rows),
-so the markers add up to the report's evicted tokens. Per step: a sliding window's on the memory-over-time
-chart (`window_marks`), beside a press's and a crop's, which mark their own `evicted`/`cropped` lines. Pure,
-no plotly, no torch."""
+so the markers add up to the report's evicted tokens. Per step and kind (a sliding window's, a press's, a
+crop's): the memory-over-time chart's (`step_marks`), one marker however many layers lost tokens, so a
+32-layer model's step is one point with what it dropped, not 32 stacked on each other. Pure, no plotly, no
+torch."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
-from analyzers.kv_events import EVICTION_REASONS, event_rows
+from analyzers.kv_events import EVICTION_REASONS, event_rows, eviction_reason
 from analyzers.units import human_bytes
 from kvtrace.format import KvEvent
 
-__all__ = ["WindowMark", "eviction_markers", "window_marks"]
+__all__ = ["EvictionMark", "eviction_markers", "step_marks"]
 
 
 def eviction_markers(
@@ -47,12 +48,16 @@ def eviction_markers(
     return markers
 
 
+_KIND_NAMES = {"window": "sliding window", "press": "evicted", "crop": "cropped"}
+
+
 @dataclass(frozen=True)
-class WindowMark:
-    """What a sliding window dropped in one step, every layer and row: a marker on the memory chart."""
+class EvictionMark:
+    """What one kind of eviction dropped in one step, every layer and row: a marker on the memory chart."""
 
     step: int
-    t_ns: int  # the step's first window eviction
+    kind: str  # analyzers.kv_events.eviction_reason: window, press or crop
+    t_ns: int  # the step's first line of this kind
     evicted_tokens: int  # all rows, all layers (a layer's K and V lose the same tokens: counted once)
     evicted_bytes: int  # K's and V's
     layers: int
@@ -61,8 +66,8 @@ class WindowMark:
     def label(self) -> str:
         layers = f"{self.layers} layer" + ("s" if self.layers != 1 else "")
         return (
-            f"sliding window, step {self.step}: {self.evicted_tokens:,} tokens dropped over {layers}, "
-            f"{human_bytes(self.evicted_bytes)} of K and V"
+            f"{_KIND_NAMES.get(self.kind, self.kind)}, step {self.step}: {self.evicted_tokens:,} tokens "
+            f"dropped over {layers}, {human_bytes(self.evicted_bytes)} of K and V"
         )
 
 
@@ -73,20 +78,22 @@ def _dropped_bytes(ev: KvEvent, tokens: int) -> int:
     return tokens * ev.logical_bytes // positions if positions > 0 else 0
 
 
-def window_marks(window_evictions: list[KvEvent]) -> list[WindowMark]:
-    """One mark per step from the KV log's `window_evictions` (each K line with its evicted tokens, per row,
-    then its slot's V line): the tokens over every row and layer, and the bytes of K and V they held."""
-    by_step: dict[int, dict[str, int]] = {}
-    evicted: dict[tuple[int, int, int], int] = {}  # (cache, layer, step) -> K's tokens a row, for its V
-    for ev in window_evictions:
+def step_marks(evictions: list[KvEvent]) -> list[EvictionMark]:
+    """One mark per step and kind from the KV log's `evictions` (each K line that lost tokens, per row, then
+    its slot's V line): the tokens over every row and layer, and the bytes of K and V they held."""
+    by_step: dict[tuple[int, str], dict[str, int]] = {}
+    evicted: dict[tuple[int, int, int], tuple[int, str]] = {}  # (cache, layer, step) -> K's tokens, kind
+    for ev in evictions:
         slot = (ev.cache, ev.layer, ev.step)
-        into = by_step.setdefault(ev.step, {"t_ns": ev.t_ns, "tokens": 0, "bytes": 0, "layers": 0})
         if ev.kv == "k":
-            evicted[slot] = ev.evicted_tokens
-            into["tokens"] += ev.evicted_tokens * (event_rows(ev) or 1)
+            evicted[slot] = (ev.evicted_tokens, eviction_reason(ev))
+        tokens, kind = evicted.get(slot, (0, eviction_reason(ev)))
+        into = by_step.setdefault((ev.step, kind), {"t_ns": ev.t_ns, "tokens": 0, "bytes": 0, "layers": 0})
+        if ev.kv == "k":
+            into["tokens"] += tokens * (event_rows(ev) or 1)
             into["layers"] += 1
-        into["bytes"] += _dropped_bytes(ev, evicted.get(slot, 0))
+        into["bytes"] += _dropped_bytes(ev, tokens)
     return [
-        WindowMark(step, into["t_ns"], into["tokens"], into["bytes"], into["layers"])
-        for step, into in sorted(by_step.items())
+        EvictionMark(step, kind, into["t_ns"], into["tokens"], into["bytes"], into["layers"])
+        for (step, kind), into in sorted(by_step.items(), key=lambda item: (item[1]["t_ns"], item[0]))
     ]

@@ -103,8 +103,7 @@ def analyze_kv_log(
     last_seq_by_cache: dict[int, int] = {}
     last_step_by_cache: dict[int, int] = {}  # the step of that event: caches written in one step are peers
     evictions: list[KvEvent] = []
-    window_evictions: list[KvEvent] = []
-    window_pending: set[tuple[int, int, int]] = set()  # (cache, layer, step) whose K the window evicted from
+    evicting: set[tuple[int, int, int]] = set()  # (cache, layer, step) whose K lost tokens: its V line next
     evicted_by_step: dict[int, dict[int, dict[str, int]]] = {}  # step -> layer -> kind -> tokens, all rows
     final_state: dict[int, tuple[int, int, str, int]] | None = None
     # storages several slots are views of, split by view in the per-layer figures (the totals count each once)
@@ -306,14 +305,12 @@ def analyze_kv_log(
                 gap_cropped[slot] += ev.evicted_tokens
             elif ended is not None and ev.evicted_tokens > draft_room.pop(slot, 0):  # drafts are cropped once
                 gap_cropped[slot] += ev.evicted_tokens
-        if ev.event in ("evicted", "cropped") and ev.kv == "k":
+        if ev.kv == "k" and (ev.event in ("evicted", "cropped") or ev.evicted_tokens):
             evictions.append(ev)
-        elif ev.evicted_tokens and ev.kv == "k" and eviction_reason(ev) == "window":
-            window_evictions.append(ev)
-            window_pending.add((ev.cache, ev.layer, ev.step))
-        elif ev.kv == "v" and is_kv_data(ev) and (ev.cache, ev.layer, ev.step) in window_pending:
-            window_evictions.append(ev)  # the same tokens left V: its line gives V's bytes a token
-            window_pending.discard((ev.cache, ev.layer, ev.step))
+            evicting.add((ev.cache, ev.layer, ev.step))
+        elif ev.kv == "v" and is_kv_data(ev) and (ev.cache, ev.layer, ev.step) in evicting:
+            evictions.append(ev)  # the same tokens left V: its line gives V's bytes a token
+            evicting.discard((ev.cache, ev.layer, ev.step))
         if live_total > peak:
             peak, peak_t = live_total, ev.t_ns
         series_t.append(ev.t_ns)
@@ -410,7 +407,6 @@ def analyze_kv_log(
         step_phase=step_phase,
         step_start_ns=step_start,
         evictions=evictions,
-        window_evictions=window_evictions,
         evicted_by_step=evicted_by_step,
         storages=storages,
         scanned_after_ns=scanned_after,

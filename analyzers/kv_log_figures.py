@@ -108,10 +108,9 @@ class KvLogAnalysis:
     step_phase: dict[int, str] = field(default_factory=dict)
     step_start_ns: dict[int, int] = field(default_factory=dict)
     evictions: list[KvEvent] = field(default_factory=list)
-    window_evictions: list[KvEvent] = field(default_factory=list)
-    """A sliding window's evictions, which ride on the K data line a step writes (`created`, `replaced` or
-    `written`, reason `window`), each followed by the V data line of its slot and step: what the chart's
-    eviction markers say of a window (analyzers.eviction_markers.window_marks), K's and V's bytes."""
+    """Each K line that lost tokens (a press's `evicted`, a crop's `cropped`, a sliding window's on the data
+    line its step writes, reason `window`), followed by the V data line of its slot and step: the memory
+    chart's eviction markers (analyzers.eviction_markers.step_marks), with K's and V's bytes."""
     evicted_by_step: dict[int, dict[int, dict[str, int]]] = field(default_factory=dict)
     """Per step: {layer: {kind: evicted tokens, all rows}}, every kind (window, press, crop) and cache: the
     per-layer figure of the report, step by step. What was evicted between two steps is the next one's."""

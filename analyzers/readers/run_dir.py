@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.attribution import JOIN_TOLERANCE_US, sizes_are_blocks, smallest_block
-from analyzers.eviction_markers import window_marks
+from analyzers.eviction_markers import step_marks
 from analyzers.kv_log import KvLogAnalysis, analyze_run_kv_log
 from analyzers.model import (
     DeviceEvents,
@@ -353,23 +353,14 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if not any(m.kind == "step" for m in source.markers):
         for step, (start_ns, phase) in sorted(_run_step_starts(kv, run.memory_samples).items()):
             source.markers.append(Marker(kind="step", ts_us=start_ns / 1000.0, label=f"step {step} {phase}"))
-    for ev in kv.evictions:
-        source.markers.append(
-            Marker(
-                kind="eviction",
-                ts_us=ev.t_ns / 1000.0,
-                label=f"{ev.event} L{ev.layer}",
-                detail={"layer": ev.layer, "evicted_tokens": ev.evicted_tokens, "tokens": ev.tokens},
-            )
-        )
-    for mark in window_marks(kv.window_evictions):  # a window's, every step: one marker a step, all layers
+    for mark in step_marks(kv.evictions):  # one marker a step and kind (window, press, crop), all layers
         source.markers.append(
             Marker(
                 kind="eviction",
                 ts_us=mark.t_ns / 1000.0,
                 label=mark.label,
                 detail={
-                    "reason": "window",
+                    "reason": mark.kind,
                     "step": mark.step,
                     "evicted_tokens": mark.evicted_tokens,
                     "evicted_bytes": mark.evicted_bytes,

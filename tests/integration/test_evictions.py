@@ -16,6 +16,7 @@ from kvlog_math import storage_lives
 from test_recorder_profiler_join import cpu_allocations, load_trace, match
 
 import kvtrace
+from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.format import KvEvent
 from kvtrace.llama import build_model
@@ -112,13 +113,21 @@ def test_slicing_to_a_view_frees_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("grad", [False])
 def test_eviction_nvtx_ranges_and_markers(tmp_path: Path, grad: bool) -> None:
-    from analyzers.report import build_report
 
     _run(tmp_path, grad=grad, contiguous=True)
     source, _ = build_report(tmp_path / "run")
-    marks = [m for m in source.markers if m.kind == "eviction"]
-    assert len(marks) == LAYERS
-    assert all(m.detail["evicted_tokens"] == PROMPT - KEEP for m in marks)
+    # one marker for the prefill's press, every layer and row: (PROMPT - KEEP) tokens a row and layer, K's
+    # and V's bytes (KV_HEADS x HEAD_DIM float32 each) in its hover
+    (mark,) = [m for m in source.markers if m.kind == "eviction"]
+    dropped = (PROMPT - KEEP) * BATCH * LAYERS
+    assert mark.detail == {
+        "reason": "press",
+        "step": 1,
+        "evicted_tokens": dropped,
+        "evicted_bytes": dropped * 2 * KV_HEADS * HEAD_DIM * 4,
+        "layers": LAYERS,
+    }
+    assert mark.label.startswith(f"evicted, step 1: {dropped:,} tokens dropped over {LAYERS} layers")
 
 
 def test_a_crop_after_a_press_is_counted_too(tmp_path: Path) -> None:
@@ -146,6 +155,17 @@ def test_a_crop_after_a_press_is_counted_too(tmp_path: Path) -> None:
     assert kv["evicted_tokens"] == LAYERS * (press + cropped)
     assert kv["evictions_by_reason"] == {"press": LAYERS * press, "crop": LAYERS * cropped}
     assert [layer["tokens"] for layer in kv["per_layer"]] == [KEEP - crop] * LAYERS
+    # ... and the memory chart marks each once, every layer, with K's and V's bytes (float32)
+    source, _ = build_report(tmp_path / "run")
+    token_bytes = 2 * KV_HEADS * HEAD_DIM * 4
+    assert [
+        (m.detail["reason"], m.detail["evicted_tokens"], m.detail["evicted_bytes"], m.detail["layers"])
+        for m in source.markers
+        if m.kind == "eviction"
+    ] == [
+        ("press", LAYERS * press, LAYERS * press * token_bytes, LAYERS),
+        ("crop", LAYERS * cropped, LAYERS * cropped * token_bytes, LAYERS),
+    ]
 
 
 def _report(run: Path) -> dict[str, Any]:
@@ -242,8 +262,7 @@ def test_a_hook_copying_k_then_v_one_by_one_is_logged_at_most_one_copy_high(tmp_
 
 def test_evict_ranges_in_the_trace_are_not_steps(tmp_path: Path) -> None:
     """The profiler's trace holds kvtrace's evict ranges inside the step's: the timeline's step markers are
-    the forwards only (one prefill here), the evictions its eviction markers (one per layer, K)."""
-    from analyzers.report import build_report
+    the forwards only (one prefill here), the evictions one eviction marker (the step's, every layer)."""
 
     run = _record_prefill_with_hook(tmp_path, ORDER_LAYERS, one_by_one=False)
     trace = load_trace(next((run / "profiler").glob("*.pt.trace.json*")))
@@ -255,5 +274,6 @@ def test_evict_ranges_in_the_trace_are_not_steps(tmp_path: Path) -> None:
     assert [(m.label, m.detail["range"]) for m in source.markers if m.kind == "step"] == [
         ("step 1 prefill", "kvtrace/prefill")
     ]
-    assert sum(m.kind == "eviction" for m in source.markers) == ORDER_LAYERS
+    (mark,) = [m for m in source.markers if m.kind == "eviction"]
+    assert (mark.detail["step"], mark.detail["layers"]) == (1, ORDER_LAYERS)
     assert report.steps == 1
