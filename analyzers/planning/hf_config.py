@@ -67,8 +67,11 @@ _REQUIRED_FIELDS = (
 __all__ = ["geometry_from_config", "max_positions"]
 
 
-def geometry_from_config(path: str | Path) -> ModelGeometry:
-    """Read a local Hugging Face config.json (the file, or the folder holding it) into a geometry.
+def geometry_from_config(
+    path: str | Path, transformers_version: tuple[int, int] | None = None
+) -> ModelGeometry:
+    """Read a local Hugging Face config.json (the file, or the folder holding it) into a geometry, its
+    caches as the transformers of `transformers_version` (major, minor) lays them out; None: the newest.
 
     Multimodal configs nest the language model under `text_config`; its fields win, with the top level as
     fallback. `num_key_value_heads` defaults to the attention head count (plain multi-head attention) and
@@ -175,7 +178,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     chunk = chunk_window(fields.get, layer_types)
     if chunk is not None:  # chunked layers (Llama 4) are cached as sliding ones of the chunk's size
         sliding_window = positive_int("attention_chunk_size", chunk)
-    compressed = compressed_shape(fields, model_type, layers, positive_int)
+    compressed = compressed_shape(fields, model_type, layers, positive_int, transformers_version)
     if compressed is not None:  # DeepSeek-V4: every layer keeps a window (its default 128) beside the rest
         sliding_window = positive_int("sliding_window", fields.get("sliding_window", 128))
         slides = (True,) * layers
@@ -201,6 +204,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     if encoder_decoder is not None:
         kv_note = encoder_decoder_note(encoder_decoder)
     gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text") or bool(gemma)
+    indexer = _indexer_head_dim(fields, model_type, layer_types, positive_int)
     if model_type in ("llama4", "llama4_text"):
         experts = _llama4_experts(fields, layers, positive_int)
     elif gemma:  # Gemma 4's experts, only under enable_moe_block: `gemma_layers`
@@ -238,8 +242,8 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         ),
         qk_norm=block.pop("qk_norm", model_type in _QK_NORMED or bool(gemma)),
         layer_norms=block.pop("layer_norms", 4 if gemma_norms else 2),
-        mla=_mla(fields, positive_int),
-        indexer_head_dim=_indexer_head_dim(fields, model_type, layer_types, positive_int),
+        mla=_mla(fields, positive_int, bool(indexer) and _dsa_expanded(transformers_version), heads),
+        indexer_head_dim=indexer,
         max_position_embeddings=max_positions(fields, model_type),
         cached_kv_heads=cached_heads if cached_heads != kv_heads else None,
         global_kv_heads=global_kv_heads,
@@ -417,6 +421,17 @@ def _llama4_experts(
 # Families whose every layer is `indexed_attention` when the config lists no layer_types (their config
 # classes' default), each caching its indexer's keys (`index_head_dim`, 128 by default) beside the latent
 _INDEXED_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
+# Their layers' name in layer_types: 5.25's, and an earlier transformers' (5.17)
+_INDEXED_LAYER_TYPES = ("indexed_attention", "deepseek_sparse_attention")
+# The first transformers whose DeepSeek-V3.2 and GLM-MoE-DSA cache the latent: 5.17 caches K and V expanded
+# to the heads ("Sparse-attention models cache the expanded K/V, not the compressed latents"), 8x the latent
+# and rotary key of the tiny DSA model; the releases between are unmeasured
+DSA_CACHES_LATENT_SINCE = (5, 25)
+
+
+def _dsa_expanded(transformers_version: tuple[int, int] | None) -> bool:
+    """Whether a sparse-attention (DSA) model caches each head's K and V rather than the latent."""
+    return transformers_version is not None and transformers_version < DSA_CACHES_LATENT_SINCE
 
 
 def _indexer_head_dim(
@@ -424,13 +439,16 @@ def _indexer_head_dim(
 ) -> int:
     """Elements a token's indexer keys take in each layer's cache (transformers' DynamicIndexedLayer), 0 for
     a model without sparse attention's indexer cache."""
-    listed = isinstance(layer_types, list) and "indexed_attention" in layer_types
+    listed = isinstance(layer_types, list) and any(kind in layer_types for kind in _INDEXED_LAYER_TYPES)
     if not listed and (model_type not in _INDEXED_FAMILIES or isinstance(fields.get("layer_types"), list)):
         return 0
     return positive_int("index_head_dim", fields.get("index_head_dim", 128))
 
 
-def _mla(fields: dict[str, Any], positive_int: Callable[[str, Any], int]) -> MlaShape | None:
+def _mla(
+    fields: dict[str, Any], positive_int: Callable[[str, Any], int], expanded: bool, heads: int
+) -> MlaShape | None:
+    """The latent attention's shape; `expanded`: the cache holds the `heads` heads' K and V instead."""
     if not fields.get("kv_lora_rank"):
         return None
     q_lora = fields.get("q_lora_rank")
@@ -440,4 +458,5 @@ def _mla(fields: dict[str, Any], positive_int: Callable[[str, Any], int]) -> Mla
             name: positive_int(name, fields.get(name))
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
         },
+        expanded_heads=heads if expanded else None,
     )
