@@ -53,6 +53,13 @@ _QK_NORMED = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")  # q and k RMSNorms
 _FP32_ROUTERS = frozenset(
     {"deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe", "ernie4_5_moe"}
 )
+# The first transformers that keeps those routers float32 (`_keep_in_fp32_modules_strict: gate.weight`):
+# 5.17 builds them in the model's dtype, ERNIE 4.5's and HunYuan's aside (a bf16 plan of the tiny
+# GLM-4-MoE was 512 B over its model), and DeepSeek-V3's and dots1's expert-score corrections too; the
+# releases between are unmeasured
+FP32_ROUTERS_SINCE = (5, 25)
+_FP32_ROUTERS_BEFORE = frozenset({"ernie4_5_moe", "hunyuan_v1_moe"})  # ERNIE strict, HunYuan built so
+_SCORE_BIAS_IN_DTYPE_BEFORE = frozenset({"deepseek_v3", "dots1"})
 # Decoder families whose transformers model keeps no cache (OpenAIGPTModel.forward takes no past_key_values)
 _NO_KV_CACHE = frozenset({"openai-gpt"})
 _FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
@@ -218,9 +225,15 @@ def geometry_from_config(
         layer_types=layer_types, moe_layers=experts.get("moe_layers", 0), experts=experts.get("experts", 0),
         positive_int=positive_int,
     )  # fmt: skip
-    if model_type in _FP32_ROUTERS:  # its routers (and ERNIE's score corrections) stay float32 in any dtype
+    routed = experts.get("moe_layers", 0) * experts.get("experts", 0)
+    fp32_routers = transformers_version is None or transformers_version >= FP32_ROUTERS_SINCE
+    if model_type in _FP32_ROUTERS and (fp32_routers or model_type in _FP32_ROUTERS_BEFORE):
+        # its routers (and ERNIE's score corrections) stay float32 in any dtype
         router = hidden + (1 if experts.get("expert_score_bias") else 0)
-        buffers["fp32_parameters"] = experts.get("moe_layers", 0) * experts.get("experts", 0) * router
+        buffers["fp32_parameters"] = routed * router
+    if not fp32_routers and model_type in _SCORE_BIAS_IN_DTYPE_BEFORE:  # the score correction in the dtype
+        buffers["fp32_buffer_elements"] = buffers.get("fp32_buffer_elements", 0) - routed
+        buffers["buffer_elements"] = buffers.get("buffer_elements", 0) + routed
     return ModelGeometry(
         name=str(name),
         num_layers=layers,
