@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from analyzers.planning.buffers import buffer_fields
+from analyzers.planning.buffers import ROPE_TABLE_SHARED_SINCE, buffer_fields
 from analyzers.planning.compressed_kv import compressed_shape
 from analyzers.planning.config_defaults import (
     LLAMA4_CHUNK,
@@ -224,6 +224,7 @@ def geometry_from_config(
         fields, model_type, layers=layers, head_dim=head_dim, full_head_dim=global_head_dim,
         layer_types=layer_types, moe_layers=experts.get("moe_layers", 0), experts=experts.get("experts", 0),
         positive_int=positive_int,
+        tables_per_layer=transformers_version is not None and transformers_version < ROPE_TABLE_SHARED_SINCE,
     )  # fmt: skip
     routed = experts.get("moe_layers", 0) * experts.get("experts", 0)
     fp32_routers = transformers_version is None or transformers_version >= FP32_ROUTERS_SINCE
