@@ -38,3 +38,5 @@ def _reset_drops_storage() -> bool:
 
 
 RESET_DROPS_STORAGE = _reset_drops_storage()
+
+HAS_DUMMY_LAYER = hasattr(transformers.cache_utils, "DummyLayer")
