@@ -4,7 +4,9 @@ plans a full cache from it at the run's own activations. Before, on the tiny Lla
 recording peaked at 624,212 (-6,208 B: generate()'s int64 ids and mask, 2 rows x 194 tokens x 16 B); a
 dynamic cache planned from the sliding run at its own context said 640,262 B for a recording of 621,076
 (+19,186 B, +3.1%: all activations grown by context / (window + 1)), and at context 206, 2,221,664 B for
-839,960 (+164.5%)."""
+839,960 (+164.5%). Under transformers 5.17, whose sliding run peaks at generate()'s concatenation of the ids
+and mask (old pair and new live), the dynamic plan at 206 counted that pair at the growth copy too: 845,768 B
+for a recording of 843,192 (+0.31%)."""
 
 from __future__ import annotations
 
