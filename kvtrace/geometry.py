@@ -58,6 +58,18 @@ def transformers_version() -> tuple[int, int] | None:
     return major_minor(str(getattr(module, "__version__", ""))) if module is not None else None
 
 
+def installed_transformers_version() -> tuple[int, int] | None:
+    """(major, minor) of the transformers installed beside kvtrace, read from its metadata without importing
+    it (a plan runs without torch); None where none is: a plan with no run lays caches out as the
+    transformers that will run the model, here the installed one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return major_minor(version("transformers"))
+    except PackageNotFoundError:
+        return None
+
+
 def kv_shared_layers(get: Callable[[str], Any], layers: int) -> frozenset[int]:
     """The layers of a config that reuse an earlier layer's K and V instead of caching their own: the last
     `num_kv_shared_layers` (Gemma 3n, Gemma 4). transformers gives each a `DummyLayer` that holds nothing

@@ -23,3 +23,20 @@ def needs(module: object, name: str) -> pytest.MarkDecorator:
 
 needs_internlm3 = needs(transformers, "InternLM3Config")
 needs_dummy_layer = needs(transformers.cache_utils, "DummyLayer")
+
+
+def _reset_drops_storage() -> bool:
+    """Whether `DynamicLayer.reset()` drops the keys and values (5.25) or zeroes them in place (5.17, which
+    keeps every storage held)."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer()
+    layer.update(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
+    layer.reset()
+    return layer.keys is None
+
+
+RESET_DROPS_STORAGE = _reset_drops_storage()
+
+HAS_DUMMY_LAYER = hasattr(transformers.cache_utils, "DummyLayer")

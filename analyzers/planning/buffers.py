@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["buffer_fields"]
+__all__ = ["ROPE_TABLE_SHARED_SINCE", "buffer_fields"]
 
 # Families without a RoPE table: learned or sinusoidal positions, or ALiBi (Bloom, MPT)
 _NO_ROPE = frozenset(
@@ -58,6 +58,12 @@ def _rotary_factor(fields: dict[str, Any], model_type: str) -> float:
     return _PARTIAL_ROTARY.get(model_type, 1.0)
 
 
+# The first transformers whose GPT-J and CodeGen share one sinusoidal table (`rotary_emb.embed_positions`):
+# 5.17 builds one in each attention layer (a plan of the tiny 2-layer GPT-J was 4,096 B under its model);
+# the releases between are unmeasured
+ROPE_TABLE_SHARED_SINCE = (5, 25)
+
+
 def _inv_freq_elements(rotary_dim: int) -> int:
     """`inv_freq` and `original_inv_freq`: one float32 for every other dimension of the rotary part."""
     return 2 * len(range(0, rotary_dim, 2))
@@ -74,12 +80,15 @@ def buffer_fields(
     moe_layers: int,
     experts: int,
     positive_int: Callable[[str, Any], int],
+    tables_per_layer: bool = False,
 ) -> dict[str, Any]:
     """ModelGeometry's buffer fields for a `model_type` config: `fp32_buffer_elements`,
     `buffer_elements` (in the weights' dtype) and `bool_buffer_bytes` (empty when it has none).
     `head_dim` is each head's width (the latent attention's rotary key, `qk_rope_head_dim`, where it has
     one), `full_head_dim` Gemma 4's full layers' where it differs; `layer_types` the config's, given or
-    derived; `moe_layers` and `experts` its mixture of experts; `positive_int` checks a field or raises."""
+    derived; `moe_layers` and `experts` its mixture of experts; `positive_int` checks a field or raises;
+    `tables_per_layer`: GPT-J's and CodeGen's sinusoidal table in each attention layer (transformers before
+    5.25: `ROPE_TABLE_SHARED_SINCE`), not one the model shares."""
     get = fields.get
     fp32 = elements = masks = 0
     if model_type not in _NO_ROPE:
@@ -104,7 +113,8 @@ def buffer_fields(
             masks = layers * positions * positions
         elif model_type in ("gptj", "codegen"):
             rotary = get("rotary_dim", _GPTJ_ROTARY_DIM)
-            fp32 += positions * (hidden if rotary is None else positive_int("rotary_dim", rotary))
+            table = positions * (hidden if rotary is None else positive_int("rotary_dim", rotary))
+            fp32 += table * (layers if tables_per_layer else 1)
         elif model_type == "ctrl":
             fp32 += positions * hidden
         else:  # XGLM

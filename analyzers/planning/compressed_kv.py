@@ -14,7 +14,8 @@ min(written, window) tokens. Beside it, after `written` tokens:
   written % rate tokens, or rate once the buffer is drained (the empty view keeps its storage);
 - a CSA layer's overlap state, once an entry is made: the last window's first half (rate x head_dim, and
   x index_head_dim for the indexer), kv in the model's dtype and the gate in float32 (the gate plus the
-  float32 `position_bias`). With the buffers, the plan's "compressor_state".
+  float32 `position_bias`; before 5.25, `GATE_FP32_SINCE`, in the model's dtype). With the buffers, the
+  plan's "compressor_state".
 
 The peak (`compressed_sizes`) is bounded, not replayed token by token: at a decode step each layer
 rewrites its window and buffers (and, where an entry is made, its compressed state), each new storage made
@@ -47,18 +48,26 @@ _LEGACY_RATIOS = {
     128: "hca",
 }  # `compress_ratios`: per-layer ints of older checkpoints
 _FP32 = 4  # the overlap gate's bytes an element: float32 whatever the model's dtype
+# The first transformers that keeps the CSA overlap gate in float32: 5.17 keeps it in the model's dtype (a
+# bf16 plan from its run was 384 B over the tiny DeepSeek-V4's 14,528 B); the releases between are unmeasured
+GATE_FP32_SINCE = (5, 25)
 
 # The parts of the cache a plan lists, in this order (`CompressedSizes.parts`)
 PART_NAMES = ("window", "compressed_entries", "indexer_keys", "compressor_state")
 
 
 def compressed_shape(
-    fields: dict[str, Any], model_type: str, layers: int, positive_int: Callable[[str, Any], int]
+    fields: dict[str, Any],
+    model_type: str,
+    layers: int,
+    positive_int: Callable[[str, Any], int],
+    transformers_version: tuple[int, int] | None = None,
 ) -> CompressedShape | None:
     """The layer kinds and rates of a DeepSeek-V4 config, as DeepseekV4Config derives them: `layer_types`,
     else the legacy per-layer `compress_ratios` (0, 4, 128), else two HCA layers then CSA and HCA alternating
-    (CSA on odd i of the rest); `compress_rates` (legacy `compress_rate_csa` / `compress_rate_hca` win).
-    None for any other model."""
+    (CSA on odd i of the rest); `compress_rates` (legacy `compress_rate_csa` / `compress_rate_hca` win);
+    the overlap gate's dtype as `transformers_version` (major, minor; None: the newest) keeps it. None for
+    any other model."""
     if model_type != "deepseek_v4":
         return None
     get = fields.get
@@ -93,6 +102,7 @@ def compressed_shape(
         csa_rate=positive_int("compress_rates", rates["compressed_sparse_attention"]),
         hca_rate=positive_int("compress_rates", rates["heavily_compressed_attention"]),
         index_head_dim=positive_int("index_head_dim", get("index_head_dim", 128)),
+        gate_fp32=transformers_version is None or transformers_version >= GATE_FP32_SINCE,
     )
 
 
@@ -119,7 +129,7 @@ def _layer(
         "compressed_entries": (entries * head_dim, 0),
         "indexer_keys": (entries * index, 0),
         "buffers": (2 * pending * width, 0),  # kv and gate
-        "overlap": (overlap, overlap),
+        "overlap": (overlap, overlap) if shape.gate_fp32 else (2 * overlap, 0),  # kv, then gate
     }
 
 

@@ -27,6 +27,8 @@ from analyzers.planning.run_cache_kind import PLAN_DTYPES
 from analyzers.units import human_bytes
 from kvtrace.errors import KvtraceError
 from kvtrace.format import MODEL_CONFIG
+from kvtrace.geometry import installed_transformers_version, major_minor
+from kvtrace.json_reads import read_json_file
 
 __all__ = ["NOT_ITS_CACHE", "CompressedRun", "compressed_remedies", "compressed_run", "prompt_and_written"]
 
@@ -53,14 +55,26 @@ class CompressedRun:
 
 
 def compressed_run(run_path: str | Path, model_dtype: object) -> CompressedRun | None:
-    """The run's model_config.json read as `plan --from-run` reads it, where it is DeepSeek-V4's; None for
-    any other model, a run without that file, or a config the planner refuses (the usual remedies stand)."""
+    """The run's model_config.json read as `plan --from-run` reads it, where it is DeepSeek-V4's, its cache
+    as the manifest's transformers lays it out (a folder without a manifest: the installed one, as `plan
+    --config`);
+    None for any other model, a run without that file, or a config the planner refuses (the usual remedies
+    stand)."""
     config = Path(run_path) / MODEL_CONFIG
     dtype = PLAN_DTYPES.get(str(model_dtype))
     if dtype is None or not config.is_file():
         return None
     try:
-        geometry = geometry_from_config(config)
+        manifest = read_json_file(Path(run_path) / "manifest.json", "not valid JSON")
+    except (KvtraceError, OSError):
+        manifest = None
+    if isinstance(manifest, dict):  # as `plan --from-run` reads it (none named: the newest)
+        named = manifest.get("transformers_version")
+        version = major_minor(named) if isinstance(named, str) else None
+    else:
+        version = installed_transformers_version()
+    try:
+        geometry = geometry_from_config(config, version)
     except KvtraceError:
         return None
     if geometry.compressed is None or geometry.sliding_window is None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from analyzers.planning.buffers import buffer_fields
+from analyzers.planning.buffers import ROPE_TABLE_SHARED_SINCE, buffer_fields
 from analyzers.planning.compressed_kv import compressed_shape
 from analyzers.planning.config_defaults import (
     LLAMA4_CHUNK,
@@ -53,6 +53,13 @@ _QK_NORMED = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")  # q and k RMSNorms
 _FP32_ROUTERS = frozenset(
     {"deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe", "ernie4_5_moe"}
 )
+# The first transformers that keeps those routers float32 (`_keep_in_fp32_modules_strict: gate.weight`):
+# 5.17 builds them in the model's dtype, ERNIE 4.5's and HunYuan's aside (a bf16 plan of the tiny
+# GLM-4-MoE was 512 B over its model), and DeepSeek-V3's and dots1's expert-score corrections too; the
+# releases between are unmeasured
+FP32_ROUTERS_SINCE = (5, 25)
+_FP32_ROUTERS_BEFORE = frozenset({"ernie4_5_moe", "hunyuan_v1_moe"})  # ERNIE strict, HunYuan built so
+_SCORE_BIAS_IN_DTYPE_BEFORE = frozenset({"deepseek_v3", "dots1"})
 # Decoder families whose transformers model keeps no cache (OpenAIGPTModel.forward takes no past_key_values)
 _NO_KV_CACHE = frozenset({"openai-gpt"})
 _FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
@@ -67,8 +74,11 @@ _REQUIRED_FIELDS = (
 __all__ = ["geometry_from_config", "max_positions"]
 
 
-def geometry_from_config(path: str | Path) -> ModelGeometry:
-    """Read a local Hugging Face config.json (the file, or the folder holding it) into a geometry.
+def geometry_from_config(
+    path: str | Path, transformers_version: tuple[int, int] | None = None
+) -> ModelGeometry:
+    """Read a local Hugging Face config.json (the file, or the folder holding it) into a geometry, its
+    caches as the transformers of `transformers_version` (major, minor) lays them out; None: the newest.
 
     Multimodal configs nest the language model under `text_config`; its fields win, with the top level as
     fallback. `num_key_value_heads` defaults to the attention head count (plain multi-head attention) and
@@ -175,7 +185,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     chunk = chunk_window(fields.get, layer_types)
     if chunk is not None:  # chunked layers (Llama 4) are cached as sliding ones of the chunk's size
         sliding_window = positive_int("attention_chunk_size", chunk)
-    compressed = compressed_shape(fields, model_type, layers, positive_int)
+    compressed = compressed_shape(fields, model_type, layers, positive_int, transformers_version)
     if compressed is not None:  # DeepSeek-V4: every layer keeps a window (its default 128) beside the rest
         sliding_window = positive_int("sliding_window", fields.get("sliding_window", 128))
         slides = (True,) * layers
@@ -201,6 +211,7 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
     if encoder_decoder is not None:
         kv_note = encoder_decoder_note(encoder_decoder)
     gemma_norms = model_type in ("gemma2", "gemma3", "gemma3_text") or bool(gemma)
+    indexer = _indexer_head_dim(fields, model_type, layer_types, positive_int)
     if model_type in ("llama4", "llama4_text"):
         experts = _llama4_experts(fields, layers, positive_int)
     elif gemma:  # Gemma 4's experts, only under enable_moe_block: `gemma_layers`
@@ -213,10 +224,17 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         fields, model_type, layers=layers, head_dim=head_dim, full_head_dim=global_head_dim,
         layer_types=layer_types, moe_layers=experts.get("moe_layers", 0), experts=experts.get("experts", 0),
         positive_int=positive_int,
+        tables_per_layer=transformers_version is not None and transformers_version < ROPE_TABLE_SHARED_SINCE,
     )  # fmt: skip
-    if model_type in _FP32_ROUTERS:  # its routers (and ERNIE's score corrections) stay float32 in any dtype
+    routed = experts.get("moe_layers", 0) * experts.get("experts", 0)
+    fp32_routers = transformers_version is None or transformers_version >= FP32_ROUTERS_SINCE
+    if model_type in _FP32_ROUTERS and (fp32_routers or model_type in _FP32_ROUTERS_BEFORE):
+        # its routers (and ERNIE's score corrections) stay float32 in any dtype
         router = hidden + (1 if experts.get("expert_score_bias") else 0)
-        buffers["fp32_parameters"] = experts.get("moe_layers", 0) * experts.get("experts", 0) * router
+        buffers["fp32_parameters"] = routed * router
+    if not fp32_routers and model_type in _SCORE_BIAS_IN_DTYPE_BEFORE:  # the score correction in the dtype
+        buffers["fp32_buffer_elements"] = buffers.get("fp32_buffer_elements", 0) - routed
+        buffers["buffer_elements"] = buffers.get("buffer_elements", 0) + routed
     return ModelGeometry(
         name=str(name),
         num_layers=layers,
@@ -238,8 +256,8 @@ def geometry_from_config(path: str | Path) -> ModelGeometry:
         ),
         qk_norm=block.pop("qk_norm", model_type in _QK_NORMED or bool(gemma)),
         layer_norms=block.pop("layer_norms", 4 if gemma_norms else 2),
-        mla=_mla(fields, positive_int),
-        indexer_head_dim=_indexer_head_dim(fields, model_type, layer_types, positive_int),
+        mla=_mla(fields, positive_int, bool(indexer) and _dsa_expanded(transformers_version), heads),
+        indexer_head_dim=indexer,
         max_position_embeddings=max_positions(fields, model_type),
         cached_kv_heads=cached_heads if cached_heads != kv_heads else None,
         global_kv_heads=global_kv_heads,
@@ -417,6 +435,17 @@ def _llama4_experts(
 # Families whose every layer is `indexed_attention` when the config lists no layer_types (their config
 # classes' default), each caching its indexer's keys (`index_head_dim`, 128 by default) beside the latent
 _INDEXED_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
+# Their layers' name in layer_types: 5.25's, and an earlier transformers' (5.17)
+_INDEXED_LAYER_TYPES = ("indexed_attention", "deepseek_sparse_attention")
+# The first transformers whose DeepSeek-V3.2 and GLM-MoE-DSA cache the latent: 5.17 caches K and V expanded
+# to the heads ("Sparse-attention models cache the expanded K/V, not the compressed latents"), 8x the latent
+# and rotary key of the tiny DSA model; the releases between are unmeasured
+DSA_CACHES_LATENT_SINCE = (5, 25)
+
+
+def _dsa_expanded(transformers_version: tuple[int, int] | None) -> bool:
+    """Whether a sparse-attention (DSA) model caches each head's K and V rather than the latent."""
+    return transformers_version is not None and transformers_version < DSA_CACHES_LATENT_SINCE
 
 
 def _indexer_head_dim(
@@ -424,13 +453,16 @@ def _indexer_head_dim(
 ) -> int:
     """Elements a token's indexer keys take in each layer's cache (transformers' DynamicIndexedLayer), 0 for
     a model without sparse attention's indexer cache."""
-    listed = isinstance(layer_types, list) and "indexed_attention" in layer_types
+    listed = isinstance(layer_types, list) and any(kind in layer_types for kind in _INDEXED_LAYER_TYPES)
     if not listed and (model_type not in _INDEXED_FAMILIES or isinstance(fields.get("layer_types"), list)):
         return 0
     return positive_int("index_head_dim", fields.get("index_head_dim", 128))
 
 
-def _mla(fields: dict[str, Any], positive_int: Callable[[str, Any], int]) -> MlaShape | None:
+def _mla(
+    fields: dict[str, Any], positive_int: Callable[[str, Any], int], expanded: bool, heads: int
+) -> MlaShape | None:
+    """The latent attention's shape; `expanded`: the cache holds the `heads` heads' K and V instead."""
     if not fields.get("kv_lora_rank"):
         return None
     q_lora = fields.get("q_lora_rank")
@@ -440,4 +472,5 @@ def _mla(fields: dict[str, Any], positive_int: Callable[[str, Any], int]) -> Mla
             name: positive_int(name, fields.get(name))
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
         },
+        expanded_heads=heads if expanded else None,
     )

@@ -114,6 +114,9 @@ class RecordedPeak:
     prompt_row_bytes: int | None = None
     # of `update_activations_bytes`, generate()'s token tensors (run_peak's `token_tensors`); None: not told
     update_token_bytes: int | None = None
+    # of those, the bytes a row and token adds at the update (run_peak's `update_token_row_bytes`); None:
+    # not told (`token_row_bytes` stands for it)
+    update_token_row_bytes: int | None = None
     # an encoder-decoder run's encoder input length, the tokens a row its cross-attention cache held
     encoder_tokens: int | None = None
     # bytes the activations at a decode peak and at the update (`update_activations_bytes`) gain per row and

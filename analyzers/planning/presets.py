@@ -40,6 +40,9 @@ class MlaShape:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+    # The heads' K (nope + rope) and V cached instead of the latent: DeepSeek-V3.2's sparse attention
+    # under a transformers before 5.25 (`hf_config.DSA_CACHES_LATENT_SINCE`); vLLM caches the latent
+    expanded_heads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class CompressedShape:
     csa_rate: int
     hca_rate: int
     index_head_dim: int
+    # The CSA overlap gate's dtype: float32 (transformers 5.25), or the model's (before it: `gate_fp32`)
+    gate_fp32: bool = True
 
 
 @dataclass(frozen=True)
@@ -174,8 +179,16 @@ class ModelGeometry:
     @property
     def kv_widths(self) -> tuple[int, int]:
         """Elements of one layer's K and of its V per token, as transformers' caches hold them."""
-        if self.mla is not None:  # the latent as one head: its normed part as K, the rotary key as V
-            return self.mla.kv_lora_rank + self.indexer_head_dim, self.mla.qk_rope_head_dim
+        mla = self.mla
+        if (
+            mla is not None and mla.expanded_heads
+        ):  # each head's K (nope + rope) and V, as the model uses them
+            heads = mla.expanded_heads
+            return heads * (
+                mla.qk_nope_head_dim + mla.qk_rope_head_dim
+            ) + self.indexer_head_dim, heads * mla.v_head_dim
+        if mla is not None:  # the latent as one head: its normed part as K, the rotary key as V
+            return mla.kv_lora_rank + self.indexer_head_dim, mla.qk_rope_head_dim
         side = (self.cached_kv_heads or self.num_kv_heads) * self.head_dim
         return side + self.indexer_head_dim, side
 

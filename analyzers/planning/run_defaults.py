@@ -42,6 +42,7 @@ from analyzers.readers.engine_files import read_engine
 from analyzers.readers.run_files import kv_log_notes
 from kvtrace.errors import KvtraceError
 from kvtrace.format import MODEL_CONFIG, Run
+from kvtrace.geometry import major_minor
 from kvtrace.run_reader import read_run
 
 
@@ -198,7 +199,7 @@ def _geometry(run: Run, notes: list[str], main: CacheFigures | None) -> ModelGeo
     model = run.manifest.get("model")
     config = run.path / MODEL_CONFIG
     if config.is_file():
-        geometry = geometry_from_config(config)
+        geometry = geometry_from_config(config, major_minor(_transformers_version(run.manifest)))
         kind = model.get("class") if isinstance(model, dict) else None
         return replace(geometry, name=f"{run.path.name} ({kind})" if kind else run.path.name)
     fields = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")

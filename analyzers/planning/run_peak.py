@@ -39,6 +39,7 @@ __all__ = [
     "recorded_note",
     "token_row_bytes",
     "token_tensors",
+    "update_token_row_bytes",
 ]
 
 _INT64_BYTES = 8  # an element of generate()'s token ids, attention mask and position ids
@@ -83,6 +84,9 @@ class PeakMoment:
     # of `update_activations_bytes`, those generate()'s token tensors (`token_tensors`): the update of a
     # sliding run's KV peak comes early, when they were short; None: not told
     update_token_bytes: int | None = None
+    # bytes those token tensors at the update gain per row and token (`update_token_row_bytes`); None: not
+    # told
+    update_token_row_bytes: int | None = None
     # bytes the activations at a decode peak and at the update gain per row and token of the context
     # (`context_token_bytes`); the rest are a step's fixed share (the logits, a position's hidden states)
     context_token_bytes: int | None = None
@@ -153,6 +157,7 @@ def peak_moment(
         token_row_bytes=token_row_bytes(at_peak_tokens) if decode else None,
         prompt_row_bytes=at_peak_prompt if decode else None,
         update_token_bytes=sum(at_update_tokens) if at_update_tokens is not None else None,
+        update_token_row_bytes=update_token_row_bytes(at_update_tokens),
         context_token_bytes=at_peak_context if decode else None,
         update_context_token_bytes=at_update_context,
         attn_implementation=_attn_implementation(report.geometry),
@@ -165,6 +170,20 @@ def token_row_bytes(tensors: list[int] | None) -> int | None:
     each, an int64 a token longer at every step. Where every layer keeps a window, they are what still
     grows with the context (the tiny Llama at batch 2, context 12 to 206: +6,208 B, 2 x 194 x 16)."""
     return None if tensors is None else _INT64_BYTES * len(tensors)
+
+
+def update_token_row_bytes(tensors: list[int] | None) -> int | None:
+    """Bytes a row and token adds to generate()'s token tensors live at a cache update (`token_tensors` at
+    the update's moment): 8 for each of the moment's longest, those that are the step's. A decode peak
+    elsewhere may hold others beside them: transformers 5.17's sliding run peaks where generate() grows its
+    ids and mask by concatenation, the old pair (a token shorter) live beside the new, 32 B a row and token
+    where a cache update inside the forward holds 24. A plan whose peak is a cache update (a full cache's
+    growth copy) counts these: before, a dynamic cache planned from the tiny Llama's sliding run at context
+    206 under 5.17 was 2,576 B over its recording. None where the moment is not told."""
+    if not tensors:
+        return None
+    longest = max(tensors)
+    return _INT64_BYTES * sum(nbytes == longest for nbytes in tensors)
 
 
 def prompt_row_bytes(

@@ -140,6 +140,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         token_row_bytes=moment.token_row_bytes,
         prompt_row_bytes=moment.prompt_row_bytes,
         update_token_bytes=moment.update_token_bytes,
+        update_token_row_bytes=moment.update_token_row_bytes,
         encoder_tokens=run.encoder_tokens,
         context_token_bytes=moment.context_token_bytes,
         update_context_token_bytes=moment.update_context_token_bytes,
@@ -326,6 +327,7 @@ class PlanCommand(Command):
         from analyzers.planning.hf_config import geometry_from_config
         from analyzers.planning.plan import PlanRequest, format_text, parse_size, plan, to_json
         from analyzers.planning.presets import get_preset
+        from kvtrace.geometry import installed_transformers_version
 
         if getattr(args, "engine", "hf") == "vllm":
             if args.beams not in (None, 1):  # vLLM's pool is sized per token, whatever samples it
@@ -351,7 +353,9 @@ class PlanCommand(Command):
             raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
         else:
             geometry = (
-                get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
+                get_preset(args.preset)
+                if args.preset is not None
+                else geometry_from_config(args.config, installed_transformers_version())
             )
         # A flag typed wins; else the run's setting; else the flag's default
         batch = args.batch if args.batch is not None else (run.batch if run and run.batch else 1)

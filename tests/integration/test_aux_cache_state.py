@@ -1,4 +1,5 @@
-"""Cache layers that hold state beside K/V, on real tiny random-weight models (transformers 5.25+).
+"""Cache layers that hold state beside K/V, on real tiny random-weight models (transformers 5.25, and 5.17's
+layouts where it differs: DSA's K/V expanded to the heads, DeepSeek-V4's overlap gate in the model's dtype).
 
 DSA models (DeepSeek-V3.2: DynamicIndexedLayer, StaticIndexedLayer) cache the indexer's keys, [batch,
 tokens, index_head_dim], next to the MLA latent; DeepSeek-V4's layers keep compressed KV entries (and the
@@ -20,9 +21,15 @@ import transformers
 
 import kvtrace
 from kvtrace.cli import main
+from kvtrace.geometry import transformers_version
 from kvtrace.run_reader import read_run
 
 LAYERS, KV_LORA, ROPE, INDEX_DIM, F32 = 4, 16, 8, 16, 4
+HEADS, NOPE, V_DIM = 4, 16, 12  # the DSA model's query heads, and its heads' K (nope + rope) and V widths
+# Elements a DSA layer caches a token: the latent, rotary key and indexer key (transformers 5.25); before
+# it (5.17), each head's K and V, expanded from the latent, and the indexer key
+DSA_LATENT = (transformers_version() or (5, 25)) >= (5, 25)
+DSA_WIDTH = KV_LORA + ROPE + INDEX_DIM if DSA_LATENT else HEADS * (NOPE + ROPE) + HEADS * V_DIM + INDEX_DIM
 BATCH, PROMPT, NEW = 2, 7, 5
 
 pytestmark = pytest.mark.skipif(
@@ -95,12 +102,16 @@ def test_dsa_indexer_keys_are_logged_and_counted(
     run = tmp_path / cache
     past = _record(_dsa_config(), run, NEW, cache_implementation=cache)
     tokens = PROMPT + NEW - 1  # generate() never writes its last token (a static cache: max_cache_len)
-    want = LAYERS * (KV_LORA + ROPE + INDEX_DIM) * tokens * BATCH * F32  # 14,080 B (K/V alone: 8,448)
-    # WHEN the run is reported
+    want = LAYERS * DSA_WIDTH * tokens * BATCH * F32  # 14,080 B (K/V alone: 8,448); 5.17: 56,320 B
+    # WHEN the run is reported, and planned
     report = _report(run, capsys)
-    # THEN its KV is what the cache holds, indexer keys included
+    assert main(["plan", "--from-run", str(run), "--cache", "dynamic", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # THEN its KV is what the cache holds, indexer keys included, and the plan's too, as the transformers
+    # it was recorded under lays it out (under 5.17 the plan counted the latent: 8,448 B for 56,320)
     assert _held_bytes(past) == want
     assert report["kv"]["final_bytes"] == want
+    assert plan["kv_bytes"] == want
     events = read_run(run).kv_events
     for layer in range(LAYERS):
         mine = [e for e in events if e.part == "aux.indexer_keys" and e.layer == layer]
@@ -200,10 +211,12 @@ def test_plan_counts_indexer_keys_and_takes_dsv4(tmp_path: Path, capsys: pytest.
     # GIVEN the two models' config.json files, as save_pretrained writes them
     _dsa_config().save_pretrained(tmp_path / "dsa")
     _dsv4_config().save_pretrained(tmp_path / "dsv4")
-    # WHEN planned at bf16 THEN a DSA token costs its latent, rotary key and indexer keys in every layer
+    # WHEN planned at bf16 THEN a DSA token costs its latent, rotary key and indexer keys in every layer, as
+    # the installed transformers caches them
     assert main(["plan", "--config", str(tmp_path / "dsa"), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["kv_bytes_per_token"] == LAYERS * (KV_LORA + ROPE + INDEX_DIM) * 2  # 320 (was 192)
+    # (320, was 192; under 5.17, which caches each head's K and V, 1,280, was 192)
+    assert plan["kv_bytes_per_token"] == LAYERS * DSA_WIDTH * 2
     # AND DeepSeek-V4's config, which names its MLP width moe_intermediate_size only, is planned
     assert main(["plan", "--config", str(tmp_path / "dsv4"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["request"]["geometry"]["intermediate_size"] == 32

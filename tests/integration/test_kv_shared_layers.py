@@ -19,7 +19,7 @@ import transformers
 
 import kvtrace
 from kvtrace.cli import main
-from tests.hf_versions import needs_dummy_layer
+from tests.hf_versions import HAS_DUMMY_LAYER, needs_dummy_layer
 
 LAYERS, SHARED, WINDOW = 6, 2, 8  # layers 4 and 5 reuse layers 2 (sliding) and 3 (full)
 KV_HEADS, HEAD_DIM, ROWS, PROMPT, NEW = 2, 16, 2, 11, 6
@@ -65,7 +65,10 @@ def test_shared_kv_layers_hold_no_kv_in_the_recording_report_and_plan(
     written = PROMPT + NEW - 1
     final = 2 * (2 * written * U) + 2 * (2 * WINDOW * U)  # 24,576 B
     layers = out.past_key_values.layers
-    assert [layer.keys is None for layer in layers] == [False] * (LAYERS - SHARED) + [True] * SHARED
+    if HAS_DUMMY_LAYER:
+        assert [layer.keys is None for layer in layers] == [False] * (LAYERS - SHARED) + [True] * SHARED
+    else:  # transformers 5.17 has no DummyLayer: its cache lists the 4 layers that cache their own alone
+        assert [layer.keys is None for layer in layers] == [False] * (LAYERS - SHARED)
     own = layers[: LAYERS - SHARED]
     held = sum(t.untyped_storage().nbytes() for layer in own for t in (layer.keys, layer.values))
     assert held == final

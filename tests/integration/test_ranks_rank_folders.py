@@ -14,6 +14,7 @@ import ranks_worker as worker
 
 from kvtrace.cli import main
 from kvtrace.format import MANIFEST
+from kvtrace.geometry import transformers_version
 
 pytest.importorskip("transformers.distributed")
 
@@ -24,6 +25,10 @@ LOCAL_KV_HEADS = worker.N_KV_HEADS // WORLD
 # A rank's cache: layers x K,V x its KV heads (half the model's) x head_dim x fp32, per token of a row.
 RANK_PER_TOKEN = worker.N_LAYERS * 2 * LOCAL_KV_HEADS * HEAD_DIM * 4
 RANK_KV_BYTES = RANK_PER_TOKEN * TOKENS * worker.MAX_BATCH
+# A rank's fp32 parameters: its shard of the attention and MLP, and of the embeddings (vocab-sharded under
+# transformers 5.25: 128 x 64; 5.17 keeps the whole 256 x 64 table on every rank, 32,768 B more)
+EMBED_BYTES = worker.VOCAB * worker.DIM * 4
+RANK_PARAMETERS = 214_272 + (0 if (transformers_version() or (5, 25)) >= (5, 25) else EMBED_BYTES // WORLD)
 
 
 @pytest.fixture(scope="module")
@@ -179,15 +184,17 @@ def test_plan_of_a_tensor_parallel_rank_at_another_dtype_weighs_its_shard(
     assert {line["dtype"] for line in lines} == {"float32"}
     buffers = sum(line["storage_bytes"] for line in lines if line["name"].endswith("inv_freq"))
     parameters = sum(line["storage_bytes"] for line in lines) - buffers
-    assert (parameters, buffers) == (214_272, 64)
+    assert (parameters, buffers) == (RANK_PARAMETERS, 64)
     report = _json(capsys, ["report", str(rank), "--no-export", "--json"])
     assert report["categories_at_peak"]["weights"] == parameters + buffers
     # WHEN it is planned at bf16
     planned = _json(capsys, ["plan", "--from-run", str(rank), "--dtype", "bf16", "--json"])
     # THEN the weights are its shard's parameters at 2 B an element beside the same buffers, not the whole
     # model's MLP, embeddings and lm_head beside its attention heads
-    assert planned["weights_bytes"] == parameters // 2 + buffers == 107_200
-    said = "--dtype bf16 is not the run's (fp32): the weights are the rank's measured 214,336 B re-stored"
+    bf16 = parameters // 2 + buffers  # 107,200 B (5.17: 123,584)
+    assert planned["weights_bytes"] == bf16
+    measured = f"{parameters + buffers:,}"  # 214,336 (5.17: 247,104)
+    said = f"--dtype bf16 is not the run's (fp32): the weights are the rank's measured {measured} B re-stored"
     assert any(note.startswith(said) for note in planned["notes"]), planned["notes"]
     assert main(["plan", "--from-run", str(rank), "--dtype", "bf16"]) == 0
-    assert "weights                104.69 KiB (the run's, at bf16)" in capsys.readouterr().out
+    assert f"weights                {bf16 / 1024:.2f} KiB (the run's, at bf16)" in capsys.readouterr().out

@@ -9,7 +9,8 @@ import torch
 import kvtrace
 from kvtrace.llama import build_model
 from kvtrace.run_reader import read_run
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.hf_versions import RESET_DROPS_STORAGE
+from tests.tiny import HEAD_DIM, cache_arg, tiny_size
 
 LAYERS, KV_HEADS, BATCH, PROMPT = 2, 2, 1, 9
 
@@ -48,12 +49,18 @@ def test_reset_is_logged(tmp_path: Path) -> None:
     cache = DynamicCache()
     run = tmp_path / "run"
     with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_arg(cache), use_cache=True)
         cache.reset()
     events = read_run(run).kv_events
     resets = [e for e in events if e.event == "reset" and e.part == "data"]
     assert sorted((e.layer, e.kv) for e in resets) == [(layer, kv) for layer in range(LAYERS) for kv in "kv"]
-    assert all(e.addr == 0 and e.storage_bytes == 0 for e in resets)
     freed = {e.addr for e in events if e.event == "freed"}
     created = {e.addr for e in events if e.event == "created"}
-    assert created <= freed  # reset drops every storage, and the allocator released them
+    if RESET_DROPS_STORAGE:
+        assert all(e.addr == 0 and e.storage_bytes == 0 for e in resets)
+        assert created <= freed  # reset drops every storage, and the allocator released them
+    else:
+        # transformers 5.17 zeroes the keys and values in place: every storage stays held, at the prompt
+        assert all(e.addr == e.prev_addr != 0 for e in resets)
+        assert all(e.storage_bytes == BATCH * KV_HEADS * PROMPT * HEAD_DIM * 4 for e in resets)
+        assert not created & freed
