@@ -180,13 +180,10 @@ class ModelGeometry:
     def kv_widths(self) -> tuple[int, int]:
         """Elements of one layer's K and of its V per token, as transformers' caches hold them."""
         mla = self.mla
-        if (
-            mla is not None and mla.expanded_heads
-        ):  # each head's K (nope + rope) and V, as the model uses them
+        if mla is not None and mla.expanded_heads:  # each head's K (nope + rope) and V, as the model uses
             heads = mla.expanded_heads
-            return heads * (
-                mla.qk_nope_head_dim + mla.qk_rope_head_dim
-            ) + self.indexer_head_dim, heads * mla.v_head_dim
+            k_width = heads * (mla.qk_nope_head_dim + mla.qk_rope_head_dim)
+            return k_width + self.indexer_head_dim, heads * mla.v_head_dim
         if mla is not None:  # the latent as one head: its normed part as K, the rotary key as V
             return mla.kv_lora_rank + self.indexer_head_dim, mla.qk_rope_head_dim
         side = (self.cached_kv_heads or self.num_kv_heads) * self.head_dim
