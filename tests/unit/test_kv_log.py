@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from analyzers.eviction_markers import step_marks
 from analyzers.kv_log import analyze_kv_log
 from kvtrace.format import KvEvent
 
@@ -42,13 +43,17 @@ def test_growth_shows_transient_copy_and_churn() -> None:
 def test_evictions_count_once_per_row_on_k() -> None:
     events = [
         ev(1, "created", 0, "k", 0xA, 64, tokens=8, shape=[2, 1, 8, 4]),
-        ev(2, "evicted", 0, "k", 0xB, 32, tokens=4, evicted_tokens=4, shape=[2, 1, 4, 4]),
-        ev(3, "evicted", 0, "v", 0xC, 32, tokens=4, evicted_tokens=0, shape=[2, 1, 4, 4]),
+        ev(2, "evicted", 0, "k", 0xB, 32, tokens=4, evicted_tokens=4, shape=[2, 1, 4, 4], logical_bytes=32),
+        ev(3, "evicted", 0, "v", 0xC, 32, tokens=4, evicted_tokens=0, shape=[2, 1, 4, 4], logical_bytes=32),
     ]
     kv = analyze_kv_log(events)
     assert kv.evicted_tokens == 4 * 2
     assert kv.per_layer[0].evicted_tokens == 8
-    assert len(kv.evictions) == 1
+    # the K line that lost tokens, then its V line (V's bytes a token); one chart marker: 4 tokens x 2 rows,
+    # and in K as in V 4 tokens x 2 rows x 1 head x 4 dims x 1 B
+    assert [(e.kv, e.t_ns) for e in kv.evictions] == [("k", 2000), ("v", 3000)]
+    (mark,) = step_marks(kv.evictions)
+    assert (mark.kind, mark.evicted_tokens, mark.evicted_bytes, mark.layers) == ("press", 8, 2 * 32, 1)
 
 
 def test_a_beam_search_reorder_says_its_beams() -> None:
