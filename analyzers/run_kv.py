@@ -8,6 +8,7 @@ time is mostly start-up (issue 11). `summarize` imports this module for run dire
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from analyzers.caches import (
@@ -60,10 +61,15 @@ def add_log_figures(
             # unknown: a buffer's first dim is its capacity, not the batch
             kv.batch = (last.rows or None) if unknown else event_rows(last)
             follows = _shapes_follow(geometry, data_events)
-            kv.bytes_per_token_expected = (
+            expected = (
                 _expected_bytes_per_token(geometry, last.dtype, heads_held_by(last))
                 if follows
                 else _bytes_per_token_of_shapes(data_events, model_kv_layers(geometry))
+            )
+            kv.bytes_per_token_expected = (
+                expected + _indexer_bytes_per_token(run.kv_events, main.cache, model_kv_layers(geometry))
+                if expected is not None
+                else None
             )
             if follows:
                 kv.rank_heads = _rank_heads(manifest, geometry, last)
@@ -204,6 +210,29 @@ def _bytes_per_token_of_shapes(data_events: list[Any], model_layers: int | None 
     if not last:
         return None
     seen = sum((heads_held_by(e) or 0) * e.shape[-1] * _DTYPE_BYTES[e.dtype] for e in last.values())
+    layers = len({layer for layer, _ in last})
+    return round(seen * model_layers / layers) if model_layers and layers < model_layers else seen
+
+
+# A sparse-attention (DSA) layer's state that grows a token at a time beside its K and V: the indexer's
+# keys ([batch, tokens, index_head_dim]) and, where the layer keeps them, their positions
+_INDEXER_PARTS = ("aux.indexer_keys", "aux.indexer_position_ids")
+_STATE_BYTES = {**_DTYPE_BYTES, "int64": 8, "int32": 4}
+
+
+def _indexer_bytes_per_token(events: list[Any], cache: int, model_layers: int | None) -> int:
+    """What a token of one sequence adds to a DSA cache's layers beside K and V (`_INDEXER_PARTS`), from
+    each layer's last tensor, every layer of the model's as `_bytes_per_token_of_shapes` counts them; 0 for
+    any other cache. DeepSeek-V3.2's tiny model under transformers 5.17 held 2,560 B a token, 256 of them
+    its indexer keys, which the arithmetic left out (2,304)."""
+    last: dict[tuple[int, str], Any] = {}
+    for event in events:
+        kept = event.part in _INDEXER_PARTS and event.cache == cache and event.event != "freed"
+        if kept and len(event.shape or ()) >= 2 and event.dtype in _STATE_BYTES:
+            last[(event.layer, event.part)] = event
+    if not last:
+        return 0
+    seen = sum(math.prod(e.shape[2:]) * _STATE_BYTES[e.dtype] for e in last.values())
     layers = len({layer for layer, _ in last})
     return round(seen * model_layers / layers) if model_layers and layers < model_layers else seen
 

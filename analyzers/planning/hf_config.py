@@ -71,7 +71,7 @@ _REQUIRED_FIELDS = (
     "vocab_size",
 )
 
-__all__ = ["geometry_from_config", "max_positions"]
+__all__ = ["NEWEST_LAYOUT", "geometry_from_config", "max_positions"]
 
 
 def geometry_from_config(
@@ -441,6 +441,12 @@ _INDEXED_LAYER_TYPES = ("indexed_attention", "deepseek_sparse_attention")
 # to the heads ("Sparse-attention models cache the expanded K/V, not the compressed latents"), 8x the latent
 # and rotary key of the tiny DSA model; the releases between are unmeasured
 DSA_CACHES_LATENT_SINCE = (5, 25)
+
+
+# The transformers whose layouts a plan takes where none is named (no version given, installed or recorded):
+# the newest of the releases above that change one (FP32_ROUTERS_SINCE, DSA_CACHES_LATENT_SINCE,
+# buffers.ROPE_TABLE_SHARED_SINCE, compressed_kv.GATE_FP32_SINCE)
+NEWEST_LAYOUT = (5, 25)
 
 
 def _dsa_expanded(transformers_version: tuple[int, int] | None) -> bool:

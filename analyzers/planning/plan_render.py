@@ -125,9 +125,10 @@ def format_text(result: PlanResult) -> str:
     cache = req.cache
     if window is not None:
         cache += f" ({window:,}-token window on {windowed} of {whole + windowed} layers)"
-    rows: list[tuple[str, str]] = [
-        ("KV per token", f"{_size(result.kv_bytes_per_token)} ({result.kv_bytes_per_token:,} B)"),
-    ]
+    rows: list[tuple[str, str]] = []
+    if req.transformers_layout is not None:  # which release's caches and weights (they differ between some)
+        rows.append(("layout", f"transformers {req.transformers_layout}"))
+    rows.append(("KV per token", f"{_size(result.kv_bytes_per_token)} ({result.kv_bytes_per_token:,} B)"))
     if result.kv_scale_bytes_per_token:
         rows.append(("  + scales per token", f"{result.kv_scale_bytes_per_token:,} B"))
     worst = " (the worst case)" if req.prompt is None else ""

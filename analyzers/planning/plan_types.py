@@ -192,6 +192,9 @@ class PlanRequest:
     # The run's measured peak (`plan --from-run` of a run recorded with allocator events): the plan's peak
     # then counts the run's activations, scaled to the batch and context planned, beside weights and KV
     recorded: RecordedPeak | None = None
+    # The transformers release ("5.17") whose layout of caches and weights the geometry follows where
+    # releases differ (`plan --transformers`, else the run's or the installed one); None: a preset's
+    transformers_layout: str | None = None
 
     def __post_init__(self) -> None:
         for label, dtype in (("weights", self.weights_dtype), ("KV", self.kv_dtype)):

@@ -90,8 +90,10 @@ class RunDefaults:
     transformers_version: str | None = None
 
 
-def run_defaults(path: str | Path) -> RunDefaults:
-    """Read a transformers run directory (KvtraceError naming the file and the problem otherwise)."""
+def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None = None) -> RunDefaults:
+    """Read a transformers run directory (KvtraceError naming the file and the problem otherwise); its
+    model's caches and weights laid out as `transformers_layout` (major, minor) does, else as the manifest's
+    transformers (`plan --transformers` plans for another release than the run's)."""
     root = Path(path)
     engine = read_engine(root)
     if engine is not None:  # a serving engine's pool, which this planner of generate()'s caches does not size
@@ -102,7 +104,7 @@ def run_defaults(path: str | Path) -> RunDefaults:
     # What the recorder warned of (a weights table cut by a full disk, ...), as `report` says it
     notes.extend(str(warning) for warning in run.manifest.get("warnings") or ())
     main, kv, stopped = _main_cache(run)
-    geometry = _geometry(run, notes, main)
+    geometry = _geometry(run, notes, main, transformers_layout)
     if main is None:
         raise KvtraceError(
             f"{root}: the run logged no KV cache, so it has no cache, batch or context to plan from; plan it "
@@ -194,12 +196,16 @@ def run_defaults(path: str | Path) -> RunDefaults:
     )
 
 
-def _geometry(run: Run, notes: list[str], main: CacheFigures | None) -> ModelGeometry:
-    """The run's model_config.json as a config.json, else the manifest's geometry."""
+def _geometry(
+    run: Run, notes: list[str], main: CacheFigures | None, layout: tuple[int, int] | None = None
+) -> ModelGeometry:
+    """The run's model_config.json as a config.json (laid out as `layout`, else the run's transformers),
+    else the manifest's geometry."""
     model = run.manifest.get("model")
     config = run.path / MODEL_CONFIG
     if config.is_file():
-        geometry = geometry_from_config(config, major_minor(_transformers_version(run.manifest)))
+        version = layout or major_minor(_transformers_version(run.manifest))
+        geometry = geometry_from_config(config, version)
         kind = model.get("class") if isinstance(model, dict) else None
         return replace(geometry, name=f"{run.path.name} ({kind})" if kind else run.path.name)
     fields = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")

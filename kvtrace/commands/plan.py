@@ -151,6 +151,31 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
     )
 
 
+def _typed_layout(text: str) -> tuple[int, int]:
+    """(major, minor) of a --transformers release ("5.17", "5.17.0", "5.25.0.dev0"); one line otherwise."""
+    import re
+
+    from kvtrace.geometry import major_minor
+
+    version = major_minor(text) if re.fullmatch(r"\d+\.\d+(\.\d+)?(\.?(dev|rc)\d+)?", text) else None
+    if version is None:
+        raise KvtraceError(f"--transformers {text!r}: not a transformers release; give one as 5.17 or 5.17.0")
+    return version
+
+
+def _layout_note(run: RunDefaults, typed: str, layout: tuple[int, int], measured: bool) -> str:
+    """What a --transformers other than the run's own changes of a plan from it."""
+    weights = (
+        f"its weights the geometry's as {typed} builds them, not the {run.weights_bytes:,} B measured"
+        if not measured
+        else "its weights the measured ones"
+    )
+    return (
+        f"--transformers {typed} is not the run's ({run.transformers_version or 'unnamed'}): the cache is "
+        f"laid out as {layout[0]}.{layout[1]} lays it out, {weights}; the activations are the run's"
+    )
+
+
 def _run_prompt_at(run: RunDefaults, context: int) -> tuple[int | None, str | None]:
     """The prompt a plan from `run` at a typed --context (and no --prompt) assumes, and a note when it is
     not the run's. The run's prompt while the context leaves it room for a new token: --context then
@@ -264,6 +289,14 @@ class PlanCommand(Command):
             type=int,
             help="tokens per paged KV block (default 16; with --engine vllm --from-run, the run's)",
         )
+        parser.add_argument(
+            "--transformers",
+            metavar="VERSION",
+            help="lay caches and weights out as this transformers release does where releases differ (5.17 "
+            "caches DeepSeek-V3.2's K and V per head and keeps MoE routers in the model's dtype, 5.25 the "
+            "latent and float32 routers), e.g. 5.17 or 5.17.0: plan for the GPU box's release from a laptop "
+            "with another (default: with --from-run the run's, else the installed one)",
+        )
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
         vllm = parser.add_argument_group(
             "vLLM (--engine vllm)", "KV blocks and maximum concurrency as vLLM computes them at start"
@@ -324,14 +357,20 @@ class PlanCommand(Command):
         )
 
     def run(self, args: argparse.Namespace) -> int:
-        from analyzers.planning.hf_config import geometry_from_config
+        from analyzers.planning.hf_config import NEWEST_LAYOUT, geometry_from_config
         from analyzers.planning.plan import PlanRequest, format_text, parse_size, plan, to_json
         from analyzers.planning.presets import get_preset
-        from kvtrace.geometry import installed_transformers_version
+        from kvtrace.geometry import installed_transformers_version, major_minor
 
+        typed = getattr(args, "transformers", None)
+        layout = _typed_layout(typed) if typed is not None else None
         if getattr(args, "engine", "hf") == "vllm":
             if args.beams not in (None, 1):  # vLLM's pool is sized per token, whatever samples it
                 raise KvtraceError("--beams plans transformers' caches: it has no meaning with --engine vllm")
+            if typed is not None:  # vLLM lays its pool out its own way, whatever transformers is installed
+                raise KvtraceError(
+                    "--transformers lays out transformers' caches: it has no meaning with --engine vllm"
+                )
             from kvtrace.commands.plan_vllm import run_vllm_plan
 
             return run_vllm_plan(args)
@@ -347,16 +386,20 @@ class PlanCommand(Command):
             from kvtrace.commands.base import require_input
 
             require_input(Path(args.from_run))
-            run = run_defaults(args.from_run)
+            run = run_defaults(args.from_run, layout)
             geometry = run.geometry
+            used = layout or major_minor(run.transformers_version)
         elif args.preset is None and args.config is None:
             raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
+        elif args.preset is not None:
+            geometry, used = get_preset(args.preset), layout  # Llama 3: every release lays it out alike
         else:
-            geometry = (
-                get_preset(args.preset)
-                if args.preset is not None
-                else geometry_from_config(args.config, installed_transformers_version())
-            )
+            used = layout or installed_transformers_version()
+            geometry = geometry_from_config(args.config, used)
+        unnamed = used is None and args.preset is None
+        if unnamed:  # no release known: the planner's newest layouts
+            used = NEWEST_LAYOUT
+        layout_name = f"{used[0]}.{used[1]}" if used is not None else None
         # A flag typed wins; else the run's setting; else the flag's default
         batch = args.batch if args.batch is not None else (run.batch if run and run.batch else 1)
         beams = args.beams if args.beams is not None else (run.beams if run else 1)
@@ -387,6 +430,15 @@ class PlanCommand(Command):
         kept_kv = not redtyped or cache == "quantized"
         run_kv = run.kv_dtype if run and same_kind and kept_kv else None
         measured = run.weights_bytes if run is not None and not redtyped else None
+        if run is not None and layout is not None and layout != major_minor(run.transformers_version):
+            # another release's routers and tables: the geometry's weights, unless only the measured shard
+            # of a tensor-parallel rank says them
+            if run.rank_shards is None:
+                measured = None
+            run = replace(
+                run,
+                notes=(*run.notes, _layout_note(run, str(typed), layout, measured is not None)),
+            )
         if run is not None and redtyped:
             from analyzers.planning.rank_share import rank_weights_at
 
@@ -502,6 +554,7 @@ class PlanCommand(Command):
             residual_length=residual_length,
             # the run's backend where the plan keeps its quantized cache; else quanto's packing, the larger
             quant_backend=run.quant_backend if run is not None and cache == "quantized" else None,
+            transformers_layout=layout_name,
         )
         if run is not None and moment is not None:
             recorded = _recorded(run, moment)
@@ -519,6 +572,20 @@ class PlanCommand(Command):
                 f"{request.effective_encoder_tokens:,} tokens a row, the context (--encoder-tokens)"
             )
             result = replace(result, notes=(*result.notes, said))
+        if unnamed:
+            said = (
+                "the run does not name its transformers"
+                if run is not None
+                else "no transformers is installed"
+            )
+            result = replace(
+                result,
+                notes=(
+                    *result.notes,
+                    f"{said}: caches and weights are laid out as transformers {layout_name}, the "
+                    "newest kvtrace knows, does (--transformers names the release that will run it)",
+                ),
+            )
         if run is not None:
             result = replace(result, notes=(*run.notes, *result.notes))
         print_result(args.json, lambda: to_json(result), lambda: format_text(result))

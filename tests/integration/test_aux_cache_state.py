@@ -29,7 +29,8 @@ HEADS, NOPE, V_DIM = 4, 16, 12  # the DSA model's query heads, and its heads' K 
 # Elements a DSA layer caches a token: the latent, rotary key and indexer key (transformers 5.25); before
 # it (5.17), each head's K and V, expanded from the latent, and the indexer key
 DSA_LATENT = (transformers_version() or (5, 25)) >= (5, 25)
-DSA_WIDTH = KV_LORA + ROPE + INDEX_DIM if DSA_LATENT else HEADS * (NOPE + ROPE) + HEADS * V_DIM + INDEX_DIM
+LATENT_WIDTH, EXPANDED_WIDTH = KV_LORA + ROPE + INDEX_DIM, HEADS * (NOPE + ROPE) + HEADS * V_DIM + INDEX_DIM
+DSA_WIDTH = LATENT_WIDTH if DSA_LATENT else EXPANDED_WIDTH
 BATCH, PROMPT, NEW = 2, 7, 5
 
 pytestmark = pytest.mark.skipif(
@@ -112,6 +113,20 @@ def test_dsa_indexer_keys_are_logged_and_counted(
     assert _held_bytes(past) == want
     assert report["kv"]["final_bytes"] == want
     assert plan["kv_bytes"] == want
+    # AND a token's bytes by the arithmetic are those measured, the indexer keys counted (they were left
+    # out: 2,304 B for 2,560 held under 5.17, 384 for 640 under 5.25)
+    per_token = LAYERS * DSA_WIDTH * F32  # 640 B; 5.17: 2,560 B
+    assert report["kv"]["bytes_per_token_measured"] == per_token
+    assert report["kv"]["bytes_per_token_expected"] == per_token
+    # AND planned for the other release (--transformers), its cache is that release's layout, said so
+    other, width = ("5.17", EXPANDED_WIDTH) if DSA_LATENT else ("5.25", LATENT_WIDTH)
+    flags = ["--cache", "dynamic", "--transformers", other, "--json"]
+    assert main(["plan", "--from-run", str(run), *flags]) == 0
+    relaid = json.loads(capsys.readouterr().out)
+    assert relaid["kv_bytes"] == LAYERS * width * tokens * BATCH * F32
+    assert relaid["request"]["transformers_layout"] == other
+    assert plan["request"]["transformers_layout"] == ("5.25" if DSA_LATENT else "5.17")
+    assert any(note.startswith(f"--transformers {other} is not the run's") for note in relaid["notes"])
     events = read_run(run).kv_events
     for layer in range(LAYERS):
         mine = [e for e in events if e.part == "aux.indexer_keys" and e.layer == layer]

@@ -6,11 +6,16 @@ the same against the real models under 5.17."""
 from __future__ import annotations
 
 import json
+import re
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from analyzers.planning.compressed_kv import compressed_sizes
 from analyzers.planning.hf_config import geometry_from_config
+from kvtrace.cli import main
 
 OLD, NEW = (5, 17), (5, 25)
 _DSA: dict[str, Any] = {
@@ -89,3 +94,59 @@ def test_gptj_shares_one_sinusoidal_table_in_5_25_and_keeps_one_a_layer_in_5_17(
     table = 128 * 8  # n_positions x rotary_dim, float32
     new = _geometry(tmp_path, _GPTJ, NEW).fp32_buffer_elements
     assert _geometry(tmp_path, _GPTJ, OLD).fp32_buffer_elements - new == table  # a second layer's own
+
+
+def _plan(tmp_path: Path, capsys: Any, config: dict[str, Any], *flags: str) -> dict[str, Any]:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert main(["plan", "--config", str(path), "--json", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("typed", ["5.17", "5.17.0"])
+def test_plan_transformers_names_the_release_whatever_is_installed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], typed: str
+) -> None:
+    # GIVEN a laptop's transformers (5.25 in the main venv) and a GPU box that runs 5.17
+    # WHEN the DSA model is planned for each release (bf16)
+    old = _plan(tmp_path, capsys, _DSA, "--transformers", typed)
+    new = _plan(tmp_path, capsys, _DSA, "--transformers", "5.25")
+    # THEN a token costs each release's cache in its 4 layers: 5.17 each of the 4 heads' K (16 + 8) and V
+    # (12) with the indexer key (16), 5.25 the latent (16), indexer key (16) and rotary key (8)
+    assert old["kv_bytes_per_token"] == 4 * (4 * (16 + 8) + 4 * 12 + 16) * 2 == 1280
+    assert new["kv_bytes_per_token"] == 4 * (16 + 16 + 8) * 2 == 320
+    # AND the plan says which release's layout it used
+    assert (old["request"]["transformers_layout"], new["request"]["transformers_layout"]) == ("5.17", "5.25")
+    path = tmp_path / "config.json"
+    assert main(["plan", "--config", str(path), "--transformers", typed]) == 0
+    assert re.search(r"^  layout +transformers 5\.17$", capsys.readouterr().out, re.MULTILINE)
+    # AND without the flag, the installed release's (its metadata's major.minor)
+    installed = ".".join(version("transformers").split(".")[:2])
+    assert _plan(tmp_path, capsys, _DSA)["request"]["transformers_layout"] == installed
+
+
+def test_plan_transformers_weighs_routers_as_the_release_builds_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GLM-4-MoE at bf16: 5.25 keeps its one MoE layer's router (4 experts x 64) in float32, 5.17 in bf16
+    old = _plan(tmp_path, capsys, _GLM4_MOE, "--transformers", "5.17")
+    new = _plan(tmp_path, capsys, _GLM4_MOE, "--transformers", "5.25")
+    assert new["weights_bytes"] - old["weights_bytes"] == 4 * 64 * (4 - 2) == 512
+
+
+@pytest.mark.parametrize("typed", ["five", "5", "5.17.x", ""])
+def test_plan_refuses_a_transformers_that_names_no_release(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], typed: str
+) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(_DSA))
+    assert main(["plan", "--config", str(path), "--transformers", typed]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"kvtrace plan: error: --transformers {typed!r}: not a transformers release; give one as 5.17 or "
+        "5.17.0\n"
+    )
+    # AND vLLM lays its pool out its own way: the flag is refused there
+    assert main(["plan", "--engine", "vllm", "--config", str(path), "--transformers", "5.17"]) == 2
+    assert "--transformers lays out transformers' caches" in capsys.readouterr().err
