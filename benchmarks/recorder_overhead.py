@@ -372,13 +372,16 @@ def _tracking_off() -> Iterator[None]:
                 setattr(owner, name, original)
 
 
-def bare_floor_per_update(work: Workload, scratch: Path) -> float:
+def bare_floor_per_update(work: Workload, scratch: Path, at: str = "end") -> float:
     """The least any Python recorder can do, timed as the in-hooks figure is: a `forward` around the model's
     that, after each forward, reads each layer's K and V and, for a tensor it has not seen, takes what an
     event needs (address, storage bytes, shape, version, weak references to the tensor and its storage, and
     whether the storage it replaces was released) into a list. No step logic, no sample, no log: a bound
     below kvtrace's in-hooks figure, not a recorder. Same counting timers around the same calls (the
-    model's forward and `Cache.update`), so the timers' own cost is in both figures."""
+    model's forward and `Cache.update`), so the timers' own cost is in both figures. `at`: "end", after the
+    model's forward (where kvtrace logs a step); "last", inside the last layer's `Cache.update`, before the
+    model's final norm and vocabulary projection (on tiny, 128k x 256 weights that leave the CPU's caches
+    cold for whatever runs next); "none", the same wrappers and timers with no capture at all."""
     import weakref
 
     import torch
@@ -395,25 +398,44 @@ def bare_floor_per_update(work: Workload, scratch: Path) -> float:
         @functools.wraps(inner)
         def forward(*args: Any, **kwargs: Any) -> Any:
             output = inner(*args, **kwargs)
-            cache = kwargs.get("cache") or kwargs.get("past_key_values")
-            for index, layer in enumerate(getattr(cache, "layers", ())):
-                for part, tensor in ((0, layer.keys), (1, layer.values)):
-                    last = seen.get((index, part))
-                    if last is not None and last[0]() is tensor:
-                        continue
-                    storage = tensor.untyped_storage()
-                    seen[(index, part)] = (weakref.ref(tensor), weak_ref_of(storage))
-                    captured.append(
-                        (index, part, tensor.data_ptr(), storage.nbytes(), tensor.shape, tensor._version,
-                         expired(last[1]) if last is not None else True)
-                    )
+            if at == "end":
+                capture(kwargs.get("cache") or kwargs.get("past_key_values"))
             return output
 
         return forward
 
+    def capture(cache: Any) -> None:
+        for index, layer in enumerate(getattr(cache, "layers", ())):
+            for part, tensor in ((0, layer.keys), (1, layer.values)):
+                last = seen.get((index, part))
+                if last is not None and last[0]() is tensor:
+                    continue
+                storage = tensor.untyped_storage()
+                seen[(index, part)] = (weakref.ref(tensor), weak_ref_of(storage))
+                captured.append(
+                    (
+                        index,
+                        part,
+                        tensor.data_ptr(),
+                        storage.nbytes(),
+                        tensor.shape,
+                        tensor._version,
+                        expired(last[1]) if last is not None else True,
+                    )
+                )
+
     model = work.attach_model
     original_update = Cache.__dict__["update"]
-    Cache.update = counting(counting(original_update, -1))  # type: ignore[method-assign]
+    cache_update = counting(original_update, -1)
+
+    def update(cache: Any, *args: Any, **kwargs: Any) -> Any:
+        out = cache_update(cache, *args, **kwargs)
+        index = args[2] if len(args) > 2 else kwargs.get("layer_idx")  # (key, value, layer index)
+        if at == "last" and index == len(cache.layers) - 1:
+            capture(cache)
+        return out
+
+    Cache.update = counting(update)  # type: ignore[method-assign]
     model.forward = counting(capture_layers(counting(model.forward, -1)))
     try:
         run_once("a", work, scratch)
@@ -428,7 +450,8 @@ def floor_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
     recorder pays), rounds alternated, medians. Where the floor is above the goal, no Python recorder
     meets it on that workload here."""
     lines = [
-        f"{'workload':<12} {'kvtrace':>8} {'tracking off':>13} {'bare floor':>11} {'floor <= 10us':>14}"
+        f"{'workload':<12} {'kvtrace':>8} {'tracking off':>13} {'bare floor':>11} {'floor <= 10us':>14} "
+        f"{'in last update':>15} {'no capture':>11}"
     ]
     print(lines[0], flush=True)
     for work in works:
@@ -437,16 +460,21 @@ def floor_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
         tracked: list[float] = []
         bare: list[float] = []
         floor: list[float] = []
+        warm: list[float] = []
+        wrappers: list[float] = []
         run_once("b", work, scratch)
         for _ in range(reps):
             tracked.append(hooks_cpu_per_update(work, scratch, runs=1))
             with _tracking_off():
                 bare.append(hooks_cpu_per_update(work, scratch, runs=1))
             floor.append(bare_floor_per_update(work, scratch))
+            warm.append(bare_floor_per_update(work, scratch, at="last"))
+            wrappers.append(bare_floor_per_update(work, scratch, at="none"))
         at_floor = statistics.median(floor)
         lines.append(
             f"{work.name:<12} {statistics.median(tracked):>8.1f} {statistics.median(bare):>13.1f} "
-            f"{at_floor:>11.1f} {'yes' if at_floor <= 10 else 'no':>14}"
+            f"{at_floor:>11.1f} {'yes' if at_floor <= 10 else 'no':>14} {statistics.median(warm):>15.1f} "
+            f"{statistics.median(wrappers):>11.1f}"
         )
         print(lines[-1], flush=True)
     return lines
