@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from analyzers.attribution import JOIN_TOLERANCE_US, trace_lead_us
 from analyzers.model import DeviceEvents
 from analyzers.readers.weight_changes import insert_events
 
@@ -39,14 +40,15 @@ def adds_untraced_kv(dev: DeviceEvents) -> bool:
     return dev.device == "cpu" or dev.device.startswith("cpu:")
 
 
-def _traced(dev: DeviceEvents, storages: list[Storage]) -> set[tuple[int, int]]:
+def _traced(dev: DeviceEvents, storages: list[Storage], lead_us: float) -> set[tuple[int, int]]:
     """(address, first sighting) of the storages whose allocation the trace holds: one of its address and
     size, at most the join's tolerance after the log saw it, and not freed before that (a storage of the
     cache used on the recording thread after all). Stricter than the join, which also takes an allocation
     freed just before the sighting: on a CPU, another thread's storage often takes an address the recording
-    thread has just freed, and a tensor of the same size (the other cache's own) may have held it."""
-    from analyzers.attribution import JOIN_TOLERANCE_US
-
+    thread has just freed, and a tensor of the same size (the other cache's own) may have held it. The
+    sightings are read on the trace's clock, `lead_us` later (`attribution.trace_lead_us`), as the join
+    reads them: a trace a little ahead would otherwise put such a storage's allocation past the tolerance
+    and have it added a second time."""
     wanted = np.fromiter({s[0] for s in storages}, dtype=np.int64)
     at = np.flatnonzero(np.isin(dev.addr, wanted))
     allocations: dict[int, list[int]] = {}
@@ -57,7 +59,7 @@ def _traced(dev: DeviceEvents, storages: list[Storage]) -> set[tuple[int, int]]:
     ts, delta = dev.ts_us, dev.delta_bytes
     held: set[tuple[int, int]] = set()
     for addr, nbytes, first_ns, *_rest in storages:
-        seen = first_ns / 1000.0
+        seen = first_ns / 1000.0 + lead_us
         released = frees.get(addr, [])
         for index in allocations.get(addr, ()):
             if ts[index] > seen + JOIN_TOLERANCE_US:
@@ -81,7 +83,10 @@ def add_untraced_kv(
     mine = [s for s in storages if s[6] in caches]
     if not mine or not adds_untraced_kv(dev):
         return {}
-    skip = _traced(dev, mine)
+    # How far the trace's clock runs ahead of the log's, as the storages it surely holds prove it (the
+    # other caches'); the listed caches' own where there are none (those it holds prove it as well)
+    recorded = [s for s in storages if s[6] not in caches]
+    skip = _traced(dev, mine, trace_lead_us(dev, recorded or mine))
     rows: list[tuple[float, int, int]] = []  # (time, address, signed bytes), in the log's order
     live: dict[int, int] = {}  # address -> bytes, of the storages being added
     held: set[int] = set()  # addresses of their live storages left as they are (traced, or not a CPU's)

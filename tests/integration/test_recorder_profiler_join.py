@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from analyzers.attribution import JOIN_TOLERANCE_US
 from analyzers.planning.diagnose import diagnose
 from analyzers.report import build_report
 from kvtrace.cli import main as kvtrace_main
-from kvtrace.llama import cache_keyword, make_cache
+from kvtrace.llama import build_model, cache_keyword, make_cache
 from kvtrace.run_reader import read_run
 
 NEW_TOKENS = 4
@@ -360,6 +361,127 @@ def test_a_storage_seen_before_a_trace_just_past_the_tolerance_ahead_keeps_its_a
     np.testing.assert_array_equal(got.timelines[0].by_category["kv"], want.timelines[0].by_category["kv"])
     assert got.devices[0].categories_at_peak == want.devices[0].categories_at_peak
     assert got.notes == want.notes == []
+
+
+# Another model beside the recorded one (conftest's TINY, other weights): 3 rows of a 9-token prompt, then 3
+# tokens generated
+OTHER_ROWS, OTHER_PROMPT, OTHER_NEW = 3, 9, 3
+
+
+def _record_a_cache_begun_on_another_thread(model: Any, other: Any, batch: Any, out_dir: Path) -> None:
+    """The recorded model generates NEW_TOKENS; another model's cache, prefilled on a second thread first
+    (the manifest lists it in `other_caches_on_other_threads`: its prefill's storages are in no event of
+    the trace), then generates on the recording thread (its later storages are in the trace). Both caches
+    outlive the block."""
+    ids = torch.randint(3, 1000, (OTHER_ROWS, OTHER_PROMPT), generator=torch.Generator().manual_seed(2))
+    cache, kept = DynamicCache(config=other.config), DynamicCache(config=model.config)
+
+    def prefill() -> None:
+        with torch.no_grad():
+            other(ids, attention_mask=torch.ones_like(ids), use_cache=True, **{cache_keyword(): cache})
+
+    with torch.no_grad(), kvtrace.record(out_dir, model=model, profiler=True, profile_memory=True):
+        thread = threading.Thread(target=prefill)
+        thread.start()
+        thread.join()
+        model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            **{cache_keyword(): kept},
+        )
+        more = torch.cat([ids, torch.full((OTHER_ROWS, 1), 5)], 1)  # the prefill's 9 tokens are cached
+        other.generate(
+            more,
+            attention_mask=torch.ones_like(more),
+            max_new_tokens=OTHER_NEW,
+            min_new_tokens=OTHER_NEW,
+            do_sample=False,
+            pad_token_id=0,
+            **{cache_keyword(): cache},
+        )
+    assert cache.get_seq_length() == OTHER_PROMPT + OTHER_NEW
+    assert kept.get_seq_length() == batch.prompt_len + NEW_TOKENS - 1
+
+
+def test_a_cache_begun_on_another_thread_is_not_added_twice_under_a_trace_just_past_the_tolerance_ahead(
+    tiny_model, tiny_size, prompt_batch, tmp_path
+):
+    # GIVEN a real run whose other model's cache began on another thread and went on on the recording one
+    reference = tmp_path / "reference"
+    _record_a_cache_begun_on_another_thread(
+        tiny_model, build_model(tiny_size, seed=1), prompt_batch, reference
+    )
+    (listed,) = json.loads((reference / "manifest.json").read_text())["other_caches_on_other_threads"]
+    # ... and a copy whose trace's clock runs ahead of the log's just past the join's tolerance for the
+    # recorded model's storages, while half of them still fit as read (the trace is not moved), so that those
+    # of the listed cache that the log saw sooner after their allocation fall past it, as read
+    _, trace = _trace_of(reference)
+    allocations = cpu_allocations(trace)
+    lags: dict[bool, list[float]] = {True: [], False: []}  # listed? -> sighting - allocation of each storage
+    untraced = 0
+    for life in storage_lives(read_run(reference).kv_events):
+        own = match(life, allocations)
+        if own is None:
+            assert life.key[0] == listed, "only the listed cache's storages may be missing from the trace"
+            untraced += 1
+        else:
+            lags[life.key[0] == listed].append(life.first_ns / 1000 - own.alloc_us)
+    recorded = sorted(lags[False], reverse=True)
+    half = recorded[(len(recorded) + 1) // 2 - 1]  # at least half the recorded model's storages lag this
+    # 1 µs short of it, as Unix-epoch µs in float64 differ by 0.25 µs steps: that storage stays in the
+    # tolerance as read, whatever the rounding
+    lead_us = JOIN_TOLERANCE_US + half - 1.0
+    if not any(lag < half - 2.0 for lag in lags[True]):
+        pytest.skip("the listed cache's storages were all seen later after their allocation than most")
+    edited = tmp_path / "edited"
+    shutil.copytree(reference, edited)
+    _edit_base(edited, lambda base: base + round(lead_us * 1000))
+
+    # WHEN both are reported
+    _, want = build_report(reference)
+    source, got = build_report(edited)
+
+    # THEN only the prefill's storages are added, one K and one V per layer (TINY: 2 layers, 2 KV heads of 16
+    # dims, float32), each allocated and freed once: the device's events are the trace's and those
+    layers, kv_heads, head_dim = 2, 2, 16
+    assert untraced == layers * 2
+    memory_events = sum(
+        1
+        for e in trace["traceEvents"]
+        if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0
+    )
+    events = len(source.devices[0])
+    assert events == memory_events + 2 * untraced
+    for report in (want, got):
+        (note,) = [n for n in report.notes if n.startswith("the profiler's trace has no allocation of cache")]
+        assert f"its KV ({untraced} storages, from the KV log, at the log's times) is added" in note
+    # AND the KV is each storage's once: those the dynamic caches made (a storage per layer, K/V and
+    # forward), both caches' last ones held at the end, and the peak and its categories the reference's (the
+    # added storages sit among the trace's events at the log's times, so their order there may differ)
+    rows, prompt_len = prompt_batch.rows, prompt_batch.prompt_len
+    made = sum(layers * 2 * kv_bytes(kv_heads, head_dim, prompt_len + i, rows, 4) for i in range(NEW_TOKENS))
+    made += sum(
+        layers * 2 * kv_bytes(kv_heads, head_dim, OTHER_PROMPT + i, OTHER_ROWS, 4)
+        for i in range(OTHER_NEW + 1)
+    )
+    held_at_end = (
+        layers
+        * 2
+        * (
+            kv_bytes(kv_heads, head_dim, prompt_len + NEW_TOKENS - 1, rows, 4)
+            + kv_bytes(kv_heads, head_dim, OTHER_PROMPT + OTHER_NEW, OTHER_ROWS, 4)
+        )
+    )
+    for report in (want, got):
+        (device,) = report.devices
+        assert device.bytes_by_method["kv_log"] == made
+        assert int(report.timelines[0].by_category["kv"][-1]) == held_at_end
+    assert got.devices[0].peak_allocated_bytes == want.devices[0].peak_allocated_bytes
+    assert got.devices[0].categories_at_peak == want.devices[0].categories_at_peak
+    assert got.notes == want.notes
 
 
 def test_a_trace_that_cannot_be_put_on_the_runs_clock_says_so(run_with_kept_cache, tmp_path):

@@ -4,6 +4,7 @@ events (in the log's order, totals kept), never a GPU's, whose totals count ever
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from analyzers.model import DeviceEvents
 from analyzers.readers.untraced_caches import add_untraced_kv, caches_on_other_threads, untraced_note
@@ -110,3 +111,24 @@ def test_the_manifests_list_is_read_as_cache_ids() -> None:
     assert caches_on_other_threads({"other_caches_on_other_threads": [True, -1, "2", 4]}) == {4}
     assert caches_on_other_threads({"other_caches_on_other_threads": "2"}) == set()
     assert caches_on_other_threads({}) == set()
+
+
+@pytest.mark.parametrize("listed", [{2}, {1, 2}], ids=["another cache proves the lead", "only listed caches"])
+def test_a_trace_ahead_just_past_the_tolerance_still_holds_its_storage(listed: set[int]) -> None:
+    # GIVEN the recording thread's trace with cache 2's 0xB allocated there too (freed at 700 us), on a clock
+    # 2,100 us ahead of the log's (the tolerance, 2,000 us, and 100), and a log that saw cache 1's 0xA 290 us
+    # after its allocation: 1,810 us before it, as read, which puts the trace at least that far ahead
+    dev = _device("cpu")
+    dev.ts_us = np.append(dev.ts_us, [24.0, 700.0])
+    dev.addr = np.append(dev.addr, [0xB, 0xB])
+    dev.delta_bytes = np.append(dev.delta_bytes, [64, -64])
+    order = np.argsort(dev.ts_us, kind="stable")
+    dev.ts_us, dev.addr, dev.delta_bytes = dev.ts_us[order] + 2100.0, dev.addr[order], dev.delta_bytes[order]
+    dev.total_allocated = None
+    log = [ev(1, 300, "created", 0xA, 100, cache=1), *LOG[1:]]
+    # WHEN the listed caches' storages are added
+    added = add_untraced_kv(dev, log, _storages(log), listed)
+    # THEN 0xB, 2,099 us before its allocation as read, is the trace's (read 2,310 us later: the lead and
+    # the join's 500 us margin), and only 0xC is added, whose address's earlier occupant was freed before
+    assert added == {2: 1}
+    assert dev.delta_bytes.tolist().count(64) == 1 and dev.delta_bytes.tolist().count(128) == 2
