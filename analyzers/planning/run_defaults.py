@@ -40,6 +40,7 @@ from analyzers.planning.run_cache_kind import (
 from analyzers.planning.run_padding import call_padded
 from analyzers.readers.engine_files import read_engine
 from analyzers.readers.run_files import kv_log_notes
+from analyzers.readers.run_oom import limit_of
 from kvtrace.errors import KvtraceError
 from kvtrace.format import MODEL_CONFIG, Run
 from kvtrace.geometry import major_minor
@@ -88,6 +89,10 @@ class RunDefaults:
     # the transformers it was recorded under (the manifest's `transformers_version`), whose attention code
     # the planner prices; None where the manifest does not say
     transformers_version: str | None = None
+    # the per-process cap (torch.cuda.set_per_process_memory_fraction) its OOM message names ("24.96 GiB
+    # allowed;", two decimals): the memory the allocator could reserve, not the device's. Only an OOM's
+    # message says it; None otherwise
+    limit_bytes: int | None = None
 
 
 def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None = None) -> RunDefaults:
@@ -193,7 +198,15 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
         rank_shards=shards,
         padded=padded,
         transformers_version=_transformers_version(run.manifest),
+        limit_bytes=_oom_limit(run.manifest),
     )
+
+
+def _oom_limit(manifest: dict[str, Any]) -> int | None:
+    """The per-process cap the run's OOM message names, where it ran out under one (`limit_bytes`)."""
+    ended = manifest.get("ended")
+    message = ended.get("message") if isinstance(ended, dict) and ended.get("status") == "exception" else None
+    return limit_of(message) if isinstance(message, str) else None
 
 
 def _geometry(

@@ -52,9 +52,9 @@ def _size_of(number: str, unit: str) -> int:
     return int(float(number) * _SIZE_UNITS[unit])
 
 
-def _limit_of(message: str) -> int | None:
+def limit_of(message: str) -> int | None:
     """The per-process cap PyTorch's CUDA message names ("24.96 GiB allowed;"), to its two decimals; None
-    where no cap was set (the message then has no such figure)."""
+    where no cap was set (the message then has no such figure). `plan --from-run` plans such a run in it."""
     match = _ALLOWED.search(message)
     return _size_of(match.group(1), match.group(2)) if match else None
 
@@ -103,7 +103,7 @@ def oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySour
                     found.allocated_bytes,
                     found.reserved_bytes,
                     message,
-                    limit_bytes=_limit_of(message),
+                    limit_bytes=limit_of(message),
                 )
     requested = segment = free = None
     match = _TRIED.search(message)
@@ -127,7 +127,7 @@ def oom_of_run(run: Run, ended: dict[str, Any], message: str, source: MemorySour
         held[1] if held else None,
         message=message,
         segment_bytes=segment,
-        limit_bytes=_limit_of(message),
+        limit_bytes=limit_of(message),
         held_from_message=held is not None,
         private_pool_bytes=held[2] if held else None,
     )

@@ -97,6 +97,20 @@ def _budget_note(budget: int, run: RunDefaults) -> str:
     )
 
 
+def _limit_note(limit: int, run: RunDefaults) -> str:
+    """Where the GPU memory of a plan from a run that ran out under a per-process cap comes from."""
+    from analyzers.units import human_bytes
+
+    device = (
+        f", not its GPU's {human_bytes(run.gpu_memory_bytes)}" if run.gpu_memory_bytes is not None else ""
+    )
+    return (
+        f"the GPU memory is the per-process limit the run ran out under, {human_bytes(limit)} (its OOM "
+        f"message's '{human_bytes(limit)} allowed', to two decimals: "
+        f"torch.cuda.set_per_process_memory_fraction){device}: --gpu-memory plans another"
+    )
+
+
 def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
     """The run's peak with the settings it ran with: those a plan with no flag but --from-run repeats."""
     from analyzers.planning.plan_types import RecordedPeak
@@ -515,6 +529,10 @@ class PlanCommand(Command):
             # The memory the run was meant to fit, which report and diagnose check it against
             gpu_memory = run.budget_bytes
             run = replace(run, notes=(*run.notes, _budget_note(run.budget_bytes, run)))
+        elif run is not None and run.limit_bytes is not None:
+            # The cap the run ran out under: planned on the whole device, the run that died "fits"
+            gpu_memory = run.limit_bytes
+            run = replace(run, notes=(*run.notes, _limit_note(run.limit_bytes, run)))
         elif run is not None and run.gpu_memory_bytes is not None:
             gpu_memory = run.gpu_memory_bytes
         else:
