@@ -65,6 +65,9 @@ __all__ = [
 ]
 
 # vLLM's `kv_cache_dtype` choices that change the bytes per element ("auto" keeps the model's dtype).
+# vLLM 0.32's default (`CacheConfig.gpu_memory_utilization`, what `LLM(...)` and `vllm serve` use unset);
+# 0.9 in earlier releases
+GPU_MEMORY_UTILIZATION = 0.92
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16", "float32")
 _MODEL_DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp32": 4, "float32": 4}
 
@@ -224,7 +227,7 @@ class VllmPlanRequest:
     geometry: ModelGeometry
     model_dtype: str = "bf16"
     gpu_memory_bytes: int = 80 * 2**30
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
     max_model_len: int = 8192
     block_size: int = 16
     kv_cache_dtype: str = "auto"

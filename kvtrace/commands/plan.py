@@ -318,7 +318,9 @@ class PlanCommand(Command):
         vllm.add_argument(
             "--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers caches (default); vllm"
         )
-        vllm.add_argument("--gpu-memory-utilization", type=float, help="vLLM's (default 0.9, or the run's)")
+        vllm.add_argument(
+            "--gpu-memory-utilization", type=float, help="vLLM's (default 0.92, vLLM 0.32's; or the run's)"
+        )
         vllm.add_argument(
             "--max-model-len",
             type=int,

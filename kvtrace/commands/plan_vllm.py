@@ -106,7 +106,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     from analyzers.planning.hf_config import geometry_from_config
     from analyzers.planning.presets import get_preset
     from analyzers.planning.size_text import parse_size
-    from analyzers.planning.vllm_plan import VllmPlanRequest, plan_vllm
+    from analyzers.planning.vllm_plan import GPU_MEMORY_UTILIZATION, VllmPlanRequest, plan_vllm
     from analyzers.render.vllm_plan import format_vllm_text, vllm_to_json
 
     # transformers-side flags that vLLM's arithmetic has its own names for: refused rather than ignored
@@ -208,7 +208,9 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         geometry=geometry,
         model_dtype=setting(args.dtype, "model_dtype", "bf16"),
         gpu_memory_bytes=gpu_memory,
-        gpu_memory_utilization=float(setting(args.gpu_memory_utilization, "gpu_memory_utilization", 0.9)),
+        gpu_memory_utilization=float(
+            setting(args.gpu_memory_utilization, "gpu_memory_utilization", GPU_MEMORY_UTILIZATION)
+        ),
         max_model_len=max_model_len,
         block_size=int(setting(args.block_size, "block_size", 16)),
         kv_cache_dtype=str(setting(args.kv_cache_dtype, "kv_cache_dtype", "auto")),

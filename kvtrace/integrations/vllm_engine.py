@@ -137,6 +137,12 @@ class EngineHooks:
         self._evict = patches.set(self._pool, "_maybe_evict_cached_block", self._evict_hook)
         if self._wrap_step:
             self._step_fn = patches.set(self.core, "step_fn", self._step_hook)
+        # Requests the scheduler took in before these hooks: under the plugin, every one the engine core
+        # read before its first step (which opens the run), the first request of every run at least
+        for request in list(self._requests.values()):
+            status = getattr(getattr(request, "status", None), "name", "")
+            if status.startswith("WAITING") and not getattr(request, "num_computed_tokens", 0):
+                self._log_waiting(request)
 
     def uninstall(self) -> None:
         self._patches.undo()
@@ -195,14 +201,17 @@ class EngineHooks:
         if new and request_id in self._requests:
             started = time.thread_time_ns()
             try:
-                extra = {}
-                max_tokens = getattr(request, "max_tokens", None)
-                if isinstance(max_tokens, int):
-                    extra["max_tokens"] = max_tokens
-                self._log_request(request, "waiting", 0, **extra)
+                self._log_waiting(request)
             finally:
                 self.overhead_ns += time.thread_time_ns() - started
         return result
+
+    def _log_waiting(self, request: Any) -> None:
+        extra = {}
+        max_tokens = getattr(request, "max_tokens", None)
+        if isinstance(max_tokens, int):
+            extra["max_tokens"] = max_tokens
+        self._log_request(request, "waiting", 0, **extra)
 
     def _schedule_hook(self, *args: Any, **kwargs: Any) -> Any:
         out = self._schedule(*args, **kwargs)

@@ -22,7 +22,10 @@ from tests.vllm.workload import (
     BLOCK_SIZE,
     DTYPE_BYTES,
     HEAD_DIM,
+    NEW_TOKENS,
     POOL_BYTES,
+    PROMPT_TOKENS,
+    REQUESTS,
     SIZE,
     run_script,
 )
@@ -65,6 +68,24 @@ def test_pool_and_preemptions_equal_vllms_own(plugin_run: dict[str, Any]) -> Non
     finished = [e for e in requests if e["event"] == "finished"]
     assert len(finished) == len({e["request_id"] for e in requests})
     assert {e.get("finish_reason") for e in finished} == {"length"}
+
+
+def test_every_request_has_its_waiting_line(plugin_run: dict[str, Any]) -> None:
+    # GIVEN the plugin's run, opened by the engine core's first step: the engine core takes in at least the
+    # first request before that step (it steps only once it has one)
+    requests = _jsonl(plugin_run["dir"] / fmt.ENGINE_REQUESTS)
+    # THEN each of the workload's requests has its `waiting` line, its first, with vLLM's max_tokens (the
+    # first request's was missing: 7 of 8, and `diagnose` could not tell how far it may grow)
+    first = {}
+    for e in requests:
+        first.setdefault(e["request_id"], e)
+    assert len(first) == REQUESTS
+    assert {e["event"] for e in first.values()} == {"waiting"}
+    waiting = [e for e in requests if e["event"] == "waiting"]
+    assert len(waiting) == REQUESTS
+    assert {(e["prompt_tokens"], e["max_tokens"], e["blocks"]) for e in waiting} == {
+        (PROMPT_TOKENS, NEW_TOKENS, 0)
+    }
 
 
 def _report_json(run_dir: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -99,6 +100,33 @@ def test_refused_start_estimate_is_vllms(tiny_model: Path, block: int, expected:
         VllmPlanRequest(geometry=GEOMETRY, kv_cache_memory_bytes=2**20, block_size=block, max_model_len=512)
     )
     assert not plan.starts and plan.estimated_max_model_len == expected
+
+
+_DEFAULTS = r"""
+import json
+from vllm.engine.arg_utils import EngineArgs
+utilization = EngineArgs.gpu_memory_utilization
+print("KVTRACE-RESULT " + json.dumps({"gpu_memory_utilization": utilization}), flush=True)
+"""
+
+
+def test_default_utilization_is_vllms(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN vLLM's own default gpu_memory_utilization, the one `LLM(...)` and `vllm serve` use unset
+    done = subprocess.run([sys.executable, "-c", _DEFAULTS], capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
+    assert lines, (done.stdout + done.stderr)[-3000:]
+    utilization = json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))["gpu_memory_utilization"]
+    assert utilization == 0.92
+    # WHEN the README's plan is made without --gpu-memory-utilization
+    argv = ["plan", "--engine", "vllm", "--preset", "llama-3-8b", "--gpu-memory", "80GiB"]
+    assert main([*argv, "--max-model-len", "8192", "--weights-bytes", "15GiB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # THEN it asks what vLLM asks, ceil(80 GiB x 0.92), less the weights: 30,003 blocks of 2 MiB (Llama 3
+    # 8B: 32 layers x 2 x 8 KV heads x 128 x 16 tokens x 2 B); it planned 0.9, 29,184 blocks
+    available = math.ceil(80 * 2**30 * utilization) - 15 * 2**30
+    assert plan["request"]["gpu_memory_utilization"] == utilization
+    assert plan["available_kv_bytes"] == available
+    assert plan["num_blocks"] == available // (32 * 2 * 8 * 128 * 16 * 2) == 30_003
 
 
 _RECORD_FP8 = r"""
