@@ -181,9 +181,17 @@ def sniff(path: str | os.PathLike[str]) -> str:
         # A list of lists is export_memory_timeline output; a list of objects is the Chrome
         # "JSON array" trace form; an empty list reads as a trace with no events.
         return "memory_timeline" if rest[:1] == b"[" else "chrome_trace"
-    raise KvtraceError(
-        f"{name}: not a CUDA snapshot pickle, Chrome trace or memory timeline (starts with {head[:8]!r})"
-    )
+    # A `.gz` that is not gzip (renamed, or decompressed in place by a tool that kept the name) says so
+    compressed = not name.endswith(".gz") or _raw_magic(path) == GZIP_MAGIC
+    plain = "" if compressed else "named .gz but not gzip-compressed; "
+    what = "not a CUDA snapshot pickle, Chrome trace or memory timeline"
+    raise KvtraceError(f"{name}: {plain}{what} (starts with {head[:8]!r})")
+
+
+def _raw_magic(path: str | os.PathLike[str]) -> bytes:
+    """The file's first two bytes on disk (gzip's magic where it is compressed)."""
+    with open(path, "rb") as disk:
+        return disk.read(2)
 
 
 _TRACE_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz")

@@ -210,6 +210,22 @@ def test_bad_json_gives_one_line_naming_the_file(tmp_path: Path, text: str, need
     assert "\n" not in str(caught.value)
 
 
+def test_a_gz_that_is_not_gzip_says_so(tmp_path: Path) -> None:
+    # GIVEN a trace name ending in .gz whose bytes are not gzip's (renamed, or decompressed in place)
+    path = write(tmp_path, "trace.json.gz", "not gzip")
+    with pytest.raises(KvtraceError) as caught:
+        open_source(path)
+    # THEN the one line says what is wrong with the file, not only what it is not
+    assert str(caught.value) == (
+        f"{path}: named .gz but not gzip-compressed; not a CUDA snapshot pickle, Chrome trace or memory "
+        "timeline (starts with b'not gzip')"
+    )
+    # AND a gzipped file of the same bytes says only what it is not
+    zipped = write(tmp_path, "other.json.gz", "not gzip", compress=True)
+    with pytest.raises(KvtraceError, match=r"other\.json\.gz: not a CUDA snapshot pickle"):
+        open_source(zipped)
+
+
 def test_memory_timeline_raw_form(tmp_path: Path) -> None:
     # [ts_ns, action, bytes, category]: 1 pre-existing, 2 create, 3 version bump (pairs), 4 destroy
     rows = [[-1, 1, 1000, 0], [5000, 2, 64, 7], [6000, 3, -64, 7], [6000, 3, 64, 4], [7500, 4, -64, 4]]
