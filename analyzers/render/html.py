@@ -410,6 +410,14 @@ def _summary_table(report: Report) -> str:
     return f"<table class='summary'>{body}</table>"
 
 
+def _steps_said(steps: int) -> str:
+    """The page header's count of steps: none said where the input marks none (a snapshot, a trace without
+    step ranges), where "0 steps" read as a run that made no forward pass."""
+    if not steps:
+        return ""
+    return ", 1 step" if steps == 1 else f", {steps:,} steps"
+
+
 def report_to_html(source: MemorySource, report: Report, extra_sections: list[str] | None = None) -> str:
     from plotly.offline import get_plotlyjs
 
@@ -435,12 +443,13 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
     # plotly's script (4.6 MB) only on a page that draws with it: a vLLM start refused has no chart at all
     drawn = "Plotly.newPlot" in plot + sections
     script = f'<script type="text/javascript">{get_plotlyjs()}</script>' if drawn else ""
+    steps = _steps_said(report.steps)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>kvtrace: {html.escape(report.path)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px}} table.summary{{border-collapse:collapse}}
 table.summary th{{text-align:left;padding:2px 12px 2px 0;font-weight:normal;color:#444}}
 table.summary td{{font-family:monospace;text-align:right}} .note{{color:#a60}}</style>
 {script}</head>
-<body><h1>kvtrace: {html.escape(report.path)}</h1><p>source: {report.source_kind}, {report.steps} steps</p>
+<body><h1>kvtrace: {html.escape(report.path)}</h1><p>source: {report.source_kind}{steps}</p>
 {notes}{_summary_table(report)}{sections}{plot}</body></html>
 """

@@ -100,6 +100,23 @@ def test_the_page_of_a_real_trace_draws_every_event_it_has_room_for(tmp_path: Pa
 
 
 @pytest.mark.skipif(not REAL_TRACE.is_file(), reason=f"{REAL_TRACE} is absent")
+def test_the_page_header_counts_the_steps_the_input_marks(tmp_path: Path) -> None:
+    # GIVEN the real trace, whose ProfilerStep ranges are the steps, and a real snapshot, which marks none
+    raw = json.loads(gzip.decompress(REAL_TRACE.read_bytes()))
+    marked = {e["name"] for e in raw["traceEvents"] if str(e.get("name", "")).startswith("ProfilerStep#")}
+    snapshot = REAL.parent / "snapshots" / "mem_snapshot.pickle"
+    pages = {}
+    for name, path in (("trace", REAL_TRACE), ("snapshot", snapshot)):
+        pages[name] = tmp_path / f"{name}.html"
+        assert main(["report", str(path), "-o", str(pages[name]), "-q"]) == 0
+    # THEN the trace's header says them, with the right plural; the snapshot's says no "0 steps"
+    steps = len(marked)
+    said = "1 step" if steps == 1 else f"{steps:,} steps"
+    assert f"<p>source: chrome_trace, {said}</p>" in pages["trace"].read_text()
+    assert "<p>source: snapshot</p>" in pages["snapshot"].read_text()
+
+
+@pytest.mark.skipif(not REAL_TRACE.is_file(), reason=f"{REAL_TRACE} is absent")
 @pytest.mark.parametrize("budget", [500, 2_000])
 def test_a_real_timeline_cut_to_fewer_points_fills_them_and_keeps_its_peaks(budget: int) -> None:
     # GIVEN the real trace's GPU timeline: allocated, KV, weights and other at each of its 8,220 events
