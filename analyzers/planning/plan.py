@@ -5,7 +5,7 @@ result and compute nothing.
 
 A plan fits when weights + the KV peak + reserve <= GPU memory. The reserve stands for everything
 the planner cannot see (CUDA context, cuBLAS workspaces, activations, allocator fragmentation); its
-default of 10% of the GPU mirrors vLLM's `gpu_memory_utilization=0.9`. A plan from a recorded run
+default of 10% of the GPU mirrors vLLM's (<0.32) `gpu_memory_utilization=0.9`. A plan from a recorded run
 (`PlanRequest.recorded`) sees the activations: its peak is the run's measured one, moved to the batch,
 context and cache planned (analyzers.planning.recorded_growth's `recorded_peak_at`), and the measured
 activations replace the reserve's guess (`kvtrace plan --from-run` keeps none unless --reserve is typed,

@@ -279,7 +279,8 @@ class PlanCommand(Command):
         parser.add_argument(
             "--reserve",
             help="memory kept out of the plan for CUDA context, activations and fragmentation: a fraction "
-            "of the GPU below 1 (default 0.1, like vLLM's 0.9 utilization) or a size such as 2GiB; with "
+            "of the GPU below 1 (default 0.1, as vLLM's 0.9 utilization before 0.32) or a size such as 2GiB; "
+            "with "
             "--from-run of a run recorded with allocator events, default 0: the run's measured activations "
             "replace the guess, and a typed reserve is kept on top of them",
         )
