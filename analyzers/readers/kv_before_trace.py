@@ -51,16 +51,18 @@ def kv_held_before_trace(
     if not len(dev):
         return []
     device_of = {e.addr: e.device for e in events if e.addr and e.device}
-    # The log's sightings on the trace's clock, as the KV log's join reads them: a trace a little ahead
-    # (within a step of the tolerance) would otherwise put a storage the log saw soon after its allocation
-    # before the trace's first event, and its allocation past the tolerance after the sighting.
+    # The log's sightings and frees on the trace's clock, as the KV log's join reads them: a trace a little
+    # ahead (within a step of the tolerance) would otherwise put a storage the log saw soon after its
+    # allocation before the trace's first event, and its allocation past the tolerance after the sighting;
+    # and a storage the log saw go just after the trace began (the last step's, replaced by the next) gone
+    # before it, its bytes missing from the level.
     lead = trace_lead_us(dev, storages)
     first_us = float(dev.ts_us[0])
     candidates = [
         s
         for s in storages
         if (s[2] / 1000.0 + lead <= first_us or (s[0], s[2]) in found)
-        and (s[3] < 0 or s[3] / 1000.0 > first_us)  # still held at the first event
+        and (s[3] < 0 or s[3] / 1000.0 + lead > first_us)  # still held at the first event
         and normal_device(device_of.get(s[0], dev.device)) == dev.device
     ]
     at = dev.events_at({s[0] for s in candidates})
@@ -95,8 +97,10 @@ def held_bytes(dev: DeviceEvents, held: list[Storage]) -> int:
     return sum(smallest_block(s[1]) if blocks else s[1] for s in held)
 
 
-def add_kv_frees(dev: DeviceEvents, held: list[Storage], events: list[Any]) -> None:
-    """Give `dev` the frees of the `held` storages that the KV log saw go and its trace does not show."""
+def add_kv_frees(dev: DeviceEvents, held: list[Storage], events: list[Any], lead_us: float = 0.0) -> None:
+    """Give `dev` the frees of the `held` storages that the KV log saw go and its trace does not show.
+    `lead_us`: how far the trace's clock runs ahead of the log's (`attribution.trace_lead_us`); the log's
+    times are read that much later, else a free the log saw just after the trace began lands before it."""
     freed = [s for s in held if s[3] >= 0]
     if not freed:
         return
@@ -120,13 +124,13 @@ def add_kv_frees(dev: DeviceEvents, held: list[Storage], events: list[Any]) -> N
             if not blocks:
                 delta[indices[0]] = -nbytes
             continue
-        freed_us = freed_ns / 1000.0
+        freed_us = freed_ns / 1000.0 + lead_us
         # The log sees a free when it next looks, after it happened: before any reuse of the address
         position = int(np.searchsorted(ts, freed_us, side="right"))
         when = freed_us
         if indices and indices[0] < position:
             position, when = indices[0], float(ts[indices[0]])
-        made = _allocation(dev, at, replacement) if replacement is not None else None
+        made = _allocation(dev, at, replacement, lead_us) if replacement is not None else None
         if made is not None and made < position:
             position, when = made + 1, float(ts[made])
         inserts.append((position, when, addr, -(smallest_block(nbytes) if blocks else nbytes)))
@@ -134,10 +138,10 @@ def add_kv_frees(dev: DeviceEvents, held: list[Storage], events: list[Any]) -> N
         insert_events(dev, inserts)
 
 
-def _allocation(dev: DeviceEvents, at: dict[int, list[int]], storage: Any) -> int | None:
+def _allocation(dev: DeviceEvents, at: dict[int, list[int]], storage: Any, lead_us: float) -> int | None:
     """The allocation of a storage the log saw (a `replaced` or `grown` line): the latest of its size at
-    its address by the sighting, within the join's tolerance."""
-    limit = storage.t_ns / 1000.0 + JOIN_TOLERANCE_US
+    its address by the sighting (on the trace's clock: `lead_us` later), within the join's tolerance."""
+    limit = storage.t_ns / 1000.0 + lead_us + JOIN_TOLERANCE_US
     ts, delta = dev.ts_us, dev.delta_bytes
     taken = [
         i

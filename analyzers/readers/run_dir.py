@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.attribution import JOIN_TOLERANCE_US, sizes_are_blocks, smallest_block
+from analyzers.attribution import JOIN_TOLERANCE_US, sizes_are_blocks, smallest_block, trace_lead_us
 from analyzers.eviction_markers import step_marks
 from analyzers.kv_log import KvLogAnalysis, analyze_run_kv_log
 from analyzers.model import (
@@ -334,7 +334,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         # (that KV until the log's `freed` line for it: a CPU trace lacks the free, which is added)
         held_kv = kv_held_before_trace(dev, storages, run.kv_events, found) if traced else []
         if any(s[3] >= 0 for s in held_kv):
-            add_kv_frees(dev, held_kv, run.kv_events)
+            add_kv_frees(dev, held_kv, run.kv_events, trace_lead_us(dev, storages))
             source.meta.setdefault("kv_held_before_trace", {})[dev.device] = held_kv
         held = weight_blocks_by_device if sizes_are_blocks(dev) else weights_by_device
         listed = {w.addr: w.storage_bytes for w in run.weights if normal_device(w.device) == dev.device}

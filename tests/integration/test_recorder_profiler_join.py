@@ -255,6 +255,12 @@ def _lead_onto_an_earlier_occupant(run_dir: Path) -> float:
     return max(leads, default=0.0)
 
 
+# How far short of the tolerance's edge a shift stops: µs since the epoch as float64 step by 0.25 µs, so a
+# storage whose allocation lands exactly at the tolerance after its sighting fell in or out by rounding (the
+# trace's clock was then moved, 1 run in 6)
+EDGE_US = 1.0
+
+
 def _lead_just_past_the_tolerance(run_dir: Path) -> float:
     """A clock lead (µs) just past the join's tolerance that half the KV storages still fit as read (their
     allocation at most the tolerance after their sighting), so the trace's clock is not moved
@@ -275,7 +281,7 @@ def _lead_just_past_the_tolerance(run_dir: Path) -> float:
     if not lags:
         return 0.0
     half = sorted(lags, reverse=True)[(len(lags) + 1) // 2 - 1]  # at least half the lags are >= it
-    return JOIN_TOLERANCE_US + half if any(lag < half for lag in crowded) else 0.0
+    return JOIN_TOLERANCE_US + half - EDGE_US if any(lag < half - EDGE_US for lag in crowded) else 0.0
 
 
 @pytest.mark.parametrize("lead", ["onto an earlier occupant", "1.5 ms", "just past the tolerance"])
@@ -313,51 +319,120 @@ def test_a_trace_clock_ahead_of_the_logs_within_the_tolerance_keeps_its_kv_figur
     assert got.notes == want.notes == []
 
 
-def _cut_before(run_dir: Path, alloc_us: float) -> None:
+def _cut_before(run_dir: Path, alloc_us: float, frees_of_earlier: bool = True) -> None:
     """Drop the trace's memory events before `alloc_us` (Unix-epoch µs), as a trace whose memory profiling
-    began there: the storages made before it are held before the trace."""
+    began there: the storages made before it are held before the trace. Without `frees_of_earlier`, also
+    the frees of blocks allocated before it, as a CPU's trace has none (Kineto reports no free of a block
+    allocated before it started)."""
     path, trace = _trace_of(run_dir)
     start = alloc_us - trace["baseTimeNanoseconds"] / 1000 - 1.0
-    trace["traceEvents"] = [
-        e for e in trace["traceEvents"] if e.get("name") != "[memory]" or e["ts"] >= start
-    ]
+    kept, allocated = [], set()
+    for event in trace["traceEvents"]:
+        if event.get("name") == "[memory]":
+            if event["ts"] < start:
+                continue
+            addr = event["args"]["Addr"]
+            if event["args"]["Bytes"] > 0:
+                allocated.add(addr)
+            elif addr not in allocated and not frees_of_earlier:
+                continue
+            else:
+                allocated.discard(addr)
+        kept.append(event)
+    trace["traceEvents"] = kept
     _write_trace(path, trace)
+
+
+def _owned_lags(run_dir: Path) -> list[tuple[float, float, int]]:
+    """(sighting - allocation, allocation, bytes) of each KV storage the trace holds (µs, Unix-epoch)."""
+    allocations = cpu_allocations(_trace_of(run_dir)[1])
+    return [(life.first_ns / 1000 - own.alloc_us, own.alloc_us, life.storage_bytes)
+            for life in storage_lives(read_run(run_dir).kv_events)
+            if (own := match(life, allocations)) is not None]  # fmt: skip
+
+
+def _just_past_the_tolerance_from(owned: list[tuple[float, float, int]], cut_at: float) -> float:
+    """The lag (µs) that at least half the storages the trace keeps from `cut_at` on are seen after their
+    allocation: a trace that far past the join's tolerance ahead (less EDGE_US) is not moved."""
+    lags = sorted((lag for lag, alloc_us, _ in owned if alloc_us >= cut_at), reverse=True)
+    return lags[(len(lags) + 1) // 2 - 1]
+
+
+def _report_cut_and_ahead(
+    run_dir: Path, tmp_path: Path, cut_at: float, half: float, frees_of_earlier: bool = True
+) -> tuple[Any, Any]:
+    """Reports of a copy of the run whose trace's memory events begin at `cut_at` (`_cut_before`) and of a
+    copy of that whose trace's clock runs JOIN_TOLERANCE_US + `half` - EDGE_US ahead of the log's."""
+    reference = tmp_path / "reference"
+    shutil.copytree(run_dir, reference)
+    _cut_before(reference, cut_at, frees_of_earlier)
+    edited = tmp_path / "edited"
+    shutil.copytree(reference, edited)
+    _edit_base(edited, lambda base: base + round((JOIN_TOLERANCE_US + half - EDGE_US) * 1000))
+    return build_report(reference)[1], build_report(edited)[1]
 
 
 def test_a_storage_seen_before_a_trace_just_past_the_tolerance_ahead_keeps_its_allocation(
     run_with_kept_cache, prompt_batch, tmp_path
 ):
-    # GIVEN a copy of the run whose trace's memory events begin at the allocation of the storage the log saw
-    # soonest after its own (so, on the log's clock, it was seen before the trace's first event) ...
-    allocations = cpu_allocations(_trace_of(run_with_kept_cache)[1])
-    owned = [(life.first_ns / 1000 - own.alloc_us, own.alloc_us)
-             for life in storage_lives(read_run(run_with_kept_cache).kv_events)
-             if (own := match(life, allocations)) is not None]  # fmt: skip
-    soonest_lag, cut_at = min(owned)
-    lags = sorted((lag for lag, alloc_us in owned if alloc_us >= cut_at), reverse=True)
-    half = lags[(len(lags) + 1) // 2 - 1]  # at least half the storages kept are seen this long after
-    if not soonest_lag < half:
+    # GIVEN a copy of the run whose trace's memory events begin at the allocation of the prefill's storage
+    # the log saw soonest after its own (so, on the log's clock, it was seen before the trace's first event;
+    # no KV storage is freed until the first decode step, so none goes within the clocks' error of the
+    # trace's start, where the shifted copy could only place its free as near as it knows its clock) ...
+    rows, prompt_len, layers, kv_heads, head_dim = prompt_batch.rows, prompt_batch.prompt_len, 2, 2, 16
+    owned = _owned_lags(run_with_kept_cache)
+    prefill_bytes = kv_bytes(kv_heads, head_dim, prompt_len, rows, 4)
+    soonest_lag, cut_at, _ = min(o for o in owned if o[2] == prefill_bytes)
+    half = _just_past_the_tolerance_from(owned, cut_at)  # at least half the storages kept lag this
+    if not soonest_lag < half - EDGE_US:  # (EDGE_US short of the edge, as `_lead_just_past_the_tolerance`)
         pytest.skip("the storages kept were all seen as soon after their allocation")
-    reference = tmp_path / "reference"
-    shutil.copytree(run_with_kept_cache, reference)
-    _cut_before(reference, cut_at)
     # ... and a copy of that whose trace's clock runs ahead of the log's just past the join's tolerance for
     # it, while half the storages still fit as read (the trace is not moved)
-    edited = tmp_path / "edited"
-    shutil.copytree(reference, edited)
-    _edit_base(edited, lambda base: base + round((JOIN_TOLERANCE_US + half) * 1000))
 
     # WHEN both are reported
-    _, want = build_report(reference)
-    _, got = build_report(edited)
+    want, got = _report_cut_and_ahead(run_with_kept_cache, tmp_path, cut_at, half)
 
     # THEN that storage keeps its own allocation, not a hold from before the trace: the same KV at every
     # event, the last of it the cache's last storages (conftest's TINY: 2 layers, 2 KV heads of 16 dims,
     # float32), and no note
-    rows, prompt_len, layers, kv_heads, head_dim = prompt_batch.rows, prompt_batch.prompt_len, 2, 2, 16
     held_at_end = layers * 2 * kv_bytes(kv_heads, head_dim, prompt_len + NEW_TOKENS - 1, rows, 4)
     assert int(want.timelines[0].by_category["kv"][-1]) == held_at_end
     assert got.devices[0].bytes_by_method["kv_log"] == want.devices[0].bytes_by_method["kv_log"] > 0
+    np.testing.assert_array_equal(got.timelines[0].by_category["kv"], want.timelines[0].by_category["kv"])
+    assert got.devices[0].categories_at_peak == want.devices[0].categories_at_peak
+    assert got.notes == want.notes == []
+
+
+@pytest.mark.parametrize("frees", ["in the trace", "not in the trace"])
+def test_kv_the_log_saw_freed_just_after_a_trace_just_past_the_tolerance_ahead_began_is_held_before_it(
+    run_with_kept_cache, prompt_batch, tmp_path, frees
+):
+    # GIVEN a copy of the run whose trace's memory events begin at the allocation of the last step's first
+    # storage, so that the previous step's storages, held before the trace, are replaced just after it (the
+    # log's `freed` lines for them come within the lag of a sighting, or a layer's forward, of its start),
+    # their frees in the trace (a GPU's) or not (a CPU's: added after their replacements' allocations) ...
+    rows, prompt_len, layers, kv_heads, head_dim = prompt_batch.rows, prompt_batch.prompt_len, 2, 2, 16
+    owned = _owned_lags(run_with_kept_cache)
+    cut_at = sorted(alloc_us for _, alloc_us, _ in owned)[-layers * 2]
+    half = _just_past_the_tolerance_from(owned, cut_at)
+    if frees == "not in the trace" and not any(
+        lag < half - EDGE_US for lag, alloc_us, _ in owned if alloc_us >= cut_at
+    ):
+        pytest.skip("the last step's storages were all seen as soon after their allocation")
+    # ... and a copy of that whose trace's clock runs ahead of the log's just past the join's tolerance,
+    # while half the storages kept still fit as read (the trace is not moved; a replacement seen sooner
+    # after its allocation falls past the tolerance, as read)
+
+    # WHEN both are reported
+    want, got = _report_cut_and_ahead(run_with_kept_cache, tmp_path, cut_at, half, frees == "in the trace")
+
+    # THEN the previous step's storages are held before both traces and go after their replacements' (the
+    # log's times read on the trace's clock), the last step's first storage the first event's: the KV at it
+    # (TINY: 2 layers, 2 KV heads of 16 dims, float32), the same at every event, and no note
+    held_before = layers * 2 * kv_bytes(kv_heads, head_dim, prompt_len + NEW_TOKENS - 2, rows, 4)
+    last = kv_bytes(kv_heads, head_dim, prompt_len + NEW_TOKENS - 1, rows, 4)
+    assert int(want.timelines[0].by_category["kv"][0]) == held_before + last
+    assert int(want.timelines[0].by_category["kv"][-1]) == layers * 2 * last
     np.testing.assert_array_equal(got.timelines[0].by_category["kv"], want.timelines[0].by_category["kv"])
     assert got.devices[0].categories_at_peak == want.devices[0].categories_at_peak
     assert got.notes == want.notes == []
