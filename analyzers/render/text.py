@@ -141,8 +141,12 @@ def report_to_text(report: Report) -> str:
         if dev.alloc_events == 0 and dev.peak_allocated_bytes == 0:
             continue
         peak = dev.peak_allocated_bytes
+        unmarked = report.kv.measured_from == "none"  # no KV attribution: its bytes, if any, are in other
         for name in ("kv", "weights", "other"):
             value = dev.categories_at_peak.get(name, 0)
+            if name == "kv" and unmarked and not value:
+                lines.append(f"    at peak  {name:<8} {'-':>12}  (not attributed: counted in other)")
+                continue
             lines.append(f"    at peak  {name:<8} {human_bytes(value):>12}  {_share(value, peak)}")
         if dev.fragmentation_at_peak_bytes is not None and dev.private_pool_free_at_peak is not None:
             lines.append(
@@ -169,7 +173,10 @@ def report_to_text(report: Report) -> str:
     lines.append(f"  KV cache ({kv.measured_from}):")
     if kv.measured_from == "none" and report.kv_measured:  # a refused vLLM start: the line below says why
         lines.append(f"    no KV attribution: {NO_KV_HINT}")
-    if report.kv_measured:
+    if kv.measured_from == "none" and report.kv_measured and not kv.peak_bytes:
+        # Unknown, not 0: a bare trace's KV (if its model had one) is among the unattributed bytes
+        lines.append("    final -, peak - (not attributed: unknown, not 0)")
+    elif report.kv_measured:
         held = f"final {human_bytes(kv.final_bytes)}, peak {human_bytes(kv.peak_bytes)}"
         lines.append(f"    {held} (with transient copies)")
     else:

@@ -39,6 +39,12 @@ def test_a_bare_profiler_trace_says_how_to_get_kv_attribution() -> None:
     hint = data["kv"]["how_to_attribute"]
     assert "kvtrace.record" in hint and "with_stack=True" in hint
     assert "no KV attribution" in text and "with_stack=True" in text
+    # AND its KV reads as unknown, not as 0 B (the JSON's 0s stay, as docs/format.md says, with
+    # `measured_from` "none"): at each device's peak and in the KV section
+    devices = len(data["devices"])
+    assert text.count("at peak  kv                  -  (not attributed: counted in other)") == devices > 0
+    assert "    final -, peak - (not attributed: unknown, not 0)\n" in text
+    assert "final 0 B, peak 0 B" not in text
     # and the unattributed bytes are named for what they are, not "attributed by: none"
     assert "attributed by: none" not in text and "not attributed, counted as other" in text
 
