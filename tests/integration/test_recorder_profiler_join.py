@@ -231,6 +231,14 @@ def test_a_trace_without_its_clock_base_keeps_its_kv_figures(
     np.testing.assert_allclose(_counters_ts(edited), _counters_ts(reference), rtol=0, atol=JOIN_TOLERANCE_US)
 
 
+def _ahead_copy(run_dir: Path, tmp_path: Path, lead_us: float) -> Path:
+    """A copy of `run_dir` whose trace's clock runs `lead_us` ahead of the KV log's."""
+    edited = tmp_path / "edited"
+    shutil.copytree(run_dir, edited)
+    _edit_base(edited, lambda base: base + round(lead_us * 1000))
+    return edited
+
+
 def _lead_onto_an_earlier_occupant(run_dir: Path) -> float:
     """A clock lead (µs) of the trace over the KV log that puts a KV storage's allocation after its
     sighting and an earlier, same-sized occupant of its address (a prefill projection's output, freed
@@ -301,9 +309,7 @@ def test_a_trace_clock_ahead_of_the_logs_within_the_tolerance_keeps_its_kv_figur
         lead_us = _lead_onto_an_earlier_occupant(run_with_kept_cache)
     if not lead_us:
         pytest.skip("no KV storage of this run took an address a same-sized allocation had just left")
-    edited = tmp_path / "edited"
-    shutil.copytree(run_with_kept_cache, edited)
-    _edit_base(edited, lambda base: base + round(lead_us * 1000))
+    edited = _ahead_copy(run_with_kept_cache, tmp_path, lead_us)
 
     # WHEN both are reported
     _, want = build_report(run_with_kept_cache)
@@ -366,9 +372,7 @@ def _report_cut_and_ahead(
     reference = tmp_path / "reference"
     shutil.copytree(run_dir, reference)
     _cut_before(reference, cut_at, frees_of_earlier)
-    edited = tmp_path / "edited"
-    shutil.copytree(reference, edited)
-    _edit_base(edited, lambda base: base + round((JOIN_TOLERANCE_US + half - EDGE_US) * 1000))
+    edited = _ahead_copy(reference, tmp_path, JOIN_TOLERANCE_US + half - EDGE_US)
     return build_report(reference)[1], build_report(edited)[1]
 
 
@@ -511,9 +515,7 @@ def test_a_cache_begun_on_another_thread_is_not_added_twice_under_a_trace_just_p
     lead_us = JOIN_TOLERANCE_US + half - 1.0
     if not any(lag < half - 2.0 for lag in lags[True]):
         pytest.skip("the listed cache's storages were all seen later after their allocation than most")
-    edited = tmp_path / "edited"
-    shutil.copytree(reference, edited)
-    _edit_base(edited, lambda base: base + round(lead_us * 1000))
+    edited = _ahead_copy(reference, tmp_path, lead_us)
 
     # WHEN both are reported
     _, want = build_report(reference)
