@@ -40,6 +40,18 @@ class GroupIds:
     def __init__(self) -> None:
         self._ids: dict[GroupKey, str] = {}
         self._taken: set[str] = set()
+        self._left_out: dict[Path, dict[str, str]] = {}
+
+    def left_out(self, rank_dir: Path) -> str | None:
+        """Why `kvtrace report` leaves the rank folder `rank_dir` out of its group's figures (a copy of
+        another rank's run...: analyzers.readers.run_group.folders_left_out), None when it is one of the
+        group's ranks. Each group folder's manifests are read once per export, not once per rank."""
+        from analyzers.readers.run_group import folders_left_out
+
+        group_dir = rank_dir.parent
+        if group_dir not in self._left_out:
+            self._left_out[group_dir] = folders_left_out(group_dir)
+        return self._left_out[group_dir].get(rank_dir.name)
 
     @classmethod
     def of_export(cls, files: list[Path]) -> GroupIds:

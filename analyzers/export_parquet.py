@@ -121,9 +121,18 @@ def _tell(
     changed: str | None,
     runs: pa.Table,
     note: Callable[[str], None] | None,
+    groups: GroupIds,
 ) -> None:
-    """Note a source exported again (it changed since), and a run exported while it is being recorded."""
+    """Note a source exported again (it changed since), a run exported while it is being recorded, and a
+    rank folder that its group's report leaves out (exported with no group_id)."""
     row = runs.to_pylist()[0]
+    in_no_group = row.get("source_kind") == "run" and row.get("group_id") is None
+    left_out = groups.left_out(Path(inp.path)) if in_no_group else None
+    if left_out is not None and note is not None:
+        note(
+            f"note: {inp.run_id}: exported with no group_id: `kvtrace report` leaves it out of its run "
+            f"group's figures, as {left_out}"
+        )
     if earlier:
         summary.reexported.extend((inp.run_id, t.part) for t in earlier)
         if note is not None:
@@ -266,7 +275,7 @@ def _export_locked(
                         writers[name].add(table)
                         summary.rows[name] += table.num_rows
                     summary.exported += 1
-                    _tell(summary, inp, earlier, changed, tables["runs"], note)
+                    _tell(summary, inp, earlier, changed, tables["runs"], note, groups)
                     replaced.update(t.part for t in earlier)
                     dropped.update(t.run_id for t in earlier)
             if on_input is not None:

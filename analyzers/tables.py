@@ -277,13 +277,18 @@ def _gpu_properties(properties: Any, index: int | None) -> dict[str, Any]:
     return next((entry for entry in entries if entry.get("id") == index), entries[0] if entries else {})
 
 
-def _in_a_group(path: Path, source: MemorySource, ranked: dict[str, Any]) -> bool:
-    """Whether an input is one rank of a group: a run directory `rank-<r>` of a run group, or a trace
-    that names its rank in a job of several processes. A group of one process records a plain run (the
-    manifest still says rank 0 of 1), so the parent folder of two such runs is no group."""
+def _in_a_group(path: Path, source: MemorySource, ranked: dict[str, Any], groups: GroupIds) -> bool:
+    """Whether an input is one rank of a group: a run directory `rank-<r>` of a run group that the group's
+    report sums (not a copy of another rank's run: `GroupIds.left_out`), or a trace that names its rank in
+    a job of several processes. A group of one process records a plain run (the manifest still says rank 0
+    of 1), so the parent folder of two such runs is no group."""
     if source.kind == "run":
         parent = Path(path).parent
-        return is_run_group(parent) and Path(path).name in {rank.name for _, rank in rank_dirs(parent)}
+        return (
+            is_run_group(parent)
+            and Path(path).name in {rank.name for _, rank in rank_dirs(parent)}
+            and groups.left_out(Path(path)) is None
+        )
     return _int(ranked["rank"]) is not None and _int(ranked["world_size"]) != 1
 
 
@@ -291,7 +296,7 @@ def _group_id(
     run_id: str, path: Path, source: MemorySource, ranked: dict[str, Any], groups: GroupIds
 ) -> str | None:
     """The source's group (analyzers.export_groups), named after the folder holding it; None: in none."""
-    if not _in_a_group(path, source, ranked):
+    if not _in_a_group(path, source, ranked, groups):
         return None
     key = group_key(path, source.kind, _str(ranked["backend"]), _int(ranked["world_size"]))
     return groups.id_for(key, Path(run_id).parent.as_posix())

@@ -21,9 +21,10 @@ from typing import Any
 from analyzers.model import MemorySource
 from analyzers.readers.sources import ProgressFn
 from kvtrace.errors import KvtraceError
-from kvtrace.format import GROUP_MARKER, LOCK_FILE, RANK_DIR_PREFIX, rank_dirs
+from kvtrace.format import GROUP_MARKER, LOCK_FILE, MANIFEST, RANK_DIR_PREFIX, rank_dirs
+from kvtrace.json_reads import read_json_file
 
-__all__ = ["RankRun", "RunGroup", "read_run_group"]
+__all__ = ["RankRun", "RunGroup", "folders_left_out", "own_rank_folders", "read_run_group"]
 
 
 @dataclass
@@ -116,43 +117,81 @@ def _said(manifest: dict[str, Any], key: str) -> int | None:
 
 
 def _own_ranks(ranks: list[RankRun], notes: list[str]) -> tuple[list[RankRun], set[int]]:
-    """The ranks each read under the rank its manifest says (a run written outside a group says none, and is
+    """The runs `own_rank_folders` keeps, each under its rank, and the ranks a moved folder names; its
+    notes on the folders moved or left out are added to `notes`."""
+    kept, _left_out, folder_notes, named = own_rank_folders([(r.rank, r.path, r.manifest) for r in ranks])
+    by_path = {run.path: run for run in ranks}
+    notes.extend(folder_notes)
+    return [
+        RankRun(rank, path, by_path[path].source, by_path[path].manifest)
+        for rank, path in sorted(kept.items())
+    ], named
+
+
+def own_rank_folders(
+    folders: list[tuple[int, Path, dict[str, Any]]],
+) -> tuple[dict[int, Path], dict[Path, str], list[str], set[int]]:
+    """Which of a group's (folder rank, folder, manifest) are its ranks, from the manifests alone, so that
+    `kvtrace export` groups exactly the folders the report sums.
+
+    Each folder is read under the rank its manifest says (a run written outside a group says none, and is
     its folder's), below the world size it says, and no other folder's (the recorder writes `rank-<r>`;
     `rank-01` is another name for rank 1). A folder whose manifest says another rank is read as that rank
     when no folder holds it by name and no other claims it (renamed or swapped folders: the run is whole);
-    a copy of a rank already held is left out. Each of these folders gets a note naming it; with them come
-    the ranks the notes name (the folder's and its manifest's), which are not missing unseen."""
-    kept: dict[int, RankRun] = {}
+    a copy of a rank already held is left out. Returns the kept {rank: folder}, {left-out folder: why}, the
+    group report's note for each folder moved or left out, and the ranks a moved folder names (its folder's
+    and its manifest's), which are not missing unseen."""
+    kept: dict[int, Path] = {}
+    left_out: dict[Path, str] = {}
+    notes: list[str] = []
     named: set[int] = set()
-    moved: list[tuple[RankRun, int, int | None]] = []
+    moved: list[tuple[Path, int, int, int | None]] = []
     # the recorder's own name first, so that a second name for the rank is the one left out
-    for run in sorted(ranks, key=lambda r: (r.rank, r.path.name != f"{RANK_DIR_PREFIX}{r.rank}")):
-        said, world_size = _said(run.manifest, "rank"), _said(run.manifest, "world_size")
-        if said is not None and said != run.rank:
-            moved.append((run, said, world_size))
+    for rank, path, manifest in sorted(
+        folders, key=lambda f: (f[0], f[1].name != f"{RANK_DIR_PREFIX}{f[0]}")
+    ):
+        said, world_size = _said(manifest, "rank"), _said(manifest, "world_size")
+        if said is not None and said != rank:
+            moved.append((path, rank, said, world_size))
             continue
-        if world_size is not None and run.rank >= world_size:
-            why = f"its manifest's world size is {world_size}, which has no rank {run.rank}"
-        elif run.rank in kept:
-            why = f"{kept[run.rank].path.name}/ holds rank {run.rank} already"
+        if world_size is not None and rank >= world_size:
+            left_out[path] = f"its manifest's world size is {world_size}, which has no rank {rank}"
+        elif rank in kept:
+            left_out[path] = f"{kept[rank].name}/ holds rank {rank} already"
         else:
-            kept[run.rank] = run
+            kept[rank] = path
             continue
-        notes.append(f"{run.path.name}/ left out: {why}; its KV is not in the group's figures")
-    claims = [said for _, said, _ in moved]
-    for run, said, world_size in moved:
-        named.update((run.rank, said))
+        notes.append(f"{path.name}/ left out: {left_out[path]}; its KV is not in the group's figures")
+    claims = [said for _, _, said, _ in moved]
+    for path, rank, said, world_size in moved:
+        named.update((rank, said))
         of = f" of {world_size}" if world_size is not None else ""
         if said not in kept and claims.count(said) == 1 and 0 <= said < (world_size or said + 1):
-            kept[said] = RankRun(said, run.path, run.source, run.manifest)
+            kept[said] = path
             notes.append(
-                f"{run.path.name}/ read as rank {said}: its manifest says rank {said}{of}, and no other "
+                f"{path.name}/ read as rank {said}: its manifest says rank {said}{of}, and no other "
                 "folder holds that rank (the group's folders were renamed or swapped)"
             )
             continue
-        why = f"its manifest says rank {said}{of} (a copy of that rank's run?)"
-        notes.append(f"{run.path.name}/ left out: {why}; its KV is not in the group's figures")
-    return [kept[rank] for rank in sorted(kept)], named
+        left_out[path] = f"its manifest says rank {said}{of} (a copy of that rank's run?)"
+        notes.append(f"{path.name}/ left out: {left_out[path]}; its KV is not in the group's figures")
+    return kept, left_out, notes, named
+
+
+def folders_left_out(group_dir: Path) -> dict[str, str]:
+    """{rank folder's name: why} for each folder of the group at `group_dir` that `kvtrace report` leaves out
+    of the group's figures (a copy of another rank's run, a second folder for a rank, a rank its world size
+    lacks), so that `kvtrace export` leaves it out of the group too. Reads the manifests only; one that
+    cannot be read is passed over here (reading that rank names it)."""
+    folders = []
+    for rank, folder in rank_dirs(group_dir):
+        try:
+            manifest = read_json_file(folder / MANIFEST, "corrupt manifest", encoding="utf-8-sig")
+        except KvtraceError:
+            continue
+        folders.append((rank, folder, manifest if isinstance(manifest, dict) else {}))
+    _kept, left_out, _notes, _named = own_rank_folders(folders)
+    return {path.name: why for path, why in left_out.items()}
 
 
 def _files_without_manifest(folder: Path) -> str | None:

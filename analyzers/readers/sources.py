@@ -274,7 +274,9 @@ def _no_input_in(folder: Path) -> KvtraceError:
     partial = run_without_manifest(folder)
     if partial is not None:
         return KvtraceError(partial)
-    below, searched_all = _first_input_below(folder)
+    below, searched_all, partial_below = _first_input_below(folder)
+    if below is None and partial_below is not None:  # a partial copy of a run group: it holds no input
+        return KvtraceError(partial_below)
     if below is not None:
         return KvtraceError(
             f"{folder}: a folder that is not a kvtrace run (no {MANIFEST}) and holds no runs or "
@@ -293,16 +295,23 @@ def _no_input_in(folder: Path) -> KvtraceError:
 _SEARCHED_FOLDERS = 10_000  # a mistaken `kvtrace report ~` answers in a moment, not after a whole walk
 
 
-def _first_input_below(folder: Path) -> tuple[Path | None, bool]:
+def _first_input_below(folder: Path) -> tuple[Path | None, bool, str | None]:
     """The shallowest run, trace or snapshot below `folder`, found as `kvtrace export` finds its inputs (one
-    search: analyzers.readers.folders), and whether every folder below was searched (at most
-    `_SEARCHED_FOLDERS` real folders; one reached again through a link is not searched twice). Folders that
-    cannot be listed are passed over: this names an input to pass, it reads none."""
+    search: analyzers.readers.folders), whether every folder below was searched (at most `_SEARCHED_FOLDERS`
+    real folders; one reached again through a link is not searched twice), and the line for the first run
+    below whose manifest is gone (a run group copied without its ranks' manifests): where no input is found,
+    that is the news, not "holds no runs", and its profiler trace is what reads. Folders that cannot be
+    listed are passed over: this names an input to pass, it reads none."""
     from analyzers.readers.folders import FolderSearch
 
     search = FolderSearch(folder, shallowest_first=True, max_folders=_SEARCHED_FOLDERS)
-    first = next((item.path for item in search if item.problem is None), None)
-    return first, first is not None or search.complete
+    partial: str | None = None
+    for item in search:
+        if item.problem is None:
+            return item.path, True, None
+        if partial is None and run_without_manifest(item.path) is not None:
+            partial = item.problem
+    return None, search.complete, partial
 
 
 def open_source(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:

@@ -114,6 +114,40 @@ def test_two_groups_of_one_name_keep_their_own_group_id(
     ]
 
 
+@pytest.mark.slow
+def test_a_rank_folder_the_report_leaves_out_is_in_no_group(
+    two_jobs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the tensor-parallel group with a second folder for rank 1 (`rank-01/`, a copy of `rank-1/`),
+    # which its report leaves out of the group's figures
+    group = tmp_path / "tp"
+    shutil.copytree(two_jobs[0] / "runs" / "tp", group)
+    shutil.copytree(group / "rank-1", group / "rank-01")
+    report = _cli_json(capsys, "report", str(group), "--json", "--no-export", "-q")
+    assert report["kv"]["final_bytes"] == WORLD * TP_RANK_KV_BYTES
+    # WHEN the group is exported
+    out = tmp_path / "tables"
+    capsys.readouterr()
+    assert main(["export", str(group), "-o", str(out), "-q"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "group_id" in line]
+    # THEN the copy is exported in no group, and a note says why
+    name = group.as_posix()
+    sql = "SELECT run_id, group_id, rank FROM runs ORDER BY run_id"
+    rows = _cli_json(capsys, "query", str(out), "--json", sql)
+    assert [(r["run_id"], r["group_id"], r["rank"]) for r in rows] == [
+        (f"{name}/rank-0", name, 0),
+        (f"{name}/rank-01", None, 1),
+        (f"{name}/rank-1", name, 1),
+    ]
+    assert notes == [
+        f"kvtrace export: note: {name}/rank-01: exported with no group_id: `kvtrace report` leaves it out"
+        " of its run group's figures, as rank-1/ holds rank 1 already"
+    ]
+    # AND the README's KV arithmetic summed over the group_id is the group's report, not a rank more
+    kv = _readme_kv(capsys, out)
+    assert sum(kv[r["run_id"]] for r in rows if r["group_id"] == name) == report["kv"]["final_bytes"]
+
+
 def _readme_kv(capsys: pytest.CaptureFixture[str], tables: Path) -> dict[str, int]:
     """run_id -> kv_bytes of the README's KV arithmetic query, as a user copies it."""
     query = re.search(r'kvtrace query tables/ "(SELECT r\.run_id.*?)"\n', README.read_text(), re.S)

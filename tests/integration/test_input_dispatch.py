@@ -230,6 +230,29 @@ def test_a_folder_with_a_trace_deeper_down_names_it(tmp_path: Path) -> None:
     assert f"but it holds {folder / 'worker0' / 'plugins' / trace.name}: pass that" in err
 
 
+@pytest.mark.parametrize("command", ["report", "diagnose", "compare"])
+def test_a_run_group_copied_without_its_manifests_names_the_first_rank(tmp_path: Path, command: str) -> None:
+    # GIVEN a run group's folder whose rank folders were copied without their manifest.json (a real run's
+    # logs and profiler trace in each): no rank reads, so it is no group
+    group = tmp_path / "tp"
+    for rank in range(2):
+        shutil.copytree(SAMPLES / "dynamic_b2", group / f"rank-{rank}")
+        (group / f"rank-{rank}" / "manifest.json").unlink()
+    (trace,) = sorted((group / "rank-0" / "profiler").iterdir())
+    # WHEN the group is read
+    code, out, err = _cli(
+        command, str(group), *([str(SAMPLES / "static_b2")] if command == "compare" else [])
+    )
+    # THEN the one line names rank-0's missing manifest and the trace that reads on its own, as `kvtrace
+    # export` does (it said the folder held no runs or traces "in it or below it")
+    assert (code, out) == (2, "")
+    assert err == (
+        f"kvtrace {command}: error: {group / 'rank-0'}: not a kvtrace run: no manifest.json, which its "
+        f"kv_events.jsonl cannot be read without (a partial copy?); its profiler trace reads on its own: "
+        f"pass {trace}\n"
+    )
+
+
 @pytest.mark.parametrize("command", ["report", "diagnose"])
 def test_a_run_folder_without_its_manifest_and_an_unreadable_profiler_folder_says_both(
     tmp_path: Path, command: str, make_unreadable: Callable[[Path], None]
