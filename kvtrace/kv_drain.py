@@ -85,7 +85,7 @@ class KvDrain:
         but not yet captured (`released_slots`), before the queue's prefix is taken, so that a release
         captured meanwhile is in the batch. A new storage at one's address logs its `freed` first, and the
         slot's later capture (or poll) logs none. O(layers) per such drain, nothing on the model's thread."""
-        unlogged = released_slots(self._layers) if released else None
+        unlogged = released_slots(self._layers, self._freed_early) if released else None
         queue = self._queue
         count = len(queue)  # a prefix: the model's thread may append meanwhile, after it
         batch = queue[:count]

@@ -85,13 +85,18 @@ def refresh_fast(state: LayerState) -> None:
     state.fast = (k_slot, v_slot) if len(slots) == 2 and k_slot is not None and v_slot is not None else None
 
 
-def released_slots(layers: dict[tuple[int, int], LayerState]) -> dict[int, tuple[Any, ...]]:
+def released_slots(
+    layers: dict[tuple[int, int], LayerState], logged: set[int] | frozenset[int] = frozenset()
+) -> dict[int, tuple[Any, ...]]:
     """The storages that updated (K, V) slots still hold though the allocator has released them, by address:
     (cache, layer, key, raw weak reference, bytes, dtype JSON, device JSON). A storage is there between
     its release by other code (a layer rebound between two steps) and the capture of the slot's next
     update, which is still to come. Read on the writer thread while the model's thread captures: `capture`
     writes a slot's weak reference before its address and bytes, so they are read here the other way
-    round, and a released weak reference comes with its own storage's address and bytes."""
+    round, and a released weak reference comes with its own storage's address and bytes. Those whose weak
+    reference is in `logged` (their `freed` is in the log already) are left out: a slot whose update never
+    comes keeps its storage until it is retired, and a later new storage at its address must not log it
+    twice."""
     found: dict[int, tuple[Any, ...]] = {}
     for (cache_id, layer), state in list(layers.items()):
         fast = state.fast
@@ -101,7 +106,7 @@ def released_slots(layers: dict[tuple[int, int], LayerState]) -> dict[int, tuple
             nbytes = slot.storage_bytes
             addr = slot.addr
             wref = slot.wref
-            if expired(wref):
+            if expired(wref) and wref not in logged:
                 found[addr] = (cache_id, layer, key, wref, nbytes, slot.dtype, slot.device)
     return found
 

@@ -184,6 +184,11 @@ class HfCacheHooks(CacheScans):
                 cache, key_states, layer_idx = args[0], args[1], args[3]
             else:  # passed by name (or too few: the binding raises the TypeError the update would)
                 cache, key_states, layer_idx = _update_arguments(*args, **kwargs)
+            if hooks.dropped:
+                # A cache dropped since (a finished generate()) is retired before this update's new storages,
+                # which may take its addresses: no step start of the recorded model may come to do it (another
+                # model's generate() on a cache already known). One attribute read per update.
+                hooks.forget_dead()
             last = hooks._last  # the cache of the previous update, almost always this one
             cid = last[1] if last is not None and last[0]() is cache else hooks.cache_id(cache)
             previous = hooks._previous

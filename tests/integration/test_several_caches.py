@@ -22,7 +22,11 @@ from analyzers.report import build_report
 from kvtrace.cli import main
 from kvtrace.llama import build_model
 from kvtrace.run_reader import read_run
-from tests.integration.kvlog_math import assert_addresses_freed_before_reuse, kv_bytes
+from tests.integration.kvlog_math import (
+    assert_addresses_freed_before_reuse,
+    assert_well_ordered,
+    kv_bytes,
+)
 from tests.plotly_figures import page_figure
 from tests.tiny import HEAD_DIM, cache_arg, tiny_size
 
@@ -416,6 +420,73 @@ def test_another_model_generating_after_the_recorded_one_is_not_its_main_cache(
     _check_another_models_cache(run, kept, capsys)
 
 
+def _flush_after_each_update(recording: kvtrace.Recording) -> None:
+    """Run the writer thread's drain (`Recording._flush`, the real one) after every layer update the tracker
+    captures, as the writer thread may by chance at any of them (every 0.1 s)."""
+    tracker = recording.tracker
+    update = tracker.update
+
+    def update_then_flush(*args: Any, **kwargs: Any) -> None:
+        update(*args, **kwargs)
+        recording._flush()
+
+    tracker.update = update_then_flush  # type: ignore[method-assign]
+
+
+def test_a_cache_dropped_before_another_models_known_cache_goes_on_is_freed_once_before_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN record(model=m1): m2's cache prefilled (9 tokens), m1's generate() making its own cache and
+    # dropping it, then m2's generate() going on with its cache, already known: no step of m1 nor new cache
+    # comes to retire m1's, whose released storages the allocator may hand to m2's new ones (the writer's
+    # drain after every update, as it may fall there by chance). Before, m1's storages stayed in their
+    # slots: a storage was logged freed at each new storage of m2 at its address (twice, in 4 of 5 runs),
+    # or after one (a new storage over one still live)
+    m1, m2, a, b = _two_models()
+    more = torch.cat([b, torch.full((M2_ROWS, 1), 5)], 1)  # the prefill's 9 tokens are cached
+    m1_made = LAYERS * 2 * M1_NEW  # a K and a V per layer and step: created at prefill, grown after
+    m1_bytes = sum(PER_TOKEN * tokens * M1_ROWS for tokens in range(M1_PROMPT, M1_PROMPT + M1_NEW))
+    m2_tokens = M2_PROMPT + 1 + M2_NEW - 1
+    for attempt in range(3):  # stable, whichever addresses the allocator hands out
+        run = tmp_path / f"run{attempt}"
+        cache = DynamicCache(config=m2.config)
+        with torch.no_grad(), kvtrace.record(run, model=m1, profiler=False) as recording:
+            _flush_after_each_update(recording)
+            m2(b, attention_mask=torch.ones_like(b), use_cache=True, **cache_arg(cache))
+            dropped = weakref.ref(_generate(m1, a, M1_NEW).past_key_values)
+            gc.collect()
+            assert dropped() is None
+            _generate(m2, more, M2_NEW, **cache_arg(cache))
+        assert cache.get_seq_length() == m2_tokens
+
+        # WHEN its log is read and it is reported
+        events = read_run(run).kv_events
+        kv = _cli_json(["report", str(run), "--no-export"], capsys)["kv"]
+
+        # THEN every storage is freed once at most, and m1's, each freed, before m2's next line
+        rows = _rows_of_caches(run)
+        (m1_cache,) = [c for c, n in rows.items() if n == M1_ROWS]
+        (m2_cache,) = [c for c, n in rows.items() if n == M2_ROWS]
+        # (a `freed` with no storage live under its cache, layer, K/V and address: the same storage's twice)
+        assert_well_ordered(events)
+        made = [e for e in events if e.cache == m1_cache and e.event in ("created", "grown")]
+        freed = [e for e in events if e.cache == m1_cache and e.event == "freed"]
+        m1_last = max(e.seq for e in made)
+        m2_next = min(e.seq for e in events if e.cache == m2_cache and e.seq > m1_last)
+        assert len(made) == len(freed) == m1_made
+        assert max(e.seq for e in freed) < m2_next
+        assert_addresses_freed_before_reuse(events)
+        # AND the bytes are the arithmetic's (4 layers x K and V x 2 KV heads x 16 dims x float32): m1's
+        # storages freed, 1 row of 5..10 tokens (46,080 B in all), none held at the end; m2's 3 rows of 12
+        # tokens held (36,864 B)
+        assert sum(e.storage_bytes for e in freed) == sum(e.storage_bytes for e in made) == m1_bytes == 46_080
+        by_id = {c["cache"]: c for c in kv["caches"]}
+        assert by_id[m1_cache]["final_bytes"] == 0
+        assert (
+            by_id[m2_cache]["final_bytes"] == kv["final_bytes"] == PER_TOKEN * m2_tokens * M2_ROWS == 36_864
+        )
+
+
 class _PausingStreamer(BaseStreamer):
     """Holds generate() after its first new token until `resume` is set, saying so by `paused`."""
 
@@ -626,6 +697,8 @@ def test_thousands_of_caches_never_take_the_module_or_tracked_caches_ids(
         2000: (tracked_bytes, 0, tracked_tokens),
         hf_ids[-1]: (hf_bytes, hf_bytes, tokens),  # the 2000th, 2101
     }
+
+
 # The recorded model's own work, never another model's: B rows of P prompt tokens, then N one-token forwards
 OWN_ROWS, OWN_PROMPT, OWN_NEW = 2, 8, 5
 BASE_CALLED = (
