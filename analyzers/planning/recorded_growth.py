@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from analyzers.planning.beam_tensors import beam_search_growth
 from analyzers.planning.encoder_pass import encoder_pass_bytes
 from analyzers.planning.plan_kv import kv_sizes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, RecordedPeak
@@ -46,9 +47,13 @@ def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     """`_recorded_peak_at`, and no less than a decode step's attention over the longer context holding its
     copies of the KV beside the final KV and the peak's activations (`_attention_floor`), nor than an
     encoder-decoder model's encoder pass at the planned encoder length, before any KV
-    (`encoder_pass_bytes`)."""
+    (`encoder_pass_bytes`); a beam search's, with the growth of its tensors over the generation's length,
+    which every moment of it holds (`beam_search_growth`)."""
+    assert req.recorded is not None
     encoder = req.weights_bytes + encoder_pass_bytes(replace(req, batch=batch))
-    return max(_recorded_peak_at(req, batch, context), _attention_floor(req, batch, context), encoder)
+    prompt = kv_sizes(req, batch, context).prompt
+    beams = beam_search_growth(req.recorded, req.beams, batch, prompt, context)
+    return max(_recorded_peak_at(req, batch, context), _attention_floor(req, batch, context), encoder) + beams
 
 
 def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from analyzers.planning.beam_tensors import without_beam_tensors
 from analyzers.planning.run_moments import (
     HALF_FLOATS,
     batch_fixed_bytes,
@@ -126,10 +127,11 @@ def peak_moment(
     update, update_at = update_beside_at(source, report)
     timeline = main_timeline(source, report)
     peak_at = int(np.argmax(timeline[1].allocated)) if timeline and len(timeline[1].ts_us) else None
-    at_peak_tokens = token_tensors(source, report, peak_at, diagnosis.batch, prompt, context)
-    at_update_tokens = token_tensors(source, report, update_at, diagnosis.batch, prompt, context)
-    at_peak_context = context_token_bytes(source, report, peak_at, diagnosis.batch, prompt, context)
-    at_update_context = context_token_bytes(source, report, update_at, diagnosis.batch, prompt, context)
+    rows, beams = diagnosis.batch, diagnosis.beams  # beam search's own tensors are the plan's arithmetic
+    at_peak_tokens = token_tensors(source, report, peak_at, rows, prompt, context, beams)
+    at_update_tokens = token_tensors(source, report, update_at, rows, prompt, context, beams)
+    at_peak_context = context_token_bytes(source, report, peak_at, rows, prompt, context, beams)
+    at_update_context = context_token_bytes(source, report, update_at, rows, prompt, context, beams)
     at_peak_prompt = prompt_row_bytes(source, report, peak_at, diagnosis.batch, prompt)
     decode = diagnosis.step_phase == "decode"
 
@@ -227,14 +229,16 @@ def token_tensors(
     rows: int | None,
     prompt: int | None,
     context: int | None,
+    beams: int | None = None,
 ) -> list[int] | None:
     """Sizes of the allocations beside the weights and KV live after the main device's event `index` that
     are generate()'s token tensors: int64, `rows` x n, n longer than the prompt and at most the context (its
     input_ids and attention mask, and the position ids some models derive from the mask, each a token
     longer at every step; the caller's own prompt ids and mask are the prompt's length), and not one
     position of a model width (a decode step's hidden states, queries: `row_units`), which an id tensor of
-    that many tokens would be taken for too. None where the events carry no addresses or the run does not
-    say its prompt and context."""
+    that many tokens would be taken for too; under beam search (`beams`), not its own tensors
+    (`without_beam_tensors`). None where the events carry no addresses or the run does not say its prompt
+    and context."""
     from analyzers.model import OTHER
     from analyzers.planning.diagnose_rows import fixed_sizes, row_units
     from analyzers.planning.diagnose_stacks import live_sizes
@@ -248,9 +252,10 @@ def token_tensors(
     # the logits processors' vectors over the vocabulary, and a position of a model width
     other = fixed_sizes(report.geometry) | {rows * unit for unit in row_units(report.geometry)}
     row = rows * _INT64_BYTES
+    live = without_beam_tensors(live_sizes(dev, index, OTHER), rows, beams, prompt, context)
     return [
         nbytes
-        for nbytes in live_sizes(dev, index, OTHER)
+        for nbytes in live
         if nbytes % row == 0 and prompt < nbytes // row <= context and nbytes not in other
     ]
 
@@ -262,6 +267,7 @@ def context_token_bytes(
     rows: int | None,
     prompt: int | None,
     context: int | None,
+    beams: int | None = None,
 ) -> int | None:
     """Bytes a row and token of the context adds to the allocations beside the weights and KV live after the
     main device's event `index`: those that are `rows` x n x a width a token, n longer than the prompt and
@@ -273,8 +279,9 @@ def context_token_bytes(
     step's fixed share, whatever the context: on the tiny Llama at batch 2 planned from context 12 at 206,
     growing it all with the context (57,556 B at the peak, 368 of them the ids and mask) was +918,539 B,
     +109%, over the recording. A size both fixed and one of these (one position of a model width, a
-    vocabulary-long vector) counts as fixed, as in `token_tensors`. None where the events carry no
-    addresses, the geometry no heads, or the run does not say its prompt and context."""
+    vocabulary-long vector) counts as fixed, as in `token_tensors`; beam search's own tensors not at all
+    (`without_beam_tensors`: the plan grows them by arithmetic). None where the events carry no addresses,
+    the geometry no heads, or the run does not say its prompt and context."""
     from analyzers.model import OTHER
     from analyzers.planning.diagnose_rows import fixed_sizes, row_units
     from analyzers.planning.diagnose_stacks import live_sizes
@@ -292,7 +299,8 @@ def context_token_bytes(
         fits = [w for w in widths if nbytes % (rows * w) == 0 and prompt < nbytes // (rows * w) <= context]
         return max(fits, default=0)
 
-    return sum(widest(nbytes) for nbytes in live_sizes(dev, index, OTHER) if nbytes not in other)
+    live = without_beam_tensors(live_sizes(dev, index, OTHER), rows, beams, prompt, context)
+    return sum(widest(nbytes) for nbytes in live if nbytes not in other)
 
 
 def _attn_implementation(geometry: dict[str, Any] | None) -> str | None:
