@@ -223,8 +223,16 @@ def _geometry(
         return replace(geometry, name=f"{run.path.name} ({kind})" if kind else run.path.name)
     fields = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
     if not isinstance(model, dict) or any(not isinstance(model.get(name), int) for name in fields):
+        # A model passed as model= with no Hugging Face config or cache buffers (a hand-written decoder whose
+        # KV came through kvtrace.track) has a class but no geometry: say so, not that model= was missing
+        kind = model.get("class") if isinstance(model, dict) else None
+        why = (
+            f"its model ({kind}) has no Hugging Face config or cache_k/cache_v buffers to read it from"
+            if isinstance(kind, str)
+            else "recorded without model="
+        )
         raise KvtraceError(
-            f"{run.path / 'manifest.json'}: no model geometry (recorded without model=): plan it with "
+            f"{run.path / 'manifest.json'}: no model geometry ({why}): plan it with "
             "--preset or --config instead of --from-run"
         )
     # A module cache (Meta's reference code) comes with a model that has no Hugging Face config to write

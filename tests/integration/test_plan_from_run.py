@@ -428,3 +428,34 @@ def test_from_run_says_whose_setting_is_wrong_and_when_the_run_was_cut_short(
         )
     assert main(["plan", "--from-run", str(bare)]) == 2
     assert "instead of --from-run" in capsys.readouterr().err
+
+
+def test_from_run_of_a_hand_written_model_says_why_it_has_no_geometry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model passed as model= whose KV came through kvtrace.track has no geometry to plan from: the
+    error names the model, not a missing model= (which the run did pass)."""
+
+    class Decoder(torch.nn.Module):  # no config, no cache_k/cache_v: its KV is the caller's tensor
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(KV_HEADS * HEAD_DIM, 2 * KV_HEADS * HEAD_DIM, bias=False)
+
+        def forward(self, x: torch.Tensor, kv: torch.Tensor, start: int) -> None:
+            k, v = self.proj(x).view(x.shape[0], x.shape[1], 2, KV_HEADS, HEAD_DIM).unbind(2)
+            kv[0, :, start : start + x.shape[1]] = k
+            kv[1, :, start : start + x.shape[1]] = v
+
+    decoder = Decoder()
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=decoder, profiler=False):
+        kv = torch.zeros(LAYERS, 2, BATCH, PROMPT, KV_HEADS, HEAD_DIM)  # [layers, 2, batch, seq, heads, dim]
+        for layer in range(LAYERS):
+            decoder(torch.randn(BATCH, PROMPT, KV_HEADS * HEAD_DIM), kv[layer], 0)
+            kvtrace.track(kv[layer, 0], layer=layer, kind="k", layout="bshd")
+            kvtrace.track(kv[layer, 1], layer=layer, kind="v", layout="bshd")
+    assert main(["plan", "--from-run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "its model (Decoder) has no Hugging Face config" in err, err
+    assert "recorded without model=" not in err
+    assert len(err.strip().splitlines()) == 1
