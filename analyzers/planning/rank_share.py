@@ -68,12 +68,28 @@ def rank_geometry(run: Run, main: CacheFigures, geometry: ModelGeometry, notes: 
     )
 
 
-def rank_weights_at(measured: int, geometry: ModelGeometry, run_dtype: str | None, dtype: str) -> int | None:
+def rank_weights_at(
+    measured: int,
+    geometry: ModelGeometry,
+    run_dtype: str | None,
+    dtype: str,
+    fp32_measured: int | None = None,
+) -> int | None:
     """A rank's weights stored in `dtype`: the parameters it measured in `run_dtype`, re-stored, and the
-    buffers its model builds (rotary inv_freq, kept at fp32 whatever the weights: `buffer_bytes`), which
-    every rank holds whole. None where the run's dtype is not known or its parameters are no whole number
-    of that dtype's elements (not stored as the run says): no share to scale."""
+    buffers its model builds (rotary inv_freq: `buffer_bytes`), which every rank holds whole. Those buffers
+    are as the run recorded them: transformers keeps them at fp32 whatever `torch_dtype=` says, but a model
+    cast by `.to(torch.bfloat16)` casts them too, and they follow the weights to `dtype`. `fp32_measured`,
+    the measured bytes recorded in float32, tells the two apart in a run of another dtype (None: not
+    known, kept at fp32; a fp32 run's are taken as kept). None where the run's dtype is not known or its
+    parameters are no whole number of that dtype's elements (not stored as the run says): no share to
+    scale."""
     bits = DTYPE_BITS.get(run_dtype or "")
+    if fp32_measured is not None and run_dtype != "fp32":
+        kept = min(fp32_measured // 4, geometry.fp32_buffer_elements)
+        cast = geometry.fp32_buffer_elements - kept  # recorded in the run's dtype: cast with the weights
+        geometry = replace(
+            geometry, fp32_buffer_elements=kept, buffer_elements=geometry.buffer_elements + cast
+        )
     parameters = measured - buffer_bytes(geometry, run_dtype) if bits and run_dtype else -1
     if bits is None or parameters < 0 or (parameters * 8) % bits:
         return None

@@ -83,6 +83,9 @@ class RunDefaults:
     # a tensor-parallel rank's shards (`rank_geometry` cut `geometry` to its share): its weights at another
     # dtype are its measured ones re-stored (`rank_weights_at`), not the whole model's geometry's
     rank_shards: int | None = None
+    # the bytes of `weights_bytes` recorded in float32: a buffer the model keeps at fp32 (rotary inv_freq,
+    # loaded with torch_dtype=) is there; one cast with its weights (`.to(torch.bfloat16)`) is not
+    fp32_weights_bytes: int | None = None
     # whether that call's prompts were padded (the manifest's `generate_calls`); None: not told (its mask
     # freed before the recording ended, none passed, runs recorded before kvtrace wrote it)
     padded: bool | None = None
@@ -118,7 +121,7 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
     whole = geometry
     geometry = rank_geometry(run, main, geometry, notes)  # one tensor-parallel rank: its share of the heads
     shards = whole.num_kv_heads // geometry.num_kv_heads if geometry is not whole else None
-    weights, devices = _weights(run)
+    weights, devices, fp32_weights = _weights(run)
     if len(devices) > 1:
         notes.append(
             f"the run's weights were on {len(devices)} devices ({', '.join(devices)}): the plan puts all "
@@ -196,6 +199,7 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
         window_note=window_note,
         encoder_tokens=encoder_tokens,
         rank_shards=shards,
+        fp32_weights_bytes=fp32_weights,
         padded=padded,
         transformers_version=_transformers_version(run.manifest),
         limit_bytes=_oom_limit(run.manifest),
@@ -468,14 +472,16 @@ def _other_caches(run: Run, kv: KvLogAnalysis, main: CacheFigures, cross: CacheF
     return notes
 
 
-def _weights(run: Run) -> tuple[int, list[str]]:
+def _weights(run: Run) -> tuple[int, list[str], int]:
     """Bytes of the weight storages held at the run's end (those listed at its start, less the ones freed
-    since, plus the ones added: a `.to()` inside the block), and the devices holding them."""
-    held: dict[tuple[str, int], int] = {}
+    since, plus the ones added: a `.to()` inside the block), the devices holding them, and the bytes of
+    those held in float32 (which of its buffers the model kept at fp32 beside weights of another dtype)."""
+    held: dict[tuple[str, int], tuple[int, str]] = {}
     for line in [*run.weights, *run.weight_changes]:
         key = (normal_device(line.device), line.addr)
         if line.event == "freed":
             held.pop(key, None)
         elif key[0] != "meta":
-            held[key] = line.storage_bytes
-    return sum(held.values()), sorted({device for device, _ in held})
+            held[key] = (line.storage_bytes, line.dtype)
+    fp32 = sum(size for size, dtype in held.values() if dtype == "float32")
+    return sum(size for size, _ in held.values()), sorted({device for device, _ in held}), fp32

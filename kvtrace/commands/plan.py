@@ -462,14 +462,16 @@ class PlanCommand(Command):
             # a tensor-parallel rank's geometry is cut to its heads alone: its weights are its measured
             # shard's, re-stored
             restored = (
-                rank_weights_at(run.weights_bytes, run.geometry, run.weights_dtype, args.dtype)
+                rank_weights_at(
+                    run.weights_bytes, run.geometry, run.weights_dtype, args.dtype, run.fp32_weights_bytes
+                )
                 if run.rank_shards is not None
                 else None
             )
             measured = restored
             weighed = (
                 f"are the rank's measured {run.weights_bytes:,} B re-stored at {args.dtype}, {restored:,} B "
-                "(its parameters re-stored, its buffers as the model builds them)"
+                "(its parameters re-stored, and its buffers: those the run recorded at fp32 kept so)"
                 if restored is not None
                 else f"are the geometry's at {args.dtype}, not the {run.weights_bytes:,} B measured"
             )

@@ -6,7 +6,8 @@ rank: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK in the environme
 MODE is `reference` (Meta's reference Llama 3, fairscale model parallel over gloo), `reference-raise`
 (the same; the last rank's allocation fails inside `kvtrace.record()` after its last step),
 `reference-kill` (the same; the last rank is SIGKILLed there instead), `hf-tp` (a Hugging Face Llama
-sharded by its `tp_plan="auto"`; `hf-tp-profiled`: recorded with the profiler, its allocator events),
+sharded by its `tp_plan="auto"`; `hf-tp-profiled`: recorded with the profiler, its allocator events;
+`hf-tp-bf16`: cast whole by `.to(torch.bfloat16)`, its rotary buffers too),
 `hf-dp` (the whole model on every rank, each with its own batch),
 `hf-dp-uneven` (the same, rank r with r + 2 rows of a PROMPT_LEN + 2r token prompt) or `track-bshd`
 (Meta-style attention sharded by hand, its caches grown by torch.cat as [batch, seq, kv_heads, head_dim]
@@ -168,9 +169,13 @@ def _record_steps(
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
-def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path, profiler: bool = False) -> None:
+def run_hf_tensor_parallel(
+    out_dir: Path, facts_dir: Path, profiler: bool = False, dtype: torch.dtype | None = None
+) -> None:
     rank = dist.get_rank()
     model = hf_tensor_parallel_model()
+    if dtype is not None:  # cast whole, buffers too (rotary inv_freq), as `.to()` does, not from_pretrained
+        model = model.to(dtype)
     tensors = _record_steps(model, out_dir, MAX_BATCH, profiler=profiler)
     facts = {
         "rank": rank,
@@ -183,6 +188,7 @@ def run_hf_tensor_parallel(out_dir: Path, facts_dir: Path, profiler: bool = Fals
         "parameters": sum(
             p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters()
         ),
+        "buffers": {name: [b.numel(), str(b.dtype)] for name, b in model.named_buffers()},
     }
     (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
 
@@ -424,8 +430,9 @@ def main() -> None:
     try:
         if mode in ("reference", "reference-raise", "reference-kill"):
             run_reference(out_dir, facts_dir, failure=mode.removeprefix("reference").lstrip("-"))
-        elif mode in ("hf-tp", "hf-tp-profiled"):
-            run_hf_tensor_parallel(out_dir, facts_dir, profiler=mode == "hf-tp-profiled")
+        elif mode in ("hf-tp", "hf-tp-profiled", "hf-tp-bf16"):
+            bf16 = torch.bfloat16 if mode == "hf-tp-bf16" else None
+            run_hf_tensor_parallel(out_dir, facts_dir, profiler=mode == "hf-tp-profiled", dtype=bf16)
         elif mode == "hf-tp-replicated-kv":
             run_hf_tensor_parallel_replicated_kv(out_dir, facts_dir)
         elif mode in ("hf-dp", "hf-dp-uneven", "hf-dp-overwrite", "hf-dp-two-caches", "hf-dp-budget"):

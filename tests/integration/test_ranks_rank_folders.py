@@ -198,3 +198,23 @@ def test_plan_of_a_tensor_parallel_rank_at_another_dtype_weighs_its_shard(
     assert any(note.startswith(said) for note in planned["notes"]), planned["notes"]
     assert main(["plan", "--from-run", str(rank), "--dtype", "bf16"]) == 0
     assert f"weights                {bf16 / 1024:.2f} KiB (the run's, at bf16)" in capsys.readouterr().out
+
+
+def test_plan_of_a_rank_cast_to_bf16_at_fp32_restores_its_cast_buffers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a tensor-parallel group whose model was cast whole by `.to(torch.bfloat16)`: its rotary buffers
+    # (inv_freq, original_inv_freq) are bf16 as well, not the fp32 transformers keeps under torch_dtype=
+    facts = worker.launch_facts("hf-tp-bf16", tmp_path / "group", tmp_path / "facts", WORLD)
+    rank = tmp_path / "group" / "rank-0"
+    buffers = facts[0]["buffers"]
+    assert {dtype for _, dtype in buffers.values()} == {"torch.bfloat16"}
+    elements = facts[0]["parameters"] + sum(count for count, _ in buffers.values())  # 53,568 + 16
+    lines = [json.loads(line) for line in (rank / "weights.jsonl").read_text().splitlines()]
+    assert {line["dtype"] for line in lines} == {"bfloat16"}
+    assert sum(line["storage_bytes"] for line in lines) == 2 * elements  # 107,168 B measured
+    # WHEN it is planned at fp32
+    planned = _json(capsys, ["plan", "--from-run", str(rank), "--dtype", "fp32", "--json"])
+    # THEN every parameter and buffer is 4 B an element: 214,336 B (the buffers taken as kept at fp32 and
+    # subtracted at 4 B from the bf16 measure said 214,272)
+    assert planned["weights_bytes"] == 4 * elements == 214_336
