@@ -42,6 +42,7 @@ from kvtrace.cli import main
 from kvtrace.llama import DEFAULT_PROMPTS, build_model, encode_batch, llama3_tokenizer
 from kvtrace.run_reader import read_run
 from tests.tiny import HEAD_DIM, cache_arg
+from tests.writer_drain import flush_after_each_update
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,19 +75,6 @@ class RebindToCopies(LogitsProcessor):
         return scores
 
 
-def _flush_after_each_update(recording: kvtrace.Recording) -> None:
-    """Run the writer thread's drain (`Recording._flush`, the real one) after every layer update the tracker
-    captures, as the writer thread may by chance at any of them."""
-    tracker = recording.tracker
-    update = tracker.update
-
-    def update_then_flush(*args: Any, **kwargs: Any) -> None:
-        update(*args, **kwargs)
-        recording._flush()
-
-    tracker.update = update_then_flush  # type: ignore[method-assign]
-
-
 def _generate_until_reused(
     layers: int, rebound: int, profiler: bool, drained: bool, out_dir: Path
 ) -> tuple[Path, int]:
@@ -104,7 +92,7 @@ def _generate_until_reused(
         rebind = RebindToCopies(cache, rebound, REBIND_AT_CALL)
         with torch.no_grad(), kvtrace.record(run, model=model, profiler=profiler) as recording:
             if drained:
-                _flush_after_each_update(recording)
+                flush_after_each_update(recording)
             model.generate(
                 input_ids=ids,
                 attention_mask=mask,

@@ -29,6 +29,7 @@ from tests.integration.kvlog_math import (
 )
 from tests.plotly_figures import page_figure
 from tests.tiny import HEAD_DIM, cache_arg, tiny_size
+from tests.writer_drain import flush_after_each_update
 
 LAYERS, DRAFT_LAYERS, KV_HEADS, PROMPT, NEW_TOKENS = 4, 2, 2, 12, 10
 FP32 = 4
@@ -420,19 +421,6 @@ def test_another_model_generating_after_the_recorded_one_is_not_its_main_cache(
     _check_another_models_cache(run, kept, capsys)
 
 
-def _flush_after_each_update(recording: kvtrace.Recording) -> None:
-    """Run the writer thread's drain (`Recording._flush`, the real one) after every layer update the tracker
-    captures, as the writer thread may by chance at any of them (every 0.1 s)."""
-    tracker = recording.tracker
-    update = tracker.update
-
-    def update_then_flush(*args: Any, **kwargs: Any) -> None:
-        update(*args, **kwargs)
-        recording._flush()
-
-    tracker.update = update_then_flush  # type: ignore[method-assign]
-
-
 def test_a_cache_dropped_before_another_models_known_cache_goes_on_is_freed_once_before_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -451,7 +439,7 @@ def test_a_cache_dropped_before_another_models_known_cache_goes_on_is_freed_once
         run = tmp_path / f"run{attempt}"
         cache = DynamicCache(config=m2.config)
         with torch.no_grad(), kvtrace.record(run, model=m1, profiler=False) as recording:
-            _flush_after_each_update(recording)
+            flush_after_each_update(recording)
             m2(b, attention_mask=torch.ones_like(b), use_cache=True, **cache_arg(cache))
             dropped = weakref.ref(_generate(m1, a, M1_NEW).past_key_values)
             gc.collect()
