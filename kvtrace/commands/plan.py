@@ -10,6 +10,13 @@ from typing import TYPE_CHECKING
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_result
+from kvtrace.commands.plan_notes import (
+    budget_note,
+    config_window_note,
+    layout_note,
+    limit_note,
+    run_prompt_at,
+)
 from kvtrace.errors import KvtraceError
 
 if TYPE_CHECKING:
@@ -71,44 +78,6 @@ def _quantized_settings(run: RunDefaults | None, cache: str) -> tuple[int, int]:
     if run is None or cache != "quantized" or run.cache != "quantized":
         return DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH
     return run.quant_group_size or DEFAULT_GROUP_SIZE, run.residual_length or DEFAULT_RESIDUAL_LENGTH
-
-
-def _config_window_note(run: RunDefaults, cache: str) -> str:
-    """What a typed --cache of a kind that keeps every token plans of a run whose cache slid at a window
-    the model's config lacks."""
-    return (
-        f"the run's cache slid at a window of {run.geometry.sliding_window} tokens, which the model's config "
-        f"does not give: --cache {cache} plans the model's layers as its config has them"
-    )
-
-
-def _budget_note(budget: int, run: RunDefaults) -> str:
-    """Where the GPU memory of a plan from a run with a recorded budget comes from."""
-    from analyzers.units import human_bytes
-
-    device = (
-        f"not its GPU's {human_bytes(run.gpu_memory_bytes)}"
-        if run.gpu_memory_bytes is not None
-        else f"it ran on {run.device}"
-    )
-    return (
-        f"the GPU memory is the budget the run was recorded with, {human_bytes(budget)} (gpu_memory, in its "
-        f"manifest's options; {device}): --gpu-memory plans another"
-    )
-
-
-def _limit_note(limit: int, run: RunDefaults) -> str:
-    """Where the GPU memory of a plan from a run that ran out under a per-process cap comes from."""
-    from analyzers.units import human_bytes
-
-    device = (
-        f", not its GPU's {human_bytes(run.gpu_memory_bytes)}" if run.gpu_memory_bytes is not None else ""
-    )
-    return (
-        f"the GPU memory is the per-process limit the run ran out under, {human_bytes(limit)} (its OOM "
-        f"message's '{human_bytes(limit)} allowed', to two decimals: "
-        f"torch.cuda.set_per_process_memory_fraction){device}: --gpu-memory plans another"
-    )
 
 
 def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
@@ -175,34 +144,6 @@ def _typed_layout(text: str) -> tuple[int, int]:
     if version is None:
         raise KvtraceError(f"--transformers {text!r}: not a transformers release; give one as 5.17 or 5.17.0")
     return version
-
-
-def _layout_note(run: RunDefaults, typed: str, layout: tuple[int, int], measured: bool) -> str:
-    """What a --transformers other than the run's own changes of a plan from it."""
-    weights = (
-        f"its weights the geometry's as {typed} builds them, not the {run.weights_bytes:,} B measured"
-        if not measured
-        else "its weights the measured ones"
-    )
-    return (
-        f"--transformers {typed} is not the run's ({run.transformers_version or 'unnamed'}): the cache is "
-        f"laid out as {layout[0]}.{layout[1]} lays it out, {weights}; the activations are the run's"
-    )
-
-
-def _run_prompt_at(run: RunDefaults, context: int) -> tuple[int | None, str | None]:
-    """The prompt a plan from `run` at a typed --context (and no --prompt) assumes, and a note when it is
-    not the run's. The run's prompt while the context leaves it room for a new token: --context then
-    changes the new tokens alone, one setting, as the plan's own 'max context' and remedy price it (the
-    planner's worst prompt, context less one or two tokens, would also lengthen the prefill, whose
-    activations follow it). A context too short for that prompt plans the worst prompt for it, an upper
-    bound over the prompts it can hold."""
-    if run.prompt is None or run.prompt < context:
-        return run.prompt, None
-    return None, (
-        f"--context {context} leaves no room for the run's prompt of {run.prompt} tokens and a new token: "
-        "planned at the worst prompt for that context (--prompt plans another)"
-    )
 
 
 class PlanCommand(Command):
@@ -431,7 +372,7 @@ class PlanCommand(Command):
             run = replace(
                 run,
                 notes=tuple(
-                    _config_window_note(run, cache) if note == run.window_note else note for note in run.notes
+                    config_window_note(run, cache) if note == run.window_note else note for note in run.notes
                 ),
             )
         # Weight-only quantization (int4/int8 GPTQ/AWQ, fp8 weights) computes in bf16, and the KV cache holds
@@ -454,7 +395,7 @@ class PlanCommand(Command):
                 measured = None
             run = replace(
                 run,
-                notes=(*run.notes, _layout_note(run, str(typed), layout, measured is not None)),
+                notes=(*run.notes, layout_note(run, str(typed), layout, measured is not None)),
             )
         if run is not None and redtyped:
             from analyzers.planning.rank_share import rank_weights_at
@@ -505,7 +446,7 @@ class PlanCommand(Command):
         if args.context is not None:
             context = args.context
             if run is not None and prompt is None:
-                prompt, said = _run_prompt_at(run, context)
+                prompt, said = run_prompt_at(run, context)
                 if said:
                     run = replace(run, notes=(*run.notes, said))
         elif run is not None and run.context is not None:
@@ -533,11 +474,11 @@ class PlanCommand(Command):
         elif run is not None and run.budget_bytes is not None:
             # The memory the run was meant to fit, which report and diagnose check it against
             gpu_memory = run.budget_bytes
-            run = replace(run, notes=(*run.notes, _budget_note(run.budget_bytes, run)))
+            run = replace(run, notes=(*run.notes, budget_note(run.budget_bytes, run)))
         elif run is not None and run.limit_bytes is not None:
             # The cap the run ran out under: planned on the whole device, the run that died "fits"
             gpu_memory = run.limit_bytes
-            run = replace(run, notes=(*run.notes, _limit_note(run.limit_bytes, run)))
+            run = replace(run, notes=(*run.notes, limit_note(run.limit_bytes, run)))
         elif run is not None and run.gpu_memory_bytes is not None:
             gpu_memory = run.gpu_memory_bytes
         else:
