@@ -39,7 +39,11 @@ def _fits(dev: DeviceEvents, allocated: int, storage_bytes: int) -> bool:
 
 
 def kv_held_before_trace(
-    dev: DeviceEvents, storages: list[Storage], events: list[Any], found: Set[tuple[int, int]] = frozenset()
+    dev: DeviceEvents,
+    storages: list[Storage],
+    events: list[Any],
+    found: Set[tuple[int, int]] = frozenset(),
+    lead_us: float | None = None,
 ) -> list[Storage]:
     """The KV storages on `dev` that the log saw no later than its first event (or `found`, by (address,
     first time): first logged where a cache filled before `record()` was first seen, which may be well
@@ -47,7 +51,8 @@ def kv_held_before_trace(
     whose allocation the trace does not hold: no event at their address, or (one the log saw freed) first
     their own free (a GPU's trace), or first the allocation of their address's next occupant, which the KV
     log's join cannot take for theirs. A storage the log never saw freed whose address the trace uses is
-    left out: the trace would free, or reuse, memory the level holds."""
+    left out: the trace would free, or reuse, memory the level holds. `lead_us`: `trace_lead_us(dev,
+    storages)` where the caller has it already (it scans the device's events), else computed here."""
     if not len(dev):
         return []
     device_of = {e.addr: e.device for e in events if e.addr and e.device}
@@ -56,7 +61,7 @@ def kv_held_before_trace(
     # allocation before the trace's first event, and its allocation past the tolerance after the sighting;
     # and a storage the log saw go just after the trace began (the last step's, replaced by the next) gone
     # before it, its bytes missing from the level.
-    lead = trace_lead_us(dev, storages)
+    lead = trace_lead_us(dev, storages) if lead_us is None else lead_us
     first_us = float(dev.ts_us[0])
     candidates = [
         s

@@ -332,9 +332,11 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         elif weights_gone:
             weights_counted = True
         # (that KV until the log's `freed` line for it: a CPU trace lacks the free, which is added)
-        held_kv = kv_held_before_trace(dev, storages, run.kv_events, found) if traced else []
+        # how far the trace's clock runs ahead of the log's: one scan of the device's events for both
+        lead = trace_lead_us(dev, storages) if traced and len(dev) else 0.0
+        held_kv = kv_held_before_trace(dev, storages, run.kv_events, found, lead) if traced else []
         if any(s[3] >= 0 for s in held_kv):
-            add_kv_frees(dev, held_kv, run.kv_events, trace_lead_us(dev, storages))
+            add_kv_frees(dev, held_kv, run.kv_events, lead)
             source.meta.setdefault("kv_held_before_trace", {})[dev.device] = held_kv
         held = weight_blocks_by_device if sizes_are_blocks(dev) else weights_by_device
         listed = {w.addr: w.storage_bytes for w in run.weights if normal_device(w.device) == dev.device}
