@@ -39,7 +39,13 @@ from typing import Any
 from analyzers.engine import EngineRun, HeldRequest, RequestEvent, blocks_for, engine_figures, held_at
 from analyzers.planning.engine_budget import EngineBudget
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
-from analyzers.planning.vllm_refused import RefusedDiagnosis, VllmRemedy, diagnose_refused, refused_start
+from analyzers.planning.vllm_refused import (
+    RefusedDiagnosis,
+    VllmRemedy,
+    diagnose_refused,
+    host_refuses_fp8,
+    refused_start,
+)
 from analyzers.planning.vllm_specs import (
     KvGroups,
     engine_kv_groups,
@@ -469,19 +475,14 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
                     f"been preempted) and of the {needed_blocks:,}-block worst case: it likely still "
                     "preempts."
                 )
-        remedies.append(
-            _against_budget(
-                VllmRemedy(
-                    "kv_cache_dtype",
-                    "fp8",
-                    fits8,
-                    f"kv_cache_dtype='fp8' halves the bytes per block ({element} → 1 byte an element): the "
-                    f"same {readable_bytes(kv_bytes)} holds {fp8_blocks:,} blocks, which {verdict}",
-                ),
-                kv_bytes,
-                budget,
-            )
+        fp8 = VllmRemedy(
+            "kv_cache_dtype",
+            "fp8",
+            fits8,
+            f"kv_cache_dtype='fp8' halves the bytes per block ({element} → 1 byte an element): the "
+            f"same {readable_bytes(kv_bytes)} holds {fp8_blocks:,} blocks, which {verdict}",
         )
+        remedies.append(host_refuses_fp8(_against_budget(fp8, kv_bytes, budget), info.config))
     model = (
         f"each request needs at most {_need_text(sizes)}; at most "
         f"{running_at_most} run together (max_num_seqs {max_seqs}, {len(demand)} requests); "

@@ -54,6 +54,16 @@ class VllmRemedy:
     sentence: str
 
 
+def host_refuses_fp8(remedy: VllmRemedy, config: dict[str, Any]) -> VllmRemedy:
+    """`remedy` (kv_cache_dtype='fp8') as the recorded host would take it: vLLM's CPU build refuses an fp8
+    cache without AVX-512 or AMX, or at a head size no multiple of 32, whatever it would hold; engine.json's
+    `config.fp8_kv_refused` keeps vLLM's own message for that host (absent in runs recorded before it)."""
+    refused = config.get("fp8_kv_refused")
+    if not refused:
+        return remedy
+    return replace(remedy, fits=False, sentence=f"{remedy.sentence} vLLM refuses it on this host: {refused}")
+
+
 @dataclass(frozen=True)
 class RefusedDiagnosis:
     path: str
@@ -184,12 +194,15 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
         else:
             tail = "still too much"
         remedies.append(
-            VllmRemedy(
-                "kv_cache_dtype",
-                "fp8",
-                fits8,
-                f"kv_cache_dtype='fp8' stores 1 byte an element instead of {element}: one request needs "
-                f"{readable_bytes(needed8)}, {tail} (quality: fp8 KV rounds keys and values).",
+            host_refuses_fp8(
+                VllmRemedy(
+                    "kv_cache_dtype",
+                    "fp8",
+                    fits8,
+                    f"kv_cache_dtype='fp8' stores 1 byte an element instead of {element}: one request needs "
+                    f"{readable_bytes(needed8)}, {tail} (quality: fp8 KV rounds keys and values).",
+                ),
+                config,
             )
         )
     remedies.append(

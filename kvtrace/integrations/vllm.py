@@ -99,7 +99,25 @@ def config_facts(vllm_config: Any) -> dict[str, Any]:
         "device": str(device) if device is not None else None,
         # two batches in flight when on: what a sliding layer holds beyond its window (vllm_specs)
         "async_scheduling": getattr(sched, "async_scheduling", None),
+        "fp8_kv_refused": _fp8_kv_refusal(vllm_config) if str(device) == "cpu" else None,
     }
+
+
+def _fp8_kv_refusal(vllm_config: Any) -> str | None:
+    """vLLM's CPU build refuses an fp8 KV cache on an x86 CPU without AVX-512 or AMX, or with a head size
+    that is no multiple of 32: its own check's message for this model on this host, so `kvtrace diagnose`
+    offers fp8 only where vLLM would start with it. None where it would, or where the check is not found
+    (another vLLM version)."""
+    model, cache = vllm_config.model_config, vllm_config.cache_config
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        _get_attn_isa(model.dtype, cache.block_size, model.get_head_size(), "fp8")
+    except NotImplementedError as refused:
+        return str(refused)
+    except Exception:  # a private check of one vLLM version: absent or changed in others
+        return None
+    return None
 
 
 def _total_kv_heads(model_config: Any, text: Any, heads: Any) -> Any:

@@ -52,7 +52,11 @@ def start():
 prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 1000 for j in range(40 + i)]) for i in range(8)]
 params = SamplingParams(max_tokens=100, ignore_eos=True, detokenize=False, temperature=0)
 if out == "start":
-    llm = start()
+    try:
+        llm = start()
+    except Exception as exc:  # vLLM's refusal, as a user sees it
+        print("KVTRACE-RESULT " + json.dumps({"refused": f"{type(exc).__name__}: {exc}"}), flush=True)
+        raise SystemExit(0)
     print("KVTRACE-RESULT " + json.dumps({"started": True}), flush=True)
     raise SystemExit(0)
 if out == "-":
@@ -148,6 +152,30 @@ def test_suggested_max_num_seqs_avoids_every_preemption(
     assert _run(tiny_model, "-", POOL, max_seqs=seqs)["preemptions"] == 0
 
 
+def test_the_fp8_remedy_fits_only_where_vllm_starts_with_an_fp8_cache(
+    tiny_model: Path, preempted_run: tuple[Path, dict], preempted: tuple[PreemptionDiagnosis, dict]
+) -> None:
+    # GIVEN the preempted run's diagnosis, and vLLM itself asked to start the same engine with fp8 KV on
+    # this host (its CPU build refuses fp8 without AVX-512 or AMX)
+    diagnosis, _ = preempted
+    fp8 = {r.knob: r for r in diagnosis.remedies}["kv_cache_dtype"]
+    started = _run(tiny_model, "start", POOL, kv_dtype="fp8")
+    refused = json.loads((preempted_run[0] / "engine.json").read_text())["config"]["fp8_kv_refused"]
+    # THEN the remedy fits where vLLM starts, and where it refuses, says so in vLLM's own words
+    if started.get("started"):
+        assert refused is None and fp8.fits
+    else:
+        assert refused and refused in started["refused"], started
+        assert fp8.fits is False and fp8.sentence.endswith(f"vLLM refuses it on this host: {refused}")
+        # and the text diagnosis a user reads says it too, in the remedy's line
+        out = subprocess.run(
+            [sys.executable, "-m", "kvtrace.cli", "diagnose", str(preempted_run[0])],
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert f"vLLM refuses it on this host: {refused}" in out, out
+
+
 @pytest.mark.skipif(fp8_kv_unsupported() is not None, reason=str(fp8_kv_unsupported()))
 def test_fp8_kv_avoids_every_preemption_as_diagnosed(
     tiny_model: Path, preempted: tuple[PreemptionDiagnosis, dict]
@@ -199,6 +227,12 @@ def test_refused_start_diagnosis_uses_vllms_figures(tiny_model: Path, refused_ru
     assert remedies["kv_cache_memory_bytes"].setting == 17 * BYTES_PER_BLOCK
     # the priced remedy really starts: 17 blocks hold one 512-token request plus the null block
     assert _run(tiny_model, "start", remedies["kv_cache_memory_bytes"].setting) == {"started": True}
+    # fp8 would fit the memory (a request's blocks at half the bytes), but vLLM's CPU build refuses it on a
+    # host without AVX-512 or AMX: the refused start's remedy says so, as the preempted run's does
+    refused8 = json.loads((out / "engine.json").read_text())["config"]["fp8_kv_refused"]
+    assert bool(refused8) == (fp8_kv_unsupported() is not None)
+    fp8 = remedies["kv_cache_dtype"]
+    assert fp8.fits is (not refused8) and (not refused8 or refused8 in fp8.sentence), fp8
 
 
 def _page(run_dir: Path, tmp_path: Path) -> str:
