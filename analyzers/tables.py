@@ -52,7 +52,7 @@ RUNS = _schema(
         ("device_type", _STR), ("device_name", _STR), ("device_index", _I32), ("total_memory_bytes", _I64),
         ("model_class", _STR), ("num_layers", _I32), ("num_attention_heads", _I32), ("num_kv_heads", _I32),
         ("head_dim", _I32), ("hidden_size", _I32), ("vocab_size", _I64), ("sliding_window", _I64),
-        ("model_dtype", _STR), ("parameters", _I64), ("kv_heads_held", _I32),
+        ("model_dtype", _STR), ("parameters", _I64), ("parameters_per_rank", _I64), ("kv_heads_held", _I32),
         ("kvtrace_version", _STR), ("torch_version", _STR), ("transformers_version", _STR),
         ("python_version", _STR), ("platform", _STR), ("pid", _I64), ("run_schema_version", _I32),
         ("started_ns", _I64), ("ended_status", _STR), ("ended_ns", _I64), ("ended_type", _STR),
@@ -355,6 +355,8 @@ def _run_row(
         **{key: model.get(key) for key in ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")},
         **{key: model.get(key) for key in ("hidden_size", "vocab_size", "sliding_window", "parameters")},
         "model_dtype": model.get("dtype"),
+        # a tensor-parallel rank's own share where it differs from the whole model's (the manifest's)
+        "parameters_per_rank": model.get("parameters_per_rank"),
         # an engine's pool views are laid out as its attention backend chooses: heads are not read from them
         "kv_heads_held": None if engine else _kv_heads_held(source),
         **{

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import ranks_worker as worker
 
+from analyzers.load import load_tables
 from kvtrace.cli import main
 from kvtrace.run_reader import read_run
 
@@ -57,6 +58,12 @@ def test_hf_tensor_parallel_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[
             WHOLE_PARAMETERS,
             rank_facts["parameters"],
         )
+
+    # The export's runs table carries both counts, per rank: the whole model's and the rank's shard
+    runs = load_tables(out).runs.to_pylist()
+    assert {r["rank"]: (r["parameters"], r["parameters_per_rank"]) for r in runs} == {
+        rank: (WHOLE_PARAMETERS, rank_facts["parameters"]) for rank, rank_facts in facts.items()
+    }
 
     assert main(["report", str(out), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
