@@ -67,9 +67,9 @@ class CacheSummary:
     capacity_rows: int | None = None
     capacity_tokens: int | None = None
     """A preallocated cache's room (module buffers' max_batch_size and max_seq_len, a StaticCache's rows and
-    max_cache_len): the bytes per token are then its bytes over these slots, not over the tokens and rows
-    written; None for a cache that grows."""
-    capacity_of: str | None = None  # "buffers" | "static_cache" (`analyzers.kv_log_figures.CacheFigures`)
+    max_cache_len, tracked views' rows and max_seq): the bytes per token are then its bytes over these
+    slots, not over the tokens and rows written; None for a cache that grows."""
+    capacity_of: str | None = None  # "buffers" | "static_cache" | "tracked" (`kv_log_figures.CacheFigures`)
     role: str | None = None
     """In an encoder-decoder cache: "self_attention" (the decoder's tokens) or "cross_attention" (the
     encoder's output, held at the encoder's length); None for any other cache."""

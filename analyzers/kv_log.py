@@ -25,8 +25,8 @@ from analyzers.kv_events import (
     is_kv_data,
 )
 from analyzers.kv_log_figures import CacheFigures, KvLogAnalysis, LayerFigures
-from analyzers.kv_views import SharedStorages, Slot, held_by_slot, layer_shares
-from kvtrace.format import CALLER_REASON, NO_BEAMS_REASON, KvEvent, Run
+from analyzers.kv_views import SharedStorages, Slot, held_by_slot, layer_shares, tracked_capacity
+from kvtrace.format import CALLER_REASON, NO_BEAMS_REASON, TRACK_CACHE_ID, KvEvent, Run
 
 _NO_NEW_STORAGE = ("freed", "written")
 
@@ -345,6 +345,11 @@ def analyze_kv_log(
         if not room[0] and cache in data_positions:
             room = static_capacity(data_positions[cache], data_spare.get(cache, set()), rows)
             room_of = "static_cache" if room[0] else ""
+        if not room[0] and cache == TRACK_CACHE_ID and rows:
+            # kvtrace.track()'s tensors: views of one preallocated tensor say its max_seq (`capacity_tokens`)
+            views = (ev for ev in events if ev.cache == cache and ev.shape and ev.event != "freed")
+            positions = tracked_capacity(views, tokens)
+            room, room_of = ((rows, positions), "tracked") if positions else (room, room_of)
         # Room to spare, or a decode step written in place (a window's layers all full: no room left)
         in_place = cache in data_positions and cache not in data_moved
         in_place = in_place and (bool(data_spare.get(cache)) or cache in data_in_place)

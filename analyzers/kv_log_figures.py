@@ -62,8 +62,9 @@ class CacheFigures:
     capacity_tokens: int = 0
     """A preallocated cache's room: a module cache's buffers' rows and positions, Meta's max_batch_size and
     max_seq_len (`preallocated_capacity`), or a transformers StaticCache's rows and max_cache_len
-    (`static_capacity`); 0 for a cache whose storages follow the rows and tokens it holds."""
-    capacity_of: str = ""  # "buffers" (module buffers) | "static_cache" (transformers' StaticCache) | ""
+    (`static_capacity`), or tracked views' rows and the positions of the tensor they are cut from
+    (`kv_views.tracked_capacity`); 0 for a cache whose storages follow the rows and tokens it holds."""
+    capacity_of: str = ""  # "buffers" | "static_cache" | "tracked" (kvtrace.track()'s tensors) | ""
     static_positions: int = 0
     """Positions of its longest layer where each K/V data storage was allocated once and written in place
     (or had room beyond the tokens it held): a transformers StaticCache, a hybrid model's too (its sliding

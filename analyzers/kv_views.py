@@ -6,12 +6,14 @@ in the per-layer figures: each slot holds its view's bytes (`logical_bytes`) whe
 storage, a share in proportion to them where they cover part of it (views cut to the tokens written), so
 that the layers add up to the storage (as `engine_report._split_pool_by_layer` splits a vLLM pool by its
 layers' views). Views that overlap (more view bytes than the storage) are not split: the first slot keeps it
-all, as before this module.
+all, as before this module. The tensor's room (its max_seq, which views cut to the tokens written log as
+`capacity_tokens`) is the cache's capacity (`tracked_capacity`), over which a token is priced.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from analyzers.units import human_bytes
@@ -92,17 +94,22 @@ def split_by_view(
     return {slot: nbytes for slot, nbytes in split.items() if nbytes > 0}
 
 
-def tracked_length_note(events: Iterable[Any], tokens: int | None) -> str | None:
-    """A tracked tensor's tokens are its length along its seq dim (`kvtrace.track`): the tokens it holds for
-    a tensor that grows with them (torch.cat), the room preallocated for one that does not: views that
-    together make up a whole storage (one kv[layers, 2, ...] tensor), or a tensor written in place at its
-    length. A view tracked again longer over the same storage (kv[l, 0, :, :, :pos], as the README advises)
-    is also logged `written`, but its length is the tokens written: such a slot is no room preallocated.
-    `events`: the main cache's KV data events; their last view per slot decides."""
+@dataclass
+class _TrackedViews:
+    """What a cache's tracked tensors' events say of the room behind them."""
+
+    whole_bytes: int  # a storage that several slots' last views together make up (0: none)
+    in_place: bool  # a slot written in place at its length (not a view tracked again longer)
+    room: int  # the most positions a row a slot's last view has room for beyond its length (0: none said)
+
+
+def _tracked_views(events: Iterable[Any]) -> _TrackedViews:
+    """`events`: a cache's KV data events; those of tracked tensors decide, each slot's last one."""
     views: dict[int, dict[Slot, int]] = {}
     storage: dict[int, int] = {}
     written: set[Slot] = set()
     cut: set[Slot] = set()
+    room: dict[Slot, int] = {}
     for ev in events:
         if ev.part not in _TRACKED_PARTS:
             continue
@@ -114,13 +121,38 @@ def tracked_length_note(events: Iterable[Any], tokens: int | None) -> str | None
                 cut.add(slot)
         slots[slot] = ev.logical_bytes
         storage[ev.addr] = ev.storage_bytes
+        room[slot] = ev.capacity_tokens
     whole = [addr for addr, slots in views.items() if len(slots) > 1 and sum(slots.values()) == storage[addr]]
-    in_place = bool(written - cut)
-    if not tokens or not (whole or in_place):
+    whole_bytes = storage[whole[0]] if whole else 0
+    return _TrackedViews(whole_bytes, bool(written - cut), max(room.values(), default=0))
+
+
+def tracked_capacity(events: Iterable[Any], tokens: int) -> int:
+    """Positions a row that a cache of tracked tensors has room for, where they are preallocated: the room
+    its views logged beyond their length (`capacity_tokens`: views cut to the tokens written of one
+    [layers, 2, batch, ..., max_seq, ...] tensor say its max_seq), else their length `tokens` where that is
+    the room (views that together make up a whole storage, or tensors written in place at their length, as
+    `tracked_length_note` says); 0 for tracked tensors that grow with what they hold (torch.cat)."""
+    found = _tracked_views(events)
+    if found.room:
+        return found.room
+    return tokens if tokens and (found.whole_bytes or found.in_place) else 0
+
+
+def tracked_length_note(events: Iterable[Any], tokens: int | None) -> str | None:
+    """A tracked tensor's tokens are its length along its seq dim (`kvtrace.track`): the tokens it holds for
+    a tensor that grows with them (torch.cat), the room preallocated for one that does not: views that
+    together make up a whole storage (one kv[layers, 2, ...] tensor), or a tensor written in place at its
+    length. A view tracked again longer over the same storage (kv[l, 0, :, :, :pos], as the README advises)
+    is also logged `written`, but its length is the tokens written: such a slot is no room preallocated, nor
+    is a view whose event says its room is longer (`capacity_tokens`). `events`: the main cache's KV data
+    events; their last view per slot decides."""
+    found = _tracked_views(events)
+    if not tokens or found.room or not (found.whole_bytes or found.in_place):
         return None
     why = (
-        f"views that together make up one {human_bytes(storage[whole[0]])} tensor"
-        if whole
+        f"views that together make up one {human_bytes(found.whole_bytes)} tensor"
+        if found.whole_bytes
         else "written in place"
     )
     return (

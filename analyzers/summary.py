@@ -82,9 +82,11 @@ class KvSummary:
     and positions they have room for, max_batch_size and max_seq_len, whatever `batch` and `tokens_held`
     the forwards wrote. Its bytes follow these, so the measured bytes per token divides by their product
     (its slots); None for caches that grow with what they hold. A transformers StaticCache likewise: its
-    rows and max_cache_len (`capacity_of` says which). The run's last buffers: a cache re-made inside the
-    block had others before (`diagnose` prices a moment in those live then, `kv_capacity.buffers_live_at`)."""
-    capacity_of: str | None = None  # "buffers" (module buffers) | "static_cache" (transformers' StaticCache)
+    rows and max_cache_len, or tensors given to `kvtrace.track()` that are preallocated (views of one
+    [layers, 2, batch, ...] tensor: their rows and its max_seq), `capacity_of` says which. The run's last
+    buffers: a cache re-made inside the block had others before (`diagnose` prices a moment in those live
+    then, `kv_capacity.buffers_live_at`)."""
+    capacity_of: str | None = None  # "buffers" (module buffers) | "static_cache" | "tracked" (kvtrace.track)
     evictions: dict[str, Any] | None = None
     evictions_by_reason: dict[str, int] = field(default_factory=dict)
     bytes_per_token_note: str | None = None

@@ -124,6 +124,9 @@ class KvEvent:
     # 0: every row of the tensor. `tokens` are per row of these.
     rows: int = 0
     masked_entries: int = 0  # on `masked`: the (row, head, token) entries the mask hides
+    # A tracked tensor's positions a row that its storage has room for, where more than its length (a view
+    # cut to the tokens written of one preallocated tensor: its max_seq); 0: its length.
+    capacity_tokens: int = 0
 
     def to_json(self) -> dict[str, Any]:
         # A shallow copy: `asdict` deep-copies and was most of the recorder's cost per event.

@@ -16,6 +16,7 @@ import torch
 
 from kvtrace.kv_lines import EVENT_LINE, FREED_LINE, KEY_JSON, SHAPE_JSON, key_json, shape_facts
 from kvtrace.kv_slots import (
+    TRACKED_SEQ_DIMS,
     Slot,
     dead_ref,
     expired,
@@ -24,6 +25,7 @@ from kvtrace.kv_slots import (
     shape_of,
     storage_of,
     weak_ref_of,
+    with_room,
     with_rows,
 )
 
@@ -107,6 +109,8 @@ class KvCompare:
                     slot.logical_bytes, slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id,
                     source_json, reason_json if evicted or kind in _REASONED else '""',
                 )
+                if key[1] in TRACKED_SEQ_DIMS:
+                    line = with_room(line, tensor, key[1])
                 self.lines.append(with_rows(line, rows, slot.shape, say_rows) if rows else line)
                 if kind in _EVICTING and self._on_evict is not None:
                     self._on_evict(layer, key[0])
@@ -192,6 +196,8 @@ class KvCompare:
             evicted, prev_addr, cache_id, source_json,
             reason_json if evicted or kind in _REASONED or cause == "found" else '""',
         )
+        if key[1] in TRACKED_SEQ_DIMS:  # a view cut from a preallocated tensor: the room behind it
+            line = with_room(line, tensor, key[1])
         self.lines.append(with_rows(line, rows, shape, say_rows) if rows else line)
         if kind in _EVICTING and self._on_evict is not None:
             self._on_evict(layer, key[0])

@@ -20,6 +20,10 @@ from kvtrace.kv_lines import SHAPE_JSON, device_json, dtype_json, shape_facts
 K_DATA = ("k", "data")
 V_DATA = ("v", "data")
 
+# A tracked tensor's log part and the dim of its positions ("tracked": [batch, kv_heads, seq, head_dim],
+# "tracked_bshd": [batch, seq, kv_heads, head_dim]; `module_cache_slots.TRACK_LAYOUTS` names them)
+TRACKED_SEQ_DIMS: dict[str, int] = {"tracked": -2, "tracked_bshd": 1}
+
 weak_ref_of: Callable[[Any], int] = cast(Any, torch.UntypedStorage)._weak_ref
 expired = cast(Any, torch.UntypedStorage)._expired
 free_weak_ref = cast(Any, torch.UntypedStorage)._free_weak_ref
@@ -197,6 +201,44 @@ def with_rows(line: str, rows: int, shape: Any, always: bool = False) -> str:
     if not shape or rows > shape[0] or (rows == shape[0] and not always):
         return line
     return f'{line[:-1]},"rows":{rows}}}'
+
+
+def seq_room(tensor: torch.Tensor, seq_dim: int) -> int:
+    """Positions a row of `tensor` has room for along `seq_dim` in its storage: the stride of the nearest dim
+    laid out outside its positions over theirs, never past the storage's end. A view cut to the tokens
+    written of one preallocated tensor (`kv[l, 0, :, :, :pos]` of [layers, 2, batch, kv_heads, max_seq,
+    head_dim]) has room for max_seq however short it is, which its shape alone does not say; a tensor of its
+    own, or a view with no dim laid out outside its positions, has its length. Reads strides, no values."""
+    if tensor.dim() < 2:
+        return 0
+    dim = seq_dim % tensor.dim()
+    length = int(tensor.shape[dim])
+    strides = tensor.stride()
+    step = strides[dim]
+    outer = [stride for i, stride in enumerate(strides) if i != dim and stride > step and tensor.shape[i]]
+    if step <= 0 or not outer:
+        return length
+    try:
+        elements = tensor.untyped_storage().nbytes() // tensor.element_size() - tensor.storage_offset()
+    except (RuntimeError, NotImplementedError):
+        return length
+    return max(length, min(min(outer) // step, elements // step))
+
+
+def with_room(line: str, tensor: torch.Tensor, part: str) -> str:
+    """A tracked tensor's event line with `capacity_tokens` added where its storage has room for more
+    positions a row than its length (`seq_room`): the analyzers then know a preallocated tensor's max_seq
+    behind views cut to the tokens written, and price a token as its bytes over that room. Other parts,
+    and tensors as long as their room, are left as they are (the field's absence: its length)."""
+    seq_dim = TRACKED_SEQ_DIMS.get(part)
+    if seq_dim is None:
+        return line
+    if seq_dim == 1 and tensor.dim() < 3:  # as `ModuleCaches._observe_tracked` reads its tokens
+        seq_dim = -2
+    room = seq_room(tensor, seq_dim)
+    if tensor.dim() < 2 or room <= tensor.shape[seq_dim]:
+        return line
+    return f'{line[:-1]},"capacity_tokens":{room}}}'
 
 
 def shape_of(slot: Slot) -> str:

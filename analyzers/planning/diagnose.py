@@ -47,6 +47,7 @@ from analyzers.planning.diagnose_moment import (
     layer_tokens_at_step,
     moment_index,
     other_token_bytes,
+    peak_held_until,
     prompt_at_step,
     report_layer_tokens,
 )
@@ -98,6 +99,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     timeline = report.timelines[dev_index] if dev_index is not None and report.timelines else None
     summary = next((d for d in report.devices if d.device == device), None)
 
+    at_end = False  # a tracked preallocated tensor's peak that lasts to the run's end (its figures there)
     if oom is not None:
         event, when = "oom", oom.ts_us
         index = moment_index(timeline.ts_us, when) if timeline is not None else -1
@@ -107,7 +109,12 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     else:
         event = "peak"
         index = int(np.argmax(timeline.allocated)) if timeline is not None and len(timeline.ts_us) else -1
+        if index >= 0 and timeline is not None and report.kv.capacity_of == "tracked":
+            # Not the first view's track, which the peak's first event is: the tensor's last moment at it
+            index, at_end = peak_held_until(timeline.allocated, index)
         when = float(timeline.ts_us[index]) if index >= 0 and timeline is not None else None
+        if at_end and when is not None and kv_log is not None and kv_log.series_t_ns:
+            when = max(when, kv_log.series_t_ns[-1] / 1000.0)  # the KV log's last line, in the step it ends
     # The peak can be the level before the first event (blocks the trace frees but never allocates): the
     # report's peak is then that level, and the moment is the trace's start, not any event's state.
     at_start = oom is None and summary is not None and summary.peak_before_trace and index >= 0
@@ -191,6 +198,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             beams, rows_are_beams = beams_at_step(report, kv_log, held, batch)
             prompt = prompt_at_step(report, kv_log, held)
             layer_tokens = layer_tokens_at_step(report, kv_log, held)
+            if at_end:  # the report's end state: views tracked after the step's forward are past its end
+                batch, tokens_held = report.kv.batch, report.kv.tokens_held
+                layer_tokens = report_layer_tokens(report, report.kv.main_cache)
             live = kv_log.step_cache_live.get(held)
             if live is not None:
                 cross_kv = sum(nbytes for (cache, _), nbytes in live.items() if cache in cross_ids)

@@ -19,6 +19,10 @@ writes nor the tokens written so far: running fewer rows or a shorter context fr
   OffloadedCache manage its own caches, not a model's buffers, so they are not priced;
 * a static cache is what these buffers already are: that remedy is left out.
 
+A hand-written decoder's one preallocated tensor whose per-layer views are given to `kvtrace.track()`
+(`capacity_of` "tracked": views cut to the tokens written say its max_seq in the KV log) is priced as
+those buffers are, in its rows and max_seq, the sentences naming that tensor.
+
 A transformers StaticCache is preallocated the same way along its positions (max_cache_len, allocated at
 its first update and written in place), but its rows are the batch it was first given: a shorter context
 frees nothing, and its context and sliding-window remedies are priced here in max_cache_len
@@ -54,7 +58,9 @@ class PreallocatedBuffers:
     positions: int  # max_seq_len: their second
     rows_used: int | None  # the most rows a forward of the run wrote (None: unknown)
     tokens_written: int | None  # the most tokens per row the run wrote (None: its forwards did not say)
-    kind: str = "buffers"  # "buffers" (a model's module buffers) | "static_cache" (transformers' StaticCache)
+    # "buffers" (a model's module buffers) | "static_cache" (transformers' StaticCache) | "tracked" (views
+    # given to kvtrace.track() of one preallocated tensor, or tracked tensors written in place)
+    kind: str = "buffers"
     held_bytes: int | None = None
     """Bytes of the buffers of this shape live at the moment, the KV these remedies divide (None: the
     moment's buffers are unknown, and the moment's KV is taken to be all of the run's last shape)."""
@@ -102,11 +108,16 @@ def preallocated_buffers(
         if at_moment is not None:
             return at_moment
     rows_used = tokens_written = 0
+    tracked = kv.capacity_of == "tracked"
     if kv_log is not None:
-        forwards = [s for s, phase in kv_log.step_phase.items() if phase in ("prefill", "decode")]
+        # Tracked views are logged where the caller tracks them, inside a forward or not (a loop without
+        # the model given to record() has no forwards)
+        forwards = [s for s, phase in kv_log.step_phase.items() if tracked or phase in ("prefill", "decode")]
         rows_used = max((kv_log.step_rows.get(s, {}).get(kv.main_cache, 0) for s in forwards), default=0)
         written = (kv_log.step_tokens.get(s, {}).get(kv.main_cache, 0) for s in forwards)
         tokens_written = max(written, default=0)
+    if tracked and tokens_written >= kv.capacity_tokens:  # whole views: their length is the room, not a count
+        tokens_written = 0
     return PreallocatedBuffers(
         kv.capacity_rows,
         kv.capacity_tokens,
@@ -144,6 +155,14 @@ def _smaller(room: int, kv: int, need: int | None, used: int | None) -> tuple[in
     return target, 0 if need <= 0 else round(kv * (room - max(target, 1)) / room)
 
 
+def _holder(b: PreallocatedBuffers) -> tuple[str, str]:
+    """What holds the KV, as the sentences name it, and its verb's ending ("" or "s"): a model's buffers, or
+    the one tensor tracked views are cut from (the caller's own max_batch_size and max_seq_len)."""
+    if b.kind == "tracked":
+        return "the preallocated tensor behind the tracked views", "s"
+    return "the buffers", ""
+
+
 def _below_use(target: int, used: int | None, what: str) -> str:
     """The condition a setting below what the run used puts on it: `what` names one unit, as "row"."""
     if used is None or target >= used:
@@ -154,8 +173,10 @@ def _below_use(target: int, used: int | None, what: str) -> str:
 def _max_batch(kv: int, b: PreallocatedBuffers, need: int | None) -> Remedy:
     per_row = human_bytes(kv / b.rows)
     in_use = f" (this run writes up to {b.rows_used})" if b.rows_used else ""
+    holder, ending = _holder(b)
     idle = (
-        f"Fewer rows in use{in_use} free no KV: the buffers are allocated for max_batch_size={b.rows} "
+        f"Fewer rows in use{in_use} free no KV: {holder} {'is' if ending else 'are'} allocated for "
+        f"max_batch_size={b.rows} "
         f"({per_row} of KV a row of it), whatever rows a forward writes"
     )
     target, saved = _smaller(b.rows, kv, need, b.rows_used)
@@ -200,14 +221,15 @@ def _max_seq_len(kv: int, b: PreallocatedBuffers, need: int | None) -> tuple[Rem
             "that many positions a layer"
         )
     else:
+        holder, ending = _holder(b)
         idle = (
-            f"A shorter context frees no KV: the buffers hold max_seq_len={b.positions:,} positions "
+            f"A shorter context frees no KV: {holder} hold{ending} max_seq_len={b.positions:,} positions "
             f"({per_position} of KV each, over the {b.rows} rows of max_batch_size), however many tokens "
             f"are written{written}"
         )
         ring = (
             f"A sliding window needs the model's code changed: its attention writes each token at its "
-            f"position in buffers max_seq_len={b.positions:,} long"
+            f"position in {'a tensor' if ending else 'buffers'} max_seq_len={b.positions:,} long"
         )
     target, saved = _smaller(b.positions, kv, need, b.tokens_written)
     if need is not None and need <= 0:
@@ -226,7 +248,8 @@ def _max_seq_len(kv: int, b: PreallocatedBuffers, need: int | None) -> tuple[Rem
             f"{idle}. {knob}={target:,} instead of {b.positions:,} frees {human_bytes(saved)}{enough}"
             f"{condition}."
         )
-        kept = f"of {target:,} positions, it" if static else f"kept as a ring of {target:,} positions, they"
+        they = "it" if static or b.kind == "tracked" else "they"
+        kept = f"of {target:,} positions, it" if static else f"kept as a ring of {target:,} positions, {they}"
         window = (
             f"{ring}; {kept} would cap KV at {human_bytes(kv - saved)} "
             f"however long generation runs, freeing {human_bytes(saved)}{enough}, at the cost of forgetting "

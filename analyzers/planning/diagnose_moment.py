@@ -24,6 +24,7 @@ __all__ = [
     "layer_tokens_at_step",
     "moment_index",
     "other_token_bytes",
+    "peak_held_until",
     "prompt_at_step",
 ]
 
@@ -35,6 +36,18 @@ def moment_index(ts_us: np.ndarray, when: float | None) -> int:
     if when is None:
         return len(ts_us) - 1
     return int(np.searchsorted(ts_us, when, side="right")) - 1
+
+
+def peak_held_until(allocated: np.ndarray, first: int) -> tuple[int, bool]:
+    """(the last event of the level the timeline reaches at `first`, before anything changes it; whether
+    that level lasts to the timeline's end). Views of one preallocated tensor (`kvtrace.track(kv[l, 0, :,
+    :, :pos])`) hold the whole tensor from the first view's track, when the log has seen one view of one
+    layer and the tokens of the first forward: the tensor is as large at the end of that level, with every
+    view seen and the most tokens written."""
+    later = np.flatnonzero(allocated[first:] != allocated[first])
+    if len(later):
+        return first + int(later[0]) - 1, False
+    return len(allocated) - 1, True
 
 
 def kv_by_slot_at(dev: DeviceEvents, upto: int) -> dict[tuple[int, int], int]:

@@ -378,9 +378,10 @@ def _summary_table(report: Report) -> str:
         if kv.get("capacity_rows") and kv.get("capacity_tokens"):  # preallocated buffers: per slot
             rows.append(
                 (
-                    "KV StaticCache's slots (max_cache_len x batch)"
-                    if kv.get("capacity_of") == "static_cache"
-                    else "KV buffers' slots (max_seq_len x max_batch_size)",
+                    {
+                        "static_cache": "KV StaticCache's slots (max_cache_len x batch)",
+                        "tracked": "KV tracked views' slots (their tensor's max_seq x batch)",
+                    }.get(kv.get("capacity_of") or "", "KV buffers' slots (max_seq_len x max_batch_size)"),
                     f"{kv['capacity_tokens']:,} positions x {kv['capacity_rows']:,} rows",
                 )
             )

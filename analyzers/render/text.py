@@ -31,6 +31,8 @@ def _buffer_slots(kv: Any) -> str:
     room = f"{kv.capacity_tokens} positions x {kv.capacity_rows} {'row' if kv.capacity_rows == 1 else 'rows'}"
     if kv.capacity_of == "static_cache":
         slots = f"the StaticCache's {room} (max_cache_len x batch)"
+    elif kv.capacity_of == "tracked":
+        slots = f"the {room} of the preallocated tensor behind the tracked views (max_seq x batch)"
     else:
         slots = f"the buffers' {room} (max_seq_len x max_batch_size)"
     held = next((c.final_bytes for c in kv.caches if c.main), kv.final_bytes)

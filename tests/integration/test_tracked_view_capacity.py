@@ -1,0 +1,162 @@
+"""A hand-written decoder that preallocates one KV tensor for every layer, in either layout, and tracks each
+layer's K and V as views cut to the tokens written after each forward (the README's advice): the report's
+bytes per token and capacity, and diagnose's moment and prices, come from the tensor's max_seq, not from its
+bytes over the tokens written.
+
+Every figure is the arithmetic of the tensor: 2 layers x K,V x 2 rows x 2 KV heads x 64 positions x 16 x 4 B.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kvtrace
+from tests.cli_json import cli_json, report_json
+
+LAYERS, DIM, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2, 64, 4, 2, 16, 128
+BATCH, MAX_SEQ, PROMPT, DECODE = 2, 64, 8, 5
+FP32 = 4
+WRITTEN = PROMPT + DECODE  # 13 tokens a row
+TENSOR_BYTES = LAYERS * 2 * BATCH * KV_HEADS * MAX_SEQ * HEAD_DIM * FP32  # 65,536 B
+VIEW_BYTES = BATCH * KV_HEADS * MAX_SEQ * HEAD_DIM * FP32  # one layer's K (or V) room: 16,384 B
+TOKEN_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * FP32  # a token of one row: 512 B
+POSITION_BYTES = TOKEN_BYTES * BATCH  # a position across the batch: 1,024 B
+
+
+class OneTensorDecoder(torch.nn.Module):
+    """Every layer's K and V in one kv[layers, 2, batch, kv_heads, max_seq, head_dim] ("bhsd") or
+    kv[layers, 2, batch, max_seq, kv_heads, head_dim] ("bshd") tensor, written in place at `pos`."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.layout = layout
+        self.emb = torch.nn.Embedding(VOCAB, DIM)
+        self.qkv = torch.nn.ModuleList(
+            torch.nn.Linear(DIM, (HEADS + 2 * KV_HEADS) * HEAD_DIM, bias=False) for _ in range(LAYERS)
+        )
+        self.out = torch.nn.Linear(HEADS * HEAD_DIM, VOCAB, bias=False)
+        room = (KV_HEADS, MAX_SEQ) if layout == "bhsd" else (MAX_SEQ, KV_HEADS)
+        self.kv = torch.zeros(LAYERS, 2, BATCH, *room, HEAD_DIM)
+
+    def view(self, layer: int, index: int, end: int) -> torch.Tensor:
+        """Layer `layer`'s K (0) or V (1) cut to its first `end` positions, in the tensor's layout."""
+        return self.kv[layer, index, :, :, :end] if self.layout == "bhsd" else self.kv[layer, index, :, :end]
+
+    def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        rows, tokens = ids.shape
+        h = self.emb(ids)
+        for layer, qkv in enumerate(self.qkv):
+            q, k, v = (
+                t.view(rows, tokens, -1, HEAD_DIM).transpose(1, 2)
+                for t in qkv(h).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
+            )
+            for index, new in enumerate((k, v)):
+                if self.layout == "bhsd":
+                    self.kv[layer, index, :, :, pos : pos + tokens] = new
+                else:
+                    self.kv[layer, index, :, pos : pos + tokens] = new.transpose(1, 2)
+            held = (self.view(layer, index, pos + tokens) for index in (0, 1))
+            k, v = (
+                (t if self.layout == "bhsd" else t.transpose(1, 2)).repeat_interleave(HEADS // KV_HEADS, 1)
+                for t in held
+            )
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=tokens > 1)
+            h = h + y.transpose(1, 2).reshape(rows, tokens, -1)[..., :DIM]
+        return self.out(h)
+
+
+def _record(path: Path, model: OneTensorDecoder, given: bool) -> None:
+    """Prefill 8 tokens and decode 5, tracking every layer's K and V views cut to the tokens written after
+    each forward; `given`: the model is handed to record() (its forwards are steps), else a bare loop."""
+
+    def track(end: int) -> None:
+        for layer in range(LAYERS):
+            for index, kind in enumerate("kv"):
+                kvtrace.track(model.view(layer, index, end), layer=layer, kind=kind, layout=model.layout)
+
+    with kvtrace.record(path, model=model if given else None, profiler=False), torch.inference_mode():
+        logits = model(torch.randint(0, VOCAB, (BATCH, PROMPT)), 0)
+        track(PROMPT)
+        for pos in range(PROMPT, WRITTEN):
+            logits = model(logits[:, -1:].argmax(-1), pos)
+            track(pos + 1)
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["model-given", "bare-loop"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_views_cut_from_one_tensor_are_priced_by_its_max_seq(tmp_path, watched_models, capsys, layout, given):
+    # GIVEN one preallocated fp32 tensor of 2 layers x K,V x 2 rows x 2 KV heads x 64 positions x 16, whose
+    # layers' K and V are tracked as views cut to the 13 tokens written
+    torch.manual_seed(0)
+    model = OneTensorDecoder(layout).eval()
+    watched_models.append(model)
+    _record(tmp_path / "run", model, given)
+
+    # THEN every tracked view's line says the tensor's 64 positions a row, which its shape (13) does not
+    lines = [json.loads(line) for line in (tmp_path / "run" / "kv_events.jsonl").read_text().splitlines()]
+    views = [line for line in lines if line["event"] != "freed"]
+    assert len(views) == LAYERS * 2 * (1 + DECODE)
+    assert {line["capacity_tokens"] for line in views} == {MAX_SEQ}
+    assert {line["shape"][2 if layout == "bhsd" else 1] for line in views[-LAYERS * 2 :]} == {WRITTEN}
+
+    # AND the report's bytes per token are the tensor over its slots, 65,536 / (64 x 2) = 512 (not
+    # 65,536 / (13 x 2) = 2,520.6), the arithmetic of one row's token; its capacity the tensor's
+    kv = report_json(tmp_path / "run", capsys)["kv"]
+    assert kv["final_bytes"] == kv["peak_bytes"] == model.kv.nbytes == TENSOR_BYTES == 65536
+    assert kv["bytes_per_token_measured"] == TENSOR_BYTES / (BATCH * MAX_SEQ) == TOKEN_BYTES == 512
+    assert (kv["capacity_rows"], kv["capacity_tokens"], kv["capacity_of"]) == (BATCH, MAX_SEQ, "tracked")
+    assert (kv["tokens_held"], kv["batch"]) == (WRITTEN, BATCH)
+    assert [(row["layer"], row["k_bytes"], row["v_bytes"]) for row in kv["per_layer"]] == [
+        (layer, VIEW_BYTES, VIEW_BYTES) for layer in range(LAYERS)
+    ]
+    (cache,) = kv["caches"]
+    assert (cache["capacity_rows"], cache["capacity_tokens"]) == (BATCH, MAX_SEQ)
+    assert cache["capacity_of"] == "tracked"
+    assert cache["bytes_per_token_measured"] == TOKEN_BYTES
+
+    # AND diagnose takes the tensor at the run's end (every view seen, 13 tokens written), not at the
+    # first view's track, and prices a position as 65,536 / 64 = 1,024 B across the 2 rows
+    diagnosis = cli_json(["diagnose", str(tmp_path / "run"), "--json"], capsys)
+    assert (diagnosis["batch"], diagnosis["tokens_held"]) == (BATCH, WRITTEN)
+    assert diagnosis["kv_bytes"] == TENSOR_BYTES
+    if given:
+        assert diagnosis["step"] == 1 + DECODE  # the last forward
+    assert not [note for note in diagnosis["notes"] if "KV layers" in note]
+    remedies = {remedy["kind"]: remedy for remedy in diagnosis["remedies"]}
+    context = remedies["context"]
+    assert context["setting"] == WRITTEN  # max_seq 13 would hold what the run wrote
+    assert context["saved_bytes"] == POSITION_BYTES * (MAX_SEQ - WRITTEN) == 52224
+    assert f"max_seq_len={MAX_SEQ} positions (1.00 KiB of KV each" in context["sentence"]
+    assert "preallocated tensor behind the tracked views" in context["sentence"]
+    assert remedies["batch"]["saved_bytes"] == TENSOR_BYTES // BATCH == 32768  # a row of the tensor
+    assert "static_cache" not in remedies  # the tensor already is one
+
+
+def test_whole_views_of_one_tensor_give_its_capacity(tmp_path, capsys):
+    # GIVEN the README's kvtrace.track(kv[l, 0], ...): whole views, tracked once before the forwards
+    torch.manual_seed(0)
+    model = OneTensorDecoder("bshd").eval()
+    with kvtrace.record(tmp_path / "run", profiler=False):
+        for layer in range(LAYERS):
+            for index, kind in enumerate("kv"):
+                kvtrace.track(model.kv[layer, index], layer=layer, kind=kind, layout="bshd")
+        with torch.inference_mode():
+            model(torch.randint(0, VOCAB, (BATCH, PROMPT)), 0)
+
+    # THEN no line says more room than the views' length, and the report takes that length, 64, for the
+    # tensor's capacity: 512 B a token of a row, as for views cut to the tokens
+    lines = (tmp_path / "run" / "kv_events.jsonl").read_text().splitlines()
+    assert not [line for line in lines if "capacity_tokens" in line]
+    kv = report_json(tmp_path / "run", capsys)["kv"]
+    assert (kv["capacity_rows"], kv["capacity_tokens"], kv["capacity_of"]) == (BATCH, MAX_SEQ, "tracked")
+    assert kv["bytes_per_token_measured"] == TOKEN_BYTES == 512
+    # AND diagnose prices its context in those 64 positions; the tokens written are not known
+    remedies = cli_json(["diagnose", str(tmp_path / "run"), "--json"], capsys)["remedies"]
+    context = next(remedy for remedy in remedies if remedy["kind"] == "context")
+    assert (context["setting"], context["saved_bytes"]) == (MAX_SEQ - 1, POSITION_BYTES)
+    assert "at most in this run" not in context["sentence"]
