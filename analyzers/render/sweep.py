@@ -9,6 +9,8 @@ from analyzers.render.compare import _fmt_rate, _page
 from analyzers.render.plotly_div import figure_div
 from analyzers.units import binary_unit, hover_bytes, human_bytes
 
+_RATE = "tokens/s (all rows)"
+
 # The sweep table's columns: (JSON key, heading people read, cell formatter).
 _SWEEP_COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("batch", "batch", str),
@@ -18,7 +20,8 @@ _SWEEP_COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("peak_bytes", "peak allocated", human_bytes),
     ("kv_final_bytes", "KV at the end", human_bytes),
     ("kv_peak_bytes", "KV peak", human_bytes),
-    ("tokens_per_second", "tokens/s", _fmt_rate),
+    # Over every batch row, as compare's "tokens/s, all rows": a bare "tokens/s" read as one row's rate
+    ("tokens_per_second", _RATE, _fmt_rate),
 )
 
 
@@ -79,7 +82,7 @@ def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
     fig = make_subplots(
         rows=1,
         cols=2,
-        subplot_titles=("memory per point", "tokens/s per point"),
+        subplot_titles=("memory per point", f"{_RATE} per point"),
         specs=[[{"secondary_y": True}, {}]],
     )
     peak_unit, peak_factor = binary_unit(max([r["peak_bytes"] for r in rows] + [budget_bytes or 0]))
@@ -116,7 +119,11 @@ def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
         )
         fig.add_trace(
             go.Bar(
-                x=x, y=[r["tokens_per_second"] for r in mine], name=f"{cache}: tokens/s", marker_color=color
+                x=x,
+                y=[r["tokens_per_second"] for r in mine],
+                name=f"{cache}: {_RATE}",
+                marker_color=color,
+                hovertemplate=f"%{{y:,.1f}} {_RATE}",  # rounded as the table is, not 17 digits
             ),
             row=1,
             col=2,
@@ -137,7 +144,7 @@ def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
     # Its own round ticks (not the left axis' lines re-labelled), and no second grid
     kv_axis = {"title_text": kv_title, "rangemode": "tozero", "tickmode": "auto", "showgrid": False}
     fig.update_yaxes(**kv_axis, secondary_y=True, row=1, col=1)
-    fig.update_yaxes(title_text="tokens/s", row=1, col=2)
+    fig.update_yaxes(title_text=_RATE, row=1, col=2)
     # The legend below the rotated point labels, not over them
     fig.update_layout(
         template="plotly_white", height=640, legend={"orientation": "h", "y": -0.32}, margin={"b": 150}

@@ -55,9 +55,7 @@ class CompareCommand(Command):
         paths = [Path(p) for p in args.runs]
         for path in paths:
             require_input(path)
-        labels = [p.name or str(p) for p in paths]
-        if len(set(labels)) < len(labels):
-            labels = [str(p) for p in paths]
+        labels = _labels(paths)
         if any(is_run_group(p) for p in paths):
             comparison = self._with_groups(paths, labels)
         else:
@@ -90,6 +88,20 @@ class CompareCommand(Command):
             per_group = [rank_figures(g, label) for g, label in zip(groups, labels, strict=True)]
             rows += [row for ranks in zip(*per_group, strict=True) for row in ranks]
         return Comparison(tuple(rows))
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Each input's column: its folder's name, the paths where names repeat, and `#2`, `#3` after a path
+    given again (`RUN ./RUN`), so that no two columns, nor two of the JSON's `label`s, are the same."""
+    labels = [p.name or str(p) for p in paths]
+    if len(set(labels)) < len(labels):
+        labels = [str(p) for p in paths]
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return unique
 
 
 def _runs_inside(folder: Path) -> list[Path]:

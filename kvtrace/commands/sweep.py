@@ -55,17 +55,20 @@ def _model_size(args: argparse.Namespace, longest: int) -> tuple[str, Any, int |
     from analyzers.planning.presets import get_preset
 
     geom = get_preset(args.preset) if args.preset is not None else geometry_from_config(args.config)
+    # An error names the file given, not the config's model name: that is its folder's, which for a config
+    # in the current folder is the name of the folder the user is in
+    subject = args.config or geom.name
     unlike = _not_llama(geom, longest)
     if unlike:
         # Recorded as a plain Llama, its KV or its weights would be another model's, and so every figure
         raise KvtraceError(
-            f"{geom.name}: {unlike}, which kvtrace sweep's Llama 3 models do not build; "
+            f"{subject}: {unlike}, which kvtrace sweep's Llama 3 models do not build; "
             f"kvtrace plan --config {args.config or '<config.json>'} sizes it without running"
         )
     if geom.num_attention_heads % geom.num_kv_heads:
         # Llama's attention repeats each KV head over heads / KV heads query heads: a whole number
         raise KvtraceError(
-            f"{geom.name}: {geom.num_attention_heads} attention heads are not a multiple of its "
+            f"{subject}: {geom.num_attention_heads} attention heads are not a multiple of its "
             f"{geom.num_kv_heads} KV heads; kvtrace.llama's attention shares each KV head among a whole "
             "number of query heads"
         )
@@ -210,9 +213,10 @@ class SweepCommand(Command):
     Every point is recorded with a cache of its own, so each equals a standalone run of its settings.
     The sliding caches keep --window tokens: by default the model's own sliding_window where its --config
     or --preset has one, else 16; each point's manifest gives the window its cache kept.
-    Prints the table, and writes OUT/sweep.json (one row per point), OUT/sweep.html and each point's run
-    directory under OUT/runs/. With --gpu-memory (or --budget), rows say whether the measured peak fits
-    and, when not, the step and layer where a device of that size would run out. On CUDA an OOM inside a
+    Prints the table, and writes OUT/sweep.json (one row per point; fields: docs/format.md), OUT/sweep.html
+    and each point's run directory under OUT/runs/. tokens/s counts every batch row's tokens. With
+    --gpu-memory (or --budget), rows say whether the measured peak fits and, when not, the step and layer
+    where a device of that size would run out. On CUDA an OOM inside a
     point is caught, recorded, diagnosed and the sweep goes on. A progress bar is drawn on stderr when it
     is a terminal (-q: none). Exit status: 0 on success; 1 when OUT cannot be created, a --cache's package is
     not installed, or standard output cannot be written (OUT is then written all the same, and the line says

@@ -633,6 +633,26 @@ def test_a_sweep_of_heads_not_a_multiple_of_the_kv_heads_says_why(
     assert not (tmp_path / "s").exists()
 
 
+def test_a_sweep_refusing_a_config_names_the_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a config file that is not called config.json, in a folder named for something else: its
+    # layers keep a 12-token window, which the points' 8 + 8 tokens pass
+    config = tmp_path / "mistral-like.json"
+    shape = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64}
+    config.write_text(
+        json.dumps({**shape, "intermediate_size": 128, "vocab_size": 1000, "sliding_window": 12})
+    )
+    argv = ["sweep", "--config", str(config), "--batch", "1", "--context", "8", "--new-tokens", "8"]
+    # WHEN it is swept
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    # THEN the one line names the file given, not the folder it is in (the name of the folder the user ran
+    # the command from, for a config in the current folder)
+    assert line.startswith(f"kvtrace sweep: error: {config}: 2 of its layers keep a 12-token window"), line
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("reserve", ["1.5", "2", "1023"])
 def test_plan_refuses_a_reserve_that_is_neither_a_fraction_nor_a_size(
     reserve: str, capsys: pytest.CaptureFixture[str]

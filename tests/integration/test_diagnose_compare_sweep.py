@@ -22,6 +22,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import kvtrace
+from analyzers.render.sweep import sweep_to_text
 from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.llama import build_model, llama3_config
@@ -218,6 +219,31 @@ def test_sweep_page_tells_the_kv_line_from_the_budget(sweep_dir: Path) -> None:
         assert not _reddish(color), color
 
 
+def test_sweep_says_its_tokens_per_second_count_every_batch_row(sweep_dir: Path) -> None:
+    # GIVEN the sweep's batch-2 point: 2 rows, each generating NEW_TOKENS tokens, timed from the recorder's
+    # "start" memory sample to the sample at the end of its last step (compare's wall time)
+    data = json.loads((sweep_dir / "sweep.json").read_text())
+    two = next(row for row in data["rows"] if row["batch"] == 2)
+    lines = (Path(two["run"]) / "memory_samples.jsonl").read_text().splitlines()
+    samples = [json.loads(line) for line in lines]
+    start = next(s["t_ns"] for s in samples if s["phase"] == "start")
+    end = [s["t_ns"] for s in samples if s["phase"] in ("prefill", "decode")][-1]
+    # THEN its tokens/s is both rows' tokens over that time: twice the rate of one row
+    assert two["tokens_per_second"] == pytest.approx(2 * NEW_TOKENS / ((end - start) / 1e9), rel=1e-9)
+    # AND the table says so, as compare's "tokens/s, all rows" row does: a bare "tokens/s" read as one row's
+    # rate, which compare's "tokens/s per row" gives at half this point's figure
+    table = sweep_to_text(data["rows"], data["budget_bytes"], "sweep").splitlines()
+    assert "tokens/s (all rows)" in table[1]
+    page = (sweep_dir / "sweep.html").read_text()
+    assert "<th>tokens/s (all rows)</th>" in page
+    # AND the page's bars name it too, and their hover gives the rate as the table does, not 17 digits
+    traces, layout = page_figure(page, "kvtrace-sweep")
+    (bars,) = [trace for trace in traces if trace["type"] == "bar"]
+    assert bars["name"] == "dynamic: tokens/s (all rows)"
+    assert bars["hovertemplate"] == "%{y:,.1f} tokens/s (all rows)"
+    assert layout["yaxis3"]["title"]["text"] == "tokens/s (all rows)"
+
+
 def test_compare_two_runs(sweep_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs = sorted(str(p) for p in (sweep_dir / "runs").iterdir())
     out = tmp_path / "compare.html"
@@ -228,6 +254,22 @@ def test_compare_two_runs(sweep_dir: Path, tmp_path: Path, capsys: pytest.Captur
     # one KV point per step (prefill + NEW_TOKENS - 1 decodes); a dynamic cache reallocates as it grows
     assert len(one["kv_by_step"]) == NEW_TOKENS and one["churn"] > 1
     _chromium_check(out)
+
+
+def test_compare_tells_apart_a_run_given_twice(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN one run named twice, the second time as ./RUN (a shell's completion, or a script's list)
+    run = SAMPLES / "dynamic_b2"
+    again = f"{run.parent}/./{run.name}"
+    # WHEN they are compared
+    assert main(["compare", str(run), again, "--json"]) == 0
+    first, second = json.loads(capsys.readouterr().out)["runs"]
+    # THEN each column has a label of its own (both were the same path, a table of two identical headings
+    # and a JSON a script keyed by label lost one run of)
+    assert (first["label"], second["label"]) == (str(run), f"{run}#2")
+    assert first["kv_final_bytes"] == second["kv_final_bytes"] == 70 * 1024  # 4 x 2 x 2 x 16 x 35 x 2 x 4 B
+    assert main(["compare", str(run), again]) == 0
+    heading = capsys.readouterr().out.splitlines()[0]
+    assert heading.split() == [str(run), f"{run}#2"]
 
 
 def test_compare_says_unknown_where_an_input_cannot_tell(capsys: pytest.CaptureFixture[str]) -> None:

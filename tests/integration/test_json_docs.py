@@ -94,6 +94,23 @@ def test_compare_fields_are_documented() -> None:
     assert _undocumented(comparison["runs"][1]["engine"], section) == []
 
 
+def test_sweep_json_fields_are_documented(tmp_path: Path) -> None:
+    # GIVEN a one-point sweep whose budget the weights alone pass: its row says where it runs out
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--size", "tiny", "--batch", "1", "--context", "8", "--new-tokens", "2", "--cache"]
+    with redirect_stdout(io.StringIO()):
+        assert main([*argv, "dynamic", "--budget", "1MiB", "--out", str(out), "-q"]) == 0
+    summary = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
+    (row,) = summary["rows"]
+    assert row["fits_budget"] is False and row["runs_out_at"]["before_first_step"] is True
+    # THEN sweep.json's section of the JSON reference names every key, of the file, its row and where it runs
+    # out (a script reads that file: sweep has no --json)
+    section = _section("kvtrace sweep")
+    assert _undocumented(summary, section) == []
+    assert _undocumented(row, section) == []
+    assert _undocumented(row["runs_out_at"], section) == []
+
+
 @pytest.mark.parametrize(
     "argv",
     [
