@@ -33,3 +33,16 @@ def binary_unit(max_bytes: float | int | None) -> tuple[str, int]:
 def hover_bytes(unit: str) -> str:
     """A plotly hover template for values already divided into `unit`: two decimals, as human_bytes."""
     return "%{y:,.0f} B" if unit == "B" else "%{y:,.2f} " + unit
+
+
+def a_or_an(figure: str) -> str:
+    """`figure` after its indefinite article as said aloud: "an 8-token window", "an 11.00 KiB request",
+    "an 80.00 GiB device", but "a 1.25 MiB pool" (the article of a number is that of its first word:
+    eight, eleven, eighteen, eighty, eight hundred, eleven thousand...)."""
+    group = ""
+    for char in figure:
+        if not char.isdigit():
+            break
+        group += char
+    spoken_vowel = group.startswith("8") or group in ("11", "18")
+    return f"{'an' if spoken_vowel else 'a'} {figure}"

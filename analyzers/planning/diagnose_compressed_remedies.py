@@ -24,7 +24,7 @@ from analyzers.planning.diagnosis import Remedy, fits
 from analyzers.planning.hf_config import geometry_from_config
 from analyzers.planning.presets import CompressedShape
 from analyzers.planning.run_cache_kind import PLAN_DTYPES
-from analyzers.units import human_bytes
+from analyzers.units import a_or_an, human_bytes
 from kvtrace.errors import KvtraceError
 from kvtrace.format import MODEL_CONFIG
 from kvtrace.geometry import installed_transformers_version, major_minor
@@ -162,7 +162,8 @@ def _context(run: CompressedRun, kv: int, batch: int, prompt: int, written: int,
     peak = _peak_at(run, batch, prompt, shorter)
     saved = max(kv - peak, 0)
     cut_prompt = min(prompt, shorter - 1)
-    kept = f"a {cut_prompt:,}-token prompt" + (f", {prompt:,} now" if cut_prompt < prompt else "")
+    kept = f"{a_or_an(format(cut_prompt, ','))}-token prompt"
+    kept += f", {prompt:,} now" if cut_prompt < prompt else ""
     text = (
         f"A context of {shorter:,} tokens instead of {context:,} ({kept}) holds at most {human_bytes(peak)} "
         f"of KV, as `kvtrace plan` counts DeepSeek-V4's cache: {human_bytes(saved)} less than the "

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from analyzers.engine import EngineRun, engine_figures
-from analyzers.units import human_bytes
+from analyzers.units import a_or_an, human_bytes
 
 __all__ = ["EngineBudget", "KnobRemedy", "engine_budget", "run_engine_budget"]
 
@@ -201,7 +201,8 @@ def _hf_remedies(
             "num_blocks",
             blocks,
             True,
-            f"ContinuousBatchingConfig(num_blocks={blocks}) makes a {human_bytes(pool)} pool ({pool:,} B, "
+            f"ContinuousBatchingConfig(num_blocks={blocks}) makes {a_or_an(human_bytes(pool))} pool "
+            f"({pool:,} B, "
             f"two trash sectors included), peak {human_bytes(other + pool)}; "
             f"{_held(blocks, used, _largest_request(run))}.",
         )

@@ -17,6 +17,7 @@ from analyzers.planning.plan_types import (
     PlanResult,
     Remedy,
 )
+from analyzers.units import a_or_an
 
 __all__ = ["format_text", "to_json"]
 
@@ -136,7 +137,8 @@ def format_text(result: PlanResult) -> str:
     rows += [
         (
             "context",
-            f"{req.context:,} tokens: a {result.prompt_tokens:,}-token prompt{worst} and the new tokens, "
+            f"{req.context:,} tokens: {a_or_an(format(result.prompt_tokens, ','))}-token prompt{worst} and "
+            "the new tokens, "
             f"of which the cache holds {req.written_tokens:,}",
         ),
         (

@@ -55,6 +55,7 @@ from analyzers.planning.vllm_specs import (
     sliding_blocks_held,
     sliding_peak_blocks,
 )
+from analyzers.units import a_or_an
 
 __all__ = [
     "NULL_BLOCKS",
@@ -306,7 +307,8 @@ def _against_budget(remedy: VllmRemedy, pool_bytes: int, budget: EngineBudget | 
         remedy,
         fits=False,
         sentence=(
-            f"{remedy.sentence.removesuffix('.')}; but with a {readable_bytes(pool_bytes)} pool the peak is "
+            f"{remedy.sentence.removesuffix('.')}; but with {a_or_an(readable_bytes(pool_bytes))} pool the "
+            "peak is "
             f"{readable_bytes(peak)}, {readable_bytes(peak - budget.budget_bytes)} over the "
             f"{readable_bytes(budget.budget_bytes)} budget ({room})."
         ),

@@ -45,6 +45,7 @@ from analyzers.planning.vllm_specs import (
     max_concurrent_batches,
     model_kv_groups,
 )
+from analyzers.units import a_or_an
 from kvtrace.errors import KvtraceError
 
 __all__ = [
@@ -421,7 +422,7 @@ def _in_flight(req: VllmPlanRequest, groups: KvGroups, notes: list[str]) -> tupl
     overlap = req.async_scheduling if req.async_scheduling is not None else req.device != "cpu"
     in_flight = max_concurrent_batches(overlap) * batched
     if groups.window is not None:
-        where = "CPU" if req.device == "cpu" else f"a {readable_bytes(req.gpu_memory_bytes)} GPU"
+        where = "CPU" if req.device == "cpu" else f"{a_or_an(readable_bytes(req.gpu_memory_bytes))} GPU"
         default = (
             f" (vLLM 0.32's default for LLM() on {where}; --max-num-batched-tokens sets it)"
             if req.max_num_batched_tokens is None

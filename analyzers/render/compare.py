@@ -36,6 +36,13 @@ def _fmt_peak(run: RunFigures) -> str:
     return f"{peak} ({run.peak_counts} only)" if run.partial and run.peak_bytes is not None else peak
 
 
+def _fmt_steps(run: RunFigures) -> str:
+    """A trace or snapshot has no steps to count: "-", not "0 x -"."""
+    if not run.steps and run.batch is None:
+        return "-"
+    return f"{run.steps} x {run.batch if run.batch is not None else '-'}"
+
+
 _COMPARE_ROWS = (
     ("peak allocated", _fmt_peak),
     ("KV peak", lambda r: human_bytes(r.kv_peak_bytes)),
@@ -46,7 +53,7 @@ _COMPARE_ROWS = (
     ("tokens/s, all rows (generation)", lambda r: _fmt_all_rows_rate(r)),
     ("generated tokens per row", lambda r: _fmt_count(r.generated_tokens_per_row)),
     ("evicted tokens (all rows)", lambda r: _fmt_count(r.evicted_tokens)),
-    ("steps x batch", lambda r: f"{r.steps} x {r.batch if r.batch is not None else '-'}"),
+    ("steps x batch", lambda r: _fmt_steps(r)),
 )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from analyzers.model import MemorySource, request_at_most
 from analyzers.planning.diagnose import Diagnosis, StackShare, diagnose
 from analyzers.summary import Report
-from analyzers.units import human_bytes
+from analyzers.units import a_or_an, human_bytes
 
 __all__ = ["diagnosis_html_for", "diagnosis_to_html", "diagnosis_to_json", "diagnosis_to_text"]
 
@@ -175,14 +175,16 @@ def _headline(d: Diagnosis) -> str:
     if d.event == "budget" and c is not None:
         size = human_bytes(c.bytes)
         if c.before_first_step:
-            return f"would run out of memory on a {size} device before the first step (weights and setup)"
+            return (
+                f"would run out of memory on {a_or_an(size)} device before the first step (weights and setup)"
+            )
         layer = f", layer {c.layer}" if c.layer is not None else ""
         what = f" {c.request_category}" if c.request_category else ""
         at = f" at step {c.step} ({c.phase})" if c.step is not None else ""  # a bare snapshot has no steps
         return (
-            f"would run out of memory on a {size} device ({where}){at}{layer}{later}: "
-            f"a {human_bytes(c.request_bytes)}{what} request with {human_bytes(c.allocated_before_bytes)} "
-            "already allocated"
+            f"would run out of memory on {a_or_an(size)} device ({where}){at}{layer}{later}: "
+            f"{a_or_an(human_bytes(c.request_bytes))}{what} request with "
+            f"{human_bytes(c.allocated_before_bytes)} already allocated"
         )
     fits = ""
     if c is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 
 from analyzers.planning.engine_budget import EngineBudget
-from analyzers.units import human_bytes
+from analyzers.units import a_or_an, human_bytes
 
 
 def _crossing_sentence(b: EngineBudget, name: str) -> str:
@@ -41,11 +41,11 @@ def _crossing_sentence(b: EngineBudget, name: str) -> str:
         at += f" ({b.phase})" if at and b.phase else ""
         kind = f" {b.request_category}" if b.request_category else ""
         what = (
-            f"a {human_bytes(b.request_bytes)}{kind} allocation{at} on top of "
+            f"{a_or_an(human_bytes(b.request_bytes))}{kind} allocation{at} on top of "
             f"{human_bytes(b.allocated_before_bytes)} takes it over"
         )
     return (
-        f"{name} would run out of memory on a {size} device: {what}; the run peaks at "
+        f"{name} would run out of memory on {a_or_an(size)} device: {what}; the run peaks at "
         f"{human_bytes(b.peak_bytes)}, {human_bytes(b.over_bytes)} over{told}."
     )
 

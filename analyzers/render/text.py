@@ -18,7 +18,7 @@ from analyzers.caches import (
 from analyzers.model import request_at_most
 from analyzers.render.json import METHOD_LABELS, NO_KV_HINT
 from analyzers.summary import KvSummary, Report
-from analyzers.units import human_bytes
+from analyzers.units import a_or_an, human_bytes
 
 
 def _share(part: int, whole: int) -> str:
@@ -281,7 +281,8 @@ def report_to_text(report: Report) -> str:
         requested = human_bytes(oom["requested_bytes"])
         if oom["requested_bytes"] is None and oom.get("segment_bytes") is not None:
             segment = oom["segment_bytes"]
-            requested = f"at most {human_bytes(request_at_most(segment))} (a {human_bytes(segment)} segment)"
+            largest = human_bytes(request_at_most(segment))
+            requested = f"at most {largest} ({a_or_an(human_bytes(segment))} segment)"
         # a per-process cap (set_per_process_memory_fraction) bounds what it could reserve, not the device
         cap = f", {human_bytes(oom['limit_bytes'])} allowed" if oom.get("limit_bytes") is not None else ""
         lines.append(
@@ -329,7 +330,7 @@ def budget_line(budget: dict[str, Any], engine: Any = None) -> str:
     before = human_bytes(budget["allocated_before_bytes"])
     if budget["before_first_step"]:  # a cache preallocated at record()'s setup, an engine's pool at its start
         pool = getattr(engine, "kv_cache_bytes", None)
-        by = f"a {request}{what} allocation"
+        by = f"{a_or_an(request)}{what} allocation"
         if pool and budget.get("request_category") == "kv" and budget["request_bytes"] == pool:
             name = "vLLM" if engine.name == "vllm" else engine.name
             by = f"the {name} KV pool, allocated at the engine's start: {request}"
@@ -341,7 +342,7 @@ def budget_line(budget: dict[str, Any], engine: Any = None) -> str:
     at += f" ({budget['phase']})" if at and budget.get("phase") else ""
     layer = f", layer {budget['layer']}" if budget.get("layer") is not None else ""
     return (
-        f"  budget {size}: would run out{at}{layer}: a {request}{what} allocation on top of {before} "
+        f"  budget {size}: would run out{at}{layer}: {a_or_an(request)}{what} allocation on top of {before} "
         f"(peak {peak}{unseen}; see `kvtrace diagnose`)"
     )
 
@@ -355,7 +356,7 @@ def budget_marker_label(budget: dict[str, Any]) -> str:
         held = budget["allocated_after_bytes"]
         over = human_bytes(held - budget["bytes"])  # the two sizes alone can round to one figure
         return (
-            f"exceeded on a {size} device before the first step: "
+            f"exceeded on {a_or_an(size)} device before the first step: "
             f"{human_bytes(held)} already allocated, {over} over"
         )
     where = []
@@ -366,5 +367,5 @@ def budget_marker_label(budget: dict[str, Any]) -> str:
         where.append(f"step {budget['step']}{phase}")
     if budget.get("layer") is not None:
         where.append(f"layer {budget['layer']}")
-    where.append(f"a {human_bytes(budget['request_bytes'])} request")
-    return f"would run out on a {size} device: {', '.join(where)}"
+    where.append(f"{a_or_an(human_bytes(budget['request_bytes']))} request")
+    return f"would run out on {a_or_an(size)} device: {', '.join(where)}"

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from analyzers.units import a_or_an
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import check_regular_target, page_bytes, print_after_writing, write_replacing
 from kvtrace.errors import KvtraceError, MissingPart, cannot_write, unnamed_path
@@ -98,7 +99,7 @@ def _not_llama(geom: Any, longest: int) -> str:
     window = geom.sliding_window
     if window is not None and longest > window:
         return (
-            f"{geom.windowed_layers} of its layers keep a {window}-token window, which points of "
+            f"{geom.windowed_layers} of its layers keep {a_or_an(str(window))}-token window, which points of "
             f"{longest} tokens pass"
         )
     return ""
@@ -430,7 +431,7 @@ class SweepCommand(Command):
             "rows": rows,
         }
         write_replacing(out / "sweep.json", json.dumps(summary, indent=2).encode("utf-8"))
-        slides = "" if window is None else f", a {window}-token window"
+        slides = "" if window is None else f", {a_or_an(str(window))}-token window"
         title = f"kvtrace sweep: {model_name} ({args.dtype}, {device}, {args.new_tokens} new tokens{slides})"
         write_replacing(out / "sweep.html", page_bytes(sweep_to_html(rows, budget, title)))
         files = f"{out / 'sweep.json'} and {out / 'sweep.html'}"

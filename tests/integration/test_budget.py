@@ -15,7 +15,7 @@ import torch
 
 import kvtrace
 from analyzers.report import build_report
-from analyzers.units import human_bytes
+from analyzers.units import a_or_an, human_bytes
 from kvtrace.cli import main
 from kvtrace.errors import KvtraceError
 from kvtrace.llama import ModelSize
@@ -309,7 +309,7 @@ def test_the_tensorboard_timeline_marks_where_the_run_runs_out(
     first_over = next(i for i, b in enumerate(device["allocated"]) if b > budget)
     assert mark["t_s"] == device["t_s"][first_over]
     assert mark["bytes"] == device["allocated"][first_over] == weights + after
-    assert f"step {step} (decode), layer {layer}, a {human_bytes(request)} request" in mark["label"]
+    assert f"step {step} (decode), layer {layer}, {a_or_an(human_bytes(request))} request" in mark["label"]
 
 
 def test_a_budget_the_weights_exceed_is_marked_before_the_first_step(
@@ -329,7 +329,7 @@ def test_a_budget_the_weights_exceed_is_marked_before_the_first_step(
     (mark,) = [m for m in RunStore(tmp_path).timeline("run")["markers"] if m["kind"] == "budget"]
     # THEN both say what the text report says, with the figures of the weights, and no "step None (None)"
     said = (
-        f"exceeded on a {human_bytes(budget)} device before the first step: "
+        f"exceeded on {a_or_an(human_bytes(budget))} device before the first step: "
         f"{human_bytes(weights)} already allocated, {human_bytes(1)} over"
     )
     assert mark["label"] == said and mark["bytes"] == weights

@@ -959,7 +959,7 @@ _SHAPE = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads
         ),
         (
             {"model_type": "mistral", "sliding_window": 8},
-            "4 of its layers keep a 8-token window, which points of 16 tokens pass",
+            "4 of its layers keep an 8-token window, which points of 16 tokens pass",
         ),
     ],
     ids=["latent", "experts", "linear-attention", "window"],

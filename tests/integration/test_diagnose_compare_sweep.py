@@ -296,6 +296,10 @@ def test_compare_says_unknown_where_an_input_cannot_tell(capsys: pytest.CaptureF
     table = capsys.readouterr().out.splitlines()
     kv_peak = next(line for line in table if line.startswith("KV peak"))
     assert kv_peak.split()[-1] == "-" and "0 B" not in kv_peak
+    # AND a snapshot, which has no steps, says "-" for them, not "0 x -"; the run its steps and rows
+    assert main(["compare", str(run), str(snapshot)]) == 0
+    steps = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("steps x batch"))
+    assert steps.split()[-4:] == [str(report["steps"]), "x", str(kv["batch"]), "-"], steps
 
 
 def test_compare_says_reserved_but_unallocated_as_report_does(capsys: pytest.CaptureFixture[str]) -> None:

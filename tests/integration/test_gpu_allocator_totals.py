@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from analyzers.attribution import JOIN_TOLERANCE_US
+from analyzers.units import a_or_an
 from kvtrace.cli import main
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
@@ -248,6 +249,6 @@ def test_a_cuda_oom_message_names_the_segment_not_the_request(
     assert diagnosis["shortfall_bytes"] == segment - free
     assert f"request that failed                      at most {at_most}\n" in text
     assert (
-        f"OOM on cuda:0: requested at most {at_most} (a {_format_size(segment)} segment), free 1.00 MiB"
-        in report
+        f"OOM on cuda:0: requested at most {at_most} ({a_or_an(_format_size(segment))} segment), "
+        "free 1.00 MiB" in report
     )

@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import kvtrace
-from analyzers.units import human_bytes
+from analyzers.units import a_or_an, human_bytes
 from kvtrace.cli import main
 from kvtrace.llama import build_model
 from tests.cb_versions import SECTOR_POOL
@@ -84,8 +84,9 @@ def test_a_budget_the_pool_crosses_names_the_pool_and_prices_num_blocks(
 
     (mark,) = [m for m in RunStore(tmp_path).timeline("run")["markers"] if m["kind"] == "budget"]
     assert mark["bytes"] == weights + pool
-    assert mark["label"].startswith(f"would run out on a {human_bytes(budget)} device: before the first step")
-    assert mark["label"].endswith(f", a {human_bytes(pool)} request") and "None" not in mark["label"]
+    device = a_or_an(human_bytes(budget))
+    assert mark["label"].startswith(f"would run out on {device} device: before the first step")
+    assert mark["label"].endswith(f", {a_or_an(human_bytes(pool))} request") and "None" not in mark["label"]
 
     # WHEN diagnosed THEN the budget is explained: the pool crossed it, by the peak's excess
     diagnosis = _json(["diagnose", str(run)], capsys)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from analyzers.units import a_or_an
 from kvtrace.cli import main
 from kvtrace.run_reader import read_run
 
@@ -72,7 +73,7 @@ def test_a_sweep_of_a_config_with_a_window_keeps_that_window(
         assert (model["sliding_window"], model["sliding_layers"]) == (WINDOW, LAYERS)
     assert read_run(rows["dynamic"]["run"]).manifest["model"]["sliding_window"] is None
     # AND the table says the window
-    assert f"a {WINDOW}-token window" in capsys.readouterr().out
+    assert f"{a_or_an(str(WINDOW))}-token window" in capsys.readouterr().out
 
 
 def test_sweep_window_flag_sets_the_sliding_caches_window(
