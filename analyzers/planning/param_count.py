@@ -4,10 +4,12 @@ attention, MLP, mixture-of-experts and norm layouts of each family the planner l
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from analyzers.planning.gemma_layers import LayerShape
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
 
-__all__ = ["buffer_bytes", "param_count", "parameter_bytes", "weights_bytes"]
+__all__ = ["buffer_bytes", "buffers_as_recorded", "param_count", "parameter_bytes", "weights_bytes"]
 
 _FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 
@@ -148,6 +150,21 @@ def buffer_bytes(geom: ModelGeometry, dtype: str) -> int:
         + geom.bool_buffer_bytes
         + dtype_bytes_for(compute, geom.buffer_elements)
     )
+
+
+def buffers_as_recorded(
+    geom: ModelGeometry, run_dtype: str | None, fp32_measured: int | None
+) -> ModelGeometry:
+    """`geom` with its float32 buffers (`fp32_buffer_elements`: rotary inv_freq) as a run recorded them:
+    transformers keeps them at fp32 whatever `dtype=` says, but a model cast by `.to(torch.bfloat16)`
+    casts them too, and at another dtype they follow the weights (`buffer_elements`). `fp32_measured`, the
+    run's weight bytes recorded in float32, tells how many were kept (no more than the geometry's); `geom`
+    itself for a float32 run, one of no known dtype, or where that is not known (kept at fp32)."""
+    if fp32_measured is None or run_dtype in (None, "fp32"):
+        return geom
+    kept = min(fp32_measured // 4, geom.fp32_buffer_elements)
+    cast = geom.fp32_buffer_elements - kept  # recorded in the run's dtype: cast with the weights
+    return replace(geom, fp32_buffer_elements=kept, buffer_elements=geom.buffer_elements + cast)
 
 
 def weights_bytes(geom: ModelGeometry, dtype: str) -> int:

@@ -26,6 +26,7 @@ __all__ = [
     "SLIDING_CACHES",
     "PlanRequest",
     "PlanResult",
+    "PrefillMoment",
     "RecordedPeak",
     "Remedy",
 ]
@@ -42,6 +43,9 @@ FLOAT_DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_RESERVE_FRACTION = 0.1
 GIB = 2**30
 MIB = 2**20
+# A recorded prefill moment beside the weights and KV, split by what its bytes follow: no row count or
+# prompt, the rows alone, the rows and the prompt, the rows and the prompt squared (`RecordedPeak`)
+PrefillMoment = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,10 +86,11 @@ class RecordedPeak:
     # (run_moments' `prefill_prompt_bytes`); None: not told, all of the prefill's grow with the prompt
     prefill_prompt_bytes: int | None = None
     # the prefill's moments, each (bytes no row count or prompt changes, bytes following the rows alone,
-    # bytes following the rows and the prompt), those no other exceeds in all three: a longer prompt's
-    # prefill is the most of them grown, not its logits' moment plus another's growth (run_moments'
-    # `prefill_moments`); None: not told, `prefill_prompt_bytes` bounds it
-    prefill_moments: tuple[tuple[int, int, int], ...] | None = None
+    # bytes following the rows and the prompt, bytes following the rows and the prompt squared: eager
+    # attention's mask and scores), those no other exceeds in all four: a longer prompt's prefill is the
+    # most of them grown, not its logits' moment plus another's growth, nor its MLP's plus the scores
+    # (run_moments' `prefill_moments`); None: not told, `prefill_prompt_bytes` bounds it
+    prefill_moments: tuple[PrefillMoment, ...] | None = None
     # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies
     # (run_moments' `update_beside`): what another cache's update copies are priced beside, rather than the
     # peak moment's activations (the logits at a step's end); None: not told

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from analyzers.kv_events import is_kv_data
 from analyzers.kv_log_figures import CacheFigures
-from analyzers.planning.param_count import buffer_bytes
+from analyzers.planning.param_count import buffer_bytes, buffers_as_recorded
 from analyzers.planning.presets import DTYPE_BITS, ModelGeometry, dtype_bytes_for
 from analyzers.run_kv import heads_held_by
 from kvtrace.format import Run
@@ -84,12 +84,7 @@ def rank_weights_at(
     parameters are no whole number of that dtype's elements (not stored as the run says): no share to
     scale."""
     bits = DTYPE_BITS.get(run_dtype or "")
-    if fp32_measured is not None and run_dtype != "fp32":
-        kept = min(fp32_measured // 4, geometry.fp32_buffer_elements)
-        cast = geometry.fp32_buffer_elements - kept  # recorded in the run's dtype: cast with the weights
-        geometry = replace(
-            geometry, fp32_buffer_elements=kept, buffer_elements=geometry.buffer_elements + cast
-        )
+    geometry = buffers_as_recorded(geometry, run_dtype, fp32_measured)
     parameters = measured - buffer_bytes(geometry, run_dtype) if bits and run_dtype else -1
     if bits is None or parameters < 0 or (parameters * 8) % bits:
         return None

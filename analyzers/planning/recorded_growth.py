@@ -27,6 +27,7 @@ from analyzers.planning.recorded_terms import (
     covering_moments,
     grown_with_prompt,
     moments_grown,
+    pairs_squared,
     prefill_growth,
     prefill_peaks,
     prompt_bytes_kept,
@@ -137,9 +138,12 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         grown_at_prefill = grown_with_prompt(activations, fixed, rows, longer, prompt_bytes_kept(rec, kept))
         moments = covering_moments(rec, rec.activations_bytes)
         if moments:
-            # the peak is one of the prefill's moments: by what their most grows (the floor prices each)
-            grown_at_prefill = activations + moments_grown(moments, rows * kept, longer)
+            # the peak is one of the prefill's moments: by what their most grows (the floor prices each),
+            # eager's mask and scores within the moments that hold them, where the run tells them
+            squared = pairs_squared(req, rec)
+            grown_at_prefill = activations + moments_grown(moments, rows * kept, longer, squared)
             grown_at_prefill -= moments_grown(moments, 1.0, 1.0)
+            quadratic = 0 if squared else quadratic
         growth, tokens = max(grown_at_prefill - activations, 0) + quadratic, 0
     grew = (req.weights_bytes - rec.weights_bytes) + moved - freed + growth + tokens
     return max(rec.peak_bytes + grew, *floors)
@@ -223,7 +227,9 @@ def _moment_floors(
         )
         moments = covering_moments(rec, beside_prefill)
         if moments:
-            prefill = moments_grown(moments, rows * kept, longer)
+            squared = pairs_squared(req, rec)  # eager's mask and scores within their moments
+            prefill = moments_grown(moments, rows * kept, longer, squared)
+            attention = 0 if squared else attention
         prefill += attention
         floors.append(req.weights_bytes + sizes.prefill_bytes + prefill)
     return floors

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from analyzers.planning.plan_kv import kv_sizes
-from analyzers.planning.plan_types import PlanRequest, RecordedPeak
+from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, PrefillMoment, RecordedPeak
 from analyzers.planning.presets import dtype_bytes_for
 from analyzers.planning.recorded_run import run_request, same_cache_as_run
 from analyzers.planning.sdpa_repeats import sdpa_copies_unmeasured
@@ -23,6 +23,7 @@ __all__ = [
     "covering_moments",
     "grown_with_prompt",
     "moments_grown",
+    "pairs_squared",
     "prefill_growth",
     "prefill_peaks",
     "prompt_bytes_kept",
@@ -131,15 +132,41 @@ def grown_with_prompt(
     return scaled_activations(activations, fixed, rows) + math.ceil(prompt_bytes * rows * (longer - 1))
 
 
-def moments_grown(moments: tuple[tuple[int, int, int], ...], rows: float, longer: float) -> int:
+def moments_grown(
+    moments: tuple[PrefillMoment, ...], rows: float, longer: float, squared: bool = False
+) -> int:
     """The most of the prefill's `moments` (`RecordedPeak.prefill_moments`) at `rows` times the run's rows
     and a prompt `longer` times its: each its fixed bytes, its rows' grown with them, its prompt's with
-    both. Before, the logits' moment was priced with another moment's growth beside it: the tiny Llama 3
-    with eager attention, batch 2, planned from a 16-token prompt at 256, +9.6% over its recording."""
-    return max(fixed + math.ceil((row_only + grows * longer) * rows) for fixed, row_only, grows in moments)
+    both, and eager attention's mask and scores over prompt x prompt with the rows and, where `squared`
+    (`pairs_squared`), the prompt squared, else with the prompt as the rest. Before, the logits' moment was
+    priced with another moment's growth beside it: the tiny Llama 3 with eager attention, batch 2, planned
+    from a 16-token prompt at 256, +9.6% over its recording."""
+    if not squared:
+        return max(
+            fixed + math.ceil((row_only + (grows + pairs) * longer) * rows)
+            for fixed, row_only, grows, pairs in moments
+        )
+    return max(
+        fixed + math.ceil((row_only + grows * longer + pairs * longer * longer) * rows)
+        for fixed, row_only, grows, pairs in moments
+    )
 
 
-def covering_moments(rec: RecordedPeak, beside: int) -> tuple[tuple[int, int, int], ...] | None:
+def pairs_squared(req: PlanRequest, rec: RecordedPeak) -> bool:
+    """Whether a plan grows the run's prefill moments' eager mask and scores (`RecordedPeak.prefill_moments`'
+    last part) with the prompt squared, each within its own moment, so that none is added beyond them
+    (static_prefill's `dynamic_prefill_bytes` is not): where the run tells them (an eager run) and the
+    plan's cache fills as it goes, whose prefill attends over its prompt alone (a static cache's over its
+    length: `static_prefill_bytes` prices that beyond the run's prefill, grown with the prompt). Before, the
+    pairs beyond the run's were added to the most of any moment, which at a short prompt is the MLP's or
+    the logits', holding no scores: the tiny Llama 3 (bf16, 2 layers, 2 rows, eager) planned from a
+    24-token prompt at 384 said 34,158,432 B where the recording peaked at 29,799,112 (+14.6%; 600 B over
+    after, the prefill's scalars grown with the prompt)."""
+    moments = rec.prefill_moments
+    return bool(moments) and req.cache not in PREALLOCATED_CACHES and any(m[3] for m in moments or ())
+
+
+def covering_moments(rec: RecordedPeak, beside: int) -> tuple[PrefillMoment, ...] | None:
     """The run's prefill moments (`RecordedPeak.prefill_moments`) where the most of them is at least
     `beside`, the prefill's most as the plan takes it: not where the run peaked in a prefill step it did
     not finish (cut short), which no moment counts. None: not told, or not covering."""

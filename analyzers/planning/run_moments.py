@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from analyzers.budget import step_starts
+from analyzers.planning.plan_types import PrefillMoment
 
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
@@ -195,31 +196,34 @@ def prefill_prompt_bytes(
     (+51.9%), the float32 logits' 2.45 MiB grown 16-fold. None where the events carry no addresses or
     categories, or the run does not say its rows and prompt, or has no whole prefill step."""
     parts = _prefill_parts(source, report, rows, prompt, None)
-    return None if parts is None else max(int(grows.max()) for _, _, grows in parts)
+    return None if parts is None else max(int((grows + pairs).max()) for _, _, grows, pairs in parts)
 
 
 def prefill_moments(
     source: MemorySource, report: Report, rows: int | None, prompt: int | None, context: int | None
-) -> tuple[tuple[int, int, int], ...] | None:
+) -> tuple[PrefillMoment, ...] | None:
     """The run's prefill moments as (bytes no row count or prompt changes, bytes that follow the rows alone,
-    bytes that follow the rows and the prompt) beside its weights and KV: the logits processors' vectors
-    over the vocabulary (`batch_fixed_bytes`' sizes), the rest of the vocabulary-long allocations (the last
-    position's logits), the rest (`prefill_prompt_bytes`). Only the moments no other exceeds in all three,
-    the ones that can be a plan's most at some rows and prompt: the logits' moment at the step's end, one
-    inside a layer, whose hidden states and attention a longer prompt grows beyond it (eager's scores at a
-    256-token prompt, 2 rows: 8.4 MB beside no logits). None where `prefill_prompt_bytes` is."""
+    bytes that follow the rows and the prompt, bytes that follow the rows and the prompt squared) beside
+    its weights and KV: the logits processors' vectors over the vocabulary (`batch_fixed_bytes`' sizes),
+    the rest of the vocabulary-long allocations (the last position's logits), the rest but eager
+    attention's tensors over prompt x prompt (its mask and one layer's scores: `eager_pair_sizes`), those
+    (0 under any other attention, which a plan prices apart). Only the moments no other exceeds in all
+    four, the ones that can be a plan's most at some rows and prompt: the logits' moment at the step's end,
+    one inside a layer, whose hidden states and attention a longer prompt grows beyond it (eager's scores
+    at a 256-token prompt, 2 rows: 8.4 MB beside no logits), the MLP's, which holds no scores. None where
+    `prefill_prompt_bytes` is."""
     if not context:
         return None
     parts = _prefill_parts(source, report, rows, prompt, context)
     if parts is None:
         return None
-    triples = {
-        (int(f), int(r), int(g))
-        for fixed, row_only, grows in parts
-        for f, r, g in zip(fixed.tolist(), row_only.tolist(), grows.tolist(), strict=True)
+    found = {
+        (int(f), int(r), int(g), int(q))
+        for fixed, row_only, grows, pairs in parts
+        for f, r, g, q in zip(fixed.tolist(), row_only.tolist(), grows.tolist(), pairs.tolist(), strict=True)
     }
-    ordered = sorted(triples, reverse=True)  # a moment can be exceeded in all three only by one before it
-    kept: list[tuple[int, int, int]] = []
+    ordered = sorted(found, reverse=True)  # a moment can be exceeded in all four only by one before it
+    kept: list[PrefillMoment] = []
     for moment in ordered:
         if not any(all(a >= b for a, b in zip(other, moment, strict=True)) for other in kept):
             kept.append(moment)
@@ -228,11 +232,12 @@ def prefill_moments(
 
 def _prefill_parts(
     source: MemorySource, report: Report, rows: int | None, prompt: int | None, context: int | None
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None:
     """For each whole prefill step, at each of its events, the bytes beside the weights and KV split as
     `prefill_moments` splits them (with no `context`, the first two not told apart: all in the second)."""
     from analyzers.model import OTHER
     from analyzers.planning.diagnose_rows import fixed_sizes, row_units
+    from analyzers.planning.static_prefill import eager_pair_bytes, eager_pair_sizes
 
     geometry, main, found = report.geometry or {}, report.main_device, main_timeline(source, report)
     vocab = geometry.get("vocab_size")
@@ -268,4 +273,15 @@ def _prefill_parts(
 
     vocab_live, fixed_live = live(stays), live(no_rows)
     grows = found[1].by_category["other"] - vocab_live
-    return [(fixed_live[at], (vocab_live - fixed_live)[at], grows[at]) for at in windows]
+    pairs = np.zeros_like(grows)
+    heads = geometry.get("num_attention_heads")
+    if geometry.get("attn_implementation") == "eager" and isinstance(heads, int) and heads > 0:
+        # Told by their sizes, and no more than eager's mask and one layer's scores hold at once (the bool
+        # mask is gone by then): a linear tensor of a pair's size (at a prompt as long as a head, a hidden
+        # state is a score's size) counts as one up to that, an upper bound
+        compute = HALF_FLOATS.get(str(geometry.get("dtype")), 4)
+        most = rows * prompt * prompt * eager_pair_bytes(heads, compute)
+        told = live(eager_pair_sizes(rows, prompt, heads, compute) - stays)
+        pairs = np.clip(np.minimum(told, most), 0, np.maximum(grows, 0))
+        grows = grows - pairs
+    return [(fixed_live[at], (vocab_live - fixed_live)[at], grows[at], pairs[at]) for at in windows]

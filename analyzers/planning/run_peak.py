@@ -30,6 +30,7 @@ from analyzers.units import human_bytes
 
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
+    from analyzers.planning.plan_types import PrefillMoment
     from analyzers.summary import Report
 
 __all__ = [
@@ -64,7 +65,7 @@ class PeakMoment:
     # grows (`prefill_prompt_bytes`); None: not told, all grow
     prefill_prompt_bytes: int | None = None
     # the prefill's moments split by what they follow (`prefill_moments`); None: not told
-    prefill_moments: tuple[tuple[int, int, int], ...] | None = None
+    prefill_moments: tuple[PrefillMoment, ...] | None = None
     # held beside the weights and KV at the KV log's peak, a cache update's transient (`update_beside`)
     update_activations_bytes: int | None = None
     # of the activations at the peak, at the prefill's and at the update's, those in no model dtype

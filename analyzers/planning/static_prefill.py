@@ -19,6 +19,8 @@ from analyzers.units import human_bytes
 __all__ = [
     "attended",
     "dynamic_prefill_bytes",
+    "eager_pair_bytes",
+    "eager_pair_sizes",
     "prefill_attention_bytes",
     "static_prefill_bytes",
     "unknown_padding_note",
@@ -55,15 +57,36 @@ def dynamic_prefill_bytes(
     41.37 MB (-85.6%; 41.37 MB after, +660 B); sdpa with padded prompts, 2 rows, planned at 1536 from 256,
     14.76 MB for 34.67 (-57.4%; 34.43 after, -0.7%: on a CPU torch's flash kernel keeps per-thread blocks
     that step up at a 768-token prompt, unpriced). A run that does not tell its padding is planned as
-    padded beyond its prompt, as `static_prefill_bytes` plans it, and said so (`unknown_padding_note`)."""
+    padded beyond its prompt, as `static_prefill_bytes` plans it, and said so (`unknown_padding_note`).
+    Where the run's prefill moments tell eager's tensors apart, the plan grows them within their own moment
+    instead (recorded_terms' `pairs_squared`) and does not add this."""
     eager = rec.attn_implementation in ("eager", None)
     if not eager and not (rec.attn_implementation == "sdpa" and rec.padded is not False):
         return 0
-    geom = req.geometry
     compute = dtype_bytes_for(req.effective_compute_dtype, 1)
-    pair = compute + geom.num_attention_heads * _score_bytes(compute) if eager else 1 + compute
+    pair = eager_pair_bytes(req.geometry.num_attention_heads, compute) if eager else 1 + compute
     held = attended(run, rec.context) if run.cache == "static" else rec.prompt or 0
     return batch * max(prompt - held, 0) * prompt * pair
+
+
+def eager_pair_bytes(heads: int, compute: int) -> int:
+    """Bytes eager attention's prefill holds a row and (query, key) pair at its most: its mask in the
+    compute dtype, held across the layers, and one layer's scores (`_score_bytes` a head; the layer
+    before's are freed by then, measured)."""
+    return compute + heads * _score_bytes(compute)
+
+
+def eager_pair_sizes(rows: int, prompt: int, heads: int, compute: int) -> set[int]:
+    """The sizes of eager attention's prefill tensors over `prompt` x `prompt` a row (transformers 5.x
+    `eager_mask`, `eager_attention_forward`), as the allocator reports them: the bool mask it builds first
+    and its copy in the compute dtype (a head for all), and each head's scores in the compute dtype and in
+    float32 (their cast, their softmax); each also as the CUDA caching allocator rounds it (512 B blocks)."""
+    pairs = rows * prompt * prompt
+    exact = {pairs, pairs * compute, pairs * heads * compute, pairs * heads * 4}
+    return exact | {-(-size // _CUDA_BLOCK) * _CUDA_BLOCK for size in exact}
+
+
+_CUDA_BLOCK = 512  # c10's kMinBlockSize: a CUDA allocation is reported rounded up to a multiple of it
 
 
 def _score_bytes(compute: int) -> int:

@@ -429,6 +429,12 @@ class PlanCommand(Command):
                     ),
                 ),
             )
+        if run is not None and measured is None and run.rank_shards is None:
+            from analyzers.planning.param_count import buffers_as_recorded
+
+            # the geometry weighs the weights: its rotary tables as the run held them, in its dtype where
+            # the model was cast whole by `.to()` (a rank's are, by `rank_weights_at`)
+            geometry = buffers_as_recorded(geometry, run.weights_dtype, run.fp32_weights_bytes)
         kv_dtype = args.kv_dtype or run_kv or ("int4" if cache == "quantized" else default_kv)
         moment = None
         if run is not None and run.context is not None:

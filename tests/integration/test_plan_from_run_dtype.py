@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from kvtrace.llama import build_model
 from tests.cli_json import plan_json, report_json
@@ -58,3 +59,30 @@ def test_a_plan_in_the_runs_own_or_a_narrower_dtype_keeps_its_activations(
     # tensors do not shrink), an upper bound of the bf16 recording
     narrower = plan_json(runs["fp32"], capsys, "--dtype", "bf16")
     assert narrower["peak_bytes"] >= measured["bf16"]
+
+
+def _held_at_half(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers stored at 2 B an element but those kept in float32 (4 B):
+    what it holds in fp16 as in bf16, from its own counts."""
+    tensors = [*model.parameters(), *model.buffers()]  # parameters() once each, tied or not
+    return sum(t.numel() * (4 if t.dtype == torch.float32 else 2) for t in tensors)
+
+
+def test_a_bf16_run_planned_in_fp16_weighs_its_buffers_as_the_run_held_them(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the bf16 run, its model cast whole by `.to(torch.bfloat16)`: its rotary inv_freq and
+    # original_inv_freq are bf16 too, not the float32 transformers keeps under dtype=
+    cast = build_model(tiny_size(LAYERS, KV_HEADS)).eval().to(torch.bfloat16)
+    assert {b.dtype for b in cast.buffers()} == {torch.bfloat16}
+    # WHEN it is planned in fp16, as wide as bf16
+    plan = plan_json(runs["bf16"], capsys, "--dtype", "fp16")
+    # THEN every parameter and buffer is 2 B an element, as the run held them (before: its buffers at 4 B,
+    # 32 B more under transformers 5.25)
+    held = report_json(runs["bf16"], capsys)["categories_at_peak"]["weights"]
+    assert plan["weights_bytes"] == _held_at_half(cast) == held
+    # AND a model built with dtype=bf16, which keeps its rotary tables in float32, keeps them at 4 B
+    kept = transformers.AutoModelForCausalLM.from_config(cast.config, dtype=torch.bfloat16).eval()
+    assert torch.float32 in {b.dtype for b in kept.buffers()}
+    record_generate(kept, tmp_path / "kept", BATCH, PROMPT, NEW)
+    assert plan_json(tmp_path / "kept", capsys, "--dtype", "fp16")["weights_bytes"] == _held_at_half(kept)
