@@ -76,6 +76,7 @@ def analyze_kv_log(
     storages: list[tuple[int, int, int, int, int, str, int]] = []
     scanned_after: dict[int, int] = {}  # storage index -> the last line's t_ns before its step
     found: set[int] = set()  # storage indices first logged as found
+    tracked: set[int] = set()  # storage indices first logged by kvtrace.track()
     storage_shares: dict[int, dict[tuple[int, int], int]] = {}
     buffer_storages: dict[int, BufferStorage] = {}
     last_ns = 0  # the latest line's t_ns so far
@@ -243,6 +244,8 @@ def analyze_kv_log(
                 scanned_after[len(storages)] = step_after[1]
             if ev.reason == "found":
                 found.add(len(storages))
+            if ev.source == "track":
+                tracked.add(len(storages))
             storages.append((ev.addr, ev.storage_bytes, ev.t_ns, -1, ev.layer, ev.kv, ev.cache))
         if ev.event != "freed" and ev.logical_bytes and ev.addr in live:
             changes = shared.see(
@@ -416,6 +419,7 @@ def analyze_kv_log(
         storages=storages,
         scanned_after_ns=scanned_after,
         found_storages=found,
+        tracked_storages=tracked,
         storage_shares=storage_shares,
         buffer_storages=buffer_storages,
         caches=caches,

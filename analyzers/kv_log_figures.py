@@ -133,6 +133,11 @@ class KvLogAnalysis:
     """The storages first logged as found (`created`, reason "found": a cache kvtrace first saw holding KV,
     filled before `record()`): indices in `storages`. Held since before the log's first sight of them,
     where a trace that began earlier has no allocation of theirs."""
+    tracked_storages: set[int] = field(default_factory=set)
+    """The storages first logged by `kvtrace.track()` (`source` "track"): indices in `storages`. The user
+    hands over a tensor made whenever they chose, often before `record()` (one preallocated KV tensor, its
+    layers' views tracked after each forward): like a found cache's, held since before the log's first
+    sight of them where a trace that began earlier has no allocation of theirs."""
     caches: list[CacheFigures] = field(default_factory=list)
     """Every cache object with KV data, by id. `per_layer` holds the rows of the caches live at the final
     state (or with evicted tokens); `step_live` and `layer_series` sum a layer index over the caches."""

@@ -46,8 +46,8 @@ def kv_held_before_trace(
     lead_us: float | None = None,
 ) -> list[Storage]:
     """The KV storages on `dev` that the log saw no later than its first event (or `found`, by (address,
-    first time): first logged where a cache filled before `record()` was first seen, which may be well
-    after the trace began, held since before), not freed by then, and
+    first time): first logged where a cache filled before `record()` was first seen, or handed to
+    `kvtrace.track()`, which may be well after the trace began, held since before), not freed by then, and
     whose allocation the trace does not hold: no event at their address, or (one the log saw freed) first
     their own free (a GPU's trace), or first the allocation of their address's next occupant, which the KV
     log's join cannot take for theirs. A storage the log never saw freed whose address the trace uses is

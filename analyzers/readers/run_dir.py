@@ -187,7 +187,9 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     # trace, so they neither place its clock nor count as held before it
     untraced = caches_on_other_threads(run.manifest) if traces else set()
     storages = [s for s in kv.storages if s[6] not in untraced]
-    found = {(kv.storages[i][0], kv.storages[i][2]) for i in kv.found_storages}  # (addr, first t_ns)
+    # (addr, first t_ns) of the storages that may be held since before the trace however late the log first
+    # saw them: a cache found filled, a tensor handed to track() (made whenever the user chose)
+    found = {(kv.storages[i][0], kv.storages[i][2]) for i in kv.found_storages | kv.tracked_storages}
     if traces:
         from analyzers.readers.chrome_trace import read_chrome_trace
 

@@ -3,6 +3,9 @@ layer's K and V as views cut to the tokens written after each forward (the READM
 bytes per token and capacity, and diagnose's moment and prices, come from the tensor's max_seq, not from its
 bytes over the tokens written.
 
+The tensor is made with the model, before `record()`: with the profiler on, its trace has no allocation of
+it, and it is KV held from the trace's first event (`readers.kv_before_trace`).
+
 Every figure is the arithmetic of the tensor: 2 layers x K,V x 2 rows x 2 KV heads x 64 positions x 16 x 4 B.
 """
 
@@ -10,12 +13,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kvtrace
+from analyzers.report import build_report
 from tests.cli_json import cli_json, report_json
 
 LAYERS, DIM, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2, 64, 4, 2, 16, 128
@@ -26,6 +31,10 @@ TENSOR_BYTES = LAYERS * 2 * BATCH * KV_HEADS * MAX_SEQ * HEAD_DIM * FP32  # 65,5
 VIEW_BYTES = BATCH * KV_HEADS * MAX_SEQ * HEAD_DIM * FP32  # one layer's K (or V) room: 16,384 B
 TOKEN_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * FP32  # a token of one row: 512 B
 POSITION_BYTES = TOKEN_BYTES * BATCH  # a position across the batch: 1,024 B
+# embedding, each layer's QKV projection and the output projection, fp32: 131,072 B
+WEIGHT_BYTES = (
+    VOCAB * DIM + LAYERS * DIM * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HEAD_DIM * VOCAB
+) * FP32
 
 
 class OneTensorDecoder(torch.nn.Module):
@@ -70,7 +79,7 @@ class OneTensorDecoder(torch.nn.Module):
         return self.out(h)
 
 
-def _record(path: Path, model: OneTensorDecoder, given: bool) -> None:
+def _record(path: Path, model: OneTensorDecoder, given: bool, profiler: bool = False) -> None:
     """Prefill 8 tokens and decode 5, tracking every layer's K and V views cut to the tokens written after
     each forward; `given`: the model is handed to record() (its forwards are steps), else a bare loop."""
 
@@ -79,7 +88,7 @@ def _record(path: Path, model: OneTensorDecoder, given: bool) -> None:
             for index, kind in enumerate("kv"):
                 kvtrace.track(model.view(layer, index, end), layer=layer, kind=kind, layout=model.layout)
 
-    with kvtrace.record(path, model=model if given else None, profiler=False), torch.inference_mode():
+    with kvtrace.record(path, model=model if given else None, profiler=profiler), torch.inference_mode():
         logits = model(torch.randint(0, VOCAB, (BATCH, PROMPT)), 0)
         track(PROMPT)
         for pos in range(PROMPT, WRITTEN):
@@ -160,3 +169,50 @@ def test_whole_views_of_one_tensor_give_its_capacity(tmp_path, capsys):
     context = next(remedy for remedy in remedies if remedy["kind"] == "context")
     assert (context["setting"], context["saved_bytes"]) == (MAX_SEQ - 1, POSITION_BYTES)
     assert "at most in this run" not in context["sentence"]
+
+
+def _memory_events(run: Path) -> list[dict[str, Any]]:
+    """The `[memory]` events of the run's profiler trace, as the file has them."""
+    (trace,) = (run / "profiler").glob("*.pt.trace.json")
+    return [
+        event for event in json.loads(trace.read_text())["traceEvents"] if event.get("name") == "[memory]"
+    ]
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["model-given", "bare-loop"])
+def test_a_tensor_made_before_the_block_is_kv_from_the_traces_first_event(
+    tmp_path, watched_models, capsys, given
+):
+    # GIVEN the tensor made with the model, before record(), and the views tracked after each forward with
+    # the profiler on (the default): the KV log first sees it after the prefill, the trace never allocates it
+    torch.manual_seed(0)
+    model = OneTensorDecoder("bhsd").eval()
+    watched_models.append(model)
+    _record(tmp_path / "run", model, given, profiler=True)
+    events = _memory_events(tmp_path / "run")
+    assert events and all(event["args"].get("Addr") for event in events)
+    assert not [
+        event for event in events if event["args"].get("Addr") == model.kv.untyped_storage().data_ptr()
+    ]
+
+    # THEN the device's KV is the whole tensor from the trace's first event to its last, 65,536 B (it was 0:
+    # the log's sighting, after the trace began, was taken for a storage the trace should have allocated)
+    weights = WEIGHT_BYTES if given else 0  # a bare loop lists no weights
+    _, report = build_report(tmp_path / "run")
+    (timeline,) = report.timelines
+    assert (timeline.start_by_category["kv"], timeline.start_by_category["weights"]) == (
+        TENSOR_BYTES,
+        weights,
+    )
+    assert set(timeline.by_category["kv"].tolist()) == {TENSOR_BYTES}
+    (device,) = report.devices
+    assert device.categories_at_peak["kv"] == TENSOR_BYTES == 65536
+    assert device.categories_at_peak["weights"] == weights
+    assert device.final_allocated_bytes >= weights + TENSOR_BYTES
+    # AND the report's KV at the peak says so, as the KV log does
+    kv = report_json(tmp_path / "run", capsys)
+    assert kv["categories_at_peak"]["kv"] == kv["kv"]["peak_bytes"] == kv["kv"]["final_bytes"] == TENSOR_BYTES
+
+    # AND diagnose's moment holds the tensor, 65,536 B of KV for its 2 rows
+    diagnosis = cli_json(["diagnose", str(tmp_path / "run"), "--json"], capsys)
+    assert (diagnosis["kv_bytes"], diagnosis["batch"]) == (TENSOR_BYTES, BATCH)
