@@ -25,7 +25,14 @@ from analyzers.kv_events import (
     is_kv_data,
 )
 from analyzers.kv_log_figures import CacheFigures, KvLogAnalysis, LayerFigures
-from analyzers.kv_views import SharedStorages, Slot, held_by_slot, layer_shares, tracked_capacity
+from analyzers.kv_views import (
+    TRACKED_PARTS,
+    SharedStorages,
+    Slot,
+    held_by_slot,
+    layer_shares,
+    tracked_capacity,
+)
 from kvtrace.format import CALLER_REASON, NO_BEAMS_REASON, TRACK_CACHE_ID, KvEvent, Run
 
 _NO_NEW_STORAGE = ("freed", "written")
@@ -207,8 +214,15 @@ def analyze_kv_log(
             # step, in the step it follows)
             _merge_evicted(evicted_by_step, open_step if ending else ev.step, gap_evicted)
             open_step = ended = None
-        elif open_step is not None and ended != open_step and ev.t_ns > ends.get(open_step, ev.t_ns):
-            # Past the step's end sample: the state before this line is the one its forward ended with
+        elif (
+            open_step is not None
+            and ended != open_step
+            and ev.t_ns > ends.get(open_step, ev.t_ns)
+            and ev.part not in TRACKED_PARTS
+        ):
+            # Past the step's end sample: the state before this line is the one its forward ended with. Not
+            # a `kvtrace.track` line: the user's code tracks what a forward wrote after it returns (the
+            # README's advice), so it is that forward's end state, not a change made in the gap after it.
             _end_state(open_step)
             ended = open_step
         if index == cut_from:

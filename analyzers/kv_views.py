@@ -18,7 +18,7 @@ from typing import Any
 
 from analyzers.units import human_bytes
 
-_TRACKED_PARTS = ("tracked", "tracked_bshd")
+TRACKED_PARTS = ("tracked", "tracked_bshd")  # the KV log parts of `kvtrace.track` tensors
 
 # (cache, layer, kv): one slot of one cache
 Slot = tuple[int, int, str]
@@ -111,7 +111,7 @@ def _tracked_views(events: Iterable[Any]) -> _TrackedViews:
     cut: set[Slot] = set()
     room: dict[Slot, int] = {}
     for ev in events:
-        if ev.part not in _TRACKED_PARTS:
+        if ev.part not in TRACKED_PARTS:
             continue
         slot = (ev.cache, ev.layer, ev.kv)
         slots = views.setdefault(ev.addr, {})

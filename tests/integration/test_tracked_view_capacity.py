@@ -216,3 +216,8 @@ def test_a_tensor_made_before_the_block_is_kv_from_the_traces_first_event(
     # AND diagnose's moment holds the tensor, 65,536 B of KV for its 2 rows
     diagnosis = cli_json(["diagnose", str(tmp_path / "run"), "--json"], capsys)
     assert (diagnosis["kv_bytes"], diagnosis["batch"]) == (TENSOR_BYTES, BATCH)
+    # AND its step's end state holds every layer's views, tracked after the forward returned: no note that
+    # the step "stopped before the others held any" (the prefill's peak, 8 tokens written of each row)
+    assert not [note for note in diagnosis["notes"] if "KV layers" in note], diagnosis["notes"]
+    if given:
+        assert (diagnosis["step"], diagnosis["tokens_held"]) == (1, PROMPT)
