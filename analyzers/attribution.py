@@ -6,7 +6,9 @@ Four methods, and each event says which one decided it (`DeviceEvents.method`):
 - **kv_log**: kvtrace's own log names every KV storage (address, size, lifetime). An allocation is KV when
   the latest allocation of that address and size at or before the storage's first sighting is it. Addresses
   are reused, so the join respects lifetimes; its free is the next free of that address. On a GPU the size
-  is the allocator's block that holds the storage (`block_holds`), and the whole block counts as KV.
+  is the allocator's block that holds the storage (`block_holds`), and the whole block counts as KV. The
+  time of each storage's free on its own device goes to `source.meta[KV_FREES]`, where the KV line
+  (`analyzers.kv_line`) drops.
 - **weights_table**: a run's weights table says which storages its model took or let go during the run
   (`model.to(torch.bfloat16)` inside the block): their allocations and frees, found by address and time.
 - **stack_rule**: for traces and snapshots from anyone, the allocation's stack frames are matched against
@@ -34,6 +36,7 @@ from analyzers.model import (
     WEIGHTS,
     DeviceEvents,
     MemorySource,
+    normal_device,
 )
 from analyzers.stack_rules import RULES as RULES
 from analyzers.stack_rules import Rule as Rule
@@ -49,6 +52,9 @@ JOIN_TOLERANCE_US = 2000.0
 # storage only if it came that soon after the sighting at the same address and size: the next occupant of
 # a KV storage's address comes a step or more later.
 SIGHTING_MARGIN_US = 500.0
+# `source.meta` key: float64 per KV log storage (`KvLogAnalysis.storages`), the µs of the trace's free of it
+# on its own device (NaN: none in the trace)
+KV_FREES = "kv_free_us"
 
 # A GPU's caching allocator reports to the profiler the block it hands out (`reportMemoryUsageToProfiler(
 # block->ptr, block->size, ...)` in c10/cuda/CUDACachingAllocator.cpp's `malloc`; XPU's allocator is the
@@ -124,6 +130,8 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
     frame_cat, frame_kind = _frame_categories(source.frames, rules)
     kv = source.meta.get("kv")
     kv_storages = kv.storages if kv is not None else []
+    storage_devices: list[str] = kv.storage_devices if kv is not None else []
+    frees_us = np.full(len(kv_storages), np.nan)
     weight_changes = source.meta.get("weight_changes")  # a run's model converted inside the block
     for dev in source.devices:
         n = len(dev)
@@ -154,7 +162,10 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
             _join_weight_changes(dev, weight_changes)
         if kv_storages:
             held = (source.meta.get("kv_held_before_trace") or {}).get(dev.device)
-            _join_kv_log(dev, kv_storages, held)
+            for storage, freed_us in _join_kv_log(dev, kv_storages, held).items():
+                named = storage_devices[storage] if storage < len(storage_devices) else ""
+                if not named or normal_device(named) == dev.device:
+                    frees_us[storage] = freed_us
         if dev.baseline_blocks:
             # Blocks live before the trace began (snapshots): their stacks split the baseline too.
             split: dict[int, int] = {}
@@ -162,6 +173,8 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
                 category = int(frame_cat[fid]) if 0 <= fid < len(frame_cat) and frame_cat[fid] >= 0 else OTHER
                 split[category] = split.get(category, 0) + size
             dev.baseline_categories = split
+    if kv_storages:
+        source.meta[KV_FREES] = frees_us
     return source
 
 
@@ -206,10 +219,13 @@ def _join_weight_changes(dev: DeviceEvents, changes: list[Any]) -> None:
     dev.method[targets] = METHOD_WEIGHTS_TABLE
 
 
-def _join_kv_log(dev: DeviceEvents, storages: list[_Storage], held: list[_Storage] | None = None) -> None:
+def _join_kv_log(
+    dev: DeviceEvents, storages: list[_Storage], held: list[_Storage] | None = None
+) -> dict[int, float]:
     """Mark as KV the allocation of each storage of the KV log that the trace holds, and its free; and the
     free of each storage `held` before the trace (`readers.kv_before_trace`): the first event at its address,
-    the trace's or one the reader added, which takes it out of the level before the first event."""
+    the trace's or one the reader added, which takes it out of the level before the first event. Returns
+    {index in `storages`: the time (µs) of its free} for those whose free the trace holds."""
     kv_addrs = {s[0] for s in storages}
     alloc_mask = dev.delta_bytes > 0
     by_addr: dict[int, list[int]] = {}
@@ -220,13 +236,14 @@ def _join_kv_log(dev: DeviceEvents, storages: list[_Storage], held: list[_Storag
     for idx in np.nonzero((dev.delta_bytes < 0) & at_kv)[0]:
         frees_at.setdefault(int(dev.addr[idx]), []).append(int(idx))
     matched_allocs: list[int] = []
+    matched_storages: list[int] = []
     layers: list[int] = []
     kinds: list[int] = []
     caches: list[int] = []
     ts = dev.ts_us
     blocks = sizes_are_blocks(dev)
     lead = _lead_of(dev, storages, by_addr, blocks)
-    for addr, nbytes, first_ns, _last_ns, layer, kv, cache in storages:
+    for storage, (addr, nbytes, first_ns, _last_ns, layer, kv, cache) in enumerate(storages):
         candidates = by_addr.get(addr)
         if not candidates:
             continue
@@ -252,12 +269,13 @@ def _join_kv_log(dev: DeviceEvents, storages: list[_Storage], held: list[_Storag
             best = i
         if best >= 0:
             matched_allocs.append(best)
+            matched_storages.append(storage)
             layers.append(layer)
             kinds.append(1 if kv == "k" else 2)
             caches.append(cache)
     held_frees = _held_frees(dev, held)
     if not matched_allocs and not held_frees:
-        return
+        return {}
     # attribute() fills these arrays before joining the KV log.
     assert dev.category is not None and dev.method is not None
     assert dev.layer is not None and dev.kv_kind is not None
@@ -274,12 +292,22 @@ def _join_kv_log(dev: DeviceEvents, storages: list[_Storage], held: list[_Storag
     dev.layer[frees[ok]] = dev.layer[index[ok]]
     dev.kv_kind[frees[ok]] = dev.kv_kind[index[ok]]
     dev.kv_cache[frees[ok]] = dev.kv_cache[index[ok]]
-    for free, (_addr, _nbytes, _first, _freed, layer, kv, cache) in held_frees:
+    freed_at = {
+        storage: float(ts[free])
+        for storage, free in zip(matched_storages, frees.tolist(), strict=True)
+        if free >= 0
+    }
+    index_of = {(s[0], s[2]): i for i, s in enumerate(storages)} if held_frees else {}
+    for free, (addr, _nbytes, first_ns, _freed, layer, kv, cache) in held_frees:
         dev.category[free] = KV
         dev.method[free] = METHOD_KV_LOG
         dev.layer[free] = layer
         dev.kv_kind[free] = 1 if kv == "k" else 2
         dev.kv_cache[free] = cache
+        held_index = index_of.get((addr, first_ns))
+        if held_index is not None:
+            freed_at[held_index] = float(ts[free])
+    return freed_at
 
 
 def trace_lead_us(dev: DeviceEvents, storages: list[_Storage]) -> float:

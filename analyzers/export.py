@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from analyzers.budget import step_starts
+from analyzers.kv_line import kv_line
 from analyzers.kv_log_figures import KvLogAnalysis
 from analyzers.model import MemorySource
 from kvtrace.errors import KvtraceError
@@ -65,9 +68,12 @@ def write_counters(
     pid: int,
     clock_shift_us: int = 0,
     starts: dict[int, int] | None = None,
+    frees_us: np.ndarray | None = None,
 ) -> Path:
     """Chrome-trace counter events ("ph": "C"): total KV bytes and per-layer bytes after every KV event,
-    the latter at each step's start (`starts`, from `step_start_ns`).
+    the latter at each step's start (`starts`, from `step_start_ns`). The total is the page's KV line
+    (`analyzers.kv_line`): with `frees_us` (`source.meta[attribution.KV_FREES]`), a `freed` line the log
+    wrote when the recorder noticed it drops where the trace's allocator freed the storage.
 
     `clock_shift_us`: what the report added to the trace's times to put them on the run's clock (its base
     missing or wrong: analyzers.readers.trace_clock); taken off here so that the counters line up with the
@@ -78,7 +84,8 @@ def write_counters(
         {"name": "process_name", "ph": "M", "pid": pid, "args": {"name": "kvtrace KV cache"}},
     ]
     layer_live: dict[int, int] = {}
-    for t_ns, total in zip(kv.series_t_ns, kv.series_bytes, strict=True):
+    line_ns, line_bytes = kv_line(kv, frees_us)
+    for t_ns, total in zip(line_ns.tolist(), line_bytes.tolist(), strict=True):
         ts = (t_ns - origin_ns) / 1000.0
         events.append({"name": "KV cache bytes", "ph": "C", "ts": ts, "pid": pid, "args": {"kv": total}})
     steps = sorted(kv.step_live)

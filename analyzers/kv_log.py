@@ -81,6 +81,8 @@ def analyze_kv_log(
     live: dict[int, tuple[int, int, str, int]] = {}  # addr -> (bytes, layer, kv, cache)
     open_storage: dict[int, int] = {}  # addr -> index in storages
     storages: list[tuple[int, int, int, int, int, str, int]] = []
+    storage_devices: list[str] = []
+    series_frees: dict[int, int] = {}  # series point of a `freed` line -> the index in storages it frees
     scanned_after: dict[int, int] = {}  # storage index -> the last line's t_ns before its step
     found: set[int] = set()  # storage indices first logged as found
     tracked: set[int] = set()  # storage indices first logged by kvtrace.track()
@@ -114,6 +116,7 @@ def analyze_kv_log(
     evicting: set[tuple[int, int, int]] = set()  # (cache, layer, step) whose K lost tokens: its V line next
     evicted_by_step: dict[int, dict[int, dict[str, int]]] = {}  # step -> layer -> kind -> tokens, all rows
     final_state: dict[int, tuple[int, int, str, int]] | None = None
+    final_point = -1  # the series point whose level is the final state's
     # storages several slots are views of, split by view in the per-layer figures (the totals count each once)
     shared = SharedStorages()
     final_shares: dict[int, dict[Slot, int]] = {}
@@ -236,6 +239,7 @@ def analyze_kv_log(
             final_state = dict(live)
             final_shares = copy.deepcopy(shared.shares)
             final_total = live_total
+            final_point = len(series_t) - 1
         if not ending:
             step_phase.setdefault(ev.step, ev.phase)
             step_start.setdefault(ev.step, ev.t_ns)
@@ -244,9 +248,10 @@ def analyze_kv_log(
             if entry is not None:
                 live_total -= entry[0]
                 _add_shares({slot: -nbytes for slot, nbytes in shared.release(ev.addr, entry).items()})
-                index = open_storage.pop(ev.addr)
-                addr, nbytes, first, _, layer, kv, cache = storages[index]
-                storages[index] = (addr, nbytes, first, ev.t_ns, layer, kv, cache)
+                storage = open_storage.pop(ev.addr)
+                addr, nbytes, first, _, layer, kv, cache = storages[storage]
+                storages[storage] = (addr, nbytes, first, ev.t_ns, layer, kv, cache)
+                series_frees[len(series_t)] = storage
         elif ev.addr and ev.addr not in live and ev.event not in _NO_NEW_STORAGE:
             live[ev.addr] = (ev.storage_bytes, ev.layer, ev.kv, ev.cache)
             live_total += ev.storage_bytes
@@ -261,6 +266,7 @@ def analyze_kv_log(
             if ev.source == "track":
                 tracked.add(len(storages))
             storages.append((ev.addr, ev.storage_bytes, ev.t_ns, -1, ev.layer, ev.kv, ev.cache))
+            storage_devices.append(ev.device)
         if ev.event != "freed" and ev.logical_bytes and ev.addr in live:
             changes = shared.see(
                 ev.addr, live[ev.addr], (ev.cache, ev.layer, ev.kv), ev.part, ev.logical_bytes
@@ -341,11 +347,13 @@ def analyze_kv_log(
          evicted_by_layer, evicted_by_layer_reason, generated, generated_rows, call_step, call_generated,
          reordered, beams, buffer_shapes, buffer_in_place, final_shares,
          last_step_by_cache) = whole_end  # fmt: skip
+        final_point = cut_from - 1
     elif open_step is not None:
         _close_step(open_step)
         _merge_evicted(evicted_by_step, open_step, gap_evicted)
     if final_state is None:
         final_state, final_total, final_shares = dict(live), live_total, shared.shares
+        final_point = len(series_t) - 1
 
     final_by_cache: dict[int, int] = defaultdict(int)
     for nbytes, _, _, cache in held_by_slot(final_state, final_shares):
@@ -424,6 +432,8 @@ def analyze_kv_log(
         evicted_by_reason=_total_by_reason(evicted_by_layer_reason),
         series_t_ns=series_t,
         series_bytes=series_b,
+        series_frees=series_frees,
+        final_point=final_point,
         layer_series=dict(layer_series),
         step_live=step_live,
         step_phase=step_phase,
@@ -431,6 +441,7 @@ def analyze_kv_log(
         evictions=evictions,
         evicted_by_step=evicted_by_step,
         storages=storages,
+        storage_devices=storage_devices,
         scanned_after_ns=scanned_after,
         found_storages=found,
         tracked_storages=tracked,

@@ -104,6 +104,13 @@ class KvLogAnalysis:
     # reorder between two generate() calls) came between two steps, and count in the next step's figures.
     series_t_ns: list[int] = field(default_factory=list)
     series_bytes: list[int] = field(default_factory=list)
+    series_frees: dict[int, int] = field(default_factory=dict)
+    """The series' points of `freed` lines: point -> the index in `storages` of the storage it frees. Their
+    `t_ns` is when the recorder noticed the free (for a cache generate() dropped, as late as the block's
+    end); `analyzers.kv_line` moves them to the allocator's free where a trace has it."""
+    final_point: int = -1
+    """The series' point whose level is `final_bytes` (the last before the block's `end` lines, or before a
+    cut step's first line); -1: none."""
     layer_series: dict[int, list[int]] = field(default_factory=dict)
     step_live: dict[int, dict[int, int]] = field(default_factory=dict)
     step_phase: dict[int, str] = field(default_factory=dict)
@@ -118,6 +125,8 @@ class KvLogAnalysis:
     storages: list[tuple[int, int, int, int, int, str, int]] = field(default_factory=list)
     """Every KV storage: (addr, bytes, first_t_ns, last_t_ns, layer, kv, cache); last_t_ns = free time or
     -1."""
+    storage_devices: list[str] = field(default_factory=list)
+    """The device of each of `storages`, as its first line names it ("": not named)."""
     scanned_after_ns: dict[int, int] = field(default_factory=dict)
     """The storages a scan found rather than an update (module caches, `source` "module": the recorder
     compares them at the end of each forward, so a storage's first `t_ns` may come a whole forward after

@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from analyzers.attribution import KV_FREES
 from analyzers.group import GroupReport, RankReport
+from analyzers.kv_line import kv_line
 from analyzers.planning.diagnosis import Diagnosis
 from analyzers.render.budget_marks import add_budget
 from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
@@ -189,8 +191,8 @@ def _group_figure(group: GroupReport) -> Any:
             legend.add(f"{prefix}allocated")
         kv = r.source.meta.get("kv")
         if kv is not None and len(kv.series_bytes):
-            series = np.asarray(kv.series_bytes, dtype=np.int64)
-            t_ns = np.asarray(kv.series_t_ns, dtype=np.int64)
+            # The rank's frees at its allocator's, where its trace has them (analyzers.kv_line)
+            t_ns, series = kv_line(kv, r.source.meta.get(KV_FREES))
             keep = downsample_indices(series, MAX_POINTS, t_ns)
             x = (t_ns[keep].astype(np.float64) / 1000.0 - t0) / 1e6
             fig.add_trace(

@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from analyzers.attribution import KV_FREES
 from analyzers.caches import layer_list
+from analyzers.kv_line import kv_line
 from analyzers.model import MemorySource
 from analyzers.render.budget_marks import add_budget
 from analyzers.render.engine import no_memory_timeline
@@ -173,8 +175,8 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     fig.update_yaxes(title_text=unit, row=1, col=1)
     if rows == 3:
         assert kv is not None and grid is not None  # rows == 3 only when there is a KV log
-        series = np.asarray(kv.series_bytes, dtype=np.int64)
-        t_ns = np.asarray(kv.series_t_ns, dtype=np.int64)
+        # The log's frees at the allocator's, where the trace has them (analyzers.kv_line)
+        t_ns, series = kv_line(kv, source.meta.get(KV_FREES))
         keep = downsample_indices(series, MAX_POINTS, t_ns)
         x = (t_ns[keep].astype(np.float64) / 1000.0 - t0) / 1e6
         line = {"color": _COLORS["kv"], "shape": "hv"}
@@ -190,6 +192,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
             2,
             1,
         )
+        _add_final_mark(fig, kv, t_ns, series, t0, kv_factor, kv_unit)
         fig.update_xaxes(title_text="seconds from first event", matches="x", row=2, col=1)
         fig.update_yaxes(title_text=f"KV ({kv_unit})", rangemode="tozero", row=2, col=1)
         z_unit, z_factor = binary_unit(int(grid.live_bytes.max()) if grid.live_bytes.size else 0)
@@ -240,6 +243,32 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         margin={"t": 60, "l": 70, "r": 30},
     )
     return fig
+
+
+def _add_final_mark(
+    fig: Any, kv: Any, t_ns: np.ndarray, series: np.ndarray, t0: float, factor: float, unit: str
+) -> None:
+    """Where the KV log's final figures are taken (`kv.final_bytes`: the end of the last step), on the KV
+    line: a cache generate() dropped is gone from the line after it, not from the figures."""
+    import plotly.graph_objects as go
+
+    point = kv.final_point
+    if not 0 <= point < len(series):
+        return
+    fig.add_trace(
+        go.Scatter(
+            x=[(float(t_ns[point]) / 1000.0 - t0) / 1e6],
+            y=[series[point] / factor],
+            mode="markers",
+            name="KV final",
+            marker={"symbol": "diamond", "size": 9, "color": _COLORS["kv"]},
+            text=[f"KV final (end of the last step): {human_bytes(int(series[point]))}"],
+            hovertemplate="%{text}<extra></extra>",
+            showlegend=False,
+        ),
+        2,
+        1,
+    )
 
 
 def _held_span(placed: list[Any], source: MemorySource, axis: EventAxis) -> tuple[float, float]:

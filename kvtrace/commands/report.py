@@ -144,6 +144,7 @@ class ReportCommand(Command):
 
     @staticmethod
     def _export(path: Path, source: object) -> None:
+        from analyzers.attribution import KV_FREES
         from analyzers.export import COUNTERS_FILE, SCALARS_DIR, step_start_ns, write_counters, write_scalars
 
         meta = source.meta  # type: ignore[attr-defined]
@@ -159,9 +160,9 @@ class ReportCommand(Command):
         try:
             pid = int(meta["manifest"].get("pid", 0))
             starts = step_start_ns(source)  # type: ignore[arg-type]
-            write_counters(
-                path, meta["kv"], meta.get("trace"), pid, meta.get("trace_clock_shift_us", 0), starts
-            )
+            shift = meta.get("trace_clock_shift_us", 0)
+            frees = meta.get(KV_FREES)  # the allocator's frees of the KV storages: where the total drops
+            write_counters(path, meta["kv"], meta.get("trace"), pid, shift, starts, frees)
         except KvtraceError as exc:  # a link or a folder where the file goes
             _not_exported(exc)
         except OSError as exc:
