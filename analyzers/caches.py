@@ -356,8 +356,8 @@ def layer_tokens(row: _LayerRow) -> set[int]:
 def layer_tokens_cell(row: _LayerRow) -> str:
     """A per-layer table's tokens per row: the count, or K's and V's where they differ ("K 257 V 256")."""
     if row.k_tokens and row.v_tokens and row.k_tokens != row.v_tokens:
-        return f"K {row.k_tokens} V {row.v_tokens}"
-    return f"{row.tokens}"
+        return f"K {row.k_tokens:,} V {row.v_tokens:,}"
+    return f"{row.tokens:,}"
 
 
 def layers_holding(rows: Iterable[_LayerRow], cache: int | None) -> set[int]:

@@ -354,7 +354,16 @@ def _add_usage(fig: Any, usage: tuple[str, list[dict[str, Any]]], t0: float, row
             col=1,
             secondary_y=True,
         )
-        fig.update_yaxes(title_text=f"device memory ({mem_unit})", row=row, col=1, secondary_y=True)
+        # From 0, as the memory panels: a range fitted to the samples (16-72 GiB) drew ticks at 13.3, 36.3...
+        fig.update_yaxes(
+            title_text=f"device memory ({mem_unit})",
+            rangemode="tozero",
+            tickmode="auto",  # its own round ticks, not the % axis grid's (0, 28.2, 56.3 GiB)
+            showgrid=False,
+            row=row,
+            col=1,
+            secondary_y=True,
+        )
     fig.update_yaxes(title_text="%", rangemode="tozero", row=row, col=1, secondary_y=False)
     fig.update_xaxes(title_text="seconds from first event", matches="x", row=row, col=1)
 

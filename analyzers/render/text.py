@@ -40,7 +40,8 @@ def _buffer_slots(kv: Any) -> str:
         return slots
     rows = "row" if kv.batch == 1 else "rows"
     per_written = held / kv.token_rows
-    return f"{slots}; the {kv.tokens_held} tokens x {kv.batch} {rows} written hold {per_written:,.1f} each"
+    written = f"{kv.tokens_held:,} tokens x {kv.batch:,} {rows}"
+    return f"{slots}; the {written} written hold {per_written:,.1f} each"
 
 
 def _cache_line(cache: Any) -> str:
@@ -48,7 +49,7 @@ def _cache_line(cache: Any) -> str:
     role = " main" if cache.main else ""
     figures = (
         f"{cache.layers} layers, {human_bytes(cache.final_bytes)} held, "
-        f"{cache.tokens} tokens x {cache.rows or '-'} rows"
+        f"{cache.tokens:,} tokens x {cache.rows or '-'} rows"
     )
     if per_token is not None:
         figures += f", {per_token:,.1f} bytes per token"
@@ -92,9 +93,9 @@ def _per_layer_lines(kv: Any, several: bool) -> list[str]:
             "    layer      K bytes      V bytes  caches  tokens/row  evicted (all rows)",
         ]
         for row in layers_over_caches(kv.per_layer):
-            tokens = f"{row.min_tokens}"
+            tokens = f"{row.min_tokens:,}"
             if row.max_tokens != row.min_tokens:
-                tokens += f"-{row.max_tokens}"
+                tokens += f"-{row.max_tokens:,}"
             lines.append(
                 f"    {row.layer:>5} {row.k_bytes:>12,} {row.v_bytes:>12,} {row.caches:>7,} {tokens:>11} "
                 f"{row.evicted_tokens:>19,}"
@@ -106,7 +107,7 @@ def _per_layer_lines(kv: Any, several: bool) -> list[str]:
         cache_cell = f"{layer.cache:>5} " if several else ""
         lines.append(
             f"    {cache_cell}{layer.layer:>5} {layer.k_bytes:>12,} {layer.v_bytes:>12,} "
-            f"{layer_tokens_cell(layer):>11} {layer.evicted_tokens:>19}"
+            f"{layer_tokens_cell(layer):>11} {layer.evicted_tokens:>19,}"
         )
     return lines
 
@@ -197,13 +198,13 @@ def report_to_text(report: Report) -> str:
     if kv.bytes_per_token_measured is not None:
         expected = "-" if kv.bytes_per_token_expected is None else f"{kv.bytes_per_token_expected:,}"
         held = (
-            f"{kv.tokens_held} tokens x {kv.batch} {'row' if kv.batch == 1 else 'rows'}"
+            f"{kv.tokens_held:,} tokens x {kv.batch:,} {'row' if kv.batch == 1 else 'rows'}"
             if kv.batch is not None or report.engine is None
             else f"the pool's capacity of {kv.tokens_held:,} tokens"
         )
         if kv.token_rows and kv.tokens_held and kv.batch and kv.token_rows != kv.tokens_held * kv.batch:
             # data-parallel ranks holding different tokens: the rows are not all as full as the fullest
-            held = f"{kv.token_rows:,} tokens over {kv.batch} rows, up to {kv.tokens_held} a row"
+            held = f"{kv.token_rows:,} tokens over {kv.batch:,} rows, up to {kv.tokens_held:,} a row"
         main_layers = [
             layer
             for layer in kv.per_layer
@@ -243,7 +244,7 @@ def report_to_text(report: Report) -> str:
         expected = "-" if kv.bytes_per_token_expected is None else f"{kv.bytes_per_token_expected:,}"
         of = f" of cache {kv.main_cache}" if kv.main_cache is not None else ""
         lines.append(
-            f"    bytes per token: measured - ({kv.tokens_held} tokens x {kv.batch} "
+            f"    bytes per token: measured - ({kv.tokens_held:,} tokens x {kv.batch:,} "
             f"{'row' if kv.batch == 1 else 'rows'}{of}, which holds nothing at the end), "
             f"arithmetic {expected}"
         )

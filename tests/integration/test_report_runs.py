@@ -476,3 +476,33 @@ def test_the_page_explains_a_sliding_windows_bytes_per_token_and_its_evictions(t
         _summary_cell(text, "evicted tokens (all rows and layers)")
         == f"{evicted:,} (sliding window {evicted:,})"
     )
+
+
+def test_the_nvml_memory_axis_of_a_gpu_run_has_its_own_round_ticks_from_zero(tmp_path: Path) -> None:
+    # GIVEN the H200 run, whose samples carry NVML's device memory (16.4 to 72.3 GiB)
+    run = SAMPLES / "h200" / "dynamic_b24"
+    page = tmp_path / "report.html"
+    with redirect_stdout(io.StringIO()):
+        assert main(["report", str(run), "-o", str(page), "--no-export", "-q"]) == 0
+    traces, layout = page_figure(page.read_text(), "kvtrace-timeline")
+    (memory,) = [trace for trace in traces if trace["name"] == "GPU memory used (NVML, all processes)"]
+    axis = layout["yaxis" + memory["yaxis"].removeprefix("y")]
+    # THEN its axis, overlaying the % axis, starts at 0 and picks its own ticks: plotly synced them to the %
+    # axis's grid before (0, 28.2, 56.3 GiB; 13.3, 36.3, 59.3 without the zero)
+    assert axis["overlaying"] and axis["title"]["text"] == "device memory (GiB)"
+    assert (axis["rangemode"], axis["tickmode"]) == ("tozero", "auto")
+    assert min(memory["y"]) > 16
+
+
+def test_a_long_runs_token_counts_carry_thousands_separators(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN the H200 run: 24 rows of 8,199 tokens (its bytes already said "402,997,248" beside "8199")
+    run = SAMPLES / "h200" / "dynamic_b24"
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    assert (kv["tokens_held"], kv["batch"]) == (8199, 24)
+    # WHEN its text report is read, THEN the counts read as the bytes beside them do
+    assert main(["report", str(run), "--no-export"]) == 0
+    text = capsys.readouterr().out
+    assert f"({kv['tokens_held']:,} tokens x {kv['batch']} rows)" in text and "8199" not in text
+    layer0 = next(line for line in text.splitlines() if line.split()[:1] == ["0"])
+    assert layer0.split()[3] == "8,199"
