@@ -97,6 +97,7 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
         # refused on its own while the loop went on, with their errors (said in `warnings`)
         self.failed_requests = 0
         self._failed_ids: set[str] = set()
+        self._waited: set[str] = set()  # requests whose `waiting` line is written
         self._stop_failed: list[str] = []
         self._failed_alone: list[tuple[str, str]] = []
         self._failing_all = False  # inside fail_all_requests: its requests fail with the run

@@ -32,6 +32,7 @@ class PagedRequests:
     _states: dict[str, Any]
     _dropped: dict[str, tuple[int, bool]]
     _failed_ids: set[str]
+    _waited: set[str]
     _stop_failed: list[str]
     _failed_alone: list[tuple[str, str]]
     _failing_all: bool
@@ -71,6 +72,22 @@ class PagedRequests:
                 dropped_tokens=tokens,
                 offloaded_to="cpu" if to_cpu else "recompute",
             )
+
+    def _request_waiting(self, state: Any) -> None:
+        """The scheduler took a new request in (`add_waiting_request`), holding nothing yet: its `waiting`
+        line, as vLLM's, with its `max_new_tokens` as `max_tokens`. transformers takes new requests in while
+        it prepares a batch, so the line carries the number of the step being prepared (1 for those queued
+        before the first step; vLLM's say 0). Without it a request still queued when the run
+        stopped had no line, and `diagnose` priced one cancelled in the queue at its prompt only. The same
+        call puts back a request the scheduler took out of the pool (a new state under the same id after a
+        soft reset): that one already has its lines."""
+        request_id = str(state.request_id)
+        if request_id in self._waited:
+            return
+        self._waited.add(request_id)
+        max_tokens = getattr(state, "max_new_tokens", None)
+        extra = {"max_tokens": max_tokens} if isinstance(max_tokens, int) else {}
+        self._log_request(state, "waiting", 0, **extra)
 
     def _request_failed(self, proc: Any, state: Any, error: Exception) -> None:
         """transformers failed this request and dropped it: it leaves the engine (`finished`, reason `error`,

@@ -108,6 +108,8 @@ class PagedWrappers:
 
         def _requests_cancelled(self, states: Any) -> None: ...
 
+        def _request_waiting(self, state: Any) -> None: ...
+
     def install(self) -> None:
         """Patch now if transformers' continuous batching is imported, else as soon as it is (a model loaded
         inside the block): a run that never uses it imports nothing more."""
@@ -136,6 +138,7 @@ class PagedWrappers:
         # blocks in `clear_cancelled_requests`, at the next batch's preparation, and returns its state
         scheduler_cls = getattr(sys.modules.get(_SCHEDULER), "Scheduler", None)
         clear: Any = getattr(scheduler_cls, "clear_cancelled_requests", None)
+        add_waiting: Any = getattr(scheduler_cls, "add_waiting_request", None)
 
         def init_hook(cache: Any, *args: Any, **kwargs: Any) -> None:
             init(cache, *args, **kwargs)
@@ -199,8 +202,15 @@ class PagedWrappers:
                 hooks._timed(hooks._requests_cancelled, cancelled)
             return cancelled
 
+        def add_waiting_hook(scheduler: Any, state: Any) -> None:
+            add_waiting(scheduler, state)
+            if getattr(scheduler, "cache", None) is hooks.cache and not hooks._closed:
+                hooks._timed(hooks._request_waiting, state)
+
         patches = self._patches
         patches.set(cache_cls, "__init__", init_hook)
+        if add_waiting is not None:
+            patches.set(scheduler_cls, "add_waiting_request", add_waiting_hook)
         if clear is not None:
             patches.set(scheduler_cls, "clear_cancelled_requests", clear_hook)
             self.cancels_followed = True

@@ -78,7 +78,14 @@ def test_cancelled_requests_leave_the_engine_aborted_and_are_counted_apart(
     lines = [json.loads(x) for x in (run / "engine_requests.jsonl").read_text().splitlines()]
     finished = {x["request_id"]: x for x in lines if x["event"] == "finished"}
     assert set(finished) == set(PROMPTS)
-    assert [x["event"] for x in lines if x["request_id"] == "waiting"] == ["finished"]  # never scheduled
+    # never scheduled: the line the scheduler's queue took it in with (its whole ask), then its abort
+    waited = [x for x in lines if x["request_id"] == "waiting"]
+    assert [x["event"] for x in waited] == ["waiting", "finished"]
+    assert (waited[0]["max_tokens"], waited[0]["prompt_tokens"], waited[0]["blocks"]) == (MAX_NEW, 2, 0)
+    # every request has its waiting line first, with its own max_new_tokens
+    asks = {x["request_id"]: x["max_tokens"] for x in lines if x["event"] == "waiting"}
+    assert asks == {"kept": MAX_NEW, "running": LONG, "waiting": MAX_NEW}
+    assert all(lines[[x["request_id"] for x in lines].index(r)]["event"] == "waiting" for r in PROMPTS)
     assert (finished["waiting"]["finish_reason"], finished["waiting"]["output_tokens"]) == ("abort", 0)
     assert finished["waiting"]["prompt_tokens"] == len(PROMPTS["waiting"])
     running = finished["running"]

@@ -71,7 +71,8 @@ def test_a_request_the_pool_cannot_hold_is_recorded_as_failed_for_lack_of_blocks
     # THEN the request leaves the engine, failed, with the tokens that came out
     lines = [json.loads(x) for x in (run / "engine_requests.jsonl").read_text().splitlines()]
     events = [(x["event"], x.get("finish_reason")) for x in lines]
-    assert events == [("scheduled", None), ("finished", "error")]
+    assert events == [("waiting", None), ("scheduled", None), ("finished", "error")]
+    assert lines[0]["max_tokens"] == MAX_NEW
     assert lines[-1]["output_tokens"] == GENERATED
     assert (lines[-1]["blocks"], lines[-1]["step"]) == (0, FAILED_STEP)
     # the engine's status says the run failed, at the step it could not schedule, and why

@@ -42,7 +42,7 @@ SAMPLES = ROOT / "sample_traces"
 # OOM killer) would: no exception, no teardown.
 _DIES = textwrap.dedent(
     f"""
-    import os, sys, time
+    import json, os, sys, time
     import torch
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -69,7 +69,8 @@ _DIES = textwrap.dedent(
                                   pad_token_id=0)
     batching = ContinuousBatchingConfig(num_blocks={USABLE}, page_size={PAGE}, max_batch_tokens=64)
     with kvtrace.record(sys.argv[1], model=model, profiler=False):
-        model.generate_batch({PROMPTS}, generation_config=generation, continuous_batching_config=batching,
+        prompts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {PROMPTS}
+        model.generate_batch(prompts, generation_config=generation, continuous_batching_config=batching,
                              progress_bar=False)
     """
 )
@@ -199,6 +200,53 @@ def test_a_run_that_died_before_taking_a_request_out_does_not_say_nothing_ran_ou
         f"kvtrace diagnose: {run}: {sentence}",
         "  note: the run never finished (the process died): read up to its last flushed step",
     ]
+
+
+def test_a_request_still_queued_when_the_process_died_is_a_request_and_part_of_the_demand(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a 16-token prompt beside the three: 4 + 2 + 1 of the 8 usable blocks at step 1 leave no room
+    # for the 6-token one, which is still queued when the process dies in step 4 (req_2 taken out at step 3)
+    prompts = [*PROMPTS, list(range(20, 36))]
+    run, dies_at = tmp_path / "died_queued", 4
+    done = subprocess.run(
+        [sys.executable, "-c", _DIES, str(run), str(dies_at), json.dumps(prompts)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 1, done.stderr
+    steps = _lines(run / "engine_steps.jsonl")
+    assert [(s["step"], s["running"], s["waiting"]) for s in steps] == [(1, 3, 1), (2, 3, 1), (3, 2, 2)]
+    requests = _lines(run / "engine_requests.jsonl")
+    # THEN every request submitted has its line, the one never scheduled its `waiting` line alone
+    events: dict[str, list[str]] = {}
+    for e in requests:
+        events.setdefault(e["request_id"], []).append(e["event"])
+    assert sorted(events) == [f"req_{i}" for i in range(len(prompts))]
+    assert events["req_0"] == ["waiting"]
+    queued = next(e for e in requests if e["request_id"] == "req_0")
+    assert (queued["step"], queued["prompt_tokens"], queued["max_tokens"]) == (1, 6, NEW_TOKENS)
+    # the others at the lengths they reached (every token so far has KV: none finished): 17, 5 and 5 tokens
+    reached: dict[str, int] = {}
+    for e in requests:
+        blocks = math.ceil((e["prompt_tokens"] + e["output_tokens"]) / PAGE)
+        reached[e["request_id"]] = max(reached.get(e["request_id"], 0), blocks)
+    assert reached == {"req_0": 2, "req_1": 2, "req_2": 2, "req_3": 5}
+
+    # WHEN it is reported and diagnosed
+    capsys.readouterr()
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    engine = json.loads(capsys.readouterr().out)["engine"]
+    diagnosis, _ = _diagnose(run, capsys)
+
+    # THEN the queued request is one of the 4 requests, and its prompt's 2 blocks are part of the lower
+    # bound: 5 + 2 + 2 + 2 = 11 (without its line: 3 requests, 9 blocks)
+    assert engine["requests"] == len(prompts) == 4
+    assert (diagnosis["kind"], diagnosis["unfinished_requests"]) == ("preemption", 4)
+    assert diagnosis["demand_blocks"] == sum(reached.values()) == 11
+    assert "at least 11 blocks of 4 tokens" in diagnosis["sentence"]
 
 
 @pytest.mark.parametrize("engine", ["transformers-cb", "vllm"])

@@ -101,10 +101,13 @@ def test_a_process_killed_in_a_hanging_step_keeps_the_engine_lines_of_the_steps_
     assert [s["preempted"] for s in steps] == [[]] * 6 + [["req_2"]]
     assert (steps[-1]["running"], steps[-1]["waiting"]) == (2, 1)
     # AND engine_requests.jsonl every request event up to step 8's scheduling (before its forward hung): each
-    # request scheduled at step 1, a `blocks` line at each step its blocks grew, req_2 preempted at step 7
+    # request queued and scheduled at step 1, a `blocks` line at each step its blocks grew, req_2 preempted
+    # at step 7
     expected_events = [(KILLED_STEP - 1, "req_2", "preempted", 0)]
     for index, prompt in enumerate(lengths):
         request_id, last = f"req_{index}", KILLED_STEP if index < 2 else KILLED_STEP - 2
+        # taken into the queue as step 1 was prepared, holding nothing, then scheduled in it
+        expected_events.append((1, request_id, "waiting", 0))
         expected_events.append((1, request_id, "scheduled", _blocks_at(1, [prompt])))
         for step in range(2, last + 1):
             if _blocks_at(step, [prompt]) != _blocks_at(step - 1, [prompt]):
