@@ -35,6 +35,12 @@ def hover_bytes(unit: str) -> str:
     return "%{y:,.0f} B" if unit == "B" else "%{y:,.2f} " + unit
 
 
+def times(ratio: float) -> str:
+    """A ratio of bytes as every table says it ("39.66x"): `report`'s KV churn and `compare`'s are one
+    figure, and read alike (they said 3.5x and 3.45x of one run)."""
+    return f"{ratio:,.2f}x"
+
+
 def a_or_an(figure: str) -> str:
     """`figure` after its indefinite article as said aloud: "an 8-token window", "an 11.00 KiB request",
     "an 80.00 GiB device", but "a 1.25 MiB pool" (the article of a number is that of its first word:

@@ -9,7 +9,7 @@ from typing import Any
 
 from analyzers.compare import Comparison, RunFigures
 from analyzers.render.plotly_div import figure_div
-from analyzers.units import binary_unit, hover_bytes, human_bytes
+from analyzers.units import binary_unit, hover_bytes, human_bytes, times
 
 
 def _fmt_rate(value: float | None) -> str:
@@ -27,7 +27,7 @@ def _fmt_all_rows_rate(run: RunFigures) -> str:
 
 
 def _fmt_churn(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+    return "-" if value is None else times(value)
 
 
 def _fmt_peak(run: RunFigures) -> str:

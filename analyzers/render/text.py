@@ -18,7 +18,7 @@ from analyzers.caches import (
 from analyzers.model import request_at_most
 from analyzers.render.json import METHOD_LABELS, NO_KV_HINT
 from analyzers.summary import KvSummary, Report
-from analyzers.units import a_or_an, human_bytes
+from analyzers.units import a_or_an, human_bytes, times
 
 
 def _share(part: int, whole: int) -> str:
@@ -193,7 +193,7 @@ def report_to_text(report: Report) -> str:
         churn = kv.allocated_bytes_total / kv.final_bytes
         lines.append(
             f"    allocated over the run {human_bytes(kv.allocated_bytes_total)} "
-            f"= {churn:.1f}x its final size"
+            f"= {times(churn)} its final size"
         )
     if kv.bytes_per_token_measured is not None:
         expected = "-" if kv.bytes_per_token_expected is None else f"{kv.bytes_per_token_expected:,}"

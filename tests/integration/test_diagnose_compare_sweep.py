@@ -837,3 +837,19 @@ def test_diagnose_of_a_recorded_moment_without_kv_says_none_is_held_not_to_recor
     for kind in ("batch", "context", "sliding_window", "quantized_kv"):
         assert "no KV cache is held at this moment" in unpriced[kind], unpriced[kind]
     assert not any("record" in sentence and "kvtrace" in sentence for sentence in unpriced.values())
+
+
+def test_compare_and_report_say_one_runs_kv_churn_alike(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a run whose KV churn (allocated over the run / final) is no round figure
+    run = SAMPLES / "dynamic_b2"
+    assert main(["report", str(run), "--json", "--no-export"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv"]
+    churn = kv["allocated_bytes_total"] / kv["final_bytes"]
+    # WHEN the text report and compare are read
+    assert main(["report", str(run), "--no-export"]) == 0
+    report = capsys.readouterr().out
+    assert main(["compare", str(run), str(run)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("KV churn"))
+    # THEN both give the same figure, to two decimals (the report said one: 3.5x beside compare's 3.45x)
+    assert f"= {churn:.2f}x its final size" in report
+    assert row.split()[-2:] == [f"{churn:.2f}x"] * 2
