@@ -83,6 +83,18 @@ export function sharedAxes(panels) {
   return { timeline: relayout(bytesAxis(top)), kv: relayout(bytesAxis(kvTop, 'KV')) };
 }
 
+// Where the KV log's final figures are taken (the summary's "KV final": the end of the last step), on the KV
+// chart, as the HTML report marks it: a cache generate() dropped as it returned leaves the line at 0 B after
+// it, and the summary's figure is not that 0. `kvFinal`: the timeline's `kv_final`, null for none.
+export function kvFinalTrace(kvFinal) {
+  if (!kvFinal) return null;
+  return {
+    type: 'scatter', mode: 'markers', name: 'KV final', x: [kvFinal.t_s], y: [kvFinal.bytes], text: [kvFinal.label],
+    marker: { symbol: 'diamond', size: 9, color: '#d62728' }, hovertemplate: '%{text}<extra></extra>',
+    showlegend: false,
+  };
+}
+
 // An eviction marker's hover: tokens over every batch row (the report's per-layer figure), by kind, and the
 // steps a downsampled column stands for.
 const EVICTION_KINDS = { window: 'sliding window', press: 'press', crop: 'crop' };

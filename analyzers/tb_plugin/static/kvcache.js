@@ -8,7 +8,7 @@
 // The page only formats: every figure comes from the plugin's endpoints, which serve the analyzers' own
 // results (the summary is `kvtrace report --json`).
 
-import { bytesAxis, grouped, heatmapFigure, humanBytes, sharedAxes } from './charts.js';
+import { bytesAxis, grouped, heatmapFigure, humanBytes, kvFinalTrace, sharedAxes } from './charts.js';
 
 export function render() {
   if (!document.getElementById('kvcache-app')) {
@@ -273,6 +273,8 @@ async function drawTimeline(body, panel, timeline, budget) {
     type: 'scatter', mode: 'lines', x: dev.t_s, y: dev.kv, name: `${timeline.devices.length > 1 ? `${dev.device} ` : ''}KV live`,
     line: { color: COLORS.kv, width: 1 }, fill: 'tozeroy', text: dev.kv.map(humanBytes), hovertemplate: '%{text}',
   }));
+  const finalMark = timeline.devices.some((dev) => dev.events) ? kvFinalTrace(timeline.kv_final) : null;
+  if (finalMark) kvTraces.push(finalMark);
   await Plotly.newPlot(kvDiv, kvTraces, {
     title: { text: 'KV cache live bytes over time', font: { size: 13 } }, height: 220, showlegend: false,
     margin: { t: 36, l: 64, r: 16, b: 36 }, template: 'plotly_white', xaxis: { title: { text: 'seconds from first event' } },
