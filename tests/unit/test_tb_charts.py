@@ -107,3 +107,17 @@ def test_kv_final_is_a_marker_on_the_kv_chart_as_the_page_draws_it() -> None:
     assert trace["marker"]["symbol"] == "diamond" and trace["showlegend"] is False
     # AND a run without one (an engine's pool, no KV log) gets none
     assert _run("charts.kvFinalTrace(null)") is None
+
+
+def test_both_time_charts_span_every_event_marker_and_the_kv_final_mark() -> None:
+    # GIVEN a timeline whose first step began 0.766 s before its first memory event (a run without a profiler)
+    timeline = {
+        "devices": [{"t_s": [0.0, 1.5, 3.58898]}, {"t_s": []}],
+        "markers": [{"t_s": -0.765961}, {"t_s": 3.553485}],
+        "kv_final": {"t_s": 3.57465},
+    }
+    # THEN the span both charts share reaches from that step to the last event, 2% of it padded each side
+    pad = (3.58898 + 0.765961) * 0.02
+    assert _run(f"charts.timeSpan({json.dumps(timeline)})") == pytest.approx([-0.765961 - pad, 3.58898 + pad])
+    # AND a run with nothing on its time axis leaves plotly its own range
+    assert _run('charts.timeSpan({"devices": [], "markers": [], "kv_final": null})') is None
