@@ -1,6 +1,7 @@
 """The KV Cache plugin's memory timeline as JSON: per device, live bytes by category (kv/weights/other),
 allocated and reserved, cut down peak-exactly (`analyzers.timeline.downsample_indices`), with the run's
-markers and where a budget would have run out, as the HTML report draws them. Pure, no torch."""
+markers, where a budget would have run out and where the KV log's final figures are taken, as the HTML
+report draws them. Pure, no torch."""
 
 from __future__ import annotations
 
@@ -104,7 +105,39 @@ def timeline_payload(name: str, source: Any, report: Any, max_points: int) -> di
     events = max((len(tl.ts_us) for tl in report.timelines), default=0)
     # Why the page draws no memory chart, in the HTML report's words; None where it draws one.
     no_chart = no_memory_timeline(source.meta.get("engine"), report.engine, events)
-    return {"run": name, "t0_us": t0, "devices": devices, "markers": markers, "no_chart": no_chart}
+    return {
+        "run": name,
+        "t0_us": t0,
+        "devices": devices,
+        "markers": markers,
+        "kv_final": _kv_final_marker(source, t0),
+        "no_chart": no_chart,
+    }
+
+
+def _kv_final_marker(source: Any, t0: float) -> dict[str, Any] | None:
+    """Where `kv.final_bytes` is taken (the end of the last step), the HTML report's "KV final" marker: on
+    its KV line (`analyzers.kv_line`, frees at the allocator's), whose drop the allocator's `kv` category
+    drawn here makes at the same time. Without it a cache generate() dropped ends the chart at 0 B beside a
+    summary saying "KV final 70.00 KiB". None where the page draws no KV line (no KV log, an engine's
+    pool)."""
+    kv = source.meta.get("kv")
+    if kv is None or not kv.step_live or source.meta.get("engine") is not None:
+        return None
+    from analyzers.attribution import KV_FREES
+    from analyzers.kv_line import kv_line
+    from analyzers.units import human_bytes
+
+    t_ns, live = kv_line(kv, source.meta.get(KV_FREES))
+    point = kv.final_point
+    if not 0 <= point < len(live):
+        return None
+    level = int(live[point])
+    return {
+        "t_s": _rel_seconds([float(t_ns[point]) / 1000.0], t0)[0],
+        "bytes": level,
+        "label": f"KV final (end of the last step): {human_bytes(level)}",
+    }
 
 
 def _rel_seconds(ts_us: Any, t0_us: float) -> list[float]:

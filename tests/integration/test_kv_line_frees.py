@@ -149,3 +149,32 @@ def test_without_a_trace_the_kv_line_keeps_the_logs_times(tmp_path: Path) -> Non
     drop_ts, _ = _counter_drop(run)
     # no trace base: the counters are on the log's clock, in µs
     assert drop_ts == dropped[-1]["t_ns"] / 1000.0
+
+
+def test_the_tensorboard_tab_marks_kv_final_and_drops_where_the_page_does(
+    traced: Path, tmp_path: Path
+) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+
+    dropped = _dropped_at_end(traced)
+    frees, first_us, _ = _trace_frees_us(traced, dropped)
+    # WHEN the same run is drawn by the HTML page and served to the TensorBoard tab
+    page = tmp_path / "page.html"
+    with redirect_stdout(io.StringIO()):
+        assert main(["report", str(traced), "-o", str(page), "--no-export", "-q"]) == 0
+    traces, _ = page_figure(page.read_text(encoding="utf-8"), "kvtrace-timeline")
+    (page_final,) = [t for t in traces if t.get("name") == "KV final"]
+    timeline = RunStore(traced.parent).timeline(traced.name)
+    # THEN the tab has the page's "KV final" marker: the arithmetic's bytes, at the end of the last step
+    tab_final = timeline["kv_final"]
+    assert tab_final["bytes"] == _final_bytes() == page_final["y"][0] * 1024
+    assert tab_final["t_s"] == pytest.approx(page_final["x"][0], abs=1e-6)
+    assert tab_final["label"] == page_final["text"][0]
+    # on the tab's KV chart, which holds that level there and drops where the page's KV line does: at the
+    # allocator's last free of the cache generate() dropped
+    (device,) = timeline["devices"]
+    at_mark = max(i for i, t in enumerate(device["t_s"]) if t <= tab_final["t_s"])
+    assert device["kv"][at_mark] == _final_bytes()
+    held = [i for i, y in enumerate(device["kv"]) if y > 0][-1]
+    assert device["t_s"][held + 1] == pytest.approx((max(frees) - first_us) / 1e6, abs=1e-6)
+    assert device["t_s"][held + 1] > tab_final["t_s"]

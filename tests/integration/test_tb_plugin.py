@@ -915,3 +915,41 @@ def test_loading_runs_does_not_import_torch(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert run.is_dir()
+
+
+def _x_ticks(panel: str, plot: str) -> list[tuple[str, float]]:
+    """(label, pixel x) of each x tick plotly drew in one plot of a panel."""
+    svg = panel[panel.index(f"plot {plot}") :]
+    svg = svg[: svg.index("</svg>")]
+    ticks = re.findall(
+        r'<g class="xtick"><text[^>]*?transform="translate\(([\d.]+),[^>]*>([^<]*)</text>', svg
+    )
+    return [(label, float(x)) for x, label in ticks]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_the_memory_and_kv_charts_place_a_second_at_one_x(tmp_path: Path) -> None:
+    from analyzers.tb_plugin.run_store import RunStore
+
+    # GIVEN a real run whose first step began before its first memory event (without a profiler the first
+    # memory event is the prefill's first KV line)
+    logs = tmp_path / "logs"
+    _record_two_steps(logs / "two_steps")
+    timeline = RunStore(logs).timeline("two_steps")
+    first_step = min(m["t_s"] for m in timeline["markers"] if m["kind"] == "step")
+    assert timeline["devices"][0]["t_s"][0] == 0 and first_step < 0
+    # WHEN the tab draws it in a real TensorBoard
+    with _tensorboard(["--logdir", str(logs)], tmp_path / "tensorboard.log") as base:
+        dom, stderr, _ = _chromium(
+            f"{base}/data/plugin/{PLUGIN}/index.html?runs=two_steps", tmp_path, "--dump-dom"
+        )
+    panel = _panel(dom, "two_steps")
+    assert 'data-state="ok"' in panel
+    assert [line for line in stderr.splitlines() if ":CONSOLE" in line] == []
+    # THEN its memory chart and its KV chart, one above the other, have the same seconds at the same x (as the
+    # HTML report's panels share one axis), the step before the first event included on both
+    memory, kv = _x_ticks(panel, "timeline-plot"), _x_ticks(panel, "kv-plot")
+    assert [label for label, _ in memory] == [label for label, _ in kv]
+    for (label, x_memory), (_, x_kv) in zip(memory, kv, strict=True):
+        assert abs(x_memory - x_kv) < 3, (label, x_memory, x_kv)

@@ -95,3 +95,29 @@ def test_same_scale_covers_the_kv_chart() -> None:
     axes = _run(f"charts.sharedAxes({json.dumps(panels)})")
     assert axes["timeline"]["yaxis.range"][1] >= 100 * 2**20
     assert axes["kv"]["yaxis.range"][1] >= 40 * 2**20 and axes["kv"]["yaxis.title.text"] == "KV (MiB)"
+
+
+def test_kv_final_is_a_marker_on_the_kv_chart_as_the_page_draws_it() -> None:
+    # GIVEN a timeline's kv_final, as the plugin serves it (analyzers.tb_plugin.timeline_payload)
+    kv_final = {"t_s": 2.506502, "bytes": 71680, "label": "KV final (end of the last step): 70.00 KiB"}
+    # THEN the KV chart gets one diamond there, in bytes (the chart's own unit), with the label as its hover
+    trace = _run(f"charts.kvFinalTrace({json.dumps(kv_final)})")
+    shown = (trace["name"], trace["x"], trace["y"], trace["text"])
+    assert shown == ("KV final", [2.506502], [71680], [kv_final["label"]])
+    assert trace["marker"]["symbol"] == "diamond" and trace["showlegend"] is False
+    # AND a run without one (an engine's pool, no KV log) gets none
+    assert _run("charts.kvFinalTrace(null)") is None
+
+
+def test_both_time_charts_span_every_event_marker_and_the_kv_final_mark() -> None:
+    # GIVEN a timeline whose first step began 0.766 s before its first memory event (a run without a profiler)
+    timeline = {
+        "devices": [{"t_s": [0.0, 1.5, 3.58898]}, {"t_s": []}],
+        "markers": [{"t_s": -0.765961}, {"t_s": 3.553485}],
+        "kv_final": {"t_s": 3.57465},
+    }
+    # THEN the span both charts share reaches from that step to the last event, 2% of it padded each side
+    pad = (3.58898 + 0.765961) * 0.02
+    assert _run(f"charts.timeSpan({json.dumps(timeline)})") == pytest.approx([-0.765961 - pad, 3.58898 + pad])
+    # AND a run with nothing on its time axis leaves plotly its own range
+    assert _run('charts.timeSpan({"devices": [], "markers": [], "kv_final": null})') is None

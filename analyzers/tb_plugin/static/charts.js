@@ -83,6 +83,40 @@ export function sharedAxes(panels) {
   return { timeline: relayout(bytesAxis(top)), kv: relayout(bytesAxis(kvTop, 'KV')) };
 }
 
+// The seconds a panel's two time charts (memory by category, KV) both span, as the HTML report's panels share
+// one x axis: every device's events, every marker and the KV final mark, a little padding each side so that
+// a marker at either end is drawn whole. Each chart's own autorange differed: the memory chart reaches back
+// to a step that began before the first memory event (a run without a profiler: step 1 at -0.77 s, its KV
+// log's first line is the prefill's), the KV chart starts at 0, and the same second sat apart on the two.
+// null: nothing to span.
+export function timeSpan(timeline) {
+  let lo = Infinity;
+  let hi = -Infinity;
+  const take = (t) => {
+    if (typeof t !== 'number') return;
+    lo = Math.min(lo, t);
+    hi = Math.max(hi, t);
+  };
+  for (const dev of timeline.devices) for (const t of dev.t_s) take(t);
+  for (const mark of timeline.markers) take(mark.t_s);
+  if (timeline.kv_final) take(timeline.kv_final.t_s);
+  if (lo > hi) return null;
+  const pad = (hi - lo) * 0.02 || 0.5;
+  return [lo - pad, hi + pad];
+}
+
+// Where the KV log's final figures are taken (the summary's "KV final": the end of the last step), on the KV
+// chart, as the HTML report marks it: a cache generate() dropped as it returned leaves the line at 0 B after
+// it, and the summary's figure is not that 0. `kvFinal`: the timeline's `kv_final`, null for none.
+export function kvFinalTrace(kvFinal) {
+  if (!kvFinal) return null;
+  return {
+    type: 'scatter', mode: 'markers', name: 'KV final', x: [kvFinal.t_s], y: [kvFinal.bytes], text: [kvFinal.label],
+    marker: { symbol: 'diamond', size: 9, color: '#d62728' }, hovertemplate: '%{text}<extra></extra>',
+    showlegend: false,
+  };
+}
+
 // An eviction marker's hover: tokens over every batch row (the report's per-layer figure), by kind, and the
 // steps a downsampled column stands for.
 const EVICTION_KINDS = { window: 'sliding window', press: 'press', crop: 'crop' };

@@ -8,7 +8,7 @@
 // The page only formats: every figure comes from the plugin's endpoints, which serve the analyzers' own
 // results (the summary is `kvtrace report --json`).
 
-import { bytesAxis, grouped, heatmapFigure, humanBytes, sharedAxes } from './charts.js';
+import { bytesAxis, grouped, heatmapFigure, humanBytes, kvFinalTrace, sharedAxes, timeSpan } from './charts.js';
 
 export function render() {
   if (!document.getElementById('kvcache-app')) {
@@ -201,9 +201,15 @@ function timelineLayout(timeline, top, budget) {
   return {
     title: { text: 'Memory by category over time', font: { size: 13 } }, height: 380, shapes,
     margin: { t: 36, l: 64, r: 16, b: 40 }, template: 'plotly_white', legend: { orientation: 'h', y: -0.18 },
-    xaxis: { title: { text: 'seconds from first event' } },
+    xaxis: timeAxis(timeline),
     yaxis: bytesAxis(top),
   };
+}
+
+// The x axis of both time charts: one span, so that a second sits at one place on both.
+function timeAxis(timeline) {
+  const span = timeSpan(timeline);
+  return { title: { text: 'seconds from first event' }, ...(span ? { range: span } : {}) };
 }
 
 async function fillPanel(panel, name) {
@@ -273,28 +279,44 @@ async function drawTimeline(body, panel, timeline, budget) {
     type: 'scatter', mode: 'lines', x: dev.t_s, y: dev.kv, name: `${timeline.devices.length > 1 ? `${dev.device} ` : ''}KV live`,
     line: { color: COLORS.kv, width: 1 }, fill: 'tozeroy', text: dev.kv.map(humanBytes), hovertemplate: '%{text}',
   }));
+  const finalMark = timeline.devices.some((dev) => dev.events) ? kvFinalTrace(timeline.kv_final) : null;
+  if (finalMark) kvTraces.push(finalMark);
   await Plotly.newPlot(kvDiv, kvTraces, {
     title: { text: 'KV cache live bytes over time', font: { size: 13 } }, height: 220, showlegend: false,
-    margin: { t: 36, l: 64, r: 16, b: 36 }, template: 'plotly_white', xaxis: { title: { text: 'seconds from first event' } },
+    margin: { t: 36, l: 64, r: 16, b: 36 }, template: 'plotly_white', xaxis: timeAxis(timeline),
     yaxis: bytesAxis(kvTop, 'KV'),
   }, PLOT_CONFIG);
   panel.dataset.top = String(top);
   panel.dataset.kvTop = String(kvTop);
 }
 
-function applySameScale() {
+async function applySameScale() {
   // Both byte charts of every panel share one scale (the timeline's, and the KV chart's own), ticked in
   // binary units; unticked, each goes back to its own top.
   const same = document.getElementById('kvcache-same-scale').checked;
   const panels = [...document.querySelectorAll('.run-panel[data-state="ok"]')];
   const tops = panels.map((p) => ({ top: Number(p.dataset.top || 0), kvTop: Number(p.dataset.kvTop || 0) }));
+  const jobs = [];
   for (const [i, panel] of panels.entries()) {
     const axes = sharedAxes(same ? tops : [tops[i]]);
     const timelineDiv = panel.querySelector('.timeline-plot');
-    if (timelineDiv) Plotly.relayout(timelineDiv, axes.timeline);
+    if (timelineDiv) jobs.push(Plotly.relayout(timelineDiv, axes.timeline));
     const kvDiv = panel.querySelector('.kv-plot');
-    if (kvDiv) Plotly.relayout(kvDiv, axes.kv);
+    if (kvDiv) jobs.push(Plotly.relayout(kvDiv, axes.kv));
   }
+  await Promise.all(jobs);
+  await Promise.all(panels.map(alignTimeCharts));
+}
+
+// The two time charts share their seconds (timeAxis); their plot areas start at one x too, at the wider of
+// the left margins plotly made room for their y labels in ("60 MiB" against "80 KiB"), so that a second
+// sits at one place on both.
+async function alignTimeCharts(panel) {
+  const divs = ['.timeline-plot', '.kv-plot'].map((sel) => panel.querySelector(sel)).filter((div) => div?._fullLayout);
+  if (divs.length < 2) return;
+  const left = Math.max(...divs.map((div) => div._fullLayout._size.l));
+  await Promise.all(divs.filter((div) => div._fullLayout._size.l !== left)
+    .map((div) => Plotly.relayout(div, { 'margin.l': left })));
 }
 
 async function drawPanels() {
@@ -323,7 +345,7 @@ async function drawPanels() {
     }));
   }
   await Promise.all(jobs);
-  applySameScale();
+  await applySameScale();
   app.dataset.plots = String(document.querySelectorAll('.run-panel .plot-container').length);
   app.dataset.state = 'ready';
 }
