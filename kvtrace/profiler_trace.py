@@ -45,7 +45,7 @@ def trace_handler(folder: Path, use_gzip: bool, failed: Callable[[str], None]) -
     def write(prof: Any) -> None:
         name = f"{socket.gethostname()}_{os.getpid()}.{time.time_ns()}.pt.trace.json"
         path = folder / (name + ".gz" if use_gzip else name)
-        written = path  # where torch writes it: `path`, or a UTF-8 name beside it (`_utf8_detour`)
+        written = path  # where torch writes it: `path`, or a name beside it (`_utf8_detour`)
         why: str | None = None
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -83,16 +83,21 @@ def _utf8_text(path: str) -> bool:
 
 @contextlib.contextmanager
 def _utf8_detour(path: Path) -> Iterator[tuple[Path, str]]:
-    """Yields (where the trace lands, the name to give torch). For a path that is not UTF-8 text: a UTF-8
+    """Yields (where the trace lands, the name to give torch). For a gzipped trace, a name beside `path`
+    that no reader takes, renamed into place once whole. For a path that is not UTF-8 text: a UTF-8
     name in the same folder, reached through a symbolic link to that folder in a temporary folder of its
     own, so that the trace is written on the run's own disk and then renamed into place with Python's os
     calls, which take any name the file system does."""
-    if _utf8_text(str(path)):
-        yield path, str(path)
-        return
-    suffix = ".json.gz" if path.name.endswith(".gz") else ".json"  # torch gzips by the name's end
+    gzipped = path.name.endswith(".gz")  # torch gzips by the name's end
+    suffix = ".json.gz" if gzipped else ".json"
     # Not a `*.pt.trace.json` name: left behind by a killed process, no reader takes it for a trace.
     written = path.with_name(f"kvtrace-writing.{os.getpid()}.{time.time_ns()}{suffix}")
+    if _utf8_text(str(path)):
+        # torch gzips straight into the name it is given (seconds on a long run, the block's slowest end):
+        # a process killed then would leave a cut `.pt.trace.json.gz` that every reader refuses, the whole
+        # run with it. Kineto writes a plain trace under `.tmp` and renames it itself.
+        yield (written, str(written)) if gzipped else (path, str(path))
+        return
     import tempfile
 
     links = tempfile.mkdtemp(prefix="kvtrace-trace-")

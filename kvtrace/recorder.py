@@ -362,6 +362,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                     self._manifest["model"] = model_geometry(self.model, self.notes)
             if exc is not None and self._snapshots is not None and _is_oom(exc):
                 oom_snapshot = self._snapshots.dump("oom.pickle")
+            # On disk before the profiler writes its trace (seconds on a long run): a process killed then
+            # (a timeout, a scheduler's SIGTERM) keeps every step it ran, not those of the last flush only.
+            self._flush()
         except BaseException as error:
             raised.append(error)
         raised.extend(self._teardown(block_raised=exc is not None))

@@ -286,7 +286,8 @@ TRACE_LIMIT_CHILD = textwrap.dedent(
 def _record_under_limit(
     run: Path, tmp_path: Path, layers: int, new_tokens: int, limit: int, late_flush: bool
 ) -> tuple[list[str], str, str]:
-    """TRACE_LIMIT_CHILD's lines on stdout, its stderr, and the trace the profiler folder would hold."""
+    """TRACE_LIMIT_CHILD's lines on stdout, its stderr, and the file its error names: the trace the profiler
+    folder would hold, or the KV log."""
     script = tmp_path / "child.py"
     script.write_text(TRACE_LIMIT_CHILD, encoding="utf-8")
     args = [str(run), str(layers), str(new_tokens), str(limit), str(int(late_flush))]
@@ -299,10 +300,10 @@ def _record_under_limit(
     )
     assert child.returncode == 0, child.stderr[-3000:]
     said = child.stdout.splitlines()
-    trace = re.fullmatch(r"error: (.+\.pt\.trace\.json): cannot write \(File too large\): .*", said[-1])
-    assert trace is not None, said
-    assert Path(trace.group(1)).parent == run / "profiler"
-    return said, child.stderr, trace.group(1)
+    named = re.fullmatch(r"error: (.+): cannot write \(File too large\): .*", said[-1])
+    assert named is not None, said
+    assert Path(named.group(1)).parent == run / "profiler" or Path(named.group(1)) == run / KV_EVENTS, said
+    return said, child.stderr, named.group(1)
 
 
 def test_a_run_whose_only_unwritten_file_is_its_trace_reads_without_it(tmp_path: Path) -> None:
@@ -362,22 +363,26 @@ def test_a_run_whose_only_unwritten_file_is_its_trace_reads_without_it(tmp_path:
     assert diagnose.returncode == 0, diagnose.stderr
 
 
-def test_a_run_whose_trace_and_then_kv_log_failed_is_still_refused(tmp_path: Path) -> None:
+def test_a_run_whose_kv_log_failed_at_the_blocks_end_is_refused_naming_it_not_the_trace(
+    tmp_path: Path,
+) -> None:
     # GIVEN a recording with the profiler whose files may not grow past 40 KiB, and whose ~60 KiB of KV
-    # lines reach the disk in one write at the block's end, after the trace (which cannot be written)
+    # lines reach the disk in one write at the block's end, before the trace (which cannot be written
+    # either: kvtrace writes the logs first, so that a process killed while the trace is written keeps them)
     layers, new_tokens = 2, 30
     run = tmp_path / "run"
-    said, stderr, trace = _record_under_limit(run, tmp_path, layers, new_tokens, 40 * 1024, late_flush=True)
+    said, stderr, first = _record_under_limit(run, tmp_path, layers, new_tokens, 40 * 1024, late_flush=True)
 
-    # THEN the error names the trace, the first file that could not be written, and the run as incomplete
-    assert said == [f"error: {trace}: cannot write (File too large): the run is incomplete"]
+    # THEN the error names the KV log, the first file that could not be written, and the run as incomplete
+    assert first == str(run / KV_EVENTS)
+    assert said == [f"error: {first}: cannot write (File too large): the run is incomplete"]
     assert "Failed to write to log file" not in stderr, stderr
     # AND the manifest counts the KV lines the limit cut off as lost
     made = 4 * layers * new_tokens
     whole = (run / KV_EVENTS).read_bytes().count(b"\n")
     assert 0 < whole < made
     manifest = json.loads((run / MANIFEST).read_text(encoding="utf-8"))
-    assert manifest["ended"]["write_error"] == f"{trace}: cannot write (File too large)"
+    assert manifest["ended"]["write_error"] == f"{first}: cannot write (File too large)"
     assert "trace_error" not in manifest["ended"]
     assert manifest["kv_events"] == whole
     assert manifest["ended"]["kv_events_lost"] == made - whole
@@ -385,7 +390,7 @@ def test_a_run_whose_trace_and_then_kv_log_failed_is_still_refused(tmp_path: Pat
     report = _report(run)
     assert report.returncode == 2, report.stdout
     assert report.stderr.splitlines() == [
-        f"kvtrace report: error: {run}: incomplete run: the recorder failed to write {trace}: cannot write "
+        f"kvtrace report: error: {run}: incomplete run: the recorder failed to write {first}: cannot write "
         f"(File too large); {made - whole} KV events were lost"
     ]
 
