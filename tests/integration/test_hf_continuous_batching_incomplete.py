@@ -95,6 +95,19 @@ def _diagnose(run: Path, capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, 
     return result, capsys.readouterr().out
 
 
+def _record_dying_at(run: Path, dies_at: int, prompts: list[list[int]] | None = None) -> None:
+    """The workload recorded in a child process that kills itself in step `dies_at` (exit status 1)."""
+    extra = [json.dumps(prompts)] if prompts is not None else []
+    done = subprocess.run(
+        [sys.executable, "-c", _DIES, str(run), str(dies_at), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 1, done.stderr
+
+
 def _record(path: Path, model: torch.nn.Module, num_blocks: int) -> None:
     generation = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=-1, pad_token_id=0)
     batching = ContinuousBatchingConfig(num_blocks=num_blocks, page_size=PAGE, max_batch_tokens=64)
@@ -109,14 +122,7 @@ def test_a_run_that_died_with_requests_unfinished_gives_its_demand_as_a_lower_bo
 ) -> None:
     # GIVEN a run whose process died in step 10, after the pool took a request out at step 7
     run = tmp_path / "died"
-    done = subprocess.run(
-        [sys.executable, "-c", _DIES, str(run), str(DIES_AT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert done.returncode == 1, done.stderr
+    _record_dying_at(run, DIES_AT)
     assert json.loads((run / "manifest.json").read_text())["ended"] == {"status": "running"}
     requests = _lines(run / "engine_requests.jsonl")
     assert [s["step"] for s in _lines(run / "engine_steps.jsonl")] == list(range(1, DIES_AT))
@@ -165,14 +171,7 @@ def test_a_run_that_died_before_taking_a_request_out_does_not_say_nothing_ran_ou
 ) -> None:
     # GIVEN a run whose process died in step 5, before the pool took any request out (it would at step 7)
     run, dies_at = tmp_path / "died_early", 5
-    done = subprocess.run(
-        [sys.executable, "-c", _DIES, str(run), str(dies_at)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert done.returncode == 1, done.stderr
+    _record_dying_at(run, dies_at)
     steps = _lines(run / "engine_steps.jsonl")
     assert [s["step"] for s in steps] == list(range(1, dies_at))
     requests = _lines(run / "engine_requests.jsonl")
@@ -209,14 +208,7 @@ def test_a_request_still_queued_when_the_process_died_is_a_request_and_part_of_t
     # for the 6-token one, which is still queued when the process dies in step 4 (req_2 taken out at step 3)
     prompts = [*PROMPTS, list(range(20, 36))]
     run, dies_at = tmp_path / "died_queued", 4
-    done = subprocess.run(
-        [sys.executable, "-c", _DIES, str(run), str(dies_at), json.dumps(prompts)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert done.returncode == 1, done.stderr
+    _record_dying_at(run, dies_at, prompts)
     steps = _lines(run / "engine_steps.jsonl")
     assert [(s["step"], s["running"], s["waiting"]) for s in steps] == [(1, 3, 1), (2, 3, 1), (3, 2, 2)]
     requests = _lines(run / "engine_requests.jsonl")
