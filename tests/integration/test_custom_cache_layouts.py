@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.run_reader import read_run
+from tests.one_tensor_decoder import OneTensorDecoder, Shape
 
 LAYERS, DIM, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 3, 64, 4, 2, 16, 128
 BATCH, MAX_SEQ, PROMPT, DECODE = 2, 32, 8, 5
@@ -135,43 +136,12 @@ def test_module_buffers_are_read_in_their_layout(
     assert f"max_seq_len={MAX_SEQ} positions" in context["sentence"]
 
 
-class OneTensorDecoder(torch.nn.Module):
-    """Every layer's K and V in one preallocated kv[layers, 2, batch, kv_heads, seq, head_dim]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(VOCAB, DIM)
-        self.qkv = torch.nn.ModuleList(
-            torch.nn.Linear(DIM, (HEADS + 2 * KV_HEADS) * HEAD_DIM, bias=False) for _ in range(LAYERS)
-        )
-        self.out = torch.nn.Linear(HEADS * HEAD_DIM, VOCAB, bias=False)
-        self.kv = torch.zeros(LAYERS, 2, BATCH, KV_HEADS, MAX_SEQ, HEAD_DIM)
-
-    def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        rows, tokens = ids.shape
-        h = self.emb(ids)
-        for layer, qkv in enumerate(self.qkv):
-            q, k, v = (
-                t.view(rows, tokens, -1, HEAD_DIM).transpose(1, 2)
-                for t in qkv(h).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
-            )
-            self.kv[layer, 0, :, :, pos : pos + tokens] = k
-            self.kv[layer, 1, :, :, pos : pos + tokens] = v
-            k, v = (
-                self.kv[layer, i, :, :, : pos + tokens].repeat_interleave(HEADS // KV_HEADS, 1)
-                for i in (0, 1)
-            )
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=tokens > 1)
-            h = h + y.transpose(1, 2).reshape(rows, tokens, -1)[..., :DIM]
-        return self.out(h)
-
-
 @pytest.mark.parametrize("cut", [False, True], ids=["whole-views", "views-cut-to-tokens"])
 def test_views_of_one_preallocated_tensor_are_split_by_layer(tmp_path, watched_models, capsys, cut):
     # GIVEN one kv[3, 2, 2, 2, 32, 16] fp32 tensor whose layers' K and V views are tracked: whole, as the
     # README's kvtrace.track(kv[l, 0], ...), or cut to the tokens written after each forward
     torch.manual_seed(0)
-    model = OneTensorDecoder().eval()
+    model = OneTensorDecoder(Shape(LAYERS, DIM, HEADS, KV_HEADS, HEAD_DIM, VOCAB, BATCH, MAX_SEQ)).eval()
     watched_models.append(model)
 
     def track(end: int) -> None:

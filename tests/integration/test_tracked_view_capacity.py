@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kvtrace
 from analyzers.report import build_report
 from tests.cli_json import cli_json, report_json
+from tests.one_tensor_decoder import OneTensorDecoder, Shape
 
 LAYERS, DIM, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2, 64, 4, 2, 16, 128
 BATCH, MAX_SEQ, PROMPT, DECODE = 2, 64, 8, 5
@@ -37,46 +37,8 @@ WEIGHT_BYTES = (
 ) * FP32
 
 
-class OneTensorDecoder(torch.nn.Module):
-    """Every layer's K and V in one kv[layers, 2, batch, kv_heads, max_seq, head_dim] ("bhsd") or
-    kv[layers, 2, batch, max_seq, kv_heads, head_dim] ("bshd") tensor, written in place at `pos`."""
-
-    def __init__(self, layout: str) -> None:
-        super().__init__()
-        self.layout = layout
-        self.emb = torch.nn.Embedding(VOCAB, DIM)
-        self.qkv = torch.nn.ModuleList(
-            torch.nn.Linear(DIM, (HEADS + 2 * KV_HEADS) * HEAD_DIM, bias=False) for _ in range(LAYERS)
-        )
-        self.out = torch.nn.Linear(HEADS * HEAD_DIM, VOCAB, bias=False)
-        room = (KV_HEADS, MAX_SEQ) if layout == "bhsd" else (MAX_SEQ, KV_HEADS)
-        self.kv = torch.zeros(LAYERS, 2, BATCH, *room, HEAD_DIM)
-
-    def view(self, layer: int, index: int, end: int) -> torch.Tensor:
-        """Layer `layer`'s K (0) or V (1) cut to its first `end` positions, in the tensor's layout."""
-        return self.kv[layer, index, :, :, :end] if self.layout == "bhsd" else self.kv[layer, index, :, :end]
-
-    def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        rows, tokens = ids.shape
-        h = self.emb(ids)
-        for layer, qkv in enumerate(self.qkv):
-            q, k, v = (
-                t.view(rows, tokens, -1, HEAD_DIM).transpose(1, 2)
-                for t in qkv(h).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
-            )
-            for index, new in enumerate((k, v)):
-                if self.layout == "bhsd":
-                    self.kv[layer, index, :, :, pos : pos + tokens] = new
-                else:
-                    self.kv[layer, index, :, pos : pos + tokens] = new.transpose(1, 2)
-            held = (self.view(layer, index, pos + tokens) for index in (0, 1))
-            k, v = (
-                (t if self.layout == "bhsd" else t.transpose(1, 2)).repeat_interleave(HEADS // KV_HEADS, 1)
-                for t in held
-            )
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=tokens > 1)
-            h = h + y.transpose(1, 2).reshape(rows, tokens, -1)[..., :DIM]
-        return self.out(h)
+def _decoder(layout: str) -> OneTensorDecoder:
+    return OneTensorDecoder(Shape(LAYERS, DIM, HEADS, KV_HEADS, HEAD_DIM, VOCAB, BATCH, MAX_SEQ), layout)
 
 
 def _record(path: Path, model: OneTensorDecoder, given: bool, profiler: bool = False) -> None:
@@ -102,7 +64,7 @@ def test_views_cut_from_one_tensor_are_priced_by_its_max_seq(tmp_path, watched_m
     # GIVEN one preallocated fp32 tensor of 2 layers x K,V x 2 rows x 2 KV heads x 64 positions x 16, whose
     # layers' K and V are tracked as views cut to the 13 tokens written
     torch.manual_seed(0)
-    model = OneTensorDecoder(layout).eval()
+    model = _decoder(layout).eval()
     watched_models.append(model)
     _record(tmp_path / "run", model, given)
 
@@ -149,7 +111,7 @@ def test_views_cut_from_one_tensor_are_priced_by_its_max_seq(tmp_path, watched_m
 def test_whole_views_of_one_tensor_give_its_capacity(tmp_path, capsys):
     # GIVEN the README's kvtrace.track(kv[l, 0], ...): whole views, tracked once before the forwards
     torch.manual_seed(0)
-    model = OneTensorDecoder("bshd").eval()
+    model = _decoder("bshd").eval()
     with kvtrace.record(tmp_path / "run", profiler=False):
         for layer in range(LAYERS):
             for index, kind in enumerate("kv"):
@@ -186,7 +148,7 @@ def test_a_tensor_made_before_the_block_is_kv_from_the_traces_first_event(
     # GIVEN the tensor made with the model, before record(), and the views tracked after each forward with
     # the profiler on (the default): the KV log first sees it after the prefill, the trace never allocates it
     torch.manual_seed(0)
-    model = OneTensorDecoder("bhsd").eval()
+    model = _decoder("bhsd").eval()
     watched_models.append(model)
     _record(tmp_path / "run", model, given, profiler=True)
     events = _memory_events(tmp_path / "run")
