@@ -18,7 +18,7 @@ import numpy as np
 
 from analyzers.kv_log_figures import KvLogAnalysis
 
-__all__ = ["kv_line"]
+__all__ = ["kv_final_point", "kv_line"]
 
 
 def kv_line(kv: KvLogAnalysis, frees_us: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -42,3 +42,12 @@ def kv_line(kv: KvLogAnalysis, frees_us: np.ndarray | None = None) -> tuple[np.n
     retimed = t_ns.copy()
     retimed[points] = np.minimum(np.maximum(moved[points], before[points]), t_ns[points])
     return retimed, live
+
+
+def kv_final_point(t_ns: np.ndarray, live: np.ndarray, kv: KvLogAnalysis) -> tuple[float, int] | None:
+    """(t_ns, bytes) of the point of the KV line (`kv_line`'s) where `kv.final_bytes` is taken, the end of the
+    last step, which the HTML page and the TensorBoard tab mark; None where the log has none."""
+    point = kv.final_point
+    if not 0 <= point < len(live):
+        return None
+    return float(t_ns[point]), int(live[point])

@@ -10,7 +10,7 @@ import numpy as np
 
 from analyzers.attribution import KV_FREES
 from analyzers.caches import layer_list
-from analyzers.kv_line import kv_line
+from analyzers.kv_line import kv_final_point, kv_line
 from analyzers.model import MemorySource
 from analyzers.render.budget_marks import add_budget
 from analyzers.render.engine import no_memory_timeline
@@ -252,17 +252,18 @@ def _add_final_mark(
     line: a cache generate() dropped is gone from the line after it, not from the figures."""
     import plotly.graph_objects as go
 
-    point = kv.final_point
-    if not 0 <= point < len(series):
+    final = kv_final_point(t_ns, series, kv)
+    if final is None:
         return
+    at_ns, level = final
     fig.add_trace(
         go.Scatter(
-            x=[(float(t_ns[point]) / 1000.0 - t0) / 1e6],
-            y=[series[point] / factor],
+            x=[(at_ns / 1000.0 - t0) / 1e6],
+            y=[level / factor],
             mode="markers",
             name="KV final",
             marker={"symbol": "diamond", "size": 9, "color": _COLORS["kv"]},
-            text=[f"KV final (end of the last step): {human_bytes(int(series[point]))}"],
+            text=[f"KV final (end of the last step): {human_bytes(level)}"],
             hovertemplate="%{text}<extra></extra>",
             showlegend=False,
         ),

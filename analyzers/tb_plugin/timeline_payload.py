@@ -125,16 +125,15 @@ def _kv_final_marker(source: Any, t0: float) -> dict[str, Any] | None:
     if kv is None or not kv.step_live or source.meta.get("engine") is not None:
         return None
     from analyzers.attribution import KV_FREES
-    from analyzers.kv_line import kv_line
+    from analyzers.kv_line import kv_final_point, kv_line
     from analyzers.units import human_bytes
 
-    t_ns, live = kv_line(kv, source.meta.get(KV_FREES))
-    point = kv.final_point
-    if not 0 <= point < len(live):
+    final = kv_final_point(*kv_line(kv, source.meta.get(KV_FREES)), kv)
+    if final is None:
         return None
-    level = int(live[point])
+    at_ns, level = final
     return {
-        "t_s": _rel_seconds([float(t_ns[point]) / 1000.0], t0)[0],
+        "t_s": _rel_seconds([at_ns / 1000.0], t0)[0],
         "bytes": level,
         "label": f"KV final (end of the last step): {human_bytes(level)}",
     }
