@@ -141,13 +141,9 @@ def moments_grown(
     (`pairs_squared`), the prompt squared, else with the prompt as the rest. Before, the logits' moment was
     priced with another moment's growth beside it: the tiny Llama 3 with eager attention, batch 2, planned
     from a 16-token prompt at 256, +9.6% over its recording."""
-    if not squared:
-        return max(
-            fixed + math.ceil((row_only + (grows + pairs) * longer) * rows)
-            for fixed, row_only, grows, pairs in moments
-        )
+    pair_growth = longer * longer if squared else longer
     return max(
-        fixed + math.ceil((row_only + grows * longer + pairs * longer * longer) * rows)
+        fixed + math.ceil((row_only + grows * longer + pairs * pair_growth) * rows)
         for fixed, row_only, grows, pairs in moments
     )
 
