@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from analyzers.run_stop import SIGTERM_SENDERS, interrupted_how, killed_after_sigterm
+
 if TYPE_CHECKING:
     from analyzers.kv_cut_step import CutStep
     from analyzers.model import MemorySource
@@ -103,12 +105,14 @@ def ended_notes(source: MemorySource) -> list[str]:
         notes.append(f"the run is still being recorded{by}: figures cover what it has written so far")
         if cut is not None:
             notes.append(cut_step_note(cut))
-    elif ended.get("status") == "running" and cut is not None:
-        notes.append(f"the run never finished (the process died): {cut_step_note(cut)}")
     elif ended.get("status") == "running":
-        notes.append("the run never finished (the process died): read up to its last flushed step")
+        died = "the process died"
+        if killed_after_sigterm(ended):  # its logs were whole when it was killed: every step is there
+            died = f"killed while writing its end, after a SIGTERM from {SIGTERM_SENDERS}"
+        last = cut_step_note(cut) if cut is not None else "read up to its last flushed step"
+        notes.append(f"the run never finished ({died}): {last}")
     elif ended.get("status") == "interrupted":
-        notes.append(f"the recorded block was interrupted (Ctrl-C){up_to}")
+        notes.append(f"the recorded block was {interrupted_how(ended)}{up_to}")
     elif ended.get("status") == "exception" and source.ooms:
         kind = ended.get("type") or "an exception"
         notes.append(f"the recorded block ran out of memory ({kind}){up_to}")

@@ -46,6 +46,7 @@ from kvtrace.run_logs import RunLogs
 from kvtrace.run_manifest import RunManifest, device_of, write_model_config
 from kvtrace.run_writer import RunWriter
 from kvtrace.step_ranges import StepRanges
+from kvtrace.term_signal import Terminated, TermSignal
 
 _ACTIVE_LOCK = threading.Lock()
 _ACTIVE: Recording | None = None
@@ -59,6 +60,7 @@ def _after_fork_in_child() -> None:
     if recording is None:
         return
     recording._writer = None
+    recording._term.restore()  # the child's SIGTERM is its own: the parent's run is not the child's to end
     recording._flush_lock = threading.Lock()
     recording._run_lock.forget()
     tracker = getattr(recording, "tracker", None)
@@ -171,6 +173,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self.events_lost = 0  # KV lines made after a failed write, dropped
         self._sampler: MemorySampler | None = None
         self._run_lock = RunLock(self.path)
+        self._term = TermSignal()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> Recording:
@@ -191,18 +194,22 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             with _ACTIVE_LOCK:
                 _ACTIVE = None
             raise
+        self._term.install()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         global _ACTIVE
+        self._term.finishing()
         try:
             self._finish(exc)
         finally:
             self._run_lock.release()
             with _ACTIVE_LOCK:
                 _ACTIVE = None
+            self._term.restore()
+            self._term.die_if_received()
 
     def _start(self) -> None:
         facts = rank_facts()  # in a process group of several ranks, each records into out_dir/rank-<r>
@@ -365,6 +372,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             # On disk before the profiler writes its trace (seconds on a long run): a process killed then
             # (a timeout, a scheduler's SIGTERM) keeps every step it ran, not those of the last flush only.
             self._flush()
+            self._note_terminating()
         except BaseException as error:
             raised.append(error)
         raised.extend(self._teardown(block_raised=exc is not None))
@@ -374,6 +382,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             except BaseException as error:
                 raised.append(error)
         ended = _ended(exc, raised)
+        if self._term.received_ns is not None:  # the process dies of it once this manifest is written
+            ended["signal"] = "SIGTERM"
+            ended["signal_t_ns"] = self._term.received_ns
         if oom_snapshot is not None:
             ended["oom_snapshot"] = oom_snapshot
         ended["t_ns"] = self._clock()
@@ -399,6 +410,16 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                 f"{self._trace_error}: the run has no profiler trace (its KV log and samples are whole)",
                 exit_code=1,
             )
+
+    def _note_terminating(self) -> None:
+        """After a SIGTERM, before the profiler writes its trace (seconds on a long run, where a scheduler's
+        grace period may end in SIGKILL): a manifest that says the process was told to stop, so that a run
+        killed then is not read as one that died of no known cause (the kernel's OOM killer, perhaps)."""
+        if self._term.received_ns is None:
+            return
+        ended = {"status": "running", "signal": "SIGTERM", "signal_t_ns": self._term.received_ns}
+        with contextlib.suppress(OSError):  # a full disk: the final manifest's own fallbacks follow
+            write_json_atomic(self.path / fmt.MANIFEST, {**self._manifest, "ended": ended})
 
     def _close_logs(self) -> None:
         """The exit snapshot and last samples; the caches the block dropped logged as freed; logs closed."""
@@ -503,7 +524,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
 
 def _ended(exc: BaseException | None, raised: list[BaseException]) -> dict[str, Any]:
     """The manifest's `ended`: how the block ended, or else what ending it raised; `interrupted` when
-    either was a Ctrl-C."""
+    either was a Ctrl-C or a SIGTERM (`Terminated`)."""
     first = exc if exc is not None else (raised[0] if raised else None)
     if first is None:
         return {"status": "ok"}
@@ -512,7 +533,7 @@ def _ended(exc: BaseException | None, raised: list[BaseException]) -> dict[str, 
         "type": type(first).__name__,
         "message": str(first)[:2000],
     }
-    if any(isinstance(error, KeyboardInterrupt) for error in (first, *raised)):
+    if any(isinstance(error, (KeyboardInterrupt, Terminated)) for error in (first, *raised)):
         ended["status"] = "interrupted"
     return ended
 

@@ -9,6 +9,7 @@ snapshot or a Chrome trace, which have neither, leaves both None.
 from __future__ import annotations
 
 from analyzers.model import MemorySource
+from analyzers.run_stop import killed_after_sigterm
 from analyzers.summary import Report
 
 __all__ = ["before_first_step", "unfinished"]
@@ -29,7 +30,11 @@ def before_first_step(source: MemorySource, report: Report) -> str | None:
 
 
 def unfinished(source: MemorySource) -> str | None:
-    """`Diagnosis.unfinished`: "died" or "recording" for a run whose manifest still says running."""
-    if ((source.meta.get("manifest") or {}).get("ended") or {}).get("status") != "running":
+    """`Diagnosis.unfinished`: "died", "terminated" (died after a SIGTERM) or "recording" for a run whose
+    manifest still says running."""
+    ended = (source.meta.get("manifest") or {}).get("ended") or {}
+    if ended.get("status") != "running":
         return None
-    return "died" if source.meta.get("recording_pid") is None else "recording"
+    if source.meta.get("recording_pid") is not None:
+        return "recording"
+    return "terminated" if killed_after_sigterm(ended) else "died"

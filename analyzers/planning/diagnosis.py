@@ -100,7 +100,8 @@ class Diagnosis:
     shortfall, no remedy that fits), and a crossing of it comes at that step or earlier."""
     unfinished: str | None = None
     """"died": the run's manifest still says running and no process records it (killed: perhaps by the
-    kernel's OOM killer, for host memory, which leaves no record); "recording": it is being recorded. No
+    kernel's OOM killer, for host memory, which leaves no record); "terminated": so, but its manifest says
+    the process got SIGTERM (killed while it wrote the run's end); "recording": it is being recorded. No
     OOM recorded then does not mean none happened."""
     held_step: int | None = None
     """The step whose end `batch` and `tokens_held` are, where it is not `step`: the moment falls in a last

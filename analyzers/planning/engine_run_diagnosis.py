@@ -25,6 +25,7 @@ from analyzers.engine import EngineRun
 from analyzers.planning.engine_budget import EngineBudget, run_engine_budget
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis, diagnose_engine
 from analyzers.planning.vllm_refused import refused_start
+from analyzers.run_stop import SIGTERM_SENDERS, interrupted_how, killed_after_sigterm
 from kvtrace.errors import KvtraceError
 
 __all__ = [
@@ -88,13 +89,20 @@ def ended_notes(manifest: dict[str, Any], recording_pid: str | None = None) -> t
     (analyzers.run_end_notes.ended_notes): engine steps reach their file at most every 0.1 s, so a killed run
     ends at its last flushed step. None for one that ended well."""
     stopped = stopped_short(manifest, recording_pid)
+    raw = manifest.get("ended")
+    ended: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    if stopped == "died" and killed_after_sigterm(ended):
+        return (
+            f"the run never finished (killed while writing its end, after a SIGTERM from {SIGTERM_SENDERS}): "
+            "read up to its last flushed step",
+        )
     if stopped == "died":
         return ("the run never finished (the process died): read up to its last flushed step",)
     if stopped == "recording":
         by = f" by pid {recording_pid}" if recording_pid else ""
         return (f"the run is still being recorded{by}: figures cover what it has written so far",)
     if stopped == "interrupted":
-        return ("the recorded block was interrupted (Ctrl-C): the figures cover the run up to then",)
+        return (f"the recorded block was {interrupted_how(ended)}: the figures cover the run up to then",)
     return raised_notes(manifest)
 
 

@@ -41,6 +41,7 @@ from analyzers.planning.run_padding import call_padded
 from analyzers.readers.engine_files import read_engine
 from analyzers.readers.run_files import kv_log_notes
 from analyzers.readers.run_oom import limit_of
+from analyzers.run_stop import interrupted_how
 from kvtrace.errors import KvtraceError
 from kvtrace.format import MODEL_CONFIG, Run
 from kvtrace.geometry import major_minor
@@ -312,7 +313,7 @@ def _how_it_stopped(ended: dict[str, Any]) -> str:
     """What a block that stopped inside a step did, from the manifest's `ended`: "ran out of memory"."""
     kind = str(ended.get("type") or "")
     if ended.get("status") == "interrupted":
-        return "was interrupted (Ctrl-C)"
+        return f"was {interrupted_how(ended)}"
     if "OutOfMemory" in kind or "out of memory" in str(ended.get("message") or "").lower():
         return "ran out of memory"
     return f"raised {kind or 'an exception'}"

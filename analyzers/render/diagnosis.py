@@ -9,6 +9,7 @@ from typing import Any
 
 from analyzers.model import MemorySource, request_at_most
 from analyzers.planning.diagnose import Diagnosis, StackShare, diagnose
+from analyzers.run_stop import SIGTERM_SENDERS
 from analyzers.summary import Report
 from analyzers.units import a_or_an, human_bytes
 
@@ -210,6 +211,12 @@ def _headline(d: Diagnosis) -> str:
             "kernel's OOM killer, which leaves no record"
         )
         upto = " up to its last flushed step"
+    elif d.unfinished == "terminated":
+        recorded += (
+            f", but the run never finished: its process got SIGTERM ({SIGTERM_SENDERS}) and was killed "
+            "while it wrote the run's end"
+        )
+        upto = " up to its last step"
     elif d.unfinished == "recording":
         recorded += " so far (the run is still being recorded)"
     if d.before_first_step:
