@@ -8,6 +8,7 @@ from typing import Any
 
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import check_html_target, print_result, said_written, write_html
+from kvtrace.commands.progress import reading
 from kvtrace.errors import KvtraceError
 from kvtrace.run_layout import is_run_group
 
@@ -38,6 +39,7 @@ class CompareCommand(Command):
         )
         parser.add_argument("-o", "--output", help="write a self-contained HTML page (e.g. compare.html)")
         parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
         from analyzers.compare import compare, comparison_to_json
@@ -56,10 +58,20 @@ class CompareCommand(Command):
         for path in paths:
             require_input(path)
         labels = _labels(paths)
+
+        def read(path: Path) -> Any:
+            """One input, with its own bar when it is big: a run group's report, else the run's."""
+            with reading(f"reading {path.name}", args.quiet) as update:
+                if is_run_group(path):
+                    from analyzers.group import build_group_report
+
+                    return build_group_report(path, progress=update)
+                return build_report(path, progress=update)
+
         if any(is_run_group(p) for p in paths):
-            comparison = self._with_groups(paths, labels)
+            comparison = self._with_groups([read(p) for p in paths], labels)
         else:
-            comparison = compare([build_report(p) for p in paths], labels)
+            comparison = compare([read(p) for p in paths], labels)
         # The page first, said after the result (`said_written`)
         page = write_html(args.output, comparison_to_html(comparison), quiet=True) if args.output else None
         print_result(
@@ -70,16 +82,16 @@ class CompareCommand(Command):
         return 0
 
     @staticmethod
-    def _with_groups(paths: list[Path], labels: list[str]) -> Any:
+    def _with_groups(inputs: list[Any], labels: list[str]) -> Any:
         """Run groups compare by their totals (KV summed over ranks, the peak rank's peak); when every input
         is a group of the same world size, rank by rank too (`<label>/rank-<r>` columns)."""
         from analyzers.compare import Comparison, run_figures
-        from analyzers.group import GroupReport, build_group_report, group_figures, rank_figures
-        from analyzers.report import build_report
+        from analyzers.group import GroupReport, group_figures, rank_figures
 
-        inputs = [build_group_report(p) if is_run_group(p) else build_report(p) for p in paths]
         rows = [
-            group_figures(item, label) if isinstance(item, GroupReport) else run_figures(*item, label)
+            group_figures(item, label)
+            if isinstance(item, GroupReport)
+            else run_figures(item[0], item[1], label)
             for item, label in zip(inputs, labels, strict=True)
         ]
         groups = [item for item in inputs if isinstance(item, GroupReport)]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import print_result
+from kvtrace.commands.progress import reading
 from kvtrace.errors import KvtraceError, short_error
 from kvtrace.run_layout import is_run_group
 
@@ -32,6 +33,7 @@ class DiagnoseCommand(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("path", help="run directory, run group, snapshot pickle or Chrome trace")
         parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         parser.add_argument(
             "--budget", help="price remedies against this memory budget when there is no OOM, e.g. 80GiB"
         )
@@ -46,10 +48,11 @@ class DiagnoseCommand(Command):
         require_input(path)
         budget = parse_size(args.budget, "--budget", positive=True) if args.budget is not None else None
         if is_run_group(path):
-            return self._run_group(path, args.json, budget)
+            return self._run_group(path, args.json, budget, args.quiet)
         if path.is_dir() and _diagnose_engine_run(path, args.json, budget):
             return 0
-        source, report = build_report(path)
+        with reading(f"reading {path.name}", args.quiet) as update:
+            source, report = build_report(path, progress=update)
         if not report.devices and not source.ooms:
             if source.kind == "run":  # recorded with kvtrace.record() already: say what it lacks
                 raise KvtraceError(f"{path}: no memory figures to diagnose: {_empty_run_cause(source.meta)}")
@@ -62,13 +65,14 @@ class DiagnoseCommand(Command):
         return 0
 
     @staticmethod
-    def _run_group(path: Path, as_json: bool, budget: int | None) -> int:
+    def _run_group(path: Path, as_json: bool, budget: int | None, quiet: bool) -> int:
         """A run group: the rank that ran out, else the first that failed, else the one that peaked."""
         from analyzers.group import build_group_report
         from analyzers.planning.diagnose import diagnose
         from analyzers.render.group import group_diagnosis_to_json, group_diagnosis_to_text
 
-        group = build_group_report(path)
+        with reading(f"reading {path.name}", quiet) as update:
+            group = build_group_report(path, progress=update)
         focus = group.rank(group.focus_rank)
         if not focus.report.devices and not focus.source.ooms:  # no rank has figures (the focus would)
             raise KvtraceError(

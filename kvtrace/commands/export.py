@@ -61,7 +61,7 @@ class ExportCommand(Command):
 
                 state["bar"] = tqdm(total=count, unit="input", desc="exporting", file=sys.stderr)
             elif count == 1:  # one input: a bar in bytes, as `kvtrace report` shows for big files
-                from kvtrace.commands.report import progress_bar
+                from kvtrace.commands.progress import progress_bar
 
                 state["bytes"], state["close_bytes"] = progress_bar("reading", args.quiet)
 

@@ -9,35 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import check_html_target, print_result, said_written, write_html
+from kvtrace.commands.progress import reading
 from kvtrace.errors import KvtraceError, cannot_write, missing_dependency
 from kvtrace.run_layout import is_run_group
 
 if TYPE_CHECKING:
     from analyzers.summary import Report
-
-
-def progress_bar(label: str, quiet: bool):
-    """A tqdm bar on stderr for inputs over 20 MB; None (no bar) for small ones or when quiet."""
-    if quiet or not sys.stderr.isatty():
-        return None, None
-    from tqdm import tqdm
-
-    state: dict[str, object] = {}
-
-    def update(done: int, total: int) -> None:
-        if total < 20_000_000:
-            return
-        bar = state.get("bar")
-        if bar is None:
-            bar = state["bar"] = tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr)
-        bar.update(done - bar.n)  # type: ignore[attr-defined]
-
-    def close() -> None:
-        bar = state.get("bar")
-        if bar is not None:
-            bar.close()  # type: ignore[attr-defined]
-
-    return update, close
 
 
 class ReportCommand(Command):
@@ -82,15 +59,11 @@ class ReportCommand(Command):
         require_input(path)
         if is_run_group(path):
             return self._run_group(path, args)
-        update, close = progress_bar(f"reading {path.name}", args.quiet)
-        try:
+        with reading(f"reading {path.name}", args.quiet) as update:
             # Without -o no chart is drawn: a small snapshot is then read without numpy (start-up counts)
             source, report = build_report(
                 path, progress=update, keep_events=False, timelines=bool(args.output)
             )
-        finally:
-            if close is not None:
-                close()
         self.last_report = report  # for `kvtrace demo`, which reports its own run
         if source.kind == "run" and not getattr(args, "no_export", False):
             self._export(path, source)
@@ -123,12 +96,8 @@ class ReportCommand(Command):
         from analyzers.group import build_group_report
         from analyzers.render.group import group_report_to_html, group_report_to_json, group_report_to_text
 
-        update, close = progress_bar(f"reading {path.name}", args.quiet)
-        try:
+        with reading(f"reading {path.name}", args.quiet) as update:
             group = build_group_report(path, progress=update)
-        finally:
-            if close is not None:
-                close()
         if not getattr(args, "no_export", False):
             for rank in group.ranks:  # each rank's KV counters and scalars, as for a single run
                 ReportCommand._export(Path(rank.path), rank.source)

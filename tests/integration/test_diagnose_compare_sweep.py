@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import math
 import os
-import pty
 import re
 import shutil
-import struct
 import subprocess
 import sys
-import termios
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +25,7 @@ from kvtrace.llama import build_model, llama3_config
 from kvtrace.run_reader import read_run
 from tests.hf_versions import needs_fp8_cache
 from tests.plotly_figures import page_figure
+from tests.terminal import stderr_on_a_terminal
 from tests.tiny import HEAD_DIM, cache_arg, tiny_size
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
@@ -55,25 +52,9 @@ def _sweep_stderr(out: Path, *flags: str, on_a_terminal: bool) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr
         return done.stderr
-    leader, follower = pty.openpty()
-    # 24 x 80: a new pseudo-terminal is 0 columns wide, and tqdm draws a bar of that width, nothing
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=follower, env=env, timeout=300)
-    finally:
-        os.close(follower)
-    assert done.returncode == 0
-    said = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO: the terminal's other end is closed and everything has been read
-            break
-        if not chunk:
-            break
-        said += chunk
-    os.close(leader)
-    return said.decode("utf-8", "replace")
+    status, said = stderr_on_a_terminal(argv, env)
+    assert status == 0
+    return said
 
 
 def test_sweep_draws_its_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
