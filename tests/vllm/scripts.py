@@ -9,6 +9,7 @@
     python -m tests.vllm.scripts raise_record MODEL_DIR RUN_DIR CALL  # the model raises in forward CALL
     python -m tests.vllm.scripts kill_record MODEL_DIR RUN_DIR CALL [HANG_S]  # the process SIGKILLs itself
                                                                         # there (after HANG_S in it)
+    python -m tests.vllm.scripts term_record MODEL_DIR RUN_DIR CALL   # kill_record's, with SIGTERM
     python -m tests.vllm.scripts raise_plugin MODEL_DIR CALL [STALL_S]  # raise_record's, multiprocess;
                                                                         # KVTRACE_DIR set
 
@@ -197,12 +198,15 @@ def raise_plugin(model_dir: str, call: int, stall_s: float = 0.0) -> dict[str, A
     return result
 
 
-def kill_record(model_dir: str, run_dir: str, call: int, hang_s: float = 0.0) -> dict[str, Any]:
+def kill_record(
+    model_dir: str, run_dir: str, call: int, hang_s: float = 0.0, signal_name: str = "SIGKILL"
+) -> dict[str, Any]:
     """The workload (it preempts) recorded in-process, the process killing itself (SIGKILL) in the model's
     CALLth forward. The forward before it waits 0.2 s, so that the step before reaches the files at its end
     (a step's end writes the logs when the last write is 0.1 s old): the run holds exactly the steps before
     CALL. `hang_s`: CALL's forward hangs that long before the kill, and the forward before waits not (the
-    writer thread writes the logs every 0.1 s meanwhile)."""
+    writer thread writes the logs every 0.1 s meanwhile). `signal_name`: another signal to send (SIGTERM,
+    a scheduler's)."""
     import signal
     import time
 
@@ -210,7 +214,7 @@ def kill_record(model_dir: str, run_dir: str, call: int, hang_s: float = 0.0) ->
 
     def hang_then_kill() -> None:
         time.sleep(hang_s)
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, signal_name))
 
     llm = make_llm(model_dir)
     if not hang_s:
@@ -241,6 +245,8 @@ if __name__ == "__main__":
     elif mode == "kill_record":
         hang_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
         result = kill_record(model, sys.argv[3], int(sys.argv[4]), hang_s)
+    elif mode == "term_record":
+        result = kill_record(model, sys.argv[3], int(sys.argv[4]), signal_name="SIGTERM")
     else:
         result = refused(model, sys.argv[3] if mode == "refused_record" else None)
     print("KVTRACE-RESULT " + json.dumps(result), flush=True)

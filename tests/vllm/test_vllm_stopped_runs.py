@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -123,12 +124,14 @@ def _killed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, kill
     return run_dir
 
 
-def _kill_record(tiny_model_dir: Path, run_dir: Path, killed_at: int, *hang: str) -> None:
+def _kill_record(
+    tiny_model_dir: Path, run_dir: Path, killed_at: int, *hang: str, mode: str = "kill_record"
+) -> None:
     """Record the workload into `run_dir` in a child process that SIGKILLs itself in step `killed_at`'s
-    forward (after hanging that many seconds there, `hang`)."""
+    forward (after hanging that many seconds there, `hang`); `mode` "term_record": SIGTERMs itself."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.pop("KVTRACE_DIR", None)
-    argv = ["kill_record", str(tiny_model_dir), str(run_dir), str(killed_at), *hang]
+    argv = [mode, str(tiny_model_dir), str(run_dir), str(killed_at), *hang]
     done = subprocess.run(
         [sys.executable, "-m", "tests.vllm.scripts", *argv],
         cwd=ROOT,
@@ -137,7 +140,10 @@ def _kill_record(tiny_model_dir: Path, run_dir: Path, killed_at: int, *hang: str
         text=True,
         timeout=540,
     )
-    assert done.returncode == -9, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    killed_by = -signal.SIGTERM if mode == "term_record" else -signal.SIGKILL
+    assert done.returncode == killed_by, (
+        f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -309,3 +315,31 @@ def test_a_run_killed_in_a_hanging_step_keeps_the_lines_made_before_it(
     preempted = [e for e in requests if e["event"] == "preempted"]
     assert preempted and {e["step"] for e in preempted} == {HUNG_AT}
     assert max(e["step"] for e in requests) == HUNG_AT
+
+
+def test_a_sigterm_ends_the_run_with_its_last_step_and_says_so(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the workload recorded in-process until a SIGTERM (a scheduler's time limit) in step 30's forward
+    run_dir = tmp_path / "terminated"
+    _kill_record(tiny_model_dir, run_dir, KILLED_AT, mode="term_record")
+
+    # THEN the process died of it (above), after the run's end was written: interrupted by SIGTERM, the
+    # step it came in recorded as the one that raised, with the pool as it stood
+    ended = json.loads((run_dir / fmt.MANIFEST).read_text())["ended"]
+    assert (ended["status"], ended["type"], ended["signal"]) == ("interrupted", "Terminated", "SIGTERM")
+    steps = _jsonl(run_dir / fmt.ENGINE_STEPS)
+    assert [s["step"] for s in steps] == list(range(1, KILLED_AT + 1)) and steps[-1]["raised"] is True
+    assert steps[-1]["running"] + steps[-1]["waiting"] == REQUESTS
+
+    # AND diagnose says a SIGTERM stopped it, with every request unfinished (a lower bound), not a death
+    diagnosis = _cli_json(capsys, "diagnose", str(run_dir))
+    stopped = (
+        "the recorded block was stopped by SIGTERM (a scheduler's time limit, `docker stop`, `timeout` or "
+        "`kill`): the figures cover the run up to then"
+    )
+    assert diagnosis["notes"][-1] == stopped
+    assert diagnosis["unfinished_requests"] == REQUESTS
+    assert all(r["fits"] is None for r in diagnosis["remedies"])
+    report = _cli_json(capsys, "report", str(run_dir), "--no-export", "-q")
+    assert stopped in report["notes"]
