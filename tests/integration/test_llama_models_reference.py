@@ -521,3 +521,35 @@ def test_plan_from_a_reference_run_is_its_preallocated_buffers(reference_model, 
     assert any("preallocated buffers" in note for note in plan["notes"])
     assert any("no Hugging Face config" in note for note in plan["notes"])
     assert not any("recorded before" in note for note in plan["notes"])
+
+
+def test_plan_from_a_reference_run_takes_max_seq_len_as_a_setting_not_a_position_limit(
+    reference_model, tmp_path, capsys
+):
+    from kvtrace.cli import main
+
+    # GIVEN a reference run whose buffers were built for MAX_SEQ positions: Llama3.build's max_seq_len, a
+    # setting of the run (Llama 3.1 takes 131,072 positions whatever it is), not a length it was trained to
+    model = reference_model
+    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
+    with kvtrace.record(tmp_path / "run", model=model, profiler=False), torch.inference_mode():
+        model.forward(tokens[:, :PROMPT_LEN], 0)
+        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+            model.forward(tokens[:, pos : pos + 1], pos)
+    capsys.readouterr()  # fairscale's own lines
+    per_token_row = N_LAYERS * 2 * N_KV_HEADS * (DIM // N_HEADS) * 4  # float32: 512 B
+    # WHEN planned at the run's own buffers (the default: --context MAX_SEQ + 1) and at a longer context
+    for flags, rows, held in (((), MAX_BATCH, MAX_SEQ), (("--context", "8192", "--batch", "3"), 3, 8191)):
+        assert main(["plan", "--from-run", str(tmp_path / "run"), "--json", *flags]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        # THEN the KV is the buffers' arithmetic at that size, and no note calls the context one past what
+        # the model takes, nor the model untrained there: the run does not say how long it was trained
+        assert plan["kv_bytes"] == rows * held * per_token_row, flags
+        assert plan["request"]["geometry"]["max_position_embeddings"] is None
+        assert not any("max_position_embeddings" in note for note in plan["notes"]), plan["notes"]
+        (buffers,) = (note for note in plan["notes"] if "preallocated buffers" in note)
+        run_flags = f"(this run's: --batch {MAX_BATCH} --context {MAX_SEQ + 1})"
+        assert f"--context max_seq_len + 1 {run_flags}" in buffers
+        assert main(["plan", "--from-run", str(tmp_path / "run"), *flags]) == 0
+        text = capsys.readouterr().out
+        assert "positions" not in next(line for line in text.splitlines() if "max context" in line)
