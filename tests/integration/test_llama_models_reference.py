@@ -523,6 +523,40 @@ def test_plan_from_a_reference_run_is_its_preallocated_buffers(reference_model, 
     assert not any("recorded before" in note for note in plan["notes"])
 
 
+def test_diagnose_of_a_reference_run_without_the_profiler_gives_the_rows_and_tokens_written(
+    tmp_path, watched_models, capsys
+):
+    # GIVEN the reference model with room for 4 rows, run on 3 with profiler=False: its peak, weights and
+    # buffers, is reached before the first forward (the buffers are made with the model) and held to the end
+    from kvtrace.cli import main
+
+    max_batch, rows = 4, 3
+    written = PROMPT_LEN + DECODE_STEPS
+    with _reference_model(tmp_path, watched_models, max_batch) as model:
+        tokens = torch.randint(0, VOCAB, (rows, written))
+        with kvtrace.record(tmp_path / "run", model=model, profiler=False):
+            model(tokens[:, :PROMPT_LEN], 0)
+            for pos in range(PROMPT_LEN, written):
+                model(tokens[:, pos : pos + 1], pos)
+    run = tmp_path / "run"
+    weights = sum(w.storage_bytes for w in read_run(run).weights)
+    kv_total = N_LAYERS * 2 * max_batch * MAX_SEQ * N_KV_HEADS * (DIM // N_HEADS) * 4
+    capsys.readouterr()  # fairscale's own lines
+
+    # WHEN it is diagnosed, alone and against a budget 1 KiB short of weights + buffers
+    for flags in ((), ("--budget", str(weights + kv_total - 1024))):
+        assert main(["diagnose", str(run), "--json", *flags]) == 0
+        data = json.loads(capsys.readouterr().out)
+        # THEN the peak's moment is its level's last, the end of the last forward: the rows in use and the
+        # tokens each wrote, not the buffers' max_batch_size before anything was written (4 x 0 at step 0)
+        assert data["allocated_bytes"] == weights + kv_total, flags
+        assert (data["batch"], data["tokens_held"]) == (rows, written), flags
+        assert (data["step"], data["step_phase"]) == (1 + DECODE_STEPS, "decode"), flags
+        assert main(["diagnose", str(run), *flags]) == 0
+        text = capsys.readouterr().out
+        assert f"batch x tokens held (end of step {1 + DECODE_STEPS})  {rows} x {written}" in text, text
+
+
 def test_plan_from_a_reference_run_takes_max_seq_len_as_a_setting_not_a_position_limit(
     reference_model, tmp_path, capsys
 ):
