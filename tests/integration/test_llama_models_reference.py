@@ -557,6 +557,29 @@ def test_diagnose_of_a_reference_run_without_the_profiler_gives_the_rows_and_tok
         assert f"batch x tokens held (end of step {1 + DECODE_STEPS})  {rows} x {written}" in text, text
 
 
+def test_diagnose_of_a_reference_run_without_the_profiler_names_its_buffers_not_with_stack(
+    reference_model, tmp_path, capsys
+):
+    # GIVEN a reference run recorded with profiler=False: its memory events are the KV log's storages
+    from kvtrace.cli import main
+
+    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + 1))
+    with kvtrace.record(tmp_path / "run", model=reference_model, profiler=False):
+        reference_model(tokens[:, :PROMPT_LEN], 0)
+        reference_model(tokens[:, PROMPT_LEN:], PROMPT_LEN)
+    capsys.readouterr()  # fairscale's own lines
+    kv_total = N_LAYERS * 2 * MAX_BATCH * MAX_SEQ * N_KV_HEADS * (DIM // N_HEADS) * 4
+    # WHEN it is diagnosed
+    assert main(["diagnose", str(tmp_path / "run"), "--json"]) == 0
+    stacks = json.loads(capsys.readouterr().out)["top_stacks"]
+    # THEN its 2 x N_LAYERS buffers are one row that says they are the KV log's, not advice to record
+    # with_stack=True, which puts stacks on the profiler's allocations and adds none without it
+    (buffers,) = (s for s in stacks if s["allocations"])
+    assert (buffers["bytes"], buffers["allocations"]) == (kv_total, 2 * N_LAYERS)
+    assert buffers["stack"].startswith("(KV cache storages from the KV log"), buffers
+    assert not any("record with with_stack=True" in s["stack"] for s in stacks), stacks
+
+
 def test_plan_from_a_reference_run_takes_max_seq_len_as_a_setting_not_a_position_limit(
     reference_model, tmp_path, capsys
 ):
