@@ -109,8 +109,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     else:
         event = "peak"
         index = int(np.argmax(timeline.allocated)) if timeline is not None and len(timeline.ts_us) else -1
-        if index >= 0 and timeline is not None and report.kv.capacity_of == "tracked":
-            # Not the first view's track, which the peak's first event is: the tensor's last moment at it
+        if index >= 0 and timeline is not None and report.kv.capacity_of in ("tracked", "buffers"):
+            # Not the first view's track, which the peak's first event is: the tensor's last moment at it;
+            # nor Meta's buffers before any forward wrote a row (profiler=False: the peak is there at step 0)
             index, at_end = peak_held_until(timeline.allocated, index)
         when = float(timeline.ts_us[index]) if index >= 0 and timeline is not None else None
         if at_end and when is not None and kv_log is not None and kv_log.series_t_ns:

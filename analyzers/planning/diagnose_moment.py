@@ -43,7 +43,8 @@ def peak_held_until(allocated: np.ndarray, first: int) -> tuple[int, bool]:
     that level lasts to the timeline's end). Views of one preallocated tensor (`kvtrace.track(kv[l, 0, :,
     :, :pos])`) hold the whole tensor from the first view's track, when the log has seen one view of one
     layer and the tokens of the first forward: the tensor is as large at the end of that level, with every
-    view seen and the most tokens written."""
+    view seen and the most tokens written. So do Meta's buffers, made with the model: without the profiler
+    the peak is the weights and buffers from step 0, before any row is written."""
     later = np.flatnonzero(allocated[first:] != allocated[first])
     if len(later):
         return first + int(later[0]) - 1, False

@@ -29,6 +29,11 @@ __all__ = [
 TOP_STACKS = 10  # the stacks a diagnosis lists, most live bytes first
 
 _NO_STACK = "(no stack recorded: record with with_stack=True)"
+# A run whose memory events are the KV log's (profiler=False, profile_memory=False, ...): with_stack=True
+# puts stacks on the profiler's allocations, so without them it adds none
+_KV_LOG_STORAGES = (
+    "(KV cache storages from the KV log: no allocator trace, whose stacks with_stack=True records)"
+)
 _NO_ADDRESS = "(no stack recorded: the file gives no address or stack per allocation)"
 
 
@@ -45,6 +50,10 @@ def live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[Stack
     live = _live(dev, upto)
     grouped: dict[str, list[int]] = {}
     frame_ids = dev.frame_id if dev.frame_id is not None else np.full(len(dev), -1, dtype=np.int32)
+    events_from = source.meta.get("events_from")
+    no_stack = (
+        _KV_LOG_STORAGES if isinstance(events_from, str) and events_from.startswith("kv_log") else _NO_STACK
+    )
     kept: dict[int, str] = {}  # frame_id -> its stack without the frames memory_viz leaves out
     for frame_id, nbytes in zip(
         frame_ids[:n][live].tolist(), dev.delta_bytes[:n][live].tolist(), strict=True
@@ -52,7 +61,7 @@ def live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[Stack
         text = kept.get(frame_id)
         if text is None:
             known = 0 <= frame_id < len(source.frames)
-            text = kept[frame_id] = "\n".join(kept_frames(source.frames[frame_id])) if known else _NO_STACK
+            text = kept[frame_id] = "\n".join(kept_frames(source.frames[frame_id])) if known else no_stack
         entry = grouped.setdefault(text, [0, 0])
         entry[0] += int(nbytes)
         entry[1] += 1

@@ -150,8 +150,9 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
         cache, batch, context = "static", main.capacity_rows, main.capacity_tokens + 1
         notes.append(
             f"the run's cache is a module's preallocated buffers ({main.capacity_rows} rows x "
-            f"{main.capacity_tokens} positions, written in place): planned as a static cache of that size, "
-            f"the planner's closest kind (--batch {batch} --context {context})"
+            f"{main.capacity_tokens} positions, max_batch_size x max_seq_len, written in place): planned as "
+            "a static cache, the planner's closest kind, whose --batch is max_batch_size and --context "
+            f"max_seq_len + 1 (this run's: --batch {batch} --context {context})"
         )
     elif main.capacity_of == "static_cache" or main.static_positions:
         cache = "static"
@@ -263,7 +264,9 @@ def _geometry(
         sliding_window=model.get("sliding_window"),
         kv_layers=model.get("kv_layers"),
         sliding_layers=model.get("sliding_layers"),
-        max_position_embeddings=model.get("max_seq_len"),
+        # Unknown: the manifest's max_seq_len is Meta's Llama3.build setting, the length its buffers were made
+        # for, not a length the model was trained to (Llama 3.1 takes 131,072 whatever it is built with)
+        max_position_embeddings=None,
     )
 
 

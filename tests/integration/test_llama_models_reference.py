@@ -521,3 +521,92 @@ def test_plan_from_a_reference_run_is_its_preallocated_buffers(reference_model, 
     assert any("preallocated buffers" in note for note in plan["notes"])
     assert any("no Hugging Face config" in note for note in plan["notes"])
     assert not any("recorded before" in note for note in plan["notes"])
+
+
+def test_diagnose_of_a_reference_run_without_the_profiler_gives_the_rows_and_tokens_written(
+    tmp_path, watched_models, capsys
+):
+    # GIVEN the reference model with room for 4 rows, run on 3 with profiler=False: its peak, weights and
+    # buffers, is reached before the first forward (the buffers are made with the model) and held to the end
+    from kvtrace.cli import main
+
+    max_batch, rows = 4, 3
+    written = PROMPT_LEN + DECODE_STEPS
+    with _reference_model(tmp_path, watched_models, max_batch) as model:
+        tokens = torch.randint(0, VOCAB, (rows, written))
+        with kvtrace.record(tmp_path / "run", model=model, profiler=False):
+            model(tokens[:, :PROMPT_LEN], 0)
+            for pos in range(PROMPT_LEN, written):
+                model(tokens[:, pos : pos + 1], pos)
+    run = tmp_path / "run"
+    weights = sum(w.storage_bytes for w in read_run(run).weights)
+    kv_total = N_LAYERS * 2 * max_batch * MAX_SEQ * N_KV_HEADS * (DIM // N_HEADS) * 4
+    capsys.readouterr()  # fairscale's own lines
+
+    # WHEN it is diagnosed, alone and against a budget 1 KiB short of weights + buffers
+    for flags in ((), ("--budget", str(weights + kv_total - 1024))):
+        assert main(["diagnose", str(run), "--json", *flags]) == 0
+        data = json.loads(capsys.readouterr().out)
+        # THEN the peak's moment is its level's last, the end of the last forward: the rows in use and the
+        # tokens each wrote, not the buffers' max_batch_size before anything was written (4 x 0 at step 0)
+        assert data["allocated_bytes"] == weights + kv_total, flags
+        assert (data["batch"], data["tokens_held"]) == (rows, written), flags
+        assert (data["step"], data["step_phase"]) == (1 + DECODE_STEPS, "decode"), flags
+        assert main(["diagnose", str(run), *flags]) == 0
+        text = capsys.readouterr().out
+        assert f"batch x tokens held (end of step {1 + DECODE_STEPS})  {rows} x {written}" in text, text
+
+
+def test_diagnose_of_a_reference_run_without_the_profiler_names_its_buffers_not_with_stack(
+    reference_model, tmp_path, capsys
+):
+    # GIVEN a reference run recorded with profiler=False: its memory events are the KV log's storages
+    from kvtrace.cli import main
+
+    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + 1))
+    with kvtrace.record(tmp_path / "run", model=reference_model, profiler=False):
+        reference_model(tokens[:, :PROMPT_LEN], 0)
+        reference_model(tokens[:, PROMPT_LEN:], PROMPT_LEN)
+    capsys.readouterr()  # fairscale's own lines
+    kv_total = N_LAYERS * 2 * MAX_BATCH * MAX_SEQ * N_KV_HEADS * (DIM // N_HEADS) * 4
+    # WHEN it is diagnosed
+    assert main(["diagnose", str(tmp_path / "run"), "--json"]) == 0
+    stacks = json.loads(capsys.readouterr().out)["top_stacks"]
+    # THEN its 2 x N_LAYERS buffers are one row that says they are the KV log's, not advice to record
+    # with_stack=True, which puts stacks on the profiler's allocations and adds none without it
+    (buffers,) = (s for s in stacks if s["allocations"])
+    assert (buffers["bytes"], buffers["allocations"]) == (kv_total, 2 * N_LAYERS)
+    assert buffers["stack"].startswith("(KV cache storages from the KV log"), buffers
+    assert not any("record with with_stack=True" in s["stack"] for s in stacks), stacks
+
+
+def test_plan_from_a_reference_run_takes_max_seq_len_as_a_setting_not_a_position_limit(
+    reference_model, tmp_path, capsys
+):
+    from kvtrace.cli import main
+
+    # GIVEN a reference run whose buffers were built for MAX_SEQ positions: Llama3.build's max_seq_len, a
+    # setting of the run (Llama 3.1 takes 131,072 positions whatever it is), not a length it was trained to
+    model = reference_model
+    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
+    with kvtrace.record(tmp_path / "run", model=model, profiler=False), torch.inference_mode():
+        model.forward(tokens[:, :PROMPT_LEN], 0)
+        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+            model.forward(tokens[:, pos : pos + 1], pos)
+    capsys.readouterr()  # fairscale's own lines
+    per_token_row = N_LAYERS * 2 * N_KV_HEADS * (DIM // N_HEADS) * 4  # float32: 512 B
+    # WHEN planned at the run's own buffers (the default: --context MAX_SEQ + 1) and at a longer context
+    for flags, rows, held in (((), MAX_BATCH, MAX_SEQ), (("--context", "8192", "--batch", "3"), 3, 8191)):
+        assert main(["plan", "--from-run", str(tmp_path / "run"), "--json", *flags]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        # THEN the KV is the buffers' arithmetic at that size, and no note calls the context one past what
+        # the model takes, nor the model untrained there: the run does not say how long it was trained
+        assert plan["kv_bytes"] == rows * held * per_token_row, flags
+        assert plan["request"]["geometry"]["max_position_embeddings"] is None
+        assert not any("max_position_embeddings" in note for note in plan["notes"]), plan["notes"]
+        (buffers,) = (note for note in plan["notes"] if "preallocated buffers" in note)
+        run_flags = f"(this run's: --batch {MAX_BATCH} --context {MAX_SEQ + 1})"
+        assert f"--context max_seq_len + 1 {run_flags}" in buffers
+        assert main(["plan", "--from-run", str(tmp_path / "run"), *flags]) == 0
+        text = capsys.readouterr().out
+        assert "positions" not in next(line for line in text.splitlines() if "max context" in line)
