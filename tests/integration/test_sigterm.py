@@ -28,6 +28,8 @@ STOP_AT = 3  # the forward whose end the SIGTERM comes after: the prefill and 2 
 # The cache after that forward: the prompt and 2 tokens fed back, fp32:
 # layers x K,V x kv_heads x head_dim x tokens x batch x 4 B = 2 x 2 x 2 x 16 x 10 x 2 x 4
 KV_AT_STOP = LAYERS * 2 * KV_HEADS * HEAD_DIM * (PROMPT + STOP_AT - 1) * BATCH * 4
+# ... and after the whole run: the prompt and every new token but the last (never fed back)
+KV_AT_END = LAYERS * 2 * KV_HEADS * HEAD_DIM * (PROMPT + NEW_TOKENS - 1) * BATCH * 4
 
 # A real recording of the real model; at `# the setup` each test puts what sends the SIGTERM, through
 # `at_stop()`, run after forward STOP_AT returns.
@@ -169,8 +171,7 @@ def test_a_sigterm_while_the_block_ends_waits_for_the_trace(tmp_path: Path, caps
     assert (ended["status"], ended["signal"]) == ("ok", "SIGTERM")
     assert len(_traces(run)) == 1
     report = _report(run, capsys)
-    # every step ran: the prompt and every new token but the last (never fed back)
-    assert report["kv"]["final_bytes"] == LAYERS * 2 * KV_HEADS * HEAD_DIM * (PROMPT + NEW_TOKENS - 1) * BATCH * 4
+    assert report["kv"]["final_bytes"] == KV_AT_END == 13312  # every step ran
 
 
 def test_the_users_own_sigterm_handler_is_left_alone(tmp_path: Path, capsys: Any) -> None:
@@ -189,7 +190,7 @@ def test_the_users_own_sigterm_handler_is_left_alone(tmp_path: Path, capsys: Any
     ended = json.loads((run / MANIFEST).read_text())["ended"]
     assert ended["status"] == "ok" and "signal" not in ended
     report = _report(run, capsys)
-    assert report["kv"]["final_bytes"] == LAYERS * 2 * KV_HEADS * HEAD_DIM * (PROMPT + NEW_TOKENS - 1) * BATCH * 4
+    assert report["kv"]["final_bytes"] == KV_AT_END
 
 
 def test_sigterm_is_taken_over_only_during_a_main_thread_block(tmp_path: Path) -> None:
