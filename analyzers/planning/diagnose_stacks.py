@@ -37,6 +37,20 @@ _KV_LOG_STORAGES = (
 _NO_ADDRESS = "(no stack recorded: the file gives no address or stack per allocation)"
 
 
+def _from_kv_log(source: MemorySource) -> bool:
+    """A run whose memory events are its KV log's (profiler=False, no trace, profile_memory=False, ...)."""
+    events_from = source.meta.get("events_from")
+    return isinstance(events_from, str) and events_from.startswith("kv_log")
+
+
+def _held_before_label(source: MemorySource) -> str:
+    """The row of what a device held before its first event: before the trace began, or, for a run with no
+    allocator trace, the weights its weights log lists (and the KV a cache held before the block)."""
+    if _from_kv_log(source):
+        return "(the model's weights and KV held before the block, from the run's logs: no allocator trace)"
+    return "(weights and others, allocated before the trace began)"
+
+
 def live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[StackShare]:
     """Group the allocations live after event `upto` by their stack text.
 
@@ -50,10 +64,7 @@ def live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[Stack
     live = _live(dev, upto)
     grouped: dict[str, list[int]] = {}
     frame_ids = dev.frame_id if dev.frame_id is not None else np.full(len(dev), -1, dtype=np.int32)
-    events_from = source.meta.get("events_from")
-    no_stack = (
-        _KV_LOG_STORAGES if isinstance(events_from, str) and events_from.startswith("kv_log") else _NO_STACK
-    )
+    no_stack = _KV_LOG_STORAGES if _from_kv_log(source) else _NO_STACK
     kept: dict[int, str] = {}  # frame_id -> its stack without the frames memory_viz leaves out
     for frame_id, nbytes in zip(
         frame_ids[:n][live].tolist(), dev.delta_bytes[:n][live].tolist(), strict=True
@@ -195,7 +206,7 @@ def moment_stacks(
             freed_from_before(source.devices[dev_index], index) if dev_index is not None else 0
         )
         if before > 0:
-            stacks.append(StackShare("(weights and others, allocated before the trace began)", before, 0))
+            stacks.append(StackShare(_held_before_label(source), before, 0))
     unaddressed = (
         unaddressed_share(source.devices[dev_index], allocated, stacks) if dev_index is not None else None
     )

@@ -578,6 +578,10 @@ def test_diagnose_of_a_reference_run_without_the_profiler_names_its_buffers_not_
     assert (buffers["bytes"], buffers["allocations"]) == (kv_total, 2 * N_LAYERS)
     assert buffers["stack"].startswith("(KV cache storages from the KV log"), buffers
     assert not any("record with with_stack=True" in s["stack"] for s in stacks), stacks
+    # AND the weights' row names where they come from, not a trace the run does not have
+    (weights,) = (s for s in stacks if not s["allocations"])
+    assert weights["stack"].startswith("(the model's weights and KV held before the block"), weights
+    assert not any("trace began" in s["stack"] for s in stacks), stacks
 
 
 def test_plan_from_a_reference_run_takes_max_seq_len_as_a_setting_not_a_position_limit(
