@@ -19,6 +19,7 @@ from kvtrace.errors import KvtraceError, missing_dependency, os_errno, os_reason
 # inside `run`. A command line naming one command imports only that one (start-up counts on small inputs).
 _COMMANDS = (
     ("demo", "kvtrace.commands.demo", "DemoCommand"),
+    ("run", "kvtrace.commands.run", "RunCommand"),
     ("report", "kvtrace.commands.report", "ReportCommand"),
     ("plan", "kvtrace.commands.plan", "PlanCommand"),
     ("diagnose", "kvtrace.commands.diagnose", "DiagnoseCommand"),

@@ -31,6 +31,7 @@ from kvtrace.integrations.hf_caches import HfCacheHooks
 from kvtrace.integrations.hf_decode_plan import DecodePlan
 from kvtrace.integrations.hf_generate import GenerateCalls
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
+from kvtrace.integrations.model_discovery import ModelDiscovery
 from kvtrace.integrations.module_caches import ModuleCaches
 from kvtrace.integrations.vllm import is_vllm_object
 from kvtrace.json_writes import JsonlAppender, write_json_atomic
@@ -84,10 +85,16 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if unnamed is not None:
             raise RecordingError(f"record(): {unnamed}")
         self.path = Path(out_dir)
+        # model="auto" (`kvtrace run`): the first model whose generate() runs in the block (ModelDiscovery)
+        self._discover = isinstance(model, str) and model == "auto"
+        self._discovery: ModelDiscovery | None = None
+        if self._discover:
+            model = None
         if model is not None and not isinstance(model, torch.nn.Module) and not is_vllm_object(model):
             # Checked before anything is written: a half-made run would block the retry.
             raise RecordingError(
-                f"record(model=...): a torch.nn.Module (or a vllm.LLM) is needed, got {type(model).__name__}"
+                f"record(model=...): a torch.nn.Module (or a vllm.LLM, or \"auto\") is needed, got "
+                f"{type(model).__name__}"
             )
         self.model = _uncompiled(model)
         # A vllm.LLM is recorded through its engine core (integrations/vllm_engine.py), not as a module;
@@ -224,9 +231,6 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         with written_at_start(manifest_path):  # with room for the final manifest, should the disk fill
             write_json_atomic(manifest_path, self._manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
         self._made = True
-        config_note = write_model_config(self.path, self.model)
-        if config_note is not None:
-            self.notes.append(config_note)
         with written_at_start(self.path / fmt.KV_EVENTS):
             self._events = JsonlAppender(self.path / fmt.KV_EVENTS)
         with written_at_start(self.path / fmt.MEMORY_SAMPLES):
@@ -254,40 +258,15 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             if self.model is None:
                 self._hf.on_first_layer = self._auto_step
             self._hf.install()
-            self._may_defer = self.model is not None and not self.options.profiler and not self._ranges.active
         self._modules = ModuleCaches(tracker, self.options.cache_attrs)
         if self.model is not None:
-            self._modules.discover(self.model)
-            self._signature = ForwardSignature.of(self.model)
-            modules = self._modules
-            self._weights = ModelWeights(
-                self.model,
-                self.path / fmt.WEIGHTS,
-                self._clock,
-                lambda: tracker.step,
-                modules.weight_exclusions,
-            )
-            with written_at_start(self._weights.path):
-                self._weights.write_start()
-            # Around the model's `_apply` (`model.to(dtype)`, `.half()`, `.cuda()`): the storages it replaces
-            self._weights.install()
-            # Around `model.forward` itself, which Meta's Llama3.generate calls directly (no forward hook
-            # fires there); eager even when torch.compile traces the model's __call__.
-            self._forward = ForwardWrap(self.model, self._pre_forward, self._post_forward)
-            self._forward.install()
-            if GenerateCalls.available(self.model):
-                self._calls = GenerateCalls(self.model)
-                self._calls.install()
-                if self._hf is not None:
-                    self._hf.beam_search = self._calls.beam_search
-                    self._hf.in_call = self._calls.in_call
-            if self._hf is not None:
-                self._hf.on_new_cache = self._cache_made
-                self._hf.cross_layers = model_cross_attention_layers(self.model)
+            self._hook_model()
+        elif self._hf is not None:
+            self._hf.on_first_layer = self._auto_step
+        if self._discover:
+            self._discovery = ModelDiscovery(self._attach_model)
+            self._discovery.install()
         self._modules.scan("track")
-        if self.model is not None:
-            # HF attention modules carry `layer_idx`; eviction libraries hang their masks on them.
-            self._attention_modules = [m for m in self.model.modules() if hasattr(m, "layer_idx")]
         self._snapshots = CudaSnapshots(self.path / fmt.SNAPSHOT_DIR, self.options.max_snapshot_entries)
         if self.options.snapshots:
             self._manifest["snapshots"] = self._snapshots.start()
@@ -295,10 +274,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             self._manifest["snapshots"] = {"status": "absent", "reason": "snapshots=False"}
         if self._manifest["snapshots"]["status"] == "absent" and self.options.snapshots:
             self.notes.append(f"snapshots: {self._manifest['snapshots']['reason']}")
-        if self.options.profiler:
-            self._profiler = make_profiler(self.path / fmt.PROFILER_DIR, self.options, self._trace_failed)
-            with kineto_quiet():
-                self._profiler.__enter__()
+        if self.options.profiler and not self._discover:
+            self._start_profiler()
         model_device = device_of(self.model)
         cuda_index: int | None = None
         if model_device is not None and model_device.type == "cuda":
@@ -317,6 +294,71 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._sampler.host_elsewhere = True
         self._writer = RunWriter(self._flush, self._sample_host)
         self._writer.start()
+
+    def _start_profiler(self) -> None:
+        self._profiler = make_profiler(self.path / fmt.PROFILER_DIR, self.options, self._trace_failed)
+        with kineto_quiet():
+            self._profiler.__enter__()
+
+    def _hook_model(self) -> None:
+        """Everything that follows `self.model`: its config, module caches, weights, forward and generate()
+        calls. At the block's start, or at the first generate() of a model `record(model="auto")` found."""
+        model = self.model
+        tracker = self.tracker
+        config_note = write_model_config(self.path, model)
+        if config_note is not None:
+            self.notes.append(config_note)
+        if self._hf is not None:
+            self._hf.on_first_layer = None  # the model's forwards are the steps
+            assert self._ranges is not None
+            self._may_defer = not self.options.profiler and not self._ranges.active
+        assert self._modules is not None
+        modules = self._modules
+        modules.discover(model)
+        self._signature = ForwardSignature.of(model)
+        self._weights = ModelWeights(
+            model, self.path / fmt.WEIGHTS, self._clock, lambda: tracker.step, modules.weight_exclusions
+        )
+        with written_at_start(self._weights.path):
+            self._weights.write_start()
+        # Around the model's `_apply` (`model.to(dtype)`, `.half()`, `.cuda()`): the storages it replaces
+        self._weights.install()
+        # Around `model.forward` itself, which Meta's Llama3.generate calls directly (no forward hook
+        # fires there); eager even when torch.compile traces the model's __call__.
+        self._forward = ForwardWrap(model, self._pre_forward, self._post_forward)
+        self._forward.install()
+        if GenerateCalls.available(model):
+            self._calls = GenerateCalls(model)
+            self._calls.install()
+            if self._hf is not None:
+                self._hf.beam_search = self._calls.beam_search
+                self._hf.in_call = self._calls.in_call
+        if self._hf is not None:
+            self._hf.on_new_cache = self._cache_made
+            self._hf.cross_layers = model_cross_attention_layers(model)
+        # HF attention modules carry `layer_idx`; eviction libraries hang their masks on them.
+        self._attention_modules = [m for m in model.modules() if hasattr(m, "layer_idx")]
+
+    def _attach_model(self, model: Any) -> None:
+        """`record(model="auto")` (`kvtrace run`): the first model whose generate() runs in the block is the
+        run's model from there, as if passed to record(). Forwards before it were steps of their own."""
+        if self.model is not None or self._ended_mid_forward:
+            return
+        if self._step_open and self._step_thread == threading.get_ident():
+            self._end_step()  # a step begun by a layer update (no model): the model's forwards take over
+        self.model = _uncompiled(model)
+        self._hook_model()
+        if self.options.profiler and self._profiler is None:
+            self._thread = threading.get_ident()  # the thread torch.profiler records: generate()'s
+            self._start_profiler()  # from the model's first generate(), as record(model=...) around it
+        self._manifest["model"] = model_geometry(self.model, self.notes)
+        self._manifest["device"] = self._device_facts()
+        self.notes.append(
+            f"model found at its first generate() call (record(model='auto')): "
+            f"{type(self.model).__name__}, from step {self.tracker.step + 1}"
+        )
+        with contextlib.suppress(OSError):  # a killed run's manifest names its model too
+            write_json_atomic(self.path / fmt.MANIFEST, self._manifest)
 
     def _unmake(self) -> None:
         """After a start that failed once its first manifest was written (a full disk): the files it wrote
@@ -505,7 +547,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                     why = f"the block's end was interrupted ({type(error).__name__})"
                     why += " while torch.profiler wrote it"
                 self.notes.append(f"profiler trace not written: {why}")
-        for hooks in (self._forward, self._weights, self._vllm, self._paged, self._hf, self._calls):
+        # generate()'s wrappers come off in the reverse of their order on: the calls' over the discovery's
+        hooked = (self._forward, self._weights, self._vllm, self._paged, self._hf, self._calls)
+        for hooks in (*hooked, self._discovery):
             if hooks is not None:
                 try:
                     hooks.uninstall()

@@ -67,6 +67,22 @@ class RunManifest:
     events_lost: int
     notes: list[str]
 
+    def _device_facts(self) -> dict[str, Any]:
+        """The manifest's `device`: the model's GPU, else the host (its name and memory)."""
+        model_device = device_of(self.model)
+        if model_device is not None and model_device.type == "cuda":
+            props = torch.cuda.get_device_properties(model_device)
+            return {
+                "type": "cuda",
+                "index": model_device.index or 0,
+                "name": props.name,
+                "total_memory_bytes": int(props.total_memory),
+            }
+        device: dict[str, Any] = {"type": "cpu", "name": platform.processor() or platform.machine()}
+        with contextlib.suppress(OSError, ValueError):
+            device["total_memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return device
+
     def _initial_manifest(self) -> dict[str, Any]:
         from kvtrace import __version__
 
@@ -76,18 +92,7 @@ class RunManifest:
             transformers_version: str | None = transformers.__version__
         except ImportError:
             transformers_version = None
-        device: dict[str, Any] = {"type": "cpu", "name": platform.processor() or platform.machine()}
-        with contextlib.suppress(OSError, ValueError):
-            device["total_memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        model_device = device_of(self.model)
-        if model_device is not None and model_device.type == "cuda":
-            props = torch.cuda.get_device_properties(model_device)
-            device = {
-                "type": "cuda",
-                "index": model_device.index or 0,
-                "name": props.name,
-                "total_memory_bytes": int(props.total_memory),
-            }
+        device = self._device_facts()
         anchor_ns = self._clock()
         return {
             "format": "kvtrace-run",

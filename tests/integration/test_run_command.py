@@ -1,0 +1,166 @@
+"""`kvtrace run script.py`: a script recorded as it is written, its model made inside it and found at its
+first generate() (record(model="auto")), as `memray run` or `nsys profile` take a program."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers.generation.utils import GenerationMixin
+
+import kvtrace
+from kvtrace.cli import main
+from kvtrace.llama import build_model
+from tests.tiny import tiny_size
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LAYERS, KV_HEADS, HEAD_DIM, BATCH, PROMPT = 2, 2, 16, 2, 8
+
+# A user's script: builds its model, then generates; `--new-tokens N` from its own command line; what
+# follows `# then` is put in by each test.
+SCRIPT = textwrap.dedent(
+    f"""
+    import argparse, sys
+    import torch
+    from kvtrace.llama import build_model
+    from tests.tiny import tiny_size
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--new-tokens", type=int, default=2)
+    args = parser.parse_args()
+    model = build_model(tiny_size({LAYERS}, kv_heads={KV_HEADS}))
+    ids = torch.randint(3, 1000, ({BATCH}, {PROMPT}), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                             min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    print("generated", tuple(out.shape))
+    # then
+    """
+)
+
+
+def _kv_bytes(tokens: int) -> int:
+    """layers x K,V x kv_heads x head_dim x tokens x batch x 4 B (fp32)."""
+    return LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * BATCH * 4
+
+
+def _kvtrace_run(tmp_path: Path, *argv: str, then: str = "") -> subprocess.CompletedProcess:
+    """`kvtrace run ...` in a fresh process, in `tmp_path`, with the script written there as user.py."""
+    (tmp_path / "user.py").write_text(SCRIPT.replace("# then", then), encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "run", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+
+def _report(run: Path, capsys: Any) -> dict[str, Any]:
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_script_is_recorded_as_written_with_its_model_found(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a script that builds its model and generates 6 tokens (its own flag), run under kvtrace
+    done = _kvtrace_run(tmp_path, "user.py", "--new-tokens", "6")
+
+    # THEN the script ran as itself (its argv, its output), and kvtrace said where the run is
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [f"generated ({BATCH}, {PROMPT + 6})"]
+    assert "kvtrace run: recorded runs/user (model LlamaForCausalLM)" in done.stderr
+
+    # AND the run is what record(model=...) around its generate() gives: the model's geometry, its 6 steps,
+    # KV = the arithmetic (the prompt and every new token but the last), the weights apart from the rest
+    report = _report(tmp_path / "runs" / "user", capsys)
+    assert report["geometry"]["class"] == "LlamaForCausalLM" and report["geometry"]["num_layers"] == LAYERS
+    assert report["steps"] == 6
+    assert report["kv"]["final_bytes"] == _kv_bytes(PROMPT + 6 - 1) == 13312
+    assert report["kv"]["bytes_per_token_expected"] == 512
+    model = build_model(tiny_size(LAYERS, kv_heads=KV_HEADS))
+    tensors = [*model.parameters(), *model.buffers()]  # the rotary buffers too, tied weights once
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert report["categories_at_peak"]["weights"] == sum(held.values())
+
+    # AND `plan --from-run` plans the model, which no record(model=...) named
+    assert main(["plan", "--from-run", str(tmp_path / "runs" / "user"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["kv_bytes"] == _kv_bytes(PROMPT + 6 - 1)
+
+
+def test_the_scripts_exit_status_and_errors_are_its_own(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a script that exits with 3 after generating: the run ended well, the status is the script's
+    done = _kvtrace_run(tmp_path, "-o", "exits", "user.py", then="sys.exit(3)")
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert json.loads((tmp_path / "exits" / "manifest.json").read_text())["ended"]["status"] == "ok"
+
+    # GIVEN one that raises: its traceback from its own frames, status 1, the run ended as it raised
+    done = _kvtrace_run(tmp_path, "-o", "raises", "user.py", then="raise ValueError('boom')")
+    assert done.returncode == 1
+    assert "ValueError: boom" in done.stderr and 'user.py", line' in done.stderr
+    assert "runpy" not in done.stderr and "kvtrace/commands" not in done.stderr, done.stderr
+    ended = json.loads((tmp_path / "raises" / "manifest.json").read_text())["ended"]
+    assert (ended["status"], ended["type"]) == ("exception", "ValueError")
+    assert _report(tmp_path / "raises", capsys)["kv"]["final_bytes"] == _kv_bytes(PROMPT + 2 - 1)
+
+
+def test_bad_targets_and_occupied_folders_are_one_line(tmp_path: Path) -> None:
+    done = _kvtrace_run(tmp_path, "missing.py")
+    assert done.returncode == 2 and done.stderr == "kvtrace run: error: missing.py: no such file\n"
+    assert _kvtrace_run(tmp_path, "-o", "r", "user.py").returncode == 0
+    done = _kvtrace_run(tmp_path, "-o", "r", "user.py")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "r: already holds a run; pass --overwrite" in done.stderr
+    assert _kvtrace_run(tmp_path, "-o", "r", "--overwrite", "user.py").returncode == 0
+
+
+def test_a_module_runs_with_dash_m(tmp_path: Path, capsys: Any) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "gen.py").write_text(SCRIPT.replace("# then", ""), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "run", "-m", "pkg.gen", "--new-tokens", "3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{tmp_path}"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _report(tmp_path / "runs" / "gen", capsys)["kv"]["final_bytes"] == _kv_bytes(PROMPT + 3 - 1)
+
+
+@pytest.mark.parametrize("profiler", [True, False], ids=["profiler", "light"])
+def test_record_auto_finds_the_model_at_its_first_generate_and_lets_generate_go(
+    tmp_path: Path, capsys: Any, profiler: bool
+) -> None:
+    # GIVEN a model made inside record(model="auto"), a forward of its own before its generate()
+    original = GenerationMixin.__dict__["generate"]
+    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model="auto", profiler=profiler) as recording:
+        model = build_model(tiny_size(LAYERS, kv_heads=KV_HEADS))
+        model(ids)
+        assert recording.model is None
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        assert recording.model is model
+    # THEN transformers' generate() is its own again
+    assert GenerationMixin.__dict__["generate"] is original
+    # AND the run has the generate() call's steps after the forward's own, its KV the arithmetic's
+    report = _report(tmp_path / "run", capsys)
+    assert report["kv"]["final_bytes"] == _kv_bytes(PROMPT + 4 - 1)
+    assert report["geometry"]["class"] == "LlamaForCausalLM"
