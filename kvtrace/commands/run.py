@@ -109,6 +109,8 @@ class RunCommand(Command):
             _print_script_traceback(raised, target)
         model = recording.model
         found = f"model {type(model).__name__}" if model is not None else "no generate() call: no model"
+        if model is None and "vllm" in sys.modules:  # an engine's own process: its plugin records it
+            found += f"; for a vLLM engine, run KVTRACE_DIR={out} python {target} (README, vLLM)"
         print(
             f"kvtrace run: recorded {out} ({found}); next: kvtrace report {out}, kvtrace diagnose {out}",
             file=sys.stderr,
