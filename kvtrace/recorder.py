@@ -104,6 +104,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._paged: PagedAttentionHooks | None = None  # transformers' continuous batching (generate_batch)
         self.vllm_process = "inproc"
         self.vllm_watch = True
+        # SIGTERM ends the block as a Ctrl-C would (`term_signal`); not in a process whose signals are an
+        # engine's own (vLLM's engine core, recorded by its plugin), whose SIGTERM must do what vLLM says
+        self.takes_sigterm = True
         if is_vllm_object(model):
             from kvtrace.integrations.vllm import engine_core_of
 
@@ -201,7 +204,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             with _ACTIVE_LOCK:
                 _ACTIVE = None
             raise
-        self._term.install()
+        if self.takes_sigterm:
+            self._term.install()
         return self
 
     def __exit__(

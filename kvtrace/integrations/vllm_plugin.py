@@ -64,6 +64,7 @@ def _open_run() -> Any:
     )
     recording = Recording(os.environ[ENV_DIR], options=options)
     recording.vllm_watch = False  # this plugin's own watch reports refusals
+    recording.takes_sigterm = False  # the engine core's SIGTERM is vLLM's: it shuts the engine down
     recording.vllm_process = _process_label()
     try:
         recording.__enter__()
