@@ -53,6 +53,7 @@ def test_trace_without_memory_events_never_loads_numpy() -> None:
         "kvtrace.commands.base",
         "kvtrace.commands.lazy_numpy",
         "kvtrace.commands.output",
+        "kvtrace.commands.progress",  # the reading commands' bar, a few lines of its own
         "kvtrace.commands.report",
     ]
     assert lazy_out == eager_out
