@@ -207,6 +207,9 @@ class _WeightLines:
 
 
 def _sample_from(record: dict[str, Any], path: Path, lineno: int) -> dict[str, Any]:
+    if record.get("t_ns") is None:  # the recorder times every sample; compare and the page place it by it
+        said = "missing" if "t_ns" not in record else "null"
+        raise KvtraceError(f"{path}: line {lineno}: field 't_ns' is {said}, expected an integer")
     for name, low, high in _SAMPLE_INTS:
         value = record.get(name)
         if value is not None and (type(value) is not int or not low <= value <= high):

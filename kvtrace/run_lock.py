@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 from pathlib import Path
 from typing import IO
@@ -28,6 +29,7 @@ except ImportError:  # Windows
 
 
 _PROBE_RETRIES = 20
+_PID_CHARS = 32  # a recording writes its pid alone; more is not a pid
 
 
 def holder(folder: Path) -> str | None:
@@ -37,14 +39,19 @@ def holder(folder: Path) -> str | None:
     if fcntl is None:
         return None
     try:
-        fh = open(folder / LOCK_FILE, encoding="utf-8")  # noqa: SIM115 - closed below
+        # Without waiting: a named pipe in the lock's place (a damaged or made-up run) would block the open
+        # until a writer came, and a report of an interrupted run never ended.
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
-    with fh:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a pipe, device or folder: no recording's lock
+        os.close(fd)
+        return None
+    with open(fd, encoding="utf-8", errors="replace") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = fh.read().strip()
+            pid = fh.read(_PID_CHARS).strip()
             return pid if pid.isdigit() else ""
         except OSError:
             return None

@@ -73,17 +73,24 @@ def read_run_group(path: str | os.PathLike[str], progress: ProgressFn | None = N
     marker = _read_marker(root, notes)
     ranks: list[RankRun] = []
     unreadable: list[int] = []
+    left_out: list[str] = []  # why each rank was, for the one line said when none is left
     for rank, folder in rank_dirs(root):
         try:
             source = read_run_source(folder, progress=progress)
         except KvtraceError as exc:
             unreadable.append(rank)
-            notes.append(f"rank {rank} left out: {exc}")
+            left_out.append(f"rank {rank} left out: {exc}")
             continue
         ranks.append(RankRun(rank, folder, source, source.meta.get("manifest") or {}))
+    notes.extend(left_out)
     ranks, named = _own_ranks(ranks, notes)
     if not ranks:
-        raise KvtraceError(f"{root}: no rank of this run group could be read")
+        # Said with the first rank's reason (which file, what is wrong): "could not be read" alone sent the
+        # user to read each rank's run in turn to learn it
+        why = left_out or [note for note in notes if note.startswith("rank ")] or notes
+        more = f" (and {len(why) - 1} more)" if len(why) > 1 else ""
+        said = f": {why[0]}{more}" if why else ""
+        raise KvtraceError(f"{root}: no rank of this run group could be read{said}")
     sizes = {int(r.manifest["world_size"]) for r in ranks if isinstance(r.manifest.get("world_size"), int)}
     if len(sizes) > 1:
         notes.append(f"the ranks disagree on the world size ({sorted(sizes)}): several jobs' runs are mixed")

@@ -138,16 +138,21 @@ def _diagnose_engine_run(path: Path, as_json: bool, budget: int | None = None) -
 
 
 def _manifest(path: Path) -> dict[str, Any]:
-    """The run's manifest.json, {} when it cannot be read (the engine files are read on their own)."""
-    import json
+    """The run's manifest.json, {} when there is none (the engine files are read on their own). One that is
+    there but damaged is refused as `report` refuses it: read as {}, a killed run was diagnosed as one that
+    ran fine and its recorded budget was dropped; a pipe or device in its place was read without end."""
+    import os
 
     from kvtrace.format import MANIFEST
+    from kvtrace.json_reads import read_json_file
 
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError, RecursionError):
+    manifest_path = path / MANIFEST
+    if not os.path.lexists(manifest_path):
         return {}
-    return manifest if isinstance(manifest, dict) else {}
+    manifest = read_json_file(manifest_path, "corrupt manifest", encoding="utf-8-sig")
+    if not isinstance(manifest, dict):
+        raise KvtraceError(f"{manifest_path}: not a kvtrace manifest")
+    return manifest
 
 
 def _budget_of_engine(path: Path, run: Any, manifest: dict[str, Any], budget: int | None) -> Any:
