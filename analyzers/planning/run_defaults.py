@@ -43,7 +43,7 @@ from analyzers.readers.run_files import kv_log_notes
 from analyzers.readers.run_oom import limit_of
 from analyzers.run_stop import interrupted_how
 from kvtrace.errors import KvtraceError
-from kvtrace.format import MODEL_CONFIG, Run
+from kvtrace.format import ENGINE, MODEL_CONFIG, Run
 from kvtrace.geometry import major_minor
 from kvtrace.run_reader import read_run
 
@@ -109,6 +109,14 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
         refusal = not_a_vllm_pool(root, engine.info)
         raise KvtraceError(refusal or f"{root}: a vLLM run; plan its pool with --engine vllm --from-run")
     run = read_run(root)
+    engine_said = run.manifest.get("engine")
+    if isinstance(engine_said, dict) and engine_said.get("name"):
+        # A serving engine's run without its engine files (a partial copy): planned as generate()'s cache,
+        # its pool would be sized as a dynamic cache of the requests' rows, silently wrong
+        raise KvtraceError(
+            f"{root / ENGINE}: missing, where the manifest says the run's KV was "
+            f"{engine_said['name']}'s pool: plan --from-run reads the pool from it"
+        )
     notes: list[str] = kv_log_notes(run)
     # What the recorder warned of (a weights table cut by a full disk, ...), as `report` says it
     notes.extend(str(warning) for warning in run.manifest.get("warnings") or ())

@@ -556,3 +556,22 @@ def test_a_transformers_without_prefix_eviction_records_the_pool(
     assert manifest["engine"]["prefix_evicted_blocks"] == 0
     # AND the block added no method the class did not have
     assert not hasattr(cb_cache.PagedAttentionCache, "evict_cached_blocks")
+
+
+def test_plan_from_a_pool_run_without_its_engine_file_is_refused_naming_it(
+    tmp_path: Path,
+    cb_model: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN a continuous-batching run copied without its engine.json (its manifest names the pool)
+    run = tmp_path / "run"
+    _record(run, cb_model, num_blocks=32, new_tokens=4, monkeypatch=monkeypatch)
+    (run / "engine.json").unlink()
+    # WHEN it is planned THEN the missing file is named, not the pool planned as a dynamic cache of its rows
+    assert main(["plan", "--from-run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"kvtrace plan: error: {run / 'engine.json'}: missing, where the manifest says the run's KV was "
+        "transformers-cb's pool: plan --from-run reads the pool from it\n"
+    )
