@@ -11,13 +11,13 @@ unchanged, except a run they took as `running` whose manifest now says it ended.
 
 from __future__ import annotations
 
-import json
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from kvtrace.errors import KvtraceError
 from kvtrace.format import (
     ENGINE_FILES,
     KV_EVENTS,
@@ -27,6 +27,7 @@ from kvtrace.format import (
     SNAPSHOT_DIR,
     WEIGHTS,
 )
+from kvtrace.json_reads import read_json_file
 from kvtrace.run_lock import holder
 
 # What the recorder writes in a run directory, which the export reads. Not `kvtrace report`'s own files
@@ -104,9 +105,9 @@ def taken_sources(files: list[Path], part_of: dict[str, int]) -> tuple[dict[str,
 
 def _has_ended(run: Path) -> bool:
     """Whether a run directory's manifest says its recording ended (in any way)."""
-    try:
-        ended = json.loads((run / MANIFEST).read_text(encoding="utf-8")).get("ended")
-    except (OSError, ValueError, AttributeError):
+    try:  # a pipe or device in the manifest's place is refused, not read without end
+        ended = read_json_file(run / MANIFEST, "corrupt manifest").get("ended")
+    except (KvtraceError, AttributeError):
         return False
     return isinstance(ended, dict) and ended.get("status") not in (None, "running")
 

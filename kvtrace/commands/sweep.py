@@ -138,9 +138,11 @@ def _point_runs(out: Path) -> list[Path]:
 
 def _listed_points(table: Path) -> set[str] | None:
     """The run folders a sweep.json lists; None where there is none, or it cannot be read."""
-    try:
-        rows = json.loads(table.read_text(encoding="utf-8")).get("rows")
-    except (OSError, ValueError, AttributeError, RecursionError):
+    from kvtrace.json_reads import read_json_file
+
+    try:  # a pipe or device in its place is refused, not read without end
+        rows = read_json_file(table, "corrupt sweep table").get("rows")
+    except (KvtraceError, AttributeError):
         return None
     if not isinstance(rows, list):
         return None

@@ -150,3 +150,39 @@ def test_a_memory_sample_without_its_time_is_refused_naming_its_line(tmp_path: P
     ):
         # THEN each says so in one line naming the file and the line, status 2
         assert _one_error_line(_kvtrace(*argv)) == f"kvtrace {argv[0]}: error: {said}"
+
+
+def test_a_sweep_folder_whose_table_is_a_pipe_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # GIVEN a sweep's folder with its runs/ and a named pipe where sweep.json was (read to list its points)
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    os.mkfifo(out / "sweep.json")
+    # WHEN a sweep is run again over it THEN the pipe is refused by name (an output it cannot write: 1),
+    # never read
+    argv = ["sweep", "--batch", "1", "--context", "8", "--new-tokens", "2", "--cache", "dynamic"]
+    done = _kvtrace(*argv, "--device", "cpu", "--overwrite", "--out", str(out), "-q")
+    assert done.returncode == 1
+    assert (
+        done.stderr
+        == f"kvtrace sweep: error: {out / 'sweep.json'}: cannot write (a named pipe, not a regular file)\n"
+    )
+
+
+def test_an_export_of_a_run_seen_running_whose_manifest_became_a_pipe_is_not_waited_on(
+    tmp_path: Path,
+) -> None:
+    # GIVEN a run exported while its manifest said running, then a pipe in the manifest's place
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["ended"] = {"status": "running"}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "tables"
+    first = _kvtrace("export", str(run), "--output", str(out))
+    assert first.returncode == 0, first.stderr
+    (run / "manifest.json").unlink()
+    os.mkfifo(run / "manifest.json")
+    # WHEN it is exported again THEN the pipe is refused by name (the export says so), never read
+    again = _kvtrace("export", str(run), "--output", str(out))
+    assert again.returncode in (0, 1, 2) and "manifest.json" in again.stderr, again.stderr
+    assert "Traceback" not in again.stderr
