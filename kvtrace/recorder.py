@@ -93,7 +93,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if model is not None and not isinstance(model, torch.nn.Module) and not is_vllm_object(model):
             # Checked before anything is written: a half-made run would block the retry.
             raise RecordingError(
-                f"record(model=...): a torch.nn.Module (or a vllm.LLM, or \"auto\") is needed, got "
+                f'record(model=...): a torch.nn.Module (or a vllm.LLM, or "auto") is needed, got '
                 f"{type(model).__name__}"
             )
         self.model = _uncompiled(model)
@@ -185,6 +185,11 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._run_lock = RunLock(self.path)
         self._term = TermSignal()
 
+    @property
+    def vllm_llm(self) -> Any:
+        """The vLLM `LLM` the run follows (given to record(), or found by model="auto"); None otherwise."""
+        return self._vllm_llm
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> Recording:
         global _ACTIVE
@@ -268,7 +273,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         elif self._hf is not None:
             self._hf.on_first_layer = self._auto_step
         if self._discover:
-            self._discovery = ModelDiscovery(self._attach_model)
+            self._discovery = ModelDiscovery(self._attach_model, self._attach_engine)
             self._discovery.install()
         self._modules.scan("track")
         self._snapshots = CudaSnapshots(self.path / fmt.SNAPSHOT_DIR, self.options.max_snapshot_entries)
@@ -345,9 +350,48 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
 
     def _attach_model(self, model: Any) -> None:
         """`record(model="auto")` (`kvtrace run`): the first model whose generate() runs in the block is the
-        run's model from there, as if passed to record(). Forwards before it were steps of their own."""
-        if self.model is not None or self._ended_mid_forward:
+        run's model from there, as if passed to record(). Forwards before it were steps of their own. Never
+        fails the user's call: what goes wrong is a note."""
+        if self.model is not None or self._vllm_llm is not None or self._ended_mid_forward:
             return
+        try:
+            self._hook_found_model(model)
+        except Exception as exc:
+            self.notes.append(
+                f"the model found at its first generate() was not hooked: {type(exc).__name__}: {exc}"
+            )
+
+    def _attach_engine(self, llm: Any) -> None:
+        """`record(model="auto")`: the first vLLM `LLM` whose generate() or chat() runs in the block, followed
+        from there as `record(model=llm)` would (its engine built already, its pool allocated). A multiprocess
+        engine is the plugin's to record: a note says how."""
+        from kvtrace.integrations.vllm import engine_core_of
+        from kvtrace.integrations.vllm_engine import VllmRecording
+
+        if self.model is not None or self._vllm_llm is not None:
+            return
+        try:
+            engine_core_of(llm)
+        except KvtraceError as exc:
+            self.notes.append(f"vLLM engine not followed: {exc}")
+            return
+        try:
+            for hooks in (self._vllm, self._paged):  # the refusal watch, transformers' pool: not this run's
+                if hooks is not None:
+                    hooks.uninstall()
+            self._paged = None
+            self._vllm_llm = llm
+            self._vllm = VllmRecording(self, llm, self.vllm_process)
+            self._vllm.install()
+            if self.options.profiler and self._profiler is None:
+                self._thread = threading.get_ident()
+                self._start_profiler()
+            step = self.tracker.step + 1
+            self.notes.append(f"vLLM engine found at its first call (record(model='auto')), from step {step}")
+        except Exception as exc:
+            self.notes.append(f"the vLLM engine found was not followed: {type(exc).__name__}: {exc}")
+
+    def _hook_found_model(self, model: Any) -> None:
         if self._step_open and self._step_thread == threading.get_ident():
             self._end_step()  # a step begun by a layer update (no model): the model's forwards take over
         self.model = _uncompiled(model)

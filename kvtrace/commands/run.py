@@ -23,7 +23,9 @@ class RunCommand(Command):
     Runs the script (or module, with -m) under kvtrace.record(), as `memray run` or `nsys profile` take a
     program, with no change to its code. The run's model is the first one whose Hugging Face generate()
     the script calls (record(model="auto")): its weights, steps and geometry from there; every transformers
-    cache is logged from the start, a vLLM LLM made in the script is followed too. Your own model's caches
+    cache is logged from the start. A vllm.LLM is found alike at its first generate() or chat() and its
+    pool followed (in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0; a multiprocess engine is the plugin's,
+    KVTRACE_DIR). Your own model's caches
     (cache_k/cache_v buffers, kvtrace.track) need record(model=...) in your code. On CUDA, kvtrace
     initializes the current device before the script so that its memory is sampled from the start.
     The script's own output and exit status are its own; kvtrace's lines go to stderr.
@@ -107,10 +109,15 @@ class RunCommand(Command):
             sys.stdout = stdout
         if raised is not None:
             _print_script_traceback(raised, target)
-        model = recording.model
-        found = f"model {type(model).__name__}" if model is not None else "no generate() call: no model"
-        if model is None and "vllm" in sys.modules:  # an engine's own process: its plugin records it
-            found += f"; for a vLLM engine, run KVTRACE_DIR={out} python {target} (README, vLLM)"
+        model, llm = recording.model, recording.vllm_llm
+        if model is not None:
+            found = f"model {type(model).__name__}"
+        elif llm is not None:
+            found = f"vLLM engine of {type(llm).__name__}"
+        else:
+            found = "no generate() call: no model"
+        if model is None and llm is None and "vllm" in sys.modules:  # a multiprocess engine: the plugin's
+            found += f"; for a vLLM engine in its own process, run KVTRACE_DIR={out} python {target}"
         print(
             f"kvtrace run: recorded {out} ({found}); next: kvtrace report {out}, kvtrace diagnose {out}",
             file=sys.stderr,
