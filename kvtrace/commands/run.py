@@ -115,7 +115,9 @@ class RunCommand(Command):
         elif llm is not None:
             found = f"vLLM engine of {type(llm).__name__}"
         else:
-            found = "no generate() call: no model"
+            found = (
+                "no transformers or vLLM generate() call: recorded without a model, transformers caches only"
+            )
         if model is None and llm is None and "vllm" in sys.modules:  # a multiprocess engine: the plugin's
             found += f"; for a vLLM engine in its own process, run KVTRACE_DIR={out} python {target}"
         print(
