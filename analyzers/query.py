@@ -98,7 +98,10 @@ def connect(export_dir: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
         if not files:
             continue  # an export from before this table existed
         check_schema_version(files)
-        views[table] = files
+        # Absolute, as `allowed_paths` holds them: DuckDB 1.2 to 1.4 match a relative name against that
+        # list as written and refuse every part of `kvtrace query tables/`; a view also must not read
+        # another folder's files after a chdir.
+        views[table] = [f.resolve() for f in files]
     _sandbox(con, [f for files in views.values() for f in files])
     for table, files in views.items():
         listing = "[" + ", ".join(_quote(f) for f in files) + "]"
@@ -108,9 +111,10 @@ def connect(export_dir: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
 
 def _sandbox(con: duckdb.DuckDBPyConnection, readable: list[Path]) -> None:
     """No file but the export's own parts, no extension fetched or loaded, and no way back: a query is
-    someone's text, and a reporting command should never read `/etc/passwd` or write anywhere for it."""
+    someone's text, and a reporting command should never read `/etc/passwd` or write anywhere for it.
+    `readable` is absolute: the views must name each part as this list does."""
     if readable:
-        con.execute("SET allowed_paths = [" + ", ".join(_quote(f.resolve()) for f in readable) + "]")
+        con.execute("SET allowed_paths = [" + ", ".join(_quote(f) for f in readable) + "]")
     for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
         con.execute(f"SET {setting} = false")
     con.execute("SET lock_configuration = true")

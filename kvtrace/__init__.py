@@ -52,7 +52,7 @@ def __getattr__(name: str) -> Any:
         needs = missing_dependency(exc)
         if needs is None:
             raise
-        # The laptop install (`pip install kvtrace`) has the analyzers only: say which extra brings the rest
+        # The laptop install (`pip install .`) has the analyzers only: say which extra brings the rest
         raise ModuleNotFoundError(f"kvtrace.{name} {needs}", name=exc.name) from None
     value = getattr(module, name)
     globals()[name] = value

@@ -49,7 +49,7 @@ def test_recorder_never_imports_plotly() -> None:
 
 
 # A fresh interpreter where the optional parts are not installed: importing one fails as pip's absence
-# of it would (ModuleNotFoundError naming it), so the laptop install (`pip install kvtrace`) is what runs.
+# of it would (ModuleNotFoundError naming it), so the laptop install (`pip install .`) is what runs.
 _WITHOUT = """
 import sys
 BLOCKED = set(sys.argv[1].split(","))
