@@ -465,7 +465,12 @@ class PlanCommand(Command):
         if beams < 1:
             raise KvtraceError("--beams must be at least 1")
         if batch % beams:
-            said = f"--batch {batch}" if args.batch is not None else f"the run's batch ({batch} rows)"
+            if args.batch is not None:
+                said = f"--batch {batch}"
+            elif run is not None:
+                said = f"the run's batch ({batch} rows)"
+            else:  # no run: the default batch, which --batch changes
+                said = f"the default batch ({batch} row{'s' if batch != 1 else ''}, no --batch given)"
             raise KvtraceError(
                 f"{said} is not a multiple of --beams {beams}: --batch counts the rows "
                 f"decoded together, prompts x beams (2 prompts of {beams} beams: "

@@ -1247,3 +1247,8 @@ def test_plan_refuses_a_batch_that_is_not_whole_prompts_of_beams(
     # THEN it is refused as bad input, saying what --batch counts
     assert main(argv) == 2
     assert "--batch 3 is not a multiple of --beams 2" in capsys.readouterr().err
+    # AND without --batch and without a run, the batch is the default one, not a run's
+    assert main(["plan", "--preset", "llama-3-8b", "--beams", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "the default batch (1 row, no --batch given) is not a multiple of --beams 4" in err
+    assert "the run's" not in err
