@@ -349,7 +349,7 @@ README_PEAK_SQL = """SELECT d.run_id, d.device,
          d.baseline_bytes + greatest(0, coalesce(max(m.running), 0)) AS peak
   FROM devices d LEFT JOIN (SELECT run_id, device, sum(delta_bytes) OVER (
          PARTITION BY run_id, device ORDER BY seq) AS running FROM memory_events) m USING (run_id, device)
-  GROUP BY d.run_id, d.device, d.baseline_bytes"""
+  GROUP BY d.run_id, d.device, d.baseline_bytes ORDER BY d.run_id, d.device"""
 REFUSED_RUNS = [
     p.parent
     for p in sorted(SAMPLES.glob("*/engine.json"))
