@@ -240,6 +240,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         with written_at_start(manifest_path):  # with room for the final manifest, should the disk fill
             write_json_atomic(manifest_path, self._manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
         self._made = True
+        self._write_model_config()
         with written_at_start(self.path / fmt.KV_EVENTS):
             self._events = JsonlAppender(self.path / fmt.KV_EVENTS)
         with written_at_start(self.path / fmt.MEMORY_SAMPLES):
@@ -304,6 +305,14 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._writer = RunWriter(self._flush, self._sample_host)
         self._writer.start()
 
+    def _write_model_config(self) -> None:
+        """model_config.json, for `plan --from-run` (none without a model); a note when it is not written."""
+        if self.model is None:
+            return
+        config_note = write_model_config(self.path, self.model)
+        if config_note is not None:
+            self.notes.append(config_note)
+
     def _start_profiler(self) -> None:
         self._profiler = make_profiler(self.path / fmt.PROFILER_DIR, self.options, self._trace_failed)
         with kineto_quiet():
@@ -314,9 +323,6 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         calls. At the block's start, or at the first generate() of a model `record(model="auto")` found."""
         model = self.model
         tracker = self.tracker
-        config_note = write_model_config(self.path, model)
-        if config_note is not None:
-            self.notes.append(config_note)
         if self._hf is not None:
             self._hf.on_first_layer = None  # the model's forwards are the steps
             assert self._ranges is not None
@@ -395,6 +401,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if self._step_open and self._step_thread == threading.get_ident():
             self._end_step()  # a step begun by a layer update (no model): the model's forwards take over
         self.model = _uncompiled(model)
+        self._write_model_config()
         self._hook_model()
         if self.options.profiler and self._profiler is None:
             self._thread = threading.get_ident()  # the thread torch.profiler records: generate()'s
