@@ -1,0 +1,61 @@
+"""How a run group's ranks stopped, where some were told to. torchrun SIGTERMs the surviving workers when one
+fails; a scheduler's time limit (or a Ctrl-C on torchrun) stops every rank at once. A rank stopped so did not
+fail by itself, whatever the order its handlers ran in: the rank to look at is one that did, and the notes
+say which ranks were stopped after whose failure. Pure, torch-free."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from analyzers.run_stop import killed_after_sigterm
+
+if TYPE_CHECKING:
+    from analyzers.group import RankReport
+
+__all__ = ["failed_reason", "stop_mark", "stopped_from_outside", "stopped_ns"]
+
+
+def stopped_from_outside(rank: RankReport) -> bool:
+    """The rank's block was ended by a signal, not by a failure of its own: interrupted (a SIGTERM, a
+    Ctrl-C), or killed while it wrote its end after a SIGTERM."""
+    return rank.status == "interrupted" or killed_after_sigterm(rank.ended)
+
+
+def _how_stopped(rank: RankReport) -> str:
+    """After "was": how a rank stopped from outside was stopped."""
+    if rank.status == "running":
+        return "killed while writing its end, after a SIGTERM"
+    return "stopped by SIGTERM" if rank.ended.get("signal") == "SIGTERM" else "interrupted (Ctrl-C)"
+
+
+def stop_mark(rank: RankReport) -> str | None:
+    """The ranks table's mark for a rank stopped by SIGTERM ("stopped by SIGTERM"), where its exception's
+    type would say `Terminated`; None for any other rank (its exception's type says how it ended)."""
+    if not stopped_from_outside(rank) or rank.ended.get("signal") != "SIGTERM":
+        return None
+    return "killed after SIGTERM" if rank.status == "running" else "stopped by SIGTERM"
+
+
+def failed_reason(rank: RankReport) -> str:
+    """How a rank that did not end well stopped, as the focus says it ("raised RuntimeError")."""
+    if rank.status == "running" and rank.source.meta.get("recording_pid") is not None:
+        return "is still being recorded"
+    if stopped_from_outside(rank):
+        return f"was {_how_stopped(rank)}"
+    if rank.status == "running":
+        return "never finished (the process died)"
+    return f"raised {rank.ended.get('type') or rank.status}"
+
+
+def stopped_ns(rank: RankReport) -> float:
+    """When the rank's block stopped: its `ended` time; for a rank that died (killed, no `ended`), the last
+    line of its logs, written within the writer's 0.1 s of its death. The launcher stops the other ranks
+    after the first death, so they log on a little longer."""
+    ended = rank.ended.get("t_ns")
+    if isinstance(ended, int):
+        return ended
+    run = rank.source.meta.get("run")
+    last = [run.kv_events[-1].t_ns] if run is not None and run.kv_events else []
+    if run is not None and run.memory_samples and isinstance(run.memory_samples[-1].get("t_ns"), int):
+        last.append(run.memory_samples[-1]["t_ns"])
+    return max(last, default=float("inf"))
