@@ -27,7 +27,7 @@ from typing import Any
 
 from analyzers.attribution import attribute
 from analyzers.compare import RunFigures, generated, run_figures
-from analyzers.group_stops import failed_reason, stopped_ns
+from analyzers.group_stops import failed_first, failed_reason, stopped_words
 from analyzers.model import MemorySource
 from analyzers.parallelism import Reading, group_reading, holds_all_kv_heads, sharded_attention
 from analyzers.readers.run_group import RankRun, read_run_group
@@ -203,9 +203,13 @@ def _focus(ranks: list[RankReport], oom_rank: int | None, peak_rank: int | None)
     if oom_rank is not None:
         return oom_rank, "ran out of memory"
     failed = [r for r in ranks if r.status != "ok"]
-    if failed:
-        # The first to fail: the others often fail after it, waiting on a collective it never joined.
-        ordered = sorted(failed, key=lambda r: (stopped_ns(r), r.rank))
+    # The first to fail by itself: the others often fail after it, waiting on a collective it never joined,
+    # or are SIGTERMed by the launcher. Every failed rank stopped from outside (a time limit): the peak.
+    ordered = failed_first(failed)
+    if failed and not ordered:
+        assert peak_rank is not None
+        return peak_rank, f"peaked ({stopped_words(failed, len(ranks))})"
+    if ordered:
         first = ordered[0]
         if first.report.devices or not any(r.report.devices for r in ranks):
             return first.rank, failed_reason(first)

@@ -12,7 +12,15 @@ from analyzers.run_stop import killed_after_sigterm
 if TYPE_CHECKING:
     from analyzers.group import RankReport
 
-__all__ = ["failed_reason", "stop_mark", "stopped_from_outside", "stopped_ns"]
+__all__ = [
+    "failed_first",
+    "failed_reason",
+    "signalled_ns",
+    "stop_mark",
+    "stopped_from_outside",
+    "stopped_ns",
+    "stopped_words",
+]
 
 
 def stopped_from_outside(rank: RankReport) -> bool:
@@ -59,3 +67,36 @@ def stopped_ns(rank: RankReport) -> float:
     if run is not None and run.memory_samples and isinstance(run.memory_samples[-1].get("t_ns"), int):
         last.append(run.memory_samples[-1]["t_ns"])
     return max(last, default=float("inf"))
+
+
+def signalled_ns(rank: RankReport) -> int | None:
+    """When the rank was told to stop: its SIGTERM's arrival, or a Ctrl-C's end of the block; None for a
+    rank no signal reached."""
+    at = rank.ended.get("signal_t_ns")
+    if isinstance(at, int):
+        return at
+    at = rank.ended.get("t_ns")
+    return at if rank.status == "interrupted" and isinstance(at, int) else None
+
+
+def failed_first(failed: list[RankReport]) -> list[RankReport]:
+    """The ranks that failed by themselves (raised, died) before any rank of the group was told to stop,
+    the first first: the others were stopped after them (torchrun SIGTERMs the survivors of a failure), or
+    failed as they were (a collective whose peer a time limit stopped). Empty: the job was stopped from
+    outside, no rank failed first."""
+    told = min((at for at in map(signalled_ns, failed) if at is not None), default=float("inf"))
+    own = [r for r in failed if not stopped_from_outside(r) and stopped_ns(r) < told]
+    return sorted(own, key=lambda r: (stopped_ns(r), r.rank))
+
+
+def stopped_words(failed: list[RankReport], world: int) -> str:
+    """Which ranks were stopped from outside, and how: "every rank was stopped by SIGTERM", "rank 1 was
+    stopped by SIGTERM; rank 0 raised RuntimeError"."""
+    stopped = [r for r in failed if stopped_from_outside(r)]
+    hows = {_how_stopped(r) for r in stopped}
+    if len(stopped) == world and len(hows) == 1:
+        said = [f"every rank was {hows.pop()}"]
+    else:
+        said = [f"rank {r.rank} {failed_reason(r)}" for r in stopped]
+    said += [f"rank {r.rank} {failed_reason(r)}" for r in failed if not stopped_from_outside(r)]
+    return "; ".join(said)

@@ -178,3 +178,28 @@ def _peak(data: dict[str, Any], rank: int) -> str:
     from analyzers.units import human_bytes
 
     return human_bytes(data["ranks"][rank]["peak_allocated_bytes"])
+
+
+def test_a_time_limit_that_sigterms_every_rank_focuses_the_peak_not_the_first_to_stop(
+    time_limit: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a scheduler's time limit: torchrun's process group SIGTERMed while both ranks wait after forward 4
+    group = time_limit
+    for rank in range(WORLD):
+        ended = _ended(group, rank)
+        assert (ended["status"], ended["signal"]) == ("interrupted", "SIGTERM")
+
+    # WHEN the group is reported and diagnosed
+    data = json.loads(_cli(capsys, "report", str(group), "--json", "--no-export", "-q"))
+    diagnosed = json.loads(_cli(capsys, "diagnose", str(group), "--json"))["run_group"]
+
+    # THEN no rank failed by itself, so none is "the first to fail" (which rank's handler ran first is a
+    # race): the rank to look at is the one that peaked, as in a group that finished
+    assert [(r["rank"], r["kv"]["final_bytes"]) for r in data["ranks"]] == [(0, RANK_KV), (1, RANK_KV)]
+    assert data["failed_ranks"] == [0, 1]
+    reason = "peaked (every rank was stopped by SIGTERM)"
+    assert data["focus"] == {"rank": data["peak_rank"], "reason": reason}
+    assert (diagnosed["rank"], diagnosed["reason"]) == (data["peak_rank"], reason)
+    assert (
+        data["peak_rank"] == max(data["ranks"], key=lambda r: (r["peak_allocated_bytes"], -r["rank"]))["rank"]
+    )
