@@ -27,7 +27,7 @@ from typing import Any
 
 from analyzers.attribution import attribute
 from analyzers.compare import RunFigures, generated, run_figures
-from analyzers.group_stops import failed_first, failed_reason, stopped_words
+from analyzers.group_stops import failed_first, failed_reason, stop_notes, stopped_words
 from analyzers.model import MemorySource
 from analyzers.parallelism import Reading, group_reading, holds_all_kv_heads, sharded_attention
 from analyzers.readers.run_group import RankRun, read_run_group
@@ -300,7 +300,7 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
         missing_ranks=group.missing_ranks,
         focus_rank=focus_rank,
         focus_reason=reason,
-        notes=group.notes + total.notes,
+        notes=group.notes + stop_notes(ranks) + total.notes,
         replicas=reading == "data",
         reading=reading,
     )

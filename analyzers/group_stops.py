@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from analyzers.run_stop import killed_after_sigterm
+from analyzers.run_stop import SIGTERM_SENDERS, killed_after_sigterm
 
 if TYPE_CHECKING:
     from analyzers.group import RankReport
@@ -17,6 +17,7 @@ __all__ = [
     "failed_reason",
     "signalled_ns",
     "stop_mark",
+    "stop_notes",
     "stopped_from_outside",
     "stopped_ns",
     "stopped_words",
@@ -100,3 +101,42 @@ def stopped_words(failed: list[RankReport], world: int) -> str:
         said = [f"rank {r.rank} {failed_reason(r)}" for r in stopped]
     said += [f"rank {r.rank} {failed_reason(r)}" for r in failed if not stopped_from_outside(r)]
     return "; ".join(said)
+
+
+def stop_notes(ranks: list[RankReport]) -> list[str]:
+    """Why the ranks stopped by SIGTERM were: after a rank that failed first (torchrun SIGTERMs the other
+    ranks when one fails, so that rank is where the job failed), or all at once with none failed before (a
+    time limit). Each rank's own note names SIGTERM's usual senders; only the group can tell which it was."""
+    failed = [r for r in ranks if r.status != "ok"]
+    sigtermed = [r for r in failed if stopped_from_outside(r) and r.ended.get("signal") == "SIGTERM"]
+    told = [at for at in map(signalled_ns, sigtermed) if at is not None]
+    if not told:
+        return []
+    names = _rank_names([r.rank for r in sigtermed])
+    were = "was" if len(sigtermed) == 1 else "were"
+    first = failed_first(failed)
+    if first:
+        culprit = first[0]
+        what = (
+            f"rank {culprit.rank}'s last logged line (it died)"
+            if culprit.status == "running"
+            else f"rank {culprit.rank} {failed_reason(culprit)}"
+        )
+        after = (min(told) - stopped_ns(culprit)) / 1e9
+        return [
+            f"{names} {were} stopped by SIGTERM {after:.1f} s after {what}: torchrun stops the other ranks "
+            f"when one fails, so rank {culprit.rank} is where the job failed"
+        ]
+    spread = (max(told) - min(told)) / 1e6
+    within = f" within {spread:.1f} ms of each other" if len(told) > 1 else ""
+    return [
+        f"{names} {were} stopped by SIGTERM{within}, no rank having failed before: the job was stopped from "
+        f"outside ({SIGTERM_SENDERS}, or torchrun itself stopped)"
+    ]
+
+
+def _rank_names(ranks: list[int]) -> str:
+    """ "rank 0", "ranks 0 and 1", "ranks 0, 2 and 3"."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    return "ranks " + ", ".join(map(str, ranks[:-1])) + f" and {ranks[-1]}"

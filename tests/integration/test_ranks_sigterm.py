@@ -121,14 +121,15 @@ def time_limit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert job.stdout is not None
     said: list[str] = []
     deadline = time.monotonic() + 50
-    while sum("waiting" in line for line in said) < WORLD and time.monotonic() < deadline:
+    # each rank's line is one write, but two may share a line of torchrun's output
+    while "".join(said).count(" waiting") < WORLD and time.monotonic() < deadline:
         line = job.stdout.readline()
         if not line:
             break
         said.append(line)
     os.killpg(job.pid, signal.SIGTERM)
     _finish(job, said)
-    assert sum("waiting" in line for line in said) == WORLD, "".join(said)[-3000:]
+    assert "".join(said).count(" waiting") == WORLD, "".join(said)[-3000:]
     yield out
 
 
@@ -203,3 +204,35 @@ def test_a_time_limit_that_sigterms_every_rank_focuses_the_peak_not_the_first_to
     assert (
         data["peak_rank"] == max(data["ranks"], key=lambda r: (r["peak_allocated_bytes"], -r["rank"]))["rank"]
     )
+
+
+def test_the_group_notes_say_who_was_stopped_after_whose_failure(
+    failed_then_stopped: Path, time_limit: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN torchrun's SIGTERM to rank 0 after rank 1 raised: how long after, from the manifests
+    stopped, raised = _ended(failed_then_stopped, 0), _ended(failed_then_stopped, 1)
+    after = (stopped["signal_t_ns"] - raised["t_ns"]) / 1e9
+    assert 0 < after < 30  # rank 1's exit, then torchrun's next look (every 0.1 s)
+
+    # WHEN the group is reported, THEN one note says rank 0 was stopped because rank 1 failed, not by one of
+    # SIGTERM's usual senders (which rank 0's own note lists)
+    data = json.loads(_cli(capsys, "report", str(failed_then_stopped), "--json", "--no-export", "-q"))
+    said = (
+        f"rank 0 was stopped by SIGTERM {after:.1f} s after rank 1 raised RuntimeError: torchrun stops the "
+        "other ranks when one fails, so rank 1 is where the job failed"
+    )
+    assert said in data["notes"]
+    # ... which `diagnose` and `compare` say too
+    assert f"  note: {said}" in _cli(capsys, "diagnose", str(failed_then_stopped)).splitlines()
+    compared = _cli(capsys, "compare", str(failed_then_stopped), str(time_limit)).splitlines()
+    assert f"note: failed: {said}" in compared
+
+    # AND a time limit's note says every rank was stopped at once, within the spread of their SIGTERMs
+    told = [_ended(time_limit, rank)["signal_t_ns"] for rank in range(WORLD)]
+    spread = (max(told) - min(told)) / 1e6
+    data = json.loads(_cli(capsys, "report", str(time_limit), "--json", "--no-export", "-q"))
+    assert (
+        f"ranks 0 and 1 were stopped by SIGTERM within {spread:.1f} ms of each other, no rank having failed "
+        "before: the job was stopped from outside (a scheduler's time limit, `docker stop`, `timeout` or "
+        "`kill`, or torchrun itself stopped)"
+    ) in data["notes"]
