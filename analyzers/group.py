@@ -27,6 +27,7 @@ from typing import Any
 
 from analyzers.attribution import attribute
 from analyzers.compare import RunFigures, generated, run_figures
+from analyzers.group_stops import failed_first, failed_reason, stop_notes, stopped_words
 from analyzers.model import MemorySource
 from analyzers.parallelism import Reading, group_reading, holds_all_kv_heads, sharded_attention
 from analyzers.readers.run_group import RankRun, read_run_group
@@ -202,46 +203,27 @@ def _focus(ranks: list[RankReport], oom_rank: int | None, peak_rank: int | None)
     if oom_rank is not None:
         return oom_rank, "ran out of memory"
     failed = [r for r in ranks if r.status != "ok"]
-    if failed:
-        # The first to fail: the others often fail after it, waiting on a collective it never joined.
-        ordered = sorted(failed, key=lambda r: (_stopped_ns(r), r.rank))
+    # The first to fail by itself: the others often fail after it, waiting on a collective it never joined,
+    # or are SIGTERMed by the launcher. Every failed rank stopped from outside (a time limit): the peak.
+    ordered = failed_first(failed)
+    if failed and not ordered:
+        assert peak_rank is not None
+        return peak_rank, f"peaked ({stopped_words(failed, len(ranks))})"
+    if ordered:
         first = ordered[0]
         if first.report.devices or not any(r.report.devices for r in ranks):
-            return first.rank, _failed_reason(first)
+            return first.rank, failed_reason(first)
         # A rank without memory figures (no allocator event, no weights, no KV) has nothing to diagnose: the
         # first failed rank that has them, else the one that peaked, saying why the first is not the one
-        without = f"rank {first.rank} failed first ({_failed_reason(first)}) but has no memory figures"
+        without = f"rank {first.rank} failed first ({failed_reason(first)}) but has no memory figures"
         with_figures = next((r for r in ordered if r.report.devices), None)
         if with_figures is not None:
-            return with_figures.rank, f"{_failed_reason(with_figures)} ({without})"
+            return with_figures.rank, f"{failed_reason(with_figures)} ({without})"
         measured = [r for r in ranks if r.report.devices]
         peaked = max(measured, key=lambda r: (r.peak_allocated_bytes, -r.rank))
         return peaked.rank, f"peaked ({without})"
     assert peak_rank is not None
     return peak_rank, "peaked"
-
-
-def _failed_reason(rank: RankReport) -> str:
-    """How a rank that did not end well stopped, as the focus says it."""
-    if rank.status == "running" and rank.source.meta.get("recording_pid") is not None:
-        return "is still being recorded"
-    if rank.status == "running":
-        return "never finished (the process died)"
-    return f"raised {rank.ended.get('type') or rank.status}"
-
-
-def _stopped_ns(rank: RankReport) -> float:
-    """When the rank's block stopped: its `ended` time; for a rank that died (killed, no `ended`), the last
-    line of its logs, written within the writer's 0.1 s of its death. The launcher stops the other ranks
-    after the first death, so they log on a little longer."""
-    ended = rank.ended.get("t_ns")
-    if isinstance(ended, int):
-        return ended
-    run = rank.source.meta.get("run")
-    last = [run.kv_events[-1].t_ns] if run is not None and run.kv_events else []
-    if run is not None and run.memory_samples and isinstance(run.memory_samples[-1].get("t_ns"), int):
-        last.append(run.memory_samples[-1]["t_ns"])
-    return max(last, default=float("inf"))
 
 
 def _total(path: str, ranks: list[RankReport], reading: Reading, reading_note: str | None) -> Report:
@@ -318,7 +300,7 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
         missing_ranks=group.missing_ranks,
         focus_rank=focus_rank,
         focus_reason=reason,
-        notes=group.notes + total.notes,
+        notes=group.notes + stop_notes(ranks) + total.notes,
         replicas=reading == "data",
         reading=reading,
     )

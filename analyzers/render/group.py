@@ -11,6 +11,7 @@ import numpy as np
 
 from analyzers.attribution import KV_FREES
 from analyzers.group import GroupReport, RankReport
+from analyzers.group_stops import stop_mark, stopped_from_outside
 from analyzers.kv_line import kv_line
 from analyzers.planning.diagnosis import Diagnosis
 from analyzers.render.budget_marks import add_budget
@@ -71,8 +72,8 @@ def group_report_to_json(group: GroupReport) -> dict[str, Any]:
 def rank_mark(group: GroupReport, rank: RankReport) -> str:
     if rank.rank == group.oom_rank:
         return "ran out of memory"
-    if rank.rank in group.failed_ranks:
-        return str(rank.ended.get("type") or rank.status)
+    if rank.rank in group.failed_ranks:  # a rank SIGTERMed "stopped by SIGTERM", not `Terminated`
+        return stop_mark(rank) or str(rank.ended.get("type") or rank.status)
     return "peak" if rank.rank == group.peak_rank else ""
 
 
@@ -267,7 +268,10 @@ th,td{{padding:2px 10px;border-bottom:1px solid #ddd}} td{{font-family:monospace
 def _group_line(group: GroupReport) -> str:
     focus = group.rank(group.focus_rank)
     message = str(focus.ended.get("message") or "")
+    # A signal's own message ("SIGTERM: the process was told to stop") says nothing the reason does not
     said = f": {message.splitlines()[0][:200]}" if message and focus.status != "ok" else ""
+    if stopped_from_outside(focus):
+        said = ""
     return (
         f"run group {group.path} (world size {group.world_size or '?'}): diagnosing rank {focus.rank}, "
         f"which {group.focus_reason}{said}"
@@ -293,7 +297,7 @@ def group_diagnosis_to_json(group: GroupReport, diagnosis: Diagnosis) -> dict[st
 
 def group_diagnosis_to_text(group: GroupReport, diagnosis: Diagnosis) -> str:
     others = ", ".join(
-        f"rank {r.rank} {r.status} peak {human_bytes(r.peak_allocated_bytes)}"
+        f"rank {r.rank} {stop_mark(r) or r.status} peak {human_bytes(r.peak_allocated_bytes)}"
         for r in group.ranks
         if r.rank != group.focus_rank
     )
