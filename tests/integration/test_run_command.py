@@ -51,9 +51,13 @@ def _kv_bytes(tokens: int) -> int:
     return LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * BATCH * 4
 
 
-def _kvtrace_run(tmp_path: Path, *argv: str, then: str = "") -> subprocess.CompletedProcess:
-    """`kvtrace run ...` in a fresh process, in `tmp_path`, with the script written there as user.py."""
-    (tmp_path / "user.py").write_text(SCRIPT.replace("# then", then), encoding="utf-8")
+def _kvtrace_run(
+    tmp_path: Path, *argv: str, then: str = "", script: str | None = None
+) -> subprocess.CompletedProcess:
+    """`kvtrace run ...` in a fresh process, in `tmp_path`, with the script written there as user.py
+    (SCRIPT, or `script`)."""
+    source = SCRIPT.replace("# then", then) if script is None else script
+    (tmp_path / "user.py").write_text(source, encoding="utf-8")
     return subprocess.run(
         [sys.executable, "-m", "kvtrace.cli", "run", *argv],
         cwd=tmp_path,
@@ -164,3 +168,65 @@ def test_record_auto_finds_the_model_at_its_first_generate_and_lets_generate_go(
     report = _report(tmp_path / "run", capsys)
     assert report["kv"]["final_bytes"] == _kv_bytes(PROMPT + 4 - 1)
     assert report["geometry"]["class"] == "LlamaForCausalLM"
+
+
+# generate() on a thread, its tokens read from a TextIteratorStreamer on the main one, as a chat UI does
+STREAMER_SCRIPT = textwrap.dedent(
+    f"""
+    import threading
+    import torch
+    from transformers import TextIteratorStreamer
+    from kvtrace.llama import build_model
+    from tests.tiny import tiny_size
+
+    class Digits:  # a tokenizer's decode() is all the streamer asks of it
+        def decode(self, ids, **kwargs):
+            return " ".join(str(i) for i in ids)
+
+    model = build_model(tiny_size({LAYERS}, kv_heads={KV_HEADS}))
+    ids = torch.randint(3, 1000, (1, {PROMPT}), generator=torch.Generator().manual_seed(0))
+    streamer = TextIteratorStreamer(Digits())
+
+    def generate():
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                           do_sample=False, pad_token_id=0, streamer=streamer)
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    print("streamed", sum(1 for _ in streamer) > 0)
+    thread.join()
+    """
+)
+
+
+def test_a_generate_on_a_streamers_thread_is_recorded_not_killed(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a script whose only generate() runs on a thread of its own (a TextIteratorStreamer's), recorded
+    # with the profiler: started on that thread, it was stopped on the main one and kineto killed the process
+    # (SIGSEGV, exit 139, the run left "running")
+    done = _kvtrace_run(tmp_path, "user.py", script=STREAMER_SCRIPT)
+
+    # THEN the script ends as itself, and its run is written
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "streamed True\n"
+    manifest = json.loads((tmp_path / "runs" / "user" / "manifest.json").read_text())
+    assert manifest["ended"]["status"] == "ok"
+    assert any("profiler not started" in note for note in manifest["notes"]), manifest["notes"]
+
+    # AND it is what record(model=...) around that thread's generate() gives: 5 steps of batch 1, KV the
+    # arithmetic of the prompt and every new token but the last, the peak the weights and KV (the profiler
+    # records the memory events of the block's thread only, none of the generating thread's)
+    report = _report(tmp_path / "runs" / "user", capsys)
+    kv_final = LAYERS * 2 * KV_HEADS * HEAD_DIM * (PROMPT + 5 - 1) * 1 * 4
+    assert (
+        (report["steps"], report["kv"]["batch"], report["kv"]["final_bytes"])
+        == (5, 1, kv_final)
+        == (5, 1, 6144)
+    )
+    model = build_model(tiny_size(LAYERS, kv_heads=KV_HEADS))
+    held = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in [*model.parameters(), *model.buffers()]
+    }
+    assert report["categories_at_peak"]["weights"] == sum(held.values())
+    assert report["peak_allocated_bytes"] == sum(held.values()) + report["kv"]["peak_bytes"]
