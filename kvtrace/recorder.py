@@ -412,6 +412,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self.model = _uncompiled(model)
         self._hook_model()
         self._start_profiler_at_call("model's first generate()")  # as record(model=...) around it
+        # Where a record(model=...) around the call would have taken its "start" sample: compare's tokens/s
+        # count from here, not from the script's start (its imports and model loading)
+        self._manifest["model_found_ns"] = self._clock()
         self._manifest["model"] = model_geometry(self.model, self.notes)
         self._manifest["device"] = self._device_facts()
         self.notes.append(

@@ -230,3 +230,46 @@ def test_a_generate_on_a_streamers_thread_is_recorded_not_killed(tmp_path: Path,
     }
     assert report["categories_at_peak"]["weights"] == sum(held.values())
     assert report["peak_allocated_bytes"] == sum(held.values()) + report["kv"]["peak_bytes"]
+
+
+def test_compare_times_a_scripts_run_from_its_models_first_generate(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a script that takes 2 s before its generate() (imports, loading a model), then generates 6
+    # tokens: compare timed it from the script's start, its tokens/s the load's (a 1.5 s load: 2.0 per row
+    # where generation's own was 12.6)
+    script = SCRIPT.replace(
+        "args = parser.parse_args()", "args = parser.parse_args()\nimport time; time.sleep(2)"
+    )
+    done = _kvtrace_run(tmp_path, "-o", "run", "user.py", "--new-tokens", "6", script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # WHEN compare reads it beside record(model=...) around the same generate()
+    model = build_model(tiny_size(LAYERS, kv_heads=KV_HEADS))
+    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(tmp_path / "around", model=model):
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert main(["compare", str(tmp_path / "run"), str(tmp_path / "around"), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)["runs"][0]
+
+    # THEN its time runs from the model's first generate() (the manifest's model_found_ns) to the last step's
+    # end sample, as a record(model=...) around the call is timed from its start sample
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    samples = [
+        json.loads(line) for line in (tmp_path / "run" / "memory_samples.jsonl").read_text().splitlines()
+    ]
+    start = next(s["t_ns"] for s in samples if s["phase"] == "start")
+    last_step = [s["t_ns"] for s in samples if s["phase"] in ("prefill", "decode")][-1]
+    assert last_step - manifest["model_found_ns"] < 2e9 < manifest["model_found_ns"] - start
+    assert figures["generated_tokens_per_row"] == 6
+    assert figures["tokens_per_second_per_row"] == pytest.approx(
+        6 / ((last_step - manifest["model_found_ns"]) / 1e9)
+    )
+    assert figures["tokens_per_second"] == pytest.approx(
+        6 * BATCH / ((last_step - manifest["model_found_ns"]) / 1e9)
+    )
