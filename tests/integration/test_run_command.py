@@ -273,3 +273,74 @@ def test_compare_times_a_scripts_run_from_its_models_first_generate(tmp_path: Pa
     assert figures["tokens_per_second"] == pytest.approx(
         6 * BATCH / ((last_step - manifest["model_found_ns"]) / 1e9)
     )
+
+
+# What pip installs as the `kvtrace` command: Python puts its folder, not the working one, first on sys.path
+CONSOLE_SCRIPT = (
+    "import sys\nfrom kvtrace.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n"
+)
+
+# A script that says what it was given, its own flags looking like kvtrace's
+IDENTITY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    print(json.dumps([__name__, __file__, sys.path[0], sys.argv, sys.modules["__main__"].__file__]))
+    """
+)
+
+
+def _as_installed(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`kvtrace ...` as the installed command runs it, in `tmp_path`, kvtrace importable from the checkout."""
+    command = tmp_path / "bin" / "kvtrace"
+    command.parent.mkdir(exist_ok=True)
+    command.write_text(CONSOLE_SCRIPT, encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, str(command), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+
+def test_a_script_is_given_what_python_gives_it(tmp_path: Path) -> None:
+    # GIVEN a script in a folder with a space, its own -o, --overwrite and -m after its name
+    (tmp_path / "my scripts").mkdir()
+    (tmp_path / "my scripts" / "who am i.py").write_text(IDENTITY_SCRIPT, encoding="utf-8")
+    argv = ["my scripts/who am i.py", "-o", "x", "--overwrite", "-m", "y"]
+    python = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert python.returncode == 0, python.stderr
+
+    # WHEN the installed `kvtrace run` runs it
+    done = _as_installed(tmp_path, "run", "-o", "run", *argv)
+
+    # THEN it sees what `python script.py` shows it: __main__, its absolute __file__ (a relative one before,
+    # lost after an os.chdir), its own folder first on sys.path, sys.argv as typed
+    assert done.returncode == 0, done.stderr[-3000:]
+    script = str(tmp_path / "my scripts" / "who am i.py")
+    expected = ["__main__", script, str(tmp_path / "my scripts"), argv, script]
+    assert json.loads(python.stdout) == expected
+    assert json.loads(done.stdout) == expected
+
+
+def test_a_module_runs_with_the_installed_command(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a package in the working folder, which `python -m pkg.gen` finds there (sys.path[0])
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "gen.py").write_text(SCRIPT.replace("# then", ""), encoding="utf-8")
+
+    # WHEN the installed `kvtrace run -m pkg.gen` runs it: "No module named 'pkg'" before, with kvtrace's
+    # traceback, exit 1, and a model-less run written
+    done = _as_installed(tmp_path, "run", "-m", "pkg.gen", "--new-tokens", "3")
+
+    # THEN it runs as `python -m pkg.gen` does, its run the arithmetic's
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [f"generated ({BATCH}, {PROMPT + 3})"]
+    assert _report(tmp_path / "runs" / "gen", capsys)["kv"]["final_bytes"] == _kv_bytes(PROMPT + 3 - 1)
+
+    # AND a module not there is one line, exit 2, nothing written
+    done = _as_installed(tmp_path, "run", "-o", "missing", "-m", "nopkg.gen")
+    assert done.returncode == 2
+    assert done.stderr == f"kvtrace run: error: nopkg.gen: no module named 'nopkg' (from {tmp_path})\n"
+    assert not (tmp_path / "missing").exists()
