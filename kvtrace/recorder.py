@@ -571,6 +571,13 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if self._weights is not None:
             self._manifest["weights_lines"] = self._weights.lines
         self._manifest.update(self._caches_and_threads())
+        if self._discover and self._profiler_on and self.model is None and self._vllm_llm is None:
+            # The report says the trace is missing; this says why, where no profiler=False was given
+            self.notes.append(
+                "no profiler trace: record(model='auto') (kvtrace run) starts torch.profiler at the model's "
+                "first generate(), and the block called none: pass the model, record(model=model), to "
+                "profile forwards of your own"
+            )
         self._manifest["notes"] = self.notes
         self._manifest["warnings"] = self._warnings()
         engine = self._vllm.summary() if self._vllm is not None else None

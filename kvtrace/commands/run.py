@@ -124,6 +124,8 @@ class RunCommand(Command):
             found = (
                 "no transformers or vLLM generate() call: recorded without a model, transformers caches only"
             )
+            if not args.no_profiler:
+                found += ", no profiler trace (it starts at the first generate())"
         if model is None and llm is None and "vllm" in sys.modules:  # a multiprocess engine: the plugin's
             found += f"; for a vLLM engine in its own process, run KVTRACE_DIR={out} python {target}"
         print(

@@ -344,3 +344,34 @@ def test_a_module_runs_with_the_installed_command(tmp_path: Path, capsys: Any) -
     assert done.returncode == 2
     assert done.stderr == f"kvtrace run: error: nopkg.gen: no module named 'nopkg' (from {tmp_path})\n"
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_script_without_generate_says_why_its_run_has_no_trace(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a script that runs its model's forwards over a DynamicCache itself, never generate(), recorded
+    # with the profiler asked for (no --no-profiler): it starts at a first generate(), so it never started
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from transformers import DynamicCache
+        from kvtrace.llama import build_model
+        from tests.tiny import cache_arg, tiny_size
+
+        model = build_model(tiny_size({LAYERS}, kv_heads={KV_HEADS}))
+        ids = torch.randint(3, 1000, ({BATCH}, {PROMPT}), generator=torch.Generator().manual_seed(0))
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            for _ in range(3):
+                ids = model(ids, **cache_arg(cache), use_cache=True).logits[:, -1:].argmax(-1)
+        """
+    )
+    done = _kvtrace_run(tmp_path, "-o", "run", "user.py", script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # THEN its KV is the arithmetic's (the prompt and 2 tokens), and both the run's last line and its notes
+    # say why the memory figures are the KV log's alone (before: "peak 13.50 KiB (KV only)", no reason)
+    report = _report(tmp_path / "run", capsys)
+    assert report["kv"]["final_bytes"] == _kv_bytes(PROMPT + 2)
+    assert "no profiler trace (it starts at the first generate())" in done.stderr
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert any(note.startswith("no profiler trace: record(model='auto')") for note in manifest["notes"])
+    assert not (tmp_path / "run" / "profiler").exists()
