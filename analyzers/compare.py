@@ -22,7 +22,9 @@ Definitions, so that the columns mean the same thing for every run:
 * tokens/s (all rows) = the same over every batch row the cache holds / wall time (throughput). Under beam
   search the rows are beams, not returned sequences: each beam's tokens count, and the table says so;
 * wall time = from the recorder's "start" memory sample (taken once the profiler runs) to the sample at
-  the end of the last step, so the profiler's start-up and trace writing are left out; without samples,
+  the end of the last step, so the profiler's start-up and trace writing are left out (a run of
+  `record(model="auto")`, `kvtrace run`: from the manifest's `model_found_ns`, the model's first generate(),
+  not the script's start with its imports and model loading); without samples,
   the manifest's start to end, and a note says so. A last step whose forward raised (an OOM, a Ctrl-C)
   generated nothing: the time ends with the step before it. Compare runs recorded with the same options.
 * an engine run (vLLM, transformers' continuous batching) has requests, not rows: tokens/s (all rows) is
@@ -117,6 +119,9 @@ def generated(source: MemorySource, report: Report) -> Generated | None:
     span_note = None
     if starts and step_ends:
         started, ended = starts[0], step_ends[-1]
+        found = manifest.get("model_found_ns")
+        if isinstance(found, int) and not isinstance(found, bool) and started < found < ended:
+            started = found  # `kvtrace run`: from the model's first generate(), not the script's start
     if not started or not ended or ended <= started or kv_log is None or not report.kv.batch:
         return None
     if not (starts and step_ends):

@@ -389,13 +389,28 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             self._vllm_llm = llm
             self._vllm = VllmRecording(self, llm, self.vllm_process)
             self._vllm.install()
-            if self.options.profiler and self._profiler is None:
-                self._thread = threading.get_ident()
-                self._start_profiler()
+            self._start_profiler_at_call("vLLM engine's first call")
             step = self.tracker.step + 1
             self.notes.append(f"vLLM engine found at its first call (record(model='auto')), from step {step}")
         except Exception as exc:
             self.notes.append(f"the vLLM engine found was not followed: {type(exc).__name__}: {exc}")
+
+    def _start_profiler_at_call(self, call: str) -> None:
+        """torch.profiler from the found model's first call, on the thread that entered the block only: kineto
+        must stop on the thread it started on, and the block ends on its own (a generate() on a thread beside
+        a TextIteratorStreamer, profiled from there, killed the process with SIGSEGV at the block's end).
+        On another thread the run is what record(model=...) gives there: the KV log's and weights' figures,
+        the trace having none of that thread's memory events anyway."""
+        if not self.options.profiler or self._profiler is not None:
+            return
+        if threading.get_ident() != self._thread:
+            self.notes.append(
+                f"profiler not started: the {call} ran on another thread than the one that entered "
+                "record(), and torch.profiler must start and stop on one thread; memory figures are the KV "
+                "log's and the weights'"
+            )
+            return
+        self._start_profiler()
 
     def _hook_found_model(self, model: Any) -> None:
         if self._step_open and self._step_thread == threading.get_ident():
@@ -403,9 +418,10 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self.model = _uncompiled(model)
         self._write_model_config()
         self._hook_model()
-        if self.options.profiler and self._profiler is None:
-            self._thread = threading.get_ident()  # the thread torch.profiler records: generate()'s
-            self._start_profiler()  # from the model's first generate(), as record(model=...) around it
+        self._start_profiler_at_call("model's first generate()")  # as record(model=...) around it
+        # Where a record(model=...) around the call would have taken its "start" sample: compare's tokens/s
+        # count from here, not from the script's start (its imports and model loading)
+        self._manifest["model_found_ns"] = self._clock()
         self._manifest["model"] = model_geometry(self.model, self.notes)
         self._manifest["device"] = self._device_facts()
         self.notes.append(
@@ -562,6 +578,13 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if self._weights is not None:
             self._manifest["weights_lines"] = self._weights.lines
         self._manifest.update(self._caches_and_threads())
+        if self._discover and self._profiler_on and self.model is None and self._vllm_llm is None:
+            # The report says the trace is missing; this says why, where no profiler=False was given
+            self.notes.append(
+                "no profiler trace: record(model='auto') (kvtrace run) starts torch.profiler at the model's "
+                "first generate(), and the block called none: pass the model, record(model=model), to "
+                "profile forwards of your own"
+            )
         self._manifest["notes"] = self.notes
         self._manifest["warnings"] = self._warnings()
         engine = self._vllm.summary() if self._vllm is not None else None

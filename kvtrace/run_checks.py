@@ -266,6 +266,7 @@ def _text_or_null(value: Any) -> bool:
 # Values inside the manifest that analyzers compute with, when present: (dotted key, test, expected).
 _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("started_ns", _count_or_null, "a time in ns"),
+    ("model_found_ns", _count_or_null, "a time in ns"),
     ("kv_events", _count, "a count"),
     ("weights_lines", _count, "a count"),
     ("memory_samples_lines", _count, "a count"),

@@ -28,10 +28,11 @@ class RunCommand(Command):
     KVTRACE_DIR). Your own model's caches
     (cache_k/cache_v buffers, kvtrace.track) need record(model=...) in your code. On CUDA, kvtrace
     initializes the current device before the script so that its memory is sampled from the start.
-    The script's own output and exit status are its own; kvtrace's lines go to stderr.
+    The script runs as `python script.py` (or `python -m`) runs it: its sys.argv, __file__, sys.path[0],
+    output and exit status are its own; kvtrace's lines go to stderr.
     Exit status: the script's (its sys.exit code; 1 when it raised, after its traceback; 130 on Ctrl-C;
-    143 when it is stopped by SIGTERM, its run written); 2 for a bad flag, a script that is not there, or an
-    output folder that holds a run (--overwrite replaces it).
+    143 when it is stopped by SIGTERM, its run written); 2 for a bad flag, a script or module that is not
+    there, or an output folder that holds a run (--overwrite replaces it).
     """
 
     name = "run"
@@ -58,11 +59,17 @@ class RunCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         target = args.target
-        if not args.module:
+        # sys.path[0] as Python sets it: the working folder for -m, the script's own (links resolved) for a
+        # script; never the folder of the `kvtrace` command, which the installed script puts there
+        if args.module:
+            path0 = os.getcwd()
+            _refuse_a_missing_module(target, path0)
+        else:
             script = Path(target)
             if not script.is_file():
                 what = "a folder, not a script" if script.is_dir() else "no such file"
                 raise KvtraceError(f"{target}: {what}")
+            path0 = os.path.dirname(os.path.realpath(target))
         name = target.rsplit(".", 1)[-1] if args.module else Path(target).stem
         out = Path(args.out) if args.out is not None else Path("runs") / name
         refuse_a_sweep(out)
@@ -80,20 +87,19 @@ class RunCommand(Command):
             options["gpu_memory"] = args.gpu_memory
         status = 0
         raised: BaseException | None = None
-        argv, path0 = list(sys.argv), list(sys.path)
+        argv, path = list(sys.argv), list(sys.path)
         stdout = sys.stdout
         sys.stdout = sys.__stdout__ or stdout  # the script's own, not the CLI's guarded one
         try:
             sys.argv = [target, *args.args]
-            if not args.module:  # as `python script.py`: its folder first on the import path
-                sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+            sys.path[:] = _script_path(path0, path)
             try:
                 with kvtrace.record(out, model="auto", **options) as recording:
                     try:
                         if args.module:
                             runpy.run_module(target, run_name="__main__", alter_sys=True)
                         else:
-                            runpy.run_path(target, run_name="__main__")
+                            _run_script(target)
                     except SystemExit as exc:  # the script's exit ends the block as it ends the script
                         status = _exit_status(exc.code)
             except KvtraceError:
@@ -103,7 +109,7 @@ class RunCommand(Command):
             except BaseException as exc:  # the script's own error: its run is written, its traceback shown
                 status, raised = 1, exc
         finally:
-            sys.argv[:], sys.path[:] = argv, path0
+            sys.argv[:], sys.path[:] = argv, path
             with contextlib.suppress(Exception):  # the script's output, before kvtrace's lines
                 sys.stdout.flush()
             sys.stdout = stdout
@@ -118,6 +124,8 @@ class RunCommand(Command):
             found = (
                 "no transformers or vLLM generate() call: recorded without a model, transformers caches only"
             )
+            if not args.no_profiler:
+                found += ", no profiler trace (it starts at the first generate())"
         if model is None and llm is None and "vllm" in sys.modules:  # a multiprocess engine: the plugin's
             found += f"; for a vLLM engine in its own process, run KVTRACE_DIR={out} python {target}"
         print(
@@ -125,6 +133,62 @@ class RunCommand(Command):
             file=sys.stderr,
         )
         return status
+
+
+def _run_script(target: str) -> None:
+    """The script as `python script.py` runs it: `__main__` in sys.modules (what pickle and multiprocessing
+    look up), `__file__` and its traceback's file absolute, sys.argv[0] as typed. runpy.run_path gave one
+    path to both: as typed, a script's `__file__` was relative (its folder lost after an os.chdir)."""
+    import builtins
+    import importlib.machinery
+    import io
+    import types
+
+    path = os.path.abspath(target)
+    with io.open_code(path) as source:
+        code = compile(source.read(), path, "exec", dont_inherit=True)
+    module = types.ModuleType("__main__")
+    module.__dict__.update(
+        __file__=path,
+        __cached__=None,
+        __loader__=importlib.machinery.SourceFileLoader("__main__", path),
+        __builtins__=builtins,
+    )
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
+
+
+def _script_path(path0: str, path: list[str]) -> list[str]:
+    """The import path the script gets: `path0` first, in place of the CLI's own first entry (the folder of
+    the `kvtrace` command, or the working folder for `python -m kvtrace.cli`), which goes last, so that
+    kvtrace's own later imports still find it where it was found (a source checkout)."""
+    rest = [entry for entry in path[1:] if entry != path0]
+    cli = path[:1] if path and path[0] not in (path0, *rest) else []
+    return [path0, *rest, *cli]
+
+
+def _refuse_a_missing_module(target: str, path0: str) -> None:
+    """`-m MODULE` whose top package is not on the import path the script will get: one line, exit 2, before
+    a run is made (runpy's error came from inside the recording, with kvtrace's frames). Found, not
+    imported: the package's own code runs inside the recording, as under `python -m`."""
+    import importlib.util
+
+    top = target.split(".", 1)[0]
+    saved = list(sys.path)
+    sys.path.insert(0, path0)
+    try:
+        found = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        found = False
+    finally:
+        sys.path[:] = saved
+    if not found:
+        raise KvtraceError(f"{target}: no module named {top!r} (from {path0})")
 
 
 def _exit_status(code: object) -> int:
@@ -142,7 +206,10 @@ def _print_script_traceback(exc: BaseException, target: str) -> None:
     tb: TracebackType | None = exc.__traceback__
     while tb is not None and _not_the_scripts(tb, target):
         tb = tb.tb_next
-    traceback.print_exception(type(exc), exc, tb or exc.__traceback__, file=sys.stderr)
+    if tb is None:  # no frame of the script's (runpy found no `-m pkg.missing`): one line, as Python's
+        print("".join(traceback.format_exception_only(type(exc), exc)).rstrip(), file=sys.stderr)
+        return
+    traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
 
 
 def _not_the_scripts(tb: TracebackType, target: str) -> bool:

@@ -51,9 +51,13 @@ def _kv_bytes(tokens: int) -> int:
     return LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * BATCH * 4
 
 
-def _kvtrace_run(tmp_path: Path, *argv: str, then: str = "") -> subprocess.CompletedProcess:
-    """`kvtrace run ...` in a fresh process, in `tmp_path`, with the script written there as user.py."""
-    (tmp_path / "user.py").write_text(SCRIPT.replace("# then", then), encoding="utf-8")
+def _kvtrace_run(
+    tmp_path: Path, *argv: str, then: str = "", script: str | None = None
+) -> subprocess.CompletedProcess:
+    """`kvtrace run ...` in a fresh process, in `tmp_path`, with the script written there as user.py
+    (SCRIPT, or `script`)."""
+    source = SCRIPT.replace("# then", then) if script is None else script
+    (tmp_path / "user.py").write_text(source, encoding="utf-8")
     return subprocess.run(
         [sys.executable, "-m", "kvtrace.cli", "run", *argv],
         cwd=tmp_path,
@@ -164,3 +168,210 @@ def test_record_auto_finds_the_model_at_its_first_generate_and_lets_generate_go(
     report = _report(tmp_path / "run", capsys)
     assert report["kv"]["final_bytes"] == _kv_bytes(PROMPT + 4 - 1)
     assert report["geometry"]["class"] == "LlamaForCausalLM"
+
+
+# generate() on a thread, its tokens read from a TextIteratorStreamer on the main one, as a chat UI does
+STREAMER_SCRIPT = textwrap.dedent(
+    f"""
+    import threading
+    import torch
+    from transformers import TextIteratorStreamer
+    from kvtrace.llama import build_model
+    from tests.tiny import tiny_size
+
+    class Digits:  # a tokenizer's decode() is all the streamer asks of it
+        def decode(self, ids, **kwargs):
+            return " ".join(str(i) for i in ids)
+
+    model = build_model(tiny_size({LAYERS}, kv_heads={KV_HEADS}))
+    ids = torch.randint(3, 1000, (1, {PROMPT}), generator=torch.Generator().manual_seed(0))
+    streamer = TextIteratorStreamer(Digits())
+
+    def generate():
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                           do_sample=False, pad_token_id=0, streamer=streamer)
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    print("streamed", sum(1 for _ in streamer) > 0)
+    thread.join()
+    """
+)
+
+
+def test_a_generate_on_a_streamers_thread_is_recorded_not_killed(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a script whose only generate() runs on a thread of its own (a TextIteratorStreamer's), recorded
+    # with the profiler: started on that thread, it was stopped on the main one and kineto killed the process
+    # (SIGSEGV, exit 139, the run left "running")
+    done = _kvtrace_run(tmp_path, "user.py", script=STREAMER_SCRIPT)
+
+    # THEN the script ends as itself, and its run is written
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "streamed True\n"
+    manifest = json.loads((tmp_path / "runs" / "user" / "manifest.json").read_text())
+    assert manifest["ended"]["status"] == "ok"
+    assert any("profiler not started" in note for note in manifest["notes"]), manifest["notes"]
+
+    # AND it is what record(model=...) around that thread's generate() gives: 5 steps of batch 1, KV the
+    # arithmetic of the prompt and every new token but the last, the peak the weights and KV (the profiler
+    # records the memory events of the block's thread only, none of the generating thread's)
+    report = _report(tmp_path / "runs" / "user", capsys)
+    kv_final = LAYERS * 2 * KV_HEADS * HEAD_DIM * (PROMPT + 5 - 1) * 1 * 4
+    assert (
+        (report["steps"], report["kv"]["batch"], report["kv"]["final_bytes"])
+        == (5, 1, kv_final)
+        == (5, 1, 6144)
+    )
+    model = build_model(tiny_size(LAYERS, kv_heads=KV_HEADS))
+    held = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in [*model.parameters(), *model.buffers()]
+    }
+    assert report["categories_at_peak"]["weights"] == sum(held.values())
+    assert report["peak_allocated_bytes"] == sum(held.values()) + report["kv"]["peak_bytes"]
+
+
+def test_compare_times_a_scripts_run_from_its_models_first_generate(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a script that takes 2 s before its generate() (imports, loading a model), then generates 6
+    # tokens: compare timed it from the script's start, its tokens/s the load's (a 1.5 s load: 2.0 per row
+    # where generation's own was 12.6)
+    script = SCRIPT.replace(
+        "args = parser.parse_args()", "args = parser.parse_args()\nimport time; time.sleep(2)"
+    )
+    done = _kvtrace_run(tmp_path, "-o", "run", "user.py", "--new-tokens", "6", script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # WHEN compare reads it beside record(model=...) around the same generate()
+    model = build_model(tiny_size(LAYERS, kv_heads=KV_HEADS))
+    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvtrace.record(tmp_path / "around", model=model):
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert main(["compare", str(tmp_path / "run"), str(tmp_path / "around"), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)["runs"][0]
+
+    # THEN its time runs from the model's first generate() (the manifest's model_found_ns) to the last step's
+    # end sample, as a record(model=...) around the call is timed from its start sample
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    samples = [
+        json.loads(line) for line in (tmp_path / "run" / "memory_samples.jsonl").read_text().splitlines()
+    ]
+    start = next(s["t_ns"] for s in samples if s["phase"] == "start")
+    last_step = [s["t_ns"] for s in samples if s["phase"] in ("prefill", "decode")][-1]
+    assert last_step - manifest["model_found_ns"] < 2e9 < manifest["model_found_ns"] - start
+    assert figures["generated_tokens_per_row"] == 6
+    assert figures["tokens_per_second_per_row"] == pytest.approx(
+        6 / ((last_step - manifest["model_found_ns"]) / 1e9)
+    )
+    assert figures["tokens_per_second"] == pytest.approx(
+        6 * BATCH / ((last_step - manifest["model_found_ns"]) / 1e9)
+    )
+
+
+# What pip installs as the `kvtrace` command: Python puts its folder, not the working one, first on sys.path
+CONSOLE_SCRIPT = (
+    "import sys\nfrom kvtrace.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n"
+)
+
+# A script that says what it was given, its own flags looking like kvtrace's
+IDENTITY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    print(json.dumps([__name__, __file__, sys.path[0], sys.argv, sys.modules["__main__"].__file__]))
+    """
+)
+
+
+def _as_installed(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`kvtrace ...` as the installed command runs it, in `tmp_path`, kvtrace importable from the checkout."""
+    command = tmp_path / "bin" / "kvtrace"
+    command.parent.mkdir(exist_ok=True)
+    command.write_text(CONSOLE_SCRIPT, encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, str(command), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+
+def test_a_script_is_given_what_python_gives_it(tmp_path: Path) -> None:
+    # GIVEN a script in a folder with a space, its own -o, --overwrite and -m after its name
+    (tmp_path / "my scripts").mkdir()
+    (tmp_path / "my scripts" / "who am i.py").write_text(IDENTITY_SCRIPT, encoding="utf-8")
+    argv = ["my scripts/who am i.py", "-o", "x", "--overwrite", "-m", "y"]
+    python = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert python.returncode == 0, python.stderr
+
+    # WHEN the installed `kvtrace run` runs it
+    done = _as_installed(tmp_path, "run", "-o", "run", *argv)
+
+    # THEN it sees what `python script.py` shows it: __main__, its absolute __file__ (a relative one before,
+    # lost after an os.chdir), its own folder first on sys.path, sys.argv as typed
+    assert done.returncode == 0, done.stderr[-3000:]
+    script = str(tmp_path / "my scripts" / "who am i.py")
+    expected = ["__main__", script, str(tmp_path / "my scripts"), argv, script]
+    assert json.loads(python.stdout) == expected
+    assert json.loads(done.stdout) == expected
+
+
+def test_a_module_runs_with_the_installed_command(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a package in the working folder, which `python -m pkg.gen` finds there (sys.path[0])
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "gen.py").write_text(SCRIPT.replace("# then", ""), encoding="utf-8")
+
+    # WHEN the installed `kvtrace run -m pkg.gen` runs it: "No module named 'pkg'" before, with kvtrace's
+    # traceback, exit 1, and a model-less run written
+    done = _as_installed(tmp_path, "run", "-m", "pkg.gen", "--new-tokens", "3")
+
+    # THEN it runs as `python -m pkg.gen` does, its run the arithmetic's
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [f"generated ({BATCH}, {PROMPT + 3})"]
+    assert _report(tmp_path / "runs" / "gen", capsys)["kv"]["final_bytes"] == _kv_bytes(PROMPT + 3 - 1)
+
+    # AND a module not there is one line, exit 2, nothing written
+    done = _as_installed(tmp_path, "run", "-o", "missing", "-m", "nopkg.gen")
+    assert done.returncode == 2
+    assert done.stderr == f"kvtrace run: error: nopkg.gen: no module named 'nopkg' (from {tmp_path})\n"
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_script_without_generate_says_why_its_run_has_no_trace(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a script that runs its model's forwards over a DynamicCache itself, never generate(), recorded
+    # with the profiler asked for (no --no-profiler): it starts at a first generate(), so it never started
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from transformers import DynamicCache
+        from kvtrace.llama import build_model
+        from tests.tiny import cache_arg, tiny_size
+
+        model = build_model(tiny_size({LAYERS}, kv_heads={KV_HEADS}))
+        ids = torch.randint(3, 1000, ({BATCH}, {PROMPT}), generator=torch.Generator().manual_seed(0))
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            for _ in range(3):
+                ids = model(ids, **cache_arg(cache), use_cache=True).logits[:, -1:].argmax(-1)
+        """
+    )
+    done = _kvtrace_run(tmp_path, "-o", "run", "user.py", script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # THEN its KV is the arithmetic's (the prompt and 2 tokens), and both the run's last line and its notes
+    # say why the memory figures are the KV log's alone (before: "peak 13.50 KiB (KV only)", no reason)
+    report = _report(tmp_path / "run", capsys)
+    assert report["kv"]["final_bytes"] == _kv_bytes(PROMPT + 2)
+    assert "no profiler trace (it starts at the first generate())" in done.stderr
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert any(note.startswith("no profiler trace: record(model='auto')") for note in manifest["notes"])
+    assert not (tmp_path / "run" / "profiler").exists()
