@@ -534,7 +534,10 @@ def test_record_into_a_folder_that_is_not_a_run_keeps_the_users_files(tmp_path):
 @pytest.mark.parametrize(
     ("call", "said"),
     [
-        (lambda p: kvtrace.record(p, model=print), 'a torch.nn.Module (or a vllm.LLM, or "auto") is needed, got'),
+        (
+            lambda p: kvtrace.record(p, model=print),
+            'a torch.nn.Module (or a vllm.LLM, or "auto") is needed, got',
+        ),
         (lambda p: kvtrace.record(p, model="m"), "is needed, got str"),
         (lambda p: kvtrace.record(None), "the run folder must be a path, got NoneType"),
         (lambda p: kvtrace.record(p, profiler="no"), "record(profiler=...): True or False, got 'no'"),
