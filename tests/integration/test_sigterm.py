@@ -213,3 +213,26 @@ def test_sigterm_is_taken_over_only_during_a_main_thread_block(tmp_path: Path) -
     worker.start()
     worker.join()
     assert seen["thread"] is signal.SIG_DFL
+
+
+def test_the_export_says_which_runs_a_sigterm_stopped(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a run stopped by SIGTERM in step 3, and one killed while writing its end after a SIGTERM
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    stopped, _ = _child(tmp_path / "a", "at_stop = sigterm_self")
+    setup = """
+    at_stop = sigterm_self
+    torch.profiler.profile.export_chrome_trace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    """
+    killed, _ = _child(tmp_path / "b", setup)
+    # WHEN both are exported and queried
+    tables = tmp_path / "tables"
+    assert main(["export", str(stopped), str(killed), "-o", str(tables), "-q"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    sql = "SELECT ended_status, ended_type, ended_signal FROM runs ORDER BY ended_status"
+    assert main(["query", str(tables), "--json", sql]) == 0
+    # THEN each row says the SIGTERM, the killed one's status still `running`
+    assert json.loads(capsys.readouterr().out) == [
+        {"ended_status": "interrupted", "ended_type": "Terminated", "ended_signal": "SIGTERM"},
+        {"ended_status": "running", "ended_type": None, "ended_signal": "SIGTERM"},
+    ]
