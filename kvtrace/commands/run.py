@@ -25,9 +25,9 @@ class RunCommand(Command):
     the script calls (record(model="auto")): its weights, steps and geometry from there; every transformers
     cache is logged from the start. A vllm.LLM is found alike at its first generate() or chat() and its
     pool followed (in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0; a multiprocess engine is the plugin's,
-    KVTRACE_DIR). Your own model's caches
-    (cache_k/cache_v buffers, kvtrace.track) need record(model=...) in your code. On CUDA, kvtrace
-    initializes the current device before the script so that its memory is sampled from the start.
+    KVTRACE_DIR). Your own model's caches (cache_k/cache_v buffers, kvtrace.track) need record(model=...)
+    in your code. On CUDA, kvtrace initializes the current device before the script so that its memory is
+    sampled from the start.
     The script runs as `python script.py` (or `python -m`) runs it: its sys.argv, __file__, sys.path[0],
     output and exit status are its own; kvtrace's lines go to stderr.
     Exit status: the script's (its sys.exit code; 1 when it raised, after its traceback; 130 on Ctrl-C;
@@ -55,7 +55,10 @@ class RunCommand(Command):
             "--gpu-memory", help="mark where the run would run out on a device this size, e.g. 24GiB"
         )
         parser.add_argument("target", metavar="TARGET", help="the script (or, with -m, the module) to run")
-        parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+        script_args = parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+        # argparse makes a REMAINDER positional required, so a missing TARGET read "required: TARGET, args"
+        # though none need be given
+        script_args.required = False
 
     def run(self, args: argparse.Namespace) -> int:
         target = args.target

@@ -57,3 +57,19 @@ def test_compare_says_it_takes_any_input_report_reads() -> None:
     parser = _subparsers()["compare"]
     runs = next(a for a in parser._actions if a.dest == "runs")
     assert runs.help is not None and "traces" in runs.help and "snapshots" in runs.help
+
+
+def test_run_without_a_script_names_only_the_script_as_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN `kvtrace run` with no script: argparse made the script's own arguments (a REMAINDER) required
+    # too, and said "the following arguments are required: TARGET, args", though a script takes none
+    from kvtrace.cli import main
+
+    # WHEN it is run
+    with pytest.raises(SystemExit) as exited:
+        main(["run"])
+
+    # THEN the one line names the script alone, status 2
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "kvtrace run: error: the following arguments are required: TARGET (see kvtrace run --help)\n"
+    )
