@@ -7,7 +7,7 @@ import contextlib
 import gzip
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,16 @@ def _reference_model(
         torch.distributed.destroy_process_group()
 
 
+def _decode_loop(
+    forward: Callable[..., Any], tokens: torch.Tensor, written: int = PROMPT_LEN + DECODE_STEPS
+) -> None:
+    """A prefill of PROMPT_LEN positions, then one decode step per position up to `written`, as llama_models'
+    generation loop calls the model: `forward(tokens, start_pos)`."""
+    forward(tokens[:, :PROMPT_LEN], 0)
+    for pos in range(PROMPT_LEN, written):
+        forward(tokens[:, pos : pos + 1], pos)
+
+
 @pytest.fixture
 def reference_model(tmp_path, watched_models) -> Iterator[torch.nn.Module]:
     with _reference_model(tmp_path, watched_models) as model:
@@ -93,9 +103,7 @@ def test_reference_llama3_module_caches(reference_model, tmp_path, call):
 
     # WHEN a prefill and a few decode steps run, the way llama_models' generation loop calls the model
     with kvtrace.record(tmp_path / "run", model=model, profiler=False), torch.inference_mode():
-        forward(tokens[:, :PROMPT_LEN], 0)
-        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-            forward(tokens[:, pos : pos + 1], pos)
+        _decode_loop(forward, tokens)
 
     run = read_run(tmp_path / "run")
     assert run.manifest["ended"]["status"] == "ok"
@@ -175,9 +183,7 @@ def test_reference_llama3_tokens_rows_and_steps_follow_the_decode_loop(
         tokens = torch.randint(0, VOCAB, (batch, PROMPT_LEN + DECODE_STEPS))
         # WHEN a prefill and the decode steps run, as llama_models' generation loop calls the model
         with kvtrace.record(tmp_path / "run", model=model, profiler=False):
-            model(tokens[:, :PROMPT_LEN], 0)
-            for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-                model(tokens[:, pos : pos + 1], pos)
+            _decode_loop(model, tokens)
 
     forwards = 1 + DECODE_STEPS
     run = read_run(tmp_path / "run")
@@ -246,9 +252,7 @@ def test_reference_llama3_remedies_are_priced_in_max_batch_size_and_max_seq_len(
         tokens = torch.randint(0, VOCAB, (rows, written))
         # profiler=False: the peak is the weights and the buffers, so a budget gives an exact shortfall
         with kvtrace.record(tmp_path / "run", model=model, profiler=False):
-            model(tokens[:, :PROMPT_LEN], 0)
-            for pos in range(PROMPT_LEN, written):
-                model(tokens[:, pos : pos + 1], pos)
+            _decode_loop(model, tokens, written)
     run = tmp_path / "run"
     weights = sum(w.storage_bytes for w in read_run(run).weights)
     capsys.readouterr()  # fairscale's own lines
@@ -343,9 +347,7 @@ def test_reference_llama3_converted_to_bfloat16_keeps_its_trace_clock_and_all_it
         tokens = torch.randint(0, LLAMA3_VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
         # WHEN a prefill and decode steps run with the profiler on, as llama_models' generation loop calls
         with kvtrace.record(tmp_path / "run", model=model, snapshots=False), torch.inference_mode():
-            model.forward(tokens[:, :PROMPT_LEN], 0)
-            for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-                model.forward(tokens[:, pos : pos + 1], pos)
+            _decode_loop(model.forward, tokens)
     _without_clock_base(tmp_path / "run", tmp_path / "no_base")
     capsys.readouterr()  # fairscale's own lines
     reports = {}
@@ -431,9 +433,7 @@ def test_reference_llama3_converted_inside_the_block_holds_its_float32_buffers_u
         # WHEN it is converted and run inside the block, profiler on
         with kvtrace.record(run, model=model, snapshots=False), torch.inference_mode():
             model.to(torch.bfloat16)
-            model.forward(tokens[:, :PROMPT_LEN], 0)
-            for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-                model.forward(tokens[:, pos : pos + 1], pos)
+            _decode_loop(model.forward, tokens)
         converted = storage_bytes(model)
     capsys.readouterr()  # fairscale's own lines
     buffers = N_LAYERS * 2 * max_batch * MAX_SEQ * N_KV_HEADS * head_dim * 4
@@ -508,9 +508,7 @@ def test_plan_from_a_reference_run_is_its_preallocated_buffers(reference_model, 
     model = reference_model
     tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
     with kvtrace.record(tmp_path / "run", model=model, profiler=False), torch.inference_mode():
-        model.forward(tokens[:, :PROMPT_LEN], 0)
-        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-            model.forward(tokens[:, pos : pos + 1], pos)
+        _decode_loop(model.forward, tokens)
     buffers = N_LAYERS * 2 * MAX_BATCH * MAX_SEQ * N_KV_HEADS * (DIM // N_HEADS) * 4  # float32
     # WHEN planned from the run alone
     assert main(["plan", "--from-run", str(tmp_path / "run"), "--json"]) == 0
@@ -535,9 +533,7 @@ def test_diagnose_of_a_reference_run_without_the_profiler_gives_the_rows_and_tok
     with _reference_model(tmp_path, watched_models, max_batch) as model:
         tokens = torch.randint(0, VOCAB, (rows, written))
         with kvtrace.record(tmp_path / "run", model=model, profiler=False):
-            model(tokens[:, :PROMPT_LEN], 0)
-            for pos in range(PROMPT_LEN, written):
-                model(tokens[:, pos : pos + 1], pos)
+            _decode_loop(model, tokens, written)
     run = tmp_path / "run"
     weights = sum(w.storage_bytes for w in read_run(run).weights)
     kv_total = N_LAYERS * 2 * max_batch * MAX_SEQ * N_KV_HEADS * (DIM // N_HEADS) * 4
@@ -594,9 +590,7 @@ def test_plan_from_a_reference_run_takes_max_seq_len_as_a_setting_not_a_position
     model = reference_model
     tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
     with kvtrace.record(tmp_path / "run", model=model, profiler=False), torch.inference_mode():
-        model.forward(tokens[:, :PROMPT_LEN], 0)
-        for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-            model.forward(tokens[:, pos : pos + 1], pos)
+        _decode_loop(model.forward, tokens)
     capsys.readouterr()  # fairscale's own lines
     per_token_row = N_LAYERS * 2 * N_KV_HEADS * (DIM // N_HEADS) * 4  # float32: 512 B
     # WHEN planned at the run's own buffers (the default: --context MAX_SEQ + 1) and at a longer context

@@ -51,6 +51,18 @@ def _kv_bytes(tokens: int) -> int:
     return LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * BATCH * 4
 
 
+def _generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> None:
+    """`new_tokens` greedy tokens after every row of `ids`, as the scripts here generate them."""
+    model.generate(  # type: ignore[operator]
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+
+
 def _kvtrace_run(
     tmp_path: Path, *argv: str, then: str = "", script: str | None = None
 ) -> subprocess.CompletedProcess:
@@ -153,14 +165,7 @@ def test_record_auto_finds_the_model_at_its_first_generate_and_lets_generate_go(
         model = build_model(tiny_size(LAYERS, kv_heads=KV_HEADS))
         model(ids)
         assert recording.model is None
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=4,
-            min_new_tokens=4,
-            do_sample=False,
-            pad_token_id=0,
-        )
+        _generate(model, ids, 4)
         assert recording.model is model
     # THEN transformers' generate() is its own again
     assert GenerationMixin.__dict__["generate"] is original
@@ -246,14 +251,7 @@ def test_compare_times_a_scripts_run_from_its_models_first_generate(tmp_path: Pa
     model = build_model(tiny_size(LAYERS, kv_heads=KV_HEADS))
     ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), kvtrace.record(tmp_path / "around", model=model):
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=6,
-            min_new_tokens=6,
-            do_sample=False,
-            pad_token_id=0,
-        )
+        _generate(model, ids, 6)
     assert main(["compare", str(tmp_path / "run"), str(tmp_path / "around"), "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)["runs"][0]
 
