@@ -271,8 +271,6 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._modules = ModuleCaches(tracker, self.options.cache_attrs)
         if self.model is not None:
             self._hook_model()
-        elif self._hf is not None:
-            self._hf.on_first_layer = self._auto_step
         if self._discover:
             self._discovery = ModelDiscovery(self._attach_model, self._attach_engine)
             self._discovery.install()
