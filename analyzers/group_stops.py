@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from analyzers.run_stop import SIGTERM_SENDERS, killed_after_sigterm
+from analyzers.run_stop import SIGTERM_SENDERS, interrupted_how, killed_after_sigterm
 
 if TYPE_CHECKING:
     from analyzers.group import RankReport
@@ -34,7 +34,7 @@ def _how_stopped(rank: RankReport) -> str:
     """After "was": how a rank stopped from outside was stopped."""
     if rank.status == "running":
         return "killed while writing its end, after a SIGTERM"
-    return "stopped by SIGTERM" if rank.ended.get("signal") == "SIGTERM" else "interrupted (Ctrl-C)"
+    return interrupted_how(rank.ended, senders=False)
 
 
 def stop_mark(rank: RankReport) -> str | None:

@@ -13,11 +13,12 @@ SIGTERM_SENDERS = "a scheduler's time limit, `docker stop`, `timeout` or `kill`"
 """Who sends a SIGTERM, as the notes name them: the user reads which of theirs stopped the run."""
 
 
-def interrupted_how(ended: Mapping[str, Any]) -> str:
+def interrupted_how(ended: Mapping[str, Any], senders: bool = True) -> str:
     """How an `interrupted` block was stopped, after "was": "interrupted (Ctrl-C)", or for one whose
-    process got SIGTERM, "stopped by SIGTERM (...)"."""
+    process got SIGTERM, "stopped by SIGTERM (...)"; `senders` False leaves out who sends one (a group's
+    note says which it was)."""
     if ended.get("signal") == "SIGTERM":
-        return f"stopped by SIGTERM ({SIGTERM_SENDERS})"
+        return f"stopped by SIGTERM ({SIGTERM_SENDERS})" if senders else "stopped by SIGTERM"
     return "interrupted (Ctrl-C)"
 
 
