@@ -104,6 +104,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._paged: PagedAttentionHooks | None = None  # transformers' continuous batching (generate_batch)
         self.vllm_process = "inproc"
         self.vllm_watch = True
+        # model="auto": the class of a vllm.LLM found at its first call but not followed (its engine core in
+        # another process: the plugin's to record)
+        self.engine_not_followed: str | None = None
         # SIGTERM ends the block as a Ctrl-C would (`term_signal`); not in a process whose signals are an
         # engine's own (vLLM's engine core, recorded by its plugin), whose SIGTERM must do what vLLM says
         self.takes_sigterm = True
@@ -377,6 +380,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         try:
             engine_core_of(llm)
         except KvtraceError as exc:
+            self.engine_not_followed = type(llm).__name__
             self.notes.append(f"vLLM engine not followed: {exc}")
             return
         try:

@@ -16,6 +16,8 @@ from kvtrace.commands.base import Command
 from kvtrace.commands.demo import refuse_a_sweep, refuse_occupied
 from kvtrace.errors import KvtraceError
 
+_VLLM_MP = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
 
 class RunCommand(Command):
     """Record a Python script as it is: kvtrace run [-o RUN] script.py [ARGS...] (or -m MODULE).
@@ -24,10 +26,11 @@ class RunCommand(Command):
     program, with no change to its code. The run's model is the first one whose Hugging Face generate()
     the script calls (record(model="auto")): its weights, steps and geometry from there; every transformers
     cache is logged from the start. A vllm.LLM is found alike at its first generate() or chat() and its
-    pool followed (in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0; a multiprocess engine is the plugin's,
-    KVTRACE_DIR). Your own model's caches (cache_k/cache_v buffers, kvtrace.track) need record(model=...)
-    in your code. On CUDA, kvtrace initializes the current device before the script so that its memory is
-    sampled from the start.
+    pool followed: kvtrace run sets VLLM_ENABLE_V1_MULTIPROCESSING=0, unless it is set already, so that
+    vLLM's engine core runs in the script's process where kvtrace sees it (its memory is the same; an
+    engine in its own process, or `vllm serve`, is the plugin's to record: KVTRACE_DIR). Your own model's
+    caches (cache_k/cache_v buffers, kvtrace.track) need record(model=...) in your code. On CUDA, kvtrace
+    initializes the current device before the script so that its memory is sampled from the start.
     The script runs as `python script.py` (or `python -m`) runs it: its sys.argv, __file__, sys.path[0],
     output and exit status are its own; kvtrace's lines go to stderr.
     Exit status: the script's (its sys.exit code; 1 when it raised, after its traceback; 130 on Ctrl-C;
@@ -81,6 +84,7 @@ class RunCommand(Command):
 
         import kvtrace
 
+        vllm_inproc = _vllm_engine_in_process()
         if torch.cuda.is_available():
             torch.cuda.init()  # a model-less recording samples the device CUDA has initialized
         options: dict[str, Any] = {"overwrite": args.overwrite, "profiler": not args.no_profiler}
@@ -113,29 +117,64 @@ class RunCommand(Command):
                 status, raised = 1, exc
         finally:
             sys.argv[:], sys.path[:] = argv, path
+            if vllm_inproc:
+                os.environ.pop(_VLLM_MP, None)
             with contextlib.suppress(Exception):  # the script's output, before kvtrace's lines
                 sys.stdout.flush()
             sys.stdout = stdout
         if raised is not None:
             _print_script_traceback(raised, target)
-        model, llm = recording.model, recording.vllm_llm
-        if model is not None:
-            found = f"model {type(model).__name__}"
-        elif llm is not None:
-            found = f"vLLM engine of {type(llm).__name__}"
-        else:
-            found = (
-                "no transformers or vLLM generate() call: recorded without a model, transformers caches only"
-            )
-            if not args.no_profiler:
-                found += ", no profiler trace (it starts at the first generate())"
-        if model is None and llm is None and "vllm" in sys.modules:  # a multiprocess engine: the plugin's
-            found += f"; for a vLLM engine in its own process, run KVTRACE_DIR={out} python {target}"
+        found = _what_was_found(recording, args.no_profiler, vllm_inproc, out, target, args.module)
         print(
             f"kvtrace run: recorded {out} ({found}); next: kvtrace report {out}, kvtrace diagnose {out}",
             file=sys.stderr,
         )
         return status
+
+
+def _vllm_engine_in_process() -> bool:
+    """VLLM_ENABLE_V1_MULTIPROCESSING=0 for the script, where vLLM is installed and the user has not set it:
+    vLLM's engine core (scheduler, block pool) then runs in this process, where the recording follows it;
+    by default it runs in a process of its own, which this process's recording cannot see (the run said
+    "no generate() call" of a script that made one). The model's memory, and the pool's size, do not
+    change. True when set here."""
+    import importlib.util
+
+    if _VLLM_MP in os.environ:
+        return False
+    try:
+        if importlib.util.find_spec("vllm") is None:
+            return False
+    except (ImportError, ValueError):
+        return False
+    os.environ[_VLLM_MP] = "0"
+    return True
+
+
+def _what_was_found(
+    recording: Any, no_profiler: bool, vllm_inproc: bool, out: Path, target: str, module: bool
+) -> str:
+    """The final line's account of what the run followed, and for a vLLM engine it could not follow, how to
+    record it."""
+    model, llm = recording.model, recording.vllm_llm
+    if model is not None:
+        return f"model {type(model).__name__}"
+    if llm is not None:
+        where = f", in this process ({_VLLM_MP}=0, set by kvtrace run)" if vllm_inproc else ""
+        return f"vLLM engine of {type(llm).__name__}{where}"
+    command = f"python {'-m ' if module else ''}{target}"
+    if recording.engine_not_followed is not None:
+        return (
+            f"a vLLM {recording.engine_not_followed} whose engine ran in its own process "
+            f"({_VLLM_MP}={os.environ.get(_VLLM_MP)}): its pool is not in this run; unset {_VLLM_MP}, or "
+            f"record the engine with the kvtrace plugin: KVTRACE_DIR={out}-engine {command}"
+        )
+    found = "no transformers or vLLM generate() call: recorded without a model, transformers caches only"
+    if not no_profiler:
+        found += ", no profiler trace (it starts at the first generate())"
+    if "vllm" in sys.modules:  # AsyncLLM, `vllm serve`: an engine core in its own process, the plugin's
+        found += f"; for a vLLM engine in its own process, run KVTRACE_DIR={out}-engine {command}"
+    return found
 
 
 def _run_script(target: str) -> None:

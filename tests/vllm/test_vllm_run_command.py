@@ -1,6 +1,8 @@
-"""`kvtrace run script.py` of a script that builds an in-process vLLM `LLM`: the engine is found at its
-first generate() (record(model="auto")) and followed as `record(model=llm)` follows it: the pool, the
-engine steps and the preemptions equal vLLM's own figures."""
+"""`kvtrace run script.py` of a script that builds a vLLM `LLM`: the engine is found at its first generate()
+(record(model="auto")) and followed as `record(model=llm)` follows it: the pool, the engine steps and the
+preemptions equal vLLM's own figures. With VLLM_ENABLE_V1_MULTIPROCESSING unset (vLLM's default: the engine
+core in a process of its own) kvtrace run puts the engine core in the script's process; set to 1 by the
+user, the run says that the engine ran elsewhere and how to record it."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,23 +27,23 @@ SCRIPT = textwrap.dedent(
     import json, sys
     from tests.vllm.workload import make_llm, metric, run_workload
 
-    llm = make_llm(sys.argv[1])
-    outputs = run_workload(llm)
-    said = {"outputs": len(outputs), "preemptions": metric(llm, "vllm:num_preemptions")}
-    print("VLLM " + json.dumps(said))
+    if __name__ == "__main__":  # a multiprocess engine core starts by spawn, which imports this script
+        llm = make_llm(sys.argv[1])
+        outputs = run_workload(llm)
+        said = {"outputs": len(outputs), "preemptions": metric(llm, "vllm:num_preemptions")}
+        print("VLLM " + json.dumps(said))
     """
 )
 
 
-def test_a_vllm_script_is_recorded_with_its_engine_found(
-    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # GIVEN a script that builds an in-process LLM and runs the workload (it preempts), under `kvtrace run`
-    script, run = tmp_path / "serve.py", tmp_path / "run"
-    script.write_text(SCRIPT, encoding="utf-8")
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": str(ROOT)}
+def _kvtrace_run(script: Path, run: Path, model_dir: Path, multiprocessing: str | None) -> Any:
+    """`kvtrace run --no-profiler -o RUN script MODEL` in its own interpreter, the vLLM variable as given."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("KVTRACE_DIR", None)
-    done = subprocess.run(
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    if multiprocessing is not None:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = multiprocessing
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -50,7 +53,7 @@ def test_a_vllm_script_is_recorded_with_its_engine_found(
             "-o",
             str(run),
             str(script),
-            str(tiny_model_dir),
+            str(model_dir),
         ],
         cwd=ROOT,
         env=env,
@@ -58,10 +61,23 @@ def test_a_vllm_script_is_recorded_with_its_engine_found(
         text=True,
         timeout=540,
     )
+
+
+def test_a_vllm_script_is_recorded_with_its_engine_found(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a script that builds an LLM as vLLM's docs do (no multiprocessing variable set: vLLM would put
+    # the engine core in a process of its own) and runs the workload (it preempts), under `kvtrace run`
+    script, run = tmp_path / "serve.py", tmp_path / "run"
+    script.write_text(SCRIPT, encoding="utf-8")
+    done = _kvtrace_run(script, run, tiny_model_dir, multiprocessing=None)
     assert done.returncode == 0, done.stderr[-4000:]
     said = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("VLLM "))[5:])
     assert said["outputs"] == REQUESTS
-    assert "kvtrace run: recorded" in done.stderr and "(vLLM engine of LLM)" in done.stderr
+    assert "kvtrace run: recorded" in done.stderr
+    assert "(vLLM engine of LLM, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by kvtrace run))" in (
+        done.stderr
+    )
 
     # THEN the run holds the engine's pool and steps, as record(model=llm) gives them
     engine = json.loads((run / fmt.ENGINE).read_text())
@@ -73,3 +89,23 @@ def test_a_vllm_script_is_recorded_with_its_engine_found(
     assert report["engine"]["preemptions"] == said["preemptions"]
     assert report["engine"]["requests"] == REQUESTS
     assert report["kv"]["final_bytes"] == POOL_BYTES
+
+
+def test_an_engine_the_user_keeps_in_its_own_process_is_said_not_recorded(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # GIVEN the same script with VLLM_ENABLE_V1_MULTIPROCESSING=1 set by the user (kvtrace run keeps it)
+    script, run = tmp_path / "serve.py", tmp_path / "run"
+    script.write_text(SCRIPT, encoding="utf-8")
+    done = _kvtrace_run(script, run, tiny_model_dir, multiprocessing="1")
+
+    # THEN the script ran as its own; the run says that the LLM's engine ran elsewhere, and how to record it
+    # (it said "no transformers or vLLM generate() call" of a script that made one)
+    assert done.returncode == 0, done.stderr[-4000:]
+    said = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("VLLM "))[5:])
+    assert said["outputs"] == REQUESTS
+    line = next(line for line in done.stderr.splitlines() if line.startswith("kvtrace run: recorded"))
+    assert "a vLLM LLM whose engine ran in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=1)" in line
+    assert f"KVTRACE_DIR={run}-engine python {script}" in line
+    assert "no transformers or vLLM generate() call" not in line
+    assert not (run / fmt.ENGINE).exists()
