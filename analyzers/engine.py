@@ -183,6 +183,12 @@ class HeldRequest:
     output_tokens: int
     as_of_step: int
 
+    @property
+    def in_flight(self) -> int:
+        """KV tokens beyond prompt + output: under async scheduling the token of the batch in flight, whose
+        slot is taken before it is sampled."""
+        return max(0, self.tokens - self.prompt_tokens - self.output_tokens)
+
 
 # engine.json's model keys that the manifest's `model` names alike; its `num_params` is `parameters`
 _GEOMETRY_KEYS = (

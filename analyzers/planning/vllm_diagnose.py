@@ -65,6 +65,7 @@ __all__ = [
     "diagnose_engine",
     "diagnose_preemptions",
     "diagnose_refused",
+    "request_kv_tokens",
 ]
 
 NULL_BLOCKS = 1  # vLLM's BlockPool keeps block 0 as the "null block"; requests never get it
@@ -105,13 +106,15 @@ class PreemptionDiagnosis:
     unfinished_requests: int = 0
 
 
-def _kv_tokens(e: RequestEvent) -> int:
+def request_kv_tokens(e: RequestEvent) -> int:
     """KV tokens a request needs at this event. A finished request's last sampled token was never fed
     back, so it never got KV: prompt + output - 1. Before that, every sampled token is computed in the
-    next step, and the event's blocks are allocated for prompt + output."""
+    next step, and the event's blocks are allocated for prompt + output; under async scheduling (vLLM's
+    default on GPUs) for one more, the token of the batch in flight, not sampled yet but given its slot:
+    the event's `tokens` (vLLM's computed tokens, this step's included) count it."""
     if e.event == "finished" and e.output_tokens > 0:
         return e.prompt_tokens + e.output_tokens - 1
-    return e.prompt_tokens + e.output_tokens
+    return max(e.prompt_tokens + e.output_tokens, e.tokens)
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[dict[str, int]
                 ended.add(e.request_id)
             waited.setdefault(e.request_id, e)
             continue
-        need = sizes.final(e.prompt_tokens, _kv_tokens(e))
+        need = sizes.final(e.prompt_tokens, request_kv_tokens(e))
         if full:
             need = max(need, e.blocks, e.dropped_blocks)
         if e.event == "finished" and e.finish_reason == "abort" and e.request_id in waited:
@@ -228,7 +231,7 @@ def _recorded_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[int, int | 
         for e in by_step[step]:
             if e.event == "waiting" or (e.event == "finished" and e.request_id not in tokens):
                 continue  # in the queue, or aborted before it was scheduled: it held nothing
-            reached = max(tokens.get(e.request_id, (0, 0))[0], _kv_tokens(e))
+            reached = max(tokens.get(e.request_id, (0, 0))[0], request_kv_tokens(e))
             tokens[e.request_id] = (reached, e.prompt_tokens)
         # a request finishing in this step still held its blocks while the step ran
         total = sum(sizes.at(prompt, reached) for reached, prompt in tokens.values())

@@ -155,6 +155,11 @@ def _pool(d: PreemptionDiagnosis) -> str:
     )
 
 
+def _in_flight(held: HeldRequest) -> str:
+    """Tokens a request's blocks hold beyond its prompt and output: async scheduling's token in flight."""
+    return f" + {held.in_flight:,} in flight" if held.in_flight else ""
+
+
 def _held_as_of(d: PreemptionDiagnosis, held: HeldRequest) -> str:
     return "" if held.as_of_step == d.first_preemption_step else f", as of step {held.as_of_step}"
 
@@ -187,7 +192,8 @@ def preemption_to_html(d: PreemptionDiagnosis) -> str:
     ]
     requests = "".join(
         f"<tr><td>{esc(h.request_id)}</td><td>{h.blocks:,}</td><td>{h.tokens:,}</td>"
-        f"<td>prompt {h.prompt_tokens:,}, output {h.output_tokens:,}{esc(_held_as_of(d, h))}</td></tr>"
+        f"<td>prompt {h.prompt_tokens:,}, output {h.output_tokens:,}{esc(_in_flight(h))}"
+        f"{esc(_held_as_of(d, h))}</td></tr>"
         for h in d.held_at_first
     )
     middle = (
@@ -207,7 +213,8 @@ def _preemption_text(d: PreemptionDiagnosis) -> list[str]:
     for held in d.held_at_first:
         lines.append(
             f"    request {held.request_id:<10} {held.blocks:>5} blocks {held.tokens:>7,} tokens "
-            f"(prompt {held.prompt_tokens:,}, output {held.output_tokens:,}{_held_as_of(d, held)})"
+            f"(prompt {held.prompt_tokens:,}, output {held.output_tokens:,}{_in_flight(held)}"
+            f"{_held_as_of(d, held)})"
         )
     total = sum(h.blocks for h in d.held_at_first)
     lines.append(f"    total      {'':<10} {total:>5} blocks")
