@@ -2,11 +2,12 @@
 with the model for max_batch_size x max_seq_len): its prefill ran out of memory before layer 0, or the
 process was SIGKILLed in it (the kernel's OOM killer), or the block raised before its first forward. The
 KV log holds the buffers from their creation with no tokens or rows written, which `report` gives over
-their slots."""
+their slots and `plan --from-run` plans whole, as it plans any run of them."""
 
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import textwrap
@@ -113,3 +114,58 @@ def test_buffers_no_forward_wrote_are_reported_over_their_slots(
     text = _out(["report", str(run), "--no-export"])
     slots = f"the buffers' {MAX_SEQ} positions x {MAX_BATCH} rows (max_seq_len x max_batch_size)"
     assert f"    bytes per token: measured {SLOT_BYTES:,.1f} ({slots}), arithmetic {SLOT_BYTES}\n" in text
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_buffers_no_forward_wrote_are_planned_whole(
+    tmp_path: Path, watched_models: list[Any], how: str
+) -> None:
+    # GIVEN a reference run whose buffers (2 rows x 32 positions) hold no token: no forward wrote them
+    run = tmp_path / "run"
+    _record(run, tmp_path, watched_models, how)
+    # WHEN planned from the run: THEN the buffers as any run of them plans them, a static cache of
+    # max_batch_size rows at max_seq_len + 1, their 32 KiB, not "the run logged no KV cache"
+    plan = json.loads(_out(["plan", "--from-run", str(run), "--json"]))
+    request = plan["request"]
+    assert (request["cache"], request["batch"], request["context"]) == ("static", MAX_BATCH, MAX_SEQ + 1)
+    assert plan["kv_bytes"] == BUFFERS_BYTES == 32768
+    # AND its note says how the run stopped and that the buffers are planned whole, naming no other context
+    stopped = [note for note in plan["notes"] if "planned whole" in note]
+    assert len(stopped) == 1, plan["notes"]
+    assert not any("planned at a context of" in note for note in plan["notes"]), plan["notes"]
+
+
+def test_a_run_stopped_mid_decode_names_no_context_its_buffers_plan_does_not_use(
+    tmp_path: Path, watched_models: list[Any]
+) -> None:
+    # GIVEN a reference run whose second decode forward ran out of memory as layer 0 began: the prompt and
+    # one decode step written, 7 of the buffers' 32 positions a row
+    run = tmp_path / "run"
+    with _reference_model(tmp_path, watched_models) as model:
+        calls = [0]
+
+        def oom_at_third_forward(module: Any, args: Any) -> None:
+            calls[0] += 1
+            if calls[0] == 3:
+                raise torch.OutOfMemoryError(OOM_MESSAGE)
+
+        hook = model.layers[0].register_forward_pre_hook(oom_at_third_forward)
+        tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + 2))
+        try:
+            with (
+                pytest.raises(torch.OutOfMemoryError),
+                kvtrace.record(run, model=model, profiler=False, snapshots=False),
+                torch.inference_mode(),
+            ):
+                model.forward(tokens[:, :PROMPT_LEN], 0)
+                for pos in range(PROMPT_LEN, PROMPT_LEN + 2):
+                    model.forward(tokens[:, pos : pos + 1], pos)
+        finally:
+            hook.remove()
+    # WHEN planned from the run
+    plan = json.loads(_out(["plan", "--from-run", str(run), "--json"]))
+    # THEN at the buffers' max_seq_len + 1 (33), and no note says it was planned at the 8 tokens it reached
+    assert (plan["request"]["context"], plan["kv_bytes"]) == (MAX_SEQ + 1, BUFFERS_BYTES)
+    assert not any("planned at a context of" in note for note in plan["notes"]), plan["notes"]
+    (stopped,) = [note for note in plan["notes"] if "planned whole" in note]
+    assert stopped.startswith("the run ran out of memory in step 3"), stopped
