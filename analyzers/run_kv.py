@@ -63,7 +63,9 @@ def add_log_figures(
             follows = _shapes_follow(geometry, data_events)
             expected = (
                 _expected_bytes_per_token(geometry, last.dtype, heads_held_by(last))
-                if follows
+                if follows and _has_kv_geometry(geometry)
+                # the tensors' own arithmetic: a model with no Hugging Face config (a hand-written decoder
+                # whose KV comes through kvtrace.track), or multi-head latent attention's widths
                 else _bytes_per_token_of_shapes(data_events, model_kv_layers(geometry))
             )
             kv.bytes_per_token_expected = (
@@ -175,6 +177,15 @@ def _window_storage_note(kv: KvSummary, geometry: dict[str, Any] | None) -> str 
     window = (geometry or {}).get("sliding_window")
     return window_storage_note(
         windowed, kinds[0] if kinds else None, kv.batch, window if isinstance(window, int) else None
+    )
+
+
+def _has_kv_geometry(geometry: dict[str, Any] | None) -> bool:
+    """Whether the manifest's geometry says the KV heads and head_dim that `_expected_bytes_per_token`
+    multiplies: a model passed to record() with no Hugging Face config or cache buffers has only its class,
+    dtype and parameter count there."""
+    return bool(geometry) and all(
+        isinstance((geometry or {}).get(name), int) for name in ("num_kv_heads", "head_dim")
     )
 
 

@@ -142,7 +142,7 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
     gpu = device.get("total_memory_bytes") if device.get("type") == "cuda" else None
     model = run.manifest.get("model") or {}
     prompt, reached, asked, padded = _call(run, kv, main)
-    context, launched = _as_launched(run, stopped, prompt, reached, asked)
+    context, launched = _as_launched(run, stopped, prompt, reached, asked, main.capacity_of == "buffers")
     if launched is not None:
         notes.append(launched)
     batch = main.rows or None
@@ -295,7 +295,13 @@ def _main_cache(run: Run) -> tuple[CacheFigures | None, KvLogAnalysis, _Stop | N
     # not a cross-attention cache (an encoder's output: its tokens are the encoder's, and a beam search
     # reorders it last, after the decoder's own)
     cross = {cid for cid, (role, _) in cache_roles(run.manifest).items() if role == CROSS_ATTENTION}
-    caches = [cache for cache in kv.caches if cache.tokens and cache.cache not in cross]
+    # A module's preallocated buffers (Meta's cache_k/cache_v) are planned at their rows and positions, which
+    # the log says from their creation: also where no forward wrote a token (killed or raised in its prefill)
+    caches = [
+        cache
+        for cache in kv.caches
+        if (cache.tokens or cache.capacity_of == "buffers") and cache.cache not in cross
+    ]
     if not caches:
         return None, kv, None
     main = written_last(caches)
@@ -307,9 +313,14 @@ def _main_cache(run: Run) -> tuple[CacheFigures | None, KvLogAnalysis, _Stop | N
     held = kv.step_tokens.get(whole, {}).get(main.cache) if whole is not None else None
     if whole is None or not held:  # no whole step before held this cache's KV: its prefill raised
         reached = cut.reached.get(main.cache, ())
+        held_said = (
+            f"{layer_list(reached)} held its {main.tokens} tokens a row"
+            if reached and main.tokens
+            else "no layer held a token of it"
+        )
         stopped = (
             f"the run {what} in step {cut.step}, its prefill, which never finished (when it stopped "
-            f"{layer_list(reached) if reached else 'no layer'} held its {main.tokens} tokens a row)"
+            f"{held_said})"
         )
         return main, kv, _Stop(stopped, in_prefill=True)
     rows = kv.step_rows.get(whole, {}).get(main.cache) or main.rows
@@ -402,18 +413,30 @@ def _call(
 
 
 def _as_launched(
-    run: Run, stopped: _Stop | None, prompt: int | None, reached: int | None, asked: _Request | None
+    run: Run,
+    stopped: _Stop | None,
+    prompt: int | None,
+    reached: int | None,
+    asked: _Request | None,
+    buffers: bool = False,
 ) -> tuple[int | None, str | None]:
     """The context to plan and a note. A run cut short (its forward raised, or the block raised, was
     interrupted or killed) is planned as launched: at the length its call asked for, where the recorder
     noted it, not the tokens it reached before it stopped, which is the run the user wants to fit. A
-    whole run is planned at what it reached, which an end-of-sequence token may have made less."""
+    whole run is planned at what it reached, which an end-of-sequence token may have made less. A module's
+    preallocated `buffers` are planned whole (max_seq_len + 1, set by the caller) however far the run got:
+    the note says that, not a context the plan does not use."""
     ended = run.manifest.get("ended") or {}
     status = ended.get("status")
     if stopped is None and status in ("exception", "interrupted"):
         stopped = _Stop(f"the run {_how_it_stopped(ended)}")
     elif stopped is None and status == "running":
         stopped = _Stop("the run was cut short (its manifest still says running)")
+    if stopped is not None and buffers:
+        return reached, (
+            f"{stopped.said}: its preallocated buffers are planned whole, as the model allocated them, "
+            "whatever tokens it had written"
+        )
     if stopped is None:  # a whole run
         if asked is None or reached is None or asked.max_length <= reached:
             return reached, None

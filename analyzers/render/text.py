@@ -44,6 +44,43 @@ def _buffer_slots(kv: Any) -> str:
     return f"{slots}; the {written} written hold {per_written:,.1f} each"
 
 
+def _tokens_measured_over(kv: KvSummary, report: Report) -> str:
+    """What the measured bytes per token of a cache that grows with its tokens divide by: its tokens x
+    rows (a cache of preallocated slots divides by those: `_buffer_slots`)."""
+    held = (
+        f"{kv.tokens_held:,} tokens x {kv.batch:,} {'row' if kv.batch == 1 else 'rows'}"
+        if kv.batch is not None or report.engine is None
+        else f"the pool's capacity of {kv.tokens_held:,} tokens"
+    )
+    if kv.token_rows and kv.tokens_held and kv.batch and kv.token_rows != kv.tokens_held * kv.batch:
+        # data-parallel ranks holding different tokens: the rows are not all as full as the fullest
+        held = f"{kv.token_rows:,} tokens over {kv.batch:,} rows, up to {kv.tokens_held:,} a row"
+    main_layers = [
+        layer
+        for layer in kv.per_layer
+        if layer.cache == kv.main_cache and layer.tokens and layer.k_bytes + layer.v_bytes
+    ]
+    held_tokens = {tokens for layer in main_layers for tokens in layer_tokens(layer)}
+    if len(held_tokens) > 1 and kv.batch:  # a sliding window's layers hold fewer
+        # a run cut between a layer's K and V updates: K holds a token more than V
+        split = any(len(layer_tokens(layer)) > 1 for layer in main_layers)
+        whose = (
+            "each layer's K and V bytes over their own tokens"
+            if split
+            else "each layer's bytes over its own tokens"
+        )
+        held = (
+            f"{whose}, {min(held_tokens)} to {max(held_tokens)} a row, "
+            f"x {kv.batch} {'row' if kv.batch == 1 else 'rows'}"
+        )
+    holding = len(layers_holding(kv.per_layer, kv.main_cache))
+    model_layers = model_kv_layers(report.geometry)
+    if model_layers and 0 < holding < model_layers and report.engine is None:
+        # a run that stopped in its first step before the last layers held KV: the arithmetic counts them
+        held += f", on the {holding:,} of the model's {model_layers:,} KV layers holding KV at the end"
+    return held
+
+
 def _cache_line(cache: Any) -> str:
     per_token = cache.bytes_per_token_measured
     role = " main" if cache.main else ""
@@ -197,39 +234,13 @@ def report_to_text(report: Report) -> str:
         )
     if kv.bytes_per_token_measured is not None:
         expected = "-" if kv.bytes_per_token_expected is None else f"{kv.bytes_per_token_expected:,}"
+        # Preallocated buffers divide by their slots, known before any forward wrote a token (a run killed
+        # or raised in its prefill holds the buffers with no tokens or rows known)
         held = (
-            f"{kv.tokens_held:,} tokens x {kv.batch:,} {'row' if kv.batch == 1 else 'rows'}"
-            if kv.batch is not None or report.engine is None
-            else f"the pool's capacity of {kv.tokens_held:,} tokens"
+            _buffer_slots(kv)
+            if kv.capacity_rows and kv.capacity_tokens
+            else _tokens_measured_over(kv, report)
         )
-        if kv.token_rows and kv.tokens_held and kv.batch and kv.token_rows != kv.tokens_held * kv.batch:
-            # data-parallel ranks holding different tokens: the rows are not all as full as the fullest
-            held = f"{kv.token_rows:,} tokens over {kv.batch:,} rows, up to {kv.tokens_held:,} a row"
-        main_layers = [
-            layer
-            for layer in kv.per_layer
-            if layer.cache == kv.main_cache and layer.tokens and layer.k_bytes + layer.v_bytes
-        ]
-        held_tokens = {tokens for layer in main_layers for tokens in layer_tokens(layer)}
-        if len(held_tokens) > 1 and kv.batch:  # a sliding window's layers hold fewer
-            # a run cut between a layer's K and V updates: K holds a token more than V
-            split = any(len(layer_tokens(layer)) > 1 for layer in main_layers)
-            whose = (
-                "each layer's K and V bytes over their own tokens"
-                if split
-                else "each layer's bytes over its own tokens"
-            )
-            held = (
-                f"{whose}, {min(held_tokens)} to {max(held_tokens)} a row, "
-                f"x {kv.batch} {'row' if kv.batch == 1 else 'rows'}"
-            )
-        holding = len(layers_holding(kv.per_layer, kv.main_cache))
-        model_layers = model_kv_layers(report.geometry)
-        if model_layers and 0 < holding < model_layers and report.engine is None:
-            # a run that stopped in its first step before the last layers held KV: the arithmetic counts them
-            held += f", on the {holding:,} of the model's {model_layers:,} KV layers holding KV at the end"
-        if kv.capacity_rows and kv.capacity_tokens:
-            held = _buffer_slots(kv)
         if len([c for c in kv.caches if c.final_bytes]) > 1:
             held += f" of cache {kv.main_cache}"
         lines.append(

@@ -227,10 +227,10 @@ def test_a_bare_profiler_trace_taken_with_stacks_attributes_the_kv(tmp_path: Pat
 class _ModuleCacheAttention(torch.nn.Module):
     """A custom cache kvtrace finds by its attribute names: one batch row, 32 slots, 2 KV heads of 8."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.cache_k = torch.zeros(1, 32, 2, 8)
-        self.cache_v = torch.zeros(1, 32, 2, 8)
+        self.cache_k = torch.zeros(1, 32, 2, 8, dtype=dtype)
+        self.cache_v = torch.zeros(1, 32, 2, 8, dtype=dtype)
 
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:  # x: [batch, seq, heads, dim]
         self.cache_k[:, start_pos : start_pos + x.shape[1]] = x
@@ -241,9 +241,9 @@ class _ModuleCacheAttention(torch.nn.Module):
 class _ModuleCacheModel(torch.nn.Module):
     """Meta's calling convention, `forward(tokens, start_pos)`, over two layers of module caches."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.layers = torch.nn.ModuleList([_ModuleCacheAttention(), _ModuleCacheAttention()])
+        self.layers = torch.nn.ModuleList([_ModuleCacheAttention(dtype), _ModuleCacheAttention(dtype)])
 
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         for layer in self.layers:
@@ -251,26 +251,36 @@ class _ModuleCacheModel(torch.nn.Module):
         return x
 
 
-def test_a_run_without_model_geometry_reads_dash_not_none(tmp_path: Path) -> None:
-    # GIVEN two layers of a custom module cache and no HF config: no arithmetic of KV bytes per token
-    model = _ModuleCacheModel()
+@pytest.mark.parametrize(
+    ("dtype", "size"), [(torch.float32, 4), (torch.float8_e5m2, 1)], ids=["float32", "float8_e5m2"]
+)
+def test_a_run_without_model_geometry_gives_the_buffers_arithmetic_else_a_dash(
+    tmp_path: Path, dtype: torch.dtype, size: int
+) -> None:
+    # GIVEN two layers of a custom module cache and no HF config: the manifest has no KV heads or head_dim
+    model = _ModuleCacheModel(dtype)
     with kvtrace.record(tmp_path / "run", model=model, profiler=False):
         for pos in range(4):
             model(torch.ones(1, 1, 2, 8), pos)
-    # measured: 2 layers x (K, V) x 2 heads x 8 dims x 4 B (float32), a slot of the preallocated buffers
+    # measured: 2 layers x (K, V) x 2 heads x 8 dims x the dtype's size, a slot of the preallocated buffers
     # (their bytes over their 32 positions x 1 row); the 4 tokens written hold 32 / 4 times that each
-    per_token = 2 * 2 * 2 * 8 * 4
+    per_token = 2 * 2 * 2 * 8 * size
     per_written = per_token * 32 / 4
     # WHEN it is reported as text and as HTML
     text = _out(["report", str(tmp_path / "run"), "--no-export"])
     page = tmp_path / "t.html"
     _out(["report", str(tmp_path / "run"), "--no-export", "-q", "-o", str(page)])
     html = page.read_text(encoding="utf-8")
-    # THEN both say "-" where the arithmetic is unknown (the HTML said Python's "None"), one row is "row"
+    # THEN the arithmetic is the buffers' own heads x head_dim x dtype size over the layers (it was "-" for
+    # want of a config), the same figure as measured; where kvtrace does not know the dtype's size (fp8 e5m2),
+    # both say "-" (the HTML said Python's "None"); one row is "row"
+    expected = f"{per_token:,}" if dtype == torch.float32 else "-"
     slots = "the buffers' 32 positions x 1 row (max_seq_len x max_batch_size)"
     held = f"the 4 tokens x 1 row written hold {per_written:,.1f} each"
-    assert f"    bytes per token: measured {per_token:,.1f} ({slots}; {held}), arithmetic -\n" in text
-    assert f"<th>KV bytes/token measured vs arithmetic</th><td>{per_token:,.1f} vs -</td>" in html
+    assert (
+        f"    bytes per token: measured {per_token:,.1f} ({slots}; {held}), arithmetic {expected}\n" in text
+    )
+    assert f"<th>KV bytes/token measured vs arithmetic</th><td>{per_token:,.1f} vs {expected}</td>" in html
     # AND the CPU banner is one sentence, said once
     banner = "<p class='note'>GPU utilization and device memory (NVML) are absent: the run is not on CUDA</p>"
     assert html.count("NVML) are absent") == 1 and banner in html

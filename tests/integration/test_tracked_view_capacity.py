@@ -80,6 +80,9 @@ def test_views_cut_from_one_tensor_are_priced_by_its_max_seq(tmp_path, watched_m
     kv = report_json(tmp_path / "run", capsys)["kv"]
     assert kv["final_bytes"] == kv["peak_bytes"] == model.kv.nbytes == TENSOR_BYTES == 65536
     assert kv["bytes_per_token_measured"] == TENSOR_BYTES / (BATCH * MAX_SEQ) == TOKEN_BYTES == 512
+    # ... and the arithmetic, 2 layers x K,V x 2 KV heads x 16 x 4 B, from the views' own heads and width:
+    # the model has no Hugging Face config (it was null, "-" in the text report, which the README promises)
+    assert kv["bytes_per_token_expected"] == TOKEN_BYTES
     assert (kv["capacity_rows"], kv["capacity_tokens"], kv["capacity_of"]) == (BATCH, MAX_SEQ, "tracked")
     assert (kv["tokens_held"], kv["batch"]) == (WRITTEN, BATCH)
     assert [(row["layer"], row["k_bytes"], row["v_bytes"]) for row in kv["per_layer"]] == [
