@@ -110,6 +110,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         # SIGTERM ends the block as a Ctrl-C would (`term_signal`); not in a process whose signals are an
         # engine's own (vLLM's engine core, recorded by its plugin), whose SIGTERM must do what vLLM says
         self.takes_sigterm = True
+        # Whether the block's end, once the run is written, kills the process with the SIGTERM it took;
+        # `kvtrace run` sets False to say where the run is first, then calls `die_if_sigterm()`
+        self.dies_of_sigterm = True
         if is_vllm_object(model):
             from kvtrace.integrations.vllm import engine_core_of
 
@@ -193,6 +196,16 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         """The vLLM `LLM` the run follows (given to record(), or found by model="auto"); None otherwise."""
         return self._vllm_llm
 
+    @property
+    def sigterm_received(self) -> bool:
+        """Whether a SIGTERM came during the block: the run says so; the process dies of it."""
+        return self._term.received_ns is not None
+
+    def die_if_sigterm(self) -> None:
+        """Die of the SIGTERM the block took, as the process would have: where `dies_of_sigterm` is False,
+        called once the caller has said what it must (the block's own end does it otherwise)."""
+        self._term.die_if_received()
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> Recording:
         global _ACTIVE
@@ -228,7 +241,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             with _ACTIVE_LOCK:
                 _ACTIVE = None
             self._term.restore()
-            self._term.die_if_received()
+            if self.dies_of_sigterm:
+                self._term.die_if_received()
 
     def _start(self) -> None:
         facts = rank_facts()  # in a process group of several ranks, each records into out_dir/rank-<r>

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import runpy
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from types import TracebackType
@@ -15,6 +18,7 @@ from typing import Any
 from kvtrace.commands.base import Command
 from kvtrace.commands.demo import refuse_a_sweep, refuse_occupied
 from kvtrace.errors import KvtraceError
+from kvtrace.term_signal import Terminated
 
 _VLLM_MP = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
@@ -33,9 +37,10 @@ class RunCommand(Command):
     initializes the current device before the script so that its memory is sampled from the start.
     The script runs as `python script.py` (or `python -m`) runs it: its sys.argv, __file__, sys.path[0],
     output and exit status are its own; kvtrace's lines go to stderr.
-    Exit status: the script's (its sys.exit code; 1 when it raised, after its traceback; 130 on Ctrl-C;
-    143 when it is stopped by SIGTERM, its run written); 2 for a bad flag, a script or module that is not
-    there, or an output folder that holds a run (--overwrite replaces it).
+    Exit status: the script's (its sys.exit code; 1 when it raised, after its traceback; on Ctrl-C, after
+    its traceback, killed by SIGINT as Python is: 130 in a shell; killed by SIGTERM when it is stopped by
+    one, 143 in a shell; its run written and named either way); 2 for a bad flag, a script or module that is
+    not there, or an output folder that holds a run (--overwrite replaces it).
     """
 
     name = "run"
@@ -80,6 +85,8 @@ class RunCommand(Command):
         out = Path(args.out) if args.out is not None else Path("runs") / name
         refuse_a_sweep(out)
         refuse_occupied(out, args.overwrite)
+        # Registered before torch's exit handlers and the script's, so that it runs after them
+        sigint_at_exit = _SigintAtExit()
         import torch
 
         import kvtrace
@@ -101,7 +108,10 @@ class RunCommand(Command):
             sys.argv = [target, *args.args]
             sys.path[:] = _script_path(path0, path)
             try:
-                with kvtrace.record(out, model="auto", **options) as recording:
+                recording = kvtrace.record(out, model="auto", **options)
+                # Not before the line saying where the run is: a SLURM log's only pointer to it
+                recording.dies_of_sigterm = False
+                with recording:
                     try:
                         if args.module:
                             runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -111,8 +121,11 @@ class RunCommand(Command):
                         status = _exit_status(exc.code)
             except KvtraceError:
                 raise
-            except KeyboardInterrupt:
-                status, raised = 130, None
+            except KeyboardInterrupt as exc:  # its traceback, as Python prints it; it dies of SIGINT at exit
+                status, raised = 130, exc
+                sigint_at_exit.armed = True
+            except Terminated:  # no traceback, as Python's default prints none; it dies of SIGTERM below
+                status = 143
             except BaseException as exc:  # the script's own error: its run is written, its traceback shown
                 status, raised = 1, exc
         finally:
@@ -125,10 +138,14 @@ class RunCommand(Command):
         if raised is not None:
             _print_script_traceback(raised, target)
         found = _what_was_found(recording, args.no_profiler, vllm_inproc, out, target, args.module)
+        if recording.sigterm_received:
+            found += "; the script was stopped by SIGTERM"
         print(
             f"kvtrace run: recorded {out} ({found}); next: kvtrace report {out}, kvtrace diagnose {out}",
             file=sys.stderr,
+            flush=True,
         )
+        recording.die_if_sigterm()  # as it would have without kvtrace: exit status 143, nothing more run
         return status
 
 
@@ -177,6 +194,26 @@ def _what_was_found(
     return found
 
 
+class _SigintAtExit:
+    """Ends the process as Python ends one whose Ctrl-C went unhandled (bpo-1054041): its exit handlers run
+    (and its threads are waited for), then it dies of SIGINT, so that a shell running `kvtrace run` in a loop
+    stops there as it stops for `python script.py`; an exit status of 130 tells the shell that the script
+    handled its Ctrl-C, and the loop went on."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        atexit.register(self._die)
+
+    def _die(self) -> None:
+        if not self.armed:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # delivered before the call returns
+
+
 def _run_script(target: str) -> None:
     """The script as `python script.py` runs it: `__main__` in sys.modules (what pickle and multiprocessing
     look up), `__file__` and its traceback's file absolute, sys.argv[0] as typed. runpy.run_path gave one
@@ -215,22 +252,82 @@ def _script_path(path0: str, path: list[str]) -> list[str]:
 
 
 def _refuse_a_missing_module(target: str, path0: str) -> None:
-    """`-m MODULE` whose top package is not on the import path the script will get: one line, exit 2, before
-    a run is made (runpy's error came from inside the recording, with kvtrace's frames). Found, not
-    imported: the package's own code runs inside the recording, as under `python -m`."""
+    """`-m MODULE` that is not on the import path the script will get (its top package, a submodule, or a
+    package's `__main__`): one line, exit 2, before a run is made (runpy's error came from inside the
+    recording, which left an empty run behind). Found, not imported: the packages' own code runs inside the
+    recording, as under `python -m`."""
     import importlib.util
 
     top = target.split(".", 1)[0]
     saved = list(sys.path)
     sys.path.insert(0, path0)
     try:
-        found = importlib.util.find_spec(top) is not None
-    except (ImportError, ValueError):
-        found = False
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            raise KvtraceError(f"{target}: no module named {top!r} (from {path0})")
+        missing = _missing_submodule(target, spec)
     finally:
         sys.path[:] = saved
-    if not found:
-        raise KvtraceError(f"{target}: no module named {top!r} (from {path0})")
+    if missing is not None:
+        raise KvtraceError(f"{target}: {missing}")
+
+
+def _missing_submodule(target: str, spec: Any) -> str | None:
+    """What `python -m target` would find missing below its top package (`spec`), looked for in each
+    package's folders as import looks there, without running any package's `__init__`; None where all is
+    there, or where only running one could tell (an `__init__` that extends its own `__path__`, a finder's
+    error: runpy says)."""
+    name = target.split(".", 1)[0]
+    for part in [*target.split(".")[1:], "__main__"]:  # a package runs as its __main__
+        child = f"{name}.{part}"
+        loaded = sys.modules.get(name)
+        folders: Any = (
+            getattr(loaded, "__path__", None) if loaded is not None else spec.submodule_search_locations
+        )
+        if child in sys.modules:  # loaded already (os.path, which no folder holds): there
+            found = sys.modules[child].__spec__
+            if found is None:
+                return None
+        elif folders is None:  # a module: `__main__` is itself, anything else is not there
+            return None if part == "__main__" else f"{name!r} is a module, not a package"
+        elif loaded is None and _extends_its_path(spec):
+            return None
+        else:
+            try:
+                found = _find_spec_in(child, folders)
+            except Exception:  # a finder that failed: runpy will say
+                return None
+        if found is None and part == "__main__":
+            return f"no module named {child!r}; {name!r} is a package and cannot be directly executed"
+        if found is None:
+            return f"no module named {child!r} (in {', '.join(map(str, folders))})"
+        name, spec = child, found
+    return None
+
+
+def _find_spec_in(name: str, folders: Any) -> Any:
+    """The spec of submodule `name` in its package's `folders`, as import finds it (every finder asked)."""
+    for finder in sys.meta_path:
+        spec = finder.find_spec(name, folders, None)
+        if spec is not None:
+            return spec
+    return None
+
+
+def _extends_its_path(spec: Any) -> bool:
+    """Whether a regular package's `__init__` sets its `__path__` (pkgutil.extend_path, pkg_resources'
+    namespaces): its submodules may lie in folders that only running it lists."""
+    origin = getattr(spec, "origin", None)
+    if not isinstance(origin, str) or not origin.endswith(".py"):
+        return False
+    try:
+        with open(origin, encoding="utf-8", errors="replace") as source:
+            return "__path__" in source.read()
+    except OSError:
+        return False
 
 
 def _exit_status(code: object) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -373,3 +374,103 @@ def test_a_script_without_generate_says_why_its_run_has_no_trace(tmp_path: Path,
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert any(note.startswith("no profiler trace: record(model='auto')") for note in manifest["notes"])
     assert not (tmp_path / "run" / "profiler").exists()
+
+
+# After the script's first generate(): a second one, whose 3rd forward (the prefill and 2 decode steps)
+# ends with the signal `{signal}` sent to the script's own process, as a scheduler or a Ctrl-C would send it;
+# an exit handler of the script's own says whether it ran.
+SIGNALLED = """
+import atexit, os, signal
+atexit.register(lambda: print("the script's exit handler ran", flush=True))
+forwards = []
+
+def hook(module, args, output):
+    forwards.append(1)
+    if len(forwards) == 3:
+        os.kill(os.getpid(), signal.{signal})
+
+model.register_forward_hook(hook)
+with torch.no_grad():
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                   do_sample=False, pad_token_id=0)
+print("not reached")
+"""
+
+
+def test_a_sigterm_ends_the_script_with_its_run_named_and_dies_of_it(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a script that a scheduler's time limit SIGTERMs in its second generate()'s third step
+    done = _kvtrace_run(tmp_path, "--no-profiler", "user.py", then=SIGNALLED.format(signal="SIGTERM"))
+
+    # THEN the process dies of SIGTERM, as without kvtrace (143 in a shell), nothing of the script's after it
+    assert done.returncode == -signal.SIGTERM, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [f"generated ({BATCH}, {PROMPT + 2})"]
+
+    # ... and kvtrace's last line still says where the run is and why it stopped, as a SLURM log's only
+    # pointer to it (before: no line at all, the process killed inside the recording's end)
+    assert done.stderr.endswith(
+        "kvtrace run: recorded runs/user (model LlamaForCausalLM; the script was stopped by SIGTERM); "
+        "next: kvtrace report runs/user, kvtrace diagnose runs/user\n"
+    ), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr  # Python's default SIGTERM prints none
+
+    # AND the run is written: stopped by SIGTERM, its KV the prompt and the 2 tokens fed back by then
+    ended = json.loads((tmp_path / "runs" / "user" / "manifest.json").read_text())["ended"]
+    assert (ended["status"], ended["signal"]) == ("interrupted", "SIGTERM")
+    assert _report(tmp_path / "runs" / "user", capsys)["kv"]["final_bytes"] == _kv_bytes(PROMPT + 2) == 10240
+
+
+def test_a_ctrl_c_ends_the_script_as_python_ends_it(tmp_path: Path) -> None:
+    # GIVEN a script interrupted by a Ctrl-C in its second generate()'s third step
+    then = SIGNALLED.format(signal="SIGINT")
+    done = _kvtrace_run(tmp_path, "--no-profiler", "user.py", then=then)
+
+    # THEN it ends as `python user.py` ends: its exit handlers run, then the process dies of SIGINT (130 in a
+    # shell), which tells a shell loop to stop (before: exit status 130, read as a Ctrl-C the script
+    # handled, and `for s in a b; do kvtrace run $s.py; done` went on to the next script)
+    python = subprocess.run(
+        [sys.executable, "user.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert python.returncode == -signal.SIGINT
+    assert done.returncode == python.returncode, done.stderr[-3000:]
+    assert done.stdout == python.stdout
+    assert done.stdout.splitlines()[-1] == "the script's exit handler ran"
+
+    # ... after its traceback from its own frames, as Python prints it, and kvtrace's line naming the run
+    last = "kvtrace run: recorded runs/user (model LlamaForCausalLM); next: kvtrace report runs/user"
+    assert done.stderr.endswith(f"KeyboardInterrupt\n{last}, kvtrace diagnose runs/user\n"), done.stderr
+    assert 'user.py", line' in done.stderr and "kvtrace/commands" not in done.stderr
+    ended = json.loads((tmp_path / "runs" / "user" / "manifest.json").read_text())["ended"]
+    assert (ended["status"], ended["type"]) == ("interrupted", "KeyboardInterrupt")
+
+
+def test_a_module_missing_below_its_package_is_one_line_and_no_run(tmp_path: Path) -> None:
+    # GIVEN a package whose __init__ says when it runs, with a module and no __main__
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("print('pkg ran')\n")
+    (tmp_path / "pkg" / "mod.py").write_text("print('mod ran')\n")
+
+    # WHEN `kvtrace run -m` is given what `python -m` cannot run: a submodule not there, a package without
+    # __main__, a module taken for a package (before: runpy's error inside the recording, an empty run
+    # written, exit 1)
+    for module, said in (
+        ("pkg.missing", f"no module named 'pkg.missing' (in {tmp_path / 'pkg'})"),
+        ("pkg", "no module named 'pkg.__main__'; 'pkg' is a package and cannot be directly executed"),
+        ("pkg.mod.gen", "'pkg.mod' is a module, not a package"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "kvtrace.cli", "run", "-o", "run", "-m", module],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
+
+        # THEN one line, exit 2, as for a missing top package: no run folder, none of the package's code run
+        assert (done.returncode, done.stderr) == (2, f"kvtrace run: error: {module}: {said}\n"), done.stderr
+        assert done.stdout == "" and not (tmp_path / "run").exists()
