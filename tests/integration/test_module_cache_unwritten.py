@@ -103,7 +103,7 @@ HOWS = ["oom-before-layer-0", "raised-before-first-forward", "killed-in-prefill"
 
 
 @pytest.mark.parametrize("how", HOWS)
-def test_buffers_no_forward_wrote_are_reported_over_their_slots(
+def test_buffers_no_forward_wrote_are_reported_over_their_slots_and_planned_whole(
     tmp_path: Path, watched_models: list[Any], how: str
 ) -> None:
     # GIVEN a reference run whose buffers (2 rows x 32 positions) hold no token: no forward wrote them
@@ -114,15 +114,6 @@ def test_buffers_no_forward_wrote_are_reported_over_their_slots(
     text = _out(["report", str(run), "--no-export"])
     slots = f"the buffers' {MAX_SEQ} positions x {MAX_BATCH} rows (max_seq_len x max_batch_size)"
     assert f"    bytes per token: measured {SLOT_BYTES:,.1f} ({slots}), arithmetic {SLOT_BYTES}\n" in text
-
-
-@pytest.mark.parametrize("how", HOWS)
-def test_buffers_no_forward_wrote_are_planned_whole(
-    tmp_path: Path, watched_models: list[Any], how: str
-) -> None:
-    # GIVEN a reference run whose buffers (2 rows x 32 positions) hold no token: no forward wrote them
-    run = tmp_path / "run"
-    _record(run, tmp_path, watched_models, how)
     # WHEN planned from the run: THEN the buffers as any run of them plans them, a static cache of
     # max_batch_size rows at max_seq_len + 1, their 32 KiB, not "the run logged no KV cache"
     plan = json.loads(_out(["plan", "--from-run", str(run), "--json"]))

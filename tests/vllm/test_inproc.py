@@ -20,6 +20,7 @@ from tests.vllm.workload import (
     PROMPT_TOKENS,
     REQUESTS,
     SIZE,
+    blocks_held_by_requests,
     make_llm,
     metric,
     run_workload,
@@ -232,14 +233,9 @@ def test_scheduled_tokens_are_the_work_plus_recompute(recorded: dict[str, Any]) 
 def test_blocks_used_is_what_the_requests_hold(recorded: dict[str, Any]) -> None:
     # Replaying the request events gives the blocks held after each step; prompts share no prefix, so no
     # block is counted twice.
-    held: dict[str, int] = {}
-    events = iter(recorded["requests"])
-    pending = next(events, None)
-    for step in recorded["steps"]:
-        while pending is not None and pending["step"] <= step["step"]:
-            held[pending["request_id"]] = pending["blocks"]
-            pending = next(events, None)
-        assert step["blocks_used"] == sum(held.values()), step["step"]
+    steps = recorded["steps"]
+    assert [s["blocks_used"] for s in steps] == blocks_held_by_requests(steps, recorded["requests"])
+    for step in steps:
         assert step["blocks_used"] + step["blocks_free"] + step["blocks_reserved"] == step["blocks_total"]
     assert max(s["blocks_used"] for s in recorded["steps"]) <= recorded["num_gpu_blocks"] - 1
 

@@ -39,6 +39,8 @@ def fp8_kv_unsupported() -> str | None:
     if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_supported():
         return None
     return "vLLM's CPU build needs AVX-512 or AMX for an fp8 KV cache, and this CPU has neither"
+
+
 ROOT = Path(__file__).resolve().parents[2]
 REQUESTS, PROMPT_TOKENS, NEW_TOKENS = 8, 40, 48  # 8 x 88 tokens want 8 x 3 blocks: the pool holds 15
 
@@ -144,6 +146,22 @@ def metric(llm: Any, name: str) -> float:
 
 def run_workload(llm: Any) -> list[Any]:
     return llm.generate(prompts(), sampling(), use_tqdm=False)
+
+
+def blocks_held_by_requests(steps: list[dict[str, Any]], requests: list[dict[str, Any]]) -> list[int]:
+    """Each step's blocks as the request events replayed up to it give them (a request's last event's
+    `blocks`): what the step's `blocks_used` must equal where prompts share no prefix (no block is counted
+    twice)."""
+    held: dict[str, int] = {}
+    events = iter(requests)
+    pending = next(events, None)
+    replayed = []
+    for step in steps:
+        while pending is not None and pending["step"] <= step["step"]:
+            held[pending["request_id"]] = pending["blocks"]
+            pending = next(events, None)
+        replayed.append(sum(held.values()))
+    return replayed
 
 
 def run_script(*args: str, kvtrace_dir: Path | None, multiprocess: bool) -> dict[str, Any]:
