@@ -270,6 +270,19 @@ def _need_text(sizes: _RequestBlocks) -> str:
     return f"{groups.full_groups} x {full} and {groups.sliding_groups} x {window}"
 
 
+def _drafts_text(config: dict[str, Any]) -> str:
+    """Speculative decoding: a request's scheduled drafts (and a drafter's lookahead) take KV slots past the
+    tokens it keeps, so its blocks can be one more than its length's; the demand takes the blocks logged."""
+    method = config.get("speculative_method")
+    if not method:
+        return ""
+    drafts = int(config.get("num_speculative_tokens") or 0) + int(config.get("num_lookahead_tokens") or 0)
+    return (
+        f", or the blocks it was logged holding where more: speculative decoding ({method}) gives up to "
+        f"{drafts:,} draft tokens a step their slots before they are accepted"
+    )
+
+
 def _largest_seqs(demands: list[int], usable: int) -> int:
     """Largest m such that the m largest demands fit together in `usable` blocks."""
     total, count = 0, 0
@@ -489,7 +502,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         )
         remedies.append(host_refuses_fp8(_against_budget(fp8, kv_bytes, budget), info.config))
     model = (
-        f"each request needs at most {_need_text(sizes)}; at most "
+        f"each request needs at most {_need_text(sizes)}{_drafts_text(info.config)}; at most "
         f"{running_at_most} run together (max_num_seqs {max_seqs}, {len(demand)} requests); "
         f"{NULL_BLOCKS} block is vLLM's null block"
     )

@@ -100,7 +100,23 @@ def config_facts(vllm_config: Any) -> dict[str, Any]:
         # two batches in flight when on: what a sliding layer holds beyond its window (vllm_specs)
         "async_scheduling": getattr(sched, "async_scheduling", None),
         "fp8_kv_refused": _fp8_kv_refusal(vllm_config) if str(device) == "cpu" else None,
+        **_speculative_facts(vllm_config),
     }
+
+
+def _speculative_facts(vllm_config: Any) -> dict[str, Any]:
+    """Speculative decoding, where on: its method, the draft tokens a step may propose (each takes a KV slot
+    when scheduled) and the slots reserved past them for a drafter's own KV; `{}` when off, or where this
+    vLLM names them otherwise."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None:
+        return {}
+    facts: dict[str, Any] = {"speculative_method": getattr(spec, "method", None)}
+    with contextlib.suppress(Exception):
+        facts["num_speculative_tokens"] = int(vllm_config.num_speculative_tokens)
+    with contextlib.suppress(Exception):
+        facts["num_lookahead_tokens"] = int(vllm_config.num_lookahead_tokens)
+    return facts
 
 
 def _fp8_kv_refusal(vllm_config: Any) -> str | None:
