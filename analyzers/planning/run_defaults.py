@@ -107,7 +107,11 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
     engine = read_engine(root)
     if engine is not None:  # a serving engine's pool, which this planner of generate()'s caches does not size
         refusal = not_a_vllm_pool(root, engine.info)
-        raise KvtraceError(refusal or f"{root}: a vLLM run; plan its pool with --engine vllm --from-run")
+        raise KvtraceError(
+            refusal
+            or f"{root}: a vLLM run, whose pool --engine hf does not plan: drop --engine hf (or give "
+            "--engine vllm)"
+        )
     run = read_run(root)
     engine_said = run.manifest.get("engine")
     if isinstance(engine_said, dict) and engine_said.get("name"):

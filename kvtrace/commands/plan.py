@@ -134,6 +134,23 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
     )
 
 
+def _engine_of(run: str) -> str:
+    """The planner a run asks for when --engine is not given: "vllm" for a vLLM run (engine.json naming
+    vLLM, or no name: the first engine kvtrace wrote), else "hf", whose run reading refuses another engine's
+    pool in its own words. Only the name is read here; the planner reads the run and says what is wrong."""
+    from kvtrace.json_reads import read_json_file
+
+    engine = Path(run) / "engine.json"
+    if not engine.is_file():
+        return "hf"
+    try:
+        said = read_json_file(engine, "corrupt engine.json")
+    except Exception:  # damaged: the vLLM planner's reading names the file and the problem
+        return "vllm"
+    name = said.get("name", "") if isinstance(said, dict) else ""
+    return "vllm" if name in ("vllm", "") else "hf"
+
+
 def _typed_layout(text: str) -> tuple[int, int]:
     """(major, minor) of a --transformers release ("5.17", "5.17.0", "5.25.0.dev0"); one line otherwise."""
     import re
@@ -258,7 +275,9 @@ class PlanCommand(Command):
             "vLLM (--engine vllm)", "KV blocks and maximum concurrency as vLLM computes them at start"
         )
         vllm.add_argument(
-            "--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers caches (default); vllm"
+            "--engine",
+            choices=("hf", "vllm"),
+            help="hf: transformers caches; vllm (default: the --from-run run's engine, else hf)",
         )
         vllm.add_argument(
             "--gpu-memory-utilization", type=float, help="vLLM's (default 0.92, vLLM 0.32's; or the run's)"
@@ -306,10 +325,11 @@ class PlanCommand(Command):
             metavar="RUN",
             help="a recorded run, without --preset/--config. A transformers run: its model, measured "
             "weights, device memory, dtypes, cache kind, batch, beams, context and prompt (a flag you type "
-            "wins): with no other flag, the plan of the run itself. A vLLM run (--engine vllm): its measured "
-            "weights, activations, non-torch memory and device total, its settings (block size, "
-            "max_model_len, kv_cache_dtype, kv_cache_memory_bytes, num_gpu_blocks_override, utilization, "
-            "tensor parallel size, max_num_batched_tokens, async scheduling) and its model. A transformers "
+            "wins): with no other flag, the plan of the run itself. A vLLM run (vLLM's rules, no --engine "
+            "needed): its measured weights, activations, non-torch memory and device total, its settings "
+            "(block size, max_model_len, kv_cache_dtype, kv_cache_memory_bytes, num_gpu_blocks_override, "
+            "utilization, tensor parallel size, max_num_batched_tokens, async scheduling) and its model. A "
+            "transformers "
             "continuous-batching run (generate_batch) is not planned: `kvtrace diagnose RUN --budget SIZE` "
             "prices its pool",
         )
@@ -322,7 +342,9 @@ class PlanCommand(Command):
 
         typed = getattr(args, "transformers", None)
         layout = _typed_layout(typed) if typed is not None else None
-        if getattr(args, "engine", "hf") == "vllm":
+        if getattr(args, "engine", None) is None:
+            args.engine = _engine_of(args.from_run) if getattr(args, "from_run", None) is not None else "hf"
+        if args.engine == "vllm":
             if args.beams not in (None, 1):  # vLLM's pool is sized per token, whatever samples it
                 raise KvtraceError("--beams plans transformers' caches: it has no meaning with --engine vllm")
             if typed is not None:  # vLLM lays its pool out its own way, whatever transformers is installed

@@ -725,9 +725,9 @@ def test_vllm_first_run_mistakes_are_refused_without_touching_a_run(
     err = capsys.readouterr().err
     assert f"{run_copy}: already holds a run; pass --overwrite" in err and err.count("\n") == 1
     assert (run_copy / "manifest.json").read_bytes() == manifest
-    # a vLLM run's --from-run without --engine vllm says what is missing (a transformers run plans without)
-    assert main(["plan", "--from-run", str(SAMPLES / "vllm_preempt")]) == 2
-    assert "a vLLM run; plan its pool with --engine vllm --from-run" in capsys.readouterr().err
+    # a vLLM run planned with --engine hf (transformers' caches) is refused, saying what to drop
+    assert main(["plan", "--engine", "hf", "--from-run", str(SAMPLES / "vllm_preempt")]) == 2
+    assert "a vLLM run, whose pool --engine hf does not plan: drop --engine hf" in capsys.readouterr().err
     assert (run_copy / "manifest.json").read_bytes() == manifest
     # a refused run recorded without the model's MLP size (as kvtrace wrote engine.json before it kept it):
     # its pool was sized by kv_cache_memory_bytes, which needs no weights, so it is planned as vLLM refused

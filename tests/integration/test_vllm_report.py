@@ -471,6 +471,18 @@ def test_plan_from_a_cpu_run_plans_its_own_pool(capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
+def test_plan_from_a_vllm_run_needs_no_engine_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a vLLM run planned as a user first tries it, with no --engine (it was refused: "add --engine
+    # vllm"), THEN the plan is vLLM's, the same as with --engine vllm, and so is the text
+    info = json.loads((PREEMPT / "engine.json").read_text())
+    plain = _json_of(["plan", "--from-run", str(PREEMPT), "--json"], capsys)
+    assert plain == _json_of(["plan", "--engine", "vllm", "--from-run", str(PREEMPT), "--json"], capsys)
+    assert plain["num_blocks"] == info["num_blocks"] and plain["request"]["block_size"] == info["block_size"]
+    assert main(["plan", "--from-run", str(PREEMPT)]) == 0
+    assert capsys.readouterr().out.startswith(f"{PREEMPT.name} on vLLM: ")
+
+
+@pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
 def test_plan_from_a_run_takes_typed_flags_over_the_runs_settings(capsys: pytest.CaptureFixture[str]) -> None:
     info = json.loads((PREEMPT / "engine.json").read_text())
     model = info["model"]
