@@ -181,10 +181,12 @@ def _what_was_found(
         return f"vLLM engine of {type(llm).__name__}{where}"
     command = f"python {'-m ' if module else ''}{target}"
     if recording.engine_not_followed is not None:
+        why = "" if vllm_inproc else f" ({_VLLM_MP}={os.environ.get(_VLLM_MP)})"
+        unset = "" if vllm_inproc else f"unset {_VLLM_MP}, or "
         return (
-            f"a vLLM {recording.engine_not_followed} whose engine ran in its own process "
-            f"({_VLLM_MP}={os.environ.get(_VLLM_MP)}): its pool is not in this run; unset {_VLLM_MP}, or "
-            f"record the engine with the kvtrace plugin: KVTRACE_DIR={out}-engine {command}"
+            f"a vLLM {recording.engine_not_followed} whose engine ran in its own process{why}: its pool is "
+            f"not in this run; {unset}record the engine with the kvtrace plugin: KVTRACE_DIR={out}-engine "
+            f"{command}"
         )
     found = "no transformers or vLLM generate() call: recorded without a model, transformers caches only"
     if not no_profiler:
