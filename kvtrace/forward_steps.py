@@ -44,6 +44,10 @@ class ForwardSteps(PlannedSteps):
     _call_masks: CallMasks
     _raised_step: int | None  # the last step whose forward raised (the manifest's warnings say so)
 
+    if TYPE_CHECKING:  # `RunManifest`'s, which `Recording` inherits too
+
+        def _write_calls_begun(self) -> None: ...
+
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         offer = self._decode_next
         if offer is not None and self._decode_step(offer, args, kwargs):
@@ -226,28 +230,32 @@ class ForwardSteps(PlannedSteps):
         (`prefill_chunk_size`) still has to write after this forward (`_prefill_left`): its chunks are one
         step, yielding one token; and the length the call was asked to reach (`_call_length`: its
         max_length and max_new_tokens, told in the same sample), where its input is its whole sequence; and
-        its attention_mask, weakly, with this step, read once the block is over (kvtrace.call_masks)."""
+        its attention_mask, weakly, with this step, read once the block is over (kvtrace.call_masks). The
+        call, with its prompt's end and length, goes into the manifest now (`_write_calls_begun`): a process
+        killed in this prefill never writes the sample that tells them."""
         self._prompt_end = None
         self._call_length = None
         self._prefill_left = 0
         hf = self._hf
-        self._call_masks.began(self.tracker.step, call.mask)  # read as the block ends, never here
         prompt, cache_passed, max_length, max_new_tokens, _ = call
         if not cache_passed:
             past: int | None = 0  # generate() made the cache
         else:
             past = hf.positions_seen(cache) if hf is not None and cache is not None else None
-        if prompt is None or past is None or prompt < past:
-            return  # the call passed only its new tokens (the cache holds the rest), or nothing tells
-        if max_length is not None:
-            self._call_length = (max_length, max_new_tokens)
-        if past == 0:
-            # On a cache that holds some, the input may be written whole again (prompt lookup does), so
-            # where the prompt ends is known on an empty one only
-            self._prompt_end = prompt
-        fed = new_tokens(args, kwargs)
-        if fed > 0 and past + fed < prompt:
-            self._prefill_left = prompt - past - fed
+        # Not where the call passed only its new tokens (the cache holds the rest), or nothing tells
+        if prompt is not None and past is not None and prompt >= past:
+            if max_length is not None:
+                self._call_length = (max_length, max_new_tokens)
+            if past == 0:
+                # On a cache that holds some, the input may be written whole again (prompt lookup does), so
+                # where the prompt ends is known on an empty one only
+                self._prompt_end = prompt
+            fed = new_tokens(args, kwargs)
+            if fed > 0 and past + fed < prompt:
+                self._prefill_left = prompt - past - fed
+        # The mask is read as the block ends, never here
+        self._call_masks.began(self.tracker.step, call.mask, self._prompt_end, self._call_length)
+        self._write_calls_begun()
 
     def _settle_deferred(self) -> None:
         """Log what a deferred forward changed before its end: a forward may run inside another, and an end

@@ -108,6 +108,13 @@ class KvTracker(KvObserve, KvCompare, KvFrees, KvDrain):
         state = self._layers.get((cache_id, layer))
         return None if state is None else state.tokens
 
+    def storage_alive(self, cache_id: int, layer: int) -> bool:
+        """Whether a storage the layer's slots last showed is still alive, read from its weak reference (no
+        tensor is read): a tracked view dropped at once leaves its slot on its tensor's storage until the
+        next scan, and that tensor may live on after the view."""
+        state = self._layers.get((cache_id, layer))
+        return state is not None and any(not expired(slot.wref) for slot in list(state.slots.values()))
+
     @locked
     def written_since(self, cache_id: int, layer: int, parts: dict[tuple[str, str], Any]) -> bool:
         """Whether a tensor of `parts` shows a write since the layer was last logged: the very tensor of its

@@ -63,6 +63,8 @@ def _after_fork_in_child() -> None:
     recording._writer = None
     recording._term.restore()  # the child's SIGTERM is its own: the parent's run is not the child's to end
     recording._flush_lock = threading.Lock()
+    recording._manifest_lock = threading.Lock()
+    recording._manifest_ending = True  # the parent's manifest is the parent's to write
     recording._run_lock.forget()
     tracker = getattr(recording, "tracker", None)
     if tracker is not None:
@@ -182,6 +184,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         # decode step neither formats nor writes them (issue 11); `_flush` may run on either thread.
         self._writer: RunWriter | None = None
         self._flush_lock = threading.Lock()
+        # Around a manifest written while the block runs (`_write_calls_begun`, on the model's threads)
+        self._manifest_lock = threading.Lock()
+        self._manifest_ending = False
         self._write_error: str | None = None  # the first failed write, named by file: the run is incomplete
         self._trace_error: str | None = None  # the profiler's trace not written first (the logs went on)
         self._trace_unwritten = False  # the profiler's trace not written, first or after a log
@@ -470,6 +475,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         # is then raised again (a Ctrl-C before the block's own exception, which otherwise goes on).
         raised: list[BaseException] = []
         oom_snapshot: Any = None
+        self._end_calls_written()
         try:
             self._stop_writer()
             if self._ranges is not None:

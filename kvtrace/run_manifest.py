@@ -26,6 +26,7 @@ from kvtrace.model_forward import SubmoduleCall, running_submodule
 from kvtrace.options import RecordOptions
 
 if TYPE_CHECKING:
+    from kvtrace.call_masks import CallMasks
     from kvtrace.integrations.hf_caches import HfCacheHooks
     from kvtrace.integrations.hf_generate import GenerateCalls
     from kvtrace.integrations.hf_paged import PagedAttentionHooks
@@ -63,6 +64,9 @@ class RunManifest:
     _raised_step: int | None
     _write_error: str | None
     _trace_error: str | None
+    _call_masks: CallMasks
+    _manifest_lock: threading.Lock
+    _manifest_ending: bool  # the block is ending (or this is a forked child): only the end writes it
     event_count: int
     events_lost: int
     notes: list[str]
@@ -336,6 +340,26 @@ class RunManifest:
             return []
         mine = self._model_caches | self._caches_in_generate | self._submodule_caches.keys()
         return [cid for cid in hf.ids_given() if cid not in mine]
+
+    def _write_calls_begun(self) -> None:
+        """At a generate() call's first forward: the manifest rewritten with the calls begun so far
+        (`generate_calls`, each with the length it asked for), so that a process killed in that call (the
+        kernel's OOM killer's SIGKILL, after which nothing is written) still says what it asked for, which
+        `plan --from-run` plans it at; its prefill's end sample, which says it too, is never written. Once
+        per call, on the model's thread, never per step: one file of the start's reserved size (kept for the
+        final manifest on a full disk, where this write fails and the file stays as it was), no tensor
+        read."""
+        with self._manifest_lock:
+            if self._manifest_ending:
+                return
+            manifest = {**self._manifest, "generate_calls": self._call_masks.begun()}
+            with contextlib.suppress(OSError, ValueError):  # the final manifest's own fallbacks follow
+                write_json_atomic(self.path / fmt.MANIFEST, manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
+
+    def _end_calls_written(self) -> None:
+        """The block is ending: from here the manifest is the end's to write, a late call's never."""
+        with self._manifest_lock:
+            self._manifest_ending = True
 
     def _write_manifest(self) -> None:
         """The final manifest; on a full disk (no room for the atomic write's new file), over the blocks

@@ -37,6 +37,7 @@ from analyzers.planning.run_cache_kind import (
     logged_window,
     quantized_layout,
 )
+from analyzers.planning.run_calls import CallRequest, call_request, prompt_ends
 from analyzers.planning.run_padding import call_padded
 from analyzers.readers.engine_files import read_engine
 from analyzers.readers.run_files import kv_log_notes
@@ -145,7 +146,10 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
         device = {}
     gpu = device.get("total_memory_bytes") if device.get("type") == "cuda" else None
     model = run.manifest.get("model") or {}
-    prompt, reached, asked, padded = _call(run, kv, main)
+    prompt, reached, asked, padded, call = _call(run, kv, main)
+    if stopped is None and call and _prefill_unended(run, call):
+        cut_short = f"the run was cut short in step {call}, its prefill, which never finished"
+        stopped = _Stop(f"{cut_short} (its manifest still says running)", in_prefill=True)
     context, launched = _as_launched(run, stopped, prompt, reached, asked, main.capacity_of == "buffers")
     if launched is not None:
         notes.append(launched)
@@ -351,53 +355,16 @@ def _transformers_version(manifest: dict[str, Any]) -> str | None:
     return version if isinstance(version, str) and version else None
 
 
-def _prompt_ends(run: Run) -> dict[int, int]:
-    """Prefill step -> its generate() call's prompt (the step's memory sample's `prompt_end`)."""
-    ends: dict[int, int] = {}
-    for sample in run.memory_samples:
-        end: Any = sample.get("prompt_end")
-        if sample.get("phase") == "prefill" and isinstance(end, int) and end > 0:
-            ends[sample["step"]] = end
-    return ends
-
-
-@dataclass(frozen=True)
-class _Request:
-    """The length a generate() call was asked to reach, as its prefill sample says."""
-
-    max_length: int  # the sequence length it stops at, prompt included
-    max_new_tokens: int | None  # its max_new_tokens, where that set max_length
-
-    def said(self, prompt: int | None) -> str:
-        """How the call asked for it: "its prompt of 8 + max_new_tokens=6"."""
-        if self.max_new_tokens is not None:
-            where = f"its prompt of {prompt} + " if prompt is not None else ""
-            return f"{where}max_new_tokens={self.max_new_tokens}"
-        return f"max_length={self.max_length}, or transformers' default of 20 new tokens"
-
-
-def _request(run: Run, step: int) -> _Request | None:
-    """The request of the call whose prefill is `step` (its sample's `max_length`, `max_new_tokens`), None
-    for a run recorded before kvtrace wrote them, or a call whose input did not show its sequence."""
-    for sample in run.memory_samples:
-        if sample.get("phase") != "prefill" or sample.get("step") != step:
-            continue
-        length: Any = sample.get("max_length")
-        new: Any = sample.get("max_new_tokens")
-        if isinstance(length, int) and length > 1:
-            return _Request(length, new if isinstance(new, int) and new > 0 else None)
-    return None
-
-
 def _call(
     run: Run, kv: KvLogAnalysis, main: CacheFigures
-) -> tuple[int | None, int | None, _Request | None, bool | None]:
-    """(prompt, context, request, padded) of the generate() call that wrote the main cache last, not the run's
-    first call: its prompt from its prefill sample (else the tokens the prefill left in the cache), its
-    context that prompt plus the tokens the call yielded, never the tokens held + 1 alone, which a sliding
-    window caps; but at least that (a quantized cache's packed parts, which the yields do not count, hold
-    them). Its request: the length it was asked to reach, where the recorder noted it; padded: whether its
-    prompts were (`call_padded`)."""
+) -> tuple[int | None, int | None, CallRequest | None, bool | None, int]:
+    """(prompt, context, request, padded, prefill step) of the generate() call that wrote the main cache last,
+    not the run's first call: its prompt from its prefill sample (else the tokens the prefill left in the
+    cache), its context that prompt plus the tokens the call yielded, never the tokens held + 1 alone, which
+    a sliding window caps; but at least that (a quantized cache's packed parts, which the yields do not
+    count, hold them). Its request: the length it was asked to reach, where the recorder noted it (its
+    prefill sample, else the manifest: `run_calls`); padded: whether its prompts were (`call_padded`); its
+    prefill's step, 0 where the log shows none."""
     cut = kv.cut.step if kv.cut is not None else None  # a step whose forward raised, or a kill cut
     written = [ev for ev in run.kv_events if ev.cache == main.cache and ev.event != "freed"]
     events = [ev for ev in written if ev.step != cut]
@@ -405,7 +372,7 @@ def _call(
     step = max((ev.step for ev in events if ev.phase == "prefill"), default=main.call_step)
     # The call's prefill, also one that raised: its sample says its prompt and request all the same
     call = max((ev.step for ev in written if ev.phase == "prefill"), default=step)
-    prompt = _prompt_ends(run).get(call) if call else None
+    prompt = prompt_ends(run).get(call) if call else None
     if prompt is None and step:
         prompt = kv.step_tokens.get(step, {}).get(main.cache) or None
     last = [ev.tokens for ev in events if ev.tokens]
@@ -413,7 +380,18 @@ def _call(
     yielded = prompt + main.call_generated_tokens if prompt is not None else 0
     context = max(held + 1 if held else 0, yielded)
     padded = call_padded(run.manifest, call) if call else None
-    return prompt, context or None, _request(run, call) if call else None, padded
+    return prompt, context or None, call_request(run, call) if call else None, padded, call
+
+
+def _prefill_unended(run: Run, call: int) -> bool:
+    """Whether the call whose prefill is step `call` stopped inside it, in a run that never ended (its
+    manifest still says running: a process killed, by the kernel's OOM killer perhaps): the log's last step,
+    with no end sample. The log alone cannot tell a prefill cut between its layers (`cut_last_step`)."""
+    if (run.manifest.get("ended") or {}).get("status") != "running":
+        return False
+    if max((ev.step for ev in run.kv_events), default=0) != call:
+        return False
+    return not any(s.get("step") == call and s.get("phase") == "prefill" for s in run.memory_samples)
 
 
 def _as_launched(
@@ -421,7 +399,7 @@ def _as_launched(
     stopped: _Stop | None,
     prompt: int | None,
     reached: int | None,
-    asked: _Request | None,
+    asked: CallRequest | None,
     buffers: bool = False,
 ) -> tuple[int | None, str | None]:
     """The context to plan and a note. A run cut short (its forward raised, or the block raised, was

@@ -208,14 +208,22 @@ class ModuleCaches:
 
     def held_tokens(self) -> int | None:
         """Tokens the tracked tensors hold now (the fullest layer), as last logged: no tensor is read. None
-        before anything was tracked; 0 once every tracked tensor is released (a loop starting over)."""
+        before anything was tracked, and where the tracked tensors are gone but not their storage: views cut
+        afresh after each forward (`kv[l, 0, :, :, :pos]`, the README's way) die as soon as they are tracked,
+        while the tensor they were cut from lives on, holding what they showed; whether this forward writes
+        after those tokens (a decode step) or starts over on that tensor (a new prompt) only its own
+        arguments tell (`forward_inputs.is_prefill`). 0 once every tracked storage is released (a loop
+        starting over)."""
         if not self._ever_tracked:
             return None
         held = 0
+        viewed = False  # a tracked tensor gone, its storage alive
         for layer, refs in self._tracked.items():
             if any(ref() is not None for ref, *_ in refs.values()):
                 held = max(held, self.tracker.tokens(TRACK_CACHE_ID, layer))
-        return held
+            elif refs and self.tracker.storage_alive(TRACK_CACHE_ID, layer):
+                viewed = True
+        return None if viewed and not held else held
 
     def _release_dead(self, owner: tuple[int, str], addr: int) -> None:
         """The tracked tensor `owner` (layer, kind) was at `addr`: if it died, its slot lets go of its storage

@@ -175,7 +175,9 @@ def test_sweep_points_tell_their_prompts_unpadded_so_static_plans_price_no_padde
     for name in ("b1_c16_dynamic", "b2_c16_dynamic"):
         run = sweep_dir / "runs" / name
         # THEN the recorder read the call's mask, still held at the block's end: not padded
-        assert read_run(run).manifest["generate_calls"] == [{"step": 1, "padded": False}]
+        # (and what the call asked for: its 16-token prompt and NEW_TOKENS more)
+        asked = {"prompt_end": 16, "max_length": 16 + NEW_TOKENS, "max_new_tokens": NEW_TOKENS}
+        assert read_run(run).manifest["generate_calls"] == [{"step": 1, "padded": False, **asked}]
         # AND a static plan from the point says nothing of unknown padding (it would price a padded prefill)
         capsys.readouterr()
         assert main(["plan", "--from-run", str(run), "--cache", "static", "--json"]) == 0

@@ -158,6 +158,9 @@ def test_the_recorder_notes_the_length_generate_stops_at(
     # THEN the prefill sample's max_length is the sequence generate() returned: the call's own rule
     assert out.shape[1] == length
     assert _prefill_sample(run)["max_length"] == length
+    # AND the manifest's call says it too (written as the call began, kept at the end)
+    (call,) = json.loads((run / "manifest.json").read_text())["generate_calls"]
+    assert (call["step"], call["max_length"], call["prompt_end"]) == (1, length, PROMPT)
 
 
 def test_inputs_embeds_count_the_prompt_in_the_length(model: Any, tmp_path: Path) -> None:
@@ -231,3 +234,40 @@ def test_a_killed_run_is_planned_at_the_length_asked_for(
         f"max_new_tokens={new}); it had reached {PROMPT + cut - 1} when it stopped"
     )
     assert expected in plan["notes"], plan["notes"]
+
+
+def test_a_run_killed_in_its_prefill_is_planned_at_the_length_asked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real run of max_new_tokens=30 on 8-token prompts SIGKILLed inside layer 1 of its prefill (the
+    # kernel's OOM killer's way): layer 0's update on disk, no end sample of the prefill ever written
+    run, new = tmp_path / "run", 30
+    model = f"build_model(tiny_size({LAYERS}, {KV_HEADS})).eval()"
+    script = killed_mid_step_script(model, 1, ROWS, PROMPT, f"max_new_tokens={new}")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(run)], capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert done.returncode == -9, done.stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["ended"] == {"status": "running"}
+    samples = [json.loads(line) for line in (run / "memory_samples.jsonl").read_text().splitlines()]
+    assert not [sample for sample in samples if sample["phase"] == "prefill"]
+    # THEN the manifest, rewritten as the call began, says what it asked for: 8 + 30
+    assert manifest["generate_calls"] == [
+        {"step": 1, "prompt_end": PROMPT, "max_length": PROMPT + new, "max_new_tokens": new}
+    ]
+    # WHEN planned: THEN at the context of 8 + 30 = 38 (it was 9, the prompt and one new token), its KV
+    # 2 layers x K,V x 2 KV heads x 16 x 37 tokens x 2 rows x 4 B = 37,888 B
+    plan = _plan(run, capsys)
+    request = plan["request"]
+    assert (request["batch"], request["context"], request["prompt"]) == (ROWS, PROMPT + new, PROMPT)
+    assert plan["kv_bytes"] == LAYERS * 2 * KV_HEADS * HEAD_DIM * (PROMPT + new - 1) * ROWS * 4 == 37888
+    # AND its note says it stopped in its prefill and is planned as launched, asking for no --context
+    expected = (
+        "the run was cut short in step 1, its prefill, which never finished (its manifest still says "
+        f"running): planned as launched, at the context of {PROMPT + new} tokens its generate() call asked "
+        f"for (its prompt of {PROMPT} + max_new_tokens={new}); it stopped before its first new token"
+    )
+    assert expected in plan["notes"], plan["notes"]
+    assert not [note for note in plan["notes"] if "give --context" in note]

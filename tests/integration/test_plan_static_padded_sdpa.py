@@ -91,7 +91,10 @@ def test_the_recorder_notes_whether_a_calls_prompts_were_padded(
     ids = torch.randint(3, 1000, (BATCH, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), kvtrace.record(tmp_path / "no_mask", model=model):
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    assert [list(call) for call in _calls(tmp_path / "no_mask")] == [["step"]]
+    # (its entry says what it asked for, 4 + 2 positions, and no `padded`)
+    assert _calls(tmp_path / "no_mask") == [
+        {"step": 1, "prompt_end": 4, "max_length": 6, "max_new_tokens": 2}
+    ]
 
 
 def test_a_padded_sdpa_run_planned_static_prices_the_prefills_mask_and_expansions(
@@ -159,7 +162,9 @@ def test_a_mask_freed_before_the_block_ends_is_told_as_unknown_and_planned_as_pa
         )
         del mask
     # THEN the manifest tells the call's padding as unknown (the recorder kept no reference that held it)
-    assert _calls(tmp_path / "run") == [{"step": _calls(tmp_path / "run")[0]["step"], "padded": None}]
+    (call,) = _calls(tmp_path / "run")
+    asked = {"prompt_end": PROMPT, "max_length": CONTEXT, "max_new_tokens": NEW}
+    assert call == {"step": call["step"], "padded": None, **asked}
     # AND planned static it is priced as padded, the safe side, with a note that says the run did not tell
     prefill = report_json(tmp_path / "run", capsys)["categories_at_peak"]["other"]
     plan = plan_json(tmp_path / "run", capsys, "--cache", "static")
