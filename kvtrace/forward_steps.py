@@ -46,7 +46,7 @@ class ForwardSteps(PlannedSteps):
 
     if TYPE_CHECKING:  # `RunManifest`'s, which `Recording` inherits too
 
-        def _write_calls_begun(self) -> None: ...
+        def _note_call_begun(self) -> None: ...
 
     def _pre_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         offer = self._decode_next
@@ -231,8 +231,8 @@ class ForwardSteps(PlannedSteps):
         step, yielding one token; and the length the call was asked to reach (`_call_length`: its
         max_length and max_new_tokens, told in the same sample), where its input is its whole sequence; and
         its attention_mask, weakly, with this step, read once the block is over (kvtrace.call_masks). The
-        call, with its prompt's end and length, goes into the manifest now (`_write_calls_begun`): a process
-        killed in this prefill never writes the sample that tells them."""
+        call, with its prompt's end and length, goes into the manifest at the writer's next flush
+        (`_note_call_begun`): a process killed in this prefill never writes the sample that tells them."""
         self._prompt_end = None
         self._call_length = None
         self._prefill_left = 0
@@ -255,7 +255,7 @@ class ForwardSteps(PlannedSteps):
                 self._prefill_left = prompt - past - fed
         # The mask is read as the block ends, never here
         self._call_masks.began(self.tracker.step, call.mask, self._prompt_end, self._call_length)
-        self._write_calls_begun()
+        self._note_call_begun()
 
     def _settle_deferred(self) -> None:
         """Log what a deferred forward changed before its end: a forward may run inside another, and an end

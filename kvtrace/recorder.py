@@ -187,6 +187,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         # Around a manifest written while the block runs (`_write_calls_begun`, on the model's threads)
         self._manifest_lock = threading.Lock()
         self._manifest_ending = False
+        self._calls_unwritten = False
         self._write_error: str | None = None  # the first failed write, named by file: the run is incomplete
         self._trace_error: str | None = None  # the profiler's trace not written first (the logs went on)
         self._trace_unwritten = False  # the profiler's trace not written, first or after a log
@@ -449,7 +450,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             f"model found at its first generate() call (record(model='auto')): "
             f"{type(self.model).__name__}, from step {self.tracker.step + 1}"
         )
-        with contextlib.suppress(OSError):  # a killed run's manifest names its model too
+        with self._manifest_lock, contextlib.suppress(OSError):  # a killed run's manifest names its model too
             write_json_atomic(self.path / fmt.MANIFEST, self._manifest)
 
     def _unmake(self) -> None:

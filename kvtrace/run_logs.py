@@ -36,6 +36,10 @@ class RunLogs:
     event_count: int
     events_lost: int
 
+    if TYPE_CHECKING:  # `RunManifest`'s, which `Recording` inherits too
+
+        def _write_calls_begun(self) -> None: ...
+
     def _on_evict(self, layer: int, kv: str) -> None:
         if self._ranges is not None and self._ranges.active:
             name = f"kvtrace/evict L{layer} {kv}"
@@ -73,6 +77,7 @@ class RunLogs:
                     log.flush()
                 except OSError as exc:
                     self._write_failed(log, exc)
+            self._write_calls_begun()
 
     def _add_engine_logs(self, *logs: JsonlAppender) -> None:
         """An engine's step and request logs, from here flushed with the others (on the writer thread every

@@ -67,6 +67,7 @@ class RunManifest:
     _call_masks: CallMasks
     _manifest_lock: threading.Lock
     _manifest_ending: bool  # the block is ending (or this is a forked child): only the end writes it
+    _calls_unwritten: bool  # a generate() call began since the manifest last said the calls
     event_count: int
     events_lost: int
     notes: list[str]
@@ -341,19 +342,28 @@ class RunManifest:
         mine = self._model_caches | self._caches_in_generate | self._submodule_caches.keys()
         return [cid for cid in hf.ids_given() if cid not in mine]
 
+    def _note_call_begun(self) -> None:
+        """At a generate() call's first forward, on the model's thread: the manifest is to say the calls
+        begun so far (`_write_calls_begun`, by the writer thread within its 0.1 s). One attribute set: a
+        manifest written here cost the prefill ~1 ms a call."""
+        self._calls_unwritten = True
+
     def _write_calls_begun(self) -> None:
-        """At a generate() call's first forward: the manifest rewritten with the calls begun so far
-        (`generate_calls`, each with the length it asked for), so that a process killed in that call (the
-        kernel's OOM killer's SIGKILL, after which nothing is written) still says what it asked for, which
-        `plan --from-run` plans it at; its prefill's end sample, which says it too, is never written. Once
-        per call, on the model's thread, never per step: one file of the start's reserved size (kept for the
-        final manifest on a full disk, where this write fails and the file stays as it was), no tensor
-        read."""
+        """With each flush (the writer thread's, every 0.1 s): the manifest rewritten with the generate()
+        calls begun so far (`generate_calls`, each with the length it asked for), so that a process killed in
+        one (the kernel's OOM killer's SIGKILL, after which nothing is written) still says what it asked for,
+        which `plan --from-run` plans it at; its prefill's end sample, which says it too, is never written.
+        One file of the start's reserved size (kept for the final manifest on a full disk, where this write
+        fails and the file stays as it was), no tensor read."""
+        if not self._calls_unwritten:
+            return
         with self._manifest_lock:
+            self._calls_unwritten = False
             if self._manifest_ending:
                 return
             manifest = {**self._manifest, "generate_calls": self._call_masks.begun()}
-            with contextlib.suppress(OSError, ValueError):  # the final manifest's own fallbacks follow
+            # the final manifest's own fallbacks follow; RuntimeError: a list of it changed as it was written
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
                 write_json_atomic(self.path / fmt.MANIFEST, manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
 
     def _end_calls_written(self) -> None:
