@@ -39,6 +39,8 @@ def fp8_kv_unsupported() -> str | None:
     if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_supported():
         return None
     return "vLLM's CPU build needs AVX-512 or AMX for an fp8 KV cache, and this CPU has neither"
+
+
 ROOT = Path(__file__).resolve().parents[2]
 REQUESTS, PROMPT_TOKENS, NEW_TOKENS = 8, 40, 48  # 8 x 88 tokens want 8 x 3 blocks: the pool holds 15
 
@@ -118,14 +120,15 @@ def make_llm(model_path: str | os.PathLike[str], **overrides: Any) -> Any:
     return LLM(**llm_kwargs(model_path, **overrides))
 
 
+def prompt_token_ids(count: int = REQUESTS, length: int = PROMPT_TOKENS) -> list[list[int]]:
+    """Token ids with no common prefix (so that blocks are never shared between requests)."""
+    return [[(row * 97 + col * 7) % 990 + 5 for col in range(length)] for row in range(count)]
+
+
 def prompts(count: int = REQUESTS, length: int = PROMPT_TOKENS) -> list[Any]:
-    """Token-id prompts with no common prefix (so that blocks are never shared between requests)."""
     from vllm.inputs import TokensPrompt
 
-    return [
-        TokensPrompt(prompt_token_ids=[(row * 97 + col * 7) % 990 + 5 for col in range(length)])
-        for row in range(count)
-    ]
+    return [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(count, length)]
 
 
 def sampling(new_tokens: int = NEW_TOKENS) -> Any:
