@@ -155,14 +155,9 @@ def _vllm_engine_in_process() -> bool:
     by default it runs in a process of its own, which this process's recording cannot see (the run said
     "no generate() call" of a script that made one). The model's memory, and the pool's size, do not
     change. True when set here."""
-    import importlib.util
+    from kvtrace.integrations.model_discovery import importable
 
-    if _VLLM_MP in os.environ:
-        return False
-    try:
-        if importlib.util.find_spec("vllm") is None:
-            return False
-    except (ImportError, ValueError):
+    if _VLLM_MP in os.environ or not importable("vllm"):
         return False
     os.environ[_VLLM_MP] = "0"
     return True

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ModelDiscovery"]
+__all__ = ["ModelDiscovery", "importable"]
 
 _VLLM_LLM_MODULE = "vllm.entrypoints.llm"
 _VLLM_CALLS = ("generate", "chat")
@@ -39,7 +39,7 @@ class ModelDiscovery:
             from transformers.generation.utils import GenerationMixin
 
             self._wrap(GenerationMixin, "generate", self._found_model)
-        if _VLLM_LLM_MODULE in sys.modules or _importable("vllm"):
+        if _VLLM_LLM_MODULE in sys.modules or importable("vllm"):
             from kvtrace.integrations.vllm import after_import
 
             self._finder = after_import(_VLLM_LLM_MODULE, self._watch_vllm)
@@ -91,7 +91,7 @@ class ModelDiscovery:
         setattr(cls, name, call)
 
 
-def _importable(name: str) -> bool:
+def importable(name: str) -> bool:
     """Whether `name` could be imported, found without importing it (vLLM's import takes seconds)."""
     import importlib.util
 
