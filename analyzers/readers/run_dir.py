@@ -398,7 +398,7 @@ def _run_step_starts(kv: KvLogAnalysis, samples: list[dict[str, Any]]) -> dict[i
     starts = {step: (start_ns, kv.step_phase.get(step, "")) for step, start_ns in kv.step_start_ns.items()}
     for sample in samples:
         step, phase, began = sample.get("step"), sample.get("phase"), sample.get("started_ns")
-        if type(step) is int and type(began) is int and phase in ("prefill", "decode"):
+        if type(step) is int and type(began) is int and phase in ("prefill", "decode", "idle"):
             logged = starts.get(step)
             starts[step] = (min(began, logged[0]), logged[1] or phase) if logged else (began, phase)
     return starts

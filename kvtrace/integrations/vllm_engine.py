@@ -102,6 +102,7 @@ class EngineHooks:
         self._sched_out: Any = None
         self._step_preempted: list[str] = []
         self._scheduled_free: int | None = None  # the pool's free blocks once this step's were allocated
+        self._prefill = False  # this step writes prompt positions (see `_log_scheduled`)
         self._step_began_ns = 0  # when the running step began (the run's clock)
         self._prefix_evicted = 0
         self._held: dict[str, int] = {}  # request id -> blocks last logged (requests not finished)
@@ -223,19 +224,27 @@ class EngineHooks:
             free = self._pool.get_num_free_blocks()
             if self._scheduled_free is None or free < self._scheduled_free:
                 self._scheduled_free = free
-            self._log_scheduled(out.num_scheduled_tokens)
+            self._prefill = self._log_scheduled(out.num_scheduled_tokens)
         finally:
             self.overhead_ns += time.thread_time_ns() - started
         return out
 
-    def _log_scheduled(self, scheduled: dict[str, int]) -> None:
+    def _log_scheduled(self, scheduled: dict[str, int]) -> bool:
         """Right after scheduling: blocks are allocated for this step, `num_computed_tokens` counts the
-        tokens this step computes, and a request that finishes in this step still exists."""
+        tokens this step computes, and a request that finishes in this step still exists. Returns whether
+        the step is a prefill: it writes some request's prompt positions (a new request, a chunk of a long
+        prompt) or recomputes a preempted one. Not "more than one token a request": speculative decoding
+        schedules each request's drafts beside its next token, every step."""
         requests = self._requests
+        prefill = False
         for request_id, count in scheduled.items():
             request = requests.get(request_id)
             if request is None:
                 continue
+            if not prefill:  # the tokens computed before this step, against the prompt's
+                prefill = request_id in self._dropped or (
+                    request.num_computed_tokens - count < request.num_prompt_tokens
+                )
             blocks = self._blocks_of(request_id)
             if request_id in self._dropped:
                 dropped = self._dropped.pop(request_id)
@@ -247,6 +256,7 @@ class EngineHooks:
             elif blocks != self._held[request_id]:
                 self._log_request(request, "blocks", blocks)
             self._held[request_id] = blocks
+        return prefill
 
     def _blocks_of(self, request_id: str) -> int:
         """Pool blocks the request holds, over its KV cache groups (each group's manager lists its own). A
@@ -358,8 +368,8 @@ class EngineHooks:
         prefix-cache stats): the pool as it stood then, with `"raised": true`."""
         rec = self.recording
         out = self._sched_out
-        scheduled: dict[str, int] = out.num_scheduled_tokens
-        phase = "prefill" if out.total_num_scheduled_tokens > len(scheduled) else "decode"
+        # `idle`: nothing scheduled; with async scheduling, a step that only collects the batch in flight
+        phase = "idle" if not out.total_num_scheduled_tokens else "prefill" if self._prefill else "decode"
         rec.tracker.phase = phase
         self.engine_steps += 1
         self.prefix_evicted_blocks += prefix_evicted

@@ -127,3 +127,18 @@ def test_a_requests_blocks_are_counted_for_its_token_in_flight(
     assert any(h["tokens"] == h["prompt_tokens"] + h["output_tokens"] + 1 for h in held)
     assert main(["diagnose", str(recorded["dir"])]) == 0
     assert "+ 1 in flight)" in capsys.readouterr().out
+
+
+def test_a_step_that_only_collects_the_batch_in_flight_is_idle(recorded: dict[str, Any]) -> None:
+    steps, requests = recorded["steps"], recorded["requests"]
+    # GIVEN async scheduling: some engine steps schedule nothing and only collect the batch in flight
+    collecting = {s["step"] for s in steps if s["tokens_scheduled"] == 0}
+    assert collecting
+    # THEN those are `idle` (they were `decode`), and the prefills are the steps that took requests in
+    assert {s["step"] for s in steps if s["phase"] == "idle"} == collecting
+    took_in = {e["step"] for e in requests if e["event"] in ("scheduled", "resumed")}
+    assert {s["step"] for s in steps if s["phase"] == "prefill"} == took_in
+    # AND the step's memory sample says the same phase
+    samples = _jsonl(recorded["dir"] / fmt.MEMORY_SAMPLES)
+    phases = {s["step"]: s["phase"] for s in samples if s["phase"] not in ("host", "start", "end")}
+    assert {step: phases[step] for step in collecting} == dict.fromkeys(collecting, "idle")

@@ -93,3 +93,16 @@ def test_the_diagnosis_prices_the_blocks_the_drafts_took(
         f"speculative decoding (ngram) gives up to {DRAFTS} draft tokens a step their slots"
         in (diagnosis["model"])
     )
+
+
+def test_a_step_that_schedules_drafts_is_a_decode_step(recorded: dict[str, Any]) -> None:
+    run = recorded["dir"]
+    steps = [json.loads(line) for line in (run / fmt.ENGINE_STEPS).read_text().splitlines()]
+    requests = [json.loads(line) for line in (run / fmt.ENGINE_REQUESTS).read_text().splitlines()]
+    # GIVEN decode steps that schedule each running request's drafts beside its next token
+    assert any(s["tokens_scheduled"] > s["running"] > 0 for s in steps)
+    # THEN the prefills are the steps that took requests in (new or recomputed) and no others: "more than
+    # one token a request" read every drafting step as a prefill
+    took_in = {e["step"] for e in requests if e["event"] in ("scheduled", "resumed")}
+    assert {s["step"] for s in steps if s["phase"] == "prefill"} == took_in
+    assert {s["phase"] for s in steps if s["step"] not in took_in} <= {"decode", "idle"}
