@@ -451,7 +451,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             f"{type(self.model).__name__}, from step {self.tracker.step + 1}"
         )
         with self._manifest_lock, contextlib.suppress(OSError):  # a killed run's manifest names its model too
-            write_json_atomic(self.path / fmt.MANIFEST, self._manifest)
+            # at the start's reserved size, kept for the final manifest on a full disk
+            write_json_atomic(self.path / fmt.MANIFEST, self._manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
 
     def _unmake(self) -> None:
         """After a start that failed once its first manifest was written (a full disk): the files it wrote
@@ -555,7 +556,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             return
         ended = {"status": "running", "signal": "SIGTERM", "signal_t_ns": self._term.received_ns}
         with contextlib.suppress(OSError):  # a full disk: the final manifest's own fallbacks follow
-            write_json_atomic(self.path / fmt.MANIFEST, {**self._manifest, "ended": ended})
+            # at the start's reserved size: the final manifest is written over it if the disk fills meanwhile
+            manifest = {**self._manifest, "ended": ended}
+            write_json_atomic(self.path / fmt.MANIFEST, manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
 
     def _close_logs(self) -> None:
         """The exit snapshot and last samples; the caches the block dropped logged as freed; logs closed."""

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -525,4 +526,66 @@ def test_a_final_manifest_written_in_place_on_a_full_disk_is_a_complete_run(
     # AND a report reads it: the final cache holds prompt + new tokens - 1 tokens of K and V per layer and
     # row, in fp32
     tokens = PROMPT + NEW_TOKENS - 1
+    assert _final_kv_bytes(run) == LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * ROWS * 4
+
+
+SIGTERM_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    import kvtrace
+    from kvtrace.llama import build_model
+    from tests.tiny import tiny_size
+
+    out_dir = sys.argv[1]
+    layers, rows, prompt, new_tokens, stop_at = (int(arg) for arg in sys.argv[2:7])
+    model = build_model(tiny_size(layers), seed=0)
+    ids = torch.randint(3, 1000, (rows, prompt), generator=torch.Generator().manual_seed(0))
+    forwards = []
+
+    def hook(module, args, output):
+        forwards.append(1)
+        if len(forwards) == stop_at:  # a scheduler's SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    export = torch.profiler.profile.export_chrome_trace
+
+    def fill_then_export(*args, **kwargs):  # another writer fills the disk before the trace is written
+        fill_disk(out_dir, 0)
+        return export(*args, **kwargs)
+
+    torch.profiler.profile.export_chrome_trace = fill_then_export
+    model.register_forward_hook(hook)
+    with torch.no_grad(), kvtrace.record(out_dir, model=model):
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    """
+)
+
+
+def test_a_sigterm_on_a_nearly_full_disk_keeps_the_manifests_room_for_its_end(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    # GIVEN a recording SIGTERMed (its manifest notes the SIGTERM at once, before the trace is written) on a
+    # disk that fills before the profiler's trace is written: no room for it or the final manifest's new file
+    run, stop_at = small_disk / "run", 3
+    script = tmp_path / "child.py"
+    script.write_text(FILL_DISK + SIGTERM_CHILD, encoding="utf-8")
+    args = (run, LAYERS, ROWS, PROMPT, NEW_TOKENS, stop_at)
+    child = subprocess.run(
+        [sys.executable, str(script), *(str(arg) for arg in args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert child.returncode == -signal.SIGTERM, child.stderr[-3000:]
+
+    # THEN the final manifest is written over the room reserved at the start, which the SIGTERM's manifest
+    # kept (it was written at its own length, too short for the final one: the run stayed "running", its
+    # end unwritten)
+    ended = json.loads((run / MANIFEST).read_text(encoding="utf-8"))["ended"]
+    assert (ended["status"], ended["signal"]) == ("interrupted", "SIGTERM"), ended
+    assert "write_error" not in ended
+    # AND the run reads without its trace: the KV after forward 3 (the prompt and 2 tokens fed back), fp32
+    tokens = PROMPT + stop_at - 1
     assert _final_kv_bytes(run) == LAYERS * 2 * KV_HEADS * HEAD_DIM * tokens * ROWS * 4
