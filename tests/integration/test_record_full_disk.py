@@ -562,7 +562,7 @@ SIGTERM_CHILD = textwrap.dedent(
 )
 
 
-def test_a_sigterm_on_a_nearly_full_disk_keeps_the_manifests_room_for_its_end(
+def test_a_disk_that_fills_after_a_sigterm_leaves_room_for_the_final_manifest(
     small_disk: Path, tmp_path: Path
 ) -> None:
     # GIVEN a recording SIGTERMed (its manifest notes the SIGTERM at once, before the trace is written) on a
