@@ -112,6 +112,10 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         # SIGTERM ends the block as a Ctrl-C would (`term_signal`); not in a process whose signals are an
         # engine's own (vLLM's engine core, recorded by its plugin), whose SIGTERM must do what vLLM says
         self.takes_sigterm = True
+        # In such a process, the engine's stop signal as it came, ("SIGINT", unix ns), noted by the plugin: an
+        # exception after it (vLLM's worker died of the terminal's Ctrl-C under a step) ends the run
+        # `interrupted` by that signal, not `exception`
+        self.stop_signal: tuple[str, int] | None = None
         # Whether the block's end, once the run is written, kills the process with the SIGTERM it took;
         # `kvtrace run` sets False to say where the run is first, then calls `die_if_sigterm()`
         self.dies_of_sigterm = True
@@ -522,6 +526,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         if self._term.received_ns is not None:  # the process dies of it once this manifest is written
             ended["signal"] = "SIGTERM"
             ended["signal_t_ns"] = self._term.received_ns
+        elif self.stop_signal is not None and ended["status"] == "exception":  # what raised, kept
+            ended["status"] = "interrupted"
+            ended["signal"], ended["signal_t_ns"] = self.stop_signal
         if oom_snapshot is not None:
             ended["oom_snapshot"] = oom_snapshot
         ended["t_ns"] = self._clock()

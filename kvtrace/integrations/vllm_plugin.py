@@ -37,7 +37,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from typing import Any
 
 ENV_DIR = "KVTRACE_DIR"
@@ -181,9 +184,31 @@ def _hooks_for(core: Any) -> Any:
         return None
     state["_kvtrace_hooks"] = vllm.hooks
     state["_kvtrace_recording"] = recording
+    if recording.vllm_process == "engine_core":
+        _note_stop_signals(recording)
     state["_kvtrace_off"] = False
     atexit.register(finish, core)
     return vllm.hooks
+
+
+def _note_stop_signals(recording: Any) -> None:
+    """The engine core's SIGINT and SIGTERM handlers (vLLM's, which begin its shutdown) wrapped to note the
+    first signal on the recording before they run: a Ctrl-C reaches vLLM's workers too, and one that dies
+    under a step makes that step raise (`RuntimeError: cancelled`), which is the stop, not an engine error.
+    Only on the main thread (the engine core's loop), where vLLM set its handlers; nothing else changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if not callable(handler):
+            continue
+
+        def noted(number: int, frame: Any, _handler: Any = handler) -> Any:
+            if recording.stop_signal is None:
+                recording.stop_signal = (signal.Signals(number).name, time.time_ns())
+            return _handler(number, frame)
+
+        signal.signal(signum, noted)
 
 
 def finish(core: Any, error: BaseException | None = None) -> None:

@@ -32,7 +32,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvtrace import format as fmt
-from tests.vllm.vllm_cli import STOP_DELAY_ENV
+from tests.vllm.vllm_cli import HOLD_STEP_ENV, STOP_DELAY_ENV
 from tests.vllm.workload import (
     BLOCK_BYTES,
     BLOCK_SIZE,
@@ -213,3 +213,61 @@ def test_vllm_serve_under_kvtrace_dir(
     assert re.search(r"KV blocks\s+16\n", plan.stdout), plan.stdout
     assert "kvtrace: not recording" not in served.log
     assert not re.search(r"kvtrace[/\\]", served.log), "a traceback through kvtrace in the server's log"
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_a_step_ends_the_run_interrupted_not_raised(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # GIVEN `KVTRACE_DIR=RUN vllm serve MODEL` serving the workload's requests, Ctrl-C while a step runs (its
+    # worker holds the step, as a long GPU step would be in flight): the terminal's SIGINT reaches vLLM's
+    # worker too, which dies under the step, and the step raises in the engine core as vLLM shuts down
+    run_dir, log, hold = tmp_path / "serve", tmp_path / "server.log", tmp_path / "hold-step"
+    port = _free_port()
+    env = dict(os.environ, KVTRACE_DIR=str(run_dir), PYTHONPATH=str(ROOT), **{HOLD_STEP_ENV: str(hold)})
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            _serve_argv(tiny_model_dir, port),
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    pool = ThreadPoolExecutor(REQUESTS)
+    try:
+        _wait_healthy(server, port, log)
+        sent = [pool.submit(_complete, port, tiny_model_dir, ids) for ids in prompt_token_ids()]
+        steps = run_dir / fmt.ENGINE_STEPS
+        deadline = time.monotonic() + START_S
+        while not (steps.exists() and steps.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        hold.touch()
+        time.sleep(2.0)  # the worker is in the step it holds
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(STOP_S)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        pool.shutdown(wait=True, cancel_futures=True)
+    assert any(future.exception() is not None for future in sent)  # requests were running when it stopped
+
+    # THEN the run ends `interrupted` by the SIGINT, with what raised in the step (it ended `exception`,
+    # RuntimeError: cancelled, as if the engine had failed)
+    ended = json.loads((run_dir / fmt.MANIFEST).read_text())["ended"]
+    assert (ended["status"], ended["signal"]) == ("interrupted", "SIGINT"), ended
+    # vLLM's own account of the step, kept
+    assert (ended["type"], ended["message"]) == ("RuntimeError", "cancelled")
+    assert "RuntimeError: cancelled" in log.read_text(errors="replace")
+    last = _jsonl(steps)[-1]
+    assert last["raised"] is True
+    # AND the report says so, and reads the run's steps up to the stop
+    report = _kvtrace("report", str(run_dir), "--json", "--no-export")
+    assert report.returncode == 0, report.stderr[-3000:]
+    notes = json.loads(report.stdout)["notes"]
+    assert any("interrupted (Ctrl-C)" in note for note in notes), notes
+    assert not any("raised" in note for note in notes), notes
+    diagnosis = _kvtrace("diagnose", str(run_dir))
+    assert diagnosis.returncode == 0 and "Traceback" not in diagnosis.stderr, diagnosis.stderr[-3000:]

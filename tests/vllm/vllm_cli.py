@@ -7,6 +7,8 @@ one lookup as vLLM's platform check does (`vllm.platforms.vllm_version_matches_s
 
 `KVTRACE_TEST_STOP_DELAY_S=S`: the engine core takes S seconds to act on a stop, as one whose GPU step is in
 flight when the signal comes (it handles the stop between steps); the tiny CPU model's steps take ~10 ms.
+`KVTRACE_TEST_HOLD_STEP_FILE=PATH`: while PATH exists, vLLM's worker holds the step it is running (a long GPU
+step, on the tiny model), so that a signal can be sent under a step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import time
 from typing import Any
 
 STOP_DELAY_ENV = "KVTRACE_TEST_STOP_DELAY_S"
+HOLD_STEP_ENV = "KVTRACE_TEST_HOLD_STEP_FILE"
+HOLD_STEP_MAX_S = 120.0
 
 
 def _delay_stop(delay_s: float) -> None:
@@ -31,6 +35,20 @@ def _delay_stop(delay_s: float) -> None:
         return bool(handle_shutdown(self))
 
     EngineCoreProc._handle_shutdown = delayed  # type: ignore[method-assign]
+
+
+def _hold_steps(path: str) -> None:
+    from vllm.v1.worker.gpu_worker import Worker
+
+    execute_model = Worker.execute_model
+
+    def held(self: Any, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + HOLD_STEP_MAX_S
+        while os.path.exists(path) and time.monotonic() < deadline:  # a signal's SystemExit ends it too
+            time.sleep(0.02)
+        return execute_model(self, *args, **kwargs)
+
+    Worker.execute_model = held  # type: ignore[method-assign]
 
 
 def _main() -> int:
@@ -52,6 +70,9 @@ def _main() -> int:
 
 if __name__ == "__mp_main__" and os.environ.get(STOP_DELAY_ENV):  # vLLM's spawned processes: the engine core
     _delay_stop(float(os.environ[STOP_DELAY_ENV]))
+
+if __name__ == "__mp_main__" and os.environ.get(HOLD_STEP_ENV):  # used by the worker processes only
+    _hold_steps(os.environ[HOLD_STEP_ENV])
 
 if __name__ == "__main__":  # vLLM's spawned processes import this module as __mp_main__: not again
     sys.exit(_main())
