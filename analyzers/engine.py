@@ -35,6 +35,7 @@ __all__ = [
     "held_at",
     "kv_dtype_name",
     "model_geometry",
+    "sampled_prompts",
 ]
 
 # The names kvtrace.format gives these files (the contract with the recorder, docs/format.md).
@@ -170,6 +171,11 @@ class EngineFigures:
     # (request id, its error or None) of each request that finished with reason "error", in log order
     failed_requests: tuple[tuple[str, str | None], ...] = ()
     peak_in_step: bool = False  # the peak counts what steps held while they ran (else: after each step)
+    # vLLM's parallel sampling (`n > 1`): the prompts the caller sent, each of the `requests` above one
+    # sample; None where no request was a sample of another's prompt (then every request is a prompt)
+    prompts: int | None = None
+    prompts_sampled: int = 0  # of `prompts`, those sampled n > 1 times
+    samples_per_prompt: tuple[int, ...] = ()  # the distinct n of the sampled prompts, ascending
 
 
 @dataclass(frozen=True)
@@ -278,7 +284,43 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         requests_completed=completed,
         failed_requests=tuple(failed),
         peak_in_step=steps.in_step,
+        **_prompt_figures(run.requests),
     )
+
+
+def sampled_prompts(requests: tuple[RequestEvent, ...]) -> dict[str, tuple[str, ...]]:
+    """vLLM's parallel sampling (`SamplingParams(n > 1)`): parent request id -> its samples' request ids.
+    vLLM's front end fans such a request out into n requests of one prompt, which the engine core (and so
+    the log) sees apart, named `{index}_{parent id}` (vllm.v1.engine.parallel_sampling): a parent is taken
+    where indexes 0..n-1 of one parent id, n >= 2, all have the same prompt length, so that an id of the
+    caller's own that merely holds a `_` is no sample."""
+    children: dict[str, dict[int, int]] = {}  # parent id -> index -> prompt tokens
+    for e in requests:
+        index, sep, parent = e.request_id.partition("_")
+        if sep and parent and index.isdigit() and str(int(index)) == index:
+            children.setdefault(parent, {})[int(index)] = e.prompt_tokens
+    return {
+        parent: tuple(f"{i}_{parent}" for i in range(len(by_index)))
+        for parent, by_index in children.items()
+        if len(by_index) >= 2
+        and set(by_index) == set(range(len(by_index)))
+        and len(set(by_index.values())) == 1
+    }
+
+
+def _prompt_figures(requests: tuple[RequestEvent, ...]) -> dict[str, Any]:
+    """`EngineFigures.prompts` and `samples_per_prompt`: the requests a caller sent, where vLLM ran some as
+    several samples (each a request of the log, as vLLM's own request counters count them)."""
+    groups = sampled_prompts(requests)
+    if not groups:
+        return {}
+    ids = {e.request_id for e in requests}
+    samples = sum(len(children) for children in groups.values())
+    return {
+        "prompts": len(ids) - samples + len(groups),
+        "prompts_sampled": len(groups),
+        "samples_per_prompt": tuple(sorted({len(children) for children in groups.values()})),
+    }
 
 
 def failed_requests_unknown(fig: EngineFigures, run: EngineRun, manifest: dict[str, Any]) -> str | None:

@@ -14,16 +14,20 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
   at its prompt + `max_tokens` - 1 tokens (its `waiting` line's), or, in runs that did not log them, at its
   prompt only, and then no remedy is said to fit. One aborted while it ran counts at that whole ask too, not
   at the length the abort cut it at (with a larger pool it is preempted less and runs further before the same
-  abort). Prefix sharing (prefix caching, `n > 1` sampling) only
-  lowers the real demand: the figure is an upper bound, exact (one block less preempts) for equal requests
-  admitted together that share no blocks, and a remedy it finds short is said to be unknown, not refused, when
-  the run shared blocks, or when the demand on the recorded schedule (below) fits it. A pool sized by
-  `num_gpu_blocks_override` is grown by that knob. From it: the blocks and bytes of KV memory to add, the
-  largest max_num_seqs that avoids every preemption in the present pool, and whether fp8 KV (1 byte an
-  element: twice the blocks for bf16 in the same memory) would. Where the run shared blocks, that max_num_seqs
-  is a lower bound (sure to avoid them, a larger one may too: the engine files count blocks per request, not
-  which are shared, so the shared ones cannot be counted once), said `[?]`. The demand on the recorded
-  schedule (requests in flight per step, each at the length it had reached) is reported beside it.
+  abort). vLLM's parallel sampling (`n > 1`) runs a prompt's samples as requests of one prompt which, under
+  prefix caching, share its full blocks (all but a last partial block, and the block of its last token when
+  that one ends a block: vLLM recomputes it): where each sample took its whole prompt in one step, as a
+  prompt within the step's token budget does, those blocks count once a prompt (the largest sample holds
+  them), and the run's prefix-cache hits are the samples' own. Other prefix sharing (prompts with a common
+  prefix) only lowers the real demand: the figure is an upper bound, exact (one block less preempts) for
+  equal requests admitted together that share no blocks, and a remedy it finds short is said to be unknown,
+  not refused, when the run shared blocks so, or when the demand on the recorded schedule (below) fits it. A
+  pool sized by `num_gpu_blocks_override` is grown by that knob. From it: the blocks and bytes of KV memory to
+  add, the largest max_num_seqs that avoids every preemption in the present pool, and whether fp8 KV (1 byte
+  an element: twice the blocks for bf16 in the same memory) would. Where the run shared blocks so, that
+  max_num_seqs is a lower bound (sure to avoid them, a larger one may too: the engine files count blocks per
+  request, not which are shared, so the shared ones cannot be counted once), said `[?]`. The demand on the
+  recorded schedule (requests in flight per step, each at the length it had reached) is reported beside it.
 
   Against a memory budget (analyzers.planning.engine_budget), a remedy fits only if its pool does too: the
   pool is held at the peak, so the peak moves by what the pool grows or shrinks (peak = other_bytes + pool),
@@ -36,7 +40,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from analyzers.engine import EngineRun, HeldRequest, RequestEvent, blocks_for, engine_figures, held_at
+from analyzers.engine import (
+    EngineRun,
+    HeldRequest,
+    RequestEvent,
+    blocks_for,
+    engine_figures,
+    held_at,
+    sampled_prompts,
+)
 from analyzers.planning.engine_budget import EngineBudget
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
 from analyzers.planning.vllm_refused import (
@@ -219,9 +231,86 @@ def _unscheduled_tokens(waiting: RequestEvent, max_len: int | None, ended: bool)
     return max(reach - 1, waiting.prompt_tokens)
 
 
-def _recorded_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[int, int | None]:
+@dataclass(frozen=True)
+class _Samples:
+    """vLLM's parallel sampling under prefix caching: which requests are samples of one prompt, and the
+    blocks of that prompt they share (its full blocks less the last token's: a sample's prefix-cache hit
+    stops one token short of its prompt, vLLM's `max_cache_hit_length`)."""
+
+    parent_of: dict[str, str]  # sample's request id -> its parent's
+    shared_blocks: dict[str, int]  # parent id -> blocks its samples share
+
+    def samples_of(self) -> dict[str, int]:
+        """Parent id -> how many samples it had."""
+        counts: dict[str, int] = {}
+        for parent in self.parent_of.values():
+            counts[parent] = counts.get(parent, 0) + 1
+        return counts
+
+    def shared_tokens(self, block: int) -> int:
+        """Prefix-cache hits the samples make when admitted: every sample but the first finds them."""
+        return sum((n - 1) * self.shared_blocks[p] * block for p, n in self.samples_of().items())
+
+    def once_per_prompt(self, demand: dict[str, int]) -> list[int]:
+        """Each request's demand with its prompt's shared blocks counted once: the largest sample of each
+        prompt holds them, the others their own blocks only. The m largest of these are the most m requests
+        can hold together (a set without a prompt's largest sample counts its shared blocks on another)."""
+        lead: dict[str, str] = {}
+        for request_id, parent in self.parent_of.items():
+            if request_id in demand and (parent not in lead or demand[request_id] > demand[lead[parent]]):
+                lead[parent] = request_id
+        return [
+            need - self.shared_blocks[self.parent_of[rid]]
+            if rid in self.parent_of and lead[self.parent_of[rid]] != rid
+            else need
+            for rid, need in demand.items()
+        ]
+
+
+def _samples(run: EngineRun, sizes: _RequestBlocks) -> _Samples:
+    """The run's parallel samples whose prompt blocks were shared: prefix caching on, full attention only
+    (a sliding group frees a prompt's blocks as each sample's window moves), and each sample given its whole
+    prompt the step it was admitted (a prompt longer than the step's token budget is split, and a sample
+    admitted between its chunks computes the later ones again)."""
+    if not run.info.config.get("enable_prefix_caching") or sizes.groups.sliding_groups:
+        return _Samples({}, {})
+    first: dict[str, RequestEvent] = {}
+    for e in run.requests:
+        if e.event in ("scheduled", "resumed"):
+            first.setdefault(e.request_id, e)
+    parent_of: dict[str, str] = {}
+    shared: dict[str, int] = {}
+    for parent, children in sampled_prompts(run.requests).items():
+        admitted = [first[c] for c in children if c in first]
+        if not admitted or any(e.tokens < e.prompt_tokens for e in admitted):
+            continue
+        blocks = (admitted[0].prompt_tokens - 1) // sizes.block
+        if blocks > 0:
+            shared[parent] = blocks
+            parent_of.update(dict.fromkeys(children, parent))
+    return _Samples(parent_of, shared)
+
+
+def _samples_note(samples: _Samples, block: int, requests: int) -> str:
+    """What parallel sampling did to the count: the caller's prompts, and the blocks their samples shared."""
+    children = samples.samples_of()
+    prompts = len(children)
+    n = "/".join(str(count) for count in sorted(set(children.values())))
+    shared = sum(samples.shared_blocks.values())
+    some = "the" if len(samples.parent_of) == requests else f"{len(samples.parent_of)} of the"
+    plural = "s" if prompts != 1 else ""
+    return (
+        f"{some} {requests} requests are {prompts} prompt{plural} sampled n={n} (vLLM's parallel sampling "
+        "runs each sample as a request): through prefix caching a prompt's samples share its full blocks "
+        f"({shared:,} over the {prompts} prompt{plural}, {shared * block:,} tokens), counted once a prompt "
+        "in the demand, where the blocks listed per request count them in each sample"
+    )
+
+
+def _recorded_demand(run: EngineRun, sizes: _RequestBlocks, samples: _Samples) -> tuple[int, int | None]:
     """Peak over steps of what the requests in flight (admitted, not finished) would have held had none
-    been preempted, each at the length it had reached (blocks for its KV tokens so far)."""
+    been preempted, each at the length it had reached (blocks for its KV tokens so far), a prompt's blocks
+    shared by its samples counted once."""
     tokens: dict[str, tuple[int, int]] = {}  # request id -> (KV tokens so far, prompt tokens)
     peak, peak_step = 0, None
     by_step: dict[int, list[Any]] = {}
@@ -235,6 +324,12 @@ def _recorded_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[int, int | 
             tokens[e.request_id] = (reached, e.prompt_tokens)
         # a request finishing in this step still held its blocks while the step ran
         total = sum(sizes.at(prompt, reached) for reached, prompt in tokens.values())
+        in_flight: dict[str, int] = {}
+        for request_id in tokens:
+            parent = samples.parent_of.get(request_id)
+            if parent is not None:
+                in_flight[parent] = in_flight.get(parent, 0) + 1
+        total -= sum((n - 1) * samples.shared_blocks[parent] for parent, n in in_flight.items())
         if total > peak:
             peak, peak_step = total, step
         for e in by_step[step]:
@@ -407,12 +502,16 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         in_engine = int((run.steps["running"] + run.steps["waiting"]).max())
         if in_engine > 0:
             running_at_most = min(running_at_most, in_engine)
-    shared_tokens = int(run.steps["prefix_hits"].sum()) if len(run.steps) else 0
-    bound = sum(sorted(demand.values(), reverse=True)[:running_at_most])
-    recorded_peak, recorded_step = _recorded_demand(run, sizes)
+    samples = _samples(run, sizes)
+    demands = samples.once_per_prompt(demand)
+    hit_tokens = int(run.steps["prefix_hits"].sum()) if len(run.steps) else 0
+    # prefix-cache hits beyond what the samples of a prompt share: prompts with a common prefix
+    shared_tokens = max(0, hit_tokens - samples.shared_tokens(block))
+    bound = sum(sorted(demands, reverse=True)[:running_at_most])
+    recorded_peak, recorded_step = _recorded_demand(run, sizes, samples)
     needed_blocks = bound + NULL_BLOCKS
     needed_bytes = needed_blocks * bytes_per_block
-    seqs = _largest_seqs(list(demand.values()), usable)
+    seqs = _largest_seqs(demands, usable)
     seqs_lower_bound = bool(shared_tokens) and 1 <= seqs < running_at_most
     element = kv_dtype_bytes(str(info.config.get("kv_cache_dtype") or "auto"), info.kv_dtype or "bfloat16")
     fp8_blocks = num_blocks * element if element > 1 else None
@@ -440,7 +539,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
     if budget is not None and not remedies[0].fits:
         within = _pool_within_budget(
             budget,
-            list(demand.values()),
+            demands,
             num_blocks,
             bytes_per_block,
             override,
@@ -501,12 +600,19 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
             f"same {readable_bytes(kv_bytes)} holds {fp8_blocks:,} blocks, which {verdict}",
         )
         remedies.append(host_refuses_fp8(_against_budget(fp8, kv_bytes, budget), info.config))
+    sampled = (
+        "; a prompt's blocks shared by its samples (parallel sampling, prefix caching) counted once"
+        if samples.parent_of
+        else ""
+    )
     model = (
         f"each request needs at most {_need_text(sizes)}{_drafts_text(info.config)}; at most "
-        f"{running_at_most} run together (max_num_seqs {max_seqs}, {len(demand)} requests); "
+        f"{running_at_most} run together (max_num_seqs {max_seqs}, {len(demand)} requests){sampled}; "
         f"{NULL_BLOCKS} block is vLLM's null block"
     )
     notes: list[str] = []
+    if samples.parent_of:
+        notes.append(_samples_note(samples, block, len(demand)))
     if shared_tokens:
         notes.append(
             f"requests shared {shared_tokens:,} prefix-cached tokens ({shared_tokens // block:,} blocks): "

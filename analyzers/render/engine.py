@@ -33,6 +33,7 @@ def engine_to_json(fig: EngineFigures) -> dict[str, Any]:
         "recomputed_tokens": fig.recomputed_tokens,
         "prefix_cache_evicted_blocks": fig.prefix_cache_evicted_blocks,
         "requests": fig.requests,
+        "prompts": fig.prompts,
         "finish_reasons": fig.finish_reasons,
         "requests_aborted": fig.requests_aborted,
         "first_preemption_step": fig.first_preemption_step,
@@ -93,15 +94,22 @@ def preemptions_phrase(fig: EngineFigures) -> str:
 
 
 def requests_phrase(fig: EngineFigures) -> str:
-    """The requests, and how they ended when some did not complete: `8 requests (6 completed, 2 aborted)`."""
+    """The requests, and how they ended when some did not complete: `8 requests (6 completed, 2 aborted)`.
+    Under parallel sampling, the prompts the caller sent too: `12 requests (3 prompts sampled n=4)`."""
     reasons = fig.finish_reasons
     phrase = f"{fig.requests} requests"
+    sampled = ""
+    if fig.prompts is not None:
+        n = "/".join(str(count) for count in fig.samples_per_prompt)
+        sampled = f"{fig.prompts} prompt{'s' if fig.prompts != 1 else ''}"
+        some = f", {fig.prompts_sampled}" if fig.prompts_sampled != fig.prompts else ""
+        sampled += f"{some} sampled n={n}"
     if not set(reasons) - set(COMPLETED_REASONS):
-        return phrase
+        return f"{phrase} ({sampled})" if sampled else phrase
     parts = [f"{fig.requests_completed} completed"]
     named = {"abort": "aborted", "error": "failed"}
     parts += [f"{n} {named.get(r, r)}" for r, n in sorted(reasons.items()) if r not in COMPLETED_REASONS]
-    return f"{phrase} ({', '.join(parts)})"
+    return f"{phrase} ({sampled + '; ' if sampled else ''}{', '.join(parts)})"
 
 
 def peak_when(fig: EngineFigures) -> str:

@@ -183,3 +183,16 @@ def run_script(*args: str, kvtrace_dir: Path | None, multiprocess: bool) -> dict
     lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
     assert lines, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer over the model's 1000 ids (`t0` ... `t999`) saved beside a checkpoint: what
+    vLLM's `LLM.beam_search` needs (it detokenizes each beam), which `skip_tokenizer_init` would refuse."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(SIZE.vocab_size)}
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", eos_token="t1").save_pretrained(folder)
+    return folder
