@@ -1,0 +1,87 @@
+"""vLLM's parallel sampling (`SamplingParams(n > 1)`) in a preemption diagnosis: a prompt's samples are
+requests of their own in the engine's log, which under prefix caching share the prompt's full blocks, so the
+demand counts those blocks once a prompt, not once a sample (analyzers.planning.vllm_diagnose)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from analyzers.engine import EngineRun, RequestEvent, sampled_prompts
+
+__all__ = ["SharedSamples", "parallel_samples", "samples_note"]
+
+
+@dataclass(frozen=True)
+class SharedSamples:
+    """vLLM's parallel sampling under prefix caching: which requests are samples of one prompt, and the
+    blocks of that prompt they share (its full blocks less the last token's: a sample's prefix-cache hit
+    stops one token short of its prompt, vLLM's `max_cache_hit_length`)."""
+
+    parent_of: dict[str, str]  # sample's request id -> its parent's
+    shared_blocks: dict[str, int]  # parent id -> blocks its samples share
+
+    def samples_of(self) -> dict[str, int]:
+        """Parent id -> how many samples it had."""
+        counts: dict[str, int] = {}
+        for parent in self.parent_of.values():
+            counts[parent] = counts.get(parent, 0) + 1
+        return counts
+
+    def shared_tokens(self, block: int) -> int:
+        """Prefix-cache hits the samples make when admitted: every sample but the first finds them."""
+        return sum((n - 1) * self.shared_blocks[p] * block for p, n in self.samples_of().items())
+
+    def once_per_prompt(self, demand: dict[str, int]) -> list[int]:
+        """Each request's demand with its prompt's shared blocks counted once: the largest sample of each
+        prompt holds them, the others their own blocks only. The m largest of these are the most m requests
+        can hold together (a set without a prompt's largest sample counts its shared blocks on another)."""
+        lead: dict[str, str] = {}
+        for request_id, parent in self.parent_of.items():
+            if request_id in demand and (parent not in lead or demand[request_id] > demand[lead[parent]]):
+                lead[parent] = request_id
+        return [
+            need - self.shared_blocks[self.parent_of[rid]]
+            if rid in self.parent_of and lead[self.parent_of[rid]] != rid
+            else need
+            for rid, need in demand.items()
+        ]
+
+
+def parallel_samples(run: EngineRun, block: int, sliding: bool) -> SharedSamples:
+    """The run's parallel samples whose prompt blocks were shared: prefix caching on, full attention only
+    (a sliding group frees a prompt's blocks as each sample's window moves), and each sample given its whole
+    prompt the step it was admitted (a prompt longer than the step's token budget is split, and a sample
+    admitted between its chunks computes the later ones again). `sliding`: the model has sliding layers."""
+    if not run.info.config.get("enable_prefix_caching") or sliding:
+        return SharedSamples({}, {})
+    first: dict[str, RequestEvent] = {}
+    for e in run.requests:
+        if e.event in ("scheduled", "resumed"):
+            first.setdefault(e.request_id, e)
+    parent_of: dict[str, str] = {}
+    shared: dict[str, int] = {}
+    for parent, children in sampled_prompts(run.requests).items():
+        admitted = [first[c] for c in children if c in first]
+        if not admitted or any(e.tokens < e.prompt_tokens for e in admitted):
+            continue
+        blocks = (admitted[0].prompt_tokens - 1) // block
+        if blocks > 0:
+            shared[parent] = blocks
+            parent_of.update(dict.fromkeys(children, parent))
+    return SharedSamples(parent_of, shared)
+
+
+def samples_note(samples: SharedSamples, block: int, requests: int) -> str:
+    """What parallel sampling did to the count: the caller's prompts, and the blocks their samples shared."""
+    children = samples.samples_of()
+    prompts = len(children)
+    n = "/".join(str(count) for count in sorted(set(children.values())))
+    shared = sum(samples.shared_blocks.values())
+    some = "the" if len(samples.parent_of) == requests else f"{len(samples.parent_of)} of the"
+    plural = "s" if prompts != 1 else ""
+    return (
+        f"{some} {requests} requests are {prompts} prompt{plural} sampled n={n} (vLLM's parallel sampling "
+        "runs each sample as a request): through prefix caching a prompt's samples share its full blocks "
+        f"({shared:,} over the {prompts} prompt{plural}, {shared * block:,} tokens), counted once a prompt "
+        "in the demand, where the blocks listed per request count them in each sample"
+    )
