@@ -116,6 +116,9 @@ class PreemptionDiagnosis:
     # requests a run that stopped short left in the engine (analyzers.planning.engine_run_diagnosis): counted
     # at the lengths they had reached, so the demand above is a lower bound where not 0
     unfinished_requests: int = 0
+    # of `held_at_first`'s blocks, those listed again: a prompt's blocks, held once, in each of its samples
+    # (vLLM's parallel sampling under prefix caching); the pool held their sum less these
+    held_listed_again_blocks: int = 0
 
 
 def request_kv_tokens(e: RequestEvent) -> int:
@@ -248,12 +251,7 @@ def _recorded_demand(run: EngineRun, sizes: _RequestBlocks, samples: SharedSampl
             tokens[e.request_id] = (reached, e.prompt_tokens)
         # a request finishing in this step still held its blocks while the step ran
         total = sum(sizes.at(prompt, reached) for reached, prompt in tokens.values())
-        in_flight: dict[str, int] = {}
-        for request_id in tokens:
-            parent = samples.parent_of.get(request_id)
-            if parent is not None:
-                in_flight[parent] = in_flight.get(parent, 0) + 1
-        total -= sum((n - 1) * samples.shared_blocks[parent] for parent, n in in_flight.items())
+        total -= samples.listed_again(list(tokens))
         if total > peak:
             peak, peak_step = total, step
         for e in by_step[step]:
@@ -549,6 +547,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
             f"on the recorded schedule the demand peaked at {recorded_peak:,} blocks; a larger pool admits "
             f"more requests at once, so the suggestion covers the worst case of {bound:,}"
         )
+    held_first = tuple(held_at(run, figures.first_preemption_step, sizes.at))
     return PreemptionDiagnosis(
         path=run.path,
         num_blocks=num_blocks,
@@ -560,7 +559,8 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         preempted_tokens=figures.preempted_tokens,
         recomputed_tokens=figures.recomputed_tokens,
         first_preemption_step=figures.first_preemption_step,
-        held_at_first=tuple(held_at(run, figures.first_preemption_step, sizes.at)),
+        held_at_first=held_first,
+        held_listed_again_blocks=samples.listed_again([h.request_id for h in held_first]),
         requests=len(demand),
         max_num_seqs=int(max_seqs) if max_seqs else None,
         final_demand_blocks=demand,

@@ -31,6 +31,16 @@ class SharedSamples:
         """Prefix-cache hits the samples make when admitted: every sample but the first finds them."""
         return sum((n - 1) * self.shared_blocks[p] * block for p, n in self.samples_of().items())
 
+    def listed_again(self, request_ids: list[str]) -> int:
+        """Blocks that a list of these requests, each with its own blocks, counts more than once: a prompt's
+        shared blocks in each of its samples but one."""
+        listed: dict[str, int] = {}
+        for request_id in request_ids:
+            parent = self.parent_of.get(request_id)
+            if parent is not None:
+                listed[parent] = listed.get(parent, 0) + 1
+        return sum((n - 1) * self.shared_blocks[parent] for parent, n in listed.items())
+
     def once_per_prompt(self, demand: dict[str, int]) -> list[int]:
         """Each request's demand with its prompt's shared blocks counted once: the largest sample of each
         prompt holds them, the others their own blocks only. The m largest of these are the most m requests

@@ -199,9 +199,18 @@ def preemption_to_html(d: PreemptionDiagnosis) -> str:
     middle = (
         f"<h3>The pool at the first preemption (step {d.first_preemption_step})</h3><table class='held'>"
         f"<tr><th>request</th><th>blocks</th><th>tokens</th><th></th></tr>{requests}"
-        f"<tr><td>total</td><td>{held:,}</td><td></td><td></td></tr></table>"
+        f"<tr><td>total</td><td>{held:,}</td><td></td><td>{esc(_listed_again(d, held)[2:])}</td></tr></table>"
     )
     return _section(_preemption_headline(d), rows, middle, "Would have avoided every preemption", d)
+
+
+def _listed_again(d: PreemptionDiagnosis, total: int) -> str:
+    """After the held table's total, where parallel samples list their prompt's shared blocks each."""
+    again = d.held_listed_again_blocks
+    if not again:
+        return ""
+    shared = f"{again:,} are prompts' blocks their samples share, listed in each"
+    return f", {total - again:,} in the pool: {shared}"
 
 
 def _preemption_text(d: PreemptionDiagnosis) -> list[str]:
@@ -217,7 +226,7 @@ def _preemption_text(d: PreemptionDiagnosis) -> list[str]:
             f"{_held_as_of(d, held)})"
         )
     total = sum(h.blocks for h in d.held_at_first)
-    lines.append(f"    total      {'':<10} {total:>5} blocks")
+    lines.append(f"    total      {'':<10} {total:>5} blocks{_listed_again(d, total)}")
     lines += [f"  demand if nothing were preempted: {_demand(d)}", f"  model: {d.model}"]
     lines += [f"  note: {n}" for n in d.notes]
     lines.append("Would have avoided every preemption:")

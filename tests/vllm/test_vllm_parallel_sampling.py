@@ -148,6 +148,12 @@ def test_diagnosis_counts_a_prompts_blocks_once(recorded: dict[str, Any], tmp_pa
     assert diagnosis.max_num_seqs_without_preemption == seqs == 6
     assert not diagnosis.max_num_seqs_lower_bound  # every prefix-cache hit was a sample's
     assert any(f"{PROMPTS} prompts sampled n={N}" in note for note in diagnosis.notes)
+    # AND the blocks held at the first preemption, listed per sample, say which are a prompt's listed again:
+    # less those, they are the pool's usable blocks, all held (vLLM preempts a request for a decode step's
+    # block when none is free); the list alone summed to 21 in the 15-block pool
+    listed = sum(h.blocks for h in diagnosis.held_at_first)
+    assert diagnosis.held_listed_again_blocks > 0
+    assert listed - diagnosis.held_listed_again_blocks == diagnosis.usable_blocks == USABLE
     # AND vLLM agrees: the suggested pool preempts nothing, nor the suggested max_num_seqs, one more does
     model = recorded["model"]
     for overrides, preempts in (
