@@ -276,6 +276,11 @@ class EngineHooks:
     def _preempt_hook(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         request_id = request.request_id
         blocks, tokens = self._blocks_of(request_id), request.num_computed_tokens
+        # The pool as full as the scheduler found it: what it preempts for. After schedule() the victim's
+        # blocks are free again, and a step that preempted may hold fewer than at this moment.
+        free = self._pool.get_num_free_blocks()
+        if self._scheduled_free is None or free < self._scheduled_free:
+            self._scheduled_free = free
         result = self._preempt(request, *args, **kwargs)
         self.preemptions += 1
         self._step_preempted.append(request_id)

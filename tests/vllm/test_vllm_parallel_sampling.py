@@ -113,8 +113,13 @@ def test_report_counts_samples_prompts_tokens_and_shared_blocks(recorded: dict[s
     finished = [e for e in engine.requests if e.event == "finished"]
     assert sum(e.output_tokens for e in finished) == sum(len(c.token_ids) for o in outputs for c in o.outputs)
     assert fig.preemptions == recorded["preemptions"]
+    # AND a step that preempted held every usable block while it ran (vLLM preempts a request for a decode
+    # step's block when none is free; after scheduling, the victims' blocks are free again: it read 14)
+    steps = _lines(run / "engine_steps.jsonl")
+    assert {s["blocks_used_in_step"] for s in steps if s["preempted"]} == {USABLE}
+    assert fig.peak_blocks_used == USABLE
     # AND each step's pool blocks are what the samples hold, a prompt's shared block counted once a prompt
-    steps, requests = _lines(run / "engine_steps.jsonl"), _lines(run / "engine_requests.jsonl")
+    requests = _lines(run / "engine_requests.jsonl")
     shared = (PROMPT_TOKENS - 1) // BLOCK_SIZE
     held = blocks_held_by_requests(steps, requests)
     in_flight: dict[str, set[str]] = {}
