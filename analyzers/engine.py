@@ -30,6 +30,7 @@ __all__ = [
     "aborted_requests_unknown",
     "blocks_for",
     "cache_dtype_name",
+    "draft_kv_layers",
     "engine_figures",
     "failed_requests_unknown",
     "held_at",
@@ -208,6 +209,13 @@ _GEOMETRY_KEYS = (
     "vocab_size",
     "dtype",
 )
+
+
+def draft_kv_layers(model: Any) -> int:
+    """engine.json's `model.draft_kv_layers`: the pool's layers that a speculative drafter (a draft model,
+    an EAGLE or MTP head) owns; 0 without one, and in runs recorded before kvtrace kept it."""
+    drafted = model.get("draft_kv_layers") if isinstance(model, dict) else None
+    return drafted if isinstance(drafted, int) and not isinstance(drafted, bool) and drafted > 0 else 0
 
 
 def model_geometry(model: Any) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from analyzers.engine import EngineFigures, EngineInfo, engine_figures
+from analyzers.engine import EngineFigures, EngineInfo, draft_kv_layers, engine_figures
 from analyzers.readers.engine_files import read_engine
 from analyzers.units import human_bytes
 from kvtrace.format import CB_CACHE_ID, VLLM_CACHE_ID
@@ -133,7 +133,8 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
         tp = tp if isinstance(tp, int) and tp > 1 else 1
         heads = kv_heads_per_worker(model["num_kv_heads"], tp)
         per_layer_token = 2 * heads * model["head_dim"] * element
-        kv.bytes_per_token_expected = model["num_layers"] * per_layer_token
+        # a speculative drafter's layers (a draft model's, an EAGLE head's) hold KV in the same blocks
+        kv.bytes_per_token_expected = (model["num_layers"] + draft_kv_layers(model)) * per_layer_token
         if tp > 1:
             notes.insert(
                 0,

@@ -77,6 +77,7 @@ __all__ = [
     "diagnose_engine",
     "diagnose_preemptions",
     "diagnose_refused",
+    "lookahead_of",
     "request_kv_tokens",
 ]
 
@@ -121,15 +122,30 @@ class PreemptionDiagnosis:
     held_listed_again_blocks: int = 0
 
 
-def request_kv_tokens(e: RequestEvent) -> int:
+def request_kv_tokens(e: RequestEvent, lookahead: int = 0, max_model_len: int | None = None) -> int:
     """KV tokens a request needs at this event. A finished request's last sampled token was never fed
     back, so it never got KV: prompt + output - 1. Before that, every sampled token is computed in the
     next step, and the event's blocks are allocated for prompt + output; under async scheduling (vLLM's
     default on GPUs) for one more, the token of the batch in flight, not sampled yet but given its slot:
-    the event's `tokens` (vLLM's computed tokens, this step's included) count it."""
+    the event's `tokens` (vLLM's computed tokens, this step's included) count it. A drafter that writes
+    KV (a draft model, an EAGLE head) gets `lookahead` slots past those (engine.json's
+    `num_lookahead_tokens`), up to max_model_len: vLLM's `allocate_slots`."""
     if e.event == "finished" and e.output_tokens > 0:
         return e.prompt_tokens + e.output_tokens - 1
-    return max(e.prompt_tokens + e.output_tokens, e.tokens)
+    tokens = max(e.prompt_tokens + e.output_tokens, e.tokens)
+    if lookahead > 0:
+        return max(tokens, min(tokens + lookahead, max_model_len or tokens + lookahead))
+    return tokens
+
+
+def lookahead_of(config: dict[str, Any]) -> tuple[int, int | None]:
+    """(the drafter's lookahead slots, max_model_len) from engine.json's config, for `request_kv_tokens`."""
+    lookahead = config.get("num_lookahead_tokens")
+    max_len = config.get("max_model_len")
+    return (
+        lookahead if isinstance(lookahead, int) and lookahead > 0 else 0,
+        max_len if isinstance(max_len, int) and max_len > 0 else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -192,13 +208,14 @@ def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[dict[str, int]
     ended: set[str] = set()
     full = not sizes.groups.sliding_groups
     max_len = int(run.info.config.get("max_model_len") or 0) or None
+    slots = lookahead_of(run.info.config)
     for e in run.requests:
         if e.event == "waiting" or (e.event == "finished" and e.request_id not in demand):
             if e.event == "finished":
                 ended.add(e.request_id)
             waited.setdefault(e.request_id, e)
             continue
-        need = sizes.final(e.prompt_tokens, request_kv_tokens(e))
+        need = sizes.final(e.prompt_tokens, request_kv_tokens(e, *slots))
         if full:
             need = max(need, e.blocks, e.dropped_blocks)
         if e.event == "finished" and e.finish_reason == "abort" and e.request_id in waited:
@@ -240,6 +257,7 @@ def _recorded_demand(run: EngineRun, sizes: _RequestBlocks, samples: SharedSampl
     shared by its samples counted once."""
     tokens: dict[str, tuple[int, int]] = {}  # request id -> (KV tokens so far, prompt tokens)
     peak, peak_step = 0, None
+    slots = lookahead_of(run.info.config)
     by_step: dict[int, list[Any]] = {}
     for e in run.requests:
         by_step.setdefault(e.step, []).append(e)
@@ -247,7 +265,7 @@ def _recorded_demand(run: EngineRun, sizes: _RequestBlocks, samples: SharedSampl
         for e in by_step[step]:
             if e.event == "waiting" or (e.event == "finished" and e.request_id not in tokens):
                 continue  # in the queue, or aborted before it was scheduled: it held nothing
-            reached = max(tokens.get(e.request_id, (0, 0))[0], request_kv_tokens(e))
+            reached = max(tokens.get(e.request_id, (0, 0))[0], request_kv_tokens(e, *slots))
             tokens[e.request_id] = (reached, e.prompt_tokens)
         # a request finishing in this step still held its blocks while the step ran
         total = sum(sizes.at(prompt, reached) for reached, prompt in tokens.values())

@@ -39,6 +39,7 @@ def _count(value: Any) -> int | None:
 
 def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     """(memory figures and settings, geometry or None) from a recorded vLLM run's engine.json."""
+    from analyzers.engine import draft_kv_layers
     from analyzers.planning.engine_run_refusal import not_a_vllm_pool
     from analyzers.planning.presets import ModelGeometry
     from analyzers.readers.engine_files import read_engine
@@ -68,6 +69,7 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
         # what the run configured: a refused start allocated nothing, yet vLLM sized its check by this
         "kv_cache_memory_bytes": config.get("kv_cache_memory_bytes"),
         "model": model,
+        "config": config,
         "status": run.info.status,
         # vLLM's pool is this many blocks whatever the memory: the figures it logged at start came from it
         "num_gpu_blocks_override": config.get("num_gpu_blocks_override"),
@@ -86,7 +88,8 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     try:
         geometry = ModelGeometry(
             name=str(model.get("name") or Path(path).name),
-            num_layers=int(model["num_layers"]),
+            # a speculative drafter's layers (a draft model's, an EAGLE head's) are a page of every block too
+            num_layers=int(model["num_layers"]) + draft_kv_layers(model),
             num_attention_heads=int(model.get("num_attention_heads") or model["num_kv_heads"]),
             num_kv_heads=int(model["num_kv_heads"]),
             head_dim=int(model["head_dim"]),
@@ -103,6 +106,7 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
 
 
 def run_vllm_plan(args: argparse.Namespace) -> int:
+    from analyzers.engine import draft_kv_layers
     from analyzers.planning.hf_config import geometry_from_config
     from analyzers.planning.presets import get_preset
     from analyzers.planning.size_text import parse_size
@@ -247,6 +251,15 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
                     f"{kv_cache_memory}",
                 ),
             )
+    drafted = draft_kv_layers(measured.get("model"))
+    if geometry is run_geometry and drafted:
+        method = (measured.get("config") or {}).get("speculative_method")
+        note = (
+            f"speculative decoding ({method}): the drafter's {drafted} attention layer(s) keep KV in the "
+            f"same blocks, counted with the model's: {geometry.num_layers} layers a block (weights: the "
+            "target model's only)"
+        )
+        result = replace(result, notes=(*result.notes, note))
     if geometry is run_geometry and "sliding_window" not in (measured.get("model") or {}):
         started = (
             "; vLLM started this run, which this plan refuses: its layers may slide"

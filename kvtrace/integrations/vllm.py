@@ -239,6 +239,7 @@ def worker_kv_facts(worker: Any, names: list[str], num_blocks: int, head_size: i
         layers[name] = facts
     result: dict[str, Any] = {
         "layers": layers,
+        "draft_layers": drafter_layer_names(runner),
         "num_params": None,
         "weights_bytes": None,
         "buffers_bytes": None,
@@ -247,6 +248,20 @@ def worker_kv_facts(worker: Any, names: list[str], num_blocks: int, head_size: i
         # on CPU the linear weights are held by each layer's `cpu_linear`, not its parameters (vllm_weights)
         result.update(weight_facts(runner.get_model()))
     return result
+
+
+def drafter_layer_names(runner: Any) -> list[str] | None:
+    """The attention layers of a speculative drafter (a draft model, an EAGLE or MTP head), which keep their
+    KV in the target's pool, in its blocks: vLLM's own list (the forward context's layers less the target's,
+    `SpecDecodeBaseProposer._draft_attn_layer_names`, private). [] without a drafter, or with one that keeps
+    no KV (n-gram); None where this vLLM does not say."""
+    drafter = getattr(runner, "drafter", None)
+    if drafter is None:
+        return []
+    names = getattr(drafter, "_draft_attn_layer_names", None)
+    if names is None:
+        return [] if not hasattr(drafter, "model") else None
+    return sorted(str(name) for name in names)
 
 
 def split_kv(tensor: Any, num_blocks: int, head_size: int) -> tuple[Any, Any]:
@@ -301,9 +316,14 @@ def pool_facts(kv_cache_config: Any, worker_facts: dict[str, Any], source: str) 
     layers: list[dict[str, Any]] = []
     storages: dict[int, dict[str, Any]] = {}
     names = [name for t in kv_cache_config.kv_cache_tensors for name in t.layers]
+    taken: set[int] = set()
     for position, name in enumerate(names):
         match = _LAYER_INDEX.search(name)
-        entry: dict[str, Any] = {"layer": int(match.group(1)) if match else position, "name": name}
+        index = int(match.group(1)) if match else position
+        if index in taken:  # a draft model's `draft_model.model.layers.0`: numbered after the target's
+            index = max(taken) + 1
+        taken.add(index)
+        entry: dict[str, Any] = {"layer": index, "name": name}
         facts = tensors.get(name)
         if facts is not None:
             addr = facts["storage_addr"]
@@ -335,6 +355,7 @@ def engine_document(core: Any, kv_cache_config: Any, process: str) -> tuple[dict
         pool["layout"] = core.vllm_config.cache_config.kv_cache_layout
     model = model_facts(core.vllm_config)
     model["num_params"] = worker_facts.get("num_params")
+    model["draft_kv_layers"] = _draft_kv_layers(kv_cache_config, worker_facts.get("draft_layers"))
     available = getattr(core, "available_gpu_memory_for_kv_cache", -1)
     document: dict[str, Any] = {
         "name": "vllm",
@@ -355,6 +376,15 @@ def engine_document(core: Any, kv_cache_config: Any, process: str) -> tuple[dict
         "refused": None,
     }
     return document, worker_facts
+
+
+def _draft_kv_layers(kv_cache_config: Any, draft_layers: Any) -> int | None:
+    """How many of the pool's layers are a speculative drafter's (each a page of every block, as a target
+    layer's): 0 without one; None where the worker did not say (its facts unread, another vLLM)."""
+    if not isinstance(draft_layers, list):
+        return None
+    drafted = set(draft_layers)
+    return sum(1 for t in kv_cache_config.kv_cache_tensors for name in t.layers if name in drafted)
 
 
 # -- a refused start ---------------------------------------------------------------------------------------

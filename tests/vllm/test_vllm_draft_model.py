@@ -1,0 +1,183 @@
+"""Speculative decoding with a drafter that keeps KV (a draft model, an EAGLE head; both run on vLLM's CPU
+build): vLLM puts the drafter's attention layers in the target's pool, a page of every block each, and gives
+each request `num_lookahead_tokens` slots past its scheduled tokens for the drafter to write. The run says how
+many layers are the drafter's, and the report's arithmetic, `plan --from-run` and the request events count
+them as vLLM did: a pool of (4 + drafter) layers a block, not the target's 4."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import kvtrace
+from kvtrace import format as fmt
+from kvtrace.cli import main
+from tests.vllm.workload import (
+    BLOCK_SIZE,
+    DTYPE_BYTES,
+    HEAD_DIM,
+    MAX_MODEL_LEN,
+    SIZE,
+    make_llm,
+    metric,
+    prompts,
+    sampling,
+)
+
+DRAFTS = 3
+BLOCKS = 16  # the pool asked for: 16 blocks of every layer, one of them the null block; 8 x 3 wanted
+# the drafter's attention layers: a 2-layer Llama as a draft model, a 1-layer EAGLE head
+DRAFTER_LAYERS = {"draft_model": 2, "eagle": 1}
+
+
+def _block_bytes(layers: int) -> int:
+    return layers * 2 * SIZE.num_kv_heads * HEAD_DIM * BLOCK_SIZE * DTYPE_BYTES
+
+
+def _write_draft_model(folder: Path, layers: int) -> Path:
+    """A random-weight Llama of the target's shape and vocabulary, with fewer layers."""
+    import dataclasses
+
+    import torch
+
+    from kvtrace.llama import build_model
+
+    build_model(dataclasses.replace(SIZE, num_layers=layers), dtype=torch.bfloat16, seed=1).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def _write_eagle_head(folder: Path, layers: int) -> Path:
+    """A random-weight EAGLE head for the target (vLLM's `EagleLlamaForCausalLM`): decoder layers without
+    their first input norm, and `fc`, which mixes the token's embedding with the target's hidden state."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from kvtrace.llama import build_model
+
+    model = build_model(dataclasses.replace(SIZE, num_layers=layers), dtype=torch.bfloat16, seed=2)
+    weights = {
+        name.removeprefix("model."): tensor.contiguous()
+        for name, tensor in model.state_dict().items()
+        if name.startswith("model.")
+        and name not in ("model.norm.weight", "model.layers.0.input_layernorm.weight")
+    }
+    torch.manual_seed(3)
+    weights["fc.weight"] = (torch.randn(SIZE.hidden_size, 2 * SIZE.hidden_size) * 0.02).to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, folder / "model.safetensors")
+    config = model.config.to_dict() | {"architectures": ["EagleLlamaForCausalLM"]}
+    (folder / "config.json").write_text(json.dumps(config, default=str))
+    return folder
+
+
+@pytest.fixture(scope="module", params=sorted(DRAFTER_LAYERS))
+def recorded(
+    request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    method: str = request.param
+    layers = DRAFTER_LAYERS[method]
+    folder = tmp_path_factory.mktemp(f"drafter-{method}")
+    drafter = (_write_draft_model if method == "draft_model" else _write_eagle_head)(folder, layers)
+    llm = make_llm(
+        tiny_model_dir,
+        speculative_config={"method": method, "model": str(drafter), "num_speculative_tokens": DRAFTS},
+        kv_cache_memory_bytes=BLOCKS * _block_bytes(SIZE.num_layers + layers),
+    )
+    run_dir = tmp_path_factory.mktemp(f"vllm-{method}") / "run"
+    with kvtrace.record(run_dir, model=llm, profiler=False):
+        outputs = llm.generate(prompts(), sampling(), use_tqdm=False)
+    figures = {
+        "method": method,
+        "drafter_layers": layers,
+        "dir": run_dir,
+        "outputs": outputs,
+        "engine": json.loads((run_dir / fmt.ENGINE).read_text()),
+        "preemptions": metric(llm, "vllm:num_preemptions"),
+        "drafts": metric(llm, "vllm:spec_decode_num_draft_tokens"),
+    }
+    del llm
+    gc.collect()  # before the next engine starts
+    return figures
+
+
+def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_run_says_the_drafter_and_its_lookahead(recorded: dict[str, Any]) -> None:
+    engine = recorded["engine"]
+    assert engine["config"]["speculative_method"] == recorded["method"]
+    assert engine["config"]["num_speculative_tokens"] == DRAFTS
+    assert engine["config"]["num_lookahead_tokens"] == DRAFTS  # the drafter writes KV past the drafts
+    assert engine["model"]["num_layers"] == SIZE.num_layers
+    assert engine["model"]["draft_kv_layers"] == recorded["drafter_layers"]
+    assert recorded["drafts"] > 0
+
+
+def test_the_pool_holds_the_drafters_layers_under_their_own_numbers(recorded: dict[str, Any]) -> None:
+    engine = recorded["engine"]
+    layers = SIZE.num_layers + recorded["drafter_layers"]
+    assert engine["num_blocks"] == BLOCKS
+    assert engine["bytes_per_block"] == _block_bytes(layers)
+    assert engine["kv_cache_bytes"] == BLOCKS * _block_bytes(layers)
+    # a draft model's layers are `draft_model.model.layers.0`, ...: numbered after the target's, not as its 0
+    assert [entry["layer"] for entry in engine["layers"]] == list(range(layers))
+
+
+def test_the_reports_arithmetic_counts_the_drafters_layers(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    kv = _json(["report", str(recorded["dir"])], capsys)["kv"]
+    per_token = (
+        (SIZE.num_layers + recorded["drafter_layers"]) * 2 * SIZE.num_kv_heads * HEAD_DIM * DTYPE_BYTES
+    )
+    assert kv["bytes_per_token_measured"] == per_token
+    assert kv["bytes_per_token_expected"] == per_token  # was the target's 4 layers' 2,048
+
+
+def test_plan_from_run_gives_the_pool_vllm_made(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    layers = SIZE.num_layers + recorded["drafter_layers"]
+    plan = _json(["plan", "--engine", "vllm", "--from-run", str(recorded["dir"])], capsys)
+    assert plan["bytes_per_block"] == recorded["engine"]["bytes_per_block"] == _block_bytes(layers)
+    assert plan["num_blocks"] == recorded["engine"]["num_blocks"] == BLOCKS  # was 24 (16 x 6 / 4)
+    assert plan["kv_bytes_per_token"] == _block_bytes(layers) // BLOCK_SIZE
+    assert plan["needed_bytes"] == -(-MAX_MODEL_LEN // BLOCK_SIZE) * _block_bytes(layers)
+
+
+def test_each_events_kv_tokens_and_lookahead_fill_the_blocks_vllm_gave(recorded: dict[str, Any]) -> None:
+    from analyzers.planning.vllm_diagnose import lookahead_of, request_kv_tokens
+    from analyzers.readers.engine_files import read_engine
+
+    run = read_engine(recorded["dir"])
+    assert run is not None
+    assert lookahead_of(run.info.config) == (DRAFTS, MAX_MODEL_LEN)
+    assert sum(e.event == "preempted" for e in run.requests) == recorded["preemptions"] > 0
+    held = [e for e in run.requests if e.event in ("scheduled", "blocks", "resumed")]
+    for e in held:
+        # vLLM allocates slots for the computed tokens, the drafts scheduled, and the drafter's lookahead
+        assert -(-request_kv_tokens(e, DRAFTS, MAX_MODEL_LEN) // BLOCK_SIZE) == e.blocks, e
+    # without the lookahead, some requests hold a block more than their tokens fill
+    assert any(-(-request_kv_tokens(e) // BLOCK_SIZE) < e.blocks for e in held)
+
+
+def test_the_diagnosis_prices_blocks_of_every_layer(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    diagnosis = _json(["diagnose", str(recorded["dir"])], capsys)
+    block = _block_bytes(SIZE.num_layers + recorded["drafter_layers"])
+    assert diagnosis["preemptions"] == recorded["preemptions"]
+    assert diagnosis["bytes_per_block"] == block
+    assert diagnosis["kv_cache_memory_bytes_needed"] == diagnosis["blocks_needed"] * block
