@@ -108,17 +108,22 @@ def _record(disk: Path, tmp_path: Path, prompt_batch, profiler: bool, leave_free
     return _child_lines(tmp_path, FILL_DISK + CHILD, *args)
 
 
-def _child_lines(tmp_path: Path, source: str, *args: object) -> list[str]:
-    """The lines a child script (`source`, run with `args`) prints; it must exit 0 without a traceback."""
+def _run_child(tmp_path: Path, source: str, *args: object) -> subprocess.CompletedProcess[str]:
+    """A child script (`source`, run with `args`), this checkout's kvtrace on its path."""
     script = tmp_path / "child.py"
     script.write_text(source, encoding="utf-8")
-    child = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(script), *(str(arg) for arg in args)],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
+
+
+def _child_lines(tmp_path: Path, source: str, *args: object) -> list[str]:
+    """The lines a child script (`source`, run with `args`) prints; it must exit 0 without a traceback."""
+    child = _run_child(tmp_path, source, *args)
     assert child.returncode == 0, child.stderr[-3000:]
     assert "Traceback" not in child.stderr
     return child.stdout.splitlines()
@@ -568,16 +573,7 @@ def test_a_disk_that_fills_after_a_sigterm_leaves_room_for_the_final_manifest(
     # GIVEN a recording SIGTERMed (its manifest notes the SIGTERM at once, before the trace is written) on a
     # disk that fills before the profiler's trace is written: no room for it or the final manifest's new file
     run, stop_at = small_disk / "run", 3
-    script = tmp_path / "child.py"
-    script.write_text(FILL_DISK + SIGTERM_CHILD, encoding="utf-8")
-    args = (run, LAYERS, ROWS, PROMPT, NEW_TOKENS, stop_at)
-    child = subprocess.run(
-        [sys.executable, str(script), *(str(arg) for arg in args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
+    child = _run_child(tmp_path, FILL_DISK + SIGTERM_CHILD, run, LAYERS, ROWS, PROMPT, NEW_TOKENS, stop_at)
     assert child.returncode == -signal.SIGTERM, child.stderr[-3000:]
 
     # THEN the final manifest is written over the room reserved at the start, which the SIGTERM's manifest

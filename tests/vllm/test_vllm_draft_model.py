@@ -15,8 +15,6 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import kvtrace
-from kvtrace import format as fmt
 from kvtrace.cli import main
 from tests.vllm.workload import (
     BLOCK_SIZE,
@@ -25,8 +23,8 @@ from tests.vllm.workload import (
     MAX_MODEL_LEN,
     SIZE,
     make_llm,
-    metric,
     prompts,
+    record_drafting,
     sampling,
 )
 
@@ -94,17 +92,8 @@ def recorded(
         kv_cache_memory_bytes=BLOCKS * _block_bytes(SIZE.num_layers + layers),
     )
     run_dir = tmp_path_factory.mktemp(f"vllm-{method}") / "run"
-    with kvtrace.record(run_dir, model=llm, profiler=False):
-        outputs = llm.generate(prompts(), sampling(), use_tqdm=False)
-    figures = {
-        "method": method,
-        "drafter_layers": layers,
-        "dir": run_dir,
-        "outputs": outputs,
-        "engine": json.loads((run_dir / fmt.ENGINE).read_text()),
-        "preemptions": metric(llm, "vllm:num_preemptions"),
-        "drafts": metric(llm, "vllm:spec_decode_num_draft_tokens"),
-    }
+    figures = record_drafting(llm, run_dir, prompts(), sampling())
+    figures.update(method=method, drafter_layers=layers)
     del llm
     gc.collect()  # before the next engine starts
     return figures

@@ -14,10 +14,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import kvtrace
 from kvtrace import format as fmt
 from kvtrace.cli import main
-from tests.vllm.workload import BLOCK_SIZE, REQUESTS, make_llm, metric, sampling
+from tests.vllm.workload import BLOCK_SIZE, REQUESTS, make_llm, record_drafting, sampling
 
 DRAFTS = 3
 PROMPT, NEW = 40, 25  # 40 + 25 - 1 = 64 KV tokens kept: exactly 2 blocks, the drafts' slots take a third
@@ -43,15 +42,7 @@ def _repeating_prompts() -> list[Any]:
 def recorded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     llm = make_llm(tiny_model_dir, speculative_config=SPECULATIVE)
     run_dir = tmp_path_factory.mktemp("vllm-spec") / "run"
-    with kvtrace.record(run_dir, model=llm, profiler=False):
-        outputs = llm.generate(_repeating_prompts(), sampling(NEW), use_tqdm=False)
-    figures = {
-        "dir": run_dir,
-        "outputs": outputs,
-        "engine": json.loads((run_dir / fmt.ENGINE).read_text()),
-        "preemptions": metric(llm, "vllm:num_preemptions"),
-        "drafts": metric(llm, "vllm:spec_decode_num_draft_tokens"),
-    }
+    figures = record_drafting(llm, run_dir, _repeating_prompts(), sampling(NEW))
     del llm
     gc.collect()  # before the next module's engine starts (an engine collected while another runs breaks it)
     return figures

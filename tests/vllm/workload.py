@@ -145,6 +145,24 @@ def metric(llm: Any, name: str) -> float:
     raise KeyError(name)
 
 
+def record_drafting(llm: Any, run_dir: Path, requests: list[Any], params: Any) -> dict[str, Any]:
+    """A speculative-decoding engine's run recorded (light mode), with vLLM's own figures of it. The caller
+    drops the engine and collects it before the next one starts (one collected while another runs breaks
+    it)."""
+    import kvtrace
+
+    with kvtrace.record(run_dir, model=llm, profiler=False):
+        outputs = llm.generate(requests, params, use_tqdm=False)
+    figures = {
+        "dir": run_dir,
+        "outputs": outputs,
+        "engine": json.loads((run_dir / "engine.json").read_text()),
+        "preemptions": metric(llm, "vllm:num_preemptions"),
+        "drafts": metric(llm, "vllm:spec_decode_num_draft_tokens"),
+    }
+    return figures
+
+
 def run_workload(llm: Any) -> list[Any]:
     return llm.generate(prompts(), sampling(), use_tqdm=False)
 
