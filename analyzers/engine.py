@@ -412,7 +412,10 @@ def held_at(
     "blocks" events are logged only on a change, so the other requests' tokens are brought forward from
     their next event when one follows (`_tokens_at_start`); otherwise they are as of their last event
     (`as_of_step`). `blocks_at(prompt_tokens, tokens)`: the blocks a request holds at a length (a sliding
-    window's fewer than its tokens' blocks), for that check; by default every token's block."""
+    window's fewer than its tokens' blocks), for that check; by default every token's block.
+    Under speculative decoding a step computes a request's drafts beside its next token and gives back the
+    rejected ones, so no step-count arithmetic tells its tokens or output between events: each request is
+    as of its own events, with the output vLLM logged there."""
     state: dict[str, RequestEvent] = {}
     for e in run.requests:
         if e.step < step:
@@ -429,6 +432,7 @@ def held_at(
                 e.output_tokens,
             )
     grown = _grown_before_preemption(run, step, state)
+    drafting = bool(run.info.config.get("num_speculative_tokens"))
     held: list[HeldRequest] = []
     for e in state.values():
         if e.request_id in grown:
@@ -438,15 +442,20 @@ def held_at(
         if e.event in ("finished", "preempted") or e.blocks <= 0:
             continue
         tokens, as_of = e.tokens, e.step
-        if e.step == step - 1 and e.event in ("scheduled", "blocks", "resumed"):
-            as_of = step  # logged after the step just before: what it held when this step began
-        elif e.event != "held":
-            found = _tokens_at_start(run, e, step, blocks_at)
-            if found is not None:
-                tokens, as_of = found, step
-        output = (
-            tokens - e.prompt_tokens + 1 if as_of == step and tokens >= e.prompt_tokens else e.output_tokens
-        )
+        if drafting:
+            output = e.output_tokens
+        else:
+            if e.step == step - 1 and e.event in ("scheduled", "blocks", "resumed"):
+                as_of = step  # logged after the step just before: what it held when this step began
+            elif e.event != "held":
+                found = _tokens_at_start(run, e, step, blocks_at)
+                if found is not None:
+                    tokens, as_of = found, step
+            output = (
+                tokens - e.prompt_tokens + 1
+                if as_of == step and tokens >= e.prompt_tokens
+                else e.output_tokens
+            )
         held.append(HeldRequest(e.request_id, e.blocks, tokens, e.prompt_tokens, output, as_of))
     return sorted(held, key=lambda h: (-h.blocks, h.request_id))
 

@@ -247,7 +247,11 @@ class EngineHooks:
                 )
             blocks = self._blocks_of(request_id)
             if request_id in self._dropped:
-                dropped = self._dropped.pop(request_id)
+                # Under async scheduling the preemption counted the batch in flight's slots, its drafts
+                # too; those vLLM rejected since were never KV to recompute. The KV kept is at most every
+                # token but the last sampled (prompt + output - 1), the in-flight batch's output included.
+                kept = request.num_prompt_tokens + request.num_output_tokens - 1
+                dropped = min(self._dropped.pop(request_id), max(0, kept))
                 hits = max(0, request.num_computed_tokens - count)  # found in the prefix cache
                 self._log_request(request, "resumed", blocks, recomputed_tokens=max(0, dropped - hits))
             elif request_id not in self._held:
