@@ -23,6 +23,7 @@ from tests.vllm.workload import (
     blocks_held_by_requests,
     make_llm,
     metric,
+    recorded_files,
     run_workload,
 )
 
@@ -48,11 +49,8 @@ def recorded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "llm": llm,
         "core": core,
         "before": before,
-        "dir": run_dir,
+        **recorded_files(run_dir),
         "outputs": outputs,
-        "engine": json.loads((run_dir / fmt.ENGINE).read_text()),
-        "steps": _jsonl(run_dir / fmt.ENGINE_STEPS),
-        "requests": _jsonl(run_dir / fmt.ENGINE_REQUESTS),
         "kv_tensors": list(runner.kv_caches),
         "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
         "preemptions": metric(llm, "vllm:num_preemptions"),

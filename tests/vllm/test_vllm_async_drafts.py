@@ -26,7 +26,6 @@ import pytest
 pytest.importorskip("vllm")
 
 import kvtrace
-from kvtrace import format as fmt
 from kvtrace.cli import main
 from tests.vllm.test_vllm_async_scheduling import _async_scheduling_on_cpu
 from tests.vllm.test_vllm_draft_model import BLOCKS, DRAFTS, _block_bytes, _write_eagle_head
@@ -41,6 +40,7 @@ from tests.vllm.workload import (
     make_llm,
     metric,
     prompts,
+    recorded_files,
     sampling,
 )
 
@@ -95,12 +95,9 @@ def recorded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     figures = {
         "head": head,
         "model": tiny_model_dir,
-        "dir": run_dir,
+        **recorded_files(run_dir),
         "outputs": outputs,
         "calls": calls,
-        "engine": json.loads((run_dir / fmt.ENGINE).read_text()),
-        "steps": _jsonl(run_dir / fmt.ENGINE_STEPS),
-        "requests": _jsonl(run_dir / fmt.ENGINE_REQUESTS),
         "preemptions": metric(llm, "vllm:num_preemptions"),
         "drafts": metric(llm, "vllm:spec_decode_num_draft_tokens"),
         "accepted": metric(llm, "vllm:spec_decode_num_accepted_tokens"),

@@ -145,6 +145,20 @@ def metric(llm: Any, name: str) -> float:
     raise KeyError(name)
 
 
+def recorded_files(run_dir: Path) -> dict[str, Any]:
+    """A recorded vLLM run's folder and engine files, parsed: `dir`, `engine`, `steps`, `requests`."""
+
+    def lines(name: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (run_dir / name).read_text().splitlines() if line.strip()]
+
+    return {
+        "dir": run_dir,
+        "engine": json.loads((run_dir / "engine.json").read_text()),
+        "steps": lines("engine_steps.jsonl"),
+        "requests": lines("engine_requests.jsonl"),
+    }
+
+
 def record_drafting(llm: Any, run_dir: Path, requests: list[Any], params: Any) -> dict[str, Any]:
     """A speculative-decoding engine's run recorded (light mode), with vLLM's own figures of it. The caller
     drops the engine and collects it before the next one starts (one collected while another runs breaks
@@ -154,9 +168,8 @@ def record_drafting(llm: Any, run_dir: Path, requests: list[Any], params: Any) -
     with kvtrace.record(run_dir, model=llm, profiler=False):
         outputs = llm.generate(requests, params, use_tqdm=False)
     figures = {
-        "dir": run_dir,
+        **recorded_files(run_dir),
         "outputs": outputs,
-        "engine": json.loads((run_dir / "engine.json").read_text()),
         "preemptions": metric(llm, "vllm:num_preemptions"),
         "drafts": metric(llm, "vllm:spec_decode_num_draft_tokens"),
     }
