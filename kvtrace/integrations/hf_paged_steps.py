@@ -43,6 +43,7 @@ class PagedSteps:
     _flushed_ns: int
     _warnings: list[str]
     _stop_failed: list[str]
+    _offload_free: int | None
 
     if TYPE_CHECKING:
 
@@ -68,6 +69,7 @@ class PagedSteps:
         if ranges is not None and ranges.active:
             ranges.push(f"kvtrace/engine step {tracker.step}")
         scheduled = False
+        self._offload_free = None  # the pool's low point while this step is scheduled, if it offloads
         try:
             scheduled = bool(prepare(proc))
         except Exception as exc:
@@ -84,16 +86,21 @@ class PagedSteps:
 
     def _log_scheduled(self, proc: Any, step: int, began: int) -> None:
         """Right after scheduling: this step's blocks are allocated and `current_len()` counts its tokens.
-        The pool's free blocks now are the step's low point: `update_batch` frees the blocks of the requests
-        that finish in the step before the step's line is written (a max_new_tokens=1 request held none
-        then). A few counters, no pass over the blocks."""
+        The pool's free blocks now are the step's low point (or fewer, as the scheduler found them when it
+        offloaded a request for this step): `update_batch` frees the blocks of the requests that finish in the
+        step before the step's line is written (a max_new_tokens=1 request held none then). A few counters,
+        no pass over the blocks."""
         batch = list(getattr(proc.inputs_and_outputs, "requests_in_batch", ()) or ())
         tokens = sum(int(getattr(f, "query_length", 0) or 0) for f in batch)
         if not tokens:
             tokens = sum(len(f.state.tokens_to_process) for f in batch)
         phase = "prefill" if tokens > len(batch) else "decode"
         self.recording.tracker.phase = phase
-        self._open.append((step, phase, tokens, self._step_preempted, self._free_blocks(), began))
+        free = self._free_blocks()
+        if self._offload_free is not None:
+            free = min(free, self._offload_free)
+        self._offload_free = None
+        self._open.append((step, phase, tokens, self._step_preempted, free, began))
         self._step_preempted = []
         for future in batch:
             state = future.state
