@@ -1,5 +1,6 @@
 """What one step of transformers' continuous batching says in engine_steps.jsonl: the pool it held (as full as
-the scheduler found it when it offloaded a request for the step).
+the scheduler found it when it offloaded a request for the step) and its phase (a prefill exactly when it
+writes some request's prompt positions, a chunked prompt's last chunk of 1 token included).
 
 A real `generate_batch` on a tiny random Llama 3 (2 layers, 2 KV heads, head_dim 16, float32) with blocks of
 4 tokens. Expected figures come from the arithmetic of prompts, blocks and the token budget, and from
@@ -102,3 +103,35 @@ def test_a_step_that_offloads_holds_the_pool_the_scheduler_offloaded_for(
     recomputed = {r["step"] for r in requests if r["event"] == "resumed" and r["recomputed_tokens"] > 0}
     assert recomputed
     assert [s["step"] for s in steps if s["phase"] == "prefill"] == sorted({1} | recomputed)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "expected"),
+    [
+        # 9 tokens, a budget of 8: the prompt's 9th token is written alone, at step 2
+        ((9,), ["prefill", "prefill", "decode", "decode"]),
+        # 17 tokens: 8, 8, then the last one at step 3
+        ((17,), ["prefill", "prefill", "prefill", "decode", "decode"]),
+        # 3 tokens and 6: step 1 writes the 3 and 5 of the 6; step 2 the first request's decode beside the
+        # second's last prompt token (2 tokens for 2 requests); step 3 both decode
+        ((3, 6), ["prefill", "prefill", "decode", "decode"]),
+    ],
+)
+def test_a_step_is_a_prefill_when_it_writes_prompt_tokens(
+    tmp_path: Path, cb_model: torch.nn.Module, lengths: tuple[int, ...], expected: list[str]
+) -> None:
+    # GIVEN prompts longer than the step's token budget (8), chunked by the scheduler, generating 3 tokens
+    prompts = [list(range(10 + 30 * i, 10 + 30 * i + n)) for i, n in enumerate(lengths)]
+    run = tmp_path / "run"
+
+    # WHEN it is recorded
+    _generate(run, cb_model, prompts, 3, num_blocks=32, max_batch_tokens=8)
+
+    # THEN each step that writes a prompt token is a prefill, the last chunk of 1 token included (it said
+    # decode: no more tokens than requests), and the others decode
+    steps = _lines(run / "engine_steps.jsonl")
+    assert [s["phase"] for s in steps] == expected
+    assert sum(s["tokens_scheduled"] for s in steps) == sum(lengths) + len(lengths) * (3 - 1)
+    # AND the kvtrace step of each engine step carries that phase
+    samples = {s["step"]: s["phase"] for s in _lines(run / "memory_samples.jsonl") if "started_ns" in s}
+    assert [samples[s["step"]] for s in steps] == expected
