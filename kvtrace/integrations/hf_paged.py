@@ -73,6 +73,8 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
         # async batching schedules batch N+1 before it updates batch N.
         self._open: deque[tuple[int, str, int, list[str], int, int]] = deque()
         self._step_preempted: list[str] = []  # taken out while the next step is being scheduled
+        # The fewest free blocks the scheduler left when it offloaded a request for the step being scheduled
+        self._offload_free: int | None = None
         self._prefix_evicted = 0
         # request id -> (hit tokens, prompt tokens) of its last prefix lookup: a waiting request is looked up
         # at every scheduling attempt, so a lookup counts once, in the step that schedules the request

@@ -36,6 +36,7 @@ class PagedRequests:
     _stop_failed: list[str]
     _failed_alone: list[tuple[str, str]]
     _failing_all: bool
+    _offload_free: int | None
 
     if TYPE_CHECKING:
 
@@ -43,15 +44,26 @@ class PagedRequests:
 
         def _blocks_of(self, request_id: str) -> int: ...
 
+        def _free_blocks(self) -> int: ...
+
     def _around_offload(self, manager: Any, offload: Any) -> bool:
         scheduler = manager.scheduler
         before = {
             rid: (self._blocks_of(rid), state.current_len())
             for rid, state in scheduler.active_requests.items()
         }
+        self._timed(self._pool_before_offload)
         result = bool(offload(manager))
         self._timed(self._log_offloaded, scheduler, before)
         return result
+
+    def _pool_before_offload(self) -> None:
+        """The pool as full as the scheduler found it when it offloads: what it offloads for. Once
+        `prepare_next_batch` returns, the victims' blocks are free again, so the step being scheduled keeps
+        the lower free count (`blocks_used_in_step`), as vLLM's step keeps the pool it preempted for."""
+        free = self._free_blocks()
+        if self._offload_free is None or free < self._offload_free:
+            self._offload_free = free
 
     def _log_offloaded(self, scheduler: Any, before: dict[str, tuple[int, int]]) -> None:
         for request_id, (blocks, tokens) in before.items():

@@ -43,6 +43,7 @@ class PagedSteps:
     _flushed_ns: int
     _warnings: list[str]
     _stop_failed: list[str]
+    _offload_free: int | None
 
     if TYPE_CHECKING:
 
@@ -68,6 +69,7 @@ class PagedSteps:
         if ranges is not None and ranges.active:
             ranges.push(f"kvtrace/engine step {tracker.step}")
         scheduled = False
+        self._offload_free = None  # the pool's low point while this step is scheduled, if it offloads
         try:
             scheduled = bool(prepare(proc))
         except Exception as exc:
@@ -84,16 +86,22 @@ class PagedSteps:
 
     def _log_scheduled(self, proc: Any, step: int, began: int) -> None:
         """Right after scheduling: this step's blocks are allocated and `current_len()` counts its tokens.
-        The pool's free blocks now are the step's low point: `update_batch` frees the blocks of the requests
-        that finish in the step before the step's line is written (a max_new_tokens=1 request held none
-        then). A few counters, no pass over the blocks."""
+        The pool's free blocks now are the step's low point (or fewer, as the scheduler found them when it
+        offloaded a request for this step): `update_batch` frees the blocks of the requests that finish in the
+        step before the step's line is written (a max_new_tokens=1 request held none then). The step is a
+        prefill when it writes some request's prompt positions (`_writes_prompt`). A few counters, no pass
+        over the blocks."""
         batch = list(getattr(proc.inputs_and_outputs, "requests_in_batch", ()) or ())
-        tokens = sum(int(getattr(f, "query_length", 0) or 0) for f in batch)
-        if not tokens:
-            tokens = sum(len(f.state.tokens_to_process) for f in batch)
-        phase = "prefill" if tokens > len(batch) else "decode"
+        computed = [_query_tokens(f) for f in batch]
+        tokens = sum(computed)
+        prefill = any(_writes_prompt(f, q) for f, q in zip(batch, computed, strict=True))
+        phase = "prefill" if prefill else "decode"
         self.recording.tracker.phase = phase
-        self._open.append((step, phase, tokens, self._step_preempted, self._free_blocks(), began))
+        free = self._free_blocks()
+        if self._offload_free is not None:
+            free = min(free, self._offload_free)
+        self._offload_free = None
+        self._open.append((step, phase, tokens, self._step_preempted, free, began))
         self._step_preempted = []
         for future in batch:
             state = future.state
@@ -227,3 +235,22 @@ class PagedSteps:
         self.document["failure"] = self.failure
         write_json_atomic(self.recording.path / fmt.ENGINE, self.document)
         self.recording._flush()  # with the failed requests' lines (under its lock, as the writer thread's)
+
+
+def _query_tokens(future: Any) -> int:
+    """The tokens the batch computes for this request: its `query_length`, else the tokens queued."""
+    query = int(getattr(future, "query_length", 0) or 0)
+    return query or len(getattr(future.state, "tokens_to_process", ()) or ())
+
+
+def _writes_prompt(future: Any, query: int) -> bool:
+    """Whether the batch writes some of this request's prompt positions: the tokens in its KV before the
+    batch (`position_offset`, advanced by the batch's query once it is prepared) are fewer than its prompt's.
+    So a chunk of a long prompt is a prefill, its last chunk of 1 token included (with the other requests
+    decoding, "more tokens than requests" called that step a decode), and so is a request resumed by a
+    recompute (a soft reset makes the tokens generated before it part of its prompt), and one whose prefix
+    was found in shared blocks. A request restored from the CPU has its KV copied back: its next token is
+    a decode."""
+    state = future.state
+    prompt = len(getattr(state, "initial_tokens", ()) or ())
+    return int(state.position_offset) - query < prompt

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.skipif(
 from transformers import GenerationConfig  # noqa: E402
 from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: E402
 from transformers.generation.continuous_batching import cache as cb_cache  # noqa: E402
+from transformers.generation.continuous_batching import offloading_manager  # noqa: E402
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchProcessor  # noqa: E402
 
 import kvtrace  # noqa: E402
@@ -63,7 +64,8 @@ def _record(
     new_tokens: int = NEW_TOKENS,
 ) -> tuple[dict[str, Any], list[int]]:
     """Runs generate_batch under record(); returns its outputs and the blocks transformers' block tables held
-    while each step's forward ran."""
+    while each step's forward ran or, where more, as its offloading manager was called to schedule the step
+    (the pool it offloads for: the victims' blocks are free again by the forward)."""
     if importlib.util.find_spec("psutil") is None:
         # On CPU transformers reads free memory with psutil, and without it sees none and refuses any pool:
         # the host's memory, given here (both pool sizes are set below, so it sizes nothing)
@@ -79,6 +81,16 @@ def _record(
         forward(proc, step_model)
 
     monkeypatch.setattr(ContinuousBatchProcessor, "_generation_step", counted)
+    at_offload: dict[int, int] = {}  # step being scheduled (the forwards so far + 1) -> most held when called
+    offload = offloading_manager.OffloadingManager.offload_requests
+
+    def offloading(manager: Any) -> int:
+        tables = [t for group in manager.cache.group_cache_managers for t in group.block_table.values()]
+        step = len(held) + 1
+        at_offload[step] = max(at_offload.get(step, 0), sum(len(t) for t in tables))
+        return int(offload(manager))
+
+    monkeypatch.setattr(offloading_manager.OffloadingManager, "offload_requests", offloading)
     generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     batching = ContinuousBatchingConfig(num_blocks=num_blocks, block_size=BLOCK, max_batch_tokens=64)  # type: ignore[call-arg]
     with kvtrace.record(path, model=model, profiler=False):
@@ -88,7 +100,7 @@ def _record(
             continuous_batching_config=batching,
             progress_bar=False,
         )
-    return outputs, held
+    return outputs, [max(blocks, at_offload.get(step, 0)) for step, blocks in enumerate(held, 1)]
 
 
 def test_the_layer_pool_is_recorded_with_its_tensors_steps_and_requests(
@@ -185,7 +197,8 @@ def test_a_small_layer_pool_takes_requests_out_and_the_report_counts_them(
     manifest = json.loads((run / "manifest.json").read_text())
     assert engine["kv_cache_bytes"] == (8 + 2) * BLOCK_BYTES and engine["usable_blocks"] == 8
 
-    # THEN the pool fills: each step's blocks are those the block tables held, 8 at the most
+    # THEN the pool fills: each step's blocks are those the block tables held, 8 at the most (a step that
+    # offloaded: as the scheduler found them, before the victim's were freed; it read 6 at step 7)
     assert [s["blocks_used_in_step"] for s in steps] == held and max(held) == 8
     # AND the scheduler takes requests out, each a `preempted` line naming what it dropped, and resumes them
     preempted = [r for r in requests if r["event"] == "preempted"]
