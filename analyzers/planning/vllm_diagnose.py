@@ -311,10 +311,12 @@ def _drafts_text(config: dict[str, Any]) -> str:
     method = config.get("speculative_method")
     if not method:
         return ""
-    drafts = int(config.get("num_speculative_tokens") or 0) + int(config.get("num_lookahead_tokens") or 0)
+    drafts = int(config.get("num_speculative_tokens") or 0)
+    lookahead = int(config.get("num_lookahead_tokens") or 0)
+    ahead = f", and the drafter {lookahead:,} lookahead slots besides" if lookahead else ""
     return (
         f", or the blocks it was logged holding where more: speculative decoding ({method}) gives up to "
-        f"{drafts:,} draft tokens a step their slots before they are accepted"
+        f"{drafts:,} draft tokens a step their slots before they are accepted{ahead}"
     )
 
 

@@ -170,3 +170,8 @@ def test_the_diagnosis_prices_blocks_of_every_layer(
     assert diagnosis["preemptions"] == recorded["preemptions"]
     assert diagnosis["bytes_per_block"] == block
     assert diagnosis["kv_cache_memory_bytes_needed"] == diagnosis["blocks_needed"] * block
+    # AND its model line says the drafts and the lookahead apart (it said "up to 6 draft tokens a step")
+    assert (
+        f"gives up to {DRAFTS} draft tokens a step their slots before they are accepted, and the drafter "
+        f"{DRAFTS} lookahead slots besides"
+    ) in diagnosis["model"]
