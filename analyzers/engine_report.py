@@ -73,6 +73,15 @@ def _loaded_with_model(info: EngineInfo) -> tuple[int, int]:
     )
 
 
+def _drafter_weights(info: EngineInfo, weights: int) -> str:
+    """How the weights split between the target and a speculative drafter loaded beside it (a draft model,
+    an EAGLE head), as `: the target's X and the drafter's Y`; "" without a drafter's share."""
+    drafter = info.memory_profile.get("draft_weights_bytes")
+    if not isinstance(drafter, int) or isinstance(drafter, bool) or not 0 < drafter <= weights:
+        return ""
+    return f": the target's {human_bytes(weights - drafter)} and the drafter's {human_bytes(drafter)}"
+
+
 def _split_pool_by_layer(kv_log: Any, pool: int, layers: Sequence[tuple[int, int, int]]) -> None:
     """The KV log sees the pool as one storage, logged under the layer of its first view: in the per-step,
     per-layer figures (HTML heatmap, TensorBoard, counters) each layer gets its own view's bytes instead,
@@ -225,9 +234,10 @@ def _before_trace_notes(info: EngineInfo, devices: Sequence[Any]) -> list[str]:
             if buffers
             else ""
         )
+        drafter = _drafter_weights(info, weights)
         notes.append(
-            f"the model's weights ({human_bytes(weights)}, engine.json){own} were loaded before the trace "
-            "began: the device figures leave them out"
+            f"the model's weights ({human_bytes(weights)}, engine.json{drafter}){own} were loaded before the "
+            "trace began: the device figures leave them out"
         )
     if devices and not any(c.get("kv") for c in at_peak):
         pool = human_bytes(int(info.kv_cache_bytes or 0))

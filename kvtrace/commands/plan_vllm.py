@@ -56,6 +56,8 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     figures = {
         "weights_bytes": profile.get("weights_bytes"),
         "buffers_bytes": profile.get("buffers_bytes"),  # null in runs recorded before kvtrace kept it apart
+        # a speculative drafter's share of weights_bytes; null in runs recorded before kvtrace counted it
+        "draft_weights_bytes": profile.get("draft_weights_bytes"),
         "activation_peak_bytes": profile.get("activation_peak_bytes"),
         "non_torch_bytes": profile.get("non_torch_bytes"),
         "gpu_memory_bytes": profile.get("total_device_bytes"),
@@ -103,6 +105,17 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     except (KeyError, TypeError, ValueError):
         geometry = None
     return figures, geometry
+
+
+def _drafter_weights(typed: str | None, measured: dict[str, Any]) -> str:
+    """What the plan's weights hold of a drafting run: the worker holds the drafter's weights beside the
+    target's, and a run since kvtrace counted them says its share."""
+    if typed is not None:
+        return "weights: --weights-bytes"
+    weights, drafter = measured.get("weights_bytes"), _count(measured.get("draft_weights_bytes"))
+    if drafter is None or not isinstance(weights, int):
+        return "weights: the target model's only, recorded before kvtrace counted the drafter's"
+    return f"weights: the target's {weights - drafter:,} B and the drafter's {drafter:,} B"
 
 
 def run_vllm_plan(args: argparse.Namespace) -> int:
@@ -256,8 +269,8 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         method = (measured.get("config") or {}).get("speculative_method")
         note = (
             f"speculative decoding ({method}): the drafter's {drafted} attention layer(s) keep KV in the "
-            f"same blocks, counted with the model's: {geometry.num_layers} layers a block (weights: the "
-            "target model's only)"
+            f"same blocks, counted with the model's: {geometry.num_layers} layers a block "
+            f"({_drafter_weights(args.weights_bytes, measured)})"
         )
         result = replace(result, notes=(*result.notes, note))
     if geometry is run_geometry and "sliding_window" not in (measured.get("model") or {}):

@@ -31,7 +31,7 @@ from typing import Any
 
 from kvtrace import format as fmt
 from kvtrace.geometry import kv_heads_of
-from kvtrace.integrations.vllm_weights import weight_facts
+from kvtrace.integrations.vllm_weights import drafter_model, weight_facts
 from kvtrace.json_writes import write_json_atomic
 
 VLLM_CACHE_ID = fmt.VLLM_CACHE_ID  # the `cache` id of the pool's KV events
@@ -243,10 +243,12 @@ def worker_kv_facts(worker: Any, names: list[str], num_blocks: int, head_size: i
         "num_params": None,
         "weights_bytes": None,
         "buffers_bytes": None,
+        "draft_weights_bytes": None,
     }
     with contextlib.suppress(Exception):
-        # on CPU the linear weights are held by each layer's `cpu_linear`, not its parameters (vllm_weights)
-        result.update(weight_facts(runner.get_model()))
+        # on CPU the linear weights are held by each layer's `cpu_linear`, not its parameters (vllm_weights);
+        # a drafter's model is held beside the target's, on the same worker
+        result.update(weight_facts(runner.get_model(), drafter_model(runner)))
     return result
 
 
@@ -368,6 +370,8 @@ def engine_document(core: Any, kv_cache_config: Any, process: str) -> tuple[dict
         "memory_profile": {
             "weights_bytes": worker_facts.get("weights_bytes"),
             "buffers_bytes": worker_facts.get("buffers_bytes"),  # vLLM's own: rotary cache, packed copies
+            # of the weights above, a speculative drafter's own (0 without one)
+            "draft_weights_bytes": worker_facts.get("draft_weights_bytes"),
             "activation_peak_bytes": None,
             "non_torch_bytes": None,
             "total_device_bytes": None,

@@ -14,6 +14,11 @@ weights stay parameters. What is counted is decided by what each layer holds, no
   weight that stays a parameter (the packed copy of an lm_head tied to the embedding);
 - parameters: the checkpoint's count, from the layers' declared full sizes (all tensor-parallel ranks,
   vocabulary without vLLM's padding), since a rank holds a share of them and the CPU layers none.
+
+A speculative drafter's model (a draft model, an EAGLE or MTP head: `runner.drafter.model`) is loaded on the
+same worker and counted with the target's, after it: what the drafter shares with the target (an EAGLE head's
+lm_head, an MTP head's embedding, a rotary cache vLLM reuses) counts once, as the target's; what is left is
+the drafter's own share. Its parameters stay out of `num_params`, which names the target's checkpoint.
 """
 
 from __future__ import annotations
@@ -67,12 +72,13 @@ def _full_numel(module: Any, name: str, param: Any) -> int:
     return int(param.numel())
 
 
-def weight_facts(model: Any) -> dict[str, int]:
-    """`num_params` (the checkpoint's), `weights_bytes` and `buffers_bytes` (held by this worker)."""
-    seen: set[int] = set()  # storages counted, weights first
-    counted: set[int] = set()  # parameters counted (a tied one is reachable from two modules)
+def _held_by(model: Any, seen: set[int], visited: set[int], counted: set[int]) -> tuple[int, int, int]:
+    """(parameters, weights bytes, buffers bytes) of `model` not already counted: `seen` holds the storages,
+    `visited` the modules (a drafter may hold the target's embedding or lm_head module itself, whose oneDNN
+    handle has no storage to tell it by), `counted` the parameters."""
     num_params = weights = buffers = 0
-    modules = list(model.modules())
+    modules = [module for module in model.modules() if id(module) not in visited]
+    visited.update(id(module) for module in modules)
     for module in modules:
         for name, param in module.named_parameters(recurse=False):
             if id(param) not in counted:
@@ -101,4 +107,35 @@ def weight_facts(model: Any) -> dict[str, int]:
         if storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
             buffers += storage.nbytes()
-    return {"num_params": num_params, "weights_bytes": weights, "buffers_bytes": buffers}
+    return num_params, weights, buffers
+
+
+def drafter_model(runner: Any) -> Any:
+    """A speculative drafter's model (a draft model, an EAGLE or MTP head) as the runner holds it, unwrapped
+    from a CUDA graph wrapper; None without one, or with one that has no model (n-gram)."""
+    model = getattr(getattr(runner, "drafter", None), "model", None)
+    if model is not None and not hasattr(model, "modules") and hasattr(model, "unwrap"):
+        model = model.unwrap()
+    return model if hasattr(model, "modules") else None
+
+
+def weight_facts(model: Any, drafter: Any = None) -> dict[str, int]:
+    """`num_params` (the target checkpoint's: it names the model), `weights_bytes` and `buffers_bytes` (all
+    this worker holds, a drafter's with the target's: each storage once, so an EAGLE head's embedding or
+    lm_head shared with the target counts once), `draft_weights_bytes` (the drafter's own share; 0 without
+    one)."""
+    seen: set[int] = set()  # storages counted, the target's first
+    visited: set[int] = set()  # modules walked
+    counted: set[int] = set()  # parameters counted (a tied one is reachable from two modules)
+    num_params, weights, buffers = _held_by(model, seen, visited, counted)
+    draft_weights = 0
+    if drafter is not None:
+        _, draft_weights, draft_buffers = _held_by(drafter, seen, visited, counted)
+        weights += draft_weights
+        buffers += draft_buffers
+    return {
+        "num_params": num_params,
+        "weights_bytes": weights,
+        "buffers_bytes": buffers,
+        "draft_weights_bytes": draft_weights,
+    }

@@ -93,10 +93,28 @@ def recorded(
     )
     run_dir = tmp_path_factory.mktemp(f"vllm-{method}") / "run"
     figures = record_drafting(llm, run_dir, prompts(), sampling())
-    figures.update(method=method, drafter_layers=layers)
+    figures.update(method=method, drafter_layers=layers, drafter_dir=drafter)
     del llm
     gc.collect()  # before the next engine starts
     return figures
+
+
+def _held_bytes(folder: Path) -> tuple[int, int]:
+    """(parameters, bytes vLLM holds) of a checkpoint's tensors: each tensor's bytes, the embedding's
+    vocabulary padded to a multiple of 64 rows (vLLM's `DEFAULT_VOCAB_PADDING_SIZE`). A tied lm_head is not in
+    the checkpoint, nor an EAGLE head's (vLLM gives it the target's)."""
+    from safetensors import safe_open
+
+    params = held = 0
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as checkpoint:
+        for name in checkpoint.keys():  # noqa: SIM118 (safe_open is no dict)
+            tensor = checkpoint.get_tensor(name)
+            rows = tensor.shape[0]
+            if name.endswith("embed_tokens.weight"):
+                rows = -(-rows // 64) * 64
+            params += tensor.numel()
+            held += rows * (tensor.numel() // tensor.shape[0]) * tensor.element_size()
+    return params, held
 
 
 def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
@@ -175,3 +193,41 @@ def test_the_diagnosis_prices_blocks_of_every_layer(
         f"gives up to {DRAFTS} draft tokens a step their slots before they are accepted, and the drafter "
         f"{DRAFTS} lookahead slots besides"
     ) in diagnosis["model"]
+
+
+def test_the_weights_are_the_targets_and_the_drafters(recorded: dict[str, Any], tiny_model_dir: Path) -> None:
+    # GIVEN the bytes vLLM holds of each checkpoint, from its safetensors: the draft model's (tied, 2 layers)
+    # 2,886,144 B; the EAGLE head's 1,966,592 B (its embedding, random, differs from the target's and is kept;
+    # its lm_head is the target's)
+    target_params, target = _held_bytes(tiny_model_dir)
+    _, drafter = _held_bytes(recorded["drafter_dir"])
+    assert target == 5_247_488
+    engine = recorded["engine"]
+    # THEN the worker's weights are both (they were the target's 5,247,488 B alone), the drafter's share apart
+    assert engine["memory_profile"]["weights_bytes"] == target + drafter
+    assert engine["memory_profile"]["draft_weights_bytes"] == drafter
+    # AND the parameters name the target's checkpoint, not the drafter's
+    assert engine["model"]["num_params"] == target_params
+
+
+def test_the_plan_and_the_report_weigh_the_drafter(
+    recorded: dict[str, Any], tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, target = _held_bytes(tiny_model_dir)
+    _, drafter = _held_bytes(recorded["drafter_dir"])
+    run = str(recorded["dir"])
+    # WHEN the plan sizes the pool from a GPU's memory less the run's weights, buffers, ...
+    argv = ["plan", "--engine", "vllm", "--from-run", run, "--gpu-memory", "1GiB"]
+    plan = _json(argv, capsys)
+    targets_only = _json([*argv, "--weights-bytes", str(target)], capsys)
+    # THEN its weights are the target's and the drafter's, and its KV memory that much the less
+    assert plan["weights_bytes"] == target + drafter
+    assert targets_only["available_kv_bytes"] - plan["available_kv_bytes"] == drafter
+    assert f"weights: the target's {target:,} B and the drafter's {drafter:,} B" in " ".join(plan["notes"])
+    # AND the report says both where it says what the trace missed
+    assert main(["report", run, "--json", "--no-export", "-q"]) == 0
+    notes = " ".join(json.loads(capsys.readouterr().out)["notes"])
+    assert (
+        f"the model's weights ({(target + drafter) / 2**20:.2f} MiB, engine.json: the target's "
+        f"{target / 2**20:.2f} MiB and the drafter's {drafter / 2**20:.2f} MiB)"
+    ) in notes
