@@ -72,6 +72,17 @@ def watched_models() -> list[torch.nn.Module]:
     return []
 
 
+@pytest.fixture(scope="module")
+def cb_model(request: pytest.FixtureRequest, watched_models: list[torch.nn.Module]) -> torch.nn.Module:
+    """The continuous-batching tests' model: a tiny Llama 3 in fp32 of the test module's own `LAYERS` and
+    `KV_HEADS` (its arithmetic's), one per module, watched by the leak guard."""
+    from tests.tiny import tiny_size as size_of
+
+    model = build_model(size_of(request.module.LAYERS, request.module.KV_HEADS), dtype=torch.float32)
+    watched_models.append(model)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_size() -> ModelSize:
     return TINY

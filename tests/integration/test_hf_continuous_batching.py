@@ -23,10 +23,9 @@ from transformers.generation.continuous_batching import cache as cb_cache
 import kvtrace
 from kvtrace.cli import main
 from kvtrace.integrations.hf_paged import PagedAttentionHooks
-from kvtrace.llama import build_model
 from tests.cb_versions import SECTOR_POOL
 from tests.engine_page import expected_pool_rows, pool_table
-from tests.tiny import HEAD_DIM, tiny_size
+from tests.tiny import HEAD_DIM
 
 pytestmark = SECTOR_POOL
 
@@ -34,13 +33,6 @@ LAYERS, KV_HEADS, PAGE, FLOAT32 = 2, 2, 4, 4
 # One block: every layer's K and V for PAGE tokens.
 BLOCK_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * PAGE * FLOAT32  # 2048
 PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11], [12, 13, 14]]
-
-
-@pytest.fixture(scope="module")
-def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
-    model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
-    watched_models.append(model)
-    return model
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:

@@ -21,10 +21,9 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 import kvtrace
 from analyzers.units import a_or_an, human_bytes
 from kvtrace.cli import main
-from kvtrace.llama import build_model
 from tests.cb_versions import SECTOR_POOL
 from tests.engine_page import pool_table
-from tests.tiny import HEAD_DIM, tiny_size, weights_bytes
+from tests.tiny import HEAD_DIM, weights_bytes
 
 pytestmark = SECTOR_POOL
 
@@ -32,13 +31,6 @@ LAYERS, KV_HEADS, PAGE, FLOAT32 = 2, 2, 4, 4
 BLOCK_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * PAGE * FLOAT32  # 2048, also transformers' sector
 TRASH = 2  # transformers' trash sectors, before the data sectors
 PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
-
-
-@pytest.fixture(scope="module")
-def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
-    model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
-    watched_models.append(model)
-    return model
 
 
 def _run(run: Path, model: torch.nn.Module, num_blocks: int, budget: int | None = None) -> None:

@@ -18,10 +18,8 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import kvtrace
-from kvtrace.llama import build_model
 from tests.cb_versions import SECTOR_POOL
 from tests.cli_json import cli_json, report_json
-from tests.tiny import tiny_size
 
 pytestmark = SECTOR_POOL
 
@@ -29,13 +27,6 @@ LAYERS, KV_HEADS, PAGE = 2, 2, 4
 MAX_NEW = 6
 LONG = 1000  # a request that cannot end on its own before it is cancelled
 PROMPTS = {"kept": [1, 2, 3, 4, 5], "running": [6, 7, 8], "waiting": [9, 10]}
-
-
-@pytest.fixture(scope="module")
-def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
-    model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
-    watched_models.append(model)
-    return model
 
 
 def _configs() -> tuple[GenerationConfig, ContinuousBatchingConfig]:

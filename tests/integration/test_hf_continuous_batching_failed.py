@@ -24,9 +24,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.llama import build_model
 from tests.cb_versions import SECTOR_POOL
-from tests.tiny import tiny_size
 
 pytestmark = SECTOR_POOL
 
@@ -38,13 +36,6 @@ MAX_NEW = 6
 GENERATED = USABLE * PAGE - len(PROMPT) + 1  # 3
 FAILED_STEP = 1 + (USABLE * PAGE - len(PROMPT)) + 1  # prefill, 2 decodes, then the step it cannot schedule: 4
 NEEDED = math.ceil((len(PROMPT) + GENERATED) / PAGE)  # the KV for its next token: 13 tokens, 4 blocks
-
-
-@pytest.fixture(scope="module")
-def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
-    model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
-    watched_models.append(model)
-    return model
 
 
 def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> Any:

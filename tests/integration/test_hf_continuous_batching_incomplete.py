@@ -25,9 +25,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.llama import build_model
 from tests.cb_versions import SECTOR_POOL
-from tests.tiny import tiny_size
 
 pytestmark = SECTOR_POOL
 
@@ -74,13 +72,6 @@ _DIES = textwrap.dedent(
                              progress_bar=False)
     """
 )
-
-
-@pytest.fixture(scope="module")
-def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
-    model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
-    watched_models.append(model)
-    return model
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:

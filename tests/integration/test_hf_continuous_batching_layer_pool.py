@@ -33,8 +33,7 @@ from transformers.generation.continuous_batching.continuous_api import Continuou
 
 import kvtrace  # noqa: E402
 from kvtrace.cli import main  # noqa: E402
-from kvtrace.llama import build_model  # noqa: E402
-from tests.tiny import HEAD_DIM, tiny_size  # noqa: E402
+from tests.tiny import HEAD_DIM  # noqa: E402
 
 LAYERS, KV_HEADS, BLOCK, FLOAT32, NUM_BLOCKS = 2, 2, 4, 4, 32
 # transformers 5.17 pads every tensor with two blocks past `num_blocks` (read trash, write trash)
@@ -43,13 +42,6 @@ POOL_BYTES = TENSOR_BYTES * 2 * LAYERS  # 69632
 BLOCK_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * BLOCK * FLOAT32  # 2048: a block id, every layer's K and V
 PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11], [12, 13, 14]]
 NEW_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
-    model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
-    watched_models.append(model)
-    return model
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:

@@ -21,20 +21,11 @@ from transformers.generation.continuous_batching import offloading_manager
 
 import kvtrace
 from kvtrace.cli import main
-from kvtrace.llama import build_model
 from tests.cb_versions import SECTOR_POOL
-from tests.tiny import tiny_size
 
 pytestmark = SECTOR_POOL
 
 LAYERS, KV_HEADS, PAGE = 2, 2, 4
-
-
-@pytest.fixture(scope="module")
-def cb_model(watched_models: list[torch.nn.Module]) -> torch.nn.Module:
-    model = build_model(tiny_size(LAYERS, KV_HEADS), dtype=torch.float32)
-    watched_models.append(model)
-    return model
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
