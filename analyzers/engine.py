@@ -94,6 +94,9 @@ class EngineSteps:
     # Whether the log says what each step held while it ran (`blocks_used_in_step`); runs recorded before
     # kvtrace wrote it read that column as `blocks_used`, the pool after the step.
     in_step: bool = False
+    # Whether every step says its prefix-cache hits: a null one (vLLM's stats off where kvtrace could not
+    # count them) reads as 0 in the columns, and the run's hits are unknown.
+    prefix_known: bool = True
 
     def __len__(self) -> int:
         return len(self.preempted)
@@ -159,8 +162,10 @@ class EngineFigures:
     requests: int
     first_preemption_step: int | None
     preemptions_by_request: dict[str, int] = field(default_factory=dict)
-    prefix_hit_tokens: int = 0  # vLLM's own prefix-cache counters, summed over steps
-    prefix_query_tokens: int = 0
+    # vLLM's own prefix-cache counters (kvtrace's count of them with vLLM's stats off), summed over steps;
+    # None: unknown (a step could not count them)
+    prefix_hit_tokens: int | None = 0
+    prefix_query_tokens: int | None = 0
     blocks_reserved: int = 1  # engine.json's, 1 (vLLM's null block) when absent
     # Requests that ended, by vLLM's finish reason ("length", "abort", ...): {} when no "finished" event
     # says (runs recorded before kvtrace logged it, transformers' continuous batching).
@@ -280,8 +285,8 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         requests=len({e.request_id for e in run.requests}),
         first_preemption_step=first,
         preemptions_by_request=by_request,
-        prefix_hit_tokens=int(steps["prefix_hits"].sum()),
-        prefix_query_tokens=int(steps["prefix_queries"].sum()),
+        prefix_hit_tokens=int(steps["prefix_hits"].sum()) if steps.prefix_known else None,
+        prefix_query_tokens=int(steps["prefix_queries"].sum()) if steps.prefix_known else None,
         blocks_reserved=info.blocks_reserved,
         finish_reasons=finish_reasons,
         requests_aborted=(

@@ -449,12 +449,15 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
     hit_tokens = int(run.steps["prefix_hits"].sum()) if len(run.steps) else 0
     # prefix-cache hits beyond what the samples of a prompt share: prompts with a common prefix
     shared_tokens = max(0, hit_tokens - samples.shared_tokens(block))
+    # hits unknown (a step logged them null: vLLM's stats off where kvtrace could not count them): the run
+    # may have shared blocks, so the remedies that a share would make unknown are said so
+    shared = bool(shared_tokens) or not run.steps.prefix_known
     bound = sum(sorted(demands, reverse=True)[:running_at_most])
     recorded_peak, recorded_step = _recorded_demand(run, sizes, samples)
     needed_blocks = bound + NULL_BLOCKS
     needed_bytes = needed_blocks * bytes_per_block
     seqs = _largest_seqs(demands, usable)
-    seqs_lower_bound = bool(shared_tokens) and 1 <= seqs < running_at_most
+    seqs_lower_bound = shared and 1 <= seqs < running_at_most
     element = kv_dtype_bytes(str(info.config.get("kv_cache_dtype") or "auto"), info.kv_dtype or "bfloat16")
     fp8_blocks = num_blocks * element if element > 1 else None
     override = info.config.get("num_gpu_blocks_override")
@@ -485,7 +488,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
             num_blocks,
             bytes_per_block,
             override,
-            bool(shared_tokens),
+            shared,
             running_at_most,
         )
         remedies += [within] if within is not None else []
@@ -516,7 +519,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         verdict = "avoids every preemption."
         if not fits8:
             verdict = f"is still short of the {needed_blocks:,}-block worst case."
-            if shared_tokens:  # the worst case counts shared blocks once per request: unknown, not refused
+            if shared:  # the worst case counts shared blocks once per request: unknown, not refused
                 fits8 = None
                 verdict += " The run shared blocks between requests (prefix caching): rerun with fp8 to know."
             elif fp8_blocks - NULL_BLOCKS >= recorded_peak:
@@ -555,7 +558,13 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
     notes: list[str] = []
     if samples.parent_of:
         notes.append(samples_note(samples, block, len(demand)))
-    if shared_tokens:
+    if not run.steps.prefix_known:
+        notes.append(
+            "the run's prefix-cache hits are unknown (vLLM's stats were off, and kvtrace could not count "
+            "them: a KV connector, a streaming session): whether requests shared blocks is unknown, so a "
+            "remedy a share would change is said [?]"
+        )
+    elif shared_tokens:
         notes.append(
             f"requests shared {shared_tokens:,} prefix-cached tokens ({shared_tokens // block:,} blocks): "
             "the per-request blocks count a shared block once per request, so they can add up past the pool"

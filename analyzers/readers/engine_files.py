@@ -209,8 +209,11 @@ def _read_steps(file: Path, counted: int | None, num_blocks: int | None) -> Engi
     columns = {name: np.zeros(len(rows), dtype=np.int64) for name in _STEP_COLUMNS}
     preempted: list[tuple[str, ...]] = []
     in_step = bool(rows)
+    prefix_known = True
     for i, row in enumerate(rows):
         where = f"{file}: line {i + 1}"
+        if "prefix_hits" in row and row["prefix_hits"] is None:
+            prefix_known = False  # kvtrace could not count them (vLLM's stats off): unknown, not 0
         for name in _STEP_COLUMNS:
             value = _int(row.get(name), where, name, default=0)
             if name == "blocks_used_in_step" and row.get(name) is None:
@@ -228,7 +231,7 @@ def _read_steps(file: Path, counted: int | None, num_blocks: int | None) -> Engi
         if not isinstance(ids, list):
             raise KvtraceError(f"{where}: field 'preempted' must be a list")
         preempted.append(tuple(str(x) for x in ids))
-    return EngineSteps(columns, tuple(preempted), in_step)
+    return EngineSteps(columns, tuple(preempted), in_step, prefix_known)
 
 
 def _read_requests(file: Path) -> tuple[RequestEvent, ...]:

@@ -108,6 +108,16 @@ class EngineHooks:
         self._held: dict[str, int] = {}  # request id -> blocks last logged (requests not finished)
         self._objects: dict[str, Any] = {}  # request id -> its Request, kept until "finished" is logged
         self._dropped: dict[str, int] = {}  # preempted, not resumed yet: request id -> tokens dropped
+        # vLLM keeps no prefix-cache stats with `disable_log_stats=True` (`LLM()`'s default): kvtrace then
+        # counts them as vLLM would (see `_count_admission`), None where it cannot
+        self._count_prefix = not getattr(scheduler, "log_stats", True)
+        self._uncountable = self._count_prefix and (
+            getattr(scheduler, "connector", None) is not None  # its hits and async loads are not all seen
+            or bool(getattr(scheduler, "prefix_replay_tokens", 0))  # the hit less a replayed window
+        )
+        self._prefix_counted = [0, 0, 0, 0]  # this step's hits, queries, resumed hits, resumed queries
+        self._prefix_unknown = self._uncountable
+        self._running_before: set[str] = set()  # requests past admission when the hooks went in
         self.engine_steps = 0
         self.preemptions = 0
         self.prefix_evicted_blocks = 0  # in recorded steps
@@ -144,6 +154,8 @@ class EngineHooks:
             status = getattr(getattr(request, "status", None), "name", "")
             if status.startswith("WAITING") and not getattr(request, "num_computed_tokens", 0):
                 self._log_waiting(request)
+            elif status == "RUNNING":
+                self._running_before.add(request.request_id)
 
     def uninstall(self) -> None:
         self._patches.undo()
@@ -246,6 +258,11 @@ class EngineHooks:
                     request.num_computed_tokens - count < request.num_prompt_tokens
                 )
             blocks = self._blocks_of(request_id)
+            if self._count_prefix and (
+                request_id in self._dropped
+                or (request_id not in self._held and request_id not in self._running_before)
+            ):
+                self._count_admission(request, request.num_computed_tokens - count)
             if request_id in self._dropped:
                 # Under async scheduling the preemption counted the batch in flight's slots, its drafts
                 # too; those vLLM rejected since were never KV to recompute. The KV kept is at most every
@@ -261,6 +278,25 @@ class EngineHooks:
                 self._log_request(request, "blocks", blocks)
             self._held[request_id] = blocks
         return prefill
+
+    def _count_admission(self, request: Any, hits: int) -> None:
+        """vLLM's prefix-cache stats of a request it just took from the waiting queue, new or resumed after
+        a preemption (vLLM 0.32 `KVCacheManager.record_prefix_cache_stats`, called once an admission is
+        allocated): queries are all its tokens then (prompt + output so far), hits the tokens found in the
+        cache (`num_computed_tokens` after schedule() less those it scheduled); a request with a preemption
+        behind it counts apart; one that skips the lookup (caching off, prompt logprobs) counts nothing.
+        A streaming session's later chunk may be admitted without a lookup, which kvtrace cannot tell."""
+        manager = self._scheduler.kv_cache_manager
+        lookup = getattr(manager, "prefix_cache_lookup_enabled", None)
+        if not (lookup(request) if lookup is not None else getattr(manager, "enable_caching", False)):
+            return
+        if getattr(request, "resumable", False):
+            self._prefix_unknown = True
+            return
+        counted = self._prefix_counted
+        part = 2 if getattr(request, "num_preemptions", 0) > 0 else 0
+        counted[part] += max(0, hits)
+        counted[part + 1] += request.num_tokens
 
     def _blocks_of(self, request_id: str) -> int:
         """Pool blocks the request holds, over its KV cache groups (each group's manager lists its own). A
@@ -368,6 +404,8 @@ class EngineHooks:
             self._after_step(step, result, prefix_evicted, raised)
         finally:
             self._step_preempted = []
+            self._prefix_counted = [0, 0, 0, 0]
+            self._prefix_unknown = self._uncountable
             self._sched_out = None
             self.overhead_ns += time.thread_time_ns() - started
 
@@ -391,17 +429,24 @@ class EngineHooks:
         free = pool.get_num_free_blocks()
         cached = sum(1 for b in pool.blocks if b.ref_cnt == 0 and b.block_hash is not None and not b.is_null)
         # vLLM's own per-step prefix-cache stats (what its stat loggers read): new requests in hits/queries
-        # (the vllm:prefix_cache_* counters), resumed ones apart.
-        hits = queries = preempted_hits = preempted_queries = 0
-        outputs = result[0] if isinstance(result, tuple) and result else None
-        for output in (outputs or {}).values():
-            stats = getattr(output, "scheduler_stats", None)
-            prefix = getattr(stats, "prefix_cache_stats", None)
-            if prefix is not None:
-                hits += prefix.hits
-                queries += prefix.queries
-                preempted_hits += getattr(prefix, "preempted_hits", 0)
-                preempted_queries += getattr(prefix, "preempted_queries", 0)
+        # (the vllm:prefix_cache_* counters), resumed ones apart. With its stats off, kvtrace's count of
+        # the same (None: unknown).
+        counted = [0, 0, 0, 0]
+        if self._count_prefix:
+            counted = self._prefix_counted
+        else:
+            outputs = result[0] if isinstance(result, tuple) and result else None
+            for output in (outputs or {}).values():
+                stats = getattr(getattr(output, "scheduler_stats", None), "prefix_cache_stats", None)
+                if stats is not None:
+                    counted[0] += stats.hits
+                    counted[1] += stats.queries
+                    counted[2] += getattr(stats, "preempted_hits", 0)
+                    counted[3] += getattr(stats, "preempted_queries", 0)
+        prefix: list[int | None] = (
+            [None] * 4 if self._count_prefix and self._prefix_unknown else list(counted)
+        )
+        hits, queries, preempted_hits, preempted_queries = prefix
         running, waiting = self._scheduler.get_request_counts()
         total = pool.num_gpu_blocks
         reserved = 1 if getattr(pool, "null_block", None) is not None else 0
