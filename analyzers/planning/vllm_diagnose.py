@@ -82,6 +82,7 @@ __all__ = [
 ]
 
 NULL_BLOCKS = 1  # vLLM's BlockPool keeps block 0 as the "null block"; requests never get it
+_WRITING = ("scheduled", "blocks", "resumed")  # events logged as a step is scheduled, `tokens` its KV
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,14 @@ def request_kv_tokens(e: RequestEvent, lookahead: int = 0, max_model_len: int | 
     default on GPUs) for one more, the token of the batch in flight, not sampled yet but given its slot:
     the event's `tokens` (vLLM's computed tokens, this step's included) count it. A drafter that writes
     KV (a draft model, an EAGLE head) gets `lookahead` slots past those (engine.json's
-    `num_lookahead_tokens`), up to max_model_len: vLLM's `allocate_slots`."""
+    `num_lookahead_tokens`), up to max_model_len: vLLM's `allocate_slots`. A prompt longer than the step's
+    token budget (chunked prefill), or a resumed request's recompute, is written over several steps: until
+    its last chunk the event's blocks hold only the tokens computed so far, its `tokens`."""
     if e.event == "finished" and e.output_tokens > 0:
         return e.prompt_tokens + e.output_tokens - 1
     tokens = max(e.prompt_tokens + e.output_tokens, e.tokens)
+    if e.event in _WRITING and 0 < e.tokens < e.prompt_tokens + e.output_tokens:
+        tokens = e.tokens
     if lookahead > 0:
         return max(tokens, min(tokens + lookahead, max_model_len or tokens + lookahead))
     return tokens
@@ -215,7 +220,8 @@ def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[dict[str, int]
                 ended.add(e.request_id)
             waited.setdefault(e.request_id, e)
             continue
-        need = sizes.final(e.prompt_tokens, request_kv_tokens(e, *slots))
+        # a chunk's event holds part of its prompt: the prompt is needed whole
+        need = sizes.final(e.prompt_tokens, max(e.prompt_tokens, request_kv_tokens(e, *slots)))
         if full:
             need = max(need, e.blocks, e.dropped_blocks)
         if e.event == "finished" and e.finish_reason == "abort" and e.request_id in waited:

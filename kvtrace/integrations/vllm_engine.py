@@ -118,6 +118,8 @@ class EngineHooks:
         self._prefix_counted = [0, 0, 0, 0]  # this step's hits, queries, resumed hits, resumed queries
         self._prefix_unknown = self._uncountable
         self._running_before: set[str] = set()  # requests past admission when the hooks went in
+        # resumed, its recompute split over steps by the token budget: request id -> KV tokens to recompute
+        self._recomputing: dict[str, int] = {}
         self.engine_steps = 0
         self.preemptions = 0
         self.prefix_evicted_blocks = 0  # in recorded steps
@@ -245,17 +247,22 @@ class EngineHooks:
         """Right after scheduling: blocks are allocated for this step, `num_computed_tokens` counts the
         tokens this step computes, and a request that finishes in this step still exists. Returns whether
         the step is a prefill: it writes some request's prompt positions (a new request, a chunk of a long
-        prompt) or recomputes a preempted one. Not "more than one token a request": speculative decoding
-        schedules each request's drafts beside its next token, every step."""
+        prompt) or recomputes a preempted one, in whichever step a chunk of that recompute falls (one past
+        the prompt, of its output tokens, included). Not "more than one token a request": speculative
+        decoding schedules each request's drafts beside its next token, every step."""
         requests = self._requests
         prefill = False
         for request_id, count in scheduled.items():
             request = requests.get(request_id)
             if request is None:
                 continue
-            if not prefill:  # the tokens computed before this step, against the prompt's
-                prefill = request_id in self._dropped or (
-                    request.num_computed_tokens - count < request.num_prompt_tokens
+            start = request.num_computed_tokens - count  # the tokens computed before this step
+            recompute_to = self._recomputing.get(request_id, 0)
+            if recompute_to and request.num_computed_tokens >= recompute_to:
+                del self._recomputing[request_id]  # this step's chunk ends its recompute
+            if not prefill:
+                prefill = (
+                    request_id in self._dropped or start < request.num_prompt_tokens or start < recompute_to
                 )
             blocks = self._blocks_of(request_id)
             if self._count_prefix and (
@@ -271,6 +278,8 @@ class EngineHooks:
                 dropped = min(self._dropped.pop(request_id), max(0, kept))
                 hits = max(0, request.num_computed_tokens - count)  # found in the prefix cache
                 self._log_request(request, "resumed", blocks, recomputed_tokens=max(0, dropped - hits))
+                if request.num_computed_tokens < dropped:
+                    self._recomputing[request_id] = dropped
             elif request_id not in self._held:
                 self._log_request(request, "scheduled", blocks)
                 self._objects[request_id] = request
@@ -325,6 +334,7 @@ class EngineHooks:
         self.preemptions += 1
         self._step_preempted.append(request_id)
         self._dropped[request_id] = tokens
+        self._recomputing.pop(request_id, None)
         self._held[request_id] = 0
         self._log_request(request, "preempted", 0, dropped_blocks=blocks, dropped_tokens=tokens)
         return result
@@ -350,6 +360,7 @@ class EngineHooks:
         self._held.pop(request_id, None)
         self._objects.pop(request_id, None)
         self._dropped.pop(request_id, None)
+        self._recomputing.pop(request_id, None)
         extra = {}
         reason = _finish_reason(request)
         if reason is not None:

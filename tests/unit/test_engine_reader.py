@@ -81,7 +81,7 @@ def test_a_request_aborted_before_it_was_scheduled_counts_at_what_it_would_need(
     # left out: a pool "avoiding every preemption" admitted it and preempted), so the 2 that run together at
     # most need 4 + 3 = 7 (was 6)
     d = diagnose_preemptions(run)
-    assert d.final_demand_blocks == {"A": 3, "B": 3, "C": 4} and d.demand_bound_blocks == 7
+    assert d.final_demand_blocks == {"A": 3, "B": 2, "C": 4} and d.demand_bound_blocks == 7
     assert (d.requests, d.blocks_needed) == (3, 8)
     # it never held a block: the demand on the recorded schedule is A's and B's alone
     assert (d.recorded_peak_demand_blocks, d.recorded_peak_demand_step) == (5, 4)
@@ -98,7 +98,7 @@ def test_a_request_aborted_before_it_was_scheduled_without_its_length_leaves_no_
     assert run is not None
     # THEN it counts at its prompt at least: cdiv(12, 4) = 3 blocks
     d = diagnose_preemptions(run)
-    assert d.final_demand_blocks == {"A": 3, "B": 3, "C": 3} and d.demand_bound_blocks == 6
+    assert d.final_demand_blocks == {"A": 3, "B": 2, "C": 3} and d.demand_bound_blocks == 6
     # AND no remedy is said to fit (the pool of 7 was [fits]): each that would is unknown, saying why
     assert [r.fits for r in d.remedies if r.fits is not False] and not [r for r in d.remedies if r.fits]
     assert "1 request(s) aborted before they were scheduled are counted at their prompts only" in (
@@ -140,22 +140,23 @@ def test_preemption_diagnosis_by_hand(tmp_path: Path) -> None:
     assert run is not None
     d = diagnose_preemptions(run)
     assert d.usable_blocks == 4  # 5 less the null block
-    # A: prompt 6 + 4 output = 10 tokens = 3 blocks of 4; B: 5 + 4 = 9 tokens = 3 blocks.
-    assert d.final_demand_blocks == {"A": 3, "B": 3}
-    assert d.demand_bound_blocks == 6 and d.blocks_needed == 7
-    assert d.kv_cache_memory_bytes_needed == 7 * 128 and d.extra_blocks == 2 and d.extra_bytes == 256
+    # A: prompt 6 + 4 output - 1 = 9 tokens = 3 blocks of 4; B: 5 + 4 - 1 = 8 tokens = 2 blocks, the 8 its
+    # "resumed" event holds in its 2 blocks (was 3: that event read at prompt + output = 9 tokens)
+    assert d.final_demand_blocks == {"A": 3, "B": 2}
+    assert d.demand_bound_blocks == 5 and d.blocks_needed == 6
+    assert d.kv_cache_memory_bytes_needed == 6 * 128 and d.extra_blocks == 1 and d.extra_bytes == 128
     # on the recorded schedule: step 4 has A at 10 tokens (3 blocks) and B at 8 tokens (2 blocks)
     assert (d.recorded_peak_demand_blocks, d.recorded_peak_demand_step) == (5, 4)
-    assert d.max_num_seqs_without_preemption == 1  # 3 + 3 > 4 usable
+    assert d.max_num_seqs_without_preemption == 1  # 3 + 2 > 4 usable
     assert d.fp8_blocks == 10  # bf16 -> fp8: twice the blocks in the same 640 B
     knobs = {r.knob: (r.setting, r.fits) for r in d.remedies}
     assert knobs == {
-        "kv_cache_memory_bytes": (896, True),
+        "kv_cache_memory_bytes": (768, True),
         "max_num_seqs": (1, True),
         "kv_cache_dtype": ("fp8", True),
     }
     text = vllm_diagnosis_to_text(d)
-    assert "preempted 1 time" in text and "request A" in text and "896 B" in text
+    assert "preempted 1 time" in text and "request A" in text and "768 B" in text
     assert json.loads(json.dumps(vllm_diagnosis_to_json(d)))["kind"] == "preemption"
     assert diagnose_engine(run) is not None
 

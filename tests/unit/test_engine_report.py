@@ -49,7 +49,7 @@ def test_a_hf_run_has_no_engine(tmp_path: Path) -> None:
 def test_diagnose_cli_on_preemption_and_refusal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["diagnose", str(_vllm_run(tmp_path / "pre")), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["kind"] == "preemption" and out["kv_cache_memory_bytes_needed"] == 896
+    assert out["kind"] == "preemption" and out["kv_cache_memory_bytes_needed"] == 768
     refused = _vllm_run(tmp_path / "refused", engine=refused_engine(), steps=[], requests=[])
     assert main(["diagnose", str(refused)]) == 0
     text = capsys.readouterr().out
