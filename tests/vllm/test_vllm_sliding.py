@@ -65,16 +65,23 @@ ids = [[(7 * i + j) % 900 + 5 for j in range(prompt)] for i in range(requests)]
 prompts = [TokensPrompt(prompt_token_ids=one) for one in ids]
 scheduler = llm.llm_engine.engine_core.engine_core.scheduler
 pool, used = scheduler.kv_cache_manager.block_pool, []
+in_step, preempting = [], []
 def schedule(*args, _schedule=scheduler.schedule, **kwargs):  # vLLM's own count once each step is scheduled
+    preempting.clear()
     out = _schedule(*args, **kwargs)
     used.append(pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())  # less the null block
+    in_step.append(max([used[-1], *preempting]))  # and as full as it was when the scheduler preempted
     return out
-scheduler.schedule = schedule  # before the recording, whose hook then calls it
+def preempt(*args, _preempt=scheduler._preempt_request, **kwargs):
+    preempting.append(pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())
+    return _preempt(*args, **kwargs)
+scheduler.schedule, scheduler._preempt_request = schedule, preempt  # before the recording's hooks
 with kvtrace.record(run, model=llm, profiler=False) if run != "-" else contextlib.nullcontext():
     llm.generate(prompts, params, use_tqdm=False)
 preempted = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
 blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
-result = {"num_gpu_blocks": blocks, "preemptions": preempted, "pool_used_when_scheduled": used}
+result = {"num_gpu_blocks": blocks, "preemptions": preempted, "pool_used_when_scheduled": used,
+          "pool_used_in_step": in_step}
 print("KVTRACE-RESULT " + json.dumps(result), flush=True)
 """
 REQUESTS, PROMPT, NEW, BLOCK_BYTES = 8, 40, 120, 65_536
@@ -220,7 +227,10 @@ def test_a_sliding_request_is_logged_with_the_blocks_it_holds_in_the_pool(tmp_pa
     # THEN every step's sum is vLLM's pool (no prefix caching: no block is shared), also past the window,
     # where vLLM lists its null block in place of each freed block (they counted: 18 logged for 15 in use)
     assert [logged_at(row["step"]) for row in steps] == pool_used
-    assert [row["blocks_used_in_step"] for row in steps] == pool_used
+    # ... and each step's blocks held while it ran is that pool, or, in a step that preempted, the pool as
+    # full as the scheduler found it when it preempted (its victims' blocks free again once it returned)
+    assert [row["blocks_used_in_step"] for row in steps] == recorded["pool_used_in_step"]
+    assert any(i > u for i, u in zip(recorded["pool_used_in_step"], pool_used, strict=True))
 
     # AND a decoding request is logged with the window's blocks, by hand: at 129 KV slots, 128 settled, of
     # which 128 - 63 = 65 lie before the window, 2 whole blocks freed: cdiv(129, 32) - 2 = 3 (they said 5)
