@@ -21,6 +21,7 @@ __all__ = [
     "ENGINE",
     "ENGINE_REQUESTS",
     "ENGINE_STEPS",
+    "PREFIX_FIELDS",
     "EngineFigures",
     "EngineInfo",
     "EngineRun",
@@ -43,6 +44,8 @@ __all__ = [
 ENGINE = "engine.json"
 ENGINE_STEPS = "engine_steps.jsonl"
 ENGINE_REQUESTS = "engine_requests.jsonl"
+# engine_steps.jsonl's prefix-cache counts (tokens): null where nobody counted them
+PREFIX_FIELDS = ("prefix_hits", "prefix_queries", "prefix_preempted_hits", "prefix_preempted_queries")
 
 # "waiting": vLLM's scheduler took the request in (add_request), holding nothing yet; runs recorded before
 # kvtrace logged it have none, so a request that never ran had no line, or only its "finished" one
@@ -83,6 +86,9 @@ class EngineInfo:
     # HF CB: engine.json says engine_requests.jsonl has a `finished` line (reason "abort") for every request
     # transformers' scheduler dropped for `cancel_request`: the log then counts the aborted ones
     aborted_requests_logged: bool = False
+    # vLLM: who counted the steps' prefix-cache hits, "vllm" (its stats on) or "kvtrace" (off); None in runs
+    # recorded before engine.json said so
+    prefix_stats: str | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from analyzers.engine import cache_dtype_name
+from analyzers.engine import PREFIX_FIELDS, cache_dtype_name
 from kvtrace.errors import KvtraceError
 from kvtrace.format import ENGINE, ENGINE_REQUESTS, ENGINE_STEPS
 
@@ -57,7 +57,8 @@ def read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, An
 
     engine: Any = {}
     engine_path = run_path / ENGINE
-    if read_engine(run_path) is not None:  # raises KvtraceError on a damaged engine file
+    run = read_engine(run_path)  # raises KvtraceError on a damaged engine file
+    if run is not None:
         try:
             engine = json.loads(engine_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:  # changed since it was checked
@@ -65,5 +66,7 @@ def read_engine_files(run_path: Path) -> tuple[dict[str, Any], list[dict[str, An
         except ValueError:  # CPython's limit on the digits of an int
             raise KvtraceError(f"{engine_path}: corrupt engine file ({too_long_integer()})") from None
     steps, _ = _read_jsonl(run_path / ENGINE_STEPS)
+    if run is not None and not run.steps.prefix_known:  # hits nobody counted: null, as the report's unknown
+        steps = [{**step, **dict.fromkeys(PREFIX_FIELDS)} for step in steps]
     requests, _ = _read_jsonl(run_path / ENGINE_REQUESTS)
     return (engine if isinstance(engine, dict) else {}), steps, requests

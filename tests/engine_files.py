@@ -19,6 +19,7 @@ ENGINE_JSON: dict[str, Any] = {
     "version": "0.32.0",
     "status": "ok",
     "process": "inproc",
+    "prefix_stats": "vllm",  # its stats on: the steps' 0 hits are counted ones
     "model": {
         "num_layers": 2,
         "num_kv_heads": 1,

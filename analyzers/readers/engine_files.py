@@ -4,6 +4,7 @@ the file, and checking a finished run's step log against the count its manifest 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -109,6 +110,7 @@ def _read_info(file: Path) -> EngineInfo:
         failure=dict(data["failure"]) if isinstance(data.get("failure"), dict) else None,
         failed_requests_logged=data.get("failed_requests_logged") is True,
         aborted_requests_logged=data.get("aborted_requests_logged") is True,
+        prefix_stats=_opt_str(data.get("prefix_stats"), where, "prefix_stats"),
     )
 
 
@@ -276,12 +278,23 @@ def read_engine(path: str | os.PathLike[str]) -> EngineRun | None:
     if not has_engine(folder):
         return None
     info = _read_info(folder / ENGINE)
-    return EngineRun(
-        path=str(folder),
-        info=info,
-        steps=_read_steps(folder / ENGINE_STEPS, _counted_steps(folder), info.num_blocks),
-        requests=_read_requests(folder / ENGINE_REQUESTS),
-    )
+    steps = _read_steps(folder / ENGINE_STEPS, _counted_steps(folder), info.num_blocks)
+    requests = _read_requests(folder / ENGINE_REQUESTS)
+    if _prefix_stats_were_off(info, steps, requests):
+        steps = dataclasses.replace(steps, prefix_known=False)
+    return EngineRun(path=str(folder), info=info, steps=steps, requests=requests)
+
+
+def _prefix_stats_were_off(info: EngineInfo, steps: EngineSteps, requests: tuple[RequestEvent, ...]) -> bool:
+    """Whether a vLLM run recorded before engine.json said who counts prefix-cache hits (`prefix_stats`)
+    logged 0 for hits nobody counted: vLLM with its stats off (`LLM()`'s default) keeps none, and kvtrace
+    did not count them then. With its stats on and prefix caching on, vLLM queries every new request it
+    admits (`record_prefix_cache_stats`), so no query in a run that admitted one says the stats were off."""
+    if info.name != "vllm" or info.prefix_stats is not None or not info.config.get("enable_prefix_caching"):
+        return False
+    if not steps.prefix_known or not len(steps):
+        return False
+    return not steps["prefix_queries"].any() and any(e.event == "scheduled" for e in requests)
 
 
 def _counted_steps(folder: Path) -> int | None:

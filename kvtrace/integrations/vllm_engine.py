@@ -135,6 +135,9 @@ class EngineHooks:
     def install(self) -> None:
         rec = self.recording
         self.document, worker_facts = engine_document(self.core, self._kv_cache_config, self.process)
+        # who counts the steps' prefix-cache hits: the reader tells a run counted by neither (one recorded
+        # before kvtrace counted them with vLLM's stats off) from a run without hits
+        self.document["prefix_stats"] = "kvtrace" if self._count_prefix else "vllm"
         write_json_atomic(rec.path / fmt.ENGINE, self.document)
         self._log_pool(worker_facts)
         self._steps = JsonlAppender(rec.path / fmt.ENGINE_STEPS)

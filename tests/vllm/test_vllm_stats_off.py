@@ -145,6 +145,52 @@ def test_hits_that_could_not_be_counted_are_unknown_not_zero(
     assert not any("prefix-cached tokens" in note for note in diagnosis.notes)
 
 
+def _as_recorded_before(source: Path, run_dir: Path, hits: dict[str, Any] | None) -> Path:
+    """A copy of a run as kvtrace wrote it before engine.json said who counts the hits (`prefix_stats`), its
+    steps' prefix fields set to `hits` (0 each: what it logged with vLLM's stats off)."""
+    import shutil
+
+    shutil.copytree(source, run_dir)
+    info = json.loads((run_dir / "engine.json").read_text())
+    del info["prefix_stats"]
+    (run_dir / "engine.json").write_text(json.dumps(info))
+    if hits is not None:
+        lines = (run_dir / "engine_steps.jsonl").read_text().splitlines()
+        steps = [{**json.loads(line), **hits} for line in lines]
+        (run_dir / "engine_steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    return run_dir
+
+
+def test_runs_say_who_counted_their_hits(runs: dict[str, dict[str, Any]]) -> None:
+    assert _engine(runs["on"]["dir"]).info.prefix_stats == "vllm"
+    assert _engine(runs["off"]["dir"]).info.prefix_stats == "kvtrace"
+
+
+def test_a_run_recorded_before_kvtrace_counted_hits_with_stats_off_says_them_unknown(
+    runs: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    # GIVEN the stats-off run as the version before this one wrote it: 0 hits of 0 queries in every step
+    old = _as_recorded_before(runs["off"]["dir"], tmp_path / "old", dict.fromkeys(PREFIX_FIELDS, 0))
+    # THEN its hits are unknown, not 0: vLLM queries every request it admits with its stats on
+    assert engine_figures(_engine(old)).prefix_hit_tokens is None
+    diagnosis = _diagnose(old)
+    (seqs,) = [r for r in diagnosis.remedies if r.knob == "max_num_seqs"]
+    assert seqs.fits is None and diagnosis.max_num_seqs_lower_bound
+    assert any("prefix-cache hits are unknown" in note for note in diagnosis.notes)
+    # AND the export's engine_steps say them null, as the report does
+    import pyarrow.parquet as pq
+
+    from kvtrace.cli import main
+
+    assert main(["export", str(old), "-o", str(tmp_path / "export"), "-q"]) == 0
+    exported = pq.read_table(tmp_path / "export" / "engine_steps").to_pylist()
+    assert len(exported) == len(runs["off"]["steps"])
+    assert all(row[name] is None for row in exported for name in PREFIX_FIELDS)
+    # AND a run of the same version with vLLM's stats on keeps its hits (its steps queried)
+    kept = _as_recorded_before(runs["on"]["dir"], tmp_path / "on", None)
+    assert engine_figures(_engine(kept)).prefix_hit_tokens == 7 * SHARED_TOKENS
+
+
 def test_parallel_samples_hits_are_counted_as_vllm_counts_them(tiny_model_dir: Path, tmp_path: Path) -> None:
     # GIVEN parallel sampling (n=3) on 2 prompts of 80 tokens, prefix caching on, in a pool that holds them
     from vllm import SamplingParams
