@@ -283,7 +283,12 @@ class EngineHooks:
                 if request.num_computed_tokens < dropped:
                     self._recomputing[request_id] = dropped
             elif request_id not in self._held:
-                self._log_request(request, "scheduled", blocks)
+                # its prefix-cache hit when admitted (which of a prompt's blocks a parallel sample shares);
+                # none said for a request already running when the hooks went in
+                extra = {}
+                if request_id not in self._running_before:
+                    extra["cached_tokens"] = max(0, request.num_computed_tokens - count)
+                self._log_request(request, "scheduled", blocks, **extra)
                 self._objects[request_id] = request
             elif blocks != self._held[request_id]:
                 self._log_request(request, "blocks", blocks)
