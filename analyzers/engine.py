@@ -134,6 +134,8 @@ class RequestEvent:
     finish_reason: str | None = None  # on "finished": vLLM's (stop, length, abort, ...); None: not recorded
     error: str | None = None  # on "finished", reason "error", where recorded: the exception that failed it
     max_tokens: int | None = None  # on "waiting": the most tokens it may generate (vLLM's max_tokens)
+    # on "scheduled" (vLLM): its prompt tokens found in the prefix cache when admitted; None: not recorded
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ ENGINE_REQUESTS_SCHEMA = _schema(
         ("run_id", _STR), ("t_ns", _I64), ("step", _I64), ("request_id", _STR), ("event", _STR),
         ("blocks", _I64), ("tokens", _I64), ("prompt_tokens", _I64), ("output_tokens", _I64),
         ("dropped_blocks", _I64), ("dropped_tokens", _I64), ("recomputed_tokens", _I64),
-        ("offloaded_to", _STR), ("finish_reason", _STR), ("max_tokens", _I64),
+        ("offloaded_to", _STR), ("finish_reason", _STR), ("max_tokens", _I64), ("cached_tokens", _I64),
     ],
 )  # fmt: skip
 

@@ -17,7 +17,8 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
   abort). vLLM's parallel sampling (`n > 1`) runs a prompt's samples as requests of one prompt which, under
   prefix caching, share its full blocks (all but a last partial block, and the block of its last token when
   that one ends a block: vLLM recomputes it): where each sample took its whole prompt in one step, as a
-  prompt within the step's token budget does, those blocks count once a prompt (the largest sample holds
+  prompt within the step's token budget does, or every sample but the first found them all cached (a
+  chunked prompt's, its `cached_tokens`), those blocks count once a prompt (the largest sample holds
   them), and the run's prefix-cache hits are the samples' own. Other prefix sharing (prompts with a common
   prefix) only lowers the real demand: the figure is an upper bound, exact (one block less preempts) for
   equal requests admitted together that share no blocks, and a remedy it finds short is said to be unknown,

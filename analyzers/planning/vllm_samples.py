@@ -59,25 +59,36 @@ class SharedSamples:
 
 def parallel_samples(run: EngineRun, block: int, sliding: bool) -> SharedSamples:
     """The run's parallel samples whose prompt blocks were shared: prefix caching on, full attention only
-    (a sliding group frees a prompt's blocks as each sample's window moves), and each sample given its whole
-    prompt the step it was admitted (a prompt longer than the step's token budget is split, and a sample
-    admitted between its chunks computes the later ones again). `sliding`: the model has sliding layers."""
+    (a sliding group frees a prompt's blocks as each sample's window moves), and either each sample given
+    its whole prompt the step it was admitted, or, a prompt split by the step's token budget (chunked
+    prefill), every sample but the first admitted found all those blocks in the prefix cache (its
+    `cached_tokens`): one admitted between the first's chunks finds only the blocks written so far and
+    computes the later ones again, its own. Runs recorded before kvtrace logged the hits count a chunked
+    prompt's blocks once per sample, an upper bound. `sliding`: the model has sliding layers."""
     if not run.info.config.get("enable_prefix_caching") or sliding:
         return SharedSamples({}, {})
     first: dict[str, RequestEvent] = {}
     for e in run.requests:
         if e.event in ("scheduled", "resumed"):
             first.setdefault(e.request_id, e)
+    order = {request_id: i for i, request_id in enumerate(first)}  # admission order
     parent_of: dict[str, str] = {}
     shared: dict[str, int] = {}
     for parent, children in sampled_prompts(run.requests).items():
-        admitted = [first[c] for c in children if c in first]
-        if not admitted or any(e.tokens < e.prompt_tokens for e in admitted):
+        admitted = sorted((first[c] for c in children if c in first), key=lambda e: order[e.request_id])
+        if not admitted:
             continue
         blocks = (admitted[0].prompt_tokens - 1) // block
-        if blocks > 0:
-            shared[parent] = blocks
-            parent_of.update(dict.fromkeys(children, parent))
+        if blocks <= 0:
+            continue
+        chunked = any(e.tokens < e.prompt_tokens for e in admitted)
+        if chunked and not all(
+            e.event == "scheduled" and e.cached_tokens is not None and e.cached_tokens >= blocks * block
+            for e in admitted[1:]
+        ):
+            continue
+        shared[parent] = blocks
+        parent_of.update(dict.fromkeys(children, parent))
     return SharedSamples(parent_of, shared)
 
 

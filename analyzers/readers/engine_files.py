@@ -261,6 +261,7 @@ def _read_requests(file: Path) -> tuple[RequestEvent, ...]:
                 finish_reason=_opt_str(row.get("finish_reason"), where, "finish_reason"),
                 error=_opt_str(row.get("error"), where, "error"),
                 max_tokens=_opt_int(row.get("max_tokens"), where, "max_tokens"),
+                cached_tokens=_opt_int(row.get("cached_tokens"), where, "cached_tokens"),
             )
         )
     return tuple(events)

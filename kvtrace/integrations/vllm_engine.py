@@ -115,7 +115,9 @@ class EngineHooks:
             getattr(scheduler, "connector", None) is not None  # its hits and async loads are not all seen
             or bool(getattr(scheduler, "prefix_replay_tokens", 0))  # the hit less a replayed window
         )
-        self._prefix_counted = [0, 0, 0, 0]  # this step's hits, queries, resumed hits, resumed queries
+        # hits, queries, resumed hits, resumed queries counted since vLLM last reported its stats (see
+        # `_prefix_line`): the steps' schedule() calls since the last that collected a batch's output
+        self._prefix_counted = [0, 0, 0, 0]
         self._prefix_unknown = self._uncountable
         self._running_before: set[str] = set()  # requests past admission when the hooks went in
         # resumed, its recompute split over steps by the token budget: request id -> KV tokens to recompute
@@ -284,7 +286,12 @@ class EngineHooks:
                 if request.num_computed_tokens < dropped:
                     self._recomputing[request_id] = dropped
             elif request_id not in self._held:
-                self._log_request(request, "scheduled", blocks)
+                # its prefix-cache hit when admitted (which of a prompt's blocks a parallel sample shares);
+                # none said for a request already running when the hooks went in
+                extra = {}
+                if request_id not in self._running_before:
+                    extra["cached_tokens"] = max(0, request.num_computed_tokens - count)
+                self._log_request(request, "scheduled", blocks, **extra)
                 self._objects[request_id] = request
             elif blocks != self._held[request_id]:
                 self._log_request(request, "blocks", blocks)
@@ -418,8 +425,6 @@ class EngineHooks:
             self._after_step(step, result, prefix_evicted, raised)
         finally:
             self._step_preempted = []
-            self._prefix_counted = [0, 0, 0, 0]
-            self._prefix_unknown = self._uncountable
             self._sched_out = None
             self.overhead_ns += time.thread_time_ns() - started
 
@@ -442,25 +447,7 @@ class EngineHooks:
         pool = self._pool
         free = pool.get_num_free_blocks()
         cached = sum(1 for b in pool.blocks if b.ref_cnt == 0 and b.block_hash is not None and not b.is_null)
-        # vLLM's own per-step prefix-cache stats (what its stat loggers read): new requests in hits/queries
-        # (the vllm:prefix_cache_* counters), resumed ones apart. With its stats off, kvtrace's count of
-        # the same (None: unknown).
-        counted = [0, 0, 0, 0]
-        if self._count_prefix:
-            counted = self._prefix_counted
-        else:
-            outputs = result[0] if isinstance(result, tuple) and result else None
-            for output in (outputs or {}).values():
-                stats = getattr(getattr(output, "scheduler_stats", None), "prefix_cache_stats", None)
-                if stats is not None:
-                    counted[0] += stats.hits
-                    counted[1] += stats.queries
-                    counted[2] += getattr(stats, "preempted_hits", 0)
-                    counted[3] += getattr(stats, "preempted_queries", 0)
-        prefix: list[int | None] = (
-            [None] * 4 if self._count_prefix and self._prefix_unknown else list(counted)
-        )
-        hits, queries, preempted_hits, preempted_queries = prefix
+        hits, queries, preempted_hits, preempted_queries = self._prefix_line(result, raised)
         running, waiting = self._scheduler.get_request_counts()
         total = pool.num_gpu_blocks
         reserved = 1 if getattr(pool, "null_block", None) is not None else 0
@@ -493,6 +480,35 @@ class EngineHooks:
         # Not the sample's `raised`: that one says which KV layer updates a Hugging Face forward reached
         rec._sample(phase, started_ns=self._step_began_ns)
         self._flushed_ns = flush_when_due(self._flushed_ns, t_ns, rec)
+
+    def _prefix_line(self, result: Any, raised: bool) -> list[int | None]:
+        """vLLM's own prefix-cache stats of the step (what its stat loggers read): new requests in hits and
+        queries (the vllm:prefix_cache_* counters), resumed ones apart. vLLM reports them with a batch's
+        output (`Scheduler.update_from_output` -> `make_stats`), every admission since the last report: in
+        the step that scheduled them, or under async scheduling a step that only queued its batch
+        (`step_with_batch_queue` returns no outputs) leaves them to the next that collects one. With its
+        stats off, kvtrace's count of the same, reported in the same step (None: unknown); a step that
+        raised reports what it counted, the run's last line."""
+        outputs = result[0] if isinstance(result, tuple) and result else None
+        if not self._count_prefix:
+            counted = [0, 0, 0, 0]
+            for output in (outputs or {}).values():
+                stats = getattr(getattr(output, "scheduler_stats", None), "prefix_cache_stats", None)
+                if stats is not None:
+                    counted[0] += stats.hits
+                    counted[1] += stats.queries
+                    counted[2] += getattr(stats, "preempted_hits", 0)
+                    counted[3] += getattr(stats, "preempted_queries", 0)
+            return list(counted)
+        if self._uncountable:
+            return [None] * 4
+        queued_only = isinstance(result, tuple) and bool(result) and outputs is None
+        if queued_only and not raised:
+            return [0, 0, 0, 0]
+        line: list[int | None] = [None] * 4 if self._prefix_unknown else list(self._prefix_counted)
+        self._prefix_counted = [0, 0, 0, 0]
+        self._prefix_unknown = False
+        return line
 
     def _log_request(self, request: Any, event: str, blocks: int, **extra: Any) -> None:
         assert self._request_log is not None

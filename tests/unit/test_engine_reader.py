@@ -219,6 +219,11 @@ def test_cut_last_line_is_dropped(tmp_path: Path) -> None:
         ("engine_steps.jsonl", '{"step": 1, "preempted": "B"}\n', "preempted"),
         ("engine_steps.jsonl", '{"step": 1, "blocks_used_in_step": 9}\n', "9 blocks used of a pool of 5"),
         ("engine_requests.jsonl", '{"request_id": "A", "event": "exploded"}\n', "unknown request event"),
+        (
+            "engine_requests.jsonl",
+            '{"request_id": "A", "event": "scheduled", "cached_tokens": "96"}\n',
+            "cached_tokens",
+        ),
     ],
 )
 def test_bad_files_are_one_line_errors(tmp_path: Path, file: str, content: str, needle: str) -> None:

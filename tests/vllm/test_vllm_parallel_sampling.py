@@ -6,7 +6,9 @@
   caller sent; `diagnose` counts a prompt's shared blocks once, not once per sample (it suggested 25 blocks
   where vLLM runs without a preemption in 19, and max_num_seqs=5 where 6 is the largest that avoids them);
 * `LLM.beam_search` (repeated generate() calls of one token per beam): every step and request recorded, the
-  run ends ok, and `diagnose` finds nothing ran out.
+  run ends ok, and `diagnose` finds nothing ran out;
+* parallel sampling of prompts that chunked prefill splits: each later sample logs the prompt blocks it
+  found cached, and `diagnose` counts them once a prompt, to the block vLLM needs.
 
 Workload: tests/vllm/workload.py (4 layers x 2 KV heads of 64, bf16: 64 KiB a block of 32 tokens; a pool of
 16 blocks, 15 usable; 40-token prompts + 48 new tokens = 3 blocks a sample, the first shared by a prompt's
@@ -190,3 +192,61 @@ def test_beam_search_records_every_step_and_request(recorded: dict[str, Any]) ->
     assert sum(e.output_tokens for e in finished) == recorded["beam_tokens"]
     assert fig.prompts is None  # beams are requests of their own, not samples of one prompt
     assert fig.preemptions == recorded["beam_preemptions"] == 0 and diagnose_engine(engine) is None
+
+
+# a 100-token prompt is written in 2 chunks of a 64-token budget a step
+CHUNK_PROMPT, CHUNK_NEW, BUDGET = 100, 40, 64
+
+
+def test_a_chunked_prompts_blocks_count_once_where_its_samples_found_them(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # GIVEN n=3 sampling of 2 prompts of 100 tokens, 64 tokens a step (chunked prefill), in the 15-block pool:
+    # a prompt's first sample writes it in 2 steps (64 + 36), its other samples are admitted beside the last
+    # chunk and find its (100 - 1) // 32 = 3 full blocks in the prefix cache. (Unseeded: vLLM's CPU sampler
+    # raises "CPU Generator does not use offset" for a seeded request whose prompt is chunked.)
+    from vllm import SamplingParams
+
+    engine_args = {"enable_prefix_caching": True, "max_num_batched_tokens": BUDGET}
+    params = SamplingParams(n=3, max_tokens=CHUNK_NEW, ignore_eos=True, detokenize=False, temperature=1.0)
+    gc.collect()
+    llm = make_llm(tiny_model_dir, **engine_args)
+    with kvtrace.record(tmp_path / "run", model=llm, profiler=False):
+        llm.generate(prompts(2, CHUNK_PROMPT), params, use_tqdm=False)
+    vllm_hits, preempted = metric(llm, "vllm:prefix_cache_hits"), metric(llm, "vllm:num_preemptions")
+    del llm
+    gc.collect()
+    assert preempted > 0
+    engine = read_engine(tmp_path / "run")
+    assert engine is not None
+    admitted = [e for e in engine.requests if e.event == "scheduled"]
+    shared = (CHUNK_PROMPT - 1) // BLOCK_SIZE
+    # the first prompt's first sample takes the whole first step; the second's what the second step leaves:
+    # 64 less the first's last chunk (36) and its 2 samples' uncached tokens (100 - 96 each)
+    firsts = [e.tokens for e in admitted if e.request_id.startswith("0_")]
+    assert firsts == [BUDGET, BUDGET - (CHUNK_PROMPT - BUDGET) - 2 * (CHUNK_PROMPT - shared * BLOCK_SIZE)]
+    # THEN each sample logs the prompt tokens it found cached: 96 for the 4 later samples, vLLM's hits
+    assert sorted(e.cached_tokens for e in admitted) == [0, 0] + [shared * BLOCK_SIZE] * 4
+    assert sum(e.cached_tokens or 0 for e in admitted) == vllm_hits
+    # AND the diagnosis counts a prompt's 3 shared blocks once: a sample needs cdiv(100 + 40 - 1, 32) = 5
+    # blocks, a prompt 5 + 2 + 2, the 6 samples 18 (+1 null = 19), where it counted 6 x 5 = 30 (+1)
+    diagnosis = diagnose_engine(engine)
+    assert isinstance(diagnosis, PreemptionDiagnosis)
+    per_sample = -(-(CHUNK_PROMPT + CHUNK_NEW - 1) // BLOCK_SIZE)
+    worth = sorted([per_sample] * 2 + [per_sample - shared] * 4, reverse=True)
+    assert diagnosis.demand_bound_blocks == sum(worth) == 18 and diagnosis.blocks_needed == 19
+    seqs = max(m for m in range(1, len(worth) + 1) if sum(worth[:m]) <= USABLE)
+    assert diagnosis.max_num_seqs_without_preemption == seqs == 4
+    assert not diagnosis.max_num_seqs_lower_bound  # every prefix-cache hit was a sample's
+    # AND vLLM agrees, to the block and the request: 19 blocks preempt nothing, 18 do; 4 seqs nothing, 5 do
+    for overrides, preempts in (
+        ({"kv_cache_memory_bytes": diagnosis.kv_cache_memory_bytes_needed}, False),
+        ({"kv_cache_memory_bytes": diagnosis.kv_cache_memory_bytes_needed - BLOCK_BYTES}, True),
+        ({"max_num_seqs": seqs}, False),
+        ({"max_num_seqs": seqs + 1}, True),
+    ):
+        llm = make_llm(tiny_model_dir, **engine_args, **overrides)
+        llm.generate(prompts(2, CHUNK_PROMPT), params, use_tqdm=False)
+        assert (metric(llm, "vllm:num_preemptions") > 0) is preempts, overrides
+        del llm
+        gc.collect()

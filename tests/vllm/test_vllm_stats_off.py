@@ -2,7 +2,9 @@
 kvtrace counts the hits itself, as vLLM 0.32 does (`KVCacheManager.record_prefix_cache_stats` at each
 admission from the waiting queue: all the request's tokens queried, the cached ones hit, a resumed request
 apart), so that a recording with stats off says what vLLM's own counters say with them on. A step whose hits
-cannot be counted logs them null, and `diagnose` says they are unknown rather than 0.
+cannot be counted logs them null, and `diagnose` says they are unknown rather than 0. Each run twice:
+scheduled synchronously, and asynchronously (two batches in flight), where vLLM reports a step's admissions
+with the next batch output it collects, a step later when the step only queued its batch.
 
 Workload: tests/vllm/workload.py (4 layers x 2 KV heads of 64, bf16: 64 KiB a block of 32 tokens; a pool of
 16 blocks, 15 usable). 8 requests whose first 64 tokens (2 blocks) are the same, 16 tokens of their own and
@@ -11,6 +13,7 @@ Workload: tests/vllm/workload.py (4 layers x 2 KV heads of 64, bf16: 64 KiB a bl
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 from pathlib import Path
@@ -24,6 +27,7 @@ import kvtrace
 from analyzers.engine import engine_figures
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, diagnose_engine
 from analyzers.readers.engine_files import read_engine
+from tests.vllm.test_vllm_async_scheduling import _async_scheduling_on_cpu
 from tests.vllm.workload import make_llm, metric, recorded_files, sampling
 
 SHARED_TOKENS, OWN_TOKENS, NEW_TOKENS, USABLE = 64, 16, 32, 15
@@ -40,9 +44,15 @@ def _requests() -> list[Any]:
     ]
 
 
-def _record(model: Path, run_dir: Path, stats: bool) -> dict[str, Any]:
+def _record(model: Path, run_dir: Path, stats: bool, async_scheduling: bool) -> dict[str, Any]:
     """The workload recorded with vLLM's stats on or off; with them on, vLLM's own counters of the run."""
-    llm = make_llm(model, enable_prefix_caching=True, disable_log_stats=not stats)
+    with _async_scheduling_on_cpu() if async_scheduling else contextlib.nullcontext():
+        llm = make_llm(
+            model, enable_prefix_caching=True, disable_log_stats=not stats, async_scheduling=async_scheduling
+        )
+    core = llm.llm_engine.engine_core.engine_core
+    assert (core.batch_queue is not None) is async_scheduling
+    del core
     with kvtrace.record(run_dir, model=llm, profiler=False):
         llm.generate(_requests(), sampling(NEW_TOKENS), use_tqdm=False)
     figures = recorded_files(run_dir)
@@ -57,13 +67,18 @@ def _record(model: Path, run_dir: Path, stats: bool) -> dict[str, Any]:
     return figures
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+@pytest.fixture(scope="module", params=["sync", "async"])
+def runs(
+    request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, Any]]:
+    """The workload with stats on and off, scheduled synchronously and asynchronously (two batches in
+    flight: vLLM reports a step's stats with the batch it collects, which may be the step before's)."""
     gc.collect()  # an earlier module's engine, collected before this one starts
-    folder = tmp_path_factory.mktemp("stats")
+    folder = tmp_path_factory.mktemp(f"stats-{request.param}")
+    on_async = request.param == "async"
     return {
-        "on": _record(tiny_model_dir, folder / "on", stats=True),
-        "off": _record(tiny_model_dir, folder / "off", stats=False),
+        "on": _record(tiny_model_dir, folder / "on", stats=True, async_scheduling=on_async),
+        "off": _record(tiny_model_dir, folder / "off", stats=False, async_scheduling=on_async),
     }
 
 
@@ -89,6 +104,13 @@ def test_stats_off_counts_the_hits_vllm_counts_with_stats_on(runs: dict[str, dic
     vllm = on["vllm"]
     assert _totals(on["steps"])["prefix_hits"] == vllm["hits"] == 7 * SHARED_TOKENS
     assert _totals(on["steps"])["prefix_queries"] == vllm["queries"] == 8 * (SHARED_TOKENS + OWN_TOKENS)
+    # AND vLLM reports them with the batch output it collects: in the step that took the requests in, or,
+    # scheduled asynchronously, the next (the first step only queues its batch)
+    on_async = on["engine"]["config"]["async_scheduling"]
+    assert on_async is off["engine"]["config"]["async_scheduling"]
+    took_in = min(e["step"] for e in off["requests"] if e["event"] == "scheduled")
+    reported = min(s["step"] for s in on["steps"] if s["prefix_queries"])
+    assert reported == took_in + (1 if on_async else 0)
     # AND with them off, kvtrace's own count says the same, step for step, the resumed requests' too
     for name in PREFIX_FIELDS:
         assert [s[name] for s in off["steps"]] == [s[name] for s in on["steps"]], name
