@@ -41,10 +41,14 @@ class CallMasks:
         mask: Callable[[], Any] | None,
         prompt_end: int | None = None,
         length: tuple[int, int | None] | None = None,
+        keeps: tuple[str, ...] = (),
     ) -> None:
         """A call whose first forward is `step`; `prompt_end` and `length` (max_length, max_new_tokens) where
-        the recorder knows them, as its prefill sample says them."""
+        the recorder knows them, as its prefill sample says them; `keeps`, the output_* settings whose
+        tensors it holds for every step."""
         entry: dict[str, Any] = {"step": step}
+        if keeps:
+            entry["keeps"] = list(keeps)
         if prompt_end is not None:
             entry["prompt_end"] = prompt_end
         if length is not None:

@@ -191,7 +191,7 @@ class ForwardSteps(PlannedSteps):
         tracker.step += 1
         tracker.phase = "prefill" if prefill else "decode"
         if call is not None:
-            self._call_masks.began(tracker.step, call.mask)
+            self._call_masks.began(tracker.step, call.mask, keeps=call.keeps)
         if prefill:
             tracker.poll_frees()
         if hf is not None:
@@ -237,7 +237,7 @@ class ForwardSteps(PlannedSteps):
         self._call_length = None
         self._prefill_left = 0
         hf = self._hf
-        prompt, cache_passed, max_length, max_new_tokens, _ = call
+        prompt, cache_passed, max_length, max_new_tokens = call[:4]
         if not cache_passed:
             past: int | None = 0  # generate() made the cache
         else:
@@ -254,7 +254,7 @@ class ForwardSteps(PlannedSteps):
             if fed > 0 and past + fed < prompt:
                 self._prefill_left = prompt - past - fed
         # The mask is read as the block ends, never here
-        self._call_masks.began(self.tracker.step, call.mask, self._prompt_end, self._call_length)
+        self._call_masks.began(self.tracker.step, call.mask, self._prompt_end, self._call_length, call.keeps)
         self._note_call_begun()
 
     def _settle_deferred(self) -> None:

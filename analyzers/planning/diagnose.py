@@ -56,6 +56,7 @@ from analyzers.planning.diagnose_rows import fixed_sizes, fixed_vector_bytes, ro
 from analyzers.planning.diagnose_run_end import before_first_step, unfinished
 from analyzers.planning.diagnose_stacks import live_sizes, moment_stacks
 from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
+from analyzers.planning.kept_outputs import kept_outputs
 from analyzers.planning.run_cache_kind import logged_quantization
 from analyzers.planning.run_kv_facts import (
     all_windowed,
@@ -299,6 +300,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "buffers": preallocated_buffers(report, kv_log, None if at_start else when),
         "compressed": compressed,  # DeepSeek-V4's cache (`diagnose_compressed_remedies`), None otherwise
         "tokens_written": written,  # its tokens written a row at the moment's step
+        # what the moment's generate() call keeps for every step (output_scores, ...), held beside the KV
+        "kept_outputs": None if at_start else kept_outputs(source, dev_index, index, step),
     }
     if compressed is not None:
         notes.append(NOT_ITS_CACHE)

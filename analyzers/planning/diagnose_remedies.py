@@ -96,6 +96,7 @@ from analyzers.planning.diagnosis import (
     fits,
     no_geometry,
 )
+from analyzers.planning.kept_outputs import KeptOutputs, kept_outputs_remedy
 from analyzers.planning.run_kv_facts import DTYPE_BITS
 from analyzers.units import human_bytes
 
@@ -125,7 +126,20 @@ def price_remedies(
 def _priced(
     d: dict[str, object], kv_bits: int | None, num_layers: int | None, on_cuda: bool = True
 ) -> list[Remedy]:
-    """Every remedy at the moment described by `d`, against its `shortfall_bytes`, unranked."""
+    """Every remedy at the moment described by `d`, against its `shortfall_bytes`, unranked: the cache's
+    and the allocator's, and dropping the outputs a generate() call keeps for every step."""
+    out = _priced_cache(d, kv_bits, num_layers, on_cuda)
+    kept, need = d.get("kept_outputs"), d["shortfall_bytes"]
+    if isinstance(kept, KeptOutputs) and kept.held_bytes > 0:
+        assert need is None or isinstance(need, int)
+        out.append(kept_outputs_remedy(kept, need))
+    return out
+
+
+def _priced_cache(
+    d: dict[str, object], kv_bits: int | None, num_layers: int | None, on_cuda: bool = True
+) -> list[Remedy]:
+    """The remedies of the KV cache, the batch, the context and the allocator, unranked."""
     kv = d["kv_bytes"]
     batch, tokens, need = d["batch"], d["tokens_held"], d["shortfall_bytes"]
     assert kv is None or isinstance(kv, int)

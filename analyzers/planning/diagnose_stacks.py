@@ -19,6 +19,7 @@ from analyzers.summary import DeviceSummary
 
 __all__ = [
     "freed_from_before",
+    "live_allocations",
     "live_by_stack",
     "live_sizes",
     "moment_stacks",
@@ -61,7 +62,7 @@ def live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[Stack
     if upto < 0:
         return []
     n = upto + 1
-    live = _live(dev, upto)
+    live = live_allocations(dev, upto)
     grouped: dict[str, list[int]] = {}
     frame_ids = dev.frame_id if dev.frame_id is not None else np.full(len(dev), -1, dtype=np.int32)
     no_stack = _KV_LOG_STORAGES if _from_kv_log(source) else _NO_STACK
@@ -79,7 +80,7 @@ def live_by_stack(source: MemorySource, dev_index: int, upto: int) -> list[Stack
     return [_share(text, total, count) for text, (total, count) in grouped.items()]
 
 
-def _live(dev: DeviceEvents, upto: int) -> np.ndarray:
+def live_allocations(dev: DeviceEvents, upto: int) -> np.ndarray:
     """Which of the events up to `upto` are allocations still live after it (see `live_by_stack`)."""
     n = upto + 1
     addr = dev.addr[:n]
@@ -94,7 +95,7 @@ def live_sizes(dev: DeviceEvents, upto: int, category: int) -> list[int]:
     where the events carry no addresses or categories (which allocations are live is then unknown)."""
     if upto < 0 or dev.category is None or not len(dev):
         return []
-    live = _live(dev, upto) & (dev.category[: upto + 1] == category)
+    live = live_allocations(dev, upto) & (dev.category[: upto + 1] == category)
     return [int(nbytes) for nbytes in dev.delta_bytes[: upto + 1][live].tolist()]
 
 

@@ -49,6 +49,7 @@ class CallStart(NamedTuple):
     max_length: int | None  # the sequence length it stops at, prompt included (`_requested_length`)
     max_new_tokens: int | None  # its max_new_tokens, where that set `max_length`
     mask: Callable[[], Any] | None = None  # a weak reference to its attention_mask tensor (`_mask_ref`)
+    keeps: tuple[str, ...] = ()  # the outputs it keeps for every step until it returns (`_kept_outputs`)
 
 
 class GenerateCalls:
@@ -89,7 +90,8 @@ class GenerateCalls:
                 passed = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
                 prompt = _prompt_length(model, args, kwargs)
                 length = _requested_length(model, args, kwargs, prompt)
-                call = CallStart(prompt, passed, *length, _mask_ref(kwargs))
+                keeps = _kept_outputs(model, args, kwargs)
+                call = CallStart(prompt, passed, *length, _mask_ref(kwargs), keeps)
                 calls._enter(call, _num_beams(model, args, kwargs))
             try:
                 return original(model, *args, **kwargs)
@@ -181,6 +183,23 @@ def _setting(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: st
     passed = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
     configs = (passed, getattr(model, "generation_config", None))
     return next((value for c in configs if (value := getattr(c, name, None)) is not None), None)
+
+
+# generate()'s settings whose tensors it keeps for every step, returned with the sequences
+KEPT_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+
+
+def _kept_outputs(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, ...]:
+    """The `KEPT_OUTPUTS` a `generate()` call sets (`_setting`), where it sets `return_dict_in_generate`
+    (without it transformers keeps none): each step's tensors stay held until the call returns, beside the
+    KV, 128k floats a row and step for Llama 3's scores alone. () where none, or where they cannot be read:
+    read inside the user's call, this must never raise."""
+    try:
+        if not _setting(model, args, kwargs, "return_dict_in_generate"):
+            return ()
+        return tuple(name for name in KEPT_OUTPUTS if _setting(model, args, kwargs, name))
+    except Exception:
+        return ()
 
 
 def _num_beams(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
