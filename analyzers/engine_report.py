@@ -115,12 +115,13 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     # Other caches (a plain generate() in the same block) may add to the KV log's peak: never below the pool
     kv.peak_bytes = max(int(kv.peak_bytes or 0), pool)
     capacity = (info.num_blocks or 0) * (info.block_size or 0)
-    groups = _cache_groups(info)
+    groups, group_layers, padding = _cache_groups(info)
     _caches_as_pool(kv, pool, capacity // groups, pool_cache)
     layers = _pool_layers(info)
     covered = sum(k_bytes + v_bytes for _, k_bytes, v_bytes in layers)
     notes = []
-    if layers and covered != pool * groups:  # a hybrid model's groups overlay the one storage
+    # a hybrid model's groups overlay the one storage, each `group_layers` pages a block, padding left empty
+    if layers and covered * group_layers != pool * (groups * group_layers - padding):
         notes.append(f"the engine's {len(layers)} layer views cover {covered:,} B of its {pool:,} B KV pool")
     if freed and kv.final_bytes:  # other caches held KV at the end: the headline figures are theirs
         return notes
@@ -169,16 +170,20 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     return notes
 
 
-def _cache_groups(info: EngineInfo) -> int:
-    """How many of vLLM's KV cache groups a token takes a block in (1 for one attention type): a hybrid
-    model's groups (Gemma 2: 2, sliding and full) share the pool's block ids, so a token of a request holds
-    a block's slot in each, and the pool holds its slots' tokens over the groups."""
+def _cache_groups(info: EngineInfo) -> tuple[int, int, int]:
+    """(groups, layers a group, padding layers) of vLLM's KV cache groups; (1, 1, 0) for one attention type
+    and other engines. A hybrid model's groups (Gemma 2: 2, sliding and full) share the pool's block ids, so
+    a token of a request holds a block's slot in each, and the pool holds its slots' tokens over the groups.
+    A drafter's layers join them: with a 1-layer draft model, 3 groups of 2 pages, one page no layer fills."""
     if info.name != "vllm":
-        return 1
+        return 1, 1, 0
     from analyzers.planning.vllm_specs import engine_kv_groups
 
     groups, _ = engine_kv_groups(info.model, info.config)
-    return max(groups.full_groups + groups.sliding_groups, 1)
+    count = max(groups.full_groups + groups.sliding_groups, 1)
+    if count == 1:
+        return 1, 1, 0
+    return count, groups.layers_per_group, groups.padding_layers
 
 
 def _pool_layers(info: EngineInfo) -> list[tuple[int, int, int]]:

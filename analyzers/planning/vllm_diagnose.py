@@ -161,7 +161,9 @@ class _RequestBlocks:
 
     block: int
     groups: KvGroups
-    lag: int  # decode tokens in flight (async scheduling): a sliding layer frees their window's blocks later
+    # slots a step holds past the tokens computed before it (the batch in flight under async scheduling, the
+    # drafts, the lookahead): a sliding layer frees the blocks before the window of those computed only
+    lag: int
     admission: int  # vLLM's cap on a sliding group's blocks a request, its window and a batch in flight
 
     def final(self, prompt: int, tokens: int) -> int:
@@ -194,7 +196,14 @@ def _request_blocks(run: EngineRun, block: int) -> _RequestBlocks:
     if groups.kind == "full" or not groups.layers_per_group:
         return _RequestBlocks(block, kv_groups(1, 0, None), 0, 0)
     max_len = int(run.info.config.get("max_model_len") or 0) or 2**62
-    lag = max_concurrent_batches(bool(run.info.config.get("async_scheduling"))) - 1
+    config = run.info.config
+    lag = max_concurrent_batches(bool(config.get("async_scheduling"))) - 1
+    # vLLM frees a sliding group's blocks before the window of the tokens computed BEFORE a step, then gives
+    # the step's slots: its token, up to num_speculative_tokens drafts and a drafter's lookahead. Those slots
+    # sit past the window too (an EAGLE head on a hybrid Llama: 4 blocks a sliding group, not 3)
+    for key in ("num_speculative_tokens", "num_lookahead_tokens"):
+        extra = config.get(key)
+        lag += extra if isinstance(extra, int) and not isinstance(extra, bool) and extra > 0 else 0
     assert groups.window is not None
     return _RequestBlocks(block, groups, lag, sliding_blocks(groups.window, block, in_flight, max_len))
 

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from analyzers.engine import draft_kv_layers
 from analyzers.planning.presets import ModelGeometry
 
 __all__ = [
@@ -152,8 +153,9 @@ def engine_kv_groups(model: dict[str, Any], config: dict[str, Any]) -> tuple[KvG
     """(groups, tokens in flight) of a recorded engine.json's `model` and `config`: its `sliding_window` and
     `sliding_layers` (None: every layer), its max_num_batched_tokens and async_scheduling (not recorded:
     vLLM's default, off on CPU, on elsewhere). A run recorded before kvtrace kept the window reads as full
-    attention."""
-    layers = int(model.get("num_layers") or 0)
+    attention. A speculative drafter's layers (`draft_kv_layers`) are grouped with the target's: a Gemma 2's
+    2 sliding and 2 full layers make 2 groups, with a 1-layer draft model 3 (2 + 1 of one kind, cut in 2)."""
+    layers = int(model.get("num_layers") or 0) + draft_kv_layers(model)
     window = _positive(model.get("sliding_window"))
     sliding = model.get("sliding_layers")
     count = (

@@ -309,6 +309,28 @@ def allocation_bytes(kv_cache_tensors: Any) -> int:
     return sum(int(t.size) for t in tensors)
 
 
+def _layer_numbers(names: list[str], draft_layers: Any) -> dict[int, str]:
+    """Each pool layer's number: a target layer's its own index (`model.layers.3` is 3), a drafter's after
+    the target's (`draft_model.model.layers.0` of a 4-layer target is 4). vLLM lists the layers group by
+    group, so in a hybrid model's pool the target's come out of order (0, 2, 1, 3): numbering a repeated
+    index after those seen so far gave the drafter a target layer's number, and that layer another's.
+    `draft_layers`: the worker's list of the drafter's layers (None: names under `draft_model.`)."""
+    drafted = set(draft_layers) if isinstance(draft_layers, list) else None
+    numbers: dict[int, str] = {}
+    later: list[tuple[int, str]] = []
+    for position, name in enumerate(names):
+        match = _LAYER_INDEX.search(name)
+        index = int(match.group(1)) if match else position
+        is_drafter = name in drafted if drafted is not None else name.startswith("draft_model.")
+        if is_drafter or index in numbers:
+            later.append((index, name))  # numbered once the target's layers all have theirs
+        else:
+            numbers[index] = name
+    for _, name in sorted(later):
+        numbers[max(numbers, default=-1) + 1] = name
+    return numbers
+
+
 def pool_facts(kv_cache_config: Any, worker_facts: dict[str, Any], source: str) -> dict[str, Any]:
     """engine.json's pool fields from the KV cache config and the worker's tensors (storage counted once)."""
     groups = kv_cache_config.kv_cache_groups
@@ -318,13 +340,7 @@ def pool_facts(kv_cache_config: Any, worker_facts: dict[str, Any], source: str) 
     layers: list[dict[str, Any]] = []
     storages: dict[int, dict[str, Any]] = {}
     names = [name for t in kv_cache_config.kv_cache_tensors for name in t.layers]
-    taken: set[int] = set()
-    for position, name in enumerate(names):
-        match = _LAYER_INDEX.search(name)
-        index = int(match.group(1)) if match else position
-        if index in taken:  # a draft model's `draft_model.model.layers.0`: numbered after the target's
-            index = max(taken) + 1
-        taken.add(index)
+    for index, name in sorted(_layer_numbers(names, worker_facts.get("draft_layers")).items()):
         entry: dict[str, Any] = {"layer": index, "name": name}
         facts = tensors.get(name)
         if facts is not None:
