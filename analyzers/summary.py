@@ -378,6 +378,17 @@ def summarize(
     notes.extend(input_notes(source))
     notes.extend(coverage_notes(source.kind, devices, source.meta.get("skipped_events")))
     notes.extend(log_notes)
+    calls = manifest.get("generate_calls")
+    if (
+        run is not None
+        and isinstance(calls, list)
+        and any(isinstance(c, dict) and c.get("keeps") for c in calls)
+    ):
+        from analyzers.planning.kept_outputs import peak_kept_note  # runs whose generate() kept outputs only
+
+        kept = peak_kept_note(source, timelines)
+        if kept is not None:
+            notes.append(kept)
     # A budget is a recording option (`gpu_memory`): only a run's manifest can hold one
     budget = _budget_crossing(source, devices, timelines) if manifest else None
     engine = None

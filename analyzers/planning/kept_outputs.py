@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analyzers.budget import step_starts
+from analyzers.budget import step_at, step_starts
 from analyzers.model import OTHER, MemorySource
 from analyzers.planning.diagnose_stacks import live_allocations
 from analyzers.planning.diagnosis import Remedy
+from analyzers.timeline import DeviceTimeline
 from analyzers.units import human_bytes
 
-__all__ = ["KEPT_OUTPUTS", "KeptOutputs", "kept_outputs", "kept_outputs_remedy"]
+__all__ = ["KEPT_OUTPUTS", "KeptOutputs", "kept_outputs", "kept_outputs_remedy", "peak_kept_note"]
 
 # generate()'s settings whose tensors it keeps for every step (kvtrace.integrations.hf_generate's, which the
 # analyzers do not import)
@@ -56,9 +57,8 @@ def kept_outputs(
         return None
     manifest = source.meta.get("manifest") or {}
     calls = manifest.get("generate_calls") if isinstance(manifest, dict) else None
-    begun = [
-        c for c in calls or () if isinstance(c, dict) and type(c.get("step")) is int and c["step"] <= step
-    ]
+    listed = calls if isinstance(calls, list) else []
+    begun = [c for c in listed if isinstance(c, dict) and type(c.get("step")) is int and c["step"] <= step]
     if not begun:
         return None
     call = max(begun, key=lambda c: c["step"])
@@ -101,3 +101,32 @@ def kept_outputs_remedy(kept: KeptOutputs, need: int | None) -> Remedy:
 def _named(keeps: tuple[str, ...]) -> str:
     words = [name.removeprefix("output_").replace("_", " ") for name in keeps]
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def peak_kept_note(source: MemorySource, timelines: list[DeviceTimeline]) -> str | None:
+    """The report's note on the outputs a generate() call kept at the peak of the device that peaked
+    highest, counted there as "other"; None where no call of the run keeps any (most runs: nothing read
+    beyond the manifest), or where they cannot be measured."""
+    manifest = source.meta.get("manifest") or {}
+    calls = manifest.get("generate_calls") if isinstance(manifest, dict) else None
+    listed = calls if isinstance(calls, list) else []
+    if not any(isinstance(c, dict) and c.get("keeps") for c in listed) or not timelines:
+        return None
+    dev_index = max(range(len(timelines)), key=lambda i: _peak_of(timelines[i]))
+    timeline = timelines[dev_index]
+    if not len(timeline.ts_us) or len(timeline.ts_us) != len(source.devices[dev_index]):
+        return None  # a timeline that is not one point an event: its peak is no event's index
+    index = int(np.argmax(timeline.allocated))
+    step, _ = step_at(source, float(timeline.ts_us[index]))
+    kept = kept_outputs(source, dev_index, index, step)
+    if kept is None or kept.held_bytes <= 0:
+        return None
+    return (
+        f"at the peak (step {step}) the generate() call that began at step {kept.call_step} held at least "
+        f"{human_bytes(kept.held_bytes)} of the {_named(kept.keeps)} it keeps for every step "
+        f"({', '.join(kept.keeps)}), counted as other: `kvtrace diagnose` prices dropping them"
+    )
+
+
+def _peak_of(timeline: DeviceTimeline) -> int:
+    return int(timeline.allocated.max()) if len(timeline.allocated) else 0

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.llama import ModelSize, build_model
 from tests.tiny import HEADS, HIDDEN
@@ -89,6 +90,14 @@ def test_dropping_the_kept_scores_frees_what_the_calls_earlier_steps_hold(
     assert remedy["saved_bytes"] == (step - 2) * 2 * STEP_SCORES
     assert remedy["sentence"].startswith("generate(..., output_scores=False, output_logits=False) frees")
     assert f"its first {step - 2:,} step(s) still hold {(step - 2) * 2:,} of them" in remedy["sentence"]
+    # AND the report says what the peak's "other" holds of them
+    assert main(["report", str(tmp_path / "kept"), "--json", "--no-export", "-q"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    said = f"at the peak (step {step}) the generate() call that began at step 1 held at least "
+    assert [n for n in notes if n.startswith(said)] == [
+        f"{said}{human_bytes(remedy['saved_bytes'])} of the scores and logits it keeps for every step "
+        "(output_scores, output_logits), counted as other: `kvtrace diagnose` prices dropping them"
+    ]
     # AND it ranks first: nothing else at this moment frees as much
     assert kept["remedies"][0]["kind"] == "kept_outputs"
 
@@ -98,6 +107,20 @@ def test_dropping_the_kept_scores_frees_what_the_calls_earlier_steps_hold(
     assert not _kept(without)
     dropped = kept["allocated_bytes"] - without["allocated_bytes"]
     assert remedy["saved_bytes"] <= dropped < remedy["saved_bytes"] + 2 * 2 * STEP_SCORES
+
+
+def test_a_damaged_calls_list_is_read_as_no_kept_outputs(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the greedy run whose manifest's generate_calls is damaged: not a list, or a call's keeps not one
+    run = tmp_path / "kept"
+    manifest = _record(model, run, keep=True)
+    for damaged in (5, [{"step": 1, "keeps": "output_scores"}], [{"step": "1", "keeps": ["output_scores"]}]):
+        (run / "manifest.json").write_text(json.dumps({**manifest, "generate_calls": damaged}))
+        # THEN report and diagnose read it as a run whose calls keep nothing they can name
+        assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+        assert not [n for n in json.loads(capsys.readouterr().out)["notes"] if "keeps for every step" in n]
+        assert not _kept(_diagnosis(run, capsys))
 
 
 def test_a_budget_only_the_kept_outputs_can_meet_is_said_to_fit_by_dropping_them(
