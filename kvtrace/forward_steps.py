@@ -362,6 +362,8 @@ class ForwardSteps(PlannedSteps):
         if raised:
             extra["raised"] = True
             self._raised_step = self.tracker.step
+        if torch.is_grad_enabled():  # autograd keeps what the forward made for a backward (docs/format.md)
+            extra["grad"] = True
         if phase == "prefill" and self._prompt_end is not None:
             extra["prompt_end"] = self._prompt_end
         if phase == "prefill" and self._call_length is not None:

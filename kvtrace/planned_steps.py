@@ -180,9 +180,12 @@ class PlannedSteps:
                 # `_sample`, inline where the sample is the step's time alone (no CUDA allocator to read)
                 t_ns = self._clock()
                 began = self._step_began_ns
-                samples._pending.append(
-                    {"t_ns": t_ns, "step": tracker.step, "phase": tracker._phase, "started_ns": began}
-                )
+                line = {"t_ns": t_ns, "step": tracker.step, "phase": tracker._phase, "started_ns": began}
+                if torch.is_grad_enabled():  # a thread-local flag: no device sync
+                    line["grad"] = True
+                samples._pending.append(line)
+            elif torch.is_grad_enabled():
+                self._sample(tracker._phase, started_ns=self._step_began_ns, grad=True)
             else:
                 self._sample(tracker._phase, started_ns=self._step_began_ns)
             self._prompt_end = self._call_length = None

@@ -28,7 +28,14 @@ from analyzers.planning.diagnosis import Remedy
 from analyzers.timeline import DeviceTimeline
 from analyzers.units import human_bytes
 
-__all__ = ["KEPT_OUTPUTS", "KeptOutputs", "kept_outputs", "kept_outputs_remedy", "peak_kept_note"]
+__all__ = [
+    "KEPT_OUTPUTS",
+    "KeptOutputs",
+    "held_by_steps",
+    "kept_outputs",
+    "kept_outputs_remedy",
+    "peak_kept_note",
+]
 
 # generate()'s settings whose tensors it keeps for every step (kvtrace.integrations.hf_generate's, which the
 # analyzers do not import)
@@ -64,8 +71,23 @@ def kept_outputs(
     call = max(begun, key=lambda c: c["step"])
     named = call.get("keeps")
     keeps = tuple(k for k in KEPT_OUTPUTS if isinstance(named, list) and k in named)
+    if not keeps:
+        return None
+    first = int(call["step"])
+    held = held_by_steps(source, dev_index, upto, range(first, step - 1))
+    if held is None:
+        return None
+    return KeptOutputs(keeps, first, held[0], held[1], max(step - 1 - first, 0))
+
+
+def held_by_steps(
+    source: MemorySource, dev_index: int, upto: int, steps: range | set[int]
+) -> tuple[int, int] | None:
+    """(bytes, allocations) live after event `upto` of device `dev_index`, neither KV nor weights, that
+    `steps` made (a step's allocations are those between its start and the next's: `step_starts`); None
+    where the events cannot say which are live (no addresses, no attribution) or the run has no steps."""
     dev = source.devices[dev_index]
-    if not keeps or dev.category is None or not bool((dev.addr >= 0).any()):
+    if dev.category is None or not bool((dev.addr >= 0).any()):
         return None
     starts = step_starts(source)
     if not starts:
@@ -75,10 +97,8 @@ def kept_outputs(
     live = live_allocations(dev, upto) & (dev.category[: upto + 1] == OTHER)
     at = np.searchsorted(start_us, dev.ts_us[: upto + 1].astype(np.float64), side="right") - 1
     made_in = np.where(at >= 0, numbers[np.clip(at, 0, None)], -1)
-    first = int(call["step"])
-    settled = live & (made_in >= first) & (made_in < step - 1)  # steps whose carried tensors were freed
-    held = dev.delta_bytes[: upto + 1][settled]
-    return KeptOutputs(keeps, first, int(held.sum()), int(settled.sum()), max(step - 1 - first, 0))
+    chosen = live & np.isin(made_in, np.fromiter(steps, dtype=np.int64))
+    return int(dev.delta_bytes[: upto + 1][chosen].sum()), int(chosen.sum())
 
 
 def kept_outputs_remedy(kept: KeptOutputs, need: int | None) -> Remedy:
