@@ -89,6 +89,9 @@ class EngineInfo:
     # vLLM: who counted the steps' prefix-cache hits, "vllm" (its stats on) or "kvtrace" (off); None in runs
     # recorded before engine.json said so
     prefix_stats: str | None = None
+    # vLLM under pipeline parallelism: each stage's `layers`, `kv_cache_bytes`, `weights_bytes` and
+    # `buffers_bytes` (analyzers.engine_stages); () otherwise, and in runs recorded before kvtrace kept them
+    pipeline_stages: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from analyzers.engine import EngineFigures, EngineInfo, draft_kv_layers, engine_figures
+from analyzers.engine import EngineFigures, EngineInfo, engine_figures
+from analyzers.engine_stages import pipeline_note, pipeline_size, worker_kv_layers
 from analyzers.readers.engine_files import read_engine
 from analyzers.units import human_bytes
 from kvtrace.format import CB_CACHE_ID, VLLM_CACHE_ID
@@ -135,16 +136,22 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
     model = info.model
     element = _ELEMENT_BYTES.get(info.kv_dtype)
     kv.bytes_per_token_expected = None
-    if element and all(isinstance(model.get(k), int) for k in ("num_layers", "num_kv_heads", "head_dim")):
+    held_layers = worker_kv_layers(info)
+    if (
+        element
+        and held_layers is not None
+        and all(isinstance(model.get(k), int) for k in ("num_kv_heads", "head_dim"))
+    ):
         from analyzers.planning.vllm_plan import kv_heads_per_worker
 
-        # engine.json is the first worker's: under tensor parallelism its pool holds its share of the heads
+        # engine.json is the first worker's: under tensor parallelism its pool holds its share of the heads,
+        # under pipeline parallelism its stage's layers (a speculative drafter's layers, a draft model's or
+        # an EAGLE head's, hold KV in the same blocks)
         tp = info.config.get("tensor_parallel_size")
         tp = tp if isinstance(tp, int) and tp > 1 else 1
         heads = kv_heads_per_worker(model["num_kv_heads"], tp)
         per_layer_token = 2 * heads * model["head_dim"] * element
-        # a speculative drafter's layers (a draft model's, an EAGLE head's) hold KV in the same blocks
-        kv.bytes_per_token_expected = (model["num_layers"] + draft_kv_layers(model)) * per_layer_token
+        kv.bytes_per_token_expected = held_layers * per_layer_token
         if tp > 1:
             notes.insert(
                 0,
@@ -152,6 +159,9 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
                 f"holding {heads} of the model's {model['num_kv_heads']} KV heads; each of the {tp} workers "
                 f"holds a pool of this size, {human_bytes(pool * tp)} in all",
             )
+    staged = pipeline_note(info, pool)
+    if staged is not None:
+        notes.insert(0, staged)
     if layers:
         held = 0 if freed else 1  # a freed pool's layers hold nothing at the end
         kv.per_layer = [
@@ -240,9 +250,11 @@ def _before_trace_notes(info: EngineInfo, devices: Sequence[Any]) -> list[str]:
             else ""
         )
         drafter = _drafter_weights(info, weights)
+        # under pipeline parallelism engine.json's weights are the first stage's worker's, as its pool
+        whose = "the first pipeline stage's weights" if pipeline_size(info) > 1 else "the model's weights"
         notes.append(
-            f"the model's weights ({human_bytes(weights)}, engine.json{drafter}){own} were loaded before the "
-            "trace began: the device figures leave them out"
+            f"{whose} ({human_bytes(weights)}, engine.json{drafter}){own} were loaded before the trace "
+            "began: the device figures leave them out"
         )
     if devices and not any(c.get("kv") for c in at_peak):
         pool = human_bytes(int(info.kv_cache_bytes or 0))

@@ -49,6 +49,7 @@ from analyzers.engine import (
     engine_figures,
     held_at,
 )
+from analyzers.engine_stages import pipeline_note, pipeline_size
 from analyzers.planning.engine_budget import EngineBudget
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
 from analyzers.planning.vllm_refused import (
@@ -336,6 +337,24 @@ def _drafts_text(config: dict[str, Any]) -> str:
     )
 
 
+def _per_worker(info: Any) -> str:
+    """Said of a kv_cache_memory_bytes remedy where the engine has several workers: vLLM gives the setting
+    to each, whose blocks hold the layers and KV heads that worker holds."""
+    tp = info.config.get("tensor_parallel_size")
+    tp = tp if isinstance(tp, int) and not isinstance(tp, bool) and tp > 1 else 1
+    pp = pipeline_size(info)
+    if tp * pp == 1:
+        return ""
+    stages = (
+        f" ({pp} pipeline stages of {tp})" if tp > 1 and pp > 1 else f" ({pp} pipeline stages)" * (pp > 1)
+    )
+    block = readable_bytes(int(info.bytes_per_block or 0))
+    return (
+        f" kv_cache_memory_bytes is per worker: each of the {tp * pp} workers{stages} is given it, the "
+        f"figure priced by the first worker's {block} blocks."
+    )
+
+
 def _largest_seqs(demands: list[int], usable: int) -> int:
     """Largest m such that the m largest demands fit together in `usable` blocks."""
     total, count = 0, 0
@@ -493,7 +512,8 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
             True,
             f"kv_cache_memory_bytes={needed_bytes} ({readable_bytes(needed_bytes)}: "
             f"{needed_blocks:,} blocks, {max(needed_blocks - num_blocks, 0):,} more, "
-            f"+{readable_bytes(max(needed_bytes - kv_bytes, 0))}) avoids every preemption of this run.",
+            f"+{readable_bytes(max(needed_bytes - kv_bytes, 0))}) avoids every preemption of this run."
+            f"{_per_worker(info)}",
         )
     )
     remedies = [_against_budget(grow, needed_bytes, budget)]
@@ -572,6 +592,11 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         f"{NULL_BLOCKS} block is vLLM's null block"
     )
     notes: list[str] = []
+    staged = pipeline_note(info, kv_bytes)
+    if (
+        staged is not None
+    ):  # the pool's bytes are one stage's; its blocks, and so the remedies', every stage's
+        notes.append(f"{staged}: the bytes above and in the remedies are that worker's")
     if samples.parent_of:
         notes.append(samples_note(samples, block, len(demand)))
     if not run.steps.prefix_known:

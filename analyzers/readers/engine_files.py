@@ -111,7 +111,28 @@ def _read_info(file: Path) -> EngineInfo:
         failed_requests_logged=data.get("failed_requests_logged") is True,
         aborted_requests_logged=data.get("aborted_requests_logged") is True,
         prefix_stats=_opt_str(data.get("prefix_stats"), where, "prefix_stats"),
+        pipeline_stages=_pipeline_stages(data.get("pipeline_stages"), where),
     )
+
+
+def _pipeline_stages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
+    """engine.json's `pipeline_stages` (vLLM, pipeline parallel): a list of objects whose byte counts are
+    in range and whose `layers` are layer numbers; () where absent."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(stage, dict) for stage in value):
+        raise KvtraceError(f"{where}: field 'pipeline_stages' must be a list of objects")
+    for number, stage in enumerate(value):
+        for name in ("kv_cache_bytes", "weights_bytes", "buffers_bytes"):
+            _in_range(stage.get(name), where, f"pipeline_stages[{number}].{name}", 0, MAX_BYTES)
+        layers = stage.get("layers")
+        if not isinstance(layers, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _I32 for x in layers
+        ):
+            raise KvtraceError(
+                f"{where}: field 'pipeline_stages[{number}].layers' must be a list of layer numbers"
+            )
+    return tuple(value)
 
 
 def block_bytes(data: dict[str, Any], where: str = "engine.json") -> int | None:
@@ -164,6 +185,7 @@ _CONFIG_INTS = (
     "max_model_len",
     "max_num_batched_tokens",
     "tensor_parallel_size",
+    "pipeline_parallel_size",
     "kv_cache_memory_bytes",
     "num_gpu_blocks_override",
 )

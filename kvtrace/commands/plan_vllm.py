@@ -40,6 +40,7 @@ def _count(value: Any) -> int | None:
 def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     """(memory figures and settings, geometry or None) from a recorded vLLM run's engine.json."""
     from analyzers.engine import draft_kv_layers
+    from analyzers.engine_stages import pipeline_size, worker_kv_layers
     from analyzers.planning.engine_run_refusal import not_a_vllm_pool
     from analyzers.planning.presets import ModelGeometry
     from analyzers.readers.engine_files import read_engine
@@ -85,13 +86,16 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
         "async_scheduling": config.get("async_scheduling"),
         # a start vLLM's CPU worker refused for its memory node: what it asked and what the node had free
         "node_refusal": refused if refused.get("kind") == "node_memory" else None,
+        "pipeline_parallel_size": pipeline_size(run.info),
     }
     geometry = None
     try:
         geometry = ModelGeometry(
             name=str(model.get("name") or Path(path).name),
-            # a speculative drafter's layers (a draft model's, an EAGLE head's) are a page of every block too
-            num_layers=int(model["num_layers"]) + draft_kv_layers(model),
+            # a speculative drafter's layers (a draft model's, an EAGLE head's) are a page of every block too;
+            # under pipeline parallelism the first stage's worker, whose pool engine.json describes, holds
+            # the KV of its own layers only
+            num_layers=worker_kv_layers(run.info) or int(model["num_layers"]) + draft_kv_layers(model),
             num_attention_heads=int(model.get("num_attention_heads") or model["num_kv_heads"]),
             num_kv_heads=int(model["num_kv_heads"]),
             head_dim=int(model["head_dim"]),
@@ -271,6 +275,21 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
             f"speculative decoding ({method}): the drafter's {drafted} attention layer(s) keep KV in the "
             f"same blocks, counted with the model's: {geometry.num_layers} layers a block "
             f"({_drafter_weights(args.weights_bytes, measured)})"
+        )
+        result = replace(result, notes=(*result.notes, note))
+    stages = int(measured.get("pipeline_parallel_size") or 1)
+    if stages > 1:
+        of_model = (measured.get("model") or {}).get("num_layers")
+        held = (
+            f"the first stage's worker, whose pool holds the KV of {geometry.num_layers} of the model's "
+            f"{of_model} layers"
+            if geometry is run_geometry
+            else f"one worker holding every layer of {'--config' if args.config else '--preset'}'s model"
+        )
+        note = (
+            f"pipeline parallel {stages}: planned for {held}; each of the {stages} stages' workers is given "
+            "kv_cache_memory_bytes (or sizes its pool from its own memory) for its own layers, and vLLM "
+            "keeps the fewest blocks of any stage"
         )
         result = replace(result, notes=(*result.notes, note))
     if geometry is run_geometry and "sliding_window" not in (measured.get("model") or {}):

@@ -31,6 +31,7 @@ from typing import Any
 
 from kvtrace import format as fmt
 from kvtrace.geometry import kv_heads_of
+from kvtrace.integrations.vllm_stages import checkpoint_params, pipeline_stages
 from kvtrace.integrations.vllm_weights import drafter_model, weight_facts
 from kvtrace.json_writes import write_json_atomic
 
@@ -219,6 +220,9 @@ def worker_kv_facts(worker: Any, names: list[str], num_blocks: int, head_size: i
     runner = getattr(inner, "model_runner", None)
     if runner is None:
         return {"layers": {}}
+    own = getattr(runner, "kv_cache_config", None)
+    if own is not None:  # a pipeline stage's worker holds its own layers, not the scheduler's (the first's)
+        names = [name for t in own.kv_cache_tensors for name in t.layers] or names
     context = runner.vllm_config.compilation_config.static_forward_context
     tensors: dict[str, Any] = {}
     for name in names:
@@ -281,9 +285,9 @@ def split_kv(tensor: Any, num_blocks: int, head_size: int) -> tuple[Any, Any]:
     return tensor, None
 
 
-def gather_kv_facts(core: Any, kv_cache_config: Any) -> tuple[dict[str, Any], str]:
-    """The KV facts of the first worker: called here when the worker is in this process, through
-    `collective_rpc` when it is in another one. ({}, reason) when neither works."""
+def gather_kv_facts(core: Any, kv_cache_config: Any) -> tuple[list[dict[str, Any]], str]:
+    """The KV facts of every worker, the first one's first: called here when the worker is in this process,
+    through `collective_rpc` when they are in others. ([], reason) when neither works."""
     groups = kv_cache_config.kv_cache_groups
     spec = groups[0].kv_cache_spec if groups else None
     names = [name for t in kv_cache_config.kv_cache_tensors for name in t.layers]
@@ -291,11 +295,10 @@ def gather_kv_facts(core: Any, kv_cache_config: Any) -> tuple[dict[str, Any], st
     driver = _driver_worker(core)
     try:
         if driver is not None:
-            return worker_kv_facts(driver, *args), "kv_tensors"
-        results = core.collective_rpc(worker_kv_facts, args=args)
-        return (results[0] if results else {}), "kv_tensors_rpc"
+            return [worker_kv_facts(driver, *args)], "kv_tensors"
+        return list(core.collective_rpc(worker_kv_facts, args=args) or []), "kv_tensors_rpc"
     except Exception as exc:  # the figures from the config remain
-        return {}, f"kv_cache_config ({type(exc).__name__}: {exc})"[:300]
+        return [], f"kv_cache_config ({type(exc).__name__}: {exc})"[:300]
 
 
 def allocation_bytes(kv_cache_tensors: Any) -> int:
@@ -309,6 +312,12 @@ def allocation_bytes(kv_cache_tensors: Any) -> int:
     return sum(int(t.size) for t in tensors)
 
 
+def layer_index(name: str, position: int) -> int:
+    """The decoder layer a KV layer's name numbers (`model.layers.12.self_attn.attn`), else its position."""
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else position
+
+
 def _layer_numbers(names: list[str], draft_layers: Any) -> dict[int, str]:
     """Each pool layer's number: a target layer's its own index (`model.layers.3` is 3), a drafter's after
     the target's (`draft_model.model.layers.0` of a 4-layer target is 4). vLLM lists the layers group by
@@ -319,8 +328,7 @@ def _layer_numbers(names: list[str], draft_layers: Any) -> dict[int, str]:
     numbers: dict[int, str] = {}
     later: list[tuple[int, str]] = []
     for position, name in enumerate(names):
-        match = _LAYER_INDEX.search(name)
-        index = int(match.group(1)) if match else position
+        index = layer_index(name, position)
         is_drafter = name in drafted if drafted is not None else name.startswith("draft_model.")
         if is_drafter or index in numbers:
             later.append((index, name))  # numbered once the target's layers all have theirs
@@ -366,13 +374,15 @@ def pool_facts(kv_cache_config: Any, worker_facts: dict[str, Any], source: str) 
 
 
 def engine_document(core: Any, kv_cache_config: Any, process: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """engine.json for a started engine, and the worker's KV facts it was built from."""
-    worker_facts, source = gather_kv_facts(core, kv_cache_config)
+    """engine.json for a started engine (its pool and weights the first worker's; under pipeline parallelism
+    each stage's share too), and the first worker's KV facts it was built from."""
+    workers, source = gather_kv_facts(core, kv_cache_config)
+    worker_facts = workers[0] if workers else {}
     pool = pool_facts(kv_cache_config, worker_facts, source)
     if pool["layout"] is None:
         pool["layout"] = core.vllm_config.cache_config.kv_cache_layout
     model = model_facts(core.vllm_config)
-    model["num_params"] = worker_facts.get("num_params")
+    model["num_params"] = checkpoint_params(workers)
     model["draft_kv_layers"] = _draft_kv_layers(kv_cache_config, worker_facts.get("draft_layers"))
     available = getattr(core, "available_gpu_memory_for_kv_cache", -1)
     document: dict[str, Any] = {
@@ -395,6 +405,8 @@ def engine_document(core: Any, kv_cache_config: Any, process: str) -> tuple[dict
         },
         "refused": None,
     }
+    if core.vllm_config.parallel_config.pipeline_parallel_size > 1:
+        document["pipeline_stages"] = pipeline_stages(workers, layer_index)
     return document, worker_facts
 
 

@@ -72,18 +72,23 @@ def _full_numel(module: Any, name: str, param: Any) -> int:
     return int(param.numel())
 
 
-def _held_by(model: Any, seen: set[int], visited: set[int], counted: set[int]) -> tuple[int, int, int]:
-    """(parameters, weights bytes, buffers bytes) of `model` not already counted: `seen` holds the storages,
-    `visited` the modules (a drafter may hold the target's embedding or lm_head module itself, whose oneDNN
-    handle has no storage to tell it by), `counted` the parameters."""
-    num_params = weights = buffers = 0
-    modules = [module for module in model.modules() if id(module) not in visited]
-    visited.update(id(module) for module in modules)
-    for module in modules:
+def _held_by(
+    model: Any, seen: set[int], visited: set[int], counted: set[int]
+) -> tuple[dict[str, int], int, int]:
+    """(each parameter's checkpoint count by its qualified name, weights bytes, buffers bytes) of `model` not
+    already counted: `seen` holds the storages, `visited` the modules (a drafter may hold the target's
+    embedding or lm_head module itself, whose oneDNN handle has no storage to tell it by), `counted` the
+    parameters."""
+    numels: dict[str, int] = {}
+    weights = buffers = 0
+    named = [(prefix, module) for prefix, module in model.named_modules() if id(module) not in visited]
+    visited.update(id(module) for _, module in named)
+    modules = [module for _, module in named]
+    for prefix, module in named:
         for name, param in module.named_parameters(recurse=False):
             if id(param) not in counted:
                 counted.add(id(param))
-                num_params += _full_numel(module, name, param)
+                numels[f"{prefix}.{name}" if prefix else name] = _full_numel(module, name, param)
             if param.numel():
                 storage = param.untyped_storage()
                 if storage.data_ptr() not in seen:
@@ -107,7 +112,7 @@ def _held_by(model: Any, seen: set[int], visited: set[int], counted: set[int]) -
         if storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
             buffers += storage.nbytes()
-    return num_params, weights, buffers
+    return numels, weights, buffers
 
 
 def drafter_model(runner: Any) -> Any:
@@ -119,22 +124,24 @@ def drafter_model(runner: Any) -> Any:
     return model if hasattr(model, "modules") else None
 
 
-def weight_facts(model: Any, drafter: Any = None) -> dict[str, int]:
-    """`num_params` (the target checkpoint's: it names the model), `weights_bytes` and `buffers_bytes` (all
-    this worker holds, a drafter's with the target's: each storage once, so an EAGLE head's embedding or
-    lm_head shared with the target counts once), `draft_weights_bytes` (the drafter's own share; 0 without
-    one)."""
+def weight_facts(model: Any, drafter: Any = None) -> dict[str, Any]:
+    """`num_params` (the target checkpoint's: it names the model), `param_numels` (the same by parameter
+    name: a pipeline stage holds some layers only, and the stages' names, a tied embedding on the first and
+    last, add up to the checkpoint once), `weights_bytes` and `buffers_bytes` (all this worker holds, a
+    drafter's with the target's: each storage once, so an EAGLE head's embedding or lm_head shared with the
+    target counts once), `draft_weights_bytes` (the drafter's own share; 0 without one)."""
     seen: set[int] = set()  # storages counted, the target's first
     visited: set[int] = set()  # modules walked
     counted: set[int] = set()  # parameters counted (a tied one is reachable from two modules)
-    num_params, weights, buffers = _held_by(model, seen, visited, counted)
+    numels, weights, buffers = _held_by(model, seen, visited, counted)
     draft_weights = 0
     if drafter is not None:
         _, draft_weights, draft_buffers = _held_by(drafter, seen, visited, counted)
         weights += draft_weights
         buffers += draft_buffers
     return {
-        "num_params": num_params,
+        "num_params": sum(numels.values()),
+        "param_numels": numels,
         "weights_bytes": weights,
         "buffers_bytes": buffers,
         "draft_weights_bytes": draft_weights,

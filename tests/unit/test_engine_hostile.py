@@ -28,6 +28,9 @@ def _run_dir(folder: Path, engine: dict) -> Path:
         ({**ENGINE_JSON, "num_blocks": -3}, "num_blocks"),
         ({**refused_engine(), "model": {"num_layers": 4}}, "num_kv_heads"),
         ({**refused_engine(), "model": {"num_layers": 4, "num_kv_heads": 2, "head_dim": True}}, "head_dim"),
+        ({**ENGINE_JSON, "pipeline_stages": {"layers": [0]}}, "'pipeline_stages' must be a list of objects"),
+        ({**ENGINE_JSON, "pipeline_stages": [{"layers": ["0"]}]}, "pipeline_stages[0].layers"),
+        ({**ENGINE_JSON, "pipeline_stages": [{"layers": [0], "kv_cache_bytes": -1}]}, "kv_cache_bytes"),
     ],
 )
 def test_bad_engine_json_is_one_line(

@@ -13,7 +13,7 @@ from analyzers.render.json import report_to_json
 from analyzers.render.text import report_to_text
 from analyzers.report import build_report
 from kvtrace.cli import main
-from tests.engine_files import refused_engine, write_engine_run
+from tests.engine_files import ENGINE_JSON, refused_engine, write_engine_run
 
 
 def _vllm_run(folder: Path, **kwargs) -> Path:
@@ -64,3 +64,51 @@ def test_demo_engine_vllm_without_vllm_is_one_line(capsys: pytest.CaptureFixture
     assert main(["demo", "--engine", "vllm", "--out", "unused"]) == 1  # a part not installed (README)
     err = capsys.readouterr().err.strip()
     assert "needs vLLM" in err and "\n" not in err
+
+
+def _pipeline_engine(stages: bool) -> dict:
+    """ENGINE_JSON as the first of 2 pipeline stages' workers records it: the model has 4 layers, the pool
+    (the same 640 B, 128 B a block) holds the KV of layers 0-1, 2 x 1 head x 4 x 2 B x 2 (K, V) = 32 B a
+    token; `stages`: with each stage's share (runs recorded since kvtrace kept it), else without."""
+    engine = json.loads(json.dumps(ENGINE_JSON))
+    engine["model"]["num_layers"] = 4
+    engine["config"]["pipeline_parallel_size"] = 2
+    engine["layers"] = [
+        {"layer": i, "name": f"model.layers.{i}.self_attn.attn", "shape": [5, 1, 4, 8], "dtype": "bfloat16",
+         "bytes": 320, "storage_addr": 1000, "view_offset": 320 * i}
+        for i in (0, 1)
+    ]  # fmt: skip
+    if stages:
+        engine["pipeline_stages"] = [
+            {"stage": s, "layers": [2 * s, 2 * s + 1], "kv_cache_bytes": 640, "weights_bytes": 10}
+            for s in (0, 1)
+        ]
+    return engine
+
+
+@pytest.mark.parametrize("stages", [True, False])
+def test_a_pipeline_parallel_run_is_its_first_stages_worker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stages: bool
+) -> None:
+    # GIVEN the first pipeline stage's worker's engine.json, with or without each stage's share
+    folder = _vllm_run(tmp_path / "run", engine=_pipeline_engine(stages))
+
+    # WHEN it is reported and planned
+    _, report = build_report(folder)
+    data = report_to_json(report)
+    assert main(["plan", "--engine", "vllm", "--from-run", str(folder), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+
+    # THEN the arithmetic is the stage's 2 layers, as measured (it had all 4: 64 B), and the plan gives
+    # the pool's 5 blocks of 128 B (it gave 2 of 256 B)
+    per_token = 2 * 2 * 1 * 4 * 2
+    assert data["kv"]["bytes_per_token_measured"] == data["kv"]["bytes_per_token_expected"] == per_token
+    assert (plan["num_blocks"], plan["bytes_per_block"], plan["kv_bytes_per_token"]) == (5, 128, per_token)
+    (note,) = [n for n in data["notes"] if n.startswith("pipeline parallel 2:")]
+    assert "holding the KV of layers 0-1 of the model's 4" in note
+    if stages:
+        assert note.endswith(
+            "the 2 stages hold 640 B (layers 0-1), 640 B (layers 2-3) over the same 5 blocks, 1.25 KiB in all"
+        )
+    else:
+        assert "each stage's share not recorded" in note

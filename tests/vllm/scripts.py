@@ -2,6 +2,8 @@
 
     python -m tests.vllm.scripts multiprocess MODEL_DIR     # KVTRACE_DIR set by the caller
     python -m tests.vllm.scripts tensor_parallel MODEL_DIR  # the same over 2 workers; KVTRACE_DIR too
+    python -m tests.vllm.scripts pipeline_parallel MODEL_DIR [POOL_BYTES [JSON]]  # over 2 pipeline stages,
+                                                        # each worker given POOL_BYTES; JSON: LLM overrides
     python -m tests.vllm.scripts refused_record MODEL_DIR RUN_DIR
     python -m tests.vllm.scripts refused_plugin MODEL_DIR   # KVTRACE_DIR set by the caller
     python -m tests.vllm.scripts fp8_record MODEL_DIR RUN_DIR
@@ -26,7 +28,7 @@ import os
 import sys
 from typing import Any
 
-from tests.vllm.workload import BLOCK_BYTES, make_llm, metric, run_workload
+from tests.vllm.workload import BLOCK_BYTES, POOL_BYTES, make_llm, metric, run_workload
 
 REFUSED_POOL_BYTES = 16 * BLOCK_BYTES  # 480 usable tokens after the null block
 REFUSED_MAX_MODEL_LEN = 512
@@ -53,6 +55,53 @@ def tensor_parallel(model_dir: str) -> dict[str, Any]:
     figures = {
         "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
         "preemptions": metric(llm, "vllm:num_preemptions"),
+    }
+    llm.llm_engine.engine_core.shutdown()
+    return figures
+
+
+def _stage_kv(worker: Any) -> dict[str, Any]:
+    """On each vLLM worker (a `collective_rpc`): its stage's layers and the KV it holds, from its
+    kv_cache_config and its tensors."""
+    config = worker.model_runner.kv_cache_config
+    tensors = worker.model_runner.kv_caches
+    return {
+        "num_blocks": config.num_blocks,
+        "layers": sorted(name for group in config.kv_cache_groups for name in group.layer_names),
+        "kv_cache_tensor_bytes": sum(t.size for t in config.kv_cache_tensors),
+        "storage_bytes": sum(
+            {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values()
+        ),
+    }
+
+
+def _allocate_stage_inputs(worker: Any) -> None:
+    """On each vLLM worker (a `collective_rpc`): a later stage's buffer for the activations the stage
+    before sends, as vLLM's start-up profiling pass allocates it. vLLM 0.32's CPU worker skips that pass
+    under enforce_eager (`CPUModelRunner.warming_up_model` returns at once), and the second stage's first
+    step then fails (`assert self.intermediate_tensors is not None`, gpu_model_runner.py)."""
+    from vllm.distributed import get_pp_group
+
+    runner = worker.model_runner
+    if not get_pp_group().is_first_rank and runner.intermediate_tensors is None:
+        runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
+        )
+
+
+def pipeline_parallel(model_dir: str, pool_bytes: int, **overrides: Any) -> dict[str, Any]:
+    """The workload over 2 pipeline-parallel stages (each one CPU core), each worker given `pool_bytes` of
+    KV memory (and `overrides`, a remedy to check): vLLM's figures of the shared pool and of each stage's
+    worker."""
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # _stage_kv goes to the workers pickled
+    settings: dict[str, Any] = {"kv_cache_memory_bytes": pool_bytes, **overrides}
+    llm = make_llm(model_dir, pipeline_parallel_size=2, distributed_executor_backend="mp", **settings)
+    llm.collective_rpc(_allocate_stage_inputs)
+    run_workload(llm)
+    figures = {
+        "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+        "preemptions": metric(llm, "vllm:num_preemptions"),
+        "stages": llm.collective_rpc(_stage_kv),
     }
     llm.llm_engine.engine_core.shutdown()
     return figures
@@ -234,6 +283,9 @@ if __name__ == "__main__":
         result = multiprocess(model)
     elif mode == "tensor_parallel":
         result = tensor_parallel(model)
+    elif mode == "pipeline_parallel":
+        pool = int(sys.argv[3]) if len(sys.argv) > 3 else POOL_BYTES
+        result = pipeline_parallel(model, pool, **(json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}))
     elif mode == "fp8_record":
         result = fp8_record(model, sys.argv[3])
     elif mode == "falcon_record":

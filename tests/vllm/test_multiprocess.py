@@ -101,6 +101,19 @@ def _report_json(run_dir: Path) -> dict[str, Any]:
     return dict(json.loads(done.stdout))
 
 
+def _cli_json(argv: list[str], ok: tuple[int, ...] = (0,)) -> dict[str, Any]:
+    """`kvtrace ARGV --json` in a fresh interpreter, as a user runs it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", *argv, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode in ok, done.stderr[-3000:]
+    return dict(json.loads(done.stdout))
+
+
 def test_kvtrace_report_reads_it(plugin_run: dict[str, Any]) -> None:
     report = _report_json(plugin_run["dir"])
     assert report["kv"]["peak_bytes"] == POOL_BYTES
@@ -129,3 +142,91 @@ def test_a_tensor_parallel_run_reads_as_one_workers_share(
     (note,) = [n for n in report["notes"] if n.startswith("tensor parallel 2:")]
     assert f"holding {SIZE.num_kv_heads // 2} of the model's {SIZE.num_kv_heads} KV heads" in note
     assert note.endswith(f"{human_bytes(2 * POOL_BYTES)} in all")
+
+
+def _stage_weights(model_dir: Path, stages: list[range]) -> tuple[int, list[int]]:
+    """(the checkpoint's parameters, the bytes each pipeline stage's worker holds) from the checkpoint's
+    tensors: a stage holds its decoder layers, the first and the last the embedding too (the last for its
+    lm_head, tied to it; rows padded to a multiple of 64, vLLM's `DEFAULT_VOCAB_PADDING_SIZE`), the last the
+    final norm."""
+    from safetensors import safe_open
+
+    params, held = 0, [0] * len(stages)
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as checkpoint:
+        for name in checkpoint.keys():  # noqa: SIM118 (safe_open is no dict)
+            tensor = checkpoint.get_tensor(name)
+            params += tensor.numel()
+            nbytes = tensor.numel() * tensor.element_size()
+            if name.endswith("embed_tokens.weight"):
+                rows = -(-tensor.shape[0] // 64) * 64
+                embedding = rows * tensor.shape[1] * tensor.element_size()
+                held[0] += embedding
+                held[-1] += embedding
+            elif name.startswith("model.layers."):
+                layer = int(name.split(".")[2])
+                held[next(i for i, layers in enumerate(stages) if layer in layers)] += nbytes
+            else:  # the final norm
+                held[-1] += nbytes
+    return params, held
+
+
+def test_a_pipeline_parallel_run_reads_as_the_first_stages_share(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the workload over 2 pipeline stages (one core each), recorded by the plugin, each worker given
+    # half the workload's pool: each holds the KV of 2 of the 4 layers, in the workload's 16 blocks (the
+    # scheduler's one pool of block ids), so it preempts
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    run_dir = tmp_path / "run"
+    stage_pool = POOL_BYTES // 2
+    figures = run_script(
+        "pipeline_parallel", str(tiny_model_dir), str(stage_pool), kvtrace_dir=run_dir, multiprocess=True
+    )
+    stage_layers = [range(0, SIZE.num_layers // 2), range(SIZE.num_layers // 2, SIZE.num_layers)]
+    stage_token = len(stage_layers[0]) * 2 * SIZE.num_kv_heads * HEAD_DIM * DTYPE_BYTES  # 1 KiB
+    blocks = stage_pool // (stage_token * BLOCK_SIZE)
+    assert figures["num_gpu_blocks"] == blocks == POOL_BYTES // BLOCK_BYTES and figures["preemptions"] > 0
+    for stage, layers in zip(figures["stages"], stage_layers, strict=True):  # vLLM's own, on each worker
+        assert stage["layers"] == [f"model.layers.{i}.self_attn.attn" for i in layers]
+        assert stage["num_blocks"] == blocks and stage["storage_bytes"] == stage_pool
+
+    # THEN engine.json's pool is the first stage's worker's (the scheduler's config is a copy of its), and
+    # each stage's layers, KV and weights are there, with the checkpoint's parameters (it had the first
+    # stage's alone: 1,436,672 of 2,617,600)
+    engine = json.loads((run_dir / fmt.ENGINE).read_text())
+    assert engine["config"]["pipeline_parallel_size"] == 2
+    assert [layer["layer"] for layer in engine["layers"]] == list(stage_layers[0])
+    assert engine["num_blocks"] == blocks and engine["bytes_per_block"] == stage_token * BLOCK_SIZE
+    assert engine["kv_cache_bytes"] == stage_pool
+    params, stage_weights = _stage_weights(tiny_model_dir, stage_layers)
+    assert engine["model"]["num_params"] == params
+    assert engine["memory_profile"]["weights_bytes"] == stage_weights[0]
+    recorded = [(s["layers"], s["kv_cache_bytes"], s["weights_bytes"]) for s in engine["pipeline_stages"]]
+    assert recorded == [
+        (list(layers), stage_pool, w) for layers, w in zip(stage_layers, stage_weights, strict=True)
+    ]
+
+    # WHEN it is reported
+    report = _report_json(run_dir)
+
+    # THEN its bytes per token, measured and by arithmetic, are the first stage's (the arithmetic had all
+    # 4 layers: twice the measured), and a note says so, with each stage's share and the whole pool
+    kv = report["kv"]
+    assert kv["bytes_per_token_measured"] == kv["bytes_per_token_expected"] == stage_token
+    (note,) = [n for n in report["notes"] if n.startswith("pipeline parallel 2:")]
+    assert f"layers 0-1 of the model's {SIZE.num_layers}" in note
+    shares = f"{human_bytes(stage_pool)} (layers 0-1), {human_bytes(stage_pool)} (layers 2-3)"
+    assert f"{shares} over the same {blocks} blocks, {human_bytes(2 * stage_pool)} in all" in note
+
+    # AND `plan --from-run` plans that worker as vLLM sized it (it planned all 4 layers a block: 8 blocks,
+    # and said vLLM would refuse the run it had started)
+    plan = _cli_json(["plan", "--engine", "vllm", "--from-run", str(run_dir)])
+    assert (plan["num_blocks"], plan["kv_bytes_per_token"], plan["starts"]) == (blocks, stage_token, True)
+
+    # AND `diagnose` prices the pool that avoids every preemption by the stage's blocks (8 requests of
+    # cdiv(40 + 48 - 1, 32) = 3 blocks, and the null block), and says the setting is each worker's
+    diagnosis = _cli_json(["diagnose", str(run_dir)], ok=(0, 1))
+    remedy = {r["knob"]: r for r in diagnosis["remedies"]}["kv_cache_memory_bytes"]
+    needed = REQUESTS * -(-(PROMPT_TOKENS + NEW_TOKENS - 1) // BLOCK_SIZE) + 1
+    assert remedy["setting"] == needed * stage_token * BLOCK_SIZE and remedy["fits"]
+    assert "is per worker: each of the 2 workers (2 pipeline stages) is given it" in remedy["sentence"]
