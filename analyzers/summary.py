@@ -389,6 +389,12 @@ def summarize(
         kept = peak_kept_note(source, timelines)
         if kept is not None:
             notes.append(kept)
+    if run is not None:
+        from analyzers.planning.grad_steps import grad_note  # forwards run with grad enabled
+
+        grad = grad_note(source, kv)
+        if grad is not None:
+            notes.append(grad)
     # A budget is a recording option (`gpu_memory`): only a run's manifest can hold one
     budget = _budget_crossing(source, devices, timelines) if manifest else None
     engine = None

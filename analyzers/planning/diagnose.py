@@ -56,6 +56,7 @@ from analyzers.planning.diagnose_rows import fixed_sizes, fixed_vector_bytes, ro
 from analyzers.planning.diagnose_run_end import before_first_step, unfinished
 from analyzers.planning.diagnose_stacks import live_sizes, moment_stacks
 from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
+from analyzers.planning.grad_steps import grad_held
 from analyzers.planning.kept_outputs import kept_outputs
 from analyzers.planning.run_cache_kind import logged_quantization
 from analyzers.planning.run_kv_facts import (
@@ -245,6 +246,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         row_activations = row_activation_bytes(others, batch, units, positions, fixed)
         fixed_vectors = fixed_vector_bytes(others, batch, units, positions, fixed)
 
+    per_token = report.kv.bytes_per_token_expected  # what the cache stores by arithmetic, at the moment
+    arithmetic = per_token * tokens_held * batch if per_token and tokens_held and batch else None
     fields: dict[str, object] = {
         "kv_bytes": kv_bytes,
         "batch": batch,
@@ -302,6 +305,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "tokens_written": written,  # its tokens written a row at the moment's step
         # what the moment's generate() call keeps for every step (output_scores, ...), held beside the KV
         "kept_outputs": None if at_start else kept_outputs(source, dev_index, index, step),
+        # what autograd keeps of the forwards run with grad enabled (a loop of one's own without no_grad)
+        "grad_held": None if at_start else grad_held(source, dev_index, index, step, kv_bytes, arithmetic),
     }
     if compressed is not None:
         notes.append(NOT_ITS_CACHE)

@@ -96,6 +96,7 @@ from analyzers.planning.diagnosis import (
     fits,
     no_geometry,
 )
+from analyzers.planning.grad_steps import GradHeld, no_grad_remedy
 from analyzers.planning.kept_outputs import KeptOutputs, kept_outputs_remedy
 from analyzers.planning.run_kv_facts import DTYPE_BITS
 from analyzers.units import human_bytes
@@ -127,12 +128,15 @@ def _priced(
     d: dict[str, object], kv_bits: int | None, num_layers: int | None, on_cuda: bool = True
 ) -> list[Remedy]:
     """Every remedy at the moment described by `d`, against its `shortfall_bytes`, unranked: the cache's
-    and the allocator's, and dropping the outputs a generate() call keeps for every step."""
+    and the allocator's, dropping the outputs a generate() call keeps for every step, and running the
+    forwards without grad."""
     out = _priced_cache(d, kv_bits, num_layers, on_cuda)
-    kept, need = d.get("kept_outputs"), d["shortfall_bytes"]
+    kept, grad, need = d.get("kept_outputs"), d.get("grad_held"), d["shortfall_bytes"]
+    assert need is None or isinstance(need, int)
     if isinstance(kept, KeptOutputs) and kept.held_bytes > 0:
-        assert need is None or isinstance(need, int)
         out.append(kept_outputs_remedy(kept, need))
+    if isinstance(grad, GradHeld) and grad.activations_bytes + grad.kv_copies_bytes > 0:
+        out.append(no_grad_remedy(grad, need))
     return out
 
 

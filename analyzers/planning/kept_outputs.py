@@ -5,7 +5,8 @@ With `return_dict_in_generate`, `output_scores`, `output_logits`, `output_attent
 are 128,256 float32 a row and step (0.5 MiB), so a long generation can hold more of them than KV, and the
 report counts them as "other". The run's manifest says which a call kept (`generate_calls[].keeps`, from the
 call's settings); the bytes are measured: the allocations live at the diagnosis's moment, neither KV nor
-weights, that the call's steps made before the one before the moment's. A step's work frees its own
+weights, that the call's steps made before the one before the moment's (not the run's first forward:
+`counted_steps`). A step's work frees its own
 temporaries within it, but what generate() carries to the next step (the grown `input_ids`, its attention
 mask, and the loop's variables: the last step's logits, scores, sampling's probabilities) lives until the
 next step replaces it, kept output or not; and what the moment's own step made cannot be told from its
@@ -31,6 +32,7 @@ from analyzers.units import human_bytes
 __all__ = [
     "KEPT_OUTPUTS",
     "KeptOutputs",
+    "counted_steps",
     "held_by_steps",
     "kept_outputs",
     "kept_outputs_remedy",
@@ -51,7 +53,7 @@ class KeptOutputs:
     call_step: int  # its first forward's step (its prefill)
     held_bytes: int  # live at the moment, made by those steps, neither KV nor weights
     allocations: int
-    steps: int  # its steps that made them: from its first to the one before the last before the moment's
+    steps: range  # the steps counted: its own up to the one before the last before the moment's, not step 1
 
 
 def kept_outputs(
@@ -74,10 +76,17 @@ def kept_outputs(
     if not keeps:
         return None
     first = int(call["step"])
-    held = held_by_steps(source, dev_index, upto, range(first, step - 1))
+    counted = counted_steps(range(first, step - 1))
+    held = held_by_steps(source, dev_index, upto, counted)
     if held is None:
         return None
-    return KeptOutputs(keeps, first, held[0], held[1], max(step - 1 - first, 0))
+    return KeptOutputs(keeps, first, held[0], held[1], counted)
+
+
+def counted_steps(steps: range) -> range:
+    """`steps` less the run's first forward (step 1), whose one-time buffers stay for the process's life
+    (on CUDA a math library's workspace, allocated at the first matmul): never what a setting frees."""
+    return range(max(steps.start, 2), steps.stop)
 
 
 def held_by_steps(
@@ -109,13 +118,20 @@ def kept_outputs_remedy(kept: KeptOutputs, need: int | None) -> Remedy:
     fits = None if need is None else saved >= need
     sentence = (
         f"generate(..., {settings}) frees {human_bytes(saved)}: the call that began at step "
-        f"{kept.call_step} keeps every step's {_named(kept.keeps)} until it returns, and its first "
-        f"{kept.steps:,} step(s) still hold {kept.allocations:,} of them beside the KV and weights (the last "
-        "step's and this one's are not counted: at least this much is freed). Read what you need "
-        "of them inside the loop instead (a LogitsProcessor, a streamer), or move them to the CPU as they "
-        "come."
+        f"{kept.call_step} keeps every step's {_named(kept.keeps)} until it returns, and its "
+        f"{_span(kept.steps)} still hold {kept.allocations:,} of them beside the KV and weights (the last "
+        "step's and this one's are not counted, nor the run's first forward's, which may hold one-time "
+        "buffers: at least this much is freed). Read what you need of them inside the loop instead (a "
+        "LogitsProcessor, a streamer), or move them to the CPU as they come."
     )
     return Remedy(REMEDY, None, saved, fits, sentence)
+
+
+def _span(steps: range) -> str:
+    """`steps 2 to 22`, `step 5`."""
+    if len(steps) == 1:
+        return f"step {steps.start}"
+    return f"steps {steps.start} to {steps[-1]}" if steps else "steps before"
 
 
 def _named(keeps: tuple[str, ...]) -> str:

@@ -198,13 +198,17 @@ def _request_blocks(run: EngineRun, block: int) -> _RequestBlocks:
         return _RequestBlocks(block, kv_groups(1, 0, None), 0, 0)
     max_len = int(run.info.config.get("max_model_len") or 0) or 2**62
     config = run.info.config
-    lag = max_concurrent_batches(bool(config.get("async_scheduling"))) - 1
-    # vLLM frees a sliding group's blocks before the window of the tokens computed BEFORE a step, then gives
-    # the step's slots: its token, up to num_speculative_tokens drafts and a drafter's lookahead. Those slots
-    # sit past the window too (an EAGLE head on a hybrid Llama: 4 blocks a sliding group, not 3)
-    for key in ("num_speculative_tokens", "num_lookahead_tokens"):
-        extra = config.get(key)
-        lag += extra if isinstance(extra, int) and not isinstance(extra, bool) and extra > 0 else 0
+    drafts, lookahead = (
+        extra if isinstance(extra, int) and not isinstance(extra, bool) and extra > 0 else 0
+        for extra in (config.get("num_speculative_tokens"), config.get("num_lookahead_tokens"))
+    )
+    # vLLM frees a sliding group's blocks before the window of the tokens computed BEFORE a step less those
+    # in flight (`allocate_slots`), then gives the step's slots: its token, up to num_speculative_tokens
+    # drafts and a drafter's lookahead. Those slots sit past the window too (an EAGLE head on a hybrid Llama:
+    # 4 blocks a sliding group, not 3), and under async scheduling so does the batch in flight, a token and
+    # its drafts a request
+    in_flight_batches = max_concurrent_batches(bool(config.get("async_scheduling"))) - 1
+    lag = in_flight_batches * (1 + drafts) + drafts + lookahead
     assert groups.window is not None
     return _RequestBlocks(block, groups, lag, sliding_blocks(groups.window, block, in_flight, max_len))
 

@@ -233,3 +233,26 @@ def test_bad_files_are_one_line_errors(tmp_path: Path, file: str, content: str, 
         read_engine(folder)
     message = str(err.value)
     assert file in message and needle in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("prefix_stats", "caching", "queries", "known"),
+    [
+        (None, True, 0, False),  # recorded before kvtrace counted hits: vLLM's stats were off, nobody counted
+        (None, True, 6, True),  # the same version with vLLM's stats on: its steps queried
+        (None, False, 0, True),  # prefix caching off: no lookup, 0 hits is the truth
+        ("kvtrace", True, 0, True),  # who counted is said: the steps' figures are taken as logged
+    ],
+)
+def test_a_run_recorded_before_prefix_stats_reads_its_uncounted_hits_as_unknown(
+    tmp_path: Path, prefix_stats: str | None, caching: bool, queries: int, known: bool
+) -> None:
+    engine = {k: v for k, v in ENGINE_JSON.items() if k != "prefix_stats"}
+    engine["config"] = {**ENGINE_JSON["config"], "enable_prefix_caching": caching}
+    if prefix_stats is not None:
+        engine["prefix_stats"] = prefix_stats
+    steps = [dict(s, prefix_queries=queries if s["step"] == 1 else 0) for s in STEPS]
+    run = read_engine(write_engine_run(tmp_path / "run", engine=engine, steps=steps))
+    assert run is not None and any(e.event == "scheduled" for e in run.requests)
+    assert run.steps.prefix_known is known
+    assert (engine_figures(run).prefix_hit_tokens is None) is not known

@@ -145,10 +145,12 @@ def _write_eagle_head(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", params=sorted(DRAFTERS))
+@pytest.fixture(scope="module", params=[*sorted(DRAFTERS), "eagle-async"])
 def recorded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    method: str = request.param
-    folder = tmp_path_factory.mktemp(f"draft-hybrid-{method}")
+    """The workload recorded with each drafter; "eagle-async": the EAGLE head under async scheduling (a batch
+    in flight while the next is scheduled: its token and drafts a request past a sliding group's window)."""
+    method, _, mode = str(request.param).partition("-")
+    folder = tmp_path_factory.mktemp(f"draft-hybrid-{request.param}")
     if method == "draft_model":
         target = _write_gemma2(folder / "gemma2", LAYERS, 0)
         drafter = _write_gemma2(folder / "drafter", 1, 1)
@@ -156,6 +158,8 @@ def recorded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         target, drafter = _write_sliding_llama(folder / "llama"), _write_eagle_head(folder / "eagle")
     speculative = {"method": method, "model": str(drafter), "num_speculative_tokens": DRAFTS}
     engine = {"speculative_config": speculative, "kv_cache_memory_bytes": BLOCKS * GROUP_LAYERS * PAGE}
+    if mode == "async":
+        engine["async_scheduling"] = True
     figures = _serve(target, str(folder / "run"), engine)
     return {"method": method, "target": target, "engine": engine, "vllm": figures, "run": folder / "run"}
 
