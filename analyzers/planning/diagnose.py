@@ -246,8 +246,12 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         row_activations = row_activation_bytes(others, batch, units, positions, fixed)
         fixed_vectors = fixed_vector_bytes(others, batch, units, positions, fixed)
 
-    per_token = report.kv.bytes_per_token_expected  # what the cache stores by arithmetic, at the moment
-    arithmetic = per_token * tokens_held * batch if per_token and tokens_held and batch else None
+    # What a cache that grows by copies (a DynamicCache's torch.cat) stores by arithmetic at the moment:
+    # under grad the graph keeps the replaced copies beside it. Not for preallocated room (buffers, a
+    # StaticCache, tracked views), nor a window's spare positions, which hold more than the tokens by design.
+    per_token = report.kv.bytes_per_token_expected
+    grows = report.kv.capacity_of is None and not report.kv.bytes_per_token_note
+    arithmetic = per_token * tokens_held * batch if grows and per_token and tokens_held and batch else None
     fields: dict[str, object] = {
         "kv_bytes": kv_bytes,
         "batch": batch,
