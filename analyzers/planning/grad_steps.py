@@ -7,8 +7,8 @@ K and V each step; the graph keeps the old), so memory grows with every step far
 recorder marks each step whose forward ran with grad enabled (its sample's `grad`); what is held is measured
 at the moment: the allocations live then, neither KV nor weights, that those steps made before the one
 before the moment's (`kept_outputs.held_by_steps`: the last step's carry, the moment's own and the run's
-first forward's are left out), and the KV live beyond what the cache stores at the moment by arithmetic
-(tokens x rows x bytes a token). Pure, torch-free.
+first forward's are left out), and, for a cache that grows by copies, the KV live beyond what it stores at
+the moment by arithmetic (tokens x rows x bytes a token). Pure, torch-free.
 """
 
 from __future__ import annotations
