@@ -16,15 +16,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kvtrace.cli import main
+from tests.vllm.workload import child_result
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
 
@@ -71,16 +69,7 @@ print("KVTRACE-RESULT " + json.dumps({
 def _serve(model: Path, run: str, engine: dict[str, Any]) -> dict[str, Any]:
     """The workload on vLLM in its own process, recorded into `run` unless "-": vLLM's figures."""
     settings = {"engine": engine, "requests": REQUESTS, "prompt": PROMPT, "new": NEW}
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(model), run, json.dumps(settings)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        timeout=600,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
-    assert lines, (done.stdout + done.stderr)[-3000:]
-    return json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))
+    return child_result(_CHILD, str(model), run, json.dumps(settings))[0]
 
 
 def _shape() -> dict[str, Any]:

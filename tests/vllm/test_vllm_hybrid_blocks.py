@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kvtrace.cli import main
+from tests.vllm.workload import child_result
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
 
@@ -51,17 +50,7 @@ _OVERRIDE_LOG = re.compile(r"Overriding num_gpu_blocks=(\d+) with num_gpu_blocks
 def _serve(model: Path, run: str, engine: dict, requests: int, prompt: int, new: int) -> tuple[dict, str]:
     """The workload on vLLM in its own process, recorded into `run` unless "-": (vLLM's figures, its log)."""
     settings = {"engine": engine, "requests": requests, "prompt": prompt, "new": new}
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(model), run, json.dumps(settings)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        timeout=600,
-    )
-    output = done.stdout + done.stderr
-    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
-    assert lines, output[-3000:]
-    return json.loads(lines[-1].removeprefix("KVTRACE-RESULT ")), output
+    return child_result(_CHILD, str(model), run, json.dumps(settings))
 
 
 def _gemma2(serve_args: dict) -> dict:

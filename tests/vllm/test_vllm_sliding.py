@@ -23,6 +23,7 @@ import pytest
 from analyzers.engine import held_at
 from analyzers.readers.engine_files import read_engine
 from kvtrace.cli import main
+from tests.vllm.workload import child_result
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (.venv-vllm)")
 
@@ -90,16 +91,7 @@ REQUESTS, PROMPT, NEW, BLOCK_BYTES = 8, 40, 120, 65_536
 def _serve(model: Path, run: str, pool: int, max_num_seqs: int) -> dict:
     """The workload on vLLM in its own process, recorded into `run` unless "-": vLLM's pool, preemptions."""
     argv = [str(model), run, *map(str, (pool, max_num_seqs, REQUESTS, PROMPT, NEW))]
-    done = subprocess.run(
-        [sys.executable, "-c", _PREEMPT_CHILD, *argv],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        timeout=600,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
-    assert lines, (done.stdout + done.stderr)[-3000:]
-    return json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))
+    return child_result(_PREEMPT_CHILD, *argv)[0]
 
 
 def _write_mistral(folder: Path) -> Path:

@@ -216,6 +216,22 @@ def run_script(*args: str, kvtrace_dir: Path | None, multiprocess: bool) -> dict
     return json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))
 
 
+def child_result(code: str, *argv: str) -> tuple[dict[str, Any], str]:
+    """Run `python -c code ARGV` in a fresh interpreter, vLLM's engine in it (freed with the process), and
+    return the JSON of its last `KVTRACE-RESULT` line and everything it printed."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        timeout=600,
+    )
+    output = done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
+    assert lines, output[-3000:]
+    return json.loads(lines[-1].removeprefix("KVTRACE-RESULT ")), output
+
+
 def write_tokenizer(folder: Path) -> Path:
     """A word-level tokenizer over the model's 1000 ids (`t0` ... `t999`) saved beside a checkpoint: what
     vLLM's `LLM.beam_search` needs (it detokenizes each beam), which `skip_tokenizer_init` would refuse."""
