@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -120,17 +117,8 @@ def test_a_sliding_model_is_planned_as_vllm_sizes_it(
     # GIVEN vLLM started on the tiny Mistral, recorded
     model, run = _write_mistral(tmp_path / "mistral"), tmp_path / "run"
     argv = [str(model), str(run), str(POOL), str(BLOCK), str(MAX_LEN), str(BATCHED)]
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, *argv],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        timeout=600,
-    )
-    output = done.stdout + done.stderr
-    lines = [line for line in done.stdout.splitlines() if line.startswith("KVTRACE-RESULT ")]
-    assert lines, output[-3000:]
-    vllm_blocks = json.loads(lines[-1].removeprefix("KVTRACE-RESULT "))["num_gpu_blocks"]
+    result, output = child_result(_CHILD, *argv)
+    vllm_blocks = result["num_gpu_blocks"]
     logged = _LOG.search(output)
     assert logged is not None, output[-3000:]
     # the arithmetic, by hand: a block is 4 layers x 2 x 32 x 2 x 64 x 2 B = 64 KiB; 7 blocks a request
