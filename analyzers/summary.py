@@ -378,23 +378,11 @@ def summarize(
     notes.extend(input_notes(source))
     notes.extend(coverage_notes(source.kind, devices, source.meta.get("skipped_events")))
     notes.extend(log_notes)
-    calls = manifest.get("generate_calls")
-    if (
-        run is not None
-        and isinstance(calls, list)
-        and any(isinstance(c, dict) and c.get("keeps") for c in calls)
-    ):
-        from analyzers.planning.kept_outputs import peak_kept_note  # runs whose generate() kept outputs only
+    if run is not None:  # a run's own loop with grad on, a generate() call's kept outputs (analyzers only)
+        from analyzers.planning.grad_steps import grad_note
+        from analyzers.planning.kept_outputs import peak_kept_note
 
-        kept = peak_kept_note(source, timelines)
-        if kept is not None:
-            notes.append(kept)
-    if run is not None:
-        from analyzers.planning.grad_steps import grad_note  # forwards run with grad enabled
-
-        grad = grad_note(source, kv)
-        if grad is not None:
-            notes.append(grad)
+        notes.extend(n for n in (peak_kept_note(source, timelines), grad_note(source, kv)) if n is not None)
     # A budget is a recording option (`gpu_memory`): only a run's manifest can hold one
     budget = _budget_crossing(source, devices, timelines) if manifest else None
     engine = None
