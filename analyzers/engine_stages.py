@@ -51,6 +51,33 @@ def _stages(info: EngineInfo) -> list[tuple[list[int], int]]:
     return stages
 
 
+def recorded_stages(info: EngineInfo) -> list[tuple[list[int], int]] | None:
+    """(layers, weights and vLLM's buffers) of each stage's worker, in stage order, where engine.json
+    records every stage's (runs since kvtrace kept `pipeline_stages`); None otherwise."""
+    size = pipeline_size(info)
+    if size == 1 or len(_stages(info)) != size:
+        return None
+    staged = []
+    for stage, (layers, _) in zip(info.pipeline_stages, _stages(info), strict=True):
+        weights, buffers = stage.get("weights_bytes"), stage.get("buffers_bytes") or 0
+        if not isinstance(weights, int) or isinstance(weights, bool) or not isinstance(buffers, int):
+            return None
+        staged.append((layers, weights + buffers))
+    return staged
+
+
+def widest_stage(info: EngineInfo) -> tuple[int, int, int] | None:
+    """(stage, bytes of one block, KV bytes) of the stage whose worker holds the most layers' pages a block,
+    the first of those tied, where engine.json records every stage's figures and the pool's blocks; None
+    otherwise. Every worker is given the same kv_cache_memory_bytes and keeps the same blocks, so this one
+    needs the most memory for them."""
+    stages, blocks = _stages(info), info.num_blocks
+    if pipeline_size(info) == 1 or len(stages) != pipeline_size(info) or not blocks:
+        return None
+    stage, (_, kv_bytes) = max(enumerate(stages), key=lambda item: (item[1][1], -item[0]))
+    return stage, kv_bytes // blocks, kv_bytes
+
+
 def pipeline_note(info: EngineInfo, pool: int) -> str | None:
     """What a pipeline-parallel run's KV figures are: the first stage's worker's, with every stage's share
     and the whole pool; None without pipeline parallelism."""

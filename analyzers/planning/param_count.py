@@ -9,7 +9,14 @@ from dataclasses import replace
 from analyzers.planning.gemma_layers import LayerShape
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
 
-__all__ = ["buffer_bytes", "buffers_as_recorded", "param_count", "parameter_bytes", "weights_bytes"]
+__all__ = [
+    "buffer_bytes",
+    "buffers_as_recorded",
+    "end_params",
+    "param_count",
+    "parameter_bytes",
+    "weights_bytes",
+]
 
 _FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 
@@ -117,6 +124,16 @@ def param_count(geom: ModelGeometry) -> int:
     mlp = dense + geom.moe_layers * _moe_mlp_params(geom) + geom.num_layers * geom.activation_params
     norm = 2 * hidden if geom.norm_bias else hidden
     per_layer = geom.layer_norms * norm
+    layers = attention + geom.num_layers * per_layer + mlp + _gemma_parts_params(geom)
+    return layers + sum(end_params(geom))
+
+
+def end_params(geom: ModelGeometry) -> tuple[int, int, int]:
+    """(embeddings, final norm, lm_head): the parameters outside the decoder layers, which a pipeline's
+    first and last stages hold (`param_count` counts them too). The lm_head is 0 where it shares the
+    embedding matrix (its bias, if any, counted)."""
+    hidden = geom.hidden_size
+    norm = 2 * hidden if geom.norm_bias else hidden
     width = geom.embedding_size or hidden
     embeddings = geom.vocab_size * width + geom.position_embeddings * hidden
     if width != hidden:  # OPT's project_in and project_out
@@ -127,8 +144,7 @@ def param_count(geom: ModelGeometry) -> int:
     if geom.lm_head_bias:
         lm_head += geom.vocab_size
     final_norm = norm if geom.final_norm else 0
-    layers = attention + geom.num_layers * per_layer + mlp + _gemma_parts_params(geom)
-    return embeddings + layers + final_norm + lm_head
+    return embeddings, final_norm, lm_head
 
 
 def parameter_bytes(geom: ModelGeometry, dtype: str) -> int:

@@ -49,7 +49,7 @@ from analyzers.engine import (
     engine_figures,
     held_at,
 )
-from analyzers.engine_stages import pipeline_note, pipeline_size
+from analyzers.engine_stages import pipeline_note, pipeline_size, widest_stage
 from analyzers.planning.engine_budget import EngineBudget
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
 from analyzers.planning.vllm_refused import (
@@ -352,10 +352,15 @@ def _per_worker(info: Any) -> str:
     stages = (
         f" ({pp} pipeline stages of {tp})" if tp > 1 and pp > 1 else f" ({pp} pipeline stages)" * (pp > 1)
     )
-    block = readable_bytes(int(info.bytes_per_block or 0))
+    widest = widest_stage(info)
+    if widest is not None:
+        block = readable_bytes(widest[1])
+        priced = f"stage {widest[0]}'s worker's {block} blocks (a page of each of its layers: the most)"
+    else:
+        priced = f"the first worker's {readable_bytes(int(info.bytes_per_block or 0))} blocks"
     return (
         f" kv_cache_memory_bytes is per worker: each of the {tp * pp} workers{stages} is given it, the "
-        f"figure priced by the first worker's {block} blocks."
+        f"figure priced by {priced}."
     )
 
 
@@ -495,6 +500,11 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
     recorded_peak, recorded_step = _recorded_demand(run, sizes, samples)
     needed_blocks = bound + NULL_BLOCKS
     needed_bytes = needed_blocks * bytes_per_block
+    # kv_cache_memory_bytes is each worker's: under pipeline parallelism the widest stage's blocks price it
+    widest = widest_stage(info)
+    worker_bytes, worker_kv = (
+        (needed_blocks * widest[1], widest[2]) if widest is not None else (needed_bytes, kv_bytes)
+    )
     seqs = _largest_seqs(demands, usable)
     seqs_lower_bound = shared and 1 <= seqs < running_at_most
     element = kv_dtype_bytes(str(info.config.get("kv_cache_dtype") or "auto"), info.kv_dtype or "bfloat16")
@@ -512,15 +522,15 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         if override
         else VllmRemedy(
             "kv_cache_memory_bytes",
-            needed_bytes,
+            worker_bytes,
             True,
-            f"kv_cache_memory_bytes={needed_bytes} ({readable_bytes(needed_bytes)}: "
+            f"kv_cache_memory_bytes={worker_bytes} ({readable_bytes(worker_bytes)}: "
             f"{needed_blocks:,} blocks, {max(needed_blocks - num_blocks, 0):,} more, "
-            f"+{readable_bytes(max(needed_bytes - kv_bytes, 0))}) avoids every preemption of this run."
+            f"+{readable_bytes(max(worker_bytes - worker_kv, 0))}) avoids every preemption of this run."
             f"{_per_worker(info)}",
         )
     )
-    remedies = [_against_budget(grow, needed_bytes, budget)]
+    remedies = [_against_budget(grow, worker_bytes if not override else needed_bytes, budget)]
     if budget is not None and not remedies[0].fits:
         within = _pool_within_budget(
             budget,

@@ -37,6 +37,13 @@ from dataclasses import dataclass
 
 from analyzers.planning.param_count import param_count
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
+from analyzers.planning.vllm_pipeline import (
+    VllmStage,
+    binding_stage,
+    layer_range_text,
+    stage_layer_counts,
+    stage_weights_bytes,
+)
 from analyzers.planning.vllm_specs import (
     KvGroups,
     blocks_per_request,
@@ -233,6 +240,12 @@ class VllmPlanRequest:
     block_size: int = 16
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = 1
+    # Pipeline stages, each a worker holding its own layers (analyzers.planning.vllm_pipeline); the
+    # layers of each (vLLM's VLLM_PP_LAYER_PARTITION; None: vLLM's even split) and the weights and buffers
+    # each stage's worker holds (a recorded run's; None: computed from the geometry)
+    pipeline_parallel_size: int = 1
+    pp_layer_partition: tuple[int, ...] | None = None
+    stage_weights_bytes: tuple[int, ...] | None = None
     weights_bytes: int | None = None
     buffers_bytes: int = 0
     activation_peak_bytes: int = 0
@@ -248,6 +261,7 @@ class VllmPlanRequest:
             ("max model length", self.max_model_len),
             ("block size", self.block_size),
             ("tensor parallel size", self.tensor_parallel_size),
+            ("pipeline parallel size", self.pipeline_parallel_size),
             ("GPU memory", self.gpu_memory_bytes),
         ):
             if value < 1:
@@ -308,6 +322,10 @@ class VllmPlan:
     # A CPU run vLLM refused for its memory node: the node's free memory then, the ceiling of the KV space
     # (analyzers.planning.vllm_node_plan); None otherwise
     node_free_bytes: int | None = None
+    # Under pipeline parallelism each stage's worker; the figures above are then the binding stage's
+    # (`vllm_pipeline.binding_stage`), but num_blocks, the fewest of any stage, which every worker keeps
+    stages: tuple[VllmStage, ...] = ()
+    bound_stage: int | None = None  # the stage whose figures these are; None without pipeline parallelism
 
 
 def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
@@ -355,12 +373,13 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         available = override * block_bytes
         by_memory = (
             ""
-            if memory is None
+            if memory is None or req.pipeline_parallel_size > 1  # a stage's blocks: the stages' table
             else f"; the KV memory alone would give {_memory_blocks(memory, block_bytes, 1):,}"
         )
+        size = f" ({readable_bytes(available)})" if req.pipeline_parallel_size == 1 else " on every stage"
         notes.append(
-            f"num_gpu_blocks_override={override} sets the pool at {override:,} blocks "
-            f"({readable_bytes(available)}) whatever the memory and the dtype{by_memory}"
+            f"num_gpu_blocks_override={override} sets the pool at {override:,} blocks{size} whatever the "
+            f"memory and the dtype{by_memory}"
         )
     else:
         assert memory is not None
@@ -369,6 +388,15 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
     per_request = blocks_per_request(groups, req.block_size, req.max_model_len, in_flight)
     needed = per_request * block_bytes
     check = check_memory_bytes(available, block_bytes)
+    layers_held = geom.num_layers
+    stages: tuple[VllmStage, ...] = ()
+    if req.pipeline_parallel_size > 1:
+        stages = _pipeline_stages(req, page, groups, per_request, memory, weights is not None)
+        bound = binding_stage(stages)
+        block_bytes, available, weights = bound.bytes_per_block, bound.available_kv_bytes, bound.weights_bytes
+        blocks, needed, check = min(s.num_blocks for s in stages), bound.needed_bytes, bound.check_bytes
+        layers_held = bound.layers
+        notes.append(_pipeline_note(stages, bound, req))
     fits = check > 0 and needed <= check
     estimate = None
     if not fits and check > 0:
@@ -392,7 +420,7 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         kv_dtype_bytes=dtype_bytes,
         page_size_bytes=page,
         bytes_per_block=block_bytes,
-        kv_bytes_per_token=page * geom.num_layers // req.block_size,
+        kv_bytes_per_token=page * layers_held // req.block_size,
         weights_bytes=weights,
         available_kv_bytes=available,
         num_blocks=blocks,
@@ -408,6 +436,86 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         max_num_batched_tokens=batched,
         max_in_flight_tokens=in_flight,
         refusals=refusals,
+        stages=stages,
+        bound_stage=binding_stage(stages).stage if stages else None,
+    )
+
+
+def _pipeline_stages(
+    req: VllmPlanRequest,
+    page: int,
+    groups: KvGroups,
+    per_request: int,
+    memory: int | None,
+    sized: bool,
+) -> tuple[VllmStage, ...]:
+    """Each stage's worker sized as vLLM sizes it: its own weights out of its own memory (or the same
+    kv_cache_memory_bytes on every worker), a block a page of each of its own layers."""
+    geom = req.geometry
+    if groups.kind == "hybrid" or geom.layers_with_kv != geom.num_layers:
+        raise KvtraceError(
+            f"{geom.name}: pipeline parallelism of a model whose layers differ in kind (sliding and full, or "
+            "layers without KV) is not planned: vLLM projects its layer groups onto each stage"
+        )
+    counts = stage_layer_counts(geom.num_layers, req.pipeline_parallel_size, req.pp_layer_partition)
+    weights: tuple[int | None, ...]
+    if req.stage_weights_bytes is not None:
+        if len(req.stage_weights_bytes) != len(counts):
+            raise KvtraceError(
+                f"{len(req.stage_weights_bytes)} stages' weights for a pipeline of {len(counts)} stages"
+            )
+        weights = req.stage_weights_bytes
+    elif sized and req.weights_bytes is None:
+        weights = stage_weights_bytes(geom, counts, req.model_dtype, req.tensor_parallel_size)
+    else:  # weights typed for the whole model on one GPU cannot be split by stage without the geometry
+        weights = (None,) * len(counts) if req.weights_bytes is None else (req.weights_bytes,) * len(counts)
+    stages = []
+    first = 0
+    for stage, (count, held) in enumerate(zip(counts, weights, strict=True)):
+        block_bytes = page * count
+        if req.num_gpu_blocks_override is not None:
+            available = req.num_gpu_blocks_override * block_bytes
+        elif req.kv_cache_memory_bytes is not None or held is None:
+            assert memory is not None
+            available = memory
+        else:
+            extra = req.buffers_bytes if req.stage_weights_bytes is None else 0
+            available = available_kv_bytes(
+                req.gpu_memory_bytes,
+                req.gpu_memory_utilization,
+                held + extra,
+                req.activation_peak_bytes,
+                req.non_torch_bytes,
+            )
+        stages.append(
+            VllmStage(
+                stage=stage,
+                first_layer=first,
+                layers=count,
+                weights_bytes=held,
+                available_kv_bytes=available,
+                bytes_per_block=block_bytes,
+                num_blocks=num_blocks(available, block_bytes, 1) if available > 0 else 0,
+                needed_bytes=per_request * block_bytes,
+                check_bytes=check_memory_bytes(available, block_bytes),
+            )
+        )
+        first += count
+    return tuple(stages)
+
+
+def _pipeline_note(stages: tuple[VllmStage, ...], bound: VllmStage, req: VllmPlanRequest) -> str:
+    """Which stage's worker the figures are, and why."""
+    split = ", ".join(str(s.layers) for s in stages)
+    how = "VLLM_PP_LAYER_PARTITION" if req.pp_layer_partition is not None else "vLLM's even split"
+    if not bound.starts:
+        why = "the first whose start check fails: vLLM stops there"
+    else:
+        why = f"the fewest blocks, {bound.num_blocks:,}, which vLLM keeps on every stage"
+    return (
+        f"pipeline parallel {len(stages)}: layers {split} a stage ({how}); each stage's worker holds its own "
+        f"layers' KV and weights (the first the embedding, the last the lm_head); the figures are stage "
+        f"{bound.stage}'s (layers {layer_range_text(bound)}), {why}"
     )
 
 

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict
 from typing import Any
 
+from analyzers.planning.vllm_pipeline import layer_range_text
 from analyzers.planning.vllm_plan import VllmPlan, readable_bytes
 from analyzers.planning.vllm_specs import KvGroups
 
@@ -27,7 +28,9 @@ def vllm_to_json(result: VllmPlan) -> dict[str, Any]:
     }
 
 
-def _block_label(groups: KvGroups) -> str:
+def _block_label(groups: KvGroups, staged: bool) -> str:
+    if staged:
+        return "one block, the stage's layers"
     if groups.kind == "hybrid":
         return f"one block ({groups.layers_per_group} layers a group)"
     return "one block, all layers"
@@ -49,7 +52,10 @@ def format_vllm_text(result: VllmPlan) -> str:
     req = result.request
     kv_dtype = req.kv_cache_dtype if req.kv_cache_dtype != "auto" else f"auto ({req.model_dtype})"
     tp = f", tensor parallel {req.tensor_parallel_size}" if req.tensor_parallel_size > 1 else ""
-    lines = [f"{req.geometry.name} on vLLM: KV {kv_dtype}, block size {req.block_size}{tp}"]
+    pp = f", pipeline parallel {req.pipeline_parallel_size}" if req.pipeline_parallel_size > 1 else ""
+    lines = [f"{req.geometry.name} on vLLM: KV {kv_dtype}, block size {req.block_size}{tp}{pp}"]
+    if result.stages:
+        lines.append(f"  the figures are stage {result.bound_stage}'s worker's (below: every stage's)")
     rows: list[tuple[str, str]] = []
     if req.num_gpu_blocks_override is not None:  # the memory does not size this pool
         rows.append(("KV memory (num_gpu_blocks_override)", readable_bytes(result.available_kv_bytes)))
@@ -75,7 +81,7 @@ def format_vllm_text(result: VllmPlan) -> str:
         rows.append(("memory node free (at the refusal)", readable_bytes(result.node_free_bytes)))
     rows += [
         ("KV per token (this worker)", f"{result.kv_bytes_per_token:,} B"),
-        (_block_label(result.kv_groups), readable_bytes(result.bytes_per_block)),
+        (_block_label(result.kv_groups, bool(result.stages)), readable_bytes(result.bytes_per_block)),
         ("KV blocks", f"{result.num_blocks:,}"),
         *_sliding_rows(result),
         ("KV cache size", f"{result.kv_tokens:,} tokens"),
@@ -87,6 +93,7 @@ def format_vllm_text(result: VllmPlan) -> str:
     ]
     width = max(len(label) for label, _ in rows)
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    lines += _stage_lines(result)
     lines += [f"vLLM would refuse to start: {reason}." for reason in result.refusals]
     if result.check_bytes <= 0 or result.needed_bytes > result.check_bytes:  # the KV memory too small
         if result.check_bytes <= 0:
@@ -103,3 +110,32 @@ def format_vllm_text(result: VllmPlan) -> str:
             )
     lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)
+
+
+def _stage_lines(result: VllmPlan) -> list[str]:
+    """One row per pipeline stage: its layers, weights, KV memory and the blocks its memory alone gives."""
+    if not result.stages:
+        return []
+    header = ("stage", "layers", "weights", "KV memory", "blocks", "starts")
+    rows = [
+        (
+            str(s.stage),
+            layer_range_text(s),
+            "-" if s.weights_bytes is None else readable_bytes(s.weights_bytes),
+            readable_bytes(s.available_kv_bytes),
+            f"{s.num_blocks:,}",
+            "yes" if s.starts else "no",
+        )
+        for s in result.stages
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = [f"  pipeline stages (vLLM keeps the fewest blocks of any: {result.num_blocks:,}):"]
+    for row in (header, *rows):
+        lines.append(
+            "    "
+            + "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return lines

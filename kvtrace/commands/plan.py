@@ -60,6 +60,8 @@ _VLLM_ONLY = (
     ("max_model_len", "--max-model-len"),
     ("kv_cache_dtype", "--kv-cache-dtype"),
     ("tensor_parallel_size", "--tensor-parallel-size"),
+    ("pipeline_parallel_size", "--pipeline-parallel-size"),
+    ("pp_layer_partition", "--pp-layer-partition"),
     ("kv_cache_memory", "--kv-cache-memory"),
     ("num_gpu_blocks_override", "--num-gpu-blocks-override"),
     ("max_num_batched_tokens", "--max-num-batched-tokens"),
@@ -291,6 +293,18 @@ class PlanCommand(Command):
         vllm.add_argument("--kv-cache-dtype", help="auto (the weights dtype, default) or fp8; or the run's")
         vllm.add_argument(
             "--tensor-parallel-size", type=int, help="GPUs the model is split over (default 1, or the run's)"
+        )
+        vllm.add_argument(
+            "--pipeline-parallel-size",
+            type=int,
+            help="pipeline stages, each a worker (of --tensor-parallel-size GPUs) holding the KV and weights "
+            "of its own layers; vLLM keeps the fewest blocks of any stage (default 1, or the run's)",
+        )
+        vllm.add_argument(
+            "--pp-layer-partition",
+            metavar="N,N,...",
+            help="layers of each stage, as vLLM's VLLM_PP_LAYER_PARTITION (default: vLLM's even split, the "
+            "remainder to the stages before the last; or the run's)",
         )
         vllm.add_argument(
             "--kv-cache-memory",

@@ -40,7 +40,7 @@ def _count(value: Any) -> int | None:
 def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     """(memory figures and settings, geometry or None) from a recorded vLLM run's engine.json."""
     from analyzers.engine import draft_kv_layers
-    from analyzers.engine_stages import pipeline_size, worker_kv_layers
+    from analyzers.engine_stages import pipeline_size, recorded_stages, worker_kv_layers
     from analyzers.planning.engine_run_refusal import not_a_vllm_pool
     from analyzers.planning.presets import ModelGeometry
     from analyzers.readers.engine_files import read_engine
@@ -88,6 +88,10 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
         "node_refusal": refused if refused.get("kind") == "node_memory" else None,
         "pipeline_parallel_size": pipeline_size(run.info),
     }
+    staged = recorded_stages(run.info)  # each stage's layers and weights: every stage's worker planned
+    if staged is not None:
+        figures["pp_layer_partition"] = tuple(len(layers) for layers, _ in staged)
+        figures["stage_weights_bytes"] = tuple(weights for _, weights in staged)
     geometry = None
     try:
         geometry = ModelGeometry(
@@ -95,7 +99,11 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
             # a speculative drafter's layers (a draft model's, an EAGLE head's) are a page of every block too;
             # under pipeline parallelism the first stage's worker, whose pool engine.json describes, holds
             # the KV of its own layers only
-            num_layers=worker_kv_layers(run.info) or int(model["num_layers"]) + draft_kv_layers(model),
+            num_layers=(
+                int(model["num_layers"])
+                if staged is not None
+                else worker_kv_layers(run.info) or int(model["num_layers"]) + draft_kv_layers(model)
+            ),
             num_attention_heads=int(model.get("num_attention_heads") or model["num_kv_heads"]),
             num_kv_heads=int(model["num_kv_heads"]),
             head_dim=int(model["head_dim"]),
@@ -109,6 +117,18 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     except (KeyError, TypeError, ValueError):
         geometry = None
     return figures, geometry
+
+
+def _partition(text: str | None) -> tuple[int, ...] | None:
+    """--pp-layer-partition's layer counts, as vLLM reads VLLM_PP_LAYER_PARTITION ("27,27,26")."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise KvtraceError(
+            f"--pp-layer-partition {text!r}: give each stage's layers, e.g. 27,27,26"
+        ) from None
 
 
 def _drafter_weights(typed: str | None, measured: dict[str, Any]) -> str:
@@ -225,6 +245,20 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
             "be sized: add --config PATH (the model's config.json) or --weights-bytes"
         )
     activation_peak = pick(args.activation_peak, "activation_peak_bytes", 0, "--activation-peak")
+    stages = int(setting(args.pipeline_parallel_size, "pipeline_parallel_size", 1))
+    # a pipeline run recorded before kvtrace kept each stage's figures: its engine.json has the first stage's
+    # worker alone, planned as one worker
+    unstaged = geometry is run_geometry and int(measured.get("pipeline_parallel_size") or 1) > 1
+    unstaged = unstaged and "stage_weights_bytes" not in measured
+    if unstaged:
+        if args.pipeline_parallel_size is not None or args.pp_layer_partition is not None:
+            raise KvtraceError(
+                f"{args.from_run}: its engine.json has the first pipeline stage's layers alone (recorded "
+                "before kvtrace kept every stage's): add --config PATH (the model's config.json) to plan the "
+                "stages"
+            )
+        stages = 1
+    partition = _partition(args.pp_layer_partition) or measured.get("pp_layer_partition")
     request = VllmPlanRequest(
         geometry=geometry,
         model_dtype=setting(args.dtype, "model_dtype", "bf16"),
@@ -236,6 +270,9 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         block_size=int(setting(args.block_size, "block_size", 16)),
         kv_cache_dtype=str(setting(args.kv_cache_dtype, "kv_cache_dtype", "auto")),
         tensor_parallel_size=int(setting(args.tensor_parallel_size, "tensor_parallel_size", 1)),
+        pipeline_parallel_size=stages,
+        pp_layer_partition=partition,
+        stage_weights_bytes=measured.get("stage_weights_bytes") if geometry is run_geometry else None,
         weights_bytes=pick(args.weights_bytes, "weights_bytes", None, "--weights-bytes"),
         buffers_bytes=int(measured.get("buffers_bytes") or 0),
         activation_peak_bytes=activation_peak or 0,
@@ -277,19 +314,15 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
             f"({_drafter_weights(args.weights_bytes, measured)})"
         )
         result = replace(result, notes=(*result.notes, note))
-    stages = int(measured.get("pipeline_parallel_size") or 1)
-    if stages > 1:
+    if unstaged:
+        stages = int(measured["pipeline_parallel_size"])
         of_model = (measured.get("model") or {}).get("num_layers")
-        held = (
-            f"the first stage's worker, whose pool holds the KV of {geometry.num_layers} of the model's "
-            f"{of_model} layers"
-            if geometry is run_geometry
-            else f"one worker holding every layer of {'--config' if args.config else '--preset'}'s model"
-        )
         note = (
-            f"pipeline parallel {stages}: planned for {held}; each of the {stages} stages' workers is given "
-            "kv_cache_memory_bytes (or sizes its pool from its own memory) for its own layers, and vLLM "
-            "keeps the fewest blocks of any stage"
+            f"pipeline parallel {stages}: planned for the first stage's worker, whose pool holds the KV of "
+            f"{geometry.num_layers} of the model's {of_model} layers (recorded before kvtrace kept every "
+            f"stage's figures); each of the {stages} stages' workers is given kv_cache_memory_bytes (or "
+            "sizes its pool from its own memory) for its own layers, and vLLM keeps the fewest blocks of any "
+            "stage"
         )
         result = replace(result, notes=(*result.notes, note))
     if geometry is run_geometry and "sliding_window" not in (measured.get("model") or {}):

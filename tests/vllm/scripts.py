@@ -94,8 +94,8 @@ def pipeline_parallel(model_dir: str, pool_bytes: int, **overrides: Any) -> dict
     KV memory (and `overrides`, a remedy to check): vLLM's figures of the shared pool and of each stage's
     worker."""
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # _stage_kv goes to the workers pickled
-    settings: dict[str, Any] = {"kv_cache_memory_bytes": pool_bytes, **overrides}
-    llm = make_llm(model_dir, pipeline_parallel_size=2, distributed_executor_backend="mp", **settings)
+    settings: dict[str, Any] = {"kv_cache_memory_bytes": pool_bytes, "pipeline_parallel_size": 2, **overrides}
+    llm = make_llm(model_dir, distributed_executor_backend="mp", **settings)
     llm.collective_rpc(_allocate_stage_inputs)
     run_workload(llm)
     figures = {

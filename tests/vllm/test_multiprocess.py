@@ -230,3 +230,70 @@ def test_a_pipeline_parallel_run_reads_as_the_first_stages_share(
     needed = REQUESTS * -(-(PROMPT_TOKENS + NEW_TOKENS - 1) // BLOCK_SIZE) + 1
     assert remedy["setting"] == needed * stage_token * BLOCK_SIZE and remedy["fits"]
     assert "is per worker: each of the 2 workers (2 pipeline stages) is given it" in remedy["sentence"]
+
+
+def test_an_uneven_pipeline_is_planned_by_its_widest_stage(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the workload over 3 pipeline stages: vLLM splits the 4 layers 1, 2, 1 (the remainder to the
+    # stage before the last), each worker given 16 blocks of the 2-layer stage: that stage's memory gives
+    # 16 blocks, the others' 32, and vLLM keeps 16 on every worker, so it preempts
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0")
+    run_dir = tmp_path / "run"
+    layer_token = 2 * SIZE.num_kv_heads * HEAD_DIM * DTYPE_BYTES  # 512 B: one layer's K and V
+    counts = [1, 2, 1]
+    pool = 16 * 2 * layer_token * BLOCK_SIZE
+    stages = json.dumps({"pipeline_parallel_size": 3})
+    figures = run_script(
+        "pipeline_parallel", str(tiny_model_dir), str(pool), stages, kvtrace_dir=run_dir, multiprocess=True
+    )
+    assert figures["num_gpu_blocks"] == 16 and figures["preemptions"] > 0
+    assert [len(stage["layers"]) for stage in figures["stages"]] == counts
+    assert [stage["storage_bytes"] for stage in figures["stages"]] == [
+        16 * n * layer_token * BLOCK_SIZE for n in counts
+    ]
+
+    # WHEN it is planned from the run, and from the model's config with the same settings
+    plan = _cli_json(["plan", "--engine", "vllm", "--from-run", str(run_dir)])
+    typed = _cli_json(
+        [
+            "plan",
+            "--engine",
+            "vllm",
+            "--config",
+            str(tiny_model_dir),
+            "--pipeline-parallel-size",
+            "3",
+            "--kv-cache-memory",
+            str(pool),
+            "--block-size",
+            str(BLOCK_SIZE),
+            "--max-model-len",
+            "256",
+        ]
+    )
+
+    # THEN both plan vLLM's 16 blocks, by the 2-layer stage (the first stage's 1 layer planned 32 blocks, twice
+    # what vLLM kept), each stage's own blocks as its memory gives them
+    for planned in (plan, typed):
+        assert planned["num_blocks"] == figures["num_gpu_blocks"] and planned["starts"]
+        assert (planned["bound_stage"], planned["kv_bytes_per_token"]) == (1, 2 * layer_token)
+        assert [s["layers"] for s in planned["stages"]] == counts
+        assert [s["num_blocks"] for s in planned["stages"]] == [32, 16, 32]
+
+    # AND `diagnose` prices the pool that avoids every preemption by that stage's blocks (8 requests of
+    # cdiv(40 + 48 - 1, 32) = 3 blocks, and the null block: 25 blocks of 2 layers), which vLLM confirms
+    diagnosis = _cli_json(["diagnose", str(run_dir)], ok=(0, 1))
+    remedy = {r["knob"]: r for r in diagnosis["remedies"]}["kv_cache_memory_bytes"]
+    needed = REQUESTS * -(-(PROMPT_TOKENS + NEW_TOKENS - 1) // BLOCK_SIZE) + 1
+    assert remedy["setting"] == needed * 2 * layer_token * BLOCK_SIZE and remedy["fits"]
+    assert "priced by stage 1's worker's" in remedy["sentence"]
+    rerun = run_script(
+        "pipeline_parallel",
+        str(tiny_model_dir),
+        str(remedy["setting"]),
+        stages,
+        kvtrace_dir=None,
+        multiprocess=True,
+    )
+    assert rerun["num_gpu_blocks"] == needed and rerun["preemptions"] == 0

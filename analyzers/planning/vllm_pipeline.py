@@ -1,0 +1,113 @@
+"""`kvtrace plan --engine vllm --pipeline-parallel-size N`: each stage's worker, as vLLM sizes it.
+
+Under pipeline parallelism (read in vllm 0.32: `vllm/distributed/utils.py` `get_pp_indices`,
+`vllm/v1/core/kv_cache_utils.py` `get_kv_cache_configs`) every stage's worker holds the weights and the KV of
+its own decoder layers only:
+
+1. the layers split evenly, the remainder going one each to the stages before the last, counted from the
+   last but one backwards (`VLLM_PP_LAYER_PARTITION` sets the split by hand): 80 layers over 3 stages are
+   27, 27 and 26;
+2. the first stage holds the token embedding, the last the final norm and the lm_head (a tied lm_head is
+   the embedding again, loaded there too), each split over the stage's tensor-parallel ranks;
+3. each worker profiles its own memory, so its KV space is its GPU's share less its own weights, and one
+   block of its pool is a page of each of its own layers;
+4. vLLM checks, worker by worker in stage order, that one request of max_model_len fits beside the null
+   block (the first that fails stops the start), then keeps on every worker the fewest blocks of any.
+
+So the stage with the most layers, or the embedding's, decides the pool: `plan_stages` sizes each worker and
+says which one binds. Models whose layers vLLM groups by kind (hybrid sliding + full) project those groups
+onto each stage, which this plan does not model: refused with a message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from analyzers.planning.param_count import end_params, param_count
+from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
+from kvtrace.errors import KvtraceError
+
+__all__ = ["VllmStage", "binding_stage", "layer_range_text", "stage_layer_counts", "stage_weights_bytes"]
+
+
+@dataclass(frozen=True)
+class VllmStage:
+    """One pipeline stage's worker (each of its tensor-parallel ranks alike)."""
+
+    stage: int
+    first_layer: int
+    layers: int  # decoder layers, each a page of every block of this worker's pool
+    weights_bytes: int | None  # None: unknown and not needed (kv_cache_memory_bytes sizes the pool)
+    available_kv_bytes: int
+    bytes_per_block: int
+    num_blocks: int  # what its own memory gives, before vLLM keeps the fewest of all stages
+    needed_bytes: int  # one request of max_model_len
+    check_bytes: int  # available less the null block
+
+    @property
+    def starts(self) -> bool:
+        return self.check_bytes > 0 and self.needed_bytes <= self.check_bytes
+
+
+def stage_layer_counts(
+    num_layers: int, pipeline_parallel_size: int, partition: tuple[int, ...] | None = None
+) -> tuple[int, ...]:
+    """Decoder layers of each stage, as vLLM's `get_pp_indices` splits them (`partition`: the
+    VLLM_PP_LAYER_PARTITION it reads instead, checked as vLLM checks it)."""
+    size = pipeline_parallel_size
+    if partition is not None:
+        if len(partition) != size:
+            raise KvtraceError(
+                f"the layer partition {','.join(map(str, partition))} has {len(partition)} stages, not the "
+                f"pipeline parallel size {size}"
+            )
+        if sum(partition) != num_layers or min(partition) < 1:
+            raise KvtraceError(
+                f"the layer partition {','.join(map(str, partition))} must give each stage at least one "
+                f"layer and add up to the model's {num_layers}"
+            )
+        return partition
+    if num_layers < size:
+        raise KvtraceError(
+            f"pipeline parallel size {size} is more than the model's {num_layers} layers: a stage would "
+            "hold none"
+        )
+    counts = [num_layers // size] * size
+    for back in range(2, num_layers % size + 2):  # the remainder: the last but one stage, then backwards
+        counts[-back] += 1
+    return tuple(counts)
+
+
+def stage_weights_bytes(
+    geom: ModelGeometry, counts: tuple[int, ...], model_dtype: str, tensor_parallel_size: int
+) -> tuple[int, ...]:
+    """Each stage's weights on one of its tensor-parallel ranks: its layers' share of the layers'
+    parameters (in proportion to their count: exact where the layers are alike, as Llama's), the first
+    stage's embedding, the last stage's final norm and lm_head (the embedding again when tied)."""
+    embedding, final_norm, lm_head = end_params(geom)
+    if geom.tie_word_embeddings and len(counts) > 1:  # the last stage loads its own copy to tie it to
+        lm_head += geom.vocab_size * (geom.embedding_size or geom.hidden_size)
+    layer_params = param_count(geom) - sum(end_params(geom))
+    total_layers = sum(counts)
+    params = []
+    for stage, count in enumerate(counts):
+        held = layer_params * count // total_layers
+        if stage == 0:
+            held += embedding
+        if stage == len(counts) - 1:
+            held += final_norm + lm_head
+        params.append(held)
+    return tuple(math.ceil(dtype_bytes_for(model_dtype, p) / tensor_parallel_size) for p in params)
+
+
+def binding_stage(stages: tuple[VllmStage, ...]) -> VllmStage:
+    """The stage whose figures the plan shows: the first that vLLM's start check refuses (it stops
+    there), else the one with the fewest blocks (the pool every worker keeps)."""
+    refused = [s for s in stages if not s.starts]
+    return refused[0] if refused else min(stages, key=lambda s: (s.num_blocks, s.stage))
+
+
+def layer_range_text(stage: VllmStage) -> str:
+    last = stage.first_layer + stage.layers - 1
+    return str(stage.first_layer) if stage.layers == 1 else f"{stage.first_layer}-{last}"
