@@ -192,14 +192,30 @@ KEPT_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_h
 def _kept_outputs(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, ...]:
     """The `KEPT_OUTPUTS` a `generate()` call sets (`_setting`), where it sets `return_dict_in_generate`
     (without it transformers keeps none): each step's tensors stay held until the call returns, beside the
-    KV, 128k floats a row and step for Llama 3's scores alone. () where none, or where they cannot be read:
-    read inside the user's call, this must never raise."""
+    KV, 128k floats a row and step for Llama 3's scores alone. `output_attentions` only where the model's
+    attention returns its weights (`_returns_attention_weights`): else the call keeps none, and naming it
+    would have the remedy credit `output_attentions=False` with what the other settings hold. () where none,
+    or where they cannot be read: read inside the user's call, this must never raise."""
     try:
         if not _setting(model, args, kwargs, "return_dict_in_generate"):
             return ()
-        return tuple(name for name in KEPT_OUTPUTS if _setting(model, args, kwargs, name))
+        named = [name for name in KEPT_OUTPUTS if _setting(model, args, kwargs, name)]
+        if "output_attentions" in named and not _returns_attention_weights(model):
+            named.remove("output_attentions")
+        return tuple(named)
     except Exception:
         return ()
+
+
+def _returns_attention_weights(model: Any) -> bool:
+    """Whether the model's attention returns its weights for `output_attentions`: transformers' sdpa and
+    flash attention (paged or not) return none, with a warning (5.17, 5.25), so the call's `attentions` stay
+    empty. True for eager and for an implementation not known here (flex returns its log-sum-exp, a hub
+    kernel may return anything): what those keep is measured all the same."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if not isinstance(implementation, str):
+        return True
+    return "sdpa" not in implementation and "flash_attention" not in implementation
 
 
 def _num_beams(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
