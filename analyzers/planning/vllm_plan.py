@@ -512,10 +512,19 @@ def _pipeline_note(stages: tuple[VllmStage, ...], bound: VllmStage, req: VllmPla
         why = "the first whose start check fails: vLLM stops there"
     else:
         why = f"the fewest blocks, {bound.num_blocks:,}, which vLLM keeps on every stage"
+    geom = req.geometry
+    if req.stage_weights_bytes is not None:
+        weights = "; each stage's weights as the run measured them"
+    elif req.weights_bytes is not None:
+        weights = "; the weights typed taken as each stage's worker's"
+    elif geom.layer_shapes is not None or geom.moe_layers not in (0, geom.num_layers):
+        weights = "; its layers differ, so their weights are split in proportion to their count (an estimate)"
+    else:
+        weights = ""
     return (
         f"pipeline parallel {len(stages)}: layers {split} a stage ({how}); each stage's worker holds its own "
-        f"layers' KV and weights (the first the embedding, the last the lm_head); the figures are stage "
-        f"{bound.stage}'s (layers {layer_range_text(bound)}), {why}"
+        f"layers' KV and weights (the first the embedding, the last the lm_head){weights}; the figures are "
+        f"stage {bound.stage}'s (layers {layer_range_text(bound)}), {why}"
     )
 
 
