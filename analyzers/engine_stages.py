@@ -51,19 +51,22 @@ def _stages(info: EngineInfo) -> list[tuple[list[int], int]]:
     return stages
 
 
-def recorded_stages(info: EngineInfo) -> list[tuple[list[int], int]] | None:
-    """(layers, weights and vLLM's buffers) of each stage's worker, in stage order, where engine.json
-    records every stage's (runs since kvtrace kept `pipeline_stages`); None otherwise."""
+def recorded_stages(info: EngineInfo) -> list[tuple[list[int], int | None]] | None:
+    """(layers, weights and vLLM's buffers, None where not recorded) of each stage's worker, in stage order,
+    where engine.json records every stage's layers (runs since kvtrace kept `pipeline_stages`); None
+    otherwise."""
     size = pipeline_size(info)
     if size == 1 or len(_stages(info)) != size:
         return None
-    staged = []
+    staged: list[tuple[list[int], int | None]] = []
     for stage, (layers, _) in zip(info.pipeline_stages, _stages(info), strict=True):
-        weights, buffers = stage.get("weights_bytes"), stage.get("buffers_bytes") or 0
-        if not isinstance(weights, int) or isinstance(weights, bool) or not isinstance(buffers, int):
-            return None
-        staged.append((layers, weights + buffers))
+        weights, buffers = _count(stage.get("weights_bytes")), _count(stage.get("buffers_bytes") or 0)
+        staged.append((layers, weights + buffers if weights is not None and buffers is not None else None))
     return staged
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def widest_stage(info: EngineInfo) -> tuple[int, int, int] | None:

@@ -14,9 +14,12 @@ its own decoder layers only:
 4. vLLM checks, worker by worker in stage order, that one request of max_model_len fits beside the null
    block (the first that fails stops the start), then keeps on every worker the fewest blocks of any.
 
-So the stage with the most layers, or the embedding's, decides the pool: `plan_stages` sizes each worker and
-says which one binds. Models whose layers vLLM groups by kind (hybrid sliding + full) project those groups
-onto each stage, which this plan does not model: refused with a message.
+So the stage with the most layers, or the embedding's, decides the pool: `binding_stage` says which one
+binds. A hybrid model's (sliding + full layers) groups are formed over the whole model and projected onto each
+worker, every group kept, some with fewer layers there: vLLM deals each kind's layers out to its groups in
+turn (`layers[i::groups]`, so that each stage's share of a group stays even), and a worker's block is a page
+of each layer of its largest projected group (`stage_block_layers`); a request still takes blocks in every
+group.
 """
 
 from __future__ import annotations
@@ -26,9 +29,17 @@ from dataclasses import dataclass
 
 from analyzers.planning.param_count import end_params, param_count
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
+from analyzers.planning.vllm_specs import KvGroups
 from kvtrace.errors import KvtraceError
 
-__all__ = ["VllmStage", "binding_stage", "layer_range_text", "stage_layer_counts", "stage_weights_bytes"]
+__all__ = [
+    "VllmStage",
+    "binding_stage",
+    "layer_range_text",
+    "stage_block_layers",
+    "stage_layer_counts",
+    "stage_weights_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -37,7 +48,8 @@ class VllmStage:
 
     stage: int
     first_layer: int
-    layers: int  # decoder layers, each a page of every block of this worker's pool
+    layers: int  # decoder layers, all holding KV
+    block_layers: int  # pages in one block of this worker's pool: its layers, or its largest group's share
     weights_bytes: int | None  # None: unknown and not needed (kv_cache_memory_bytes sizes the pool)
     available_kv_bytes: int
     bytes_per_block: int
@@ -77,6 +89,32 @@ def stage_layer_counts(
     for back in range(2, num_layers % size + 2):  # the remainder: the last but one stage, then backwards
         counts[-back] += 1
     return tuple(counts)
+
+
+def stage_block_layers(geom: ModelGeometry, groups: KvGroups, counts: tuple[int, ...]) -> tuple[int, ...]:
+    """Pages in one block of each stage's worker: all its layers where every layer is of one kind; for a
+    hybrid model, the most layers any of vLLM's groups has on that stage (`_get_kv_cache_groups_uniform_
+    page_size` deals each kind's layers, in order, to its groups in turn; `_get_kv_cache_bytes_per_block`
+    takes the largest group's pages)."""
+    if groups.kind != "hybrid":
+        return counts
+    slides = geom.layer_slides
+    if slides is None or len(slides) != geom.num_layers:
+        raise KvtraceError(
+            f"{geom.name}: which of its layers slide is not known (its config gives no layer_types), and "
+            "vLLM's groups under pipeline parallelism depend on it: give --config PATH with layer_types"
+        )
+    stage_of = [stage for stage, count in enumerate(counts) for _ in range(count)]
+    largest = [0] * len(counts)
+    for kind in (False, True):
+        layers = [layer for layer, slides_ in enumerate(slides) if slides_ is kind]
+        dealt = math.ceil(len(layers) / groups.layers_per_group)
+        for group in range(dealt):
+            held = [0] * len(counts)
+            for layer in layers[group::dealt]:
+                held[stage_of[layer]] += 1
+            largest = [max(a, b) for a, b in zip(largest, held, strict=True)]
+    return tuple(largest)
 
 
 def stage_weights_bytes(

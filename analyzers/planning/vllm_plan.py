@@ -41,6 +41,7 @@ from analyzers.planning.vllm_pipeline import (
     VllmStage,
     binding_stage,
     layer_range_text,
+    stage_block_layers,
     stage_layer_counts,
     stage_weights_bytes,
 )
@@ -452,12 +453,13 @@ def _pipeline_stages(
     """Each stage's worker sized as vLLM sizes it: its own weights out of its own memory (or the same
     kv_cache_memory_bytes on every worker), a block a page of each of its own layers."""
     geom = req.geometry
-    if groups.kind == "hybrid" or geom.layers_with_kv != geom.num_layers:
+    if geom.layers_with_kv != geom.num_layers:
         raise KvtraceError(
-            f"{geom.name}: pipeline parallelism of a model whose layers differ in kind (sliding and full, or "
-            "layers without KV) is not planned: vLLM projects its layer groups onto each stage"
+            f"{geom.name}: pipeline parallelism of a model with layers that hold no KV (linear attention, "
+            "shared KV) is not planned"
         )
     counts = stage_layer_counts(geom.num_layers, req.pipeline_parallel_size, req.pp_layer_partition)
+    pages = stage_block_layers(geom, groups, counts)
     weights: tuple[int | None, ...]
     if req.stage_weights_bytes is not None:
         if len(req.stage_weights_bytes) != len(counts):
@@ -471,8 +473,8 @@ def _pipeline_stages(
         weights = (None,) * len(counts) if req.weights_bytes is None else (req.weights_bytes,) * len(counts)
     stages = []
     first = 0
-    for stage, (count, held) in enumerate(zip(counts, weights, strict=True)):
-        block_bytes = page * count
+    for stage, (count, held, block_layers) in enumerate(zip(counts, weights, pages, strict=True)):
+        block_bytes = page * block_layers
         if req.num_gpu_blocks_override is not None:
             available = req.num_gpu_blocks_override * block_bytes
         elif req.kv_cache_memory_bytes is not None or held is None:
@@ -492,6 +494,7 @@ def _pipeline_stages(
                 stage=stage,
                 first_layer=first,
                 layers=count,
+                block_layers=block_layers,
                 weights_bytes=held,
                 available_kv_bytes=available,
                 bytes_per_block=block_bytes,
@@ -506,8 +509,9 @@ def _pipeline_stages(
 
 def _pipeline_note(stages: tuple[VllmStage, ...], bound: VllmStage, req: VllmPlanRequest) -> str:
     """Which stage's worker the figures are, and why."""
-    split = ", ".join(str(s.layers) for s in stages)
-    how = "VLLM_PP_LAYER_PARTITION" if req.pp_layer_partition is not None else "vLLM's even split"
+    counts = [str(s.layers) for s in stages]
+    split = f"{', '.join(counts[:-1])} and {counts[-1]}"
+    how = "the split given" if req.pp_layer_partition is not None else "vLLM's even split"
     if not bound.starts:
         why = "the first whose start check fails: vLLM stops there"
     else:
@@ -521,10 +525,15 @@ def _pipeline_note(stages: tuple[VllmStage, ...], bound: VllmStage, req: VllmPla
         weights = "; its layers differ, so their weights are split in proportion to their count (an estimate)"
     else:
         weights = ""
+    if req.kv_cache_memory_bytes is None and req.num_gpu_blocks_override is None:
+        weights += (
+            "; the activation peak is taken alike for every stage (vLLM's last stage also profiles its "
+            "sampler over max_num_seqs rows of the vocabulary: more there)"
+        )
     return (
-        f"pipeline parallel {len(stages)}: layers {split} a stage ({how}); each stage's worker holds its own "
-        f"layers' KV and weights (the first the embedding, the last the lm_head){weights}; the figures are "
-        f"stage {bound.stage}'s (layers {layer_range_text(bound)}), {why}"
+        f"pipeline parallel {len(stages)}: {split} layers on its stages ({how}); each stage's worker "
+        f"holds its own layers' KV and weights (the first the embedding, the last the lm_head){weights}; the "
+        f"figures are stage {bound.stage}'s (layers {layer_range_text(bound)}), {why}"
     )
 
 
@@ -533,11 +542,13 @@ def _in_flight(req: VllmPlanRequest, groups: KvGroups, notes: list[str]) -> tupl
     sliding layer's blocks depend on them."""
     batched = req.max_num_batched_tokens
     if batched is None:
+        ranks = req.tensor_parallel_size * req.pipeline_parallel_size  # vLLM's CPU defaults: per rank
         batched = default_max_num_batched_tokens(
-            req.device, req.gpu_memory_bytes, req.max_model_len, req.tensor_parallel_size
+            req.device, req.gpu_memory_bytes, req.max_model_len, ranks if req.device == "cpu" else 1
         )
     overlap = req.async_scheduling if req.async_scheduling is not None else req.device != "cpu"
-    in_flight = max_concurrent_batches(overlap) * batched
+    batches = max_concurrent_batches(overlap, req.pipeline_parallel_size, req.device)
+    in_flight = batches * batched
     if groups.window is not None:
         where = "CPU" if req.device == "cpu" else f"{a_or_an(readable_bytes(req.gpu_memory_bytes))} GPU"
         default = (
@@ -545,14 +556,19 @@ def _in_flight(req: VllmPlanRequest, groups: KvGroups, notes: list[str]) -> tupl
             if req.max_num_batched_tokens is None
             else ""
         )
-        batches = (
-            "two batches in flight (async scheduling, vLLM's default on GPU; --no-async-scheduling: one)"
-            if overlap
-            else "one batch in flight (no async scheduling)"
-        )
+        stages = req.pipeline_parallel_size
+        if stages > 1:
+            plus = " and one more under async scheduling (vLLM's default on GPU)" if batches > stages else ""
+            why = f"{batches} batches in flight (one in each of the {stages} pipeline stages{plus})"
+        elif overlap:
+            why = (
+                "two batches in flight (async scheduling, vLLM's default on GPU; --no-async-scheduling: one)"
+            )
+        else:
+            why = "one batch in flight (no async scheduling)"
         notes.append(
             f"sliding window {groups.window:,}: a request holds its last {groups.window - 1:,} tokens and "
-            f"the {in_flight:,} in flight, {batches} of max_num_batched_tokens {batched:,}{default}"
+            f"the {in_flight:,} in flight, {why} of max_num_batched_tokens {batched:,}{default}"
         )
     if groups.kind == "hybrid":
         padding = f", {groups.padding_layers} of them padding" if groups.padding_layers else ""

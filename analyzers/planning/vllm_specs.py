@@ -87,9 +87,17 @@ def sliding_peak_blocks(
     return peak
 
 
-def max_concurrent_batches(async_scheduling: bool) -> int:
-    """`VllmConfig.max_concurrent_batches` for one pipeline stage: async scheduling overlaps two batches."""
-    return 2 if async_scheduling else 1
+def max_concurrent_batches(
+    async_scheduling: bool, pipeline_parallel_size: int = 1, device: str = "cuda"
+) -> int:
+    """`VllmConfig.max_concurrent_batches`: a pipeline keeps a batch in each stage, and async scheduling
+    overlaps one more under the V2 model runner (vLLM 0.32's default where Triton runs: GPUs; the CPU build
+    runs the V1 runner, which overlaps two batches only without pipeline parallelism)."""
+    if async_scheduling and device != "cpu":
+        return pipeline_parallel_size + 1
+    if async_scheduling and pipeline_parallel_size <= 1:
+        return 2
+    return pipeline_parallel_size
 
 
 def default_max_num_batched_tokens(
@@ -166,7 +174,9 @@ def engine_kv_groups(model: dict[str, Any], config: dict[str, Any]) -> tuple[KvG
     if not isinstance(overlap, bool):
         overlap = config.get("device") != "cpu"
     batched = _positive(config.get("max_num_batched_tokens")) or 0
-    return groups, max_concurrent_batches(overlap) * batched
+    stages = _positive(config.get("pipeline_parallel_size")) or 1
+    device = "cpu" if config.get("device") == "cpu" else "cuda"
+    return groups, max_concurrent_batches(overlap, stages, device) * batched
 
 
 def _positive(value: Any) -> int | None:

@@ -9,7 +9,6 @@ from typing import Any
 
 from analyzers.planning.vllm_pipeline import layer_range_text
 from analyzers.planning.vllm_plan import VllmPlan, readable_bytes
-from analyzers.planning.vllm_specs import KvGroups
 
 __all__ = ["format_vllm_text", "vllm_to_json"]
 
@@ -28,8 +27,12 @@ def vllm_to_json(result: VllmPlan) -> dict[str, Any]:
     }
 
 
-def _block_label(groups: KvGroups, staged: bool) -> str:
-    if staged:
+def _block_label(result: VllmPlan) -> str:
+    groups = result.kv_groups
+    if result.stages and result.bound_stage is not None:
+        held = result.stages[result.bound_stage].block_layers
+        if groups.kind == "hybrid":
+            return f"one block ({held} layer(s) of a group on the stage)"
         return "one block, the stage's layers"
     if groups.kind == "hybrid":
         return f"one block ({groups.layers_per_group} layers a group)"
@@ -81,7 +84,7 @@ def format_vllm_text(result: VllmPlan) -> str:
         rows.append(("memory node free (at the refusal)", readable_bytes(result.node_free_bytes)))
     rows += [
         ("KV per token (this worker)", f"{result.kv_bytes_per_token:,} B"),
-        (_block_label(result.kv_groups, bool(result.stages)), readable_bytes(result.bytes_per_block)),
+        (_block_label(result), readable_bytes(result.bytes_per_block)),
         ("KV blocks", f"{result.num_blocks:,}"),
         *_sliding_rows(result),
         ("KV cache size", f"{result.kv_tokens:,} tokens"),

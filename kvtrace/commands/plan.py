@@ -331,7 +331,11 @@ class PlanCommand(Command):
             help="vLLM's async scheduling, two batches in flight (default: the run's, else on, as vLLM on "
             "GPU; off on CPU)",
         )
-        vllm.add_argument("--weights-bytes", help="weights per GPU (default: from the geometry)")
+        vllm.add_argument(
+            "--weights-bytes",
+            help="weights per GPU, every pipeline stage's alike (default: from the geometry, each stage its "
+            "own; with --from-run, the run's)",
+        )
         vllm.add_argument("--activation-peak", help="activation peak of vLLM's profile run (default 0)")
         vllm.add_argument("--non-torch", help="memory outside torch: CUDA context, NCCL (default 0)")
         vllm.add_argument(

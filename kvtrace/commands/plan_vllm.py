@@ -91,7 +91,9 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     staged = recorded_stages(run.info)  # each stage's layers and weights: every stage's worker planned
     if staged is not None:
         figures["pp_layer_partition"] = tuple(len(layers) for layers, _ in staged)
-        figures["stage_weights_bytes"] = tuple(weights for _, weights in staged)
+        weights = [held for _, held in staged]
+        if all(held is not None for held in weights):
+            figures["stage_weights_bytes"] = tuple(weights)
     geometry = None
     try:
         geometry = ModelGeometry(
@@ -113,10 +115,53 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
             tie_word_embeddings=bool(model.get("tie_word_embeddings", False)),
             sliding_window=_positive(model.get("sliding_window")),
             sliding_layers=_count(model.get("sliding_layers")),
+            layer_slides=_layer_slides(model),
         )
     except (KeyError, TypeError, ValueError):
         geometry = None
     return figures, geometry
+
+
+def _layer_slides(model: dict[str, Any]) -> tuple[bool, ...] | None:
+    """Which decoder layers slide, from engine.json's `model.layer_types` (runs since kvtrace kept it),
+    where every layer is sliding or full attention and as many as the sliding layers recorded say."""
+    kinds = model.get("layer_types")
+    if not isinstance(kinds, list) or len(kinds) != model.get("num_layers"):
+        return None
+    if not all(kind in ("sliding_attention", "full_attention") for kind in kinds):  # == on any JSON value
+        return None
+    slides = tuple(kind == "sliding_attention" for kind in kinds)
+    return slides if sum(slides) == model.get("sliding_layers") else None
+
+
+def _pipeline_settings(
+    args: argparse.Namespace, measured: dict[str, Any], run_geometry: bool
+) -> tuple[int, tuple[int, ...] | None, tuple[int, ...] | None, bool]:
+    """(pipeline stages, each stage's layers, each stage's measured weights, whether the run is planned by
+    its first stage's worker alone). A run's split and its stages' weights hold while the plan keeps its
+    stages; a size or split typed drops them (the weights are then computed, or --weights-bytes's), and a
+    run recorded before kvtrace kept every stage's figures is its first stage's worker alone."""
+    typed_split = _partition(args.pp_layer_partition)
+    run_stages = int(measured.get("pipeline_parallel_size") or 1)
+    stages = args.pipeline_parallel_size or run_stages
+    if typed_split is not None and len(typed_split) != stages:
+        raise KvtraceError(
+            f"--pp-layer-partition {args.pp_layer_partition} gives {len(typed_split)} stages: add "
+            f"--pipeline-parallel-size {len(typed_split)}"
+        )
+    recorded = measured.get("pp_layer_partition")
+    if run_geometry and run_stages > 1 and recorded is None:
+        if args.pipeline_parallel_size is not None or typed_split is not None:
+            raise KvtraceError(
+                f"{args.from_run}: its engine.json has the first pipeline stage's layers alone (recorded "
+                "before kvtrace kept every stage's): add --config PATH (the model's config.json) to plan the "
+                "stages"
+            )
+        return 1, None, None, True
+    kept = stages == run_stages and typed_split in (None, recorded)
+    split = typed_split or (recorded if kept else None)
+    measured_weights = measured.get("stage_weights_bytes") if kept and args.weights_bytes is None else None
+    return stages, split, measured_weights, False
 
 
 def _partition(text: str | None) -> tuple[int, ...] | None:
@@ -245,20 +290,10 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
             "be sized: add --config PATH (the model's config.json) or --weights-bytes"
         )
     activation_peak = pick(args.activation_peak, "activation_peak_bytes", 0, "--activation-peak")
-    stages = int(setting(args.pipeline_parallel_size, "pipeline_parallel_size", 1))
-    # a pipeline run recorded before kvtrace kept each stage's figures: its engine.json has the first stage's
-    # worker alone, planned as one worker
-    unstaged = geometry is run_geometry and int(measured.get("pipeline_parallel_size") or 1) > 1
-    unstaged = unstaged and "stage_weights_bytes" not in measured
-    if unstaged:
-        if args.pipeline_parallel_size is not None or args.pp_layer_partition is not None:
-            raise KvtraceError(
-                f"{args.from_run}: its engine.json has the first pipeline stage's layers alone (recorded "
-                "before kvtrace kept every stage's): add --config PATH (the model's config.json) to plan the "
-                "stages"
-            )
-        stages = 1
-    partition = _partition(args.pp_layer_partition) or measured.get("pp_layer_partition")
+    stages, partition, stage_weights, unstaged = _pipeline_settings(args, measured, geometry is run_geometry)
+    weights = pick(args.weights_bytes, "weights_bytes", None, "--weights-bytes")
+    if stages > 1 and args.weights_bytes is None:
+        weights = None  # the run's are its first stage's worker's: each stage's are measured or computed
     request = VllmPlanRequest(
         geometry=geometry,
         model_dtype=setting(args.dtype, "model_dtype", "bf16"),
@@ -272,8 +307,8 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         tensor_parallel_size=int(setting(args.tensor_parallel_size, "tensor_parallel_size", 1)),
         pipeline_parallel_size=stages,
         pp_layer_partition=partition,
-        stage_weights_bytes=measured.get("stage_weights_bytes") if geometry is run_geometry else None,
-        weights_bytes=pick(args.weights_bytes, "weights_bytes", None, "--weights-bytes"),
+        stage_weights_bytes=stage_weights,
+        weights_bytes=weights,
         buffers_bytes=int(measured.get("buffers_bytes") or 0),
         activation_peak_bytes=activation_peak or 0,
         non_torch_bytes=pick(args.non_torch, "non_torch_bytes", 0, "--non-torch") or 0,

@@ -190,8 +190,18 @@ def model_facts(vllm_config: Any) -> dict[str, Any]:
         "intermediate_size": getattr(text, "intermediate_size", None),  # for plan --from-run's weights
         "tie_word_embeddings": bool(getattr(text, "tie_word_embeddings", False)),
         **_sliding_facts(vllm_config, text),
+        "layer_types": _layer_types(text),
         "num_params": None,
     }
+
+
+def _layer_types(text: Any) -> list[str] | None:
+    """The config's `layer_types` ("sliding_attention", "full_attention", ... one a decoder layer): which
+    layers vLLM groups together, on which pipeline stage; None where the config gives none."""
+    kinds = getattr(text, "layer_types", None)
+    if isinstance(kinds, list | tuple) and all(isinstance(kind, str) for kind in kinds):
+        return list(kinds)
+    return None
 
 
 def _driver_worker(core: Any) -> Any:

@@ -108,9 +108,33 @@ def test_the_first_refused_stage_stops_the_start() -> None:
     assert result.estimated_max_model_len == 128
 
 
-def test_a_hybrid_model_under_pipeline_parallelism_is_refused() -> None:
+def test_a_hybrid_models_stage_holds_its_share_of_each_group() -> None:
+    # GIVEN Gemma 3's pattern on 12 layers (5 sliding, 1 full, twice) over 2 stages of 6: vLLM groups them 2 a
+    # group and deals each kind to its groups in turn (full: 5, 11; sliding: 0 and 6, 1 and 7, ... 4 and 10)
+    slides = tuple(layer % 6 != 5 for layer in range(12))
+    geometry = replace(
+        get_preset("llama-3-8b"), num_layers=12, sliding_window=1024, sliding_layers=10, layer_slides=slides
+    )
+    page = 2 * 16 * 8 * 128 * 2
+    request = VllmPlanRequest(
+        geometry=geometry, pipeline_parallel_size=2, kv_cache_memory_bytes=1000 * page, max_model_len=8192
+    )
+    result = plan_vllm(request)
+    # THEN each stage holds one layer of every group: a block is one page, 1,000 of them (in pairs of
+    # neighbours a stage would hold two of a group, and 500)
+    assert [s.block_layers for s in result.stages] == [1, 1] and result.num_blocks == 1000
+    # AND 3 stages of 4 split the full layers 5 and 11 over stages 1 and 2, and the sliding pairs (0, 6)...
+    # (4, 10) one layer each but (2, 8), (3, 9) on stages 0 and 2 and (0, 6), (1, 7) on 0 and 1: one page
+    three = plan_vllm(replace(request, pipeline_parallel_size=3))
+    assert [s.block_layers for s in three.stages] == [1, 1, 1]
+    # AND a split that puts both layers of a group on one stage pays two pages there
+    lopsided = plan_vllm(replace(request, pp_layer_partition=(11, 1)))
+    assert [s.block_layers for s in lopsided.stages] == [2, 1] and lopsided.num_blocks == 500
+
+
+def test_a_hybrid_model_whose_layer_order_is_unknown_is_refused() -> None:
     geometry = replace(get_preset("llama-3-8b"), sliding_window=1024, sliding_layers=16)  # half slide
-    with pytest.raises(KvtraceError, match="pipeline parallelism of a model whose layers differ in kind"):
+    with pytest.raises(KvtraceError, match="which of its layers slide is not known"):
         plan_vllm(VllmPlanRequest(geometry=geometry, pipeline_parallel_size=2, max_model_len=8192))
 
 
@@ -152,3 +176,98 @@ def test_a_pipeline_run_recorded_without_its_stages_is_planned_by_its_first_work
     argv = ["plan", "--engine", "vllm", "--from-run", str(folder), "--pipeline-parallel-size", "2"]
     assert main(argv) == 2
     assert "add --config PATH" in capsys.readouterr().err
+
+
+def _staged_run(folder: Path, weights: list[int | None], device: str = "cuda") -> Path:
+    """A 2-stage run of ENGINE_JSON's model made 4 layers (1 KV head of 4, blocks of 4: 64 B a layer and
+    block), stages of 1 and 3 layers, the pool sized by the profile: 100 KiB at 0.9, no activations."""
+    engine = json.loads(json.dumps(ENGINE_JSON))
+    engine["model"].update(num_layers=4, hidden_size=8, intermediate_size=16, vocab_size=100)
+    engine["config"].update(pipeline_parallel_size=2, kv_cache_memory_bytes=None, device=device)
+    engine["memory_profile"] = {"total_device_bytes": 100 * 1024, "weights_bytes": 1000}
+    engine["layers"] = [
+        {"layer": 0, "name": "model.layers.0.self_attn.attn", "shape": [5, 1, 4, 8], "dtype": "bfloat16",
+         "bytes": 320, "storage_addr": 1000, "view_offset": 0}
+    ]  # fmt: skip
+    engine["pipeline_stages"] = [
+        {"stage": s, "layers": layers, "kv_cache_bytes": 320 * len(layers), "weights_bytes": w}
+        for s, (layers, w) in enumerate(zip([[0], [1, 2, 3]], weights, strict=True))
+    ]
+    return write_engine_run(folder, engine=engine)
+
+
+def _plan(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict, str]:
+    """`kvtrace plan --engine vllm ARGV --json`: (exit status, its JSON, {} when none; its stderr)."""
+    from kvtrace.cli import main
+
+    status = main(["plan", "--engine", "vllm", *argv, "--json"])
+    out, err = capsys.readouterr()
+    return status, json.loads(out) if out else {}, err
+
+
+def test_a_recorded_runs_stages_keep_their_measured_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run whose stages measured 1,000 and 3,000 B of weights
+    folder = _staged_run(tmp_path / "run", [1000, 3000])
+    available = [math.ceil(100 * 1024 * 0.9) - w for w in (1000, 3000)]
+    blocks = [available[0] // 64, available[1] // (3 * 64)]
+    # THEN each stage is planned with its own, from the run and with --config alike
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {"model_type": "llama", "num_hidden_layers": 4, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "head_dim": 4, "hidden_size": 8, "intermediate_size": 16,
+             "vocab_size": 100}
+        )
+    )  # fmt: skip
+    for argv in ([], ["--config", str(config)]):
+        _, plan, _ = _plan(capsys, "--from-run", str(folder), *argv)
+        assert [s["weights_bytes"] for s in plan["stages"]] == [1000, 3000]
+        assert [s["num_blocks"] for s in plan["stages"]] == blocks and plan["num_blocks"] == min(blocks)
+    # AND a weight typed is each stage's, as a typed flag wins
+    _, plan, _ = _plan(capsys, "--from-run", str(folder), "--weights-bytes", "500")
+    assert [s["weights_bytes"] for s in plan["stages"]] == [500, 500]
+
+
+def test_a_recorded_runs_stages_without_weights_keep_their_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run whose second stage's weights are not recorded: its split still holds, the weights computed
+    folder = _staged_run(tmp_path / "run", [1000, None])
+    _, plan, _ = _plan(capsys, "--from-run", str(folder))
+    assert [s["layers"] for s in plan["stages"]] == [1, 3] and plan["bound_stage"] == 1
+    assert (
+        plan["num_blocks"] == plan["stages"][1]["num_blocks"]
+        and plan["request"]["stage_weights_bytes"] is None
+    )
+
+
+def test_a_split_typed_replaces_the_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _staged_run(tmp_path / "run", [1000, 3000])
+    # a size or split typed drops the run's split and its measured weights (those of other stages)
+    _, plan, _ = _plan(capsys, "--from-run", str(folder), "--pipeline-parallel-size", "4")
+    assert [s["layers"] for s in plan["stages"]] == [1, 1, 1, 1]
+    assert plan["request"]["stage_weights_bytes"] is None
+    _, plan, _ = _plan(capsys, "--from-run", str(folder), "--pp-layer-partition", "2,2")
+    assert [s["layers"] for s in plan["stages"]] == [2, 2]
+    assert plan["request"]["stage_weights_bytes"] is None
+    # and a split of another length than the stages is refused, as vLLM refuses it
+    status, _, err = _plan(capsys, "--preset", "llama-3.1-70b", "--pp-layer-partition", "40,40")
+    assert status == 2 and "add --pipeline-parallel-size 2" in err
+
+
+def test_a_pipelines_sliding_layers_hold_a_batch_in_flight_in_each_stage() -> None:
+    # vLLM's max_concurrent_batches: a batch in each of the 4 stages, one more under async scheduling (GPU)
+    geometry = replace(get_preset("llama-3-8b"), sliding_window=4096)  # every layer slides (Mistral-like)
+    request = VllmPlanRequest(
+        geometry=geometry, pipeline_parallel_size=4, max_model_len=32768, max_num_batched_tokens=2048
+    )
+    on = plan_vllm(request)
+    off = plan_vllm(replace(request, async_scheduling=False))
+    assert (on.max_in_flight_tokens, off.max_in_flight_tokens) == (5 * 2048, 4 * 2048)
+    # a request holds cdiv(4095 + in flight, 16) + 1 blocks
+    assert on.blocks_per_request == -(-(4095 + 5 * 2048) // 16) + 1 == 897
+    assert any(
+        "5 batches in flight (one in each of the 4 pipeline stages and one more" in n for n in on.notes
+    )

@@ -273,8 +273,8 @@ def test_an_uneven_pipeline_is_planned_by_its_widest_stage(
         ]
     )
 
-    # THEN both plan vLLM's 16 blocks, by the 2-layer stage (the first stage's 1 layer planned 32 blocks, twice
-    # what vLLM kept), each stage's own blocks as its memory gives them
+    # THEN both plan vLLM's 16 blocks, by the 2-layer stage (the first stage's 1 layer planned 32 blocks,
+    # twice what vLLM kept), each stage's own blocks as its memory gives them
     for planned in (plan, typed):
         assert planned["num_blocks"] == figures["num_gpu_blocks"] and planned["starts"]
         assert (planned["bound_stage"], planned["kv_bytes_per_token"]) == (1, 2 * layer_token)
@@ -297,3 +297,51 @@ def test_an_uneven_pipeline_is_planned_by_its_widest_stage(
         multiprocess=True,
     )
     assert rerun["num_gpu_blocks"] == needed and rerun["preemptions"] == 0
+
+
+def test_a_hybrid_pipeline_stage_holds_one_layer_of_each_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a tiny Gemma 3 (12 layers, 5 sliding over 64 tokens then 1 full, twice) over 2 stages of 6 layers,
+    # each worker given 1 MiB: vLLM forms its groups over the whole model, 2 layers a group, and deals each
+    # kind's layers to them in turn: full (5, 11), sliding (0, 6), (1, 7), (2, 8), (3, 9), (4, 10); so each
+    # stage holds one layer of every group and its block is one page, 32 x 2 x 2 x 64 x 2 B = 16 KiB: 64
+    # blocks (cut in pairs of neighbours, a stage would hold 2 layers of a group: 32 KiB, 32 blocks)
+    from tests.vllm.workload import write_gemma3_model
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    model = write_gemma3_model(tmp_path / "gemma3")
+    run_dir = tmp_path / "run"
+    page = BLOCK_SIZE * 2 * SIZE.num_kv_heads * HEAD_DIM * DTYPE_BYTES
+    pool, stages = 2**20, json.dumps({"pipeline_parallel_size": 2})
+    figures = run_script(
+        "pipeline_parallel", str(model), str(pool), stages, kvtrace_dir=run_dir, multiprocess=True
+    )
+    assert figures["num_gpu_blocks"] == pool // page == 64 and figures["preemptions"] > 0
+
+    # WHEN it is planned from the run, and from the model's config with the workload's settings
+    plan = _cli_json(["plan", "--engine", "vllm", "--from-run", str(run_dir)])
+    typed = _cli_json(
+        [
+            "plan", "--engine", "vllm", "--config", str(model), "--pipeline-parallel-size", "2",
+            "--kv-cache-memory", str(pool), "--block-size", str(BLOCK_SIZE), "--max-model-len", "256",
+            "--max-num-batched-tokens", "512", "--no-async-scheduling",
+        ]
+    )  # fmt: skip
+
+    # THEN both plan vLLM's 64 blocks of one page, and its "KV cache size: 309 tokens" (64 blocks over the 53
+    # one request of 256 tokens may hold: 8 full, and 5 sliding groups of cdiv(63 + 512 in flight, capped at
+    # 256, by 32) + 1 = 9)
+    for planned in (plan, typed):
+        assert (planned["num_blocks"], planned["bytes_per_block"]) == (64, page)
+        assert [s["block_layers"] for s in planned["stages"]] == [1, 1]
+        assert planned["blocks_per_request"] == 8 + 5 * 9 and planned["kv_tokens"] == 64 * 256 // 53 == 309
+
+    # AND diagnose prices the pool that avoids every preemption in those blocks, which vLLM confirms
+    diagnosis = _cli_json(["diagnose", str(run_dir)], ok=(0, 1))
+    remedy = {r["knob"]: r for r in diagnosis["remedies"]}["kv_cache_memory_bytes"]
+    assert remedy["setting"] % page == 0 and remedy["fits"]
+    rerun = run_script(
+        "pipeline_parallel", str(model), str(remedy["setting"]), stages, kvtrace_dir=None, multiprocess=True
+    )
+    assert rerun["num_gpu_blocks"] == remedy["setting"] // page and rerun["preemptions"] == 0

@@ -79,6 +79,29 @@ def write_analysis_model(folder: Path) -> Path:
     return folder
 
 
+def write_gemma3_model(folder: Path) -> Path:
+    """A random-weight Gemma 3 text model of 12 layers, Gemma 3's pattern of 5 sliding over 64 tokens then 1
+    full, twice (layers 5 and 11 full), 2 KV heads of 64: 512 B of KV a layer and token in bf16."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=1000,
+        max_position_embeddings=4096,
+        sliding_window=64,
+        query_pre_attn_scalar=64,
+    )
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
 # Falcon 7B's attention: 4 query heads of 64 share ONE KV head (`multi_query`, the original decoder), which
 # the config does not say in `num_key_value_heads` (it has none) nor in `num_kv_heads` (4).
 FALCON_SIZE = {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 1000}
