@@ -38,6 +38,7 @@ __all__ = [
     "layer_range_text",
     "stage_block_layers",
     "stage_layer_counts",
+    "stage_weight_bytes",
     "stage_weights_bytes",
 ]
 
@@ -120,23 +121,29 @@ def stage_block_layers(geom: ModelGeometry, groups: KvGroups, counts: tuple[int,
 def stage_weights_bytes(
     geom: ModelGeometry, counts: tuple[int, ...], model_dtype: str, tensor_parallel_size: int
 ) -> tuple[int, ...]:
-    """Each stage's weights on one of its tensor-parallel ranks: its layers' share of the layers'
-    parameters (in proportion to their count: exact where the layers are alike, as Llama's), the first
-    stage's embedding, the last stage's final norm and lm_head (the embedding again when tied)."""
+    """Each stage's weights on one of its tensor-parallel ranks (`stage_weight_bytes`)."""
+    return tuple(
+        stage_weight_bytes(geom, stage, len(counts), count, model_dtype, tensor_parallel_size)
+        for stage, count in enumerate(counts)
+    )
+
+
+def stage_weight_bytes(
+    geom: ModelGeometry, stage: int, stages: int, count: int, model_dtype: str, tensor_parallel_size: int
+) -> int:
+    """Stage `stage`'s weights, holding `count` layers, on one of its tensor-parallel ranks: those layers'
+    share of the layers' parameters (in proportion to their count: exact where the layers are alike, as
+    Llama's), the first stage's embedding, the last stage's final norm and lm_head (the embedding again when
+    tied)."""
     embedding, final_norm, lm_head = end_params(geom)
-    if geom.tie_word_embeddings and len(counts) > 1:  # the last stage loads its own copy to tie it to
+    if geom.tie_word_embeddings and stages > 1:  # the last stage loads its own copy to tie it to
         lm_head += geom.vocab_size * (geom.embedding_size or geom.hidden_size)
-    layer_params = param_count(geom) - sum(end_params(geom))
-    total_layers = sum(counts)
-    params = []
-    for stage, count in enumerate(counts):
-        held = layer_params * count // total_layers
-        if stage == 0:
-            held += embedding
-        if stage == len(counts) - 1:
-            held += final_norm + lm_head
-        params.append(held)
-    return tuple(math.ceil(dtype_bytes_for(model_dtype, p) / tensor_parallel_size) for p in params)
+    held = (param_count(geom) - embedding - final_norm - end_params(geom)[2]) * count // geom.num_layers
+    if stage == 0:
+        held += embedding
+    if stage == stages - 1:
+        held += final_norm + lm_head
+    return math.ceil(dtype_bytes_for(model_dtype, held) / tensor_parallel_size)
 
 
 def binding_stage(stages: tuple[VllmStage, ...]) -> VllmStage:
