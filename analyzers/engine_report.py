@@ -153,11 +153,17 @@ def _pool_as_kv(info: EngineInfo, kv: Any) -> list[str]:
         per_layer_token = 2 * heads * model["head_dim"] * element
         kv.bytes_per_token_expected = held_layers * per_layer_token
         if tp > 1:
+            # under pipeline parallelism too, the tp ranks are one stage's: the pipeline note gives the whole
+            workers, whole = (
+                (f"its pipeline stage's {tp} workers", "a stage")
+                if pipeline_size(info) > 1
+                else (f"the {tp} workers", "in all")
+            )
             notes.insert(
                 0,
                 f"tensor parallel {tp}: the KV figures are one worker's (engine.json describes the first), "
-                f"holding {heads} of the model's {model['num_kv_heads']} KV heads; each of the {tp} workers "
-                f"holds a pool of this size, {human_bytes(pool * tp)} in all",
+                f"holding {heads} of the model's {model['num_kv_heads']} KV heads; each of {workers} "
+                f"holds a pool of this size, {human_bytes(pool * tp)} {whole}",
             )
     staged = pipeline_note(info, pool)
     if staged is not None:
@@ -250,8 +256,15 @@ def _before_trace_notes(info: EngineInfo, devices: Sequence[Any]) -> list[str]:
             else ""
         )
         drafter = _drafter_weights(info, weights)
-        # under pipeline parallelism engine.json's weights are the first stage's worker's, as its pool
-        whose = "the first pipeline stage's weights" if pipeline_size(info) > 1 else "the model's weights"
+        # under pipeline parallelism engine.json's weights are the first stage's worker's, as its pool; under
+        # tensor parallelism the first rank's share
+        tp = info.config.get("tensor_parallel_size")
+        split = isinstance(tp, int) and not isinstance(tp, bool) and tp > 1
+        stage = "the first pipeline stage's " if pipeline_size(info) > 1 else ""
+        if split:
+            whose = f"{stage or 'the '}first worker's share of the weights"
+        else:
+            whose = f"{stage}weights" if stage else "the model's weights"
         notes.append(
             f"{whose} ({human_bytes(weights)}, engine.json{drafter}){own} were loaded before the trace "
             "began: the device figures leave them out"

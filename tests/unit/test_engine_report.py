@@ -112,3 +112,33 @@ def test_a_pipeline_parallel_run_is_its_first_stages_worker(
         )
     else:
         assert "each stage's share not recorded" in note
+
+
+def test_a_tensor_and_pipeline_parallel_run_is_one_stages_first_worker(tmp_path: Path) -> None:
+    # GIVEN the first worker's engine.json of 2 pipeline stages of 2 tensor-parallel workers: it holds 1 of
+    # the model's 2 KV heads of layers 0-1, and its rank's share of the first stage's weights
+    engine = _pipeline_engine(stages=True)
+    engine["model"]["num_kv_heads"] = 2
+    engine["config"]["tensor_parallel_size"] = 2
+    engine["memory_profile"] = {"weights_bytes": 2048}
+
+    # WHEN it is reported
+    _, report = build_report(_vllm_run(tmp_path / "run", engine=engine))
+    data = report_to_json(report)
+
+    # THEN the arithmetic is the worker's (2 layers x 1 head), the pipeline note's whole pool is the 2
+    # stages' 640 B on each of 2 ranks, and the tensor-parallel note's total is a stage's (it said the 2
+    # ranks' 1.25 KiB were the whole, where the 4 workers hold 2.50 KiB), the weights the first worker's
+    per_token = 2 * 2 * 1 * 4 * 2
+    assert data["kv"]["bytes_per_token_measured"] == data["kv"]["bytes_per_token_expected"] == per_token
+    (staged,) = [n for n in data["notes"] if n.startswith("pipeline parallel 2:")]
+    assert staged.endswith("on each of its 2 tensor-parallel workers over the same 5 blocks, 2.50 KiB in all")
+    (split,) = [n for n in data["notes"] if n.startswith("tensor parallel 2:")]
+    assert split.endswith(
+        "holding 1 of the model's 2 KV heads; each of its pipeline stage's 2 workers holds a pool of this "
+        "size, 1.25 KiB a stage"
+    )
+    (weights,) = [n for n in data["notes"] if "engine.json)" in n]
+    assert weights.startswith(
+        "the first pipeline stage's first worker's share of the weights (2.00 KiB, engine.json)"
+    )

@@ -61,11 +61,15 @@ def tensor_parallel(model_dir: str) -> dict[str, Any]:
 
 
 def _stage_kv(worker: Any) -> dict[str, Any]:
-    """On each vLLM worker (a `collective_rpc`): its stage's layers and the KV it holds, from its
-    kv_cache_config and its tensors."""
+    """On each vLLM worker (a `collective_rpc`): its ranks, its stage's layers and the KV it holds (the KV
+    heads of its rank, the blocks and the bytes), from its kv_cache_config and its tensors."""
+    from vllm.distributed import get_pp_group, get_tp_group
+
     config = worker.model_runner.kv_cache_config
     tensors = worker.model_runner.kv_caches
     return {
+        "ranks": [get_pp_group().rank_in_group, get_tp_group().rank_in_group],
+        "kv_heads": sorted({group.kv_cache_spec.num_kv_heads for group in config.kv_cache_groups}),
         "num_blocks": config.num_blocks,
         "layers": sorted(name for group in config.kv_cache_groups for name in group.layer_names),
         "kv_cache_tensor_bytes": sum(t.size for t in config.kv_cache_tensors),

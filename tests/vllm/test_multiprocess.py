@@ -144,11 +144,12 @@ def test_a_tensor_parallel_run_reads_as_one_workers_share(
     assert note.endswith(f"{human_bytes(2 * POOL_BYTES)} in all")
 
 
-def _stage_weights(model_dir: Path, stages: list[range]) -> tuple[int, list[int]]:
+def _stage_weights(model_dir: Path, stages: list[range], tp: int = 1) -> tuple[int, list[int]]:
     """(the checkpoint's parameters, the bytes each pipeline stage's worker holds) from the checkpoint's
     tensors: a stage holds its decoder layers, the first and the last the embedding too (the last for its
     lm_head, tied to it; rows padded to a multiple of 64, vLLM's `DEFAULT_VOCAB_PADDING_SIZE`), the last the
-    final norm."""
+    final norm. Over `tp` tensor-parallel ranks a worker holds its rank's share: the layers' projections and
+    the padded embedding's rows split over the ranks, the norms whole on each."""
     from safetensors import safe_open
 
     params, held = 0, [0] * len(stages)
@@ -159,12 +160,13 @@ def _stage_weights(model_dir: Path, stages: list[range]) -> tuple[int, list[int]
             nbytes = tensor.numel() * tensor.element_size()
             if name.endswith("embed_tokens.weight"):
                 rows = -(-tensor.shape[0] // 64) * 64
-                embedding = rows * tensor.shape[1] * tensor.element_size()
+                embedding = rows // tp * tensor.shape[1] * tensor.element_size()
                 held[0] += embedding
                 held[-1] += embedding
             elif name.startswith("model.layers."):
                 layer = int(name.split(".")[2])
-                held[next(i for i, layers in enumerate(stages) if layer in layers)] += nbytes
+                share = tp if tensor.dim() == 2 else 1  # a projection split over the ranks, a norm whole
+                held[next(i for i, layers in enumerate(stages) if layer in layers)] += nbytes // share
             else:  # the final norm
                 held[-1] += nbytes
     return params, held
@@ -345,3 +347,98 @@ def test_a_hybrid_pipeline_stage_holds_one_layer_of_each_group(
         "pipeline_parallel", str(model), str(remedy["setting"]), stages, kvtrace_dir=None, multiprocess=True
     )
     assert rerun["num_gpu_blocks"] == remedy["setting"] // page and rerun["preemptions"] == 0
+
+
+def test_a_tensor_and_pipeline_parallel_run_reads_as_one_workers_share(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the workload over 2 pipeline stages of 2 tensor-parallel workers (4 workers on the 2 cores),
+    # recorded by the plugin, each worker given a quarter of the workload's pool: each holds 1 of the 2 KV
+    # heads of its stage's 2 of the 4 layers, in the workload's 16 blocks, so it preempts
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0|1")
+    run_dir = tmp_path / "run"
+    tp, pp = 2, 2
+    worker_pool = POOL_BYTES // (tp * pp)
+    parallel = json.dumps({"pipeline_parallel_size": pp, "tensor_parallel_size": tp})
+    figures = run_script(
+        "pipeline_parallel",
+        str(tiny_model_dir),
+        str(worker_pool),
+        parallel,
+        kvtrace_dir=run_dir,
+        multiprocess=True,
+    )
+    stage_layers = [range(0, SIZE.num_layers // pp), range(SIZE.num_layers // pp, SIZE.num_layers)]
+    worker_heads = SIZE.num_kv_heads // tp
+    worker_token = len(stage_layers[0]) * 2 * worker_heads * HEAD_DIM * DTYPE_BYTES  # 512 B
+    blocks = worker_pool // (worker_token * BLOCK_SIZE)
+    assert figures["num_gpu_blocks"] == blocks == POOL_BYTES // BLOCK_BYTES and figures["preemptions"] > 0
+    # vLLM's own, on each worker in rank order (the tensor-parallel rank the faster)
+    ranks = [[stage, rank] for stage in range(pp) for rank in range(tp)]
+    assert [worker["ranks"] for worker in figures["stages"]] == ranks
+    for worker, (stage, _) in zip(figures["stages"], ranks, strict=True):
+        assert worker["layers"] == [f"model.layers.{i}.self_attn.attn" for i in stage_layers[stage]]
+        assert worker["kv_heads"] == [worker_heads]
+        assert worker["num_blocks"] == blocks and worker["storage_bytes"] == worker_pool
+
+    # THEN engine.json's pool, layers and weights are the first worker's (stage 0, rank 0: half the heads
+    # of the first stage's layers), `pipeline_stages` has one entry a stage (not a worker), and the
+    # checkpoint's parameters are whole
+    engine = json.loads((run_dir / fmt.ENGINE).read_text())
+    assert (engine["config"]["tensor_parallel_size"], engine["config"]["pipeline_parallel_size"]) == (tp, pp)
+    assert [layer["layer"] for layer in engine["layers"]] == list(stage_layers[0])
+    assert {layer["shape"][1] for layer in engine["layers"]} == {worker_heads}  # LBHNC: a block's heads
+    assert engine["num_blocks"] == blocks and engine["bytes_per_block"] == worker_token * BLOCK_SIZE
+    assert engine["kv_cache_bytes"] == worker_pool and len(engine["storage"]) == 1
+    params, rank_weights = _stage_weights(tiny_model_dir, stage_layers, tp=tp)
+    assert engine["model"]["num_params"] == params
+    assert engine["memory_profile"]["weights_bytes"] == rank_weights[0]
+    recorded = [(s["layers"], s["kv_cache_bytes"], s["weights_bytes"]) for s in engine["pipeline_stages"]]
+    assert recorded == [
+        (list(layers), worker_pool, w) for layers, w in zip(stage_layers, rank_weights, strict=True)
+    ]
+
+    # WHEN it is reported
+    report = _report_json(run_dir)
+
+    # THEN its bytes per token, measured and by arithmetic, are the worker's; the pipeline note gives the
+    # whole pool, stages x ranks, and the tensor-parallel note its stage's ranks (it said the 2 ranks'
+    # 512 KiB were the whole, where the 4 workers hold 1 MiB)
+    kv = report["kv"]
+    assert kv["bytes_per_token_measured"] == kv["bytes_per_token_expected"] == worker_token
+    (staged,) = [n for n in report["notes"] if n.startswith(f"pipeline parallel {pp}:")]
+    shares = f"{human_bytes(worker_pool)} (layers 0-1), {human_bytes(worker_pool)} (layers 2-3)"
+    assert f"{shares} on each of its {tp} tensor-parallel workers over the same {blocks} blocks" in staged
+    assert staged.endswith(f"{human_bytes(pp * tp * worker_pool)} in all")
+    (split,) = [n for n in report["notes"] if n.startswith(f"tensor parallel {tp}:")]
+    assert f"holding {worker_heads} of the model's {SIZE.num_kv_heads} KV heads" in split
+    assert split.endswith(
+        f"each of its pipeline stage's {tp} workers holds a pool of this size, "
+        f"{human_bytes(tp * worker_pool)} a stage"
+    )
+    (weights,) = [n for n in report["notes"] if "engine.json)" in n]
+    whose = "the first pipeline stage's first worker's share of the weights"
+    assert weights.startswith(f"{whose} ({human_bytes(rank_weights[0])}, engine.json)")
+
+    # AND `plan --from-run` plans that worker as vLLM sized it
+    plan = _cli_json(["plan", "--engine", "vllm", "--from-run", str(run_dir)])
+    assert (plan["num_blocks"], plan["kv_bytes_per_token"], plan["starts"]) == (blocks, worker_token, True)
+    assert [s["num_blocks"] for s in plan["stages"]] == [blocks] * pp
+
+    # AND `diagnose` prices the pool that avoids every preemption by the worker's blocks (8 requests of
+    # cdiv(40 + 48 - 1, 32) = 3 blocks, and the null block), given to each of the 4 workers, which vLLM
+    # confirms
+    diagnosis = _cli_json(["diagnose", str(run_dir)], ok=(0, 1))
+    remedy = {r["knob"]: r for r in diagnosis["remedies"]}["kv_cache_memory_bytes"]
+    needed = REQUESTS * -(-(PROMPT_TOKENS + NEW_TOKENS - 1) // BLOCK_SIZE) + 1
+    assert remedy["setting"] == needed * worker_token * BLOCK_SIZE and remedy["fits"]
+    assert f"each of the {tp * pp} workers ({pp} pipeline stages of {tp}) is given it" in remedy["sentence"]
+    rerun = run_script(
+        "pipeline_parallel",
+        str(tiny_model_dir),
+        str(remedy["setting"]),
+        parallel,
+        kvtrace_dir=None,
+        multiprocess=True,
+    )
+    assert rerun["num_gpu_blocks"] == needed and rerun["preemptions"] == 0
