@@ -26,16 +26,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from analyzers.planning.param_count import end_params, param_count
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
-from analyzers.planning.vllm_specs import KvGroups
+from analyzers.planning.vllm_specs import KvGroups, available_kv_bytes, check_memory_bytes, num_blocks
 from kvtrace.errors import KvtraceError
+
+if TYPE_CHECKING:
+    from analyzers.planning.vllm_plan import VllmPlanRequest
 
 __all__ = [
     "VllmStage",
     "binding_stage",
     "layer_range_text",
+    "pipeline_note",
+    "plan_stages",
     "stage_block_layers",
     "stage_layer_counts",
     "stage_weight_bytes",
@@ -156,3 +162,98 @@ def binding_stage(stages: tuple[VllmStage, ...]) -> VllmStage:
 def layer_range_text(stage: VllmStage) -> str:
     last = stage.first_layer + stage.layers - 1
     return str(stage.first_layer) if stage.layers == 1 else f"{stage.first_layer}-{last}"
+
+
+def plan_stages(
+    req: VllmPlanRequest,
+    page: int,
+    groups: KvGroups,
+    per_request: int,
+    memory: int | None,
+    sized: bool,
+) -> tuple[VllmStage, ...]:
+    """Each stage's worker sized as vLLM sizes it: its own weights out of its own memory (or the same
+    kv_cache_memory_bytes on every worker), a block a page of each of its own layers."""
+    geom = req.geometry
+    if geom.layers_with_kv != geom.num_layers:
+        raise KvtraceError(
+            f"{geom.name}: pipeline parallelism of a model with layers that hold no KV (linear attention, "
+            "shared KV) is not planned"
+        )
+    counts = stage_layer_counts(geom.num_layers, req.pipeline_parallel_size, req.pp_layer_partition)
+    pages = stage_block_layers(geom, groups, counts)
+    weights: tuple[int | None, ...]
+    if req.stage_weights_bytes is not None:
+        if len(req.stage_weights_bytes) != len(counts):
+            raise KvtraceError(
+                f"{len(req.stage_weights_bytes)} stages' weights for a pipeline of {len(counts)} stages"
+            )
+        weights = req.stage_weights_bytes
+    elif sized and req.weights_bytes is None:
+        weights = stage_weights_bytes(geom, counts, req.model_dtype, req.tensor_parallel_size)
+    else:  # weights typed for the whole model on one GPU cannot be split by stage without the geometry
+        weights = (None,) * len(counts) if req.weights_bytes is None else (req.weights_bytes,) * len(counts)
+    stages = []
+    first = 0
+    for stage, (count, held, block_layers) in enumerate(zip(counts, weights, pages, strict=True)):
+        block_bytes = page * block_layers
+        if req.num_gpu_blocks_override is not None:
+            available = req.num_gpu_blocks_override * block_bytes
+        elif req.kv_cache_memory_bytes is not None or held is None:
+            assert memory is not None
+            available = memory
+        else:
+            extra = req.buffers_bytes if req.stage_weights_bytes is None else 0
+            available = available_kv_bytes(
+                req.gpu_memory_bytes,
+                req.gpu_memory_utilization,
+                held + extra,
+                req.activation_peak_bytes,
+                req.non_torch_bytes,
+            )
+        stages.append(
+            VllmStage(
+                stage=stage,
+                first_layer=first,
+                layers=count,
+                block_layers=block_layers,
+                weights_bytes=held,
+                available_kv_bytes=available,
+                bytes_per_block=block_bytes,
+                num_blocks=num_blocks(available, block_bytes, 1) if available > 0 else 0,
+                needed_bytes=per_request * block_bytes,
+                check_bytes=check_memory_bytes(available, block_bytes),
+            )
+        )
+        first += count
+    return tuple(stages)
+
+
+def pipeline_note(stages: tuple[VllmStage, ...], bound: VllmStage, req: VllmPlanRequest) -> str:
+    """Which stage's worker the figures are, and why."""
+    counts = [str(s.layers) for s in stages]
+    split = f"{', '.join(counts[:-1])} and {counts[-1]}"
+    how = "the split given" if req.pp_layer_partition is not None else "vLLM's even split"
+    if not bound.starts:
+        why = "the first whose start check fails: vLLM stops there"
+    else:
+        why = f"the fewest blocks, {bound.num_blocks:,}, which vLLM keeps on every stage"
+    geom = req.geometry
+    if req.stage_weights_bytes is not None:
+        weights = "; each stage's weights as the run measured them"
+    elif req.weights_bytes is not None:
+        weights = "; the weights typed taken as each stage's worker's"
+    elif geom.layer_shapes is not None or geom.moe_layers not in (0, geom.num_layers):
+        weights = "; its layers differ, so their weights are split in proportion to their count (an estimate)"
+    else:
+        weights = ""
+    if req.kv_cache_memory_bytes is None and req.num_gpu_blocks_override is None:
+        weights += (
+            "; the activation peak is taken alike for every stage (vLLM's last stage also profiles its "
+            "sampler over max_num_seqs rows of the vocabulary: more there)"
+        )
+    return (
+        f"pipeline parallel {len(stages)}: {split} layers on its stages ({how}); each stage's worker "
+        f"holds its own layers' KV and weights (the first the embedding, the last the lm_head){weights}; the "
+        f"figures are stage {bound.stage}'s (layers {layer_range_text(bound)}), {why}"
+    )

@@ -37,21 +37,17 @@ from dataclasses import dataclass
 
 from analyzers.planning.param_count import param_count
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
-from analyzers.planning.vllm_pipeline import (
-    VllmStage,
-    binding_stage,
-    layer_range_text,
-    stage_block_layers,
-    stage_layer_counts,
-    stage_weights_bytes,
-)
+from analyzers.planning.vllm_pipeline import VllmStage, binding_stage, pipeline_note, plan_stages
 from analyzers.planning.vllm_specs import (
     KvGroups,
+    available_kv_bytes,
     blocks_per_request,
+    check_memory_bytes,
     default_max_num_batched_tokens,
     kv_groups,
     max_concurrent_batches,
     model_kv_groups,
+    num_blocks,
 )
 from analyzers.units import a_or_an
 from kvtrace.errors import KvtraceError
@@ -155,11 +151,6 @@ def max_memory_usage_bytes(num_layers: int, page_size: int, block_size: int, max
     return num_layers * math.ceil(max_model_len / block_size) * page_size
 
 
-def num_blocks(available_bytes: int, page_size: int, num_layers: int) -> int:
-    """`get_num_blocks`: whole blocks of every layer that fit."""
-    return max(int(available_bytes // page_size // num_layers), 0)
-
-
 def estimate_max_model_len(
     available_bytes: int, num_layers: int, page_size: int, block_size: int, max_model_len: int
 ) -> int:
@@ -199,26 +190,6 @@ def estimate_max_model_len_of(
 
 def _memory_blocks(available_bytes: int, page_size: int, num_layers: int) -> int:
     return num_blocks(available_bytes, page_size, num_layers) if available_bytes > 0 else 0
-
-
-def check_memory_bytes(available_bytes: int, bytes_per_block: int) -> int:
-    """What vLLM's start check compares one request with: the available memory less the null block."""
-    return available_bytes - bytes_per_block
-
-
-def available_kv_bytes(
-    total_bytes: int,
-    gpu_memory_utilization: float,
-    weights: int,
-    activation_peak: int,
-    non_torch: int,
-) -> int:
-    """What the GPU worker leaves for KV (`Worker.determine_available_memory`): `requested_memory`
-    (`ceil(total * gpu_memory_utilization)`) minus `non_kv_cache_memory`, which vLLM measures as what the
-    process consumed (weights and memory outside torch) plus the transient peak of the profile run
-    (activations; CUDA graphs too when VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS is set)."""
-    requested = math.ceil(total_bytes * gpu_memory_utilization)
-    return requested - (weights + activation_peak + non_torch)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -392,12 +363,12 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
     layers_held = geom.num_layers
     stages: tuple[VllmStage, ...] = ()
     if req.pipeline_parallel_size > 1:
-        stages = _pipeline_stages(req, page, groups, per_request, memory, weights is not None)
+        stages = plan_stages(req, page, groups, per_request, memory, weights is not None)
         bound = binding_stage(stages)
         block_bytes, available, weights = bound.bytes_per_block, bound.available_kv_bytes, bound.weights_bytes
         blocks, needed, check = min(s.num_blocks for s in stages), bound.needed_bytes, bound.check_bytes
         layers_held = bound.layers
-        notes.append(_pipeline_note(stages, bound, req))
+        notes.append(pipeline_note(stages, bound, req))
     fits = check > 0 and needed <= check
     estimate = None
     if not fits and check > 0:
@@ -439,101 +410,6 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         refusals=refusals,
         stages=stages,
         bound_stage=binding_stage(stages).stage if stages else None,
-    )
-
-
-def _pipeline_stages(
-    req: VllmPlanRequest,
-    page: int,
-    groups: KvGroups,
-    per_request: int,
-    memory: int | None,
-    sized: bool,
-) -> tuple[VllmStage, ...]:
-    """Each stage's worker sized as vLLM sizes it: its own weights out of its own memory (or the same
-    kv_cache_memory_bytes on every worker), a block a page of each of its own layers."""
-    geom = req.geometry
-    if geom.layers_with_kv != geom.num_layers:
-        raise KvtraceError(
-            f"{geom.name}: pipeline parallelism of a model with layers that hold no KV (linear attention, "
-            "shared KV) is not planned"
-        )
-    counts = stage_layer_counts(geom.num_layers, req.pipeline_parallel_size, req.pp_layer_partition)
-    pages = stage_block_layers(geom, groups, counts)
-    weights: tuple[int | None, ...]
-    if req.stage_weights_bytes is not None:
-        if len(req.stage_weights_bytes) != len(counts):
-            raise KvtraceError(
-                f"{len(req.stage_weights_bytes)} stages' weights for a pipeline of {len(counts)} stages"
-            )
-        weights = req.stage_weights_bytes
-    elif sized and req.weights_bytes is None:
-        weights = stage_weights_bytes(geom, counts, req.model_dtype, req.tensor_parallel_size)
-    else:  # weights typed for the whole model on one GPU cannot be split by stage without the geometry
-        weights = (None,) * len(counts) if req.weights_bytes is None else (req.weights_bytes,) * len(counts)
-    stages = []
-    first = 0
-    for stage, (count, held, block_layers) in enumerate(zip(counts, weights, pages, strict=True)):
-        block_bytes = page * block_layers
-        if req.num_gpu_blocks_override is not None:
-            available = req.num_gpu_blocks_override * block_bytes
-        elif req.kv_cache_memory_bytes is not None or held is None:
-            assert memory is not None
-            available = memory
-        else:
-            extra = req.buffers_bytes if req.stage_weights_bytes is None else 0
-            available = available_kv_bytes(
-                req.gpu_memory_bytes,
-                req.gpu_memory_utilization,
-                held + extra,
-                req.activation_peak_bytes,
-                req.non_torch_bytes,
-            )
-        stages.append(
-            VllmStage(
-                stage=stage,
-                first_layer=first,
-                layers=count,
-                block_layers=block_layers,
-                weights_bytes=held,
-                available_kv_bytes=available,
-                bytes_per_block=block_bytes,
-                num_blocks=num_blocks(available, block_bytes, 1) if available > 0 else 0,
-                needed_bytes=per_request * block_bytes,
-                check_bytes=check_memory_bytes(available, block_bytes),
-            )
-        )
-        first += count
-    return tuple(stages)
-
-
-def _pipeline_note(stages: tuple[VllmStage, ...], bound: VllmStage, req: VllmPlanRequest) -> str:
-    """Which stage's worker the figures are, and why."""
-    counts = [str(s.layers) for s in stages]
-    split = f"{', '.join(counts[:-1])} and {counts[-1]}"
-    how = "the split given" if req.pp_layer_partition is not None else "vLLM's even split"
-    if not bound.starts:
-        why = "the first whose start check fails: vLLM stops there"
-    else:
-        why = f"the fewest blocks, {bound.num_blocks:,}, which vLLM keeps on every stage"
-    geom = req.geometry
-    if req.stage_weights_bytes is not None:
-        weights = "; each stage's weights as the run measured them"
-    elif req.weights_bytes is not None:
-        weights = "; the weights typed taken as each stage's worker's"
-    elif geom.layer_shapes is not None or geom.moe_layers not in (0, geom.num_layers):
-        weights = "; its layers differ, so their weights are split in proportion to their count (an estimate)"
-    else:
-        weights = ""
-    if req.kv_cache_memory_bytes is None and req.num_gpu_blocks_override is None:
-        weights += (
-            "; the activation peak is taken alike for every stage (vLLM's last stage also profiles its "
-            "sampler over max_num_seqs rows of the vocabulary: more there)"
-        )
-    return (
-        f"pipeline parallel {len(stages)}: {split} layers on its stages ({how}); each stage's worker "
-        f"holds its own layers' KV and weights (the first the embedding, the last the lm_head){weights}; the "
-        f"figures are stage {bound.stage}'s (layers {layer_range_text(bound)}), {why}"
     )
 
 

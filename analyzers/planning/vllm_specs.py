@@ -33,13 +33,16 @@ from analyzers.planning.presets import ModelGeometry
 
 __all__ = [
     "KvGroups",
+    "available_kv_bytes",
     "blocks_per_request",
+    "check_memory_bytes",
     "default_max_num_batched_tokens",
     "engine_kv_groups",
     "full_blocks",
     "kv_groups",
     "max_concurrent_batches",
     "model_kv_groups",
+    "num_blocks",
     "sliding_blocks",
     "sliding_blocks_held",
     "sliding_peak_blocks",
@@ -85,6 +88,31 @@ def sliding_peak_blocks(
     for slots in range(start, min(hi, start + block_size - 1) + 1):
         peak = max(peak, sliding_blocks_held(slots, window, block_size, lag))
     return peak
+
+
+def num_blocks(available_bytes: int, page_size: int, num_layers: int) -> int:
+    """`get_num_blocks`: whole blocks of every layer that fit."""
+    return max(int(available_bytes // page_size // num_layers), 0)
+
+
+def check_memory_bytes(available_bytes: int, bytes_per_block: int) -> int:
+    """What vLLM's start check compares one request with: the available memory less the null block."""
+    return available_bytes - bytes_per_block
+
+
+def available_kv_bytes(
+    total_bytes: int,
+    gpu_memory_utilization: float,
+    weights: int,
+    activation_peak: int,
+    non_torch: int,
+) -> int:
+    """What the GPU worker leaves for KV (`Worker.determine_available_memory`): `requested_memory`
+    (`ceil(total * gpu_memory_utilization)`) minus `non_kv_cache_memory`, which vLLM measures as what the
+    process consumed (weights and memory outside torch) plus the transient peak of the profile run
+    (activations; CUDA graphs too when VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS is set)."""
+    requested = math.ceil(total_bytes * gpu_memory_utilization)
+    return requested - (weights + activation_peak + non_torch)
 
 
 def max_concurrent_batches(

@@ -89,6 +89,10 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
         "pipeline_parallel_size": pipeline_size(run.info),
     }
     staged = recorded_stages(run.info)  # each stage's layers and weights: every stage's worker planned
+    if staged is not None and _hybrid(model) and _layer_slides(model) is None:
+        staged = (
+            None  # its groups on each stage depend on which layers slide, not recorded: the first worker's
+        )
     if staged is not None:
         figures["pp_layer_partition"] = tuple(len(layers) for layers, _ in staged)
         weights = [held for _, held in staged]
@@ -122,6 +126,16 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     return figures, geometry
 
 
+def _hybrid(model: dict[str, Any]) -> bool:
+    """Whether engine.json's model has sliding and full attention layers both."""
+    sliding, layers = _count(model.get("sliding_layers")), _count(model.get("num_layers"))
+    return (
+        _positive(model.get("sliding_window")) is not None
+        and sliding is not None
+        and 0 < sliding < (layers or 0)
+    )
+
+
 def _layer_slides(model: dict[str, Any]) -> tuple[bool, ...] | None:
     """Which decoder layers slide, from engine.json's `model.layer_types` (runs since kvtrace kept it),
     where every layer is sliding or full attention and as many as the sliding layers recorded say."""
@@ -135,7 +149,7 @@ def _layer_slides(model: dict[str, Any]) -> tuple[bool, ...] | None:
 
 
 def _pipeline_settings(
-    args: argparse.Namespace, measured: dict[str, Any], run_geometry: bool
+    args: argparse.Namespace, measured: dict[str, Any], layers: int, run_geometry: bool
 ) -> tuple[int, tuple[int, ...] | None, tuple[int, ...] | None, bool]:
     """(pipeline stages, each stage's layers, each stage's measured weights, whether the run is planned by
     its first stage's worker alone). A run's split and its stages' weights hold while the plan keeps its
@@ -143,7 +157,9 @@ def _pipeline_settings(
     run recorded before kvtrace kept every stage's figures is its first stage's worker alone."""
     typed_split = _partition(args.pp_layer_partition)
     run_stages = int(measured.get("pipeline_parallel_size") or 1)
-    stages = args.pipeline_parallel_size or run_stages
+    stages = args.pipeline_parallel_size if args.pipeline_parallel_size is not None else run_stages
+    if stages < 1:
+        raise KvtraceError(f"--pipeline-parallel-size must be at least 1, got {stages}")
     if typed_split is not None and len(typed_split) != stages:
         raise KvtraceError(
             f"--pp-layer-partition {args.pp_layer_partition} gives {len(typed_split)} stages: add "
@@ -160,6 +176,12 @@ def _pipeline_settings(
         return 1, None, None, True
     kept = stages == run_stages and typed_split in (None, recorded)
     split = typed_split or (recorded if kept else None)
+    if typed_split is None and split is not None and (sum(split) != layers or min(split) < 1):
+        model = "" if run_geometry else " (--preset/--config gives another model than the run's)"
+        raise KvtraceError(
+            f"{args.from_run}: its pipeline stages hold {','.join(map(str, split))} layers, not a split of "
+            f"the {layers} layers planned{model}"
+        )
     measured_weights = measured.get("stage_weights_bytes") if kept and args.weights_bytes is None else None
     return stages, split, measured_weights, False
 
@@ -290,10 +312,23 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
             "be sized: add --config PATH (the model's config.json) or --weights-bytes"
         )
     activation_peak = pick(args.activation_peak, "activation_peak_bytes", 0, "--activation-peak")
-    stages, partition, stage_weights, unstaged = _pipeline_settings(args, measured, geometry is run_geometry)
+    stages, partition, stage_weights, unstaged = _pipeline_settings(
+        args, measured, geometry.num_layers, geometry is run_geometry
+    )
     weights = pick(args.weights_bytes, "weights_bytes", None, "--weights-bytes")
     if stages > 1 and args.weights_bytes is None:
         weights = None  # the run's are its first stage's worker's: each stage's are measured or computed
+        if (
+            stage_weights is None
+            and not geometry.intermediate_size
+            and kv_cache_memory is None
+            and not override
+        ):
+            raise KvtraceError(
+                f"{args.from_run}: its engine.json does not give the model's MLP size nor every pipeline "
+                "stage's weights, so each stage's cannot be sized: add --config PATH (the model's "
+                "config.json) or --weights-bytes (each stage's worker's)"
+            )
     request = VllmPlanRequest(
         geometry=geometry,
         model_dtype=setting(args.dtype, "model_dtype", "bf16"),
@@ -355,9 +390,9 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         note = (
             f"pipeline parallel {stages}: planned for the first stage's worker, whose pool holds the KV of "
             f"{geometry.num_layers} of the model's {of_model} layers (recorded before kvtrace kept every "
-            f"stage's figures); each of the {stages} stages' workers is given kv_cache_memory_bytes (or "
-            "sizes its pool from its own memory) for its own layers, and vLLM keeps the fewest blocks of any "
-            "stage"
+            f"stage's figures, or which layers slide); each of the {stages} stages' workers is given "
+            "kv_cache_memory_bytes (or sizes its pool from its own memory) for its own layers, and vLLM "
+            "keeps the fewest blocks of any stage"
         )
         result = replace(result, notes=(*result.notes, note))
     if geometry is run_geometry and "sliding_window" not in (measured.get("model") or {}):
