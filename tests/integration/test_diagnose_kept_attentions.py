@@ -177,8 +177,12 @@ def test_attentions_asked_of_sdpa_are_not_named_for_they_are_not_kept(
     # AND asking for the attentions alone under sdpa keeps nothing: no call keeps, no remedy, no note
     manifest = _record(sdpa_model, tmp_path / "attentions", (ATTENTIONS,))
     assert [c.get("keeps") for c in manifest["generate_calls"]] == [None]
-    assert not _kept(_diagnosis(tmp_path / "attentions", capsys))
+    attentions = _diagnosis(tmp_path / "attentions", capsys)
+    assert not _kept(attentions)
     assert _notes(tmp_path / "attentions", capsys) == []
+    # AND it peaks as the same call without them: nothing was kept to name
+    _record(sdpa_model, tmp_path / "plain", ())
+    assert attentions["allocated_bytes"] == _diagnosis(tmp_path / "plain", capsys)["allocated_bytes"]
 
 
 def test_hidden_states_are_kept_under_sdpa_too(
