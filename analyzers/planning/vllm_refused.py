@@ -9,7 +9,8 @@ the diagnosis's figures and the ground of its verdicts (the specs' where the ref
 its bytes are not whole blocks of this geometry): a request takes as many blocks whatever their dtype or
 the split of the heads over ranks, so fp8 and tensor_parallel_size are priced on vLLM's block count. The
 remedies: max_model_len, kv_cache_memory_bytes / gpu_memory_utilization, max_num_batched_tokens (a
-sliding model's), kv_cache_dtype fp8, tensor_parallel_size (KV heads split over ranks), and why
+sliding model's), kv_cache_dtype fp8, tensor_parallel_size (KV heads split over ranks),
+pipeline_parallel_size (layers split over stages, as vLLM splits them: the widest stage's blocks), and why
 max_num_seqs does not enter this check.
 
 Under `num_gpu_blocks_override` vLLM takes the override's blocks as the memory (`get_kv_cache_configs`):
@@ -25,7 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from analyzers.engine import EngineRun
+from analyzers.engine import EngineRun, draft_kv_layers
+from analyzers.engine_stages import pipeline_size
+from analyzers.planning.vllm_pipeline import stage_layer_counts
 from analyzers.planning.vllm_plan import (
     check_memory_bytes,
     kv_dtype_bytes,
@@ -41,6 +44,7 @@ from kvtrace.errors import KvtraceError
 __all__ = ["RefusedDiagnosis", "VllmRemedy", "diagnose_refused", "engine_geometry", "refused_start"]
 
 _TP_CHOICES = (2, 4, 8, 16)
+_PP_CHOICES = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,8 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
         )
     else:
         remedies.append(_tensor_parallel_remedy(run, spec, head_dim, element, blocks, pool))
+        staged = _pipeline_parallel_remedy(run, spec, page, blocks, pool)
+        remedies += [staged] if staged is not None else []
     return RefusedDiagnosis(
         path=run.path,
         message=str(refused.get("message", "")),
@@ -406,6 +412,41 @@ def _utilization_remedy(run: EngineRun, pool_needed: int, pool: int) -> VllmReme
             f"less than {readable_bytes(pool_needed)} after {readable_bytes(non_kv)} of weights and "
             "activations."
         ),
+    )
+
+
+def _pipeline_parallel_remedy(
+    run: EngineRun, spec: RequestSpec, page: int, request_blocks: int, pool: int
+) -> VllmRemedy | None:
+    """pipeline_parallel_size: each stage's worker holds a page of its own layers a block, so one request
+    takes as many blocks of fewer bytes; the widest stage of vLLM's split decides. None where the run
+    already has stages (its engine.json is the first stage's), its layers are grouped by kind (hybrid), or
+    a drafter shares the pool."""
+    model = run.info.model
+    layers = model.get("num_layers")
+    if pipeline_size(run.info) > 1 or spec.groups.kind == "hybrid" or draft_kv_layers(model):
+        return None
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 2:
+        return None
+    for stages in (s for s in _PP_CHOICES if s <= layers):
+        widest = max(stage_layer_counts(layers, stages))
+        per_block = page * widest
+        needed = request_blocks * per_block
+        if needed <= check_memory_bytes(pool, per_block):
+            return VllmRemedy(
+                "pipeline_parallel_size",
+                stages,
+                True,
+                f"pipeline_parallel_size={stages} puts at most {widest} of the {layers} layers on each GPU: "
+                f"each needs {readable_bytes(needed)} for one request (counting the same "
+                f"{readable_bytes(pool)} of KV memory per GPU; the weights split over the stages free more).",
+            )
+    return VllmRemedy(
+        "pipeline_parallel_size",
+        None,
+        False,
+        f"pipeline_parallel_size: no split of the {layers} layers over up to {_PP_CHOICES[-1]} GPUs brings "
+        "one request under the available memory.",
     )
 
 

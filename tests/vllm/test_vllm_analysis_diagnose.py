@@ -24,6 +24,7 @@ import pytest
 
 from analyzers.engine import engine_figures
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis, diagnose_engine
+from analyzers.planning.vllm_plan import readable_bytes
 from analyzers.readers.engine_files import read_engine
 from kvtrace import format as fmt
 from kvtrace.cli import main
@@ -44,11 +45,12 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 import kvtrace
 model, out, kv_bytes, max_seqs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-max_len, kv_dtype = int(sys.argv[6]), sys.argv[7]
+max_len, kv_dtype, stages = int(sys.argv[6]), sys.argv[7], int(sys.argv[8])
+staged = {"pipeline_parallel_size": stages, "distributed_executor_backend": "mp"} if stages > 1 else {}
 def start():
     return LLM(model=model, skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes, block_size=32,
                max_model_len=max_len, max_num_seqs=max_seqs, dtype="bfloat16", enforce_eager=True,
-               disable_log_stats=False, kv_cache_dtype=kv_dtype)
+               disable_log_stats=False, kv_cache_dtype=kv_dtype, **staged)
 prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 1000 for j in range(40 + i)]) for i in range(8)]
 params = SamplingParams(max_tokens=100, ignore_eos=True, detokenize=False, temperature=0)
 if out == "start":
@@ -83,10 +85,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(
-    model: Path, out: str, kv_bytes: int, max_seqs: int = 8, max_len: int = 512, kv_dtype: str = "auto"
+    model: Path,
+    out: str,
+    kv_bytes: int,
+    max_seqs: int = 8,
+    max_len: int = 512,
+    kv_dtype: str = "auto",
+    stages: int = 1,
 ) -> dict:
+    """The workload in a fresh vLLM (`out`: a run directory, "-" unrecorded, "start" only started); `stages`
+    pipeline-parallel workers (one CPU core each)."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    argv = [str(model), out, str(kv_bytes), str(max_seqs), str(REPO), str(max_len), kv_dtype]
+    if stages > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(stage % 2) for stage in range(stages))
+    argv = [str(model), out, str(kv_bytes), str(max_seqs), str(REPO), str(max_len), kv_dtype, str(stages)]
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env, timeout=600
     )
@@ -233,6 +245,12 @@ def test_refused_start_diagnosis_uses_vllms_figures(tiny_model: Path, refused_ru
     assert bool(refused8) == (fp8_kv_unsupported() is not None)
     fp8 = remedies["kv_cache_dtype"]
     assert fp8.fits is (not refused8) and (not refused8 or refused8 in fp8.sentence), fp8
+    # AND 2 pipeline stages of 2 layers each: a block half the bytes, 32 of them in the same memory, 31
+    # usable; the remedy says so, and vLLM starts with it
+    staged = remedies["pipeline_parallel_size"]
+    assert (staged.setting, staged.fits) == (2, True)
+    assert f"each needs {readable_bytes(16 * BYTES_PER_BLOCK // 2)} for one request" in staged.sentence
+    assert _run(tiny_model, "start", 2**20, stages=2) == {"started": True}
 
 
 def _page(run_dir: Path, tmp_path: Path) -> str:
