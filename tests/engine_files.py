@@ -151,3 +151,23 @@ def refused_engine(**refused: Any) -> dict[str, Any]:
         **refused,
     }
     return engine
+
+
+def first_stage_engine(stages: bool) -> dict[str, Any]:
+    """ENGINE_JSON as the first of 2 pipeline stages' workers records it: the model has 4 layers, the pool
+    (the same 640 B, 128 B a block) holds the KV of layers 0-1, 2 x 1 head x 4 x 2 B x 2 (K, V) = 32 B a
+    token; `stages`: with each stage's share (runs recorded since kvtrace kept it), else without."""
+    engine = json.loads(json.dumps(ENGINE_JSON))
+    engine["model"]["num_layers"] = 4
+    engine["config"]["pipeline_parallel_size"] = 2
+    engine["layers"] = [
+        {"layer": i, "name": f"model.layers.{i}.self_attn.attn", "shape": [5, 1, 4, 8], "dtype": "bfloat16",
+         "bytes": 320, "storage_addr": 1000, "view_offset": 320 * i}
+        for i in (0, 1)
+    ]  # fmt: skip
+    if stages:
+        engine["pipeline_stages"] = [
+            {"stage": s, "layers": [2 * s, 2 * s + 1], "kv_cache_bytes": 640, "weights_bytes": 10}
+            for s in (0, 1)
+        ]
+    return engine

@@ -13,7 +13,7 @@ from analyzers.render.json import report_to_json
 from analyzers.render.text import report_to_text
 from analyzers.report import build_report
 from kvtrace.cli import main
-from tests.engine_files import ENGINE_JSON, refused_engine, write_engine_run
+from tests.engine_files import first_stage_engine, refused_engine, write_engine_run
 
 
 def _vllm_run(folder: Path, **kwargs) -> Path:
@@ -66,32 +66,12 @@ def test_demo_engine_vllm_without_vllm_is_one_line(capsys: pytest.CaptureFixture
     assert "needs vLLM" in err and "\n" not in err
 
 
-def _pipeline_engine(stages: bool) -> dict:
-    """ENGINE_JSON as the first of 2 pipeline stages' workers records it: the model has 4 layers, the pool
-    (the same 640 B, 128 B a block) holds the KV of layers 0-1, 2 x 1 head x 4 x 2 B x 2 (K, V) = 32 B a
-    token; `stages`: with each stage's share (runs recorded since kvtrace kept it), else without."""
-    engine = json.loads(json.dumps(ENGINE_JSON))
-    engine["model"]["num_layers"] = 4
-    engine["config"]["pipeline_parallel_size"] = 2
-    engine["layers"] = [
-        {"layer": i, "name": f"model.layers.{i}.self_attn.attn", "shape": [5, 1, 4, 8], "dtype": "bfloat16",
-         "bytes": 320, "storage_addr": 1000, "view_offset": 320 * i}
-        for i in (0, 1)
-    ]  # fmt: skip
-    if stages:
-        engine["pipeline_stages"] = [
-            {"stage": s, "layers": [2 * s, 2 * s + 1], "kv_cache_bytes": 640, "weights_bytes": 10}
-            for s in (0, 1)
-        ]
-    return engine
-
-
 @pytest.mark.parametrize("stages", [True, False])
 def test_a_pipeline_parallel_run_is_its_first_stages_worker(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], stages: bool
 ) -> None:
     # GIVEN the first pipeline stage's worker's engine.json, with or without each stage's share
-    folder = _vllm_run(tmp_path / "run", engine=_pipeline_engine(stages))
+    folder = _vllm_run(tmp_path / "run", engine=first_stage_engine(stages))
 
     # WHEN it is reported and planned
     _, report = build_report(folder)
@@ -117,7 +97,7 @@ def test_a_pipeline_parallel_run_is_its_first_stages_worker(
 def test_a_tensor_and_pipeline_parallel_run_is_one_stages_first_worker(tmp_path: Path) -> None:
     # GIVEN the first worker's engine.json of 2 pipeline stages of 2 tensor-parallel workers: it holds 1 of
     # the model's 2 KV heads of layers 0-1, and its rank's share of the first stage's weights
-    engine = _pipeline_engine(stages=True)
+    engine = first_stage_engine(stages=True)
     engine["model"]["num_kv_heads"] = 2
     engine["config"]["tensor_parallel_size"] = 2
     engine["memory_profile"] = {"weights_bytes": 2048}

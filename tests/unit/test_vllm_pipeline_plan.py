@@ -17,7 +17,7 @@ from analyzers.planning.vllm_pipeline import stage_layer_counts
 from analyzers.planning.vllm_plan import VllmPlanRequest, plan_vllm
 from analyzers.render.vllm_plan import format_vllm_text
 from kvtrace.errors import KvtraceError
-from tests.engine_files import ENGINE_JSON, write_engine_run
+from tests.engine_files import ENGINE_JSON, first_stage_engine, write_engine_run
 
 GIB = 2**30
 
@@ -159,15 +159,7 @@ def test_a_pipeline_run_recorded_without_its_stages_is_planned_by_its_first_work
     # GIVEN a 2-stage run whose engine.json has the first stage's 2 layers alone (no `pipeline_stages`)
     from kvtrace.cli import main
 
-    engine = json.loads(json.dumps(ENGINE_JSON))
-    engine["model"]["num_layers"] = 4
-    engine["config"]["pipeline_parallel_size"] = 2
-    engine["layers"] = [
-        {"layer": i, "name": f"model.layers.{i}.self_attn.attn", "shape": [5, 1, 4, 8], "dtype": "bfloat16",
-         "bytes": 320, "storage_addr": 1000, "view_offset": 320 * i}
-        for i in (0, 1)
-    ]  # fmt: skip
-    folder = write_engine_run(tmp_path / "run", engine=engine)
+    folder = write_engine_run(tmp_path / "run", engine=first_stage_engine(stages=False))
     # THEN it is planned as that worker, said in a note, and stages cannot be asked of it
     assert main(["plan", "--engine", "vllm", "--from-run", str(folder), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
