@@ -31,7 +31,7 @@ def worker_kv_layers(info: EngineInfo) -> int | None:
     return layers + draft_kv_layers(info.model)
 
 
-def _layer_text(layers: list[int]) -> str:
+def layer_text(layers: list[int]) -> str:
     """`0-39` for a run of layers, else the list."""
     if layers and layers == list(range(layers[0], layers[-1] + 1)):
         return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
@@ -55,11 +55,11 @@ def recorded_stages(info: EngineInfo) -> list[tuple[list[int], int | None]] | No
     """(layers, weights and vLLM's buffers, None where not recorded) of each stage's worker, in stage order,
     where engine.json records every stage's layers (runs since kvtrace kept `pipeline_stages`); None
     otherwise."""
-    size = pipeline_size(info)
-    if size == 1 or len(_stages(info)) != size:
+    size, stages = pipeline_size(info), _stages(info)
+    if size == 1 or len(stages) != size:
         return None
     staged: list[tuple[list[int], int | None]] = []
-    for stage, (layers, _) in zip(info.pipeline_stages, _stages(info), strict=True):
+    for stage, (layers, _) in zip(info.pipeline_stages, stages, strict=True):
         weights, buffers = _count(stage.get("weights_bytes")), _count(stage.get("buffers_bytes") or 0)
         staged.append((layers, weights + buffers if weights is not None and buffers is not None else None))
     return staged
@@ -89,7 +89,7 @@ def pipeline_note(info: EngineInfo, pool: int) -> str | None:
         return None
     held = sorted(int(layer.get("layer", i)) for i, layer in enumerate(info.layers))
     of_model = info.model.get("num_layers")
-    first = f"layers {_layer_text(held)} of the model's {of_model}" if held else "its stage's layers"
+    first = f"layers {layer_text(held)} of the model's {of_model}" if held else "its stage's layers"
     blocks = f"the same {info.num_blocks:,} blocks" if info.num_blocks else "the same blocks"
     stages = _stages(info)
     tp = info.config.get("tensor_parallel_size")
@@ -100,7 +100,7 @@ def pipeline_note(info: EngineInfo, pool: int) -> str | None:
             "share not recorded: runs recorded before kvtrace kept `pipeline_stages`)"
         )
     else:
-        shares = ", ".join(f"{human_bytes(kv)} (layers {_layer_text(layers)})" for layers, kv in stages)
+        shares = ", ".join(f"{human_bytes(kv)} (layers {layer_text(layers)})" for layers, kv in stages)
         ranks = f" on each of its {tp} tensor-parallel workers" if tp > 1 else ""
         total = sum(kv for _, kv in stages) * tp
         rest = f"the {len(stages)} stages hold {shares}{ranks} over {blocks}, {human_bytes(total)} in all"

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from analyzers.engine_stages import layer_text
 from analyzers.planning.param_count import end_params, param_count
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
 from analyzers.planning.vllm_specs import KvGroups, available_kv_bytes, check_memory_bytes, num_blocks
@@ -142,9 +143,9 @@ def stage_weight_bytes(
     Llama's), the first stage's embedding, the last stage's final norm and lm_head (the embedding again when
     tied)."""
     embedding, final_norm, lm_head = end_params(geom)
+    held = (param_count(geom) - embedding - final_norm - lm_head) * count // geom.num_layers
     if geom.tie_word_embeddings and stages > 1:  # the last stage loads its own copy to tie it to
         lm_head += geom.vocab_size * (geom.embedding_size or geom.hidden_size)
-    held = (param_count(geom) - embedding - final_norm - end_params(geom)[2]) * count // geom.num_layers
     if stage == 0:
         held += embedding
     if stage == stages - 1:
@@ -160,8 +161,8 @@ def binding_stage(stages: tuple[VllmStage, ...]) -> VllmStage:
 
 
 def layer_range_text(stage: VllmStage) -> str:
-    last = stage.first_layer + stage.layers - 1
-    return str(stage.first_layer) if stage.layers == 1 else f"{stage.first_layer}-{last}"
+    """The stage's layers as `engine_stages.layer_text` writes a run's: `27-53`."""
+    return layer_text(list(range(stage.first_layer, stage.first_layer + stage.layers)))
 
 
 def plan_stages(

@@ -360,14 +360,14 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
     per_request = blocks_per_request(groups, req.block_size, req.max_model_len, in_flight)
     needed = per_request * block_bytes
     check = check_memory_bytes(available, block_bytes)
-    layers_held = geom.num_layers
+    layers_held, bound_stage = geom.num_layers, None
     stages: tuple[VllmStage, ...] = ()
     if req.pipeline_parallel_size > 1:
         stages = plan_stages(req, page, groups, per_request, memory, weights is not None)
         bound = binding_stage(stages)
         block_bytes, available, weights = bound.bytes_per_block, bound.available_kv_bytes, bound.weights_bytes
         blocks, needed, check = min(s.num_blocks for s in stages), bound.needed_bytes, bound.check_bytes
-        layers_held = bound.layers
+        layers_held, bound_stage = bound.layers, bound.stage
         notes.append(pipeline_note(stages, bound, req))
     fits = check > 0 and needed <= check
     estimate = None
@@ -409,7 +409,7 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         max_in_flight_tokens=in_flight,
         refusals=refusals,
         stages=stages,
-        bound_stage=binding_stage(stages).stage if stages else None,
+        bound_stage=bound_stage,
     )
 
 

@@ -90,9 +90,7 @@ def _from_run(path: str) -> tuple[dict[str, Any], Any]:
     }
     staged = recorded_stages(run.info)  # each stage's layers and weights: every stage's worker planned
     if staged is not None and _hybrid(model) and _layer_slides(model) is None:
-        staged = (
-            None  # its groups on each stage depend on which layers slide, not recorded: the first worker's
-        )
+        staged = None  # its groups on a stage depend on which layers slide, not recorded: the first worker's
     if staged is not None:
         figures["pp_layer_partition"] = tuple(len(layers) for layers, _ in staged)
         weights = [held for _, held in staged]
