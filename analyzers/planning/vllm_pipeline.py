@@ -8,7 +8,8 @@ its own decoder layers only:
    last but one backwards (`VLLM_PP_LAYER_PARTITION` sets the split by hand): 80 layers over 3 stages are
    27, 27 and 26;
 2. the first stage holds the token embedding, the last the final norm and the lm_head (a tied lm_head is
-   the embedding again, loaded there too), each split over the stage's tensor-parallel ranks;
+   the embedding again, loaded there too), each rank of a stage its share as vLLM splits it
+   (`vllm_rank_weights`: the vocabulary padded, the norms whole);
 3. each worker profiles its own memory, so its KV space is its GPU's share less its own weights, and one
    block of its pool is a page of each of its own layers;
 4. vLLM checks, worker by worker in stage order, that one request of max_model_len fits beside the null
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from analyzers.engine_stages import layer_text
-from analyzers.planning.param_count import end_params, param_count
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
+from analyzers.planning.vllm_rank_weights import padded_vocab, rank_end_params, rank_layer_params
 from analyzers.planning.vllm_specs import KvGroups, available_kv_bytes, check_memory_bytes, num_blocks
 from kvtrace.errors import KvtraceError
 
@@ -138,19 +139,20 @@ def stage_weights_bytes(
 def stage_weight_bytes(
     geom: ModelGeometry, stage: int, stages: int, count: int, model_dtype: str, tensor_parallel_size: int
 ) -> int:
-    """Stage `stage`'s weights, holding `count` layers, on one of its tensor-parallel ranks: those layers'
-    share of the layers' parameters (in proportion to their count: exact where the layers are alike, as
-    Llama's), the first stage's embedding, the last stage's final norm and lm_head (the embedding again when
-    tied)."""
-    embedding, final_norm, lm_head = end_params(geom)
-    held = (param_count(geom) - embedding - final_norm - lm_head) * count // geom.num_layers
+    """Stage `stage`'s weights, holding `count` layers, on one of its tensor-parallel ranks, as vLLM loads
+    them (`vllm_rank_weights`): those layers' share of the rank's layer parameters (in proportion to their
+    count: exact where the layers are alike, as Llama's), the first stage's embedding, the last stage's
+    final norm and lm_head (the embedding's rows again when tied)."""
+    embedding, final_norm, lm_head = rank_end_params(geom, tensor_parallel_size)
+    held = rank_layer_params(geom, tensor_parallel_size) * count // geom.num_layers
     if geom.tie_word_embeddings and stages > 1:  # the last stage loads its own copy to tie it to
-        lm_head += geom.vocab_size * (geom.embedding_size or geom.hidden_size)
+        rows = math.ceil(padded_vocab(geom.vocab_size) / tensor_parallel_size)
+        lm_head += rows * (geom.embedding_size or geom.hidden_size)
     if stage == 0:
         held += embedding
     if stage == stages - 1:
         held += final_norm + lm_head
-    return math.ceil(dtype_bytes_for(model_dtype, held) / tensor_parallel_size)
+    return dtype_bytes_for(model_dtype, held)
 
 
 def binding_stage(stages: tuple[VllmStage, ...]) -> VllmStage:

@@ -35,9 +35,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from analyzers.planning.param_count import param_count
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
 from analyzers.planning.vllm_pipeline import VllmStage, binding_stage, pipeline_note, plan_stages
+from analyzers.planning.vllm_rank_weights import rank_param_count, weights_note
 from analyzers.planning.vllm_specs import (
     KvGroups,
     available_kv_bytes,
@@ -195,11 +195,12 @@ def _memory_blocks(available_bytes: int, page_size: int, num_layers: int) -> int
 @dataclass(frozen=True, kw_only=True)
 class VllmPlanRequest:
     """A vLLM deployment to size. kv_cache_memory_bytes, when given, replaces the profile arithmetic
-    (it is what vLLM then uses, on GPU and CPU). weights_bytes None: computed from the geometry (split over
-    the tensor-parallel ranks); activation_peak_bytes and non_torch_bytes default to 0, which makes the
-    blocks an upper bound (give them, or take them from a recorded run with --from-run). buffers_bytes:
-    what vLLM builds beside the weights when it loads the model (the rotary cos/sin cache, packed copies
-    of weights on CPU), which its profile counts with them; a recorded run's, else 0.
+    (it is what vLLM then uses, on GPU and CPU). weights_bytes None: computed from the geometry, what vLLM
+    loads on one tensor-parallel rank (`vllm_rank_weights`); activation_peak_bytes and non_torch_bytes
+    default to 0, which makes the blocks an upper bound (give them, or take them from a recorded run with
+    --from-run). buffers_bytes: what vLLM builds beside the weights when it loads the model (the rotary
+    cos/sin cache, packed copies of weights on CPU), which its profile counts with them; a recorded run's,
+    else 0.
     num_gpu_blocks_override, when given, is the pool's block count whatever the memory (vLLM's knob).
     max_num_batched_tokens and async_scheduling size what a sliding layer holds (the tokens in flight);
     None: vLLM 0.32's defaults for `LLM(...)` on `device` ("cuda", or "cpu": no async scheduling)."""
@@ -312,11 +313,11 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
     override = req.num_gpu_blocks_override
     weights = req.weights_bytes
     if weights is None and geom.intermediate_size:
-        # the parameters alone, all in the model's dtype: vLLM builds its own layers, without the buffers
-        # and float32 routers of transformers' (`param_count.weights_bytes`)
-        weights = math.ceil(dtype_bytes_for(req.model_dtype, param_count(geom)) / req.tensor_parallel_size)
+        # the parameters one rank holds, all in the model's dtype: vLLM builds its own layers, without the
+        # buffers and float32 routers of transformers' (`param_count.weights_bytes`)
+        weights = dtype_bytes_for(req.model_dtype, rank_param_count(geom, req.tensor_parallel_size))
         if req.kv_cache_memory_bytes is None and override is None:
-            notes.append("weights computed from the geometry (no embeddings padding, no quantization scales)")
+            notes.append(weights_note(geom, req.tensor_parallel_size))
     memory: int | None  # what the memory alone would give; None: unknown, and not needed under an override
     if req.kv_cache_memory_bytes is not None:
         memory = req.kv_cache_memory_bytes

@@ -59,13 +59,16 @@ def test_llama_3_1_70b_over_three_stages_is_bound_by_the_embeddings_stage() -> N
     )
     result = plan_vllm(request)
 
-    # THEN each stage holds its layers' share of the weights, the first the embedding, the last the lm_head
-    # (128,256 x 8,192 each, untied) and the final norm, each over 2 ranks
-    embedding = lm_head = 128_256 * 8_192
-    per_layer = (param_count(geometry) - embedding - lm_head - 8_192) // 80
-    assert param_count(geometry) - embedding - lm_head - 8_192 == 80 * per_layer
-    params = [27 * per_layer + embedding, 27 * per_layer, 26 * per_layer + 8_192 + lm_head]
-    weights = [math.ceil(2 * p / 2) for p in params]
+    # THEN each stage's rank holds half of its layers' projections and their 2 norms whole, the first half
+    # the embedding's rows, the last half the lm_head's (128,256 x 8,192 each, untied) and the final norm
+    # whole (vLLM's RMSNorm is never split)
+    hidden = 8_192
+    embedding = lm_head = 128_256 * hidden
+    per_layer = (param_count(geometry) - embedding - lm_head - hidden) // 80
+    assert param_count(geometry) - embedding - lm_head - hidden == 80 * per_layer
+    rank_layer = (per_layer - 2 * hidden) // 2 + 2 * hidden
+    params = [27 * rank_layer + embedding // 2, 27 * rank_layer, 26 * rank_layer + hidden + lm_head // 2]
+    weights = [2 * p for p in params]
     assert [s.weights_bytes for s in result.stages] == weights
     # AND each worker's KV memory is its share of 48 GiB less its weights, a block a page of each of its
     # layers (4 KV heads of 128 on each rank: 16 x 4 x 128 x 2 x 2 = 32 KiB a layer)
