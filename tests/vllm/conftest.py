@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.vllm.workload import write_model
 
     return write_model(tmp_path_factory.mktemp("vllm") / "tiny-llama3")
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The workload over 2 tensor-parallel workers (one core each), recorded by the plugin: its run folder
+    (`dir`) and vLLM's own figures (tests.vllm.scripts `tensor_parallel`), one run for the tests that read
+    it."""
+    from tests.vllm.workload import run_script
+
+    run_dir = tmp_path_factory.mktemp("vllm-tp") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+        figures = run_script("tensor_parallel", str(tiny_model_dir), kvtrace_dir=run_dir, multiprocess=True)
+    return {"dir": run_dir, **figures}
 
 
 # vLLM's n-gram proposer imports numba, and so llvmlite, whose `ffi.lib` answers any attribute (`__dict__`

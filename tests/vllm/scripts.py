@@ -1,7 +1,8 @@
 """Runs one vLLM scenario in a fresh interpreter and prints vLLM's own figures as one JSON line.
 
     python -m tests.vllm.scripts multiprocess MODEL_DIR     # KVTRACE_DIR set by the caller
-    python -m tests.vllm.scripts tensor_parallel MODEL_DIR  # the same over 2 workers; KVTRACE_DIR too
+    python -m tests.vllm.scripts tensor_parallel MODEL_DIR [TP]  # the same over TP (2) workers; KVTRACE_DIR
+                                                                   # too
     python -m tests.vllm.scripts pipeline_parallel MODEL_DIR [POOL_BYTES [JSON]]  # over 2 pipeline stages,
                                                         # each worker given POOL_BYTES; JSON: LLM overrides
     python -m tests.vllm.scripts refused_record MODEL_DIR RUN_DIR
@@ -47,17 +48,32 @@ def multiprocess(model_dir: str) -> dict[str, Any]:
     return figures
 
 
-def tensor_parallel(model_dir: str) -> dict[str, Any]:
-    """The workload over 2 tensor-parallel workers (each one CPU core), each given the same KV memory:
-    vLLM's figures of the pool each worker holds."""
-    llm = make_llm(model_dir, tensor_parallel_size=2, distributed_executor_backend="mp")
+def tensor_parallel(model_dir: str, size: int = 2) -> dict[str, Any]:
+    """The workload over `size` tensor-parallel workers (VLLM_CPU_OMP_THREADS_BIND gives their cores), each
+    given the same KV memory: vLLM's figures of the pool each worker holds, and each worker's weights."""
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # _worker_weights goes to the workers pickled
+    llm = make_llm(model_dir, tensor_parallel_size=size, distributed_executor_backend="mp")
     run_workload(llm)
     figures = {
         "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
         "preemptions": metric(llm, "vllm:num_preemptions"),
+        "workers": llm.collective_rpc(_worker_weights),
     }
     llm.llm_engine.engine_core.shutdown()
     return figures
+
+
+def _worker_weights(worker: Any) -> dict[str, Any]:
+    """On each vLLM worker (a `collective_rpc`): its tensor-parallel rank and the weights it loaded, counted
+    as the recorder counts the first worker's for engine.json (`weight_facts`)."""
+    from vllm.distributed import get_tp_group
+
+    from kvtrace.integrations.vllm_weights import weight_facts
+
+    return {
+        "rank": get_tp_group().rank_in_group,
+        "weights_bytes": weight_facts(worker.model_runner.model)["weights_bytes"],
+    }
 
 
 def _stage_kv(worker: Any) -> dict[str, Any]:
@@ -286,7 +302,7 @@ if __name__ == "__main__":
     if mode == "multiprocess":
         result = multiprocess(model)
     elif mode == "tensor_parallel":
-        result = tensor_parallel(model)
+        result = tensor_parallel(model, int(sys.argv[3]) if len(sys.argv) > 3 else 2)
     elif mode == "pipeline_parallel":
         pool = int(sys.argv[3]) if len(sys.argv) > 3 else POOL_BYTES
         result = pipeline_parallel(model, pool, **(json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}))

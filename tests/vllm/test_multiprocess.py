@@ -27,6 +27,7 @@ from tests.vllm.workload import (
     PROMPT_TOKENS,
     REQUESTS,
     SIZE,
+    checkpoint_shares,
     run_script,
 )
 
@@ -119,14 +120,10 @@ def test_kvtrace_report_reads_it(plugin_run: dict[str, Any]) -> None:
     assert report["kv"]["peak_bytes"] == POOL_BYTES
 
 
-def test_a_tensor_parallel_run_reads_as_one_workers_share(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_tensor_parallel_run_reads_as_one_workers_share(tensor_parallel_run: dict[str, Any]) -> None:
     # GIVEN the workload over 2 tensor-parallel workers (one core each), recorded by the plugin: engine.json
     # is the first worker's, whose pool holds half the model's KV heads
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    run_dir = tmp_path / "run"
-    figures = run_script("tensor_parallel", str(tiny_model_dir), kvtrace_dir=run_dir, multiprocess=True)
+    run_dir, figures = tensor_parallel_run["dir"], tensor_parallel_run
     worker_token = SIZE.num_layers * 2 * (SIZE.num_kv_heads // 2) * HEAD_DIM * DTYPE_BYTES
     engine = json.loads((run_dir / fmt.ENGINE).read_text())
     assert engine["config"]["tensor_parallel_size"] == 2
@@ -142,34 +139,6 @@ def test_a_tensor_parallel_run_reads_as_one_workers_share(
     (note,) = [n for n in report["notes"] if n.startswith("tensor parallel 2:")]
     assert f"holding {SIZE.num_kv_heads // 2} of the model's {SIZE.num_kv_heads} KV heads" in note
     assert note.endswith(f"{human_bytes(2 * POOL_BYTES)} in all")
-
-
-def _stage_weights(model_dir: Path, stages: list[range], tp: int = 1) -> tuple[int, list[int]]:
-    """(the checkpoint's parameters, the bytes each pipeline stage's worker holds) from the checkpoint's
-    tensors: a stage holds its decoder layers, the first and the last the embedding too (the last for its
-    lm_head, tied to it; rows padded to a multiple of 64, vLLM's `DEFAULT_VOCAB_PADDING_SIZE`), the last the
-    final norm. Over `tp` tensor-parallel ranks a worker holds its rank's share: the layers' projections and
-    the padded embedding's rows split over the ranks, the norms whole on each."""
-    from safetensors import safe_open
-
-    params, held = 0, [0] * len(stages)
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as checkpoint:
-        for name in checkpoint.keys():  # noqa: SIM118 (safe_open is no dict)
-            tensor = checkpoint.get_tensor(name)
-            params += tensor.numel()
-            nbytes = tensor.numel() * tensor.element_size()
-            if name.endswith("embed_tokens.weight"):
-                rows = -(-tensor.shape[0] // 64) * 64
-                embedding = rows // tp * tensor.shape[1] * tensor.element_size()
-                held[0] += embedding
-                held[-1] += embedding
-            elif name.startswith("model.layers."):
-                layer = int(name.split(".")[2])
-                share = tp if tensor.dim() == 2 else 1  # a projection split over the ranks, a norm whole
-                held[next(i for i, layers in enumerate(stages) if layer in layers)] += nbytes // share
-            else:  # the final norm
-                held[-1] += nbytes
-    return params, held
 
 
 def test_a_pipeline_parallel_run_reads_as_the_first_stages_share(
@@ -200,7 +169,7 @@ def test_a_pipeline_parallel_run_reads_as_the_first_stages_share(
     assert [layer["layer"] for layer in engine["layers"]] == list(stage_layers[0])
     assert engine["num_blocks"] == blocks and engine["bytes_per_block"] == stage_token * BLOCK_SIZE
     assert engine["kv_cache_bytes"] == stage_pool
-    params, stage_weights = _stage_weights(tiny_model_dir, stage_layers)
+    params, stage_weights = checkpoint_shares(tiny_model_dir, stage_layers)
     assert engine["model"]["num_params"] == params
     assert engine["memory_profile"]["weights_bytes"] == stage_weights[0]
     recorded = [(s["layers"], s["kv_cache_bytes"], s["weights_bytes"]) for s in engine["pipeline_stages"]]
@@ -390,7 +359,7 @@ def test_a_tensor_and_pipeline_parallel_run_reads_as_one_workers_share(
     assert {layer["shape"][1] for layer in engine["layers"]} == {worker_heads}  # LBHNC: a block's heads
     assert engine["num_blocks"] == blocks and engine["bytes_per_block"] == worker_token * BLOCK_SIZE
     assert engine["kv_cache_bytes"] == worker_pool and len(engine["storage"]) == 1
-    params, rank_weights = _stage_weights(tiny_model_dir, stage_layers, tp=tp)
+    params, rank_weights = checkpoint_shares(tiny_model_dir, stage_layers, tp=tp)
     assert engine["model"]["num_params"] == params
     assert engine["memory_profile"]["weights_bytes"] == rank_weights[0]
     recorded = [(s["layers"], s["kv_cache_bytes"], s["weights_bytes"]) for s in engine["pipeline_stages"]]

@@ -119,6 +119,42 @@ def write_falcon_model(folder: Path) -> Path:
     return folder
 
 
+def checkpoint_shares(
+    model_dir: Path, stages: list[range], tp: int = 1, kv_heads: int = SIZE.num_kv_heads
+) -> tuple[int, list[int]]:
+    """(the checkpoint's parameters, the bytes each pipeline stage's worker holds) from the checkpoint's
+    tensors, by vLLM's rules: a stage holds its decoder layers, the first the embedding (rows padded to a
+    multiple of 64, vLLM's `DEFAULT_VOCAB_PADDING_SIZE`), the last the final norm and, over more than one
+    stage, the embedding again for its lm_head, tied to it. Over `tp` tensor-parallel ranks a worker holds
+    its rank's share: the layers' projections and the padded embedding's rows split over the ranks, the K
+    and V projections by whole heads (`max(1, kv_heads // tp)` of the `kv_heads`: a copy beyond as many
+    ranks as heads), the norms whole on each."""
+    from safetensors import safe_open
+
+    params, held = 0, [0] * len(stages)
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as checkpoint:
+        for name in checkpoint.keys():  # noqa: SIM118 (safe_open is no dict)
+            tensor = checkpoint.get_tensor(name)
+            params += tensor.numel()
+            nbytes = tensor.numel() * tensor.element_size()
+            if name.endswith("embed_tokens.weight"):
+                rows = -(-tensor.shape[0] // 64) * 64
+                embedding = rows // tp * tensor.shape[1] * tensor.element_size()
+                held[0] += embedding
+                if len(stages) > 1:
+                    held[-1] += embedding
+            elif name.startswith("model.layers."):
+                layer = int(name.split(".")[2])
+                stage = next(i for i, layers in enumerate(stages) if layer in layers)
+                if name.endswith(("k_proj.weight", "v_proj.weight")):
+                    held[stage] += nbytes * max(1, kv_heads // tp) // kv_heads
+                else:  # a projection split over the ranks, a norm whole
+                    held[stage] += nbytes // (tp if tensor.dim() == 2 else 1)
+            else:  # the final norm
+                held[-1] += nbytes
+    return params, held
+
+
 def llm_kwargs(model_path: str | os.PathLike[str], **overrides: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "model": str(model_path),
