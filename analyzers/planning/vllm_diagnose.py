@@ -597,8 +597,9 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         remedies.append(host_refuses_fp8(_against_budget(fp8, kv_bytes, budget), info.config))
     # more GPUs last: the costliest change; each worker given the KV memory this run's worker had
     configured = info.config.get("kv_cache_memory_bytes")
-    given = isinstance(configured, int) and not isinstance(configured, bool) and configured > 0
-    memory = configured if given else worker_kv
+    memory = worker_kv
+    if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
+        memory = configured
     per_worker = WorkerPool(memory, widest[1] if widest is not None else bytes_per_block, block)
     remedies += [
         _against_budget(r, memory, budget, split=True)

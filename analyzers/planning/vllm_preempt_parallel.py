@@ -60,34 +60,32 @@ def parallel_remedies(
     the run's block is not whole pages of its geometry."""
     info = run.info
     override = info.config.get("num_gpu_blocks_override")
-    layer_page = _layer_page(run, pool)
-    if layer_page is None:
+    geometry = _page_geometry(run, pool)
+    if geometry is None:
         return []
+    layer_page = geometry[0]
     staged = pipeline_parallel_splits(info, groups.kind == "hybrid", layer_page)
     if override:  # the override is each worker's blocks, whatever their bytes
         offered = staged is not None
         return [
             VllmRemedy(knob, None, False, why) for knob, why in override_keeps_blocks(int(override), offered)
         ]
-    remedies = [_tensor_parallel(run, demand, pool, layer_page)]
+    remedies = [_tensor_parallel(run, demand, pool, geometry)]
     if staged is not None:
         stages = _smallest(staged, demand, pool)
         if groups.sliding_groups and stages.fits:
-            stages = VllmRemedy(
-                stages.knob,
-                stages.setting,
-                None,
-                f"{stages.sentence} But each stage keeps a batch in flight, which a sliding layer holds "
-                f"beside its window and this run's demand does not count: rerun with "
-                f"{stages.knob}={stages.setting} to know.",
+            stages = _rerun_to_know(
+                stages,
+                "each stage keeps a batch in flight, which a sliding layer holds beside its window and this "
+                "run's demand does not count",
             )
         remedies.append(stages)
     return remedies
 
 
-def _layer_page(run: EngineRun, pool: WorkerPool) -> int | None:
-    """One layer's page on the run's workers, where the run's block is whole pages of engine.json's geometry
-    (its KV heads a worker, head_dim, element bytes); None otherwise."""
+def _page_geometry(run: EngineRun, pool: WorkerPool) -> tuple[int, int, int] | None:
+    """(one layer's page on the run's workers, head_dim, KV element bytes) where the run's block is whole
+    pages of engine.json's geometry (its KV heads a worker); None otherwise."""
     try:
         _, heads, head_dim, element = engine_geometry(run)
     except KvtraceError:  # a model without its geometry: the splits cannot be priced
@@ -95,15 +93,23 @@ def _layer_page(run: EngineRun, pool: WorkerPool) -> int | None:
     page = page_size_bytes(heads, head_dim, element, pool.block_size)
     if pool.block_bytes <= 0 or pool.block_bytes % page:
         return None
-    return page
+    return page, head_dim, element
 
 
-def _tensor_parallel(run: EngineRun, demand: PoolDemand, pool: WorkerPool, layer_page: int) -> VllmRemedy:
+def _rerun_to_know(remedy: VllmRemedy, why: str) -> VllmRemedy:
+    """`remedy`, which would avoid every preemption, said unknown: `why` it may not."""
+    rerun = f"rerun with {remedy.knob}={remedy.setting} to know."
+    return replace(remedy, fits=None, sentence=f"{remedy.sentence} But {why}: {rerun}")
+
+
+def _tensor_parallel(
+    run: EngineRun, demand: PoolDemand, pool: WorkerPool, geometry: tuple[int, int, int]
+) -> VllmRemedy:
     model, config = run.info.model, run.info.config
     kv_heads = int(model["num_kv_heads"])
     attention_heads = int(model.get("num_attention_heads") or kv_heads)
     tp_now = int(config.get("tensor_parallel_size") or 1)
-    _, _, head_dim, element = engine_geometry(run)
+    layer_page, head_dim, element = geometry
     block_layers = pool.block_bytes // layer_page
     splits = tensor_parallel_splits(
         attention_heads, kv_heads, tp_now, heads_page_bytes(head_dim, element, pool.block_size, block_layers)
@@ -119,11 +125,9 @@ def _tensor_parallel(run: EngineRun, demand: PoolDemand, pool: WorkerPool, layer
         )
     remedy = _smallest(splits, demand, pool)
     if remedy.fits and draft_kv_layers(model):
-        return replace(
+        return _rerun_to_know(
             remedy,
-            fits=None,
-            sentence=f"{remedy.sentence} But a speculative drafter's layers share the pool, whose heads the "
-            f"split is not priced for here: rerun with tensor_parallel_size={remedy.setting} to know.",
+            "a speculative drafter's layers share the pool, whose heads the split is not priced for here",
         )
     return remedy
 

@@ -15,8 +15,9 @@ max_num_seqs does not enter this check.
 
 Under `num_gpu_blocks_override` vLLM takes the override's blocks as the memory (`get_kv_cache_configs`):
 the pool is that many blocks whatever kv_cache_memory_bytes, the utilization, the dtype or the split over
-ranks or stages (each worker keeps the override's blocks), so none of those knobs helps. The remedies are then a larger override (one request's blocks plus the
-null block) or none, where vLLM sizes the pool by the memory again.
+ranks or stages (each worker keeps the override's blocks), so none of those knobs helps. The remedies are
+then a larger override (one request's blocks plus the null block) or none, where vLLM sizes the pool by the
+memory again.
 """
 
 from __future__ import annotations
