@@ -29,6 +29,9 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
   max_num_seqs is a lower bound (sure to avoid them, a larger one may too: the engine files count blocks per
   request, not which are shared, so the shared ones cannot be counted once), said `[?]`. The demand on the
   recorded schedule (requests in flight per step, each at the length it had reached) is reported beside it.
+  Last, as the costliest change, more GPUs (analyzers.planning.vllm_preempt_parallel): the smallest
+  tensor_parallel_size and pipeline_parallel_size whose workers hold those blocks in the same KV memory
+  each, a block being fewer KV heads' or layers' pages there.
 
   Against a memory budget (analyzers.planning.engine_budget), a remedy fits only if its pool does too: the
   pool is held at the peak, so the peak moves by what the pool grows or shrinks (peak = other_bytes + pool),
@@ -52,6 +55,8 @@ from analyzers.engine import (
 from analyzers.engine_stages import pipeline_note, pipeline_size, widest_stage
 from analyzers.planning.engine_budget import EngineBudget
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
+from analyzers.planning.vllm_pool_demand import NULL_BLOCKS, PoolDemand
+from analyzers.planning.vllm_preempt_parallel import WorkerPool, parallel_remedies
 from analyzers.planning.vllm_refused import (
     RefusedDiagnosis,
     VllmRemedy,
@@ -83,7 +88,6 @@ __all__ = [
     "request_kv_tokens",
 ]
 
-NULL_BLOCKS = 1  # vLLM's BlockPool keeps block 0 as the "null block"; requests never get it
 _WRITING = ("scheduled", "blocks", "resumed")  # events logged as a step is scheduled, `tokens` its KV
 
 
@@ -390,11 +394,27 @@ def _shared_caveat(remedy: VllmRemedy, lower_bound: bool) -> VllmRemedy:
     )
 
 
-def _against_budget(remedy: VllmRemedy, pool_bytes: int, budget: EngineBudget | None) -> VllmRemedy:
-    """`remedy`, marked not to fit where the pool it leaves (`pool_bytes`) takes the peak over the budget."""
+def _against_budget(
+    remedy: VllmRemedy, pool_bytes: int, budget: EngineBudget | None, split: bool = False
+) -> VllmRemedy:
+    """`remedy`, marked not to fit where the pool it leaves (`pool_bytes`) takes the peak over the budget;
+    `split` (more GPUs, each given that pool): unknown there, as the weights it moves off each GPU lower
+    the rest of the peak by what this run cannot price."""
     if budget is None or pool_bytes <= budget.room_bytes:
         return remedy
     peak = budget.other_bytes + pool_bytes
+    if split:
+        if not remedy.fits:
+            return remedy
+        return replace(
+            remedy,
+            fits=None,
+            sentence=(
+                f"{remedy.sentence} With {a_or_an(readable_bytes(pool_bytes))} pool this GPU peaked at "
+                f"{readable_bytes(peak)}, over the {readable_bytes(budget.budget_bytes)} budget: whether the "
+                "weights the split moves off it bring it under cannot be told from this run; rerun to know."
+            ),
+        )
     room = (
         f"a pool of at most {readable_bytes(budget.room_bytes)} fits it"
         if budget.room_bytes > 0
@@ -564,29 +584,9 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         remedies.append(
             VllmRemedy("max_num_seqs", None, False, "max_num_seqs: even one request does not fit the pool.")
         )
+    demand_of_pool = PoolDemand(bound, recorded_peak, shared)
     if fp8_blocks is not None and not override:  # an override fixes the block count, whatever the dtype
-        fits8: bool | None = fp8_blocks - NULL_BLOCKS >= bound
-        verdict = "avoids every preemption."
-        if not fits8:
-            verdict = f"is still short of the {needed_blocks:,}-block worst case."
-            if shared:  # the worst case counts shared blocks once per request: unknown, not refused
-                fits8 = None
-                verdict += " The run shared blocks between requests (prefix caching): rerun with fp8 to know."
-            elif fp8_blocks - NULL_BLOCKS >= recorded_peak:
-                # the worst case is an upper bound (the largest requests all running at once): short of it
-                # is no refusal where this run's own schedule never asked for more than the fp8 pool holds
-                fits8 = None
-                verdict = (
-                    f"is enough for the {recorded_peak:,} blocks this run's requests needed together at most "
-                    f"(had none been preempted) but short of the {needed_blocks:,}-block worst case, an "
-                    "upper bound: it likely avoids them; rerun with fp8 to know."
-                )
-            else:
-                verdict = (
-                    f"is short of the {recorded_peak:,} blocks this run's requests needed together (had none "
-                    f"been preempted) and of the {needed_blocks:,}-block worst case: it likely still "
-                    "preempts."
-                )
+        fits8, verdict = demand_of_pool.verdict(fp8_blocks, "fp8")
         fp8 = VllmRemedy(
             "kv_cache_dtype",
             "fp8",
@@ -595,6 +595,16 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
             f"same {readable_bytes(kv_bytes)} holds {fp8_blocks:,} blocks, which {verdict}",
         )
         remedies.append(host_refuses_fp8(_against_budget(fp8, kv_bytes, budget), info.config))
+    # more GPUs last: the costliest change; each worker given the KV memory this run's worker had
+    configured = info.config.get("kv_cache_memory_bytes")
+    memory = worker_kv
+    if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
+        memory = configured
+    per_worker = WorkerPool(memory, widest[1] if widest is not None else bytes_per_block, block)
+    remedies += [
+        _against_budget(r, memory, budget, split=True)
+        for r in parallel_remedies(run, sizes.groups, demand_of_pool, per_worker)
+    ]
     sampled = (
         "; a prompt's blocks shared by its samples (parallel sampling, prefix caching) counted once"
         if samples.parent_of

@@ -15,8 +15,9 @@ max_num_seqs does not enter this check.
 
 Under `num_gpu_blocks_override` vLLM takes the override's blocks as the memory (`get_kv_cache_configs`):
 the pool is that many blocks whatever kv_cache_memory_bytes, the utilization, the dtype or the split over
-ranks, so none of those knobs helps. The remedies are then a larger override (one request's blocks plus the
-null block) or none, where vLLM sizes the pool by the memory again.
+ranks or stages (each worker keeps the override's blocks), so none of those knobs helps. The remedies are
+then a larger override (one request's blocks plus the null block) or none, where vLLM sizes the pool by the
+memory again.
 """
 
 from __future__ import annotations
@@ -26,25 +27,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from analyzers.engine import EngineRun, draft_kv_layers
-from analyzers.engine_stages import pipeline_size
-from analyzers.planning.vllm_pipeline import stage_layer_counts
+from analyzers.engine import EngineRun
+from analyzers.planning.vllm_parallel import (
+    PP_CHOICES,
+    TP_CHOICES,
+    WorkerSplit,
+    heads_page_bytes,
+    override_keeps_blocks,
+    pipeline_parallel_splits,
+    smallest_split,
+    tensor_parallel_splits,
+)
 from analyzers.planning.vllm_plan import (
     check_memory_bytes,
     kv_dtype_bytes,
     kv_heads_per_worker,
     page_size_bytes,
     readable_bytes,
-    tensor_parallel_refusal,
 )
 from analyzers.planning.vllm_request_spec import RequestSpec, blocks_needed
 from analyzers.planning.vllm_specs import KvGroups, engine_kv_groups
 from kvtrace.errors import KvtraceError
 
 __all__ = ["RefusedDiagnosis", "VllmRemedy", "diagnose_refused", "engine_geometry", "refused_start"]
-
-_TP_CHOICES = (2, 4, 8, 16)
-_PP_CHOICES = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -219,16 +224,11 @@ def diagnose_refused(run: EngineRun) -> RefusedDiagnosis:
             "run cannot price.",
         )
     )
-    if override:
-        remedies.append(
-            VllmRemedy(
-                "tensor_parallel_size",
-                None,
-                False,
-                f"tensor_parallel_size: splitting the KV heads shrinks each GPU's blocks, but "
-                f"num_gpu_blocks_override={override} keeps {int(override):,} blocks on each.",
-            )
-        )
+    if override:  # the override is each worker's blocks, whatever their bytes
+        offered = pipeline_parallel_splits(info, groups.kind == "hybrid", page) is not None
+        remedies += [
+            VllmRemedy(knob, None, False, why) for knob, why in override_keeps_blocks(int(override), offered)
+        ]
     else:
         remedies.append(_tensor_parallel_remedy(run, spec, head_dim, element, blocks, pool))
         staged = _pipeline_parallel_remedy(run, spec, page, blocks, pool)
@@ -419,65 +419,62 @@ def _pipeline_parallel_remedy(
     run: EngineRun, spec: RequestSpec, page: int, request_blocks: int, pool: int
 ) -> VllmRemedy | None:
     """pipeline_parallel_size: each stage's worker holds a page of its own layers a block, so one request
-    takes as many blocks of fewer bytes; the widest stage of vLLM's split decides. None where the run
-    already has stages (its engine.json is the first stage's), its layers are grouped by kind (hybrid), or
-    a drafter shares the pool."""
-    model = run.info.model
-    layers = model.get("num_layers")
-    if pipeline_size(run.info) > 1 or spec.groups.kind == "hybrid" or draft_kv_layers(model):
+    takes as many blocks of fewer bytes; the widest stage of vLLM's split decides. None where it is not
+    offered (analyzers.planning.vllm_parallel)."""
+    splits = pipeline_parallel_splits(run.info, spec.groups.kind == "hybrid", page)
+    if splits is None:
         return None
-    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 2:
-        return None
-    for stages in (s for s in _PP_CHOICES if s <= layers):
-        widest = max(stage_layer_counts(layers, stages))
-        per_block = page * widest
-        needed = request_blocks * per_block
-        if needed <= check_memory_bytes(pool, per_block):
-            return VllmRemedy(
-                "pipeline_parallel_size",
-                stages,
-                True,
-                f"pipeline_parallel_size={stages} puts at most {widest} of the {layers} layers on each GPU: "
-                f"each needs {readable_bytes(needed)} for one request (counting the same "
-                f"{readable_bytes(pool)} of KV memory per GPU; the weights split over the stages free more).",
-            )
+    staged = smallest_split(splits, lambda s: _holds_one_request(s, request_blocks, pool))
+    if staged is not None:
+        return VllmRemedy(
+            staged.knob,
+            staged.size,
+            True,
+            f"{staged.setting} {staged.split}: each needs "
+            f"{readable_bytes(request_blocks * staged.block_bytes)} for one request (counting the same "
+            f"{readable_bytes(pool)} of KV memory per GPU; the weights split over the stages free more).",
+        )
     return VllmRemedy(
         "pipeline_parallel_size",
         None,
         False,
-        f"pipeline_parallel_size: no split of the {layers} layers over up to {_PP_CHOICES[-1]} GPUs brings "
-        "one request under the available memory.",
+        f"pipeline_parallel_size: no split of the {run.info.model['num_layers']} layers over up to "
+        f"{PP_CHOICES[-1]} GPUs brings one request under the available memory.",
     )
+
+
+def _holds_one_request(split: WorkerSplit, request_blocks: int, pool: int) -> bool:
+    """vLLM's start check on each worker of `split`: one request's blocks beside the null block."""
+    return request_blocks * split.block_bytes <= check_memory_bytes(pool, split.block_bytes)
 
 
 def _tensor_parallel_remedy(
     run: EngineRun, spec: RequestSpec, head_dim: int, element: int, request_blocks: int, pool: int
 ) -> VllmRemedy:
     model, config = run.info.model, run.info.config
-    tp_now = int(config.get("tensor_parallel_size") or 1)
     kv_heads = int(model["num_kv_heads"])
-    attention_heads = int(model.get("num_attention_heads") or kv_heads)
-    # only the sizes vLLM accepts: whole attention heads per rank, whole KV heads or even replicas of them
-    accepted = (t for t in _TP_CHOICES if tensor_parallel_refusal(attention_heads, kv_heads, t) is None)
-    for tp in (t for t in accepted if t > tp_now):
-        # each rank holds fewer heads in a block; a request takes as many blocks
-        page = page_size_bytes(kv_heads_per_worker(kv_heads, tp), head_dim, element, spec.block_size)
-        per_block = page * spec.groups.layers_per_group
-        needed = request_blocks * per_block
-        if needed <= check_memory_bytes(pool, per_block):
-            return VllmRemedy(
-                "tensor_parallel_size",
-                tp,
-                True,
-                f"tensor_parallel_size={tp} splits the {kv_heads} KV heads over {tp} GPUs: each needs "
-                f"{readable_bytes(needed)} for one request (counting the same {readable_bytes(pool)} of KV "
-                "memory per GPU; sharded weights free more).",
-            )
+    # each rank holds fewer heads in a block; a request takes as many blocks
+    splits = tensor_parallel_splits(
+        int(model.get("num_attention_heads") or kv_heads),
+        kv_heads,
+        int(config.get("tensor_parallel_size") or 1),
+        heads_page_bytes(head_dim, element, spec.block_size, spec.groups.layers_per_group),
+    )
+    split = smallest_split(splits, lambda s: _holds_one_request(s, request_blocks, pool))
+    if split is not None:
+        return VllmRemedy(
+            split.knob,
+            split.size,
+            True,
+            f"{split.setting} {split.split}: each needs {readable_bytes(request_blocks * split.block_bytes)}"
+            f" for one request (counting the same {readable_bytes(pool)} of KV memory per GPU; sharded "
+            "weights free more).",
+        )
     return VllmRemedy(
         "tensor_parallel_size",
         None,
         False,
-        f"tensor_parallel_size: no split of the {kv_heads} KV heads over up to {_TP_CHOICES[-1]} GPUs that "
+        f"tensor_parallel_size: no split of the {kv_heads} KV heads over up to {TP_CHOICES[-1]} GPUs that "
         "vLLM accepts brings one request under the available memory (KV heads are replicated past their "
         "count).",
     )

@@ -150,10 +150,14 @@ def test_preemption_diagnosis_by_hand(tmp_path: Path) -> None:
     assert d.max_num_seqs_without_preemption == 1  # 3 + 2 > 4 usable
     assert d.fp8_blocks == 10  # bf16 -> fp8: twice the blocks in the same 640 B
     knobs = {r.knob: (r.setting, r.fits) for r in d.remedies}
+    # more GPUs: 2 ranks replicate the 1 KV head (a block stays 128 B, 5 in 640 B: 4 usable < 5); 2 stages
+    # hold 1 layer each (64 B a block, 10 in 640 B: 9 usable >= 5)
     assert knobs == {
         "kv_cache_memory_bytes": (768, True),
         "max_num_seqs": (1, True),
         "kv_cache_dtype": ("fp8", True),
+        "tensor_parallel_size": (None, False),
+        "pipeline_parallel_size": (2, True),
     }
     text = vllm_diagnosis_to_text(d)
     assert "preempted 1 time" in text and "request A" in text and "768 B" in text

@@ -207,6 +207,8 @@ def test_refused_start_on_a_gpu_under_a_block_override(tmp_path: Path) -> None:
     assert {knob for knob, _, fits in remedies if fits} == {"max_model_len", "num_gpu_blocks_override"}
     assert not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & {knob for knob, _, _ in remedies}
     assert d.estimated_max_model_len == 304 and d.num_gpu_blocks_override == 20
+    # AND more GPUs, each with the override's 20 blocks, are said not to help: tensor and pipeline alike
+    assert {("tensor_parallel_size", None, False), ("pipeline_parallel_size", None, False)} <= set(remedies)
 
 
 def test_plan_cli_engine_vllm(capsys: pytest.CaptureFixture[str]) -> None:

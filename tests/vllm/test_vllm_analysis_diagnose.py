@@ -45,12 +45,19 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 import kvtrace
 model, out, kv_bytes, max_seqs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-max_len, kv_dtype, stages = int(sys.argv[6]), sys.argv[7], int(sys.argv[8])
-staged = {"pipeline_parallel_size": stages, "distributed_executor_backend": "mp"} if stages > 1 else {}
+max_len, kv_dtype, stages, ranks = int(sys.argv[6]), sys.argv[7], int(sys.argv[8]), int(sys.argv[9])
+staged = {"pipeline_parallel_size": stages, "tensor_parallel_size": ranks}
+if stages * ranks > 1:
+    staged["distributed_executor_backend"] = "mp"
+os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # a function sent to the workers, pickled
 def start():
-    return LLM(model=model, skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes, block_size=32,
-               max_model_len=max_len, max_num_seqs=max_seqs, dtype="bfloat16", enforce_eager=True,
-               disable_log_stats=False, kv_cache_dtype=kv_dtype, **staged)
+    llm = LLM(model=model, skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes, block_size=32,
+              max_model_len=max_len, max_num_seqs=max_seqs, dtype="bfloat16", enforce_eager=True,
+              disable_log_stats=False, kv_cache_dtype=kv_dtype, **staged)
+    if stages > 1:  # a later stage's input buffer: vLLM's CPU worker leaves it unmade under enforce_eager
+        from tests.vllm.scripts import _allocate_stage_inputs
+        llm.collective_rpc(_allocate_stage_inputs)
+    return llm
 prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 1000 for j in range(40 + i)]) for i in range(8)]
 params = SamplingParams(max_tokens=100, ignore_eos=True, detokenize=False, temperature=0)
 if out == "start":
@@ -92,15 +99,17 @@ def _run(
     max_len: int = 512,
     kv_dtype: str = "auto",
     stages: int = 1,
+    ranks: int = 1,
 ) -> dict:
     """The workload in a fresh vLLM (`out`: a run directory, "-" unrecorded, "start" only started); `stages`
-    pipeline-parallel workers (one CPU core each)."""
+    pipeline-parallel workers of `ranks` tensor-parallel ones each (one CPU core each)."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    if stages > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(stage % 2) for stage in range(stages))
-    argv = [str(model), out, str(kv_bytes), str(max_seqs), str(REPO), str(max_len), kv_dtype, str(stages)]
+    if stages * ranks > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(worker % 2) for worker in range(stages * ranks))
+    argv = [str(model), out, str(kv_bytes), str(max_seqs), str(REPO), str(max_len), kv_dtype]
+    argv += [str(stages), str(ranks)]
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env, timeout=600, cwd=REPO
     )
     output = done.stdout + done.stderr
     lines = [line for line in output.splitlines() if line.startswith("KVTRACE-RESULT ")]
@@ -186,6 +195,44 @@ def test_the_fp8_remedy_fits_only_where_vllm_starts_with_an_fp8_cache(
             text=True,
         ).stdout
         assert f"vLLM refuses it on this host: {refused}" in out, out
+
+
+def test_more_gpus_avoid_every_preemption_with_the_blocks_said(
+    tiny_model: Path,
+    preempted_run: tuple[Path, dict],
+    preempted: tuple[PreemptionDiagnosis, dict],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN the run vLLM preempted on one worker: 32 blocks of 64 KiB in 2 MiB, 40 blocks needed together
+    # at most, 41 with the null block
+    diagnosis, _ = preempted
+    assert diagnosis.blocks_needed == 41
+    remedies = {r.knob: r for r in diagnosis.remedies}
+    # THEN 2 ranks (1 of the 2 KV heads each) or 2 stages (2 of the 4 layers each) make a block of 32 KiB on
+    # each worker: the same 2 MiB holds 64, 63 usable; each remedy says so, after the same GPU's knobs
+    per_worker_blocks = POOL // (BYTES_PER_BLOCK // 2)
+    knobs = ["tensor_parallel_size", "pipeline_parallel_size"]
+    for knob in knobs:
+        remedy = remedies[knob]
+        assert (remedy.setting, remedy.fits) == (2, True), remedy
+        held = (
+            f"holds {per_worker_blocks} blocks ({per_worker_blocks - 1} usable; this run's requests need 40 "
+        )
+        assert held in remedy.sentence
+    assert [r.knob for r in diagnosis.remedies][-2:] == knobs
+    # AND `kvtrace diagnose` prints them, and its --json holds them
+    capsys.readouterr()
+    assert main(["diagnose", str(preempted_run[0])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == [f"  [fits] {remedies[knob].sentence}" for knob in knobs]
+    assert main(["diagnose", str(preempted_run[0]), "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)["remedies"]
+    assert [(r["knob"], r["setting"], r["fits"]) for r in said[-2:]] == [(knob, 2, True) for knob in knobs]
+    # WHEN vLLM reruns the workload with each, the same 2 MiB given to each of its 2 workers
+    for split in ({"ranks": 2}, {"stages": 2}):
+        result = _run(tiny_model, "-", POOL, **split)
+        # THEN it keeps the blocks the remedy said, and preempts nothing
+        assert result == {"preemptions": 0, "num_gpu_blocks": per_worker_blocks}, split
 
 
 @pytest.mark.skipif(fp8_kv_unsupported() is not None, reason=str(fp8_kv_unsupported()))
@@ -298,7 +345,7 @@ def test_the_page_of_a_preempted_run_holds_its_diagnosis(
     assert main(["diagnose", str(out)]) == 0
     said = capsys.readouterr().out.splitlines()
     remedies = [line.split("] ", 1)[1] for line in said if line.startswith("  [")]
-    assert len(remedies) == 3 and all(" ".join(r.split()) in text for r in remedies)
+    assert len(remedies) == 5 and all(" ".join(r.split()) in text for r in remedies)
     pool_line = next(line for line in said if line.startswith("  pool: "))
     assert pool_line.removeprefix("  pool: ") in text
     assert said[0].removeprefix(f"kvtrace diagnose: {out}: ") in text
