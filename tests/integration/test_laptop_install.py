@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,15 @@ def test_the_readmes_laptop_install_runs_verbatim_and_reports_as_the_full_instal
     reached = _in_venv(venv, "pip install -q 'numpy>=1.24' 'plotly>=5.20' 'tqdm>=4.60'")
     if reached.returncode != 0:
         pytest.skip(f"no package index reachable here: {reached.stderr.strip()[-200:]}")
-    # WHEN it runs, as written, in this folder
-    installed = _in_venv(venv, found.group(1))
+    # WHEN it runs, as written, in a copy of this folder's sources (pip builds in the tree it is given: a
+    # build here would write build/ and kvtrace.egg-info beside another environment's install of it)
+    source_tree = tmp_path / "kvtrace"
+    source_tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source_tree / name)
+    for package in ("kvtrace", "analyzers"):
+        shutil.copytree(ROOT / package, source_tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    installed = _in_venv(venv, found.group(1), cwd=source_tree)
     # THEN it installs kvtrace without torch, and its report is the full install's
     assert installed.returncode == 0, installed.stderr
     assert _in_venv(venv, "python -c 'import torch'", cwd=tmp_path).returncode == 1
