@@ -166,6 +166,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     layer_tokens: dict[int, int] = {}
     rows_are_beams = step_cut = False
     top_layers: tuple[tuple[int, int], ...] = ()
+    kv_layers_live = 0
     top_cache_layers: tuple[tuple[int, int, int], ...] = ()
     by_layer: dict[int, int] = {}
     # The KV at the moment in the other caches beside the main one (an assistant model's draft cache, an
@@ -216,6 +217,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
             for (_, layer), nbytes in by_slot.items():
                 by_layer[layer] = by_layer.get(layer, 0) + nbytes
             top_layers = tuple(sorted(by_layer.items(), key=lambda item: (-item[1], item[0])))[:8]
+            kv_layers_live = sum(1 for nbytes in by_layer.values() if nbytes > 0)
             other_kv = sum(
                 nbytes
                 for (cache, _), nbytes in by_slot.items()
@@ -387,6 +389,7 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         step=step,
         step_phase=phase,
         top_layers=top_layers,
+        kv_layers_live=kv_layers_live,
         top_stacks=top,
         remedies=tuple(remedies),
         message=oom.message if oom is not None else None,

@@ -87,6 +87,8 @@ class Diagnosis:
     beams: int | None = None
     """Beams per prompt when beam search made the rows (`batch` / `beams` prompts); None otherwise or when
     the log does not say (a run recorded before kvtrace logged it)."""
+    kv_layers_live: int = 0
+    """How many layers held KV at that moment: `top_layers` names the largest 8 of them."""
     top_cache_layers: tuple[tuple[int, int, int], ...] = ()
     """(cache, layer, KV bytes) at that moment, largest first, when several caches held KV then (an
     assistant model's draft cache next to the model's): `top_layers` sums a layer index over them."""

@@ -50,7 +50,9 @@ def _size(num_bytes: int) -> str:
         return f"{sign}{magnitude / GIB:.2f} GiB"
     if magnitude >= MIB:
         return f"{sign}{magnitude / MIB:.2f} MiB"
-    return f"{sign}{magnitude / 1024:.2f} KiB"
+    if magnitude >= 1024:
+        return f"{sign}{magnitude / 1024:.2f} KiB"
+    return f"{sign}{magnitude} B"  # as the other commands write a size under 1 KiB: "0 B", not "0.00 KiB"
 
 
 def _weights_source(req: PlanRequest) -> str:
@@ -129,7 +131,8 @@ def format_text(result: PlanResult) -> str:
     rows: list[tuple[str, str]] = []
     if req.transformers_layout is not None:  # which release's caches and weights (they differ between some)
         rows.append(("layout", f"transformers {req.transformers_layout}"))
-    rows.append(("KV per token", f"{_size(result.kv_bytes_per_token)} ({result.kv_bytes_per_token:,} B)"))
+    per_token = result.kv_bytes_per_token
+    rows.append(("KV per token", _size(per_token) + (f" ({per_token:,} B)" if per_token >= 1024 else "")))
     if result.kv_scale_bytes_per_token:
         rows.append(("  + scales per token", f"{result.kv_scale_bytes_per_token:,} B"))
     worst = " (the worst case)" if req.prompt is None else ""

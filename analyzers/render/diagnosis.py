@@ -122,8 +122,10 @@ def _moment_rows(d: Diagnosis) -> list[tuple[str, str]]:
     if d.top_layers:  # live at the moment, a layer's transient copy included
         label = "KV by layer at this moment"
         shares = [f"L{layer} {human_bytes(b)}" for layer, b in d.top_layers]
+        if d.kv_layers_live > len(d.top_layers):
+            label += f" (the largest {len(d.top_layers)} of {d.kv_layers_live} layers)"
         if d.top_cache_layers:
-            label = label.replace("by layer", "by cache and layer")
+            label = "KV by cache and layer at this moment"
             shares = [f"cache {cache} L{layer} {human_bytes(b)}" for cache, layer, b in d.top_cache_layers]
         rows.append((label, ", ".join(shares)))
     return rows

@@ -58,17 +58,19 @@ def _size_in(message: str, before: str) -> int:
 
 
 def _kv_at_end(run: Path) -> dict[str, int]:
-    """The KV live at the end of the run's KV log, and its batch (the rows of the last storage logged)."""
-    live: dict[int, int] = {}
+    """The KV live at the end of the run's KV log, its batch (the rows of the last storage logged) and how
+    many layers hold it."""
+    live: dict[int, tuple[int, int]] = {}
     batch = 0
     for line in (run / "kv_events.jsonl").read_text().splitlines():
         event = json.loads(line)
         if event["event"] in ("created", "grown"):
-            live[event["addr"]] = event["storage_bytes"]
+            live[event["addr"]] = (event["layer"], event["storage_bytes"])
             batch = event["shape"][0]
         elif event["event"] == "freed":
             live.pop(event["addr"], None)
-    return {"kv": sum(live.values()), "batch": batch}
+    layers = {layer for layer, nbytes in live.values() if nbytes}
+    return {"kv": sum(nbytes for _, nbytes in live.values()), "batch": batch, "layers": len(layers)}
 
 
 @pytest.mark.parametrize("name", ["oom_b266", "oom_b261_fit"])
@@ -109,6 +111,9 @@ def test_capped_fragmented_oom_is_priced_past_its_fragments(name: str, tmp_path:
     assert "fragmentation caused it" in cli_json_text and "yes: enough free bytes in total" in cli_json_text
     assert "per-process limit" in cli_json_text and "a per-process limit applied" in cli_json_text
     assert "the shortfall is taken as the request itself" not in cli_json_text
+    # the layers named are the largest 8 of those holding KV, and the label says so
+    assert f["layers"] > 8 and d["kv_layers_live"] == f["layers"] and len(d["top_layers"]) == 8
+    assert f"KV by layer at this moment (the largest 8 of {f['layers']} layers)" in cli_json_text
 
 
 def _batch_remedy(

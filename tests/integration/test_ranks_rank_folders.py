@@ -77,7 +77,7 @@ def test_plan_from_one_tensor_parallel_rank_plans_that_rank(
     assert any(note.startswith(said) for note in planned["notes"])
     assert main(["plan", "--from-run", str(rank)]) == 0
     text = capsys.readouterr().out
-    assert "KV per token           0.25 KiB (256 B)" in text
+    assert "KV per token           256 B\n" in text
     assert "KV cache               4.50 KiB (2 x 9 tokens)" in text
 
 
