@@ -233,8 +233,8 @@ class PlanCommand(Command):
         )
         parser.add_argument(
             "--gpu-memory",
-            help="memory of one GPU, e.g. 80GiB, 24GB (default 80GiB; with --from-run, the budget the run "
-            "was recorded with, else its GPU's)",
+            help="memory of one GPU, e.g. 80GiB, 24GB; a number without a unit is bytes, refused below 1 MiB "
+            "(default 80GiB; with --from-run, the budget the run was recorded with, else its GPU's)",
         )
         parser.add_argument(
             "--reserve",
@@ -521,7 +521,9 @@ class PlanCommand(Command):
                 "--context must be at least 2: a prompt of at least 1 token plus one new token"
             )
         if args.gpu_memory is not None:
-            gpu_memory = parse_size(args.gpu_memory, "--gpu-memory", positive=True)
+            from analyzers.planning.size_text import parse_device_memory
+
+            gpu_memory = parse_device_memory(args.gpu_memory, "--gpu-memory")
         elif run is not None and run.budget_bytes is not None:
             # The memory the run was meant to fit, which report and diagnose check it against
             gpu_memory = run.budget_bytes

@@ -21,10 +21,10 @@ from kvtrace.errors import KvtraceError
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}
 
 
-def _size(text: str | None, flag: str, positive: bool = False) -> int | None:
+def _size(text: str | None, flag: str) -> int | None:
     from analyzers.planning.size_text import parse_size
 
-    return None if text is None else parse_size(text, flag, positive=positive)
+    return None if text is None else parse_size(text, flag)
 
 
 def _positive(value: Any) -> int | None:
@@ -211,7 +211,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     from analyzers.engine import draft_kv_layers
     from analyzers.planning.hf_config import geometry_from_config
     from analyzers.planning.presets import get_preset
-    from analyzers.planning.size_text import parse_size
+    from analyzers.planning.size_text import parse_device_memory, parse_size
     from analyzers.planning.vllm_plan import GPU_MEMORY_UTILIZATION, VllmPlanRequest, plan_vllm
     from analyzers.render.vllm_plan import format_vllm_text, vllm_to_json
 
@@ -240,12 +240,10 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     else:
         raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
 
-    def pick(
-        flag: str | None, key: str, default: int | None, name: str, positive: bool = False
-    ) -> int | None:
+    def pick(flag: str | None, key: str, default: int | None, name: str) -> int | None:
         """The size typed after flag `name`, else the run's value, else the default."""
         if flag is not None:
-            return _size(flag, name, positive)
+            return _size(flag, name)
         value = measured.get(key)
         return int(value) if value is not None else default
 
@@ -261,8 +259,10 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         value = flag if flag is not None else measured.get(key)
         return int(value) if value is not None else None
 
-    gpu_memory = pick(args.gpu_memory, "gpu_memory_bytes", None, "--gpu-memory", positive=True)
-    gpu_memory = gpu_memory or parse_size("80GiB")
+    if args.gpu_memory is not None:
+        gpu_memory = parse_device_memory(args.gpu_memory, "--gpu-memory")
+    else:  # the run's device, else an 80 GiB GPU
+        gpu_memory = int(measured.get("gpu_memory_bytes") or parse_size("80GiB"))
     max_model_len = args.max_model_len if args.max_model_len is not None else args.context
     if max_model_len is None:  # 8192, unless the model takes fewer positions (vLLM's own default: all)
         max_model_len = int(
