@@ -212,7 +212,7 @@ class PlanCommand(Command):
             "(default 8192, Llama 3's native length, or the model's max_position_embeddings when fewer; with "
             "--from-run, the run's, and a --context typed keeps the run's prompt, changing the new tokens "
             "alone, unless it leaves no room for it); the cache holds one fewer: generate() never writes its "
-            "last new token",
+            "last new token. With --engine vllm: max_model_len, unless --max-model-len is given",
         )
         parser.add_argument(
             "--prompt",
@@ -287,8 +287,9 @@ class PlanCommand(Command):
         vllm.add_argument(
             "--max-model-len",
             type=int,
-            help="tokens per request (default --context, else the run's, else 8192 or the model's "
-            "max_position_embeddings when fewer); above max_position_embeddings vLLM refuses to start",
+            help="tokens per request (default --context, else the run's, else vLLM's default: the model's "
+            "whole length as vLLM derives it, e.g. 131072 for Llama 3.1); above max_position_embeddings vLLM "
+            "refuses to start",
         )
         vllm.add_argument("--kv-cache-dtype", help="auto (the weights dtype, default) or fp8; or the run's")
         vllm.add_argument(
