@@ -196,7 +196,8 @@ class PlanCommand(Command):
             "--batch",
             type=int,
             help="sequences decoded together (default 1, or the run's); under beam search prompts x beams, "
-            "the rows",
+            "the rows. With --engine vllm: requests running at once (max_num_seqs), each of --max-model-len "
+            "tokens, checked against the pool (none by default)",
         )
         parser.add_argument(
             "--beams",

@@ -289,6 +289,8 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     else:  # the run's device, else an 80 GiB GPU
         gpu_memory = int(measured.get("gpu_memory_bytes") or parse_size("80GiB"))
     max_model_len, length_note = _max_model_len(args, measured, geometry)
+    if args.batch is not None and args.batch < 1:
+        raise KvtraceError(f"--batch must be at least 1, got {args.batch}")
     kv_cache_memory = _size(args.kv_cache_memory, "--kv-cache-memory")
     typed_override = getattr(args, "num_gpu_blocks_override", None)
     if typed_override is not None and typed_override < 0:
@@ -371,6 +373,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         max_num_batched_tokens=pick_count(args.max_num_batched_tokens, "max_num_batched_tokens"),
         async_scheduling=setting(args.async_scheduling, "async_scheduling", None),
         device="cpu" if measured.get("device") == "cpu" else "cuda",
+        batch=args.batch,
     )
     result = plan_vllm(request)
     if length_note is not None:  # first: every figure below is at this length
@@ -432,4 +435,4 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
             ),
         )
     print_result(args.json, lambda: vllm_to_json(result), lambda: format_vllm_text(result))
-    return 0 if result.starts else 1
+    return 0 if result.starts and result.batch_fits is not False else 1

@@ -1,6 +1,7 @@
 """`kvtrace plan --engine vllm` without a length takes vLLM's own default, the model's whole length (it took
-8192, and said vLLM starts where `vllm serve` without --max-model-len refuses). vLLM's own derivation of the
-default is checked against these configs in tests/vllm/test_vllm_plan_defaults.py."""
+8192, and said vLLM starts where `vllm serve` without --max-model-len refuses); `--batch` asks whether that
+many requests fit the pool at once (it was ignored). vLLM's own derivation of the default is checked against
+these configs in tests/vllm/test_vllm_plan_defaults.py."""
 
 from __future__ import annotations
 
@@ -165,3 +166,46 @@ def test_a_runs_length_is_kept_and_a_run_without_one_asks_for_it(
     _, data, _ = _plan(capsys, "--from-run", str(bare), "--config", str(config))
     assert data["request"]["max_model_len"] == 512
     assert data["notes"][0].startswith("max_model_len 512, vLLM's default")
+
+
+def test_batch_asks_whether_that_many_requests_fit_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a 10 GiB pool of Llama 3 8B at 8,192 tokens: 5,120 blocks of 32 layers (2 MiB), 512 a request;
+    # vLLM logs 10.00x, but its block pool keeps one block back (the null block): 5,119 for requests
+    argv = ["--preset", "llama-3-8b", "--kv-cache-memory", "10GiB", "--max-model-len", "8192"]
+    blocks, per_request = 10 * GIB // (32 * LLAMA_PAGE), 8192 // 16
+    assert (blocks, per_request) == (5120, 512)
+    at_once = (blocks - 1) // per_request
+    assert at_once == 9
+    # WHEN 9 are asked THEN they fit, exit 0
+    status, data, text = _plan(capsys, *argv, "--batch", "9")
+    assert status == 0 and data["batch_fits"] is True and data["requests_at_once"] == at_once
+    assert data["request"]["batch"] == 9 and data["max_concurrency"] == 10.0
+    assert "--batch 9 fits: 9 requests of 8,192 tokens hold 4,608 blocks at once" in text
+    # AND 10 do not: exit 1, though vLLM starts, saying how many do and the max_num_seqs that keeps them
+    status, data, text = _plan(capsys, *argv, "--batch", "10")
+    assert status == 1 and data["starts"] is True and data["batch_fits"] is False
+    assert (
+        "--batch 10 does not fit: 10 requests of 8,192 tokens hold 5,120 blocks at once, the pool has 5,119 "
+        "beside the null block (9 fit at once, max concurrency 10.00x)."
+    ) in text
+    assert "--max-num-seqs 9 keeps every running request at full length" in text
+    # AND without --batch nothing is asked: null, and the exit status is the start's alone
+    status, data, text = _plan(capsys, *argv)
+    assert status == 0 and data["batch_fits"] is None and data["request"]["batch"] is None
+    assert "--batch" not in text
+    # AND 0 is refused as a bad argument
+    assert main(["plan", "--engine", "vllm", *argv, "--batch", "0"]) == 2
+    assert "--batch must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_reviews_batch_of_200_is_no_longer_ignored(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN Llama 3.1 70B over 4 GPUs of 80 GiB at 32,768 tokens (2,048 blocks a request)
+    argv = ["--preset", "llama-3.1-70b", "--tensor-parallel-size", "4", "--gpu-memory", "80GiB"]
+    argv += ["--context", "32768"]
+    _, plain, _ = _plan(capsys, *argv)
+    at_once = (plain["num_blocks"] - 1) // (32_768 // 16)
+    # WHEN 200 and 16 requests are asked THEN 200 are said not to fit (exit 1), 16 to (exit 0)
+    many, few = _plan(capsys, *argv, "--batch", "200"), _plan(capsys, *argv, "--batch", "16")
+    assert at_once == 16 and many[1]["requests_at_once"] == few[1]["requests_at_once"] == at_once
+    assert (many[0], many[1]["batch_fits"], few[0], few[1]["batch_fits"]) == (1, False, 0, True)
+    assert "--batch 200 does not fit" in many[2] and "(16 fit at once" in many[2]
