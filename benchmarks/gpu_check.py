@@ -370,7 +370,7 @@ def report_html(results: Results, name: str, run_dir: Path) -> None:
 
 
 def diagnose_json(target: Path, budget: int | None = None) -> dict[str, Any]:
-    argv = ["diagnose", str(target), "--json"] + ([] if budget is None else ["--budget", str(budget)])
+    argv = ["diagnose", str(target), "--json"] + ([] if budget is None else ["--budget", f"{budget}B"])
     code, out, err = kvtrace_cli(argv)
     if code != 0:
         raise RuntimeError(f"kvtrace {' '.join(argv[:1])} exited {code}: {err.strip()[-300:]}")

@@ -4,7 +4,6 @@ context the model takes."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from analyzers.planning.config_defaults import (
     weights_estimate_note,
     window_on_by_default,
 )
+from analyzers.planning.config_lengths import max_positions, vllm_default_len
 from analyzers.planning.encoder_decoder import EncoderDecoderShape, decoder_fields, encoder_decoder_note
 from analyzers.planning.gemma_layers import gemma_layer_fields
 from analyzers.planning.gpt_blocks import gpt_block_fields
@@ -71,7 +71,7 @@ _REQUIRED_FIELDS = (
     "vocab_size",
 )
 
-__all__ = ["NEWEST_LAYOUT", "geometry_from_config", "max_positions"]
+__all__ = ["NEWEST_LAYOUT", "geometry_from_config", "max_positions", "vllm_default_len"]
 
 
 def geometry_from_config(
@@ -235,6 +235,7 @@ def geometry_from_config(
     if not fp32_routers and model_type in _SCORE_BIAS_IN_DTYPE_BEFORE:  # the score correction in the dtype
         buffers["fp32_buffer_elements"] = buffers.get("fp32_buffer_elements", 0) - routed
         buffers["buffer_elements"] = buffers.get("buffer_elements", 0) + routed
+    default_len, default_from = vllm_default_len(fields, model_type)
     return ModelGeometry(
         name=str(name),
         num_layers=layers,
@@ -259,6 +260,8 @@ def geometry_from_config(
         mla=_mla(fields, positive_int, bool(indexer) and _dsa_expanded(transformers_version), heads),
         indexer_head_dim=indexer,
         max_position_embeddings=max_positions(fields, model_type),
+        vllm_default_len=default_len,
+        vllm_default_len_from=default_from,
         cached_kv_heads=cached_heads if cached_heads != kv_heads else None,
         global_kv_heads=global_kv_heads,
         global_head_dim=global_head_dim,
@@ -298,50 +301,6 @@ def _cache_off_by(config_path: Path, fields: dict[str, Any]) -> str | None:
             raise KvtraceError(f"{generation_path}: expected a JSON object at the top level")
         return generation_path.name if generation.get("use_cache") is False else None
     return config_path.name if fields.get("use_cache") is False else None
-
-
-# Where configs give the longest context, as vLLM reads them (`derive_max_model_len_and_key`, vllm 0.32)
-_MAX_LENGTH_KEYS = (
-    "max_position_embeddings",  # most
-    "n_positions",  # GPT-2
-    "max_seq_len",  # MPT
-    "seq_length",  # ChatGLM2
-    "model_max_length",  # Command-R
-    "max_target_positions",  # Whisper
-    "max_sequence_length",
-    "max_seq_length",
-    "seq_len",
-)
-# RoPE kinds whose max_position_embeddings already counts their scaling: vLLM does not apply their factor
-_PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
-
-
-def max_positions(fields: dict[str, Any], model_type: str = "") -> int | None:
-    """The longest context a config's model takes, derived as vLLM 0.32 derives its limit on max_model_len
-    (`vllm/config/model.py`, `_get_and_verify_max_len`): the smallest of the length keys it knows
-    (`model_max_length`, when given, wins), times the RoPE scaling factor of the kinds that do not count it
-    already (linear, dynamic; Gemma 3's is counted). None when the config gives no length: vLLM then takes
-    any max_model_len typed. A value that is not a positive integer is not a length (skipped)."""
-
-    def length(value: Any) -> int | None:
-        usable = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-        return math.floor(value) if usable and math.isfinite(value) else None
-
-    lengths = [n for n in (length(fields.get(key)) for key in _MAX_LENGTH_KEYS) if n is not None]
-    if not lengths:
-        return None
-    longest: float = length(fields.get("model_max_length")) or min(lengths)
-    rope = fields.get("rope_parameters") or fields.get("rope_scaling")
-    if isinstance(rope, dict) and "gemma3" not in model_type:
-        nested = all(isinstance(value, dict) for value in rope.values())  # one per layer type (Gemma 3)
-        factor: Any = 1.0
-        for params in [value for value in rope.values() if value] if nested else [rope]:
-            kind = params.get("rope_type") or params.get("type") or "default"
-            if kind not in _PRESCALED_ROPE:
-                factor = params.get("factor", factor)
-        if isinstance(factor, int | float) and not isinstance(factor, bool) and factor > 0:
-            longest *= factor
-    return math.floor(longest)
 
 
 _ERNIE_MOE_RANGE = (("moe_layer_start_index", 1), ("moe_layer_end_index", -1))  # -1: the last layer

@@ -158,6 +158,11 @@ class ModelGeometry:
     # model_max_length wins), times the factor of a linear or dynamic RoPE scaling. None: the config gives
     # none (vLLM then takes any max_model_len typed).
     max_position_embeddings: int | None = None
+    # The max_model_len vLLM takes when none is given, and where it comes from (`hf_config.vllm_default_len`:
+    # a LongRoPE model's original_max_position_embeddings, 2,048 for a config that gives no length); None:
+    # max_position_embeddings, or not known (a recorded run's engine.json does not keep the config's length)
+    vllm_default_len: int | None = None
+    vllm_default_len_from: str | None = None
     weights_note: str | None = None  # why the weights figure is an estimate (`weights_estimate_note`)
     kv_note: str | None = None  # layers whose KV is not per token (Mllama's cross-attention: the image's)
     # An encoder-decoder model's (T5, BART, Whisper) decoder layers, each also holding the cross-attention

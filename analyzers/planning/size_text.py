@@ -1,5 +1,9 @@
 """Memory sizes as people type them ("80GiB", "80GB", "1.5e9"), for every command that takes one
 (`plan --gpu-memory`, `diagnose --budget`, `sweep --budget`). No torch.
+
+A device's memory or a budget (`parse_device_memory`) is refused as a bare number below 1 MiB: "24" is a
+24 GiB GPU without its unit, and read as 24 bytes it planned a GPU of 0.02 KiB. Sizes whose natural unit is
+bytes (`--kv-cache-memory`, `--weights-bytes`) take any bare number.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 
 from kvtrace.errors import KvtraceError
 
-__all__ = ["MAX_SIZE", "parse_size"]
+__all__ = ["MAX_SIZE", "MIN_BARE_DEVICE_MEMORY", "parse_device_memory", "parse_size"]
 
 _SIZE_UNITS = {
     "": 1,
@@ -27,6 +31,7 @@ _SIZE_PATTERN = re.compile(r"([0-9.eE+-]+)\s*([A-Za-z]*)")
 
 
 MAX_SIZE = 2**64  # bytes
+MIN_BARE_DEVICE_MEMORY = 2**20  # bytes: below it, a device's memory typed without a unit lost its unit
 
 
 def parse_size(text: str, flag: str | None = None, positive: bool = False) -> int:
@@ -45,6 +50,21 @@ def parse_size(text: str, flag: str | None = None, positive: bool = False) -> in
     if positive and size == 0:
         said = f"{flag} {text.strip()}" if flag else repr(text)
         raise KvtraceError(f"{said}: a memory size must be positive")
+    return size
+
+
+def parse_device_memory(text: str, flag: str) -> int:
+    """Bytes of a device's memory or a budget (`--gpu-memory 80GiB`, `--budget 24GB`), as `parse_size` reads
+    them, positive; a number without a unit below 1 MiB is refused: no device has so little memory, and
+    "24" was meant as 24GiB (read as bytes, it planned a GPU of 0.02 KiB)."""
+    size = parse_size(text, flag, positive=True)
+    match = _SIZE_PATTERN.fullmatch(text.strip())
+    if match is not None and not match.group(2) and size < MIN_BARE_DEVICE_MEMORY:
+        typed = text.strip()
+        raise KvtraceError(
+            f"{flag} {typed}: a number without a unit is bytes, and {size:,} B is no device's memory: give "
+            f"its unit, e.g. {flag} {typed}GiB"
+        )
     return size
 
 

@@ -228,6 +228,9 @@ class VllmPlanRequest:
     max_num_batched_tokens: int | None = None
     async_scheduling: bool | None = None
     device: str = "cuda"
+    # Requests running at once (what vLLM's max_num_seqs lets run), each of max_model_len tokens: whether
+    # the pool holds that many together (`VllmPlan.batch_fits`); None: not asked
+    batch: int | None = None
 
     def __post_init__(self) -> None:
         for label, value in (
@@ -239,6 +242,8 @@ class VllmPlanRequest:
         ):
             if value < 1:
                 raise KvtraceError(f"{label} must be at least 1, got {value}")
+        if self.batch is not None and self.batch < 1:
+            raise KvtraceError(f"batch must be at least 1, got {self.batch}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise KvtraceError(
                 f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}"
@@ -299,6 +304,12 @@ class VllmPlan:
     # (`vllm_pipeline.binding_stage`), but num_blocks, the fewest of any stage, which every worker keeps
     stages: tuple[VllmStage, ...] = ()
     bound_stage: int | None = None  # the stage whose figures these are; None without pipeline parallelism
+    # Requests of max_model_len tokens the pool holds at once: its blocks less the null block, whole
+    # requests' blocks of them (`max_concurrency` is vLLM's log line, the null block counted, not floored)
+    requests_at_once: int = 0
+    # Whether the request's `batch` of them fit at once (None: no batch asked): when not, vLLM still starts
+    # but runs fewer at full length, preempting or queueing the others
+    batch_fits: bool | None = None
 
 
 def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
@@ -387,6 +398,7 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         if reason is not None
     )
     concurrency = blocks / per_request
+    at_once = max(blocks - 1, 0) // per_request  # the block pool keeps its null block back from requests
     return VllmPlan(
         request=req,
         kv_heads_per_worker=heads,
@@ -411,6 +423,8 @@ def plan_vllm(req: VllmPlanRequest) -> VllmPlan:
         refusals=refusals,
         stages=stages,
         bound_stage=bound_stage,
+        requests_at_once=at_once,
+        batch_fits=None if req.batch is None else req.batch <= at_once,
     )
 
 

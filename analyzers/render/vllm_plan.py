@@ -111,8 +111,32 @@ def format_vllm_text(result: VllmPlan) -> str:
                 f"{readable_bytes(result.check_bytes)} available (less the null block); the largest "
                 f"max_model_len that fits is {result.estimated_max_model_len:,}."
             )
+    lines += _batch_lines(result)
     lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)
+
+
+def _batch_lines(result: VllmPlan) -> list[str]:
+    """What --batch asked: whether that many requests of max_model_len tokens hold the pool at once."""
+    req, at_once = result.request, result.requests_at_once
+    if req.batch is None:
+        return []
+    requests = "request" if req.batch == 1 else "requests"
+    held, free = req.batch * result.blocks_per_request, max(result.num_blocks - 1, 0)
+    need = (
+        f"{req.batch:,} {requests} of {req.max_model_len:,} tokens hold {held:,} blocks at once, the pool "
+        f"has {free:,} beside the null block"
+    )
+    fit = f"{at_once:,} fit at once, max concurrency {result.max_concurrency:.2f}x"
+    if result.batch_fits:
+        return [f"--batch {req.batch} fits: {need} ({fit})."]
+    lines = [f"--batch {req.batch} does not fit: {need} ({fit})."]
+    if at_once and result.starts:
+        lines.append(
+            f"  vLLM starts, and runs the others as blocks free up, preempting some; --max-num-seqs "
+            f"{at_once} keeps every running request at full length"
+        )
+    return lines
 
 
 def _stage_lines(result: VllmPlan) -> list[str]:

@@ -117,8 +117,8 @@ class DemoCommand(Command):
         import torch
 
         import kvtrace
+        from analyzers.planning.size_text import parse_device_memory
         from kvtrace.llama import cache_package_missing, cache_unavailable, device_unavailable
-        from kvtrace.options import memory_size
 
         problem = device_unavailable(args.device) or cache_unavailable(args.cache, args.device)
         if problem is not None:
@@ -130,7 +130,7 @@ class DemoCommand(Command):
         gpu_memory = args.gpu_memory  # flags first: a bad value is named whatever --out holds
         if gpu_memory is None and args.size == "demo":
             gpu_memory = DEMO_GPU_MEMORY
-        budget = None if gpu_memory in (None, "none") else memory_size(gpu_memory, "--gpu-memory")
+        budget = None if gpu_memory in (None, "none") else parse_device_memory(gpu_memory, "--gpu-memory")
         out = Path(args.out or default_out(args.cache, args.press))
         refuse_a_sweep(out)
         refuse_occupied(out, args.overwrite)

@@ -40,13 +40,13 @@ class DiagnoseCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from analyzers.planning.diagnose import diagnose
-        from analyzers.planning.size_text import parse_size
+        from analyzers.planning.size_text import parse_device_memory
         from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
         from analyzers.report import build_report
 
         path = Path(args.path)
         require_input(path)
-        budget = parse_size(args.budget, "--budget", positive=True) if args.budget is not None else None
+        budget = parse_device_memory(args.budget, "--budget") if args.budget is not None else None
         if is_run_group(path):
             return self._run_group(path, args.json, budget, args.quiet)
         if path.is_dir() and _diagnose_engine_run(path, args.json, budget):

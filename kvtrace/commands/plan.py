@@ -196,7 +196,8 @@ class PlanCommand(Command):
             "--batch",
             type=int,
             help="sequences decoded together (default 1, or the run's); under beam search prompts x beams, "
-            "the rows",
+            "the rows. With --engine vllm: requests running at once (max_num_seqs), each of --max-model-len "
+            "tokens, checked against the pool (none by default)",
         )
         parser.add_argument(
             "--beams",
@@ -212,7 +213,7 @@ class PlanCommand(Command):
             "(default 8192, Llama 3's native length, or the model's max_position_embeddings when fewer; with "
             "--from-run, the run's, and a --context typed keeps the run's prompt, changing the new tokens "
             "alone, unless it leaves no room for it); the cache holds one fewer: generate() never writes its "
-            "last new token",
+            "last new token. With --engine vllm: max_model_len, unless --max-model-len is given",
         )
         parser.add_argument(
             "--prompt",
@@ -233,8 +234,8 @@ class PlanCommand(Command):
         )
         parser.add_argument(
             "--gpu-memory",
-            help="memory of one GPU, e.g. 80GiB, 24GB (default 80GiB; with --from-run, the budget the run "
-            "was recorded with, else its GPU's)",
+            help="memory of one GPU, e.g. 80GiB, 24GB; a number without a unit is bytes, refused below 1 MiB "
+            "(default 80GiB; with --from-run, the budget the run was recorded with, else its GPU's)",
         )
         parser.add_argument(
             "--reserve",
@@ -287,8 +288,9 @@ class PlanCommand(Command):
         vllm.add_argument(
             "--max-model-len",
             type=int,
-            help="tokens per request (default --context, else the run's, else 8192 or the model's "
-            "max_position_embeddings when fewer); above max_position_embeddings vLLM refuses to start",
+            help="tokens per request (default --context, else the run's, else vLLM's default: the model's "
+            "whole length as vLLM derives it, e.g. 131072 for Llama 3.1); above max_position_embeddings vLLM "
+            "refuses to start",
         )
         vllm.add_argument("--kv-cache-dtype", help="auto (the weights dtype, default) or fp8; or the run's")
         vllm.add_argument(
@@ -521,7 +523,9 @@ class PlanCommand(Command):
                 "--context must be at least 2: a prompt of at least 1 token plus one new token"
             )
         if args.gpu_memory is not None:
-            gpu_memory = parse_size(args.gpu_memory, "--gpu-memory", positive=True)
+            from analyzers.planning.size_text import parse_device_memory
+
+            gpu_memory = parse_device_memory(args.gpu_memory, "--gpu-memory")
         elif run is not None and run.budget_bytes is not None:
             # The memory the run was meant to fit, which report and diagnose check it against
             gpu_memory = run.budget_bytes

@@ -12,19 +12,22 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvtrace.commands.base import require_input
 from kvtrace.commands.output import print_result
 from kvtrace.errors import KvtraceError
 
+if TYPE_CHECKING:
+    from analyzers.planning.presets import ModelGeometry
+
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}
 
 
-def _size(text: str | None, flag: str, positive: bool = False) -> int | None:
+def _size(text: str | None, flag: str) -> int | None:
     from analyzers.planning.size_text import parse_size
 
-    return None if text is None else parse_size(text, flag, positive=positive)
+    return None if text is None else parse_size(text, flag)
 
 
 def _positive(value: Any) -> int | None:
@@ -207,11 +210,33 @@ def _drafter_weights(typed: str | None, measured: dict[str, Any]) -> str:
     return f"weights: the target's {weights - drafter:,} B and the drafter's {drafter:,} B"
 
 
+def _max_model_len(
+    args: argparse.Namespace, measured: dict[str, Any], geometry: ModelGeometry
+) -> tuple[int, str | None]:
+    """(max_model_len, the note saying it was vLLM's default, or None): --max-model-len, else --context
+    (tokens per request, as for transformers' plan), else the recorded run's (what vLLM served it at),
+    else vLLM's own default for the model: its whole length, as `vllm serve` without --max-model-len."""
+    from analyzers.planning.vllm_defaults import default_len_note, default_max_model_len
+
+    typed = args.max_model_len if args.max_model_len is not None else args.context
+    if typed is not None:
+        return typed, None
+    if measured.get("max_model_len") is not None:
+        return int(measured["max_model_len"]), None
+    default = default_max_model_len(geometry)
+    if default is None:  # a run's engine.json without the length, and no config to derive vLLM's from
+        raise KvtraceError(
+            f"{args.from_run}: its engine.json does not give max_model_len, nor the model's length from "
+            "which vLLM derives its default: add --max-model-len N or --config PATH (the model's config.json)"
+        )
+    return default[0], default_len_note(*default)
+
+
 def run_vllm_plan(args: argparse.Namespace) -> int:
     from analyzers.engine import draft_kv_layers
     from analyzers.planning.hf_config import geometry_from_config
     from analyzers.planning.presets import get_preset
-    from analyzers.planning.size_text import parse_size
+    from analyzers.planning.size_text import parse_device_memory, parse_size
     from analyzers.planning.vllm_plan import GPU_MEMORY_UTILIZATION, VllmPlanRequest, plan_vllm
     from analyzers.render.vllm_plan import format_vllm_text, vllm_to_json
 
@@ -240,12 +265,10 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     else:
         raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
 
-    def pick(
-        flag: str | None, key: str, default: int | None, name: str, positive: bool = False
-    ) -> int | None:
+    def pick(flag: str | None, key: str, default: int | None, name: str) -> int | None:
         """The size typed after flag `name`, else the run's value, else the default."""
         if flag is not None:
-            return _size(flag, name, positive)
+            return _size(flag, name)
         value = measured.get(key)
         return int(value) if value is not None else default
 
@@ -261,13 +284,13 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         value = flag if flag is not None else measured.get(key)
         return int(value) if value is not None else None
 
-    gpu_memory = pick(args.gpu_memory, "gpu_memory_bytes", None, "--gpu-memory", positive=True)
-    gpu_memory = gpu_memory or parse_size("80GiB")
-    max_model_len = args.max_model_len if args.max_model_len is not None else args.context
-    if max_model_len is None:  # 8192, unless the model takes fewer positions (vLLM's own default: all)
-        max_model_len = int(
-            setting(None, "max_model_len", min(8192, geometry.max_position_embeddings or 8192))
-        )
+    if args.gpu_memory is not None:
+        gpu_memory = parse_device_memory(args.gpu_memory, "--gpu-memory")
+    else:  # the run's device, else an 80 GiB GPU
+        gpu_memory = int(measured.get("gpu_memory_bytes") or parse_size("80GiB"))
+    max_model_len, length_note = _max_model_len(args, measured, geometry)
+    if args.batch is not None and args.batch < 1:
+        raise KvtraceError(f"--batch must be at least 1, got {args.batch}")
     kv_cache_memory = _size(args.kv_cache_memory, "--kv-cache-memory")
     typed_override = getattr(args, "num_gpu_blocks_override", None)
     if typed_override is not None and typed_override < 0:
@@ -350,8 +373,11 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         max_num_batched_tokens=pick_count(args.max_num_batched_tokens, "max_num_batched_tokens"),
         async_scheduling=setting(args.async_scheduling, "async_scheduling", None),
         device="cpu" if measured.get("device") == "cpu" else "cuda",
+        batch=args.batch,
     )
     result = plan_vllm(request)
+    if length_note is not None:  # first: every figure below is at this length
+        result = replace(result, notes=(length_note, *result.notes))
     node_free = _positive(node_refusal.get("node_available_bytes"))
     if node_free is not None and request.device == "cpu" and (kv_cache_memory is not None or not profiled):
         from analyzers.planning.vllm_node_plan import with_node_memory
@@ -409,4 +435,4 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
             ),
         )
     print_result(args.json, lambda: vllm_to_json(result), lambda: format_vllm_text(result))
-    return 0 if result.starts else 1
+    return 0 if result.starts and result.batch_fits is not False else 1

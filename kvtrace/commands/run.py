@@ -69,6 +69,11 @@ class RunCommand(Command):
         script_args.required = False
 
     def run(self, args: argparse.Namespace) -> int:
+        from analyzers.planning.size_text import parse_device_memory
+
+        # the flag first, before the script is looked for: "24" without its unit is refused, not 24 bytes
+        typed = args.gpu_memory
+        gpu_memory = parse_device_memory(typed, "--gpu-memory") if typed is not None else None
         target = args.target
         # sys.path[0] as Python sets it: the working folder for -m, the script's own (links resolved) for a
         # script; never the folder of the `kvtrace` command, which the installed script puts there
@@ -97,8 +102,8 @@ class RunCommand(Command):
         options: dict[str, Any] = {"overwrite": args.overwrite, "profiler": not args.no_profiler}
         if args.with_stack:
             options["with_stack"] = True
-        if args.gpu_memory is not None:
-            options["gpu_memory"] = args.gpu_memory
+        if gpu_memory is not None:
+            options["gpu_memory"] = gpu_memory
         status = 0
         raised: BaseException | None = None
         argv, path = list(sys.argv), list(sys.path)

@@ -293,11 +293,9 @@ class SweepCommand(Command):
                 raise KvtraceError(f"--window applies to --cache sliding or static_sliding, not {args.cache}")
         budget = None
         if args.budget is not None:
-            from analyzers.planning.size_text import parse_size
+            from analyzers.planning.size_text import parse_device_memory
 
-            budget = parse_size(
-                args.budget, getattr(args, "budget_flag", None) or "--gpu-memory", positive=True
-            )
+            budget = parse_device_memory(args.budget, getattr(args, "budget_flag", None) or "--gpu-memory")
         if args.size is None and args.preset is None and args.config is None:
             args.size = "tiny"
         model_name, size, model_window = _model_size(args, max(contexts) + args.new_tokens)

@@ -189,7 +189,7 @@ def test_plan_context_is_prompt_plus_new_tokens_of_which_the_last_is_never_writt
     def plan_at(tokens: int) -> dict:
         return _plan(
             tmp_path / "config", "--batch", str(batch), "--context", str(tokens), "--gpu-memory",
-            str(planned_weights + room),
+            f"{planned_weights + room}B",
         )  # fmt: skip
 
     # WHEN plan is asked about that context and the next
@@ -227,7 +227,7 @@ def test_plan_prices_the_prompt_that_sliding_layers_hold_at_prefill(tmp_path: Pa
     model.config.save_pretrained(tmp_path / "config")
     room = (4 * 64 + 8) * layer_token
     weights = weights_bytes(model)
-    gpu = str(_plan(tmp_path / "config")["weights_bytes"] + room)
+    gpu = f"{_plan(tmp_path / 'config')['weights_bytes'] + room}B"
 
     def plan_at(*argv: str) -> dict:
         return _plan(tmp_path / "config", "--batch", "2", "--gpu-memory", gpu, *argv)

@@ -64,6 +64,12 @@ def test_a_size_too_large_for_any_device_is_refused(
     assert not Path("unused").exists()
 
 
+_BARE = (
+    "{flag} {n}: a number without a unit is bytes, and {n} B is no device's memory: give its unit, e.g. "
+    "{flag} {n}GiB"
+)
+
+
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
@@ -102,6 +108,20 @@ def test_a_size_too_large_for_any_device_is_refused(
         (["demo", "--no-report", "--gpu-memory", "inf"], "--gpu-memory: cannot read size 'inf'"),
         (["sweep", "--out", "unused", "--gpu-memory", "nan"], "--gpu-memory: cannot read size 'nan'"),
         (["sweep", "--out", "unused", "--gpu-memory", "inf"], "--gpu-memory: cannot read size 'inf'"),
+        # a device's memory without its unit: 24 bytes planned a GPU of 0.02 KiB ("peak ... of 0.02 KiB")
+        (["plan", "--preset", "llama-3-8b", "--gpu-memory", "24"], _BARE.format(flag="--gpu-memory", n=24)),
+        (
+            ["plan", "--preset", "llama-3.1-8b", "--engine", "vllm", "--gpu-memory", "24"],
+            _BARE.format(flag="--gpu-memory", n=24),
+        ),
+        (["diagnose", str(SAMPLES / "dynamic_b2"), "--budget", "80"], _BARE.format(flag="--budget", n=80)),
+        (["sweep", "--out", "unused", "--budget", "80"], _BARE.format(flag="--budget", n=80)),
+        (["sweep", "--out", "unused", "--gpu-memory", "80"], _BARE.format(flag="--gpu-memory", n=80)),
+        (["demo", "--no-report", "--gpu-memory", "8"], _BARE.format(flag="--gpu-memory", n=8)),
+        (
+            ["run", "--gpu-memory", "24", "--out", "unused", "script.py"],
+            _BARE.format(flag="--gpu-memory", n=24),
+        ),
     ],
     ids=[
         "plan",
@@ -122,6 +142,13 @@ def test_a_size_too_large_for_any_device_is_refused(
         "demo-inf",
         "sweep-nan",
         "sweep-inf",
+        "plan-bare",
+        "plan-vllm-bare",
+        "diagnose-bare",
+        "sweep-budget-bare",
+        "sweep-gpu-memory-bare",
+        "demo-bare",
+        "run-bare",
     ],
 )
 def test_a_bad_size_is_refused_naming_its_flag(

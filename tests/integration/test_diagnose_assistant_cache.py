@@ -48,7 +48,7 @@ def test_remedies_on_the_models_cache_leave_the_assistants_draft_cache(
     peak = _json(["diagnose", str(run), "--json"], capsys)["allocated_bytes"]
 
     # WHEN it is diagnosed against a budget SHORT below its peak
-    d = _json(["diagnose", str(run), "--budget", str(peak - SHORT), "--json"], capsys)
+    d = _json(["diagnose", str(run), "--budget", f"{peak - SHORT}B", "--json"], capsys)
 
     # THEN the KV at the peak is both caches': the model's 16 tokens (prompt + 8 new, less the last) with a
     # 2-token copy of its first layer (the growth's torch.cat), and the draft cache's 15 tokens

@@ -47,7 +47,7 @@ def test_a_smaller_batch_frees_its_rows_activations_as_a_re_recording_shows(
     need = peaks[BATCH] - budget
 
     # WHEN batch 4 is diagnosed under that budget
-    assert main(["diagnose", str(tmp_path / f"b{BATCH}"), "--json", "--budget", str(budget)]) == 0
+    assert main(["diagnose", str(tmp_path / f"b{BATCH}"), "--json", "--budget", f"{budget}B"]) == 0
     data = json.loads(capsys.readouterr().out)
 
     # THEN its moment holds every row's KV, whose row is less than the shortfall: by the KV alone batch 2
@@ -63,7 +63,7 @@ def test_a_smaller_batch_frees_its_rows_activations_as_a_re_recording_shows(
     assert f"{human_bytes(kv_row)} of KV and {human_bytes(need - kv_row)} of the activations" in said
 
     # AND under a budget batch 3 misses by a byte, batch 2 is proposed, freeing what its recording shows
-    assert main(["diagnose", str(tmp_path / f"b{BATCH}"), "--json", "--budget", str(budget - 1)]) == 0
+    assert main(["diagnose", str(tmp_path / f"b{BATCH}"), "--json", "--budget", f"{budget - 1}B"]) == 0
     (batch,) = [r for r in json.loads(capsys.readouterr().out)["remedies"] if r["kind"] == "batch"]
     assert (batch["setting"], batch["fits"]) == (BATCH - 2, True)
     assert batch["saved_bytes"] == peaks[BATCH] - peaks[BATCH - 2]
@@ -82,7 +82,7 @@ def test_at_batch_2_the_logits_as_long_as_a_vocabulary_vector_still_follow_the_r
 
     # WHEN batch 2 is diagnosed under batch 1's own peak, THEN batch 1 is proposed, freeing exactly what
     # its recording shows: the logits' copies count as the batch's, the one vector as fixed
-    assert main(["diagnose", str(tmp_path / "b2"), "--json", "--budget", str(peaks[1])]) == 0
+    assert main(["diagnose", str(tmp_path / "b2"), "--json", "--budget", f"{peaks[1]}B"]) == 0
     (batch,) = [r for r in json.loads(capsys.readouterr().out)["remedies"] if r["kind"] == "batch"]
     assert (batch["setting"], batch["fits"], batch["saved_bytes"]) == (1, True, peaks[2] - peaks[1])
 
@@ -90,7 +90,7 @@ def test_at_batch_2_the_logits_as_long_as_a_vocabulary_vector_still_follow_the_r
     # no batch fits: a row's share of the memory beyond the weights leaves out the vectors no batch shrinks
     budget = peaks[1] - VOCAB * 8 // 2
     assert peaks[1] > budget
-    assert main(["diagnose", str(tmp_path / "b2"), "--json", "--budget", str(budget)]) == 0
+    assert main(["diagnose", str(tmp_path / "b2"), "--json", "--budget", f"{budget}B"]) == 0
     (batch,) = [r for r in json.loads(capsys.readouterr().out)["remedies"] if r["kind"] == "batch"]
     assert batch["fits"] is False, batch["sentence"]
     assert batch["sentence"].startswith("Even batch 1 does not fit")

@@ -427,7 +427,7 @@ def test_diagnose_prices_a_smaller_batch_by_its_whole_peak(
 
     def batch_remedy(budget: int) -> dict:
         run = str(sweep_dir / "runs" / "b2_c16_dynamic")
-        assert main(["diagnose", run, "--json", "--budget", str(budget)]) == 0
+        assert main(["diagnose", run, "--json", "--budget", f"{budget}B"]) == 0
         data = json.loads(capsys.readouterr().out)
         assert (data["allocated_bytes"], data["shortfall_bytes"]) == (two, two - budget)
         (remedy,) = [r for r in data["remedies"] if r["kind"] == "batch"]

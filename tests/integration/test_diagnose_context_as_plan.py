@@ -28,7 +28,7 @@ def test_diagnose_names_the_context_that_plan_takes(
     record_generate(build_model(tiny_size(LAYERS, KV_HEADS)).eval(), run, BATCH, PROMPT, NEW)
     budget = report_json(run, capsys)["peak_allocated_bytes"] - SHORT_BY
     # WHEN diagnosed on that budget
-    diagnosis = cli_json(["diagnose", str(run), "--json", "--budget", str(budget)], capsys)
+    diagnosis = cli_json(["diagnose", str(run), "--json", "--budget", f"{budget}B"], capsys)
     assert diagnosis["tokens_held"] == PROMPT + NEW - 1
     (context,) = [r for r in diagnosis["remedies"] if r["kind"] == "context"]
     # THEN its context is prompt + new tokens less the tokens whose KV covers the shortfall, its bytes those
@@ -36,10 +36,10 @@ def test_diagnose_names_the_context_that_plan_takes(
     assert (context["setting"], context["saved_bytes"]) == (PROMPT + NEW - cut, cut * TOKEN_ROW * BATCH)
     assert f"A context of {PROMPT + NEW - cut} tokens instead of {PROMPT + NEW} " in context["sentence"]
     # AND typed into plan at that budget, it holds one token fewer in its cache, and fits
-    typed = plan_json(run, capsys, "--gpu-memory", str(budget), "--context", str(context["setting"]))
+    typed = plan_json(run, capsys, "--gpu-memory", f"{budget}B", "--context", str(context["setting"]))
     assert typed["kv_bytes"] == TOKEN_ROW * BATCH * (PROMPT + NEW - cut - 1)
     assert typed["fits"]
     # AND plan of the run on that budget names the same context
-    plan = plan_json(run, capsys, "--gpu-memory", str(budget))
+    plan = plan_json(run, capsys, "--gpu-memory", f"{budget}B")
     (remedy,) = [r for r in plan["remedies"] if r["kind"] == "context"]
     assert remedy["setting"] == plan["max_context"] == context["setting"]

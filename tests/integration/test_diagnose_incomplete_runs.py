@@ -64,10 +64,10 @@ def test_a_run_without_its_weights_table_gets_no_fit_verdict_against_a_budget(
     # AND a budget between the copy's figures (the weights left out) and the whole run's peak, which the
     # whole run would not fit
     budget = full_peak - weights // 2
-    assert _json(["diagnose", str(full), "--budget", str(budget)])["event"] == "budget"
+    assert _json(["diagnose", str(full), "--budget", f"{budget}B"])["event"] == "budget"
 
     # WHEN the copy is diagnosed against that budget
-    diagnosis = _json(["diagnose", str(copy), "--budget", str(budget)])
+    diagnosis = _json(["diagnose", str(copy), "--budget", f"{budget}B"])
 
     # THEN its peak is the run's less the weights, with the reader's note on the missing file, as the
     # report gives it
@@ -85,7 +85,7 @@ def test_a_run_without_its_weights_table_gets_no_fit_verdict_against_a_budget(
     assert [r["fits"] for r in diagnosis["remedies"]] == [None] * len(diagnosis["remedies"])
     assert diagnosis["peak_leaves_out"] == WEIGHTS_GONE
     # AND the text's verdict line says the same, with no remedy marked as fitting
-    text = _run(["diagnose", str(copy), "--budget", str(budget)])
+    text = _run(["diagnose", str(copy), "--budget", f"{budget}B"])
     verdict = text.splitlines()[1]
     assert verdict.startswith("no OOM recorded; diagnosing the peak on cpu (")
     assert f", a lower bound: it leaves out {WEIGHTS_GONE})" in verdict
@@ -94,9 +94,9 @@ def test_a_run_without_its_weights_table_gets_no_fit_verdict_against_a_budget(
     assert "headroom at the peak (at most)" in text
     assert f"note: {missing}" in text
     # AND a budget the copy's own figures cross is crossed at that step or earlier
-    small = _json(["diagnose", str(copy), "--budget", str((full_peak - weights) // 2)])
+    small = _json(["diagnose", str(copy), "--budget", f"{(full_peak - weights) // 2}B"])
     assert small["event"] == "budget" and small["shortfall_bytes"] is None
-    small_text = _run(["diagnose", str(copy), "--budget", str((full_peak - weights) // 2)])
+    small_text = _run(["diagnose", str(copy), "--budget", f"{(full_peak - weights) // 2}B"])
     assert f"(or earlier: the figures leave out {WEIGHTS_GONE})" in small_text.splitlines()[1]
 
 

@@ -131,7 +131,7 @@ def test_a_budget_below_the_peak_by_half_the_scores_is_met_by_dropping_them_firs
     _record(model, tmp_path / "kept", keep=True)
     peak = _diagnosis(tmp_path / "kept", capsys)["allocated_bytes"]
     budget = peak - (NEW_TOKENS // 2) * STEP_SCORES
-    assert main(["diagnose", str(tmp_path / "kept"), "--json", "--budget", str(budget)]) == 0
+    assert main(["diagnose", str(tmp_path / "kept"), "--json", "--budget", f"{budget}B"]) == 0
     diagnosis = json.loads(capsys.readouterr().out)
     # THEN dropping the kept outputs fits, and leads: it frees the most
     (remedy,) = _kept(diagnosis)

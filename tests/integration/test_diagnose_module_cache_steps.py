@@ -59,7 +59,7 @@ def test_peak_inside_a_module_cache_forward_is_in_that_forward_s_step(tmp_path, 
     assert main(["diagnose", str(tmp_path / "run"), "--json"]) == 0
     peak = json.loads(capsys.readouterr().out)
     budget = peak["allocated_bytes"] - 1
-    assert main(["diagnose", str(tmp_path / "run"), "--budget", str(budget), "--json"]) == 0
+    assert main(["diagnose", str(tmp_path / "run"), "--budget", f"{budget}B", "--json"]) == 0
     crossed = json.loads(capsys.readouterr().out)
 
     # THEN the step is the one whose range holds the peak: the KV log's numbering counts record()'s setup

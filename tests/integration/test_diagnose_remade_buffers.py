@@ -112,7 +112,7 @@ def test_remedies_of_caches_remade_inside_the_block_are_the_peaks_buffers(tmp_pa
     # WHEN it is diagnosed against a budget 32 KiB short of its peak: the big buffers, and the last built
     # one as it is replaced (the log has the new buffer before the old one's free)
     need = 32 * 1024
-    data = _diagnose(str(run), capsys, "--budget", str(weights + big + one_old - need))
+    data = _diagnose(str(run), capsys, "--budget", f"{weights + big + one_old - need}B")
     assert (data["kv_bytes"], data["shortfall_bytes"]) == (big + one_old, need)
     priced = {(r["kind"], r["setting"]): r for r in data["remedies"]}
 

@@ -164,7 +164,7 @@ def test_reference_llama3_buffers_count_as_kv_with_the_profiler_on(reference_mod
     assert reports["on"]["devices"][0]["final_allocated_bytes"] >= weights + kv_total
     # AND a budget below weights + buffers is crossed before the first step, not at the prefill
     budget = weights + kv_total - 1024
-    assert main(["diagnose", str(tmp_path / "on"), "--budget", str(budget), "--json"]) == 0
+    assert main(["diagnose", str(tmp_path / "on"), "--budget", f"{budget}B", "--json"]) == 0
     crossing = json.loads(capsys.readouterr().out)["budget_crossing"]
     assert crossing["before_first_step"] is True
 
@@ -281,7 +281,7 @@ def test_reference_llama3_remedies_are_priced_in_max_batch_size_and_max_seq_len(
 
     # WHEN the run is diagnosed against a budget 20000 B short of weights + buffers
     need = 20000
-    data, priced = remedies("--budget", str(weights + kv_total - need))
+    data, priced = remedies("--budget", f"{weights + kv_total - need}B")
     assert (data["shortfall_bytes"], data["kv_bytes"]) == (need, kv_total)
     # THEN fewer rows or a shorter context are not offered as freeing KV: a smaller max_batch_size is, the
     # largest that leaves room for the shortfall (4 x (65536 - 20000) / 65536 = 2.8 -> 2), 2 rows of 16 KiB
@@ -306,7 +306,7 @@ def test_reference_llama3_remedies_are_priced_in_max_batch_size_and_max_seq_len(
     # WHEN 50000 B are missing: max_batch_size=1 frees 3 rows, 49152 B, not enough; max_seq_len=7
     # (32 x 15536 / 65536 = 7.6) frees 25 positions, 51200 B, below the 9 tokens this run writes
     need = 50000
-    data, priced = remedies("--budget", str(weights + kv_total - need))
+    data, priced = remedies("--budget", f"{weights + kv_total - need}B")
     assert data["shortfall_bytes"] == need
     batch = priced[("batch", None)]
     assert (batch["saved_bytes"], batch["fits"]) == (3 * per_row, False) == (49152, False)
@@ -540,7 +540,7 @@ def test_diagnose_of_a_reference_run_without_the_profiler_gives_the_rows_and_tok
     capsys.readouterr()  # fairscale's own lines
 
     # WHEN it is diagnosed, alone and against a budget 1 KiB short of weights + buffers
-    for flags in ((), ("--budget", str(weights + kv_total - 1024))):
+    for flags in ((), ("--budget", f"{weights + kv_total - 1024}B")):
         assert main(["diagnose", str(run), "--json", *flags]) == 0
         data = json.loads(capsys.readouterr().out)
         # THEN the peak's moment is its level's last, the end of the last forward: the rows in use and the

@@ -53,7 +53,7 @@ def test_a_shorter_context_keeps_the_runs_prompt_and_its_own_max_context_fits(
     assert report_json(tmp_path / "shorter", capsys)["peak_allocated_bytes"] <= plan["peak_bytes"] < peak
 
     # WHEN the run is planned on a GPU 10 tokens of KV short of its peak, then at the context its plan names
-    gpu = str(peak - TOKEN_ROW * BATCH * 10)
+    gpu = f"{peak - TOKEN_ROW * BATCH * 10}B"
     whole = plan_json(run, capsys, "--gpu-memory", gpu)
     assert not whole["fits"] and prompt < whole["max_context"] < context
     (remedy,) = [r for r in whole["remedies"] if r["kind"] == "context"]
@@ -95,7 +95,7 @@ def test_a_smaller_batch_frees_the_rows_activations_as_diagnose_prices_them(
     assert recorded <= planned["peak_bytes"] < peak - kv_freed
     # AND it is diagnose's figure: diagnosed under a budget of that peak, its remedy is batch 2, freeing
     # exactly the run's peak less the plan's
-    diagnosis = cli_json(["diagnose", str(run), "--json", "--budget", str(planned["peak_bytes"])], capsys)
+    diagnosis = cli_json(["diagnose", str(run), "--json", "--budget", f"{planned['peak_bytes']}B"], capsys)
     (batch,) = [r for r in diagnosis["remedies"] if r["kind"] == "batch"]
     assert (batch["setting"], batch["fits"]) == (rows, True)
     assert batch["saved_bytes"] == peak - planned["peak_bytes"]

@@ -51,6 +51,6 @@ def test_a_larger_batch_at_a_shorter_context_bounds_its_recording_closely(
     # AND on a GPU between the two, the plan fits, as the recording does
     budget = recorded + decode_kv
     on_budget = plan_json(
-        run, capsys, "--batch", str(rows), "--context", str(shorter), "--gpu-memory", str(budget)
+        run, capsys, "--batch", str(rows), "--context", str(shorter), "--gpu-memory", f"{budget}B"
     )
     assert on_budget["fits"] and recorded <= budget

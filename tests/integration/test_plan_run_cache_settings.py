@@ -76,7 +76,7 @@ def test_diagnose_offers_a_quantized_cache_to_a_full_attention_model_whose_cache
 ) -> None:
     # GIVEN a sliding cache's run of a model whose config gives no window, diagnosed under its peak
     peak = report_json(runs["sliding"], capsys)["peak_allocated_bytes"]
-    diagnosis = cli_json(["diagnose", str(runs["sliding"]), "--budget", str(peak - 1024), "--json"], capsys)
+    diagnosis = cli_json(["diagnose", str(runs["sliding"]), "--budget", f"{peak - 1024}B", "--json"], capsys)
     # WHEN its int4 remedy is read
     int4 = [r for r in diagnosis["remedies"] if r["kind"] == "quantized_kv" and r["setting"] == 4]
     # THEN it does not say the model's layers slide (a QuantizedCache takes this model), and it leaves the

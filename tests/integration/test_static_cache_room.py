@@ -106,7 +106,7 @@ def test_diagnose_says_an_int4_cache_does_not_fit_where_the_prompt_alone_would(
     allocated = _json(["diagnose", str(static_run)], capsys)["allocated_bytes"]
     need = (whole - INT4_AT_THE_END + whole - prompt_only) // 2
     # WHEN it is diagnosed under it
-    diagnosis = _json(["diagnose", str(static_run), "--budget", str(allocated - need)], capsys)
+    diagnosis = _json(["diagnose", str(static_run), "--budget", f"{allocated - need}B"], capsys)
     assert diagnosis["shortfall_bytes"] == need
     # THEN int4 does not fit, and says it holds every token written by the run's end
     (int4,) = [r for r in diagnosis["remedies"] if (r["kind"], r["setting"]) == ("quantized_kv", 4)]

@@ -590,6 +590,29 @@ def test_parse_size_keeps_whole_bytes_and_names_the_flag() -> None:
         parse_size("0", "--gpu-memory", positive=True)
 
 
+def test_a_device_memory_without_its_unit_is_refused_below_one_mib() -> None:
+    from analyzers.planning.size_text import parse_device_memory
+
+    # "24" meant 24 GiB: read as 24 bytes it planned a GPU of 0.02 KiB; refused, naming the flag and the fix
+    with pytest.raises(KvtraceError) as refused:
+        parse_device_memory("24", "--gpu-memory")
+    assert str(refused.value) == (
+        "--gpu-memory 24: a number without a unit is bytes, and 24 B is no device's memory: give its unit, "
+        "e.g. --gpu-memory 24GiB"
+    )
+    with pytest.raises(KvtraceError, match=r"^--budget 1048575: a number without a unit is bytes"):
+        parse_device_memory(" 1048575 ", "--budget")
+    with pytest.raises(KvtraceError, match=r"^--budget 1e5: a number without a unit is bytes, and 100,000 B"):
+        parse_device_memory("1e5", "--budget")
+    # a unit typed is kept, however small (B included), and a bare number from 1 MiB on is bytes
+    assert parse_device_memory("24GiB", "--gpu-memory") == 24 * 2**30
+    assert parse_device_memory("24B", "--gpu-memory") == 24
+    assert parse_device_memory("1048576", "--gpu-memory") == 2**20
+    assert parse_device_memory("85899345920", "--gpu-memory") == 80 * 2**30
+    with pytest.raises(KvtraceError, match=r"^--gpu-memory 0: a memory size must be positive$"):
+        parse_device_memory("0", "--gpu-memory")
+
+
 # --- the command --------------------------------------------------------------------------------------
 
 

@@ -73,7 +73,7 @@ def test_two_ranks_plan_the_weights_each_worker_loads(
     block = plan["bytes_per_block"]
     gpu = worker + 33 * block - 1
     profiled = _config_plan(
-        tiny_model_dir, 2, capsys, "--gpu-memory", str(gpu), "--gpu-memory-utilization", "1"
+        tiny_model_dir, 2, capsys, "--gpu-memory", f"{gpu}B", "--gpu-memory-utilization", "1"
     )
     assert (profiled["weights_bytes"], profiled["num_blocks"]) == (worker, 32)
 
