@@ -431,10 +431,10 @@ def plan_peak(req: PlanRequest, batch: int, context: int) -> PlanPeak:
     fixed = req.weights_bytes + req.effective_reserve_bytes
     if req.recorded is not None:
         # at call time: analyzers.planning.recorded_growth prices its moments with this module's KV
-        from analyzers.planning.recorded_growth import recorded_peak_at
+        from analyzers.planning.recorded_growth import recorded_peak_moment
 
-        peak = req.effective_reserve_bytes + recorded_peak_at(req, batch, context)
-        return PlanPeak(peak, kv_sizes(req, batch, context).step_peak_bytes)
+        peak, kv = recorded_peak_moment(req, batch, context)
+        return PlanPeak(req.effective_reserve_bytes + peak, kv)
     step = kv_sizes(req, batch, context).step_peak_bytes
     prefill = prefill_at(req, batch, context)
     if prefill is not None and prefill[0] + prefill[1].peak_bytes > step:

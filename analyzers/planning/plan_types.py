@@ -371,8 +371,8 @@ class PlanResult:
     # run's activations, scaled to this batch and context (`PlanRequest.recorded`); without a recording, the
     # prefill's estimated ones where its moment is the peak (`prefill_activations_bytes`), else 0
     activations_bytes: int = 0
-    # The KV held at the peak's moment: `kv_peak_bytes` at the KV peak's (and with a recording), the prompt's
-    # (`kv_prefill_bytes`) at the prefill's
+    # The KV held at the peak's moment: `kv_peak_bytes` at the KV peak's, the prompt's (`kv_prefill_bytes`) at
+    # the prefill's, what a recorded run's peak moment holds (a step's end: the KV without its growth copy)
     kv_at_peak_bytes: int = 0
     # The prefill's activations at its worst moment, estimated from the geometry (analyzers.planning
     # .prefill_activations) for the prompt given, else the longest (context - 1), under sdpa, unpadded; None

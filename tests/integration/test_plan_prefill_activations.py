@@ -20,7 +20,7 @@ import transformers
 from analyzers.planning.hf_config import geometry_from_config
 from analyzers.planning.prefill_activations import prefill_activations
 from kvtrace.llama import ModelSize, llama3_config
-from tests.cli_json import cli_json, report_json
+from tests.cli_json import cli_json, plan_json, report_json
 from tests.tiny import record_generate
 
 LAYERS, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 2, 64, 4096, 4, 2, 16
@@ -91,6 +91,24 @@ def test_the_plan_from_the_config_is_the_recorded_prefill_peak(
     assert small["peak_bytes"] == planned["peak_bytes"] + small["reserve_bytes"]
 
 
+def test_the_plan_from_the_run_and_from_its_config_agree(
+    sdpa_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, config = sdpa_run
+    # GIVEN the run planned from its recording (measured activations) and from its config (estimated)
+    from_run = plan_json(run, capsys, "--gpu-memory", "1GiB")
+    argv = ["plan", "--config", str(config), "--dtype", "fp32", "--batch", str(BATCH)]
+    shape = ["--context", str(CONTEXT), "--prompt", str(PROMPT), "--reserve", "0", "--gpu-memory", "1GiB"]
+    from_config = cli_json([*argv, *shape, "--json"], capsys)
+    # THEN both peak at the prefill, holding the prompt's KV, with activations a few scalars apart
+    assert from_run["kv_at_peak_bytes"] == from_config["kv_at_peak_bytes"] == PROMPT_KV
+    assert 0 <= from_run["activations_bytes"] - from_config["activations_bytes"] <= SCALARS
+    assert 0 <= from_run["peak_bytes"] - from_config["peak_bytes"] <= SCALARS
+    assert from_run["prefill_activations_bytes"] is None  # measured, not estimated
+    # AND the largest batch each finds on that GPU is the same
+    assert from_run["max_batch"] == from_config["max_batch"]
+
+
 def test_eager_attention_adds_its_mask_and_scores_as_recorded(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -116,3 +134,22 @@ def test_eager_attention_adds_its_mask_and_scores_as_recorded(
     assert 0 <= other - eager.peak_bytes <= SCALARS
     sdpa = prefill_activations(geometry, "fp32", 1, prompt)
     assert sdpa is not None and sdpa.peak_bytes < other / 2
+
+
+def test_the_h200_llama_3_8b_prefill_is_planned_from_its_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN the H200's recording of the Llama 3 8B shape (transformers 5.17, bf16, sdpa, flash attention),
+    # 24 rows of an 8,192-token prompt, which peaked at its prefill
+    run = Path(__file__).resolve().parents[2] / "sample_traces" / "h200" / "dynamic_b24"
+    from_run = plan_json(run, capsys)
+    measured = from_run["activations_bytes"]
+    assert from_run["kv_at_peak_bytes"] == 24 * 8192 * 131_072  # the prompt's KV
+    # WHEN the preset is planned at that shape, on that GPU, without a reserve
+    shape = ["--batch", "24", "--context", "8200", "--prompt", "8192", "--reserve", "0"]
+    gpu = ["--gpu-memory", str(from_run["request"]["gpu_memory_bytes"])]
+    planned = cli_json(["plan", "--preset", "llama-3-8b", *shape, *gpu, "--json"], capsys)
+    # THEN its activations are Llama 3 8B's a row and prompt token (3 x 14,336 + 4 x 4,096 + 2 x 128 in bf16,
+    # and 16 B of positions: 119,312 B), within 0.2% of the GPU's: below it by cuBLAS's 32 MiB workspace and
+    # 5 MiB that transformers 5.17 held beside them
+    assert planned["prefill_activations_bytes"] == 24 * 8192 * 119_312 == 23_457_693_696
+    assert 0 < measured - planned["activations_bytes"] < 0.002 * measured
+    assert 0 < from_run["peak_bytes"] - planned["peak_bytes"] < 0.002 * from_run["peak_bytes"]
