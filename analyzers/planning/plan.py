@@ -3,13 +3,17 @@
 `plan(request)` turns a `PlanRequest` into a frozen `PlanResult`; `to_json` and `format_text` render a
 result and compute nothing.
 
-A plan fits when weights + the KV peak + reserve <= GPU memory. The reserve stands for everything
-the planner cannot see (CUDA context, cuBLAS workspaces, activations, allocator fragmentation); its
-default of 10% of the GPU mirrors vLLM's (<0.32) `gpu_memory_utilization=0.9`. A plan from a recorded run
-(`PlanRequest.recorded`) sees the activations: its peak is the run's measured one, moved to the batch,
-context and cache planned (analyzers.planning.recorded_growth's `recorded_peak_at`), and the measured
-activations replace the reserve's guess (`kvtrace plan --from-run` keeps none unless --reserve is typed,
-on top).
+A plan fits when its worst moment, weights + KV + activations + reserve, <= GPU memory: the larger of the
+KV peak (the last decode step's growth copy) and the prefill, the prompt's KV beside the activations
+transformers' forward holds over the whole prompt, estimated from the geometry
+(analyzers.planning.prefill_activations: at a Llama layer's MLP, 3 x rows x prompt x intermediate_size
+elements and four hidden states; tens of GiB at a long prompt). The reserve stands for what the planner
+cannot see (CUDA context, cuBLAS workspaces, a decode step's activations, the logits, allocator
+fragmentation); its default of 10% of the GPU mirrors vLLM's (<0.32) `gpu_memory_utilization=0.9`. A plan
+from a recorded run (`PlanRequest.recorded`) sees the activations: its peak is the run's measured one, moved
+to the batch, context and cache planned (analyzers.planning.recorded_growth's `recorded_peak_at`), and the
+measured activations replace the reserve's guess (`kvtrace plan --from-run` keeps none unless --reserve is
+typed, on top).
 
 This module decides whether a request fits and searches for what would: the largest batch, the longest
 context, the remedies. The rest is split by role: the request and result types
@@ -33,6 +37,8 @@ from analyzers.planning.plan_kv import (
     kv_per_token,
     kv_sizes,
     peak_at,
+    plan_peak,
+    prefill_at,
 )
 from analyzers.planning.plan_render import format_text, to_json
 from analyzers.planning.plan_types import (
@@ -43,6 +49,7 @@ from analyzers.planning.plan_types import (
     PlanResult,
     Remedy,
 )
+from analyzers.planning.prefill_activations import prefill_note
 from analyzers.planning.recorded_notes import padding_note, prefill_bound_note, quantized_prefill_note
 from analyzers.planning.size_text import parse_size
 
@@ -62,14 +69,18 @@ __all__ = [
 
 def _steady_context(req: PlanRequest) -> int | None:
     """The context from which the peak stops growing, None when it grows with every token: only when every
-    layer keeps a window, and a dynamic cache's only once the prompt is fixed (its sliding layers hold the
-    prompt, and the worst prompt grows with the context)."""
+    layer keeps a window, and, for a dynamic cache or a prefill the plan estimates, only once the prompt is
+    fixed (sliding layers hold the prompt, a prefill's activations follow it, and the worst prompt grows
+    with the context)."""
     whole, _, window = cache_layout(req)
     if whole or window is None or req.geometry.compressed is not None:  # DeepSeek-V4's entries grow too
         return None
+    if req.prompt is None and prefill_at(req, req.batch, req.context) is not None:
+        return None  # the worst prompt's prefill grows with the context, whatever the window
     if req.cache not in PREALLOCATED_CACHES:  # dynamic, or sliding (a DynamicCache too)
         return None if req.prompt is None else max(req.prompt, window) + 2
-    return window + 1  # min(written, window) tokens: written = context - 1
+    # min(written, window) tokens, written = context - 1; a prompt past the window is written whole first
+    return window + 1 if req.prompt is None else max(window, req.prompt) + 1
 
 
 def _largest(fits: Callable[[int], bool], cap: int | None = None) -> int:
@@ -94,8 +105,11 @@ def _evaluate(req: PlanRequest) -> PlanResult:
     weights = req.weights_bytes
     reserve = req.effective_reserve_bytes
     total = weights + sizes.kv_bytes + reserve
-    peak = peak_at(req, req.batch, req.context)
-    activations = peak - weights - sizes.step_peak_bytes - reserve  # a recorded run's; else 0
+    moment = plan_peak(req, req.batch, req.context)
+    peak = moment.peak_bytes
+    # beside the weights, the reserve and the KV the peak's moment holds: a recorded run's, or the prefill's
+    activations = peak - weights - reserve - moment.kv_bytes
+    prefill = prefill_at(req, req.batch, req.context)
     gpu = req.gpu_memory_bytes
 
     def context_fits(context: int) -> bool:
@@ -137,6 +151,8 @@ def _evaluate(req: PlanRequest) -> PlanResult:
         kv_budget_bytes=budget,
         kv_blocks=blocks(budget, math.ceil(data + scales), req.block_size),
         activations_bytes=activations,
+        kv_at_peak_bytes=moment.kv_bytes,
+        prefill_activations_bytes=None if prefill is None else prefill[1].peak_bytes,
         kv_cross_attention_bytes=sizes.cross_bytes,
         kv_parts=dict(sizes.parts) or None,
         kv_cross_attention_bytes_per_token=cross_kv_per_token(req),
@@ -200,7 +216,12 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
     quantize = quantized_prefill_note(req)  # a quantized prefill's temporaries, which no other run makes
     encoder = encoder_pass_note(req)  # an encoder-decoder's encoder pass, grown to the encoder length
     padding = padding_note(req)  # an sdpa prefill priced as padded (the run does not tell), or unpadded
-    notes = (cache_off, estimate, geom.kv_note, prefill, quantize, encoder, padding)
+    # a plan without a recording: its prefill's activations estimated, the formula and what it assumes
+    prompt = req.prompt if req.prompt is not None else req.context - 1  # prefill_at's
+    activations = None
+    if req.recorded is None:
+        activations = prefill_note(geom, req.effective_compute_dtype, req.batch, prompt)
+    notes = (cache_off, estimate, geom.kv_note, activations, prefill, quantize, encoder, padding)
     model_notes = tuple(note for note in notes if note)
     limit = geom.max_position_embeddings
     if limit is None or req.context <= limit:

@@ -68,7 +68,9 @@ scales, as in vLLM's fp8 KV cache, are a few bytes per layer.
 
 Apart from the search for what fits (analyzers.planning.plan), which asks for these figures at many
 batches, contexts and windows, and from a plan priced from a recorded run's peak
-(analyzers.planning.recorded_growth), which moves a measurement with these figures.
+(analyzers.planning.recorded_growth), which moves a measurement with these figures. A plan without a
+recording has a second moment beside the KV peak, its prefill (`prefill_at`): the prompt's KV with the
+activations analyzers.planning.prefill_activations estimates; its peak is the larger (`plan_peak`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ from dataclasses import dataclass, replace
 
 from analyzers.planning.compressed_kv import compressed_growth_bytes, compressed_sizes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, SLIDING_CACHES, PlanRequest
+from analyzers.planning.prefill_activations import PrefillActivations, prefill_activations
 from analyzers.planning.presets import DTYPE_BITS, dtype_bytes_for
 from analyzers.planning.quantized_cache import (
     QuantoPadding,
@@ -91,12 +94,15 @@ from kvtrace.errors import KvtraceError
 __all__ = [
     "FP8_SCALE_BYTES",
     "KvSizes",
+    "PlanPeak",
     "blocks",
     "cache_layout",
     "cross_kv_per_token",
     "kv_per_token",
     "kv_sizes",
     "peak_at",
+    "plan_peak",
+    "prefill_at",
 ]
 
 FP8_SCALE_BYTES = 4  # Fp8QuantizedLayer's per-tensor scale: one float32 for K and one for V, per layer
@@ -392,13 +398,52 @@ def _with_cross_attention(req: PlanRequest, batch: int, sizes: KvSizes) -> KvSiz
     )
 
 
-def peak_at(req: PlanRequest, batch: int, context: int) -> int:
-    """Bytes the plan needs at its worst moment at `batch` and `context`: weights, reserve and the KV peak,
-    and a recorded run's activations (`recorded_peak_at`)."""
+@dataclass(frozen=True)
+class PlanPeak:
+    """A plan's worst moment at a batch and context: the bytes it needs then (weights, KV, activations and
+    reserve), and the KV it holds then, which is not the KV peak where the moment is another (a prefill, a
+    step's end holding its logits)."""
+
+    peak_bytes: int
+    kv_bytes: int
+
+
+def prefill_at(req: PlanRequest, batch: int, context: int) -> tuple[int, PrefillActivations] | None:
+    """A plan's prefill without a recording: the KV it holds at its worst moment (every layer's prompt,
+    the last layer's included) and its activations (`prefill_activations`, under sdpa, unpadded, the
+    plan's assumptions), for the request's prompt, else the longest, context - 1, the worst: its
+    activations grow with it. None with a recording (its own prefill is measured) or for a model whose
+    prefill the planner does not estimate."""
+    if req.recorded is not None:
+        return None
+    prompt = req.prompt if req.prompt is not None else context - 1
+    activations = prefill_activations(req.geometry, req.effective_compute_dtype, batch, prompt)
+    if activations is None:
+        return None
+    kv = kv_sizes(replace(req, prompt=prompt, context=context), batch, context).prefill_bytes
+    return kv, activations
+
+
+def plan_peak(req: PlanRequest, batch: int, context: int) -> PlanPeak:
+    """`peak_at`, with the KV its moment holds: without a recording, the larger of the KV peak (the last
+    decode step's growth copy, a quantized cache's update) and the prefill's (`prefill_at`), each beside
+    the weights and the reserve; with one, the recorded run's peak moved to the plan (`recorded_peak_at`)."""
     fixed = req.weights_bytes + req.effective_reserve_bytes
     if req.recorded is not None:
         # at call time: analyzers.planning.recorded_growth prices its moments with this module's KV
-        from analyzers.planning.recorded_growth import recorded_peak_at
+        from analyzers.planning.recorded_growth import recorded_peak_moment
 
-        return req.effective_reserve_bytes + recorded_peak_at(req, batch, context)
-    return fixed + kv_sizes(req, batch, context).step_peak_bytes
+        peak, kv = recorded_peak_moment(req, batch, context)
+        return PlanPeak(req.effective_reserve_bytes + peak, kv)
+    step = kv_sizes(req, batch, context).step_peak_bytes
+    prefill = prefill_at(req, batch, context)
+    if prefill is not None and prefill[0] + prefill[1].peak_bytes > step:
+        return PlanPeak(fixed + prefill[0] + prefill[1].peak_bytes, prefill[0])
+    return PlanPeak(fixed + step, step)
+
+
+def peak_at(req: PlanRequest, batch: int, context: int) -> int:
+    """Bytes the plan needs at its worst moment at `batch` and `context`: weights, reserve and the KV peak,
+    or the prefill's KV and activations where those are more (`plan_peak`), and a recorded run's
+    activations (`recorded_peak_at`)."""
+    return plan_peak(req, batch, context).peak_bytes

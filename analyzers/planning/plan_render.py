@@ -136,6 +136,8 @@ def format_text(result: PlanResult) -> str:
     if result.kv_scale_bytes_per_token:
         rows.append(("  + scales per token", f"{result.kv_scale_bytes_per_token:,} B"))
     worst = " (the worst case)" if req.prompt is None else ""
+    if req.prompt is None and result.activations_bytes and result.prefill_activations_bytes is not None:
+        worst = " (the KV's worst case; the prefill's is the longest, below)"
     beams = f": {req.batch // req.beams} x {req.beams} beams" if req.beams > 1 else ""
     rows += [
         (
@@ -186,7 +188,18 @@ def format_text(result: PlanResult) -> str:
         rows.append(
             (
                 "activations",
-                f"{_size(result.activations_bytes)} (the rest of the run's peak, scaled to this plan)",
+                f"{_size(result.activations_bytes)} (the rest of the run's peak beside the KV its moment "
+                "holds, scaled to this plan)",
+            )
+        )
+    elif result.prefill_activations_bytes is not None:
+        # the peak's moment when it holds them; else the KV peak's is, later
+        where = "at the peak, beside the prompt's KV" if result.activations_bytes else "below the peak"
+        shape = f"{req.batch} x {_prefill_prompt(result):,} tokens"
+        rows.append(
+            (
+                "prefill activations",
+                f"{_size(result.prefill_activations_bytes)} ({shape}, sdpa, {where}; note)",
             )
         )
     rows += [
@@ -209,6 +222,12 @@ def format_text(result: PlanResult) -> str:
         lines.append("To make it fit:")
         lines += [f"  - {_sentence(fix, req)}" for fix in result.remedies]
     return "\n".join(lines)
+
+
+def _prefill_prompt(result: PlanResult) -> int:
+    """The prompt the prefill's activations are estimated for: the request's, else the longest."""
+    prompt = result.request.prompt
+    return prompt if prompt is not None else result.request.context - 1
 
 
 def _longest_context(result: PlanResult) -> str:

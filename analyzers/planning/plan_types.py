@@ -148,8 +148,9 @@ class PlanRequest:
     """What to plan for. Invalid combinations raise KvtraceError when the request is built.
 
     reserve_bytes / reserve_fraction: memory kept out of the plan; give at most one (neither: 10% of
-    the GPU, which stands for the activations among the rest; `kvtrace plan --from-run` measures those and
-    keeps no reserve unless one is typed). A larger reserve makes the answer safer and the batch smaller.
+    the GPU, which stands for the CUDA context, a decode step's activations and the rest the plan does not
+    estimate: the prefill's it does; `kvtrace plan --from-run` measures them and keeps no reserve unless one
+    is typed). A larger reserve makes the answer safer and the batch smaller.
     window: tokens a sliding cache keeps on every layer (default: the model's own `sliding_window`); only for
     "sliding" (the dynamic one kvtrace demo and record name so) and "static_sliding".
     quant_group_size / residual_length: QuantizedCache's `q_group_size` (64) and `residual_length` (128);
@@ -366,9 +367,18 @@ class PlanResult:
     kv_cross_attention_bytes: int = 0
     kv_cross_attention_bytes_per_token: int = 0
     encoder_tokens: int | None = None
-    # Beside weights and KV at the peak: a recorded run's activations, scaled to this batch and context
-    # (`PlanRequest.recorded`); 0 without a recording, where the reserve stands for them
+    # Beside the weights, the reserve and the KV the peak's moment holds (`kv_at_peak_bytes`): a recorded
+    # run's activations, scaled to this batch and context (`PlanRequest.recorded`); without a recording, the
+    # prefill's estimated ones where its moment is the peak (`prefill_activations_bytes`), else 0
     activations_bytes: int = 0
+    # The KV held at the peak's moment: `kv_peak_bytes` at the KV peak's, the prompt's (`kv_prefill_bytes`) at
+    # the prefill's, what a recorded run's peak moment holds (a step's end: the KV without its growth copy)
+    kv_at_peak_bytes: int = 0
+    # The prefill's activations at its worst moment, estimated from the geometry (analyzers.planning
+    # .prefill_activations) for the prompt given, else the longest (context - 1), under sdpa, unpadded; None
+    # with a recording (measured instead, in `activations_bytes`) or for a model the estimate does not cover
+    # (a note says why)
+    prefill_activations_bytes: int | None = None
     # DeepSeek-V4's kv_bytes by part (`compressed_kv`): "window", "compressed_entries", "indexer_keys",
     # "compressor_state"; None for any other model
     kv_parts: dict[str, int] | None = None

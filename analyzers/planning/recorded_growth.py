@@ -41,23 +41,39 @@ from analyzers.planning.recorded_terms import (
 from analyzers.planning.sdpa_repeats import sdpa_copies_unmeasured, sdpa_repeats_kv
 from analyzers.planning.static_prefill import prefill_attention_bytes
 
-__all__ = ["recorded_peak_at"]
+__all__ = ["recorded_peak_at", "recorded_peak_moment"]
+
+# A moment of a plan from a recording: (bytes beside the reserve, of which the KV it holds)
+Moment = tuple[int, int]
+
+
+def _larger(*moments: Moment) -> Moment:
+    """The moment that needs the most bytes (the first of equals)."""
+    return max(moments, key=lambda moment: moment[0])
 
 
 def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
-    """`_recorded_peak_at`, and no less than a decode step's attention over the longer context holding its
-    copies of the KV beside the final KV and the peak's activations (`_attention_floor`), nor than an
+    """The bytes of `recorded_peak_moment`."""
+    return recorded_peak_moment(req, batch, context)[0]
+
+
+def recorded_peak_moment(req: PlanRequest, batch: int, context: int) -> Moment:
+    """The plan's worst moment, its bytes beside the reserve and the KV it holds: `_recorded_peak_at`, and
+    no less than a decode step's attention over the longer context holding its copies of the KV beside the
+    final KV and the peak's activations (`_attention_floor`), nor than an
     encoder-decoder model's encoder pass at the planned encoder length, before any KV
     (`encoder_pass_bytes`); a beam search's, with the growth of its tensors over the generation's length,
-    which every moment of it holds (`beam_search_growth`)."""
+    which every moment of it holds (`beam_search_growth`). The KV is the moment's: a step's end or a
+    prefill holds no growth copy, and the encoder pass no KV."""
     assert req.recorded is not None
-    encoder = req.weights_bytes + encoder_pass_bytes(replace(req, batch=batch))
+    encoder = (req.weights_bytes + encoder_pass_bytes(replace(req, batch=batch)), 0)
     prompt = kv_sizes(req, batch, context).prompt
     beams = beam_search_growth(req.recorded, req.beams, batch, prompt, context)
-    return max(_recorded_peak_at(req, batch, context), _attention_floor(req, batch, context), encoder) + beams
+    peak, kv = _larger(_recorded_peak_at(req, batch, context), _attention_floor(req, batch, context), encoder)
+    return peak + beams, kv
 
 
-def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
+def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
     """The peak a recorded run would reach at `batch` and `context`, priced as `kvtrace diagnose` prices
     its remedies from the run's peak moment (analyzers.planning.diagnose_remedies): the KV of that moment
     moves as the arithmetic says; a smaller batch frees the moment's batch-first activations in proportion
@@ -111,7 +127,7 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         beside_update = rec.update_activations_bytes
         if beside_update is None or (req.cache == "quantized" and prefill_peaks(rec, grown, prompt_grown)):
             # the update's copies beside: a bound
-            return req.weights_bytes + sizes.step_peak_bytes + at_peak + tokens
+            return req.weights_bytes + sizes.step_peak_bytes + at_peak + tokens, sizes.step_peak_bytes
         # Two moments, never live together: the run's peak (a step's end, its logits) holding this cache's
         # KV, and this cache's KV peak (inside an update, or a beam search's reorder) beside what the run
         # held at its own KV peak; fewer rows keep the share of them that `rows_freed` keeps at the peak
@@ -123,8 +139,11 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
         )
         in_update += update_token_growth(rec, batch, context, kept * max(grown, prompt_grown))
         held = max(sizes.kv_bytes, sizes.prefill_bytes)
-        return req.weights_bytes + max(held + at_peak + tokens, sizes.step_peak_bytes + in_update)
-    moved = _moment_kv(req, rec, batch, context) - _moment_kv(run, rec, rec.batch, rec.context)
+        step_end = (held + at_peak + tokens, held)
+        peak, kv = _larger(step_end, (sizes.step_peak_bytes + in_update, sizes.step_peak_bytes))
+        return req.weights_bytes + peak, kv
+    moment_kv = _moment_kv(req, rec, batch, context)
+    moved = moment_kv - _moment_kv(run, rec, rec.batch, rec.context)
     if rec.phase == "prefill":
         # The run peaked at its prefill: that moment's activations follow the rows and the prompt, not the
         # context, and its ids are the prompt's; the longer context's decode steps are `floors`. Before, they
@@ -146,10 +165,10 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
             quadratic = 0 if squared else quadratic
         growth, tokens = max(grown_at_prefill - activations, 0) + quadratic, 0
     grew = (req.weights_bytes - rec.weights_bytes) + moved - freed + growth + tokens
-    return max(rec.peak_bytes + grew, *floors)
+    return _larger((rec.peak_bytes + grew, moment_kv), *floors)
 
 
-def _attention_floor(req: PlanRequest, batch: int, context: int) -> int:
+def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
     """A plan's last decode step while one layer attends over a longer context than the run's: its weights,
     the final KV, the run's peak activations grown as `_recorded_peak_at` grows them (an upper bound: the
     logits are not live then) and that layer's copies of the KV (`attention_copies`). The run's peak
@@ -158,7 +177,8 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> int:
     the peak (the tiny Llama with eager attention, planned from context 12 at 240, was 13.3% below its
     recording; an fp8 cache 4.9%, 19.2% planned from a dynamic run). At the run's context too where the
     planned cache makes copies the run's never did (an fp8 cache's; a static cache's under an older
-    transformers' sdpa, `sdpa_repeats_kv`). 0 at the run's context and cache: its peak is measured."""
+    transformers' sdpa, `sdpa_repeats_kv`). (0, 0) at the run's context and cache: its peak is measured. The
+    moment holds the final KV."""
     assert req.recorded is not None
     rec = in_compute_dtype(req.recorded, req.effective_compute_dtype)
     fp8_new = (
@@ -171,14 +191,15 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> int:
     repeats_new = sdpa_copies_unmeasured(req, rec) and not sdpa_repeats_kv(rec.cache, rec)
     copies = attention_copies(req, rec, batch, context)
     if not copies or (not attended_gain(req, rec, context) and not fp8_new and not repeats_new):
-        return 0
+        return 0, 0
+    kv = kv_sizes(req, batch, context).kv_bytes
     if rec.phase == "prefill" and same_cache_as_run(req):
         # A prefill's activations are no decode step's: the step's are those the run held at its KV peak,
         # grown to the plan (`_beside_late`). Before, the prefill's grew with the context: the tiny Llama,
         # eager, batch 2, a 40-token prompt, planned from context 44 at 206 was 2,305,491 B where the
         # recording peaked at 1,012,460 (+128%)
         beside = _beside_late(req, run_request(req, rec), rec, batch, context)
-        return req.weights_bytes + kv_sizes(req, batch, context).kv_bytes + beside + copies
+        return req.weights_bytes + kv + beside + copies, kv
     rows, more = max(batch / rec.batch, 1.0), attended_gain(req, rec, context)
     gain = Gain(rows, context_growth(req, rec, context), max(batch, rec.batch), more)
     activations = gain.grown(
@@ -197,12 +218,12 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> int:
             rec.update_activations_bytes * kept, rec.update_context_token_bytes, rec.update_batch_fixed_bytes
         )
         tokens = update_token_growth(rec, batch, context, kept * rows * gain.stretch)
-    return req.weights_bytes + kv_sizes(req, batch, context).kv_bytes + activations + tokens + copies
+    return req.weights_bytes + kv + activations + tokens + copies, kv
 
 
 def _moment_floors(
     req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int
-) -> list[int]:
+) -> list[Moment]:
     """The plan's prefill and its KV peak, each with the activations the run allows that moment, grown as
     it grows. The prefill's are what the run held beside its weights and KV during its prefill, where the
     allocator's events tell it (`RecordedPeak.prefill_activations_bytes`); else at most its peak less its
@@ -213,7 +234,8 @@ def _moment_floors(
     sizes = kv_sizes(req, batch, context)
     kept = 1 - rows_freed(rec, batch) / max(rec.activations_bytes, 1)
     beside_prefill, prefill_fixed = _beside_prefill(run, rec)
-    floors = [req.weights_bytes + sizes.step_peak_bytes + _beside_late(req, run, rec, batch, context)]
+    late = req.weights_bytes + sizes.step_peak_bytes + _beside_late(req, run, rec, batch, context)
+    floors = [(late, sizes.step_peak_bytes)]
     rows, longer = max(batch / rec.batch, 1.0), prefill_growth(run, rec, sizes.prompt)
     early = rows * longer
     attention = prefill_attention_bytes(req, run, rec, batch, context, sizes.prompt)
@@ -231,7 +253,7 @@ def _moment_floors(
             prefill = moments_grown(moments, rows * kept, longer, squared)
             attention = 0 if squared else attention
         prefill += attention
-        floors.append(req.weights_bytes + sizes.prefill_bytes + prefill)
+        floors.append((req.weights_bytes + sizes.prefill_bytes + prefill, sizes.prefill_bytes))
     return floors
 
 

@@ -169,8 +169,10 @@ class PlanCommand(Command):
     """Plan GPU memory: will a model's weights and KV cache fit at this batch and context?
 
     Pure arithmetic from the model geometry (a --preset or a local config.json): nothing is loaded, no GPU
-    is needed. Exit status: 0 when the plan fits, 1 when it does not (or when standard output cannot be
-    written: a full disk, said on stderr), 2 for bad input (like grep and diff), so a launch script can run
+    is needed. The peak counts the prefill's activations (transformers runs the whole prompt through the
+    model at once: at a long prompt they rival the KV), estimated for sdpa attention and unpadded prompts.
+    Exit status: 0 when the plan fits, 1 when it does not (or when standard output cannot be written: a full
+    disk, said on stderr), 2 for bad input (like grep and diff), so a launch script can run
     `kvtrace plan ... && serve ...`; the plan is printed either way.
     """
 
@@ -239,9 +241,10 @@ class PlanCommand(Command):
         )
         parser.add_argument(
             "--reserve",
-            help="memory kept out of the plan for CUDA context, activations and fragmentation: a fraction "
-            "of the GPU below 1 (default 0.1, as vLLM's 0.9 utilization before 0.32) or a size such as 2GiB; "
-            "with "
+            help="memory kept out of the plan for CUDA context, a decode step's activations and "
+            "fragmentation (the prefill's activations are estimated: the plan's 'prefill activations'): a "
+            "fraction of the GPU below 1 (default 0.1, as vLLM's 0.9 utilization before 0.32) or a size such "
+            "as 2GiB; with "
             "--from-run of a run recorded with allocator events, default 0: the run's measured activations "
             "replace the guess, and a typed reserve is kept on top of them",
         )

@@ -66,13 +66,15 @@ def test_plan_from_one_tensor_parallel_rank_plans_that_rank(
     assert planned["kv_tokens"] == TOKENS
     assert planned["kv_bytes"] == RANK_KV_BYTES
     assert planned["kv_peak_bytes"] == report["kv"]["peak_bytes"]
-    # AND its peak is the run's, activations the rest of it beside the weights and the KV peak (not shrunk
-    # to make room for KV the rank never held)
+    # AND its peak is the run's, activations the rest of it beside the weights and the KV its peak's moment
+    # held (not shrunk to make room for KV the rank never held; before, beside the KV peak, a growth copy
+    # the moment did not hold: 2,560 B less than the run's)
     assert planned["peak_bytes"] == report["peak_allocated_bytes"]
     weights = report["categories_at_peak"]["weights"]
     assert planned["weights_bytes"] == weights
-    rest = report["peak_allocated_bytes"] - weights - report["kv"]["peak_bytes"]
-    assert planned["activations_bytes"] == rest
+    assert planned["kv_at_peak_bytes"] == report["categories_at_peak"]["kv"]
+    rest = report["peak_allocated_bytes"] - weights - report["categories_at_peak"]["kv"]
+    assert planned["activations_bytes"] == rest == report["categories_at_peak"]["other"]
     said = "rank-0 is rank 0 of 2 (tensor parallel): its cache holds 1 of the model's 2 KV heads"
     assert any(note.startswith(said) for note in planned["notes"])
     assert main(["plan", "--from-run", str(rank)]) == 0

@@ -56,6 +56,16 @@ LLAMA_3_8B_CONFIG = {
 ROPE_BYTES = 2 * (128 // 2) * 4
 # Its weights in bf16: 8,030,261,248 parameters at 2 B, and the RoPE table
 LLAMA_3_8B_BF16 = 8_030_261_248 * 2 + ROPE_BYTES
+# Its prefill's activations a row and prompt token, at the last layer's MLP (transformers 5.25, sdpa): the
+# gate's activation, the up projection and their product (3 x 14,336), 4 hidden states of 4,096 (the
+# embeddings, the layer's input, its residual, the normed input), rotary cos and sin (2 x 128), all bf16, and
+# two int64 position tensors: 119,312 B, a little below a token's KV (131,072 B)
+PREFILL_ROW_TOKEN = 3 * 14_336 * 2 + 4 * 4096 * 2 + 2 * 128 * 2 + 2 * 8
+
+
+def prefill(batch: int, prompt: int) -> int:
+    """Llama 3 8B's prefill activations, bf16, for `batch` rows of `prompt` tokens."""
+    return batch * prompt * PREFILL_ROW_TOKEN
 
 
 def llama_3_8b() -> ModelGeometry:
@@ -105,7 +115,9 @@ def test_llama_3_8b_kv_per_token_and_paged_blocks() -> None:
 
 def test_result_kv_blocks_use_the_budget_after_weights_and_reserve() -> None:
     result = plan(request(gpu_memory_bytes=40 * GIB, reserve_bytes=2 * GIB))
-    budget = 40 * GIB - 2 * GIB - LLAMA_3_8B_BF16
+    # and the prefill's activations (the worst prompt, 8,191 tokens), which share the GPU with the KV at the
+    # peak: before they were estimated, the budget was 0.91 GiB larger
+    budget = 40 * GIB - 2 * GIB - LLAMA_3_8B_BF16 - prefill(1, 8191)
     assert result.kv_budget_bytes == budget
     assert result.kv_blocks == budget // (131_072 * 16)
 
@@ -171,7 +183,10 @@ def test_dynamic_and_static_hold_the_same_kv_but_only_dynamic_has_a_growth_peak(
     assert dynamic.dynamic_realloc_peak_bytes == 4 * 998 * 8 * 128 * 2
     assert static.dynamic_realloc_peak_bytes == 0
     assert static.kv_preallocated_bytes == static.kv_bytes and dynamic.kv_preallocated_bytes == 0
-    assert dynamic.peak_bytes - static.peak_bytes == 4 * 998 * 8 * 128 * 2
+    assert dynamic.kv_peak_bytes - static.kv_peak_bytes == 4 * 998 * 8 * 128 * 2
+    # Both peak at the prefill of the longest prompt, 999 tokens, the same (its activations, 454.61 MiB,
+    # are more than the growth copy, 15.59 MiB): before they were estimated, the growth copy set them apart
+    assert dynamic.peak_bytes == static.peak_bytes == LLAMA_3_8B_BF16 + 4 * 999 * 131_072 + prefill(4, 999)
 
 
 def test_sliding_window_caps_the_tokens_held() -> None:
@@ -180,7 +195,11 @@ def test_sliding_window_caps_the_tokens_held() -> None:
     assert long.kv_bytes == 2 * 4096 * 131_072
     assert short.kv_bytes == 2 * 999 * 131_072  # the last of the 1000 tokens is never written
     assert long.dynamic_realloc_peak_bytes == 0
-    assert long.max_context is None  # the window caps the KV, so any context fits
+    # the window caps the KV, so with the prompt given any context fits; the worst prompt, context - 1,
+    # grows the prefill's activations with the context (before they were estimated: any context)
+    assert long.max_context is not None
+    given = plan(request(batch=2, context=10_000, cache="static_sliding", window=4096, prompt=1000))
+    assert given.max_context is None
     # The dynamic one (demo's `sliding`) holds the worst prompt, 9,998 tokens, until its first decode step,
     # when layer 0 makes its window's K and V beside it
     dynamic = plan(request(batch=2, context=10_000, cache="sliding", window=4096))
@@ -207,7 +226,10 @@ def test_the_cache_holds_the_context_less_the_last_new_token() -> None:
     assert (three.kv_tokens, three.kv_bytes) == (2, 2 * 131_072)
     assert three.dynamic_realloc_peak_bytes == 8 * 128 * 2
     text = format_text(plan(request(context=68)))
-    assert "68 tokens: a 66-token prompt (the worst case) and the new tokens" in text
+    # the KV's worst prompt, 66 tokens (one decode step's growth copy); the peak is the 67-token prefill's
+    assert "68 tokens: a 66-token prompt (the KV's worst case; the prefill's is the longest, below)" in text
+    assert "prefill activations    7.62 MiB (1 x 67 tokens, sdpa, at the peak" in text
+    assert f"{prefill(1, 67) / 2**20:.2f}" == "7.62"
     assert "of which the cache holds 67" in text
 
 
@@ -225,7 +247,11 @@ def test_a_dynamic_caches_sliding_layers_hold_the_whole_prompt_until_the_first_d
     assert given.kv_prefill_bytes == 32 * 10_000 * LAYER_TOKEN
     assert given.kv_peak_bytes == (32 * 10_000 + 4096) * LAYER_TOKEN
     assert (given.kv_tokens, given.kv_bytes) == (4095, 32 * 4096 * LAYER_TOKEN)
-    assert given.peak_bytes == given.weights_bytes + given.kv_peak_bytes
+    # AND the peak is the prefill's: the prompt's KV and its activations, Llama 3 8B's a row and token and,
+    # the prompt past the window, sdpa's bool mask of its window over prompt x prompt (transformers cannot
+    # skip it), 10,000 x 10,000 B
+    assert given.prefill_activations_bytes == prefill(1, 10_000) + 10_000 * 10_000
+    assert given.peak_bytes == given.weights_bytes + given.kv_prefill_bytes + given.prefill_activations_bytes
     assert given.max_context is None  # later steps only slide: the prompt, not the context, sets the peak
     # AND without a prompt the worst one for the context is planned: 10,098 tokens and one decode step
     # (32 x 10,098 + 4,096 tokens of layer KV beats a 10,099-token prompt alone, 32 x 10,099)
@@ -237,7 +263,9 @@ def test_a_dynamic_caches_sliding_layers_hold_the_whole_prompt_until_the_first_d
     static = plan(request(geometry=MISTRAL_LIKE, context=10_100, cache="static"))
     assert static.kv_peak_bytes == static.kv_prefill_bytes == static.kv_bytes == 32 * 4096 * LAYER_TOKEN
     # AND where the prompt does not fit, the remedies are that static cache and windows below the model's own
-    room = 32 * 5000 * LAYER_TOKEN
+    # (room for 5,000 tokens of KV beside the worst prompt's prefill activations, 10,099 tokens, which
+    # every cache's prefill holds: before they were estimated, the room was the KV's alone)
+    room = 32 * 5000 * LAYER_TOKEN + prefill(1, 10_099) + 10_099 * 10_099
     tight = plan(request(geometry=MISTRAL_LIKE, context=10_100, gpu_memory_bytes=given.weights_bytes + room))
     remedies = {remedy.kind: remedy for remedy in tight.remedies}
     assert not tight.fits and remedies["static_cache"].fits
@@ -348,8 +376,14 @@ def test_totals_and_headroom() -> None:
     growth = 8 * 8190 * 8 * 128 * 2
     assert (result.weights_bytes, result.kv_bytes, result.reserve_bytes) == (weights, kv, reserve)
     assert result.total_bytes == weights + kv + reserve
-    assert result.peak_bytes == weights + kv + reserve + growth
-    assert result.headroom_bytes == 80 * GIB - (weights + kv + reserve + growth)
+    # The peak is the prefill of the longest prompt, 8,191 tokens, which holds the KV whole and 7.28 GiB of
+    # activations, more than the last step's growth copy (128 MiB), the peak before they were estimated
+    activations = prefill(8, 8191)
+    assert activations > growth
+    assert (result.prefill_activations_bytes, result.activations_bytes) == (activations, activations)
+    assert result.kv_at_peak_bytes == kv
+    assert result.peak_bytes == weights + kv + reserve + activations
+    assert result.headroom_bytes == 80 * GIB - (weights + kv + reserve + activations)
     assert result.fits
 
 
@@ -360,7 +394,10 @@ def test_max_batch_is_exact(cache: str) -> None:
     growth_per_seq = (context - 2) * 8 * 128 * 2 if cache == "dynamic" else 0
 
     def peak(batch: int) -> int:
-        return weights + batch * ((context - 1) * 131_072 + growth_per_seq)
+        # the prefill of the longest prompt, context - 1, when its activations are more than the growth copy
+        at_end = (context - 1) * 131_072 + growth_per_seq
+        at_prefill = (context - 1) * 131_072 + prefill(1, context - 1)
+        return weights + batch * max(at_end, at_prefill)
 
     result = plan(request(batch=1, context=context, gpu_memory_bytes=gpu, cache=cache))
     assert peak(result.max_batch) <= gpu < peak(result.max_batch + 1)
@@ -379,7 +416,8 @@ def test_max_context_is_exact(cache: str) -> None:
     assert plan(request(batch=batch, context=best, gpu_memory_bytes=gpu, cache=cache)).fits
     assert not plan(request(batch=batch, context=best + 1, gpu_memory_bytes=gpu, cache=cache)).fits
     if cache == "static":  # linear: worked out by hand
-        assert best - 1 == (gpu - LLAMA_3_8B_BF16) // (batch * 131_072)  # tokens written
+        # the tokens written, each a token's KV and, in the longest prompt, its prefill's activations
+        assert best - 1 == (gpu - LLAMA_3_8B_BF16) // (batch * (131_072 + PREFILL_ROW_TOKEN))
 
 
 def test_quantized_max_context_is_exact() -> None:
@@ -402,8 +440,16 @@ def test_weights_that_do_not_fit_give_zero_and_one_remedy() -> None:
 
 
 def test_remedies_when_kv_does_not_fit() -> None:
+    # a 512-token prompt: its prefill's activations (3.64 GiB) are not what keeps it from fitting
     result = plan(
-        request(batch=64, context=8192, gpu_memory_bytes=80 * GIB, reserve_bytes=None, reserve_fraction=0.1)
+        request(
+            batch=64,
+            context=8192,
+            prompt=512,
+            gpu_memory_bytes=80 * GIB,
+            reserve_bytes=None,
+            reserve_fraction=0.1,
+        )
     )
     assert not result.fits
     kinds = {remedy.kind: remedy for remedy in result.remedies}
@@ -416,6 +462,13 @@ def test_remedies_when_kv_does_not_fit() -> None:
     assert f"Lower the batch to {result.max_batch}" in text
     assert "--cache quantized" in text and "--cache static_sliding" in text
     assert plan(request()).remedies == ()
+    # AND at the worst prompt, 8,191 tokens, the prefill's activations alone are 58.25 GiB: quantizing the
+    # KV is offered, but does not fit (before they were estimated it did)
+    worst = plan(
+        request(batch=64, context=8192, gpu_memory_bytes=80 * GIB, reserve_bytes=None, reserve_fraction=0.1)
+    )
+    assert worst.prefill_activations_bytes == prefill(64, 8191)
+    assert not {remedy.kind: remedy for remedy in worst.remedies}["quantized_kv"].fits
 
 
 def test_to_json_has_the_figures_and_echoes_the_request() -> None:
@@ -704,7 +757,9 @@ def test_a_context_beyond_the_models_positions_is_planned_with_a_note(
     assert (status, payload["request"]["context"]) == (0, 4096)
     longest = payload["max_context"]
     assert longest > 4096
-    assert payload["notes"] == [
+    prefill_note, *notes = payload["notes"]  # the first says how the prefill's activations are estimated
+    assert prefill_note.startswith("prefill activations: generate() runs the 4,095-token prompt of 1 row")
+    assert notes == [
         f"max context is what memory holds at batch 1 ({longest:,} tokens); "
         f"{payload['request']['geometry']['name']} takes 4,096 positions "
         "(max_position_embeddings), the longest context to run it at"
@@ -717,18 +772,23 @@ def test_a_context_beyond_the_models_positions_is_planned_with_a_note(
     status, out = run_command(["--config", str(config), "--context", "8192", "--json"], capsys)
     payload = json.loads(out)
     assert (status, payload["kv_bytes"]) == (0, 8191 * 131_072)
-    (note,) = payload["notes"]
+    _, note = payload["notes"]
     assert note.startswith("the context of 8,192 tokens is beyond the 4,096 positions")
     assert "vLLM refuses such a max_model_len" in note
     status, out = run_command(["--config", str(config), "--context", "8192"], capsys)
     assert "  note: the context of 8,192 tokens is beyond the 4,096 positions" in out
     # AND the model's own 4,096 is not beyond it (the note is the max context's alone)
     status, out = run_command(["--config", str(config), "--context", "4096", "--json"], capsys)
-    assert [note[:27] for note in json.loads(out)["notes"]] == ["max context is what memory "]
+    assert [note[:27] for note in json.loads(out)["notes"]] == [
+        "prefill activations: genera",
+        "max context is what memory ",
+    ]
     # AND a device that holds no more than the model's positions gets no note
     status, out = run_command(["--config", str(config), "--gpu-memory", "16GiB", "--json"], capsys)
     payload = json.loads(out)
-    assert payload["max_context"] <= 4096 and payload["notes"] == []
+    assert payload["max_context"] <= 4096 and [note[:20] for note in payload["notes"]] == [
+        "prefill activations:"
+    ]
 
 
 def test_planner_never_imports_torch() -> None:
@@ -743,8 +803,11 @@ def test_planner_never_imports_torch() -> None:
 def test_a_beam_search_plans_whole_prompts_of_beams() -> None:
     # GIVEN 4 prompts of 3 beams (12 rows) on a GPU with room for the KV peak of 7 rows but not 8
     rows_room = plan(request(batch=3, beams=3, context=1000))
-    # THEN the largest batch is whole prompts, 6 rows, and a quantized cache is not offered
-    gpu = rows_room.weights_bytes + rows_room.reserve_bytes + 7 * (rows_room.kv_peak_bytes // 3)
+    # THEN the largest batch is whole prompts, 6 rows, and a quantized cache is not offered (a row's share of
+    # the peak, the prefill's KV and activations, which follow the rows; before they were estimated, the KV
+    # peak's)
+    fixed = rows_room.weights_bytes + rows_room.reserve_bytes
+    gpu = fixed + 7 * ((rows_room.peak_bytes - fixed) // 3)
     reserve = rows_room.reserve_bytes
     tight = plan(request(batch=12, beams=3, context=1000, gpu_memory_bytes=gpu, reserve_bytes=reserve))
     assert tight.max_batch == 6

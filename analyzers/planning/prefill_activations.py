@@ -1,0 +1,223 @@
+"""What a transformers prefill holds beside the weights and the KV, for a plan from a preset or a config (no
+recording): `prefill_activations`. Pure arithmetic, no torch.
+
+Read from transformers 5.25's Llama (`models/llama/modeling_llama.py`) under `generate()`, and checked
+against kvtrace's own recordings of it (tests/integration/test_plan_prefill_activations.py). `generate()`
+runs the whole prompt through the model in one forward (no `prefill_chunk_size`), B rows of T tokens, and
+keeps the logits of the last position alone (`logits_to_keep=1`), so the prefill's memory is its layers'.
+In the compute dtype's bytes s, with R = B x T:
+
+- held across the layers: the embeddings (`inputs_embeds`, which LlamaModel.forward keeps in a local while
+  the layers run: R x hidden), the rotary cos and sin (R x head_dim each, in the compute dtype), and two
+  int64 tensors of the rows' positions (generate()'s position ids and their copy: 16 B a row and token);
+- in a layer after the first, the residual stream: its input (the caller's variable keeps it), the residual
+  beside the attention or MLP, and the normed input (`input_layernorm`, `post_attention_layernorm`);
+- the MLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))`: the activation, the up projection and their
+  product are live together before the first two are freed: 3 x R x intermediate_size;
+- the attention's rotary embedding: q, k and v projections with q's rotation's three temporaries (q x cos,
+  rotate_half(q), its product with sin) and the rotated q: 4 x R x heads x head_dim + R x 2 x KV heads x
+  head_dim (K and V then go into the cache: the KV, counted apart);
+- sdpa (the default attention) without padding takes no mask: transformers skips it and passes
+  `is_causal`, and K and V are not expanded to the query heads (`enable_gqa`); on CUDA its flash and
+  memory-efficient kernels, and torch's flash kernel on a CPU, keep no T x T scores;
+- eager attention (`attention="eager"`) makes a causal mask of B x T x T in the compute dtype, held across
+  the layers, expands K and V to the query heads, and holds per head and (query, key) pair, at the softmax,
+  the masked scores and their float32 softmax, with a float32 cast of the scores from a 16-bit dtype (8 B a
+  pair in float32, 10 in bf16 or fp16); the layer keeps the probabilities it returns (`hidden_states, _ =
+  self.self_attn(...)`) until the layer ends, through its MLP.
+
+The peak is the largest of those moments in the last layer (which holds every layer's KV), with what is held
+across the layers. Not in it: the prompt's ids and mask the caller made (16 B a row and token), the last
+position's logits and the logits processors' vectors (a few rows x vocabulary floats, after the layers free
+their activations), allocator rounding and the CUDA context (the reserve).
+
+Planned for Llama-style decoders, the planner's dense families whose MLP is gated (gate, up and down: Llama,
+Mistral, Qwen, Gemma...); a sliding window under sdpa adds its bool mask over T x T (transformers cannot skip
+it once the prompt reaches the window), its copy in the compute dtype, which torch's sdpa makes of a bool
+mask, for the rows, and K and V expanded to the query heads (a mask turns `enable_gqa` off). Not planned
+(`unplanned_reason`): mixtures of experts, latent attention, an up/down MLP without a gate (GPT-2 style),
+per-layer shapes (Gemma 3n, 4), encoder-decoders, DeepSeek-V4's compressed attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
+from analyzers.units import human_bytes
+
+__all__ = [
+    "ATTENTIONS",
+    "PrefillActivations",
+    "eager_score_bytes",
+    "prefill_activations",
+    "prefill_note",
+    "unplanned_reason",
+]
+
+ATTENTIONS = ("sdpa", "eager")
+POSITION_ROW_BYTES = 16  # generate()'s int64 position ids and their copy, a row and token
+FLOAT32 = 4
+
+
+@dataclass(frozen=True)
+class PrefillActivations:
+    """The most a prefill holds beside the weights and the KV, in bytes, and its parts."""
+
+    peak_bytes: int
+    moment: str  # where in the last layer: "mlp", "rotary", "scores" (eager), "mask" (sdpa with a window)
+    held_bytes: int  # of peak_bytes, held across the layers: embeddings, cos and sin, positions, a mask
+    stream_bytes: int  # the residual stream's hidden states at that moment
+    layer_bytes: int  # the moment's own tensors (the MLP's three, the rotary's, the scores...)
+
+
+def unplanned_reason(geom: ModelGeometry) -> str | None:
+    """Why the planner does not estimate this model's prefill (None: it does): its layers are not a
+    Llama's, whose tensors the estimate counts."""
+    reasons = (
+        (geom.moe_layers > 0, "its mixture-of-experts layers"),
+        (geom.mla is not None, "its latent attention"),
+        (geom.compressed is not None, "its compressed attention"),
+        (geom.cross_kv_layers > 0, "its encoder"),
+        (geom.layer_shapes is not None, "its layers of different widths"),
+        (geom.attention_experts > 0, "its attention experts"),
+        (geom.mlp_matrices != 3, "its MLP without a gate"),
+    )
+    for applies, what in reasons:
+        if applies:
+            return what
+    return None
+
+
+def eager_score_bytes(compute: int) -> int:
+    """Bytes eager attention holds a head and (query, key) pair at its softmax: the masked scores, their
+    float32 softmax, and from a 16-bit dtype the float32 cast of the scores that softmax(dtype=float32)
+    makes first."""
+    return compute + FLOAT32 + (FLOAT32 if compute != FLOAT32 else 0)
+
+
+def _masks(geom: ModelGeometry, prompt: int, padded: bool, eager: bool) -> int:
+    """Attention masks the prefill makes (one a kind of layer that needs one): eager makes one for each kind
+    of layer, full and sliding; sdpa one for the sliding layers once the prompt reaches their window (it
+    cannot skip a window's), and one for the full layers where the prompts are padded."""
+    windowed = geom.windowed_layers if geom.sliding_window is not None else 0
+    full = geom.layers_with_kv - windowed
+    if eager:
+        return (1 if full else 0) + (1 if windowed else 0)
+    window_mask = windowed and (padded or prompt >= (geom.sliding_window or 0))
+    return (1 if full and padded else 0) + (1 if window_mask else 0)
+
+
+def prefill_activations(
+    geom: ModelGeometry,
+    compute_dtype: str,
+    batch: int,
+    prompt: int,
+    attention: str = "sdpa",
+    padded: bool = False,
+) -> PrefillActivations | None:
+    """The prefill's activations at its worst moment for `batch` rows of `prompt` tokens (module
+    docstring); None for a model `unplanned_reason` names. `padded`: prompts padded to one length (an
+    attention_mask with zeros), which makes sdpa's masks of every row."""
+    if unplanned_reason(geom) is not None:
+        return None
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    s = dtype_bytes_for(compute_dtype, 1)
+    rows = batch * prompt
+    pairs = batch * prompt * prompt  # (query, key) pairs of every row
+    hidden, heads, head_dim = geom.hidden_size, geom.num_attention_heads, geom.head_dim
+    q_width, kv_width = heads * head_dim, geom.num_kv_heads * head_dim
+    # K and V expanded to the query heads (repeat_kv), where a mask or eager makes them; none without GQA
+    expanded = 2 * rows * q_width * s if geom.num_kv_heads < heads else 0
+    held = rows * (hidden * s + 2 * head_dim * s + POSITION_ROW_BYTES)
+    # a layer after the first has its input apart from the embeddings
+    later = 1 if geom.num_layers > 1 else 0
+    # (moment, residual stream, the moment's own tensors)
+    moments = [
+        ("mlp", rows * hidden * s * (2 + later), 3 * rows * geom.intermediate_size * s),
+        ("rotary", rows * hidden * s * (1 + later), rows * s * (4 * q_width + 2 * kv_width)),
+    ]
+    masks = _masks(geom, prompt, padded, attention == "eager")
+    if attention == "eager":
+        held += masks * pairs * s  # the float masks, every layer's
+        probabilities = pairs * heads * s  # a layer's returned weights, kept through its MLP
+        name, stream, own = moments[0]
+        moments[0] = (name, stream, own + probabilities)
+        # at the softmax: the rotated q, K and V expanded, the scores
+        scores = pairs * heads * eager_score_bytes(s) + rows * q_width * s + expanded
+        moments.append(("scores", rows * hidden * s * (1 + later), scores))
+    elif masks:
+        held += masks * (pairs if padded else prompt * prompt)  # bool, one for every head (and row, unpadded)
+        # a masked layer's sdpa: the rotated q, K and V expanded, the mask in the compute dtype (torch's sdpa
+        # turns a bool mask into one, for every row), the output and its float32 log-sum-exp
+        masked = pairs * s + 2 * rows * q_width * s + expanded + batch * heads * prompt * FLOAT32
+        moments.append(("mask", rows * hidden * s * (1 + later), masked))
+    name, stream, own = max(moments, key=lambda moment: moment[1] + moment[2])
+    return PrefillActivations(held + stream + own, name, held, stream, own)
+
+
+def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
+    """What the moment holds, in words and widths."""
+    streams = "4 hidden states" if geom.num_layers > 1 else "3 hidden states"
+    stream_names = (
+        "the embeddings, the layer's input, its residual and the normed input"
+        if geom.num_layers > 1
+        else "the embeddings (the layer's input), its residual and the normed input"
+    )
+    width = f"R x {geom.hidden_size:,}"
+    if act.moment == "mlp":
+        own = (
+            f"its last layer's MLP holds 3 x R x {geom.intermediate_size:,} (the activation of the gate "
+            "projection, the up projection and their product)"
+        )
+    elif act.moment == "rotary":
+        streams = "3 hidden states" if geom.num_layers > 1 else "2 hidden states"
+        stream_names = "the embeddings, the layer's input and the normed input"
+        own = (
+            f"its last layer's rotary embedding holds q ({geom.num_attention_heads} heads x {geom.head_dim}) "
+            "four times (the projection, its products with cos and sin, its rotated half) beside k and v"
+        )
+    else:  # "mask": a masked layer's sdpa
+        streams = "3 hidden states" if geom.num_layers > 1 else "2 hidden states"
+        stream_names = "the embeddings, the layer's input and the normed input"
+        own = (
+            "its last masked layer's sdpa holds its mask in the compute dtype for every row (prompt x "
+            "prompt), the rotated q, the output, and K and V expanded to the query heads"
+        )
+    return (
+        f"{own} beside {streams} of {width} ({stream_names}), the rotary cos and sin (R x {geom.head_dim} "
+        "each) and 16 B of position ids a token"
+    )
+
+
+def prefill_note(geom: ModelGeometry, compute_dtype: str, batch: int, prompt: int) -> str:
+    """The plan's note on its prefill activations: the formula at the prompt planned, what it assumes
+    (sdpa, unpadded, one forward) and what eager attention or padded prompts would add; or why the model's
+    are not estimated."""
+    why = unplanned_reason(geom)
+    act = prefill_activations(geom, compute_dtype, batch, prompt)
+    if why is not None or act is None:
+        return (
+            f"prefill activations are not estimated for {geom.name}: the estimate counts a Llama layer's "
+            f"tensors, not {why}; the reserve stands for them (record a run and plan it --from-run to "
+            "measure them)"
+        )
+    rows = batch * prompt
+    eager = prefill_activations(geom, compute_dtype, batch, prompt, "eager")
+    padded = prefill_activations(geom, compute_dtype, batch, prompt, padded=True)
+    assert eager is not None and padded is not None
+    more_eager = human_bytes(eager.peak_bytes - act.peak_bytes)
+    extras = [f"eager attention holds {more_eager} more (its mask and a layer's scores over prompt x prompt)"]
+    if batch > 1:
+        more_padded = human_bytes(padded.peak_bytes - act.peak_bytes)
+        extras.append(f"padded prompts {more_padded} more (sdpa's mask over prompt x prompt, K, V expanded)")
+    return (
+        f"prefill activations: generate() runs the {prompt:,}-token prompt of {batch} row"
+        f"{'s' if batch != 1 else ''} through the model in one forward (R = {rows:,} rows x tokens); "
+        f"{_moment_text(geom, act)}, in {compute_dtype}: {human_bytes(act.peak_bytes)} beside the weights "
+        "and every layer's KV of the prompt (transformers 5.25's Llama layer, as recorded). Planned for sdpa "
+        "attention (transformers' default: on a GPU its flash and memory-efficient kernels hold no prompt x "
+        f"prompt scores) and unpadded prompts: {' and '.join(extras)}. Not in it: the last position's "
+        "logits and the CUDA context (the reserve's), generate()'s prefill_chunk_size"
+    )
