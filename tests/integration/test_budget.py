@@ -254,7 +254,7 @@ def test_plan_prices_the_prompt_that_sliding_layers_hold_at_prefill(tmp_path: Pa
     assert not given["fits"] and not worst["fits"] and not worse["fits"]
     # AND with room for the 64-token prompt's activations beside the KV's, the given prompt fits at any
     # context: later steps hold only windows
-    spacious = str(int(gpu) + given["prefill_activations_bytes"])
+    spacious = f"{int(gpu.removesuffix('B')) + given['prefill_activations_bytes']}B"
     roomy = _plan(
         tmp_path / "config", "--batch", "2", "--gpu-memory", spacious, "--prompt", "64", "--context", "66"
     )
