@@ -146,11 +146,7 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
         device = {}
     gpu = device.get("total_memory_bytes") if device.get("type") == "cuda" else None
     model = run.manifest.get("model") or {}
-    prompt, reached, asked, padded, call = _call(run, kv, main)
-    if stopped is None and call and _prefill_unended(run, call):
-        cut_short = f"the run was cut short in step {call}, its prefill, which never finished"
-        stopped = _Stop(f"{cut_short} (its manifest still says running)", in_prefill=True)
-    context, launched = _as_launched(run, stopped, prompt, reached, asked, main.capacity_of == "buffers")
+    prompt, context, _, padded, launched = _planned_call(run, kv, main, stopped)
     if launched is not None:
         notes.append(launched)
     batch = main.rows or None
@@ -286,6 +282,40 @@ def _geometry(
     )
 
 
+class CallContext(NamedTuple):
+    """The generate() call `plan --from-run` plans (the one that wrote the main cache last), as plan counts
+    it."""
+
+    cache: int  # the main cache's id
+    prompt: int | None  # its prompt, where its prefill sample (else the prefill's tokens) says
+    context: int | None  # prompt + new tokens: what it reached, or, cut short, the length it asked for
+    step: int  # its prefill's step, 0 where the log shows none
+
+
+def call_context(run: Run, kv: KvLogAnalysis) -> CallContext | None:
+    """The prompt and context `plan --from-run` gives the run (`run_defaults`, before a preallocated cache's
+    length replaces the context), so that `kvtrace diagnose` names a shorter context against the context plan
+    takes, not against the tokens held at its moment; None where the run logged no cache."""
+    main, kv, stopped = _main_cache(run, kv)
+    if main is None:
+        return None
+    prompt, context, step, _, _ = _planned_call(run, kv, main, stopped)
+    return CallContext(main.cache, prompt, context, step)
+
+
+def _planned_call(
+    run: Run, kv: KvLogAnalysis, main: CacheFigures, stopped: _Stop | None
+) -> tuple[int | None, int | None, int, bool | None, str | None]:
+    """(prompt, context, prefill step, padded, note) of the call a plan takes (`_call`), planned as launched
+    where the run was cut short (`_as_launched`)."""
+    prompt, reached, asked, padded, call = _call(run, kv, main)
+    if stopped is None and call and _prefill_unended(run, call):
+        cut_short = f"the run was cut short in step {call}, its prefill, which never finished"
+        stopped = _Stop(f"{cut_short} (its manifest still says running)", in_prefill=True)
+    context, launched = _as_launched(run, stopped, prompt, reached, asked, main.capacity_of == "buffers")
+    return prompt, context, call, padded, launched
+
+
 class _Stop(NamedTuple):
     """Where a run cut short stopped, as a note begins ("the run ran out of memory in step 4, ...")."""
 
@@ -293,13 +323,15 @@ class _Stop(NamedTuple):
     in_prefill: bool = False  # in its call's prefill, before its first new token
 
 
-def _main_cache(run: Run) -> tuple[CacheFigures | None, KvLogAnalysis, _Stop | None]:
+def _main_cache(
+    run: Run, kv: KvLogAnalysis | None = None
+) -> tuple[CacheFigures | None, KvLogAnalysis, _Stop | None]:
     """The cache written last: the model's own, where an assistant's or an earlier call's may sit beside.
     Its tokens and rows are those at the end of the last whole step: a run killed part-way through a step,
     or whose forward raised (an OOM, a Ctrl-C), never held the step's tokens on every layer (nor did it
     yield its token). With it, for a run whose forward raised, where it stopped and what of it the cache's
-    figures are."""
-    kv = analyze_run_kv_log(run)
+    figures are. `kv`: the run's KV log analysed already (a source's), else analysed here."""
+    kv = kv if kv is not None else analyze_run_kv_log(run)
     # not a cross-attention cache (an encoder's output: its tokens are the encoder's, and a beam search
     # reorders it last, after the decoder's own)
     cross = {cid for cid, (role, _) in cache_roles(run.manifest).items() if role == CROSS_ATTENTION}
