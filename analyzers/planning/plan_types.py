@@ -91,6 +91,9 @@ class RecordedPeak:
     # most of them grown, not its logits' moment plus another's growth, nor its MLP's plus the scores
     # (run_moments' `prefill_moments`); None: not told, `prefill_prompt_bytes` bounds it
     prefill_moments: tuple[PrefillMoment, ...] | None = None
+    # of the prefill moments' bytes that follow the prompt, those a prefill step still holds at its end
+    # (run_moments' `prefill_held_bytes`), which a shorter prompt keeps; None: not told, all shrink
+    prefill_held_bytes: int | None = None
     # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies
     # (run_moments' `update_beside`): what another cache's update copies are priced beside, rather than the
     # peak moment's activations (the logits at a step's end); None: not told

@@ -31,8 +31,10 @@ from analyzers.planning.recorded_terms import (
     prefill_growth,
     prefill_peaks,
     prompt_bytes_kept,
+    prompt_ratio,
     rows_freed,
     scaled_activations,
+    shorter_prefill,
     static_mask_bytes,
     token_growth,
     unseen_at_end,
@@ -163,7 +165,13 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
             grown_at_prefill = activations + moments_grown(moments, rows * kept, longer, squared)
             grown_at_prefill -= moments_grown(moments, 1.0, 1.0)
             quadratic = 0 if squared else quadratic
-        growth, tokens = max(grown_at_prefill - activations, 0) + quadratic, 0
+        # a shorter prompt's prefill holds less of what follows the prompt, where the run's moments tell it
+        shorter = prompt_ratio(run, rec, prompt)
+        squared = pairs_squared(req, rec)
+        shrunk = (
+            shorter_prefill(moments, rec.prefill_held_bytes, rows * kept, shorter, squared) if moments else 0
+        )
+        growth, tokens = max(grown_at_prefill - activations, 0) + quadratic - shrunk, 0
     grew = (req.weights_bytes - rec.weights_bytes) + moved - freed + growth + tokens
     return _larger((rec.peak_bytes + grew, moment_kv), *floors)
 

@@ -27,9 +27,11 @@ __all__ = [
     "prefill_growth",
     "prefill_peaks",
     "prompt_bytes_kept",
+    "prompt_ratio",
     "prompt_token_growth",
     "rows_freed",
     "scaled_activations",
+    "shorter_prefill",
     "static_mask_bytes",
     "token_growth",
     "unseen_at_end",
@@ -133,17 +135,23 @@ def grown_with_prompt(
 
 
 def moments_grown(
-    moments: tuple[PrefillMoment, ...], rows: float, longer: float, squared: bool = False
+    moments: tuple[PrefillMoment, ...], rows: float, longer: float, squared: bool = False, held: int = 0
 ) -> int:
     """The most of the prefill's `moments` (`RecordedPeak.prefill_moments`) at `rows` times the run's rows
     and a prompt `longer` times its: each its fixed bytes, its rows' grown with them, its prompt's with
     both, and eager attention's mask and scores over prompt x prompt with the rows and, where `squared`
     (`pairs_squared`), the prompt squared, else with the prompt as the rest. Before, the logits' moment was
     priced with another moment's growth beside it: the tiny Llama 3 with eager attention, batch 2, planned
-    from a 16-token prompt at 256, +9.6% over its recording."""
+    from a 16-token prompt at 256, +9.6% over its recording. A shorter prompt (`longer` below 1) keeps
+    `held` of each moment's prompt bytes (`RecordedPeak.prefill_held_bytes`: what the step never frees)."""
     pair_growth = longer * longer if squared else longer
+
+    def prompt_part(grows: int) -> float:
+        kept = min(held, grows) if longer < 1 else 0
+        return kept + (grows - kept) * longer
+
     return max(
-        fixed + math.ceil((row_only + grows * longer + pairs * pair_growth) * rows)
+        fixed + math.ceil((row_only + prompt_part(grows) + pairs * pair_growth) * rows)
         for fixed, row_only, grows, pairs in moments
     )
 
@@ -261,8 +269,31 @@ def prefill_growth(run: PlanRequest, rec: RecordedPeak, prompt: int) -> float:
     (`static_prefill_bytes`): before, all grew in proportion to it, and so did the decode steps' bound
     from them (the demo's tiny Llama 3, bf16, batch 1, 20-token prompt, static, planned from context 44 at
     220: 14.56 MiB of activations where the recording held 3.80 MiB)."""
-    run_prompt = kv_sizes(run, rec.batch, rec.context).prompt
-    return max(prompt / run_prompt, 1.0)
+    return max(prompt_ratio(run, rec, prompt), 1.0)
+
+
+def prompt_ratio(run: PlanRequest, rec: RecordedPeak, prompt: int) -> float:
+    """The plan's prompt over the run's, below 1 too: a shorter prompt's prefill (`shorter_prefill`)."""
+    return prompt / kv_sizes(run, rec.batch, rec.context).prompt
+
+
+def shorter_prefill(
+    moments: tuple[PrefillMoment, ...], held: int | None, rows: float, shorter: float, squared: bool
+) -> int:
+    """Bytes the run's prefill `moments` (`RecordedPeak.prefill_moments`) hold less at `rows` times the run's
+    rows and a prompt `shorter` times its (below 1), each its prompt's bytes in proportion but for the `held`
+    ones the step never frees (`RecordedPeak.prefill_held_bytes`), eager's mask and scores with the prompt
+    squared where `squared` (`pairs_squared`), else in proportion: the same figure `kvtrace diagnose` prices a
+    shorter prompt with at a prefill peak (analyzers.planning.diagnose_prompt_remedies). Before, a shorter
+    prompt kept the prefill's activations as measured (an upper bound): the tiny Llama 3 with an 8,192-wide
+    MLP, 2 rows of 2,000 tokens, planned at a 983-token prompt, said 411,833,192 B where the recording at that
+    prompt peaked at 209,507,144 (209,556,001 after: the step's ids and mask kept at the run's prompt). 0 at
+    the run's prompt or longer."""
+    if shorter >= 1:
+        return 0
+    return moments_grown(moments, rows, 1.0, squared) - moments_grown(
+        moments, rows, shorter, squared, held or 0
+    )
 
 
 def static_mask_bytes(req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:

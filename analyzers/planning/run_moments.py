@@ -22,8 +22,10 @@ __all__ = [
     "batch_fixed_bytes",
     "dtype_fixed_bytes",
     "main_timeline",
+    "outside_prefill_peak",
     "prefill_beside",
     "prefill_beside_at",
+    "prefill_held_bytes",
     "prefill_moments",
     "prefill_prompt_bytes",
     "update_beside",
@@ -228,6 +230,35 @@ def prefill_moments(
         if not any(all(a >= b for a, b in zip(other, moment, strict=True)) for other in kept):
             kept.append(moment)
     return tuple(kept)
+
+
+def prefill_held_bytes(
+    source: MemorySource, report: Report, rows: int | None, prompt: int | None
+) -> int | None:
+    """Of the bytes the run's prefill steps hold beside their weights and KV that `prefill_moments` grows with
+    the prompt, the most any of those steps still holds at its end (the next step's ids, a CUDA math
+    library's workspace made at the first matmul and kept): what a shorter prompt's prefill keeps, each moment
+    shrinking by the rest only, so that none is priced below what the step never frees. None where
+    `prefill_moments` is."""
+    parts = _prefill_parts(source, report, rows, prompt, None)
+    return None if parts is None else max(max(int(grows[-1]), 0) for _, _, grows, _ in parts)
+
+
+def outside_prefill_peak(source: MemorySource, report: Report, index: int) -> int | None:
+    """The most the main device held at any event outside the whole prefill step holding event `index`:
+    the rest of the run, which a shorter prompt or a chunked prefill leaves as it was (its decode steps hold
+    fewer tokens of that prompt: an upper bound). None where `index` is in no whole prefill step, or no
+    event is outside it (0)."""
+    found = main_timeline(source, report)
+    if found is None:
+        return None
+    window = next((w for w in _prefill_windows(source, report) if w[0] <= index <= w[-1]), None)
+    if window is None:
+        return None
+    allocated = found[1].allocated
+    outside = np.ones(len(allocated), dtype=bool)
+    outside[window] = False
+    return int(allocated[outside].max()) if outside.any() else 0
 
 
 def _prefill_parts(

@@ -22,6 +22,7 @@ from analyzers.planning.run_moments import (
     dtype_fixed_bytes,
     main_timeline,
     prefill_beside_at,
+    prefill_held_bytes,
     prefill_moments,
     prefill_prompt_bytes,
     update_beside_at,
@@ -66,6 +67,8 @@ class PeakMoment:
     prefill_prompt_bytes: int | None = None
     # the prefill's moments split by what they follow (`prefill_moments`); None: not told
     prefill_moments: tuple[PrefillMoment, ...] | None = None
+    # of those moments' prompt bytes, what a prefill step still holds at its end (`prefill_held_bytes`)
+    prefill_held_bytes: int | None = None
     # held beside the weights and KV at the KV log's peak, a cache update's transient (`update_beside`)
     update_activations_bytes: int | None = None
     # of the activations at the peak, at the prefill's and at the update's, those in no model dtype
@@ -150,6 +153,7 @@ def peak_moment(
         prefill_activations_bytes=prefill,
         prefill_prompt_bytes=prefill_prompt_bytes(source, report, diagnosis.batch, prompt),
         prefill_moments=prefill_moments(source, report, diagnosis.batch, prompt, context),
+        prefill_held_bytes=prefill_held_bytes(source, report, diagnosis.batch, prompt),
         update_activations_bytes=update,
         dtype_fixed_bytes=dtype_fixed_bytes(source, report, peak_at),
         prefill_dtype_fixed_bytes=dtype_fixed_bytes(source, report, prefill_at),
@@ -324,6 +328,18 @@ def _token_widths(geometry: dict[str, Any]) -> set[int]:
     return {_INT64_BYTES, 1} | {width * element for width in widths for element in elements}
 
 
+def _shorter_prompt(moment: PeakMoment) -> str:
+    """How a shorter prompt moves a run that peaked at its prefill, where its moments tell what follows the
+    prompt (recorded_terms' `shorter_prefill`)."""
+    if moment.phase != "prefill" or not moment.prefill_moments:
+        return ""
+    return (
+        "; a shorter prompt's prefill, this run's peak, holds what follows the prompt in proportion to it "
+        "but for what the step never frees (its ids and mask for the next step), as `kvtrace diagnose` "
+        "prices a shorter prompt"
+    )
+
+
 def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, rows_told: bool) -> str:
     """How the plan's peak counts the run's activations, and what the reserve is then; `rows_told`: the plan
     frees the moment's batch-first activations for a smaller batch (`RecordedPeak.row_activation_bytes`)."""
@@ -350,7 +366,7 @@ def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, row
         "processors' vectors), which stay (where every layer slides, by generate()'s ids and mask alone, a "
         "few bytes a token, as the run's peak shows them), and attention's tensors of prompt x prompt "
         "(eager's mask and scores, sdpa's mask where prompts are padded) by arithmetic over the pairs beyond "
-        "the run's"
+        f"the run's{_shorter_prompt(moment)}"
         if same_cache
         else ": beside this cache's KV at the run's peak, or, the larger, its KV peak (inside a cache "
         "update) beside what the run held at its own KV peak, where the run tells it (else added to that KV "
