@@ -76,12 +76,14 @@ def record_generate(
     window: int | None = None,
     padded: int = 0,
     logits_to_keep: int | None = None,
+    prefill_chunk_size: int | None = None,
     **options: Any,
 ) -> None:
     """`kvtrace.record(out, model=model, **options)` around a greedy `generate()` of exactly `new_tokens` on
     `batch` rows of `prompt` seeded random ids, without grad; with `cache`, the cache `kvtrace demo --cache`
     builds of that kind (and `window`); the first row's first `padded` ids left padding, masked out;
-    `logits_to_keep` given to generate() where set (0: every position's logits at the prefill)."""
+    `logits_to_keep` given to generate() where set (0: every position's logits at the prefill), and
+    `prefill_chunk_size` (a chunked prefill: the prompt run that many tokens a forward)."""
     import torch
 
     import kvtrace
@@ -97,6 +99,8 @@ def record_generate(
         given = {cache_keyword(): made, **extra} if made is not None else dict(extra)
     if logits_to_keep is not None:
         given["logits_to_keep"] = logits_to_keep
+    if prefill_chunk_size is not None:
+        given["prefill_chunk_size"] = prefill_chunk_size
     gc.collect()  # tensors earlier tests left in cycles, freed mid-recording, are not this run's (as sweep)
     with torch.no_grad(), kvtrace.record(out, model=model, **options):
         model.generate(

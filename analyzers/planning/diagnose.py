@@ -51,6 +51,7 @@ from analyzers.planning.diagnose_moment import (
     prompt_at_step,
     report_layer_tokens,
 )
+from analyzers.planning.diagnose_prefill import chunked_prefill, prefill_peak, run_call
 from analyzers.planning.diagnose_remedies import price_remedies
 from analyzers.planning.diagnose_rows import fixed_sizes, fixed_vector_bytes, row_activation_bytes, row_units
 from analyzers.planning.diagnose_run_end import before_first_step, unfinished
@@ -238,6 +239,15 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     if prompt == 0 and step is not None:  # a quantized cache's prefill holds its prompt packed, not as data
         prompt = prefill_packed_tokens(source, report.kv.main_cache, step) or prompt
 
+    # The context plan counts for the run (prompt + new tokens), where the moment is in the call it plans,
+    # and what a moment inside its prefill holds that a shorter prompt or a chunked prefill changes
+    run_prompt, run_context = run_call(source, report, step)
+    prefill = chunked = None
+    if phase == "prefill" and not step_cut and not at_start and main is not None and device == main.device:
+        chunked = chunked_prefill(source, report.kv.main_cache, step)
+        if chunked is None:  # a chunked prefill's activations follow its chunk, not the prompt
+            prefill = prefill_peak(source, report, index, batch, run_prompt or prompt, run_context)
+
     top = moment_stacks(source, dev_index, index, at_start, at_dump, summary, allocated)
     # The activations live then that a smaller batch shrinks besides its KV (logits, attention's copies)
     row_activations = fixed_vectors = None
@@ -291,6 +301,12 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "layer_bytes": by_layer,
         "step_phase": phase,
         "prompt_tokens": prompt,
+        # the prompt and context (prompt + new tokens) of the call `plan --from-run` plans, where the moment
+        # is in it: what a shorter context is named against (None: not told)
+        "run_prompt": run_prompt,
+        "run_context": run_context,
+        "prefill_peak": prefill,  # a whole prefill's moment: what a shorter prompt or chunks change
+        "prefill_chunk": chunked,  # the first chunk's tokens, where the prefill ran in chunks
         "beams": beams,
         "rows_are_beams": rows_are_beams,
         "compute_bits": compute_dtype_bits(report),

@@ -54,6 +54,8 @@ _SETTING_WORDS = {
     "batch": "Batch {:,}",
     "beams": "num_beams={:,}",
     "context": "A context of {:,} tokens",
+    "prompt": "A prompt of {:,} tokens",
+    "prefill_chunk": "prefill_chunk_size={:,}",
     "sliding_window": "A window of {:,} tokens",
 }
 

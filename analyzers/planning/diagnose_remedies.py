@@ -78,6 +78,7 @@ from analyzers.planning.diagnose_fragments import (
     priced_past_fragments,
     stranded_bytes,
 )
+from analyzers.planning.diagnose_prompt_remedies import context_remedy, prefill_remedies
 from analyzers.planning.diagnose_quantized_remedies import (
     fp8_after_quantized,
     fp8_for_static,
@@ -88,7 +89,6 @@ from analyzers.planning.diagnose_quantized_remedies import (
     static_cache_at_model_dtype,
 )
 from analyzers.planning.diagnosis import (
-    CONTEXT_COUNTED,
     NO_KV,
     NO_KV_HELD,
     NO_KV_IN_RUN,
@@ -243,37 +243,36 @@ def _priced_cache(
         partial = len(holding) < layers  # a step stopped before its last layers held KV: a token costs all
         if partial:
             held_too += f"; every KV layer's, of which the step had reached {len(holding):,} of {layers:,}"
+        # The window a shorter context proposes (`sliding_window_remedy`): the shortfall's tokens fewer, else
+        # a quarter fewer
         cut = math.ceil(need / per_token) if need is not None and need > 0 else max(tokens // 4, 1)
-        context = tokens - min(cut, tokens)
-        saved = round(per_token * (tokens - max(context, 1)))
+        window = tokens - min(cut, tokens)
         # a quanto or HQQ QuantizedCache: the last tokens dropped are its residual's, at full precision
-        quantized = quantized_context(d, tokens, need)
-        if quantized is not None:
-            context, saved, text = quantized
+        quantized = quantized_context(d, tokens, need) if d.get("step_phase") != "prefill" else None
         if static is not None:  # a StaticCache: its bytes follow max_cache_len, not the tokens written
             out += static_cache_context(kv, static, need)
         elif d.get("windowed"):  # the cache already slides: its size follows the prompt, not the context
             out += windowed_remedies(kv, tokens, per_token, need, num_layers)
-        elif quantized is None and context >= 1:
-            # Named as `kvtrace plan --context` takes it, prompt + new tokens: one more than the cache holds
-            # (generate() never feeds back its last token), so that the remedy's figure plans as typed
-            text = (
-                f"A context of {context + 1:,} tokens instead of {tokens + 1:,} ({CONTEXT_COUNTED}) frees "
-                f"{human_bytes(saved)} of KV ({human_bytes(per_token)} per token across the batch{held_too})."
-            )
-        elif quantized is None:  # else priced and worded by quantized_context
-            fixed = d.get("cross_kv_bytes")
-            own = kv - fixed if isinstance(fixed, int) else kv
-            text = f"No shorter context fits: all {tokens:,} tokens of KV are only {human_bytes(own)}."
-            if partial:  # priced at every layer's KV, of which the moment holds a part
+        else:
+            if quantized is not None:
+                context, saved, text = quantized
+                out.append(
+                    Remedy("context", context + 1 if context else None, saved, fits(saved, need), text)
+                )
+            elif partial and need is not None and need > 0 and math.ceil(need / per_token) >= tokens:
+                # priced at every layer's KV, of which the moment holds a part
+                fixed = d.get("cross_kv_bytes")
+                own = kv - fixed if isinstance(fixed, int) else kv
                 text = (
                     f"No shorter context fits: all {tokens:,} tokens of KV are only "
                     f"{human_bytes(per_token * tokens)} on every layer ({human_bytes(own)} at this moment, "
                     f"on the {len(holding):,} of {layers:,} KV layers the step had reached)."
                 )
-        if not d.get("windowed") and static is None:
-            out.append(Remedy("context", context + 1 if context else None, saved, fits(saved, need), text))
-            out.append(sliding_window_remedy(d, kv, tokens, context, need, num_layers, kv_bits, others))
+                out.append(Remedy("context", None, round(per_token * (tokens - 1)), False, text))
+            else:  # named as `kvtrace plan --from-run --context` takes it, never below the prompt
+                out.append(context_remedy(d, tokens, per_token, need, held_too))
+            out += prefill_remedies(d, per_token, need, held_too)  # at a prefill: shorter prompt, chunks
+            out.append(sliding_window_remedy(d, kv, tokens, window, need, num_layers, kv_bits, others))
     else:
         out.append(Remedy("context", None, None, None, f"Shorter context: {unpriced}."))
         out.append(Remedy("sliding_window", None, None, None, f"Sliding window: {unpriced}."))
