@@ -625,11 +625,17 @@ def test_diagnose_prices_remedies_with_the_tokens_held_at_its_moment(
     # THEN the moment is the prefill, and its tokens are the prompt's, not the final count
     assert (data["step"], data["step_phase"]) == (1, "prefill")
     assert (data["batch"], data["tokens_held"]) == (1, prompt)
+    # AND fewer new tokens free nothing there: the prefill comes before the first (before, "A context of 25
+    # tokens instead of 33", the prompt's tokens less a quarter, below the 32-token prompt); the run's context
+    # is plan's, prompt + new tokens
     (context,) = [r for r in data["remedies"] if r["kind"] == "context"]
-    cut = prompt // 4
-    # named as plan's --context: prompt + new tokens, one more than the cache holds
-    assert (context["setting"], context["saved_bytes"]) == (prompt - cut + 1, per_token * cut)
-    assert f"A context of {prompt - cut + 1} tokens instead of {prompt + 1} " in context["sentence"]
+    assert (context["setting"], context["saved_bytes"]) == (None, 0)
+    said = f"any context from {prompt + 1} (the prompt and one new token) to the run's {prompt + new_tokens} "
+    assert said in context["sentence"]
+    # AND a shorter prompt is priced at the prefill's KV of a prompt token, and said to be the user's input
+    (shorter,) = [r for r in data["remedies"] if r["kind"] == "prompt"]
+    assert f"{human_bytes(per_token)} of KV across the batch" in shorter["sentence"]
+    assert "The prompt is your input, not a generate() setting" in shorter["sentence"]
     # AND the text says which step that count is of
     assert main(["diagnose", str(run)]) == 0
     out = capsys.readouterr().out

@@ -324,14 +324,19 @@ def test_a_run_killed_between_two_layers_updates_is_read_to_its_last_whole_step(
     compared = _json(["compare", str(run), str(run)])
     assert [r["generated_tokens_per_row"] for r in compared["runs"]] == [CUT_STEP - 1] * 2
 
-    # AND diagnose, at the peak inside step 11, prices the tokens held at the end of step 10: a context a
-    # quarter shorter (25 // 4 = 6 tokens) frees 6 x 2 rows x 1,024 B
+    # AND diagnose, at the peak inside step 11, prices the tokens held at the end of step 10: with no budget,
+    # the shortest context (the 16-token prompt and one new token, instead of the 36 the call asked for)
+    # frees its 9 new tokens, 9 x 2 rows x 1,024 B
     diagnosis = _json(["diagnose", str(run)])
     assert (diagnosis["step"], diagnosis["held_step"]) == (CUT_STEP, CUT_STEP - 1)
     assert (diagnosis["batch"], diagnosis["tokens_held"]) == (rows, whole)
     (context,) = [r for r in diagnosis["remedies"] if r["kind"] == "context"]
-    cut = whole // 4
-    assert (context["setting"], context["saved_bytes"]) == (whole - cut + 1, cut * rows * per_token)
+    new = whole - CUT_PROMPT
+    assert (context["setting"], context["saved_bytes"]) == (CUT_PROMPT + 1, new * rows * per_token)
     text = _run(["diagnose", str(run)])
     assert "batch x tokens held (end of step 10, the last whole one)  2 x 25" in text
-    assert "frees 12.00 KiB of KV (2.00 KiB per token across the batch)" in text
+    assert f"A context of 17 tokens instead of {CUT_PROMPT + 20} " in text
+    assert (
+        "frees 18.00 KiB of KV at this moment, its 9 new tokens' (2.00 KiB per token across the batch)"
+        in text
+    )

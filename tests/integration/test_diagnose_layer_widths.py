@@ -77,8 +77,9 @@ def test_a_shorter_context_is_priced_at_each_layer_kinds_width(
     full_side = ROWS * KV_HEADS * wide * 4
     per_token = 2 * 2 * full_side + prompt_layers * 2 * SIDE
     context = next(r for r in diagnosis["remedies"] if r["kind"] == "context")
-    assert context["setting"] == tokens - tokens // 4 + 1  # prompt + new tokens, as plan's --context
-    assert context["saved_bytes"] == per_token * (tokens // 4)
+    # (no budget: the shortest context, the prompt and one new token, as plan's --context counts it)
+    assert context["setting"] == PROMPT + 1
+    assert context["saved_bytes"] == per_token * (tokens - PROMPT)
     assert f"({human_bytes(per_token)} per token across the batch" in context["sentence"]
     # AND the window remedy makes the full layers slide at the model's window: it holds each layer's window
     # at its width, and peaks at a first decode step (every layer holding the 11-token prompt) as one layer

@@ -96,12 +96,16 @@ def test_prefill_oom_prices_a_token_at_every_kv_layer(tmp_path: Path) -> None:
     assert diagnosis["kv_bytes"] == kv
     assert any(f"is on {reached} of the model's {LAYERS} KV layers" in note for note in diagnosis["notes"])
 
-    # a token of context costs every layer's KV: the shortfall is covered by ceil(3 KiB / 2 KiB) tokens
+    # fewer new tokens free nothing at a prefill (before: "A context of 15 tokens", shorter than the prompt);
+    # a token of the prompt costs every layer's KV: the shortfall is covered by ceil(3 KiB / 2 KiB) tokens
+    # fewer, a lower bound (the prefill's activations shrink too, unmeasured in a prefill cut short)
+    context = _remedy(diagnosis, "context")
+    assert (context["setting"], context["saved_bytes"]) == (None, 0)
     token = LAYERS * PER * BATCH
     cut = math.ceil(REQUEST / token)
-    context = _remedy(diagnosis, "context")
-    assert (context["setting"], context["saved_bytes"]) == (prompt - cut + 1, cut * token)
-    assert f"{human_bytes(token)} per token across the batch" in context["sentence"]
+    shorter = _remedy(diagnosis, "prompt")
+    assert (shorter["setting"], shorter["saved_bytes"], shorter["fits"]) == (prompt - cut, cut * token, True)
+    assert f"{human_bytes(token)} per token across the batch" in shorter["sentence"]
 
     # a sliding window of 1 on every layer peaks holding the whole prompt on each, and one new window
     window = _remedy(diagnosis, "sliding_window")

@@ -18,6 +18,7 @@ import torch
 import transformers
 
 import kvtrace
+from analyzers.units import human_bytes
 from kvtrace.cli import main
 from tests.hf_versions import HAS_DUMMY_LAYER, needs_dummy_layer
 
@@ -87,7 +88,7 @@ def test_shared_kv_layers_hold_no_kv_in_the_recording_report_and_plan(
     context = next(r for r in diagnosis["remedies"] if r["kind"] == "context")
     held_tokens = diagnosis["tokens_held"]
     caching = 4 if held_tokens == PROMPT else 2  # at prefill every caching layer holds the whole prompt
-    assert context["saved_bytes"] == (held_tokens + 1 - context["setting"]) * caching * 2 * U
+    _priced_per_token(diagnosis, context, caching * 2 * U)
     # AND the plan of that run is the recording: per token, final and peak
     argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--batch", str(ROWS)]
     planned = _json([*argv, "--prompt", str(PROMPT), "--context", str(PROMPT + NEW), "--json"], capsys)
@@ -179,12 +180,25 @@ def test_gemma4_full_layers_count_at_their_own_width(
     context = next(r for r in diagnosis["remedies"] if r["kind"] == "context")
     held_tokens = diagnosis["tokens_held"]
     following = 3 * 2 * full_side + (3 * 2 * sliding_side if held_tokens == PROMPT else 0)
-    assert context["saved_bytes"] == (held_tokens + 1 - context["setting"]) * following
+    _priced_per_token(diagnosis, context, following)
     # AND the plan of its config.json is the recording: per token, final and peak
     argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--batch", str(ROWS)]
     planned = _json([*argv, "--prompt", str(PROMPT), "--context", str(PROMPT + NEW), "--json"], capsys)
     assert planned["kv_bytes_per_token"] == per_token
     assert (planned["kv_bytes"], planned["kv_peak_bytes"]) == (kv["final_bytes"], kv["peak_bytes"])
+
+
+def _priced_per_token(diagnosis: dict[str, Any], context: dict[str, Any], per_token: int) -> None:
+    """Asserts that diagnose prices a token of the moment's KV at `per_token` across the batch: a shorter
+    context's, after a decode step; at the prefill, where fewer new tokens free nothing, a shorter
+    prompt's."""
+    if diagnosis["step_phase"] == "prefill":
+        assert (context["setting"], context["saved_bytes"]) == (None, 0)
+        shorter = [r for r in diagnosis["remedies"] if r["kind"] == "prompt"]
+        for remedy in shorter:  # priced where the run's prefill moments are measured (profiled)
+            assert f"{human_bytes(per_token)} of KV across the batch" in remedy["sentence"]
+    else:
+        assert context["saved_bytes"] == (diagnosis["tokens_held"] + 1 - context["setting"]) * per_token
 
 
 def test_a_config_attribute_that_raises_leaves_its_figure_unknown_with_a_note(tmp_path: Path) -> None:

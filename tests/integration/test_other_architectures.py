@@ -166,10 +166,10 @@ def test_diagnose_prices_a_shorter_context_by_the_layers_that_keep_every_token(
     config = _gemma2_window_8()
     torch.manual_seed(0)
     remedies = _diagnose_remedies(transformers.Gemma2ForCausalLM(config).eval(), tmp_path / "run", capsys)
-    # THEN a context of 13 instead of 17 (prompt + new tokens: 12 and 16 held) frees 4 tokens of the two
-    # global layers: 4 x 2 x 2 x 2 x 48 x 4 B
+    # THEN with no budget, the shortest context, 12 instead of 17 (the 11-token prompt and one new token; 16
+    # tokens held), frees 5 tokens of the two global layers: 5 x 2 x 2 x 2 x 48 x 4 B
     context = remedies["context"]
-    assert context["setting"] == 13 and context["saved_bytes"] == 4 * 2 * 2 * 2 * 48 * 4
+    assert context["setting"] == 12 and context["saved_bytes"] == 5 * 2 * 2 * 2 * 48 * 4
 
 
 # 4 layers x 2 KV heads x 16 dims, fp32, at batch 2: one layer's K and V of one token of both rows
@@ -206,14 +206,16 @@ def test_diagnose_prices_a_hybrid_caches_shorter_prompt_by_every_layer_at_prefil
     assert (diagnosis["step"], diagnosis["step_phase"]) == (1, "prefill")
     assert diagnosis["kv_bytes"] == 4 * 12 * _LAYER_TOKEN
     remedies = {r["kind"]: r for r in diagnosis["remedies"]}
-    # THEN a context 3 tokens shorter frees 3 tokens of all 4 layers, the sliding ones included
+    # THEN fewer new tokens free nothing there (before: "A context of 10 tokens", shorter than the prompt),
+    # and a shorter prompt frees a token of all 4 layers, the sliding ones included
     context = remedies["context"]
-    assert context["setting"] == 10 and context["saved_bytes"] == 3 * 4 * _LAYER_TOKEN
-    # AND a prompt of 9 holds that much less at the same moment
+    assert (context["setting"], context["saved_bytes"]) == (None, 0)
+    assert f"{4 * _LAYER_TOKEN / 1024:.2f} KiB of KV across the batch" in remedies["prompt"]["sentence"]
+    # AND a prompt of 9 holds 3 tokens of that less at the same moment
     _record_generate(_gemma2(sliding_window=8), tmp_path / "p9", prompt=9, new=16, batch=2, profiler=True)
     shorter = _diagnosis(tmp_path / "p9", capsys)
     assert shorter["step_phase"] == "prefill"
-    assert shorter["kv_bytes"] == diagnosis["kv_bytes"] - context["saved_bytes"]
+    assert shorter["kv_bytes"] == diagnosis["kv_bytes"] - 3 * 4 * _LAYER_TOKEN
     # AND no window helps at prefill: every layer sliding at the model's 8 still holds the prompt, and its
     # first decode step makes layer 0's new 8 tokens before the prompt goes: (4 x 12 + 8) tokens
     window = remedies["sliding_window"]
