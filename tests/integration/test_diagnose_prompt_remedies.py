@@ -76,7 +76,7 @@ def test_a_prefill_over_budget_is_priced_as_a_shorter_prompt_or_chunks(
     run = tmp_path / "run"
     record_generate(build_model(WIDE).eval(), run, rows, prompt, new)
     # WHEN it is diagnosed on a 200 MiB budget
-    diagnosis = cli_json(["diagnose", str(run), "--json", "--budget", str(budget)], capsys)
+    diagnosis = cli_json(["diagnose", str(run), "--json", "--budget", f"{budget}B"], capsys)
     peak = diagnosis["allocated_bytes"]
     assert (diagnosis["event"], diagnosis["step_phase"], diagnosis["tokens_held"]) == (
         "budget",
@@ -98,12 +98,12 @@ def test_a_prefill_over_budget_is_priced_as_a_shorter_prompt_or_chunks(
     assert f"{human_bytes(TOKEN_ROW * rows)} of KV across the batch" in shorter["sentence"]
     assert f"--prompt {tokens} --context {tokens + new}`" in shorter["sentence"]
     typed = plan_json(
-        run, capsys, "--gpu-memory", str(budget), "--prompt", str(tokens), "--context", str(tokens + new)
+        run, capsys, "--gpu-memory", f"{budget}B", "--prompt", str(tokens), "--context", str(tokens + new)
     )
     assert (typed["peak_bytes"], typed["fits"]) == (peak - saved, True)
     longer = str(tokens + 1), str(tokens + 1 + new)
     assert not plan_json(
-        run, capsys, "--gpu-memory", str(budget), "--prompt", longer[0], "--context", longer[1]
+        run, capsys, "--gpu-memory", f"{budget}B", "--prompt", longer[0], "--context", longer[1]
     )["fits"]
     # AND recorded at that prompt, the run fits the budget, at most the peak priced: the bytes the prefill
     # step never frees (generate()'s int64 ids and mask, ~96 KB) are priced at the run's prompt, an upper
@@ -124,7 +124,7 @@ def test_a_prefill_over_budget_is_priced_as_a_shorter_prompt_or_chunks(
     record_generate(build_model(WIDE).eval(), with_chunks, rows, prompt, new, prefill_chunk_size=chunk)
     assert report_json(with_chunks, capsys)["peak_allocated_bytes"] <= peak - chunked["saved_bytes"] <= budget
     # AND diagnosed itself, that run says it ran in chunks, and prices no shorter prompt from them
-    rerun = cli_json(["diagnose", str(with_chunks), "--json", "--budget", str(budget // 2)], capsys)
+    rerun = cli_json(["diagnose", str(with_chunks), "--json", "--budget", f"{budget // 2}B"], capsys)
     assert f"this prefill ran {chunk:,} tokens at a time" in _remedy(rerun, "context")["sentence"]
     assert not [r for r in rerun["remedies"] if r["kind"] in ("prompt", "prefill_chunk")]
 
@@ -155,7 +155,7 @@ def test_a_decode_peak_prices_the_shortest_context_as_plan_does(
 
     # WHEN a budget asks for 50 tokens of KV, more than the 48 new tokens hold
     budget = diagnosis["allocated_bytes"] - 50 * TOKEN_ROW * BATCH
-    tight = cli_json(["diagnose", str(run), "--json", "--budget", str(budget)], capsys)
+    tight = cli_json(["diagnose", str(run), "--json", "--budget", f"{budget}B"], capsys)
     # THEN no context fits, not even the prompt and one new token (before: "A context of 2 tokens", shorter
     # than the 3-token prompt), and plan agrees
     context = _remedy(tight, "context")
@@ -164,4 +164,4 @@ def test_a_decode_peak_prices_the_shortest_context_as_plan_does(
         f"even {PROMPT + 1} tokens (the {PROMPT}-token prompt and one new token) instead of 52 "
         in (context["sentence"])
     )
-    assert not plan_json(run, capsys, "--gpu-memory", str(budget), "--context", str(PROMPT + 1))["fits"]
+    assert not plan_json(run, capsys, "--gpu-memory", f"{budget}B", "--context", str(PROMPT + 1))["fits"]
