@@ -40,6 +40,7 @@ from analyzers.readers.untraced_caches import (
 )
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
 from analyzers.trace_coverage import damaged_memory_events, skipped_events_note
+from kvtrace.errors import KvtraceError
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
 from kvtrace.run_lock import holder
 from kvtrace.run_reader import read_run
@@ -108,6 +109,7 @@ _NO_TRACE_CAUSES = {
     "profiler_off": "the run was recorded with profiler=False, so no allocator events were recorded",
     "no_trace": "the run has no profiler trace, so no allocator events were read",
     "unwritten": "the recorder could not write the profiler trace ({why}), so no allocator events were read",
+    "unreadable": "the profiler trace cannot be read ({why}), so no allocator events were read",
 }
 
 
@@ -181,6 +183,15 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if missing:
         source.meta.setdefault("input_notes", []).extend(missing)
     traces = run.profiler_traces()
+    trace = None
+    unreadable = ""  # why the run's trace cannot be read: its KV log and weights are read all the same
+    if traces:
+        from analyzers.readers.chrome_trace import read_chrome_trace
+
+        try:
+            trace = read_chrome_trace(traces[-1], progress=progress)
+        except KvtraceError as exc:  # a killed job's half-written or a damaged copy's trace
+            unreadable, traces = str(exc), []
     memory_damaged = False  # the trace's [memory] events, all skipped as damaged
     skipped: dict[str, int] | None = None
     # Another model's caches on a thread torch.profiler did not record: none of their storages is in the
@@ -190,10 +201,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     # (addr, first t_ns) of the storages that may be held since before the trace however late the log first
     # saw them: a cache found filled, a tensor handed to track() (made whenever the user chose)
     found = {(kv.storages[i][0], kv.storages[i][2]) for i in kv.found_storages | kv.tracked_storages}
-    if traces:
-        from analyzers.readers.chrome_trace import read_chrome_trace
-
-        trace = read_chrome_trace(traces[-1], progress=progress)
+    if traces and trace is not None:
         source.devices = trace.devices
         source.frames = trace.frames
         source.markers = [m for m in trace.markers if not m.label.startswith("kvtrace/kv_update")]
@@ -264,6 +272,11 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
                 source.meta["events_from"] = "kv_log (it was recorded with profiler=False)"
                 source.meta.setdefault("input_notes", []).append(
                     _no_trace_note("profiler_off", bool(run.weights))
+                )
+            elif unreadable:
+                source.meta["events_from"] = "kv_log (its profiler trace cannot be read)"
+                source.meta.setdefault("input_notes", []).append(
+                    _no_trace_note("unreadable", bool(run.weights), unreadable)
                 )
             elif isinstance(trace_error := run.manifest.get("ended", {}).get("trace_error"), str):
                 # its logs are whole (a full disk as the block ended): the KV log's figures are the run's

@@ -207,6 +207,39 @@ def test_a_run_whose_trace_memory_events_are_all_damaged_says_so_and_reads_the_k
     assert _json(["report", str(run), "--no-export", "-q"])["notes"] == []
 
 
+def test_a_run_whose_trace_cannot_be_read_is_reported_from_its_kv_log_naming_the_trace(
+    tiny_model: torch.nn.Module, tiny_size: ModelSize, tmp_path: Path
+) -> None:
+    # GIVEN a real run, a copy whose profiler trace was cut in half (a job killed as it wrote, a full
+    # disk, an interrupted copy) and one whose trace is not JSON at all
+    run, cut, garbled = tmp_path / "run", tmp_path / "cut", tmp_path / "garbled"
+    _record(tiny_model, run, profiler=True)
+    for copy in (cut, garbled):
+        shutil.copytree(run, copy)
+    (trace,) = (cut / "profiler").glob("*.pt.trace.json*")
+    whole = trace.read_bytes()
+    trace.write_bytes(whole[: len(whole) // 2])
+    (garbled_trace,) = (garbled / "profiler").glob("*.pt.trace.json*")
+    garbled_trace.write_bytes(b"garbage")
+
+    for copy, trace_file, why in (
+        (cut, trace, "truncated: the JSON ends inside traceEvents"),
+        (garbled, garbled_trace, "not a Chrome trace: starts with 'g'"),
+    ):
+        # WHEN it is reported and diagnosed
+        report = _json(["report", str(copy), "--no-export", "-q"])
+        diagnosis = _json(["diagnose", str(copy)])
+
+        # THEN its KV log and weights are read, as for a run recorded without the profiler (not the whole
+        # run refused for its trace), and the note names the trace and what is wrong with it
+        said = [n for n in report["notes"] if n.startswith("the profiler trace cannot be read (")]
+        assert len(said) == 1 and f"({trace_file}: {why}" in said[0], report["notes"]
+        assert said[0].endswith("(activations, logits and other allocations unseen)")
+        assert said[0] in diagnosis["notes"]
+        assert report["partial"] is True
+        assert diagnosis["allocated_bytes"] == weights_bytes(tiny_model) + _kv_peak(tiny_size)
+
+
 def test_a_manifest_listing_names_that_cannot_be_files_of_the_run_is_read_with_a_note(
     tiny_model: torch.nn.Module, tmp_path: Path
 ) -> None:
