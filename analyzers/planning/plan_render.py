@@ -212,7 +212,7 @@ def format_text(result: PlanResult) -> str:
             f"max context @ batch {req.batch}",
             _longest_context(result),
         ),
-        (f"KV blocks of {req.block_size}", f"{result.kv_blocks:,}"),
+        ("KV room", _kv_room(result)),
     ]
     width = max(len(label) for label, _ in rows)
     lines = [f"{req.geometry.name}: {req.weights_dtype} weights, {req.kv_dtype} KV, {cache} cache"]
@@ -237,3 +237,14 @@ def _longest_context(result: PlanResult) -> str:
     if limit is not None and (result.max_context is None or result.max_context > limit):
         return f"{held} (memory alone; the model takes {limit:,} positions)"
     return held
+
+
+def _kv_room(result: PlanResult) -> str:
+    """What the device holds for KV at the peak (its size less the weights, the reserve and the peak's
+    activations), in tokens and in the paged blocks a vLLM pool of that size would count."""
+    room = max(result.kv_budget_bytes, 0)
+    size, blocks = result.request.block_size, result.kv_blocks
+    return (
+        f"{_size(room)}: {blocks:,} blocks of {size} tokens ({blocks * size:,} tokens over all rows), "
+        "as a paged pool (vLLM) counts them"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kvtrace.cli import main
@@ -14,3 +15,26 @@ def test_a_zero_reserve_reads_0_b(capsys: Any) -> None:
     # THEN its reserve row says 0 B
     (reserve,) = [line.split() for line in lines if line.strip().startswith("reserve")]
     assert reserve == ["reserve", "0", "B"]
+
+
+def test_the_kv_room_row_says_what_the_paged_blocks_are_counted_in(capsys: Any) -> None:
+    # GIVEN Llama 3.1 8B (bf16 KV: 32 layers x K,V x 8 heads x 128 x 2 B = 131,072 B a token) on 24 GiB,
+    # planned with 32-token blocks
+    argv = ["plan", "--preset", "llama-3.1-8b", "--gpu-memory", "24GiB", "--block-size", "32"]
+    assert main([*argv, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    room, blocks = plan["kv_budget_bytes"], plan["kv_blocks"]
+    assert room == 24 * 2**30 - plan["weights_bytes"] - plan["reserve_bytes"] - plan["activations_bytes"]
+    assert blocks == room // (32 * 2 * 8 * 128 * 2 * 32) > 0
+
+    # WHEN the table is printed
+    assert main(argv) == 0
+    (row,) = [
+        line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("KV room")
+    ]
+
+    # THEN the row gives the room's size, its blocks, their size in tokens and the tokens they hold
+    assert row.endswith(
+        f": {blocks:,} blocks of 32 tokens ({blocks * 32:,} tokens over all rows), "
+        "as a paged pool (vLLM) counts them"
+    ), row
