@@ -114,6 +114,9 @@ def _unique(inp: Input, taken: set[str]) -> Input:
     return dataclasses.replace(inp, run_id=f"{inp.run_id}#{n}")
 
 
+UNREADABLE_TRACE = "kv_log (its profiler trace cannot be read"  # `read_run_source`'s events_from
+
+
 def _tell(
     summary: ExportSummary,
     inp: Input,
@@ -137,6 +140,12 @@ def _tell(
         summary.reexported.extend((inp.run_id, t.part) for t in earlier)
         if note is not None:
             note(f"note: {inp.run_id}: {changed}: exported again, its rows there replaced")
+    unread = row.get("memory_events_from")
+    if isinstance(unread, str) and unread.startswith(UNREADABLE_TRACE) and note is not None:
+        note(
+            f"warning: {inp.run_id}: {unread[len('kv_log (') : -1]}: its memory events are its KV log's over "
+            "the weights, its peaks without activations (runs.memory_events_from says so)"
+        )
     if row.get("recording_pid") is not None:
         summary.recording.append((inp.run_id, row["recording_pid"]))
         if note is not None:

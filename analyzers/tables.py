@@ -63,6 +63,7 @@ RUNS = _schema(
         ("num_blocks", _I64), ("block_size", _I32), ("bytes_per_block", _I64), ("kv_cache_bytes", _I64),
         ("kv_dtype", _STR), ("manifest_json", _STR), ("engine_json", _STR),
         ("recording_pid", _I64), ("source_bytes", _I64), ("source_mtime_ns", _I64),
+        ("memory_events_from", _STR),
     ],
 )  # fmt: skip
 DEVICES = _schema(
@@ -390,7 +391,16 @@ def _run_row(
         "recording_pid": _recording_pid(source.meta.get("recording_pid")),
         "source_bytes": state.bytes if state else None,
         "source_mtime_ns": state.mtime_ns if state else None,
+        # a run whose allocator events are its KV log's (no readable trace): its peaks count KV and weights
+        "memory_events_from": _events_from(source),
     }
+
+
+def _events_from(source: MemorySource) -> str | None:
+    """Where a run's memory events come from when not from its profiler trace ("kv_log (why)"); null for a
+    run whose trace was read, and for a trace, a snapshot or a timeline (their own events)."""
+    said = source.meta.get("events_from")
+    return said if source.kind == "run" and isinstance(said, str) else None
 
 
 def _recording_pid(holder: str | None) -> int | None:

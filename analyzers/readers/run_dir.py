@@ -274,7 +274,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
                     _no_trace_note("profiler_off", bool(run.weights))
                 )
             elif unreadable:
-                source.meta["events_from"] = "kv_log (its profiler trace cannot be read)"
+                source.meta["events_from"] = f"kv_log (its profiler trace cannot be read: {unreadable})"
                 source.meta.setdefault("input_notes", []).append(
                     _no_trace_note("unreadable", bool(run.weights), unreadable)
                 )

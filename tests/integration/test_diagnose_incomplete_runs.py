@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +238,20 @@ def test_a_run_whose_trace_cannot_be_read_is_reported_from_its_kv_log_naming_the
         assert said[0] in diagnosis["notes"]
         assert report["partial"] is True
         assert diagnosis["allocated_bytes"] == weights_bytes(tiny_model) + _kv_peak(tiny_size)
+
+    # AND export takes the cut run with a warning naming the damage, and its runs row says where its
+    # memory events come from (the KV log's: a peak without activations), as the whole run's row does not
+    import pyarrow.parquet as pq
+
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        assert main(["export", str(cut), str(run), "-o", str(tmp_path / "tables"), "-q"]) == 0
+    warned = [line for line in err.getvalue().splitlines() if f"warning: {cut}:" in line]
+    assert len(warned) == 1 and f"cannot be read: {trace.resolve()}: truncated" in warned[0], err.getvalue()
+    rows = pq.read_table(tmp_path / "tables" / "runs").to_pylist()
+    from_ = {Path(row["path"]).name: row["memory_events_from"] for row in rows}
+    assert from_["run"] is None
+    assert from_["cut"].startswith(f"kv_log (its profiler trace cannot be read: {trace.resolve()}: truncated")
 
 
 def test_a_manifest_listing_names_that_cannot_be_files_of_the_run_is_read_with_a_note(
