@@ -46,6 +46,7 @@ from analyzers.run_stop import interrupted_how
 from kvtrace.errors import KvtraceError
 from kvtrace.format import ENGINE, MODEL_CONFIG, Run
 from kvtrace.geometry import major_minor
+from kvtrace.run_lock import holder
 from kvtrace.run_reader import read_run
 
 
@@ -321,6 +322,7 @@ class _Stop(NamedTuple):
 
     said: str
     in_prefill: bool = False  # in its call's prefill, before its first new token
+    live: bool = False  # not stopped: a recording still writes it (the figures are what it wrote so far)
 
 
 def _main_cache(
@@ -445,7 +447,14 @@ def _as_launched(
     if stopped is None and status in ("exception", "interrupted"):
         stopped = _Stop(f"the run {_how_it_stopped(ended)}")
     elif stopped is None and status == "running":
-        stopped = _Stop("the run was cut short (its manifest still says running)")
+        pid = holder(run.path)
+        stopped = (
+            _Stop("the run was cut short (its manifest still says running)")
+            if pid is None
+            else _Stop(
+                f"the run is still being recorded by {f'pid {pid}' if pid else 'a process'}", live=True
+            )
+        )
     if stopped is not None and buffers:
         return reached, (
             f"{stopped.said}: its preallocated buffers are planned whole, as the model allocated them, "
@@ -463,7 +472,7 @@ def _as_launched(
         where = (
             "as that prefill would have ended, its prompt and one new token"
             if stopped.in_prefill
-            else ("where it stopped")
+            else ("as far as it has got" if stopped.live else "where it stopped")
         )
         return reached, (
             f"{stopped.said}: planned at a context of {reached} tokens, {where}; the tokens it was to "
@@ -472,7 +481,11 @@ def _as_launched(
     got = (
         "it stopped before its first new token"
         if stopped.in_prefill
-        else (f"it had reached {reached} when it stopped")
+        else (
+            f"it has reached {reached} so far"
+            if stopped.live
+            else f"it had reached {reached} when it stopped"
+        )
     )
     return asked.max_length, (
         f"{stopped.said}: planned as launched, at the context of {asked.max_length} tokens its generate() "

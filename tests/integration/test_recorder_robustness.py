@@ -678,6 +678,48 @@ def test_a_process_forked_inside_a_recording_does_not_inherit_its_locks(tmp_path
     assert {e["layer"] for e in events} == {0}
 
 
+def test_a_plan_of_a_run_still_being_recorded_says_so_not_that_it_stopped(tiny_model, tmp_path, capsys):
+    """`plan --from-run` on a run whose generate() call is still going (planned as launched, at the
+    length the call asked for) says the recording goes on, not that the run was cut short."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from kvtrace.cli import main
+
+    ids = torch.randint(3, 1000, (2, 5))
+    run = tmp_path / "run"
+    planned: list[dict[str, Any]] = []
+
+    class PlanMidway(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            if input_ids.shape[1] == 5 + 3:  # 3 new tokens of 12
+                rec._flush()  # what the writer thread does every 0.1 s
+                capsys.readouterr()
+                assert main(["plan", "--from-run", str(run), "--json"]) == 0
+                planned.append(json.loads(capsys.readouterr().out))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with kvtrace.record(run, model=tiny_model, profiler=False) as rec:
+        tiny_model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=StoppingCriteriaList([PlanMidway()]),
+        )
+    (plan,) = planned
+    # THEN it is planned as launched (5 + 12 tokens), saying the recording goes on and how far it has got:
+    # a context of 8 as plan counts it (the prompt and 3 new tokens; the cache holds one fewer)
+    assert plan["request"]["context"] == 5 + 12
+    said = [note for note in plan["notes"] if "still being recorded" in note]
+    assert said and said[0].startswith(
+        f"the run is still being recorded by pid {os.getpid()}: planned as launched"
+    )
+    assert said[0].endswith("; it has reached 8 so far"), said
+    assert not any("cut short" in note or "when it stopped" in note for note in plan["notes"]), plan["notes"]
+
+
 def test_a_run_still_being_recorded_is_reported_as_such(tiny_model, tiny_size, tmp_path, capsys):
     """A report on a run whose recording is still going says so (not "the process died"), and writes
     nothing into it; once the block ends, the same run reads as finished."""
