@@ -222,6 +222,7 @@ def classify_path(path: str | os.PathLike[str]) -> str:
     refuse_unnamed_path(path)  # before pathlib reads "" as the current folder
     folder = Path(path)
     if not folder.is_dir():
+        _refuse_a_runs_own_file(folder)
         return sniff(path)
     from kvtrace.format import is_run_dir
 
@@ -238,6 +239,33 @@ def classify_path(path: str | os.PathLike[str]) -> str:
     if profiler_traces_in(folder):
         return "profiler_folder"
     raise _no_input_in(folder)
+
+
+def _refuse_a_runs_own_file(path: Path) -> None:
+    """A run's own log or manifest handed over instead of its folder (`report runs/x/kv_events.jsonl`): it
+    is no trace or snapshot of its own, and "corrupt JSON" would say nothing of what to pass. Its profiler
+    trace and snapshots, which read on their own, are not among them."""
+    from kvtrace.format import (
+        ENGINE_FILES,
+        KV_EVENTS,
+        MANIFEST,
+        MEMORY_SAMPLES,
+        MODEL_CONFIG,
+        WEIGHTS,
+        is_run_dir,
+    )
+
+    if path.name in (
+        MANIFEST,
+        KV_EVENTS,
+        WEIGHTS,
+        MEMORY_SAMPLES,
+        MODEL_CONFIG,
+        *ENGINE_FILES,
+    ) and is_run_dir(path.parent):
+        raise KvtraceError(
+            f"{path}: a file of the kvtrace run {path.parent}, not a trace or snapshot: pass the run's folder"
+        )
 
 
 def run_without_manifest(folder: Path) -> str | None:

@@ -292,3 +292,25 @@ def test_a_folder_with_links_back_to_itself_is_searched_once(tmp_path: Path) -> 
         "no runs, torch.profiler traces (*.pt.trace.json[.gz]) or snapshots (*.pickle) in it or below it; "
         "pass a run, a trace or a snapshot\n"
     )
+
+
+RUN_FILES = ["kv_events.jsonl", "manifest.json", "weights.jsonl", "memory_samples.jsonl"]
+
+
+@pytest.mark.parametrize("command", ["report", "diagnose", "compare"])
+@pytest.mark.parametrize("name", RUN_FILES)
+def test_a_runs_own_log_or_manifest_names_the_run_folder_to_pass(command: str, name: str) -> None:
+    # GIVEN a file of a real run (not its profiler trace, which reads on its own), WHEN handed over instead
+    # of the run's folder
+    run = SAMPLES / "dynamic_b2"
+    argv = [command, str(run / name)] + ([str(run)] if command == "compare" else [])
+    code, out, err = _cli(*argv)
+    # THEN one line says whose file it is and to pass the folder (it said "corrupt JSON: extra data ...")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        f"kvtrace {command}: error: {run / name}: a file of the kvtrace run {run}, not a trace or snapshot: "
+        "pass the run's folder"
+    ]
+    # AND the run's profiler trace still reads on its own
+    (trace,) = (run / "profiler").iterdir()
+    assert _cli("report", str(trace), "--no-export", "-q")[0] == 0
