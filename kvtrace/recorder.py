@@ -8,6 +8,8 @@ says how the run ended. The exception, if any, propagates unchanged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import gc
 import os
 import shutil
@@ -720,6 +722,12 @@ def record(out_dir: str | os.PathLike[str], model: Any = None, **options: Any) -
 
     `options` are the fields of `RecordOptions` (profiler, with_stack, nvtx, snapshots, ...).
     """
+    known = {f.name for f in dataclasses.fields(RecordOptions)}
+    unknown = sorted(name for name in options if name not in known)
+    if unknown:  # said in the user's terms, not as RecordOptions.__init__()'s TypeError
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; it takes {', '.join(sorted(known))}"
+        raise RecordingError(f"record(): unknown option {unknown[0]!r}{hint}")
     try:
         opts = RecordOptions(**options)
     except TypeError as exc:

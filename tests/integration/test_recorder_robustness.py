@@ -550,6 +550,8 @@ def test_record_into_a_folder_that_is_not_a_run_keeps_the_users_files(tmp_path):
         (lambda p: kvtrace.record(p, cache_attrs=["foo"]), "record(cache_attrs=...): a dict of attribute"),
         (lambda p: kvtrace.record(p, cache_attrs={"kc": ("k", "hsbd")}), "('k', 'bhsd') with a layout"),
         (lambda p: kvtrace.record(p, max_snapshot_entries=0), "max_snapshot_entries=...): a positive"),
+        (lambda p: kvtrace.record(p, profilr=False), "unknown option 'profilr' (did you mean 'profiler'?)"),
+        (lambda p: kvtrace.record(p, zzz=1), "record(): unknown option 'zzz'; it takes cache_attrs, clock, "),
     ],
     ids=[
         "model-function",
@@ -565,6 +567,8 @@ def test_record_into_a_folder_that_is_not_a_run_keeps_the_users_files(tmp_path):
         "cache-attrs",
         "cache-attrs-layout",
         "entries",
+        "misspelt-option",
+        "unknown-option",
     ],
 )
 def test_record_refuses_a_bad_argument_before_writing_anything(tmp_path, call, said):
