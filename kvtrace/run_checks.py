@@ -6,6 +6,7 @@ past their int16 columns) is refused in one line naming the file and the line. S
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,13 @@ def _event_from(record: dict[str, Any], path: Path, lineno: int = 0) -> KvEvent:
     known = KvEvent.__dataclass_fields__
     try:
         event = KvEvent(**{k: v for k, v in record.items() if k in known})
-    except TypeError as exc:
-        raise KvtraceError(f"{path}: line {lineno}: KV event missing fields ({exc})") from None
+    except TypeError:
+        lacking = [
+            name
+            for name, spec in known.items()
+            if name not in record and spec.default is MISSING and spec.default_factory is MISSING
+        ]
+        raise KvtraceError(f"{path}: line {lineno}: KV event missing fields: {', '.join(lacking)}") from None
     _check_fields(event.__dict__, path, lineno, _EVENT_INTS, _EVENT_STRS)
     if event.kv not in KV_KINDS:  # any other value was counted as V
         said = repr(event.kv[:40])

@@ -98,6 +98,18 @@ def test_a_weight_record_without_a_field_is_named_and_an_extra_field_is_ignored(
     assert plain["kv"]["final_bytes"] > 0
 
 
+def test_a_kv_event_without_its_fields_names_them_in_the_logs_terms(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real run whose first KV event lost its `seq` and `addr` (it said "KvEvent.__init__() missing 2
+    # required positional arguments: ...", the reader's class, not the log's field names)
+    run = _copy(tmp_path, "dynamic_b2")
+    _edit_first_line(run / "kv_events.jsonl", lambda record: (record.pop("seq"), record.pop("addr")))
+    assert main(["report", str(run), "--no-export"]) == 2
+    said = f"{run / 'kv_events.jsonl'}: line 1: KV event missing fields: seq, addr"
+    assert _one_error(capsys).endswith(said)
+
+
 @pytest.mark.parametrize(
     ("edit", "said"),
     [
