@@ -170,6 +170,10 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> QueryResult:
             raise KvtraceError(f"query failed: {len(statements)} SQL statements; give one query at a time")
         kind = _statement_kind(statements[0])
         if kind not in _READ_ONLY:
+            if kind == "LOAD":  # DuckDB types INSTALL as LOAD: the statement is named as the user wrote it
+                text = re.sub(r"/\*.*?\*/|--[^\n]*", " ", sql, flags=re.DOTALL)
+                word = re.search(r"\b(INSTALL|LOAD)\b", text, flags=re.IGNORECASE)
+                kind = word.group(1).upper() if word else kind
             raise KvtraceError(
                 f"query failed: {kind} statements are refused; `kvtrace query` only reads "
                 "(SELECT, WITH, FROM, DESCRIBE, SUMMARIZE, EXPLAIN)"

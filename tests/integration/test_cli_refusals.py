@@ -334,12 +334,14 @@ def test_query_runs_one_statement_and_only_reads(tmp_path: Path, capsys: pytest.
     # WHEN a "query" would write a file, install an extension, or hide a second statement after the first
     refused = {
         f"COPY (SELECT * FROM runs) TO '{target}'": "COPY statements are refused",
-        "INSTALL httpfs": "LOAD statements are refused",
+        "INSTALL httpfs": "INSTALL statements are refused",
+        "FORCE INSTALL httpfs": "INSTALL statements are refused",
+        "LOAD httpfs": "LOAD statements are refused",
         f"ATTACH '{tmp_path / 'x.db'}'": "ATTACH statements are refused",
         f"SELECT 1; COPY (SELECT 1) TO '{target}'": "2 SQL statements",
         # EXPLAIN ANALYZE runs what it explains: it used to write the file
         f"EXPLAIN ANALYZE COPY (SELECT * FROM runs) TO '{target}'": "COPY statements are refused",
-        "/* a comment */ explain analyze INSTALL httpfs": "LOAD statements are refused",
+        "/* a comment */ explain analyze INSTALL httpfs": "INSTALL statements are refused",
     }
     for sql, said in refused.items():
         # THEN it is refused in one line (exit 2) before anything runs
