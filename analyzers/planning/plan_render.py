@@ -232,6 +232,10 @@ def _prefill_prompt(result: PlanResult) -> int:
 
 def _longest_context(result: PlanResult) -> str:
     """The max context row: what memory holds, marked where that is past the positions the model takes."""
+    if result.max_context == 0:  # the shortest context that plan counts (prompt + 1 new token) is over
+        prompt = result.request.prompt
+        shortest = "2 tokens" if prompt is None else f"{prompt + 1:,} tokens, the prompt and one new token"
+        return f"none: not even {shortest}"
     held = "any" if result.max_context is None else f"{result.max_context:,}"
     limit = result.request.geometry.max_position_embeddings
     if limit is not None and (result.max_context is None or result.max_context > limit):

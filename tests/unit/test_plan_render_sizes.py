@@ -38,3 +38,14 @@ def test_the_kv_room_row_says_what_the_paged_blocks_are_counted_in(capsys: Any) 
         f": {blocks:,} blocks of 32 tokens ({blocks * 32:,} tokens over all rows), "
         "as a paged pool (vLLM) counts them"
     ), row
+
+
+def test_a_context_that_never_fits_says_none_not_0(capsys: Any) -> None:
+    # GIVEN Llama 3.1 8B's bf16 weights (over 14 GiB) on 16 GiB with the default reserve: nothing fits
+    argv = ["plan", "--preset", "llama-3.1-8b", "--gpu-memory", "16GiB"]
+    assert main([*argv, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["max_context"] == 0
+    # WHEN the table is printed; THEN its row says no context fits, as the shortest plan counts
+    assert main(argv) == 1
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert "max context @ batch 1  none: not even 2 tokens" in lines, lines
