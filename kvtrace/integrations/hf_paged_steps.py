@@ -115,7 +115,10 @@ class PagedSteps:
                 self._prefix[3] += queries
                 # A soft reset makes a new request whose prompt is all it must process again (its first
                 # offload's tokens, even when offloaded again mid-recompute), less what prefix sharing kept.
-                redo = len(getattr(state, "initial_tokens", ()) or ()) or tokens
+                # Its last token, sampled but never fed, had no KV: computed now, it is no recompute (vLLM's
+                # `recomputed_tokens` count the KV dropped alike).
+                initial = len(getattr(state, "initial_tokens", ()) or ())
+                redo = initial - 1 if initial else tokens
                 recomputed = 0 if to_cpu else max(0, redo - hits)
                 self._log_request(state, "resumed", blocks, recomputed_tokens=recomputed)
             elif request_id not in self._held:

@@ -199,6 +199,14 @@ def test_a_small_pool_makes_the_scheduler_wait_and_offload(
         assert r["offloaded_to"] in ("cpu", "recompute")
         later = [e["event"] for e in requests if e["request_id"] == r["request_id"] and e["t_ns"] > r["t_ns"]]
         assert "resumed" in later and later[-1] == "finished"
+    # a request reset to be recomputed recomputes the KV it dropped, as vLLM's are counted (the prompts share
+    # no prefix): its last sampled token, never fed, had no KV to recompute (it was counted, one more)
+    returns = []
+    for r in preempted:
+        after = [e for e in requests if e["request_id"] == r["request_id"] and e["t_ns"] > r["t_ns"]]
+        if r["offloaded_to"] == "recompute" and after[0]["event"] == "resumed":
+            returns.append((after[0]["recomputed_tokens"], r["dropped_tokens"]))
+    assert returns and all(recomputed == dropped for recomputed, dropped in returns), returns
     # every request still completes, in full
     assert all(len(o.generated_tokens) == 12 for o in outputs.values())
     finished = [r for r in requests if r["event"] == "finished"]
