@@ -23,7 +23,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from analyzers.engine import EngineRun, engine_figures
+from analyzers.engine import EngineFigures, EngineRun, engine_figures
 from analyzers.units import a_or_an, human_bytes
 
 __all__ = ["EngineBudget", "KnobRemedy", "engine_budget", "run_engine_budget"]
@@ -94,10 +94,11 @@ def engine_budget(run: EngineRun, crossing: dict[str, Any], device_total: int | 
             crossed_by = "pool"
         else:
             crossed_by = "allocation"
+    demand = _demand(run) if figures.preemptions else None
     if info.name == "vllm":
-        remedies = _vllm_remedies(run, budget, room, other, figures.peak_blocks_used, device_total)
+        remedies = _vllm_remedies(run, budget, room, other, figures, demand, device_total)
     else:
-        remedies = _hf_remedies(run, room, other, figures.peak_blocks_used, device_total)
+        remedies = _hf_remedies(run, room, other, figures, demand, device_total)
     return EngineBudget(
         engine=info.name,
         budget_bytes=budget,
@@ -135,9 +136,20 @@ def run_engine_budget(
     return engine_budget(run, crossing, total if isinstance(total, int) else None)
 
 
-def _held(usable: int, used: int, largest: int) -> str:
-    """What a pool of `usable` blocks holds of the run: its peak use, its largest request."""
+def _held(usable: int, used: int, largest: int, demand: tuple[int, bool] | None = None) -> str:
+    """What a pool of `usable` blocks holds of the run: its peak use, its largest request. A run that took
+    requests out of its pool used all of it at its peak: what its requests needed at once had none been
+    taken out is `demand` (blocks, and whether requests left unfinished make it a lower bound), the
+    diagnosis's own figure."""
     blocks = f"its {usable:,} usable block{'' if usable == 1 else 's'}"
+    if demand is not None and usable >= largest:
+        need, bound = demand
+        needed = f"the {'at least ' if bound else ''}{need:,} its requests needed at once"
+        if usable < need:
+            return f"{blocks} are fewer than {needed}: some would still be taken out of the pool"
+        if bound:
+            return f"{blocks} hold {needed}, counted at the lengths the unfinished ones had reached"
+        return f"{blocks} hold {needed}: none would be taken out of the pool"
     if usable >= used:
         return f"{blocks} hold the {used:,} the run used at its peak"
     if usable >= largest:
@@ -146,6 +158,16 @@ def _held(usable: int, used: int, largest: int) -> str:
             "or be taken out of the pool"
         )
     return f"{blocks} are fewer than the {largest:,} its largest request held: that request could not run"
+
+
+def _demand(run: EngineRun) -> tuple[int, bool]:
+    """The blocks a preempting run's requests needed at once had none been taken out (the preemption
+    diagnosis's bound, in usable blocks), and whether requests still in the engine at its end make it a
+    lower bound."""
+    from analyzers.planning.engine_run_diagnosis import in_engine_at_end
+    from analyzers.planning.vllm_diagnose import diagnose_preemptions  # it imports this module
+
+    return diagnose_preemptions(run).demand_bound_blocks, in_engine_at_end(run) > 0
 
 
 def _left(other: int, room: int, smallest: int) -> str:
@@ -172,10 +194,16 @@ def _share(value: float) -> float:
 
 
 def _hf_remedies(
-    run: EngineRun, room: int, other: int, used: int, device_total: int | None
+    run: EngineRun,
+    room: int,
+    other: int,
+    figures: EngineFigures,
+    demand: tuple[int, bool] | None,
+    device_total: int | None,
 ) -> list[KnobRemedy]:
     """ContinuousBatchingConfig(num_blocks=...) and max_memory_percent (see the module docstring)."""
     info = run.info
+    used = figures.peak_blocks_used
     per_block = int(info.bytes_per_block or 0)
     per_sector = int(info.bytes_per_sector or per_block)
     if not per_block or not per_sector:
@@ -204,7 +232,7 @@ def _hf_remedies(
             f"ContinuousBatchingConfig(num_blocks={blocks}) makes {a_or_an(human_bytes(pool))} pool "
             f"({pool:,} B, "
             f"two trash sectors included), peak {human_bytes(other + pool)}; "
-            f"{_held(blocks, used, _largest_request(run))}.",
+            f"{_held(blocks, used, _largest_request(run), demand)}.",
         )
     )
     if device_total and device_total > other:
@@ -223,10 +251,18 @@ def _hf_remedies(
 
 
 def _vllm_remedies(
-    run: EngineRun, budget: int, room: int, other: int, used: int, device_total: int | None
+    run: EngineRun,
+    budget: int,
+    room: int,
+    other: int,
+    figures: EngineFigures,
+    demand: tuple[int, bool] | None,
+    device_total: int | None,
 ) -> list[KnobRemedy]:
     """kv_cache_memory_bytes and gpu_memory_utilization (see the module docstring)."""
     info = run.info
+    used = figures.peak_blocks_used
+    largest = _largest_request(run)
     per_block = int(info.bytes_per_block or 0)
     remedies: list[KnobRemedy] = []
     blocks = room // per_block if per_block else 0
@@ -247,7 +283,7 @@ def _vllm_remedies(
                 pool,
                 True,
                 f"kv_cache_memory_bytes={pool} ({human_bytes(pool)}: {blocks:,} blocks) brings the peak to "
-                f"{human_bytes(other + pool)}; {_held(blocks - NULL_BLOCKS, used, _largest_request(run))}.",
+                f"{human_bytes(other + pool)}; {_held(blocks - NULL_BLOCKS, used, largest, demand)}.",
             )
         )
     total = info.memory_profile.get("total_device_bytes") or device_total

@@ -51,7 +51,12 @@ def _crossing_sentence(b: EngineBudget, name: str) -> str:
 
 
 def _room_sentence(b: EngineBudget) -> str:
-    """The pool that fits a crossed budget, which the remedies below it make."""
+    """The pool that fits the budget, which the remedies below it make (within it: the most it could take)."""
+    if not b.crossed:
+        return (
+            f"the largest pool it holds is {human_bytes(b.room_bytes)}, beside the "
+            f"{human_bytes(b.other_bytes)} its size does not change (now {human_bytes(b.pool_bytes)}):"
+        )
     if b.room_bytes > 0:
         return (
             f"a pool of at most {human_bytes(b.room_bytes)} fits beside the {human_bytes(b.other_bytes)} "
@@ -61,10 +66,10 @@ def _room_sentence(b: EngineBudget) -> str:
 
 
 def engine_budget_lines(b: EngineBudget, name: str) -> list[str]:
-    """The crossing in one sentence, then the pool that fits and the knobs that make it; one line when the
-    run fits. `name`: the engine as the diagnosis names it (e.g. "transformers-cb 5.24.0")."""
+    """The crossing (or the fit) in one sentence, then the largest pool that fits and the knobs that make it.
+    `name`: the engine as the diagnosis names it (e.g. "transformers-cb 5.24.0")."""
     lines = [_crossing_sentence(b, name)]
-    if not b.crossed:
+    if not b.remedies:
         return lines
     lines.append(f"  {_room_sentence(b)}")
     return lines + [f"    {remedy.sentence}" for remedy in b.remedies]
@@ -75,7 +80,7 @@ def engine_budget_to_html(b: EngineBudget, name: str) -> str:
     so that the page and diagnose say the same of a run that crossed it."""
     esc = html.escape
     body = f"<p>{esc(_crossing_sentence(b, name))}</p>"
-    if b.crossed:
+    if b.remedies:
         remedies = "".join(f"<li>{esc(remedy.sentence)}</li>" for remedy in b.remedies)
         body += f"<p>{esc(_room_sentence(b))}</p><ul>{remedies}</ul>"
     return f"<section class='diagnosis' id='kvtrace-budget'><h2>Memory budget</h2>{body}</section>"

@@ -237,6 +237,43 @@ def test_a_small_pool_makes_the_scheduler_wait_and_offload(
     assert not [r for r in sized if r["event"] == "preempted"]
 
 
+def test_a_budget_the_run_fits_prices_the_largest_pool_against_what_its_requests_needed(
+    tmp_path: Path,
+    cb_model: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN the small pool's run (8 usable blocks; its requests needed 5 + 4 + 4 at once: some were taken out)
+    run = tmp_path / "run"
+    _record(run, cb_model, num_blocks=8, new_tokens=12, monkeypatch=monkeypatch)
+    demand = sum(math.ceil((len(p) + 12 - 1) / PAGE) for p in PROMPTS)
+
+    for room, holds in ((1 << 30, True), (1 << 10, False)):
+        # WHEN diagnosed against a budget it fits: far over its peak, then just over it
+        assert main(["diagnose", str(run), "--budget", "1GiB", "--json"]) == 0
+        peak = json.loads(capsys.readouterr().out)["budget"]["peak_bytes"]
+        budget = f"{peak + room}B"
+        assert main(["diagnose", str(run), "--budget", budget, "--json"]) == 0
+        priced = json.loads(capsys.readouterr().out)["budget"]
+        assert main(["diagnose", str(run), "--budget", budget]) == 0
+        text = capsys.readouterr().out.splitlines()
+
+        # THEN the text gives the largest pool the budget holds and its knobs, as --json does (it gave one
+        # line), and says whether that pool holds what the requests needed at once, not the 8 the run used
+        assert priced["crossed"] is False
+        (blocks,) = [r["setting"] for r in priced["remedies"] if r["knob"] == "num_blocks"]
+        assert text[1].strip().startswith("the largest pool it holds is ")
+        assert [line.strip() for line in text[2:4]] == [r["sentence"] for r in priced["remedies"]]
+        pool, needed = f"its {blocks:,} usable blocks", f"the {demand} its requests needed at once"
+        said = (
+            f"{pool} hold {needed}: none would be taken out"
+            if holds
+            else f"{pool} are fewer than {needed}: some would still be taken out"
+        )
+        assert said in text[2], text
+        assert (blocks >= demand) == holds
+
+
 def test_the_page_of_a_small_pool_says_its_preemptions_as_the_text_does(
     tmp_path: Path,
     cb_model: torch.nn.Module,
