@@ -48,10 +48,13 @@ class PoolDemand:
         if blocks - NULL_BLOCKS >= self.recorded_peak:
             # the worst case is an upper bound (the largest requests all running at once): short of it is no
             # refusal where this run's own schedule never asked for more than the pool holds
+            # Not "likely": the recorded schedule is the preempting pool's, and a larger pool admits more
+            # requests at once (a walkthrough's fp8 pool of 8 blocks, over the 6 recorded, preempted 4 times)
             return None, (
                 f"is enough for the {self.recorded_peak:,} blocks this run's requests needed together at "
-                f"most (had none been preempted) but short of {worst}, an upper bound: it likely avoids "
-                f"them; rerun with {rerun} to know."
+                f"most on its recorded schedule (had none been preempted) but short of {worst}, an upper "
+                "bound: a larger pool admits more requests at once, so it may or may not avoid them; rerun "
+                f"with {rerun} to know."
             )
         return False, (
             f"is short of the {self.recorded_peak:,} blocks this run's requests needed together (had none "

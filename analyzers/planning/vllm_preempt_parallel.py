@@ -133,9 +133,9 @@ def _tensor_parallel(
 
 
 def _smallest(splits: tuple[WorkerSplit, ...], demand: PoolDemand, pool: WorkerPool) -> VllmRemedy:
-    """The smallest split whose workers' pool avoids every preemption; else the smallest that likely does
-    (or, the run having shared blocks, the most blocks), said unknown; else none, with the most blocks any
-    split gives."""
+    """The smallest split whose workers' pool avoids every preemption; else the smallest that may (holding the
+    recorded schedule's demand, or, the run having shared blocks, the most blocks), said unknown; else none,
+    with the most blocks any split gives."""
     priced = []
     for split in splits:
         blocks = pool.memory_bytes // split.block_bytes

@@ -214,8 +214,9 @@ def test_fp8_short_of_the_worst_case_alone_is_not_refused(capsys: pytest.Capture
     status, d = _run_json(["diagnose", str(MIXED)], capsys)
     assert status == 0 and (d["demand_bound_blocks"], d["recorded_peak_demand_blocks"]) == (worst, peak)
     (fp8,) = [r for r in d["remedies"] if r["knob"] == "kv_cache_dtype"]
-    # THEN fp8 is not refused on the upper bound alone (it was "[no]"): unknown, likely
-    assert fp8["fits"] is None and "likely avoids" in fp8["sentence"]
+    # THEN fp8 is not refused on the upper bound alone (it was "[no]"): unknown (here vLLM preempted none;
+    # a larger pool admits more requests at once, so elsewhere it may still preempt)
+    assert fp8["fits"] is None and "so it may or may not avoid them; rerun with" in fp8["sentence"]
     assert main(["diagnose", str(MIXED)]) == 0
     (line,) = [x for x in capsys.readouterr().out.splitlines() if "kv_cache_dtype='fp8'" in x]
     assert line.lstrip().startswith("[?]")
