@@ -89,16 +89,19 @@ def prefill_peak(
     )
 
 
-def run_call(source: MemorySource, report: Report, step: int | None) -> tuple[int | None, int | None]:
-    """(prompt, context) of the generate() call `kvtrace plan --from-run` plans (run_defaults'
-    `call_context`), where the diagnosed moment's `step` is in it and its cache is the report's main one;
-    (None, None) otherwise: the moment's own tokens then name the context."""
+def run_call(
+    source: MemorySource, report: Report, step: int | None
+) -> tuple[int | None, int | None, int | None]:
+    """(prompt, context, reached) of the generate() call `kvtrace plan --from-run` plans (run_defaults'
+    `call_context`: `reached` below `context` where the run was cut short and is planned as launched), where
+    the diagnosed moment's `step` is in it and its cache is the report's main one; (None, None, None)
+    otherwise: the moment's own tokens then name the context."""
     from analyzers.planning.run_defaults import call_context
 
     run, kv_log = source.meta.get("run"), source.meta.get("kv")
     if source.kind != "run" or run is None or kv_log is None or step is None:
-        return None, None
+        return None, None, None
     call = call_context(run, kv_log)
     if call is None or call.cache != report.kv.main_cache or step < call.step:
-        return None, None
-    return call.prompt, call.context
+        return None, None, None
+    return call.prompt, call.context, call.reached

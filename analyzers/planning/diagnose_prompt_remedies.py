@@ -73,6 +73,7 @@ def context_remedy(
     its parentheses)."""
     prompt = _prompt(d, tokens)
     context = _run_context(d, tokens)
+    earlier = _earlier(tokens, context, d.get("run_reached"))
     counted = f"({CONTEXT_COUNTED})"
     price = f"{human_bytes(per_token)} per token across the batch{held_too}"
     if d.get("step_phase") == "prefill" or (prompt is not None and tokens <= prompt):
@@ -95,7 +96,7 @@ def context_remedy(
             f"tokens' ({price}); each token of context fewer frees one token's, down to that. The prompt's "
             f"{human_bytes(per_token * prompt)} stays."
         )
-        return Remedy("context", floor + 1, saved, None, text + _earlier(tokens, context))
+        return Remedy("context", floor + 1, saved, None, text + earlier)
     if need <= 0:
         more = math.floor(-need / per_token)
         text = (
@@ -111,7 +112,13 @@ def context_remedy(
             f"A context of {shorter:,} tokens instead of {context:,} {counted} frees {human_bytes(saved)} of "
             f"KV ({price})."
         )
-        return Remedy("context", shorter, saved, fits(saved, need), text + _earlier(tokens, context))
+        return Remedy(
+            "context",
+            shorter,
+            saved,
+            fits(saved, need),
+            text + earlier,
+        )
     saved = round(per_token * room)
     if prompt is None:
         every = human_bytes(per_token * tokens)
@@ -122,7 +129,7 @@ def context_remedy(
         f"instead of {context:,} {counted} frees only {human_bytes(saved)} of KV ({price}); the prompt's "
         f"{human_bytes(per_token * prompt)} stays."
     )
-    return Remedy("context", None, saved, False, text + _earlier(tokens, context))
+    return Remedy("context", None, saved, False, text + earlier)
 
 
 def prefill_remedies(
@@ -186,14 +193,20 @@ def _prompt_remedy(
         return peak.allocated_bytes - round(per_token * (prompt - shorter)) - freed
 
     acts = moments_grown(peak.moments, 1.0, 1.0, squared)
-    token = (peak.allocated_bytes - at(0)) / prompt
-    cost = (
-        f"each prompt token costs {human_bytes(token)} there, {human_bytes(per_token)} of KV across the "
-        f"batch and {human_bytes(token - per_token)} of the prefill's activations that follow the prompt "
-        f"(measured: of the {human_bytes(acts)} it held beside the weights and KV)"
-    )
+
+    def cost_to(shorter: int) -> str:
+        """What each token cut, from the prompt down to `shorter`, frees on average: the prefill's moments
+        do not all grow with the prompt alike, so the average over the cut priced, not over the prompt."""
+        token = (peak.allocated_bytes - at(shorter)) / (prompt - shorter)
+        return (
+            f"each prompt token cut frees {human_bytes(token)} there, {human_bytes(per_token)} of KV across "
+            f"the batch and {human_bytes(token - per_token)} of the prefill's activations that follow the "
+            f"prompt (measured: of the {human_bytes(acts)} it held beside the weights and KV)"
+        )
+
     found = _longest(at, prompt - 1, _target(peak, need))
     if found is None:
+        cost = cost_to(1)
         least = max(at(1), peak.rest_bytes)
         saved = max(peak.allocated_bytes - least, 0)
         if need is not None and need > 0:
@@ -208,6 +221,7 @@ def _prompt_remedy(
         )
         return Remedy("prompt", None, saved, fits(saved, need), text)
     saved = peak.allocated_bytes - max(at(found), peak.rest_bytes)
+    cost = cost_to(found)
     new = _new_tokens(d, prompt)
     planned = (
         f" (`kvtrace plan --from-run RUN --prompt {found} --context {found + new}` plans it)" if new else ""
@@ -347,9 +361,16 @@ def _tokens(count: int) -> str:
     return f"{count:,} token{'s' if count != 1 else ''}"
 
 
-def _earlier(tokens: int, context: int) -> str:
+def _earlier(tokens: int, context: int, reached: object = None) -> str:
     """Where the moment held fewer tokens than the run's last step, that said: the context frees what the
-    moment held beyond it."""
+    moment held beyond it. A run cut short (`reached`, as plan counts a context, below `context`) is named
+    against the length its call asked for, as plan plans it: said so, not a last step it never ran."""
+    if isinstance(reached, int) and reached < context:
+        held = f" This moment held {tokens:,} tokens a row; the" if tokens + 1 < reached else " The"
+        return (
+            f"{held} run stopped at {reached - 1:,} tokens a row, short of the {context - 1:,} its call "
+            "asked for, which the context is named against (as `kvtrace plan --from-run` plans it)."
+        )
     if tokens + 1 >= context:
         return ""
     return f" This moment held {tokens:,} tokens a row, before the run's last step held {context - 1:,}."

@@ -291,6 +291,7 @@ class CallContext(NamedTuple):
     prompt: int | None  # its prompt, where its prefill sample (else the prefill's tokens) says
     context: int | None  # prompt + new tokens: what it reached, or, cut short, the length it asked for
     step: int  # its prefill's step, 0 where the log shows none
+    reached: int | None = None  # what it reached, as plan counts a context: below `context` when cut short
 
 
 def call_context(run: Run, kv: KvLogAnalysis) -> CallContext | None:
@@ -301,7 +302,8 @@ def call_context(run: Run, kv: KvLogAnalysis) -> CallContext | None:
     if main is None:
         return None
     prompt, context, step, _, _ = _planned_call(run, kv, main, stopped)
-    return CallContext(main.cache, prompt, context, step)
+    reached = _call(run, kv, main)[1]
+    return CallContext(main.cache, prompt, context, step, reached)
 
 
 def _planned_call(

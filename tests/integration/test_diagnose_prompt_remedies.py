@@ -97,6 +97,10 @@ def test_a_prefill_over_budget_is_priced_as_a_shorter_prompt_or_chunks(
     assert shorter["fits"] and 1 <= tokens < prompt
     assert f"{human_bytes(TOKEN_ROW * rows)} of KV across the batch" in shorter["sentence"]
     assert f"--prompt {tokens} --context {tokens + new}`" in shorter["sentence"]
+    # each token cut is priced as the bytes freed over the tokens cut (it was the average over the whole
+    # prompt, which the prefill's moments do not follow alike: 4 x 7.76 KiB said for 37.99 KiB freed)
+    each = human_bytes(saved / (prompt - tokens))
+    assert f"each prompt token cut frees {each} there" in shorter["sentence"], shorter["sentence"]
     typed = plan_json(
         run, capsys, "--gpu-memory", f"{budget}B", "--prompt", str(tokens), "--context", str(tokens + new)
     )

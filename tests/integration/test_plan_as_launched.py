@@ -234,6 +234,16 @@ def test_a_killed_run_is_planned_at_the_length_asked_for(
         f"max_new_tokens={new}); it had reached {PROMPT + cut - 1} when it stopped"
     )
     assert expected in plan["notes"], plan["notes"]
+    # AND diagnose names a shorter context against that length, saying the run stopped short of it (it
+    # said "before the run's last step held 37", a step the run never ran)
+    assert main(["diagnose", str(run), "--json"]) == 0
+    remedies = json.loads(capsys.readouterr().out)["remedies"]
+    (context,) = [r["sentence"] for r in remedies if r["kind"] == "context"]
+    assert f"instead of {PROMPT + new:,} (prompt + new tokens" in context
+    assert context.endswith(
+        f" The run stopped at {PROMPT + cut - 2} tokens a row, short of the {PROMPT + new - 1} its call "
+        "asked for, which the context is named against (as `kvtrace plan --from-run` plans it)."
+    ), context
 
 
 def test_a_run_killed_in_its_prefill_is_planned_at_the_length_asked_for(
