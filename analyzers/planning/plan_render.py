@@ -185,13 +185,7 @@ def format_text(result: PlanResult) -> str:
             label = "beam reorder peak"
         rows.append((label, _size(result.dynamic_realloc_peak_bytes)))
     if req.recorded is not None:
-        rows.append(
-            (
-                "activations",
-                f"{_size(result.activations_bytes)} (the rest of the run's peak beside the KV its moment "
-                "holds, scaled to this plan)",
-            )
-        )
+        rows.append(("activations", _recorded_activations(result)))
     elif result.prefill_activations_bytes is not None:
         # the peak's moment when it holds them; else the KV peak's is, later
         where = "at the peak, beside the prompt's KV" if result.activations_bytes else "below the peak"
@@ -222,6 +216,27 @@ def format_text(result: PlanResult) -> str:
         lines.append("To make it fit:")
         lines += [f"  - {_sentence(fix, req)}" for fix in result.remedies]
     return "\n".join(lines)
+
+
+def _recorded_activations(result: PlanResult) -> str:
+    """The activations row of a plan from a recording: those of the peak's moment, named by the KV that
+    moment holds, so that the weights, that KV and they are the peak. Before, the row did not say which KV:
+    a finished run that peaked inside its last cache update showed 79.74 KiB, its 27.24 KiB and the growth
+    copy again, beside the "cache growth peak" row."""
+    kv = result.kv_at_peak_bytes
+    growth = result.dynamic_realloc_peak_bytes
+    if growth and kv == result.kv_peak_bytes:
+        beside = "the KV cache and its growth copy: the peak is inside the last decode step's cache update"
+    elif kv == result.kv_bytes:
+        beside = "the KV cache" + (" without its growth copy: the peak is at a step's end" if growth else "")
+    elif kv == result.kv_prefill_bytes:
+        beside = f"the prompt's {_size(kv)} of KV: the peak is the prefill"
+    else:
+        beside = f"the {_size(kv)} of KV the peak's moment holds"
+    return (
+        f"{_size(result.activations_bytes)} (the run's at the peak's moment, scaled to this plan; beside the "
+        f"weights and {beside})"
+    )
 
 
 def _prefill_prompt(result: PlanResult) -> int:

@@ -75,6 +75,9 @@ class RecordedPeak:
     residual_length: int
     # the run stopped before its end (an OOM, an exception): its later, larger moments were never reached
     cut_short: bool = False
+    # the KV the peak's moment held, the report's: above the run's final KV where the peak is inside a
+    # cache update, its growth copy live (`recorded_growth`'s `_moment_kv`); None: not told
+    kv_at_peak_bytes: int | None = None
     # of `activations_bytes`, those batch-first (logits, attention's copies), which fewer rows free in
     # proportion, as `kvtrace diagnose` finds them (analyzers.planning.diagnose_rows); None: not told apart
     row_activation_bytes: int | None = None

@@ -237,17 +237,25 @@ def _moment_floors(
     allocator's events tell it (`RecordedPeak.prefill_activations_bytes`); else at most its peak less its
     weights and prefill KV (`prefill_bound_note`). A finished run reached its KV peak, so the memory beside
     its weights and KV there was at most its peak less those. A run cut short never reached its last steps:
-    its measured activations stand for theirs (an estimate: a step's activations are a prefill's at most
-    where the prefill processes more tokens than a step, as in the tour's runs)."""
+    a decode step it did reach stands for them (`_beside_late`), and, where it peaked at one, the plan's last
+    step's end holds the context's KV beside that peak's activations (`_cut_step_end`); cut in or right
+    after its prefill, its measured activations stand for theirs (an estimate: a step's activations are a
+    prefill's at most where the prefill processes more tokens than a step, as in the tour's runs)."""
     sizes = kv_sizes(req, batch, context)
     kept = 1 - rows_freed(rec, batch) / max(rec.activations_bytes, 1)
     beside_prefill, prefill_fixed = _beside_prefill(run, rec)
     late = req.weights_bytes + sizes.step_peak_bytes + _beside_late(req, run, rec, batch, context)
     floors = [(late, sizes.step_peak_bytes)]
+    if rec.cut_short and rec.phase == "decode" and not _held_growth_copy(run, rec):
+        floors.append(_cut_step_end(req, rec, batch, context))
     rows, longer = max(batch / rec.batch, 1.0), prefill_growth(run, rec, sizes.prompt)
     early = rows * longer
     attention = prefill_attention_bytes(req, run, rec, batch, context, sizes.prompt)
-    if early > 1.0 or attention:
+    # A run that peaked decoding, planned at a shorter context: its decode steps shrink, its prefill stays,
+    # and may be the peak. Before, it was left out: the walkthrough's 3-layer Llama at batch 2, 200 new
+    # tokens, planned at context 20, said 2,760,504 B where that run peaked at its prefill, 2,843,624 B
+    shorter = rec.phase == "decode" and context < rec.context
+    if early > 1.0 or attention or shorter:
         # A prefill of more rows or tokens than the run's, or over a longer static cache: its own moment.
         # Not otherwise: the run's own prefill is within its peak, and the measured figure is the most
         # beside the KV at any moment of it, with the whole prefill KV beside that (an upper bound where its
@@ -263,6 +271,22 @@ def _moment_floors(
         prefill += attention
         floors.append((req.weights_bytes + sizes.prefill_bytes + prefill, sizes.prefill_bytes))
     return floors
+
+
+def _cut_step_end(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> Moment:
+    """The plan's last decode step's end for a run cut short that peaked at a decode step: the context's KV
+    beside that step's activations, grown as the run's peak grows them (`_recorded_peak_at`). The run's peak
+    holds the tokens it reached, not the context's, so the peak moved by the KV (`_moment_kv`) stays at
+    them; a run whose peak was a step's end (its logits, the logits processors' vectors) may hold more
+    there than at its cache updates (`_beside_late`)."""
+    sizes = kv_sizes(req, batch, context)
+    rows = max(batch / rec.batch, 1.0)
+    more = attended_gain(req, rec, context)
+    gain = Gain(rows, context_growth(req, rec, context), max(batch, rec.batch), more)
+    activations = rec.activations_bytes - rows_freed(rec, batch)
+    at_end = gain.grown(activations, rec.context_token_bytes, rec.batch_fixed_bytes)
+    at_end += token_growth(req, rec, batch, context)
+    return req.weights_bytes + sizes.kv_bytes + at_end, sizes.kv_bytes
 
 
 def _beside_prefill(run: PlanRequest, rec: RecordedPeak) -> tuple[int, int | None]:
@@ -291,14 +315,29 @@ def _beside_late(req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: i
     beside_prefill, prefill_fixed = _beside_prefill(run, rec)
     token_bytes: int | None = None  # what a token adds to `beside_peak`; None: not told, all grow
     peak_fixed: int | None = None
-    if rec.cut_short:
-        beside_peak = max(rec.activations_bytes, beside_prefill)
-        peak_fixed = rec.batch_fixed_bytes if beside_peak == rec.activations_bytes else prefill_fixed
-    elif rec.update_activations_bytes is not None and rec.update_context_token_bytes is not None:
-        # measured at the run's KV peak, which the plan's KV peak repeats (the bound also holds the logits
-        # of the step's end, which come after the update)
+    if rec.update_activations_bytes is not None and rec.update_context_token_bytes is not None:
+        # measured at the run's KV peak, a decode step's cache update, which the plan's KV peak repeats (the
+        # bound also holds the logits of the step's end, which come after the update); a run cut short
+        # measured it at the last update it reached
         beside_peak, token_bytes = rec.update_activations_bytes, rec.update_context_token_bytes
         peak_fixed = rec.update_batch_fixed_bytes
+        if _held_growth_copy(run, rec) and rec.activations_bytes > beside_peak:
+            # its peak, inside another update, held more: a run stopped inside a step (a SIGTERM, an OOM)
+            # last logged an early layer's update of it, which holds less than a later layer's (the
+            # walkthrough's Llama stopped as layer 1 of step 150 began: 25,464 B there, 26,456 at its peak)
+            beside_peak, token_bytes = rec.activations_bytes, rec.context_token_bytes
+            peak_fixed = rec.batch_fixed_bytes
+    elif rec.cut_short and rec.phase == "decode":
+        # a decode step's, at the run's peak: never its prefill's, which no decode step's KV sits beside.
+        # Before, the more of the two: the walkthrough's 3-layer Llama at batch 2, stopped inside step 150
+        # of 200, planned 3,203,048 B, its prefill's 126,376 B beside the KV peak, where the run stopped
+        # between two steps planned 3,102,968 B
+        beside_peak, token_bytes = rec.activations_bytes, rec.context_token_bytes
+        peak_fixed = rec.batch_fixed_bytes
+    elif rec.cut_short:
+        # cut in or right after its prefill, no decode step measured: the most it held stands for theirs
+        beside_peak = max(rec.activations_bytes, beside_prefill)
+        peak_fixed = rec.batch_fixed_bytes if beside_peak == rec.activations_bytes else prefill_fixed
     else:
         beside_peak = max(rec.peak_bytes - rec.weights_bytes - run_sizes.step_peak_bytes, 0)
         if rec.update_activations_bytes is None and _moment_kv(run, rec, rec.batch, rec.context) >= (
@@ -323,12 +362,37 @@ def _beside_late(req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: i
 
 def _moment_kv(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
     """KV held at the run's peak moment, at `batch` and `context`: at prefill the prompt's (a preallocated
-    cache's: all of it); later, a moment holding all of the run's tokens holds all of this context's, and
-    one earlier in the run its tokens, at most this context's."""
+    cache's: all of it); later, a moment holding all of the run's tokens holds all of this context's, with
+    the growth copy of its last update where the run's peak held the run's own KV peak (`_held_kv_peak`),
+    and one earlier in the run its tokens, at most this context's."""
     sizes = kv_sizes(req, batch, context)
     if rec.phase == "prefill":
         return sizes.prefill_bytes
     if req.cache in PREALLOCATED_CACHES or rec.tokens >= rec.context - 1:
-        return sizes.kv_bytes
+        return sizes.step_peak_bytes if _held_kv_peak(req, rec) else sizes.kv_bytes
     tokens = min(rec.tokens, context - 1)
     return kv_sizes(replace(req, prompt=None), batch, tokens + 1).kv_bytes if tokens >= 1 else 0
+
+
+def _held_kv_peak(req: PlanRequest, rec: RecordedPeak) -> bool:
+    """Whether the run peaked inside its last cache update, its KV peak live (a dynamic cache's growth copy:
+    the report's KV at the peak is the run's KV peak by the arithmetic, above its final KV), rather than at a
+    step's end. Its peak's activations are then beside that KV: before, the copy was counted in them too,
+    the walkthrough's 3-layer Llama at batch 2, 200 new tokens, said 79.74 KiB of activations beside the KV
+    and its "cache growth peak" row where the run held 27.24 KiB, its rows 53,760 B over its peak."""
+    held = rec.kv_at_peak_bytes
+    if held is None or rec.cache != "dynamic":
+        return False
+    run = kv_sizes(run_request(req, rec), rec.batch, rec.context)
+    return run.step_peak_bytes > run.kv_bytes and held >= run.step_peak_bytes
+
+
+def _held_growth_copy(run: PlanRequest, rec: RecordedPeak) -> bool:
+    """Whether the run's peak is a decode step's cache update, a dynamic cache's growth copy live: the
+    report's KV at the peak above what the cache holds at the end of the peak's step (the arithmetic's at
+    its tokens), not its step's end (its logits and the logits processors' vectors, beside no copy)."""
+    held = rec.kv_at_peak_bytes
+    if held is None or rec.phase != "decode" or rec.cache != "dynamic":
+        return False
+    at_end = kv_sizes(replace(run, prompt=None), rec.batch, min(rec.tokens, rec.context - 1) + 1).kv_bytes
+    return held > at_end

@@ -58,6 +58,8 @@ class PeakMoment:
     tokens: int
     batch: int | None
     cut_short: bool  # the run stopped (an OOM, an exception): its peak is what it reached
+    # the KV held at the peak, the report's (its growth copy too where the peak is inside a cache update)
+    kv_at_peak_bytes: int | None = None
     # of activations_bytes, the batch-first ones, which fewer rows free in proportion (diagnose's figure)
     row_activation_bytes: int | None = None
     # the most held beside the weights and KV during the run's prefill (`prefill_beside`); None: not told
@@ -149,6 +151,7 @@ def peak_moment(
         tokens=diagnosis.tokens_held or 0,
         batch=diagnosis.batch,
         cut_short=diagnosis.event == "oom" or diagnosis.step_cut,
+        kv_at_peak_bytes=at_peak.get("kv", 0),
         row_activation_bytes=diagnosis.row_activation_bytes,
         prefill_activations_bytes=prefill,
         prefill_prompt_bytes=prefill_prompt_bytes(source, report, diagnosis.batch, prompt),

@@ -107,6 +107,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         quant_group_size=group_size,
         residual_length=residual_length,
         cut_short=moment.cut_short,
+        kv_at_peak_bytes=moment.kv_at_peak_bytes,
         # diagnose's rows are the moment's; a moment of another row count than the run's cache (a module's
         # buffers planned at their capacity) leaves the activations as measured
         row_activation_bytes=moment.row_activation_bytes if same_rows else None,
