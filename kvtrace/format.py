@@ -203,6 +203,9 @@ class Run:
     short_kv_storages: int = 0
     # What the model's weights did afterwards (`WEIGHT_EVENTS`), in the order it happened
     weight_changes: list[WeightRecord] = field(default_factory=list)
+    # weights.jsonl or memory_samples.jsonl found cut or short after the run ended: read as missing (the
+    # readers' note names the file and says this), empty above
+    damaged_files: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:

@@ -144,6 +144,7 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         )
     weights, cut_weights = _read_jsonl(root / WEIGHTS, _WeightLines())
     samples, cut_samples = _read_jsonl(root / MEMORY_SAMPLES, _sample_from)
+    damaged: dict[str, str] = {}
     if manifest.get("ended", {}).get("status") not in (None, "running"):
         # The recorder closed every file and counted the events: a cut or short file was damaged after the
         # run (a partial copy, a full disk), and figures from it would be wrong, not merely early.
@@ -156,8 +157,9 @@ def read_run(path: str | os.PathLike[str]) -> Run:
             raise KvtraceError(
                 f"{events_path}: damaged after the run ended: {kv_lines.lines} complete events{counted}"
             )
-        # The other logs by the same rule where the manifest counts their lines (older runs do not); a
-        # missing one is left to the readers' note (`missing_files_notes`), which says what the figures lack
+        # The other logs by the same rule where the manifest counts their lines (older runs do not). Neither
+        # is the run's KV: one found damaged is read as missing, its note (`missing_files_notes`) saying the
+        # damage and what the figures lack, and the KV log's figures stand, as a missing one's do
         for name, lines, cut in ((WEIGHTS, weights, cut_weights), (MEMORY_SAMPLES, samples, cut_samples)):
             written = manifest.get(_LINE_COUNTS[name])
             short = isinstance(written, int) and (root / name).is_file() and written != len(lines)
@@ -169,7 +171,11 @@ def read_run(path: str | os.PathLike[str]) -> Run:
                 said = f"{len(lines)} complete lines of the {written} the manifest counts"
             else:
                 continue
-            raise KvtraceError(f"{root / name}: damaged after the run ended: {said}")
+            damaged[name] = f"damaged after the run ended: {said}"
+        if WEIGHTS in damaged:
+            weights, cut_weights = [], False
+        if MEMORY_SAMPLES in damaged:
+            samples, cut_samples = [], False
     return Run(
         path=root,
         manifest=manifest,
@@ -180,6 +186,7 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         weight_changes=[w for w in weights if w.event],
         unknown_kv_events=kv_lines.unknown,
         short_kv_storages=kv_lines.short_storages,
+        damaged_files=damaged,
     )
 
 

@@ -336,14 +336,15 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             weight.storage_bytes
         )
     total_memory = run.manifest.get("device", {}).get("total_memory_bytes")
-    weights_gone = (
+    weights_gone = WEIGHTS_FILE in run.damaged_files or (
         WEIGHTS_FILE in (run.manifest.get("files") or []) and not (run.path / WEIGHTS_FILE).is_file()
     )
     weights_counted = False  # a GPU's allocator totals hold the weights the missing table would list
     for dev in source.devices:
         # The weights were allocated before the profiler started, as may some KV
         if weights_gone and weights_from_table(dev, traced):  # a partial copy: the peak is a lower bound
-            source.meta["peak_leaves_out"] = f"the weights, as {WEIGHTS_FILE} is missing"
+            gone = "damaged" if WEIGHTS_FILE in run.damaged_files else "missing"
+            source.meta["peak_leaves_out"] = f"the weights, as {WEIGHTS_FILE} is {gone}"
         elif weights_gone:
             weights_counted = True
         # (that KV until the log's `freed` line for it: a CPU trace lacks the free, which is added)

@@ -59,6 +59,9 @@ def missing_files_notes(run: Run) -> list[str]:
         else:
             lacking = _LACKING.get(name, "the figures are read without it")
         notes.append(f"{run.path / name} is listed in the manifest but missing: {lacking}")
+    for name, damage in run.damaged_files.items():
+        lacking = _LACKING.get(name, "the figures are read without it")
+        notes.append(f"{run.path / name}: {damage}, so it is read as missing: {lacking}")
     if unusable:
         shown = "; ".join(f"{_entry_text(entry)}: {why}" for entry, why in unusable[:_UNUSABLE_SHOWN])
         more = len(unusable) - _UNUSABLE_SHOWN
