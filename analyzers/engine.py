@@ -147,6 +147,9 @@ class EngineRun:
     info: EngineInfo
     steps: EngineSteps
     requests: tuple[RequestEvent, ...]
+    # The note on a request log that is missing (or empty) though the run had requests: every figure read
+    # from it is unknown, not 0 (analyzers.readers.engine_files); None where the log is there
+    requests_missing: str | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,9 @@ class EngineFigures:
     prompts: int | None = None
     prompts_sampled: int = 0  # of `prompts`, those sampled n > 1 times
     samples_per_prompt: tuple[int, ...] = ()  # the distinct n of the sampled prompts, ascending
+    # False where the request log is missing though the run had requests (`EngineRun.requests_missing`):
+    # `requests`, the tokens dropped and recomputed read 0 but are unknown
+    requests_known: bool = True
 
 
 @dataclass(frozen=True)
@@ -309,6 +315,7 @@ def engine_figures(run: EngineRun) -> EngineFigures:
         failed_requests=tuple(failed),
         peak_in_step=steps.in_step,
         **_prompt_figures(run.requests),
+        requests_known=run.requests_missing is None,
     )
 
 

@@ -6,9 +6,10 @@ Kept apart from the reader so that analyzers.summary can ask for it lazily, for 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from analyzers.engine import EngineFigures, EngineInfo, engine_figures
+from analyzers.engine import ENGINE_REQUESTS, EngineFigures, EngineInfo, engine_figures
 from analyzers.engine_stages import pipeline_note, pipeline_size, worker_kv_layers
 from analyzers.readers.engine_files import read_engine
 from analyzers.units import human_bytes
@@ -35,6 +36,16 @@ def engine_of_source(
         return None
     source.meta["engine"] = run
     figures = engine_figures(run)
+    requests_log = str(Path(run.path) / ENGINE_REQUESTS)
+    if (
+        run.requests_missing is not None
+        and notes is not None
+        and not any(
+            n.startswith(requests_log)
+            for n in notes  # a missing file listed in the manifest is noted already
+        )
+    ):
+        notes.append(run.requests_missing)
     if figures.status == "refused_start" and not kv.per_layer:
         kv.measured_from = "none"  # no pool was made: the KV log was read, but it measured no KV
     if run.info.kv_cache_bytes:

@@ -51,6 +51,9 @@ class EngineRunDiagnosis:
     notes: tuple[str, ...] = ()  # how the run stopped short (`ended_notes`), as `kvtrace diagnose` notes it
     unpriced: str | None = None
     unfinished: Unfinished | None = None  # requests a run that stopped short left: `unfinished_at_stop`
+    # the run preempted, and its request log is missing (`EngineRun.requests_missing`): the demand every
+    # remedy is priced on is unknown, so the preemptions are said without remedies (`diagnosis` None)
+    requests_unknown: bool = False
 
     @property
     def unfinished_requests(self) -> int:
@@ -181,6 +184,10 @@ def explain_engine_run(
     Raises KvtraceError where a refusal cannot be priced."""
     diagnosis = _short_of_final(diagnose_engine(run, budget), run, stopped)
     left = unfinished_at_stop(run, stopped)
+    if run.requests_missing is not None:
+        notes = (*notes, run.requests_missing)
+        if isinstance(diagnosis, PreemptionDiagnosis):  # priced on requests the run has lost: none is said
+            return EngineRunDiagnosis(run, budget, None, notes, unfinished=left, requests_unknown=True)
     return EngineRunDiagnosis(run, budget, diagnosis, notes, unfinished=left)
 
 

@@ -258,35 +258,91 @@ def _read_steps(file: Path, counted: int | None, num_blocks: int | None) -> Engi
     return EngineSteps(columns, tuple(preempted), in_step, prefix_known)
 
 
-def _read_requests(file: Path) -> tuple[RequestEvent, ...]:
-    events: list[RequestEvent] = []
-    for i, row in enumerate(_jsonl(file)[0]):
-        where = f"{file}: line {i + 1}"
-        event = row.get("event")
-        if event not in REQUEST_EVENTS:
-            raise KvtraceError(f"{where}: unknown request event {event!r}")
-        if row.get("request_id") is None:
-            raise KvtraceError(f"{where}: no request_id")
-        events.append(
-            RequestEvent(
-                t_ns=_int(row.get("t_ns"), where, "t_ns", default=0),
-                step=_int(row.get("step"), where, "step", default=0),
-                request_id=str(row["request_id"]),
-                event=str(event),
-                blocks=_int(row.get("blocks"), where, "blocks", default=0),
-                tokens=_int(row.get("tokens"), where, "tokens", default=0),
-                prompt_tokens=_int(row.get("prompt_tokens"), where, "prompt_tokens", default=0),
-                output_tokens=_int(row.get("output_tokens"), where, "output_tokens", default=0),
-                dropped_blocks=_int(row.get("dropped_blocks"), where, "dropped_blocks", default=0),
-                dropped_tokens=_int(row.get("dropped_tokens"), where, "dropped_tokens", default=0),
-                recomputed_tokens=_int(row.get("recomputed_tokens"), where, "recomputed_tokens", default=0),
-                finish_reason=_opt_str(row.get("finish_reason"), where, "finish_reason"),
-                error=_opt_str(row.get("error"), where, "error"),
-                max_tokens=_opt_int(row.get("max_tokens"), where, "max_tokens"),
-                cached_tokens=_opt_int(row.get("cached_tokens"), where, "cached_tokens"),
-            )
+def _read_requests(
+    file: Path, counts: _EndCounts, steps: EngineSteps
+) -> tuple[tuple[RequestEvent, ...], str | None]:
+    """The request log, and the note on one that is missing (or empty) though the run had requests (None
+    otherwise). A finished run's log is checked as its steps are: against the lines the manifest counts, or,
+    in runs recorded before kvtrace counted them, for a cut last line and against its preemptions."""
+    rows, cut = _jsonl(file)
+    if counts.finished:
+        _check_requests(file, rows, cut, counts)
+    events = tuple(_request_event(row, f"{file}: line {i + 1}") for i, row in enumerate(rows))
+    return events, None if events else _requests_missing(file, counts, steps)
+
+
+def _check_requests(file: Path, rows: list[dict[str, Any]], cut: bool, counts: _EndCounts) -> None:
+    """Refuses a finished run's request log damaged after the run: cut mid-line, or holding another number
+    of lines than the recorder wrote. Figures from it would be wrong, not early: a copy cut at half read as
+    2 preemptions of 6, and the remedies were priced on a third of the requests. A missing log is read with
+    a note (`_requests_missing`), as a missing weights.jsonl or memory_samples.jsonl is."""
+    if not os.path.lexists(file):
+        return
+    written, preemptions = counts.requests, counts.preemptions
+    if written is not None and (cut or len(rows) != written):
+        last = ", the last one cut" if cut else ""
+        said = f"{len(rows)} complete lines of the {written} the manifest counts{last}"
+    elif written is not None:
+        return
+    elif cut:  # recorded before kvtrace counted the lines: a cut line is all that can be seen
+        said = "its last line is cut"
+    elif preemptions is not None and preemptions != (
+        logged := sum(r.get("event") == "preempted" for r in rows)
+    ):
+        said = f"{logged} preempted lines of the {preemptions} preemptions the manifest counts"
+    else:
+        return
+    raise KvtraceError(f"{file}: damaged after the run ended: {said}")
+
+
+def _requests_missing(file: Path, counts: _EndCounts, steps: EngineSteps) -> str | None:
+    """The note on a request log that is missing or empty while the run had requests (the manifest counts
+    its lines or preemptions, or a step scheduled tokens or held requests); None where it had none. Every
+    figure read from the log (the requests, the tokens preemptions dropped, the demand the remedies are
+    priced on) is then unknown: read as 0, a pool of 1 block "fitted" a run that preempted 6 times."""
+    if counts.requests:
+        evidence = f"the manifest counts {counts.requests:,} lines"
+    elif counts.preemptions:
+        evidence = f"the manifest counts {counts.preemptions:,} preemptions"
+    else:
+        busy = (
+            int(np.count_nonzero(steps["tokens_scheduled"] | steps["running"] | steps["waiting"]))
+            if len(steps)
+            else 0
         )
-    return tuple(events)
+        if not busy:
+            return None
+        evidence = f"{busy:,} engine steps ran requests"
+    state = "missing" if not os.path.lexists(file) else "empty"
+    return (
+        f"{file} is {state} while {evidence}: the requests, the KV tokens preemptions dropped and the demand "
+        "remedies are priced on are unknown, and no remedy is priced"
+    )
+
+
+def _request_event(row: dict[str, Any], where: str) -> RequestEvent:
+    event = row.get("event")
+    if event not in REQUEST_EVENTS:
+        raise KvtraceError(f"{where}: unknown request event {event!r}")
+    if row.get("request_id") is None:
+        raise KvtraceError(f"{where}: no request_id")
+    return RequestEvent(
+        t_ns=_int(row.get("t_ns"), where, "t_ns", default=0),
+        step=_int(row.get("step"), where, "step", default=0),
+        request_id=str(row["request_id"]),
+        event=str(event),
+        blocks=_int(row.get("blocks"), where, "blocks", default=0),
+        tokens=_int(row.get("tokens"), where, "tokens", default=0),
+        prompt_tokens=_int(row.get("prompt_tokens"), where, "prompt_tokens", default=0),
+        output_tokens=_int(row.get("output_tokens"), where, "output_tokens", default=0),
+        dropped_blocks=_int(row.get("dropped_blocks"), where, "dropped_blocks", default=0),
+        dropped_tokens=_int(row.get("dropped_tokens"), where, "dropped_tokens", default=0),
+        recomputed_tokens=_int(row.get("recomputed_tokens"), where, "recomputed_tokens", default=0),
+        finish_reason=_opt_str(row.get("finish_reason"), where, "finish_reason"),
+        error=_opt_str(row.get("error"), where, "error"),
+        max_tokens=_opt_int(row.get("max_tokens"), where, "max_tokens"),
+        cached_tokens=_opt_int(row.get("cached_tokens"), where, "cached_tokens"),
+    )
 
 
 def _opt_str(value: Any, where: str, name: str) -> str | None:
@@ -300,12 +356,13 @@ def read_engine(path: str | os.PathLike[str]) -> EngineRun | None:
     folder = Path(path)
     if not has_engine(folder):
         return None
+    counts = _end_counts(folder)
     info = _read_info(folder / ENGINE)
-    steps = _read_steps(folder / ENGINE_STEPS, _counted_steps(folder), info.num_blocks)
-    requests = _read_requests(folder / ENGINE_REQUESTS)
+    steps = _read_steps(folder / ENGINE_STEPS, counts.steps, info.num_blocks)
+    requests, missing = _read_requests(folder / ENGINE_REQUESTS, counts, steps)
     if _prefix_stats_were_off(info, steps, requests):
         steps = dataclasses.replace(steps, prefix_known=False)
-    return EngineRun(path=str(folder), info=info, steps=steps, requests=requests)
+    return EngineRun(path=str(folder), info=info, steps=steps, requests=requests, requests_missing=missing)
 
 
 def _prefix_stats_were_off(info: EngineInfo, steps: EngineSteps, requests: tuple[RequestEvent, ...]) -> bool:
@@ -320,15 +377,34 @@ def _prefix_stats_were_off(info: EngineInfo, steps: EngineSteps, requests: tuple
     return not steps["prefix_queries"].any() and any(e.event == "scheduled" for e in requests)
 
 
-def _counted_steps(folder: Path) -> int | None:
-    """Engine steps the manifest of a finished run counts; None while it runs (or without a count)."""
-    try:
-        manifest = read_json_file(folder / "manifest.json", "corrupt manifest", encoding="utf-8-sig")
-    except KvtraceError:
-        return None  # the run reader says what is wrong with it
-    ended = manifest.get("ended") if isinstance(manifest, dict) else None
+@dataclasses.dataclass(frozen=True)
+class _EndCounts:
+    """What a finished run's manifest counts of its engine logs (`engine`): each None where it does not (a
+    run still recorded or killed, one recorded before kvtrace counted it, or no manifest)."""
+
+    finished: bool = False
+    steps: int | None = None
+    requests: int | None = None  # lines of engine_requests.jsonl
+    preemptions: int | None = None
+
+
+def _end_counts(folder: Path) -> _EndCounts:
+    """The manifest's counts of a finished run's engine logs. A damaged manifest is refused as the run
+    reader refuses it: read as none, a truncated one let `plan --from-run` read a run `report` refuses."""
+    path = folder / "manifest.json"
+    if not os.path.lexists(path):
+        return _EndCounts()  # the engine files alone
+    manifest = read_json_file(path, "corrupt manifest", encoding="utf-8-sig")
+    if not isinstance(manifest, dict):
+        raise KvtraceError(f"{path}: not a kvtrace manifest")
+    ended = manifest.get("ended")
     if not isinstance(ended, dict) or ended.get("status") in (None, "running"):
-        return None
+        return _EndCounts()
     engine = manifest.get("engine")
-    counted = engine.get("engine_steps") if isinstance(engine, dict) else None
-    return counted if type(counted) is int else None
+    engine = engine if isinstance(engine, dict) else {}
+
+    def count(name: str) -> int | None:
+        value = engine.get(name)
+        return value if type(value) is int and value >= 0 else None
+
+    return _EndCounts(True, count("engine_steps"), count("engine_requests"), count("preemptions"))

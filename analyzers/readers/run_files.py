@@ -11,6 +11,7 @@ import stat
 from typing import Any
 
 from kvtrace.format import (
+    ENGINE_REQUESTS,
     KV_EVENTS,
     MANIFEST,
     MEMORY_SAMPLES,
@@ -26,6 +27,10 @@ _LACKING = {
     WEIGHTS_FILE: "the weights are not in the memory figures (peak and final leave them out)",
     MEMORY_SAMPLES: "no process or device memory samples (RSS, reserved bytes, wall time)",
     KV_EVENTS: "no KV events: the KV figures are empty",
+    ENGINE_REQUESTS: (
+        "the requests, the KV tokens preemptions dropped and the demand remedies are priced on are unknown, "
+        "and no remedy is priced"
+    ),
 }
 # The same on a GPU whose trace counts from the process's start: the weights are in the figures, unnamed.
 _WEIGHTS_UNNAMED = (

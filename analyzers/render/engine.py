@@ -28,11 +28,12 @@ def engine_to_json(fig: EngineFigures) -> dict[str, Any]:
         "peak_blocks_used": fig.peak_blocks_used,
         "peak_step": fig.peak_step,
         "preemptions": fig.preemptions,
-        "preempted_tokens": fig.preempted_tokens,
-        "preempted_blocks": fig.preempted_blocks,
-        "recomputed_tokens": fig.recomputed_tokens,
+        # null where the request log is missing (`requests_known`): unknown, not 0
+        "preempted_tokens": fig.preempted_tokens if fig.requests_known else None,
+        "preempted_blocks": fig.preempted_blocks if fig.requests_known else None,
+        "recomputed_tokens": fig.recomputed_tokens if fig.requests_known else None,
         "prefix_cache_evicted_blocks": fig.prefix_cache_evicted_blocks,
-        "requests": fig.requests,
+        "requests": fig.requests if fig.requests_known else None,
         "prompts": fig.prompts,
         "finish_reasons": fig.finish_reasons,
         "requests_aborted": fig.requests_aborted,
@@ -87,6 +88,8 @@ def preemptions_phrase(fig: EngineFigures) -> str:
     (the tokens recomputed are what it paid again), in the text report's and the page's words."""
     if not fig.preemptions:
         return "none"
+    if not fig.requests_known:  # the request log is missing: what the preemptions dropped is not known
+        return f"{fig.preemptions} (first at step {fig.first_preemption_step}), tokens dropped unknown"
     return (
         f"{fig.preemptions} (first at step {fig.first_preemption_step}), "
         f"{fig.preempted_tokens:,} tokens dropped, {fig.recomputed_tokens:,} recomputed"
@@ -96,6 +99,8 @@ def preemptions_phrase(fig: EngineFigures) -> str:
 def requests_phrase(fig: EngineFigures) -> str:
     """The requests, and how they ended when some did not complete: `8 requests (6 completed, 2 aborted)`.
     Under parallel sampling, the prompts the caller sent too: `12 requests (3 prompts sampled n=4)`."""
+    if not fig.requests_known:
+        return "requests unknown (no request log)"
     reasons = fig.finish_reasons
     phrase = f"{fig.requests} requests"
     sampled = ""

@@ -10,6 +10,7 @@ from analyzers.planning.engine_run_diagnosis import EngineRunDiagnosis
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis
 from analyzers.render.engine_budget import engine_budget_to_html
 from analyzers.render.vllm_diagnosis import (
+    preempted_unpriced_to_json,
     preemption_to_html,
     ran_fine_to_html,
     ran_fine_to_json,
@@ -36,7 +37,9 @@ def engine_run_diagnosis_to_json(d: EngineRunDiagnosis) -> dict[str, Any] | None
     """`kvtrace diagnose --json` of the run; None for a refusal that cannot be priced (diagnose says why)."""
     if d.unpriced is not None:
         return None
-    if d.diagnosis is None:
+    if d.requests_unknown:
+        result = preempted_unpriced_to_json(d.run)
+    elif d.diagnosis is None:
         result = ran_fine_to_json(d.run, d.budget is not None and d.budget.crossed, d.unfinished)
     else:
         result = vllm_diagnosis_to_json(d.diagnosis)
@@ -51,6 +54,8 @@ def engine_run_diagnosis_to_html(d: EngineRunDiagnosis) -> list[str]:
     sections = [] if d.budget is None else [engine_budget_to_html(d.budget, d.name)]
     if d.unpriced is not None:
         return sections
+    if d.requests_unknown:  # the sentence alone: no figure of the requests, no remedy
+        return [*sections, ran_fine_to_html(preempted_unpriced_to_json(d.run))]
     if d.diagnosis is None:
         if d.budget is None:
             return []

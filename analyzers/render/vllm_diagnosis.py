@@ -280,6 +280,37 @@ def ran_fine_to_json(
     }
 
 
+def preempted_unpriced_to_json(run: EngineRun) -> dict[str, Any]:
+    """A vLLM run that preempted and whose request log is missing (`EngineRun.requests_missing`): how often
+    and when, from its steps, and no remedy, as every remedy is priced on the requests' lengths. Read as no
+    requests, a pool of one block "fitted" a run that preempted 6 times."""
+    from analyzers.engine import engine_figures
+    from analyzers.planning.vllm_diagnose import NULL_BLOCKS
+    from analyzers.render.engine import peak_when
+
+    figures = engine_figures(run)
+    usable = max((figures.num_blocks or 0) - NULL_BLOCKS, 0)
+    sentence = (
+        f"vLLM preempted {figures.preemptions} time(s) (first at step {figures.first_preemption_step}); peak "
+        f"{figures.peak_blocks_used:,} of {usable:,} usable blocks at {peak_when(figures)}. Without its "
+        "request log, what the requests needed, and so every remedy, cannot be priced from this run."
+    )
+    return {
+        "kind": "preemption",
+        "path": run.path,
+        "engine": figures.name,
+        "num_blocks": figures.num_blocks,
+        "usable_blocks": usable,
+        "block_size": figures.block_size,
+        "preemptions": figures.preemptions,
+        "first_preemption_step": figures.first_preemption_step,
+        "peak_blocks_used": figures.peak_blocks_used,
+        "requests": None,  # unknown: not 0
+        "remedies": [],
+        "sentence": sentence,
+    }
+
+
 def ran_fine_to_html(result: dict[str, Any]) -> str:
     """`ran_fine_to_json`'s sentence as the report page's diagnosis <section>."""
     return (

@@ -117,6 +117,8 @@ def _diagnose_engine_run(path: Path, as_json: bool, budget: int | None = None) -
     raised = list(ended_notes(manifest, recording))
     checked = _budget_of_engine(path, run, manifest, budget)
     if run.info.name != "vllm" and run.info.status in ("ok", "failed"):
+        if run.requests_missing is not None:
+            raised.append(run.requests_missing)
         _other_engine(run, as_json, checked, raised, stopped)  # vLLM's remedies are priced in vLLM's knobs
         return True
     # The report page and the TensorBoard tab explain the run by the same choice and JSON
@@ -288,6 +290,14 @@ def _other_engine(
     elif figures.first_preemption_step is None:
         ran_out = "" if over or raised_in_run else ": nothing ran out"
         sentence = f"{name} took no request out of its pool{ran_out} ({peak})."
+    elif run.requests_missing is not None:  # the demand is priced on the requests' lengths: unknown
+        result.update(kind="preemption", preemptions=figures.preemptions, demand_blocks=None)
+        result.update(first_preemption_step=figures.first_preemption_step)
+        sentence = (
+            f"{name} took {figures.preemptions} request(s) out of its pool (first at step "
+            f"{figures.first_preemption_step}); {peak}. Without its request log, the blocks the requests "
+            "would have needed cannot be told from this run."
+        )
     else:
         demand = diagnose_preemptions(run).demand_bound_blocks
         result.update(kind="preemption", preemptions=figures.preemptions, demand_blocks=demand)

@@ -232,6 +232,46 @@ def _max_model_len(
     return default[0], default_len_note(*default)
 
 
+# The flags of vLLM's memory profile (`available_kv_bytes`), which a pool sized by kv_cache_memory_bytes or
+# num_gpu_blocks_override leaves out: (args attribute, flag)
+_PROFILE_FLAGS = (
+    ("weights_bytes", "--weights-bytes"),
+    ("activation_peak", "--activation-peak"),
+    ("non_torch", "--non-torch"),
+    ("gpu_memory_utilization", "--gpu-memory-utilization"),
+)
+
+
+def _ignored_profile_note(
+    args: argparse.Namespace, kv_cache_memory: int | None, override: int | None, stages: int
+) -> str | None:
+    """The note on profile flags typed where kv_cache_memory_bytes sizes the pool: vLLM then profiles no
+    memory for it, and neither does the plan, so they change nothing; said, not left to look as if they
+    were taken. None where none was typed, or the profile sizes the pool. Under pipeline parallelism a
+    typed --weights-bytes is each stage's weights in the stages' table, so not ignored."""
+    if kv_cache_memory is None:
+        return None
+    typed = [
+        flag
+        for name, flag in _PROFILE_FLAGS
+        if getattr(args, name, None) is not None and not (name == "weights_bytes" and stages > 1)
+    ]
+    if not typed:
+        return None
+    from analyzers.planning.vllm_plan import readable_bytes
+
+    whose = "--kv-cache-memory" if args.kv_cache_memory is not None else f"the run's, {args.from_run}"
+    sized = (
+        f"num_gpu_blocks_override={override} sizes the pool"
+        if override is not None
+        else f"kv_cache_memory_bytes ({readable_bytes(kv_cache_memory)}, {whose}) sizes the pool"
+    )
+    return (
+        f"{', '.join(typed)} ignored: {sized}, as it does in vLLM, which then takes no share of the memory "
+        "by gpu_memory_utilization less the weights, activation peak and non-torch memory"
+    )
+
+
 def run_vllm_plan(args: argparse.Namespace) -> int:
     from analyzers.engine import draft_kv_layers
     from analyzers.planning.hf_config import geometry_from_config
@@ -434,5 +474,8 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
                 f"model's config.json) plans its window{started}",
             ),
         )
+    ignored = _ignored_profile_note(args, kv_cache_memory, override, stages)
+    if ignored is not None:
+        result = replace(result, notes=(*result.notes, ignored))
     print_result(args.json, lambda: vllm_to_json(result), lambda: format_vllm_text(result))
     return 0 if result.starts and result.batch_fits is not False else 1

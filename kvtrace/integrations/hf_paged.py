@@ -160,6 +160,8 @@ class PagedAttentionHooks(PagedWrappers, PagedSteps, PagedRequests):
             "num_blocks": self.document.get("num_blocks"),
             "kv_cache_bytes": self.document.get("kv_cache_bytes"),
             "engine_steps": self.engine_steps,
+            # the lines that reached engine_requests.jsonl whole, as vLLM's (vllm_engine.EngineHooks.summary)
+            "engine_requests": self._request_log.lines if self._request_log is not None else 0,
             "preemptions": self.preemptions,
             "prefix_evicted_blocks": self.prefix_evicted_blocks,
             "overhead_ns": self.overhead_ns,

@@ -210,7 +210,7 @@ def test_a_continuous_batching_run_recorded_before_failed_requests_were_counted_
     # request failed on its own
     old = shutil.copytree(runs / "one_failed", tmp_path / "old_one_failed")
     manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["engine"]["failed_requests"]
+    del manifest["engine"]["failed_requests"], manifest["engine"]["engine_requests"]  # no line count either
     (old / "manifest.json").write_text(json.dumps(manifest))
     engine = json.loads((old / "engine.json").read_text())
     del engine["failed_requests_logged"]

@@ -251,6 +251,31 @@ def test_kv_log_counts_the_pool_once(recorded: dict[str, Any]) -> None:
     assert manifest["engine"]["preemptions"] == recorded["preemptions"]
     step_samples = [s for s in run.memory_samples if s["phase"] != "host"]  # host figures: writer thread
     assert manifest["engine"]["engine_steps"] == len(recorded["steps"]) == len(step_samples) - 2
+    # every line the request log holds, counted as the steps are: a copy cut short is refused by it
+    assert manifest["engine"]["engine_requests"] == len(recorded["requests"])
+
+
+def test_a_request_log_cut_after_the_run_is_refused_naming_both_counts(
+    recorded: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from kvtrace.cli import main
+
+    # GIVEN a copy of the run whose request log lost its second half of lines (a partial copy)
+    run = Path(shutil.copytree(recorded["dir"], tmp_path / "run"))
+    log = run / fmt.ENGINE_REQUESTS
+    lines = log.read_text().splitlines(keepends=True)
+    assert len(lines) == len(recorded["requests"]) > 1
+    log.write_text("".join(lines[: len(lines) // 2]))  # kept below
+    # THEN diagnose refuses it in one line naming the file and both counts
+    assert main(["diagnose", str(run)]) == 2
+    err = capsys.readouterr().err
+    kept = len(lines) // 2
+    said = (
+        f"{log}: damaged after the run ended: {kept} complete lines of the {len(lines)} the manifest counts"
+    )
+    assert err == f"kvtrace diagnose: error: {said}\n"
 
 
 def test_hooks_are_undone(recorded: dict[str, Any]) -> None:
