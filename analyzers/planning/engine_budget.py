@@ -94,7 +94,8 @@ def engine_budget(run: EngineRun, crossing: dict[str, Any], device_total: int | 
             crossed_by = "pool"
         else:
             crossed_by = "allocation"
-    demand = _demand(run) if figures.preemptions else None
+    # without its request log (`requests_missing`) what the requests needed is unknown: the peak is said
+    demand = _demand(run) if figures.preemptions and run.requests_missing is None else None
     if info.name == "vllm":
         remedies = _vllm_remedies(run, budget, room, other, figures, demand, device_total)
     else:
@@ -136,7 +137,9 @@ def run_engine_budget(
     return engine_budget(run, crossing, total if isinstance(total, int) else None)
 
 
-def _held(usable: int, used: int, largest: int, demand: tuple[int, bool] | None = None) -> str:
+def _held(
+    usable: int, used: int, largest: int, demand: tuple[int, bool] | None = None, preempted: bool = False
+) -> str:
     """What a pool of `usable` blocks holds of the run: its peak use, its largest request. A run that took
     requests out of its pool used all of it at its peak: what its requests needed at once had none been
     taken out is `demand` (blocks, and whether requests left unfinished make it a lower bound), the
@@ -150,6 +153,11 @@ def _held(usable: int, used: int, largest: int, demand: tuple[int, bool] | None 
         if bound:
             return f"{blocks} hold {needed}, counted at the lengths the unfinished ones had reached"
         return f"{blocks} hold {needed}: none would be taken out of the pool"
+    if usable >= used and demand is None and preempted:
+        return (
+            f"{blocks} hold the {used:,} the run used at its peak, its whole pool: it took requests out, and "
+            "what they needed at once is not known from this run"
+        )
     if usable >= used:
         return f"{blocks} hold the {used:,} the run used at its peak"
     if usable >= largest:
@@ -232,7 +240,7 @@ def _hf_remedies(
             f"ContinuousBatchingConfig(num_blocks={blocks}) makes {a_or_an(human_bytes(pool))} pool "
             f"({pool:,} B, "
             f"two trash sectors included), peak {human_bytes(other + pool)}; "
-            f"{_held(blocks, used, _largest_request(run), demand)}.",
+            f"{_held(blocks, used, _largest_request(run), demand, figures.preemptions > 0)}.",
         )
     )
     if device_total and device_total > other:
@@ -261,7 +269,7 @@ def _vllm_remedies(
 ) -> list[KnobRemedy]:
     """kv_cache_memory_bytes and gpu_memory_utilization (see the module docstring)."""
     info = run.info
-    used = figures.peak_blocks_used
+    used, preempted = figures.peak_blocks_used, figures.preemptions > 0
     largest = _largest_request(run)
     per_block = int(info.bytes_per_block or 0)
     remedies: list[KnobRemedy] = []
@@ -277,13 +285,14 @@ def _vllm_remedies(
         )
     else:
         pool = blocks * per_block
+        held = _held(blocks - NULL_BLOCKS, used, largest, demand, preempted)
         remedies.append(
             KnobRemedy(
                 "kv_cache_memory_bytes",
                 pool,
                 True,
                 f"kv_cache_memory_bytes={pool} ({human_bytes(pool)}: {blocks:,} blocks) brings the peak to "
-                f"{human_bytes(other + pool)}; {_held(blocks - NULL_BLOCKS, used, largest, demand)}.",
+                f"{human_bytes(other + pool)}; {held}.",
             )
         )
     total = info.memory_profile.get("total_device_bytes") or device_total

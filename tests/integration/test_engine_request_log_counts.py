@@ -168,6 +168,14 @@ def test_a_missing_request_log_is_noted_and_prices_no_remedy(
     assert "requests unknown (no request log)" in text and " 0 requests" not in text
     assert f"preemptions: 2 (first at step {first}), tokens dropped unknown" in text
     assert f"note: {log} is listed in the manifest but missing: the requests," in text
+    # AND within a memory budget, the pool priced says it holds the run's peak (its whole pool: it took
+    # requests out) and that what they needed is unknown, not "the 0 its requests needed"
+    text, _ = _cli(["diagnose", str(run), "--budget", "1GiB"], capsys)
+    assert "its requests needed at once" not in text, text
+    assert (
+        "the run used at its peak, its whole pool: it took requests out, and what they needed at once is not "
+        in text
+    )
 
 
 def test_an_older_runs_emptied_request_log_without_preemptions_is_noted(
