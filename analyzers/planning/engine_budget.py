@@ -171,11 +171,12 @@ def _held(
 def _demand(run: EngineRun) -> tuple[int, bool]:
     """The blocks a preempting run's requests needed at once had none been taken out (the preemption
     diagnosis's bound, in usable blocks), and whether requests still in the engine at its end make it a
-    lower bound."""
-    from analyzers.planning.engine_run_diagnosis import in_engine_at_end
+    lower bound: those it could not count at their max_tokens."""
+    from analyzers.planning.unfinished_asks import in_engine_at_end
     from analyzers.planning.vllm_diagnose import diagnose_preemptions  # it imports this module
 
-    return diagnose_preemptions(run).demand_bound_blocks, in_engine_at_end(run) > 0
+    diagnosis = diagnose_preemptions(run)
+    return diagnosis.demand_bound_blocks, in_engine_at_end(run) > diagnosis.asked_requests
 
 
 def _left(other: int, room: int, smallest: int) -> str:

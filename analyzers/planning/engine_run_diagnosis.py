@@ -9,11 +9,15 @@ pool held every request (analyzers.planning.vllm_diagnose).
 
 A run that stopped before its end (its process died, its block raised or was interrupted) shows the run up
 to then, said in a note as the Hugging Face diagnosis says it. Its requests still in the engine then had not
-reached their final lengths, which vLLM's remedies are priced on: a remedy that avoids every preemption of
-what was recorded is then said unknown ("[?]"), never "fits"; transformers' continuous batching's demand in
-blocks (`kvtrace diagnose`) is then said "at least", with no num_blocks named, and so is vLLM's demand if
-nothing were preempted; an engine that preempted nothing is not said to have run out of nothing: whether its
-pool would have sufficed cannot be told (`unfinished_at_stop` for both).
+reached their final lengths, which vLLM's remedies are priced on. Where each one's `waiting` line says its
+max_tokens (analyzers.planning.unfinished_asks), each is counted at the most it may reach, prompt +
+max_tokens - 1 tokens, so the demand is an upper bound as a finished run's is, and a remedy that holds it
+avoids every preemption ("fits"). Where one's is unknown (runs recorded before kvtrace logged it), they are
+counted at the lengths they had reached: a remedy that avoids every preemption of what was recorded is then
+said unknown ("[?]"), never "fits"; transformers' continuous batching's demand in blocks (`kvtrace
+diagnose`) is then said "at least", with no num_blocks named, and so is vLLM's demand if nothing were
+preempted. An engine that preempted nothing is not said to have run out of nothing: whether its pool would
+have sufficed cannot be told (`unfinished_at_stop` for both).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from analyzers.engine import EngineRun
 from analyzers.planning.engine_budget import EngineBudget, run_engine_budget
+from analyzers.planning.unfinished_asks import in_engine_at_end
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis, diagnose_engine
 from analyzers.planning.vllm_refused import refused_start
 from analyzers.run_stop import SIGTERM_SENDERS, interrupted_how, killed_after_sigterm
@@ -109,26 +114,12 @@ def ended_notes(manifest: dict[str, Any], recording_pid: str | None = None) -> t
     return raised_notes(manifest)
 
 
-def in_engine_at_end(run: EngineRun) -> int:
-    """Requests still in the engine at the run's last recorded step: those whose events never say finished,
-    or the step's running and waiting (a request that waited from the start has no event), the more."""
-    unfinished: set[str] = set()
-    for event in run.requests:
-        if event.event == "finished":
-            unfinished.discard(event.request_id)
-        else:
-            unfinished.add(event.request_id)
-    last = 0
-    if len(run.steps):
-        last = int(run.steps["running"][-1]) + int(run.steps["waiting"][-1])
-    return max(len(unfinished), last)
-
-
 @dataclass(frozen=True)
 class Unfinished:
-    """Requests still in the engine when the run stopped short. They are counted at the lengths they had
-    reached, not their final ones, so any demand read from the run is a lower bound: every engine's
-    diagnosis says so through this one place (vLLM's remedies, transformers' num_blocks)."""
+    """Requests still in the engine when the run stopped short. Counted at the lengths they had reached, not
+    their final ones, any demand read from the run is a lower bound: every engine's diagnosis says so
+    through this one place (vLLM's remedies, transformers' num_blocks), unless the diagnosis counted each at
+    its max_tokens (`PreemptionDiagnosis.asked_requests`)."""
 
     requests: int
     how: str  # why it stopped, as a clause: "its process died"
@@ -159,13 +150,16 @@ def _short_of_final(
     diagnosis: RefusedDiagnosis | PreemptionDiagnosis | None, run: EngineRun, stopped: str | None
 ) -> RefusedDiagnosis | PreemptionDiagnosis | None:
     """`diagnosis` with each remedy that avoids every recorded preemption said unknown where the run stopped
-    with requests in the engine (`unfinished_at_stop`): the run's own demand may be larger. A remedy found
-    short stays short: more demand cannot make it fit."""
+    with requests in the engine (`unfinished_at_stop`) counted at the lengths they had reached: the run's
+    own demand may be larger. Where each was counted at its max_tokens, the demand is an upper bound and
+    the remedies stand. A remedy found short stays short: more demand cannot make it fit."""
     if not isinstance(diagnosis, PreemptionDiagnosis):
         return diagnosis
     left = unfinished_at_stop(run, stopped)
     if left is None:
         return diagnosis
+    if diagnosis.asked_requests >= left.requests:
+        return replace(diagnosis, unfinished_requests=left.requests)
     caveat = (
         f" The run stopped with {left.clause()}, counted at the lengths they had "
         "reached, not their final ones: whether it avoids the preemptions to come cannot be told; rerun to "

@@ -14,7 +14,10 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
   at its prompt + `max_tokens` - 1 tokens (its `waiting` line's), or, in runs that did not log them, at its
   prompt only, and then no remedy is said to fit. One aborted while it ran counts at that whole ask too, not
   at the length the abort cut it at (with a larger pool it is preempted less and runs further before the same
-  abort). vLLM's parallel sampling (`n > 1`) runs a prompt's samples as requests of one prompt which, under
+  abort). One the run never finished (it stopped short: killed, interrupted) counts at that whole ask too,
+  the most it may reach, where every such request's line has it (analyzers.planning.unfinished_asks); else
+  at the length it had reached, and analyzers.planning.engine_run_diagnosis says no remedy is known to fit.
+  vLLM's parallel sampling (`n > 1`) runs a prompt's samples as requests of one prompt which, under
   prefix caching, share its full blocks (all but a last partial block, and the block of its last token when
   that one ends a block: vLLM recomputes it): where each sample took its whole prompt in one step, as a
   prompt within the step's token budget does, or every sample but the first found them all cached (a
@@ -54,6 +57,7 @@ from analyzers.engine import (
 )
 from analyzers.engine_stages import pipeline_note, pipeline_size, widest_stage
 from analyzers.planning.engine_budget import EngineBudget
+from analyzers.planning.unfinished_asks import asked_tokens, unfinished_asks
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
 from analyzers.planning.vllm_pool_demand import NULL_BLOCKS, PoolDemand
 from analyzers.planning.vllm_preempt_parallel import WorkerPool, parallel_remedies
@@ -122,8 +126,13 @@ class PreemptionDiagnosis:
     notes: tuple[str, ...] = field(default_factory=tuple)
     kind: str = "preemption"
     # requests a run that stopped short left in the engine (analyzers.planning.engine_run_diagnosis): counted
-    # at the lengths they had reached, so the demand above is a lower bound where not 0
+    # at the lengths they had reached, so the demand above is a lower bound where not 0, unless every one is
+    # counted at its max_tokens (`asked_requests`)
     unfinished_requests: int = 0
+    # requests that never finished, each counted at the most its max_tokens lets it reach (prompt +
+    # max_tokens - 1 tokens: analyzers.planning.unfinished_asks) rather than the length it had reached; 0
+    # where none was left or one's max_tokens is unknown
+    asked_requests: int = 0
     # of `held_at_first`'s blocks, those listed again: a prompt's blocks, held once, in each of its samples
     # (vLLM's parallel sampling under prefix caching); the pool held their sum less these
     held_listed_again_blocks: int = 0
@@ -217,13 +226,17 @@ def _request_blocks(run: EngineRun, block: int) -> _RequestBlocks:
     return _RequestBlocks(block, groups, lag, sliding_blocks(groups.window, block, in_flight, max_len))
 
 
-def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[dict[str, int], tuple[str, ...]]:
+def _final_demand(
+    run: EngineRun, sizes: _RequestBlocks, asks: dict[str, RequestEvent] | None = None
+) -> tuple[dict[str, int], tuple[str, ...]]:
     """Blocks each request needs at its final length: prompt + output - 1 tokens (at least what it held);
     one aborted while it ran, at its whole ask (prompt + max_tokens - 1, its `waiting` line's) where the log
     has it, not the length the abort cut it at. A request never scheduled (its `waiting` line, or a
     `finished` one before any other: aborted while it waited) held nothing here, but a larger pool admits it
-    (`_unscheduled_tokens`). Also returns the ids of those that ended unscheduled whose length the log
-    cannot tell (counted at their prompts only).
+    (`_unscheduled_tokens`). One that never finished (the run stopped first) at its whole ask too where
+    `asks` (analyzers.planning.unfinished_asks) gives every such request's `waiting` line: the most it may
+    grow to. Also returns the ids of those that ended unscheduled whose length the log cannot tell (counted
+    at their prompts only).
     A sliding run's logged blocks include a resumed request's prefill chunks (more than it holds at its final
     length), and in runs recorded before kvtrace left them out, vLLM's null blocks standing in for the freed
     ones: there the window's arithmetic alone says what it needs."""
@@ -258,6 +271,9 @@ def _final_demand(run: EngineRun, sizes: _RequestBlocks) -> tuple[dict[str, int]
         if request_id in ended and e.max_tokens is None:
             unbounded.append(request_id)
         demand[request_id] = sizes.final(e.prompt_tokens, tokens)
+    for request_id, e in (asks or {}).items():
+        ask = sizes.final(e.prompt_tokens, asked_tokens(e, run.info.config))
+        demand[request_id] = max(demand.get(request_id, 0), ask)
     return demand, tuple(unbounded)
 
 
@@ -301,6 +317,17 @@ def _recorded_demand(run: EngineRun, sizes: _RequestBlocks, samples: SharedSampl
             if e.event == "finished":
                 tokens.pop(e.request_id, None)
     return peak, peak_step
+
+
+def _asks_note(asks: dict[str, RequestEvent]) -> str:
+    """Said where requests that never finished are counted at their max_tokens, not the lengths reached."""
+    asked = sorted({e.max_tokens or 0 for e in asks.values()})
+    each = f"max_tokens={asked[0]:,}" if len(asked) == 1 else f"max_tokens {asked[0]:,} to {asked[-1]:,}"
+    return (
+        f"{len(asks)} request(s) had not finished when the run stopped: each is counted at its {each} "
+        "(prompt + max_tokens - 1 KV tokens, the most it may reach: it may stop earlier at an EOS or a stop "
+        "string), not at the length it had reached, so the demand is an upper bound"
+    )
 
 
 def _unbounded_caveat(remedies: list[VllmRemedy], count: int) -> list[VllmRemedy]:
@@ -501,7 +528,8 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
     kv_bytes = int(info.kv_cache_bytes or num_blocks * bytes_per_block)
     usable = num_blocks - NULL_BLOCKS
     sizes = _request_blocks(run, block)
-    demand, unbounded = _final_demand(run, sizes)
+    asks = unfinished_asks(run)
+    demand, unbounded = _final_demand(run, sizes, asks)
     max_seqs = info.config.get("max_num_seqs")
     running_at_most = min(int(max_seqs), len(demand)) if max_seqs else len(demand)
     if len(run.steps):  # never more than were in the engine at once (successive generate() calls)
@@ -634,6 +662,8 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
             f"requests shared {shared_tokens:,} prefix-cached tokens ({shared_tokens // block:,} blocks): "
             "the per-request blocks count a shared block once per request, so they can add up past the pool"
         )
+    if asks:
+        notes.append(_asks_note(asks))
     if unbounded:
         remedies = _unbounded_caveat(remedies, len(unbounded))
     if recorded_peak and recorded_peak < bound:
@@ -671,6 +701,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         remedies=tuple(remedies),
         model=model,
         notes=tuple(notes),
+        asked_requests=len(asks or {}),
     )
 
 

@@ -165,11 +165,17 @@ def _held_as_of(d: PreemptionDiagnosis, held: HeldRequest) -> str:
 
 
 def _demand(d: PreemptionDiagnosis) -> str:
-    """What the requests would have needed; "at least" where the run stopped with requests unfinished: they
-    are counted at the lengths they had reached, not their final ones."""
+    """What the requests would have needed; "at least" where the run stopped with requests unfinished
+    counted at the lengths they had reached, not their final ones; at most where each was counted at its
+    max_tokens, the most it may reach."""
     short = d.unfinished_requests
-    bound = "at least " if short else ""
-    left = f", counting the {short} unfinished request(s) at the lengths they had reached" if short else ""
+    asked = short and d.asked_requests >= short
+    bound = "at least " if short and not asked else ""
+    left = ""
+    if asked:
+        left = f", counting the {short} unfinished request(s) at their max_tokens"
+    elif short:
+        left = f", counting the {short} unfinished request(s) at the lengths they had reached"
     return (
         f"{bound}{d.demand_bound_blocks:,} blocks (+{d.blocks_needed - d.demand_bound_blocks} null = "
         f"{d.blocks_needed:,}){left}; on the recorded schedule it peaked at {d.recorded_peak_demand_blocks:,}"

@@ -246,7 +246,8 @@ def _other_engine(
     """Another engine's paged pool (transformers' continuous batching): what ran out and the requests'
     demand in its blocks, without vLLM's knobs (kv_cache_memory_bytes, max_num_seqs, fp8); first, a memory
     budget the run crossed, priced in num_blocks and max_memory_percent. `stopped`: how the run stopped
-    short (`stopped_short`): requests it left in the engine make the demand a lower bound."""
+    short (`stopped_short`): requests it left in the engine make the demand a lower bound, unless each is
+    counted at its max_tokens (analyzers.planning.unfinished_asks)."""
     from analyzers.engine import engine_figures
     from analyzers.planning.engine_run_diagnosis import unfinished_at_stop
     from analyzers.planning.vllm_diagnose import diagnose_preemptions
@@ -299,7 +300,8 @@ def _other_engine(
             "would have needed cannot be told from this run."
         )
     else:
-        demand = diagnose_preemptions(run).demand_bound_blocks
+        preempting = diagnose_preemptions(run)
+        demand = preempting.demand_bound_blocks
         result.update(kind="preemption", preemptions=figures.preemptions, demand_blocks=demand)
         result.update(first_preemption_step=figures.first_preemption_step)
         sentence = (
@@ -307,7 +309,7 @@ def _other_engine(
             f"{figures.first_preemption_step}), {figures.preempted_tokens:,} KV tokens dropped, "
             f"{figures.recomputed_tokens:,} recomputed; {peak}."
         )
-        if left is not None:
+        if left is not None and preempting.asked_requests < left.requests:
             # counted at the lengths they had reached: their final demand is larger, by how much is unknown
             knob = "ContinuousBatchingConfig(num_blocks=...)" if figures.name == "transformers-cb" else "pool"
             sentence += (
@@ -317,6 +319,12 @@ def _other_engine(
                 "every preemption cannot be told from this run; rerun to completion to know."
             )
         else:
+            if left is not None:  # each counted at its max_tokens: the most it may reach
+                asked = "max_new_tokens" if figures.name == "transformers-cb" else "max_tokens"
+                sentence += (
+                    f" The run stopped with {left.clause()}, each counted at its {asked} (prompt + "
+                    f"{asked} - 1 tokens, the most it may reach)."
+                )
             sentence += (
                 f" Had none been taken out, the requests would have needed at most {demand:,} blocks of "
                 f"{figures.block_size} tokens"

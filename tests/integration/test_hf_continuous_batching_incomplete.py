@@ -1,5 +1,6 @@
 """transformers' continuous batching runs that `kvtrace diagnose` reads incomplete: a process that died with
-every request still in the engine, and a run copied without its engine.json.
+every request still in the engine (each counted at its max_new_tokens, which its `waiting` line records), and
+a run copied without its engine.json.
 
 A real `generate_batch` on the tiny random Llama 3 (2 layers, 2 KV heads, head_dim 16, float32) with a pool
 of 8 usable 4-token blocks for three requests that grow to 17, 16 and 14 KV tokens: the scheduler takes one
@@ -108,7 +109,7 @@ def _record(path: Path, model: torch.nn.Module, num_blocks: int) -> None:
         )
 
 
-def test_a_run_that_died_with_requests_unfinished_gives_its_demand_as_a_lower_bound(
+def test_a_run_that_died_with_requests_unfinished_counts_them_at_their_max_new_tokens(
     tmp_path: Path, cb_model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN a run whose process died in step 10, after the pool took a request out at step 7
@@ -126,33 +127,36 @@ def test_a_run_that_died_with_requests_unfinished_gives_its_demand_as_a_lower_bo
         reached[e["request_id"]] = max(reached.get(e["request_id"], 0), blocks)
     at_least = sum(reached.values())
     assert at_least == 4 + 4 + 3  # 13, 13 and 9 tokens
+    # each `waiting` line says its prompt and max_new_tokens: the most each may reach, prompt + 12 - 1
+    # tokens (the last sampled token gets no KV): 5 + 4 + 4 blocks
+    asked = {e["request_id"]: e for e in requests if e["event"] == "waiting"}
+    assert {e["max_tokens"] for e in asked.values()} == {NEW_TOKENS}
+    final = sum(math.ceil((e["prompt_tokens"] + e["max_tokens"] - 1) / PAGE) for e in asked.values())
+    assert final == sum(math.ceil((len(p) + NEW_TOKENS - 1) / PAGE) for p in PROMPTS) == 13 > at_least
 
     # WHEN it is diagnosed
     diagnosis, text = _diagnose(run, capsys)
 
-    # THEN the demand is the lengths reached, said as a lower bound with the requests left unfinished
-    assert (diagnosis["kind"], diagnosis["demand_blocks"]) == ("preemption", at_least)
+    # THEN the demand counts each unfinished request at its max_new_tokens: an upper bound, the num_blocks
+    # named (it was the lengths reached, at least 11, and no num_blocks)
+    assert (diagnosis["kind"], diagnosis["demand_blocks"]) == ("preemption", final)
     assert diagnosis["unfinished_requests"] == len(PROMPTS)
     sentence = diagnosis["sentence"]
     assert (
-        f"The run stopped with {len(PROMPTS)} request(s) unfinished (its process died), counted at the "
-        "lengths they had reached: had none been taken out, the requests would have needed at least "
-        f"{at_least} blocks of {PAGE} tokens, maybe more at their final lengths, so the "
-        "ContinuousBatchingConfig(num_blocks=...) that avoids every preemption cannot be told from this run; "
-        "rerun to completion to know."
+        f"The run stopped with {len(PROMPTS)} request(s) unfinished (its process died), each counted at its "
+        "max_new_tokens (prompt + max_new_tokens - 1 tokens, the most it may reach). Had none been taken "
+        f"out, the requests would have needed at most {final} blocks of {PAGE} tokens "
+        f"(ContinuousBatchingConfig(num_blocks={final}) counts usable blocks alike)."
     ) in sentence
-    assert "at most" not in sentence and f"num_blocks={at_least}" not in sentence
-    assert f"at least {at_least} blocks" in text and "at most" not in text
+    assert "at least" not in text and "cannot be told" not in text
     assert text.rstrip().endswith(
         "note: the run never finished (the process died): read up to its last flushed step"
     )
 
-    # AND that is right: the whole workload in a pool of that many blocks still takes a request out, while
-    # its final demand (the last sampled token gets no KV: 5 + 4 + 4 blocks) takes none
+    # AND that is right: the whole workload in a pool of the lengths reached still takes a request out,
+    # while the num_blocks named takes none
     _record(tmp_path / "at_least", cb_model, at_least)
     assert [e for e in _lines(tmp_path / "at_least" / "engine_requests.jsonl") if e["event"] == "preempted"]
-    final = sum(math.ceil((len(p) + NEW_TOKENS - 1) / PAGE) for p in PROMPTS)
-    assert final == 13 > at_least
     _record(tmp_path / "final", cb_model, final)
     assert not [e for e in _lines(tmp_path / "final" / "engine_requests.jsonl") if e["event"] == "preempted"]
 
@@ -224,12 +228,15 @@ def test_a_request_still_queued_when_the_process_died_is_a_request_and_part_of_t
     engine = json.loads(capsys.readouterr().out)["engine"]
     diagnosis, _ = _diagnose(run, capsys)
 
-    # THEN the queued request is one of the 4 requests, and its prompt's 2 blocks are part of the lower
-    # bound: 5 + 2 + 2 + 2 = 11 (without its line: 3 requests, 9 blocks)
+    # THEN the queued request is one of the 4 requests, and each is counted at its max_new_tokens (the lengths
+    # reached were 5 + 2 + 2 + 2 = 11; without its line: 3 requests, 9 blocks): prompt + 12 - 1 tokens,
+    # cdiv(27, 4) + cdiv(17, 4) + cdiv(16, 4) + cdiv(14, 4) = 7 + 5 + 4 + 4
+    asked = sum(math.ceil((len(p) + NEW_TOKENS - 1) / PAGE) for p in prompts)
+    assert asked == 20 > sum(reached.values()) == 11
     assert engine["requests"] == len(prompts) == 4
     assert (diagnosis["kind"], diagnosis["unfinished_requests"]) == ("preemption", 4)
-    assert diagnosis["demand_blocks"] == sum(reached.values()) == 11
-    assert "at least 11 blocks of 4 tokens" in diagnosis["sentence"]
+    assert diagnosis["demand_blocks"] == asked
+    assert "at most 20 blocks of 4 tokens" in diagnosis["sentence"]
 
 
 @pytest.mark.parametrize("engine", ["transformers-cb", "vllm"])

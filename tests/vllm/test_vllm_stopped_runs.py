@@ -5,11 +5,14 @@
   plugin in vLLM's engine-core process, which dies of it, the run ends as `exception` too, even where the
   front end's shutdown kills that process before vLLM shuts the engine down;
 * the process is SIGKILLed in the 30th step of a workload that preempts (from step 26): `kvtrace diagnose`
-  says the process died, in the report's words, and no remedy is said to fit on requests cut short.
+  says the process died, in the report's words, and counts each request cut short at its max_tokens (its
+  `waiting` line's), the most it may reach: the remedies that hold that demand are said to fit, and vLLM,
+  rerun to completion with them, preempts nothing (with the pool the lengths reached asked for, it does).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -32,7 +35,10 @@ from tests.vllm.workload import (
     PROMPT_TOKENS,
     REQUESTS,
     ROOT,
+    make_llm,
+    metric,
     run_script,
+    run_workload,
 )
 
 KILLED_AT = 30  # the step whose forward kills the process: the workload first preempts at step 26
@@ -168,53 +174,95 @@ def test_killed_run_is_said_to_have_died(killed_run: Path, capsys: pytest.Captur
     # THEN the diagnosis says the process died, in the report's words (as a Hugging Face run's)
     died = "the run never finished (the process died): read up to its last flushed step"
     assert died in report["notes"]
-    # (after the note that a larger pool admits the 8th request, still queued: 7 x 3 ran, + 2 prompt blocks)
+    # (after the note that the unfinished requests are counted at their max_tokens, and that a larger pool
+    # admits more at once: 7 x 3 ran at step 21's peak, 8 x 3 at most)
+    asked = (
+        f"{REQUESTS} request(s) had not finished when the run stopped: each is counted at its "
+        f"max_tokens={NEW_TOKENS} (prompt + max_tokens - 1 KV tokens, the most it may reach: it may stop "
+        "earlier at an EOS or a stop string), not at the length it had reached, so the demand is an upper "
+        "bound"
+    )
     schedule = (
         "on the recorded schedule the demand peaked at 21 blocks; a larger pool admits more requests at "
-        "once, so the suggestion covers the worst case of 23"
+        "once, so the suggestion covers the worst case of 24"
     )
-    assert diagnosis["kind"] == "preemption" and diagnosis["notes"] == [schedule, died]
-    # AND no remedy is said to fit: every request was still in the engine, short of its final length
-    assert diagnosis["remedies"] and all(r["fits"] is None for r in diagnosis["remedies"])
-    unfinished = f"The run stopped with {REQUESTS} request(s) unfinished (its process died)"
-    assert all(unfinished in r["sentence"] for r in diagnosis["remedies"])
-    # the pool it prices is short of what the whole workload needs: 8 x cdiv(40 + 48 - 1, 32) + the null block
+    assert diagnosis["kind"] == "preemption" and diagnosis["notes"] == [asked, schedule, died]
+    # AND the pool it prices is what the whole workload needs: 8 x cdiv(40 + 48 - 1, 32) + the null block,
+    # every request counted at its max_tokens though still in the engine, so that remedy fits
     whole_run_blocks = REQUESTS * _cdiv(PROMPT_TOKENS + NEW_TOKENS - 1, BLOCK_SIZE) + 1
-    assert diagnosis["blocks_needed"] < whole_run_blocks == 25
+    assert diagnosis["blocks_needed"] == whole_run_blocks == 25
     assert diagnosis["kv_cache_bytes"] == POOL_BYTES
-    # AND the text says so too: no "[fits]", the note last
+    remedies = {r["knob"]: r for r in diagnosis["remedies"]}
+    assert remedies["kv_cache_memory_bytes"]["fits"] is True
+    assert not [r for r in diagnosis["remedies"] if "cannot be told" in r["sentence"]]
+    # AND the text says so too, the note last
     assert main(["diagnose", str(killed_run)]) == 0
     text = capsys.readouterr().out
-    assert "[fits]" not in text and text.rstrip().endswith(f"note: {died}")
+    assert "[fits] kv_cache_memory_bytes=" in text and text.rstrip().endswith(f"note: {died}")
 
 
-def test_killed_run_gives_its_demand_as_a_lower_bound(
+def test_killed_run_counts_its_unfinished_requests_at_their_max_tokens(
     killed_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN the run killed in step 30, every request unfinished: 7 ran (the 8th waited from the start), and
-    # those preempted at step 26 had 40 + 25 tokens, whose next one needs a 3rd block: each of the 7 needs 3;
-    # the 8th, still queued, needs its prompt's cdiv(40, 32) = 2 at least
+    # those preempted at step 26 had 40 + 25 tokens, whose next one needs a 3rd block: each of the 7 reached
+    # 3; the 8th, still queued, its prompt's cdiv(40, 32) = 2: 23 at the lengths reached
     requests = _jsonl(killed_run / fmt.ENGINE_REQUESTS)
     ran = {e["request_id"] for e in requests if e["event"] != "waiting"}
     preempted = [e for e in requests if e["event"] == "preempted"]
     blocks_each = {_cdiv(e["prompt_tokens"] + e["output_tokens"], BLOCK_SIZE) for e in preempted}
     assert (len(ran), blocks_each) == (REQUESTS - 1, {3})
     peaked = len(ran) * 3
-    at_least = peaked + _cdiv(PROMPT_TOKENS, BLOCK_SIZE)
-    assert at_least == 23
+    assert peaked + _cdiv(PROMPT_TOKENS, BLOCK_SIZE) == 23
+    # each waiting line says max_tokens 48: the most a request may reach is cdiv(40 + 48 - 1, 32) = 3 blocks
+    asked = {e["request_id"]: e["max_tokens"] for e in requests if e["event"] == "waiting"}
+    assert len(asked) == REQUESTS and set(asked.values()) == {NEW_TOKENS}
+    at_most = REQUESTS * _cdiv(PROMPT_TOKENS + NEW_TOKENS - 1, BLOCK_SIZE)
+    assert at_most == 24
     # WHEN it is diagnosed
     diagnosis = _cli_json(capsys, "diagnose", str(killed_run))
     assert main(["diagnose", str(killed_run)]) == 0
     text = capsys.readouterr().out
-    # THEN the JSON gives the requests left unfinished, as transformers' diagnosis does
-    assert diagnosis["unfinished_requests"] == REQUESTS
-    assert (diagnosis["demand_bound_blocks"], diagnosis["blocks_needed"]) == (at_least, at_least + 1)
-    # AND the text says the demand is a lower bound, and why
+    # THEN the JSON gives the requests left unfinished, as transformers' diagnosis does, each counted at its
+    # max_tokens (were 23 blocks "at least")
+    assert diagnosis["unfinished_requests"] == diagnosis["asked_requests"] == REQUESTS
+    assert (diagnosis["demand_bound_blocks"], diagnosis["blocks_needed"]) == (at_most, at_most + 1)
+    # AND the text says how they were counted, no "at least"
     assert (
-        f"  demand if nothing were preempted: at least {at_least} blocks (+1 null = {at_least + 1}), "
-        f"counting the {REQUESTS} unfinished request(s) at the lengths they had reached; on the recorded "
-        f"schedule it peaked at {peaked}\n"
+        f"  demand if nothing were preempted: {at_most} blocks (+1 null = {at_most + 1}), counting the "
+        f"{REQUESTS} unfinished request(s) at their max_tokens; on the recorded schedule it peaked at "
+        f"{peaked}\n"
     ) in text
+    assert "at least" not in text
+
+
+def test_remedies_said_to_fit_on_a_killed_run_avoid_every_preemption_when_run_to_completion(
+    killed_run: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the remedies said to fit on the run killed in step 30: the pool of 8 x 3 blocks + the null one,
+    # and max_num_seqs 15 // 3 = 5 in the present pool
+    diagnosis = _cli_json(capsys, "diagnose", str(killed_run))
+    remedies = {r["knob"]: r for r in diagnosis["remedies"]}
+    pool, seqs = remedies["kv_cache_memory_bytes"], remedies["max_num_seqs"]
+    assert (pool["fits"], pool["setting"]) == (True, 25 * BLOCK_BYTES)
+    usable = POOL_BYTES // BLOCK_BYTES - 1
+    assert (seqs["fits"], seqs["setting"]) == (True, usable // 3) and usable // 3 == 5
+    # WHEN vLLM runs the whole workload with each, and with the pool the lengths reached asked for (23 + 1)
+    preemptions: dict[str, float] = {}
+    for name, settings in {
+        "pool": {"kv_cache_memory_bytes": pool["setting"]},
+        "max_num_seqs": {"max_num_seqs": seqs["setting"]},
+        "lengths reached": {"kv_cache_memory_bytes": 24 * BLOCK_BYTES},
+    }.items():
+        llm = make_llm(tiny_model_dir, **settings)
+        outputs = run_workload(llm)
+        assert [len(o.outputs[0].token_ids) for o in outputs] == [NEW_TOKENS] * REQUESTS
+        preemptions[name] = metric(llm, "vllm:num_preemptions")
+        del llm
+        gc.collect()  # before the next engine starts, not while it runs
+    # THEN neither remedy preempts, and the pool of the lengths reached still does
+    assert preemptions["pool"] == preemptions["max_num_seqs"] == 0
+    assert preemptions["lengths reached"] > 0
 
 
 def test_killed_run_counts_the_request_still_queued(
@@ -332,14 +380,16 @@ def test_a_sigterm_ends_the_run_with_its_last_step_and_says_so(
     assert [s["step"] for s in steps] == list(range(1, KILLED_AT + 1)) and steps[-1]["raised"] is True
     assert steps[-1]["running"] + steps[-1]["waiting"] == REQUESTS
 
-    # AND diagnose says a SIGTERM stopped it, with every request unfinished (a lower bound), not a death
+    # AND diagnose says a SIGTERM stopped it, with every request unfinished (each counted at its max_tokens:
+    # the whole workload's 8 x 3 blocks), not a death
     diagnosis = _cli_json(capsys, "diagnose", str(run_dir))
     stopped = (
         "the recorded block was stopped by SIGTERM (a scheduler's time limit, `docker stop`, `timeout` or "
         "`kill`): the figures cover the run up to then"
     )
     assert diagnosis["notes"][-1] == stopped
-    assert diagnosis["unfinished_requests"] == REQUESTS
-    assert all(r["fits"] is None for r in diagnosis["remedies"])
+    assert diagnosis["unfinished_requests"] == diagnosis["asked_requests"] == REQUESTS
+    assert diagnosis["demand_bound_blocks"] == REQUESTS * _cdiv(PROMPT_TOKENS + NEW_TOKENS - 1, BLOCK_SIZE)
+    assert {r["knob"]: r["fits"] for r in diagnosis["remedies"]}["kv_cache_memory_bytes"] is True
     report = _cli_json(capsys, "report", str(run_dir), "--no-export", "-q")
     assert stopped in report["notes"]
