@@ -29,6 +29,30 @@ KV_DTYPES = (*DTYPES, "int2")  # a QuantizedCache of nbits=2; no weights format 
 # demo's and record's names: sliding a DynamicCache's window, static_sliding a StaticCache's
 CACHES = ("dynamic", "static", "sliding", "static_sliding", "quantized")
 _SLIDING = ("sliding", "static_sliding")  # the kinds that keep a window (plan_types.SLIDING_CACHES)
+# `kvtrace demo --cache` names of a QuantizedCache: its backend, and the KV dtype it holds by default
+_DEMO_QUANTIZED = {"fp8": ("fp8", "fp8"), "quanto": ("quanto", "int4"), "hqq": ("hqq", "int4")}
+
+
+def _demo_cache_name(args: argparse.Namespace) -> str | None:
+    """`--cache fp8|quanto|hqq` (demo's names) as the quantized cache they record: `--cache quantized`, the
+    KV dtype their backend holds unless typed; returns the backend (None for plan's own names). A typed KV
+    dtype that the backend cannot hold, and `offloaded`, whose KV plan does not place, are refused."""
+    if args.cache == "offloaded":
+        raise KvtraceError(
+            "--cache offloaded: plan does not model an offloaded cache (its KV on the CPU, a layer at a time "
+            "on the device); --cache dynamic plans all of its KV on the device, an upper bound"
+        )
+    if args.cache not in _DEMO_QUANTIZED:
+        return None
+    backend, kv_dtype = _DEMO_QUANTIZED[args.cache]
+    typed = getattr(args, "kv_dtype", None)
+    if typed is not None and (typed == "fp8") != (backend == "fp8"):
+        raise KvtraceError(
+            f"--cache {args.cache} holds {kv_dtype} KV, not --kv-dtype {typed}: use --cache quantized "
+            f"--kv-dtype {typed}"
+        )
+    args.cache, args.kv_dtype = "quantized", typed or kv_dtype
+    return backend
 
 
 def parse_reserve(text: str) -> tuple[int | None, float | None]:
@@ -252,9 +276,10 @@ class PlanCommand(Command):
         )
         parser.add_argument(
             "--cache",
-            choices=CACHES,
+            choices=(*CACHES, *_DEMO_QUANTIZED, "offloaded"),
             help="transformers cache kind (default dynamic, or the run's), named as `kvtrace demo --cache` "
-            "names them: sliding is a DynamicCache whose every layer keeps a window (it holds the whole "
+            "names them (fp8, quanto and hqq: --cache quantized with that backend and its KV dtype): sliding "
+            "is a DynamicCache whose every layer keeps a window (it holds the whole "
             "prompt until the first decode step, and grows by copies), static_sliding a StaticCache whose "
             "every layer does (the window allocated at the start, no growth copy; what plan called sliding "
             "until the names were made demo's)",
@@ -379,6 +404,7 @@ class PlanCommand(Command):
             from kvtrace.commands.plan_vllm import run_vllm_plan
 
             return run_vllm_plan(args)
+        typed_backend = _demo_cache_name(args)
         given = [flag for dest, flag in _VLLM_ONLY if getattr(args, dest, None) is not None]
         if given:  # silently ignored, a --tensor-parallel-size 2 plan read as per GPU while it was for one
             what = "is a vLLM setting" if len(given) == 1 else "are vLLM settings"
@@ -577,7 +603,8 @@ class PlanCommand(Command):
             quant_group_size=group_size,
             residual_length=residual_length,
             # the run's backend where the plan keeps its quantized cache; else quanto's packing, the larger
-            quant_backend=run.quant_backend if run is not None and cache == "quantized" else None,
+            quant_backend=typed_backend
+            or (run.quant_backend if run is not None and cache == "quantized" else None),
             transformers_layout=layout_name,
         )
         if run is not None and moment is not None:
