@@ -19,12 +19,13 @@ class CompareCommand(Command):
     Each RUN is a kvtrace run directory (or any input `kvtrace report` reads; step-axis timelines and
     tokens/s need a run directory, tokens/s one whose forwards updated a KV cache: a note says why where
     none did, as with use_cache=False). tokens/s = the tokens the KV log shows the model generated (1 per
-    prefill, then what each step appended per row, net of crops: right for speculative decoding) / the
-    recording's wall time, recorder overhead included; per row, and over every batch row (under beam search
-    the rows are beams: the table says so). Run groups compare by their totals (tokens/s: rank 0's under
-    tensor parallelism, the ranks' sum under data parallelism), and rank by rank when all RUNs are groups
-    of the same world size. Exit status: 0 on success; 1 when the HTML or standard output cannot be written;
-    2 for unreadable input or bad flags.
+    prefill, then what each step appended per row, net of crops: right for speculative decoding) / the wall
+    time from the recorder's start sample (the profiler running) to its last step's end, recorder overhead
+    included, the profiler's start-up and trace writing not; per row, and over every batch row (under beam
+    search the rows are beams: the table says so). Run groups compare by their totals (tokens/s: rank 0's
+    under tensor parallelism, the ranks' sum under data parallelism), and rank by rank when all RUNs are
+    groups of the same world size. Exit status: 0 on success; 1 when the HTML or standard output cannot be
+    written; 2 for unreadable input or bad flags.
     """
 
     name = "compare"

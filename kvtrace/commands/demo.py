@@ -200,11 +200,14 @@ class DemoCommand(Command):
         new_tokens = (generated.shape[1] - input_ids.shape[1]) * generated.shape[0]
         for note in recording.notes:
             print(f"  note: {note}")
-        # The rate is generate()'s alone, every row's tokens, as `kvtrace compare` gives it: the recording's
-        # start-up and the trace's writing, in the elapsed time, are no part of generating
+        # The rate is generate()'s alone: the recording's start-up and the trace's writing, in the elapsed
+        # time, are no part of generating. Under beam search every beam's tokens, as `kvtrace compare` counts
+        # its rows (the returned sequences are fewer)
+        beams = args.beams if args.beams > 1 else 1
+        rows = f"all {generated.shape[0] * beams} rows, {beams} beams a prompt" if beams > 1 else "all rows"
         print(
             f"recorded {recording.event_count} KV events in {elapsed:.2f} s (generate() {generate_s:.2f} s, "
-            f"{new_tokens / generate_s:.1f} tokens/s, all rows) -> {out}/"
+            f"{new_tokens * beams / generate_s:.1f} tokens/s, {rows}) -> {out}/"
         )
         print(f"  sample output: {tokenizer.decode(generated[0, input_ids.shape[1] :].tolist())[:60]!r}")
         if args.no_report:
