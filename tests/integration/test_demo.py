@@ -245,3 +245,21 @@ def test_a_demo_into_a_sweeps_folder_is_refused_even_with_overwrite(
         assert main(["demo", *FAST, "--size", "tiny", "--no-profiler", "--out", str(out), *flags]) == 2
         assert capsys.readouterr().err.strip() == said
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_beam_demo_counts_every_beams_tokens_as_compare_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a demo of 2 prompts x 3 beams, 3 new tokens each
+    run = tmp_path / "beams"
+    assert main(["demo", *FAST, "--no-profiler", "--batch", "2", "--beams", "3", "--out", str(run)]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("recorded ")]
+    # THEN its rate is over the 6 beams' tokens, as compare counts the cache's rows (it counted the 2
+    # returned sequences: 3x under compare's), and says so; compare's table names the rows beams
+    generate_s = float(line.split("(generate() ")[1].split(" s,")[0])
+    rate = float(line.split(" s, ")[1].split(" tokens/s")[0])
+    assert ", all 6 rows, 3 beams a prompt) -> " in line, line
+    assert abs(rate - 2 * 3 * 3 / generate_s) <= 0.1 + 0.01 * rate
+    assert main(["compare", str(run), str(run), "--json"]) == 0
+    (row, _) = json.loads(capsys.readouterr().out)["runs"]
+    assert (row["generated_tokens_per_row"], row["batch"], row["rows_are_beams"]) == (3, 6, True), row
