@@ -316,7 +316,7 @@ def _requests_missing(file: Path, counts: _EndCounts, steps: EngineSteps) -> str
     state = "missing" if not os.path.lexists(file) else "empty"
     return (
         f"{file} is {state} while {evidence}: the requests, the KV tokens preemptions dropped and the demand "
-        "remedies are priced on are unknown, and no remedy is priced"
+        "remedies are priced on are unknown, and no preemption remedy is priced"
     )
 
 

@@ -29,7 +29,7 @@ _LACKING = {
     KV_EVENTS: "no KV events: the KV figures are empty",
     ENGINE_REQUESTS: (
         "the requests, the KV tokens preemptions dropped and the demand remedies are priced on are unknown, "
-        "and no remedy is priced"
+        "and no preemption remedy is priced"
     ),
 }
 # The same on a GPU whose trace counts from the process's start: the weights are in the figures, unnamed.

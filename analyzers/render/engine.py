@@ -35,10 +35,10 @@ def engine_to_json(fig: EngineFigures) -> dict[str, Any]:
         "prefix_cache_evicted_blocks": fig.prefix_cache_evicted_blocks,
         "requests": fig.requests if fig.requests_known else None,
         "prompts": fig.prompts,
-        "finish_reasons": fig.finish_reasons,
-        "requests_aborted": fig.requests_aborted,
+        "finish_reasons": fig.finish_reasons if fig.requests_known else None,
+        "requests_aborted": fig.requests_aborted if fig.requests_known else None,
         "first_preemption_step": fig.first_preemption_step,
-        "preemptions_by_request": fig.preemptions_by_request,
+        "preemptions_by_request": fig.preemptions_by_request if fig.requests_known else None,
     }
 
 

@@ -155,7 +155,7 @@ def test_a_missing_request_log_is_noted_and_prices_no_remedy(
     assert diagnosis["requests"] is None and diagnosis["remedies"] == []
     note = (
         f"{log} is missing while the manifest counts 2 preemptions: the requests, the KV tokens preemptions "
-        "dropped and the demand remedies are priced on are unknown, and no remedy is priced"
+        "dropped and the demand remedies are priced on are unknown, and no preemption remedy is priced"
     )
     assert diagnosis["notes"] == [note]
     text, _ = _cli(["diagnose", str(run)], capsys)
@@ -164,6 +164,12 @@ def test_a_missing_request_log_is_noted_and_prices_no_remedy(
     out, _ = _cli(["report", str(run), "--json", "--no-export", "-q"], capsys)
     engine = json.loads(out)["engine"]
     assert (engine["preemptions"], engine["requests"], engine["preempted_tokens"]) == (2, None, None)
+    # (nor how they finished: it said {} and 0 aborted)
+    assert (engine["finish_reasons"], engine["requests_aborted"], engine["preemptions_by_request"]) == (
+        None,
+        None,
+        None,
+    )
     text, _ = _cli(["report", str(run), "--no-export", "-q"], capsys)
     assert "requests unknown (no request log)" in text and " 0 requests" not in text
     assert f"preemptions: 2 (first at step {first}), tokens dropped unknown" in text
@@ -197,7 +203,7 @@ def test_an_older_runs_emptied_request_log_without_preemptions_is_noted(
     assert diagnosis["remedies"] == [] and diagnosis["requests"] is None
     assert diagnosis["notes"] == [
         f"{log} is empty while {busy:,} engine steps ran requests: the requests, the KV tokens preemptions "
-        "dropped and the demand remedies are priced on are unknown, and no remedy is priced"
+        "dropped and the demand remedies are priced on are unknown, and no preemption remedy is priced"
     ]
 
 
