@@ -241,7 +241,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
 
     # The context plan counts for the run (prompt + new tokens), where the moment is in the call it plans,
     # and what a moment inside its prefill holds that a shorter prompt or a chunked prefill changes
-    run_prompt, run_context, run_reached = run_call(source, report, step)
+    call = run_call(source, report, step)
+    run_prompt, run_context = (call.prompt, call.context) if call is not None else (None, None)
     prefill = chunked = None
     if phase == "prefill" and not step_cut and not at_start and main is not None and device == main.device:
         chunked = chunked_prefill(source, report.kv.main_cache, step)
@@ -305,7 +306,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         # is in it: what a shorter context is named against (None: not told)
         "run_prompt": run_prompt,
         "run_context": run_context,
-        "run_reached": run_reached,  # below run_context where the run was cut short, planned as launched
+        # below run_context where the run was cut short (or goes on: `run_live`), planned as launched
+        "run_reached": call.reached if call is not None else None,
+        "run_live": call.live if call is not None else False,
         "prefill_peak": prefill,  # a whole prefill's moment: what a shorter prompt or chunks change
         "prefill_chunk": chunked,  # the first chunk's tokens, where the prefill ran in chunks
         "beams": beams,

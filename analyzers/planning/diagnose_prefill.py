@@ -7,6 +7,8 @@ run held outside the step, and the model's attention; whether the prefill ran in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from analyzers.model import MemorySource
 from analyzers.planning.diagnose_prompt_remedies import PrefillPeak
 from analyzers.planning.recorded_terms import moments_grown
@@ -19,6 +21,9 @@ from analyzers.planning.run_moments import (
 )
 from analyzers.planning.static_prefill import eager_pair_bytes
 from analyzers.summary import Report
+
+if TYPE_CHECKING:
+    from analyzers.planning.run_defaults import CallContext
 
 __all__ = ["chunked_prefill", "prefill_peak", "run_call"]
 
@@ -89,19 +94,17 @@ def prefill_peak(
     )
 
 
-def run_call(
-    source: MemorySource, report: Report, step: int | None
-) -> tuple[int | None, int | None, int | None]:
-    """(prompt, context, reached) of the generate() call `kvtrace plan --from-run` plans (run_defaults'
-    `call_context`: `reached` below `context` where the run was cut short and is planned as launched), where
-    the diagnosed moment's `step` is in it and its cache is the report's main one; (None, None, None)
-    otherwise: the moment's own tokens then name the context."""
+def run_call(source: MemorySource, report: Report, step: int | None) -> CallContext | None:
+    """The generate() call `kvtrace plan --from-run` plans (run_defaults' `call_context`: `reached` below
+    `context` where the run was cut short, or is still being recorded, and is planned as launched), where the
+    diagnosed moment's `step` is in it and its cache is the report's main one; None otherwise: the moment's
+    own tokens then name the context."""
     from analyzers.planning.run_defaults import call_context
 
     run, kv_log = source.meta.get("run"), source.meta.get("kv")
     if source.kind != "run" or run is None or kv_log is None or step is None:
-        return None, None, None
+        return None
     call = call_context(run, kv_log)
     if call is None or call.cache != report.kv.main_cache or step < call.step:
-        return None, None, None
-    return call.prompt, call.context, call.reached
+        return None
+    return call

@@ -73,7 +73,7 @@ def context_remedy(
     its parentheses)."""
     prompt = _prompt(d, tokens)
     context = _run_context(d, tokens)
-    earlier = _earlier(tokens, context, d.get("run_reached"))
+    earlier = _earlier(tokens, context, d.get("run_reached"), d.get("run_live"))
     counted = f"({CONTEXT_COUNTED})"
     price = f"{human_bytes(per_token)} per token across the batch{held_too}"
     if d.get("step_phase") == "prefill" or (prompt is not None and tokens <= prompt):
@@ -361,15 +361,20 @@ def _tokens(count: int) -> str:
     return f"{count:,} token{'s' if count != 1 else ''}"
 
 
-def _earlier(tokens: int, context: int, reached: object = None) -> str:
+def _earlier(tokens: int, context: int, reached: object = None, live: object = False) -> str:
     """Where the moment held fewer tokens than the run's last step, that said: the context frees what the
     moment held beyond it. A run cut short (`reached`, as plan counts a context, below `context`) is named
     against the length its call asked for, as plan plans it: said so, not a last step it never ran."""
     if isinstance(reached, int) and reached < context:
         held = f" This moment held {tokens:,} tokens a row; the" if tokens + 1 < reached else " The"
+        got = (
+            f"run, still being recorded, has reached {reached - 1:,} tokens a row so far, of the "
+            if live
+            else f"run stopped at {reached - 1:,} tokens a row, short of the "
+        )
         return (
-            f"{held} run stopped at {reached - 1:,} tokens a row, short of the {context - 1:,} its call "
-            "asked for, which the context is named against (as `kvtrace plan --from-run` plans it)."
+            f"{held} {got}{context - 1:,} its call asked for, which the context is named against (as "
+            "`kvtrace plan --from-run` plans it)."
         )
     if tokens + 1 >= context:
         return ""

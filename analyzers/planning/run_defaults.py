@@ -292,6 +292,7 @@ class CallContext(NamedTuple):
     context: int | None  # prompt + new tokens: what it reached, or, cut short, the length it asked for
     step: int  # its prefill's step, 0 where the log shows none
     reached: int | None = None  # what it reached, as plan counts a context: below `context` when cut short
+    live: bool = False  # a recording still writes it: `reached` is how far it has got, not where it stopped
 
 
 def call_context(run: Run, kv: KvLogAnalysis) -> CallContext | None:
@@ -303,7 +304,8 @@ def call_context(run: Run, kv: KvLogAnalysis) -> CallContext | None:
         return None
     prompt, context, step, _, _ = _planned_call(run, kv, main, stopped)
     reached = _call(run, kv, main)[1]
-    return CallContext(main.cache, prompt, context, step, reached)
+    live = (run.manifest.get("ended") or {}).get("status") == "running" and holder(run.path) is not None
+    return CallContext(main.cache, prompt, context, step, reached, live)
 
 
 def _planned_call(

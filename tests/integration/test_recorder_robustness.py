@@ -692,6 +692,7 @@ def test_a_plan_of_a_run_still_being_recorded_says_so_not_that_it_stopped(tiny_m
     ids = torch.randint(3, 1000, (2, 5))
     run = tmp_path / "run"
     planned: list[dict[str, Any]] = []
+    diagnosed: list[dict[str, Any]] = []
 
     class PlanMidway(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -700,6 +701,8 @@ def test_a_plan_of_a_run_still_being_recorded_says_so_not_that_it_stopped(tiny_m
                 capsys.readouterr()
                 assert main(["plan", "--from-run", str(run), "--json"]) == 0
                 planned.append(json.loads(capsys.readouterr().out))
+                assert main(["diagnose", str(run), "--json"]) == 0
+                diagnosed.append(json.loads(capsys.readouterr().out))
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     with kvtrace.record(run, model=tiny_model, profiler=False) as rec:
@@ -722,6 +725,12 @@ def test_a_plan_of_a_run_still_being_recorded_says_so_not_that_it_stopped(tiny_m
     )
     assert said[0].endswith("; it has reached 8 so far"), said
     assert not any("cut short" in note or "when it stopped" in note for note in plan["notes"]), plan["notes"]
+    # AND diagnose names a shorter context against that length, saying the run goes on, not that it stopped
+    ((context,),) = [[r["sentence"] for r in d["remedies"] if r["kind"] == "context"] for d in diagnosed]
+    assert context.endswith(
+        " The run, still being recorded, has reached 7 tokens a row so far, of the 16 its call asked for, "
+        "which the context is named against (as `kvtrace plan --from-run` plans it)."
+    ), context
 
 
 def test_a_run_still_being_recorded_is_reported_as_such(tiny_model, tiny_size, tmp_path, capsys):
