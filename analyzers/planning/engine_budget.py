@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from analyzers.engine import EngineFigures, EngineRun, engine_figures
 from analyzers.units import a_or_an, human_bytes
@@ -137,22 +137,48 @@ def run_engine_budget(
     return engine_budget(run, crossing, total if isinstance(total, int) else None)
 
 
+class _Demand(NamedTuple):
+    """What a preempting run's requests needed at once had none been taken out, in usable blocks, and how
+    sure that is: `bound`, the worst case of the preemption diagnosis (`PoolDemand`); `recorded`, their
+    demand on the run's own schedule; `shared`, blocks shared between requests (the bound counts them once
+    per request); `lower`, requests left unfinished and counted at the lengths they had reached."""
+
+    bound: int
+    recorded: int
+    shared: bool
+    lower: bool
+
+
 def _held(
-    usable: int, used: int, largest: int, demand: tuple[int, bool] | None = None, preempted: bool = False
+    usable: int, used: int, largest: int, demand: _Demand | None = None, preempted: bool = False
 ) -> str:
     """What a pool of `usable` blocks holds of the run: its peak use, its largest request. A run that took
     requests out of its pool used all of it at its peak: what its requests needed at once had none been
-    taken out is `demand` (blocks, and whether requests left unfinished make it a lower bound), the
-    diagnosis's own figure."""
+    taken out is `demand`, said as the preemption diagnosis says a pool's verdict (`PoolDemand.verdict`)."""
     blocks = f"its {usable:,} usable block{'' if usable == 1 else 's'}"
     if demand is not None and usable >= largest:
-        need, bound = demand
-        needed = f"the {'at least ' if bound else ''}{need:,} its requests needed at once"
-        if usable < need:
-            return f"{blocks} are fewer than {needed}: some would still be taken out of the pool"
-        if bound:
-            return f"{blocks} hold {needed}, counted at the lengths the unfinished ones had reached"
-        return f"{blocks} hold {needed}: none would be taken out of the pool"
+        if demand.lower:
+            reached = "counted at the lengths the unfinished ones had reached"
+            held = "hold" if usable >= demand.bound else "are fewer than"
+            return f"{blocks} {held} the at least {demand.bound:,} its requests needed at once, {reached}"
+        if usable >= demand.bound:
+            return f"{blocks} hold the {demand.bound:,} its requests needed at once: none would be taken out"
+        worst = f"the {demand.bound:,}-block worst case"
+        if demand.shared:
+            return (
+                f"{blocks} are fewer than {worst} of its requests at once, which counts the blocks they "
+                "shared once per request: whether some would still be taken out is not known from this run"
+            )
+        if usable >= demand.recorded:
+            return (
+                f"{blocks} hold the {demand.recorded:,} its requests needed together on the recorded "
+                f"schedule but are fewer than {worst}: a larger pool admits more at once, so some may or may "
+                "not still be taken out"
+            )
+        return (
+            f"{blocks} are fewer than the {demand.recorded:,} its requests needed together on the recorded "
+            "schedule: some would likely still be taken out of the pool"
+        )
     if usable >= used and demand is None and preempted:
         return (
             f"{blocks} hold the {used:,} the run used at its peak, its whole pool: it took requests out, and "
@@ -168,15 +194,17 @@ def _held(
     return f"{blocks} are fewer than the {largest:,} its largest request held: that request could not run"
 
 
-def _demand(run: EngineRun) -> tuple[int, bool]:
-    """The blocks a preempting run's requests needed at once had none been taken out (the preemption
-    diagnosis's bound, in usable blocks), and whether requests still in the engine at its end make it a
-    lower bound: those it could not count at their max_tokens."""
+def _demand(run: EngineRun) -> _Demand | None:
+    """The preemption diagnosis's demand of a preempting run (`_Demand`); None where it gives none."""
     from analyzers.planning.unfinished_asks import in_engine_at_end
     from analyzers.planning.vllm_diagnose import diagnose_preemptions  # it imports this module
 
     diagnosis = diagnose_preemptions(run)
-    return diagnosis.demand_bound_blocks, in_engine_at_end(run) > diagnosis.asked_requests
+    pool = diagnosis.pool_demand
+    if pool is None:
+        return None
+    lower = in_engine_at_end(run) > diagnosis.asked_requests
+    return _Demand(pool.bound, pool.recorded_peak, pool.shared, lower)
 
 
 def _left(other: int, room: int, smallest: int) -> str:
@@ -207,7 +235,7 @@ def _hf_remedies(
     room: int,
     other: int,
     figures: EngineFigures,
-    demand: tuple[int, bool] | None,
+    demand: _Demand | None,
     device_total: int | None,
 ) -> list[KnobRemedy]:
     """ContinuousBatchingConfig(num_blocks=...) and max_memory_percent (see the module docstring)."""
@@ -265,7 +293,7 @@ def _vllm_remedies(
     room: int,
     other: int,
     figures: EngineFigures,
-    demand: tuple[int, bool] | None,
+    demand: _Demand | None,
     device_total: int | None,
 ) -> list[KnobRemedy]:
     """kv_cache_memory_bytes and gpu_memory_utilization (see the module docstring)."""

@@ -136,6 +136,9 @@ class PreemptionDiagnosis:
     # of `held_at_first`'s blocks, those listed again: a prompt's blocks, held once, in each of its samples
     # (vLLM's parallel sampling under prefix caching); the pool held their sum less these
     held_listed_again_blocks: int = 0
+    # what a pool must hold for the requests, and how sure that is (`PoolDemand`: the bound, the recorded
+    # schedule's demand, blocks shared between requests), for a pool priced elsewhere (engine_budget)
+    pool_demand: PoolDemand | None = None
 
 
 def request_kv_tokens(e: RequestEvent, lookahead: int = 0, max_model_len: int | None = None) -> int:
@@ -673,6 +676,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
         )
     held_first = tuple(held_at(run, figures.first_preemption_step, sizes.at))
     return PreemptionDiagnosis(
+        pool_demand=demand_of_pool,
         path=run.path,
         num_blocks=num_blocks,
         usable_blocks=usable,

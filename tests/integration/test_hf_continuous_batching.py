@@ -247,6 +247,13 @@ def test_a_budget_the_run_fits_prices_the_largest_pool_against_what_its_requests
     run = tmp_path / "run"
     _record(run, cb_model, num_blocks=8, new_tokens=12, monkeypatch=monkeypatch)
     demand = sum(math.ceil((len(p) + 12 - 1) / PAGE) for p in PROMPTS)
+    from analyzers.planning.vllm_diagnose import diagnose_preemptions
+    from analyzers.readers.engine_files import read_engine
+
+    engine = read_engine(run)
+    assert engine is not None
+    recorded = diagnose_preemptions(engine).recorded_peak_demand_blocks
+    assert 8 < recorded <= demand
 
     for room, holds in ((1 << 30, True), (1 << 10, False)):
         # WHEN diagnosed against a budget it fits: far over its peak, then just over it
@@ -264,11 +271,14 @@ def test_a_budget_the_run_fits_prices_the_largest_pool_against_what_its_requests
         (blocks,) = [r["setting"] for r in priced["remedies"] if r["knob"] == "num_blocks"]
         assert text[1].strip().startswith("the largest pool it holds is ")
         assert [line.strip() for line in text[2:4]] == [r["sentence"] for r in priced["remedies"]]
-        pool, needed = f"its {blocks:,} usable blocks", f"the {demand} its requests needed at once"
+        # (said as the diagnosis says a pool's verdict: the demand is the worst case; the small pool is
+        # short of the recorded schedule's too)
+        pool = f"its {blocks:,} usable blocks"
         said = (
-            f"{pool} hold {needed}: none would be taken out"
+            f"{pool} hold the {demand} its requests needed at once: none would be taken out"
             if holds
-            else f"{pool} are fewer than {needed}: some would still be taken out"
+            else f"{pool} are fewer than the {recorded} its requests needed together on the recorded "
+            "schedule: some would likely still be taken out"
         )
         assert said in text[2], text
         assert (blocks >= demand) == holds

@@ -165,3 +165,35 @@ def test_a_preemption_remedy_that_grows_the_pool_past_the_budget_does_not_fit_it
     assert f"[fits] kv_cache_memory_bytes={blocks * per_block} " in text
     assert f"with max_num_seqs={seqs}: " in text
     assert f"[no]   kv_cache_memory_bytes={needed * per_block} " in text
+
+
+def test_a_pool_within_the_budget_is_weighed_as_the_diagnosis_weighs_a_pool(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN the sample that preempted: its requests' worst case and their demand on the recorded schedule
+    diagnosis = _json_of(["diagnose", str(PREEMPT)], capsys)
+    worst, recorded = diagnosis["demand_bound_blocks"], diagnosis["recorded_peak_demand_blocks"]
+    assert recorded < worst
+    per_block = diagnosis["bytes_per_block"]
+    other = _json_of(["diagnose", str(PREEMPT), "--budget", "1GiB"], capsys)["budget"]["other_bytes"]
+    # WHEN diagnosed within budgets whose largest pool holds, beside the null block, the recorded schedule's
+    # demand but not the worst case, and fewer than the recorded schedule's
+    for usable, said in (
+        (
+            recorded,
+            f"hold the {recorded} its requests needed together on the recorded schedule but are fewer than "
+            f"the {worst}-block worst case: a larger pool admits more at once, so some may or may not still "
+            "be taken out",
+        ),
+        (
+            recorded - 1,
+            f"are fewer than the {recorded} its requests needed together on the recorded schedule: some "
+            "would likely still be taken out",
+        ),
+    ):
+        budget = other + (usable + 1) * per_block
+        assert main(["diagnose", str(PREEMPT), "--budget", f"{budget}B"]) == 0
+        text = capsys.readouterr().out
+        # THEN the pool's sentence says what the diagnosis says of such a pool (it said "some would still be
+        # taken out" of a pool that may avoid them, as fp8's [?] does)
+        assert f"its {usable} usable blocks {said}" in text, text
