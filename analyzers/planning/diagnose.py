@@ -56,6 +56,7 @@ from analyzers.planning.diagnose_remedies import price_remedies
 from analyzers.planning.diagnose_rows import fixed_sizes, fixed_vector_bytes, row_activation_bytes, row_units
 from analyzers.planning.diagnose_run_end import before_first_step, unfinished
 from analyzers.planning.diagnose_stacks import live_sizes, moment_stacks
+from analyzers.planning.diagnose_static_remedy import static_cache_run
 from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
 from analyzers.planning.grad_steps import grad_held
 from analyzers.planning.kept_outputs import kept_outputs
@@ -333,6 +334,10 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "kept_outputs": None if at_start else kept_outputs(source, dev_index, index, step),
         # what autograd keeps of the forwards run with grad enabled (a loop of one's own without no_grad)
         "grad_held": None if at_start else grad_held(source, dev_index, index, step, kv_bytes, arithmetic),
+        # what the run held beside its KV, which a static cache's preallocated KV would go beside
+        "static_run": None
+        if at_start or main is None or device != main.device or allocated is None
+        else static_cache_run(source, report, allocated + (mem.needed_bytes or 0), kv_bytes, batch),
     }
     if compressed is not None:
         notes.append(NOT_ITS_CACHE)

@@ -17,9 +17,13 @@ priced in bytes with this run's own figures. Pure, torch-free.
 * a sliding window is priced as the cache with every layer sliding at it would peak (its new K and V made
   before the old are freed, the prompt held whole until the first decode step), never as a window that
   would grow the layers a hybrid model already slides;
-* a static cache removes the dynamic cache's reallocation transient: KV peak - KV final, from the KV log;
-  but a static cache, like a sliding window (which transformers' QuantizedCache refuses), keeps KV at the
-  model's own dtype: on a quantized cache's run both are priced at it, and a static cache adds memory;
+* a static cache removes the dynamic cache's torch.cat copies but holds every position of max_cache_len
+  from its first update: priced against the run's whole peak (analyzers.planning.diagnose_static_remedy),
+  it raises a peak at the prefill; a run already on a StaticCache is told so (a beam search's transient is
+  its reorder's, which a static cache makes too); where the run does not tell its call or timeline, the KV
+  peak - KV final, from the KV log; a static cache, like a sliding window (which transformers'
+  QuantizedCache refuses), keeps KV at the model's own dtype: on a quantized cache's run both are priced
+  at it, and a static cache adds memory;
 * a StaticCache's room is held from its first update, but the quantized caches that would replace it grow:
   they are priced at the run's final context, not at a prefill peak's few tokens; a run that is already a
   quantized cache is not offered its own kind, and the others are priced from what it stores;
@@ -87,6 +91,11 @@ from analyzers.planning.diagnose_quantized_remedies import (
     quantized_context,
     quantized_widening,
     static_cache_at_model_dtype,
+)
+from analyzers.planning.diagnose_static_remedy import (
+    StaticCacheRun,
+    already_static_remedy,
+    static_cache_remedy,
 )
 from analyzers.planning.diagnosis import (
     NO_KV,
@@ -277,9 +286,13 @@ def _priced_cache(
         out.append(Remedy("context", None, None, None, f"Shorter context: {unpriced}."))
         out.append(Remedy("sliding_window", None, None, None, f"Sliding window: {unpriced}."))
 
-    kv_peak, kv_final = d["kv_peak_bytes"], d["kv_final_bytes"]
+    kv_peak, kv_final, run = d["kv_peak_bytes"], d["kv_final_bytes"], d.get("static_run")
     if quantized_widening(d, kv_bits) is not None:
         out.append(static_cache_at_model_dtype(d, kv, tokens, kv_bits, need))
+    elif static is not None and kv_peak:
+        out.append(already_static_remedy(d, need))
+    elif isinstance(run, StaticCacheRun) and (priced := static_cache_remedy(d, run, need)) is not None:
+        out.append(priced)  # against the run's whole peak: its preallocated KV at every moment
     elif isinstance(kv_peak, int) and isinstance(kv_final, int) and kv_peak:
         churn = max(kv_peak - kv_final, 0)
         text = (

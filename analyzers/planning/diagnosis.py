@@ -42,7 +42,9 @@ class StackShare:
 @dataclass(frozen=True)
 class Remedy:
     """One change, priced on this run. `saved_bytes` None: the input lacks what the figure needs
-    (`sentence` says what); `fits` None: there is no shortfall to compare with (no OOM, no budget)."""
+    (`sentence` says what); below 0: the change raises the memory by that much (a static cache's
+    preallocated KV at a prefill peak); `fits` None: there is no shortfall to compare with (no OOM, no
+    budget)."""
 
     kind: str
     setting: int | None

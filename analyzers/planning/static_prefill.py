@@ -22,6 +22,7 @@ __all__ = [
     "eager_pair_bytes",
     "eager_pair_sizes",
     "prefill_attention_bytes",
+    "static_attention_bytes",
     "static_prefill_bytes",
     "unknown_padding_note",
 ]
@@ -140,12 +141,24 @@ def static_prefill_bytes(
     more = attended(req, context) - held
     if more <= 0:
         return 0
-    geom = req.geometry
     compute = dtype_bytes_for(req.effective_compute_dtype, 1)
-    expansions = _expansion_bytes(req, compute)
+    heads = req.geometry.num_attention_heads
+    return static_attention_bytes(batch, more, prompt, compute, _expansion_bytes(req, compute), heads, eager)
+
+
+def static_attention_bytes(
+    rows: int, more: int, prompt: int, compute: int, expansions: int, heads: int, eager: bool
+) -> int:
+    """`static_prefill_bytes`' arithmetic over `more` positions beyond those the run's prefill attended
+    over, `rows` x `prompt` tokens, `compute` bytes an element, `expansions` one layer's K and V expanded to
+    the query heads a token and row: eager's mask, expansions and 3 copies of its scores; sdpa's (padded)
+    bool mask and its compute-dtype copy, and the expansions. Shared with `kvtrace diagnose`'s static cache
+    remedy (analyzers.planning.diagnose_static_remedy), so that both price a static prefill alike."""
+    if more <= 0:
+        return 0
     if not eager:  # sdpa's: a bool a prompt token and its compute-dtype copy, the expansions, no scores
-        return batch * more * (prompt * (1 + compute) + expansions)
-    return batch * more * (prompt * compute + expansions + 3 * geom.num_attention_heads * prompt * 4)
+        return rows * more * (prompt * (1 + compute) + expansions)
+    return rows * more * (prompt * compute + expansions + 3 * heads * prompt * 4)
 
 
 def attended(req: PlanRequest, context: int) -> int:

@@ -229,7 +229,11 @@ def _headline(d: Diagnosis) -> str:
     return f"{recorded}; diagnosing the peak{upto} on {where} ({peak}){fits}"
 
 
-def _remedy_mark(fits: bool | None) -> str:
+def _remedy_mark(fits: bool | None, saved: int | None = None) -> str:
+    """The remedy's mark: "no" for a change that adds memory (a static cache raising the peak), else whether
+    it fits."""
+    if saved is not None and saved < 0:
+        return "no"
     return {True: "fits", False: "not enough", None: ""}[fits]
 
 
@@ -247,7 +251,7 @@ def diagnosis_to_text(d: Diagnosis) -> str:
     # none where the diagnosis prices none (an engine's pool read without its files): a note says why
     lines += ["", "remedies, ranked by what they buy on this run:" if d.remedies else "remedies: none priced"]
     for rank, remedy in enumerate(d.remedies, 1):
-        mark = _remedy_mark(remedy.fits)
+        mark = _remedy_mark(remedy.fits, remedy.saved_bytes)
         lines.append(f"  {rank}. [{remedy.kind}{', ' + mark if mark else ''}] {remedy.sentence}")
     lines += [f"note: {note}" for note in d.notes]
     return "\n".join(lines)
@@ -263,7 +267,8 @@ def diagnosis_to_html(d: Diagnosis) -> str:
         for s in d.top_stacks
     )
     remedies = "".join(
-        f"<li><b>{esc(r.kind)}</b> {esc(_remedy_mark(r.fits))}: {esc(r.sentence)}</li>" for r in d.remedies
+        f"<li><b>{esc(r.kind)}</b> {esc(_remedy_mark(r.fits, r.saved_bytes))}: {esc(r.sentence)}</li>"
+        for r in d.remedies
     )
     notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in d.notes)
     return (
