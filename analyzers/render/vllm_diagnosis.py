@@ -15,8 +15,11 @@ if TYPE_CHECKING:
     from analyzers.planning.engine_run_diagnosis import Unfinished
 
 
+_INTERNAL = ("pool_demand",)  # the diagnosis's own demand, for a pool priced elsewhere: its figures are above
+
+
 def vllm_diagnosis_to_json(d: RefusedDiagnosis | PreemptionDiagnosis) -> dict[str, Any]:
-    return {"engine": "vllm", **asdict(d)}
+    return {"engine": "vllm", **{k: v for k, v in asdict(d).items() if k not in _INTERNAL}}
 
 
 def _remedy_lines(d: RefusedDiagnosis | PreemptionDiagnosis) -> list[str]:
