@@ -30,15 +30,15 @@ def rank_facts() -> dict[str, Any] | None:
     `local_rank` comes from the launcher's `LOCAL_RANK` (torchrun and most launchers set it); None when
     the launcher did not say, rather than a guess.
     """
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return None
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
     local_rank: int | None = None
     with contextlib.suppress(ValueError):
         local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return _launched_rank(local_rank)
+    if not (dist.is_available() and dist.is_initialized()):
+        return _launched_rank(local_rank)
     backend: str | None
     try:
         backend = str(dist.get_backend())
@@ -50,6 +50,26 @@ def rank_facts() -> dict[str, Any] | None:
         "local_rank": local_rank,
         "hostname": socket.gethostname(),
         "backend": backend,
+    }
+
+
+def _launched_rank(local_rank: int | None) -> dict[str, Any] | None:
+    """This process's rank as the launcher says it (torchrun's `RANK` and `WORLD_SIZE`) before the script
+    joins its process group: `kvtrace run` under torchrun starts recording before the script's
+    `init_process_group`, and every rank recorded into one folder, each refusing the other's lock. None
+    outside a launcher of several processes; the backend is not known yet."""
+    try:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+    if world_size <= 1 or not 0 <= rank < world_size:
+        return None
+    return {
+        "rank": rank,
+        "world_size": world_size,
+        "local_rank": local_rank,
+        "hostname": socket.gethostname(),
+        "backend": None,
     }
 
 

@@ -80,3 +80,63 @@ def test_readme_tensor_parallel_example(tmp_path: Path, capsys: pytest.CaptureFi
         "kv_heads_held": size.num_kv_heads // WORLD,
         "model_kv_heads": size.num_kv_heads,
     }
+
+
+# The example's model and generate(), with no kvtrace in it: `kvtrace run` records it
+_PLAIN_SCRIPT = """
+import sys
+import torch, torch.distributed as dist
+from transformers import LlamaForCausalLM
+from transformers.distributed import DistributedConfig
+sys.path.insert(0, {examples!r})
+from record_tensor_parallel import BATCH, NEW_TOKENS, PROMPT_TOKENS, SIZE
+from kvtrace.llama import build_model
+
+dist.init_process_group("gloo")
+distributed, _, mesh = LlamaForCausalLM.prepare_distribute_model(DistributedConfig(tp_plan="auto"))
+model = LlamaForCausalLM.maybe_distribute_model(build_model(SIZE, device="cpu", seed=0), distributed, mesh)
+torch.manual_seed(1)
+ids = torch.randint(3, SIZE.vocab_size, (BATCH, PROMPT_TOKENS))
+model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+               do_sample=False)
+dist.destroy_process_group()
+"""
+
+
+def test_kvtrace_run_under_torchrun_writes_one_run_per_rank(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the example's job as a script of its own, with no kvtrace in it, run by `kvtrace run` under
+    # torchrun: recording starts before the script joins its process group (every rank recorded into one
+    # folder, each refusing the other's lock, and the job failed)
+    script, out = tmp_path / "job.py", tmp_path / "tp"
+    script.write_text(_PLAIN_SCRIPT.format(examples=str(ROOT / "examples")), encoding="utf-8")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, PET_MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    run = [sys.executable, "-m", "kvtrace.cli", "run", "-o", str(out), str(script)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(WORLD),
+        "--no-python",
+        *run,
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    # THEN each rank wrote its own run (the launcher's RANK and WORLD_SIZE), and the group reads as the
+    # example's: each rank's half of the KV heads, 11,264 B
+    example = _example()
+    size = example.SIZE
+    head_dim = size.hidden_size // size.num_heads
+    tokens = example.PROMPT_TOKENS + example.NEW_TOKENS - 1
+    rank_kv_bytes = size.num_layers * 2 * (size.num_kv_heads // WORLD) * head_dim * tokens * example.BATCH * 4
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["rank-0", "rank-1"]
+    assert main(["report", str(out), "--json", "--no-export"]) == 0
+    group = json.loads(capsys.readouterr().out)
+    assert [(r["rank"], r["status"], r["world_size"]) for r in group["ranks"]] == [(0, "ok", 2), (1, "ok", 2)]
+    assert [r["kv"]["final_bytes"] for r in group["ranks"]] == [rank_kv_bytes] * WORLD
