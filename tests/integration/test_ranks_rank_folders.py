@@ -268,3 +268,29 @@ def test_tensor_parallel_ranks_stopped_at_different_tokens_sum_their_own_bytes_p
         "tensor-parallel ranks hold their own KV heads of the same tokens, and these stopped at different "
         "tokens"
     )
+
+
+def test_rank_folder_from_a_later_job_is_said_to_mix_jobs(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the group whose rank-1/ is replaced by rank 1 of a second job, recorded after the first ended
+    later = tmp_path / "later"
+    worker.launch_facts("hf-tp", later / "group", later / "facts", WORLD)
+    group = _copy(tp_group, tmp_path)
+    shutil.rmtree(group / "rank-1")
+    shutil.copytree(later / "group" / "rank-1", group / "rank-1")
+    first = json.loads((group / "rank-0" / MANIFEST).read_text())
+    second = json.loads((group / "rank-1" / MANIFEST).read_text())
+    gap_s = (second["started_ns"] - first["ended"]["t_ns"]) / 1e9
+    assert gap_s > 0
+    # WHEN it is reported
+    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    # THEN a note says the runs are of different jobs: one job's ranks run together
+    said = (
+        f"rank 0's run ended {gap_s:,.1f} s before rank 1's started: several jobs' runs are mixed, and "
+        "their KV summed is no one job's"
+    )
+    assert said in data["notes"], data["notes"]
+    # AND the first job's own group says nothing of the kind
+    whole = _json(capsys, ["report", str(tp_group[0]), "--no-export", "--json"])
+    assert not any("several jobs" in note for note in whole["notes"])
