@@ -115,10 +115,11 @@ def _all_heads(ranks: list[RankReport]) -> bool:
     return len(ranks) >= 2 and all(holds_all_kv_heads(r.report, r.source) for r in ranks)
 
 
-def _sum_kv(kvs: list[KvSummary], reading: Reading = "tensor") -> KvSummary:
+def _sum_kv(kvs: list[KvSummary], reading: Reading = "tensor", ranks: list[int] | None = None) -> KvSummary:
     """KV figures of the ranks together. Bytes add up either way; tokens and rows do only for replicas
-    (data parallel: the ranks' sequences are different ones), whose bytes per token are one rank's. An
-    unknown reading gives no batch, token rows nor bytes per token: one rank's and the sum differ.
+    (data parallel: the ranks' sequences are different ones), whose bytes per token are one rank's;
+    tensor-parallel bytes per token are the sum of the ranks' own (`_tensor_per_token`). An unknown reading
+    gives no batch, token rows nor bytes per token: one rank's and the sum differ.
 
     One row per layer: each rank's main cache (the one its tokens and batch describe), summed over the
     ranks. Cache ids are each process's own count (rank 0's second generate() call and rank 1's first can
@@ -167,6 +168,9 @@ def _sum_kv(kvs: list[KvSummary], reading: Reading = "tensor") -> KvSummary:
         capacity_rows = sum(room_rows) if replicas else max(room_rows)
         capacity_tokens = max(kv.capacity_tokens or 0 for kv in kvs)
         per_token = main_final / (capacity_rows * capacity_tokens) if main_final else None
+    per_token_note = None
+    if reading == "tensor" and capacity_rows is None and len(kvs) > 1:
+        per_token, per_token_note = _tensor_per_token(kvs, ranks or list(range(len(kvs))), per_token)
     if reading == "unknown":
         batch = expected = per_token = capacity_rows = capacity_tokens = None
         token_rows = 0
@@ -196,6 +200,32 @@ def _sum_kv(kvs: list[KvSummary], reading: Reading = "tensor") -> KvSummary:
         }
         if evictions
         else None,
+        bytes_per_token_note=per_token_note,
+    )
+
+
+def _tensor_per_token(
+    kvs: list[KvSummary], ranks: list[int], summed: float | None
+) -> tuple[float | None, str | None]:
+    """Tensor parallel: each rank holds its own KV heads of the same tokens, so the job's bytes per token
+    is the sum of the ranks' own. The summed bytes over the fullest rank's tokens (`summed`) is the same
+    figure while the ranks hold the same tokens, and less than it once one stopped early (a rank that died
+    or raised holds fewer): then the ranks' own figures, and the note that says so. A rank with nothing
+    measured leaves the sum unknown, and the note says which."""
+    tokens = {kv.tokens_held for kv in kvs}
+    unmeasured = [rank for rank, kv in zip(ranks, kvs, strict=True) if kv.bytes_per_token_measured is None]
+    if len(tokens) == 1 and not unmeasured:
+        return summed, None
+    if unmeasured:
+        names = ", ".join(str(rank) for rank in unmeasured)
+        return None, f"rank {names} holds no KV to measure: the ranks' sum is unknown"
+    own = "; ".join(
+        f"rank {rank} {kv.bytes_per_token_measured:,.1f} over {kv.tokens_held or 0:,} tokens"
+        for rank, kv in zip(ranks, kvs, strict=True)
+    )
+    return sum(kv.bytes_per_token_measured or 0.0 for kv in kvs), (
+        f"the ranks' own figures summed ({own}): tensor-parallel ranks hold their own KV heads of the same "
+        "tokens, and these stopped at different tokens"
     )
 
 
@@ -226,7 +256,9 @@ def _focus(ranks: list[RankReport], oom_rank: int | None, peak_rank: int | None)
     return peak_rank, "peaked"
 
 
-def _total(path: str, ranks: list[RankReport], reading: Reading, reading_note: str | None) -> Report:
+def _total(
+    path: str, ranks: list[RankReport], reading: Reading, reading_note: str | None, missing: list[int]
+) -> Report:
     devices = [
         dataclasses.replace(dev, device=f"rank{r.rank}/{dev.device}")
         for r in ranks
@@ -250,11 +282,22 @@ def _total(path: str, ranks: list[RankReport], reading: Reading, reading_note: s
             f"rank {names} held more than one KV cache at the end: per-layer rows are each rank's main cache "
             "(its own report shows every cache)"
         )
+    kv = _sum_kv([r.report.kv for r in ranks], reading, [r.rank for r in ranks])
+    if missing and kv.bytes_per_token_measured is not None:
+        # A rank with no run holds KV the sum lacks (tensor parallel: its KV heads), so the figures are the
+        # present ranks', not the model's
+        names = ", ".join(str(rank) for rank in missing)
+        of = f"{len(ranks)} of {len(ranks) + len(missing)}"
+        present = (
+            f"measured and arithmetic summed over the {of} ranks present, not the model's: no run from "
+            f"rank {names}"
+        )
+        kv.bytes_per_token_note = "; ".join(n for n in (present, kv.bytes_per_token_note) if n)
     return Report(
         source_kind="run_group",
         path=path,
         devices=devices,
-        kv=_sum_kv([r.report.kv for r in ranks], reading),
+        kv=kv,
         geometry=first.geometry,
         steps=max(r.report.steps for r in ranks),
         markers=sum(r.report.markers for r in ranks),
@@ -288,7 +331,7 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
     oom_rank = min(ooms, key=lambda r: (r.report.oom or {}).get("time") or 0.0).rank if ooms else None
     focus_rank, reason = _focus(ranks, oom_rank, peak.rank)
     reading, reading_note = group_reading(ranks)
-    total = _total(str(group.path), ranks, reading, reading_note)
+    total = _total(str(group.path), ranks, reading, reading_note, group.missing_ranks)
     return GroupReport(
         path=str(group.path),
         world_size=group.world_size,

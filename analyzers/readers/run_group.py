@@ -94,6 +94,7 @@ def read_run_group(path: str | os.PathLike[str], progress: ProgressFn | None = N
     sizes = {int(r.manifest["world_size"]) for r in ranks if isinstance(r.manifest.get("world_size"), int)}
     if len(sizes) > 1:
         notes.append(f"the ranks disagree on the world size ({sorted(sizes)}): several jobs' runs are mixed")
+    notes.extend(_apart_in_time(ranks))
     world_size = max(sizes) if sizes else None
     if world_size is None and marker is not None and isinstance(marker.get("world_size"), int):
         world_size = int(marker["world_size"])
@@ -116,6 +117,26 @@ def read_run_group(path: str | os.PathLike[str], progress: ProgressFn | None = N
         names = ", ".join(str(r) for r in unrecorded)
         notes.append(f"no run from rank {names}: it stopped before record() started, or wrote elsewhere")
     return RunGroup(root, ranks, world_size, marker, missing, notes)
+
+
+def _apart_in_time(ranks: list[RankRun]) -> list[str]:
+    """A note where one rank's run ended before another's started: one job's ranks run together, so the
+    group's folders hold runs of different jobs (a rank's folder left over from an earlier one), whose KV
+    summed is no one job's."""
+    spans = []
+    for run in ranks:
+        started, ended = _said(run.manifest, "started_ns"), _said(run.manifest.get("ended") or {}, "t_ns")
+        if started is not None and ended is not None:
+            spans.append((run.rank, started, ended))
+    for rank, _started, ended in spans:
+        later = next(((other, start) for other, start, _ in spans if start > ended), None)
+        if later is not None:
+            gap = (later[1] - ended) / 1e9
+            return [
+                f"rank {rank}'s run ended {gap:,.1f} s before rank {later[0]}'s started: several jobs' runs "
+                "are mixed, and their KV summed is no one job's"
+            ]
+    return []
 
 
 def _said(manifest: dict[str, Any], key: str) -> int | None:

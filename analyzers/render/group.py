@@ -109,8 +109,18 @@ def group_report_to_text(group: GroupReport) -> str:
     for note in group.notes:
         lines.append(f"  note: {note}")
     total = report_to_text(dataclasses.replace(group.total, notes=[]))
-    lines += ["", total.replace("(run_group)", "(all ranks, KV summed over ranks)", 1)]
+    lines += ["", total.replace("(run_group)", f"({_summed_over(group)})", 1)]
     return "\n".join(lines)
+
+
+def _summed_over(group: GroupReport) -> str:
+    """Which ranks the group's KV sums: all, or those present of the world size (a rank with no run holds
+    KV the sum lacks, so the figure is not the model's)."""
+    if not group.missing_ranks:
+        return "all ranks, KV summed over ranks"
+    names = ", ".join(str(rank) for rank in group.missing_ranks)
+    present = len(group.ranks)
+    return f"KV summed over {present} of {present + len(group.missing_ranks)} ranks: no run from rank {names}"
 
 
 def _group_figure(group: GroupReport) -> Any:
@@ -245,7 +255,8 @@ def group_report_to_html(group: GroupReport, extra_sections: list[str] | None = 
     )
     total = group.total.kv
     summary = (
-        f"<p>world size {group.world_size or '?'}; KV final over all ranks {human_bytes(total.final_bytes)}, "
+        f"<p>world size {group.world_size or '?'}; KV final ({esc(_summed_over(group))}) "
+        f"{human_bytes(total.final_bytes)}, "
         f"KV peak {human_bytes(total.peak_bytes)}; look at rank {group.focus_rank}: it "
         f"{esc(group.focus_reason)}.</p>"
     )

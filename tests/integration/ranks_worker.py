@@ -13,7 +13,8 @@ sharded by its `tp_plan="auto"`; `hf-tp-profiled`: recorded with the profiler, i
 (Meta-style attention sharded by hand, its caches grown by torch.cat as [batch, seq, kv_heads, head_dim]
 and given to `kvtrace.track`: OUT_DIR/said with `layout="bshd"`, OUT_DIR/unsaid without),
 `hf-tp-replicated-kv` (a Hugging Face Llama of one KV head split by hand: each rank half the query heads
-and a copy of the KV head), `hf-dp-overwrite` (`hf-dp` recorded with `overwrite=True`), `hf-dp-two-caches`
+and a copy of the KV head), `hf-tp-raise-early` (`hf-tp`, the last rank's block raising after one decode
+step), `hf-dp-overwrite` (`hf-dp` recorded with `overwrite=True`), `hf-dp-two-caches`
 (`hf-dp`, rank 0 with two caches one after the other), `hf-dp-budget` (`hf-dp` with the profiler, recorded
 with `gpu_memory=$KVTRACE_TEST_BUDGET`) or `hf-dp-kill-first` (`hf-dp`, the last rank
 SIGKILLed first, rank 0 a second later), `hf-dp-raise-first` (`hf-dp`, the last rank's block raising
@@ -191,6 +192,34 @@ def run_hf_tensor_parallel(
         "buffers": {name: [b.numel(), str(b.dtype)] for name, b in model.named_buffers()},
     }
     (facts_dir / f"rank-{rank}.json").write_text(json.dumps(facts))
+
+
+def run_hf_tensor_parallel_raised_early(out_dir: Path, facts_dir: Path) -> None:
+    """Tensor parallelism; the last rank's block raises after the prefill and one decode step, so its run
+    holds 2 tokens fewer than rank 0's; it runs the other steps unrecorded, as rank 0's collectives need."""
+    from transformers import DynamicCache
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = hf_tensor_parallel_model()
+    torch.manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (MAX_BATCH, PROMPT_LEN + DECODE_STEPS))
+    cache = DynamicCache(config=model.config)
+    stop = PROMPT_LEN + 1 if rank == world_size - 1 else PROMPT_LEN + DECODE_STEPS
+    held = 0
+    with torch.no_grad():
+        try:
+            with kvtrace.record(out_dir, model=model, profiler=False):
+                model(input_ids=tokens[:, :PROMPT_LEN], **{cache_keyword(): cache}, use_cache=True)
+                for pos in range(PROMPT_LEN, stop):
+                    model(input_ids=tokens[:, pos : pos + 1], **{cache_keyword(): cache}, use_cache=True)
+                held = cache.layers[0].keys.shape[-2]
+                if stop < PROMPT_LEN + DECODE_STEPS:
+                    raise RuntimeError(f"stopped on rank {rank} after {held} tokens")
+        except RuntimeError as exc:
+            (facts_dir / f"rank-{rank}.error").write_text(str(exc))
+        for pos in range(stop, PROMPT_LEN + DECODE_STEPS):
+            model(input_ids=tokens[:, pos : pos + 1], **{cache_keyword(): cache}, use_cache=True)
+    (facts_dir / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "tokens": held}))
 
 
 def run_hf_tensor_parallel_replicated_kv(out_dir: Path, facts_dir: Path) -> None:
@@ -435,6 +464,8 @@ def main() -> None:
             run_hf_tensor_parallel(out_dir, facts_dir, profiler=mode == "hf-tp-profiled", dtype=bf16)
         elif mode == "hf-tp-replicated-kv":
             run_hf_tensor_parallel_replicated_kv(out_dir, facts_dir)
+        elif mode == "hf-tp-raise-early":
+            run_hf_tensor_parallel_raised_early(out_dir, facts_dir)
         elif mode in ("hf-dp", "hf-dp-uneven", "hf-dp-overwrite", "hf-dp-two-caches", "hf-dp-budget"):
             run_hf_data_parallel(
                 out_dir,

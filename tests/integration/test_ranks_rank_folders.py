@@ -221,3 +221,76 @@ def test_plan_of_a_rank_cast_to_bf16_at_fp32_restores_its_cast_buffers(
     # 5.17, which shards the embeddings otherwise (the buffers taken as kept at fp32 and subtracted at 4 B
     # from the bf16 measure said 64 B less)
     assert planned["weights_bytes"] == 4 * elements
+
+
+def test_group_missing_a_rank_says_its_kv_sums_the_ranks_present(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the group without rank 1's folder (its process never started record())
+    group = _copy(tp_group, tmp_path)
+    shutil.rmtree(group / "rank-1")
+    # WHEN it is reported
+    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    # THEN its KV figures are rank 0's alone, a half of the model's KV heads, and say so
+    assert data["missing_ranks"] == [1]
+    assert data["kv"]["final_bytes"] == RANK_KV_BYTES
+    assert data["kv"]["bytes_per_token_measured"] == RANK_PER_TOKEN == 256
+    said = "measured and arithmetic summed over the 1 of 2 ranks present, not the model's: no run from rank 1"
+    assert data["kv"]["bytes_per_token_note"] == said
+    assert main(["report", str(group), "--no-export"]) == 0
+    text = capsys.readouterr().out
+    assert f"kvtrace report: {group} (KV summed over 1 of 2 ranks: no run from rank 1)\n" in text
+    assert "all ranks, KV summed over ranks" not in text
+    assert f"      ({said})\n" in text
+
+
+def test_tensor_parallel_ranks_stopped_at_different_tokens_sum_their_own_bytes_per_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a tensor-parallel group whose rank 1 raised after its prefill and one decode step: it holds
+    # PROMPT_LEN + 1 tokens, rank 0 all of them
+    statuses = worker.launch("hf-tp-raise-early", tmp_path / "group", tmp_path / "facts", WORLD)
+    assert statuses == [0, 0]
+    facts = [json.loads((tmp_path / "facts" / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+    assert [f["tokens"] for f in facts] == [TOKENS, worker.PROMPT_LEN + 1] == [9, 7]
+    # WHEN the group is reported
+    data = _json(capsys, ["report", str(tmp_path / "group"), "--no-export", "--json"])
+    # THEN each rank measures its own 256 B a token, and the group the two summed: the model's 512 (the
+    # summed bytes over the fullest rank's tokens x rows were 8,192 / 18 = 455.1)
+    assert [r["kv"]["bytes_per_token_measured"] for r in data["ranks"]] == [RANK_PER_TOKEN] * WORLD
+    kv = data["kv"]
+    assert kv["final_bytes"] == RANK_PER_TOKEN * worker.MAX_BATCH * (9 + 7) == 8192
+    model_per_token = worker.N_LAYERS * 2 * worker.N_KV_HEADS * HEAD_DIM * 4
+    assert kv["bytes_per_token_measured"] == WORLD * RANK_PER_TOKEN == model_per_token == 512
+    assert kv["bytes_per_token_expected"] == 512
+    assert kv["bytes_per_token_note"] == (
+        "the ranks' own figures summed (rank 0 256.0 over 9 tokens; rank 1 256.0 over 7 tokens): "
+        "tensor-parallel ranks hold their own KV heads of the same tokens, and these stopped at different "
+        "tokens"
+    )
+
+
+def test_rank_folder_from_a_later_job_is_said_to_mix_jobs(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the group whose rank-1/ is replaced by rank 1 of a second job, recorded after the first ended
+    later = tmp_path / "later"
+    worker.launch_facts("hf-tp", later / "group", later / "facts", WORLD)
+    group = _copy(tp_group, tmp_path)
+    shutil.rmtree(group / "rank-1")
+    shutil.copytree(later / "group" / "rank-1", group / "rank-1")
+    first = json.loads((group / "rank-0" / MANIFEST).read_text())
+    second = json.loads((group / "rank-1" / MANIFEST).read_text())
+    gap_s = (second["started_ns"] - first["ended"]["t_ns"]) / 1e9
+    assert gap_s > 0
+    # WHEN it is reported
+    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    # THEN a note says the runs are of different jobs: one job's ranks run together
+    said = (
+        f"rank 0's run ended {gap_s:,.1f} s before rank 1's started: several jobs' runs are mixed, and "
+        "their KV summed is no one job's"
+    )
+    assert said in data["notes"], data["notes"]
+    # AND the first job's own group says nothing of the kind
+    whole = _json(capsys, ["report", str(tp_group[0]), "--no-export", "--json"])
+    assert not any("several jobs" in note for note in whole["notes"])
