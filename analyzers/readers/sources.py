@@ -245,6 +245,8 @@ def _refuse_a_runs_own_file(path: Path) -> None:
     """A run's own log or manifest handed over instead of its folder (`report runs/x/kv_events.jsonl`): it
     is no trace or snapshot of its own, and "corrupt JSON" would say nothing of what to pass. Its profiler
     trace and snapshots, which read on their own, are not among them."""
+    if not path.name.endswith((".json", ".jsonl")) or path.name.endswith(".trace.json"):
+        return  # a snapshot or a trace: nothing more imported to read one (the snapshot report's start-up)
     from kvtrace.format import (
         ENGINE_FILES,
         KV_EVENTS,

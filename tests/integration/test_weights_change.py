@@ -9,6 +9,8 @@ import gzip
 import io
 import json
 import pickle
+import subprocess
+import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from kvtrace.cli import main
 from kvtrace.llama import build_model
 from kvtrace.run_reader import read_run
 from tests.tiny import HEAD_DIM, HEADS, HIDDEN, stale_free, tiny_size
+
+ROOT = Path(__file__).resolve().parents[2]
 
 LAYERS, KV_HEADS, INTERMEDIATE, VOCAB = 2, 2, 128, 1000
 BATCH, PROMPT, NEW = 2, 5, 4
@@ -237,8 +241,18 @@ def test_a_weights_free_at_a_stale_size_is_read_at_its_own(tmp_path: Path) -> No
     # GIVEN the float32 model converted inside the block under the profiler, whose CPU trace reports the free
     # of a float32 storage held from the start (the embedding's) at another block's size: torch's CPU reporter
     # keeps the size of each block an earlier profiling session of the process saw allocated at an address,
-    # and reports it when a later block there goes (a full test session's earlier runs did: one in a few)
-    run, _model, _generated = _record(tmp_path / "run", profiler=True)
+    # and reports it when a later block there goes (a full test session's earlier runs did: one in a few).
+    # Recorded in a process of its own: this session's earlier profiling sessions may leave stale sizes of
+    # their own at these addresses, beside the one made here (a full session failed once so)
+    run = tmp_path / "run"
+    recording = (
+        "import sys; from pathlib import Path; from tests.integration.test_weights_change import _record; "
+    )
+    recording += "_record(Path(sys.argv[1]), profiler=True)"
+    done = subprocess.run(
+        [sys.executable, "-c", recording, str(run)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     recorded = read_run(run)
     old = next(w for w in recorded.weight_changes if w.event == "freed" and w.storage_bytes == EMBEDDING * 4)
     new = next(w for w in recorded.weight_changes if w.event == "added" and w.name == old.name)
