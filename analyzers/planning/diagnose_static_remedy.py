@@ -182,9 +182,12 @@ def static_cache_remedy(d: dict[str, object], run: StaticCacheRun, need: int | N
             f"({human_bytes(peak)}): it preallocates {holds}{more}."
         )
     else:
+        # the prefill's attention over the positions is priced at its most (padded prompts' mask): a bound
+        bound = prefill >= steps and run.prefill_attention_bytes > 0
+        up_to, to = ("up to ", "at most ") if bound else ("", "")
         text = (
-            "A static cache (cache_implementation='static') would raise the peak by "
-            f"{human_bytes(-saved)}, to {human_bytes(peak)}: it preallocates {holds}{more}."
+            f"A static cache (cache_implementation='static') would raise the peak by {up_to}"
+            f"{human_bytes(-saved)}, to {to}{human_bytes(peak)}: it preallocates {holds}{more}."
         )
     return Remedy("static_cache", None, saved, fits(saved, need), text)
 
