@@ -147,7 +147,7 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
         device = {}
     gpu = device.get("total_memory_bytes") if device.get("type") == "cuda" else None
     model = run.manifest.get("model") or {}
-    prompt, context, _, padded, launched = _planned_call(run, kv, main, stopped)
+    prompt, context, _, padded, launched, _ = _planned_call(run, kv, main, stopped)
     if launched is not None:
         notes.append(launched)
     batch = main.rows or None
@@ -302,23 +302,22 @@ def call_context(run: Run, kv: KvLogAnalysis) -> CallContext | None:
     main, kv, stopped = _main_cache(run, kv)
     if main is None:
         return None
-    prompt, context, step, _, _ = _planned_call(run, kv, main, stopped)
-    reached = _call(run, kv, main)[1]
+    prompt, context, step, _, _, reached = _planned_call(run, kv, main, stopped)
     live = (run.manifest.get("ended") or {}).get("status") == "running" and holder(run.path) is not None
     return CallContext(main.cache, prompt, context, step, reached, live)
 
 
 def _planned_call(
     run: Run, kv: KvLogAnalysis, main: CacheFigures, stopped: _Stop | None
-) -> tuple[int | None, int | None, int, bool | None, str | None]:
-    """(prompt, context, prefill step, padded, note) of the call a plan takes (`_call`), planned as launched
-    where the run was cut short (`_as_launched`)."""
+) -> tuple[int | None, int | None, int, bool | None, str | None, int | None]:
+    """(prompt, context, prefill step, padded, note, context reached) of the call a plan takes (`_call`),
+    planned as launched where the run was cut short (`_as_launched`): the context it reached beside."""
     prompt, reached, asked, padded, call = _call(run, kv, main)
     if stopped is None and call and _prefill_unended(run, call):
         cut_short = f"the run was cut short in step {call}, its prefill, which never finished"
         stopped = _Stop(f"{cut_short} (its manifest still says running)", in_prefill=True)
     context, launched = _as_launched(run, stopped, prompt, reached, asked, main.capacity_of == "buffers")
-    return prompt, context, call, padded, launched
+    return prompt, context, call, padded, launched, reached
 
 
 class _Stop(NamedTuple):
