@@ -230,9 +230,10 @@ def _headline(d: Diagnosis) -> str:
 
 
 def _remedy_mark(fits: bool | None, saved: int | None = None) -> str:
-    """The remedy's mark: "no" for a change that adds memory (a static cache raising the peak), else whether
-    it fits."""
-    if saved is not None and saved < 0:
+    """The remedy's mark: "no" for a change that adds memory (a static cache raising the peak) or saves none
+    (a static cache for a run whose cache is one), which a run within its budget does not make "fits"; else
+    whether it fits."""
+    if saved is not None and saved <= 0:
         return "no"
     return {True: "fits", False: "not enough", None: ""}[fits]
 

@@ -125,3 +125,20 @@ def test_a_static_cache_under_beam_search_keeps_the_reorder_transient(
     assert kept in static["sentence"]
     assert 0 <= static_peak - (peak - static["saved_bytes"]) <= SLACK
     assert data["beams"] == BEAMS
+
+
+def test_a_static_run_within_its_budget_is_not_marked_as_a_remedy_that_fits(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the static run under a budget 1 MiB over its peak: it fits as recorded
+    peak = report_json(runs["static"], capsys)["peak_allocated_bytes"]
+    data, static = _static_remedy(runs["static"], capsys, "--budget", f"{peak + 2**20}B")
+    assert data["shortfall_bytes"] < 0 and static["saved_bytes"] == 0
+    # WHEN the diagnosis is read as text
+    from kvtrace.cli import main
+
+    assert main(["diagnose", str(runs["static"]), "--budget", f"{peak + 2**20}B"]) == 0
+    text = capsys.readouterr().out
+    # THEN the static cache, which it is already, saves nothing and is marked so, not "[static_cache, fits]"
+    (line,) = [ln for ln in text.splitlines() if "[static_cache" in ln]
+    assert line.endswith("[static_cache, no] " + static["sentence"]) and "already writes in place" in line
