@@ -291,11 +291,18 @@ def model_dtype_text(d: dict[str, object]) -> str:
 
 
 def static_cache_at_model_dtype(
-    d: dict[str, object], kv: int | None, tokens: int | None, kv_bits: int | None, need: int | None
+    d: dict[str, object],
+    kv: int | None,
+    tokens: int | None,
+    kv_bits: int | None,
+    need: int | None,
+    positions: int | None = None,
 ) -> Remedy:
     """A static cache for a quantized cache's run: StaticCache keeps K and V at the model's dtype, every
     position of its max_cache_len allocated at once; its lack of a transient copy does not make up for
-    the wider elements. Priced holding this moment's tokens, against this moment's KV."""
+    the wider elements. Priced against this moment's KV, holding the call's `positions` (max_cache_len,
+    `StaticCacheRun`) on every layer where the moment held fewer (a run that ran out part-way), else this
+    moment's tokens."""
     widen = quantized_widening(d, kv_bits)
     layer_token, layers, batch = d.get("layer_token_bytes"), d.get("kv_layers"), d["batch"]
     if (
@@ -308,12 +315,22 @@ def static_cache_at_model_dtype(
     ):
         why = "cannot be priced: the KV geometry of a layer is not recorded"
         return Remedy("static_cache", None, None, None, f"Static cache: {why}.")
-    # every layer holding KV then, at max_cache_len: a step stopped before its last layers has fewer
-    holding = len(layer_tokens_of(d, tokens)[0])
-    held = round(layer_token * widen * holding * batch * tokens)
+    if positions is not None and positions > tokens:
+        # preallocated whole at its first update: every layer, every position of the call
+        held = round(layer_token * widen * layers * batch * positions)
+        these = (
+            f"all {positions:,} positions of the call from its first update, where this moment holds "
+            f"{tokens:,}"
+        )
+    else:
+        # every layer holding KV then, at max_cache_len: a step stopped before its last layers has fewer
+        positions = tokens
+        holding = len(layer_tokens_of(d, tokens)[0])
+        held = round(layer_token * widen * holding * batch * tokens)
+        these = f"these {tokens:,} tokens"
     change = (
-        f"A static cache (cache_implementation='static', max_cache_len={tokens:,}) holds KV at "
-        f"{model_dtype_text(d)}, not quantized: {human_bytes(held)} for these {tokens:,} tokens"
+        f"A static cache (cache_implementation='static', max_cache_len={positions:,}) holds KV at "
+        f"{model_dtype_text(d)}, not quantized: {human_bytes(held)} for {these}"
     )
     if held >= kv:
         text = f"{change}, which adds {human_bytes(held - kv)} to the {human_bytes(kv)} of KV at this moment."

@@ -288,7 +288,8 @@ def _priced_cache(
 
     kv_peak, kv_final, run = d["kv_peak_bytes"], d["kv_final_bytes"], d.get("static_run")
     if quantized_widening(d, kv_bits) is not None:
-        out.append(static_cache_at_model_dtype(d, kv, tokens, kv_bits, need))
+        positions = run.positions if isinstance(run, StaticCacheRun) else None
+        out.append(static_cache_at_model_dtype(d, kv, tokens, kv_bits, need, positions))
     elif static is not None and kv_peak:
         out.append(already_static_remedy(d, need))
     elif isinstance(run, StaticCacheRun) and (priced := static_cache_remedy(d, run, need)) is not None:

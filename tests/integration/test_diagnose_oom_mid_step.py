@@ -24,6 +24,7 @@ import kvtrace
 from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.llama import build_model
+from tests.hf_versions import needs_fp8_cache
 from tests.tiny import raising_before_layer, tiny_size
 
 LAYERS, KV_HEADS, HEAD_DIM, BATCH, FP32 = 4, 2, 16, 2, 4
@@ -37,9 +38,9 @@ MESSAGE = (
 )
 
 
-def _record_oom(run: Path, prompt: int, new_tokens: int, forward: int, layer: int) -> None:
+def _record_oom(run: Path, prompt: int, new_tokens: int, forward: int, layer: int, **given: Any) -> None:
     """generate() that raises torch.OutOfMemoryError at model forward `forward` (0: the prefill), before
-    decoder layer `layer` runs."""
+    decoder layer `layer` runs; `given`: more of generate()'s arguments."""
     model = build_model(tiny_size(LAYERS, KV_HEADS))
     ids = torch.randint(3, 1000, (BATCH, prompt), generator=torch.Generator().manual_seed(0))
     oom = torch.OutOfMemoryError(MESSAGE)
@@ -51,7 +52,7 @@ def _record_oom(run: Path, prompt: int, new_tokens: int, forward: int, layer: in
     ):
         model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=0,
+            do_sample=False, pad_token_id=0, **given,
         )  # fmt: skip
 
 
@@ -142,3 +143,27 @@ def test_decode_oom_prices_int4_on_each_layers_tokens(
     context = _remedy(diagnosis, "context")
     assert context["saved_bytes"] == math.ceil(REQUEST / token) * token
     assert not any("KV layers" in note for note in diagnosis["notes"])
+
+
+@needs_fp8_cache
+def test_a_static_cache_for_a_quantized_run_that_ran_out_is_priced_at_its_call(tmp_path: Path) -> None:
+    # GIVEN an fp8 QuantizedCache's run (a 10-token prompt, 30 new tokens asked) out of memory in step 6
+    prompt, new = 10, 30
+    quantized = {"cache_implementation": "quantized", "cache_config": {"backend": "fp8"}}
+    _record_oom(tmp_path / "run", prompt, new, 5, 0, **quantized)
+    # WHEN diagnosed
+    diagnosis = json.loads(_cli("diagnose", str(tmp_path / "run"), "--json"))
+    static = _remedy(diagnosis, "static_cache")
+    # THEN a StaticCache is priced as generate() would size it for the call, max_cache_len = 39 (the last new
+    # token is never fed back), every layer's K and V at float32 from its first update, not at the 14 tokens
+    # the moment held
+    held = diagnosis["tokens_held"]
+    positions = prompt + new - 1
+    static_kv = LAYERS * BATCH * positions * PER
+    assert held == prompt + 4 < positions
+    assert f"max_cache_len={positions}) holds KV at the model's float32" in static["sentence"]
+    assert (
+        f"{human_bytes(static_kv)} for all {positions} positions of the call from its first update, where "
+        f"this moment holds {held}, which adds {human_bytes(static_kv - diagnosis['kv_bytes'])}"
+    ) in static["sentence"]
+    assert static["saved_bytes"] == 0 and static["fits"] is False
