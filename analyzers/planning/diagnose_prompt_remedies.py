@@ -207,8 +207,7 @@ def _prompt_remedy(
     found = _longest(at, prompt - 1, _target(peak, need))
     if found is None:
         cost = cost_to(1)
-        least = max(at(1), peak.rest_bytes)
-        saved = max(peak.allocated_bytes - least, 0)
+        least, saved = _at_least(at, peak)
         if need is not None and need > 0:
             text = (
                 f"No shorter prompt fits: even 1 token instead of {prompt:,} leaves {human_bytes(least)}"
@@ -232,6 +231,13 @@ def _prompt_remedy(
         f"truncating it or sending it in parts{planned}."
     )
     return Remedy("prompt", found, saved, fits(saved, need), text)
+
+
+def _at_least(at: Callable[[int], int], peak: PrefillPeak) -> tuple[int, int]:
+    """(the prefill's peak at its least, 1 token a prompt or a chunk, never below what the run held beside
+    it; what that saves): the branch where no shorter setting fits."""
+    least = max(at(1), peak.rest_bytes)
+    return least, max(peak.allocated_bytes - least, 0)
 
 
 def _chunk_remedy(
@@ -277,8 +283,7 @@ def _chunk_remedy(
     )
     found = _longest(at, prompt - 1, _target(peak, need))
     if found is None:
-        least = max(at(1), peak.rest_bytes)
-        saved = max(peak.allocated_bytes - least, 0)
+        least, saved = _at_least(at, peak)
         if need is not None and need > 0:
             text = (
                 f"No chunked prefill fits: even generate(..., prefill_chunk_size=1) peaks at "
