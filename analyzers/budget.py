@@ -70,6 +70,9 @@ class BudgetCrossing:
     before_first_step: bool = False  # no step had begun: the setup or an engine's start crossed it
     partial: bool = False  # only the KV cache and weights were seen (see KV_ONLY_COUNTS)
     unseen_bytes: int = 0  # held since before the trace, missing from its events, counted throughout
+    # no event to replay: a snapshot whose trace holds no alloc or free, one moment (what was live at its
+    # dump), which crosses the budget or not as a whole; which allocation crossed it is not seen
+    at_dump: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,9 +193,18 @@ def budget_crossing(
     """The first allocation that takes the run's device above `budget_bytes` (see the module docstring);
     `unseen_bytes` held throughout besides the timeline's (none counted without a timeline)."""
     dev_index = _device_index(source, timelines)
-    if dev_index is None or not len(timelines[dev_index].allocated):
+    if dev_index is None:
         return BudgetCrossing(budget_bytes, False, None, 0, budget_bytes)
     dev, timeline = source.devices[dev_index], timelines[dev_index]
+    if not len(timeline.allocated):
+        # no event: a snapshot whose trace holds no alloc or free is one moment, what was live at its dump
+        held = timeline.start_allocated + unseen_bytes if timeline.start_allocated else 0
+        at_dump = BudgetCrossing(
+            budget_bytes, False, dev.device if held else None, held, budget_bytes - held, at_dump=bool(held)
+        )
+        if held > budget_bytes:
+            return replace(at_dump, crossed=True, allocated_after_bytes=held, unseen_bytes=unseen_bytes)
+        return at_dump
     allocated = timeline.allocated + unseen_bytes
     peak = int(allocated.max())
     before_first = int(allocated[0]) - int(dev.delta_bytes[0])

@@ -48,6 +48,8 @@ def _crossing_rows(d: Diagnosis) -> list[tuple[str, str]]:
         return [*rows, (f"headroom at the peak{at_most}", human_bytes(c.headroom_bytes))]
     if c.before_first_step:
         return [*rows, ("already allocated before the first step", human_bytes(c.allocated_after_bytes))]
+    if c.at_dump:
+        return [*rows, ("allocated at the snapshot's dump", human_bytes(c.allocated_after_bytes))]
     if c.step is not None:  # a bare snapshot or trace may have no steps to name
         where = f"step {c.step} ({c.phase})" + (f", layer {c.layer}" if c.layer is not None else "")
         rows.append(("would run out at", where))
@@ -180,6 +182,12 @@ def _headline(d: Diagnosis) -> str:
         if c.before_first_step:
             return (
                 f"would run out of memory on {a_or_an(size)} device before the first step (weights and setup)"
+            )
+        if c.at_dump:
+            return (
+                f"would run out of memory on {a_or_an(size)} device ({where}): the "
+                f"{human_bytes(c.allocated_after_bytes)} allocated when the snapshot was taken exceed it "
+                "(its trace holds no allocs or frees: the allocation that crossed it is not seen)"
             )
         layer = f", layer {c.layer}" if c.layer is not None else ""
         what = f" {c.request_category}" if c.request_category else ""

@@ -62,6 +62,32 @@ def test_bare_snapshot_peak_figures_match_the_raw_file() -> None:
         assert by_kind[kind].saved_bytes is None and "cannot be computed" in by_kind[kind].sentence
 
 
+@pytest.mark.parametrize("over", [True, False])
+def test_a_budget_against_a_snapshot_without_trace_events_is_weighed_at_its_dump(over: bool) -> None:
+    # GIVEN the real snapshot, whose trace holds no alloc or free (one moment: what was live at its dump),
+    # and a budget 1 MiB under or over what its blocks hold
+    allocated = _expected(_raw())["allocated"]
+    budget = allocated - 2**20 if over else allocated + 2**20
+    # WHEN diagnosed against it
+    d = diagnose(*build_report(OOM_SNAPSHOT), budget_bytes=budget)
+    c = d.budget_crossing
+    # THEN that moment is weighed whole: over, it runs out (before, it "fit with the whole budget to spare",
+    # its peak counted as 0); under, the headroom is the budget less it
+    assert c is not None and c.crossed is over and c.at_dump and c.peak_bytes == allocated
+    assert c.headroom_bytes == budget - allocated
+    text = diagnosis_to_text(d)
+    if over:
+        assert d.event == "budget" and c.allocated_after_bytes == allocated and c.request_bytes is None
+        assert text.splitlines()[1] == (
+            "would run out of memory on an 11.03 GiB device (cuda:0): the 11.03 GiB allocated when the "
+            "snapshot was taken exceed it (its trace holds no allocs or frees: the allocation that crossed "
+            "it is not seen)"
+        )
+    else:
+        assert d.event == "peak" and "to spare" in text.splitlines()[1]
+        assert diagnosis_to_json(d)["budget_crossing"]["headroom_bytes"] == 2**20
+
+
 def test_snapshot_with_an_oom_entry(tmp_path: Path) -> None:
     # GIVEN the real snapshot with an allocator `oom` entry appended to device 0's trace
     raw = _raw()
