@@ -214,7 +214,7 @@ def stream_report(
     path: str | os.PathLike[str], progress: ProgressFn | None = None, input_notes: list[str] | None = None
 ) -> tuple[MemorySource, Report] | None:
     """The report of a Chrome trace file without keeping its events; None when they need sorting."""
-    from analyzers.readers.chrome_trace import NEGATIVE_TOTAL_NOTE, read_chrome_trace
+    from analyzers.readers.chrome_trace import NEGATIVE_TOTAL_NOTE, no_total_note, read_chrome_trace
 
     folds: dict[str, DeviceFold] = {}
 
@@ -237,6 +237,8 @@ def stream_report(
         summary, timeline, baseline = fold.summary(dev.capacity_bytes, base_ns, integral)
         if fold.negative_total:
             source.meta.setdefault("input_notes", []).append(NEGATIVE_TOTAL_NOTE.format(device=dev.device))
+        if dev.device in source.meta.get("without_totals", ()):
+            source.meta.setdefault("input_notes", []).append(no_total_note(dev.device, baseline))
         dev.baseline_bytes = baseline
         devices.append(summary)
         timelines.append(timeline)

@@ -145,6 +145,19 @@ NEGATIVE_TOTAL_NOTE = (
     "the running sum of 'Bytes'"
 )
 
+NO_TOTAL_NOTE = (
+    "{device}: its memory events carry no 'Total Allocated' (the allocator's running total, which newer "
+    "torch.profiler traces give): its figures are the running sum of 'Bytes' from {level} at the trace's "
+    "start, so what was allocated before the trace began (weights, optimizer state) is not in them, a lower "
+    "bound"
+)
+
+
+def no_total_note(device: str, baseline: int) -> str:
+    """`NO_TOTAL_NOTE` of a device whose running sum of 'Bytes' starts from `baseline`."""
+    level = f"{baseline:,} B (the least that keeps it at or above 0)" if baseline else "0"
+    return NO_TOTAL_NOTE.format(device=device, level=level)
+
 
 def _baseline(delta: np.ndarray, total_allocated: np.ndarray | None) -> int:
     if delta.size == 0:
@@ -261,6 +274,11 @@ def _source_of(
             # zero; the running sum of `Bytes` (over the smallest baseline that keeps it >= 0) is used.
             full_allocated = None
             source.meta.setdefault("input_notes", []).append(NEGATIVE_TOTAL_NOTE.format(device=device))
+        if chunks.seen and chunks.given_allocated < chunks.seen:
+            source.meta.setdefault("without_totals", []).append(device)
+            if count:  # streamed (`sink_for`), its baseline is the fold's: analyzers.stream_summary says it
+                note = no_total_note(device, _baseline(delta, None))
+                source.meta.setdefault("input_notes", []).append(note)
         source.devices.append(
             DeviceEvents(
                 device=device,

@@ -48,6 +48,9 @@ class _DeviceChunks:
         self.chunks: list[tuple[np.ndarray, ...]] = []
         self.with_allocated = 0
         self.with_reserved = 0
+        # events seen, and those giving 'Total Allocated' at all, trusted or not: a trace whose events carry
+        # none (an older profiler's) counts only from its own start (chrome_trace.NO_TOTAL_NOTE)
+        self.seen = self.given_allocated = 0
         self.sink = sink  # when set, chunks go there instead of being kept (streaming summaries)
         self.name = name
         self.moved = 0.0  # |Bytes| summed over the events so far, as a float (no overflow)
@@ -64,6 +67,8 @@ class _DeviceChunks:
         return len(self.pids) <= 1 and self.device != "cpu"
 
     def _keep(self, chunk: tuple[np.ndarray, ...], with_allocated: int, with_reserved: int) -> None:
+        self.seen += len(chunk[0])
+        self.given_allocated += with_allocated
         if not self.totals_trusted:
             with_allocated = with_reserved = 0
         delta = chunk[2]

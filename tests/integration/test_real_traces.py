@@ -596,3 +596,30 @@ def test_diagnose_stacks_of_a_memory_timeline_add_up_to_what_is_live(
     assert rows["(weights and others, allocated before the trace began)"] == still_held
     (unlisted,) = [nbytes for stack, nbytes in rows.items() if stack.startswith("(no stack recorded")]
     assert unlisted == want["peak"] - still_held
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if ".json" in p.name], ids=lambda p: p.name)
+def test_a_trace_without_allocator_totals_says_its_figures_start_from_its_own_events(
+    path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real Chrome trace; the devices whose [memory] events lack 'Total Allocated' (worker0's, an
+    # older profiler's ResNet-50 training, whose weights were on the GPU throughout), by hand
+    trace = json.loads(_raw_bytes(path))
+    totals: dict[str, bool] = {}
+    for event in trace["traceEvents"]:
+        if event.get("name") == "[memory]":
+            args = event["args"]
+            name = "cpu" if args["Device Type"] == 0 else f"cuda:{args['Device Id']}"
+            totals[name] = totals.get(name, True) and "Total Allocated" in args
+    without = sorted(name for name, known in totals.items() if not known)
+    # WHEN reported, streamed (`report --json`) and read whole (the source diagnose and the page use)
+    assert main(["report", str(path), "--json", "--no-export", "-q"]) == 0
+    streamed = json.loads(capsys.readouterr().out)["notes"]
+    whole = _open_source(path).meta.get("input_notes", [])
+    # THEN each such device, and only those, is said to count from the trace's own start, a lower bound
+    for notes in (streamed, whole):
+        said = sorted(n.split(": its memory")[0] for n in notes if "carry no 'Total Allocated'" in n)
+        assert said == without
+        assert all("is not in them, a lower bound" in n for n in notes if "'Total Allocated'" in n)
+    if path.name.startswith("worker0"):
+        assert without == ["cpu", "cuda:0"]
