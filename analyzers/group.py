@@ -29,7 +29,13 @@ from analyzers.attribution import attribute
 from analyzers.compare import RunFigures, generated, run_figures
 from analyzers.group_stops import failed_first, failed_reason, stop_notes, stopped_words
 from analyzers.model import MemorySource
-from analyzers.parallelism import Reading, group_reading, holds_all_kv_heads, sharded_attention
+from analyzers.parallelism import (
+    Reading,
+    group_reading,
+    holds_all_kv_heads,
+    mixed_head_counts,
+    sharded_attention,
+)
 from analyzers.readers.run_group import RankRun, read_run_group
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import KvSummary, LayerSummary, Report, summarize
@@ -332,6 +338,7 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
     focus_rank, reason = _focus(ranks, oom_rank, peak.rank)
     reading, reading_note = group_reading(ranks)
     total = _total(str(group.path), ranks, reading, reading_note, group.missing_ranks)
+    mixed = mixed_head_counts([(r.rank, r.report) for r in ranks])
     return GroupReport(
         path=str(group.path),
         world_size=group.world_size,
@@ -343,7 +350,7 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
         missing_ranks=group.missing_ranks,
         focus_rank=focus_rank,
         focus_reason=reason,
-        notes=group.notes + stop_notes(ranks) + total.notes,
+        notes=group.notes + ([mixed] if mixed else []) + stop_notes(ranks) + total.notes,
         replicas=reading == "data",
         reading=reading,
     )
