@@ -350,3 +350,38 @@ def test_ranks_of_two_jobs_recorded_at_once_are_said_to_mix_jobs(
     for mode in ("hf-tp", "hf-dp"):
         whole = _json(capsys, ["report", str(tmp_path / mode / "group"), "--no-export", "--json"])
         assert not any("several jobs" in note for note in whole["notes"]), whole["notes"]
+
+
+def test_report_of_a_folder_of_the_ranks_traces_names_the_rank_it_read_and_those_it_did_not(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the two ranks' torch.profiler traces in one folder, as a distributed job's profiler writes them
+    # (Kineto's distributedInfo in each: gloo, rank r of 2)
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    for rank in range(WORLD):
+        (trace,) = (tp_group[0] / f"rank-{rank}" / "profiler").iterdir()
+        shutil.copy(trace, folder / trace.name)
+    traces = sorted(folder.iterdir())
+    ranks = [json.loads(t.read_text())["distributedInfo"]["rank"] for t in traces]
+    assert sorted(ranks) == [0, 1]
+    # WHEN the folder is reported
+    data = _json(capsys, ["report", str(folder), "--no-export", "--json"])
+    # THEN it reads the last trace by name, as before, and says which rank's that is and which rank's trace
+    # it did not read, and that export reads them all as one job
+    assert data["devices"] == _json(capsys, ["report", str(traces[-1]), "--json"])["devices"]
+    said = (
+        f"{folder} holds the profiler traces of 2 ranks of one distributed job (gloo, world size 2): read "
+        f"rank {ranks[1]}'s {traces[1].name} alone (the last by name); not read: rank {ranks[0]}'s "
+        f"{traces[0].name}. A report reads one trace: name another to read it, or `kvtrace export {folder} "
+        "-o DIR` to read every rank, each job's ranks one group (runs.group_id)"
+    )
+    assert said in data["notes"], data["notes"]
+    # AND export reads both ranks, one group, as the note says
+    assert main(["export", str(folder), "-o", str(tmp_path / "tables"), "-q"]) == 0
+    capsys.readouterr()
+    sql = "SELECT rank, world_size, backend, group_id FROM runs ORDER BY rank"
+    rows = _json(capsys, ["query", str(tmp_path / "tables"), "--json", sql])
+    assert rows == [
+        {"rank": r, "world_size": 2, "backend": "gloo", "group_id": folder.as_posix()} for r in (0, 1)
+    ]
