@@ -27,6 +27,7 @@ from typing import Any
 
 from analyzers.attribution import attribute
 from analyzers.compare import RunFigures, generated, run_figures
+from analyzers.group_budget import budget_focus
 from analyzers.group_stops import failed_first, failed_reason, stop_notes, stopped_words
 from analyzers.model import MemorySource
 from analyzers.parallelism import (
@@ -88,6 +89,7 @@ class GroupReport:
     notes: list[str] = field(default_factory=list)
     replicas: bool = False  # data parallel: each rank its own sequences (see parallelism.group_reading)
     reading: Reading = "tensor"  # how token figures combine; "unknown": batch, token rows, tokens/s not given
+    over_budget_ranks: list[int] = field(default_factory=list)  # would run out under the budget: group_budget
 
     def rank(self, rank: int) -> RankReport:
         return next(r for r in self.ranks if r.rank == rank)
@@ -339,7 +341,7 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
     reading, reading_note = group_reading(ranks)
     total = _total(str(group.path), ranks, reading, reading_note, group.missing_ranks)
     mixed = mixed_head_counts([(r.rank, r.report) for r in ranks])
-    return GroupReport(
+    report = GroupReport(
         path=str(group.path),
         world_size=group.world_size,
         ranks=ranks,
@@ -354,6 +356,7 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
         replicas=reading == "data",
         reading=reading,
     )
+    return budget_focus(report)  # the budget each rank was recorded with: every rank that crosses it named
 
 
 def load_group_focus(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
