@@ -27,9 +27,16 @@ from typing import Any
 
 from analyzers.attribution import attribute
 from analyzers.compare import RunFigures, generated, run_figures
+from analyzers.group_budget import budget_focus
 from analyzers.group_stops import failed_first, failed_reason, stop_notes, stopped_words
 from analyzers.model import MemorySource
-from analyzers.parallelism import Reading, group_reading, holds_all_kv_heads, sharded_attention
+from analyzers.parallelism import (
+    Reading,
+    group_reading,
+    holds_all_kv_heads,
+    mixed_head_counts,
+    sharded_attention,
+)
 from analyzers.readers.run_group import RankRun, read_run_group
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import KvSummary, LayerSummary, Report, summarize
@@ -82,6 +89,7 @@ class GroupReport:
     notes: list[str] = field(default_factory=list)
     replicas: bool = False  # data parallel: each rank its own sequences (see parallelism.group_reading)
     reading: Reading = "tensor"  # how token figures combine; "unknown": batch, token rows, tokens/s not given
+    over_budget_ranks: list[int] = field(default_factory=list)  # would run out under the budget: group_budget
 
     def rank(self, rank: int) -> RankReport:
         return next(r for r in self.ranks if r.rank == rank)
@@ -332,7 +340,8 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
     focus_rank, reason = _focus(ranks, oom_rank, peak.rank)
     reading, reading_note = group_reading(ranks)
     total = _total(str(group.path), ranks, reading, reading_note, group.missing_ranks)
-    return GroupReport(
+    mixed = mixed_head_counts([(r.rank, r.report) for r in ranks])
+    report = GroupReport(
         path=str(group.path),
         world_size=group.world_size,
         ranks=ranks,
@@ -343,10 +352,11 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
         missing_ranks=group.missing_ranks,
         focus_rank=focus_rank,
         focus_reason=reason,
-        notes=group.notes + stop_notes(ranks) + total.notes,
+        notes=group.notes + ([mixed] if mixed else []) + stop_notes(ranks) + total.notes,
         replicas=reading == "data",
         reading=reading,
     )
+    return budget_focus(report)  # the budget each rank was recorded with: every rank that crosses it named
 
 
 def load_group_focus(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:

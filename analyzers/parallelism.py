@@ -19,7 +19,7 @@ from analyzers.model import MemorySource
 from analyzers.run_kv import heads_held_by
 from analyzers.summary import Report
 
-__all__ = ["Reading", "group_reading", "holds_all_kv_heads", "sharded_attention"]
+__all__ = ["Reading", "group_reading", "holds_all_kv_heads", "mixed_head_counts", "sharded_attention"]
 
 # How a group's token figures combine: "data" adds the ranks' rows and token-rows up, "tensor" takes one
 # rank's (they hold the same), "unknown" gives neither: either sum would be a guess.
@@ -141,3 +141,28 @@ def _heads_text(ranks: Sequence[RankRun]) -> str:
     if len(held) == 1 and (only := held.pop()) is not None:
         return f"{only} KV head{'s' if only != 1 else ''}"
     return "an unknown number of KV heads"
+
+
+def mixed_head_counts(ranks: Sequence[tuple[int, Report]]) -> str | None:
+    """The note for (rank, report)s whose caches hold different numbers of KV heads, one of them a share of
+    the model's: one job's ranks hold as many each (tensor parallel: equal shares, or a copy each where
+    there are more ranks than heads; data parallel, or tensor and data parallel together: the same count on
+    every rank), so runs of two jobs recorded at the same time are mixed, which the ranks' times cannot
+    tell. None when every rank holds as many, or a rank's heads are not known (`KvSummary.rank_heads`)."""
+    held = [(rank, report.kv.rank_heads) for rank, report in ranks]
+    if len(held) < 2 or any(heads is None for _, heads in held):
+        return None
+    counts = [(rank, heads["kv_heads_held"], heads["model_kv_heads"]) for rank, heads in held if heads]
+    models = {model for _, _, model in counts}
+    if len(models) != 1 or len({count for _, count, _ in counts}) == 1:
+        return None
+    model = models.pop()
+    if all(count == model for _, count, _ in counts):
+        return None
+    each = ", ".join(f"rank {rank}: {count}" for rank, count, _ in counts)
+    together = sum(count for _, count, _ in counts)
+    return (
+        f"the ranks' caches hold different numbers of the model's {model} KV heads ({each}; {together} "
+        "together): one job's ranks hold as many each, so several jobs' runs are mixed, and their KV summed "
+        "is no one job's"
+    )

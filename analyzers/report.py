@@ -57,12 +57,10 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
 
 
 def _last_trace_note(path: str | os.PathLike[str], traces: list[Any]) -> str:
-    """Which trace of a folder was read. "The newest" it is only when one worker wrote them all (names
-    then differ by their time); telling it by time means opening every trace, so the note says the rule."""
-    return (
-        f"{path} holds {len(traces)} profiler traces: read the last by name, {Path(traces[-1]).name} "
-        "(name a trace to read another)"
-    )
+    """Which trace of a folder was read, and which ranks' were not (analyzers.readers.trace_ranks)."""
+    from analyzers.readers.trace_ranks import traces_note
+
+    return traces_note(path, [Path(trace) for trace in traces])
 
 
 def build_report(

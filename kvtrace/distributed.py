@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace import format as fmt
+from kvtrace.attr_patch import AttrPatch
 from kvtrace.errors import RecordingError
 from kvtrace.json_writes import write_json_atomic
 from kvtrace.run_lock import lock_for_recording
@@ -71,6 +72,54 @@ def _launched_rank(local_rank: int | None) -> dict[str, Any] | None:
         "hostname": socket.gethostname(),
         "backend": None,
     }
+
+
+def joined_backend() -> str | None:
+    """The backend of the process group this process has joined, None when it has joined none."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return str(dist.get_backend())
+    except (ImportError, RuntimeError, ValueError):
+        pass
+    return None
+
+
+class BackendWatch:
+    """The backend of a rank recorded before its script joins its process group (`_launched_rank`: `kvtrace
+    run` under torchrun), learnt once the script has joined: when it leaves the group
+    (`destroy_process_group`, which scripts call at their end, before the recording ends) or, still joined,
+    when the recording ends. Nothing on the per-step path: one wrapper on `destroy_process_group`, put back
+    by `uninstall`."""
+
+    def __init__(self) -> None:
+        self.backend: str | None = None
+        self._patch: AttrPatch | None = None
+
+    def install(self) -> None:
+        try:
+            import torch.distributed as dist
+        except ImportError:
+            return
+        if not dist.is_available():
+            return
+        original = dist.destroy_process_group
+
+        def destroy_process_group(*args: Any, **kwargs: Any) -> Any:
+            if self.backend is None:
+                self.backend = joined_backend()
+            return original(*args, **kwargs)
+
+        self._patch = AttrPatch(dist, "destroy_process_group", destroy_process_group)
+
+    def uninstall(self) -> None:
+        """Read the backend if the group is still joined, and put `destroy_process_group` back."""
+        if self.backend is None:
+            self.backend = joined_backend()
+        patch, self._patch = self._patch, None
+        if patch is not None:
+            patch.undo()
 
 
 def run_path(out_dir: Path, facts: dict[str, Any] | None, overwrite: bool) -> Path:

@@ -24,7 +24,7 @@ import torch
 from kvtrace import format as fmt
 from kvtrace.call_masks import CallMasks
 from kvtrace.cuda_snapshots import CudaSnapshots
-from kvtrace.distributed import rank_facts, run_path
+from kvtrace.distributed import BackendWatch, rank_facts, run_path
 from kvtrace.errors import KvtraceError, RecordingError, unnamed_path
 from kvtrace.forward_inputs import ForwardSignature
 from kvtrace.forward_steps import ForwardSteps
@@ -92,6 +92,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         # model="auto" (`kvtrace run`): the first model whose generate() runs in the block (ModelDiscovery)
         self._discover = isinstance(model, str) and model == "auto"
         self._discovery: ModelDiscovery | None = None
+        self._backend_watch: BackendWatch | None = None  # a rank recording before its group is joined
         if self._discover:
             model = None
         if model is not None and not isinstance(model, torch.nn.Module) and not is_vllm_object(model):
@@ -266,6 +267,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         manifest_path = self.path / fmt.MANIFEST
         self._manifest = self._initial_manifest()
         self._manifest.update(facts or {})
+        if facts is not None and facts.get("backend") is None:  # the launcher's rank: no group joined yet
+            self._backend_watch = BackendWatch()
+            self._backend_watch.install()
         with written_at_start(manifest_path):  # with room for the final manifest, should the disk fill
             write_json_atomic(manifest_path, self._manifest, reserve=fmt.MANIFEST_RESERVE_BYTES)
         self._made = True
@@ -605,6 +609,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         calls = self._call_masks.manifest_calls()
         if calls:
             self._manifest["generate_calls"] = calls
+        if self._backend_watch is not None and self._backend_watch.backend is not None:
+            self._manifest["backend"] = self._backend_watch.backend  # joined after the recording started
         self._manifest["files"] = recorded_files(self.path)
         self._manifest["kv_events"] = self.event_count
         # As `kv_events`: the lines that reached each log whole, which readers check a finished run's files by
@@ -662,7 +668,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                 self.notes.append(f"profiler trace not written: {why}")
         # generate()'s wrappers come off in the reverse of their order on: the calls' over the discovery's
         hooked = (self._forward, self._weights, self._vllm, self._paged, self._hf, self._calls)
-        for hooks in (*hooked, self._discovery):
+        for hooks in (*hooked, self._discovery, self._backend_watch):
             if hooks is not None:
                 try:
                     hooks.uninstall()

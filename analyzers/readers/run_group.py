@@ -170,28 +170,31 @@ def own_rank_folders(
     group report's note for each folder moved or left out, and the ranks a moved folder names (its folder's
     and its manifest's), which are not missing unseen."""
     kept: dict[int, Path] = {}
+    kept_manifests: dict[int, dict[str, Any]] = {}
     left_out: dict[Path, str] = {}
     notes: list[str] = []
     named: set[int] = set()
-    moved: list[tuple[Path, int, int, int | None]] = []
+    moved: list[tuple[Path, int, int, int | None, dict[str, Any]]] = []
     # the recorder's own name first, so that a second name for the rank is the one left out
     for rank, path, manifest in sorted(
         folders, key=lambda f: (f[0], f[1].name != f"{RANK_DIR_PREFIX}{f[0]}")
     ):
         said, world_size = _said(manifest, "rank"), _said(manifest, "world_size")
         if said is not None and said != rank:
-            moved.append((path, rank, said, world_size))
+            moved.append((path, rank, said, world_size, manifest))
             continue
         if world_size is not None and rank >= world_size:
             left_out[path] = f"its manifest's world size is {world_size}, which has no rank {rank}"
         elif rank in kept:
-            left_out[path] = f"{kept[rank].name}/ holds rank {rank} already"
+            left_out[path] = f"{kept[rank].name}/ holds rank {rank} already" + _another_job(
+                manifest, kept_manifests[rank], kept[rank]
+            )
         else:
-            kept[rank] = path
+            kept[rank], kept_manifests[rank] = path, manifest
             continue
         notes.append(f"{path.name}/ left out: {left_out[path]}; its KV is not in the group's figures")
-    claims = [said for _, _, said, _ in moved]
-    for path, rank, said, world_size in moved:
+    claims = [said for _, _, said, _, _ in moved]
+    for path, rank, said, world_size, manifest in moved:
         named.update((rank, said))
         of = f" of {world_size}" if world_size is not None else ""
         if said not in kept and claims.count(said) == 1 and 0 <= said < (world_size or said + 1):
@@ -201,9 +204,23 @@ def own_rank_folders(
                 "folder holds that rank (the group's folders were renamed or swapped)"
             )
             continue
-        left_out[path] = f"its manifest says rank {said}{of} (a copy of that rank's run?)"
+        other = _another_job(manifest, kept_manifests[said], kept[said]) if said in kept else ""
+        left_out[path] = f"its manifest says rank {said}{of}" + (other or " (a copy of that rank's run?)")
         notes.append(f"{path.name}/ left out: {left_out[path]}; its KV is not in the group's figures")
     return kept, left_out, notes, named
+
+
+def _another_job(manifest: dict[str, Any], kept: dict[str, Any], kept_path: Path) -> str:
+    """What to add where two folders' runs say the same rank: a copy of a run has its start time, a run of
+    the rank started at another time is another job's (two jobs recorded at once: their ranks' times
+    overlap, so `_apart_in_time` does not tell them). "" where the start times agree or are not said."""
+    started, other = _said(manifest, "started_ns"), _said(kept, "started_ns")
+    if started is None or other is None or started == other:
+        return ""
+    return (
+        f", as {kept_path.name}/'s does, in a run started {abs(started - other) / 1e9:,.1f} s "
+        f"{'after' if started > other else 'before'} it: several jobs' runs are mixed"
+    )
 
 
 def folders_left_out(group_dir: Path) -> dict[str, str]:

@@ -65,6 +65,7 @@ def group_report_to_json(group: GroupReport) -> dict[str, Any]:
     data["failed_ranks"] = group.failed_ranks
     data["missing_ranks"] = group.missing_ranks
     data["focus"] = {"rank": group.focus_rank, "reason": group.focus_reason}
+    data["over_budget_ranks"] = group.over_budget_ranks
     data["notes"] = group.notes
     return data
 
@@ -302,6 +303,7 @@ def group_diagnosis_to_json(group: GroupReport, diagnosis: Diagnosis) -> dict[st
             "oom_rank": group.oom_rank,
             "failed_ranks": group.failed_ranks,
             "missing_ranks": group.missing_ranks,
+            "over_budget_ranks": group.over_budget_ranks,
         },
     }
 

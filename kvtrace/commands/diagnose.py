@@ -68,11 +68,14 @@ class DiagnoseCommand(Command):
     def _run_group(path: Path, as_json: bool, budget: int | None, quiet: bool) -> int:
         """A run group: the rank that ran out, else the first that failed, else the one that peaked."""
         from analyzers.group import build_group_report
+        from analyzers.group_budget import budget_focus
         from analyzers.planning.diagnose import diagnose
         from analyzers.render.group import group_diagnosis_to_json, group_diagnosis_to_text
 
         with reading(f"reading {path.name}", quiet) as update:
             group = build_group_report(path, progress=update)
+        if budget is not None:  # the budget given, not the recorded one: each rank that would run out
+            group = budget_focus(group, budget)
         focus = group.rank(group.focus_rank)
         if not focus.report.devices and not focus.source.ooms:  # no rank has figures (the focus would)
             raise KvtraceError(

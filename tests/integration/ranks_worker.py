@@ -167,7 +167,26 @@ def _record_steps(
             model(input_ids=tokens[:, :prompt], **{cache_keyword(): cache}, use_cache=True)
             for pos in range(prompt, prompt + DECODE_STEPS):
                 model(input_ids=tokens[:, pos : pos + 1], **{cache_keyword(): cache}, use_cache=True)
+        _meet_other_jobs()
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _meet_other_jobs(timeout_s: float = 120.0) -> None:
+    """With KVTRACE_TEST_MEET=DIR:N, wait inside the recording until N processes (of this job and another
+    launched beside it) have reached this point, so that every rank's run spans a moment all of them share:
+    two jobs recorded at the same time, whatever each one's start-up took."""
+    said = os.environ.get("KVTRACE_TEST_MEET")
+    if not said:
+        return
+    folder, count = said.rsplit(":", 1)
+    meet = Path(folder)
+    meet.mkdir(parents=True, exist_ok=True)
+    (meet / f"{os.getpid()}").write_text("")
+    deadline = time.monotonic() + timeout_s
+    while len(list(meet.iterdir())) < int(count):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{meet}: the other job's ranks never came")
+        time.sleep(0.05)
 
 
 def run_hf_tensor_parallel(

@@ -103,12 +103,12 @@ dist.destroy_process_group()
 """
 
 
-def test_kvtrace_run_under_torchrun_writes_one_run_per_rank(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # GIVEN the example's job as a script of its own, with no kvtrace in it, run by `kvtrace run` under
-    # torchrun: recording starts before the script joins its process group (every rank recorded into one
-    # folder, each refusing the other's lock, and the job failed)
+@pytest.fixture(scope="module")
+def torchrun_group(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example's job as a script of its own, with no kvtrace in it, run by `kvtrace run` under
+    torchrun: recording starts before the script joins its process group, and the script leaves it
+    (destroy_process_group) before the recording ends. The group's folder."""
+    tmp_path = tmp_path_factory.mktemp("torchrun")
     script, out = tmp_path / "job.py", tmp_path / "tp"
     script.write_text(_PLAIN_SCRIPT.format(examples=str(ROOT / "examples")), encoding="utf-8")
     with socket.socket() as probe:
@@ -127,6 +127,15 @@ def test_kvtrace_run_under_torchrun_writes_one_run_per_rank(
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_kvtrace_run_under_torchrun_writes_one_run_per_rank(
+    torchrun_group: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the job run by `kvtrace run` under torchrun (every rank recorded into one folder, each refusing
+    # the other's lock, and the job failed)
+    out = torchrun_group
 
     # THEN each rank wrote its own run (the launcher's RANK and WORLD_SIZE), and the group reads as the
     # example's: each rank's half of the KV heads, 11,264 B
@@ -140,3 +149,23 @@ def test_kvtrace_run_under_torchrun_writes_one_run_per_rank(
     group = json.loads(capsys.readouterr().out)
     assert [(r["rank"], r["status"], r["world_size"]) for r in group["ranks"]] == [(0, "ok", 2), (1, "ok", 2)]
     assert [r["kv"]["final_bytes"] for r in group["ranks"]] == [rank_kv_bytes] * WORLD
+
+
+def test_kvtrace_run_under_torchrun_records_the_backend_its_script_joined(
+    torchrun_group: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the job run by `kvtrace run` under torchrun: each rank's recording started before the script's
+    # init_process_group("gloo"), and ended after its destroy_process_group()
+    out = torchrun_group
+    # THEN each rank's manifest says the backend the script joined (it said none: unknown at the start)
+    manifests = [json.loads((out / f"rank-{r}" / "manifest.json").read_text()) for r in range(WORLD)]
+    assert [(m["rank"], m["world_size"], m["backend"]) for m in manifests] == [(0, 2, "gloo"), (1, 2, "gloo")]
+    # AND the export's runs table has it, as for a rank recorded inside its group
+    assert main(["export", str(out), "-o", str(tmp_path / "tables"), "-q"]) == 0
+    capsys.readouterr()
+    sql = "SELECT rank, backend FROM runs ORDER BY rank"
+    assert main(["query", str(tmp_path / "tables"), "--json", sql]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"rank": 0, "backend": "gloo"},
+        {"rank": 1, "backend": "gloo"},
+    ]

@@ -5,7 +5,9 @@ budget between the two ranks' peaks, so that rank 1 crosses it and rank 0 does n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ranks_worker as worker
@@ -58,3 +60,46 @@ def test_the_group_page_marks_where_a_rank_runs_out_of_its_budget(
     assert group.focus_rank == 1
     assert "id='kvtrace-diagnosis'" in page
     assert f"would run out of memory on a {BUDGET_KIB}.00 KiB device" in page
+
+
+def _cli_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, Any]:
+    capsys.readouterr()
+    assert main(argv) == 0
+    data: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return data
+
+
+def test_a_budget_several_ranks_would_run_out_under_names_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the 2-rank group recorded with a roomy 1 MiB budget: rank 0 peaks at about 436 KiB, rank 1 at 454
+    monkeypatch.setenv("KVTRACE_TEST_BUDGET", "1MiB")
+    out = tmp_path / "group"
+    worker.launch_facts("hf-dp-budget", out, tmp_path / "facts")
+    report = _cli_json(capsys, ["report", str(out), "--no-export", "--json"])
+    peaks = [r["peak_allocated_bytes"] for r in report["ranks"]]
+    assert 430 * 1024 < peaks[0] < BUDGET_KIB * 1024 < peaks[1] < 1024 * 1024
+    assert report["focus"] == {"rank": 1, "reason": "peaked"} and report["over_budget_ranks"] == []
+    # WHEN it is diagnosed against a 430 KiB budget, under both ranks' peaks
+    capsys.readouterr()
+    assert main(["diagnose", str(out), "--budget", "430KiB"]) == 0
+    text = capsys.readouterr().out
+    # THEN the rank diagnosed is still the one that peaked highest, but both ranks are said to run out
+    said = "which peaked highest; ranks 0 and 1 would both run out of memory on a 430.00 KiB device"
+    assert text.startswith(f"run group {out} (world size 2): diagnosing rank 1, {said}\n"), text[:300]
+    data = _cli_json(capsys, ["diagnose", str(out), "--budget", "430KiB", "--json"])
+    assert (data["run_group"]["rank"], data["run_group"]["over_budget_ranks"]) == (1, [0, 1])
+    # AND against 445 KiB, which rank 0 fits, rank 1 alone is named, as before
+    data = _cli_json(capsys, ["diagnose", str(out), "--budget", f"{BUDGET_KIB}KiB", "--json"])
+    assert data["run_group"]["reason"] == "peaked" and data["run_group"]["over_budget_ranks"] == [1]
+    # AND a group recorded with the 430 KiB budget says so in its report, from the budget recorded
+    monkeypatch.setenv("KVTRACE_TEST_BUDGET", "430KiB")
+    worker.launch_facts("hf-dp-budget", tmp_path / "tight", tmp_path / "facts-tight")
+    tight = _cli_json(capsys, ["report", str(tmp_path / "tight"), "--no-export", "--json"])
+    assert tight["focus"] == {"rank": 1, "reason": f"peaked highest; {said.split('; ')[1]}"}
+    assert tight["over_budget_ranks"] == [0, 1]
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "tight"), "--no-export"]) == 0
+    assert f"  look at rank 1: it peaked highest; {said.split('; ')[1]} (`kvtrace diagnose` says why)\n" in (
+        capsys.readouterr().out
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +295,93 @@ def test_rank_folder_from_a_later_job_is_said_to_mix_jobs(
     # AND the first job's own group says nothing of the kind
     whole = _json(capsys, ["report", str(tp_group[0]), "--no-export", "--json"])
     assert not any("several jobs" in note for note in whole["notes"])
+
+
+def test_ranks_of_two_jobs_recorded_at_once_are_said_to_mix_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN two 2-rank jobs recorded at the same time (every rank waits inside its recording for the other
+    # job's): one tensor parallel (each rank 1 of the model's 2 KV heads), one data parallel (all 2 each)
+    monkeypatch.setenv("KVTRACE_TEST_MEET", f"{tmp_path / 'meet'}:4")
+    statuses: dict[str, list[int]] = {}
+
+    def launch(mode: str) -> None:
+        statuses[mode] = worker.launch(mode, tmp_path / mode / "group", tmp_path / mode / "facts", WORLD)
+
+    jobs = [threading.Thread(target=launch, args=(mode,)) for mode in ("hf-tp", "hf-dp")]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert statuses == {"hf-tp": [0, 0], "hf-dp": [0, 0]}
+    # AND a group of the tensor-parallel job's rank 0 and the data-parallel job's rank 1, with the
+    # data-parallel job's rank 0 beside them as rank-2/
+    group = tmp_path / "mixed"
+    group.mkdir()
+    shutil.copytree(tmp_path / "hf-tp" / "group" / "rank-0", group / "rank-0")
+    shutil.copytree(tmp_path / "hf-dp" / "group" / "rank-1", group / "rank-1")
+    shutil.copytree(tmp_path / "hf-dp" / "group" / "rank-0", group / "rank-2")
+    manifests = [json.loads((group / f"rank-{r}" / MANIFEST).read_text()) for r in range(3)]
+    spans = [(m["started_ns"], m["ended"]["t_ns"]) for m in manifests]
+    assert all(start < end for start, _ in spans for _, end in spans)  # every run overlaps every other
+    # WHEN it is reported
+    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    # THEN no note of runs apart in time, but one that says the ranks hold 1 and 2 KV heads, 3 of the
+    # model's 2 together: no one job's ranks do
+    assert [(r["rank"], r["kv"]["rank_heads"]["kv_heads_held"]) for r in data["ranks"]] == [(0, 1), (1, 2)]
+    assert data["kv"]["final_bytes"] == RANK_KV_BYTES + 2 * RANK_KV_BYTES  # what no one job holds
+    assert not any("before rank" in note for note in data["notes"]), data["notes"]
+    said = (
+        "the ranks' caches hold different numbers of the model's 2 KV heads (rank 0: 1, rank 1: 2; 3 "
+        "together): one job's ranks hold as many each, so several jobs' runs are mixed, and their KV summed "
+        "is no one job's"
+    )
+    assert said in data["notes"], data["notes"]
+    # AND rank-2/, whose manifest says rank 0 as rank-0/'s does, is another job's run of that rank (started
+    # at another time), not a copy of rank-0/'s
+    gap_s = (manifests[2]["started_ns"] - manifests[0]["started_ns"]) / 1e9
+    order = "after" if gap_s > 0 else "before"
+    said = (
+        f"rank-2/ left out: its manifest says rank 0 of 2, as rank-0/'s does, in a run started "
+        f"{abs(gap_s):,.1f} s {order} it: several jobs' runs are mixed; its KV is not in the group's figures"
+    )
+    assert said in data["notes"], data["notes"]
+    # AND each job's own group says nothing of the kind
+    for mode in ("hf-tp", "hf-dp"):
+        whole = _json(capsys, ["report", str(tmp_path / mode / "group"), "--no-export", "--json"])
+        assert not any("several jobs" in note for note in whole["notes"]), whole["notes"]
+
+
+def test_report_of_a_folder_of_the_ranks_traces_names_the_rank_it_read_and_those_it_did_not(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the two ranks' torch.profiler traces in one folder, as a distributed job's profiler writes them
+    # (Kineto's distributedInfo in each: gloo, rank r of 2)
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    for rank in range(WORLD):
+        (trace,) = (tp_group[0] / f"rank-{rank}" / "profiler").iterdir()
+        shutil.copy(trace, folder / trace.name)
+    traces = sorted(folder.iterdir())
+    ranks = [json.loads(t.read_text())["distributedInfo"]["rank"] for t in traces]
+    assert sorted(ranks) == [0, 1]
+    # WHEN the folder is reported
+    data = _json(capsys, ["report", str(folder), "--no-export", "--json"])
+    # THEN it reads the last trace by name, as before, and says which rank's that is and which rank's trace
+    # it did not read, and that export reads them all as one job
+    assert data["devices"] == _json(capsys, ["report", str(traces[-1]), "--json"])["devices"]
+    said = (
+        f"{folder} holds the profiler traces of 2 ranks of one distributed job (gloo, world size 2): read "
+        f"rank {ranks[1]}'s {traces[1].name} alone (the last by name); not read: rank {ranks[0]}'s "
+        f"{traces[0].name}. A report reads one trace: name another to read it, or `kvtrace export {folder} "
+        "-o DIR` to read every rank, each job's ranks one group (runs.group_id)"
+    )
+    assert said in data["notes"], data["notes"]
+    # AND export reads both ranks, one group, as the note says
+    assert main(["export", str(folder), "-o", str(tmp_path / "tables"), "-q"]) == 0
+    capsys.readouterr()
+    sql = "SELECT rank, world_size, backend, group_id FROM runs ORDER BY rank"
+    rows = _json(capsys, ["query", str(tmp_path / "tables"), "--json", sql])
+    assert rows == [
+        {"rank": r, "world_size": 2, "backend": "gloo", "group_id": folder.as_posix()} for r in (0, 1)
+    ]
