@@ -384,11 +384,16 @@ def _monitor_note(source: MemorySource) -> str | None:
 def _summary_table(report: Report) -> str:
     # A figure never measured (a refused vLLM start's) is null in the JSON: "-" here, as any unknown figure
     data = report_to_json(report)
+    kv = data["kv"]
+    unattributed = kv["measured_from"] == "none"  # its KV, unknown, is in `other`: as the text report says
     rows: list[tuple[str, str]] = []
     for dev in data["devices"]:
         rows.append((f"{dev['device']} peak allocated", human_bytes(dev["peak_allocated_bytes"])))
         for name, value in dev["categories_at_peak"].items():
-            rows.append((f"&nbsp;&nbsp;{name} at peak", human_bytes(value)))
+            shown = human_bytes(value)
+            if name == "kv" and unattributed:
+                shown = "- (not attributed: counted in other)"
+            rows.append((f"&nbsp;&nbsp;{name} at peak", shown))
         if dev["fragmentation_at_peak_bytes"] is not None:
             rows.append(
                 ("&nbsp;&nbsp;reserved but unallocated", human_bytes(dev["fragmentation_at_peak_bytes"]))
@@ -396,12 +401,14 @@ def _summary_table(report: Report) -> str:
         if dev.get("private_pool_free_at_peak_bytes") is not None:  # left out of the row above
             pools = human_bytes(dev["private_pool_free_at_peak_bytes"])
             rows.append(("&nbsp;&nbsp;unallocated in private pools (CUDA graphs)", pools))
-    kv = data["kv"]
     rows += [
         ("KV final", human_bytes(kv["final_bytes"])),
         ("KV peak (transient copies)", human_bytes(kv["peak_bytes"])),
         ("KV allocated over the run", human_bytes(kv["allocated_bytes_total"])),
-        ("evicted tokens (all rows and layers)", evicted_tokens(report.kv) if report.kv_measured else "-"),
+        (
+            "evicted tokens (all rows and layers)",
+            evicted_tokens(report.kv) if kv["evicted_tokens"] is not None else "-",
+        ),
         ("measured from", kv["measured_from"]),
     ]
     if kv["bytes_per_token_measured"] is not None:

@@ -30,6 +30,8 @@ def report_to_json(report: Report) -> dict[str, Any]:
     main_device = report.main_device
     main = next((dev for d, dev in zip(report.devices, devices, strict=True) if d is main_device), None)
     measured = report.kv_measured  # a figure never measured is null, not 0
+    # nor one never attributed: a bare trace or snapshot without KV marks counts its KV in `other`
+    attributed = measured and kv.measured_from != "none"
     return {
         "version": JSON_VERSION,
         "source": {"kind": report.source_kind, "path": report.path},
@@ -41,10 +43,10 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "categories_at_peak": main["categories_at_peak"] if main is not None else {},
         "partial": report.partial,
         "kv": {
-            "peak_bytes": kv.peak_bytes if measured else None,
-            "final_bytes": kv.final_bytes if measured else None,
-            "allocated_bytes_total": kv.allocated_bytes_total if measured else None,
-            "evicted_tokens": kv.evicted_tokens if measured else None,
+            "peak_bytes": kv.peak_bytes if attributed else None,
+            "final_bytes": kv.final_bytes if attributed else None,
+            "allocated_bytes_total": kv.allocated_bytes_total if attributed else None,
+            "evicted_tokens": kv.evicted_tokens if attributed else None,
             "evictions_by_reason": kv.evictions_by_reason,
             "measured_from": kv.measured_from,
             "bytes_per_token_measured": kv.bytes_per_token_measured,
