@@ -34,13 +34,14 @@ Definitions, so that the columns mean the same thing for every run:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from analyzers.caches import CROSS_ATTENTION, model_caches
 from analyzers.engine import aborted_requests_unknown, failed_requests_unknown
 from analyzers.model import MemorySource
 from analyzers.summary import Report
+from analyzers.timeline import DeviceTimeline
 
 __all__ = [
     "Comparison",
@@ -81,6 +82,18 @@ class RunFigures:
     # what `peak_counts` names ("weights + KV", or "KV" where the weights were loaded before the trace)
     partial: bool = False
     peak_counts: str | None = None
+    # The allocator's other figures of the main device, as `report` gives them (None: unknown, as for a
+    # trace whose memory events carry no reserved bytes). A trace or snapshot has no others to compare.
+    final_allocated_bytes: int | None = None
+    reserved_at_peak_bytes: int | None = None
+    weights_at_peak_bytes: int | None = None
+    other_at_peak_bytes: int | None = None
+    source_kind: str = "run"  # the report's: run, run_group, snapshot, chrome_trace, memory_timeline
+    # The main device's allocated bytes over time, for the page's overlay of inputs without KV steps; None
+    # where it has no events, or no clock (`timed` False: a torch 2.0 snapshot's entries go by their index).
+    # Left out of the JSON: the page draws it, the figures above summarise it.
+    timeline: DeviceTimeline | None = field(default=None, repr=False, compare=False)
+    timed: bool = field(default=True, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -216,6 +229,7 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
             "figures are not a run's (see `kvtrace diagnose`)",
         )
     partial = report.partial and main is not None
+    timeline = next((tl for tl in report.timelines if main is not None and tl.device == main.device), None)
     return RunFigures(
         label=label,
         path=report.path,
@@ -237,6 +251,13 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
         rows_are_beams=made.rows_are_beams if made is not None else False,
         partial=partial,
         peak_counts=_peak_counts(main) if partial else None,
+        final_allocated_bytes=main.final_allocated_bytes if main else None,
+        reserved_at_peak_bytes=main.reserved_at_peak if main else None,
+        weights_at_peak_bytes=main.categories_at_peak.get("weights") if main else None,
+        other_at_peak_bytes=main.categories_at_peak.get("other") if main else None,
+        source_kind=report.source_kind,
+        timeline=timeline if timeline is not None and len(timeline.ts_us) else None,
+        timed="event_index" not in (source.meta.get("timestamps") or {}).values(),
     )
 
 
@@ -355,7 +376,8 @@ def compare(pairs: list[tuple[MemorySource, Report]], labels: list[str] | None =
 def comparison_to_json(comparison: Comparison) -> dict[str, Any]:
     runs = []
     for run in comparison.runs:
-        row = asdict(run)
+        row = asdict(replace(run, timeline=None))  # the page's to draw, not a figure
+        del row["timeline"], row["timed"]
         row["kv_by_step"] = dict(zip(row.pop("step_axis"), row["kv_by_step"], strict=True))
         runs.append(row)
     return {"version": JSON_VERSION, "runs": runs}

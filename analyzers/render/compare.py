@@ -8,7 +8,9 @@ import html
 from typing import Any
 
 from analyzers.compare import Comparison, RunFigures
+from analyzers.render.event_axis import LEVEL_LINE, event_axis
 from analyzers.render.plotly_div import figure_div
+from analyzers.timeline import PAGE_POINTS, downsample_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes, times
 
 
@@ -109,9 +111,28 @@ _ENGINE_ROWS = (  # worded for any engine: a run may be vLLM's, another transfor
 )
 
 
+# The allocator's figures `report` gives of any input: all a trace or snapshot has to compare, where the KV
+# rows are "-" (nothing in it marks KV). After "peak allocated"; "-" where the input does not say (a trace
+# whose memory events carry no reserved bytes).
+_ALLOCATOR_ROWS = (
+    ("final allocated", lambda r: human_bytes(r.final_allocated_bytes)),
+    ("weights at the peak", lambda r: human_bytes(r.weights_at_peak_bytes)),
+    ("other at the peak", lambda r: human_bytes(r.other_at_peak_bytes)),
+    ("reserved at the peak", lambda r: human_bytes(r.reserved_at_peak_bytes)),
+)
+_RUN_KINDS = ("run", "run_group")  # kvtrace's own records: KV log, steps, tokens
+
+
+def _has_bare_inputs(comparison: Comparison) -> bool:
+    """Whether an input is a trace or snapshot, not a kvtrace run (whose table stays as it was)."""
+    return any(r.source_kind not in _RUN_KINDS for r in comparison.runs)
+
+
 def _rows(comparison: Comparison) -> tuple[tuple[str, Any], ...]:
-    """The table's rows: the engine's only when a run has one."""
-    return _COMPARE_ROWS + (_ENGINE_ROWS if any(r.engine for r in comparison.runs) else ())
+    """The table's rows: the allocator's when an input is a trace or snapshot, the engine's only when a run
+    has one."""
+    rows = _COMPARE_ROWS[:1] + (_ALLOCATOR_ROWS if _has_bare_inputs(comparison) else ()) + _COMPARE_ROWS[1:]
+    return rows + (_ENGINE_ROWS if any(r.engine for r in comparison.runs) else ())
 
 
 def comparison_to_text(comparison: Comparison) -> str:
@@ -132,7 +153,7 @@ def comparison_to_text(comparison: Comparison) -> str:
 _STYLE = (
     "body{font-family:system-ui,sans-serif;margin:24px} table{border-collapse:collapse}"
     "th,td{padding:3px 10px;border-bottom:1px solid #ddd} td{font-family:monospace;text-align:right}"
-    "th{text-align:left;font-weight:normal;color:#444} tr.over td{color:#b00}"
+    "th{text-align:left;font-weight:normal;color:#444} tr.over td{color:#b00} .note{color:#a60}"
 )
 
 
@@ -147,15 +168,34 @@ def _page(title: str, body: str) -> str:
 
 
 def comparison_to_html(comparison: Comparison) -> str:
-    """One self-contained page: the table and the runs' KV timelines overlaid on a shared step axis."""
-    import plotly.graph_objects as go
-
+    """One self-contained page: the table, the runs' KV timelines overlaid on a shared step axis, and, where
+    an input has no KV steps (a trace, a snapshot), every input's allocated memory over time."""
     esc = html.escape
     head = "".join(f"<th>{esc(r.label)}</th>" for r in comparison.runs)
     body = "".join(
         f"<tr><th>{esc(name)}</th>" + "".join(f"<td>{esc(cell(r))}</td>" for r in comparison.runs) + "</tr>"
         for name, cell in _rows(comparison)
     )
+    stepless = [r for r in comparison.runs if not r.step_axis]
+    charts = []
+    if len(stepless) < len(comparison.runs):
+        charts.append(_kv_chart(comparison))
+    else:  # an empty chart of no steps said nothing: say why there is none
+        charts.append(
+            "<p class='note'>No chart of KV bytes per step: none of these inputs has KV steps (only a "
+            "kvtrace run's KV log tells the KV cache apart step by step; a trace or snapshot does not).</p>"
+        )
+    if stepless and (_has_bare_inputs(comparison) or len(stepless) == len(comparison.runs)):
+        charts.append(_allocated_chart(comparison))
+    table = f"<table><tr><th></th>{head}</tr>{body}</table>"
+    notes = "".join(f"<p>note: {esc(r.label)}: {esc(note)}</p>" for r in comparison.runs for note in r.notes)
+    return _page("kvtrace compare", table + notes + "".join(charts))
+
+
+def _kv_chart(comparison: Comparison) -> str:
+    """The runs' KV bytes at the end of each step, overlaid."""
+    import plotly.graph_objects as go
+
     fig = go.Figure()
     unit, factor = binary_unit(max((max(r.kv_by_step, default=0) for r in comparison.runs), default=0))
     for run in comparison.runs:
@@ -177,10 +217,52 @@ def comparison_to_html(comparison: Comparison) -> str:
         template="plotly_white",
         height=520,
     )
-    plot = figure_div(fig, "kvtrace-compare")
-    table = f"<table><tr><th></th>{head}</tr>{body}</table>"
-    notes = "".join(f"<p>note: {esc(r.label)}: {esc(note)}</p>" for r in comparison.runs for note in r.notes)
-    return _page("kvtrace compare", table + notes + plot)
+    return figure_div(fig, "kvtrace-compare")
+
+
+def _allocated_chart(comparison: Comparison) -> str:
+    """Each input's main device's allocated bytes over time, from its own first event (the inputs' clocks
+    are unrelated), drawn as steps and cut peak-exactly as the report's timeline; a note names the inputs
+    that cannot be drawn so."""
+    import plotly.graph_objects as go
+
+    esc = html.escape
+    drawn = [r for r in comparison.runs if r.timeline is not None and r.timed]
+    left_out = [
+        f"{r.label} ({'its snapshot records no times' if r.timeline is not None else 'no allocator events'})"
+        for r in comparison.runs
+        if r not in drawn
+    ]
+    said = esc("; ".join(left_out))
+    note = f"<p class='note'>Not in the allocated memory chart: {said}.</p>" if left_out else ""
+    if not drawn:
+        return note
+    top = max(max(int(r.timeline.allocated.max()), r.timeline.start_allocated) for r in drawn if r.timeline)
+    unit, factor = binary_unit(top)
+    fig = go.Figure()
+    for run in drawn:
+        timeline = run.timeline
+        assert timeline is not None  # drawn holds only runs with one
+        axis = event_axis([timeline], float(timeline.ts_us[0]), untimed=False, seconds_shared=True)
+        keep = downsample_indices(timeline.allocated, PAGE_POINTS, timeline.ts_us)
+        x, lined_up = axis.points(timeline, keep)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=lined_up(timeline.allocated, timeline.start_allocated) / factor,
+                name=f"{run.label} ({timeline.device})",
+                line={"shape": LEVEL_LINE},
+                hovertemplate=f"{esc(run.label)}: " + hover_bytes(unit),
+            )
+        )
+    fig.update_layout(
+        title="Allocated memory over time (each input's main device, from its own first event)",
+        xaxis_title="seconds from the input's first memory event",
+        yaxis_title=unit,
+        template="plotly_white",
+        height=520,
+    )
+    return note + figure_div(fig, "kvtrace-compare-allocated")
 
 
 def _on_engine_steps(run: RunFigures) -> bool:

@@ -18,7 +18,12 @@ import numpy as np
 
 from analyzers.timeline import DeviceTimeline
 
-__all__ = ["EventAxis", "event_axis", "held_points", "held_span"]
+__all__ = ["LEVEL_LINE", "EventAxis", "event_axis", "held_points", "held_span"]
+
+# How a memory level is drawn between two events: held until the next one (plotly's "hv" step), as torch's
+# memory_viz draws it. Memory is piecewise constant; a straight line between 6 MiB at one event and 512 MiB
+# at the next draws growth that never happened.
+LEVEL_LINE = "hv"
 
 _BEFORE = "-1: the level before the trace"
 

@@ -16,7 +16,7 @@ from analyzers.kv_line import kv_line
 from analyzers.planning.diagnosis import Diagnosis
 from analyzers.render.budget_marks import add_budget
 from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
-from analyzers.render.event_axis import event_axis, held_points, held_span
+from analyzers.render.event_axis import LEVEL_LINE, event_axis, held_points, held_span
 from analyzers.render.json import report_to_json
 from analyzers.render.plotly_div import figure_div
 from analyzers.render.text import budget_line, report_to_text
@@ -180,7 +180,7 @@ def _group_figure(group: GroupReport) -> Any:
                         legendgroup=prefix + name,
                         showlegend=prefix + name not in legend,
                         stackgroup=f"r{r.rank}{tl.device}",
-                        line={"width": 0.5, "color": _COLORS[name]},
+                        line={"width": 0.5, "color": _COLORS[name], "shape": LEVEL_LINE},
                         hovertemplate=f"rank {r.rank} {prefix}{name}: " + hover_bytes(unit),
                     ),
                     row,
@@ -194,7 +194,7 @@ def _group_figure(group: GroupReport) -> Any:
                     name=f"{prefix}allocated",
                     legendgroup=f"{prefix}allocated",
                     showlegend=f"{prefix}allocated" not in legend,
-                    line={"color": "black", "width": 1},
+                    line={"color": "black", "width": 1, "shape": LEVEL_LINE},
                     hovertemplate=f"rank {r.rank} {prefix}allocated: " + hover_bytes(unit),
                 ),
                 row,
@@ -214,7 +214,7 @@ def _group_figure(group: GroupReport) -> Any:
                     name="KV (log, right axis)",
                     legendgroup="kvlog",
                     showlegend=first,
-                    line={"color": _COLORS["kv"], "shape": "hv", "dash": "dot"},
+                    line={"color": _COLORS["kv"], "shape": LEVEL_LINE, "dash": "dot"},
                     hovertemplate=f"rank {r.rank} KV: " + hover_bytes(kv_unit),
                 ),
                 row,

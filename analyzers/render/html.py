@@ -14,7 +14,7 @@ from analyzers.kv_line import kv_final_point, kv_line
 from analyzers.model import MemorySource
 from analyzers.render.budget_marks import add_budget
 from analyzers.render.engine import no_memory_timeline
-from analyzers.render.event_axis import EventAxis, event_axis, held_points, held_span
+from analyzers.render.event_axis import LEVEL_LINE, EventAxis, event_axis, held_points, held_span
 from analyzers.render.json import NO_KV_HINT, report_to_json
 from analyzers.render.kv_heatmap import eviction_marks, layer_grid
 from analyzers.render.plotly_div import figure_div
@@ -104,7 +104,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
                     y=points(tl.by_category[name], tl.start_by_category.get(name, 0)),
                     name=f"{prefix}{name}",
                     stackgroup=tl.device,
-                    line={"width": 0.5, "color": _COLORS[name]},
+                    line={"width": 0.5, "color": _COLORS[name], "shape": LEVEL_LINE},
                     hovertemplate=hover,
                 ),
                 1,
@@ -115,7 +115,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
                 x=x,
                 y=points(tl.allocated, tl.start_allocated),
                 name=f"{prefix}allocated",
-                line={"color": "black", "width": 1},
+                line={"color": "black", "width": 1, "shape": LEVEL_LINE},
                 hovertemplate=hover,
             ),
             1,
@@ -128,7 +128,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
                     y=points(tl.reserved, int(tl.reserved[0])),
                     name=f"{prefix}reserved",
                     hovertemplate=hover,
-                    line={"color": "orange", "dash": "dot"},
+                    line={"color": "orange", "dash": "dot", "shape": LEVEL_LINE},
                 ),
                 1,
                 1,
@@ -179,7 +179,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         t_ns, series = kv_line(kv, source.meta.get(KV_FREES))
         keep = downsample_indices(series, MAX_POINTS, t_ns)
         x = (t_ns[keep].astype(np.float64) / 1000.0 - t0) / 1e6
-        line = {"color": _COLORS["kv"], "shape": "hv"}
+        line = {"color": _COLORS["kv"], "shape": LEVEL_LINE}
         kv_unit, kv_factor = binary_unit(int(series.max()) if len(series) else 0)
         fig.add_trace(
             go.Scatter(

@@ -38,6 +38,8 @@ def _polyline(x: np.ndarray, y: np.ndarray, top: float, color: str) -> str:
     span = float(x[-1] - x[0]) or 1.0
     xs = (x - x[0]) / span * (_WIDTH - 2) + 1
     ys = _HEIGHT - 1 - y / top * (_HEIGHT - 2)
+    # A step: each level held until the next event (the HTML timeline's "hv"), not a slope between two
+    xs, ys = np.repeat(xs, 2)[1:], np.repeat(ys, 2)[:-1]
     points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(xs, ys, strict=True))
     return f'<polyline fill="none" stroke="{color}" stroke-width="1.2" points="{points}"/>'
 

@@ -42,6 +42,11 @@ def test_the_group_page_marks_where_a_rank_runs_out_of_its_budget(
     # THEN each rank's row has the budget's dashed line at 445 KiB (the page's unit: KiB), on its memory axis
     allocated_axis = [t["yaxis"] for t in traces if t.get("name") == "allocated"]
     assert allocated_axis == ["y", "y3"]  # each row's left axis (the right one is the KV log's)
+    # (each memory level, the KV log's too, held until the next event: steps, not slopes between events)
+    levels = [
+        t for t in traces if t.get("name") in ("weights", "kv", "other", "allocated", "KV (log, right axis)")
+    ]
+    assert len(levels) == 2 * 5 and {t["line"]["shape"] for t in levels} == {"hv"}
     lines = [s for s in layout["shapes"] if s.get("line", {}).get("dash") == "dash"]
     assert sorted((s["yref"], s["y0"], s["y1"]) for s in lines) == [
         ("y", BUDGET_KIB, BUDGET_KIB),

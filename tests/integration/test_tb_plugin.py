@@ -818,6 +818,13 @@ def test_chromium_renders_the_dashboard_offline(server: str, tmp_path: Path) -> 
     # AND the figures read as the CLI prints them: separators on both sides of bytes per token (the
     # sample's 4 layers x (K, V) x 2 KV heads x head_dim 16 x 4 B), for dynamic_b2 and its OOM copy
     assert dom.count("<th>KV bytes/token measured vs arithmetic</th><td>1,024.0 vs 1,024</td>") == 2
+    # AND every memory level, on both time charts, is drawn as steps held until the next event (plotly's
+    # "hv": moves across and up only), not as slopes between two events
+    panel = _panel(dom, "dynamic_b2")
+    for plot in ("timeline-plot", "kv-plot"):
+        chart = panel[panel.index(plot) :]
+        lines = re.findall(r'<path class="js-line" d="([^"]*)"', chart[: chart.index("</svg>")])
+        assert lines and all(re.fullmatch(r"(M[^A-Z]+)?([HVM][^A-Z]+)*", d) for d in lines), (plot, lines[:1])
     # AND the page logged nothing (Chromium prints every console message, errors included, as CONSOLE)
     assert [line for line in stderr.splitlines() if ":CONSOLE" in line] == []
     # AND every request the page made stayed on 127.0.0.1

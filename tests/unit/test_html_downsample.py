@@ -68,6 +68,38 @@ def test_each_category_drawn_keeps_its_own_peak_and_low() -> None:
         assert (drawn[name].max(), drawn[name].min()) == (levels.max(), levels.min()), name
 
 
+def test_a_downsampled_step_line_draws_each_peak_at_its_level_from_its_time() -> None:
+    # GIVEN a trace of three times more events than the chart draws, one every 10 us
+    events = 3 * MAX_POINTS
+    category, delta = _churn(events, seed=11)
+    ts_us = np.arange(events, dtype=np.float64) * 10.0
+    device = DeviceEvents(
+        device="cpu",
+        ts_us=ts_us,
+        addr=np.full(events, -1, dtype=np.int64),
+        delta_bytes=delta,
+        category=category,
+    )
+    source = MemorySource(kind="chrome_trace", path="churn.json", devices=[device])
+    # WHEN the HTML report draws it
+    traces, layout = page_figure(report_to_html(source, summarize(source)), "kvtrace-timeline")
+    factor = UNITS[layout["yaxis"]["title"]["text"]]
+    # THEN each level is a step held until the next point drawn, and at the time of its full series' peak
+    # (the first event reaching it) the step is at that peak: the point drawn there is the peak's own
+    expected = {
+        name: np.cumsum(np.where(category == code, delta, 0)) for code, name in enumerate(CATEGORY_NAMES)
+    }
+    expected["allocated"] = np.cumsum(delta)
+    for name, full in expected.items():
+        (trace,) = [t for t in traces if t.get("name") == name]
+        assert trace["line"]["shape"] == "hv", name
+        x, y = np.asarray(trace["x"]), np.rint(np.asarray(trace["y"]) * factor)
+        assert len(x) < events  # downsampled
+        peak_at = float(ts_us[int(np.argmax(full))]) / 1e6  # seconds from the first event (at 0)
+        held = y[np.searchsorted(x, peak_at, side="right") - 1]
+        assert held == full.max(), name
+
+
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "chrome"
 REAL_TRACE = REAL / "worker0.1623143089861.pt.trace.json.gz"  # ResNet-50 on a V100 (2021), kineto samples
 

@@ -17,6 +17,9 @@ export function render() {
 }
 
 const COLORS = { weights: '#1f77b4', kv: '#d62728', other: '#7f7f7f' };
+// A memory level holds until the next event (plotly's step), as the HTML report and torch's memory_viz draw it:
+// a straight line between two events draws growth that never happened.
+const LEVEL_LINE = 'hv';
 const MARKERS = {
   step: { symbol: 'line-ns-open', color: '#2ca02c' },
   eviction: { symbol: 'triangle-down', color: '#9467bd' },
@@ -151,19 +154,19 @@ function timelineTraces(timeline) {
     for (const name of ['weights', 'kv', 'other']) {
       traces.push({
         type: 'scatter', mode: 'lines', x: dev.t_s, y: dev[name], name: `${prefix}${name}`,
-        stackgroup: dev.device, line: { width: 0.5, color: COLORS[name] }, text: dev[name].map(humanBytes),
+        stackgroup: dev.device, line: { width: 0.5, color: COLORS[name], shape: LEVEL_LINE }, text: dev[name].map(humanBytes),
         hovertemplate: '%{text}',
       });
     }
     traces.push({
       type: 'scatter', mode: 'lines', x: dev.t_s, y: dev.allocated, name: `${prefix}allocated`,
-      line: { width: 1, color: 'black' }, text: dev.allocated.map(humanBytes), hovertemplate: '%{text}',
+      line: { width: 1, color: 'black', shape: LEVEL_LINE }, text: dev.allocated.map(humanBytes), hovertemplate: '%{text}',
     });
     top = Math.max(top, dev.peak_allocated_bytes);
     if (dev.reserved) {
       traces.push({
         type: 'scatter', mode: 'lines', x: dev.t_s, y: dev.reserved, name: `${prefix}reserved`,
-        line: { color: 'orange', dash: 'dot' }, text: dev.reserved.map(humanBytes), hovertemplate: '%{text}',
+        line: { color: 'orange', dash: 'dot', shape: LEVEL_LINE }, text: dev.reserved.map(humanBytes), hovertemplate: '%{text}',
       });
       top = Math.max(top, dev.reserved.reduce((a, b) => Math.max(a, b), 0));
     }
@@ -277,7 +280,7 @@ async function drawTimeline(body, panel, timeline, budget) {
   const kvTop = Math.max(0, ...timeline.devices.map((dev) => dev.kv.reduce((a, b) => Math.max(a, b), 0)));
   const kvTraces = timeline.devices.map((dev) => ({
     type: 'scatter', mode: 'lines', x: dev.t_s, y: dev.kv, name: `${timeline.devices.length > 1 ? `${dev.device} ` : ''}KV live`,
-    line: { color: COLORS.kv, width: 1 }, fill: 'tozeroy', text: dev.kv.map(humanBytes), hovertemplate: '%{text}',
+    line: { color: COLORS.kv, width: 1, shape: LEVEL_LINE }, fill: 'tozeroy', text: dev.kv.map(humanBytes), hovertemplate: '%{text}',
   }));
   const finalMark = timeline.devices.some((dev) => dev.events) ? kvFinalTrace(timeline.kv_final) : null;
   if (finalMark) kvTraces.push(finalMark);
