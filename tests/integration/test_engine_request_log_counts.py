@@ -263,3 +263,41 @@ def test_plan_says_profile_flags_are_ignored_where_kv_cache_memory_bytes_sizes_t
         "pool, as it does in vLLM, which then takes no share of the memory by gpu_memory_utilization less "
         "the weights, activation peak and non-torch memory",
     ]
+
+
+def test_compare_says_the_request_counts_of_a_run_without_its_request_log_are_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the vLLM sample that preempted twice, and a copy of it whose request log is gone
+    whole = _sample(tmp_path)
+    lost = Path(shutil.copytree(whole, tmp_path / "lost"))
+    log = lost / "engine_requests.jsonl"
+    logged = _lines(log)
+    log.unlink()
+    requests = len({r["request_id"] for r in logged})
+    dropped = sum(r["dropped_tokens"] for r in logged if r["event"] == "preempted")
+    last: dict[str, int] = {}
+    for r in logged:  # each request's output at its last event, as compare counts them
+        last[r["request_id"]] = max(last.get(r["request_id"], 0), r["output_tokens"])
+    output = sum(last.values())
+    assert (requests, dropped, output) == (8, 2 * 64, 8 * 48)
+    # WHEN compared
+    runs = json.loads(_cli(["compare", str(whole), str(lost), "--json"], capsys)[0])["runs"]
+    # THEN the whole run's counts are its log's, and the copy's are unknown (null), not 0; the pool's and the
+    # steps' figures (preemptions from engine_steps.jsonl) stay
+    counted = ("requests", "failed_requests", "aborted_requests", "preempted_tokens", "output_tokens")
+    assert [runs[0]["engine"][key] for key in counted] == [requests, 0, 0, dropped, output]
+    assert [runs[1]["engine"][key] for key in counted] == [None] * 5
+    assert (runs[1]["engine"]["preemptions"], runs[1]["engine"]["num_blocks"]) == (2, 16)
+    assert runs[1]["tokens_per_second"] is None
+    assert any(note.startswith(f"{log} is listed in the manifest but missing") for note in runs[1]["notes"])
+    # AND the table shows them as "-", as it shows every unknown
+    table = _cli(["compare", str(whole), str(lost)], capsys)[0]
+    cells = {
+        line[:36].strip(): line[36:].split() for line in table.splitlines() if line.startswith("engine ")
+    }
+    assert cells["engine requests"] == [str(requests), "-"]
+    assert cells["engine failed requests"] == cells["engine aborted requests"] == ["0", "-"]
+    assert cells["engine preempted tokens"] == [str(dropped), "-"]
+    assert cells["engine output tokens (all requests)"] == [str(output), "-"]
+    assert cells["engine preemptions"] == ["2", "2"]
