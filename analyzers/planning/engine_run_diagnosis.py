@@ -12,12 +12,12 @@ to then, said in a note as the Hugging Face diagnosis says it. Its requests stil
 reached their final lengths, which vLLM's remedies are priced on. Where each one's `waiting` line says its
 max_tokens (analyzers.planning.unfinished_asks), each is counted at the most it may reach, prompt +
 max_tokens - 1 tokens, so the demand is an upper bound as a finished run's is, and a remedy that holds it
-avoids every preemption ("fits"). Where one's is unknown (runs recorded before kvtrace logged it), they are
-counted at the lengths they had reached: a remedy that avoids every preemption of what was recorded is then
-said unknown ("[?]"), never "fits"; transformers' continuous batching's demand in blocks (`kvtrace
-diagnose`) is then said "at least", with no num_blocks named, and so is vLLM's demand if nothing were
-preempted. An engine that preempted nothing is not said to have run out of nothing: whether its pool would
-have sufficed cannot be told (`unfinished_at_stop` for both).
+avoids every preemption ("fits"). Where one's is unknown (runs recorded before kvtrace logged it), that one is
+counted at the length it had reached, the others still at their max_tokens: a remedy that avoids every
+preemption of what was recorded is then said unknown ("[?]"), never "fits"; transformers' continuous
+batching's demand in blocks (`kvtrace diagnose`) is then said "at least", with no num_blocks named, and so is
+vLLM's demand if nothing were preempted. An engine that preempted nothing is not said to have run out of
+nothing: whether its pool would have sufficed cannot be told (`unfinished_at_stop` for both).
 """
 
 from __future__ import annotations
@@ -160,10 +160,16 @@ def _short_of_final(
         return diagnosis
     if diagnosis.asked_requests >= left.requests:
         return replace(diagnosis, unfinished_requests=left.requests)
+    counted = "counted at the lengths they had reached"
+    if diagnosis.asked_requests:  # some at their max_tokens, the rest at the lengths reached
+        others = left.requests - diagnosis.asked_requests
+        counted = (
+            f"{diagnosis.asked_requests} counted at their max_tokens and the other {others} at the lengths "
+            "they had reached"
+        )
     caveat = (
-        f" The run stopped with {left.clause()}, counted at the lengths they had "
-        "reached, not their final ones: whether it avoids the preemptions to come cannot be told; rerun to "
-        "completion to know."
+        f" The run stopped with {left.clause()}, {counted}, not their final ones: whether it avoids the "
+        "preemptions to come cannot be told; rerun to completion to know."
     )
     remedies = tuple(
         replace(r, fits=None, sentence=r.sentence + caveat) if r.fits else r for r in diagnosis.remedies

@@ -15,8 +15,8 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
   prompt only, and then no remedy is said to fit. One aborted while it ran counts at that whole ask too, not
   at the length the abort cut it at (with a larger pool it is preempted less and runs further before the same
   abort). One the run never finished (it stopped short: killed, interrupted) counts at that whole ask too,
-  the most it may reach, where every such request's line has it (analyzers.planning.unfinished_asks); else
-  at the length it had reached, and analyzers.planning.engine_run_diagnosis says no remedy is known to fit.
+  the most it may reach, where its line has it (analyzers.planning.unfinished_asks); else at the length it
+  had reached, and where any is so analyzers.planning.engine_run_diagnosis says no remedy is known to fit.
   vLLM's parallel sampling (`n > 1`) runs a prompt's samples as requests of one prompt which, under
   prefix caching, share its full blocks (all but a last partial block, and the block of its last token when
   that one ends a block: vLLM recomputes it): where each sample took its whole prompt in one step, as a
@@ -57,7 +57,7 @@ from analyzers.engine import (
 )
 from analyzers.engine_stages import pipeline_note, pipeline_size, widest_stage
 from analyzers.planning.engine_budget import EngineBudget
-from analyzers.planning.unfinished_asks import asked_tokens, unfinished_asks
+from analyzers.planning.unfinished_asks import asked_tokens, in_engine_at_end, unfinished_asks
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
 from analyzers.planning.vllm_pool_demand import NULL_BLOCKS, PoolDemand
 from analyzers.planning.vllm_preempt_parallel import WorkerPool, parallel_remedies
@@ -322,14 +322,26 @@ def _recorded_demand(run: EngineRun, sizes: _RequestBlocks, samples: SharedSampl
     return peak, peak_step
 
 
-def _asks_note(asks: dict[str, RequestEvent]) -> str:
-    """Said where requests that never finished are counted at their max_tokens, not the lengths reached."""
+def _asks_note(asks: dict[str, RequestEvent], left: int) -> str:
+    """Said where requests that never finished are counted at their max_tokens, not the lengths reached;
+    where only some of the `left` unfinished ones say it, the others keep the lengths reached and the demand
+    stays a lower bound."""
     asked = sorted({e.max_tokens or 0 for e in asks.values()})
     each = f"max_tokens={asked[0]:,}" if len(asked) == 1 else f"max_tokens {asked[0]:,} to {asked[-1]:,}"
-    return (
-        f"{len(asks)} request(s) had not finished when the run stopped: each is counted at its {each} "
+    most = (
         "(prompt + max_tokens - 1 KV tokens, the most it may reach: it may stop earlier at an EOS or a stop "
-        "string), not at the length it had reached, so the demand is an upper bound"
+        "string), not at the length it had reached"
+    )
+    if len(asks) >= left:
+        return (
+            f"{len(asks)} request(s) had not finished when the run stopped: each is counted at its {each} "
+            f"{most}, so the demand is an upper bound"
+        )
+    return (
+        f"{left} request(s) had not finished when the run stopped: {len(asks)} of them are counted at their "
+        f"{each} {most}; the other {left - len(asks)} have no max_tokens logged (recorded before kvtrace "
+        "logged it, or with no line of their own) and are counted at the lengths they had reached, so the "
+        "demand is still a lower bound"
     )
 
 
@@ -666,7 +678,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
             "the per-request blocks count a shared block once per request, so they can add up past the pool"
         )
     if asks:
-        notes.append(_asks_note(asks))
+        notes.append(_asks_note(asks, in_engine_at_end(run)))
     if unbounded:
         remedies = _unbounded_caveat(remedies, len(unbounded))
     if recorded_peak and recorded_peak < bound:

@@ -177,6 +177,11 @@ def _demand(d: PreemptionDiagnosis) -> str:
     left = ""
     if asked:
         left = f", counting the {short} unfinished request(s) at their max_tokens"
+    elif short and d.asked_requests:
+        left = (
+            f", counting {d.asked_requests} of the {short} unfinished request(s) at their max_tokens and the "
+            f"other {short - d.asked_requests} at the lengths they had reached"
+        )
     elif short:
         left = f", counting the {short} unfinished request(s) at the lengths they had reached"
     return (

@@ -45,10 +45,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _killed_copy(tmp_path: Path, waiting_lines: bool) -> Path:
+def _killed_copy(
+    tmp_path: Path, waiting_lines: bool, without_max_tokens: frozenset[str] = frozenset()
+) -> Path:
     """The sample cut at step LAST_STEP, its manifest left running as a killed process leaves it; with
     `waiting_lines`, each request's `waiting` line at step 0 (as vLLM's `add_request` logs it now), its
-    max_tokens the output its finished line reached with finish_reason "length"."""
+    max_tokens the output its finished line reached with finish_reason "length" (none on the lines of
+    `without_max_tokens`, as a recorder before kvtrace logged it writes them)."""
     run = tmp_path / "killed"
     shutil.copytree(SAMPLE, run)
     requests = _lines(SAMPLE / "engine_requests.jsonl")
@@ -65,6 +68,9 @@ def _killed_copy(tmp_path: Path, waiting_lines: bool) -> Path:
              "prompt_tokens": e["prompt_tokens"], "output_tokens": 0, "max_tokens": e["output_tokens"]}
             for rid, e in sorted(finished.items())
         ]  # fmt: skip
+        for line in waiting:
+            if line["request_id"] in without_max_tokens:
+                del line["max_tokens"]
         kept = waiting + kept
     _write_lines(run / "engine_requests.jsonl", kept)
     steps = [s for s in _lines(SAMPLE / "engine_steps.jsonl") if s["step"] <= LAST_STEP]
@@ -146,3 +152,48 @@ def test_unfinished_requests_without_max_tokens_keep_a_lower_bound(
     ) in text
     assert diagnosis["remedies"] and all(r["fits"] is None for r in diagnosis["remedies"])
     assert "[fits]" not in text
+
+
+def test_unfinished_requests_with_and_without_max_tokens_count_those_that_have_it_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the killed copy whose waiting lines give max_tokens (48) for 4 requests, among them the 8th, never
+    # scheduled, and none for the other 4 (each of those ran to 40 + 25 tokens: 3 blocks reached)
+    ids = sorted({e["request_id"] for e in _lines(SAMPLE / "engine_requests.jsonl")})
+    never_scheduled = ids[-1]
+    scheduled = {e["request_id"] for e in _lines(SAMPLE / "engine_requests.jsonl") if e["step"] <= LAST_STEP}
+    assert never_scheduled not in scheduled and len(scheduled) == REQUESTS - 1
+    unasked = frozenset(ids[:4])
+    run = _killed_copy(tmp_path, waiting_lines=True, without_max_tokens=unasked)
+    # the 4 asked: cdiv(40 + 48 - 1, 32) = 3 blocks each (the never-scheduled one too, where its prompt alone
+    # gave cdiv(40, 32) = 2); the 4 others at the lengths reached, cdiv(40 + 25, 32) = 3 each
+    demand = 4 * _cdiv(PROMPT + NEW - 1, BLOCK) + 4 * _cdiv(PROMPT + 25, BLOCK)
+    assert demand == 24  # where every one was counted at the lengths reached: 7 x 3 + 2 = 23
+
+    # WHEN it is diagnosed
+    diagnosis, text = _diagnose(run, capsys)
+
+    # THEN the 4 with max_tokens are counted at it, the other 4 keep the lower bound, and it says so
+    assert (diagnosis["unfinished_requests"], diagnosis["asked_requests"]) == (REQUESTS, 4)
+    assert diagnosis["demand_bound_blocks"] == demand
+    assert diagnosis["final_demand_blocks"][never_scheduled] == 3
+    assert (
+        f"  demand if nothing were preempted: at least {demand} blocks (+1 null = {demand + 1}), counting "
+        f"4 of the {REQUESTS} unfinished request(s) at their max_tokens and the other 4 at the lengths they "
+        "had reached; on the recorded schedule it peaked at 21\n"
+    ) in text
+    mixed = (
+        f"{REQUESTS} request(s) had not finished when the run stopped: 4 of them are counted at their "
+        f"max_tokens={NEW} (prompt + max_tokens - 1 KV tokens, the most it may reach: it may stop earlier at "
+        "an EOS or a stop string), not at the length it had reached; the other 4 have no max_tokens logged "
+        "(recorded before kvtrace logged it, or with no line of their own) and are counted at the lengths "
+        "they had reached, so the demand is still a lower bound"
+    )
+    assert diagnosis["notes"][0] == mixed and diagnosis["notes"][-1] == DIED
+    # AND no remedy is said to fit: the 4 counted at the lengths reached may need more
+    assert diagnosis["remedies"] and all(r["fits"] is not True for r in diagnosis["remedies"])
+    assert "[fits]" not in text
+    assert (
+        f"The run stopped with {REQUESTS} request(s) unfinished (its process died), 4 counted at their "
+        "max_tokens and the other 4 at the lengths they had reached, not their final ones"
+    ) in text
