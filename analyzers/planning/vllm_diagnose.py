@@ -85,6 +85,7 @@ __all__ = [
     "PreemptionDiagnosis",
     "RefusedDiagnosis",
     "VllmRemedy",
+    "asked_demand_blocks",
     "diagnose_engine",
     "diagnose_preemptions",
     "diagnose_refused",
@@ -278,6 +279,37 @@ def _final_demand(
         ask = sizes.final(e.prompt_tokens, asked_tokens(e, run.info.config))
         demand[request_id] = max(demand.get(request_id, 0), ask)
     return demand, tuple(unbounded)
+
+
+def _running_at_most(run: EngineRun, requests: int) -> int:
+    """How many of the `requests` can run together: max_num_seqs, and never more than were in the engine at
+    once (running + waiting: requests of successive generate() calls are not counted together)."""
+    max_seqs = run.info.config.get("max_num_seqs")
+    running_at_most = min(int(max_seqs), requests) if max_seqs else requests
+    if len(run.steps):
+        in_engine = int((run.steps["running"] + run.steps["waiting"]).max())
+        if in_engine > 0:
+            running_at_most = min(running_at_most, in_engine)
+    return running_at_most
+
+
+def asked_demand_blocks(run: EngineRun) -> int | None:
+    """The most blocks a run's requests may need at once (the worst case `diagnose_preemptions` bounds a
+    pool by, the null block left out) where it stopped short before any preemption: each request left
+    unfinished counted at its max_tokens (analyzers.planning.unfinished_asks), the others at their final
+    lengths. An upper bound: a pool of as many usable blocks holds them whatever the admission order. None
+    where one unfinished request's max_tokens is unknown, or one aborted unscheduled has none: then its
+    final length is not known from the run."""
+    asks = unfinished_asks(run)
+    if len(asks) < in_engine_at_end(run):
+        return None
+    block = int(run.info.block_size or run.info.config.get("block_size") or 16)
+    sizes = _request_blocks(run, block)
+    demand, unbounded = _final_demand(run, sizes, asks)
+    if unbounded or not demand:
+        return None
+    demands = parallel_samples(run, block, bool(sizes.groups.sliding_groups)).once_per_prompt(demand)
+    return sum(sorted(demands, reverse=True)[: _running_at_most(run, len(demand))])
 
 
 def _unscheduled_tokens(waiting: RequestEvent, max_len: int | None, ended: bool) -> int:
@@ -546,11 +578,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
     asks = unfinished_asks(run)
     demand, unbounded = _final_demand(run, sizes, asks)
     max_seqs = info.config.get("max_num_seqs")
-    running_at_most = min(int(max_seqs), len(demand)) if max_seqs else len(demand)
-    if len(run.steps):  # never more than were in the engine at once (successive generate() calls)
-        in_engine = int((run.steps["running"] + run.steps["waiting"]).max())
-        if in_engine > 0:
-            running_at_most = min(running_at_most, in_engine)
+    running_at_most = _running_at_most(run, len(demand))
     samples = parallel_samples(run, block, bool(sizes.groups.sliding_groups))
     demands = samples.once_per_prompt(demand)
     hit_tokens = int(run.steps["prefix_hits"].sum()) if len(run.steps) else 0

@@ -46,12 +46,16 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _killed_copy(
-    tmp_path: Path, waiting_lines: bool, without_max_tokens: frozenset[str] = frozenset()
+    tmp_path: Path,
+    waiting_lines: bool,
+    without_max_tokens: frozenset[str] = frozenset(),
+    last_step: int = LAST_STEP,
 ) -> Path:
     """The sample cut at step LAST_STEP, its manifest left running as a killed process leaves it; with
     `waiting_lines`, each request's `waiting` line at step 0 (as vLLM's `add_request` logs it now), its
     max_tokens the output its finished line reached with finish_reason "length" (none on the lines of
-    `without_max_tokens`, as a recorder before kvtrace logged it writes them)."""
+    `without_max_tokens`, as a recorder before kvtrace logged it writes them). `last_step`: where the kill
+    cut it (before 26, the first preemption: the run preempted nothing)."""
     run = tmp_path / "killed"
     shutil.copytree(SAMPLE, run)
     requests = _lines(SAMPLE / "engine_requests.jsonl")
@@ -60,7 +64,7 @@ def _killed_copy(
     assert {(e["finish_reason"], e["prompt_tokens"], e["output_tokens"]) for e in finished.values()} == {
         ("length", PROMPT, NEW)
     }
-    kept = [e for e in requests if e["step"] <= LAST_STEP]
+    kept = [e for e in requests if e["step"] <= last_step]
     if waiting_lines:
         first_t = min(e["t_ns"] for e in requests)
         waiting = [
@@ -73,7 +77,7 @@ def _killed_copy(
                 del line["max_tokens"]
         kept = waiting + kept
     _write_lines(run / "engine_requests.jsonl", kept)
-    steps = [s for s in _lines(SAMPLE / "engine_steps.jsonl") if s["step"] <= LAST_STEP]
+    steps = [s for s in _lines(SAMPLE / "engine_steps.jsonl") if s["step"] <= last_step]
     _write_lines(run / "engine_steps.jsonl", steps)
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["ended"] = {"status": "running"}
@@ -81,7 +85,7 @@ def _killed_copy(
     # as killed: every request still in the engine, none finished; 7 preempted at step 26 or running
     assert steps[-1]["running"] + steps[-1]["waiting"] == REQUESTS
     assert not [e for e in kept if e["event"] == "finished"]
-    assert [e["step"] for e in kept if e["event"] == "preempted"] == [26, 26]
+    assert [e["step"] for e in kept if e["event"] == "preempted"] == ([26, 26] if last_step >= 26 else [])
     return run
 
 
@@ -197,3 +201,36 @@ def test_unfinished_requests_with_and_without_max_tokens_count_those_that_have_i
         f"The run stopped with {REQUESTS} request(s) unfinished (its process died), 4 counted at their "
         "max_tokens and the other 4 at the lengths they had reached, not their final ones"
     ) in text
+
+
+def test_a_run_killed_before_preempting_says_its_pool_may_preempt_from_the_max_tokens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the sample killed in step 10's forward, before its first preemption (26): every request still
+    # in the engine, none preempted; with its waiting lines, each says max_tokens 48
+    run = _killed_copy(tmp_path, waiting_lines=True, last_step=9)
+    # each at its most, cdiv(40 + 48 - 1, 32) = 3 blocks; all 8 at once (max_num_seqs 8): 24 > 15 usable
+    worst = REQUESTS * _cdiv(PROMPT + NEW - 1, BLOCK)
+    assert worst == 24 > USABLE
+
+    # WHEN it is diagnosed
+    diagnosis, text = _diagnose(run, capsys)
+
+    # THEN the worst case at max_tokens says the pool may preempt (as the whole run did, at step 26), not
+    # that whether it suffices cannot be told
+    assert (diagnosis["kind"], diagnosis["unfinished_requests"]) == ("no_preemption", REQUESTS)
+    assert diagnosis["asked_demand_blocks"] == worst
+    said = (
+        f"vLLM started normally and preempted nothing before the run stopped, with {REQUESTS} request(s) "
+        f"unfinished (its process died); counted at their max_tokens, its requests need at most {worst} "
+        f"blocks at once, more than the {USABLE} usable blocks: vLLM may preempt before they finish (a pool "
+        f"of {worst + 1} blocks, with vLLM's null block, holds them). Peak "
+    )
+    assert diagnosis["sentence"].startswith(said)
+    assert "cannot be told" not in text and f"kvtrace diagnose: {run}: {said}" in text
+
+    # AND without the waiting lines (recorded before kvtrace logged max_tokens) it still cannot be told
+    older = _killed_copy(tmp_path / "older", waiting_lines=False, last_step=9)
+    diagnosis, _ = _diagnose(older, capsys)
+    assert diagnosis["asked_demand_blocks"] is None
+    assert "whether the pool would have sufficed cannot be told from this run" in diagnosis["sentence"]
