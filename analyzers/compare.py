@@ -30,6 +30,8 @@ Definitions, so that the columns mean the same thing for every run:
 * an engine run (vLLM, transformers' continuous batching) has requests, not rows: tokens/s (all rows) is
   the output tokens of every request (each at its last event, preemptions recomputed once) over the time
   from its first request event to its last step's end; the per-row columns have no meaning there ("-").
+  Where its request log (engine_requests.jsonl) is missing, what only that log counts (requests, failed,
+  aborted, preempted and output tokens, tokens/s) is unknown ("-", null), not 0; a note says so.
 """
 
 from __future__ import annotations
@@ -365,7 +367,14 @@ def _engine_figures(fig: Any, made: tuple[int, float] | None, source: MemorySour
     }
     if fig.status == "refused_start":  # no pool was allocated and no step ran: unknown, not 0
         figures.update(dict.fromkeys([key for key in figures if key not in ("name", "status")]))
+    elif not fig.requests_known:
+        # The request log is missing (its note says so): its counts are unknown, not 0, as report says them
+        figures.update(dict.fromkeys(_FROM_REQUEST_LOG))
     return figures
+
+
+# The engine figures only engine_requests.jsonl counts: unknown where it is missing (`requests_known`)
+_FROM_REQUEST_LOG = ("requests", "failed_requests", "aborted_requests", "preempted_tokens", "output_tokens")
 
 
 def compare(pairs: list[tuple[MemorySource, Report]], labels: list[str] | None = None) -> Comparison:

@@ -158,7 +158,7 @@ def _held(
     blocks = f"its {usable:,} usable block{'' if usable == 1 else 's'}"
     if demand is not None and usable >= largest:
         if demand.lower:
-            reached = "counted at the lengths the unfinished ones had reached"
+            reached = "counted at the lengths the unfinished ones without a max_tokens had reached"
             held = "hold" if usable >= demand.bound else "are fewer than"
             return f"{blocks} {held} the at least {demand.bound:,} its requests needed at once, {reached}"
         if usable >= demand.bound:

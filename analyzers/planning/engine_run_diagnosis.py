@@ -12,12 +12,14 @@ to then, said in a note as the Hugging Face diagnosis says it. Its requests stil
 reached their final lengths, which vLLM's remedies are priced on. Where each one's `waiting` line says its
 max_tokens (analyzers.planning.unfinished_asks), each is counted at the most it may reach, prompt +
 max_tokens - 1 tokens, so the demand is an upper bound as a finished run's is, and a remedy that holds it
-avoids every preemption ("fits"). Where one's is unknown (runs recorded before kvtrace logged it), they are
-counted at the lengths they had reached: a remedy that avoids every preemption of what was recorded is then
-said unknown ("[?]"), never "fits"; transformers' continuous batching's demand in blocks (`kvtrace
-diagnose`) is then said "at least", with no num_blocks named, and so is vLLM's demand if nothing were
-preempted. An engine that preempted nothing is not said to have run out of nothing: whether its pool would
-have sufficed cannot be told (`unfinished_at_stop` for both).
+avoids every preemption ("fits"). Where one's is unknown (runs recorded before kvtrace logged it), that one is
+counted at the length it had reached, the others still at their max_tokens: a remedy that avoids every
+preemption of what was recorded is then said unknown ("[?]"), never "fits"; transformers' continuous
+batching's demand in blocks (`kvtrace diagnose`) is then said "at least", with no num_blocks named, and so is
+vLLM's demand if nothing were preempted. An engine that preempted nothing is not said to have run out of
+nothing: whether its pool would have sufficed cannot be told (`unfinished_at_stop` for both), unless each
+unfinished request's max_tokens is known (vLLM): then the worst case of them all at once says whether the
+pool holds them or vLLM may preempt before they finish (`Unfinished.asked_demand_blocks`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ from typing import Any
 from analyzers.engine import EngineRun
 from analyzers.planning.engine_budget import EngineBudget, run_engine_budget
 from analyzers.planning.unfinished_asks import in_engine_at_end
-from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis, diagnose_engine
+from analyzers.planning.vllm_diagnose import (
+    PreemptionDiagnosis,
+    RefusedDiagnosis,
+    asked_demand_blocks,
+    diagnose_engine,
+)
 from analyzers.planning.vllm_refused import refused_start
 from analyzers.run_stop import SIGTERM_SENDERS, interrupted_how, killed_after_sigterm
 from kvtrace.errors import KvtraceError
@@ -123,6 +130,9 @@ class Unfinished:
 
     requests: int
     how: str  # why it stopped, as a clause: "its process died"
+    # vLLM's run that preempted nothing: the most blocks its requests may need at once, each unfinished one
+    # at its max_tokens (`vllm_diagnose.asked_demand_blocks`); None where one's is unknown or not asked
+    asked_demand_blocks: int | None = None
 
     def clause(self) -> str:
         """The requests as the sentences say them: "3 request(s) unfinished (its process died)"."""
@@ -160,10 +170,16 @@ def _short_of_final(
         return diagnosis
     if diagnosis.asked_requests >= left.requests:
         return replace(diagnosis, unfinished_requests=left.requests)
+    counted = "counted at the lengths they had reached"
+    if diagnosis.asked_requests:  # some at their max_tokens, the rest at the lengths reached
+        others = left.requests - diagnosis.asked_requests
+        counted = (
+            f"{diagnosis.asked_requests} counted at their max_tokens and the other {others} at the lengths "
+            "they had reached"
+        )
     caveat = (
-        f" The run stopped with {left.clause()}, counted at the lengths they had "
-        "reached, not their final ones: whether it avoids the preemptions to come cannot be told; rerun to "
-        "completion to know."
+        f" The run stopped with {left.clause()}, {counted}, not their final ones: whether it avoids the "
+        "preemptions to come cannot be told; rerun to completion to know."
     )
     remedies = tuple(
         replace(r, fits=None, sentence=r.sentence + caveat) if r.fits else r for r in diagnosis.remedies
@@ -178,6 +194,9 @@ def explain_engine_run(
     Raises KvtraceError where a refusal cannot be priced."""
     diagnosis = _short_of_final(diagnose_engine(run, budget), run, stopped)
     left = unfinished_at_stop(run, stopped)
+    if left is not None and diagnosis is None and run.requests_missing is None:
+        # nothing preempted yet: each unfinished request at its max_tokens may still tell the pool's verdict
+        left = replace(left, asked_demand_blocks=asked_demand_blocks(run))
     if run.requests_missing is not None:
         notes = (*notes, run.requests_missing)
         if isinstance(diagnosis, PreemptionDiagnosis):  # priced on requests the run has lost: none is said

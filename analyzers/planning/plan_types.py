@@ -125,6 +125,9 @@ class RecordedPeak:
     prompt_row_bytes: int | None = None
     # of `update_activations_bytes`, generate()'s token tensors (run_peak's `token_tensors`); None: not told
     update_token_bytes: int | None = None
+    # of `activations_bytes`, at a decode peak, generate()'s token tensors: a run cut short held them at the
+    # tokens it reached, not the context's (run_peak's `token_tensors`); None: not told
+    peak_token_bytes: int | None = None
     # of those, the bytes a row and token adds at the update (run_peak's `update_token_row_bytes`); None:
     # not told (`token_row_bytes` stands for it)
     update_token_row_bytes: int | None = None

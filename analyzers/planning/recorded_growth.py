@@ -11,6 +11,7 @@ carries a recording (imported there at call time: this module imports plan_kv).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from analyzers.planning.beam_tensors import beam_search_growth
@@ -286,7 +287,28 @@ def _cut_step_end(req: PlanRequest, rec: RecordedPeak, batch: int, context: int)
     activations = rec.activations_bytes - rows_freed(rec, batch)
     at_end = gain.grown(activations, rec.context_token_bytes, rec.batch_fixed_bytes)
     at_end += token_growth(req, rec, batch, context)
+    kept = 1 - rows_freed(rec, batch) / max(rec.activations_bytes, 1)
+    at_end += _reached_token_growth(rec, batch, context, rows * kept, at_update=False)
     return req.weights_bytes + sizes.kv_bytes + at_end, sizes.kv_bytes
+
+
+def _reached_token_growth(rec: RecordedPeak, batch: int, context: int, scale: float, at_update: bool) -> int:
+    """Bytes generate()'s token tensors (ids, mask: int64 a row and token) lack at a run cut short's decode
+    moment, measured at the tokens it reached, against the plan's last decode step, whose tensors hold
+    `context` - 1 tokens a row (the last token is never fed) up to the run's own context (beyond it
+    `token_growth` adds them, as for a finished run). `at_update`: the moment measured is the run's last
+    cache update (`update_token_bytes`), else its peak (`peak_token_bytes`); `scale`: the rows the plan
+    grows them by. 0 for a finished run, whose last step held them whole. Before, a run killed in step 150
+    of 200 (the walkthrough's 3-layer Llama at batch 2) planned as launched kept them at 160 tokens a row,
+    1,632 B below the whole run's recording."""
+    if not rec.cut_short or rec.phase != "decode":
+        return 0
+    held = rec.update_token_bytes if at_update else rec.peak_token_bytes
+    per_token = (rec.update_token_row_bytes if at_update else None) or rec.token_row_bytes
+    if held is None or not per_token:
+        return 0
+    tokens = min(context, rec.context) - 1
+    return max(per_token * batch * tokens - math.ceil(held * scale), 0)
 
 
 def _beside_prefill(run: PlanRequest, rec: RecordedPeak) -> tuple[int, int | None]:
@@ -315,18 +337,23 @@ def _beside_late(req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: i
     beside_prefill, prefill_fixed = _beside_prefill(run, rec)
     token_bytes: int | None = None  # what a token adds to `beside_peak`; None: not told, all grow
     peak_fixed: int | None = None
+    at_update = (
+        False  # `beside_peak` is the update's (its token tensors `update_token_bytes`), not the peak's
+    )
     if rec.update_activations_bytes is not None and rec.update_context_token_bytes is not None:
         # measured at the run's KV peak, a decode step's cache update, which the plan's KV peak repeats (the
         # bound also holds the logits of the step's end, which come after the update); a run cut short
         # measured it at the last update it reached
         beside_peak, token_bytes = rec.update_activations_bytes, rec.update_context_token_bytes
         peak_fixed = rec.update_batch_fixed_bytes
+        at_update = True
         if _held_growth_copy(run, rec) and rec.activations_bytes > beside_peak:
             # its peak, inside another update, held more: a run stopped inside a step (a SIGTERM, an OOM)
             # last logged an early layer's update of it, which holds less than a later layer's (the
             # walkthrough's Llama stopped as layer 1 of step 150 began: 25,464 B there, 26,456 at its peak)
             beside_peak, token_bytes = rec.activations_bytes, rec.context_token_bytes
             peak_fixed = rec.batch_fixed_bytes
+            at_update = False
     elif rec.cut_short and rec.phase == "decode":
         # a decode step's, at the run's peak: never its prefill's, which no decode step's KV sits beside.
         # Before, the more of the two: the walkthrough's 3-layer Llama at batch 2, stopped inside step 150
@@ -357,7 +384,8 @@ def _beside_late(req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: i
             moments_grown(moments, rows * kept, longer) - moments_grown(moments, rows * kept, 1.0), 0
         )
     late = max(gain.grown(beside_peak * kept, token_bytes, peak_fixed), early)
-    return late + token_growth(req, rec, batch, context)
+    reached = _reached_token_growth(rec, batch, context, rows * kept, at_update)
+    return late + token_growth(req, rec, batch, context) + reached
 
 
 def _moment_kv(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:

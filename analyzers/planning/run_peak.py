@@ -91,6 +91,9 @@ class PeakMoment:
     # of `update_activations_bytes`, those generate()'s token tensors (`token_tensors`): the update of a
     # sliding run's KV peak comes early, when they were short; None: not told
     update_token_bytes: int | None = None
+    # of `activations_bytes`, at a decode peak, those generate()'s token tensors (`token_tensors`): a run cut
+    # short held them at the tokens it reached; None: not told
+    peak_token_bytes: int | None = None
     # bytes those token tensors at the update gain per row and token (`update_token_row_bytes`); None: not
     # told
     update_token_row_bytes: int | None = None
@@ -150,7 +153,7 @@ def peak_moment(
         phase=diagnosis.step_phase,
         tokens=diagnosis.tokens_held or 0,
         batch=diagnosis.batch,
-        cut_short=diagnosis.event == "oom" or diagnosis.step_cut,
+        cut_short=diagnosis.event == "oom" or diagnosis.step_cut or _stopped_before_its_end(source),
         kv_at_peak_bytes=at_peak.get("kv", 0),
         row_activation_bytes=diagnosis.row_activation_bytes,
         prefill_activations_bytes=prefill,
@@ -167,12 +170,30 @@ def peak_moment(
         token_row_bytes=token_row_bytes(at_peak_tokens) if decode else None,
         prompt_row_bytes=at_peak_prompt if decode else None,
         update_token_bytes=sum(at_update_tokens) if at_update_tokens is not None else None,
+        peak_token_bytes=sum(at_peak_tokens) if decode and at_peak_tokens is not None else None,
         update_token_row_bytes=update_token_row_bytes(at_update_tokens),
         context_token_bytes=at_peak_context if decode else None,
         update_context_token_bytes=at_update_context,
         attn_implementation=_attn_implementation(report.geometry),
         encoder_pass=encoder_pass_moments(source, report, encoder_tokens),
     )
+
+
+def _stopped_before_its_end(source: MemorySource) -> bool:
+    """Whether the run stopped before its generate() call's end between two steps (SIGTERMed or interrupted,
+    killed, its block raised, or still being recorded): the call asked for more tokens than it reached
+    (run_defaults' `call_context`). Its peak is then what it reached, as a step cut part-way's is, though the
+    peak's own step ended whole. Before, such a run read as finished: a SIGTERM between steps 149 and 150 of
+    200 was planned as if its peak held the whole context's tokens."""
+    from analyzers.planning.run_defaults import call_context
+
+    run, kv_log = source.meta.get("run"), source.meta.get("kv")
+    if source.kind != "run" or run is None or kv_log is None:
+        return False
+    call = call_context(run, kv_log)
+    if call is None or call.reached is None or call.context is None:
+        return False
+    return call.reached < call.context
 
 
 def token_row_bytes(tensors: list[int] | None) -> int | None:

@@ -6,8 +6,9 @@ each request's `max_tokens` (transformers' `max_new_tokens`): a request stops at
 a stop string, and at max_model_len (vLLM's `check_stop`), and its last sampled token is never fed back, so it
 never holds more KV than `min(prompt + max_tokens, max_model_len) - 1` tokens, and the drafts and lookahead
 slots a step gives it past those, up to max_model_len (vLLM's scheduler caps a step's positions there, not
-at max_tokens). Counted so, the demand is an upper bound again, as a finished run's is. Runs recorded before
-kvtrace logged max_tokens, or with a request in the engine that has no line, keep the lower bound.
+at max_tokens). Counted so, the demand is an upper bound again, as a finished run's is. Requests whose line
+has no max_tokens (recorded before kvtrace logged it), or that are in the engine with no line, keep the
+lengths they had reached: where any is left so, the demand is a lower bound, tighter by those counted whole.
 """
 
 from __future__ import annotations
@@ -39,21 +40,18 @@ def in_engine_at_end(run: EngineRun) -> int:
     return max(len(_unfinished_ids(run)), last)
 
 
-def unfinished_asks(run: EngineRun) -> dict[str, RequestEvent] | None:
+def unfinished_asks(run: EngineRun) -> dict[str, RequestEvent]:
     """The `waiting` line (its first: a request transformers took out of its pool is put back with what it
-    has left to generate) of each request left unfinished, which says its prompt and max_tokens. None where
-    one cannot be bounded: no max_tokens on its line (recorded before kvtrace logged it), or more requests
-    in the engine at the last step than have lines. Empty where none was left."""
+    has left to generate) of each request left unfinished whose line says its max_tokens: those can be
+    counted at the most they may reach. The others (no max_tokens on their line, or no line at all: fewer
+    than `in_engine_at_end`) are left out, to be counted at the lengths they had reached. Empty where none
+    was left or none says it."""
     left = _unfinished_ids(run)
     asks: dict[str, RequestEvent] = {}
     for event in run.requests:
         if event.event == "waiting" and event.request_id in left:
             asks.setdefault(event.request_id, event)
-    if len(asks) < in_engine_at_end(run):
-        return None
-    if any(e.max_tokens is None or e.max_tokens < 1 for e in asks.values()):
-        return None
-    return asks
+    return {rid: e for rid, e in asks.items() if e.max_tokens is not None and e.max_tokens >= 1}
 
 
 def _positive(value: Any) -> int:

@@ -15,8 +15,8 @@ Two cases: a refused start (analyzers.planning.vllm_refused) and a run that pree
   prompt only, and then no remedy is said to fit. One aborted while it ran counts at that whole ask too, not
   at the length the abort cut it at (with a larger pool it is preempted less and runs further before the same
   abort). One the run never finished (it stopped short: killed, interrupted) counts at that whole ask too,
-  the most it may reach, where every such request's line has it (analyzers.planning.unfinished_asks); else
-  at the length it had reached, and analyzers.planning.engine_run_diagnosis says no remedy is known to fit.
+  the most it may reach, where its line has it (analyzers.planning.unfinished_asks); else at the length it
+  had reached, and where any is so analyzers.planning.engine_run_diagnosis says no remedy is known to fit.
   vLLM's parallel sampling (`n > 1`) runs a prompt's samples as requests of one prompt which, under
   prefix caching, share its full blocks (all but a last partial block, and the block of its last token when
   that one ends a block: vLLM recomputes it): where each sample took its whole prompt in one step, as a
@@ -57,7 +57,7 @@ from analyzers.engine import (
 )
 from analyzers.engine_stages import pipeline_note, pipeline_size, widest_stage
 from analyzers.planning.engine_budget import EngineBudget
-from analyzers.planning.unfinished_asks import asked_tokens, unfinished_asks
+from analyzers.planning.unfinished_asks import asked_tokens, in_engine_at_end, unfinished_asks
 from analyzers.planning.vllm_plan import kv_dtype_bytes, readable_bytes
 from analyzers.planning.vllm_pool_demand import NULL_BLOCKS, PoolDemand
 from analyzers.planning.vllm_preempt_parallel import WorkerPool, parallel_remedies
@@ -85,6 +85,7 @@ __all__ = [
     "PreemptionDiagnosis",
     "RefusedDiagnosis",
     "VllmRemedy",
+    "asked_demand_blocks",
     "diagnose_engine",
     "diagnose_preemptions",
     "diagnose_refused",
@@ -280,6 +281,37 @@ def _final_demand(
     return demand, tuple(unbounded)
 
 
+def _running_at_most(run: EngineRun, requests: int) -> int:
+    """How many of the `requests` can run together: max_num_seqs, and never more than were in the engine at
+    once (running + waiting: requests of successive generate() calls are not counted together)."""
+    max_seqs = run.info.config.get("max_num_seqs")
+    running_at_most = min(int(max_seqs), requests) if max_seqs else requests
+    if len(run.steps):
+        in_engine = int((run.steps["running"] + run.steps["waiting"]).max())
+        if in_engine > 0:
+            running_at_most = min(running_at_most, in_engine)
+    return running_at_most
+
+
+def asked_demand_blocks(run: EngineRun) -> int | None:
+    """The most blocks a run's requests may need at once (the worst case `diagnose_preemptions` bounds a
+    pool by, the null block left out) where it stopped short before any preemption: each request left
+    unfinished counted at its max_tokens (analyzers.planning.unfinished_asks), the others at their final
+    lengths. An upper bound: a pool of as many usable blocks holds them whatever the admission order. None
+    where one unfinished request's max_tokens is unknown, or one aborted unscheduled has none: then its
+    final length is not known from the run."""
+    asks = unfinished_asks(run)
+    if len(asks) < in_engine_at_end(run):
+        return None
+    block = int(run.info.block_size or run.info.config.get("block_size") or 16)
+    sizes = _request_blocks(run, block)
+    demand, unbounded = _final_demand(run, sizes, asks)
+    if unbounded or not demand:
+        return None
+    demands = parallel_samples(run, block, bool(sizes.groups.sliding_groups)).once_per_prompt(demand)
+    return sum(sorted(demands, reverse=True)[: _running_at_most(run, len(demand))])
+
+
 def _unscheduled_tokens(waiting: RequestEvent, max_len: int | None, ended: bool) -> int:
     """KV tokens a request never scheduled would reach once admitted. Aborted while it waited, in a rerun
     with a larger pool it is admitted and grows until the same abort: at most its `max_tokens` (its
@@ -322,14 +354,26 @@ def _recorded_demand(run: EngineRun, sizes: _RequestBlocks, samples: SharedSampl
     return peak, peak_step
 
 
-def _asks_note(asks: dict[str, RequestEvent]) -> str:
-    """Said where requests that never finished are counted at their max_tokens, not the lengths reached."""
+def _asks_note(asks: dict[str, RequestEvent], left: int) -> str:
+    """Said where requests that never finished are counted at their max_tokens, not the lengths reached;
+    where only some of the `left` unfinished ones say it, the others keep the lengths reached and the demand
+    stays a lower bound."""
     asked = sorted({e.max_tokens or 0 for e in asks.values()})
     each = f"max_tokens={asked[0]:,}" if len(asked) == 1 else f"max_tokens {asked[0]:,} to {asked[-1]:,}"
-    return (
-        f"{len(asks)} request(s) had not finished when the run stopped: each is counted at its {each} "
+    most = (
         "(prompt + max_tokens - 1 KV tokens, the most it may reach: it may stop earlier at an EOS or a stop "
-        "string), not at the length it had reached, so the demand is an upper bound"
+        "string), not at the length it had reached"
+    )
+    if len(asks) >= left:
+        return (
+            f"{len(asks)} request(s) had not finished when the run stopped: each is counted at its {each} "
+            f"{most}, so the demand is an upper bound"
+        )
+    return (
+        f"{left} request(s) had not finished when the run stopped: {len(asks)} of them are counted at their "
+        f"{each} {most}; the other {left - len(asks)} have no max_tokens logged (recorded before kvtrace "
+        "logged it, or with no line of their own) and are counted at the lengths they had reached, so the "
+        "demand is still a lower bound"
     )
 
 
@@ -534,11 +578,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
     asks = unfinished_asks(run)
     demand, unbounded = _final_demand(run, sizes, asks)
     max_seqs = info.config.get("max_num_seqs")
-    running_at_most = min(int(max_seqs), len(demand)) if max_seqs else len(demand)
-    if len(run.steps):  # never more than were in the engine at once (successive generate() calls)
-        in_engine = int((run.steps["running"] + run.steps["waiting"]).max())
-        if in_engine > 0:
-            running_at_most = min(running_at_most, in_engine)
+    running_at_most = _running_at_most(run, len(demand))
     samples = parallel_samples(run, block, bool(sizes.groups.sliding_groups))
     demands = samples.once_per_prompt(demand)
     hit_tokens = int(run.steps["prefix_hits"].sum()) if len(run.steps) else 0
@@ -666,7 +706,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
             "the per-request blocks count a shared block once per request, so they can add up past the pool"
         )
     if asks:
-        notes.append(_asks_note(asks))
+        notes.append(_asks_note(asks, in_engine_at_end(run)))
     if unbounded:
         remedies = _unbounded_caveat(remedies, len(unbounded))
     if recorded_peak and recorded_peak < bound:

@@ -177,6 +177,11 @@ def _demand(d: PreemptionDiagnosis) -> str:
     left = ""
     if asked:
         left = f", counting the {short} unfinished request(s) at their max_tokens"
+    elif short and d.asked_requests:
+        left = (
+            f", counting {d.asked_requests} of the {short} unfinished request(s) at their max_tokens and the "
+            f"other {short - d.asked_requests} at the lengths they had reached"
+        )
     elif short:
         left = f", counting the {short} unfinished request(s) at the lengths they had reached"
     return (
@@ -256,7 +261,9 @@ def ran_fine_to_json(
     `kvtrace diagnose` says of it (`sentence`), and the report page beside the budget it crossed
     (`over_budget`: then "nothing ran out" is not said). A run that stopped short with requests unfinished
     (`unfinished`, analyzers.planning.engine_run_diagnosis) had not reached their final lengths: whether
-    the pool would have held them is unknown, as transformers' continuous batching says (kvtrace diagnose)."""
+    the pool would have held them is unknown, as transformers' continuous batching says (kvtrace diagnose),
+    unless each one's max_tokens is known: then the most they need at once says it holds them, or that vLLM
+    may preempt (`asked_demand_blocks`, in the JSON of a run that stopped short)."""
     from analyzers.engine import engine_figures
     from analyzers.planning.vllm_diagnose import NULL_BLOCKS
     from analyzers.render.engine import peak_when  # numpy: not for diagnose's other paths
@@ -264,7 +271,24 @@ def ran_fine_to_json(
     figures = engine_figures(run)
     usable = max((figures.num_blocks or 0) - NULL_BLOCKS, 0)
     share = f" ({100 * figures.peak_blocks_used / usable:.0f}% of the {usable:,} usable)" if usable else ""
-    if unfinished is not None:
+    worst = unfinished.asked_demand_blocks if unfinished is not None else None
+    if unfinished is not None and worst is not None:
+        # each unfinished request at its max_tokens: the most they may need at once, an upper bound
+        stopped = (
+            f"vLLM started normally and preempted nothing before the run stopped, with {unfinished.clause()}"
+        )
+        at_most = f"counted at their max_tokens, its requests need at most {worst:,} blocks at once"
+        if worst <= usable:
+            outcome = (
+                f"{stopped}; {at_most}, which the {usable:,} usable blocks hold: the pool suffices, and none "
+                "would have been preempted had it run to its end."
+            )
+        else:
+            outcome = (
+                f"{stopped}; {at_most}, more than the {usable:,} usable blocks: vLLM may preempt before they "
+                f"finish (a pool of {worst + NULL_BLOCKS:,} blocks, with vLLM's null block, holds them)."
+            )
+    elif unfinished is not None:
         outcome = (
             "vLLM started normally and preempted nothing before the run stopped, with "
             f"{unfinished.clause()}: whether the pool would have sufficed cannot be told from this run."
@@ -285,6 +309,9 @@ def ran_fine_to_json(
         "usable_blocks": usable,
         "peak_blocks_used": figures.peak_blocks_used,
         "peak_step": figures.peak_step,
+        # a run that stopped short: the most blocks its requests need at once, each unfinished one at its
+        # max_tokens; None where one's is unknown
+        **({"asked_demand_blocks": worst} if unfinished is not None else {}),
         "sentence": sentence,
     }
 

@@ -151,6 +151,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         token_row_bytes=moment.token_row_bytes,
         prompt_row_bytes=moment.prompt_row_bytes,
         update_token_bytes=moment.update_token_bytes,
+        peak_token_bytes=moment.peak_token_bytes,
         update_token_row_bytes=moment.update_token_row_bytes,
         encoder_tokens=run.encoder_tokens,
         context_token_bytes=moment.context_token_bytes,

@@ -243,12 +243,19 @@ _PROFILE_FLAGS = (
 
 
 def _ignored_profile_note(
-    args: argparse.Namespace, kv_cache_memory: int | None, override: int | None, stages: int
+    args: argparse.Namespace,
+    kv_cache_memory: int | None,
+    override: int | None,
+    stages: int,
+    default_batched: int | None,
+    gpu_memory: int,
 ) -> str | None:
     """The note on profile flags typed where kv_cache_memory_bytes sizes the pool: vLLM then profiles no
     memory for it, and neither does the plan, so they change nothing; said, not left to look as if they
     were taken. None where none was typed, or the profile sizes the pool. Under pipeline parallelism a
-    typed --weights-bytes is each stage's weights in the stages' table, so not ignored."""
+    typed --weights-bytes is each stage's weights in the stages' table, so not ignored. --gpu-memory still
+    picks vLLM's default max_num_batched_tokens on a GPU (`default_batched`, None where it is typed, the
+    run's, or a CPU's): then it is said to do only that, not to be ignored."""
     if kv_cache_memory is None:
         return None
     typed = [
@@ -256,7 +263,10 @@ def _ignored_profile_note(
         for name, flag in _PROFILE_FLAGS
         if getattr(args, name, None) is not None and not (name == "weights_bytes" and stages > 1)
     ]
-    if not typed:
+    gpu_typed = getattr(args, "gpu_memory", None) is not None
+    if gpu_typed and default_batched is None:
+        typed.insert(0, "--gpu-memory")
+    if not typed and not gpu_typed:
         return None
     from analyzers.planning.vllm_plan import readable_bytes
 
@@ -266,10 +276,19 @@ def _ignored_profile_note(
         if override is not None
         else f"kv_cache_memory_bytes ({readable_bytes(kv_cache_memory)}, {whose}) sizes the pool"
     )
-    return (
-        f"{', '.join(typed)} ignored: {sized}, as it does in vLLM, which then takes no share of the memory "
-        "by gpu_memory_utilization less the weights, activation peak and non-torch memory"
+    why = (
+        f"{sized}, as it does in vLLM, which then takes no share of the memory by gpu_memory_utilization "
+        "less the weights, activation peak and non-torch memory"
     )
+    if default_batched is None or not gpu_typed:
+        return f"{', '.join(typed)} ignored: {why}"
+    picks = (
+        f"picks only vLLM 0.32's default max_num_batched_tokens, {default_batched:,} on a GPU of "
+        f"{readable_bytes(gpu_memory)} (--max-num-batched-tokens sets it)"
+    )
+    if typed:
+        return f"{', '.join(typed)} ignored: {why}; --gpu-memory {picks}"
+    return f"--gpu-memory does not size the pool: {why}; it {picks}"
 
 
 def run_vllm_plan(args: argparse.Namespace) -> int:
@@ -474,7 +493,15 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
                 f"model's config.json) plans its window{started}",
             ),
         )
-    ignored = _ignored_profile_note(args, kv_cache_memory, override, stages)
+    # --gpu-memory picks vLLM's default max_num_batched_tokens on a GPU where none is typed or the run's
+    default_batched = (
+        result.max_num_batched_tokens
+        if request.device != "cpu" and request.max_num_batched_tokens is None
+        else None
+    )
+    ignored = _ignored_profile_note(
+        args, kv_cache_memory, override, stages, default_batched, request.gpu_memory_bytes
+    )
     if ignored is not None:
         result = replace(result, notes=(*result.notes, ignored))
     print_result(args.json, lambda: vllm_to_json(result), lambda: format_vllm_text(result))

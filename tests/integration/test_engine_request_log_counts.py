@@ -263,3 +263,106 @@ def test_plan_says_profile_flags_are_ignored_where_kv_cache_memory_bytes_sizes_t
         "pool, as it does in vLLM, which then takes no share of the memory by gpu_memory_utilization less "
         "the weights, activation peak and non-torch memory",
     ]
+
+
+def test_compare_says_the_request_counts_of_a_run_without_its_request_log_are_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the vLLM sample that preempted twice, and a copy of it whose request log is gone
+    whole = _sample(tmp_path)
+    lost = Path(shutil.copytree(whole, tmp_path / "lost"))
+    log = lost / "engine_requests.jsonl"
+    logged = _lines(log)
+    log.unlink()
+    requests = len({r["request_id"] for r in logged})
+    dropped = sum(r["dropped_tokens"] for r in logged if r["event"] == "preempted")
+    last: dict[str, int] = {}
+    for r in logged:  # each request's output at its last event, as compare counts them
+        last[r["request_id"]] = max(last.get(r["request_id"], 0), r["output_tokens"])
+    output = sum(last.values())
+    assert (requests, dropped, output) == (8, 2 * 64, 8 * 48)
+    # WHEN compared
+    runs = json.loads(_cli(["compare", str(whole), str(lost), "--json"], capsys)[0])["runs"]
+    # THEN the whole run's counts are its log's, and the copy's are unknown (null), not 0; the pool's and the
+    # steps' figures (preemptions from engine_steps.jsonl) stay
+    counted = ("requests", "failed_requests", "aborted_requests", "preempted_tokens", "output_tokens")
+    assert [runs[0]["engine"][key] for key in counted] == [requests, 0, 0, dropped, output]
+    assert [runs[1]["engine"][key] for key in counted] == [None] * 5
+    assert (runs[1]["engine"]["preemptions"], runs[1]["engine"]["num_blocks"]) == (2, 16)
+    assert runs[1]["tokens_per_second"] is None
+    assert any(note.startswith(f"{log} is listed in the manifest but missing") for note in runs[1]["notes"])
+    # AND the table shows them as "-", as it shows every unknown
+    table = _cli(["compare", str(whole), str(lost)], capsys)[0]
+    cells = {
+        line[:36].strip(): line[36:].split() for line in table.splitlines() if line.startswith("engine ")
+    }
+    assert cells["engine requests"] == [str(requests), "-"]
+    assert cells["engine failed requests"] == cells["engine aborted requests"] == ["0", "-"]
+    assert cells["engine preempted tokens"] == [str(dropped), "-"]
+    assert cells["engine output tokens (all requests)"] == [str(output), "-"]
+    assert cells["engine preemptions"] == ["2", "2"]
+
+
+def test_plan_says_what_gpu_memory_does_where_kv_cache_memory_bytes_sizes_the_pool(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN a vLLM plan whose pool kv_cache_memory_bytes sizes (1 GiB of Llama 3 8B's 131,072 B a token in
+    # blocks of 16: 512 blocks), on a GPU by default
+    sized = [
+        "plan",
+        "--engine",
+        "vllm",
+        "--preset",
+        "llama-3-8b",
+        "--max-model-len",
+        "4096",
+        "--kv-cache-memory",
+        "1GiB",
+        "--json",
+    ]
+    why = (
+        "kv_cache_memory_bytes (1.00 GiB, --kv-cache-memory) sizes the pool, as it does in vLLM, which then "
+        "takes no share of the memory by gpu_memory_utilization less the weights, activation peak and "
+        "non-torch memory"
+    )
+    alone = json.loads(_cli(sized, capsys)[0])
+    assert (alone["num_blocks"], alone["max_num_batched_tokens"]) == (2**30 // (131_072 * 16), 16_384)
+    # WHEN a 40 GiB GPU is typed: the pool is the same, but vLLM's default max_num_batched_tokens on a GPU
+    # under 70 GiB is 8,192 (min(256 x 4,096, 8,192)) where an 80 GiB one's is 16,384
+    gpu = json.loads(_cli([*sized, "--gpu-memory", "40GiB"], capsys)[0])
+    assert (gpu["num_blocks"], gpu["max_num_batched_tokens"]) == (alone["num_blocks"], 8_192)
+    # THEN the note says the flag does not size the pool, and what it still does
+    picks = (
+        "picks only vLLM 0.32's default max_num_batched_tokens, 8,192 on a GPU of 40.00 GiB "
+        "(--max-num-batched-tokens sets it)"
+    )
+    assert gpu["notes"] == [*alone["notes"], f"--gpu-memory does not size the pool: {why}; it {picks}"]
+    both = json.loads(_cli([*sized, "--gpu-memory", "40GiB", "--gpu-memory-utilization", "0.5"], capsys)[0])
+    assert both["notes"] == [
+        *alone["notes"],
+        f"--gpu-memory-utilization ignored: {why}; --gpu-memory {picks}",
+    ]
+    # AND where max_num_batched_tokens is typed, the GPU's memory changes nothing: ignored, as the others
+    batched = [*sized, "--max-num-batched-tokens", "2048"]
+    typed = json.loads(
+        _cli([*batched, "--gpu-memory", "40GiB", "--gpu-memory-utilization", "0.5"], capsys)[0]
+    )
+    assert typed["max_num_batched_tokens"] == 2_048
+    assert typed["notes"] == [
+        *json.loads(_cli(batched, capsys)[0])["notes"],
+        f"--gpu-memory, --gpu-memory-utilization ignored: {why}",
+    ]
+    # AND so of a run on a CPU, whose defaults no GPU's memory picks
+    run = SAMPLES / "vllm_preempt"
+    plan = ["plan", "--engine", "vllm", "--from-run", str(run), "--json"]
+    plain = json.loads(_cli(plan, capsys)[0])
+    on_cpu = json.loads(_cli([*plan, "--kv-cache-memory", "1MiB", "--gpu-memory", "40GiB"], capsys)[0])
+    assert (on_cpu["num_blocks"], on_cpu["max_num_batched_tokens"]) == (
+        plain["num_blocks"],
+        plain["max_num_batched_tokens"],
+    )
+    assert on_cpu["notes"][-1] == (
+        "--gpu-memory ignored: kv_cache_memory_bytes (1.00 MiB, --kv-cache-memory) sizes the pool, as it "
+        "does in vLLM, which then takes no share of the memory by gpu_memory_utilization less the weights, "
+        "activation peak and non-torch memory"
+    )

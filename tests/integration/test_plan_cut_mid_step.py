@@ -7,7 +7,9 @@ Before, a run cut mid-forward put its prefill's activations beside the end-of-de
 that never coexist: a 3-layer Llama at batch 2, 12-token prompt, 200 new tokens, stopped in step 150, planned
 3,203,048 B (126,376 B of the prefill's activations beside 377,856 B of KV) where the same run stopped
 between two steps planned 3,102,968 B (26,296 B, a decode step's), and its table's "activations 123.41 KiB"
-contradicted its own note's "25.68 KiB beside the weights and KV at its peak, decode step". And a finished
+contradicted its own note's "25.68 KiB beside the weights and KV at its peak, decode step". Its last decode
+step's ids and mask were then left at the tokens it reached, 1,632 B below the whole run's recording; and a
+run SIGTERMed between two steps read as a finished run, its ids and mask never grown either. And a finished
 run whose peak is its last cache growth printed "activations 79.74 KiB" (its measured 27.24 KiB plus the
 growth copy, counted twice: once in the "cache growth peak" row), so its rows summed to 53,760 B over its
 peak.
@@ -84,8 +86,16 @@ def model() -> Any:
     return build_model(size).eval()
 
 
+# The same child SIGTERMed between two steps instead: as forward CUT_FORWARD - 1 returns, a step wholly done
+_SIGTERM_BETWEEN_STEPS = _SIGTERM_MID_STEP.replace(
+    "model.model.layers[1].register_forward_pre_hook(stop)",
+    "model.register_forward_hook(lambda module, args, output: stop(module, args))",
+).replace(f"if calls[0] == {CUT_FORWARD}:", f"if calls[0] == {CUT_FORWARD - 1}:")
+
+
 def _record_cut(model: Any, run: Path, how: str) -> None:
-    """The run, stopped inside forward CUT_FORWARD (a decode step) as its layer 1 begins."""
+    """The run, stopped inside forward CUT_FORWARD (a decode step) as its layer 1 begins; "sigterm_between":
+    SIGTERMed as forward CUT_FORWARD - 1 returns, between two steps."""
     if how == "oom":
         with pytest.raises(torch.OutOfMemoryError):
             error = torch.OutOfMemoryError(OOM)
@@ -93,8 +103,10 @@ def _record_cut(model: Any, run: Path, how: str) -> None:
                 record_generate(model, run, BATCH, PROMPT, NEW)
         return
     root = Path(__file__).resolve().parents[2]
+    code = _SIGTERM_BETWEEN_STEPS if how == "sigterm_between" else _SIGTERM_MID_STEP
+    assert code.count("register_forward_hook") == (how == "sigterm_between")
     done = subprocess.run(
-        [sys.executable, "-c", _SIGTERM_MID_STEP, str(run)],
+        [sys.executable, "-c", code, str(run)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -114,12 +126,14 @@ def _kib(num_bytes: int) -> str:
     return f"{num_bytes / 1024:.2f} KiB"
 
 
-@pytest.mark.parametrize("how", ["oom", "sigterm"])
+@pytest.mark.parametrize("how", ["oom", "sigterm", "sigterm_between"])
 def test_a_run_cut_inside_a_decode_forward_plans_its_decode_moment_with_a_decode_steps_activations(
     model: Any, how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN the run stopped inside a decode step's forward, and its prefill recorded alone (one new token:
-    # generate() runs the prefill's forward only), which measures the prefill's moment
+    # GIVEN the run stopped inside a decode step's forward (or SIGTERMed between two: its peak's step ended
+    # whole, and it is cut short all the same: its call asked for NEW tokens and got fewer), and its prefill
+    # recorded alone (one new token: generate() runs the prefill's forward only), which measures the
+    # prefill's moment
     cut, prefill = tmp_path / "cut", tmp_path / "prefill"
     _record_cut(model, cut, how)
     record_generate(model, prefill, BATCH, PROMPT, 1)
@@ -140,18 +154,32 @@ def test_a_run_cut_inside_a_decode_forward_plans_its_decode_moment_with_a_decode
     planned = plan_json(cut, capsys)
 
     # THEN the planned last decode step holds the context's KV and its growth copy beside the activations a
-    # decode step of the run held, not the prefill's; that moment is the larger, so it is the peak
+    # decode step of the run held, not the prefill's, with generate()'s ids and mask (int64, BATCH rows each)
+    # at the last step's CONTEXT - 1 tokens, not the tokens the run reached: its peak is forward
+    # CUT_FORWARD - 1's last update, whose ids hold the prompt and the CUT_FORWARD - 2 tokens before it
+    reached = PROMPT + CUT_FORWARD - 2
+    at_last_step = decode + 2 * 8 * BATCH * (CONTEXT - 1 - reached)
+    assert at_last_step - decode == 1632
     assert planned["request"]["context"] == CONTEXT
     assert planned["kv_peak_bytes"] == KV_PEAK
-    decode_moment = weights + KV_PEAK + decode
+    decode_moment = weights + KV_PEAK + at_last_step
     assert prefill_moment < decode_moment
     assert planned["peak_bytes"] == max(prefill_moment, decode_moment) == decode_moment
     assert planned["kv_at_peak_bytes"] == KV_PEAK
-    assert planned["activations_bytes"] == decode
-    # (before: the prefill's activations beside the decode KV peak, a moment that never happens)
+    assert planned["activations_bytes"] == at_last_step
+    # (before: the prefill's activations beside the decode KV peak, a moment that never happens; and the ids
+    # and mask at the tokens reached, 1,632 B below the whole run's recording where it was cut at 160)
     assert planned["peak_bytes"] < weights + KV_PEAK + prefill_at_peak["other"]
-    # AND the table's activations are the note's, the decode step's measured ones
-    assert _kib(decode) in _activations_row(cut, capsys)
+    # AND so the plan is the same generate() run to its end's recorded peak (the SIGTERMed child's script
+    # keeps its own attention mask beside, which record_generate does not pass)
+    if how == "oom":
+        whole = tmp_path / "whole"
+        record_generate(model, whole, BATCH, PROMPT, NEW)
+        finished = report_json(whole, capsys)
+        assert finished["categories_at_peak"]["other"] == at_last_step
+        assert planned["peak_bytes"] == finished["peak_allocated_bytes"]
+    # AND the table's activations are the planned ones; the note's, the decode step's measured ones
+    assert _kib(at_last_step) in _activations_row(cut, capsys)
     note = next(n for n in planned["notes"] if n.startswith("the peak counts the run's activations"))
     assert f"({_kib(decode)} beside the weights and KV" in note
 

@@ -78,8 +78,8 @@ def test_an_unfinished_request_without_max_tokens_keeps_the_lower_bound(tmp_path
     # GIVEN A's waiting line without max_tokens (recorded before kvtrace logged it)
     # WHEN diagnosed
     diagnosis = _stopped(tmp_path, None, 4)
-    # THEN both count at the lengths they had reached (A 9 tokens: 3 blocks; B 5 + 3: 2), at least, and no
-    # remedy is said to fit
-    assert diagnosis.asked_requests == 0
-    assert diagnosis.final_demand_blocks == {"A": 3, "B": 2}
+    # THEN A counts at the length it had reached (9 tokens: 3 blocks), B at its max_tokens (5 + 4 - 1 = 8
+    # tokens: 2 blocks), and with A's at least, no remedy is said to fit
+    assert diagnosis.asked_requests == 1
+    assert diagnosis.final_demand_blocks == {"A": 3, "B": _cdiv(5 + 4 - 1, BLOCK)} == {"A": 3, "B": 2}
     assert diagnosis.remedies and all(r.fits is not True for r in diagnosis.remedies)

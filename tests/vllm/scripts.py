@@ -13,6 +13,8 @@
     python -m tests.vllm.scripts kill_record MODEL_DIR RUN_DIR CALL [HANG_S]  # the process SIGKILLs itself
                                                                         # there (after HANG_S in it)
     python -m tests.vllm.scripts term_record MODEL_DIR RUN_DIR CALL   # kill_record's, with SIGTERM
+    python -m tests.vllm.scripts kill_record_pool MODEL_DIR RUN_DIR CALL POOL_BYTES  # kill_record's, its
+                                                        # pool kv_cache_memory_bytes=POOL_BYTES
     python -m tests.vllm.scripts raise_plugin MODEL_DIR CALL [STALL_S]  # raise_record's, multiprocess;
                                                                         # KVTRACE_DIR set
 
@@ -268,14 +270,19 @@ def raise_plugin(model_dir: str, call: int, stall_s: float = 0.0) -> dict[str, A
 
 
 def kill_record(
-    model_dir: str, run_dir: str, call: int, hang_s: float = 0.0, signal_name: str = "SIGKILL"
+    model_dir: str,
+    run_dir: str,
+    call: int,
+    hang_s: float = 0.0,
+    signal_name: str = "SIGKILL",
+    pool_bytes: int | None = None,
 ) -> dict[str, Any]:
     """The workload (it preempts) recorded in-process, the process killing itself (SIGKILL) in the model's
     CALLth forward. The forward before it waits 0.2 s, so that the step before reaches the files at its end
     (a step's end writes the logs when the last write is 0.1 s old): the run holds exactly the steps before
     CALL. `hang_s`: CALL's forward hangs that long before the kill, and the forward before waits not (the
     writer thread writes the logs every 0.1 s meanwhile). `signal_name`: another signal to send (SIGTERM,
-    a scheduler's)."""
+    a scheduler's). `pool_bytes`: the pool's kv_cache_memory_bytes, where not the workload's."""
     import signal
     import time
 
@@ -285,7 +292,7 @@ def kill_record(
         time.sleep(hang_s)
         os.kill(os.getpid(), getattr(signal, signal_name))
 
-    llm = make_llm(model_dir)
+    llm = make_llm(model_dir, **({"kv_cache_memory_bytes": pool_bytes} if pool_bytes else {}))
     if not hang_s:
         _on_forward(llm, call - 1, lambda: time.sleep(0.2))
     _on_forward(llm, call, hang_then_kill)
@@ -317,6 +324,8 @@ if __name__ == "__main__":
     elif mode == "kill_record":
         hang_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
         result = kill_record(model, sys.argv[3], int(sys.argv[4]), hang_s)
+    elif mode == "kill_record_pool":
+        result = kill_record(model, sys.argv[3], int(sys.argv[4]), pool_bytes=int(sys.argv[5]))
     elif mode == "term_record":
         result = kill_record(model, sys.argv[3], int(sys.argv[4]), signal_name="SIGTERM")
     else:

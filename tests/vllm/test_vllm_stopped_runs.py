@@ -329,13 +329,19 @@ def test_run_killed_before_preempting_does_not_say_nothing_ran_out(
     diagnosis = _cli_json(capsys, "diagnose", str(run))
     assert main(["diagnose", str(run)]) == 0
     text = capsys.readouterr().out
-    # THEN it preempted nothing before it stopped, with its requests unfinished: whether the pool would have
-    # sufficed is unknown, so "nothing ran out" is said neither in the JSON nor in the text
+    # THEN it preempted nothing before it stopped, with its requests unfinished, so "nothing ran out" is
+    # said neither in the JSON nor in the text; each counted at its max_tokens (cdiv(40 + 48 - 1, 32) = 3
+    # blocks), all 8 at once need 24, more than the 15 usable: vLLM may preempt (it does, from step 26)
+    worst = REQUESTS * _cdiv(PROMPT_TOKENS + NEW_TOKENS - 1, BLOCK_SIZE)
+    assert worst == 24
     assert (diagnosis["kind"], diagnosis["unfinished_requests"]) == ("no_preemption", REQUESTS)
     assert (diagnosis["peak_blocks_used"], diagnosis["peak_step"]) == (peak, peak_step)
+    assert diagnosis["asked_demand_blocks"] == worst
     sentence = (
         f"vLLM started normally and preempted nothing before the run stopped, with {REQUESTS} request(s) "
-        "unfinished (its process died): whether the pool would have sufficed cannot be told from this run. "
+        f"unfinished (its process died); counted at their max_tokens, its requests need at most {worst} "
+        f"blocks at once, more than the {usable} usable blocks: vLLM may preempt before they finish (a pool "
+        f"of {worst + 1} blocks, with vLLM's null block, holds them). "
         f"Peak {peak} blocks used ({100 * peak / usable:.0f}% of the {usable} usable) at step {peak_step}; "
         "the pool is allocated at start, so context and batch do not change its size (size one: kvtrace plan "
         f"--engine vllm --from-run {run})."
@@ -344,6 +350,31 @@ def test_run_killed_before_preempting_does_not_say_nothing_ran_out(
     assert "nothing ran out" not in text
     died = "the run never finished (the process died): read up to its last flushed step"
     assert text.splitlines() == [f"kvtrace diagnose: {run}: {sentence}", f"  note: {died}"]
+
+
+def test_run_killed_before_preempting_says_a_pool_that_holds_every_max_tokens_suffices(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the workload in a pool of 25 blocks (24 usable: its 8 requests at cdiv(40 + 48 - 1, 32) = 3
+    # blocks each), killed in step 10
+    worst = REQUESTS * _cdiv(PROMPT_TOKENS + NEW_TOKENS - 1, BLOCK_SIZE)
+    pool = (worst + 1) * BLOCK_BYTES
+    run = tmp_path_factory.mktemp("vllm-killed-held") / "run"
+    _kill_record(tiny_model_dir, run, KILLED_EARLY_AT, str(pool), mode="kill_record_pool")
+    assert json.loads((run / fmt.ENGINE).read_text())["num_blocks"] == worst + 1
+    requests = _jsonl(run / fmt.ENGINE_REQUESTS)
+    assert not [e for e in requests if e["event"] in ("preempted", "finished")]
+    assert {e["max_tokens"] for e in requests if e["event"] == "waiting"} == {NEW_TOKENS}
+    # WHEN it is diagnosed
+    diagnosis = _cli_json(capsys, "diagnose", str(run))
+    # THEN the worst case of its requests at their max_tokens fits its usable blocks: the pool suffices
+    assert (diagnosis["kind"], diagnosis["asked_demand_blocks"]) == ("no_preemption", worst)
+    assert diagnosis["sentence"].startswith(
+        f"vLLM started normally and preempted nothing before the run stopped, with {REQUESTS} request(s) "
+        f"unfinished (its process died); counted at their max_tokens, its requests need at most {worst} "
+        f"blocks at once, which the {worst} usable blocks hold: the pool suffices, and none would have been "
+        "preempted had it run to its end. Peak "
+    )
 
 
 HUNG_AT = 26  # the step whose scheduling first preempts: its forward hangs, then the process is killed
