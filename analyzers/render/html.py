@@ -385,7 +385,8 @@ def _summary_table(report: Report) -> str:
     # A figure never measured (a refused vLLM start's) is null in the JSON: "-" here, as any unknown figure
     data = report_to_json(report)
     kv = data["kv"]
-    unattributed = kv["measured_from"] == "none"  # its KV, unknown, is in `other`: as the text report says
+    # its KV, unknown, is in `other`, as the text report says (a refused vLLM start's was never measured)
+    unattributed = kv["measured_from"] == "none" and report.kv_measured
     rows: list[tuple[str, str]] = []
     for dev in data["devices"]:
         rows.append((f"{dev['device']} peak allocated", human_bytes(dev["peak_allocated_bytes"])))

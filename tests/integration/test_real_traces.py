@@ -623,3 +623,23 @@ def test_a_trace_without_allocator_totals_says_its_figures_start_from_its_own_ev
         assert all("is not in them, a lower bound" in n for n in notes if "'Total Allocated'" in n)
     if path.name.startswith("worker0"):
         assert without == ["cpu", "cuda:0"]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_kv_that_nothing_attributes_is_unknown_not_0(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real file from others: nothing in it marks KV-cache allocations
+    # WHEN reported as JSON and as a page
+    assert main(["report", str(path), "--json", "--no-export", "-q"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert main(["report", str(path), "-o", str(tmp_path / "page.html"), "--no-export", "-q"]) == 0
+    page = (tmp_path / "page.html").read_text()
+    # THEN its KV figures are unknown (null), as the text report's "-" says, not a measured 0
+    assert data["kv"]["measured_from"] == "none"
+    kv = data["kv"]
+    figures = ("peak_bytes", "final_bytes", "allocated_bytes_total", "evicted_tokens")
+    assert [kv[name] for name in figures] == [None] * 4
+    assert "<td>0 B</td>" not in page.split("KV final", 1)[1].split("</tr>", 1)[0]
+    if data["devices"]:  # a device's KV at its peak is counted in other, and the page says so
+        assert "kv at peak</th><td>- (not attributed: counted in other)</td>" in page
