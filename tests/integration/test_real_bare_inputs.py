@@ -63,8 +63,8 @@ def test_a_trace_beside_snapshots_names_the_snapshots_not_read(tmp_path: Path, c
     folder = _folder(tmp_path, TRACE, *SNAPSHOTS)
     names = ", ".join(sorted(snapshot.name for snapshot in SNAPSHOTS))
     note = (
-        f"{folder} holds one profiler trace and {len(SNAPSHOTS)} snapshot pickles: read the trace, {TRACE.name}; "
-        f"not read: {names}. {_how_to_read(folder)}"
+        f"{folder} holds one profiler trace and {len(SNAPSHOTS)} snapshot pickles: read the trace, "
+        f"{TRACE.name}; not read: {names}. {_how_to_read(folder)}"
     )
     # WHEN it is read as one input (compare: beside a snapshot)
     other = [str(SNAPSHOTS[1])] if command == "compare" else []
@@ -121,8 +121,9 @@ def test_a_snapshot_without_kv_figures_folds_its_kv_remedies_into_one_line() -> 
     start = lines.index("remedies, ranked by what they buy on this run:")
     listed = [f"  {rank}. [{r['kind']}] {r['sentence']}" for rank, r in enumerate(priced, 1)]
     folded = (
-        f"  KV remedies ({', '.join(KV_REMEDY_NAMES[r['kind']] for r in unpriced)}): cannot be priced: this "
-        "input has no KV figures; record the run with kvtrace.record() for its KV cache, batch and tokens held"
+        f"  KV remedies ({', '.join(KV_REMEDY_NAMES[r['kind']] for r in unpriced)}): cannot be priced: "
+        "this input has no KV figures; record the run with kvtrace.record() for its KV cache, batch and "
+        "tokens held"
     )
     assert lines[start + 1 : start + 2 + len(priced)] == [*listed, folded]
     assert not any(f"[{kind}]" in text for kind in KV_REMEDY_NAMES)
@@ -191,12 +192,13 @@ def test_plan_from_run_of_a_snapshot_says_what_it_takes() -> None:
     # GIVEN a real snapshot handed to --from-run
     snapshot = REAL / "snapshots" / "oom_snapshot.pickle"
     code, out, err = _cli("plan", "--from-run", str(snapshot))
-    # THEN one line says --from-run takes a recorded run and what plans without one (it said "not a directory")
+    # THEN one line says --from-run takes a recorded run and what plans without one (was "not a directory")
     assert (code, out) == (2, "")
     assert err == (
         f"kvtrace plan: error: {snapshot}: a CUDA snapshot, not a run: --from-run takes a run directory "
-        "recorded with kvtrace (kvtrace.record or `kvtrace run`); a snapshot or trace holds no model geometry: "
-        f"plan with --preset NAME or --config PATH instead (`kvtrace report {snapshot}` reads the file)\n"
+        "recorded with kvtrace (kvtrace.record or `kvtrace run`); a snapshot or trace holds no model "
+        "geometry: plan with --preset NAME or --config PATH instead "
+        f"(`kvtrace report {snapshot}` reads the file)\n"
     )
 
 
@@ -206,6 +208,6 @@ def test_plan_from_run_of_a_runs_own_file_names_the_run() -> None:
     code, out, err = _cli("plan", "--from-run", str(run / "manifest.json"))
     assert (code, out) == (2, "")
     assert err == (
-        f"kvtrace plan: error: {run / 'manifest.json'}: a file of the kvtrace run {run}: --from-run takes the "
-        f"run's folder, {run}\n"
+        f"kvtrace plan: error: {run / 'manifest.json'}: a file of the kvtrace run {run}: --from-run takes "
+        f"the run's folder, {run}\n"
     )
