@@ -46,8 +46,7 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
     elif kind == "profiler_folder":
         traces = profiler_traces_in(Path(path))
         source = open_source(traces[-1], progress=progress)
-        if len(traces) > 1:
-            source.meta.setdefault("input_notes", []).append(_last_trace_note(path, traces))
+        source.meta.setdefault("input_notes", []).extend(_folder_notes(path, traces))
     else:
         source = open_source(path, progress=progress)
     damaged = all_memory_events_damaged(source)
@@ -56,11 +55,18 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
     return attribute(source)
 
 
-def _last_trace_note(path: str | os.PathLike[str], traces: list[Any]) -> str:
-    """Which trace of a folder was read, and which ranks' were not (analyzers.readers.trace_ranks)."""
-    from analyzers.readers.trace_ranks import traces_note
+def _folder_notes(path: str | os.PathLike[str], traces: list[Any]) -> list[str]:
+    """What a profiler folder holds that its report does not read: which trace of several was read, and
+    which ranks' were not, and the snapshot pickles beside them (analyzers.readers.trace_ranks)."""
+    from analyzers.readers.sources import snapshots_in
+    from analyzers.readers.trace_ranks import snapshots_note, traces_note
 
-    return traces_note(path, [Path(trace) for trace in traces])
+    read = [Path(trace) for trace in traces]
+    notes = [traces_note(path, read)] if len(read) > 1 else []
+    snapshots = snapshots_in(Path(path))
+    if snapshots:
+        notes.append(snapshots_note(path, read, snapshots))
+    return notes
 
 
 def build_report(
@@ -93,7 +99,7 @@ def build_report(
 
         kind = classify_path(path)
         traces: list[Any] = profiler_traces_in(Path(path)) if kind == "profiler_folder" else [path]
-        notes = [_last_trace_note(path, traces)] if len(traces) > 1 else []
+        notes = _folder_notes(path, traces) if kind == "profiler_folder" else []
         if kind == "snapshot" and not timelines:
             from analyzers.snapshot_summary import plain_snapshot_report
 

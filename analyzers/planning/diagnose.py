@@ -428,4 +428,5 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         held_step=held_step,
         step_cut=step_cut,
         row_activation_bytes=row_activations,
+        kv_figures=kv_log is not None or report.kv.measured_from != "none",
     )

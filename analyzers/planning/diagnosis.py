@@ -15,6 +15,7 @@ from analyzers.budget import BudgetCrossing
 
 __all__ = [
     "CONTEXT_COUNTED",
+    "KV_REMEDIES",
     "NO_GEOMETRY",
     "NO_KV",
     "NO_KV_HELD",
@@ -146,6 +147,10 @@ class Diagnosis:
     model width: logits, attention's copies, ids and masks; analyzers.planning.diagnose_rows), which a
     smaller batch frees in proportion: the batch remedy's figure, and `kvtrace plan --from-run`'s for a
     smaller batch. None where the moment has no rows or the input no allocator events."""
+    kv_figures: bool = True
+    """Whether the input gives any KV figure: a KV log (a run recorded with kvtrace) or KV attributed by
+    stack. False for a bare trace or snapshot that marks none (the report's `kv.measured_from` "none"),
+    whose KV remedies (`KV_REMEDIES`) all go unpriced: the text says so in one line, the JSON keeps them."""
 
     @property
     def reservable_bytes(self) -> int | None:
@@ -169,6 +174,16 @@ def fits(saved: int | None, shortfall: int | None) -> bool | None:
     return saved >= shortfall
 
 
+# The remedies priced on the KV cache, by kind, as the text names them where none can be priced (an input
+# without KV figures: `Diagnosis.kv_figures`)
+KV_REMEDIES = {
+    "batch": "smaller batch",
+    "context": "shorter context",
+    "sliding_window": "sliding window",
+    "static_cache": "static cache",
+    "quantized_kv": "quantized KV",
+    "offloading": "offloading",
+}
 # How a context remedy counts its tokens: as `kvtrace plan --context` takes them, so the figure plans as typed
 CONTEXT_COUNTED = "prompt + new tokens, as `kvtrace plan --context` counts them; the cache holds one fewer"
 # A Remedy's sentence when the input lacks the figure (its `saved_bytes` None)

@@ -213,6 +213,14 @@ def profiler_traces_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_TRACE_SUFFIXES))
 
 
+def snapshots_in(folder: Path) -> list[Path]:
+    """Snapshot pickles (`*.pickle`, not hidden) directly inside `folder`, sorted by name: the files besides
+    its traces that `kvtrace export` reads from it (analyzers.readers.folders), which a report does not."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.name.endswith(".pickle") and p.name[:1] != "."
+    )
+
+
 def classify_path(path: str | os.PathLike[str]) -> str:
     """What a user handed us, one branch per kind, so a new kind is one more line.
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from analyzers.readers.sources import _head
 from kvtrace.errors import KvtraceError
 
-__all__ = ["TraceRank", "trace_rank", "traces_note"]
+__all__ = ["TraceRank", "snapshots_note", "trace_rank", "traces_note"]
 
 _HEAD_BYTES = 1 << 20  # deviceProperties of 8 GPUs and a pg_config of hundreds of groups fit well within
 
@@ -88,4 +88,21 @@ def traces_note(folder: str | os.PathLike[str], traces: list[Path]) -> str:
         f"read {_named(ranks[-1:])} alone (the last by name); not read: {_named(ranks[:-1])}. A report reads "
         f"one trace: name another to read it, or `kvtrace export {folder} -o DIR` to read every rank, each "
         "job's ranks one group (runs.group_id)"
+    )
+
+
+def snapshots_note(folder: str | os.PathLike[str], traces: list[Path], snapshots: list[Path]) -> str:
+    """The note for a folder of traces that holds snapshot pickles too: a report reads one trace, so the
+    snapshots are named as not read (a folder of snapshots alone is refused, naming one to pass), with the
+    two ways to read them."""
+    count = f"{len(snapshots)} snapshot pickle{'s' if len(snapshots) > 1 else ''}"
+    names = _named([(path, None) for path in snapshots])
+    held = (
+        f"{folder} holds one profiler trace and {count}: read the trace, {traces[0].name}; not read: {names}"
+        if len(traces) == 1
+        else f"{folder} also holds {count}, not read: {names}"
+    )
+    return (
+        f"{held}. A report reads one input: name a snapshot to read it, or `kvtrace export {folder} -o DIR` "
+        "to read every input in the folder"
     )

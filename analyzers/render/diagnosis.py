@@ -8,7 +8,8 @@ from dataclasses import asdict
 from typing import Any
 
 from analyzers.model import MemorySource, request_at_most
-from analyzers.planning.diagnose import Diagnosis, StackShare, diagnose
+from analyzers.planning.diagnose import Diagnosis, Remedy, StackShare, diagnose
+from analyzers.planning.diagnosis import KV_REMEDIES
 from analyzers.run_stop import SIGTERM_SENDERS
 from analyzers.summary import Report
 from analyzers.units import a_or_an, human_bytes
@@ -246,6 +247,24 @@ def _remedy_mark(fits: bool | None, saved: int | None = None) -> str:
     return {True: "fits", False: "not enough", None: ""}[fits]
 
 
+def _listed_remedies(d: Diagnosis) -> tuple[list[Remedy], str | None]:
+    """The remedies to list one by one, and the line that stands for the KV remedies of an input without KV
+    figures (a bare trace or snapshot marking none): each would say only that it cannot be priced, six lines
+    that bury the remedies that are (expandable_segments). None where there is nothing to fold. The JSON
+    keeps them all, `saved_bytes` null, for scripts that look a remedy up by kind."""
+    if d.kv_figures:
+        return list(d.remedies), None
+    folded = [r for r in d.remedies if r.saved_bytes is None and r.kind in KV_REMEDIES]
+    if not folded:
+        return list(d.remedies), None
+    names = ", ".join(KV_REMEDIES[r.kind] for r in folded)
+    line = (
+        f"KV remedies ({names}): cannot be priced: this input has no KV figures; record the run with "
+        "kvtrace.record() for its KV cache, batch and tokens held"
+    )
+    return [r for r in d.remedies if r not in folded], line
+
+
 def diagnosis_to_text(d: Diagnosis) -> str:
     lines = [f"kvtrace diagnose: {d.path} ({d.source_kind})", _headline(d), ""]
     rows = _figure_rows(d)
@@ -258,10 +277,13 @@ def diagnosis_to_text(d: Diagnosis) -> str:
             count = share.allocations or ""
             lines.append(f"  {human_bytes(share.bytes):>12}  {count:>6}  {_first_frames(share)}")
     # none where the diagnosis prices none (an engine's pool read without its files): a note says why
-    lines += ["", "remedies, ranked by what they buy on this run:" if d.remedies else "remedies: none priced"]
-    for rank, remedy in enumerate(d.remedies, 1):
+    listed, folded = _listed_remedies(d)
+    lines += ["", "remedies, ranked by what they buy on this run:" if listed else "remedies: none priced"]
+    for rank, remedy in enumerate(listed, 1):
         mark = _remedy_mark(remedy.fits, remedy.saved_bytes)
         lines.append(f"  {rank}. [{remedy.kind}{', ' + mark if mark else ''}] {remedy.sentence}")
+    if folded is not None:
+        lines.append(f"  {folded}")
     lines += [f"note: {note}" for note in d.notes]
     return "\n".join(lines)
 
@@ -275,10 +297,12 @@ def diagnosis_to_html(d: Diagnosis) -> str:
         f"<td><code>{esc(_first_frames(s))}</code></td></tr>"
         for s in d.top_stacks
     )
+    listed, folded = _listed_remedies(d)
     remedies = "".join(
         f"<li><b>{esc(r.kind)}</b> {esc(_remedy_mark(r.fits, r.saved_bytes))}: {esc(r.sentence)}</li>"
-        for r in d.remedies
+        for r in listed
     )
+    unpriced = f"<p class='note'>{esc(folded)}</p>" if folded is not None else ""
     notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in d.notes)
     return (
         "<section class='diagnosis' id='kvtrace-diagnosis'>"
@@ -290,7 +314,7 @@ def diagnosis_to_html(d: Diagnosis) -> str:
             if stacks
             else ""
         )
-        + f"<h3>Remedies, ranked</h3><ol>{remedies}</ol>{notes}</section>"
+        + f"<h3>Remedies, ranked</h3><ol>{remedies}</ol>{unpriced}{notes}</section>"
     )
 
 

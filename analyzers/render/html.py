@@ -15,7 +15,7 @@ from analyzers.model import MemorySource
 from analyzers.render.budget_marks import add_budget
 from analyzers.render.engine import no_memory_timeline
 from analyzers.render.event_axis import LEVEL_LINE, EventAxis, event_axis, held_points, held_span
-from analyzers.render.json import NO_KV_HINT, report_to_json
+from analyzers.render.json import NO_KV_HINT, report_to_json, size_basis_said
 from analyzers.render.kv_heatmap import eviction_marks, layer_grid
 from analyzers.render.plotly_div import figure_div
 from analyzers.render.text import budget_line, evicted_tokens
@@ -390,6 +390,9 @@ def _summary_table(report: Report) -> str:
     rows: list[tuple[str, str]] = []
     for dev in data["devices"]:
         rows.append((f"{dev['device']} peak allocated", human_bytes(dev["peak_allocated_bytes"])))
+        if dev["peak_allocated_bytes"] is not None:  # in which sizes, as the text's device line says
+            basis = size_basis_said(dev["size_basis"], dev["device"], report.partial)
+            rows.append(("&nbsp;&nbsp;sizes counted", basis))
         for name, value in dev["categories_at_peak"].items():
             shown = human_bytes(value)
             if name == "kv" and unattributed:

@@ -14,6 +14,22 @@ NO_KV_HINT = (
     "per layer and step, or profile with torch.profiler(..., with_stack=True) so that cache updates are "
     "found by their stacks"
 )
+
+
+def size_basis_said(size_basis: str, device: str, kv_log_only: bool = False) -> str:
+    """Which size a device's byte figures count, in a few words for the text and the page (the JSON's
+    `size_basis`): a snapshot's requested bytes and a profiler's blocks differ by up to ~1 MiB a block, so a
+    figure set beside memory_viz's or memory_allocated()'s needs its unit said. `kv_log_only` (a run without
+    allocator events, `Report.partial`): its figures are the tensors' own bytes, no allocator's."""
+    if kv_log_only:
+        return "the KV log's and the weights' tensor sizes"
+    if size_basis == "requested":
+        return "requested sizes, as memory_viz's timeline counts them"
+    if device.startswith("cuda"):
+        return "the allocator's block sizes, as memory_allocated() counts them"
+    return "sizes as the allocator reported them"
+
+
 METHOD_LABELS = {
     "kv_log": "KV log (matched to a KV storage kvtrace saw)",
     "stack_rule": "stack rule (a cache update in the allocation's stack)",

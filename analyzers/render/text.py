@@ -16,7 +16,7 @@ from analyzers.caches import (
     rows_name_caches,
 )
 from analyzers.model import request_at_most
-from analyzers.render.json import METHOD_LABELS, NO_KV_HINT
+from analyzers.render.json import METHOD_LABELS, NO_KV_HINT, size_basis_said
 from analyzers.summary import KvSummary, Report
 from analyzers.units import a_or_an, human_bytes, times
 
@@ -176,7 +176,8 @@ def report_to_text(report: Report) -> str:
         lines.append(
             f"  {dev.device}: peak {human_bytes(dev.peak_allocated_bytes)}{cap}, final "
             f"{human_bytes(dev.final_allocated_bytes)}, "
-            f"{dev.alloc_events:,} allocs / {dev.free_events:,} frees"
+            f"{dev.alloc_events:,} allocs / {dev.free_events:,} frees "
+            f"({size_basis_said(dev.size_basis, dev.device, report.partial)})"
         )
         if dev.alloc_events == 0 and dev.peak_allocated_bytes == 0:
             continue

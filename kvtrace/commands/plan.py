@@ -163,6 +163,40 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
     )
 
 
+_FILE_KINDS = {
+    "snapshot": "a CUDA snapshot",
+    "chrome_trace": "a Chrome trace",
+    "memory_timeline": "a memory timeline",
+}
+
+
+def _refuse_a_file_as_run(path: Path) -> None:
+    """--from-run handed a file (a snapshot or a trace, which `report` and `diagnose` read): one line saying
+    what --from-run takes and what plans such a file's model instead, where the run reader said only "not a
+    directory". A snapshot or trace names no model: no geometry to plan from. A run's own file (its
+    manifest, its trace in profiler/) names the run to pass."""
+    if not path.exists() or path.is_dir():
+        return  # missing: `require_input` says so; a folder: the run reader says what it lacks
+    from kvtrace.format import is_run_dir
+
+    run = next((folder for folder in (path.parent, path.parent.parent) if is_run_dir(folder)), None)
+    if run is not None:
+        raise KvtraceError(
+            f"{path}: a file of the kvtrace run {run}: --from-run takes the run's folder, {run}"
+        )
+    from analyzers.readers.sources import sniff
+
+    try:
+        what = _FILE_KINDS.get(sniff(path), "a file")
+    except (KvtraceError, OSError):
+        what = "a file"
+    raise KvtraceError(
+        f"{path}: {what}, not a run: --from-run takes a run directory recorded with kvtrace (kvtrace.record "
+        "or `kvtrace run`); a snapshot or trace holds no model geometry: plan with --preset NAME or --config "
+        f"PATH instead (`kvtrace report {path}` reads the file)"
+    )
+
+
 def _engine_of(run: str) -> str:
     """The planner a run asks for when --engine is not given: "vllm" for a vLLM run (engine.json naming
     vLLM, or no name: the first engine kvtrace wrote), else "hf", whose run reading refuses another engine's
@@ -393,6 +427,8 @@ class PlanCommand(Command):
 
         typed = getattr(args, "transformers", None)
         layout = _typed_layout(typed) if typed is not None else None
+        if getattr(args, "from_run", None) is not None:
+            _refuse_a_file_as_run(Path(args.from_run))
         if getattr(args, "engine", None) is None:
             args.engine = _engine_of(args.from_run) if getattr(args, "from_run", None) is not None else "hf"
         if args.engine == "vllm":
