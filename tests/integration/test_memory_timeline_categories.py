@@ -76,6 +76,7 @@ def _report(path: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> str:
 
 @needs_real
 def test_real_timeline_reports_torch_categories_at_peak_and_over_the_run(
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # GIVEN the real training timeline, replayed by hand
@@ -111,6 +112,12 @@ def test_real_timeline_reports_torch_categories_at_peak_and_over_the_run(
     (allocated,) = [line for line in text if "torch.profiler's own category" in line]
     for name, value in expected["created"].items():
         assert f"{name} {human_bytes(value)}" in allocated
+    # and the HTML page's summary has a row for each
+    page = tmp_path / "report.html"
+    assert main(["report", str(REAL_TIMELINE), "-o", str(page), "-q", "--no-export"]) == 0
+    html = page.read_text(encoding="utf-8")
+    for name, value in listed:
+        assert f"{name} (torch.profiler) at peak</th><td>{human_bytes(value)}<" in html
 
 
 @needs_real
