@@ -88,10 +88,13 @@ def _read_export(export_dir: str | os.PathLike[str]) -> dict[str, pa.Table]:
         files = table_files(export_dir, name)
         check_schema_version(files)
         parts = [pq.read_table(f) for f in files]
-        # Parts of older exports may lack later columns: promote fills them with nulls.
-        tables[name] = (
-            pa.concat_tables(parts, promote_options="default") if parts else SCHEMAS[name].empty_table()
-        )
+        # Parts of older exports may lack later columns: promote fills them with nulls, and a column no part
+        # has yet (every part older than it) is added, null.
+        table = pa.concat_tables(parts, promote_options="default") if parts else SCHEMAS[name].empty_table()
+        for field in SCHEMAS[name]:
+            if field.name not in table.column_names:
+                table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+        tables[name] = table
     return tables
 
 

@@ -16,6 +16,12 @@ import numpy as np
 # Category codes stored per event in `DeviceEvents.category`.
 OTHER, WEIGHTS, KV = 0, 1, 2
 CATEGORY_NAMES = ("other", "weights", "kv")
+# torch.profiler's memory categories, by its `_CATEGORY_TO_INDEX` (torch/profiler/_memory_profiler.py);
+# index 7 is torch's None, bytes it could not categorise.
+TORCH_CATEGORY_NAMES = (
+    "PARAMETER", "OPTIMIZER_STATE", "INPUT", "TEMPORARY", "ACTIVATION", "GRADIENT", "AUTOGRAD_DETAIL",
+    "uncategorised",
+)  # fmt: skip
 
 # How an event's category was decided (`DeviceEvents.method`).
 METHOD_NONE, METHOD_KV_LOG, METHOD_STACK_RULE, METHOD_WEIGHTS_TABLE, METHOD_PROFILER = 0, 1, 2, 3, 4
@@ -32,7 +38,11 @@ class DeviceEvents:
     are filled by attribution (layer -1 and kv_kind 0 when unknown; kv_kind 1 = K, 2 = V); `kv_cache`, the
     KV log's cache of the events joined to it (-1 elsewhere), only where a KV log was joined.
     `stated_category` is the category the file itself gives each event (torch.profiler's memory timeline
-    knows its parameters), -1 where it gives none: attribution starts from it.
+    knows its parameters), -1 where it gives none: attribution starts from it. A memory timeline also keeps
+    torch's own, finer category (`torch_category`, torch's index into `TORCH_CATEGORY_NAMES`, -1 for an event
+    it did not give, None for every other source), the bytes torch moved from one category to another without
+    allocating (`torch_moves`) and those live before its first event by category (`torch_baseline`):
+    analyzers.torch_categories reads them.
     """
 
     device: str
@@ -48,6 +58,12 @@ class DeviceEvents:
     kv_cache: np.ndarray | None = None  # int64
     method: np.ndarray | None = None  # int8
     stated_category: np.ndarray | None = None  # int8
+    torch_category: np.ndarray | None = None  # int8
+    # int64 rows (position, bytes, from, to, same_instant): bytes that left torch category `from` for `to`
+    # (a version bump) just before event `position`, after the events before it; same_instant 1 where at the
+    # instant of event `position - 1`.
+    torch_moves: np.ndarray | None = None
+    torch_baseline: dict[int, int] | None = None
     capacity_bytes: int | None = None
     baseline_bytes: int = 0  # bytes already allocated before the first event (snapshots)
     # Blocks live at a snapshot's dump that no trace event explains: (address, bytes, frame_id). Their

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow.parquet as pq
+
 from analyzers.export_parts import check_schema_version, is_export_dir, table_files
-from analyzers.tables import TABLE_NAMES
+from analyzers.tables import SCHEMAS, TABLE_NAMES
 from kvtrace.errors import KvtraceError
 
 if TYPE_CHECKING:
@@ -105,8 +107,30 @@ def connect(export_dir: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
     _sandbox(con, [f for files in views.values() for f in files])
     for table, files in views.items():
         listing = "[" + ", ".join(_quote(f) for f in files) + "]"
-        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({listing}, union_by_name = true)")
+        added = _columns_no_part_has(table, files)
+        con.execute(
+            f"CREATE VIEW {table} AS SELECT *{added} FROM read_parquet({listing}, union_by_name = true)"
+        )
     return con
+
+
+# DuckDB's names of the export's column types (analyzers.tables)
+_DUCKDB_TYPES = {
+    "string": "VARCHAR", "int64": "BIGINT", "int32": "INTEGER", "int16": "SMALLINT", "double": "DOUBLE",
+    "bool": "BOOLEAN", "list<item: int64>": "BIGINT[]", "list<item: string>": "VARCHAR[]",
+}  # fmt: skip
+
+
+def _columns_no_part_has(table: str, files: list[Path]) -> str:
+    """`, NULL AS column` for each column of the table's schema that none of its parts has (all written
+    before the column was added): a query naming it reads null, as `union_by_name` has it beside newer
+    parts."""
+    present = {name for f in files for name in pq.read_schema(f).names}
+    return "".join(
+        f", CAST(NULL AS {_DUCKDB_TYPES[str(field.type)]}) AS {field.name}"
+        for field in SCHEMAS[table]
+        if field.name not in present and str(field.type) in _DUCKDB_TYPES
+    )
 
 
 def _sandbox(con: duckdb.DuckDBPyConnection, readable: list[Path]) -> None:

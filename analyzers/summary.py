@@ -11,6 +11,7 @@ from analyzers.model import KV, METHOD_NAMES, OTHER, WEIGHTS, MemorySource
 from analyzers.readers.snapshot_pools import peak_slack, pools_at
 from analyzers.readers.unescaped_names import unescaped_names_note
 from analyzers.run_end_notes import ended_notes
+from analyzers.torch_categories import torch_categories_allocated, torch_categories_at
 from analyzers.trace_coverage import all_memory_events_damaged, coverage_notes, skipped_events_note
 
 if TYPE_CHECKING:
@@ -42,6 +43,11 @@ class DeviceSummary:
     # Of the reserved bytes at the peak, those unallocated in a snapshot's private pools (CUDA graphs'), which
     # only their pools' allocations can use: left out of `fragmentation_at_peak_bytes`. None: no such pool
     private_pool_free_at_peak: int | None = None
+    # A memory timeline's bytes by torch.profiler's own category (PARAMETER, ACTIVATION, ...; uncategorised:
+    # its None), largest first: those live at the peak, and those allocated over the run that attribution took
+    # from torch's category (`bytes_by_method["profiler_category"]`). None for other sources.
+    torch_categories_at_peak: dict[str, int] | None = None
+    torch_categories_allocated: dict[str, int] | None = None
 
 
 @dataclass
@@ -218,6 +224,9 @@ def _device_summary(
         final_allocated_rounded_bytes=dev.final_rounded_bytes,
         peak_before_trace=before_trace,
         private_pool_free_at_peak=in_pools,
+        # before the trace (or without events) the peak is the baseline: no event counted
+        torch_categories_at_peak=torch_categories_at(dev, -1 if before_trace else peak_i),
+        torch_categories_allocated=torch_categories_allocated(dev),
     )
     return summary, timeline
 

@@ -26,7 +26,14 @@ from analyzers.export_groups import GroupIds, group_key
 from analyzers.export_inputs import Input, parquet_text
 from analyzers.export_state import SourceState, source_state
 from analyzers.kv_events import is_kv_data
-from analyzers.model import CATEGORY_NAMES, METHOD_NAMES, UNKNOWN_DEVICE, DeviceEvents, MemorySource
+from analyzers.model import (
+    CATEGORY_NAMES,
+    METHOD_NAMES,
+    TORCH_CATEGORY_NAMES,
+    UNKNOWN_DEVICE,
+    DeviceEvents,
+    MemorySource,
+)
 from analyzers.readers.sources import ProgressFn
 from analyzers.run_kv import heads_held_by
 from kvtrace.format import is_run_group, rank_dirs
@@ -89,7 +96,7 @@ MEMORY_EVENTS = _schema(
     [
         ("run_id", _STR), ("device", _STR), ("seq", _I64), ("ts_us", _F64), ("addr", _I64),
         ("delta_bytes", _I64), ("total_allocated", _I64), ("total_reserved", _I64), ("category", _STR),
-        ("layer", pa.int16()), ("kv", _STR), ("method", _STR),
+        ("layer", pa.int16()), ("kv", _STR), ("method", _STR), ("torch_category", _STR),
     ],
 )  # fmt: skip
 SAMPLES = _schema(
@@ -228,6 +235,12 @@ def memory_events_table(run_id: str, dev: DeviceEvents) -> pa.Table:
         layer if layer is not None else pa.nulls(n, pa.int16()),
         _codes(dev.kv_kind, ("k", "v"), n, offset=1),
         _codes(dev.method, METHOD_NAMES, n),
+        # torch.profiler's own category, a memory timeline's only (null elsewhere)
+        _codes(
+            dev.torch_category if dev.torch_category is not None and len(dev.torch_category) == n else None,
+            TORCH_CATEGORY_NAMES,
+            n,
+        ),
     ]
     return pa.Table.from_arrays(arrays, schema=MEMORY_EVENTS)
 

@@ -152,10 +152,15 @@ def insert_events(dev: DeviceEvents, inserts: list[tuple[int, float, int, int]])
     )
     dev.addr = np.insert(dev.addr, positions, np.asarray([row[2] for row in inserts], dtype=np.int64))
     dev.delta_bytes = np.insert(dev.delta_bytes, positions, deltas)
-    for name in ("frame_id", "stated_category"):
+    for name in ("frame_id", "stated_category", "torch_category"):
         column = getattr(dev, name)
         if column is not None and len(column) == n:
             setattr(dev, name, np.insert(column, positions, -1))
+    if dev.torch_moves is not None and len(dev.torch_moves):
+        # a move stays just before the original event it preceded: the events inserted before it shift it
+        moves = dev.torch_moves.copy()
+        moves[:, 0] += np.searchsorted(np.sort(positions), moves[:, 0], side="right")
+        dev.torch_moves = moves
 
 
 def weights_changed_note(run: Any) -> str:

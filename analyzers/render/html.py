@@ -398,6 +398,9 @@ def _summary_table(report: Report) -> str:
             if name == "kv" and unattributed:
                 shown = "- (not attributed: counted in other)"
             rows.append((f"&nbsp;&nbsp;{name} at peak", shown))
+        for name, value in (dev["torch_categories_at_peak"] or {}).items():  # a memory timeline's: of other
+            if name != "PARAMETER":
+                rows.append((f"&nbsp;&nbsp;&nbsp;&nbsp;{name} (torch.profiler) at peak", human_bytes(value)))
         if dev["fragmentation_at_peak_bytes"] is not None:
             rows.append(
                 ("&nbsp;&nbsp;reserved but unallocated", human_bytes(dev["fragmentation_at_peak_bytes"]))

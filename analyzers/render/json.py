@@ -122,6 +122,8 @@ def _device_json(report: Report, d: DeviceSummary) -> dict[str, Any]:
         "fragmentation_at_peak_bytes": d.fragmentation_at_peak_bytes,
         "peak_before_trace": d.peak_before_trace,
         "attributed_bytes_by_method": d.bytes_by_method,
+        "torch_categories_at_peak": d.torch_categories_at_peak,
+        "torch_categories_allocated": d.torch_categories_allocated,
     }
     if d.private_pool_free_at_peak is not None:  # a snapshot with private pools (CUDA graphs') only
         device["private_pool_free_at_peak_bytes"] = d.private_pool_free_at_peak

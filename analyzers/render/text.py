@@ -21,6 +21,18 @@ from analyzers.summary import KvSummary, Report
 from analyzers.units import a_or_an, human_bytes, times
 
 
+def _torch_categories_lines(at_peak: dict[str, int] | None, peak: int) -> list[str]:
+    """A memory timeline's other at the peak in torch.profiler's own categories (PARAMETER is the weights
+    line above), largest first, as its users read their memory."""
+    if not at_peak:
+        return []
+    lines = ["      of which, by torch.profiler's category:"]
+    for name, value in at_peak.items():
+        if name != "PARAMETER":
+            lines.append(f"        {name:<16} {human_bytes(value):>12}  {_share(value, peak)}")
+    return lines if len(lines) > 1 else []
+
+
 def _share(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:5.1f}%" if whole else "    -"
 
@@ -189,6 +201,7 @@ def report_to_text(report: Report) -> str:
                 lines.append(f"    at peak  {name:<8} {'-':>12}  (not attributed: counted in other)")
                 continue
             lines.append(f"    at peak  {name:<8} {human_bytes(value):>12}  {_share(value, peak)}")
+        lines.extend(_torch_categories_lines(dev.torch_categories_at_peak, peak))
         if dev.fragmentation_at_peak_bytes is not None and dev.private_pool_free_at_peak is not None:
             lines.append(
                 f"    reserved {human_bytes(dev.reserved_at_peak)}: "
@@ -209,7 +222,13 @@ def report_to_text(report: Report) -> str:
         if dev.bytes_by_method:
             lines.append("    allocated over the run, by how each allocation was attributed:")
             for method, nbytes in sorted(dev.bytes_by_method.items(), key=lambda item: -item[1]):
-                lines.append(f"      {human_bytes(nbytes):>12}  {METHOD_LABELS.get(method, method)}")
+                label = METHOD_LABELS.get(method, method)
+                if method == "profiler_category" and dev.torch_categories_allocated:
+                    label += ": " + ", ".join(
+                        f"{name} {human_bytes(value)}"
+                        for name, value in dev.torch_categories_allocated.items()
+                    )
+                lines.append(f"      {human_bytes(nbytes):>12}  {label}")
     kv = report.kv
     lines.append(f"  KV cache ({kv.measured_from}):")
     if kv.measured_from == "none" and report.kv_measured:  # a refused vLLM start: the line below says why
