@@ -50,6 +50,7 @@ from analyzers.planning.plan_types import (
     Remedy,
 )
 from analyzers.planning.prefill_activations import prefill_note
+from analyzers.planning.quantized_weights import quantized_weights_note
 from analyzers.planning.recorded_notes import padding_note, prefill_bound_note, quantized_prefill_note
 from analyzers.planning.size_text import parse_size
 
@@ -175,7 +176,7 @@ def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
     if req.cache in ("dynamic", "static") and req.beams == 1:  # a quantized beam search is not planned
         quantized = replace(req, cache="quantized", kv_dtype="int4")
         peak = peak_at(quantized, req.batch, req.context)
-        found.append(Remedy("quantized_kv", None, peak, peak <= gpu))
+        found.append(Remedy("quantized_kv", 4, peak, peak <= gpu))  # its bits, as diagnose names them
     if req.cache == "dynamic":
         peak = peak_at(replace(req, cache="static"), req.batch, req.context)
         if peak <= gpu:  # only worth a line when dropping the growth peak is enough on its own
@@ -212,6 +213,10 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
             "use_cache=True; the KV figures here are for use_cache=True"
         )
     estimate = geom.weights_note if req.measured_weights_bytes is None else None  # else measured
+    # quantized weights at their width alone, without the 16-bit embeddings and scales a checkpoint keeps
+    quantized = None
+    if req.measured_weights_bytes is None:
+        quantized = quantized_weights_note(geom, req.weights_dtype)
     prefill = prefill_bound_note(req)  # a recorded run's prefill priced from its peak, not measured
     quantize = quantized_prefill_note(req)  # a quantized prefill's temporaries, which no other run makes
     encoder = encoder_pass_note(req)  # an encoder-decoder's encoder pass, grown to the encoder length
@@ -221,7 +226,7 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
     activations = None
     if req.recorded is None:
         activations = prefill_note(geom, req.effective_compute_dtype, req.batch, prompt)
-    notes = (cache_off, estimate, geom.kv_note, activations, prefill, quantize, encoder, padding)
+    notes = (cache_off, estimate, quantized, geom.kv_note, activations, prefill, quantize, encoder, padding)
     model_notes = tuple(note for note in notes if note)
     limit = geom.max_position_embeddings
     if limit is None or req.context <= limit:

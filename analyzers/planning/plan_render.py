@@ -40,7 +40,8 @@ def to_json(result: PlanResult) -> dict[str, Any]:
     figures = {
         name: value for name, value in asdict(result).items() if name not in ("request", "remedies", "notes")
     }
-    remedies = [asdict(remedy) for remedy in result.remedies]
+    # each with the sentence the text prints, so that a script can show what the terminal does
+    remedies = [{**asdict(remedy), "sentence": _sentence(remedy, req)} for remedy in result.remedies]
     return {"request": request, **figures, "remedies": remedies, "notes": list(result.notes)}
 
 
@@ -77,8 +78,8 @@ def _sentence(fix: Remedy, req: PlanRequest) -> str:
         return f"Shorten the context to {fix.setting:,} tokens (peak {_size(fix.peak_bytes)})."
     if fix.kind == "quantized_kv":
         return (
-            f"Quantize the KV cache to int4 (--cache quantized): the peak becomes {_size(fix.peak_bytes)}, "
-            f"which {outcome}."
+            f"Quantize the KV cache to int{fix.setting} (--cache quantized): the peak becomes "
+            f"{_size(fix.peak_bytes)}, which {outcome}."
         )
     if fix.kind == "static_cache":
         windowed = cache_layout(req)[1]
@@ -259,11 +260,20 @@ def _longest_context(result: PlanResult) -> str:
 
 
 def _kv_room(result: PlanResult) -> str:
-    """What the device holds for KV at the peak (its size less the weights, the reserve and the peak's
-    activations), in tokens and in the paged blocks a vLLM pool of that size would count."""
-    room = max(result.kv_budget_bytes, 0)
-    size, blocks = result.request.block_size, result.kv_blocks
+    """What this plan leaves for KV at its batch's peak: the GPU less the weights, the reserve and the
+    activations of the peak's moment (a larger batch's prefill holds more), in tokens and in blocks of
+    `block_size` tokens. Not vLLM's pool, which `--engine vllm` sizes by its own rule; where the weights,
+    reserve and activations fill the GPU, none, said plainly rather than as 0 blocks."""
+    req = result.request
+    if result.kv_budget_bytes <= 0:
+        taken = req.gpu_memory_bytes - result.kv_budget_bytes
+        return (
+            f"none at batch {req.batch}: the weights, the reserve and the activations at its peak take "
+            f"{_size(taken)} of {_size(req.gpu_memory_bytes)}"
+        )
+    size, blocks = req.block_size, result.kv_blocks
     return (
-        f"{_size(room)}: {blocks:,} blocks of {size} tokens ({blocks * size:,} tokens over all rows), "
-        "as a paged pool (vLLM) counts them"
+        f"{_size(result.kv_budget_bytes)} beside the weights, the reserve and the activations at batch "
+        f"{req.batch}'s peak: {blocks:,} blocks of {size} tokens ({blocks * size:,} tokens over all rows); "
+        "not vLLM's pool (--engine vllm plans that)"
     )

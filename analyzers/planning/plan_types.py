@@ -323,8 +323,8 @@ class Remedy:
     """One change that would make a plan fit (or the best the change can do).
 
     kind: "batch" | "context" | "quantized_kv" | "static_cache" | "sliding_window" | "weights".
-    setting: the batch, context or window to use (None otherwise); peak_bytes and fits: the plan with
-    that change.
+    setting: the batch, context or window to use, the bits of a quantized_kv's cache (4: int4, as
+    `kvtrace diagnose` names them), None otherwise; peak_bytes and fits: the plan with that change.
     """
 
     kind: str

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_result
+from kvtrace.commands.plan_flags import refuse_unbuildable_kv
 from kvtrace.commands.plan_notes import (
     budget_note,
     config_window_note,
@@ -253,7 +254,8 @@ class PlanCommand(Command):
             choices=KV_DTYPES,
             help="KV cache dtype (default: --dtype for bf16/fp16/fp32 weights, bf16 for quantized weights, "
             "which compute in bf16; int4 with --cache quantized, as transformers' default; int2 and int8 too "
-            "(nbits), or fp8 for its fp8 backend)",
+            "(nbits), or fp8 for its fp8 backend). A dynamic or static cache holds the compute dtype, bf16, "
+            "fp16 or fp32: int2/int4/int8/fp8 without --cache quantized is refused",
         )
         parser.add_argument(
             "--batch",
@@ -276,7 +278,7 @@ class PlanCommand(Command):
             "(default 8192, Llama 3's native length, or the model's max_position_embeddings when fewer; with "
             "--from-run, the run's, and a --context typed keeps the run's prompt, changing the new tokens "
             "alone, unless it leaves no room for it); the cache holds one fewer: generate() never writes its "
-            "last new token. With --engine vllm: max_model_len, unless --max-model-len is given",
+            "last new token. With --engine vllm: max_model_len (refused beside another --max-model-len)",
         )
         parser.add_argument(
             "--prompt",
@@ -293,7 +295,7 @@ class PlanCommand(Command):
             help="an encoder-decoder model's (T5, BART, Whisper) encoder input length, tokens a row: its "
             "cross-attention KV, every decoder layer's K and V of the encoder's output, grows with it and "
             "the batch, not with --context (default: the run's; Whisper's max_source_positions; else "
-            "--context, an input as long as the decoder's sequence)",
+            "--context, an input as long as the decoder's sequence); refused with --engine vllm",
         )
         parser.add_argument(
             "--gpu-memory",
@@ -317,13 +319,13 @@ class PlanCommand(Command):
             "is a DynamicCache whose every layer keeps a window (it holds the whole "
             "prompt until the first decode step, and grows by copies), static_sliding a StaticCache whose "
             "every layer does (the window allocated at the start, no growth copy; what plan called sliding "
-            "until the names were made demo's)",
+            "until the names were made demo's). Refused with --engine vllm, whose pool is paged",
         )
         parser.add_argument(
             "--window",
             type=int,
             help="tokens a sliding or static_sliding cache keeps on every layer (default the model's, or the "
-            "run's)",
+            "run's); refused with --engine vllm, which slides as the model's config does",
         )
         parser.add_argument(
             "--block-size",
@@ -340,7 +342,10 @@ class PlanCommand(Command):
         )
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
         vllm = parser.add_argument_group(
-            "vLLM (--engine vllm)", "KV blocks and maximum concurrency as vLLM computes them at start"
+            "vLLM (--engine vllm)",
+            "KV blocks and maximum concurrency as vLLM computes them at start. transformers' own flags are "
+            "refused there, each naming vLLM's: --reserve (--gpu-memory-utilization), --cache, --window, "
+            "--encoder-tokens, --kv-dtype (--kv-cache-dtype), --prompt, --beams, --transformers",
         )
         vllm.add_argument(
             "--engine",
@@ -472,6 +477,7 @@ class PlanCommand(Command):
         batch = args.batch if args.batch is not None else (run.batch if run and run.batch else 1)
         beams = args.beams if args.beams is not None else (run.beams if run else 1)
         cache = args.cache or (run.cache if run else "dynamic")
+        refuse_unbuildable_kv(args.kv_dtype, cache)  # int4 KV typed for a DynamicCache, which keeps bf16
         if (
             run is not None
             and run.config_geometry is not None

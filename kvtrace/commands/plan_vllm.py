@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvtrace.commands.base import require_input
 from kvtrace.commands.output import print_result
+from kvtrace.commands.plan_flags import refuse_transformers_flags
 from kvtrace.errors import KvtraceError
 
 if TYPE_CHECKING:
@@ -300,6 +301,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     from analyzers.render.vllm_plan import format_vllm_text, vllm_to_json
 
     # transformers-side flags that vLLM's arithmetic has its own names for: refused rather than ignored
+    refuse_transformers_flags(args)
     if args.kv_dtype is not None:
         raise KvtraceError("--kv-dtype does not apply with --engine vllm: use --kv-cache-dtype (auto or fp8)")
     if getattr(args, "prompt", None) is not None:

@@ -33,10 +33,12 @@ def test_the_kv_room_row_says_what_the_paged_blocks_are_counted_in(capsys: Any) 
         line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("KV room")
     ]
 
-    # THEN the row gives the room's size, its blocks, their size in tokens and the tokens they hold
+    # THEN the row gives the room's size, whose it is (this batch's peak), its blocks, their size in tokens
+    # and the tokens they hold, and does not pass it for vLLM's pool, which --engine vllm sizes otherwise
     assert row.endswith(
-        f": {blocks:,} blocks of 32 tokens ({blocks * 32:,} tokens over all rows), "
-        "as a paged pool (vLLM) counts them"
+        "beside the weights, the reserve and the activations at batch 1's peak: "
+        f"{blocks:,} blocks of 32 tokens ({blocks * 32:,} tokens over all rows); not vLLM's pool "
+        "(--engine vllm plans that)"
     ), row
 
 
