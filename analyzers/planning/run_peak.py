@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from analyzers.summary import Report
 
 __all__ = [
+    "UNSEEN_ENDS",
     "PeakMoment",
     "context_token_bytes",
     "peak_moment",
@@ -46,6 +47,12 @@ __all__ = [
 ]
 
 _INT64_BYTES = 8  # an element of generate()'s token ids, attention mask and position ids
+# How `peak_moment`'s sentence for a run without a moment ends: the reserve stands for the unseen activations
+# (a CUDA run's samples may measure them instead: analyzers.planning.sampled_reserve)
+UNSEEN_ENDS = (
+    ": its activations are unseen, so the reserve stands for them",
+    ": the reserve stands for its activations",
+)
 
 
 @dataclass(frozen=True)
@@ -124,11 +131,10 @@ def peak_moment(
         # Why, as the report's note says it: a run recorded with the profiler on may have lost its trace
         cause = source.kv_log_cause if source.kv_log_only else None
         why = f" ({cause})" if cause else ""
-        unseen = "its activations are unseen, so the reserve stands for them"
-        return f"the run has no allocator events{why}: {unseen}"
+        return f"the run has no allocator events{why}{UNSEEN_ENDS[0]}"
     leaves_out = source.meta.get("peak_leaves_out")
     if leaves_out:
-        return f"the run's peak leaves out {leaves_out}: the reserve stands for its activations"
+        return f"the run's peak leaves out {leaves_out}{UNSEEN_ENDS[1]}"
     diagnosis = diagnose(source, report)
     at_peak = main.categories_at_peak
     beside = main.peak_allocated_bytes - at_peak.get("weights", 0) - at_peak.get("kv", 0)

@@ -561,7 +561,9 @@ class PlanCommand(Command):
                 run = replace(run, notes=(*run.notes, found))
             else:
                 moment = found
-        # A run's measured activations replace the reserve's guess at them; a typed reserve goes on top
+        # A run's measured activations replace the reserve's guess at them; a typed reserve goes on top (a
+        # CUDA run without allocator events: what its samples' peaks exceed the arithmetic by,
+        # `plan_reserve.sampled_reserve_plan`)
         reserve_text = args.reserve if args.reserve is not None else ("0" if moment is not None else "0.1")
         reserve_bytes, reserve_fraction = parse_reserve(reserve_text)
         prompt = args.prompt
@@ -659,6 +661,10 @@ class PlanCommand(Command):
             rows_told = recorded.row_activation_bytes is not None
             note = recorded_note(moment, same_cache_as_run(request), args.reserve is not None, rows_told)
             run = replace(run, notes=(*run.notes, note))
+        if run is not None and moment is None and run.device == "cuda":
+            from kvtrace.commands.plan_reserve import sampled_reserve_plan
+
+            request, run = sampled_reserve_plan(args.from_run, args.reserve is not None, request, run)
         result = plan(request)
         if encoder_tokens is None and geometry.cross_kv_layers and not geometry.encoder_length:
             said = (
