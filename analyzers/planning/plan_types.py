@@ -159,7 +159,9 @@ class PlanRequest:
     reserve_bytes / reserve_fraction: memory kept out of the plan; give at most one (neither: 10% of
     the GPU, which stands for the CUDA context, a decode step's activations and the rest the plan does not
     estimate: the prefill's it does; `kvtrace plan --from-run` measures them and keeps no reserve unless one
-    is typed). A larger reserve makes the answer safer and the batch smaller.
+    is typed, or, for a CUDA run without allocator events, keeps what its samples' allocator peaks exceed
+    the arithmetic by: analyzers.planning.sampled_reserve). A larger reserve makes the answer safer and the
+    batch smaller.
     window: tokens a sliding cache keeps on every layer (default: the model's own `sliding_window`); only for
     "sliding" (the dynamic one kvtrace demo and record name so) and "static_sliding".
     quant_group_size / residual_length: QuantizedCache's `q_group_size` (64) and `residual_length` (128);
