@@ -119,6 +119,8 @@ class ForwardSteps(PlannedSteps):
             self._step_cache = (_weak(cache), appended, hf.updates_seen, deferred, empty)
 
     def _post_forward(self, module: Any, args: Any, output: Any) -> None:
+        # grad enabled around the forward (a thread-local flag): did autograd record it? (`autograd_kept`)
+        self._output_grad = autograd_kept(output) if torch.is_grad_enabled() else None
         planned = self._planned
         if planned is not None:
             self._planned = None
@@ -333,6 +335,12 @@ class ForwardSteps(PlannedSteps):
         if ranges.active:  # nobody listening (no NVTX tool, no profiler): no range, no name to build
             ranges.push("kvtrace/prefill" if prefill else f"kvtrace/decode {self._decode_index}")
 
+    def _step_grad(self) -> bool:
+        """Whether autograd recorded the step's forward: as its output said (`autograd_kept`), else (no
+        output seen) as the grad mode says now. Read once: the next step's forward says its own."""
+        kept, self._output_grad = self._output_grad, None
+        return torch.is_grad_enabled() if kept is None else kept
+
     def _end_step(self, compared: Any = None, raised: bool = False) -> None:
         """`raised`: the step's forward raised (an OOM, a Ctrl-C): its sample says so, as the step yielded no
         token, whichever of its layers' KV updates the log holds."""
@@ -362,7 +370,7 @@ class ForwardSteps(PlannedSteps):
         if raised:
             extra["raised"] = True
             self._raised_step = self.tracker.step
-        if torch.is_grad_enabled():  # autograd keeps what the forward made for a backward (docs/format.md)
+        if self._step_grad():  # autograd keeps what the forward made for a backward (docs/format.md)
             extra["grad"] = True
         if phase == "prefill" and self._prompt_end is not None:
             extra["prompt_end"] = self._prompt_end
@@ -372,6 +380,17 @@ class ForwardSteps(PlannedSteps):
                 extra["max_new_tokens"] = new
         self._sample(phase, **extra)
         self._prompt_end = self._call_length = None
+
+
+def autograd_kept(output: Any) -> bool:
+    """Whether autograd recorded a forward run with grad enabled around it: its output requires grad. A
+    forward under its own `@torch.inference_mode()` (Meta's reference model) or a model whose parameters
+    require none records nothing, though grad was enabled outside it. An output with no tensor found
+    cheaply (the logits, or its first item) is taken as recorded, as the grad mode says."""
+    tensor = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if tensor is None and isinstance(output, tuple | list) and output:
+        tensor = output[0]
+    return tensor.requires_grad if isinstance(tensor, torch.Tensor) else True
 
 
 def _weak(obj: Any) -> Callable[[], Any]:

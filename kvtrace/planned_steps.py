@@ -59,8 +59,11 @@ class PlannedSteps:
     _decode_next: DecodePlan | None
     _planned: DecodePlan | None
     _last_plan: DecodePlan | None
+    _output_grad: bool | None
 
     if TYPE_CHECKING:
+
+        def _step_grad(self) -> bool: ...
 
         def _sample(self, label: str, **extra: Any) -> None: ...
 
@@ -181,10 +184,12 @@ class PlannedSteps:
                 t_ns = self._clock()
                 began = self._step_began_ns
                 line = {"t_ns": t_ns, "step": tracker.step, "phase": tracker._phase, "started_ns": began}
-                if torch.is_grad_enabled():  # a thread-local flag: no device sync
+                # `_step_grad`, inline: `_post_forward` read the output (None: grad off, no read made)
+                grad, self._output_grad = self._output_grad, None
+                if grad:
                     line["grad"] = True
                 samples._pending.append(line)
-            elif torch.is_grad_enabled():
+            elif self._step_grad():
                 self._sample(tracker._phase, started_ns=self._step_began_ns, grad=True)
             else:
                 self._sample(tracker._phase, started_ns=self._step_began_ns)

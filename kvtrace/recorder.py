@@ -155,6 +155,9 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         self._step_open = False
         self._prefill_left = 0  # prompt positions a chunked prefill has still to write (one step for all)
         self._prefill_continues = False  # the open step is a chunked prefill's, ended by its last chunk
+        # whether autograd recorded the forward that ends the step, from its output (`autograd_kept`); None:
+        # no output seen (a step ended otherwise), the grad mode then says
+        self._output_grad: bool | None = None
         self._prompt_end: int | None = None  # where the running generate() call's prompt ends in its cache
         self._call_length: tuple[int, int | None] | None = None  # its max_length and max_new_tokens
         self._call_masks = CallMasks()  # each generate() call's prefill step and attention_mask, weakly

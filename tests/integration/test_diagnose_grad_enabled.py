@@ -114,3 +114,37 @@ def test_diagnose_prices_running_without_grad_as_the_no_grad_recording_holds(
     # AND the run under no_grad gets no such remedy
     plain = _json(capsys, "diagnose", str(runs[False]), "--json")
     assert not [r for r in plain["remedies"] if r["kind"] == "no_grad"]
+
+
+@pytest.mark.parametrize("how", ["inference_mode_forward", "frozen_parameters"])
+def test_a_forward_autograd_does_not_record_is_not_marked_grad_enabled(
+    how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the loop with grad enabled around it, but a forward autograd records nothing of: one that runs
+    # under its own `@torch.inference_mode()` (as Meta's reference `Transformer.forward` is decorated), or a
+    # model whose parameters require no grad
+    import torch
+    from transformers import DynamicCache
+
+    import kvtrace
+
+    model = build_model(SIZE, dtype=torch.float32).eval()
+    if how == "inference_mode_forward":
+        model.forward = torch.inference_mode()(model.forward)  # type: ignore[method-assign]
+    else:
+        model.requires_grad_(False)
+    ids = torch.randint(3, 1000, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    run = tmp_path / how
+    with kvtrace.record(run, model=model), torch.enable_grad():
+        assert torch.is_grad_enabled()
+        cache = DynamicCache(config=model.config)
+        out = model(ids, cache=cache, use_cache=True)
+        for _ in range(DECODES):
+            out = model(out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+        assert not out.logits.requires_grad
+    del out, cache
+    # THEN no step is marked as run with grad, and the report says nothing of it: its KV is the arithmetic
+    assert _grad_samples(run) == []
+    report = _json(capsys, "report", str(run), "--json", "--no-export", "-q")
+    assert not any("grad enabled" in note for note in report["notes"])
+    assert report["kv"]["bytes_per_token_measured"] == TOKEN_BYTES
