@@ -196,25 +196,29 @@ def budget_crossing(
     if dev_index is None:
         return BudgetCrossing(budget_bytes, False, None, 0, budget_bytes)
     dev, timeline = source.devices[dev_index], timelines[dev_index]
-    if not len(timeline.allocated):
-        # no event: a snapshot whose trace holds no alloc or free is one moment, what was live at its dump
-        held = timeline.start_allocated + unseen_bytes if timeline.start_allocated else 0
-        at_dump = BudgetCrossing(
-            budget_bytes, False, dev.device if held else None, held, budget_bytes - held, at_dump=bool(held)
-        )
-        if held > budget_bytes:
-            return replace(at_dump, crossed=True, allocated_after_bytes=held, unseen_bytes=unseen_bytes)
-        return at_dump
+    # No event: one moment, what was live before any (a snapshot whose trace holds no alloc or free: its
+    # dump; a run without allocator events or KV: its weights), which crosses the budget or not as a whole
+    events = len(timeline.allocated)
     allocated = timeline.allocated + unseen_bytes
-    peak = int(allocated.max())
-    before_first = int(allocated[0]) - int(dev.delta_bytes[0])
+    peak = int(allocated.max()) if events else timeline.start_allocated + unseen_bytes
     fits = BudgetCrossing(
-        budget_bytes, False, dev.device, peak, budget_bytes - peak, unseen_bytes=unseen_bytes
+        budget_bytes,
+        False,
+        dev.device if events or peak else None,
+        peak,
+        budget_bytes - peak,
+        unseen_bytes=unseen_bytes,
+        at_dump=not events and bool(peak) and source.kind == "snapshot",
     )
     if source.kv_log_only:
         fits = replace(fits, counts=KV_ONLY_COUNTS, partial=True)
     elif dev.size_basis == "allocator":
         fits = replace(fits, counts=ALLOCATOR_COUNTS)
+    if not events:
+        if peak <= budget_bytes:
+            return fits
+        return replace(fits, crossed=True, allocated_after_bytes=peak, before_first_step=not fits.at_dump)
+    before_first = int(allocated[0]) - int(dev.delta_bytes[0])
     if before_first > budget_bytes:
         t0 = float(timeline.ts_us[0])
         return replace(fits, crossed=True, t=t0, allocated_after_bytes=before_first, before_first_step=True)

@@ -237,8 +237,9 @@ def stream_report(
         summary, timeline, baseline = fold.summary(dev.capacity_bytes, base_ns, integral)
         if fold.negative_total:
             source.meta.setdefault("input_notes", []).append(NEGATIVE_TOTAL_NOTE.format(device=dev.device))
-        if dev.device in source.meta.get("without_totals", ()):
-            source.meta.setdefault("input_notes", []).append(no_total_note(dev.device, baseline))
+        missing = source.meta.get("without_totals", {}).get(dev.device)
+        if missing is not None:
+            source.meta.setdefault("input_notes", []).append(no_total_note(dev.device, baseline, missing))
         dev.baseline_bytes = baseline
         devices.append(summary)
         timelines.append(timeline)

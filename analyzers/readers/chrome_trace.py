@@ -146,17 +146,22 @@ NEGATIVE_TOTAL_NOTE = (
 )
 
 NO_TOTAL_NOTE = (
-    "{device}: its memory events carry no 'Total Allocated' (the allocator's running total, which newer "
-    "torch.profiler traces give): its figures are the running sum of 'Bytes' from {level} at the trace's "
-    "start, so what was allocated before the trace began (weights, optimizer state) is not in them, a lower "
-    "bound"
+    "{device}: {which} no 'Total Allocated' (the allocator's running total, which newer torch.profiler "
+    "traces give): its figures are the running sum of 'Bytes' from {level} at the trace's start, so what was "
+    "allocated before the trace began (weights, optimizer state) is not in them, a lower bound"
 )
 
 
-def no_total_note(device: str, baseline: int) -> str:
-    """`NO_TOTAL_NOTE` of a device whose running sum of 'Bytes' starts from `baseline`."""
+def no_total_note(device: str, baseline: int, missing: tuple[int, int]) -> str:
+    """`NO_TOTAL_NOTE` of a device whose running sum of 'Bytes' starts from `baseline`; `missing`: (events
+    without the total, events), which a partly damaged trace makes differ."""
     level = f"{baseline:,} B (the least that keeps it at or above 0)" if baseline else "0"
-    return NO_TOTAL_NOTE.format(device=device, level=level)
+    without, seen = missing
+    if without == seen:
+        which = "its memory events carry"
+    else:
+        which = f"{without:,} of its {seen:,} memory events {'carries' if without == 1 else 'carry'}"
+    return NO_TOTAL_NOTE.format(device=device, which=which, level=level)
 
 
 def _baseline(delta: np.ndarray, total_allocated: np.ndarray | None) -> int:
@@ -275,9 +280,10 @@ def _source_of(
             full_allocated = None
             source.meta.setdefault("input_notes", []).append(NEGATIVE_TOTAL_NOTE.format(device=device))
         if chunks.seen and chunks.given_allocated < chunks.seen:
-            source.meta.setdefault("without_totals", []).append(device)
+            missing = (chunks.seen - chunks.given_allocated, chunks.seen)
+            source.meta.setdefault("without_totals", {})[device] = missing
             if count:  # streamed (`sink_for`), its baseline is the fold's: analyzers.stream_summary says it
-                note = no_total_note(device, _baseline(delta, None))
+                note = no_total_note(device, _baseline(delta, None), missing)
                 source.meta.setdefault("input_notes", []).append(note)
         source.devices.append(
             DeviceEvents(

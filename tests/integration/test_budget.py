@@ -351,3 +351,28 @@ def test_a_budget_the_weights_exceed_is_marked_before_the_first_step(
     assert mark["label"] == said and mark["bytes"] == weights
     assert f'"text":["{said}"]' in page and "runs out here" in page
     assert "None" not in page.split("kvtrace-timeline", 1)[1]
+
+
+@pytest.mark.parametrize("profiler", [False, True])
+def test_a_run_that_ran_no_step_over_its_budget_runs_out_before_its_first_step(
+    tmp_path: Path, profiler: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run that loaded its model and ran nothing: its weights alone, no allocator event in the block
+    from kvtrace.llama import build_model
+    from tests.tiny import tiny_size
+
+    model = build_model(tiny_size(2))
+    with kvtrace.record(tmp_path / "run", model=model, profiler=profiler):
+        pass
+    weights = weights_bytes(model)
+    # WHEN diagnosed against a budget under its weights
+    assert main(["diagnose", str(tmp_path / "run"), "--budget", f"{weights - 1}B", "--json"]) == 0
+    crossing = json.loads(capsys.readouterr().out)["budget_crossing"]
+    # THEN it runs out before its first step, with the weights allocated (not a snapshot's dump; before, it
+    # fit "with all the budget to spare", its peak counted as 0)
+    assert crossing["crossed"] is True and crossing["before_first_step"] is True
+    assert crossing["at_dump"] is False and crossing["allocated_after_bytes"] == weights
+    assert main(["diagnose", str(tmp_path / "run"), "--budget", f"{weights - 1}B"]) == 0
+    headline = capsys.readouterr().out.splitlines()[1]
+    assert headline.startswith("would run out of memory on")
+    assert headline.endswith("before the first step (weights and setup)")

@@ -331,3 +331,31 @@ def test_readers_never_import_torch() -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("kineto", [True, False], ids=["byte-scan", "json-stream"])
+@pytest.mark.parametrize("with_totals", [0, 3, 4])
+def test_events_without_allocator_totals_are_counted_in_the_note(
+    tmp_path: Path, kineto: bool, with_totals: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN 4 CUDA [memory] events of which `with_totals` carry 'Total Allocated' (1 MB held before them)
+    sizes = [1000, 2000, -1000, 500]
+    events, level = [], 1_000_000
+    for i, size in enumerate(sizes):
+        level += size
+        extra = {"Total Allocated": level} if i < with_totals else {}
+        events.append(mem(100 + i, size, addr=i, **extra))
+    text = kineto_text({}, events) if kineto else json.dumps({"traceEvents": events})
+    path = write(tmp_path, "t.json", text)
+    # WHEN read (streamed, as `report --json` does, and whole, as diagnose and the page do)
+    from kvtrace.cli import main
+
+    assert main(["report", str(path), "--json", "-q"]) == 0
+    streamed = json.loads(capsys.readouterr().out)["notes"]
+    notes = [streamed, read_chrome_trace(path).meta.get("input_notes", [])]
+    # THEN a note says how many events lack the total, and only where any does
+    said = {4: [], 3: ["cuda:0: 1 of its 4 memory events carries no 'Total Allocated'"]}.get(
+        with_totals, ["cuda:0: its memory events carry no 'Total Allocated'"]
+    )
+    for found in notes:
+        assert [n.split(" (the allocator's")[0] for n in found if "Total Allocated'" in n] == said
