@@ -29,7 +29,12 @@ def ranks_over_budget(group: GroupReport, budget_bytes: int | None = None) -> li
         if budget_bytes is None:
             crossed = bool(rank.report.budget and rank.report.budget.get("crossed"))
         else:
-            crossed = budget_crossing(rank.source, rank.report.timelines, budget_bytes).crossed
+            unseen = 0
+            if rank.source.kind == "run":  # as the report weighs its recorded budget: a vLLM engine's
+                from analyzers.engine_report import bytes_before_trace  # weights and pool, before its trace
+
+                unseen = bytes_before_trace(rank.source, rank.report.devices)
+            crossed = budget_crossing(rank.source, rank.report.timelines, budget_bytes, unseen).crossed
         if crossed:
             over.append(rank.rank)
     return over
@@ -45,8 +50,10 @@ def budget_focus(group: GroupReport, budget_bytes: int | None = None) -> GroupRe
     """The group with `over_budget_ranks` set and, where several ranks would run out and the rank to look at
     is the one that peaked, a reason that names them all; a rank that ran out or failed stays the reason."""
     over = ranks_over_budget(group, budget_bytes)
-    group = dataclasses.replace(group, over_budget_ranks=over)
-    if len(over) < 2 or group.focus_reason != "peaked" or group.focus_rank not in over:
+    # a reason this made for another budget (the recorded one, before `--budget`) is "peaked" again first
+    reason = "peaked" if group.focus_reason.startswith("peaked") else group.focus_reason
+    group = dataclasses.replace(group, over_budget_ranks=over, focus_reason=reason)
+    if len(over) < 2 or reason != "peaked" or group.focus_rank not in over:
         return group
     budgets = (
         {budget_bytes}

@@ -108,3 +108,9 @@ def test_a_budget_several_ranks_would_run_out_under_names_them_all(
     assert f"  look at rank 1: it peaked highest; {said.split('; ')[1]} (`kvtrace diagnose` says why)\n" in (
         capsys.readouterr().out
     )
+    # AND that group diagnosed against a budget given, 1 MiB, which both ranks fit, is weighed by it alone:
+    # the recorded budget's ranks are not named (before, its reason stayed the recorded budget's)
+    data = _cli_json(capsys, ["diagnose", str(tmp_path / "tight"), "--budget", "1MiB", "--json"])
+    assert (data["run_group"]["reason"], data["run_group"]["over_budget_ranks"]) == ("peaked", [])
+    data = _cli_json(capsys, ["diagnose", str(tmp_path / "tight"), "--budget", f"{BUDGET_KIB}KiB", "--json"])
+    assert (data["run_group"]["reason"], data["run_group"]["over_budget_ranks"]) == ("peaked", [1])
