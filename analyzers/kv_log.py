@@ -32,6 +32,7 @@ from analyzers.kv_views import (
     held_by_slot,
     layer_shares,
     tracked_capacity,
+    tracked_rows,
 )
 from kvtrace.format import CALLER_REASON, NO_BEAMS_REASON, TRACK_CACHE_ID, KvEvent, Run
 
@@ -372,9 +373,11 @@ def analyze_kv_log(
             room_of = "static_cache" if room[0] else ""
         if not room[0] and cache == TRACK_CACHE_ID and rows:
             # kvtrace.track()'s tensors: views of one preallocated tensor say its max_seq (`capacity_tokens`)
-            views = (ev for ev in events if ev.cache == cache and ev.shape and ev.event != "freed")
+            views = [ev for ev in events if ev.cache == cache and ev.shape and ev.event != "freed"]
             positions = tracked_capacity(views, tokens)
-            room, room_of = ((rows, positions), "tracked") if positions else (room, room_of)
+            # ... and its max_batch behind views cut to the rows in use (`capacity_rows`)
+            room_rows = tracked_rows(views, rows)
+            room, room_of = ((room_rows, positions), "tracked") if positions else (room, room_of)
         # Room to spare, or a decode step written in place (a window's layers all full: no room left)
         in_place = cache in data_positions and cache not in data_moved
         in_place = in_place and (bool(data_spare.get(cache)) or cache in data_in_place)

@@ -101,6 +101,7 @@ class _TrackedViews:
     whole_bytes: int  # a storage that several slots' last views together make up (0: none)
     in_place: bool  # a slot written in place at its length (not a view tracked again longer)
     room: int  # the most positions a row a slot's last view has room for beyond its length (0: none said)
+    rows: int  # the most rows the tensor a slot's last view is cut from has beyond its own (0: none said)
 
 
 def _tracked_views(events: Iterable[Any]) -> _TrackedViews:
@@ -110,6 +111,7 @@ def _tracked_views(events: Iterable[Any]) -> _TrackedViews:
     written: set[Slot] = set()
     cut: set[Slot] = set()
     room: dict[Slot, int] = {}
+    rows: dict[Slot, int] = {}
     for ev in events:
         if ev.part not in TRACKED_PARTS:
             continue
@@ -122,9 +124,24 @@ def _tracked_views(events: Iterable[Any]) -> _TrackedViews:
         slots[slot] = ev.logical_bytes
         storage[ev.addr] = ev.storage_bytes
         room[slot] = ev.capacity_tokens
+        rows[slot] = ev.capacity_rows
     whole = [addr for addr, slots in views.items() if len(slots) > 1 and sum(slots.values()) == storage[addr]]
     whole_bytes = storage[whole[0]] if whole else 0
-    return _TrackedViews(whole_bytes, bool(written - cut), max(room.values(), default=0))
+    return _TrackedViews(
+        whole_bytes, bool(written - cut), max(room.values(), default=0), max(rows.values(), default=0)
+    )
+
+
+def tracked_rows(events: Iterable[Any], rows: int) -> int:
+    """Batch rows a cache of tracked tensors has room for: the rows of the tensor its views are cut from
+    (`capacity_rows`: views cut to the rows in use of one [layers, 2, max_batch, ...] tensor say its
+    max_batch), else the rows its views span (a view of every row, fed fewer: `rows`, those in use, are
+    fewer), each slot's last view; at least `rows`."""
+    last: dict[Slot, int] = {}
+    for ev in events:
+        if ev.part in TRACKED_PARTS:
+            last[(ev.cache, ev.layer, ev.kv)] = max(ev.capacity_rows, ev.shape[0] if ev.shape else 0)
+    return max(rows, *last.values())
 
 
 def tracked_capacity(events: Iterable[Any], tokens: int) -> int:
@@ -136,7 +153,8 @@ def tracked_capacity(events: Iterable[Any], tokens: int) -> int:
     found = _tracked_views(events)
     if found.room:
         return found.room
-    return tokens if tokens and (found.whole_bytes or found.in_place) else 0
+    # views cut to the rows in use of a tensor with more: preallocated, their length its whole seq dim
+    return tokens if tokens and (found.whole_bytes or found.in_place or found.rows) else 0
 
 
 def tracked_length_note(events: Iterable[Any], tokens: int | None) -> str | None:

@@ -88,7 +88,7 @@ KV_EVENTS = _schema(
         ("view_offset", _I64), ("shape", pa.list_(_I64)), ("logical_bytes", _I64), ("dtype", _STR),
         ("device", _STR), ("tokens", _I64), ("evicted_tokens", _I64), ("prev_addr", _I64),
         ("cache", _I32), ("source", _STR), ("reason", _STR), ("rows", _I64), ("masked_entries", _I64),
-        ("capacity_tokens", _I64),
+        ("capacity_tokens", _I64), ("capacity_rows", _I64),
     ],
 )  # fmt: skip
 MEMORY_EVENTS = _schema(

@@ -127,6 +127,9 @@ class KvEvent:
     # A tracked tensor's positions a row that its storage has room for, where more than its length (a view
     # cut to the tokens written of one preallocated tensor: its max_seq); 0: its length.
     capacity_tokens: int = 0
+    # A tracked tensor's batch rows that the tensor it is cut from has room for, where more than its rows (a
+    # view cut to the rows in use of one preallocated tensor: its max_batch); 0: its rows.
+    capacity_rows: int = 0
 
     def to_json(self) -> dict[str, Any]:
         # A shallow copy: `asdict` deep-copies and was most of the recorder's cost per event.

@@ -98,6 +98,8 @@ class ForwardSteps(PlannedSteps):
         if modules is not None and (modules.owners or prefill):  # a prefill may make them (lazy caches)
             modules.progress = self._signature.progress(args, kwargs)
             modules.rows = 0 if modules.progress is not None else self._signature.rows(args, kwargs)
+        if modules is not None:  # kept past the step's end: tensors are tracked after the forward returns
+            modules.fed_rows = self._signature.rows(args, kwargs)
         if self._profiler_on and threading.get_ident() != self._thread:
             self._forwards_elsewhere += 1
         if hf is not None and cache is not None and isinstance(cache, hf._cache_cls):

@@ -225,20 +225,40 @@ def seq_room(tensor: torch.Tensor, seq_dim: int) -> int:
     return max(length, min(min(outer) // step, elements // step))
 
 
+def row_room(tensor: torch.Tensor) -> int:
+    """Batch rows the tensor a view is cut from has room for: the size of the base tensor's dim laid out as
+    the view's batch dim (dim 0), the same stride. A view cut to the rows in use of one preallocated tensor
+    (`kv[l, 0, :bsz, :pos]` of [layers, 2, max_batch, max_seq, kv_heads, head_dim]) has room for max_batch
+    however few rows it shows, which neither its shape nor its strides say; a tensor of its own, or a view
+    whose batch dim is no dim of its base (reshaped), has its own rows. Reads shapes and strides only."""
+    rows = int(tensor.shape[0]) if tensor.dim() >= 1 else 0
+    base = getattr(tensor, "_base", None)
+    if base is None or tensor.dim() < 3:
+        return rows
+    stride = tensor.stride(0)
+    sizes = [int(size) for size, step in zip(base.shape, base.stride(), strict=True) if step == stride]
+    return max([rows, *(size for size in sizes if size > 1)])
+
+
 def with_room(line: str, tensor: torch.Tensor, part: str) -> str:
     """A tracked tensor's event line with `capacity_tokens` added where its storage has room for more
-    positions a row than its length (`seq_room`): the analyzers then know a preallocated tensor's max_seq
-    behind views cut to the tokens written, and price a token as its bytes over that room. Other parts,
-    and tensors as long as their room, are left as they are (the field's absence: its length)."""
+    positions a row than its length (`seq_room`), and `capacity_rows` where the tensor it is cut from has
+    more rows than it shows (`row_room`): the analyzers then know a preallocated tensor's max_seq and
+    max_batch behind views cut to the tokens and rows written, and price a token as its bytes over that
+    room. Other parts, and tensors as long and as wide as their room, are left as they are (the fields'
+    absence: its length, its rows)."""
     seq_dim = TRACKED_SEQ_DIMS.get(part)
-    if seq_dim is None:
+    if seq_dim is None or tensor.dim() < 2:
         return line
     if seq_dim == 1 and tensor.dim() < 3:  # as `ModuleCaches._observe_tracked` reads its tokens
         seq_dim = -2
     room = seq_room(tensor, seq_dim)
-    if tensor.dim() < 2 or room <= tensor.shape[seq_dim]:
-        return line
-    return f'{line[:-1]},"capacity_tokens":{room}}}'
+    if room > tensor.shape[seq_dim]:
+        line = f'{line[:-1]},"capacity_tokens":{room}}}'
+    rows = row_room(tensor)
+    if rows > tensor.shape[0]:
+        line = f'{line[:-1]},"capacity_rows":{rows}}}'
+    return line
 
 
 def shape_of(slot: Slot) -> str:

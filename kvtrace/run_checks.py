@@ -37,6 +37,7 @@ _EVENT_INTS: tuple[tuple[str, int, int], ...] = (
     ("rows", 0, _I64),
     ("masked_entries", 0, _I64),
     ("capacity_tokens", 0, _I64),
+    ("capacity_rows", 0, _I64),
 )
 _EVENT_STRS = ("phase", "event", "kv", "part", "dtype", "device", "source", "reason")
 _WEIGHT_INTS = (("addr", 0, _I64), ("storage_bytes", 0, MAX_BYTES), ("t_ns", 0, _I64), ("step", 0, _I32))

@@ -36,9 +36,12 @@ class OneTensorDecoder(torch.nn.Module):
         room = (s.kv_heads, s.max_seq) if layout == "bhsd" else (s.max_seq, s.kv_heads)
         self.kv = torch.zeros(s.layers, 2, s.batch, *room, s.head_dim)
 
-    def view(self, layer: int, index: int, end: int) -> torch.Tensor:
-        """Layer `layer`'s K (0) or V (1) cut to its first `end` positions, in the tensor's layout."""
-        return self.kv[layer, index, :, :, :end] if self.layout == "bhsd" else self.kv[layer, index, :, :end]
+    def view(self, layer: int, index: int, end: int, rows: int | None = None) -> torch.Tensor:
+        """Layer `layer`'s K (0) or V (1) cut to its first `end` positions (and first `rows` rows; None:
+        every row), in the tensor's layout."""
+        if self.layout == "bhsd":
+            return self.kv[layer, index, :rows, :, :end]
+        return self.kv[layer, index, :rows, :end]
 
     def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         s = self.shape
@@ -49,10 +52,10 @@ class OneTensorDecoder(torch.nn.Module):
             q, k, v = (t.view(rows, tokens, -1, s.head_dim).transpose(1, 2) for t in qkv(h).split(widths, -1))
             for index, new in enumerate((k, v)):
                 if self.layout == "bhsd":
-                    self.kv[layer, index, :, :, pos : pos + tokens] = new
+                    self.kv[layer, index, :rows, :, pos : pos + tokens] = new
                 else:
-                    self.kv[layer, index, :, pos : pos + tokens] = new.transpose(1, 2)
-            held = (self.view(layer, index, pos + tokens) for index in (0, 1))
+                    self.kv[layer, index, :rows, pos : pos + tokens] = new.transpose(1, 2)
+            held = (self.view(layer, index, pos + tokens, rows) for index in (0, 1))
             bhsd = (t if self.layout == "bhsd" else t.transpose(1, 2) for t in held)
             k, v = (t.repeat_interleave(s.heads // s.kv_heads, 1) for t in bhsd)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=tokens > 1)

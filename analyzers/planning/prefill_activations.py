@@ -82,6 +82,8 @@ def unplanned_reason(geom: ModelGeometry) -> str | None:
         (geom.layer_shapes is not None, "its layers of different widths"),
         (geom.attention_experts > 0, "its attention experts"),
         (geom.mlp_matrices != 3, "its MLP without a gate"),
+        # a geometry read from a model's cache buffers alone (`plan --from-run` of a hand-written decoder)
+        (geom.hidden_size <= 0, "a hidden size and MLP, which nothing of the model says"),
     )
     for applies, what in reasons:
         if applies:

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from analyzers.budget import manifest_budget
 from analyzers.caches import CROSS_ATTENTION, cache_roles, cross_attention_parts, layer_list, written_last
+from analyzers.kv_events import BUFFER_PARTS, buffer_shape
 from analyzers.kv_log import analyze_run_kv_log
 from analyzers.kv_log_figures import CacheFigures, KvLogAnalysis
 from analyzers.model import normal_device
@@ -99,6 +100,9 @@ class RunDefaults:
     # allowed;", two decimals): the memory the allocator could reserve, not the device's. Only an OOM's
     # message says it; None otherwise
     limit_bytes: int | None = None
+    # the geometry is a model's cache buffers' (`_buffers_geometry`), which say no MLP nor vocabulary: its
+    # weights are the measured ones alone, re-stored at another --dtype, never the geometry's
+    measured_weights_only: bool = False
 
 
 def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None = None) -> RunDefaults:
@@ -218,6 +222,7 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
         padded=padded,
         transformers_version=_transformers_version(run.manifest),
         limit_bytes=_oom_limit(run.manifest),
+        measured_weights_only=geometry.hidden_size == 0 and main.capacity_of == "buffers",
     )
 
 
@@ -241,7 +246,19 @@ def _geometry(
         kind = model.get("class") if isinstance(model, dict) else None
         return replace(geometry, name=f"{run.path.name} ({kind})" if kind else run.path.name)
     fields = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
-    if not isinstance(model, dict) or any(not isinstance(model.get(name), int) for name in fields):
+    unsaid = not isinstance(model, dict) or any(not isinstance(model.get(name), int) for name in fields)
+    if unsaid and main is not None and main.capacity_of == "buffers":
+        found = _buffers_geometry(run, main, notes)
+        if isinstance(found, ModelGeometry):
+            return found
+        kind = model.get("class") if isinstance(model, dict) else None
+        whose = f"its model ({kind})" if kind else "its model"
+        raise KvtraceError(
+            f"{run.path / 'manifest.json'}: no model geometry: {whose} has no Hugging Face config, and its "
+            f"cache_k/cache_v buffers {found}: plan it with --preset or "
+            "--config instead of --from-run"
+        )
+    if unsaid or not isinstance(model, dict):
         # A model passed as model= with no Hugging Face config or cache buffers (a hand-written decoder whose
         # KV came through kvtrace.track) has a class but no geometry: say so, not that model= was missing
         kind = model.get("class") if isinstance(model, dict) else None
@@ -279,6 +296,49 @@ def _geometry(
         sliding_layers=model.get("sliding_layers"),
         # Unknown: the manifest's max_seq_len is Meta's Llama3.build setting, the length its buffers were made
         # for, not a length the model was trained to (Llama 3.1 takes 131,072 whatever it is built with)
+        max_position_embeddings=None,
+    )
+
+
+def _buffers_geometry(run: Run, main: CacheFigures, notes: list[str]) -> ModelGeometry | str:
+    """The KV geometry of a model with no Hugging Face config nor Meta's `params` (a hand-written decoder),
+    read from its preallocated cache buffers as the log shows them: their layers (one K and V pair each),
+    and their [max_batch_size, max_seq_len, kv_heads, head_dim] shape. That is all their KV needs, whose
+    size is theirs whatever the batch and context; the rest of the model (hidden size, MLP, vocabulary) they
+    do not say, so its weights are the run's measured ones and its activations the run's measured ones, or
+    left out. Else what the buffers do not say, as the error's words."""
+    shapes: dict[int, dict[str, list[int]]] = {}
+    for ev in run.kv_events:
+        if ev.cache == main.cache and ev.part in BUFFER_PARTS and ev.event != "freed" and ev.shape:
+            shapes.setdefault(ev.layer, {})[ev.kv] = buffer_shape(ev)
+    pairs = [layer for layer, kinds in shapes.items() if set(kinds) >= {"k", "v"}]
+    kinds = {tuple(shape) for layer in pairs for shape in shapes[layer].values()}
+    if not pairs:
+        return "are logged without a K and V pair of any layer"
+    if len(kinds) != 1 or len(next(iter(kinds))) != 4:
+        said = ", ".join("x".join(map(str, shape)) for shape in sorted(kinds))
+        return (
+            f"are not all of one [max_batch_size, max_seq_len, kv_heads, head_dim] shape ({said}), so their "
+            "KV heads and head_dim are unknown"
+        )
+    _, _, kv_heads, head_dim = next(iter(kinds))
+    notes.append(
+        f"{run.path.name} has no {MODEL_CONFIG} (its model has no Hugging Face config): the model is its "
+        f"cache buffers' geometry, {len(pairs)} layers of K and V of {kv_heads} KV heads x {head_dim} "
+        "head_dim; its hidden size, MLP and vocabulary they do not say, so the weights are the run's "
+        "measured ones (re-stored at another --dtype) and the activations the run's measured ones "
+        "where it recorded them, else left out of the plan (the reserve stands for them)"
+    )
+    return ModelGeometry(
+        name=str((run.manifest.get("model") or {}).get("class") or run.path.name),
+        num_layers=len(pairs),
+        num_attention_heads=kv_heads,  # unknown: the KV's heads, which the buffers hold
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=0,
+        intermediate_size=0,
+        vocab_size=0,
+        tie_word_embeddings=False,
         max_position_embeddings=None,
     )
 

@@ -516,22 +516,29 @@ class PlanCommand(Command):
         if run is not None and redtyped:
             from analyzers.planning.rank_share import rank_weights_at
 
-            # a tensor-parallel rank's geometry is cut to its heads alone: its weights are its measured
-            # shard's, re-stored
+            # a tensor-parallel rank's geometry is cut to its heads alone, and one read from a model's cache
+            # buffers has no MLP nor vocabulary: their weights are the measured ones, re-stored
             restored = (
                 rank_weights_at(
                     run.weights_bytes, run.geometry, run.weights_dtype, args.dtype, run.fp32_weights_bytes
                 )
-                if run.rank_shards is not None
+                if run.rank_shards is not None or run.measured_weights_only
                 else None
             )
             measured = restored
+            whose = "the rank's" if run.rank_shards is not None else "the"
             weighed = (
-                f"are the rank's measured {run.weights_bytes:,} B re-stored at {args.dtype}, {restored:,} B "
+                f"are {whose} measured {run.weights_bytes:,} B re-stored at {args.dtype}, {restored:,} B "
                 "(its parameters re-stored, and its buffers: those the run recorded at fp32 kept so)"
                 if restored is not None
                 else f"are the geometry's at {args.dtype}, not the {run.weights_bytes:,} B measured"
             )
+            if restored is None and run.measured_weights_only:
+                raise KvtraceError(
+                    f"{args.from_run}: its weights ({run.weights_dtype or 'of an unknown dtype'}) cannot be "
+                    f"re-stored at --dtype {args.dtype}, and its model's geometry (its cache buffers') does "
+                    "not say them: drop --dtype"
+                )
             run = replace(
                 run,
                 notes=(

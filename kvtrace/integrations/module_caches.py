@@ -101,6 +101,9 @@ class ModuleCaches:
         # The running forward's input rows where it says them but not where it writes (no `start_pos`): 0
         # when unknown, or when `progress` says them
         self.rows = 0
+        # rows of the model's last forward's input ([batch, seq] ids or states; 0: none such), kept past its
+        # step's end, where `rows` is not: the rows tensors tracked after it returns hold its tokens in
+        self.fed_rows = 0
         # What the old storages' releases told since the last scan: which frees come after which new storages
         self._releases = Releases()
         self._scanned: list[Any] = []  # the tensors `_module_parts` found, in `owners`' order
@@ -251,8 +254,17 @@ class ModuleCaches:
             if not tokens:
                 seq_dim = 1 if layout == "bshd" and tensor.dim() >= 3 else -2
                 tokens = int(tensor.shape[seq_dim]) if tensor.dim() >= 2 else int(tensor.numel())
+        # The rows the model's last forward was fed: tensors tracked whole (kv[l, 0, :, :pos]) of a batch
+        # preallocated for more rows hold its tokens in those alone (logged where fewer than the tensor's)
         self.tracker.observe(
-            TRACK_CACHE_ID, layer, parts, cause, tokens, source="track", whole_layer=only is None
+            TRACK_CACHE_ID,
+            layer,
+            parts,
+            cause,
+            tokens,
+            source="track",
+            whole_layer=only is None,
+            rows=self.fed_rows,
         )
         if not refs:
             del self._tracked[layer]

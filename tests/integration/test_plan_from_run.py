@@ -459,3 +459,70 @@ def test_from_run_of_a_hand_written_model_says_why_it_has_no_geometry(
     assert "its model (Decoder) has no Hugging Face config" in err, err
     assert "recorded without model=" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+class _BufferAttention(torch.nn.Module):
+    """A hand-written decoder's attention (no Hugging Face config, no Meta `params`): K and V written in
+    place into preallocated [max_batch, max_seq, kv_heads, head_dim] `cache_k`/`cache_v` buffers."""
+
+    def __init__(self, max_batch: int, max_seq: int) -> None:
+        super().__init__()
+        self.wkv = torch.nn.Linear(KV_HEADS * HEAD_DIM, 2 * KV_HEADS * HEAD_DIM, bias=False)
+        shape = (max_batch, max_seq, KV_HEADS, HEAD_DIM)
+        self.register_buffer("cache_k", torch.zeros(shape), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape), persistent=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        rows, seq, _ = x.shape
+        k, v = self.wkv(x).view(rows, seq, 2, KV_HEADS, HEAD_DIM).unbind(2)
+        self.cache_k[:rows, start_pos : start_pos + seq] = k
+        self.cache_v[:rows, start_pos : start_pos + seq] = v
+        return x + self.cache_v[:rows, start_pos : start_pos + seq].reshape(rows, seq, -1)
+
+
+class _BufferDecoder(torch.nn.Module):
+    def __init__(self, max_batch: int, max_seq: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_BufferAttention(max_batch, max_seq) for _ in range(LAYERS))
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, start_pos)
+        return x
+
+
+@pytest.mark.parametrize("profiler", [True, False], ids=["profiled", "unprofiled"])
+def test_from_run_of_a_hand_written_decoder_plans_its_cache_buffers(
+    profiler: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a hand-written decoder (no config, no params) with cache_k/cache_v of 4 rows x 32 positions,
+    # run on 2 rows: a prefill of PROMPT tokens and NEW decode steps
+    max_batch, max_seq = 4, 32
+    decoder = _BufferDecoder(max_batch, max_seq).eval()
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=decoder, profiler=profiler):
+        decoder(torch.randn(BATCH, PROMPT, KV_HEADS * HEAD_DIM), 0)
+        for step in range(NEW):
+            decoder(torch.randn(BATCH, 1, KV_HEADS * HEAD_DIM), PROMPT + step)
+    buffers = LAYERS * 2 * max_batch * max_seq * KV_HEADS * HEAD_DIM * 4  # float32
+    weights = LAYERS * (KV_HEADS * HEAD_DIM) * (2 * KV_HEADS * HEAD_DIM) * 4  # the wkv matrices, float32
+    # WHEN planned from the run alone, and at bf16
+    plan = _json(["plan", "--from-run", str(run), "--json"], capsys)
+    bf16 = _json(["plan", "--from-run", str(run), "--dtype", "bf16", "--json"], capsys)
+    # THEN its buffers' geometry: 2 layers of KV_HEADS x HEAD_DIM, all of it the buffers' static cache of
+    # max_batch rows and max_seq positions, and the weights measured (re-stored at bf16: half)
+    assert plan["kv_bytes_per_token"] == TOKEN_ROW
+    assert (plan["request"]["cache"], plan["request"]["batch"], plan["request"]["context"]) == (
+        "static",
+        max_batch,
+        max_seq + 1,
+    )
+    assert (plan["kv_bytes"], plan["kv_peak_bytes"]) == (buffers, buffers)
+    assert plan["weights_bytes"] == weights
+    assert (bf16["kv_bytes"], bf16["weights_bytes"]) == (buffers // 2, weights // 2)
+    said = [note for note in plan["notes"] if "cache buffers' geometry" in note]
+    assert len(said) == 1 and f"{LAYERS} layers of K and V of {KV_HEADS} KV heads" in said[0], plan["notes"]
+    assert "hidden size, MLP and vocabulary they do not say" in said[0]
+    # a prefill's activations need the hidden size the buffers do not say: measured by the profiled run,
+    # never estimated from a hidden size of 0
+    assert plan["prefill_activations_bytes"] is None

@@ -186,3 +186,48 @@ def test_a_tensor_made_before_the_block_is_kv_from_the_traces_first_event(
     assert not [note for note in diagnosis["notes"] if "KV layers" in note], diagnosis["notes"]
     if given:
         assert (diagnosis["step"], diagnosis["tokens_held"]) == (1, PROMPT)
+
+
+@pytest.mark.parametrize("cut_rows", [True, False], ids=["views-of-rows-in-use", "views-of-every-row"])
+def test_views_of_a_tensor_with_more_rows_than_fed_are_priced_by_its_max_batch(
+    tmp_path, watched_models, capsys, cut_rows
+):
+    # GIVEN the tensor made for 4 rows (max_batch), fed 2 (BATCH) in Meta's bshd layout, its layers' K and V
+    # tracked after each forward as views cut to the tokens written and either to the 2 rows in use
+    # (kv[l, 0, :2, :pos]) or over every row (kv[l, 0, :, :pos], the README's form)
+    max_batch = 2 * BATCH
+    torch.manual_seed(0)
+    model = OneTensorDecoder(
+        Shape(LAYERS, DIM, HEADS, KV_HEADS, HEAD_DIM, VOCAB, max_batch, MAX_SEQ), "bshd"
+    ).eval()
+    watched_models.append(model)
+    tensor = LAYERS * 2 * max_batch * MAX_SEQ * KV_HEADS * HEAD_DIM * FP32  # 131,072 B
+    rows = BATCH if cut_rows else None
+
+    def track(end: int) -> None:
+        for layer in range(LAYERS):
+            for index, kind in enumerate("kv"):
+                kvtrace.track(model.view(layer, index, end, rows), layer=layer, kind=kind, layout="bshd")
+
+    with kvtrace.record(tmp_path / "run", model=model, profiler=False), torch.inference_mode():
+        logits = model(torch.randint(0, VOCAB, (BATCH, PROMPT)), 0)
+        track(PROMPT)
+        for pos in range(PROMPT, WRITTEN):
+            logits = model(logits[:, -1:].argmax(-1), pos)
+            track(pos + 1)
+
+    # THEN the report's capacity is the tensor's 4 rows x 64 positions, a token of a row 131,072 / (4 x 64)
+    # = 512 B, the arithmetic (not 131,072 / (2 x 64) = 1,024 from the rows the views show), and the rows
+    # written the 2 fed (not the 4 a view of every row spans)
+    kv = report_json(tmp_path / "run", capsys)["kv"]
+    assert kv["final_bytes"] == model.kv.nbytes == tensor
+    assert (kv["capacity_rows"], kv["capacity_tokens"], kv["capacity_of"]) == (max_batch, MAX_SEQ, "tracked")
+    assert kv["bytes_per_token_measured"] == kv["bytes_per_token_expected"] == TOKEN_BYTES == 512
+    assert (kv["tokens_held"], kv["batch"]) == (WRITTEN, BATCH)
+    # AND diagnose prices a row of the tensor as 131,072 / 4 = 32,768 B: max_batch_size 2 instead of 4
+    # frees 2 of them
+    diagnosis = cli_json(["diagnose", str(tmp_path / "run"), "--json"], capsys)
+    assert diagnosis["batch"] == BATCH
+    batch = next(remedy for remedy in diagnosis["remedies"] if remedy["kind"] == "batch")
+    assert (batch["setting"], batch["saved_bytes"]) == (BATCH, 2 * tensor // max_batch)
+    assert f"max_batch_size={max_batch}" in batch["sentence"], batch["sentence"]
