@@ -97,7 +97,8 @@ class KvSummary:
     evictions_by_reason: dict[str, int] = field(default_factory=dict)
     bytes_per_token_note: str | None = None
     """Why the measured bytes per token exceeds the arithmetic where a sliding window is the cause
-    (`window_storage_note`: its layers keep window-1 tokens in storages of window positions)."""
+    (`window_storage_note`: its layers keep window-1 tokens in storages of window positions), or replaced
+    K/V storages something outside the cache holds (`analyzers.kv_kept`)."""
     """Evicted tokens by kind: `window` (the cache's own sliding window), `press` (an eviction library such
     as kvpress, or other code rebinding keys/values), `crop` (Cache.crop)."""
     caches: list[CacheSummary] = field(default_factory=list)
@@ -340,6 +341,27 @@ def _forward_passes(source: MemorySource, kv_log: KvLogAnalysis | None) -> int:
     return sum(1 for step in ended if isinstance(step, int) and step > 0)
 
 
+def _kept_storages_note(source: MemorySource, kv: KvSummary) -> str | None:
+    """The note on K/V storages the caches replaced that stay live at a finished run's end, held from
+    outside (`analyzers.kv_kept`), and the measured bytes per token's note on those of the main cache. Not
+    for a run whose forwards ran with grad enabled (the graph keeps them: `grad_note` says so), nor one
+    still being recorded or that died (its last frees may be unwritten)."""
+    from analyzers.kv_kept import kept_bytes_per_token_note, kept_note, kept_storages
+    from analyzers.planning.grad_steps import grad_steps
+
+    run = source.meta.get("run")
+    ended = (source.meta.get("manifest") or {}).get("ended") or {}
+    if run is None or not run.kv_events or ended.get("status") == "running" or grad_steps(source):
+        return None
+    kept = kept_storages(run.kv_events)
+    main = kept.by_cache.get(kv.main_cache, 0) if kv.main_cache is not None else 0
+    measured, rows = kv.bytes_per_token_measured, kv.token_rows
+    if main and measured and rows and kv.capacity_of is None:
+        said = kept_bytes_per_token_note(main, measured, rows)
+        kv.bytes_per_token_note = "; ".join(n for n in (kv.bytes_per_token_note, said) if n)
+    return kept_note(kept, kv.final_bytes)
+
+
 def summarize(
     source: MemorySource,
     precomputed: tuple[list[DeviceSummary], list[DeviceTimeline]] | None = None,
@@ -392,6 +414,9 @@ def summarize(
         from analyzers.planning.kept_outputs import peak_kept_note
 
         notes.extend(n for n in (peak_kept_note(source, timelines), grad_note(source, kv)) if n is not None)
+        kept = _kept_storages_note(source, kv)
+        if kept is not None:
+            notes.append(kept)
     # A budget is a recording option (`gpu_memory`): only a run's manifest can hold one
     budget = _budget_crossing(source, devices, timelines) if manifest else None
     engine = None

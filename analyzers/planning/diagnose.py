@@ -26,6 +26,7 @@ import numpy as np
 
 from analyzers.budget import budget_crossing, budget_of, marker_step_at, step_at
 from analyzers.caches import CROSS_ATTENTION, layer_list
+from analyzers.kv_kept import KeptStorages
 from analyzers.kv_views import split_by_view
 from analyzers.model import OTHER, UNKNOWN_DEVICE, MemorySource
 from analyzers.planning.diagnose_allocator import allocator_facts
@@ -59,6 +60,7 @@ from analyzers.planning.diagnose_stacks import live_sizes, moment_stacks
 from analyzers.planning.diagnose_static_remedy import static_cache_run
 from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
 from analyzers.planning.grad_steps import grad_held
+from analyzers.planning.kept_kv import kept_kv, kept_kv_note
 from analyzers.planning.kept_outputs import kept_outputs
 from analyzers.planning.run_cache_kind import logged_quantization
 from analyzers.planning.run_kv_facts import (
@@ -334,6 +336,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "kept_outputs": None if at_start else kept_outputs(source, dev_index, index, step),
         # what autograd keeps of the forwards run with grad enabled (a loop of one's own without no_grad)
         "grad_held": None if at_start else grad_held(source, dev_index, index, step, kv_bytes, arithmetic),
+        # the K/V storages the cache replaced that something outside it holds (a list of past keys/values)
+        "kept_kv": None if at_start or kv_log is None else kept_kv(source, when),
         # what the run held beside its KV, which a static cache's preallocated KV would go beside
         "static_run": None
         if at_start or main is None or device != main.device or allocated is None
@@ -341,6 +345,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     }
     if compressed is not None:
         notes.append(NOT_ITS_CACHE)
+    if isinstance(fields["kept_kv"], KeptStorages):
+        notes.append(kept_kv_note(fields["kept_kv"], kv_bytes))
     buffers = fields["buffers"]
     if isinstance(buffers, PreallocatedBuffers) and buffers.held_bytes and kv_bytes:
         note = other_buffers_note(buffers, kv_bytes)

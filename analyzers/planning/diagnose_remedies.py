@@ -61,6 +61,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from analyzers.kv_kept import KeptStorages
 from analyzers.planning.diagnose_batch_text import fixed_beyond, smaller_batch_text
 from analyzers.planning.diagnose_buffer_remedies import (
     PreallocatedBuffers,
@@ -106,6 +107,7 @@ from analyzers.planning.diagnosis import (
     no_geometry,
 )
 from analyzers.planning.grad_steps import GradHeld, no_grad_remedy
+from analyzers.planning.kept_kv import kept_kv_remedy
 from analyzers.planning.kept_outputs import KeptOutputs, kept_outputs_remedy
 from analyzers.planning.run_kv_facts import DTYPE_BITS
 from analyzers.units import human_bytes
@@ -138,7 +140,7 @@ def _priced(
 ) -> list[Remedy]:
     """Every remedy at the moment described by `d`, against its `shortfall_bytes`, unranked: the cache's
     and the allocator's, dropping the outputs a generate() call keeps for every step, and running the
-    forwards without grad."""
+    forwards without grad, and dropping what keeps the cache's replaced K/V storages."""
     out = _priced_cache(d, kv_bits, num_layers, on_cuda)
     kept, grad, need = d.get("kept_outputs"), d.get("grad_held"), d["shortfall_bytes"]
     assert need is None or isinstance(need, int)
@@ -146,6 +148,9 @@ def _priced(
         out.append(kept_outputs_remedy(kept, need))
     if isinstance(grad, GradHeld) and grad.activations_bytes + grad.kv_copies_bytes > 0:
         out.append(no_grad_remedy(grad, need))
+    kept_kv = d.get("kept_kv")
+    if isinstance(kept_kv, KeptStorages):
+        out.append(kept_kv_remedy(kept_kv, need))
     return out
 
 

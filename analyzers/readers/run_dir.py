@@ -41,6 +41,7 @@ from analyzers.readers.untraced_caches import (
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
 from analyzers.trace_coverage import damaged_memory_events, skipped_events_note
 from kvtrace.errors import KvtraceError
+from kvtrace.format import ENGINE_FILES
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
 from kvtrace.run_lock import holder
 from kvtrace.run_reader import read_run
@@ -123,6 +124,24 @@ def _no_trace_note(cause: str, weights: bool, why: str = "") -> str:
         f"{cause_said}: memory figures are the KV log's{over}, and the peak counts only "
         f"{counted} (activations, logits and other allocations unseen)"
     )
+
+
+def _no_model_note(manifest: dict[str, Any], from_table: list[bool]) -> str | None:
+    """A run recorded without model= has no weights table: where a device's figures take the weights from
+    it (a CPU, a trace without the allocator's totals: `from_table`), they leave out the weights allocated
+    before the block; a GPU's totals count them, as other. None with a model, and for an engine's run
+    (vLLM's engine loads its weights itself: its note says so)."""
+    if "model" not in manifest or manifest["model"] is not None:
+        return None
+    if any(name in (manifest.get("files") or ()) for name in ENGINE_FILES) or not from_table:
+        return None
+    said = "the run was recorded without model=: weights allocated before the block"
+    if any(from_table):
+        return (
+            f"{said} are not in its figures (its peak and final leave them out); pass model= to "
+            "kvtrace.record() to count them"
+        )
+    return f"{said} are counted as other (the allocator's totals hold them); pass model= to name them"
 
 
 def _before_allocating_clause(manifest: dict[str, Any]) -> str:
@@ -366,6 +385,9 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             dev.capacity_bytes = int(total_memory)
     if weights_counted and "peak_leaves_out" not in source.meta:
         source.meta["input_notes"] = weights_counted_notes(source.meta.get("input_notes", []))
+    no_model = _no_model_note(run.manifest, [weights_from_table(dev, traced) for dev in source.devices])
+    if no_model is not None:
+        source.meta.setdefault("input_notes", []).append(no_model)
     if traces:
         source.markers = _numbered_steps(source.markers, kv.step_start_ns, kv.step_phase)
     if not any(m.kind == "step" for m in source.markers):

@@ -50,6 +50,9 @@ _WRAPPED = {
     "batch_select_indices": "reorder",
     "batch_repeat_interleave": "reorder",
 }
+# Reorders that are not `reorder_cache`: their `reordered` events' `reason` is the method's name, which says
+# which it was (a row repeat or selection, contrastive search's or a caller's)
+_NAMED_REORDERS = ("batch_select_indices", "batch_repeat_interleave")
 
 
 def rows_per_prompt(sources: list[int]) -> int:
@@ -273,7 +276,9 @@ class HfCacheHooks(CacheScans):
             if original is None:
                 continue
             self._originals[name] = original
-            setattr(Cache, name, self._wrap_whole_cache(original, cause, beams=name == "reorder_cache"))
+            named = name if name in _NAMED_REORDERS else ""
+            wrapped = self._wrap_whole_cache(original, cause, beams=name == "reorder_cache", named=named)
+            setattr(Cache, name, wrapped)
         for name, cause in (("offload", "offload"), ("prefetch", "prefetch")):
             original = Cache.__dict__.get(name)
             if original is None:
@@ -363,12 +368,13 @@ class HfCacheHooks(CacheScans):
         self.scan_cache(cache, "scan", only={layer_idx}, reason=reason)
 
     def _wrap_whole_cache(
-        self, original: Callable[..., Any], cause: str, beams: bool = False
+        self, original: Callable[..., Any], cause: str, beams: bool = False, named: str = ""
     ) -> Callable[..., Any]:
         """`beams`: the method is `reorder_cache(beam_idx)`, whose first call on a cache says how many rows
         each prompt has (`rows_per_prompt`): its events carry it as `reason` `beams:N`. A crop or reset made
         outside the recorded model's generate() calls carries `CALLER_REASON`: the analyzers then never take
-        it for a draft rejection (assisted decoding's crops run inside a call)."""
+        it for a draft rejection (assisted decoding's crops run inside a call). `named`: the `reason` of
+        every event the method logs (`_NAMED_REORDERS`: its name)."""
         hooks = self
         by_caller = cause in ("crop", "reset")
 
@@ -381,7 +387,7 @@ class HfCacheHooks(CacheScans):
             elif by_caller and hooks.in_call is not None and not hooks.in_call():  # one check per crop
                 reason = CALLER_REASON
             else:
-                reason = ""
+                reason = named
             hooks.scan_cache(cache, cause, reason=reason)
             return result
 

@@ -163,3 +163,21 @@ def test_at_batch_1_the_batch_remedy_says_there_is_no_sequence_to_drop(
     # AND under beam search fewer beams still does: num_beams=1 frees half the KV
     if beams > 1:
         assert (remedies["beams"]["setting"], remedies["beams"]["saved_bytes"]) == (1, round(kv / 2))
+
+
+def test_a_batch_repeat_or_select_says_which_in_its_reason(tmp_path: Path) -> None:
+    # GIVEN a prefill of 2 prompts, then the caller repeating each row twice and selecting rows 0 and 3
+    model = build_model(tiny_size(LAYERS, KV_HEADS))
+    cache = DynamicCache(config=model.config)
+    run = tmp_path / "run"
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        model(_ids(2), **cache_arg(cache), use_cache=True)
+        cache.batch_repeat_interleave(2)
+        cache.batch_select_indices(torch.tensor([0, 3]))
+
+    # THEN each method's `reordered` events (every layer's K and V) name it as their reason, in order
+    n = LAYERS * 2
+    assert _reorder_reasons(run) == ["batch_repeat_interleave"] * n + ["batch_select_indices"] * n
+    # AND the rows each logs are its own: 4 after the repeat, 2 after the selection
+    rows = [e.shape[0] for e in read_run(run).kv_events if e.event == "reordered"]
+    assert rows == [4] * n + [2] * n
