@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = ["budget_focus", "ranks_over_budget"]
 
+# how a reason this module made begins (`budget_focus`), which a later call with another budget makes anew
+_PEAKED_HIGHEST = "peaked highest;"
+
 
 def ranks_over_budget(group: GroupReport, budget_bytes: int | None = None) -> list[int]:
     """The ranks whose device would run out under `budget_bytes`, else under the budget each was recorded
@@ -51,7 +54,7 @@ def budget_focus(group: GroupReport, budget_bytes: int | None = None) -> GroupRe
     is the one that peaked, a reason that names them all; a rank that ran out or failed stays the reason."""
     over = ranks_over_budget(group, budget_bytes)
     # a reason this made for another budget (the recorded one, before `--budget`) is "peaked" again first
-    reason = "peaked" if group.focus_reason.startswith("peaked") else group.focus_reason
+    reason = "peaked" if group.focus_reason.startswith(_PEAKED_HIGHEST) else group.focus_reason
     group = dataclasses.replace(group, over_budget_ranks=over, focus_reason=reason)
     if len(over) < 2 or reason != "peaked" or group.focus_rank not in over:
         return group
@@ -62,5 +65,5 @@ def budget_focus(group: GroupReport, budget_bytes: int | None = None) -> GroupRe
     )
     device = f" on a {human_bytes(budgets.pop())} device" if len(budgets) == 1 else " under their budgets"
     each = "both" if len(over) == 2 else "each"
-    reason = f"peaked highest; {_ranks_text(over)} would {each} run out of memory{device}"
+    reason = f"{_PEAKED_HIGHEST} {_ranks_text(over)} would {each} run out of memory{device}"
     return dataclasses.replace(group, focus_reason=reason)
