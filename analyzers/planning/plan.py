@@ -174,6 +174,11 @@ def _remedies(result: PlanResult) -> tuple[Remedy, ...]:
     if req.geometry.compressed is not None:  # DeepSeek-V4's layers run in their own DynamicCache alone
         return tuple(found)
     if req.cache in ("dynamic", "static") and req.beams == 1:  # a quantized beam search is not planned
+        # fp8 (the QuantizedCache's fp8 backend: a byte a value, `--cache fp8`), as diagnose prices it first,
+        # then int4 (quanto): each its own line, so plan and diagnose name the same changes
+        fp8 = replace(req, cache="quantized", kv_dtype="fp8", quant_backend="fp8")
+        peak = peak_at(fp8, req.batch, req.context)
+        found.append(Remedy("quantized_kv", 8, peak, peak <= gpu))
         quantized = replace(req, cache="quantized", kv_dtype="int4")
         peak = peak_at(quantized, req.batch, req.context)
         found.append(Remedy("quantized_kv", 4, peak, peak <= gpu))  # its bits, as diagnose names them

@@ -76,6 +76,11 @@ def _sentence(fix: Remedy, req: PlanRequest) -> str:
         return f"Lower the batch to {fix.setting} (peak {_size(fix.peak_bytes)})."
     if fix.kind == "context":
         return f"Shorten the context to {fix.setting:,} tokens (peak {_size(fix.peak_bytes)})."
+    if fix.kind == "quantized_kv" and fix.setting == 8:
+        return (
+            f"Quantize the KV cache to fp8 (--cache fp8, transformers' QuantizedCache fp8 backend): the peak "
+            f"becomes {_size(fix.peak_bytes)}, which {outcome}."
+        )
     if fix.kind == "quantized_kv":
         return (
             f"Quantize the KV cache to int{fix.setting} (--cache quantized): the peak becomes "

@@ -151,5 +151,24 @@ def test_plan_json_remedies_carry_their_sentence_and_bits(capsys: Any) -> None:
     # THEN each remedy in the JSON has the sentence the text prints, in the same order
     assert [remedy["sentence"] for remedy in remedies] == said and said
     # AND the quantized KV remedy names its bits, 4 (int4), as `kvtrace diagnose` does, where it was null
-    (quantized,) = [remedy for remedy in remedies if remedy["kind"] == "quantized_kv"]
-    assert quantized["setting"] == 4 and "to int4 (--cache quantized)" in quantized["sentence"]
+    quantized = [remedy for remedy in remedies if remedy["kind"] == "quantized_kv"]
+    assert [remedy["setting"] for remedy in quantized] == [8, 4]
+    assert "to int4 (--cache quantized)" in quantized[1]["sentence"]
+
+
+def test_plan_offers_the_fp8_cache_diagnose_prices_first(capsys: Any) -> None:
+    # GIVEN Llama 3 8B at batch 40 x 8,192 on 80 GiB, which does not fit with a dynamic cache
+    code, out, _ = _plan(capsys, "--preset", "llama-3-8b", "--batch", "40", "--context", "8192", "--json")
+    remedies = json.loads(out)["remedies"]
+    # WHEN the same plan is made with the fp8 cache its remedy names
+    fp8 = [r for r in remedies if r["kind"] == "quantized_kv" and r["setting"] == 8]
+    code_fp8, out_fp8, _ = _plan(
+        capsys, "--preset", "llama-3-8b", "--batch", "40", "--context", "8192", "--cache", "fp8", "--json"
+    )
+    planned = json.loads(out_fp8)
+    # THEN "To make it fit" offers it (it offered int4 alone, where `kvtrace diagnose` ranks fp8 first), at
+    # the peak and verdict that plan gives it, beside int4
+    assert code == 1 and code_fp8 == 0
+    assert [(r["peak_bytes"], r["fits"]) for r in fp8] == [(planned["peak_bytes"], planned["fits"])]
+    assert fp8[0]["sentence"].startswith("Quantize the KV cache to fp8 (--cache fp8,")
+    assert [r["setting"] for r in remedies if r["kind"] == "quantized_kv"] == [8, 4]
