@@ -48,7 +48,7 @@ from tests.vllm.workload import (
 )
 
 START_S = 300  # a cold start on a shared 2-core machine takes 25-40 s
-STOP_S = 60
+STOP_S = 180  # ~5 s here; more than a held step's HOLD_STEP_MAX_S, so that a hold a signal missed ends too
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,21 @@ def _wait_healthy(server: subprocess.Popen[bytes], port: int, log: Path) -> None
     raise AssertionError(f"vllm serve not healthy after {START_S} s:\n{log.read_text()[-5000:]}")
 
 
+def _wait_stopped(server: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait for the server to exit after its stop signal; if it does not, fail with what it printed and which
+    of its processes still run (a CI log is all there is to read afterwards)."""
+    try:
+        server.wait(STOP_S)
+    except subprocess.TimeoutExpired:
+        alive = subprocess.run(
+            ["ps", "-o", "pid,stat,etime,args", "-g", str(server.pid)], capture_output=True, text=True
+        ).stdout
+        raise AssertionError(
+            f"vllm serve still running {STOP_S} s after its stop signal; its processes:\n{alive}\n"
+            f"its log:\n{log.read_text(errors='replace')[-8000:]}"
+        ) from None
+
+
 def _complete(port: int, model: Path, token_ids: list[int]) -> dict[str, Any]:
     """One completion whose prompt is token ids (the server has no tokenizer: `--skip-tokenizer-init`)."""
     body = {"model": str(model), "prompt": token_ids, "max_tokens": NEW_TOKENS, "ignore_eos": True}
@@ -127,7 +142,7 @@ def _serve(model: Path, run_dir: Path, log: Path, stop: signal.Signals, stop_del
             os.killpg(server.pid, signal.SIGINT)  # Ctrl-C
         else:
             server.send_signal(signal.SIGTERM)  # Kubernetes: the container's main process
-        server.wait(STOP_S)
+        _wait_stopped(server, log)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
@@ -246,7 +261,7 @@ def test_ctrl_c_under_a_step_ends_the_run_interrupted_not_raised(
         hold.touch()
         time.sleep(2.0)  # the worker is in the step it holds
         os.killpg(server.pid, signal.SIGINT)
-        server.wait(STOP_S)
+        _wait_stopped(server, log)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
