@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvtrace.errors import KvtraceError
+from kvtrace.gpu_names import gpu_by_name, gpu_names_text
 
 _SIZE = re.compile(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)")
 _UNITS = {
@@ -68,6 +69,23 @@ def memory_size(value: int | float | str, option: str) -> int:
     return size
 
 
+def device_memory(value: int | float | str, option: str) -> int:
+    """A device's memory: a size as `memory_size` reads it, or a GPU's name ("H100": `gpu_names`)."""
+    try:
+        return memory_size(value, option)
+    except KvtraceError as exc:
+        shaped = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+        if not isinstance(value, str) or (shaped is not None and shaped.group(2).lower() in _UNITS):
+            raise  # a size, refused as a size ("0", "1e99GiB")
+        try:
+            gpu = gpu_by_name(value)
+        except KvtraceError as named:
+            raise KvtraceError(f"{option}: {named}") from None
+        if gpu is None:
+            raise KvtraceError(f"{exc}, or a GPU's name: {gpu_names_text()}") from None
+        return gpu.bytes
+
+
 @dataclass(frozen=True, kw_only=True)
 class RecordOptions:
     """Options of `kvtrace.record()`.
@@ -106,8 +124,16 @@ class RecordOptions:
 
     def __post_init__(self) -> None:
         # A wrong type would be stored in the manifest as given (profiler="no" turned the profiler on).
-        for name in ("profiler", "profile_memory", "record_shapes", "with_stack", "nvtx", "snapshots",
-                     "gzip_trace", "overwrite"):
+        for name in (
+            "profiler",
+            "profile_memory",
+            "record_shapes",
+            "with_stack",
+            "nvtx",
+            "snapshots",
+            "gzip_trace",
+            "overwrite",
+        ):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise KvtraceError(f"record({name}=...): True or False, got {value!r}")
@@ -124,7 +150,7 @@ class RecordOptions:
                 f"with a layout ('bhsd' or 'bshd'), got {attrs!r}"
             )
         if self.gpu_memory is not None:
-            object.__setattr__(self, "gpu_memory", memory_size(self.gpu_memory, "record(gpu_memory=...)"))
+            object.__setattr__(self, "gpu_memory", device_memory(self.gpu_memory, "record(gpu_memory=...)"))
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -12,6 +12,7 @@ import re
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 
 from kvtrace.errors import KvtraceError
+from kvtrace.gpu_names import gpu_by_name, gpu_names_text
 
 __all__ = ["MAX_SIZE", "MIN_BARE_DEVICE_MEMORY", "parse_device_memory", "parse_size"]
 
@@ -55,11 +56,27 @@ def parse_size(text: str, flag: str | None = None, positive: bool = False) -> in
 
 def parse_device_memory(text: str, flag: str) -> int:
     """Bytes of a device's memory or a budget (`--gpu-memory 80GiB`, `--budget 24GB`), as `parse_size` reads
-    them, positive; a number without a unit below 1 MiB is refused: no device has so little memory, and
-    "24" was meant as 24GiB (read as bytes, it planned a GPU of 0.02 KiB)."""
-    size = parse_size(text, flag, positive=True)
+    them, or a GPU's name (`--gpu-memory H100`: `kvtrace.gpu_names`), positive; a number without a unit
+    below 1 MiB is refused: no device has so little memory, and "24" was meant as 24GiB (read as bytes, it
+    planned a GPU of 0.02 KiB)."""
+    try:
+        size = parse_size(text, flag, positive=True)
+    except KvtraceError as exc:
+        shaped = _SIZE_PATTERN.fullmatch(text.strip())
+        if shaped is not None and shaped.group(2).lower() in _SIZE_UNITS:
+            raise  # a size, refused as a size ("0", "1e99GiB")
+        try:
+            gpu = gpu_by_name(text)
+        except KvtraceError as named:
+            raise KvtraceError(f"{flag}: {named}") from None
+        if gpu is None:
+            raise KvtraceError(f"{exc}, or a GPU's name: {gpu_names_text()}") from None
+        return gpu.bytes
     match = _SIZE_PATTERN.fullmatch(text.strip())
     if match is not None and not match.group(2) and size < MIN_BARE_DEVICE_MEMORY:
+        gpu = gpu_by_name(text)  # "4090": the card, not 4,090 bytes
+        if gpu is not None:
+            return gpu.bytes
         typed = text.strip()
         raise KvtraceError(
             f"{flag} {typed}: a number without a unit is bytes, and {size:,} B is no device's memory: give "

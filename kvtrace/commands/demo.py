@@ -74,7 +74,8 @@ class DemoCommand(Command):
         parser.add_argument(
             "--gpu-memory",
             metavar="SIZE",
-            help=f"mark where the run would run out on a device of SIZE, e.g. 8GiB (default with --size "
+            help=f"mark where the run would run out on a device of SIZE, e.g. 8GiB, or a GPU's name (T4) "
+            f"(default with --size "
             f"demo: {DEMO_GPU_MEMORY}; 'none' for no budget)",
         )
         parser.add_argument(

@@ -35,7 +35,9 @@ class DiagnoseCommand(Command):
         parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         parser.add_argument(
-            "--budget", help="price remedies against this memory budget when there is no OOM, e.g. 80GiB"
+            "--budget",
+            help="price remedies against this memory budget when there is no OOM, e.g. 80GiB, or a GPU's "
+            "name (H100, A100-40GB, L4: the total nvidia-smi shows for it)",
         )
 
     def run(self, args: argparse.Namespace) -> int:

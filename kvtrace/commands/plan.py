@@ -299,8 +299,9 @@ class PlanCommand(Command):
         )
         parser.add_argument(
             "--gpu-memory",
-            help="memory of one GPU, e.g. 80GiB, 24GB; a number without a unit is bytes, refused below 1 MiB "
-            "(default 80GiB; with --from-run, the budget the run was recorded with, else its GPU's)",
+            help="memory of one GPU, e.g. 80GiB, 24GB, or a GPU's name (H100, A100-40GB, L4, RTX-4090: the "
+            "total nvidia-smi shows for it; a note says it); a number without a unit is bytes, refused below "
+            "1 MiB (default 80GiB; with --from-run, the budget the run was recorded with, else its GPU's)",
         )
         parser.add_argument(
             "--reserve",
@@ -695,5 +696,11 @@ class PlanCommand(Command):
             )
         if run is not None:
             result = replace(result, notes=(*run.notes, *result.notes))
+        if args.gpu_memory is not None:
+            from kvtrace.gpu_names import gpu_note
+
+            named = gpu_note(args.gpu_memory, "--gpu-memory")
+            if named is not None:
+                result = replace(result, notes=(*result.notes, named))
         print_result(args.json, lambda: to_json(result), lambda: format_text(result))
         return 0 if result.fits else 1

@@ -506,5 +506,11 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     )
     if ignored is not None:
         result = replace(result, notes=(*result.notes, ignored))
+    if args.gpu_memory is not None:
+        from kvtrace.gpu_names import gpu_note
+
+        named = gpu_note(args.gpu_memory, "--gpu-memory")
+        if named is not None:
+            result = replace(result, notes=(*result.notes, named))
     print_result(args.json, lambda: vllm_to_json(result), lambda: format_vllm_text(result))
     return 0 if result.starts and result.batch_fits is not False else 1

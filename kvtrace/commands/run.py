@@ -60,7 +60,8 @@ class RunCommand(Command):
             help="record Python stacks of allocations (diagnose names them)",
         )
         parser.add_argument(
-            "--gpu-memory", help="mark where the run would run out on a device this size, e.g. 24GiB"
+            "--gpu-memory",
+            help="mark where the run would run out on a device this size, e.g. 24GiB, or a GPU's name (L4)",
         )
         parser.add_argument("target", metavar="TARGET", help="the script (or, with -m, the module) to run")
         script_args = parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")

@@ -265,7 +265,8 @@ class SweepCommand(Command):
             dest="budget",
             action=_AsTyped,
             metavar="SIZE",
-            help="device memory budget, e.g. 80GiB: rows say whether each point fits, and where it runs out",
+            help="device memory budget, e.g. 80GiB or a GPU's name (H100, L4): rows say whether each point "
+            "fits, and where it runs out",
         )
         parser.add_argument("--out", required=True, help="output directory")
         parser.add_argument("--overwrite", action="store_true", help="replace the sweep already in --out")
