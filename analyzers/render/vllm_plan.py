@@ -4,16 +4,18 @@ nothing: every figure is the plan's."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 from analyzers.planning.vllm_pipeline import layer_range_text
 from analyzers.planning.vllm_plan import VllmPlan, readable_bytes
+from analyzers.planning.vllm_start_remedies import StartRemedy
 
 __all__ = ["format_vllm_text", "vllm_to_json"]
 
 
-def vllm_to_json(result: VllmPlan) -> dict[str, Any]:
+def vllm_to_json(result: VllmPlan, remedies: Sequence[StartRemedy] = ()) -> dict[str, Any]:
     request = {k: v for k, v in asdict(result.request).items() if k != "geometry"}
     request["geometry"] = asdict(result.request.geometry)
     figures = {k: v for k, v in asdict(result).items() if k not in ("request", "notes", "refusals")}
@@ -23,6 +25,7 @@ def vllm_to_json(result: VllmPlan) -> dict[str, Any]:
         "request": request,
         **figures,
         "refusals": refusals,
+        "start_remedies": [asdict(remedy) for remedy in remedies],
         "notes": list(result.notes),
     }
 
@@ -51,7 +54,7 @@ def _sliding_rows(result: VllmPlan) -> list[tuple[str, str]]:
     ]
 
 
-def format_vllm_text(result: VllmPlan) -> str:
+def format_vllm_text(result: VllmPlan, remedies: Sequence[StartRemedy] = ()) -> str:
     req = result.request
     kv_dtype = req.kv_cache_dtype if req.kv_cache_dtype != "auto" else f"auto ({req.model_dtype})"
     tp = f", tensor parallel {req.tensor_parallel_size}" if req.tensor_parallel_size > 1 else ""
@@ -111,6 +114,9 @@ def format_vllm_text(result: VllmPlan) -> str:
                 f"{readable_bytes(result.check_bytes)} available (less the null block); the largest "
                 f"max_model_len that fits is {result.estimated_max_model_len:,}."
             )
+    if remedies:
+        lines.append("To make it start (each planned again with one setting changed):")
+        lines += [f"  [{'starts' if r.starts else 'no'}] {r.flag}: {r.text}" for r in remedies]
     lines += _batch_lines(result)
     lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)

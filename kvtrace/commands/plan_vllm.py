@@ -512,5 +512,10 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         named = gpu_note(args.gpu_memory, "--gpu-memory")
         if named is not None:
             result = replace(result, notes=(*result.notes, named))
-    print_result(args.json, lambda: vllm_to_json(result), lambda: format_vllm_text(result))
+    from analyzers.planning.vllm_start_remedies import start_remedies
+
+    remedies = start_remedies(result)
+    print_result(
+        args.json, lambda: vllm_to_json(result, remedies), lambda: format_vllm_text(result, remedies)
+    )
     return 0 if result.starts and result.batch_fits is not False else 1
