@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = [
     "failed_first",
     "failed_reason",
+    "raised_after_sigterm",
     "signalled_ns",
     "stop_mark",
     "stop_notes",
@@ -26,22 +27,37 @@ __all__ = [
 
 def stopped_from_outside(rank: RankReport) -> bool:
     """The rank's block was ended by a signal, not by a failure of its own: interrupted (a SIGTERM, a
-    Ctrl-C), or killed while it wrote its end after a SIGTERM."""
-    return rank.status == "interrupted" or killed_after_sigterm(rank.ended)
+    Ctrl-C), killed while it wrote its end after a SIGTERM, or raised after a SIGTERM reached it."""
+    return rank.status == "interrupted" or killed_after_sigterm(rank.ended) or raised_after_sigterm(rank)
+
+
+def raised_after_sigterm(rank: RankReport) -> bool:
+    """The rank's block raised after a SIGTERM reached it: torchrun stops the survivors of a rank that
+    died, and a survivor's collective in flight then raises (gloo's "Connection closed by peer", NCCL's
+    abort) before the block can stop between steps. The raise is the stop's, not a failure of its own."""
+    if rank.status != "exception" or rank.ended.get("signal") != "SIGTERM":
+        return False
+    told, ended = rank.ended.get("signal_t_ns"), rank.ended.get("t_ns")
+    return isinstance(told, int) and (not isinstance(ended, int) or told <= ended)
 
 
 def _how_stopped(rank: RankReport) -> str:
     """After "was": how a rank stopped from outside was stopped."""
     if rank.status == "running":
         return "killed while writing its end, after a SIGTERM"
+    if rank.status == "exception":
+        return f"stopped by SIGTERM, after which it raised {rank.ended.get('type') or 'an exception'}"
     return interrupted_how(rank.ended, senders=False)
 
 
 def stop_mark(rank: RankReport) -> str | None:
     """The ranks table's mark for a rank stopped by SIGTERM ("stopped by SIGTERM"), where its exception's
-    type would say `Terminated`; None for any other rank (its exception's type says how it ended)."""
+    type would say `Terminated` (or a collective's RuntimeError, raised by the stop); None for any other
+    rank (its exception's type says how it ended)."""
     if not stopped_from_outside(rank) or rank.ended.get("signal") != "SIGTERM":
         return None
+    if rank.status == "exception":
+        return f"{rank.ended.get('type') or 'raised'} after SIGTERM"
     return "killed after SIGTERM" if rank.status == "running" else "stopped by SIGTERM"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -236,3 +237,44 @@ def test_the_group_notes_say_who_was_stopped_after_whose_failure(
         "before: the job was stopped from outside (a scheduler's time limit, `docker stop`, `timeout` or "
         "`kill`, or torchrun itself stopped)"
     ) in data["notes"]
+
+
+def test_a_survivor_whose_collective_raised_after_sigterm_is_said_stopped(
+    failed_then_stopped: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the group whose rank 1 failed, with rank 0's end as a survivor leaves it when its collective is in
+    # flight as torchrun's SIGTERM comes (rank 1 killed -9 under gloo: kvtrace records the SIGTERM, then the
+    # all-reduce raises "Connection closed by peer" before the block can stop between steps)
+    group = tmp_path / "group"
+    shutil.copytree(failed_then_stopped, group)
+    manifest_path = group / "rank-0" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    stopped = manifest["ended"]
+    manifest["ended"] = {
+        "status": "exception",
+        "type": "RuntimeError",
+        "message": "[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:10151.",
+        "signal": "SIGTERM",
+        "signal_t_ns": stopped["signal_t_ns"],
+        "t_ns": stopped["t_ns"],
+    }
+    manifest_path.write_text(json.dumps(manifest))
+    raised = _ended(group, 1)
+    after = (stopped["signal_t_ns"] - raised["t_ns"]) / 1e9
+
+    # WHEN the group is reported and diagnosed
+    data = json.loads(_cli(capsys, "report", str(group), "--json", "--no-export", "-q"))
+    text = _cli(capsys, "report", str(group), "--no-export", "-q")
+
+    # THEN rank 1 is where the job failed, and rank 0 was stopped by torchrun's SIGTERM after it, its
+    # RuntimeError the stop's (it read "exception <- RuntimeError" with no word of the SIGTERM)
+    assert data["focus"] == {"rank": 1, "reason": "raised RuntimeError"}
+    said = (
+        f"rank 0 was stopped by SIGTERM {after:.1f} s after rank 1 raised RuntimeError: torchrun stops the "
+        "other ranks when one fails, so rank 1 is where the job failed"
+    )
+    assert said in data["notes"]
+    rows = {line.split()[0]: line for line in text.splitlines()[2:4]}
+    assert rows["0"].endswith("<- RuntimeError after SIGTERM") and rows["1"].endswith("<- RuntimeError")
+    other = _cli(capsys, "diagnose", str(group)).splitlines()[1]
+    assert other == "  other ranks: rank 0 RuntimeError after SIGTERM peak " + _peak(data, 0)
