@@ -265,7 +265,12 @@ def _focus(ranks: list[RankReport], oom_rank: int | None, peak_rank: int | None)
 
 
 def _total(
-    path: str, ranks: list[RankReport], reading: Reading, reading_note: str | None, missing: list[int]
+    path: str,
+    ranks: list[RankReport],
+    reading: Reading,
+    reading_note: str | None,
+    missing: list[int],
+    peak: RankReport,
 ) -> Report:
     devices = [
         dataclasses.replace(dev, device=f"rank{r.rank}/{dev.device}")
@@ -312,7 +317,9 @@ def _total(
         oom=oom,
         notes=notes,
         budget=_group_budget(ranks),
-        partial=any(r.report.partial for r in ranks),
+        # The group's peak is the peak rank's (its main device's), so it counts what that rank's counts: a
+        # rank without allocator events that did not peak leaves it measured (its own device says its unit)
+        partial=peak.report.partial,
     )
 
 
@@ -339,7 +346,7 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
     oom_rank = min(ooms, key=lambda r: (r.report.oom or {}).get("time") or 0.0).rank if ooms else None
     focus_rank, reason = _focus(ranks, oom_rank, peak.rank)
     reading, reading_note = group_reading(ranks)
-    total = _total(str(group.path), ranks, reading, reading_note, group.missing_ranks)
+    total = _total(str(group.path), ranks, reading, reading_note, group.missing_ranks, peak)
     mixed = mixed_head_counts([(r.rank, r.report) for r in ranks])
     report = GroupReport(
         path=str(group.path),

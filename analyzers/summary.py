@@ -34,7 +34,9 @@ class DeviceSummary:
     reserved_at_peak: int | None
     fragmentation_at_peak_bytes: int | None
     bytes_by_method: dict[str, int]
-    size_basis: str = "allocator"  # see DeviceEvents.size_basis
+    # The unit of the byte figures: DeviceEvents.size_basis ("requested" or "allocator"), or "tensors" where
+    # the source has no allocator events (MemorySource.kv_log_only): the KV log's and the weights' own bytes
+    size_basis: str = "allocator"
     final_allocated_rounded_bytes: int | None = None  # allocator blocks at a snapshot's dump
     # The peak is the level before the trace's first event (a trace that begins by freeing blocks it never
     # allocated): the run peaked then or earlier, unseen, and `reserved_at_peak` is what the allocator had
@@ -221,7 +223,7 @@ def _device_summary(
         reserved_at_peak=reserved_at_peak,
         fragmentation_at_peak_bytes=fragmentation,
         bytes_by_method=by_method,
-        size_basis=dev.size_basis,
+        size_basis="tensors" if source.kv_log_only else dev.size_basis,
         final_allocated_rounded_bytes=dev.final_rounded_bytes,
         peak_before_trace=before_trace,
         private_pool_free_at_peak=in_pools,

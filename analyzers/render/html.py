@@ -391,7 +391,7 @@ def _summary_table(report: Report) -> str:
     for dev in data["devices"]:
         rows.append((f"{dev['device']} peak allocated", human_bytes(dev["peak_allocated_bytes"])))
         if dev["peak_allocated_bytes"] is not None:  # in which sizes, as the text's device line says
-            basis = size_basis_said(dev["size_basis"], dev["device"], report.partial)
+            basis = size_basis_said(dev["size_basis"], dev["device"])
             rows.append(("&nbsp;&nbsp;sizes counted", basis))
         for name, value in dev["categories_at_peak"].items():
             shown = human_bytes(value)

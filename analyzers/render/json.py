@@ -16,12 +16,12 @@ NO_KV_HINT = (
 )
 
 
-def size_basis_said(size_basis: str, device: str, kv_log_only: bool = False) -> str:
+def size_basis_said(size_basis: str, device: str) -> str:
     """Which size a device's byte figures count, in a few words for the text and the page (the JSON's
     `size_basis`): a snapshot's requested bytes and a profiler's blocks differ by up to ~1 MiB a block, so a
-    figure set beside memory_viz's or memory_allocated()'s needs its unit said. `kv_log_only` (a run without
-    allocator events, `Report.partial`): its figures are the tensors' own bytes, no allocator's."""
-    if kv_log_only:
+    figure set beside memory_viz's or memory_allocated()'s needs its unit said. Each device says its own: a
+    run group's ranks may differ (one rank's profiler trace gone), as their own reports do."""
+    if size_basis == "tensors":  # a run without allocator events: the tensors' own bytes, no allocator's
         return "the KV log's and the weights' tensor sizes"
     if size_basis == "requested":
         return "requested sizes, as memory_viz's timeline counts them"

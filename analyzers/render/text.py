@@ -189,7 +189,7 @@ def report_to_text(report: Report) -> str:
             f"  {dev.device}: peak {human_bytes(dev.peak_allocated_bytes)}{cap}, final "
             f"{human_bytes(dev.final_allocated_bytes)}, "
             f"{dev.alloc_events:,} allocs / {dev.free_events:,} frees "
-            f"({size_basis_said(dev.size_basis, dev.device, report.partial)})"
+            f"({size_basis_said(dev.size_basis, dev.device)})"
         )
         if dev.alloc_events == 0 and dev.peak_allocated_bytes == 0:
             continue

@@ -1,10 +1,12 @@
 """One tensor-parallel rank planned on its own, and a group's rank folders that are not the runs their names
 say: a Hugging Face Llama sharded by its own `tp_plan="auto"` on 2 gloo ranks on CPU, recorded once with the
-profiler (its allocator events give the plan the run's activations), then copied and edited per test."""
+profiler (its allocator events give the plan the run's activations), then copied and edited per test: a rank
+folder that holds another rank's run, a rank whose profiler trace is gone."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 import ranks_worker as worker
 
+from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.format import MANIFEST
 from kvtrace.geometry import transformers_version
@@ -385,3 +388,125 @@ def test_report_of_a_folder_of_the_ranks_traces_names_the_rank_it_read_and_those
     assert rows == [
         {"rank": r, "world_size": 2, "backend": "gloo", "group_id": folder.as_posix()} for r in (0, 1)
     ]
+
+
+# A rank whose profiler trace is gone counts the KV log's storages over its weights: its fp32 shard and the
+# rotary inv_freq buffers (64 B), beside its cache's peak, the final KV and the transient copy of the last
+# update's torch.cat (one layer's V of TOKENS - 1 tokens, MAX_BATCH rows, its KV head, still held as its
+# grown copy is made).
+RANK_WEIGHTS = RANK_PARAMETERS + 64
+RANK_KV_PEAK = RANK_KV_BYTES + LOCAL_KV_HEADS * HEAD_DIM * 4 * worker.MAX_BATCH * (TOKENS - 1)
+TRACE_SIZES = "sizes as the allocator reported them"
+TENSOR_SIZES = "the KV log's and the weights' tensor sizes"
+
+
+def _without_traces(tp_group: tuple[Path, list[dict[str, Any]]], folder: Path, ranks: list[int]) -> Path:
+    """A copy of the group whose `ranks` lost their profiler/ folder (the manifest still lists the trace)."""
+    group = Path(shutil.copytree(tp_group[0], folder))
+    for rank in ranks:
+        shutil.rmtree(group / f"rank-{rank}" / "profiler")
+    return group
+
+
+def _device_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if " allocs / " in line]
+
+
+def test_group_whose_rank_lost_its_trace_labels_each_rank_as_its_own_report(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the group whose rank 1 lost its profiler trace: its figures are the KV log's over its weights,
+    # 214,336 + 5,632 B (transformers 5.25), while rank 0 keeps its allocator events
+    group = _without_traces(tp_group, tmp_path / "lost", [1])
+    own = {r: _json(capsys, ["report", str(group / f"rank-{r}"), "--no-export", "--json"]) for r in (0, 1)}
+    assert own[1]["kv"]["peak_bytes"] == RANK_KV_PEAK == 5632
+    assert own[1]["peak_allocated_bytes"] == RANK_WEIGHTS + RANK_KV_PEAK
+    # THEN each rank's own report names its unit: rank 1's no allocator's (it said "allocator")
+    assert [(own[r]["size_basis"], own[r]["partial"]) for r in (0, 1)] == [
+        ("allocator", False),
+        ("tensors", True),
+    ]
+    assert [d["size_basis"] for d in own[1]["devices"]] == ["tensors"]
+    assert own[0]["peak_allocated_bytes"] > own[1]["peak_allocated_bytes"]  # activations beside KV, weights
+    # WHEN the group is reported
+    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    # THEN each rank's device keeps its own report's figures and unit, and the group's peak is rank 0's, as
+    # measured by its allocator: not a peak of the weights and KV only because rank 1 lost its trace
+    devices = [(d["device"], d["peak_allocated_bytes"], d["size_basis"]) for d in data["devices"]]
+    assert devices == [
+        ("rank0/cpu", own[0]["peak_allocated_bytes"], "allocator"),
+        ("rank1/cpu", RANK_WEIGHTS + RANK_KV_PEAK, "tensors"),
+    ]
+    assert data["peak_rank"] == 0
+    assert (data["peak_allocated_bytes"], data["size_basis"], data["partial"]) == (
+        own[0]["peak_allocated_bytes"],
+        "allocator",
+        False,
+    )
+    # AND the text labels each rank's line as its own report does (both said the KV log's before)
+    assert main(["report", str(group), "--no-export"]) == 0
+    lines = _device_lines(capsys.readouterr().out)
+    for rank, said in ((0, TRACE_SIZES), (1, TENSOR_SIZES)):
+        assert main(["report", str(group / f"rank-{rank}"), "--no-export"]) == 0
+        (line,) = _device_lines(capsys.readouterr().out)
+        assert line.startswith("  cpu: peak ") and line.endswith(f" ({said})"), line
+        assert f"  rank{rank}/{line.lstrip()}" in lines, lines
+
+
+def test_compare_of_a_group_marks_its_peak_as_its_peak_rank_counts_it(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the group whose rank 1 lost its trace, and the group whole
+    lost, whole = _without_traces(tp_group, tmp_path / "lost", [1]), tp_group[0]
+    own_peak = [
+        _json(capsys, ["report", str(whole / f"rank-{r}"), "--no-export", "--json"])["peak_allocated_bytes"]
+        for r in (0, 1)
+    ]
+    # (rank 0 measured above what rank 1's weights and KV alone make; either rank may peak in the whole group)
+    assert own_peak[0] > RANK_WEIGHTS + RANK_KV_PEAK
+    # WHEN they are compared
+    rows = {row["label"]: row for row in _json(capsys, ["compare", str(lost), str(whole), "--json"])["runs"]}
+    # THEN the lost trace's group's peak is rank 0's measured one, unmarked as the whole group's (it was
+    # "weights + KV only" for an allocator figure), and only rank 1's own cell counts the weights and KV alone
+    cells = {label: (row["peak_bytes"], row["partial"], row["peak_counts"]) for label, row in rows.items()}
+    assert cells == {
+        "lost": (own_peak[0], False, None),
+        "group": (max(own_peak), False, None),
+        "lost/rank-0": (own_peak[0], False, None),
+        "group/rank-0": (own_peak[0], False, None),
+        "lost/rank-1": (RANK_WEIGHTS + RANK_KV_PEAK, True, "weights + KV"),
+        "group/rank-1": (own_peak[1], False, None),
+    }
+    assert any(
+        "rank 1: " in note and "is listed in the manifest but missing" in note
+        for note in rows["lost"]["notes"]
+    )
+    assert main(["compare", str(lost), str(whole)]) == 0
+    peak_line = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("peak allocated")
+    )
+    partial = f"{human_bytes(RANK_WEIGHTS + RANK_KV_PEAK)} (weights + KV only)"
+    whole_peak, rank_0, rank_1 = (human_bytes(b) for b in (max(own_peak), *own_peak))
+    cells_said = ["peak allocated", rank_0, whole_peak, rank_0, rank_0, partial, rank_1]
+    assert re.split(r"\s{2,}", peak_line.strip()) == cells_said
+
+
+def test_group_whose_ranks_all_lost_their_traces_counts_weights_and_kv_only(
+    tp_group: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the group whose ranks both lost their traces: each counts its weights and KV, the same bytes
+    group = _without_traces(tp_group, tmp_path / "bare", [0, 1])
+    # WHEN it is reported and compared
+    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    runs = _json(capsys, ["compare", str(group), str(tp_group[0]), "--json"])["runs"]
+    row = next(run for run in runs if run["label"] == "bare")
+    # THEN its peak (rank 0's, the first of two equal ones) is no allocator's, and says so
+    assert [(d["peak_allocated_bytes"], d["size_basis"]) for d in data["devices"]] == [
+        (RANK_WEIGHTS + RANK_KV_PEAK, "tensors")
+    ] * WORLD
+    assert (data["peak_rank"], data["size_basis"], data["partial"]) == (0, "tensors", True)
+    assert (row["peak_bytes"], row["partial"], row["peak_counts"]) == (
+        RANK_WEIGHTS + RANK_KV_PEAK,
+        True,
+        "weights + KV",
+    )
