@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from kvtrace.attr_patch import AttrPatch
 from kvtrace.errors import RecordingError
 from kvtrace.json_writes import write_json_atomic
 from kvtrace.run_lock import lock_for_recording
+from kvtrace.run_removal import check_run_removal
 
 
 def rank_facts() -> dict[str, Any] | None:
@@ -138,8 +139,7 @@ def run_path(out_dir: Path, facts: dict[str, Any] | None, overwrite: bool) -> Pa
                 f"{out_dir}: already holds a kvtrace run group (pass overwrite=True to replace it)"
             )
         if overwrite:
-            for folder in ranks:
-                remove_run(folder)
+            remove_runs(ranks)
             if (out_dir / fmt.GROUP_MARKER).is_file():
                 _unlink(out_dir / fmt.GROUP_MARKER)
         return out_dir
@@ -154,9 +154,7 @@ def run_path(out_dir: Path, facts: dict[str, Any] | None, overwrite: bool) -> Pa
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for other, folder in fmt.rank_dirs(out_dir):
-                if other >= world_size:
-                    remove_run(folder)
+            remove_runs([folder for other, folder in fmt.rank_dirs(out_dir) if other >= world_size])
         marker = {
             "format": fmt.GROUP_FORMAT,
             "schema_version": fmt.SCHEMA_VERSION,
@@ -168,27 +166,34 @@ def run_path(out_dir: Path, facts: dict[str, Any] | None, overwrite: bool) -> Pa
 
 
 def remove_run(folder: Path, keep_folder: bool = False) -> None:
-    """Remove the run in `folder`: the files a run owns (its manifest last, so that a removal cut short
-    still reads as a run, which `overwrite` replaces), then the folder once empty. Anything else in it is
-    the user's and stays, with the folder. A folder another recording is writing is refused."""
-    lock = lock_for_recording(folder)
+    """Remove the run in `folder` (`remove_runs`)."""
+    remove_runs([folder], keep_folder)
+
+
+def remove_runs(
+    folders: list[Path], keep_folder: bool = False, before: Callable[[], None] | None = None
+) -> None:
+    """Remove the runs in `folders`: the files each run owns (`kvtrace.run_removal`: its manifest last, so
+    that a removal cut short still reads as a run, which `overwrite` replaces), then each folder once
+    empty. Anything else in them is the user's and stays, with the folder. Every folder is locked and
+    looked at before any file goes (then `before` runs: what goes with them): one another recording is
+    writing, or holding what the removal must not touch (a link in place of profiler/), refuses them all."""
+    locks = []
     try:
-        for name in fmt.RUN_FILES:
-            _unlink(folder / name)
-        for name in fmt.RUN_DIRS:
-            if (folder / name).is_dir():
-                try:
-                    shutil.rmtree(folder / name)
-                except OSError as exc:
-                    raise RecordingError(
-                        f"{folder / name}: cannot remove ({exc.strerror or exc})", exit_code=1
-                    ) from None
-        _unlink(folder / fmt.MANIFEST)
+        for folder in folders:
+            locks.append(lock_for_recording(folder))
+        removals = [check_run_removal(folder) for folder in folders]
+        if before is not None:
+            before()
+        for removal in removals:
+            removal.remove()
     finally:
-        lock.release()  # removes the lock file
+        for lock in locks:
+            lock.release()  # removes the lock file
     if not keep_folder:
-        with contextlib.suppress(OSError):  # not empty: the user's files stay
-            folder.rmdir()
+        for folder in folders:
+            with contextlib.suppress(OSError):  # not empty: the user's files stay
+                folder.rmdir()
 
 
 def _unlink(path: Path) -> None:

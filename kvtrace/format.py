@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvtrace.run_layout import DERIVED_DIRS as DERIVED_DIRS
+from kvtrace.run_layout import EXPORT_RUNS_PARTS as EXPORT_RUNS_PARTS
 
 # Which folders are runs and run groups is part of the format, in a module of its own so that a command can
 # ask it of any input cheaply (kvtrace.run_layout): its names are the format's too.
@@ -33,8 +34,11 @@ from kvtrace.run_layout import GROUP_MARKER as GROUP_MARKER
 from kvtrace.run_layout import MANIFEST as MANIFEST
 from kvtrace.run_layout import PROFILER_DIR as PROFILER_DIR
 from kvtrace.run_layout import RANK_DIR_PREFIX as RANK_DIR_PREFIX
+from kvtrace.run_layout import RUN_DIR_FILES as RUN_DIR_FILES
+from kvtrace.run_layout import RUN_DIR_LEFTOVERS as RUN_DIR_LEFTOVERS
 from kvtrace.run_layout import RUN_DIRS as RUN_DIRS
 from kvtrace.run_layout import SNAPSHOT_DIR as SNAPSHOT_DIR
+from kvtrace.run_layout import holds_export as holds_export
 from kvtrace.run_layout import is_run_dir as is_run_dir
 from kvtrace.run_layout import is_run_group as is_run_group
 from kvtrace.run_layout import rank_dirs as rank_dirs
@@ -61,11 +65,13 @@ MANIFEST_RESERVE_BYTES = 32 * 1024
 LOCK_FILE = ".kvtrace.lock"
 
 DERIVED_FILES = ("kv_counters.trace.json.gz", "timeline.html")  # DERIVED_DIRS: kvtrace.run_layout
-# What a recording writes besides its manifest: the names, and the folders whose every file is its own. The
-# manifest's `files` lists those there at its end, never a file of the user's that shares the folder.
+# What a recording writes besides its manifest: the names, and the folders holding files of its own
+# (RUN_DIR_FILES). The manifest's `files` lists those there at its end, never a file of the user's that
+# shares the folder.
 RECORDED_FILES = (KV_EVENTS, WEIGHTS, MEMORY_SAMPLES, MODEL_CONFIG, *ENGINE_FILES)
 RECORDED_DIRS = (PROFILER_DIR, SNAPSHOT_DIR)
-# What a run owns besides its manifest: replacing a run removes these names (and RUN_DIRS), and nothing else.
+# What a run owns besides its manifest: replacing a run removes these names, and in RUN_DIRS the files of its
+# own (kvtrace.run_removal), nothing else.
 RUN_FILES = (*RECORDED_FILES, *DERIVED_FILES)
 # The largest layer index: the analyzers keep layers in int16 columns; readers refuse a larger one, and
 # `kvtrace.track()` refuses it before anything is logged.

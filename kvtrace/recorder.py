@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import gc
 import os
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -47,6 +46,7 @@ from kvtrace.run_folder import clear_run_folder, make_run_folder, recorded_files
 from kvtrace.run_lock import RunLock, lock_for_recording
 from kvtrace.run_logs import RunLogs
 from kvtrace.run_manifest import RunManifest, device_of, write_model_config
+from kvtrace.run_removal import check_run_removal
 from kvtrace.run_writer import RunWriter
 from kvtrace.step_ranges import StepRanges
 from kvtrace.term_signal import Terminated, TermSignal
@@ -478,11 +478,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                     appender.close()
         if not self._made:
             return
-        for name in (fmt.MANIFEST, *fmt.RUN_FILES):
-            with contextlib.suppress(OSError):
-                (self.path / name).unlink(missing_ok=True)
-        for folder in fmt.RUN_DIRS:
-            shutil.rmtree(self.path / folder, ignore_errors=True)
+        with contextlib.suppress(RecordingError):  # what cannot go stays: the start's own error is said
+            check_run_removal(self.path).remove(best_effort=True)
 
     def _finish(self, exc: BaseException | None) -> None:
         # Whatever is raised while the block ends (Ctrl-C while the profiler writes its trace, a hook that

@@ -20,6 +20,16 @@ DERIVED_DIRS = ("tb_scalars",)
 # The folders a run owns: replacing a run removes them; a search for runs never looks in them (a long run's
 # profiler/ holds thousands of trace files, none of them a run).
 RUN_DIRS = (PROFILER_DIR, SNAPSHOT_DIR, *DERIVED_DIRS)
+# The files of its own a run writes in each folder it owns, by name (fnmatch), as the readers take them. A
+# run's manifest lists those of profiler/ and snapshots/; replacing a run removes them, and what its writers
+# leave when killed (RUN_DIR_LEFTOVERS). Any other file in those folders is the user's, and stays.
+RUN_DIR_FILES: dict[str, tuple[str, ...]] = {
+    PROFILER_DIR: ("*.pt.trace.json", "*.pt.trace.json.gz"),
+    SNAPSHOT_DIR: ("*.pickle",),
+    "tb_scalars": ("events.out.tfevents.*",),
+}
+# kineto's unfinished trace, kvtrace's gzipped trace before its rename, an atomic write's temporary file
+RUN_DIR_LEFTOVERS = ("*.pt.trace.json.tmp", "kvtrace-writing.*", ".kvtrace-*.tmp")
 
 # A run group: one run directory per rank of a torch.distributed job, `<group>/rank-<r>/`. The marker
 # file is written by rank 0 and informative only: a folder with rank-<r>/manifest.json children is a
@@ -27,6 +37,19 @@ RUN_DIRS = (PROFILER_DIR, SNAPSHOT_DIR, *DERIVED_DIRS)
 RANK_DIR_PREFIX = "rank-"
 GROUP_MARKER = "group.json"
 GROUP_FORMAT = "kvtrace-run-group"
+
+
+# `kvtrace export`'s runs table: every export writes a part of it (`analyzers.export_parts`).
+EXPORT_RUNS_PARTS = "runs/part-*.parquet"
+
+
+def holds_export(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is an export directory (Parquet tables): a run recorded there would mix its files with
+    the tables, and the folder would be read as neither (the recorder asks without pyarrow)."""
+    try:
+        return any(Path(path).glob(EXPORT_RUNS_PARTS))
+    except OSError:
+        return False
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:

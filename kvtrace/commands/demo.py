@@ -19,10 +19,15 @@ DEMO_GPU_MEMORY = "96MiB"
 
 def refuse_occupied(out: Path, overwrite: bool) -> None:
     """Refuse, before a model is built, a folder that holds a recording (a run, or a run group's ranks):
-    only `--overwrite` replaces one, as `kvtrace.record` would say after the build."""
+    only `--overwrite` replaces one, as `kvtrace.record` would say after the build; and with it, a run
+    whose files cannot all be removed safely (a link in place of its profiler/), which it would refuse."""
     from kvtrace.run_layout import is_run_dir, rank_dirs
 
     if overwrite:
+        if is_run_dir(out):
+            from kvtrace.run_removal import check_run_removal
+
+            check_run_removal(out, with_manifest=False)  # looked at only: the recording removes them
         return
     if is_run_dir(out):
         raise KvtraceError(f"{out}: already holds a run; pass --overwrite to replace it, or --out DIR")
@@ -30,12 +35,19 @@ def refuse_occupied(out: Path, overwrite: bool) -> None:
         raise KvtraceError(f"{out}: already holds a run group; pass --overwrite to replace it, or --out DIR")
 
 
-def refuse_a_sweep(out: Path) -> None:
-    """A sweep's folder (its sweep.json) is no run's, even with --overwrite: a run there would mix one
-    recording with the sweep's table and point runs, as `kvtrace sweep` refuses a run's folder."""
+def refuse_not_a_run_folder(out: Path) -> None:
+    """A sweep's folder (its sweep.json) or an export's (Parquet tables) is no run's, even with
+    --overwrite: a run there would mix one recording with the sweep's table and point runs, or with the
+    tables, as `kvtrace sweep` refuses a run's folder."""
+    from kvtrace.run_layout import holds_export
+
     if (out / "sweep.json").exists():
         said = "a sweep's folder (sweep.json, runs/), not a run's; pass another --out DIR"
         raise KvtraceError(f"{out}: {said}")
+    if holds_export(out):
+        raise KvtraceError(
+            f"{out}: an export directory (Parquet tables), not a run's folder; pass another --out DIR"
+        )
 
 
 def default_out(cache: str, press: str | None) -> str:
@@ -133,7 +145,7 @@ class DemoCommand(Command):
             gpu_memory = DEMO_GPU_MEMORY
         budget = None if gpu_memory in (None, "none") else parse_device_memory(gpu_memory, "--gpu-memory")
         out = Path(args.out or default_out(args.cache, args.press))
-        refuse_a_sweep(out)
+        refuse_not_a_run_folder(out)
         refuse_occupied(out, args.overwrite)
         if not args.no_report:  # the page the report ends with: a pipe there is refused before recording
             check_html_target(str(out / "timeline.html"))

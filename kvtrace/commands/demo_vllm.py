@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvtrace.commands.demo import refuse_a_sweep, refuse_occupied
+from kvtrace.commands.demo import refuse_not_a_run_folder, refuse_occupied
 from kvtrace.errors import MissingPart
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def pool_bytes(size: ModelSize) -> int:
 def run_vllm_demo(args: argparse.Namespace) -> int:
     """Record the preempting workload, print the report's summary and write the HTML."""
     out = Path(args.out or "runs/demo-vllm")
-    refuse_a_sweep(out)
+    refuse_not_a_run_folder(out)
     refuse_occupied(out, args.overwrite)  # as the HF demo: no silent loss
     if importlib.util.find_spec("vllm") is None:
         raise MissingPart(

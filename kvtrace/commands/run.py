@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from kvtrace.commands.base import Command
-from kvtrace.commands.demo import refuse_a_sweep, refuse_occupied
+from kvtrace.commands.demo import refuse_not_a_run_folder, refuse_occupied
 from kvtrace.errors import KvtraceError
 from kvtrace.term_signal import Terminated
 
@@ -40,7 +40,8 @@ class RunCommand(Command):
     Exit status: the script's (its sys.exit code; 1 when it raised, after its traceback; on Ctrl-C, after
     its traceback, killed by SIGINT as Python is: 130 in a shell; killed by SIGTERM when it is stopped by
     one, 143 in a shell; its run written and named either way); 2 for a bad flag, a script or module that is
-    not there, or an output folder that holds a run (--overwrite replaces it).
+    not there, an output folder that holds a run (--overwrite replaces it; it refuses, before the script
+    runs, a run whose profiler/ is a symbolic link) or an export's tables.
     """
 
     name = "run"
@@ -89,7 +90,7 @@ class RunCommand(Command):
             path0 = os.path.dirname(os.path.realpath(target))
         name = target.rsplit(".", 1)[-1] if args.module else Path(target).stem
         out = Path(args.out) if args.out is not None else Path("runs") / name
-        refuse_a_sweep(out)
+        refuse_not_a_run_folder(out)
         refuse_occupied(out, args.overwrite)
         # Registered before torch's exit handlers and the script's, so that it runs after them
         sigint_at_exit = _SigintAtExit()
@@ -106,6 +107,7 @@ class RunCommand(Command):
         if gpu_memory is not None:
             options["gpu_memory"] = gpu_memory
         status = 0
+        started = False  # whether the script ran: a recording that failed to start recorded nothing
         raised: BaseException | None = None
         argv, path = list(sys.argv), list(sys.path)
         stdout = sys.stdout
@@ -118,6 +120,7 @@ class RunCommand(Command):
                 # Not before the line saying where the run is: a SLURM log's only pointer to it
                 recording.dies_of_sigterm = False
                 with recording:
+                    started = True
                     try:
                         if args.module:
                             runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -127,13 +130,16 @@ class RunCommand(Command):
                         status = _exit_status(exc.code)
             except KvtraceError:
                 raise
-            except KeyboardInterrupt as exc:  # its traceback, as Python prints it; it dies of SIGINT at exit
-                status, raised = 130, exc
-                sigint_at_exit.armed = True
-            except Terminated:  # no traceback, as Python's default prints none; it dies of SIGTERM below
-                status = 143
-            except BaseException as exc:  # the script's own error: its run is written, its traceback shown
-                status, raised = 1, exc
+            except BaseException as exc:
+                if not started:  # kvtrace's start failed: the script never ran, no run is there to name
+                    raise
+                if isinstance(exc, KeyboardInterrupt):  # its traceback, as Python prints it; it dies of
+                    status, raised = 130, exc  # SIGINT at exit
+                    sigint_at_exit.armed = True
+                elif isinstance(exc, Terminated):  # no traceback, as Python's default prints none; it dies
+                    status = 143  # of SIGTERM below
+                else:  # the script's own error: its run is written, its traceback shown
+                    status, raised = 1, exc
         finally:
             sys.argv[:], sys.path[:] = argv, path
             if vllm_inproc:

@@ -154,12 +154,17 @@ def _refuse_a_run_as_out(given: str) -> None:
     """Refuse an OUT that is no sweep's folder, even with --overwrite (which replaces a sweep): "" (the
     current folder), and a run or a run group, whose folder would then mix one recording with a sweep's
     table and point runs."""
-    from kvtrace.run_layout import is_run_dir, rank_dirs
+    from kvtrace.run_layout import holds_export, is_run_dir, rank_dirs
 
     unnamed = unnamed_path(given)
     if unnamed is not None:
         raise KvtraceError(f"--out: {unnamed}")
     kind = "run" if is_run_dir(given) else "run group" if rank_dirs(given) else None
+    if kind is None and holds_export(given):
+        raise KvtraceError(
+            f"{given}: an export directory (Parquet tables), not a sweep's folder (sweep.json, runs/); pass "
+            "another --out DIR"
+        )
     if kind is not None:
         raise KvtraceError(
             f"{given}: a kvtrace {kind}, not a sweep's folder (sweep.json, runs/); pass another --out DIR"
@@ -168,16 +173,18 @@ def _refuse_a_run_as_out(given: str) -> None:
 
 def _remove_sweep(out: Path, points: list[Path]) -> None:
     """What --overwrite replaces, before any point is recorded: the old table and page (a sweep cut short
-    must not list points that are gone), then each old point's run files (a user's own files stay)."""
-    from kvtrace.distributed import remove_run
+    must not list points that are gone), then each old point's run files (a user's own files stay). Every
+    point is looked at first: one whose files cannot all go safely refuses the overwrite, nothing removed."""
+    from kvtrace.distributed import remove_runs
 
-    for name in ("sweep.json", "sweep.html"):
-        try:
-            (out / name).unlink(missing_ok=True)
-        except OSError as exc:
-            raise cannot_write(out / name, exc, verb="remove") from None
-    for folder in points:
-        remove_run(folder)
+    def remove_table() -> None:
+        for name in ("sweep.json", "sweep.html"):
+            try:
+                (out / name).unlink(missing_ok=True)
+            except OSError as exc:
+                raise cannot_write(out / name, exc, verb="remove") from None
+
+    remove_runs(points, before=remove_table)
 
 
 def _point_row(run_dir: Path, budget: int | None, status: str) -> dict[str, Any]:

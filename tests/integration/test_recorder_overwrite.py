@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,100 @@ def test_the_manifest_lists_the_runs_files_not_the_users(
     (run / "sub" / "x").unlink()
     notes = report_json(run, capsys)["notes"]
     assert not any("listed in the manifest but missing" in note for note in notes), notes
+
+
+SAMPLE_RUN = REPO_ROOT / "sample_traces" / "dynamic_b2"
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    """Every file below `folder` (links followed) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _record_one_tensor(run: Path) -> None:
+    with kvtrace.record(run, overwrite=True, profiler=False):
+        kvtrace.track(torch.zeros(1, 2, 4, 8), layer=0, kind="k")
+
+
+@pytest.mark.parametrize("damage", ["profiler is a link", "weights.jsonl is a folder"])
+def test_overwrite_refuses_a_run_it_cannot_replace_whole_and_removes_nothing(
+    tmp_path: Path, damage: str
+) -> None:
+    # GIVEN a run whose profiler/ is a link to a folder elsewhere (a larger disk), or whose weights.jsonl is a
+    # folder of the user's
+    run, elsewhere = tmp_path / "run", tmp_path / "scratch"
+    shutil.copytree(SAMPLE_RUN, run)
+    if damage == "profiler is a link":
+        (run / "profiler").rename(elsewhere)
+        (run / "profiler").symlink_to(elsewhere)
+        path, said = run / "profiler", "a symbolic link where the run's profiler/ folder goes"
+    else:
+        (run / "weights.jsonl").unlink()
+        (run / "weights.jsonl").mkdir()
+        (run / "weights.jsonl" / "mine.txt").write_text("mine")
+        path, said = run / "weights.jsonl", "a folder where the run has a file of that name"
+    before = _listing(run)
+
+    # WHEN it is recorded again with overwrite=True
+    with pytest.raises(RecordingError) as refused:
+        _record_one_tensor(run)
+
+    # THEN one line naming the path (it was an OSError's traceback after the run's logs were deleted), and
+    # every file of the old run is as it was, the trace behind the link too
+    assert str(refused.value).startswith(f"{path}: {said}") and "nothing was removed" in str(refused.value)
+    assert refused.value.exit_code == 2
+    assert _listing(run) == before
+
+
+def test_overwrite_removes_the_runs_files_and_keeps_the_users_in_its_folders(tmp_path: Path) -> None:
+    # GIVEN a run with files of the user's in profiler/, snapshots/ and tb_scalars/, beside the run's own:
+    # its trace, a snapshot, TensorBoard scalars, and a file its manifest lists below profiler/
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLE_RUN, run)
+    (run / "profiler" / "notes.txt").write_text("my notes")
+    (run / "profiler" / "sub").mkdir()
+    (run / "profiler" / "sub" / "extra.json").write_text("{}")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["files"].append("profiler/sub/extra.json")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    (run / "snapshots").mkdir()
+    (run / "snapshots" / "exit.pickle").write_bytes(b"old")
+    (run / "snapshots" / "keep.txt").write_text("keep")
+    (run / "tb_scalars").mkdir()
+    (run / "tb_scalars" / "events.out.tfevents.1.host.1.0").write_bytes(b"old")
+    (run / "tb_scalars" / "mine.txt").write_text("mine")
+
+    # WHEN it is recorded again with overwrite=True, twice
+    for _ in range(2):
+        _record_one_tensor(run)
+
+        # THEN the old run's files are gone and the user's are there, unchanged, in their folders (both
+        # used to be removed with the folders); the new manifest lists none of the user's files, so the
+        # second overwrite keeps them too
+        kept = {
+            "profiler/notes.txt": b"my notes",
+            "snapshots/keep.txt": b"keep",
+            "tb_scalars/mine.txt": b"mine",
+        }
+        recorded = json.loads((run / "manifest.json").read_text())["files"]
+        assert recorded == ["kv_events.jsonl", "manifest.json", "memory_samples.jsonl"]
+        assert _listing(run) == {**kept, **{name: (run / name).read_bytes() for name in recorded}}
+        assert not (run / "profiler" / "sub").exists()  # emptied by the removal: gone with it
+
+
+def test_recording_into_an_export_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtrace.cli import main
+
+    # GIVEN an export directory (Parquet tables)
+    tables = tmp_path / "tables"
+    assert main(["export", str(SAMPLE_RUN), "-o", str(tables), "-q"]) == 0
+    capsys.readouterr()
+    before = _listing(tables)
+    # WHEN a run is recorded into it THEN it is refused in one line, the tables as they were
+    with pytest.raises(RecordingError) as refused:
+        _record_one_tensor(tables)
+    said = "an export directory (Parquet tables), not a run's folder: record into a new or empty folder"
+    assert str(refused.value) == f"{tables}: {said}"
+    assert _listing(tables) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,27 @@ def test_bad_targets_and_occupied_folders_are_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "r: already holds a run; pass --overwrite" in done.stderr
     assert _kvtrace_run(tmp_path, "-o", "r", "--overwrite", "user.py").returncode == 0
+
+
+def test_overwrite_of_a_run_it_cannot_replace_safely_is_one_line_and_runs_nothing(tmp_path: Path) -> None:
+    # GIVEN a run whose profiler/ is a link to a folder elsewhere
+    run, elsewhere = tmp_path / "A", tmp_path / "T"
+    shutil.copytree(REPO_ROOT / "sample_traces" / "dynamic_b2", run)
+    (run / "profiler").rename(elsewhere)
+    (run / "profiler").symlink_to(Path("..") / "T")
+    before = sorted(p.name for p in run.iterdir())
+
+    # WHEN `kvtrace run --overwrite` records a script into it
+    done = _kvtrace_run(tmp_path, "-o", "A", "--overwrite", "user.py", script='print("the script ran")\n')
+
+    # THEN one line naming the link, exit status 2, before the script runs; no "recorded" line (it was exit
+    # status 1, OSError's traceback, the old run's logs deleted, and "kvtrace run: recorded A")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (
+        "kvtrace run: error: A/profiler: a symbolic link where the run's profiler/ folder goes (kvtrace "
+        "removes nothing through one): nothing was removed; remove the link, or record into another folder\n"
+    )
+    assert sorted(p.name for p in run.iterdir()) == before and len(list(elsewhere.iterdir())) == 1
 
 
 def test_a_module_runs_with_dash_m(tmp_path: Path, capsys: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def _fake_full_run(folder: Path) -> None:
     for name in (KV_EVENTS, WEIGHTS, MEMORY_SAMPLES, "timeline.html"):
         (folder / name).write_text("")
     (folder / "profiler").mkdir()
-    (folder / "profiler" / "trace.json").write_text("{}")
+    (folder / "profiler" / "host_7.1796139297214739841.pt.trace.json").write_text(
+        "{}"
+    )  # as the profiler names it
     (folder / "notes.txt").write_text("mine")
 
 
@@ -137,6 +140,70 @@ def test_overwrite_refuses_a_rank_folder_another_recording_is_writing(tmp_path):
     finally:
         lock.release()
     assert is_run_dir(out / "rank-0")
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_overwrite_refuses_a_rank_whose_profiler_is_a_link_before_removing_any_rank(tmp_path):
+    # GIVEN a group of 4 ranks, rank 3's profiler/ a link to a folder elsewhere (the old trace is there)
+    out = tmp_path / "group"
+    for rank in range(4):
+        _fake_full_run(out / f"rank-{rank}")
+    elsewhere = tmp_path / "scratch"
+    (out / "rank-3" / "profiler").rename(elsewhere)
+    (out / "rank-3" / "profiler").symlink_to(elsewhere)
+    before, kept = _listing(out), _listing(elsewhere)
+
+    # WHEN a world of 2 replaces it THEN rank 3 is refused in one line naming the link, before rank 2 loses
+    # a file (the removal used to empty rank 2, then raise OSError "Cannot call rmtree on a symbolic link")
+    said = re.escape(f"{out / 'rank-3' / 'profiler'}: a symbolic link where the run's profiler/ folder goes")
+    with pytest.raises(RecordingError, match=f"^{said}.*: nothing was removed; remove the link") as refused:
+        run_path(out, _facts(0, 2), overwrite=True)
+    assert refused.value.exit_code == 2
+    assert _listing(out) == before and _listing(elsewhere) == kept
+
+
+def test_removing_a_rank_keeps_the_users_files_in_its_profiler_and_snapshots_folders(tmp_path):
+    # GIVEN rank 2 of a group with files of the user's in profiler/ and snapshots/, beside the run's
+    out = tmp_path / "group"
+    for rank in range(3):
+        _fake_full_run(out / f"rank-{rank}")
+    rank_2 = out / "rank-2"
+    (rank_2 / "profiler" / "notes.txt").write_text("mine")
+    (rank_2 / "snapshots").mkdir()
+    (rank_2 / "snapshots" / "exit.pickle").write_bytes(b"")
+    (rank_2 / "snapshots" / "keep.txt").write_text("mine too")
+
+    # WHEN a world of 2 replaces the group
+    run_path(out, _facts(0, 2), overwrite=True)
+
+    # THEN only the run's own files went: its trace and snapshot; the user's stay, with their folders
+    assert _listing(rank_2) == [
+        "notes.txt",
+        "profiler",
+        "profiler/notes.txt",
+        "snapshots",
+        "snapshots/keep.txt",
+    ]
+    assert (rank_2 / "profiler" / "notes.txt").read_text() == "mine"
+
+
+def test_a_rank_whose_log_is_a_folder_is_refused_with_nothing_removed(tmp_path):
+    # GIVEN a plain run whose weights.jsonl is a folder (of the user's: no run writes one)
+    out = tmp_path / "run"
+    _fake_full_run(out)
+    (out / WEIGHTS).unlink()
+    (out / WEIGHTS).mkdir()
+    (out / WEIGHTS / "mine.txt").write_text("mine")
+    before = _listing(out)
+    # WHEN a group replaces it THEN rank 0 refuses in one line; kv_events.jsonl (removed first) is still there
+    with pytest.raises(
+        RecordingError, match=re.escape(f"{out / WEIGHTS}: a folder where the run has a file")
+    ):
+        run_path(out, _facts(0, 2), overwrite=True)
+    assert _listing(out) == before
 
 
 def test_a_rank_whose_manifest_is_a_link_loop_is_named_not_called_missing(
