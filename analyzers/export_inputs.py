@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from analyzers.readers.folders import LEFT_OUT_WHY, FolderSearch, Found, unreadable
 from analyzers.readers.sources import missing
-from kvtrace.errors import KvtraceError, unnamed_path
+from kvtrace.errors import KvtraceError, lies_inside, same_path, unnamed_path
+from kvtrace.run_layout import is_run_dir, is_run_group
 
 
 @dataclass(frozen=True)
@@ -135,3 +136,38 @@ def export_dir_given(root: Path) -> str:
         f"{root}: an export directory (Parquet tables), not a run, trace or snapshot: load or query it on "
         f"its own (kvtrace.load_tables('{root}'), `kvtrace query {root} SQL`), not with other inputs"
     )
+
+
+def refuse_an_input_as_out(paths: list[str | os.PathLike[str]], out_dir: Path) -> None:
+    """Refuse, before anything is read or written, an export folder that is one of the inputs, or lies
+    inside an input that is a run or run group, or is itself a run, run group or sweep's folder: its tables
+    would be written into the recording (whose folder then reads as an export directory, not a run: it can
+    no longer be exported), or into a sweep's runs/ beside its point runs."""
+    for given in paths:
+        if unnamed_path(given) is not None:  # named by find_inputs, as a missing input
+            continue
+        if same_path(out_dir, given):
+            said = f"is an input ({os.fspath(given)})"
+            raise KvtraceError(f"{out_dir}: {said}; give the tables a folder of their own as -o DIR")
+        kind = "run" if is_run_dir(given) else "run group" if is_run_group(given) else None
+        if kind is not None and lies_inside(out_dir, given):
+            said = f"inside the {kind} {os.fspath(given)}, an input"
+            raise KvtraceError(f"{out_dir}: {said}; give the tables a folder of their own as -o DIR")
+    kind = (
+        "a kvtrace run" if is_run_dir(out_dir) else "a kvtrace run group" if is_run_group(out_dir) else None
+    )
+    if kind is None and (out_dir / "sweep.json").exists():
+        kind = "a sweep's folder (sweep.json, runs/)"
+    if kind is not None:
+        raise KvtraceError(
+            f"{out_dir}: {kind}, not an export directory; give the tables a folder of their own"
+        )
+
+
+def refuse_out_inside_a_run(inputs: list[Input], out_dir: Path) -> None:
+    """Refuse an export folder inside a run directory found among the inputs (`export runs -o runs/a/x`),
+    as inside one named: the tables would be written into the recording."""
+    for inp in inputs:
+        if inp.path.is_dir() and lies_inside(out_dir, inp.path):
+            said = f"inside the run {inp.run_id}, an input"
+            raise KvtraceError(f"{out_dir}: {said}; give the tables a folder of their own as -o DIR")

@@ -21,7 +21,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from analyzers.export_groups import GroupIds
-from analyzers.export_inputs import READ_ERRORS, Input, find_inputs, parquet_text, read_problem
+from analyzers.export_inputs import (
+    READ_ERRORS,
+    Input,
+    find_inputs,
+    parquet_text,
+    read_problem,
+    refuse_an_input_as_out,
+    refuse_out_inside_a_run,
+)
 from analyzers.export_parts import (
     _PART,
     ROW_GROUP_ROWS,
@@ -171,6 +179,7 @@ def export(
     it. Raises KvtraceError only when `out_dir` itself is unusable.
     """
     root = Path(out_dir)
+    refuse_an_input_as_out(paths, root)  # before a trace named as -o is said to be "a file" in the way
     if root.exists() and not root.is_dir():
         raise cannot_write(root, None, folder=True)  # exit 1, as every output that cannot be written
     try:
@@ -182,6 +191,7 @@ def export(
         ) from None
     left_out: list[tuple[str, str]] = []
     inputs, problems = find_inputs(paths, left_out)
+    refuse_out_inside_a_run(inputs, root)
     for path, why in left_out:
         if note is not None:
             note(f"note: {path}: {why}")

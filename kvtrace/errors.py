@@ -141,6 +141,26 @@ def file_in_the_way(path: Path, folder: bool = False) -> Path | None:
     return next((p for p in candidates if p.exists() and not p.is_dir()), None)
 
 
+def same_path(output: str | os.PathLike[str], given: str | os.PathLike[str]) -> bool:
+    """Whether an output path names the input `given`: as written, once links are followed (realpath), or
+    as the same file (a hard link). The readers know an input by its content, not its name, so a trace
+    named `t.html` passes every check on an HTML output's name; written over, the input is gone."""
+    if os.path.abspath(output) == os.path.abspath(given):
+        return True
+    if os.path.realpath(output) == os.path.realpath(given):
+        return True
+    try:
+        return os.path.samefile(output, given)
+    except (OSError, ValueError):  # either is missing: not one file
+        return False
+
+
+def lies_inside(output: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether an output path lies inside `folder` (or is it), links followed on both sides."""
+    inner, outer = Path(os.path.realpath(output)), Path(os.path.realpath(folder))
+    return inner == outer or outer in inner.parents
+
+
 def cannot_write(path: Path, exc: OSError | None, verb: str = "write", folder: bool = False) -> KvtraceError:
     """The one-line error, exit status 1, for an output that cannot be written. When a file stands in the
     way, the OS says "File exists" or "Not a directory", which reads as if the output were there already:

@@ -47,7 +47,7 @@ class CompareCommand(Command):
         from analyzers.render.compare import comparison_to_html, comparison_to_text
         from analyzers.report import build_report
 
-        check_html_target(args.output)
+        check_html_target(args.output, args.runs)
         if len(args.runs) < 2:
             held = _runs_inside(Path(args.runs[0])) if args.runs else []
             if len(held) >= 2:  # a folder of runs: say how to name them

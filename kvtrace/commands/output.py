@@ -11,11 +11,11 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way, os_reason, special_output
+from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way, os_reason, same_path, special_output
 
 
 def strict_json(value: Any) -> Any:
@@ -212,15 +212,21 @@ def print_after_writing(print_it: Callable[[], None], written: str) -> None:
         raise StdoutError(f"{exc}; {written}") from None
 
 
-def check_html_target(target: str | None) -> None:
-    """Refuse an `-o` that cannot take an HTML page before any work is done: an empty path, a folder, a
-    named pipe or a device (or a link to one), an existing file that is not HTML (`-o run/manifest.json`
-    would destroy the run being reported), or a path below a file."""
+def check_html_target(target: str | None, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
+    """Refuse an `-o` that cannot take an HTML page before any work is done: an empty path, one of the
+    command's `inputs` (a trace named `t.html` is read by its content: `report t.html -o t.html` replaced it
+    with its own page), a folder, a named pipe or a device (or a link to one), an existing file that is not
+    HTML (`-o run/manifest.json` would destroy the run being reported), or a path below a file."""
     if target is None:
         return
     out = Path(target)
     if not str(target).strip():
         raise KvtraceError("-o/--output: empty path")
+    for given in inputs:
+        if str(given).strip() and same_path(out, given):
+            raise KvtraceError(
+                f"{out}: is an input ({given}), which the page would replace; give another -o path"
+            )
     if out.is_dir():
         raise KvtraceError(f"{out}: is a folder; give a file path such as {out / 'report.html'}")
     kind = special_output(out)

@@ -27,7 +27,8 @@ class ReportCommand(Command):
     and TensorBoard: kv_counters.trace.json.gz (KV bytes as Chrome-trace counters) and tb_scalars/ (KV bytes
     per step as TensorBoard scalars). --no-export leaves the run as it is. A run may come from anyone: where
     one of those two is a symbolic link (or not a file, not a folder) it is left alone, with a warning.
-    -o writes the page whole to a temporary file, then renames it over the path: a symbolic link at the
+    -o naming the input (by any path, a link to it) is refused: a trace is read by its content, whatever its
+    name. -o writes the page whole to a temporary file, then renames it over the path: a symbolic link at the
     path is replaced by the page, the file it pointed to is left alone; a named pipe or a device there (or
     a link to one, as /dev/stdout is) is refused.
     A run's files that cannot be written (a read-only run, a full disk) get a warning line each, and the
@@ -54,7 +55,7 @@ class ReportCommand(Command):
         from analyzers.render.json import report_to_json
         from analyzers.report import build_report
 
-        check_html_target(args.output)
+        check_html_target(args.output, [args.path])
         path = Path(args.path)
         require_input(path)
         if is_run_group(path):

@@ -580,6 +580,90 @@ def test_an_output_below_a_file_is_refused_before_the_work_with_status_1(tmp_pat
     assert parent.read_text() == "x"
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_html_output_that_is_an_input_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a trace named t.html (the readers know it by its content), and a link to it
+    trace = tmp_path / "t.html"
+    shutil.copy(next((SAMPLES / "static_b2" / "profiler").iterdir()), trace)
+    (tmp_path / "link.html").symlink_to("t.html")
+    content = trace.read_bytes()
+    run = str(SAMPLES / "dynamic_b2")
+    for argv, out, given in [
+        (["report", str(trace), "-q", "-o", str(trace)], trace, trace),
+        (["report", str(tmp_path / "link.html"), "-q", "-o", str(trace)], trace, tmp_path / "link.html"),
+        (["report", str(trace), "-q", "-o", str(tmp_path / "link.html")], tmp_path / "link.html", trace),
+        (
+            ["compare", str(trace), run, "-o", str(tmp_path / "x" / ".." / "t.html")],
+            tmp_path / "x/../t.html",
+            trace,
+        ),
+    ]:
+        # WHEN -o names it, as typed, through a link, or by another path
+        # THEN one line and status 2 before any work (the page replaced the trace), the trace as it was
+        assert main(argv) == 2
+        said = f"{out}: is an input ({given}), which the page would replace; give another -o path"
+        assert capsys.readouterr() == ("", f"kvtrace {argv[0]}: error: {said}\n")
+        assert trace.read_bytes() == content and (tmp_path / "link.html").is_symlink()
+
+
+def test_an_export_into_an_input_or_a_run_is_refused_and_a_run_into_an_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run C, a folder of runs holding it, and an export directory E
+    runs = tmp_path / "runs"
+    run = runs / "C"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    tables = tmp_path / "E"
+    assert main(["export", str(SAMPLES / "static_b2"), "-q", "-o", str(tables)]) == 0
+    capsys.readouterr()
+    before, exported = _files(runs), _files(tables)
+    # WHEN the run is exported into itself, below itself, below a run found in a folder exported, or into
+    # another run (the tables used to land in the run, which was then "an export directory, not a run")
+    other = tmp_path / "other"
+    shutil.copytree(SAMPLES / "static_b2", other)
+    for argv, said in [
+        (["export", str(run), "-o", str(run)], f"{run}: is an input ({run})"),
+        (["export", str(run), "-o", str(run / "t")], f"{run / 't'}: inside the run {run}, an input"),
+        (
+            ["export", str(runs), "-o", str(run / "t")],
+            f"{run / 't'}: inside the run {runs.as_posix()}/C, an input",
+        ),
+    ]:
+        # THEN one line, status 2, nothing written
+        assert main([*argv, "-q"]) == 2
+        assert capsys.readouterr() == (
+            "",
+            f"kvtrace export: error: {said}; give the tables a folder of their own as -o DIR\n",
+        )
+    assert main(["export", str(run), "-q", "-o", str(other)]) == 2
+    said = f"{other}: a kvtrace run, not an export directory; give the tables a folder of their own"
+    assert capsys.readouterr().err == f"kvtrace export: error: {said}\n"
+    assert _files(runs) == before and not (other / "runs").exists()
+    # AND the run is still exported (it used to be refused as an export directory)
+    assert main(["export", str(run), "-q", "-o", str(tmp_path / "tables")]) == 0
+    capsys.readouterr()
+
+    # WHEN a run or a sweep is recorded into the export directory THEN it is refused, as a sweep's folder is
+    (tmp_path / "user.py").write_text("print('ran')\n")
+    for argv in (
+        ["run", "-o", str(tables), str(tmp_path / "user.py")],
+        ["demo", "--size", "tiny", "--no-report", "--out", str(tables), "--overwrite"],
+        ["sweep", "--size", "tiny", "--batch", "1", "--context", "8", "--out", str(tables)],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"kvtrace {argv[0]}: error: {tables}: an export directory (Parquet tables), not a "
+        )
+        assert err.count("\n") == 1
+    assert _files(tables) == exported
+
+
 def test_a_demo_into_a_path_that_is_a_file_is_one_line_and_status_1(tmp_path: Path) -> None:
     target = tmp_path / "taken"
     target.write_text("not a folder")
