@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvtrace.errors import KvtraceError
-from kvtrace.gpu_names import gpu_by_name, gpu_names_text
+from kvtrace.gpu_names import gpu_names_text, named_gpu
 
 _SIZE = re.compile(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)")
 _UNITS = {
@@ -70,20 +70,22 @@ def memory_size(value: int | float | str, option: str) -> int:
 
 
 def device_memory(value: int | float | str, option: str) -> int:
-    """A device's memory: a size as `memory_size` reads it, or a GPU's name ("H100": `gpu_names`)."""
+    """A device's memory: a GPU's name ("H100", "4090": `gpu_names.named_gpu`), or a size as `memory_size`
+    reads it."""
+    if isinstance(value, str):
+        try:
+            gpu = named_gpu(value)
+        except KvtraceError as named:
+            raise KvtraceError(f"{option}: {named}") from None
+        if gpu is not None:
+            return gpu.bytes
     try:
         return memory_size(value, option)
     except KvtraceError as exc:
         shaped = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
         if not isinstance(value, str) or (shaped is not None and shaped.group(2).lower() in _UNITS):
             raise  # a size, refused as a size ("0", "1e99GiB")
-        try:
-            gpu = gpu_by_name(value)
-        except KvtraceError as named:
-            raise KvtraceError(f"{option}: {named}") from None
-        if gpu is None:
-            raise KvtraceError(f"{exc}, or a GPU's name: {gpu_names_text()}") from None
-        return gpu.bytes
+        raise KvtraceError(f"{exc}, or a GPU's name: {gpu_names_text()}") from None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -222,13 +222,13 @@ def check_html_target(target: str | None, inputs: Sequence[str | os.PathLike[str
     out = Path(target)
     if not str(target).strip():
         raise KvtraceError("-o/--output: empty path")
+    if out.is_dir():  # an input folder too (a run): the fix is a file in it
+        raise KvtraceError(f"{out}: is a folder; give a file path such as {out / 'report.html'}")
     for given in inputs:
         if str(given).strip() and same_path(out, given):
             raise KvtraceError(
                 f"{out}: is an input ({given}), which the page would replace; give another -o path"
             )
-    if out.is_dir():
-        raise KvtraceError(f"{out}: is a folder; give a file path such as {out / 'report.html'}")
     kind = special_output(out)
     if kind is not None:
         raise KvtraceError(f"{out}: {kind}, not a regular file; the HTML page is written to a file only")

@@ -346,7 +346,11 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         return int(value) if value is not None else None
 
     if args.gpu_memory is not None:
+        from kvtrace.gpu_names import DRIVER_RESERVE_BYTES, named_gpu
+
         gpu_memory = parse_device_memory(args.gpu_memory, "--gpu-memory")
+        if named_gpu(args.gpu_memory) is not None:  # nvidia-smi's total: vLLM multiplies CUDA's, less
+            gpu_memory -= DRIVER_RESERVE_BYTES
     else:  # the run's device, else an 80 GiB GPU
         gpu_memory = int(measured.get("gpu_memory_bytes") or parse_size("80GiB"))
     max_model_len, length_note = _max_model_len(args, measured, geometry)
@@ -509,7 +513,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     if args.gpu_memory is not None:
         from kvtrace.gpu_names import gpu_note
 
-        named = gpu_note(args.gpu_memory, "--gpu-memory")
+        named = gpu_note(args.gpu_memory, "--gpu-memory", vllm=True)
         if named is not None:
             result = replace(result, notes=(*result.notes, named))
     from analyzers.planning.vllm_start_remedies import start_remedies

@@ -14,7 +14,7 @@ import pytest
 from analyzers.planning.size_text import parse_device_memory
 from kvtrace.commands.plan import PlanCommand
 from kvtrace.errors import KvtraceError
-from kvtrace.gpu_names import GPUS, gpu_by_name
+from kvtrace.gpu_names import DRIVER_RESERVE_BYTES, GPUS, gpu_by_name, named_gpu
 from kvtrace.options import RecordOptions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,9 @@ H100_MIB = 81_559  # "NVIDIA H100 80GB HBM3 ... 0MiB / 81559MiB" in nvidia-smi
         ("A100-SXM4-40GB", 40_960),
         ("NVIDIA A100 80GB PCIe", 81_920),
         ("a100-80g", 81_920),
-        ("Tesla V100-SXM2-16GB", 16_384),
+        ("H100 (94 GB)", 95_830),  # a size written apart
+        ("A100 80 GB", 81_920),
+        ("NVIDIA GeForce RTX 4090 D", 24_564),
         ("NVIDIA GeForce RTX 4090", 24_564),
         ("rtx4090", 24_564),
         ("4090", 24_564),  # no device has 4,090 bytes: the card
@@ -61,11 +63,33 @@ def test_sizes_read_as_before() -> None:
 def test_a_card_sold_in_two_sizes_needs_its_size() -> None:
     with pytest.raises(KvtraceError, match=r"^--budget: 'A100' comes in more than one memory size: write "):
         parse_device_memory("A100", "--budget")
-    with pytest.raises(KvtraceError, match=r"V100-32GB or V100-16GB"):
-        parse_device_memory("v100", "--gpu-memory")
     # a size no card of that name has
     with pytest.raises(KvtraceError, match=r"'h100 40gb': kvtrace knows H100-NVL or H100-80GB"):
         parse_device_memory("h100 40gb", "--gpu-memory")
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "NVIDIA GeForce RTX 4090 Laptop GPU",  # torch's name of a 16 GB laptop part
+        "NVIDIA GeForce RTX 5090 D v2",  # 24 GB
+        "NVIDIA H100 80GB HBM3 MIG 1g.10gb",  # a 10 GB slice
+        "NVIDIA RTXA6000-24Q",  # a 24 GB vGPU profile
+    ],
+)
+def test_a_name_that_is_not_the_whole_card_is_refused(typed: str) -> None:
+    with pytest.raises(
+        KvtraceError, match=r"^--gpu-memory: '.*' is not a whole .* card .*give its memory as a size"
+    ):
+        parse_device_memory(typed, "--gpu-memory")
+
+
+def test_a_size_is_never_read_as_a_name() -> None:
+    # "4090 MiB" is a size (the plan's note said "the RTX 4090's 24,564 MiB" of it); "4090" is the card
+    assert named_gpu("4090 MiB") is None and parse_device_memory("4090 MiB", "--gpu-memory") == 4090 * MIB
+    assert named_gpu("85899345920") is None  # bytes
+    assert named_gpu("4090") is not None
+    assert RecordOptions(gpu_memory="4090").gpu_memory == 24_564 * MIB  # as the CLI reads it
 
 
 def test_an_unknown_name_lists_the_names() -> None:
@@ -117,3 +141,17 @@ def test_a_refused_name_is_one_line_and_exit_2() -> None:
         "kvtrace plan: error: --gpu-memory: 'A100' comes in more than one memory size: write A100-80GB or "
         "A100-40GB"
     ]
+
+
+def test_a_vllm_plan_takes_the_driver_s_reserve_off_a_name(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN `kvtrace plan --engine vllm --gpu-memory H100`: vLLM multiplies CUDA's total, ~0.4 GiB below
+    # nvidia-smi's (79.22 GiB in vLLM's log on an H100 80GB)
+    command = PlanCommand()
+    parser = argparse.ArgumentParser(prog="kvtrace plan")
+    command.add_arguments(parser)
+    argv = ["--engine", "vllm", "--preset", "llama-3-8b", "--gpu-memory", "H100", "--json"]
+    command.run(parser.parse_args(argv))
+    payload = json.loads(capsys.readouterr().out)
+    # THEN it plans 512 MiB less than nvidia-smi's 81,559 MiB, and says so
+    assert payload["request"]["gpu_memory_bytes"] == H100_MIB * MIB - DRIVER_RESERVE_BYTES == 84_983_939_072
+    assert any("less 512 MiB for the driver's reserve (79.15 GiB)" in note for note in payload["notes"])
