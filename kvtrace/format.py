@@ -76,6 +76,10 @@ RUN_FILES = (*RECORDED_FILES, *DERIVED_FILES)
 # The largest layer index: the analyzers keep layers in int16 columns; readers refuse a larger one, and
 # `kvtrace.track()` refuses it before anything is logged.
 MAX_LAYER = 2**15 - 1
+# The most layers a model may say it has (a config's num_hidden_layers, a manifest's model.num_layers): one
+# past the largest index a layer of the KV log can have. Real models have a few hundred at most; a count past
+# this is damage, and the planners' per-layer loops would run for minutes on it or exhaust memory (10**9).
+MAX_LAYERS = MAX_LAYER + 1
 
 # The KV event vocabulary (docs/format.md explains each).
 EVENT_KINDS = (

@@ -47,6 +47,15 @@ class ModelSize:
     def attention_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    @property
+    def parameters(self) -> int:
+        """The parameters `build_model` makes (LlamaForCausalLM, no biases): known before it allocates any."""
+        hidden, width = self.hidden_size, self.attention_head_dim
+        attention = 2 * hidden * self.num_heads * width + 2 * hidden * self.num_kv_heads * width
+        layer = attention + 3 * hidden * self.intermediate_size + 2 * hidden  # q, o, k, v; MLP; 2 norms
+        embeddings = self.vocab_size * hidden * (1 if self.tie_embeddings else 2)
+        return embeddings + self.num_layers * layer + hidden  # the final norm
+
 
 SIZES: dict[str, ModelSize] = {
     # The demo's shape: Llama 3's architecture (GQA 2:1, llama3 RoPE) with a narrow residual stream and

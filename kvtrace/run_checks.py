@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.errors import KvtraceError
-from kvtrace.format import EVENT_KINDS, MAX_LAYER, WEIGHT_EVENTS, KvEvent, WeightRecord
+from kvtrace.format import EVENT_KINDS, MAX_LAYER, MAX_LAYERS, WEIGHT_EVENTS, KvEvent, WeightRecord
 
 # What a record's numbers may be. Sizes above 2**56 bytes (64 PiB) and addresses past 2**63 are damage, not
 # memory: they would overflow the analyzers' int64 columns, or print as figures no device holds. Steps and
@@ -266,10 +266,16 @@ def _small_count_or_null(value: Any) -> bool:
     return value is None or (type(value) is int and 0 <= value <= _I32)
 
 
+def _layers_or_null(value: Any) -> bool:
+    """A count of a model's layers: no more than `MAX_LAYERS` (the planners loop over them)."""
+    return value is None or (type(value) is int and 0 <= value <= MAX_LAYERS)
+
+
 def _text_or_null(value: Any) -> bool:
     return value is None or type(value) is str
 
 
+_LAYERS = f"a layer count of at most {MAX_LAYERS} (no model has nearly so many)"
 # Values inside the manifest that analyzers compute with, when present: (dotted key, test, expected).
 _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("started_ns", _count_or_null, "a time in ns"),
@@ -291,7 +297,7 @@ _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("ended.write_error", lambda v: type(v) is str, "a string"),
     ("ended.trace_error", lambda v: type(v) is str, "a string"),
     ("ended.kv_events_lost", _count, "a count"),
-    ("model.num_layers", _small_count_or_null, f"a count of at most {_I32}"),
+    ("model.num_layers", _layers_or_null, _LAYERS),
     ("model.num_attention_heads", _small_count_or_null, f"a count of at most {_I32}"),
     ("model.num_kv_heads", _small_count_or_null, f"a count of at most {_I32}"),
     ("model.head_dim", _small_count_or_null, f"a count of at most {_I32}"),
@@ -301,8 +307,8 @@ _MANIFEST_VALUES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.vocab_size", _count_or_null, "a count"),
     ("model.parameters", _count_or_null, "a count"),
     ("model.sliding_window", _count_or_null, "a count"),
-    ("model.kv_layers", _count_or_null, "a count"),
-    ("model.sliding_layers", _count_or_null, "a count"),
+    ("model.kv_layers", _layers_or_null, _LAYERS),
+    ("model.sliding_layers", _layers_or_null, _LAYERS),
     ("model.dtype", _text_or_null, "a string"),
     ("options.gpu_memory", _size_or_null, f"a size of at most {MAX_BYTES} bytes"),
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from itertools import accumulate
 
 from analyzers.planning.diagnose_quantized_remedies import model_dtype_text, quantized_widening
 from analyzers.planning.diagnosis import Remedy, fits
@@ -272,9 +273,12 @@ def sliding_cache_bytes(layer_tokens: list[float], window: int, prompt: int) -> 
     moments (the first layer's where all are as wide)."""
     held = window * sum(layer_tokens)
     longest = max(prompt, window)
+    # Each layer's KV before it and from it on, summed once: summed anew for each layer, a model of 32,768
+    # layers took 6 s, and the window search below multiplied that
+    before = list(accumulate(layer_tokens, initial=0))
+    after = list(accumulate(reversed(layer_tokens), initial=0))[::-1]
     peak = max(
-        window * sum(layer_tokens[:i]) + longest * sum(layer_tokens[i:]) + window * width
-        for i, width in enumerate(layer_tokens)
+        window * before[i] + longest * after[i] + window * width for i, width in enumerate(layer_tokens)
     )
     return round(held), round(peak)
 
@@ -304,9 +308,17 @@ def window_remedy(
     window = max(start, 1)
     cross += others
     if need is not None and need > 0:
-        peaks = {w: sliding_cache_bytes(layer_tokens, w, prompt)[1] + cross for w in range(window, 0, -1)}
-        fitting = [w for w, peak in peaks.items() if kv - peak >= need]
-        window = fitting[0] if fitting else 1
+        # The largest window whose peak leaves the room needed, else 1. A peak never shrinks as the window
+        # grows (each of its terms is a window or the prompt times bytes), so it is found by bisection, not
+        # by pricing every window below the context's (a 128k-token one priced 128k windows)
+        lowest, highest = 0, window  # the largest window known to fit (0: none yet), the largest that may
+        while lowest < highest:
+            middle = (lowest + highest + 1) // 2
+            if kv - (sliding_cache_bytes(layer_tokens, middle, prompt)[1] + cross) >= need:
+                lowest = middle
+            else:
+                highest = middle - 1
+        window = lowest or 1
     held, peak = sliding_cache_bytes(layer_tokens, window, prompt)
     held, peak = held + cross, peak + cross
     saved = max(kv - peak, 0)

@@ -26,6 +26,7 @@ from analyzers.planning.gemma_layers import gemma_layer_fields
 from analyzers.planning.gpt_blocks import gpt_block_fields
 from analyzers.planning.presets import MlaShape, ModelGeometry
 from kvtrace.errors import KvtraceError
+from kvtrace.format import MAX_LAYERS
 from kvtrace.geometry import (
     cached_kv_heads,
     chunk_window,
@@ -132,6 +133,12 @@ def geometry_from_config(
         return value
 
     layers = positive_int("num_hidden_layers", fields["num_hidden_layers"])
+    if layers > MAX_LAYERS:  # the per-layer loops below would run for minutes, or exhaust memory
+        said = f"{layers:,}" if layers < 10**30 else "an integer of more than 30 digits"
+        raise KvtraceError(
+            f"{config_path}: field num_hidden_layers is {said}, expected a layer count of at most "
+            f"{MAX_LAYERS:,} (no model has nearly so many)"
+        )
     heads = positive_int("num_attention_heads", fields["num_attention_heads"])
     hidden = positive_int("hidden_size", fields["hidden_size"])
     kv_heads_raw = kv_heads_of(fields.get, None)

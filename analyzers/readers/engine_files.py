@@ -23,6 +23,7 @@ from analyzers.engine import (
     RequestEvent,
 )
 from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
+from kvtrace.format import MAX_LAYERS
 from kvtrace.json_reads import read_json_file
 from kvtrace.run_checks import MAX_BYTES
 
@@ -168,9 +169,12 @@ _INFO_INTS = (
     ("blocks_reserved", 0, MAX_BYTES),
     ("bytes_per_sector", 0, MAX_BYTES),
 )
-# engine.json `model` integers, when present: the runs table keeps the geometry in int32
+# engine.json `model` integers, when present: the runs table keeps the geometry in int32, and the planners
+# loop over the layers (a model has at most MAX_LAYERS)
 _MODEL_INTS = (
-    ("num_layers", _I32),
+    ("num_layers", MAX_LAYERS),
+    ("draft_kv_layers", MAX_LAYERS),
+    ("sliding_layers", MAX_LAYERS),
     ("num_attention_heads", _I32),
     ("num_kv_heads", _I32),
     ("head_dim", _I32),

@@ -105,6 +105,44 @@ def _not_llama(geom: Any, longest: int) -> str:
     return ""
 
 
+def _weights_past_memory(size: Any, dtype: str, device: str, subject: str) -> str | None:
+    """Why the model's weights alone cannot be built on `device` (more bytes than a GPU has, or than the
+    host has available), None when they may be (or its memory is not known). Said before any is allocated:
+    a config of 10**6-wide layers stopped in torch's allocator (an internal error), and one of 32,768 layers
+    had the kernel kill the process once it had taken all the host's memory."""
+    import torch
+
+    from analyzers.units import human_bytes
+
+    weights = size.parameters * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    where = torch.device(device)
+    room, has = None, "has"
+    if where.type == "cuda":
+        room = torch.cuda.get_device_properties(where.index or 0).total_memory
+    elif where.type == "cpu":
+        room, has = _host_memory_available(), "has available"
+    if room is None or weights <= room:
+        return None
+    return (
+        f"{subject}: its weights alone take {human_bytes(weights)} ({size.parameters:,} parameters in "
+        f"{dtype}), more than the {human_bytes(room)} {device} {has}; kvtrace sweep builds and runs the "
+        "model, kvtrace plan sizes it without running"
+    )
+
+
+def _host_memory_available() -> int | None:
+    """The host memory a new allocation may take: Linux's MemAvailable, else all of it; None: unknown."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
 def _forget_generate_state(model: Any) -> None:
     """generate() keeps a static cache (`_cache`) and the longest static length seen
     (`_previous_max_cache_length`) on the model across calls: drop both, so no point inherits another's."""
@@ -228,9 +266,11 @@ class SweepCommand(Command):
     --gpu-memory (or --budget), rows say whether the measured peak fits and, when not, the step and layer
     where a device of that size would run out. On CUDA an OOM inside a
     point is caught, recorded, diagnosed and the sweep goes on. A progress bar is drawn on stderr when it
-    is a terminal (-q: none). Exit status: 0 on success; 1 when OUT cannot be created, a --cache's package is
-    not installed, or standard output cannot be written (OUT is then written all the same, and the line says
-    so); 2 for bad input or flags.
+    is a terminal (-q: none). A model whose weights alone take more than the device has (a GPU's memory,
+    the host's available memory on the CPU) is refused before it is built: kvtrace plan sizes it.
+    Exit status: 0 on success; 1 when OUT cannot be created, a --cache's package is not installed, or
+    standard output cannot be written (OUT is then written all the same, and the line says so); 2 for bad
+    input or flags, and for a model too large to build.
     """
 
     name = "sweep"
@@ -335,6 +375,7 @@ class SweepCommand(Command):
                 f"--context {max(contexts)} + --new-tokens {args.new_tokens} = {longest} tokens passes the "
                 f"model's max_position_embeddings ({limit}); kvtrace plan answers such sizes without running"
             )
+        problem = problem or _weights_past_memory(size, args.dtype, device, args.config or model_name)
         for kind in caches:
             problem = problem or cache_unavailable(kind, device)
         if problem is not None:

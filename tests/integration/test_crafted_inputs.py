@@ -294,3 +294,57 @@ def test_a_trace_naming_a_rank_past_int32_exports_it_as_null(
     # THEN the runs table holds null there, as for any value its column cannot hold
     assert main(["query", "--json", str(path), "SELECT rank, world_size FROM runs"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"rank": None, "world_size": 2}]
+
+
+# A Llama-shaped config small enough to build in a test
+_SHAPE = {
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "vocab_size": 1000,
+}
+
+
+@pytest.mark.parametrize("layers", [2**15 + 1, 2**63], ids=["one-past-the-bound", "2**63"])
+@pytest.mark.parametrize("command", ["plan", "sweep"])
+def test_a_config_of_more_layers_than_any_model_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], layers: int, command: str
+) -> None:
+    # GIVEN a config.json of 32,769 or 2**63 layers (2**63: internal error, exit 70; 10**9 was OOM-killed
+    # after taking 23 GB; 10**5 planned for 39 s; `sweep` stopped in torch's allocator)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**_SHAPE, "num_hidden_layers": layers}))
+    out = tmp_path / "sweep"
+    argv = ["plan", "--config", str(config)] if command == "plan" else ["sweep", "--config", str(config)]
+    # THEN one line names the file and the field, exit 2, and nothing is written
+    assert main([*argv, "--out", str(out)] if command == "sweep" else argv) == 2
+    assert _one_error(capsys) == (
+        f"kvtrace {command}: error: {config}: field num_hidden_layers is {layers:,}, expected a layer count "
+        "of at most 32,768 (no model has nearly so many)"
+    )
+    assert not out.exists()
+
+
+def test_a_sweep_whose_weights_pass_the_hosts_memory_is_refused_before_building_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a config of 2**40 vocabulary entries: its embedding and its LM head (not tied in a Llama config)
+    # are 2 x 2**40 x 64 x 4 B = 512 TiB in float32
+    # (torch's allocator raised: internal error, exit 70; a model a little larger than the host's memory had
+    # the kernel kill the process)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**_SHAPE, "vocab_size": 2**40}))
+    out = tmp_path / "sweep"
+    # WHEN it is swept on the CPU
+    argv = ["sweep", "--config", str(config), "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 2
+    # THEN one line says what the weights take, more than the host has, before anything is built or written
+    line = _one_error(capsys)
+    # both ends, 2 layers of q, o (64 x 4 x 16), k, v (64 x 2 x 16), the MLP's 3 and 2 norms, the final norm
+    params = 2 * 2**40 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+    weights = f"its weights alone take 512.00 TiB ({params:,} parameters in float32), "
+    assert line.startswith(f"kvtrace sweep: error: {config}: {weights}more than the "), line
+    assert "cpu has available; kvtrace sweep builds and runs the model, kvtrace plan sizes it" in line
+    assert not out.exists()

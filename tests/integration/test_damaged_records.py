@@ -529,7 +529,7 @@ def test_an_integer_past_its_int32_column_is_named_by_every_command(
 
 @pytest.mark.parametrize(
     ("key", "inner", "what"),
-    [("model", "num_layers", "a count"), ("device", "index", "a device index"), (None, "rank", "a rank")],
+    [("model", "hidden_size", "a count"), ("device", "index", "a device index"), (None, "rank", "a rank")],
 )
 def test_a_manifest_value_past_its_int32_column_is_named_by_every_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str | None, inner: str, what: str
@@ -541,6 +541,44 @@ def test_a_manifest_value_past_its_int32_column_is_named_by_every_command(
     dotted = f"{key}.{inner}" if key else inner
     said = f"{run / 'manifest.json'}: field {dotted!r} is {2**40}, expected {what} of at most {2**31 - 1}"
     _refused_by_every_command(run, tmp_path, capsys, said)
+
+
+@pytest.mark.parametrize("field", ["num_layers", "kv_layers", "sliding_layers"])
+def test_a_manifest_of_more_layers_than_any_model_is_named_by_every_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str
+) -> None:
+    # GIVEN a real run whose manifest says its model has one layer more than MAX_LAYERS, 32,768 (kv_events
+    # indexes layers up to 32,767; 10**9 passed the int32 check, and `diagnose` and `plan --from-run` looped
+    # over the layers for a minute, holding 5 GB; kv_layers had no bound at all)
+    run = _copy(tmp_path, "dynamic_b2")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["model"][field] = 2**15 + 1
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    said = (
+        f"{run / 'manifest.json'}: field 'model.{field}' is {2**15 + 1}, expected a layer count of at most "
+        f"{2**15} (no model has nearly so many)"
+    )
+    # THEN every command refuses it in one line naming the file and the field, before any work
+    _refused_by_every_command(run, tmp_path, capsys, said)
+    assert main(["plan", "--from-run", str(run)]) == 2
+    assert _errors(capsys) == [f"kvtrace plan: error: {said}"]
+
+
+@pytest.mark.parametrize("field", ["num_layers", "draft_kv_layers", "sliding_layers"])
+@pytest.mark.parametrize("command", ["report", "diagnose", "plan"])
+def test_an_engine_model_of_more_layers_than_any_model_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, field: str
+) -> None:
+    # GIVEN a real vLLM run whose engine.json says its model has a billion layers (the planners divide the
+    # pool among them, and split them over pipeline stages)
+    run = _copy(tmp_path, "vllm_preempt")
+    info = json.loads((run / "engine.json").read_text())
+    info["model"][field] = 10**9
+    (run / "engine.json").write_text(json.dumps(info))
+    # THEN it is refused as a manifest's is
+    assert main(_engine_command(command, run)) == 2
+    said = f"field 'model.{field}' out of range: {10**9}, expected 0 to {2**15}"
+    assert _errors(capsys) == [f"kvtrace {command}: error: {run / 'engine.json'}: {said}"]
 
 
 @pytest.mark.parametrize(
