@@ -90,6 +90,7 @@ class GroupReport:
     replicas: bool = False  # data parallel: each rank its own sequences (see parallelism.group_reading)
     reading: Reading = "tensor"  # how token figures combine; "unknown": batch, token rows, tokens/s not given
     over_budget_ranks: list[int] = field(default_factory=list)  # would run out under the budget: group_budget
+    unreadable: list[str] = field(default_factory=list)  # RunGroup.unreadable: ranks whose run is unreadable
 
     def rank(self, rank: int) -> RankReport:
         return next(r for r in self.ranks if r.rank == rank)
@@ -362,6 +363,7 @@ def build_group_report(path: str | os.PathLike[str], progress: ProgressFn | None
         notes=group.notes + ([mixed] if mixed else []) + stop_notes(ranks) + total.notes,
         replicas=reading == "data",
         reading=reading,
+        unreadable=group.unreadable,
     )
     return budget_focus(report)  # the budget each rank was recorded with: every rank that crosses it named
 

@@ -3,7 +3,8 @@
 A group is recognised by its `rank-<r>/manifest.json` children alone (kvtrace.format.is_run_group): the
 marker file rank 0 writes is read when present and never required, since rank 0 may be the rank that died.
 A rank that raised or was killed still has a readable run (its manifest says how it ended); a rank whose
-files cannot be read is named in the notes and left out, so the other ranks still report. So is a folder
+files cannot be read is named in the notes and left out, so the other ranks still report, and in
+`RunGroup.unreadable`, which the commands print as errors (exit status 2). So is a folder
 whose manifest says a rank another folder holds (a copy of a rank's folder), a rank its own world size does
 not have, or a second folder for a rank already read (`rank-01` beside `rank-1`): summed in, it would count
 a rank's KV twice. A folder whose manifest says a rank no other folder holds (renamed or swapped folders)
@@ -50,6 +51,9 @@ class RunGroup:
     marker: dict[str, Any] | None
     missing_ranks: list[int] = field(default_factory=list)  # below world_size, with no readable run
     notes: list[str] = field(default_factory=list)
+    # One line per rank whose run could not be read (a damaged file, files without a manifest), naming the
+    # file and the problem: the commands print each on stderr and exit 2, as `kvtrace export` does
+    unreadable: list[str] = field(default_factory=list)
 
 
 def _read_marker(root: Path, notes: list[str]) -> dict[str, Any] | None:
@@ -107,16 +111,18 @@ def read_run_group(path: str | os.PathLike[str], progress: ProgressFn | None = N
     for rank in silent:
         held = _files_without_manifest(root / f"{RANK_DIR_PREFIX}{rank}")
         if held:
-            notes.append(
-                f"rank {rank} left out: {RANK_DIR_PREFIX}{rank}/ holds {held} but no manifest.json, which "
-                "record() writes before any other file: a partial copy, or its manifest was removed"
+            lacks = (
+                f"holds {held} but no manifest.json, which record() writes before any other file: a partial "
+                "copy, or its manifest was removed"
             )
+            notes.append(f"rank {rank} left out: {RANK_DIR_PREFIX}{rank}/ {lacks}")
+            left_out.append(f"rank {rank} left out: {root / f'{RANK_DIR_PREFIX}{rank}'}/ {lacks}")
         else:
             unrecorded.append(rank)
     if unrecorded:
         names = ", ".join(str(r) for r in unrecorded)
         notes.append(f"no run from rank {names}: it stopped before record() started, or wrote elsewhere")
-    return RunGroup(root, ranks, world_size, marker, missing, notes)
+    return RunGroup(root, ranks, world_size, marker, missing, notes, left_out)
 
 
 def _apart_in_time(ranks: list[RankRun]) -> list[str]:

@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from kvtrace.commands.base import Command, require_input
-from kvtrace.commands.output import check_html_target, print_result, said_written, write_html
+from kvtrace.commands.output import (
+    check_html_target,
+    print_result,
+    said_unreadable,
+    said_written,
+    write_html,
+)
 from kvtrace.commands.progress import reading
 from kvtrace.errors import KvtraceError
 from kvtrace.run_layout import is_run_group
@@ -25,7 +31,8 @@ class CompareCommand(Command):
     search the rows are beams: the table says so). Run groups compare by their totals (tokens/s: rank 0's
     under tensor parallelism, the ranks' sum under data parallelism), and rank by rank when all RUNs are
     groups of the same world size. Exit status: 0 on success; 1 when the HTML or standard output cannot be
-    written; 2 for unreadable input or bad flags.
+    written; 2 for unreadable input or bad flags, a run group's rank included (the others are compared, and
+    its error follows on stderr).
     """
 
     name = "compare"
@@ -69,8 +76,11 @@ class CompareCommand(Command):
                     return build_group_report(path, progress=update)
                 return build_report(path, progress=update)
 
+        unreadable: list[str] = []
         if any(is_run_group(p) for p in paths):
-            comparison = self._with_groups([read(p) for p in paths], labels)
+            inputs = [read(p) for p in paths]
+            unreadable = [line for item in inputs for line in getattr(item, "unreadable", ())]
+            comparison = self._with_groups(inputs, labels)
         else:
             comparison = compare([read(p) for p in paths], labels)
         # The page first, said after the result (`said_written`)
@@ -80,7 +90,7 @@ class CompareCommand(Command):
         )
         if page is not None and not args.json:
             said_written(page)
-        return 0
+        return said_unreadable("compare", unreadable)
 
     @staticmethod
     def _with_groups(inputs: list[Any], labels: list[str]) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvtrace.commands.base import Command, require_input
-from kvtrace.commands.output import print_result
+from kvtrace.commands.output import print_result, said_unreadable
 from kvtrace.commands.progress import reading
 from kvtrace.errors import KvtraceError, short_error
 from kvtrace.run_layout import is_run_group
@@ -24,7 +24,8 @@ class DiagnoseCommand(Command):
     failing request, allocated/reserved/free memory, fragmentation, the KV share by layer and step, the
     top stacks, then remedies ranked by the bytes each frees here. For a run group (one run per rank),
     diagnoses the rank that ran out, else the first that failed, else the one that peaked, and says which.
-    Exit status: 0; 1 when standard output cannot be written (a full disk); 2 for bad input.
+    Exit status: 0; 1 when standard output cannot be written (a full disk); 2 for bad input, a run group's
+    unreadable rank included (the others are diagnosed, and its error follows on stderr).
     """
 
     name = "diagnose"
@@ -80,6 +81,7 @@ class DiagnoseCommand(Command):
             group = budget_focus(group, budget)
         focus = group.rank(group.focus_rank)
         if not focus.report.devices and not focus.source.ooms:  # no rank has figures (the focus would)
+            said_unreadable("diagnose", group.unreadable)  # the ranks that may have had them
             raise KvtraceError(
                 f"{path}: no rank has memory figures to diagnose; rank {focus.rank}, which "
                 f"{group.focus_reason}: {_empty_run_cause(focus.source.meta)}"
@@ -90,7 +92,7 @@ class DiagnoseCommand(Command):
             lambda: group_diagnosis_to_json(group, diagnosis),
             lambda: group_diagnosis_to_text(group, diagnosis),
         )
-        return 0
+        return said_unreadable("diagnose", group.unreadable)
 
 
 def _empty_run_cause(meta: dict[str, Any]) -> str:

@@ -39,6 +39,19 @@ def print_result(as_json: bool, payload: Callable[[], Any], text: Callable[[], s
         print(text())
 
 
+def said_unreadable(command: str, problems: list[str]) -> int:
+    """Each input part that could not be read (a run group's rank, `GroupReport.unreadable`), one line on
+    stderr after the result that the rest gave; the exit status: 2 where there is one, as `kvtrace export`
+    exits for an input it skipped, else 0. A note in the result alone let a script take the figures of
+    one rank of two for the group's."""
+    if not problems:
+        return 0
+    sys.stdout.flush()  # the result first, then what it lacks
+    for problem in problems:
+        print(f"kvtrace {command}: error: {problem}", file=sys.stderr)
+    return 2
+
+
 # How Python holds a file name's bytes that are not UTF-8 (surrogateescape): text no byte order mark
 # encoding (utf-8-sig, utf-16, utf-32) takes unless its errors handler says how
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvtrace.commands.base import Command, require_input
-from kvtrace.commands.output import check_html_target, print_result, said_written, write_html
+from kvtrace.commands.output import (
+    check_html_target,
+    print_result,
+    said_unreadable,
+    said_written,
+    write_html,
+)
 from kvtrace.commands.progress import reading
 from kvtrace.errors import KvtraceError, cannot_write, missing_dependency
 from kvtrace.run_layout import is_run_group
@@ -34,7 +40,8 @@ class ReportCommand(Command):
     A run's files that cannot be written (a read-only run, a full disk) get a warning line each, and the
     report is printed all the same.
     Exit status: 0 on success, also when the files written into a run could not be; 1 when the -o HTML or
-    standard output cannot be written; 2 for unreadable input or bad flags.
+    standard output cannot be written; 2 for unreadable input or bad flags, a run group's rank included
+    (the others are reported, and its error follows on stderr).
     """
 
     name = "report"
@@ -110,7 +117,7 @@ class ReportCommand(Command):
         print_result(args.json, lambda: group_report_to_json(group), lambda: group_report_to_text(group))
         if page is not None and not args.json:
             said_written(page)
-        return 0
+        return said_unreadable("report", group.unreadable)
 
     @staticmethod
     def _export(path: Path, source: object) -> None:

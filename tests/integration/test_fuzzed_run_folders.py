@@ -126,6 +126,39 @@ def test_a_run_group_with_no_readable_rank_names_the_first_ranks_problem(tmp_pat
         assert line.endswith(" (and 1 more)")
 
 
+def test_a_run_group_with_one_unreadable_rank_gives_the_others_and_exits_2(tmp_path: Path) -> None:
+    # GIVEN a run group of two ranks (the sample run as rank 0 and 1 of 2) whose rank 1 manifest is cut to "{"
+    group = tmp_path / "group"
+    for rank in (0, 1):
+        shutil.copytree(SAMPLES / "dynamic_b2", group / f"rank-{rank}")
+        manifest = json.loads((group / f"rank-{rank}" / "manifest.json").read_text())
+        manifest.update(rank=rank, world_size=2)
+        (group / f"rank-{rank}" / "manifest.json").write_text(json.dumps(manifest))
+    (group / "rank-1" / "manifest.json").write_text("{\n")
+    said = f"rank 1 left out: {group / 'rank-1' / 'manifest.json'}: corrupt manifest ("
+    # WHEN it is reported, diagnosed and compared
+    for argv in (
+        ("report", str(group), "--json", "--no-export", "-q"),
+        ("diagnose", str(group), "--json"),
+        ("compare", str(group), str(SAMPLES / "dynamic_b2"), "--json"),
+    ):
+        result = _kvtrace(*argv)
+        # THEN rank 0's figures are given (before: the same, with exit status 0 and the unreadable rank named
+        # only in a note, where `kvtrace export` of the group exits 2)
+        data = json.loads(result.stdout)
+        if argv[0] == "report":
+            assert ([r["rank"] for r in data["ranks"]], data["missing_ranks"]) == ([0], [1])
+        elif argv[0] == "diagnose":
+            assert (data["run_group"]["rank"], data["run_group"]["missing_ranks"]) == (0, [1])
+        else:
+            assert [run["label"] for run in data["runs"]] == ["group", "dynamic_b2"]
+        # AND rank 1's error is one line on stderr naming its file, and the status is 2, as export's
+        assert _one_error_line(result).startswith(f"kvtrace {argv[0]}: error: {said}")
+    exported = _kvtrace("export", str(group), "-o", str(tmp_path / "exported"), "-q")
+    file_said = said.removeprefix("rank 1 left out: ")
+    assert _one_error_line(exported).startswith(f"kvtrace export: skipped: {file_said}")
+
+
 @pytest.mark.parametrize("damage", ["missing", "null"])
 def test_a_memory_sample_without_its_time_is_refused_naming_its_line(tmp_path: Path, damage: str) -> None:
     # GIVEN a run whose first memory sample (phase "start", the one compare times tokens/s from) has lost its

@@ -120,16 +120,24 @@ def test_rank_folder_without_its_manifest_is_called_what_it_is(
     group = _copy(tp_group, tmp_path)
     (group / "rank-1" / MANIFEST).unlink()
     assert (group / "rank-1" / "profiler").is_dir()
-    data = _json(capsys, ["report", str(group), "--no-export", "--json"])
+    assert main(["report", str(group), "--no-export", "--json"]) == 2
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
     # THEN rank 0 alone is reported, and the note says rank 1's folder holds files but no manifest, which
     # record() writes first: not a rank that never started recording
     assert [entry["rank"] for entry in data["ranks"]] == [0]
+    held = "holds kv_events.jsonl, memory_samples.jsonl, model_config.json and 2 more"
     said = (
-        "rank 1 left out: rank-1/ holds kv_events.jsonl, memory_samples.jsonl, model_config.json and 2 more "
-        "but no manifest.json, which record() writes before any other file"
+        f"rank 1 left out: rank-1/ {held} but no manifest.json, which record() writes before any other file"
     )
     assert any(note.startswith(said) for note in data["notes"]), data["notes"]
     assert not any("stopped before record() started" in note for note in data["notes"])
+    # AND, as `kvtrace export` skips that folder as an unreadable input, the report exits 2 with one line
+    # naming it on stderr
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"kvtrace report: error: rank 1 left out: {group / 'rank-1'}/ {held} but no "), (
+        line
+    )
     # AND a rank folder left empty is one that never recorded, as before
     shutil.rmtree(group / "rank-1")
     (group / "rank-1").mkdir()
