@@ -55,7 +55,13 @@ _SAMPLE_INTS = (
     ("cuda_peak_allocated_bytes", 0, MAX_BYTES),
     ("gpu_memory_used_bytes", 0, MAX_BYTES),
     ("gpu_memory_total_bytes", 0, MAX_BYTES),
+    # a prefill's generate() call: a prompt holds a token at least (`prompt_end` < 1 moved the plan's
+    # context: -5 planned 53 tokens where the run held 28)
+    ("prompt_end", 1, _I64),
+    ("max_length", 0, _I64),
+    ("max_new_tokens", 0, _I64),
 )
+_CALL_FIELDS = ("prompt_end", "max_length", "max_new_tokens")
 _SAMPLE_NUMBERS = ("cpu_percent", "gpu_utilization_percent")
 
 
@@ -232,6 +238,72 @@ def _sample_from(record: dict[str, Any], path: Path, lineno: int) -> dict[str, A
     return record
 
 
+class _SampleLines:
+    """memory_samples.jsonl's lines through `_sample_from`, keeping where each prefill sample says its
+    call's prompt ends, (line, step, prompt_end), for `check_prompt_ends`."""
+
+    def __init__(self) -> None:
+        self.prompt_ends: list[tuple[int, int, int]] = []
+
+    def __call__(self, record: dict[str, Any], path: Path, lineno: int) -> dict[str, Any]:
+        sample = _sample_from(record, path, lineno)
+        end, step = sample.get("prompt_end"), sample.get("step")
+        # Not a prefill that raised: it may have written part of its prompt (a chunked one, its first chunks)
+        whole = sample.get("phase") == "prefill" and not sample.get("raised")
+        if end is not None and step is not None and whole:
+            self.prompt_ends.append((lineno, step, end))
+        return sample
+
+
+def check_prompt_ends(
+    path: Path, prompt_ends: list[tuple[int, int, int]], events: list[KvEvent], ended: bool
+) -> None:
+    """Refuses a prefill sample whose `prompt_end` lies past every token the KV log shows its step's caches
+    taking in (held after an update, plus what a window, a press or a crop let go in it): the prompt was
+    written whole in that step, so a larger one is damage. Read as it is, 10**20 planned a context of
+    10**20 tokens for a run of 28. Judged where the log says: a step of known token counts (some caches
+    do not say them), and whose lines are all written (the run ended, or a later step's lines follow)."""
+    if not prompt_ends:
+        return
+    steps = {step for _, step, _ in prompt_ends}
+    seen: dict[int, int] = {}
+    last_step = None
+    for event in events:
+        step = event.step
+        if last_step is None or step > last_step:
+            last_step = step
+        if step in steps:
+            taken = event.tokens + event.evicted_tokens
+            if taken > seen.get(step, 0):
+                seen[step] = taken
+    for lineno, step, end in prompt_ends:
+        most = seen.get(step, 0)
+        whole = ended or (last_step is not None and last_step > step)
+        if most and whole and end > most:
+            raise KvtraceError(
+                f"{path}: line {lineno}: field 'prompt_end' is {_kind(end)}, past the {most} tokens a row "
+                f"the KV log shows step {step}'s caches taking in: a prompt is written whole at its prefill"
+            )
+
+
+# The integers of a manifest's `generate_calls` entry that `plan --from-run` computes with, when present: as
+# its prefill sample's (`_SAMPLE_INTS`), and the step of that prefill
+_CALL_INTS = (("step", -_I32 - 1, _I32), *(field for field in _SAMPLE_INTS if field[0] in _CALL_FIELDS))
+
+
+def check_generate_calls(manifest: dict[str, Any], path: Path) -> None:
+    """Refuses a `generate_calls` entry whose numbers no call has (a prompt ending at -5 or at 10**20 gave the
+    plan of a process killed in its prefill that context): one line naming the entry and the field."""
+    for number, call in enumerate(manifest.get("generate_calls") or ()):
+        if not isinstance(call, dict):
+            continue  # not read as a call
+        for name, low, high in _CALL_INTS:
+            value = call.get(name)
+            if value is not None and (type(value) is not int or not low <= value <= high):
+                said = f"{_kind(value)}, expected an integer from {low} to {high}"
+                raise KvtraceError(f"{path}: field 'generate_calls[{number}].{name}' is {said}")
+
+
 # Manifest fields that readers open as objects or lists, with the types they may hold when present (a
 # model-less recording writes `"model": null`); anything else is a damaged or hand-edited manifest.
 _MANIFEST_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
@@ -244,6 +316,7 @@ _MANIFEST_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
     ("engine", (dict,), "an object"),
     ("model", (dict, type(None)), "an object or null"),
     ("files", (list,), "a list"),
+    ("generate_calls", (list,), "a list"),
     ("notes", (list,), "a list"),
     ("warnings", (list,), "a list"),
 )

@@ -34,8 +34,10 @@ from kvtrace.run_checks import (
     _MANIFEST_VALUES,
     _kind,
     _KvEventLines,
-    _sample_from,
+    _SampleLines,
     _WeightLines,
+    check_generate_calls,
+    check_prompt_ends,
 )
 
 
@@ -126,6 +128,7 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         name = inner or outer
         if isinstance(holder, dict) and name in holder and not check(holder[name]):
             raise KvtraceError(f"{manifest_path}: field {dotted!r} is {_kind(holder[name])}, expected {what}")
+    check_generate_calls(manifest, manifest_path)
     ended = manifest.get("ended") or {}
     write_error = ended.get("write_error")
     if write_error is not None:
@@ -143,9 +146,11 @@ def read_run(path: str | os.PathLike[str]) -> Run:
             f"({unknown_kinds_text(kv_lines.unknown)}): written by a newer kvtrace (upgrade it), or damaged"
         )
     weights, cut_weights = _read_jsonl(root / WEIGHTS, _WeightLines())
-    samples, cut_samples = _read_jsonl(root / MEMORY_SAMPLES, _sample_from)
+    sample_lines = _SampleLines()
+    samples, cut_samples = _read_jsonl(root / MEMORY_SAMPLES, sample_lines)
     damaged: dict[str, str] = {}
-    if manifest.get("ended", {}).get("status") not in (None, "running"):
+    finished = manifest.get("ended", {}).get("status") not in (None, "running")
+    if finished:
         # The recorder closed every file and counted the events: a cut or short file was damaged after the
         # run (a partial copy, a full disk), and figures from it would be wrong, not merely early.
         count = manifest.get("kv_events")
@@ -176,6 +181,8 @@ def read_run(path: str | os.PathLike[str]) -> Run:
             weights, cut_weights = [], False
         if MEMORY_SAMPLES in damaged:
             samples, cut_samples = [], False
+    if MEMORY_SAMPLES not in damaged:
+        check_prompt_ends(root / MEMORY_SAMPLES, sample_lines.prompt_ends, events, finished)
     return Run(
         path=root,
         manifest=manifest,

@@ -66,6 +66,22 @@ def _opt_int(value: Any, where: str, name: str) -> int | None:
     return None if value is None else _int(value, where, name)
 
 
+def _log_int(value: Any, where: str, name: str) -> int:
+    """An integer field of a line of engine_steps.jsonl or engine_requests.jsonl (0 where the line leaves it
+    out), refused (naming the file, the line and the field) outside what a count can be: 0 to 2**63 - 1, a
+    step number below 0 too. A request's -3 blocks was read as it stood: the request dropped from the
+    demand, its blocks from the totals."""
+    checked = _int(value, where, name, default=0)
+    if not (-_I64 if name == "step" else 0) <= checked <= _I64:
+        raise KvtraceError(f"{where}: field {name!r} out of range: {checked}")
+    return checked
+
+
+def _opt_log_int(value: Any, where: str, name: str) -> int | None:
+    """`_log_int` of a field whose absence is not 0 (None)."""
+    return None if value is None else _log_int(value, where, name)
+
+
 def _read_info(file: Path) -> EngineInfo:
     data = read_json_file(file, "not valid JSON")
     if not isinstance(data, dict):
@@ -243,12 +259,10 @@ def _read_steps(file: Path, counted: int | None, num_blocks: int | None) -> Engi
         if "prefix_hits" in row and row["prefix_hits"] is None:
             prefix_known = False  # kvtrace could not count them (vLLM's stats off): unknown, not 0
         for name in _STEP_COLUMNS:
-            value = _int(row.get(name), where, name, default=0)
+            value = _log_int(row.get(name), where, name)
             if name == "blocks_used_in_step" and row.get(name) is None:
                 value = int(columns["blocks_used"][i])  # runs recorded before kvtrace wrote it
                 in_step = False
-            if not (-_I64 if name == "step" else 0) <= value <= _I64:
-                raise KvtraceError(f"{where}: field {name!r} out of range: {value}")
             columns[name][i] = value
         for name in ("blocks_used", "blocks_used_in_step"):
             if num_blocks is not None and columns[name][i] > num_blocks:
@@ -330,23 +344,30 @@ def _request_event(row: dict[str, Any], where: str) -> RequestEvent:
         raise KvtraceError(f"{where}: unknown request event {event!r}")
     if row.get("request_id") is None:
         raise KvtraceError(f"{where}: no request_id")
+    counts = {name: _log_int(row.get(name), where, name) for name in _REQUEST_INTS}
     return RequestEvent(
-        t_ns=_int(row.get("t_ns"), where, "t_ns", default=0),
-        step=_int(row.get("step"), where, "step", default=0),
         request_id=str(row["request_id"]),
         event=str(event),
-        blocks=_int(row.get("blocks"), where, "blocks", default=0),
-        tokens=_int(row.get("tokens"), where, "tokens", default=0),
-        prompt_tokens=_int(row.get("prompt_tokens"), where, "prompt_tokens", default=0),
-        output_tokens=_int(row.get("output_tokens"), where, "output_tokens", default=0),
-        dropped_blocks=_int(row.get("dropped_blocks"), where, "dropped_blocks", default=0),
-        dropped_tokens=_int(row.get("dropped_tokens"), where, "dropped_tokens", default=0),
-        recomputed_tokens=_int(row.get("recomputed_tokens"), where, "recomputed_tokens", default=0),
         finish_reason=_opt_str(row.get("finish_reason"), where, "finish_reason"),
         error=_opt_str(row.get("error"), where, "error"),
-        max_tokens=_opt_int(row.get("max_tokens"), where, "max_tokens"),
-        cached_tokens=_opt_int(row.get("cached_tokens"), where, "cached_tokens"),
+        max_tokens=_opt_log_int(row.get("max_tokens"), where, "max_tokens"),
+        cached_tokens=_opt_log_int(row.get("cached_tokens"), where, "cached_tokens"),
+        **counts,
     )
+
+
+# engine_requests.jsonl's integers, 0 where a line leaves one out
+_REQUEST_INTS = (
+    "t_ns",
+    "step",
+    "blocks",
+    "tokens",
+    "prompt_tokens",
+    "output_tokens",
+    "dropped_blocks",
+    "dropped_tokens",
+    "recomputed_tokens",
+)
 
 
 def _opt_str(value: Any, where: str, name: str) -> str | None:

@@ -582,6 +582,37 @@ def test_an_engine_model_of_more_layers_than_any_model_is_named(
 
 
 @pytest.mark.parametrize(
+    "field",
+    ["blocks", "tokens", "prompt_tokens", "output_tokens", "dropped_blocks", "t_ns", "max_tokens"],
+)
+@pytest.mark.parametrize("command", ["report", "diagnose", "plan"])
+def test_a_negative_count_in_the_request_log_is_named_as_in_the_step_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, field: str
+) -> None:
+    # GIVEN a real vLLM run whose request log's line 3 (a request scheduled with 2 blocks) says -3 of a
+    # count: it was read as it stood (`diagnose` dropped the request, its totals went from 15 blocks to 13,
+    # exit 0), where the same -3 in engine_steps.jsonl was refused
+    run = _copy(tmp_path, "vllm_preempt")
+    log = run / "engine_requests.jsonl"
+    lines = log.read_text().splitlines()
+    row = json.loads(lines[2])
+    assert (row["event"], row["blocks"]) == ("scheduled", 2)
+    lines[2] = json.dumps({**row, field: -3})
+    log.write_text("\n".join(lines) + "\n")
+    # THEN it is refused in one line naming the file, the line and the field, as the step log's is
+    assert main(_engine_command(command, run)) == 2
+    assert _errors(capsys) == [f"kvtrace {command}: error: {log}: line 3: field {field!r} out of range: -3"]
+    steps = run / "engine_steps.jsonl"
+    step_lines = steps.read_text().splitlines()
+    first = json.dumps({**json.loads(step_lines[0]), "blocks_used": -3})
+    steps.write_text("\n".join([first, *step_lines[1:]]) + "\n")
+    log.write_text("\n".join([*lines[:2], json.dumps(row), *lines[3:]]) + "\n")
+    assert main(_engine_command(command, run)) == 2
+    said = f"{steps}: line 1: field 'blocks_used' out of range: -3"
+    assert _errors(capsys) == [f"kvtrace {command}: error: {said}"]
+
+
+@pytest.mark.parametrize(
     ("field", "value", "low", "high"),
     [
         ("kv_cache_bytes", 10**30, 0, 2**56),

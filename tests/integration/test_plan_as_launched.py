@@ -6,6 +6,7 @@ the tokens the run reached before it stopped. A whole run is planned at what it 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -281,3 +282,84 @@ def test_a_run_killed_in_its_prefill_is_planned_at_the_length_asked_for(
     )
     assert expected in plan["notes"], plan["notes"]
     assert not [note for note in plan["notes"] if "give --context" in note]
+
+
+@pytest.fixture(scope="module")
+def whole_run(model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A whole greedy generate() of max_new_tokens=4 on 8-token prompts: its prefill sample says
+    prompt_end 8, max_length 12, max_new_tokens 4."""
+    run = tmp_path_factory.mktemp("whole") / "run"
+    ids = _ids()
+    with torch.no_grad(), kvtrace.record(run, model=model, profiler=False):
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+            pad_token_id=0,
+        )  # fmt: skip
+    return run
+
+
+def _edit_prefill(run: Path, **fields: Any) -> int:
+    """Set `fields` on the prefill sample; its line number."""
+    path = run / "memory_samples.jsonl"
+    lines = path.read_text().splitlines()
+    (number,) = [i for i, line in enumerate(lines) if json.loads(line)["phase"] == "prefill"]
+    lines[number] = json.dumps({**json.loads(lines[number]), **fields})
+    path.write_text("\n".join(lines) + "\n")
+    return number + 1
+
+
+_I64 = 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("prompt_end", "said"),
+    [
+        (-5, f"is -5, expected an integer from 1 to {_I64}"),
+        (0, f"is 0, expected an integer from 1 to {_I64}"),
+        (10**20, f"is {10**20}, expected an integer from 1 to {_I64}"),
+        (PROMPT + 1, f"is {PROMPT + 1}, past the {PROMPT} tokens a row the KV log shows step 1's caches "),
+        (10**18, f"is {10**18}, past the {PROMPT} tokens a row the KV log shows step 1's caches taking in"),
+    ],
+    ids=["negative", "zero", "past-int64", "one-past-the-prompt", "past-the-prompt"],
+)
+def test_a_prompt_end_no_prefill_wrote_is_refused_naming_its_line(
+    whole_run: Path, prompt_end: int, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the whole run, its prefill sample's prompt_end changed: below a token, or past the 8 tokens a row
+    # its prefill wrote into every layer (a plan read 10**20 as the prompt, and -5 or 0 moved its context
+    # from 12 to 25 or 20 tokens, all exit 0)
+    run = Path(shutil.copytree(whole_run, tmp_path / "run"))
+    line = _edit_prefill(run, prompt_end=prompt_end)
+    # THEN every command that reads the run refuses it in one line naming the file, the line and the field
+    for argv in (
+        ["report", str(run), "--no-export"],
+        ["diagnose", str(run)],
+        ["plan", "--from-run", str(run)],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        where = f"{run / 'memory_samples.jsonl'}: line {line}"
+        assert err.startswith(f"kvtrace {argv[0]}: error: {where}: field 'prompt_end' {said}"), err
+        assert err.count("\n") == 1
+    # AND the run as recorded is planned at its prompt of 8 + 4 new tokens
+    _edit_prefill(run, prompt_end=PROMPT)
+    request = _plan(run, capsys)["request"]
+    assert (request["context"], request["prompt"]) == (PROMPT + 4, PROMPT)
+
+
+@pytest.mark.parametrize("field", ["prompt_end", "max_length", "max_new_tokens", "step"])
+def test_a_generate_call_of_the_manifest_with_an_impossible_number_is_refused(
+    whole_run: Path, field: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the whole run, its manifest's call entry (which plans a run killed in its prefill) given -5
+    run = Path(shutil.copytree(whole_run, tmp_path / "run"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["generate_calls"][0][field] = -5 if field != "step" else -(2**40)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    # THEN plan --from-run (and every reader) refuses it in one line naming the entry and the field
+    assert main(["plan", "--from-run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"kvtrace plan: error: {run / 'manifest.json'}: field 'generate_calls[0].{field}' is "
+        f"{manifest['generate_calls'][0][field]}, expected an integer from "
+    ), err
