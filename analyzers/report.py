@@ -36,13 +36,7 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
 
         source = read_run_source(path, progress=progress)
     elif kind == "runs_folder":
-        runs = runs_in(Path(path))
-        groups = sum(1 for run in runs if is_run_group(run))
-        listing = "".join(f"\n  {run}" + (" (a run group)" if is_run_group(run) else "") for run in runs)
-        of_them = f" ({groups} of them {'run groups' if groups > 1 else 'a run group'})" if groups else ""
-        raise KvtraceError(
-            f"{path}: a folder of {len(runs)} kvtrace runs{of_them}, not one run; pass one of them:{listing}"
-        )
+        raise KvtraceError(_runs_folder_said(Path(path), runs_in(Path(path))))
     elif kind == "profiler_folder":
         traces = profiler_traces_in(Path(path))
         source = open_source(traces[-1], progress=progress)
@@ -53,6 +47,23 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
     if damaged is not None:
         raise KvtraceError(f"{source.path}: {damaged}: no memory figure can be read from it")
     return attribute(source)
+
+
+_RUNS_NAMED = 3  # the runs a folder-of-runs error names before "and N more"
+
+
+def _runs_folder_said(path: Path, runs: list[Path]) -> str:
+    """The one line for a folder of runs given as one: how many, and the first few to pass instead (a
+    folder of 300 runs took 301 lines)."""
+    from kvtrace.run_layout import is_run_group
+
+    groups = sum(1 for run in runs if is_run_group(run))
+    named = [f"{run}" + (" (a run group)" if is_run_group(run) else "") for run in runs[:_RUNS_NAMED]]
+    listing = ", ".join(named) + (f" and {len(runs) - _RUNS_NAMED} more" if len(runs) > _RUNS_NAMED else "")
+    if len(runs) == 1:
+        return f"{path}: a folder holding 1 kvtrace run, not a run itself; pass it: {listing}"
+    of_them = f" ({groups} of them {'run groups' if groups > 1 else 'a run group'})" if groups else ""
+    return f"{path}: a folder of {len(runs)} kvtrace runs{of_them}, not one run; pass one of them: {listing}"
 
 
 def _folder_notes(path: str | os.PathLike[str], traces: list[Any]) -> list[str]:

@@ -39,13 +39,34 @@ def _runs_folder(tmp_path: Path) -> Path:
 def test_a_folder_of_runs_lists_them_and_says_how_to_pick_one(tmp_path: Path, command: str) -> None:
     folder = _runs_folder(tmp_path)
     code, out, err = _cli(command, str(folder), "--json")
-    assert code == 2
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert lines[0].startswith(f"kvtrace {command}: error: {folder}: a folder of 3 kvtrace runs")
-    assert "Traceback" not in err
-    assert lines[0].endswith("not one run; pass one of them:")
-    assert [line.strip() for line in lines[1:]] == [str(folder / name) for name in RUNS]
+    assert (code, out) == (2, "")
+    names = ", ".join(str(folder / name) for name in RUNS)
+    said = f"a folder of 3 kvtrace runs, not one run; pass one of them: {names}"
+    assert err == f"kvtrace {command}: error: {folder}: {said}\n"
+
+
+@pytest.mark.parametrize("command", ["report", "diagnose"])
+def test_a_folder_of_many_runs_is_one_line_naming_the_first_few(tmp_path: Path, command: str) -> None:
+    # GIVEN a folder of 5 runs (the error took one line per run, 301 lines for 300)
+    folder = tmp_path / "runs"
+    for number in range(5):
+        shutil.copytree(SAMPLES / RUNS[0], folder / f"run{number}")
+    code, out, err = _cli(command, str(folder))
+    # THEN one line names the first three and counts the others
+    assert (code, out) == (2, "")
+    names = ", ".join(str(folder / f"run{number}") for number in range(3))
+    said = f"a folder of 5 kvtrace runs, not one run; pass one of them: {names} and 2 more"
+    assert err == f"kvtrace {command}: error: {folder}: {said}\n"
+
+
+def test_a_folder_of_one_run_names_it_in_the_singular(tmp_path: Path) -> None:
+    # GIVEN a folder holding one run (it said "a folder of 1 kvtrace runs, not one run")
+    folder = tmp_path / "runs"
+    shutil.copytree(SAMPLES / RUNS[0], folder / "only")
+    code, out, err = _cli("report", str(folder), "--no-export")
+    assert (code, out) == (2, "")
+    said = f"a folder holding 1 kvtrace run, not a run itself; pass it: {folder / 'only'}"
+    assert err == f"kvtrace report: error: {folder}: {said}\n"
 
 
 @pytest.mark.parametrize("command", ["report", "diagnose"])
@@ -59,17 +80,11 @@ def test_a_folder_of_runs_lists_its_run_groups_too(tmp_path: Path, command: str)
     code, out, err = _cli(command, str(folder), "--json")
     # THEN the group is listed with the runs, as the input it is (report and compare read a group whole)
     assert (code, out) == (2, "")
-    lines = err.strip().splitlines()
-    assert lines[0] == (
+    listed = f"{folder / 'dynamic_b2'}, {folder / 'group'} (a run group), {folder / 'sliding_b2'}"
+    assert err == (
         f"kvtrace {command}: error: {folder}: a folder of 3 kvtrace runs (1 of them a run group), not one "
-        "run; pass one of them:"
+        f"run; pass one of them: {listed}\n"
     )
-    listed = [line.strip() for line in lines[1:]]
-    assert listed == [
-        f"{folder / 'dynamic_b2'}",
-        f"{folder / 'group'} (a run group)",
-        f"{folder / 'sliding_b2'}",
-    ]
     # AND a group alone is read as the group it is
     code, out, err = _cli(command, str(folder / "group"), "--json")
     assert code == 0, err
