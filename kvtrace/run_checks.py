@@ -293,13 +293,15 @@ _CALL_INTS = (("step", -_I32 - 1, _I32), *(field for field in _SAMPLE_INTS if fi
 
 def check_generate_calls(manifest: dict[str, Any], path: Path) -> None:
     """Refuses a `generate_calls` entry whose numbers no call has (a prompt ending at -5 or at 10**20 gave the
-    plan of a process killed in its prefill that context): one line naming the entry and the field."""
-    for number, call in enumerate(manifest.get("generate_calls") or ()):
+    plan of a process killed in its prefill that context): one line naming the entry and the field. A
+    non-list, or a field of another type, is not read as a call, as before (calls that keep nothing named)."""
+    calls = manifest.get("generate_calls")
+    for number, call in enumerate(calls if isinstance(calls, list) else ()):
         if not isinstance(call, dict):
             continue  # not read as a call
         for name, low, high in _CALL_INTS:
             value = call.get(name)
-            if value is not None and (type(value) is not int or not low <= value <= high):
+            if type(value) is int and not low <= value <= high:
                 said = f"{_kind(value)}, expected an integer from {low} to {high}"
                 raise KvtraceError(f"{path}: field 'generate_calls[{number}].{name}' is {said}")
 
@@ -316,7 +318,6 @@ _MANIFEST_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
     ("engine", (dict,), "an object"),
     ("model", (dict, type(None)), "an object or null"),
     ("files", (list,), "a list"),
-    ("generate_calls", (list,), "a list"),
     ("notes", (list,), "a list"),
     ("warnings", (list,), "a list"),
 )
