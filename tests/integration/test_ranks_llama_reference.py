@@ -169,15 +169,19 @@ def test_group_html_diagnose_and_compare(group, capsys, tmp_path):
     # step by step, the group's KV is the sum of its ranks'
     assert runs[0]["kv_by_step"] == {k: WORLD * v for k, v in runs[2]["kv_by_step"].items()}
 
-    # A rank whose files are unreadable is named and left out; the others still report.
+    # A rank whose files are unreadable is named and left out; the others still report, and the exit is 2
+    # with the rank's error on stderr, as export's for an unreadable input
     (twin / "rank-1" / "manifest.json").write_text('{"format": "kvtrace-run", "schema_')
-    data = _report(twin, capsys)
+    assert main(["report", str(twin), "--json"]) == 2
+    said = capsys.readouterr()
+    data = json.loads(said.out)
     assert [r["rank"] for r in data["ranks"]] == [0] and data["missing_ranks"] == [1]
     assert any(note.startswith("rank 1 left out:") and "corrupt manifest" in note for note in data["notes"])
+    assert "rank 1 left out:" in said.err
     # ... and `diagnose` and `compare` say so too, in text (they used to show half a group silently)
-    assert main(["diagnose", str(twin)]) == 0
+    assert main(["diagnose", str(twin)]) == 2
     assert "note: rank 1 left out:" in capsys.readouterr().out
-    assert main(["compare", str(out), str(twin)]) == 0
+    assert main(["compare", str(out), str(twin)]) == 2
     assert "note: twin: rank 1 left out:" in capsys.readouterr().out
 
 
