@@ -259,7 +259,10 @@ def test_a_beam_demo_counts_every_beams_tokens_as_compare_does(
     generate_s = float(line.split("(generate() ")[1].split(" s,")[0])
     rate = float(line.split(" s, ")[1].split(" tokens/s")[0])
     assert ", all 6 rows, 3 beams a prompt) -> " in line, line
-    assert abs(rate - 2 * 3 * 3 / generate_s) <= 0.1 + 0.01 * rate
+    # generate()'s time is printed to 0.01 s and the rate to 0.1: the rate of 18 tokens within that rounding
+    # (a fast host's 0.05 s stands for 0.045 to 0.055, 327 to 400 tokens/s)
+    fastest = 2 * 3 * 3 / (generate_s - 0.005) if generate_s > 0.005 else float("inf")
+    assert 2 * 3 * 3 / (generate_s + 0.005) - 0.05 <= rate <= fastest + 0.05, line
     assert main(["compare", str(run), str(run), "--json"]) == 0
     (row, _) = json.loads(capsys.readouterr().out)["runs"]
     assert (row["generated_tokens_per_row"], row["batch"], row["rows_are_beams"]) == (3, 6, True), row
