@@ -93,7 +93,12 @@ class KvCompare:
         except RuntimeError:  # an inference tensor: in-place writes are invisible, its replacement is not
             version = -1
         if slot is not None and slot.tref() is tensor:
-            if version == slot.version and (version != -1 or cause != "update") and not written:
+            if (
+                version == slot.version
+                and (version != -1 or cause != "update")
+                and not written
+                and not (cause == "crop" and tokens < prev_tokens)  # a StaticCache's crop: a count moved back
+            ):
                 return True  # the very same tensor, not written since
             if tensor.data_ptr() == slot.ptr:
                 # Written in place (static caches): every fact but the version is what we logged last.

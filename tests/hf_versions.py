@@ -40,3 +40,21 @@ def _reset_drops_storage() -> bool:
 RESET_DROPS_STORAGE = _reset_drops_storage()
 
 HAS_DUMMY_LAYER = hasattr(transformers.cache_utils, "DummyLayer")
+
+
+def _static_assisted_refused() -> str | None:
+    """Why this transformers refuses assisted generation on a StaticCache (5.17 raises "assisted generate is
+    not supported with Static cache classes"), or None where it runs it (5.25)."""
+    import inspect
+
+    import transformers.generation.utils
+
+    if "not supported with Static cache" in inspect.getsource(transformers.generation.utils):
+        return f"transformers {transformers.__version__} refuses assisted generation on a StaticCache"
+    return None
+
+
+_STATIC_ASSISTED_REFUSED = _static_assisted_refused()
+needs_static_assisted = pytest.mark.skipif(
+    _STATIC_ASSISTED_REFUSED is not None, reason=_STATIC_ASSISTED_REFUSED or ""
+)
