@@ -86,13 +86,15 @@ def printable(text: str) -> str:
 
 
 def shown_integer(value: int, digits: int = 24) -> str:
-    """An integer for a message: as written up to `digits` digits, else its sign and length ("a number of
-    401 digits"). A damaged file's 10**400 printed whole is hundreds of digits of noise in one line."""
+    """An integer for a message: as written up to `digits` digits, else its first digits and its length
+    ("100000… (401 digits)"). A damaged file's 10**400 printed whole is hundreds of digits of noise."""
+    if abs(value).bit_length() > 10_000:  # past what str() writes (sys.get_int_max_str_digits)
+        return f"{'-' if value < 0 else ''}2**{abs(value).bit_length() - 1:,} or more"
     text = str(value)
-    if len(text.lstrip("-")) <= digits:
+    sign, magnitude = ("-", text[1:]) if value < 0 else ("", text)
+    if len(magnitude) <= digits:
         return text
-    sign = "a negative" if value < 0 else "a"
-    return f"{sign} number of {len(text.lstrip('-')):,} digits"
+    return f"{sign}{magnitude[:6]}… ({len(magnitude):,} digits)"
 
 
 def too_long_integer() -> str:

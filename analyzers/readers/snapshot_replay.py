@@ -38,7 +38,7 @@ from analyzers.readers.snapshot_entries import (
     stream_of,
 )
 from analyzers.readers.snapshot_pools import pool_levels
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, shown_integer
 
 
 def _replay_loop(
@@ -86,9 +86,10 @@ def _replay_loop(
                 size, address = integer(size, where, "size"), integer(address, where, "addr")
                 when = integer(when, where, "time_us")
             if size < 0:
-                raise ValueError(f"negative size {size} in a trace entry ({action})")
+                raise ValueError(f"negative size {shown_integer(size)} in a trace entry ({action})")
             if size > MAX_EVENT_BYTES:
-                raise ValueError(f"size {size} in a trace entry ({action}), more than any device holds")
+                said = shown_integer(size)
+                raise ValueError(f"size {said} in a trace entry ({action}), more than any device holds")
             if action == "alloc":
                 live[address] = size
                 delta = size

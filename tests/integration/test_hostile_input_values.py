@@ -17,7 +17,7 @@ import pytest
 from kvtrace.cli import main
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
-REAL_SNAPSHOTS = Path("/work/shared/real_traces/snapshots")
+REAL_SNAPSHOTS = Path(__file__).resolve().parents[2].parent / "shared" / "real_traces" / "snapshots"
 
 
 def _run_copy(tmp_path: Path, name: str = "run") -> Path:
@@ -74,3 +74,38 @@ def test_a_plain_name_prints_as_before(tmp_path: Path, capsys: pytest.CaptureFix
     status, _, err = _report(run, capsys)
     assert status == 2
     assert err.startswith(f"kvtrace report: error: {run}/manifest.json: corrupt manifest")
+
+
+# -- 2. sizes no device holds -------------------------------------------------------------------------
+
+
+def _snapshot(tmp_path: Path, name: str = "oom_snapshot.pickle") -> dict[str, Any]:
+    source = REAL_SNAPSHOTS / name
+    if not source.exists():
+        pytest.skip(f"{source} is not here")
+    with source.open("rb") as f:
+        data: dict[str, Any] = pickle.load(f)  # a real dump: plain dicts, lists and numbers
+    return data
+
+
+def _write(tmp_path: Path, data: dict[str, Any], name: str = "snapshot.pickle") -> Path:
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps(data))
+    return path
+
+
+def test_a_segment_size_of_401_digits_is_refused_without_printing_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real snapshot whose first segment's total_size is 10**400
+    data = _snapshot(tmp_path)
+    data["segments"][0]["total_size"] = 10**400
+    path = _write(tmp_path, data)
+    # WHEN it is reported
+    status, out, err = _report(path, capsys)
+    # THEN one line names the file and the field, the size cut to its first digits and its length
+    assert status == 2 and out == ""
+    assert err == (
+        f"kvtrace report: error: {path}: malformed snapshot (ValueError: size 100000… (401 digits) in a "
+        "segment, more than any device holds)\n"
+    )
