@@ -109,3 +109,86 @@ def test_a_segment_size_of_401_digits_is_refused_without_printing_them(
         f"kvtrace report: error: {path}: malformed snapshot (ValueError: size 100000… (401 digits) in a "
         "segment, more than any device holds)\n"
     )
+
+
+# -- 3. fields taken silently -------------------------------------------------------------------------
+
+
+def test_a_negative_free_memory_at_an_oom_is_noted_and_read_as_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real snapshot with an OOM entry whose device_free is -3
+    data = _snapshot(tmp_path)
+    oom = {"action": "oom", "size": 1 << 20, "device_free": -3, "addr": 0, "stream": 0, "frames": []}
+    data["device_traces"][0].insert(0, oom)
+    path = _write(tmp_path, data)
+    # WHEN it is reported
+    status, out, _ = _report(path, capsys)
+    # THEN a note names the file and the value, and the OOM's free memory is unknown, not -3 B
+    assert status == 0
+    assert (
+        f"  note: {path}: 1 oom entry gives a free memory no device has on cuda:0 (-3 B): read as unknown, "
+        "as an OOM torch records without it\n" in out
+    )
+    assert "  OOM on cuda:0: requested 1.00 MiB, free -  (see `kvtrace diagnose`)" in out
+
+
+def _edit_line(path: Path, index: int, old: str, new: str) -> None:
+    lines = path.read_text().splitlines()
+    assert old in lines[index]
+    lines[index] = lines[index].replace(old, new)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("edit", "note"),
+    [
+        (
+            ("manifest.json", None, '"status": "ok"', '"status": "weird"'),
+            '{run}/manifest.json: ended.status is "weird", not one kvtrace writes (exception, interrupted, '
+            "ok, running): read as a run that ended, how is unknown",
+        ),
+        (
+            ("kv_events.jsonl", 4, '"dtype":"float32"', '"dtype":"complex1024"'),
+            "{run}/kv_events.jsonl: 1 line gives a dtype that torch has not ('complex1024' on 1 line), "
+            "which no recorder writes (damage): read as logged, their storage_bytes and logical_bytes as "
+            "written, with no element size to check them by",
+        ),
+        (
+            ("kv_events.jsonl", 5, '"seq":6,', '"seq":5,'),
+            "{run}/kv_events.jsonl: 1 line repeats the seq of a line above, where each line's is one more "
+            "than the last's (damage, or two logs joined): read in the file's order",
+        ),
+    ],
+    ids=["status", "dtype", "seq"],
+)
+def test_a_run_field_no_recorder_writes_is_noted_and_the_figures_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: tuple[str, int | None, str, str], note: str
+) -> None:
+    # GIVEN the sample run's report, and a copy with one field changed to a value no recorder writes
+    status, before, _ = _report(SAMPLES / "dynamic_b2", capsys, "--json")
+    assert status == 0
+    run = _run_copy(tmp_path)
+    name, index, old, new = edit
+    if index is None:
+        (run / name).write_text((run / name).read_text().replace(old, new, 1))
+    else:
+        _edit_line(run / name, index, old, new)
+    # WHEN the copy is reported
+    status, after, _ = _report(run, capsys, "--json")
+    # THEN one note names the file and what it holds, and every figure is the sample's
+    assert status == 0
+    old_report, new_report = json.loads(before), json.loads(after)
+    assert new_report["notes"] == [*old_report["notes"], note.format(run=run)]
+    for report in (old_report, new_report):
+        report.pop("notes"), report.pop("path", None), report.pop("source", None)
+    assert _without_paths(new_report, str(run)) == _without_paths(old_report, str(SAMPLES / "dynamic_b2"))
+
+
+def _without_paths(value: Any, path: str) -> Any:
+    """`value` with the run's own path taken out of its strings: the copy lies elsewhere."""
+    if isinstance(value, dict):
+        return {key: _without_paths(item, path) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(item, path) for item in value]
+    return value.replace(path, "RUN") if isinstance(value, str) else value
