@@ -228,6 +228,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         source.meta["trace"] = str(traces[-1])
         if trace.meta.get("unescaped_names"):
             source.meta["unescaped_names"] = trace.meta["unescaped_names"]
+        if trace.meta.get("bad_addresses_note"):
+            source.meta.setdefault("input_notes", []).append(trace.meta["bad_addresses_note"])
         skipped = trace.meta.get("skipped_events")
         if skipped:  # damaged events the reader set aside (a real recorder's trace has none)
             memory_damaged = not trace.devices and damaged_memory_events(skipped) is not None

@@ -6,6 +6,7 @@ free memory at an OOM). Each is said in one line naming the file, or refused so;
 
 from __future__ import annotations
 
+import gzip
 import json
 import pickle
 import shutil
@@ -192,3 +193,31 @@ def _without_paths(value: Any, path: str) -> Any:
     if isinstance(value, list):
         return [_without_paths(item, path) for item in value]
     return value.replace(path, "RUN") if isinstance(value, str) else value
+
+
+def test_a_trace_memory_event_whose_addr_is_no_integer_is_noted_and_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the sample run's report, and a copy whose profiler trace has one [memory] event with Addr "zz"
+    status, before, _ = _report(SAMPLES / "dynamic_b2", capsys, "--json")
+    assert status == 0
+    run = _run_copy(tmp_path)
+    (trace,) = (run / "profiler").glob("*.pt.trace.json.gz")
+    text = gzip.decompress(trace.read_bytes()).decode()
+    start = text.index('"Addr": ')
+    end = text.index(",", start)
+    trace.write_bytes(gzip.compress((text[:start] + '"Addr": "zz"' + text[end:]).encode()))
+    # WHEN the copy is reported
+    status, after, _ = _report(run, capsys, "--json")
+    # THEN a note names the trace and the value; the event is read without its address, every figure kept
+    assert status == 0
+    old_report, new_report = json.loads(before), json.loads(after)
+    note = (
+        f'{trace}: 1 [memory] event has an Addr that is not an integer (the first: "zz"), which no '
+        "profiler writes (damage): read without an address, as in a trace from before 2022, their Bytes "
+        "counted"
+    )
+    assert new_report["notes"] == [*old_report["notes"], note]
+    for report in (old_report, new_report):
+        report.pop("notes"), report.pop("path", None), report.pop("source", None)
+    assert _without_paths(new_report, str(run)) == _without_paths(old_report, str(SAMPLES / "dynamic_b2"))
