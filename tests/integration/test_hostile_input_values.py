@@ -69,6 +69,22 @@ def test_a_note_names_a_run_folder_with_control_characters_escaped(
     assert f"  note: {shown}/kv_events.jsonl: skipped 1 of 256 lines whose event is not one" in out
 
 
+def test_export_names_a_skipped_run_with_control_characters_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a folder of two runs, one named "x<ESC>[31m" with a damaged manifest
+    folder = tmp_path / "runs"
+    (run := _run_copy(folder, "x\x1b[31m")).joinpath("manifest.json").write_text("{")
+    _run_copy(folder, "good")
+    # WHEN the folder is exported
+    status = main(["export", str(folder), "-o", str(tmp_path / "out")])
+    _, err = capsys.readouterr()
+    # THEN the skipped run's line names it escaped, on one line (status 2: an input was skipped)
+    assert status == 2 and "\x1b" not in err
+    assert f"kvtrace export: skipped: {folder}/x\\x1b[31m/manifest.json: corrupt manifest" in err
+    assert str(run) not in err
+
+
 def test_a_plain_name_prints_as_before(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = _run_copy(tmp_path, "plain run é")
     (run / "manifest.json").write_text("{")
