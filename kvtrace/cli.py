@@ -13,7 +13,7 @@ from typing import NoReturn, TextIO
 from kvtrace.commands.base import Command
 from kvtrace.commands.lazy_numpy import numpy_at_first_use
 from kvtrace.commands.output import GuardedStdout, StdoutError, discard_unwritten
-from kvtrace.errors import KvtraceError, missing_dependency, os_errno, os_reason
+from kvtrace.errors import KvtraceError, missing_dependency, os_errno, os_reason, printable
 
 # (name, module, class): imported when the parser is built, so each module keeps torch/plotly imports
 # inside `run`. A command line naming one command imports only that one (start-up counts on small inputs).
@@ -131,7 +131,7 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
     except KvtraceError as exc:
         if isinstance(exc, StdoutError):
             discard_unwritten(stdout)
-        print(f"kvtrace {command.name}: error: {exc}", file=sys.stderr)
+        print(f"kvtrace {command.name}: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"kvtrace {command.name}: interrupted", file=sys.stderr)
@@ -141,11 +141,11 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
         return 0
     except OSError as exc:  # a path the readers did not expect to fail (permissions, a folder, a full disk)
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"kvtrace {command.name}: error: {where}{os_reason(exc)}", file=sys.stderr)
+        print(f"kvtrace {command.name}: error: {printable(where + os_reason(exc))}", file=sys.stderr)
         return 1 if _output_failed(exc) else 2
     except (RecursionError, MemoryError) as exc:
         said = "an input is nested too deeply" if isinstance(exc, RecursionError) else "out of memory"
-        print(f"kvtrace {command.name}: error: {said} ({_inputs(args)})", file=sys.stderr)
+        print(f"kvtrace {command.name}: error: {said} ({printable(_inputs(args))})", file=sys.stderr)
         return 2 if isinstance(exc, RecursionError) else 1
     except Exception as exc:
         needs = missing_dependency(exc, command.name) if isinstance(exc, ImportError) else None
@@ -156,7 +156,8 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
         if os.environ.get("KVTRACE_DEBUG"):
             raise
         print(
-            f"kvtrace {command.name}: internal error on {_inputs(args)}: {type(exc).__name__}: {exc} "
+            f"kvtrace {command.name}: internal error on "
+            f"{printable(f'{_inputs(args)}: {type(exc).__name__}: {exc}')} "
             "(KVTRACE_DEBUG=1 shows the traceback; please report it)",
             file=sys.stderr,
         )

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 _ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
+# C0 and C1 control characters and DEL: a newline splits a one-line message, ESC starts a terminal escape
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class KvtraceError(Exception):
@@ -72,6 +74,27 @@ def short_error(text: str, limit: int = 150) -> str:
     """An error's text cut to `limit` characters, marked "..." where cut: a failed request's exception (a
     traceback's last line can run to kilobytes) quoted inside a sentence of a warning or a diagnosis."""
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters escaped as Python writes them ("a\\nb", "x\\x1b[31m"), all else as
+    it is: a file name holding a newline or a terminal escape would split a one-line error or note in two,
+    or recolour the user's terminal. Plain names print exactly as given."""
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
+
+
+def shown_integer(value: int, digits: int = 24) -> str:
+    """An integer for a message: as written up to `digits` digits, else its first digits and its length
+    ("100000… (401 digits)"). A damaged file's 10**400 printed whole is hundreds of digits of noise."""
+    if abs(value).bit_length() > 10_000:  # past what str() writes (sys.get_int_max_str_digits)
+        return f"{'-' if value < 0 else ''}2**{abs(value).bit_length() - 1:,} or more"
+    text = str(value)
+    sign, magnitude = ("-", text[1:]) if value < 0 else ("", text)
+    if len(magnitude) <= digits:
+        return text
+    return f"{sign}{magnitude[:6]}… ({len(magnitude):,} digits)"
 
 
 def too_long_integer() -> str:

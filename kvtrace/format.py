@@ -214,6 +214,11 @@ class Run:
     unknown_kv_events: dict[str, int] = field(default_factory=dict)
     # lines whose `storage_bytes` was smaller than their own tensor, read at the least it can hold
     short_kv_storages: int = 0
+    # lines whose `dtype` names no torch dtype (cut to 40 characters), read as logged: their byte fields as
+    # written, with no element size to check them by
+    unknown_kv_dtypes: dict[str, int] = field(default_factory=dict)
+    # lines whose `seq` an earlier line has (each line's is one more than the last's): read in file order
+    repeated_kv_seqs: int = 0
     # What the model's weights did afterwards (`WEIGHT_EVENTS`), in the order it happened
     weight_changes: list[WeightRecord] = field(default_factory=list)
     # weights.jsonl or memory_samples.jsonl found cut or short after the run ended: read as missing (the

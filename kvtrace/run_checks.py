@@ -130,6 +130,13 @@ DTYPE_BYTES = {
     "bool": 1,
     "complex128": 16, "complex64": 8,
 }  # fmt: skip
+# Every dtype torch names (`str(dtype)` without "torch."): a KV line's `dtype` outside these is damage (the
+# readers' note counts it); the sub-byte and quantized ones are known but have no byte size above.
+KNOWN_DTYPES = frozenset(DTYPE_BYTES) | {
+    "complex32", "float4_e2m1fn_x2", "qint8", "qint32", "quint8", "quint4x2", "quint2x4",
+    "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16",
+    *(f"int{bits}" for bits in range(1, 8)), *(f"uint{bits}" for bits in range(1, 8)),
+}  # fmt: skip
 
 
 def least_storage_bytes(event: KvEvent) -> int:
@@ -161,6 +168,9 @@ class _KvEventLines:
         self.lines = 0
         self.unknown: dict[str, int] = {}
         self.short_storages = 0
+        self.unknown_dtypes: dict[str, int] = {}
+        self.repeated_seqs = 0
+        self._seqs: set[int] = set()
 
     def __call__(self, record: dict[str, Any], path: Path, lineno: int) -> KvEvent | None:
         self.lines += 1
@@ -169,6 +179,12 @@ class _KvEventLines:
             self.unknown[kind[:40]] = self.unknown.get(kind[:40], 0) + 1
             return None
         event = _event_from(record, path, lineno)
+        if event.dtype and event.dtype not in KNOWN_DTYPES:
+            self.unknown_dtypes[event.dtype[:40]] = self.unknown_dtypes.get(event.dtype[:40], 0) + 1
+        if event.seq in self._seqs:
+            self.repeated_seqs += 1
+        else:
+            self._seqs.add(event.seq)
         least = least_storage_bytes(event)
         # Only where its `logical_bytes` says the same tensor size as its shape: two fields against one. Where
         # they disagree, the shape may be the damaged field, and the line is read as it is.

@@ -193,6 +193,8 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         weight_changes=[w for w in weights if w.event],
         unknown_kv_events=kv_lines.unknown,
         short_kv_storages=kv_lines.short_storages,
+        unknown_kv_dtypes=kv_lines.unknown_dtypes,
+        repeated_kv_seqs=kv_lines.repeated_seqs,
         damaged_files=damaged,
     )
 

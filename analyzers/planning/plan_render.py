@@ -18,6 +18,7 @@ from analyzers.planning.plan_types import (
     Remedy,
 )
 from analyzers.units import a_or_an
+from kvtrace.errors import printable
 
 __all__ = ["format_text", "to_json"]
 
@@ -217,7 +218,7 @@ def format_text(result: PlanResult) -> str:
     width = max(len(label) for label, _ in rows)
     lines = [f"{req.geometry.name}: {req.weights_dtype} weights, {req.kv_dtype} KV, {cache} cache"]
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
-    lines += [f"  note: {note}" for note in result.notes]
+    lines += [f"  note: {printable(note)}" for note in result.notes]
     if result.remedies:
         lines.append("To make it fit:")
         lines += [f"  - {_sentence(fix, req)}" for fix in result.remedies]

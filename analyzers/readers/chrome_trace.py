@@ -29,6 +29,7 @@ Memory timelines (`export_memory_timeline`) are read by `analyzers.readers.memor
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -317,4 +318,19 @@ def _source_of(
     source.meta["device_capacity_bytes"] = capacities
     if collector.skipped:
         source.meta["skipped_events"] = dict(collector.skipped)
+    if collector.bad_addresses:  # kept apart too: a run's reader takes it into the run's notes
+        source.meta["bad_addresses_note"] = bad_addresses_note(source.path, collector)
+        source.meta.setdefault("input_notes", []).append(source.meta["bad_addresses_note"])
     return source
+
+
+def bad_addresses_note(path: str, collector: _TraceCollector) -> str:
+    """The note on `[memory]` events whose `Addr` is no integer: each is read as an event without an address
+    (Bytes and totals counted, as a pre-2022 trace's), so its free is not paired with its alloc by address."""
+    count = collector.bad_addresses
+    events = "1 [memory] event has" if count == 1 else f"{count:,} [memory] events have"
+    value = json.dumps(collector.bad_address, default=str)[:40]
+    return (
+        f"{path}: {events} an Addr that is not an integer (the first: {value}), which no profiler writes "
+        "(damage): read without an address, as in a trace from before 2022, their Bytes counted"
+    )

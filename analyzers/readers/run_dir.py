@@ -27,6 +27,7 @@ from analyzers.readers.run_baseline import held_before_trace, weights_from_table
 from analyzers.readers.run_files import (
     kv_log_notes,
     lists_profiler_file,
+    manifest_notes,
     missing_files_notes,
     weights_counted_notes,
 )
@@ -198,7 +199,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     run = read_run(path)
     kv = analyze_run_kv_log(run)
     source = MemorySource(kind="run", path=str(Path(path)))
-    missing = missing_files_notes(run) + kv_log_notes(run)
+    missing = missing_files_notes(run) + kv_log_notes(run) + manifest_notes(run)
     if missing:
         source.meta.setdefault("input_notes", []).extend(missing)
     traces = run.profiler_traces()
@@ -227,6 +228,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         source.meta["trace"] = str(traces[-1])
         if trace.meta.get("unescaped_names"):
             source.meta["unescaped_names"] = trace.meta["unescaped_names"]
+        if trace.meta.get("bad_addresses_note"):
+            source.meta.setdefault("input_notes", []).append(trace.meta["bad_addresses_note"])
         skipped = trace.meta.get("skipped_events")
         if skipped:  # damaged events the reader set aside (a real recorder's trace has none)
             memory_damaged = not trace.devices and damaged_memory_events(skipped) is not None

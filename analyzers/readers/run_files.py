@@ -99,7 +99,39 @@ def kv_log_notes(run: Run) -> list[str]:
             f"{path}: {lines} a storage_bytes smaller than the tensor it describes (view_offset + shape x "
             "dtype size), which no storage can be (damage): read at that size, the least the storage holds"
         )
+    if run.unknown_kv_dtypes:
+        count = sum(run.unknown_kv_dtypes.values())
+        lines = "1 line gives" if count == 1 else f"{count:,} lines give"
+        notes.append(
+            f"{path}: {lines} a dtype that torch has not ({unknown_kinds_text(run.unknown_kv_dtypes)}), "
+            "which no recorder writes (damage): read as logged, their storage_bytes and logical_bytes as "
+            "written, with no element size to check them by"
+        )
+    if run.repeated_kv_seqs:
+        count = run.repeated_kv_seqs
+        lines = "1 line repeats" if count == 1 else f"{count:,} lines repeat"
+        notes.append(
+            f"{path}: {lines} the seq of a line above, where each line's is one more than the last's "
+            "(damage, or two logs joined): read in the file's order"
+        )
     return notes
+
+
+def manifest_notes(run: Run) -> list[str]:
+    """A note on an `ended.status` no recorder writes: the run is read as one that ended (its logs' line
+    counts checked, no recording in progress), which is all such a status can say."""
+    ended = run.manifest.get("ended")
+    status = ended.get("status") if isinstance(ended, dict) else None
+    if not isinstance(status, str) or status in ENDED_STATUSES:
+        return []
+    return [
+        f"{run.path / MANIFEST}: ended.status is {_entry_text(status)}, not one kvtrace writes "
+        f"({', '.join(sorted(ENDED_STATUSES))}): read as a run that ended, how is unknown"
+    ]
+
+
+# What `ended.status` says (docs/format.md): another value was written by hand, or is damage
+ENDED_STATUSES = frozenset({"running", "ok", "exception", "interrupted"})
 
 
 _UNUSABLE_SHOWN = 3  # the `files` entries named in the note (a list of thousands is one note, not thousands)

@@ -10,7 +10,7 @@ from typing import Any
 
 from analyzers.model import Segment
 from analyzers.readers.memory_events_fast import MAX_EVENT_BYTES
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, shown_integer
 
 FREE_ACTIONS = frozenset({"free_completed", "free"})
 LIVE_STATES = frozenset({"active_allocated", "active_pending_free", "active_awaiting_free"})
@@ -79,9 +79,9 @@ def checked_bytes(value: Any, where: str, field: str = "size") -> int:
     columns (ValueError: the file is reported malformed)."""
     size = integer(value, where, field)
     if size < 0:
-        raise ValueError(f"negative size {size} in {where}")
+        raise ValueError(f"negative size {shown_integer(size)} in {where}")
     if size > MAX_EVENT_BYTES:
-        raise ValueError(f"size {size} in {where}, more than any device holds")
+        raise ValueError(f"size {shown_integer(size)} in {where}, more than any device holds")
     return size
 
 

@@ -38,7 +38,7 @@ from analyzers.readers.snapshot_entries import (
     stream_of,
 )
 from analyzers.readers.snapshot_pools import pool_levels
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, shown_integer
 
 
 def _replay_loop(
@@ -86,9 +86,10 @@ def _replay_loop(
                 size, address = integer(size, where, "size"), integer(address, where, "addr")
                 when = integer(when, where, "time_us")
             if size < 0:
-                raise ValueError(f"negative size {size} in a trace entry ({action})")
+                raise ValueError(f"negative size {shown_integer(size)} in a trace entry ({action})")
             if size > MAX_EVENT_BYTES:
-                raise ValueError(f"size {size} in a trace entry ({action}), more than any device holds")
+                said = shown_integer(size)
+                raise ValueError(f"size {said} in a trace entry ({action}), more than any device holds")
             if action == "alloc":
                 live[address] = size
                 delta = size
@@ -409,19 +410,31 @@ def replay_device(
         if delta_arr is None
         else baseline + np.concatenate(([0], np.cumsum(delta_arr)))
     )
+    impossible_free: list[int] = []
     for done, entry, reserved_then, when in pending_ooms:
         field = "device_free" if "device_free" in entry else "addr"
         free = entry.get(field)
+        free_bytes = None if free is None else integer(free, "an oom entry", field)
+        if free_bytes is not None and not 0 <= free_bytes <= MAX_EVENT_BYTES:
+            impossible_free.append(free_bytes)  # no device has it free: unknown, as where torch wrote none
+            free_bytes = None
         source.ooms.append(
             OomInfo(
                 device=device,
                 ts_us=float(when),
                 requested_bytes=int(entry.get("size", 0)),
-                device_free_bytes=None if free is None else integer(free, "an oom entry", field),
+                device_free_bytes=free_bytes,
                 allocated_bytes=int(running[done]),
                 reserved_bytes=int(reserved_then) + reserved_at_start,
                 stream=stream_of(entry.get("stream")),
             )
+        )
+    if impossible_free:
+        count = len(impossible_free)
+        entries = "1 oom entry gives" if count == 1 else f"{count:,} oom entries give"
+        source.meta.setdefault("input_notes", []).append(
+            f"{source.path}: {entries} a free memory no device has on {device} "
+            f"({shown_integer(impossible_free[0])} B): read as unknown, as an OOM torch records without it"
         )
     source.meta["timestamps"][device] = "time_us" if timed else "event_index"
     source.meta["trace_actions"][device] = actions

@@ -139,6 +139,9 @@ class _TraceCollector:
         self.all_integral = True
         self.events = 0
         self.skipped: Counter[str] = Counter()
+        # [memory] events whose Addr is there but no integer ("zz"), read without it, and the first such value
+        self.bad_addresses = 0
+        self.bad_address: Any = None
         self._devices_by_key: dict[tuple[Any, Any], _DeviceChunks] = {}
 
     def _ts(self, event: dict[str, Any]) -> float | None:
@@ -185,6 +188,11 @@ class _TraceCollector:
             if not -MAX_EVENT_BYTES <= size <= MAX_EVENT_BYTES:  # type: ignore[operator]
                 self.skipped["[memory] with an impossible Bytes (over 2**56)"] += 1
                 return
+            addr = args.get("Addr")
+            if type(addr) is not int and addr is not None and _as_int(addr, -2) == -2:
+                self.bad_addresses += 1  # read as addressless, as a pre-2022 trace's: its Bytes still count
+                if self.bad_addresses == 1:
+                    self.bad_address = addr
             chunks = self.device_for(args.get("Device Type"), args.get("Device Id"))
             pid = event.get("pid")
             if isinstance(pid, int | str) and pid not in chunks.pids:  # else not a process we can tell apart

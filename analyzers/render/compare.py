@@ -12,6 +12,7 @@ from analyzers.render.event_axis import LEVEL_LINE, event_axis
 from analyzers.render.plotly_div import figure_div
 from analyzers.timeline import PAGE_POINTS, downsample_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes, times
+from kvtrace.errors import printable
 
 
 def _fmt_rate(value: float | None) -> str:
@@ -146,7 +147,7 @@ def comparison_to_text(comparison: Comparison) -> str:
     ]
     for name, row in cells:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{v:>{c}}" for v, c in zip(row, cols, strict=True)))
-    lines += [f"note: {r.label}: {note}" for r in comparison.runs for note in r.notes]
+    lines += [f"note: {printable(f'{r.label}: {note}')}" for r in comparison.runs for note in r.notes]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from analyzers.planning.diagnosis import KV_REMEDIES
 from analyzers.run_stop import SIGTERM_SENDERS
 from analyzers.summary import Report
 from analyzers.units import a_or_an, human_bytes
+from kvtrace.errors import printable
 
 __all__ = ["diagnosis_html_for", "diagnosis_to_html", "diagnosis_to_json", "diagnosis_to_text"]
 
@@ -284,7 +285,7 @@ def diagnosis_to_text(d: Diagnosis) -> str:
         lines.append(f"  {rank}. [{remedy.kind}{', ' + mark if mark else ''}] {remedy.sentence}")
     if folded is not None:
         lines.append(f"  {folded}")
-    lines += [f"note: {note}" for note in d.notes]
+    lines += [f"note: {printable(note)}" for note in d.notes]
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from analyzers.render.plotly_div import figure_div
 from analyzers.render.text import budget_line, report_to_text
 from analyzers.timeline import downsample_indices, timeline_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes
+from kvtrace.errors import printable
 
 __all__ = [
     "group_diagnosis_to_json",
@@ -94,7 +95,8 @@ def rank_cells(group: GroupReport, r: RankReport) -> tuple[object, ...]:
 
 def group_report_to_text(group: GroupReport) -> str:
     """The ranks side by side, then the whole group as one report (KV summed over ranks)."""
-    lines = [f"kvtrace report: {group.path} (run group, world size {group.world_size or '?'})"]
+    world = group.world_size or "?"
+    lines = [f"kvtrace report: {printable(str(group.path))} (run group, world size {world})"]
     header = ("rank", "status", "device", "peak", "KV final", "KV peak")
     lines.append("  {:>5}  {:<11}  {:<10}  {:>11}  {:>11}  {:>11}".format(*header))
     for r in group.ranks:
@@ -108,7 +110,7 @@ def group_report_to_text(group: GroupReport) -> str:
         lines.append(f"  {rank:>5}  (no run)")
     lines.append(f"  look at rank {group.focus_rank}: it {group.focus_reason} (`kvtrace diagnose` says why)")
     for note in group.notes:
-        lines.append(f"  note: {note}")
+        lines.append(f"  note: {printable(note)}")
     total = report_to_text(dataclasses.replace(group.total, notes=[]))
     lines += ["", total.replace("(run_group)", f"({_summed_over(group)})", 1)]
     return "\n".join(lines)
@@ -318,5 +320,5 @@ def group_diagnosis_to_text(group: GroupReport, diagnosis: Diagnosis) -> str:
     if others:
         lines.append(f"  other ranks: {others}")
     for note in group.notes:  # as `report` says them: missing, failed or unreadable ranks
-        lines.append(f"  note: {note}")
+        lines.append(f"  note: {printable(note)}")
     return "\n".join([*lines, "", diagnosis_to_text(diagnosis)])

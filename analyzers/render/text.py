@@ -19,6 +19,7 @@ from analyzers.model import request_at_most
 from analyzers.render.json import METHOD_LABELS, NO_KV_HINT, size_basis_said
 from analyzers.summary import KvSummary, Report
 from analyzers.units import a_or_an, human_bytes, times
+from kvtrace.errors import printable
 
 
 def _torch_categories_lines(at_peak: dict[str, int] | None, peak: int) -> list[str]:
@@ -174,9 +175,9 @@ def _rank_heads_line(share: dict[str, int]) -> str:
 
 
 def report_to_text(report: Report) -> str:
-    lines = [f"kvtrace report: {report.path} ({report.source_kind})"]
+    lines = [f"kvtrace report: {printable(str(report.path))} ({report.source_kind})"]
     for note in report.notes:
-        lines.append(f"  note: {note}")
+        lines.append(f"  note: {printable(note)}")
     for dev in report.devices:
         cap = f" of {human_bytes(dev.capacity_bytes)}" if dev.capacity_bytes else ""
         if not report.device_measured(dev):  # its 0s are for want of any event: unknown, as the HTML's "-"

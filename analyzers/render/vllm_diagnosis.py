@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from analyzers.engine import EngineRun, HeldRequest
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis
 from analyzers.planning.vllm_plan import readable_bytes
+from kvtrace.errors import printable
 
 if TYPE_CHECKING:
     from analyzers.planning.engine_run_diagnosis import Unfinished
@@ -242,14 +243,14 @@ def _preemption_text(d: PreemptionDiagnosis) -> list[str]:
     total = sum(h.blocks for h in d.held_at_first)
     lines.append(f"    total      {'':<10} {total:>5} blocks{_listed_again(d, total)}")
     lines += [f"  demand if nothing were preempted: {_demand(d)}", f"  model: {d.model}"]
-    lines += [f"  note: {n}" for n in d.notes]
+    lines += [f"  note: {printable(n)}" for n in d.notes]
     lines.append("Would have avoided every preemption:")
     return lines + _remedy_lines(d)
 
 
 def vllm_diagnosis_to_text(d: RefusedDiagnosis | PreemptionDiagnosis) -> str:
     lines = _refused_text(d) if isinstance(d, RefusedDiagnosis) else _preemption_text(d)
-    lines += [f"  note: {n}" for n in d.notes] if isinstance(d, RefusedDiagnosis) else []
+    lines += [f"  note: {printable(n)}" for n in d.notes] if isinstance(d, RefusedDiagnosis) else []
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from analyzers.planning.vllm_pipeline import layer_range_text
 from analyzers.planning.vllm_plan import VllmPlan, readable_bytes
 from analyzers.planning.vllm_start_remedies import StartRemedy
+from kvtrace.errors import printable
 
 __all__ = ["format_vllm_text", "vllm_to_json"]
 
@@ -118,7 +119,7 @@ def format_vllm_text(result: VllmPlan, remedies: Sequence[StartRemedy] = ()) -> 
         lines.append("To make it start (each planned again with one setting changed):")
         lines += [f"  [{'starts' if r.starts else 'no'}] {r.flag}: {r.text}" for r in remedies]
     lines += _batch_lines(result)
-    lines += [f"  note: {note}" for note in result.notes]
+    lines += [f"  note: {printable(note)}" for note in result.notes]
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from kvtrace.commands.base import Command, require_input
 from kvtrace.commands.output import print_result, said_unreadable
 from kvtrace.commands.progress import reading
-from kvtrace.errors import KvtraceError, short_error
+from kvtrace.errors import KvtraceError, printable, short_error
 from kvtrace.run_layout import is_run_group
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ def _budget_text(path: str, checked: Any, name: str) -> list[str]:
 
 
 def _notes_text(notes: list[str]) -> list[str]:
-    return [f"  note: {note}" for note in notes]
+    return [f"  note: {printable(note)}" for note in notes]
 
 
 def _ran_out_sentence(name: str, failure: dict[str, Any], block_size: int | None, preemptions: int) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_after_writing, print_result
+from kvtrace.errors import printable
 
 
 class ExportCommand(Command):
@@ -71,7 +72,7 @@ class ExportCommand(Command):
 
         def warn(problem: str, prefix: str = "skipped: ") -> None:
             bar = state.get("bar")
-            message = f"kvtrace export: {prefix}{problem}"
+            message = f"kvtrace export: {prefix}{printable(problem)}"
             if bar is not None:
                 bar.write(message, file=sys.stderr)
             else:

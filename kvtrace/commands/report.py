@@ -16,7 +16,7 @@ from kvtrace.commands.output import (
     write_html,
 )
 from kvtrace.commands.progress import reading
-from kvtrace.errors import KvtraceError, cannot_write, missing_dependency
+from kvtrace.errors import KvtraceError, cannot_write, missing_dependency, printable
 from kvtrace.run_layout import is_run_group
 
 if TYPE_CHECKING:
@@ -127,8 +127,8 @@ class ReportCommand(Command):
         meta = source.meta  # type: ignore[attr-defined]
         if meta.get("recording_pid") is not None:  # still being written: its figures are not final
             print(
-                f"kvtrace report: note: {path} is still being recorded: KV counters and scalars not written "
-                "into it (report it again when it ends)",
+                f"kvtrace report: note: {printable(str(path))} is still being recorded: KV counters and "
+                "scalars not written into it (report it again when it ends)",
                 file=sys.stderr,
             )
             return

@@ -25,3 +25,19 @@ def test_the_warning_and_diagnose_share_it() -> None:
     assert diagnose_command.short_error is short_error
     assert hf_paged.short_error is short_error
     assert not hasattr(diagnose_command, "_cut")
+
+
+def test_printable_escapes_control_characters_only() -> None:
+    from kvtrace.errors import printable
+
+    assert printable("runs/a\nb/x\x1b[31m\x7f\x85") == "runs/a\\nb/x\\x1b[31m\\x7f\\x85"
+    assert printable("plain run é/ü 中") == "plain run é/ü 中"
+
+
+def test_shown_integer_gives_a_huge_one_by_its_length() -> None:
+    from kvtrace.errors import shown_integer
+
+    assert shown_integer(2**64) == "18446744073709551616"
+    assert shown_integer(10**400) == "100000… (401 digits)"
+    assert shown_integer(-(10**30)) == "-100000… (31 digits)"
+    assert shown_integer(2**20_000) == "2**20,000 or more"  # str() refuses more than 4,300 digits
