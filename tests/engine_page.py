@@ -33,6 +33,18 @@ def _human(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+def _blocks_cell(engine: dict[str, Any]) -> str:
+    """The pool's blocks and what of them no request gets: vLLM's null block (engine.json's
+    `blocks_reserved`, 1 where absent), transformers' two trash sectors."""
+    blocks, reserved = engine["num_blocks"], engine.get("blocks_reserved", 1)
+    what = {
+        ("vllm", 1): "is vLLM's null block",
+        ("transformers-cb", 2): "are transformers' trash sectors",
+    }[(engine["name"], reserved)]
+    kept = f"{reserved} of the {blocks:,} blocks {what}, never handed out"
+    return f"{blocks:,} blocks of {engine['block_size']} tokens ({kept})"
+
+
 def expected_pool_rows(run: Path) -> dict[str, str]:
     """The rows the text report's engine lines say, from the raw files: the pool (its storage's bytes, its KV
     dtype), the steps, the peak of what requests held while each step ran against the blocks the
@@ -57,7 +69,7 @@ def expected_pool_rows(run: Path) -> dict[str, str]:
         )
     share = round(100 * peak / usable)
     return {
-        "blocks": f"{engine['num_blocks']:,} of {engine['block_size']} tokens",
+        "blocks": _blocks_cell(engine),
         "pool": f"{_human(sum(s['bytes'] for s in engine['storage']))} ({engine['kv_dtype']})",
         "engine steps": f"{len(steps):,}",
         "requests": f"{len({r['request_id'] for r in requests})} requests",

@@ -46,9 +46,10 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
     name = f"{fig.name} {fig.version}".strip()
     if fig.status == "refused_start":
         return [f"  {name}: the engine refused to start for lack of KV memory (see `kvtrace diagnose`)"]
+    kept = kept_back_phrase(fig)
     lines = [
         f"  {name} KV pool: {fig.num_blocks:,} blocks of {fig.block_size} tokens, {pool_phrase(fig)}, "
-        f"{fig.steps:,} engine steps, {requests_phrase(fig)}"
+        f"{fig.steps:,} engine steps, {requests_phrase(fig)}{f'; {kept}' if kept else ''}"
     ]
     if fig.num_blocks and fig.peak_step is None:  # the pool was made, and the run ended before a step
         lines.append(f"    {peak_phrase(fig)}")
@@ -59,6 +60,23 @@ def engine_text_lines(fig: EngineFigures) -> list[str]:
     see = "  (see `kvtrace diagnose`)" if fig.preemptions else ""
     lines.append(f"    preemptions: {preemptions_phrase(fig)}{see}")
     return lines
+
+
+def kept_back_phrase(fig: EngineFigures) -> str:
+    """What the pool's block count holds that no request gets, or "": `2 of the 10 blocks are transformers'
+    trash sectors, never handed out`, so that "10 blocks" beside "8 usable" is explained where both are
+    read."""
+    if not fig.num_blocks or fig.blocks_reserved <= 0:
+        return ""
+    reserved = fig.blocks_reserved
+    if fig.name == "transformers-cb":
+        what = "transformers' trash sectors" if reserved > 1 else "a transformers trash sector"
+    elif fig.name == "vllm":
+        what = "vLLM's null block" if reserved == 1 else "vLLM's null blocks"
+    else:
+        what = "kept back by the engine"
+    verb = "are" if reserved > 1 else "is"
+    return f"{reserved:,} of the {fig.num_blocks:,} blocks {verb} {what}, never handed out"
 
 
 def pool_phrase(fig: EngineFigures) -> str:
@@ -145,11 +163,18 @@ def engine_pool_title(fig: EngineFigures) -> str:
     return f"{fig.name} {fig.version} KV pool".strip()
 
 
+def blocks_row(fig: EngineFigures) -> str:
+    """The page's "blocks" cell: `10 blocks of 4 tokens (2 of the 10 blocks are transformers' trash sectors,
+    never handed out)`, the text report's words (it read "10 of 4 tokens", like a fraction)."""
+    kept = kept_back_phrase(fig)
+    return f"{fig.num_blocks:,} blocks of {fig.block_size} tokens" + (f" ({kept})" if kept else "")
+
+
 def engine_pool_rows(fig: EngineFigures) -> list[tuple[str, str]]:
     """The pool's table beside its chart: (label, figure) rows, the text report's engine lines cell by cell
     (the same phrases), so that a reader of the page alone misses none of them."""
     return [
-        ("blocks", f"{fig.num_blocks:,} of {fig.block_size} tokens"),
+        ("blocks", blocks_row(fig)),
         ("pool", pool_phrase(fig)),
         ("engine steps", f"{fig.steps:,}"),
         ("requests", requests_phrase(fig)),

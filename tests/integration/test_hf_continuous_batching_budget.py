@@ -171,7 +171,12 @@ def test_a_run_that_ended_before_its_first_engine_step(
     page = tmp_path / "report.html"
     assert main(["report", str(run), "--no-export", "-q", "-o", str(page)]) == 0
     rows = pool_table(page.read_text())
-    assert rows["blocks"] == f"{8 + TRASH} of {PAGE} tokens" and rows["engine steps"] == "0"
+    blocks = 8 + TRASH
+    assert rows["blocks"] == (
+        f"{blocks} blocks of {PAGE} tokens ({TRASH} of the {blocks} blocks are transformers' trash sectors, "
+        "never handed out)"
+    )
+    assert rows["engine steps"] == "0"
     assert rows["pool"] == f"{(8 + TRASH) * BLOCK_BYTES / 1024:.2f} KiB (float32)"
     assert rows["peak"] == (
         f"no engine step ran: the run ended before its first step, none of {usable} usable blocks used"
