@@ -37,6 +37,9 @@ __all__ = [
 # the start, written in place). One name, one cache, in every subcommand.
 CACHE_KINDS = ("dynamic", "static", "sliding", "static_sliding", "quantized")
 SLIDING_CACHES = ("sliding", "static_sliding")  # those that take a window
+# transformers' dynamic sliding layer keeps `states[..., -window + 1:, :]`: at a window of 1, every token
+# (kvtrace.llama.MIN_WINDOW, which `kvtrace demo` refuses below)
+DYNAMIC_MIN_WINDOW = 2
 PREALLOCATED_CACHES = ("static", "static_sliding")  # allocated whole at the first step, no growth copy
 QUANTIZED_KV_DTYPES = ("int2", "int4", "int8", "fp8")  # quanto/HQQ, and the fp8 backend
 FLOAT_DTYPES = ("bf16", "fp16", "fp32")
@@ -271,6 +274,12 @@ class PlanRequest:
             )
         if self.window is not None and self.window < 1:
             raise KvtraceError(f"window must be at least 1, got {self.window}")
+        if self.cache == "sliding" and self.window is not None and self.window < DYNAMIC_MIN_WINDOW:
+            # as `kvtrace demo --window` refuses it: the plan read "KV cache 128.00 KiB (1 x 0 tokens)"
+            raise KvtraceError(
+                f"--window must be at least {DYNAMIC_MIN_WINDOW} for --cache sliding, got {self.window}: "
+                "transformers' sliding cache keeps every token at a window of 1"
+            )
         if self.encoder_tokens is not None and not self.geometry.cross_kv_layers:
             raise KvtraceError(
                 f"{self.geometry.name} is not an encoder-decoder model: it has no encoder input length"

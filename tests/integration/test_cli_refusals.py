@@ -1198,3 +1198,18 @@ def test_a_window_of_one_token_is_refused(
         "--window must be at least 2, got 1: transformers' sliding cache keeps every token at a window of 1\n"
     )
     assert not out.exists()
+
+
+def test_plan_refuses_a_sliding_window_of_one_token_as_demo_does(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a dynamic sliding cache of one token, which transformers never slides (every token kept): the
+    # plan read "KV cache 128.00 KiB (1 x 0 tokens)" beside a cache holding the whole context
+    argv = ["plan", "--preset", "llama-3-8b", "--cache", "sliding", "--context", "4096", "--prompt", "100"]
+    # WHEN it is planned THEN it is refused in one line, naming why, as demo and sweep refuse it
+    assert main([*argv, "--window", "1"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "--window must be at least 2 for --cache sliding, got 1: transformers' sliding cache keeps every "
+        "token at a window of 1\n"
+    )
+    # AND a window of 2 is planned
+    assert main([*argv, "--window", "2"]) == 0
+    assert "sliding (2-token window on 32 of 32 layers)" in capsys.readouterr().out
