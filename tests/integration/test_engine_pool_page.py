@@ -33,8 +33,9 @@ def test_the_pages_pool_table_says_what_the_text_report_says(
     text = capsys.readouterr().out
     # THEN the page's pool table holds every figure of the raw files, in the text report's words
     assert pool_table(page.read_text()) == expected
-    assert f"KV pool: {expected['blocks'].replace(' of ', ' blocks of ', 1)}, {expected['pool']}, " in text
-    assert f"{expected['engine steps']} engine steps, {expected['requests']}\n" in text
+    blocks, kept = expected["blocks"].removesuffix(")").split(" (", 1)  # the blocks no request gets
+    assert f"KV pool: {blocks}, {expected['pool']}, " in text
+    assert f"{expected['engine steps']} engine steps, {expected['requests']}; {kept}\n" in text
     assert f"    peak {expected['peak']}; prefix-cache blocks evicted: " in text
     assert f"    preemptions: {expected['preemptions']}" in text
 

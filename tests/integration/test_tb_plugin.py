@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
-from html import unescape
+from html import escape, unescape
 from pathlib import Path
 from typing import Any
 
@@ -404,7 +404,8 @@ def test_an_engine_run_shows_its_pool_and_says_why_it_has_no_memory_chart(tmp_pa
     assert kvtrace_main(["report", str(run), "--no-export", "-q", "-o", str(page)]) == 0
     html = page.read_text()
     assert page_figure(html, "kvtrace-engine-pool")[0] == list(traces.values())
-    assert all(f"<tr><th>{label}</th><td>{value}</td></tr>" in html for label, value in pool["rows"])
+    cells = [f"<tr><th>{label}</th><td>{escape(value)}</td></tr>" for label, value in pool["rows"]]
+    assert all(cell in html for cell in cells)
     assert ("<p class='note'>" + timeline["no_chart"].replace("'", "&#x27;")) in html
 
 
@@ -535,7 +536,9 @@ def test_a_pool_made_before_the_first_engine_step_is_listed_without_a_chart(tmp_
     # THEN it lists the pool's rows, with no chart of steps it never ran: the rows the HTML page shows
     assert pool["title"] == f"transformers-cb {engine['version']} KV pool" and pool["figure"] is None
     rows = dict(pool["rows"])
-    assert rows["blocks"] == f"{blocks} of 4 tokens" and rows["engine steps"] == "0"
+    trash = f"2 of the {blocks} blocks are transformers' trash sectors, never handed out"
+    assert rows["blocks"] == f"{blocks} blocks of 4 tokens ({trash})"
+    assert rows["engine steps"] == "0"
     assert rows["pool"] == f"{blocks * block_bytes / 1024:.2f} KiB (float32)"
     assert (
         rows["peak"]
@@ -865,7 +868,12 @@ def test_chromium_shows_an_engine_pool_and_a_short_runs_steps_as_the_cli_does(
     # (its diagnosis, first, names vLLM's null block: the rest has no JavaScript null)
     diagnosis = re.search(r'<div class="diagnosis">.*?</section></div>', vllm, flags=re.S)
     assert diagnosis is not None and "vLLM preempted 2 time(s)" in diagnosis.group(0)
-    summary = vllm.replace(diagnosis.group(0), "")
+    # (and so does its pool table's blocks cell, `1 of the 16 blocks is vLLM's null block`)
+    summary = (
+        vllm.replace(diagnosis.group(0), "")
+        .replace("vLLM&#x27;s null block", "")
+        .replace("vLLM's null block", "")
+    )
     assert f"<th>KV pool capacity</th><td>{capacity} tokens</td>" in summary and "null" not in summary
     assert f"the pool's capacity of {capacity} tokens" in _cli_text(logdir / "vllm_preempt")
     # AND it has no per-step heatmap (as in the HTML report): one column at step 0 of a 96-step run
