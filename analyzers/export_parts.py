@@ -17,8 +17,9 @@ under a temporary name and renamed only when every table's is complete, `runs` l
 that part N was committed. A killed or failed export (a full disk) thus leaves no runs part, its sources
 are not "already exported", and the next export removes what it left: an empty `runs/.pending-NNNNN`, made
 before any file of part N and removed after its runs part, proves them its own. Nothing else in DIR is
-removed: a file there that is not a kvtrace part (a user's own dataset), or a kvtrace part without its runs
-part and without that mark (a damaged export), is refused in one line and kept.
+removed: a file there that is not a kvtrace part (a user's own dataset), a kvtrace part without its runs
+part and without that mark, or a file of a part's name that is empty or not Parquet (a damaged export: a
+full disk, a killed copy), is refused in one line and kept, unless `--overwrite` is to replace it.
 
 `--overwrite` never removes a part before its replacement is committed: the new part is written beside the
 old ones, numbered after them, and an empty mark `runs/.overwrite-NNNNN` is made before its runs part is
@@ -33,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from collections.abc import Collection
 from pathlib import Path
 
@@ -193,12 +195,36 @@ def _footer_table(path: Path) -> bytes | None:
         ) from None
 
 
-def _check_part(path: Path) -> int:
+def _damage(path: Path) -> str | None:
+    """What is wrong with a regular file of kvtrace's part name that Parquet cannot read for its bytes (not
+    for a permission or a link): "empty (0 bytes)", or Parquet's reason. None for any other file. A full
+    disk, a killed copy or a crash before the rename reached the disk leaves such a part."""
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if info.st_size == 0:
+            return "empty (0 bytes)"
+        pq.read_schema(path)
+    except pa.ArrowInvalid as exc:
+        return f"not readable as Parquet ({exc})"
+    except OSError:
+        return None
+    return None
+
+
+def _check_part(path: Path) -> tuple[int, str | None]:
     """The number of a part in a table's folder, which must be kvtrace's part of that table (by its name and
     its footer): a user's own Parquet file there (pyarrow's `part-0.parquet`, Spark's
-    `part-00000-<uuid>.snappy.parquet`) is refused, never read as a part nor removed as a leftover."""
+    `part-00000-<uuid>.snappy.parquet`) is refused, never read as a part nor removed as a leftover. A file
+    of kvtrace's part name whose bytes are not Parquet (`_damage`) is a damaged part, returned with what is
+    wrong: nothing a user wrote is that, and it holds no rows to keep."""
     table = path.parent.name
     m = _PART.match(path.name)
+    if m is not None and path.name == f"part-{int(m.group(1)):05d}.parquet":
+        damage = _damage(path)
+        if damage is not None:
+            return int(m.group(1)), damage
     if (
         m is None
         or path.name != f"part-{int(m.group(1)):05d}.parquet"
@@ -208,7 +234,19 @@ def _check_part(path: Path) -> int:
             f"{path}: not a kvtrace {table} part, left as it is; export into a folder of kvtrace's own "
             "(a new -o DIR)"
         )
-    return int(m.group(1))
+    return int(m.group(1)), None
+
+
+def _damaged_part(out_dir: Path, path: Path, damage: str, number: int, files: list[Path]) -> KvtraceError:
+    """The one line for a damaged part file found without --overwrite: what is wrong, and how to export
+    into the folder again."""
+    named = ", ".join(f.relative_to(out_dir).as_posix() for f in sorted(files))
+    return KvtraceError(
+        f"{path}: {damage}: a damaged part of this export (cut by a full disk, a killed copy or a crash), "
+        "left as it is; export again with --overwrite to replace the whole export with the inputs given, or "
+        f"remove part {number}'s {len(files)} files ({named}) and export its inputs again, or export into a "
+        "new -o DIR"
+    )
 
 
 def _remove_uncommitted(out_dir: Path, overwrite: bool = False) -> None:
@@ -223,16 +261,18 @@ def _remove_uncommitted(out_dir: Path, overwrite: bool = False) -> None:
     export of an earlier kvtrace, killed, left it without one. Anything else is refused in one line before a
     file is touched: a Parquet file in a table's folder that is not kvtrace's part of that table, and the
     parts whose runs part is missing with no mark to say why (a damaged export: a copy that left runs out, a
-    stray rm; every file of the first is named), unless `overwrite` is to replace them (they are then left
-    for `_commit`, numbered below the new part)."""
+    stray rm; every file of the first is named), and a file of a part's name whose bytes are not Parquet (an
+    empty one: `_damage`), unless `overwrite` is to replace them (they are then left for `_commit`, numbered
+    below the new part)."""
     folders = [out_dir / table for table in TABLE_NAMES if (out_dir / table).is_dir()]
     runs_folder = out_dir / "runs"
     dotted = list(runs_folder.glob(".*")) if runs_folder.is_dir() else []
     marks = [p for p in dotted if any(r.match(p.name) for r in _MARKS)]
     pending = {int(m.group(1)) for p in marks if (m := _PENDING_MARK.match(p.name))}
-    parts = {
+    checked = {
         p: _check_part(p) for folder in folders for p in sorted(folder.glob("*.parquet")) if p.name[0] != "."
     }
+    parts = {p: number for p, (number, _) in checked.items()}
     runs_parts = sorted(p for p in parts if p.parent == runs_folder)
     floor, single = _replaced(runs_parts)
     committed = {p.name for p in _not_replaced(runs_parts)}
@@ -248,6 +288,12 @@ def _remove_uncommitted(out_dir: Path, overwrite: bool = False) -> None:
             if f"part-{number:05d}.parquet" in committed:
                 unfinished.add(number)
             leftovers.append(path)
+    for path, (number, damage) in checked.items():
+        # A damaged part file that no export replaced: refused unless `overwrite` is to replace it (left for
+        # `_commit`, which removes it, numbered below the new part, once that is committed)
+        gone = number in pending or number < floor or number in single
+        if damage is not None and not gone and not overwrite:
+            raise _damaged_part(out_dir, path, damage, number, [p for p, n in parts.items() if n == number])
     damaged: dict[int, list[Path]] = {}
     for path, number in parts.items():
         if path.name in committed and number not in unfinished:

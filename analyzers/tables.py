@@ -423,6 +423,20 @@ def _recording_pid(holder: str | None) -> int | None:
     return int(holder) if holder.isdigit() else 0
 
 
+def _kv_lines(run: Any) -> list[dict[str, Any]]:
+    """The run's KV events as their lines said them: a field a line left out (a `freed` line's dtype, shape
+    and tokens; `rows` where every row is in use) is null, not the "" or 0 it is read as, so that `IS NULL`
+    and `count(column)` tell what the line did not say."""
+    rows = [event.to_json() for event in run.kv_events]
+    left_out: list[frozenset[str]] = run.kv_fields_left_out
+    if len(left_out) != len(rows):  # not known for these events: as read
+        return rows
+    for row, fields in zip(rows, left_out, strict=True):
+        for name in fields:
+            row[name] = None
+    return rows
+
+
 def source_tables(
     inp: Input, progress: ProgressFn | None = None, groups: GroupIds | None = None
 ) -> dict[str, pa.Table]:
@@ -442,7 +456,7 @@ def source_tables(
     requests: list[dict[str, Any]] = []
     if run is not None:
         engine, steps, requests = read_engine_files(Path(inp.path))
-        kv_rows = kv_event_rows([e.to_json() for e in run.kv_events], engine)
+        kv_rows = kv_event_rows(_kv_lines(run), engine)
         tables["kv_events"] = records_table(KV_EVENTS, run_id, kv_rows)
         tables["samples"] = records_table(SAMPLES, run_id, run.memory_samples)
         tables["engine_steps"] = records_table(ENGINE_STEPS_SCHEMA, run_id, steps)

@@ -219,6 +219,10 @@ class Run:
     unknown_kv_dtypes: dict[str, int] = field(default_factory=dict)
     # lines whose `seq` an earlier line has (each line's is one more than the last's): read in file order
     repeated_kv_seqs: int = 0
+    # Per KV event, in `kv_events`' order: the fields its line left out, which read as KvEvent's defaults
+    # ("" or 0: a `freed` line has no dtype, shape or tokens). The export writes them null, not as a value
+    # the line never held. Empty when not known (a Run built otherwise than by `read_run`).
+    kv_fields_left_out: list[frozenset[str]] = field(default_factory=list)
     # What the model's weights did afterwards (`WEIGHT_EVENTS`), in the order it happened
     weight_changes: list[WeightRecord] = field(default_factory=list)
     # weights.jsonl or memory_samples.jsonl found cut or short after the run ended: read as missing (the

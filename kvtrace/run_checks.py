@@ -171,6 +171,8 @@ class _KvEventLines:
         self.unknown_dtypes: dict[str, int] = {}
         self.repeated_seqs = 0
         self._seqs: set[int] = set()
+        self.left_out: list[frozenset[str]] = []  # per event kept: the fields its line left out
+        self._left_out_by_keys: dict[tuple[str, ...], frozenset[str]] = {}  # a few distinct line layouts
 
     def __call__(self, record: dict[str, Any], path: Path, lineno: int) -> KvEvent | None:
         self.lines += 1
@@ -185,6 +187,13 @@ class _KvEventLines:
             self.repeated_seqs += 1
         else:
             self._seqs.add(event.seq)
+        keys = tuple(record)
+        left_out = self._left_out_by_keys.get(keys)
+        if left_out is None:
+            left_out = frozenset(KvEvent.__dataclass_fields__).difference(keys)
+            if len(self._left_out_by_keys) < 1024:  # a crafted log of endless layouts does not grow it
+                self._left_out_by_keys[keys] = left_out
+        self.left_out.append(left_out)
         least = least_storage_bytes(event)
         # Only where its `logical_bytes` says the same tensor size as its shape: two fields against one. Where
         # they disagree, the shape may be the damaged field, and the line is read as it is.

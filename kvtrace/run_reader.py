@@ -195,6 +195,7 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         short_kv_storages=kv_lines.short_storages,
         unknown_kv_dtypes=kv_lines.unknown_dtypes,
         repeated_kv_seqs=kv_lines.repeated_seqs,
+        kv_fields_left_out=kv_lines.left_out,
         damaged_files=damaged,
     )
 

@@ -17,7 +17,7 @@ from analyzers.planning.diagnosis import Diagnosis
 from analyzers.render.budget_marks import add_budget
 from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
 from analyzers.render.event_axis import LEVEL_LINE, event_axis, held_points, held_span
-from analyzers.render.json import report_to_json
+from analyzers.render.json import report_to_json, size_basis_said
 from analyzers.render.plotly_div import figure_div
 from analyzers.render.text import budget_line, report_to_text
 from analyzers.timeline import downsample_indices, timeline_indices
@@ -243,17 +243,33 @@ def _covered(drawn: list[Any]) -> list[float]:
     return [float(points[0][i]) for points in drawn if points is not None for i in (0, -1)]
 
 
+def _sizes_counted(r: RankReport) -> str:
+    """Which size a rank's peak counts (its main device's), in the words its text report's device line
+    says it; "-" where that device measured nothing. Ranks may differ: one whose profiler trace is gone
+    counts the KV log's tensors, where the others count the allocator's blocks."""
+    main = r.report.main_device
+    if main is None or not r.report.device_measured(main):
+        return "-"
+    return size_basis_said(main.size_basis, main.device)
+
+
+def _page_cells(group: GroupReport, r: RankReport) -> tuple[object, ...]:
+    """`rank_cells` with the rank's `_sizes_counted` after its peak, as the single-run page's summary says
+    it under the device's peak."""
+    cells = rank_cells(group, r)
+    return (*cells[:4], _sizes_counted(r), *cells[4:])
+
+
 def group_report_to_html(group: GroupReport, extra_sections: list[str] | None = None) -> str:
     """One self-contained page: a table of the ranks, `extra_sections` (the focus rank's diagnosis, as
     `kvtrace report -o` adds it), then the ranks side by side on one time axis."""
     from plotly.offline import get_plotlyjs
 
     esc = html.escape
-    head = "".join(
-        f"<th>{c}</th>" for c in ("rank", "status", "device", "peak allocated", "KV final", "KV peak", "")
-    )
+    columns = ("rank", "status", "device", "peak allocated", "sizes counted", "KV final", "KV peak", "")
+    head = "".join(f"<th>{c}</th>" for c in columns)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in rank_cells(group, r)) + "</tr>"
+        "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in _page_cells(group, r)) + "</tr>"
         for r in group.ranks
     )
     total = group.total.kv

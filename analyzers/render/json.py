@@ -25,7 +25,8 @@ def size_basis_said(size_basis: str, device: str) -> str:
         return "the KV log's and the weights' tensor sizes"
     if size_basis == "requested":
         return "requested sizes, as memory_viz's timeline counts them"
-    if device.startswith("cuda"):
+    # a run group's devices are named after their rank (`rank0/cuda:0`): the device's own kind decides
+    if device.rpartition("/")[2].startswith("cuda"):
         return "the allocator's block sizes, as memory_allocated() counts them"
     return "sizes as the allocator reported them"
 

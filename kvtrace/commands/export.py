@@ -30,8 +30,9 @@ class ExportCommand(Command):
     Exit status: 0 on success; 1 when DIR cannot be written, or standard output (the tables are then
     written all the same, and the line says so); 2 when any input was unreadable or missing (the rest are
     still written), for bad flags, or when DIR's table folders hold a Parquet file that is not kvtrace's or
-    a part whose runs part is missing (a damaged export; --overwrite replaces it), or when DIR is an input,
-    lies inside an input run, or is a run, run group or sweep's folder: nothing is written or removed.
+    a part whose runs part is missing or a part file that is empty or not Parquet (a damaged export;
+    --overwrite replaces it), or when DIR is an input, lies inside an input run, or is a run, run group or
+    sweep's folder: nothing is written or removed.
     """
 
     name = "export"

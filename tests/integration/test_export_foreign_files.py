@@ -8,6 +8,7 @@ counted from the raw files.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -126,6 +127,50 @@ def test_an_export_missing_its_runs_part_is_refused_then_replaced_only_with_over
     assert (code, stderr) == (0, "")
     assert sorted(_files(out)) == [f"{table}/part-00001.parquet" for table in sorted(TABLES)]
     assert _kv_rows(out) == {other.as_posix(): _kv_lines(other)}
+
+
+@pytest.mark.parametrize(
+    ("table", "damage"), [("kv_events", "empty"), ("runs", "empty"), ("memory_events", "cut")]
+)
+def test_a_damaged_part_file_is_refused_then_replaced_with_overwrite(
+    tmp_path: Path, table: str, damage: str
+) -> None:
+    # GIVEN an export of two sample runs, one of whose part files a full disk or a killed copy left empty
+    # (0 bytes) or cut to its first half (no Parquet footer)
+    out = tmp_path / "tables"
+    first = [SAMPLES / "dynamic_b2", SAMPLES / "static_b2"]
+    assert _cli("export", *map(str, first), "-o", str(out), "-q")[0] == 0
+    part = out / table / "part-00000.parquet"
+    whole = part.read_bytes()
+    part.write_bytes(b"" if damage == "empty" else whole[: len(whole) // 2])
+    before = _files(out)
+
+    # WHEN another run is exported into it
+    other = SAMPLES / "sliding_b2"
+    code, stdout, stderr = _cli("export", str(other), "-o", str(out), "-q")
+
+    # THEN one line says the part is damaged, what is wrong and how to export again, exit 2, nothing touched
+    assert (code, stdout) == (2, "")
+    said = "empty (0 bytes)" if damage == "empty" else "not readable as Parquet ("
+    named = ", ".join(f"{t}/part-00000.parquet" for t in sorted(TABLES))
+    (line,) = stderr.splitlines()
+    assert line.startswith(f"kvtrace export: error: {part}: {said}")
+    assert line.endswith(
+        ": a damaged part of this export (cut by a full disk, a killed copy or a crash), left as it is; "
+        "export again with --overwrite to replace the whole export with the inputs given, or remove part 0's "
+        f"{len(TABLES)} files ({named}) and export its inputs again, or export into a new -o DIR"
+    )
+    assert _files(out) == before
+
+    # WHEN the user asks for --overwrite (the damaged file used to be refused as unreadable even then)
+    code, stdout, stderr = _cli("export", str(other), "-o", str(out), "-q", "--overwrite")
+
+    # THEN the export is replaced, the damaged file with it: the new part alone holds the run, whole
+    assert (code, stderr) == (0, "")
+    assert sorted(_files(out)) == [f"{t}/part-00001.parquet" for t in sorted(TABLES)]
+    assert _kv_rows(out) == {other.as_posix(): _kv_lines(other)}
+    code, stdout, _ = _cli("query", str(out), "--json", "SELECT count(*) AS n FROM kv_events")
+    assert (code, json.loads(stdout)) == (0, [{"n": _kv_lines(other)}])
 
 
 def test_a_symbolic_link_loop_in_place_of_the_runs_part_is_refused(tmp_path: Path) -> None:
