@@ -32,6 +32,12 @@ __all__ = [
 ]
 
 
+# The smallest window a sliding DynamicCache slides at: transformers keeps `states[..., -window + 1:, :]`, so
+# a window of 1 keeps every token (kvtrace.llama.MIN_WINDOW, which `demo` and `plan --cache sliding` refuse
+# below)
+SMALLEST_WINDOW = 2
+
+
 def beam_search_remedies(
     kv: int, prompts: int, beams: int, need: int | None, beyond_weights: int | None = None
 ) -> list[Remedy]:
@@ -305,20 +311,20 @@ def window_remedy(
     model's (an assistant model's draft cache), which a window on the model's cache leaves as it is."""
     hybrid = bool(sliding and model_window)
     start = min(target, model_window) if hybrid and model_window else target
-    window = max(start, 1)
+    window = max(start, SMALLEST_WINDOW)
     cross += others
     if need is not None and need > 0:
-        # The largest window whose peak leaves the room needed, else 1. A peak never shrinks as the window
-        # grows (each of its terms is a window or the prompt times bytes), so it is found by bisection, not
-        # by pricing every window below the context's (a 128k-token one priced 128k windows)
-        lowest, highest = 0, window  # the largest window known to fit (0: none yet), the largest that may
+        # The largest window whose peak leaves the room needed, else the smallest. A peak never shrinks as
+        # the window grows (each of its terms is a window or the prompt times bytes), so it is found by
+        # bisection, not by pricing every window below the context's (a 128k-token one priced 128k windows)
+        lowest, highest = SMALLEST_WINDOW - 1, window  # the largest known to fit (below the smallest: none)
         while lowest < highest:
             middle = (lowest + highest + 1) // 2
             if kv - (sliding_cache_bytes(layer_tokens, middle, prompt)[1] + cross) >= need:
                 lowest = middle
             else:
                 highest = middle - 1
-        window = lowest or 1
+        window = max(lowest, SMALLEST_WINDOW)
     held, peak = sliding_cache_bytes(layer_tokens, window, prompt)
     held, peak = held + cross, peak + cross
     saved = max(kv - peak, 0)

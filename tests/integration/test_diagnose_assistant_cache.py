@@ -68,14 +68,14 @@ def test_remedies_on_the_models_cache_leave_the_assistants_draft_cache(
     assert "of the 18.00 KiB the model's cache holds at 32 bits" in fp8["sentence"]
     assert "The other 15.00 KiB of KV at this moment is in other caches" in fp8["sentence"]
 
-    # AND no window fits: even 1 token leaves the model's cache its 10-token first forward (the prompt and
-    # the draft token verified with it) on every layer until its first decode step, plus the new window of
-    # its first layer, and the draft cache as it is
-    window = remedies[("sliding_window", 1)]
-    window_peak = 10 * TOKEN + LAYER_TOKEN
+    # AND no window fits: even 2 tokens (the smallest a sliding cache slides at) leave the model's cache its
+    # 10-token first forward (the prompt and the draft token verified with it) on every layer until its first
+    # decode step, plus the new window of its first layer, and the draft cache as it is
+    window = remedies[("sliding_window", 2)]
+    window_peak = 10 * TOKEN + 2 * LAYER_TOKEN
     assert window["saved_bytes"] == model_kv + draft_kv - window_peak - draft_kv < SHORT
     assert window["fits"] is False
-    assert window["sentence"].startswith("No sliding window fits, even of 1 token")
+    assert window["sentence"].startswith("No sliding window fits, even of 2 tokens")
     assert "with the 15.00 KiB of KV in other caches" in window["sentence"]
 
     # AND a shorter context shrinks both caches, a token costing 1 KiB in each: 9 tokens fewer would cover
