@@ -370,7 +370,10 @@ def check_schema_version(files: list[Path]) -> None:
         try:
             metadata = pq.read_schema(file).metadata or {}
         except (OSError, pa.ArrowInvalid) as exc:
-            raise KvtraceError(f"{file}: not a readable Parquet file ({exc})") from None
+            raise KvtraceError(
+                f"{file}: not a readable Parquet file ({exc}): a damaged part of this export (an export cut "
+                "short, a disk that filled); run the `kvtrace export` that wrote it again with --overwrite"
+            ) from None
         version = int(metadata.get(b"kvtrace.schema_version", b"0") or 0)
         if version > SCHEMA_VERSION:
             raise KvtraceError(

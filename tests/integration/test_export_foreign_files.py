@@ -273,3 +273,22 @@ def test_export_into_a_file_is_an_output_that_cannot_be_written(tmp_path: Path, 
     assert (code, stdout) == (1, "")
     assert stderr.splitlines() == [f"kvtrace export: error: {out}: cannot write ({why})"]
     assert blocker.read_bytes() == b"the user's own\n"
+
+
+def test_a_query_on_an_emptied_part_points_to_export_overwrite(tmp_path: Path) -> None:
+    # GIVEN an export whose kv_events part a full disk left empty
+    out = tmp_path / "tables"
+    assert _cli("export", str(SAMPLES / "static_b2"), "-o", str(out), "-q")[0] == 0
+    part = out / "kv_events" / "part-00000.parquet"
+    part.write_bytes(b"")
+
+    # WHEN it is queried THEN one line names the part, why, and how to write it again, exit 2
+    code, _, stderr = _cli("query", str(out), "SELECT count(*) FROM kv_events")
+    assert code == 2
+    (line,) = stderr.splitlines()
+    assert line.startswith(f"kvtrace query: error: {part}: not a readable Parquet file (")
+    assert line.endswith("run the `kvtrace export` that wrote it again with --overwrite")
+    # AND `kvtrace export --overwrite` of the same input writes it again, which the query then reads
+    assert _cli("export", str(SAMPLES / "static_b2"), "-o", str(out), "-q", "--overwrite")[0] == 0
+    code, stdout, _ = _cli("query", str(out), "--json", "SELECT count(*) AS n FROM kv_events")
+    assert code == 0 and json.loads(stdout)[0]["n"] == _kv_lines(SAMPLES / "static_b2")
