@@ -19,7 +19,7 @@ from analyzers.render.json import NO_KV_HINT, report_to_json, size_basis_said
 from analyzers.render.kv_heatmap import eviction_marks, layer_grid
 from analyzers.render.plotly_div import figure_div
 from analyzers.render.text import budget_line, evicted_tokens
-from analyzers.render.timeline_layout import MARGIN, colorbar_beside, panel_layout
+from analyzers.render.timeline_layout import MARGIN, before_first_generate, colorbar_beside, panel_layout
 from analyzers.summary import Report
 from analyzers.timeline import PAGE_POINTS, downsample_indices, timeline_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes
@@ -238,6 +238,13 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         fig.update_xaxes(title_text="step and phase", type="category", nticks=12, row=3, col=1)
     if usage:
         _add_usage(fig, usage, t0, len(panels))
+        fitted = before_first_generate(source.meta.get("manifest") or {}, usage[1][0]["t_ns"], t0)
+        if fitted is not None:
+            left, note = fitted
+            # Every time axis (they match x): from the left edge, to the last point drawn
+            for row in [1, *([2] if rows == 3 else []), len(panels)]:
+                fig.update_xaxes(range=[left, None], autorange="max", row=row, col=1)
+            fig.update_xaxes(title_text=f"seconds from first event; {note}", row=len(panels), col=1)
     fig.update_layout(
         height=layout.height,
         template="plotly_white",

@@ -1,4 +1,4 @@
-"""Where the report's timeline panels sit.
+"""Where the report's timeline panels sit, and where its time axis starts.
 
 Panel heights and the gap between panels are pixels, not fractions of the figure: a fraction of 0.07 gave
 89 px between panels on a page with four of them but 48 px on one with two (a vLLM or continuous-batching
@@ -41,3 +41,24 @@ def colorbar_beside(fig: Any, row: int) -> dict[str, Any]:
     """A colorbar's `y`, `len` and `yanchor` that put it beside the panel in `row` (a one-column figure)."""
     bottom, top = fig.get_subplot(row, 1).yaxis.domain
     return {"y": (bottom + top) / 2, "len": top - bottom, "yanchor": "middle"}
+
+
+def before_first_generate(
+    manifest: dict[str, Any], first_sample_ns: int, t0_us: float
+) -> tuple[float, str] | None:
+    """(the axis' left edge in seconds from `t0_us`, the note saying what is left of it) for a run whose
+    model was found at its first generate() (`kvtrace run`, `record(model="auto")`) after its first CPU
+    sample; else None.
+
+    Such a run samples CPU % from the script's start but traces memory from that generate() only: an axis
+    fitted to every sample left most of the memory panels empty (-0.7 s to 0 of a -0.7 to 0.5 s axis).
+    The axis starts at the generate() instead; the earlier samples stay in the figure, for autoscale."""
+    found = manifest.get("model_found_ns")
+    if not isinstance(found, int) or isinstance(found, bool) or first_sample_ns >= found:
+        return None
+    lead_s = (found - first_sample_ns) / 1e9
+    note = (
+        f"the axis starts at the model's first generate(): the {lead_s:.2f} s of CPU % before it (imports, "
+        "model loading, no memory traced) is off its left, autoscale shows it"
+    )
+    return (found / 1000.0 - t0_us) / 1e6, note
