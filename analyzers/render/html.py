@@ -19,6 +19,7 @@ from analyzers.render.json import NO_KV_HINT, report_to_json, size_basis_said
 from analyzers.render.kv_heatmap import eviction_marks, layer_grid
 from analyzers.render.plotly_div import figure_div
 from analyzers.render.text import budget_line, evicted_tokens
+from analyzers.render.timeline_layout import MARGIN, before_first_generate, colorbar_beside, panel_layout
 from analyzers.summary import Report
 from analyzers.timeline import PAGE_POINTS, downsample_indices, timeline_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes
@@ -53,13 +54,14 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
     usage = _usage_samples(source)
     if usage:
         titles.append(usage[0])
-    heights = [0.45, 0.3, 0.25][:rows] + ([0.2] if usage else [])
+    panels = ["memory", "kv", "layers"][:rows] + (["usage"] if usage else [])
+    layout = panel_layout(panels)
     fig = make_subplots(
-        rows=len(heights),
+        rows=len(panels),
         cols=1,
         subplot_titles=titles,
-        vertical_spacing=0.07,
-        row_heights=heights,
+        vertical_spacing=layout.vertical_spacing,
+        row_heights=layout.row_heights,
         specs=[[{}]] * rows + ([[{"secondary_y": True}]] if usage else []),
     )
     t0 = _origin_us(report, source, kv, usage)
@@ -206,7 +208,7 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
                 # From zero: a constant cache is one colour, not a gradient across a rounding error.
                 zmin=0,
                 zmax=z_max or 1,
-                colorbar={"title": z_unit, "len": 0.2, "y": 0.3 if usage else 0.1, "tickformat": ",.2f"},
+                colorbar={"title": z_unit, **colorbar_beside(fig, 3), "tickformat": ",.2f"},
                 name="KV per layer",
                 hovertemplate="step %{x}<br>%{y}: %{z:,.2f} " + z_unit + "<extra></extra>",
             ),
@@ -235,12 +237,19 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
         # a label every few columns, as on a numeric axis, not thousands of rotated ones
         fig.update_xaxes(title_text="step and phase", type="category", nticks=12, row=3, col=1)
     if usage:
-        _add_usage(fig, usage, t0, len(heights))
+        _add_usage(fig, usage, t0, len(panels))
+        fitted = before_first_generate(source.meta.get("manifest") or {}, usage[1][0]["t_ns"], t0)
+        if fitted is not None:
+            left, note = fitted
+            # Every time axis (they match x): from the left edge, to the last point drawn
+            for row in [1, *([2] if rows == 3 else []), len(panels)]:
+                fig.update_xaxes(range=[left, None], autorange="max", row=row, col=1)
+            fig.update_xaxes(title_text=f"seconds from first event; {note}", row=len(panels), col=1)
     fig.update_layout(
-        height=(1150 if rows == 3 else 560) + (260 if usage else 0),
+        height=layout.height,
         template="plotly_white",
         legend={"orientation": "h"},
-        margin={"t": 60, "l": 70, "r": 30},
+        margin=MARGIN,
     )
     return fig
 

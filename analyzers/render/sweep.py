@@ -60,15 +60,35 @@ def sweep_to_text(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
     return "\n".join(lines)
 
 
-# One color per cache kind for its peak (solid), its KV (dotted) and its tokens/s, none of them the budget
-# line's red: plotly's default second color, a red too, made a cache's KV line read as the budget.
+# One color per cache kind for its peak, its KV and its tokens/s, none of them the budget line's red:
+# plotly's default second color, a red too, made a cache's KV line read as the budget.
 _BUDGET_COLOR = "red"
 _CACHE_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f", "#bcbd22")
+# Kinds whose figures are equal (a dynamic and a static cache end with the same KV, and peak within bytes of
+# each other, at every point) draw one line over the other: each kind has its own dash, and each is
+# drawn thinner, with smaller markers, than the kind before it, so that the one below shows around it.
+_CACHE_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+# The memory series, by marker: (JSON key, name, right axis?, marker symbol)
+_MEMORY_SERIES = (
+    ("peak_bytes", "peak allocated", False, "circle"),
+    ("kv_peak_bytes", "KV peak", True, "diamond"),
+    ("kv_final_bytes", "KV at the end", True, "square"),
+)
+
+
+def _cache_style(number: int) -> tuple[dict[str, Any], float]:
+    """(the line, the marker size) of the `number`th cache kind drawn."""
+    line = {
+        "color": _CACHE_COLORS[number % len(_CACHE_COLORS)],
+        "dash": _CACHE_DASHES[number % len(_CACHE_DASHES)],
+        "width": max(3.0 - 1.25 * number, 1.5),
+    }
+    return line, max(11.0 - 3.0 * number, 5.0)
 
 
 def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: str) -> str:
-    """The sweep's table and one plot: measured peak and KV (on an axis of its own, so that it is not a
-    flat line beside the weights) and tokens/s per grid point, per cache."""
+    """The sweep's table and one plot: measured peak and KV at its peak and at the end (on an axis of its
+    own, so that it is not a flat line beside the weights) and tokens/s per grid point, per cache."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -89,40 +109,29 @@ def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
     kv_unit, kv_factor = binary_unit(max((r["kv_peak_bytes"] or 0 for r in rows), default=0))
     for number, cache in enumerate(sorted({row["cache"] for row in rows})):
         mine = [r for r in rows if r["cache"] == cache]
-        color = _CACHE_COLORS[number % len(_CACHE_COLORS)]
+        line, size = _cache_style(number)
         x = [f"batch {r['batch']}, {r['context']} tok" for r in mine]
-        peak_y = [r["peak_bytes"] / peak_factor for r in mine]
-        fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=peak_y,
-                name=f"{cache}: peak allocated",
-                line={"color": color},
-                hovertemplate=hover_bytes(peak_unit),
-            ),
-            row=1,
-            col=1,
-            secondary_y=False,
-        )
-        kv_y = [(r["kv_final_bytes"] or 0) / kv_factor for r in mine]
-        fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=kv_y,
-                name=f"{cache}: KV at the end (right axis)",
-                line={"dash": "dot", "color": color},
-                hovertemplate=hover_bytes(kv_unit),
-            ),
-            row=1,
-            col=1,
-            secondary_y=True,
-        )
+        for key, said, right, symbol in _MEMORY_SERIES:
+            unit, factor = (kv_unit, kv_factor) if right else (peak_unit, peak_factor)
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[(r[key] or 0) / factor for r in mine],
+                    name=f"{cache}: {said}" + (" (right axis)" if right else ""),
+                    line=line,
+                    marker={"symbol": symbol, "size": size, "color": line["color"]},
+                    hovertemplate=hover_bytes(unit),
+                ),
+                row=1,
+                col=1,
+                secondary_y=right,
+            )
         fig.add_trace(
             go.Bar(
                 x=x,
                 y=[r["tokens_per_second"] for r in mine],
                 name=f"{cache}: {_RATE}",
-                marker_color=color,
+                marker_color=line["color"],
                 hovertemplate=f"%{{y:,.1f}} {_RATE}",  # rounded as the table is, not 17 digits
             ),
             row=1,
