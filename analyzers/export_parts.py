@@ -208,8 +208,10 @@ def _damage(path: Path) -> str | None:
         pq.read_schema(path)
     except pa.ArrowInvalid as exc:
         return f"not readable as Parquet ({exc})"
-    except OSError:
+    except PermissionError:
         return None
+    except OSError as exc:  # a footer whose bytes are damaged ("Couldn't deserialize thrift") in a file read
+        return f"not readable as Parquet ({exc})" if os.access(path, os.R_OK) else None
     return None
 
 
@@ -370,10 +372,13 @@ def check_schema_version(files: list[Path]) -> None:
         try:
             metadata = pq.read_schema(file).metadata or {}
         except (OSError, pa.ArrowInvalid) as exc:
-            raise KvtraceError(
-                f"{file}: not a readable Parquet file ({exc}): a damaged part of this export (an export cut "
-                "short, a disk that filled); run the `kvtrace export` that wrote it again with --overwrite"
-            ) from None
+            damaged = (
+                ": a damaged part of this export (an export cut short, a disk that filled); run the "
+                "`kvtrace export` that wrote it again with --overwrite"
+                if _damage(file) is not None
+                else ""
+            )
+            raise KvtraceError(f"{file}: not a readable Parquet file ({exc}){damaged}") from None
         version = int(metadata.get(b"kvtrace.schema_version", b"0") or 0)
         if version > SCHEMA_VERSION:
             raise KvtraceError(

@@ -130,6 +130,9 @@ class Report:
     partial: bool = False
     # A run group's report (`build_report` on a group): its figures are the group's, ranks together
     group: GroupReport | None = field(default=None, repr=False, compare=False)
+    # Why no device's figures tell the weights apart (`_weights_untold`), None where one does: renderers show
+    # "-" and this, not a "0 B" that reads as measured
+    weights_untold: str | None = None
 
     @property
     def main_device(self) -> DeviceSummary | None:
@@ -323,6 +326,21 @@ def _budget_crossing(
     return budget_crossing(source, timelines, budget_bytes, unseen).to_json()
 
 
+def _weights_untold(source: MemorySource, devices: list[DeviceSummary], engine: Any) -> str | None:
+    """`Report.weights_untold`: None where a device's figures hold weights (a weights table, a stack rule's);
+    else where they are: a serving engine's loaded before its trace, a run's left out (its notes say why:
+    no weights table, a missing one), a bare input's or a GPU allocator's totals counted in other."""
+    if any(
+        d.categories_at_peak.get("weights", 0) or d.bytes_by_method.get("weights_table", 0) for d in devices
+    ):
+        return None
+    if engine is not None:
+        return "loaded before the trace: left out of these figures, see the note"
+    if source.kind == "run" and not source.meta.get("weights_counted"):
+        return "not in these figures: see the notes"
+    return "not attributed: counted in other"
+
+
 def _forward_passes(source: MemorySource, kv_log: KvLogAnalysis | None) -> int:
     """The steps: forward passes of the model. A run's KV log has a line in each forward that updated a
     cache (step 0 is before the first: a module cache's discovery, a cache made before; a cut last step
@@ -432,6 +450,7 @@ def summarize(
             steps = max(steps, engine.steps)
     return Report(
         engine=engine,
+        weights_untold=_weights_untold(source, devices, engine),
         budget=budget,
         source_kind=source.kind,
         path=source.path,

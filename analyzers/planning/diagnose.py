@@ -58,7 +58,7 @@ from analyzers.planning.diagnose_rows import fixed_sizes, fixed_vector_bytes, ro
 from analyzers.planning.diagnose_run_end import before_first_step, unfinished
 from analyzers.planning.diagnose_stacks import live_sizes, moment_stacks
 from analyzers.planning.diagnose_static_remedy import static_cache_run
-from analyzers.planning.diagnose_weights_remedy import weights_remedy
+from analyzers.planning.diagnose_weights_remedy import weights_bits, weights_remedy
 from analyzers.planning.diagnosis import Diagnosis, Remedy, StackShare  # re-exported for callers
 from analyzers.planning.grad_steps import grad_held
 from analyzers.planning.kept_kv import kept_kv, kept_kv_note
@@ -386,12 +386,18 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
     remedies = price_remedies(
         fields, kv_dtype_bits(source, report), layers if isinstance(layers, int) else None, on_cuda
     )
-    limit = budget_bytes if event == "budget" else (mem.limit_bytes or mem.capacity_bytes)
+    limit, limit_name = budget_bytes, "budget"
+    if event != "budget":
+        limit, limit_name = (
+            (mem.limit_bytes, "per-process cap") if mem.limit_bytes else (mem.capacity_bytes, "device")
+        )
+    recorded = source.meta.get("run")
     too_heavy = weights_remedy(
         weights,
         limit,
+        limit_name,
         mem.shortfall_bytes,
-        compute_dtype_bits(report),
+        weights_bits(recorded.weights if recorded is not None else (), compute_dtype_bits(report)),
         source.path if source.kind == "run" else None,
     )
     if too_heavy is not None:  # before the KV remedies, none of which can fit

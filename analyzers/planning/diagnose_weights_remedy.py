@@ -9,14 +9,26 @@ whole run again at that dtype (its KV and activations follow the compute dtype t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from analyzers.planning.diagnosis import Remedy
 from analyzers.units import human_bytes
+from kvtrace.format import WeightRecord
 
-__all__ = ["weights_remedy"]
+__all__ = ["size_arg", "weights_bits", "weights_remedy"]
 
 # Fewer bits tried in order, the first that leaves room for the shortfall offered: (bits, plan's --dtype)
 _SMALLER = ((16, "bf16"), (8, "fp8"), (4, "int4"))
-_NAMES = {32: "fp32", 16: "16-bit", 8: "8-bit", 4: "4-bit"}
+_DTYPE_BITS = {
+    "float64": 64,
+    "float32": 32,
+    "bfloat16": 16,
+    "float16": 16,
+    "float8_e4m3fn": 8,
+    "float8_e5m2": 8,
+    "int8": 8,
+    "uint8": 8,
+}
 
 
 def size_arg(nbytes: int) -> str:
@@ -27,43 +39,62 @@ def size_arg(nbytes: int) -> str:
     return f"{nbytes}B"
 
 
+def weights_bits(weights: Sequence[WeightRecord], compute_bits: int | None) -> int | None:
+    """Bits a parameter of the weights takes: those of the dtype holding most of the run's weight bytes
+    (int8 where a quantizer stored them so), else the model's compute dtype's; None where neither is known."""
+    by_dtype: dict[str, int] = {}
+    for weight in weights:
+        by_dtype[weight.dtype] = by_dtype.get(weight.dtype, 0) + weight.storage_bytes
+    if by_dtype:
+        dtype = max(by_dtype, key=lambda name: by_dtype[name])
+        return _DTYPE_BITS.get(dtype.removeprefix("torch."), compute_bits)
+    return compute_bits
+
+
 def weights_remedy(
-    weights: int, limit: int | None, shortfall: int | None, bits: int | None, run: str | None
+    weights: int,
+    limit: int | None,
+    limit_name: str,
+    shortfall: int | None,
+    bits: int | None,
+    run: str | None,
 ) -> Remedy | None:
-    """The `weights` remedy where the `weights` bytes alone reach `limit` (the budget, or the device at an
-    OOM), else None. `bits`: the weights' dtype bits (None: unknown, priced by no dtype); `shortfall`: what
-    the moment lacks; `run`: the run directory, for the plan command it names (None: not a run)."""
-    if not weights or limit is None or weights < limit:
+    """The `weights` remedy where the `weights` bytes alone reach `limit` (`limit_name`: "budget", or the
+    device's memory or the process's cap at an OOM), else None. `bits`: the weights' bits a parameter
+    (None: unknown, priced by no dtype); `shortfall`: what the moment lacks (None: unknown, and `fits` too);
+    `run`: the run directory, for the plan command it names (None: not a run)."""
+    if not weights or not limit or weights < limit:
         return None
     head = (
-        f"The weights alone ({human_bytes(weights)}) reach the {human_bytes(limit)} budget: no KV remedy "
-        "can make this run fit."
+        f"The weights alone ({human_bytes(weights)}) reach the {human_bytes(limit)} {limit_name}: no KV "
+        "remedy can make this run fit."
     )
     tail = " Else shard the model across more GPUs, or use a larger device."
     options = [(b, name) for b, name in _SMALLER if bits is not None and b < bits]
-    if not options:
-        return Remedy("weights", None, None, False, f"{head}{tail.replace(' Else s', ' S')}")
+    if bits is None or not options:
+        return Remedy(
+            "weights", None, None, None if bits is None else False, f"{head}{tail.replace(' Else s', ' S')}"
+        )
     need = shortfall or 0
     chosen = options[-1]
     for option in options:
-        after = weights * option[0] // bits  # type: ignore[operator]  # options is empty without bits
+        after = weights * option[0] // bits
         if weights - after >= need and after < limit:
             chosen = option
             break
     fewer, dtype = chosen
-    assert bits is not None
     saved = weights - weights * fewer // bits
-    fits = saved >= need and weights - saved < limit
-    verdict = (
-        f"more than the {human_bytes(shortfall)} shortfall (a lower bound: the activations shrink with the "
-        "compute dtype too)"
-        if fits and shortfall
-        else f"not enough for the {human_bytes(shortfall)} shortfall"
-        if shortfall
-        else "within the budget"
-        if fits
-        else "still not within the budget"
-    )
+    covers = saved >= need and weights - saved < limit
+    fits = None if shortfall is None else covers
+    if shortfall is None:
+        verdict = f"the weights then {'under' if covers else 'still over'} the {limit_name}"
+    elif covers:
+        verdict = (
+            f"more than the {human_bytes(shortfall)} shortfall (a lower bound: the activations shrink with "
+            "the compute dtype too)"
+        )
+    else:
+        verdict = f"not enough for the {human_bytes(shortfall)} shortfall"
     where = run or "RUN"
     plan = f"`kvtrace plan --from-run {where} --gpu-memory {size_arg(limit)} --dtype {dtype}` plans it whole"
     sentence = (

@@ -388,6 +388,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             dev.capacity_bytes = int(total_memory)
     if weights_counted and "peak_leaves_out" not in source.meta:
         source.meta["input_notes"] = weights_counted_notes(source.meta.get("input_notes", []))
+        source.meta["weights_counted"] = True  # in other, as the allocator's totals held them
     no_model = _no_model_note(run.manifest, [weights_from_table(dev, traced) for dev in source.devices])
     if no_model is not None:
         source.meta.setdefault("input_notes", []).append(no_model)

@@ -174,24 +174,10 @@ def _rank_heads_line(share: dict[str, int]) -> str:
     )
 
 
-def _weights_told(report: Report) -> tuple[bool, str]:
-    """(whether any weights were told apart on any device, why not where none were). Without a weights
-    table (a bare snapshot or trace) and no allocation a stack rule took for weights, "0 B" of weights would
-    read as measured: the weights are then in other, or (a serving engine's) loaded before the trace."""
-    told = any(
-        dev.categories_at_peak.get("weights", 0) or dev.bytes_by_method.get("weights_table", 0)
-        for dev in report.devices
-    )
-    if report.engine is not None:
-        return told, "loaded before the trace: left out of these figures, see the note"
-    return told, "not attributed: counted in other"
-
-
 def report_to_text(report: Report) -> str:
     lines = [f"kvtrace report: {printable(str(report.path))} ({report.source_kind})"]
     for note in report.notes:
         lines.append(f"  note: {printable(note)}")
-    weights_told, weights_why = _weights_told(report)
     for dev in report.devices:
         cap = f" of {human_bytes(dev.capacity_bytes)}" if dev.capacity_bytes else ""
         if not report.device_measured(dev):  # its 0s are for want of any event: unknown, as the HTML's "-"
@@ -215,8 +201,8 @@ def report_to_text(report: Report) -> str:
             if name == "kv" and unmarked and not value:
                 lines.append(f"    at peak  {name:<8} {'-':>12}  (not attributed: counted in other)")
                 continue
-            if name == "weights" and not value and not weights_told:
-                lines.append(f"    at peak  {name:<8} {'-':>12}  ({weights_why})")
+            if name == "weights" and not value and report.weights_untold:
+                lines.append(f"    at peak  {name:<8} {'-':>12}  ({report.weights_untold})")
                 continue
             lines.append(f"    at peak  {name:<8} {human_bytes(value):>12}  {_share(value, peak)}")
         lines.extend(_torch_categories_lines(dev.torch_categories_at_peak, peak))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 import kvtrace
+from analyzers.planning.size_text import parse_device_memory
 from kvtrace.cli import main
 from kvtrace.llama import build_model
 from tests.tiny import tiny_size, weights_bytes
@@ -53,8 +55,11 @@ def test_weights_over_the_budget_lead_the_remedies_at_the_first_dtype_that_fits(
         "weights", 16, weights - weights // 2, True,
     )  # fmt: skip
     assert d["shortfall_bytes"] == d["allocated_bytes"] - budget < weights // 2
-    plan = f"`kvtrace plan --from-run {run} --gpu-memory {budget}B --dtype bf16` plans it whole"
-    assert plan in first["sentence"]
+    plan = re.search(
+        r"`kvtrace plan --from-run (\S+) --gpu-memory (\S+) --dtype bf16` plans it whole", first["sentence"]
+    )
+    assert plan is not None and plan.group(1) == str(run)
+    assert parse_device_memory(plan.group(2), "--gpu-memory") == budget  # the budget, as plan reads it
     assert all(r["kind"] != "weights" for r in d["remedies"][1:])
 
 

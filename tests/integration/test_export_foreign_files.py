@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -275,12 +276,25 @@ def test_export_into_a_file_is_an_output_that_cannot_be_written(tmp_path: Path, 
     assert blocker.read_bytes() == b"the user's own\n"
 
 
-def test_a_query_on_an_emptied_part_points_to_export_overwrite(tmp_path: Path) -> None:
-    # GIVEN an export whose kv_events part a full disk left empty
+def _empty(data: bytes) -> bytes:
+    return b""
+
+
+def _footer_damaged(data: bytes) -> bytes:
+    """The footer's last 32 bytes before its length and magic overwritten: Parquet's magic intact, its
+    metadata unreadable ("Couldn't deserialize thrift"), which pyarrow raises as an OSError."""
+    return data[:-40] + b"\x01" * 32 + data[-8:]
+
+
+@pytest.mark.parametrize("damage", [_empty, _footer_damaged], ids=["empty", "footer"])
+def test_a_query_on_a_damaged_part_points_to_export_overwrite(
+    tmp_path: Path, damage: Callable[[bytes], bytes]
+) -> None:
+    # GIVEN an export whose kv_events part a full disk left empty, or whose footer was damaged
     out = tmp_path / "tables"
     assert _cli("export", str(SAMPLES / "static_b2"), "-o", str(out), "-q")[0] == 0
     part = out / "kv_events" / "part-00000.parquet"
-    part.write_bytes(b"")
+    part.write_bytes(damage(part.read_bytes()))
 
     # WHEN it is queried THEN one line names the part, why, and how to write it again, exit 2
     code, _, stderr = _cli("query", str(out), "SELECT count(*) FROM kv_events")

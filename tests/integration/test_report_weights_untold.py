@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -53,3 +54,21 @@ def test_a_vllm_run_says_its_weights_were_loaded_before_the_trace() -> None:
         "    at peak  weights             -  "
         "(loaded before the trace: left out of these figures, see the note)\n" in text
     )
+
+
+def test_a_run_without_its_weights_table_says_they_are_not_in_its_figures(tmp_path: Path) -> None:
+    # GIVEN a run copied without weights.jsonl: its figures leave the weights out, as its note says
+    run = tmp_path / "run"
+    shutil.copytree(RUN, run)
+    (run / "weights.jsonl").unlink()
+    text = _report(str(run))
+    # THEN its weights line sends the reader to those notes, not to "other", which does not hold them
+    assert "    at peak  weights             -  (not in these figures: see the notes)\n" in text
+
+
+def test_the_page_says_what_the_text_says_of_untold_weights(tmp_path: Path) -> None:
+    # GIVEN the bare snapshot WHEN its page is written THEN its summary's weights row is the text's "-"
+    page = tmp_path / "snapshot.html"
+    assert main(["report", str(SNAPSHOT), "--no-export", "-q", "-o", str(page)]) == 0
+    html = page.read_text()
+    assert "weights at peak</th><td>- (not attributed: counted in other)</td>" in html
