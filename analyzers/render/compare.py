@@ -141,9 +141,10 @@ def comparison_to_text(comparison: Comparison) -> str:
     width = max(len(name) for name, _ in rows)
     cells = [(name, [cell(r) for r in comparison.runs]) for name, cell in rows]
     # each run's column as wide as its widest cell (a partial peak's mark), at least 14
-    cols = [max(14, len(r.label), *(len(row[i]) for _, row in cells)) for i, r in enumerate(comparison.runs)]
+    labels = [printable(r.label) for r in comparison.runs]  # a folder named with a newline: one header line
+    cols = [max(14, len(label), *(len(row[i]) for _, row in cells)) for i, label in enumerate(labels)]
     lines = [
-        " " * width + "  " + "  ".join(f"{r.label:>{c}}" for r, c in zip(comparison.runs, cols, strict=True))
+        " " * width + "  " + "  ".join(f"{label:>{c}}" for label, c in zip(labels, cols, strict=True))
     ]
     for name, row in cells:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{v:>{c}}" for v, c in zip(row, cols, strict=True)))

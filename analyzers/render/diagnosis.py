@@ -267,7 +267,7 @@ def _listed_remedies(d: Diagnosis) -> tuple[list[Remedy], str | None]:
 
 
 def diagnosis_to_text(d: Diagnosis) -> str:
-    lines = [f"kvtrace diagnose: {d.path} ({d.source_kind})", _headline(d), ""]
+    lines = [f"kvtrace diagnose: {printable(str(d.path))} ({d.source_kind})", _headline(d), ""]
     rows = _figure_rows(d)
     width = max(len(label) for label, _ in rows)
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]

@@ -97,7 +97,7 @@ def _largest_that_fits(d: RefusedDiagnosis) -> str:
 
 
 def _refused_text(d: RefusedDiagnosis) -> list[str]:
-    lines = [f"kvtrace diagnose: {d.path}: {_refused_headline(d)}"]
+    lines = [f"kvtrace diagnose: {printable(str(d.path))}: {_refused_headline(d)}"]
     lines += [
         f"  {label:<10} {value:>12}" + (f"  ({detail})" if detail else "")
         for label, value, detail in _refused_figures(d)
@@ -230,7 +230,7 @@ def _listed_again(d: PreemptionDiagnosis, total: int) -> str:
 
 def _preemption_text(d: PreemptionDiagnosis) -> list[str]:
     lines = [
-        f"kvtrace diagnose: {d.path}: {_preemption_headline(d)}",
+        f"kvtrace diagnose: {printable(str(d.path))}: {_preemption_headline(d)}",
         f"  pool: {_pool(d)}",
         f"  at the first preemption (step {d.first_preemption_step}) the pool held:",
     ]

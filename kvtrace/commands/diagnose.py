@@ -343,7 +343,11 @@ def _other_engine(
     result["sentence"] = sentence
     with_budget(result, checked, tuple(raised))
     budget_lines = _budget_text(run.path, checked, name)
-    text = [*budget_lines, f"  {sentence}"] if budget_lines else [f"kvtrace diagnose: {run.path}: {sentence}"]
+    text = (
+        [*budget_lines, f"  {sentence}"]
+        if budget_lines
+        else [f"kvtrace diagnose: {printable(str(run.path))}: {sentence}"]
+    )
     print_result(as_json, lambda: result, lambda: "\n".join(text + _notes_text(raised)))
 
 
@@ -357,5 +361,9 @@ def _engine_ran_fine(explained: EngineRunDiagnosis, as_json: bool) -> None:
     run, checked = explained.run, explained.budget
     budget_lines = _budget_text(run.path, checked, explained.name)
     sentence = result["sentence"]
-    text = [*budget_lines, f"  {sentence}"] if budget_lines else [f"kvtrace diagnose: {run.path}: {sentence}"]
+    text = (
+        [*budget_lines, f"  {sentence}"]
+        if budget_lines
+        else [f"kvtrace diagnose: {printable(str(run.path))}: {sentence}"]
+    )
     print_result(as_json, lambda: result, lambda: "\n".join(text + _notes_text(list(explained.notes))))

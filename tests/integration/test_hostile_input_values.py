@@ -237,3 +237,17 @@ def test_a_trace_memory_event_whose_addr_is_no_integer_is_noted_and_counted(
     for report in (old_report, new_report):
         report.pop("notes"), report.pop("path", None), report.pop("source", None)
     assert _without_paths(new_report, str(run)) == _without_paths(old_report, str(SAMPLES / "dynamic_b2"))
+
+
+@pytest.mark.parametrize("command", ["diagnose", "compare"])
+def test_diagnose_and_compare_name_a_run_with_a_newline_on_one_line(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run folder named "a\nb"
+    run = _run_copy(tmp_path, "a\nb")
+    argv = [command, str(run)] + ([str(SAMPLES / "static_b2")] if command == "compare" else [])
+    # WHEN diagnosed, or compared with another run THEN its name is escaped on the first line
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "a\\nb" in first
+    assert first.startswith("kvtrace diagnose: ") or first.rstrip().endswith("static_b2")
