@@ -17,6 +17,7 @@ from itertools import accumulate
 from analyzers.planning.diagnose_quantized_remedies import model_dtype_text, quantized_widening
 from analyzers.planning.diagnosis import Remedy, fits
 from analyzers.units import human_bytes
+from kvtrace.llama import MIN_WINDOW
 
 __all__ = [
     "at_batch_one",
@@ -33,9 +34,8 @@ __all__ = [
 
 
 # The smallest window a sliding DynamicCache slides at: transformers keeps `states[..., -window + 1:, :]`, so
-# a window of 1 keeps every token (kvtrace.llama.MIN_WINDOW, which `demo` and `plan --cache sliding` refuse
-# below)
-SMALLEST_WINDOW = 2
+# a window of 1 keeps every token (`demo` and `plan --cache sliding` refuse it)
+SMALLEST_WINDOW = MIN_WINDOW
 
 
 def beam_search_remedies(

@@ -14,6 +14,7 @@ from analyzers.planning.param_count import weights_bytes
 from analyzers.planning.presets import DTYPE_BITS, ModelGeometry
 from analyzers.planning.quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH
 from kvtrace.errors import KvtraceError
+from kvtrace.llama import MIN_WINDOW
 
 __all__ = [
     "CACHE_KINDS",
@@ -38,8 +39,7 @@ __all__ = [
 CACHE_KINDS = ("dynamic", "static", "sliding", "static_sliding", "quantized")
 SLIDING_CACHES = ("sliding", "static_sliding")  # those that take a window
 # transformers' dynamic sliding layer keeps `states[..., -window + 1:, :]`: at a window of 1, every token
-# (kvtrace.llama.MIN_WINDOW, which `kvtrace demo` refuses below)
-DYNAMIC_MIN_WINDOW = 2
+DYNAMIC_MIN_WINDOW = MIN_WINDOW
 PREALLOCATED_CACHES = ("static", "static_sliding")  # allocated whole at the first step, no growth copy
 QUANTIZED_KV_DTYPES = ("int2", "int4", "int8", "fp8")  # quanto/HQQ, and the fp8 backend
 FLOAT_DTYPES = ("bf16", "fp16", "fp32")
