@@ -144,7 +144,8 @@ def _no_model_note(manifest: dict[str, Any], from_table: list[bool]) -> str | No
             "runs), or record your own forwards with kvtrace.record(model=model) in the script"
         )
         if any(from_table):
-            return f"{said} are not in its figures (its peak and final leave them out); to count them, {remedy}"
+            left_out = "are not in its figures (its peak and final leave them out)"
+            return f"{said} {left_out}; to count them, {remedy}"
         return f"{said} are counted as other (the allocator's totals hold them); to name them, {remedy}"
     said = "the run was recorded without model=: weights allocated before the block"
     if any(from_table):
