@@ -64,6 +64,16 @@ def main(out_dir: str) -> None:
                 min_new_tokens=NEW_TOKENS,  # random weights: never stop early at an end-of-text token
                 do_sample=False,
             )
+        # Every rank's run written before rank 0 names them, once for the job
+        dist.barrier()
+        if dist.get_rank() == 0:
+            last = dist.get_world_size() - 1
+            print(
+                f"recorded one run per rank: {os.path.join(out_dir, 'rank-0')} to rank-{last}; "
+                f"next: kvtrace report {out_dir} (the ranks side by side), "
+                f"kvtrace report {os.path.join(out_dir, 'rank-0')} (one rank)",
+                flush=True,
+            )
     finally:
         dist.destroy_process_group()
 

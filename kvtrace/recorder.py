@@ -269,6 +269,8 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
         clear_run_folder(self.path, existed, self.options.overwrite)
         manifest_path = self.path / fmt.MANIFEST
         self._manifest = self._initial_manifest()
+        if self._discover:  # `kvtrace run`: readers advise what a script's user can do, not record(model=)
+            self._manifest["model_auto"] = True
         self._manifest.update(facts or {})
         if facts is not None and facts.get("backend") is None:  # the launcher's rank: no group joined yet
             self._backend_watch = BackendWatch()

@@ -131,11 +131,22 @@ def _no_model_note(manifest: dict[str, Any], from_table: list[bool]) -> str | No
     """A run recorded without model= has no weights table: where a device's figures take the weights from
     it (a CPU, a trace without the allocator's totals: `from_table`), they leave out the weights allocated
     before the block; a GPU's totals count them, as other. None with a model, and for an engine's run
-    (vLLM's engine loads its weights itself: its note says so)."""
+    (vLLM's engine loads its weights itself: its note says so). Under `kvtrace run` the advice is what its
+    user can do: the script has no record() call to pass model= to."""
     if "model" not in manifest or manifest["model"] is not None:
         return None
     if any(name in (manifest.get("files") or ()) for name in ENGINE_FILES) or not from_table:
         return None
+    if recorded_by_kvtrace_run(manifest):
+        said = "kvtrace run found no generate() call in the script, so the run has no model: its weights"
+        remedy = (
+            "call the model's generate() in the script (kvtrace run records the first model whose generate() "
+            "runs), or record your own forwards with kvtrace.record(model=model) in the script"
+        )
+        if any(from_table):
+            left_out = "are not in its figures (its peak and final leave them out)"
+            return f"{said} {left_out}; to count them, {remedy}"
+        return f"{said} are counted as other (the allocator's totals hold them); to name them, {remedy}"
     said = "the run was recorded without model=: weights allocated before the block"
     if any(from_table):
         return (
@@ -143,6 +154,18 @@ def _no_model_note(manifest: dict[str, Any], from_table: list[bool]) -> str | No
             "kvtrace.record() to count them"
         )
     return f"{said} are counted as other (the allocator's totals hold them); pass model= to name them"
+
+
+def recorded_by_kvtrace_run(manifest: dict[str, Any]) -> bool:
+    """Whether the run was recorded with record(model="auto"), as `kvtrace run` records a script: the
+    manifest's `model_auto`, or, in runs recorded before it, a model found at a generate() call
+    (`model_found_ns`) or the note a profiled run that found none has."""
+    if manifest.get("model_auto") is True or "model_found_ns" in manifest:
+        return True
+    notes = manifest.get("notes")
+    return isinstance(notes, list) and any(
+        isinstance(note, str) and "record(model='auto')" in note for note in notes
+    )
 
 
 def _before_allocating_clause(manifest: dict[str, Any]) -> str:

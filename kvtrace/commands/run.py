@@ -152,8 +152,13 @@ class RunCommand(Command):
         found = _what_was_found(recording, args.no_profiler, vllm_inproc, out, target, args.module)
         if recording.sigterm_received:
             found += "; the script was stopped by SIGTERM"
+        # Under torchrun each rank records into out/rank-<r>: its line names its own run, and the group's
+        # commands (it said "recorded out" on every rank)
+        recorded = str(out)
+        if recording.path != out:
+            recorded = f"{recording.path}, this rank's run of the group {out}"
         print(
-            f"kvtrace run: recorded {out} ({found}); next: kvtrace report {out}, kvtrace diagnose {out}",
+            f"kvtrace run: recorded {recorded} ({found}); next: kvtrace report {out}, kvtrace diagnose {out}",
             file=sys.stderr,
             flush=True,
         )

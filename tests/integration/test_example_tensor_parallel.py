@@ -51,7 +51,14 @@ def test_readme_tensor_parallel_example(tmp_path: Path, capsys: pytest.CaptureFi
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    # THEN each rank's cache holds its half of the KV heads, in float32, for every token fed: the prompt
+    # THEN rank 0 says once where the runs went and what to run next (the job printed nothing)
+    said = [line for line in done.stdout.splitlines() if line.startswith("recorded ")]
+    assert said == [
+        f"recorded one run per rank: {out / 'rank-0'} to rank-1; next: kvtrace report {out} (the ranks side "
+        f"by side), kvtrace report {out / 'rank-0'} (one rank)"
+    ]
+
+    # AND each rank's cache holds its half of the KV heads, in float32, for every token fed: the prompt
     # and the new tokens but the last, which generate() never feeds back
     example = _example()
     size = example.SIZE
@@ -104,10 +111,11 @@ dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def torchrun_group(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def torchrun_group(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The example's job as a script of its own, with no kvtrace in it, run by `kvtrace run` under
     torchrun: recording starts before the script joins its process group, and the script leaves it
-    (destroy_process_group) before the recording ends. The group's folder."""
+    (destroy_process_group) before the recording ends. The group's folder, and what the ranks printed to
+    stderr."""
     tmp_path = tmp_path_factory.mktemp("torchrun")
     script, out = tmp_path / "job.py", tmp_path / "tp"
     script.write_text(_PLAIN_SCRIPT.format(examples=str(ROOT / "examples")), encoding="utf-8")
@@ -127,15 +135,15 @@ def torchrun_group(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out
+    return out, done.stderr
 
 
 def test_kvtrace_run_under_torchrun_writes_one_run_per_rank(
-    torchrun_group: Path, capsys: pytest.CaptureFixture[str]
+    torchrun_group: tuple[Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN the job run by `kvtrace run` under torchrun (every rank recorded into one folder, each refusing
     # the other's lock, and the job failed)
-    out = torchrun_group
+    out, _ = torchrun_group
 
     # THEN each rank wrote its own run (the launcher's RANK and WORLD_SIZE), and the group reads as the
     # example's: each rank's half of the KV heads, 11,264 B
@@ -152,11 +160,11 @@ def test_kvtrace_run_under_torchrun_writes_one_run_per_rank(
 
 
 def test_kvtrace_run_under_torchrun_records_the_backend_its_script_joined(
-    torchrun_group: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    torchrun_group: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN the job run by `kvtrace run` under torchrun: each rank's recording started before the script's
     # init_process_group("gloo"), and ended after its destroy_process_group()
-    out = torchrun_group
+    out, _ = torchrun_group
     # THEN each rank's manifest says the backend the script joined (it said none: unknown at the start)
     manifests = [json.loads((out / f"rank-{r}" / "manifest.json").read_text()) for r in range(WORLD)]
     assert [(m["rank"], m["world_size"], m["backend"]) for m in manifests] == [(0, 2, "gloo"), (1, 2, "gloo")]
@@ -168,4 +176,17 @@ def test_kvtrace_run_under_torchrun_records_the_backend_its_script_joined(
     assert json.loads(capsys.readouterr().out) == [
         {"rank": 0, "backend": "gloo"},
         {"rank": 1, "backend": "gloo"},
+    ]
+
+
+def test_kvtrace_run_under_torchrun_names_each_ranks_own_run(torchrun_group: tuple[Path, str]) -> None:
+    # GIVEN the job run by `kvtrace run` under torchrun, each rank recording into the group's rank-<r>
+    out, stderr = torchrun_group
+    # THEN each rank's last line names its own run, and the group's commands next (each said "recorded
+    # OUT", the group's folder, as if it were its run)
+    said = sorted(line for line in stderr.splitlines() if line.startswith("kvtrace run: recorded "))
+    assert said == [
+        f"kvtrace run: recorded {out / f'rank-{rank}'}, this rank's run of the group {out} (model "
+        f"LlamaForCausalLM); next: kvtrace report {out}, kvtrace diagnose {out}"
+        for rank in range(WORLD)
     ]

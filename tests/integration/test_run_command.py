@@ -398,6 +398,48 @@ def test_a_script_without_generate_says_why_its_run_has_no_trace(tmp_path: Path,
     assert not (tmp_path / "run" / "profiler").exists()
 
 
+KVTRACE_RUN_NO_MODEL = (
+    "kvtrace run found no generate() call in the script, so the run has no model: its weights are not in its "
+    "figures (its peak and final leave them out); to count them, call the model's generate() in the script "
+    "(kvtrace run records the first model whose generate() runs), or record your own forwards with "
+    "kvtrace.record(model=model) in the script"
+)
+
+
+@pytest.mark.parametrize("profiler", [True, False], ids=["profiler", "no-profiler"])
+def test_a_script_without_generate_is_advised_what_kvtrace_run_can_do(
+    tmp_path: Path, capsys: Any, profiler: bool
+) -> None:
+    # GIVEN a script that runs one forward of its model over a DynamicCache, never generate(), recorded by
+    # kvtrace run (with and without the profiler: only the profiled run's manifest has the note about it)
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from transformers import DynamicCache
+        from kvtrace.llama import build_model
+        from tests.tiny import cache_arg, tiny_size
+
+        model = build_model(tiny_size({LAYERS}, kv_heads={KV_HEADS}))
+        ids = torch.randint(3, 1000, ({BATCH}, {PROMPT}), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model(ids, **cache_arg(DynamicCache(config=model.config)), use_cache=True)
+        """
+    )
+    flags = () if profiler else ("--no-profiler",)
+    done = _kvtrace_run(tmp_path, "-o", "run", *flags, "user.py", script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # WHEN it is reported
+    report = _report(tmp_path / "run", capsys)
+
+    # THEN its KV is the prompt's, and the note on its weights says what a `kvtrace run` user can do (it
+    # said "pass model= to kvtrace.record()", a call the script does not make)
+    assert report["kv"]["final_bytes"] == _kv_bytes(PROMPT)
+    assert KVTRACE_RUN_NO_MODEL in report["notes"]
+    assert not [note for note in report["notes"] if "pass model=" in note]
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["model_auto"] is True
+
+
 # After the script's first generate(): a second one, whose 3rd forward (the prefill and 2 decode steps)
 # ends with the signal `{signal}` sent to the script's own process, as a scheduler or a Ctrl-C would send it;
 # an exit handler of the script's own says whether it ran.
