@@ -143,8 +143,10 @@ def format_text(result: PlanResult) -> str:
     if result.kv_scale_bytes_per_token:
         rows.append(("  + scales per token", f"{result.kv_scale_bytes_per_token:,} B"))
     worst = " (the worst case)" if req.prompt is None else ""
-    if req.prompt is None and result.activations_bytes and result.prefill_activations_bytes is not None:
-        worst = " (the KV's worst case; the prefill's is the longest, below)"
+    longest = req.context - 1  # the prefill's worst prompt: plan's `_two_prompts_note` says why they differ
+    two = result.prefill_activations_bytes is not None and result.prompt_tokens != longest
+    if req.prompt is None and two:
+        worst = f" (the KV's worst case; the prefill activations' is {longest:,} tokens: note)"
     beams = f": {req.batch // req.beams} x {req.beams} beams" if req.beams > 1 else ""
     rows += [
         (
