@@ -151,8 +151,8 @@ def format_text(result: PlanResult) -> str:
     rows += [
         (
             "context",
-            f"{req.context:,} tokens: {a_or_an(format(result.prompt_tokens, ','))}-token prompt{worst} and "
-            "the new tokens, "
+            f"{req.context:,} tokens{_default_context(req)}: "
+            f"{a_or_an(format(result.prompt_tokens, ','))}-token prompt{worst} and the new tokens, "
             f"of which the cache holds {req.written_tokens:,}",
         ),
         (
@@ -207,7 +207,7 @@ def format_text(result: PlanResult) -> str:
         )
     rows += [
         ("reserve", _size(result.reserve_bytes)),
-        ("peak", f"{_size(result.peak_bytes)} of {_size(req.gpu_memory_bytes)}"),
+        ("peak", f"{_size(result.peak_bytes)} of {_size(req.gpu_memory_bytes)}{_default_memory(req)}"),
         ("headroom", _size(result.headroom_bytes)),
         ("fits", "yes" if result.fits else "NO"),
         (f"max batch @ {req.context:,}", f"{result.max_batch:,}"),
@@ -225,6 +225,23 @@ def format_text(result: PlanResult) -> str:
         lines.append("To make it fit:")
         lines += [f"  - {_sentence(fix, req)}" for fix in result.remedies]
     return "\n".join(lines)
+
+
+def _default_context(req: PlanRequest) -> str:
+    """Where the context is the default, not typed: said, with the model's own length where it takes more."""
+    if "context" not in req.defaults:
+        return ""
+    limit = req.geometry.max_position_embeddings
+    if limit is None:
+        return " (the default; --context to change)"
+    if limit > req.context:
+        return f" (the default; the model takes {limit:,}: --context to change)"
+    return f" (the default: the model's {limit:,} positions; --context to change)"
+
+
+def _default_memory(req: PlanRequest) -> str:
+    """Where the GPU's memory is the default, not typed nor a run's."""
+    return " (the default --gpu-memory)" if "gpu_memory" in req.defaults else ""
 
 
 def _recorded_activations(result: PlanResult) -> str:
