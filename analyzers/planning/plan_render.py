@@ -4,6 +4,7 @@ remedy. Renders a PlanResult and computes nothing.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -21,6 +22,8 @@ from analyzers.units import a_or_an
 from kvtrace.errors import printable
 
 __all__ = ["format_text", "to_json"]
+
+_SENTENCE_END = re.compile(r"(?<=\.) (?=[A-Z])")  # a full stop, then a capital: where a sentence starts
 
 
 def to_json(result: PlanResult) -> dict[str, Any]:
@@ -220,11 +223,19 @@ def format_text(result: PlanResult) -> str:
     width = max(len(label) for label, _ in rows)
     lines = [f"{req.geometry.name}: {req.weights_dtype} weights, {req.kv_dtype} KV, {cache} cache"]
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
-    lines += [f"  note: {printable(note)}" for note in result.notes]
+    for note in result.notes:
+        lines += _note_lines(printable(note))
     if result.remedies:
         lines.append("To make it fit:")
         lines += [f"  - {_sentence(fix, req)}" for fix in result.remedies]
     return "\n".join(lines)
+
+
+def _note_lines(note: str) -> list[str]:
+    """A note, one sentence a line under its first: a note of several sentences on one line ran to some
+    1,500 characters (`plan --from-run`'s on the run's activations)."""
+    first, *rest = _SENTENCE_END.split(note)
+    return [f"  note: {first}", *(f"        {sentence}" for sentence in rest)]
 
 
 def _default_context(req: PlanRequest) -> str:
