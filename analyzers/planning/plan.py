@@ -53,6 +53,7 @@ from analyzers.planning.prefill_activations import prefill_note
 from analyzers.planning.quantized_weights import quantized_weights_note
 from analyzers.planning.recorded_notes import padding_note, prefill_bound_note, quantized_prefill_note
 from analyzers.planning.size_text import parse_size
+from analyzers.units import a_or_an
 
 __all__ = [
     "CACHE_KINDS",
@@ -259,8 +260,27 @@ def _positions_note(req: PlanRequest, result: PlanResult) -> tuple[str, ...]:
     )
 
 
+def _two_prompts_note(result: PlanResult) -> tuple[str, ...]:
+    """Where a plan without --prompt prices two moments at two prompts, each that moment's worst: the KV at
+    the prompt whose KV peak is highest (a dynamic cache's: one decode step, whose growth copy it is), the
+    prefill at the longest, since its activations grow with the prompt. Before, the context line named the
+    first and the activations line the second, and a reader saw two prompts in one plan without a why."""
+    req = result.request
+    longest = req.context - 1
+    if req.prompt is not None or result.prefill_activations_bytes is None or result.prompt_tokens == longest:
+        return ()
+    peak = "the prefill's" if result.activations_bytes else "the KV's"
+    return (
+        f"two prompts, each the worst case of its own figures: the KV figures are for "
+        f"{a_or_an(format(result.prompt_tokens, ','))}-token prompt, the one whose KV peaks highest at "
+        f"{req.context:,} tokens, and the prefill activations for the longest, {longest:,} tokens and one "
+        f"new token, since activations grow with the prompt; the peak is the larger moment, here {peak} "
+        "(--prompt plans one prompt for both)",
+    )
+
+
 def plan(req: PlanRequest) -> PlanResult:
     """Size weights and KV for `req`, decide whether it fits, and if not, what would make it fit."""
     result = _evaluate(req)
-    result = replace(result, notes=(*_notes(req), *_positions_note(req, result)))
+    result = replace(result, notes=(*_notes(req), *_two_prompts_note(result), *_positions_note(req, result)))
     return result if result.fits else replace(result, remedies=_remedies(result))

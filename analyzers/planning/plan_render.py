@@ -4,6 +4,7 @@ remedy. Renders a PlanResult and computes nothing.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -21,6 +22,8 @@ from analyzers.units import a_or_an
 from kvtrace.errors import printable
 
 __all__ = ["format_text", "to_json"]
+
+_SENTENCE_END = re.compile(r"(?<=\.) (?=[A-Z])")  # a full stop, then a capital: where a sentence starts
 
 
 def to_json(result: PlanResult) -> dict[str, Any]:
@@ -143,14 +146,16 @@ def format_text(result: PlanResult) -> str:
     if result.kv_scale_bytes_per_token:
         rows.append(("  + scales per token", f"{result.kv_scale_bytes_per_token:,} B"))
     worst = " (the worst case)" if req.prompt is None else ""
-    if req.prompt is None and result.activations_bytes and result.prefill_activations_bytes is not None:
-        worst = " (the KV's worst case; the prefill's is the longest, below)"
+    longest = req.context - 1  # the prefill's worst prompt: plan's `_two_prompts_note` says why they differ
+    two = result.prefill_activations_bytes is not None and result.prompt_tokens != longest
+    if req.prompt is None and two:
+        worst = f" (the KV's worst case; the prefill activations' is {longest:,} tokens: note)"
     beams = f": {req.batch // req.beams} x {req.beams} beams" if req.beams > 1 else ""
     rows += [
         (
             "context",
-            f"{req.context:,} tokens: {a_or_an(format(result.prompt_tokens, ','))}-token prompt{worst} and "
-            "the new tokens, "
+            f"{req.context:,} tokens{_default_context(req)}: "
+            f"{a_or_an(format(result.prompt_tokens, ','))}-token prompt{worst} and the new tokens, "
             f"of which the cache holds {req.written_tokens:,}",
         ),
         (
@@ -205,7 +210,7 @@ def format_text(result: PlanResult) -> str:
         )
     rows += [
         ("reserve", _size(result.reserve_bytes)),
-        ("peak", f"{_size(result.peak_bytes)} of {_size(req.gpu_memory_bytes)}"),
+        ("peak", f"{_size(result.peak_bytes)} of {_size(req.gpu_memory_bytes)}{_default_memory(req)}"),
         ("headroom", _size(result.headroom_bytes)),
         ("fits", "yes" if result.fits else "NO"),
         (f"max batch @ {req.context:,}", f"{result.max_batch:,}"),
@@ -218,11 +223,36 @@ def format_text(result: PlanResult) -> str:
     width = max(len(label) for label, _ in rows)
     lines = [f"{req.geometry.name}: {req.weights_dtype} weights, {req.kv_dtype} KV, {cache} cache"]
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
-    lines += [f"  note: {printable(note)}" for note in result.notes]
+    for note in result.notes:
+        lines += _note_lines(printable(note))
     if result.remedies:
         lines.append("To make it fit:")
         lines += [f"  - {_sentence(fix, req)}" for fix in result.remedies]
     return "\n".join(lines)
+
+
+def _note_lines(note: str) -> list[str]:
+    """A note, one sentence a line under its first: a note of several sentences on one line ran to some
+    1,500 characters (`plan --from-run`'s on the run's activations)."""
+    first, *rest = _SENTENCE_END.split(note)
+    return [f"  note: {first}", *(f"        {sentence}" for sentence in rest)]
+
+
+def _default_context(req: PlanRequest) -> str:
+    """Where the context is the default, not typed: said, with the model's own length where it takes more."""
+    if "context" not in req.defaults:
+        return ""
+    limit = req.geometry.max_position_embeddings
+    if limit is None:
+        return " (the default; --context to change)"
+    if limit > req.context:
+        return f" (the default; the model takes {limit:,}: --context to change)"
+    return f" (the default: the model's {limit:,} positions; --context to change)"
+
+
+def _default_memory(req: PlanRequest) -> str:
+    """Where the GPU's memory is the default, not typed nor a run's."""
+    return " (the default --gpu-memory)" if "gpu_memory" in req.defaults else ""
 
 
 def _recorded_activations(result: PlanResult) -> str:

@@ -215,6 +215,9 @@ class PlanRequest:
     # The transformers release ("5.17") whose layout of caches and weights the geometry follows where
     # releases differ (`plan --transformers`, else the run's or the installed one); None: a preset's
     transformers_layout: str | None = None
+    # The settings the plan took as defaults, neither typed nor a run's ("context", "gpu_memory"): the output
+    # says so, since 8,192 tokens or 80 GiB read as the user's choice otherwise
+    defaults: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for label, dtype in (("weights", self.weights_dtype), ("KV", self.kv_dtype)):

@@ -214,12 +214,15 @@ def prefill_note(geom: ModelGeometry, compute_dtype: str, batch: int, prompt: in
     if batch > 1:
         more_padded = human_bytes(padded.peak_bytes - act.peak_bytes)
         extras.append(f"padded prompts {more_padded} more (sdpa's mask over prompt x prompt, K, V expanded)")
+    moment = _moment_text(geom, act)
+    # one sentence a step of the reasoning, which the text sets on lines of their own: the first was some
+    # 650 characters
     return (
         f"prefill activations: generate() runs the {prompt:,}-token prompt of {batch} row"
-        f"{'s' if batch != 1 else ''} through the model in one forward (R = {rows:,} rows x tokens); "
-        f"{_moment_text(geom, act)}, in {compute_dtype}: {human_bytes(act.peak_bytes)} beside the weights "
-        "and every layer's KV of the prompt (transformers 5.25's Llama layer as kvtrace measured it, "
-        "whatever version the layout line names). Planned for sdpa "
+        f"{'s' if batch != 1 else ''} through the model in one forward (R = {rows:,} rows x tokens). "
+        f"{moment[0].upper()}{moment[1:]}, in {compute_dtype}: {human_bytes(act.peak_bytes)} beside the "
+        "weights and every layer's KV of the prompt. That is transformers 5.25's Llama layer as kvtrace "
+        "measured it, whatever version the layout line names. Planned for sdpa "
         "attention (transformers' default: on a GPU its flash and memory-efficient kernels hold no prompt x "
         f"prompt scores) and unpadded prompts: {' and '.join(extras)}. Not in it: the last position's "
         "logits and the CUDA context (the reserve's), generate()'s prefill_chunk_size"

@@ -364,15 +364,17 @@ def _shorter_prompt(moment: PeakMoment) -> str:
     if moment.phase != "prefill" or not moment.prefill_moments:
         return ""
     return (
-        "; a shorter prompt's prefill, this run's peak, holds what follows the prompt in proportion to it "
+        " A shorter prompt's prefill, this run's peak, holds what follows the prompt in proportion to it, "
         "but for what the step never frees (its ids and mask for the next step), as `kvtrace diagnose` "
-        "prices a shorter prompt"
+        "prices a shorter prompt."
     )
 
 
 def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, rows_told: bool) -> str:
     """How the plan's peak counts the run's activations, and what the reserve is then; `rows_told`: the plan
-    frees the moment's batch-first activations for a smaller batch (`RecordedPeak.row_activation_bytes`)."""
+    frees the moment's batch-first activations for a smaller batch (`RecordedPeak.row_activation_bytes`).
+    One sentence a rule, so that the text can set each on its own line: it was one sentence of some 1,500
+    characters."""
     measured = (
         f"the peak counts the run's activations as recorded ({human_bytes(moment.activations_bytes)} beside "
         f"the weights and KV at its {human_bytes(moment.peak_bytes)} peak, "
@@ -380,38 +382,38 @@ def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, row
     )
     row_bytes = human_bytes(moment.row_activation_bytes or 0)
     smaller = (
-        f"a smaller batch frees the {row_bytes} of them that are batch-first "
+        f" A smaller batch frees the {row_bytes} of them that are batch-first "
         "(the logits, attention's copies: allocations the rows times a model width long) in proportion, as "
-        "`kvtrace diagnose` prices it, and keeps the rest (an upper bound); a smaller context keeps them (an "
-        "upper bound, they shrink too)"
+        "`kvtrace diagnose` prices it, and keeps the rest (an upper bound). A smaller context keeps them (an "
+        "upper bound, they shrink too)."
         if rows_told
-        else "a smaller batch or context keeps them (an upper bound, they shrink too; the recording does not "
-        "tell which follow the rows)"
+        else " A smaller batch or context keeps them (an upper bound, they shrink too; the recording does "
+        "not tell which follow the rows)."
     )
     how = (
-        f": the run's own settings plan its own peak; {smaller}; a larger batch grows them in proportion "
-        "but for the logits processors' vectors over the vocabulary, which no row count changes, "
-        "a larger context those over it (ids, masks, attention's) by the tokens added, a longer prompt's "
-        "prefill with the prompt but for its vocabulary-long allocations (the last position's logits, the "
-        "processors' vectors), which stay (where every layer slides, by generate()'s ids and mask alone, a "
-        "few bytes a token, as the run's peak shows them), and attention's tensors of prompt x prompt "
-        "(eager's mask and scores, sdpa's mask where prompts are padded) by arithmetic over the pairs beyond "
-        f"the run's{_shorter_prompt(moment)}"
+        f": the run's own settings plan its own peak.{smaller} A larger batch grows them in proportion, "
+        "but for the logits processors' vectors over the vocabulary, which no row count changes; a larger "
+        "context grows those over it (ids, masks, attention's) by the tokens added. A longer prompt's "
+        "prefill grows them with the prompt, but for its vocabulary-long allocations (the last position's "
+        "logits, the processors' vectors), which stay; where every layer slides, it grows them by "
+        "generate()'s ids and mask alone, a few bytes a token, as the run's peak shows them. Attention's "
+        "tensors of prompt x prompt (eager's mask and scores, sdpa's mask where prompts are padded) grow by "
+        f"arithmetic over the pairs beyond the run's.{_shorter_prompt(moment)}"
         if same_cache
         else ": beside this cache's KV at the run's peak, or, the larger, its KV peak (inside a cache "
         "update) beside what the run held at its own KV peak, where the run tells it (else added to that KV "
-        "peak), an estimate (another cache moves the peak: a static or sliding cache's prefill attends over "
-        "its whole length); record it to be sure"
+        "peak). That is an estimate (another cache moves the peak: a static or sliding cache's prefill "
+        "attends over its whole length): record it to be sure."
     )
     reserve = (
-        "; the --reserve typed is kept out on top"
+        " The --reserve typed is kept out on top."
         if reserve_typed
-        else "; they replace the reserve's guess, so none is kept (--reserve keeps memory out on top for "
-        "the CUDA context and allocator fragmentation, which allocated bytes do not count)"
+        else " They replace the reserve's guess, so none is kept (--reserve keeps memory out on top for "
+        "the CUDA context and allocator fragmentation, which allocated bytes do not count)."
     )
     cut = (
-        "; the run stopped before its end, so its peak is what it reached, a lower bound"
+        " The run stopped before its end, so its peak is what it reached, a lower bound."
         if moment.cut_short
         else ""
     )
-    return measured + how + reserve + cut
+    return (measured + how + reserve + cut).removesuffix(".")  # a note ends bare, as every other

@@ -575,6 +575,7 @@ class PlanCommand(Command):
         reserve_text = args.reserve if args.reserve is not None else ("0" if moment is not None else "0.1")
         reserve_bytes, reserve_fraction = parse_reserve(reserve_text)
         prompt = args.prompt
+        defaults: list[str] = []  # the settings taken as defaults, which the output names
         if args.context is not None:
             context = args.context
             if run is not None and prompt is None:
@@ -586,6 +587,7 @@ class PlanCommand(Command):
             prompt = prompt if prompt is not None else run.prompt
         else:  # 8192, Llama 3's native length, unless the model takes fewer positions (Llama 2: 4096)
             context = min(8192, geometry.max_position_embeddings or 8192)
+            defaults.append("context")
         if batch < 1:
             raise KvtraceError("--batch must be at least 1")
         if beams < 1:
@@ -622,6 +624,7 @@ class PlanCommand(Command):
             gpu_memory = run.gpu_memory_bytes
         else:
             gpu_memory = parse_size("80GiB", "--gpu-memory", positive=True)
+            defaults.append("gpu_memory")
             if run is not None:
                 run = replace(
                     run,
@@ -659,6 +662,7 @@ class PlanCommand(Command):
             quant_backend=typed_backend
             or (run.quant_backend if run is not None and cache == "quantized" else None),
             transformers_layout=layout_name,
+            defaults=tuple(defaults),
         )
         if run is not None and moment is not None:
             recorded = _recorded(run, moment)

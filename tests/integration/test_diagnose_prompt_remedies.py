@@ -169,3 +169,41 @@ def test_a_decode_peak_prices_the_shortest_context_as_plan_does(
         in (context["sentence"])
     )
     assert not plan_json(run, capsys, "--gpu-memory", f"{budget}B", "--context", str(PROMPT + 1))["fits"]
+
+
+def test_a_shorter_prompt_says_what_it_frees_at_the_prefill_and_what_the_peak_falls_by(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run whose prefill (2 x 12 tokens, an MLP of 384) is its peak, its decode steps just below
+    rows, prompt, new = 2, 12, 20
+    run = tmp_path / "run"
+    size = ModelSize(
+        hidden_size=2 * HIDDEN, intermediate_size=384, num_layers=LAYERS, num_heads=2 * HEADS,
+        num_kv_heads=KV_HEADS, vocab_size=1000,
+    )  # fmt: skip
+    record_generate(build_model(size).eval(), run, rows, prompt, new)
+    # WHEN it is diagnosed with no budget
+    diagnosis = cli_json(["diagnose", str(run), "--json"], capsys)
+    assert diagnosis["step_phase"] == "prefill"
+    peak = diagnosis["allocated_bytes"]
+    shorter = _remedy(diagnosis, "prompt")
+    tokens, saved = shorter["setting"], shorter["saved_bytes"]
+    cut = prompt - tokens
+    # THEN the prefill at that prompt holds what plan --from-run --prompt prices, `freed` less than the
+    # run's: the shorter prompt's KV and the activations that follow it
+    typed = plan_json(run, capsys, "--prompt", str(tokens), "--context", str(tokens + new))
+    freed = peak - typed["peak_bytes"]
+    assert freed > cut * rows * TOKEN_ROW
+    # AND the run's peak falls by less, to what it held outside this prefill, which the prefill now is below
+    assert 0 < saved < freed
+    # AND the sentence says both, each for what it is, with the price a token, which times the tokens cut is
+    # what the prefill frees (before: "frees 64.49 KiB at this prefill" beside 5 x 15.23 KiB, the peak's
+    # fall said as the prefill's)
+    said = (
+        f"A prompt of {tokens} tokens instead of {prompt} frees {human_bytes(freed)} at this prefill and "
+        f"lowers the run's peak by {human_bytes(saved)}, to the {human_bytes(peak - saved)} it holds outside "
+        f"this prefill: each prompt token cut frees {human_bytes(freed / cut)} there, "
+        f"{human_bytes(rows * TOKEN_ROW)} of KV across the batch"
+    )
+    assert shorter["sentence"].startswith(said), shorter["sentence"]
+    assert tokens > 1, shorter["sentence"]  # several tokens kept, as in the case above

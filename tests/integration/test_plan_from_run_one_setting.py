@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from analyzers.units import human_bytes
+from kvtrace.cli import main
 from kvtrace.llama import build_model
 from tests.cli_json import cli_json, plan_json, report_json
 from tests.tiny import HEAD_DIM, record_generate, tiny_size
@@ -101,4 +103,39 @@ def test_a_smaller_batch_frees_the_rows_activations_as_diagnose_prices_them(
     assert batch["saved_bytes"] == peak - planned["peak_bytes"]
     assert diagnosis["row_activation_bytes"] > 0
     # and the plan's note says which activations a smaller batch frees
-    assert any("a smaller batch frees the" in note for note in planned["notes"])
+    assert any("A smaller batch frees the" in note for note in planned["notes"])
+
+
+def test_the_note_on_the_runs_activations_is_set_one_sentence_a_line(
+    model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run that peaks at its last decode step, planned from itself
+    run = tmp_path / "run"
+    record_generate(model, run, BATCH, 3, 40)
+    peak = report_json(run, capsys)["peak_allocated_bytes"]
+    (note,) = [n for n in plan_json(run, capsys)["notes"] if n.startswith("the peak counts the run's")]
+    # WHEN its plan is printed
+    assert main(["plan", "--from-run", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("  note: the peak counts the run's")))
+    said = [lines[start], *[line for line in lines[start + 1 :] if line.startswith("        ")]]
+    # THEN the note (one sentence of some 1,500 characters before) is a sentence a line: what the run's own
+    # settings plan, then how a smaller batch, a smaller context, a larger batch or context, a longer prompt
+    # and the reserve move it, each under the first, none of them over 400 characters
+    activations = said[0].split("(")[1].split(" beside")[0]  # the activations' figure, as --json's note says
+    assert said[0] == (
+        f"  note: the peak counts the run's activations as recorded ({activations} beside the weights and KV "
+        f"at its {human_bytes(peak)} peak, decode step): the run's own settings plan its own peak."
+    )
+    openers = [" ".join(line.split()[:3]) for line in said[1:]]
+    assert openers == [
+        "A smaller batch",
+        "A smaller context",
+        "A larger batch",
+        "A longer prompt's",
+        "Attention's tensors of",
+        "They replace the",
+    ], said
+    assert max(len(line) for line in said) < 400
+    # AND the lines are the --json note's words, no figure changed
+    assert " ".join(line.strip() for line in said).removeprefix("note: ") == note

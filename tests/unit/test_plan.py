@@ -227,10 +227,31 @@ def test_the_cache_holds_the_context_less_the_last_new_token() -> None:
     assert three.dynamic_realloc_peak_bytes == 8 * 128 * 2
     text = format_text(plan(request(context=68)))
     # the KV's worst prompt, 66 tokens (one decode step's growth copy); the peak is the 67-token prefill's
-    assert "68 tokens: a 66-token prompt (the KV's worst case; the prefill's is the longest, below)" in text
+    said = "68 tokens: a 66-token prompt (the KV's worst case; the prefill activations' is 67 tokens: note)"
+    assert said in text
     assert "prefill activations    7.62 MiB (1 x 67 tokens, sdpa, at the peak" in text
     assert f"{prefill(1, 67) / 2**20:.2f}" == "7.62"
     assert "of which the cache holds 67" in text
+
+
+def test_a_plan_of_two_worst_prompts_says_which_figure_is_which() -> None:
+    # GIVEN a plan without --prompt at context 68: the KV's worst prompt is 66 tokens (68 - 2: one decode
+    # step, whose cat copies a layer's 66-token K), the prefill's the longest, 67 (its activations grow)
+    result = plan(request(context=68))
+    assert result.prompt_tokens == 66 and result.dynamic_realloc_peak_bytes == 66 * 8 * 128 * 2
+    assert result.prefill_activations_bytes == prefill(1, 67)
+    # THEN a note says there are two prompts on purpose, which figure each is for, and which moment is the
+    # peak (the prefill: its 67 tokens' KV and activations beat the 67 tokens' KV and a 66-token copy)
+    note = (
+        "two prompts, each the worst case of its own figures: the KV figures are for a 66-token prompt, the "
+        "one whose KV peaks highest at 68 tokens, and the prefill activations for the longest, 67 tokens and "
+        "one new token, since activations grow with the prompt; the peak is the larger moment, here the "
+        "prefill's (--prompt plans one prompt for both)"
+    )
+    assert note in result.notes
+    assert f"  note: {note}" in format_text(result)
+    # AND a plan of one prompt, typed, has no such note
+    assert not [n for n in plan(request(context=68, prompt=60)).notes if n.startswith("two prompts")]
 
 
 MISTRAL_LIKE = ModelGeometry("m", 32, 32, 8, 128, 4096, 14336, 32000, False, sliding_window=4096)
@@ -757,8 +778,10 @@ def test_a_context_beyond_the_models_positions_is_planned_with_a_note(
     assert (status, payload["request"]["context"]) == (0, 4096)
     longest = payload["max_context"]
     assert longest > 4096
-    prefill_note, *notes = payload["notes"]  # the first says how the prefill's activations are estimated
+    # the first says how the prefill's activations are estimated, the second why their prompt is not the KV's
+    prefill_note, prompts_note, *notes = payload["notes"]
     assert prefill_note.startswith("prefill activations: generate() runs the 4,095-token prompt of 1 row")
+    assert prompts_note.startswith("two prompts, each the worst case of its own figures: the KV figures are")
     assert notes == [
         f"max context is what memory holds at batch 1 ({longest:,} tokens); "
         f"{payload['request']['geometry']['name']} takes 4,096 positions "
@@ -772,8 +795,9 @@ def test_a_context_beyond_the_models_positions_is_planned_with_a_note(
     status, out = run_command(["--config", str(config), "--context", "8192", "--json"], capsys)
     payload = json.loads(out)
     assert (status, payload["kv_bytes"]) == (0, 8191 * 131_072)
-    _, note = payload["notes"]
+    _, note, prompts_note = payload["notes"]
     assert note.startswith("the context of 8,192 tokens is beyond the 4,096 positions")
+    assert prompts_note.startswith("two prompts, each the worst case of its own figures")
     assert "vLLM refuses such a max_model_len" in note
     status, out = run_command(["--config", str(config), "--context", "8192"], capsys)
     assert "  note: the context of 8,192 tokens is beyond the 4,096 positions" in out
@@ -781,13 +805,15 @@ def test_a_context_beyond_the_models_positions_is_planned_with_a_note(
     status, out = run_command(["--config", str(config), "--context", "4096", "--json"], capsys)
     assert [note[:27] for note in json.loads(out)["notes"]] == [
         "prefill activations: genera",
+        "two prompts, each the worst",
         "max context is what memory ",
     ]
     # AND a device that holds no more than the model's positions gets no note
     status, out = run_command(["--config", str(config), "--gpu-memory", "16GiB", "--json"], capsys)
     payload = json.loads(out)
     assert payload["max_context"] <= 4096 and [note[:20] for note in payload["notes"]] == [
-        "prefill activations:"
+        "prefill activations:",
+        "two prompts, each th",
     ]
 
 

@@ -172,3 +172,60 @@ def test_plan_offers_the_fp8_cache_diagnose_prices_first(capsys: Any) -> None:
     assert [(r["peak_bytes"], r["fits"]) for r in fp8] == [(planned["peak_bytes"], planned["fits"])]
     assert fp8[0]["sentence"].startswith("Quantize the KV cache to fp8 (--cache fp8,")
     assert [r["setting"] for r in remedies if r["kind"] == "quantized_kv"] == [8, 4]
+
+
+def _llama_config(tmp_path: Any, positions: int) -> str:
+    """Llama 3 8B's config.json with `positions` max_position_embeddings."""
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "max_position_embeddings": positions,
+        "model_type": "llama",
+        "num_attention_heads": HEADS,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": KV_HEADS,
+        "rms_norm_eps": 1e-05,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "vocab_size": VOCAB,
+    }
+    path = tmp_path / f"config-{positions}.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("positions", "context", "said"),
+    [
+        (32768, 8192, "8,192 tokens (the default; the model takes 32,768: --context to change): "),
+        (4096, 4096, "4,096 tokens (the default: the model's 4,096 positions; --context to change): "),
+    ],
+    ids=["model-takes-more", "model-takes-fewer"],
+)
+def test_a_plan_says_which_settings_are_defaults(
+    capsys: Any, tmp_path: Any, positions: int, context: int, said: str
+) -> None:
+    # GIVEN a config whose model takes `positions` tokens, planned with neither --context nor --gpu-memory
+    config = _llama_config(tmp_path, positions)
+    status, out, _ = _plan(capsys, "--config", config, "--transformers", "5.17", "--json")
+    planned = json.loads(out)
+    # THEN the context is 8,192 (Llama 3's) or the model's fewer positions, on 80 GiB, and the JSON names both
+    # as defaults
+    request = planned["request"]
+    assert (status, request["context"], request["gpu_memory_bytes"]) == (0, context, 80 * GIB)
+    assert request["defaults"] == ["context", "gpu_memory"]
+    # AND the text says so on the context line and the peak line (before: "8,192 tokens: an 8,190-token
+    # prompt ..." and "peak ... of 80.00 GiB", as if typed)
+    _, text, _ = _plan(capsys, "--config", config, "--transformers", "5.17")
+    (context_row,) = [line for line in text.splitlines() if line.startswith("  context ")]
+    assert context_row.split(maxsplit=1)[1].startswith(said), context_row
+    (peak_row,) = [line for line in text.splitlines() if line.startswith("  peak ")]
+    peak = planned["peak_bytes"]
+    assert peak_row.endswith(f"{peak / GIB:.2f} GiB of 80.00 GiB (the default --gpu-memory)"), peak_row
+    # AND typed, neither is called a default, with the same figures
+    typed = ["--context", str(context), "--gpu-memory", "80GiB"]
+    status, out, _ = _plan(capsys, "--config", config, "--transformers", "5.17", *typed, "--json")
+    assert (status, json.loads(out)["request"]["defaults"], json.loads(out)["peak_bytes"]) == (0, [], peak)
+    _, text, _ = _plan(capsys, "--config", config, "--transformers", "5.17", *typed)
+    assert "the default" not in text

@@ -57,8 +57,37 @@ def test_llama_31_8b_at_three_rows_of_131k_holds_43_69_gib_at_its_prefill() -> N
         "  prefill activations    43.69 GiB (3 x 131,071 tokens, sdpa, at the peak, beside the prompt's"
         in text
     )
-    assert "its last layer's MLP holds 3 x R x 14,336" in text
+    assert "Its last layer's MLP holds 3 x R x 14,336" in text
     assert to_json(result)["prefill_activations_bytes"] == 46_915_029_456
+
+
+def test_the_prefill_note_is_set_a_sentence_a_line() -> None:
+    # GIVEN the plan above, whose prefill note was one line of some 1,100 characters, its first sentence 650
+    result = plan(llama_31_8b(batch=3, context=131_072))
+    (note,) = [n for n in result.notes if n.startswith("prefill activations: ")]
+    # WHEN printed
+    lines = format_text(result).splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("  note: prefill activations: ")))
+    said = [lines[start], *[line for line in lines[start + 1 :] if line.startswith("        ")][:4]]
+    # THEN each sentence is a line under the first: the prompt and R, the moment and its bytes, whose layer
+    # that is, what it assumes, what it leaves out
+    assert said[0] == (
+        "  note: prefill activations: generate() runs the 131,071-token prompt of 3 rows through the model "
+        f"in one forward (R = {3 * 131_071:,} rows x tokens)."
+    )
+    assert said[1].startswith("        Its last layer's MLP holds 3 x R x 14,336 (the activation of the gate")
+    assert said[1].endswith(
+        f"in bf16: {46_915_029_456 / GIB:.2f} GiB beside the weights and every layer's KV of the prompt."
+    )
+    assert said[2] == (
+        "        That is transformers 5.25's Llama layer as kvtrace measured it, whatever version the layout "
+        "line names."
+    )
+    assert said[3].startswith("        Planned for sdpa attention (transformers' default")
+    assert said[4].startswith("        Not in it: the last position's logits")
+    assert max(len(line) for line in said) < 400
+    # AND the lines are the --json note's words
+    assert " ".join(line.strip() for line in said).removeprefix("note: ") == note
 
 
 def test_a_short_prompt_leaves_the_peak_to_the_kv() -> None:
