@@ -6,11 +6,12 @@ import argparse
 from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_result
 from kvtrace.commands.plan_flags import refuse_unbuildable_kv
+from kvtrace.commands.plan_grid import counts
 from kvtrace.commands.plan_notes import (
     budget_note,
     config_window_note,
@@ -259,10 +260,11 @@ class PlanCommand(Command):
         )
         parser.add_argument(
             "--batch",
-            type=int,
+            type=counts("--batch"),
             help="sequences decoded together (default 1, or the run's); under beam search prompts x beams, "
             "the rows. With --engine vllm: requests running at once (max_num_seqs), each of --max-model-len "
-            "tokens, checked against the pool (none by default)",
+            "tokens, checked against the pool (none by default). A comma list (1,4,8) plans each, beside "
+            "each --context listed, as one table",
         )
         parser.add_argument(
             "--beams",
@@ -273,12 +275,13 @@ class PlanCommand(Command):
         )
         parser.add_argument(
             "--context",
-            type=int,
+            type=counts("--context"),
             help="tokens per sequence as generate() counts them, the prompt plus the new tokens, at least 2 "
             "(default 8192, Llama 3's native length, or the model's max_position_embeddings when fewer; with "
             "--from-run, the run's, and a --context typed keeps the run's prompt, changing the new tokens "
             "alone, unless it leaves no room for it); the cache holds one fewer: generate() never writes its "
-            "last new token. With --engine vllm: max_model_len (refused beside another --max-model-len)",
+            "last new token. With --engine vllm: max_model_len (refused beside another --max-model-len). A "
+            "comma list (8192,32768,131072) plans each, beside each --batch listed, as one table",
         )
         parser.add_argument(
             "--prompt",
@@ -426,8 +429,23 @@ class PlanCommand(Command):
         )
 
     def run(self, args: argparse.Namespace) -> int:
+        if isinstance(args.batch, tuple) or isinstance(args.context, tuple):  # a comma list: every point
+            from kvtrace.commands.plan_grid import run_grid
+
+            return run_grid(args, self._result)
+        from analyzers.planning.plan import format_text, to_json
+
+        result = self._result(args)
+        if isinstance(result, int):  # vLLM's plan, printed by its own path
+            return result
+        print_result(args.json, lambda: to_json(result), lambda: format_text(result))
+        return 0 if result.fits else 1
+
+    def _result(self, args: argparse.Namespace) -> Any:
+        """The plan of one batch and context (analyzers.planning.plan's `PlanResult`), or the exit status
+        of `--engine vllm`'s plan, which prints itself."""
         from analyzers.planning.hf_config import NEWEST_LAYOUT, geometry_from_config
-        from analyzers.planning.plan import PlanRequest, format_text, parse_size, plan, to_json
+        from analyzers.planning.plan import PlanRequest, parse_size, plan
         from analyzers.planning.presets import get_preset
         from kvtrace.geometry import installed_transformers_version, major_minor
 
@@ -706,5 +724,4 @@ class PlanCommand(Command):
             named = gpu_note(args.gpu_memory, "--gpu-memory")
             if named is not None:
                 result = replace(result, notes=(*result.notes, named))
-        print_result(args.json, lambda: to_json(result), lambda: format_text(result))
-        return 0 if result.fits else 1
+        return result

@@ -537,7 +537,8 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
         ),
         (
             ["plan", "--batch", "abc"],
-            "kvtrace plan: error: argument --batch: invalid int value: 'abc' (see kvtrace plan --help)",
+            "kvtrace plan: error: argument --batch: a whole number or a comma list of them (1,4,8), "
+            "not 'abc' (see kvtrace plan --help)",
         ),
         (
             ["report"],
