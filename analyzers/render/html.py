@@ -421,7 +421,7 @@ def _summary_table(report: Report) -> str:
             shown = human_bytes(value)
             if name == "kv" and unattributed:
                 shown = "- (not attributed: counted in other)"
-            elif name == "weights" and not value and report.weights_untold:
+            elif name == "weights" and value == 0 and report.weights_untold:  # None: never measured, "-"
                 shown = f"- ({report.weights_untold})"
             rows.append((f"&nbsp;&nbsp;{name} at peak", shown))
         for name, value in (dev["torch_categories_at_peak"] or {}).items():  # a memory timeline's: of other

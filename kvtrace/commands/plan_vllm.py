@@ -516,6 +516,13 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         named = gpu_note(args.gpu_memory, "--gpu-memory", vllm=True)
         if named is not None:
             result = replace(result, notes=(*result.notes, named))
+    elif not measured.get("gpu_memory_bytes") and kv_cache_memory is None:
+        # the GPU line's 80 GiB is a default, as the transformers plan's peak line says of it
+        default = (
+            "--gpu-memory not given: planned for an 80.00 GiB GPU, the default; name yours (--gpu-memory "
+            "H100, L4, 24GiB)"
+        )
+        result = replace(result, notes=(*result.notes, default))
     from analyzers.planning.vllm_start_remedies import start_remedies
 
     remedies = start_remedies(result)

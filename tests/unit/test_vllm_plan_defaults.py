@@ -209,3 +209,17 @@ def test_the_reviews_batch_of_200_is_no_longer_ignored(capsys: pytest.CaptureFix
     assert at_once == 16 and many[1]["requests_at_once"] == few[1]["requests_at_once"] == at_once
     assert (many[0], many[1]["batch_fits"], few[0], few[1]["batch_fits"]) == (1, False, 0, True)
     assert "--batch 200 does not fit" in many[2] and "(16 fit at once" in many[2]
+
+
+def test_a_plan_without_gpu_memory_says_its_80_gib_is_the_default(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a vLLM plan of a preset, no --gpu-memory: the GPU line's memory is the 80 GiB default
+    said = (
+        "--gpu-memory not given: planned for an 80.00 GiB GPU, the default; name yours (--gpu-memory H100, "
+        "L4, 24GiB)"
+    )
+    _, data, text = _plan(capsys, "--preset", "llama-3-8b")
+    assert data["notes"][-1] == said and f"  note: {said}" in text
+    # AND a GPU given, or a pool given in bytes, needs no such note
+    for given in (["--gpu-memory", "H100"], ["--kv-cache-memory", "10GiB"]):
+        _, data, _ = _plan(capsys, "--preset", "llama-3-8b", *given)
+        assert said not in data["notes"]
