@@ -55,8 +55,8 @@ def main(out_dir: str) -> None:
         # Every rank feeds the same tokens, as tensor parallelism requires.
         torch.manual_seed(1)
         input_ids = torch.randint(3, SIZE.vocab_size, (BATCH, PROMPT_TOKENS), device=device)
-        # Each rank writes its own run, out_dir/rank-<r>/.
-        with kvtrace.record(out_dir, model=model):
+        # Each rank writes its own run, out_dir/rank-<r>/ (a job of one rank: out_dir itself).
+        with kvtrace.record(out_dir, model=model) as recording:
             model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -66,12 +66,14 @@ def main(out_dir: str) -> None:
             )
         # Every rank's run written before rank 0 names them, once for the job
         dist.barrier()
-        if dist.get_rank() == 0:
+        if dist.get_rank() == 0 and dist.get_world_size() == 1:
+            print(f"recorded {recording.path}; next: kvtrace report {recording.path}", flush=True)
+        elif dist.get_rank() == 0:
             last = dist.get_world_size() - 1
             print(
-                f"recorded one run per rank: {os.path.join(out_dir, 'rank-0')} to rank-{last}; "
+                f"recorded one run per rank: {recording.path} to rank-{last}; "
                 f"next: kvtrace report {out_dir} (the ranks side by side), "
-                f"kvtrace report {os.path.join(out_dir, 'rank-0')} (one rank)",
+                f"kvtrace report {recording.path} (one rank)",
                 flush=True,
             )
     finally:

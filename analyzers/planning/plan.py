@@ -270,12 +270,16 @@ def _two_prompts_note(result: PlanResult) -> tuple[str, ...]:
     if req.prompt is not None or result.prefill_activations_bytes is None or result.prompt_tokens == longest:
         return ()
     peak = "the prefill's" if result.activations_bytes else "the KV's"
+    prompt = f"{a_or_an(format(result.prompt_tokens, ','))}-token prompt"
+    kv = (
+        f"{prompt}, the same at any prompt (a preallocated cache holds every position from the start)"
+        if req.cache in PREALLOCATED_CACHES
+        else f"{prompt}, the one whose KV peaks highest at {req.context:,} tokens"
+    )
     return (
-        f"two prompts, each the worst case of its own figures: the KV figures are for "
-        f"{a_or_an(format(result.prompt_tokens, ','))}-token prompt, the one whose KV peaks highest at "
-        f"{req.context:,} tokens, and the prefill activations for the longest, {longest:,} tokens and one "
-        f"new token, since activations grow with the prompt; the peak is the larger moment, here {peak} "
-        "(--prompt plans one prompt for both)",
+        f"two prompts, each the worst case of its own figures: the KV figures are for {kv}, and the "
+        f"prefill activations for the longest, {longest:,} tokens and one new token, since activations grow "
+        f"with the prompt; the peak is the larger moment, here {peak} (--prompt plans one prompt for both)",
     )
 
 

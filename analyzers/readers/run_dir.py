@@ -138,10 +138,13 @@ def _no_model_note(manifest: dict[str, Any], from_table: list[bool]) -> str | No
     if any(name in (manifest.get("files") or ()) for name in ENGINE_FILES) or not from_table:
         return None
     if recorded_by_kvtrace_run(manifest):
-        said = "kvtrace run found no generate() call in the script, so the run has no model: its weights"
+        said = (
+            "the recording (kvtrace run, or record(model='auto')) found no generate() call, so the run has "
+            "no model: its weights"
+        )
         remedy = (
-            "call the model's generate() in the script (kvtrace run records the first model whose generate() "
-            "runs), or record your own forwards with kvtrace.record(model=model) in the script"
+            "call the model's generate() while it records (the first model whose generate() runs is "
+            "recorded), or record your own forwards with kvtrace.record(model=model) in the script"
         )
         if any(from_table):
             left_out = "are not in its figures (its peak and final leave them out)"

@@ -43,12 +43,13 @@ def history_start_notes(source: MemorySource, report: Report) -> list[str]:
             split = "counted as other (their stacks name no KV or weights)"
         else:
             split = "split by their stacks: " + ", ".join(parts)
+        climbs = " (KV)" if report.kv.measured_from != "none" else ""  # a series the chart draws
         notes.append(
             f"{timeline.device}: the snapshot's allocator history begins mid-run (torch keeps its last "
             "max_entries actions, or the history was turned on after the run began): "
             f"{human_bytes(timeline.start_allocated)} was allocated before its first event "
             "(blocks it frees, or still holds at the dump, without having seen them allocated). The chart "
-            f"starts at that level, {split}: a category that climbs from 0 at the start (KV) is the history "
-            "beginning, not the run's memory growing"
+            f"starts at that level, {split}: a category that climbs from 0 at the start{climbs} is the "
+            "history beginning, not the run's memory growing"
         )
     return notes

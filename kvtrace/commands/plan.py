@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.output import print_result
@@ -22,7 +22,7 @@ from kvtrace.commands.plan_notes import (
 from kvtrace.errors import KvtraceError
 
 if TYPE_CHECKING:
-    from analyzers.planning.plan_types import RecordedPeak
+    from analyzers.planning.plan_types import PlanResult, RecordedPeak
     from analyzers.planning.run_defaults import RunDefaults
     from analyzers.planning.run_peak import PeakMoment
 
@@ -441,7 +441,7 @@ class PlanCommand(Command):
         print_result(args.json, lambda: to_json(result), lambda: format_text(result))
         return 0 if result.fits else 1
 
-    def _result(self, args: argparse.Namespace) -> Any:
+    def _result(self, args: argparse.Namespace) -> PlanResult | int:
         """The plan of one batch and context (analyzers.planning.plan's `PlanResult`), or the exit status
         of `--engine vllm`'s plan, which prints itself."""
         from analyzers.planning.hf_config import NEWEST_LAYOUT, geometry_from_config

@@ -518,9 +518,11 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
             result = replace(result, notes=(*result.notes, named))
     elif not measured.get("gpu_memory_bytes") and kv_cache_memory is None:
         # the GPU line's 80 GiB is a default, as the transformers plan's peak line says of it
+        from analyzers.units import a_or_an, human_bytes
+
         default = (
-            "--gpu-memory not given: planned for an 80.00 GiB GPU, the default; name yours (--gpu-memory "
-            "H100, L4, 24GiB)"
+            f"--gpu-memory not given: planned for {a_or_an(human_bytes(request.gpu_memory_bytes))} GPU, the "
+            "default; name yours (--gpu-memory H100, L4, 24GiB)"
         )
         result = replace(result, notes=(*result.notes, default))
     from analyzers.planning.vllm_start_remedies import start_remedies

@@ -399,10 +399,10 @@ def test_a_script_without_generate_says_why_its_run_has_no_trace(tmp_path: Path,
 
 
 KVTRACE_RUN_NO_MODEL = (
-    "kvtrace run found no generate() call in the script, so the run has no model: its weights are not in its "
-    "figures (its peak and final leave them out); to count them, call the model's generate() in the script "
-    "(kvtrace run records the first model whose generate() runs), or record your own forwards with "
-    "kvtrace.record(model=model) in the script"
+    "the recording (kvtrace run, or record(model='auto')) found no generate() call, so the run has no model: "
+    "its weights are not in its figures (its peak and final leave them out); to count them, call the model's "
+    "generate() while it records (the first model whose generate() runs is recorded), or record your own "
+    "forwards with kvtrace.record(model=model) in the script"
 )
 
 
