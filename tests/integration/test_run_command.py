@@ -79,7 +79,15 @@ def _kvtrace_run(
         text=True,
         timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    """A child's Ctrl-C as a terminal's process gets it: a suite started in the background of a shell without
+    job control (`pytest &`) has SIGINT ignored, which its children inherit, and Python then installs no
+    KeyboardInterrupt handler (the reference `python user.py` ran to its end and exited 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _report(run: Path, capsys: Any) -> dict[str, Any]:
@@ -498,6 +506,7 @@ def test_a_ctrl_c_ends_the_script_as_python_ends_it(tmp_path: Path) -> None:
         text=True,
         timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        preexec_fn=_default_sigint,
     )
     assert python.returncode == -signal.SIGINT
     assert done.returncode == python.returncode, done.stderr[-3000:]
