@@ -122,6 +122,14 @@ def _complete(port: int, model: Path, token_ids: list[int]) -> dict[str, Any]:
         return dict(json.load(response))
 
 
+def _terminal_sigint() -> None:
+    """The server's Ctrl-C as a terminal's foreground job gets it: CI starts this suite in the background of a
+    shell without job control (`.ci/run`'s side stream, `&`), which starts it with SIGINT ignored; every child
+    inherits that, and vLLM's worker, which sets no handler of its own, then ignored the Ctrl-C and held its
+    step to the hold's end (the requests finished, and stop 51's server ran 60 s past its Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _serve(model: Path, run_dir: Path, log: Path, stop: signal.Signals, stop_delay_s: float) -> Served:
     port = _free_port()
     env = dict(os.environ, KVTRACE_DIR=str(run_dir), PYTHONPATH=str(ROOT))  # this checkout's kvtrace
@@ -131,7 +139,13 @@ def _serve(model: Path, run_dir: Path, log: Path, stop: signal.Signals, stop_del
         # its own process group, as a terminal's foreground job: Ctrl-C reaches every process of it
         argv = _serve_argv(model, port)
         server = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_terminal_sigint,
         )
     try:
         _wait_healthy(server, port, log)
@@ -249,6 +263,7 @@ def test_ctrl_c_under_a_step_ends_the_run_interrupted_not_raised(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_terminal_sigint,
         )
     pool = ThreadPoolExecutor(REQUESTS)
     try:
