@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from analyzers.planning.diagnosis import Remedy
+from analyzers.planning.run_kv_facts import DTYPE_BITS
 from analyzers.units import human_bytes
 from kvtrace.format import WeightRecord
 
@@ -19,16 +20,8 @@ __all__ = ["size_arg", "weights_bits", "weights_remedy"]
 
 # Fewer bits tried in order, the first that leaves room for the shortfall offered: (bits, plan's --dtype)
 _SMALLER = ((16, "bf16"), (8, "fp8"), (4, "int4"))
-_DTYPE_BITS = {
-    "float64": 64,
-    "float32": 32,
-    "bfloat16": 16,
-    "float16": 16,
-    "float8_e4m3fn": 8,
-    "float8_e5m2": 8,
-    "int8": 8,
-    "uint8": 8,
-}
+# The KV reader's dtype bits, and uint8: how bitsandbytes stores packed 4-bit weights
+_DTYPE_BITS = {**DTYPE_BITS, "uint8": 8}
 
 
 def size_arg(nbytes: int) -> str:
