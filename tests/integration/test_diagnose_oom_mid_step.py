@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,74 @@ def test_prefill_oom_prices_a_token_at_every_kv_layer(tmp_path: Path) -> None:
     # int4 quantizes what the two layers hold
     int4 = _remedy(diagnosis, "quantized_kv", 4)
     assert int4["saved_bytes"] == kv - _int4_bytes(held, prompt)
+
+
+# The join's tolerance (analyzers.attribution.JOIN_TOLERANCE_US): a trace's allocation up to this long after
+# the KV log's sighting of its storage is still the storage's
+TOLERANCE_US = 2000
+
+
+def _occupied_lead_us(run: Path) -> int | None:
+    """A lead of the trace's clock over the KV log's (its base set that late) under which every KV storage's
+    own allocation comes past the join's tolerance after its sighting, while for half the storages an earlier
+    allocation of their address and size (a projection's output freed just before the storage took its
+    block) lands within it: None where the run has no such lead. Read with plain json."""
+    (trace,) = (run / "profiler").glob("*.pt.trace.json")
+    data = json.loads(trace.read_text())
+    base_us = data["baseTimeNanoseconds"] / 1000
+    made: dict[tuple[int, int], list[float]] = {}
+    for event in data["traceEvents"]:
+        args = event.get("args", {})
+        if event.get("name") == "[memory]" and args.get("Bytes", 0) > 0:
+            made.setdefault((args["Addr"], args["Bytes"]), []).append(event["ts"] + base_us)
+    seen: dict[tuple[int, int], float] = {}
+    for line in (run / "kv_events.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        seen.setdefault((event["addr"], event["storage_bytes"]), event["t_ns"] / 1000)
+    own, earlier = [], []  # µs from each storage's allocation to its sighting; from its earlier occupant's
+    for key, sighting in seen.items():
+        lags = sorted(sighting - t for t in made.get(key, ()) if t <= sighting)
+        own.append(lags[0])
+        earlier.extend(lags[1:2])
+    if 2 * len(earlier) < len(seen):
+        return None
+    lead = sorted(earlier, reverse=True)[(len(seen) + 1) // 2 - 1] + TOLERANCE_US - 1
+    return math.floor(lead) if lead > max(own) + TOLERANCE_US + 1 else None
+
+
+def _late_copy(run: Path, copy: Path, lead_us: int) -> Path:
+    """A copy of `run` whose trace's clock runs `lead_us` ahead of the KV log's (its base set that late)."""
+    shutil.copytree(run, copy)
+    (trace,) = (copy / "profiler").glob("*.pt.trace.json")
+    data = json.loads(trace.read_text())
+    data["baseTimeNanoseconds"] += lead_us * 1000
+    trace.write_text(json.dumps(data))
+    return copy
+
+
+def test_a_prefill_oom_under_a_trace_clock_set_a_few_ms_late_keeps_its_kv(tmp_path: Path) -> None:
+    # GIVEN the prefill OOM of the test above (4 KV storages: its first 2 layers' K and V), and copies of it
+    # whose trace's clock base is set late, as a loaded host's Kineto base has been seen: by a lead that puts
+    # every storage's allocation past the join's tolerance while earlier occupants of half their addresses
+    # fit as read (those kept the trace's clock where it was: diagnose's KV at the OOM was 0 or one layer's),
+    # and every 50 µs from 2.05 to 8 ms
+    prompt, reached = 16, 2
+    run = tmp_path / "run"
+    _record_oom(run, prompt, new_tokens=6, forward=0, layer=reached)
+    kv = prompt * reached * PER * BATCH
+    assert json.loads(_cli("diagnose", str(run), "--json"))["kv_bytes"] == kv
+    occupied = _occupied_lead_us(run)
+    leads = ([occupied] if occupied else []) + list(range(2050, 8001, 50))
+
+    # WHEN each is diagnosed
+    got = {}
+    for lead_us in leads:
+        copy = _late_copy(run, tmp_path / f"late{lead_us}", lead_us)
+        got[lead_us] = json.loads(_cli("diagnose", str(copy), "--json"))["kv_bytes"]
+        shutil.rmtree(copy)
+
+    # THEN the KV at the OOM is the two layers' prompt at every lead: the trace put back on the run's clock
+    assert got == dict.fromkeys(leads, kv)
 
 
 @pytest.mark.parametrize(("prompt", "forward", "layer"), [(16, 5, 1), (8, 3, 2)])
