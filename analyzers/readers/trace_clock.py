@@ -54,9 +54,10 @@ class ClockShift:
     covered: int  # sampled storages with an allocation at most their reach before their sighting, shifted
     covered_as_read: int  # the same count for the trace's times as read (and up to WINDOW_US after)
     with_allocation: int  # sampled storages with any allocation of their address and size in the trace
-    # Of `covered`, those whose allocation under the shift also fits them as read: the others fit as read, if
-    # at all, only by another allocation of their address and size (an earlier occupant the CPU's malloc or
-    # the caching allocator handed the same block), which says nothing of the clock
+    # Of `covered`, those whose allocation under the shift (the latest before the sighting) also fits them as
+    # read: the others fit as read, if at all, only by another allocation of their address and size (an
+    # earlier occupant the CPU's malloc or the caching allocator handed the same block), which says nothing
+    # of the clock
     kept_as_read: int = 0
 
 
@@ -134,8 +135,13 @@ def clock_shift(
             counts[storage] = held
         else:
             del counts[storage]
-    shifted = (lag - reach <= best_at) & (best_at <= lag)
-    kept = len(np.unique(owner[shifted & (lag >= -WINDOW_US) & (lag <= reach)]))
+    # Under the shift a storage's allocation is the latest of its candidates before its sighting: the one
+    # of least lag that covers it
+    shifted = np.flatnonzero((lag - reach <= best_at) & (best_at <= lag))
+    by_owner = shifted[np.lexsort((lag[shifted], owner[shifted]))]
+    whose_first = owner[by_owner]
+    nearest = by_owner[np.r_[True, whose_first[1:] != whose_first[:-1]]] if len(by_owner) else by_owner
+    kept = int(np.count_nonzero((lag[nearest] >= -WINDOW_US) & (lag[nearest] <= reach[nearest])))
     return ClockShift(math.floor(best_at - SIGHTING_MARGIN_US), best, covered_as_read, len(lags), kept)
 
 

@@ -125,11 +125,9 @@ def test_prefill_oom_prices_a_token_at_every_kv_layer(tmp_path: Path) -> None:
 TOLERANCE_US = 2000
 
 
-def _occupied_lead_us(run: Path) -> int | None:
-    """A lead of the trace's clock over the KV log's (its base set that late) under which every KV storage's
-    own allocation comes past the join's tolerance after its sighting, while for half the storages an earlier
-    allocation of their address and size (a projection's output freed just before the storage took its
-    block) lands within it: None where the run has no such lead. Read with plain json."""
+def _own_lags_us(run: Path) -> list[float]:
+    """µs from each KV storage's own allocation (the latest of its address and size before its sighting) to
+    its sighting in the KV log. Read with plain json."""
     (trace,) = (run / "profiler").glob("*.pt.trace.json")
     data = json.loads(trace.read_text())
     base_us = data["baseTimeNanoseconds"] / 1000
@@ -142,15 +140,7 @@ def _occupied_lead_us(run: Path) -> int | None:
     for line in (run / "kv_events.jsonl").read_text().splitlines():
         event = json.loads(line)
         seen.setdefault((event["addr"], event["storage_bytes"]), event["t_ns"] / 1000)
-    own, earlier = [], []  # µs from each storage's allocation to its sighting; from its earlier occupant's
-    for key, sighting in seen.items():
-        lags = sorted(sighting - t for t in made.get(key, ()) if t <= sighting)
-        own.append(lags[0])
-        earlier.extend(lags[1:2])
-    if 2 * len(earlier) < len(seen):
-        return None
-    lead = sorted(earlier, reverse=True)[(len(seen) + 1) // 2 - 1] + TOLERANCE_US - 1
-    return math.floor(lead) if lead > max(own) + TOLERANCE_US + 1 else None
+    return [min(sighting - t for t in made[key] if t <= sighting) for key, sighting in seen.items()]
 
 
 def _late_copy(run: Path, copy: Path, lead_us: int) -> Path:
@@ -165,17 +155,17 @@ def _late_copy(run: Path, copy: Path, lead_us: int) -> Path:
 
 def test_a_prefill_oom_under_a_trace_clock_set_a_few_ms_late_keeps_its_kv(tmp_path: Path) -> None:
     # GIVEN the prefill OOM of the test above (4 KV storages: its first 2 layers' K and V), and copies of it
-    # whose trace's clock base is set late, as a loaded host's Kineto base has been seen: by a lead that puts
-    # every storage's allocation past the join's tolerance while earlier occupants of half their addresses
-    # fit as read (those kept the trace's clock where it was: diagnose's KV at the OOM was 0 or one layer's),
-    # and every 50 µs from 2.05 to 8 ms
+    # whose trace's clock base is set late, as a loaded host's Kineto base has been seen: every 50 µs from
+    # just past the lead that puts each storage's own allocation beyond the join's tolerance after its
+    # sighting, to 8 ms. Earlier occupants of some storages' blocks fit those as read at some of the leads
+    # (they kept the trace's clock where it was: diagnose's KV at the OOM was 0 or one layer's).
     prompt, reached = 16, 2
     run = tmp_path / "run"
     _record_oom(run, prompt, new_tokens=6, forward=0, layer=reached)
     kv = prompt * reached * PER * BATCH
     assert json.loads(_cli("diagnose", str(run), "--json"))["kv_bytes"] == kv
-    occupied = _occupied_lead_us(run)
-    leads = ([occupied] if occupied else []) + list(range(2050, 8001, 50))
+    first = math.floor((max(_own_lags_us(run)) + TOLERANCE_US) / 50 + 1) * 50
+    leads = range(first, 8001, 50)
 
     # WHEN each is diagnosed
     got = {}

@@ -10,6 +10,7 @@ before the storage took its block, 1.5 ms before the sighting, within it.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from analyzers.model import DeviceEvents
 from analyzers.readers.trace_clock import SIGHTING_MARGIN_US, Storage, _moves, clock_shift
@@ -37,10 +38,24 @@ def _run(lags_us: list[list[int]]) -> tuple[list[DeviceEvents], list[Storage]]:
     return [device], storages
 
 
-def test_storages_fit_as_read_only_by_earlier_occupants_move_the_trace() -> None:
-    # GIVEN the run's lags with its base 3 ms late: own allocations 2,858-2,952 µs after the sightings, and
-    # earlier occupants 1,498 and 1,537 µs before two of them (one more 63 ms before a third)
-    devices, storages = _run([[1498, -2909], [1537, -2952], [63204, -2858], [-2870]])
+@pytest.mark.parametrize(
+    ("lags_us", "shift_us"),
+    [
+        # base 3 ms late: own allocations 2,858-2,952 µs after the sightings, earlier occupants 1,498 and
+        # 1,537 µs before two of them (one more 63 ms before a third)
+        ([[1498, -2909], [1537, -2952], [63204, -2858], [-2870]], -2952),
+        # another run's, base 2.1 ms late: own allocations just past the tolerance (2,040-2,068 µs after),
+        # earlier occupants 1,483-1,915 µs before two storages, which the shift covers too (the tolerance is
+        # wide), but as the storage's allocation only its own, the latest before its sighting, counts
+        ([[270, 185, -2057], [-2068], [617, -2040], [-2060]], -2068),
+    ],
+    ids=["3 ms late", "2.1 ms late"],
+)
+def test_storages_fit_as_read_only_by_earlier_occupants_move_the_trace(
+    lags_us: list[list[int]], shift_us: int
+) -> None:
+    # GIVEN a real run's lags (sighting - allocation) with its trace's base set late
+    devices, storages = _run(lags_us)
 
     # WHEN the storages are matched to the trace's allocations
     found = clock_shift(devices, storages)
@@ -49,7 +64,7 @@ def test_storages_fit_as_read_only_by_earlier_occupants_move_the_trace() -> None
     # its sighting, less the margin; 2 fit as read, by their earlier occupants only, so the trace is moved
     assert found is not None
     assert (found.covered, found.covered_as_read, found.kept_as_read, found.with_allocation) == (4, 2, 0, 4)
-    assert found.shift_us == -2952 - SIGHTING_MARGIN_US
+    assert found.shift_us == shift_us - SIGHTING_MARGIN_US
     assert _moves(found)
 
 
