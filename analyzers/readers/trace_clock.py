@@ -54,7 +54,7 @@ class ClockShift:
     covered: int  # sampled storages with an allocation at most their reach before their sighting, shifted
     covered_as_read: int  # the same count for the trace's times as read (and up to WINDOW_US after)
     with_allocation: int  # sampled storages with any allocation of their address and size in the trace
-    # Of `covered`, those whose allocation under the shift (the latest before the sighting) also fits them as
+    # Of `covered`, those whose allocation under the shift (one live at the sighting) also fits them as
     # read: the others fit as read, if at all, only by another allocation of their address and size (an
     # earlier occupant the CPU's malloc or the caching allocator handed the same block), which says nothing
     # of the clock
@@ -62,30 +62,37 @@ class ClockShift:
 
 
 def _candidates(devices: list[DeviceEvents], storages: list[Storage]) -> dict[tuple[int, int], np.ndarray]:
-    """The times of the trace's allocations that can be the storages', by the storage's (address, bytes):
-    of its address and size, or on a GPU of a block that can hold it (`block_holds`), as the join takes."""
+    """The trace's allocations that can be the storages', by the storage's (address, bytes): of its address
+    and size, or on a GPU of a block that can hold it (`block_holds`), as the join takes. One row each: its
+    time and its free's (the next free of its address; inf where the trace has none)."""
     wanted = np.fromiter({s[0] for s in storages}, dtype=np.int64)
-    at: dict[int, list[tuple[int, float, bool]]] = {}  # address -> (size, time, sizes are blocks)
+    at: dict[int, list[list[Any]]] = {}  # address -> [size, time, freed, sizes are blocks]
     for dev in devices:
         if not len(dev):
             continue
         blocks = sizes_are_blocks(dev)
-        hits = np.nonzero((dev.delta_bytes > 0) & np.isin(dev.addr, wanted))[0]
+        hits = np.nonzero((dev.delta_bytes != 0) & np.isin(dev.addr, wanted))[0]
+        open_at: dict[int, list[Any]] = {}
         for addr, size, ts in zip(
             dev.addr[hits].tolist(), dev.delta_bytes[hits].tolist(), dev.ts_us[hits].tolist(), strict=True
         ):
-            at.setdefault(addr, []).append((size, float(ts), blocks))
+            if size > 0:
+                row = [size, float(ts), math.inf, blocks]
+                at.setdefault(addr, []).append(row)
+                open_at[addr] = row
+            elif (row_open := open_at.pop(addr, None)) is not None:
+                row_open[2] = float(ts)
     groups: dict[tuple[int, int], np.ndarray] = {}
     for addr, nbytes, *_rest in storages:
         if (addr, nbytes) in groups:
             continue
-        times = [
-            ts
-            for size, ts, blocks in at.get(addr, ())
+        rows = [
+            (ts, freed)
+            for size, ts, freed, blocks in at.get(addr, ())
             if size == nbytes or (blocks and block_holds(size, nbytes))
         ]
-        if times and len(times) <= MAX_CANDIDATES:
-            groups[(addr, nbytes)] = np.asarray(times)
+        if rows and len(rows) <= MAX_CANDIDATES:
+            groups[(addr, nbytes)] = np.asarray(rows, dtype=np.float64)
     return groups
 
 
@@ -101,17 +108,20 @@ def clock_shift(
     reaches = [WINDOW_US] * len(sample) if reach_us is None else reach_us[::step]
     groups = _candidates(devices, sample)
     lags: list[np.ndarray] = []  # sighting - allocation (µs) of each candidate, as read
+    free_lags: list[np.ndarray] = []  # sighting - its free (-inf: never freed in the trace)
     owners: list[np.ndarray] = []
     spans: list[np.ndarray] = []  # the candidate's storage's reach
     for index, (addr, nbytes, first_ns, *_rest) in enumerate(sample):
-        times = groups.get((addr, nbytes))
-        if times is not None:
-            lags.append(first_ns / 1000.0 - times)
-            owners.append(np.full(len(times), index, dtype=np.int64))
-            spans.append(np.full(len(times), reaches[index]))
+        rows = groups.get((addr, nbytes))
+        if rows is not None:
+            lags.append(first_ns / 1000.0 - rows[:, 0])
+            free_lags.append(first_ns / 1000.0 - rows[:, 1])
+            owners.append(np.full(len(rows), index, dtype=np.int64))
+            spans.append(np.full(len(rows), reaches[index]))
     if not lags:
         return None
     lag = np.concatenate(lags)
+    free_lag = np.concatenate(free_lags)
     owner = np.concatenate(owners)
     reach = np.concatenate(spans)
     covered_as_read = len(np.unique(owner[(lag >= -WINDOW_US) & (lag <= reach)]))
@@ -135,13 +145,17 @@ def clock_shift(
             counts[storage] = held
         else:
             del counts[storage]
-    # Under the shift a storage's allocation is the latest of its candidates before its sighting: the one
-    # of least lag that covers it
-    shifted = np.flatnonzero((lag - reach <= best_at) & (best_at <= lag))
-    by_owner = shifted[np.lexsort((lag[shifted], owner[shifted]))]
-    whose_first = owner[by_owner]
-    nearest = by_owner[np.r_[True, whose_first[1:] != whose_first[:-1]]] if len(by_owner) else by_owner
-    kept = int(np.count_nonzero((lag[nearest] >= -WINDOW_US) & (lag[nearest] <= reach[nearest])))
+    # A storage's allocation under the shift is live at its sighting (freed after it, on the shifted
+    # clock): an earlier occupant of its block, freed before the storage took it, may fit it as read, but
+    # is not it
+    kept = len(
+        np.unique(
+            owner[
+                (lag - reach <= best_at) & (best_at <= lag) & (free_lag <= best_at)
+                & (lag >= -WINDOW_US) & (lag <= reach)
+            ]
+        )
+    )  # fmt: skip
     return ClockShift(math.floor(best_at - SIGHTING_MARGIN_US), best, covered_as_read, len(lags), kept)
 
 
@@ -212,17 +226,18 @@ def align_trace_clock(
 
 def _moves(found: ClockShift) -> bool:
     """Whether the storages call for the shift: most of those with an allocation agree on it, the shift
-    is more than the join tolerates, and fewer than half as many agree with the trace as read, by any
-    allocation or, where the shift fits more storages than the trace as read does, by the shift's own.
-    A base set a few ms late on a loaded host puts each storage's allocation past the join's tolerance,
-    while earlier occupants of some of their addresses fit them as read: the 2 of 4 storages these fitted
-    kept the trace from moving, and the KV cache was counted as other."""
+    is more than the join tolerates, and fewer than half as many agree with the trace as read, or, where
+    the shift fits more storages than the trace as read does, none by its own allocation. A base set a few
+    ms late on a loaded host puts every storage's allocation past the join's tolerance, while earlier
+    occupants of some of their blocks fit them as read: the 2 of 4 storages these fitted kept the trace
+    from moving, and the KV cache was counted as other. Where some storages' own allocations fit as read
+    (a lead just past the tolerance), the join places them (`analyzers.attribution`)."""
     agreed = found.covered >= 2 and 2 * found.covered >= found.with_allocation
     if not agreed or abs(found.shift_us) <= WINDOW_US:
         return False
     if 2 * found.covered_as_read < found.covered:
         return True
-    return found.covered > found.covered_as_read and 2 * found.kept_as_read < found.covered
+    return found.covered > found.covered_as_read and found.kept_as_read == 0
 
 
 def _within(devices: list[DeviceEvents], span_ns: tuple[int, int]) -> bool:
