@@ -297,3 +297,21 @@ def test_a_segment_on_device_10_to_the_30_is_refused_without_printing_its_digits
     assert status == 2 and out == ""
     said = "a segment on device 100000… (31 digits)"
     assert err == f"kvtrace report: error: {path}: malformed snapshot ({said})\n"
+
+
+def test_an_engine_step_field_of_31_digits_is_refused_without_printing_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a copy of the vLLM sample whose first step's blocks used is 10**30 (engine.json's fields:
+    # test_damaged_records' test_an_engine_size_past_any_device_is_named)
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "vllm_preempt", run)
+    steps = run / "engine_steps.jsonl"
+    first, *rest = steps.read_text().splitlines()
+    steps.write_text("\n".join([json.dumps({**json.loads(first), "blocks_used": 10**30}), *rest]) + "\n")
+    # WHEN it is reported
+    status, out, err = _report(run, capsys)
+    # THEN one line names the file, the line and the field, the value cut to its first digits and its length
+    assert status == 2 and out == ""
+    said = "field 'blocks_used' out of range: 100000… (31 digits)"
+    assert err == f"kvtrace report: error: {steps}: line 1: {said}\n"
